@@ -1,0 +1,64 @@
+"""The ``gateway`` command: ``gateway serve [--host H] [--port P]`` and ``gateway openapi``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from gateway.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway (settings from GATEWAY_* env)")
+    serve.add_argument("--host", help="address to bind (default GATEWAY_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default GATEWAY_PORT or 8080)")
+    serve.add_argument("--log-level", default="info")
+    spec = commands.add_parser("openapi", help="write the OpenAPI document")
+    spec.add_argument("--out", default="openapi/openapi.json", help="file, or - for stdout")
+    args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        import uvicorn
+
+        from gateway.app import create_app
+
+        settings = Settings()
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
+        settings = settings.model_copy(update=overrides)
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=args.log_level,
+            ws_max_size=max(settings.max_body_bytes, 65536),
+        )
+        return 0
+    if args.command == "openapi":
+        text = openapi_json()
+        if args.out == "-":
+            sys.stdout.write(text)
+        else:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text, encoding="utf-8")
+        return 0
+    return 2
+
+
+def openapi_json() -> str:
+    """The OpenAPI document of the app with default settings, as stable JSON text."""
+    from gateway.app import create_app
+
+    return json.dumps(create_app(Settings()).openapi(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,359 @@
+"""The turn engine: the one place where sessions, the core pipeline and channels meet.
+
+An adapter hands :meth:`Conversation.turn` an Input and what it knows of the
+client (:class:`TurnContext`); it gets back channel events, in this order:
+
+    SessionStarted        only when the turn created the session
+    ResponseItem ...      as the pipeline produces them
+    Response | Error      the end of the turn (Error: the pipeline failed)
+    SessionEnded          only when the session is gone (ended, no sleep/session timeout)
+
+One turn, under the session's lock: load or create the session, run the pipeline
+on a copy of it with a per-turn timeout, save it (attributes, pipeline state,
+client state, turn count, timeouts) or delete it when it ended, release the lock.
+The Response is handed out after the session is saved, so a client that has
+its answer can send the next turn to any gateway instance, or to one that has
+just restarted, and find the session as it left it.
+
+The turn runs in its own task: a client that vanishes mid-turn does not cut the
+turn short, and the session stays consistent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gateway.events import (
+    ERROR,
+    ErrorEvent,
+    Input,
+    LogEntry,
+    Response,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+    SessionEndedEvent,
+    SessionStartedEvent,
+    TurnEvent,
+)
+from gateway.pipeline.base import Pipeline, PipelineError
+from gateway.sessions import (
+    ClientState,
+    LockLost,
+    Session,
+    SessionBusy,
+    SessionStore,
+    StoreUnavailable,
+)
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RejectReason = Literal["session-not-found", "session-foreign", "session-busy", "store-unavailable"]
+
+
+class TurnRejected(Exception):
+    """The turn could not start; raised by the first ``anext`` of a turn's events.
+
+    ``reason`` is one of ``session-not-found`` (the session is unknown or has
+    expired and the adapter did not allow creating it), ``session-foreign`` (it
+    belongs to another application key), ``session-busy`` (another turn held
+    its lock for longer than GATEWAY_LOCK_WAIT_S) and ``store-unavailable``.
+    Adapters answer it in their protocol's form (for example HTTP 404 / 403 /
+    409 / 503 with an ErrorEvent of source ``session`` or ``gateway``).
+    """
+
+    def __init__(self, reason: RejectReason, text: str) -> None:
+        super().__init__(text)
+        self.reason: RejectReason = reason
+        self.text = text
+
+    @property
+    def source(self) -> str:
+        """The ErrorEvent source for this rejection."""
+        return "gateway" if self.reason == "store-unavailable" else "session"
+
+
+@dataclass(frozen=True)
+class TurnContext:
+    """What an adapter knows about the client when it starts a turn.
+
+    The session key is ``namespace:session_id`` (namespace defaults to the
+    channel), so ids proposed by clients of one channel cannot reach sessions
+    of another. ``create`` allows a turn to start an unknown session. ``config``
+    is the client's channel configuration, stored with the session;
+    ``attributes`` are client attributes merged into the session's; ``logs``
+    are client log entries to store with it.
+    """
+
+    channel: str
+    session_id: str
+    app_key: str
+    namespace: str | None = None
+    device_id: str | None = None
+    locale: str | None = None
+    time_zone: str | None = None
+    create: bool = True
+    config: Mapping[str, Any] = field(default_factory=dict)
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    logs: Sequence[LogEntry] = ()
+
+    @property
+    def key(self) -> str:
+        """The store key of the session."""
+        return f"{self.namespace or self.channel}:{self.session_id}"
+
+
+def new_session_id() -> str:
+    """A fresh, unguessable session id (UUID4 text)."""
+    return str(uuid.uuid4())
+
+
+_END = object()
+
+
+class TurnStream:
+    """The events of one running turn; iterate it with ``async for``.
+
+    The first step raises TurnRejected when the turn could not start. Leaving
+    the loop early does not stop the turn: it completes and saves the session.
+    """
+
+    def __init__(self, queue: asyncio.Queue[object], task: asyncio.Task[None]) -> None:
+        self._queue = queue
+        self.task = task
+
+    def __aiter__(self) -> AsyncIterator[TurnEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[TurnEvent]:
+        while True:
+            item = await self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    async def collect(self) -> list[TurnEvent]:
+        """All events of the turn (raises TurnRejected like iteration does)."""
+        return [event async for event in self]
+
+
+class Conversation:
+    """Runs turns of sessions in ``store`` through ``pipeline`` (see module doc).
+
+    Timeouts come from ``settings``: GATEWAY_TURN_TIMEOUT_S bounds the pipeline
+    per turn, GATEWAY_LOCK_WAIT_S the wait for a busy session, and
+    GATEWAY_SESSION_TIMEOUT_S is the idle lifetime of a session unless the
+    pipeline's Response sets ``sessionTimeout``.
+    """
+
+    def __init__(self, store: SessionStore, pipeline: Pipeline, settings: Settings) -> None:
+        self.store = store
+        self.pipeline = pipeline
+        self.settings = settings
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def turns_in_flight(self) -> int:
+        """How many turns are running now."""
+        return len(self._tasks)
+
+    def _lease_s(self) -> float:
+        # an #error turn may follow a failed one; the lease must outlive both
+        turns = 2 if self.settings.error_turn else 1
+        return self.settings.turn_timeout_s * turns + 5.0
+
+    def turn(self, ctx: TurnContext, input: Input) -> TurnStream:
+        """Start one turn of ``ctx``'s session on ``input``; see the module doc."""
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        task = asyncio.create_task(self._run(ctx, input, queue), name=f"turn {ctx.key}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return TurnStream(queue, task)
+
+    async def _run(self, ctx: TurnContext, input: Input, out: asyncio.Queue[object]) -> None:
+        try:
+            await self._turn(ctx, input, out)
+        except TurnRejected as exc:
+            out.put_nowait(exc)
+        except SessionBusy:
+            out.put_nowait(
+                TurnRejected("session-busy", "Another turn of this session is still running.")
+            )
+        except StoreUnavailable as exc:
+            log.error("session store unavailable: %s", exc)
+            out.put_nowait(TurnRejected("store-unavailable", "The session store is unavailable."))
+        except LockLost as exc:
+            log.error("%s", exc)
+            out.put_nowait(ErrorEvent(text="The turn took too long to be saved.", source="gateway"))
+        except Exception:
+            log.exception("turn of %s failed", ctx.key)
+            out.put_nowait(ErrorEvent(text="Internal gateway error.", source="gateway"))
+        finally:
+            out.put_nowait(_END)
+
+    async def _turn(self, ctx: TurnContext, input: Input, out: asyncio.Queue[object]) -> None:
+        settings = self.settings
+        async with self.store.open(
+            ctx.key, lease_s=self._lease_s(), wait_s=settings.lock_wait_s
+        ) as txn:
+            session = txn.session
+            started = session is None
+            if session is None:
+                if not ctx.create:
+                    raise TurnRejected(
+                        "session-not-found",
+                        f"Session {ctx.session_id} is unknown or has expired.",
+                    )
+                session = Session(
+                    id=ctx.session_id,
+                    key=ctx.key,
+                    channel=ctx.channel,
+                    app_key=ctx.app_key,
+                    timeout_s=settings.session_timeout_s,
+                )
+            elif session.app_key != ctx.app_key:
+                raise TurnRejected(
+                    "session-foreign", f"Session {ctx.session_id} belongs to another application."
+                )
+            self._update(session, ctx, input)
+            if started:
+                out.put_nowait(SessionStartedEvent(session_id=session.id))
+
+            result = await self._process(session, input, out)
+            if isinstance(result, ErrorEvent):
+                session.client_state = ClientState.FAILED
+                txn.save(session, session.timeout_s)
+                ended = False
+            else:
+                session, response = result
+                ended = self._apply_response(session, response)
+                if ended:
+                    txn.delete()
+                else:
+                    txn.save(session, session.timeout_s)
+        # the lock is released and the session saved: now the turn's end goes out
+        if isinstance(result, ErrorEvent):
+            out.put_nowait(result)
+        else:
+            out.put_nowait(ResponseEvent(response=result[1]))
+        if ended:
+            out.put_nowait(SessionEndedEvent())
+
+    def _update(self, session: Session, ctx: TurnContext, input: Input) -> None:
+        session.device_id = ctx.device_id or session.device_id
+        session.locale = input.locale or ctx.locale or session.locale
+        session.time_zone = input.zone_id or ctx.time_zone or session.time_zone
+        if ctx.config:
+            session.config.update(ctx.config)
+        if ctx.attributes:
+            session.attributes.update(ctx.attributes)
+        if input.attributes:
+            session.attributes.update(input.attributes)
+        if ctx.logs:
+            self._append_logs(session, ctx.logs)
+        session.client_state = ClientState.PROCESSING
+
+    def _append_logs(self, session: Session, entries: Sequence[LogEntry]) -> None:
+        session.logs.extend(entries)
+        overflow = len(session.logs) - self.settings.max_log_entries
+        if overflow > 0:
+            del session.logs[:overflow]
+
+    async def _process(
+        self, session: Session, input: Input, out: asyncio.Queue[object]
+    ) -> tuple[Session, Response] | ErrorEvent:
+        """Run the pipeline on a copy of ``session``; the copy and Response, or an ErrorEvent."""
+        try:
+            return await self._pipeline_turn(session, input, out)
+        except PipelineError as exc:
+            failure = str(exc)
+        except TimeoutError:
+            failure = f"The core pipeline did not answer within {self.settings.turn_timeout_s:g} s."
+        log.warning("pipeline failed in session %s: %s", session.key, failure)
+        if self.settings.error_turn and input.action != ERROR:
+            try:
+                return await self._pipeline_turn(session, Input.of(ERROR), out)
+            except (PipelineError, TimeoutError) as exc:
+                log.warning("the #error turn failed too in session %s: %s", session.key, exc)
+        return ErrorEvent(text=failure, source="pipeline")
+
+    async def _pipeline_turn(
+        self, session: Session, input: Input, out: asyncio.Queue[object]
+    ) -> tuple[Session, Response]:
+        work = session.model_copy(deep=True)
+        items: list[ResponseItem] = []
+        response: Response | None = None
+        async with asyncio.timeout(self.settings.turn_timeout_s):
+            async for produced in self.pipeline.process(work, input):
+                if isinstance(produced, ResponseItem):
+                    items.append(produced)
+                    out.put_nowait(ResponseItemEvent(response_item=produced))
+                elif isinstance(produced, Response):
+                    response = produced
+                    break
+                else:
+                    raise PipelineError(f"the pipeline produced a {type(produced).__name__}")
+        response = response or Response()
+        for item in response.items:
+            out.put_nowait(ResponseItemEvent(response_item=item))
+        response.items = items + response.items
+        response.locale = response.locale or work.locale
+        return work, response
+
+    def _apply_response(self, session: Session, response: Response) -> bool:
+        """Update ``session`` after a successful turn; True when it is to be deleted."""
+        session.turn_count += 1
+        session.updated_at = time.time()
+        if response.logs:
+            self._append_logs(session, response.logs)
+        if response.session_ended:
+            keep_s = max(response.sleep_timeout, response.session_timeout)
+            if keep_s <= 0:
+                return True
+            session.client_state = ClientState.SLEEPING
+            session.timeout_s = keep_s
+            return False
+        session.client_state = ClientState.LISTENING
+        session.timeout_s = response.session_timeout or self.settings.session_timeout_s
+        return False
+
+    async def log(self, ctx: TurnContext, entries: Sequence[LogEntry]) -> bool:
+        """Store client log entries with ``ctx``'s session; False when it does not exist.
+
+        Raises SessionBusy or StoreUnavailable like a turn does.
+        """
+        async with self.store.open(
+            ctx.key, lease_s=self._lease_s(), wait_s=self.settings.lock_wait_s
+        ) as txn:
+            if txn.session is None or txn.session.app_key != ctx.app_key:
+                return False
+            self._append_logs(txn.session, entries)
+            txn.save(txn.session, txn.session.timeout_s)
+            return True
+
+    async def end(self, ctx: TurnContext) -> bool:
+        """End ``ctx``'s session without a turn (the platform closed it); True if it existed."""
+        async with self.store.open(
+            ctx.key, lease_s=self._lease_s(), wait_s=self.settings.lock_wait_s
+        ) as txn:
+            if txn.session is None or txn.session.app_key != ctx.app_key:
+                return False
+            txn.delete()
+            return True
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` s for running turns; returns how many were still running."""
+        pending = set(self._tasks)
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=timeout_s)
+            return len(still)
+        return 0

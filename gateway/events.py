@@ -1,0 +1,378 @@
+"""Flowstorm channel events and their payloads: the gateway's one internal vocabulary.
+
+Every adapter translates its wire protocol into these models and back; the turn
+engine and the core pipeline see nothing else. Field names on the wire are
+Flowstorm's camelCase (``zoneId``, ``sessionEnded``, ``responseItem``); Python
+names are snake_case, mapped by pydantic aliases. Unknown properties are ignored
+(PROTOCOL-NOTES.md, "Unknown properties are ignored").
+
+Spec: shared/specs/flowstorm-channel-events.md (the event table),
+flowstorm-socket-v1.md and -v2.md (payload shapes), PROTOCOL-NOTES.md (field lists).
+
+Event ``type`` values are the class names without the ``Event`` suffix, as the V1
+wire does (DESIGN.md): ``Input``, ``Binary``, ``InputStreamClose`` (alias
+``OutputStreamClose``), ``Log``, ``RecognizedInput``, ``ResponseItem``,
+``Response``, ``Error``. The suffixed names (``InputEvent`` ...) are accepted on
+input; output always uses the short names.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    TypeAdapter,
+    field_validator,
+)
+from pydantic.alias_generators import to_camel
+
+ACTION_PREFIX = "#"
+"""Text starting with this is an action (``#intro``), not user speech."""
+
+INTRO = "#intro"
+SILENCE = "#silence"
+ERROR = "#error"
+FALLBACK = "#fallback"
+
+
+class Wire(BaseModel):
+    """Base of every wire model: camelCase aliases, unknown properties ignored."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        serialize_by_alias=True,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON-ready dict with wire (camelCase) names, ``None`` fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def wire_json(self) -> str:
+        """The compact JSON text of :meth:`wire`."""
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+class Transcript(Wire):
+    """Recognised or typed text of an input; ``confidence`` in 0..1."""
+
+    text: str
+    confidence: float = 1.0
+
+
+class InputClass(Wire):
+    """An NLU classification of an input (``type`` Intent, Entity or Sentiment)."""
+
+    type: str
+    name: str
+    score: float = 1.0
+
+
+class Input(Wire):
+    """What the user said or did in one turn.
+
+    ``transcript.text`` beginning with ``#`` is an action (``#intro``,
+    ``#silence``, ``#error``); :attr:`action` gives it. ``attributes`` carry
+    client attributes (client type, location...) and, for channels with NLU of
+    their own (Alexa, Dialogflow), the intent name and slots.
+    """
+
+    locale: str | None = None
+    zone_id: str | None = None
+    transcript: Transcript
+    alternatives: list[Transcript] = Field(default_factory=list)
+    classes: list[InputClass] = Field(default_factory=list)
+    tokens: list[dict[str, Any]] = Field(default_factory=list)
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, text: str, **fields: Any) -> Input:
+        """An input whose transcript is ``text`` with confidence 1.0."""
+        return cls(transcript=Transcript(text=text), **fields)
+
+    @property
+    def text(self) -> str:
+        """The transcript text."""
+        return self.transcript.text
+
+    @property
+    def action(self) -> str | None:
+        """The action name with its ``#`` (``"#intro"``) or ``None`` for user text."""
+        text = self.transcript.text.strip()
+        return text.split()[0] if text.startswith(ACTION_PREFIX) and len(text) > 1 else None
+
+
+class TtsConfig(Wire):
+    """Voice the client or gateway should use for an item's speech."""
+
+    provider: str | None = None
+    locale: str | None = None
+    gender: str | None = None
+    name: str | None = None
+    engine: str | None = None
+
+
+class ResponseItem(Wire):
+    """One piece of the bot's answer: speech text and/or media and client code.
+
+    ``audio``, ``image`` and ``video`` are absolute URLs; ``code`` is a command
+    payload the client interprets; items whose text is a ``#command`` carry
+    ``code`` and ``repeatable=False`` (PROTOCOL-NOTES.md).
+    """
+
+    text: str | None = None
+    ssml: str | None = None
+    confidence: float = 1.0
+    image: str | None = None
+    video: str | None = None
+    audio: str | None = None
+    code: str | None = None
+    background: str | None = None
+    tts_config: TtsConfig | None = None
+    repeatable: bool = True
+    node_id: int | str | None = None
+
+
+class LogEntry(Wire):
+    """A client log line; ``time`` is epoch ms, ``relative_time`` s since start."""
+
+    time: int | float | str | None = None
+    relative_time: float | None = None
+    level: str = "INFO"
+    text: str = ""
+
+
+class Response(Wire):
+    """The end of a turn: all items, and whether/how the session ends.
+
+    ``sleep_timeout`` and ``session_timeout`` are seconds; ``session_ended``
+    with both zero means the session is over and its id must be discarded.
+    """
+
+    locale: str | None = None
+    items: list[ResponseItem] = Field(default_factory=list)
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    stt_mode: str | None = None
+    logs: list[LogEntry] = Field(default_factory=list)
+    session_ended: bool = False
+    sleep_timeout: int = 0
+    session_timeout: int = 0
+
+
+class Request(Wire):
+    """The 2021 V1 ``Request`` payload: an input plus the client's identity."""
+
+    app_key: str | None = None
+    device_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("deviceId", "device_id", "sender")
+    )
+    token: str | None = None
+    session_id: str | None = None
+    initiation_id: str | None = None
+    input: Input
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- shared events
+
+
+class Event(Wire):
+    """Base of channel events: ``type`` is normalised to the short name on input."""
+
+    @field_validator("type", mode="after", check_fields=False)
+    @classmethod
+    def _short_type(cls, value: str) -> str:
+        name = value.removesuffix("Event")
+        return "InputStreamClose" if name == "OutputStreamClose" else name
+
+
+class InputEvent(Event):
+    """Client -> server (V1 2022 form, V2): one user input starts a turn."""
+
+    type: Literal["Input", "InputEvent"] = "Input"
+    input: Input
+    session_id: str | None = None  # V1 clients may name the session here
+
+
+class LogEvent(Event):
+    """Client -> server (V1, V2): log entries stored with the current session."""
+
+    type: Literal["Log", "LogEvent"] = "Log"
+    entries: list[LogEntry] = Field(default_factory=list)
+
+
+def _b64decode(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("data must be a base64 string")
+    return base64.b64decode(value, validate=True)
+
+
+Base64Bytes = Annotated[
+    bytes,
+    PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str),
+]
+
+
+class BinaryEvent(Event):
+    """Client -> server (V2): a block of raw audio, base64 ``data`` on the wire."""
+
+    type: Literal["Binary", "BinaryEvent"] = "Binary"
+    data: Base64Bytes
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _decode(cls, v: Any) -> bytes:
+        return _b64decode(v)
+
+
+class InputStreamCloseEvent(Event):
+    """Client -> server (V2): the audio stream ended; a text InputEvent follows."""
+
+    type: Literal[
+        "InputStreamClose", "InputStreamCloseEvent", "OutputStreamClose", "OutputStreamCloseEvent"
+    ] = "InputStreamClose"
+
+
+class RecognizedInputEvent(Event):
+    """Server -> client (V2): an interim or final input recognised from audio."""
+
+    type: Literal["RecognizedInput", "RecognizedInputEvent"] = "RecognizedInput"
+    input: Input
+    is_final: bool = True
+
+
+class ResponseItemEvent(Event):
+    """Server -> client (V1 2022 with sendResponseItems, V2): one item, as produced."""
+
+    type: Literal["ResponseItem", "ResponseItemEvent"] = "ResponseItem"
+    response_item: ResponseItem
+
+
+class ResponseEvent(Event):
+    """Server -> client (V1, V2): the turn's Response, closing the turn."""
+
+    type: Literal["Response", "ResponseEvent"] = "Response"
+    response: Response
+
+
+class ErrorEvent(Event):
+    """Server -> client (V1, V2): an error; ``source`` names who failed.
+
+    Sources used by the gateway: ``client`` (bad input), ``session`` (unknown or
+    busy session), ``pipeline`` (the core failed or timed out), ``gateway``
+    (the gateway itself, e.g. its store is unreachable).
+    """
+
+    type: Literal["Error", "ErrorEvent"] = "Error"
+    text: str
+    source: str = "gateway"
+
+
+# ------------------------------------------------------------------- V1 only
+
+
+class InitEvent(Event):
+    """V1 client -> server: opens the conversation channel with key and config."""
+
+    type: Literal["Init", "InitEvent"] = "Init"
+    key: str | None = None
+    device_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("deviceId", "device_id", "sender")
+    )
+    token: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class RequestEvent(Event):
+    """V1 client -> server (2021 clients): a Request starts a turn."""
+
+    type: Literal["Request", "RequestEvent"] = "Request"
+    request: Request
+
+
+class InputAudioStreamOpenEvent(Event):
+    """V1 both ways: the client opens audio input; the server echoes it as ack."""
+
+    type: Literal["InputAudioStreamOpen", "InputAudioStreamOpenEvent"] = "InputAudioStreamOpen"
+    session_id: str | None = None
+
+
+class InputAudioStreamCloseEvent(Event):
+    """V1 client -> server: the client closed its audio input."""
+
+    type: Literal["InputAudioStreamClose", "InputAudioStreamCloseEvent"] = "InputAudioStreamClose"
+
+
+class InputAudioStreamCancelEvent(Event):
+    """V1 client -> server: the client cancelled its audio input prematurely."""
+
+    type: Literal["InputAudioStreamCancel", "InputAudioStreamCancelEvent"] = (
+        "InputAudioStreamCancel"
+    )
+
+
+class ReadyEvent(Event):
+    """V1 server -> client: Init accepted."""
+
+    type: Literal["Ready", "ReadyEvent"] = "Ready"
+
+
+class SessionStartedEvent(Event):
+    """V1 server -> client: the session id this conversation runs under."""
+
+    type: Literal["SessionStarted", "SessionStartedEvent"] = "SessionStarted"
+    session_id: str
+
+
+class SessionEndedEvent(Event):
+    """V1 server -> client: the session ended; the client forgets its id."""
+
+    type: Literal["SessionEnded", "SessionEndedEvent"] = "SessionEnded"
+
+
+class RecognizedEvent(Event):
+    """V1 server -> client: text recognised from the input audio stream."""
+
+    type: Literal["Recognized", "RecognizedEvent"] = "Recognized"
+    text: str
+    is_final: bool = True
+
+
+# ------------------------------------------------------------------- unions
+
+TurnEvent = SessionStartedEvent | ResponseItemEvent | ResponseEvent | ErrorEvent | SessionEndedEvent
+"""What the turn engine hands an adapter, in order: SessionStarted (new sessions
+only), ResponseItem*, then Response or Error, then SessionEnded when it ended."""
+
+V2ClientEvent = Annotated[
+    InputEvent | BinaryEvent | InputStreamCloseEvent | LogEvent,
+    Field(discriminator="type"),
+]
+"""Events a V2 client writes in an ``application/json`` PUT body."""
+
+V1ClientEvent = Annotated[
+    InitEvent
+    | RequestEvent
+    | InputEvent
+    | InputAudioStreamOpenEvent
+    | InputAudioStreamCloseEvent
+    | InputAudioStreamCancelEvent
+    | LogEvent,
+    Field(discriminator="type"),
+]
+"""Events a V1 client sends as WebSocket text frames."""
+
+V2_CLIENT_EVENT: TypeAdapter[V2ClientEvent] = TypeAdapter(V2ClientEvent)
+V1_CLIENT_EVENT: TypeAdapter[V1ClientEvent] = TypeAdapter(V1ClientEvent)

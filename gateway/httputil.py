@@ -1,0 +1,32 @@
+"""HTTP helpers shared by the HTTP-based adapters: bounded body reads, problem bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+
+from gateway.protocol import ProtocolError
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, read incrementally; ProtocolError(status=413) past ``limit`` bytes.
+
+    A declared Content-Length over the limit is refused before reading anything.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(f"The request body is larger than {limit} bytes.", status=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ProtocolError(f"The request body is larger than {limit} bytes.", status=413)
+    return bytes(body)
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+    """An RFC 9457 problem body (``application/problem+json``)."""
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type="application/problem+json")

@@ -1,0 +1,46 @@
+"""The core pipeline protocol: one turn in, response items streamed out, then the Response."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from typing import Protocol
+
+from gateway.events import Input, Response, ResponseItem
+from gateway.sessions import Session
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+"""The id of the client request being served; sent to the core as ``X-Request-Id``."""
+
+PipelineOutput = ResponseItem | Response
+"""What a pipeline yields: any number of ResponseItems, then exactly one Response."""
+
+
+class PipelineError(Exception):
+    """The core pipeline failed: it could not be reached, timed out or answered garbage.
+
+    The turn engine turns it into an ErrorEvent with source ``pipeline`` (or the
+    ``#error`` turn when GATEWAY_ERROR_TURN is on).
+    """
+
+
+class Pipeline(Protocol):
+    """A conversational core: the NLP/dialogue side of the bot.
+
+    ``process`` runs one turn. It may read and change ``session.attributes`` and
+    ``session.pipeline_state``; the turn engine saves them when the turn
+    succeeds and discards them when it fails. It yields ResponseItems as soon as
+    they are known (channels that stream forward each at once), then one
+    Response whose ``items`` may hold further items. Failures raise
+    PipelineError; the engine bounds the whole turn by GATEWAY_TURN_TIMEOUT_S.
+    """
+
+    name: str
+
+    def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
+        """Run one turn of ``session`` on ``input`` (an async generator)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

@@ -1,0 +1,80 @@
+"""The built-in demo dialogue: shows that the whole path from channel to core works."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+from gateway.events import ERROR, FALLBACK, INTRO, SILENCE, Input, Response, ResponseItem
+from gateway.pipeline.base import PipelineOutput
+from gateway.sessions import Session
+
+_NAME_IS = re.compile(r"\bmy name is\s+(?P<name>[^\W\d_][\w' -]{0,60})", re.IGNORECASE)
+_ASK_NAME = re.compile(r"\bwhat(?:'s| is) my name\b", re.IGNORECASE)
+_BYE = re.compile(r"^\W*(?:good\s*bye|bye(?:\s*bye)?|stop|exit|quit)\W*$", re.IGNORECASE)
+_HELP = re.compile(r"^\W*help\W*$", re.IGNORECASE)
+
+
+class DemoPipeline:
+    """A small dialogue, the embedded default (GATEWAY_PIPELINE=demo).
+
+    - ``#intro`` greets in two items (so item streaming shows);
+    - ``my name is X`` stores X in ``session.attributes["name"]``;
+      ``what is my name`` answers it on a later turn;
+    - ``bye``/``goodbye``/``stop`` ends the session (sessionEnded=true);
+    - ``#silence`` re-prompts, ``#error`` apologises, ``#fallback`` asks again,
+      ``help`` explains; any other text is answered with what the user said.
+    """
+
+    name = "demo"
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
+        text = input.text.strip()
+        action = input.action
+        name = session.attributes.get("name")
+        if action == INTRO:
+            greeting = f"Welcome back, {name}." if name else "Hello, I am the gateway demo bot."
+            yield ResponseItem(text=greeting)
+            yield Response(
+                items=[ResponseItem(text="Tell me your name, or say anything, and I will answer.")]
+            )
+            return
+        if action == SILENCE:
+            yield Response(items=[ResponseItem(text="Are you still there? Say something.")])
+            return
+        if action == ERROR:
+            yield Response(items=[ResponseItem(text="Sorry, something went wrong. Try again.")])
+            return
+        if action == FALLBACK:
+            yield Response(items=[ResponseItem(text="Sorry, I did not get that. Say it again.")])
+            return
+        if action is not None:
+            yield Response(items=[ResponseItem(text=f"I do not know the action {action}.")])
+            return
+        if _BYE.match(text):
+            farewell = f"Goodbye, {name}!" if name else "Goodbye!"
+            yield Response(items=[ResponseItem(text=farewell)], session_ended=True)
+            return
+        if match := _NAME_IS.search(text):
+            new_name = match["name"].strip(" .!?'").title()
+            session.attributes["name"] = new_name
+            yield Response(items=[ResponseItem(text=f"Nice to meet you, {new_name}.")])
+            return
+        if _ASK_NAME.search(text):
+            answer = f"Your name is {name}." if name else "I do not know your name yet."
+            yield Response(items=[ResponseItem(text=answer)])
+            return
+        if _HELP.match(text):
+            yield Response(
+                items=[
+                    ResponseItem(
+                        text="Say 'my name is' and your name, ask 'what is my name', "
+                        "or say goodbye."
+                    )
+                ]
+            )
+            return
+        yield Response(items=[ResponseItem(text=f"You said: {text}")])
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,185 @@
+"""The ``http`` pipeline: each turn is POSTed to the user's core as JSON (the webhook contract).
+
+Contract (also in README.md and in the OpenAPI document under ``webhooks``):
+
+- Request: ``POST <GATEWAY_PIPELINE>`` with ``Content-Type: application/json``,
+  ``Accept: application/x-ndjson, application/json`` and ``X-Request-Id``; the body
+  is a :class:`PipelineRequest`.
+- Answer, either
+  - ``application/json``: one :class:`PipelineResponse` (a Flowstorm Response,
+    plus an optional ``state`` object), or
+  - ``application/x-ndjson``: one JSON event per line, any number of
+    ``{"type":"ResponseItem","responseItem":{...}}`` (forwarded to the client as
+    each line arrives), then ``{"type":"Response","response":{...},"state":{...}}``.
+- ``response.attributes`` are merged into the session's attributes; ``state``,
+  when present, replaces the pipeline's stored state and comes back in the next
+  request. Any other status than 2xx, a body over GATEWAY_PIPELINE_MAX_RESPONSE_BYTES,
+  invalid JSON or a stream without a Response is a PipelineError.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import httpx
+from pydantic import Field, ValidationError
+
+from gateway.events import Input, Response, ResponseItem, Wire
+from gateway.pipeline.base import REQUEST_ID, PipelineError, PipelineOutput
+from gateway.sessions import Session
+
+
+class PipelineRequest(Wire):
+    """Body of the webhook request: one turn of one session."""
+
+    session_id: str
+    channel: str
+    app_key: str
+    device_id: str | None = None
+    locale: str
+    time_zone: str
+    turn: int = Field(description="1 for the first turn of the session")
+    input: Input
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    state: dict[str, Any] = Field(
+        default_factory=dict, description="what the core returned as `state` last turn"
+    )
+
+
+class PipelineResponse(Response):
+    """A Flowstorm Response, plus the core's own ``state`` to keep with the session."""
+
+    state: dict[str, Any] | None = None
+
+
+class PipelineItemLine(Wire):
+    """One NDJSON line of a streamed answer carrying a response item."""
+
+    type: Literal["ResponseItem", "ResponseItemEvent"]
+    response_item: ResponseItem
+
+
+class PipelineResponseLine(Wire):
+    """The last NDJSON line of a streamed answer."""
+
+    type: Literal["Response", "ResponseEvent"]
+    response: Response
+    state: dict[str, Any] | None = None
+
+
+class HttpPipeline:
+    """Forwards turns to a core webhook (GATEWAY_PIPELINE=http(s)://...).
+
+    ``connect_timeout_s`` bounds connecting; the turn engine bounds the whole
+    turn. Raises PipelineError on connection errors, non-2xx answers, answers
+    over ``max_response_bytes`` and answers that break the contract above.
+    """
+
+    name = "http"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout_s: float = 3.0,
+        max_response_bytes: int = 1_048_576,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.url = url
+        self._max = max_response_bytes
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+        )
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
+        body = PipelineRequest(
+            session_id=session.id,
+            channel=session.channel,
+            app_key=session.app_key,
+            device_id=session.device_id,
+            locale=input.locale or session.locale,
+            time_zone=input.zone_id or session.time_zone,
+            turn=session.turn_count + 1,
+            input=input,
+            attributes=session.attributes,
+            state=session.pipeline_state,
+        ).wire_json()
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/x-ndjson, application/json",
+            "X-Request-Id": REQUEST_ID.get() or uuid.uuid4().hex,
+        }
+        try:
+            async with self._client.stream(
+                "POST", self.url, content=body, headers=headers
+            ) as answer:
+                if not 200 <= answer.status_code < 300:
+                    raise PipelineError(f"the core answered HTTP {answer.status_code}")
+                kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+                if kind in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
+                    async for out in self._stream(session, answer):
+                        yield out
+                    return
+                data = await self._read_all(answer)
+        except httpx.HTTPError as exc:
+            raise PipelineError(f"the core could not be reached: {type(exc).__name__}") from exc
+        try:
+            whole = PipelineResponse.model_validate_json(data)
+        except ValidationError as exc:
+            raise PipelineError(f"the core answered an invalid Response: {_first(exc)}") from exc
+        yield self._apply(session, whole, whole.state)
+
+    async def _read_all(self, answer: httpx.Response) -> bytes:
+        data = bytearray()
+        async for chunk in answer.aiter_bytes():
+            data += chunk
+            if len(data) > self._max:
+                raise PipelineError(f"the core's answer is larger than {self._max} bytes")
+        return bytes(data)
+
+    async def _stream(
+        self, session: Session, answer: httpx.Response
+    ) -> AsyncIterator[PipelineOutput]:
+        size = 0
+        async for line in answer.aiter_lines():
+            size += len(line) + 1
+            if size > self._max:
+                raise PipelineError(f"the core's answer is larger than {self._max} bytes")
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                kind = raw.get("type") if isinstance(raw, dict) else None
+                if kind in ("ResponseItem", "ResponseItemEvent"):
+                    yield PipelineItemLine.model_validate(raw).response_item
+                    continue
+                if kind in ("Response", "ResponseEvent"):
+                    last = PipelineResponseLine.model_validate(raw)
+                    yield self._apply(session, last.response, last.state)
+                    return
+            except (ValueError, ValidationError) as exc:
+                raise PipelineError(f"the core streamed an invalid line: {_first(exc)}") from exc
+            raise PipelineError(f"the core streamed an unknown event type {kind!r}")
+        raise PipelineError("the core's stream ended without a Response")
+
+    @staticmethod
+    def _apply(session: Session, response: Response, state: dict[str, Any] | None) -> Response:
+        session.attributes.update(response.attributes)
+        if state is not None:
+            session.pipeline_state = state
+        return Response.model_validate(response.model_dump())
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _first(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" if where else str(err["msg"])
+    return str(exc).splitlines()[0][:200]
