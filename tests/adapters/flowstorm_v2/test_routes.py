@@ -1,0 +1,266 @@
+"""Flowstorm V2 over real HTTP: the seed's curl example, JSON turns, and every bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.conftest import gateway, serve
+from tests.gateway.core_app import make_core
+
+KEY = "61f3f3270516dc6f15251ef2"
+JSON = {"Content-Type": "application/json"}
+TEXT = {"Content-Type": "text/plain"}
+
+
+def events(answer: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in answer.text.splitlines() if line.strip()]
+
+
+def input_event(text: str) -> str:
+    return json.dumps({"type": "Input", "input": {"transcript": {"text": text}}})
+
+
+@pytest.fixture
+async def base() -> AsyncIterator[str]:
+    async with gateway() as url:
+        yield url
+
+
+async def ok_turn(url: str) -> None:
+    """A fresh conversation still works: the server kept serving."""
+    async with httpx.AsyncClient(base_url=url) as client:
+        answer = await client.put(f"/client?key={KEY}", headers=TEXT, content="hello there")
+        assert answer.status_code == 200
+        assert answer.text == "< You said: hello there\n"
+
+
+def curl(url: str, jar: Path, text: str) -> str:
+    # the seed's example from flowstorm-socket-v2.md with the host changed, plus a cookie jar
+    done = subprocess.run(
+        [
+            "curl", "-sS", "-c", str(jar), "-b", str(jar), "-X", "PUT",
+            f"{url}/client?key={KEY}&deviceId=my-device",
+            "-H", "Content-Type: text/plain", "--data", text,
+        ],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    return done.stdout
+
+
+async def test_seed_curl_example_and_cookie_jar_continues(base: str, tmp_path: Path) -> None:
+    assert shutil.which("curl"), "curl is needed for the seed example (apt-get install curl)"
+    jar = tmp_path / "jar"
+    loop = asyncio.get_running_loop()
+    first = await loop.run_in_executor(
+        None, curl, base, jar, "What's the weather to be like in London tomorrow?"
+    )
+    assert first == "< You said: What's the weather to be like in London tomorrow?\n"
+    assert "flowstorm-session-id" in jar.read_text()
+    named = await loop.run_in_executor(None, curl, base, jar, "My name is Ada")
+    assert named == "< Nice to meet you, Ada.\n"
+    asked = await loop.run_in_executor(None, curl, base, jar, "What is my name?")
+    assert asked == "< Your name is Ada.\n"
+    bye = await loop.run_in_executor(None, curl, base, jar, "bye")
+    assert bye == "< Goodbye, Ada!\n.\n"
+
+
+async def test_json_turns_stream_items_then_response(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        intro = await client.put(f"/client?key={KEY}", headers=JSON, content=input_event("#intro"))
+        assert intro.status_code == 200
+        assert intro.headers["content-type"].startswith("application/x-ndjson")
+        assert "flowstorm-session-id" in intro.cookies
+        lines = events(intro)
+        assert [e["type"] for e in lines] == ["ResponseItem", "ResponseItem", "Response"]
+        assert lines[-1]["response"]["items"] == []
+        assert lines[-1]["response"]["sessionEnded"] is False
+        # sendResponseItems=false: only the Response, carrying all items
+        named = await client.put(
+            "/client",
+            headers={**JSON, "X-Key": KEY, "X-SendResponseItems": "false"},
+            content=input_event("my name is Grace"),
+        )
+        lines = events(named)
+        assert [e["type"] for e in lines] == ["Response"]
+        assert lines[0]["response"]["items"][0]["text"] == "Nice to meet you, Grace."
+        asked = await client.put(
+            f"/client?key={KEY}",
+            headers=JSON,
+            content='{"type":"LogEvent","entries":[{"text":"tap","level":"DEBUG"}]}\n'
+            + input_event("what is my name"),
+        )
+        assert events(asked)[0]["responseItem"]["text"] == "Your name is Grace."
+
+
+async def test_logs_alone_are_stored_with_the_session() -> None:
+    app = create_app(Settings())
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.put(f"/client?key={KEY}", headers=TEXT, content="#intro")
+        stored = await client.put(
+            f"/client?key={KEY}", headers=JSON,
+            content='{"type":"Log","entries":[{"time":1,"level":"WARN","text":"mic muted"}]}',
+        )  # fmt: skip
+        assert stored.status_code == 204
+        session_id = client.cookies["flowstorm-session-id"]
+        session = await app.state.gateway.store.get(f"flowstorm:{session_id}")
+        assert [e.text for e in session.logs] == ["mic muted"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "body", "status", "words"),
+    [
+        (JSON, f"key={KEY}", b'{"type":"Input","input":', 400, "Malformed JSON"),
+        (JSON, f"key={KEY}", b'{"type":"Teleport"}', 400, "got 'Teleport'"),
+        (JSON, f"key={KEY}", b'{"type":"Input","input":{"transcript":"hi"}}', 400, "Invalid Input"),
+        (
+            JSON,
+            f"key={KEY}",
+            b"[" + input_event("a").encode() + b"," + input_event("b").encode() + b"]",
+            400,
+            "one Input per request",
+        ),
+        (JSON, "", input_event("hello").encode(), 401, "application key is missing"),
+        (JSON, f"key={KEY}&sttSampleRate=abc", input_event("hello").encode(), 400, "sttSampleRate"),
+        ({"Content-Type": "audio/wav"}, f"key={KEY}", b"RIFF....", 415, "not supported yet"),
+        ({"Content-Type": "image/png"}, f"key={KEY}", b"\x89PNG", 415, "Unsupported Content-Type"),
+        (JSON, f"key={KEY}", b'{"type":"Binary","data":"AAAA"}', 415, "not supported yet"),
+    ],
+)
+async def test_bad_json_requests_get_error_events(
+    base: str, headers: dict[str, str], query: str, body: bytes, status: int, words: str
+) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        answer = await client.put(f"/client?{query}", headers=headers, content=body)
+    assert answer.status_code == status
+    [error] = events(answer)
+    assert error["type"] == "Error"
+    assert error["source"] == "client"
+    assert words in error["text"]
+    assert "flowstorm-session-id" not in answer.cookies  # no session was made
+    await ok_turn(base)
+
+
+async def test_bad_text_requests_get_bang_lines(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        missing = await client.put("/client", headers=TEXT, content="hello")
+        assert missing.status_code == 401
+        assert missing.text == "! client: The application key is missing (X-Key or key).\n"
+        empty = await client.put(f"/client?key={KEY}", headers=TEXT, content="  ")
+        assert empty.status_code == 400
+        assert empty.text.startswith("! client: The text/plain body is empty")
+        assert "flowstorm-session-id" not in empty.cookies
+    await ok_turn(base)
+
+
+async def test_wrong_key_is_refused_when_keys_are_configured() -> None:
+    async with gateway(app_keys=frozenset({KEY})) as url, httpx.AsyncClient(base_url=url) as c:
+        wrong = await c.put("/client?key=guess", headers=TEXT, content="hello")
+        assert wrong.status_code == 403
+        assert wrong.text == "! client: Unknown application key 'guess'.\n"
+        assert "flowstorm-session-id" not in wrong.cookies
+        right = await c.put(f"/client?key={KEY}", headers=TEXT, content="hello")
+        assert right.status_code == 200
+
+
+async def test_ten_megabyte_body_is_refused(base: str) -> None:
+    big = b"x" * (10 * 1024 * 1024)
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        answer = await client.put(f"/client?key={KEY}", headers=TEXT, content=big)
+        assert answer.status_code == 413
+        assert answer.text.startswith("! client: The request body is larger than")
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted while read
+            for _ in range(10):
+                yield b"y" * (1024 * 1024)
+
+        chunked = await client.put(f"/client?key={KEY}", headers=JSON, content=chunks())
+        assert chunked.status_code == 413
+        assert events(chunked)[0]["type"] == "Error"
+    await ok_turn(base)
+
+
+async def test_cookie_of_unknown_or_expired_session(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        client.cookies.set("flowstorm-session-id", "no-such-session")
+        answer = await client.put(f"/client?key={KEY}", headers=JSON, content=input_event("hi"))
+        assert answer.status_code == 404
+        assert events(answer)[0] == {
+            "type": "Error",
+            "text": "Session no-such-session is unknown or has expired.",
+            "source": "session",
+        }
+        assert 'flowstorm-session-id=""' in answer.headers["set-cookie"]  # the cookie is cleared
+    async with gateway(session_timeout_s=1) as url, httpx.AsyncClient(base_url=url) as client:
+        first = await client.put(f"/client?key={KEY}", headers=TEXT, content="my name is Old")
+        assert first.status_code == 200
+        stale = first.cookies["flowstorm-session-id"]
+        await asyncio.sleep(1.3)
+        client.cookies.set("flowstorm-session-id", stale)  # a client that kept it too long
+        expired = await client.put(f"/client?key={KEY}", headers=TEXT, content="what is my name")
+        assert expired.status_code == 404
+        assert "unknown or has expired" in expired.text
+        client.cookies.clear()
+        fresh = await client.put(f"/client?key={KEY}", headers=TEXT, content="what is my name")
+        assert fresh.text == "< I do not know your name yet.\n"  # a new session, old one gone
+    await ok_turn(base)
+
+
+async def test_core_timeout_and_garbage_answer_in_protocol_form() -> None:
+    core = make_core()
+    async with serve(core) as core_url:
+        for path, words in (("slow?s=1.5", "did not answer"), ("garbage", "invalid Response")):
+            async with (
+                gateway(pipeline=f"{core_url}/{path}", turn_timeout_s=0.5) as url,
+                httpx.AsyncClient(base_url=url) as client,
+            ):
+                answer = await client.put(
+                    f"/client?key={KEY}", headers=JSON, content=input_event("hello")
+                )
+                assert answer.status_code == 200  # the turn started; its end is the error
+                [error] = events(answer)
+                assert error["type"] == "Error"
+                assert error["source"] == "pipeline"
+                assert words in error["text"]
+                text = await client.put(f"/client?key={KEY}", headers=TEXT, content="again")
+                assert text.text.startswith("! pipeline: ")
+
+
+async def test_session_of_another_key_is_refused(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        await client.put(f"/client?key={KEY}", headers=TEXT, content="my name is Mallory")
+        stolen = await client.put("/client?key=other-app", headers=TEXT, content="what is my name")
+        assert stolen.status_code == 403
+        assert stolen.text.startswith("! session: ")
+
+
+async def test_get_client_checks_key_and_ends_at_once(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        refused = await client.get("/client")
+        assert refused.status_code == 401
+        empty = await client.get(f"/client?key={KEY}", headers={"Accept": "text/plain"})
+        assert empty.status_code == 200
+        assert empty.text == ""
+
+
+async def test_health_and_readiness(base: str, redis_url: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
+    async with gateway(redis_url="redis://127.0.0.1:1/0") as url, httpx.AsyncClient() as client:
+        down = await client.get(f"{url}/readyz")
+        assert down.status_code == 503
+        assert down.headers["content-type"] == "application/problem+json"
+        turn = await client.put(f"{url}/client?key={KEY}", headers=TEXT, content="hello")
+        assert turn.status_code == 503
+        assert turn.text == "! gateway: The session store is unavailable.\n"

@@ -1,0 +1,109 @@
+"""A small user core for tests: a real FastAPI app speaking the pipeline webhook contract.
+
+Each path behaves differently, so a test picks a behaviour by the URL it gives
+the gateway as GATEWAY_PIPELINE. Every request body received is kept in
+``app.state.requests`` for assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+
+def make_core() -> FastAPI:
+    """The test core; ``app.state.release`` lets a test hold the streaming answer open."""
+    app = FastAPI()
+    app.state.requests = []
+    app.state.release = asyncio.Event()
+
+    async def body(request: Request) -> dict[str, Any]:
+        data: dict[str, Any] = await request.json()
+        data["_headers"] = dict(request.headers)
+        app.state.requests.append(data)
+        return data
+
+    @app.post("/json")
+    async def whole(request: Request) -> JSONResponse:
+        turn = await body(request)
+        text = turn["input"]["transcript"]["text"]
+        count = int(turn["state"].get("count", 0)) + 1
+        return JSONResponse(
+            {
+                "items": [{"text": f"core heard {text}"}],
+                "attributes": {"lastHeard": text},
+                "state": {"count": count},
+                "sessionEnded": text == "bye",
+            }
+        )
+
+    @app.post("/sleep-end")
+    async def sleep_end(request: Request) -> JSONResponse:
+        await body(request)
+        return JSONResponse(
+            {"items": [{"text": "good night"}], "sessionEnded": True, "sleepTimeout": 30}
+        )
+
+    @app.post("/stream")
+    async def stream(request: Request) -> StreamingResponse:
+        await body(request)
+
+        async def lines() -> AsyncIterator[bytes]:
+            yield b'{"type":"ResponseItem","responseItem":{"text":"first"}}\n'
+            await app.state.release.wait()  # the test releases it after it saw "first"
+            yield b'{"type":"ResponseItem","responseItem":{"text":"second"}}\n'
+            yield b'{"type":"Response","response":{"items":[]},"state":{"streamed":true}}\n'
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.post("/slow")
+    async def slow(request: Request) -> JSONResponse:
+        await body(request)
+        await asyncio.sleep(float(request.query_params.get("s", "5")))
+        return JSONResponse({"items": [{"text": "slow answer"}]})
+
+    @app.post("/error-or-echo")
+    async def error_or_echo(request: Request) -> JSONResponse:
+        turn = await body(request)
+        text = turn["input"]["transcript"]["text"]
+        if text == "#error":
+            return JSONResponse({"items": [{"text": "sorry, the core tripped"}]})
+        return JSONResponse({"detail": "boom"}, status_code=500)
+
+    @app.post("/status/{code}")
+    async def status(code: int, request: Request) -> Response:
+        await body(request)
+        return JSONResponse({"detail": "no"}, status_code=code)
+
+    @app.post("/garbage")
+    async def garbage(request: Request) -> Response:
+        await body(request)
+        return PlainTextResponse("<html>not json</html>", media_type="application/json")
+
+    @app.post("/wrong-shape")
+    async def wrong_shape(request: Request) -> JSONResponse:
+        await body(request)
+        return JSONResponse({"items": "not a list"})
+
+    @app.post("/huge")
+    async def huge(request: Request) -> JSONResponse:
+        await body(request)
+        return JSONResponse({"items": [{"text": "x" * 2_000_000}]})
+
+    @app.post("/stream-no-response")
+    async def stream_no_response(request: Request) -> Response:
+        await body(request)
+        line = json.dumps({"type": "ResponseItem", "responseItem": {"text": "only"}}) + "\n"
+        return Response(line, media_type="application/x-ndjson")
+
+    @app.post("/stream-unknown")
+    async def stream_unknown(request: Request) -> Response:
+        await body(request)
+        return Response('{"type":"Mystery"}\n', media_type="application/x-ndjson")
+
+    return app

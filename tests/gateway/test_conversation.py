@@ -1,0 +1,299 @@
+"""The turn engine with the demo pipeline and with the http pipeline against a real core."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+from gateway.conversation import Conversation, TurnContext, TurnRejected
+from gateway.events import (
+    ErrorEvent,
+    Input,
+    LogEntry,
+    ResponseEvent,
+    ResponseItemEvent,
+    SessionEndedEvent,
+    SessionStartedEvent,
+    TurnEvent,
+)
+from gateway.pipeline import make_pipeline
+from gateway.sessions import ClientState, MemorySessionStore, RedisSessionStore, SessionStore
+from gateway.settings import Settings
+from tests.conftest import serve
+from tests.gateway.core_app import make_core
+
+
+def ctx(session_id: str = "s1", **fields: Any) -> TurnContext:
+    return TurnContext(channel="test", session_id=session_id, app_key="app", **fields)
+
+
+def texts(events: list[TurnEvent]) -> list[str]:
+    return [e.response_item.text or "" for e in events if isinstance(e, ResponseItemEvent)]
+
+
+def engine(store: SessionStore | None = None, **overrides: Any) -> Conversation:
+    settings = Settings().model_copy(update=overrides)
+    return Conversation(store or MemorySessionStore(), make_pipeline(settings), settings)
+
+
+@pytest.fixture
+async def core() -> AsyncIterator[tuple[str, FastAPI]]:
+    app = make_core()
+    async with serve(app) as url:
+        yield url, app
+
+
+async def test_demo_conversation_start_to_end() -> None:
+    conv = engine()
+    intro = await conv.turn(ctx(), Input.of("#intro")).collect()
+    assert isinstance(intro[0], SessionStartedEvent)
+    assert intro[0].session_id == "s1"
+    assert len(texts(intro)) == 2  # the demo greets in two items, streamed one by one
+    assert isinstance(intro[-1], ResponseEvent)
+    assert [i.text for i in intro[-1].response.items] == texts(intro)
+
+    named = await conv.turn(ctx(), Input.of("My name is Ada")).collect()
+    assert not any(isinstance(e, SessionStartedEvent) for e in named)
+    assert texts(named) == ["Nice to meet you, Ada."]
+
+    asked = await conv.turn(ctx(), Input.of("what is my name?")).collect()
+    assert texts(asked) == ["Your name is Ada."]
+
+    said = await conv.turn(ctx(), Input.of("the sky is blue")).collect()
+    assert "the sky is blue" in texts(said)[0]
+
+    bye = await conv.turn(ctx(), Input.of("goodbye")).collect()
+    assert isinstance(bye[-2], ResponseEvent)
+    assert bye[-2].response.session_ended is True
+    assert isinstance(bye[-1], SessionEndedEvent)
+    assert await conv.store.get(ctx().key) is None  # the session is gone
+
+
+async def test_session_is_saved_with_state_and_counts() -> None:
+    conv = engine()
+    await conv.turn(
+        ctx(device_id="dev", locale="cs-CZ", config={"tts": "None"}), Input.of("#intro")
+    ).collect()
+    await conv.turn(ctx(), Input.of("my name is Bob", attributes={"clientType": "web"})).collect()
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.turn_count == 2
+    assert session.attributes == {"name": "Bob", "clientType": "web"}
+    assert session.client_state == ClientState.LISTENING
+    assert session.device_id == "dev"
+    assert session.locale == "cs-CZ"
+    assert session.config == {"tts": "None"}
+    assert session.channel == "test"
+
+
+async def test_silence_reprompts_and_unknown_session_is_rejected() -> None:
+    conv = engine()
+    with pytest.raises(TurnRejected) as rejected:
+        await conv.turn(ctx(create=False), Input.of("hello")).collect()
+    assert rejected.value.reason == "session-not-found"
+    await conv.turn(ctx(), Input.of("#intro")).collect()
+    silence = await conv.turn(ctx(), Input.of("#silence")).collect()
+    assert "still there" in texts(silence)[0]
+
+
+async def test_session_of_another_app_is_refused() -> None:
+    conv = engine()
+    await conv.turn(ctx(), Input.of("my name is Eve")).collect()
+    other = TurnContext(channel="test", session_id="s1", app_key="intruder")
+    with pytest.raises(TurnRejected) as rejected:
+        await conv.turn(other, Input.of("what is my name")).collect()
+    assert rejected.value.reason == "session-foreign"
+
+
+async def test_namespaces_keep_channels_apart() -> None:
+    conv = engine()
+    await conv.turn(ctx(namespace="alexa"), Input.of("my name is Al")).collect()
+    other = await conv.turn(ctx(namespace="flowstorm"), Input.of("what is my name")).collect()
+    assert texts(other) == ["I do not know your name yet."]
+
+
+async def test_logs_are_stored_with_the_session_and_bounded() -> None:
+    conv = engine(max_log_entries=3)
+    assert await conv.log(ctx(), [LogEntry(text="early")]) is False  # no session yet
+    await conv.turn(
+        ctx(logs=[LogEntry(text="a"), LogEntry(text="b")]), Input.of("#intro")
+    ).collect()
+    assert await conv.log(ctx(), [LogEntry(text="c"), LogEntry(text="d")]) is True
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert [e.text for e in session.logs] == ["b", "c", "d"]
+
+
+async def test_turns_of_one_session_run_one_at_a_time(redis_url: str, redis_prefix: str) -> None:
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    conv = engine(store)
+    try:
+        await conv.turn(ctx(), Input.of("#intro")).collect()
+        results = await asyncio.gather(
+            *(conv.turn(ctx(), Input.of(f"message {i}")).collect() for i in range(20))
+        )
+        for i, events in enumerate(results):
+            assert texts(events) == [f"You said: message {i}"]
+        session = await store.get(ctx().key)
+        assert session is not None
+        assert session.turn_count == 21  # no lost update
+    finally:
+        await store.aclose()
+
+
+async def test_http_core_json_answer_state_and_attributes(core: tuple[str, FastAPI]) -> None:
+    url, app = core
+    conv = engine(pipeline=f"{url}/json")
+    first = await conv.turn(ctx(device_id="d1"), Input.of("hello")).collect()
+    assert texts(first) == ["core heard hello"]
+    await conv.turn(ctx(), Input.of("again")).collect()
+    sent = app.state.requests
+    assert sent[0]["sessionId"] == "s1"
+    assert sent[0]["appKey"] == "app"
+    assert sent[0]["deviceId"] == "d1"
+    assert sent[0]["turn"] == 1
+    assert sent[0]["state"] == {}
+    assert sent[1]["turn"] == 2
+    assert sent[1]["state"] == {"count": 1}  # the core's state came back
+    assert sent[1]["attributes"]["lastHeard"] == "hello"
+    assert "x-request-id" in sent[0]["_headers"]
+    bye = await conv.turn(ctx(), Input.of("bye")).collect()
+    assert isinstance(bye[-1], SessionEndedEvent)
+    await conv.pipeline.aclose()
+
+
+async def test_http_core_stream_is_forwarded_as_it_arrives(core: tuple[str, FastAPI]) -> None:
+    url, app = core
+    conv = engine(pipeline=f"{url}/stream")
+    events = aiter(conv.turn(ctx(), Input.of("hi")))
+    assert isinstance(await anext(events), SessionStartedEvent)
+    first = await anext(events)
+    # "first" reached us while the core still holds its answer open
+    assert isinstance(first, ResponseItemEvent)
+    assert first.response_item.text == "first"
+    assert not app.state.release.is_set()
+    app.state.release.set()
+    rest = [e async for e in events]
+    assert [e.response_item.text for e in rest if isinstance(e, ResponseItemEvent)] == ["second"]
+    assert isinstance(rest[-1], ResponseEvent)
+    assert [i.text for i in rest[-1].response.items] == ["first", "second"]
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.pipeline_state == {"streamed": True}
+    await conv.pipeline.aclose()
+
+
+async def test_sleep_timeout_keeps_the_session(core: tuple[str, FastAPI]) -> None:
+    url, _ = core
+    conv = engine(pipeline=f"{url}/sleep-end")
+    events = await conv.turn(ctx(), Input.of("good night")).collect()
+    assert isinstance(events[-1], ResponseEvent)
+    assert events[-1].response.session_ended is True
+    assert not any(isinstance(e, SessionEndedEvent) for e in events)
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.client_state == ClientState.SLEEPING
+    assert session.timeout_s == 30
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    ("path", "words"),
+    [
+        ("status/500", "HTTP 500"),
+        ("status/404", "HTTP 404"),
+        ("garbage", "invalid Response"),
+        ("wrong-shape", "invalid Response"),
+        ("huge", "larger than"),
+        ("stream-no-response", "without a Response"),
+        ("stream-unknown", "unknown event type"),
+        ("slow?s=3", "did not answer within"),
+    ],
+)
+async def test_core_failures_become_pipeline_errors(
+    core: tuple[str, FastAPI], path: str, words: str
+) -> None:
+    url, _ = core
+    conv = engine(pipeline=f"{url}/{path}", turn_timeout_s=0.5)
+    events = await conv.turn(ctx(), Input.of("hello")).collect()
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.source == "pipeline"
+    assert words in error.text
+    session = await conv.store.get(ctx().key)
+    assert session is not None  # the session survives, marked Failed, not advanced
+    assert session.client_state == ClientState.FAILED
+    assert session.turn_count == 0
+    await conv.pipeline.aclose()
+
+
+async def test_unreachable_core_is_a_pipeline_error() -> None:
+    conv = engine(pipeline="http://127.0.0.1:1/core")
+    events = await conv.turn(ctx(), Input.of("hello")).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert events[-1].source == "pipeline"
+    assert "could not be reached" in events[-1].text
+    await conv.pipeline.aclose()
+
+
+async def test_error_turn_answers_when_enabled(core: tuple[str, FastAPI]) -> None:
+    url, app = core
+    conv = engine(pipeline=f"{url}/error-or-echo", error_turn=True)
+    events = await conv.turn(ctx(), Input.of("hello")).collect()
+    assert texts(events) == ["sorry, the core tripped"]
+    assert isinstance(events[-1], ResponseEvent)
+    assert [r["input"]["transcript"]["text"] for r in app.state.requests] == ["hello", "#error"]
+    await conv.pipeline.aclose()
+
+
+async def test_client_leaving_mid_turn_does_not_cut_the_turn(core: tuple[str, FastAPI]) -> None:
+    url, _ = core
+    conv = engine(pipeline=f"{url}/slow?s=0.3")
+    stream = conv.turn(ctx(), Input.of("hello"))
+    events = aiter(stream)
+    assert isinstance(await anext(events), SessionStartedEvent)
+    del events  # the client went away
+    await stream.task  # the turn still runs to its end
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.turn_count == 1
+    assert session.client_state == ClientState.LISTENING
+    await conv.pipeline.aclose()
+
+
+async def test_busy_session_is_rejected_after_the_lock_wait(core: tuple[str, FastAPI]) -> None:
+    url, _ = core
+    conv = engine(pipeline=f"{url}/slow?s=1", lock_wait_s=0.1)
+    slow = conv.turn(ctx(), Input.of("slow one"))
+    events = aiter(slow)
+    await anext(events)  # SessionStarted: the first turn holds the lock
+    with pytest.raises(TurnRejected) as rejected:
+        await conv.turn(ctx(), Input.of("impatient")).collect()
+    assert rejected.value.reason == "session-busy"
+    rest = [e async for e in events]
+    assert isinstance(rest[-1], ResponseEvent)
+    await conv.pipeline.aclose()
+
+
+async def test_unreachable_store_rejects_the_turn() -> None:
+    store = RedisSessionStore("redis://127.0.0.1:1/0")
+    conv = engine(store)
+    with pytest.raises(TurnRejected) as rejected:
+        await conv.turn(ctx(), Input.of("hello")).collect()
+    assert rejected.value.reason == "store-unavailable"
+    assert rejected.value.source == "gateway"
+    await store.aclose()
+
+
+async def test_drain_waits_for_running_turns(core: tuple[str, FastAPI]) -> None:
+    url, _ = core
+    conv = engine(pipeline=f"{url}/slow?s=0.3")
+    stream = conv.turn(ctx(), Input.of("hello"))
+    assert conv.turns_in_flight == 1
+    assert await conv.drain(5) == 0
+    assert stream.task.done()
+    await conv.pipeline.aclose()
