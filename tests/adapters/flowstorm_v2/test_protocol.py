@@ -209,7 +209,7 @@ def test_json_lines_with_and_without_response_items() -> None:
 
 
 def test_text_input_rules() -> None:
-    assert text_input("  hello \n".encode()).text == "hello"
+    assert text_input(b"  hello \n").text == "hello"
     with pytest.raises(ProtocolError):
         text_input(b"   ")
     with pytest.raises(ProtocolError):
