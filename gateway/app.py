@@ -36,7 +36,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = make_store(settings.redis_url, settings.redis_prefix)
+        store = make_store(
+            settings.redis_url, settings.redis_prefix, settings.redis_max_connections
+        )
         pipeline = make_pipeline(settings)
         conversation = Conversation(store, pipeline, settings)
         app.state.gateway = Gateway(settings, store, pipeline, conversation)

@@ -259,10 +259,24 @@ class RedisSessionStore:
     """
 
     def __init__(
-        self, url: str, *, prefix: str = "gw", client: aioredis.Redis | None = None
+        self,
+        url: str,
+        *,
+        prefix: str = "gw",
+        max_connections: int = 64,
+        client: aioredis.Redis | None = None,
     ) -> None:
-        self._redis = client or aioredis.from_url(
-            url, socket_connect_timeout=3, socket_timeout=5, health_check_interval=30
+        # a bounded pool that waits for a free connection (up to 5 s) under load,
+        # rather than opening one per concurrent turn or failing
+        self._redis = client or aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=5,
+                socket_connect_timeout=3,
+                socket_timeout=5,
+                health_check_interval=30,
+            )
         )
         self._prefix = prefix
         self._acquire = self._redis.register_script(_ACQUIRE)
@@ -339,8 +353,10 @@ class RedisSessionStore:
         await self._redis.aclose()
 
 
-def make_store(redis_url: str | None, prefix: str = "gw") -> SessionStore:
+def make_store(
+    redis_url: str | None, prefix: str = "gw", max_connections: int = 64
+) -> SessionStore:
     """The Redis store when ``redis_url`` is set, else the memory store."""
     if redis_url:
-        return RedisSessionStore(redis_url, prefix=prefix)
+        return RedisSessionStore(redis_url, prefix=prefix, max_connections=max_connections)
     return MemorySessionStore()

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
         description="Prefix of every Redis key; keys of one session share a hash tag.",
     )
 
+    redis_max_connections: int = Field(
+        default=64, gt=0, description="Connections per process; turns wait for a free one."
+    )
+
     pipeline: str = Field(
         default="demo",
         description="`demo` (built-in dialogue) or an http(s):// URL of the core webhook.",
