@@ -17,6 +17,7 @@ from adapters.flowstorm_v2.routes import router as flowstorm_v2_router
 from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem
+from gateway.middleware import RequestIdMiddleware
 from gateway.pipeline import make_pipeline
 from gateway.pipeline.http import PipelineRequest, PipelineResponse
 from gateway.sessions import StoreUnavailable, make_store
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="One bot, every channel: Flowstorm sockets, Alexa, Google, Twilio, Voiceflow.",
         lifespan=lifespan,
     )
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(flowstorm_v2_router)
     app.include_router(flowstorm_v1_router)
 
@@ -102,6 +104,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return problem(400, "Bad request", "The request is not valid.", errors=_errors(exc))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error serving %s %s", request.method, request.url.path)
+        return problem(500, "Internal Server Error", "The gateway failed; see its log.")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 
@@ -23,7 +24,7 @@ from gateway.events import (
 from gateway.pipeline import make_pipeline
 from gateway.sessions import ClientState, MemorySessionStore, RedisSessionStore, SessionStore
 from gateway.settings import Settings
-from tests.conftest import serve
+from tests.conftest import gateway, serve
 from tests.gateway.core_app import make_core
 
 
@@ -297,3 +298,22 @@ async def test_drain_waits_for_running_turns(core: tuple[str, FastAPI]) -> None:
     assert await conv.drain(5) == 0
     assert stream.task.done()
     await conv.pipeline.aclose()
+
+
+async def test_request_id_reaches_the_core(core: tuple[str, FastAPI]) -> None:
+    url, app = core
+    async with gateway(pipeline=f"{url}/json") as base, httpx.AsyncClient(base_url=base) as client:
+        given = await client.put(
+            "/client?key=k", headers={"Content-Type": "text/plain", "X-Request-Id": "req-42"},
+            content="hello",
+        )  # fmt: skip
+        assert given.headers["x-request-id"] == "req-42"
+        made = await client.put(
+            "/client?key=k", headers={"Content-Type": "text/plain", "X-Request-Id": "bad id!"},
+            content="hello",
+        )  # fmt: skip
+    assert made.headers["x-request-id"] != "bad id!"
+    assert [r["_headers"]["x-request-id"] for r in app.state.requests] == [
+        "req-42",
+        made.headers["x-request-id"],
+    ]
