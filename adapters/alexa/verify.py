@@ -1,0 +1,702 @@
+"""Verification of Alexa requests sent to a skill hosted outside AWS Lambda.
+
+Amazon requires every request to be checked before it is acted on; the skill
+certification sends forged requests and expects HTTP 400 for each one. The rules
+(Alexa Skills Kit docs, "Host a Custom Skill as a Web Service"; the reference
+implementation is ask-sdk-webservice-support ``verifier.py``) are:
+
+1. ``SignatureCertChainUrl`` is ``https://s3.amazonaws.com[:443]/echo.api/...``
+   (:func:`check_cert_chain_url`).
+2. The PEM chain at that URL is valid now, chains to a trusted root, and its leaf's
+   SubjectAlternativeName holds ``echo-api.amazon.com`` (:func:`verify_cert_chain`).
+3. ``Signature-256`` is the base64 RSA PKCS#1 v1.5 signature over the SHA-256 of the
+   exact raw body, made with the leaf's key. The legacy SHA-1 ``Signature`` header
+   alone is refused.
+4. ``request.timestamp`` is within 150 seconds of now (either direction).
+5. The skill id (``applicationId``) is one of ours.
+
+:class:`AlexaVerifier` runs all of them; every failure raises
+:class:`AlexaVerificationError` whose ``reason`` is one :class:`AlexaReason`.
+
+Trust roots: by default the Mozilla roots shipped by ``certifi`` (the chain Amazon
+serves ends at "Amazon Root CA 1", which is one of them). Pass ``trust_store`` to use
+another :class:`cryptography.x509.verification.Store`.
+
+Chains are cached by (canonical) URL until the earliest ``not_valid_after`` on the
+verified path, at most ``cache_size`` URLs (least recently used dropped). A failed
+fetch or a chain that fails verification is *not* cached: the next request for that
+URL tries again. Concurrent requests for one URL share a single fetch, so a burst
+never opens more than one download per URL, and a transient S3 failure heals at the
+next request instead of refusing traffic for a fixed penalty time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import posixpath
+import re
+import ssl
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from functools import cache
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+import certifi
+import httpx
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+__all__ = [
+    "ALEXA_CERT_HOST",
+    "ALEXA_CERT_PATH_PREFIX",
+    "ALEXA_SIGNING_SAN",
+    "AlexaReason",
+    "AlexaVerificationError",
+    "AlexaVerifier",
+    "CertChainFetcher",
+    "CertFetchError",
+    "HttpxCertChainFetcher",
+    "VerifiedChain",
+    "certifi_trust_store",
+    "check_cert_chain_url",
+    "load_trust_store",
+    "verify_cert_chain",
+]
+
+logger = logging.getLogger("adapters.alexa")
+
+ALEXA_CERT_HOST = "s3.amazonaws.com"
+"""The only host a ``SignatureCertChainUrl`` may name (compared case-insensitively)."""
+ALEXA_CERT_PATH_PREFIX = "/echo.api/"
+"""Prefix of the normalised URL path (compared case-sensitively)."""
+ALEXA_SIGNING_SAN = "echo-api.amazon.com"
+"""DNS name the signing certificate's SubjectAlternativeName must contain."""
+
+DEFAULT_MAX_SKEW = timedelta(seconds=150)
+DEFAULT_FETCH_TIMEOUT_S = 3.0
+DEFAULT_MAX_CHAIN_BYTES = 64 * 1024
+DEFAULT_CACHE_SIZE = 16
+
+
+class AlexaReason(StrEnum):
+    """Machine-friendly reasons of :class:`AlexaVerificationError` (the ``reason`` field).
+
+    Values are stable snake_case strings, fit for logs, metrics and problem bodies.
+    """
+
+    MISSING_CERT_URL = "missing_cert_url"
+    """No ``SignatureCertChainUrl`` header."""
+    CERT_URL_MALFORMED = "cert_url_malformed"
+    """The URL does not parse, has user info, or an invalid port."""
+    CERT_URL_SCHEME = "cert_url_scheme"
+    """Scheme is not https."""
+    CERT_URL_HOST = "cert_url_host"
+    """Host is not s3.amazonaws.com."""
+    CERT_URL_PORT = "cert_url_port"
+    """A port other than 443."""
+    CERT_URL_PATH = "cert_url_path"
+    """The normalised path does not start with ``/echo.api/``."""
+    MISSING_SIGNATURE = "missing_signature"
+    """Neither ``Signature-256`` nor ``Signature``."""
+    LEGACY_SIGNATURE_ONLY = "legacy_signature_only"
+    """Only the SHA-1 ``Signature`` header, no ``Signature-256``."""
+    SIGNATURE_MALFORMED = "signature_malformed"
+    """``Signature-256`` is not base64."""
+    MALFORMED_BODY = "malformed_body"
+    """The body is not a JSON object with a ``request`` object."""
+    BAD_TIMESTAMP = "bad_timestamp"
+    """``request.timestamp`` is missing or not ISO 8601."""
+    TIMESTAMP_TOO_OLD = "timestamp_too_old"
+    """``request.timestamp`` is more than the allowed skew before now."""
+    TIMESTAMP_IN_FUTURE = "timestamp_in_future"
+    """``request.timestamp`` is more than the allowed skew after now."""
+    MISSING_APPLICATION_ID = "missing_application_id"
+    """Skill ids are configured but the envelope names none."""
+    UNKNOWN_APPLICATION_ID = "unknown_application_id"
+    """The envelope's applicationId is not one of the configured skill ids."""
+    CERT_FETCH_FAILED = "cert_fetch_failed"
+    """Downloading the chain failed (network, HTTP status, too large)."""
+    CERT_FETCH_TIMEOUT = "cert_fetch_timeout"
+    """Downloading the chain took longer than the fetch timeout."""
+    CERT_MALFORMED = "cert_malformed"
+    """The download is not a PEM certificate chain, or a certificate is unreadable."""
+    CERT_EXPIRED = "cert_expired"
+    """The signing (leaf) certificate's ``not_valid_after`` is before now."""
+    CERT_NOT_YET_VALID = "cert_not_yet_valid"
+    """The signing (leaf) certificate's ``not_valid_before`` is after now."""
+    CERT_SAN_MISMATCH = "cert_san_mismatch"
+    """The leaf's SAN does not contain echo-api.amazon.com."""
+    CERT_UNTRUSTED = "cert_untrusted"
+    """No valid path from the leaf to a trusted root (includes expired intermediates)."""
+    CERT_KEY_UNSUPPORTED = "cert_key_unsupported"
+    """The leaf's public key is not RSA."""
+    BAD_SIGNATURE = "bad_signature"
+    """``Signature-256`` does not match the body and the leaf's key."""
+
+
+class AlexaVerificationError(Exception):
+    """An Alexa request failed verification; answer it with HTTP 400.
+
+    Attributes:
+        reason: which rule failed (:class:`AlexaReason`, a ``str``).
+        message: a human-readable explanation (also ``str(exc)``); it may quote
+            header values, never the body.
+    """
+
+    def __init__(self, reason: AlexaReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"AlexaVerificationError({self.reason.value!r}, {self.message!r})"
+
+
+class CertFetchError(Exception):
+    """A certificate chain could not be downloaded (raised by fetchers)."""
+
+
+# ---------------------------------------------------------------------------
+# Rule 1: the certificate URL
+
+
+def check_cert_chain_url(url: str) -> str:
+    """Check a ``SignatureCertChainUrl`` against Amazon's rules; return the canonical URL.
+
+    Rules: scheme ``https`` (case-insensitive); host ``s3.amazonaws.com``
+    (case-insensitive, no user info); port 443 if given; the path, after
+    percent-decoding and removing ``.``/``..`` segments, starts with ``/echo.api/``
+    (case-sensitive). So ``https://s3.amazonaws.com/echo.api/../echo.api/x.pem`` is
+    accepted and ``https://s3.amazonaws.com/echo.api/../invalid.pem`` is not. A path
+    that decodes to characters outside RFC 3986 ``pchar`` (controls, spaces, ``?``,
+    ``#``, ``\\``, non-ASCII) is refused as ``cert_url_path`` too.
+
+    Returns:
+        ``https://s3.amazonaws.com`` + the normalised path (no port, query or
+        fragment): the URL that is fetched and the cache key, so the file checked is
+        the file downloaded.
+
+    Raises:
+        AlexaVerificationError: reason ``cert_url_malformed``, ``cert_url_scheme``,
+            ``cert_url_host``, ``cert_url_port`` or ``cert_url_path``.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_URL_MALFORMED, f"SignatureCertChainUrl does not parse: {exc}"
+        ) from None
+    if parts.scheme.lower() != "https":
+        raise AlexaVerificationError(
+            AlexaReason.CERT_URL_SCHEME,
+            f"SignatureCertChainUrl scheme must be https, got {parts.scheme!r}",
+        )
+    host = (parts.hostname or "").lower()
+    if host != ALEXA_CERT_HOST:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_URL_HOST,
+            f"SignatureCertChainUrl host must be {ALEXA_CERT_HOST}, got {host!r}",
+        )
+    if parts.username is not None or parts.password is not None:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_URL_MALFORMED, "SignatureCertChainUrl must not carry user info"
+        )
+    if port is not None and port != 443:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_URL_PORT, f"SignatureCertChainUrl port must be 443, got {port}"
+        )
+    path = _normalise_path(parts.path)
+    if path is None or not path.startswith(ALEXA_CERT_PATH_PREFIX):
+        raise AlexaVerificationError(
+            AlexaReason.CERT_URL_PATH,
+            f"SignatureCertChainUrl path must start with {ALEXA_CERT_PATH_PREFIX!r} "
+            f"after normalisation, got {parts.path!r}",
+        )
+    return f"https://{ALEXA_CERT_HOST}{path}"
+
+
+_SAFE_PATH = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@/-]*")  # RFC 3986 pchar and "/"
+
+
+def _normalise_path(raw: str) -> str | None:
+    """Percent-decode and remove dot segments; None if the result is unsafe to fetch."""
+    decoded = unquote(raw)
+    if not decoded.startswith("/") or not _SAFE_PATH.fullmatch(decoded):
+        return None
+    return posixpath.normpath(decoded)
+
+
+# ---------------------------------------------------------------------------
+# Rule 2: the certificate chain
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedChain:
+    """A chain that passed :func:`verify_cert_chain`.
+
+    Attributes:
+        leaf: the signing certificate.
+        path: the verified path, leaf first, trust anchor last.
+        public_key: the leaf's RSA public key.
+        valid_from: the latest ``not_valid_before`` on the path (aware UTC).
+        valid_until: the earliest ``not_valid_after`` on the path (aware UTC); the
+            chain is cached until then.
+    """
+
+    leaf: x509.Certificate
+    path: tuple[x509.Certificate, ...]
+    public_key: rsa.RSAPublicKey
+    valid_from: datetime
+    valid_until: datetime
+
+    def valid_at(self, now: datetime) -> bool:
+        """Whether ``now`` lies inside every certificate's window on the path."""
+        return self.valid_from <= now <= self.valid_until
+
+
+def verify_cert_chain(pem: bytes, now: datetime, trust_store: Store) -> VerifiedChain:
+    """Verify an Amazon signing chain (PEM, leaf first, then intermediates).
+
+    Checks, in order: the data holds at least one PEM certificate; the leaf is
+    inside its validity window at ``now``; the leaf's SubjectAlternativeName holds
+    the DNS name ``echo-api.amazon.com`` exactly (a wildcard does not count, as in
+    ask-sdk's verifier); a path from the leaf through the supplied intermediates
+    reaches a root of ``trust_store``, every certificate on it valid at ``now``
+    (cryptography's web-PKI :class:`~cryptography.x509.verification.ServerVerifier`
+    for DNSName ``echo-api.amazon.com``: it also requires the serverAuth extended
+    key usage, which Amazon's certificates carry, and refuses SHA-1 signatures and
+    RSA keys under 2048 bits); the leaf's key is RSA.
+
+    Certificates in the file that are not on the verified path are ignored, as the
+    reference SDKs do, so an expired spare cross-certificate does not break a chain.
+
+    Args:
+        pem: the downloaded bytes.
+        now: the validation time (aware datetime; naive is taken as UTC).
+        trust_store: the roots to chain to.
+
+    Raises:
+        AlexaVerificationError: reason ``cert_malformed``, ``cert_expired``,
+            ``cert_not_yet_valid``, ``cert_san_mismatch``, ``cert_untrusted`` or
+            ``cert_key_unsupported``.
+    """
+    now = _as_utc(now)
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_MALFORMED, f"certificate chain is not PEM: {exc}"
+        ) from None
+    leaf, intermediates = certs[0], certs[1:]
+    if now > leaf.not_valid_after_utc:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_EXPIRED,
+            f"signing certificate expired at {leaf.not_valid_after_utc.isoformat()}",
+        )
+    if now < leaf.not_valid_before_utc:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_NOT_YET_VALID,
+            f"signing certificate is valid only from {leaf.not_valid_before_utc.isoformat()}",
+        )
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns_names = [name.lower() for name in san.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        dns_names = []
+    except ValueError as exc:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_MALFORMED, f"signing certificate extensions unreadable: {exc}"
+        ) from None
+    if ALEXA_SIGNING_SAN not in dns_names:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_SAN_MISMATCH,
+            f"signing certificate SAN {dns_names} lacks {ALEXA_SIGNING_SAN}",
+        )
+    verifier = (
+        PolicyBuilder()
+        .store(trust_store)
+        .time(now)
+        .build_server_verifier(x509.DNSName(ALEXA_SIGNING_SAN))
+    )
+    try:
+        path = verifier.verify(leaf, intermediates)
+    except VerificationError as exc:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_UNTRUSTED, f"certificate chain does not verify: {exc}"
+        ) from None
+    public_key = leaf.public_key()
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise AlexaVerificationError(
+            AlexaReason.CERT_KEY_UNSUPPORTED,
+            f"signing key is {type(public_key).__name__}, not RSA",
+        )
+    return VerifiedChain(
+        leaf=leaf,
+        path=tuple(path),
+        public_key=public_key,
+        valid_from=max(c.not_valid_before_utc for c in path),
+        valid_until=min(c.not_valid_after_utc for c in path),
+    )
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def load_trust_store(pem: bytes) -> Store:
+    """Build a trust store from a PEM bundle, skipping certificates that don't load.
+
+    cryptography warns about (and will one day refuse) a few old roots with a zero
+    serial number; those are skipped silently so one bad root cannot disable all.
+
+    Raises:
+        ValueError: the bundle holds no loadable certificate.
+    """
+    roots: list[x509.Certificate] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        for block in _PEM_CERT.findall(pem):
+            try:
+                roots.append(x509.load_pem_x509_certificate(block))
+            except ValueError:
+                continue
+    if not roots:
+        raise ValueError("no certificate in the trust bundle")
+    return Store(roots)
+
+
+@cache
+def certifi_trust_store() -> Store:
+    """The default trust store: certifi's Mozilla root bundle (loaded once)."""
+    with open(certifi.where(), "rb") as bundle:
+        return load_trust_store(bundle.read())
+
+
+# ---------------------------------------------------------------------------
+# Fetching
+
+
+class CertChainFetcher(Protocol):
+    """Downloads a certificate chain.
+
+    ``fetch`` receives the canonical https URL returned by
+    :func:`check_cert_chain_url` and returns the raw bytes (PEM). It raises
+    :class:`CertFetchError` (or any ``Exception``) on failure; the verifier bounds it
+    with its own timeout as well.
+    """
+
+    async def fetch(self, url: str) -> bytes:
+        """Return the body at ``url``."""
+        ...
+
+
+class HttpxCertChainFetcher:
+    """The default :class:`CertChainFetcher`: one async ``httpx`` GET per fetch.
+
+    Only ``https`` URLs are fetched; redirects are not followed; a status other
+    than 200 or a body over ``max_bytes`` fails; the whole request (connect, TLS,
+    headers, body) is bounded by ``timeout_s`` seconds.
+
+    Args:
+        timeout_s: total time limit in seconds.
+        max_bytes: largest accepted body in bytes (Amazon's chain is about 7 KB).
+        ssl_context: TLS settings for the download; default verifies the server
+            with certifi's roots.
+        trust_env: honour proxy environment variables (``HTTPS_PROXY`` ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
+        max_bytes: int = DEFAULT_MAX_CHAIN_BYTES,
+        ssl_context: ssl.SSLContext | None = None,
+        trust_env: bool = True,
+    ) -> None:
+        self._timeout_s = timeout_s
+        self._max_bytes = max_bytes
+        self._ssl_context = ssl_context or ssl.create_default_context(cafile=certifi.where())
+        self._trust_env = trust_env
+
+    async def fetch(self, url: str) -> bytes:
+        """GET ``url`` (https only) and return its body.
+
+        Raises:
+            CertFetchError: not https, a transport error, a non-200 status, or a
+                body larger than ``max_bytes``.
+            TimeoutError: the total time limit passed.
+        """
+        if urlsplit(url).scheme.lower() != "https":
+            raise CertFetchError(f"refusing to fetch a non-https URL: {url}")
+        # httpx's own (per-phase) limits fire first in the usual slow cases and close
+        # the socket cleanly; the outer limit bounds the total (e.g. a server that
+        # dribbles bytes). httpcore leaks the socket when cancelled mid-TLS-handshake,
+        # hence the phase limits are set below the total.
+        async with asyncio.timeout(self._timeout_s):
+            try:
+                async with (
+                    httpx.AsyncClient(
+                        verify=self._ssl_context,
+                        timeout=self._timeout_s * 0.8,
+                        follow_redirects=False,
+                        trust_env=self._trust_env,
+                    ) as client,
+                    client.stream("GET", url) as response,
+                ):
+                    if response.status_code != 200:
+                        raise CertFetchError(f"GET {url} returned HTTP {response.status_code}")
+                    too_large = f"chain at {url} is larger than {self._max_bytes} B"
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > self._max_bytes:
+                        raise CertFetchError(too_large)
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > self._max_bytes:
+                            raise CertFetchError(too_large)
+                    return bytes(body)
+            except httpx.TimeoutException as exc:
+                raise TimeoutError(f"GET {url} timed out") from exc
+            except httpx.HTTPError as exc:
+                raise CertFetchError(f"GET {url} failed: {exc!r}") from exc
+
+
+# ---------------------------------------------------------------------------
+# The verifier
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+class AlexaVerifier:
+    """Verifies Alexa requests (all five rules of the module docstring).
+
+    Order of checks: headers and certificate URL, body, timestamp, skill id (all
+    without I/O), then the chain (a cached download) and the signature. A forged
+    request that breaks a cheap rule therefore never causes a download.
+
+    Args:
+        skill_ids: accepted ``applicationId`` values. An empty set means the skill id
+            is not checked (any skill whose request Amazon signed is accepted).
+        trust_store: roots the signing chain must reach; default
+            :func:`certifi_trust_store`.
+        fetcher: downloads chains; default :class:`HttpxCertChainFetcher`.
+        clock: returns the current time as an aware datetime (UTC); read once per
+            :meth:`verify`.
+        fetch_timeout_s: seconds one chain download may take, in total (applies on
+            top of any fetcher's own limit).
+        max_skew: largest allowed distance between ``request.timestamp`` and now
+            (150 s per Amazon).
+        cache_size: how many chain URLs are kept (least recently used dropped).
+    """
+
+    def __init__(
+        self,
+        skill_ids: frozenset[str] = frozenset(),
+        *,
+        trust_store: Store | None = None,
+        fetcher: CertChainFetcher | None = None,
+        clock: Callable[[], datetime] = _utc_now,
+        fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
+        max_skew: timedelta = DEFAULT_MAX_SKEW,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> None:
+        if cache_size < 1:
+            raise ValueError("cache_size must be at least 1")
+        self.skill_ids = frozenset(skill_ids)
+        self._store = trust_store if trust_store is not None else certifi_trust_store()
+        self._fetcher: CertChainFetcher = fetcher or HttpxCertChainFetcher(
+            timeout_s=fetch_timeout_s
+        )
+        self._clock = clock
+        self._fetch_timeout_s = fetch_timeout_s
+        self._max_skew = max_skew
+        self._cache_size = cache_size
+        self._cache: OrderedDict[str, VerifiedChain] = OrderedDict()
+        self._inflight: dict[str, asyncio.Task[VerifiedChain]] = {}
+
+    async def verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """Verify one request; return its parsed JSON envelope.
+
+        Args:
+            headers: the HTTP request headers (names case-insensitive); uses
+                ``SignatureCertChainUrl``, ``Signature-256`` and ``Signature``.
+            body: the exact raw request body.
+
+        Returns:
+            The request envelope (``version``, ``session``, ``context``, ``request``).
+
+        Raises:
+            AlexaVerificationError: any rule failed; ``reason`` says which
+                (:class:`AlexaReason`). Each refusal is logged at WARNING on the
+                ``adapters.alexa`` logger.
+        """
+        try:
+            return await self._verify(headers, body)
+        except AlexaVerificationError as exc:
+            logger.warning("Alexa request refused: %s: %s", exc.reason.value, exc.message)
+            raise
+
+    async def _verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        now = _as_utc(self._clock())
+        lowered = {name.lower(): value for name, value in headers.items()}
+
+        # Headers and URL (no I/O).
+        cert_url = lowered.get("signaturecertchainurl", "").strip()
+        if not cert_url:
+            raise AlexaVerificationError(
+                AlexaReason.MISSING_CERT_URL, "missing SignatureCertChainUrl header"
+            )
+        signature_b64 = lowered.get("signature-256", "").strip()
+        if not signature_b64:
+            if lowered.get("signature", "").strip():
+                raise AlexaVerificationError(
+                    AlexaReason.LEGACY_SIGNATURE_ONLY,
+                    "only the legacy SHA-1 Signature header; Signature-256 is required",
+                )
+            raise AlexaVerificationError(
+                AlexaReason.MISSING_SIGNATURE, "missing Signature-256 header"
+            )
+        canonical_url = check_cert_chain_url(cert_url)
+        try:
+            signature = base64.b64decode("".join(signature_b64.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise AlexaVerificationError(
+                AlexaReason.SIGNATURE_MALFORMED, "Signature-256 is not base64"
+            ) from None
+
+        # Envelope (no I/O).
+        envelope = _parse_envelope(body)
+        self._check_timestamp(envelope, now)
+        self._check_application_id(envelope)
+
+        # Chain (cached I/O) and signature.
+        chain = await self._chain(canonical_url, now)
+        try:
+            chain.public_key.verify(signature, body, padding.PKCS1v15(), hashes.SHA256())
+        except InvalidSignature:
+            raise AlexaVerificationError(
+                AlexaReason.BAD_SIGNATURE, "Signature-256 does not match the body"
+            ) from None
+        return envelope
+
+    def _check_timestamp(self, envelope: dict[str, Any], now: datetime) -> None:
+        raw = envelope["request"].get("timestamp")
+        if not isinstance(raw, str):
+            raise AlexaVerificationError(
+                AlexaReason.BAD_TIMESTAMP, "request.timestamp is missing or not a string"
+            )
+        try:
+            stamp = _as_utc(datetime.fromisoformat(raw))
+        except ValueError:
+            raise AlexaVerificationError(
+                AlexaReason.BAD_TIMESTAMP, f"request.timestamp is not ISO 8601: {raw[:40]!r}"
+            ) from None
+        if stamp < now - self._max_skew:
+            raise AlexaVerificationError(
+                AlexaReason.TIMESTAMP_TOO_OLD,
+                f"request.timestamp {raw} is {(now - stamp).total_seconds():.0f} s old",
+            )
+        if stamp > now + self._max_skew:
+            raise AlexaVerificationError(
+                AlexaReason.TIMESTAMP_IN_FUTURE,
+                f"request.timestamp {raw} is {(stamp - now).total_seconds():.0f} s ahead",
+            )
+
+    def _check_application_id(self, envelope: dict[str, Any]) -> None:
+        if not self.skill_ids:
+            return
+        found = _application_ids(envelope)
+        if not found:
+            raise AlexaVerificationError(
+                AlexaReason.MISSING_APPLICATION_ID, "the request names no applicationId"
+            )
+        unknown = [app_id for app_id in found if app_id not in self.skill_ids]
+        if unknown:
+            raise AlexaVerificationError(
+                AlexaReason.UNKNOWN_APPLICATION_ID, f"unknown applicationId {unknown[0]!r}"
+            )
+
+    async def _chain(self, url: str, now: datetime) -> VerifiedChain:
+        cached = self._cache.get(url)
+        if cached is not None:
+            if cached.valid_at(now):
+                self._cache.move_to_end(url)
+                return cached
+            del self._cache[url]
+        task = self._inflight.get(url)
+        if task is None:
+            task = asyncio.create_task(self._fetch_and_verify(url, now))
+            self._inflight[url] = task
+            task.add_done_callback(lambda done: self._finished(url, done))
+        # shield: a cancelled waiter (client gone) does not cancel the shared fetch.
+        return await asyncio.shield(task)
+
+    def _finished(self, url: str, task: asyncio.Task[VerifiedChain]) -> None:
+        if self._inflight.get(url) is task:
+            del self._inflight[url]
+        if task.cancelled() or task.exception() is not None:
+            return  # failures are not cached; exception() marks it retrieved
+        self._cache[url] = task.result()
+        self._cache.move_to_end(url)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    async def _fetch_and_verify(self, url: str, now: datetime) -> VerifiedChain:
+        try:
+            async with asyncio.timeout(self._fetch_timeout_s):
+                pem = await self._fetcher.fetch(url)
+        except TimeoutError:
+            raise AlexaVerificationError(
+                AlexaReason.CERT_FETCH_TIMEOUT,
+                f"fetching {url} took longer than {self._fetch_timeout_s} s",
+            ) from None
+        except Exception as exc:
+            raise AlexaVerificationError(
+                AlexaReason.CERT_FETCH_FAILED, f"fetching {url} failed: {exc}"
+            ) from None
+        return verify_cert_chain(pem, now, self._store)
+
+
+def _parse_envelope(body: bytes) -> dict[str, Any]:
+    try:
+        envelope = json.loads(body)
+    except (ValueError, RecursionError):
+        raise AlexaVerificationError(AlexaReason.MALFORMED_BODY, "body is not JSON") from None
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("request"), dict):
+        raise AlexaVerificationError(
+            AlexaReason.MALFORMED_BODY, "body is not an Alexa envelope with a request object"
+        )
+    return envelope
+
+
+def _application_ids(envelope: Mapping[str, Any]) -> list[str]:
+    """The applicationId values of ``session.application`` and ``context.System.application``."""
+    found: list[str] = []
+    session = envelope.get("session")
+    context = envelope.get("context")
+    system = context.get("System") if isinstance(context, dict) else None
+    for holder in (session, system):
+        application = holder.get("application") if isinstance(holder, dict) else None
+        app_id = application.get("applicationId") if isinstance(application, dict) else None
+        if isinstance(app_id, str) and app_id:
+            found.append(app_id)
+    return found

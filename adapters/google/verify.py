@@ -1,0 +1,418 @@
+"""Verification of Google Assistant conversation webhook requests.
+
+Google signs each webhook call with a JWT (an ID token) in the header
+``Google-Assistant-Signature`` (Actions Builder / conversation webhook) or
+``Authorization`` (Actions SDK v2, sometimes as ``Bearer <jwt>``). The token is RS256,
+issued by ``https://accounts.google.com`` (or ``accounts.google.com``), with ``aud``
+= the Actions project id, and signed with one of the keys published at
+https://www.googleapis.com/oauth2/v1/certs (``{kid: PEM certificate}``), the source
+google-auth's ``id_token.verify_oauth2_token`` uses.
+
+:class:`GoogleVerifier` checks it with google-auth's primitives
+(``google.auth.jwt`` to decode, ``google.auth.crypt.RSAVerifier`` for the signature)
+and does the claim checks itself, so each failure has its own
+:class:`GoogleReason` and the clock is injectable (``jwt.decode`` reads the system
+clock and reports every failure as one exception type).
+
+The certificate source is injectable (:class:`GoogleCertSource`); the default
+:class:`GoogleCertsFetcher` downloads Google's certificates asynchronously and caches
+them for the ``Cache-Control: max-age`` Google sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import math
+import re
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+import certifi
+import httpx
+from google.auth import crypt, jwt
+from google.auth import exceptions as google_exceptions
+
+__all__ = [
+    "GOOGLE_CERTS_URL",
+    "GOOGLE_ISSUERS",
+    "GoogleCertSource",
+    "GoogleCertsFetcher",
+    "GoogleReason",
+    "GoogleVerificationError",
+    "GoogleVerifier",
+    "StaticCertSource",
+]
+
+logger = logging.getLogger("adapters.google")
+
+GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+"""Google's OAuth2 signing certificates, ``{kid: PEM X.509 certificate}``."""
+GOOGLE_ISSUERS = frozenset({"https://accounts.google.com", "accounts.google.com"})
+"""Accepted ``iss`` claims."""
+
+DEFAULT_TIMEOUT_S = 3.0
+DEFAULT_LEEWAY_S = 30.0
+DEFAULT_MAX_CERTS_BYTES = 256 * 1024
+DEFAULT_MAX_AGE_S = 300.0
+
+
+class GoogleReason(StrEnum):
+    """Machine-friendly reasons of :class:`GoogleVerificationError` (``reason``)."""
+
+    MISSING_TOKEN = "missing_token"
+    """Neither ``Google-Assistant-Signature`` nor ``Authorization`` carries a token."""
+    MALFORMED_TOKEN = "malformed_token"
+    """Not a JWT: segments, base64url, JSON objects, or required claims missing."""
+    UNSUPPORTED_ALGORITHM = "unsupported_algorithm"
+    """The header's ``alg`` is not RS256."""
+    CERTS_UNAVAILABLE = "certs_unavailable"
+    """Google's certificates could not be obtained (network, timeout, bad data)."""
+    UNKNOWN_KID = "unknown_kid"
+    """The header's ``kid`` names no current Google certificate (or is missing)."""
+    BAD_SIGNATURE = "bad_signature"
+    """The signature does not verify with the certificate of that ``kid``."""
+    WRONG_ISSUER = "wrong_issuer"
+    """``iss`` is not accounts.google.com."""
+    WRONG_AUDIENCE = "wrong_audience"
+    """``aud`` is not one of the configured project ids."""
+    EXPIRED = "expired"
+    """``exp`` (plus leeway) is before now."""
+    NOT_YET_VALID = "not_yet_valid"
+    """``iat`` or ``nbf`` (minus leeway) is after now."""
+
+
+class GoogleVerificationError(Exception):
+    """A Google webhook request failed verification; answer it with HTTP 401.
+
+    Attributes:
+        reason: which check failed (:class:`GoogleReason`, a ``str``).
+        message: a human-readable explanation (also ``str(exc)``); never the token.
+    """
+
+    def __init__(self, reason: GoogleReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"GoogleVerificationError({self.reason.value!r}, {self.message!r})"
+
+
+class GoogleCertSource(Protocol):
+    """Supplies the current signing certificates as ``{kid: PEM X.509 certificate}``.
+
+    ``get_certs`` may do I/O; it raises any ``Exception`` on failure (reported as
+    ``certs_unavailable``).
+    """
+
+    async def get_certs(self) -> Mapping[str, str]:
+        """Return the certificates by key id."""
+        ...
+
+
+class StaticCertSource:
+    """A fixed ``{kid: PEM certificate}`` mapping (offline setups, tests)."""
+
+    def __init__(self, certs: Mapping[str, str]) -> None:
+        self._certs = dict(certs)
+
+    async def get_certs(self) -> Mapping[str, str]:
+        """Return the configured mapping."""
+        return self._certs
+
+
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
+_NO_CACHE = re.compile(r"(?:^|,)\s*(?:no-store|no-cache)\s*(?:,|=|$)", re.IGNORECASE)
+
+
+def _cache_seconds(headers: httpx.Headers, default: float) -> float:
+    """Freshness lifetime in seconds from ``Cache-Control`` max-age minus ``Age``."""
+    control = headers.get("cache-control", "")
+    if _NO_CACHE.search(control):
+        return 0.0
+    match = _MAX_AGE.search(control)
+    if match is None:
+        return default
+    age = headers.get("age", "0").strip()
+    return max(0.0, float(match.group(1)) - (float(age) if age.isdigit() else 0.0))
+
+
+class GoogleCertsFetcher:
+    """The default :class:`GoogleCertSource`: Google's certificates over async HTTP.
+
+    The mapping is cached until its ``Cache-Control: max-age`` (less ``Age``)
+    passes, or ``default_max_age_s`` when the response has none; ``no-store`` /
+    ``no-cache`` means fetch each time. Concurrent callers share one download. A
+    failed download is not cached (the next call retries) and raises.
+
+    Args:
+        url: where the ``{kid: PEM}`` JSON lives (trusted configuration).
+        timeout_s: total time limit of one download, seconds.
+        max_bytes: largest accepted body, bytes.
+        default_max_age_s: cache lifetime when the response gives none, seconds.
+        ssl_context: TLS settings; default verifies with certifi's roots.
+        trust_env: honour proxy environment variables.
+        monotonic: clock for cache expiry, seconds (``time.monotonic``).
+    """
+
+    def __init__(
+        self,
+        url: str = GOOGLE_CERTS_URL,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_bytes: int = DEFAULT_MAX_CERTS_BYTES,
+        default_max_age_s: float = DEFAULT_MAX_AGE_S,
+        ssl_context: ssl.SSLContext | None = None,
+        trust_env: bool = True,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self._timeout_s = timeout_s
+        self._max_bytes = max_bytes
+        self._default_max_age_s = default_max_age_s
+        self._ssl_context = ssl_context or ssl.create_default_context(cafile=certifi.where())
+        self._trust_env = trust_env
+        self._monotonic = monotonic
+        self._certs: dict[str, str] | None = None
+        self._expires = 0.0
+        self._inflight: asyncio.Task[dict[str, str]] | None = None
+        self.fetches = 0
+        """How many downloads were started (for metrics and tests)."""
+
+    async def get_certs(self) -> Mapping[str, str]:
+        """Return the cached mapping, downloading it first when stale.
+
+        Raises:
+            TimeoutError: the download took longer than ``timeout_s``.
+            ValueError: the response is not a JSON object of strings, is too large,
+                or has a status other than 200.
+            httpx.HTTPError: a transport failure.
+        """
+        if self._certs is not None and self._monotonic() < self._expires:
+            return self._certs
+        if self._inflight is None:
+            self._inflight = asyncio.create_task(self._download())
+            self._inflight.add_done_callback(self._finished)
+        return await asyncio.shield(self._inflight)
+
+    def _finished(self, task: asyncio.Task[dict[str, str]]) -> None:
+        if self._inflight is task:
+            self._inflight = None
+        if not task.cancelled():
+            task.exception()  # mark retrieved: a failure is raised to the waiters
+
+    async def _download(self) -> dict[str, str]:
+        self.fetches += 1
+        async with (
+            asyncio.timeout(self._timeout_s),
+            httpx.AsyncClient(
+                verify=self._ssl_context,
+                timeout=self._timeout_s * 0.8,  # per phase; fires before the total limit
+                follow_redirects=False,
+                trust_env=self._trust_env,
+            ) as client,
+            client.stream("GET", self.url) as response,
+        ):
+            if response.status_code != 200:
+                raise ValueError(f"GET {self.url} returned HTTP {response.status_code}")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > self._max_bytes:
+                    raise ValueError(f"{self.url} sent more than {self._max_bytes} B")
+            ttl = _cache_seconds(response.headers, self._default_max_age_s)
+        data = json.loads(body)
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
+            raise ValueError(f"{self.url} did not return a {{kid: PEM}} object")
+        self._certs = data
+        self._expires = self._monotonic() + ttl
+        return data
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _b64url_decode(segment: str) -> bytes:
+    """Strict base64url (RFC 7515 §2: no padding needed, no other characters)."""
+    return base64.b64decode(segment + "=" * (-len(segment) % 4), altchars=b"-_", validate=True)
+
+
+def _seconds(value: object) -> float | None:
+    """A finite JSON number as float, else None (bools, strings, NaN, huge ints)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+class GoogleVerifier:
+    """Verifies the JWT Google attaches to conversation webhook calls.
+
+    Args:
+        project_ids: accepted ``aud`` values (Actions project ids); must not be
+            empty, since any Google account can obtain Google-signed ID tokens for
+            its own audience: without the audience check a token proves nothing.
+            (Whether to verify at all is the caller's decision.)
+        cert_source: signing certificates; default :class:`GoogleCertsFetcher`.
+        clock: returns now as an aware datetime.
+        leeway_s: clock skew allowed on ``exp``, ``iat`` and ``nbf``, seconds.
+        certs_timeout_s: time limit for ``cert_source.get_certs()``, seconds.
+
+    Raises:
+        ValueError: ``project_ids`` is empty.
+    """
+
+    def __init__(
+        self,
+        project_ids: frozenset[str],
+        cert_source: GoogleCertSource | None = None,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+        leeway_s: float = DEFAULT_LEEWAY_S,
+        certs_timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        if not project_ids:
+            raise ValueError("GoogleVerifier needs at least one project id")
+        self.project_ids = frozenset(project_ids)
+        self._source: GoogleCertSource = cert_source or GoogleCertsFetcher(
+            timeout_s=certs_timeout_s
+        )
+        self._clock = clock
+        self._leeway_s = leeway_s
+        self._certs_timeout_s = certs_timeout_s
+
+    async def verify(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        """Verify the request's token; return its claims.
+
+        Args:
+            headers: the HTTP request headers (names case-insensitive). The token is
+                read from ``Google-Assistant-Signature``, else ``Authorization``
+                (with or without a ``Bearer`` prefix).
+
+        Returns:
+            The JWT claims (``iss``, ``aud``, ``iat``, ``exp``, ...; Actions SDK v2
+            tokens also carry user claims).
+
+        Raises:
+            GoogleVerificationError: any check failed; ``reason`` says which
+                (:class:`GoogleReason`). Each refusal is logged at WARNING on the
+                ``adapters.google`` logger.
+        """
+        try:
+            return await self._verify(headers)
+        except GoogleVerificationError as exc:
+            logger.warning("Google request refused: %s: %s", exc.reason.value, exc.message)
+            raise
+
+    async def _verify(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        token = _token_from(headers)
+        try:
+            header = dict(jwt.decode_header(token))  # type: ignore[no-untyped-call]
+            claims = dict(jwt.decode(token, verify=False))  # type: ignore[no-untyped-call]
+            signed_section, _, signature_b64 = token.rpartition(".")
+            signature = _b64url_decode(signature_b64)
+        except (ValueError, TypeError, binascii.Error, google_exceptions.GoogleAuthError):
+            raise GoogleVerificationError(
+                GoogleReason.MALFORMED_TOKEN, "the token is not a JWT"
+            ) from None
+        if header.get("alg") != "RS256":
+            raise GoogleVerificationError(
+                GoogleReason.UNSUPPORTED_ALGORITHM,
+                f"token algorithm {str(header.get('alg'))[:20]!r} is not RS256",
+            )
+
+        try:
+            async with asyncio.timeout(self._certs_timeout_s):
+                certs = await self._source.get_certs()
+        except Exception as exc:
+            raise GoogleVerificationError(
+                GoogleReason.CERTS_UNAVAILABLE, f"Google certificates unavailable: {exc!r}"
+            ) from None
+        kid = header.get("kid")
+        cert = certs.get(kid) if isinstance(kid, str) else None
+        if cert is None:
+            raise GoogleVerificationError(
+                GoogleReason.UNKNOWN_KID, f"no Google certificate for kid {str(kid)[:64]!r}"
+            )
+        try:
+            verifier = crypt.RSAVerifier.from_string(cert)  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError) as exc:
+            raise GoogleVerificationError(
+                GoogleReason.CERTS_UNAVAILABLE, f"certificate for kid {kid!r} unreadable: {exc}"
+            ) from None
+        if not verifier.verify(signed_section.encode("ascii"), signature):
+            raise GoogleVerificationError(
+                GoogleReason.BAD_SIGNATURE, f"signature does not verify with kid {kid!r}"
+            )
+
+        self._check_claims(claims)
+        return claims
+
+    def _check_claims(self, claims: Mapping[str, Any]) -> None:
+        issuer = claims.get("iss")
+        if issuer not in GOOGLE_ISSUERS:
+            raise GoogleVerificationError(
+                GoogleReason.WRONG_ISSUER, f"issuer {str(issuer)[:80]!r} is not Google"
+            )
+        audience = claims.get("aud")
+        audiences = (
+            [audience]
+            if isinstance(audience, str)
+            else [a for a in audience if isinstance(a, str)]
+            if isinstance(audience, list)
+            else []
+        )
+        if not any(a in self.project_ids for a in audiences):
+            raise GoogleVerificationError(
+                GoogleReason.WRONG_AUDIENCE,
+                f"audience {str(audience)[:80]!r} is not a configured project id",
+            )
+        exp, iat = _seconds(claims.get("exp")), _seconds(claims.get("iat"))
+        nbf = _seconds(claims.get("nbf")) if "nbf" in claims else iat
+        if exp is None or iat is None or nbf is None:
+            raise GoogleVerificationError(
+                GoogleReason.MALFORMED_TOKEN, "token lacks numeric exp and iat claims"
+            )
+        now = self._clock().timestamp()
+        if now > exp + self._leeway_s:
+            raise GoogleVerificationError(
+                GoogleReason.EXPIRED, f"token expired {now - exp:.0f} s ago"
+            )
+        not_before = max(iat, nbf)
+        if now < not_before - self._leeway_s:
+            raise GoogleVerificationError(
+                GoogleReason.NOT_YET_VALID, f"token valid only in {not_before - now:.0f} s"
+            )
+
+
+_BEARER = re.compile(r"^bearer(?:\s+|$)", re.IGNORECASE)
+
+
+def _token_from(headers: Mapping[str, str]) -> str:
+    lowered = {name.lower(): value for name, value in headers.items()}
+    raw = lowered.get("google-assistant-signature", "").strip()
+    if not raw:
+        raw = lowered.get("authorization", "").strip()
+    raw = _BEARER.sub("", raw, count=1).strip()
+    if not raw:
+        raise GoogleVerificationError(
+            GoogleReason.MISSING_TOKEN,
+            "missing Google-Assistant-Signature or Authorization header",
+        )
+    if not raw.isascii():
+        raise GoogleVerificationError(GoogleReason.MALFORMED_TOKEN, "the token is not ASCII")
+    return raw

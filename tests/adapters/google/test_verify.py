@@ -1,0 +1,486 @@
+"""Tests of adapters.google.verify: the JWT on Google Assistant webhook calls.
+
+Tokens are made with google-auth's own ``jwt.encode`` and RSA signer, with keys and
+self-signed certificates made here; Google's certificate endpoint is played by a
+real local HTTP server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from google.auth import crypt, jwt
+
+from adapters.google.verify import (
+    GoogleCertsFetcher,
+    GoogleReason,
+    GoogleVerificationError,
+    GoogleVerifier,
+    StaticCertSource,
+)
+
+NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
+PROJECT = "gateway-test-project"
+KID = "f5f4bf46e52b31d9b6249f7309ad0338400680cd"
+
+
+class Key:
+    """An RSA key, its self-signed certificate (PEM) and a google-auth signer."""
+
+    def __init__(self, kid: str = KID) -> None:
+        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "accounts.google.test")])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.private.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - timedelta(days=1))
+            .not_valid_after(NOW + timedelta(days=1))
+            .sign(self.private, hashes.SHA256())
+        )
+        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        private_pem = self.private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self.signer = crypt.RSASigner.from_string(private_pem, kid)  # type: ignore[no-untyped-call]
+        self.kid = kid
+
+    def token(self, **overrides: Any) -> str:
+        """A Google-style ID token for PROJECT issued at NOW; ``None`` drops a claim."""
+        claims: dict[str, Any] = {
+            "iss": "https://accounts.google.com",
+            "aud": PROJECT,
+            "iat": int(NOW.timestamp()),
+            "exp": int(NOW.timestamp()) + 3600,
+            "sub": "1234567890",
+            "nbf": int(NOW.timestamp()) - 10,
+        }
+        claims.update(overrides)
+        claims = {k: v for k, v in claims.items() if v is not None}
+        token: bytes = jwt.encode(self.signer, claims)  # type: ignore[no-untyped-call]
+        return token.decode()
+
+
+@pytest.fixture(scope="module")
+def key() -> Key:
+    return Key()
+
+
+@pytest.fixture(scope="module")
+def other_key() -> Key:
+    return Key()  # same kid, different key
+
+
+def make_verifier(key: Key, *, now: datetime = NOW, **kwargs: Any) -> GoogleVerifier:
+    return GoogleVerifier(
+        frozenset({PROJECT}),
+        StaticCertSource({key.kid: key.cert_pem}),
+        clock=lambda: now,
+        **kwargs,
+    )
+
+
+async def refused(verifier: GoogleVerifier, headers: dict[str, str]) -> str:
+    with pytest.raises(GoogleVerificationError) as caught:
+        await verifier.verify(headers)
+    return caught.value.reason
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+# ---------------------------------------------------------------------------
+# Accepted tokens
+
+
+async def test_valid_token(key: Key) -> None:
+    claims = await make_verifier(key).verify({"Google-Assistant-Signature": key.token()})
+    assert claims["aud"] == PROJECT
+    assert claims["iss"] == "https://accounts.google.com"
+    assert claims["sub"] == "1234567890"
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix"),
+    [
+        ("Authorization", "Bearer "),
+        ("authorization", "bearer  "),
+        ("Authorization", ""),
+        ("google-assistant-signature", ""),
+        ("GOOGLE-ASSISTANT-SIGNATURE", "Bearer "),
+    ],
+)
+async def test_header_forms(key: Key, name: str, prefix: str) -> None:
+    claims = await make_verifier(key).verify({name: prefix + key.token()})
+    assert claims["aud"] == PROJECT
+
+
+async def test_google_assistant_signature_wins_over_authorization(key: Key) -> None:
+    headers = {"Authorization": "Basic dXNlcjpwYXNz", "Google-Assistant-Signature": key.token()}
+    assert (await make_verifier(key).verify(headers))["aud"] == PROJECT
+
+
+async def test_issuer_without_scheme_and_one_of_several_projects(key: Key) -> None:
+    verifier = GoogleVerifier(
+        frozenset({"other-project", PROJECT}),
+        StaticCertSource({key.kid: key.cert_pem}),
+        clock=lambda: NOW,
+    )
+    token = key.token(iss="accounts.google.com")
+    assert (await verifier.verify({"Authorization": f"Bearer {token}"}))["iss"] == (
+        "accounts.google.com"
+    )
+    listed = key.token(aud=["someone-else", PROJECT])
+    assert (await verifier.verify({"Google-Assistant-Signature": listed}))["aud"][1] == PROJECT
+
+
+async def test_leeway_on_expiry(key: Key) -> None:
+    token = key.token(exp=int(NOW.timestamp()) - 10)
+    assert await make_verifier(key).verify({"Google-Assistant-Signature": token})
+    strict = make_verifier(key, leeway_s=0)
+    assert await refused(strict, {"Google-Assistant-Signature": token}) == "expired"
+
+
+# ---------------------------------------------------------------------------
+# Refused tokens, each with its own reason
+
+
+async def test_wrong_audience(key: Key) -> None:
+    token = key.token(aud="another-project")
+    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
+        GoogleReason.WRONG_AUDIENCE
+    )
+    assert await refused(make_verifier(key), {"Authorization": key.token(aud=None)}) == (
+        "wrong_audience"
+    )
+
+
+@pytest.mark.parametrize(
+    "issuer", ["https://evil.example", "http://accounts.google.com", "https://accounts.google.com/"]
+)
+async def test_wrong_issuer(key: Key, issuer: str) -> None:
+    token = key.token(iss=issuer)
+    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
+        "wrong_issuer"
+    )
+
+
+async def test_expired(key: Key) -> None:
+    issued = int((NOW - timedelta(hours=2)).timestamp())
+    token = key.token(iat=issued, nbf=issued, exp=issued + 3600)
+    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == "expired"
+
+
+async def test_not_yet_valid(key: Key) -> None:
+    issued = int((NOW + timedelta(minutes=5)).timestamp())
+    token = key.token(iat=issued, nbf=None, exp=issued + 3600)
+    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
+        "not_yet_valid"
+    )
+
+
+async def test_bad_signature(key: Key, other_key: Key) -> None:
+    forged = other_key.token()
+    assert jwt.decode_header(forged)["kid"] == key.kid  # type: ignore[no-untyped-call]
+    assert await refused(make_verifier(key), {"Google-Assistant-Signature": forged}) == (
+        "bad_signature"
+    )
+
+
+async def test_tampered_claims(key: Key) -> None:
+    header, _, signature = key.token().split(".")
+    payload = b64url(json.dumps({"iss": "https://accounts.google.com", "aud": PROJECT}).encode())
+    tampered = f"{header}.{payload}.{signature}"
+    assert await refused(make_verifier(key), {"Google-Assistant-Signature": tampered}) == (
+        "bad_signature"
+    )
+
+
+async def test_unknown_kid(key: Key) -> None:
+    stranger = Key(kid="0000000000000000000000000000000000000000")
+    assert await refused(make_verifier(key), {"Google-Assistant-Signature": stranger.token()}) == (
+        "unknown_kid"
+    )
+
+
+async def test_missing_kid(key: Key) -> None:
+    header = b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
+    _, payload, signature = key.token().split(".")
+    token = f"{header}.{payload}.{signature}"
+    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
+        "unknown_kid"
+    )
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not-a-jwt",
+        "a.b.c",
+        "a.b",
+        "a.b.c.d",
+        b64url(b"[1]") + "." + b64url(b"{}") + ".",
+        b64url(b'{"alg":"RS256"}') + "." + b64url(b"not json") + "." + b64url(b"sig"),
+        b64url(b'{"alg":"RS256"}') + "." + b64url(b"{}") + ".***",
+        "ünïcödé.tökén.sig",
+    ],
+)
+async def test_malformed_token(key: Key, token: str) -> None:
+    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
+        "malformed_token"
+    )
+
+
+@pytest.mark.parametrize(
+    "claims", [{"exp": None}, {"iat": None}, {"exp": "tomorrow"}, {"iat": True}, {"nbf": "soon"}]
+)
+async def test_signed_token_without_usable_times_is_malformed(
+    key: Key, claims: dict[str, Any]
+) -> None:
+    token = key.token(**claims)
+    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
+        "malformed_token"
+    )
+
+
+@pytest.mark.parametrize("alg", ["none", "HS256", "ES256"])
+async def test_other_algorithms(key: Key, alg: str) -> None:
+    header = b64url(json.dumps({"alg": alg, "kid": key.kid}).encode())
+    _, payload, signature = key.token().split(".")
+    token = f"{header}.{payload}.{'' if alg == 'none' else signature}"
+    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
+        "unsupported_algorithm"
+    )
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Content-Type": "application/json"},
+        {"Authorization": "Bearer "},
+        {"Google-Assistant-Signature": "   "},
+    ],
+)
+async def test_missing_header(key: Key, headers: dict[str, str]) -> None:
+    assert await refused(make_verifier(key), headers) == "missing_token"
+
+
+def test_project_ids_are_required(key: Key) -> None:
+    with pytest.raises(ValueError, match="project id"):
+        GoogleVerifier(frozenset(), StaticCertSource({key.kid: key.cert_pem}))
+
+
+def test_every_reason_is_distinct() -> None:
+    values = [reason.value for reason in GoogleReason]
+    assert len(values) == len(set(values))
+
+
+async def test_refusals_are_logged_at_warning(key: Key, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="adapters.google"):
+        await refused(make_verifier(key), {"Authorization": key.token(aud="x")})
+    (record,) = [r for r in caplog.records if r.name == "adapters.google"]
+    assert record.levelno == logging.WARNING
+    assert "wrong_audience" in record.getMessage()
+    assert key.token(aud="x").split(".")[2] not in record.getMessage()
+
+
+# ---------------------------------------------------------------------------
+# Google's certificate endpoint, played by a local HTTP server
+
+
+class CertsServer:
+    """A tiny HTTP/1.1 server for ``GET /oauth2/v1/certs``; counts requests."""
+
+    def __init__(self) -> None:
+        self.body = b"{}"
+        self.status = 200
+        self.headers: dict[str, str] = {"Cache-Control": "public, max-age=3600"}
+        self.silent = False
+        self.requests = 0
+        self._stop = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    def serve(self, *keys: Key) -> None:
+        self.body = json.dumps({k.kid: k.cert_pem for k in keys}).encode()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/oauth2/v1/certs"
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        await asyncio.sleep(0.01)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            self.requests += 1
+            if self.silent:
+                await self._stop.wait()
+                return
+            head = [f"HTTP/1.1 {self.status} X", f"Content-Length: {len(self.body)}"]
+            head += [f"{k}: {v}" for k, v in self.headers.items()]
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + self.body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+@pytest.fixture
+async def certs_server(key: Key) -> AsyncIterator[CertsServer]:
+    server = CertsServer()
+    server.serve(key)
+    await server.start()
+    yield server
+    await server.close()
+
+
+class Monotonic:
+    """A settable monotonic clock for the certificate cache."""
+
+    def __init__(self) -> None:
+        self.value = 1000.0
+
+    def __call__(self) -> float:
+        return self.value
+
+
+def fetching_verifier(
+    server: CertsServer, monotonic: Monotonic | None = None, timeout_s: float = 3.0
+) -> tuple[GoogleVerifier, GoogleCertsFetcher]:
+    fetcher = GoogleCertsFetcher(
+        server.url, timeout_s=timeout_s, trust_env=False, monotonic=monotonic or Monotonic()
+    )
+    verifier = GoogleVerifier(frozenset({PROJECT}), fetcher, clock=lambda: NOW)
+    return verifier, fetcher
+
+
+async def test_certs_are_fetched_once_within_max_age(key: Key, certs_server: CertsServer) -> None:
+    clock = Monotonic()
+    verifier, fetcher = fetching_verifier(certs_server, clock)
+    for _ in range(5):
+        assert (await verifier.verify({"Google-Assistant-Signature": key.token()}))["aud"]
+    assert certs_server.requests == fetcher.fetches == 1
+    clock.value += 3599
+    await verifier.verify({"Google-Assistant-Signature": key.token()})
+    assert certs_server.requests == 1
+    clock.value += 2
+    await verifier.verify({"Google-Assistant-Signature": key.token()})
+    assert certs_server.requests == 2
+
+
+async def test_age_header_shortens_the_cache(key: Key, certs_server: CertsServer) -> None:
+    certs_server.headers = {"Cache-Control": "public, max-age=100", "Age": "90"}
+    clock = Monotonic()
+    verifier, _ = fetching_verifier(certs_server, clock)
+    await verifier.verify({"Google-Assistant-Signature": key.token()})
+    clock.value += 11
+    await verifier.verify({"Google-Assistant-Signature": key.token()})
+    assert certs_server.requests == 2
+
+
+@pytest.mark.parametrize("control", ["no-store", "max-age=0", "private, no-cache"])
+async def test_uncacheable_certs_are_fetched_each_time(
+    key: Key, certs_server: CertsServer, control: str
+) -> None:
+    certs_server.headers = {"Cache-Control": control}
+    verifier, _ = fetching_verifier(certs_server)
+    for _ in range(3):
+        await verifier.verify({"Google-Assistant-Signature": key.token()})
+    assert certs_server.requests == 3
+
+
+async def test_rotated_keys_are_picked_up_after_expiry(key: Key, certs_server: CertsServer) -> None:
+    clock = Monotonic()
+    verifier, _ = fetching_verifier(certs_server, clock)
+    rotated = Key(kid="rotated-key")
+    assert await refused(verifier, {"Google-Assistant-Signature": rotated.token()}) == (
+        "unknown_kid"
+    )
+    certs_server.serve(key, rotated)
+    clock.value += 3601
+    assert (await verifier.verify({"Google-Assistant-Signature": rotated.token()}))["aud"]
+
+
+async def test_concurrent_verifications_share_one_fetch(
+    key: Key, certs_server: CertsServer
+) -> None:
+    verifier, _ = fetching_verifier(certs_server)
+    results = await asyncio.gather(
+        *(verifier.verify({"Google-Assistant-Signature": key.token()}) for _ in range(20))
+    )
+    assert len(results) == 20
+    assert certs_server.requests == 1
+
+
+@pytest.mark.parametrize("problem", ["status", "not-json", "wrong-shape"])
+async def test_bad_cert_responses_make_certs_unavailable(
+    key: Key, certs_server: CertsServer, problem: str
+) -> None:
+    if problem == "status":
+        certs_server.status = 503
+    elif problem == "not-json":
+        certs_server.body = b"<html>oops</html>"
+    else:
+        certs_server.body = b'{"keys": [1, 2]}'
+    verifier, _ = fetching_verifier(certs_server)
+    assert await refused(verifier, {"Google-Assistant-Signature": key.token()}) == (
+        "certs_unavailable"
+    )
+    # A failure is not cached: once the endpoint is healthy the next call works.
+    certs_server.status = 200
+    certs_server.serve(key)
+    assert (await verifier.verify({"Google-Assistant-Signature": key.token()}))["aud"]
+    assert certs_server.requests == 2
+
+
+async def test_unreachable_endpoint(key: Key) -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()  # nothing listens on that port any more
+    fetcher = GoogleCertsFetcher(f"http://127.0.0.1:{port}/certs", trust_env=False)
+    verifier = GoogleVerifier(frozenset({PROJECT}), fetcher, clock=lambda: NOW)
+    assert await refused(verifier, {"Authorization": f"Bearer {key.token()}"}) == (
+        "certs_unavailable"
+    )
+
+
+async def test_silent_endpoint_fails_within_its_timeout(
+    key: Key, certs_server: CertsServer
+) -> None:
+    certs_server.silent = True
+    verifier, _ = fetching_verifier(certs_server, timeout_s=0.5)
+    started = time.monotonic()
+    assert await refused(verifier, {"Google-Assistant-Signature": key.token()}) == (
+        "certs_unavailable"
+    )
+    assert time.monotonic() - started < 5.0
