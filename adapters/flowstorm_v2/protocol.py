@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
 
 from gateway.events import (
     V2_CLIENT_EVENT,
@@ -66,8 +67,13 @@ class ClientConfig(BaseModel):
     realtime: bool = False
 
     def session_config(self) -> dict[str, Any]:
-        """The values stored with the session for the speech path."""
-        return self.model_dump(exclude={"key", "device_id", "locale", "time_zone", "realtime"})
+        """The values stored with the session for the speech path, with V1's camelCase names.
+
+        V1's Init ``config`` uses the same names (``sttSampleRate``, ``ttsFileType``...),
+        so a session that moves between the sockets keeps one vocabulary.
+        """
+        values = self.model_dump(exclude={"key", "device_id", "locale", "time_zone", "realtime"})
+        return {to_camel(name): value for name, value in values.items()}
 
 
 # (field, request header, query parameter); header wins. Accept-Language is parsed apart.

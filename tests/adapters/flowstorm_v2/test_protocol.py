@@ -214,3 +214,16 @@ def test_text_input_rules() -> None:
         text_input(b"   ")
     with pytest.raises(ProtocolError):
         text_input(b"\xc3\x28")
+
+
+def test_session_config_uses_v1_names() -> None:
+    config = parse_config({"X-SttSampleRate": "8000"}, {"key": "k", "ttsFileType": "wav"})
+    assert config.session_config() == {
+        "sttMode": "SingleUtterance",
+        "sttModel": "General",
+        "sttSampleRate": 8000,
+        "sttEncoding": "LINEAR16",
+        "ttsFileType": "wav",
+        "sendResponseItems": True,
+        "videoFile": False,
+    }

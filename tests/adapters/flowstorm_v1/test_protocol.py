@@ -1,0 +1,546 @@
+"""Flowstorm Socket V1 protocol, sans I/O: golden frames of the spec in, actions out."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+
+from adapters.flowstorm_v1.protocol import (
+    AUDIO_NOT_SUPPORTED,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    TRANSITIONS,
+    Action,
+    Close,
+    ConnectionStateMachine,
+    Send,
+    StartTurn,
+    State,
+    StoreLogs,
+    V1Connection,
+    parse_event,
+)
+from gateway.conversation import TurnRejected
+from gateway.events import (
+    ErrorEvent,
+    LogEntry,
+    RequestEvent,
+    Response,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+    SessionEndedEvent,
+    SessionStartedEvent,
+)
+from gateway.protocol import ProtocolError
+from tests.adapters.flowstorm_v1.helpers import (
+    SPEC,
+    SPEC_INIT,
+    SPEC_KEY,
+    SPEC_REQUEST,
+    SPEC_RESPONSE,
+    SPEC_RESPONSE_ENDED,
+    SPEC_SESSION_ID,
+    init_frame,
+    input_frame,
+    request_frame,
+    spec_examples,
+)
+
+
+def _ids() -> Any:
+    counter = itertools.count(1)
+    return lambda: f"generated-{next(counter)}"
+
+
+def connection(key_allowed: Any = True, *, max_frame_bytes: int = 10_000) -> V1Connection:
+    """A connection whose generated session ids are ``generated-1``, ``generated-2``..."""
+    return V1Connection(key_allowed, max_frame_bytes=max_frame_bytes, new_id=_ids())
+
+
+def frames(actions: list[Action]) -> list[dict[str, Any]]:
+    """The JSON of the Send actions (all actions must be Send)."""
+    assert all(isinstance(a, Send) for a in actions), actions
+    return [json.loads(a.text) for a in actions if isinstance(a, Send)]
+
+
+def one_error(actions: list[Action], *words: str, source: str = "client") -> str:
+    """The text of the single Error frame in ``actions`` (which must contain ``words``)."""
+    [frame] = frames(actions)
+    assert frame["type"] == "Error"
+    assert frame["source"] == source
+    for word in words:
+        assert word.lower() in frame["text"].lower(), frame["text"]
+    text: str = frame["text"]
+    return text
+
+
+def send(conn: V1Connection, frame: Any) -> list[Action]:
+    """Feed ``frame`` as a JSON text frame."""
+    return conn.receive_text(json.dumps(frame))
+
+
+def start(conn: V1Connection, frame: Any) -> StartTurn:
+    """Feed a Request/Input frame that must start a turn."""
+    [action] = send(conn, frame)
+    assert isinstance(action, StartTurn), action
+    return action
+
+
+def ready(conn: V1Connection | None = None, **config: Any) -> V1Connection:
+    """A connection that has accepted Init with ``config``."""
+    conn = conn or connection()
+    assert frames(send(conn, init_frame(**config))) == [{"type": "Ready"}]
+    return conn
+
+
+def finish_turn(conn: V1Connection, response: Response, *, new: str | None = None) -> list[Any]:
+    """Feed the engine's events of one successful turn; the frames sent."""
+    sent: list[Action] = []
+    if new:
+        sent += conn.turn_event(SessionStartedEvent(session_id=new))
+    sent += conn.turn_event(ResponseEvent(response=response))
+    if response.session_ended:
+        sent += conn.turn_event(SessionEndedEvent())
+    sent += conn.turn_finished()
+    return frames(sent)
+
+
+# ------------------------------------------------------------------- golden
+
+
+def test_the_golden_frames_are_the_specs_examples() -> None:
+    if not SPEC.exists():
+        pytest.skip("shared/specs is not checked out")
+    examples = spec_examples()
+    for golden in (SPEC_INIT, SPEC_REQUEST, SPEC_RESPONSE, SPEC_RESPONSE_ENDED):
+        assert json.loads(golden) in examples
+
+
+def test_spec_init_is_answered_ready() -> None:
+    conn = connection(lambda key: key == SPEC_KEY)
+    assert frames(conn.receive_text(SPEC_INIT)) == [{"type": "Ready"}]
+    assert conn.state is State.IDLE
+    assert conn.init is not None
+    assert conn.init.device_id == "standalone_3C22FBBBAD22"
+
+
+def test_spec_request_starts_a_turn_of_the_proposed_session() -> None:
+    conn = connection()
+    conn.receive_text(SPEC_INIT)
+    [action] = conn.receive_text(SPEC_REQUEST)
+    assert isinstance(action, StartTurn)
+    ctx, input_ = action.ctx, action.input
+    assert (ctx.channel, ctx.namespace) == ("flowstorm_v1", "flowstorm")
+    assert ctx.key == f"flowstorm:{SPEC_SESSION_ID}"
+    assert ctx.app_key == SPEC_KEY
+    assert ctx.device_id == "standalone_3C22FBBBAD22"
+    assert (ctx.locale, ctx.time_zone) == ("en", "Europe/Prague")
+    assert ctx.create
+    assert dict(ctx.config) == json.loads(SPEC_INIT)["config"]
+    assert dict(ctx.attributes) == {"clientType": "standalone:1.0.0-SNAPSHOT"}
+    assert input_.text == "#intro"
+    assert input_.action == "#intro"
+    assert (input_.locale, input_.zone_id) == ("en_US", "Europe/Prague")
+    assert conn.state is State.TURN
+
+
+@pytest.mark.parametrize("golden", [SPEC_RESPONSE, SPEC_RESPONSE_ENDED])
+def test_spec_response_is_sent_as_on_the_wire(golden: str) -> None:
+    conn = connection()
+    conn.receive_text(SPEC_INIT)
+    conn.receive_text(SPEC_REQUEST)
+    event = ResponseEvent.model_validate_json(golden)
+    [sent] = frames(conn.turn_event(event))
+
+    def without_nulls(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: without_nulls(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [without_nulls(v) for v in value]
+        return value
+
+    expected = without_nulls(json.loads(golden))
+    # the gateway writes every Response field; the spec's example leaves defaults out
+    expected["response"] |= {"attributes": {}, "logs": [], "sessionTimeout": 0}
+    assert sent == expected
+
+
+def test_parse_event_reads_every_v1_client_event() -> None:
+    assert parse_event(SPEC_INIT).type == "Init"
+    request = parse_event(SPEC_REQUEST)
+    assert isinstance(request, RequestEvent)
+    assert request.request.session_id == SPEC_SESSION_ID
+    assert parse_event('{"type":"RequestEvent","request":{"input":{"transcript":{"text":"x"}}}}')
+    for kind in ("Input", "Log", "InputAudioStreamOpen", "InputAudioStreamClose"):
+        body = {"type": kind, "input": {"transcript": {"text": "x"}}, "unknown": 1}
+        assert parse_event(json.dumps(body)).type == kind
+    assert parse_event('{"type":"InputAudioStreamCancel"}').type == "InputAudioStreamCancel"
+
+
+# --------------------------------------------------------------- the flow
+
+
+def test_a_whole_conversation() -> None:
+    conn = ready(connection())
+    first = start(conn, request_frame("#intro", "s-1"))
+    assert first.ctx.session_id == "s-1"
+    assert finish_turn(conn, Response(items=[ResponseItem(text="Hi")]), new="s-1") == [
+        {"type": "SessionStarted", "sessionId": "s-1"},
+        {
+            "type": "Response",
+            "response": {
+                "items": [{"text": "Hi", "confidence": 1.0, "repeatable": True}],
+                "attributes": {},
+                "logs": [],
+                "sessionEnded": False,
+                "sleepTimeout": 0,
+                "sessionTimeout": 0,
+            },
+        },
+    ]
+    assert conn.session_id == "s-1"
+    assert conn.state is State.IDLE
+
+    # later turns stay in the connection's session
+    assert start(conn, request_frame("my name is Tomas")).ctx.session_id == "s-1"
+    finish_turn(conn, Response())
+    assert start(conn, input_frame("what is my name")).ctx.session_id == "s-1"
+    finish_turn(conn, Response())
+
+    # the session ends: SessionEnded goes out and the id is forgotten
+    start(conn, request_frame("bye"))
+    sent = finish_turn(conn, Response(session_ended=True))
+    assert [f["type"] for f in sent] == ["Response", "SessionEnded"]
+    assert sent[1] == {"type": "SessionEnded"}
+    assert conn.session_id is None
+
+    # the next Request without sessionId starts a new session
+    assert start(conn, request_frame("#intro")).ctx.session_id == "generated-1"
+
+
+def test_a_proposed_session_id_switches_the_connections_session() -> None:
+    conn = ready(connection())
+    start(conn, input_frame("#intro"))
+    finish_turn(conn, Response(), new="generated-1")
+    assert conn.session_id == "generated-1"
+    assert start(conn, input_frame("hello", "other")).ctx.session_id == "other"
+    finish_turn(conn, Response())  # existing session: no SessionStarted
+    assert conn.session_id == "other"
+    assert start(conn, request_frame("again")).ctx.session_id == "other"
+
+
+def test_response_items_go_out_only_with_send_response_items() -> None:
+    item = ResponseItemEvent(response_item=ResponseItem(text="one"))
+    quiet = ready(connection())
+    start(quiet, request_frame("#intro"))
+    assert quiet.turn_event(item) == []
+
+    chatty = ready(connection(), sendResponseItems=True)
+    start(chatty, request_frame("#intro"))
+    assert frames(chatty.turn_event(item)) == [
+        {
+            "type": "ResponseItem",
+            "responseItem": {"text": "one", "confidence": 1.0, "repeatable": True},
+        }
+    ]
+    # the Response still carries all items
+    [response] = frames(
+        chatty.turn_event(ResponseEvent(response=Response(items=[ResponseItem(text="one")])))
+    )
+    assert [i["text"] for i in response["response"]["items"]] == ["one"]
+    assert chatty.turn_over
+
+
+def test_init_config_and_device_are_passed_to_the_turn() -> None:
+    conn = ready(connection(), locale="cs", zoneId="Europe/Prague", sttSampleRate=8000, tts="None")
+    ctx = start(conn, request_frame("hi", deviceId="phone-1")).ctx
+    assert ctx.device_id == "phone-1"
+    assert (ctx.locale, ctx.time_zone) == ("cs", "Europe/Prague")
+    assert ctx.config["sttSampleRate"] == 8000
+    assert ctx.config["tts"] == "None"
+    conn.turn_event(ResponseEvent(response=Response()))
+    conn.turn_finished()
+    assert start(conn, input_frame("hi")).ctx.device_id == "test-device"  # Init's deviceId
+
+
+def test_the_engine_rejecting_a_turn_answers_an_error_and_keeps_the_session() -> None:
+    conn = ready(connection())
+    start(conn, request_frame("#intro", "mine"))
+    finish_turn(conn, Response(), new="mine")
+    start(conn, request_frame("hi", "foreign"))
+    rejected = TurnRejected("session-foreign", "Session foreign belongs to another application.")
+    text = one_error(conn.turn_rejected(rejected), "another application", source="session")
+    assert text == rejected.text
+    assert conn.state is State.IDLE
+    assert conn.session_id == "mine"
+    busy = TurnRejected("store-unavailable", "The session store is unavailable.")
+    start(conn, request_frame("hi"))
+    one_error(conn.turn_rejected(busy), "unavailable", source="gateway")
+
+
+def test_an_engine_error_ends_the_turn() -> None:
+    conn = ready(connection())
+    start(conn, request_frame("hi", "s"))
+    [error] = frames(conn.turn_event(ErrorEvent(text="core down", source="pipeline")))
+    assert error == {"type": "Error", "text": "core down", "source": "pipeline"}
+    assert conn.turn_over
+    conn.turn_finished()
+    assert conn.state is State.IDLE
+    assert conn.session_id == "s"
+
+
+# ------------------------------------------------------------------ key check
+
+
+@pytest.mark.parametrize(
+    ("frame", "words"),
+    [
+        (init_frame("wrong"), ["unknown application key", "wrong"]),
+        ({"type": "Init", "config": {}}, ["missing"]),
+        (init_frame(""), ["missing"]),
+    ],
+)
+def test_an_unknown_or_missing_key_is_an_error_then_close_1008(
+    frame: dict[str, Any], words: list[str]
+) -> None:
+    conn = connection(lambda key: key == "right")
+    actions = send(conn, frame)
+    assert len(actions) == 2
+    one_error(actions[:1], *words)
+    close = actions[1]
+    assert isinstance(close, Close)
+    assert close.code == CLOSE_POLICY
+    assert conn.state is State.CLOSED
+    assert send(conn, request_frame("hi")) == []  # nothing more is read
+
+
+def test_key_allowed_may_be_a_bool() -> None:
+    assert frames(send(connection(True), init_frame("any"))) == [{"type": "Ready"}]
+    refused = send(connection(False), init_frame("any"))
+    assert isinstance(refused[-1], Close)
+    assert isinstance(send(connection(True), init_frame(""))[-1], Close)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_a_request_before_init_is_an_error_and_init_still_works() -> None:
+    conn = connection()
+    one_error(send(conn, request_frame("hi")), "expected Init, got Request")
+    one_error(conn.receive_bytes(b"\x00\x01"), "expected Init, got Binary")
+    one_error(send(conn, {"type": "Log", "entries": []}), "expected Init")
+    assert conn.state is State.AWAIT_INIT
+    ready(conn)
+    start(conn, request_frame("hi"))
+
+
+def test_a_second_init_is_an_error() -> None:
+    conn = ready(connection())
+    one_error(send(conn, init_frame()), "expected Request, Input or Log, got Init")
+    assert conn.state is State.IDLE
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('{"type": "Request",', ["Malformed JSON at character"]),
+        ("[1, 2]", ["must be a JSON object", "list"]),
+        ('"Init"', ["must be a JSON object", "str"]),
+        ('{"type": "Hello"}', ["Unknown event type", "'Hello'"]),
+        ('{"no": "type"}', ["Unknown event type", "None"]),
+        ('{"type": "Request"}', ["Invalid Request event", "request"]),
+        ('{"type": "Request", "request": {"input": {}}}', ["Invalid Request event", "transcript"]),
+        ('{"type": "Init", "config": 5}', ["Invalid Init event", "config"]),
+        ("[" * 100_000, ["Malformed JSON"]),
+    ],
+)
+def test_malformed_unknown_and_invalid_frames_are_errors(text: str, words: list[str]) -> None:
+    conn = ready(connection(max_frame_bytes=1_000_000))
+    one_error(conn.receive_text(text), *words)
+    assert conn.state is State.IDLE
+    start(conn, request_frame("still works"))
+
+
+@pytest.mark.parametrize(
+    ("frame", "words"),
+    [
+        (request_frame("hi", "has space"), ["sessionId", "whitespace"]),
+        (request_frame("hi", "x" * 300), ["sessionId", "longer than"]),
+        (request_frame("   "), ["empty"]),
+        (request_frame("hi", appKey="another"), ["appKey"]),
+    ],
+)
+def test_invalid_requests_are_errors_and_start_no_turn(
+    frame: dict[str, Any], words: list[str]
+) -> None:
+    conn = ready(connection())
+    one_error(send(conn, frame), *words)
+    assert conn.state is State.IDLE
+    start(conn, request_frame("hi", appKey="test-key"))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "InputAudioStreamOpen"},
+        {"type": "InputAudioStreamOpen", "sessionId": "s"},
+        {"type": "InputAudioStreamClose"},
+        {"type": "InputAudioStreamCancel"},
+    ],
+)
+def test_audio_events_are_not_supported_yet(frame: dict[str, Any]) -> None:
+    conn = ready(connection())
+    assert one_error(send(conn, frame), "not supported yet") == AUDIO_NOT_SUPPORTED
+    assert conn.state is State.IDLE
+
+
+def test_binary_frames_are_not_supported_yet_even_during_a_turn() -> None:
+    conn = ready(connection())
+    one_error(conn.receive_bytes(b"\x00" * 320), "not supported yet")
+    start(conn, request_frame("hi"))
+    one_error(conn.receive_bytes(b"\x00" * 320), "not supported yet")
+    assert conn.state is State.TURN
+
+
+@pytest.mark.parametrize("payload", ["x" * 101, "ž" * 51])
+def test_an_oversized_text_frame_closes_1009(payload: str) -> None:
+    conn = ready(connection(max_frame_bytes=100))
+    [close] = conn.receive_text(payload)
+    assert isinstance(close, Close)
+    assert close.code == CLOSE_TOO_BIG
+    assert conn.state is State.CLOSED
+    assert conn.receive_text("{}") == []
+
+
+def test_an_oversized_binary_frame_closes_1009() -> None:
+    conn = ready(connection(max_frame_bytes=100))
+    [close] = conn.receive_bytes(b"\x00" * 101)
+    assert isinstance(close, Close)
+    assert close.code == CLOSE_TOO_BIG
+
+
+def test_a_frame_at_the_limit_is_read() -> None:
+    frame = json.dumps(request_frame("hi " * 50))  # longer than the Init frame
+    conn = ready(connection(max_frame_bytes=len(frame)))
+    [action] = conn.receive_text(frame)
+    assert isinstance(action, StartTurn)
+
+
+def test_a_request_while_a_turn_runs_is_refused() -> None:
+    conn = ready(connection())
+    start(conn, request_frame("first", "s"))
+    for frame in (request_frame("second"), input_frame("second")):
+        one_error(send(conn, frame), "turn of this connection is still running", "got")
+    conn.turn_event(ResponseEvent(response=Response()))
+    # until its stream ended the turn counts as running
+    one_error(send(conn, input_frame("third")), "still running")
+    conn.turn_finished()
+    start(conn, input_frame("third"))
+
+
+# ------------------------------------------------------------------- logs
+
+
+def entries(n: int, start_at: int = 0) -> list[dict[str, Any]]:
+    """``n`` log entries with texts ``log <i>``."""
+    return [{"time": 1, "level": "INFO", "text": f"log {i}"} for i in range(start_at, start_at + n)]
+
+
+def test_logs_before_a_session_are_buffered_and_go_with_the_next_turn() -> None:
+    conn = ready(connection())
+    assert send(conn, {"type": "Log", "entries": entries(3)}) == []
+    ctx = start(conn, request_frame("#intro")).ctx
+    assert [e.text for e in ctx.logs] == ["log 0", "log 1", "log 2"]
+    assert conn.buffered_logs == ()
+
+
+def test_the_log_buffer_is_bounded() -> None:
+    conn = ready(V1Connection(True, max_frame_bytes=100_000, log_buffer=100))
+    send(conn, {"type": "Log", "entries": entries(150)})
+    logs = start(conn, request_frame("#intro")).ctx.logs
+    assert len(logs) == 100
+    assert logs[0].text == "log 50"
+
+
+def test_logs_with_a_session_are_stored_with_it() -> None:
+    conn = ready(connection())
+    start(conn, request_frame("#intro", "s"))
+    finish_turn(conn, Response(), new="s")
+    [store] = send(conn, {"type": "LogEvent", "entries": entries(2)})
+    assert isinstance(store, StoreLogs)
+    assert store.ctx.key == "flowstorm:s"
+    assert store.ctx.app_key == "test-key"
+    assert [e.text for e in store.entries] == ["log 0", "log 1"]
+    assert send(conn, {"type": "Log", "entries": []}) == []
+
+
+def test_logs_during_a_turn_are_stored_when_it_ends() -> None:
+    conn = ready(connection())
+    start(conn, request_frame("#intro", "s"))
+    assert send(conn, {"type": "Log", "entries": entries(1)}) == []
+    conn.turn_event(SessionStartedEvent(session_id="s"))
+    conn.turn_event(ResponseEvent(response=Response()))
+    [store] = conn.turn_finished()
+    assert isinstance(store, StoreLogs)
+    assert store.ctx.session_id == "s"
+
+
+def test_logs_not_stored_wait_for_the_next_turn() -> None:
+    conn = ready(connection())
+    start(conn, request_frame("#intro", "s"))
+    finish_turn(conn, Response(), new="s")
+    [store] = send(conn, {"type": "Log", "entries": entries(1)})
+    assert isinstance(store, StoreLogs)
+    conn.logs_not_stored(store.entries)
+    assert conn.buffered_logs == (LogEntry(time=1, text="log 0"),)
+    assert [e.text for e in start(conn, input_frame("hi")).ctx.logs] == ["log 0"]
+
+
+def test_a_lost_connection_stores_its_buffered_logs() -> None:
+    conn = ready(connection())
+    start(conn, request_frame("#intro", "s"))
+    send(conn, {"type": "Log", "entries": entries(1)})
+    conn.turn_event(SessionStartedEvent(session_id="s"))
+    [store] = conn.connection_lost()
+    assert isinstance(store, StoreLogs)
+    assert conn.state is State.CLOSED
+    fresh = ready(connection())
+    send(fresh, {"type": "Log", "entries": entries(1)})
+    assert fresh.connection_lost() == []  # no session to store them in
+
+
+# ------------------------------------------------------------- state table
+
+
+def test_the_state_machine_names_what_was_expected_and_what_came() -> None:
+    machine = ConnectionStateMachine()
+    with pytest.raises(ProtocolError) as err:
+        machine.feed("Request")
+    assert (err.value.expected, err.value.got) == ("Init", "Request")
+    assert machine.state is State.AWAIT_INIT
+    assert machine.feed("Init") is State.IDLE
+    assert machine.feed("Request") is State.TURN
+    with pytest.raises(ProtocolError, match="still running"):
+        machine.feed("Input")
+    assert machine.feed("Response") is State.TURN_ENDING
+    assert machine.feed("SessionEnded") is State.TURN_ENDING
+    assert machine.feed("TurnFinished") is State.IDLE
+
+
+def test_the_table_lets_nothing_but_connection_lost_happen_when_closed() -> None:
+    closed = {event for (state, event) in TRANSITIONS if state is State.CLOSED}
+    assert closed == {"ConnectionLost"}
+    # every open state can be closed by an oversized frame
+    for state in State:
+        if state is not State.CLOSED:
+            assert TRANSITIONS[(state, "Oversized")] is State.CLOSED
+
+
+def test_a_turn_event_without_a_turn_is_a_protocol_error() -> None:
+    conn = ready(connection())
+    with pytest.raises(ProtocolError):
+        conn.turn_event(ResponseEvent(response=Response()))

@@ -1,0 +1,280 @@
+"""Flowstorm Socket V1 end to end: real WebSocket connections to a served gateway."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from websockets.asyncio.client import connect
+
+from adapters.flowstorm_v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG
+from tests.adapters.flowstorm_v1.helpers import (
+    SPEC_INIT,
+    SPEC_REQUEST,
+    SPEC_SESSION_ID,
+    SlowCore,
+    assert_serving,
+    expect_close,
+    expect_error,
+    init,
+    init_frame,
+    input_frame,
+    recv_json,
+    request_frame,
+    send_json,
+    served,
+    texts,
+    turn,
+    turn_frames,
+    ws_url,
+)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """Gateway settings for the memory store, then for a real Redis."""
+    if request.param == "memory":
+        yield {}
+    else:
+        yield {
+            "redis_url": request.getfixturevalue("redis_url"),
+            "redis_prefix": request.getfixturevalue("redis_prefix"),
+        }
+
+
+# ---------------------------------------------------------------- the flow
+
+
+async def test_the_spec_example_conversation() -> None:
+    """flowstorm-socket-v1.md "Example of client-server communication", with the demo core."""
+    keys = frozenset({"5ea05091a7a6757defffa479"})
+    async with served(app_keys=keys) as url, connect(ws_url(url)) as ws:
+        await ws.send(SPEC_INIT)
+        assert await recv_json(ws) == {"type": "Ready"}
+
+        await ws.send(SPEC_REQUEST)
+        started, greeting = await turn_frames(ws)
+        assert started == {"type": "SessionStarted", "sessionId": SPEC_SESSION_ID}
+        assert texts(greeting) == [
+            "Hello, I am the gateway demo bot.",
+            "Tell me your name, or say anything, and I will answer.",
+        ]
+        assert greeting["response"]["sessionEnded"] is False
+        assert greeting["response"]["locale"] == "en_US"  # the input's locale
+
+        [named] = await turn(ws, request_frame("my name is Tomas", SPEC_SESSION_ID))
+        assert texts(named) == ["Nice to meet you, Tomas."]
+
+        [answer] = await turn(ws, request_frame("what is my name"))
+        assert texts(answer) == ["Your name is Tomas."]
+
+        ended, session_ended = await turn(ws, request_frame("bye"))
+        assert texts(ended) == ["Goodbye, Tomas!"]
+        assert ended["response"]["sessionEnded"] is True
+        assert session_ended == {"type": "SessionEnded"}
+
+        # the id is forgotten: the next Request without sessionId starts a new session
+        started, answer = await turn(ws, request_frame("what is my name"))
+        assert started["type"] == "SessionStarted"
+        assert started["sessionId"] != SPEC_SESSION_ID
+        assert texts(answer) == ["I do not know your name yet."]
+
+
+async def test_the_2022_input_form_with_response_items() -> None:
+    async with served() as url, connect(ws_url(url, "/socket/")) as ws:
+        await init(ws, init_frame(locale="en", sendResponseItems=True))
+        frames = await turn(ws, input_frame("#intro"))
+        assert [f["type"] for f in frames] == [
+            "SessionStarted",
+            "ResponseItem",
+            "ResponseItem",
+            "Response",
+        ]
+        session_id = frames[0]["sessionId"]
+        assert session_id
+        items = [f["responseItem"]["text"] for f in frames[1:3]]
+        assert texts(frames[3]) == items  # the Response carries all items too
+
+        frames = await turn(ws, input_frame("my name is Ada"))
+        assert [f["type"] for f in frames] == ["ResponseItem", "Response"]
+        frames = await turn(ws, input_frame("what is my name", session_id))
+        assert texts(frames[-1]) == ["Your name is Ada."]
+
+
+async def test_a_second_connection_continues_the_session(store: dict[str, Any]) -> None:
+    session_id = f"continued-{store.get('redis_prefix', 'memory')}"
+    async with served(**store) as url:
+        async with connect(ws_url(url)) as first:
+            await init(first)
+            started, _ = await turn(first, request_frame("#intro", session_id))
+            assert started["sessionId"] == session_id
+            await turn(first, request_frame("my name is Tomas"))
+
+        async with connect(ws_url(url)) as second:
+            await init(second)
+            [welcome] = await turn(second, request_frame("#intro", session_id))  # no SessionStarted
+            assert texts(welcome)[0] == "Welcome back, Tomas."
+            [answer] = await turn(second, input_frame("what is my name"))
+            assert texts(answer) == ["Your name is Tomas."]
+
+
+async def test_a_session_of_another_key_is_refused_and_the_socket_serves_on() -> None:
+    async with served() as url:
+        async with connect(ws_url(url)) as owner:
+            await init(owner, init_frame("key-a"))
+            await turn(owner, request_frame("#intro", "owned"))
+        async with connect(ws_url(url)) as other:
+            await init(other, init_frame("key-b"))
+            [error] = await turn(other, request_frame("#intro", "owned"))
+            assert error["type"] == "Error"
+            assert error["source"] == "session"
+            assert "another application" in error["text"]
+            frames = await turn(other, request_frame("#intro", "own-one"))
+            assert frames[0] == {"type": "SessionStarted", "sessionId": "own-one"}
+
+
+async def test_client_logs_are_stored_with_the_session(redis_url: str, redis_prefix: str) -> None:
+    settings = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    async with served(**settings) as url, connect(ws_url(url)) as ws:
+        await init(ws)
+        entry = {"time": 1700000000000, "relativeTime": 0.5, "level": "INFO"}
+        await send_json(ws, {"type": "Log", "entries": [{**entry, "text": "before"}]})
+        await turn(ws, request_frame("#intro", "logged"))
+        await send_json(ws, {"type": "Log", "entries": [{**entry, "text": "after"}]})
+        # the socket's handler finishes its log writes before the server stops
+        await turn(ws, request_frame("hello"))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        raw = client.get(f"{redis_prefix}:{{flowstorm:logged}}:s")
+    finally:
+        client.close()
+    assert raw is not None
+    session = json.loads(raw)
+    assert [e["text"] for e in session["logs"]] == ["before", "after"]
+    assert session["channel"] == "flowstorm_v1"
+    assert session["config"] == {}
+    assert session["attributes"] == {}
+
+
+# --------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("key", ["unknown", None])
+async def test_an_unknown_or_missing_key_is_an_error_then_close_1008(key: str | None) -> None:
+    async with served(app_keys=frozenset({"good"})) as url:
+        async with connect(ws_url(url)) as ws:
+            frame: dict[str, Any] = {"type": "Init", "config": {}}
+            if key:
+                frame["key"] = key
+            await send_json(ws, frame)
+            await expect_error(ws, "unknown application key" if key else "missing")
+            assert await expect_close(ws) == CLOSE_POLICY
+        await assert_serving(url, key="good")
+
+
+async def test_a_request_before_init_is_an_error_and_init_still_works() -> None:
+    async with served() as url:
+        async with connect(ws_url(url)) as ws:
+            await send_json(ws, request_frame("#intro"))
+            await expect_error(ws, "expected Init, got Request")
+            await init(ws)
+            frames = await turn(ws, request_frame("#intro"))
+            assert frames[-1]["type"] == "Response"
+        await assert_serving(url)
+
+
+@pytest.mark.parametrize(
+    ("message", "words"),
+    [
+        ('{"type": "Request", "request": ', ["Malformed JSON"]),
+        ("[]", ["JSON object"]),
+        ('{"type": "Teleport"}', ["Unknown event type", "Teleport"]),
+        ('{"type": "Request", "request": {}}', ["Invalid Request event", "input"]),
+        (b"\x00\x01\x02\x03", ["not supported yet"]),
+        ('{"type": "InputAudioStreamOpen"}', ["not supported yet"]),
+        ('{"type": "InputAudioStreamClose"}', ["not supported yet"]),
+        ('{"type": "InputAudioStreamCancel"}', ["not supported yet"]),
+        ('{"type": "Init", "key": "again"}', ["expected Request, Input or Log, got Init"]),
+    ],
+)
+async def test_bad_frames_are_errors_and_the_socket_serves_on(
+    message: str | bytes, words: list[str]
+) -> None:
+    async with served() as url:
+        async with connect(ws_url(url)) as ws:
+            await init(ws)
+            await ws.send(message)
+            await expect_error(ws, *words)
+            frames = await turn(ws, request_frame("#intro"))
+            assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
+        await assert_serving(url)
+
+
+@pytest.mark.parametrize("size", [5000, 70_000])
+async def test_an_oversized_frame_closes_1009(size: int) -> None:
+    """5000 bytes passes the server's frame limit and is refused by the adapter;
+    70 000 bytes is over the WebSocket limit itself (GATEWAY_MAX_BODY_BYTES or 64 KiB)."""
+    async with served(max_body_bytes=4096) as url:
+        async with connect(ws_url(url)) as ws:
+            await init(ws)
+            await send_json(ws, request_frame("x" * size))
+            assert await expect_close(ws) == CLOSE_TOO_BIG
+        await assert_serving(url)
+
+
+async def test_a_request_while_a_turn_runs_is_an_error() -> None:
+    core = SlowCore()
+    async with (
+        core.running() as core_url,
+        served(pipeline=core_url) as url,
+        connect(ws_url(url)) as ws,
+    ):
+        await init(ws)
+        await send_json(ws, request_frame("first", "busy"))
+        assert (await core.next_request())["input"]["transcript"]["text"] == "first"
+        await send_json(ws, request_frame("second"))
+        await send_json(ws, input_frame("third"))
+        # SessionStarted of the running turn may come before, between or after the Errors
+        frames = [await recv_json(ws) for _ in range(3)]
+        assert {"type": "SessionStarted", "sessionId": "busy"} in frames
+        errors = [f for f in frames if f["type"] == "Error"]
+        assert [e["source"] for e in errors] == ["client", "client"]
+        assert "still running" in errors[0]["text"]
+        assert errors[0]["text"].endswith("got Request")
+        assert errors[1]["text"].endswith("got Input")
+        core.release.set()
+        [response] = await turn_frames(ws)
+        assert texts(response) == ["slow answer"]
+        # the refused Requests never reached the core; the next one does
+        [answer] = await turn(ws, request_frame("fourth"))
+        assert texts(answer) == ["slow answer"]
+        assert (await core.next_request())["input"]["transcript"]["text"] == "fourth"
+        assert core.requests.empty()
+
+
+async def test_a_client_that_leaves_mid_turn_does_not_lose_the_turn(
+    store: dict[str, Any],
+) -> None:
+    core = SlowCore()
+    session_id = f"vanishing-{store.get('redis_prefix', 'memory')}"
+    async with core.running() as core_url, served(pipeline=core_url, **store) as url:
+        async with connect(ws_url(url)) as ws:
+            await init(ws)
+            await send_json(ws, request_frame("hello", session_id))
+            first = await core.next_request()
+            assert first["turn"] == 1
+        # the socket is closed while the core still works on the turn
+        core.release.set()
+
+        async with connect(ws_url(url)) as ws:
+            await init(ws)
+            [answer] = await turn(ws, request_frame("again", session_id))
+            assert texts(answer) == ["slow answer"]
+        second = await core.next_request()
+        assert second["sessionId"] == session_id
+        assert second["turn"] == 2  # the first turn was saved
+        assert second["attributes"]["answered1"] == "hello"
+        await assert_serving(url)
