@@ -31,7 +31,11 @@ from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.events import LogEntry
 
@@ -276,6 +280,9 @@ class RedisSessionStore:
                 socket_connect_timeout=3,
                 socket_timeout=5,
                 health_check_interval=30,
+                # fail fast when Redis is down (the turn answers 503 at once)
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+                retry_on_error=[RedisConnectionError, RedisTimeoutError],
             )
         )
         self._prefix = prefix

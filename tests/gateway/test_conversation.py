@@ -212,7 +212,7 @@ async def test_sleep_timeout_keeps_the_session(core: tuple[str, FastAPI]) -> Non
         ("huge", "larger than"),
         ("stream-no-response", "without a Response"),
         ("stream-unknown", "unknown event type"),
-        ("slow?s=3", "did not answer within"),
+        ("slow?s=1.5", "did not answer within"),
     ],
 )
 async def test_core_failures_become_pipeline_errors(
