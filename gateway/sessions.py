@@ -270,21 +270,7 @@ class RedisSessionStore:
         max_connections: int = 64,
         client: aioredis.Redis | None = None,
     ) -> None:
-        # a bounded pool that waits for a free connection (up to 5 s) under load,
-        # rather than opening one per concurrent turn or failing
-        self._redis = client or aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=max_connections,
-                timeout=5,
-                socket_connect_timeout=3,
-                socket_timeout=5,
-                health_check_interval=30,
-                # fail fast when Redis is down (the turn answers 503 at once)
-                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
-                retry_on_error=[RedisConnectionError, RedisTimeoutError],
-            )
-        )
+        self._redis = client or redis_client(url, max_connections=max_connections)
         self._prefix = prefix
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
@@ -358,6 +344,28 @@ class RedisSessionStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+def redis_client(url: str, *, max_connections: int = 64) -> aioredis.Redis:
+    """The gateway's Redis client for ``url``: a bounded pool, fast failure.
+
+    Up to ``max_connections`` connections; a caller waits up to 5 s for a free
+    one rather than failing under load. Connecting times out after 3 s and a
+    command after 5 s; connection errors are retried twice within ~0.1 s, so a
+    Redis outage answers 503 at once instead of stalling every turn.
+    """
+    return aioredis.Redis(
+        connection_pool=aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=5,
+            socket_connect_timeout=3,
+            socket_timeout=5,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+    )
 
 
 def make_store(

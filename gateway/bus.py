@@ -1,0 +1,225 @@
+"""Per-session publish/subscribe across gateway instances: in-process or Redis pub/sub.
+
+Used where one client's requests of one turn may reach different instances: a
+Flowstorm V2 client streams audio in a PUT to one instance while its parallel
+GET, on another, reads the interim recognition results.
+
+A topic (usually a session key) carries JSON-ready messages (dicts). Besides the
+stream of messages a topic has a *retained* value (the last message published
+with ``retain_s``, kept that many seconds or until cleared), which a subscriber
+gets first, so one that arrives late learns that, say, a recognition is running.
+
+Redis: messages go over ``PUBLISH {prefix}:{{topic}}:bus``; the retained value is
+the key ``{prefix}:{{topic}}:retained`` (the session's hash tag). One pub/sub
+connection per process serves all subscribers of that process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+
+
+class Subscription:
+    """Messages of one topic for one subscriber: the retained value first, then new ones.
+
+    ``get(timeout_s)`` returns the next message or ``None`` when ``timeout_s``
+    seconds pass without one. The queue is bounded (``maxsize``); when a slow
+    subscriber falls behind, the oldest messages are dropped.
+    """
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize)
+
+    def put(self, message: Message) -> None:
+        """Queue ``message`` (dropping the oldest when full); called by the bus."""
+        if self._queue.full():
+            self._queue.get_nowait()
+        self._queue.put_nowait(message)
+
+    async def get(self, timeout_s: float) -> Message | None:
+        """The next message, or None after ``timeout_s`` s without one."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._queue.get()
+        except TimeoutError:
+            return None
+
+
+class Bus(Protocol):
+    """Per-topic pub/sub; every implementation passes tests/gateway/test_bus.py."""
+
+    async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> None:
+        """Send ``message`` to the topic's subscribers everywhere.
+
+        With ``retain_s`` it also becomes the topic's retained value for that
+        many seconds. Raises BusUnavailable when the bus cannot be reached.
+        """
+        ...
+
+    async def clear(self, topic: str) -> None:
+        """Forget the topic's retained value."""
+        ...
+
+    def subscribe(self, topic: str) -> AbstractAsyncContextManager[Subscription]:
+        """Receive the topic's messages while the context is open (retained value first)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+class BusUnavailable(Exception):
+    """The bus (Redis) cannot be reached."""
+
+
+class MemoryBus:
+    """The embedded default: topics within this process only."""
+
+    def __init__(self, *, clock: Any = None) -> None:
+        self._subs: dict[str, set[Subscription]] = {}
+        self._retained: dict[str, tuple[float, Message]] = {}
+        self._clock = clock or (lambda: asyncio.get_running_loop().time())
+
+    async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> None:
+        if retain_s is not None:
+            self._retained[topic] = (self._clock() + retain_s, message)
+        for sub in self._subs.get(topic, ()):
+            sub.put(message)
+
+    async def clear(self, topic: str) -> None:
+        self._retained.pop(topic, None)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
+        sub = Subscription()
+        retained = self._retained.get(topic)
+        if retained is not None:
+            expires, message = retained
+            if expires > self._clock():
+                sub.put(message)
+            else:
+                del self._retained[topic]
+        self._subs.setdefault(topic, set()).add(sub)
+        try:
+            yield sub
+        finally:
+            subs = self._subs[topic]
+            subs.discard(sub)
+            if not subs:
+                del self._subs[topic]
+
+    async def aclose(self) -> None:
+        self._subs.clear()
+
+
+class RedisBus:
+    """Topics shared by every gateway process on one Redis (see module doc)."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "gw") -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._subs: dict[str, set[Subscription]] = {}
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def _channel(self, topic: str) -> str:
+        return f"{self._prefix}:{{{topic}}}:bus"
+
+    def _retained_key(self, topic: str) -> str:
+        return f"{self._prefix}:{{{topic}}}:retained"
+
+    async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> None:
+        data = json.dumps(message, separators=(",", ":"))
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if retain_s is not None:
+                    pipe.set(self._retained_key(topic), data, px=max(1, int(retain_s * 1000)))
+                pipe.publish(self._channel(topic), data)
+                await pipe.execute()
+        except RedisError as exc:
+            raise BusUnavailable(f"Redis: {exc}") from exc
+
+    async def clear(self, topic: str) -> None:
+        try:
+            await self._redis.delete(self._retained_key(topic))
+        except RedisError as exc:
+            raise BusUnavailable(f"Redis: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
+        sub = Subscription()
+        channel = self._channel(topic)
+        try:
+            async with self._lock:
+                if self._pubsub is None:
+                    self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                first = channel not in self._subs
+                self._subs.setdefault(channel, set()).add(sub)
+                if first:
+                    await self._pubsub.subscribe(channel)
+                if self._reader is None or self._reader.done():
+                    self._reader = asyncio.create_task(self._read(), name="bus reader")
+            # read the retained value after subscribing: nothing published between is lost
+            retained = await self._redis.get(self._retained_key(topic))
+        except RedisError as exc:
+            await self._leave(channel, sub)
+            raise BusUnavailable(f"Redis: {exc}") from exc
+        if retained:
+            sub.put(json.loads(retained))
+        try:
+            yield sub
+        finally:
+            await self._leave(channel, sub)
+
+    async def _leave(self, channel: str, sub: Subscription) -> None:
+        async with self._lock:
+            subs = self._subs.get(channel)
+            if subs is None:
+                return
+            subs.discard(sub)
+            if not subs:
+                del self._subs[channel]
+                with contextlib.suppress(RedisError):
+                    await self._pubsub.unsubscribe(channel)
+
+    async def _read(self) -> None:
+        while self._subs:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except RedisError as exc:
+                log.warning("bus reader: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            channel = message["channel"]
+            channel = channel.decode() if isinstance(channel, bytes) else channel
+            try:
+                data = json.loads(message["data"])
+            except ValueError:
+                continue
+            for sub in self._subs.get(channel, ()):
+                sub.put(data)
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._pubsub is not None:
+            await self._pubsub.aclose()

@@ -1,0 +1,101 @@
+"""The Bus contract, against the in-process bus and two Redis buses (as two processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.bus import Bus, BusUnavailable, MemoryBus, RedisBus, Subscription
+from gateway.sessions import redis_client
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def buses(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[tuple[Bus, Bus]]:
+    """A publishing and a subscribing bus: one in-process bus, or two Redis clients."""
+    if request.param == "memory":
+        bus = MemoryBus()
+        yield bus, bus
+        return
+    prefix = f"test-{secrets.token_hex(6)}"
+    a, b = aioredis.from_url(redis_url), aioredis.from_url(redis_url)
+    bus_a, bus_b = RedisBus(a, prefix=prefix), RedisBus(b, prefix=prefix)
+    yield bus_a, bus_b
+    await bus_a.aclose()
+    await bus_b.aclose()
+    keys = [k async for k in a.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await a.delete(*keys)
+    await a.aclose()
+    await b.aclose()
+
+
+async def drain(sub: Subscription, timeout_s: float = 0.3) -> list[dict[str, object]]:
+    got = []
+    while (message := await sub.get(timeout_s)) is not None:
+        got.append(message)
+    return got
+
+
+async def test_messages_reach_subscribers_of_their_topic_only(buses: tuple[Bus, Bus]) -> None:
+    pub, sub_bus = buses
+    async with sub_bus.subscribe("s1") as one, sub_bus.subscribe("s2") as two:
+        await pub.publish("s1", {"n": 1})
+        await pub.publish("s1", {"n": 2})
+        await pub.publish("s2", {"other": True})
+        assert await drain(one) == [{"n": 1}, {"n": 2}]
+        assert await drain(two) == [{"other": True}]
+
+
+async def test_retained_value_comes_first_to_late_subscribers(buses: tuple[Bus, Bus]) -> None:
+    pub, sub_bus = buses
+    await pub.publish("s", {"state": "running"}, retain_s=5)
+    async with sub_bus.subscribe("s") as late:
+        assert await late.get(2) == {"state": "running"}
+        await pub.publish("s", {"text": "hello"})
+        assert await late.get(2) == {"text": "hello"}
+    await pub.clear("s")
+    async with sub_bus.subscribe("s") as later:
+        assert await later.get(0.2) is None
+
+
+async def test_retained_value_expires(buses: tuple[Bus, Bus]) -> None:
+    pub, sub_bus = buses
+    await pub.publish("s", {"state": "running"}, retain_s=0.2)
+    await asyncio.sleep(0.4)
+    async with sub_bus.subscribe("s") as sub:
+        assert await sub.get(0.2) is None
+
+
+async def test_nothing_arrives_after_unsubscribing(buses: tuple[Bus, Bus]) -> None:
+    pub, sub_bus = buses
+    async with sub_bus.subscribe("s") as sub:
+        await pub.publish("s", {"n": 1})
+        assert await sub.get(2) == {"n": 1}
+    await pub.publish("s", {"n": 2})
+    assert await sub.get(0.2) is None
+    async with sub_bus.subscribe("s") as again:  # subscribing again works
+        await pub.publish("s", {"n": 3})
+        assert await again.get(2) == {"n": 3}
+
+
+async def test_slow_subscriber_keeps_the_newest() -> None:
+    sub = Subscription(maxsize=3)
+    for n in range(5):
+        sub.put({"n": n})
+    assert await drain(sub, 0.05) == [{"n": 2}, {"n": 3}, {"n": 4}]
+
+
+async def test_unreachable_redis_raises_bus_unavailable() -> None:
+    client = redis_client("redis://127.0.0.1:1/0")  # the gateway's client; nothing on port 1
+    bus = RedisBus(client)
+    with pytest.raises(BusUnavailable):
+        await bus.publish("s", {"n": 1})
+    with pytest.raises(BusUnavailable):
+        async with bus.subscribe("s"):
+            pass
+    await bus.aclose()
+    await client.aclose()
