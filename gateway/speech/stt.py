@@ -9,35 +9,48 @@ returns an interim :class:`RecognitionResult` when one is available,
 :class:`PocketsphinxRecognizer` is the embedded offline implementation (US
 English model shipped in the ``pocketsphinx`` wheel).
 
-Threading, measured here (pocketsphinx 5.1.1, CPython 3.11, 2 cores): the
-Cython binding calls ``ps_process_raw`` **without releasing the GIL**, so
-decoding in worker threads does not run two recognitions in parallel on two
-cores. What keeps the event loop responsive is that audio is handed to the
-decoder in small slices (``slice_ms``, 50 ms by default, about 5-10 ms of CPU
-each) from a worker thread: between slices the GIL goes back to the event
-loop, so one caller's decoding delays other coroutines by at most about one
-slice's decoding time, never by a whole utterance. Concurrent recognitions
-interleave; their total throughput is that of one core (see
-``bench/speech_rtf.py``).
+Why decoders run in worker *processes* by default (measured here with
+pocketsphinx 5.1.1, CPython 3.11, 2 cores, ``bench/speech_rtf.py``): the
+Cython binding calls ``ps_process_raw`` and ``ps_end_utt`` **without releasing
+the GIL**. In threads, two recognitions therefore never run in parallel
+(concurrent wall time 0.8-1.5x the serial time, i.e. no gain), and although
+audio is decoded in ``slice_ms`` slices so the GIL returns to the event loop
+between slices, ``end_utt`` (the final lattice search) holds it in one piece:
+about 200 ms for an 8 s utterance, and the event loop stalled up to 300-600 ms
+with two recognitions. With ``isolation="process"`` each decoder lives in
+its own worker process (a fresh ``sys.executable`` interpreter, so callers
+need no ``if __name__ == "__main__"`` guard); the event loop only passes audio
+over a pipe (from a helper thread), recognitions run in parallel on separate
+cores and a crash in the C decoder cannot take the gateway down. ``isolation="thread"`` remains for
+small deployments (less memory, no process start-up).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import pocketsphinx  # type: ignore[import-untyped]
 
 from gateway.speech.audio import AudioFormat, AudioFormatError, Resampler, mulaw_to_pcm
 
 __all__ = [
+    "Isolation",
     "PocketsphinxRecognizer",
+    "PocketsphinxStream",
     "RecognitionError",
     "RecognitionResult",
     "RecognitionStream",
@@ -143,6 +156,16 @@ async def recognize(
 
 # --------------------------------------------------------------------------- PocketSphinx
 
+Isolation: TypeAlias = Literal["process", "thread"]
+
+
+def _new_decoder(options: Mapping[str, Any]) -> tuple[Any, str]:
+    """A PocketSphinx decoder and its initial cepstral mean (CMN) string."""
+    decoder = pocketsphinx.Decoder(**{"loglevel": "ERROR", **options})
+    if int(decoder.config["samprate"]) != DECODER_RATE:
+        raise RecognitionError(f"decoder must run at {DECODER_RATE} Hz")
+    return decoder, decoder.get_cmn()
+
 
 def _confidence(decoder: Any) -> float:
     """Mean posterior probability of the recognised words (0..1).
@@ -166,36 +189,275 @@ def _confidence(decoder: Any) -> float:
     return min(1.0, max(0.0, value))
 
 
-class _DecoderPool:
-    """Idle PocketSphinx decoders (about 95 MB each), shared by streams; thread-safe."""
+class _Utterance:
+    """Decoder-side state of one utterance (runs in a worker thread or process).
 
-    def __init__(self, options: Mapping[str, Any], max_idle: int) -> None:
-        self._options = dict(options)
-        self._max_idle = max_idle
-        self._idle: list[tuple[Any, str]] = []
-        self._lock = threading.Lock()
+    Converts the stream's raw audio to 16-bit PCM at 16 kHz, decodes it in
+    slices, throttles interim hypotheses and produces the final result.
+    """
 
-    def checkout(self) -> tuple[Any, str]:
-        """Return (decoder, initial CMN string), creating a decoder if none is idle."""
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        options = {"loglevel": "ERROR", **self._options}
-        decoder = pocketsphinx.Decoder(**options)
-        if int(decoder.config["samprate"]) != DECODER_RATE:
-            raise RecognitionError(f"decoder must run at {DECODER_RATE} Hz")
-        return decoder, decoder.get_cmn()
+    def __init__(
+        self, decoder: Any, cmn: str, fmt: AudioFormat, slice_ms: int, interim_interval_ms: int
+    ) -> None:
+        self.decoder = decoder
+        self.fmt = fmt
+        self.resampler = (
+            Resampler(fmt.sample_rate, DECODER_RATE) if fmt.sample_rate != DECODER_RATE else None
+        )
+        self.carry = b""  # an odd trailing byte of LINEAR16 input
+        self.slice_bytes = DECODER_RATE * slice_ms // 1000 * 2
+        self.interim_samples = max(DECODER_RATE * interim_interval_ms // 1000, 1)
+        self.decoded_samples = 0  # at 16 kHz
+        self.input_bytes = 0
+        self.last_interim_samples = 0
+        self.last_text = ""
+        try:
+            decoder.set_cmn(cmn)  # independent of earlier callers' audio
+            decoder.start_utt()
+        except (RuntimeError, ValueError) as exc:
+            raise RecognitionError(f"pocketsphinx failed to start: {exc}") from exc
 
-    def checkin(self, item: tuple[Any, str]) -> None:
-        """Return a decoder whose utterance has ended."""
-        with self._lock:
-            if len(self._idle) < self._max_idle:
-                self._idle.append(item)
+    def audio_ms(self) -> int:
+        return int(self.fmt.duration_ms(self.input_bytes))
 
-    def clear(self) -> None:
-        """Drop all idle decoders."""
-        with self._lock:
-            self._idle.clear()
+    def to_decoder_pcm(self, chunk: bytes) -> bytes:
+        if self.fmt.encoding == "MULAW":
+            pcm = mulaw_to_pcm(chunk, self.fmt.sample_rate).data
+        else:
+            data = self.carry + chunk
+            cut = len(data) - len(data) % 2
+            pcm, self.carry = data[:cut], data[cut:]
+        return self.resampler.convert(pcm) if self.resampler is not None else pcm
+
+    def feed(self, chunk: bytes) -> RecognitionResult | None:
+        pcm = self.to_decoder_pcm(chunk)
+        self.input_bytes += len(chunk)
+        try:
+            for start in range(0, len(pcm), self.slice_bytes):
+                self.decoder.process_raw(pcm[start : start + self.slice_bytes], False, False)
+            self.decoded_samples += len(pcm) // 2
+            if self.decoded_samples - self.last_interim_samples < self.interim_samples:
+                return None
+            self.last_interim_samples = self.decoded_samples
+            hyp = self.decoder.hyp()
+        except RuntimeError as exc:
+            raise RecognitionError(f"pocketsphinx failed: {exc}") from exc
+        text = " ".join(hyp.hypstr.split()) if hyp is not None else ""
+        if not text or text == self.last_text:
+            return None
+        self.last_text = text
+        return RecognitionResult(text, 0.0, False, self.audio_ms())
+
+    def finish(self) -> RecognitionResult:
+        try:
+            self.decoder.end_utt()
+            hyp = self.decoder.hyp()
+            text = " ".join(hyp.hypstr.split()) if hyp is not None else ""
+            confidence = _confidence(self.decoder) if text else 0.0
+        except RuntimeError as exc:
+            raise RecognitionError(f"pocketsphinx failed: {exc}") from exc
+        return RecognitionResult(text, confidence, True, self.audio_ms())
+
+    def abort(self) -> None:
+        try:
+            self.decoder.end_utt()
+        except RuntimeError as exc:
+            raise RecognitionError(f"pocketsphinx failed: {exc}") from exc
+
+
+class _Engine(Protocol):
+    """One decoder hosting one utterance at a time. Blocking methods, called
+    from the recognizer's helper threads, one call at a time."""
+
+    def start(self, fmt: AudioFormat) -> None: ...
+    def feed(self, chunk: bytes) -> RecognitionResult | None: ...
+    def finish(self) -> RecognitionResult: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
+    def alive(self) -> bool: ...
+
+
+class _ThreadEngine:
+    """A decoder in this process; decoding runs in the calling helper thread."""
+
+    def __init__(self, options: Mapping[str, Any], slice_ms: int, interim_ms: int) -> None:
+        self.decoder, self.cmn = _new_decoder(options)
+        self.slice_ms = slice_ms
+        self.interim_ms = interim_ms
+        self.utterance: _Utterance | None = None
+
+    def _current(self) -> _Utterance:
+        if self.utterance is None:
+            raise RecognitionError("no utterance in progress")
+        return self.utterance
+
+    def start(self, fmt: AudioFormat) -> None:
+        self.utterance = _Utterance(self.decoder, self.cmn, fmt, self.slice_ms, self.interim_ms)
+
+    def feed(self, chunk: bytes) -> RecognitionResult | None:
+        return self._current().feed(chunk)
+
+    def finish(self) -> RecognitionResult:
+        utterance, self.utterance = self._current(), None
+        return utterance.finish()
+
+    def abort(self) -> None:
+        utterance, self.utterance = self._current(), None
+        utterance.abort()
+
+    def close(self) -> None:
+        self.utterance = None
+        self.decoder = None
+
+    def alive(self) -> bool:
+        return self.decoder is not None
+
+
+def _serve(rx: Connection, tx: Connection) -> None:  # pragma: no cover - worker process
+    """Decoder loop of a worker process: the first request is ``("init", (options,
+    slice_ms, interim_ms))``, then ``(op, arg)`` requests each get ``("ok", result)``
+    or ``("error", message)``; ``"stop"`` or end of input ends the process."""
+    try:
+        op, (options, slice_ms, interim_ms) = rx.recv()
+        engine = _ThreadEngine(options, slice_ms, interim_ms)
+    except (EOFError, OSError):
+        return
+    except Exception as exc:
+        tx.send(("error", f"cannot load pocketsphinx: {exc}"))
+        return
+    tx.send(("ok", None))
+    while True:
+        try:
+            op, arg = rx.recv()
+        except (EOFError, OSError):
+            return
+        if op == "stop":
+            return
+        try:
+            result: RecognitionResult | None = None
+            if op == "start":
+                engine.start(AudioFormat(*arg))
+            elif op == "feed":
+                result = engine.feed(arg)
+            elif op == "finish":
+                result = engine.finish()
+            elif op == "abort":
+                engine.abort()
+            else:
+                raise RecognitionError(f"unknown request {op!r}")
+        except Exception as exc:
+            tx.send(("error", str(exc)))
+        else:
+            tx.send(("ok", result))
+
+
+def _worker_entry() -> None:  # pragma: no cover - worker process
+    """``python -c`` entry of a worker process; argv: read fd, write fd."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    rx = Connection(int(sys.argv[1]), writable=False)
+    tx = Connection(int(sys.argv[2]), readable=False)
+    _serve(rx, tx)
+
+
+_PACKAGE_ROOT: Final = str(Path(__file__).resolve().parents[2])
+"""Directory that holds the ``gateway`` package, put on the worker's PYTHONPATH."""
+
+
+class _ProcessEngine:
+    """A decoder in a dedicated worker process, driven over two pipes.
+
+    The worker is a fresh interpreter (``sys.executable -c ...``), not a
+    ``multiprocessing`` child, so it never re-imports the caller's main module.
+    """
+
+    def __init__(
+        self, options: Mapping[str, Any], slice_ms: int, interim_ms: int, start_timeout_s: float
+    ) -> None:
+        child_rx, parent_tx = os.pipe()
+        parent_rx, child_tx = os.pipe()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
+        )
+        code = "from gateway.speech.stt import _worker_entry; _worker_entry()"
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code, str(child_rx), str(child_tx)],
+                pass_fds=(child_rx, child_tx),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        except OSError as exc:
+            for fd in (child_rx, parent_tx, parent_rx, child_tx):
+                os.close(fd)
+            raise RecognitionError(f"cannot start a pocketsphinx worker: {exc}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(child_rx)
+                os.close(child_tx)
+        self.tx = Connection(parent_tx, readable=False)
+        self.rx = Connection(parent_rx, writable=False)
+        try:
+            self.tx.send(("init", (dict(options), slice_ms, interim_ms)))
+        except OSError as exc:
+            self.close()
+            raise RecognitionError("pocketsphinx worker exited at start") from exc
+        if not self.rx.poll(start_timeout_s):
+            self.close()
+            raise RecognitionError(f"pocketsphinx worker did not start in {start_timeout_s} s")
+        self._reply()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _reply(self) -> Any:
+        try:
+            status, value = self.rx.recv()
+        except (EOFError, OSError) as exc:
+            self.close()
+            raise RecognitionError("pocketsphinx worker process died") from exc
+        if status != "ok":
+            raise RecognitionError(str(value))
+        return value
+
+    def _request(self, op: str, arg: Any = None) -> Any:
+        try:
+            self.tx.send((op, arg))
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise RecognitionError("pocketsphinx worker process died") from exc
+        return self._reply()
+
+    def start(self, fmt: AudioFormat) -> None:
+        self._request("start", (fmt.encoding, fmt.sample_rate))
+
+    def feed(self, chunk: bytes) -> RecognitionResult | None:
+        result: RecognitionResult | None = self._request("feed", chunk)
+        return result
+
+    def finish(self) -> RecognitionResult:
+        result: RecognitionResult = self._request("finish")
+        return result
+
+    def abort(self) -> None:
+        self._request("abort")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None and not self.tx.closed
+
+    def close(self) -> None:
+        if not self.tx.closed:
+            with contextlib.suppress(OSError, ValueError):
+                self.tx.send(("stop", None))
+            self.tx.close()
+        try:
+            self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        if not self.rx.closed:
+            self.rx.close()
 
 
 class PocketsphinxRecognizer:
@@ -207,40 +469,54 @@ class PocketsphinxRecognizer:
     the decoder's cepstral mean to the model's initial value, so a result does
     not depend on earlier callers' audio.
 
-    All decoding runs on a private thread pool, in ``slice_ms`` slices (see the
-    module doc on the GIL). At most ``max_streams`` streams are open at once;
-    ``open_stream`` waits for a free decoder beyond that.
+    At most ``max_streams`` streams are open at once (one decoder each);
+    ``open_stream`` waits for a free decoder beyond that. Decoders are created
+    lazily (about 0.5 s each; a worker process about 1-2 s) and kept for reuse.
 
     Args:
-        max_streams: concurrent streams (decoders alive), each about 95 MB.
-        workers: decoding threads (default ``min(max_streams, 2)``).
+        max_streams: concurrent streams; each decoder holds about 95 MB (a
+            worker process about 130 MB).
+        isolation: ``"process"`` (default): each decoder in its own worker
+            process, recognitions run in parallel and never stall the event
+            loop; ``"thread"``: decoders in this process, decoded on helper
+            threads (see the module doc for the GIL's effect).
+        threads: helper threads decoding in ``"thread"`` mode (default
+            ``min(max_streams, 2)``); in process mode there is one per stream.
         interim_interval_ms: at most one interim result per this much audio; an
             interim is returned only when its text changed.
-        slice_ms: audio per ``process_raw`` call (bounds event-loop stalls).
+        slice_ms: audio per ``process_raw`` call.
         decoder_options: extra ``pocketsphinx.Decoder`` options, e.g.
             ``{"hmm": ..., "lm": ..., "dict": ...}`` for another model.
+        start_timeout_s: longest wait for a worker process to load its decoder.
     """
 
     def __init__(
         self,
         *,
         max_streams: int = 4,
-        workers: int | None = None,
+        isolation: Isolation = "process",
+        threads: int | None = None,
         interim_interval_ms: int = 300,
         slice_ms: int = 50,
         decoder_options: Mapping[str, Any] | None = None,
+        start_timeout_s: float = 60.0,
     ) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be >= 1")
         if slice_ms < 10 or interim_interval_ms < 0:
             raise ValueError("slice_ms must be >= 10 and interim_interval_ms >= 0")
+        if isolation not in ("process", "thread"):
+            raise ValueError(f"isolation must be 'process' or 'thread', got {isolation!r}")
         self.max_streams = max_streams
+        self.isolation = isolation
         self.interim_interval_ms = interim_interval_ms
         self.slice_ms = slice_ms
-        self._pool = _DecoderPool(decoder_options or {}, max_idle=max_streams)
-        self._executor = ThreadPoolExecutor(
-            max_workers=workers or min(max_streams, 2), thread_name_prefix="pocketsphinx"
-        )
+        self.start_timeout_s = start_timeout_s
+        self._options = dict(decoder_options or {})
+        workers = max_streams if isolation == "process" else threads or min(max_streams, 2)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pocketsphinx")
+        self._idle: list[_Engine] = []
+        self._idle_lock = threading.Lock()
         # asyncio primitives bind to one event loop; keep one semaphore per loop.
         self._limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary()
@@ -254,13 +530,51 @@ class PocketsphinxRecognizer:
             sem = self._limits[loop] = asyncio.Semaphore(self.max_streams)
         return sem
 
-    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def _checkout(self) -> _Engine:
+        """Helper thread: an idle engine, or a new one."""
+        while True:
+            with self._idle_lock:
+                engine = self._idle.pop() if self._idle else None
+            if engine is None:
+                break
+            if engine.alive():
+                return engine
+            engine.close()  # a worker process that died while idle
+        if self.isolation == "process":
+            return _ProcessEngine(
+                self._options, self.slice_ms, self.interim_interval_ms, self.start_timeout_s
+            )
+        try:
+            return _ThreadEngine(self._options, self.slice_ms, self.interim_interval_ms)
+        except RuntimeError as exc:
+            raise RecognitionError(f"cannot load pocketsphinx: {exc}") from exc
 
-    async def warm_up(self) -> None:
-        """Load one decoder now (about 0.5 s) so the first stream starts at once."""
-        item = await self._run(self._pool.checkout)
-        self._pool.checkin(item)
+    def _checkin(self, engine: _Engine) -> None:
+        """Keep an engine whose utterance has ended for reuse (closed if shut down)."""
+        with self._idle_lock:
+            if not self._closed and len(self._idle) < self.max_streams:
+                self._idle.append(engine)
+                return
+        engine.close()
+
+    def _discard(self, engine: _Engine) -> None:
+        """Close an engine in an unknown state, off the event loop."""
+        with contextlib.suppress(RuntimeError):  # executor already shut down
+            self._executor.submit(engine.close)
+
+    async def warm_up(self, decoders: int = 1) -> None:
+        """Create ``decoders`` decoders now so the first streams start at once.
+
+        Raises:
+            RecognitionError: a decoder or worker failed to load.
+        """
+        loop = asyncio.get_running_loop()
+        count = min(decoders, self.max_streams)
+        engines = await asyncio.gather(
+            *(loop.run_in_executor(self._executor, self._checkout) for _ in range(count))
+        )
+        for engine in engines:
+            self._checkin(engine)
 
     async def open_stream(self, fmt: AudioFormat) -> PocketsphinxStream:
         """Start a stream for raw audio in ``fmt``; waits while ``max_streams`` are open.
@@ -273,27 +587,22 @@ class PocketsphinxRecognizer:
         sem = self._limit()
         await sem.acquire()
         try:
-            item = await self._run(self._start, fmt)
+            stream = PocketsphinxStream(self, fmt, sem)
+            await stream._open()
         except BaseException:
             sem.release()
             raise
-        return PocketsphinxStream(self, fmt, item, sem)
-
-    def _start(self, fmt: AudioFormat) -> tuple[Any, str]:
-        del fmt
-        try:
-            decoder, cmn = self._pool.checkout()
-            decoder.set_cmn(cmn)
-            decoder.start_utt()
-        except RuntimeError as exc:
-            raise RecognitionError(f"pocketsphinx failed to start: {exc}") from exc
-        return decoder, cmn
+        return stream
 
     async def aclose(self) -> None:
-        """Drop pooled decoders and stop the worker threads."""
+        """Stop idle decoders (worker processes) and helper threads; streams still
+        open release theirs when finished or cancelled."""
         self._closed = True
-        self._pool.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self._executor, e.close) for e in idle))
+        self._executor.shutdown(wait=False)
 
 
 class PocketsphinxStream:
@@ -304,27 +613,42 @@ class PocketsphinxStream:
     """
 
     def __init__(
-        self,
-        owner: PocketsphinxRecognizer,
-        fmt: AudioFormat,
-        item: tuple[Any, str],
-        limit: asyncio.Semaphore,
+        self, owner: PocketsphinxRecognizer, fmt: AudioFormat, limit: asyncio.Semaphore
     ) -> None:
         self._owner = owner
         self._fmt = fmt
-        self._item: tuple[Any, str] | None = item
         self._limit = limit
+        self._engine: _Engine | None = None
         self._lock = asyncio.Lock()
-        self._resampler = (
-            Resampler(fmt.sample_rate, DECODER_RATE) if fmt.sample_rate != DECODER_RATE else None
-        )
-        self._carry = b""  # an odd trailing byte of LINEAR16 input
-        self._slice_bytes = DECODER_RATE * owner.slice_ms // 1000 * 2
-        self._decoded_samples = 0  # at 16 kHz
-        self._input_bytes = 0
-        self._last_interim_samples = 0
-        self._last_text = ""
         self._inflight: Future[Any] | None = None
+
+    async def _open(self) -> None:
+        owner = self._owner
+        job = owner._executor.submit(owner._checkout)
+        try:
+            engine = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            # the engine may still be created by the helper thread: close it then
+            def discard(done: Future[_Engine]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    owner._discard(done.result())
+
+            job.add_done_callback(discard)
+            raise
+        try:
+            await self._call(engine.start, self._fmt)
+        except BaseException:
+            self._dispose(engine)
+            raise
+        self._engine = engine
+
+    def _dispose(self, engine: _Engine) -> None:
+        """Close ``engine`` once the job it may still be running has ended."""
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            inflight.add_done_callback(lambda _job: self._owner._discard(engine))
+        else:
+            self._owner._discard(engine)
 
     @property
     def format(self) -> AudioFormat:
@@ -333,76 +657,31 @@ class PocketsphinxStream:
 
     @property
     def closed(self) -> bool:
-        """True after ``finish`` or ``cancel``."""
-        return self._item is None
+        """True after ``finish`` or ``cancel`` (or a failure)."""
+        return self._engine is None
 
-    def _audio_ms(self) -> int:
-        return int(self._fmt.duration_ms(self._input_bytes))
+    @property
+    def worker_pid(self) -> int | None:
+        """Process id of the worker decoding this stream (process isolation), else None."""
+        engine = self._engine
+        return engine.pid if isinstance(engine, _ProcessEngine) else None
 
-    def _to_decoder_pcm(self, chunk: bytes) -> bytes:
-        if self._fmt.encoding == "MULAW":
-            pcm = mulaw_to_pcm(chunk, self._fmt.sample_rate).data
+    def _release(self, *, reuse: bool) -> None:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        if reuse:
+            self._owner._checkin(engine)
         else:
-            data = self._carry + chunk
-            cut = len(data) - len(data) % 2
-            pcm, self._carry = data[:cut], data[cut:]
-        return self._resampler.convert(pcm) if self._resampler is not None else pcm
-
-    def _process(self, chunk: bytes) -> RecognitionResult | None:
-        """Worker thread: convert and decode ``chunk``; maybe produce an interim."""
-        assert self._item is not None
-        decoder = self._item[0]
-        pcm = self._to_decoder_pcm(chunk)
-        self._input_bytes += len(chunk)
-        step = self._slice_bytes
-        try:
-            for start in range(0, len(pcm), step):
-                decoder.process_raw(pcm[start : start + step], False, False)
-            self._decoded_samples += len(pcm) // 2
-            interval = DECODER_RATE * self._owner.interim_interval_ms // 1000
-            if self._decoded_samples - self._last_interim_samples < max(interval, 1):
-                return None
-            self._last_interim_samples = self._decoded_samples
-            hyp = decoder.hyp()
-        except RuntimeError as exc:
-            raise RecognitionError(f"pocketsphinx failed: {exc}") from exc
-        text = " ".join(hyp.hypstr.split()) if hyp is not None else ""
-        if not text or text == self._last_text:
-            return None
-        self._last_text = text
-        return RecognitionResult(text, 0.0, False, self._audio_ms())
-
-    def _end(self) -> RecognitionResult:
-        """Worker thread: end the utterance and read the final hypothesis."""
-        assert self._item is not None
-        decoder = self._item[0]
-        try:
-            decoder.end_utt()
-            hyp = decoder.hyp()
-            text = " ".join(hyp.hypstr.split()) if hyp is not None else ""
-            confidence = _confidence(decoder) if text else 0.0
-        except RuntimeError as exc:
-            raise RecognitionError(f"pocketsphinx failed: {exc}") from exc
-        return RecognitionResult(text, confidence, True, self._audio_ms())
-
-    def _abort(self) -> None:
-        """Worker thread: end a running utterance so the decoder can be reused."""
-        assert self._item is not None
-        self._item[0].end_utt()
-
-    def _release(self, reuse: bool) -> None:
-        item, self._item = self._item, None
-        if item is not None:
-            if reuse:
-                self._owner._pool.checkin(item)
-            self._limit.release()
+            self._dispose(engine)
+        self._limit.release()
 
     async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run ``fn`` on the worker pool, after any job of this stream still running.
+        """Run ``fn`` on a helper thread, after any job of this stream still running.
 
         A task cancelled while awaiting a job does not stop the job (it runs in
-        a thread); the next call waits for it, so a decoder is never used by
-        two threads at once.
+        a thread); the next call waits for it, so an engine never serves two
+        calls at once.
         """
         previous = self._inflight
         if previous is not None and not previous.done():
@@ -423,12 +702,13 @@ class PocketsphinxStream:
                 is then closed).
         """
         async with self._lock:
-            if self._item is None:
+            engine = self._engine
+            if engine is None:
                 raise RecognitionError("feed() on a finished or cancelled stream")
             if not chunk:
                 return None
             try:
-                return await self._call(self._process, bytes(chunk))
+                return await self._call(engine.feed, bytes(chunk))
             except (RecognitionError, AudioFormatError):
                 self._release(reuse=False)
                 raise
@@ -440,16 +720,13 @@ class PocketsphinxStream:
             RecognitionError: the stream is already closed or decoding failed.
         """
         async with self._lock:
-            if self._item is None:
+            engine = self._engine
+            if engine is None:
                 raise RecognitionError("finish() on a finished or cancelled stream")
             try:
-                result = await self._call(self._end)
-            except RecognitionError:
-                self._release(reuse=False)
-                raise
+                result = await self._call(engine.finish)
             except BaseException:
-                # cancelled while the worker ends the utterance: the decoder may
-                # still be in use, so it is not returned to the pool
+                # failed, or cancelled while the engine finishes: its state is unknown
                 self._release(reuse=False)
                 raise
             self._release(reuse=True)
@@ -458,10 +735,11 @@ class PocketsphinxStream:
     async def cancel(self) -> None:
         """Drop the utterance and return the decoder to the pool; idempotent."""
         async with self._lock:
-            if self._item is None:
+            engine = self._engine
+            if engine is None:
                 return
             try:
-                await self._call(self._abort)
+                await self._call(engine.abort)
             except Exception:
                 self._release(reuse=False)
                 return

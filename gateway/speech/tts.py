@@ -163,6 +163,8 @@ class _SsmlParser(HTMLParser):
             self._text.append(data)
 
     def close(self) -> None:
+        if self.rawdata.startswith("<"):  # an unfinished tag at the end is not spoken
+            self.rawdata = ""
         super().close()
         self._flush()
 

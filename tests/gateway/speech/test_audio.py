@@ -1,0 +1,284 @@
+"""Codecs, resampling and framing of gateway.speech.audio, on generated signals."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import random
+import struct
+import wave
+
+import pytest
+
+from gateway.speech import audio
+from gateway.speech.audio import AudioFormat, AudioFormatError, Pcm
+
+RATES = (8000, 16000, 22050, 44100, 48000)
+
+
+def sine(freq: float, rate: int, seconds: float = 1.0, amplitude: int = 12000) -> Pcm:
+    n = int(rate * seconds)
+    samples = (round(amplitude * math.sin(2 * math.pi * freq * i / rate)) for i in range(n))
+    return Pcm(struct.pack(f"<{n}h", *samples), rate)
+
+
+def samples(pcm: Pcm) -> tuple[int, ...]:
+    return struct.unpack(f"<{pcm.n_samples}h", pcm.data)
+
+
+def zero_crossing_hz(pcm: Pcm) -> float:
+    """Frequency of a pure tone estimated from its sign changes."""
+    xs = samples(pcm)
+    crossings = sum(1 for a, b in itertools.pairwise(xs) if (a < 0) != (b < 0))
+    return crossings / 2 / pcm.duration_s
+
+
+def snr_db(reference: Pcm, other: Pcm) -> float:
+    ref, out = samples(reference), samples(other)
+    signal = sum(x * x for x in ref)
+    noise = sum((x - y) ** 2 for x, y in zip(ref, out, strict=True))
+    return 10 * math.log10(signal / max(noise, 1))
+
+
+def wav_bytes(raw: bytes, *, rate: int, width: int, channels: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as writer:
+        writer.setnchannels(channels)
+        writer.setsampwidth(width)
+        writer.setframerate(rate)
+        writer.writeframes(raw)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- μ-law
+
+
+def test_mulaw_round_trip_error_is_small() -> None:
+    original = sine(440, 8000)
+    encoded = audio.pcm_to_mulaw(original)
+    assert len(encoded) == original.n_samples  # one byte per sample
+    decoded = audio.mulaw_to_pcm(encoded, 8000)
+    assert decoded.n_samples == original.n_samples
+    # G.711 μ-law is an 8-bit logarithmic code: about 38 dB SNR on a loud tone.
+    assert snr_db(original, decoded) > 30
+    worst = max(abs(a - b) for a, b in zip(samples(original), samples(decoded), strict=True))
+    assert worst <= 12000 / 16  # quantisation step near full scale is 1/16 of the level
+
+
+def test_decode_and_encode_raw_formats() -> None:
+    pcm = sine(300, 16000, 0.1)
+    mulaw_fmt = AudioFormat("MULAW", 8000)
+    wire = audio.encode(pcm, mulaw_fmt)
+    assert abs(len(wire) - 800) <= 1  # resampled to 8 kHz, 1 byte per sample
+    back = audio.decode(wire, mulaw_fmt)
+    assert back.sample_rate == 8000
+    assert back.n_samples == len(wire)
+    linear = AudioFormat("LINEAR16", 16000)
+    assert audio.decode(audio.encode(pcm, linear), linear) == pcm
+    assert linear.bytes_for_ms(20) == 640
+    assert mulaw_fmt.bytes_for_ms(20) == 160
+    assert mulaw_fmt.duration_ms(8000) == 1000
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"), [(16000, r) for r in RATES if r != 16000] + [(r, 16000) for r in RATES]
+)
+def test_resample_keeps_duration_and_frequency(src: int, dst: int) -> None:
+    tone = sine(1000, src)
+    out = audio.resample(tone, dst)
+    assert out.sample_rate == dst
+    assert abs(out.n_samples - tone.n_samples * dst / src) <= 0.01 * dst
+    assert zero_crossing_hz(out) == pytest.approx(1000, rel=0.01)
+
+
+def test_resample_supresses_aliasing_when_downsampling() -> None:
+    # 6 kHz is above the 4 kHz Nyquist limit of 8 kHz audio: it must not fold back loudly.
+    high = audio.resample(sine(6000, 22050), 8000)
+    passband = audio.resample(sine(1000, 22050), 8000)
+    level = [math.sqrt(sum(x * x for x in samples(p)) / p.n_samples) for p in (high, passband)]
+    assert level[0] < level[1] / 5
+
+
+def test_streaming_resampler_matches_one_shot_ratecv() -> None:
+    tone = sine(500, 8000, 0.5)
+    whole = audio.Resampler(8000, 16000).convert(tone.data)
+    streaming = audio.Resampler(8000, 16000)
+    parts = [streaming.convert(tone.data[i : i + 322]) for i in range(0, len(tone.data), 322)]
+    assert b"".join(parts) == whole
+    assert audio.resample(tone, 16000).data == whole  # upsampling uses the same filter
+
+
+# --------------------------------------------------------------------------- WAV
+
+
+def test_wav_round_trip_is_exact() -> None:
+    pcm = sine(440, 22050, 0.3)
+    data = audio.encode_wav(pcm)
+    assert data[:4] == b"RIFF"
+    assert data[8:12] == b"WAVE"
+    assert audio.decode_wav(data) == pcm
+    assert audio.decode_audio(data, "wav") == pcm
+
+
+def test_wav_stereo_is_downmixed() -> None:
+    left = samples(sine(440, 16000, 0.1))
+    raw = struct.pack(f"<{2 * len(left)}h", *(v for x in left for v in (x, x // 2)))
+    pcm = audio.decode_wav(wav_bytes(raw, rate=16000, width=2, channels=2))
+    assert pcm.n_samples == len(left)
+    mixed = samples(pcm)
+    assert all(abs(m - (x + x // 2) / 2) <= 1 for m, x in zip(mixed, left, strict=True))
+
+
+@pytest.mark.parametrize("width", [1, 3, 4])
+def test_wav_other_sample_widths_are_converted(width: int) -> None:
+    tone = sine(440, 16000, 0.1)
+    xs = samples(tone)
+    if width == 1:
+        raw = bytes((x >> 8) + 128 for x in xs)  # unsigned 8-bit
+    else:
+        raw = b"".join((x << (8 * (width - 2))).to_bytes(width, "little", signed=True) for x in xs)
+    pcm = audio.decode_wav(wav_bytes(raw, rate=16000, width=width, channels=1))
+    assert pcm.n_samples == tone.n_samples
+    assert snr_db(tone, pcm) > (30 if width == 1 else 90)
+
+
+def test_streaming_wav_header_is_read_to_the_end() -> None:
+    pcm = sine(440, 22050, 0.2)
+    data = bytearray(audio.encode_wav(pcm))
+    data[4:8] = (0x7FFFF024).to_bytes(4, "little")  # what espeak-ng --stdout writes
+    data[40:44] = (0x7FFFF000).to_bytes(4, "little")
+    assert audio.decode_wav(bytes(data)) == pcm
+
+
+# --------------------------------------------------------------------------- MP3
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100])
+def test_mp3_round_trip(rate: int) -> None:
+    tone = sine(700, rate)
+    data = audio.encode_mp3(tone)
+    assert data[:2] in (b"\xff\xf3", b"\xff\xfb", b"\xff\xe3", b"\xff\xf2", b"\xff\xe2")
+    assert len(data) < len(tone.data) / 1.5  # 64 kbit/s CBR against 16 bits per sample
+    pcm = audio.decode_mp3(data)
+    assert pcm.sample_rate == rate
+    # LAME adds encoder delay and padding: at most about three MP3 frames of 1152 samples.
+    assert tone.n_samples <= pcm.n_samples <= tone.n_samples + 3 * 1152
+    middle = Pcm(pcm.data[len(pcm.data) // 4 : 3 * len(pcm.data) // 4 // 2 * 2], rate)
+    assert zero_crossing_hz(middle) == pytest.approx(700, rel=0.02)
+    assert audio.decode_audio(data, "mp3").sample_rate == rate
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_truncated_wav_is_refused() -> None:
+    data = audio.encode_wav(sine(440, 16000, 0.5))
+    with pytest.raises(AudioFormatError, match=r"expected WAV.*truncated.*declares 8000 frames"):
+        audio.decode_wav(data[:1000])
+    with pytest.raises(AudioFormatError, match="expected WAV"):
+        audio.decode_wav(data[:30])  # inside the fmt chunk
+    with pytest.raises(AudioFormatError, match="expected WAV"):
+        audio.decode_wav(b"")
+
+
+def test_non_wav_and_unsupported_wav_are_refused() -> None:
+    with pytest.raises(AudioFormatError, match=r"expected WAV.*does not start with RIFF"):
+        audio.decode_wav(b"ID3\x04" + bytes(100))
+    good = audio.encode_wav(sine(440, 16000, 0.1))
+    float_wav = good[:20] + (3).to_bytes(2, "little") + good[22:]  # WAVE_FORMAT_IEEE_FLOAT
+    with pytest.raises(AudioFormatError, match=r"expected WAV.*unknown format: 3"):
+        audio.decode_wav(float_wav)
+    three = wav_bytes(bytes(600), rate=16000, width=2, channels=3)
+    with pytest.raises(AudioFormatError, match=r"expected WAV.*3 channels"):
+        audio.decode_wav(three)
+    odd_rate = wav_bytes(bytes(600), rate=12345, width=2, channels=1)
+    with pytest.raises(AudioFormatError, match=r"expected WAV.*unsupported sample rate 12345"):
+        audio.decode_wav(odd_rate)
+
+
+def test_random_bytes_are_not_mp3() -> None:
+    garbage = random.Random(1234).randbytes(4096)
+    with pytest.raises(AudioFormatError, match=r"expected MP3.*no decodable MP3 frames"):
+        audio.decode_mp3(garbage)
+    with pytest.raises(AudioFormatError, match=r"expected MP3.*empty"):
+        audio.decode_mp3(b"")
+    with pytest.raises(AudioFormatError, match="expected MP3"):
+        audio.decode_audio(audio.encode_wav(sine(440, 16000, 0.1)), "mp3")
+
+
+def test_odd_length_pcm_is_refused() -> None:
+    with pytest.raises(AudioFormatError, match=r"expected LINEAR16.*odd length 3 bytes"):
+        Pcm(b"\x00\x01\x02", 16000)
+    with pytest.raises(AudioFormatError, match="expected LINEAR16"):
+        audio.decode(b"\x00" * 5, AudioFormat("LINEAR16", 8000))
+    with pytest.raises(AudioFormatError, match="expected LINEAR16"):
+        audio.Resampler(8000, 16000).convert(b"\x00" * 3)
+
+
+@pytest.mark.parametrize("rate", [0, 7999, 12345, 96000])
+def test_unsupported_rates_are_refused(rate: int) -> None:
+    with pytest.raises(
+        AudioFormatError, match=rf"expected LINEAR16.*unsupported sample rate {rate}"
+    ):
+        Pcm(b"", rate)
+    with pytest.raises(AudioFormatError, match=rf"expected MULAW.*unsupported sample rate {rate}"):
+        AudioFormat("MULAW", rate)
+    with pytest.raises(AudioFormatError, match="unsupported sample rate"):
+        audio.resample(sine(440, 16000, 0.01), rate)
+
+
+def test_unknown_encoding_and_container_are_refused() -> None:
+    with pytest.raises(AudioFormatError, match="expected LINEAR16 or MULAW"):
+        AudioFormat("OPUS", 16000)  # type: ignore[arg-type]
+    with pytest.raises(AudioFormatError, match="expected one of wav, mp3"):
+        audio.decode_audio(b"", "ogg")  # type: ignore[arg-type]
+    with pytest.raises(AudioFormatError, match="expected MULAW: a sample rate is needed"):
+        audio.decode_audio(b"\xff", "mulaw")
+
+
+def test_audio_format_error_is_a_value_error() -> None:
+    assert issubclass(AudioFormatError, ValueError)
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def test_frames_split_and_pad() -> None:
+    data = bytes(range(256)) * 3  # 768 bytes
+    frames = list(audio.frames(data, 8000, 20, sample_width=1))  # μ-law: 160 bytes
+    assert [len(f) for f in frames] == [160] * 4
+    assert b"".join(frames) == data[:640]
+    padded = list(audio.frames(data, 8000, 20, sample_width=1, pad=True))
+    assert len(padded) == 5
+    assert padded[-1] == data[640:] + b"\xff" * 32
+    pcm_frames = list(audio.frames(bytes(1000), 16000, 30, pad=True))
+    assert [len(f) for f in pcm_frames] == [960, 960]
+
+
+def test_frame_length_must_be_whole_samples() -> None:
+    with pytest.raises(AudioFormatError, match="whole samples"):
+        audio.frame_bytes(22050, 10)
+    assert audio.frame_bytes(22050, 20) == 882
+
+
+def test_frame_buffer_keeps_the_remainder() -> None:
+    buf = audio.FrameBuffer(8000, 20, sample_width=1)
+    assert buf.push(b"\x01" * 100) == []
+    assert buf.pending == 100
+    out = buf.push(b"\x02" * 250)
+    assert out == [b"\x01" * 100 + b"\x02" * 60, b"\x02" * 160]
+    assert buf.pending == 30
+    buf.clear()
+    assert buf.pending == 0
+
+
+def test_silence_and_durations() -> None:
+    quiet = audio.silence(250, 16000)
+    assert quiet.n_samples == 4000
+    assert quiet.duration_ms == 250
+    assert quiet.duration_s == 0.25
+    assert set(quiet.data) == {0}

@@ -1,0 +1,301 @@
+"""Synthesizers, SSML handling and the TTS file cache (gateway.speech.tts, tts_cache)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.speech import audio
+from gateway.speech.audio import Pcm
+from gateway.speech.tts import (
+    MAX_TEXT_CHARS,
+    EspeakSynthesizer,
+    Pause,
+    PiperSynthesizer,
+    SynthesisError,
+    Synthesizer,
+    default_piper_model,
+    make_synthesizer,
+    parse_ssml,
+    ssml_to_text,
+)
+from gateway.speech.tts_cache import (
+    MEDIA_TYPES,
+    MemoryTtsCache,
+    RedisTtsCache,
+    TtsCache,
+    TtsFileFormat,
+    is_tts_id,
+    synthesize_to_file,
+    tts_id,
+)
+
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def peak(pcm: Pcm) -> int:
+    return max(
+        abs(int.from_bytes(pcm.data[i : i + 2], "little", signed=True))
+        for i in range(0, len(pcm.data), 2)
+    )
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def test_piper_gives_speech_at_the_voice_rate(
+    piper: PiperSynthesizer, corpus: dict[str, Pcm]
+) -> None:
+    assert isinstance(piper, Synthesizer)
+    assert piper.voice == "piper:en_US-joe-medium;noise=0.0,noise_w=0.0"
+    assert PiperSynthesizer().voice == "piper:en_US-joe-medium"
+    assert piper.sample_rate == 22050
+    assert piper.model_path == default_piper_model()
+    for text, pcm in corpus.items():
+        assert pcm.sample_rate == 22050
+        assert 0.8 < pcm.duration_s < 4.0, text
+        assert peak(pcm) > 5000, text
+
+
+async def test_espeak_gives_speech_at_22050_hz() -> None:
+    synth = EspeakSynthesizer()
+    assert isinstance(synth, Synthesizer)
+    assert synth.voice == "espeak-ng:en-us"
+    pcm = await synth.synthesize("tell me about this place")
+    assert pcm.sample_rate == 22050
+    assert 0.8 < pcm.duration_s < 4.0
+    assert peak(pcm) > 5000
+
+
+async def test_espeak_text_is_an_argument_not_options() -> None:
+    synth = EspeakSynthesizer()
+    pcm = await synth.synthesize("-v xx --help; $(echo hi)")
+    assert pcm.duration_s > 0.5  # spoken, not taken as options or shell
+
+
+async def test_espeak_speed_changes_duration() -> None:
+    slow = await EspeakSynthesizer(speed_wpm=100).synthesize("one two three four five")
+    fast = await EspeakSynthesizer(speed_wpm=300).synthesize("one two three four five")
+    assert EspeakSynthesizer(speed_wpm=100).voice == "espeak-ng:en-us;wpm=100"
+    assert slow.duration_s > 1.5 * fast.duration_s
+
+
+@pytest.mark.parametrize("native", [True, False])
+async def test_espeak_ssml_break_is_a_pause(native: bool) -> None:
+    synth = EspeakSynthesizer(native_ssml=native)
+    plain = await synth.synthesize("<speak>Hello world</speak>", ssml=True)
+    paused = await synth.synthesize('<speak>Hello <break time="1500ms"/> world</speak>', ssml=True)
+    extra = paused.duration_s - plain.duration_s
+    if native:  # espeak-ng renders the break itself
+        assert extra > 1.2
+    else:  # flattened to "Hello, world": a comma's pause
+        assert extra > 0.05
+
+
+async def test_piper_ssml_break_inserts_silence(piper: PiperSynthesizer) -> None:
+    plain = await piper.synthesize("Hello there", ssml=False)
+    paused = await piper.synthesize('<speak>Hello <break time="700ms"/> there</speak>', ssml=True)
+    assert paused.duration_ms - plain.duration_ms > 500
+    only_break = await piper.synthesize('<speak><break time="250ms"/></speak>', ssml=True)
+    assert only_break == audio.silence(250, 22050)
+
+
+async def test_blank_text_gives_empty_audio(piper: PiperSynthesizer) -> None:
+    assert (await piper.synthesize("   ")).n_samples == 0
+    assert (await EspeakSynthesizer().synthesize("\n")).n_samples == 0
+
+
+async def test_engine_errors_are_synthesis_errors(tmp_path: Path) -> None:
+    with pytest.raises(SynthesisError, match="voice does not exist"):
+        await EspeakSynthesizer("xx-nonexistent").synthesize("hello")
+    with pytest.raises(SynthesisError, match="not found"):
+        await EspeakSynthesizer(executable="no-such-espeak").synthesize("hello")
+    missing = PiperSynthesizer(tmp_path / "missing.onnx")
+    assert missing.voice == "piper:missing"
+    with pytest.raises(SynthesisError, match="cannot load Piper voice"):
+        await missing.synthesize("hello")
+    with pytest.raises(ValueError, match="exceeds"):
+        await EspeakSynthesizer().synthesize("a" * (MAX_TEXT_CHARS + 1))
+    with pytest.raises(ValueError, match="invalid espeak-ng voice"):
+        EspeakSynthesizer("--help")
+
+
+def test_make_synthesizer() -> None:
+    piper = make_synthesizer("piper", None)
+    assert isinstance(piper, PiperSynthesizer)
+    assert piper.voice == "piper:en_US-joe-medium"
+    custom = make_synthesizer("Piper", "/models/de_DE-thorsten-high.onnx")
+    assert custom.voice == "piper:de_DE-thorsten-high"
+    assert make_synthesizer("espeak-ng", None).voice == "espeak-ng:en-us"
+    assert make_synthesizer("espeak", "en-gb").voice == "espeak-ng:en-gb"
+    with pytest.raises(ValueError, match="unknown TTS provider 'polly'"):
+        make_synthesizer("polly", None)
+
+
+# --------------------------------------------------------------------------- SSML
+
+
+def test_ssml_to_text() -> None:
+    assert ssml_to_text('<speak>Hello <break time="1s"/> world &amp; you</speak>') == (
+        "Hello, world & you"
+    )
+    assert ssml_to_text("plain text, no markup") == "plain text, no markup"
+    assert (
+        ssml_to_text("<speak><p>First paragraph</p><p><s>One</s><s>Two!</s></p></speak>")
+        == "First paragraph. One. Two!"
+    )
+    assert (
+        ssml_to_text(
+            '<speak><prosody rate="slow">Slow <emphasis>words</emphasis></prosody> '
+            '<say-as interpret-as="digits">123</say-as> <sub alias="World Wide Web">WWW</sub> '
+            '<amazon:effect name="whispered">quiet</amazon:effect></speak>'
+        )
+        == "Slow words 123 World Wide Web quiet"
+    )
+    assert ssml_to_text('<speak>End.<break strength="strong"/>Next</speak>') == "End. Next"
+    assert ssml_to_text('<speak>a<break time="0ms"/>b</speak>') == "a b"
+    assert ssml_to_text("<speak><audio src='x.mp3'><desc>a bell</desc>ding</audio></speak>") == (
+        "ding"
+    )
+
+
+def test_malformed_ssml_never_raises() -> None:
+    assert ssml_to_text("<speak>Hello <break time='1s' world") == "Hello"
+    assert ssml_to_text("Fish & chips < 5 pounds") == "Fish & chips < 5 pounds"
+    assert ssml_to_text("<speak><p>unclosed <emphasis>tags") == "unclosed tags"
+
+
+def test_parse_ssml_pauses() -> None:
+    assert parse_ssml(
+        '<speak>a <break/> b <break time="1.5s"/> c <break time="200ms"/>'
+        '<break strength="x-weak"/><break time="99s"/></speak>'
+    ) == ["a", Pause(500), "b", Pause(1500), "c", Pause(200), Pause(100), Pause(10_000)]
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class CountingSynth:
+    """A real synthesizer that counts how often it is asked to synthesize."""
+
+    def __init__(self, inner: Synthesizer) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    @property
+    def voice(self) -> str:
+        return self.inner.voice
+
+    async def synthesize(self, text: str, *, ssml: bool = False) -> Pcm:
+        self.calls += 1
+        return await self.inner.synthesize(text, ssml=ssml)
+
+
+def test_tts_id_depends_on_every_part() -> None:
+    base = tts_id("hello", ssml=False, voice="espeak-ng:en-us", fmt="mp3")
+    assert is_tts_id(base)
+    assert base == tts_id("hello", ssml=False, voice="espeak-ng:en-us", fmt="mp3")
+    others = {
+        tts_id("hello!", ssml=False, voice="espeak-ng:en-us", fmt="mp3"),
+        tts_id("hello", ssml=True, voice="espeak-ng:en-us", fmt="mp3"),
+        tts_id("hello", ssml=False, voice="espeak-ng:en-gb", fmt="mp3"),
+        tts_id("hello", ssml=False, voice="espeak-ng:en-us", fmt="wav"),
+    }
+    assert base not in others
+    assert len(others) == 4
+    assert not is_tts_id("../../etc/passwd")
+    assert not is_tts_id(base.upper())
+    with pytest.raises(ValueError, match="unknown TTS file format"):
+        tts_id("x", ssml=False, voice="v", fmt="ogg")  # type: ignore[arg-type]
+
+
+async def test_memory_cache_is_lru_by_bytes() -> None:
+    cache = MemoryTtsCache(max_bytes=10)
+    assert isinstance(cache, TtsCache)
+    await cache.put("a", b"1234")
+    await cache.put("b", b"5678")
+    assert await cache.get("a") == b"1234"  # "a" is now the most recently used
+    await cache.put("c", b"90")
+    assert cache.size == 10
+    await cache.put("d", b"x")  # over 10 bytes: evicts "b", the least recently used
+    assert await cache.get("b") is None
+    assert await cache.get("a") == b"1234"
+    assert cache.size == 7
+    await cache.put("big", b"y" * 11)  # larger than the whole cache: not stored
+    assert await cache.get("big") is None
+    await cache.put("a", b"12")  # replacing updates the size
+    assert cache.size == 5
+    assert len(cache) == 3
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "wav", "mulaw"])
+async def test_synthesize_to_file_caches_by_id(fmt: TtsFileFormat) -> None:
+    synth = CountingSynth(EspeakSynthesizer())
+    cache = MemoryTtsCache()
+    first = await synthesize_to_file(synth, cache, "Your table is booked.", fmt)
+    second = await synthesize_to_file(synth, cache, "Your table is booked.", fmt)
+    assert (
+        first
+        == second
+        == tts_id("Your table is booked.", ssml=False, voice="espeak-ng:en-us", fmt=fmt)
+    )
+    assert synth.calls == 1
+    data = await cache.get(first)
+    assert data is not None
+    if fmt == "mp3":
+        pcm = audio.decode_mp3(data)
+        assert pcm.sample_rate == 22050
+    elif fmt == "wav":
+        pcm = audio.decode_wav(data)
+        assert pcm.sample_rate == 22050
+    else:
+        pcm = audio.mulaw_to_pcm(data, 8000)
+    assert pcm.duration_s > 0.8
+    assert fmt in MEDIA_TYPES
+
+    other = await synthesize_to_file(
+        synth, cache, "<speak>Your table is booked.</speak>", fmt, ssml=True
+    )
+    assert other != first
+    assert synth.calls == 2
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except OSError as exc:  # pragma: no cover - the machine's Redis is down
+        await client.aclose()
+        pytest.fail(f"Redis at {REDIS_URL} is not reachable: {exc}")
+    yield client
+    await client.aclose()
+
+
+async def test_redis_cache_stores_with_ttl(redis_client: Redis) -> None:
+    prefix = f"test:speech:{uuid.uuid4().hex}:"
+    cache = RedisTtsCache(redis_client, prefix=prefix, ttl_s=120)
+    assert isinstance(cache, TtsCache)
+    try:
+        synth = CountingSynth(EspeakSynthesizer())
+        file_id = await synthesize_to_file(synth, cache, "Hello from Redis.", "mp3")
+        assert await synthesize_to_file(synth, cache, "Hello from Redis.", "mp3") == file_id
+        assert synth.calls == 1
+        stored = await cache.get(file_id)
+        assert stored is not None
+        assert audio.decode_mp3(stored).duration_s > 0.5
+        ttl = await redis_client.ttl(f"{prefix}{file_id}")
+        assert 0 < ttl <= 120
+        assert await cache.get("0" * 64) is None
+        await cache.put("0" * 64, b"abc")
+        assert await cache.get("0" * 64) == b"abc"
+    finally:
+        keys = [key async for key in redis_client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await redis_client.delete(*keys)
+    assert [key async for key in redis_client.scan_iter(match=f"{prefix}*")] == []
