@@ -14,14 +14,17 @@ from starlette.requests import Request
 
 from adapters.flowstorm_v1.routes import router as flowstorm_v1_router
 from adapters.flowstorm_v2.routes import router as flowstorm_v2_router
+from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
+from gateway.files import router as files_router
 from gateway.httputil import problem
 from gateway.middleware import RequestIdMiddleware
 from gateway.pipeline import make_pipeline
 from gateway.pipeline.http import PipelineRequest, PipelineResponse
-from gateway.sessions import StoreUnavailable, make_store
+from gateway.sessions import RedisSessionStore, StoreUnavailable, make_store
 from gateway.settings import Settings
+from gateway.speech.service import make_speech
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +43,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = make_store(
             settings.redis_url, settings.redis_prefix, settings.redis_max_connections
         )
+        redis = store.redis if isinstance(store, RedisSessionStore) else None
+        bus: Bus = RedisBus(redis, prefix=settings.redis_prefix) if redis else MemoryBus()
+        speech = make_speech(settings, redis)
         pipeline = make_pipeline(settings)
-        conversation = Conversation(store, pipeline, settings)
-        app.state.gateway = Gateway(settings, store, pipeline, conversation)
+        conversation = Conversation(store, pipeline, settings, speech)
+        app.state.gateway = Gateway(settings, store, pipeline, conversation, speech, bus)
         log.info(
             "gateway ready: store=%s pipeline=%s",
             type(store).__name__,
@@ -55,6 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if left:
                 log.warning("%d turns were still running at shutdown", left)
             await pipeline.aclose()
+            await speech.aclose()
+            await bus.aclose()
             await store.aclose()
 
     app = FastAPI(
@@ -66,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.include_router(flowstorm_v2_router)
     app.include_router(flowstorm_v1_router)
+    app.include_router(files_router)
 
     @app.get("/healthz", tags=["operations"], summary="The process is up")
     async def healthz() -> dict[str, str]:

@@ -27,10 +27,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gateway.events import (
     ERROR,
+    BinaryEvent,
     ErrorEvent,
     Input,
     LogEntry,
@@ -52,6 +53,9 @@ from gateway.sessions import (
     StoreUnavailable,
 )
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.speech.service import SpeechService, TtsRequest
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +93,8 @@ class TurnContext:
     of another. ``create`` allows a turn to start an unknown session. ``config``
     is the client's channel configuration, stored with the session;
     ``attributes`` are client attributes merged into the session's; ``logs``
-    are client log entries to store with it.
+    are client log entries to store with it. ``tts`` asks for each item's speech:
+    an audio link in the item, or the encoded audio as a BinaryEvent after it.
     """
 
     channel: str
@@ -103,6 +108,7 @@ class TurnContext:
     config: Mapping[str, Any] = field(default_factory=dict)
     attributes: Mapping[str, Any] = field(default_factory=dict)
     logs: Sequence[LogEntry] = ()
+    tts: TtsRequest | None = None
 
     @property
     def key(self) -> str:
@@ -155,10 +161,17 @@ class Conversation:
     pipeline's Response sets ``sessionTimeout``.
     """
 
-    def __init__(self, store: SessionStore, pipeline: Pipeline, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        pipeline: Pipeline,
+        settings: Settings,
+        speech: SpeechService | None = None,
+    ) -> None:
         self.store = store
         self.pipeline = pipeline
         self.settings = settings
+        self.speech = speech
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -228,7 +241,7 @@ class Conversation:
             if started:
                 out.put_nowait(SessionStartedEvent(session_id=session.id))
 
-            result = await self._process(session, input, out)
+            result = await self._process(session, input, out, ctx.tts)
             if isinstance(result, ErrorEvent):
                 session.client_state = ClientState.FAILED
                 txn.save(session, session.timeout_s)
@@ -269,11 +282,11 @@ class Conversation:
             del session.logs[:overflow]
 
     async def _process(
-        self, session: Session, input: Input, out: asyncio.Queue[object]
+        self, session: Session, input: Input, out: asyncio.Queue[object], tts: TtsRequest | None
     ) -> tuple[Session, Response] | ErrorEvent:
         """Run the pipeline on a copy of ``session``; the copy and Response, or an ErrorEvent."""
         try:
-            return await self._pipeline_turn(session, input, out)
+            return await self._pipeline_turn(session, input, out, tts)
         except PipelineError as exc:
             failure = str(exc)
         except TimeoutError:
@@ -281,13 +294,17 @@ class Conversation:
         log.warning("pipeline failed in session %s: %s", session.key, failure)
         if self.settings.error_turn and input.action != ERROR:
             try:
-                return await self._pipeline_turn(session, Input.of(ERROR), out)
+                return await self._pipeline_turn(session, Input.of(ERROR), out, tts)
             except (PipelineError, TimeoutError) as exc:
                 log.warning("the #error turn failed too in session %s: %s", session.key, exc)
         return ErrorEvent(text=failure, source="pipeline")
 
     async def _pipeline_turn(
-        self, session: Session, input: Input, out: asyncio.Queue[object]
+        self,
+        session: Session,
+        input: Input,
+        out: asyncio.Queue[object],
+        tts: TtsRequest | None,
     ) -> tuple[Session, Response]:
         work = session.model_copy(deep=True)
         items: list[ResponseItem] = []
@@ -295,19 +312,30 @@ class Conversation:
         async with asyncio.timeout(self.settings.turn_timeout_s):
             async for produced in self.pipeline.process(work, input):
                 if isinstance(produced, ResponseItem):
-                    items.append(produced)
-                    out.put_nowait(ResponseItemEvent(response_item=produced))
+                    items.append(await self._emit(produced, out, tts))
                 elif isinstance(produced, Response):
                     response = produced
                     break
                 else:
                     raise PipelineError(f"the pipeline produced a {type(produced).__name__}")
-        response = response or Response()
-        for item in response.items:
-            out.put_nowait(ResponseItemEvent(response_item=item))
-        response.items = items + response.items
+            response = response or Response()
+            for item in response.items:
+                items.append(await self._emit(item, out, tts))
+        response.items = items
         response.locale = response.locale or work.locale
         return work, response
+
+    async def _emit(
+        self, item: ResponseItem, out: asyncio.Queue[object], tts: TtsRequest | None
+    ) -> ResponseItem:
+        """Hand out one item (with its speech when asked for); the item as sent."""
+        audio = None
+        if tts is not None and self.speech is not None:
+            item, audio = await self.speech.voice_item(item, tts)
+        out.put_nowait(ResponseItemEvent(response_item=item))
+        if audio is not None:
+            out.put_nowait(BinaryEvent(data=audio))
+        return item
 
     def _apply_response(self, session: Session, response: Response) -> bool:
         """Update ``session`` after a successful turn; True when it is to be deleted."""

@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
 
+from gateway.bus import Bus
 from gateway.conversation import Conversation
 from gateway.pipeline.base import Pipeline
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
 
+if TYPE_CHECKING:
+    from gateway.speech.service import SpeechService
+
 
 @dataclass
 class Gateway:
-    """Everything routes may use: settings and the turn engine (never the store directly)."""
+    """Everything routes may use: settings, the turn engine, speech and the bus.
+
+    Routes never use the store or the pipeline directly: turns go through
+    ``conversation``.
+    """
 
     settings: Settings
     store: SessionStore
     pipeline: Pipeline
     conversation: Conversation
+    speech: SpeechService
+    bus: Bus
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:

@@ -352,9 +352,17 @@ class RecognizedEvent(Event):
 
 # ------------------------------------------------------------------- unions
 
-TurnEvent = SessionStartedEvent | ResponseItemEvent | ResponseEvent | ErrorEvent | SessionEndedEvent
+TurnEvent = (
+    SessionStartedEvent
+    | ResponseItemEvent
+    | BinaryEvent
+    | ResponseEvent
+    | ErrorEvent
+    | SessionEndedEvent
+)
 """What the turn engine hands an adapter, in order: SessionStarted (new sessions
-only), ResponseItem*, then Response or Error, then SessionEnded when it ended."""
+only), ResponseItem* (each followed by a Binary of its audio when the turn asked
+for audio), then Response or Error, then SessionEnded when it ended."""
 
 V2ClientEvent = Annotated[
     InputEvent | BinaryEvent | InputStreamCloseEvent | LogEvent,

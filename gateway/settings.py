@@ -6,9 +6,9 @@ memory sessions, the demo pipeline, no network and no keys.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -70,6 +70,102 @@ class Settings(BaseSettings):
     )
     max_log_entries: int = Field(default=500, gt=0, description="Client log entries kept.")
 
+    # Speech: recognition, synthesis, endpointing
+    stt_max_streams: int = Field(
+        default=4, gt=0, description="Concurrent recognitions (each a pocketsphinx worker)."
+    )
+    tts_provider: Literal["piper", "espeak-ng"] = Field(
+        default="piper", description="`piper` (neural, offline) or `espeak-ng` (lighter)."
+    )
+    tts_voice: str | None = Field(
+        default=None,
+        description="Piper: path of an .onnx voice (default the en_US joe voice); "
+        "espeak-ng: a voice name (default en-us).",
+    )
+    tts_cache_ttl_s: int = Field(default=86_400, gt=0, description="Life of a TTS file in Redis.")
+    tts_cache_max_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="Memory TTS cache size (no Redis)."
+    )
+    vad_aggressiveness: int = Field(default=2, ge=0, le=3, description="WebRTC VAD mode 0..3.")
+    vad_min_speech_ms: int = Field(
+        default=150, ge=0, description="Voiced audio that starts speech (noise stays below)."
+    )
+    vad_trailing_silence_ms: int = Field(
+        default=700, gt=0, description="Silence after speech that ends an utterance."
+    )
+    silence_timeout_ms: int = Field(
+        default=5000, gt=0, description="No speech for this long gives the `#silence` input."
+    )
+    max_audio_s: float = Field(
+        default=30.0, gt=0, description="Longest utterance accepted (audio time)."
+    )
+    max_audio_bytes: int = Field(
+        default=16 * 1024 * 1024, gt=0, description="Largest audio request body (V2 files)."
+    )
+
+    # Alexa, Google, Dialogflow
+    alexa_verify: bool = Field(
+        default=True,
+        description="Verify Alexa request signatures; `false` only for local development.",
+    )
+    alexa_skill_ids: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        description="Comma-separated skill ids (applicationId) served on /alexa; with "
+        "verification on and none set, /alexa refuses requests (503).",
+    )
+    alexa_catch_all_intent: str = Field(
+        default="CatchAllIntent",
+        min_length=1,
+        description="Intent whose AMAZON.SearchQuery slot carries the user's free text.",
+    )
+    alexa_catch_all_slot: str = Field(
+        default="query", min_length=1, description="The catch-all intent's slot name."
+    )
+    alexa_deadline_s: float = Field(
+        default=6.5,
+        gt=0,
+        lt=8,
+        description="Time /alexa gives a turn before answering 'still working' (Alexa waits 8 s).",
+    )
+    google_verify: bool = Field(
+        default=True,
+        description="Verify the Google-Assistant-Signature JWT on /google; `false` only for "
+        "local development.",
+    )
+    google_project_ids: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        description="Comma-separated Actions project ids (the JWT audience); with "
+        "verification on and none set, /google refuses requests (503).",
+    )
+    google_deadline_s: float = Field(
+        default=9.0,
+        gt=0,
+        lt=10,
+        description="Time /google gives a turn before answering 'still working' (Google: 10 s).",
+    )
+    dialogflow_auth: SecretStr | None = Field(
+        default=None,
+        description="`basic:USER:PASSWORD` or `bearer:TOKEN` required on /dialogflow; unset "
+        "means no check.",
+    )
+    dialogflow_deadline_s: float = Field(
+        default=4.5,
+        gt=0,
+        lt=30,
+        description="Time /dialogflow gives a turn before answering 'still working' "
+        "(Dialogflow ES waits 5 s, CX 5 s by default).",
+    )
+    voice_still_working_text: str = Field(
+        default="I am still working on that. Please ask me again in a moment.",
+        min_length=1,
+        description="Said by voice assistants when a turn outlives the platform's deadline.",
+    )
+    voice_error_text: str = Field(
+        default="Sorry, something went wrong. Please try again.",
+        min_length=1,
+        description="Said by voice assistants when the core pipeline or the gateway failed.",
+    )
+
     @field_validator("app_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -82,3 +178,22 @@ class Settings(BaseSettings):
         if not key:
             return False
         return not self.app_keys or key in self.app_keys
+
+    @field_validator("alexa_skill_ids", "google_project_ids", mode="before")
+    @classmethod
+    def _split_ids(cls, value: object) -> object:
+        if isinstance(value, str):
+            return frozenset(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @field_validator("dialogflow_auth", mode="after")
+    @classmethod
+    def _check_dialogflow_auth(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        scheme, _, rest = value.get_secret_value().partition(":")
+        if scheme.lower() == "basic" and ":" in rest and rest.split(":", 1)[0]:
+            return value
+        if scheme.lower() == "bearer" and rest:
+            return value
+        raise ValueError("must be basic:USER:PASSWORD or bearer:TOKEN")

@@ -29,6 +29,10 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.settings import Settings
+from gateway.speech.audio import Pcm
+from gateway.speech.stt import PocketsphinxRecognizer
+from gateway.speech.tts import PiperSynthesizer
+from tests.speech import SENTENCES
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -182,3 +186,30 @@ def gateway_processes() -> Iterator[list[GatewayProcess]]:
     yield procs
     for proc in procs:
         proc.stop(signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ speech
+
+
+@pytest.fixture(scope="session")
+def piper() -> PiperSynthesizer:
+    """The default Piper voice (joe), deterministic: no sampling noise."""
+    return PiperSynthesizer(noise_scale=0.0, noise_w_scale=0.0)
+
+
+@pytest.fixture(scope="session")
+def corpus(piper: PiperSynthesizer) -> dict[str, Pcm]:
+    """Each of SENTENCES spoken by Piper: 16-bit mono PCM at 22050 Hz, no padding."""
+
+    async def synthesize_all() -> dict[str, Pcm]:
+        return {text: await piper.synthesize(text) for text in SENTENCES}
+
+    return asyncio.run(synthesize_all())
+
+
+@pytest.fixture(scope="session")
+def recognizer() -> Iterator[PocketsphinxRecognizer]:
+    """One PocketSphinx recognizer (pooled decoders) for all STT tests."""
+    rec = PocketsphinxRecognizer(max_streams=3)
+    yield rec
+    asyncio.run(rec.aclose())

@@ -19,26 +19,10 @@ from gateway.speech.stt import (
     Recognizer,
     recognize,
 )
+from tests.speech import wer, word_errors
 
 MAX_WER = 0.34
 PAD_MS = 300
-
-
-def word_errors(reference: str, hypothesis: str) -> int:
-    """Levenshtein distance between the word sequences (substitutions, insertions, deletions)."""
-    ref, hyp = reference.split(), hypothesis.split()
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        previous, row = row, [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (r != h))
-    return row[-1]
-
-
-def wer(pairs: list[tuple[str, str]]) -> float:
-    """Corpus word error rate: total word errors / total reference words."""
-    errors = sum(word_errors(ref, hyp) for ref, hyp in pairs)
-    return errors / sum(len(ref.split()) for ref, _ in pairs)
 
 
 def test_wer_helper() -> None:

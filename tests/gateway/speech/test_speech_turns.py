@@ -1,0 +1,159 @@
+"""Speech in turns: TTS links and audio from the turn engine, and GET /file/tts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.conversation import Conversation, TurnContext
+from gateway.events import BinaryEvent, Input, ResponseEvent, ResponseItem, ResponseItemEvent
+from gateway.pipeline import DemoPipeline
+from gateway.sessions import MemorySessionStore
+from gateway.settings import Settings
+from gateway.speech.audio import decode_mp3, decode_wav
+from gateway.speech.listener import ListenOptions
+from gateway.speech.service import SpeechService, TtsRequest, speakable
+from gateway.speech.stt import PocketsphinxRecognizer
+from gateway.speech.tts import EspeakSynthesizer, PiperSynthesizer, Synthesizer
+from gateway.speech.tts_cache import MemoryTtsCache
+from tests.conftest import serve
+
+PUBLIC = "https://gateway.example.com"
+
+
+def service(synth: Synthesizer, recognizer: PocketsphinxRecognizer) -> SpeechService:
+    return SpeechService(
+        recognizer_factory=lambda: recognizer,
+        synthesizer=synth,
+        cache=MemoryTtsCache(),
+        public_url=PUBLIC + "/",
+        listen_defaults=ListenOptions(),
+    )
+
+
+def engine(speech: SpeechService) -> Conversation:
+    return Conversation(MemorySessionStore(), DemoPipeline(), Settings(), speech)
+
+
+def ctx(tts: TtsRequest | None) -> TurnContext:
+    return TurnContext(channel="test", session_id="s", app_key="k", tts=tts)
+
+
+async def test_links_mode_puts_a_downloadable_link_in_each_item(
+    piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer
+) -> None:
+    speech = service(piper, recognizer)
+    events = (
+        await engine(speech).turn(ctx(TtsRequest("links", "mp3")), Input.of("#intro")).collect()
+    )
+    items = [e.response_item for e in events if isinstance(e, ResponseItemEvent)]
+    assert len(items) == 2
+    for item in items:
+        assert item.audio is not None
+        assert item.audio.startswith(f"{PUBLIC}/file/tts/")
+        assert item.audio.endswith(".mp3")
+        file_id = item.audio.rsplit("/", 1)[1].removesuffix(".mp3")
+        data = await speech.cache.get(file_id)
+        assert data is not None
+        assert decode_mp3(data).duration_s > 0.5
+    response = events[-1]
+    assert isinstance(response, ResponseEvent)
+    assert [i.audio for i in response.response.items] == [i.audio for i in items]
+    assert not any(isinstance(e, BinaryEvent) for e in events)
+
+
+async def test_audio_mode_sends_each_items_audio_after_it(
+    piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer
+) -> None:
+    events = (
+        await engine(service(piper, recognizer))
+        .turn(ctx(TtsRequest("audio", "wav")), Input.of("#intro"))
+        .collect()
+    )
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == [
+        "SessionStartedEvent",
+        "ResponseItemEvent",
+        "BinaryEvent",
+        "ResponseItemEvent",
+        "BinaryEvent",
+        "ResponseEvent",
+    ]
+    for event in events:
+        if isinstance(event, BinaryEvent):
+            assert decode_wav(event.data).duration_s > 0.5
+        if isinstance(event, ResponseItemEvent):
+            assert event.response_item.audio is None
+
+
+async def test_no_tts_requested_means_no_audio(
+    piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer
+) -> None:
+    events = await engine(service(piper, recognizer)).turn(ctx(None), Input.of("hi")).collect()
+    assert all(e.response_item.audio is None for e in events if isinstance(e, ResponseItemEvent))
+
+
+def test_what_is_spoken() -> None:
+    assert speakable(ResponseItem(text="Hello.")) == "Hello."
+    assert speakable(ResponseItem(text="Hi", ssml="<speak>Hi</speak>")) == "<speak>Hi</speak>"
+    assert speakable(ResponseItem(text="#volume", code="up")) is None
+    assert speakable(ResponseItem(text="Listen", audio="https://x/y.mp3")) is None
+    assert speakable(ResponseItem(image="https://x/y.png")) is None
+
+
+async def test_failed_synthesis_still_answers(recognizer: PocketsphinxRecognizer) -> None:
+    broken = EspeakSynthesizer(executable="/nonexistent/espeak-ng")
+    events = (
+        await engine(service(broken, recognizer))
+        .turn(ctx(TtsRequest("links", "mp3")), Input.of("hello"))
+        .collect()
+    )
+    items = [e.response_item for e in events if isinstance(e, ResponseItemEvent)]
+    assert [i.text for i in items] == ["You said: hello"]
+    assert items[0].audio is None
+    assert isinstance(events[-1], ResponseEvent)
+
+
+@pytest.fixture
+async def app_url() -> AsyncIterator[tuple[str, object]]:
+    app = create_app(Settings(tts_provider="espeak-ng", public_url="http://gw.test"))
+    async with serve(app) as url:
+        yield url, app
+
+
+async def test_file_route_serves_linked_audio(app_url: tuple[str, object]) -> None:
+    url, app = app_url
+    speech: SpeechService = app.state.gateway.speech  # type: ignore[attr-defined]
+    for file_type, media in (("mp3", "audio/mpeg"), ("wav", "audio/wav"), ("mulaw", "audio/basic")):
+        item, _ = await speech.voice_item(
+            ResponseItem(text="Testing one two."), TtsRequest("links", file_type)
+        )
+        assert item.audio is not None
+        assert item.audio.startswith("http://gw.test/file/tts/")
+        path = item.audio.removeprefix("http://gw.test")
+        async with httpx.AsyncClient(base_url=url) as client:
+            answer = await client.get(path)
+        assert answer.status_code == 200
+        assert answer.headers["content-type"] == media
+        if file_type == "mp3":
+            assert decode_mp3(answer.content).duration_s > 0.3
+        elif file_type == "wav":
+            assert decode_wav(answer.content).duration_s > 0.3
+        else:
+            assert len(answer.content) > 8000 * 0.3  # 8 kHz μ-law, one byte a sample
+
+
+async def test_file_route_refuses_unknown_and_malformed_ids(app_url: tuple[str, object]) -> None:
+    url, _ = app_url
+    async with httpx.AsyncClient(base_url=url) as client:
+        unknown = await client.get(f"/file/tts/{'a' * 64}.mp3")
+        assert unknown.status_code == 404
+        assert unknown.headers["content-type"] == "application/problem+json"
+        traversal = await client.get("/file/tts/..%2F..%2Fetc%2Fpasswd.mp3")
+        assert traversal.status_code == 404
+        wrong_ext = await client.get(f"/file/tts/{'a' * 64}.ogg")
+        assert wrong_ext.status_code == 400
+        assert wrong_ext.headers["content-type"] == "application/problem+json"
