@@ -269,8 +269,6 @@ class Conversation:
             session.config.update(ctx.config)
         if ctx.attributes:
             session.attributes.update(ctx.attributes)
-        if input.attributes:
-            session.attributes.update(input.attributes)
         if ctx.logs:
             self._append_logs(session, ctx.logs)
         session.client_state = ClientState.PROCESSING

@@ -29,6 +29,7 @@ from pydantic import (
     PlainSerializer,
     TypeAdapter,
     field_validator,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -82,18 +83,31 @@ class Input(Wire):
     """What the user said or did in one turn.
 
     ``transcript.text`` beginning with ``#`` is an action (``#intro``,
-    ``#silence``, ``#error``); :attr:`action` gives it. ``attributes`` carry
-    client attributes (client type, location...) and, for channels with NLU of
-    their own (Alexa, Dialogflow), the intent name and slots.
+    ``#silence``, ``#error``); ``action`` names it. Either may be given on the
+    wire: an ``action`` alone gets it as transcript text, a ``#`` transcript
+    alone gets its first word as ``action``. ``attributes`` are this turn's
+    (for channels with NLU of their own, such as Alexa or Dialogflow, the
+    intent and slots); client attributes kept across turns travel in the
+    TurnContext.
     """
 
     locale: str | None = None
     zone_id: str | None = None
-    transcript: Transcript
+    transcript: Transcript = Field(default_factory=lambda: Transcript(text=""))
     alternatives: list[Transcript] = Field(default_factory=list)
     classes: list[InputClass] = Field(default_factory=list)
     tokens: list[dict[str, Any]] = Field(default_factory=list)
+    action: str | None = None
     attributes: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _action(self) -> Input:
+        text = self.transcript.text.strip()
+        if self.action and not text:
+            self.transcript = Transcript(text=self.action, confidence=self.transcript.confidence)
+        elif self.action is None and text.startswith(ACTION_PREFIX) and len(text) > 1:
+            self.action = text.split()[0]
+        return self
 
     @classmethod
     def of(cls, text: str, **fields: Any) -> Input:
@@ -104,12 +118,6 @@ class Input(Wire):
     def text(self) -> str:
         """The transcript text."""
         return self.transcript.text
-
-    @property
-    def action(self) -> str | None:
-        """The action name with its ``#`` (``"#intro"``) or ``None`` for user text."""
-        text = self.transcript.text.strip()
-        return text.split()[0] if text.startswith(ACTION_PREFIX) and len(text) > 1 else None
 
 
 class TtsConfig(Wire):

@@ -79,7 +79,9 @@ async def test_session_is_saved_with_state_and_counts() -> None:
     await conv.turn(
         ctx(device_id="dev", locale="cs-CZ", config={"tts": "None"}), Input.of("#intro")
     ).collect()
-    await conv.turn(ctx(), Input.of("my name is Bob", attributes={"clientType": "web"})).collect()
+    await conv.turn(
+        ctx(attributes={"clientType": "web"}), Input.of("my name is Bob", attributes={"turn": 2})
+    ).collect()
     session = await conv.store.get(ctx().key)
     assert session is not None
     assert session.turn_count == 2
