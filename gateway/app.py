@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
@@ -19,6 +20,7 @@ from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
 from gateway.files import router as files_router
 from gateway.httputil import problem
+from gateway.metrics import REGISTRY
 from gateway.middleware import RequestIdMiddleware
 from gateway.pipeline import make_pipeline
 from gateway.pipeline.http import PipelineRequest, PipelineResponse
@@ -75,6 +77,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(flowstorm_v2_router)
     app.include_router(flowstorm_v1_router)
     app.include_router(files_router)
+
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics of this process",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    )
+    async def prometheus_metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", tags=["operations"], summary="The process is up")
     async def healthz() -> dict[str, str]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
+from gateway.logs import configure_logging
 from gateway.settings import Settings
 
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the gateway (settings from GATEWAY_* env)")
     serve.add_argument("--host", help="address to bind (default GATEWAY_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default GATEWAY_PORT or 8080)")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", help="default GATEWAY_LOG_LEVEL or info")
     spec = commands.add_parser("openapi", help="write the OpenAPI document")
     spec.add_argument("--out", default="openapi/openapi.json", help="file, or - for stdout")
     args = parser.parse_args(argv)
@@ -31,14 +31,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings()
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
         settings = settings.model_copy(update=overrides)
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-        )
+        level = (args.log_level or settings.log_level).lower()
+        configure_logging(level, settings.log_format)
         uvicorn.run(
             create_app(settings),
             host=settings.host,
             port=settings.port,
-            log_level=args.log_level,
+            log_level=level,
+            log_config=None,  # keep the handlers configure_logging set
             ws_max_size=max(settings.max_body_bytes, 65536),
         )
         return 0

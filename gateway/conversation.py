@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from gateway import metrics
 from gateway.events import (
     ERROR,
     BinaryEvent,
@@ -124,6 +125,25 @@ def new_session_id() -> str:
 _END = object()
 
 
+@dataclass
+class _Outcome:
+    """What a turn came to, for metrics and its log line."""
+
+    started: bool = False
+    ended: bool = False
+    turn: int = 0
+    error: str | None = None
+    rejected: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "rejected" if self.rejected else "error" if self.error else "ok"
+
+    def reject(self, exc: TurnRejected) -> None:
+        self.rejected = True
+        self.error = exc.source
+
+
 class TurnStream:
     """The events of one running turn; iterate it with ``async for``.
 
@@ -193,27 +213,65 @@ class Conversation:
         return TurnStream(queue, task)
 
     async def _run(self, ctx: TurnContext, input: Input, out: asyncio.Queue[object]) -> None:
+        start = time.perf_counter()
+        outcome = _Outcome()
+        metrics.TURNS_IN_FLIGHT.inc()
         try:
-            await self._turn(ctx, input, out)
+            await self._turn(ctx, input, out, outcome)
         except TurnRejected as exc:
+            outcome.reject(exc)
             out.put_nowait(exc)
         except SessionBusy:
-            out.put_nowait(
-                TurnRejected("session-busy", "Another turn of this session is still running.")
+            rejected = TurnRejected(
+                "session-busy", "Another turn of this session is still running."
             )
+            outcome.reject(rejected)
+            out.put_nowait(rejected)
         except StoreUnavailable as exc:
             log.error("session store unavailable: %s", exc)
-            out.put_nowait(TurnRejected("store-unavailable", "The session store is unavailable."))
+            rejected = TurnRejected("store-unavailable", "The session store is unavailable.")
+            outcome.reject(rejected)
+            out.put_nowait(rejected)
         except LockLost as exc:
             log.error("%s", exc)
+            outcome.error = "gateway"
             out.put_nowait(ErrorEvent(text="The turn took too long to be saved.", source="gateway"))
         except Exception:
             log.exception("turn of %s failed", ctx.key)
+            outcome.error = "gateway"
             out.put_nowait(ErrorEvent(text="Internal gateway error.", source="gateway"))
         finally:
             out.put_nowait(_END)
+            metrics.TURNS_IN_FLIGHT.dec()
+            self._record(ctx, outcome, time.perf_counter() - start)
 
-    async def _turn(self, ctx: TurnContext, input: Input, out: asyncio.Queue[object]) -> None:
+    def _record(self, ctx: TurnContext, outcome: _Outcome, seconds: float) -> None:
+        """Metrics and the one log line of a turn."""
+        metrics.TURNS.labels(ctx.channel, outcome.kind).inc()
+        if outcome.error:
+            metrics.ERRORS.labels(ctx.channel, outcome.error).inc()
+        if outcome.kind != "rejected":
+            metrics.TURN_SECONDS.labels(ctx.channel).observe(seconds)
+        if outcome.started:
+            metrics.SESSIONS_STARTED.labels(ctx.channel).inc()
+        if outcome.ended:
+            metrics.SESSIONS_ENDED.labels(ctx.channel).inc()
+        log.info(
+            "turn %s",
+            outcome.kind,
+            extra={
+                "channel": ctx.channel,
+                "session_id": ctx.session_id,
+                "turn": outcome.turn,
+                "latency_ms": round(seconds * 1000, 1),
+                "outcome": outcome.kind,
+                "error_source": outcome.error,
+            },
+        )
+
+    async def _turn(
+        self, ctx: TurnContext, input: Input, out: asyncio.Queue[object], outcome: _Outcome
+    ) -> None:
         settings = self.settings
         async with self.store.open(
             ctx.key, lease_s=self._lease_s(), wait_s=settings.lock_wait_s
@@ -241,11 +299,13 @@ class Conversation:
             if started:
                 out.put_nowait(SessionStartedEvent(session_id=session.id))
 
+            outcome.started = started
             result = await self._process(session, input, out, ctx.tts)
             if isinstance(result, ErrorEvent):
                 session.client_state = ClientState.FAILED
                 txn.save(session, session.timeout_s)
                 ended = False
+                outcome.error = result.source
             else:
                 session, response = result
                 ended = self._apply_response(session, response)
@@ -253,6 +313,8 @@ class Conversation:
                     txn.delete()
                 else:
                     txn.save(session, session.timeout_s)
+            outcome.turn = session.turn_count
+            outcome.ended = ended
         # the lock is released and the session saved: now the turn's end goes out
         if isinstance(result, ErrorEvent):
             out.put_nowait(result)

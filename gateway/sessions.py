@@ -37,6 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway import metrics
 from gateway.events import LogEntry
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,10 @@ class RedisSessionStore:
         delay = 0.002
         try:
             while True:
-                got, data = await self._acquire(keys=[lock_key, data_key], args=[token, lease_ms])
+                with metrics.timed(metrics.REDIS_SECONDS.labels("acquire")):
+                    got, data = await self._acquire(
+                        keys=[lock_key, data_key], args=[token, lease_ms]
+                    )
                 if got:
                     break
                 if time.monotonic() + delay > deadline:
@@ -318,9 +322,12 @@ class RedisSessionStore:
         data = txn.to_save.model_dump_json() if outcome == "save" and txn.to_save else ""
         try:
             # shield: a cancelled caller must still release the lock it holds
-            ok = await asyncio.shield(
-                self._release(keys=[lock_key, data_key], args=[txn.token, outcome, data, txn.ttl_s])
-            )
+            with metrics.timed(metrics.REDIS_SECONDS.labels("release")):
+                ok = await asyncio.shield(
+                    self._release(
+                        keys=[lock_key, data_key], args=[txn.token, outcome, data, txn.ttl_s]
+                    )
+                )
         except RedisError as exc:
             if applied:
                 raise StoreUnavailable(f"Redis: {exc}") from exc

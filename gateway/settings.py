@@ -69,6 +69,10 @@ class Settings(BaseSettings):
         default=1_048_576, gt=0, description="Largest text/JSON request body or WebSocket text."
     )
     max_log_entries: int = Field(default=500, gt=0, description="Client log entries kept.")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="`json` writes one JSON object per line."
+    )
 
     # Speech: recognition, synthesis, endpointing
     stt_max_streams: int = Field(

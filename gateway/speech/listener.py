@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway import metrics
 from gateway.speech.audio import AudioFormat, AudioFormatError, mulaw_to_pcm
 from gateway.speech.stt import RecognitionStream, Recognizer
 from gateway.speech.vad import Endpointer
@@ -157,7 +158,8 @@ class Listener:
 
     async def _final(self, at_ms: int) -> Heard:
         assert self._stream is not None
-        result = await self._stream.finish()
+        with metrics.timed(metrics.STT_SECONDS):
+            result = await self._stream.finish()
         text = result.text.strip()
         self.result = (
             Heard("final", text, result.confidence, at_ms)

@@ -17,6 +17,7 @@ from typing import Literal
 
 import redis.asyncio as aioredis
 
+from gateway import metrics
 from gateway.events import ResponseItem
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat
@@ -137,23 +138,27 @@ class SpeechService:
             return item, None
         ssml = bool(item.ssml)
         try:
-            if request.mode == "links":
-                file_id = await synthesize_to_file(
-                    self.synthesizer, self.cache, text, request.file_type, ssml=ssml
-                )
-                return item.model_copy(
-                    update={"audio": self.link(file_id, request.file_type)}
-                ), None
-            file_id = tts_id(text, ssml=ssml, voice=self.synthesizer.voice, fmt=request.file_type)
-            data = await self.cache.get(file_id)
-            if data is None:
-                pcm = await self.synthesizer.synthesize(text, ssml=ssml)
-                data = encode_file(pcm, request.file_type)
-                await self.cache.put(file_id, data)
-            return item, data
+            with metrics.timed(metrics.TTS_SECONDS):
+                return await self._voice(item, text, ssml, request)
         except (SynthesisError, OSError, ValueError) as exc:
             log.warning("speech synthesis failed, item sent without audio: %s", exc)
             return item, None
+
+    async def _voice(
+        self, item: ResponseItem, text: str, ssml: bool, request: TtsRequest
+    ) -> tuple[ResponseItem, bytes | None]:
+        if request.mode == "links":
+            file_id = await synthesize_to_file(
+                self.synthesizer, self.cache, text, request.file_type, ssml=ssml
+            )
+            return item.model_copy(update={"audio": self.link(file_id, request.file_type)}), None
+        file_id = tts_id(text, ssml=ssml, voice=self.synthesizer.voice, fmt=request.file_type)
+        data = await self.cache.get(file_id)
+        if data is None:
+            pcm = await self.synthesizer.synthesize(text, ssml=ssml)
+            data = encode_file(pcm, request.file_type)
+            await self.cache.put(file_id, data)
+        return item, data
 
     async def aclose(self) -> None:
         """Stop the recognizer's workers."""

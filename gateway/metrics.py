@@ -1,0 +1,83 @@
+"""Prometheus metrics of the gateway, served at ``GET /metrics``.
+
+Names and labels:
+
+- ``gateway_turns_total{channel, outcome}``: turns by outcome ``ok``, ``error``
+  (the turn ended with an ErrorEvent) or ``rejected`` (it could not start).
+- ``gateway_errors_total{channel, source}``: ErrorEvents and rejections by source
+  (``pipeline``, ``session``, ``gateway``...).
+- ``gateway_turn_seconds{channel}``: turn latency, input to Response/Error.
+- ``gateway_turns_in_flight``: turns running in this process.
+- ``gateway_sessions_started_total{channel}``, ``gateway_sessions_ended_total{channel}``.
+- ``gateway_connections{channel}``: open socket connections (V1, Twilio, socket.io).
+- ``gateway_stt_seconds``: end of speech to final recognition result;
+  ``gateway_tts_seconds``: synthesis of one item (cache misses).
+- ``gateway_redis_seconds{op}``: Redis round trips of the session store
+  (``acquire``, ``release``).
+
+All live in one registry per process (:data:`REGISTRY`), so several apps in one
+process (tests) share them; values are per process, as Prometheus expects.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+TURNS = Counter(
+    "gateway_turns", "Turns by channel and outcome.", ["channel", "outcome"], registry=REGISTRY
+)
+ERRORS = Counter(
+    "gateway_errors", "Turn errors by channel and source.", ["channel", "source"], registry=REGISTRY
+)
+TURN_SECONDS = Histogram(
+    "gateway_turn_seconds", "Turn latency (s).", ["channel"], buckets=_LATENCY, registry=REGISTRY
+)
+TURNS_IN_FLIGHT = Gauge("gateway_turns_in_flight", "Turns running now.", registry=REGISTRY)
+SESSIONS_STARTED = Counter(
+    "gateway_sessions_started", "Sessions started.", ["channel"], registry=REGISTRY
+)
+SESSIONS_ENDED = Counter(
+    "gateway_sessions_ended", "Sessions ended.", ["channel"], registry=REGISTRY
+)
+CONNECTIONS = Gauge(
+    "gateway_connections", "Open socket connections.", ["channel"], registry=REGISTRY
+)
+STT_SECONDS = Histogram(
+    "gateway_stt_seconds", "End of speech to final result (s).", buckets=_LATENCY, registry=REGISTRY
+)
+TTS_SECONDS = Histogram(
+    "gateway_tts_seconds", "Synthesis of one item (s).", buckets=_LATENCY, registry=REGISTRY
+)
+REDIS_SECONDS = Histogram(
+    "gateway_redis_seconds", "Redis round trips (s).", ["op"], buckets=_FAST, registry=REGISTRY
+)
+
+
+@contextmanager
+def connection(channel: str) -> Iterator[None]:
+    """Count one open connection of ``channel`` while the block runs."""
+    gauge = CONNECTIONS.labels(channel)
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
+
+
+@contextmanager
+def timed(histogram: Histogram) -> Iterator[None]:
+    """Observe the block's duration in ``histogram`` (seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        histogram.observe(time.perf_counter() - start)

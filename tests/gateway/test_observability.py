@@ -1,0 +1,78 @@
+"""/metrics after real turns, and the JSON log format."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+
+from gateway.logs import JsonFormatter
+from gateway.pipeline.base import REQUEST_ID
+from tests.conftest import gateway
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + ("{" if labels else " ")):
+            got = line[len(name) :].split(" ")[0].strip("{}")
+            if ",".join(sorted(got.split(","))) == wanted or not labels:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_metrics_count_turns_errors_and_redis(redis_url: str, redis_prefix: str) -> None:
+    async with (
+        gateway(redis_url=redis_url, redis_prefix=redis_prefix) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        before = (await client.get("/metrics")).text
+        text = {"Content-Type": "text/plain"}
+        await client.put("/client?key=k", headers=text, content="hello")
+        client.cookies.set("flowstorm-session-id", "gone")
+        await client.put("/client?key=k", headers=text, content="hello")  # rejected: unknown
+        after = await client.get("/metrics")
+    assert after.status_code == 200
+    assert after.headers["content-type"].startswith("text/plain")
+    body = after.text
+
+    def grew(name: str, **labels: str) -> float:
+        return sample(body, name, **labels) - sample(before, name, **labels)
+
+    assert grew("gateway_turns_total", channel="flowstorm_v2", outcome="ok") == 1
+    assert grew("gateway_turns_total", channel="flowstorm_v2", outcome="rejected") == 1
+    assert grew("gateway_errors_total", channel="flowstorm_v2", source="session") == 1
+    assert grew("gateway_sessions_started_total", channel="flowstorm_v2") == 1
+    assert grew("gateway_turn_seconds_count", channel="flowstorm_v2") == 1
+    assert grew("gateway_redis_seconds_count", op="acquire") >= 2
+    assert grew("gateway_redis_seconds_count", op="release") >= 2
+    assert sample(body, "gateway_turns_in_flight") == 0
+
+
+def test_json_log_lines_carry_structured_fields() -> None:
+    record = logging.LogRecord(
+        "gateway.conversation", logging.INFO, __file__, 1, "turn %s", ("ok",), None
+    )
+    record.channel = "alexa"
+    record.session_id = "s-1"
+    record.turn = 3
+    record.latency_ms = 12.5
+    token = REQUEST_ID.set("req-7")
+    try:
+        line = JsonFormatter().format(record)
+    finally:
+        REQUEST_ID.reset(token)
+    entry = json.loads(line)
+    assert entry["message"] == "turn ok"
+    assert entry["level"] == "INFO"
+    assert entry["logger"] == "gateway.conversation"
+    assert entry["request_id"] == "req-7"
+    assert (entry["channel"], entry["session_id"], entry["turn"], entry["latency_ms"]) == (
+        "alexa",
+        "s-1",
+        3,
+        12.5,
+    )
+    assert entry["time"].endswith("+00:00")
