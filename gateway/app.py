@@ -13,8 +13,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
+from adapters.alexa.routes import router as alexa_router
 from adapters.flowstorm_v1.routes import router as flowstorm_v1_router
 from adapters.flowstorm_v2.routes import router as flowstorm_v2_router
+from adapters.google.routes import router as google_router
 from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
@@ -70,13 +72,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="Channel gateway",
         version="0.1.0",
-        summary="One bot, every channel: Flowstorm sockets, Alexa, Google, Twilio, Voiceflow.",
         lifespan=lifespan,
     )
     app.add_middleware(RequestIdMiddleware)
     app.include_router(flowstorm_v2_router)
     app.include_router(flowstorm_v1_router)
     app.include_router(files_router)
+    # voice assistants; their routers' lifespans make the verifiers and log startup warnings
+    app.include_router(alexa_router)
+    app.include_router(google_router)
 
     @app.get(
         "/metrics",

@@ -1,0 +1,574 @@
+"""Amazon Alexa custom skill, sans I/O: request envelopes in, channel inputs out, and back.
+
+Spec: shared/specs/PROTOCOL-NOTES.md, "Amazon Alexa"; Alexa Skills Kit docs
+("Request and Response JSON Reference", "Standard Built-in Intents",
+"Implement CanFulfillIntentRequest"); ask-sdk-model for the field names. The
+mapping decisions are the issue's ("Mapping" and "Response" sections).
+
+Requests. :func:`parse_envelope` validates the JSON body (camelCase names as on the
+wire; unknown properties ignored; wrong types refused with a ProtocolError that
+names the field). :func:`plan` decides what the gateway does with it, from two
+tables:
+
+- :data:`REQUEST_TABLE`: request ``type`` -> :class:`Handling` (``turn``, ``end``,
+  ``can_fulfill``, ``exception``); any other type is answered with a valid empty
+  response (``ignore``).
+- :data:`INTENT_TABLE`: built-in intent -> the text of the turn, and whether the
+  session ends after it. The catch-all intent (name and AMAZON.SearchQuery slot
+  configurable, :class:`AlexaConfig`) gives its slot text; any other intent gives
+  the action ``#<IntentName>``.
+
+Every IntentRequest also puts the intent into the Input: a class
+``{type: "Intent", name}`` and ``attributes["intent"] = {"name", "slots":
+{slot: value}, "resolvedSlots": {slot: {"name", "id"}}}`` (entity resolution
+matches only).
+
+Responses. :func:`turn_response` builds the answer to a turn: SSML from the items
+(:func:`gateway.voice.speech_ssml`), a reprompt repeating the last thing said
+while the session stays open, a Standard card when an item has an image,
+``sessionAttributes`` carrying the gateway session id, ``shouldEndSession =
+sessionEnded and sleepTimeout == 0``. :func:`encode` serialises an envelope
+within Alexa's limits: speech at most 8000 characters (:data:`MAX_SPEECH_CHARS`)
+and the whole response at most 24 KB (:data:`MAX_RESPONSE_BYTES`), shrinking
+card, reprompt and then speech (at sentence/word boundaries) when needed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from gateway.events import (
+    FALLBACK,
+    INTRO,
+    Input,
+    InputClass,
+    Response,
+    ResponseItem,
+    Wire,
+)
+from gateway.protocol import ProtocolError
+from gateway.voice import display_text, speech_ssml
+
+NAMESPACE = "alexa"
+"""Session-key namespace of Alexa sessions (ids are Alexa's ``session.sessionId``)."""
+
+VERSION = "1.0"
+MAX_SPEECH_CHARS = 8000
+"""Alexa's limit on ``outputSpeech`` (and reprompt) text, SSML tags included."""
+MAX_CARD_CHARS = 8000
+"""Alexa's limit on a card's title + text."""
+MAX_RESPONSE_BYTES = 24 * 1024
+"""Alexa's limit on the whole serialised response."""
+SESSION_ATTRIBUTE = "gatewaySessionId"
+"""The ``sessionAttributes`` key carrying the gateway session id."""
+
+# ------------------------------------------------------------------ request models
+
+
+class AlexaApplication(Wire):
+    """``application``: the skill."""
+
+    application_id: str | None = None
+
+
+class AlexaUser(Wire):
+    """``user``: the Amazon account (ids only)."""
+
+    user_id: str | None = None
+
+
+class AlexaSession(Wire):
+    """``session``: present on requests that belong to a skill session."""
+
+    new: bool = False
+    session_id: str = Field(min_length=1)
+    application: AlexaApplication | None = None
+    attributes: dict[str, Any] | None = None
+    user: AlexaUser | None = None
+
+
+class AlexaDevice(Wire):
+    """``context.System.device``."""
+
+    device_id: str | None = None
+
+
+class AlexaSystem(Wire):
+    """``context.System``."""
+
+    application: AlexaApplication | None = None
+    user: AlexaUser | None = None
+    device: AlexaDevice | None = None
+
+
+class AlexaContext(Wire):
+    """``context``: only ``System`` is read."""
+
+    system: AlexaSystem | None = Field(default=None, alias="System")
+
+
+class AlexaResolutionValue(Wire):
+    """One entity-resolution value (``value.name``, ``value.id``)."""
+
+    name: str | None = None
+    id: str | None = None
+
+
+class AlexaResolutionValueWrapper(Wire):
+    """``{"value": {...}}`` in ``resolutionsPerAuthority[].values``."""
+
+    value: AlexaResolutionValue
+
+
+class AlexaResolutionStatus(Wire):
+    """``status.code``: ER_SUCCESS_MATCH, ER_SUCCESS_NO_MATCH, ..."""
+
+    code: str | None = None
+
+
+class AlexaResolution(Wire):
+    """One authority's entity resolution of a slot."""
+
+    authority: str | None = None
+    status: AlexaResolutionStatus | None = None
+    values: list[AlexaResolutionValueWrapper] = Field(default_factory=list)
+
+
+class AlexaResolutions(Wire):
+    """``slot.resolutions``."""
+
+    resolutions_per_authority: list[AlexaResolution] = Field(default_factory=list)
+
+
+class AlexaSlot(Wire):
+    """``intent.slots[name]``: the raw ``value`` and its entity resolutions."""
+
+    name: str | None = None
+    value: str | None = None
+    resolutions: AlexaResolutions | None = None
+    confirmation_status: str | None = None
+
+    def resolved(self) -> AlexaResolutionValue | None:
+        """The first ER_SUCCESS_MATCH value, if any."""
+        for authority in self.resolutions.resolutions_per_authority if self.resolutions else []:
+            if authority.status and authority.status.code == "ER_SUCCESS_MATCH":
+                for wrapper in authority.values:
+                    return wrapper.value
+        return None
+
+
+class AlexaIntent(Wire):
+    """``request.intent``."""
+
+    name: str = Field(min_length=1)
+    slots: dict[str, AlexaSlot] | None = None
+    confirmation_status: str | None = None
+
+
+class AlexaRequest(Wire):
+    """``request``: ``type`` decides the rest (LaunchRequest, IntentRequest, ...)."""
+
+    type: str = Field(min_length=1)
+    request_id: str | None = None
+    timestamp: str | None = None
+    locale: str | None = None
+    intent: AlexaIntent | None = None
+    dialog_state: str | None = None
+    reason: str | None = None  # SessionEndedRequest
+    error: dict[str, Any] | None = None  # SessionEndedRequest, System.ExceptionEncountered
+
+
+class AlexaEnvelope(Wire):
+    """The request envelope: ``version``, ``session``?, ``context``?, ``request``."""
+
+    version: str | None = None
+    session: AlexaSession | None = None
+    context: AlexaContext | None = None
+    request: AlexaRequest
+
+    @property
+    def application_id(self) -> str | None:
+        """The skill id, from ``session.application`` or ``context.System.application``."""
+        for app in (
+            self.session.application if self.session else None,
+            self.context.system.application if self.context and self.context.system else None,
+        ):
+            if app is not None and app.application_id:
+                return app.application_id
+        return None
+
+    @property
+    def device_id(self) -> str | None:
+        """``context.System.device.deviceId``, if given."""
+        system = self.context.system if self.context else None
+        return system.device.device_id if system and system.device else None
+
+
+def parse_envelope(data: bytes | dict[str, Any]) -> AlexaEnvelope:
+    """Validate a request body (raw bytes or already parsed JSON) into an AlexaEnvelope.
+
+    Raises ProtocolError (status 400) for a body that is not UTF-8 JSON, not an
+    object, or has a field of the wrong type (the message names the field).
+    """
+    if isinstance(data, bytes | bytearray):
+        try:
+            data = json.loads(data)
+        except (ValueError, RecursionError):
+            raise ProtocolError("The body is not JSON.") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("The body is not an Alexa request envelope (a JSON object).")
+    try:
+        return AlexaEnvelope.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        raise ProtocolError(f"Invalid Alexa request: {where}: {err['msg']}") from None
+
+
+# ------------------------------------------------------------------------ tables
+
+
+class Handling(StrEnum):
+    """What the gateway does with a request type (:data:`REQUEST_TABLE`)."""
+
+    TURN = "turn"
+    """Run a conversational turn and speak its answer."""
+    END = "end"
+    """The session ended on Alexa's side: end it here, say nothing."""
+    CAN_FULFILL = "can_fulfill"
+    """Answer canFulfillIntent without a turn and without touching the session."""
+    EXCEPTION = "exception"
+    """Alexa reports our previous answer failed: log it, answer empty."""
+    IGNORE = "ignore"
+    """Any other type: a valid empty response."""
+
+
+REQUEST_TABLE: dict[str, Handling] = {
+    "LaunchRequest": Handling.TURN,
+    "IntentRequest": Handling.TURN,
+    "SessionEndedRequest": Handling.END,
+    "CanFulfillIntentRequest": Handling.CAN_FULFILL,
+    "System.ExceptionEncountered": Handling.EXCEPTION,
+}
+"""Request type -> handling; types not listed (AudioPlayer.*, PlaybackController.*,
+AlexaSkillEvent.*, Display.ElementSelected, Connections.Response, ...) are IGNORE."""
+
+
+@dataclass(frozen=True)
+class IntentRule:
+    """What a built-in intent means: the turn's ``text``, and whether the session ``ends``."""
+
+    text: str
+    ends: bool = False
+
+
+INTENT_TABLE: dict[str, IntentRule] = {
+    "AMAZON.HelpIntent": IntentRule("help"),
+    "AMAZON.StopIntent": IntentRule("stop", ends=True),
+    "AMAZON.CancelIntent": IntentRule("stop", ends=True),
+    "AMAZON.FallbackIntent": IntentRule(FALLBACK),
+    "AMAZON.YesIntent": IntentRule("yes"),
+    "AMAZON.NoIntent": IntentRule("no"),
+    "AMAZON.RepeatIntent": IntentRule("repeat"),
+    "AMAZON.StartOverIntent": IntentRule("start over"),
+    "AMAZON.NextIntent": IntentRule("next"),
+    "AMAZON.PreviousIntent": IntentRule("previous"),
+    "AMAZON.PauseIntent": IntentRule("pause"),
+    "AMAZON.ResumeIntent": IntentRule("resume"),
+}
+"""Built-in intent -> the words a user would have said. The catch-all intent is
+configured (:class:`AlexaConfig`); any other intent becomes the action ``#<name>``."""
+
+
+@dataclass(frozen=True)
+class AlexaConfig:
+    """The skill's interaction-model choices (GATEWAY_ALEXA_CATCH_ALL_INTENT / _SLOT)."""
+
+    catch_all_intent: str = "CatchAllIntent"
+    catch_all_slot: str = "query"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do with one request.
+
+    ``input`` is set for ``turn``; ``session_id`` and ``app_key`` whenever the
+    request belongs to a session; ``end_session`` when the session ends after the
+    turn whatever the pipeline says (Stop/Cancel).
+    """
+
+    handling: Handling
+    session_id: str | None = None
+    app_key: str | None = None
+    locale: str | None = None
+    device_id: str | None = None
+    input: Input | None = None
+    end_session: bool = False
+
+
+def plan(envelope: AlexaEnvelope, config: AlexaConfig) -> Plan:
+    """Decide what the gateway does with ``envelope`` (see the tables above).
+
+    Raises ProtocolError (400) when a turn or end request lacks what it needs: a
+    ``session`` with a ``sessionId``, an applicationId, and, for an
+    IntentRequest, the ``intent``.
+    """
+    request = envelope.request
+    handling = REQUEST_TABLE.get(request.type, Handling.IGNORE)
+    session = envelope.session
+    base: dict[str, Any] = {
+        "session_id": session.session_id if session else None,
+        "app_key": envelope.application_id,
+        "locale": request.locale,
+        "device_id": envelope.device_id,
+    }
+    if handling not in (Handling.TURN, Handling.END):
+        return Plan(handling, **base)
+    if session is None:
+        raise ProtocolError(f"{request.type} must carry a session with a sessionId.")
+    if not base["app_key"]:
+        raise ProtocolError(f"{request.type} must name the skill (applicationId).")
+    if handling is Handling.END:
+        return Plan(handling, **base)
+    if request.type == "LaunchRequest":
+        return Plan(handling, input=Input.of(INTRO, locale=request.locale), **base)
+    if request.intent is None:
+        raise ProtocolError("An IntentRequest must carry request.intent.")
+    text, ends = _intent_text(request.intent, config)
+    input_ = Input.of(
+        text,
+        locale=request.locale,
+        classes=[InputClass(type="Intent", name=request.intent.name)],
+        attributes={"intent": intent_attribute(request.intent)},
+    )
+    return Plan(handling, input=input_, end_session=ends, **base)
+
+
+def _intent_text(intent: AlexaIntent, config: AlexaConfig) -> tuple[str, bool]:
+    if intent.name == config.catch_all_intent:
+        slot = (intent.slots or {}).get(config.catch_all_slot)
+        text = (slot.value or "").strip() if slot else ""
+        return (text or FALLBACK), False
+    rule = INTENT_TABLE.get(intent.name)
+    if rule is not None:
+        return rule.text, rule.ends
+    return f"#{intent.name}", False
+
+
+def intent_attribute(intent: AlexaIntent) -> dict[str, Any]:
+    """``{"name", "slots": {slot: value}, "resolvedSlots": {slot: {"name", "id"}}}``."""
+    slots: dict[str, str | None] = {}
+    resolved: dict[str, dict[str, str | None]] = {}
+    for key, slot in (intent.slots or {}).items():
+        slots[key] = slot.value
+        match = slot.resolved()
+        if match is not None:
+            resolved[key] = {"name": match.name, "id": match.id}
+    return {"name": intent.name, "slots": slots, "resolvedSlots": resolved}
+
+
+# ----------------------------------------------------------------- response models
+
+
+class OutputSpeech(Wire):
+    """``outputSpeech``: always SSML here."""
+
+    type: Literal["SSML", "PlainText"] = "SSML"
+    ssml: str | None = None
+    text: str | None = None
+
+
+class Reprompt(Wire):
+    """``reprompt``: said when the user says nothing for a few seconds."""
+
+    output_speech: OutputSpeech
+
+
+class CardImage(Wire):
+    """``card.image``: https URLs."""
+
+    small_image_url: str
+    large_image_url: str
+
+
+class Card(Wire):
+    """``card``: ``Standard`` (text + image) or ``Simple`` (title + content)."""
+
+    type: Literal["Standard", "Simple"] = "Standard"
+    title: str | None = None
+    text: str | None = None
+    content: str | None = None
+    image: CardImage | None = None
+
+
+class SlotFulfillment(Wire):
+    """``canFulfillIntent.slots[name]``."""
+
+    can_understand: Literal["YES", "NO", "MAYBE"]
+    can_fulfill: Literal["YES", "NO"]
+
+
+class CanFulfillIntent(Wire):
+    """``canFulfillIntent``."""
+
+    can_fulfill: Literal["YES", "NO", "MAYBE"]
+    slots: dict[str, SlotFulfillment] | None = None
+
+
+class AlexaResponseBody(Wire):
+    """``response``."""
+
+    output_speech: OutputSpeech | None = None
+    reprompt: Reprompt | None = None
+    card: Card | None = None
+    can_fulfill_intent: CanFulfillIntent | None = None
+    should_end_session: bool | None = None
+
+
+class AlexaResponseEnvelope(Wire):
+    """The response envelope: ``version``, ``sessionAttributes``, ``response``."""
+
+    version: str = VERSION
+    session_attributes: dict[str, Any] | None = None
+    response: AlexaResponseBody = Field(default_factory=AlexaResponseBody)
+
+
+# ------------------------------------------------------------------------ answers
+
+
+def session_attributes(session_id: str | None) -> dict[str, Any] | None:
+    """The ``sessionAttributes`` of an answer in session ``session_id``."""
+    return {SESSION_ATTRIBUTE: session_id} if session_id else None
+
+
+def empty_response(
+    *, session_id: str | None = None, end: bool | None = None
+) -> AlexaResponseEnvelope:
+    """A valid response that says nothing.
+
+    For requests outside a session (AudioPlayer.*, PlaybackController.*, skill
+    events, System.ExceptionEncountered) pass no ``session_id`` and no ``end``:
+    those responses may carry no speech and no shouldEndSession. Inside a
+    session, ``end=True`` closes it (an empty in-session response must).
+    """
+    return AlexaResponseEnvelope(
+        session_attributes=session_attributes(session_id),
+        response=AlexaResponseBody(should_end_session=end),
+    )
+
+
+def can_fulfill_response(envelope: AlexaEnvelope) -> AlexaResponseEnvelope:
+    """The answer to a CanFulfillIntentRequest: ``MAYBE`` for the intent and each slot.
+
+    The gateway cannot know what the core pipeline can do without running a
+    turn, and a CanFulfillIntentRequest must not change any state; ``MAYBE``
+    ("understood, may not be able to fulfil every part") is the honest answer,
+    with each slot ``canUnderstand: MAYBE, canFulfill: YES``.
+    """
+    intent = envelope.request.intent
+    slots = {
+        name: SlotFulfillment(can_understand="MAYBE", can_fulfill="YES")
+        for name in ((intent.slots or {}) if intent else {})
+    }
+    return AlexaResponseEnvelope(
+        response=AlexaResponseBody(
+            can_fulfill_intent=CanFulfillIntent(can_fulfill="MAYBE", slots=slots or None)
+        )
+    )
+
+
+def speak_response(
+    text: str, *, session_id: str | None, end: bool, reprompt: bool = True
+) -> AlexaResponseEnvelope:
+    """A response saying one plain ``text`` (the gateway's own words: still working, errors)."""
+    return turn_response(
+        Response(items=[ResponseItem(text=text)], session_ended=end),
+        session_id=session_id,
+        reprompt=reprompt,
+    )
+
+
+def turn_response(
+    response: Response,
+    *,
+    session_id: str | None,
+    force_end: bool = False,
+    reprompt: bool = True,
+    max_speech_chars: int = MAX_SPEECH_CHARS,
+) -> AlexaResponseEnvelope:
+    """The Alexa answer to a turn's Response (issue section "Response").
+
+    - ``outputSpeech``: SSML of the items (ssml when present, text escaped
+      otherwise, https audio as ``<audio src>``), at most ``max_speech_chars``;
+    - ``reprompt``: the last item that says something, while the session stays
+      open (and ``reprompt`` is True);
+    - ``card``: Standard, with the items' text and the first https image, when
+      an item has an image;
+    - ``shouldEndSession``: ``sessionEnded and sleepTimeout == 0``, or True with
+      ``force_end``; a response that says nothing ends the session.
+    """
+    items = response.items
+    end = force_end or (response.session_ended and response.sleep_timeout == 0)
+    speech = speech_ssml(items, max_speech_chars)
+    body = AlexaResponseBody(should_end_session=end or speech is None)
+    if speech is not None:
+        body.output_speech = OutputSpeech(ssml=speech)
+        if reprompt and not body.should_end_session:
+            last = _last_speaking(items)
+            again = speech_ssml([last], max_speech_chars) if last else None
+            if again:
+                body.reprompt = Reprompt(output_speech=OutputSpeech(ssml=again))
+    image = next((i.image for i in items if i.image and i.image.startswith("https://")), None)
+    if image:
+        body.card = Card(
+            text=display_text(items, MAX_CARD_CHARS) or None,
+            image=CardImage(small_image_url=image, large_image_url=image),
+        )
+    return AlexaResponseEnvelope(session_attributes=session_attributes(session_id), response=body)
+
+
+def _last_speaking(items: Sequence[ResponseItem]) -> ResponseItem | None:
+    for item in reversed(items):
+        if speech_ssml([item], MAX_SPEECH_CHARS):
+            return item
+    return None
+
+
+def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES) -> bytes:
+    """The JSON bytes of ``envelope``, made to fit in ``max_bytes`` (24 KB).
+
+    When too large: the card text is dropped, then the reprompt, then the speech
+    is cut (at a sentence/word boundary, SSML kept well-formed) until it fits.
+    """
+    data = envelope.wire_json().encode()
+    if len(data) <= max_bytes:
+        return data
+    env = envelope.model_copy(deep=True)
+    body = env.response
+    if body.card is not None:
+        body.card.text = None
+        data = env.wire_json().encode()
+    if len(data) > max_bytes and body.reprompt is not None:
+        body.reprompt = None
+        data = env.wire_json().encode()
+    speech = body.output_speech
+    while len(data) > max_bytes and speech is not None and speech.ssml:
+        over = len(data) - max_bytes
+        # Non-ASCII characters take up to 4 bytes (and \\u escapes 6): cut generously.
+        target = max(0, len(speech.ssml) - over - 64)
+        spoken = speech_ssml([ResponseItem(ssml=speech.ssml)], target)
+        if spoken is None:
+            body.output_speech = None
+            speech = None
+        else:
+            speech.ssml = spoken
+        data = env.wire_json().encode()
+    if len(data) > max_bytes:  # nothing left to cut: say nothing rather than break
+        data = empty_response(session_id=None, end=body.should_end_session).wire_json().encode()
+    return data

@@ -1,0 +1,687 @@
+"""Google Assistant and Dialogflow webhooks, sans I/O: requests in, channel inputs out, and back.
+
+Spec: shared/specs/PROTOCOL-NOTES.md, "Google Assistant and Dialogflow" (the
+actions-on-google schema files; the Dialogflow ES ``WebhookRequest`` /
+``WebhookResponse`` and CX ``WebhookRequest`` / ``WebhookResponse`` REST
+references). Four wire formats, told apart by shape (:func:`detect`):
+
+==============  ===========================================  =====================
+format          request has                                   endpoint
+==============  ===========================================  =====================
+Actions Builder ``handler`` and ``session.id`` (v3)           ``POST /google``
+Actions SDK v2  ``conversation`` and ``inputs`` (AppRequest)  ``POST /google``
+Dialogflow ES   ``queryResult`` and ``session``               ``POST /dialogflow``
+Dialogflow CX   ``sessionInfo.session``                       ``POST /dialogflow``
+==============  ===========================================  =====================
+
+:func:`google_plan` / :func:`dialogflow_plan` validate a request (wrong types are
+a ProtocolError naming the field) and decide the turn (:class:`Plan`): the
+session id (v3 ``session.id``, v2 ``conversation.conversationId``, ES
+``session``, CX ``sessionInfo.session``), the Input, whether the session ends
+after it, or a health check answered without a turn. Platform intents map by
+the tables :data:`V3_INTENTS`, :data:`V2_INTENTS` and :data:`CX_EVENTS`:
+``actions.intent.MAIN`` and welcome events -> ``#intro``; free text -> the
+text; ``actions.intent.CANCEL`` -> ``stop`` and the session ends; no-input ->
+``#silence``; no-match -> ``#fallback``; other platform intents and events ->
+the action ``#<name>``. The intent and its parameters also go into the Input
+(a class ``{type: "Intent", name}`` and ``attributes["intent"]``).
+
+:func:`render` writes the answer (:class:`Answer`: items + end) in the request's
+format: v3 ``prompt.firstSimple{speech, text}``, ``session.params`` with the
+gateway session id, ``scene.next.name = actions.scene.END_CONVERSATION`` at the
+end; v2 ``expectUserResponse`` with ``expectedInputs`` or ``finalResponse`` and
+the gateway session in ``conversationToken``; ES ``fulfillmentText`` +
+``fulfillmentMessages`` (+ ``payload.google`` for Actions on Google requests);
+CX ``fulfillmentResponse.messages`` + ``sessionInfo.parameters`` and, at the end,
+``targetPage`` = the flow's ``END_SESSION`` page.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from gateway.events import FALLBACK, INTRO, SILENCE, Input, InputClass, ResponseItem, Wire
+from gateway.protocol import ProtocolError
+from gateway.voice import display_text, speech_ssml
+
+GOOGLE_NAMESPACE = "google"
+"""Session-key namespace of /google sessions (v3 session.id, v2 conversationId)."""
+DIALOGFLOW_NAMESPACE = "dialogflow"
+"""Session-key namespace of /dialogflow sessions (the full session path)."""
+SESSION_PARAM = "gatewaySessionId"
+"""The session parameter (v3, CX) / conversationToken key (v2) naming the gateway session."""
+END_CONVERSATION = "actions.scene.END_CONVERSATION"
+HEALTH_CHECK_HANDLER = "actions.handler.HEALTH_CHECK"
+MAX_DISPLAY_CHARS = 640
+"""Google's limit on a simple response's display text (chat bubble)."""
+MAX_SPEECH_CHARS = 8000
+"""The gateway's cap on speech SSML (same as Alexa's; Google documents none)."""
+WELCOME_EVENTS = frozenset({"WELCOME", "GOOGLE_ASSISTANT_WELCOME", "TELEPHONY_WELCOME"})
+"""Dialogflow event names (ES ``queryText`` / CX ``triggerEvent``) that start a conversation."""
+
+
+class Format(StrEnum):
+    """The request's wire format (see the module doc's table)."""
+
+    ACTIONS_BUILDER = "actions-builder"
+    ACTIONS_SDK_V2 = "actions-sdk-v2"
+    DIALOGFLOW_ES = "dialogflow-es"
+    DIALOGFLOW_CX = "dialogflow-cx"
+
+
+# ------------------------------------------------------------------ request models
+
+
+class V3Handler(Wire):
+    """``handler``: the webhook handler the scene or intent called."""
+
+    name: str = ""
+
+
+class V3Intent(Wire):
+    """``intent``: the matched intent, its params and the user's query."""
+
+    name: str = ""
+    params: dict[str, Any] | None = None
+    query: str | None = None
+
+
+class V3NextScene(Wire):
+    """``scene.next``."""
+
+    name: str
+
+
+class V3Scene(Wire):
+    """``scene``: the current scene."""
+
+    name: str | None = None
+    next: V3NextScene | None = None
+
+
+class V3Session(Wire):
+    """``session``: its ``id`` is the conversation's."""
+
+    id: str = Field(min_length=1)
+    params: dict[str, Any] | None = None
+    language_code: str | None = None
+
+
+class V3User(Wire):
+    """``user``: only the locale is read."""
+
+    locale: str | None = None
+
+
+class V3Request(Wire):
+    """An Actions Builder / Actions SDK conversation webhook request."""
+
+    handler: V3Handler = Field(default_factory=V3Handler)
+    intent: V3Intent | None = None
+    scene: V3Scene | None = None
+    session: V3Session
+    user: V3User | None = None
+
+
+class V2RawInput(Wire):
+    """``inputs[].rawInputs[]``: what the user said or typed."""
+
+    query: str | None = None
+    input_type: str | None = None
+
+
+class V2Argument(Wire):
+    """``inputs[].arguments[]``; ``extension`` and others are kept as given."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="allow", serialize_by_alias=True
+    )
+
+    name: str | None = None
+    text_value: str | None = None
+    raw_text: str | None = None
+    bool_value: bool | None = None
+
+
+class V2Input(Wire):
+    """``inputs[]``: the intent and its raw inputs and arguments."""
+
+    intent: str = Field(min_length=1)
+    raw_inputs: list[V2RawInput] = Field(default_factory=list)
+    arguments: list[V2Argument] = Field(default_factory=list)
+
+
+class V2Conversation(Wire):
+    """``conversation``: ``conversationId`` and ``type`` NEW | ACTIVE."""
+
+    conversation_id: str = Field(min_length=1)
+    type: str | None = None
+    conversation_token: str | None = None
+
+
+class V2User(Wire):
+    """``user``: only the locale is read."""
+
+    locale: str | None = None
+
+
+class V2AppRequest(Wire):
+    """An Actions SDK v2 AppRequest (also the Google payload of Dialogflow ES requests)."""
+
+    user: V2User | None = None
+    conversation: V2Conversation
+    inputs: list[V2Input] = Field(min_length=1)
+
+
+class EsIntent(Wire):
+    """``queryResult.intent``."""
+
+    name: str | None = None
+    display_name: str | None = None
+    is_fallback: bool | None = None
+
+
+class EsQueryResult(Wire):
+    """``queryResult``: the user's query and what Dialogflow matched."""
+
+    query_text: str | None = None
+    parameters: dict[str, Any] | None = None
+    intent: EsIntent | None = None
+    intent_detection_confidence: float | None = None
+    language_code: str | None = None
+    action: str | None = None
+
+
+class EsOriginalRequest(Wire):
+    """``originalDetectIntentRequest``: the integration's own request."""
+
+    source: str | None = None
+    version: str | None = None
+    payload: dict[str, Any] | None = None
+
+
+class EsRequest(Wire):
+    """A Dialogflow ES fulfillment webhook request."""
+
+    response_id: str | None = None
+    session: str = Field(min_length=1)
+    query_result: EsQueryResult
+    original_detect_intent_request: EsOriginalRequest | None = None
+
+
+class CxIntentInfo(Wire):
+    """``intentInfo``: the matched intent and its parameters."""
+
+    last_matched_intent: str | None = None
+    display_name: str | None = None
+    parameters: dict[str, Any] | None = None
+    confidence: float | None = None
+
+
+class CxSessionInfo(Wire):
+    """``sessionInfo``: the session path and its parameters."""
+
+    session: str = Field(min_length=1)
+    parameters: dict[str, Any] | None = None
+
+
+class CxPageInfo(Wire):
+    """``pageInfo``: the current page (its path names the flow)."""
+
+    current_page: str | None = None
+    display_name: str | None = None
+
+
+class CxFulfillmentInfo(Wire):
+    """``fulfillmentInfo``: the webhook tag of the calling fulfillment."""
+
+    tag: str | None = None
+
+
+class CxRequest(Wire):
+    """A Dialogflow CX webhook request."""
+
+    detect_intent_response_id: str | None = None
+    intent_info: CxIntentInfo | None = None
+    page_info: CxPageInfo | None = None
+    session_info: CxSessionInfo
+    fulfillment_info: CxFulfillmentInfo | None = None
+    text: str | None = None
+    transcript: str | None = None
+    trigger_intent: str | None = None
+    trigger_event: str | None = None
+    dtmf_digits: str | None = None
+    language_code: str | None = None
+
+
+# ------------------------------------------------------------------------ parsing
+
+_M = TypeVar("_M", bound=Wire)
+
+
+def load_json(body: bytes) -> dict[str, Any]:
+    """The JSON object of a request body; ProtocolError (400) when it is not one."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ProtocolError("The body is not JSON.") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("The body must be a JSON object.")
+    return data
+
+
+def _validate(model: type[_M], data: Mapping[str, Any], what: str) -> _M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        raise ProtocolError(f"Invalid {what} request: {where}: {err['msg']}") from None
+
+
+def detect(data: Mapping[str, Any]) -> Format | None:
+    """The format of a request by its shape (module doc's table), None when none fits."""
+    if "queryResult" in data:
+        return Format.DIALOGFLOW_ES
+    if "sessionInfo" in data or "fulfillmentInfo" in data or "detectIntentResponseId" in data:
+        return Format.DIALOGFLOW_CX
+    if "conversation" in data and "inputs" in data:
+        return Format.ACTIONS_SDK_V2
+    if "handler" in data or ("session" in data and isinstance(data.get("session"), dict)):
+        return Format.ACTIONS_BUILDER
+    return None
+
+
+# ------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a platform intent or event means: the turn's ``text``; whether it ``ends``."""
+
+    text: str
+    ends: bool = False
+
+
+V3_INTENTS: dict[str, Rule] = {
+    "actions.intent.MAIN": Rule(INTRO),
+    "actions.intent.CANCEL": Rule("stop", ends=True),
+    "actions.intent.NO_INPUT_1": Rule(SILENCE),
+    "actions.intent.NO_INPUT_2": Rule(SILENCE),
+    "actions.intent.NO_INPUT_FINAL": Rule(SILENCE, ends=True),
+    "actions.intent.NO_MATCH_1": Rule(FALLBACK),
+    "actions.intent.NO_MATCH_2": Rule(FALLBACK),
+    "actions.intent.NO_MATCH_FINAL": Rule(FALLBACK, ends=True),
+}
+"""Actions Builder system intents. A user intent gives its ``query`` (the user's
+words); other system intents, or an intent without a query, give ``#<name>``."""
+
+V2_INTENTS: dict[str, Rule] = {
+    "actions.intent.MAIN": Rule(INTRO),
+    "actions.intent.CANCEL": Rule("stop", ends=True),
+    "actions.intent.NO_INPUT": Rule(SILENCE),
+}
+"""Actions SDK v2 intents with a fixed meaning; ``actions.intent.TEXT`` and
+``actions.intent.OPTION`` give the user's text / chosen option key; others
+``#<intent>``."""
+
+CX_EVENTS: tuple[tuple[re.Pattern[str], Rule], ...] = (
+    (re.compile(r"^(?:WELCOME|GOOGLE_ASSISTANT_WELCOME|TELEPHONY_WELCOME)$", re.I), Rule(INTRO)),
+    (re.compile(r"^sys\.no-input"), Rule(SILENCE)),
+    (re.compile(r"^sys\.no-match"), Rule(FALLBACK)),
+)
+"""Dialogflow CX ``triggerEvent`` patterns; other events give ``#<event>``."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do with one webhook request.
+
+    ``health_check`` requests are answered without a turn (``input`` None).
+    ``app_key`` is the agent for Dialogflow (``projects/<p>`` for ES,
+    ``projects/<p>/locations/<l>/agents/<a>`` for CX) and None for /google (the
+    route takes it from the verified token). ``scene`` (v3), ``end_page`` (CX)
+    and ``google_payload`` (ES from Actions on Google) shape the answer.
+    """
+
+    format: Format
+    session_id: str
+    input: Input | None
+    health_check: bool = False
+    end_session: bool = False
+    locale: str | None = None
+    app_key: str | None = None
+    scene: str | None = None
+    end_page: str | None = None
+    google_payload: bool = False
+
+
+def _input(text: str, locale: str | None, intent: str | None, detail: Mapping[str, Any]) -> Input:
+    classes = [InputClass(type="Intent", name=intent)] if intent else []
+    attributes = {"intent": {"name": intent, **detail}} if intent else {}
+    return Input.of(text, locale=locale or None, classes=classes, attributes=attributes)
+
+
+def google_plan(data: Mapping[str, Any]) -> Plan:
+    """The Plan of a ``POST /google`` request (Actions Builder v3 or Actions SDK v2).
+
+    Raises ProtocolError (400) for another shape (a Dialogflow request is
+    pointed to ``/dialogflow``) or invalid fields.
+    """
+    kind = detect(data)
+    if kind is Format.ACTIONS_BUILDER:
+        return _v3_plan(_validate(V3Request, data, "Actions Builder"))
+    if kind is Format.ACTIONS_SDK_V2:
+        request = _validate(V2AppRequest, data, "Actions SDK v2")
+        locale = request.user.locale if request.user else None
+        session_id = request.conversation.conversation_id
+        return _v2_plan(request, session_id, locale, Format.ACTIONS_SDK_V2)
+    if kind in (Format.DIALOGFLOW_ES, Format.DIALOGFLOW_CX):
+        raise ProtocolError("This is a Dialogflow fulfillment request: POST it to /dialogflow.")
+    raise ProtocolError(
+        "Not a Google Assistant request", expected="an Actions Builder request "
+        "(handler, session) or an Actions SDK v2 AppRequest (conversation, inputs)",
+        got="an object with " + (", ".join(sorted(data)[:8]) or "no properties"),
+    )  # fmt: skip
+
+
+def _v3_plan(request: V3Request) -> Plan:
+    locale = (request.user.locale if request.user else None) or request.session.language_code
+    scene = request.scene.name if request.scene else None
+    base: dict[str, Any] = {
+        "session_id": request.session.id,
+        "locale": locale or None,
+        "scene": scene,
+    }
+    if request.handler.name == HEALTH_CHECK_HANDLER:
+        return Plan(Format.ACTIONS_BUILDER, input=None, health_check=True, **base)
+    intent = request.intent or V3Intent()
+    query = (intent.query or "").strip()
+    rule = V3_INTENTS.get(intent.name)
+    if rule is not None:
+        text, ends = rule.text, rule.ends
+    elif query and intent.name and not intent.name.startswith("actions."):
+        text, ends = query, False
+    elif intent.name:
+        text, ends = f"#{intent.name}", False
+    elif request.handler.name:
+        text, ends = f"#{request.handler.name}", False  # a scene's webhook without intent
+    else:
+        raise ProtocolError("The request names neither an intent nor a handler.")
+    detail = {"params": intent.params or {}, "query": intent.query}
+    return Plan(
+        Format.ACTIONS_BUILDER,
+        input=_input(text, locale, intent.name or None, detail),
+        end_session=ends,
+        **base,
+    )
+
+
+def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Format) -> Plan:
+    first = request.inputs[0]
+    args = {a.name: a for a in first.arguments if a.name}
+    health = args.get("is_health_check")
+    if health is not None and (health.bool_value or health.text_value == "1"):
+        return Plan(fmt, session_id=session_id, input=None, health_check=True, locale=locale)
+    query = next((r.query.strip() for r in first.raw_inputs if r.query and r.query.strip()), "")
+    rule = V2_INTENTS.get(first.intent)
+    if rule is not None:
+        text, ends = rule.text, rule.ends
+    elif first.intent == "actions.intent.TEXT":
+        text = (args["text"].text_value or "") if "text" in args else ""
+        text, ends = (text.strip() or query or FALLBACK), False
+    elif first.intent == "actions.intent.OPTION" and "OPTION" in args:
+        text, ends = (args["OPTION"].text_value or FALLBACK), False
+    else:
+        text, ends = f"#{first.intent}", False
+    detail = {"arguments": [a.model_dump(mode="json", by_alias=True) for a in first.arguments]}
+    return Plan(
+        fmt,
+        session_id=session_id,
+        input=_input(text, locale, first.intent, detail),
+        end_session=ends,
+        locale=locale,
+    )
+
+
+_PROJECT = re.compile(r"^(projects/[^/]+)(?:/locations/([^/]+)/agents/([^/]+))?/")
+
+
+def agent_of(session_path: str) -> str | None:
+    """The agent a Dialogflow session path belongs to.
+
+    ``projects/P/agent/sessions/S`` (ES) -> ``projects/P``;
+    ``projects/P/locations/L/agents/A/sessions/S`` (CX) ->
+    ``projects/P/locations/L/agents/A``; None when the path has neither form.
+    """
+    match = _PROJECT.match(session_path)
+    if match is None:
+        return None
+    if match.group(2):
+        return f"{match.group(1)}/locations/{match.group(2)}/agents/{match.group(3)}"
+    return match.group(1)
+
+
+def dialogflow_plan(data: Mapping[str, Any]) -> Plan:
+    """The Plan of a ``POST /dialogflow`` request (Dialogflow ES or CX).
+
+    Raises ProtocolError (400) for another shape (an Actions request is pointed
+    to ``/google``), invalid fields, or a CX request without any input (no
+    text, transcript, DTMF, event or tag).
+    """
+    kind = detect(data)
+    if kind is Format.DIALOGFLOW_ES:
+        return _es_plan(_validate(EsRequest, data, "Dialogflow ES"))
+    if kind is Format.DIALOGFLOW_CX:
+        return _cx_plan(_validate(CxRequest, data, "Dialogflow CX"))
+    if kind in (Format.ACTIONS_BUILDER, Format.ACTIONS_SDK_V2):
+        raise ProtocolError("This is a Google Assistant request: POST it to /google.")
+    raise ProtocolError(
+        "Not a Dialogflow request", expected="a Dialogflow ES request (session, queryResult) "
+        "or a CX request (sessionInfo)",
+        got="an object with " + (", ".join(sorted(data)[:8]) or "no properties"),
+    )  # fmt: skip
+
+
+def _es_plan(request: EsRequest) -> Plan:
+    result = request.query_result
+    locale = result.language_code or None
+    app_key = agent_of(request.session) or request.session
+    original = request.original_detect_intent_request
+    payload = original.payload if original else None
+    from_google = bool(original and original.source == "google")
+    intent = result.intent.display_name if result.intent else None
+    detail = {"parameters": result.parameters or {}, "action": result.action}
+    if from_google and payload and "inputs" in payload and "conversation" in payload:
+        app_request = _validate(V2AppRequest, payload, "Actions on Google payload of the")
+        plan = _v2_plan(app_request, request.session, locale, Format.DIALOGFLOW_ES)
+        if plan.input is not None:  # the v2 intent decides; Dialogflow's intent goes along
+            if plan.input.text == FALLBACK and result.query_text:
+                plan.input.transcript.text = result.query_text
+            plan.input.attributes["intent"] = {"name": intent, **detail}
+            if intent:
+                plan.input.classes.insert(0, InputClass(type="Intent", name=intent))
+        return replace(plan, app_key=app_key, google_payload=True)
+    query = (result.query_text or "").strip()
+    text = INTRO if query.upper() in WELCOME_EVENTS else (query or FALLBACK)
+    return Plan(
+        Format.DIALOGFLOW_ES,
+        session_id=request.session,
+        input=_input(text, locale, intent, detail),
+        locale=locale,
+        app_key=app_key,
+        google_payload=from_google,
+    )
+
+
+def _cx_plan(request: CxRequest) -> Plan:
+    session = request.session_info.session
+    locale = request.language_code or None
+    info = request.intent_info
+    intent = (info.display_name or info.last_matched_intent) if info else None
+    detail = {"parameters": (info.parameters if info else None) or {}}
+    given = (request.text, request.transcript, request.dtmf_digits)
+    text = next((t.strip() for t in given if t and t.strip()), "")
+    if not text and request.trigger_event:
+        rule = next((r for p, r in CX_EVENTS if p.search(request.trigger_event)), None)
+        text = rule.text if rule else f"#{request.trigger_event}"
+    if not text and request.fulfillment_info and request.fulfillment_info.tag:
+        text = f"#{request.fulfillment_info.tag}"
+    if not text:
+        raise ProtocolError(
+            "The Dialogflow CX request carries no text, transcript, DTMF digits, "
+            "triggerEvent or fulfillmentInfo.tag."
+        )
+    page = request.page_info.current_page if request.page_info else None
+    end_page = None
+    if page and "/flows/" in page:
+        flow = page.split("/pages/")[0]
+        end_page = f"{flow}/pages/END_SESSION"
+    return Plan(
+        Format.DIALOGFLOW_CX,
+        session_id=session,
+        input=_input(text, locale, intent, detail),
+        locale=locale,
+        app_key=agent_of(session) or session,
+        end_page=end_page,
+    )
+
+
+# ------------------------------------------------------------------------ answers
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to say, in the gateway's terms: the items, and whether the conversation ends."""
+
+    items: Sequence[ResponseItem] = field(default_factory=tuple)
+    end: bool = False
+
+
+def _speech(items: Sequence[ResponseItem]) -> str | None:
+    return speech_ssml(items, MAX_SPEECH_CHARS)
+
+
+def _image(items: Sequence[ResponseItem]) -> str | None:
+    return next((i.image for i in items if i.image and i.image.startswith("https://")), None)
+
+
+def render(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
+    """The webhook response JSON for ``answer`` in ``plan.format`` (module doc)."""
+    if plan.format is Format.ACTIONS_BUILDER:
+        return _v3_response(plan, answer, gateway_session_id)
+    if plan.format is Format.ACTIONS_SDK_V2:
+        return _v2_body(answer, gateway_session_id)
+    if plan.format is Format.DIALOGFLOW_ES:
+        return _es_response(plan, answer)
+    return _cx_response(plan, answer, gateway_session_id)
+
+
+def health_response(plan: Plan) -> dict[str, Any]:
+    """The answer to a health check, made without a turn.
+
+    Actions Builder ``actions.handler.HEALTH_CHECK``: ``{}``. An Actions SDK v2
+    (or Dialogflow-wrapped) ``is_health_check`` MAIN request: a final response
+    saying "OK", so the crawler sees a valid, finished conversation.
+    """
+    if plan.format is Format.ACTIONS_BUILDER:
+        return {}
+    return render(plan, Answer(items=(ResponseItem(text="OK"),), end=True), plan.session_id)
+
+
+def _v3_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
+    speech = _speech(answer.items)
+    text = display_text(answer.items, MAX_DISPLAY_CHARS)
+    out: dict[str, Any] = {
+        "session": {"id": plan.session_id, "params": {SESSION_PARAM: gateway_session_id}},
+    }
+    prompt: dict[str, Any] = {"override": False}
+    if speech is not None or text:
+        simple: dict[str, Any] = {}
+        if speech is not None:
+            simple["speech"] = speech
+        if text:
+            simple["text"] = text
+        prompt["firstSimple"] = simple
+    if image := _image(answer.items):
+        prompt["content"] = {"image": {"url": image, "alt": text or "image"}}
+    out["prompt"] = prompt
+    if answer.end:
+        scene: dict[str, Any] = {"next": {"name": END_CONVERSATION}}
+        if plan.scene:
+            scene["name"] = plan.scene
+        out["scene"] = scene
+    return out
+
+
+def _rich_response(answer: Answer) -> dict[str, Any]:
+    items: list[dict[str, Any]] = []
+    speech = _speech(answer.items)
+    text = display_text(answer.items, MAX_DISPLAY_CHARS)
+    if speech is not None or text:
+        simple: dict[str, Any] = {"ssml": speech} if speech else {"textToSpeech": text}
+        if text:
+            simple["displayText"] = text
+        items.append({"simpleResponse": simple})
+    if image := _image(answer.items):
+        items.append({"basicCard": {"image": {"url": image, "accessibilityText": text or "image"}}})
+    return {"items": items}
+
+
+def _v2_body(answer: Answer, gateway_session_id: str) -> dict[str, Any]:
+    rich = _rich_response(answer)
+    if answer.end:
+        return {"expectUserResponse": False, "finalResponse": {"richResponse": rich}}
+    return {
+        "expectUserResponse": True,
+        "conversationToken": json.dumps({SESSION_PARAM: gateway_session_id}),
+        "expectedInputs": [
+            {
+                "inputPrompt": {"richInitialPrompt": rich},
+                "possibleIntents": [{"intent": "actions.intent.TEXT"}],
+            }
+        ],
+    }
+
+
+def _messages(items: Sequence[ResponseItem]) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    for item in items:
+        text = display_text([item], MAX_SPEECH_CHARS)
+        if text:
+            messages.append({"text": {"text": [text]}})
+        if item.image and item.image.startswith("https://"):
+            messages.append({"image": {"imageUri": item.image}})
+    return messages
+
+
+def _es_response(plan: Plan, answer: Answer) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "fulfillmentText": display_text(answer.items, MAX_SPEECH_CHARS),
+        "fulfillmentMessages": _messages(answer.items),
+    }
+    if plan.google_payload:
+        rich = _rich_response(answer)
+        out["payload"] = {"google": {"expectUserResponse": not answer.end, "richResponse": rich}}
+    return out
+
+
+def _cx_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "fulfillmentResponse": {
+            "messages": [m for m in _messages(answer.items) if "text" in m],
+            "mergeBehavior": "REPLACE",
+        },
+        "sessionInfo": {"parameters": {SESSION_PARAM: gateway_session_id}},
+    }
+    if answer.end and plan.end_page:
+        out["targetPage"] = plan.end_page
+    return out

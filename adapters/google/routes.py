@@ -1,0 +1,368 @@
+"""Google conversational webhooks: ``POST /google`` (Assistant) and ``POST /dialogflow``.
+
+Thin I/O around :mod:`adapters.google.protocol` and :mod:`adapters.google.verify`.
+
+``POST /google`` (Actions Builder / Actions SDK conversation webhook, and the older
+Actions SDK v2 AppRequest): the ``Google-Assistant-Signature`` (v2:
+``Authorization``) JWT is verified against GATEWAY_GOOGLE_PROJECT_IDS unless
+GATEWAY_GOOGLE_VERIFY=false; the verified audience (the project id) is the
+application key of the session.
+
+``POST /dialogflow`` (Dialogflow ES and CX fulfillment): Dialogflow signs
+nothing, so the agent is configured to send a secret: with GATEWAY_DIALOGFLOW_AUTH
+= ``basic:USER:PASSWORD`` (ES "basic auth" fields; CX "authentication" fields) or
+``bearer:TOKEN`` (a custom ``Authorization: Bearer TOKEN`` header) every request
+must carry it; unset, the endpoint is open (logged at startup). The agent
+(``projects/P`` or ``projects/P/locations/L/agents/A``) is the application key.
+
+Status codes: 200 with the platform's JSON for every request it should act on (a
+failing core is answered with GATEWAY_VOICE_ERROR_TEXT, a turn slower than
+GATEWAY_GOOGLE_DEADLINE_S / GATEWAY_DIALOGFLOW_DEADLINE_S with
+GATEWAY_VOICE_STILL_WORKING_TEXT while the turn finishes and saves its session);
+400 malformed body; 401 failed verification / authentication (reason logged at
+WARNING); 413 body over GATEWAY_MAX_BODY_BYTES; 503 verification on without
+project ids.
+
+Per-app state is made when the app starts (this router's lifespan); the Google
+verifier by ``app.state.google_verifier_factory`` when set (a
+``Callable[[Settings], GoogleVerifier]``, the seam for tests and benchmarks that
+bring their own certificate source or clock), else by
+:func:`default_verifier_factory`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+
+from adapters.google.protocol import (
+    DIALOGFLOW_NAMESPACE,
+    GOOGLE_NAMESPACE,
+    Answer,
+    Plan,
+    dialogflow_plan,
+    google_plan,
+    health_response,
+    load_json,
+    render,
+)
+from adapters.google.verify import GoogleVerificationError, GoogleVerifier
+from gateway.conversation import TurnContext
+from gateway.deps import Gateway, gateway_of
+from gateway.events import ResponseItem
+from gateway.httputil import problem, read_body
+from gateway.protocol import ProtocolError
+from gateway.settings import Settings
+from gateway.voice import TurnOutcome, end_session, run_turn
+
+log = logging.getLogger("adapters.google")
+
+GoogleVerifierFactory = Callable[[Settings], GoogleVerifier]
+"""Makes the app's GoogleVerifier from its settings (see the module doc)."""
+
+
+def default_verifier_factory(settings: Settings) -> GoogleVerifier:
+    """The production verifier: GATEWAY_GOOGLE_PROJECT_IDS and Google's published certificates."""
+    return GoogleVerifier(settings.google_project_ids)
+
+
+@dataclass(frozen=True)
+class DialogflowAuth:
+    """The credentials /dialogflow requires: ``scheme`` (``basic``/``bearer``) and ``secret``.
+
+    ``secret`` is what follows the scheme in the Authorization header
+    (base64 ``user:password`` for basic, the token for bearer).
+    """
+
+    scheme: str
+    secret: str
+
+    @classmethod
+    def parse(cls, value: str) -> DialogflowAuth:
+        """From GATEWAY_DIALOGFLOW_AUTH (``basic:USER:PASSWORD`` or ``bearer:TOKEN``)."""
+        scheme, _, rest = value.partition(":")
+        if scheme.lower() == "basic":
+            return cls("basic", base64.b64encode(rest.encode()).decode("ascii"))
+        return cls("bearer", rest)
+
+    def accepts(self, header: str | None) -> bool:
+        """Whether an Authorization header value carries these credentials (constant time)."""
+        scheme, _, given = (header or "").strip().partition(" ")
+        ok_scheme = scheme.lower() == self.scheme
+        return hmac.compare_digest(given.strip().encode(), self.secret.encode()) and ok_scheme
+
+    @property
+    def challenge(self) -> str:
+        """The WWW-Authenticate value of a 401."""
+        return 'Basic realm="dialogflow"' if self.scheme == "basic" else "Bearer"
+
+
+@dataclass(frozen=True)
+class GoogleChannel:
+    """Per-app state of /google and /dialogflow, made at startup.
+
+    ``verifier`` None means /google verification is off, unless ``refusal``
+    says why /google refuses every request; ``dialogflow_auth`` None means
+    /dialogflow is open.
+    """
+
+    verifier: GoogleVerifier | None
+    refusal: str | None
+    dialogflow_auth: DialogflowAuth | None
+
+
+def make_channel(settings: Settings, factory: GoogleVerifierFactory | None = None) -> GoogleChannel:
+    """The GoogleChannel for ``settings``; logs the startup warnings.
+
+    Verification off: a WARNING. Verification on without project ids: a WARNING
+    that /google refuses requests with 503 (any Google account can get
+    Google-signed tokens for its own project: without the audience check a token
+    proves nothing, so the gateway does not guess). /dialogflow without
+    GATEWAY_DIALOGFLOW_AUTH: an INFO line saying it is open.
+    """
+    auth = settings.dialogflow_auth
+    df_auth = DialogflowAuth.parse(auth.get_secret_value()) if auth else None
+    if df_auth is None:
+        log.info("/dialogflow accepts requests without credentials (GATEWAY_DIALOGFLOW_AUTH unset)")
+    if not settings.google_verify:
+        log.warning(
+            "Google request verification is OFF (GATEWAY_GOOGLE_VERIFY=false): /google accepts "
+            "unsigned requests. Use this only for local development."
+        )
+        return GoogleChannel(None, None, df_auth)
+    if not settings.google_project_ids:
+        reason = (
+            "The Google Assistant channel is not configured: set GATEWAY_GOOGLE_PROJECT_IDS to "
+            "your Actions project id(s), or GATEWAY_GOOGLE_VERIFY=false for local development."
+        )
+        log.warning("/google refuses requests (503): %s", reason)
+        return GoogleChannel(None, reason, df_auth)
+    return GoogleChannel((factory or default_verifier_factory)(settings), None, df_auth)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    factory: GoogleVerifierFactory | None = getattr(app.state, "google_verifier_factory", None)
+    app.state.google = make_channel(app.state.gateway.settings, factory)
+    yield
+
+
+router = APIRouter(lifespan=_lifespan)
+
+_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+
+_GOOGLE_REQUEST = {
+    "handler": {"name": "gateway"},
+    "intent": {"name": "actions.intent.TEXT", "params": {}, "query": "my name is Ada"},
+    "scene": {"name": "Conversation"},
+    "session": {"id": "ABwppHE_0000", "params": {}, "languageCode": ""},
+    "user": {"locale": "en-US"},
+}
+_GOOGLE_RESPONSE = {
+    "session": {"id": "ABwppHE_0000", "params": {"gatewaySessionId": "ABwppHE_0000"}},
+    "prompt": {
+        "override": False,
+        "firstSimple": {
+            "speech": "<speak>Nice to meet you, Ada.</speak>",
+            "text": "Nice to meet you, Ada.",
+        },
+    },
+}
+_DIALOGFLOW_REQUEST = {
+    "responseId": "0000",
+    "session": "projects/my-agent/agent/sessions/1526414104011",
+    "queryResult": {
+        "queryText": "my name is Ada",
+        "parameters": {},
+        "intent": {"displayName": "Default Fallback Intent"},
+        "languageCode": "en",
+    },
+}
+_DIALOGFLOW_RESPONSE = {
+    "fulfillmentText": "Nice to meet you, Ada.",
+    "fulfillmentMessages": [{"text": {"text": ["Nice to meet you, Ada."]}}],
+}
+
+
+def _body_doc(example: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"type": "object", "description": description},
+                    "example": example,
+                }
+            },
+        }
+    }
+
+
+def _refuse(status: int, reason: str, detail: str, **headers: str) -> JSONResponse:
+    log.warning("request refused: %s: %s", reason, detail)
+    titles = {400: "Bad Request", 401: "Unauthorized", 413: "Content Too Large"}
+    answer = problem(status, titles.get(status, "Refused"), detail, reason=reason)
+    answer.headers.update(headers)
+    return answer
+
+
+@router.post(
+    "/google",
+    tags=["Google Assistant"],
+    summary="Google Assistant conversation webhook (Actions Builder / SDK, and v2 AppRequest)",
+    description=(
+        "Register `{GATEWAY_PUBLIC_URL}/google` as the Action's webhook. The "
+        "Google-Assistant-Signature (v2: Authorization) JWT must have a project id of "
+        "GATEWAY_GOOGLE_PROJECT_IDS as audience unless GATEWAY_GOOGLE_VERIFY=false. "
+        "`actions.intent.MAIN` starts the conversation (`#intro`), the user's query is the "
+        "turn's text, `actions.handler.HEALTH_CHECK` is answered `{}`; the end of the session "
+        "is `scene.next.name = actions.scene.END_CONVERSATION` (v3) or "
+        "`expectUserResponse: false` (v2). Session params (v2: conversationToken) carry "
+        "`gatewaySessionId`."
+    ),
+    responses={
+        200: {
+            "description": "The webhook response in the request's format.",
+            "content": {"application/json": {"example": _GOOGLE_RESPONSE}},
+        },
+        400: {"description": "Malformed request", "content": _PROBLEM},
+        401: {"description": "The JWT failed verification (reason logged)", "content": _PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        503: {
+            "description": "Verification is on but GATEWAY_GOOGLE_PROJECT_IDS is empty",
+            "content": _PROBLEM,
+        },
+    },
+    openapi_extra=_body_doc(_GOOGLE_REQUEST, "Actions Builder request or v2 AppRequest"),
+)
+async def post_google(request: Request) -> JSONResponse:
+    """Answer one Google Assistant webhook request (see the module doc)."""
+    started = asyncio.get_running_loop().time()
+    gw = gateway_of(request)
+    channel: GoogleChannel = request.app.state.google
+    if channel.refusal is not None:
+        return _refuse(503, "not_configured", channel.refusal)
+    app_key = "actions"
+    if channel.verifier is not None:
+        try:
+            claims = await channel.verifier.verify(request.headers)
+        except GoogleVerificationError as exc:  # already logged by the verifier
+            return problem(401, "Unauthorized", exc.message, reason=exc.reason.value)
+        app_key = _audience(claims, channel.verifier.project_ids)
+    try:
+        body = await read_body(request, gw.settings.max_body_bytes)
+        todo = google_plan(load_json(body))
+    except ProtocolError as exc:
+        return _refuse(exc.status, "malformed_request", exc.text)
+    if todo.health_check:
+        return JSONResponse(health_response(todo))
+    ctx = _context("google", GOOGLE_NAMESPACE, todo, app_key)
+    elapsed = asyncio.get_running_loop().time() - started
+    return JSONResponse(await _turn(gw, ctx, todo, gw.settings.google_deadline_s - elapsed))
+
+
+def _audience(claims: dict[str, Any], project_ids: frozenset[str]) -> str:
+    audience = claims.get("aud")
+    candidates = audience if isinstance(audience, list) else [audience]
+    return next((a for a in candidates if isinstance(a, str) and a in project_ids), "actions")
+
+
+@router.post(
+    "/dialogflow",
+    tags=["Dialogflow"],
+    summary="Dialogflow ES and CX fulfillment webhook",
+    description=(
+        "Register `{GATEWAY_PUBLIC_URL}/dialogflow` as the agent's fulfillment webhook. ES "
+        "`queryResult.queryText` (welcome events: `#intro`) or CX `text`/`transcript` is the "
+        "turn's text; the session is `session` (ES) or `sessionInfo.session` (CX). Answers "
+        "`fulfillmentText` + `fulfillmentMessages` (ES, plus `payload.google` for Actions on "
+        "Google) or `fulfillmentResponse.messages` + `sessionInfo.parameters` (CX). With "
+        "GATEWAY_DIALOGFLOW_AUTH set, requests must carry those Basic or Bearer credentials."
+    ),
+    responses={
+        200: {
+            "description": "The fulfillment response in the request's format (ES or CX).",
+            "content": {"application/json": {"example": _DIALOGFLOW_RESPONSE}},
+        },
+        400: {"description": "Malformed request", "content": _PROBLEM},
+        401: {
+            "description": "Missing or wrong credentials (GATEWAY_DIALOGFLOW_AUTH)",
+            "content": _PROBLEM,
+        },
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+    },
+    openapi_extra=_body_doc(_DIALOGFLOW_REQUEST, "Dialogflow ES or CX WebhookRequest"),
+)
+async def post_dialogflow(request: Request) -> JSONResponse:
+    """Answer one Dialogflow fulfillment request (see the module doc)."""
+    started = asyncio.get_running_loop().time()
+    gw = gateway_of(request)
+    channel: GoogleChannel = request.app.state.google
+    auth = channel.dialogflow_auth
+    if auth is not None and not auth.accepts(request.headers.get("authorization")):
+        given = "authorization" in request.headers
+        reason = "bad_credentials" if given else "missing_credentials"
+        return _refuse(
+            401,
+            reason,
+            "The request lacks the credentials configured in GATEWAY_DIALOGFLOW_AUTH.",
+            **{"WWW-Authenticate": auth.challenge},
+        )
+    try:
+        body = await read_body(request, gw.settings.max_body_bytes)
+        todo = dialogflow_plan(load_json(body))
+    except ProtocolError as exc:
+        return _refuse(exc.status, "malformed_request", exc.text)
+    if todo.health_check:
+        return JSONResponse(health_response(todo))
+    ctx = _context("dialogflow", DIALOGFLOW_NAMESPACE, todo, todo.app_key or "dialogflow")
+    elapsed = asyncio.get_running_loop().time() - started
+    return JSONResponse(await _turn(gw, ctx, todo, gw.settings.dialogflow_deadline_s - elapsed))
+
+
+def _context(channel: str, namespace: str, todo: Plan, app_key: str) -> TurnContext:
+    return TurnContext(
+        channel=channel,
+        namespace=namespace,
+        session_id=todo.session_id,
+        app_key=app_key,
+        locale=todo.locale,
+        create=True,
+    )
+
+
+def _answer(gw: Gateway, todo: Plan, outcome: TurnOutcome) -> Answer:
+    settings = gw.settings
+    if outcome.late:
+        return Answer((ResponseItem(text=settings.voice_still_working_text),), end=False)
+    if outcome.rejected is not None:
+        if outcome.rejected.reason == "session-busy":
+            return Answer((ResponseItem(text=settings.voice_still_working_text),), end=False)
+        return Answer((ResponseItem(text=settings.voice_error_text),), end=True)
+    if outcome.response is None:  # the pipeline (or the gateway) failed; the session is kept
+        return Answer((ResponseItem(text=settings.voice_error_text),), end=False)
+    response = outcome.response
+    ended = response.session_ended and response.sleep_timeout == 0
+    return Answer(tuple(response.items), end=todo.end_session or ended)
+
+
+async def _turn(gw: Gateway, ctx: TurnContext, todo: Plan, deadline_s: float) -> dict[str, Any]:
+    assert todo.input is not None
+    outcome = await run_turn(gw.conversation, ctx, todo.input, deadline_s)
+    if outcome.late:
+        log.info("turn of %s outlived the platform's deadline: 'still working'", ctx.key)
+    answer = _answer(gw, todo, outcome)
+    if answer.end and outcome.response is not None and not outcome.session_ended:
+        # the platform closes the conversation: so does the gateway
+        await end_session(gw.conversation, ctx, max(deadline_s - 0.5, 0.5))
+    return render(todo, answer, ctx.session_id)

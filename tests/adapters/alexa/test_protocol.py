@@ -1,0 +1,317 @@
+"""adapters.alexa.protocol, sans I/O: the mapping tables, response building and Alexa's limits.
+
+Responses are checked by parsing them with ask-sdk-model (Amazon's own models).
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ask_sdk_model import ResponseEnvelope
+from ask_sdk_model_runtime.serializer import DefaultSerializer
+
+from adapters.alexa.protocol import (
+    MAX_RESPONSE_BYTES,
+    MAX_SPEECH_CHARS,
+    AlexaConfig,
+    Handling,
+    can_fulfill_response,
+    empty_response,
+    encode,
+    parse_envelope,
+    plan,
+    turn_response,
+)
+from gateway.events import Response, ResponseItem
+from gateway.protocol import ProtocolError
+from gateway.voice import speech_ssml, truncate_text
+from tests.conftest import FIXTURES
+
+ALEXA = FIXTURES / "alexa"
+CONFIG = AlexaConfig()
+SERIALIZER = DefaultSerializer()
+
+
+def fixture(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((ALEXA / name).read_text())
+    return data
+
+
+def parsed(data: bytes) -> ResponseEnvelope:
+    """The answer as ask-sdk-model's ResponseEnvelope (raises if Amazon's models refuse it)."""
+    envelope = SERIALIZER.deserialize(data.decode(), "ask_sdk_model.ResponseEnvelope")
+    assert isinstance(envelope, ResponseEnvelope)
+    return envelope
+
+
+def well_formed(ssml: str) -> str:
+    """The spoken text of an SSML document; fails when it does not parse."""
+    root = ET.fromstring(ssml)
+    assert root.tag == "speak"
+    return "".join(root.itertext())
+
+
+def intent_request(name: str, slots: dict[str, str | None] | None = None) -> dict[str, Any]:
+    data = fixture("jovo-v4/IntentRequest.json")
+    data["request"]["intent"] = {
+        "name": name,
+        "confirmationStatus": "NONE",
+        "slots": {k: {"name": k, "value": v} for k, v in (slots or {}).items()},
+    }
+    return data
+
+
+# ---------------------------------------------------------------------- mapping
+
+
+def test_launch_request_is_intro() -> None:
+    todo = plan(parse_envelope(fixture("jovo-v4/LaunchRequest.json")), CONFIG)
+    assert todo.handling is Handling.TURN
+    assert todo.input is not None
+    assert todo.input.text == "#intro"
+    assert todo.session_id == "amzn1.echo-api.session.0000000-0000-0000-0000-00000000000"
+    assert todo.app_key == "amzn1.echo-sdk-ams.app.000000-d0ed-0000-ad00-000000d00ebe"
+    assert todo.locale == "en-US"
+    assert todo.input.attributes == {}
+
+
+def test_catch_all_slot_is_the_text() -> None:
+    todo = plan(
+        parse_envelope(intent_request("CatchAllIntent", {"query": "my name is Ada"})), CONFIG
+    )
+    assert todo.input is not None
+    assert todo.input.text == "my name is Ada"
+    assert [c.model_dump() for c in todo.input.classes] == [
+        {"type": "Intent", "name": "CatchAllIntent", "score": 1.0}
+    ]
+    assert not todo.end_session
+
+
+def test_catch_all_name_and_slot_are_configurable() -> None:
+    config = AlexaConfig(catch_all_intent="FreeText", catch_all_slot="utterance")
+    todo = plan(parse_envelope(intent_request("FreeText", {"utterance": "hello"})), config)
+    assert todo.input is not None
+    assert todo.input.text == "hello"
+    # under another configuration the same intent is just an intent
+    todo = plan(parse_envelope(intent_request("FreeText", {"utterance": "hello"})), CONFIG)
+    assert todo.input is not None
+    assert todo.input.text == "#FreeText"
+
+
+@pytest.mark.parametrize("slots", [{}, {"query": None}, {"query": "  "}])
+def test_empty_catch_all_is_fallback(slots: dict[str, str | None]) -> None:
+    todo = plan(parse_envelope(intent_request("CatchAllIntent", slots)), CONFIG)
+    assert todo.input is not None
+    assert todo.input.text == "#fallback"
+
+
+@pytest.mark.parametrize(
+    ("intent", "text", "ends"),
+    [
+        ("AMAZON.HelpIntent", "help", False),
+        ("AMAZON.StopIntent", "stop", True),
+        ("AMAZON.CancelIntent", "stop", True),
+        ("AMAZON.FallbackIntent", "#fallback", False),
+        ("AMAZON.YesIntent", "yes", False),
+        ("AMAZON.NoIntent", "no", False),
+        ("HelpIntent", "#HelpIntent", False),  # a custom intent, not the built-in
+    ],
+)
+def test_intent_table(intent: str, text: str, ends: bool) -> None:
+    todo = plan(parse_envelope(intent_request(intent)), CONFIG)
+    assert todo.input is not None
+    assert (todo.input.text, todo.end_session) == (text, ends)
+    assert todo.input.classes[0].name == intent
+
+
+def test_other_intents_carry_name_and_slots() -> None:
+    data = fixture("alexa-app/intent_request_airport_info_resolutions.json")
+    todo = plan(parse_envelope(data), CONFIG)
+    assert todo.input is not None
+    assert todo.input.text == "#airportInfoIntent"
+    assert todo.input.action == "#airportInfoIntent"
+    assert todo.input.attributes["intent"] == {
+        "name": "airportInfoIntent",
+        "slots": {"AirportCode": "my home airport"},
+        "resolvedSlots": {"AirportCode": {"name": "JFK", "id": "200"}},
+    }
+
+
+def test_unmatched_resolutions_are_left_out() -> None:
+    data = fixture("alexa-app/intent_request_airport_info_resolutions_not_found.json")
+    todo = plan(parse_envelope(data), CONFIG)
+    assert todo.input is not None
+    assert todo.input.attributes["intent"]["resolvedSlots"] == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "handling"),
+    [
+        ("jovo-v3/SessionEndedRequest.json", Handling.END),
+        ("jovo-v3/CanFulfillIntentRequest.json", Handling.CAN_FULFILL),
+        ("jovo-v3/System.ExceptionEncountered.json", Handling.EXCEPTION),
+        ("alexa-app/unknown_type_request.json", Handling.IGNORE),
+        ("jovo-v3/AudioPlayer.PlaybackStarted.json", Handling.IGNORE),
+        ("alexa-app/playback_controller_play_command.json", Handling.IGNORE),
+    ],
+)
+def test_request_table(name: str, handling: Handling) -> None:
+    assert plan(parse_envelope(fixture(name)), CONFIG).handling is handling
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.pop("session"), "must carry a session"),
+        (lambda d: d["request"].pop("intent"), "request.intent"),
+        (lambda d: d["session"].pop("application") and d["context"].pop("System"), "applicationId"),
+        (lambda d: d["request"].update(type=5), "request.type"),
+        (lambda d: d["session"].update(sessionId=["x"]), "session.sessionId"),
+        (lambda d: d["request"]["intent"].update(slots=[1]), "request.intent.slots"),
+        (lambda d: d.update(request="IntentRequest"), "request"),
+    ],
+)
+def test_malformed_requests(mutate: Any, message: str) -> None:
+    data = intent_request("CatchAllIntent", {"query": "hi"})
+    mutate(data)
+    with pytest.raises(ProtocolError) as caught:
+        plan(parse_envelope(data), CONFIG)
+    assert message in caught.value.text
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[]", b'"x"', b"\xff\xfe"])
+def test_bodies_that_are_not_envelopes(body: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        parse_envelope(body)
+
+
+# --------------------------------------------------------------------- answers
+
+
+def test_speech_reprompt_and_session_attributes() -> None:
+    response = Response(items=[ResponseItem(text="Hello."), ResponseItem(text="What's up?")])
+    answer = parsed(encode(turn_response(response, session_id="S1")))
+    assert answer.version == "1.0"
+    assert answer.session_attributes == {"gatewaySessionId": "S1"}
+    assert answer.response.output_speech.ssml == "<speak>Hello. What's up?</speak>"
+    assert answer.response.reprompt.output_speech.ssml == "<speak>What's up?</speak>"
+    assert answer.response.should_end_session is False
+
+
+def test_text_is_escaped_ssml_is_kept_audio_becomes_audio_tags() -> None:
+    items = [
+        ResponseItem(text="Tom & Jerry <3"),
+        ResponseItem(text="plain", ssml='<speak>A <break time="1s"/> pause</speak>'),
+        ResponseItem(text="broken", ssml="<speak><b>unclosed</speak>"),
+        ResponseItem(audio="https://cdn.example/a.mp3?x=1&y=2"),
+        ResponseItem(audio="http://insecure.example/b.mp3"),
+        ResponseItem(text="#command", code="do()"),
+    ]
+    ssml = turn_response(Response(items=items), session_id="S").response.output_speech
+    assert ssml is not None
+    assert ssml.ssml is not None
+    well_formed(ssml.ssml)
+    assert ssml.ssml == (
+        '<speak>Tom &amp; Jerry &lt;3 A <break time="1s"/> pause broken '
+        '<audio src="https://cdn.example/a.mp3?x=1&amp;y=2"/></speak>'
+    )
+
+
+@pytest.mark.parametrize(
+    ("ended", "sleep", "should_end"),
+    [(False, 0, False), (True, 0, True), (True, 30, False), (False, 30, False)],
+)
+def test_should_end_session_formula(ended: bool, sleep: int, should_end: bool) -> None:
+    response = Response(items=[ResponseItem(text="x")], session_ended=ended, sleep_timeout=sleep)
+    answer = parsed(encode(turn_response(response, session_id="S")))
+    assert answer.response.should_end_session is should_end
+    assert (answer.response.reprompt is None) is should_end
+
+
+def test_forced_end_and_silent_answers_end_the_session() -> None:
+    answer = turn_response(Response(items=[ResponseItem(text="x")]), session_id="S", force_end=True)
+    assert answer.response.should_end_session is True
+    silent = turn_response(Response(items=[]), session_id="S")
+    assert silent.response.should_end_session is True
+    assert silent.response.output_speech is None
+
+
+def test_images_make_a_standard_card() -> None:
+    items = [
+        ResponseItem(text="Look at this."),
+        ResponseItem(image="http://insecure.example/no.png"),
+        ResponseItem(image="https://cdn.example/cat.png"),
+    ]
+    card = parsed(encode(turn_response(Response(items=items), session_id="S"))).response.card
+    assert card.object_type == "Standard"
+    assert card.text == "Look at this."
+    assert card.image.small_image_url == card.image.large_image_url == "https://cdn.example/cat.png"
+
+
+def test_empty_and_can_fulfill_answers_parse() -> None:
+    assert parsed(encode(empty_response())).response.should_end_session is None
+    closed = parsed(encode(empty_response(session_id="S", end=True)))
+    assert closed.response.should_end_session is True
+    answer = parsed(
+        encode(
+            can_fulfill_response(parse_envelope(fixture("jovo-v3/CanFulfillIntentRequest.json")))
+        )
+    )
+    assert answer.response.can_fulfill_intent.can_fulfill.value == "MAYBE"
+    slot = answer.response.can_fulfill_intent.slots["name"]
+    assert (slot.can_understand.value, slot.can_fulfill.value) == ("MAYBE", "YES")
+    assert answer.response.output_speech is None
+
+
+# ----------------------------------------------------------------------- limits
+
+SENTENCE = "The quick brown fox jumps over the lazy dog. "
+
+
+def test_long_speech_is_cut_at_a_sentence_end() -> None:
+    text = SENTENCE * 500  # 22,500 characters
+    answer = turn_response(Response(items=[ResponseItem(text=text)]), session_id="S")
+    data = encode(answer)
+    assert len(data) <= MAX_RESPONSE_BYTES
+    speech = parsed(data).response.output_speech.ssml
+    assert len(speech) <= MAX_SPEECH_CHARS
+    assert speech.endswith("lazy dog.</speak>")
+    assert len(well_formed(speech)) > MAX_SPEECH_CHARS * 0.9
+
+
+def test_long_multibyte_speech_fits_24_kb() -> None:
+    text = "Příliš žluťoučký kůň úpěl ďábelské ódy. " * 400
+    data = encode(turn_response(Response(items=[ResponseItem(text=text)]), session_id="S"))
+    assert len(data) <= MAX_RESPONSE_BYTES
+    answer = parsed(data)
+    speech = answer.response.output_speech.ssml
+    well_formed(speech)
+    assert speech.endswith("ódy.</speak>")
+    assert answer.response.should_end_session is False
+
+
+def test_a_long_ssml_item_is_cut_and_stays_well_formed() -> None:
+    inner = "".join(f'<p>Part {i} of the story.</p><break time="100ms"/>' for i in range(600))
+    items = [ResponseItem(text="Intro."), ResponseItem(ssml=f"<speak>{inner}</speak>")]
+    speech = speech_ssml(items, MAX_SPEECH_CHARS)
+    assert speech is not None
+    assert len(speech) <= MAX_SPEECH_CHARS
+    assert well_formed(speech).startswith("Intro. Part 0 of the story.")
+
+
+def test_truncate_text_boundaries() -> None:
+    assert truncate_text("short", 10) == "short"
+    assert truncate_text("One. Two three four five six", 12) == "One. Two…"
+    assert truncate_text("First sentence here. Second one.", 25) == "First sentence here."
+    assert truncate_text("x" * 50, 10) == "x" * 9 + "…"
+    assert truncate_text("anything", 0) == ""
+
+
+def test_every_fixture_plans_without_error() -> None:
+    for path in sorted(Path(ALEXA).rglob("*.json")):
+        plan(parse_envelope(path.read_bytes()), CONFIG)

@@ -1,0 +1,524 @@
+"""POST /alexa over real HTTP: every fixture, conversations, verification, bad input, deadlines.
+
+The gateway runs on a free port (tests.conftest.gateway / serve); answers are parsed with
+ask-sdk-model. Verification is off for the fixtures (they carry no signatures and old
+timestamps) and on, with a locally made PKI injected through
+``app.state.alexa_verifier_factory``, for the signed tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from ask_sdk_model import ResponseEnvelope
+from ask_sdk_model_runtime.serializer import DefaultSerializer
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.x509.verification import Store
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from adapters.alexa.verify import AlexaVerifier
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.adapters.alexa.test_verify import Pki, _ca_cert, _rsa_key
+from tests.conftest import FIXTURES, gateway, serve
+
+ALEXA = FIXTURES / "alexa"
+FIXTURE_FILES = sorted(p.relative_to(ALEXA).as_posix() for p in ALEXA.rglob("*.json"))
+SERIALIZER = DefaultSerializer()
+SKILL_ID = "amzn1.ask.skill.11111111-2222-3333-4444-555555555555"
+CERT_URL = "https://s3.amazonaws.com/echo.api/echo-api-cert-local.pem"
+OFF: dict[str, Any] = {"alexa_verify": False}
+
+
+def parsed(answer: httpx.Response) -> ResponseEnvelope:
+    """A 200 answer as ask-sdk-model's ResponseEnvelope."""
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    envelope = SERIALIZER.deserialize(answer.text, "ask_sdk_model.ResponseEnvelope")
+    assert isinstance(envelope, ResponseEnvelope)
+    assert envelope.version == "1.0"
+    return envelope
+
+
+def spoken(envelope: ResponseEnvelope) -> str:
+    """The text of the answer's SSML speech ('' when silent); fails on malformed SSML."""
+    speech = envelope.response.output_speech
+    if speech is None:
+        return ""
+    assert speech.object_type == "SSML"
+    assert len(speech.ssml) <= 8000
+    root = ET.fromstring(speech.ssml)
+    assert root.tag == "speak"
+    return "".join(root.itertext())
+
+
+def fixture(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((ALEXA / name).read_text())
+    return data
+
+
+def now_stamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def envelope(
+    session_id: str,
+    *,
+    text: str | None = None,
+    intent: str | None = None,
+    kind: str = "IntentRequest",
+    app_id: str = SKILL_ID,
+) -> dict[str, Any]:
+    """A request of ``kind`` in ``session_id``: the catch-all with ``text``, or ``intent``."""
+    data = fixture("jovo-v4/IntentRequest.json")
+    data["session"]["sessionId"] = session_id
+    data["session"]["new"] = kind == "LaunchRequest"
+    data["session"]["application"]["applicationId"] = app_id
+    data["context"]["System"]["application"]["applicationId"] = app_id
+    request: dict[str, Any] = {
+        "type": kind,
+        "requestId": f"amzn1.echo-api.request.{time.monotonic_ns()}",
+        "timestamp": now_stamp(),
+        "locale": "en-US",
+    }
+    if kind == "IntentRequest":
+        slots = {"query": {"name": "query", "value": text}} if text is not None else {}
+        request["intent"] = {"name": intent or "CatchAllIntent", "slots": slots}
+    if kind == "SessionEndedRequest":
+        request["reason"] = "USER_INITIATED"
+    data["request"] = request
+    return data
+
+
+async def say(client: httpx.AsyncClient, data: dict[str, Any], **headers: str) -> ResponseEnvelope:
+    return parsed(await client.post("/alexa", content=json.dumps(data).encode(), headers=headers))
+
+
+# --------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+async def base() -> AsyncIterator[str]:
+    async with gateway(**OFF) as url:
+        yield url
+
+
+async def test_every_fixture_is_answered_validly(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        for name in FIXTURE_FILES:
+            data = fixture(name)
+            kind = data["request"]["type"]
+            answer = await say(client, data)
+            text = spoken(answer)
+            body = answer.response
+            if kind in ("LaunchRequest", "IntentRequest"):
+                assert text, name
+                session_id = data["session"]["sessionId"]
+                assert answer.session_attributes == {"gatewaySessionId": session_id}, name
+                assert body.should_end_session is False, name
+                assert body.reprompt is not None, name
+            elif kind == "CanFulfillIntentRequest":
+                assert body.can_fulfill_intent.can_fulfill.value == "MAYBE"
+                assert text == ""
+                assert body.should_end_session is None
+            elif "session" in data and kind not in (
+                "SessionEndedRequest",
+                "System.ExceptionEncountered",
+            ):  # unknown types inside a session: a valid empty answer that closes it
+                assert text == "", name
+                assert body.should_end_session is True, name
+            else:  # SessionEnded, exceptions, AudioPlayer/PlaybackController/skill events
+                assert text == "", name
+                assert body.should_end_session is None, name
+                assert body.reprompt is None, name
+                assert body.card is None, name
+    assert len(FIXTURE_FILES) == 40
+
+
+async def test_launch_fixtures_greet(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        for name in ("jovo-v4/LaunchRequest.json", "jovo-v3/AutomotiveLaunchRequest.json"):
+            text = spoken(await say(client, fixture(name)))
+            assert text.startswith("Hello, I am the gateway demo bot.")
+
+
+# ---------------------------------------------------------------- conversations
+
+
+async def conversation(url: str, session_id: str) -> None:
+    async with httpx.AsyncClient(base_url=url) as client:
+        launch = await say(client, envelope(session_id, kind="LaunchRequest"))
+        assert spoken(launch).startswith("Hello, I am the gateway demo bot.")
+        named = await say(client, envelope(session_id, text="my name is Ada"))
+        assert spoken(named) == "Nice to meet you, Ada."
+        asked = await say(client, envelope(session_id, text="what is my name"))
+        assert spoken(asked) == "Your name is Ada."
+        assert asked.session_attributes == {"gatewaySessionId": session_id}
+        helped = await say(client, envelope(session_id, intent="AMAZON.HelpIntent"))
+        assert "my name is" in spoken(helped)
+        fallback = await say(client, envelope(session_id, intent="AMAZON.FallbackIntent"))
+        assert spoken(fallback) == "Sorry, I did not get that. Say it again."
+        stop = await say(client, envelope(session_id, intent="AMAZON.StopIntent"))
+        assert spoken(stop) == "Goodbye, Ada!"
+        assert stop.response.should_end_session is True
+        assert stop.response.reprompt is None
+        # the session is gone: the same id starts afresh
+        again = await say(client, envelope(session_id, text="what is my name"))
+        assert spoken(again) == "I do not know your name yet."
+
+
+async def test_conversation_keeps_its_session_in_memory() -> None:
+    async with gateway(**OFF) as url:
+        await conversation(url, "amzn1.echo-api.session.memory-1")
+
+
+async def test_conversation_keeps_its_session_in_redis(redis_url: str, redis_prefix: str) -> None:
+    async with gateway(redis_url=redis_url, redis_prefix=redis_prefix, **OFF) as url:
+        await conversation(url, "amzn1.echo-api.session.redis-1")
+    # another gateway instance on the same Redis continues a conversation the first began
+    async with (
+        gateway(redis_url=redis_url, redis_prefix=redis_prefix, **OFF) as first,
+        httpx.AsyncClient(base_url=first) as client,
+    ):
+        await say(client, envelope("amzn1.echo-api.session.redis-2", text="my name is Grace"))
+    async with (
+        gateway(redis_url=redis_url, redis_prefix=redis_prefix, **OFF) as second,
+        httpx.AsyncClient(base_url=second) as client,
+    ):
+        asked = await say(
+            client, envelope("amzn1.echo-api.session.redis-2", text="what is my name")
+        )
+        assert spoken(asked) == "Your name is Grace."
+
+
+async def test_cancel_and_session_ended_request_end_the_session(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        for ender in ("AMAZON.CancelIntent", None):
+            sid = f"amzn1.echo-api.session.end-{ender}"
+            await say(client, envelope(sid, text="my name is Linus"))
+            if ender:
+                answer = await say(client, envelope(sid, intent=ender))
+                assert answer.response.should_end_session is True
+            else:
+                answer = await say(client, envelope(sid, kind="SessionEndedRequest"))
+                assert spoken(answer) == ""
+                assert answer.response.should_end_session is None
+            again = await say(client, envelope(sid, text="what is my name"))
+            assert spoken(again) == "I do not know your name yet."
+
+
+async def test_configured_skill_ids_are_enforced_without_verification() -> None:
+    async with (
+        gateway(alexa_verify=False, alexa_skill_ids=frozenset({SKILL_ID})) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        ok = await client.post("/alexa", json=envelope("S-ok", text="hi"))
+        assert ok.status_code == 200
+        other = await client.post("/alexa", json=envelope("S-no", text="hi", app_id="amzn1.x"))
+        assert other.status_code == 400
+        assert other.headers["content-type"] == "application/problem+json"
+
+
+# ---------------------------------------------------------------- verification ON
+
+
+@dataclass
+class LocalSigner:
+    """A local root -> intermediate -> leaf (SAN echo-api.amazon.com), valid around now."""
+
+    pki: Pki
+    chain: bytes
+
+    def headers(self, body: bytes, url: str = CERT_URL) -> dict[str, str]:
+        signature = self.pki.leaf_key.sign(body, padding.PKCS1v15(), hashes.SHA256())
+        return {"SignatureCertChainUrl": url, "Signature-256": base64.b64encode(signature).decode()}
+
+
+class ChainFetcher:
+    """Serves the local chain for CERT_URL (the CertChainFetcher protocol); counts fetches."""
+
+    def __init__(self, chain: bytes) -> None:
+        self.chain = chain
+        self.calls = 0
+
+    async def fetch(self, url: str) -> bytes:
+        self.calls += 1
+        if url != CERT_URL:
+            raise OSError(f"404 {url}")
+        return self.chain
+
+
+@pytest.fixture(scope="module")
+def signer() -> LocalSigner:
+    now = datetime.now(UTC)
+    root_key, inter_key, leaf_key = _rsa_key(), _rsa_key(), _rsa_key()
+    window = (now - timedelta(days=30), now + timedelta(days=30))
+    root = _ca_cert("Local Root CA", root_key, None, root_key, *window)
+    inter = _ca_cert("Local Server CA", inter_key, root, root_key, *window)
+    pki = Pki(root_key, root, inter_key, inter, leaf_key)
+    leaf = pki.leaf(not_before=now - timedelta(days=1), not_after=now + timedelta(days=1))
+    return LocalSigner(pki, pki.chain_pem(leaf))
+
+
+@pytest.fixture
+async def signed_gateway(signer: LocalSigner) -> AsyncIterator[tuple[str, ChainFetcher]]:
+    fetcher = ChainFetcher(signer.chain)
+    app = create_app(Settings(alexa_skill_ids=frozenset({SKILL_ID})))
+    app.state.alexa_verifier_factory = lambda s: AlexaVerifier(
+        s.alexa_skill_ids, trust_store=Store([signer.pki.root]), fetcher=fetcher
+    )
+    async with serve(app) as url:
+        yield url, fetcher
+
+
+async def test_signed_conversation_passes_verification(
+    signer: LocalSigner, signed_gateway: tuple[str, ChainFetcher]
+) -> None:
+    url, fetcher = signed_gateway
+    async with httpx.AsyncClient(base_url=url) as client:
+        for text, want in (
+            ("my name is Ada", "Nice to meet you, Ada."),
+            ("what is my name", "Your name is Ada."),
+        ):
+            body = json.dumps(envelope("S-signed", text=text)).encode()
+            answer = await client.post("/alexa", content=body, headers=signer.headers(body))
+            assert spoken(parsed(answer)) == want
+    assert fetcher.calls == 1  # the chain is cached
+
+
+def _mutations(signer: LocalSigner) -> Iterator[tuple[str, bytes, dict[str, str]]]:
+    body = json.dumps(envelope("S-bad", text="hello")).encode()
+    good = signer.headers(body)
+    yield "bad_signature", body, {**good, "Signature-256": base64.b64encode(b"\0" * 256).decode()}
+    yield "bad_signature", body.replace(b"hello", b"hellp"), good  # one byte changed
+    yield "legacy_signature_only", body, {"SignatureCertChainUrl": CERT_URL, "Signature": "abc"}
+    yield "missing_cert_url", body, {"Signature-256": good["Signature-256"]}
+    yield (
+        "cert_url_scheme",
+        body,
+        {**good, "SignatureCertChainUrl": CERT_URL.replace("https", "http")},
+    )
+    yield (
+        "cert_url_host",
+        body,
+        {**good, "SignatureCertChainUrl": "https://evil.example/echo.api/x.pem"},
+    )
+    yield (
+        "cert_url_path",
+        body,
+        {**good, "SignatureCertChainUrl": "https://s3.amazonaws.com/echo.api/../x.pem"},
+    )
+    yield (
+        "cert_url_port",
+        body,
+        {**good, "SignatureCertChainUrl": "https://s3.amazonaws.com:563/echo.api/x.pem"},
+    )
+    yield (
+        "cert_fetch_failed",
+        body,
+        {**good, "SignatureCertChainUrl": "https://s3.amazonaws.com/echo.api/other.pem"},
+    )
+    old = envelope("S-bad", text="hello")
+    old["request"]["timestamp"] = (datetime.now(UTC) - timedelta(seconds=151)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+    old_body = json.dumps(old).encode()
+    yield "timestamp_too_old", old_body, signer.headers(old_body)
+    foreign = json.dumps(
+        envelope("S-bad", text="hello", app_id="amzn1.ask.skill.someone-else")
+    ).encode()
+    yield "unknown_application_id", foreign, signer.headers(foreign)
+    yield "malformed_body", b"{not json", signer.headers(b"{not json")
+
+
+async def test_verification_failures_are_400_with_the_reason_logged(
+    signer: LocalSigner,
+    signed_gateway: tuple[str, ChainFetcher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url, _ = signed_gateway
+    async with httpx.AsyncClient(base_url=url) as client:
+        for reason, body, headers in _mutations(signer):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="adapters.alexa"):
+                answer = await client.post("/alexa", content=body, headers=headers)
+            assert answer.status_code == 400, reason
+            assert answer.headers["content-type"] == "application/problem+json"
+            problem = answer.json()
+            assert (problem["status"], problem["reason"]) == (400, reason)
+            logged = [r.getMessage() for r in caplog.records if r.name == "adapters.alexa"]
+            assert any(reason in m for m in logged), (reason, logged)
+        # and it keeps serving
+        body = json.dumps(envelope("S-after", text="still here")).encode()
+        answer = await client.post("/alexa", content=body, headers=signer.headers(body))
+        assert spoken(parsed(answer)) == "You said: still here"
+
+
+async def test_verification_on_without_skill_ids_refuses_with_503(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="adapters.alexa"):
+        async with gateway() as url, httpx.AsyncClient(base_url=url) as client:
+            answer = await client.post("/alexa", json=envelope("S", text="hi"))
+            health = await client.get("/healthz")
+    assert answer.status_code == 503
+    assert "GATEWAY_ALEXA_SKILL_IDS" in answer.json()["detail"]
+    assert health.status_code == 200  # everything else serves
+    assert any("GATEWAY_ALEXA_SKILL_IDS" in r.getMessage() for r in caplog.records)
+
+
+async def test_verification_off_is_a_startup_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="adapters.alexa"):
+        async with gateway(**OFF):
+            pass
+    (record,) = [r for r in caplog.records if "GATEWAY_ALEXA_VERIFY=false" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+
+
+# -------------------------------------------------------------------- bad input
+
+
+async def test_bad_input_is_400_and_never_500(caplog: pytest.LogCaptureFixture) -> None:
+    good = envelope("S-input", text="hello")
+    wrong_type = envelope("S-input", text="hello")
+    wrong_type["request"]["type"] = 42
+    wrong_slots = envelope("S-input", text="hello")
+    wrong_slots["request"]["intent"]["slots"] = "query"
+    no_session = envelope("S-input", text="hello")
+    del no_session["session"]
+    bodies = [
+        b"",
+        b"{not json",
+        b"[1, 2, 3]",
+        b"\xff\xfe\x00",
+        json.dumps({"version": "1.0"}).encode(),
+        json.dumps(wrong_type).encode(),
+        json.dumps(wrong_slots).encode(),
+        json.dumps(no_session).encode(),
+        json.dumps({**good, "request": "LaunchRequest"}).encode(),
+        json.dumps(good).encode() + b" " * 5000,  # over the body limit
+    ]
+    async with (
+        gateway(max_body_bytes=4000, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for body in bodies:
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="adapters.alexa"):
+                answer = await client.post("/alexa", content=body)
+            assert answer.status_code == 400, (body[:60], answer.text)
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["detail"]
+            assert any(r.name == "adapters.alexa" for r in caplog.records)
+        assert spoken(await say(client, good)) == "You said: hello"
+
+
+# ------------------------------------------------------------ slow and long cores
+
+
+def make_core(delay_s: float) -> FastAPI:
+    """A small core: 'slow' sleeps ``delay_s`` s then sets an attribute; 'fail' answers
+    HTTP 500; 'long' answers 20,000+ characters; anything else reports the turn number
+    and that attribute."""
+    core = FastAPI()
+    core.state.finished = asyncio.Event()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        text = body["input"]["transcript"]["text"]
+        if text == "slow":
+            await asyncio.sleep(delay_s)
+            core.state.finished.set()
+            return JSONResponse({"items": [{"text": "finally"}], "attributes": {"slowDone": True}})
+        if text == "fail":
+            return JSONResponse({"detail": "the core tripped"}, status_code=500)
+        if text == "long":
+            sentence = "This sentence is one of very many in a long answer. "
+            return JSONResponse({"items": [{"text": sentence * 420}, {"text": "The end."}]})
+        if text == "long unicode":
+            sentence = "Příliš žluťoučký kůň úpěl ďábelské ódy, řekl Šimon. "
+            return JSONResponse({"items": [{"text": sentence * 400}]})
+        done = body["attributes"].get("slowDone")
+        return JSONResponse({"items": [{"text": f"turn {body['turn']} slowDone {done}"}]})
+
+    return core
+
+
+async def test_a_slow_core_gets_a_still_working_answer_and_its_session_is_saved() -> None:
+    core = make_core(delay_s=1.5)
+    async with (
+        serve(core) as core_url,
+        gateway(alexa_deadline_s=0.5, pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        started = time.monotonic()
+        answer = await say(client, envelope("S-slow", text="slow"))
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.2  # within the deadline (plus HTTP), not the core's 1.5 s
+        assert spoken(answer) == Settings().voice_still_working_text
+        assert answer.response.should_end_session is False
+        assert answer.response.reprompt is not None
+        await asyncio.wait_for(core.state.finished.wait(), 5)
+        await asyncio.sleep(0.2)  # the engine saves the session right after the core answers
+        after = await say(client, envelope("S-slow", text="next"))
+        assert spoken(after) == "turn 2 slowDone True"
+
+
+@pytest.mark.parametrize("text", ["long", "long unicode"])
+async def test_long_answers_are_cut_to_alexas_limits(text: str) -> None:
+    async with (
+        serve(make_core(0)) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await client.post("/alexa", json=envelope("S-long", text=text))
+        assert len(answer.content) <= 24 * 1024
+        speech = spoken(parsed(answer))
+        assert 4000 < len(speech) <= 8000
+        assert speech.endswith(".")  # cut at a sentence end
+
+
+async def test_session_ended_during_a_late_turn_answers_at_once_and_ends_it_after() -> None:
+    core = make_core(delay_s=1.5)
+    async with (
+        serve(core) as core_url,
+        gateway(alexa_deadline_s=0.5, pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        late = await say(client, envelope("S-ended", text="slow"))
+        assert spoken(late) == Settings().voice_still_working_text
+        started = time.monotonic()
+        ended = await say(client, envelope("S-ended", kind="SessionEndedRequest"))
+        assert time.monotonic() - started < 1.2  # not the 15 s lock wait
+        assert spoken(ended) == ""
+        await asyncio.wait_for(core.state.finished.wait(), 5)
+        await asyncio.sleep(0.3)  # the slow turn saves, then the pending end deletes
+        fresh = await say(client, envelope("S-ended", text="next"))
+        assert spoken(fresh) == "turn 1 slowDone None"
+
+
+async def test_a_failing_core_is_apologised_for_and_the_session_kept() -> None:
+    async with (
+        serve(make_core(0)) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        failed = await say(client, envelope("S-fail", text="fail"))
+        assert spoken(failed) == Settings().voice_error_text
+        assert failed.response.should_end_session is False
+        after = await say(client, envelope("S-fail", text="next"))
+        assert spoken(after) == "turn 1 slowDone None"  # the failed turn did not advance it

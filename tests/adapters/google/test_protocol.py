@@ -1,0 +1,288 @@
+"""adapters.google.protocol, sans I/O: shapes, mapping tables and answers of the four formats."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from adapters.google.protocol import (
+    Answer,
+    Format,
+    agent_of,
+    detect,
+    dialogflow_plan,
+    google_plan,
+    health_response,
+    load_json,
+    render,
+)
+from gateway.events import ResponseItem
+from gateway.protocol import ProtocolError
+from tests.conftest import FIXTURES
+
+GOOGLE = FIXTURES / "google"
+
+
+def fixture(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((GOOGLE / name).read_text())
+    return data
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [
+        ("actions-builder/LAUNCH.json", Format.ACTIONS_BUILDER),
+        ("dialogflow/HelpIntent.json", Format.DIALOGFLOW_ES),
+        ("actions-sdk-v2-via-dialogflow/Cancel.json", Format.DIALOGFLOW_ES),
+    ],
+)
+def test_detect(name: str, fmt: Format) -> None:
+    assert detect(fixture(name)) is fmt
+
+
+def test_detect_v2_and_cx_and_nothing() -> None:
+    payload = fixture("actions-sdk-v2-via-dialogflow/HelpIntent.json")
+    assert detect(payload["originalDetectIntentRequest"]["payload"]) is Format.ACTIONS_SDK_V2
+    assert detect({"sessionInfo": {"session": "projects/p/x"}}) is Format.DIALOGFLOW_CX
+    assert detect({"hello": 1}) is None
+
+
+@pytest.mark.parametrize(
+    ("intent", "query", "text", "ends"),
+    [
+        ("actions.intent.MAIN", "Talk to action demo", "#intro", False),
+        ("actions.intent.CANCEL", "cancel", "stop", True),
+        ("actions.intent.NO_INPUT_1", "", "#silence", False),
+        ("actions.intent.NO_MATCH_FINAL", "", "#fallback", True),
+        ("HelloWorldIntent", "my name is max", "my name is max", False),
+        ("HelloWorldIntent", "", "#HelloWorldIntent", False),
+        (
+            "actions.intent.MEDIA_STATUS_FINISHED",
+            "",
+            "#actions.intent.MEDIA_STATUS_FINISHED",
+            False,
+        ),
+    ],
+)
+def test_v3_intents(intent: str, query: str, text: str, ends: bool) -> None:
+    data = fixture("actions-builder/IntentRequest.json")
+    data["intent"] = {
+        "name": intent,
+        "params": {"n": {"original": "max", "resolved": "Max"}},
+        "query": query,
+    }
+    todo = google_plan(data)
+    assert todo.format is Format.ACTIONS_BUILDER
+    assert todo.input is not None
+    assert (todo.input.text, todo.end_session) == (text, ends)
+    assert todo.session_id == data["session"]["id"]
+    assert todo.locale == "en-US"
+    assert todo.input.classes[0].name == intent
+    assert todo.input.attributes["intent"]["params"] == {
+        "n": {"original": "max", "resolved": "Max"}
+    }
+
+
+def test_v3_health_check() -> None:
+    data = fixture("actions-builder/LAUNCH.json")
+    data["handler"]["name"] = "actions.handler.HEALTH_CHECK"
+    todo = google_plan(data)
+    assert todo.health_check
+    assert todo.input is None
+    assert health_response(todo) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "ends", "health"),
+    [
+        ("DefaultWelcomeIntent.json", "#intro", False, False),
+        ("HealthCheck.json", None, False, True),
+        ("HelpIntent.json", "help", False, False),
+        ("Cancel.json", "stop", True, False),
+        ("OnPermissionName.json", "#actions.intent.PERMISSION", False, False),
+    ],
+)
+def test_v2_and_dialogflow_google_payload(
+    name: str, text: str | None, ends: bool, health: bool
+) -> None:
+    data = fixture(f"actions-sdk-v2-via-dialogflow/{name}")
+    for todo in (
+        google_plan(data["originalDetectIntentRequest"]["payload"]),
+        dialogflow_plan(data),
+    ):
+        assert todo.health_check is health
+        assert (todo.input.text if todo.input else None) == text
+        assert todo.end_session is ends
+    es = dialogflow_plan(data)
+    assert es.format is Format.DIALOGFLOW_ES
+    assert es.google_payload
+    assert es.session_id == data["session"]
+    if es.input is not None:
+        assert es.input.attributes["intent"]["name"] == data["queryResult"]["intent"]["displayName"]
+
+
+@pytest.mark.parametrize(
+    ("query", "text"), [("WELCOME", "#intro"), ("help", "help"), ("", "#fallback")]
+)
+def test_dialogflow_es(query: str, text: str) -> None:
+    data = fixture("dialogflow/HelpIntent.json")
+    data["queryResult"]["queryText"] = query
+    todo = dialogflow_plan(data)
+    assert todo.input is not None
+    assert todo.input.text == text
+    assert todo.app_key == "projects/newagent-904be"
+    assert not todo.google_payload
+
+
+CX_SESSION = "projects/p1/locations/global/agents/a1/sessions/s1"
+
+
+@pytest.mark.parametrize(
+    ("fields", "text"),
+    [
+        ({"text": "hello"}, "hello"),
+        ({"transcript": "spoken words"}, "spoken words"),
+        ({"dtmfDigits": "42"}, "42"),
+        ({"triggerEvent": "WELCOME"}, "#intro"),
+        ({"triggerEvent": "sys.no-input-default"}, "#silence"),
+        ({"triggerEvent": "sys.no-match-1"}, "#fallback"),
+        ({"triggerEvent": "custom-event"}, "#custom-event"),
+        ({"fulfillmentInfo": {"tag": "welcome"}}, "#welcome"),
+    ],
+)
+def test_dialogflow_cx(fields: dict[str, Any], text: str) -> None:
+    data = {
+        "sessionInfo": {"session": CX_SESSION},
+        "pageInfo": {"currentPage": "projects/p1/locations/global/agents/a1/flows/f1/pages/p"},
+        "intentInfo": {"displayName": "order", "parameters": {"size": {"resolvedValue": "L"}}},
+        **fields,
+    }
+    todo = dialogflow_plan(data)
+    assert todo.input is not None
+    assert todo.input.text == text
+    assert todo.app_key == "projects/p1/locations/global/agents/a1"
+    assert todo.end_page == "projects/p1/locations/global/agents/a1/flows/f1/pages/END_SESSION"
+    assert todo.input.attributes["intent"] == {
+        "name": "order",
+        "parameters": {"size": {"resolvedValue": "L"}},
+    }
+
+
+def test_agent_of() -> None:
+    assert agent_of("projects/abc/agent/environments/__aog-2/users/-/sessions/X") == "projects/abc"
+    assert agent_of(CX_SESSION) == "projects/p1/locations/global/agents/a1"
+    assert agent_of("not-a-path") is None
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        ({"handler": {"name": "x"}, "session": {"id": 1}}, "session.id"),
+        ({"handler": {"name": "x"}, "session": {"id": "s"}, "intent": {"name": 3}}, "intent.name"),
+        ({"conversation": {"conversationId": "c"}, "inputs": []}, "inputs"),
+        ({"conversation": {"conversationId": "c"}, "inputs": [{"intent": ""}]}, "inputs.0.intent"),
+        ({"hello": "world"}, "Not a Google Assistant request"),
+        ({"queryResult": {}, "session": "s"}, "/dialogflow"),
+    ],
+)
+def test_google_plan_refuses(data: dict[str, Any], where: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        google_plan(data)
+    assert where in caught.value.text
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        ({"queryResult": {"queryText": 1}, "session": "s"}, "queryResult.queryText"),
+        ({"queryResult": {}, "session": ""}, "session"),
+        ({"sessionInfo": {"session": "s"}}, "no text"),
+        ({"handler": {}, "session": {"id": "s"}}, "/google"),
+    ],
+)
+def test_dialogflow_plan_refuses(data: dict[str, Any], where: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        dialogflow_plan(data)
+    assert where in caught.value.text
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[1]", b"null", b"\xff"])
+def test_load_json_refuses(body: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        load_json(body)
+
+
+ITEMS = (
+    ResponseItem(text="Tom & Jerry."),
+    ResponseItem(image="https://cdn.example/cat.png"),
+    ResponseItem(text="#command", code="x"),
+)
+
+
+def test_render_v3() -> None:
+    todo = google_plan(fixture("actions-builder/IntentRequest.json"))
+    going = render(todo, Answer(ITEMS, end=False), "G1")
+    assert going["prompt"]["firstSimple"] == {
+        "speech": "<speak>Tom &amp; Jerry.</speak>",
+        "text": "Tom & Jerry.",
+    }
+    assert going["prompt"]["content"] == {
+        "image": {"url": "https://cdn.example/cat.png", "alt": "Tom & Jerry."}
+    }
+    assert going["session"]["params"] == {"gatewaySessionId": "G1"}
+    assert "scene" not in going
+    ending = render(todo, Answer(ITEMS, end=True), "G1")
+    assert ending["scene"] == {
+        "name": "actions.scene.START_CONVERSATION",
+        "next": {"name": "actions.scene.END_CONVERSATION"},
+    }
+
+
+def test_render_v2_es_cx() -> None:
+    v2 = google_plan(
+        fixture("actions-sdk-v2-via-dialogflow/HelpIntent.json")["originalDetectIntentRequest"][
+            "payload"
+        ]
+    )
+    final = render(v2, Answer(ITEMS, end=True), "G")
+    assert final["expectUserResponse"] is False
+    assert final["finalResponse"]["richResponse"]["items"] == [
+        {
+            "simpleResponse": {
+                "ssml": "<speak>Tom &amp; Jerry.</speak>",
+                "displayText": "Tom & Jerry.",
+            }
+        },
+        {
+            "basicCard": {
+                "image": {"url": "https://cdn.example/cat.png", "accessibilityText": "Tom & Jerry."}
+            }
+        },
+    ]
+    es = dialogflow_plan(fixture("dialogflow/HelpIntent.json"))
+    assert render(es, Answer(ITEMS), "G") == {
+        "fulfillmentText": "Tom & Jerry.",
+        "fulfillmentMessages": [
+            {"text": {"text": ["Tom & Jerry."]}},
+            {"image": {"imageUri": "https://cdn.example/cat.png"}},
+        ],
+    }
+    cx = dialogflow_plan({"sessionInfo": {"session": CX_SESSION}, "text": "hi"})
+    assert render(cx, Answer(ITEMS, end=True), "G") == {
+        "fulfillmentResponse": {
+            "messages": [{"text": {"text": ["Tom & Jerry."]}}],
+            "mergeBehavior": "REPLACE",
+        },
+        "sessionInfo": {"parameters": {"gatewaySessionId": "G"}},
+    }  # no pageInfo: no END_SESSION page to name
+
+
+def test_display_text_is_cut_to_640() -> None:
+    todo = google_plan(fixture("actions-builder/IntentRequest.json"))
+    long = (ResponseItem(text="A sentence that goes on. " * 100),)
+    simple = render(todo, Answer(long), "G")["prompt"]["firstSimple"]
+    assert len(simple["text"]) <= 640
+    assert simple["text"].endswith("goes on.")
+    assert len(simple["speech"]) > 640

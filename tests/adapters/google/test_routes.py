@@ -1,0 +1,576 @@
+"""POST /google and POST /dialogflow over real HTTP: fixtures, conversations, auth, bad input.
+
+Answers are checked against the documented response fields (PROTOCOL-NOTES.md, "Google
+Assistant and Dialogflow"). The Google JWT is verified with a locally made key injected
+through ``app.state.google_verifier_factory``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from adapters.google.verify import GoogleVerifier, StaticCertSource
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.adapters.google.test_verify import PROJECT, Key
+from tests.conftest import FIXTURES, gateway, serve
+
+GOOGLE = FIXTURES / "google"
+BUILDER = sorted((GOOGLE / "actions-builder").glob("*.json"))
+VIA_DIALOGFLOW = sorted((GOOGLE / "actions-sdk-v2-via-dialogflow").glob("*.json"))
+DIALOGFLOW = sorted((GOOGLE / "dialogflow").glob("*.json"))
+OFF: dict[str, Any] = {"google_verify": False}
+END = "actions.scene.END_CONVERSATION"
+
+
+def speech_text(ssml: str) -> str:
+    root = ET.fromstring(ssml)
+    assert root.tag == "speak"
+    return "".join(root.itertext())
+
+
+def ok(answer: httpx.Response) -> dict[str, Any]:
+    assert answer.status_code == 200, answer.text
+    data: dict[str, Any] = answer.json()
+    return data
+
+
+# ---------------------------------------------------------- documented response fields
+
+
+def check_v3(request: dict[str, Any], data: dict[str, Any]) -> str:
+    """An Actions Builder webhook response; returns what it says."""
+    assert set(data) <= {"prompt", "scene", "session", "user", "home", "device", "expected"}
+    session_id = request["session"]["id"]
+    assert data["session"] == {"id": session_id, "params": {"gatewaySessionId": session_id}}
+    simple = data["prompt"]["firstSimple"]
+    assert data["prompt"]["override"] is False
+    assert isinstance(simple["text"], str)
+    assert len(simple["text"]) <= 640
+    said = speech_text(simple["speech"])
+    if "scene" in data:
+        assert data["scene"]["next"] == {"name": END}
+        assert data["scene"]["name"] == request["scene"]["name"]
+    return said
+
+
+def check_rich(rich: dict[str, Any]) -> str:
+    (item,) = rich["items"]
+    simple = item["simpleResponse"]
+    assert set(simple) <= {"ssml", "textToSpeech", "displayText"}
+    assert len(simple["displayText"]) <= 640
+    return speech_text(simple["ssml"])
+
+
+def check_v2(data: dict[str, Any]) -> tuple[str, bool]:
+    """An Actions SDK v2 AppResponse; returns what it says and expectUserResponse."""
+    expect = data["expectUserResponse"]
+    assert isinstance(expect, bool)
+    if expect:
+        (expected,) = data["expectedInputs"]
+        assert expected["possibleIntents"] == [{"intent": "actions.intent.TEXT"}]
+        assert "gatewaySessionId" in json.loads(data["conversationToken"])
+        return check_rich(expected["inputPrompt"]["richInitialPrompt"]), True
+    assert "expectedInputs" not in data
+    return check_rich(data["finalResponse"]["richResponse"]), False
+
+
+def check_es(data: dict[str, Any], *, google: bool) -> str:
+    """A Dialogflow ES WebhookResponse; returns its fulfillmentText."""
+    assert set(data) <= {"fulfillmentText", "fulfillmentMessages", "payload", "outputContexts"}
+    text = data["fulfillmentText"]
+    assert isinstance(text, str)
+    assert text
+    messages = [m["text"]["text"] for m in data["fulfillmentMessages"]]
+    assert all(isinstance(t, str) for texts in messages for t in texts)
+    assert " ".join(t for texts in messages for t in texts) == text
+    if google:
+        payload = data["payload"]["google"]
+        assert isinstance(payload["expectUserResponse"], bool)
+        assert check_rich(payload["richResponse"]) == text
+    else:
+        assert "payload" not in data
+    return str(text)
+
+
+def check_cx(request: dict[str, Any], data: dict[str, Any]) -> str:
+    """A Dialogflow CX WebhookResponse; returns what it says."""
+    assert set(data) <= {"fulfillmentResponse", "sessionInfo", "targetPage", "pageInfo"}
+    session = request["sessionInfo"]["session"]
+    assert data["sessionInfo"] == {"parameters": {"gatewaySessionId": session}}
+    response = data["fulfillmentResponse"]
+    assert response["mergeBehavior"] == "REPLACE"
+    return " ".join(t for m in response["messages"] for t in m["text"]["text"])
+
+
+# -------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+async def base() -> AsyncIterator[str]:
+    async with gateway(**OFF) as url:
+        yield url
+
+
+async def test_every_actions_builder_fixture(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        for path in BUILDER:
+            request = json.loads(path.read_text())
+            data = ok(await client.post("/google", content=path.read_bytes()))
+            said = check_v3(request, data)
+            if request["intent"]["name"] == "actions.intent.MAIN":
+                assert said.startswith("Hello, I am the gateway demo bot."), path.name
+            if request["intent"]["name"] == "actions.intent.CANCEL":
+                assert "scene" in data
+                assert said == "Goodbye!"
+            if path.name == "IntentRequest.json":  # "my name is max"
+                assert said == "Nice to meet you, Max."
+    assert len(BUILDER) == 5
+
+
+async def test_every_dialogflow_fixture_and_its_google_payload(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        for path in VIA_DIALOGFLOW:
+            request = json.loads(path.read_text())
+            said = check_es(
+                ok(await client.post("/dialogflow", content=path.read_bytes())), google=True
+            )
+            if path.name == "DefaultWelcomeIntent.json":
+                assert said.startswith("Hello, I am the gateway demo bot.")
+            # the embedded Actions SDK v2 AppRequest, sent as such to /google
+            payload = request["originalDetectIntentRequest"]["payload"]
+            said_v2, expect = check_v2(ok(await client.post("/google", json=payload)))
+            if path.name in ("Cancel.json", "HealthCheck.json"):
+                assert expect is False, path.name
+            else:
+                assert expect is True, path.name
+            if path.name == "HelpIntent.json":
+                assert said_v2.startswith("Say 'my name is'")
+        for path in DIALOGFLOW:
+            said = check_es(
+                ok(await client.post("/dialogflow", content=path.read_bytes())), google=False
+            )
+            if path.name == "DefaultWelcomeIntent.json":
+                assert said.startswith("Hello, I am the gateway demo bot.")
+    assert (len(VIA_DIALOGFLOW), len(DIALOGFLOW)) == (14, 2)
+
+
+async def test_health_checks_are_answered_without_a_turn(base: str) -> None:
+    health = {
+        "handler": {"name": "actions.handler.HEALTH_CHECK"},
+        "intent": {"name": "actions.intent.MAIN", "params": {}, "query": ""},
+        "session": {"id": "health-1", "params": {}},
+    }
+    async with httpx.AsyncClient(base_url=base) as client:
+        assert ok(await client.post("/google", json=health)) == {}
+        data = ok(await client.post("/dialogflow", content=(VIA_DIALOGFLOW[3]).read_bytes()))
+        assert data["fulfillmentText"] == "OK"
+        assert data["payload"]["google"]["expectUserResponse"] is False
+
+
+# ------------------------------------------------------------------- conversations
+
+
+def v3(session_id: str, intent: str, query: str = "") -> dict[str, Any]:
+    return {
+        "handler": {"name": "gateway"},
+        "intent": {"name": intent, "params": {}, "query": query},
+        "scene": {"name": "Conversation", "slots": {}},
+        "session": {"id": session_id, "params": {}, "languageCode": ""},
+        "user": {"locale": "en-US", "params": {}},
+    }
+
+
+def v2(conversation_id: str, intent: str, query: str = "", kind: str = "ACTIVE") -> dict[str, Any]:
+    arguments = [{"name": "text", "rawText": query, "textValue": query}] if query else []
+    return {
+        "user": {"locale": "en-US"},
+        "conversation": {"conversationId": conversation_id, "type": kind},
+        "inputs": [
+            {
+                "intent": intent,
+                "rawInputs": [{"query": query, "inputType": "VOICE"}],
+                "arguments": arguments,
+            }
+        ],
+    }
+
+
+def es(session: str, text: str) -> dict[str, Any]:
+    return {
+        "responseId": f"r-{time.monotonic_ns()}",
+        "session": session,
+        "queryResult": {
+            "queryText": text,
+            "parameters": {},
+            "intent": {"displayName": "Default Fallback Intent", "isFallback": True},
+            "languageCode": "en",
+        },
+        "originalDetectIntentRequest": {"payload": {}},
+    }
+
+
+def cx(session: str, text: str | None = None, event: str | None = None) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "detectIntentResponseId": f"r-{time.monotonic_ns()}",
+        "intentInfo": {
+            "lastMatchedIntent": f"{session.split('/sessions/')[0]}/intents/1",
+            "displayName": "free.text",
+            "parameters": {},
+        },
+        "pageInfo": {
+            "currentPage": f"{session.split('/sessions/')[0]}/flows/00000000-0000-0000-0000-000000000000/pages/START_PAGE"
+        },
+        "sessionInfo": {"session": session, "parameters": {}},
+        "fulfillmentInfo": {"tag": "gateway"},
+        "languageCode": "en",
+    }
+    if text is not None:
+        request["text"] = text
+    if event is not None:
+        request["triggerEvent"] = event
+    return request
+
+
+async def conversations(url: str, tag: str) -> None:
+    async with httpx.AsyncClient(base_url=url) as client:
+        # Actions Builder (v3)
+        sid = f"v3-{tag}"
+        said = check_v3(
+            v3(sid, "x"), ok(await client.post("/google", json=v3(sid, "actions.intent.MAIN")))
+        )
+        assert said.startswith("Hello")
+        ok_name = ok(await client.post("/google", json=v3(sid, "FreeText", "my name is Ada")))
+        assert check_v3(v3(sid, "x"), ok_name) == "Nice to meet you, Ada."
+        asked = ok(await client.post("/google", json=v3(sid, "FreeText", "what is my name")))
+        assert check_v3(v3(sid, "x"), asked) == "Your name is Ada."
+        bye = ok(await client.post("/google", json=v3(sid, "actions.intent.CANCEL", "cancel")))
+        assert check_v3(v3(sid, "x"), bye) == "Goodbye, Ada!"
+        assert bye["scene"]["next"]["name"] == END
+
+        # Actions SDK v2
+        cid = f"v2-{tag}"
+        said, expect = check_v2(
+            ok(await client.post("/google", json=v2(cid, "actions.intent.MAIN", kind="NEW")))
+        )
+        assert said.startswith("Hello")
+        assert expect
+        check_v2(
+            ok(
+                await client.post(
+                    "/google", json=v2(cid, "actions.intent.TEXT", "my name is Grace")
+                )
+            )
+        )
+        said, expect = check_v2(
+            ok(await client.post("/google", json=v2(cid, "actions.intent.TEXT", "what is my name")))
+        )
+        assert (said, expect) == ("Your name is Grace.", True)
+        said, expect = check_v2(
+            ok(await client.post("/google", json=v2(cid, "actions.intent.CANCEL", "stop")))
+        )
+        assert (said, expect) == ("Goodbye, Grace!", False)
+
+        # Dialogflow ES
+        session = f"projects/gateway-test/agent/sessions/es-{tag}"
+        said = check_es(
+            ok(await client.post("/dialogflow", json=es(session, "WELCOME"))), google=False
+        )
+        assert said.startswith("Hello")
+        check_es(
+            ok(await client.post("/dialogflow", json=es(session, "my name is Edsger"))),
+            google=False,
+        )
+        said = check_es(
+            ok(await client.post("/dialogflow", json=es(session, "what is my name"))), google=False
+        )
+        assert said == "Your name is Edsger."
+
+        # Dialogflow CX
+        session = f"projects/gateway-test/locations/global/agents/a1/sessions/cx-{tag}"
+        said = check_cx(
+            cx(session), ok(await client.post("/dialogflow", json=cx(session, event="WELCOME")))
+        )
+        assert said.startswith("Hello")
+        check_cx(
+            cx(session),
+            ok(await client.post("/dialogflow", json=cx(session, "my name is Barbara"))),
+        )
+        asked = ok(await client.post("/dialogflow", json=cx(session, "what is my name")))
+        assert check_cx(cx(session), asked) == "Your name is Barbara."
+        assert "targetPage" not in asked
+        bye = ok(await client.post("/dialogflow", json=cx(session, "bye")))
+        assert check_cx(cx(session), bye) == "Goodbye, Barbara!"
+        assert bye["targetPage"].endswith(
+            "/flows/00000000-0000-0000-0000-000000000000/pages/END_SESSION"
+        )
+        again = ok(await client.post("/dialogflow", json=cx(session, "what is my name")))
+        assert check_cx(cx(session), again) == "I do not know your name yet."
+
+
+async def test_conversations_keep_their_sessions_in_memory() -> None:
+    async with gateway(**OFF) as url:
+        await conversations(url, "memory")
+
+
+async def test_conversations_keep_their_sessions_in_redis(
+    redis_url: str, redis_prefix: str
+) -> None:
+    async with gateway(redis_url=redis_url, redis_prefix=redis_prefix, **OFF) as url:
+        await conversations(url, "redis")
+
+
+async def test_sessions_of_the_four_formats_do_not_mix(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        ok(await client.post("/google", json=v3("same-id", "FreeText", "my name is Ada")))
+        said, _ = check_v2(
+            ok(
+                await client.post(
+                    "/google", json=v2("other-id", "actions.intent.TEXT", "what is my name")
+                )
+            )
+        )
+        assert said == "I do not know your name yet."
+        session = "projects/p/agent/sessions/same-id"
+        said = check_es(
+            ok(await client.post("/dialogflow", json=es(session, "what is my name"))), google=False
+        )
+        assert said == "I do not know your name yet."
+
+
+# -------------------------------------------------------------------- verification
+
+
+@pytest.fixture(scope="module")
+def key() -> Key:
+    return Key()
+
+
+def token(key: Key, **claims: Any) -> str:
+    now = int(time.time())
+    return key.token(**{"iat": now, "nbf": now - 10, "exp": now + 3600, **claims})
+
+
+@pytest.fixture
+async def verified(key: Key) -> AsyncIterator[str]:
+    app = create_app(Settings(google_project_ids=frozenset({PROJECT})))
+    app.state.google_verifier_factory = lambda s: GoogleVerifier(
+        s.google_project_ids, StaticCertSource({key.kid: key.cert_pem})
+    )
+    async with serve(app) as url:
+        yield url
+
+
+async def test_signed_requests_pass_and_keep_their_session(key: Key, verified: str) -> None:
+    async with httpx.AsyncClient(base_url=verified) as client:
+        headers = {"Google-Assistant-Signature": token(key)}
+        ok(
+            await client.post(
+                "/google", json=v3("signed", "FreeText", "my name is Ada"), headers=headers
+            )
+        )
+        asked = ok(
+            await client.post(
+                "/google", json=v3("signed", "FreeText", "what is my name"), headers=headers
+            )
+        )
+        assert check_v3(v3("signed", "x"), asked) == "Your name is Ada."
+        v2_headers = {"Authorization": f"Bearer {token(key)}"}  # v2 sends the JWT here
+        said, _ = check_v2(
+            ok(
+                await client.post(
+                    "/google", json=v2("signed-v2", "actions.intent.MAIN"), headers=v2_headers
+                )
+            )
+        )
+        assert said.startswith("Hello")
+
+
+async def test_verification_failures_are_401_with_the_reason_logged(
+    key: Key, verified: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = Key()  # same kid, another key: a bad signature
+    cases = [
+        ("missing_token", {}),
+        ("wrong_audience", {"Google-Assistant-Signature": token(key, aud="someone-else")}),
+        ("wrong_issuer", {"Google-Assistant-Signature": token(key, iss="https://evil.example")}),
+        ("expired", {"Google-Assistant-Signature": token(key, iat=1, nbf=1, exp=2)}),
+        ("bad_signature", {"Google-Assistant-Signature": token(other)}),
+        ("malformed_token", {"Authorization": "Bearer not.a.jwt"}),
+    ]
+    async with httpx.AsyncClient(base_url=verified) as client:
+        for reason, headers in cases:
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="adapters.google"):
+                answer = await client.post(
+                    "/google", json=v3("refused", "FreeText", "hello"), headers=headers
+                )
+            assert answer.status_code == 401, reason
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["reason"] == reason
+            assert any(
+                reason in r.getMessage() for r in caplog.records if r.name == "adapters.google"
+            )
+        good = {"Google-Assistant-Signature": token(key)}
+        answer = ok(
+            await client.post("/google", json=v3("refused", "FreeText", "hello"), headers=good)
+        )
+        assert check_v3(v3("refused", "x"), answer) == "You said: hello"
+
+
+async def test_verification_on_without_project_ids_refuses_with_503(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="adapters.google"):
+        async with gateway() as url, httpx.AsyncClient(base_url=url) as client:
+            answer = await client.post("/google", json=v3("x", "actions.intent.MAIN"))
+            dialogflow = await client.post(
+                "/dialogflow", json=es("projects/p/agent/sessions/x", "hi")
+            )
+    assert answer.status_code == 503
+    assert "GATEWAY_GOOGLE_PROJECT_IDS" in answer.json()["detail"]
+    assert dialogflow.status_code == 200  # Dialogflow does not depend on it
+    assert any("GATEWAY_GOOGLE_PROJECT_IDS" in r.getMessage() for r in caplog.records)
+
+
+async def test_verification_off_is_a_startup_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="adapters.google"):
+        async with gateway(**OFF):
+            pass
+    (record,) = [r for r in caplog.records if "GATEWAY_GOOGLE_VERIFY=false" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+
+
+# ------------------------------------------------------------------ Dialogflow auth
+
+
+@pytest.mark.parametrize(
+    ("setting", "good", "challenge"),
+    [
+        (
+            "basic:dialogflow:s3cret:pw",
+            "Basic " + base64.b64encode(b"dialogflow:s3cret:pw").decode(),
+            "Basic",
+        ),
+        ("bearer:tok-123", "Bearer tok-123", "Bearer"),
+    ],
+)
+async def test_dialogflow_credentials(
+    setting: str, good: str, challenge: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = es("projects/p/agent/sessions/auth", "hello")
+    auth = Settings(dialogflow_auth=setting).dialogflow_auth  # validated, as from the environment
+    async with (
+        gateway(dialogflow_auth=auth, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for headers in ({}, {"Authorization": good + "x"}, {"Authorization": "Digest abc"}):
+            with caplog.at_level(logging.WARNING, logger="adapters.google"):
+                answer = await client.post("/dialogflow", json=body, headers=headers)
+            assert answer.status_code == 401
+            assert answer.headers["www-authenticate"].startswith(challenge)
+            assert answer.headers["content-type"] == "application/problem+json"
+        assert any("credentials" in r.getMessage() for r in caplog.records)
+        answer = await client.post("/dialogflow", json=body, headers={"Authorization": good})
+        assert check_es(ok(answer), google=False) == "You said: hello"
+
+
+def test_dialogflow_auth_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="basic:USER:PASSWORD or bearer:TOKEN"):
+        Settings(dialogflow_auth="token-without-scheme")
+    assert Settings(dialogflow_auth="").dialogflow_auth is None
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+async def test_bad_input_is_400_or_413_never_500(caplog: pytest.LogCaptureFixture) -> None:
+    bad_v3 = v3("bad", "FreeText", "hi")
+    bad_v3["session"]["id"] = 42
+    bad_v2 = v2("bad", "actions.intent.TEXT", "hi")
+    bad_v2["inputs"] = []
+    bad_es = es("projects/p/agent/sessions/bad", "hi")
+    bad_es["queryResult"] = "hi"
+    bad_cx = cx("projects/p/locations/l/agents/a/sessions/bad")  # no text, event... but a tag
+    del bad_cx["fulfillmentInfo"]
+    cases: list[tuple[str, bytes, int]] = [
+        ("/google", b"{not json", 400),
+        ("/google", b"[]", 400),
+        ("/google", b"\xff", 400),
+        ("/google", json.dumps(bad_v3).encode(), 400),
+        ("/google", json.dumps(bad_v2).encode(), 400),
+        ("/google", json.dumps({"hello": "world"}).encode(), 400),
+        ("/google", json.dumps(es("projects/p/agent/sessions/x", "hi")).encode(), 400),
+        ("/google", json.dumps(v3("big", "FreeText", "x" * 5000)).encode(), 413),
+        ("/dialogflow", b"", 400),
+        ("/dialogflow", json.dumps(bad_es).encode(), 400),
+        ("/dialogflow", json.dumps(bad_cx).encode(), 400),
+        ("/dialogflow", json.dumps(v3("x", "FreeText", "hi")).encode(), 400),
+        ("/dialogflow", json.dumps(es("projects/p/agent/sessions/big", "x" * 5000)).encode(), 413),
+    ]
+    async with (
+        gateway(max_body_bytes=4000, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for path, body, status in cases:
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="adapters.google"):
+                answer = await client.post(path, content=body)
+            assert answer.status_code == status, (path, body[:80], answer.text)
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["detail"]
+            assert any(r.name == "adapters.google" for r in caplog.records)
+        said = check_v3(
+            v3("after", "x"), ok(await client.post("/google", json=v3("after", "FreeText", "hi")))
+        )
+        assert said == "You said: hi"
+
+
+# ---------------------------------------------------------------------- slow core
+
+
+async def test_a_slow_or_failing_core_gets_a_spoken_answer() -> None:
+    core = FastAPI()
+    done = asyncio.Event()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        if body["input"]["transcript"]["text"] == "fail":
+            return JSONResponse({"detail": "the core tripped"}, status_code=500)
+        if body["input"]["transcript"]["text"] == "slow":
+            await asyncio.sleep(1.2)
+            done.set()
+            return JSONResponse({"items": [{"text": "finally"}], "attributes": {"slowDone": True}})
+        return JSONResponse({"items": [{"text": f"slowDone {body['attributes'].get('slowDone')}"}]})
+
+    settings = {"dialogflow_deadline_s": 0.4, "google_deadline_s": 0.4}
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **settings, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        session = "projects/p/agent/sessions/slow"
+        started = time.monotonic()
+        answer = ok(await client.post("/dialogflow", json=es(session, "slow")))
+        assert time.monotonic() - started < 1.0
+        assert answer["fulfillmentText"] == Settings().voice_still_working_text
+        await asyncio.wait_for(done.wait(), 5)
+        await asyncio.sleep(0.2)
+        after = ok(await client.post("/dialogflow", json=es(session, "next")))
+        assert after["fulfillmentText"] == "slowDone True"
+        failed = ok(await client.post("/google", json=v3("fails", "FreeText", "fail")))
+        assert check_v3(v3("fails", "x"), failed) == Settings().voice_error_text
+        assert "scene" not in failed  # the conversation goes on
