@@ -1,17 +1,25 @@
 """Flowstorm Socket V1, sans I/O: one WebSocket connection's frames in, actions out.
 
 Spec: shared/specs/flowstorm-socket-v1.md ("Communication Flow", "Example of
-client-server communication") and PROTOCOL-NOTES.md ("Flowstorm Socket V1");
-the event vocabulary is gateway/events.py.
+client-server communication", "Audio Input for Speech-To-Text") and
+PROTOCOL-NOTES.md ("Flowstorm Socket V1"); the event vocabulary is gateway/events.py.
 
 :class:`V1Connection` is fed the text frames (``str``) and binary frames
-(``bytes``) of one connection and the events of the turns it started; it returns
-*actions* for the I/O layer to carry out, in order:
+(``bytes``) of one connection, the events of the turns it started and the
+results of the utterances it asked to be recognised; it returns *actions* for
+the I/O layer to carry out, in order:
 
 - :class:`Send` — a text frame (V1 wire JSON, camelCase names);
+- :class:`SendBytes` — a binary frame (speech of a response item, ``tts=RequiredStreaming``);
 - :class:`Close` — close the socket with a code (1008 unknown key, 1009 too big);
 - :class:`StartTurn` — run a turn of the turn engine on a TurnContext and an Input;
-- :class:`StoreLogs` — store client log entries with a session (``Conversation.log``).
+- :class:`StoreLogs` — store client log entries with a session (``Conversation.log``);
+- :class:`StartListening` / :class:`FeedAudio` / :class:`FinishListening` /
+  :class:`CancelListening` — one utterance of audio input: make a
+  ``gateway.speech.listener.Listener`` for a format, feed it the client's audio
+  in order, end it, or drop it. The I/O layer reports what the listener heard
+  with :meth:`V1Connection.heard`, a failure with :meth:`V1Connection.audio_failed`
+  and a client that stopped sending with :meth:`V1Connection.audio_timeout`.
 
 It never raises on client input: a malformed, unknown, invalid or out-of-order
 frame is answered with an ``Error`` frame of source ``client`` and the
@@ -20,19 +28,41 @@ messages is checked by one table, :data:`TRANSITIONS`; :class:`ConnectionStateMa
 raises the one ProtocolError (naming what was expected and what came) when a
 message is not in it.
 
+Audio input (spec "Audio Input for Speech-To-Text"): ``InputAudioStreamOpen``
+is echoed back as the acknowledgement; binary frames are LINEAR16 (16-bit
+signed little-endian mono PCM) at ``config.sttSampleRate`` Hz; while the
+utterance is recognised, ``Recognized {text, isFinal: false}`` frames carry
+interim results (only with ``config.sttInterimResults``); the end of the
+utterance (VAD endpointing, ``InputAudioStreamClose``, or the client not
+sending for ``silenceTimeout`` + :data:`AUDIO_IDLE_MARGIN_MS`) gives the final
+``Recognized {text, isFinal: true}`` and the turn with that Input (transcript
+text and the recognizer's confidence). No speech within ``silenceTimeout`` ms
+of audio gives ``Recognized {text: "#silence"}`` and a ``#silence`` turn.
+``InputAudioStreamCancel`` drops the utterance: no Recognized, no turn.
+
+Bad audio — an unsupported ``sttSampleRate`` (at InputAudioStreamOpen; no
+stream is opened), odd-length LINEAR16 at the end of an utterance, more than
+GATEWAY_MAX_AUDIO_S of audio in one utterance — is an Error of source
+``client``; a failing recognizer an Error of source ``stt``. The utterance is
+dropped; the connection and its session stay usable.
+
 Decisions where the spec is silent:
 
 - A ``Request``/``Input`` while a turn of the same connection runs is refused
   with an Error ("a turn is still running"), not queued: a V1 client is in its
   ``Processing`` state then and must wait for the Response; queueing would hide
-  client bugs and let a client pile up unbounded work.
+  client bugs and let a client pile up unbounded work. ``InputAudioStreamOpen``
+  while a turn runs is refused the same way.
 - The ``Response`` and what follows it (``SessionEnded``) are held back by the
   I/O layer until the turn's event stream ends (see :attr:`V1Connection.turn_over`),
   so a client that answers a Response at once always finds the connection idle
   and its session id up to date.
 - The connection's session id is the client-proposed ``sessionId`` of the
   latest turn that ran (or a fresh one when none was ever proposed); a turn the
-  engine rejected does not change it, and ``SessionEnded`` forgets it.
+  engine rejected does not change it, and ``SessionEnded`` forgets it. The
+  ``sessionId`` of ``InputAudioStreamOpen`` (sent by clients that reconnect,
+  PROTOCOL-NOTES.md) is proposed the same way: the utterance's turn runs in
+  that session and the connection adopts it when the engine accepts the turn.
 - ``Request.appKey``, when given, must equal the key of ``Init``.
 - A proposed ``sessionId`` must be 1..256 printable characters without
   whitespace; an empty one counts as none.
@@ -40,39 +70,80 @@ Decisions where the spec is silent:
   session; otherwise (no session yet, a turn running, or the write failed)
   they wait on the connection (at most LOG_BUFFER, newest kept) and go with
   the next turn (TurnContext.logs) or when the running turn ends.
-- Audio input (binary frames, ``InputAudioStream*``) is answered with an Error
-  "audio input is not supported yet" until the speech path arrives.
+- ``config.tts`` defaults to ``None`` (no speech) and ``ttsFileType`` to
+  ``mp3``, the defaults of Flowstorm's own client (``BotConfig.kt`` in
+  flowstorm/core); both are read case-insensitively and an unknown value makes
+  Init an Error (the connection stays open for a corrected Init). They apply
+  to every turn, text or audio: ``RequiredLinks`` puts an absolute URL of the
+  item's speech (``/file/tts/{id}.{ttsFileType}``) in ``audio`` of every item
+  with text; ``RequiredStreaming`` sends each item's encoded speech as one
+  binary frame right after the item (after its ``ResponseItem`` frame when
+  ``sendResponseItems``), all before the ``Response``. ``mulaw`` is headerless
+  G.711 μ-law at 8000 Hz.
+- Audio settings are read at each ``InputAudioStreamOpen``, so a text-only
+  client with odd audio settings is never refused: ``sttSampleRate`` (default
+  16000) must be one of :data:`STT_SAMPLE_RATES` Hz; ``silenceTimeout``
+  (default GATEWAY_SILENCE_TIMEOUT_MS) must be 1..:data:`MAX_SILENCE_TIMEOUT_MS`
+  ms; ``sttMode`` must be ``Default``, ``SingleUtterance`` or ``Duplex`` and
+  all three are served as one utterance per stream (a Duplex client opens the
+  stream again for its next utterance). ``stt``, ``voice`` and ``returnSsml``
+  are accepted and ignored (Flowstorm's server ignores ``stt`` as well).
+- Each ``InputAudioStreamOpen`` is one utterance. After its final result the
+  client's stream still counts as open until ``InputAudioStreamClose`` /
+  ``InputAudioStreamCancel`` (or the next ``InputAudioStreamOpen``): audio that
+  the client sent before it saw ``Recognized`` is dropped silently. Audio with
+  no stream open is an Error (once per run of such frames, not per frame).
+- ``InputAudioStreamClose``/``Cancel`` with no stream open are accepted and do
+  nothing (closing is idempotent); ``InputAudioStreamOpen`` while a stream is
+  open is an Error.
+- A ``Request``/``Input`` while an utterance is being recognised drops the
+  utterance (the user typed instead of speaking) and runs the text turn.
+- ``#silence`` is announced as ``Recognized {text: "#silence"}`` before its
+  turn, as Flowstorm's own server does (``AbstractBotSocketAdapter.kt``), so
+  the client stops listening.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 from pydantic import ValidationError
 
 from gateway.conversation import TurnContext, TurnRejected, new_session_id
 from gateway.events import (
+    SILENCE,
     V1_CLIENT_EVENT,
+    BinaryEvent,
     ErrorEvent,
     InitEvent,
     Input,
+    InputAudioStreamCancelEvent,
+    InputAudioStreamCloseEvent,
+    InputAudioStreamOpenEvent,
     InputEvent,
     LogEntry,
     LogEvent,
     ReadyEvent,
+    RecognizedEvent,
     RequestEvent,
     ResponseItemEvent,
     SessionEndedEvent,
     SessionStartedEvent,
+    Transcript,
     TurnEvent,
     V1ClientEvent,
 )
 from gateway.protocol import ProtocolError
+from gateway.speech.audio import AudioFormat, AudioFormatError
+from gateway.speech.listener import Heard
+from gateway.speech.service import TtsRequest
+from gateway.speech.tts_cache import TtsFileFormat
 
 CHANNEL = "flowstorm_v1"
 NAMESPACE = "flowstorm"
@@ -91,11 +162,28 @@ LOG_BUFFER = 100
 MAX_SESSION_ID = 256
 """Longest client-proposed sessionId accepted (characters)."""
 
-AUDIO_NOT_SUPPORTED = "Audio input is not supported yet: send text in a Request or Input event."
+STT_SAMPLE_RATES: Final[tuple[int, ...]] = (8000, 16000, 22050, 44100, 48000)
+"""``config.sttSampleRate`` values accepted (Hz) for LINEAR16 audio input."""
+DEFAULT_SAMPLE_RATE: Final = 16000
+"""``config.sttSampleRate`` when the client sets none (Hz; PROTOCOL-NOTES.md)."""
+DEFAULT_SILENCE_TIMEOUT_MS: Final = 5000
+"""``config.silenceTimeout`` when neither the client nor the gateway sets one (ms)."""
+MAX_SILENCE_TIMEOUT_MS: Final = 300_000
+"""Longest ``config.silenceTimeout`` accepted (ms)."""
+AUDIO_IDLE_MARGIN_MS: Final = 1000
+"""Wall-clock guard: a stream whose client sends no audio for ``silenceTimeout``
++ this many ms is finished (final result, or ``#silence``) — for clients that
+stop sending instead of sending silence."""
 
-_AUDIO_EVENTS = frozenset(
-    {"InputAudioStreamOpen", "InputAudioStreamClose", "InputAudioStreamCancel", "Binary"}
-)
+STT_MODES: Final = frozenset({"default", "singleutterance", "duplex"})
+TTS_MODES: Final[dict[str, str | None]] = {
+    "none": None,
+    "requiredlinks": "links",
+    "requiredstreaming": "audio",
+}
+"""``config.tts`` (lower case) -> TtsRequest mode (None: no speech)."""
+TTS_FILE_TYPES: Final[tuple[TtsFileFormat, ...]] = ("mp3", "wav", "mulaw")
+
 _TRUE = frozenset({"1", "yes", "true", "on"})
 
 
@@ -107,6 +195,13 @@ class Send:
     """Send ``text`` as one WebSocket text frame."""
 
     text: str
+
+
+@dataclass(frozen=True)
+class SendBytes:
+    """Send ``data`` as one WebSocket binary frame (an item's encoded speech)."""
+
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -137,64 +232,193 @@ class StoreLogs:
     entries: tuple[LogEntry, ...]
 
 
-Action = Send | Close | StartTurn | StoreLogs
+@dataclass(frozen=True)
+class StartListening:
+    """Start recognising utterance ``stream`` of raw audio in ``fmt``.
+
+    Make a listener (``SpeechService.listener(fmt, interim=interim,
+    silence_timeout_ms=silence_timeout_ms)``, endpointing on) and feed it the
+    audio of the FeedAudio actions of this ``stream``, in order. Report each
+    heard event with :meth:`V1Connection.heard`, a failure with
+    :meth:`V1Connection.audio_failed`, and — once only — the client sending
+    no audio for ``idle_timeout_ms`` of wall-clock time (counted from this
+    action or the latest FeedAudio, until FinishListening) with
+    :meth:`V1Connection.audio_timeout`.
+    """
+
+    stream: int
+    fmt: AudioFormat
+    interim: bool
+    silence_timeout_ms: int
+    idle_timeout_ms: int
+
+
+@dataclass(frozen=True)
+class FeedAudio:
+    """Feed ``data`` (raw audio in the stream's format, any length) to utterance ``stream``."""
+
+    stream: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class FinishListening:
+    """End utterance ``stream`` after the audio fed so far (``Listener.finish``); idempotent."""
+
+    stream: int
+
+
+@dataclass(frozen=True)
+class CancelListening:
+    """Drop utterance ``stream``: discard its queued audio, cancel its listener, report nothing."""
+
+    stream: int
+
+
+Action = (
+    Send
+    | SendBytes
+    | Close
+    | StartTurn
+    | StoreLogs
+    | StartListening
+    | FeedAudio
+    | FinishListening
+    | CancelListening
+)
 
 
 # ------------------------------------------------------------ state machine
 
 
 class State(StrEnum):
-    """Where a V1 connection is, as the server sees it."""
+    """Where a V1 connection is, as the server sees it.
+
+    Two things are tracked together: whether a turn runs, and whether the
+    client's audio input stream is open. ``…-draining`` states are those where
+    the client's stream is still open but its utterance is over (recognised,
+    or dropped after an audio error): audio that arrives there is dropped.
+    """
 
     AWAIT_INIT = "await-init"
     """Open, no Init accepted yet (client state Open)."""
     IDLE = "idle"
-    """Ready; no turn running (client states Sleeping, Listening, Responding)."""
+    """Ready; no turn running, no audio stream open (client states Sleeping, Responding)."""
+    LISTENING = "listening"
+    """An audio stream is open and its utterance is being recognised (client state Listening)."""
+    FINISHING = "finishing"
+    """The client closed its audio stream; the utterance's result is being made."""
+    DRAINING = "draining"
+    """No turn running; the client's stream is open but its utterance is over."""
     TURN = "turn"
     """A turn of this connection runs (client state Processing)."""
+    TURN_DRAINING = "turn-draining"
+    """A turn runs (usually the utterance's); the client's stream is still open."""
     TURN_ENDING = "turn-ending"
     """The turn's Response or Error is known; its stream has not ended yet."""
+    TURN_ENDING_DRAINING = "turn-ending-draining"
+    """TURN_ENDING with the client's audio stream still open."""
     CLOSED = "closed"
-    """The connection is being closed (unknown key, oversized frame)."""
+    """The connection is being closed (unknown key, oversized frame, client gone)."""
 
 
 # Pseudo-events besides the client event types (V1ClientEvent.type) and the turn
 # event types (TurnEvent.type): what the connection itself observes.
 REFUSED_INIT = "Init (refused key)"
 BINARY = "Binary"
+"""A binary frame of the client (audio)."""
 OVERSIZED = "Oversized"
 TURN_REJECTED = "TurnRejected"
 TURN_FINISHED = "TurnFinished"
+RESPONSE_AUDIO = "ResponseAudio"
+"""The engine's BinaryEvent: encoded speech of the item before it."""
+SPEECH_STARTED = "SpeechStarted"
+INTERIM = "Interim"
+FINAL = "Final"
+SILENCE_HEARD = "Silence"
+AUDIO_FAILED = "AudioFailed"
+AUDIO_TIMEOUT = "AudioTimeout"
 CONNECTION_LOST = "ConnectionLost"
+
+OPEN = "InputAudioStreamOpen"
+CLOSE = "InputAudioStreamClose"
+CANCEL = "InputAudioStreamCancel"
+
+_HEARD_EVENTS: Final[dict[str, str]] = {
+    "speech_started": SPEECH_STARTED,
+    "interim": INTERIM,
+    "final": FINAL,
+    "silence": SILENCE_HEARD,
+}
 
 
 def _build_transitions() -> dict[tuple[State, str], State]:
+    s = State
     table: dict[tuple[State, str], State] = {
-        (State.AWAIT_INIT, "Init"): State.IDLE,
-        (State.AWAIT_INIT, REFUSED_INIT): State.CLOSED,
-        # client input
-        (State.IDLE, "Request"): State.TURN,
-        (State.IDLE, "Input"): State.TURN,
-        (State.IDLE, "Log"): State.IDLE,
-        (State.TURN, "Log"): State.TURN,
-        (State.TURN_ENDING, "Log"): State.TURN_ENDING,
-        # the turn's events, in the engine's order
-        (State.TURN, TURN_REJECTED): State.IDLE,
-        (State.TURN, "SessionStarted"): State.TURN,
-        (State.TURN, "ResponseItem"): State.TURN,
-        (State.TURN, "Response"): State.TURN_ENDING,
-        (State.TURN, "Error"): State.TURN_ENDING,
-        (State.TURN, TURN_FINISHED): State.IDLE,  # a stream without an end event
-        (State.TURN_ENDING, "SessionEnded"): State.TURN_ENDING,
-        (State.TURN_ENDING, TURN_FINISHED): State.IDLE,
+        (s.AWAIT_INIT, "Init"): s.IDLE,
+        (s.AWAIT_INIT, REFUSED_INIT): s.CLOSED,
+        # text input starts a turn; an utterance being recognised is dropped
+        (s.IDLE, "Request"): s.TURN,
+        (s.IDLE, "Input"): s.TURN,
+        (s.FINISHING, "Request"): s.TURN,
+        (s.FINISHING, "Input"): s.TURN,
+        (s.LISTENING, "Request"): s.TURN_DRAINING,
+        (s.LISTENING, "Input"): s.TURN_DRAINING,
+        (s.DRAINING, "Request"): s.TURN_DRAINING,
+        (s.DRAINING, "Input"): s.TURN_DRAINING,
+        # audio input: one utterance per InputAudioStreamOpen
+        (s.IDLE, OPEN): s.LISTENING,
+        (s.DRAINING, OPEN): s.LISTENING,  # the previous stream ends implicitly
+        (s.LISTENING, BINARY): s.LISTENING,  # FeedAudio
+        (s.LISTENING, CLOSE): s.FINISHING,  # FinishListening
+        (s.LISTENING, CANCEL): s.IDLE,  # CancelListening
+        (s.FINISHING, CLOSE): s.FINISHING,
+        (s.FINISHING, CANCEL): s.IDLE,  # CancelListening
+        # what the listener reports
+        (s.LISTENING, SPEECH_STARTED): s.LISTENING,
+        (s.LISTENING, INTERIM): s.LISTENING,
+        (s.LISTENING, FINAL): s.TURN_DRAINING,
+        (s.LISTENING, SILENCE_HEARD): s.TURN_DRAINING,
+        (s.LISTENING, AUDIO_FAILED): s.DRAINING,
+        (s.LISTENING, AUDIO_TIMEOUT): s.LISTENING,  # FinishListening
+        (s.FINISHING, SPEECH_STARTED): s.FINISHING,
+        (s.FINISHING, INTERIM): s.FINISHING,
+        (s.FINISHING, FINAL): s.TURN,
+        (s.FINISHING, SILENCE_HEARD): s.TURN,
+        (s.FINISHING, AUDIO_FAILED): s.IDLE,
+        (s.FINISHING, AUDIO_TIMEOUT): s.FINISHING,
     }
-    for state in (State.IDLE, State.TURN, State.TURN_ENDING):
-        for audio in _AUDIO_EVENTS:  # legal, answered "not supported yet"
-            table[(state, audio)] = state
+    # the client's stream after its utterance: audio is dropped until it is closed
+    for draining, plain in (
+        (s.DRAINING, s.IDLE),
+        (s.TURN_DRAINING, s.TURN),
+        (s.TURN_ENDING_DRAINING, s.TURN_ENDING),
+    ):
+        table[(draining, BINARY)] = draining
+        table[(draining, CLOSE)] = plain
+        table[(draining, CANCEL)] = plain
+        table[(plain, CLOSE)] = plain  # nothing open: closing is idempotent
+        table[(plain, CANCEL)] = plain
+    # the turn's events, in the engine's order; the client's stream stays as it is
+    for turn, ending, idle in (
+        (s.TURN, s.TURN_ENDING, s.IDLE),
+        (s.TURN_DRAINING, s.TURN_ENDING_DRAINING, s.DRAINING),
+    ):
+        table[(turn, TURN_REJECTED)] = idle
+        table[(turn, "SessionStarted")] = turn
+        table[(turn, "ResponseItem")] = turn
+        table[(turn, RESPONSE_AUDIO)] = turn
+        table[(turn, "Response")] = ending
+        table[(turn, "Error")] = ending
+        table[(turn, TURN_FINISHED)] = idle  # a stream without an end event
+        table[(ending, "SessionEnded")] = ending
+        table[(ending, TURN_FINISHED)] = idle
     for state in State:
-        if state is not State.CLOSED:
-            table[(state, OVERSIZED)] = State.CLOSED
-        table[(state, CONNECTION_LOST)] = State.CLOSED
+        if state not in (s.AWAIT_INIT, s.CLOSED):
+            table[(state, "Log")] = state
+        if state is not s.CLOSED:
+            table[(state, OVERSIZED)] = s.CLOSED
+        table[(state, CONNECTION_LOST)] = s.CLOSED
     return table
 
 
@@ -202,26 +426,44 @@ TRANSITIONS: dict[tuple[State, str], State] = _build_transitions()
 """(state, event type) -> next state for every legal message of a V1 connection.
 
 Event types are the client's (``Init``, ``Request``, ``Input``, ``Log``,
-``InputAudioStream*``, ``Binary`` for a binary frame), the turn engine's
-(``SessionStarted``, ``ResponseItem``, ``Response``, ``Error``,
-``SessionEnded``) and the connection's own (``Init (refused key)``,
-``Oversized``, ``TurnRejected``, ``TurnFinished``, ``ConnectionLost``). Anything
-else is a ProtocolError; in ``closed`` only ``ConnectionLost`` is.
+``InputAudioStreamOpen/Close/Cancel``, ``Binary`` for a binary frame), the
+turn engine's (``SessionStarted``, ``ResponseItem``, ``ResponseAudio`` for its
+BinaryEvent, ``Response``, ``Error``, ``SessionEnded``), the listener's
+(``SpeechStarted``, ``Interim``, ``Final``, ``Silence``, ``AudioFailed``,
+``AudioTimeout``) and the connection's own (``Init (refused key)``,
+``Oversized``, ``TurnRejected``, ``TurnFinished``, ``ConnectionLost``).
+Anything else is a ProtocolError; in ``closed`` only ``ConnectionLost`` is.
 """
 
+_RUNNING = (
+    "A turn of this connection is still running",
+    "its Response before the next Request, Input or InputAudioStreamOpen (Log is allowed)",
+)
 _EXPECTED: dict[State, tuple[str, str]] = {
     State.AWAIT_INIT: ("The connection is not initialised", "Init"),
-    State.IDLE: ("Event out of order", "Request, Input or Log"),
-    State.TURN: (
-        "A turn of this connection is still running",
-        "its Response before the next Request or Input (Log is allowed)",
+    State.IDLE: ("Event out of order", "Request, Input, Log or InputAudioStreamOpen"),
+    State.LISTENING: (
+        "An audio input stream is open",
+        "audio, InputAudioStreamClose, InputAudioStreamCancel, Request, Input or Log",
     ),
-    State.TURN_ENDING: (
-        "A turn of this connection is still running",
-        "its Response before the next Request or Input (Log is allowed)",
+    State.FINISHING: (
+        "The audio input stream is closed and its utterance is being recognised",
+        "its Recognized (InputAudioStreamCancel, Request, Input or Log are allowed)",
     ),
+    State.DRAINING: (
+        "Event out of order",
+        "Request, Input, Log or InputAudioStreamOpen/Close/Cancel",
+    ),
+    State.TURN: _RUNNING,
+    State.TURN_DRAINING: _RUNNING,
+    State.TURN_ENDING: _RUNNING,
+    State.TURN_ENDING_DRAINING: _RUNNING,
     State.CLOSED: ("The connection is closing", "nothing more"),
 }
+
+
+_NO_TURN: Final = frozenset({State.IDLE, State.LISTENING, State.FINISHING, State.DRAINING})
+"""States after Init in which no turn of the connection runs."""
 
 
 class ConnectionStateMachine:
@@ -310,9 +552,114 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _int(value: Any) -> int | None:
+    """An integral JSON number (or a string of digits) as int, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def tts_request(config: Mapping[str, Any]) -> TtsRequest | None:
+    """The speech every turn asks for, from Init ``config.tts`` and ``config.ttsFileType``.
+
+    ``tts``: ``None`` (default) -> None; ``RequiredLinks`` -> TtsRequest("links");
+    ``RequiredStreaming`` -> TtsRequest("audio"). ``ttsFileType``: ``mp3``
+    (default), ``wav`` or ``mulaw``. Both case-insensitive; JSON null counts as
+    not set. Raises ProtocolError for anything else.
+    """
+    tts = config.get("tts")
+    file_type = config.get("ttsFileType")
+    if file_type is None:
+        file_type = "mp3"
+    if not isinstance(file_type, str) or file_type.strip().lower() not in TTS_FILE_TYPES:
+        raise ProtocolError(
+            "Invalid Init event: config.ttsFileType",
+            expected="mp3, wav or mulaw",
+            got=repr(file_type),
+        )
+    if tts is None:
+        return None
+    mode = TTS_MODES.get(tts.strip().lower(), "?") if isinstance(tts, str) else "?"
+    if mode == "?":
+        raise ProtocolError(
+            "Invalid Init event: config.tts",
+            expected="None, RequiredLinks or RequiredStreaming",
+            got=repr(tts),
+        )
+    if mode is None:
+        return None
+    kind: TtsFileFormat = next(t for t in TTS_FILE_TYPES if t == file_type.strip().lower())
+    return TtsRequest("links" if mode == "links" else "audio", kind)
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """How the utterances of a connection are heard, from its Init ``config``.
+
+    ``fmt`` is LINEAR16 at ``sttSampleRate`` Hz; ``interim`` is
+    ``sttInterimResults``; ``silence_timeout_ms`` is ``silenceTimeout`` (ms).
+    """
+
+    fmt: AudioFormat
+    interim: bool
+    silence_timeout_ms: int
+
+
+def listen_config(config: Mapping[str, Any], default_silence_timeout_ms: int) -> ListenConfig:
+    """Read and check the audio settings of ``config`` (see the module doc's decisions).
+
+    Raises ProtocolError naming the setting, what is accepted and what came.
+    """
+    raw_rate = config.get("sttSampleRate")
+    rate = DEFAULT_SAMPLE_RATE if raw_rate is None else _int(raw_rate)
+    if rate not in STT_SAMPLE_RATES:
+        raise ProtocolError(
+            "Unsupported audio input: config.sttSampleRate",
+            expected=", ".join(str(r) for r in STT_SAMPLE_RATES) + " (Hz)",
+            got=repr(raw_rate),
+        )
+    raw_timeout = config.get("silenceTimeout")
+    timeout = default_silence_timeout_ms if raw_timeout is None else _int(raw_timeout)
+    if timeout is None or not 0 < timeout <= MAX_SILENCE_TIMEOUT_MS:
+        raise ProtocolError(
+            "Unsupported audio input: config.silenceTimeout",
+            expected=f"1..{MAX_SILENCE_TIMEOUT_MS} (ms)",
+            got=repr(raw_timeout),
+        )
+    mode = config.get("sttMode")
+    if mode is not None and (not isinstance(mode, str) or mode.strip().lower() not in STT_MODES):
+        raise ProtocolError(
+            "Unsupported audio input: config.sttMode",
+            expected="Default, SingleUtterance or Duplex",
+            got=repr(mode),
+        )
+    return ListenConfig(
+        AudioFormat("LINEAR16", rate),
+        interim=_flag(config.get("sttInterimResults")),
+        silence_timeout_ms=timeout,
+    )
+
+
 def error_frame(text: str, source: str = "client") -> Send:
     """An ``Error {text, source}`` frame."""
     return Send(ErrorEvent(text=text, source=source).wire_json())
+
+
+def audio_error_frame(error: Exception) -> Send:
+    """The Error frame of a failed utterance.
+
+    Source ``client`` for bad audio (AudioFormatError, including
+    AudioLimitExceeded), ``stt`` for anything else (the recognizer failed).
+    """
+    if isinstance(error, AudioFormatError):
+        return error_frame(f"Bad audio input, the utterance was dropped: {error}.", "client")
+    return error_frame(f"Speech recognition failed, the utterance was dropped: {error}.", "stt")
 
 
 def format_event(event: TurnEvent) -> str:
@@ -329,18 +676,30 @@ class _Turn:
     accepted: bool = False
 
 
+@dataclass(frozen=True)
+class _Utterance:
+    """The utterance being recognised: its stream number, session and interim flag."""
+
+    stream: int
+    session_id: str
+    interim: bool
+
+
 class V1Connection:
     """One V1 WebSocket connection, sans I/O (spec "Communication Flow").
 
     ``key_allowed`` decides whether Init's key may open sessions (a callable
     such as ``Settings.key_allowed``, or a bool for every key);
     ``max_frame_bytes`` is the largest frame accepted (GATEWAY_MAX_BODY_BYTES);
-    ``new_id`` makes session ids when the client proposes none.
+    ``new_id`` makes session ids when the client proposes none;
+    ``silence_timeout_ms`` is the ``silenceTimeout`` of clients that set none
+    (GATEWAY_SILENCE_TIMEOUT_MS).
 
-    Feed it with :meth:`receive_text` / :meth:`receive_bytes` (client frames)
-    and :meth:`turn_event` / :meth:`turn_rejected` / :meth:`turn_finished` (the
-    turn it asked for with StartTurn); each returns a list of actions. None of
-    them raises on bad client input.
+    Feed it with :meth:`receive_text` / :meth:`receive_bytes` (client frames),
+    :meth:`turn_event` / :meth:`turn_rejected` / :meth:`turn_finished` (the
+    turn it asked for with StartTurn) and :meth:`heard` / :meth:`audio_failed` /
+    :meth:`audio_timeout` (the utterance it asked for with StartListening);
+    each returns a list of actions. None of them raises on bad client input.
     """
 
     def __init__(
@@ -350,15 +709,22 @@ class V1Connection:
         max_frame_bytes: int,
         new_id: Callable[[], str] = new_session_id,
         log_buffer: int = LOG_BUFFER,
+        silence_timeout_ms: int = DEFAULT_SILENCE_TIMEOUT_MS,
     ) -> None:
         self._key_allowed = key_allowed
         self._max = max_frame_bytes
         self._new_id = new_id
+        self._silence_timeout_ms = silence_timeout_ms
         self.machine = ConnectionStateMachine()
         self.session_id: str | None = None
         """The session this connection talks in; None before the first turn and after it ended."""
         self.init: InitEvent | None = None
+        self.tts: TtsRequest | None = None
+        """The speech every turn asks for (Init ``config.tts``/``ttsFileType``)."""
         self._turn: _Turn | None = None
+        self._utterance: _Utterance | None = None
+        self._streams = itertools.count(1)
+        self._stray_audio = False
         self._logs: deque[LogEntry] = deque(maxlen=log_buffer)
 
     # -------------------------------------------------------------- queries
@@ -381,7 +747,12 @@ class V1Connection:
         stream has ended and :meth:`turn_finished` was called, so the client
         never sees a Response while its connection still counts a turn running.
         """
-        return self.state is State.TURN_ENDING
+        return self.state in (State.TURN_ENDING, State.TURN_ENDING_DRAINING)
+
+    @property
+    def stream(self) -> int | None:
+        """The number of the utterance being recognised (StartListening.stream), or None."""
+        return self._utterance.stream if self._utterance is not None else None
 
     @property
     def buffered_logs(self) -> tuple[LogEntry, ...]:
@@ -394,14 +765,20 @@ class V1Connection:
         """Handle one text frame: a V1 client event (spec "V1 Events", "Communication Flow").
 
         ``Init`` -> ``[Send(Ready)]``, or ``[Send(Error), Close(1008)]`` for an
-        unknown or missing key; ``Request``/``Input`` -> ``[StartTurn]``;
-        ``Log`` -> ``[StoreLogs]`` or ``[]`` (buffered); audio events and any
-        malformed, unknown, invalid or out-of-order frame -> ``[Send(Error)]``
-        of source ``client``; a frame over ``max_frame_bytes`` UTF-8 bytes ->
-        ``[Close(1009)]``; after a Close, ``[]``. Never raises.
+        unknown or missing key, or ``[Send(Error)]`` for an invalid tts config;
+        ``Request``/``Input`` -> ``[StartTurn]`` (``[CancelListening, StartTurn]``
+        while an utterance is recognised); ``Log`` -> ``[StoreLogs]`` or ``[]``
+        (buffered); ``InputAudioStreamOpen`` -> ``[StartListening,
+        Send(InputAudioStreamOpen)]``; ``InputAudioStreamClose`` ->
+        ``[FinishListening]`` or ``[]``; ``InputAudioStreamCancel`` ->
+        ``[CancelListening]`` or ``[]``; any malformed, unknown, invalid or
+        out-of-order frame -> ``[Send(Error)]`` of source ``client``; a frame
+        over ``max_frame_bytes`` UTF-8 bytes -> ``[Close(1009)]``; after a
+        Close, ``[]``. Never raises.
         """
         if self.state is State.CLOSED:
             return []
+        self._stray_audio = False
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
         if size > self._max:
             return self._oversized(size)
@@ -412,21 +789,33 @@ class V1Connection:
             return [error_frame(exc.text)]
 
     def receive_bytes(self, data: bytes) -> list[Action]:
-        """Handle one binary frame (spec "Audio Input for Speech-To-Text").
+        """Handle one binary frame: audio (spec "Audio Input for Speech-To-Text").
 
-        Audio input is not supported yet: ``[Send(Error)]`` of source ``client``
-        and the connection stays open; over ``max_frame_bytes`` ``[Close(1009)]``.
-        Never raises.
+        While an utterance is recognised -> ``[FeedAudio]``; after its end,
+        while the client's stream is still open -> ``[]`` (dropped); with no
+        stream open -> ``[Send(Error)]`` of source ``client`` for the first
+        frame of a run of such frames (until the next text frame), ``[]`` for
+        the rest; over ``max_frame_bytes`` -> ``[Close(1009)]``. Never raises.
         """
         if self.state is State.CLOSED:
             return []
         if len(data) > self._max:
             return self._oversized(len(data))
-        try:
-            self.machine.feed(BINARY)
-        except ProtocolError as exc:
-            return [error_frame(exc.text)]
-        return [error_frame(AUDIO_NOT_SUPPORTED)]
+        if not self.machine.allows(BINARY):
+            if self._stray_audio:
+                return []
+            self._stray_audio = True
+            if self.state is State.AWAIT_INIT:
+                text, expected = _EXPECTED[self.state]
+                return [error_frame(ProtocolError(text, expected=expected, got=BINARY).text)]
+            error = ProtocolError(
+                "No audio input stream is open", expected="InputAudioStreamOpen first", got=BINARY
+            )
+            return [error_frame(error.text)]
+        self.machine.feed(BINARY)
+        if self.state is State.LISTENING and self._utterance is not None:
+            return [FeedAudio(self._utterance.stream, data)]
+        return []
 
     def _oversized(self, size: int) -> list[Action]:
         self.machine.feed(OVERSIZED)
@@ -439,8 +828,11 @@ class V1Connection:
             return self._on_input(event)
         if isinstance(event, LogEvent):
             return self._on_log(event)
-        self.machine.feed(event.type)  # InputAudioStreamOpen/Close/Cancel
-        return [error_frame(AUDIO_NOT_SUPPORTED)]
+        if isinstance(event, InputAudioStreamOpenEvent):
+            return self._on_audio_open(event)
+        if isinstance(event, InputAudioStreamCloseEvent):
+            return self._on_audio_close()
+        return self._on_audio_cancel(event)
 
     def _on_init(self, event: InitEvent) -> list[Action]:
         self.machine.check("Init")  # a second Init is out of order
@@ -457,18 +849,27 @@ class V1Connection:
                 else f"Unknown application key {event.key!r}."
             )
             return [error_frame(text), Close(CLOSE_POLICY, text)]
+        tts = tts_request(event.config)  # invalid: an Error, Init may be sent again
         self.machine.feed("Init")
         self.init = event
+        self.tts = tts
         return [Send(ReadyEvent().wire_json())]
 
     def _on_input(self, event: RequestEvent | InputEvent) -> list[Action]:
         self.machine.check(event.type)  # out of order: nothing changes
         session_id, ctx_args, input_ = self._read_input(event)  # invalid: nothing changes
         self.machine.feed(event.type)
+        actions: list[Action] = []
+        if self._utterance is not None:  # the user typed instead of speaking
+            actions.append(CancelListening(self._utterance.stream))
+            self._utterance = None
+        return [*actions, self._start_turn(session_id, input_, **ctx_args)]
+
+    def _start_turn(self, session_id: str, input_: Input, **ctx_args: Any) -> StartTurn:
         logs = tuple(self._logs)
         self._logs.clear()
         self._turn = _Turn(session_id)
-        return [StartTurn(self._context(session_id, logs=logs, **ctx_args), input_)]
+        return StartTurn(self._context(session_id, logs=logs, **ctx_args), input_)
 
     def _read_input(self, event: RequestEvent | InputEvent) -> tuple[str, dict[str, Any], Input]:
         """The session id, TurnContext fields and Input of a Request/Input; ProtocolError."""
@@ -486,8 +887,11 @@ class V1Connection:
             input_ = event.input
         if not input_.text.strip():
             raise ProtocolError("input.transcript.text is empty: send the user's text or #intro.")
-        session_id = check_session_id(proposed) if proposed else self.session_id or self._new_id()
-        return session_id, ctx_args, input_
+        return self._proposed(proposed), ctx_args, input_
+
+    def _proposed(self, proposed: str | None) -> str:
+        """The session id of a turn: the proposed one, the connection's, or a new one."""
+        return check_session_id(proposed) if proposed else self.session_id or self._new_id()
 
     def _context(
         self,
@@ -512,13 +916,14 @@ class V1Connection:
             config=dict(config),
             attributes=dict(attributes or {}),
             logs=tuple(logs),
+            tts=self.tts,
         )
 
     def _on_log(self, event: LogEvent) -> list[Action]:
         self.machine.feed("Log")
         if not event.entries:
             return []
-        if self.state is State.IDLE and self.session_id is not None:
+        if self.state in _NO_TURN and self.session_id is not None:
             return [StoreLogs(self._context(self.session_id), tuple(event.entries))]
         self._logs.extend(event.entries)  # stored with the next turn (or when this one ends)
         return []
@@ -529,6 +934,94 @@ class V1Connection:
         self._logs.clear()
         self._logs.extend([*entries, *pending])
 
+    # ------------------------------------------------------------ audio input
+
+    def _on_audio_open(self, event: InputAudioStreamOpenEvent) -> list[Action]:
+        self.machine.check(OPEN)  # a turn runs, or a stream is open: nothing changes
+        assert self.init is not None
+        listen = listen_config(self.init.config, self._silence_timeout_ms)  # unsupported: Error
+        session_id = self._proposed(event.session_id)  # invalid: Error
+        self.machine.feed(OPEN)
+        utterance = _Utterance(next(self._streams), session_id, listen.interim)
+        self._utterance = utterance
+        start = StartListening(
+            utterance.stream,
+            listen.fmt,
+            interim=listen.interim,
+            silence_timeout_ms=listen.silence_timeout_ms,
+            idle_timeout_ms=listen.silence_timeout_ms + AUDIO_IDLE_MARGIN_MS,
+        )
+        return [start, Send(InputAudioStreamOpenEvent().wire_json())]
+
+    def _on_audio_close(self) -> list[Action]:
+        listening = self.state is State.LISTENING
+        self.machine.feed(CLOSE)
+        if listening and self._utterance is not None:
+            return [FinishListening(self._utterance.stream)]
+        return []
+
+    def _on_audio_cancel(self, event: InputAudioStreamCancelEvent) -> list[Action]:
+        self.machine.feed(event.type)
+        utterance, self._utterance = self._utterance, None
+        return [CancelListening(utterance.stream)] if utterance is not None else []
+
+    def _current(self, stream: int) -> _Utterance | None:
+        """The utterance ``stream`` when it is the one being recognised (else a stale report)."""
+        utterance = self._utterance
+        if utterance is None or utterance.stream != stream or self.state is State.CLOSED:
+            return None
+        return utterance
+
+    def heard(self, stream: int, heard: Heard) -> list[Action]:
+        """What the listener of utterance ``stream`` heard (spec "Audio Input for Speech-To-Text").
+
+        ``speech_started`` -> ``[]``; ``interim`` -> ``[Send(Recognized
+        isFinal=false)]`` with ``sttInterimResults``, else ``[]``; ``final`` ->
+        ``[Send(Recognized), StartTurn]`` (the transcript with its confidence);
+        ``silence`` -> ``[Send(Recognized "#silence"), StartTurn("#silence")]``.
+        Reports of an utterance that was cancelled or has ended are ``[]``.
+        """
+        utterance = self._current(stream)
+        if utterance is None:
+            return []
+        self.machine.feed(_HEARD_EVENTS[heard.kind])
+        if heard.kind == "speech_started":
+            return []
+        if heard.kind == "interim":
+            if not utterance.interim:
+                return []
+            return [Send(RecognizedEvent(text=heard.text, is_final=False).wire_json())]
+        self._utterance = None
+        if heard.kind == "final" and heard.text:
+            transcript = Transcript(text=heard.text, confidence=heard.confidence)
+        else:
+            transcript = Transcript(text=SILENCE)
+        recognized = Send(RecognizedEvent(text=transcript.text).wire_json())
+        return [recognized, self._start_turn(utterance.session_id, Input(transcript=transcript))]
+
+    def audio_failed(self, stream: int, error: Exception) -> list[Action]:
+        """The listener of utterance ``stream`` failed: ``[Send(Error)]``, the utterance is dropped.
+
+        See :func:`audio_error_frame` for the source. Stale reports are ``[]``.
+        """
+        if self._current(stream) is None:
+            return []
+        self.machine.feed(AUDIO_FAILED)
+        self._utterance = None
+        return [audio_error_frame(error)]
+
+    def audio_timeout(self, stream: int) -> list[Action]:
+        """The client sent no audio for StartListening.idle_timeout_ms: ``[FinishListening]``.
+
+        ``[]`` when the client already closed the stream or the report is stale.
+        """
+        utterance = self._current(stream)
+        if utterance is None:
+            return []
+        listening = self.state is State.LISTENING
+        self.machine.feed(AUDIO_TIMEOUT)
+        return [FinishListening(stream)] if listening else []
+
     # ------------------------------------------------------------- turn events
 
     def turn_event(self, event: TurnEvent) -> list[Action]:
@@ -536,15 +1029,19 @@ class V1Connection:
 
         SessionStarted, Response, Error and SessionEnded always go out;
         ResponseItem only with ``config.sendResponseItems`` (the Response
-        carries all items anyway). The first event makes the turn's session
-        the connection's; SessionEnded forgets it. Raises ProtocolError when
-        no turn runs or the engine broke its order (a gateway bug).
+        carries all items anyway); a BinaryEvent (an item's speech with
+        ``tts=RequiredStreaming``) as a binary frame. The first event makes the
+        turn's session the connection's; SessionEnded forgets it. Raises
+        ProtocolError when no turn runs or the engine broke its order (a gateway bug).
         """
-        self.machine.feed(event.type)
+        kind = RESPONSE_AUDIO if isinstance(event, BinaryEvent) else event.type
+        self.machine.feed(kind)
         turn = self._turn
         if turn is not None and not turn.accepted:  # the engine took the turn on
             turn.accepted = True
             self.session_id = turn.session_id
+        if isinstance(event, BinaryEvent):
+            return [SendBytes(event.data)]
         if isinstance(event, SessionStartedEvent):
             self.session_id = event.session_id
         elif isinstance(event, SessionEndedEvent):
@@ -573,9 +1070,12 @@ class V1Connection:
         return self._flush_logs()
 
     def connection_lost(self) -> list[Action]:
-        """The socket is gone: a last StoreLogs for buffered entries, when a session exists."""
+        """The socket is gone: CancelListening for an utterance being recognised, and a
+        last StoreLogs for buffered entries when a session exists."""
         self.machine.feed(CONNECTION_LOST)
-        return self._flush_logs()
+        utterance, self._utterance = self._utterance, None
+        cancel: list[Action] = [CancelListening(utterance.stream)] if utterance else []
+        return [*cancel, *self._flush_logs()]
 
     def _flush_logs(self) -> list[Action]:
         if not self._logs or self.session_id is None or self.init is None:

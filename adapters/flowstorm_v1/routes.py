@@ -7,6 +7,17 @@ and is forwarded by a task of its own, so the loop keeps reading while a turn
 runs and notices a client that goes away. On disconnect only the forwarding is
 cancelled: the engine's turn completes and saves the session.
 
+Audio input: each utterance (StartListening) gets a
+``gateway.speech.listener.Listener`` from ``gw.speech`` and a worker task that
+feeds it the client's audio through a queue, in the order it came, and hands
+what it heard back to the protocol. Recognition itself runs in the
+recognizer's worker processes, so the event loop only moves bytes; the receive
+loop never waits for recognition — except when more than
+:data:`MAX_PENDING_AUDIO_MS` of audio is queued for the utterance, where it
+stops reading until the worker caught up (backpressure: TCP slows the client
+down; no frame is dropped). The worker also keeps the wall-clock guard for
+clients that stop sending (StartListening.idle_timeout_ms).
+
 Close codes: 1008 unknown or missing application key (after an Error frame),
 1009 a frame larger than GATEWAY_MAX_BODY_BYTES, 1011 an unexpected failure of
 the gateway. Every other problem is an Error frame and the connection stays open.
@@ -17,8 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from enum import Enum
+from typing import Any, Final
 
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
@@ -26,8 +40,13 @@ from starlette.websockets import WebSocketDisconnect
 from adapters.flowstorm_v1.protocol import (
     CLOSE_INTERNAL,
     Action,
+    CancelListening,
     Close,
+    FeedAudio,
+    FinishListening,
     Send,
+    SendBytes,
+    StartListening,
     StartTurn,
     StoreLogs,
     V1Connection,
@@ -36,6 +55,9 @@ from adapters.flowstorm_v1.protocol import (
 from gateway.conversation import TurnRejected
 from gateway.deps import Gateway, gateway_of
 from gateway.sessions import StoreError
+from gateway.speech.audio import AudioFormatError
+from gateway.speech.listener import Heard, Listener
+from gateway.speech.stt import RecognitionError
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +66,110 @@ router = APIRouter(tags=["Flowstorm Socket V1"])
 _SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
 """What sending on a socket the client has left raises (Starlette/uvicorn)."""
 
+MAX_PENDING_AUDIO_MS: Final = 10_000
+"""Audio (ms) an utterance may have queued, not yet fed to its listener, before the
+receive loop waits for the listener to catch up."""
+
+_FINISH: Final = b""
+"""Queue marker: end the utterance (FinishListening); empty audio is never queued as such."""
+
+
+class _Mark(Enum):
+    """What :meth:`_Utterance.next` gives besides audio."""
+
+    IDLE = "idle"
+    STOPPED = "stopped"
+
+
+class _Utterance:
+    """The audio queue of one utterance between the receive loop and its worker task."""
+
+    def __init__(self, start: StartListening, listener: Listener) -> None:
+        self.stream = start.stream
+        self.listener = listener
+        self.idle_timeout_s = start.idle_timeout_ms / 1000
+        self.max_pending = max(start.fmt.bytes_for_ms(MAX_PENDING_AUDIO_MS), 1)
+        self.queue: deque[bytes] = deque()
+        self.pending = 0
+        self.finishing = False
+        self.timed_out = False
+        self.stopped = False
+        self.last_audio = time.monotonic()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self.task: asyncio.Task[None] | None = None
+
+    async def put(self, data: bytes) -> None:
+        """Queue audio; waits while more than ``max_pending`` bytes are queued."""
+        if self.stopped or self.finishing or not data:
+            return
+        while self.pending >= self.max_pending and not self.stopped:
+            self._room.clear()
+            await self._room.wait()
+        if self.stopped:
+            return
+        self.queue.append(data)
+        self.pending += len(data)
+        self.last_audio = time.monotonic()
+        self._wake.set()
+
+    def finish(self) -> None:
+        """Queue the end of the utterance (once)."""
+        if not self.finishing and not self.stopped:
+            self.finishing = True
+            self.queue.append(_FINISH)
+            self._wake.set()
+
+    def stop(self) -> None:
+        """No more audio: drop what is queued and release a waiting :meth:`put`."""
+        self.stopped = True
+        self.queue.clear()
+        self.pending = 0
+        self._room.set()
+        self._wake.set()
+
+    async def next(self) -> bytes | _Mark:
+        """The next queued audio (``_FINISH`` to end); ``_Mark.IDLE`` when the client sent
+        no audio for ``idle_timeout_s`` (once, and never after finish); ``_Mark.STOPPED``
+        after :meth:`stop`."""
+        while not self.queue:
+            if self.stopped:
+                return _Mark.STOPPED
+            timeout: float | None = None
+            if not self.finishing and not self.timed_out:
+                timeout = self.last_audio + self.idle_timeout_s - time.monotonic()
+                if timeout <= 0:
+                    self.timed_out = True
+                    return _Mark.IDLE
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+        data = self.queue.popleft()
+        self.pending -= len(data)
+        if self.pending < self.max_pending:
+            self._room.set()
+        return data
+
 
 class _Socket:
-    """One accepted V1 WebSocket: the receive loop, turn forwarders and log writers."""
+    """One accepted V1 WebSocket: the receive loop, turn forwarders, listeners and log writers."""
 
     def __init__(self, ws: WebSocket, gw: Gateway) -> None:
         self.ws = ws
         self.gw = gw
         self.conn = V1Connection(
-            gw.settings.key_allowed, max_frame_bytes=gw.settings.max_body_bytes
+            gw.settings.key_allowed,
+            max_frame_bytes=gw.settings.max_body_bytes,
+            silence_timeout_ms=gw.settings.silence_timeout_ms,
         )
         self.open = True
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._log_tasks: set[asyncio.Task[None]] = set()
+        self._utterance: _Utterance | None = None
+        self._listen_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or the protocol closes it."""
@@ -85,18 +197,34 @@ class _Socket:
 
     async def _shutdown(self) -> None:
         self.open = False
-        for task in list(self._tasks):  # forwarding only; the engine's turns go on
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         for action in self.conn.connection_lost():
             if isinstance(action, StoreLogs):
                 self._start_logs(action)
+            elif isinstance(action, CancelListening):
+                self._cancel_listening(action.stream)
+        await asyncio.gather(*self._listen_tasks, return_exceptions=True)
+        for task in list(self._tasks):  # forwarding only; the engine's turns go on
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*self._log_tasks, return_exceptions=True)
 
     async def _do(self, actions: Sequence[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
                 await self._send(action.text)
+            elif isinstance(action, SendBytes):
+                await self._send_bytes(action.data)
+            elif isinstance(action, FeedAudio):
+                utterance = self._utterance
+                if utterance is not None and utterance.stream == action.stream:
+                    await utterance.put(action.data)
+            elif isinstance(action, StartListening):
+                self._start_listening(action)
+            elif isinstance(action, FinishListening):
+                if self._utterance is not None and self._utterance.stream == action.stream:
+                    self._utterance.finish()
+            elif isinstance(action, CancelListening):
+                self._cancel_listening(action.stream)
             elif isinstance(action, Close):
                 await self._close(action.code, action.reason)
             elif isinstance(action, StartTurn):
@@ -121,6 +249,15 @@ class _Socket:
             except _SEND_ERRORS:
                 self.open = False
 
+    async def _send_bytes(self, data: bytes) -> None:
+        if not self.open:
+            return
+        async with self._send_lock:
+            try:
+                await self.ws.send_bytes(data)
+            except _SEND_ERRORS:
+                self.open = False
+
     async def _close(self, code: int, reason: str) -> None:
         if not self.open:
             return
@@ -128,6 +265,76 @@ class _Socket:
         async with self._send_lock:
             with contextlib.suppress(*_SEND_ERRORS):
                 await self.ws.close(code, reason[:120])  # a close reason is at most 123 bytes
+
+    # ------------------------------------------------------------- audio input
+
+    def _start_listening(self, start: StartListening) -> None:
+        previous = self._utterance
+        if previous is not None:
+            # the protocol is done with it (a result or failure was reported); its worker
+            # may still be sending that report's frames: let it, but take no more audio
+            previous.stop()
+        listener = self.gw.speech.listener(
+            start.fmt, interim=start.interim, silence_timeout_ms=start.silence_timeout_ms
+        )
+        utterance = _Utterance(start, listener)
+        self._utterance = utterance
+        task = asyncio.create_task(self._listen(utterance), name=f"listen {start.stream}")
+        utterance.task = task
+        self._listen_tasks.add(task)
+        task.add_done_callback(self._listen_tasks.discard)
+
+    def _cancel_listening(self, stream: int) -> None:
+        utterance = self._utterance
+        if utterance is None or utterance.stream != stream:
+            return
+        self._utterance = None
+        utterance.stop()
+        if utterance.task is not None:
+            utterance.task.cancel()  # its listener is cancelled on the way out
+
+    async def _listen(self, utterance: _Utterance) -> None:
+        """Feed one utterance's audio to its listener, in order; report what it heard.
+
+        Cancelled (CancelListening, disconnect) while it waits for audio or for the
+        recognizer; the frames of a report go out whole (shielded from the cancel).
+        """
+        conn, listener, stream = self.conn, utterance.listener, utterance.stream
+
+        async def report(actions: Sequence[Action]) -> None:
+            if actions:
+                await asyncio.shield(self._do(actions))
+
+        try:
+            while not listener.done and not utterance.stopped:
+                data = await utterance.next()
+                if data is _Mark.STOPPED:
+                    return
+                try:
+                    if data is _Mark.IDLE:  # the client stopped sending
+                        await report(conn.audio_timeout(stream))
+                        continue
+                    heard: list[Heard] = (
+                        await listener.feed(data) if data else [await listener.finish()]
+                    )
+                except (AudioFormatError, RecognitionError) as exc:
+                    await report(conn.audio_failed(stream, exc))
+                    return
+                except Exception as exc:
+                    log.exception("listening to utterance %d failed", stream)
+                    await report(conn.audio_failed(stream, exc))
+                    return
+                for event in heard:
+                    await report(conn.heard(stream, event))
+        finally:
+            utterance.stop()
+            if self._utterance is utterance:
+                self._utterance = None
+            if not listener.done:
+                with contextlib.suppress(Exception):
+                    await listener.cancel()
+
+    # ------------------------------------------------------------------ turns
 
     async def _forward(self, start: StartTurn) -> None:
         """Send one turn's frames; the Response and what follows go out after its stream ends."""
@@ -168,7 +375,8 @@ class _Socket:
 @router.websocket("/socket")
 @router.websocket("/socket/")
 async def socket_v1(websocket: WebSocket) -> None:
-    """Flowstorm Socket V1: Init -> Ready, then Request/Input turns (see module doc)."""
+    """Flowstorm Socket V1: Init -> Ready, then Request/Input turns and audio input
+    (InputAudioStreamOpen, binary LINEAR16 frames, Close/Cancel; see module doc)."""
     gw = gateway_of(websocket)
     try:
         await websocket.accept()

@@ -18,7 +18,9 @@ from fastapi import FastAPI, Request
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from gateway.speech.audio import Pcm, resample
 from tests.conftest import ROOT, gateway, serve
+from tests.speech import padded
 
 SPEC = ROOT.parent / "shared" / "specs" / "flowstorm-socket-v1.md"
 
@@ -308,3 +310,89 @@ async def assert_serving(base: str, key: str = "test-key") -> None:
         await init(ws, init_frame(key))
         frames = await turn(ws, request_frame("#intro"))
         assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
+
+
+# ------------------------------------------------------------------- audio
+
+
+def pcm_at(pcm: Pcm, sample_rate: int, *, before_ms: int = 300, after_ms: int = 1200) -> bytes:
+    """``pcm`` padded with silence (tests.speech.padded) as LINEAR16 bytes at ``sample_rate`` Hz."""
+    return resample(padded(pcm, before_ms, after_ms), sample_rate).data
+
+
+async def send_audio(
+    ws: ClientConnection, data: bytes, sample_rate: int, *, chunk_ms: int = 100
+) -> None:
+    """Send LINEAR16 ``data`` as binary frames of ``chunk_ms`` ms each, as fast as possible."""
+    step = sample_rate * chunk_ms // 1000 * 2
+    for start in range(0, len(data), step):
+        await ws.send(data[start : start + step])
+
+
+@contextlib.asynccontextmanager
+async def speaking(
+    ws: ClientConnection, data: bytes, sample_rate: int, *, close: bool = True
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Send ``data`` (see :func:`send_audio`) from a task while the body reads frames;
+    then ``InputAudioStreamClose`` when ``close``. Waits for the task on exit."""
+
+    async def talk() -> None:
+        await send_audio(ws, data, sample_rate)
+        if close:
+            await send_json(ws, {"type": "InputAudioStreamClose"})
+
+    task = asyncio.create_task(talk())
+    try:
+        yield task
+    finally:
+        async with asyncio.timeout(RECV_LIMIT_S):
+            await task
+
+
+async def recv_any(ws: ClientConnection) -> dict[str, Any] | bytes:
+    """The next frame: a JSON object of a text frame, or the bytes of a binary frame."""
+    async with asyncio.timeout(RECV_LIMIT_S):
+        message = await ws.recv()
+    if isinstance(message, bytes):
+        return message
+    value = json.loads(message)
+    assert isinstance(value, dict)
+    return value
+
+
+async def frames_until_response(ws: ClientConnection) -> list[dict[str, Any] | bytes]:
+    """All frames (JSON objects or audio bytes) up to and including a Response or Error."""
+    frames: list[dict[str, Any] | bytes] = []
+    while True:
+        frame = await recv_any(ws)
+        frames.append(frame)
+        if isinstance(frame, dict) and frame["type"] in ("Response", "Error"):
+            return frames
+
+
+async def open_stream(ws: ClientConnection, session_id: str | None = None) -> None:
+    """Send InputAudioStreamOpen (with ``session_id``) and expect its echo."""
+    frame: dict[str, Any] = {"type": "InputAudioStreamOpen"}
+    if session_id is not None:
+        frame["sessionId"] = session_id
+    await send_json(ws, frame)
+    assert await recv_json(ws) == {"type": "InputAudioStreamOpen"}
+
+
+def json_frames(frames: list[dict[str, Any] | bytes]) -> list[dict[str, Any]]:
+    """The JSON frames of ``frames``, in order."""
+    return [f for f in frames if isinstance(f, dict)]
+
+
+def kinds(frames: list[dict[str, Any] | bytes]) -> list[str]:
+    """Frame types in order: the JSON ``type``, ``bytes`` for a binary frame, and
+    ``Recognized~`` for an interim Recognized."""
+    out = []
+    for f in frames:
+        if isinstance(f, bytes):
+            out.append("bytes")
+        elif f["type"] == "Recognized" and not f.get("isFinal", True):
+            out.append("Recognized~")
+        else:
+            out.append(f["type"])
+    return out

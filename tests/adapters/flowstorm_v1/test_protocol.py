@@ -9,14 +9,20 @@ from typing import Any
 import pytest
 
 from adapters.flowstorm_v1.protocol import (
-    AUDIO_NOT_SUPPORTED,
+    AUDIO_IDLE_MARGIN_MS,
     CLOSE_POLICY,
     CLOSE_TOO_BIG,
+    STT_SAMPLE_RATES,
     TRANSITIONS,
     Action,
+    CancelListening,
     Close,
     ConnectionStateMachine,
+    FeedAudio,
+    FinishListening,
     Send,
+    SendBytes,
+    StartListening,
     StartTurn,
     State,
     StoreLogs,
@@ -25,6 +31,7 @@ from adapters.flowstorm_v1.protocol import (
 )
 from gateway.conversation import TurnRejected
 from gateway.events import (
+    BinaryEvent,
     ErrorEvent,
     LogEntry,
     RequestEvent,
@@ -34,8 +41,13 @@ from gateway.events import (
     ResponseItemEvent,
     SessionEndedEvent,
     SessionStartedEvent,
+    Transcript,
 )
 from gateway.protocol import ProtocolError
+from gateway.speech.audio import AudioFormat, AudioFormatError
+from gateway.speech.listener import AudioLimitExceeded, Heard
+from gateway.speech.service import TtsRequest
+from gateway.speech.stt import RecognitionError
 from tests.adapters.flowstorm_v1.helpers import (
     SPEC,
     SPEC_INIT,
@@ -56,9 +68,16 @@ def _ids() -> Any:
     return lambda: f"generated-{next(counter)}"
 
 
-def connection(key_allowed: Any = True, *, max_frame_bytes: int = 10_000) -> V1Connection:
+def connection(
+    key_allowed: Any = True, *, max_frame_bytes: int = 10_000, silence_timeout_ms: int = 5000
+) -> V1Connection:
     """A connection whose generated session ids are ``generated-1``, ``generated-2``..."""
-    return V1Connection(key_allowed, max_frame_bytes=max_frame_bytes, new_id=_ids())
+    return V1Connection(
+        key_allowed,
+        max_frame_bytes=max_frame_bytes,
+        new_id=_ids(),
+        silence_timeout_ms=silence_timeout_ms,
+    )
 
 
 def frames(actions: list[Action]) -> list[dict[str, Any]]:
@@ -340,7 +359,9 @@ def test_a_request_before_init_is_an_error_and_init_still_works() -> None:
 
 def test_a_second_init_is_an_error() -> None:
     conn = ready(connection())
-    one_error(send(conn, init_frame()), "expected Request, Input or Log, got Init")
+    one_error(
+        send(conn, init_frame()), "expected Request, Input, Log or InputAudioStreamOpen, got Init"
+    )
     assert conn.state is State.IDLE
 
 
@@ -353,7 +374,7 @@ def test_a_second_init_is_an_error() -> None:
         ('{"type": "Hello"}', ["Unknown event type", "'Hello'"]),
         ('{"no": "type"}', ["Unknown event type", "None"]),
         ('{"type": "Request"}', ["Invalid Request event", "request"]),
-        ('{"type": "Request", "request": {"input": {}}}', ["Invalid Request event", "transcript"]),
+        ('{"type": "Request", "request": {"input": {}}}', ["transcript"]),
         ('{"type": "Init", "config": 5}', ["Invalid Init event", "config"]),
         ("[" * 100_000, ["Malformed JSON"]),
     ],
@@ -381,29 +402,6 @@ def test_invalid_requests_are_errors_and_start_no_turn(
     one_error(send(conn, frame), *words)
     assert conn.state is State.IDLE
     start(conn, request_frame("hi", appKey="test-key"))
-
-
-@pytest.mark.parametrize(
-    "frame",
-    [
-        {"type": "InputAudioStreamOpen"},
-        {"type": "InputAudioStreamOpen", "sessionId": "s"},
-        {"type": "InputAudioStreamClose"},
-        {"type": "InputAudioStreamCancel"},
-    ],
-)
-def test_audio_events_are_not_supported_yet(frame: dict[str, Any]) -> None:
-    conn = ready(connection())
-    assert one_error(send(conn, frame), "not supported yet") == AUDIO_NOT_SUPPORTED
-    assert conn.state is State.IDLE
-
-
-def test_binary_frames_are_not_supported_yet_even_during_a_turn() -> None:
-    conn = ready(connection())
-    one_error(conn.receive_bytes(b"\x00" * 320), "not supported yet")
-    start(conn, request_frame("hi"))
-    one_error(conn.receive_bytes(b"\x00" * 320), "not supported yet")
-    assert conn.state is State.TURN
 
 
 @pytest.mark.parametrize("payload", ["x" * 101, "ž" * 51])
@@ -544,3 +542,293 @@ def test_a_turn_event_without_a_turn_is_a_protocol_error() -> None:
     conn = ready(connection())
     with pytest.raises(ProtocolError):
         conn.turn_event(ResponseEvent(response=Response()))
+
+
+# ------------------------------------------------------------------- audio
+
+
+def state(conn: V1Connection) -> State:
+    """The connection's state (read through a call: it changes under mypy's narrowing)."""
+    return conn.state
+
+
+def opened(conn: V1Connection, **frame: Any) -> StartListening:
+    """Feed InputAudioStreamOpen (with ``frame`` fields); its StartListening (the ack follows)."""
+    start, ack = send(conn, {"type": "InputAudioStreamOpen", **frame})
+    assert isinstance(start, StartListening), start
+    assert frames([ack]) == [{"type": "InputAudioStreamOpen"}]
+    assert state(conn) is State.LISTENING
+    return start
+
+
+def test_an_audio_stream_starts_listening_with_the_init_config() -> None:
+    conn = ready(connection(silence_timeout_ms=4000))
+    start = opened(conn)
+    assert start.fmt == AudioFormat("LINEAR16", 16000)  # PROTOCOL-NOTES default
+    assert (start.interim, start.silence_timeout_ms) == (False, 4000)  # the gateway's default
+    assert start.idle_timeout_ms == 4000 + AUDIO_IDLE_MARGIN_MS
+
+    conn = ready(sttSampleRate=44100, sttInterimResults=True, silenceTimeout=1500, sttMode="Duplex")
+    start = opened(conn)
+    assert start.fmt == AudioFormat("LINEAR16", 44100)
+    assert (start.interim, start.silence_timeout_ms) == (True, 1500)
+    assert conn.receive_bytes(b"\x01\x02" * 10) == [FeedAudio(start.stream, b"\x01\x02" * 10)]
+
+
+@pytest.mark.parametrize("rate", STT_SAMPLE_RATES)
+def test_every_v1_sample_rate_is_accepted(rate: int) -> None:
+    assert opened(ready(sttSampleRate=rate)).fmt.sample_rate == rate
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ({"sttSampleRate": 12000}, ["sttSampleRate", "8000, 16000, 22050, 44100, 48000", "12000"]),
+        ({"sttSampleRate": True}, ["sttSampleRate", "True"]),
+        ({"silenceTimeout": 0}, ["silenceTimeout", "got 0"]),
+        ({"silenceTimeout": 10**9}, ["silenceTimeout"]),
+        ({"sttMode": 3}, ["sttMode"]),
+    ],
+)
+def test_unsupported_audio_settings_are_an_error_at_open(
+    config: dict[str, Any], words: list[str]
+) -> None:
+    conn = ready(**config)
+    one_error(send(conn, {"type": "InputAudioStreamOpen"}), "Unsupported audio input", *words)
+    assert state(conn) is State.IDLE
+    start(conn, request_frame("text still works"))
+
+
+def test_interim_results_go_out_only_when_asked_for() -> None:
+    quiet = ready()
+    stream = opened(quiet).stream
+    assert quiet.heard(stream, Heard("speech_started")) == []
+    assert quiet.heard(stream, Heard("interim", "tell me")) == []
+    chatty = ready(sttInterimResults="true")
+    stream = opened(chatty).stream
+    assert frames(chatty.heard(stream, Heard("interim", "tell me"))) == [
+        {"type": "Recognized", "text": "tell me", "isFinal": False}
+    ]
+    assert chatty.state is State.LISTENING
+
+
+def test_the_final_result_is_recognized_and_starts_the_turn() -> None:
+    conn = ready(tts="RequiredLinks")
+    stream = opened(conn, sessionId="spoken").stream
+    recognized, turn = conn.heard(stream, Heard("final", "tell me about this place", 0.8))
+    assert frames([recognized]) == [
+        {"type": "Recognized", "text": "tell me about this place", "isFinal": True}
+    ]
+    assert isinstance(turn, StartTurn)
+    assert turn.input.transcript == Transcript(text="tell me about this place", confidence=0.8)
+    assert turn.ctx.session_id == "spoken"
+    assert turn.ctx.tts == TtsRequest("links", "mp3")
+    # the client still streams until it sees Recognized: that audio is dropped
+    assert state(conn) is State.TURN_DRAINING
+    assert conn.receive_bytes(b"\x00\x00" * 160) == []
+    assert send(conn, {"type": "InputAudioStreamClose"}) == []
+    assert state(conn) is State.TURN
+    # the proposed session becomes the connection's when the engine takes the turn on
+    assert conn.session_id is None
+    finish_turn(conn, Response(), new="spoken")
+    assert conn.session_id == "spoken"
+    assert start(conn, input_frame("and now text")).ctx.session_id == "spoken"
+
+
+def test_silence_is_recognized_as_the_silence_action() -> None:
+    conn = ready()
+    stream = opened(conn).stream
+    recognized, turn = conn.heard(stream, Heard("silence", at_ms=5000))
+    assert frames([recognized]) == [{"type": "Recognized", "text": "#silence", "isFinal": True}]
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "#silence"
+    assert turn.input.action == "#silence"
+
+
+def test_closing_the_stream_finishes_the_utterance() -> None:
+    conn = ready()
+    stream = opened(conn).stream
+    assert send(conn, {"type": "InputAudioStreamClose"}) == [FinishListening(stream)]
+    assert state(conn) is State.FINISHING
+    assert send(conn, {"type": "InputAudioStreamClose"}) == []  # idempotent
+    one_error(conn.receive_bytes(b"\x00\x00"), "No audio input stream is open")
+    one_error(send(conn, {"type": "InputAudioStreamOpen"}), "being recognised")
+    assert conn.audio_timeout(stream) == []  # already finishing
+    _, turn = conn.heard(stream, Heard("final", "hello", 0.9))
+    assert isinstance(turn, StartTurn)
+    assert state(conn) is State.TURN  # the client's stream is closed already
+
+
+def test_cancel_drops_the_utterance_and_its_late_results() -> None:
+    conn = ready()
+    stream = opened(conn).stream
+    conn.receive_bytes(b"\x00\x00" * 160)
+    assert send(conn, {"type": "InputAudioStreamCancel"}) == [CancelListening(stream)]
+    assert state(conn) is State.IDLE
+    # results the listener made before it noticed are ignored
+    assert conn.heard(stream, Heard("final", "too late", 0.9)) == []
+    assert conn.audio_failed(stream, RecognitionError("gone")) == []
+    assert conn.audio_timeout(stream) == []
+    assert send(conn, {"type": "InputAudioStreamCancel"}) == []  # nothing open: nothing to do
+    # a new stream gets a new number
+    assert opened(conn).stream != stream
+
+
+@pytest.mark.parametrize(
+    ("error", "source", "words"),
+    [
+        (
+            AudioFormatError("expected LINEAR16 audio: got an odd number of bytes"),
+            "client",
+            ["odd"],
+        ),
+        (AudioLimitExceeded("expected at most 5 s of audio"), "client", ["at most 5 s"]),
+        (RecognitionError("pocketsphinx failed: boom"), "stt", ["recognition failed", "boom"]),
+    ],
+)
+def test_a_failed_utterance_is_an_error_and_the_connection_goes_on(
+    error: Exception, source: str, words: list[str]
+) -> None:
+    conn = ready()
+    stream = opened(conn).stream
+    one_error(conn.audio_failed(stream, error), *words, source=source)
+    assert state(conn) is State.DRAINING  # the client may still be streaming
+    assert conn.receive_bytes(b"\x00\x00" * 160) == []
+    opened(conn)  # a new utterance ends the old stream
+    send(conn, {"type": "InputAudioStreamCancel"})
+    start(conn, request_frame("text works"))
+
+
+def test_the_wall_clock_guard_finishes_a_stream_the_client_stopped_feeding() -> None:
+    conn = ready()
+    stream = opened(conn).stream
+    assert conn.audio_timeout(stream) == [FinishListening(stream)]
+    assert state(conn) is State.LISTENING  # the client has not closed its stream
+    conn.heard(stream, Heard("silence"))
+    assert state(conn) is State.TURN_DRAINING
+
+
+def test_typing_while_an_utterance_is_heard_drops_it_for_the_text() -> None:
+    for close_first in (False, True):
+        conn = ready()
+        stream = opened(conn).stream
+        if close_first:
+            send(conn, {"type": "InputAudioStreamClose"})
+        cancel, turn = send(conn, input_frame("typed"))
+        assert cancel == CancelListening(stream)
+        assert isinstance(turn, StartTurn)
+        assert turn.input.text == "typed"
+        assert conn.state is (State.TURN if close_first else State.TURN_DRAINING)
+        assert conn.heard(stream, Heard("final", "spoken", 1.0)) == []
+
+
+def test_audio_needs_an_open_stream_and_no_turn() -> None:
+    conn = ready()
+    one_error(conn.receive_bytes(b"\x00\x00"), "No audio input stream is open", "got Binary")
+    assert conn.receive_bytes(b"\x00\x00") == []  # one Error per run of stray frames
+    assert send(conn, {"type": "Log", "entries": []}) == []
+    one_error(conn.receive_bytes(b"\x00\x00"), "No audio input stream is open")
+    start(conn, request_frame("hi"))
+    one_error(send(conn, {"type": "InputAudioStreamOpen"}), "turn of this connection is still")
+    one_error(conn.receive_bytes(b"\x00\x00"), "No audio input stream is open")
+    assert send(conn, {"type": "InputAudioStreamClose"}) == []
+
+
+def test_a_second_open_while_listening_is_an_error() -> None:
+    conn = ready()
+    opened(conn)
+    one_error(send(conn, {"type": "InputAudioStreamOpen"}), "audio input stream is open")
+    assert state(conn) is State.LISTENING
+
+
+def test_an_invalid_session_id_with_the_stream_is_an_error() -> None:
+    conn = ready()
+    one_error(send(conn, {"type": "InputAudioStreamOpen", "sessionId": "a b"}), "sessionId")
+    assert state(conn) is State.IDLE
+
+
+def test_the_streams_session_defaults_to_the_connections() -> None:
+    conn = ready()
+    start(conn, request_frame("#intro", "mine"))
+    finish_turn(conn, Response(), new="mine")
+    stream = opened(conn).stream
+    _, turn = conn.heard(stream, Heard("final", "hello", 0.5))
+    assert isinstance(turn, StartTurn)
+    assert turn.ctx.session_id == "mine"
+
+
+@pytest.mark.parametrize(
+    ("config", "tts"),
+    [
+        ({}, None),
+        ({"tts": None}, None),
+        ({"tts": "None", "ttsFileType": "wav"}, None),
+        ({"tts": "RequiredLinks"}, TtsRequest("links", "mp3")),
+        ({"tts": "RequiredStreaming", "ttsFileType": "mulaw"}, TtsRequest("audio", "mulaw")),
+        ({"tts": "requiredstreaming", "ttsFileType": "WAV"}, TtsRequest("audio", "wav")),
+    ],
+)
+def test_the_tts_config_goes_with_every_turn(
+    config: dict[str, Any], tts: TtsRequest | None
+) -> None:
+    conn = ready(**config)
+    assert start(conn, request_frame("hi")).ctx.tts == tts
+    conn.turn_event(ResponseEvent(response=Response()))
+    conn.turn_finished()
+    stream = opened(conn).stream
+    _, turn = conn.heard(stream, Heard("final", "hello", 0.5))
+    assert isinstance(turn, StartTurn)
+    assert turn.ctx.tts == tts
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ({"tts": "Always"}, ["config.tts", "None, RequiredLinks or RequiredStreaming", "Always"]),
+        ({"tts": 1}, ["config.tts"]),
+        ({"tts": "RequiredLinks", "ttsFileType": "ogg"}, ["config.ttsFileType", "'ogg'"]),
+    ],
+)
+def test_an_invalid_tts_config_refuses_init(config: dict[str, Any], words: list[str]) -> None:
+    conn = connection()
+    one_error(send(conn, init_frame(**config)), "Invalid Init event", *words)
+    assert state(conn) is State.AWAIT_INIT
+    ready(conn)
+
+
+def test_streamed_speech_goes_out_as_binary_frames() -> None:
+    conn = ready(tts="RequiredStreaming")
+    start(conn, request_frame("#intro"))
+    assert conn.turn_event(ResponseItemEvent(response_item=ResponseItem(text="hi"))) == []
+    assert conn.turn_event(BinaryEvent(data=b"ID3 mp3")) == [SendBytes(b"ID3 mp3")]
+    assert state(conn) is State.TURN
+
+
+def test_a_lost_connection_cancels_the_utterance() -> None:
+    conn = ready()
+    stream = opened(conn).stream
+    assert conn.connection_lost() == [CancelListening(stream)]
+    assert conn.heard(stream, Heard("final", "late", 1.0)) == []
+
+
+def test_the_table_covers_the_audio_states() -> None:
+    # every state after Init takes Log; every state can lose its connection
+    for state in State:
+        assert TRANSITIONS[(state, "ConnectionLost")] is State.CLOSED
+        if state not in (State.AWAIT_INIT, State.CLOSED):
+            assert TRANSITIONS[(state, "Log")] is state
+    # audio frames are legal exactly where the client's stream is open
+    binary = {state for (state, event) in TRANSITIONS if event == "Binary"}
+    assert binary == {
+        State.LISTENING,
+        State.DRAINING,
+        State.TURN_DRAINING,
+        State.TURN_ENDING_DRAINING,
+    }
+    # a stream opens only when no turn runs and no utterance is being heard
+    opens = {state for (state, event) in TRANSITIONS if event == "InputAudioStreamOpen"}
+    assert opens == {State.IDLE, State.DRAINING}
+    # a result ends an utterance in a turn
+    for state in (State.LISTENING, State.FINISHING):
+        for event in ("Final", "Silence"):
+            assert TRANSITIONS[(state, event)] in (State.TURN, State.TURN_DRAINING)

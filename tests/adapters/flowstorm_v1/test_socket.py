@@ -64,6 +64,10 @@ async def test_the_spec_example_conversation() -> None:
         ]
         assert greeting["response"]["sessionEnded"] is False
         assert greeting["response"]["locale"] == "en_US"  # the input's locale
+        # the spec's Init asks for tts=RequiredLinks: every item links its speech (mp3)
+        for item in greeting["response"]["items"]:
+            assert item["audio"].startswith("http://localhost:8080/file/tts/")
+            assert item["audio"].endswith(".mp3")
 
         [named] = await turn(ws, request_frame("my name is Tomas", SPEC_SESSION_ID))
         assert texts(named) == ["Nice to meet you, Tomas."]
@@ -193,11 +197,9 @@ async def test_a_request_before_init_is_an_error_and_init_still_works() -> None:
         ("[]", ["JSON object"]),
         ('{"type": "Teleport"}', ["Unknown event type", "Teleport"]),
         ('{"type": "Request", "request": {}}', ["Invalid Request event", "input"]),
-        (b"\x00\x01\x02\x03", ["not supported yet"]),
-        ('{"type": "InputAudioStreamOpen"}', ["not supported yet"]),
-        ('{"type": "InputAudioStreamClose"}', ["not supported yet"]),
-        ('{"type": "InputAudioStreamCancel"}', ["not supported yet"]),
-        ('{"type": "Init", "key": "again"}', ["expected Request, Input or Log, got Init"]),
+        (b"\x00\x01\x02\x03", ["No audio input stream is open", "got Binary"]),
+        ('{"type": "InputAudioStreamOpen", "sessionId": "has space"}', ["sessionId"]),
+        ('{"type": "Init", "key": "again"}', ["expected Request, Input, Log or", "got Init"]),
     ],
 )
 async def test_bad_frames_are_errors_and_the_socket_serves_on(

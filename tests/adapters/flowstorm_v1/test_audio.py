@@ -1,0 +1,386 @@
+"""Flowstorm Socket V1 audio end to end: real speech over a real WebSocket.
+
+Sentences spoken by the default Piper voice (tests.conftest ``corpus``) are sent
+as binary LINEAR16 frames of 100 ms, faster than real time, to a served gateway
+with the embedded recognizer (pocketsphinx) and the demo pipeline, which answers
+"You said: ...". Recognised text is compared by word error rate, not equality.
+One gateway serves the whole module (its recognizer workers and Piper voice
+load once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import pytest_asyncio
+from websockets.asyncio.client import connect
+
+from gateway.speech.audio import Pcm, decode_mp3, decode_wav, silence
+from tests.adapters.flowstorm_v1.helpers import (
+    assert_serving,
+    expect_error,
+    frames_until_response,
+    init,
+    init_frame,
+    input_frame,
+    json_frames,
+    kinds,
+    open_stream,
+    pcm_at,
+    recv_json,
+    request_frame,
+    send_audio,
+    send_json,
+    served,
+    speaking,
+    texts,
+    turn,
+    ws_url,
+)
+from tests.speech import normalise, wer
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+PLACE = "tell me about this place"
+WEATHER = "what is the weather like today"
+MUSIC = "play some music please"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server() -> AsyncIterator[str]:
+    """One gateway (memory sessions, demo pipeline, embedded speech) for the module."""
+    async with served() as url:
+        yield url
+
+
+def close_to(sentence: str, recognized: str) -> bool:
+    """Whether ``recognized`` is within the word error bound of ``sentence``."""
+    return wer([(sentence, normalise(recognized))]) <= 0.34
+
+
+def final_text(frames: list[dict[str, Any] | bytes]) -> str:
+    """The text of the one final Recognized frame of ``frames``."""
+    [final] = [f for f in json_frames(frames) if f["type"] == "Recognized" and f["isFinal"]]
+    text: str = final["text"]
+    return text
+
+
+async def download(server: str, link: str) -> httpx.Response:
+    """GET the TTS file of ``link`` (an absolute URL under GATEWAY_PUBLIC_URL) from ``server``."""
+    assert link.startswith("http://localhost:8080/file/tts/"), link  # the default public URL
+    async with httpx.AsyncClient() as client:
+        answer = await client.get(server + urlsplit(link).path)
+    assert answer.status_code == 200, answer.text
+    return answer
+
+
+# ------------------------------------------------------------- real speech
+
+
+async def test_speech_at_16k_gives_interim_and_final_results_and_mp3_links(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    async with connect(ws_url(server)) as ws:
+        await init(ws, init_frame(sttSampleRate=16000, sttInterimResults=True, tts="RequiredLinks"))
+        await open_stream(ws)
+        async with speaking(ws, pcm_at(corpus[PLACE], 16000), 16000):
+            frames = await frames_until_response(ws)
+        order = kinds(frames)
+        assert order[0] == "Recognized~", order  # interim results first ...
+        assert order[-3:] == ["Recognized", "SessionStarted", "Response"], order
+        assert set(order[:-3]) == {"Recognized~"}  # ... then the final, then the turn
+        recognized = final_text(frames)
+        assert close_to(PLACE, recognized), recognized
+        response = json_frames(frames)[-1]
+        [item] = response["response"]["items"]
+        assert item["text"] == f"You said: {recognized}"
+        answer = await download(server, item["audio"])
+        assert answer.headers["content-type"] == "audio/mpeg"
+        assert decode_mp3(answer.content).duration_s > 0.3
+
+        # text turns of the same connection get links too; the session goes on
+        [named] = await turn(ws, request_frame("my name is Ada"))
+        assert texts(named) == ["Nice to meet you, Ada."]
+        assert named["response"]["items"][0]["audio"].endswith(".mp3")
+
+
+async def test_speech_at_44k_with_wav_links_and_no_interim_results(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    async with connect(ws_url(server)) as ws:
+        config: dict[str, Any] = {
+            "sttSampleRate": 44100,
+            "tts": "RequiredLinks",
+            "ttsFileType": "wav",
+        }
+        await init(ws, init_frame(**config))
+        await open_stream(ws)
+        async with speaking(ws, pcm_at(corpus[WEATHER], 44100), 44100):
+            frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
+        recognized = final_text(frames)
+        assert close_to(WEATHER, recognized), recognized
+        [item] = json_frames(frames)[-1]["response"]["items"]
+        answer = await download(server, item["audio"])
+        assert item["audio"].endswith(".wav")
+        assert answer.headers["content-type"] == "audio/wav"
+        assert decode_wav(answer.content).duration_s > 0.3
+
+
+@pytest.mark.parametrize("file_type", ["wav", "mulaw"])
+async def test_required_streaming_sends_each_items_speech_before_the_response(
+    server: str, corpus: dict[str, Pcm], file_type: str
+) -> None:
+    async with connect(ws_url(server)) as ws:
+        config: dict[str, Any] = {
+            "tts": "RequiredStreaming",
+            "ttsFileType": file_type,
+            "sendResponseItems": True,
+        }
+        await init(ws, init_frame(**config))
+        frames = await turn_any(ws, request_frame("#intro"))
+        assert kinds(frames) == [
+            "SessionStarted",
+            "ResponseItem",
+            "bytes",
+            "ResponseItem",
+            "bytes",
+            "Response",
+        ]
+        for audio in (f for f in frames if isinstance(f, bytes)):
+            if file_type == "wav":
+                assert decode_wav(audio).duration_s > 0.3
+            else:  # headerless 8 kHz μ-law: one byte per sample
+                assert len(audio) > 0.3 * 8000
+        items = json_frames(frames)[-1]["response"]["items"]
+        assert all("audio" not in item for item in items)  # streamed, not linked
+
+        # an utterance's answer is streamed the same way
+        await open_stream(ws)
+        async with speaking(ws, pcm_at(corpus[MUSIC], 16000), 16000):
+            frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "ResponseItem", "bytes", "Response"]
+        assert close_to(MUSIC, final_text(frames))
+
+
+async def turn_any(ws: Any, frame: dict[str, Any]) -> list[dict[str, Any] | bytes]:
+    """Send a Request/Input ``frame``; its frames up to the Response, audio included."""
+    await send_json(ws, frame)
+    return await frames_until_response(ws)
+
+
+@pytest.mark.parametrize("tts", ["None", None])
+async def test_without_tts_no_audio_goes_out(server: str, tts: str | None) -> None:
+    config = {} if tts is None else {"tts": tts}
+    async with connect(ws_url(server)) as ws:
+        await init(ws, init_frame(sendResponseItems=True, **config))
+        frames = await turn_any(ws, input_frame("#intro"))
+        assert "bytes" not in kinds(frames)
+        for frame in json_frames(frames):
+            for item in frame.get("response", {}).get("items", [frame.get("responseItem", {})]):
+                assert "audio" not in item
+
+
+# --------------------------------------------------------- end of an utterance
+
+
+async def test_silence_gives_the_silence_input_after_the_timeout(server: str) -> None:
+    async with connect(ws_url(server)) as ws:
+        await init(ws, init_frame(silenceTimeout=1000, sttInterimResults=True))
+        await open_stream(ws)
+        async with speaking(ws, silence(2000, 16000).data, 16000):
+            frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
+        assert json_frames(frames)[0] == {"type": "Recognized", "text": "#silence", "isFinal": True}
+        assert texts(json_frames(frames)[-1]) == ["Are you still there? Say something."]
+
+
+async def test_a_client_that_stops_sending_gets_silence_by_the_wall_clock(server: str) -> None:
+    async with connect(ws_url(server)) as ws:
+        await init(ws, init_frame(silenceTimeout=200))
+        await open_stream(ws)
+        started = time.monotonic()
+        await send_audio(ws, silence(100, 16000).data, 16000)  # 100 ms, then nothing
+        frames = await frames_until_response(ws)
+        waited = time.monotonic() - started
+        assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
+        assert json_frames(frames)[0]["text"] == "#silence"
+        assert 1.1 <= waited < 5, waited  # silenceTimeout + 1000 ms margin of wall-clock time
+        await send_json(ws, {"type": "InputAudioStreamClose"})
+        [answer] = await turn(ws, request_frame("hello"))
+        assert texts(answer) == ["You said: hello"]
+
+
+async def test_closing_the_stream_mid_utterance_finishes_it(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    async with connect(ws_url(server)) as ws:
+        await init(ws)
+        await open_stream(ws)
+        # no trailing silence: only InputAudioStreamClose ends the utterance
+        async with speaking(ws, pcm_at(corpus[PLACE], 16000, after_ms=0), 16000):
+            frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
+        recognized = final_text(frames)
+        assert close_to(PLACE, recognized), recognized
+        assert texts(json_frames(frames)[-1]) == [f"You said: {recognized}"]
+
+
+async def test_cancelling_mid_utterance_leaves_the_session_usable(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    async with connect(ws_url(server)) as ws:
+        await init(ws)
+        await turn(ws, request_frame("#intro", "cancelled-utterance"))
+        await turn(ws, request_frame("my name is Ada"))
+        await open_stream(ws)
+        speech = pcm_at(corpus[PLACE], 16000)
+        await send_audio(ws, speech[: 16000 * 2], 16000)  # the first second
+        await send_json(ws, {"type": "InputAudioStreamCancel"})
+        # nothing of the utterance comes back: the next frames are the text turn's
+        [answer] = await turn(ws, request_frame("what is my name"))
+        assert texts(answer) == ["Your name is Ada."]
+        # and the next utterance is heard as usual
+        await open_stream(ws)
+        async with speaking(ws, speech, 16000):
+            frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "Response"]
+        assert close_to(PLACE, final_text(frames))
+
+
+async def test_a_reconnecting_client_continues_its_session_by_audio(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    session_id = "reconnecting-audio-client"
+    async with connect(ws_url(server)) as first:
+        await init(first)
+        await turn(first, request_frame("#intro", session_id))
+        await turn(first, request_frame("my name is Bob"))
+
+    async with connect(ws_url(server)) as second:
+        await init(second)
+        await open_stream(second, session_id)
+        async with speaking(second, pcm_at(corpus[MUSIC], 16000), 16000):
+            frames = await frames_until_response(second)
+        assert kinds(frames) == ["Recognized", "Response"]  # no SessionStarted: it exists
+        # the connection now talks in that session
+        [answer] = await turn(second, input_frame("what is my name"))
+        assert texts(answer) == ["Your name is Bob."]
+
+
+# --------------------------------------------------------------- bad audio
+
+
+async def test_odd_length_audio_is_an_error_and_the_session_goes_on(server: str) -> None:
+    async with connect(ws_url(server)) as ws:
+        await init(ws)
+        await turn(ws, request_frame("#intro", "odd-audio"))
+        await turn(ws, request_frame("my name is Eve"))
+        await open_stream(ws)
+        await ws.send(b"\x00" * 321)
+        await send_json(ws, {"type": "InputAudioStreamClose"})
+        await expect_error(ws, "Bad audio input", "odd number of bytes")
+        [answer] = await turn(ws, request_frame("what is my name"))
+        assert texts(answer) == ["Your name is Eve."]
+    await assert_serving(server)
+
+
+async def test_audio_without_an_open_stream_is_an_error_once_per_run(server: str) -> None:
+    async with connect(ws_url(server)) as ws:
+        await init(ws)
+        for _ in range(5):
+            await ws.send(b"\x00\x00" * 160)
+        await expect_error(ws, "No audio input stream is open")
+        frames = await turn(ws, request_frame("#intro"))  # no further Errors came before it
+        assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ({"sttSampleRate": 11025}, ["sttSampleRate", "11025"]),
+        ({"sttSampleRate": "fast"}, ["sttSampleRate", "'fast'"]),
+        ({"silenceTimeout": -5}, ["silenceTimeout", "-5"]),
+        ({"sttMode": "Telepathy"}, ["sttMode", "Telepathy"]),
+    ],
+)
+async def test_unsupported_audio_settings_refuse_the_stream_not_the_session(
+    server: str, config: dict[str, Any], words: list[str]
+) -> None:
+    async with connect(ws_url(server)) as ws:
+        await init(ws, init_frame(**config))  # text-only clients are not refused
+        await send_json(ws, {"type": "InputAudioStreamOpen"})
+        await expect_error(ws, "Unsupported audio input", *words)
+        await ws.send(b"\x00\x00" * 160)  # no stream was opened
+        await expect_error(ws, "No audio input stream is open")
+        frames = await turn(ws, request_frame("#intro"))
+        assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
+
+
+async def test_invalid_tts_settings_refuse_init_until_corrected(server: str) -> None:
+    async with connect(ws_url(server)) as ws:
+        await send_json(ws, init_frame(tts="Loud"))
+        await expect_error(ws, "config.tts", "'Loud'")
+        await send_json(ws, init_frame(tts="RequiredLinks", ttsFileType="ogg"))
+        await expect_error(ws, "config.ttsFileType", "'ogg'")
+        await init(ws, init_frame(tts="requiredlinks", ttsFileType="WAV"))  # any case
+        frames = await turn(ws, request_frame("#intro"))
+        assert frames[-1]["response"]["items"][0]["audio"].endswith(".wav")
+
+
+async def test_more_audio_than_the_limit_is_an_error_and_everyone_goes_on(
+    corpus: dict[str, Pcm],
+) -> None:
+    async with served(max_audio_s=5) as url:
+        async with connect(ws_url(url)) as ws, connect(ws_url(url)) as other:
+            await init(ws, init_frame(silenceTimeout=20_000))
+            await init(other)
+            await turn(ws, request_frame("#intro", "too-long"))
+            await turn(ws, request_frame("my name is Max"))
+            await open_stream(ws)
+            async with speaking(ws, silence(6000, 16000).data, 16000):
+                await expect_error(ws, "Bad audio input", "at most 5 s of audio")
+                # another connection is served meanwhile
+                other_frames = await turn(other, request_frame("#intro"))
+                assert other_frames[-1]["type"] == "Response"
+            # the rest of that stream was dropped; the session and the next utterance go on
+            [answer] = await turn(ws, request_frame("what is my name"))
+            assert texts(answer) == ["Your name is Max."]
+            await open_stream(ws)
+            async with speaking(ws, pcm_at(corpus[PLACE], 16000), 16000):
+                frames = await frames_until_response(ws)
+            assert kinds(frames) == ["Recognized", "Response"]
+            assert close_to(PLACE, final_text(frames))
+        await assert_serving(url)
+
+
+async def test_a_session_id_proposed_with_the_stream_is_checked(server: str) -> None:
+    async with connect(ws_url(server)) as ws:
+        await init(ws)
+        await send_json(ws, {"type": "InputAudioStreamOpen", "sessionId": "x" * 300})
+        await expect_error(ws, "sessionId", "longer than")
+        await open_stream(ws, "fine-id")
+        await send_json(ws, {"type": "InputAudioStreamOpen"})
+        await expect_error(ws, "An audio input stream is open", "got InputAudioStreamOpen")
+        await send_json(ws, {"type": "InputAudioStreamCancel"})
+        # a text Request then opens a session of its own
+        frames = await turn(ws, request_frame("#intro"))
+        assert frames[0]["type"] == "SessionStarted"
+        assert frames[0]["sessionId"] != "fine-id"
+        assert await recv_nothing(ws)
+
+
+async def recv_nothing(ws: Any, wait_s: float = 0.2) -> bool:
+    """True when no frame arrives within ``wait_s`` seconds."""
+    try:
+        async with asyncio.timeout(wait_s):
+            await recv_json(ws)
+    except TimeoutError:
+        return True
+    return False
