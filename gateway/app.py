@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         speech = make_speech(settings, redis)
         pipeline = make_pipeline(settings)
         conversation = Conversation(store, pipeline, settings, speech)
+        warming = asyncio.create_task(speech.warm_up()) if settings.speech_warm_up else None
         app.state.gateway = Gateway(settings, store, pipeline, conversation, speech, bus)
         log.info(
             "gateway ready: store=%s pipeline=%s",
@@ -64,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             left = await conversation.drain(settings.turn_timeout_s + 1)
             if left:
                 log.warning("%d turns were still running at shutdown", left)
+            if warming is not None:
+                warming.cancel()
             await pipeline.aclose()
             await speech.aclose()
             await bus.aclose()

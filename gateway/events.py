@@ -234,7 +234,12 @@ Base64Bytes = Annotated[
 
 
 class BinaryEvent(Event):
-    """Client -> server (V2): a block of raw audio, base64 ``data`` on the wire."""
+    """A block of audio, base64 ``data`` on the wire.
+
+    Client -> server (V2 realtime input); inside the gateway the turn engine also
+    hands an item's synthesized speech to the adapter as a BinaryEvent after the
+    item (V1 ``RequiredStreaming`` binary frames, phone-call audio).
+    """
 
     type: Literal["Binary", "BinaryEvent"] = "Binary"
     data: Base64Bytes

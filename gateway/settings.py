@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     )
 
     # Speech: recognition, synthesis, endpointing
+    speech_warm_up: bool = Field(
+        default=False,
+        description="Load the TTS voice and a recognizer worker at startup (in the background) "
+        "so the first spoken turn is not slowed by model loading (~2-5 s).",
+    )
     stt_max_streams: int = Field(
         default=4, gt=0, description="Concurrent recognitions (each a pocketsphinx worker)."
     )

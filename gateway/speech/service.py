@@ -160,6 +160,20 @@ class SpeechService:
             await self.cache.put(file_id, data)
         return item, data
 
+    async def warm_up(self) -> None:
+        """Load the synthesizer's voice and one recognizer worker now, not at the first turn.
+
+        Failures are logged, not raised: the gateway serves text without speech.
+        """
+        try:
+            await self.synthesizer.synthesize("Ready.")
+            warm = getattr(self.recognizer, "warm_up", None)
+            if warm is not None:
+                await warm(1)
+            log.info("speech warmed up: voice %s", self.synthesizer.voice)
+        except Exception as exc:  # the gateway must start even without speech
+            log.warning("speech warm-up failed: %s", exc)
+
     async def aclose(self) -> None:
         """Stop the recognizer's workers."""
         if self._recognizer is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -157,3 +158,14 @@ async def test_file_route_refuses_unknown_and_malformed_ids(app_url: tuple[str, 
         wrong_ext = await client.get(f"/file/tts/{'a' * 64}.ogg")
         assert wrong_ext.status_code == 400
         assert wrong_ext.headers["content-type"] == "application/problem+json"
+
+
+async def test_warm_up_at_startup_loads_speech(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="gateway.speech.service")
+    app = create_app(Settings(speech_warm_up=True, tts_provider="espeak-ng"))
+    async with serve(app):
+        for _ in range(200):  # the warm-up runs in the background; wait for its log line
+            if any("speech warmed up" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.05)
+    assert any("speech warmed up: voice" in r.getMessage() for r in caplog.records)
