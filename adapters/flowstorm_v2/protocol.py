@@ -6,20 +6,40 @@ also accepts objects written back to back, and event types are the short names.
 
 - :func:`parse_config` reads the configuration table of the spec from headers
   (``X-Key`` ...) or query parameters (``key`` ...), the header winning.
-- :func:`parse_json_events` splits an ``application/json`` body into V2 client
-  events; :class:`RequestStream` checks their order with the table
-  :data:`TRANSITIONS`.
+- :class:`JsonEventReader` splits an ``application/json`` body into V2 client
+  events as its bytes arrive (bounded per event); :func:`parse_json_events` is
+  the same for a whole body. :class:`RequestStream` checks their order with the
+  table :data:`TRANSITIONS`.
 - :func:`text_input` reads a ``text/plain`` body; :func:`text_lines` and
   :func:`json_lines` write turn events in the plain-text line format
-  (``<``, ``#``, ``!``, ``.``) or as NDJSON.
+  (``<``, ``#``, ``!``, ``.``, ``~``) or as NDJSON.
+- Audio (spec "Audio/Video formats"): :func:`decode_audio_file` turns a whole
+  ``audio/wav``, ``audio/mpeg`` or ``audio/basic`` body into raw audio for the
+  recognizer; :class:`WavStreamReader` reads a WAV header off a streamed body.
+- The bus messages of a streaming recognition (spec "Audio/Video input
+  streaming"): the PUT publishes them on the session's topic
+  (:func:`recognizing_message`, :func:`interim_message`, :func:`done_message`),
+  the parallel GET turns them into its answer with :class:`RecognitionFollower`.
+
+Decisions where the spec is silent:
+
+- ``audio/basic`` is raw audio in the request's ``sttEncoding`` (LINEAR16:
+  16-bit signed little-endian; MULAW: G.711 u-law, one byte a sample) at its
+  ``sttSampleRate`` (Hz), mono, no header. WAV and MP3 carry their own rate.
+- Every turn's items get TTS links (``audio``, absolute URLs under
+  ``/file/tts/``; format ``ttsFileType``), as the spec's plain-text example
+  shows. A ``tts`` value (header ``X-Tts``, query ``tts``; V1's name) of
+  ``None`` turns them off; ``RequiredLinks`` is the default.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import struct
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
@@ -36,10 +56,12 @@ from gateway.events import (
     ResponseEvent,
     ResponseItem,
     ResponseItemEvent,
+    Transcript,
     TurnEvent,
     V2ClientEvent,
 )
 from gateway.protocol import ProtocolError
+from gateway.speech.audio import AudioFormat, AudioFormatError, Pcm, decode_mp3, decode_wav
 
 SESSION_COOKIE = "flowstorm-session-id"
 NDJSON = "application/x-ndjson"
@@ -47,7 +69,23 @@ TEXT = "text/plain; charset=utf-8"
 
 TEXT_TYPES = frozenset({"text/plain", "plain/text"})  # the spec's "plain/text" is a typo
 JSON_TYPES = frozenset({"application/json", NDJSON, "application/jsonl"})
-AUDIO_TYPES = frozenset({"audio/basic", "audio/wav", "audio/x-wav", "audio/wave", "audio/mpeg"})
+
+AudioContainer = Literal["raw", "wav", "mp3"]
+AUDIO_CONTAINERS: Final[Mapping[str, AudioContainer]] = {
+    "audio/basic": "raw",
+    "audio/wav": "wav",
+    "audio/x-wav": "wav",
+    "audio/wave": "wav",
+    "audio/vnd.wave": "wav",
+    "audio/mpeg": "mp3",
+    "audio/mp3": "mp3",
+}
+"""Audio content types (spec "Audio/Video formats") and what their bodies hold."""
+AUDIO_TYPES = frozenset(AUDIO_CONTAINERS)
+ACCEPTED_TYPES = (
+    "text/plain, application/json, or audio: audio/basic (raw sttEncoding at sttSampleRate), "
+    "audio/wav or audio/mpeg"
+)
 
 
 class ClientConfig(BaseModel):
@@ -64,7 +102,24 @@ class ClientConfig(BaseModel):
     tts_file_type: Literal["mp3", "wav"] = "mp3"
     send_response_items: bool = True
     video_file: bool = False
+    tts: Literal["RequiredLinks", "None"] = "RequiredLinks"
     realtime: bool = False
+
+    @property
+    def speech_links(self) -> bool:
+        """Whether items get TTS links (``tts`` is not ``None``)."""
+        return self.tts != "None"
+
+    def raw_format(self) -> AudioFormat:
+        """The format of raw (``audio/basic``, BinaryEvent) audio: sttEncoding at sttSampleRate.
+
+        Raises ProtocolError naming ``sttSampleRate`` when the rate is not one the
+        recognizer takes (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000 Hz).
+        """
+        try:
+            return AudioFormat(self.stt_encoding, self.stt_sample_rate)
+        except AudioFormatError as exc:
+            raise ProtocolError(f"invalid sttSampleRate: {exc}") from None
 
     def session_config(self) -> dict[str, Any]:
         """The values stored with the session for the speech path, with V1's camelCase names.
@@ -88,12 +143,14 @@ CONFIG_SOURCES: tuple[tuple[str, str | None, str | None], ...] = (
     ("tts_file_type", "x-ttsfiletype", "ttsFileType"),
     ("send_response_items", "x-sendresponseitems", "sendResponseItems"),
     ("video_file", "x-videofile", "videoFile"),
+    ("tts", "x-tts", "tts"),
     ("realtime", None, "realtime"),
 )
 
 _TRUE = frozenset({"1", "yes", "true", "on"})
 _FALSE = frozenset({"0", "no", "false", "off"})
 _BOOLEAN_FIELDS = frozenset({"send_response_items", "video_file", "realtime"})
+_TTS_VALUES = {"requiredlinks": "RequiredLinks", "none": "None"}
 
 
 def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> ClientConfig:
@@ -116,6 +173,8 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
             if word not in _TRUE | _FALSE:
                 raise ProtocolError(f"{param} must be one of 1/yes/true or 0/no/false, not {raw!r}")
             values[name] = word in _TRUE
+        elif name == "tts":
+            values[name] = _TTS_VALUES.get(raw.strip().lower(), raw.strip())
         else:
             values[name] = raw.strip()
     if locale := _first_language(lower.get("accept-language", "")):
@@ -158,33 +217,183 @@ def text_input(body: bytes) -> Input:
 
 
 def parse_json_events(body: bytes) -> list[V2ClientEvent]:
-    """The V2 client events of an ``application/json`` body.
+    """The V2 client events of a whole ``application/json`` body.
 
-    Accepts one event per line (NDJSON), objects written back to back, and a
-    single JSON array of events. Raises ProtocolError for invalid UTF-8 or JSON
-    (with the character position), non-object values and unknown or invalid
-    events (naming the ``type``).
+    Accepts one event per line (NDJSON), objects written back to back, and
+    JSON arrays of events. Raises ProtocolError for invalid UTF-8 or JSON (with
+    the byte position), non-object values and unknown or invalid events (naming
+    the ``type``), and for a body without any event.
     """
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError("The JSON body is not UTF-8.") from None
-    decoder = json.JSONDecoder()
-    values: list[Any] = []
-    pos, end = 0, len(text)
-    while True:
-        while pos < end and text[pos] in " \t\r\n":
-            pos += 1
-        if pos >= end:
-            break
-        try:
-            value, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise ProtocolError(f"Malformed JSON at character {exc.pos}: {exc.msg}.") from None
-        values.extend(value if isinstance(value, list) else [value])
-    if not values:
+    reader = JsonEventReader()
+    events = reader.feed(body)
+    reader.close()
+    if not events:
         raise ProtocolError("The JSON body holds no event: send an InputEvent.")
-    return [_event(v) for v in values]
+    return events
+
+
+_WHITESPACE: Final = frozenset(b" \t\r\n")
+_STRUCTURE: Final = re.compile(rb'["\\{}\[\]]')
+_IN_STRING: Final = re.compile(rb'["\\]')
+
+
+class JsonEventReader:
+    """Reads V2 client events off a JSON body as its bytes arrive (bytes in, events out).
+
+    The body is JSON objects one per line (NDJSON), written back to back, or
+    inside top-level arrays (``[{...},{...}]``); whitespace between them is
+    ignored. :meth:`feed` returns every event completed by the bytes given;
+    :meth:`close` says the body ended. Memory stays bounded: at most one
+    unfinished event is kept.
+
+    Bounds (bytes of JSON text; None: unbounded): ``max_event_bytes`` for any one
+    event, ``max_text_bytes`` for all events but ``Binary`` together (Binary
+    events carry audio, bounded by the caller in decoded bytes). Past a bound:
+    ProtocolError with status 413.
+
+    Raises ProtocolError (status 400) for bytes that are not UTF-8 JSON objects
+    (naming the byte offset in the body), unknown or invalid events, and for a
+    body that ends inside an event.
+    """
+
+    def __init__(
+        self, *, max_event_bytes: int | None = None, max_text_bytes: int | None = None
+    ) -> None:
+        self.max_event_bytes = max_event_bytes
+        self.max_text_bytes = max_text_bytes
+        self.text_bytes = 0
+        """JSON bytes of the non-Binary events read so far."""
+        self.events = 0
+        """Events read so far."""
+        self._buf = bytearray()
+        self._base = 0  # body offset of self._buf[0]
+        self._pos = 0  # scan position in self._buf
+        self._start: int | None = None  # start of the unfinished value in self._buf
+        self._depth = 0
+        self._in_string = False
+        self._in_array = False
+
+    def feed(self, data: bytes) -> list[V2ClientEvent]:
+        """Take the next bytes of the body; the events they complete, in order."""
+        self._buf += data
+        out: list[V2ClientEvent] = []
+        buf = self._buf
+        while True:
+            if self._start is None and not self._value_start():
+                break
+            if not self._scan():
+                break
+            assert self._start is not None
+            raw = bytes(buf[self._start : self._pos])
+            offset = self._base + self._start
+            self._start = None
+            out.extend(self._events(raw, offset))
+        self._compact()
+        if (
+            self._start is not None
+            and self.max_event_bytes is not None
+            and len(self._buf) - self._start > self.max_event_bytes
+        ):
+            raise ProtocolError(
+                f"A JSON event is larger than {self.max_event_bytes} bytes.", status=413
+            )
+        return out
+
+    def close(self) -> None:
+        """The body ended; ProtocolError when it ended inside an event."""
+        if self._start is not None:
+            raise ProtocolError(
+                f"Malformed JSON at byte {self._base + len(self._buf)}: "
+                "the body ends inside an event."
+            )
+
+    def _value_start(self) -> bool:
+        """Skip to the next value; True when one starts at ``self._pos``."""
+        buf = self._buf
+        while self._pos < len(buf):
+            c = buf[self._pos]
+            if c in _WHITESPACE:
+                self._pos += 1
+            elif c == ord("{"):
+                self._start = self._pos
+                return True
+            elif c == ord("[") and not self._in_array:
+                self._in_array = True
+                self._pos += 1
+            elif self._in_array and c in (ord(","), ord("]")):
+                self._in_array = c == ord(",")
+                self._pos += 1
+            else:
+                where = self._base + self._pos
+                if c >= 0x80:
+                    raise ProtocolError("The JSON body is not UTF-8.")
+                raise ProtocolError(
+                    f"Each event must be a JSON object: got {chr(c)!r} at byte {where}."
+                )
+        return False
+
+    def _scan(self) -> bool:
+        """Advance through the value that started; True when it is complete."""
+        buf = self._buf
+        while True:
+            if self._in_string:
+                m = _IN_STRING.search(buf, self._pos)
+                if m is None:
+                    self._pos = len(buf)
+                    return False
+                if m.group() == b"\\":
+                    if m.end() >= len(buf):  # the escaped character has not arrived
+                        self._pos = m.start()
+                        return False
+                    self._pos = m.end() + 1
+                    continue
+                self._in_string = False
+                self._pos = m.end()
+                continue
+            m = _STRUCTURE.search(buf, self._pos)
+            if m is None:
+                self._pos = len(buf)
+                return False
+            self._pos = m.end()
+            c = m.group()
+            if c == b'"':
+                self._in_string = True
+            elif c in (b"{", b"["):
+                self._depth += 1
+            else:
+                self._depth -= 1
+                if self._depth == 0:
+                    return True
+
+    def _compact(self) -> None:
+        keep = self._start if self._start is not None else self._pos
+        if keep:
+            del self._buf[:keep]
+            self._base += keep
+            self._pos -= keep
+            if self._start is not None:
+                self._start = 0
+
+    def _events(self, raw: bytes, offset: int) -> list[V2ClientEvent]:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("The JSON body is not UTF-8.") from None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ProtocolError(
+                f"Malformed JSON at byte {offset + len(text[: exc.pos].encode())}: {exc.msg}."
+            ) from None
+        event = _event(value)
+        self.events += 1
+        if not isinstance(event, BinaryEvent):
+            self.text_bytes += len(raw)
+            if self.max_text_bytes is not None and self.text_bytes > self.max_text_bytes:
+                raise ProtocolError(
+                    f"The JSON events are larger than {self.max_text_bytes} bytes.", status=413
+                )
+        return [event]
 
 
 def _event(value: Any) -> V2ClientEvent:
@@ -225,7 +434,9 @@ TRANSITIONS: dict[tuple[StreamState, str], StreamState] = {
     (StreamState.AUDIO_CLOSED, "Input"): StreamState.DONE,
     (StreamState.DONE, "Log"): StreamState.DONE,
 }
-"""The order of events in one PUT body: [Log] (Binary+ [InputStreamClose])? Input [Log]."""
+"""The order of events in one PUT body: ``Log* (Input | Binary+ (InputStreamClose Log* Input)?)``
+with Logs anywhere after. The body may end in START (Logs only), AUDIO (the audio
+is the input) or DONE; not in AUDIO_CLOSED (the Input is missing)."""
 
 _EXPECTED = {
     StreamState.START: "Input, Binary or Log",
@@ -269,6 +480,296 @@ def split_events(
         else:
             audio.append(event)
     return found, logs, audio
+
+
+# ------------------------------------------------------------------ audio
+
+FILE_CHUNK_MS: Final = 1000
+"""Audio handed to the recognizer at a time when a whole file is recognised."""
+
+
+def decode_audio_file(
+    kind: str, body: bytes, config: ClientConfig, *, max_audio_s: float
+) -> tuple[AudioFormat, bytes]:
+    """The raw audio of a whole ``audio/*`` body: its format and samples, for a Listener.
+
+    ``audio/wav`` (RIFF/WAVE integer PCM, mono or stereo, any supported rate) and
+    ``audio/mpeg`` (MP3) come out as LINEAR16 at the file's own rate;
+    ``audio/basic`` is raw ``sttEncoding`` at ``sttSampleRate`` and comes out
+    as it is. Pure but CPU-bound for long MP3s (run it off the event loop).
+
+    Raises ProtocolError: status 400 naming the expected format when the body is
+    not valid audio of its type (truncated WAV, MP3 without frames, LINEAR16 of
+    an odd number of bytes, empty), 413 when it holds more than ``max_audio_s``
+    seconds (GATEWAY_MAX_AUDIO_S), 415 for a content type that is not audio.
+    """
+    container = AUDIO_CONTAINERS.get(kind)
+    if container is None:
+        raise ProtocolError(f"{kind!r} is not an audio content type.", status=415)
+    if not body:
+        raise ProtocolError(f"The {kind} body is empty: send the user's audio.")
+    if container == "raw":
+        fmt = config.raw_format()
+        check_raw_audio(fmt, body, what=kind, max_audio_s=max_audio_s)
+        return fmt, body
+    try:
+        pcm: Pcm = decode_wav(body) if container == "wav" else decode_mp3(body)
+    except AudioFormatError as exc:
+        raise ProtocolError(f"The {kind} body is not valid audio: {exc}.") from None
+    fmt, data = AudioFormat("LINEAR16", pcm.sample_rate), pcm.data
+    _check_duration(fmt, data, max_audio_s)
+    return fmt, data
+
+
+def check_raw_audio(fmt: AudioFormat, data: bytes, *, what: str, max_audio_s: float) -> None:
+    """Check raw audio (``what``: where it came from, e.g. ``audio/basic``) before recognition.
+
+    Raises ProtocolError: 400 for LINEAR16 of an odd number of bytes (naming
+    sttEncoding and sttSampleRate), 413 for more than ``max_audio_s`` seconds.
+    """
+    if len(data) % fmt.sample_width:
+        raise ProtocolError(
+            f"The {what} audio is not valid: expected {fmt.encoding} "
+            f"({fmt.sample_width * 8}-bit samples) at "
+            f"{fmt.sample_rate} Hz (sttEncoding, sttSampleRate): {len(data)} bytes is not a "
+            "whole number of samples."
+        )
+    _check_duration(fmt, data, max_audio_s)
+
+
+def _check_duration(fmt: AudioFormat, data: bytes, max_audio_s: float) -> None:
+    seconds = fmt.duration_ms(len(data)) / 1000
+    if seconds > max_audio_s:
+        raise ProtocolError(
+            f"The audio is {seconds:.1f} s long: expected at most {max_audio_s:g} s of audio "
+            "in one utterance.",
+            status=413,
+        )
+
+
+def audio_chunks(fmt: AudioFormat, data: bytes, ms: int = FILE_CHUNK_MS) -> list[bytes]:
+    """``data`` in slices of ``ms`` milliseconds of ``fmt`` (the last may be shorter)."""
+    size = max(fmt.bytes_for_ms(ms), fmt.sample_width)
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+_WAV_PCM = 1
+_WAV_MULAW = 7
+_WAV_EXTENSIBLE = 0xFFFE
+_WAV_MAX_HEADER = 64 * 1024
+_WAV_UNBOUNDED = 0x7FFF0000  # a data size this large is a streaming placeholder
+
+
+class WavStreamReader:
+    """Reads a streamed WAV (``audio/wav`` with ``realtime=1``) as its bytes arrive.
+
+    :meth:`feed` returns the audio samples in the bytes given (none while the
+    header is still arriving); :attr:`format` is known once the ``fmt `` chunk
+    was read. Accepted: mono 16-bit integer PCM (LINEAR16) or 8-bit G.711 u-law
+    (MULAW) at a supported rate. A ``data`` size of 0 or >= 0x7FFF0000 (what
+    recorders write when they do not know the length, e.g. ``arecord``) means
+    "to the end of the body"; otherwise bytes after the data chunk are ignored.
+
+    Raises ProtocolError (400) naming the expected format: not RIFF/WAVE, another
+    sample format, more than one channel, an unsupported rate, no ``fmt `` chunk
+    before ``data``, or a header longer than 64 KiB.
+    """
+
+    EXPECTED: Final = "a mono 16-bit PCM or 8-bit u-law WAV stream (RIFF/WAVE)"
+
+    def __init__(self) -> None:
+        self.format: AudioFormat | None = None
+        self._buf = bytearray()
+        self._riff = False
+        self._skip = 0
+        self._header = 0
+        self._data_left: int | None = None  # bytes of audio still to come; None: to the end
+        self._in_data = False
+
+    def _fail(self, why: str) -> ProtocolError:
+        return ProtocolError(
+            f"The audio/wav stream is not valid audio: expected {self.EXPECTED}: {why}."
+        )
+
+    def feed(self, data: bytes) -> bytes:
+        """Take the next bytes of the body; the audio samples among them."""
+        if self._in_data:
+            return self._audio(data)
+        self._buf += data
+        self._header += len(data)
+        buf = self._buf
+        if not self._riff:
+            if len(buf) < 12:
+                return b""
+            if buf[:4] != b"RIFF" or buf[8:12] != b"WAVE":
+                raise self._fail("no RIFF/WAVE header")
+            self._riff = True
+            del buf[:12]
+        while True:
+            if self._skip:
+                dropped = min(self._skip, len(buf))
+                del buf[:dropped]
+                self._skip -= dropped
+                if self._skip:
+                    break
+            if len(buf) < 8:
+                break
+            chunk_id, size = bytes(buf[:4]), struct.unpack_from("<I", buf, 4)[0]
+            if chunk_id == b"data":
+                if self.format is None:
+                    raise self._fail("the data chunk comes before the fmt chunk")
+                del buf[:8]
+                self._in_data = True
+                self._data_left = None if size == 0 or size >= _WAV_UNBOUNDED else size
+                rest = bytes(buf)
+                buf.clear()
+                return self._audio(rest)
+            if chunk_id == b"fmt ":
+                if len(buf) < 8 + size:
+                    break
+                self.format = self._parse_fmt(bytes(buf[8 : 8 + size]))
+                del buf[: 8 + size + (size & 1)]
+                continue
+            del buf[:8]
+            self._skip = size + (size & 1)
+        if self._header > _WAV_MAX_HEADER:
+            raise self._fail(f"no audio data in the first {_WAV_MAX_HEADER} bytes")
+        return b""
+
+    def _audio(self, data: bytes) -> bytes:
+        if self._data_left is None:
+            return data
+        data = data[: self._data_left]
+        self._data_left -= len(data)
+        return data
+
+    def _parse_fmt(self, chunk: bytes) -> AudioFormat:
+        if len(chunk) < 16:
+            raise self._fail("the fmt chunk is too short")
+        tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", chunk)
+        if tag == _WAV_EXTENSIBLE and len(chunk) >= 26:
+            tag = struct.unpack_from("<H", chunk, 24)[0]
+        if channels != 1:
+            raise self._fail(f"{channels} channels")
+        if tag == _WAV_PCM and bits == 16:
+            encoding: Literal["LINEAR16", "MULAW"] = "LINEAR16"
+        elif tag == _WAV_MULAW and bits == 8:
+            encoding = "MULAW"
+        else:
+            raise self._fail(f"sample format {tag} with {bits}-bit samples")
+        try:
+            return AudioFormat(encoding, rate)
+        except AudioFormatError as exc:
+            raise self._fail(str(exc)) from None
+
+
+# ------------------------------------------------------------- recognition bus
+
+BusMessage = dict[str, Any]
+DoneResult = Literal["final", "silence", "text", "error", "cancelled"]
+
+
+def session_topic(session_key: str) -> str:
+    """The bus topic of a session's recognition: its store key, ``flowstorm:<session id>``."""
+    return session_key
+
+
+def recognizing_message(rid: str) -> BusMessage:
+    """A recognition ``rid`` is running (the PUT publishes it retained, as a heartbeat)."""
+    return {"type": "recognizing", "id": rid}
+
+
+def interim_message(rid: str, text: str, confidence: float) -> BusMessage:
+    """An interim transcript of recognition ``rid`` (``confidence`` 0..1)."""
+    return {"type": "interim", "id": rid, "text": text, "confidence": confidence}
+
+
+def done_message(
+    rid: str,
+    result: DoneResult,
+    *,
+    text: str = "",
+    confidence: float = 0.0,
+    error: ErrorEvent | None = None,
+) -> BusMessage:
+    """Recognition ``rid`` ended: ``final`` (with ``text``), ``silence``, ``text`` (the
+    client switched to typing), ``error`` (with the ErrorEvent the PUT answers) or
+    ``cancelled`` (the client went away)."""
+    message: BusMessage = {
+        "type": "done",
+        "id": rid,
+        "result": result,
+        "text": text,
+        "confidence": confidence,
+    }
+    if error is not None:
+        message["error"] = {"text": error.text, "source": error.source}
+    return message
+
+
+def recognized_event(text: str, confidence: float, *, final: bool) -> RecognizedInputEvent:
+    """The RecognizedInputEvent of a transcript (``confidence`` 0..1)."""
+    transcript = Transcript(text=text, confidence=confidence)
+    return RecognizedInputEvent(input=Input(transcript=transcript), is_final=final)
+
+
+class RecognitionFollower:
+    """What a ``GET /client`` answers, from the bus messages of its session's topic.
+
+    Before any recognition is seen the follower *waits*; a ``recognizing``
+    heartbeat (or any message of a recognition) makes it *follow* that
+    recognition id (a newer ``recognizing`` id takes over: the older one was
+    left behind by a PUT that died); ``interim`` messages become interim
+    RecognizedInputEvents (repeated texts dropped); ``done`` ends it, with the
+    final RecognizedInputEvent, or the ErrorEvent of a failed recognition.
+    Messages of other ids and of unknown shapes are ignored.
+    """
+
+    def __init__(self) -> None:
+        self.following: str | None = None
+        self.done = False
+        self._last = ""
+
+    def feed(self, message: BusMessage) -> list[RecognizedInputEvent | ErrorEvent]:
+        """The events to send for one bus message (see the class doc)."""
+        kind, rid = message.get("type"), message.get("id")
+        if self.done or not isinstance(rid, str):
+            return []
+        if kind == "recognizing":
+            self.following = rid
+            return []
+        if self.following is None:
+            self.following = rid
+        elif rid != self.following:
+            return []
+        if kind == "interim":
+            text = str(message.get("text") or "").strip()
+            if not text or text == self._last:
+                return []
+            self._last = text
+            return [recognized_event(text, _confidence(message), final=False)]
+        if kind != "done":
+            return []
+        self.done = True
+        result = message.get("result")
+        if result == "final" and str(message.get("text") or "").strip():
+            return [
+                recognized_event(str(message["text"]).strip(), _confidence(message), final=True)
+            ]
+        error = message.get("error")
+        if result == "error" and isinstance(error, dict):
+            return [
+                ErrorEvent(
+                    text=str(error.get("text") or "Recognition failed."),
+                    source=str(error.get("source") or "gateway"),
+                )
+            ]
+        return []
+
+
+def _confidence(message: BusMessage) -> float:
+    value = message.get("confidence")
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 # ------------------------------------------------------------------ answers

@@ -1,46 +1,171 @@
-"""Flowstorm Socket V2 over HTTP: ``PUT /client`` (a turn) and ``GET /client`` (interim results).
+"""Flowstorm Socket V2 over HTTP: ``PUT /client`` (a turn) and ``GET /client`` (recognition).
 
 Thin I/O around :mod:`adapters.flowstorm_v2.protocol`; turns go through the turn
-engine. Errors answer in the request's own format: a ``!`` line for
-``text/plain``, an ErrorEvent line otherwise, with an HTTP status that says what
-happened (400 malformed, 401 no key, 403 unknown key, 404 unknown session, 409
-busy session, 413 too large, 415 unsupported content type, 503 store down).
+engine, audio through the speech service's listeners, recognition results to a
+parallel GET over the bus. Spec: shared/specs/flowstorm-socket-v2.md.
+
+Errors answer in the request's own format: a ``!`` line for ``text/plain``, an
+ErrorEvent line otherwise, with an HTTP status that says what happened (400
+malformed, 401 no key, 403 unknown key, 404 unknown session, 408 a stream that
+stopped, 409 busy session, 413 too large or too long, 415 unsupported content
+type, 503 store or recognizer down). A refused request changes no session.
+
+**PUT with text** (``text/plain``, or ``application/json`` holding an InputEvent):
+one turn; the answer streams the items and the Response (NDJSON, or the plain
+text lines for text/plain). Every turn's items with text carry an absolute TTS
+link ``audio`` (``GATEWAY_PUBLIC_URL/file/tts/<id>.<ttsFileType>``) unless the
+request says ``tts=None`` (see protocol.py).
+
+**PUT with an audio file** (``audio/wav``, ``audio/mpeg``, ``audio/basic`` =
+raw sttEncoding at sttSampleRate; or ``application/json`` with BinaryEvents and
+no ``realtime``): the body (at most GATEWAY_MAX_AUDIO_BYTES bytes and
+GATEWAY_MAX_AUDIO_S seconds) is recognised as one utterance; the answer is
+NDJSON (audio requests never get plain text): ``RecognizedInput`` (isFinal
+true), the items, the Response. Nothing intelligible is the ``#silence`` turn
+(and no RecognizedInput).
+
+**PUT ?realtime=1** with a chunked body of raw audio (``audio/basic``; also a
+streamed ``audio/wav``, header first) or of JSON events (``Binary``* then
+optionally ``InputStreamClose`` + ``Input``): recognised while it streams, with
+endpointing. Interim and final results go to the bus topic of the session
+(``flowstorm:<session id>``), where a parallel ``GET /client`` with the same
+cookie follows them; when recognition ends (final, silence, the switch to text,
+an error) the GET ends, which tells the client to stop writing, and the PUT
+answers at once, like a file turn, without waiting for the rest of the body
+(which is read and dropped). ``InputStreamClose`` + ``Input`` makes the turn a
+text turn. The bus messages (protocol.py, "recognition bus"):
+
+- ``recognizing {id}``: published retained when the PUT starts and again every
+  HEARTBEAT_S (1 s) as a heartbeat, retained for LOST_S (5 s), so a GET that
+  comes a little before the PUT (or to another instance) finds it, and one
+  whose PUT died stops waiting;
+- ``interim {id, text, confidence}``;
+- ``done {id, result, text?, error?}``: retained until the PUT's answer ends
+  (then cleared, before its last line is written, so the next turn's GET never
+  sees it; retained at most GATEWAY_TURN_TIMEOUT_S + GATEWAY_LOCK_WAIT_S + 5 s
+  should the PUT die), so a GET that comes after recognition ended ends at once.
+
+Wall-clock bounds of a realtime PUT (audio time is the listener's own):
+``#silence`` when no speech started within GATEWAY_SILENCE_TIMEOUT_MS (audio
+time) or that + NO_SPEECH_GRACE_S (1 s) of wall time (a client that sends
+nothing); the utterance ends as heard when the client sends nothing for STALL_S
+(2 s) after speech started, and at the latest GATEWAY_MAX_AUDIO_S + 10 s after
+the start; after ``InputStreamClose`` the ``Input`` must come within
+TEXT_WAIT_S (60 s; else 408). The body's end ends the utterance too.
+
+Session: as for text, the ``flowstorm-session-id`` cookie or a new session. A
+client learns the cookie from a PUT's answer headers, which it reads only
+after its body ended; so a realtime PUT without the cookie works (it creates
+the session and its recognition ends by endpointing) but no GET can follow it:
+the client does not learn when to stop writing and the answer waits in the
+socket until it does. Clients should start with a text turn (``#intro``, as the
+Flowstorm client does) and stream audio from the second turn on.
+
+**GET /client** (same cookie; ``Accept: text/plain`` for ``~`` lines: the
+interim texts, then the final one; else NDJSON RecognizedInput events with
+isFinal false, then one with isFinal true; an ErrorEvent / ``!`` line when the
+PUT's audio was refused): follows the session's running recognition and ends
+when it ends (final, silence, switch to text, error, client gone). Without a
+recognition on the topic it ends after MARKER_WAIT_S (3 s; at once without a
+cookie), and when the recognition it follows sends nothing for LOST_S (5 s);
+it never runs longer than GATEWAY_MAX_AUDIO_S + GATEWAY_SILENCE_TIMEOUT_MS +
+30 s. The cookie's session id is the topic: a GET learns nothing of sessions
+whose (unguessable) id it does not have.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter
 from fastapi.responses import Response as HTTPResponse
 from fastapi.responses import StreamingResponse
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from adapters.flowstorm_v2.protocol import (
-    AUDIO_TYPES,
+    ACCEPTED_TYPES,
+    AUDIO_CONTAINERS,
     JSON_TYPES,
     NDJSON,
     SESSION_COOKIE,
     TEXT,
     TEXT_TYPES,
+    AudioContainer,
+    BusMessage,
     ClientConfig,
+    DoneResult,
+    JsonEventReader,
+    RecognitionFollower,
+    RequestStream,
+    StreamState,
+    WavStreamReader,
+    audio_chunks,
+    check_raw_audio,
+    decode_audio_file,
+    done_message,
     error_body,
+    interim_message,
     json_lines,
     media_type,
     parse_config,
-    parse_json_events,
-    split_events,
+    recognized_event,
+    recognizing_message,
+    session_topic,
     text_input,
     text_lines,
 )
+from gateway.bus import BusUnavailable
 from gateway.conversation import TurnContext, TurnRejected, TurnStream, new_session_id
 from gateway.deps import Gateway, gateway_of
-from gateway.events import ErrorEvent, Input, TurnEvent
+from gateway.events import (
+    SILENCE,
+    BinaryEvent,
+    ErrorEvent,
+    Input,
+    InputEvent,
+    InputStreamCloseEvent,
+    LogEntry,
+    LogEvent,
+    RecognizedInputEvent,
+    ResponseEvent,
+    Transcript,
+    TurnEvent,
+    V2ClientEvent,
+)
 from gateway.httputil import read_body
 from gateway.protocol import ProtocolError
+from gateway.sessions import SessionBusy, StoreUnavailable
+from gateway.speech.audio import AudioFormat, AudioFormatError
+from gateway.speech.listener import AudioLimitExceeded, Heard, Listener
+from gateway.speech.service import TtsRequest
+from gateway.speech.stt import RecognitionError
+
+log = logging.getLogger(__name__)
 
 CHANNEL = "flowstorm_v2"
 NAMESPACE = "flowstorm"
+
+MARKER_WAIT_S = 3.0
+"""How long a GET waits for a recognition to appear on its session's topic (s)."""
+HEARTBEAT_S = 1.0
+"""How often a realtime PUT republishes its ``recognizing`` marker (s)."""
+LOST_S = 5.0
+"""Retention of the marker, and how long a following GET waits for any message (s)."""
+NO_SPEECH_GRACE_S = 1.0
+"""Wall time past the silence timeout after which a realtime PUT gives ``#silence`` (s)."""
+STALL_S = 2.0
+"""A realtime PUT whose client sends nothing this long after speech started ends the
+utterance as heard so far (s)."""
+TEXT_WAIT_S = 60.0
+"""How long a realtime PUT waits for the Input after InputStreamClose (s)."""
+TOTAL_GRACE_S = 10.0
+"""Wall time past GATEWAY_MAX_AUDIO_S after which a realtime utterance ends (s)."""
 
 router = APIRouter(tags=["Flowstorm Socket V2"])
 
@@ -53,19 +178,73 @@ _REJECT_STATUS = {
 
 _TURN_DOC = {
     200: {
-        "description": "The turn's events: NDJSON (ResponseItem..., Response | Error) for "
-        "JSON requests, the plain-text line format for text/plain requests.",
+        "description": "The turn's events: NDJSON (RecognizedInput for audio, ResponseItem..., "
+        "Response | Error) for JSON and audio requests, the plain-text line format for "
+        "text/plain requests. Items with text carry an `audio` TTS link unless `tts=None`.",
         "content": {NDJSON: {}, "text/plain": {}},
     },
-    400: {"description": "Malformed body or configuration (ErrorEvent / `!` line)"},
+    204: {"description": "A body of Log events only: stored with the session"},
+    400: {"description": "Malformed body, audio or configuration (ErrorEvent / `!` line)"},
     401: {"description": "No application key"},
     403: {"description": "Unknown application key, or the session is another application's"},
     404: {"description": "The flowstorm-session-id cookie names an unknown or expired session"},
+    408: {"description": "A realtime stream stopped before its InputEvent came"},
     409: {"description": "Another turn of this session is running"},
-    413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES"},
-    415: {"description": "Content type not supported (audio arrives with the speech path)"},
-    503: {"description": "The session store is unavailable"},
+    413: {
+        "description": "Body larger than GATEWAY_MAX_BODY_BYTES (text, JSON) or "
+        "GATEWAY_MAX_AUDIO_BYTES (audio), or more than GATEWAY_MAX_AUDIO_S of audio"
+    },
+    415: {"description": "Content type not supported"},
+    503: {"description": "The session store or the speech recognizer is unavailable"},
 }
+
+_CONFIG_PARAMETERS = [
+    {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+    for name, schema, description in (
+        ("key", {"type": "string"}, "Application key (or header X-Key)"),
+        ("deviceId", {"type": "string"}, "Client device id (or X-DeviceId)"),
+        ("sttSampleRate", {"type": "integer", "default": 16000}, "Hz of raw audio"),
+        (
+            "sttEncoding",
+            {"type": "string", "enum": ["LINEAR16", "MULAW"], "default": "LINEAR16"},
+            "Encoding of raw audio (audio/basic, BinaryEvents)",
+        ),
+        (
+            "ttsFileType",
+            {"type": "string", "enum": ["mp3", "wav"], "default": "mp3"},
+            "Format of the items' TTS links",
+        ),
+        (
+            "tts",
+            {"type": "string", "enum": ["RequiredLinks", "None"], "default": "RequiredLinks"},
+            "`None`: items get no TTS links (gateway extension, V1's name)",
+        ),
+        (
+            "realtime",
+            {"type": "boolean", "default": False},
+            "1: the body is streamed audio, recognised while it arrives (chunked)",
+        ),
+    )
+]
+
+
+class _Refused(Exception):
+    """A request answered with one ErrorEvent and an HTTP status."""
+
+    def __init__(self, status: int, error: ErrorEvent) -> None:
+        super().__init__(error.text)
+        self.status = status
+        self.error = error
+
+    @classmethod
+    def client(cls, exc: ProtocolError) -> _Refused:
+        return cls(exc.status, ErrorEvent(text=exc.text, source="client"))
 
 
 def _answer(status: int, error: ErrorEvent, *, plain: bool) -> HTTPResponse:
@@ -100,25 +279,56 @@ def _set_cookie(answer: HTTPResponse, gw: Gateway, session_id: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def _speech_errors() -> Iterator[None]:
+    """Listener errors as client errors (400 / 413) or an unavailable recognizer (503)."""
+    try:
+        yield
+    except AudioLimitExceeded as exc:
+        raise _Refused(
+            413, ErrorEvent(text=f"The audio is too long: {exc}.", source="client")
+        ) from None
+    except AudioFormatError as exc:
+        raise _Refused(
+            400, ErrorEvent(text=f"The audio is not valid: {exc}.", source="client")
+        ) from None
+    except RecognitionError as exc:
+        log.error("speech recognition failed: %s", exc)
+        raise _Refused(
+            503, ErrorEvent(text="Speech recognition is unavailable.", source="gateway")
+        ) from None
+
+
 @router.put(
     "/client",
-    summary="One conversational turn (Flowstorm Socket V2)",
+    summary="One conversational turn (Flowstorm Socket V2): text, an audio file, or streamed audio",
     responses=_TURN_DOC,  # type: ignore[arg-type]
     openapi_extra={
+        "parameters": _CONFIG_PARAMETERS,
         "requestBody": {
             "required": True,
             "content": {
                 "text/plain": {"schema": {"type": "string"}, "example": "my name is Ada"},
                 "application/json": {
-                    "schema": {"type": "string", "description": "InputEvent/LogEvent objects"},
+                    "schema": {
+                        "type": "string",
+                        "description": "NDJSON client events: [Log] Input, or Binary... "
+                        "[InputStreamClose Input] (audio in base64 `data`)",
+                    },
                     "example": '{"type":"Input","input":{"transcript":{"text":"hello"}}}',
                 },
+                "audio/basic": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "Raw mono audio: sttEncoding at sttSampleRate, no header",
+                },
+                "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+                "audio/mpeg": {"schema": {"type": "string", "format": "binary"}},
             },
-        }
+        },
     },
 )
 async def put_client(request: Request) -> HTTPResponse:
-    """Run one turn: the input in the body, the answer streamed back as it is produced."""
+    """Run one turn on the body's input (text, audio file or audio stream); see the module doc."""
     gw = gateway_of(request)
     kind = media_type(request.headers.get("content-type"))
     plain = kind in TEXT_TYPES
@@ -128,36 +338,20 @@ async def put_client(request: Request) -> HTTPResponse:
         return _client_error(exc, plain=plain)
     if refused := _check_key(gw, config, plain=plain):
         return refused
-    if kind in AUDIO_TYPES:
+    container = AUDIO_CONTAINERS.get(kind)
+    if not plain and kind not in JSON_TYPES and container is None:
         error = ErrorEvent(
-            text=f"Audio input ({kind}) is not supported yet; send text/plain or application/json.",
+            text=f"Unsupported Content-Type {kind or '(none)'!r}: use {ACCEPTED_TYPES}.",
             source="client",
         )
         return _answer(415, error, plain=False)
-    if not plain and kind not in JSON_TYPES:
+    if config.realtime and container == "mp3":
         error = ErrorEvent(
-            text=f"Unsupported Content-Type {kind or '(none)'!r}: "
-            "use text/plain or application/json.",
+            text="realtime=1 streams audio/basic, audio/wav or application/json BinaryEvents; "
+            "send audio/mpeg as a whole file (without realtime).",
             source="client",
         )
         return _answer(415, error, plain=False)
-
-    try:
-        body = await read_body(request, gw.settings.max_body_bytes)
-        input_: Input | None
-        if plain:
-            input_, logs = text_input(body), []
-        else:
-            found, log_events, audio = split_events(parse_json_events(body))
-            if audio:
-                raise ProtocolError(
-                    "Binary and InputStreamClose events (audio input) are not supported yet.",
-                    status=415,
-                )
-            input_ = found.input if found else None
-            logs = [entry for event in log_events for entry in event.entries]
-    except ProtocolError as exc:
-        return _client_error(exc, plain=plain)
 
     cookie = request.cookies.get(SESSION_COOKIE) or None
     session_id = cookie or new_session_id()
@@ -171,17 +365,99 @@ async def put_client(request: Request) -> HTTPResponse:
         time_zone=config.time_zone,
         create=cookie is None,
         config=config.session_config(),
-        logs=logs,
+        tts=TtsRequest("links", config.tts_file_type) if config.speech_links else None,
     )
-    if input_ is None:
-        return await _store_logs(gw, ctx, plain=plain)
-    return await _turn(gw, ctx, input_, config, plain=plain, new=cookie is None)
+    try:
+        if plain:
+            try:
+                input_ = text_input(await read_body(request, gw.settings.max_body_bytes))
+            except ProtocolError as exc:
+                return _client_error(exc, plain=True)
+            return await _turn(gw, ctx, input_, config, plain=True)
+        if container is not None and not config.realtime:
+            return await _file_turn(request, gw, ctx, config, kind)
+        return await _stream_turn(request, gw, ctx, config, container)
+    except ClientDisconnect:  # the client went away while sending: nobody reads an answer
+        return HTTPResponse(status_code=400)
+
+
+async def _file_turn(
+    request: Request, gw: Gateway, ctx: TurnContext, config: ClientConfig, kind: str
+) -> HTTPResponse:
+    """A whole audio file: decode, recognise as one utterance, then the turn."""
+    try:
+        try:
+            body = await read_body(request, gw.settings.max_audio_bytes)
+            fmt, data = await asyncio.to_thread(
+                decode_audio_file, kind, body, config, max_audio_s=gw.settings.max_audio_s
+            )
+        except ProtocolError as exc:
+            raise _Refused.client(exc) from None
+        heard = await _recognise_file(gw, fmt, data)
+    except _Refused as exc:
+        return _answer(exc.status, exc.error, plain=False)
+    input_, prefix = _heard_input(heard)
+    return await _turn(gw, ctx, input_, config, plain=False, prefix=prefix)
+
+
+async def _recognise_file(gw: Gateway, fmt: AudioFormat, data: bytes) -> Heard:
+    """``data`` (raw ``fmt``) as one utterance: endpointing off, fed whole, finished.
+
+    Raises _Refused (400 bad audio, 413 past GATEWAY_MAX_AUDIO_S, 503 recognizer down).
+    """
+    with _speech_errors():
+        async with gw.speech.listener(fmt, endpointing=False, interim=False) as listener:
+            for chunk in audio_chunks(fmt, data):
+                await listener.feed(chunk)
+            return await listener.finish()
+
+
+def _heard_input(heard: Heard) -> tuple[Input, list[RecognizedInputEvent]]:
+    """The turn's input for a recognition result, and the RecognizedInput to send first."""
+    if heard.kind == "final" and heard.text.strip():
+        text = heard.text.strip()
+        input_ = Input(transcript=Transcript(text=text, confidence=heard.confidence))
+        return input_, [recognized_event(text, heard.confidence, final=True)]
+    return Input.of(SILENCE), []
+
+
+async def _stream_turn(
+    request: Request,
+    gw: Gateway,
+    ctx: TurnContext,
+    config: ClientConfig,
+    container: AudioContainer | None,
+) -> HTTPResponse:
+    """A JSON body (any) or a realtime audio body: read as it streams, then the turn."""
+    hearing = _Hearing(request, gw, config, container, session_topic(ctx.key))
+    try:
+        outcome = await hearing.run()
+    except _Refused as exc:
+        await hearing.release()
+        return _answer(exc.status, exc.error, plain=False)
+    except BaseException:  # the client went away (ClientDisconnect), or a failure
+        await hearing.release()
+        raise
+    ctx = dataclasses.replace(ctx, logs=outcome.logs)
+    if outcome.input is None:
+        await hearing.release()
+        return await _store_logs(gw, ctx, plain=False)
+    return await _turn(
+        gw, ctx, outcome.input, config, plain=False, prefix=outcome.prefix, on_end=hearing.release
+    )
 
 
 async def _store_logs(gw: Gateway, ctx: TurnContext, *, plain: bool) -> HTTPResponse:
     if ctx.create:  # no session yet: nothing to attach the logs to
         return HTTPResponse(status_code=204)
-    stored = await gw.conversation.log(ctx, ctx.logs)
+    try:
+        stored = await gw.conversation.log(ctx, ctx.logs)
+    except SessionBusy:
+        error = ErrorEvent(text="Another turn of this session is still running.", source="session")
+        return _answer(409, error, plain=plain)
+    except StoreUnavailable:
+        error = ErrorEvent(text="The session store is unavailable.", source="gateway")
+        return _answer(503, error, plain=plain)
     if not stored:
         error = ErrorEvent(
             text=f"Session {ctx.session_id} is unknown or has expired.", source="session"
@@ -191,13 +467,27 @@ async def _store_logs(gw: Gateway, ctx: TurnContext, *, plain: bool) -> HTTPResp
 
 
 async def _turn(
-    gw: Gateway, ctx: TurnContext, input_: Input, config: ClientConfig, *, plain: bool, new: bool
+    gw: Gateway,
+    ctx: TurnContext,
+    input_: Input,
+    config: ClientConfig,
+    *,
+    plain: bool,
+    prefix: Sequence[RecognizedInputEvent] = (),
+    on_end: Callable[[], Awaitable[None]] | None = None,
 ) -> HTTPResponse:
+    """Run the turn and stream its answer: ``prefix`` first, then the turn's events.
+
+    ``on_end`` runs once when the turn's end (Response or Error) is known, before
+    its line is written, or when the turn was rejected.
+    """
     stream: TurnStream = gw.conversation.turn(ctx, input_)
     events = aiter(stream)
     try:
         first = await anext(events)
     except TurnRejected as exc:
+        if on_end is not None:
+            await on_end()
         answer = _answer(
             _REJECT_STATUS[exc.reason], ErrorEvent(text=exc.text, source=exc.source), plain=plain
         )
@@ -205,16 +495,29 @@ async def _turn(
             answer.delete_cookie(SESSION_COOKIE, path="/")
         return answer
 
+    def line(event: TurnEvent | RecognizedInputEvent) -> bytes:
+        if plain:
+            return text_lines(event).encode()
+        return json_lines(event, send_items=config.send_response_items)
+
     async def body() -> AsyncIterator[bytes]:
-        event: TurnEvent | None = first
-        while event is not None:
-            if plain:
-                chunk = text_lines(event).encode()
-            else:
-                chunk = json_lines(event, send_items=config.send_response_items)
-            if chunk:
-                yield chunk
-            event = await anext(events, None)
+        ended = on_end is None
+        try:
+            for recognized in prefix:
+                yield line(recognized)
+            event: TurnEvent | None = first
+            while event is not None:
+                if not ended and isinstance(event, ResponseEvent | ErrorEvent):
+                    ended = True
+                    assert on_end is not None
+                    await on_end()
+                if chunk := line(event):
+                    yield chunk
+                event = await anext(events, None)
+        finally:
+            if not ended:
+                assert on_end is not None
+                await on_end()
 
     answer = StreamingResponse(
         body(), media_type=TEXT if plain else NDJSON, headers={"Cache-Control": "no-store"}
@@ -223,21 +526,354 @@ async def _turn(
     return answer
 
 
+# ---------------------------------------------------------------- streamed bodies
+
+
+@dataclass
+class _Outcome:
+    """What a streamed body came to: the turn's input (None: logs only), what to send first."""
+
+    input: Input | None
+    prefix: list[RecognizedInputEvent] = field(default_factory=list)
+    logs: list[LogEntry] = field(default_factory=list)
+
+
+_END = object()
+
+
+class _Hearing:
+    """Reads one streamed PUT body (JSON events, or realtime raw / WAV audio) to its outcome.
+
+    Realtime: audio goes to a listener (endpointing and interim results on) as
+    it arrives and results to the bus (module doc); the outcome is known when
+    recognition ends, the client switches to text, or the body ends. Otherwise
+    (JSON without realtime): the body is read to its end and its audio, if any,
+    recognised as one utterance. Raises _Refused or ClientDisconnect; call
+    :meth:`release` when done with it (idempotent).
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        gw: Gateway,
+        config: ClientConfig,
+        container: AudioContainer | None,
+        topic: str,
+    ) -> None:
+        settings = gw.settings
+        self.request = request
+        self.gw = gw
+        self.config = config
+        self.realtime = config.realtime
+        self.topic = topic
+        self.rid = secrets.token_hex(8)
+        self.json = (
+            JsonEventReader(
+                max_event_bytes=settings.max_audio_bytes * 4 // 3 + settings.max_body_bytes,
+                max_text_bytes=settings.max_body_bytes,
+            )
+            if container is None
+            else None
+        )
+        self.wav = WavStreamReader() if container == "wav" else None
+        self.order = RequestStream()
+        self.logs: list[LogEntry] = []
+        self.typed: Input | None = None
+        self.listener: Listener | None = None
+        self.heard: Heard | None = None
+        self.audio = bytearray()  # not realtime: all the audio, recognised at the end
+        self.audio_bytes = 0
+        self.body_limit = (
+            settings.max_audio_bytes * 4 // 3 + 2 * settings.max_body_bytes
+            if container is None
+            else settings.max_audio_bytes + 65536
+        )
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stop_heartbeat = asyncio.Event()
+        self._published_done = False
+        self._released = False
+        self._bus_warned = False
+        loop = asyncio.get_running_loop()
+        self._now = loop.time
+        self._started = self._now()
+        self._last_chunk = self._started
+        self._switched: float | None = None
+
+    # ------------------------------------------------------------- running
+
+    async def run(self) -> _Outcome:
+        """Read the body to its outcome (see the class doc)."""
+        self._reader = asyncio.create_task(self._read(), name="v2 body reader")
+        if self.realtime:
+            self._heartbeat = asyncio.create_task(self._beat(), name="v2 recognition heartbeat")
+        try:
+            with _speech_errors():
+                try:
+                    return await self._loop()
+                except ProtocolError as exc:
+                    raise _Refused.client(exc) from None
+        except _Refused as exc:
+            await self._done("error", error=exc.error)
+            raise
+        except ClientDisconnect:
+            await self._done("cancelled")
+            raise
+        except Exception:
+            await self._done(
+                "error", error=ErrorEvent(text="Internal gateway error.", source="gateway")
+            )
+            raise
+        finally:
+            self._stop_heartbeat.set()  # on every way out; the marker expires after LOST_S
+            await self._stop_reading()
+            if self.listener is not None and not self.listener.done:
+                await self.listener.cancel()
+
+    async def _loop(self) -> _Outcome:
+        while True:
+            timeout = self._timeout()
+            try:
+                async with asyncio.timeout(timeout):
+                    item = await self._queue.get()
+            except TimeoutError:
+                if outcome := await self._timed_out():
+                    return outcome
+                continue
+            if item is _END:
+                return await self._ended()
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, bytes)
+            self._last_chunk = self._now()
+            if self.json is not None:
+                for event in self.json.feed(item):
+                    await self._event(event)
+                    if self._decided():
+                        break
+            elif self.wav is not None:
+                await self._audio(self.wav.feed(item))
+            else:
+                await self._audio(item)
+            if self._decided():
+                assert self.heard is not None
+                input_, prefix = _heard_input(self.heard)
+                return _Outcome(input_, prefix, self.logs)
+
+    def _decided(self) -> bool:
+        """Realtime recognition has its result: answer without waiting for the body's end."""
+        return self.heard is not None and self.realtime
+
+    def _timeout(self) -> float | None:
+        """Seconds to wait for the next chunk (None: no bound)."""
+        if not self.realtime:
+            return None
+        now = self._now()
+        if self._switched is not None:  # InputStreamClose or Input: waiting for the text / end
+            return max(0.0, self._switched + TEXT_WAIT_S - now)
+        settings = self.gw.settings
+        latest = self._started + settings.max_audio_s + TOTAL_GRACE_S
+        if self.listener is not None and self.listener.speaking:
+            deadline = min(self._last_chunk + STALL_S, latest)
+        else:
+            silence_s = settings.silence_timeout_ms / 1000
+            deadline = min(self._started + silence_s + NO_SPEECH_GRACE_S, latest)
+        return max(0.0, deadline - now)
+
+    async def _timed_out(self) -> _Outcome | None:
+        """A realtime wall-clock bound passed (see :meth:`_timeout`)."""
+        if self._switched is not None:
+            if self.typed is not None:  # the Input came; the body did not end: go on
+                return _Outcome(self.typed, [], self.logs)
+            raise ProtocolError(
+                f"Event out of order: expected an InputEvent within {TEXT_WAIT_S:g} s "
+                "after InputStreamClose, got nothing",
+                status=408,
+            )
+        if self.listener is not None and self.listener.speaking:
+            await self._heard(await self.listener.finish())
+        else:
+            if self.listener is not None:
+                await self.listener.cancel()
+            await self._heard(Heard("silence"))
+        assert self.heard is not None
+        input_, prefix = _heard_input(self.heard)
+        return _Outcome(input_, prefix, self.logs)
+
+    async def _ended(self) -> _Outcome:
+        """The body ended: the outcome of all it held."""
+        if self.json is not None:
+            self.json.close()
+            if self.json.events == 0:
+                raise ProtocolError("The JSON body holds no event: send an InputEvent.")
+            if self.order.state is StreamState.AUDIO_CLOSED:
+                raise ProtocolError(
+                    "Event out of order", expected="Input or Log", got="the end of the body"
+                )
+        if self.typed is not None:
+            return _Outcome(self.typed, [], self.logs)
+        if self.realtime:
+            if self.heard is None:
+                if self.listener is None:
+                    await self._heard(Heard("silence"))
+                else:
+                    await self._heard(await self.listener.finish())
+            assert self.heard is not None
+            input_, prefix = _heard_input(self.heard)
+            return _Outcome(input_, prefix, self.logs)
+        if not self.audio:  # JSON of Log events only
+            return _Outcome(None, [], self.logs)
+        fmt = self.config.raw_format()
+        data = bytes(self.audio)
+        check_raw_audio(fmt, data, what="BinaryEvent", max_audio_s=self.gw.settings.max_audio_s)
+        input_, prefix = _heard_input(await _recognise_file(self.gw, fmt, data))
+        return _Outcome(input_, prefix, self.logs)
+
+    async def _event(self, event: V2ClientEvent) -> None:
+        self.order.feed(event)
+        if isinstance(event, LogEvent):
+            self.logs.extend(event.entries)
+        elif isinstance(event, BinaryEvent):
+            await self._audio(event.data)
+        elif isinstance(event, InputStreamCloseEvent):
+            self._switched = self._now()
+            self.audio.clear()
+            if self.listener is not None:
+                await self.listener.cancel()
+            await self._done("text")
+        elif isinstance(event, InputEvent):
+            self._switched = self._switched or self._now()
+            self.typed = event.input
+            await self._done("text")
+
+    async def _audio(self, data: bytes) -> None:
+        if not data or self.heard is not None:
+            return
+        self.audio_bytes += len(data)
+        limit = self.gw.settings.max_audio_bytes
+        if self.audio_bytes > limit:
+            raise ProtocolError(f"The audio is larger than {limit} bytes.", status=413)
+        if not self.realtime:
+            self.audio += data
+            return
+        if self.listener is None:
+            fmt = self.wav.format if self.wav is not None else self.config.raw_format()
+            assert fmt is not None  # the WAV reader returns audio only after its header
+            self.listener = self.gw.speech.listener(fmt, endpointing=True, interim=True)
+        for heard in await self.listener.feed(data):
+            if heard.kind == "interim":
+                await self._publish(interim_message(self.rid, heard.text, heard.confidence))
+            elif heard.kind in ("final", "silence"):
+                await self._heard(heard)
+
+    async def _heard(self, heard: Heard) -> None:
+        self.heard = heard
+        if heard.kind == "final" and heard.text.strip():
+            await self._done("final", text=heard.text.strip(), confidence=heard.confidence)
+        else:
+            await self._done("silence")
+
+    # ------------------------------------------------------------- the body
+
+    async def _read(self) -> None:
+        """Move the body's chunks to the queue (bounded); then _END or the exception."""
+        total = 0
+        try:
+            async for chunk in self.request.stream():
+                if not chunk:
+                    continue
+                total += len(chunk)
+                if total > self.body_limit:
+                    raise ProtocolError(
+                        f"The request body is larger than {self.body_limit} bytes.", status=413
+                    )
+                self._queue.put_nowait(chunk)
+            self._queue.put_nowait(_END)
+        except (
+            Exception
+        ) as exc:  # ProtocolError, ClientDisconnect, or a failure: the loop raises it
+            self._queue.put_nowait(exc)
+
+    async def _stop_reading(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    # ------------------------------------------------------------- the bus
+
+    async def _beat(self) -> None:
+        """Republish the ``recognizing`` marker until recognition ends."""
+        while not self._stop_heartbeat.is_set():
+            await self._publish(recognizing_message(self.rid), retain_s=LOST_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HEARTBEAT_S):
+                    await self._stop_heartbeat.wait()
+
+    async def _done(
+        self,
+        result: DoneResult,
+        *,
+        text: str = "",
+        confidence: float = 0.0,
+        error: ErrorEvent | None = None,
+    ) -> None:
+        """Tell the GET that recognition ended (once; realtime only)."""
+        if not self.realtime or self._published_done:
+            return
+        self._published_done = True
+        self._stop_heartbeat.set()
+        if self._heartbeat is not None:
+            await self._heartbeat
+        settings = self.gw.settings
+        message = done_message(self.rid, result, text=text, confidence=confidence, error=error)
+        await self._publish(message, retain_s=settings.turn_timeout_s + settings.lock_wait_s + 5)
+
+    async def _publish(self, message: BusMessage, *, retain_s: float | None = None) -> None:
+        try:
+            await self.gw.bus.publish(self.topic, message, retain_s=retain_s)
+        except BusUnavailable as exc:  # the PUT goes on; only a GET misses the results
+            if not self._bus_warned:
+                self._bus_warned = True
+                log.warning("recognition results of %s not published: %s", self.topic, exc)
+
+    async def release(self) -> None:
+        """Forget the retained ``done`` (the PUT's answer is on its way); idempotent."""
+        if self._released:
+            return
+        self._released = True
+        self._stop_heartbeat.set()
+        if self._heartbeat is not None:
+            await self._heartbeat
+        if self.realtime:
+            try:
+                await self.gw.bus.clear(self.topic)
+            except BusUnavailable as exc:
+                log.warning("retained recognition of %s not cleared: %s", self.topic, exc)
+
+
+# ---------------------------------------------------------------- GET
+
+
 @router.get(
     "/client",
-    summary="Interim recognition results of a streaming turn (Flowstorm Socket V2)",
+    summary="Recognition results of a streaming turn (Flowstorm Socket V2)",
     responses={
-        200: {"description": "RecognizedInput events / `~` lines; ends when recognition ends"},
+        200: {
+            "description": "RecognizedInput events (isFinal false, then true) as NDJSON, or "
+            "`~` lines with `Accept: text/plain`; ends when the session's recognition ends",
+            "content": {NDJSON: {}, "text/plain": {}},
+        },
         401: {"description": "No application key"},
         403: {"description": "Unknown application key"},
     },
 )
 async def get_client(request: Request) -> HTTPResponse:
-    """Stream interim results of the session's running audio input.
+    """Follow the running recognition of the cookie's session; see the module doc.
 
-    Audio input arrives with the speech path; until then no recognition ever
-    runs, so the answer is empty and ends at once, which tells the client that
-    recognition has finished.
+    Without a ``flowstorm-session-id`` cookie there is nothing to follow: the
+    answer is empty and ends at once (recognition has "finished").
     """
     gw = gateway_of(request)
     plain = "text/plain" in request.headers.get("accept", "")
@@ -247,4 +883,35 @@ async def get_client(request: Request) -> HTTPResponse:
         return _client_error(exc, plain=plain)
     if refused := _check_key(gw, config, plain=plain):
         return refused
-    return HTTPResponse(b"", media_type=TEXT if plain else NDJSON)
+    media = TEXT if plain else NDJSON
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        return HTTPResponse(b"", media_type=media)
+    topic = session_topic(f"{NAMESPACE}:{cookie}")
+    return StreamingResponse(
+        _follow(gw, topic, plain=plain), media_type=media, headers={"Cache-Control": "no-store"}
+    )
+
+
+async def _follow(gw: Gateway, topic: str, *, plain: bool) -> AsyncIterator[bytes]:
+    """The lines of a GET: the results of the recognition on ``topic``, until it ends."""
+    settings = gw.settings
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.max_audio_s + settings.silence_timeout_ms / 1000 + 30
+    follower = RecognitionFollower()
+    try:
+        async with gw.bus.subscribe(topic) as subscription:
+            while not follower.done:
+                wait = MARKER_WAIT_S if follower.following is None else LOST_S
+                wait = min(wait, deadline - loop.time())
+                if wait <= 0:
+                    break
+                message = await subscription.get(wait)
+                if message is None:
+                    break
+                for event in follower.feed(message):
+                    yield (text_lines(event) if plain else event.wire_json() + "\n").encode()
+    except BusUnavailable as exc:
+        log.error("GET /client cannot follow %s: %s", topic, exc)
+        error = ErrorEvent(text="Recognition results are unavailable.", source="gateway")
+        yield error_body(error, plain=plain).encode()

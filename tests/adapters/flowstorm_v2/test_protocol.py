@@ -1,18 +1,29 @@
-"""Flowstorm V2 protocol code, pure: configuration, body parsing, the order table, output lines."""
+"""Flowstorm V2 protocol code, pure: configuration, body parsing, the order table, output lines,
+audio bodies, the incremental JSON and WAV readers, and the recognition bus messages."""
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 
 import pytest
 
 from adapters.flowstorm_v2.protocol import (
     TRANSITIONS,
+    JsonEventReader,
+    RecognitionFollower,
     RequestStream,
     StreamState,
+    WavStreamReader,
+    audio_chunks,
+    decode_audio_file,
+    done_message,
+    interim_message,
     json_lines,
     parse_config,
     parse_json_events,
+    recognizing_message,
     split_events,
     text_input,
     text_lines,
@@ -32,6 +43,7 @@ from gateway.events import (
     TtsConfig,
 )
 from gateway.protocol import ProtocolError
+from gateway.speech.audio import AudioFormat, Pcm, encode_mp3, encode_wav, pcm_to_mulaw, silence
 
 
 def test_config_defaults_follow_the_spec_table() -> None:
@@ -98,7 +110,9 @@ def test_json_body_forms() -> None:
 @pytest.mark.parametrize(
     ("body", "words"),
     [
-        (b'{"type":"Input","input":', "Malformed JSON at character"),
+        (b'{"type":"Input","input":', "Malformed JSON at byte 24: the body ends inside an event"),
+        (b'{"type":"Input","input":}', "Malformed JSON at byte 24: Expecting value"),
+        (b"yyyy", "Each event must be a JSON object: got 'y' at byte 0"),
         (b"\xff\xfe", "not UTF-8"),
         (b"[1, 2]", "must be a JSON object"),
         (b'{"type":"Teleport"}', "expected Input, Log, Binary or InputStreamClose, got 'Teleport'"),
@@ -226,4 +240,246 @@ def test_session_config_uses_v1_names() -> None:
         "ttsFileType": "wav",
         "sendResponseItems": True,
         "videoFile": False,
+        "tts": "RequiredLinks",
     }
+
+
+def test_tts_value_turns_links_off_and_is_checked() -> None:
+    assert parse_config({}, {"key": "k"}).speech_links is True
+    assert parse_config({"X-Tts": "none"}, {"key": "k"}).speech_links is False
+    assert parse_config({}, {"key": "k", "tts": "RequiredLinks"}).speech_links is True
+    with pytest.raises(ProtocolError) as err:
+        parse_config({}, {"key": "k", "tts": "RequiredStreaming"})
+    assert "invalid tts" in err.value.text
+
+
+# ------------------------------------------------------------ incremental JSON
+
+
+def binary(data: bytes) -> bytes:
+    return json.dumps({"type": "Binary", "data": base64.b64encode(data).decode()}).encode()
+
+
+STREAM = (
+    b'{"type":"Log","entries":[{"text":"mic on \\"quoted\\" {braces} [x]"}]}\n'
+    + binary(b"\x01\x02" * 800)
+    + b"\n"
+    + binary(b"\x03\x04" * 800)
+    + b'{"type":"InputStreamClose"}\r\n'
+    + '{"type":"Input","input":{"transcript":{"text":"na\\u00efve caf\u00e9 \\\\ done"}}}'.encode()
+)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 64, 4096, len(STREAM)])
+def test_json_reader_gives_the_same_events_however_the_bytes_are_split(step: int) -> None:
+    reader = JsonEventReader()
+    events = []
+    for start in range(0, len(STREAM), step):
+        events += reader.feed(STREAM[start : start + step])
+    reader.close()
+    assert [e.type for e in events] == ["Log", "Binary", "Binary", "InputStreamClose", "Input"]
+    assert isinstance(events[0], LogEvent)
+    assert events[0].entries[0].text == 'mic on "quoted" {braces} [x]'
+    assert isinstance(events[1], BinaryEvent)
+    assert events[1].data == b"\x01\x02" * 800
+    assert isinstance(events[4], InputEvent)
+    assert events[4].input.text == "naïve café \\ done"
+    assert reader.events == 5
+
+
+def test_json_reader_returns_each_event_as_soon_as_it_is_complete() -> None:
+    reader = JsonEventReader()
+    first = binary(b"\x00\x00")
+    assert reader.feed(first[:-1]) == []
+    [event] = reader.feed(first[-1:] + b"\n" + binary(b"\x01\x01")[:5])
+    assert isinstance(event, BinaryEvent)
+    with pytest.raises(ProtocolError) as err:
+        reader.close()  # the body ended inside the second event
+    assert "ends inside an event" in err.value.text
+
+
+def test_json_reader_reads_arrays_and_counts_text_bytes() -> None:
+    reader = JsonEventReader()
+    body = b'[{"type":"Log"}, ' + binary(b"\x00\x00") + b"]\n[" + b'{"type":"Log"}]'
+    assert [e.type for e in reader.feed(body)] == ["Log", "Binary", "Log"]
+    reader.close()
+    assert reader.text_bytes == 2 * len(b'{"type":"Log"}')  # Binary events are not text
+
+
+def test_json_reader_bounds_are_413() -> None:
+    small = JsonEventReader(max_event_bytes=100)
+    with pytest.raises(ProtocolError) as err:
+        small.feed(b'{"type":"Input","input":{"transcript":{"text":"' + b"y" * 200)
+    assert err.value.status == 413
+    assert "larger than 100 bytes" in err.value.text
+    text = JsonEventReader(max_text_bytes=60)
+    text.feed(binary(b"\x00" * 1000))  # audio does not count
+    text.feed(b'{"type":"Log","entries":[]}')
+    with pytest.raises(ProtocolError) as err:
+        text.feed(b'{"type":"Log","entries":[]}{"type":"Log","entries":[]}')
+    assert err.value.status == 413
+
+
+# ------------------------------------------------------------------ audio
+
+CONFIG = parse_config({}, {"key": "k"})
+TONE = Pcm(struct.pack("<800h", *([3000, -3000] * 400)), 16000)  # 50 ms
+
+
+def test_audio_files_decode_to_raw_audio_at_their_own_rate() -> None:
+    fmt, data = decode_audio_file("audio/wav", encode_wav(TONE), CONFIG, max_audio_s=30)
+    assert fmt == AudioFormat("LINEAR16", 16000)
+    assert data == TONE.data
+    loud = Pcm(silence(500, 44100).data, 44100)
+    fmt, _ = decode_audio_file("audio/mpeg", encode_mp3(loud), CONFIG, max_audio_s=30)
+    assert fmt == AudioFormat("LINEAR16", 44100)
+    mulaw = parse_config({"X-SttEncoding": "MULAW", "X-SttSampleRate": "8000"}, {"key": "k"})
+    fmt, data = decode_audio_file("audio/basic", b"\xff" * 801, mulaw, max_audio_s=30)
+    assert fmt == AudioFormat("MULAW", 8000)
+    assert len(data) == 801  # one byte a sample: any length is whole samples
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "config", "status", "words"),
+    [
+        (
+            "audio/wav",
+            encode_wav(TONE)[:600],
+            CONFIG,
+            400,
+            "expected WAV (RIFF/WAVE integer PCM): truncated",
+        ),
+        ("audio/wav", b"RIFF....", CONFIG, 400, "expected WAV"),
+        ("audio/mpeg", bytes(range(256)) * 40, CONFIG, 400, "expected MP3 (MPEG audio layer III)"),
+        (
+            "audio/basic",
+            b"\x00" * 3,
+            CONFIG,
+            400,
+            "expected LINEAR16 (16-bit samples) at 16000 Hz (sttEncoding, sttSampleRate): 3 bytes",
+        ),
+        ("audio/basic", b"", CONFIG, 400, "body is empty"),
+        (
+            "audio/basic",
+            b"\x00\x00" * 16000 * 3,
+            CONFIG,
+            413,
+            "The audio is 3.0 s long: expected at most 2 s",
+        ),
+        ("audio/wav", encode_wav(silence(2500, 44100)), CONFIG, 413, "expected at most 2 s"),
+        (
+            "audio/basic",
+            b"\x00\x00",
+            parse_config({}, {"key": "k", "sttSampleRate": "12345"}),
+            400,
+            "invalid sttSampleRate",
+        ),
+        ("audio/ogg", b"OggS", CONFIG, 415, "not an audio content type"),
+    ],
+)
+def test_bad_audio_files_name_the_expected_format(
+    kind: str, body: bytes, config: object, status: int, words: str
+) -> None:
+    with pytest.raises(ProtocolError) as err:
+        decode_audio_file(kind, body, config, max_audio_s=2)  # type: ignore[arg-type]
+    assert err.value.status == status
+    assert words in err.value.text
+
+
+def test_audio_chunks_are_whole_samples() -> None:
+    fmt = AudioFormat("LINEAR16", 16000)
+    chunks = audio_chunks(fmt, b"\x00\x00" * 40000, ms=1000)
+    assert [len(c) for c in chunks] == [32000, 32000, 16000]
+
+
+def wav_header(tag: int = 1, channels: int = 1, rate: int = 16000, bits: int = 16) -> bytes:
+    fmt = struct.pack("<HHIIHH", tag, channels, rate, rate * bits // 8, bits // 8, bits)
+    return (
+        b"RIFF\xff\xff\xff\xffWAVE"
+        + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+        + b"LIST" + struct.pack("<I", 5) + b"abcde\x00"  # a chunk to skip (odd size, padded)
+        + b"data\xff\xff\xff\xff"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_wav_stream_reader_streams_the_samples_after_the_header(step: int) -> None:
+    stream = wav_header() + TONE.data
+    reader = WavStreamReader()
+    out = b""
+    for start in range(0, len(stream), step):
+        out += reader.feed(stream[start : start + step])
+    assert reader.format == AudioFormat("LINEAR16", 16000)
+    assert out == TONE.data
+    mulaw = WavStreamReader()
+    assert mulaw.feed(wav_header(tag=7, rate=8000, bits=8) + pcm_to_mulaw(TONE)) != b""
+    assert mulaw.format == AudioFormat("MULAW", 8000)
+
+
+def test_wav_stream_reader_honours_a_real_data_size() -> None:
+    data = encode_wav(TONE) + b"LIST\x04\x00\x00\x00tail"
+    assert WavStreamReader().feed(data) == TONE.data
+
+
+@pytest.mark.parametrize(
+    ("stream", "words"),
+    [
+        (b"OggS" + b"\x00" * 40, "no RIFF/WAVE header"),
+        (wav_header(channels=2), "2 channels"),
+        (wav_header(tag=3, bits=32), "sample format 3 with 32-bit samples"),
+        (wav_header(rate=7000), "unsupported sample rate 7000 Hz"),
+        (b"RIFF\x00\x00\x00\x00WAVEdata\x00\x00\x00\x00", "data chunk comes before the fmt chunk"),
+        (
+            b"RIFF\x00\x00\x00\x00WAVE" + b"JUNK\xf0\xff\x00\x00" + b"\x00" * 70000,
+            "no audio data in the first",
+        ),
+    ],
+)
+def test_wav_stream_reader_names_the_expected_format(stream: bytes, words: str) -> None:
+    with pytest.raises(ProtocolError) as err:
+        WavStreamReader().feed(stream)
+    assert "expected a mono 16-bit PCM or 8-bit u-law WAV stream" in err.value.text
+    assert words in err.value.text
+
+
+# ---------------------------------------------------------- recognition bus
+
+
+def test_follower_turns_bus_messages_into_the_get_answer() -> None:
+    follower = RecognitionFollower()
+    assert follower.feed(recognizing_message("r1")) == []
+    assert follower.following == "r1"
+    [first] = follower.feed(interim_message("r1", "tell me", 0.5))
+    assert first.type == "RecognizedInput"
+    assert first.is_final is False
+    assert first.input.text == "tell me"
+    assert follower.feed(interim_message("r1", "tell me", 0.6)) == []  # unchanged text
+    assert follower.feed(interim_message("other", "noise", 0.6)) == []  # another recognition
+    assert follower.feed(recognizing_message("r1")) == []  # heartbeat
+    [final] = follower.feed(done_message("r1", "final", text="tell me more", confidence=0.9))
+    assert final.is_final is True
+    assert final.input.transcript.confidence == 0.9
+    assert follower.done
+    assert follower.feed(interim_message("r1", "late", 0.5)) == []
+
+
+def test_follower_ends_without_output_on_silence_and_text_and_reports_errors() -> None:
+    for result in ("silence", "text", "cancelled"):
+        follower = RecognitionFollower()
+        assert follower.feed(done_message("r", result)) == []  # type: ignore[arg-type]
+        assert follower.done
+    follower = RecognitionFollower()
+    follower.feed(recognizing_message("r"))
+    bad = ErrorEvent(text="The audio is not valid: odd.", source="client")
+    assert follower.feed(done_message("r", "error", error=bad)) == [bad]
+
+
+def test_follower_takes_over_a_newer_recognition_and_ignores_junk() -> None:
+    follower = RecognitionFollower()
+    follower.feed(recognizing_message("dead"))  # retained marker of a PUT that died
+    follower.feed(recognizing_message("new"))
+    assert follower.following == "new"
+    assert follower.feed(done_message("dead", "final", text="old")) == []
+    assert follower.feed({"type": "interim"}) == []  # no id
+    assert follower.feed({"id": "new", "type": "unknown"}) == []
+    assert not follower.done

@@ -1,9 +1,14 @@
-"""Flowstorm V2 over real HTTP: the seed's curl example, JSON turns, and every bad input."""
+"""Flowstorm V2 over real HTTP: the seed's curl example, JSON turns, and every bad input.
+
+Text turns get TTS links like every V2 turn; these tests use the light espeak-ng
+voice for them (test_speech.py uses the default Piper voice).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -31,9 +36,26 @@ def input_event(text: str) -> str:
     return json.dumps({"type": "Input", "input": {"transcript": {"text": text}}})
 
 
+AUDIO_LINE = re.compile(r"^# \(audio=http://localhost:8080/file/tts/[0-9a-f]{64}\.(mp3|wav)\)$")
+
+
+def spoken(text: str) -> str:
+    """A plain-text answer without its `# (audio=...)` lines, each checked to come before
+    a `<` line (the spec's example: every item with text has its TTS link)."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("#"):
+            assert AUDIO_LINE.match(line.rstrip("\n")), line
+            assert lines[i + 1].startswith("< "), text
+        elif line.startswith("< "):
+            assert i > 0, text
+            assert lines[i - 1].startswith("# (audio="), text
+    return "".join(line for line in lines if not line.startswith("#"))
+
+
 @pytest.fixture
 async def base() -> AsyncIterator[str]:
-    async with gateway() as url:
+    async with gateway(tts_provider="espeak-ng") as url:
         yield url
 
 
@@ -42,7 +64,7 @@ async def ok_turn(url: str) -> None:
     async with httpx.AsyncClient(base_url=url) as client:
         answer = await client.put(f"/client?key={KEY}", headers=TEXT, content="hello there")
         assert answer.status_code == 200
-        assert answer.text == "< You said: hello there\n"
+        assert spoken(answer.text) == "< You said: hello there\n"
 
 
 def curl(url: str, jar: Path, text: str) -> str:
@@ -65,14 +87,16 @@ async def test_seed_curl_example_and_cookie_jar_continues(base: str, tmp_path: P
     first = await loop.run_in_executor(
         None, curl, base, jar, "What's the weather to be like in London tomorrow?"
     )
-    assert first == "< You said: What's the weather to be like in London tomorrow?\n"
+    # the shape of the spec's answer: "# (audio=https://.../file/tts/<id>.mp3)" then "< ..."
+    assert AUDIO_LINE.match(first.splitlines()[0])
+    assert spoken(first) == "< You said: What's the weather to be like in London tomorrow?\n"
     assert "flowstorm-session-id" in jar.read_text()
     named = await loop.run_in_executor(None, curl, base, jar, "My name is Ada")
-    assert named == "< Nice to meet you, Ada.\n"
+    assert spoken(named) == "< Nice to meet you, Ada.\n"
     asked = await loop.run_in_executor(None, curl, base, jar, "What is my name?")
-    assert asked == "< Your name is Ada.\n"
+    assert spoken(asked) == "< Your name is Ada.\n"
     bye = await loop.run_in_executor(None, curl, base, jar, "bye")
-    assert bye == "< Goodbye, Ada!\n.\n"
+    assert spoken(bye) == "< Goodbye, Ada!\n.\n"
 
 
 async def test_json_turns_stream_items_then_response(base: str) -> None:
@@ -104,7 +128,7 @@ async def test_json_turns_stream_items_then_response(base: str) -> None:
 
 
 async def test_logs_alone_are_stored_with_the_session() -> None:
-    app = create_app(Settings())
+    app = create_app(Settings(tts_provider="espeak-ng"))
     async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
         await client.put(f"/client?key={KEY}", headers=TEXT, content="#intro")
         stored = await client.put(
@@ -132,9 +156,30 @@ async def test_logs_alone_are_stored_with_the_session() -> None:
         ),
         (JSON, "", input_event("hello").encode(), 401, "application key is missing"),
         (JSON, f"key={KEY}&sttSampleRate=abc", input_event("hello").encode(), 400, "sttSampleRate"),
-        ({"Content-Type": "audio/wav"}, f"key={KEY}", b"RIFF....", 415, "not supported yet"),
+        ({"Content-Type": "audio/wav"}, f"key={KEY}", b"RIFF....", 400, "expected WAV"),
         ({"Content-Type": "image/png"}, f"key={KEY}", b"\x89PNG", 415, "Unsupported Content-Type"),
-        (JSON, f"key={KEY}", b'{"type":"Binary","data":"AAAA"}', 415, "not supported yet"),
+        ({"Content-Type": "audio/ogg"}, f"key={KEY}", b"OggS", 415, "audio/basic (raw sttEncoding"),
+        (
+            {"Content-Type": "audio/mpeg"},
+            f"key={KEY}&realtime=1",
+            b"\xff\xfb",
+            415,
+            "send audio/mpeg as a whole file",
+        ),
+        (
+            JSON,
+            f"key={KEY}",
+            b'{"type":"Binary","data":"AAAA"}',
+            400,
+            "expected LINEAR16 (16-bit samples) at 16000 Hz",
+        ),
+        (
+            JSON,
+            f"key={KEY}",
+            b'{"type":"Binary","data":"AAAA"}{"type":"InputStreamClose"}',
+            400,
+            "expected Input or Log, got the end of the body",
+        ),
     ],
 )
 async def test_bad_json_requests_get_error_events(
@@ -164,7 +209,10 @@ async def test_bad_text_requests_get_bang_lines(base: str) -> None:
 
 
 async def test_wrong_key_is_refused_when_keys_are_configured() -> None:
-    async with gateway(app_keys=frozenset({KEY})) as url, httpx.AsyncClient(base_url=url) as c:
+    async with (
+        gateway(app_keys=frozenset({KEY}), tts_provider="espeak-ng") as url,
+        httpx.AsyncClient(base_url=url) as c,
+    ):
         wrong = await c.put("/client?key=guess", headers=TEXT, content="hello")
         assert wrong.status_code == 403
         assert wrong.text == "! client: Unknown application key 'guess'.\n"
@@ -181,12 +229,14 @@ async def test_ten_megabyte_body_is_refused(base: str) -> None:
         assert answer.text.startswith("! client: The request body is larger than")
 
         async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted while read
+            yield b'{"type":"Input","input":{"transcript":{"text":"'
             for _ in range(10):
                 yield b"y" * (1024 * 1024)
+            yield b'"}}}'
 
         chunked = await client.put(f"/client?key={KEY}", headers=JSON, content=chunks())
         assert chunked.status_code == 413
-        assert events(chunked)[0]["type"] == "Error"
+        assert "larger than 1048576 bytes" in events(chunked)[0]["text"]
     await ok_turn(base)
 
 
@@ -201,7 +251,10 @@ async def test_cookie_of_unknown_or_expired_session(base: str) -> None:
             "source": "session",
         }
         assert 'flowstorm-session-id=""' in answer.headers["set-cookie"]  # the cookie is cleared
-    async with gateway(session_timeout_s=1) as url, httpx.AsyncClient(base_url=url) as client:
+    async with (
+        gateway(session_timeout_s=1, tts_provider="espeak-ng") as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
         first = await client.put(f"/client?key={KEY}", headers=TEXT, content="my name is Old")
         assert first.status_code == 200
         stale = first.cookies["flowstorm-session-id"]
@@ -211,7 +264,9 @@ async def test_cookie_of_unknown_or_expired_session(base: str) -> None:
         assert expired.status_code == 404
         assert "unknown or has expired" in expired.text
         client.cookies.clear()
-        fresh = await client.put(f"/client?key={KEY}", headers=TEXT, content="what is my name")
+        fresh = await client.put(
+            f"/client?key={KEY}&tts=None", headers=TEXT, content="what is my name"
+        )
         assert fresh.text == "< I do not know your name yet.\n"  # a new session, old one gone
     await ok_turn(base)
 
@@ -244,13 +299,25 @@ async def test_session_of_another_key_is_refused(base: str) -> None:
         assert stolen.text.startswith("! session: ")
 
 
-async def test_get_client_checks_key_and_ends_at_once(base: str) -> None:
+async def test_get_client_checks_key_and_ends_at_once_without_a_cookie(base: str) -> None:
     async with httpx.AsyncClient(base_url=base) as client:
         refused = await client.get("/client")
         assert refused.status_code == 401
         empty = await client.get(f"/client?key={KEY}", headers={"Accept": "text/plain"})
         assert empty.status_code == 200
         assert empty.text == ""
+
+
+async def test_tts_none_turns_the_links_off(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        quiet = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+        assert quiet.text == "< You said: hi\n"
+        header = await client.put(
+            f"/client?key={KEY}", headers={**JSON, "X-Tts": "None"}, content=input_event("hi")
+        )
+        assert "audio" not in events(header)[0]["responseItem"]
+        wav = await client.put(f"/client?key={KEY}&ttsFileType=wav", headers=TEXT, content="hi")
+        assert re.search(r"/file/tts/[0-9a-f]{64}\.wav\)", wav.text)
 
 
 async def test_health_and_readiness(base: str, redis_url: str) -> None:

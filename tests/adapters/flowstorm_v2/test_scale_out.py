@@ -1,12 +1,26 @@
-"""V2 conversations across gateway processes that share one Redis, restarts, and load."""
+"""V2 conversations across gateway processes that share one Redis: alternating turns,
+restarts, load, and a realtime speech turn whose PUT and GET reach different processes.
+
+The text tests turn TTS links off (``tts=None``): they measure turns, not synthesis.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 
 import httpx
 
+from gateway.speech.audio import Pcm
+from tests.adapters.flowstorm_v2.helpers import (
+    CHUNK_MS,
+    at,
+    check_link,
+    check_turn,
+    pcm_chunks,
+    realtime_turn,
+)
 from tests.conftest import GatewayProcess
 
 KEY = "scale-test"
@@ -18,7 +32,7 @@ def env(redis_url: str, prefix: str) -> dict[str, str]:
 
 
 async def say(client: httpx.AsyncClient, url: str, text: str) -> str:
-    answer = await client.put(f"{url}/client?key={KEY}", headers=TEXT, content=text)
+    answer = await client.put(f"{url}/client?key={KEY}&tts=None", headers=TEXT, content=text)
     assert answer.status_code == 200, answer.text
     return answer.text
 
@@ -69,7 +83,9 @@ async def test_200_concurrent_conversations_of_5_turns(
         headers = dict(TEXT)
         answers = []
         for text in ("#intro", f"my name is User{i}", f"message {i}", "what is my name", "bye"):
-            answer = await pool.put(f"{server.url}/client?key={KEY}", headers=headers, content=text)
+            answer = await pool.put(
+                f"{server.url}/client?key={KEY}&tts=None", headers=headers, content=text
+            )
             assert answer.status_code == 200, answer.text
             headers["Cookie"] = f"flowstorm-session-id={answer.cookies['flowstorm-session-id']}"
             answers.append(answer.text)
@@ -84,3 +100,42 @@ async def test_200_concurrent_conversations_of_5_turns(
         assert answers[3] == f"< Your name is User{i}.\n"
         assert answers[4] == f"< Goodbye, User{i}!\n.\n"
     assert len({cookie for cookie, _ in results}) == 200  # 200 distinct sessions
+
+
+async def test_realtime_put_and_get_on_two_processes(
+    redis_url: str,
+    redis_prefix: str,
+    gateway_processes: list[GatewayProcess],
+    corpus: dict[str, Pcm],
+) -> None:
+    """The PUT streams audio to one process, the parallel GET reads the recognition from
+    the other (Redis bus); the TTS links of either download from both (Redis cache)."""
+    speech_env = {**env(redis_url, redis_prefix), "GATEWAY_TTS_PROVIDER": "espeak-ng"}
+    a, b = GatewayProcess(speech_env), GatewayProcess(speech_env)
+    gateway_processes += [a, b]
+    await asyncio.gather(asyncio.to_thread(a.start), asyncio.to_thread(b.start))
+    sentence = "tell me about this place"
+    quiet = b"\x00" * (16000 * CHUNK_MS // 1000 * 2)
+    async with httpx.AsyncClient(timeout=60) as client:
+        intro = await client.put(
+            f"{b.url}/client?key={KEY}", headers={"Content-Type": "application/json"},
+            content=json.dumps({"type": "Input", "input": {"transcript": {"text": "#intro"}}}),
+        )  # fmt: skip
+        first = json.loads(intro.text.splitlines()[0])
+        await check_link(client, first["responseItem"]["audio"], "mp3", files_from=a.url)
+        turn = await realtime_turn(
+            client,
+            "",
+            "audio/basic",
+            pcm_chunks(at(corpus[sentence], 16000)),
+            tail=quiet,
+            put_url=a.url,
+            get_url=b.url,
+            key=KEY,
+        )
+        heard = await check_turn(client, turn.put, sentence, files_from=b.url)
+    got = [json.loads(line) for line in turn.get_lines]
+    assert len(got) >= 2
+    assert [e["isFinal"] for e in got] == [False] * (len(got) - 1) + [True]
+    assert got[-1]["input"]["transcript"]["text"] == heard
+    assert turn.get_ended <= turn.put_answered + 0.05

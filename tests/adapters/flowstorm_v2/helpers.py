@@ -1,0 +1,165 @@
+"""Helpers of the Flowstorm V2 speech tests: audio turns, their checks, a realtime client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from gateway.speech.audio import Pcm, decode_mp3, decode_wav, resample
+from tests.speech import normalise, padded, wer
+
+KEY = "speech-test"
+CHUNK_MS = 100
+PACE_S = 0.07  # 100 ms of audio every 70 ms: a bit faster than real time
+
+
+def events(answer: httpx.Response) -> list[dict[str, Any]]:
+    """The NDJSON events of an answer."""
+    return [json.loads(line) for line in answer.text.splitlines() if line.strip()]
+
+
+def close_to(sentence: str, heard: str) -> bool:
+    """Whether ``heard`` is ``sentence`` within the word error bound (0.34)."""
+    return wer([(sentence, normalise(heard))]) <= 0.34
+
+
+def at(pcm: Pcm, rate: int) -> Pcm:
+    """``pcm`` padded with silence (tests.speech.padded) and resampled to ``rate`` Hz."""
+    return resample(padded(pcm), rate)
+
+
+def binary_line(chunk: bytes) -> str:
+    """A BinaryEvent NDJSON line carrying ``chunk``."""
+    return json.dumps({"type": "Binary", "data": base64.b64encode(chunk).decode()}) + "\n"
+
+
+def pcm_chunks(pcm: Pcm, ms: int = CHUNK_MS) -> list[bytes]:
+    """``pcm``'s samples in chunks of ``ms`` milliseconds."""
+    size = pcm.sample_rate * ms // 1000 * 2
+    return [pcm.data[i : i + size] for i in range(0, len(pcm.data), size)]
+
+
+async def check_turn(
+    client: httpx.AsyncClient,
+    answer: httpx.Response,
+    sentence: str,
+    file_type: str = "mp3",
+    *,
+    files_from: str = "",
+) -> str:
+    """Check the answer of an audio turn; returns the recognised text.
+
+    RecognizedInput (final) close to ``sentence``, the item echoing it with a TTS
+    link that downloads (from ``files_from``, default the client's base URL) as
+    playable ``file_type`` audio, then the Response.
+    """
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("application/x-ndjson")
+    lines = events(answer)
+    assert [e["type"] for e in lines] == ["RecognizedInput", "ResponseItem", "Response"]
+    recognized = lines[0]
+    assert recognized["isFinal"] is True
+    heard: str = recognized["input"]["transcript"]["text"]
+    assert close_to(sentence, heard), heard
+    assert 0 < recognized["input"]["transcript"]["confidence"] <= 1
+    item = lines[1]["responseItem"]
+    assert item["text"] == f"You said: {heard}"
+    await check_link(client, item["audio"], file_type, files_from=files_from)
+    return heard
+
+
+async def check_link(
+    client: httpx.AsyncClient, link: str, file_type: str, *, files_from: str = ""
+) -> None:
+    """A TTS link is absolute (GATEWAY_PUBLIC_URL) and its path downloads playable audio."""
+    assert link.startswith("http://localhost:8080/file/tts/")
+    assert link.endswith(f".{file_type}")
+    download = await client.get(files_from + httpx.URL(link).path)
+    assert download.status_code == 200
+    if file_type == "mp3":
+        assert download.headers["content-type"] == "audio/mpeg"
+        assert decode_mp3(download.content).duration_s > 0.3
+    else:
+        assert download.headers["content-type"] == "audio/wav"
+        assert decode_wav(download.content).duration_s > 0.3
+
+
+@dataclass
+class Streamed:
+    """One realtime turn as a client sees it (times in s since the PUT started)."""
+
+    put: httpx.Response
+    get_lines: list[str] = field(default_factory=list)
+    get_ended: float = 0.0
+    put_answered: float = 0.0
+
+
+async def realtime_turn(
+    client: httpx.AsyncClient,
+    query: str,
+    content_type: str,
+    chunks: Iterable[bytes],
+    *,
+    tail: bytes = b"",
+    accept: str = "application/x-ndjson",
+    get_lead_s: float = 0.2,
+    max_tail_chunks: int = 40,
+    hold: bool = False,
+    put_url: str = "",
+    get_url: str = "",
+    key: str = KEY,
+) -> Streamed:
+    """A realtime turn the way the Flowstorm client runs it.
+
+    Streams ``chunks`` (then up to ``max_tail_chunks`` of ``tail``, as a mic that
+    keeps running; with ``hold``, then nothing until the GET ends) at PACE_S per
+    chunk in a chunked ``PUT {put_url}/client?realtime=1``, while a parallel
+    ``GET {get_url}/client`` (started ``get_lead_s`` before, same cookies) reads the
+    recognition; writing stops when the GET ends, then the PUT's answer is read.
+    """
+    stop = asyncio.Event()
+    result = Streamed(put=httpx.Response(0))
+    t0 = 0.0
+
+    async def follow() -> None:
+        url = f"{get_url}/client?key={key}"
+        async with client.stream("GET", url, headers={"Accept": accept}) as get:
+            assert get.status_code == 200
+            async for line in get.aiter_lines():
+                if line.strip():
+                    result.get_lines.append(line)
+        result.get_ended = time.monotonic() - t0
+        stop.set()
+
+    async def mic() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            if stop.is_set():
+                return
+            yield chunk
+            await asyncio.sleep(PACE_S)
+        for _ in range(max_tail_chunks if tail else 0):
+            if stop.is_set():
+                return
+            yield tail
+            await asyncio.sleep(PACE_S)
+        if hold:
+            await asyncio.wait_for(stop.wait(), 10)
+
+    getter = asyncio.create_task(follow())
+    await asyncio.sleep(get_lead_s)  # the GET comes a little before the PUT
+    t0 = time.monotonic()
+    result.put = await client.put(
+        f"{put_url}/client?key={key}&realtime=1{query}",
+        headers={"Content-Type": content_type},
+        content=mic(),
+    )
+    result.put_answered = time.monotonic() - t0
+    await asyncio.wait_for(getter, 10)
+    return result

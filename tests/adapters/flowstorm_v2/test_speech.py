@@ -1,0 +1,389 @@
+"""Flowstorm V2 audio over real HTTP with real speech: Piper sentences in, recognised text out.
+
+Audio files (WAV at 16 and 44.1 kHz, MP3, raw LINEAR16 and MULAW), JSON BinaryEvents,
+realtime chunked streams with a parallel GET (interim results, then the PUT's
+answer), ``#silence``, the switch to text, and bad audio. One gateway (default
+Piper voice, pocketsphinx) serves the whole module, so its models load once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from adapters.flowstorm_v2 import routes
+from gateway.speech.audio import Pcm, encode_mp3, encode_wav, pcm_to_mulaw, silence
+from tests.adapters.flowstorm_v2.helpers import (
+    CHUNK_MS,
+    KEY,
+    PACE_S,
+    at,
+    binary_line,
+    check_turn,
+    close_to,
+    events,
+    pcm_chunks,
+    realtime_turn,
+)
+from tests.conftest import gateway
+from tests.speech import padded
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MAX_AUDIO_S = 8
+MAX_AUDIO_BYTES = 1_500_000
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server() -> AsyncIterator[str]:
+    async with gateway(
+        silence_timeout_ms=1000, max_audio_s=MAX_AUDIO_S, max_audio_bytes=MAX_AUDIO_BYTES
+    ) as url:
+        yield url
+
+
+# ------------------------------------------------------------------ audio files
+
+
+@pytest.mark.parametrize(
+    ("sentence", "content_type", "query", "body", "file_type"),
+    [
+        (
+            "tell me about this place",
+            "audio/wav",
+            "",
+            lambda pcm: encode_wav(at(pcm, 16000)),
+            "mp3",
+        ),
+        (
+            "what is the weather like today",
+            "audio/wav",
+            "&ttsFileType=wav",
+            lambda pcm: encode_wav(at(pcm, 44100)),
+            "wav",
+        ),
+        ("play some music please", "audio/mpeg", "", lambda pcm: encode_mp3(padded(pcm)), "mp3"),
+        (
+            "i would like to book a table for two",
+            "audio/basic",
+            "&sttSampleRate=16000&sttEncoding=LINEAR16",
+            lambda pcm: at(pcm, 16000).data,
+            "mp3",
+        ),
+        (
+            "tell me about this place",
+            "audio/basic",
+            "&sttSampleRate=8000&sttEncoding=MULAW&ttsFileType=wav",
+            lambda pcm: pcm_to_mulaw(at(pcm, 8000)),
+            "wav",
+        ),
+    ],
+    ids=["wav-16k", "wav-44k", "mp3-22k", "linear16-16k", "mulaw-8k"],
+)
+async def test_audio_file_is_recognised_and_answered_with_tts_links(
+    server: str,
+    corpus: dict[str, Pcm],
+    sentence: str,
+    content_type: str,
+    query: str,
+    body: Any,
+    file_type: str,
+) -> None:
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        answer = await client.put(
+            f"/client?key={KEY}{query}",
+            headers={"Content-Type": content_type},
+            content=body(corpus[sentence]),
+        )
+        await check_turn(client, answer, sentence, file_type)
+        assert "flowstorm-session-id" in answer.cookies
+
+
+async def test_json_binary_events_without_realtime_are_one_utterance(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    sentence = "play some music please"
+    audio = at(corpus[sentence], 16000).data
+    body = '{"type":"Log","entries":[{"text":"push to talk"}]}\n' + "".join(
+        binary_line(audio[i : i + 3200]) for i in range(0, len(audio), 3200)
+    )
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        answer = await client.put(
+            f"/client?key={KEY}", headers={"Content-Type": "application/json"}, content=body
+        )
+        await check_turn(client, answer, sentence)
+
+
+async def test_noise_without_words_is_the_silence_turn(server: str) -> None:
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        answer = await client.put(
+            f"/client?key={KEY}&tts=None",
+            headers={"Content-Type": "audio/wav"},
+            content=encode_wav(silence(1500, 16000)),
+        )
+        assert answer.status_code == 200
+        assert [e["type"] for e in events(answer)] == ["ResponseItem", "Response"]
+        assert events(answer)[0]["responseItem"]["text"] == "Are you still there? Say something."
+
+
+# ------------------------------------------------------------------ realtime
+
+
+async def intro(client: httpx.AsyncClient) -> None:
+    """The first turn, in text, as the Flowstorm client does: it brings the cookie."""
+    answer = await client.put(
+        f"/client?key={KEY}&tts=None", headers={"Content-Type": "text/plain"}, content="#intro"
+    )
+    assert answer.status_code == 200
+    assert "flowstorm-session-id" in client.cookies
+
+
+@pytest.mark.parametrize("form", ["audio/basic", "application/json", "audio/wav"])
+async def test_realtime_stream_with_a_parallel_get(
+    server: str, corpus: dict[str, Pcm], form: str
+) -> None:
+    sentence = {
+        "audio/basic": "tell me about this place",
+        "application/json": "what is the weather like today",
+        "audio/wav": "i would like to book a table for two",
+    }[form]
+    speech = at(corpus[sentence], 16000)
+    quiet = b"\x00" * (16000 * CHUNK_MS // 1000 * 2)
+    chunks = pcm_chunks(speech)
+    accept = "application/x-ndjson"
+    if form == "application/json":  # BinaryEvents; the GET asks for `~` lines
+        chunks = [binary_line(c).encode() for c in chunks]
+        quiet = binary_line(quiet).encode()
+        accept = "text/plain"
+    elif form == "audio/wav":  # a recorder's streamed WAV: header with unknown size first
+        header = encode_wav(Pcm(b"", 16000))
+        header = header[:-4] + b"\xff\xff\xff\xff"
+        chunks = [header + chunks[0], *chunks[1:]]
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        await intro(client)
+        turn = await realtime_turn(client, "", form, chunks, tail=quiet, accept=accept)
+        await check_turn(client, turn.put, sentence)
+        final = events(turn.put)[0]["input"]["transcript"]["text"]
+    # the GET streamed interim results, then the final one, and ended before the answer
+    assert len(turn.get_lines) >= 2, turn.get_lines
+    if accept == "text/plain":
+        assert all(line.startswith("~ ") for line in turn.get_lines)
+        assert turn.get_lines[-1] == f"~ {final}"
+    else:
+        got = [json.loads(line) for line in turn.get_lines]
+        assert {e["type"] for e in got} == {"RecognizedInput"}
+        assert [e["isFinal"] for e in got] == [False] * (len(got) - 1) + [True]
+        assert got[-1]["input"]["transcript"]["text"] == final
+    assert turn.get_ended <= turn.put_answered + 0.05
+    # recognition ended at the end of speech, before the client's tail of mic silence
+    speech_s = speech.duration_s * PACE_S / (CHUNK_MS / 1000)
+    assert turn.get_ended < speech_s + 2.5  # trailing silence 0.7 s + slack for a busy machine
+
+
+async def test_realtime_turns_back_to_back_each_get_follows_its_own(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    """The ``done`` of one turn is gone before its answer ends: the next turn's GET,
+    started right after, follows the next recognition instead of ending at once."""
+    quiet = b"\x00" * (16000 * CHUNK_MS // 1000 * 2)
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        await intro(client)
+        for sentence in ("play some music please", "tell me about this place"):
+            turn = await realtime_turn(
+                client, "&tts=None", "audio/basic", pcm_chunks(at(corpus[sentence], 16000)),
+                tail=quiet, get_lead_s=0.0,
+            )  # fmt: skip
+            recognized, *_ = events(turn.put)
+            assert recognized["type"] == "RecognizedInput"
+            final = json.loads(turn.get_lines[-1])
+            assert final["isFinal"] is True
+            assert final["input"]["transcript"]["text"] == recognized["input"]["transcript"]["text"]
+            assert close_to(sentence, final["input"]["transcript"]["text"])
+
+
+async def test_realtime_without_a_cookie_creates_the_session(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    """No GET can follow (no cookie yet): the body's end or endpointing ends recognition."""
+    sentence = "play some music please"
+
+    async def whole() -> AsyncIterator[bytes]:
+        for chunk in pcm_chunks(at(corpus[sentence], 16000)):
+            yield chunk
+
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        answer = await client.put(
+            f"/client?key={KEY}&realtime=1",
+            headers={"Content-Type": "audio/basic"},
+            content=whole(),
+        )
+        await check_turn(client, answer, sentence)
+        assert "flowstorm-session-id" in answer.cookies
+
+
+async def test_silence_after_the_silence_timeout(server: str) -> None:
+    quiet = b"\x00" * (16000 * CHUNK_MS // 1000 * 2)
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        await intro(client)
+        # a mic that hears nothing: 1000 ms of audio (GATEWAY_SILENCE_TIMEOUT_MS) ends it
+        turn = await realtime_turn(client, "&tts=None", "audio/basic", [], tail=quiet)
+        assert turn.get_lines == []
+        assert 0.6 < turn.get_ended < 4
+        assert [e["type"] for e in events(turn.put)] == ["ResponseItem", "Response"]
+        assert events(turn.put)[0]["responseItem"]["text"] == "Are you still there? Say something."
+
+        # a client that sends nothing at all: the wall clock ends it (timeout + 1 s)
+        turn = await realtime_turn(client, "&tts=None", "audio/basic", [], hold=True)
+        assert turn.get_lines == []
+        assert 1.5 < turn.put_answered < 5
+        assert events(turn.put)[0]["responseItem"]["text"] == "Are you still there? Say something."
+
+
+async def test_input_stream_close_then_input_switches_to_text(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    speech = pcm_chunks(at(corpus["tell me about this place"], 16000))
+    typed = json.dumps({"type": "Input", "input": {"transcript": {"text": "my name is Ada"}}})
+    body = [binary_line(c).encode() for c in speech[:8]]  # the user starts speaking...
+    body.append(b'{"type":"InputStreamClose"}\n' + typed.encode() + b"\n")  # ...then types
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        await intro(client)
+        turn = await realtime_turn(client, "&tts=None", "application/json", body)
+        answer = events(turn.put)
+        assert [e["type"] for e in answer] == ["ResponseItem", "Response"]  # no RecognizedInput
+        assert answer[0]["responseItem"]["text"] == "Nice to meet you, Ada."
+        assert all(not json.loads(line)["isFinal"] for line in turn.get_lines)  # interim only
+        asked = await client.put(
+            f"/client?key={KEY}&tts=None",
+            headers={"Content-Type": "text/plain"},
+            content="what is my name",
+        )
+        assert asked.text == "< Your name is Ada.\n"
+
+
+async def test_get_without_a_recognition_ends_after_a_bounded_wait(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(routes, "MARKER_WAIT_S", 0.5)
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        await intro(client)
+        started = time.monotonic()
+        idle = await client.get(f"/client?key={KEY}", headers={"Accept": "text/plain"})
+        waited = time.monotonic() - started
+        assert idle.status_code == 200
+        assert idle.text == ""
+        assert 0.4 < waited < 1.5
+
+
+# ------------------------------------------------------------------ bad audio
+
+
+async def test_bad_audio_gets_error_events_and_the_session_goes_on(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    speech = at(corpus["tell me about this place"], 16000)
+    wav = encode_wav(speech)
+    long_wav = encode_wav(silence(60_000, 8000))  # 60 s: 960 kB, within the byte limit
+    cases: list[tuple[str, str, bytes, int, str]] = [
+        ("audio/ogg", "", b"OggS\x00\x02", 415, "Unsupported Content-Type 'audio/ogg': use"),
+        ("audio/wav", "", wav[: len(wav) // 2], 400, "expected WAV (RIFF/WAVE integer PCM): truncated"),
+        ("audio/mpeg", "", bytes(range(256)) * 64, 400, "expected MP3 (MPEG audio layer III): no decodable MP3 frames"),
+        ("audio/basic", "", speech.data[:32001], 400, "expected LINEAR16 (16-bit samples) at 16000 Hz (sttEncoding, sttSampleRate): 32001 bytes"),
+        ("audio/wav", "", long_wav, 413, f"The audio is 60.0 s long: expected at most {MAX_AUDIO_S} s"),
+        ("audio/basic", "", b"\x00" * (MAX_AUDIO_BYTES + 2), 413, f"larger than {MAX_AUDIO_BYTES} bytes"),
+        ("audio/basic", "&sttSampleRate=9000", speech.data, 400, "invalid sttSampleRate"),
+        ("audio/wav", "&realtime=1", wav[:12] + b"fmt \x10\x00\x00\x00\x01\x00\x02\x00" + wav[24:], 400, "expected a mono 16-bit PCM or 8-bit u-law WAV stream (RIFF/WAVE): 2 channels"),
+        ("application/json", "&realtime=1", binary_line(speech.data[:3200]).encode() + b'{"type":"Binary","data":"@@"}', 400, "Invalid Binary event"),
+    ]  # fmt: skip
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        named = await client.put(
+            f"/client?key={KEY}&tts=None",
+            headers={"Content-Type": "text/plain"},
+            content="my name is Ada",
+        )
+        assert named.text == "< Nice to meet you, Ada.\n"
+        for content_type, query, body, status, words in cases:
+            answer = await client.put(
+                f"/client?key={KEY}{query}", headers={"Content-Type": content_type}, content=body
+            )
+            assert answer.status_code == status, (content_type, answer.text)
+            assert answer.headers["content-type"].startswith("application/x-ndjson")
+            [error] = events(answer)
+            assert error["type"] == "Error"
+            assert error["source"] == "client"
+            assert words in error["text"], error["text"]
+            # the session goes on: the same cookie, the name remembered
+            asked = await client.put(
+                f"/client?key={KEY}&tts=None",
+                headers={"Content-Type": "text/plain"},
+                content="what is my name",
+            )
+            assert asked.text == "< Your name is Ada.\n", content_type
+    async with httpx.AsyncClient(base_url=server, timeout=60) as other:  # another session
+        answer = await other.put(
+            f"/client?key={KEY}&tts=None", headers={"Content-Type": "text/plain"}, content="hi"
+        )
+        assert answer.text == "< You said: hi\n"
+
+
+async def test_bad_stream_ends_the_get_with_the_error(server: str, corpus: dict[str, Pcm]) -> None:
+    speech = pcm_chunks(at(corpus["tell me about this place"], 16000))
+    body = [binary_line(c).encode() for c in speech[:5]] + [b'{"type":"Teleport"}\n']
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        await intro(client)
+        turn = await realtime_turn(client, "", "application/json", body, accept="text/plain")
+        assert turn.put.status_code == 400
+        assert turn.get_lines[-1] == (
+            "! client: Unknown event type: expected Input, Log, Binary or InputStreamClose, "
+            "got 'Teleport'"
+        )
+        again = await client.put(
+            f"/client?key={KEY}&tts=None", headers={"Content-Type": "text/plain"}, content="hi"
+        )
+        assert again.text == "< You said: hi\n"
+
+
+async def test_client_that_aborts_its_stream_leaves_the_session_usable(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    class Abort(Exception):
+        pass
+
+    speech = pcm_chunks(at(corpus["tell me about this place"], 16000))
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        await intro(client)
+        lines: list[str] = []
+
+        async def follow() -> None:
+            async with client.stream("GET", f"/client?key={KEY}") as get:
+                lines.extend([line async for line in get.aiter_lines() if line.strip()])
+
+        async def mic() -> AsyncIterator[bytes]:
+            for chunk in speech[:10]:  # mid-utterance...
+                yield chunk
+                await asyncio.sleep(PACE_S)
+            raise Abort  # ...the client goes away
+
+        getter = asyncio.create_task(follow())
+        await asyncio.sleep(0.2)
+        with pytest.raises(Abort):
+            await client.put(
+                f"/client?key={KEY}&realtime=1",
+                headers={"Content-Type": "audio/basic"},
+                content=mic(),
+            )
+        aborted = time.monotonic()
+        await asyncio.wait_for(getter, 3)  # the GET ends: the recognition was cancelled
+        assert time.monotonic() - aborted < 1.5  # at once, not by a timeout (STALL_S = 2 s)
+        assert all(json.loads(line)["isFinal"] is False for line in lines)
+        again = await client.put(
+            f"/client?key={KEY}&tts=None", headers={"Content-Type": "text/plain"}, content="hi"
+        )
+        assert again.text == "< You said: hi\n"
