@@ -2,8 +2,9 @@
 
 Starts, one after the other, (1) a bare FastAPI endpoint (bench/baseline_app.py),
 (2) the gateway with memory sessions and (3) the gateway with Redis sessions, each
-as its own uvicorn process pinned to one core when possible, and drives N
-concurrent conversations of 5 turns each from this process. Prints turns per
+as its own uvicorn process pinned to one core, and drives N concurrent
+conversations of 5 turns each (`tts=None`: turns, not speech synthesis) from this
+process with a light keep-alive HTTP client (bench/loadgen.py). Prints turns per
 second, p50/p99 turn latency, and each gateway's throughput as a ratio of the
 baseline's. Every answer is checked, so lost or crossed turns count as failures.
 
@@ -16,50 +17,22 @@ import argparse
 import asyncio
 import os
 import secrets
-import socket
-import statistics
-import subprocess
 import sys
 import time
+from http.cookies import SimpleCookie
 from pathlib import Path
 
-import httpx
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.loadgen import Connection, free_port, report, start
 
 
-def start(cmd: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    taskset = ["taskset", "-c", "0"] if sys.platform == "linux" and os.cpu_count() else []
-    proc = subprocess.Popen(
-        taskset + cmd,
-        env={**os.environ, **env},
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"server on port {port} did not start: {cmd}")
-
-
-async def drive(url: str, conversations: int, *, baseline: bool) -> tuple[float, list[float], int]:
+async def drive(port: int, conversations: int, *, check: bool) -> tuple[float, list[float], int]:
     latencies: list[float] = []
     failures = 0
 
-    async def conversation(i: int, pool: httpx.AsyncClient) -> None:
+    async def conversation(i: int) -> None:
         nonlocal failures
+        connection = await Connection.open("127.0.0.1", port)
         headers = {"Content-Type": "text/plain"}
         turns = ("#intro", f"my name is User{i}", f"message {i}", "what is my name", "bye")
         expected = (
@@ -69,43 +42,38 @@ async def drive(url: str, conversations: int, *, baseline: bool) -> tuple[float,
             f"< Your name is User{i}.\n",
             f"< Goodbye, User{i}!\n.\n",
         )
-        for text, want in zip(turns, expected, strict=True):
-            t0 = time.perf_counter()
-            answer = await pool.put(f"{url}/client?key=bench", headers=headers, content=text)
-            latencies.append(time.perf_counter() - t0)
-            headers["Cookie"] = f"flowstorm-session-id={answer.cookies['flowstorm-session-id']}"
-            ok = answer.status_code == 200 and (baseline or want is None or answer.text == want)
-            failures += not ok
+        try:
+            for text, want in zip(turns, expected, strict=True):
+                t0 = time.perf_counter()
+                status, answer, body = await connection.request(
+                    "PUT", "/client?key=bench&tts=None", text.encode(), headers
+                )
+                latencies.append(time.perf_counter() - t0)
+                cookie = SimpleCookie(answer.get("set-cookie", ""))
+                if "flowstorm-session-id" in cookie:
+                    headers["Cookie"] = (
+                        f"flowstorm-session-id={cookie['flowstorm-session-id'].value}"
+                    )
+                ok = status == 200 and (not check or want is None or body.decode() == want)
+                failures += not ok
+        finally:
+            await connection.close()
 
-    limits = httpx.Limits(max_connections=conversations, max_keepalive_connections=conversations)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as pool:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(conversation(i, pool) for i in range(conversations)))
-        elapsed = time.perf_counter() - t0
-    return elapsed, latencies, failures
+    t0 = time.perf_counter()
+    await asyncio.gather(*(conversation(i) for i in range(conversations)))
+    return time.perf_counter() - t0, latencies, failures
 
 
-def run(
-    name: str, cmd: list[str], env: dict[str, str], conversations: int, baseline: bool = False
-) -> float:
+def run(name: str, cmd: list[str], env: dict[str, str], n: int, *, check: bool) -> float:
     port = free_port()
     proc = start([*cmd, str(port)], env, port)
     try:
-        asyncio.run(drive(f"http://127.0.0.1:{port}", 20, baseline=baseline))  # warm-up
-        elapsed, lat, failures = asyncio.run(
-            drive(f"http://127.0.0.1:{port}", conversations, baseline=baseline)
-        )
+        asyncio.run(drive(port, 20, check=check))  # warm-up
+        elapsed, lat, failures = asyncio.run(drive(port, n, check=check))
     finally:
         proc.terminate()
         proc.wait(10)
-    lat.sort()
-    rate = len(lat) / elapsed
-    print(
-        f"{name:<24} {len(lat):>6} turns {rate:>9.0f} turns/s   "
-        f"p50 {statistics.median(lat) * 1000:>7.1f} ms   "
-        f"p99 {lat[int(len(lat) * 0.99) - 1] * 1000:>7.1f} ms   failures {failures}"
-    )
-    return rate
+    return report(name, elapsed, lat, failures, unit="turns")
 
 
 def main() -> None:
@@ -117,22 +85,19 @@ def main() -> None:
     args = parser.parse_args()
     n = args.conversations
     print(f"{n} concurrent V2 conversations x 5 turns; each server on one core (taskset -c 0)")
-    uvi = [sys.executable, "-m", "uvicorn", "--log-level", "warning", "--port"]
+    uvicorn = [sys.executable, "-m", "uvicorn", "--log-level", "warning"]
     serve = [sys.executable, "-m", "gateway", "serve", "--log-level", "warning", "--port"]
     base = run(
-        "bare FastAPI baseline",
-        [*uvi[:-1], "bench.baseline_app:app", "--port"],
-        {},
-        n,
-        baseline=True,
+        "bare FastAPI baseline", [*uvicorn, "bench.baseline_app:app", "--port"], {}, n, check=False
     )
-    memory = run("gateway, memory store", serve, {}, n)
+    memory = run("gateway, memory store", serve, {}, n, check=True)
     prefix = f"bench-{secrets.token_hex(4)}"
     redis = run(
         "gateway, Redis store",
         serve,
         {"GATEWAY_REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": prefix},
         n,
+        check=True,
     )
     print(f"ratio to baseline: memory {memory / base:.2f}, Redis {redis / base:.2f}")
 

@@ -35,9 +35,6 @@ import base64
 import json
 import os
 import secrets
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,13 +43,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.loadgen import Connection, free_port, report, start
 
 ROOT = Path(__file__).resolve().parents[1]
 SKILL_ID = "amzn1.ask.skill.bench-0000-0000-0000-000000000000"
@@ -299,65 +298,6 @@ def _google_says(data: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------ driving
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(cmd: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    taskset = ["taskset", "-c", "0"] if sys.platform == "linux" and os.cpu_count() else []
-    proc = subprocess.Popen(
-        taskset + cmd,
-        env={**os.environ, **env},
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"server on port {port} did not start: {cmd}")
-
-
-class Connection:
-    """A minimal HTTP/1.1 keep-alive client on one socket (httpx's pool caps the load here)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> Connection:
-        reader, writer = await asyncio.open_connection(host, port)
-        return cls(reader, writer)
-
-    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
-        """POST ``body``; returns (status, response body). The server must send Content-Length."""
-        head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.writer.write(head.encode("latin-1") + b"\r\n" + body)
-        await self.writer.drain()
-        status_line, *lines = (
-            (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        )
-        length = 0
-        for line in lines:
-            name, _, value = line.partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        return int(status_line.split()[1]), await self.reader.readexactly(length)
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
-
-
 async def drive(
     port: int,
     path: str,
@@ -388,17 +328,6 @@ async def drive(
     jobs: list[Awaitable[None]] = [conversation(c) for c in conversations]
     await asyncio.gather(*jobs)
     return time.perf_counter() - t0, latencies, failures
-
-
-def report(name: str, elapsed: float, lat: list[float], failures: int) -> float:
-    lat.sort()
-    rate = len(lat) / elapsed
-    print(
-        f"{name:<34} {len(lat):>6} req {rate:>8.0f} req/s   "
-        f"p50 {statistics.median(lat) * 1000:>7.1f} ms   "
-        f"p99 {lat[max(0, int(len(lat) * 0.99) - 1)] * 1000:>7.1f} ms   failures {failures}"
-    )
-    return rate
 
 
 def run(

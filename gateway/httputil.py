@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from gateway.protocol import ProtocolError
 
@@ -13,16 +13,20 @@ from gateway.protocol import ProtocolError
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, read incrementally; ProtocolError(status=413) past ``limit`` bytes.
 
-    A declared Content-Length over the limit is refused before reading anything.
+    A declared Content-Length over the limit is refused before reading anything; a
+    client that disconnects mid-body is a ProtocolError(status=400), never a 500.
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ProtocolError(f"The request body is larger than {limit} bytes.", status=413)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ProtocolError(f"The request body is larger than {limit} bytes.", status=413)
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ProtocolError(f"The request body is larger than {limit} bytes.", status=413)
+    except ClientDisconnect:
+        raise ProtocolError("The client went away before its body arrived.", status=400) from None
     return bytes(body)
 
 

@@ -113,7 +113,9 @@ class SpeechService:
         options = ListenOptions(
             endpointing=endpointing,
             interim=interim,
-            silence_timeout_ms=silence_timeout_ms or defaults.silence_timeout_ms,
+            silence_timeout_ms=(
+                defaults.silence_timeout_ms if silence_timeout_ms is None else silence_timeout_ms
+            ),
             trailing_silence_ms=defaults.trailing_silence_ms,
             min_speech_ms=defaults.min_speech_ms,
             aggressiveness=defaults.aggressiveness,
