@@ -1,0 +1,1102 @@
+"""Voiceflow socket.io interact, sans I/O: one socket.io connection's events in, actions out.
+
+Spec: shared/specs/voiceflow-socket-interact.md ("Lifecycle", "Client events",
+"Server events"); PROTOCOL-NOTES.md ("Voiceflow socket.io interact") for the trace
+shapes; Voiceflow's documentation of request (action) and trace types.
+
+:class:`VoiceflowConnection` is fed the socket.io events of one connection
+(:meth:`~VoiceflowConnection.receive`) and the events of the turns it started
+(:meth:`~VoiceflowConnection.turn_event`, ``turn_rejected``, ``turn_finished``); it
+returns *actions* for the I/O layer, in order:
+
+- :class:`Emit` — emit one socket.io event (``client.started``, ``action.trace`` ...)
+  to this connection;
+- :class:`StartTurn` — run ``Conversation.turn(ctx, input)`` and feed its events back.
+
+It never raises on client input. The order of events is one table,
+:data:`TRANSITIONS` (connected -> ``client.start`` -> started [-> ``session.create``]
+-> ready -> ``action.send`` -> running -> ready ...); :class:`ConnectionStateMachine`
+raises the one ProtocolError (naming what was expected and what came) for anything
+else, and the connection answers it in the protocol's way: ``action.status
+{status: "rejected", reason}`` for an ``action.send``, ``error {code, error}`` for
+every other event. The connection stays usable after either.
+
+Wire shapes (server -> client)::
+
+    client.started   {newSessionRequired: bool}
+    session.created  {sessionKey: str}
+    action.status    {status: "accepted"|"rejected"|"completed", messageID, reason?, detail?}
+    action.trace     {trace: {type, payload?, time}, messageID}
+    session.ended    {reason: str}
+    error            {code: str, error: str, messageID?}
+    server.restart   {}                         (sent by the I/O layer on shutdown)
+
+Error ``code`` values (:data:`ERROR_CODES`) and rejection ``reason`` values
+(:data:`REJECT_REASONS`) are stable kebab-case names; ``error``/``detail`` are
+human-readable text.
+
+Decisions where the spec is silent:
+
+- **sessionKey** is an HS256 JWT (:class:`SessionKeys`): ``sub`` the gateway session
+  id (store key ``voiceflow:<id>``, app key = projectID), ``pid`` projectID, ``uid``
+  userID, ``iat``/``exp``. A key that is forged, expired, malformed or made for
+  another project or user means ``newSessionRequired: true``; nothing else is said,
+  so a client cannot probe keys.
+- Sessions live in the turn engine's store and are created by their first turn:
+  ``launch`` and the first action after ``session.create`` may create the session;
+  any other action on a session the store no longer has (it expired, or it never
+  had a turn) is rejected with ``session-not-found`` and followed by
+  ``session.ended {reason: "session_expired"}``: the client makes a new one.
+- ``action.status accepted`` is sent at once when the connection may start the
+  action; the turn engine can still refuse it afterwards (another instance runs a
+  turn of the session for longer than GATEWAY_LOCK_WAIT_S, the store is down):
+  then ``action.status rejected`` with the engine's reason follows instead of
+  ``completed``. Clients that wait for "completed or rejected" (the spec's advice)
+  handle both.
+- One action at a time per connection *and* per session on this instance (a second
+  connection of the same session is rejected with ``action-running``); across
+  instances the turn engine's session lock serialises turns.
+- ``client.start`` again (not while an action runs) re-does the handshake;
+  ``session.create`` in a ready connection replaces its session.
+- After the turn: ``action.status completed`` and then, when the engine deleted the
+  session, ``session.ended {reason: "end_of_diagram"}`` (the core ended the
+  conversation); the connection then needs ``session.create``. The ``end`` trace
+  goes out with the Response that ends the conversation, also when the core keeps
+  the session asleep (sleepTimeout), in which case no ``session.ended`` follows.
+- A failed turn (the core failed or timed out) gives ``error {code:
+  "pipeline-error", error, messageID}`` and ``action.status completed`` with
+  ``reason: "error"``.
+
+Response items -> traces (:class:`TraceWriter`), in this order per item:
+
+- text (not a ``#command``; SSML tags stripped when there is only SSML) ->
+  ``speak {type: "message", message, src?, voice?}`` when ``config.audioEvents``
+  (``src`` is the TTS audio link), else ``completion`` chunks when
+  ``config.completionEvents`` (``{state: "start"}``, ``{state: "content",
+  content}`` per item, later items prefixed with a space, ``{state: "end"}``
+  before any other trace and at the end of the turn), else ``text {message}``;
+- ``image`` -> ``visual {visualType: "image", image}``;
+- ``audio`` of an item without text (the core's own recording) ->
+  ``speak {type: "audio", message: "", src}``;
+- ``code`` holding a JSON object: ``"buttons"`` -> ``choice {buttons: [{name,
+  request: {type, payload}}]}`` (a plain string button ``"Yes"`` becomes ``{name:
+  "Yes", request: {type: "text", payload: "Yes"}}``, so pressing it sends the text);
+  ``"traces"`` -> each ``{type, payload}`` passed through as it is (cards,
+  carousels, custom actions);
+- an item whose text is ``#name`` (a client command) and whose code is anything
+  else -> the custom action trace ``{type: "name", payload: <code, parsed when
+  JSON>}``.
+- ``video`` has no Voiceflow trace and is not sent.
+
+Actions -> Input (:data:`ACTIONS`, and :data:`PATH_PREFIX` for choice paths): see
+:func:`action_input`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import uuid
+import zoneinfo
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal, TypeVar
+
+import jwt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.conversation import TurnContext, TurnRejected, new_session_id
+from gateway.events import (
+    INTRO,
+    SILENCE,
+    ErrorEvent,
+    Input,
+    InputClass,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+    TurnEvent,
+)
+from gateway.protocol import ProtocolError
+from gateway.speech.service import TtsRequest
+from gateway.speech.tts_cache import TtsFileFormat
+
+CHANNEL = "voiceflow"
+NAMESPACE = "voiceflow"
+"""Session store namespace: Voiceflow sessions are ``voiceflow:<session id>``."""
+
+PATH = "/v4/interact/socket"
+"""The socket.io path (spec "Connection configuration")."""
+
+MAX_ID = 256
+"""Longest userID, projectID, environmentID or messageID accepted (characters)."""
+MAX_KEY = 4096
+"""Longest sessionKey accepted (characters)."""
+MAX_NAME = 128
+"""Longest intent or event name accepted (characters)."""
+
+# client -> server events
+CLIENT_START = "client.start"
+SESSION_CREATE = "session.create"
+ACTION_SEND = "action.send"
+# server -> client events
+CLIENT_STARTED = "client.started"
+SESSION_CREATED = "session.created"
+SESSION_ENDED = "session.ended"
+ACTION_STATUS = "action.status"
+ACTION_TRACE = "action.trace"
+ERROR = "error"
+SERVER_RESTART = "server.restart"
+
+ENDED_BY_CORE = "end_of_diagram"
+"""session.ended reason when the core ended the conversation (Voiceflow's name)."""
+ENDED_EXPIRED = "session_expired"
+"""session.ended reason when the store no longer has the session."""
+
+ERROR_CODES: dict[str, str] = {
+    "not-started": "an event that needs client.start came before it",
+    "invalid-payload": "a payload that does not validate",
+    "unknown-event": "an event this server does not know",
+    "unauthorized": "client.start.authorization is missing or not a configured API key",
+    "forbidden-project": "client.start.projectID is not an allowed application key",
+    "action-running": "client.start or session.create while an action runs",
+    "pipeline-error": "the core failed or timed out on an action (with messageID)",
+    "gateway-error": "the gateway failed on an action (with messageID)",
+}
+"""``error.code`` -> when it is sent."""
+
+REJECT_REASONS: dict[str, str] = {
+    "not-started": "action.send before client.start",
+    "no-session": "action.send before session.create (or after the session ended)",
+    "malformed-action": "action.send whose action does not validate",
+    "unknown-action-type": "an action type this server does not know",
+    "action-running": "an action of this connection or session is still running",
+    "session-not-found": "the store no longer has the session (session.ended follows)",
+    "session-busy": "another instance held the session for longer than GATEWAY_LOCK_WAIT_S",
+    "session-foreign": "the session belongs to another project",
+    "store-unavailable": "the session store is down",
+}
+"""``action.status.reason`` of a rejection -> when it is sent."""
+
+
+# ------------------------------------------------------------------ payloads
+
+
+class _Payload(BaseModel):
+    """Base of client payloads: Voiceflow's own names (``userID``), unknown keys ignored."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+
+_M = TypeVar("_M", bound=_Payload)
+
+
+class ClientConfig(_Payload):
+    """``client.start.config`` (spec "client.start")."""
+
+    completion_events: bool = Field(default=False, alias="completionEvents")
+    user_timezone: str | None = Field(default=None, alias="userTimezone", max_length=64)
+    audio_events: bool = Field(default=False, alias="audioEvents")
+    audio_encoding: Literal["audio/x-mulaw", "audio/pcm", "audio/mp3", "audio/mpeg"] | None = Field(
+        default=None, alias="audioEncoding"
+    )
+
+    @field_validator("user_timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA time zone {value!r}") from None
+        return value
+
+    def tts(self) -> TtsRequest | None:
+        """The TTS links asked for: ``audioEvents`` in the file type of ``audioEncoding``.
+
+        ``audio/x-mulaw`` -> headerless 8 kHz μ-law files, ``audio/pcm`` -> WAV
+        (16-bit PCM), anything else MP3.
+        """
+        if not self.audio_events:
+            return None
+        return TtsRequest("links", _FILE_TYPES.get(self.audio_encoding or "", "mp3"))
+
+
+_FILE_TYPES: dict[str, TtsFileFormat] = {"audio/x-mulaw": "mulaw", "audio/pcm": "wav"}
+
+
+class ClientStart(_Payload):
+    """``client.start {userID, projectID, environmentID?, sessionKey?, authorization?,
+    config?}``."""
+
+    user_id: str = Field(alias="userID", min_length=1, max_length=MAX_ID)
+    project_id: str = Field(alias="projectID", min_length=1, max_length=MAX_ID)
+    environment_id: str | None = Field(default=None, alias="environmentID", max_length=MAX_ID)
+    session_key: str | None = Field(default=None, alias="sessionKey", max_length=MAX_KEY)
+    authorization: str | None = Field(default=None, max_length=MAX_KEY)
+    config: ClientConfig = Field(default_factory=ClientConfig)
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _config(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class ActionBody(_Payload):
+    """``action.send.action {type, payload?}`` (Voiceflow's request: ``diagramID``,
+    ``time`` ... are accepted and ignored)."""
+
+    type: str = Field(min_length=1, max_length=MAX_ID)
+    payload: Any = None
+
+
+class ActionSend(_Payload):
+    """``action.send {action, messageID?}``; a number messageID is taken as its text."""
+
+    action: ActionBody
+    message_id: str | None = Field(default=None, alias="messageID", min_length=1, max_length=MAX_ID)
+
+    @field_validator("message_id", mode="before")
+    @classmethod
+    def _message_id(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class IntentName(_Payload):
+    """``{name}`` of an intent or event: 1..MAX_NAME characters, no whitespace."""
+
+    name: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^\S+$")
+
+
+class Entity(_Payload):
+    """One entity of an intent action: ``{name, value}``."""
+
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    value: Any = None
+
+
+class IntentPayload(_Payload):
+    """``intent`` action payload: ``{intent: {name}, entities?: [{name, value}], query?,
+    confidence?}``."""
+
+    intent: IntentName
+    entities: list[Entity] = Field(default_factory=list)
+    query: str | None = None
+    confidence: float | None = Field(default=None, ge=0, le=1)
+
+
+class EventPayload(_Payload):
+    """``event`` action payload: ``{event: {name, ...}}``."""
+
+    event: IntentName
+
+
+class LabelPayload(_Payload):
+    """Payload of a choice path (``path-...``) or general ``action`` request: ``{label?}``."""
+
+    label: str | None = None
+
+
+def _first_error(exc: ValidationError, prefix: str = "") -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    where = f"{prefix}.{where}" if prefix and where else prefix or where
+    return f"{where}: {err['msg']}" if where else str(err["msg"])
+
+
+def parse_client_start(value: Any) -> ClientStart:
+    """The ``client.start`` payload; ProtocolError naming the first invalid field."""
+    if not isinstance(value, dict):
+        raise ProtocolError(f"client.start needs an object payload, not {_kind(value)}.")
+    try:
+        return ClientStart.model_validate(value)
+    except ValidationError as exc:
+        raise ProtocolError(f"Invalid client.start: {_first_error(exc)}") from None
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+# ---------------------------------------------------------------- session keys
+
+
+@dataclass(frozen=True)
+class KeyCheck:
+    """The outcome of :meth:`SessionKeys.verify`: the session id, or why there is none.
+
+    ``problem`` is one of ``missing``, ``malformed``, ``forged``, ``expired``,
+    ``foreign`` (another project or user); ``None`` when the key is valid.
+    """
+
+    session_id: str | None
+    problem: str | None = None
+
+
+class SessionKeys:
+    """sessionKey tokens: HS256 JWTs signed with the gateway's Voiceflow secret.
+
+    Claims: ``iss`` :attr:`ISSUER`, ``aud`` :attr:`AUDIENCE`, ``sub`` the session
+    id, ``pid`` the projectID, ``uid`` the userID, ``iat`` and ``exp`` (``iat`` +
+    ``ttl_s``; epoch seconds). Times come from the ``now`` each call is handed.
+    """
+
+    ISSUER = "channel-gateway"
+    AUDIENCE = "voiceflow-session"
+
+    def __init__(self, secret: str | bytes, ttl_s: int) -> None:
+        if len(secret) < 32:
+            raise ValueError("the sessionKey secret must have at least 32 characters")
+        self._secret = secret.encode() if isinstance(secret, str) else secret
+        self.ttl_s = ttl_s
+
+    def issue(self, *, session_id: str, project_id: str, user_id: str, now: float) -> str:
+        """A new sessionKey naming ``session_id`` for ``project_id``/``user_id``."""
+        claims = {
+            "iss": self.ISSUER,
+            "aud": self.AUDIENCE,
+            "sub": session_id,
+            "pid": project_id,
+            "uid": user_id,
+            "iat": int(now),
+            "exp": int(now) + self.ttl_s,
+        }
+        return jwt.encode(claims, self._secret, algorithm="HS256")
+
+    def verify(self, token: str | None, *, project_id: str, user_id: str, now: float) -> KeyCheck:
+        """The session id of ``token`` when it is ours, unexpired at ``now`` and was made
+        for ``project_id`` and ``user_id``; else a KeyCheck naming the problem."""
+        if not token:
+            return KeyCheck(None, "missing")
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                audience=self.AUDIENCE,
+                issuer=self.ISSUER,
+                options={
+                    "require": ["sub", "pid", "uid", "exp"],
+                    "verify_exp": False,  # checked below against the handed clock
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
+            )
+        except jwt.InvalidSignatureError:
+            return KeyCheck(None, "forged")
+        except jwt.InvalidTokenError:
+            return KeyCheck(None, "malformed")
+        session_id, exp = claims.get("sub"), claims.get("exp")
+        if not isinstance(session_id, str) or not session_id or not isinstance(exp, int | float):
+            return KeyCheck(None, "malformed")
+        if now >= exp:
+            return KeyCheck(None, "expired")
+        if claims.get("pid") != project_id or claims.get("uid") != user_id:
+            return KeyCheck(None, "foreign")
+        return KeyCheck(session_id)
+
+
+# ------------------------------------------------------------- actions -> Input
+
+
+def _launch(action: ActionBody) -> Input:
+    return Input.of(INTRO, attributes=_attributes(action))
+
+
+def _text(action: ActionBody) -> Input:
+    text = action.payload
+    if not isinstance(text, str) or not text.strip():
+        raise ProtocolError("A text action needs payload: a non-empty string.")
+    return Input.of(text, attributes=_attributes(action, raw=False))
+
+
+def _intent(action: ActionBody) -> Input:
+    payload = _model(IntentPayload, action)
+    name = payload.intent.name
+    query = (payload.query or "").strip()
+    return Input.of(
+        query or f"#{name}",
+        classes=[
+            InputClass(type="Intent", name=name, score=payload.confidence or 1.0),
+            *(InputClass(type="Entity", name=e.name) for e in payload.entities),
+        ],
+        attributes={
+            **_attributes(action),
+            "intent": {"name": name, "entities": {e.name: e.value for e in payload.entities}},
+        },
+    )
+
+
+def _event(action: ActionBody) -> Input:
+    payload = _model(EventPayload, action)
+    return Input.of(f"#{payload.event.name}", attributes=_attributes(action))
+
+
+def _no_reply(action: ActionBody) -> Input:
+    return Input.of(SILENCE, attributes=_attributes(action))
+
+
+def _labelled(action: ActionBody) -> Input:
+    """A choice path (``path-...``) or general ``action`` request: its label, else ``#<type>``."""
+    payload = action.payload
+    label = _model(LabelPayload, action).label if isinstance(payload, dict) else None
+    text = (label or "").strip() or f"#{action.type}"
+    return Input.of(text, attributes=_attributes(action))
+
+
+def _model(model: type[_M], action: ActionBody) -> _M:
+    try:
+        return model.model_validate(action.payload)
+    except ValidationError as exc:
+        raise ProtocolError(
+            f"Invalid {action.type} action: {_first_error(exc, 'payload')}"
+        ) from None
+
+
+def _attributes(action: ActionBody, *, raw: bool = True) -> dict[str, Any]:
+    """Input attributes of every action: the Voiceflow action as it came (``text``
+    without its payload, which is the transcript) and no stale intent."""
+    seen: dict[str, Any] = {"type": action.type}
+    if raw:
+        seen["payload"] = action.payload
+    return {"voiceflowAction": seen, "intent": None}
+
+
+ACTIONS: dict[str, Callable[[ActionBody], Input]] = {
+    "launch": _launch,
+    "text": _text,
+    "intent": _intent,
+    "event": _event,
+    "no-reply": _no_reply,
+    "action": _labelled,
+}
+"""Voiceflow request type -> its Input (see :func:`action_input`)."""
+
+PATH_PREFIX = "path-"
+"""Choice path request types (``path-<id>``, a button's ``request.type``) start with this."""
+
+
+def action_input(action: ActionBody) -> Input:
+    """The turn engine Input of a Voiceflow action (spec "action.send").
+
+    ===============  ===========================================================
+    ``launch``       ``#intro``
+    ``text``         the payload string (must not be blank)
+    ``intent``       ``payload.query`` when given, else ``#<intent.name>``; classes
+                     ``Intent`` (score = confidence) and one ``Entity`` per entity;
+                     ``attributes.intent = {name, entities: {name: value}}``
+    ``event``        ``#<payload.event.name>``
+    ``no-reply``     ``#silence``
+    ``path-...``     ``payload.label`` when given, else ``#<type>`` (choice buttons)
+    ``action``       ``payload.label`` when given, else ``#action``
+    ===============  ===========================================================
+
+    A ``text`` payload starting with ``#`` reaches the core as an action, by the
+    gateway's convention (DESIGN.md), like typed text on every channel.
+
+    Every Input carries ``attributes.voiceflowAction = {type, payload}`` (``text``:
+    ``{type}``) and ``attributes.intent`` (``None`` but for intents), so the core can
+    see the action as it came and no intent outlives its turn.
+
+    Raises ProtocolError (``unknown-action-type`` when ``.got`` is set, else a
+    malformed payload).
+    """
+    handler = ACTIONS.get(action.type)
+    if handler is None and action.type.startswith(PATH_PREFIX) and len(action.type) > 5:
+        handler = _labelled
+    if handler is None:
+        raise ProtocolError(
+            "Unknown action type",
+            expected=f"one of {', '.join(ACTIONS)} or {PATH_PREFIX}<id>",
+            got=repr(action.type),
+        )
+    return handler(action)
+
+
+# -------------------------------------------------------- turn events -> traces
+
+_TAG = re.compile(r"<[^>]+>")
+
+
+def trace(type_: str, payload: Any, time_ms: int) -> dict[str, Any]:
+    """One trace: ``{type, payload, time}`` (``payload`` left out when ``None``)."""
+    out: dict[str, Any] = {"type": type_}
+    if payload is not None:
+        out["payload"] = payload
+    out["time"] = time_ms
+    return out
+
+
+class TraceWriter:
+    """Response items of one turn -> Voiceflow traces (rules in the module doc).
+
+    Stateful only for ``completion`` chunks: a completion opened by a text item is
+    ended (``{state: "end"}``) before any other trace and by :meth:`close`.
+    """
+
+    def __init__(self, config: ClientConfig, clock_ms: Callable[[], int]) -> None:
+        self.config = config
+        self._now = clock_ms
+        self._open = False
+
+    def item(self, item: ResponseItem) -> list[dict[str, Any]]:
+        """The traces of one response item, in order."""
+        out: list[dict[str, Any]] = []
+        now = self._now()
+        text = _message(item)
+        if text is not None:
+            if self.config.audio_events:
+                speak: dict[str, Any] = {"type": "message", "message": text}
+                if item.audio:
+                    speak["src"] = item.audio
+                if item.tts_config is not None and item.tts_config.name:
+                    speak["voice"] = item.tts_config.name
+                out.append(trace("speak", speak, now))
+            elif self.config.completion_events:
+                if not self._open:
+                    self._open = True
+                    out.append(trace("completion", {"state": "start"}, now))
+                    content = text
+                else:
+                    content = " " + text
+                out.append(trace("completion", {"state": "content", "content": content}, now))
+                text = None  # the completion stays open for the next text item
+            else:
+                out.append(trace("text", {"message": text}, now))
+        others: list[dict[str, Any]] = []
+        if item.image:
+            others.append(trace("visual", {"visualType": "image", "image": item.image}, now))
+        if item.audio and _message(item) is None:
+            others.append(trace("speak", {"type": "audio", "message": "", "src": item.audio}, now))
+        others.extend(self._code_traces(item, now))
+        if others:
+            out.extend(self.close())
+            out.extend(others)
+        return out
+
+    def close(self) -> list[dict[str, Any]]:
+        """``[completion {state: "end"}]`` when a completion is open, else ``[]``."""
+        if not self._open:
+            return []
+        self._open = False
+        return [trace("completion", {"state": "end"}, self._now())]
+
+    def _code_traces(self, item: ResponseItem, now: int) -> list[dict[str, Any]]:
+        if not item.code:
+            return []
+        value = _json(item.code)
+        out: list[dict[str, Any]] = []
+        if isinstance(value, dict) and ("buttons" in value or "traces" in value):
+            buttons = [b for b in map(_button, _list(value.get("buttons"))) if b is not None]
+            if buttons:
+                out.append(trace("choice", {"buttons": buttons}, now))
+            for raw in _list(value.get("traces")):
+                if isinstance(raw, dict) and isinstance(raw.get("type"), str) and raw["type"]:
+                    out.append(trace(raw["type"], raw.get("payload"), now))
+            return out
+        command = (item.text or "").strip()
+        if command.startswith("#") and len(command) > 1:
+            payload = value if value is not None else item.code
+            out.append(trace(command[1:].split()[0], payload, now))
+        return out
+
+
+def _message(item: ResponseItem) -> str | None:
+    """The text an item says: its text, else its SSML without tags; None for ``#commands``."""
+    text = (item.text or "").strip()
+    if text.startswith("#"):
+        return None
+    if not text and item.ssml:
+        text = " ".join(_TAG.sub(" ", item.ssml).split())
+    return text or None
+
+
+def _json(code: str) -> Any:
+    text = code.strip()
+    if not text.startswith(("{", "[")):
+        return None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _button(raw: Any) -> dict[str, Any] | None:
+    """A choice button ``{name, request: {type, payload}}`` from the core's shorthand or form."""
+    if isinstance(raw, str) and raw.strip():
+        return {"name": raw, "request": {"type": "text", "payload": raw}}
+    if not isinstance(raw, dict):
+        return None
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return None
+    request = raw.get("request")
+    if not isinstance(request, dict):
+        return {"name": name, "request": {"type": "text", "payload": name}}
+    kind = request.get("type")
+    if not isinstance(kind, str) or not kind:
+        return None
+    return {"name": name, "request": {"type": kind, "payload": request.get("payload")}}
+
+
+# ------------------------------------------------------------------ actions out
+
+
+@dataclass(frozen=True)
+class Emit:
+    """Emit socket.io ``event`` with ``data`` to this connection."""
+
+    event: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StartTurn:
+    """Run ``Conversation.turn(ctx, input)`` for action ``message_id`` and feed its events back."""
+
+    ctx: TurnContext
+    input: Input
+    message_id: str
+
+
+Action = Emit | StartTurn
+
+
+def error(code: str, text: str, message_id: str | None = None) -> Emit:
+    """``error {code, error, messageID?}`` (codes: :data:`ERROR_CODES`)."""
+    data: dict[str, Any] = {"code": code, "error": text}
+    if message_id is not None:
+        data["messageID"] = message_id
+    return Emit(ERROR, data)
+
+
+def status(
+    state: Literal["accepted", "rejected", "completed"],
+    message_id: str,
+    reason: str | None = None,
+    detail: str | None = None,
+) -> Emit:
+    """``action.status {status, messageID, reason?, detail?}``."""
+    data: dict[str, Any] = {"status": state, "messageID": message_id}
+    if reason is not None:
+        data["reason"] = reason
+    if detail is not None:
+        data["detail"] = detail
+    return Emit(ACTION_STATUS, data)
+
+
+# ------------------------------------------------------------ state machine
+
+
+class State(StrEnum):
+    """Where a Voiceflow connection is, as the server sees it."""
+
+    CONNECTED = "connected"
+    """socket.io connected; no client.start accepted yet."""
+    STARTED = "started"
+    """client.started sent; no session (newSessionRequired, or the session ended)."""
+    READY = "ready"
+    """A session is known (session.created, or a valid sessionKey); no action runs."""
+    RUNNING = "running"
+    """An action of this connection runs."""
+    ENDING = "ending"
+    """The running action's turn ended the session; its stream has not ended yet."""
+    CLOSED = "closed"
+    """The socket.io connection is gone."""
+
+
+# Pseudo-events besides the client's (client.start, session.create, action.send) and
+# the turn engine's (TurnEvent.type): what the connection itself decides or observes.
+START_RESUMED = "client.start (valid sessionKey)"
+START_REFUSED = "client.start (refused)"
+ACTION_REFUSED = "action.send (refused)"
+TURN_REJECTED = "TurnRejected"
+TURN_REJECTED_GONE = "TurnRejected (session not found)"
+TURN_FINISHED = "TurnFinished"
+DISCONNECT = "Disconnect"
+
+
+def _build_transitions() -> dict[tuple[State, str], State]:
+    table: dict[tuple[State, str], State] = {
+        # the handshake (spec "Initialization sequence"); again later re-does it
+        (State.STARTED, SESSION_CREATE): State.READY,
+        (State.READY, SESSION_CREATE): State.READY,
+        # actions (spec "Action Lifecycle")
+        (State.READY, ACTION_SEND): State.RUNNING,
+        (State.READY, ACTION_REFUSED): State.READY,
+        # the turn's events, in the engine's order
+        (State.RUNNING, "SessionStarted"): State.RUNNING,
+        (State.RUNNING, "ResponseItem"): State.RUNNING,
+        (State.RUNNING, "Binary"): State.RUNNING,
+        (State.RUNNING, "Response"): State.RUNNING,
+        (State.RUNNING, "Error"): State.RUNNING,
+        (State.RUNNING, "SessionEnded"): State.ENDING,
+        (State.RUNNING, TURN_REJECTED): State.READY,
+        (State.RUNNING, TURN_REJECTED_GONE): State.STARTED,
+        (State.RUNNING, TURN_FINISHED): State.READY,
+        (State.ENDING, TURN_FINISHED): State.STARTED,
+    }
+    for state in (State.CONNECTED, State.STARTED, State.READY):
+        table[(state, CLIENT_START)] = State.STARTED
+        table[(state, START_RESUMED)] = State.READY
+        table[(state, START_REFUSED)] = state
+    for state in State:
+        table[(state, DISCONNECT)] = State.CLOSED
+    return table
+
+
+TRANSITIONS: dict[tuple[State, str], State] = _build_transitions()
+"""(state, event) -> next state for every legal event of a Voiceflow connection.
+
+Events are the client's (``client.start``, ``session.create``, ``action.send``), the
+turn engine's (``SessionStarted``, ``ResponseItem``, ``Binary``, ``Response``,
+``Error``, ``SessionEnded``) and the connection's own (:data:`START_RESUMED`,
+:data:`START_REFUSED`, :data:`ACTION_REFUSED`, :data:`TURN_REJECTED`,
+:data:`TURN_REJECTED_GONE`, :data:`TURN_FINISHED`, :data:`DISCONNECT`). Anything
+else is a ProtocolError.
+"""
+
+_EXPECTED: dict[State, tuple[str, str, str]] = {
+    # state: (error code / reject reason, text, what was expected)
+    State.CONNECTED: ("not-started", "The client has not started", "client.start"),
+    State.STARTED: ("no-session", "There is no session", "session.create or client.start"),
+    State.READY: ("unknown-event", "Event out of order", "action.send or session.create"),
+    State.RUNNING: ("action-running", "An action is still running", "its action.status"),
+    State.ENDING: ("action-running", "An action is still running", "its action.status"),
+    State.CLOSED: ("unknown-event", "The connection is closed", "nothing"),
+}
+
+
+class ConnectionStateMachine:
+    """The order of events on one Voiceflow connection, checked against :data:`TRANSITIONS`."""
+
+    def __init__(self) -> None:
+        self.state = State.CONNECTED
+
+    def allows(self, event: str) -> bool:
+        """Whether ``event`` is legal in the current state."""
+        return (self.state, event) in TRANSITIONS
+
+    def check(self, event: str) -> None:
+        """Raise ProtocolError (like :meth:`feed`) unless ``event`` is legal now."""
+        if not self.allows(event):
+            raise self.refusal(event)[1]
+
+    def feed(self, event: str) -> State:
+        """Advance with ``event`` and return the new state.
+
+        Raises ProtocolError (``expected``/``got`` set) when the table does not allow
+        it; the state is then unchanged.
+        """
+        self.check(event)
+        self.state = TRANSITIONS[(self.state, event)]
+        return self.state
+
+    def refusal(self, event: str) -> tuple[str, ProtocolError]:
+        """Why the current state refuses ``event``: the error code / rejection reason
+        (``not-started``, ``no-session``, ``action-running`` ...) and the ProtocolError."""
+        code, text, expected = _EXPECTED[self.state]
+        return code, ProtocolError(text, expected=expected, got=event)
+
+
+# ------------------------------------------------------------------ connection
+
+
+@dataclass
+class _Running:
+    message_id: str
+    writer: TraceWriter
+    failed: bool = False
+
+
+class VoiceflowConnection:
+    """One socket.io connection of the Voiceflow interact protocol, sans I/O.
+
+    ``keys`` makes and checks sessionKeys; ``project_allowed`` decides whether a
+    projectID may open sessions (``Settings.key_allowed``: GATEWAY_APP_KEYS);
+    ``api_keys`` are the accepted ``authorization`` values (empty: not checked);
+    ``clock`` gives epoch seconds (trace times, key expiry); ``session_busy`` tells
+    whether another connection of this instance runs an action of a session (its
+    store key); ``new_id`` makes session ids and ``new_message_id`` messageIDs.
+
+    Feed it with :meth:`receive` (client events) and :meth:`turn_event` /
+    :meth:`turn_rejected` / :meth:`turn_finished` (the turn it asked for with
+    StartTurn); each returns a list of actions and none raises on client input.
+    """
+
+    def __init__(
+        self,
+        *,
+        keys: SessionKeys,
+        project_allowed: Callable[[str], bool],
+        api_keys: frozenset[str] = frozenset(),
+        clock: Callable[[], float],
+        session_busy: Callable[[str], bool] = lambda key: False,
+        new_id: Callable[[], str] = new_session_id,
+        new_message_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self._keys = keys
+        self._project_allowed = project_allowed
+        self._api_keys = api_keys
+        self._clock = clock
+        self._session_busy = session_busy
+        self._new_id = new_id
+        self._new_message_id = new_message_id
+        self.machine = ConnectionStateMachine()
+        self.start: ClientStart | None = None
+        """The accepted client.start."""
+        self.session_id: str | None = None
+        """The session this connection talks in (None before one is known and after it ended)."""
+        self._fresh = False  # made by session.create here and not yet taken on by the engine
+        self._running: _Running | None = None
+
+    # -------------------------------------------------------------- queries
+
+    @property
+    def state(self) -> State:
+        """The state of :attr:`machine`."""
+        return self.machine.state
+
+    @property
+    def session_key(self) -> str | None:
+        """The store key (``voiceflow:<id>``) of the connection's session."""
+        return f"{NAMESPACE}:{self.session_id}" if self.session_id else None
+
+    @property
+    def running_message_id(self) -> str | None:
+        """The messageID of the running action."""
+        return self._running.message_id if self._running else None
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    # ---------------------------------------------------------- client events
+
+    def receive(self, event: str, args: Sequence[Any] = ()) -> list[Action]:
+        """Handle one client event with its arguments (socket.io may carry several;
+        the first is the payload). Never raises.
+
+        ``client.start`` -> ``[client.started]`` or ``[error]``; ``session.create`` ->
+        ``[session.created]`` or ``[error]``; ``action.send`` -> ``[action.status
+        accepted, StartTurn]`` or ``[action.status rejected]``; anything else ->
+        ``[error unknown-event]``.
+        """
+        payload = args[0] if args else None
+        handler = _EVENTS.get(event)
+        if handler is None:
+            return [error("unknown-event", f"Unknown event {event!r}: expected {_KNOWN}.")]
+        return handler(self, payload)
+
+    def _on_client_start(self, payload: Any) -> list[Action]:
+        machine = self.machine
+        if not machine.allows(CLIENT_START):
+            return [self._refused_event(CLIENT_START)]
+        try:
+            start = parse_client_start(payload)
+        except ProtocolError as exc:
+            machine.feed(START_REFUSED)
+            return [error("invalid-payload", exc.text)]
+        if self._api_keys and not _key_in(start.authorization, self._api_keys):
+            machine.feed(START_REFUSED)
+            text = "client.start.authorization is missing or is not an API key of this gateway."
+            return [error("unauthorized", text)]
+        if not self._project_allowed(start.project_id):
+            machine.feed(START_REFUSED)
+            return [error("forbidden-project", f"Unknown projectID {start.project_id!r}.")]
+        check = self._keys.verify(
+            start.session_key,
+            project_id=start.project_id,
+            user_id=start.user_id,
+            now=self._clock(),
+        )
+        self.start = start
+        self._fresh = False
+        if check.session_id is not None:
+            machine.feed(START_RESUMED)
+            self.session_id = check.session_id
+            return [Emit(CLIENT_STARTED, {"newSessionRequired": False})]
+        machine.feed(CLIENT_START)
+        self.session_id = None
+        return [Emit(CLIENT_STARTED, {"newSessionRequired": True})]
+
+    def _on_session_create(self, payload: Any) -> list[Action]:
+        if not self.machine.allows(SESSION_CREATE):
+            return [self._refused_event(SESSION_CREATE)]
+        if payload is not None and not isinstance(payload, dict):
+            return [error("invalid-payload", f"session.create takes {{}}, not {_kind(payload)}.")]
+        start = self.start
+        assert start is not None  # the table allows session.create only after client.start
+        self.machine.feed(SESSION_CREATE)
+        self.session_id = self._new_id()
+        self._fresh = True
+        key = self._keys.issue(
+            session_id=self.session_id,
+            project_id=start.project_id,
+            user_id=start.user_id,
+            now=self._clock(),
+        )
+        return [Emit(SESSION_CREATED, {"sessionKey": key})]
+
+    def _refused_event(self, event: str) -> Emit:
+        code, exc = self.machine.refusal(event)
+        return error(code, exc.text)
+
+    def _on_action_send(self, payload: Any) -> list[Action]:
+        message_id = _message_id_of(payload) or self._new_message_id()
+        machine = self.machine
+        if not machine.allows(ACTION_SEND):
+            reason, refused = machine.refusal(ACTION_SEND)
+            return [status("rejected", message_id, reason, refused.text)]
+        try:
+            if not isinstance(payload, dict):
+                raise ProtocolError(f"action.send needs an object payload, not {_kind(payload)}.")
+            try:
+                body = ActionSend.model_validate(payload).action
+            except ValidationError as exc:
+                raise ProtocolError(f"Invalid action.send: {_first_error(exc)}") from None
+            input_ = action_input(body)
+        except ProtocolError as exc:
+            machine.feed(ACTION_REFUSED)
+            reason = "unknown-action-type" if exc.got is not None else "malformed-action"
+            return [status("rejected", message_id, reason, exc.text)]
+        session_key = self.session_key
+        assert session_key is not None  # READY has a session and a client.start
+        assert self.start is not None
+        if self._session_busy(session_key):
+            machine.feed(ACTION_REFUSED)
+            text = "An action of this session is running on another connection."
+            return [status("rejected", message_id, "action-running", text)]
+        machine.feed(ACTION_SEND)
+        self._running = _Running(message_id, TraceWriter(self.start.config, self._now_ms))
+        ctx = self._context(create=self._fresh or body.type == "launch")
+        return [status("accepted", message_id), StartTurn(ctx, input_, message_id)]
+
+    def _context(self, *, create: bool) -> TurnContext:
+        start = self.start
+        assert start is not None
+        assert self.session_id is not None
+        config = start.config
+        stored: dict[str, Any] = {
+            "userID": start.user_id,
+            "projectID": start.project_id,
+            "environmentID": start.environment_id,
+            "completionEvents": config.completion_events,
+            "audioEvents": config.audio_events,
+            "audioEncoding": config.audio_encoding,
+            "userTimezone": config.user_timezone,
+        }
+        return TurnContext(
+            channel=CHANNEL,
+            namespace=NAMESPACE,
+            session_id=self.session_id,
+            app_key=start.project_id,
+            device_id=start.user_id,
+            time_zone=config.user_timezone,
+            create=create,
+            config={k: v for k, v in stored.items() if v is not None},
+            tts=config.tts(),
+        )
+
+    # ------------------------------------------------------------- turn events
+
+    def turn_event(self, event: TurnEvent) -> list[Action]:
+        """Format one event of the running turn (spec "action.trace").
+
+        ResponseItem -> ``action.trace`` per trace; Response -> the open completion's
+        end and, when it ends the conversation, the ``end`` trace; Error -> ``error
+        {code: pipeline-error|gateway-error, error, messageID}``; SessionStarted,
+        Binary and SessionEnded -> nothing now (see :meth:`turn_finished`). Raises
+        ProtocolError when no action runs or the engine broke its order (a gateway bug).
+        """
+        self.machine.feed(event.type)
+        running = self._running
+        assert running is not None
+        self._fresh = False  # the engine took the turn on: the session exists now
+        if isinstance(event, ResponseItemEvent):
+            return self._traces(running, running.writer.item(event.response_item))
+        if isinstance(event, ResponseEvent):
+            traces = running.writer.close()
+            if event.response.session_ended:
+                traces.append(trace("end", None, self._now_ms()))
+            return self._traces(running, traces)
+        if isinstance(event, ErrorEvent):
+            running.failed = True
+            code = "pipeline-error" if event.source == "pipeline" else "gateway-error"
+            out = self._traces(running, running.writer.close())
+            return [*out, error(code, event.text, running.message_id)]
+        return []
+
+    def _traces(self, running: _Running, traces: list[dict[str, Any]]) -> list[Action]:
+        return [Emit(ACTION_TRACE, {"trace": t, "messageID": running.message_id}) for t in traces]
+
+    def turn_rejected(self, exc: TurnRejected) -> list[Action]:
+        """The engine refused the turn: ``action.status rejected`` with its reason
+        (:data:`REJECT_REASONS`); for ``session-not-found`` also ``session.ended
+        {reason: "session_expired"}`` and the connection needs a new session."""
+        running = self._running
+        assert running is not None
+        gone = exc.reason == "session-not-found"
+        self.machine.feed(TURN_REJECTED_GONE if gone else TURN_REJECTED)
+        self._running = None
+        out: list[Action] = [status("rejected", running.message_id, exc.reason, exc.text)]
+        if gone:
+            self.session_id = None
+            self._fresh = False
+            out.append(Emit(SESSION_ENDED, {"reason": ENDED_EXPIRED}))
+        return out
+
+    def turn_finished(self) -> list[Action]:
+        """The running turn's event stream has ended: ``action.status completed``
+        (``reason: "error"`` after a failed turn) and, when the engine deleted the
+        session, ``session.ended {reason: "end_of_diagram"}``."""
+        running = self._running
+        assert running is not None
+        ended = self.machine.feed(TURN_FINISHED) is State.STARTED
+        self._running = None
+        out: list[Action] = self._traces(running, running.writer.close())
+        out.append(status("completed", running.message_id, "error" if running.failed else None))
+        if ended:
+            self.session_id = None
+            self._fresh = False
+            out.append(Emit(SESSION_ENDED, {"reason": ENDED_BY_CORE}))
+        return out
+
+    def connection_lost(self) -> None:
+        """The socket.io connection is gone; nothing more is accepted."""
+        self.machine.feed(DISCONNECT)
+
+
+_EVENTS: dict[str, Callable[[VoiceflowConnection, Any], list[Action]]] = {
+    CLIENT_START: VoiceflowConnection._on_client_start,
+    SESSION_CREATE: VoiceflowConnection._on_session_create,
+    ACTION_SEND: VoiceflowConnection._on_action_send,
+}
+"""Client event -> its handler (spec "Client events")."""
+_KNOWN = ", ".join(_EVENTS)
+
+
+def _message_id_of(payload: Any) -> str | None:
+    """The client's messageID when it is usable, whatever else is wrong with the payload."""
+    if not isinstance(payload, Mapping):
+        return None
+    value = payload.get("messageID")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID:
+        return value
+    return None
+
+
+def _key_in(given: str | None, keys: frozenset[str]) -> bool:
+    """Whether ``given`` is one of ``keys`` (constant time per comparison)."""
+    if not given:
+        return False
+    raw = given.encode()
+    return any(hmac.compare_digest(raw, key.encode()) for key in keys)

@@ -1,0 +1,388 @@
+"""Voiceflow socket.io interact at ``/v4/interact/socket``: thin I/O around the protocol.
+
+A python-socketio ``AsyncServer`` (ASGI mode; Engine.IO 4 / Socket.IO 5, the
+protocol of socket.io-client 3.x and 4.x; websocket and HTTP long-polling
+transports) is mounted into the FastAPI app by :func:`mount`. Each connection gets
+a :class:`adapters.voiceflow.protocol.VoiceflowConnection`; every client event is
+fed to it and the actions it returns are carried out: emits to that connection,
+and turns of the turn engine, each forwarded by a task of its own (so events keep
+being read while a turn runs). When the client goes away only the forwarding is
+cancelled: the engine's turn completes and saves the session.
+
+Spec: shared/specs/voiceflow-socket-interact.md; the wire shapes and decisions are
+in the protocol module's doc.
+
+Operations:
+
+- **Secret.** sessionKeys are signed with GATEWAY_VOICEFLOW_SECRET. When it is
+  unset a random per-process secret is made at startup and a WARNING logged: keys
+  then stop working when the process restarts and on every other instance.
+- **Several workers or instances.** With GATEWAY_REDIS_URL the server uses
+  python-socketio's ``AsyncRedisManager`` (channel ``<prefix>:voiceflow:socket.io``),
+  so emits to rooms or to clients of other instances (and ``disconnect`` of them)
+  reach them. The gateway's own emits always go to a connection of this process and
+  skip the queue (``ignore_queue``): one Redis PUBLISH less per trace. Sessions are
+  in the turn engine's store, so a client that reconnects (with its sessionKey)
+  anywhere continues its conversation. Long polling needs **sticky sessions** at
+  the load balancer (every request of one Engine.IO session must reach the
+  process that holds it); WebSocket connections do not.
+- **Graceful shutdown.** ``server.restart`` goes to every client connected to this
+  process, then their Engine.IO sessions are closed, which makes socket.io clients
+  reconnect (to another instance behind the load balancer). uvicorn closes open
+  WebSockets (1012) *before* it runs the app's lifespan shutdown, so the notice is
+  sent from the first SIGTERM/SIGINT: the server's own signal handler (uvicorn's)
+  is wrapped while the app runs, and called once the clients were told (at most
+  GATEWAY_VOICEFLOW_RESTART_GRACE_S later). The lifespan shutdown tells whoever is
+  still connected (when the server was stopped without a signal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import engineio.packet
+import socketio
+from fastapi import APIRouter, FastAPI
+
+from adapters.voiceflow.protocol import (
+    PATH,
+    SERVER_RESTART,
+    Action,
+    Emit,
+    SessionKeys,
+    StartTurn,
+    VoiceflowConnection,
+    error,
+)
+from gateway.conversation import TurnRejected
+from gateway.deps import Gateway
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "/"
+"""The socket.io namespace served (Voiceflow clients use the default one)."""
+
+_SignalHandler = Callable[[int, FrameType | None], Any]
+
+
+@dataclass
+class _Client:
+    """One connected socket.io client: its protocol state and turn forwarders."""
+
+    sid: str
+    conn: VoiceflowConnection
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class VoiceflowServer:
+    """The socket.io server of one gateway app (see module doc).
+
+    ``asgi`` is the ASGI app to mount (it answers ``PATH`` and below); ``sio`` the
+    python-socketio AsyncServer. :meth:`lifespan` starts and stops it with the app.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        manager = None
+        if settings.redis_url:
+            manager = socketio.AsyncRedisManager(
+                settings.redis_url, channel=f"{settings.redis_prefix}:voiceflow:socket.io"
+            )
+        origins = list(settings.voiceflow_cors_origins)
+        self.sio = socketio.AsyncServer(
+            async_mode="asgi",
+            client_manager=manager,
+            cors_allowed_origins="*" if "*" in origins else (origins or None),
+            transports=["polling", "websocket"],
+            max_http_buffer_size=settings.max_body_bytes,
+            logger=False,
+            engineio_logger=False,
+        )
+        self.asgi = socketio.ASGIApp(self.sio, socketio_path=PATH)
+        self.sio.on("connect", self._connect)
+        self.sio.on("disconnect", self._disconnect)
+        self.sio.on("*", self._event)
+        self._gateway: Gateway | None = None
+        self._keys: SessionKeys | None = None
+        self._clients: dict[str, _Client] = {}
+        self._running: dict[str, str] = {}  # session store key -> sid running an action of it
+        self._hooks: dict[int, _SignalHook] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Start with the app (after the gateway exists); on shutdown tell clients first."""
+        self.start(app.state.gateway)
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    def start(self, gw: Gateway) -> None:
+        """Take the gateway's parts, make the sessionKey signer, wrap the signal handlers."""
+        self._gateway = gw
+        secret = self.settings.voiceflow_secret
+        if secret is None:
+            log.warning(
+                "GATEWAY_VOICEFLOW_SECRET is not set: Voiceflow sessionKeys are signed with a "
+                "random per-process key; they stop working when this process restarts and are "
+                "not accepted by other gateway instances"
+            )
+            key: str | bytes = secrets.token_bytes(32)
+        else:
+            key = secret.get_secret_value()
+        self._keys = SessionKeys(key, self.settings.voiceflow_session_key_ttl_s)
+        self._install_signal_hooks()
+
+    async def stop(self) -> None:
+        """Tell remaining clients ``server.restart``, stop socket.io's background tasks."""
+        self._remove_signal_hooks()
+        try:
+            await self.restart()
+        except Exception:
+            log.exception("telling Voiceflow clients about the restart failed")
+        for client in list(self._clients.values()):
+            for task in list(client.tasks):
+                task.cancel()
+        await self.sio.shutdown()
+        manager = self.sio.manager
+        listener = getattr(manager, "thread", None)
+        if isinstance(listener, asyncio.Task):
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await listener
+        redis = getattr(manager, "redis", None)
+        if redis is not None:
+            with contextlib.suppress(Exception):
+                await redis.aclose()
+
+    async def restart(self) -> int:
+        """``server.restart {}`` to every client of this process, then end their
+        Engine.IO sessions so that they reconnect; bounded by
+        GATEWAY_VOICEFLOW_RESTART_GRACE_S. Returns how many clients were told."""
+        sids = list(self._clients)
+        if not sids:
+            return 0
+        grace = self.settings.voiceflow_restart_grace_s
+        try:
+            async with asyncio.timeout(grace):
+                await asyncio.gather(*(self._tell_restart(sid) for sid in sids))
+        except TimeoutError:
+            log.warning("Voiceflow clients were not all told within %.1f s", grace)
+        log.info("told %d Voiceflow clients to reconnect elsewhere", len(sids))
+        return len(sids)
+
+    async def _tell_restart(self, sid: str) -> None:
+        """server.restart to one client, then the end of its Engine.IO session.
+
+        WebSocket: Engine.IO's CLOSE follows the event on the same socket. Long
+        polling: engineio refuses every GET of a closed session, so the CLOSE is put
+        in the queue while the session is still open, and the session is closed
+        once a GET has taken it. Either way the client reconnects.
+        """
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+        await self._emit(sid, Emit(SERVER_RESTART, {}))
+        socket = self.sio.eio.sockets.get(eio_sid) if eio_sid else None
+        if socket is None:
+            return
+        try:
+            if socket.upgraded:
+                await self.sio.eio.disconnect(eio_sid)
+                return
+            await socket.send(engineio.packet.Packet(engineio.packet.CLOSE))
+            await socket.queue.join()  # GETs have taken server.restart and CLOSE
+            await socket.close(wait=False, abort=True)
+            socket.queue.put_nowait(None)  # answer a GET that may still wait
+        except Exception as exc:  # the client went away meanwhile
+            log.debug("ending the Engine.IO session of %s: %s", sid, exc)
+
+    def _install_signal_hooks(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            # only a server's own graceful handler (uvicorn's) is wrapped: not the
+            # defaults, which would end the process or raise KeyboardInterrupt
+            if not callable(previous) or previous is signal.default_int_handler:
+                continue
+            hook = _SignalHook(self, previous, loop)
+            signal.signal(sig, hook)
+            self._hooks[sig] = hook
+
+    def _remove_signal_hooks(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, hook in self._hooks.items():
+            hook.active = False
+            previous = hook.previous
+            if signal.getsignal(sig) is hook:
+                signal.signal(sig, previous)
+        self._hooks.clear()
+
+    # ------------------------------------------------------------- socket.io
+
+    async def _connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> bool:
+        gw, keys = self._gateway, self._keys
+        if gw is None or keys is None:
+            return False  # not started (or stopping): the client retries
+        conn = VoiceflowConnection(
+            keys=keys,
+            project_allowed=gw.settings.key_allowed,
+            api_keys=gw.settings.voiceflow_api_keys,
+            clock=time.time,
+            session_busy=self._running.__contains__,
+        )
+        self._clients[sid] = _Client(sid, conn)
+        return True
+
+    async def _disconnect(self, sid: str, *reason: Any) -> None:
+        if reason and reason[0] == self.sio.reason.CLIENT_DISCONNECT:
+            self._end_long_poll(sid)
+        client = self._clients.pop(sid, None)
+        if client is None:
+            return
+        client.conn.connection_lost()
+        for task in list(client.tasks):  # forwarding only; the engine's turns go on
+            task.cancel()
+
+    def _end_long_poll(self, sid: str) -> None:
+        """Answer the pending long-poll GET of a polling client that said goodbye.
+
+        python-engineio leaves that request waiting for packets until
+        ping_interval + ping_timeout (45 s) after the client closed; uvicorn's graceful
+        shutdown waits for it. An empty packet list (engineio's own ``None`` marker)
+        ends it now. WebSocket sessions are left alone (their writer would stop).
+        """
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+        socket = self.sio.eio.sockets.get(eio_sid) if eio_sid else None
+        queue = getattr(socket, "queue", None)
+        if socket is None or getattr(socket, "upgraded", True) or queue is None:
+            return
+        with contextlib.suppress(Exception):
+            queue.put_nowait(None)
+
+    async def _event(self, event: str, sid: str, *args: Any) -> None:
+        client = self._clients.get(sid)
+        if client is None:
+            return
+        try:
+            actions = client.conn.receive(event, args)
+            for action in actions:  # claim the session before anything can interleave
+                if isinstance(action, StartTurn):
+                    self._running[action.ctx.key] = sid
+            await self._do(client, actions)
+        except Exception:
+            log.exception("Voiceflow event %r failed", event)
+            await self._emit(sid, error("gateway-error", "Internal gateway error."))
+
+    async def _do(self, client: _Client, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Emit):
+                await self._emit(client.sid, action)
+            else:
+                self._spawn(client, self._forward(client, action))
+
+    def _spawn(self, client: _Client, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        client.tasks.add(task)
+        task.add_done_callback(client.tasks.discard)
+
+    async def _emit(self, sid: str, action: Emit) -> None:
+        try:
+            await self.sio.emit(
+                action.event, action.data, to=sid, namespace=NAMESPACE, ignore_queue=True
+            )
+        except Exception as exc:  # the client has gone: nothing to tell it
+            log.debug("emit %s to %s failed: %s", action.event, sid, exc)
+
+    async def _forward(self, client: _Client, start: StartTurn) -> None:
+        """Emit one turn's traces; ``completed`` (and ``session.ended``) after its stream ends."""
+        gw = self._gateway
+        assert gw is not None
+        conn = client.conn
+        try:
+            try:
+                async for event in gw.conversation.turn(start.ctx, start.input):
+                    await self._do(client, conn.turn_event(event))
+            except TurnRejected as exc:
+                await self._do(client, conn.turn_rejected(exc))
+            else:
+                await self._do(client, conn.turn_finished())
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a gateway bug (the engine broke its order): never a silent hang
+            log.exception("forwarding a Voiceflow action of session %s failed", start.ctx.key)
+            await self._emit(
+                client.sid, error("gateway-error", "Internal gateway error.", start.message_id)
+            )
+            with contextlib.suppress(Exception):
+                await self.sio.disconnect(client.sid, namespace=NAMESPACE, ignore_queue=True)
+        finally:
+            if self._running.get(start.ctx.key) == client.sid:
+                del self._running[start.ctx.key]
+
+
+class _SignalHook:
+    """Wraps a server's SIGTERM/SIGINT handler: the first signal tells the Voiceflow
+    clients ``server.restart`` before the server (``previous``) hears of it; a second
+    signal meanwhile goes to it at once."""
+
+    def __init__(
+        self, server: VoiceflowServer, previous: _SignalHandler, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.server = server
+        self.previous = previous
+        self.loop = loop
+        self.active = True
+        self._fired = False
+        self._passed_on = False
+        self._task: asyncio.Task[None] | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.active and not self._fired:
+            self._fired = True
+            self.loop.call_soon_threadsafe(self._begin, signum)
+            return
+        self._passed_on = True
+        self.previous(signum, frame)
+
+    def _begin(self, signum: int) -> None:
+        self._task = self.loop.create_task(self._restart_then_pass_on(signum))
+
+    async def _restart_then_pass_on(self, signum: int) -> None:
+        try:
+            async with asyncio.timeout(self.server.settings.voiceflow_restart_grace_s + 1):
+                await self.server.restart()
+        except Exception:
+            log.exception("telling Voiceflow clients about the restart failed")
+        finally:
+            if not self._passed_on:
+                self._passed_on = True
+                self.previous(signum, None)
+
+
+def mount(app: FastAPI, settings: Settings) -> VoiceflowServer:
+    """Serve the Voiceflow socket.io endpoint of ``settings`` in ``app`` at ``PATH``
+    (with and without the trailing slash; both transports) and start/stop it with
+    the app's lifespan. The server is also ``app.state.voiceflow``."""
+    server = VoiceflowServer(settings)
+    app.include_router(APIRouter(lifespan=server.lifespan))
+    app.mount(PATH, server.asgi)  # PATH/ and below (socket.io clients add the slash)
+    app.router.add_route(PATH, server.asgi, include_in_schema=False)  # PATH itself: polling
+    app.router.add_websocket_route(PATH, server.asgi)  # PATH itself: websocket
+    app.state.voiceflow = server
+    return server

@@ -1,0 +1,535 @@
+"""The Voiceflow protocol without I/O: state table, payloads, actions, traces, sessionKeys."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from adapters.voiceflow.protocol import (
+    ACTION_SEND,
+    CLIENT_START,
+    DISCONNECT,
+    SESSION_CREATE,
+    TRANSITIONS,
+    ActionBody,
+    ClientConfig,
+    ConnectionStateMachine,
+    Emit,
+    SessionKeys,
+    StartTurn,
+    State,
+    TraceWriter,
+    VoiceflowConnection,
+    action_input,
+    parse_client_start,
+)
+from gateway.conversation import TurnRejected
+from gateway.events import (
+    BinaryEvent,
+    ErrorEvent,
+    Response,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+    SessionEndedEvent,
+    SessionStartedEvent,
+    TtsConfig,
+)
+from gateway.protocol import ProtocolError
+from gateway.speech.service import TtsRequest
+
+SECRET = "protocol-test-secret-0123456789abcdef"
+NOW = 1_750_000_000.0
+USER, PROJECT = "test@test.com", "6939bedf69c7ce5ee7a108ed"
+
+SPEC_CLIENT_START = {  # spec "client.start", "Example Call" (its TypeScript as JSON)
+    "userID": "test@test.com",
+    "projectID": "6939bedf69c7ce5ee7a108ed",
+    "authorization": "VF.DM...",
+    "config": {"completionEvents": True},
+}
+
+
+def connection(**kwargs: Any) -> VoiceflowConnection:
+    ids = iter(f"session-{n}" for n in range(1, 100))
+    mids = iter(f"generated-{n}" for n in range(1, 100))
+    return VoiceflowConnection(
+        keys=kwargs.pop("keys", SessionKeys(SECRET, 3600)),
+        project_allowed=kwargs.pop("project_allowed", bool),
+        clock=kwargs.pop("clock", lambda: NOW),
+        new_id=lambda: next(ids),
+        new_message_id=lambda: next(mids),
+        **kwargs,
+    )
+
+
+def emitted(actions: list[Any]) -> list[tuple[str, dict[str, Any]]]:
+    assert all(isinstance(a, Emit) for a in actions), actions
+    return [(a.event, a.data) for a in actions]
+
+
+def ready(conn: VoiceflowConnection, **start: Any) -> str:
+    """client.start + session.create; the sessionKey."""
+    conn.receive(CLIENT_START, [{"userID": USER, "projectID": PROJECT, **start}])
+    [(event, data)] = emitted(conn.receive(SESSION_CREATE, [{}]))
+    assert event == "session.created"
+    key: str = data["sessionKey"]
+    return key
+
+
+def send(conn: VoiceflowConnection, action: dict[str, Any], mid: str = "m") -> StartTurn:
+    accepted, start = conn.receive(ACTION_SEND, [{"action": action, "messageID": mid}])
+    assert emitted([accepted]) == [("action.status", {"status": "accepted", "messageID": mid})]
+    assert isinstance(start, StartTurn)
+    return start
+
+
+def item(**fields: Any) -> ResponseItemEvent:
+    return ResponseItemEvent(response_item=ResponseItem(**fields))
+
+
+# ------------------------------------------------------------ state table
+
+
+def test_the_transition_table() -> None:
+    # the spec's "Initialization sequence" and "Action Lifecycle" are paths in the table
+    machine = ConnectionStateMachine()
+    path = [CLIENT_START, SESSION_CREATE, ACTION_SEND, "ResponseItem", "Response", "TurnFinished"]
+    states = [machine.feed(event) for event in path]
+    assert states == [State.STARTED, State.READY, State.RUNNING] + [State.RUNNING] * 2 + [
+        State.READY
+    ]
+    for state in State:  # a disconnect is legal everywhere
+        assert TRANSITIONS[(state, DISCONNECT)] is State.CLOSED
+    with pytest.raises(ProtocolError) as refused:
+        ConnectionStateMachine().feed(ACTION_SEND)
+    assert (refused.value.expected, refused.value.got) == ("client.start", ACTION_SEND)
+    running = ConnectionStateMachine()
+    for event in (CLIENT_START, SESSION_CREATE, ACTION_SEND):
+        running.feed(event)
+    for event in (ACTION_SEND, CLIENT_START, SESSION_CREATE):
+        assert not running.allows(event)
+        assert running.refusal(event)[0] == "action-running"
+
+
+# --------------------------------------------------------------- payloads
+
+
+def test_the_spec_client_start_example_parses() -> None:
+    start = parse_client_start(SPEC_CLIENT_START)
+    assert (start.user_id, start.project_id, start.authorization) == (USER, PROJECT, "VF.DM...")
+    assert start.config.completion_events is True
+    assert start.config.audio_events is False
+    assert start.session_key is None
+    assert parse_client_start({**SPEC_CLIENT_START, "config": None}).config == ClientConfig()
+
+
+@pytest.mark.parametrize(
+    ("payload", "words"),
+    [
+        (None, "object payload"),
+        ("text", "object payload"),
+        ({"projectID": PROJECT}, "userID"),
+        ({"userID": "", "projectID": PROJECT}, "userID"),
+        ({"userID": 12, "projectID": PROJECT}, "userID"),
+        (
+            {"userID": USER, "projectID": PROJECT, "config": {"userTimezone": "Nowhere/City"}},
+            "time zone",
+        ),
+        (
+            {"userID": USER, "projectID": PROJECT, "config": {"audioEncoding": "audio/ogg"}},
+            "audioEncoding",
+        ),
+        ({"userID": USER, "projectID": PROJECT, "sessionKey": "x" * 5000}, "sessionKey"),
+    ],
+)
+def test_invalid_client_start_payloads_name_the_field(payload: Any, words: str) -> None:
+    with pytest.raises(ProtocolError) as invalid:
+        parse_client_start(payload)
+    assert words in invalid.value.text
+
+
+def test_tts_requests_follow_the_audio_config() -> None:
+    assert ClientConfig().tts() is None
+    assert ClientConfig(audioEvents=True).tts() == TtsRequest("links", "mp3")
+    assert ClientConfig(audioEvents=True, audioEncoding="audio/x-mulaw").tts() == TtsRequest(
+        "links", "mulaw"
+    )
+    assert ClientConfig(audioEvents=True, audioEncoding="audio/pcm").tts() == TtsRequest(
+        "links", "wav"
+    )
+
+
+# ----------------------------------------------------------- session keys
+
+
+def test_session_keys() -> None:
+    keys = SessionKeys(SECRET, ttl_s=60)
+    token = keys.issue(session_id="s1", project_id=PROJECT, user_id=USER, now=NOW)
+    check = keys.verify(token, project_id=PROJECT, user_id=USER, now=NOW + 59)
+    assert (check.session_id, check.problem) == ("s1", None)
+
+    def problem(
+        token: str | None, *, project: str = PROJECT, user: str = USER, at: float = NOW
+    ) -> str | None:
+        result = keys.verify(token, project_id=project, user_id=user, now=at)
+        assert result.session_id is None
+        return result.problem
+
+    assert problem(token, at=NOW + 60) == "expired"
+    assert problem(token, project="other") == "foreign"
+    assert problem(token, user="mallory") == "foreign"
+    other = SessionKeys("x" * 32, 60).issue(
+        session_id="s1", project_id=PROJECT, user_id=USER, now=NOW
+    )
+    assert problem(other) == "forged"
+    head, body, signature = token.split(".")
+    tampered = f"{head}.{body[:-2]}AA.{signature}"
+    assert problem(tampered) in ("forged", "malformed")
+    assert problem("not-a-jwt") == "malformed"
+    assert problem(None) == "missing"
+    with pytest.raises(ValueError, match="32"):
+        SessionKeys("short", 60)
+
+
+# ------------------------------------------------------- actions -> Input
+
+
+@pytest.mark.parametrize(
+    ("action", "text"),
+    [
+        ({"type": "launch", "payload": {"persona": "p"}}, "#intro"),
+        ({"type": "launch"}, "#intro"),
+        ({"type": "text", "payload": "Hello, how are you?"}, "Hello, how are you?"),
+        ({"type": "intent", "payload": {"intent": {"name": "order"}}}, "#order"),
+        (
+            {"type": "intent", "payload": {"intent": {"name": "order"}, "query": "a pizza"}},
+            "a pizza",
+        ),
+        ({"type": "event", "payload": {"event": {"name": "event_name"}}}, "#event_name"),
+        ({"type": "no-reply"}, "#silence"),
+        ({"type": "path-x1y2", "payload": {"label": "Yes"}}, "Yes"),
+        ({"type": "path-x1y2", "payload": {}}, "#path-x1y2"),
+        ({"type": "path-x1y2"}, "#path-x1y2"),
+        (
+            {"type": "action", "payload": {"label": "Open", "actions": [{"type": "open_url"}]}},
+            "Open",
+        ),
+        ({"type": "action"}, "#action"),
+    ],
+)
+def test_action_table(action: dict[str, Any], text: str) -> None:
+    body = ActionBody.model_validate(action)
+    input_ = action_input(body)
+    assert input_.text == text
+    seen = input_.attributes["voiceflowAction"]
+    assert seen["type"] == action["type"]
+    if action["type"] == "text":
+        assert "payload" not in seen  # the payload is the transcript
+    else:
+        assert seen["payload"] == action.get("payload")
+    if action["type"] != "intent":
+        assert input_.attributes["intent"] is None
+        assert input_.classes == []
+
+
+def test_intent_classes_and_entities() -> None:
+    body = ActionBody(
+        type="intent",
+        payload={
+            "intent": {"name": "order"},
+            "entities": [{"name": "size", "value": "large"}, {"name": "count", "value": 2}],
+            "confidence": 0.7,
+        },
+    )
+    input_ = action_input(body)
+    assert [(c.type, c.name, c.score) for c in input_.classes] == [
+        ("Intent", "order", 0.7),
+        ("Entity", "size", 1.0),
+        ("Entity", "count", 1.0),
+    ]
+    assert input_.attributes["intent"] == {
+        "name": "order",
+        "entities": {"size": "large", "count": 2},
+    }
+
+
+@pytest.mark.parametrize(
+    ("action", "unknown"),
+    [
+        ({"type": "text", "payload": ""}, False),
+        ({"type": "text", "payload": 5}, False),
+        ({"type": "intent", "payload": "order"}, False),
+        ({"type": "intent", "payload": {"intent": {"name": "two words"}}}, False),
+        ({"type": "intent", "payload": {"intent": {"name": "x"}, "confidence": 3}}, False),
+        ({"type": "event", "payload": {}}, False),
+        ({"type": "path-", "payload": {}}, True),
+        ({"type": "path-x", "payload": {"label": 7}}, False),
+        ({"type": "dance"}, True),
+    ],
+)
+def test_invalid_actions(action: dict[str, Any], unknown: bool) -> None:
+    with pytest.raises(ProtocolError) as invalid:
+        action_input(ActionBody.model_validate(action))
+    assert (invalid.value.got is not None) is unknown
+
+
+# ------------------------------------------------------ items -> traces
+
+
+def writer(**config: Any) -> TraceWriter:
+    return TraceWriter(ClientConfig.model_validate(config), lambda: 1000)
+
+
+def shapes(traces: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    assert all(t["time"] == 1000 for t in traces)
+    return [(t["type"], t.get("payload")) for t in traces]
+
+
+def test_text_speak_and_visual_traces() -> None:
+    plain = writer()
+    assert shapes(plain.item(ResponseItem(text="Hi", image="https://x/i.png"))) == [
+        ("text", {"message": "Hi"}),
+        ("visual", {"visualType": "image", "image": "https://x/i.png"}),
+    ]
+    assert shapes(plain.item(ResponseItem(ssml="<speak>Hi <break/> there</speak>"))) == [
+        ("text", {"message": "Hi there"})
+    ]
+    assert shapes(plain.item(ResponseItem(audio="https://x/a.mp3"))) == [
+        ("speak", {"type": "audio", "message": "", "src": "https://x/a.mp3"})
+    ]
+    assert plain.item(ResponseItem(video="https://x/v.mp4")) == []
+    assert plain.close() == []
+
+    voice = writer(audioEvents=True)
+    spoken = ResponseItem(
+        text="Hi", audio="https://gw/file/tts/1.mp3", tts_config=TtsConfig(name="joe")
+    )
+    assert shapes(voice.item(spoken)) == [
+        (
+            "speak",
+            {
+                "type": "message",
+                "message": "Hi",
+                "src": "https://gw/file/tts/1.mp3",
+                "voice": "joe",
+            },
+        )
+    ]
+    assert shapes(voice.item(ResponseItem(text="No audio"))) == [
+        ("speak", {"type": "message", "message": "No audio"})
+    ]
+
+
+def test_completion_chunks() -> None:
+    chunks = writer(completionEvents=True)
+    out = chunks.item(ResponseItem(text="One."))
+    out += chunks.item(ResponseItem(text="Two."))
+    out += chunks.item(ResponseItem(text="Three.", image="https://x/i.png"))
+    out += chunks.item(ResponseItem(text="Four."))
+    out += chunks.close()
+    assert chunks.close() == []
+    assert shapes(out) == [
+        ("completion", {"state": "start"}),
+        ("completion", {"state": "content", "content": "One."}),
+        ("completion", {"state": "content", "content": " Two."}),
+        ("completion", {"state": "content", "content": " Three."}),
+        ("completion", {"state": "end"}),
+        ("visual", {"visualType": "image", "image": "https://x/i.png"}),
+        ("completion", {"state": "start"}),
+        ("completion", {"state": "content", "content": "Four."}),
+        ("completion", {"state": "end"}),
+    ]
+
+
+def test_code_carries_buttons_traces_and_custom_actions() -> None:
+    plain = writer()
+    code = {
+        "buttons": [
+            "Yes",
+            {"name": "No", "request": {"type": "path-no", "payload": {"label": "No"}}},
+            {"name": "Maybe"},
+            {"name": ""},
+            {"name": "Broken", "request": {"type": ""}},
+            42,
+        ],
+        "traces": [{"type": "cardV2", "payload": {"title": "T"}}, {"payload": "no type"}],
+    }
+    assert shapes(plain.item(ResponseItem(text="Pick", code=json.dumps(code)))) == [
+        ("text", {"message": "Pick"}),
+        (
+            "choice",
+            {
+                "buttons": [
+                    {"name": "Yes", "request": {"type": "text", "payload": "Yes"}},
+                    {"name": "No", "request": {"type": "path-no", "payload": {"label": "No"}}},
+                    {"name": "Maybe", "request": {"type": "text", "payload": "Maybe"}},
+                ]
+            },
+        ),
+        ("cardV2", {"title": "T"}),
+    ]
+    # a Flowstorm client command becomes a Voiceflow custom action trace
+    assert shapes(plain.item(ResponseItem(text="#open_url", code='{"url": "https://x"}'))) == [
+        ("open_url", {"url": "https://x"})
+    ]
+    assert shapes(plain.item(ResponseItem(text="#beep", code="loud"))) == [("beep", "loud")]
+    assert plain.item(ResponseItem(text="#nothing")) == []
+    assert plain.item(ResponseItem(text="Hi", code="not for voiceflow")) == [
+        {"type": "text", "payload": {"message": "Hi"}, "time": 1000}
+    ]
+
+
+# ------------------------------------------------------------ connection
+
+
+def test_a_whole_conversation() -> None:
+    conn = connection()
+    assert emitted(conn.receive(CLIENT_START, [SPEC_CLIENT_START])) == [
+        ("client.started", {"newSessionRequired": True})
+    ]
+    [(event, created)] = emitted(conn.receive(SESSION_CREATE, []))  # no payload at all
+    assert event == "session.created"
+    check = SessionKeys(SECRET, 3600).verify(
+        created["sessionKey"], project_id=PROJECT, user_id=USER, now=NOW
+    )
+    assert check.session_id == "session-1"
+
+    start = send(conn, {"type": "launch", "payload": {}}, "m1")
+    assert start.input.text == "#intro"
+    ctx = start.ctx
+    assert (ctx.key, ctx.app_key, ctx.device_id, ctx.channel) == (
+        "voiceflow:session-1",
+        PROJECT,
+        USER,
+        "voiceflow",
+    )
+    assert ctx.create is True
+    assert ctx.config == {
+        "userID": USER,
+        "projectID": PROJECT,
+        "completionEvents": True,
+        "audioEvents": False,
+    }
+    assert conn.state is State.RUNNING
+    assert conn.running_message_id == "m1"
+
+    assert conn.turn_event(SessionStartedEvent(session_id="session-1")) == []
+    chunks = emitted(conn.turn_event(item(text="Hello.")))
+    assert [d["trace"]["payload"]["state"] for _, d in chunks] == ["start", "content"]
+    assert all(d["messageID"] == "m1" for _, d in chunks)
+    assert conn.turn_event(BinaryEvent(data=b"x")) == []
+    [(_, end)] = emitted(conn.turn_event(ResponseEvent(response=Response())))
+    assert end["trace"]["payload"] == {"state": "end"}
+    assert emitted(conn.turn_finished()) == [
+        ("action.status", {"status": "completed", "messageID": "m1"})
+    ]
+    assert conn.state is State.READY
+
+    # the session exists now: a later text action does not create one
+    assert send(conn, {"type": "text", "payload": "bye"}, "m2").ctx.create is False
+    traces = emitted(conn.turn_event(ResponseEvent(response=Response(session_ended=True))))
+    assert [d["trace"]["type"] for _, d in traces] == ["end"]
+    assert conn.turn_event(SessionEndedEvent()) == []
+    assert conn.state is State.ENDING
+    assert emitted(conn.turn_finished()) == [
+        ("action.status", {"status": "completed", "messageID": "m2"}),
+        ("session.ended", {"reason": "end_of_diagram"}),
+    ]
+    assert (conn.state, conn.session_id) == (State.STARTED, None)
+    [rejected] = emitted(conn.receive(ACTION_SEND, [{"action": {"type": "launch"}}]))
+    assert rejected[1]["reason"] == "no-session"
+    assert rejected[1]["messageID"] == "generated-1"
+
+
+def test_resuming_with_a_key_and_the_create_rule() -> None:
+    key = SessionKeys(SECRET, 3600).issue(
+        session_id="old", project_id=PROJECT, user_id=USER, now=NOW - 10
+    )
+    conn = connection()
+    assert emitted(
+        conn.receive(CLIENT_START, [{"userID": USER, "projectID": PROJECT, "sessionKey": key}])
+    ) == [("client.started", {"newSessionRequired": False})]
+    assert conn.session_id == "old"
+    start = send(conn, {"type": "text", "payload": "hi"})
+    assert start.ctx.create is False  # a resumed session must exist ...
+    conn.turn_rejected(TurnRejected("session-busy", "busy"))
+    assert send(conn, {"type": "launch"}).ctx.create is True  # ... but launch may start it
+    expired = connection(clock=lambda: NOW + 7200)
+    assert emitted(
+        expired.receive(CLIENT_START, [{"userID": USER, "projectID": PROJECT, "sessionKey": key}])
+    ) == [("client.started", {"newSessionRequired": True})]
+
+
+def test_engine_rejections() -> None:
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "text", "payload": "hi"}, "m1")
+    assert emitted(conn.turn_rejected(TurnRejected("session-busy", "Busy."))) == [
+        (
+            "action.status",
+            {"status": "rejected", "messageID": "m1", "reason": "session-busy", "detail": "Busy."},
+        )
+    ]
+    assert conn.state is State.READY
+    send(conn, {"type": "text", "payload": "hi"}, "m2")
+    gone = emitted(conn.turn_rejected(TurnRejected("session-not-found", "Gone.")))
+    assert gone[0][1]["reason"] == "session-not-found"
+    assert gone[1] == ("session.ended", {"reason": "session_expired"})
+    assert (conn.state, conn.session_id) == (State.STARTED, None)
+
+
+def test_a_failed_turn() -> None:
+    conn = connection()
+    ready(conn, config={"completionEvents": True})
+    send(conn, {"type": "text", "payload": "hi"}, "m1")
+    conn.turn_event(item(text="partial"))
+    out = emitted(conn.turn_event(ErrorEvent(text="The core failed.", source="pipeline")))
+    assert out[0][1]["trace"]["payload"] == {"state": "end"}  # the open completion is closed
+    assert out[1] == (
+        "error",
+        {"code": "pipeline-error", "error": "The core failed.", "messageID": "m1"},
+    )
+    assert emitted(conn.turn_finished()) == [
+        ("action.status", {"status": "completed", "messageID": "m1", "reason": "error"})
+    ]
+
+
+def test_refusals_keep_the_connection_usable() -> None:
+    busy: set[str] = set()
+    conn = connection(
+        api_keys=frozenset({"VF.DM.1"}),
+        project_allowed=lambda p: p == PROJECT,
+        session_busy=busy.__contains__,
+    )
+    [(event, data)] = emitted(conn.receive("session.create", [{}]))
+    assert (event, data["code"]) == ("error", "not-started")
+    [(event, data)] = emitted(conn.receive("bogus", []))
+    assert (event, data["code"]) == ("error", "unknown-event")
+    [(_, data)] = emitted(conn.receive(CLIENT_START, [{"userID": USER, "projectID": PROJECT}]))
+    assert data["code"] == "unauthorized"
+    start = {"userID": USER, "projectID": "other", "authorization": "VF.DM.1"}
+    [(_, data)] = emitted(conn.receive(CLIENT_START, [start]))
+    assert data["code"] == "forbidden-project"
+    assert conn.state is State.CONNECTED
+    ready(conn, authorization="VF.DM.1")
+    # messageIDs: echoed (numbers as text) even from a malformed payload
+    [(_, data)] = emitted(conn.receive(ACTION_SEND, [{"messageID": 7, "action": "launch"}]))
+    assert (data["messageID"], data["reason"]) == ("7", "malformed-action")
+    [(_, data)] = emitted(conn.receive(ACTION_SEND, [{"action": {"type": "fly"}}]))
+    assert (data["messageID"], data["reason"]) == ("generated-1", "unknown-action-type")
+    busy.add("voiceflow:session-1")  # another connection runs an action of this session
+    [(_, data)] = emitted(conn.receive(ACTION_SEND, [{"action": {"type": "launch"}}]))
+    assert data["reason"] == "action-running"
+    busy.clear()
+    send(conn, {"type": "launch"})
+    [(_, data)] = emitted(conn.receive(ACTION_SEND, [{"action": {"type": "launch"}}]))
+    assert data["reason"] == "action-running"
+    [(_, data)] = emitted(conn.receive(CLIENT_START, [{"userID": USER, "projectID": PROJECT}]))
+    assert data["code"] == "action-running"
+    conn.turn_finished()
+    assert conn.state is State.READY
+    conn.connection_lost()
+    assert conn.state is State.CLOSED

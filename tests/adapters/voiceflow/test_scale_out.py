@@ -1,0 +1,79 @@
+"""Voiceflow sessions across `gateway serve` processes sharing Redis; graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from tests.adapters.voiceflow.helpers import SECRET, VoiceflowClient, client, messages
+from tests.conftest import GatewayProcess
+
+
+def env(redis_url: str, prefix: str, **more: str) -> dict[str, str]:
+    return {
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_REDIS_PREFIX": prefix,
+        "GATEWAY_VOICEFLOW_SECRET": SECRET,
+        **more,
+    }
+
+
+async def test_a_session_key_continues_the_session_on_another_instance(
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+) -> None:
+    a = GatewayProcess(env(redis_url, redis_prefix)).start()
+    gateway_processes.append(a)
+    b = GatewayProcess(env(redis_url, redis_prefix)).start()
+    gateway_processes.append(b)
+    async with client(a.url) as on_a:
+        key = await on_a.handshake()
+        await on_a.act({"type": "launch"})
+        assert await on_a.say("my name is Ada") == ["Nice to meet you, Ada."]
+    async with client(b.url, "polling") as on_b:
+        assert await on_b.start(key) is False
+        assert await on_b.say("what is my name") == ["Your name is Ada."]
+        _, traces, _ = await on_b.act({"type": "text", "payload": "bye"})
+        assert [t["type"] for t in traces] == ["text", "end"]
+        assert await on_b.expect("session.ended") == {"reason": "end_of_diagram"}
+    async with client(a.url) as again:  # the ended session is gone on every instance
+        assert await again.start(key) is False  # the key is still well formed ...
+        await again.send({"type": "text", "payload": "what is my name"}, "m")
+        assert (await again.expect("action.status"))["status"] == "accepted"
+        rejected = await again.expect("action.status")
+        assert rejected["reason"] == "session-not-found"  # ... but names no session
+        assert await again.expect("session.ended") == {"reason": "session_expired"}
+
+
+async def test_graceful_shutdown_sends_server_restart(
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+) -> None:
+    """SIGTERM: every connected client hears server.restart, on both transports; the
+    process then stops promptly, and the sessions continue on another instance."""
+    first = GatewayProcess(env(redis_url, redis_prefix)).start()
+    gateway_processes.append(first)
+    clients = [VoiceflowClient(first.url, t) for t in ("websocket", "polling")]
+    keys = []
+    for n, vf in enumerate(clients):
+        await vf.connect()
+        keys.append(await vf.handshake())
+        await vf.act({"type": "launch"})
+        await vf.say(f"my name is {'Ada' if n == 0 else 'Grace'}")
+    try:
+        stopping = asyncio.create_task(asyncio.to_thread(first.stop, signal.SIGTERM))
+        for vf in clients:
+            assert await vf.expect("server.restart") == {}
+        async with asyncio.timeout(10):
+            await stopping
+        assert first.proc is not None
+        assert first.proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+    finally:
+        for vf in clients:
+            await vf.close()
+
+    second = GatewayProcess(env(redis_url, redis_prefix)).start()
+    gateway_processes.append(second)
+    for key, name in zip(keys, ["Ada", "Grace"], strict=True):
+        async with client(second.url) as vf:
+            assert await vf.start(key) is False
+            _, traces, _ = await vf.act({"type": "text", "payload": "what is my name"})
+            assert messages(traces) == [f"Your name is {name}."]

@@ -1,0 +1,462 @@
+"""Voiceflow socket.io end to end: python-socketio clients on real connections to a served gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from websockets.asyncio.client import connect as ws_connect
+
+from adapters.voiceflow.protocol import PATH, SessionKeys
+from tests.adapters.voiceflow.helpers import (
+    PROJECT,
+    SECRET,
+    USER,
+    RecordingCore,
+    VoiceflowClient,
+    client,
+    messages,
+    served,
+)
+from tests.conftest import gateway, serve
+from tests.gateway.core_app import make_core
+
+TRANSPORTS = ["websocket", "polling"]
+
+
+# ---------------------------------------------------------------- the flow
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_the_spec_flow_with_the_demo_core(transport: str) -> None:
+    """The spec's JavaScript client: connect, client.start, session.create, launch, text, bye."""
+    async with served() as url, client(url, transport) as vf:
+        # spec "Initialization sequence": no saved sessionKey yet
+        await vf.emit("client.start", {"sessionKey": None, "userID": USER, "projectID": PROJECT})
+        assert await vf.expect("client.started") == {"newSessionRequired": True}
+        await vf.emit("session.create", {})
+        created = await vf.expect("session.created")
+        assert set(created) == {"sessionKey"}
+        assert created["sessionKey"].count(".") == 2  # a JWT
+
+        # spec "Start": launch; the messageID is generated when absent
+        mid, traces, completed = await vf.act({"type": "launch", "payload": {}})
+        assert uuid.UUID(mid).version == 4
+        assert [t["type"] for t in traces] == ["text", "text"]
+        assert messages(traces) == [
+            "Hello, I am the gateway demo bot.",
+            "Tell me your name, or say anything, and I will answer.",
+        ]
+        assert all(isinstance(t["time"], int) for t in traces)
+        assert completed == {"status": "completed", "messageID": mid}
+
+        # a text action with the client's messageID, echoed on every event
+        mid, traces, completed = await vf.act(
+            {"type": "text", "payload": "my name is Ada"}, message_id="m-1"
+        )
+        assert (mid, messages(traces), completed["status"]) == (
+            "m-1",
+            ["Nice to meet you, Ada."],
+            "completed",
+        )
+        assert await vf.say("what is my name") == ["Your name is Ada."]
+
+        # spec "End": the core ends the conversation
+        mid, traces, completed = await vf.act({"type": "text", "payload": "bye"}, "m-bye")
+        assert traces[0]["payload"] == {"message": "Goodbye, Ada!"}
+        assert traces[1]["type"] == "end"
+        assert len(traces) == 2
+        assert completed == {"status": "completed", "messageID": "m-bye"}
+        assert await vf.expect("session.ended") == {"reason": "end_of_diagram"}
+
+        # the session is gone: a new one is needed
+        await vf.send({"type": "text", "payload": "hello?"}, "m-after")
+        rejected = await vf.expect("action.status")
+        assert rejected["status"] == "rejected"
+        assert rejected["reason"] == "no-session"
+        assert rejected["messageID"] == "m-after"
+        await vf.create()
+        _, traces, _ = await vf.act({"type": "launch"})
+        assert messages(traces)[0] == "Hello, I am the gateway demo bot."  # a new session
+        await vf.nothing_more()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Gateway settings for the memory store, then for a real Redis (sessions and the
+    socket.io Redis manager)."""
+    if request.param == "memory":
+        return {}
+    return {
+        "redis_url": request.getfixturevalue("redis_url"),
+        "redis_prefix": request.getfixturevalue("redis_prefix"),
+    }
+
+
+async def test_reconnecting_with_the_session_key_continues_the_session(
+    store: dict[str, Any],
+) -> None:
+    async with served(voiceflow_secret=SecretStr(SECRET), **store) as url:
+        async with client(url) as first:
+            key = await first.handshake()
+            await first.act({"type": "launch"})
+            assert await first.say("my name is Ada") == ["Nice to meet you, Ada."]
+        # spec "Lifecycle": a session is not the connection; come back on a new one
+        async with client(url, "polling") as second:
+            assert await second.start(key) is False  # no new session required
+            assert await second.say("what is my name") == ["Your name is Ada."]
+            _, traces, _ = await second.act({"type": "launch"})
+            assert messages(traces)[0] == "Welcome back, Ada."
+
+
+async def test_paths_transports_and_cors() -> None:
+    """The path with and without its slash; the Engine.IO handshake; CORS for browsers."""
+    # not `served`: engineio logs the refused origin at ERROR level (once)
+    async with (
+        gateway(voiceflow_cors_origins=("https://shop.example",)) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        for path in (PATH, PATH + "/"):
+            opened = await http.get(
+                path,
+                params={"EIO": "4", "transport": "polling"},
+                headers={"Origin": "https://shop.example"},
+            )
+            assert opened.status_code == 200, opened.text
+            assert opened.text.startswith("0{")  # Engine.IO OPEN packet
+            assert '"upgrades":["websocket"]' in opened.text
+            allowed = opened.headers["access-control-allow-origin"]
+            assert allowed == "https://shop.example"
+        refused = await http.get(
+            PATH + "/",
+            params={"EIO": "4", "transport": "polling"},
+            headers={"Origin": "https://evil.example"},
+        )
+        assert refused.status_code == 400
+        assert "access-control-allow-origin" not in refused.headers
+        for path in (PATH, PATH + "/"):  # a raw Engine.IO WebSocket, both spellings
+            ws_url = url.replace("http", "ws", 1) + path + "?EIO=4&transport=websocket"
+            async with ws_connect(ws_url) as ws:
+                opened_ws = await asyncio.wait_for(ws.recv(), 5)
+                assert isinstance(opened_ws, str)
+                assert opened_ws.startswith("0{")
+        # the rest of the app is untouched
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+
+
+# ------------------------------------------------------------------ bad input
+
+
+async def test_bad_input_gets_its_status_or_error_and_the_connection_stays_usable() -> None:
+    async with served() as url, client(url) as vf:
+        # events before client.start
+        await vf.send({"type": "launch"}, "early")
+        early = await vf.expect("action.status")
+        assert (early["status"], early["reason"], early["messageID"]) == (
+            "rejected",
+            "not-started",
+            "early",
+        )
+        await vf.emit("session.create", {})
+        assert (await vf.expect("error"))["code"] == "not-started"
+        await vf.emit("nonsense.event", {"x": 1})
+        unknown = await vf.expect("error")
+        assert unknown["code"] == "unknown-event"
+        assert "nonsense.event" in unknown["error"]
+
+        # malformed client.start payloads
+        for payload in ("hello", {"userID": USER}, {"userID": 7, "projectID": PROJECT}):
+            await vf.emit("client.start", payload)
+            invalid = await vf.expect("error")
+            assert invalid["code"] == "invalid-payload", (payload, invalid)
+        await vf.emit(
+            "client.start",
+            {"userID": USER, "projectID": PROJECT, "config": {"userTimezone": "Mars/Base"}},
+        )
+        assert "userTimezone" in (await vf.expect("error"))["error"]
+
+        assert await vf.start() is True
+        await vf.send({"type": "launch"}, "no-session")
+        assert (await vf.expect("action.status"))["reason"] == "no-session"
+        await vf.emit("session.create", "not an object")
+        assert (await vf.expect("error"))["code"] == "invalid-payload"
+        await vf.create()
+
+        # malformed actions and an unknown action type
+        bad: list[tuple[object, str]] = [
+            ("just text", "malformed-action"),
+            ({"messageID": "m1"}, "malformed-action"),
+            ({"action": {"payload": "hi"}, "messageID": "m2"}, "malformed-action"),
+            ({"action": {"type": "text", "payload": "   "}}, "malformed-action"),
+            ({"action": {"type": "text", "payload": {"text": "hi"}}}, "malformed-action"),
+            ({"action": {"type": "intent", "payload": {"intent": {}}}}, "malformed-action"),
+            (
+                {"action": {"type": "event", "payload": {"event": {"name": "a b"}}}},
+                "malformed-action",
+            ),
+            ({"action": {"type": "dance", "payload": {}}, "messageID": 42}, "unknown-action-type"),
+        ]
+        for payload, reason in bad:
+            await vf.emit("action.send", payload)
+            rejected = await vf.expect("action.status")
+            assert rejected["status"] == "rejected", payload
+            assert rejected["reason"] == reason, (payload, rejected)
+            assert rejected["detail"]
+            if isinstance(payload, dict) and "messageID" in payload:
+                assert rejected["messageID"] == str(payload["messageID"])
+            else:
+                assert uuid.UUID(rejected["messageID"])
+
+        # ... and a valid action completes
+        assert await vf.say("my name is Ada") == ["Nice to meet you, Ada."]
+        await vf.nothing_more()
+
+
+async def test_a_second_action_while_one_runs_is_rejected() -> None:
+    core = RecordingCore()
+    async with (
+        core.running() as core_url,
+        served(pipeline=core_url) as url,
+        client(url) as vf,
+        client(url, "polling") as other,
+    ):
+        key = await vf.handshake()
+        await vf.send({"type": "text", "payload": "slow"}, "first")
+        assert (await vf.expect("action.status"))["status"] == "accepted"
+        await core.next_request()  # the core holds the first action now
+
+        await vf.send({"type": "text", "payload": "hello"}, "second")
+        second = await vf.expect("action.status")
+        assert (second["status"], second["reason"], second["messageID"]) == (
+            "rejected",
+            "action-running",
+            "second",
+        )
+        await vf.emit("client.start", {"userID": USER, "projectID": PROJECT})
+        assert (await vf.expect("error"))["code"] == "action-running"
+        await vf.emit("session.create")
+        assert (await vf.expect("error"))["code"] == "action-running"
+
+        # another connection of the same session (this instance) is refused too
+        assert await other.start(key) is False
+        await other.send({"type": "text", "payload": "me too"}, "other")
+        assert (await other.expect("action.status"))["reason"] == "action-running"
+
+        core.release.set()
+        traces, completed = await vf.traces_until_status("first")
+        assert messages(traces) == ["slow answer"]
+        assert completed["status"] == "completed"
+        # both connections are usable again
+        assert await vf.say("after") == ["core heard after"]
+        assert await other.say("other after") == ["core heard other after"]
+        assert core.requests.qsize() == 2  # the refused actions never reached the core
+
+
+@pytest.mark.parametrize("problem", ["forged", "expired", "other user", "garbage"])
+async def test_a_forged_or_expired_session_key_requires_a_new_session(problem: str) -> None:
+    keys = SessionKeys(SECRET, ttl_s=3600)
+    now = time.time()
+    real = {"session_id": "s-1", "project_id": PROJECT, "user_id": USER}
+    bad_key = {
+        "forged": SessionKeys("another-secret-" + "x" * 32, 3600).issue(**real, now=now),
+        "expired": keys.issue(**real, now=now - 7200),
+        "other user": keys.issue(**{**real, "user_id": "mallory"}, now=now),
+        "garbage": "not.a.jwt",
+    }[problem]
+    async with served(voiceflow_secret=SecretStr(SECRET)) as url, client(url) as vf:
+        assert await vf.start(bad_key) is True
+        await vf.send({"type": "text", "payload": "hi"}, "m")
+        assert (await vf.expect("action.status"))["reason"] == "no-session"
+        # the connection is usable: a new session works, and the valid key resumes
+        key = await vf.create()
+        assert await vf.say("my name is Ada") == ["Nice to meet you, Ada."]
+        assert await vf.start(key) is False
+        assert await vf.say("what is my name") == ["Your name is Ada."]
+
+
+async def test_a_valid_key_of_a_session_the_store_no_longer_has_ends_it() -> None:
+    keys = SessionKeys(SECRET, ttl_s=3600)
+    key = keys.issue(session_id="gone", project_id=PROJECT, user_id=USER, now=time.time())
+    async with served(voiceflow_secret=SecretStr(SECRET)) as url, client(url) as vf:
+        assert await vf.start(key) is False  # the key is fine ...
+        await vf.send({"type": "text", "payload": "hello"}, "m")
+        assert (await vf.expect("action.status"))["status"] == "accepted"
+        rejected = await vf.expect("action.status")  # ... the session is not
+        assert (rejected["status"], rejected["reason"]) == ("rejected", "session-not-found")
+        assert await vf.expect("session.ended") == {"reason": "session_expired"}
+        await vf.create()
+        assert await vf.say("hello") == ["You said: hello"]
+
+
+async def test_authorization_and_project_are_checked_when_configured() -> None:
+    async with (
+        served(voiceflow_api_keys=frozenset({"VF.DM.good"}), app_keys=frozenset({PROJECT})) as url,
+        client(url) as vf,
+    ):
+        for fields in ({}, {"authorization": "VF.DM.wrong"}):
+            await vf.emit("client.start", {"userID": USER, "projectID": PROJECT, **fields})
+            refused = await vf.expect("error")
+            assert refused["code"] == "unauthorized", fields
+        await vf.emit(
+            "client.start", {"userID": USER, "projectID": "other", "authorization": "VF.DM.good"}
+        )
+        assert (await vf.expect("error"))["code"] == "forbidden-project"
+        await vf.send({"type": "launch"}, "m")
+        assert (await vf.expect("action.status"))["reason"] == "not-started"
+        await vf.handshake(authorization="VF.DM.good")
+        _, traces, completed = await vf.act({"type": "launch"})
+        assert completed["status"] == "completed"
+        assert messages(traces)
+
+
+# ------------------------------------------------------- actions and traces
+
+
+async def test_actions_reach_the_core_and_items_become_traces() -> None:
+    """Every action type's Input at a real core; image -> visual, code buttons -> choice."""
+    core = RecordingCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake(environmentID="production", config={"userTimezone": "Europe/Prague"})
+        _, traces, _ = await vf.act({"type": "launch", "payload": {}})
+        turn = await core.next_request()
+        assert turn["channel"] == "voiceflow"
+        assert turn["appKey"] == PROJECT
+        assert turn["deviceId"] == USER
+        assert turn["timeZone"] == "Europe/Prague"
+        assert turn["input"]["transcript"]["text"] == "#intro"
+        assert [t["type"] for t in traces] == ["text", "visual", "choice"]
+        assert traces[1]["payload"] == {"visualType": "image", "image": RecordingCore.IMAGE}
+        buttons = traces[2]["payload"]["buttons"]
+        assert buttons == [
+            {"name": "Tell me more", "request": {"type": "text", "payload": "Tell me more"}},
+            {"name": "Yes", "request": {"type": "path-yes", "payload": {"label": "Yes"}}},
+        ]
+
+        # pressing the buttons: each button's request is the next action
+        for button, text in zip(buttons, ["Tell me more", "Yes"], strict=True):
+            _, traces, _ = await vf.act(button["request"])
+            assert messages(traces) == [f"core heard {text}"]
+            turn = await core.next_request()
+            assert turn["input"]["transcript"]["text"] == text
+        assert turn["input"]["attributes"]["voiceflowAction"] == buttons[1]["request"]
+
+        intent = {
+            "intent": {"name": "order_pizza"},
+            "entities": [{"name": "size", "value": "large"}],
+            "confidence": 0.9,
+        }
+        cases = [
+            ({"type": "intent", "payload": intent}, "#order_pizza"),
+            ({"type": "intent", "payload": {**intent, "query": "a large one"}}, "a large one"),
+            ({"type": "event", "payload": {"event": {"name": "page_opened"}}}, "#page_opened"),
+            ({"type": "no-reply"}, "#silence"),
+            ({"type": "path-abc123"}, "#path-abc123"),
+            ({"type": "action", "payload": {"label": "Open", "actions": []}}, "Open"),
+        ]
+        for action, text in cases:
+            await vf.act(action)
+            turn = await core.next_request()
+            assert turn["input"]["transcript"]["text"] == text, action
+
+
+async def test_intent_classes_and_attributes_reach_the_core() -> None:
+    core = RecordingCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake()
+        payload = {
+            "intent": {"name": "order_pizza"},
+            "entities": [{"name": "size", "value": "large"}],
+            "confidence": 0.9,
+        }
+        await vf.act({"type": "intent", "payload": payload})
+        turn = await core.next_request()
+        assert turn["input"]["classes"] == [
+            {"type": "Intent", "name": "order_pizza", "score": 0.9},
+            {"type": "Entity", "name": "size", "score": 1.0},
+        ]
+        assert turn["input"]["attributes"]["intent"] == {
+            "name": "order_pizza",
+            "entities": {"size": "large"},
+        }
+        await vf.act({"type": "text", "payload": "plain"})
+        turn = await core.next_request()
+        assert turn["input"]["attributes"]["intent"] is None  # no stale intent
+
+
+async def test_completion_events_stream_text_as_chunks() -> None:
+    async with served() as url, client(url, "polling") as vf:
+        await vf.handshake(config={"completionEvents": True})
+        _, traces, _ = await vf.act({"type": "launch"})
+        assert [t["type"] for t in traces] == ["completion"] * 4
+        assert [t["payload"] for t in traces] == [
+            {"state": "start"},
+            {"state": "content", "content": "Hello, I am the gateway demo bot."},
+            {
+                "state": "content",
+                "content": " Tell me your name, or say anything, and I will answer.",
+            },
+            {"state": "end"},
+        ]
+
+
+async def test_audio_events_give_speak_traces_with_a_tts_link() -> None:
+    async with served(tts_provider="espeak-ng") as url, client(url) as vf:
+        await vf.handshake(config={"audioEvents": True})
+        _, traces, _ = await vf.act({"type": "text", "payload": "my name is Ada"})
+        [speak] = traces
+        assert speak["type"] == "speak"
+        assert speak["payload"]["type"] == "message"
+        assert speak["payload"]["message"] == "Nice to meet you, Ada."
+        src = speak["payload"]["src"]
+        assert src.endswith(".mp3")
+        assert src.startswith("http://localhost:8080/file/tts/")  # GATEWAY_PUBLIC_URL
+        async with httpx.AsyncClient() as http:
+            audio = await http.get(url + urlparse(src).path)
+        assert audio.status_code == 200
+        assert audio.headers["content-type"] == "audio/mpeg"
+        assert len(audio.content) > 1000
+
+
+async def test_a_failing_core_gives_an_error_and_a_completed_status() -> None:
+    async with (
+        serve(make_core()) as core_url,
+        served(pipeline=f"{core_url}/status/500") as url,
+        client(url) as vf,
+    ):
+        await vf.handshake()
+        await vf.send({"type": "text", "payload": "hello"}, "m")
+        assert (await vf.expect("action.status"))["status"] == "accepted"
+        failed = await vf.expect("error")
+        assert failed["code"] == "pipeline-error"
+        assert failed["messageID"] == "m"
+        assert await vf.expect("action.status") == {
+            "status": "completed",
+            "messageID": "m",
+            "reason": "error",
+        }
+
+
+async def test_many_clients_on_both_transports_at_once() -> None:
+    """20 conversations at the same time, half of them long polling; no answer crosses."""
+
+    async def conversation(url: str, n: int) -> None:
+        vf = VoiceflowClient(url, TRANSPORTS[n % 2])
+        await vf.connect()
+        try:
+            await vf.handshake()
+            await vf.act({"type": "launch"})
+            assert await vf.say(f"my name is Client {chr(65 + n)}") == [
+                f"Nice to meet you, Client {chr(65 + n)}."
+            ]
+            assert await vf.say("what is my name") == [f"Your name is Client {chr(65 + n)}."]
+        finally:
+            await vf.close()
+
+    async with served() as url:
+        await asyncio.gather(*(conversation(url, n) for n in range(20)))
