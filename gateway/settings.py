@@ -69,6 +69,13 @@ class Settings(BaseSettings):
         default=1_048_576, gt=0, description="Largest text/JSON request body or WebSocket text."
     )
     max_log_entries: int = Field(default=500, gt=0, description="Client log entries kept.")
+    shutdown_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="On SIGTERM: stop accepting, then wait at most this long for open "
+        "requests and connections before closing them (running turns then get "
+        "GATEWAY_TURN_TIMEOUT_S + 1 s more to save their sessions).",
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_format: Literal["text", "json"] = Field(
         default="text", description="`json` writes one JSON object per line."
