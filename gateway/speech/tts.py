@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import threading
@@ -293,6 +294,8 @@ class PiperSynthesizer:
         with self._load_lock:
             if self._voice is None:
                 try:
+                    # onnxruntime would write a device id under $HOME and send usage data
+                    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
                     from piper import PiperVoice, SynthesisConfig
 
                     voice = PiperVoice.load(self.model_path, config_path=self.config_path)
