@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             port=settings.port,
             log_level=level,
             log_config=None,  # keep the handlers configure_logging set
-            timeout_graceful_shutdown=settings.shutdown_timeout_s,
+            timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
             ws_max_size=max(settings.max_body_bytes, 65536),
         )
         return 0
