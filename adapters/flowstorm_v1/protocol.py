@@ -113,8 +113,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-from pydantic import ValidationError
-
 from gateway.conversation import TurnContext, TurnRejected, new_session_id
 from gateway.events import (
     SILENCE,
@@ -139,7 +137,7 @@ from gateway.events import (
     TurnEvent,
     V1ClientEvent,
 )
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, validate_event
 from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.listener import Heard
 from gateway.speech.service import TtsRequest
@@ -510,21 +508,12 @@ def parse_event(text: str) -> V1ClientEvent:
         raise ProtocolError(f"Malformed JSON at character {exc.pos}: {exc.msg}.") from None
     except RecursionError:
         raise ProtocolError("Malformed JSON: nested too deeply.") from None
-    if not isinstance(value, dict):
-        raise ProtocolError(f"A frame must be a JSON object, not {type(value).__name__}.")
-    kind = value.get("type")
-    try:
-        return V1_CLIENT_EVENT.validate_python(value)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            raise ProtocolError(
-                "Unknown event type",
-                expected="Init, Request, Input, Log or InputAudioStreamOpen/Close/Cancel",
-                got=repr(kind),
-            ) from None
-        where = ".".join(str(p) for p in err["loc"][1:])
-        raise ProtocolError(f"Invalid {kind} event: {where}: {err['msg']}") from None
+    return validate_event(
+        V1_CLIENT_EVENT,
+        value,
+        expected="Init, Request, Input, Log or InputAudioStreamOpen/Close/Cancel",
+        what="A frame",
+    )
 
 
 def check_session_id(session_id: str) -> str:

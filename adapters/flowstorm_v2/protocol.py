@@ -60,7 +60,7 @@ from gateway.events import (
     TurnEvent,
     V2ClientEvent,
 )
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, validate_event
 from gateway.speech.audio import AudioFormat, AudioFormatError, Pcm, decode_mp3, decode_wav
 
 SESSION_COOKIE = "flowstorm-session-id"
@@ -397,21 +397,12 @@ class JsonEventReader:
 
 
 def _event(value: Any) -> V2ClientEvent:
-    if not isinstance(value, dict):
-        raise ProtocolError(f"Each event must be a JSON object, not {type(value).__name__}.")
-    kind = value.get("type")
-    try:
-        return V2_CLIENT_EVENT.validate_python(value)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            raise ProtocolError(
-                "Unknown event type",
-                expected="Input, Log, Binary or InputStreamClose",
-                got=repr(kind),
-            ) from None
-        where = ".".join(str(p) for p in err["loc"][1:])
-        raise ProtocolError(f"Invalid {kind} event: {where}: {err['msg']}") from None
+    return validate_event(
+        V2_CLIENT_EVENT,
+        value,
+        expected="Input, Log, Binary or InputStreamClose",
+        what="Each event",
+    )
 
 
 class StreamState(StrEnum):
