@@ -50,10 +50,13 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.speech.audio import AudioFormat, resample, silence
 from gateway.speech.stt import PocketsphinxRecognizer, recognize
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.vad import Endpointer
+from tests.speech import word_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 16000
@@ -226,17 +229,6 @@ async def recognizer_baseline(
     finally:
         await rec.aclose()
     return finals, wholes
-
-
-def word_errors(reference: str, hypothesis: str) -> int:
-    """Levenshtein distance between the word sequences."""
-    ref, hyp = reference.split(), hypothesis.split()
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        previous, row = row, [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (r != h))
-    return row[-1]
 
 
 def pct(values: list[float], q: float) -> float:

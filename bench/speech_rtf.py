@@ -21,12 +21,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.speech import audio
 from gateway.speech.audio import AudioFormat, Pcm
 from gateway.speech.stt import PocketsphinxRecognizer, recognize
 from gateway.speech.tts import EspeakSynthesizer, PiperSynthesizer, Synthesizer
+from tests.speech import word_errors
 
 SENTENCES = (
     "tell me about this place",
@@ -35,16 +39,6 @@ SENTENCES = (
     "i would like to book a table for two",
     "turn off the lights in the kitchen",
 )
-
-
-def word_errors(reference: str, hypothesis: str) -> int:
-    ref, hyp = reference.split(), hypothesis.split()
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        previous, row = row, [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (r != h))
-    return row[-1]
 
 
 async def bench_tts(name: str, synth: Synthesizer, repeat: int) -> dict[str, Pcm]:
