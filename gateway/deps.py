@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
 
 from gateway.bus import Bus
 from gateway.conversation import Conversation
+from gateway.nonces import MemoryNonceStore, NonceStore
 from gateway.pipeline.base import Pipeline
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
@@ -22,7 +23,8 @@ class Gateway:
     """Everything routes may use: settings, the turn engine, speech and the bus.
 
     Routes never use the store or the pipeline directly: turns go through
-    ``conversation``.
+    ``conversation``. ``nonces`` holds one-time keys shared by every instance
+    (per-call stream tokens), so adapters never need Redis themselves.
     """
 
     settings: Settings
@@ -31,6 +33,7 @@ class Gateway:
     conversation: Conversation
     speech: SpeechService
     bus: Bus
+    nonces: NonceStore = field(default_factory=MemoryNonceStore)
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:

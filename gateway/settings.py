@@ -69,8 +69,8 @@ class Settings(BaseSettings):
         default=1_048_576, gt=0, description="Largest text/JSON request body or WebSocket text."
     )
     max_log_entries: int = Field(default=500, gt=0, description="Client log entries kept.")
-    shutdown_timeout_s: float = Field(
-        default=30.0,
+    shutdown_timeout_s: int = Field(
+        default=30,
         gt=0,
         description="On SIGTERM: stop accepting, then wait at most this long for open "
         "requests and connections before closing them (running turns then get "
@@ -182,6 +182,89 @@ class Settings(BaseSettings):
         description="Said by voice assistants when the core pipeline or the gateway failed.",
     )
 
+    # Twilio
+    twilio_auth_token: SecretStr | None = Field(
+        default=None,
+        description="Twilio auth token: X-Twilio-Signature is verified on /twilio/* when set "
+        "(unset: not verified, local development only; a WARNING is logged at startup).",
+    )
+    twilio_account_sid: str | None = Field(
+        default=None,
+        description="Twilio account SID (AC...); with the auth token, calls are hung up "
+        "through the REST API (Calls/{CallSid} Status=completed), else by closing the stream.",
+    )
+    twilio_api_base_url: str = Field(
+        default="https://api.twilio.com",
+        description="Base URL of the Twilio REST API used for hanging up.",
+    )
+    twilio_stream_secret: SecretStr | None = Field(
+        default=None,
+        description="Key of the one-time per-call stream tokens; unset: derived from the auth "
+        "token, or random per process when that is unset too (one instance only).",
+    )
+    twilio_stream_token_ttl_s: int = Field(
+        default=120, gt=0, description="How long a stream token from /twilio/voice is valid."
+    )
+    twilio_app_key: str = Field(
+        default="twilio",
+        min_length=1,
+        description="Application key of calls whose webhook URL carries no `?key=`.",
+    )
+    twilio_barge_in: bool = Field(
+        default=True,
+        description="The caller's speech (or a key press) interrupts the bot's audio.",
+    )
+    twilio_barge_in_min_speech_ms: int = Field(
+        default=150,
+        ge=0,
+        description="Speech that must last this long (audio ms) before it interrupts the bot.",
+    )
+    twilio_dtmf_mode: Literal["digit", "collect"] = Field(
+        default="digit",
+        description="`digit`: each key is an input; `collect`: keys until `#` or a pause.",
+    )
+    twilio_dtmf_timeout_ms: int = Field(
+        default=2000, gt=0, description="`collect` mode: a pause this long ends the digits."
+    )
+    twilio_frame_ms: int = Field(
+        default=20, ge=20, le=40, description="Outbound μ-law frame length (ms of audio)."
+    )
+    twilio_send_ahead_ms: int = Field(
+        default=60,
+        ge=0,
+        description="How far outbound audio may run ahead of real time (jitter margin).",
+    )
+
+    # Voiceflow socket.io (/v4/interact/socket)
+    voiceflow_secret: SecretStr | None = Field(
+        default=None,
+        description="Key (>= 32 characters) that signs Voiceflow sessionKeys (HS256 JWTs); "
+        "every instance needs the same one. Unset: random per process (a WARNING is logged; "
+        "keys do not survive a restart and do not work on other instances).",
+    )
+    voiceflow_session_key_ttl_s: int = Field(
+        default=86_400,
+        gt=0,
+        description="Lifetime of a Voiceflow sessionKey: how long a client can come back to "
+        "its session (which also ends after GATEWAY_SESSION_TIMEOUT_S idle).",
+    )
+    voiceflow_api_keys: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        description="Comma-separated API keys accepted as client.start `authorization`; "
+        "unset: not checked.",
+    )
+    voiceflow_cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("*",),
+        description="Comma-separated origins allowed to open the socket.io connection from a "
+        "browser; `*` any (the connection carries no cookies), empty: same origin only.",
+    )
+    voiceflow_restart_grace_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, time given to tell connected clients `server.restart` "
+        "and close their connections before the server stops.",
+    )
+
     @field_validator("app_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -213,3 +296,26 @@ class Settings(BaseSettings):
         if scheme.lower() == "bearer" and rest:
             return value
         raise ValueError("must be basic:USER:PASSWORD or bearer:TOKEN")
+
+    @field_validator("voiceflow_api_keys", mode="before")
+    @classmethod
+    def _split_voiceflow_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return frozenset(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @field_validator("voiceflow_cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(o.strip() for o in value.split(",") if o.strip())
+        return value
+
+    @field_validator("voiceflow_secret", mode="after")
+    @classmethod
+    def _check_voiceflow_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value()) < 32:
+            raise ValueError("must have at least 32 characters")
+        return value

@@ -1,0 +1,1 @@
+"""Twilio Media Streams: phone calls (TwiML webhook, verified media WebSocket, barge-in, DTMF)."""

@@ -1,0 +1,1160 @@
+"""Twilio Media Streams, sans I/O: one phone call's stream frames in, actions out.
+
+Spec: PROTOCOL-NOTES.md "Twilio Media Streams (phone calls)" — Twilio's "Media
+Streams - WebSocket Messages" and "Stream TwiML" — and shared/DESIGN.md (session
+id = ``callSid``, ``#intro`` starts the conversation, ``#silence`` when the caller
+says nothing).
+
+What is here, all pure (no network, no clock but the audio's):
+
+- :func:`parse_message`: a text frame -> a typed message (:class:`Connected`,
+  :class:`Start`, :class:`Media`, :class:`Dtmf`, :class:`Mark`, :class:`Stop`) or
+  ProtocolError. Field names on the wire are Twilio's (``streamSid``, ``callSid``,
+  ``customParameters``, ``mediaFormat``, ...); numbers may come as strings.
+- :func:`media_message`, :func:`mark_message`, :func:`clear_message`: outbound frames;
+  :func:`twiml`: the voice webhook's answer (the twilio library's VoiceResponse).
+- :data:`TRANSITIONS`: the call's one state machine, (state, event) -> state.
+- :class:`DtmfCollector`, :class:`MarkBook`, :class:`SpeechGate`: key presses into
+  inputs, marks for barge-in and the final-mark hang-up, the caller's voice onsets.
+- :class:`TwilioCall`: one call; fed the stream's frames, the listener's results
+  and the turn engine's events, it returns :data:`Action` s for routes.py.
+
+**Time is the caller's audio time**: the milliseconds of inbound μ-law received
+(8 bytes per ms). Twilio sends the caller's track continuously (silence too), so
+the no-speech timeout, the DTMF pause and the barge-in minimum are counted in it,
+and results do not depend on how fast a test sends.
+
+How a call goes (states of :data:`TRANSITIONS` in brackets):
+
+1. ``connected`` [await-start], ``start`` -> the ``#intro`` turn [bot]. The start's
+   ``callSid`` must be the one the stream token was issued for; its media format
+   must be ``audio/x-mulaw`` at 8000 Hz, mono.
+2. The bot has the floor while its turn runs or its audio plays [bot]: each
+   response item's audio goes out as μ-law frames of GATEWAY_TWILIO_FRAME_MS
+   followed by a ``mark``; the floor passes to the caller when the turn is over
+   and every mark has come back [caller].
+3. The caller's speech (a voice onset of the :class:`SpeechGate`, the same WebRTC
+   VAD endpointer the Listener uses) opens a :class:`~gateway.speech.listener.Listener`,
+   fed the audio from just before the onset [hearing]; its final text is the next
+   input [bot]. No speech for GATEWAY_SILENCE_TIMEOUT_MS gives ``#silence``.
+4. **Barge-in** (GATEWAY_TWILIO_BARGE_IN): speech lasting
+   GATEWAY_TWILIO_BARGE_IN_MIN_SPEECH_MS while the bot has the floor sends
+   ``clear``, drops the queued audio and the rest of the turn's output, and the
+   caller's utterance becomes the next input [hearing]. It is decided on the VAD
+   alone, so it never waits for a recognizer. An interrupted utterance that turns
+   out to hold no words gives ``#fallback`` (the bot was cut off and must answer);
+   on the caller's floor such noise is ignored. Without barge-in, speech over the
+   bot is not listened to.
+5. **DTMF**: ``digit`` mode makes each key an input (text ``"5"``); ``collect``
+   mode collects keys until ``#`` (not included) or a pause of
+   GATEWAY_TWILIO_DTMF_TIMEOUT_MS. With barge-in a key interrupts the bot like
+   speech; without, the input waits until the bot's floor ends.
+6. **Ending**: when a Response ends the session, a final mark follows the last
+   audio [ending]; when Twilio echoes it — the caller has heard everything —
+   the call hangs up [closed]. ``stop`` or a lost connection ends the session
+   (Conversation.end) unless the core already ended it.
+
+One turn runs at a time: an input that comes while the previous (interrupted)
+turn is still running waits for it; the engine would serialise them anyway, and
+this way the gateway knows whether that turn ended the session first.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+from twilio.twiml.voice_response import Connect, Stream, VoiceResponse  # type: ignore[import-untyped]
+
+from gateway.conversation import TurnContext, TurnRejected
+from gateway.events import (
+    FALLBACK,
+    INTRO,
+    SILENCE,
+    BinaryEvent,
+    ErrorEvent,
+    Input,
+    ResponseEvent,
+    TurnEvent,
+)
+from gateway.protocol import ProtocolError
+from gateway.speech.audio import frames, mulaw_to_pcm
+from gateway.speech.service import TtsRequest
+from gateway.speech.vad import Endpointer
+
+CHANNEL: Final = "twilio"
+NAMESPACE: Final = "twilio"
+"""Session keys are ``twilio:<callSid>``."""
+
+SAMPLE_RATE: Final = 8000
+"""Hz of Twilio's μ-law audio, both ways."""
+BYTES_PER_MS: Final = SAMPLE_RATE // 1000
+"""μ-law bytes per millisecond of audio (one byte per sample)."""
+ENCODING: Final = "audio/x-mulaw"
+"""``start.mediaFormat.encoding`` of a bidirectional stream."""
+
+CLOSE_NORMAL: Final = 1000
+"""Close code when the call ends (the stream is closed to hang up)."""
+CLOSE_UNSUPPORTED: Final = 1003
+"""Close code for a media format other than μ-law 8 kHz mono."""
+CLOSE_POLICY: Final = 1008
+"""Close code for a stream that is not the call its token was issued for (or no start)."""
+CLOSE_INTERNAL: Final = 1011
+"""Close code when the gateway itself failed."""
+
+DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
+MAX_MEDIA_BYTES: Final = 16_000
+"""Largest inbound media payload accepted (2 s of audio; Twilio sends 160 bytes)."""
+PREROLL_MS: Final = 300
+"""Audio before a voice onset handed to the listener (word beginnings are soft)."""
+TTS: Final = TtsRequest("audio", "mulaw")
+"""What a call asks of the turn engine: each item's speech as 8 kHz μ-law after it."""
+
+_MARK_END: Final = "end"
+
+
+# ------------------------------------------------------------------ inbound messages
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        frozen=True,
+        coerce_numbers_to_str=True,
+    )
+
+
+class Connected(_Message):
+    """``connected``: the first message of a stream (``protocol`` "Call")."""
+
+    event: Literal["connected"]
+    protocol: str = "Call"
+    version: str = ""
+
+
+class MediaFormat(_Message):
+    """``start.mediaFormat``: ``encoding`` (``audio/x-mulaw``), ``sampleRate`` Hz, channels."""
+
+    encoding: str
+    sample_rate: int
+    channels: int = 1
+
+
+class StartInfo(_Message):
+    """``start.start``: the stream's and call's SIDs, tracks, parameters and format."""
+
+    stream_sid: str = Field(min_length=1, max_length=64)
+    account_sid: str = ""
+    call_sid: str = Field(min_length=1, max_length=64)
+    tracks: list[str] = Field(default_factory=lambda: ["inbound"])
+    custom_parameters: dict[str, str] = Field(default_factory=dict)
+    media_format: MediaFormat
+
+
+class Start(_Message):
+    """``start``: the call's metadata; sent once, after ``connected``."""
+
+    event: Literal["start"]
+    sequence_number: int | None = None
+    stream_sid: str | None = None
+    start: StartInfo
+
+
+class DtmfInfo(_Message):
+    """``dtmf.dtmf``: ``digit`` is one of 0-9, ``*``, ``#`` (A-D accepted too)."""
+
+    track: str = "inbound_track"
+    digit: str
+
+    @field_validator("digit")
+    @classmethod
+    def _digit(cls, value: str) -> str:
+        if value not in DTMF_DIGITS:
+            raise ValueError("expected one of 0-9, *, #, A-D")
+        return value
+
+
+class Dtmf(_Message):
+    """``dtmf``: the caller pressed a key."""
+
+    event: Literal["dtmf"]
+    sequence_number: int | None = None
+    stream_sid: str | None = None
+    dtmf: DtmfInfo
+
+
+class MarkInfo(_Message):
+    """``mark.mark``: the name the gateway gave the mark."""
+
+    name: str
+
+
+class Mark(_Message):
+    """``mark``: the audio before a mark the gateway sent has played (or was cleared)."""
+
+    event: Literal["mark"]
+    sequence_number: int | None = None
+    stream_sid: str | None = None
+    mark: MarkInfo
+
+
+class StopInfo(_Message):
+    """``stop.stop``: whose stream stopped."""
+
+    account_sid: str = ""
+    call_sid: str = ""
+
+
+class Stop(_Message):
+    """``stop``: the stream ended (the call hung up, or the stream was stopped)."""
+
+    event: Literal["stop"]
+    sequence_number: int | None = None
+    stream_sid: str | None = None
+    stop: StopInfo = Field(default_factory=StopInfo)
+
+
+@dataclass(frozen=True, slots=True)
+class Media:
+    """``media``: one chunk of the caller's audio, ``payload`` decoded (μ-law bytes).
+
+    ``timestamp`` is ms since the stream started and ``chunk`` counts from 1 (both
+    informational: time here is the audio received). ``track`` is ``inbound``.
+    """
+
+    payload: bytes
+    track: str = "inbound"
+    chunk: int | None = None
+    timestamp: int | None = None
+    sequence_number: int | None = None
+    stream_sid: str | None = None
+    event: Literal["media"] = "media"
+
+
+Message = Connected | Start | Media | Dtmf | Mark | Stop
+"""A parsed inbound frame."""
+
+_OTHER: TypeAdapter[Connected | Start | Dtmf | Mark | Stop] = TypeAdapter(
+    Annotated[Connected | Start | Dtmf | Mark | Stop, Field(discriminator="event")]
+)
+_EVENTS: Final = "connected, start, media, dtmf, mark or stop"
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def _parse_media(value: Mapping[str, Any]) -> Media:
+    media = value.get("media")
+    if not isinstance(media, dict):
+        raise ProtocolError("Invalid media message: media: expected an object")
+    payload = media.get("payload")
+    if not isinstance(payload, str):
+        raise ProtocolError("Invalid media message: media.payload: expected a base64 string")
+    if len(payload) > MAX_MEDIA_BYTES * 4 // 3 + 4:
+        raise ProtocolError(f"Invalid media message: more than {MAX_MEDIA_BYTES} bytes of audio")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("Invalid media message: media.payload is not base64") from None
+    track = media.get("track", "inbound")
+    sid = value.get("streamSid")
+    return Media(
+        payload=data,
+        track=track if isinstance(track, str) else "inbound",
+        chunk=_int(media.get("chunk")),
+        timestamp=_int(media.get("timestamp")),
+        sequence_number=_int(value.get("sequenceNumber")),
+        stream_sid=sid if isinstance(sid, str) else None,
+    )
+
+
+def parse_message(text: str) -> Message:
+    """The message of one inbound text frame (spec: "WebSocket Messages").
+
+    Raises ProtocolError for malformed JSON, a value that is not an object, an
+    unknown ``event`` (naming it and the known ones), and an invalid message
+    (naming the field), e.g. a ``media.payload`` that is not base64. Unknown
+    properties are ignored.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"Malformed JSON at character {exc.pos}: {exc.msg}.") from None
+    except RecursionError:
+        raise ProtocolError("Malformed JSON: nested too deeply.") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"A frame must be a JSON object, not {type(value).__name__}.")
+    event = value.get("event")
+    if event == "media":
+        return _parse_media(value)
+    if event not in ("connected", "start", "dtmf", "mark", "stop"):
+        raise ProtocolError("Unknown event", expected=_EVENTS, got=repr(event))
+    try:
+        return _OTHER.validate_python(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"][1:]) or "event"
+        raise ProtocolError(f"Invalid {event} message: {where}: {err['msg']}") from None
+
+
+# ------------------------------------------------------------------ outbound messages
+
+
+def media_message(stream_sid: str, payload: bytes) -> str:
+    """``{"event":"media","streamSid":...,"media":{"payload":<base64 μ-law>}}``.
+
+    ``payload`` is raw 8 kHz μ-law without a header (spec: outbound ``media``).
+    """
+    b64 = base64.b64encode(payload).decode("ascii")
+    return f'{{"event":"media","streamSid":{json.dumps(stream_sid)},"media":{{"payload":"{b64}"}}}}'
+
+
+def mark_message(stream_sid: str, name: str) -> str:
+    """``{"event":"mark","streamSid":...,"mark":{"name":...}}``: echoed when the audio
+    sent before it has played, or was cleared."""
+    return json.dumps({"event": "mark", "streamSid": stream_sid, "mark": {"name": name}})
+
+
+def clear_message(stream_sid: str) -> str:
+    """``{"event":"clear","streamSid":...}``: Twilio drops the audio it holds and echoes
+    the pending marks."""
+    return json.dumps({"event": "clear", "streamSid": stream_sid})
+
+
+def audio_frames(audio: bytes, frame_ms: int) -> list[bytes]:
+    """``audio`` (8 kHz μ-law) cut into frames of ``frame_ms`` ms; the last one is padded
+    with μ-law silence (0xFF)."""
+    return list(frames(audio, SAMPLE_RATE, frame_ms, sample_width=1, pad=True))
+
+
+_NOT_XML: Final = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_text(value: str) -> str:
+    """``value`` without the characters XML 1.0 cannot carry (control characters)."""
+    return _NOT_XML.sub("", value)
+
+
+def twiml(stream: str, status_callback: str, parameters: Mapping[str, str]) -> str:
+    """The voice webhook's TwiML (spec: "Stream TwiML"), made by the twilio library::
+
+        <Response><Connect><Stream url="wss://.../twilio/stream/<token>"
+            statusCallback="https://.../twilio/status" statusCallbackMethod="POST">
+          <Parameter name="from" value="+1555..."/> ...
+        </Stream></Connect><Hangup/></Response>
+
+    ``<Hangup/>`` follows ``<Connect>``: TwiML after it runs when the gateway closes
+    the stream, so closing the stream hangs the call up.
+    """
+    response = VoiceResponse()
+    connect = Connect()
+    element = Stream(url=stream, status_callback=status_callback, status_callback_method="POST")
+    for name, value in parameters.items():
+        element.parameter(name=_xml_text(name), value=_xml_text(value))
+    connect.append(element)
+    response.append(connect)
+    response.hangup()
+    return str(response.to_xml(xml_declaration=True))
+
+
+# ------------------------------------------------------------------ state machine
+
+
+class State(StrEnum):
+    """Where a call is."""
+
+    AWAIT_CONNECTED = "await-connected"
+    """The socket is open; nothing received yet."""
+    AWAIT_START = "await-start"
+    """``connected`` came; ``start`` (the call's metadata) has not."""
+    BOT = "bot"
+    """The bot has the floor: a turn runs and/or its audio plays (marks pending)."""
+    CALLER = "caller"
+    """The caller has the floor: waiting for speech, a key or the silence timeout."""
+    HEARING = "hearing"
+    """The caller speaks: a listener recognises the utterance."""
+    ENDING = "ending"
+    """The session ended: the last audio plays; the final mark is awaited."""
+    CLOSED = "closed"
+    """Hung up, stopped or disconnected."""
+
+
+# Events besides the inbound messages (connected, start, media, dtmf, mark, stop):
+INPUT = "input"  # an input is committed: it becomes the next turn
+INTERRUPT = "interrupt"  # a key interrupted the bot (collect mode: more keys to come)
+BARGE_IN = "barge-in"  # the caller's speech interrupted the bot
+SPEECH = "speech"  # a voice onset on the caller's floor
+NOISE = "noise"  # the utterance held no words and nothing is to be answered
+FLOOR = "floor"  # the bot's turn is over and its audio played
+SESSION_END = "session-end"  # a Response ended the session
+FINAL_MARK = "final-mark"  # the final mark came back (or its wait ran out)
+DISCONNECT = "disconnect"  # the socket is gone
+INBOUND: Final = ("connected", "start", "media", "dtmf", "mark", "stop")
+
+
+def _build_transitions() -> dict[tuple[State, str], State]:
+    s = State
+    table: dict[tuple[State, str], State] = {
+        (s.AWAIT_CONNECTED, "connected"): s.AWAIT_START,
+        (s.AWAIT_CONNECTED, "start"): s.BOT,  # a missing `connected` carries nothing we need
+        (s.AWAIT_START, "start"): s.BOT,
+        # the bot's floor
+        (s.BOT, INPUT): s.BOT,  # a waiting input starts its turn
+        (s.BOT, INTERRUPT): s.CALLER,
+        (s.BOT, BARGE_IN): s.HEARING,
+        (s.BOT, FLOOR): s.CALLER,
+        (s.BOT, SESSION_END): s.ENDING,
+        # the caller's floor
+        (s.CALLER, SPEECH): s.HEARING,
+        (s.CALLER, INPUT): s.BOT,
+        (s.CALLER, SESSION_END): s.ENDING,  # an interrupted turn ended the session
+        (s.HEARING, INPUT): s.BOT,
+        (s.HEARING, NOISE): s.CALLER,
+        (s.HEARING, SESSION_END): s.ENDING,
+        # the end
+        (s.ENDING, FINAL_MARK): s.CLOSED,
+    }
+    for state in (s.BOT, s.CALLER, s.HEARING, s.ENDING):
+        for event in ("media", "dtmf", "mark"):
+            table[(state, event)] = state
+    for state in s:
+        table[(state, "stop")] = s.CLOSED
+        table[(state, DISCONNECT)] = s.CLOSED
+    for event in INBOUND:  # late frames after the end are ignored
+        table[(s.CLOSED, event)] = s.CLOSED
+    return table
+
+
+TRANSITIONS: dict[tuple[State, str], State] = _build_transitions()
+"""(state, event) -> next state for everything that may happen to a call.
+
+Events are the inbound messages (``connected``, ``start``, ``media``, ``dtmf``,
+``mark``, ``stop``) and the call's own (``input``, ``interrupt``, ``barge-in``,
+``speech``, ``noise``, ``floor``, ``session-end``, ``final-mark``, ``disconnect``).
+Anything else is a ProtocolError (e.g. ``media`` before ``start``).
+"""
+
+_EXPECTED: dict[State, str] = {
+    State.AWAIT_CONNECTED: "connected or start",
+    State.AWAIT_START: "start",
+    State.BOT: "media, dtmf, mark or stop",
+    State.CALLER: "media, dtmf, mark or stop",
+    State.HEARING: "media, dtmf, mark or stop",
+    State.ENDING: "media, dtmf, mark or stop",
+    State.CLOSED: "nothing more",
+}
+
+
+class CallStateMachine:
+    """The order of events of one call, checked against :data:`TRANSITIONS`."""
+
+    def __init__(self) -> None:
+        self.state = State.AWAIT_CONNECTED
+
+    def allows(self, event: str) -> bool:
+        """Whether ``event`` is legal in the current state."""
+        return (self.state, event) in TRANSITIONS
+
+    def feed(self, event: str) -> State:
+        """Advance with ``event``; ProtocolError (expected/got named) when it is not legal
+        now, the state then unchanged."""
+        new = TRANSITIONS.get((self.state, event))
+        if new is None:
+            raise ProtocolError(
+                f"Unexpected {event} in state {self.state}",
+                expected=_EXPECTED[self.state],
+                got=event,
+            )
+        self.state = new
+        return new
+
+
+# ------------------------------------------------------------------ DTMF
+
+
+DtmfMode = Literal["digit", "collect"]
+
+
+class DtmfCollector:
+    """Key presses -> input text.
+
+    ``digit`` mode: every key is an input of its own. ``collect`` mode: keys
+    accumulate until ``#`` (which ends them and is not included) or until
+    ``timeout_ms`` of audio pass after the last key. ``#`` alone is no input.
+    Times are audio ms (see the module doc).
+    """
+
+    def __init__(self, mode: DtmfMode, timeout_ms: int) -> None:
+        self.mode = mode
+        self.timeout_ms = timeout_ms
+        self._digits = ""
+        self._last_ms = 0
+
+    @property
+    def collecting(self) -> bool:
+        """Whether keys are waiting for ``#`` or the pause."""
+        return bool(self._digits)
+
+    def press(self, digit: str, now_ms: int) -> str | None:
+        """Take one key at audio time ``now_ms``; the finished input, if any."""
+        if self.mode == "digit":
+            return digit
+        if digit == "#":
+            done, self._digits = self._digits, ""
+            return done or None
+        self._digits += digit
+        self._last_ms = now_ms
+        return None
+
+    def poll(self, now_ms: int) -> str | None:
+        """The collected keys once ``timeout_ms`` passed since the last one, else None."""
+        if self._digits and now_ms - self._last_ms >= self.timeout_ms:
+            done, self._digits = self._digits, ""
+            return done
+        return None
+
+    def reset(self) -> None:
+        """Forget keys collected so far."""
+        self._digits = ""
+
+
+# ------------------------------------------------------------------ marks
+
+
+class MarkBook:
+    """The marks sent and not yet echoed, in order (spec: outbound ``mark``).
+
+    Twilio plays audio in order and echoes each mark when the audio before it
+    has played, so an echo settles its mark and every mark before it. After
+    ``clear`` Twilio echoes every pending mark: :meth:`forget` drops them first,
+    and their late echoes are unknown names, ignored. Names are ``<n>`` for
+    response items and ``end-<n>`` for the final mark.
+    """
+
+    def __init__(self) -> None:
+        self._pending: OrderedDict[str, bool] = OrderedDict()  # name -> final
+        self._count = 0
+
+    @property
+    def outstanding(self) -> int:
+        """Marks sent and not echoed: > 0 while the bot's audio plays."""
+        return len(self._pending)
+
+    def new(self, *, final: bool = False) -> str:
+        """Name and register the next mark."""
+        self._count += 1
+        name = f"{_MARK_END}-{self._count}" if final else str(self._count)
+        self._pending[name] = final
+        return name
+
+    def echo(self, name: str) -> bool | None:
+        """Settle ``name`` and the marks before it; whether it was the final mark, or None
+        for a name not pending (already settled, or forgotten at a clear)."""
+        if name not in self._pending:
+            return None
+        while self._pending:
+            settled, final = self._pending.popitem(last=False)
+            if settled == name:
+                return final
+        return None  # pragma: no cover - name was in the dict
+
+    def forget(self) -> None:
+        """Drop every pending mark (the audio was cleared)."""
+        self._pending.clear()
+
+
+# ------------------------------------------------------------------ speech gate
+
+
+class SpeechGate:
+    """The caller's voice onsets, and the recent audio to hand a listener.
+
+    Runs the WebRTC VAD endpointer (gateway/speech/vad.py, 20 ms frames at 8 kHz)
+    over every inbound chunk and keeps the last ``keep_ms`` of μ-law. Cheap enough
+    for every frame of every call; a recognizer is only opened when speech starts.
+    """
+
+    def __init__(
+        self, *, aggressiveness: int, min_speech_ms: int, trailing_silence_ms: int, keep_ms: int
+    ) -> None:
+        self._vad = Endpointer(
+            SAMPLE_RATE,
+            frame_ms=20,
+            aggressiveness=aggressiveness,
+            min_speech_ms=min_speech_ms,
+            trailing_silence_ms=trailing_silence_ms,
+            silence_timeout_ms=None,
+        )
+        self._keep = keep_ms * BYTES_PER_MS
+        self._ring = bytearray()
+        self._ring_start = 0  # byte offset of _ring[0] in the stream
+        self._bytes = 0
+        self.onset_ms: int | None = None
+        """Audio time the current speech began (None when the caller is not speaking)."""
+
+    @property
+    def now_ms(self) -> int:
+        """Audio time: ms of audio received."""
+        return self._bytes // BYTES_PER_MS
+
+    @property
+    def speaking(self) -> bool:
+        """Whether the caller is speaking (an onset confirmed, its end not yet)."""
+        return self.onset_ms is not None
+
+    @property
+    def speech_ms(self) -> int:
+        """How long the current speech has lasted (0 when not speaking)."""
+        return 0 if self.onset_ms is None else self.now_ms - self.onset_ms
+
+    def feed(self, chunk: bytes) -> bool:
+        """Take one μ-law chunk; True when it confirmed a new voice onset."""
+        self._bytes += len(chunk)
+        self._ring += chunk
+        if len(self._ring) > 2 * self._keep:
+            cut = len(self._ring) - self._keep
+            del self._ring[:cut]
+            self._ring_start += cut
+        started = False
+        for event in self._vad.feed(mulaw_to_pcm(chunk, SAMPLE_RATE).data):
+            if event.kind == "speech_started":
+                self.onset_ms = event.at_ms
+                started = True
+            elif event.kind == "speech_ended":
+                self.onset_ms = None
+                started = False
+        return started
+
+    def recent(self, from_ms: int) -> bytes:
+        """The audio kept from audio time ``from_ms`` (or the oldest kept) to now."""
+        start = max(from_ms * BYTES_PER_MS - self._ring_start, 0)
+        return bytes(self._ring[start:])
+
+
+# ------------------------------------------------------------------ actions
+
+
+@dataclass(frozen=True)
+class Play:
+    """Queue ``messages`` (outbound ``media`` frames, paced in real time), then ``mark``.
+
+    ``final`` marks the last audio of the call: hang up when its mark comes back.
+    ``audio_ms`` is the audio in ``messages``.
+    """
+
+    messages: tuple[str, ...]
+    mark: str
+    audio_ms: int
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """Drop the audio not yet sent and send ``clear`` (a message) at once: barge-in."""
+
+    clear: str
+
+
+@dataclass(frozen=True)
+class StartTurn:
+    """Run ``Conversation.turn(ctx, input)``; hand its events to :meth:`TwilioCall.turn_event`,
+    then :meth:`TwilioCall.turn_finished` (or :meth:`TwilioCall.turn_rejected`)."""
+
+    ctx: TurnContext
+    input: Input
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Open a listener (8 kHz μ-law) and feed it ``preroll`` first; report its result
+    with :meth:`TwilioCall.heard`."""
+
+    preroll: bytes
+
+
+@dataclass(frozen=True)
+class Hear:
+    """Feed ``audio`` to the open listener."""
+
+    audio: bytes
+
+
+@dataclass(frozen=True)
+class StopListening:
+    """Cancel the open listener; its result no longer matters."""
+
+
+@dataclass(frozen=True)
+class Speak:
+    """Synthesize ``text`` (8 kHz μ-law) and hand it to :meth:`TwilioCall.spoken`
+    before the turn's next event (the turn failed: the caller hears why)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class HangUp:
+    """End the call: the REST API (Calls/{callSid} Status=completed) or close the stream."""
+
+    call_sid: str
+
+
+@dataclass(frozen=True)
+class EndSession:
+    """End the call's session without a turn (``Conversation.end``): stop or disconnect."""
+
+    ctx: TurnContext
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the socket with ``code`` and ``reason`` (no hang-up through the API)."""
+
+    code: int
+    reason: str
+
+
+Action = (
+    Play
+    | Interrupt
+    | StartTurn
+    | Listen
+    | Hear
+    | StopListening
+    | Speak
+    | HangUp
+    | EndSession
+    | Close
+)
+
+
+# ------------------------------------------------------------------ the call
+
+
+@dataclass(frozen=True)
+class CallConfig:
+    """How calls behave (from Settings, see gateway/settings.py "Twilio" and "Speech").
+
+    ``key_allowed`` decides whether an application key may open sessions;
+    ``default_app_key`` is used when the stream's ``appKey`` parameter is missing.
+    Times are ms of audio. ``error_text`` is said when a turn fails.
+    """
+
+    key_allowed: Callable[[str | None], bool]
+    default_app_key: str = "twilio"
+    barge_in: bool = True
+    barge_in_min_speech_ms: int = 150
+    dtmf_mode: DtmfMode = "digit"
+    dtmf_timeout_ms: int = 2000
+    frame_ms: int = 20
+    silence_timeout_ms: int = 5000
+    vad_aggressiveness: int = 2
+    vad_min_speech_ms: int = 150
+    vad_trailing_silence_ms: int = 700
+    error_text: str = "Sorry, something went wrong. Please try again."
+
+
+@dataclass
+class _Turn:
+    """The turn of this call that is running."""
+
+    discarded: bool = False  # interrupted: its output is dropped
+    ended: bool = False  # its Response ended the session
+    failed: bool = False  # it gave an ErrorEvent (said as error_text)
+
+
+@dataclass
+class CallInfo:
+    """What ``start`` said about the call."""
+
+    stream_sid: str
+    call_sid: str
+    account_sid: str
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+class TwilioCall:
+    """One phone call's stream, sans I/O (see the module doc for the whole flow).
+
+    ``call_sid`` is the call the stream token was issued for; ``config`` the
+    behaviour. Feed it :meth:`receive` (text frames), :meth:`heard` /
+    :meth:`listener_failed` (the listener), :meth:`turn_event` /
+    :meth:`turn_rejected` / :meth:`turn_finished` (the turn it asked for),
+    :meth:`spoken` (audio it asked for with Speak), :meth:`final_mark_overdue`
+    and :meth:`connection_lost`; each returns the actions to carry out, in order.
+    """
+
+    def __init__(self, call_sid: str, config: CallConfig) -> None:
+        self.expected_call_sid = call_sid
+        self.config = config
+        self.machine = CallStateMachine()
+        self.info: CallInfo | None = None
+        self.ctx: TurnContext | None = None
+        self.marks = MarkBook()
+        self.dtmf = DtmfCollector(config.dtmf_mode, config.dtmf_timeout_ms)
+        self.gate = SpeechGate(
+            aggressiveness=config.vad_aggressiveness,
+            min_speech_ms=config.vad_min_speech_ms,
+            trailing_silence_ms=config.vad_trailing_silence_ms,
+            keep_ms=max(config.barge_in_min_speech_ms, config.vad_min_speech_ms) + PREROLL_MS + 500,
+        )
+        self.turn: _Turn | None = None
+        self.pending: str | None = None
+        """An input waiting for the running turn to end (or the bot's audio to play out)."""
+        self.session_started = False
+        """Whether a turn ran in the session (so ``stop`` has a session to end)."""
+        self.session_over = False
+        """Whether the core ended the session (then ``stop`` leaves it alone)."""
+        self.stopped = False
+        """Whether Twilio sent ``stop`` (nothing more comes)."""
+        self._silence_at: int | None = None  # audio ms when #silence is due
+        self._bot_since = 0  # audio ms when the bot last took the floor
+        self._interrupted = False  # the utterance being heard cut the bot off
+
+    # -------------------------------------------------------------- queries
+
+    @property
+    def state(self) -> State:
+        """The state of :attr:`machine`."""
+        return self.machine.state
+
+    @property
+    def stream_sid(self) -> str:
+        """The stream's SID (after ``start``)."""
+        assert self.info is not None
+        return self.info.stream_sid
+
+    @property
+    def closed(self) -> bool:
+        """Whether the call is over."""
+        return self.state is State.CLOSED
+
+    # -------------------------------------------------------------- inbound
+
+    def receive(self, text: str) -> list[Action]:
+        """Handle one inbound text frame (spec: "WebSocket Messages").
+
+        Raises ProtocolError for a malformed, unknown or invalid frame, or one out
+        of order (``media`` before ``start``): the state is then unchanged and the
+        frame should be dropped (and logged). A ``start`` for another call than the
+        token's, for another media format, or for an application key not allowed,
+        returns ``[Close(...)]``.
+        """
+        message = parse_message(text)
+        if isinstance(message, Media):
+            return self._media(message)
+        if self.state is State.CLOSED:
+            return []
+        if isinstance(message, Connected):
+            self.machine.feed("connected")
+            return []
+        if isinstance(message, Start):
+            return self._start(message)
+        if isinstance(message, Dtmf):
+            self.machine.feed("dtmf")
+            return self._dtmf(message.dtmf.digit)
+        if isinstance(message, Mark):
+            self.machine.feed("mark")
+            return self._mark(message.mark.name)
+        was = self.state
+        self.machine.feed("stop")
+        self.stopped = True
+        return self._ending_actions(was)
+
+    def _start(self, message: Start) -> list[Action]:
+        if not self.machine.allows("start"):
+            self.machine.feed("start")  # raises: a second start
+        info = message.start
+        fmt = info.media_format
+        if info.call_sid != self.expected_call_sid:
+            self.machine.feed(DISCONNECT)
+            return [Close(CLOSE_POLICY, "The stream token was issued for another call.")]
+        if (fmt.encoding, fmt.sample_rate, fmt.channels) != (ENCODING, SAMPLE_RATE, 1):
+            self.machine.feed(DISCONNECT)
+            return [
+                Close(
+                    CLOSE_UNSUPPORTED,
+                    f"expected {ENCODING} at {SAMPLE_RATE} Hz mono, got {fmt.encoding} at "
+                    f"{fmt.sample_rate} Hz x{fmt.channels}",
+                )
+            ]
+        params = dict(info.custom_parameters)
+        app_key = params.get("appKey") or self.config.default_app_key
+        if not self.config.key_allowed(app_key):
+            self.machine.feed(DISCONNECT)
+            return [Close(CLOSE_POLICY, "Unknown application key.")]
+        self.machine.feed("start")
+        self.info = CallInfo(info.stream_sid, info.call_sid, info.account_sid, params)
+        self.ctx = TurnContext(
+            channel=CHANNEL,
+            namespace=NAMESPACE,
+            session_id=info.call_sid,
+            app_key=app_key,
+            device_id=params.get("from") or None,
+            locale=params.get("locale") or None,
+            create=True,
+            config={
+                "from": params.get("from", ""),
+                "to": params.get("to", ""),
+                "streamSid": info.stream_sid,
+            },
+            tts=TTS,
+        )
+        self._bot_since = self.gate.now_ms
+        return self._start_turn(INTRO)
+
+    def _media(self, message: Media) -> list[Action]:
+        state = self.state
+        if state is State.CLOSED or message.track != "inbound":
+            return []
+        self.machine.feed("media")  # raises before start
+        chunk = message.payload
+        if state is State.ENDING:
+            return []
+        onset = self.gate.feed(chunk)
+        now = self.gate.now_ms
+        actions: list[Action] = []
+        if state is State.HEARING:
+            actions.append(Hear(chunk))
+        elif state is State.CALLER:
+            if onset:
+                actions += self._hear(interrupted=False)
+            elif self._silence_due(now):
+                actions += self._commit(SILENCE)
+        elif state is State.BOT and self._may_barge_in():
+            actions += self._barge_in()
+        if self.dtmf.collecting and (digits := self.dtmf.poll(now)) is not None:
+            actions += self._digits(digits)
+        return actions
+
+    def _silence_due(self, now_ms: int) -> bool:
+        due = self._silence_at
+        return due is not None and now_ms >= due and not self.dtmf.collecting
+
+    def _may_barge_in(self) -> bool:
+        cfg = self.config
+        return (
+            cfg.barge_in
+            and self.gate.speaking
+            and self.gate.speech_ms >= cfg.barge_in_min_speech_ms
+            and (self.gate.onset_ms or 0) >= self._bot_since
+        )
+
+    def _barge_in(self) -> list[Action]:
+        self.machine.feed(BARGE_IN)
+        actions = self._silence_the_bot()
+        return [*actions, *self._listen(interrupted=True)]
+
+    def _silence_the_bot(self) -> list[Action]:
+        """Drop the bot's queued audio and the rest of its turn's output."""
+        if self.turn is not None:
+            self.turn.discarded = True
+        self.marks.forget()
+        self.pending = None
+        return [Interrupt(clear_message(self.stream_sid))]
+
+    def _hear(self, *, interrupted: bool) -> list[Action]:
+        self.machine.feed(SPEECH)
+        return self._listen(interrupted=interrupted)
+
+    def _listen(self, *, interrupted: bool) -> list[Action]:
+        self._silence_at = None
+        self._interrupted = interrupted
+        onset = self.gate.onset_ms or self.gate.now_ms
+        return [Listen(self.gate.recent(onset - PREROLL_MS))]
+
+    def _dtmf(self, digit: str) -> list[Action]:
+        state = self.state
+        if state is State.ENDING:
+            return []
+        actions: list[Action] = []
+        if state is State.HEARING:
+            actions.append(StopListening())
+            self.machine.feed(NOISE)  # the key, not the utterance, is the input
+        elif state is State.BOT and self.config.barge_in:
+            actions += self._silence_the_bot()
+            self.machine.feed(INTERRUPT)
+        self._silence_at = None
+        done = self.dtmf.press(digit, self.gate.now_ms)
+        if done is not None:
+            actions += self._digits(done)
+        return actions
+
+    def _digits(self, text: str) -> list[Action]:
+        if self.state is State.BOT:  # without barge-in: after the bot's floor
+            self.pending = text
+            return self._advance()
+        if self.state is State.HEARING:
+            return [StopListening(), *self._commit(text)]
+        if self.state is State.CALLER:
+            return self._commit(text)
+        return []
+
+    def _mark(self, name: str) -> list[Action]:
+        final = self.marks.echo(name)
+        if final:
+            return self._final_mark()
+        return self._advance()
+
+    def _final_mark(self) -> list[Action]:
+        if self.state is not State.ENDING:
+            return []
+        self.machine.feed(FINAL_MARK)
+        assert self.info is not None
+        return [HangUp(self.info.call_sid)]
+
+    def final_mark_overdue(self) -> list[Action]:
+        """The final mark did not come back in time: hang up all the same."""
+        return self._final_mark()
+
+    # -------------------------------------------------------------- the floor
+
+    def _commit(self, text: str) -> list[Action]:
+        """Make ``text`` the next input (state -> bot); it starts when nothing runs."""
+        self.machine.feed(INPUT)
+        self._bot_since = self.gate.now_ms
+        self._silence_at = None
+        self.pending = text  # the latest input wins
+        return self._advance()
+
+    def _advance(self) -> list[Action]:
+        """On the bot's floor with no turn running and every mark back: the waiting
+        input's turn, or the floor goes to the caller."""
+        if self.state is not State.BOT or self.turn is not None or self.marks.outstanding:
+            return []
+        if self.pending is not None:
+            text, self.pending = self.pending, None
+            return self._start_turn(text)
+        self.machine.feed(FLOOR)
+        self._silence_at = self.gate.now_ms + self.config.silence_timeout_ms
+        if self.gate.speaking and (self.gate.onset_ms or 0) >= self._bot_since:
+            return self._hear(interrupted=False)  # the caller started before the bot finished
+        return []
+
+    def _start_turn(self, text: str) -> list[Action]:
+        assert self.ctx is not None
+        self.turn = _Turn()
+        self.session_started = True
+        return [StartTurn(self.ctx, Input.of(text, locale=self.ctx.locale))]
+
+    # -------------------------------------------------------------- listener
+
+    def heard(self, kind: str, text: str) -> list[Action]:
+        """The listener's result: ``kind`` ``final`` (with ``text``) or ``silence``.
+        Ignored unless the call is hearing.
+
+        A final text is the next input. No words: ``#fallback`` when the utterance
+        cut the bot off (the bot fell silent and must answer), else the caller's
+        floor again with a fresh silence timeout (a cough is not an input).
+        """
+        if self.state is not State.HEARING:
+            return []
+        text = text.strip()
+        if kind == "final" and text:
+            return self._commit(text)
+        if self._interrupted:
+            return self._commit(FALLBACK)
+        self.machine.feed(NOISE)
+        self._silence_at = self.gate.now_ms + self.config.silence_timeout_ms
+        return []
+
+    def listener_failed(self) -> list[Action]:
+        """The listener failed (recognizer error, utterance too long): ``#fallback``."""
+        if self.state is not State.HEARING:
+            return []
+        return self._commit(FALLBACK)
+
+    # -------------------------------------------------------------- turns
+
+    def turn_event(self, event: TurnEvent) -> list[Action]:
+        """One event of the running turn: each item's audio (BinaryEvent) is played and
+        marked; the Response says whether the session ended; an Error is spoken."""
+        turn = self.turn
+        if turn is None or self.info is None:
+            return []
+        if isinstance(event, ResponseEvent):
+            if event.response.session_ended:
+                turn.ended = True
+            return []
+        if isinstance(event, ErrorEvent):
+            turn.failed = True
+            return [] if turn.discarded else [Speak(self.config.error_text)]
+        if isinstance(event, BinaryEvent) and not turn.discarded:
+            return [self._play(event.data)]
+        return []
+
+    def _play(self, audio: bytes, *, final: bool = False) -> Play:
+        sid = self.stream_sid
+        chunks = audio_frames(audio, self.config.frame_ms) if audio else []
+        messages = tuple(media_message(sid, chunk) for chunk in chunks)
+        name = self.marks.new(final=final)
+        return Play(messages, mark_message(sid, name), len(chunks) * self.config.frame_ms, final)
+
+    def spoken(self, audio: bytes | None) -> list[Action]:
+        """The audio of a Speak (None: synthesis failed; nothing is played)."""
+        if not audio or self.turn is None or self.turn.discarded or self.info is None:
+            return []
+        if self.state not in (State.BOT, State.CALLER, State.HEARING):
+            return []
+        return [self._play(audio)]
+
+    def turn_rejected(self, exc: TurnRejected) -> list[Action]:
+        """The engine refused the turn (session busy, store down, ...): say the error text;
+        :meth:`turn_finished` follows."""
+        if self.turn is None:
+            return []
+        self.turn.failed = True
+        return [] if self.turn.discarded else [Speak(self.config.error_text)]
+
+    def turn_finished(self) -> list[Action]:
+        """The running turn's events have ended: the session's end (a final mark after
+        the audio), the waiting input's turn, or the caller's floor."""
+        turn, self.turn = self.turn, None
+        if turn is None or self.state is State.CLOSED:
+            return []
+        if turn.ended:
+            self.session_over = True
+            if self.state is State.HEARING:
+                stop: list[Action] = [StopListening()]
+            else:
+                stop = []
+            self.machine.feed(SESSION_END)
+            self.pending = None
+            return [*stop, self._play(b"", final=True)]
+        return self._advance()
+
+    # -------------------------------------------------------------- the end
+
+    def connection_lost(self) -> list[Action]:
+        """The socket is gone (or the call is being torn down): end the session unless
+        the core ended it; cancel the listener."""
+        was = self.state
+        self.machine.feed(DISCONNECT)
+        return self._ending_actions(was)
+
+    def _ending_actions(self, was: State) -> list[Action]:
+        actions: list[Action] = []
+        if was is State.HEARING:
+            actions.append(StopListening())
+        if self.ctx is not None and self.session_started and not self.session_over:
+            self.session_over = True
+            actions.append(EndSession(self.ctx))
+        return actions

@@ -1,0 +1,768 @@
+"""Twilio phone calls: ``POST /twilio/voice``, ``POST /twilio/status``, ``/twilio/stream/{token}``.
+
+Thin I/O around :mod:`adapters.twilio.protocol` (the call, sans I/O) and
+:mod:`adapters.twilio.verify` (signatures, stream tokens). Spec: PROTOCOL-NOTES.md
+"Twilio Media Streams (phone calls)".
+
+- ``POST /twilio/voice`` — the voice webhook of a phone number. Checks
+  X-Twilio-Signature (GATEWAY_TWILIO_AUTH_TOKEN set) against
+  ``<GATEWAY_PUBLIC_URL>/twilio/voice`` with the form parameters, and answers TwiML
+  ``<Connect><Stream url="wss://<public host>/twilio/stream/<token>">`` with
+  ``<Parameter>`` s ``from``, ``to``, ``appKey`` (the webhook's ``?key=``, else
+  GATEWAY_TWILIO_APP_KEY) and ``locale`` (``?locale=``), a ``statusCallback`` to
+  ``/twilio/status``, and ``<Hangup/>`` after it. 403 with a problem body for a bad
+  signature or an unknown key, 400 for a request without a valid CallSid, 413
+  past GATEWAY_MAX_BODY_BYTES, 415 for a body that is not a form.
+- ``POST /twilio/status`` — the stream's status callback (``stream-started``,
+  ``stream-stopped``, ``stream-error``): verified the same way, logged (a
+  ``stream-error`` at WARNING), kept in ``app.state.twilio.status_events`` (the last
+  256), answered 204.
+- ``WebSocket /twilio/stream/{token}`` — the call's media stream. The signature
+  (the exact ``wss://`` URL, no parameters) and the one-time token are checked
+  **before** the socket is accepted; a refused stream is closed with 1008 before
+  the handshake completes (the client sees HTTP 403) and logged at WARNING.
+
+Each accepted stream is served by :class:`_Call`: a receive loop that hands every
+frame to the protocol and carries out its actions, a **sender task** that paces
+the outbound μ-law frames to the monotonic clock (each frame is sent when the
+audio already sent would play out within GATEWAY_TWILIO_SEND_AHEAD_MS, so Twilio
+never holds more than that: a burst would make ``clear`` flush seconds and marks
+lie about what was heard), a task per running turn that forwards the engine's
+events, and a listener task while the caller speaks (recognition runs in the
+recognizer's worker processes). Nothing of one call waits for another's.
+On ``stop``, a disconnect, or the end of the call every task is cancelled and
+awaited; the session is ended (``Conversation.end``) unless the core ended it;
+a turn still running in the engine finishes and saves first.
+
+Hanging up (the final mark came back): with GATEWAY_TWILIO_ACCOUNT_SID and the
+auth token, ``Calls/{callSid}`` is updated with ``Status=completed`` through the
+twilio library's REST client (in a thread, off the event loop), then the stream is
+closed; without them the stream is closed and the TwiML's ``<Hangup/>`` ends the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, FastAPI, WebSocket
+from fastapi.responses import Response
+from starlette.datastructures import ImmutableMultiDict
+from starlette.requests import HTTPConnection, Request
+from starlette.websockets import WebSocketDisconnect
+
+from adapters.twilio.protocol import (
+    CHANNEL,
+    CLOSE_INTERNAL,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    SAMPLE_RATE,
+    TTS,
+    Action,
+    CallConfig,
+    Close,
+    EndSession,
+    HangUp,
+    Hear,
+    Interrupt,
+    Listen,
+    Play,
+    Speak,
+    StartTurn,
+    StopListening,
+    TwilioCall,
+    twiml,
+)
+from adapters.twilio.verify import (
+    CALL_SID,
+    SIGNATURE_HEADER,
+    SignatureVerifier,
+    StreamGrant,
+    StreamTokens,
+    TwilioVerificationError,
+    derive_secret,
+    public_url,
+    stream_url,
+)
+from gateway import metrics
+from gateway.conversation import TurnContext, TurnRejected
+from gateway.deps import Gateway, gateway_of
+from gateway.events import ResponseItem
+from gateway.httputil import problem, read_body
+from gateway.protocol import ProtocolError
+from gateway.sessions import StoreError, StoreUnavailable
+from gateway.settings import Settings
+from gateway.speech.audio import AudioFormat, AudioFormatError
+from gateway.speech.stt import RecognitionError
+
+log = logging.getLogger("adapters.twilio")
+
+MULAW_8K: Final = AudioFormat("MULAW", SAMPLE_RATE)
+START_TIMEOUT_S: Final = 10.0
+"""A stream that has not sent ``start`` this long after it was accepted is closed (1008)."""
+IDLE_TIMEOUT_S: Final = 30.0
+"""A started stream silent this long (Twilio sends 50 frames a second) is taken as lost."""
+FINAL_MARK_GRACE_S: Final = 5.0
+"""How much longer than the queued audio the final mark is awaited before hanging up anyway."""
+HANGUP_GRACE_S: Final = 3.0
+"""After a REST hang-up, how long Twilio gets to stop the stream before it is closed here."""
+MAX_BAD_FRAMES: Final = 500
+"""Invalid frames one stream may send before it is closed (1008); each is logged and dropped."""
+LOGGED_BAD_FRAMES: Final = 5
+"""Invalid frames of one stream logged at WARNING (later ones at DEBUG)."""
+STATUS_EVENTS_KEPT: Final = 256
+LISTEN_BATCH_BYTES: Final = 480
+"""The caller's audio goes to the recognizer in batches of at least 60 ms (one worker round
+trip per batch rather than per 20 ms frame; the utterance's end is found at most 40 ms later)."""
+
+_SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
+"""What sending on a socket the peer has left raises (Starlette/uvicorn)."""
+
+
+# ------------------------------------------------------------------ per-app state
+
+
+class TwilioRest:
+    """Hangs calls up through the REST API with the twilio library's Client.
+
+    ``base_url`` is GATEWAY_TWILIO_API_BASE_URL (``https://api.twilio.com``).
+    :meth:`hang_up` blocks (the library uses ``requests``): run it in a thread.
+    """
+
+    def __init__(
+        self, account_sid: str, auth_token: str, base_url: str, timeout_s: float = 5.0
+    ) -> None:
+        from twilio.http.http_client import TwilioHttpClient  # type: ignore[import-untyped]
+        from twilio.rest import Client  # type: ignore[import-untyped]
+
+        self._client = Client(
+            account_sid, auth_token, http_client=TwilioHttpClient(timeout=timeout_s)
+        )
+        self._client.api.base_url = base_url.rstrip("/")
+
+    def hang_up(self, call_sid: str) -> None:
+        """``POST /2010-04-01/Accounts/{AccountSid}/Calls/{call_sid}.json`` ``Status=completed``.
+
+        Raises twilio's TwilioRestException (an error answer) or a ``requests``
+        error (network).
+        """
+        self._client.api.v2010.account.calls(call_sid).update(status="completed")
+
+
+@dataclass
+class TwilioChannel:
+    """The Twilio channel's per-app state, made at startup (this router's lifespan)."""
+
+    settings: Settings
+    verifier: SignatureVerifier
+    tokens: StreamTokens
+    rest: TwilioRest | None
+    config: CallConfig
+    status_events: deque[dict[str, str]] = field(
+        default_factory=lambda: deque(maxlen=STATUS_EVENTS_KEPT)
+    )
+    calls: dict[str, _Call] = field(default_factory=dict)
+    """The calls this instance serves now, by call SID."""
+
+
+def make_channel(settings: Settings) -> TwilioChannel:
+    """The TwilioChannel of ``settings``; logs the startup warnings.
+
+    No auth token: a WARNING that Twilio requests are not verified (local
+    development; the per-call stream token is still required, keyed by a random
+    per-process secret unless GATEWAY_TWILIO_STREAM_SECRET is set). With an auth
+    token, a public URL that is not https: a WARNING (Twilio streams to wss only).
+    """
+    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+    stream_secret = (
+        settings.twilio_stream_secret.get_secret_value() if settings.twilio_stream_secret else None
+    )
+    secret, shared = derive_secret(stream_secret, token)
+    if not token:
+        log.warning(
+            "Twilio requests are NOT verified (GATEWAY_TWILIO_AUTH_TOKEN is unset): "
+            "/twilio/voice, /twilio/status and media streams accept unsigned requests; "
+            "streams still need their one-time token%s. Use this only for local development.",
+            ""
+            if shared
+            else ", signed with a random per-process key (one instance only; "
+            "GATEWAY_TWILIO_STREAM_SECRET shares it)",
+        )
+    elif not settings.public_url.startswith("https://"):
+        log.warning(
+            "GATEWAY_PUBLIC_URL %s is not https: Twilio connects media streams to wss:// only",
+            settings.public_url,
+        )
+    rest = (
+        TwilioRest(settings.twilio_account_sid, token, settings.twilio_api_base_url)
+        if settings.twilio_account_sid and token
+        else None
+    )
+    config = CallConfig(
+        key_allowed=settings.key_allowed,
+        default_app_key=settings.twilio_app_key,
+        barge_in=settings.twilio_barge_in,
+        barge_in_min_speech_ms=settings.twilio_barge_in_min_speech_ms,
+        dtmf_mode=settings.twilio_dtmf_mode,
+        dtmf_timeout_ms=settings.twilio_dtmf_timeout_ms,
+        frame_ms=settings.twilio_frame_ms,
+        silence_timeout_ms=settings.silence_timeout_ms,
+        vad_aggressiveness=settings.vad_aggressiveness,
+        vad_min_speech_ms=settings.vad_min_speech_ms,
+        vad_trailing_silence_ms=settings.vad_trailing_silence_ms,
+        error_text=settings.voice_error_text,
+    )
+    return TwilioChannel(
+        settings=settings,
+        verifier=SignatureVerifier(token),
+        tokens=StreamTokens(secret, settings.twilio_stream_token_ttl_s),
+        rest=rest,
+        config=config,
+    )
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.twilio = make_channel(app.state.gateway.settings)
+    yield
+
+
+def channel_of(conn: HTTPConnection) -> TwilioChannel:
+    """The TwilioChannel of the app serving ``conn``."""
+    channel: TwilioChannel = conn.app.state.twilio
+    return channel
+
+
+router = APIRouter(tags=["Twilio"], lifespan=_lifespan)
+
+
+# ------------------------------------------------------------------ webhooks
+
+_FORM_FIELDS = {
+    "CallSid": "The call's SID (CA + 32 hex digits): the session id.",
+    "AccountSid": "The account's SID.",
+    "From": "The caller's number.",
+    "To": "The called number.",
+    "CallStatus": "ringing, in-progress, ...",
+    "Direction": "inbound, outbound-api, ...",
+}
+_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+
+
+def _form_body(fields: dict[str, str], required: list[str]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            name: {"type": "string", "description": text}
+                            for name, text in fields.items()
+                        },
+                        "required": required,
+                    }
+                }
+            },
+        }
+    }
+
+
+_TWIML_EXAMPLE = (
+    '<?xml version="1.0" encoding="UTF-8"?><Response><Connect>'
+    '<Stream statusCallback="https://gateway.example.com/twilio/status" '
+    'statusCallbackMethod="POST" url="wss://gateway.example.com/twilio/stream/CA....">'
+    '<Parameter name="from" value="+15550100"/><Parameter name="to" value="+15550199"/>'
+    '<Parameter name="appKey" value="twilio"/></Stream></Connect><Hangup/></Response>'
+)
+
+
+async def _form(request: Request, limit: int) -> ImmutableMultiDict[str, str]:
+    """The form parameters of a webhook; ProtocolError (400/413/415) for a bad body."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/x-www-form-urlencoded":
+        raise ProtocolError(
+            "Expected an application/x-www-form-urlencoded body (Twilio's webhook form).",
+            status=415,
+        )
+    body = await read_body(request, limit)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("The form body is not UTF-8.") from None
+    return ImmutableMultiDict(parse_qsl(text, keep_blank_values=True))
+
+
+async def _verified_form(
+    request: Request, path: str
+) -> tuple[ImmutableMultiDict[str, str], Response | None]:
+    """The form of a Twilio webhook at ``path`` and None, or a problem response."""
+    settings = gateway_of(request).settings
+    channel = channel_of(request)
+    try:
+        params = await _form(request, settings.max_body_bytes)
+    except ProtocolError as exc:
+        return ImmutableMultiDict(), problem(exc.status, _TITLES[exc.status], exc.text)
+    url = public_url(settings.public_url, path, request.url.query)
+    try:
+        channel.verifier.check(url, params, request.headers.get(SIGNATURE_HEADER))
+    except TwilioVerificationError as exc:
+        log.warning("Twilio webhook %s refused (403): %s", path, exc.reason)
+        return params, problem(
+            403, "Forbidden", f"The request's {SIGNATURE_HEADER} is missing or does not match."
+        )
+    return params, None
+
+
+_TITLES = {
+    400: "Bad Request",
+    403: "Forbidden",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+}
+
+
+@router.post(
+    "/twilio/voice",
+    summary="Voice webhook: answer a call with TwiML that streams it to the gateway",
+    description=(
+        "Point a phone number's voice webhook (HTTP POST) here. Optional query "
+        "parameters: `key` (application key; default GATEWAY_TWILIO_APP_KEY) and `locale`. "
+        "With GATEWAY_TWILIO_AUTH_TOKEN set, X-Twilio-Signature must sign "
+        "`<GATEWAY_PUBLIC_URL>/twilio/voice[?query]` and the form parameters."
+    ),
+    response_class=Response,
+    responses={
+        200: {
+            "description": "TwiML: <Connect><Stream> to the call's one-time stream URL",
+            "content": {"application/xml": {"example": _TWIML_EXAMPLE}},
+        },
+        400: {"description": "No valid CallSid", "content": _PROBLEM},
+        403: {"description": "Bad signature or unknown application key", "content": _PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        415: {"description": "Not a form body", "content": _PROBLEM},
+    },
+    openapi_extra=_form_body(_FORM_FIELDS, ["CallSid"]),
+)
+async def voice(request: Request) -> Response:
+    """TwiML connecting the call to ``/twilio/stream/<token>`` (see the module doc)."""
+    settings = gateway_of(request).settings
+    channel = channel_of(request)
+    params, refused = await _verified_form(request, "/twilio/voice")
+    if refused is not None:
+        return refused
+    call_sid = params.get("CallSid", "")
+    if not CALL_SID.fullmatch(call_sid):
+        return problem(400, "Bad Request", "Expected a CallSid (CA + 32 hex digits).")
+    key = request.query_params.get("key") or settings.twilio_app_key
+    if not settings.key_allowed(key):
+        log.warning("Twilio call %s refused: unknown application key %r", call_sid, key)
+        return problem(403, "Forbidden", f"Unknown application key {key!r}.")
+    token = channel.tokens.issue(call_sid, time.time())
+    parameters = {
+        "from": params.get("From", ""),
+        "to": params.get("To", ""),
+        "appKey": key,
+        "locale": request.query_params.get("locale", ""),
+    }
+    xml = twiml(
+        stream_url(settings.public_url, token),
+        public_url(settings.public_url, "/twilio/status"),
+        {name: value for name, value in parameters.items() if value},
+    )
+    log.info("Twilio call %s from %s: stream issued", call_sid, parameters["from"] or "?")
+    return Response(xml, media_type="application/xml")
+
+
+_STATUS_FIELDS = {
+    "AccountSid": "The account's SID.",
+    "CallSid": "The call's SID.",
+    "StreamSid": "The stream's SID.",
+    "StreamName": "The stream's name.",
+    "StreamEvent": "stream-started, stream-stopped or stream-error.",
+    "StreamError": "What went wrong (stream-error).",
+    "Timestamp": "When it happened.",
+}
+
+
+@router.post(
+    "/twilio/status",
+    summary="Stream status callback: record stream-started/-stopped/-error",
+    status_code=204,
+    response_class=Response,
+    responses={
+        204: {"description": "Recorded"},
+        403: {"description": "Bad signature", "content": _PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        415: {"description": "Not a form body", "content": _PROBLEM},
+    },
+    openapi_extra=_form_body(_STATUS_FIELDS, ["StreamEvent"]),
+)
+async def status(request: Request) -> Response:
+    """Log the stream status event and keep it in ``app.state.twilio.status_events``."""
+    params, refused = await _verified_form(request, "/twilio/status")
+    if refused is not None:
+        return refused
+    event = {name: params.get(name, "") for name in _STATUS_FIELDS}
+    channel_of(request).status_events.append(event)
+    level = logging.WARNING if event["StreamEvent"] == "stream-error" else logging.INFO
+    log.log(
+        level,
+        "Twilio %s: call %s stream %s%s",
+        event["StreamEvent"] or "status",
+        event["CallSid"] or "?",
+        event["StreamSid"] or "?",
+        f": {event['StreamError']}" if event["StreamError"] else "",
+    )
+    return Response(status_code=204)
+
+
+# ------------------------------------------------------------------ the media stream
+
+
+class _Sender:
+    """Sends a call's outbound frames in order, paced to real time (see the module doc).
+
+    ``send`` writes one text frame. Media frames of ``frame_ms`` are sent when the
+    audio already sent ends less than ``ahead_ms`` from now; marks go out right after
+    the frames before them. After an underrun (nothing to send for a while) the
+    schedule restarts from now.
+    """
+
+    def __init__(
+        self, send: Callable[[str], Awaitable[None]], frame_ms: int, ahead_ms: int
+    ) -> None:
+        self._send = send
+        self._frame_s = frame_ms / 1000
+        self._ahead_s = ahead_ms / 1000
+        self._queue: deque[tuple[bool, str]] = deque()  # (is media, message)
+        self._wake = asyncio.Event()
+        self._end = 0.0  # loop time when the audio sent so far has played
+        self.frames_sent = 0
+
+    @property
+    def queued_ms(self) -> int:
+        """Audio queued and not yet sent, in ms."""
+        return round(sum(1 for media, _ in self._queue if media) * self._frame_s * 1000)
+
+    def play(self, messages: Sequence[str], mark: str) -> None:
+        """Queue media frames and the mark after them."""
+        self._queue.extend((True, message) for message in messages)
+        self._queue.append((False, mark))
+        self._wake.set()
+
+    async def interrupt(self, clear: str) -> None:
+        """Drop everything queued and send ``clear`` now."""
+        self._queue.clear()
+        self._end = 0.0
+        await self._send(clear)
+
+    async def run(self) -> None:
+        """Send until cancelled."""
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            if not queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            is_media, message = queue[0]
+            if is_media:
+                now = loop.time()
+                if self._end < now:
+                    self._end = now  # Twilio has nothing left to play: start afresh
+                wait = self._end - self._ahead_s - now
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue  # the queue may have been cleared meanwhile
+                self._end += self._frame_s
+                self.frames_sent += 1
+            queue.popleft()
+            await self._send(message)
+
+
+class _Call:
+    """One accepted media stream: the receive loop and the call's tasks (module doc)."""
+
+    def __init__(
+        self, ws: WebSocket, gw: Gateway, channel: TwilioChannel, grant: StreamGrant
+    ) -> None:
+        settings = gw.settings
+        self.ws = ws
+        self.gw = gw
+        self.channel = channel
+        self.call_sid = grant.call_sid
+        self.call = TwilioCall(grant.call_sid, channel.config)
+        self.open = True
+        self.bad_frames = 0
+        self._send_lock = asyncio.Lock()
+        self.sender = _Sender(self._send, settings.twilio_frame_ms, settings.twilio_send_ahead_ms)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listen_task: asyncio.Task[None] | None = None
+        self._listen_queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._hangup: asyncio.Task[None] | None = None
+        self._received_all = asyncio.Event()
+
+    # -------------------------------------------------------------- loop
+
+    async def run(self) -> None:
+        """Serve the stream until it stops, the call ends or the peer goes away."""
+        self.channel.calls[self.call_sid] = self
+        self._spawn(self.sender.run(), "sender")
+        with metrics.connection(CHANNEL):
+            try:
+                await self._receive()
+            except (WebSocketDisconnect, OSError):
+                self.open = False
+            except Exception:
+                log.exception("Twilio call %s failed", self.call_sid)
+                await self._close(CLOSE_INTERNAL, "Internal gateway error.")
+            finally:
+                await self._shutdown()
+
+    async def _receive(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        call = self.call
+        while self.open:
+            if call.info is None:
+                timeout = max(started + START_TIMEOUT_S - loop.time(), 0.0)
+            else:
+                timeout = IDLE_TIMEOUT_S
+            try:
+                async with asyncio.timeout(timeout):
+                    message = await self.ws.receive()
+            except TimeoutError:
+                if call.info is None:
+                    log.warning("Twilio call %s: no start message; closing", self.call_sid)
+                    await self._close(CLOSE_POLICY, "Expected a start message.")
+                else:
+                    log.warning("Twilio call %s: the stream went quiet; closing", self.call_sid)
+                    await self._close(1001, "The stream went quiet.")
+                return
+            if message["type"] == "websocket.disconnect":
+                self.open = False
+                return
+            text = message.get("text")
+            if text is None:
+                self._bad_frame("a binary frame (Twilio sends JSON text)")
+                continue
+            try:
+                actions = call.receive(text)
+            except ProtocolError as exc:
+                self._bad_frame(exc.text)
+                continue
+            await self._do(actions)
+            if call.stopped or (call.closed and self._hangup is None):
+                return  # stopped, or refused at start; a hang-up waits for the stop
+
+    def _bad_frame(self, why: str) -> None:
+        self.bad_frames += 1
+        level = logging.WARNING if self.bad_frames <= LOGGED_BAD_FRAMES else logging.DEBUG
+        log.log(level, "Twilio call %s: frame dropped: %s", self.call_sid, why)
+        if self.bad_frames >= MAX_BAD_FRAMES and self.open:
+            log.warning("Twilio call %s: %d invalid frames; closing", self.call_sid, MAX_BAD_FRAMES)
+            self._spawn(self._close(CLOSE_POLICY, "Too many invalid messages."), "close")
+
+    # -------------------------------------------------------------- actions
+
+    async def _do(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Play):
+                self.sender.play(action.messages, action.mark)
+                if action.final:
+                    wait_s = self.sender.queued_ms / 1000 + FINAL_MARK_GRACE_S
+                    self._spawn(self._final_mark_watch(wait_s), "final mark")
+            elif isinstance(action, Hear):
+                self._listen_queue.put_nowait(action.audio)
+            elif isinstance(action, Interrupt):
+                await self.sender.interrupt(action.clear)
+                log.debug("Twilio call %s: barge-in", self.call_sid)
+            elif isinstance(action, StartTurn):
+                self._spawn(self._turn(action), "turn")
+            elif isinstance(action, Listen):
+                await self._stop_listening()
+                self._listen_queue = asyncio.Queue()
+                task = self._spawn(self._listen(action.preroll, self._listen_queue), "listener")
+                self._listen_task = task
+            elif isinstance(action, StopListening):
+                await self._stop_listening()
+            elif isinstance(action, Speak):
+                await self._do(self.call.spoken(await self._synthesize(action.text)))
+            elif isinstance(action, HangUp):
+                self._hangup = self._spawn(self._hang_up(action.call_sid), "hang-up")
+            elif isinstance(action, EndSession):
+                await self._end_session(action.ctx)
+            elif isinstance(action, Close):
+                log.warning(
+                    "Twilio call %s: closing (%d): %s", self.call_sid, action.code, action.reason
+                )
+                await self._close(action.code, action.reason)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=f"twilio {self.call_sid} {what}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _send(self, text: str) -> None:
+        if not self.open:
+            return
+        async with self._send_lock:
+            try:
+                await self.ws.send_text(text)
+            except _SEND_ERRORS:
+                self.open = False
+
+    async def _close(self, code: int, reason: str) -> None:
+        if not self.open:
+            return
+        self.open = False
+        async with self._send_lock:
+            with contextlib.suppress(*_SEND_ERRORS):
+                await self.ws.close(code, reason[:120])
+
+    # -------------------------------------------------------------- tasks
+
+    async def _turn(self, start: StartTurn) -> None:
+        """Forward one turn's events to the call (cancelled: only the forwarding stops)."""
+        call = self.call
+        try:
+            try:
+                async for event in self.gw.conversation.turn(start.ctx, start.input):
+                    await self._do(call.turn_event(event))
+            except TurnRejected as exc:
+                log.warning("Twilio call %s: turn refused: %s", self.call_sid, exc.text)
+                await self._do(call.turn_rejected(exc))
+            await self._do(call.turn_finished())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("Twilio call %s: forwarding a turn failed", self.call_sid)
+            await self._close(CLOSE_INTERNAL, "Internal gateway error.")
+
+    async def _synthesize(self, text: str) -> bytes | None:
+        _, audio = await self.gw.speech.voice_item(ResponseItem(text=text), TTS)
+        return audio
+
+    async def _listen(self, preroll: bytes, queue: asyncio.Queue[bytes]) -> None:
+        """Recognise one utterance: ``preroll``, then the queued audio, to its end."""
+        listener = self.gw.speech.listener(MULAW_8K, interim=False)
+        try:
+            await listener.start()  # may wait for a free recognizer
+            await listener.feed(preroll)
+            while not listener.done:
+                chunk = await queue.get()
+                while len(chunk) < LISTEN_BATCH_BYTES or not queue.empty():
+                    chunk += await queue.get()  # Twilio streams without pause
+                await listener.feed(chunk)
+            result = listener.result
+            actions = self.call.heard(result.kind, result.text) if result is not None else []
+        except (RecognitionError, AudioFormatError) as exc:
+            log.warning("Twilio call %s: recognition failed: %s", self.call_sid, exc)
+            actions = self.call.listener_failed()
+        except Exception:
+            log.exception("Twilio call %s: listening failed", self.call_sid)
+            actions = self.call.listener_failed()
+        finally:
+            if not listener.done:
+                await asyncio.shield(listener.cancel())
+        if self._listen_task is asyncio.current_task():
+            self._listen_task = None
+        await self._do(actions)
+
+    async def _stop_listening(self) -> None:
+        task, self._listen_task = self._listen_task, None
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _final_mark_watch(self, wait_s: float) -> None:
+        await asyncio.sleep(wait_s)
+        actions = self.call.final_mark_overdue()
+        if actions:
+            log.warning("Twilio call %s: the final mark did not come back", self.call_sid)
+        await self._do(actions)
+
+    async def _hang_up(self, call_sid: str) -> None:
+        rest = self.channel.rest
+        if rest is not None:
+            try:
+                await asyncio.to_thread(rest.hang_up, call_sid)
+            except Exception as exc:  # twilio's TwilioRestException, requests' errors
+                log.warning("Twilio call %s: REST hang-up failed (%s); closing", call_sid, exc)
+            else:
+                log.info("Twilio call %s: hung up", call_sid)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(HANGUP_GRACE_S):
+                        await self._received_all.wait()  # Twilio stops the stream
+        await self._close(CLOSE_NORMAL, "The call ended.")
+
+    async def _end_session(self, ctx: TurnContext) -> None:
+        try:
+            await self.gw.conversation.end(ctx)
+        except StoreError as exc:
+            log.warning("Twilio call %s: the session was not ended: %s", self.call_sid, exc)
+
+    async def _shutdown(self) -> None:
+        self.open = False
+        self._received_all.set()
+        current = asyncio.current_task()
+        tasks = [task for task in self._tasks if task is not current]
+        for task in tasks:
+            task.cancel()  # forwarding only: the engine's turns go on and save
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for action in self.call.connection_lost():
+            if isinstance(action, EndSession):
+                await self._end_session(action.ctx)
+        with contextlib.suppress(*_SEND_ERRORS):
+            await self.ws.close(CLOSE_NORMAL)
+        self.channel.calls.pop(self.call_sid, None)
+
+
+async def _admit(ws: WebSocket, gw: Gateway, channel: TwilioChannel, token: str) -> StreamGrant:
+    """The grant of a stream whose signature and one-time token are good; else
+    TwilioVerificationError (see verify.py)."""
+    url = stream_url(gw.settings.public_url, token)
+    channel.verifier.check(url, None, ws.headers.get(SIGNATURE_HEADER))
+    now = time.time()
+    grant = channel.tokens.check(token, now)
+    try:
+        fresh = await gw.nonces.use_once(
+            f"twilio:stream:{grant.nonce}", max(grant.expires - now, 1)
+        )
+    except StoreUnavailable as exc:
+        log.error("Twilio stream tokens cannot be checked: %s", exc)
+        raise TwilioVerificationError("the one-time token store is unavailable") from exc
+    if not fresh:
+        raise TwilioVerificationError(f"the stream token of call {grant.call_sid} was used already")
+    return grant
+
+
+@router.websocket("/twilio/stream/{token}")
+async def stream(websocket: WebSocket, token: str) -> None:
+    """A call's media stream (Twilio Media Streams); see the module doc."""
+    gw = gateway_of(websocket)
+    channel = channel_of(websocket)
+    try:
+        grant = await _admit(websocket, gw, channel, token)
+    except TwilioVerificationError as exc:
+        peer = websocket.client.host if websocket.client else "?"
+        log.warning("Twilio stream refused (1008) from %s: %s", peer, exc.reason)
+        with contextlib.suppress(*_SEND_ERRORS):
+            await websocket.close(code=CLOSE_POLICY)  # before accept: HTTP 403
+        return
+    try:
+        await websocket.accept()
+    except _SEND_ERRORS:
+        return
+    await _Call(websocket, gw, channel, grant).run()

@@ -1,0 +1,112 @@
+"""One-time keys shared by every gateway instance: ``use_once(key, ttl_s) -> bool``.
+
+Adapters that hand a platform a one-time credential (the per-call stream token of
+a Twilio phone call, say) need to know, on whichever instance the credential comes
+back to, whether it was already used. They must not touch Redis themselves
+(shared/DESIGN.md), so this is the gateway's small facility for it:
+
+- :class:`NonceStore` — the protocol: ``use_once`` marks a key used for ``ttl_s``
+  seconds and answers True only to the first caller;
+- :class:`MemoryNonceStore` — the embedded default (one process);
+- :class:`RedisNonceStore` — production: one ``SET key 1 NX PX ttl`` round trip, so
+  exactly one caller among all instances wins. Keys are ``{prefix}:nonce:{key}``.
+
+Both pass the same contract tests (tests/gateway/test_nonces.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.sessions import StoreUnavailable
+
+__all__ = ["MemoryNonceStore", "NonceStore", "RedisNonceStore"]
+
+
+class NonceStore(Protocol):
+    """Keys that can be used once within their lifetime."""
+
+    async def use_once(self, key: str, ttl_s: float) -> bool:
+        """Mark ``key`` used for ``ttl_s`` seconds (> 0); True only for the first use.
+
+        After ``ttl_s`` the key is forgotten (a credential that carries its own
+        expiry should be refused by then anyway). Raises StoreUnavailable when
+        the backing store cannot be reached: the caller must then refuse.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections (a store shared with others is left open)."""
+        ...
+
+
+class MemoryNonceStore:
+    """In-process one-time keys with expiry (the default without Redis).
+
+    At most ``max_keys`` keys are kept; expired keys are swept as new ones come.
+    When full of unexpired keys the oldest are forgotten first (a credential
+    that old has normally expired; the bound keeps memory finite under abuse).
+    """
+
+    def __init__(
+        self, *, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._keys: dict[str, float] = {}  # key -> expiry (clock seconds), insertion order
+        self._max = max_keys
+        self._clock = clock
+
+    async def use_once(self, key: str, ttl_s: float) -> bool:
+        """See :meth:`NonceStore.use_once`; raises ValueError for ``ttl_s`` <= 0."""
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be > 0")
+        now = self._clock()
+        expiry = self._keys.get(key)
+        if expiry is not None and expiry > now:
+            return False
+        self._keys.pop(key, None)
+        self._sweep(now)
+        self._keys[key] = now + ttl_s
+        return True
+
+    def _sweep(self, now: float) -> None:
+        if len(self._keys) < self._max:
+            return
+        for old in [k for k, exp in self._keys.items() if exp <= now]:
+            del self._keys[old]
+        while len(self._keys) >= self._max:
+            del self._keys[next(iter(self._keys))]
+
+    async def aclose(self) -> None:
+        self._keys.clear()
+
+
+class RedisNonceStore:
+    """One-time keys in Redis: ``SET {prefix}:nonce:{key} 1 NX PX ttl`` (one round trip).
+
+    ``redis`` is shared with the session store (gateway/app.py); this store does
+    not close it.
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+
+    async def use_once(self, key: str, ttl_s: float) -> bool:
+        """See :meth:`NonceStore.use_once`; ValueError for ``ttl_s`` <= 0."""
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be > 0")
+        try:
+            won = await self.redis.set(
+                f"{self.prefix}:nonce:{key}", b"1", nx=True, px=max(1, round(ttl_s * 1000))
+            )
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+        return bool(won)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,480 @@
+"""The Twilio protocol, sans I/O: golden messages of the Twilio docs, the state table, DTMF,
+marks, and whole call flows driven with real speech (no sockets)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import pytest
+
+from adapters.twilio.protocol import (
+    TRANSITIONS,
+    CallConfig,
+    CallStateMachine,
+    Close,
+    Connected,
+    Dtmf,
+    DtmfCollector,
+    EndSession,
+    HangUp,
+    Hear,
+    Interrupt,
+    Listen,
+    Mark,
+    MarkBook,
+    Media,
+    Play,
+    Speak,
+    Start,
+    StartTurn,
+    State,
+    Stop,
+    StopListening,
+    TwilioCall,
+    clear_message,
+    mark_message,
+    media_message,
+    parse_message,
+    twiml,
+)
+from gateway.events import (
+    BinaryEvent,
+    ErrorEvent,
+    Response,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+)
+from gateway.protocol import ProtocolError
+from gateway.speech.audio import Pcm
+from tests.adapters.twilio.helpers import phone
+
+CALL = "CA" + "a" * 32
+STREAM = "MZ" + "b" * 32
+
+# The examples of Twilio's "Media Streams - WebSocket Messages" (numbers are strings).
+CONNECTED = '{"event": "connected", "protocol": "Call", "version": "1.0.0"}'
+START = json.dumps(
+    {
+        "event": "start",
+        "sequenceNumber": "1",
+        "start": {
+            "accountSid": "AC" + "0" * 32,
+            "streamSid": STREAM,
+            "callSid": CALL,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            "customParameters": {"from": "+15550100", "appKey": "app", "locale": "en-US"},
+        },
+        "streamSid": STREAM,
+    }
+)
+MEDIA = json.dumps(
+    {
+        "event": "media",
+        "sequenceNumber": "3",
+        "media": {
+            "track": "inbound",
+            "chunk": "1",
+            "timestamp": "5",
+            "payload": "no+JhoaJjpzSHxAKBgYJ",
+        },
+        "streamSid": STREAM,
+    }
+)
+DTMF = json.dumps(
+    {
+        "event": "dtmf",
+        "streamSid": STREAM,
+        "sequenceNumber": "5",
+        "dtmf": {"track": "inbound_track", "digit": "1"},
+    }
+)
+MARK = json.dumps(
+    {"event": "mark", "sequenceNumber": "4", "streamSid": STREAM, "mark": {"name": "my label"}}
+)
+STOP = json.dumps(
+    {
+        "event": "stop",
+        "sequenceNumber": "5",
+        "stop": {"accountSid": "AC" + "0" * 32, "callSid": CALL},
+        "streamSid": STREAM,
+    }
+)
+
+
+def test_golden_inbound_messages_parse_into_typed_events() -> None:
+    assert isinstance(parse_message(CONNECTED), Connected)
+    start = parse_message(START)
+    assert isinstance(start, Start)
+    assert start.sequence_number == 1
+    assert start.start.call_sid == CALL
+    assert start.start.stream_sid == STREAM
+    assert start.start.media_format.sample_rate == 8000
+    assert start.start.custom_parameters["appKey"] == "app"
+    media = parse_message(MEDIA)
+    assert isinstance(media, Media)
+    assert (media.chunk, media.timestamp, media.sequence_number) == (1, 5, 3)
+    assert media.payload == base64.b64decode("no+JhoaJjpzSHxAKBgYJ")
+    dtmf = parse_message(DTMF)
+    assert isinstance(dtmf, Dtmf)
+    assert dtmf.dtmf.digit == "1"
+    mark = parse_message(MARK)
+    assert isinstance(mark, Mark)
+    assert mark.mark.name == "my label"
+    stop = parse_message(STOP)
+    assert isinstance(stop, Stop)
+    assert stop.stop.call_sid == CALL
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("not json", "Malformed JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"event": "hello"}', "expected connected, start, media, dtmf, mark or stop, got 'hello'"),
+        ('{"no": "event"}', "got None"),
+        ('{"event": "media", "media": {"payload": "%%%"}}', "not base64"),
+        ('{"event": "media", "media": {"payload": 5}}', "media.payload"),
+        ('{"event": "media"}', "media: expected an object"),
+        ('{"event": "dtmf", "dtmf": {"digit": "X"}}', "dtmf.digit"),
+        (
+            '{"event": "start", "start": {"streamSid": "MZ1"}}',
+            "Invalid start message: start.callSid",
+        ),
+        ('{"event": "mark", "mark": {}}', "mark.name"),
+    ],
+)
+def test_bad_frames_are_protocol_errors(text: str, says: str) -> None:
+    with pytest.raises(ProtocolError) as err:
+        parse_message(text)
+    assert says in err.value.text
+
+
+def test_outbound_messages() -> None:
+    assert json.loads(media_message(STREAM, b"\xff\x00")) == {
+        "event": "media",
+        "streamSid": STREAM,
+        "media": {"payload": base64.b64encode(b"\xff\x00").decode()},
+    }
+    assert json.loads(mark_message(STREAM, "7")) == {
+        "event": "mark",
+        "streamSid": STREAM,
+        "mark": {"name": "7"},
+    }
+    assert json.loads(clear_message(STREAM)) == {"event": "clear", "streamSid": STREAM}
+
+
+def test_twiml_connects_a_stream_with_parameters_and_hangs_up_after() -> None:
+    xml = twiml(
+        "wss://gw.example.com/twilio/stream/TOKEN",
+        "https://gw.example.com/twilio/status",
+        {"from": "+15550100", "appKey": "app"},
+    )
+    root = ET.fromstring(xml)
+    assert [child.tag for child in root] == ["Connect", "Hangup"]
+    stream = root.find("./Connect/Stream")
+    assert stream is not None
+    assert stream.attrib == {
+        "url": "wss://gw.example.com/twilio/stream/TOKEN",
+        "statusCallback": "https://gw.example.com/twilio/status",
+        "statusCallbackMethod": "POST",
+    }
+    params = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
+    assert params == {"from": "+15550100", "appKey": "app"}
+
+
+def test_the_state_table() -> None:
+    for state in State:
+        assert TRANSITIONS[(state, "stop")] is State.CLOSED
+        assert TRANSITIONS[(state, "disconnect")] is State.CLOSED
+    machine = CallStateMachine()
+    with pytest.raises(ProtocolError) as err:
+        machine.feed("media")
+    assert err.value.expected == "connected or start"
+    assert err.value.got == "media"
+    assert machine.state is State.AWAIT_CONNECTED
+    assert machine.feed("connected") is State.AWAIT_START
+    with pytest.raises(ProtocolError, match="expected start, got dtmf"):
+        machine.feed("dtmf")
+    assert machine.feed("start") is State.BOT
+    with pytest.raises(ProtocolError):
+        machine.feed("start")  # one start per stream
+    assert machine.feed("session-end") is State.ENDING
+    assert machine.feed("media") is State.ENDING
+    assert machine.feed("final-mark") is State.CLOSED
+    assert machine.feed("media") is State.CLOSED  # late frames are ignored
+
+
+def test_dtmf_digits_and_collection() -> None:
+    digit = DtmfCollector("digit", 2000)
+    assert [digit.press(d, 0) for d in "1#*"] == ["1", "#", "*"]
+    collect = DtmfCollector("collect", 2000)
+    assert collect.press("#", 0) is None  # nothing collected: no input
+    assert collect.press("4", 0) is None
+    assert collect.press("2", 500) is None
+    assert collect.poll(2400) is None
+    assert collect.press("#", 2400) == "42"
+    assert collect.press("7", 3000) is None
+    assert collect.poll(4999) is None
+    assert collect.poll(5000) == "7"  # 2 s of audio after the last key
+    assert not collect.collecting
+
+
+def test_marks_settle_in_order_and_are_forgotten_at_a_clear() -> None:
+    book = MarkBook()
+    one, two, end = book.new(), book.new(), book.new(final=True)
+    assert (one, two, end) == ("1", "2", "end-3")
+    assert book.echo(two) is False  # settles "1" too
+    assert book.outstanding == 1
+    assert book.echo(one) is None  # already settled
+    assert book.echo(end) is True
+    book.new()
+    book.forget()
+    assert book.outstanding == 0
+    assert book.echo("4") is None
+
+
+# ------------------------------------------------------------------ call flows
+
+
+SILENCE = b"\xff" * 160
+
+
+def media(payload: bytes) -> str:
+    return json.dumps(
+        {
+            "event": "media",
+            "streamSid": STREAM,
+            "media": {"track": "inbound", "payload": base64.b64encode(payload).decode()},
+        }
+    )
+
+
+def mark(name: str) -> str:
+    return json.dumps({"event": "mark", "streamSid": STREAM, "mark": {"name": name}})
+
+
+def dtmf(digit: str) -> str:
+    return json.dumps({"event": "dtmf", "streamSid": STREAM, "dtmf": {"digit": digit}})
+
+
+def started(**config: Any) -> TwilioCall:
+    call = TwilioCall(CALL, CallConfig(key_allowed=lambda key: key != "banned", **config))
+    assert call.receive(CONNECTED) == []
+    [turn] = call.receive(START)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "#intro"
+    return call
+
+
+def speak(call: TwilioCall, audio: bytes) -> list[Any]:
+    """Feed 20 ms frames of ``audio``; every action they caused, with the frame index."""
+    out = []
+    for i in range(0, len(audio), 160):
+        out += [(i // 160, action) for action in call.receive(media(audio[i : i + 160]))]
+    return out
+
+
+def answer(call: TwilioCall, audio: bytes = b"\x00" * 1600, *, ended: bool = False) -> list[Any]:
+    """The running turn answers one item with ``audio`` and ends."""
+    actions = call.turn_event(ResponseItemEvent(response_item=ResponseItem(text="hi")))
+    actions += call.turn_event(BinaryEvent(data=audio))
+    actions += call.turn_event(ResponseEvent(response=Response(session_ended=ended)))
+    return actions + call.turn_finished()
+
+
+def test_start_makes_the_session_of_the_call() -> None:
+    call = TwilioCall(CALL, CallConfig(key_allowed=lambda key: True))
+    [turn] = call.receive(START)  # `connected` is optional
+    assert isinstance(turn, StartTurn)
+    ctx = turn.ctx
+    assert (ctx.channel, ctx.key, ctx.app_key) == ("twilio", f"twilio:{CALL}", "app")
+    assert (ctx.device_id, ctx.locale) == ("+15550100", "en-US")
+    assert ctx.tts is not None
+    assert (ctx.tts.mode, ctx.tts.file_type) == ("audio", "mulaw")
+    assert call.state is State.BOT
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"callSid": "CA" + "f" * 32}, 1008),  # not the call of the token
+        ({"mediaFormat": {"encoding": "audio/x-l16", "sampleRate": 16000, "channels": 1}}, 1003),
+        ({"customParameters": {"appKey": "banned"}}, 1008),
+    ],
+)
+def test_a_start_that_does_not_fit_closes_the_stream(change: dict[str, Any], code: int) -> None:
+    message = json.loads(START)
+    message["start"].update(change)
+    call = TwilioCall(CALL, CallConfig(key_allowed=lambda key: key != "banned"))
+    [close] = call.receive(json.dumps(message))
+    assert isinstance(close, Close)
+    assert close.code == code
+    assert call.closed
+
+
+def test_each_items_audio_is_played_and_marked_then_the_caller_has_the_floor() -> None:
+    call = started(frame_ms=20)
+    [play] = answer(call, b"\x01" * 1000)
+    assert isinstance(play, Play)
+    assert len(play.messages) == 7  # 1000 bytes -> 6 frames of 160 + 1 padded
+    payloads = [base64.b64decode(json.loads(m)["media"]["payload"]) for m in play.messages]
+    assert {len(p) for p in payloads} == {160}
+    assert payloads[-1].endswith(b"\xff")  # padded with μ-law silence
+    assert json.loads(play.mark)["mark"]["name"] == "1"
+    assert play.audio_ms == 140
+    assert call.state is State.BOT  # its audio still plays
+    assert call.receive(mark("1")) == []
+    assert call.state is State.CALLER
+
+
+def test_frames_of_40_ms() -> None:
+    call = started(frame_ms=40)
+    [play] = answer(call, b"\x01" * 640)
+    assert len(play.messages) == 2
+
+
+def test_silence_gives_the_silence_turn(corpus: dict[str, Pcm]) -> None:
+    call = started(silence_timeout_ms=1000)
+    answer(call)
+    call.receive(mark("1"))
+    actions = speak(call, SILENCE * 60)
+    turns = [(i, a) for i, a in actions if isinstance(a, StartTurn)]
+    assert [(i, a.input.text) for i, a in turns] == [(49, "#silence")]  # after 1000 ms of audio
+
+
+def test_speech_on_the_callers_floor_is_heard_and_becomes_the_input(
+    corpus: dict[str, Pcm],
+) -> None:
+    call = started()
+    answer(call)
+    call.receive(mark("1"))
+    speech = phone(corpus["play some music please"])
+    actions = speak(call, SILENCE * 10 + speech)
+    listen = [(i, a) for i, a in actions if isinstance(a, Listen)]
+    [(at, first)] = listen
+    assert 10 + 7 <= at <= 10 + 12  # 150 ms of voice after the onset at frame 10
+    assert len(first.preroll) >= (at - 10 + 1) * 160  # the onset is in the preroll
+    assert all(isinstance(a, Hear) for i, a in actions if i > at)
+    assert call.state is State.HEARING
+    [turn] = call.heard("final", "play some music please")
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "play some music please"
+    assert call.state is State.BOT
+
+
+def test_noise_on_the_callers_floor_is_ignored() -> None:
+    call = started()
+    answer(call)
+    call.receive(mark("1"))
+    call.receive(dtmf("1"))  # digit mode: an input
+    answer(call)
+    call.receive(mark("2"))
+    call.machine.state = State.HEARING  # as if a listener were open
+    assert call.heard("silence", "") == []
+    assert call.state is State.CALLER
+
+
+def test_barge_in_interrupts_the_bot_after_the_minimum_speech(corpus: dict[str, Pcm]) -> None:
+    call = started(barge_in_min_speech_ms=300)
+    call.turn_event(BinaryEvent(data=b"\x00" * 40_000))  # 5 s of answer, still playing
+    speech = phone(corpus["tell me about this place"])
+    actions = speak(call, SILENCE * 10 + speech)
+    interrupts = [(i, a) for i, a in actions if isinstance(a, Interrupt)]
+    [(at, interrupt)] = interrupts
+    assert json.loads(interrupt.clear) == {"event": "clear", "streamSid": STREAM}
+    assert 10 + 14 <= at <= 10 + 18  # 300 ms of speech, not 150
+    assert isinstance(actions[actions.index((at, interrupt)) + 1][1], Listen)
+    # the rest of the interrupted turn is dropped; its end lets the caller's input run
+    assert call.turn_event(BinaryEvent(data=b"\x00" * 800)) == []
+    assert call.turn_event(ResponseEvent(response=Response())) == []
+    assert call.heard("final", "tell me about this place") == []  # waits for the turn
+    [turn] = call.turn_finished()
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "tell me about this place"
+
+
+def test_an_interruption_without_words_is_answered_with_fallback(corpus: dict[str, Pcm]) -> None:
+    call = started()
+    answer(call)  # mark 1 not echoed yet: the bot speaks
+    speak(call, phone(corpus["tell me about this place"])[:8000])
+    assert call.state is State.HEARING
+    [turn] = call.heard("silence", "")
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "#fallback"
+
+
+def test_without_barge_in_speech_over_the_bot_is_not_heard(corpus: dict[str, Pcm]) -> None:
+    call = started(barge_in=False)
+    answer(call)
+    actions = speak(call, phone(corpus["tell me about this place"]))
+    assert actions == []
+    assert call.state is State.BOT
+
+
+def test_a_key_interrupts_the_bot_and_becomes_the_input() -> None:
+    call = started()
+    answer(call)  # playing
+    actions = call.receive(dtmf("3"))
+    assert isinstance(actions[0], Interrupt)
+    assert isinstance(actions[1], StartTurn)
+    assert actions[1].input.text == "3"
+
+
+def test_without_barge_in_a_key_waits_for_the_bots_audio() -> None:
+    call = started(barge_in=False)
+    answer(call)
+    assert call.receive(dtmf("3")) == []
+    [turn] = call.receive(mark("1"))
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "3"
+
+
+def test_a_failed_turn_is_spoken() -> None:
+    call = started(error_text="Oops.")
+    assert call.turn_event(ErrorEvent(text="core down", source="pipeline")) == [Speak("Oops.")]
+    [play] = call.spoken(b"\x00" * 800)
+    assert isinstance(play, Play)
+    assert call.turn_finished() == []
+    assert call.receive(mark("1")) == []
+    assert call.state is State.CALLER
+
+
+def test_the_end_waits_for_the_final_mark_then_hangs_up() -> None:
+    call = started()
+    play, final = answer(call, ended=True)
+    assert isinstance(play, Play)
+    assert not play.final
+    assert isinstance(final, Play)
+    assert final.final
+    assert final.messages == ()
+    assert json.loads(final.mark)["mark"]["name"] == "end-2"
+    assert call.state is State.ENDING
+    assert call.receive(dtmf("1")) == []  # no more input
+    assert call.receive(mark("1")) == []
+    assert call.receive(mark("end-2")) == [HangUp(CALL)]
+    assert call.closed
+    assert call.receive(STOP) == []  # the core ended the session: nothing to end
+
+
+def test_stop_ends_the_session() -> None:
+    call = started()
+    answer(call)
+    call.receive(mark("1"))
+    call.machine.state = State.HEARING  # as if a listener were open
+    actions = call.receive(STOP)
+    assert isinstance(actions[0], StopListening)
+    assert isinstance(actions[1], EndSession)
+    assert call.closed
+    assert call.connection_lost() == []  # once
+
+
+def test_a_lost_connection_ends_the_session() -> None:
+    call = started()
+    [end] = call.connection_lost()
+    assert isinstance(end, EndSession)
+    assert end.ctx.key == f"twilio:{CALL}"

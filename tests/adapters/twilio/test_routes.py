@@ -1,0 +1,253 @@
+"""The voice webhook, the status callback and the media stream's handshake, on real servers:
+signatures made with the twilio library's RequestValidator, refusals before accept."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.parse
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.adapters.twilio.harness import (
+    ask_twiml,
+    call_sid,
+    local_ws_url,
+    parse_twiml,
+    sign,
+)
+from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway
+
+
+@pytest.fixture
+async def gw() -> AsyncIterator[Served]:
+    async with twilio_gateway(app_keys=frozenset({"twilio", "other-app"})) as served:
+        yield served
+
+
+async def test_the_voice_webhook_answers_twiml_with_a_one_time_stream(gw: Served) -> None:
+    sid = call_sid()
+    answer = await ask_twiml(gw.url, PUBLIC, sid, auth_token=AUTH)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("application/xml")
+    twiml = parse_twiml(answer.text)
+    assert twiml.stream_url.startswith("wss://gateway.example.com/twilio/stream/")
+    token = twiml.stream_url.rsplit("/", 1)[1]
+    assert token.startswith(sid + ".")
+    assert "?" not in twiml.stream_url  # Twilio drops query strings of stream URLs
+    assert twiml.status_callback == "https://gateway.example.com/twilio/status"
+    assert twiml.parameters == {"from": "+15550100", "to": "+15550199", "appKey": "twilio"}
+    assert "<Hangup />" in answer.text or "<Hangup/>" in answer.text
+    again = parse_twiml((await ask_twiml(gw.url, PUBLIC, sid, auth_token=AUTH)).text)
+    assert again.stream_url != twiml.stream_url  # a fresh token for every webhook
+
+
+async def test_the_webhook_query_names_the_app_and_locale(gw: Served) -> None:
+    answer = await ask_twiml(
+        gw.url, PUBLIC, call_sid(), auth_token=AUTH, query="key=other-app&locale=en-GB"
+    )
+    assert answer.status_code == 200
+    params = parse_twiml(answer.text).parameters
+    assert (params["appKey"], params["locale"]) == ("other-app", "en-GB")
+    refused = await ask_twiml(gw.url, PUBLIC, call_sid(), auth_token=AUTH, query="key=nobody")
+    assert refused.status_code == 403
+    assert "Unknown application key" in refused.json()["detail"]
+
+
+async def post_form(
+    gw: Served, path: str, form: dict[str, str], headers: dict[str, str]
+) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        return await client.post(path, data=form, headers=headers)
+
+
+FORM = {"CallSid": "CA" + "2" * 32, "From": "+15550100", "To": "+15550199"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Twilio-Signature": sign("forged" * 6, PUBLIC + "/twilio/voice", FORM)},
+        {"X-Twilio-Signature": sign(AUTH, PUBLIC + "/twilio/voice", {**FORM, "From": "+1"})},
+        {},
+        # the Host header does not choose what is checked: only the public URL counts
+        {
+            "Host": "attacker.example",
+            "X-Twilio-Signature": sign(AUTH, "https://attacker.example/twilio/voice", FORM),
+        },
+    ],
+    ids=["wrong-token", "changed-params", "missing", "host-header"],
+)
+async def test_a_forged_webhook_is_refused_with_a_problem(
+    gw: Served, headers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    answer = await post_form(gw, "/twilio/voice", FORM, headers)
+    assert answer.status_code == 403
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["status"] == 403
+    assert "X-Twilio-Signature" in answer.json()["detail"]
+    assert any("refused" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_signature_is_of_the_public_url_whatever_the_host(gw: Served) -> None:
+    headers = {
+        "Host": "internal-lb:8080",
+        "X-Twilio-Signature": sign(AUTH, PUBLIC + "/twilio/voice", FORM),
+    }
+    assert (await post_form(gw, "/twilio/voice", FORM, headers)).status_code == 200
+
+
+async def test_bad_webhook_requests(gw: Served) -> None:
+    bad_sid = {"CallSid": "nope"}
+    answer = await post_form(
+        gw,
+        "/twilio/voice",
+        bad_sid,
+        {"X-Twilio-Signature": sign(AUTH, PUBLIC + "/twilio/voice", bad_sid)},
+    )
+    assert answer.status_code == 400
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        json_body = await client.post("/twilio/voice", json={"CallSid": FORM["CallSid"]})
+        assert json_body.status_code == 415
+        huge = await client.post(
+            "/twilio/voice",
+            content=b"a=" + b"x" * 2_000_000,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert huge.status_code == 413
+
+
+async def test_status_callbacks_are_recorded(gw: Served, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "adapters.twilio")
+    event = {
+        "AccountSid": "AC" + "0" * 32,
+        "CallSid": FORM["CallSid"],
+        "StreamSid": "MZ" + "3" * 32,
+        "StreamName": "gateway",
+        "StreamEvent": "stream-error",
+        "StreamError": "Stream - Protocol - Invalid Message",
+        "Timestamp": "2024-05-01T12:00:00Z",
+    }
+    url = PUBLIC + "/twilio/status"
+    ok = await post_form(
+        gw, "/twilio/status", event, {"X-Twilio-Signature": sign(AUTH, url, event)}
+    )
+    assert ok.status_code == 204
+    assert list(gw.channel.status_events) == [event]
+    [record] = [r for r in caplog.records if "stream-error" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert "Invalid Message" in record.getMessage()
+    forged = await post_form(gw, "/twilio/status", event, {"X-Twilio-Signature": "AAAA"})
+    assert forged.status_code == 403
+    assert len(gw.channel.status_events) == 1
+
+
+# ------------------------------------------------------------------ the stream's handshake
+
+
+async def stream_url_of(gw: Served, *, auth_token: str | None = AUTH) -> str:
+    answer = await ask_twiml(gw.url, PUBLIC, call_sid(), auth_token=auth_token)
+    assert answer.status_code == 200
+    return parse_twiml(answer.text).stream_url
+
+
+async def handshake(gw: Served, public_stream_url: str, signature: str | None) -> int:
+    """Open the stream's WebSocket; 101 when accepted, else the refusal's HTTP status."""
+    headers = {"X-Twilio-Signature": signature} if signature is not None else {}
+    try:
+        async with connect(local_ws_url(gw.url, public_stream_url), additional_headers=headers):
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+async def test_a_signed_stream_with_a_fresh_token_is_accepted(gw: Served) -> None:
+    url = await stream_url_of(gw)
+    assert await handshake(gw, url, sign(AUTH, url)) == 101
+
+
+@pytest.mark.parametrize(
+    "signer",
+    [
+        lambda url: sign("another auth token 0123456789abc", url),  # wrong signature
+        lambda url: sign(AUTH, url.replace("gateway.example.com", "evil.example.com")),  # URL
+        lambda url: sign(AUTH, url.replace("wss://", "https://")),  # http instead of wss
+        lambda url: sign(AUTH, url, {"extra": "param"}),  # not the empty parameter set
+        lambda url: None,  # missing header
+    ],
+    ids=["wrong-signature", "wrong-url", "https-not-wss", "params", "missing-header"],
+)
+async def test_a_badly_signed_stream_is_refused_before_accept(
+    gw: Served, signer: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = await stream_url_of(gw)
+    assert callable(signer)
+    assert await handshake(gw, url, signer(url)) == 403
+    [record] = [r for r in caplog.records if "stream refused" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert not gw.channel.calls
+
+
+async def test_a_call_token_is_used_once(gw: Served) -> None:
+    url = await stream_url_of(gw)
+    assert await handshake(gw, url, sign(AUTH, url)) == 101
+    assert await handshake(gw, url, sign(AUTH, url)) == 403  # reused
+
+
+async def test_a_forged_or_unknown_token_is_refused(gw: Served) -> None:
+    url = await stream_url_of(gw)
+    head, _, tail = url.rpartition(".")
+    forged = head + "." + ("A" if tail[0] != "A" else "B") + tail[1:]
+    assert await handshake(gw, forged, sign(AUTH, forged)) == 403
+    made_up = f"{PUBLIC.replace('https', 'wss')}/twilio/stream/{call_sid()}.ffffffffff.abc.def"
+    assert await handshake(gw, made_up, sign(AUTH, made_up)) == 403
+
+
+async def test_without_an_auth_token_the_token_is_still_required(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with twilio_gateway(twilio_auth_token=None) as gw:
+        assert any("NOT verified" in r.getMessage() for r in caplog.records)
+        url = await stream_url_of(gw, auth_token=None)
+        made_up = url.rsplit("/", 1)[0] + f"/{call_sid()}.ffffffffff.x.y"
+        assert await handshake(gw, made_up, None) == 403
+        assert await handshake(gw, url, None) == 101
+        assert await handshake(gw, url, None) == 403
+
+
+async def test_the_token_works_across_instances_once(redis_url: str, redis_prefix: str) -> None:
+    shared = {
+        "redis_url": redis_url,
+        "redis_prefix": redis_prefix,
+        "twilio_auth_token": SecretStr(AUTH),
+    }
+    async with twilio_gateway(**shared) as a, twilio_gateway(**shared) as b:
+        url = await stream_url_of(a)  # the webhook reached instance A
+        assert await handshake(b, url, sign(AUTH, url)) == 101  # the stream reaches B
+        assert await handshake(a, url, sign(AUTH, url)) == 403  # and cannot be reused on A
+        token = url.rsplit("/", 1)[1]
+        assert urllib.parse.quote(token, safe=".-_") == token
+
+
+async def test_a_stream_that_never_starts_is_closed(
+    gw: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.twilio import routes
+
+    monkeypatch.setattr(routes, "START_TIMEOUT_S", 0.3)
+    url = await stream_url_of(gw)
+    async with connect(
+        local_ws_url(gw.url, url), additional_headers={"X-Twilio-Signature": sign(AUTH, url)}
+    ) as ws:
+        await ws.send('{"event": "connected", "protocol": "Call", "version": "1.0.0"}')
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(3):
+                await ws.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1008
+    assert not gw.channel.calls

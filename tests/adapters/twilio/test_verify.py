@@ -1,0 +1,95 @@
+"""Signatures (the twilio library's own signer) and per-call stream tokens, without a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapters.twilio.verify import (
+    SignatureVerifier,
+    StreamTokens,
+    TwilioVerificationError,
+    derive_secret,
+    public_url,
+    stream_url,
+)
+from tests.adapters.twilio.harness import call_sid, sign
+
+AUTH = "12345678901234567890123456789012"
+URL = "https://gateway.example.com/twilio/voice"
+FORM = {"CallSid": "CA" + "1" * 32, "From": "+15550100", "To": "+15550199"}
+
+
+def test_urls_come_from_the_public_url() -> None:
+    assert public_url("https://gw.example.com/", "/twilio/voice") == URL.replace("gateway", "gw")
+    assert public_url("https://gw.example.com/base", "/twilio/voice", "key=a") == (
+        "https://gw.example.com/base/twilio/voice?key=a"
+    )
+    assert stream_url("https://gw.example.com/base", "TOK") == (
+        "wss://gw.example.com/base/twilio/stream/TOK"
+    )
+    assert stream_url("http://localhost:8080", "TOK") == "ws://localhost:8080/twilio/stream/TOK"
+
+
+def test_valid_signatures_pass() -> None:
+    verifier = SignatureVerifier(AUTH)
+    verifier.check(URL, FORM, sign(AUTH, URL, FORM))
+    stream = "wss://gateway.example.com/twilio/stream/TOK"
+    verifier.check(stream, None, sign(AUTH, stream))
+
+
+@pytest.mark.parametrize(
+    ("url", "params", "signature", "why"),
+    [
+        (URL, FORM, sign("another token 0123456789abcdef01", URL, FORM), "does not sign"),
+        (URL, FORM, sign(AUTH, URL.replace("gateway", "evil"), FORM), "does not sign"),
+        (URL, FORM, sign(AUTH, URL.replace("https", "http"), FORM), "does not sign"),
+        (URL, FORM, sign(AUTH, URL, {**FORM, "From": "+15550666"}), "does not sign"),
+        (URL, FORM, None, "no X-Twilio-Signature"),
+        (URL, FORM, "", "no X-Twilio-Signature"),
+    ],
+)
+def test_bad_signatures_are_refused(
+    url: str, params: dict[str, str], signature: str | None, why: str
+) -> None:
+    with pytest.raises(TwilioVerificationError, match=why):
+        SignatureVerifier(AUTH).check(url, params, signature)
+
+
+def test_without_an_auth_token_nothing_is_checked() -> None:
+    verifier = SignatureVerifier(None)
+    assert not verifier.enabled
+    verifier.check(URL, FORM, None)
+
+
+def test_stream_tokens_are_bound_to_a_call_and_expire() -> None:
+    tokens = StreamTokens(b"k" * 32, ttl_s=120)
+    sid = call_sid()
+    token = tokens.issue(sid, now=1000.0)
+    assert "/" not in token  # fits a URL path segment
+    assert "?" not in token
+    grant = tokens.check(token, now=1000.0)
+    assert grant.call_sid == sid
+    assert grant.expires == 1120
+    assert tokens.issue(sid, now=1000.0) != token  # a fresh nonce each time
+    with pytest.raises(TwilioVerificationError, match="expired"):
+        tokens.check(token, now=1120.0)
+    with pytest.raises(TwilioVerificationError, match="wrong MAC"):
+        StreamTokens(b"x" * 32, ttl_s=120).check(token, now=1000.0)
+    forged = token.replace(sid, call_sid())  # another call, same MAC
+    with pytest.raises(TwilioVerificationError, match="wrong MAC"):
+        tokens.check(forged, now=1000.0)
+    with pytest.raises(TwilioVerificationError, match="malformed"):
+        tokens.check("garbage", now=1000.0)
+    with pytest.raises(ValueError, match="call SID"):
+        tokens.issue("not-a-sid", now=1000.0)
+
+
+def test_the_token_secret_is_shared_only_when_configured() -> None:
+    assert derive_secret("s3cret", AUTH) == (b"s3cret", True)
+    derived, shared = derive_secret(None, AUTH)
+    assert shared
+    assert derived == derive_secret(None, AUTH)[0]  # every instance derives the same key
+    assert derived != AUTH.encode()
+    random_1, shared_1 = derive_secret(None, None)
+    assert not shared_1
+    assert random_1 != derive_secret(None, None)[0]

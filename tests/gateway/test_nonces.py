@@ -1,0 +1,79 @@
+"""The NonceStore contract, against the memory store and the Redis store (two clients, as
+two gateway instances)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
+from gateway.sessions import StoreUnavailable, redis_client
+from tests.conftest import free_port
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def stores(
+    request: pytest.FixtureRequest, redis_url: str, redis_prefix: str
+) -> AsyncIterator[tuple[NonceStore, NonceStore]]:
+    """Two views of one store: the same memory store, or two Redis clients."""
+    if request.param == "memory":
+        store = MemoryNonceStore()
+        yield store, store
+        return
+    a, b = aioredis.from_url(redis_url), aioredis.from_url(redis_url)
+    yield RedisNonceStore(a, prefix=redis_prefix), RedisNonceStore(b, prefix=redis_prefix)
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_a_key_is_used_once(stores: tuple[NonceStore, NonceStore]) -> None:
+    one, other = stores
+    key = secrets.token_hex(8)
+    assert await one.use_once(key, 30) is True
+    assert await one.use_once(key, 30) is False
+    assert await other.use_once(key, 30) is False  # another instance sees it used
+    assert await other.use_once(key + "-2", 30) is True  # keys are independent
+
+
+async def test_concurrent_uses_have_one_winner(stores: tuple[NonceStore, NonceStore]) -> None:
+    one, other = stores
+    key = secrets.token_hex(8)
+    results = await asyncio.gather(
+        *(store.use_once(key, 30) for store in (one, other) for _ in range(10))
+    )
+    assert results.count(True) == 1
+
+
+async def test_a_key_is_forgotten_after_its_ttl(stores: tuple[NonceStore, NonceStore]) -> None:
+    one, other = stores
+    key = secrets.token_hex(8)
+    assert await one.use_once(key, 0.2)
+    await asyncio.sleep(0.35)
+    assert await other.use_once(key, 0.2)
+
+
+async def test_ttl_must_be_positive(stores: tuple[NonceStore, NonceStore]) -> None:
+    with pytest.raises(ValueError, match="ttl_s"):
+        await stores[0].use_once("k", 0)
+
+
+async def test_redis_down_is_store_unavailable() -> None:
+    client = redis_client(f"redis://127.0.0.1:{free_port()}/0")
+    store = RedisNonceStore(client, prefix="down")
+    with pytest.raises(StoreUnavailable):
+        await store.use_once("k", 10)
+    await client.aclose()
+
+
+async def test_memory_store_stays_bounded() -> None:
+    now = [0.0]
+    store = MemoryNonceStore(max_keys=3, clock=lambda: now[0])
+    for key in "abcd":
+        assert await store.use_once(key, 100)
+    assert await store.use_once("d", 100) is False  # the newest are kept
+    now[0] = 200.0  # all expired: swept as new keys come
+    assert await store.use_once("a", 100)
