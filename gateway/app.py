@@ -6,9 +6,11 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,6 +20,8 @@ from adapters.alexa.routes import router as alexa_router
 from adapters.flowstorm_v1.routes import router as flowstorm_v1_router
 from adapters.flowstorm_v2.routes import router as flowstorm_v2_router
 from adapters.google.routes import router as google_router
+from adapters.twilio.routes import router as twilio_router
+from adapters.voiceflow.routes import mount as mount_voiceflow
 from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
@@ -25,6 +29,7 @@ from gateway.files import router as files_router
 from gateway.httputil import problem
 from gateway.metrics import REGISTRY
 from gateway.middleware import RequestIdMiddleware
+from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
 from gateway.pipeline import make_pipeline
 from gateway.pipeline.http import PipelineRequest, PipelineResponse
 from gateway.sessions import RedisSessionStore, StoreUnavailable, make_store
@@ -54,7 +59,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pipeline = make_pipeline(settings)
         conversation = Conversation(store, pipeline, settings, speech)
         warming = asyncio.create_task(speech.warm_up()) if settings.speech_warm_up else None
-        app.state.gateway = Gateway(settings, store, pipeline, conversation, speech, bus)
+        nonces: NonceStore = (
+            RedisNonceStore(redis, prefix=settings.redis_prefix) if redis else MemoryNonceStore()
+        )
+        app.state.gateway = Gateway(
+            settings, store, pipeline, conversation, speech, bus, nonces=nonces
+        )
         log.info(
             "gateway ready: store=%s pipeline=%s",
             type(store).__name__,
@@ -76,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="Channel gateway",
         version="0.1.0",
+        summary="One bot, every channel: Flowstorm sockets, Alexa, Google, Twilio, Voiceflow.",
         lifespan=lifespan,
     )
     app.add_middleware(RequestIdMiddleware)
@@ -85,6 +96,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # voice assistants; their routers' lifespans make the verifiers and log startup warnings
     app.include_router(alexa_router)
     app.include_router(google_router)
+    # phone calls (Twilio Media Streams); its router's lifespan logs the verification warnings
+    app.include_router(twilio_router)
+    # Voiceflow socket.io at /v4/interact/socket (a mounted ASGI app; its router's lifespan)
+    mount_voiceflow(app, settings)
 
     @app.get(
         "/metrics",
@@ -130,6 +145,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def pipeline_turn(body: PipelineRequest) -> None:  # documentation only
         return None
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, saying 400 + problem body where FastAPI says 422."""
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                routes=app.routes,
+                webhooks=app.webhooks.routes,
+            )
+            for path in document.get("paths", {}).values():
+                for operation in path.values():
+                    responses = operation.get("responses", {})
+                    if "422" in responses:
+                        del responses["422"]
+                        responses.setdefault("400", _BAD_REQUEST)
+            for name in ("HTTPValidationError", "ValidationError"):
+                document.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return problem(400, "Bad request", "The request is not valid.", errors=_errors(exc))
@@ -141,9 +179,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(exc.status_code, _title(exc.status_code), str(exc.detail))
+        answer = problem(exc.status_code, _title(exc.status_code), str(exc.detail))
+        answer.headers.update(exc.headers or {})  # e.g. Allow on 405 (RFC 9110)
+        return answer
 
     return app
+
+
+_BAD_REQUEST: dict[str, Any] = {
+    "description": "The request is not valid (RFC 9457 problem body)",
+    "content": {
+        "application/problem+json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string"},
+                    "title": {"type": "string"},
+                    "status": {"type": "integer"},
+                    "detail": {"type": "string"},
+                    "errors": {"type": "array", "items": {"type": "object"}},
+                },
+            }
+        }
+    },
+}
 
 
 def _errors(exc: RequestValidationError) -> list[dict[str, str]]:

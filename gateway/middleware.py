@@ -39,6 +39,7 @@ class RequestIdMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            # WebSocket sends pass untouched: only an HTTP answer carries the header
+            await self.app(scope, receive, send_with_id if scope["type"] == "http" else send)
         finally:
             REQUEST_ID.reset(token)
