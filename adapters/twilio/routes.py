@@ -51,7 +51,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, FastAPI, WebSocket
 from fastapi.responses import Response
@@ -64,6 +64,7 @@ from adapters.twilio.protocol import (
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
+    NAMESPACE,
     SAMPLE_RATE,
     TTS,
     Action,
@@ -376,7 +377,7 @@ async def voice(request: Request) -> Response:
     }
     xml = twiml(
         stream_url(settings.public_url, token),
-        public_url(settings.public_url, "/twilio/status"),
+        public_url(settings.public_url, "/twilio/status", urlencode({"key": key})),
         {name: value for name, value in parameters.items() if value},
     )
     log.info("Twilio call %s from %s: stream issued", call_sid, parameters["from"] or "?")
@@ -423,6 +424,22 @@ async def status(request: Request) -> Response:
         event["StreamSid"] or "?",
         f": {event['StreamError']}" if event["StreamError"] else "",
     )
+    call_sid = event["CallSid"]
+    if (
+        event["StreamEvent"] in ("stream-stopped", "stream-error")
+        and CALL_SID.fullmatch(call_sid)
+        and call_sid not in channel_of(request).calls
+    ):
+        # the stream ended where this process did not serve it: most often the
+        # instance that did has died; end the call's session so it is not left open
+        gw = gateway_of(request)
+        key = request.query_params.get("key") or gw.settings.twilio_app_key
+        ctx = TurnContext(channel=CHANNEL, namespace=NAMESPACE, session_id=call_sid, app_key=key)
+        try:
+            if await gw.conversation.end(ctx):
+                log.info("Twilio call %s: session ended after %s", call_sid, event["StreamEvent"])
+        except StoreError as exc:
+            log.warning("Twilio call %s: session not ended: %s", call_sid, exc)
     return Response(status_code=204)
 
 

@@ -14,6 +14,8 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from gateway.conversation import TurnContext
+from gateway.events import Input
 from tests.adapters.twilio.harness import (
     ask_twiml,
     call_sid,
@@ -40,7 +42,7 @@ async def test_the_voice_webhook_answers_twiml_with_a_one_time_stream(gw: Served
     token = twiml.stream_url.rsplit("/", 1)[1]
     assert token.startswith(sid + ".")
     assert "?" not in twiml.stream_url  # Twilio drops query strings of stream URLs
-    assert twiml.status_callback == "https://gateway.example.com/twilio/status"
+    assert twiml.status_callback == "https://gateway.example.com/twilio/status?key=twilio"
     assert twiml.parameters == {"from": "+15550100", "to": "+15550199", "appKey": "twilio"}
     assert "<Hangup />" in answer.text or "<Hangup/>" in answer.text
     again = parse_twiml((await ask_twiml(gw.url, PUBLIC, sid, auth_token=AUTH)).text)
@@ -145,6 +147,27 @@ async def test_status_callbacks_are_recorded(gw: Served, caplog: pytest.LogCaptu
     forged = await post_form(gw, "/twilio/status", event, {"X-Twilio-Signature": "AAAA"})
     assert forged.status_code == 403
     assert len(gw.channel.status_events) == 1
+
+
+async def test_stream_ended_elsewhere_closes_the_calls_session(gw: Served) -> None:
+    """A stream-stopped/-error for a call no process here serves (its instance died)
+    ends the call's session instead of leaving it open until it expires."""
+    gateway = gw.app.state.gateway
+    sid = "CA" + "7" * 32
+    ctx = TurnContext(channel="twilio", namespace="twilio", session_id=sid, app_key="other-app")
+    await gateway.conversation.turn(ctx, Input.of("#intro")).collect()
+    assert await gateway.store.get(f"twilio:{sid}") is not None
+    event = {"CallSid": sid, "StreamSid": "MZ" + "4" * 32, "StreamEvent": "stream-error"}
+    wrong_key = PUBLIC + "/twilio/status?key=twilio"  # another application's key: kept
+    path = "/twilio/status?key=twilio"
+    signed = {"X-Twilio-Signature": sign(AUTH, wrong_key, event)}
+    assert (await post_form(gw, path, event, signed)).status_code == 204
+    assert await gateway.store.get(f"twilio:{sid}") is not None
+    url = PUBLIC + "/twilio/status?key=other-app"
+    path = "/twilio/status?key=other-app"
+    signed = {"X-Twilio-Signature": sign(AUTH, url, event)}
+    assert (await post_form(gw, path, event, signed)).status_code == 204
+    assert await gateway.store.get(f"twilio:{sid}") is None
 
 
 # ------------------------------------------------------------------ the stream's handshake
