@@ -52,6 +52,7 @@ from adapters.flowstorm_v1.protocol import (
     V1Connection,
     error_frame,
 )
+from gateway import metrics
 from gateway.conversation import TurnRejected
 from gateway.deps import Gateway, gateway_of
 from gateway.sessions import StoreError
@@ -382,4 +383,5 @@ async def socket_v1(websocket: WebSocket) -> None:
         await websocket.accept()
     except _SEND_ERRORS:
         return
-    await _Socket(websocket, gw).run()
+    with metrics.connection("flowstorm_v1"):
+        await _Socket(websocket, gw).run()

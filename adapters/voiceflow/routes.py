@@ -56,6 +56,7 @@ import socketio
 from fastapi import APIRouter, FastAPI
 
 from adapters.voiceflow.protocol import (
+    CHANNEL,
     PATH,
     SERVER_RESTART,
     Action,
@@ -65,6 +66,7 @@ from adapters.voiceflow.protocol import (
     VoiceflowConnection,
     error,
 )
+from gateway import metrics
 from gateway.conversation import TurnRejected
 from gateway.deps import Gateway
 from gateway.settings import Settings
@@ -247,6 +249,7 @@ class VoiceflowServer:
             session_busy=self._running.__contains__,
         )
         self._clients[sid] = _Client(sid, conn)
+        metrics.CONNECTIONS.labels(CHANNEL).inc()
         return True
 
     async def _disconnect(self, sid: str, *reason: Any) -> None:
@@ -255,6 +258,7 @@ class VoiceflowServer:
         client = self._clients.pop(sid, None)
         if client is None:
             return
+        metrics.CONNECTIONS.labels(CHANNEL).dec()
         client.conn.connection_lost()
         for task in list(client.tasks):  # forwarding only; the engine's turns go on
             task.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -76,3 +77,27 @@ def test_json_log_lines_carry_structured_fields() -> None:
         12.5,
     )
     assert entry["time"].endswith("+00:00")
+
+
+async def test_connections_gauge_counts_open_v1_sockets() -> None:
+    from websockets.asyncio.client import connect
+
+    async with gateway() as url, httpx.AsyncClient(base_url=url) as client:
+        before = sample(
+            (await client.get("/metrics")).text, "gateway_connections", channel="flowstorm_v1"
+        )
+        async with connect(url.replace("http", "ws") + "/socket") as ws:
+            await ws.send('{"type":"Init","key":"k","deviceId":"d","config":{}}')
+            await ws.recv()  # Ready: the connection is being served
+            during = sample(
+                (await client.get("/metrics")).text, "gateway_connections", channel="flowstorm_v1"
+            )
+        for _ in range(100):  # the server notices the close a moment later
+            after = sample(
+                (await client.get("/metrics")).text, "gateway_connections", channel="flowstorm_v1"
+            )
+            if after == before:
+                break
+            await asyncio.sleep(0.02)
+    assert during == before + 1
+    assert after == before
