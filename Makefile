@@ -9,6 +9,11 @@ test:
 
 bench:
 	python3 bench/v2_concurrency.py
+	python3 bench/voice_assistants.py
+	python3 bench/voiceflow_actions.py
+	python3 bench/twilio_calls.py
+	python3 bench/speech_rtf.py
+	python3 bench/speech_latency.py
 
 openapi:
 	gateway openapi --out openapi/openapi.json
