@@ -56,6 +56,7 @@ from gateway import metrics
 from gateway.conversation import TurnRejected
 from gateway.deps import Gateway, gateway_of
 from gateway.sessions import StoreError
+from gateway.sockets import SEND_ERRORS, GuardedSocket
 from gateway.speech.audio import AudioFormatError
 from gateway.speech.listener import Heard, Listener
 from gateway.speech.stt import RecognitionError
@@ -64,8 +65,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["Flowstorm Socket V1"])
 
-_SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
-"""What sending on a socket the client has left raises (Starlette/uvicorn)."""
 
 MAX_PENDING_AUDIO_MS: Final = 10_000
 """Audio (ms) an utterance may have queued, not yet fed to its listener, before the
@@ -154,19 +153,17 @@ class _Utterance:
         return data
 
 
-class _Socket:
+class _Socket(GuardedSocket):
     """One accepted V1 WebSocket: the receive loop, turn forwarders, listeners and log writers."""
 
     def __init__(self, ws: WebSocket, gw: Gateway) -> None:
-        self.ws = ws
+        super().__init__(ws)
         self.gw = gw
         self.conn = V1Connection(
             gw.settings.key_allowed,
             max_frame_bytes=gw.settings.max_body_bytes,
             silence_timeout_ms=gw.settings.silence_timeout_ms,
         )
-        self.open = True
-        self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._log_tasks: set[asyncio.Task[None]] = set()
         self._utterance: _Utterance | None = None
@@ -240,32 +237,6 @@ class _Socket:
 
     def _start_logs(self, action: StoreLogs) -> None:
         self._spawn(self._store_logs(action), self._log_tasks)
-
-    async def _send(self, text: str) -> None:
-        if not self.open:
-            return
-        async with self._send_lock:
-            try:
-                await self.ws.send_text(text)
-            except _SEND_ERRORS:
-                self.open = False
-
-    async def _send_bytes(self, data: bytes) -> None:
-        if not self.open:
-            return
-        async with self._send_lock:
-            try:
-                await self.ws.send_bytes(data)
-            except _SEND_ERRORS:
-                self.open = False
-
-    async def _close(self, code: int, reason: str) -> None:
-        if not self.open:
-            return
-        self.open = False
-        async with self._send_lock:
-            with contextlib.suppress(*_SEND_ERRORS):
-                await self.ws.close(code, reason[:120])  # a close reason is at most 123 bytes
 
     # ------------------------------------------------------------- audio input
 
@@ -381,7 +352,7 @@ async def socket_v1(websocket: WebSocket) -> None:
     gw = gateway_of(websocket)
     try:
         await websocket.accept()
-    except _SEND_ERRORS:
+    except SEND_ERRORS:
         return
     with metrics.connection("flowstorm_v1"):
         await _Socket(websocket, gw).run()

@@ -101,6 +101,7 @@ from gateway.httputil import problem, read_body
 from gateway.protocol import ProtocolError
 from gateway.sessions import StoreError, StoreUnavailable
 from gateway.settings import Settings
+from gateway.sockets import SEND_ERRORS, GuardedSocket
 from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.stt import RecognitionError
 
@@ -123,9 +124,6 @@ STATUS_EVENTS_KEPT: Final = 256
 LISTEN_BATCH_BYTES: Final = 480
 """The caller's audio goes to the recognizer in batches of at least 60 ms (one worker round
 trip per batch rather than per 20 ms frame; the utterance's end is found at most 40 ms later)."""
-
-_SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
-"""What sending on a socket the peer has left raises (Starlette/uvicorn)."""
 
 
 # ------------------------------------------------------------------ per-app state
@@ -507,21 +505,19 @@ class _Sender:
             await self._send(message)
 
 
-class _Call:
+class _Call(GuardedSocket):
     """One accepted media stream: the receive loop and the call's tasks (module doc)."""
 
     def __init__(
         self, ws: WebSocket, gw: Gateway, channel: TwilioChannel, grant: StreamGrant
     ) -> None:
+        super().__init__(ws)
         settings = gw.settings
-        self.ws = ws
         self.gw = gw
         self.channel = channel
         self.call_sid = grant.call_sid
         self.call = TwilioCall(grant.call_sid, channel.config)
-        self.open = True
         self.bad_frames = 0
-        self._send_lock = asyncio.Lock()
         self.sender = _Sender(self._send, settings.twilio_frame_ms, settings.twilio_send_ahead_ms)
         self._tasks: set[asyncio.Task[None]] = set()
         self._listen_task: asyncio.Task[None] | None = None
@@ -631,23 +627,6 @@ class _Call:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _send(self, text: str) -> None:
-        if not self.open:
-            return
-        async with self._send_lock:
-            try:
-                await self.ws.send_text(text)
-            except _SEND_ERRORS:
-                self.open = False
-
-    async def _close(self, code: int, reason: str) -> None:
-        if not self.open:
-            return
-        self.open = False
-        async with self._send_lock:
-            with contextlib.suppress(*_SEND_ERRORS):
-                await self.ws.close(code, reason[:120])
-
     # -------------------------------------------------------------- tasks
 
     async def _turn(self, start: StartTurn) -> None:
@@ -741,7 +720,7 @@ class _Call:
         for action in self.call.connection_lost():
             if isinstance(action, EndSession):
                 await self._end_session(action.ctx)
-        with contextlib.suppress(*_SEND_ERRORS):
+        with contextlib.suppress(*SEND_ERRORS):
             await self.ws.close(CLOSE_NORMAL)
         self.channel.calls.pop(self.call_sid, None)
 
@@ -775,11 +754,11 @@ async def stream(websocket: WebSocket, token: str) -> None:
     except TwilioVerificationError as exc:
         peer = websocket.client.host if websocket.client else "?"
         log.warning("Twilio stream refused (1008) from %s: %s", peer, exc.reason)
-        with contextlib.suppress(*_SEND_ERRORS):
+        with contextlib.suppress(*SEND_ERRORS):
             await websocket.close(code=CLOSE_POLICY)  # before accept: HTTP 403
         return
     try:
         await websocket.accept()
-    except _SEND_ERRORS:
+    except SEND_ERRORS:
         return
     await _Call(websocket, gw, channel, grant).run()
