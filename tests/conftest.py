@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -130,6 +131,48 @@ async def gateway(settings: Settings | None = None, **overrides: Any) -> AsyncIt
     settings = (settings or Settings()).model_copy(update=overrides)
     async with serve(create_app(settings), ws_max_size=max(settings.max_body_bytes, 65536)) as url:
         yield url
+
+
+class _ErrorRecorder(logging.Handler):
+    """Collects ERROR records of the server's loggers (not the test client's)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # a test's own aiohttp client (socket.io) may leave a connection for the garbage
+        # collector; asyncio reports it under the same logger as the server
+        if record.name == "asyncio" and "client_connection" in record.getMessage():
+            return
+        self.records.append(record)
+
+
+SERVER_LOGGERS = ("uvicorn.error", "asyncio", "adapters", "gateway", "socketio", "engineio")
+"""Where an unhandled exception of the app or its event loop is logged."""
+
+
+@contextlib.asynccontextmanager
+async def served(**overrides: Any) -> AsyncIterator[str]:
+    """:func:`gateway` (same arguments), failing the test if the server logged an ERROR.
+
+    An unhandled exception in the app shows as an ERROR record of uvicorn.error (or
+    asyncio, or our own loggers). Yields the base URL (``http://127.0.0.1:PORT``).
+    """
+    recorder = _ErrorRecorder()
+    async with gateway(**overrides) as url:
+        # uvicorn configures its loggers when the server is made: attach afterwards
+        loggers = [logging.getLogger(name) for name in SERVER_LOGGERS]
+        for logger in loggers:
+            logger.addHandler(recorder)
+        try:
+            yield url
+        finally:
+            for logger in loggers:
+                logger.removeHandler(recorder)
+    if recorder.records:
+        shown = "\n".join(f"{r.name}: {r.getMessage()}" for r in recorder.records)
+        pytest.fail(f"the server logged errors:\n{shown}")
 
 
 class GatewayProcess:

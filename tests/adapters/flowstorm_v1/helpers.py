@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +18,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.speech.audio import Pcm, resample
-from tests.conftest import ROOT, gateway, serve
+from tests.conftest import ROOT, serve
+from tests.conftest import served as served  # re-exported for the tests
 from tests.speech import padded
 
 SPEC = ROOT.parent / "shared" / "specs" / "flowstorm-socket-v1.md"
@@ -127,41 +127,6 @@ def spec_examples() -> list[Any]:
 
 
 # ----------------------------------------------------------------- servers
-
-_WATCHED = ("uvicorn.error", "asyncio", "adapters", "gateway")
-
-
-class _Recorder(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.asynccontextmanager
-async def served(**overrides: Any) -> AsyncIterator[str]:
-    """A gateway (``tests.conftest.gateway``) whose server logs no error while it runs.
-
-    An unhandled exception in the app shows as an ERROR record of uvicorn.error
-    (or asyncio, or our own loggers); the test fails when one was logged.
-    Yields the base URL (``http://127.0.0.1:PORT``).
-    """
-    recorder = _Recorder()
-    async with gateway(**overrides) as url:
-        # uvicorn configures its loggers when the server is made: attach afterwards
-        loggers = [logging.getLogger(name) for name in _WATCHED]
-        for logger in loggers:
-            logger.addHandler(recorder)
-        try:
-            yield url
-        finally:
-            for logger in loggers:
-                logger.removeHandler(recorder)
-    if recorder.records:
-        shown = "\n".join(f"{r.name}: {r.getMessage()}" for r in recorder.records)
-        pytest.fail(f"the server logged errors:\n{shown}")
 
 
 def ws_url(base: str, path: str = "/socket") -> str:

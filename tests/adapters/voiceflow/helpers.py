@@ -10,17 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
-import pytest
 import socketio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from adapters.voiceflow.protocol import PATH
-from tests.conftest import gateway, serve
+from tests.conftest import serve
+from tests.conftest import served as served  # re-exported for the tests
 
 RECV_LIMIT_S = 15.0
 """Safety net so a broken server fails a test instead of hanging it (not an assertion)."""
@@ -167,42 +166,6 @@ async def client(url: str, transport: str = "websocket") -> AsyncIterator[Voicef
 
 
 # ----------------------------------------------------------------- servers
-
-_WATCHED = ("uvicorn.error", "asyncio", "adapters", "gateway", "socketio", "engineio")
-
-
-class _Recorder(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # the test's own socket.io client (aiohttp) may leave a polling connection for
-        # the garbage collector; asyncio reports it under the same logger as the server
-        if record.name == "asyncio" and "client_connection" in record.getMessage():
-            return
-        self.records.append(record)
-
-
-@contextlib.asynccontextmanager
-async def served(**overrides: Any) -> AsyncIterator[str]:
-    """A gateway (``tests.conftest.gateway``) that must log no error while it runs.
-
-    Yields its base URL (``http://127.0.0.1:PORT``).
-    """
-    recorder = _Recorder()
-    async with gateway(**overrides) as url:
-        loggers = [logging.getLogger(name) for name in _WATCHED]
-        for logger in loggers:
-            logger.addHandler(recorder)
-        try:
-            yield url
-        finally:
-            for logger in loggers:
-                logger.removeHandler(recorder)
-    if recorder.records:
-        shown = "\n".join(f"{r.name}: {r.getMessage()}" for r in recorder.records)
-        pytest.fail(f"the server logged errors:\n{shown}")
 
 
 class RecordingCore:
