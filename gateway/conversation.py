@@ -44,6 +44,7 @@ from gateway.events import (
     SessionStartedEvent,
     TurnEvent,
 )
+from gateway.logs import session_ref
 from gateway.pipeline.base import Pipeline, PipelineError
 from gateway.sessions import (
     ClientState,
@@ -144,6 +145,18 @@ class _Outcome:
         self.error = exc.source
 
 
+class _Events(asyncio.Queue[object]):
+    """The queue of a turn's events; counts what was handed out (``sent``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+
+    def put_nowait(self, item: object) -> None:
+        self.sent += 1
+        super().put_nowait(item)
+
+
 class TurnStream:
     """The events of one running turn; iterate it with ``async for``.
 
@@ -206,13 +219,13 @@ class Conversation:
 
     def turn(self, ctx: TurnContext, input: Input) -> TurnStream:
         """Start one turn of ``ctx``'s session on ``input``; see the module doc."""
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        task = asyncio.create_task(self._run(ctx, input, queue), name=f"turn {ctx.key}")
+        queue = _Events()
+        task = asyncio.create_task(self._run(ctx, input, queue), name="turn")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return TurnStream(queue, task)
 
-    async def _run(self, ctx: TurnContext, input: Input, out: asyncio.Queue[object]) -> None:
+    async def _run(self, ctx: TurnContext, input: Input, out: _Events) -> None:
         start = time.perf_counter()
         outcome = _Outcome()
         metrics.TURNS_IN_FLIGHT.inc()
@@ -228,16 +241,26 @@ class Conversation:
             outcome.reject(rejected)
             out.put_nowait(rejected)
         except StoreUnavailable as exc:
-            log.error("session store unavailable: %s", exc)
-            rejected = TurnRejected("store-unavailable", "The session store is unavailable.")
-            outcome.reject(rejected)
-            out.put_nowait(rejected)
-        except LockLost as exc:
-            log.error("%s", exc)
+            # an outage of a dependency, reported by /readyz and the metrics: not a bug
+            log.warning("session store unavailable in a turn of %s: %s", session_ref(ctx.key), exc)
+            if out.sent:  # the answer has begun: the turn ends with an Error event
+                outcome.error = "gateway"
+                out.put_nowait(
+                    ErrorEvent(
+                        text="The session store is unavailable: this turn was not saved.",
+                        source="gateway",
+                    )
+                )
+            else:
+                rejected = TurnRejected("store-unavailable", "The session store is unavailable.")
+                outcome.reject(rejected)
+                out.put_nowait(rejected)
+        except LockLost:
+            log.error("turn of %s: its lock's lease ran out before the save", session_ref(ctx.key))
             outcome.error = "gateway"
             out.put_nowait(ErrorEvent(text="The turn took too long to be saved.", source="gateway"))
         except Exception:
-            log.exception("turn of %s failed", ctx.key)
+            log.exception("turn of %s failed", session_ref(ctx.key))
             outcome.error = "gateway"
             out.put_nowait(ErrorEvent(text="Internal gateway error.", source="gateway"))
         finally:
@@ -261,7 +284,7 @@ class Conversation:
             outcome.kind,
             extra={
                 "channel": ctx.channel,
-                "session_id": ctx.session_id,
+                "session": session_ref(ctx.key),
                 "turn": outcome.turn,
                 "latency_ms": round(seconds * 1000, 1),
                 "outcome": outcome.kind,
@@ -351,12 +374,14 @@ class Conversation:
             failure = str(exc)
         except TimeoutError:
             failure = f"The core pipeline did not answer within {self.settings.turn_timeout_s:g} s."
-        log.warning("pipeline failed in session %s: %s", session.key, failure)
+        log.warning("pipeline failed in session %s: %s", session_ref(session.key), failure)
         if self.settings.error_turn and input.action != ERROR:
             try:
                 return await self._pipeline_turn(session, Input.of(ERROR), out, tts)
             except (PipelineError, TimeoutError) as exc:
-                log.warning("the #error turn failed too in session %s: %s", session.key, exc)
+                log.warning(
+                    "the #error turn failed too in session %s: %s", session_ref(session.key), exc
+                )
         return ErrorEvent(text=failure, source="pipeline")
 
     async def _pipeline_turn(

@@ -3,14 +3,30 @@
 ``GATEWAY_LOG_FORMAT=json`` writes each record as one line with ``time`` (ISO 8601
 UTC), ``level``, ``logger``, ``message``, ``request_id`` (when serving a request)
 and the structured fields a record carries, such as the turn engine's
-``channel``, ``session_id``, ``turn``, ``latency_ms``, ``outcome`` and
+``channel``, ``session``, ``turn``, ``latency_ms``, ``outcome`` and
 ``error_source``. ``GATEWAY_LOG_LEVEL`` sets the level.
+
+Credentials never reach the log:
+
+- A session id is the bearer credential of Flowstorm V1/V2 clients, so logs name
+  a session by :func:`session_ref`: its namespace and a keyed hash of the id
+  (HMAC-SHA256 with GATEWAY_LOG_HASH_KEY, 16 hex digits). The same session gets
+  the same reference on every line (and on every instance sharing the key), but
+  the reference cannot be turned back into the id. A record field named
+  ``session_id`` is replaced by ``session`` (its reference) in both formats.
+- The access log (uvicorn.access) is filtered by :class:`RedactQuery`: the values
+  of credential query parameters (``key``, ``token``, ``secret``, ``password``,
+  ``authorization``, ``signature``, ``sessionKey``, ...) are written as ``***``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import re
+import secrets
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -18,11 +34,88 @@ from gateway.pipeline.base import REQUEST_ID
 
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
+_hash_key: bytes = secrets.token_bytes(32)
+
+
+def set_hash_key(key: str | None) -> None:
+    """Key :func:`session_ref` with ``key`` (GATEWAY_LOG_HASH_KEY); None: random per process."""
+    global _hash_key
+    _hash_key = key.encode() if key else secrets.token_bytes(32)
+
+
+def session_ref(key: str) -> str:
+    """How logs name a session: ``namespace:h-<16 hex digits>`` for a key ``namespace:id``.
+
+    The digits are the first 64 bits of HMAC-SHA256(GATEWAY_LOG_HASH_KEY, id); a key
+    without a namespace gives just ``h-<digits>``.
+    """
+    namespace, sep, session_id = key.rpartition(":") if ":" in key else ("", "", key)
+    digest = hmac.new(_hash_key, session_id.encode(), hashlib.sha256).hexdigest()[:16]
+    return f"{namespace}{sep}h-{digest}"
+
+
+def _redact_fields(record: logging.LogRecord) -> None:
+    session_id = record.__dict__.pop("session_id", None)
+    if session_id is not None:
+        record.__dict__.setdefault("session", session_ref(str(session_id)))
+
+
+class RedactFields(logging.Filter):
+    """Replaces a record's ``session_id`` field by ``session`` (:func:`session_ref`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        _redact_fields(record)
+        return True
+
+
+CREDENTIAL_PARAMETERS = (
+    "key",
+    "apikey",
+    "api_key",
+    "token",
+    "access_token",
+    "secret",
+    "password",
+    "authorization",
+    "signature",
+    "sessionkey",
+    "session_id",
+    "sessionid",
+)
+"""Query parameters (case-insensitive) whose values :class:`RedactQuery` hides."""
+
+_CREDENTIAL = re.compile(
+    r"(?i)([?&;](?:" + "|".join(CREDENTIAL_PARAMETERS) + r")=)[^&;#\s\"]*"
+)
+
+
+def redact_query(text: str) -> str:
+    """``text`` with the values of credential query parameters replaced by ``***``."""
+    return _CREDENTIAL.sub(r"\1***", text)
+
+
+class RedactQuery(logging.Filter):
+    """Hides credential query values in uvicorn access log records (see module doc).
+
+    uvicorn.access records carry ``(client, method, path with query, http version,
+    status)`` as ``args``; the path (and any string argument) is redacted.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_query(arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        elif isinstance(record.msg, str):
+            record.msg = redact_query(record.msg)
+        return True
+
 
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON line (see module doc); exceptions go in ``exc``."""
 
     def format(self, record: logging.LogRecord) -> str:
+        _redact_fields(record)
         entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
@@ -40,8 +133,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") -> None:
-    """Route the root logger (and uvicorn's) to stderr in ``fmt`` at ``level``."""
+    """Route the root logger (and uvicorn's) to stderr in ``fmt`` at ``level``.
+
+    Access log lines go through :class:`RedactQuery`, every line through
+    :class:`RedactFields` (see the module doc).
+    """
     handler = logging.StreamHandler()
+    handler.addFilter(RedactFields())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -53,3 +151,6 @@ def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text"
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactQuery) for f in access.filters):
+        access.addFilter(RedactQuery())

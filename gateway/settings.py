@@ -80,6 +80,30 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         default="text", description="`json` writes one JSON object per line."
     )
+    log_hash_key: SecretStr | None = Field(
+        default=None,
+        description="Key of the hash that names sessions in the log (session ids are "
+        "credentials and are never logged); unset: random per process. Give every instance "
+        "the same key to follow a session across instances.",
+    )
+    memory_max_sessions: int = Field(
+        default=100_000,
+        gt=0,
+        description="Memory store (no GATEWAY_REDIS_URL): most sessions kept; when full, the "
+        "session idle the longest is dropped (logged at WARNING).",
+    )
+    not_found_burst: int = Field(
+        default=20,
+        gt=0,
+        description="Flowstorm V2: 'unknown session' answers one client IP may get at once; "
+        "beyond it (and the refill rate) its requests with a session cookie get 429.",
+    )
+    not_found_per_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="Flowstorm V2: refill rate of that allowance ('unknown session' answers "
+        "per second and client IP, counted per process).",
+    )
 
     # Speech: recognition, synthesis, endpointing
     speech_warm_up: bool = Field(
@@ -162,7 +186,12 @@ class Settings(BaseSettings):
     dialogflow_auth: SecretStr | None = Field(
         default=None,
         description="`basic:USER:PASSWORD` or `bearer:TOKEN` required on /dialogflow; unset "
-        "means no check.",
+        "(with GATEWAY_DIALOGFLOW_VERIFY on), /dialogflow refuses requests (503).",
+    )
+    dialogflow_verify: bool = Field(
+        default=True,
+        description="Require GATEWAY_DIALOGFLOW_AUTH on /dialogflow; `false` (and no auth set) "
+        "opens it to anyone, only for local development.",
     )
     dialogflow_deadline_s: float = Field(
         default=4.5,

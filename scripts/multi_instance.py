@@ -207,6 +207,7 @@ class Proof:
             "GATEWAY_TWILIO_AUTH_TOKEN": TWILIO_AUTH,
             "GATEWAY_ALEXA_VERIFY": "false",
             "GATEWAY_GOOGLE_VERIFY": "false",
+            "GATEWAY_DIALOGFLOW_VERIFY": "false",
             "GATEWAY_SPEECH_WARM_UP": "true",
             "GATEWAY_LOG_FORMAT": os.environ.get("GATEWAY_LOG_FORMAT", "text"),
         }

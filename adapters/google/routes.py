@@ -12,16 +12,21 @@ application key of the session.
 nothing, so the agent is configured to send a secret: with GATEWAY_DIALOGFLOW_AUTH
 = ``basic:USER:PASSWORD`` (ES "basic auth" fields; CX "authentication" fields) or
 ``bearer:TOKEN`` (a custom ``Authorization: Bearer TOKEN`` header) every request
-must carry it; unset, the endpoint is open (logged at startup). The agent
-(``projects/P`` or ``projects/P/locations/L/agents/A``) is the application key.
+must carry it. Unset, /dialogflow refuses every request with 503 (a WARNING at
+startup says so), unless GATEWAY_DIALOGFLOW_VERIFY=false opens it for local
+development (a WARNING too): like /alexa and /google, the safe default. The agent
+(``projects/P`` or ``projects/P/locations/L/agents/A``; ``dialogflow`` when the
+session path names none) is the application key: with GATEWAY_APP_KEYS set, an
+agent not listed there is refused with 403.
 
 Status codes: 200 with the platform's JSON for every request it should act on (a
 failing core is answered with GATEWAY_VOICE_ERROR_TEXT, a turn slower than
 GATEWAY_GOOGLE_DEADLINE_S / GATEWAY_DIALOGFLOW_DEADLINE_S with
 GATEWAY_VOICE_STILL_WORKING_TEXT while the turn finishes and saves its session);
 400 malformed body; 401 failed verification / authentication (reason logged at
-WARNING); 413 body over GATEWAY_MAX_BODY_BYTES; 503 verification on without
-project ids.
+WARNING); 403 an agent not in GATEWAY_APP_KEYS; 413 body over
+GATEWAY_MAX_BODY_BYTES; 503 /google with verification on and no project ids,
+/dialogflow without credentials configured.
 
 Per-app state is made when the app starts (this router's lifespan); the Google
 verifier by ``app.state.google_verifier_factory`` when set (a
@@ -61,6 +66,7 @@ from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.events import ResponseItem
 from gateway.httputil import problem, read_body
+from gateway.logs import session_ref
 from gateway.protocol import ProtocolError
 from gateway.settings import Settings
 from gateway.voice import TurnOutcome, end_session, run_turn
@@ -113,12 +119,14 @@ class GoogleChannel:
 
     ``verifier`` None means /google verification is off, unless ``refusal``
     says why /google refuses every request; ``dialogflow_auth`` None means
-    /dialogflow is open.
+    /dialogflow is open, unless ``dialogflow_refusal`` says why it refuses
+    every request.
     """
 
     verifier: GoogleVerifier | None
     refusal: str | None
     dialogflow_auth: DialogflowAuth | None
+    dialogflow_refusal: str | None = None
 
 
 def make_channel(settings: Settings, factory: GoogleVerifierFactory | None = None) -> GoogleChannel:
@@ -128,26 +136,40 @@ def make_channel(settings: Settings, factory: GoogleVerifierFactory | None = Non
     that /google refuses requests with 503 (any Google account can get
     Google-signed tokens for its own project: without the audience check a token
     proves nothing, so the gateway does not guess). /dialogflow without
-    GATEWAY_DIALOGFLOW_AUTH: an INFO line saying it is open.
+    GATEWAY_DIALOGFLOW_AUTH: a WARNING that it refuses requests with 503 (anyone
+    who knows a session path could continue that conversation), or with
+    GATEWAY_DIALOGFLOW_VERIFY=false a WARNING that it is open.
     """
     auth = settings.dialogflow_auth
     df_auth = DialogflowAuth.parse(auth.get_secret_value()) if auth else None
-    if df_auth is None:
-        log.info("/dialogflow accepts requests without credentials (GATEWAY_DIALOGFLOW_AUTH unset)")
+    df_refusal = None
+    if df_auth is None and not settings.dialogflow_verify:
+        log.warning(
+            "Dialogflow authentication is OFF (GATEWAY_DIALOGFLOW_VERIFY=false): /dialogflow "
+            "accepts requests without credentials. Use this only for local development."
+        )
+    elif df_auth is None:
+        df_refusal = (
+            "The Dialogflow channel is not configured: set GATEWAY_DIALOGFLOW_AUTH to the "
+            "credentials the agent sends, or GATEWAY_DIALOGFLOW_VERIFY=false for local "
+            "development."
+        )
+        log.warning("/dialogflow refuses requests (503): %s", df_refusal)
     if not settings.google_verify:
         log.warning(
             "Google request verification is OFF (GATEWAY_GOOGLE_VERIFY=false): /google accepts "
             "unsigned requests. Use this only for local development."
         )
-        return GoogleChannel(None, None, df_auth)
+        return GoogleChannel(None, None, df_auth, df_refusal)
     if not settings.google_project_ids:
         reason = (
             "The Google Assistant channel is not configured: set GATEWAY_GOOGLE_PROJECT_IDS to "
             "your Actions project id(s), or GATEWAY_GOOGLE_VERIFY=false for local development."
         )
         log.warning("/google refuses requests (503): %s", reason)
-        return GoogleChannel(None, reason, df_auth)
-    return GoogleChannel((factory or default_verifier_factory)(settings), None, df_auth)
+        return GoogleChannel(None, reason, df_auth, df_refusal)
+    verifier = (factory or default_verifier_factory)(settings)
+    return GoogleChannel(verifier, None, df_auth, df_refusal)
 
 
 @asynccontextmanager
@@ -210,7 +232,13 @@ def _body_doc(example: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _refuse(status: int, reason: str, detail: str, **headers: str) -> JSONResponse:
     log.warning("request refused: %s: %s", reason, detail)
-    titles = {400: "Bad Request", 401: "Unauthorized", 413: "Content Too Large"}
+    titles = {
+        400: "Bad Request",
+        401: "Unauthorized",
+        403: "Forbidden",
+        413: "Content Too Large",
+        503: "Service Unavailable",
+    }
     answer = problem(status, titles.get(status, "Refused"), detail, reason=reason)
     answer.headers.update(headers)
     return answer
@@ -287,7 +315,9 @@ def _audience(claims: dict[str, Any], project_ids: frozenset[str]) -> str:
         "turn's text; the session is `session` (ES) or `sessionInfo.session` (CX). Answers "
         "`fulfillmentText` + `fulfillmentMessages` (ES, plus `payload.google` for Actions on "
         "Google) or `fulfillmentResponse.messages` + `sessionInfo.parameters` (CX). With "
-        "GATEWAY_DIALOGFLOW_AUTH set, requests must carry those Basic or Bearer credentials."
+        "GATEWAY_DIALOGFLOW_AUTH set, requests must carry those Basic or Bearer credentials; "
+        "unset, requests are refused (503) unless GATEWAY_DIALOGFLOW_VERIFY=false. With "
+        "GATEWAY_APP_KEYS set, the agent (`projects/P...`) must be one of them."
     ),
     responses={
         200: {
@@ -299,7 +329,13 @@ def _audience(claims: dict[str, Any], project_ids: frozenset[str]) -> str:
             "description": "Missing or wrong credentials (GATEWAY_DIALOGFLOW_AUTH)",
             "content": _PROBLEM,
         },
+        403: {"description": "The agent is not in GATEWAY_APP_KEYS", "content": _PROBLEM},
         413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        503: {
+            "description": "GATEWAY_DIALOGFLOW_AUTH is unset (and GATEWAY_DIALOGFLOW_VERIFY "
+            "is not false)",
+            "content": _PROBLEM,
+        },
     },
     openapi_extra=_body_doc(_DIALOGFLOW_REQUEST, "Dialogflow ES or CX WebhookRequest"),
 )
@@ -308,6 +344,8 @@ async def post_dialogflow(request: Request) -> JSONResponse:
     started = asyncio.get_running_loop().time()
     gw = gateway_of(request)
     channel: GoogleChannel = request.app.state.google
+    if channel.dialogflow_refusal is not None:
+        return _refuse(503, "not_configured", channel.dialogflow_refusal)
     auth = channel.dialogflow_auth
     if auth is not None and not auth.accepts(request.headers.get("authorization")):
         given = "authorization" in request.headers
@@ -325,7 +363,10 @@ async def post_dialogflow(request: Request) -> JSONResponse:
         return _refuse(exc.status, "malformed_request", exc.text)
     if todo.health_check:
         return JSONResponse(health_response(todo))
-    ctx = _context("dialogflow", DIALOGFLOW_NAMESPACE, todo, todo.app_key or "dialogflow")
+    app_key = todo.app_key or "dialogflow"
+    if not gw.settings.key_allowed(app_key):
+        return _refuse(403, "unknown_agent", f"The agent {app_key!r} is not in GATEWAY_APP_KEYS.")
+    ctx = _context("dialogflow", DIALOGFLOW_NAMESPACE, todo, app_key)
     elapsed = asyncio.get_running_loop().time() - started
     return JSONResponse(await _turn(gw, ctx, todo, gw.settings.dialogflow_deadline_s - elapsed))
 
@@ -360,7 +401,9 @@ async def _turn(gw: Gateway, ctx: TurnContext, todo: Plan, deadline_s: float) ->
     assert todo.input is not None
     outcome = await run_turn(gw.conversation, ctx, todo.input, deadline_s)
     if outcome.late:
-        log.info("turn of %s outlived the platform's deadline: 'still working'", ctx.key)
+        log.info(
+            "turn of %s outlived the platform's deadline: 'still working'", session_ref(ctx.key)
+        )
     answer = _answer(gw, todo, outcome)
     if answer.end and outcome.response is not None and not outcome.session_ended:
         # the platform closes the conversation: so does the gateway

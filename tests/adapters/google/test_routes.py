@@ -25,13 +25,13 @@ from adapters.google.verify import GoogleVerifier, StaticCertSource
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.adapters.google.test_verify import PROJECT, Key
-from tests.conftest import FIXTURES, gateway, serve
+from tests.conftest import FIXTURES, gateway, serve, served
 
 GOOGLE = FIXTURES / "google"
 BUILDER = sorted((GOOGLE / "actions-builder").glob("*.json"))
 VIA_DIALOGFLOW = sorted((GOOGLE / "actions-sdk-v2-via-dialogflow").glob("*.json"))
 DIALOGFLOW = sorted((GOOGLE / "dialogflow").glob("*.json"))
-OFF: dict[str, Any] = {"google_verify": False}
+OFF: dict[str, Any] = {"google_verify": False, "dialogflow_verify": False}
 END = "actions.scene.END_CONVERSATION"
 
 
@@ -434,7 +434,10 @@ async def test_verification_on_without_project_ids_refuses_with_503(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="adapters.google"):
-        async with gateway() as url, httpx.AsyncClient(base_url=url) as client:
+        async with (
+            gateway(dialogflow_verify=False) as url,
+            httpx.AsyncClient(base_url=url) as client,
+        ):
             answer = await client.post("/google", json=v3("x", "actions.intent.MAIN"))
             dialogflow = await client.post(
                 "/dialogflow", json=es("projects/p/agent/sessions/x", "hi")
@@ -485,6 +488,42 @@ async def test_dialogflow_credentials(
         assert any("credentials" in r.getMessage() for r in caplog.records)
         answer = await client.post("/dialogflow", json=body, headers={"Authorization": good})
         assert check_es(ok(answer), google=False) == "You said: hello"
+
+
+async def test_dialogflow_without_credentials_refuses_with_503(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="adapters.google"):
+        async with served(google_verify=False) as url, httpx.AsyncClient(base_url=url) as client:
+            answer = await client.post("/dialogflow", json=es("projects/p/agent/sessions/o", "hi"))
+            google = await client.post("/google", json=v3("open", "actions.intent.MAIN"))
+    assert answer.status_code == 503
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["reason"] == "not_configured"
+    assert "GATEWAY_DIALOGFLOW_AUTH" in answer.json()["detail"]
+    assert google.status_code == 200  # the other channel is unaffected
+    (startup,) = [r for r in caplog.records if "/dialogflow refuses requests" in r.getMessage()]
+    assert startup.levelno == logging.WARNING
+
+
+async def test_dialogflow_applies_app_keys() -> None:
+    auth = Settings(dialogflow_auth="bearer:tok").dialogflow_auth
+    headers = {"Authorization": "Bearer tok"}
+    async with (
+        served(dialogflow_auth=auth, app_keys=frozenset({"projects/mine"}), **OFF) as url,
+        httpx.AsyncClient(base_url=url, headers=headers) as client,
+    ):
+        mine = es("projects/mine/agent/sessions/a", "my name is Ada")
+        assert check_es(ok(await client.post("/dialogflow", json=mine)), google=False)
+        other = await client.post(
+            "/dialogflow", json=es("projects/other/agent/sessions/a", "what is my name")
+        )
+        assert other.status_code == 403
+        assert other.headers["content-type"] == "application/problem+json"
+        assert other.json()["reason"] == "unknown_agent"
+        # the refused agent changed nothing: the allowed session goes on
+        asked = ok(await client.post("/dialogflow", json=es(mine["session"], "what is my name")))
+        assert "Ada" in check_es(asked, google=False)
 
 
 def test_dialogflow_auth_setting_is_checked() -> None:
