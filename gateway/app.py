@@ -27,6 +27,7 @@ from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
 from gateway.files import router as files_router
 from gateway.httputil import problem
+from gateway.logs import set_hash_key
 from gateway.metrics import REGISTRY
 from gateway.middleware import RequestIdMiddleware
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
@@ -47,11 +48,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     GATEWAY_TURN_TIMEOUT_S).
     """
     settings = settings or Settings()
+    key = settings.log_hash_key
+    set_hash_key(key.get_secret_value() if key else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = make_store(
-            settings.redis_url, settings.redis_prefix, settings.redis_max_connections
+            settings.redis_url,
+            settings.redis_prefix,
+            settings.redis_max_connections,
+            memory_max_sessions=settings.memory_max_sessions,
         )
         redis = store.redis if isinstance(store, RedisSessionStore) else None
         bus: Bus = RedisBus(redis, prefix=settings.redis_prefix) if redis else MemoryBus()

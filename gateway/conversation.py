@@ -439,6 +439,17 @@ class Conversation:
         session.timeout_s = response.session_timeout or self.settings.session_timeout_s
         return False
 
+    async def find(self, ctx: TurnContext) -> Literal["found", "not-found", "foreign"]:
+        """Whether ``ctx``'s session exists and is ``ctx.app_key``'s, without locking it.
+
+        ``not-found``: unknown or expired; ``foreign``: another application key's.
+        Raises StoreUnavailable when the store fails.
+        """
+        session = await self.store.get(ctx.key)
+        if session is None:
+            return "not-found"
+        return "found" if session.app_key == ctx.app_key else "foreign"
+
     async def log(self, ctx: TurnContext, entries: Sequence[LogEntry]) -> bool:
         """Store client log entries with ``ctx``'s session; False when it does not exist.
 

@@ -84,9 +84,7 @@ CREDENTIAL_PARAMETERS = (
 )
 """Query parameters (case-insensitive) whose values :class:`RedactQuery` hides."""
 
-_CREDENTIAL = re.compile(
-    r"(?i)([?&;](?:" + "|".join(CREDENTIAL_PARAMETERS) + r")=)[^&;#\s\"]*"
-)
+_CREDENTIAL = re.compile(r"(?i)([?&;](?:" + "|".join(CREDENTIAL_PARAMETERS) + r")=)[^&;#\s\"]*")
 
 
 def redact_query(text: str) -> str:

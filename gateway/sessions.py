@@ -23,6 +23,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -164,10 +165,28 @@ class MemorySessionStore:
     Locks are asyncio locks, so turns are serialised within this process only;
     use RedisSessionStore to share sessions between processes. Expired
     sessions are dropped when read and swept every ``sweep_every`` writes.
+
+    At most ``max_sessions`` sessions are kept (GATEWAY_MEMORY_MAX_SESSIONS): when
+    a new one is saved into a full store, the session idle the longest (least
+    recently read or saved) is dropped; its client's next turn finds it unknown.
+    Each drop is counted in ``evicted`` and logged at WARNING (at most once a
+    minute, with the count).
     """
 
-    def __init__(self, *, clock: Any = time.monotonic, sweep_every: int = 256) -> None:
-        self._data: dict[str, tuple[float, str]] = {}
+    def __init__(
+        self,
+        *,
+        clock: Any = time.monotonic,
+        sweep_every: int = 256,
+        max_sessions: int = 100_000,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        self._data: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._max_sessions = max_sessions
+        self.evicted = 0
+        self._warned_at: float | None = None
+        self._evicted_unreported = 0
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._clock = clock
         self._sweep_every = sweep_every
@@ -184,7 +203,32 @@ class MemorySessionStore:
         if expires <= self._clock():
             del self._data[key]
             return None
+        self._data.move_to_end(key)
         return Session.model_validate_json(data)
+
+    def _store(self, key: str, expires: float, data: str) -> None:
+        """Write one session, making room as the class doc says."""
+        now = self._clock()
+        while key not in self._data and len(self._data) >= self._max_sessions:
+            _, (expires_at, _) = self._data.popitem(last=False)
+            if expires_at > now:  # a live session: say so (an expired one just goes)
+                self._evicted(1)
+        self._data[key] = (expires, data)
+        self._data.move_to_end(key)
+
+    def _evicted(self, count: int) -> None:
+        self.evicted += count
+        self._evicted_unreported += count
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= 60:
+            log.warning(
+                "memory session store full (GATEWAY_MEMORY_MAX_SESSIONS=%d): dropped %d "
+                "idle session(s) to make room",
+                self._max_sessions,
+                self._evicted_unreported,
+            )
+            self._warned_at = now
+            self._evicted_unreported = 0
 
     def _sweep(self) -> None:
         now = self._clock()
@@ -205,7 +249,7 @@ class MemorySessionStore:
                 txn = SessionTxn(key, self._read(key))
                 yield txn
                 if txn.outcome == "save" and txn.to_save is not None:
-                    self._data[key] = (self._clock() + txn.ttl_s, txn.to_save.model_dump_json())
+                    self._store(key, self._clock() + txn.ttl_s, txn.to_save.model_dump_json())
                     self._writes += 1
                     if self._writes % self._sweep_every == 0:
                         self._sweep()
@@ -376,9 +420,14 @@ def redis_client(url: str, *, max_connections: int = 64) -> aioredis.Redis:
 
 
 def make_store(
-    redis_url: str | None, prefix: str = "gw", max_connections: int = 64
+    redis_url: str | None,
+    prefix: str = "gw",
+    max_connections: int = 64,
+    *,
+    memory_max_sessions: int = 100_000,
 ) -> SessionStore:
-    """The Redis store when ``redis_url`` is set, else the memory store."""
+    """The Redis store when ``redis_url`` is set, else the memory store (of at most
+    ``memory_max_sessions`` sessions)."""
     if redis_url:
         return RedisSessionStore(redis_url, prefix=prefix, max_connections=max_connections)
-    return MemorySessionStore()
+    return MemorySessionStore(max_sessions=memory_max_sessions)

@@ -28,12 +28,14 @@ CASES: list[str] = []
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    app = create_app(Settings(
+    app = create_app(
+        Settings(
             alexa_verify=False,
             google_verify=False,
             dialogflow_verify=False,
             tts_provider="espeak-ng",
-        ))
+        )
+    )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

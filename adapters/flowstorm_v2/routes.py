@@ -6,9 +6,21 @@ parallel GET over the bus. Spec: shared/specs/flowstorm-socket-v2.md.
 
 Errors answer in the request's own format: a ``!`` line for ``text/plain``, an
 ErrorEvent line otherwise, with an HTTP status that says what happened (400
-malformed, 401 no key, 403 unknown key, 404 unknown session, 408 a stream that
-stopped, 409 busy session, 413 too large or too long, 415 unsupported content
-type, 503 store or recognizer down). A refused request changes no session.
+malformed, 401 no key, 403 unknown key or another application's session, 404
+unknown session, 408 a stream that stopped, 409 busy session, 413 too large or
+too long, 415 unsupported content type, 429 too many unknown sessions, 503 store
+or recognizer down). A refused request changes no session. A turn that fails
+after its answer began (the store fails when the session is saved) ends its
+200 answer with an Error event (``! gateway: ...``), never a cut-off body.
+
+**Session-id guessing** is slowed per client IP (:mod:`gateway.ratelimit`, per
+process): every 404 "unknown session" answer (PUT or GET) takes a token from the
+client's bucket (GATEWAY_NOT_FOUND_BURST tokens, refilled at
+GATEWAY_NOT_FOUND_PER_S per second); while it is empty, every request of that
+client that carries a session cookie is answered 429 with ``Retry-After`` (an
+ErrorEvent / ``!`` line of source ``client``) before the session is looked up.
+Requests without a cookie (new sessions) are not limited. Behind a proxy, run
+uvicorn with ``--forwarded-allow-ips`` so the client IP is the real one.
 
 **PUT with text** (``text/plain``, or ``application/json`` holding an InputEvent):
 one turn; the answer streams the items and the Response (NDJSON, or the plain
@@ -64,7 +76,8 @@ Flowstorm client does) and stream audio from the second turn on.
 **GET /client** (same cookie; ``Accept: text/plain`` for ``~`` lines: the
 interim texts, then the final one; else NDJSON RecognizedInput events with
 isFinal false, then one with isFinal true; an ErrorEvent / ``!`` line when the
-PUT's audio was refused): follows the session's running recognition and ends
+PUT's audio was refused): the cookie's session must exist (404 otherwise) and be
+the ``key``'s (403), then the GET follows the session's running recognition and ends
 when it ends (final, silence, switch to text, error, client gone). Without a
 recognition on the topic it ends after MARKER_WAIT_S (3 s; at once without a
 cookie), and when the recognition it follows sends nothing for LOST_S (5 s);
@@ -81,9 +94,11 @@ import dataclasses
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response as HTTPResponse
 from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect, Request
@@ -139,8 +154,11 @@ from gateway.events import (
     V2ClientEvent,
 )
 from gateway.httputil import read_body
+from gateway.logs import session_ref
 from gateway.protocol import ProtocolError
+from gateway.ratelimit import TokenBuckets
 from gateway.sessions import SessionBusy, StoreUnavailable
+from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.listener import AudioLimitExceeded, Heard, Listener
 from gateway.speech.service import TtsRequest
@@ -167,7 +185,19 @@ TEXT_WAIT_S = 60.0
 TOTAL_GRACE_S = 10.0
 """Wall time past GATEWAY_MAX_AUDIO_S after which a realtime utterance ends (s)."""
 
-router = APIRouter(tags=["Flowstorm Socket V2"])
+
+def make_guess_limiter(settings: Settings) -> TokenBuckets:
+    """The per-client-IP limiter of "unknown session" answers (see the module doc)."""
+    return TokenBuckets(settings.not_found_burst, settings.not_found_per_s)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.v2_guesses = make_guess_limiter(app.state.gateway.settings)
+    yield
+
+
+router = APIRouter(tags=["Flowstorm Socket V2"], lifespan=_lifespan)
 
 _REJECT_STATUS = {
     "session-not-found": 404,
@@ -176,7 +206,7 @@ _REJECT_STATUS = {
     "store-unavailable": 503,
 }
 
-_TURN_DOC = {
+_TURN_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The turn's events: NDJSON (RecognizedInput for audio, ResponseItem..., "
         "Response | Error) for JSON and audio requests, the plain-text line format for "
@@ -190,6 +220,11 @@ _TURN_DOC = {
     404: {"description": "The flowstorm-session-id cookie names an unknown or expired session"},
     408: {"description": "A realtime stream stopped before its InputEvent came"},
     409: {"description": "Another turn of this session is running"},
+    429: {
+        "description": "This client got too many 404 answers (session-id guessing): "
+        "retry after `Retry-After` seconds",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    },
     413: {
         "description": "Body larger than GATEWAY_MAX_BODY_BYTES (text, JSON) or "
         "GATEWAY_MAX_AUDIO_BYTES (audio), or more than GATEWAY_MAX_AUDIO_S of audio"
@@ -267,6 +302,38 @@ def _check_key(gw: Gateway, config: ClientConfig, *, plain: bool) -> HTTPRespons
     return None
 
 
+def _client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _guesses(request: Request) -> TokenBuckets:
+    limiter: TokenBuckets = request.app.state.v2_guesses
+    return limiter
+
+
+def _too_many(request: Request, *, plain: bool) -> HTTPResponse | None:
+    """429 when this client's allowance of "unknown session" answers is used up."""
+    limiter, ip = _guesses(request), _client_ip(request)
+    if limiter.allowed(ip):
+        return None
+    retry = limiter.retry_after_s(ip)
+    error = ErrorEvent(
+        text=f"Too many requests for unknown sessions: retry after {retry} s.", source="client"
+    )
+    answer = _answer(429, error, plain=plain)
+    answer.headers["Retry-After"] = str(retry)
+    return answer
+
+
+def _not_found(request: Request, session_id: str, *, plain: bool) -> HTTPResponse:
+    """404 for an unknown session; takes a token from the client's allowance."""
+    _guesses(request).take(_client_ip(request))
+    error = ErrorEvent(text=f"Session {session_id} is unknown or has expired.", source="session")
+    answer = _answer(404, error, plain=plain)
+    answer.delete_cookie(SESSION_COOKIE, path="/")
+    return answer
+
+
 def _set_cookie(answer: HTTPResponse, gw: Gateway, session_id: str) -> None:
     answer.set_cookie(
         SESSION_COOKIE,
@@ -302,7 +369,7 @@ def _speech_errors() -> Iterator[None]:
 @router.put(
     "/client",
     summary="One conversational turn (Flowstorm Socket V2): text, an audio file, or streamed audio",
-    responses=_TURN_DOC,  # type: ignore[arg-type]
+    responses=_TURN_DOC,
     openapi_extra={
         "parameters": _CONFIG_PARAMETERS,
         "requestBody": {
@@ -354,6 +421,8 @@ async def put_client(request: Request) -> HTTPResponse:
         return _answer(415, error, plain=False)
 
     cookie = request.cookies.get(SESSION_COOKIE) or None
+    if cookie and (limited := _too_many(request, plain=plain)):
+        return limited
     session_id = cookie or new_session_id()
     ctx = TurnContext(
         channel=CHANNEL,
@@ -373,10 +442,14 @@ async def put_client(request: Request) -> HTTPResponse:
                 input_ = text_input(await read_body(request, gw.settings.max_body_bytes))
             except ProtocolError as exc:
                 return _client_error(exc, plain=True)
-            return await _turn(gw, ctx, input_, config, plain=True)
-        if container is not None and not config.realtime:
-            return await _file_turn(request, gw, ctx, config, kind)
-        return await _stream_turn(request, gw, ctx, config, container)
+            answer = await _turn(gw, ctx, input_, config, plain=True)
+        elif container is not None and not config.realtime:
+            answer = await _file_turn(request, gw, ctx, config, kind)
+        else:
+            answer = await _stream_turn(request, gw, ctx, config, container)
+        if answer.status_code == 404:
+            _guesses(request).take(_client_ip(request))
+        return answer
     except ClientDisconnect:  # the client went away while sending: nobody reads an answer
         return HTTPResponse(status_code=400)
 
@@ -836,7 +909,9 @@ class _Hearing:
         except BusUnavailable as exc:  # the PUT goes on; only a GET misses the results
             if not self._bus_warned:
                 self._bus_warned = True
-                log.warning("recognition results of %s not published: %s", self.topic, exc)
+                log.warning(
+                    "recognition results of %s not published: %s", _topic_ref(self.topic), exc
+                )
 
     async def release(self) -> None:
         """Forget the retained ``done`` (the PUT's answer is on its way); idempotent."""
@@ -850,10 +925,17 @@ class _Hearing:
             try:
                 await self.gw.bus.clear(self.topic)
             except BusUnavailable as exc:
-                log.warning("retained recognition of %s not cleared: %s", self.topic, exc)
+                log.warning(
+                    "retained recognition of %s not cleared: %s", _topic_ref(self.topic), exc
+                )
 
 
 # ---------------------------------------------------------------- GET
+
+
+def _topic_ref(topic: str) -> str:
+    """A bus topic (the session key, see session_topic) as logs name it."""
+    return session_ref(topic)
 
 
 @router.get(
@@ -865,15 +947,24 @@ class _Hearing:
             "`~` lines with `Accept: text/plain`; ends when the session's recognition ends",
             "content": {NDJSON: {}, "text/plain": {}},
         },
+        400: {"description": "Malformed configuration (ErrorEvent / `!` line)"},
         401: {"description": "No application key"},
-        403: {"description": "Unknown application key"},
+        403: {"description": "Unknown application key, or the session is another application's"},
+        404: {"description": "The flowstorm-session-id cookie names an unknown or expired session"},
+        429: _TURN_DOC[429],
+        503: {"description": "The session store is unavailable"},
+    },
+    openapi_extra={
+        "parameters": [p for p in _CONFIG_PARAMETERS if p["name"] in ("key", "deviceId")],
     },
 )
 async def get_client(request: Request) -> HTTPResponse:
     """Follow the running recognition of the cookie's session; see the module doc.
 
     Without a ``flowstorm-session-id`` cookie there is nothing to follow: the
-    answer is empty and ends at once (recognition has "finished").
+    answer is empty and ends at once (recognition has "finished"). With one, the
+    session must exist (404, which counts against the client's allowance of
+    unknown sessions; 429 when that is used up) and belong to ``key`` (403).
     """
     gw = gateway_of(request)
     plain = "text/plain" in request.headers.get("accept", "")
@@ -887,7 +978,24 @@ async def get_client(request: Request) -> HTTPResponse:
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
         return HTTPResponse(b"", media_type=media)
-    topic = session_topic(f"{NAMESPACE}:{cookie}")
+    if limited := _too_many(request, plain=plain):
+        return limited
+    ctx = TurnContext(
+        channel=CHANNEL, namespace=NAMESPACE, session_id=cookie, app_key=config.key or ""
+    )
+    try:
+        found = await gw.conversation.find(ctx)
+    except StoreUnavailable:
+        error = ErrorEvent(text="The session store is unavailable.", source="gateway")
+        return _answer(503, error, plain=plain)
+    if found == "not-found":
+        return _not_found(request, cookie, plain=plain)
+    if found == "foreign":
+        error = ErrorEvent(
+            text=f"Session {cookie} belongs to another application.", source="session"
+        )
+        return _answer(403, error, plain=plain)
+    topic = session_topic(ctx.key)
     return StreamingResponse(
         _follow(gw, topic, plain=plain), media_type=media, headers={"Cache-Control": "no-store"}
     )
@@ -912,6 +1020,6 @@ async def _follow(gw: Gateway, topic: str, *, plain: bool) -> AsyncIterator[byte
                 for event in follower.feed(message):
                     yield (text_lines(event) if plain else event.wire_json() + "\n").encode()
     except BusUnavailable as exc:
-        log.error("GET /client cannot follow %s: %s", topic, exc)
+        log.warning("GET /client cannot follow %s: %s", _topic_ref(topic), exc)
         error = ErrorEvent(text="Recognition results are unavailable.", source="gateway")
         yield error_body(error, plain=plain).encode()

@@ -1,0 +1,289 @@
+"""Flowstorm V2 against failures and hostile clients, over real servers.
+
+The store dying mid-turn, guessed and foreign session cookies on GET /client,
+session-id guessing, and the memory store's cap: each answered in V2's own
+error form (``!`` line / ErrorEvent, with its HTTP status), with no error in the
+server's log (``served``), and other sessions going on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import free_port, serve, served
+from tests.gateway.core_app import make_core
+
+KEY = "hostile-test"
+JSON = {"Content-Type": "application/json"}
+TEXT = {"Content-Type": "text/plain"}
+COOKIE = "flowstorm-session-id"
+NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+
+
+async def call(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    session: str | None = None,
+    **kwargs: object,
+) -> httpx.Response:
+    """One request with ``session`` as its only cookie (the client's jar is not used)."""
+    client.cookies.clear()
+    headers = dict(kwargs.pop("headers", {}) or {})  # type: ignore[call-overload]
+    if session is not None:
+        headers["Cookie"] = f"{COOKIE}={session}"
+    answer = await client.request(method, url, headers=headers, **kwargs)  # type: ignore[arg-type]
+    client.cookies.clear()
+    return answer
+
+
+def input_event(text: str) -> str:
+    return json.dumps({"type": "Input", "input": {"transcript": {"text": text}}})
+
+
+class PrivateRedis:
+    """A redis-server of this test's own on ``port`` (no persistence), to kill and restart."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PrivateRedis:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", *NO_PERSISTENCE],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if redis.Redis(port=self.port, socket_connect_timeout=1).ping():
+                    return self
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the private redis-server did not start")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis(free_port()).start()
+    yield server
+    server.kill()
+
+
+@contextlib.asynccontextmanager
+async def held_core() -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """The test core; its /stream answer waits after its first item until the event is set."""
+    core = make_core()
+    async with serve(core) as url:
+        yield url, core.state.release
+
+
+async def test_store_killed_mid_turn_ends_every_streaming_answer_with_the_error(
+    private_redis: PrivateRedis,
+) -> None:
+    async with (
+        held_core() as (core_url, release),
+        served(
+            redis_url=private_redis.url, pipeline=f"{core_url}/stream", turn_timeout_s=20
+        ) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+
+        async def turn(plain: bool, seen: asyncio.Event) -> tuple[int, str, dict[str, str]]:
+            headers, body = (TEXT, "hello") if plain else (JSON, input_event("hello"))
+            lines = []
+            async with client.stream(
+                "PUT", "/client?key=k&tts=None", headers=headers, content=body
+            ) as answer:
+                async for line in answer.aiter_lines():  # raises on a cut-off body
+                    lines.append(line)
+                    seen.set()
+                return answer.status_code, "\n".join(lines), dict(answer.headers)
+
+        first_items = [asyncio.Event() for _ in range(6)]
+        turns = [asyncio.create_task(turn(i % 2 == 0, seen)) for i, seen in enumerate(first_items)]
+        async with asyncio.timeout(20):
+            for seen in first_items:
+                await seen.wait()  # every turn has streamed its first item
+        private_redis.kill()
+        release.set()
+        results = await asyncio.gather(*turns)
+        assert [status for status, _, _ in results] == [200] * 6
+        kinds = [(headers["content-type"], text) for _, text, headers in results]
+        plain_answers = [text for kind, text in kinds if kind.startswith("text/plain")]
+        json_answers = [text for kind, text in kinds if "ndjson" in kind]
+        assert len(plain_answers) == len(json_answers) == 3
+        for text in plain_answers:
+            assert text.splitlines() == [
+                "< first",
+                "< second",
+                "! gateway: The session store is unavailable: this turn was not saved.",
+            ]
+        for text in json_answers:
+            events = [json.loads(line) for line in text.splitlines() if line]
+            assert [e["type"] for e in events] == ["ResponseItem", "ResponseItem", "Error"]
+            assert events[-1]["source"] == "gateway"
+            assert "not saved" in events[-1]["text"]
+
+        # while Redis is down a new turn is refused before anything streams
+        down = await call(client, "PUT", "/client?key=k&tts=None", headers=TEXT, content="hi")
+        assert down.status_code == 503
+        assert down.text == "! gateway: The session store is unavailable.\n"
+
+        # Redis back on the same port: other sessions work again, turn after turn
+        private_redis.start()
+        fresh = await call(client, "PUT", "/client?key=k&tts=None", headers=TEXT, content="again")
+        assert fresh.status_code == 200
+        assert fresh.text == "< first\n< second\n"
+        again = await call(
+            client,
+            "PUT",
+            "/client?key=k&tts=None",
+            fresh.cookies[COOKIE],
+            headers=TEXT,
+            content="more",
+        )
+        assert again.status_code == 200
+        assert again.text == "< first\n< second\n"
+
+
+async def test_get_client_checks_the_cookie_session_and_its_key() -> None:
+    async with (
+        served(tts_provider="espeak-ng") as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        made = await call(client, "PUT", f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+        session = made.cookies[COOKIE]
+        # another application's key cannot follow this session
+        foreign = await call(
+            client, "GET", "/client?key=intruder", session=session, headers={"Accept": "text/plain"}
+        )
+        assert foreign.status_code == 403
+        assert foreign.text == f"! session: Session {session} belongs to another application.\n"
+        unknown = await call(client, "GET", "/client?key=intruder", session="guess")
+        assert unknown.status_code == 404
+        (error,) = [json.loads(line) for line in unknown.text.splitlines()]
+        assert (error["type"], error["source"]) == ("Error", "session")
+        # its own key follows it (nothing running: an empty answer after the marker wait)
+        own = await call(client, "GET", f"/client?key={KEY}", session=session)
+        assert own.status_code == 200
+        assert own.text == ""
+        # and the session goes on
+        on = await call(
+            client,
+            "PUT",
+            f"/client?key={KEY}&tts=None",
+            session,
+            headers=TEXT,
+            content="still here",
+        )
+        assert on.text == "< You said: still here\n"
+
+
+async def test_session_id_guessing_is_limited_per_client() -> None:
+    async with (
+        served(not_found_burst=5, not_found_per_s=0.5) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        mine = await call(client, "PUT", f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+        session = mine.cookies[COOKIE]
+        statuses: list[int] = []
+        last: httpx.Response | None = None
+        for i in range(12):
+            last = await call(
+                client,
+                "PUT",
+                f"/client?key={KEY}&tts=None",
+                headers=TEXT,
+                content="guess",
+                session=f"guess-{i}",
+            )
+            statuses.append(last.status_code)
+        assert statuses[:5] == [404] * 5
+        # past the burst: 429 (a slow machine may have refilled one token meanwhile)
+        assert statuses.count(404) <= 6
+        assert statuses[-4:] == [429] * 4
+        assert last is not None
+        assert 1 <= int(last.headers["retry-after"]) <= 3
+        assert last.text.startswith("! client: Too many requests for unknown sessions")
+        json_guess = await call(
+            client, "PUT", f"/client?key={KEY}", headers=JSON, content=input_event("x"), session="g"
+        )
+        assert json_guess.status_code == 429
+        assert json.loads(json_guess.text)["type"] == "Error"
+        get_guess = await call(client, "GET", f"/client?key={KEY}", session="g")
+        assert get_guess.status_code == 429
+        # a new session (no cookie) is not limited
+        new = await call(client, "PUT", f"/client?key={KEY}&tts=None", headers=TEXT, content="new")
+        assert new.status_code == 200
+        # the allowance refills: after Retry-After the real session answers again
+        await asyncio.sleep(int(last.headers["retry-after"]) + 0.2)
+        back = await call(
+            client,
+            "PUT",
+            f"/client?key={KEY}&tts=None",
+            headers=TEXT,
+            content="back",
+            session=session,
+        )
+        assert back.status_code == 200
+        assert back.text == "< You said: back\n"
+
+
+async def test_memory_store_cap_drops_the_session_idle_longest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with (
+        served(memory_max_sessions=3) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+
+        async def start(text: str) -> str:
+            answer = await call(
+                client, "PUT", f"/client?key={KEY}&tts=None", headers=TEXT, content=text
+            )
+            assert answer.status_code == 200
+            return answer.cookies[COOKIE]
+
+        async def say(session: str, text: str) -> httpx.Response:
+            return await call(
+                client,
+                "PUT",
+                f"/client?key={KEY}&tts=None",
+                headers=TEXT,
+                content=text,
+                session=session,
+            )
+
+        oldest, middle, newest = [await start(f"s{i}") for i in range(3)]
+        assert (await say(oldest, "touch")).status_code == 200  # now middle is idle longest
+        with caplog.at_level("WARNING", logger="gateway.sessions"):
+            fourth = await start("s3")
+        assert (await say(middle, "gone?")).status_code == 404
+        for session in (oldest, newest, fourth):
+            answer = await say(session, "still here")
+            assert answer.text == "< You said: still here\n"
+    assert any("GATEWAY_MEMORY_MAX_SESSIONS" in r.getMessage() for r in caplog.records)
