@@ -130,8 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def readyz(request: Request) -> JSONResponse:
         try:
             await gateway_of(request).store.ping()
-        except StoreUnavailable as exc:
-            return problem(503, "Not ready", str(exc))
+        except StoreUnavailable as exc:  # the how goes to the log, the body says what
+            log.warning("not ready: %s", exc)
+            return problem(503, "Not ready", "The session store does not answer.")
         return JSONResponse({"status": "ready"})
 
     @app.webhooks.post(

@@ -153,14 +153,14 @@ SERVER_LOGGERS = ("uvicorn.error", "asyncio", "adapters", "gateway", "socketio",
 
 
 @contextlib.asynccontextmanager
-async def served(**overrides: Any) -> AsyncIterator[str]:
-    """:func:`gateway` (same arguments), failing the test if the server logged an ERROR.
+async def served_app(app: Any, *, ws_max_size: int = 16 * 1024 * 1024) -> AsyncIterator[str]:
+    """:func:`serve` ``app``, failing the test if the server logged an ERROR.
 
     An unhandled exception in the app shows as an ERROR record of uvicorn.error (or
     asyncio, or our own loggers). Yields the base URL (``http://127.0.0.1:PORT``).
     """
     recorder = _ErrorRecorder()
-    async with gateway(**overrides) as url:
+    async with serve(app, ws_max_size=ws_max_size) as url:
         # uvicorn configures its loggers when the server is made: attach afterwards
         loggers = [logging.getLogger(name) for name in SERVER_LOGGERS]
         for logger in loggers:
@@ -173,6 +173,15 @@ async def served(**overrides: Any) -> AsyncIterator[str]:
     if recorder.records:
         shown = "\n".join(f"{r.name}: {r.getMessage()}" for r in recorder.records)
         pytest.fail(f"the server logged errors:\n{shown}")
+
+
+@contextlib.asynccontextmanager
+async def served(settings: Settings | None = None, **overrides: Any) -> AsyncIterator[str]:
+    """:func:`gateway` (same arguments), failing the test if the server logged an ERROR."""
+    settings = (settings or Settings()).model_copy(update=overrides)
+    app = create_app(settings)
+    async with served_app(app, ws_max_size=max(settings.max_body_bytes, 65536)) as url:
+        yield url
 
 
 class GatewayProcess:

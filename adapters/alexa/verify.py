@@ -24,10 +24,17 @@ another :class:`cryptography.x509.verification.Store`.
 
 Chains are cached by (canonical) URL until the earliest ``not_valid_after`` on the
 verified path, at most ``cache_size`` URLs (least recently used dropped). A failed
-fetch or a chain that fails verification is *not* cached: the next request for that
-URL tries again. Concurrent requests for one URL share a single fetch, so a burst
-never opens more than one download per URL, and a transient S3 failure heals at the
-next request instead of refusing traffic for a fixed penalty time.
+fetch or a chain that fails verification is cached too, as that failure, for
+``failure_ttl_s`` (30 s; at most ``failure_cache_size`` URLs): requests naming a
+URL that just failed are refused without another download. Concurrent requests
+for one URL share a single fetch, and at most ``max_fetches`` (4) downloads run at
+once: a request that would start another is refused (``cert_fetch_failed``) at
+once. So forged requests naming many distinct URLs cannot make the gateway fetch
+more than a few chains at a time, while Amazon's one URL stays cached.
+
+Problem bodies say what failed, not how: the messages of fetch and chain
+failures are fixed texts; the underlying error (network, TLS, parser, path
+validation) is in ``detail``, which is logged but never sent.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 __all__ = [
@@ -89,6 +97,9 @@ DEFAULT_MAX_SKEW = timedelta(seconds=150)
 DEFAULT_FETCH_TIMEOUT_S = 3.0
 DEFAULT_MAX_CHAIN_BYTES = 64 * 1024
 DEFAULT_CACHE_SIZE = 16
+DEFAULT_FAILURE_TTL_S = 30.0
+DEFAULT_FAILURE_CACHE_SIZE = 1024
+DEFAULT_MAX_FETCHES = 4
 
 
 class AlexaReason(StrEnum):
@@ -139,6 +150,8 @@ class AlexaReason(StrEnum):
     """The signing (leaf) certificate's ``not_valid_before`` is after now."""
     CERT_SAN_MISMATCH = "cert_san_mismatch"
     """The leaf's SAN does not contain echo-api.amazon.com."""
+    CERT_USAGE = "cert_usage"
+    """The leaf has no extended key usage extension with serverAuth."""
     CERT_UNTRUSTED = "cert_untrusted"
     """No valid path from the leaf to a trusted root (includes expired intermediates)."""
     CERT_KEY_UNSUPPORTED = "cert_key_unsupported"
@@ -152,14 +165,17 @@ class AlexaVerificationError(Exception):
 
     Attributes:
         reason: which rule failed (:class:`AlexaReason`, a ``str``).
-        message: a human-readable explanation (also ``str(exc)``); it may quote
-            header values, never the body.
+        message: a human-readable explanation (also ``str(exc)``), fit for the
+            client: it may quote header values, never the body, never internal
+            errors.
+        detail: the underlying error (network, TLS, parser), for the log only; or None.
     """
 
-    def __init__(self, reason: AlexaReason, message: str) -> None:
+    def __init__(self, reason: AlexaReason, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.detail = detail
 
     def __repr__(self) -> str:
         return f"AlexaVerificationError({self.reason.value!r}, {self.message!r})"
@@ -274,12 +290,14 @@ def verify_cert_chain(pem: bytes, now: datetime, trust_store: Store) -> Verified
     Checks, in order: the data holds at least one PEM certificate; the leaf is
     inside its validity window at ``now``; the leaf's SubjectAlternativeName holds
     the DNS name ``echo-api.amazon.com`` exactly (a wildcard does not count, as in
-    ask-sdk's verifier); a path from the leaf through the supplied intermediates
-    reaches a root of ``trust_store``, every certificate on it valid at ``now``
-    (cryptography's web-PKI :class:`~cryptography.x509.verification.ServerVerifier`
-    for DNSName ``echo-api.amazon.com``: it also requires the serverAuth extended
-    key usage, which Amazon's certificates carry, and refuses SHA-1 signatures and
-    RSA keys under 2048 bits); the leaf's key is RSA.
+    ask-sdk's verifier); the leaf has an extended key usage extension that holds
+    serverAuth (Amazon's does; cryptography's verifier alone accepts a leaf
+    without the extension); a path from the leaf through the supplied
+    intermediates reaches a root of ``trust_store``, every certificate on it valid
+    at ``now`` (cryptography's web-PKI
+    :class:`~cryptography.x509.verification.ServerVerifier` for DNSName
+    ``echo-api.amazon.com``: it refuses an EKU without serverAuth, SHA-1
+    signatures and RSA keys under 2048 bits); the leaf's key is RSA.
 
     Certificates in the file that are not on the verified path are ignored, as the
     reference SDKs do, so an expired spare cross-certificate does not break a chain.
@@ -291,15 +309,15 @@ def verify_cert_chain(pem: bytes, now: datetime, trust_store: Store) -> Verified
 
     Raises:
         AlexaVerificationError: reason ``cert_malformed``, ``cert_expired``,
-            ``cert_not_yet_valid``, ``cert_san_mismatch``, ``cert_untrusted`` or
-            ``cert_key_unsupported``.
+            ``cert_not_yet_valid``, ``cert_san_mismatch``, ``cert_usage``,
+            ``cert_untrusted`` or ``cert_key_unsupported``.
     """
     now = _as_utc(now)
     try:
         certs = x509.load_pem_x509_certificates(pem)
     except ValueError as exc:
         raise AlexaVerificationError(
-            AlexaReason.CERT_MALFORMED, f"certificate chain is not PEM: {exc}"
+            AlexaReason.CERT_MALFORMED, "certificate chain is not PEM", str(exc)
         ) from None
     leaf, intermediates = certs[0], certs[1:]
     if now > leaf.not_valid_after_utc:
@@ -319,12 +337,25 @@ def verify_cert_chain(pem: bytes, now: datetime, trust_store: Store) -> Verified
         dns_names = []
     except ValueError as exc:
         raise AlexaVerificationError(
-            AlexaReason.CERT_MALFORMED, f"signing certificate extensions unreadable: {exc}"
+            AlexaReason.CERT_MALFORMED, "signing certificate extensions unreadable", str(exc)
         ) from None
     if ALEXA_SIGNING_SAN not in dns_names:
         raise AlexaVerificationError(
             AlexaReason.CERT_SAN_MISMATCH,
             f"signing certificate SAN {dns_names} lacks {ALEXA_SIGNING_SAN}",
+        )
+    try:
+        usages = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        usages = []
+    except ValueError as exc:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_MALFORMED, "signing certificate extensions unreadable", str(exc)
+        ) from None
+    if ExtendedKeyUsageOID.SERVER_AUTH not in usages:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_USAGE,
+            "signing certificate lacks the serverAuth extended key usage",
         )
     verifier = (
         PolicyBuilder()
@@ -336,7 +367,7 @@ def verify_cert_chain(pem: bytes, now: datetime, trust_store: Store) -> Verified
         path = verifier.verify(leaf, intermediates)
     except VerificationError as exc:
         raise AlexaVerificationError(
-            AlexaReason.CERT_UNTRUSTED, f"certificate chain does not verify: {exc}"
+            AlexaReason.CERT_UNTRUSTED, "certificate chain does not verify", str(exc)
         ) from None
     public_key = leaf.public_key()
     if not isinstance(public_key, rsa.RSAPublicKey):
@@ -506,6 +537,11 @@ class AlexaVerifier:
         max_skew: largest allowed distance between ``request.timestamp`` and now
             (150 s per Amazon).
         cache_size: how many chain URLs are kept (least recently used dropped).
+        failure_ttl_s: how long (s, on ``clock``) a URL whose fetch or chain failed
+            is answered with that failure without another download.
+        failure_cache_size: how many failed URLs are remembered (oldest dropped).
+        max_fetches: most chain downloads running at once; a request that needs
+            another is refused with ``cert_fetch_failed``.
     """
 
     def __init__(
@@ -518,9 +554,12 @@ class AlexaVerifier:
         fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
         max_skew: timedelta = DEFAULT_MAX_SKEW,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        failure_ttl_s: float = DEFAULT_FAILURE_TTL_S,
+        failure_cache_size: int = DEFAULT_FAILURE_CACHE_SIZE,
+        max_fetches: int = DEFAULT_MAX_FETCHES,
     ) -> None:
-        if cache_size < 1:
-            raise ValueError("cache_size must be at least 1")
+        if cache_size < 1 or failure_cache_size < 1 or max_fetches < 1:
+            raise ValueError("cache_size, failure_cache_size and max_fetches must be >= 1")
         self.skill_ids = frozenset(skill_ids)
         self._store = trust_store if trust_store is not None else certifi_trust_store()
         self._fetcher: CertChainFetcher = fetcher or HttpxCertChainFetcher(
@@ -532,6 +571,12 @@ class AlexaVerifier:
         self._cache_size = cache_size
         self._cache: OrderedDict[str, VerifiedChain] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[VerifiedChain]] = {}
+        self._failure_ttl = timedelta(seconds=failure_ttl_s)
+        self._failure_cache_size = failure_cache_size
+        self._failures: OrderedDict[str, tuple[datetime, AlexaVerificationError]] = OrderedDict()
+        self._max_fetches = max_fetches
+        self.fetches = 0
+        """How many chain downloads were started (for tests and metrics)."""
 
     async def verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         """Verify one request; return its parsed JSON envelope.
@@ -552,7 +597,8 @@ class AlexaVerifier:
         try:
             return await self._verify(headers, body)
         except AlexaVerificationError as exc:
-            logger.warning("Alexa request refused: %s: %s", exc.reason.value, exc.message)
+            detail = f" ({exc.detail})" if exc.detail else ""
+            logger.warning("Alexa request refused: %s: %s%s", exc.reason.value, exc.message, detail)
             raise
 
     async def _verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
@@ -642,19 +688,40 @@ class AlexaVerifier:
                 self._cache.move_to_end(url)
                 return cached
             del self._cache[url]
+        failed = self._failures.get(url)
+        if failed is not None:
+            until, error = failed
+            if now < until:
+                raise AlexaVerificationError(error.reason, error.message, error.detail)
+            del self._failures[url]
         task = self._inflight.get(url)
         if task is None:
+            if len(self._inflight) >= self._max_fetches:
+                raise AlexaVerificationError(
+                    AlexaReason.CERT_FETCH_FAILED,
+                    "the certificate chain could not be fetched",
+                    f"{self._max_fetches} downloads already running; {url} not fetched",
+                )
+            self.fetches += 1
             task = asyncio.create_task(self._fetch_and_verify(url, now))
             self._inflight[url] = task
-            task.add_done_callback(lambda done: self._finished(url, done))
+            task.add_done_callback(lambda done: self._finished(url, now, done))
         # shield: a cancelled waiter (client gone) does not cancel the shared fetch.
         return await asyncio.shield(task)
 
-    def _finished(self, url: str, task: asyncio.Task[VerifiedChain]) -> None:
+    def _finished(self, url: str, now: datetime, task: asyncio.Task[VerifiedChain]) -> None:
         if self._inflight.get(url) is task:
             del self._inflight[url]
-        if task.cancelled() or task.exception() is not None:
-            return  # failures are not cached; exception() marks it retrieved
+        if task.cancelled():
+            return
+        error = task.exception()  # also marks it retrieved
+        if error is not None:
+            if isinstance(error, AlexaVerificationError):
+                self._failures[url] = (now + self._failure_ttl, error)
+                self._failures.move_to_end(url)
+                while len(self._failures) > self._failure_cache_size:
+                    self._failures.popitem(last=False)
+            return
         self._cache[url] = task.result()
         self._cache.move_to_end(url)
         while len(self._cache) > self._cache_size:
@@ -667,11 +734,14 @@ class AlexaVerifier:
         except TimeoutError:
             raise AlexaVerificationError(
                 AlexaReason.CERT_FETCH_TIMEOUT,
-                f"fetching {url} took longer than {self._fetch_timeout_s} s",
+                f"fetching the certificate chain took longer than {self._fetch_timeout_s:g} s",
+                url,
             ) from None
         except Exception as exc:
             raise AlexaVerificationError(
-                AlexaReason.CERT_FETCH_FAILED, f"fetching {url} failed: {exc}"
+                AlexaReason.CERT_FETCH_FAILED,
+                "the certificate chain could not be fetched",
+                f"{url}: {exc}",
             ) from None
         return verify_cert_chain(pem, now, self._store)
 

@@ -94,13 +94,16 @@ class GoogleVerificationError(Exception):
 
     Attributes:
         reason: which check failed (:class:`GoogleReason`, a ``str``).
-        message: a human-readable explanation (also ``str(exc)``); never the token.
+        message: a human-readable explanation (also ``str(exc)``), fit for the
+            client: never the token, never internal errors.
+        detail: the underlying error (network, TLS, parser), for the log only; or None.
     """
 
-    def __init__(self, reason: GoogleReason, message: str) -> None:
+    def __init__(self, reason: GoogleReason, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.detail = detail
 
     def __repr__(self) -> str:
         return f"GoogleVerificationError({self.reason.value!r}, {self.message!r})"
@@ -315,7 +318,10 @@ class GoogleVerifier:
         try:
             return await self._verify(headers)
         except GoogleVerificationError as exc:
-            logger.warning("Google request refused: %s: %s", exc.reason.value, exc.message)
+            detail = f" ({exc.detail})" if exc.detail else ""
+            logger.warning(
+                "Google request refused: %s: %s%s", exc.reason.value, exc.message, detail
+            )
             raise
 
     async def _verify(self, headers: Mapping[str, str]) -> dict[str, Any]:
@@ -340,7 +346,7 @@ class GoogleVerifier:
                 certs = await self._source.get_certs()
         except Exception as exc:
             raise GoogleVerificationError(
-                GoogleReason.CERTS_UNAVAILABLE, f"Google certificates unavailable: {exc!r}"
+                GoogleReason.CERTS_UNAVAILABLE, "Google's certificates are unavailable", repr(exc)
             ) from None
         kid = header.get("kid")
         cert = certs.get(kid) if isinstance(kid, str) else None
@@ -352,7 +358,7 @@ class GoogleVerifier:
             verifier = crypt.RSAVerifier.from_string(cert)  # type: ignore[no-untyped-call]
         except (ValueError, TypeError) as exc:
             raise GoogleVerificationError(
-                GoogleReason.CERTS_UNAVAILABLE, f"certificate for kid {kid!r} unreadable: {exc}"
+                GoogleReason.CERTS_UNAVAILABLE, f"certificate for kid {kid!r} unreadable", str(exc)
             ) from None
         if not verifier.verify(signed_section.encode("ascii"), signature):
             raise GoogleVerificationError(

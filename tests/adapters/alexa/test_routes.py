@@ -33,7 +33,7 @@ from adapters.alexa.verify import AlexaVerifier
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.adapters.alexa.test_verify import Pki, _ca_cert, _rsa_key
-from tests.conftest import FIXTURES, gateway, serve
+from tests.conftest import FIXTURES, gateway, serve, served_app
 
 ALEXA = FIXTURES / "alexa"
 FIXTURE_FILES = sorted(p.relative_to(ALEXA).as_posix() for p in ALEXA.rglob("*.json"))
@@ -365,6 +365,48 @@ async def test_verification_failures_are_400_with_the_reason_logged(
         body = json.dumps(envelope("S-after", text="still here")).encode()
         answer = await client.post("/alexa", content=body, headers=signer.headers(body))
         assert spoken(parsed(answer)) == "You said: still here"
+
+
+class SlowFailingFetcher(ChainFetcher):
+    """Like ChainFetcher, but every download takes 0.3 s (a network round trip)."""
+
+    async def fetch(self, url: str) -> bytes:
+        self.calls += 1
+        await asyncio.sleep(0.3)
+        if url != CERT_URL:
+            raise OSError(f"[Errno 111] Connect call failed ('127.0.0.1', 1) for {url}")
+        return self.chain
+
+
+async def test_forged_certificate_urls_cannot_multiply_downloads(signer: LocalSigner) -> None:
+    fetcher = SlowFailingFetcher(signer.chain)
+    app = create_app(Settings(alexa_skill_ids=frozenset({SKILL_ID})))
+    app.state.alexa_verifier_factory = lambda s: AlexaVerifier(
+        s.alexa_skill_ids, trust_store=Store([signer.pki.root]), fetcher=fetcher
+    )
+
+    async with served_app(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+        async def forged(i: int) -> httpx.Response:
+            body = json.dumps(envelope(f"S-forged-{i}", text="hi")).encode()
+            headers = signer.headers(body, url=f"https://s3.amazonaws.com/echo.api/forged-{i}.pem")
+            headers["Signature-256"] = base64.b64encode(b"\0" * 256).decode()  # unsigned
+            return await client.post("/alexa", content=body, headers=headers)
+
+        answers = await asyncio.gather(*(forged(i) for i in range(50)))
+        after_burst = fetcher.calls
+        body = json.dumps(envelope("S-real", text="still here")).encode()
+        real = await client.post("/alexa", content=body, headers=signer.headers(body))
+    assert after_burst <= 4  # at most max_fetches downloads at once, not 50
+    for answer in answers:
+        assert answer.status_code == 400
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.json()["reason"] == "cert_fetch_failed"
+        # what failed, not how
+        assert answer.json()["detail"] == "the certificate chain could not be fetched"
+        assert "111" not in answer.text
+        assert "127.0.0.1" not in answer.text
+    assert spoken(parsed(real)) == "You said: still here"
 
 
 async def test_verification_on_without_skill_ids_refuses_with_503(

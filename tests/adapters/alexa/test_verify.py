@@ -449,14 +449,24 @@ async def test_expired_intermediate_on_the_path(pki: Pki) -> None:
     with pytest.raises(AlexaVerificationError) as caught:
         await verifier.verify(*signed(pki))
     assert caught.value.reason == "cert_untrusted"
-    assert "expired" in caught.value.message or "valid" in caught.value.message
+    assert caught.value.message == "certificate chain does not verify"
+    assert caught.value.detail is not None
+    assert "expired" in caught.value.detail or "valid" in caught.value.detail
 
 
-async def test_leaf_without_server_auth_usage(pki: Pki) -> None:
-    """cryptography's ServerVerifier insists on serverAuth, which Amazon's leaf carries."""
-    leaf = pki.leaf(eku=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+@pytest.mark.parametrize(
+    "eku", [(ExtendedKeyUsageOID.CLIENT_AUTH,), ()], ids=["client-auth-only", "no-eku"]
+)
+async def test_leaf_without_server_auth_usage(
+    pki: Pki, eku: tuple[x509.ObjectIdentifier, ...]
+) -> None:
+    """The leaf must carry serverAuth (Amazon's does); a leaf without the extension too."""
+    leaf = pki.leaf(eku=eku)
+    assert not eku or leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
     verifier, _ = make_verifier(pki, pki.chain_pem(leaf))
-    assert await refused(verifier, *signed(pki)) == "cert_untrusted"
+    assert await refused(verifier, *signed(pki)) == "cert_usage"
+    with pytest.raises(AlexaVerificationError, match="serverAuth"):
+        verify_cert_chain(pki.chain_pem(leaf), NOW, pki.store)
 
 
 async def test_chain_that_is_not_pem(pki: Pki) -> None:
@@ -629,12 +639,42 @@ async def test_cache_is_bounded(pki: Pki, good_chain: bytes) -> None:
     assert fetcher.calls == [*urls, urls[0]]
 
 
-async def test_a_failed_fetch_is_not_cached(pki: Pki, good_chain: bytes) -> None:
-    verifier, fetcher = make_verifier(pki, good_chain)
+async def test_a_failed_fetch_is_cached_for_the_failure_ttl(pki: Pki, good_chain: bytes) -> None:
+    clock = Clock()
+    verifier, fetcher = make_verifier(pki, good_chain, clock=clock)
     fetcher.failures_left = 1
     assert await refused(verifier, *signed(pki)) == "cert_fetch_failed"
-    assert (await verifier.verify(*signed(pki)))["version"] == "1.0"
+    assert await refused(verifier, *signed(pki)) == "cert_fetch_failed"  # no second download
+    assert len(fetcher.calls) == 1
+    clock.now = NOW + timedelta(seconds=31)  # DEFAULT_FAILURE_TTL_S later: tried again
+    assert (await verifier.verify(*signed(pki, envelope(clock.now))))["version"] == "1.0"
     assert len(fetcher.calls) == 2
+
+
+async def test_distinct_urls_cannot_multiply_downloads(pki: Pki, good_chain: bytes) -> None:
+    """50 forged requests naming 50 URLs: at most max_fetches downloads, failures cached."""
+    gate = asyncio.Event()
+    fetcher = CountingFetcher({CERT_URL: good_chain}, gate=gate)
+    verifier = AlexaVerifier(
+        frozenset({SKILL_ID}), trust_store=pki.store, fetcher=fetcher, clock=Clock()
+    )
+    urls = [f"https://s3.amazonaws.com/echo.api/forged-{i}.pem" for i in range(50)]
+    forged = [({**signed(pki)[0], "SignatureCertChainUrl": u}, signed(pki)[1]) for u in urls]
+    tasks = [asyncio.create_task(verifier.verify(h, b)) for h, b in forged]
+    await fetcher.called.wait()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    gate.set()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [getattr(o, "reason", o) for o in outcomes] == ["cert_fetch_failed"] * 50
+    assert all("could not be fetched" in str(o) for o in outcomes)
+    assert len(fetcher.calls) == 4  # DEFAULT_MAX_FETCHES
+    # the same 4 URLs again: refused from the failure cache, no download
+    for h, b in forged[:4]:
+        assert await refused(verifier, h, b) == "cert_fetch_failed"
+    assert len(fetcher.calls) == 4
+    # Amazon's URL still verifies
+    assert (await verifier.verify(*signed(pki)))["version"] == "1.0"
 
 
 async def test_a_rejected_chain_is_not_cached(pki: Pki, good_chain: bytes) -> None:
@@ -871,7 +911,9 @@ async def test_real_https_fetch_failures(
     with pytest.raises(AlexaVerificationError) as caught:
         await verifier.verify(*signed(pki, url=url))
     assert caught.value.reason == "cert_fetch_failed"
-    assert detail in caught.value.message
+    assert caught.value.message == "the certificate chain could not be fetched"
+    assert caught.value.detail is not None
+    assert detail in caught.value.detail
 
 
 async def test_fetcher_refuses_plain_http_and_untrusted_tls(
@@ -1052,7 +1094,8 @@ def test_the_sha1_era_chain_is_refused_even_inside_its_window() -> None:
             Store([certs[-1]]),
         )
     assert caught.value.reason == "cert_untrusted"
-    assert "signature algorithm" in caught.value.message.lower()
+    assert caught.value.detail is not None
+    assert "signature algorithm" in caught.value.detail.lower()
 
 
 def test_symantec_chain_does_not_reach_certifi() -> None:

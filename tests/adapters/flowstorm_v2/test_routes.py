@@ -328,6 +328,9 @@ async def test_health_and_readiness(base: str, redis_url: str) -> None:
         down = await client.get(f"{url}/readyz")
         assert down.status_code == 503
         assert down.headers["content-type"] == "application/problem+json"
+        # what failed, not how: no internal error text, address or port
+        assert down.json()["detail"] == "The session store does not answer."
+        assert "127.0.0.1" not in down.text
         turn = await client.put(f"{url}/client?key={KEY}", headers=TEXT, content="hello")
         assert turn.status_code == 503
         assert turn.text == "! gateway: The session store is unavailable.\n"

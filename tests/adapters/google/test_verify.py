@@ -469,9 +469,13 @@ async def test_unreachable_endpoint(key: Key) -> None:
     await server.wait_closed()  # nothing listens on that port any more
     fetcher = GoogleCertsFetcher(f"http://127.0.0.1:{port}/certs", trust_env=False)
     verifier = GoogleVerifier(frozenset({PROJECT}), fetcher, clock=lambda: NOW)
-    assert await refused(verifier, {"Authorization": f"Bearer {key.token()}"}) == (
-        "certs_unavailable"
-    )
+    with pytest.raises(GoogleVerificationError) as caught:
+        await verifier.verify({"Authorization": f"Bearer {key.token()}"})
+    assert caught.value.reason == "certs_unavailable"
+    # the client learns what failed; how (address, errno) is only logged
+    assert caught.value.message == "Google's certificates are unavailable"
+    assert str(port) not in caught.value.message
+    assert caught.value.detail is not None
 
 
 async def test_silent_endpoint_fails_within_its_timeout(
