@@ -37,6 +37,7 @@ from gateway.events import (
     SessionEndedEvent,
     SessionStartedEvent,
 )
+from gateway.logs import session_ref
 
 __all__ = [
     "ELLIPSIS",
@@ -130,7 +131,7 @@ async def end_session(conversation: Conversation, ctx: TurnContext, wait_s: floa
         async with asyncio.timeout(max(wait_s, 0.0)):
             return await asyncio.shield(task)
     except TimeoutError:
-        log.info("ending session %s goes on in the background", ctx.key)
+        log.info("ending session %s goes on in the background", session_ref(ctx.key))
     except Exception as exc:  # the store is down or the session busy: it expires anyway
         log.warning("could not end session %s: %r", ctx.key, exc)
     return None
@@ -139,7 +140,8 @@ async def end_session(conversation: Conversation, ctx: TurnContext, wait_s: floa
 def _ended(task: asyncio.Task[bool]) -> None:
     _ENDING.discard(task)
     if not task.cancelled() and (exc := task.exception()) is not None:
-        log.warning("could not end session %s: %r", task.get_name().removeprefix("end "), exc)
+        ended = session_ref(task.get_name().removeprefix("end "))
+        log.warning("could not end session %s: %r", ended, exc)
 
 
 # ---------------------------------------------------------------- truncation

@@ -51,6 +51,7 @@ from adapters.alexa.verify import AlexaVerificationError, AlexaVerifier
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
+from gateway.logs import session_ref
 from gateway.protocol import ProtocolError
 from gateway.settings import Settings
 from gateway.voice import end_session, run_turn
@@ -272,7 +273,10 @@ async def _turn(gw: Gateway, todo: Plan, deadline_s: float) -> AlexaResponseEnve
     ctx = _context(todo)
     outcome = await run_turn(gw.conversation, ctx, todo.input, deadline_s)
     if outcome.late:
-        log.info("turn of %s outlived the Alexa deadline; answered 'still working'", ctx.key)
+        log.info(
+            "turn of %s outlived the Alexa deadline; answered 'still working'",
+            session_ref(ctx.key),
+        )
         return speak_response(
             settings.voice_still_working_text, session_id=todo.session_id, end=False
         )
@@ -294,5 +298,5 @@ async def _end(gw: Gateway, todo: Plan, envelope: AlexaEnvelope | None) -> None:
         reason = envelope.request.reason or "unknown"
         if envelope.request.error:
             log.warning("Alexa session ended with an error: %s", envelope.request.error)
-        log.debug("Alexa session %s ended: %s", todo.session_id, reason)
+        log.debug("Alexa session %s ended: %s", session_ref(todo.session_id or ""), reason)
     await end_session(gw.conversation, _context(todo), gw.settings.alexa_deadline_s)

@@ -55,6 +55,7 @@ from adapters.flowstorm_v1.protocol import (
 from gateway import metrics
 from gateway.conversation import TurnRejected
 from gateway.deps import Gateway, gateway_of
+from gateway.logs import session_ref
 from gateway.sessions import StoreError
 from gateway.sockets import SEND_ERRORS, GuardedSocket
 from gateway.speech.audio import AudioFormatError
@@ -325,7 +326,7 @@ class _Socket(GuardedSocket):
             else:
                 held.extend(conn.turn_finished())
         except Exception:  # a gateway bug (the engine broke its order): never a silent hang
-            log.exception("forwarding a turn of session %s failed", start.ctx.key)
+            log.exception("forwarding a turn of session %s failed", session_ref(start.ctx.key))
             await self._send(error_frame("Internal gateway error.", "gateway").text)
             await self._close(CLOSE_INTERNAL, "Internal gateway error.")
             return
@@ -335,10 +336,12 @@ class _Socket(GuardedSocket):
         try:
             stored = await self.gw.conversation.log(action.ctx, action.entries)
         except StoreError as exc:
-            log.warning("client logs of session %s not stored: %s", action.ctx.key, exc)
+            log.warning(
+                "client logs of session %s not stored: %s", session_ref(action.ctx.key), exc
+            )
             stored = False
         except Exception:
-            log.exception("storing client logs of session %s failed", action.ctx.key)
+            log.exception("storing client logs of session %s failed", session_ref(action.ctx.key))
             return
         if not stored and self.open:
             self.conn.logs_not_stored(action.entries)

@@ -69,6 +69,7 @@ from adapters.voiceflow.protocol import (
 from gateway import metrics
 from gateway.conversation import TurnRejected
 from gateway.deps import Gateway
+from gateway.logs import session_ref
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -329,7 +330,9 @@ class VoiceflowServer:
         except asyncio.CancelledError:
             raise
         except Exception:  # a gateway bug (the engine broke its order): never a silent hang
-            log.exception("forwarding a Voiceflow action of session %s failed", start.ctx.key)
+            log.exception(
+                "forwarding a Voiceflow action of session %s failed", session_ref(start.ctx.key)
+            )
             await self._emit(
                 client.sid, error("gateway-error", "Internal gateway error.", start.message_id)
             )

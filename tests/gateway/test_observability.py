@@ -8,7 +8,7 @@ import logging
 
 import httpx
 
-from gateway.logs import JsonFormatter
+from gateway.logs import JsonFormatter, session_ref
 from gateway.pipeline.base import REQUEST_ID
 from tests.conftest import gateway
 
@@ -70,12 +70,13 @@ def test_json_log_lines_carry_structured_fields() -> None:
     assert entry["level"] == "INFO"
     assert entry["logger"] == "gateway.conversation"
     assert entry["request_id"] == "req-7"
-    assert (entry["channel"], entry["session_id"], entry["turn"], entry["latency_ms"]) == (
+    assert (entry["channel"], entry["session"], entry["turn"], entry["latency_ms"]) == (
         "alexa",
-        "s-1",
+        session_ref("s-1"),  # never the id itself (a bearer credential)
         3,
         12.5,
     )
+    assert "session_id" not in entry
     assert entry["time"].endswith("+00:00")
 
 

@@ -1,0 +1,119 @@
+"""Credentials never reach the log: session ids (V1/V2 bearer credentials) and `?key=`.
+
+A real ``gateway serve`` process with JSON logs at INFO (access log on) serves
+V2 turns; its whole stderr is then searched for the credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from gateway.logs import JsonFormatter, RedactQuery, redact_query, session_ref, set_hash_key
+from tests.conftest import ROOT, free_port
+
+APP_KEY = "app-key-that-is-a-secret"
+HASH_KEY = "log-hash-key-for-this-test"
+
+
+def test_redact_query_hides_credential_values_only() -> None:
+    line = "GET /client?key=abc&deviceId=d1&X-Token=t&token=t2&sessionKey=s HTTP/1.1"
+    assert redact_query(line) == (
+        "GET /client?key=***&deviceId=d1&X-Token=t&token=***&sessionKey=*** HTTP/1.1"
+    )
+    assert redact_query("/twilio/voice?Key=K1;secret=x") == "/twilio/voice?Key=***;secret=***"
+    assert redact_query("/healthz") == "/healthz"
+
+
+def test_access_record_args_are_redacted() -> None:
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "PUT", "/client?key=s3cret&tts=None", "1.1", 200),
+        None,
+    )
+    assert RedactQuery().filter(record)
+    assert "s3cret" not in record.getMessage()
+    assert "key=***&tts=None" in record.getMessage()
+
+
+def test_session_id_field_becomes_a_keyed_hash() -> None:
+    set_hash_key("k1")
+    try:
+        record = logging.LogRecord("gateway", logging.INFO, __file__, 1, "turn ok", (), None)
+        record.session_id = "flowstorm:0b7c-secret"
+        entry = json.loads(JsonFormatter().format(record))
+        assert "session_id" not in entry
+        assert entry["session"] == session_ref("flowstorm:0b7c-secret")
+        assert entry["session"].startswith("flowstorm:h-")
+        assert "0b7c" not in json.dumps(entry)
+        set_hash_key("k2")  # another key, another reference: the hash is keyed
+        assert session_ref("flowstorm:0b7c-secret") != entry["session"]
+    finally:
+        set_hash_key(None)
+
+
+def test_a_served_turn_logs_neither_the_session_id_nor_the_key(tmp_path: Path) -> None:
+    port = free_port()
+    log_file = tmp_path / "gateway.log"
+    env = {
+        **os.environ,
+        "GATEWAY_LOG_FORMAT": "json",
+        "GATEWAY_LOG_HASH_KEY": HASH_KEY,
+        "GATEWAY_TTS_PROVIDER": "espeak-ng",
+        "PYTHONPATH": str(ROOT),
+    }
+    env.pop("GATEWAY_REDIS_URL", None)
+    with log_file.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-level", "info"],
+            env=env,
+            cwd=ROOT,
+            stdout=sink,
+            stderr=sink,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None, log_file.read_text()
+                assert time.monotonic() < deadline, log_file.read_text()
+                time.sleep(0.1)
+            with httpx.Client(base_url=base) as client:
+                text = {"Content-Type": "text/plain"}
+                first = client.put(f"/client?key={APP_KEY}&tts=None", headers=text, content="hi")
+                session = first.cookies["flowstorm-session-id"]
+                second = client.put(f"/client?key={APP_KEY}&tts=None", headers=text, content="x")
+                assert (first.status_code, second.status_code) == (200, 200)
+                client.get(f"/client?key={APP_KEY}")
+        finally:
+            proc.terminate()
+            proc.wait(15)
+    logged = log_file.read_text()
+    lines = [json.loads(line) for line in logged.splitlines() if line.startswith("{")]
+    assert any(e["logger"] == "uvicorn.access" and "key=***" in e["message"] for e in lines)
+    turns = [e for e in lines if e["message"] == "turn ok"]
+    assert len(turns) == 2
+    set_hash_key(HASH_KEY)
+    try:
+        expected = session_ref(f"flowstorm:{session}")
+    finally:
+        set_hash_key(None)
+    assert [e["session"] for e in turns] == [expected, expected]
+    assert session not in logged
+    assert APP_KEY not in logged
