@@ -124,7 +124,7 @@ async def end_session(conversation: Conversation, ctx: TurnContext, wait_s: floa
     its own, so the platform's request never waits past its deadline and the store
     is never interrupted mid-write.
     """
-    task = asyncio.create_task(conversation.end(ctx), name=f"end {ctx.key}")
+    task = asyncio.create_task(conversation.end(ctx), name=f"end {session_ref(ctx.key)}")
     _ENDING.add(task)
     task.add_done_callback(_ended)
     try:
@@ -140,8 +140,7 @@ async def end_session(conversation: Conversation, ctx: TurnContext, wait_s: floa
 def _ended(task: asyncio.Task[bool]) -> None:
     _ENDING.discard(task)
     if not task.cancelled() and (exc := task.exception()) is not None:
-        ended = session_ref(task.get_name().removeprefix("end "))
-        log.warning("could not end session %s: %r", ended, exc)
+        log.warning("could not end session %s: %r", task.get_name().removeprefix("end "), exc)
 
 
 # ---------------------------------------------------------------- truncation
