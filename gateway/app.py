@@ -12,12 +12,15 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
+from starlette.routing import Match, Route
 
 from adapters.alexa.routes import router as alexa_router
 from adapters.flowstorm_v1.routes import router as flowstorm_v1_router
+from adapters.flowstorm_v2.routes import OPENAPI_SCHEMAS as V2_SCHEMAS
 from adapters.flowstorm_v2.routes import router as flowstorm_v2_router
 from adapters.google.routes import router as google_router
 from adapters.twilio.routes import router as twilio_router
@@ -168,8 +171,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     if "422" in responses:
                         del responses["422"]
                         responses.setdefault("400", _BAD_REQUEST)
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                document.get("components", {}).get("schemas", {}).pop(name, None)
+                schemas.pop(name, None)
+            for name, schema in V2_SCHEMAS.items():
+                schemas.setdefault(name, schema)
             app.openapi_schema = document
         return app.openapi_schema
 
@@ -188,6 +194,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         answer = problem(exc.status_code, _title(exc.status_code), str(exc.detail))
         answer.headers.update(exc.headers or {})  # e.g. Allow on 405 (RFC 9110)
+        if exc.status_code == 405:  # every method of the path, not only its first route's
+            answer.headers["Allow"] = _allowed_methods(request)
         return answer
 
     return app
@@ -217,6 +225,16 @@ def _errors(exc: RequestValidationError) -> list[dict[str, str]]:
         {"loc": ".".join(str(p) for p in e.get("loc", ())), "msg": str(e.get("msg", ""))}
         for e in exc.errors()
     ]
+
+
+def _allowed_methods(request: Request) -> str:
+    """The ``Allow`` value of a 405: the methods of every route of the request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match is not Match.NONE and isinstance(route, Route | APIRoute) and route.methods:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 def _title(status: int) -> str:

@@ -199,6 +199,19 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 router = APIRouter(tags=["Flowstorm Socket V2"], lifespan=_lifespan)
 
+OPENAPI_SCHEMAS: dict[str, Any] = InputEvent.model_json_schema(
+    by_alias=True, ref_template="#/components/schemas/{model}", mode="validation"
+).get("$defs", {}) | {
+    "InputEvent": {
+        k: v
+        for k, v in InputEvent.model_json_schema(
+            by_alias=True, ref_template="#/components/schemas/{model}", mode="validation"
+        ).items()
+        if k != "$defs"
+    }
+}
+"""Components of the OpenAPI document the routes' bodies refer to (InputEvent and its parts)."""
+
 _REJECT_STATUS = {
     "session-not-found": 404,
     "session-foreign": 403,
@@ -378,11 +391,13 @@ def _speech_errors() -> Iterator[None]:
                 "text/plain": {"schema": {"type": "string"}, "example": "my name is Ada"},
                 "application/json": {
                     "schema": {
-                        "type": "string",
-                        "description": "NDJSON client events: [Log] Input, or Binary... "
-                        "[InputStreamClose Input] (audio in base64 `data`)",
+                        "$ref": "#/components/schemas/InputEvent",
+                        "description": "One client event per line (NDJSON): `[Log] Input`, "
+                        "or `Binary... [InputStreamClose Input]` (audio in base64 `data`); "
+                        "the common body is one InputEvent, documented here. A body of Log "
+                        "events only is stored with the session (204).",
                     },
-                    "example": '{"type":"Input","input":{"transcript":{"text":"hello"}}}',
+                    "example": {"type": "Input", "input": {"transcript": {"text": "hello"}}},
                 },
                 "audio/basic": {
                     "schema": {"type": "string", "format": "binary"},
