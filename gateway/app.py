@@ -12,11 +12,10 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.routing import Match, Route
+from starlette.routing import Match
 
 from adapters.alexa.routes import router as alexa_router
 from adapters.flowstorm_v1.routes import router as flowstorm_v1_router
@@ -227,14 +226,20 @@ def _errors(exc: RequestValidationError) -> list[dict[str, str]]:
     ]
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def _allowed_methods(request: Request) -> str:
-    """The ``Allow`` value of a 405: the methods of every route of the request's path."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})
-        if match is not Match.NONE and isinstance(route, Route | APIRoute) and route.methods:
-            methods |= route.methods
-    return ", ".join(sorted(methods))
+    """The ``Allow`` value of a 405: every method some route of the request's path takes."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+    return ", ".join(allowed)
 
 
 def _title(status: int) -> str:

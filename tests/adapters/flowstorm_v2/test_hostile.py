@@ -287,3 +287,14 @@ async def test_memory_store_cap_drops_the_session_idle_longest(
             answer = await say(session, "still here")
             assert answer.text == "< You said: still here\n"
     assert any("GATEWAY_MEMORY_MAX_SESSIONS" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_wrong_method_lists_every_method_of_the_path() -> None:
+    async with served() as url, httpx.AsyncClient(base_url=url) as client:
+        for method in ("OPTIONS", "POST", "DELETE"):
+            answer = await client.request(method, "/client")
+            assert answer.status_code == 405
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.headers["allow"] == "GET, PUT"
+        health = await client.post("/healthz")
+        assert health.headers["allow"] == "GET"
