@@ -19,11 +19,11 @@ from starlette.routing import Match
 
 from adapters.alexa.routes import router as alexa_router
 from adapters.flowstorm_v1.routes import router as flowstorm_v1_router
-from adapters.flowstorm_v2.routes import OPENAPI_SCHEMAS as V2_SCHEMAS
 from adapters.flowstorm_v2.routes import router as flowstorm_v2_router
 from adapters.google.routes import router as google_router
 from adapters.twilio.routes import router as twilio_router
 from adapters.voiceflow.routes import mount as mount_voiceflow
+from gateway import apidoc
 from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
@@ -173,7 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)
-            for name, schema in V2_SCHEMAS.items():
+            for name, schema in apidoc.SCHEMAS.items():
                 schemas.setdefault(name, schema)
             app.openapi_schema = document
         return app.openapi_schema

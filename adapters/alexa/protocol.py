@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, StrictBool, ValidationError
 
 from gateway.events import (
     FALLBACK,
@@ -86,7 +86,7 @@ class AlexaUser(Wire):
 class AlexaSession(Wire):
     """``session``: present on requests that belong to a skill session."""
 
-    new: bool = False
+    new: StrictBool = False  # JSON true/false only, as the schema says
     session_id: str = Field(min_length=1)
     application: AlexaApplication | None = None
     attributes: dict[str, Any] | None = None

@@ -34,6 +34,7 @@ from starlette.requests import Request
 
 from adapters.alexa.protocol import (
     NAMESPACE,
+    REQUEST_TABLE,
     AlexaConfig,
     AlexaEnvelope,
     AlexaResponseEnvelope,
@@ -48,6 +49,7 @@ from adapters.alexa.protocol import (
     turn_response,
 )
 from adapters.alexa.verify import AlexaVerificationError, AlexaVerifier
+from gateway.apidoc import component
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
@@ -150,6 +152,48 @@ _EXAMPLE_RESPONSE = {
 }
 _PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
 
+
+def _has(*path: str, leaf: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema: the object has ``path`` (each step required, an object), ending in ``leaf``."""
+    schema = leaf
+    for name in reversed(path):
+        schema = {"type": "object", "required": [name], "properties": {name: schema}}
+    return schema
+
+
+_SESSION_HANDLING = (Handling.TURN, Handling.END)
+_APP_ID = {"type": "string", "minLength": 1}
+
+
+def _type_is(*types: str) -> dict[str, Any]:
+    return _has("request", "type", leaf={"enum": list(types)})
+
+
+_ENVELOPE = component(
+    AlexaEnvelope,
+    # what plan() requires beyond the model (see adapters/alexa/protocol.py)
+    allOf=[
+        {
+            "if": _type_is(*(t for t, h in REQUEST_TABLE.items() if h in _SESSION_HANDLING)),
+            "then": {
+                "allOf": [
+                    _has("session", leaf={"type": "object"}),
+                    {
+                        "anyOf": [
+                            _has("session", "application", "applicationId", leaf=_APP_ID),
+                            _has("context", "System", "application", "applicationId", leaf=_APP_ID),
+                        ]
+                    },
+                ]
+            },
+        },
+        {
+            "if": _type_is("IntentRequest"),
+            "then": _has("request", "intent", leaf={"type": "object"}),
+        },
+    ],
+)
+
 _DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "An Alexa response envelope (outputSpeech SSML, reprompt, card, "
@@ -197,7 +241,7 @@ def _refuse(status: int, reason: str, detail: str) -> JSONResponse:
             "required": True,
             "content": {
                 "application/json": {
-                    "schema": {"type": "object", "description": "Alexa request envelope"},
+                    "schema": {**_ENVELOPE, "description": "Alexa request envelope"},
                     "example": _EXAMPLE_REQUEST,
                 }
             },

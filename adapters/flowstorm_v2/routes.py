@@ -135,6 +135,7 @@ from adapters.flowstorm_v2.protocol import (
     text_input,
     text_lines,
 )
+from gateway.apidoc import component
 from gateway.bus import BusUnavailable
 from gateway.conversation import TurnContext, TurnRejected, TurnStream, new_session_id
 from gateway.deps import Gateway, gateway_of
@@ -199,18 +200,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 router = APIRouter(tags=["Flowstorm Socket V2"], lifespan=_lifespan)
 
-OPENAPI_SCHEMAS: dict[str, Any] = InputEvent.model_json_schema(
-    by_alias=True, ref_template="#/components/schemas/{model}", mode="validation"
-).get("$defs", {}) | {
-    "InputEvent": {
-        k: v
-        for k, v in InputEvent.model_json_schema(
-            by_alias=True, ref_template="#/components/schemas/{model}", mode="validation"
-        ).items()
-        if k != "$defs"
-    }
-}
-"""Components of the OpenAPI document the routes' bodies refer to (InputEvent and its parts)."""
 
 _REJECT_STATUS = {
     "session-not-found": 404,
@@ -388,10 +377,13 @@ def _speech_errors() -> Iterator[None]:
         "requestBody": {
             "required": True,
             "content": {
-                "text/plain": {"schema": {"type": "string"}, "example": "my name is Ada"},
+                "text/plain": {
+                    "schema": {"type": "string", "pattern": "\\S"},  # not empty, not blank
+                    "example": "my name is Ada",
+                },
                 "application/json": {
                     "schema": {
-                        "$ref": "#/components/schemas/InputEvent",
+                        **component(InputEvent, required=["type", "input"]),
                         "description": "One client event per line (NDJSON): `[Log] Input`, "
                         "or `Binary... [InputStreamClose Input]` (audio in base64 `data`); "
                         "the common body is one InputEvent, documented here. A body of Log "

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 from pydantic.alias_generators import to_camel
 
 from gateway.events import FALLBACK, INTRO, SILENCE, Input, InputClass, ResponseItem, Wire
@@ -148,7 +148,7 @@ class V2Argument(Wire):
     name: str | None = None
     text_value: str | None = None
     raw_text: str | None = None
-    bool_value: bool | None = None
+    bool_value: StrictBool | None = None
 
 
 class V2Input(Wire):
@@ -186,7 +186,7 @@ class EsIntent(Wire):
 
     name: str | None = None
     display_name: str | None = None
-    is_fallback: bool | None = None
+    is_fallback: StrictBool | None = None
 
 
 class EsQueryResult(Wire):
@@ -195,7 +195,7 @@ class EsQueryResult(Wire):
     query_text: str | None = None
     parameters: dict[str, Any] | None = None
     intent: EsIntent | None = None
-    intent_detection_confidence: float | None = None
+    intent_detection_confidence: StrictFloat | StrictInt | None = None
     language_code: str | None = None
     action: str | None = None
 
@@ -223,7 +223,7 @@ class CxIntentInfo(Wire):
     last_matched_intent: str | None = None
     display_name: str | None = None
     parameters: dict[str, Any] | None = None
-    confidence: float | None = None
+    confidence: StrictFloat | StrictInt | None = None
 
 
 class CxSessionInfo(Wire):

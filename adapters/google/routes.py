@@ -54,7 +54,11 @@ from adapters.google.protocol import (
     DIALOGFLOW_NAMESPACE,
     GOOGLE_NAMESPACE,
     Answer,
+    CxRequest,
+    EsRequest,
     Plan,
+    V2AppRequest,
+    V3Request,
     dialogflow_plan,
     google_plan,
     health_response,
@@ -62,6 +66,7 @@ from adapters.google.protocol import (
     render,
 )
 from adapters.google.verify import GoogleVerificationError, GoogleVerifier
+from gateway.apidoc import component
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.events import ResponseItem
@@ -216,13 +221,83 @@ _DIALOGFLOW_RESPONSE = {
 }
 
 
-def _body_doc(example: dict[str, Any], description: str) -> dict[str, Any]:
+def _has(*path: str, leaf: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema: the object has ``path`` (each step required, an object), ending in ``leaf``."""
+    schema = leaf
+    for name in reversed(path):
+        schema = {"type": "object", "required": [name], "properties": {name: schema}}
+    return schema
+
+
+_DIALOGFLOW_SHAPE = ("queryResult", "sessionInfo", "fulfillmentInfo", "detectIntentResponseId")
+_TEXT = {"type": "string", "pattern": "\\S"}
+_NAME = {"type": "string", "minLength": 1}
+_DIALOGFLOW_KEYS = {"anyOf": [{"required": [k]} for k in _DIALOGFLOW_SHAPE]}
+_ANY_INTENT = {"anyOf": [_has("intent", "name", leaf=_NAME), _has("handler", "name", leaf=_NAME)]}
+# what google_plan / dialogflow_plan require beyond the models (adapters/google/protocol.py)
+_GOOGLE_BODY = {
+    "anyOf": [
+        {
+            "allOf": [
+                component(V3Request),
+                {"not": {"anyOf": [_DIALOGFLOW_KEYS, {"required": ["conversation", "inputs"]}]}},
+                _ANY_INTENT,
+            ]
+        },
+        {"allOf": [component(V2AppRequest), {"not": _DIALOGFLOW_KEYS}]},
+    ]
+}
+_FROM_GOOGLE = _has(
+    "originalDetectIntentRequest",
+    leaf={
+        "type": "object",
+        "required": ["source", "payload"],
+        "properties": {
+            "source": {"const": "google"},
+            "payload": {"type": "object", "required": ["inputs", "conversation"]},
+        },
+    },
+)
+_PAYLOAD_IS_APP_REQUEST = _has(
+    "originalDetectIntentRequest", "payload", leaf=component(V2AppRequest)
+)
+_DIALOGFLOW_BODY = {
+    "anyOf": [
+        {
+            "allOf": [
+                component(EsRequest),
+                {
+                    "if": _FROM_GOOGLE,
+                    "then": _PAYLOAD_IS_APP_REQUEST,
+                },
+            ]
+        },
+        {
+            "allOf": [
+                component(CxRequest),
+                {"not": {"required": ["queryResult"]}},
+                {
+                    "anyOf": [
+                        _has("text", leaf=_TEXT),
+                        _has("transcript", leaf=_TEXT),
+                        _has("dtmfDigits", leaf=_TEXT),
+                        _has("triggerEvent", leaf=_NAME),
+                        _has("fulfillmentInfo", "tag", leaf=_NAME),
+                    ]
+                },
+            ]
+        },
+    ]
+}
+
+
+def _body_doc(example: dict[str, Any], description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
             "content": {
                 "application/json": {
-                    "schema": {"type": "object", "description": description},
+                    "schema": {**schema, "description": description},
                     "example": example,
                 }
             },
@@ -271,7 +346,9 @@ def _refuse(status: int, reason: str, detail: str, **headers: str) -> JSONRespon
             "content": _PROBLEM,
         },
     },
-    openapi_extra=_body_doc(_GOOGLE_REQUEST, "Actions Builder request or v2 AppRequest"),
+    openapi_extra=_body_doc(
+        _GOOGLE_REQUEST, "Actions Builder request or v2 AppRequest", _GOOGLE_BODY
+    ),
 )
 async def post_google(request: Request) -> JSONResponse:
     """Answer one Google Assistant webhook request (see the module doc)."""
@@ -337,7 +414,9 @@ def _audience(claims: dict[str, Any], project_ids: frozenset[str]) -> str:
             "content": _PROBLEM,
         },
     },
-    openapi_extra=_body_doc(_DIALOGFLOW_REQUEST, "Dialogflow ES or CX WebhookRequest"),
+    openapi_extra=_body_doc(
+        _DIALOGFLOW_REQUEST, "Dialogflow ES or CX WebhookRequest", _DIALOGFLOW_BODY
+    ),
 )
 async def post_dialogflow(request: Request) -> JSONResponse:
     """Answer one Dialogflow fulfillment request (see the module doc)."""

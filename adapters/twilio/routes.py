@@ -256,7 +256,10 @@ _FORM_FIELDS = {
 _PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
 
 
-def _form_body(fields: dict[str, str], required: list[str]) -> dict[str, Any]:
+def _form_body(
+    fields: dict[str, str], required: list[str], patterns: dict[str, str] | None = None
+) -> dict[str, Any]:
+    patterns = patterns or {}
     return {
         "requestBody": {
             "required": True,
@@ -266,6 +269,7 @@ def _form_body(fields: dict[str, str], required: list[str]) -> dict[str, Any]:
                         "type": "object",
                         "properties": {
                             name: {"type": "string", "description": text}
+                            | ({"pattern": patterns[name]} if name in patterns else {})
                             for name, text in fields.items()
                         },
                         "required": required,
@@ -350,7 +354,7 @@ _TITLES = {
         413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
         415: {"description": "Not a form body", "content": _PROBLEM},
     },
-    openapi_extra=_form_body(_FORM_FIELDS, ["CallSid"]),
+    openapi_extra=_form_body(_FORM_FIELDS, ["CallSid"], {"CallSid": "^CA[0-9a-fA-F]{32}$"}),
 )
 async def voice(request: Request) -> Response:
     """TwiML connecting the call to ``/twilio/stream/<token>`` (see the module doc)."""
@@ -404,7 +408,8 @@ _STATUS_FIELDS = {
         413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
         415: {"description": "Not a form body", "content": _PROBLEM},
     },
-    openapi_extra=_form_body(_STATUS_FIELDS, ["StreamEvent"]),
+    # Twilio always sends StreamEvent; a callback without one is recorded (as "status")
+    openapi_extra=_form_body(_STATUS_FIELDS, []),
 )
 async def status(request: Request) -> Response:
     """Log the stream status event and keep it in ``app.state.twilio.status_events``."""

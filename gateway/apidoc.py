@@ -1,0 +1,31 @@
+"""Request body schemas of the OpenAPI document, made from the wire models themselves.
+
+Adapters whose bodies are pydantic models (:class:`gateway.events.Wire`) register
+them with :func:`component`; the app adds every registered schema (and the
+models it refers to) to ``components.schemas``, so the document describes
+exactly what the route validates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+SCHEMAS: dict[str, dict[str, Any]] = {}
+"""Registered component schemas by name (the app merges them into the document)."""
+
+
+def component(model: type[BaseModel], **extra: Any) -> dict[str, str]:
+    """Register ``model``'s JSON schema (wire names) as a component; returns a ``$ref`` to it.
+
+    ``extra`` is merged into the model's own schema (for example ``allOf`` rules the
+    model cannot express, such as "an IntentRequest carries an intent").
+    """
+    schema = model.model_json_schema(
+        by_alias=True, ref_template="#/components/schemas/{model}", mode="validation"
+    )
+    for name, definition in schema.pop("$defs", {}).items():
+        SCHEMAS.setdefault(name, definition)
+    SCHEMAS[model.__name__] = schema | extra
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
