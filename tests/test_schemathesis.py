@@ -61,7 +61,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 @schema.parametrize()
 @settings(
-    max_examples=25,
+    max_examples=15,
     deadline=None,
     derandomize=True,  # the same cases every run: no flaky findings
     suppress_health_check=list(HealthCheck),
