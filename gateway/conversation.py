@@ -17,6 +17,12 @@ just restarted, and find the session as it left it.
 
 The turn runs in its own task: a client that vanishes mid-turn does not cut the
 turn short, and the session stays consistent.
+
+Failures: before anything was handed out the turn is rejected (TurnRejected on
+the first step, e.g. ``store-unavailable``); once events went out, a store that
+fails when the session is saved (StoreUnavailable, LockLost) ends the turn with
+an ErrorEvent of source ``gateway`` instead, so an adapter's answer is always
+complete. Logs name sessions by :func:`gateway.logs.session_ref`, never by id.
 """
 
 from __future__ import annotations

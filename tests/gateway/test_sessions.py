@@ -219,3 +219,36 @@ async def test_memory_store_sweeps_expired_sessions() -> None:
         async with store.open(f"c:{i}", lease_s=1, wait_s=1) as txn:
             txn.save(make(f"c:{i}"), ttl_s=10)
     assert len(store) == 4  # the first four expired and were swept
+
+
+async def test_memory_store_cap_drops_the_least_recently_used(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    store = MemorySessionStore(clock=lambda: now[0], max_sessions=3)
+
+    async def save(key: str, ttl_s: int = 100) -> None:
+        async with store.open(key, lease_s=1, wait_s=1) as txn:
+            txn.save(make(key), ttl_s=ttl_s)
+
+    for key in ("c:a", "c:b", "c:c"):
+        await save(key)
+    assert await store.get("c:a") is not None  # read: a is now the most recent
+    with caplog.at_level("WARNING", logger="gateway.sessions"):
+        await save("c:d")  # full: b, idle the longest, goes
+    assert len(store) == 3
+    assert await store.get("c:b") is None
+    assert all([await store.get(k) for k in ("c:a", "c:c", "c:d")])
+    assert store.evicted == 1
+    assert any("GATEWAY_MEMORY_MAX_SESSIONS=3" in r.getMessage() for r in caplog.records)
+    await save("c:a")  # saving a kept session needs no room
+    assert store.evicted == 1
+    # an expired session makes room without counting as a drop
+    await save("c:e", ttl_s=1)
+    assert store.evicted == 2  # c:c was the oldest live one
+    now[0] = 50.0
+    for key in ("c:d", "c:a"):
+        assert await store.get(key) is not None  # touched: c:e is the oldest, expired
+    await save("c:f")
+    assert store.evicted == 2
+    assert len(store) == 3
