@@ -200,9 +200,9 @@ class Conversation:
         return len(self._tasks)
 
     def _lease_s(self) -> float:
-        # an #error turn may follow a failed one; the lease must outlive both
-        turns = 2 if self.settings.error_turn else 1
-        return self.settings.turn_timeout_s * turns + 5.0
+        # short, and renewed by the store while the turn runs: a turn of a killed
+        # instance frees its session within one lease (see gateway.sessions)
+        return self.settings.lock_lease_s
 
     def turn(self, ctx: TurnContext, input: Input) -> TurnStream:
         """Start one turn of ``ctx``'s session on ``input``; see the module doc."""

@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(
         default=64, gt=0, description="Connections per process; turns wait for a free one."
     )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Master key (>= 32 characters) from which every signing key is derived "
+        "(HKDF-SHA256 per purpose: Voiceflow sessionKeys, Twilio stream tokens, TTS file ids). "
+        "Unset: with GATEWAY_REDIS_URL one random key is created in Redis "
+        "(`<prefix>:secret-key`, set-if-absent) and shared by every instance; without Redis, "
+        "random per process (a WARNING is logged).",
+    )
 
     pipeline: str = Field(
         default="demo",
@@ -60,6 +68,12 @@ class Settings(BaseSettings):
     )
     lock_wait_s: float = Field(
         default=15.0, gt=0, description="How long a turn waits for the session lock."
+    )
+    lock_lease_s: float = Field(
+        default=3.0,
+        ge=0.3,
+        description="Lease of a session lock in Redis; the running turn renews it every "
+        "third of it, so a turn of a crashed instance frees its session within one lease.",
     )
     error_turn: bool = Field(
         default=False,
@@ -311,7 +325,7 @@ class Settings(BaseSettings):
             return tuple(o.strip() for o in value.split(",") if o.strip())
         return value
 
-    @field_validator("voiceflow_secret", mode="after")
+    @field_validator("voiceflow_secret", "secret_key", mode="after")
     @classmethod
     def _check_voiceflow_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
