@@ -67,6 +67,15 @@ def make_core() -> FastAPI:
         await asyncio.sleep(float(request.query_params.get("s", "5")))
         return JSONResponse({"items": [{"text": "slow answer"}]})
 
+    @app.post("/hold-on")
+    async def hold_on(request: Request) -> JSONResponse:
+        """``?text=T``: a turn whose text is T is held until ``release``; others answer."""
+        turn = await body(request)
+        text = turn["input"]["transcript"]["text"]
+        if text == request.query_params.get("text"):
+            await app.state.release.wait()
+        return JSONResponse({"items": [{"text": f"core heard {text}"}]})
+
     @app.post("/error-or-echo")
     async def error_or_echo(request: Request) -> JSONResponse:
         turn = await body(request)
