@@ -235,7 +235,12 @@ class Conversation:
         except LockLost as exc:
             log.error("%s", exc)
             outcome.error = "gateway"
-            out.put_nowait(ErrorEvent(text="The turn took too long to be saved.", source="gateway"))
+            out.put_nowait(
+                ErrorEvent(
+                    text="The session's lock was lost before the turn was saved.",
+                    source="gateway",
+                )
+            )
         except Exception:
             log.exception("turn of %s failed", ctx.key)
             outcome.error = "gateway"

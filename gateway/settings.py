@@ -213,8 +213,9 @@ class Settings(BaseSettings):
     )
     twilio_stream_secret: SecretStr | None = Field(
         default=None,
-        description="Key of the one-time per-call stream tokens; unset: derived from the auth "
-        "token, or random per process when that is unset too (one instance only).",
+        description="Overrides the key of the one-time per-call stream tokens; unset: the "
+        "master key's `twilio-stream-token` key when it is shared (GATEWAY_SECRET_KEY or "
+        "Redis), else derived from the auth token, else random per process (one instance).",
     )
     twilio_stream_token_ttl_s: int = Field(
         default=120, gt=0, description="How long a stream token from /twilio/voice is valid."
@@ -252,9 +253,9 @@ class Settings(BaseSettings):
     # Voiceflow socket.io (/v4/interact/socket)
     voiceflow_secret: SecretStr | None = Field(
         default=None,
-        description="Key (>= 32 characters) that signs Voiceflow sessionKeys (HS256 JWTs); "
-        "every instance needs the same one. Unset: random per process (a WARNING is logged; "
-        "keys do not survive a restart and do not work on other instances).",
+        description="Overrides the key (>= 32 characters) that signs Voiceflow sessionKeys "
+        "(HS256 JWTs); the same on every instance. Unset: the master key's "
+        "`voiceflow-session-key` key (see GATEWAY_SECRET_KEY; shared through Redis).",
     )
     voiceflow_session_key_ttl_s: int = Field(
         default=86_400,
