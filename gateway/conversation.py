@@ -176,7 +176,9 @@ class Conversation:
     """Runs turns of sessions in ``store`` through ``pipeline`` (see module doc).
 
     Timeouts come from ``settings``: GATEWAY_TURN_TIMEOUT_S bounds the pipeline
-    per turn, GATEWAY_LOCK_WAIT_S the wait for a busy session, and
+    per turn, GATEWAY_LOCK_WAIT_S the wait for a busy session,
+    GATEWAY_LOCK_LEASE_S is the session lock's lease (renewed by the store while
+    the turn runs; a turn of a crashed instance holds its session no longer), and
     GATEWAY_SESSION_TIMEOUT_S is the idle lifetime of a session unless the
     pipeline's Response sets ``sessionTimeout``.
     """
