@@ -171,6 +171,24 @@ class TurnStream:
         """All events of the turn (raises TurnRejected like iteration does)."""
         return [event async for event in self]
 
+    def rest_if_done(self) -> list[TurnEvent] | None:
+        """The turn's remaining events when it has finished, else None (nothing taken).
+
+        Lets an HTTP adapter answer a turn that is already over with one plain body
+        (Content-Length) instead of a chunked stream. Raises TurnRejected like
+        iteration does when the turn was rejected and this is its first step.
+        """
+        if not self.task.done():
+            return None
+        events: list[TurnEvent] = []
+        while True:
+            item = self._queue.get_nowait()
+            if item is _END:
+                return events
+            if isinstance(item, BaseException):
+                raise item
+            events.append(item)  # type: ignore[arg-type]
+
 
 class Conversation:
     """Runs turns of sessions in ``store`` through ``pipeline`` (see module doc).
@@ -369,18 +387,25 @@ class Conversation:
         work = session.model_copy(deep=True)
         items: list[ResponseItem] = []
         response: Response | None = None
-        async with asyncio.timeout(self.settings.turn_timeout_s):
-            async for produced in self.pipeline.process(work, input):
-                if isinstance(produced, ResponseItem):
-                    items.append(await self._emit(produced, out, tts))
-                elif isinstance(produced, Response):
-                    response = produced
-                    break
-                else:
-                    raise PipelineError(f"the pipeline produced a {type(produced).__name__}")
-            response = response or Response()
-            for item in response.items:
-                items.append(await self._emit(item, out, tts))
+        outputs = self.pipeline.process(work, input)
+        try:
+            async with asyncio.timeout(self.settings.turn_timeout_s):
+                async for produced in outputs:
+                    if isinstance(produced, ResponseItem):
+                        items.append(await self._emit(produced, out, tts))
+                    elif isinstance(produced, Response):
+                        response = produced
+                        break
+                    else:
+                        raise PipelineError(f"the pipeline produced a {type(produced).__name__}")
+                response = response or Response()
+                for item in response.items:
+                    items.append(await self._emit(item, out, tts))
+        finally:
+            # closed here, not by the event loop's async-generator finalizer (a task per turn)
+            aclose = getattr(outputs, "aclose", None)
+            if aclose is not None:
+                await aclose()
         response.items = items
         response.locale = response.locale or work.locale
         return work, response

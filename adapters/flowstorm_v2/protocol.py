@@ -127,9 +127,15 @@ class ClientConfig(BaseModel):
         V1's Init ``config`` uses the same names (``sttSampleRate``, ``ttsFileType``...),
         so a session that moves between the sockets keeps one vocabulary.
         """
-        values = self.model_dump(exclude={"key", "device_id", "locale", "time_zone", "realtime"})
-        return {to_camel(name): value for name, value in values.items()}
+        return {camel: getattr(self, name) for name, camel in _SESSION_CONFIG_NAMES}
 
+
+_SESSION_CONFIG_NAMES: Final = tuple(
+    (name, to_camel(name))
+    for name in ClientConfig.model_fields
+    if name not in {"key", "device_id", "locale", "time_zone", "realtime"}
+)
+"""(field, camelCase name) of the values :meth:`ClientConfig.session_config` stores."""
 
 # (field, request header, query parameter); header wins. Accept-Language is parsed apart.
 CONFIG_SOURCES: tuple[tuple[str, str | None, str | None], ...] = (
