@@ -196,11 +196,14 @@ class MemorySessionStore:
         lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
         self._locks[key] = (lock, users + 1)
         try:
-            try:
-                async with asyncio.timeout(wait_s):
-                    await lock.acquire()
-            except TimeoutError:
-                raise SessionBusy(f"session {key} is busy") from None
+            if lock.locked():  # uncontended (the usual case): no timer
+                try:
+                    async with asyncio.timeout(wait_s):
+                        await lock.acquire()
+                except TimeoutError:
+                    raise SessionBusy(f"session {key} is busy") from None
+            else:
+                await lock.acquire()
             try:
                 txn = SessionTxn(key, self._read(key))
                 yield txn
