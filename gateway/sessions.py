@@ -297,7 +297,7 @@ class RedisSessionStore:
         delay = 0.002
         try:
             while True:
-                with metrics.timed(metrics.REDIS_SECONDS.labels("acquire")):
+                with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "acquire")):
                     got, data = await self._acquire(
                         keys=[lock_key, data_key], args=[token, lease_ms]
                     )
@@ -325,7 +325,7 @@ class RedisSessionStore:
         data = txn.to_save.model_dump_json() if outcome == "save" and txn.to_save else ""
         try:
             # shield: a cancelled caller must still release the lock it holds
-            with metrics.timed(metrics.REDIS_SECONDS.labels("release")):
+            with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "release")):
                 ok = await asyncio.shield(
                     self._release(
                         keys=[lock_key, data_key], args=[txn.token, outcome, data, txn.ttl_s]
