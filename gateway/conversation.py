@@ -171,6 +171,24 @@ class TurnStream:
         """All events of the turn (raises TurnRejected like iteration does)."""
         return [event async for event in self]
 
+    def rest_if_done(self) -> list[TurnEvent] | None:
+        """The turn's remaining events when it has finished, else None (nothing taken).
+
+        Lets an HTTP adapter answer a turn that is already over with one plain body
+        (Content-Length) instead of a chunked stream. Raises TurnRejected like
+        iteration does when the turn was rejected and this is its first step.
+        """
+        if not self.task.done():
+            return None
+        events: list[TurnEvent] = []
+        while True:
+            item = self._queue.get_nowait()
+            if item is _END:
+                return events
+            if isinstance(item, BaseException):
+                raise item
+            events.append(item)  # type: ignore[arg-type]
+
 
 class Conversation:
     """Runs turns of sessions in ``store`` through ``pipeline`` (see module doc).
@@ -254,15 +272,16 @@ class Conversation:
 
     def _record(self, ctx: TurnContext, outcome: _Outcome, seconds: float) -> None:
         """Metrics and the one log line of a turn."""
-        metrics.TURNS.labels(ctx.channel, outcome.kind).inc()
+        labelled = metrics.labelled
+        labelled(metrics.TURNS, ctx.channel, outcome.kind).inc()
         if outcome.error:
-            metrics.ERRORS.labels(ctx.channel, outcome.error).inc()
+            labelled(metrics.ERRORS, ctx.channel, outcome.error).inc()
         if outcome.kind != "rejected":
-            metrics.TURN_SECONDS.labels(ctx.channel).observe(seconds)
+            labelled(metrics.TURN_SECONDS, ctx.channel).observe(seconds)
         if outcome.started:
-            metrics.SESSIONS_STARTED.labels(ctx.channel).inc()
+            labelled(metrics.SESSIONS_STARTED, ctx.channel).inc()
         if outcome.ended:
-            metrics.SESSIONS_ENDED.labels(ctx.channel).inc()
+            labelled(metrics.SESSIONS_ENDED, ctx.channel).inc()
         log.info(
             "turn %s",
             outcome.kind,
@@ -307,8 +326,12 @@ class Conversation:
                 out.put_nowait(SessionStartedEvent(session_id=session.id))
 
             outcome.started = started
-            result = await self._process(session, input, out, ctx.tts)
+            # a JSON snapshot is several times cheaper than a deep copy; only a failed
+            # turn (rare) pays for turning it back into the session to keep
+            snapshot = session.model_dump_json()
+            result = await self._process(session, snapshot, input, out, ctx.tts)
             if isinstance(result, ErrorEvent):
+                session = Session.model_validate_json(snapshot)
                 session.client_state = ClientState.FAILED
                 txn.save(session, session.timeout_s)
                 ended = False
@@ -349,9 +372,18 @@ class Conversation:
             del session.logs[:overflow]
 
     async def _process(
-        self, session: Session, input: Input, out: asyncio.Queue[object], tts: TtsRequest | None
+        self,
+        session: Session,
+        snapshot: str,
+        input: Input,
+        out: asyncio.Queue[object],
+        tts: TtsRequest | None,
     ) -> tuple[Session, Response] | ErrorEvent:
-        """Run the pipeline on a copy of ``session``; the copy and Response, or an ErrorEvent."""
+        """Run the pipeline on ``session``: the session and Response, or an ErrorEvent.
+
+        The pipeline may change ``session`` even when it fails; ``snapshot`` (the
+        session's JSON before the turn) gives the #error turn a clean copy.
+        """
         try:
             return await self._pipeline_turn(session, input, out, tts)
         except PipelineError as exc:
@@ -361,7 +393,9 @@ class Conversation:
         log.warning("pipeline failed in session %s: %s", session.key, failure)
         if self.settings.error_turn and input.action != ERROR:
             try:
-                return await self._pipeline_turn(session, Input.of(ERROR), out, tts)
+                return await self._pipeline_turn(
+                    Session.model_validate_json(snapshot), Input.of(ERROR), out, tts
+                )
             except (PipelineError, TimeoutError) as exc:
                 log.warning("the #error turn failed too in session %s: %s", session.key, exc)
         return ErrorEvent(text=failure, source="pipeline")
@@ -373,24 +407,30 @@ class Conversation:
         out: asyncio.Queue[object],
         tts: TtsRequest | None,
     ) -> tuple[Session, Response]:
-        work = session.model_copy(deep=True)
         items: list[ResponseItem] = []
         response: Response | None = None
-        async with asyncio.timeout(self.settings.turn_timeout_s):
-            async for produced in self.pipeline.process(work, input):
-                if isinstance(produced, ResponseItem):
-                    items.append(await self._emit(produced, out, tts))
-                elif isinstance(produced, Response):
-                    response = produced
-                    break
-                else:
-                    raise PipelineError(f"the pipeline produced a {type(produced).__name__}")
-            response = response or Response()
-            for item in response.items:
-                items.append(await self._emit(item, out, tts))
+        outputs = self.pipeline.process(session, input)
+        try:
+            async with asyncio.timeout(self.settings.turn_timeout_s):
+                async for produced in outputs:
+                    if isinstance(produced, ResponseItem):
+                        items.append(await self._emit(produced, out, tts))
+                    elif isinstance(produced, Response):
+                        response = produced
+                        break
+                    else:
+                        raise PipelineError(f"the pipeline produced a {type(produced).__name__}")
+                response = response or Response()
+                for item in response.items:
+                    items.append(await self._emit(item, out, tts))
+        finally:
+            # closed here, not by the event loop's async-generator finalizer (a task per turn)
+            aclose = getattr(outputs, "aclose", None)
+            if aclose is not None:
+                await aclose()
         response.items = items
-        response.locale = response.locale or work.locale
-        return work, response
+        response.locale = response.locale or session.locale
+        return session, response
 
     async def _emit(
         self, item: ResponseItem, out: asyncio.Queue[object], tts: TtsRequest | None

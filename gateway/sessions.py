@@ -209,11 +209,14 @@ class MemorySessionStore:
         lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
         self._locks[key] = (lock, users + 1)
         try:
-            try:
-                async with asyncio.timeout(wait_s):
-                    await lock.acquire()
-            except TimeoutError:
-                raise SessionBusy(f"session {key} is busy") from None
+            if lock.locked():  # uncontended (the usual case): no timer
+                try:
+                    async with asyncio.timeout(wait_s):
+                        await lock.acquire()
+                except TimeoutError:
+                    raise SessionBusy(f"session {key} is busy") from None
+            else:
+                await lock.acquire()
             try:
                 txn = SessionTxn(key, self._read(key))
                 yield txn
@@ -317,7 +320,7 @@ class RedisSessionStore:
         delay = 0.002
         try:
             while True:
-                with metrics.timed(metrics.REDIS_SECONDS.labels("acquire")):
+                with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "acquire")):
                     got, data = await self._acquire(
                         keys=[lock_key, data_key], args=[token, lease_ms]
                     )
@@ -378,7 +381,7 @@ class RedisSessionStore:
         data = txn.to_save.model_dump_json() if outcome == "save" and txn.to_save else ""
         try:
             # shield: a cancelled caller must still release the lock it holds
-            with metrics.timed(metrics.REDIS_SECONDS.labels("release")):
+            with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "release")):
                 ok = await asyncio.shield(
                     self._release(
                         keys=[lock_key, data_key], args=[txn.token, outcome, data, txn.ttl_s]
