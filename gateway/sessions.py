@@ -335,20 +335,33 @@ class RedisSessionStore:
         acquired = time.monotonic()
         session = Session.model_validate_json(data) if data else None
         txn = SessionTxn(key, session, token=token)
-        keeper = asyncio.create_task(
-            self._keep(txn, lock_key, lease_ms, acquired), name=f"lease {key}"
+        # the renewer starts only when the transaction outlives a third of its lease:
+        # a timer costs far less than a task per turn, and most turns end before it
+        keeper: list[asyncio.Task[None]] = []
+        timer = asyncio.get_running_loop().call_later(
+            lease_ms / 3000,
+            lambda: keeper.append(
+                asyncio.create_task(
+                    self._keep(txn, lock_key, lease_ms, acquired), name=f"lease {key}"
+                )
+            ),
         )
         try:
             yield txn
         except BaseException:
-            await _stop(keeper)
+            timer.cancel()
+            if keeper:
+                await _stop(keeper[0])
             await self._finish(txn, lock_key, data_key, applied=False)
             raise
-        await _stop(keeper)
+        timer.cancel()
+        if keeper:
+            await _stop(keeper[0])
         await self._finish(txn, lock_key, data_key, applied=True)
 
     async def _keep(self, txn: SessionTxn, lock_key: str, lease_ms: int, acquired: float) -> None:
-        """Renew the lease every third of it while ``txn`` is open; mark it lost when gone.
+        """Renew the lease now and every third of it while ``txn`` is open; mark it lost
+        when gone. Started a third of a lease after ``acquired``.
 
         A Redis error is retried at the next period; once a whole lease has passed
         since the last renewal that succeeded, the lock is counted as lost.
@@ -356,10 +369,9 @@ class RedisSessionStore:
         period = lease_ms / 3000
         renewed = acquired
         while True:
-            await asyncio.sleep(period)
             sent = time.monotonic()
             try:
-                with metrics.timed(metrics.REDIS_SECONDS.labels("renew")):
+                with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "renew")):
                     ok = await self._renew(keys=[lock_key], args=[txn.token, lease_ms])
             except RedisError as exc:
                 if time.monotonic() - renewed >= lease_ms / 1000:
@@ -367,12 +379,13 @@ class RedisSessionStore:
                     log.warning("lost the lock of %s: renewal failed for a lease: %s", txn.key, exc)
                     return
                 log.warning("could not renew the lock of %s: %s", txn.key, exc)
-                continue
-            if not ok:
-                txn.lost = True
-                log.warning("the lock of %s was lost before its transaction ended", txn.key)
-                return
-            renewed = sent
+            else:
+                if not ok:
+                    txn.lost = True
+                    log.warning("the lock of %s was lost before its transaction ended", txn.key)
+                    return
+                renewed = sent
+            await asyncio.sleep(period)
 
     async def _finish(
         self, txn: SessionTxn, lock_key: str, data_key: str, *, applied: bool
