@@ -2,7 +2,8 @@
 
 It reads the text body and answers one plain-text line, with no session, no
 pipeline and no store, so a benchmark's ratio shows what the gateway adds.
-Run: ``uvicorn bench.baseline_app:app``.
+It also answers ``POST /alexa`` with fixed JSON after reading the body. Run:
+``uvicorn bench.baseline_app:app``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 app = FastAPI()
 
@@ -28,3 +29,16 @@ async def client(request: Request) -> PlainTextResponse:
 @app.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+_ALEXA_ANSWER = {
+    "version": "1.0",
+    "response": {"outputSpeech": {"type": "SSML", "ssml": "<speak>Hello.</speak>"}},
+}
+
+
+@app.post("/alexa")
+async def alexa(request: Request) -> JSONResponse:
+    """An Alexa-shaped answer: the body read (not checked), fixed JSON back."""
+    await request.body()
+    return JSONResponse(_ALEXA_ANSWER)

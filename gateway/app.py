@@ -35,6 +35,7 @@ from gateway.middleware import RequestIdMiddleware
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
 from gateway.pipeline import make_pipeline
 from gateway.pipeline.http import PipelineRequest, PipelineResponse
+from gateway.secrets import LOG_SESSION_REF, load_secret_keys
 from gateway.sessions import RedisSessionStore, StoreUnavailable, make_store
 from gateway.settings import Settings
 from gateway.speech.service import make_speech
@@ -63,6 +64,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         redis = store.redis if isinstance(store, RedisSessionStore) else None
         bus: Bus = RedisBus(redis, prefix=settings.redis_prefix) if redis else MemoryBus()
+        # before anything that signs: speech (TTS file ids), Twilio and Voiceflow (their
+        # routers' lifespans run after this one and take the keys from the Gateway)
+        secret_keys = await load_secret_keys(
+            settings.secret_key.get_secret_value() if settings.secret_key else None,
+            redis,
+            prefix=settings.redis_prefix,
+        )
+        if settings.log_hash_key is None:  # logs name sessions with the master key's
+            set_hash_key(lambda: secret_keys.key(LOG_SESSION_REF))
         speech = make_speech(settings, redis)
         pipeline = make_pipeline(settings)
         conversation = Conversation(store, pipeline, settings, speech)
@@ -71,12 +81,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             RedisNonceStore(redis, prefix=settings.redis_prefix) if redis else MemoryNonceStore()
         )
         app.state.gateway = Gateway(
-            settings, store, pipeline, conversation, speech, bus, nonces=nonces
+            settings,
+            store,
+            pipeline,
+            conversation,
+            speech,
+            bus,
+            nonces=nonces,
+            secret_keys=secret_keys,
         )
         log.info(
-            "gateway ready: store=%s pipeline=%s",
+            "gateway ready: store=%s pipeline=%s secret key=%s",
             type(store).__name__,
             pipeline.name,
+            secret_keys.source,
         )
         try:
             yield
@@ -89,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await pipeline.aclose()
             await speech.aclose()
             await bus.aclose()
+            await secret_keys.aclose()
             await store.aclose()
 
     app = FastAPI(

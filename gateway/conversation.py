@@ -190,12 +190,32 @@ class TurnStream:
         """All events of the turn (raises TurnRejected like iteration does)."""
         return [event async for event in self]
 
+    def rest_if_done(self) -> list[TurnEvent] | None:
+        """The turn's remaining events when it has finished, else None (nothing taken).
+
+        Lets an HTTP adapter answer a turn that is already over with one plain body
+        (Content-Length) instead of a chunked stream. Raises TurnRejected like
+        iteration does when the turn was rejected and this is its first step.
+        """
+        if not self.task.done():
+            return None
+        events: list[TurnEvent] = []
+        while True:
+            item = self._queue.get_nowait()
+            if item is _END:
+                return events
+            if isinstance(item, BaseException):
+                raise item
+            events.append(item)  # type: ignore[arg-type]
+
 
 class Conversation:
     """Runs turns of sessions in ``store`` through ``pipeline`` (see module doc).
 
     Timeouts come from ``settings``: GATEWAY_TURN_TIMEOUT_S bounds the pipeline
-    per turn, GATEWAY_LOCK_WAIT_S the wait for a busy session, and
+    per turn, GATEWAY_LOCK_WAIT_S the wait for a busy session,
+    GATEWAY_LOCK_LEASE_S is the session lock's lease (renewed by the store while
+    the turn runs; a turn of a crashed instance holds its session no longer), and
     GATEWAY_SESSION_TIMEOUT_S is the idle lifetime of a session unless the
     pipeline's Response sets ``sessionTimeout``.
     """
@@ -219,9 +239,9 @@ class Conversation:
         return len(self._tasks)
 
     def _lease_s(self) -> float:
-        # an #error turn may follow a failed one; the lease must outlive both
-        turns = 2 if self.settings.error_turn else 1
-        return self.settings.turn_timeout_s * turns + 5.0
+        # short, and renewed by the store while the turn runs: a turn of a killed
+        # instance frees its session within one lease (see gateway.sessions)
+        return self.settings.lock_lease_s
 
     def turn(self, ctx: TurnContext, input: Input) -> TurnStream:
         """Start one turn of ``ctx``'s session on ``input``; see the module doc."""
@@ -262,9 +282,14 @@ class Conversation:
                 outcome.reject(rejected)
                 out.put_nowait(rejected)
         except LockLost:
-            log.error("turn of %s: its lock's lease ran out before the save", session_ref(ctx.key))
+            log.error("turn of %s: its lock was lost before the save", session_ref(ctx.key))
             outcome.error = "gateway"
-            out.put_nowait(ErrorEvent(text="The turn took too long to be saved.", source="gateway"))
+            out.put_nowait(
+                ErrorEvent(
+                    text="The session's lock was lost before the turn was saved.",
+                    source="gateway",
+                )
+            )
         except Exception:
             log.exception("turn of %s failed", session_ref(ctx.key))
             outcome.error = "gateway"
@@ -276,15 +301,16 @@ class Conversation:
 
     def _record(self, ctx: TurnContext, outcome: _Outcome, seconds: float) -> None:
         """Metrics and the one log line of a turn."""
-        metrics.TURNS.labels(ctx.channel, outcome.kind).inc()
+        labelled = metrics.labelled
+        labelled(metrics.TURNS, ctx.channel, outcome.kind).inc()
         if outcome.error:
-            metrics.ERRORS.labels(ctx.channel, outcome.error).inc()
+            labelled(metrics.ERRORS, ctx.channel, outcome.error).inc()
         if outcome.kind != "rejected":
-            metrics.TURN_SECONDS.labels(ctx.channel).observe(seconds)
+            labelled(metrics.TURN_SECONDS, ctx.channel).observe(seconds)
         if outcome.started:
-            metrics.SESSIONS_STARTED.labels(ctx.channel).inc()
+            labelled(metrics.SESSIONS_STARTED, ctx.channel).inc()
         if outcome.ended:
-            metrics.SESSIONS_ENDED.labels(ctx.channel).inc()
+            labelled(metrics.SESSIONS_ENDED, ctx.channel).inc()
         log.info(
             "turn %s",
             outcome.kind,
@@ -329,8 +355,12 @@ class Conversation:
                 out.put_nowait(SessionStartedEvent(session_id=session.id))
 
             outcome.started = started
-            result = await self._process(session, input, out, ctx.tts)
+            # a JSON snapshot is several times cheaper than a deep copy; only a failed
+            # turn (rare) pays for turning it back into the session to keep
+            snapshot = session.model_dump_json()
+            result = await self._process(session, snapshot, input, out, ctx.tts)
             if isinstance(result, ErrorEvent):
+                session = Session.model_validate_json(snapshot)
                 session.client_state = ClientState.FAILED
                 txn.save(session, session.timeout_s)
                 ended = False
@@ -371,9 +401,18 @@ class Conversation:
             del session.logs[:overflow]
 
     async def _process(
-        self, session: Session, input: Input, out: asyncio.Queue[object], tts: TtsRequest | None
+        self,
+        session: Session,
+        snapshot: str,
+        input: Input,
+        out: asyncio.Queue[object],
+        tts: TtsRequest | None,
     ) -> tuple[Session, Response] | ErrorEvent:
-        """Run the pipeline on a copy of ``session``; the copy and Response, or an ErrorEvent."""
+        """Run the pipeline on ``session``: the session and Response, or an ErrorEvent.
+
+        The pipeline may change ``session`` even when it fails; ``snapshot`` (the
+        session's JSON before the turn) gives the #error turn a clean copy.
+        """
         try:
             return await self._pipeline_turn(session, input, out, tts)
         except PipelineError as exc:
@@ -383,7 +422,9 @@ class Conversation:
         log.warning("pipeline failed in session %s: %s", session_ref(session.key), failure)
         if self.settings.error_turn and input.action != ERROR:
             try:
-                return await self._pipeline_turn(session, Input.of(ERROR), out, tts)
+                return await self._pipeline_turn(
+                    Session.model_validate_json(snapshot), Input.of(ERROR), out, tts
+                )
             except (PipelineError, TimeoutError) as exc:
                 log.warning(
                     "the #error turn failed too in session %s: %s", session_ref(session.key), exc
@@ -397,24 +438,30 @@ class Conversation:
         out: asyncio.Queue[object],
         tts: TtsRequest | None,
     ) -> tuple[Session, Response]:
-        work = session.model_copy(deep=True)
         items: list[ResponseItem] = []
         response: Response | None = None
-        async with asyncio.timeout(self.settings.turn_timeout_s):
-            async for produced in self.pipeline.process(work, input):
-                if isinstance(produced, ResponseItem):
-                    items.append(await self._emit(produced, out, tts))
-                elif isinstance(produced, Response):
-                    response = produced
-                    break
-                else:
-                    raise PipelineError(f"the pipeline produced a {type(produced).__name__}")
-            response = response or Response()
-            for item in response.items:
-                items.append(await self._emit(item, out, tts))
+        outputs = self.pipeline.process(session, input)
+        try:
+            async with asyncio.timeout(self.settings.turn_timeout_s):
+                async for produced in outputs:
+                    if isinstance(produced, ResponseItem):
+                        items.append(await self._emit(produced, out, tts))
+                    elif isinstance(produced, Response):
+                        response = produced
+                        break
+                    else:
+                        raise PipelineError(f"the pipeline produced a {type(produced).__name__}")
+                response = response or Response()
+                for item in response.items:
+                    items.append(await self._emit(item, out, tts))
+        finally:
+            # closed here, not by the event loop's async-generator finalizer (a task per turn)
+            aclose = getattr(outputs, "aclose", None)
+            if aclose is not None:
+                await aclose()
         response.items = items
-        response.locale = response.locale or work.locale
-        return work, response
+        response.locale = response.locale or session.locale
+        return session, response
 
     async def _emit(
         self, item: ResponseItem, out: asyncio.Queue[object], tts: TtsRequest | None

@@ -11,6 +11,7 @@ from gateway.bus import Bus
 from gateway.conversation import Conversation
 from gateway.nonces import MemoryNonceStore, NonceStore
 from gateway.pipeline.base import Pipeline
+from gateway.secrets import SecretKeys
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
 
@@ -25,6 +26,8 @@ class Gateway:
     Routes never use the store or the pipeline directly: turns go through
     ``conversation``. ``nonces`` holds one-time keys shared by every instance
     (per-call stream tokens), so adapters never need Redis themselves.
+    ``secret_keys`` is the master key every signing key is derived from
+    (:mod:`gateway.secrets`; read a purpose's key when it is needed).
     """
 
     settings: Settings
@@ -34,6 +37,7 @@ class Gateway:
     speech: SpeechService
     bus: Bus
     nonces: NonceStore = field(default_factory=MemoryNonceStore)
+    secret_keys: SecretKeys = field(default_factory=SecretKeys.random)
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:

@@ -21,11 +21,14 @@ process (tests) share them; values are per process, as Prometheus expects.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -60,6 +63,16 @@ TTS_SECONDS = Histogram(
 REDIS_SECONDS = Histogram(
     "gateway_redis_seconds", "Redis round trips (s).", ["op"], buckets=_FAST, registry=REGISTRY
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def labelled(metric: MetricWrapperBase, *values: str) -> Any:
+    """``metric.labels(*values)``, cached: the child for a label set is made once.
+
+    prometheus-client's ``labels()`` takes a lock and builds a key on every call;
+    per-turn code calls this instead.
+    """
+    return metric.labels(*values)
 
 
 @contextmanager

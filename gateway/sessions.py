@@ -14,12 +14,22 @@ The store's one operation is a *transaction* on one session key::
 With Redis, entering is one round trip (a script that takes the lock and reads
 the session) and leaving is one more (a script that writes or deletes the
 session and releases the lock, only if the lock is still ours). So a turn
-touches Redis exactly twice when its session is not contended.
+touches Redis exactly twice when its session is not contended and it ends within
+a third of its lease.
+
+The lease is short (GATEWAY_LOCK_LEASE_S, 3 s by default) and the holder renews
+it every third of it while the transaction is open (a script that extends the
+lease only if the lock still holds the holder's token), so a turn may run as
+long as it needs, while the lock of a holder that died (a killed process) frees
+itself within one lease. A renewal that finds the lock no longer ours marks the
+transaction lost; its outcome is then not applied (the release script is fenced
+by the token too) and LockLost is raised on exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -115,6 +125,8 @@ class SessionTxn:
     to_save: Session | None = None
     ttl_s: int = 0
     token: str = field(default_factory=lambda: secrets.token_hex(12))
+    lost: bool = False
+    """Set when the lock's lease was found lost while the transaction was open."""
 
     def save(self, session: Session, ttl_s: int) -> None:
         """Write ``session`` with a time to live of ``ttl_s`` seconds on exit."""
@@ -135,8 +147,9 @@ class SessionStore(Protocol):
     ) -> AbstractAsyncContextManager[SessionTxn]:
         """Lock ``key`` (waiting up to ``wait_s`` s), load it, and yield a transaction.
 
-        The lock is held at most ``lease_s`` s (a crashed holder cannot block the
-        session for longer). Raises SessionBusy when the lock is not free in
+        The lock's lease is ``lease_s`` s; a store shared between processes renews
+        it while the block runs, so a crashed holder cannot block the session for
+        longer than one lease. Raises SessionBusy when the lock is not free in
         time, StoreUnavailable when the store fails, and LockLost on exit when
         the lease ran out (the recorded outcome is then not applied). An
         exception inside the block releases the lock and applies nothing.
@@ -240,11 +253,14 @@ class MemorySessionStore:
         lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
         self._locks[key] = (lock, users + 1)
         try:
-            try:
-                async with asyncio.timeout(wait_s):
-                    await lock.acquire()
-            except TimeoutError:
-                raise SessionBusy(f"session {key} is busy") from None
+            if lock.locked():  # uncontended (the usual case): no timer
+                try:
+                    async with asyncio.timeout(wait_s):
+                        await lock.acquire()
+                except TimeoutError:
+                    raise SessionBusy(f"session {key} is busy") from None
+            else:
+                await lock.acquire()
             try:
                 txn = SessionTxn(key, self._read(key))
                 yield txn
@@ -283,6 +299,13 @@ end
 return {0, false}
 """
 
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
@@ -303,8 +326,10 @@ class RedisSessionStore:
     Keys are ``{prefix}:{{key}}:s`` (the session JSON, with a TTL) and
     ``{prefix}:{{key}}:lock`` (the lock token, with a lease); the hash tag
     ``{key}`` keeps both in one Redis Cluster slot, so the scripts are
-    cluster-safe. Uncontended, a transaction costs two round trips; a contended
-    lock is polled with backoff from 2 ms up to 50 ms until ``wait_s``.
+    cluster-safe. Uncontended, a transaction costs two round trips, plus one
+    renewal of the lease (``lease_s``) per third of it that the transaction stays
+    open; a contended lock is polled with backoff from 2 ms up to 50 ms until
+    ``wait_s``.
     """
 
     def __init__(
@@ -319,6 +344,7 @@ class RedisSessionStore:
         self._prefix = prefix
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
+        self._renew = self._redis.register_script(_RENEW)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -338,7 +364,7 @@ class RedisSessionStore:
         delay = 0.002
         try:
             while True:
-                with metrics.timed(metrics.REDIS_SECONDS.labels("acquire")):
+                with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "acquire")):
                     got, data = await self._acquire(
                         keys=[lock_key, data_key], args=[token, lease_ms]
                     )
@@ -350,23 +376,69 @@ class RedisSessionStore:
                 delay = min(delay * 2, 0.05)
         except RedisError as exc:
             raise StoreUnavailable(f"Redis: {exc}") from exc
+        acquired = time.monotonic()
         session = Session.model_validate_json(data) if data else None
         txn = SessionTxn(key, session, token=token)
+        # the renewer starts only when the transaction outlives a third of its lease:
+        # a timer costs far less than a task per turn, and most turns end before it
+        keeper: list[asyncio.Task[None]] = []
+        timer = asyncio.get_running_loop().call_later(
+            lease_ms / 3000,
+            lambda: keeper.append(
+                asyncio.create_task(
+                    self._keep(txn, lock_key, lease_ms, acquired), name=f"lease {key}"
+                )
+            ),
+        )
         try:
             yield txn
         except BaseException:
+            timer.cancel()
+            if keeper:
+                await _stop(keeper[0])
             await self._finish(txn, lock_key, data_key, applied=False)
             raise
+        timer.cancel()
+        if keeper:
+            await _stop(keeper[0])
         await self._finish(txn, lock_key, data_key, applied=True)
+
+    async def _keep(self, txn: SessionTxn, lock_key: str, lease_ms: int, acquired: float) -> None:
+        """Renew the lease now and every third of it while ``txn`` is open; mark it lost
+        when gone. Started a third of a lease after ``acquired``.
+
+        A Redis error is retried at the next period; once a whole lease has passed
+        since the last renewal that succeeded, the lock is counted as lost.
+        """
+        period = lease_ms / 3000
+        renewed = acquired
+        while True:
+            sent = time.monotonic()
+            try:
+                with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "renew")):
+                    ok = await self._renew(keys=[lock_key], args=[txn.token, lease_ms])
+            except RedisError as exc:
+                if time.monotonic() - renewed >= lease_ms / 1000:
+                    txn.lost = True
+                    log.warning("lost the lock of %s: renewal failed for a lease: %s", txn.key, exc)
+                    return
+                log.warning("could not renew the lock of %s: %s", txn.key, exc)
+            else:
+                if not ok:
+                    txn.lost = True
+                    log.warning("the lock of %s was lost before its transaction ended", txn.key)
+                    return
+                renewed = sent
+            await asyncio.sleep(period)
 
     async def _finish(
         self, txn: SessionTxn, lock_key: str, data_key: str, *, applied: bool
     ) -> None:
-        outcome = txn.outcome if applied else "keep"
+        outcome = txn.outcome if applied and not txn.lost else "keep"
         data = txn.to_save.model_dump_json() if outcome == "save" and txn.to_save else ""
         try:
             # shield: a cancelled caller must still release the lock it holds
-            with metrics.timed(metrics.REDIS_SECONDS.labels("release")):
+            with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "release")):
                 ok = await asyncio.shield(
                     self._release(
                         keys=[lock_key, data_key], args=[txn.token, outcome, data, txn.ttl_s]
@@ -377,8 +449,8 @@ class RedisSessionStore:
                 raise StoreUnavailable(f"Redis: {exc}") from exc
             log.warning("could not release lock of %s: %s", txn.key, exc)
             return
-        if not ok and applied and outcome != "keep":
-            raise LockLost(f"lock of session {txn.key} expired before its {outcome}")
+        if applied and txn.outcome != "keep" and (txn.lost or not ok):
+            raise LockLost(f"lock of session {txn.key} expired before its {txn.outcome}")
 
     async def get(self, key: str) -> Session | None:
         try:
@@ -395,6 +467,13 @@ class RedisSessionStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it (a renewal in flight ends first)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def redis_client(url: str, *, max_connections: int = 64) -> aioredis.Redis:

@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(
         default=64, gt=0, description="Connections per process; turns wait for a free one."
     )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Master key (>= 32 characters) from which every signing key is derived "
+        "(HKDF-SHA256 per purpose: Voiceflow sessionKeys, Twilio stream tokens, TTS file ids). "
+        "Unset: with GATEWAY_REDIS_URL one random key is created in Redis "
+        "(`<prefix>:secret-key`, set-if-absent) and shared by every instance; without Redis, "
+        "random per process (a WARNING is logged).",
+    )
 
     pipeline: str = Field(
         default="demo",
@@ -61,6 +69,12 @@ class Settings(BaseSettings):
     lock_wait_s: float = Field(
         default=15.0, gt=0, description="How long a turn waits for the session lock."
     )
+    lock_lease_s: float = Field(
+        default=3.0,
+        ge=0.3,
+        description="Lease of a session lock in Redis; the running turn renews it every "
+        "third of it, so a turn of a crashed instance frees its session within one lease.",
+    )
     error_turn: bool = Field(
         default=False,
         description="On a pipeline failure run the `#error` turn before giving an ErrorEvent.",
@@ -82,9 +96,9 @@ class Settings(BaseSettings):
     )
     log_hash_key: SecretStr | None = Field(
         default=None,
-        description="Key of the hash that names sessions in the log (session ids are "
-        "credentials and are never logged); unset: random per process. Give every instance "
-        "the same key to follow a session across instances.",
+        description="Overrides the key of the hash that names sessions in the log (session "
+        "ids are credentials and are never logged); unset: the master key's `log-session-ref` "
+        "key (GATEWAY_SECRET_KEY, or shared through Redis; random per process without either).",
     )
     memory_max_sessions: int = Field(
         default=100_000,
@@ -228,8 +242,9 @@ class Settings(BaseSettings):
     )
     twilio_stream_secret: SecretStr | None = Field(
         default=None,
-        description="Key of the one-time per-call stream tokens; unset: derived from the auth "
-        "token, or random per process when that is unset too (one instance only).",
+        description="Overrides the key of the one-time per-call stream tokens; unset: the "
+        "master key's `twilio-stream-token` key when it is shared (GATEWAY_SECRET_KEY or "
+        "Redis), else derived from the auth token, else random per process (one instance).",
     )
     twilio_stream_token_ttl_s: int = Field(
         default=120, gt=0, description="How long a stream token from /twilio/voice is valid."
@@ -267,9 +282,9 @@ class Settings(BaseSettings):
     # Voiceflow socket.io (/v4/interact/socket)
     voiceflow_secret: SecretStr | None = Field(
         default=None,
-        description="Key (>= 32 characters) that signs Voiceflow sessionKeys (HS256 JWTs); "
-        "every instance needs the same one. Unset: random per process (a WARNING is logged; "
-        "keys do not survive a restart and do not work on other instances).",
+        description="Overrides the key (>= 32 characters) that signs Voiceflow sessionKeys "
+        "(HS256 JWTs); the same on every instance. Unset: the master key's "
+        "`voiceflow-session-key` key (see GATEWAY_SECRET_KEY; shared through Redis).",
     )
     voiceflow_session_key_ttl_s: int = Field(
         default=86_400,
@@ -340,7 +355,7 @@ class Settings(BaseSettings):
             return tuple(o.strip() for o in value.split(",") if o.strip())
         return value
 
-    @field_validator("voiceflow_secret", mode="after")
+    @field_validator("voiceflow_secret", "secret_key", mode="after")
     @classmethod
     def _check_voiceflow_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():

@@ -127,9 +127,15 @@ class ClientConfig(BaseModel):
         V1's Init ``config`` uses the same names (``sttSampleRate``, ``ttsFileType``...),
         so a session that moves between the sockets keeps one vocabulary.
         """
-        values = self.model_dump(exclude={"key", "device_id", "locale", "time_zone", "realtime"})
-        return {to_camel(name): value for name, value in values.items()}
+        return {camel: getattr(self, name) for name, camel in _SESSION_CONFIG_NAMES}
 
+
+_SESSION_CONFIG_NAMES: Final = tuple(
+    (name, to_camel(name))
+    for name in ClientConfig.model_fields
+    if name not in {"key", "device_id", "locale", "time_zone", "realtime"}
+)
+"""(field, camelCase name) of the values :meth:`ClientConfig.session_config` stores."""
 
 # (field, request header, query parameter); header wins. Accept-Language is parsed apart.
 CONFIG_SOURCES: tuple[tuple[str, str | None, str | None], ...] = (
@@ -151,6 +157,9 @@ _TRUE = frozenset({"1", "yes", "true", "on"})
 _FALSE = frozenset({"0", "no", "false", "off"})
 _BOOLEAN_FIELDS = frozenset({"send_response_items", "video_file", "realtime"})
 _TTS_VALUES = {"requiredlinks": "RequiredLinks", "none": "None"}
+_FIELD_OF_HEADER: Final = {header: name for name, header, _ in CONFIG_SOURCES if header}
+_FIELD_OF_PARAM: Final = {param: name for name, _, param in CONFIG_SOURCES if param}
+_PARAM_OF_FIELD: Final = {name: param or name for name, _, param in CONFIG_SOURCES}
 
 
 def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> ClientConfig:
@@ -160,32 +169,39 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
     ``sttSampleRate=abc``). A missing key is not an error here: the route
     decides (it answers 401).
     """
-    lower = {k.lower(): v for k, v in headers.items()}
+    found: dict[str, str] = {}
+    language = ""
+    for header, raw in headers.items():
+        lower = header.lower()
+        if lower in _FIELD_OF_HEADER:
+            found.setdefault(_FIELD_OF_HEADER[lower], raw)
+        elif lower == "accept-language":
+            language = raw
+    for param, raw in query.items():
+        if param in _FIELD_OF_PARAM:
+            found.setdefault(_FIELD_OF_PARAM[param], raw)
     values: dict[str, Any] = {}
-    for name, header, param in CONFIG_SOURCES:
-        raw = lower.get(header) if header else None
-        if raw is None and param:
-            raw = query.get(param)
-        if raw is None or raw == "":
+    for name, raw in found.items():
+        if raw == "":
             continue
         if name in _BOOLEAN_FIELDS:
             word = raw.strip().lower()
-            if word not in _TRUE | _FALSE:
+            if word not in _TRUE and word not in _FALSE:
+                param = _PARAM_OF_FIELD[name]
                 raise ProtocolError(f"{param} must be one of 1/yes/true or 0/no/false, not {raw!r}")
             values[name] = word in _TRUE
         elif name == "tts":
             values[name] = _TTS_VALUES.get(raw.strip().lower(), raw.strip())
         else:
             values[name] = raw.strip()
-    if locale := _first_language(lower.get("accept-language", "")):
+    if language and (locale := _first_language(language)):
         values["locale"] = locale
     try:
         return ClientConfig.model_validate(values)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "configuration"
-        param = next((p for n, _, p in CONFIG_SOURCES if n == field), field)
-        raise ProtocolError(f"invalid {param}: {err['msg']}") from None
+        raise ProtocolError(f"invalid {_PARAM_OF_FIELD.get(field, field)}: {err['msg']}") from None
 
 
 def _first_language(header: str) -> str | None:

@@ -91,17 +91,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response as HTTPResponse
 from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive, Scope, Send
 
 from adapters.flowstorm_v2.protocol import (
     ACCEPTED_TYPES,
@@ -304,6 +307,12 @@ def _check_key(gw: Gateway, config: ClientConfig, *, plain: bool) -> HTTPRespons
     return None
 
 
+@functools.cache
+def _cookie_attributes(max_age: int, secure: bool) -> str:
+    """What follows ``name=value`` in the session cookie (as Starlette's set_cookie writes it)."""
+    return f"; HttpOnly; Max-Age={max_age}; Path=/; SameSite=lax" + ("; Secure" if secure else "")
+
+
 def _client_ip(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
@@ -337,15 +346,28 @@ def _not_found(request: Request, session_id: str, *, plain: bool) -> HTTPRespons
 
 
 def _set_cookie(answer: HTTPResponse, gw: Gateway, session_id: str) -> None:
-    answer.set_cookie(
-        SESSION_COOKIE,
-        session_id,
-        max_age=gw.settings.session_timeout_s,
-        path="/",
-        httponly=True,
-        samesite="lax",
-        secure=gw.settings.public_url.startswith("https://"),
-    )
+    """Set the session cookie: HttpOnly, SameSite=lax, Secure behind https, Max-Age the
+    session timeout (the header Starlette's ``set_cookie`` writes, made without it for
+    the usual id of token characters)."""
+    settings = gw.settings
+    secure = settings.public_url.startswith("https://")
+    if _COOKIE_SAFE.fullmatch(session_id) is None:  # e.g. a V1-proposed id: let Starlette quote
+        answer.set_cookie(
+            SESSION_COOKIE,
+            session_id,
+            max_age=settings.session_timeout_s,
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=secure,
+        )
+        return
+    attributes = _cookie_attributes(settings.session_timeout_s, secure)
+    cookie = f"{SESSION_COOKIE}={session_id}{attributes}"
+    answer.raw_headers.append((b"set-cookie", cookie.encode()))
+
+
+_COOKIE_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,256}")
 
 
 @contextlib.contextmanager
@@ -580,6 +602,16 @@ async def _turn(
             return text_lines(event).encode()
         return json_lines(event, send_items=config.send_response_items)
 
+    media = TEXT if plain else NDJSON
+    rest = stream.rest_if_done()
+    if rest is not None:  # the turn is already over: one plain body, no chunked stream
+        if on_end is not None:
+            await on_end()
+        whole = b"".join(line(event) for event in (*prefix, first, *rest))
+        whole_answer = HTTPResponse(whole, media_type=media, headers={"Cache-Control": "no-store"})
+        _set_cookie(whole_answer, gw, ctx.session_id)
+        return whole_answer
+
     async def body() -> AsyncIterator[bytes]:
         ended = on_end is None
         try:
@@ -599,11 +631,24 @@ async def _turn(
                 assert on_end is not None
                 await on_end()
 
-    answer = StreamingResponse(
-        body(), media_type=TEXT if plain else NDJSON, headers={"Cache-Control": "no-store"}
-    )
+    answer = _TurnBody(body(), media_type=media, headers={"Cache-Control": "no-store"})
     _set_cookie(answer, gw, ctx.session_id)
     return answer
+
+
+class _TurnBody(StreamingResponse):
+    """A streamed turn answer without Starlette's disconnect listener (two tasks a response).
+
+    The turn runs in its own task and finishes whether or not the client stays, so
+    nothing needs cancelling when it leaves: the body ends with the turn, and a send
+    to a client that has gone is a ClientDisconnect (as with ASGI spec 2.4 servers).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.stream_response(send)
+        except OSError:
+            raise ClientDisconnect() from None
 
 
 # ---------------------------------------------------------------- streamed bodies

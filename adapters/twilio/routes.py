@@ -99,6 +99,7 @@ from gateway.deps import Gateway, gateway_of
 from gateway.events import ResponseItem
 from gateway.httputil import problem, read_body
 from gateway.protocol import ProtocolError
+from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
 from gateway.sessions import StoreError, StoreUnavailable
 from gateway.settings import Settings
 from gateway.sockets import SEND_ERRORS, GuardedSocket
@@ -162,29 +163,60 @@ class TwilioChannel:
 
     settings: Settings
     verifier: SignatureVerifier
-    tokens: StreamTokens
     rest: TwilioRest | None
     config: CallConfig
+    secret_keys: SecretKeys = field(default_factory=SecretKeys.random)
+    """The gateway's keys; the stream token key is read from them when needed."""
     status_events: deque[dict[str, str]] = field(
         default_factory=lambda: deque(maxlen=STATUS_EVENTS_KEPT)
     )
     calls: dict[str, _Call] = field(default_factory=dict)
     """The calls this instance serves now, by call SID."""
+    _tokens: tuple[bytes, StreamTokens] | None = field(default=None, repr=False)
+
+    def token_secret(self) -> tuple[bytes, bool]:
+        """The stream token key now and whether every instance shares it (derive_secret)."""
+        settings = self.settings
+        token = settings.twilio_auth_token
+        stream_secret = settings.twilio_stream_secret
+        return derive_secret(
+            stream_secret.get_secret_value() if stream_secret else None,
+            token.get_secret_value() if token else None,
+            self.secret_keys.key(TWILIO_STREAM_TOKEN),
+            self.secret_keys.shared,
+        )
+
+    @property
+    def tokens(self) -> StreamTokens:
+        """The stream token issuer/checker, for the key of :meth:`token_secret` now.
+
+        Read per use: the gateway's master key may be adopted from Redis after
+        startup (when Redis did not answer then).
+        """
+        secret, _ = self.token_secret()
+        if self._tokens is None or self._tokens[0] != secret:
+            self._tokens = (secret, StreamTokens(secret, self.settings.twilio_stream_token_ttl_s))
+        return self._tokens[1]
 
 
-def make_channel(settings: Settings) -> TwilioChannel:
-    """The TwilioChannel of ``settings``; logs the startup warnings.
+def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> TwilioChannel:
+    """The TwilioChannel of ``settings`` and the gateway's ``secret_keys``; logs warnings.
 
     No auth token: a WARNING that Twilio requests are not verified (local
-    development; the per-call stream token is still required, keyed by a random
-    per-process secret unless GATEWAY_TWILIO_STREAM_SECRET is set). With an auth
-    token, a public URL that is not https: a WARNING (Twilio streams to wss only).
+    development; the per-call stream token is still required, keyed by the
+    gateway's shared key, or a random per-process one when there is none and
+    GATEWAY_TWILIO_STREAM_SECRET is unset). With an auth token, a public URL that is
+    not https: a WARNING (Twilio streams to wss only).
     """
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
-    stream_secret = (
-        settings.twilio_stream_secret.get_secret_value() if settings.twilio_stream_secret else None
+    channel = TwilioChannel(
+        settings=settings,
+        verifier=SignatureVerifier(token),
+        rest=None,
+        config=_call_config(settings),
+        secret_keys=secret_keys or SecretKeys.random(),
     )
-    secret, shared = derive_secret(stream_secret, token)
+    _, shared = channel.token_secret()
     if not token:
         log.warning(
             "Twilio requests are NOT verified (GATEWAY_TWILIO_AUTH_TOKEN is unset): "
@@ -193,19 +225,23 @@ def make_channel(settings: Settings) -> TwilioChannel:
             ""
             if shared
             else ", signed with a random per-process key (one instance only; "
-            "GATEWAY_TWILIO_STREAM_SECRET shares it)",
+            "GATEWAY_REDIS_URL or GATEWAY_SECRET_KEY shares it)",
         )
     elif not settings.public_url.startswith("https://"):
         log.warning(
             "GATEWAY_PUBLIC_URL %s is not https: Twilio connects media streams to wss:// only",
             settings.public_url,
         )
-    rest = (
+    channel.rest = (
         TwilioRest(settings.twilio_account_sid, token, settings.twilio_api_base_url)
         if settings.twilio_account_sid and token
         else None
     )
-    config = CallConfig(
+    return channel
+
+
+def _call_config(settings: Settings) -> CallConfig:
+    return CallConfig(
         key_allowed=settings.key_allowed,
         default_app_key=settings.twilio_app_key,
         barge_in=settings.twilio_barge_in,
@@ -219,18 +255,12 @@ def make_channel(settings: Settings) -> TwilioChannel:
         vad_trailing_silence_ms=settings.vad_trailing_silence_ms,
         error_text=settings.voice_error_text,
     )
-    return TwilioChannel(
-        settings=settings,
-        verifier=SignatureVerifier(token),
-        tokens=StreamTokens(secret, settings.twilio_stream_token_ttl_s),
-        rest=rest,
-        config=config,
-    )
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.twilio = make_channel(app.state.gateway.settings)
+    gw = app.state.gateway
+    app.state.twilio = make_channel(gw.settings, gw.secret_keys)
     yield
 
 

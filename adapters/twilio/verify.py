@@ -22,8 +22,11 @@ saw it cannot open a second one::
     <callSid>.<expiry: epoch seconds, hex>.<nonce: 16 random bytes, base64url>.<mac>
 
 ``mac`` is base64url(HMAC-SHA256(secret, "<callSid>.<expiry>.<nonce>")). The secret
-is GATEWAY_TWILIO_STREAM_SECRET, else derived from GATEWAY_TWILIO_AUTH_TOKEN, else
-random per process (one instance only; startup logs a WARNING). It is stateless
+is GATEWAY_TWILIO_STREAM_SECRET, else the gateway's shared key of purpose
+``twilio-stream-token`` (derived from GATEWAY_SECRET_KEY or from the key every
+instance shares through Redis, :mod:`gateway.secrets`), else derived from
+GATEWAY_TWILIO_AUTH_TOKEN, else random per process (one instance only; startup
+logs a WARNING). It is stateless
 to check, so any instance can check a token another instance issued; the nonce is
 then used once through the gateway's shared :class:`gateway.nonces.NonceStore`.
 """
@@ -135,17 +138,24 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def derive_secret(stream_secret: str | None, auth_token: str | None) -> tuple[bytes, bool]:
+def derive_secret(
+    stream_secret: str | None, auth_token: str | None, gateway_key: bytes, gateway_shared: bool
+) -> tuple[bytes, bool]:
     """The token key and whether it is shared by every instance.
 
-    GATEWAY_TWILIO_STREAM_SECRET when set, else HMAC-SHA256(auth token, label),
-    else 32 random bytes (not shared: tokens only work on the issuing process).
+    In order: GATEWAY_TWILIO_STREAM_SECRET when set; else ``gateway_key`` (the
+    gateway's key of purpose ``twilio-stream-token``, :mod:`gateway.secrets`) when
+    ``gateway_shared`` (GATEWAY_SECRET_KEY or the key shared through Redis); else
+    HMAC-SHA256(auth token, label) when an auth token is set; else ``gateway_key``,
+    random per process (not shared: tokens only work on the issuing process).
     """
     if stream_secret:
         return stream_secret.encode("utf-8"), True
+    if gateway_shared:
+        return gateway_key, True
     if auth_token:
         return hmac.new(auth_token.encode("utf-8"), _DERIVE_LABEL, hashlib.sha256).digest(), True
-    return secrets.token_bytes(32), False
+    return gateway_key, False
 
 
 class StreamTokens:

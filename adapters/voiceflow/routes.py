@@ -14,9 +14,12 @@ in the protocol module's doc.
 
 Operations:
 
-- **Secret.** sessionKeys are signed with GATEWAY_VOICEFLOW_SECRET. When it is
-  unset a random per-process secret is made at startup and a WARNING logged: keys
-  then stop working when the process restarts and on every other instance.
+- **Secret.** sessionKeys are signed with GATEWAY_VOICEFLOW_SECRET when it is set,
+  else with the gateway's key of purpose ``voiceflow-session-key``
+  (:mod:`gateway.secrets`: derived from GATEWAY_SECRET_KEY, or from the key every
+  instance shares through Redis). Only without either (no Redis) is it random per
+  process, with a WARNING: keys then stop working when the process restarts and on
+  every other instance.
 - **Several workers or instances.** With GATEWAY_REDIS_URL the server uses
   python-socketio's ``AsyncRedisManager`` (channel ``<prefix>:voiceflow:socket.io``),
   so emits to rooms or to clients of other instances (and ``disconnect`` of them)
@@ -41,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import signal
 import threading
 import time
@@ -70,6 +72,7 @@ from gateway import metrics
 from gateway.conversation import TurnRejected
 from gateway.deps import Gateway
 from gateway.logs import session_ref
+from gateway.secrets import VOICEFLOW_SESSION_KEY
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,7 @@ class VoiceflowServer:
         self.sio.on("*", self._event)
         self._gateway: Gateway | None = None
         self._keys: SessionKeys | None = None
+        self._keys_of: str | bytes = b""
         self._clients: dict[str, _Client] = {}
         self._running: dict[str, str] = {}  # session store key -> sid running an action of it
         self._hooks: dict[int, _SignalHook] = {}
@@ -135,20 +139,34 @@ class VoiceflowServer:
             await self.stop()
 
     def start(self, gw: Gateway) -> None:
-        """Take the gateway's parts, make the sessionKey signer, wrap the signal handlers."""
+        """Take the gateway's parts, wrap the signal handlers; warn when keys are not shared."""
         self._gateway = gw
-        secret = self.settings.voiceflow_secret
-        if secret is None:
+        if self.settings.voiceflow_secret is None and not gw.secret_keys.shared:
             log.warning(
-                "GATEWAY_VOICEFLOW_SECRET is not set: Voiceflow sessionKeys are signed with a "
-                "random per-process key; they stop working when this process restarts and are "
-                "not accepted by other gateway instances"
+                "Voiceflow sessionKeys are signed with a random per-process key (no "
+                "GATEWAY_SECRET_KEY, GATEWAY_REDIS_URL or GATEWAY_VOICEFLOW_SECRET): they stop "
+                "working when this process restarts and are not accepted by other instances"
             )
-            key: str | bytes = secrets.token_bytes(32)
-        else:
-            key = secret.get_secret_value()
-        self._keys = SessionKeys(key, self.settings.voiceflow_session_key_ttl_s)
         self._install_signal_hooks()
+
+    def session_keys(self) -> SessionKeys:
+        """The sessionKey signer: GATEWAY_VOICEFLOW_SECRET, else the gateway's derived key.
+
+        Read when a client connects (the gateway's master key may be adopted from
+        Redis after startup). Raises RuntimeError before :meth:`start`.
+        """
+        if self._gateway is None:
+            raise RuntimeError("the Voiceflow server is not started")
+        secret = self.settings.voiceflow_secret
+        key: str | bytes = (
+            secret.get_secret_value()
+            if secret is not None
+            else self._gateway.secret_keys.key(VOICEFLOW_SESSION_KEY)
+        )
+        if self._keys is None or self._keys_of != key:
+            self._keys = SessionKeys(key, self.settings.voiceflow_session_key_ttl_s)
+            self._keys_of = key
+        return self._keys
 
     async def stop(self) -> None:
         """Tell remaining clients ``server.restart``, stop socket.io's background tasks."""
@@ -239,9 +257,10 @@ class VoiceflowServer:
     # ------------------------------------------------------------- socket.io
 
     async def _connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> bool:
-        gw, keys = self._gateway, self._keys
-        if gw is None or keys is None:
+        gw = self._gateway
+        if gw is None:
             return False  # not started (or stopping): the client retries
+        keys = self.session_keys()
         conn = VoiceflowConnection(
             keys=keys,
             project_allowed=gw.settings.key_allowed,

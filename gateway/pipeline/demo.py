@@ -11,7 +11,30 @@ from gateway.sessions import Session
 
 _NAME_IS = re.compile(r"\bmy name is\s+(?P<name>[^\W\d_][\w' -]{0,60})", re.IGNORECASE)
 _ASK_NAME = re.compile(r"\bwhat(?:'s| is) my name\b", re.IGNORECASE)
-_BYE = re.compile(r"^\W*(?:good\s*bye|bye(?:\s*bye)?|stop|exit|quit)\W*$", re.IGNORECASE)
+_STOP = re.compile(r"^\W*(?:stop|exit|quit)\W*$", re.IGNORECASE)
+_FAREWELL = re.compile(
+    r"(?:^|[^\w'])(?P<bye>good\s*bye|bye(?:[\s-]*bye)?|see\s+you(?:\s+later)?|farewell)"
+    r"(?:\s+(?:now|then|for\s+now|for\s+today|everyone|all|then\s+bye))?\W*$",
+    re.IGNORECASE,
+)
+_NEGATED = re.compile(r"\b(?:not|never|don't|do\s+not|didn't|can't|won't)\s+(?:say\s+)?$", re.I)
+
+
+def is_farewell(text: str) -> bool:
+    """Whether ``text`` ends the conversation: a farewell at the end of the utterance.
+
+    Speech recognisers add words, so "goodbye", "okay goodbye", "thanks, bye",
+    "bye bye now" and "alright see you later" all end it (a farewell word, then
+    at most a filler such as now/then/for now, then only punctuation), as do the
+    commands "stop", "exit" and "quit" said alone. A farewell not at the end
+    ("goodbye is a sad word") or negated ("don't say goodbye") does not.
+    """
+    if _STOP.match(text):
+        return True
+    match = _FAREWELL.search(text)
+    return match is not None and not _NEGATED.search(text[: match.start("bye")])
+
+
 _HELP = re.compile(r"^\W*help\W*$", re.IGNORECASE)
 
 
@@ -21,7 +44,9 @@ class DemoPipeline:
     - ``#intro`` greets in two items (so item streaming shows);
     - ``my name is X`` stores X in ``session.attributes["name"]``;
       ``what is my name`` answers it on a later turn;
-    - ``bye``/``goodbye``/``stop`` ends the session (sessionEnded=true);
+    - a farewell at the end of the utterance ("goodbye", "okay goodbye", "thanks,
+      bye", "bye bye now"; :func:`is_farewell`) or ``stop`` ends the session
+      (sessionEnded=true);
     - ``#silence`` re-prompts, ``#error`` apologises, ``#fallback`` asks again,
       ``help`` explains; any other text is answered with what the user said.
     """
@@ -51,7 +76,7 @@ class DemoPipeline:
         if action is not None:
             yield Response(items=[ResponseItem(text=f"I do not know the action {action}.")])
             return
-        if _BYE.match(text):
+        if is_farewell(text):
             farewell = f"Goodbye, {name}!" if name else "Goodbye!"
             yield Response(items=[ResponseItem(text=farewell)], session_ended=True)
             return

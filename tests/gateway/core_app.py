@@ -2,13 +2,15 @@
 
 Each path behaves differently, so a test picks a behaviour by the URL it gives
 the gateway as GATEWAY_PIPELINE. Every request body received is kept in
-``app.state.requests`` for assertions.
+``app.state.requests`` for assertions, with its headers (``_headers``) and when
+it arrived (``_received_at``, ``time.monotonic()``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +27,7 @@ def make_core() -> FastAPI:
     async def body(request: Request) -> dict[str, Any]:
         data: dict[str, Any] = await request.json()
         data["_headers"] = dict(request.headers)
+        data["_received_at"] = time.monotonic()  # this process's clock (the test's)
         app.state.requests.append(data)
         return data
 
@@ -66,6 +69,15 @@ def make_core() -> FastAPI:
         await body(request)
         await asyncio.sleep(float(request.query_params.get("s", "5")))
         return JSONResponse({"items": [{"text": "slow answer"}]})
+
+    @app.post("/hold-on")
+    async def hold_on(request: Request) -> JSONResponse:
+        """``?text=T``: a turn whose text is T is held until ``release``; others answer."""
+        turn = await body(request)
+        text = turn["input"]["transcript"]["text"]
+        if text == request.query_params.get("text"):
+            await app.state.release.wait()
+        return JSONResponse({"items": [{"text": f"core heard {text}"}]})
 
     @app.post("/error-or-echo")
     async def error_or_echo(request: Request) -> JSONResponse:

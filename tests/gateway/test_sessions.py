@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.metrics import REGISTRY
 from gateway.sessions import (
     ClientState,
     LockLost,
@@ -149,21 +151,82 @@ async def test_busy_session_raises_after_wait(store: SessionStore) -> None:
     await task
 
 
-async def test_redis_lock_lease_expires_and_late_write_is_refused(
+async def test_a_turn_longer_than_its_lease_keeps_the_lock(store: SessionStore) -> None:
+    """The holder renews its short lease: others wait, and its write is applied."""
+    async with store.open("c:long", lease_s=0.3, wait_s=1) as txn:
+        await asyncio.sleep(1.0)  # more than three leases
+        with pytest.raises(SessionBusy):
+            async with store.open("c:long", lease_s=0.3, wait_s=0.2):
+                pass
+        txn.save(make("c:long", turn_count=3), ttl_s=60)
+    loaded = await store.get("c:long")
+    assert loaded is not None
+    assert loaded.turn_count == 3
+
+
+def _renewals() -> float:
+    return REGISTRY.get_sample_value("gateway_redis_seconds_count", {"op": "renew"}) or 0.0
+
+
+async def test_redis_renews_only_transactions_longer_than_a_third_of_the_lease(
     redis_url: str, redis_prefix: str
 ) -> None:
-    """A holder that outlives its lease loses the lock; its write is not applied."""
+    """An uncontended short turn costs two round trips: no renewal."""
     store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    try:
+        before = _renewals()
+        for i in range(5):
+            async with store.open(f"c:short{i}", lease_s=3, wait_s=1) as txn:
+                txn.save(make(f"c:short{i}"), ttl_s=60)
+        assert _renewals() == before
+        async with store.open("c:renewed", lease_s=0.3, wait_s=1):
+            await asyncio.sleep(0.75)
+        assert _renewals() - before >= 2  # every 100 ms: about 7
+        ttl_ms = await store.redis.pttl(f"{redis_prefix}:{{c:renewed}}:lock")
+        assert ttl_ms == -2  # released: the lock key is gone
+    finally:
+        await store.aclose()
+
+
+async def test_redis_stalled_holder_loses_its_lease_and_late_write_is_refused(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A holder that cannot renew (its event loop stalls) loses the lock; its write is dropped."""
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    other = RedisSessionStore(redis_url, prefix=redis_prefix)
     try:
         with pytest.raises(LockLost):
             async with store.open("c:lease", lease_s=0.1, wait_s=1) as slow:
-                await asyncio.sleep(0.25)  # the lease (100 ms) runs out
-                async with store.open("c:lease", lease_s=5, wait_s=1) as fast:
+                time.sleep(0.3)  # noqa: ASYNC251 (a stalled loop: no renewal; the 100 ms lease runs out)
+                async with other.open("c:lease", lease_s=5, wait_s=1) as fast:
                     fast.save(make("c:lease", turn_count=7), ttl_s=60)
                 slow.save(make("c:lease", turn_count=1), ttl_s=60)
         loaded = await store.get("c:lease")
         assert loaded is not None
         assert loaded.turn_count == 7
+    finally:
+        await store.aclose()
+        await other.aclose()
+
+
+async def test_redis_renewal_that_finds_the_lock_gone_fences_the_holder(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The lock vanished (expired, or taken over): the txn is marked lost, nothing is written."""
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    try:
+        with pytest.raises(LockLost):
+            async with store.open("c:gone", lease_s=0.3, wait_s=1) as txn:
+                await store.redis.delete(f"{redis_prefix}:{{c:gone}}:lock")
+                await asyncio.sleep(0.3)  # the next renewal (after 100 ms) finds it gone
+                assert txn.lost
+                txn.save(make("c:gone", turn_count=1), ttl_s=60)
+        assert await store.get("c:gone") is None
+        # a lost transaction that writes nothing leaves quietly
+        async with store.open("c:gone2", lease_s=0.3, wait_s=1) as txn:
+            await store.redis.delete(f"{redis_prefix}:{{c:gone2}}:lock")
+            await asyncio.sleep(0.3)
+            assert txn.lost
     finally:
         await store.aclose()
 

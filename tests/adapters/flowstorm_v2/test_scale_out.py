@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 
 import httpx
+import pytest
 
 from gateway.speech.audio import Pcm
 from tests.adapters.flowstorm_v2.helpers import (
@@ -21,7 +23,8 @@ from tests.adapters.flowstorm_v2.helpers import (
     pcm_chunks,
     realtime_turn,
 )
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, serve
+from tests.gateway.core_app import make_core
 
 KEY = "scale-test"
 TEXT = {"Content-Type": "text/plain"}
@@ -139,3 +142,51 @@ async def test_realtime_put_and_get_on_two_processes(
     assert [e["isFinal"] for e in got] == [False] * (len(got) - 1) + [True]
     assert got[-1]["input"]["transcript"]["text"] == heard
     assert turn.get_ended <= turn.put_answered + 0.05
+
+
+async def test_a_turn_on_a_killed_instance_frees_its_session_within_one_lease(
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+) -> None:
+    """SIGKILL an instance while a turn holds the session's lock (the core holds the
+    answer); the next turn on the other instance starts when the lease runs out
+    (GATEWAY_LOCK_LEASE_S = 3 s; it was turn timeout + 5 s = 35 s here before)."""
+    lease_s = 3.0
+    core = make_core()
+    async with serve(core) as core_url, httpx.AsyncClient(timeout=60) as client:
+        settings = {
+            "GATEWAY_PIPELINE": f"{core_url}/hold-on?text=hold",
+            "GATEWAY_TURN_TIMEOUT_S": "30",
+            "GATEWAY_LOCK_LEASE_S": str(lease_s),
+        }
+        a = GatewayProcess(env(redis_url, redis_prefix) | settings).start()
+        gateway_processes.append(a)
+        b = GatewayProcess(env(redis_url, redis_prefix) | settings).start()
+        gateway_processes.append(b)
+        try:
+            assert await say(client, a.url, "hello") == "< core heard hello\n"  # the cookie
+            held = asyncio.create_task(say(client, a.url, "hold"))
+            for _ in range(400):  # the turn runs on a: it holds the lock, the core holds it
+                if len(core.state.requests) == 2:
+                    break
+                await asyncio.sleep(0.025)
+            assert [r["input"]["transcript"]["text"] for r in core.state.requests] == [
+                "hello",
+                "hold",
+            ]
+            a.stop(signal.SIGKILL)
+            killed = time.monotonic()
+            assert await say(client, b.url, "next") == "< core heard next\n"
+            answered = time.monotonic() - killed
+            started = core.state.requests[-1]["_received_at"] - killed  # b's turn reached the core
+            print(
+                f"\nafter SIGKILL the turn on the other instance started in {started:.2f} s, "
+                f"answered in {answered:.2f} s"
+            )
+            # the lease left at the kill is 2 to 3 s (renewed every second); generous margin
+            assert 1.0 < started < lease_s + 3.0
+            with pytest.raises(httpx.HTTPError):
+                await held  # the killed instance's client lost its connection
+            # the killed turn saved nothing: b's turn saw the session as "hello" left it
+            assert [r["turn"] for r in core.state.requests] == [1, 2, 2]
+        finally:
+            core.state.release.set()

@@ -182,6 +182,25 @@ class TwilioHarness:
         answer = await ask_twiml(base_url, public_url, sid, auth_token=auth_token, query=query)
         assert answer.status_code == 200, answer.text
         twiml = parse_twiml(answer.text)
+        async with cls.stream(
+            base_url, twiml, sid, auth_token=auth_token, start=start, **options
+        ) as harness:
+            yield harness
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def stream(
+        cls,
+        base_url: str,
+        twiml: TwiML,
+        sid: str,
+        *,
+        auth_token: str | None,
+        start: bool = True,
+        **options: Any,
+    ) -> AsyncIterator[TwilioHarness]:
+        """Connect the stream of ``twiml`` at ``base_url`` (which may be another instance
+        than the one whose webhook answered) and (``start``) begin the call."""
         headers = {}
         if auth_token:
             headers["X-Twilio-Signature"] = sign(auth_token, twiml.stream_url)

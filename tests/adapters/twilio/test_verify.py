@@ -12,6 +12,7 @@ from adapters.twilio.verify import (
     public_url,
     stream_url,
 )
+from gateway.secrets import derive_key
 from tests.adapters.twilio.harness import call_sid, sign
 
 AUTH = "12345678901234567890123456789012"
@@ -85,11 +86,16 @@ def test_stream_tokens_are_bound_to_a_call_and_expire() -> None:
 
 
 def test_the_token_secret_is_shared_only_when_configured() -> None:
-    assert derive_secret("s3cret", AUTH) == (b"s3cret", True)
-    derived, shared = derive_secret(None, AUTH)
+    shared_key, random_key = derive_key(b"m" * 32, "twilio-stream-token"), b"r" * 32
+    # the explicit setting overrides everything
+    assert derive_secret("s3cret", AUTH, shared_key, True) == (b"s3cret", True)
+    # the gateway's shared key (GATEWAY_SECRET_KEY or Redis) comes before the auth token
+    assert derive_secret(None, AUTH, shared_key, True) == (shared_key, True)
+    assert derive_secret(None, None, shared_key, True) == (shared_key, True)
+    # no shared gateway key: derived from the auth token, the same on every instance
+    derived, shared = derive_secret(None, AUTH, random_key, False)
     assert shared
-    assert derived == derive_secret(None, AUTH)[0]  # every instance derives the same key
-    assert derived != AUTH.encode()
-    random_1, shared_1 = derive_secret(None, None)
-    assert not shared_1
-    assert random_1 != derive_secret(None, None)[0]
+    assert derived == derive_secret(None, AUTH, b"x" * 32, False)[0]
+    assert derived not in (AUTH.encode(), random_key)
+    # nothing shared at all: the per-process key
+    assert derive_secret(None, None, random_key, False) == (random_key, False)

@@ -4,33 +4,58 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
-from tests.adapters.voiceflow.helpers import SECRET, VoiceflowClient, client, messages
+import pytest
+import redis.asyncio as aioredis
+
+from adapters.voiceflow.protocol import SessionKeys
+from gateway.secrets import VOICEFLOW_SESSION_KEY, derive_key
+from tests.adapters.voiceflow.helpers import (
+    PROJECT,
+    SECRET,
+    USER,
+    VoiceflowClient,
+    client,
+    messages,
+)
 from tests.conftest import GatewayProcess
 
 
-def env(redis_url: str, prefix: str, **more: str) -> dict[str, str]:
-    return {
-        "GATEWAY_REDIS_URL": redis_url,
-        "GATEWAY_REDIS_PREFIX": prefix,
-        "GATEWAY_VOICEFLOW_SECRET": SECRET,
-        **more,
-    }
+def env(redis_url: str, prefix: str, secret: str | None = SECRET, **more: str) -> dict[str, str]:
+    """Two instances' environment: Redis (a key prefix of the test's own) and, unless
+    ``secret`` is None, GATEWAY_VOICEFLOW_SECRET."""
+    common = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_REDIS_PREFIX": prefix, **more}
+    return {**common, "GATEWAY_VOICEFLOW_SECRET": secret} if secret else common
 
 
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["only-redis-url", "voiceflow-secret"])
 async def test_a_session_key_continues_the_session_on_another_instance(
-    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+    redis_url: str,
+    redis_prefix: str,
+    gateway_processes: list[GatewayProcess],
+    secret: str | None,
+    aredis: aioredis.Redis,
 ) -> None:
-    a = GatewayProcess(env(redis_url, redis_prefix)).start()
+    """With nothing but a Redis URL the instances share the signing key (created once in
+    Redis); with GATEWAY_VOICEFLOW_SECRET that secret signs, as before."""
+    a = GatewayProcess(env(redis_url, redis_prefix, secret)).start()
     gateway_processes.append(a)
-    b = GatewayProcess(env(redis_url, redis_prefix)).start()
+    b = GatewayProcess(env(redis_url, redis_prefix, secret)).start()
     gateway_processes.append(b)
+    shared = await aredis.get(f"{redis_prefix}:secret-key")
+    assert shared is not None  # made by the first instance, read by the second
     async with client(a.url) as on_a:
         key = await on_a.handshake()
         await on_a.act({"type": "launch"})
         assert await on_a.say("my name is Ada") == ["Nice to meet you, Ada."]
+    signer = SessionKeys(
+        secret or derive_key(shared, VOICEFLOW_SESSION_KEY), ttl_s=3600
+    )  # the key is signed with the configured secret, or the key derived from Redis's
+    check = signer.verify(key, project_id=PROJECT, user_id=USER, now=time.time())
+    assert check.problem is None
     async with client(b.url, "polling") as on_b:
-        assert await on_b.start(key) is False
+        assert await on_b.start(key) is False  # False: not a new session
         assert await on_b.say("what is my name") == ["Your name is Ada."]
         _, traces, _ = await on_b.act({"type": "text", "payload": "bye"})
         assert [t["type"] for t in traces] == ["text", "end"]

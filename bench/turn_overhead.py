@@ -1,0 +1,212 @@
+"""What the gateway adds to a turn: wrk against a bare FastAPI endpoint and the gateway, one run.
+
+Every server runs as its own process pinned to core 0 (``taskset -c 0``) with its
+default settings (log level INFO: uvicorn's access log, and the gateway's line per
+turn, go to /dev/null); wrk runs on core 1 (``-t1 -c32``, keep-alive, ``--latency``).
+Rows, in this order, each a fresh server:
+
+1. ``bare`` — bench/baseline_app.py: ``PUT /client`` reading the text body and
+   answering one plain-text line with a cookie, ``POST /alexa`` reading the body and
+   answering fixed JSON: the same shapes with no session, pipeline or store.
+2. ``V2 text, defaults`` — the gateway with nothing set (memory sessions, demo core,
+   TTS links on: every answer carries an MP3 link), a different sentence per request.
+3. ``V2 text, tts=None`` — the same with ``tts=None`` (no links).
+4. ``V2 text, Redis, defaults`` / ``..., tts=None`` — only ``GATEWAY_REDIS_URL`` set.
+5. ``/alexa`` — the gateway with Redis, verification on (a local CA made here, the
+   signing chain fetched once and cached, as Amazon's is), every request signed and
+   new (LaunchRequest-free IntentRequests with their own session), so each costs the
+   signature check, the turn, and two Redis round trips.
+
+Each request without a cookie starts a session, so these are first turns (the
+demo answers "You said: ..."). Prints requests/s, p50 and p99 (wrk's), and the ratio
+of throughput and p99 to the bare endpoint of the same run.
+
+    python bench/turn_overhead.py [--seconds 10] [--redis redis://127.0.0.1:6379/0]
+
+Needs wrk (``apt-get install wrk``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.loadgen import free_port, start
+from bench.voice_assistants import SKILL_ID, Keys
+
+V2_SCRIPT = """
+counter = 0
+request = function()
+  counter = counter + 1
+  local body = "tell me about topic " .. counter .. " and the weather in town " .. (counter %% 97)
+  return wrk.format("PUT", "/client?key=bench%s", {["Content-Type"] = "text/plain"}, body)
+end
+"""
+
+ALEXA_SCRIPT = """
+local requests = dofile("%s")
+local i = 0
+request = function()
+  i = i %% #requests + 1
+  return requests[i]
+end
+"""
+
+
+def _lua_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return "'" + escaped.replace("\r", "\\r").replace("\n", "\\n") + "'"
+
+
+def alexa_requests(keys: Keys, count: int, folder: Path) -> Path:
+    """``count`` signed Alexa IntentRequests (each its own session) as a Lua file of raw
+    HTTP requests for wrk; timestamps are now, so use them within 150 s."""
+    lines = ["return {"]
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for i in range(count):
+        envelope = {
+            "version": "1.0",
+            "session": {
+                "new": True,
+                "sessionId": f"amzn1.echo-api.session.wrk-{secrets.token_hex(6)}-{i}",
+                "application": {"applicationId": SKILL_ID},
+                "user": {"userId": f"amzn1.ask.account.wrk{i}"},
+            },
+            "context": {"System": {"application": {"applicationId": SKILL_ID}}},
+            "request": {
+                "type": "IntentRequest",
+                "requestId": f"amzn1.echo-api.request.{secrets.token_hex(8)}",
+                "timestamp": now,
+                "locale": "en-US",
+                "intent": {
+                    "name": "CatchAllIntent",
+                    "slots": {"query": {"name": "query", "value": f"my name is User{i}"}},
+                },
+            },
+        }
+        body = json.dumps(envelope)
+        headers = keys.alexa_headers(body.encode())
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        raw = (
+            f"POST /alexa HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}"
+            f"Content-Length: {len(body)}\r\n\r\n{body}"
+        )
+        lines.append(f"  {_lua_string(raw)},")
+    lines.append("}")
+    path = folder / "alexa_requests.lua"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def wrk(port: int, script: Path, seconds: int) -> tuple[float, float, float, int]:
+    """(requests/s, p50 ms, p99 ms, errors) of one wrk run on core 1."""
+    pin = ["taskset", "-c", "1"] if shutil.which("taskset") else []
+    out = subprocess.run(
+        [
+            *pin,
+            "wrk",
+            "-t1",
+            "-c32",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+        if not match:
+            return float("nan")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    status = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rate, ms("50"), ms("99"), errors + (int(status.group(1)) if status else 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument(
+        "--redis", default=os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk")
+    folder = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    keys = Keys(folder)
+    scripts = {}
+    for name, query in (("defaults", ""), ("tts_none", "&tts=None")):
+        scripts[name] = folder / f"v2_{name}.lua"
+        scripts[name].write_text(V2_SCRIPT % query)
+    prefix = f"bench-{secrets.token_hex(4)}"
+    redis = {"GATEWAY_REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": prefix}
+    alexa_env = {
+        **redis,
+        "BENCH_PKI_DIR": str(folder),
+        "GATEWAY_ALEXA_SKILL_IDS": SKILL_ID,
+    }
+    uvicorn = [sys.executable, "-m", "uvicorn"]
+    bare_cmd = [*uvicorn, "bench.baseline_app:app", "--port"]
+    gateway_cmd = [*uvicorn, "--factory", "bench.voice_assistants:gateway_app", "--port"]
+    serve_cmd = [sys.executable, "-m", "gateway", "serve", "--port"]
+    rows: list[tuple[str, list[str], dict[str, str], str]] = [
+        ("bare endpoint, PUT /client", bare_cmd, {}, "tts_none"),
+        ("bare endpoint, POST /alexa", bare_cmd, {}, "alexa"),
+        ("V2 text, defaults (memory, TTS links)", serve_cmd, {}, "defaults"),
+        ("V2 text, memory, tts=None", serve_cmd, {}, "tts_none"),
+        ("V2 text, Redis, defaults (TTS links)", serve_cmd, redis, "defaults"),
+        ("V2 text, Redis, tts=None", serve_cmd, redis, "tts_none"),
+        ("/alexa, Redis, verification on", gateway_cmd, alexa_env, "alexa"),
+    ]
+    print(
+        f"wrk -t1 -c32 -d{args.seconds}s on core 1; each server alone on core 0, default "
+        "settings (log level INFO to /dev/null)"
+    )
+    print(f"{'server':42} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}  vs bare")
+    bare: dict[str, tuple[float, float]] = {}
+    for name, cmd, env, kind in rows:
+        port = free_port()
+        proc = start([*cmd, str(port)], env, port)
+        try:
+            if kind == "alexa":  # signed now: valid for 150 s
+                script = folder / "alexa.lua"
+                requests = alexa_requests(keys, 4000, folder)
+                script.write_text(ALEXA_SCRIPT % requests)
+            else:
+                script = scripts[kind]
+            wrk(port, script, 2)  # warm-up
+            rate, p50, p99, errors = wrk(port, script, args.seconds)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        base_kind = "alexa" if kind == "alexa" else "v2"
+        if name.startswith("bare"):
+            bare[base_kind] = (rate, p99)
+            versus = ""
+        else:
+            b_rate, b_p99 = bare[base_kind]
+            versus = f"{rate / b_rate:.2f}x throughput, p99 {p99 / b_p99:.1f}x"
+        print(f"{name:42} {rate:8.0f} {p50:8.2f} {p99:8.2f} {errors:7d}  {versus}")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

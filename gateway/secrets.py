@@ -1,0 +1,200 @@
+"""The gateway's one secret key, and the per-purpose keys derived from it.
+
+Everything the gateway signs (Voiceflow sessionKeys, Twilio stream tokens, TTS
+file ids) is keyed by ``derive_key(master, purpose)``: HKDF-SHA256 (RFC 5869,
+from ``cryptography``) of the master key with ``info = purpose``, so a key of one
+purpose tells nothing about another's. Purposes in use: :data:`VOICEFLOW_SESSION_KEY`,
+:data:`TWILIO_STREAM_TOKEN`, :data:`TTS_ID`, :data:`LOG_SESSION_REF`.
+
+Where the master key comes from (:func:`load_secret_keys`, at app startup):
+
+1. ``GATEWAY_SECRET_KEY`` (at least 32 characters): every instance configured
+   with it shares it (``source="setting"``).
+2. Else, with ``GATEWAY_REDIS_URL``: ``SET {prefix}:secret-key <random> NX`` then
+   ``GET`` — the first instance to start creates it, every later one reads the
+   same value, so N instances agree with nothing but a Redis URL
+   (``source="redis"``). The key has no TTL; deleting it (and restarting every
+   instance) rotates it.
+3. Else a random key per process, with a WARNING (``source="process"``): what
+   it signs stops working when the process restarts and is not accepted by
+   other instances.
+
+When Redis does not answer at startup the gateway still starts (its store
+answers 503 until Redis is back, as before): it signs with a random per-process
+key meanwhile (a WARNING) and retries in the background, every second up to
+every 5 s, adopting the shared key as soon as Redis answers. Consumers therefore
+read :meth:`SecretKeys.key` when they need a key, never once at startup.
+
+The per-purpose settings (``GATEWAY_VOICEFLOW_SECRET``,
+``GATEWAY_TWILIO_STREAM_SECRET``, ``GATEWAY_LOG_HASH_KEY``) still override the
+derived key of their purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import redis.asyncio as aioredis
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+VOICEFLOW_SESSION_KEY: Final = "voiceflow-session-key"
+"""Purpose of the key that signs Voiceflow sessionKeys (HS256)."""
+TWILIO_STREAM_TOKEN: Final = "twilio-stream-token"
+"""Purpose of the key of Twilio per-call stream tokens (HMAC-SHA256)."""
+TTS_ID: Final = "tts-id"
+"""Purpose of the key of TTS file ids."""
+LOG_SESSION_REF: Final = "log-session-ref"
+"""Purpose of the key of the hashes that name sessions in the log (gateway.logs)."""
+
+KEY_BYTES: Final = 32
+"""Length of a derived key (bytes) and of a generated master key (random bytes)."""
+MIN_SECRET_CHARS: Final = 32
+"""Shortest GATEWAY_SECRET_KEY accepted (characters)."""
+REDIS_KEY_SUFFIX: Final = "secret-key"
+"""The Redis key of the shared master key is ``{prefix}:secret-key``."""
+
+Source = Literal["setting", "redis", "process"]
+
+
+def derive_key(master: bytes, purpose: str) -> bytes:
+    """The 32-byte key of ``purpose`` (e.g. ``"tts-id"``): HKDF-SHA256(master, info=purpose).
+
+    No salt (the master key is uniformly random or a user's long secret); the
+    same ``master`` and ``purpose`` always give the same key, on every instance.
+    Raises ValueError for an empty master key or purpose.
+    """
+    if not master:
+        raise ValueError("the master key must not be empty")
+    if not purpose:
+        raise ValueError("the purpose must not be empty")
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=purpose.encode())
+    return hkdf.derive(master)
+
+
+@dataclass
+class SecretKeys:
+    """The master key of this process and where it came from; derives purpose keys.
+
+    ``source`` is ``setting`` (GATEWAY_SECRET_KEY), ``redis`` (shared through
+    Redis) or ``process`` (random, this process only). The master may be
+    replaced once (:meth:`adopt`) when Redis answers after a failed startup
+    read, so read :meth:`key` when a key is needed.
+    """
+
+    master: bytes
+    source: Source
+    _derived: dict[str, bytes] = field(default_factory=dict, repr=False)
+    _retry: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @classmethod
+    def random(cls) -> SecretKeys:
+        """A random per-process master key (``source="process"``)."""
+        return cls(secrets.token_bytes(KEY_BYTES), "process")
+
+    @property
+    def shared(self) -> bool:
+        """Whether every instance configured alike has the same master key."""
+        return self.source != "process"
+
+    def key(self, purpose: str) -> bytes:
+        """The 32-byte key of ``purpose`` (:func:`derive_key`, cached)."""
+        derived = self._derived.get(purpose)
+        if derived is None:
+            derived = self._derived[purpose] = derive_key(self.master, purpose)
+        return derived
+
+    def adopt(self, master: bytes, source: Source) -> None:
+        """Use ``master`` from now on (what was signed with the old key stops verifying)."""
+        self.master, self.source = master, source
+        self._derived.clear()
+
+    async def aclose(self) -> None:
+        """Stop the background retry, if one runs."""
+        if self._retry is not None:
+            self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry
+            self._retry = None
+
+
+async def shared_master_key(redis: aioredis.Redis, prefix: str) -> bytes:
+    """The master key under ``{prefix}:secret-key``, created (random, NX) if absent.
+
+    Two round trips: ``SET NX`` of a fresh random value, then ``GET`` (whoever
+    won the race, every caller reads the same value). Raises RedisError.
+    """
+    name = f"{prefix}:{REDIS_KEY_SUFFIX}"
+    await redis.set(name, secrets.token_hex(KEY_BYTES), nx=True)
+    value = await redis.get(name)
+    if not value:  # deleted between the two commands: try once more
+        await redis.set(name, secrets.token_hex(KEY_BYTES), nx=True)
+        value = await redis.get(name)
+    if not value:
+        raise RedisError(f"{name} vanished while it was read")
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+async def load_secret_keys(
+    secret_key: str | None,
+    redis: aioredis.Redis | None,
+    *,
+    prefix: str = "gw",
+    timeout_s: float = 5.0,
+    retry_max_s: float = 5.0,
+) -> SecretKeys:
+    """The process's SecretKeys, from the setting, Redis or chance (see the module doc).
+
+    ``secret_key`` is GATEWAY_SECRET_KEY (already checked to be >= 32 characters).
+    With ``redis`` and no ``secret_key`` the shared key is read within ``timeout_s``;
+    when Redis fails, a random key is used, a WARNING logged, and a background task
+    retries (1 s doubling up to ``retry_max_s``) until it adopts the shared key.
+    Never raises for a Redis failure; call :meth:`SecretKeys.aclose` at shutdown.
+    """
+    if secret_key:
+        return SecretKeys(secret_key.encode("utf-8"), "setting")
+    if redis is None:
+        log.warning(
+            "GATEWAY_SECRET_KEY and GATEWAY_REDIS_URL are unset: Voiceflow sessionKeys, "
+            "Twilio stream tokens and TTS file ids are signed with a random per-process key; "
+            "they stop working when this process restarts and are not accepted by other "
+            "gateway instances (set either one to share the key)"
+        )
+        return SecretKeys.random()
+    try:
+        async with asyncio.timeout(timeout_s):
+            return SecretKeys(await shared_master_key(redis, prefix), "redis")
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning(
+            "the shared secret key could not be read from Redis (%s): signing with a random "
+            "per-process key until Redis answers",
+            exc or type(exc).__name__,
+        )
+    keys = SecretKeys.random()
+    keys._retry = asyncio.create_task(_adopt_when_ready(keys, redis, prefix, retry_max_s))
+    return keys
+
+
+async def _adopt_when_ready(
+    keys: SecretKeys, redis: aioredis.Redis, prefix: str, cap: float
+) -> None:
+    delay = 1.0
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            master = await shared_master_key(redis, prefix)
+        except (RedisError, OSError) as exc:
+            log.debug("shared secret key still unavailable: %s", exc)
+            delay = min(delay * 2, cap)
+            continue
+        keys.adopt(master, "redis")
+        log.info("the shared secret key was read from Redis; it is used from now on")
+        return

@@ -1,0 +1,143 @@
+"""The master secret key: derivation per purpose, and where the key comes from
+(GATEWAY_SECRET_KEY, set-if-absent in the real Redis, per process), also when
+Redis is down at startup and comes up later (a real redis-server started late)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+
+import pytest
+import redis.asyncio as aioredis
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import ValidationError
+
+from gateway.secrets import (
+    TTS_ID,
+    TWILIO_STREAM_TOKEN,
+    VOICEFLOW_SESSION_KEY,
+    SecretKeys,
+    derive_key,
+    load_secret_keys,
+)
+from gateway.sessions import redis_client
+from gateway.settings import Settings
+from tests.conftest import free_port
+
+MASTER = "m" * 40
+
+
+def test_each_purpose_has_its_own_stable_key() -> None:
+    purposes = [VOICEFLOW_SESSION_KEY, TWILIO_STREAM_TOKEN, TTS_ID]
+    keys = [derive_key(MASTER.encode(), p) for p in purposes]
+    assert len(set(keys)) == 3
+    assert all(len(k) == 32 for k in keys)
+    assert keys == [derive_key(MASTER.encode(), p) for p in purposes]  # every instance alike
+    assert derive_key(b"n" * 40, TTS_ID) != keys[2]
+    # RFC 5869 HKDF-SHA256, no salt, info = the purpose
+    expected = HKDF(hashes.SHA256(), 32, salt=None, info=b"tts-id").derive(MASTER.encode())
+    assert keys[2] == expected
+    with pytest.raises(ValueError, match="master"):
+        derive_key(b"", TTS_ID)
+    with pytest.raises(ValueError, match="purpose"):
+        derive_key(b"x" * 32, "")
+
+
+def test_the_setting_needs_32_characters() -> None:
+    with pytest.raises(ValidationError, match="at least 32 characters"):
+        Settings(secret_key="short")
+    assert Settings(secret_key="").secret_key is None
+    assert Settings(secret_key=MASTER).secret_key is not None
+
+
+async def test_the_setting_wins(redis_url: str, redis_prefix: str) -> None:
+    client = redis_client(redis_url)
+    try:
+        keys = await load_secret_keys(MASTER, client, prefix=redis_prefix)
+        assert (keys.master, keys.source, keys.shared) == (MASTER.encode(), "setting", True)
+        assert await client.get(f"{redis_prefix}:secret-key") is None  # Redis not touched
+    finally:
+        await client.aclose()
+
+
+async def test_instances_with_only_redis_share_one_key(redis_url: str, redis_prefix: str) -> None:
+    """Many processes starting at once (separate clients) all end with the same key."""
+    clients = [redis_client(redis_url) for _ in range(8)]
+    try:
+        loaded = await asyncio.gather(
+            *(load_secret_keys(None, c, prefix=redis_prefix) for c in clients)
+        )
+        assert {k.source for k in loaded} == {"redis"}
+        assert len({k.master for k in loaded}) == 1
+        stored = await clients[0].get(f"{redis_prefix}:secret-key")
+        assert stored == loaded[0].master
+        assert len(stored) == 64  # 32 random bytes, hex
+        assert await clients[0].ttl(f"{redis_prefix}:secret-key") == -1  # never expires
+        later = await load_secret_keys(None, clients[0], prefix=redis_prefix)
+        assert later.key(TTS_ID) == loaded[3].key(TTS_ID)
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+async def test_without_redis_the_key_is_per_process(caplog: pytest.LogCaptureFixture) -> None:
+    one, two = await load_secret_keys(None, None), await load_secret_keys(None, None)
+    assert (one.source, one.shared) == ("process", False)
+    assert one.master != two.master
+    assert one.key(TTS_ID) != two.key(TTS_ID)
+    [warning] = [r for r in caplog.records if "GATEWAY_SECRET_KEY" in r.getMessage()][:1]
+    assert warning.levelno == logging.WARNING
+    assert "per-process" in warning.getMessage()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+async def test_redis_down_at_startup_then_up_the_shared_key_is_adopted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    client = redis_client(f"redis://127.0.0.1:{port}/0")
+    server: asyncio.subprocess.Process | None = None
+    try:
+        started = time.monotonic()
+        keys = await load_secret_keys(None, client, prefix="gw")
+        assert time.monotonic() - started < 5  # startup is not held up
+        assert keys.source == "process"
+        assert any("until Redis answers" in r.getMessage() for r in caplog.records)
+        provisional = keys.key(TTS_ID)
+        server = await asyncio.create_subprocess_exec(
+            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(300):  # the retry comes every 1, 2, 4, 5, 5 ... s
+            if keys.source == "redis":
+                break
+            await asyncio.sleep(0.05)
+        assert keys.source == "redis"
+        assert keys.master == await client.get("gw:secret-key")
+        assert keys.key(TTS_ID) == derive_key(keys.master, TTS_ID) != provisional
+    finally:
+        await keys.aclose()
+        await client.aclose()
+        if server is not None:
+            server.terminate()
+            await server.wait()
+
+
+async def test_the_retry_stops_at_shutdown() -> None:
+    client: aioredis.Redis = redis_client("redis://127.0.0.1:1/0")  # nothing listens
+    keys = await load_secret_keys(None, client)
+    retry = keys._retry
+    assert retry is not None
+    assert not retry.done()
+    await keys.aclose()
+    assert retry.done()
+    assert keys.source == "process"
+    await client.aclose()
+
+
+def test_random_keys_differ() -> None:
+    assert SecretKeys.random().master != SecretKeys.random().master
