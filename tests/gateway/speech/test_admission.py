@@ -66,7 +66,8 @@ async def test_one_holder_one_waiter_and_the_rest_refused_at_once() -> None:
             await g.acquire()
         busy = refused.value
         assert (busy.source, busy.reason, busy.retry_after_s) == ("stt", "queue-full", 30)
-        assert "busy" in busy.text and "all 1 recognizers are in use" in busy.text
+        assert "busy" in busy.text
+        assert "all 1 recognizers are in use" in busy.text
     assert time.perf_counter() - start < 0.5  # refused without waiting
     assert m.value("refused_total", reason="queue-full") == 3
 
@@ -145,8 +146,9 @@ async def test_queue_zero_refuses_as_soon_as_all_are_held() -> None:
 
 
 @pytest.mark.parametrize(
-    ("limit", "queue", "wait_s"), [(0, 1, 1.0), (1, -1, 1.0), (1, 1, 0.0), (1, 1, -2.0)]
+    ("limit", "queue", "wait_s", "what"),
+    [(0, 1, 1.0, "limit"), (1, -1, 1.0, "queue"), (1, 1, 0.0, "wait_s"), (1, 1, -2.0, "wait_s")],
 )
-def test_bad_bounds_are_refused(limit: int, queue: int, wait_s: float) -> None:
-    with pytest.raises(ValueError):
+def test_bad_bounds_are_refused(limit: int, queue: int, wait_s: float, what: str) -> None:
+    with pytest.raises(ValueError, match=what):
         AdmissionGate(limit, queue, wait_s, source="stt", what="x", unit="ys")

@@ -219,7 +219,8 @@ async def test_a_full_queue_refuses_at_once_and_a_queued_stream_gets_the_next_de
         queued = asyncio.create_task(rec.open_stream(fmt))
         for _ in range(20):
             await asyncio.sleep(0)
-        assert not queued.done() and rec.saturated()
+        assert not queued.done()
+        assert rec.saturated()
         loop = asyncio.get_running_loop()
         start = loop.time()
         for _ in range(3):
@@ -246,7 +247,7 @@ async def test_a_queued_stream_is_refused_when_its_wait_is_over() -> None:
         first = await rec.open_stream(fmt)
         loop = asyncio.get_running_loop()
         start = loop.time()
-        with pytest.raises(RecognizerBusy, match="became free within 0.3 s") as refused:
+        with pytest.raises(RecognizerBusy, match=r"became free within 0\.3 s") as refused:
             await rec.open_stream(fmt)
         assert refused.value.reason == "wait-timeout"
         assert 0.25 <= loop.time() - start < 3.0
