@@ -5,7 +5,8 @@ Names and labels:
 - ``gateway_turns_total{channel, outcome}``: turns by outcome ``ok``, ``error``
   (the turn ended with an ErrorEvent) or ``rejected`` (it could not start).
 - ``gateway_errors_total{channel, source}``: ErrorEvents and rejections by source
-  (``pipeline``, ``session``, ``gateway``...).
+  (``pipeline``, ``session``, ``gateway``...); ``stt``: audio turns, utterances and
+  calls refused because every recognizer was busy.
 - ``gateway_turn_seconds{channel}``: turn latency, input to Response/Error.
 - ``gateway_turns_in_flight``: turns running in this process.
 - ``gateway_sessions_started_total{channel}``, ``gateway_sessions_ended_total{channel}``.

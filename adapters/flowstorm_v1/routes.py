@@ -62,7 +62,7 @@ from gateway.sessions import StoreError
 from gateway.sockets import SEND_ERRORS, GuardedSocket
 from gateway.speech.audio import AudioFormatError
 from gateway.speech.listener import Heard, Listener
-from gateway.speech.stt import RecognitionError
+from gateway.speech.stt import RecognitionError, RecognizerBusy
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,8 @@ class _Socket(GuardedSocket):
                 # GATEWAY_STT_QUEUE full or its wait over) comes as soon as the stream opens
                 await listener.start()
             except (AudioFormatError, RecognitionError) as exc:
+                if isinstance(exc, RecognizerBusy):
+                    metrics.ERRORS.labels("flowstorm_v1", "stt").inc()
                 await report(conn.audio_failed(stream, exc))
                 return
             while not listener.done and not utterance.stopped:

@@ -122,6 +122,7 @@ from adapters.flowstorm_v2.protocol import (
     text_input,
     text_lines,
 )
+from gateway import metrics
 from gateway.bus import BusUnavailable
 from gateway.conversation import TurnContext, TurnRejected, TurnStream, new_session_id
 from gateway.deps import Gateway, gateway_of
@@ -309,6 +310,7 @@ def _speech_errors() -> Iterator[None]:
         yield
     except RecognizerBusy as exc:
         log.info("audio turn refused: %s", exc.text)
+        metrics.ERRORS.labels(CHANNEL, "stt").inc()
         raise _Refused(
             503, ErrorEvent(text=f"{exc.text}.", source="stt"), exc.retry_after_s
         ) from None

@@ -51,9 +51,11 @@ PUBLIC_URL = Settings().public_url
 test's client sends it back; Twilio signatures are made for this URL)."""
 PLACE = "tell me about this place"
 MUSIC = "play some music please"
-QUEUE_WAIT_S = 20
-PROMPT_S = 3.0
-"""A refusal must come this soon (a queued stream would wait QUEUE_WAIT_S)."""
+QUEUE_WAIT_S = 30
+PROMPT_S = 5.0
+"""A refusal must come this soon, client's view (a queued stream would wait QUEUE_WAIT_S).
+Generous: client and server share this test's event loop on a loaded 2-core machine;
+``gateway_stt_refused_total{reason="queue-full"}`` shows they were refused unqueued."""
 
 
 async def metric(base: str, name: str, **labels: str) -> float:
@@ -109,7 +111,10 @@ async def test_the_excess_of_audio_turns_is_refused_at_once_and_text_turns_are_s
         streams0 = await metric(url, "gateway_stt_streams")
         depth0 = await metric(url, "gateway_stt_queue_depth")
         refused0 = await metric(url, "gateway_stt_refused_total", reason="queue-full")
-        calls0 = await metric(url, "gateway_errors_total", channel="twilio", source="stt")
+        errors0 = {
+            channel: await metric(url, "gateway_errors_total", channel=channel, source="stt")
+            for channel in ("flowstorm_v1", "flowstorm_v2", "twilio")
+        }
 
         async with connect(ws_url(url)) as first, connect(ws_url(url)) as second:
             # the first utterance takes the one recognizer, the second waits in the queue
@@ -217,8 +222,9 @@ async def test_the_excess_of_audio_turns_is_refused_at_once_and_text_turns_are_s
             assert await metric(url, "gateway_stt_queue_depth") == depth0 + 1
             refused = await metric(url, "gateway_stt_refused_total", reason="queue-full")
             assert refused - refused0 == 7
-            twilio_busy = await metric(url, "gateway_errors_total", channel="twilio", source="stt")
-            assert twilio_busy - calls0 == 1
+            for channel, count in (("flowstorm_v1", 3), ("flowstorm_v2", 4), ("twilio", 1)):
+                now = await metric(url, "gateway_errors_total", channel=channel, source="stt")
+                assert now - errors0[channel] == count, channel
 
             # the holder speaks and is answered; then the queued one gets the recognizer
             for ws in (first, second):
