@@ -297,7 +297,7 @@ async def test_busy_recognizers_give_new_calls_a_busy_line_and_a_call_s_utteranc
             twilio_gateway(speech) as gw,
             TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0) as call,
         ):
-            await call.wait_for(lambda: len(call.echoed) == 2)  # the intro was heard
+            await call.wait_for(lambda: len(call.echoed) == 2, 30)  # the intro was heard
             held = await recognizer.open_stream(MULAW_8K)  # another utterance takes it
 
             busy = await ask_twiml(gw.url, PUBLIC, call_sid(), auth_token=AUTH)
@@ -308,16 +308,16 @@ async def test_busy_recognizers_give_new_calls_a_busy_line_and_a_call_s_utteranc
             assert root[0].text == "Sorry, all our lines are busy. Please call again later."
 
             call.say(phone(corpus[SENTENCE]))
-            await gw.wait_turns(2)
+            await gw.wait_turns(2, 30)
             assert gw.core.turns[1][0] == "#fallback"  # answered, not left in silence
-            await call.wait_for(lambda: len(call.echoed) == 3)
+            await call.wait_for(lambda: len(call.echoed) == 3, 30)
 
             await held.cancel()
             assert (
                 "<Connect>" in (await ask_twiml(gw.url, PUBLIC, call_sid(), auth_token=AUTH)).text
             )
             call.say(phone(corpus[SENTENCE]))
-            await gw.wait_turns(3)
+            await gw.wait_turns(3, 60)  # generous: recognition on a loaded machine
             assert wer([(SENTENCE, normalise(gw.core.turns[2][0]))]) <= 0.34, gw.core.turns
             await call.stop()
         await gw.wait_no_calls()
