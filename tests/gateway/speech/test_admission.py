@@ -1,4 +1,5 @@
-"""AdmissionGate: a bounded pool with a bounded, timed wait queue (gateway.speech.admission).
+"""AdmissionGate: a bounded pool with a bounded, timed wait queue (gateway.speech.admission),
+and the settings that bound the gateway's recognizer with it.
 
 The gate is plain asyncio; these tests drive it with real tasks and its own Prometheus
 metrics (a private registry per test, so counts are exact).
@@ -11,8 +12,12 @@ import time
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import ValidationError
 
+from gateway.settings import Settings
 from gateway.speech.admission import AdmissionGate, SpeechBusy
+from gateway.speech.service import make_speech
+from gateway.speech.stt import PocketsphinxRecognizer
 
 
 class Metrics:
@@ -152,3 +157,29 @@ async def test_queue_zero_refuses_as_soon_as_all_are_held() -> None:
 def test_bad_bounds_are_refused(limit: int, queue: int, wait_s: float, what: str) -> None:
     with pytest.raises(ValueError, match=what):
         AdmissionGate(limit, queue, wait_s, source="stt", what="x", unit="ys")
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("GATEWAY_STT_QUEUE", "-1"),
+        ("GATEWAY_STT_QUEUE", "many"),
+        ("GATEWAY_STT_QUEUE_WAIT_MS", "0"),
+        ("GATEWAY_TWILIO_BUSY_TEXT", ""),
+    ],
+)
+def test_bad_admission_settings_are_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValidationError, match=env.removeprefix("GATEWAY_").lower()):
+        Settings()
+
+
+def test_the_settings_make_a_bounded_recognizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_STT_MAX_STREAMS", "2")
+    monkeypatch.setenv("GATEWAY_STT_QUEUE", "0")
+    monkeypatch.setenv("GATEWAY_STT_QUEUE_WAIT_MS", "1500")
+    recognizer = make_speech(Settings(), None).recognizer
+    assert isinstance(recognizer, PocketsphinxRecognizer)
+    assert (recognizer.max_streams, recognizer.max_queued, recognizer.queue_wait_s) == (2, 0, 1.5)
