@@ -9,6 +9,8 @@ the connection goes on), V2 audio files and a V2 realtime stream (-> HTTP 503 wi
 Retry-After and an Error of source ``stt``), a phone call (-> busy TwiML) and a batch
 of V1 and V2 text turns (-> all answered). Then the two holders speak real Piper
 speech and both are recognised: the queued one got the recognizer the first let go.
+Also: a queued utterance refused when its wait is over, and a client that vanishes
+while queued gives its place back.
 """
 
 from __future__ import annotations
@@ -270,3 +272,30 @@ async def test_a_queued_v1_utterance_is_refused_when_its_wait_is_over(
             async with speaking(holder, pcm_at(corpus[PLACE], 16000), 16000):
                 frames = json_frames(await frames_until_response(holder))
             assert frames[-1]["type"] == "Response", frames
+
+
+async def test_a_client_gone_while_queued_frees_its_place_in_the_queue() -> None:
+    async with served(stt_max_streams=1, stt_queue=1, stt_queue_wait_ms=30_000) as url:
+        streams0 = await metric(url, "gateway_stt_streams")
+        depth0 = await metric(url, "gateway_stt_queue_depth")
+        async with connect(ws_url(url)) as holder:
+            await init(holder)
+            await open_utterance(holder)
+            await until_metric(url, "gateway_stt_streams", streams0 + 1)
+            gone = await connect(ws_url(url))
+            await init(gone)
+            await open_utterance(gone)
+            await until_metric(url, "gateway_stt_queue_depth", depth0 + 1)
+            gone.transport.abort()  # TCP gone while waiting: no close frame
+            await until_metric(url, "gateway_stt_queue_depth", depth0)
+
+            async with connect(ws_url(url)) as next_one:  # the place is free again
+                await init(next_one)
+                await open_utterance(next_one)
+                await until_metric(url, "gateway_stt_queue_depth", depth0 + 1)
+                # the holder drops its utterance: the waiting one gets the recognizer
+                await send_json(holder, {"type": "InputAudioStreamCancel"})
+                await until_metric(url, "gateway_stt_queue_depth", depth0)
+                assert await metric(url, "gateway_stt_streams") == streams0 + 1
+                await send_json(next_one, {"type": "InputAudioStreamCancel"})
+                await until_metric(url, "gateway_stt_streams", streams0)
