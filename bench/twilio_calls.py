@@ -146,6 +146,9 @@ class ConstantCostRecognizer:
     async def open_stream(self, fmt: AudioFormat) -> ConstantCostStream:
         return ConstantCostStream(self, fmt)
 
+    def saturated(self) -> bool:
+        return False  # no admission control: the benchmark measures CPU sharing
+
     async def aclose(self) -> None:
         self.pool.shutdown(wait=False)
 

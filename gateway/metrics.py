@@ -5,13 +5,20 @@ Names and labels:
 - ``gateway_turns_total{channel, outcome}``: turns by outcome ``ok``, ``error``
   (the turn ended with an ErrorEvent) or ``rejected`` (it could not start).
 - ``gateway_errors_total{channel, source}``: ErrorEvents and rejections by source
-  (``pipeline``, ``session``, ``gateway``...).
+  (``pipeline``, ``session``, ``gateway``...); ``stt``: audio turns, utterances and
+  calls refused because every recognizer was busy.
 - ``gateway_turn_seconds{channel}``: turn latency, input to Response/Error.
 - ``gateway_turns_in_flight``: turns running in this process.
 - ``gateway_sessions_started_total{channel}``, ``gateway_sessions_ended_total{channel}``.
 - ``gateway_connections{channel}``: open socket connections (V1, Twilio, socket.io).
 - ``gateway_stt_seconds``: end of speech to final recognition result;
   ``gateway_tts_seconds``: synthesis of one item (cache misses).
+- ``gateway_stt_streams``: recognition streams decoding now (at most
+  GATEWAY_STT_MAX_STREAMS); ``gateway_stt_queue_depth``: recognition streams waiting
+  for a recognizer (at most GATEWAY_STT_QUEUE); ``gateway_stt_queue_wait_seconds``:
+  how long each admitted stream waited (0 when a recognizer was free);
+  ``gateway_stt_refused_total{reason}``: streams refused as busy, ``queue-full``
+  (at once) or ``wait-timeout`` (after GATEWAY_STT_QUEUE_WAIT_MS).
 - ``gateway_redis_seconds{op}``: Redis round trips of the session store
   (``acquire``, ``release``).
 
@@ -59,6 +66,22 @@ STT_SECONDS = Histogram(
 )
 TTS_SECONDS = Histogram(
     "gateway_tts_seconds", "Synthesis of one item (s).", buckets=_LATENCY, registry=REGISTRY
+)
+STT_STREAMS = Gauge("gateway_stt_streams", "Recognition streams decoding now.", registry=REGISTRY)
+STT_QUEUE_DEPTH = Gauge(
+    "gateway_stt_queue_depth", "Recognition streams waiting for a recognizer.", registry=REGISTRY
+)
+STT_QUEUE_WAIT_SECONDS = Histogram(
+    "gateway_stt_queue_wait_seconds",
+    "Wait of each admitted recognition stream for a recognizer (s).",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+    registry=REGISTRY,
+)
+STT_REFUSED = Counter(
+    "gateway_stt_refused",
+    "Recognition streams refused as busy, by reason (queue-full, wait-timeout).",
+    ["reason"],
+    registry=REGISTRY,
 )
 REDIS_SECONDS = Histogram(
     "gateway_redis_seconds", "Redis round trips (s).", ["op"], buckets=_FAST, registry=REGISTRY

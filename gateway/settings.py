@@ -128,6 +128,19 @@ class Settings(BaseSettings):
     stt_max_streams: int = Field(
         default=4, gt=0, description="Concurrent recognitions (each a pocketsphinx worker)."
     )
+    stt_queue: int = Field(
+        default=4,
+        ge=0,
+        description="Recognitions that may wait for a free recognizer when all "
+        "GATEWAY_STT_MAX_STREAMS are busy; beyond that a new audio turn is refused at once "
+        "(V1 Error source `stt`, V2 HTTP 503 + Retry-After, Twilio busy line). 0: no waiting.",
+    )
+    stt_queue_wait_ms: int = Field(
+        default=3000,
+        gt=0,
+        description="Longest wait of a queued recognition for a recognizer; then it is "
+        "refused as busy.",
+    )
     tts_provider: Literal["piper", "espeak-ng"] = Field(
         default="piper", description="`piper` (neural, offline) or `espeak-ng` (lighter)."
     )
@@ -277,6 +290,12 @@ class Settings(BaseSettings):
         default=60,
         ge=0,
         description="How far outbound audio may run ahead of real time (jitter margin).",
+    )
+    twilio_busy_text: str = Field(
+        default="Sorry, all our lines are busy. Please call again later.",
+        min_length=1,
+        description="Said (TwiML <Say>, then <Hangup/>) to a new call while speech "
+        "recognition is saturated (GATEWAY_STT_MAX_STREAMS busy, GATEWAY_STT_QUEUE full).",
     )
 
     # Voiceflow socket.io (/v4/interact/socket)

@@ -138,6 +138,7 @@ from gateway.events import (
     V1ClientEvent,
 )
 from gateway.protocol import ProtocolError, validate_event
+from gateway.speech.admission import SpeechBusy
 from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.listener import Heard
 from gateway.speech.service import TtsRequest
@@ -644,8 +645,12 @@ def audio_error_frame(error: Exception) -> Send:
     """The Error frame of a failed utterance.
 
     Source ``client`` for bad audio (AudioFormatError, including
-    AudioLimitExceeded), ``stt`` for anything else (the recognizer failed).
+    AudioLimitExceeded), ``stt`` for anything else: all recognizers busy
+    (SpeechBusy, "Speech recognition is busy: ... try again in N s") or the
+    recognizer failed.
     """
+    if isinstance(error, SpeechBusy):
+        return error_frame(f"{error}. The utterance was dropped.", "stt")
     if isinstance(error, AudioFormatError):
         return error_frame(f"Bad audio input, the utterance was dropped: {error}.", "client")
     return error_frame(f"Speech recognition failed, the utterance was dropped: {error}.", "stt")

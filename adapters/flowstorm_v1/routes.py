@@ -9,8 +9,11 @@ cancelled: the engine's turn completes and saves the session.
 
 Audio input: each utterance (StartListening) gets a
 ``gateway.speech.listener.Listener`` from ``gw.speech`` and a worker task that
-feeds it the client's audio through a queue, in the order it came, and hands
-what it heard back to the protocol. Recognition itself runs in the
+first takes a recognizer (waiting in the recognizer's bounded queue; when it is
+full, or the wait is over, the utterance gets an ``Error`` of source ``stt`` at
+once and the connection goes on: text turns still work), then feeds it the
+client's audio through a queue, in the order it came, and hands what it heard
+back to the protocol. Recognition itself runs in the
 recognizer's worker processes, so the event loop only moves bytes; the receive
 loop never waits for recognition — except when more than
 :data:`MAX_PENDING_AUDIO_MS` of audio is queued for the utterance, where it
@@ -60,7 +63,7 @@ from gateway.sessions import StoreError
 from gateway.sockets import SEND_ERRORS, GuardedSocket
 from gateway.speech.audio import AudioFormatError
 from gateway.speech.listener import Heard, Listener
-from gateway.speech.stt import RecognitionError
+from gateway.speech.stt import RecognitionError, RecognizerBusy
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +282,15 @@ class _Socket(GuardedSocket):
                 await asyncio.shield(self._do(actions))
 
         try:
+            try:
+                # a recognizer now, not at the first audio: a busy refusal (RecognizerBusy,
+                # GATEWAY_STT_QUEUE full or its wait over) comes as soon as the stream opens
+                await listener.start()
+            except (AudioFormatError, RecognitionError) as exc:
+                if isinstance(exc, RecognizerBusy):
+                    metrics.ERRORS.labels("flowstorm_v1", "stt").inc()
+                await report(conn.audio_failed(stream, exc))
+                return
             while not listener.done and not utterance.stopped:
                 data = await utterance.next()
                 if data is _Mark.STOPPED:

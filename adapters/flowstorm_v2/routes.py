@@ -9,7 +9,9 @@ ErrorEvent line otherwise, with an HTTP status that says what happened (400
 malformed, 401 no key, 403 unknown key or another application's session, 404
 unknown session, 408 a stream that stopped, 409 busy session, 413 too large or
 too long, 415 unsupported content type, 429 too many unknown sessions, 503 store
-or recognizer down). A refused request changes no session. A turn that fails
+or recognizer down, or all recognizers busy: then with ``Retry-After`` and an
+ErrorEvent of source ``stt``, see GATEWAY_STT_QUEUE). A refused request changes
+no session. A turn that fails
 after its answer began (the store fails when the session is saved) ends its
 200 answer with an Error event (``! gateway: ...``), never a cut-off body.
 
@@ -138,6 +140,7 @@ from adapters.flowstorm_v2.protocol import (
     text_input,
     text_lines,
 )
+from gateway import metrics
 from gateway.apidoc import component
 from gateway.bus import BusUnavailable
 from gateway.conversation import TurnContext, TurnRejected, TurnStream, new_session_id
@@ -166,7 +169,7 @@ from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.listener import AudioLimitExceeded, Heard, Listener
 from gateway.speech.service import TtsRequest
-from gateway.speech.stt import RecognitionError
+from gateway.speech.stt import RecognitionError, RecognizerBusy
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +238,16 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
         "GATEWAY_MAX_AUDIO_BYTES (audio), or more than GATEWAY_MAX_AUDIO_S of audio"
     },
     415: {"description": "Content type not supported"},
-    503: {"description": "The session store or the speech recognizer is unavailable"},
+    503: {
+        "description": "The session store or the speech recognizer is unavailable, or all "
+        "recognizers are busy (an audio request: ErrorEvent source `stt`, `Retry-After` s)",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again (recognizers busy)",
+                "schema": {"type": "integer"},
+            }
+        },
+    },
 }
 
 _CONFIG_PARAMETERS = [
@@ -275,21 +287,32 @@ _CONFIG_PARAMETERS = [
 
 
 class _Refused(Exception):
-    """A request answered with one ErrorEvent and an HTTP status."""
+    """A request answered with one ErrorEvent, an HTTP status and (503) ``Retry-After`` s."""
 
-    def __init__(self, status: int, error: ErrorEvent) -> None:
+    def __init__(self, status: int, error: ErrorEvent, retry_after_s: int | None = None) -> None:
         super().__init__(error.text)
         self.status = status
         self.error = error
+        self.retry_after_s = retry_after_s
+
+    def answer(self) -> HTTPResponse:
+        """The refusal as an NDJSON ErrorEvent answer (audio requests never get plain text)."""
+        return _answer(self.status, self.error, plain=False, retry_after_s=self.retry_after_s)
 
     @classmethod
     def client(cls, exc: ProtocolError) -> _Refused:
         return cls(exc.status, ErrorEvent(text=exc.text, source="client"))
 
 
-def _answer(status: int, error: ErrorEvent, *, plain: bool) -> HTTPResponse:
+def _answer(
+    status: int, error: ErrorEvent, *, plain: bool, retry_after_s: int | None = None
+) -> HTTPResponse:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
     return HTTPResponse(
-        error_body(error, plain=plain), status_code=status, media_type=TEXT if plain else NDJSON
+        error_body(error, plain=plain),
+        status_code=status,
+        media_type=TEXT if plain else NDJSON,
+        headers=headers,
     )
 
 
@@ -372,9 +395,16 @@ _COOKIE_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,256}")
 
 @contextlib.contextmanager
 def _speech_errors() -> Iterator[None]:
-    """Listener errors as client errors (400 / 413) or an unavailable recognizer (503)."""
+    """Listener errors as client errors (400 / 413), a busy recognizer (503 with
+    Retry-After, source ``stt``) or an unavailable one (503, source ``gateway``)."""
     try:
         yield
+    except RecognizerBusy as exc:
+        log.info("audio turn refused: %s", exc.text)
+        metrics.ERRORS.labels(CHANNEL, "stt").inc()
+        raise _Refused(
+            503, ErrorEvent(text=f"{exc.text}.", source="stt"), exc.retry_after_s
+        ) from None
     except AudioLimitExceeded as exc:
         raise _Refused(
             413, ErrorEvent(text=f"The audio is too long: {exc}.", source="client")
@@ -497,7 +527,7 @@ async def _file_turn(
             raise _Refused.client(exc) from None
         heard = await _recognise_file(gw, fmt, data)
     except _Refused as exc:
-        return _answer(exc.status, exc.error, plain=False)
+        return exc.answer()
     input_, prefix = _heard_input(heard)
     return await _turn(gw, ctx, input_, config, plain=False, prefix=prefix)
 
@@ -536,7 +566,7 @@ async def _stream_turn(
         outcome = await hearing.run()
     except _Refused as exc:
         await hearing.release()
-        return _answer(exc.status, exc.error, plain=False)
+        return exc.answer()
     except BaseException:  # the client went away (ClientDisconnect), or a failure
         await hearing.release()
         raise

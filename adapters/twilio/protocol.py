@@ -375,6 +375,17 @@ def twiml(stream: str, status_callback: str, parameters: Mapping[str, str]) -> s
     return str(response.to_xml(xml_declaration=True))
 
 
+def busy_twiml(text: str) -> str:
+    """The voice webhook's TwiML when the gateway cannot take a call (speech saturated)::
+
+    <Response><Say>Sorry, all our lines are busy...</Say><Hangup/></Response>
+    """
+    response = VoiceResponse()
+    response.say(_xml_text(text))
+    response.hangup()
+    return str(response.to_xml(xml_declaration=True))
+
+
 # ------------------------------------------------------------------ state machine
 
 

@@ -10,7 +10,11 @@ Thin I/O around :mod:`adapters.twilio.protocol` (the call, sans I/O) and
   ``<Connect><Stream url="wss://<public host>/twilio/stream/<token>">`` with
   ``<Parameter>`` s ``from``, ``to``, ``appKey`` (the webhook's ``?key=``, else
   GATEWAY_TWILIO_APP_KEY) and ``locale`` (``?locale=``), a ``statusCallback`` to
-  ``/twilio/status``, and ``<Hangup/>`` after it. 403 with a problem body for a bad
+  ``/twilio/status``, and ``<Hangup/>`` after it. While speech recognition is
+  saturated (every recognizer busy and GATEWAY_STT_QUEUE streams waiting, so the
+  caller's first words would be refused) a new call gets the busy line instead:
+  ``<Say>`` GATEWAY_TWILIO_BUSY_TEXT ``</Say><Hangup/>`` (counted in
+  ``gateway_errors_total{channel="twilio", source="stt"}``). 403 with a problem body for a bad
   signature or an unknown key, 400 for a request without a valid CallSid, 413
   past GATEWAY_MAX_BODY_BYTES, 415 for a body that is not a form.
 - ``POST /twilio/status`` — the stream's status callback (``stream-started``,
@@ -21,6 +25,13 @@ Thin I/O around :mod:`adapters.twilio.protocol` (the call, sans I/O) and
   (the exact ``wss://`` URL, no parameters) and the one-time token are checked
   **before** the socket is accepted; a refused stream is closed with 1008 before
   the handshake completes (the client sees HTTP 403) and logged at WARNING.
+
+A call holds a recognizer only while the caller speaks (one stream per utterance,
+waiting in the recognizer's bounded queue when all are busy). An utterance of an
+established call that gets none within GATEWAY_STT_QUEUE_WAIT_MS (or finds the
+queue full) is the ``#fallback`` input, as a failed recognition is: the core
+answers it (typically asking the caller to repeat) and the call goes on; it is
+logged at WARNING and counted like a refused call.
 
 Each accepted stream is served by :class:`_Call`: a receive loop that hands every
 frame to the protocol and carries out its actions, a **sender task** that paces
@@ -80,6 +91,7 @@ from adapters.twilio.protocol import (
     StartTurn,
     StopListening,
     TwilioCall,
+    busy_twiml,
     twiml,
 )
 from adapters.twilio.verify import (
@@ -104,7 +116,7 @@ from gateway.sessions import StoreError, StoreUnavailable
 from gateway.settings import Settings
 from gateway.sockets import SEND_ERRORS, GuardedSocket
 from gateway.speech.audio import AudioFormat, AudioFormatError
-from gateway.speech.stt import RecognitionError
+from gateway.speech.stt import RecognitionError, RecognizerBusy
 
 log = logging.getLogger("adapters.twilio")
 
@@ -376,7 +388,8 @@ _TITLES = {
     response_class=Response,
     responses={
         200: {
-            "description": "TwiML: <Connect><Stream> to the call's one-time stream URL",
+            "description": "TwiML: <Connect><Stream> to the call's one-time stream URL; "
+            "while speech recognition is saturated <Say>GATEWAY_TWILIO_BUSY_TEXT</Say><Hangup/>",
             "content": {"application/xml": {"example": _TWIML_EXAMPLE}},
         },
         400: {"description": "No valid CallSid", "content": _PROBLEM},
@@ -400,6 +413,12 @@ async def voice(request: Request) -> Response:
     if not settings.key_allowed(key):
         log.warning("Twilio call %s refused: unknown application key %r", call_sid, key)
         return problem(403, "Forbidden", f"Unknown application key {key!r}.")
+    if gateway_of(request).speech.recognition_saturated():
+        # a call needs a recognizer for each utterance; with all busy and the queue full
+        # its first words would be refused: a clear busy line now beats a mute bot later
+        log.warning("Twilio call %s refused: speech recognition is saturated", call_sid)
+        metrics.ERRORS.labels(CHANNEL, "stt").inc()
+        return Response(busy_twiml(settings.twilio_busy_text), media_type="application/xml")
     token = channel.tokens.issue(call_sid, time.time())
     parameters = {
         "from": params.get("From", ""),
@@ -698,6 +717,10 @@ class _Call(GuardedSocket):
                 await listener.feed(chunk)
             result = listener.result
             actions = self.call.heard(result.kind, result.text) if result is not None else []
+        except RecognizerBusy as exc:  # no recognizer within GATEWAY_STT_QUEUE_WAIT_MS
+            log.warning("Twilio call %s: utterance not heard: %s", self.call_sid, exc.text)
+            metrics.ERRORS.labels(CHANNEL, "stt").inc()
+            actions = self.call.listener_failed()  # #fallback: the core asks to repeat
         except (RecognitionError, AudioFormatError) as exc:
             log.warning("Twilio call %s: recognition failed: %s", self.call_sid, exc)
             actions = self.call.listener_failed()

@@ -104,7 +104,13 @@ class Listener:
         return int(self.fmt.duration_ms(self._fed_bytes))
 
     async def start(self) -> Listener:
-        """Open the recognition stream (may wait while the recognizer is at its limit)."""
+        """Open the recognition stream (may wait in the recognizer's bounded queue).
+
+        Raises:
+            RecognizerBusy: no recognizer is free and the queue is full, or the wait
+                timed out (a RecognitionError).
+            RecognitionError: the recognizer failed.
+        """
         if self._stream is None:
             self._stream = await self._recognizer.open_stream(self.fmt)
         return self

@@ -97,6 +97,12 @@ class SpeechService:
             self._recognizer = self._recognizer_factory()
         return self._recognizer
 
+    def recognition_saturated(self) -> bool:
+        """Whether a recognition stream opened now would be refused as busy (all
+        GATEWAY_STT_MAX_STREAMS open, GATEWAY_STT_QUEUE waiting). Makes the recognizer
+        object on first use, but starts no worker."""
+        return self.recognizer.saturated()
+
     def listener(
         self,
         fmt: AudioFormat,
@@ -107,7 +113,9 @@ class SpeechService:
     ) -> Listener:
         """A listener for one utterance in ``fmt``; ``silence_timeout_ms`` None keeps the default.
 
-        Not started: use ``async with`` or ``await listener.start()``.
+        Not started: use ``async with`` or ``await listener.start()``, which raises
+        RecognizerBusy when no recognizer is free and the wait queue is full (see
+        GATEWAY_STT_QUEUE).
         """
         defaults = self.listen_defaults
         options = ListenOptions(
@@ -198,7 +206,11 @@ def make_speech(settings: Settings, redis: aioredis.Redis | None) -> SpeechServi
     else:
         cache = MemoryTtsCache(settings.tts_cache_max_bytes)
     return SpeechService(
-        recognizer_factory=lambda: PocketsphinxRecognizer(max_streams=settings.stt_max_streams),
+        recognizer_factory=lambda: PocketsphinxRecognizer(
+            max_streams=settings.stt_max_streams,
+            max_queued=settings.stt_queue,
+            queue_wait_s=settings.stt_queue_wait_ms / 1000,
+        ),
         synthesizer=make_synthesizer(settings.tts_provider, settings.tts_voice),
         cache=cache,
         public_url=settings.public_url,

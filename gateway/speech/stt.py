@@ -45,6 +45,8 @@ from typing import Any, Final, Literal, Protocol, TypeAlias, TypeVar, runtime_ch
 
 import pocketsphinx  # type: ignore[import-untyped]
 
+from gateway import metrics
+from gateway.speech.admission import AdmissionGate, BusyReason, SpeechBusy
 from gateway.speech.audio import AudioFormat, AudioFormatError, Resampler, mulaw_to_pcm
 
 __all__ = [
@@ -55,6 +57,7 @@ __all__ = [
     "RecognitionResult",
     "RecognitionStream",
     "Recognizer",
+    "RecognizerBusy",
     "recognize",
 ]
 
@@ -68,6 +71,19 @@ _NON_WORDS: Final = frozenset({"<s>", "</s>", "<sil>"})
 
 class RecognitionError(RuntimeError):
     """The recognizer failed, or a stream was used after ``finish``/``cancel``."""
+
+
+class RecognizerBusy(SpeechBusy, RecognitionError):
+    """All recognizers are in use and the wait queue is full (or the wait timed out).
+
+    Raised by :meth:`Recognizer.open_stream`; source ``stt``. A RecognitionError
+    too, so code that handles recognizer failures handles it; adapters that can
+    say "busy, retry later" catch it first (V1 ``Error`` source ``stt``, V2 HTTP
+    503 with ``Retry-After``, Twilio's busy line).
+    """
+
+    def __init__(self, reason: BusyReason, retry_after_s: int, text: str) -> None:
+        super().__init__("stt", reason, retry_after_s, text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +143,17 @@ class Recognizer(Protocol):
     async def open_stream(self, fmt: AudioFormat) -> RecognitionStream:
         """Start recognising one utterance of audio in ``fmt``.
 
-        May wait while the recognizer is at its concurrency limit.
+        May wait (in a bounded queue) while the recognizer is at its concurrency limit.
+
+        Raises:
+            RecognizerBusy: no recognizer is free and none will be soon (queue full,
+                or the wait timed out).
+            RecognitionError: the recognizer failed.
         """
+        ...
+
+    def saturated(self) -> bool:
+        """Whether a stream opened now would be refused at once (RecognizerBusy)."""
         ...
 
     async def aclose(self) -> None:
@@ -469,9 +494,16 @@ class PocketsphinxRecognizer:
     the decoder's cepstral mean to the model's initial value, so a result does
     not depend on earlier callers' audio.
 
-    At most ``max_streams`` streams are open at once (one decoder each);
-    ``open_stream`` waits for a free decoder beyond that. Decoders are created
-    lazily (about 0.5 s each; a worker process about 1-2 s) and kept for reuse.
+    At most ``max_streams`` streams are open at once (one decoder each).
+    Beyond that ``open_stream`` waits for a free decoder in a queue of at most
+    ``max_queued`` streams, each for at most ``queue_wait_s``; a stream that
+    finds the queue full is refused at once, one that waited in vain then, with
+    :class:`RecognizerBusy` (admission control, see
+    :mod:`gateway.speech.admission`; metrics ``gateway_stt_streams``,
+    ``gateway_stt_queue_depth``, ``gateway_stt_queue_wait_seconds``,
+    ``gateway_stt_refused_total``). ``max_queued`` and ``queue_wait_s`` None
+    (the defaults) queue without bound. Decoders are created lazily (about 0.5 s
+    each; a worker process about 1-2 s) and kept for reuse.
 
     Args:
         max_streams: concurrent streams; each decoder holds about 95 MB (a
@@ -488,6 +520,8 @@ class PocketsphinxRecognizer:
         decoder_options: extra ``pocketsphinx.Decoder`` options, e.g.
             ``{"hmm": ..., "lm": ..., "dict": ...}`` for another model.
         start_timeout_s: longest wait for a worker process to load its decoder.
+        max_queued: streams that may wait for a decoder (None: any number).
+        queue_wait_s: longest wait of one stream for a decoder, seconds (None: no bound).
     """
 
     def __init__(
@@ -500,6 +534,8 @@ class PocketsphinxRecognizer:
         slice_ms: int = 50,
         decoder_options: Mapping[str, Any] | None = None,
         start_timeout_s: float = 60.0,
+        max_queued: int | None = None,
+        queue_wait_s: float | None = None,
     ) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be >= 1")
@@ -507,7 +543,13 @@ class PocketsphinxRecognizer:
             raise ValueError("slice_ms must be >= 10 and interim_interval_ms >= 0")
         if isolation not in ("process", "thread"):
             raise ValueError(f"isolation must be 'process' or 'thread', got {isolation!r}")
+        if max_queued is not None and max_queued < 0:
+            raise ValueError("max_queued must be >= 0")
+        if queue_wait_s is not None and queue_wait_s <= 0:
+            raise ValueError("queue_wait_s must be > 0")
         self.max_streams = max_streams
+        self.max_queued = max_queued
+        self.queue_wait_s = queue_wait_s
         self.isolation = isolation
         self.interim_interval_ms = interim_interval_ms
         self.slice_ms = slice_ms
@@ -517,18 +559,35 @@ class PocketsphinxRecognizer:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pocketsphinx")
         self._idle: list[_Engine] = []
         self._idle_lock = threading.Lock()
-        # asyncio primitives bind to one event loop; keep one semaphore per loop.
-        self._limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+        # asyncio primitives bind to one event loop; keep one gate per loop.
+        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AdmissionGate] = (
             weakref.WeakKeyDictionary()
         )
         self._closed = False
 
-    def _limit(self) -> asyncio.Semaphore:
+    def _gate(self) -> AdmissionGate:
         loop = asyncio.get_running_loop()
-        sem = self._limits.get(loop)
-        if sem is None:
-            sem = self._limits[loop] = asyncio.Semaphore(self.max_streams)
-        return sem
+        gate = self._gates.get(loop)
+        if gate is None:
+            gate = self._gates[loop] = AdmissionGate(
+                self.max_streams,
+                self.max_queued,
+                self.queue_wait_s,
+                source="stt",
+                what="speech recognition",
+                unit="recognizers",
+                depth=metrics.STT_QUEUE_DEPTH,
+                in_use=metrics.STT_STREAMS,
+                wait=metrics.STT_QUEUE_WAIT_SECONDS,
+                refused=metrics.STT_REFUSED,
+            )
+        return gate
+
+    def saturated(self) -> bool:
+        """Whether :meth:`open_stream` in this event loop would now be refused at once:
+        ``max_streams`` streams open and ``max_queued`` waiting (never with an unbounded
+        queue)."""
+        return self._gate().saturated()
 
     def _checkout(self) -> _Engine:
         """Helper thread: an idle engine, or a new one."""
@@ -577,20 +636,26 @@ class PocketsphinxRecognizer:
             self._checkin(engine)
 
     async def open_stream(self, fmt: AudioFormat) -> PocketsphinxStream:
-        """Start a stream for raw audio in ``fmt``; waits while ``max_streams`` are open.
+        """Start a stream for raw audio in ``fmt``; waits (in the bounded queue, see
+        the class doc) while ``max_streams`` are open.
 
         Raises:
+            RecognizerBusy: the wait queue is full (at once), or no decoder became
+                free within ``queue_wait_s``.
             RecognitionError: the recognizer is closed or the decoder failed to load.
         """
         if self._closed:
             raise RecognitionError("recognizer is closed")
-        sem = self._limit()
-        await sem.acquire()
+        gate = self._gate()
         try:
-            stream = PocketsphinxStream(self, fmt, sem)
+            await gate.acquire()
+        except SpeechBusy as exc:
+            raise RecognizerBusy(exc.reason, exc.retry_after_s, exc.text) from None
+        try:
+            stream = PocketsphinxStream(self, fmt, gate)
             await stream._open()
         except BaseException:
-            sem.release()
+            gate.release()
             raise
         return stream
 
@@ -613,7 +678,7 @@ class PocketsphinxStream:
     """
 
     def __init__(
-        self, owner: PocketsphinxRecognizer, fmt: AudioFormat, limit: asyncio.Semaphore
+        self, owner: PocketsphinxRecognizer, fmt: AudioFormat, limit: AdmissionGate
     ) -> None:
         self._owner = owner
         self._fmt = fmt

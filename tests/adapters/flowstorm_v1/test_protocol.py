@@ -47,7 +47,7 @@ from gateway.protocol import ProtocolError
 from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.listener import AudioLimitExceeded, Heard
 from gateway.speech.service import TtsRequest
-from gateway.speech.stt import RecognitionError
+from gateway.speech.stt import RecognitionError, RecognizerBusy
 from tests.adapters.flowstorm_v1.helpers import (
     SPEC,
     SPEC_INIT,
@@ -683,6 +683,11 @@ def test_cancel_drops_the_utterance_and_its_late_results() -> None:
         ),
         (AudioLimitExceeded("expected at most 5 s of audio"), "client", ["at most 5 s"]),
         (RecognitionError("pocketsphinx failed: boom"), "stt", ["recognition failed", "boom"]),
+        (
+            RecognizerBusy("queue-full", 3, "Speech recognition is busy: try again in 3 s"),
+            "stt",
+            ["recognition is busy", "try again in 3 s", "utterance was dropped"],
+        ),
     ],
 )
 def test_a_failed_utterance_is_an_error_and_the_connection_goes_on(

@@ -11,15 +11,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import xml.etree.ElementTree as ET
 
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from adapters.twilio.routes import MULAW_8K
 from gateway.speech.audio import Pcm
+from gateway.speech.listener import ListenOptions
 from gateway.speech.service import SpeechService
+from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
-from tests.adapters.twilio.harness import FRAME, TwilioHarness
+from gateway.speech.tts_cache import MemoryTtsCache
+from tests.adapters.twilio.harness import FRAME, TwilioHarness, ask_twiml, call_sid
 from tests.adapters.twilio.helpers import (
     AUTH,
     PUBLIC,
@@ -271,3 +276,50 @@ async def test_collected_digits_end_with_hash_or_a_pause(speech: SpeechService, 
         await gw.wait_turns(3)  # after 1 s of the caller's audio (0.25 s at 4x)
         assert gw.core.turns[2] == ("17", ["You said: 17"])
         await call.stop()
+
+
+async def test_busy_recognizers_give_new_calls_a_busy_line_and_a_call_s_utterance_fallback(
+    piper: PiperSynthesizer, corpus: dict[str, Pcm]
+) -> None:
+    """GATEWAY_STT_MAX_STREAMS=1, GATEWAY_STT_QUEUE=0: while another utterance holds the one
+    recognizer, a new call gets the busy TwiML and the running call's utterance, which finds
+    no recognizer, is the ``#fallback`` input; once it is free, speech is recognised again."""
+    recognizer = PocketsphinxRecognizer(max_streams=1, max_queued=0, queue_wait_s=1.0)
+    speech = SpeechService(
+        recognizer_factory=lambda: recognizer,
+        synthesizer=piper,
+        cache=MemoryTtsCache(),
+        public_url=PUBLIC,
+        listen_defaults=ListenOptions(silence_timeout_ms=600_000),
+    )
+    try:
+        async with (
+            twilio_gateway(speech) as gw,
+            TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0) as call,
+        ):
+            await call.wait_for(lambda: len(call.echoed) == 2, 30)  # the intro was heard
+            held = await recognizer.open_stream(MULAW_8K)  # another utterance takes it
+
+            busy = await ask_twiml(gw.url, PUBLIC, call_sid(), auth_token=AUTH)
+            assert busy.status_code == 200
+            assert busy.headers["content-type"].startswith("application/xml")
+            root = ET.fromstring(busy.text)
+            assert [child.tag for child in root] == ["Say", "Hangup"]
+            assert root[0].text == "Sorry, all our lines are busy. Please call again later."
+
+            call.say(phone(corpus[SENTENCE]))
+            await gw.wait_turns(2, 30)
+            assert gw.core.turns[1][0] == "#fallback"  # answered, not left in silence
+            await call.wait_for(lambda: len(call.echoed) == 3, 30)
+
+            await held.cancel()
+            assert (
+                "<Connect>" in (await ask_twiml(gw.url, PUBLIC, call_sid(), auth_token=AUTH)).text
+            )
+            call.say(phone(corpus[SENTENCE]))
+            await gw.wait_turns(3, 60)  # generous: recognition on a loaded machine
+            assert wer([(SENTENCE, normalise(gw.core.turns[2][0]))]) <= 0.34, gw.core.turns
+            await call.stop()
+        await gw.wait_no_calls()
+    finally:
+        await recognizer.aclose()

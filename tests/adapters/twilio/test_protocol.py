@@ -34,6 +34,7 @@ from adapters.twilio.protocol import (
     Stop,
     StopListening,
     TwilioCall,
+    busy_twiml,
     clear_message,
     mark_message,
     media_message,
@@ -185,6 +186,14 @@ def test_twiml_connects_a_stream_with_parameters_and_hangs_up_after() -> None:
     }
     params = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
     assert params == {"from": "+15550100", "appKey": "app"}
+
+
+def test_busy_twiml_says_the_text_and_hangs_up() -> None:
+    xml = busy_twiml("Lines <busy> & full\x07.")
+    assert xml.startswith("<?xml")
+    root = ET.fromstring(xml)  # the text is escaped, the control character dropped
+    assert [child.tag for child in root] == ["Say", "Hangup"]
+    assert root[0].text == "Lines <busy> & full."
 
 
 def test_the_state_table() -> None:

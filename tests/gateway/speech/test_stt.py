@@ -17,6 +17,7 @@ from gateway.speech.stt import (
     RecognitionResult,
     RecognitionStream,
     Recognizer,
+    RecognizerBusy,
     recognize,
 )
 from tests.speech import wer, word_errors
@@ -206,6 +207,57 @@ async def test_stream_limit_makes_open_wait(corpus: dict[str, Pcm]) -> None:
         await rec.open_stream(AudioFormat("LINEAR16", 16000))
 
 
+async def test_a_full_queue_refuses_at_once_and_a_queued_stream_gets_the_next_decoder(
+    corpus: dict[str, Pcm],
+) -> None:
+    """Admission control: 1 stream decoding + 1 queued; the rest refused with RecognizerBusy
+    (a RecognitionError too) without waiting; a queued stream waits its turn, then runs."""
+    rec = PocketsphinxRecognizer(max_streams=1, max_queued=1, queue_wait_s=30.0)
+    try:
+        fmt, data = as_16k_linear(corpus["tell me about this place"])
+        first = await rec.open_stream(fmt)
+        queued = asyncio.create_task(rec.open_stream(fmt))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not queued.done()
+        assert rec.saturated()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for _ in range(3):
+            with pytest.raises(RecognizerBusy) as refused:
+                await rec.open_stream(fmt)
+            assert isinstance(refused.value, RecognitionError)
+            assert (refused.value.source, refused.value.reason) == ("stt", "queue-full")
+            assert refused.value.retry_after_s == 30
+        assert loop.time() - start < 1.0
+        await first.feed(data)
+        assert word_errors("tell me about this place", (await first.finish()).text) <= 2
+        second = await asyncio.wait_for(queued, 30)  # the finished stream's decoder
+        assert not rec.saturated()
+        await second.feed(data)
+        assert word_errors("tell me about this place", (await second.finish()).text) <= 2
+    finally:
+        await rec.aclose()
+
+
+async def test_a_queued_stream_is_refused_when_its_wait_is_over() -> None:
+    rec = PocketsphinxRecognizer(max_streams=1, max_queued=4, queue_wait_s=0.3)
+    try:
+        fmt = AudioFormat("LINEAR16", 16000)
+        first = await rec.open_stream(fmt)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(RecognizerBusy, match=r"became free within 0\.3 s") as refused:
+            await rec.open_stream(fmt)
+        assert refused.value.reason == "wait-timeout"
+        assert 0.25 <= loop.time() - start < 3.0
+        await first.cancel()
+        again = await rec.open_stream(fmt)  # the refused wait held nothing
+        await again.cancel()
+    finally:
+        await rec.aclose()
+
+
 async def test_unsupported_format_is_refused() -> None:
     with pytest.raises(AudioFormatError, match="unsupported sample rate"):
         AudioFormat("LINEAR16", 96000)
@@ -255,3 +307,7 @@ async def test_invalid_recognizer_settings_are_refused() -> None:
         PocketsphinxRecognizer(max_streams=0)
     with pytest.raises(ValueError, match="isolation"):
         PocketsphinxRecognizer(isolation="fiber")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_queued"):
+        PocketsphinxRecognizer(max_queued=-1)
+    with pytest.raises(ValueError, match="queue_wait_s"):
+        PocketsphinxRecognizer(queue_wait_s=0)
