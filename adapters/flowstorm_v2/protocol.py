@@ -34,7 +34,6 @@ Decisions where the spec is silent:
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 from collections.abc import Mapping
@@ -60,7 +59,7 @@ from gateway.events import (
     TurnEvent,
     V2ClientEvent,
 )
-from gateway.protocol import ProtocolError, validate_event
+from gateway.protocol import ProtocolError, load_json, validate_event
 from gateway.speech.audio import AudioFormat, AudioFormatError, Pcm, decode_mp3, decode_wav
 
 SESSION_COOKIE = "flowstorm-session-id"
@@ -375,16 +374,7 @@ class JsonEventReader:
                 self._start = 0
 
     def _events(self, raw: bytes, offset: int) -> list[V2ClientEvent]:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError("The JSON body is not UTF-8.") from None
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ProtocolError(
-                f"Malformed JSON at byte {offset + len(text[: exc.pos].encode())}: {exc.msg}."
-            ) from None
+        value = load_json(raw, what="The JSON body", offset=offset)
         event = _event(value)
         self.events += 1
         if not isinstance(event, BinaryEvent):
