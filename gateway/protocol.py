@@ -88,25 +88,42 @@ MAX_NUMBER_CHARS: Final = 100
 accepts by default: far below Python's 4,300-digit int conversion limit, far above
 any real id, count or timestamp."""
 
-# After removing every string (a string that never ends runs to the end of the text;
-# the alternatives always match, so the scan is linear) and every run of other
-# characters, only the brackets are left. Possessive quantifiers: no backtracking.
-_NOT_BRACKET: Final = re.compile(r'"(?:[^"\\]++|\\(?:.|\Z))*+(?:"|\Z)|[^\[\]{}"]++', re.DOTALL)
+# A JSON string, or the rest of the text from an opening quote that is never closed:
+# every alternative always matches, so one pass is linear (possessive quantifiers,
+# no backtracking). Replacing the strings by "" leaves only structure and numbers.
+_STRING: Final = re.compile(r'"(?:[^"\\]++|\\(?:.|\Z))*+(?:"|\Z)', re.DOTALL)
+_NOT_BRACKET: Final = re.compile(r"[^\[\]{}]++")
 _BRACKET_STEP: Final = {"[": 1, "{": 1, "]": -1, "}": -1}
-# A \uD800-\uDFFF escape may decode to a lone surrogate (not encodable as UTF-8).
-_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+# A \uD800-\uDFFF escape or a raw surrogate may be a lone surrogate (not encodable as UTF-8).
+_SURROGATE: Final = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+
+
+@functools.lru_cache(maxsize=8)
+def _long_number(max_chars: int) -> re.Pattern[str]:
+    """A run of number characters longer than ``max_chars`` (outside strings)."""
+    return re.compile(rf"[-+0-9.eE]{{{max_chars + 1}}}")
+
+
+def _structure(text: str) -> str:
+    """``text`` with every string replaced by ``""`` (an unclosed one runs to the end)."""
+    return _STRING.sub('""', text) if '"' in text else text
 
 
 def json_depth(text: str) -> int:
     """The deepest nesting of arrays and objects in JSON ``text``, found without recursion.
 
-    Linear time (one regex pass over the text, then a running sum over the brackets
-    left); brackets inside strings do not count. For malformed text the figure is an
-    estimate that the parser's own error will follow.
+    Linear time, in C but for a running sum over the brackets: strings are removed
+    by one regex pass (brackets inside strings do not count), then everything but
+    brackets. For malformed text the figure is an estimate; the parser's own error
+    follows.
     """
-    if text.count("[") + text.count("{") == 0:
+    return _depth(_structure(text))
+
+
+def _depth(structure: str) -> int:
+    if structure.count("[") + structure.count("{") == 0:
         return 0
-    brackets = _NOT_BRACKET.sub("", text)
+    brackets = _NOT_BRACKET.sub("", structure)
     return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
 
 
@@ -124,12 +141,14 @@ def load_json(
 
     ``data`` is UTF-8 bytes or an already decoded str (a WebSocket text frame).
     Bounds: ``max_bytes`` of UTF-8 (None: unbounded), ``max_depth`` nested
-    arrays/objects, ``max_number_chars`` characters per number. Checked before the
-    standard library's parser runs: depth by a linear, non-recursive bracket scan
-    (:func:`json_depth`), numbers by the parser's hooks (so no int conversion of a
-    4,300-digit literal is ever attempted).
+    arrays/objects, ``max_number_chars`` characters per number. Depth and number
+    length are checked before the standard library's parser runs, in linear time
+    and without recursion (one regex pass removes the strings, then the brackets
+    are summed and long runs of number characters searched), so the parser never
+    recurses deeper than ``max_depth`` and no int conversion of a 4,300-digit
+    literal is ever attempted.
 
-    ``what`` names the text in errors ("The body", "A frame"); error positions are
+    ``what`` names the text in errors ("The body", "The frame"); error positions are
     counted in ``unit`` ("byte" for bytes, "character" for str unless given) from
     ``offset`` (the text's place in a longer stream).
 
@@ -143,10 +162,7 @@ def load_json(
     if isinstance(data, str):
         text = data
         if max_bytes is not None and len(text) > max_bytes // 4:
-            try:
-                size = len(text.encode("utf-8"))
-            except UnicodeEncodeError:
-                raise ProtocolError(f"{what} is not UTF-8 text.") from None
+            size = len(text.encode("utf-8", "surrogatepass"))
             if size > max_bytes:
                 raise ProtocolError(f"{what} is larger than {max_bytes} bytes.", status=413)
         unit = unit or "character"
@@ -160,14 +176,15 @@ def load_json(
                 f"{what} is not UTF-8: bad byte at byte {offset + exc.start}."
             ) from None
         unit = unit or "byte"
-    if json_depth(text) > max_depth:
+    structure = _structure(text)
+    if _depth(structure) > max_depth:
         raise ProtocolError(f"{what} is nested deeper than {max_depth} levels.")
+    if len(structure) > max_number_chars and _long_number(max_number_chars).search(structure):
+        raise ProtocolError(f"{what} holds a number longer than {max_number_chars} characters.")
 
-    def number(literal: str, kind: type[int] | type[float]) -> int | float:
-        if len(literal) > max_number_chars:
-            raise ProtocolError(f"{what} holds a number longer than {max_number_chars} characters.")
-        value = kind(literal)
-        if isinstance(value, float) and not math.isfinite(value):
+    def real(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
             raise ProtocolError(f"{what} holds a number out of range: {literal[:20]}.")
         return value
 
@@ -175,22 +192,17 @@ def load_json(
         raise ProtocolError(f"{what} holds {name}, which is not JSON.")
 
     try:
-        value = json.loads(
-            text,
-            parse_int=lambda s: number(s, int),
-            parse_float=lambda s: number(s, float),
-            parse_constant=constant,
-        )
+        value = json.loads(text, parse_float=real, parse_constant=constant)
     except json.JSONDecodeError as exc:
         where = exc.pos if unit == "character" else len(text[: exc.pos].encode("utf-8", "replace"))
         raise ProtocolError(f"Malformed JSON at {unit} {offset + where}: {exc.msg}.") from None
     except (ValueError, RecursionError, OverflowError):  # bounds above make these unreachable
         raise ProtocolError(f"{what} is not acceptable JSON.") from None
-    if _SURROGATE_ESCAPE.search(text):
+    if _SURROGATE.search(text):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise ProtocolError(f"{what} holds a lone UTF-16 surrogate escape.") from None
+            raise ProtocolError(f"{what} holds a lone UTF-16 surrogate.") from None
     return value
 
 

@@ -763,7 +763,7 @@ class V1Connection:
         if self.state is State.CLOSED:
             return []
         self._stray_audio = False
-        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
         if size > self._max:
             return self._oversized(size)
         try:

@@ -59,7 +59,7 @@ from gateway.events import (
     TurnEvent,
     V2ClientEvent,
 )
-from gateway.protocol import ProtocolError, load_json, validate_event
+from gateway.protocol import MAX_JSON_DEPTH, ProtocolError, load_json, validate_event
 from gateway.speech.audio import AudioFormat, AudioFormatError, Pcm, decode_mp3, decode_wav
 
 SESSION_COOKIE = "flowstorm-session-id"
@@ -251,8 +251,10 @@ class JsonEventReader:
     ProtocolError with status 413.
 
     Raises ProtocolError (status 400) for bytes that are not UTF-8 JSON objects
-    (naming the byte offset in the body), unknown or invalid events, and for a
-    body that ends inside an event.
+    (naming the byte offset in the body), JSON out of
+    :func:`gateway.protocol.load_json`'s bounds (an event nested deeper than
+    MAX_JSON_DEPTH is refused as soon as its bytes say so), unknown or invalid
+    events, and for a body that ends inside an event.
     """
 
     def __init__(
@@ -359,6 +361,10 @@ class JsonEventReader:
                 self._in_string = True
             elif c in (b"{", b"["):
                 self._depth += 1
+                if self._depth > MAX_JSON_DEPTH:  # load_json's bound, told before the end
+                    raise ProtocolError(
+                        f"The JSON body is nested deeper than {MAX_JSON_DEPTH} levels."
+                    )
             else:
                 self._depth -= 1
                 if self._depth == 0:
