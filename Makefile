@@ -14,6 +14,7 @@ bench:
 	python3 bench/twilio_calls.py
 	python3 bench/speech_rtf.py
 	python3 bench/speech_latency.py
+	python3 bench/fuzz_parsers.py --workers 2
 
 openapi:
 	gateway openapi --out openapi/openapi.json

@@ -235,6 +235,8 @@ def hostile(rng: random.Random, seeds: tuple[Any, ...]) -> str:
     if not seeds or roll < 0.1:
         return atom(rng)
     seed = rng.choice(seeds)
+    if roll < 0.15:  # now and then a golden message as it is: the paths of success
+        return json.dumps(seed)
     if roll < 0.65:
         return splice(rng, seed, atom(rng))
     if roll < 0.8:
