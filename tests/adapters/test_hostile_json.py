@@ -11,13 +11,16 @@ test_calls.py, which has the speech fixtures a call needs.)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
+from websockets.asyncio.client import connect as ws_connect
 
+from adapters.voiceflow.protocol import PATH
 from tests.adapters.alexa.test_routes import CERT_URL, SKILL_ID, envelope, parsed, spoken
 from tests.adapters.flowstorm_v1.helpers import (
     assert_serving,
@@ -265,3 +268,28 @@ async def test_voiceflow_hostile_packets_are_error_events_and_the_connection_ser
         await vf.handshake()
         assert await vf.say("still here") == ["You said: still here"]
         assert await other.say("me too") == ["You said: me too"]
+
+
+CONNECT_PACKETS = {
+    "deep": "40" + deep(),
+    "huge-int": '40{"token":' + HUGE + "}",
+    "malformed": '40{"a":',
+    "array": "40[1,2]",
+}
+
+
+@pytest.mark.parametrize("packet", CONNECT_PACKETS.values(), ids=CONNECT_PACKETS.keys())
+async def test_voiceflow_hostile_connect_packets_end_only_that_engine_io_session(
+    packet: str,
+) -> None:
+    async with served() as url, client(url) as other:
+        await other.handshake()
+        ws_url = url.replace("http", "ws", 1) + PATH + "/?EIO=4&transport=websocket"
+        async with ws_connect(ws_url) as ws:
+            opened = await asyncio.wait_for(ws.recv(), 5)
+            assert isinstance(opened, str)
+            assert opened.startswith("0{")
+            await ws.send(packet)
+            # Engine.IO CLOSE ("1"), never a socket.io CONNECT answer ("40...")
+            assert await asyncio.wait_for(ws.recv(), 5) == "1"
+        assert await other.say("still here") == ["You said: still here"]
