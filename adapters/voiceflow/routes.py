@@ -14,6 +14,12 @@ in the protocol module's doc.
 
 Operations:
 
+- **Hostile packets.** socket.io packets are decoded by :class:`BoundedPacket`
+  (:func:`gateway.protocol.load_json`: bounded depth and number length; an event must
+  be an array starting with its name). A packet that does not decode gets ``error
+  {code: "invalid-payload"}`` on a connected socket (a CONNECT that does not decode
+  ends that Engine.IO session) and a WARNING, never an ERROR traceback of engineio's;
+  other connections are untouched.
 - **Secret.** sessionKeys are signed with GATEWAY_VOICEFLOW_SECRET. When it is
   unset a random per-process secret is made at startup and a WARNING logged: keys
   then stop working when the process restarts and on every other instance.
