@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import engineio.packet
+import socketio.packet
+
 from adapters.alexa.protocol import AlexaConfig, parse_envelope, plan
 from adapters.alexa.verify import AlexaVerificationError, AlexaVerifier
 from adapters.flowstorm_v1.protocol import V1Connection, parse_event
@@ -48,7 +51,7 @@ from adapters.google.protocol import load_json as google_body
 from adapters.google.verify import GoogleVerificationError, GoogleVerifier, StaticCertSource
 from adapters.twilio.protocol import CallConfig, TwilioCall, parse_message
 from adapters.voiceflow.protocol import SessionKeys, VoiceflowConnection, parse_client_start
-from adapters.voiceflow.routes import BoundedPacket
+from adapters.voiceflow.routes import BoundedJson, BoundedPacket
 from gateway.protocol import ProtocolError, check_time_zone, load_json, parse_timestamp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -354,6 +357,12 @@ def _b64(text: str) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+class _EngineIOPacket(engineio.packet.Packet):  # type: ignore[misc]
+    """An Engine.IO packet decoded as the gateway's server decodes them (its json option)."""
+
+    json = BoundedJson
+
+
 @dataclass(frozen=True)
 class Target:
     """One parser: ``run(text)`` parses an input; ``declared`` are the errors it may raise."""
@@ -430,6 +439,17 @@ def targets() -> list[Target]:
         data = packet.data
         return conn.receive(data[0], data[1:])  # never raises
 
+    def engineio_message(text: str) -> object:
+        message = _EngineIOPacket(encoded_packet="4" + text)  # never raises: text kept
+        try:
+            packet = BoundedPacket(encoded_packet=message.data)
+        except (ProtocolError, ValueError):
+            return None
+        if packet.packet_type != socketio.packet.EVENT:
+            return packet
+        conn = VoiceflowConnection(keys=keys, project_allowed=lambda p: True, clock=lambda: 0.0)
+        return conn.receive(packet.data[0], packet.data[1:])
+
     def voiceflow_start(text: str) -> object:
         return parse_client_start(load_json(text))
 
@@ -483,6 +503,7 @@ def targets() -> list[Target]:
             (GoogleVerificationError,),
         ),
         Target("voiceflow.socketio_packet+connection", socketio_packet, VOICEFLOW_SEEDS, ()),
+        Target("voiceflow.engineio_message", engineio_message, VOICEFLOW_SEEDS, ()),
         Target(
             "voiceflow.parse_client_start",
             voiceflow_start,

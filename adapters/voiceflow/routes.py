@@ -88,15 +88,30 @@ NAMESPACE = "/"
 _SignalHandler = Callable[[int, FrameType | None], Any]
 
 
-class _BoundedJson:
-    """The JSON module socket.io packets are decoded with: :func:`gateway.protocol.load_json`
-    (bounded depth and number length; ProtocolError instead of RecursionError/ValueError)."""
+class PacketRefused(ProtocolError, ValueError):
+    """A packet's JSON is malformed or out of :func:`gateway.protocol.load_json`'s bounds.
+
+    A ProtocolError for the gateway, and a ValueError for python-engineio, whose
+    decoder then keeps an Engine.IO message as text (python-socketio's decoder
+    refuses it next) instead of letting a RecursionError escape.
+    """
+
+
+class BoundedJson:
+    """The JSON module python-socketio and python-engineio decode packets with (their
+    ``json`` option): :func:`gateway.protocol.load_json`, raising :class:`PacketRefused`."""
 
     dumps = staticmethod(json.dumps)
 
     @staticmethod
     def loads(text: str, **_: Any) -> Any:
-        return load_json(text, what="The socket.io packet")
+        try:
+            return load_json(text, what="The socket.io packet")
+        except ProtocolError as exc:
+            raise PacketRefused(exc.text) from None
+
+
+_UNSET: Any = object()
 
 
 class BoundedPacket(socketio.packet.Packet):  # type: ignore[misc]
@@ -104,7 +119,18 @@ class BoundedPacket(socketio.packet.Packet):  # type: ignore[misc]
     shape python-socketio indexes without checking: an EVENT/ACK's data is a JSON array
     (an EVENT's starting with the event name), a CONNECT's an object. Raises ProtocolError."""
 
-    json = _BoundedJson
+    json = BoundedJson
+
+    def __init__(self, *args: Any, encoded_packet: Any = _UNSET, **kwargs: Any) -> None:
+        if encoded_packet is _UNSET:  # a packet to send
+            super().__init__(*args, **kwargs)
+            return
+        # python-socketio skips decoding a falsy message (an empty one, or Engine.IO
+        # JSON null/false) and would index the data None; bytes outside an attachment
+        # break its text decoder.
+        if not isinstance(encoded_packet, str) or not encoded_packet:
+            raise ProtocolError("A socket.io packet must be non-empty text.")
+        super().__init__(*args, encoded_packet=encoded_packet, **kwargs)
 
     def decode(self, encoded_packet: Any) -> int:
         count: int = super().decode(encoded_packet)
@@ -177,6 +203,7 @@ class VoiceflowServer:
         self.sio = _GuardedServer(
             async_mode="asgi",
             serializer=BoundedPacket,
+            json=BoundedJson,  # process-wide for python-engineio's packets (its option)
             client_manager=manager,
             cors_allowed_origins="*" if "*" in origins else (origins or None),
             transports=["polling", "websocket"],

@@ -251,6 +251,10 @@ RAW_PACKETS: list[tuple[str, str]] = [
     ("name-not-string", "2[1,2]"),
     ("null", "2null"),
     ("ack-not-array", '3{"a":1}'),
+    ("engine.io-deep", deep()),  # JSON at the Engine.IO level, below socket.io
+    ("engine.io-empty", ""),
+    ("engine.io-null", "null"),
+    ("engine.io-array", "[1]"),
 ]
 """socket.io packets (after the Engine.IO ``4``) python-socketio cannot handle alone."""
 
