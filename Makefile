@@ -15,6 +15,7 @@ bench:
 	python3 bench/speech_rtf.py
 	python3 bench/speech_latency.py
 	python3 bench/stt_saturation.py
+	python3 bench/fuzz_parsers.py --workers 2
 
 openapi:
 	gateway openapi --out openapi/openapi.json

@@ -152,6 +152,28 @@ SERVER_LOGGERS = ("uvicorn.error", "asyncio", "adapters", "gateway", "socketio",
 """Where an unhandled exception of the app or its event loop is logged."""
 
 
+@contextlib.contextmanager
+def no_server_errors() -> Iterator[None]:
+    """Fail the test if a server in this process logged an ERROR inside the block.
+
+    Enter it after the server started (uvicorn configures its loggers when the
+    server is made). :func:`served` uses it; tests that serve their own app
+    (``serve(create_app(...))``) can wrap their requests in it.
+    """
+    recorder = _ErrorRecorder()
+    loggers = [logging.getLogger(name) for name in SERVER_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(recorder)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(recorder)
+    if recorder.records:
+        shown = "\n".join(f"{r.name}: {r.getMessage()}" for r in recorder.records)
+        pytest.fail(f"the server logged errors:\n{shown}")
+
+
 @contextlib.asynccontextmanager
 async def served_app(app: Any, *, ws_max_size: int = 16 * 1024 * 1024) -> AsyncIterator[str]:
     """:func:`serve` ``app``, failing the test if the server logged an ERROR.
@@ -159,20 +181,9 @@ async def served_app(app: Any, *, ws_max_size: int = 16 * 1024 * 1024) -> AsyncI
     An unhandled exception in the app shows as an ERROR record of uvicorn.error (or
     asyncio, or our own loggers). Yields the base URL (``http://127.0.0.1:PORT``).
     """
-    recorder = _ErrorRecorder()
     async with serve(app, ws_max_size=ws_max_size) as url:
-        # uvicorn configures its loggers when the server is made: attach afterwards
-        loggers = [logging.getLogger(name) for name in SERVER_LOGGERS]
-        for logger in loggers:
-            logger.addHandler(recorder)
-        try:
+        with no_server_errors():
             yield url
-        finally:
-            for logger in loggers:
-                logger.removeHandler(recorder)
-    if recorder.records:
-        shown = "\n".join(f"{r.name}: {r.getMessage()}" for r in recorder.records)
-        pytest.fail(f"the server logged errors:\n{shown}")
 
 
 @contextlib.asynccontextmanager

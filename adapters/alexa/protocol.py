@@ -35,7 +35,6 @@ card, reprompt and then speech (at sentence/word boundaries) when needed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -52,7 +51,7 @@ from gateway.events import (
     ResponseItem,
     Wire,
 )
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, load_json
 from gateway.voice import display_text, speech_ssml
 
 NAMESPACE = "alexa"
@@ -217,10 +216,7 @@ def parse_envelope(data: bytes | dict[str, Any]) -> AlexaEnvelope:
     object, or has a field of the wrong type (the message names the field).
     """
     if isinstance(data, bytes | bytearray):
-        try:
-            data = json.loads(data)
-        except (ValueError, RecursionError):
-            raise ProtocolError("The body is not JSON.") from None
+        data = load_json(data, what="The body")
     if not isinstance(data, dict):
         raise ProtocolError("The body is not an Alexa request envelope (a JSON object).")
     try:

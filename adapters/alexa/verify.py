@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 import posixpath
 import re
@@ -66,6 +65,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from gateway.protocol import ProtocolError, load_json, parse_timestamp
 
 __all__ = [
     "ALEXA_CERT_HOST",
@@ -651,11 +652,9 @@ class AlexaVerifier:
                 AlexaReason.BAD_TIMESTAMP, "request.timestamp is missing or not a string"
             )
         try:
-            stamp = _as_utc(datetime.fromisoformat(raw))
-        except ValueError:
-            raise AlexaVerificationError(
-                AlexaReason.BAD_TIMESTAMP, f"request.timestamp is not ISO 8601: {raw[:40]!r}"
-            ) from None
+            stamp = parse_timestamp(raw, what="request.timestamp")
+        except ProtocolError as exc:  # not ISO 8601, or not a moment UTC can hold
+            raise AlexaVerificationError(AlexaReason.BAD_TIMESTAMP, exc.text) from None
         if stamp < now - self._max_skew:
             raise AlexaVerificationError(
                 AlexaReason.TIMESTAMP_TOO_OLD,
@@ -748,9 +747,9 @@ class AlexaVerifier:
 
 def _parse_envelope(body: bytes) -> dict[str, Any]:
     try:
-        envelope = json.loads(body)
-    except (ValueError, RecursionError):
-        raise AlexaVerificationError(AlexaReason.MALFORMED_BODY, "body is not JSON") from None
+        envelope = load_json(body, what="The body")
+    except ProtocolError as exc:
+        raise AlexaVerificationError(AlexaReason.MALFORMED_BODY, exc.text) from None
     if not isinstance(envelope, dict) or not isinstance(envelope.get("request"), dict):
         raise AlexaVerificationError(
             AlexaReason.MALFORMED_BODY, "body is not an Alexa envelope with a request object"

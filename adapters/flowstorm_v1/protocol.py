@@ -106,7 +106,6 @@ Decisions where the spec is silent:
 from __future__ import annotations
 
 import itertools
-import json
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -137,7 +136,7 @@ from gateway.events import (
     TurnEvent,
     V1ClientEvent,
 )
-from gateway.protocol import ProtocolError, validate_event
+from gateway.protocol import ProtocolError, load_json, validate_event
 from gateway.speech.admission import SpeechBusy
 from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.listener import Heard
@@ -498,17 +497,13 @@ class ConnectionStateMachine:
 def parse_event(text: str) -> V1ClientEvent:
     """The V1 client event of one text frame (a JSON object with ``type``).
 
-    Raises ProtocolError for malformed JSON (with the character position), a
+    Raises ProtocolError for malformed JSON (with the character position) or JSON
+    out of :func:`gateway.protocol.load_json`'s bounds (depth, number length), a
     value that is not an object, an unknown ``type`` (naming it and the known
     ones) and an invalid event (naming the field). Unknown properties are
     ignored (PROTOCOL-NOTES.md).
     """
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"Malformed JSON at character {exc.pos}: {exc.msg}.") from None
-    except RecursionError:
-        raise ProtocolError("Malformed JSON: nested too deeply.") from None
+    value = load_json(text, what="The frame")
     return validate_event(
         V1_CLIENT_EVENT,
         value,
@@ -773,7 +768,7 @@ class V1Connection:
         if self.state is State.CLOSED:
             return []
         self._stray_audio = False
-        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
         if size > self._max:
             return self._oversized(size)
         try:

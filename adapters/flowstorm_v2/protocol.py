@@ -34,7 +34,6 @@ Decisions where the spec is silent:
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 from collections.abc import Mapping
@@ -60,7 +59,7 @@ from gateway.events import (
     TurnEvent,
     V2ClientEvent,
 )
-from gateway.protocol import ProtocolError, validate_event
+from gateway.protocol import MAX_JSON_DEPTH, ProtocolError, load_json, validate_event
 from gateway.speech.audio import AudioFormat, AudioFormatError, Pcm, decode_mp3, decode_wav
 
 SESSION_COOKIE = "flowstorm-session-id"
@@ -268,8 +267,10 @@ class JsonEventReader:
     ProtocolError with status 413.
 
     Raises ProtocolError (status 400) for bytes that are not UTF-8 JSON objects
-    (naming the byte offset in the body), unknown or invalid events, and for a
-    body that ends inside an event.
+    (naming the byte offset in the body), JSON out of
+    :func:`gateway.protocol.load_json`'s bounds (an event nested deeper than
+    MAX_JSON_DEPTH is refused as soon as its bytes say so), unknown or invalid
+    events, and for a body that ends inside an event.
     """
 
     def __init__(
@@ -376,6 +377,10 @@ class JsonEventReader:
                 self._in_string = True
             elif c in (b"{", b"["):
                 self._depth += 1
+                if self._depth > MAX_JSON_DEPTH:  # load_json's bound, told before the end
+                    raise ProtocolError(
+                        f"The JSON body is nested deeper than {MAX_JSON_DEPTH} levels."
+                    )
             else:
                 self._depth -= 1
                 if self._depth == 0:
@@ -391,16 +396,7 @@ class JsonEventReader:
                 self._start = 0
 
     def _events(self, raw: bytes, offset: int) -> list[V2ClientEvent]:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError("The JSON body is not UTF-8.") from None
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ProtocolError(
-                f"Malformed JSON at byte {offset + len(text[: exc.pos].encode())}: {exc.msg}."
-            ) from None
+        value = load_json(raw, what="The JSON body", offset=offset)
         event = _event(value)
         self.events += 1
         if not isinstance(event, BinaryEvent):

@@ -50,6 +50,7 @@ from pydantic.alias_generators import to_camel
 
 from gateway.events import FALLBACK, INTRO, SILENCE, Input, InputClass, ResponseItem, Wire
 from gateway.protocol import ProtocolError
+from gateway.protocol import load_json as load_any_json
 from gateway.voice import display_text, speech_ssml
 
 GOOGLE_NAMESPACE = "google"
@@ -268,11 +269,12 @@ _M = TypeVar("_M", bound=Wire)
 
 
 def load_json(body: bytes) -> dict[str, Any]:
-    """The JSON object of a request body; ProtocolError (400) when it is not one."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        raise ProtocolError("The body is not JSON.") from None
+    """The JSON object of a request body; ProtocolError (400) when it is not one.
+
+    The body is read by :func:`gateway.protocol.load_json` (bounded depth and
+    number length; malformed JSON named with its byte position).
+    """
+    data = load_any_json(body, what="The body")
     if not isinstance(data, dict):
         raise ProtocolError("The body must be a JSON object.")
     return data

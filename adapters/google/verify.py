@@ -331,7 +331,13 @@ class GoogleVerifier:
             claims = dict(jwt.decode(token, verify=False))  # type: ignore[no-untyped-call]
             signed_section, _, signature_b64 = token.rpartition(".")
             signature = _b64url_decode(signature_b64)
-        except (ValueError, TypeError, binascii.Error, google_exceptions.GoogleAuthError):
+        except (
+            ValueError,
+            TypeError,
+            RecursionError,  # a JSON segment nested thousands deep
+            binascii.Error,
+            google_exceptions.GoogleAuthError,
+        ):
             raise GoogleVerificationError(
                 GoogleReason.MALFORMED_TOKEN, "the token is not a JWT"
             ) from None

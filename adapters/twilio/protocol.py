@@ -86,7 +86,7 @@ from gateway.events import (
     ResponseEvent,
     TurnEvent,
 )
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, load_json
 from gateway.speech.audio import frames, mulaw_to_pcm
 from gateway.speech.service import TtsRequest
 from gateway.speech.vad import Endpointer
@@ -289,17 +289,13 @@ def _parse_media(value: Mapping[str, Any]) -> Media:
 def parse_message(text: str) -> Message:
     """The message of one inbound text frame (spec: "WebSocket Messages").
 
-    Raises ProtocolError for malformed JSON, a value that is not an object, an
+    Raises ProtocolError for malformed JSON or JSON out of
+    :func:`gateway.protocol.load_json`'s bounds, a value that is not an object, an
     unknown ``event`` (naming it and the known ones), and an invalid message
     (naming the field), e.g. a ``media.payload`` that is not base64. Unknown
     properties are ignored.
     """
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"Malformed JSON at character {exc.pos}: {exc.msg}.") from None
-    except RecursionError:
-        raise ProtocolError("Malformed JSON: nested too deeply.") from None
+    value = load_json(text, what="The frame")
     if not isinstance(value, dict):
         raise ProtocolError(f"A frame must be a JSON object, not {type(value).__name__}.")
     event = value.get("event")

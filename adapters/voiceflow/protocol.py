@@ -95,10 +95,8 @@ Actions -> Input (:data:`ACTIONS`, and :data:`PATH_PREFIX` for choice paths): se
 from __future__ import annotations
 
 import hmac
-import json
 import re
 import uuid
-import zoneinfo
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -119,7 +117,7 @@ from gateway.events import (
     ResponseItemEvent,
     TurnEvent,
 )
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, check_time_zone, load_json
 from gateway.speech.service import TtsRequest
 from gateway.speech.tts_cache import TtsFileFormat
 
@@ -209,10 +207,9 @@ class ClientConfig(_Payload):
         if not value:
             return None
         try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            return check_time_zone(value)
+        except ProtocolError:  # a directory ("America"), a path, a non-zone file, unknown
             raise ValueError(f"unknown IANA time zone {value!r}") from None
-        return value
 
     def tts(self) -> TtsRequest | None:
         """The TTS links asked for: ``audioEvents`` in the file type of ``audioEncoding``.
@@ -619,8 +616,8 @@ def _json(code: str) -> Any:
     if not text.startswith(("{", "[")):
         return None
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+        return load_json(text, what="The item's code")
+    except ProtocolError:
         return None
 
 

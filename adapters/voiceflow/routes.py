@@ -14,6 +14,12 @@ in the protocol module's doc.
 
 Operations:
 
+- **Hostile packets.** socket.io packets are decoded by :class:`BoundedPacket`
+  (:func:`gateway.protocol.load_json`: bounded depth and number length; an event must
+  be an array starting with its name). A packet that does not decode gets ``error
+  {code: "invalid-payload"}`` on a connected socket (a CONNECT that does not decode
+  ends that Engine.IO session) and a WARNING, never an ERROR traceback of engineio's;
+  other connections are untouched.
 - **Secret.** sessionKeys are signed with GATEWAY_VOICEFLOW_SECRET when it is set,
   else with the gateway's key of purpose ``voiceflow-session-key``
   (:mod:`gateway.secrets`: derived from GATEWAY_SECRET_KEY, or from the key every
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import threading
@@ -55,6 +62,7 @@ from typing import Any
 
 import engineio.packet
 import socketio
+import socketio.packet
 from fastapi import APIRouter, FastAPI
 
 from adapters.voiceflow.protocol import (
@@ -72,6 +80,7 @@ from gateway import metrics
 from gateway.conversation import TurnRejected
 from gateway.deps import Gateway
 from gateway.logs import session_ref
+from gateway.protocol import ProtocolError, load_json
 from gateway.secrets import VOICEFLOW_SESSION_KEY
 from gateway.settings import Settings
 
@@ -81,6 +90,94 @@ NAMESPACE = "/"
 """The socket.io namespace served (Voiceflow clients use the default one)."""
 
 _SignalHandler = Callable[[int, FrameType | None], Any]
+
+
+class PacketRefused(ProtocolError, ValueError):
+    """A packet's JSON is malformed or out of :func:`gateway.protocol.load_json`'s bounds.
+
+    A ProtocolError for the gateway, and a ValueError for python-engineio, whose
+    decoder then keeps an Engine.IO message as text (python-socketio's decoder
+    refuses it next) instead of letting a RecursionError escape.
+    """
+
+
+class BoundedJson:
+    """The JSON module python-socketio and python-engineio decode packets with (their
+    ``json`` option): :func:`gateway.protocol.load_json`, raising :class:`PacketRefused`."""
+
+    dumps = staticmethod(json.dumps)
+
+    @staticmethod
+    def loads(text: str, **_: Any) -> Any:
+        try:
+            return load_json(text, what="The socket.io packet")
+        except ProtocolError as exc:
+            raise PacketRefused(exc.text) from None
+
+
+_UNSET: Any = object()
+
+
+class BoundedPacket(socketio.packet.Packet):  # type: ignore[misc]
+    """A socket.io packet decoded by :func:`gateway.protocol.load_json` and checked for the
+    shape python-socketio indexes without checking: an EVENT/ACK's data is a JSON array
+    (an EVENT's starting with the event name), a CONNECT's an object. Raises ProtocolError."""
+
+    json = BoundedJson
+
+    def __init__(self, *args: Any, encoded_packet: Any = _UNSET, **kwargs: Any) -> None:
+        if encoded_packet is _UNSET:  # a packet to send
+            super().__init__(*args, **kwargs)
+            return
+        # python-socketio skips decoding a falsy message (an empty one, or Engine.IO
+        # JSON null/false) and would index the data None; bytes outside an attachment
+        # break its text decoder.
+        if not isinstance(encoded_packet, str) or not encoded_packet:
+            raise ProtocolError("A socket.io packet must be non-empty text.")
+        super().__init__(*args, encoded_packet=encoded_packet, **kwargs)
+
+    def decode(self, encoded_packet: Any) -> int:
+        count: int = super().decode(encoded_packet)
+        data = self.data
+        kind = self.packet_type
+        if kind in (socketio.packet.EVENT, socketio.packet.BINARY_EVENT):
+            if not (isinstance(data, list) and data and isinstance(data[0], str)):
+                raise ProtocolError("A socket.io event must be an array starting with its name.")
+        elif kind in (socketio.packet.ACK, socketio.packet.BINARY_ACK):
+            if not isinstance(data, list):
+                raise ProtocolError("A socket.io acknowledgement must be an array.")
+        elif kind == socketio.packet.CONNECT and data is not None and not isinstance(data, dict):
+            raise ProtocolError("A socket.io CONNECT payload must be an object.")
+        return count
+
+
+class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
+    """python-socketio's AsyncServer whose packet decoding failures are the client's error.
+
+    python-socketio lets a packet that does not decode (malformed JSON, and with
+    :class:`BoundedPacket` JSON out of bounds or of the wrong shape) escape to
+    python-engineio, which logs it as an ERROR traceback. Here (overriding its
+    Engine.IO message hook) the connection gets an ``error {code: "invalid-payload"}``
+    event and a WARNING is logged; a client not yet connected to the namespace is
+    disconnected. The connection and every other one go on.
+    """
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        try:
+            await super()._handle_eio_message(eio_sid, data)
+        except (ProtocolError, ValueError) as exc:  # socketio's own decoder raises ValueError
+            text = exc.text if isinstance(exc, ProtocolError) else f"Invalid packet: {exc}"
+            sid = self.manager.sid_from_eio_sid(eio_sid, NAMESPACE)
+            log.warning("Voiceflow socket.io packet refused (%s): %s", sid or eio_sid, text)
+            if sid is not None:
+                refusal = error("invalid-payload", text)
+                with contextlib.suppress(Exception):
+                    await self.emit(
+                        refusal.event, refusal.data, to=sid, namespace=NAMESPACE, ignore_queue=True
+                    )
+            else:
+                with contextlib.suppress(Exception):
+                    await self.eio.disconnect(eio_sid)
 
 
 @dataclass
@@ -107,8 +204,10 @@ class VoiceflowServer:
                 settings.redis_url, channel=f"{settings.redis_prefix}:voiceflow:socket.io"
             )
         origins = list(settings.voiceflow_cors_origins)
-        self.sio = socketio.AsyncServer(
+        self.sio = _GuardedServer(
             async_mode="asgi",
+            serializer=BoundedPacket,
+            json=BoundedJson,  # process-wide for python-engineio's packets (its option)
             client_manager=manager,
             cors_allowed_origins="*" if "*" in origins else (origins or None),
             transports=["polling", "websocket"],

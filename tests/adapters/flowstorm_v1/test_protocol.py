@@ -375,7 +375,7 @@ def test_a_second_init_is_an_error() -> None:
         ('{"type": "Request"}', ["Invalid Request event", "request"]),
         ('{"type": "Request", "request": {"input": {}}}', ["transcript"]),
         ('{"type": "Init", "config": 5}', ["Invalid Init event", "config"]),
-        ("[" * 100_000, ["Malformed JSON"]),
+        ("[" * 100_000, ["nested deeper than 64 levels"]),
     ],
 )
 def test_malformed_unknown_and_invalid_frames_are_errors(text: str, words: list[str]) -> None:

@@ -1,0 +1,299 @@
+"""Hostile JSON and dates over real servers: each parser crash the fuzzing found, answered in
+its protocol's own form, with no ERROR in the server's log (``served`` fails the test
+otherwise) and the other sessions untouched.
+
+The cases (issue item 1): JSON nested thousands of levels deep and integers of more than
+4,300 digits (Python's int conversion limit) in V2 bodies, V1 frames, socket.io packets
+and Alexa/Google bodies; Alexa timestamps UTC cannot hold; a Voiceflow ``userTimezone``
+that names a directory of the zone database. (Twilio frames: tests/adapters/twilio/
+test_calls.py, which has the speech fixtures a call needs.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.client import connect as ws_connect
+
+from adapters.voiceflow.protocol import PATH
+from tests.adapters.alexa.test_routes import CERT_URL, SKILL_ID, envelope, parsed, spoken
+from tests.adapters.flowstorm_v1.helpers import (
+    assert_serving,
+    expect_error,
+    init,
+    request_frame,
+    turn,
+    ws_url,
+)
+from tests.adapters.google.test_routes import check_v3, es, ok, v3
+from tests.adapters.voiceflow.helpers import PROJECT, USER, client
+from tests.conftest import served
+
+DEEP = 5000
+"""Nesting depth of the deep cases: past the interpreter's recursion limit (1000)."""
+
+HUGE = "9" * 5000
+"""An integer literal past Python's 4,300-digit int conversion limit."""
+
+
+def deep(depth: int = DEEP) -> str:
+    """``[[[...]]]`` nested ``depth`` levels."""
+    return "[" * depth + "]" * depth
+
+
+HOSTILE: list[tuple[str, str]] = [
+    ("deep-array", deep()),
+    ("deep-object", '{"a":' * DEEP + "1" + "}" * DEEP),
+    ("huge-int", HUGE),
+    ("huge-negative-int", "-" + HUGE),
+    ("nan", "NaN"),
+    ("lone-surrogate", '"\\udc00"'),
+]
+"""Values spliced into otherwise valid messages; ids are the pytest ids."""
+
+WORDS = {
+    "deep-array": "nested deeper",
+    "deep-object": "nested deeper",
+    "huge-int": "number longer",
+    "huge-negative-int": "number longer",
+    "nan": "NaN",
+    "lone-surrogate": "surrogate",
+}
+"""What the error text says for each case."""
+
+CASES = [pytest.param(value, WORDS[name], id=name) for name, value in HOSTILE]
+
+
+# ------------------------------------------------------------------------ Flowstorm V2
+
+KEY = "61f3f3270516dc6f15251ef2"
+
+
+def v2_input(value: str) -> bytes:
+    """A V2 InputEvent with ``value`` as an attribute."""
+    return (
+        '{"type":"Input","input":{"transcript":{"text":"hi"},"attributes":{"x":' + value + "}}}"
+    ).encode()
+
+
+@pytest.mark.parametrize(("value", "words"), CASES)
+async def test_v2_hostile_json_is_a_400_error_event(value: str, words: str) -> None:
+    body = v2_input(value)
+    async with served(tts_provider="espeak-ng") as url, httpx.AsyncClient(base_url=url) as http:
+        for realtime in (0, 1):  # a whole body, and the incremental reader of a stream
+            answer = await http.put(
+                f"/client?key={KEY}&realtime={realtime}",
+                headers={"Content-Type": "application/json"},
+                content=body,
+            )
+            assert answer.status_code == 400, answer.text
+            [error] = [json.loads(line) for line in answer.text.splitlines()]
+            assert (error["type"], error["source"]) == ("Error", "client")
+            assert words in error["text"]
+            assert "flowstorm-session-id" not in answer.cookies
+        # the server serves on
+        fine = await http.put(
+            f"/client?key={KEY}", headers={"Content-Type": "text/plain"}, content="#intro"
+        )
+        assert fine.status_code == 200, fine.text
+
+
+# ------------------------------------------------------------------------ Flowstorm V1
+
+
+async def test_v1_hostile_frames_are_error_events_and_the_socket_serves_on() -> None:
+    async with served() as url:
+        async with connect(ws_url(url), max_size=None) as ws, connect(ws_url(url)) as other:
+            await init(ws)
+            await init(other)
+            for name, value in HOSTILE:
+                frame = json.dumps(request_frame("hi")).replace('"hi"', value, 1)
+                await ws.send(frame)
+                await expect_error(ws, WORDS[name])
+            # the same socket serves a turn; so does another connection opened before
+            assert [f["type"] for f in await turn(ws, request_frame("#intro"))] == [
+                "SessionStarted",
+                "Response",
+            ]
+            assert (await turn(other, request_frame("#intro")))[-1]["type"] == "Response"
+        await assert_serving(url)
+
+
+# -------------------------------------------------------------------------------- Alexa
+
+
+def _signed_looking(body: bytes) -> dict[str, str]:
+    """Headers of the right form (no signature check is reached by these tests)."""
+    return {
+        "SignatureCertChainUrl": CERT_URL,
+        "Signature-256": base64.b64encode(b"\x01" * 256).decode(),
+        "Content-Type": "application/json",
+    }
+
+
+@pytest.mark.parametrize(
+    ("stamp", "reason"),
+    [
+        ("0001-01-01T00:00:00+01:00", "bad_timestamp"),
+        ("9999-12-31T23:59:59-01:00", "bad_timestamp"),
+        ("0001-01-01T00:00:00", "timestamp_too_old"),
+        ("9999-12-31T23:59:59Z", "timestamp_in_future"),
+    ],
+)
+async def test_alexa_timestamps_utc_cannot_hold_are_400_bad_timestamp(
+    stamp: str, reason: str
+) -> None:
+    request = envelope("S-stamp", text="hi")
+    request["request"]["timestamp"] = stamp
+    body = json.dumps(request).encode()
+    async with (
+        served(alexa_skill_ids=frozenset({SKILL_ID})) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        answer = await http.post("/alexa", content=body, headers=_signed_looking(body))
+        assert answer.status_code == 400, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+        problem = answer.json()
+        assert problem["reason"] == reason, problem
+        # the keep-alive connection was not dropped
+        assert answer.headers.get("connection", "").lower() != "close"
+        assert (await http.get("/healthz")).status_code == 200
+
+
+@pytest.mark.parametrize(("value", "words"), CASES)
+async def test_alexa_hostile_bodies_are_400_problems(value: str, words: str) -> None:
+    request = json.dumps(envelope("S-hostile", text="placeholder"))
+    body = request.replace('"placeholder"', value, 1).encode()
+    async with (
+        served(alexa_skill_ids=frozenset({SKILL_ID})) as verified,
+        served(alexa_verify=False) as unverified,
+        httpx.AsyncClient() as http,
+    ):
+        for url, reason in ((verified, "malformed_body"), (unverified, "malformed_request")):
+            answer = await http.post(f"{url}/alexa", content=body, headers=_signed_looking(body))
+            assert answer.status_code == 400, answer.text
+            assert answer.headers["content-type"] == "application/problem+json"
+            problem = answer.json()
+            assert problem["reason"] == reason
+            assert words in problem["detail"]
+        fine = envelope("S-after", text="still here")
+        answer = await http.post(f"{unverified}/alexa", json=fine)
+        assert spoken(parsed(answer)) == "You said: still here"
+
+
+# ------------------------------------------------------------------- Google, Dialogflow
+
+
+@pytest.mark.parametrize(("value", "words"), CASES)
+async def test_google_and_dialogflow_hostile_bodies_are_400_problems(
+    value: str, words: str
+) -> None:
+    google = json.dumps(v3("g-hostile", "FreeText", "placeholder"))
+    dialogflow = json.dumps(es("projects/p/agent/sessions/hostile", "placeholder"))
+    async with served(google_verify=False) as url, httpx.AsyncClient(base_url=url) as http:
+        for path, text in (("/google", google), ("/dialogflow", dialogflow)):
+            body = text.replace('"placeholder"', value, 1).encode()
+            answer = await http.post(path, content=body)
+            assert answer.status_code == 400, (path, answer.text)
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert words in answer.json()["detail"]
+        request = v3("g-after", "FreeText", "hi")
+        assert check_v3(request, ok(await http.post("/google", json=request))) == "You said: hi"
+
+
+async def test_google_tokens_with_hostile_json_are_refused() -> None:
+    segment = base64.urlsafe_b64encode(deep().encode()).decode().rstrip("=")
+    token = f"{segment}.{segment}.c2ln"
+    async with (
+        served(google_project_ids=frozenset({"p"})) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        answer = await http.post(
+            "/google",
+            json=v3("g-token", "FreeText", "hi"),
+            headers={"Google-Assistant-Signature": token},
+        )
+        assert answer.status_code in (400, 401), answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+
+
+# ---------------------------------------------------------------------------- Voiceflow
+
+
+async def test_voiceflow_user_timezone_must_be_a_zone_not_a_directory_or_path() -> None:
+    async with served() as url, client(url) as vf:
+        for zone in ("America", "America/", "../../etc/passwd", "zone.tab", "Europe/Nowhere"):
+            await vf.emit(
+                "client.start",
+                {"userID": USER, "projectID": PROJECT, "config": {"userTimezone": zone}},
+            )
+            refused = await vf.expect("error")
+            assert refused["code"] == "invalid-payload", (zone, refused)
+            assert "userTimezone" in refused["error"]
+            assert "/usr/" not in refused["error"]
+        assert await vf.start(config={"userTimezone": "America/New_York"}) is True
+        await vf.create()
+        assert await vf.say("hello") == ["You said: hello"]
+
+
+RAW_PACKETS: list[tuple[str, str]] = [
+    (name, '2["client.start",{"userID":"u","projectID":"p","config":' + value + "}]")
+    for name, value in HOSTILE
+] + [
+    ("malformed", '2["client.start",{'),
+    ("object-not-array", '2{"a":1}'),
+    ("empty-array", "2[]"),
+    ("name-not-string", "2[1,2]"),
+    ("null", "2null"),
+    ("ack-not-array", '3{"a":1}'),
+    ("engine.io-deep", deep()),  # JSON at the Engine.IO level, below socket.io
+    ("engine.io-empty", ""),
+    ("engine.io-null", "null"),
+    ("engine.io-array", "[1]"),
+]
+"""socket.io packets (after the Engine.IO ``4``) python-socketio cannot handle alone."""
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_voiceflow_hostile_packets_are_error_events_and_the_connection_serves_on(
+    transport: str,
+) -> None:
+    async with served() as url, client(url, transport) as vf, client(url) as other:
+        await other.handshake()
+        for name, packet in RAW_PACKETS:
+            await vf.sio.eio.send(packet)
+            refused = await vf.expect("error")
+            assert refused["code"] == "invalid-payload", (name, refused)
+        await vf.handshake()
+        assert await vf.say("still here") == ["You said: still here"]
+        assert await other.say("me too") == ["You said: me too"]
+
+
+CONNECT_PACKETS = {
+    "deep": "40" + deep(),
+    "huge-int": '40{"token":' + HUGE + "}",
+    "malformed": '40{"a":',
+    "array": "40[1,2]",
+}
+
+
+@pytest.mark.parametrize("packet", CONNECT_PACKETS.values(), ids=CONNECT_PACKETS.keys())
+async def test_voiceflow_hostile_connect_packets_end_only_that_engine_io_session(
+    packet: str,
+) -> None:
+    async with served() as url, client(url) as other:
+        await other.handshake()
+        ws_url = url.replace("http", "ws", 1) + PATH + "/?EIO=4&transport=websocket"
+        async with ws_connect(ws_url) as ws:
+            opened = await asyncio.wait_for(ws.recv(), 5)
+            assert isinstance(opened, str)
+            assert opened.startswith("0{")
+            await ws.send(packet)
+            # Engine.IO CLOSE ("1"), never a socket.io CONNECT answer ("40...")
+            assert await asyncio.wait_for(ws.recv(), 5) == "1"
+        assert await other.say("still here") == ["You said: still here"]

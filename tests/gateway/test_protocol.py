@@ -1,0 +1,142 @@
+"""The shared pure kit's input checks: load_json's bounds and texts, timestamps, time zones.
+
+(tests/test_parsers_fuzz.py checks the same with hostile input at random.)
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from gateway.protocol import (
+    MAX_JSON_DEPTH,
+    MAX_NUMBER_CHARS,
+    ProtocolError,
+    check_time_zone,
+    json_depth,
+    load_json,
+    parse_timestamp,
+)
+
+
+def refusal(data: str | bytes, **options: Any) -> ProtocolError:
+    with pytest.raises(ProtocolError) as caught:
+        load_json(data, **options)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "says"),
+    [
+        ("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1), 400, "nested deeper than 64"),
+        ('{"a":' * 5000 + "1" + "}" * 5000, 400, "nested deeper than 64"),
+        ("[" * 100_000, 400, "nested deeper than 64"),  # never closed
+        ("9" * 5000, 400, "number longer than 100 characters"),
+        ('{"n":-' + "1" * 101 + "}", 400, "number longer than 100"),
+        ("1." + "0" * 200, 400, "number longer than 100"),
+        ("1e999", 400, "out of range"),
+        ("[NaN]", 400, "NaN, which is not JSON"),
+        ("-Infinity", 400, "-Infinity, which is not JSON"),
+        ('"\\ud800"', 400, "lone UTF-16 surrogate"),
+        ('{"\\udfff": 1}', 400, "lone UTF-16 surrogate"),
+        ('"a\ud800"', 400, "lone UTF-16 surrogate"),
+        (b'{"a": "\xff"}', 400, "not UTF-8: bad byte at byte 7"),
+        ('{"a": 1,}', 400, "Malformed JSON at character 8"),
+        (b'{"\xc3\xa9": x}', 400, "Malformed JSON at byte 7"),
+        ("", 400, "Malformed JSON at character 0"),
+    ],
+)
+def test_refusals_name_the_problem(data: str | bytes, status: int, says: str) -> None:
+    error = refusal(data)
+    assert error.status == status
+    assert says in error.text
+
+
+def test_size_is_413_and_counted_in_utf8_bytes() -> None:
+    assert refusal(b"[" + b"1," * 60 + b"1]", max_bytes=100).status == 413
+    assert refusal('"' + "é" * 60 + '"', max_bytes=100).status == 413  # 122 bytes, 62 chars
+    assert load_json('"' + "é" * 40 + '"', max_bytes=100) == "é" * 40
+
+
+def test_within_bounds_it_is_the_standard_parser() -> None:
+    deepest = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert json_depth(deepest) == MAX_JSON_DEPTH
+    assert load_json(deepest) is not None
+    number = "1" * MAX_NUMBER_CHARS
+    assert load_json(number) == int(number)
+    assert load_json('{"s": "[[[[[[ ' + "9" * 500 + '", "pair": "\\ud83d\\ude00"}') == {
+        "s": "[[[[[[ " + "9" * 500,
+        "pair": "😀",
+    }
+    assert load_json(b'[1.5, -0, true, null, "\\\\ud800"]') == [1.5, 0, True, None, "\\ud800"]
+
+
+def test_names_and_offsets_in_the_texts() -> None:
+    error = refusal(b'{"a":', what="The frame")
+    assert error.text == "Malformed JSON at byte 5: Expecting value."
+    with pytest.raises(ProtocolError, match="at byte 105:"):
+        load_json(b'{"a":', offset=100)
+    with pytest.raises(ProtocolError, match=r"^The frame is nested deeper"):
+        load_json("[[[]]]", max_depth=2, what="The frame")
+
+
+def test_hostile_texts_are_refused_in_linear_time() -> None:
+    started = time.perf_counter()
+    for text in (
+        '"' + '\\"' * 300_000,  # escaped quotes: a string that never ends
+        "[" * 1_000_000,
+        '"' * 1_000_001,
+        "9" * 1_000_000,
+    ):
+        with pytest.raises(ProtocolError):
+            load_json(text)
+    assert len(load_json("[" + "1," * 500_000 + "1]")) == 500_001
+    assert time.perf_counter() - started < 10  # quadratic would take hours; generous margin
+
+
+@pytest.mark.parametrize(
+    ("raw", "moment"),
+    [
+        ("2024-06-01T12:00:00Z", datetime(2024, 6, 1, 12, tzinfo=UTC)),
+        ("2024-06-01T14:00:00+02:00", datetime(2024, 6, 1, 12, tzinfo=UTC)),
+        ("2024-06-01T12:00:00", datetime(2024, 6, 1, 12, tzinfo=UTC)),  # naive: UTC
+        ("0001-01-01T01:00:00+01:00", datetime(1, 1, 1, tzinfo=UTC)),
+    ],
+)
+def test_timestamps_become_aware_utc(raw: str, moment: datetime) -> None:
+    assert parse_timestamp(raw) == moment
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("0001-01-01T00:00:00+01:00", "out of range"),
+        ("9999-12-31T23:59:59-01:00", "out of range"),
+        ("yesterday", "not ISO 8601"),
+        ("2024-13-01T00:00:00Z", "not ISO 8601"),
+        (1717243200, "must be an ISO 8601 string, not int"),
+        (None, "not NoneType"),
+    ],
+)
+def test_timestamps_utc_cannot_hold_are_refused(raw: object, says: str) -> None:
+    with pytest.raises(ProtocolError, match=says):
+        parse_timestamp(raw, what="request.timestamp")
+
+
+def test_time_zones_are_keys_of_the_database_not_paths() -> None:
+    assert check_time_zone("Europe/Prague") == "Europe/Prague"
+    assert check_time_zone("UTC") == "UTC"
+    for name in (
+        "America",
+        "America/",
+        "../../etc/passwd",
+        "/etc/localtime",
+        "zone.tab",
+        "",
+        "x" * 300,
+    ):
+        with pytest.raises(ProtocolError, match="unknown IANA time zone"):
+            check_time_zone(name, what="userTimezone")
