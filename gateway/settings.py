@@ -102,10 +102,11 @@ class Settings(BaseSettings):
         default=86_400, gt=0, description="Life of a TTS link's spec and file in Redis."
     )
     tts_max_chars: int = Field(
-        default=3000,
+        default=1500,
         gt=0,
         description="Characters (SSML markup included) of one response item that are "
-        "spoken; the rest of a longer item is sent as text only.",
+        "spoken (1500: about 100 s of speech); the rest of a longer item is sent as text "
+        "only.",
     )
     tts_max_running: int = Field(
         default=1,

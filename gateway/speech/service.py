@@ -84,7 +84,7 @@ class SpeechService:
         public_url: str,
         listen_defaults: ListenOptions,
         id_key: bytes | None = None,
-        max_chars: int = 3000,
+        max_chars: int = 1500,
         max_running: int = 1,
         max_queued: int = 8,
         prefetch: bool = False,
