@@ -98,6 +98,11 @@ class TtsPool:
         """Syntheses running."""
         return self._running
 
+    @property
+    def pending(self) -> int:
+        """Syntheses running or waiting (the ids in flight)."""
+        return len(self._jobs)
+
     def _has_room(self, reserve: int = 0) -> bool:
         return len(self._jobs) + reserve < self.max_running + self.max_queued
 

@@ -134,7 +134,8 @@ async def test_failed_synthesis_still_answers(recognizer: PocketsphinxRecognizer
     assert isinstance(error, ErrorEvent)
     assert error.source == "tts"
     session = await conversation.store.get(ctx(None).key)
-    assert session is not None and session.turn_count == 1  # the turn itself was saved
+    assert session is not None
+    assert session.turn_count == 1  # the turn itself was saved
 
 
 @pytest.fixture

@@ -297,7 +297,9 @@ async def test_redis_cache_stores_with_ttl(redis_client: Redis) -> None:
     try:
         synth = CountingSynth(EspeakSynthesizer())
         file_id = await synthesize_to_file(synth, cache, "Hello from Redis.", "mp3", key=KEY)
-        assert await synthesize_to_file(synth, cache, "Hello from Redis.", "mp3", key=KEY) == file_id
+        assert (
+            await synthesize_to_file(synth, cache, "Hello from Redis.", "mp3", key=KEY) == file_id
+        )
         assert synth.calls == 1
         stored = await cache.get(file_id)
         assert stored is not None
