@@ -41,6 +41,7 @@ __all__ = [
     "default_piper_model",
     "make_synthesizer",
     "parse_ssml",
+    "phoneme_runs",
     "split_pieces",
     "ssml_to_text",
     "synthesize_pieces",
@@ -50,11 +51,16 @@ MAX_TEXT_CHARS: Final = 10_000
 """Longest text (characters, markup included) a synthesizer accepts."""
 
 PIECE_CHARS: Final = 100
-"""Longest piece of text Piper synthesizes in one inference run. Piper's memory
-grows with the audio of one run (measured with the joe voice: about +110 MB at
-100 characters, +200 MB at 120-150, +530 MB at 300, gigabytes beyond), so long
-text is split (:func:`split_pieces`) and each piece is synthesized and encoded
-before the next starts."""
+"""Longest piece of text handed to Piper's phonemizer at once (:func:`split_pieces`)."""
+
+PIECE_PHONEMES: Final = 64
+"""Most phonemes Piper synthesizes in one inference run (at the voice's normal speed;
+fewer for slower speech). Piper's memory grows with the audio of one run, about 28 MB
+per second of speech with the joe voice (measured: +51 MB at 40 phonemes, +82 MB at
+60, +115 MB at 80, +170 MB at 120, +530 MB for a 300-character sentence, gigabytes
+beyond), and numbers or spelled-out tokens make many phonemes of few characters, so
+each phonemized sentence is cut into runs of at most this many phonemes (at word
+boundaries, preferably after punctuation): about 3 s of speech and 90 MB per run."""
 
 
 class SynthesisError(RuntimeError):
@@ -255,6 +261,53 @@ def split_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
     return pieces
 
 
+_PAUSE_PHONEMES: Final = frozenset({",", ";", ":", ".", "!", "?", "—", "…"})
+
+
+def phoneme_runs(phonemes: list[str], limit: int = PIECE_PHONEMES) -> list[list[str]]:
+    """Cut one sentence's phonemes (Piper's phonemizer output, words separated by
+    ``" "``) into runs of at most ``limit`` phonemes, at word boundaries, ending a run
+    early after a punctuation phoneme once it is half full; a word longer than
+    ``limit`` is cut. Empty runs are dropped.
+
+    Raises:
+        ValueError: ``limit`` < 1.
+    """
+    if limit < 1:
+        raise ValueError("limit must be >= 1")
+    runs: list[list[str]] = []
+    current: list[str] = []
+    word: list[str] = []
+
+    def end_word() -> None:
+        nonlocal current, word
+        while len(word) > limit:
+            if current:
+                runs.append(current)
+                current = []
+            runs.append(word[:limit])
+            word = word[limit:]
+        if current and len(current) + 1 + len(word) > limit:
+            runs.append(current)
+            current = []
+        if word:
+            current = [*current, " ", *word] if current else word
+        word = []
+        if len(current) * 2 >= limit and current and current[-1] in _PAUSE_PHONEMES:
+            runs.append(current)
+            current = []
+
+    for phoneme in phonemes:
+        if phoneme == " ":
+            end_word()
+        else:
+            word.append(phoneme)
+    end_word()
+    if current:
+        runs.append(current)
+    return [run for run in runs if any(p.strip() for p in run)]
+
+
 def _check_text(text: str) -> None:
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"text of {len(text)} characters exceeds {MAX_TEXT_CHARS}")
@@ -290,9 +343,9 @@ class PiperSynthesizer:
 
     The model loads lazily on first use (about 1.5 s for a medium voice),
     once, thread-safely; synthesis runs in a worker thread, one piece of at most
-    :data:`PIECE_CHARS` characters at a time (:meth:`pieces`), without ONNX
-    Runtime's memory arena so memory goes back after each piece; SSML breaks
-    become silence.
+    :data:`PIECE_CHARS` characters at a time (:meth:`pieces`), each in inference
+    runs of at most :data:`PIECE_PHONEMES` phonemes, without ONNX Runtime's memory
+    arena so memory goes back after each run; SSML breaks become silence.
 
     Args:
         model_path: a Piper ``.onnx`` voice; its config is ``<model>.onnx.json``
@@ -404,17 +457,33 @@ class PiperSynthesizer:
         return self._sample_rate
 
     def _piece_sync(self, text: str) -> Pcm:
-        """One piece (at most PIECE_CHARS characters) to PCM, in the calling thread."""
+        """One piece of text to PCM, in the calling thread: phonemized, then synthesized
+        in runs of at most PIECE_PHONEMES phonemes (see there), each normalized like
+        Piper normalizes a sentence."""
+        import numpy as np
+
         voice = self._load()
+        config = self._syn_config
         rate = int(voice.config.sample_rate)
         gap = silence(self._sentence_silence_ms, rate).data if self._sentence_silence_ms else b""
+        length_scale = (config.length_scale if config else None) or voice.config.length_scale
+        limit = max(16, int(PIECE_PHONEMES / max(1.0, float(length_scale or 1.0))))
         out = bytearray()
         with _PIPER_LOCK:
             try:
-                for i, chunk in enumerate(voice.synthesize(text, self._syn_config)):
+                runs = [
+                    run
+                    for sentence in voice.phonemize(text)
+                    for run in phoneme_runs(sentence, limit)
+                ]
+                for i, run in enumerate(runs):
                     if i and gap:
                         out += gap
-                    out += chunk.audio_int16_bytes
+                    result = voice.phoneme_ids_to_audio(voice.phonemes_to_ids(run), config)
+                    audio = result[0] if isinstance(result, tuple) else result
+                    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+                    scaled = audio * (32767.0 / peak) if peak >= 1e-8 else np.zeros_like(audio)
+                    out += np.clip(scaled, -32767.0, 32767.0).astype(np.int16).tobytes()
             except Exception as exc:  # onnxruntime/phonemizer errors
                 raise SynthesisError(f"Piper failed: {exc}") from exc
         return Pcm(bytes(out), rate)

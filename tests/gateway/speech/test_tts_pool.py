@@ -21,9 +21,11 @@ from gateway.speech.service import SpeechService, TtsRequest
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import (
     PIECE_CHARS,
+    PIECE_PHONEMES,
     EspeakSynthesizer,
     PiperSynthesizer,
     Synthesizer,
+    phoneme_runs,
     split_pieces,
 )
 from gateway.speech.tts_cache import FileEncoder, MemoryTtsCache, TtsSpec, encode_file
@@ -60,6 +62,22 @@ def test_split_pieces_bounds_every_piece() -> None:
     assert clauses == ["a" * 30 + ", " + "b" * 30 + ",", "c" * 60]  # ends at a clause
     with pytest.raises(ValueError, match="max_chars"):
         split_pieces("x", 0)
+
+
+def test_phoneme_runs_bound_each_inference_run() -> None:
+    assert phoneme_runs(list("ab cd, ef gh ij"), 6) == [
+        ["a", "b", " ", "c", "d", ","],
+        ["e", "f", " ", "g", "h"],
+        ["i", "j"],
+    ]
+    assert phoneme_runs(list("abcdefghij"), 4) == [list("abcd"), list("efgh"), list("ij")]
+    assert phoneme_runs([" ", " "]) == []
+    long_sentence = list("ðə kwɪk bɹaʊn fɑːks " * 50)
+    runs = phoneme_runs(long_sentence)
+    assert max(len(r) for r in runs) <= PIECE_PHONEMES
+    assert sum(len(r) for r in runs) >= len(long_sentence) - 50 - len(runs)  # only spaces go
+    with pytest.raises(ValueError, match="limit"):
+        phoneme_runs(["a"], 0)
 
 
 async def test_piper_pieces_make_the_same_audio_as_a_whole(piper: PiperSynthesizer) -> None:
