@@ -64,9 +64,10 @@ async def test_200_conversations_on_two_instances_with_tts_links(
     alternating between two instances: no failed or crossed turn, and a sample of the
     links downloads real audio from either instance."""
     env = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_REDIS_PREFIX": redis_prefix}
-    a, b = GatewayProcess(env), GatewayProcess(env)
-    gateway_processes += [a, b]
-    await asyncio.gather(asyncio.to_thread(a.start), asyncio.to_thread(b.start))
+    a = GatewayProcess(env).start()
+    gateway_processes.append(a)
+    b = GatewayProcess(env).start()
+    gateway_processes.append(b)
 
     async def conversation(i: int, client: httpx.AsyncClient) -> list[str]:
         headers = dict(TEXT)
@@ -81,7 +82,9 @@ async def test_200_conversations_on_two_instances_with_tts_links(
         return answers
 
     start = time.perf_counter()
-    limits = httpx.Limits(max_connections=200)
+    # no keep-alive: a connection idle past uvicorn's 5 s keep-alive on a loaded machine
+    # may be closed by the server just as the client reuses it (a client-side race)
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
         results = await asyncio.gather(*(conversation(i, client) for i in range(200)))
     elapsed = time.perf_counter() - start
