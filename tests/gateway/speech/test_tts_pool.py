@@ -218,3 +218,27 @@ async def test_items_are_spoken_up_to_the_cap(recognizer: PocketsphinxRecognizer
     assert unbroken is not None
     assert unbroken.text == "x" * 20
     assert speech.spec(ResponseItem(text="#command"), "mp3") is None
+
+
+async def test_prefetch_synthesizes_a_link_in_the_background_when_there_is_room(
+    recognizer: PocketsphinxRecognizer,
+) -> None:
+    synth = CountingSynth(EspeakSynthesizer())
+    speech = service(synth, recognizer, prefetch=True, max_running=1, max_queued=1)
+    item = await speech.link_item(ResponseItem(text="Fetched ahead."), "mp3")
+    assert item.audio is not None
+    file_id = httpx.URL(item.audio).path.rsplit("/", 1)[1].removesuffix(".mp3")
+    start = time.perf_counter()
+    while await speech.cache.get(file_id) is None:
+        await asyncio.sleep(0.05)
+        assert time.perf_counter() - start < 10
+    assert await speech.file(file_id) == await speech.cache.get(file_id)
+    assert synth.calls == 1
+    # a full queue: no prefetch, and the turn is not delayed (the link is issued anyway)
+    busy = asyncio.create_task(speech.pool.render("8" * 64, spec(LONG, synth)))
+    await asyncio.sleep(0.05)
+    other = await speech.link_item(ResponseItem(text="Not ahead."), "mp3")
+    assert other.audio is not None
+    assert speech.pool.pending == 1
+    busy.cancel()
+    await asyncio.gather(busy, return_exceptions=True)
