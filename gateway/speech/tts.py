@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import re
 import shutil
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -53,14 +56,16 @@ MAX_TEXT_CHARS: Final = 10_000
 PIECE_CHARS: Final = 100
 """Longest piece of text handed to Piper's phonemizer at once (:func:`split_pieces`)."""
 
-PIECE_PHONEMES: Final = 64
+PIECE_PHONEMES: Final = 96
 """Most phonemes Piper synthesizes in one inference run (at the voice's normal speed;
-fewer for slower speech). Piper's memory grows with the audio of one run, about 28 MB
-per second of speech with the joe voice (measured: +51 MB at 40 phonemes, +82 MB at
-60, +115 MB at 80, +170 MB at 120, +530 MB for a 300-character sentence, gigabytes
-beyond), and numbers or spelled-out tokens make many phonemes of few characters, so
-each phonemized sentence is cut into runs of at most this many phonemes (at word
-boundaries, preferably after punctuation): about 3 s of speech and 90 MB per run."""
+fewer for slower speech), about 4.5 s of speech. Piper's memory grows with the audio
+of one run (measured with the joe voice, one run: +51 MB at 40 phonemes, +115 MB at
+80, +170 MB at 120, +530 MB for a 300-character sentence, gigabytes beyond), and
+numbers or spelled-out tokens make many phonemes of few characters, so each
+phonemized sentence is cut into runs of at most this many phonemes (at word
+boundaries, preferably after punctuation). With :func:`_return_freed_memory`, 1,500
+characters of text (about 90 s of speech) raise the process's peak RSS by about
+75 MB (64 phonemes: 42 MB, 128: 90 MB)."""
 
 
 class SynthesisError(RuntimeError):
@@ -337,6 +342,33 @@ _PIPER_LOCK = threading.Lock()
 state), so pieces are synthesized one at a time per process; how many syntheses
 may wait for it is bounded by :class:`gateway.speech.tts_pool.TtsPool`."""
 
+_PIPER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
+"""The one thread Piper runs in: its memory comes from one malloc arena, which it
+reuses run after run (from changing worker threads, each thread's arena kept its
+own peak and the process's peak grew with every thread that ran a piece)."""
+
+
+_MMAP_THRESHOLD_BYTES: Final = 128 * 1024
+
+
+def _return_freed_memory() -> None:
+    """Make glibc serve allocations >= 128 KiB with mmap, always (``mallopt``).
+
+    ONNX Runtime allocates and frees tensors of many megabytes per inference run.
+    glibc's default raises its mmap threshold after each such free, so later tensors
+    come from the heap, which fragments and keeps its peak: over a long text the
+    process's RSS grew by 250 MB where one run needs 75 MB. A fixed threshold gives
+    every large tensor back to the system when it is freed. Elsewhere than glibc
+    (musl, macOS) this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(-3, _MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
+
 
 class PiperSynthesizer:
     """Neural TTS with Piper (``piper-tts`` 1.x, ONNX Runtime on the CPU).
@@ -427,6 +459,7 @@ class PiperSynthesizer:
                         providers=["CPUExecutionProvider"],
                     )
                     voice = PiperVoice(session=session, config=config)
+                    _return_freed_memory()
                 except (OSError, ValueError, RuntimeError, KeyError) as exc:
                     raise SynthesisError(
                         f"cannot load Piper voice {self.model_path}: {exc}"
@@ -505,7 +538,8 @@ class PiperSynthesizer:
                     yield silence(part.ms, self.sample_rate)
                 continue
             for piece in split_pieces(part):
-                yield await asyncio.to_thread(self._piece_sync, piece)
+                loop = asyncio.get_running_loop()
+                yield await loop.run_in_executor(_PIPER_THREAD, self._piece_sync, piece)
 
     async def synthesize(self, text: str, *, ssml: bool = False) -> Pcm:
         """Synthesize in a worker thread, piece by piece; PCM at the voice's rate
