@@ -202,6 +202,13 @@ class TurnStream:
                         continue
                     try:
                         data = await item.task
+                    except asyncio.CancelledError as exc:
+                        current = asyncio.current_task()
+                        if current is not None and current.cancelling():
+                            raise  # the consumer itself is cancelled
+                        speech_error = _speech_error(exc)  # the synthesis was stopped
+                        metrics.ERRORS.labels(item.channel, "tts").inc()
+                        continue
                     except Exception as exc:  # speech never breaks the stream
                         speech_error = _speech_error(exc)
                         metrics.ERRORS.labels(item.channel, "tts").inc()
@@ -234,7 +241,9 @@ def _speech_error(exc: BaseException) -> ErrorEvent:
     if isinstance(exc, TtsOverloaded):
         log.warning("speech refused: the TTS pool is full")
         return ErrorEvent(text=exc.text, source="tts")
-    if isinstance(exc, SynthesisError | ValueError | OSError | RedisError):
+    if isinstance(exc, asyncio.CancelledError):
+        log.warning("speech synthesis was stopped (the gateway is shutting down)")
+    elif isinstance(exc, SynthesisError | ValueError | OSError | RedisError):
         log.warning("speech synthesis failed: %s", exc)
     else:
         log.error("speech synthesis failed unexpectedly", exc_info=exc)
