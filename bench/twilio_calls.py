@@ -181,6 +181,11 @@ def gateway_app(stt_cpu_ms: float) -> Any:
             cache=own.cache,
             public_url=own.public_url,
             listen_defaults=own.listen_defaults,
+            id_key=own.id_key,
+            max_chars=own.max_chars,
+            max_running=own.pool.max_running,
+            max_queued=own.pool.max_queued,
+            prefetch=own.prefetch,
         )
         gw.speech = gw.conversation.speech = speech
         yield

@@ -35,7 +35,7 @@ from gateway.middleware import RequestIdMiddleware
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
 from gateway.pipeline import make_pipeline
 from gateway.pipeline.http import PipelineRequest, PipelineResponse
-from gateway.secrets import LOG_SESSION_REF, load_secret_keys
+from gateway.secrets import LOG_SESSION_REF, TTS_ID, load_secret_keys
 from gateway.sessions import RedisSessionStore, StoreUnavailable, make_store
 from gateway.settings import Settings
 from gateway.speech.service import make_speech
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if settings.log_hash_key is None:  # logs name sessions with the master key's
             set_hash_key(lambda: secret_keys.key(LOG_SESSION_REF))
-        speech = make_speech(settings, redis)
+        speech = make_speech(settings, redis, id_key=secret_keys.key(TTS_ID))
         pipeline = make_pipeline(settings)
         conversation = Conversation(store, pipeline, settings, speech)
         warming = asyncio.create_task(speech.warm_up()) if settings.speech_warm_up else None

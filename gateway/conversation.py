@@ -23,6 +23,16 @@ the first step, e.g. ``store-unavailable``); once events went out, a store that
 fails when the session is saved (StoreUnavailable, LockLost) ends the turn with
 an ErrorEvent of source ``gateway`` instead, so an adapter's answer is always
 complete. Logs name sessions by :func:`gateway.logs.session_ref`, never by id.
+
+Speech never holds a turn up. TTS links (``tts.mode == "links"``) are issued at
+once (synthesis waits for the link's first GET). Audio sent in the turn
+(``"audio"``: V1 RequiredStreaming, phone calls) is synthesized in the TTS pool
+while the turn goes on: the item goes out at once, its BinaryEvent follows when
+the audio is ready, and :class:`TurnStream` waits for it outside the session lock
+and outside the pipeline's timeout. When speech fails (pool full, engine error)
+the remaining audio is dropped and the turn's Response is replaced by an
+ErrorEvent with source ``tts`` (the session is saved all the same). A consumer
+that leaves the stream cancels the syntheses it would have waited for.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+
+from redis.exceptions import RedisError
 
 from gateway import metrics
 from gateway.events import (
@@ -61,6 +73,8 @@ from gateway.sessions import (
     StoreUnavailable,
 )
 from gateway.settings import Settings
+from gateway.speech.tts import SynthesisError
+from gateway.speech.tts_pool import TtsOverloaded
 
 if TYPE_CHECKING:
     from gateway.speech.service import SpeechService, TtsRequest
@@ -151,15 +165,29 @@ class _Outcome:
         self.error = exc.source
 
 
-class _Events(asyncio.Queue[object]):
-    """The queue of a turn's events; counts what was handed out (``sent``)."""
+@dataclass
+class _PendingAudio:
+    """An item's audio being synthesized; the stream turns it into a BinaryEvent."""
+
+    task: asyncio.Task[bytes | None]
+    channel: str
+
+
+class _TurnQueue(asyncio.Queue[object]):
+    """The events of one turn: counts what was handed out (``sent``), knows whether
+    audio is pending (``audio``) and is ``closed`` once its consumer has gone."""
+
+    closed = False
 
     def __init__(self) -> None:
         super().__init__()
         self.sent = 0
+        self.audio = False
 
     def put_nowait(self, item: object) -> None:
         self.sent += 1
+        if isinstance(item, _PendingAudio):
+            self.audio = True
         super().put_nowait(item)
 
 
@@ -167,7 +195,8 @@ class TurnStream:
     """The events of one running turn; iterate it with ``async for``.
 
     The first step raises TurnRejected when the turn could not start. Leaving
-    the loop early does not stop the turn: it completes and saves the session.
+    the loop early does not stop the turn: it completes and saves the session,
+    but syntheses of audio nobody will receive are cancelled.
     """
 
     def __init__(self, queue: asyncio.Queue[object], task: asyncio.Task[None]) -> None:
@@ -178,13 +207,49 @@ class TurnStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[TurnEvent]:
-        while True:
-            item = await self._queue.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
+        speech_error: ErrorEvent | None = None
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, _PendingAudio):
+                    if speech_error is not None:
+                        item.task.cancel()
+                        continue
+                    try:
+                        data = await item.task
+                    except asyncio.CancelledError as exc:
+                        current = asyncio.current_task()
+                        if current is not None and current.cancelling():
+                            raise  # the consumer itself is cancelled
+                        speech_error = _speech_error(exc)  # the synthesis was stopped
+                        metrics.ERRORS.labels(item.channel, "tts").inc()
+                        continue
+                    except Exception as exc:  # speech never breaks the stream
+                        speech_error = _speech_error(exc)
+                        metrics.ERRORS.labels(item.channel, "tts").inc()
+                        continue
+                    if data is not None:
+                        yield BinaryEvent(data=data)
+                    continue
+                if speech_error is not None and isinstance(item, ResponseEvent):
+                    yield speech_error
+                    continue
+                yield item  # type: ignore[misc]
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        """Cancel the syntheses still queued for this (gone) consumer."""
+        if isinstance(self._queue, _TurnQueue):
+            self._queue.closed = True
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, _PendingAudio):
+                item.task.cancel()
 
     async def collect(self) -> list[TurnEvent]:
         """All events of the turn (raises TurnRejected like iteration does)."""
@@ -197,8 +262,8 @@ class TurnStream:
         (Content-Length) instead of a chunked stream. Raises TurnRejected like
         iteration does when the turn was rejected and this is its first step.
         """
-        if not self.task.done():
-            return None
+        if not self.task.done() or getattr(self._queue, "audio", False):
+            return None  # running, or audio still to synthesize: iterate instead
         events: list[TurnEvent] = []
         while True:
             item = self._queue.get_nowait()
@@ -207,6 +272,19 @@ class TurnStream:
             if isinstance(item, BaseException):
                 raise item
             events.append(item)  # type: ignore[arg-type]
+
+
+def _speech_error(exc: BaseException) -> ErrorEvent:
+    if isinstance(exc, TtsOverloaded):
+        log.warning("speech refused: the TTS pool is full")
+        return ErrorEvent(text=exc.text, source="tts")
+    if isinstance(exc, asyncio.CancelledError):
+        log.warning("speech synthesis was stopped (the gateway is shutting down)")
+    elif isinstance(exc, SynthesisError | ValueError | OSError | RedisError):
+        log.warning("speech synthesis failed: %s", exc)
+    else:
+        log.error("speech synthesis failed unexpectedly", exc_info=exc)
+    return ErrorEvent(text="Speech synthesis failed.", source="tts")
 
 
 class Conversation:
@@ -245,13 +323,13 @@ class Conversation:
 
     def turn(self, ctx: TurnContext, input: Input) -> TurnStream:
         """Start one turn of ``ctx``'s session on ``input``; see the module doc."""
-        queue = _Events()
+        queue = _TurnQueue()
         task = asyncio.create_task(self._run(ctx, input, queue), name="turn")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return TurnStream(queue, task)
 
-    async def _run(self, ctx: TurnContext, input: Input, out: _Events) -> None:
+    async def _run(self, ctx: TurnContext, input: Input, out: _TurnQueue) -> None:
         start = time.perf_counter()
         outcome = _Outcome()
         metrics.TURNS_IN_FLIGHT.inc()
@@ -445,7 +523,7 @@ class Conversation:
             async with asyncio.timeout(self.settings.turn_timeout_s):
                 async for produced in outputs:
                     if isinstance(produced, ResponseItem):
-                        items.append(await self._emit(produced, out, tts))
+                        items.append(await self._emit(produced, out, tts, session.channel))
                     elif isinstance(produced, Response):
                         response = produced
                         break
@@ -453,7 +531,7 @@ class Conversation:
                         raise PipelineError(f"the pipeline produced a {type(produced).__name__}")
                 response = response or Response()
                 for item in response.items:
-                    items.append(await self._emit(item, out, tts))
+                    items.append(await self._emit(item, out, tts, session.channel))
         finally:
             # closed here, not by the event loop's async-generator finalizer (a task per turn)
             aclose = getattr(outputs, "aclose", None)
@@ -464,15 +542,28 @@ class Conversation:
         return session, response
 
     async def _emit(
-        self, item: ResponseItem, out: asyncio.Queue[object], tts: TtsRequest | None
+        self, item: ResponseItem, out: asyncio.Queue[object], tts: TtsRequest | None, channel: str
     ) -> ResponseItem:
-        """Hand out one item (with its speech when asked for); the item as sent."""
-        audio = None
-        if tts is not None and self.speech is not None:
-            item, audio = await self.speech.voice_item(item, tts)
+        """Hand out one item (with its speech when asked for); the item as sent.
+
+        Links are registered now (one cache write); audio is synthesized in its own
+        task, which the stream waits for (see the module doc).
+        """
+        speech = self.speech
+        if tts is None or speech is None:
+            out.put_nowait(ResponseItemEvent(response_item=item))
+            return item
+        if tts.mode == "links":
+            try:
+                item = await speech.link_item(item, tts.file_type)
+            except (OSError, RedisError) as exc:
+                log.warning("TTS link not registered, item sent without audio: %s", exc)
+            out.put_nowait(ResponseItemEvent(response_item=item))
+            return item
         out.put_nowait(ResponseItemEvent(response_item=item))
-        if audio is not None:
-            out.put_nowait(BinaryEvent(data=audio))
+        if speech.spec(item, tts.file_type) is not None and not getattr(out, "closed", False):
+            task = asyncio.create_task(speech.audio(item, tts.file_type), name="turn audio")
+            out.put_nowait(_PendingAudio(task, channel))
         return item
 
     def _apply_response(self, session: Session, response: Response) -> bool:

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.responses import Response
+from redis.exceptions import RedisError
 from starlette.requests import Request
 
 from gateway.deps import gateway_of
 from gateway.httputil import problem
+from gateway.speech.tts import SynthesisError
 from gateway.speech.tts_cache import MEDIA_TYPES, is_tts_id
+from gateway.speech.tts_pool import TtsOverloaded
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["files"])
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has gone (ASGI ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.get(
@@ -24,21 +37,61 @@ router = APIRouter(tags=["files"])
             "content": {media: {} for media in MEDIA_TYPES.values()},
         },
         404: {"description": "Unknown or expired file (problem body)"},
+        500: {"description": "Speech synthesis failed (problem body)"},
+        503: {
+            "description": "Speech synthesis is saturated; retry after `Retry-After` seconds "
+            "(problem body)",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        },
     },
     response_class=Response,
 )
 async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: Request) -> Response:
-    """Serve a cached TTS file; any instance sharing the Redis serves any link.
+    """Serve a TTS file; any instance sharing the Redis serves any link.
 
-    The id is the SHA-256 hex the gateway made; anything else is a 404 before the
-    cache is asked. Files are immutable, so clients may cache them.
+    The first GET of a link synthesizes it from the spec registered when the link
+    was issued (concurrent GETs of one id share one synthesis); later GETs come
+    from the cache. The id is an HMAC the gateway made: anything not shaped like
+    one is a 404 before the cache is asked, and an id never issued is a 404 too.
+    When the TTS pool is full the answer is 503 with ``Retry-After``. A client that
+    goes away cancels the synthesis if nobody else waits for it. Files are
+    immutable, so clients may cache them.
     """
     gw = gateway_of(request)
-    data = await gw.speech.cache.get(file_id) if is_tts_id(file_id) else None
+    if not is_tts_id(file_id):
+        return _not_found(file_id, ext)
+    render = asyncio.ensure_future(gw.speech.file(file_id))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({render, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not render.done():
+            render.cancel()
+    if render.cancelled():
+        return Response(status_code=499)  # the client has gone; nobody reads this
+    try:
+        data = render.result()
+    except TtsOverloaded as exc:
+        answer = problem(503, "Service Unavailable", exc.text)
+        answer.headers["Retry-After"] = str(exc.retry_after_s)
+        return answer
+    except (SynthesisError, ValueError) as exc:
+        log.warning("synthesis of %s failed: %s", file_id, exc)
+        return problem(500, "Internal Server Error", "Speech synthesis failed.")
+    except (OSError, RedisError) as exc:
+        log.warning("TTS cache failed serving %s: %s", file_id, exc)
+        answer = problem(503, "Service Unavailable", "The speech file store is unavailable.")
+        answer.headers["Retry-After"] = "5"
+        return answer
     if data is None:
-        return problem(404, "Not Found", f"No speech file {file_id}.{ext}; it may have expired.")
+        return _not_found(file_id, ext)
     return Response(
         data,
         media_type=MEDIA_TYPES[ext],
         headers={"Cache-Control": "public, max-age=86400, immutable"},
     )
+
+
+def _not_found(file_id: str, ext: str) -> Response:
+    return problem(404, "Not Found", f"No speech file {file_id}.{ext}; it may have expired.")

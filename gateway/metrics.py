@@ -12,7 +12,11 @@ Names and labels:
 - ``gateway_sessions_started_total{channel}``, ``gateway_sessions_ended_total{channel}``.
 - ``gateway_connections{channel}``: open socket connections (V1, Twilio, socket.io).
 - ``gateway_stt_seconds``: end of speech to final recognition result;
-  ``gateway_tts_seconds``: synthesis of one item (cache misses).
+  ``gateway_tts_seconds``: synthesis and encoding of one file (cache misses);
+  ``gateway_tts_queue_depth``: syntheses waiting in the TTS pool;
+  ``gateway_tts_running``: syntheses running; ``gateway_tts_wait_seconds``: time a
+  synthesis waited in the queue; ``gateway_tts_rejected_total``: syntheses refused
+  because the pool was full (HTTP 503 / Error source ``tts``).
 - ``gateway_stt_streams``: recognition streams decoding now (at most
   GATEWAY_STT_MAX_STREAMS); ``gateway_stt_queue_depth``: recognition streams waiting
   for a recognizer (at most GATEWAY_STT_QUEUE); ``gateway_stt_queue_wait_seconds``:
@@ -82,6 +86,19 @@ STT_REFUSED = Counter(
     "Recognition streams refused as busy, by reason (queue-full, wait-timeout).",
     ["reason"],
     registry=REGISTRY,
+)
+TTS_QUEUE_DEPTH = Gauge(
+    "gateway_tts_queue_depth", "Syntheses waiting in the TTS pool.", registry=REGISTRY
+)
+TTS_RUNNING = Gauge("gateway_tts_running", "Syntheses running.", registry=REGISTRY)
+TTS_WAIT_SECONDS = Histogram(
+    "gateway_tts_wait_seconds",
+    "Time a synthesis waited in the TTS pool's queue (s).",
+    buckets=_LATENCY,
+    registry=REGISTRY,
+)
+TTS_REJECTED = Counter(
+    "gateway_tts_rejected", "Syntheses refused: the TTS pool was full.", registry=REGISTRY
 )
 REDIS_SECONDS = Histogram(
     "gateway_redis_seconds", "Redis round trips (s).", ["op"], buckets=_FAST, registry=REGISTRY

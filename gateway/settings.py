@@ -149,7 +149,36 @@ class Settings(BaseSettings):
         description="Piper: path of an .onnx voice (default the en_US joe voice); "
         "espeak-ng: a voice name (default en-us).",
     )
-    tts_cache_ttl_s: int = Field(default=86_400, gt=0, description="Life of a TTS file in Redis.")
+    tts_cache_ttl_s: int = Field(
+        default=86_400, gt=0, description="Life of a TTS link's spec and file in Redis."
+    )
+    tts_max_chars: int = Field(
+        default=1500,
+        gt=0,
+        description="Characters (SSML markup included) of one response item that are "
+        "spoken (1500: about 100 s of speech); the rest of a longer item is sent as text "
+        "only.",
+    )
+    tts_max_running: int = Field(
+        default=1,
+        gt=0,
+        description="Syntheses running at once per process (Piper synthesizes one piece "
+        "at a time per process anyway).",
+    )
+    tts_queue_size: int = Field(
+        default=8,
+        ge=0,
+        description="Syntheses that may wait for a running one; beyond that a /file/tts "
+        "miss gets 503 + Retry-After and streamed speech an Error with source `tts`.",
+    )
+    tts_threads: int = Field(
+        default=1, gt=0, description="ONNX Runtime threads of one Piper synthesis."
+    )
+    tts_prefetch: bool = Field(
+        default=False,
+        description="Synthesize each linked item in the background as soon as its link is "
+        "issued, while the TTS queue is at most half full (never delays a turn).",
+    )
     tts_cache_max_bytes: int = Field(
         default=64 * 1024 * 1024, gt=0, description="Memory TTS cache size (no Redis)."
     )

@@ -6,7 +6,8 @@ Modules:
 * :mod:`gateway.speech.vad` — :class:`~gateway.speech.vad.Endpointer` (WebRTC VAD);
 * :mod:`gateway.speech.stt` — :class:`~gateway.speech.stt.Recognizer` protocol, PocketSphinx;
 * :mod:`gateway.speech.tts` — :class:`~gateway.speech.tts.Synthesizer` protocol, Piper, espeak-ng;
-* :mod:`gateway.speech.tts_cache` — cache of synthesized files, ``synthesize_to_file``.
+* :mod:`gateway.speech.tts_cache` — TTS ids (HMAC), specs and files, piecewise encoding;
+* :mod:`gateway.speech.tts_pool` — bounded, shared, cancellable syntheses.
 
 Only the light :mod:`~gateway.speech.audio` names are re-exported here; import the
 other modules directly (the engines load large libraries).

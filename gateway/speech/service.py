@@ -1,36 +1,34 @@
 """The gateway's speech: one recognizer, one synthesizer and the TTS file cache per process.
 
 Adapters get a :class:`~gateway.speech.listener.Listener` from :meth:`SpeechService.listener`
-for audio input; the turn engine asks :meth:`SpeechService.voice_item` for the audio
-of each response item (a link under ``/file/tts/`` or the encoded audio itself).
+for audio input. The turn engine asks :meth:`SpeechService.link_item` for an item's
+audio link (issued at once: the spec is registered in the TTS cache and synthesized
+on the link's first ``GET``, :meth:`SpeechService.file`) or
+:meth:`SpeechService.audio` for its encoded audio (synthesized in the TTS pool,
+outside the session lock). Speech of one item is capped at GATEWAY_TTS_MAX_CHARS.
 The recognizer's worker processes and the synthesizer's model load lazily, on first use,
 so a gateway that never hears audio never starts them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
-from gateway import metrics
 from gateway.events import ResponseItem
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat
 from gateway.speech.listener import Listener, ListenOptions
 from gateway.speech.stt import Recognizer
 from gateway.speech.tts import SynthesisError, Synthesizer
-from gateway.speech.tts_cache import (
-    TtsCache,
-    TtsFileFormat,
-    encode_file,
-    synthesize_to_file,
-    tts_id,
-)
+from gateway.speech.tts_cache import TtsCache, TtsFileFormat, TtsSpec, spec_id
+from gateway.speech.tts_pool import TtsOverloaded, TtsPool
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +68,11 @@ class SpeechService:
 
     ``recognizer_factory`` makes the recognizer on first use; ``public_url`` is the
     base of TTS links (GATEWAY_PUBLIC_URL); ``listen_defaults`` holds the VAD and
-    limit settings every listener starts from.
+    limit settings every listener starts from. ``id_key`` is the HMAC key of TTS
+    file ids (None: random per process, which is enough for links, as a ``GET``
+    looks the id up in the cache instead of recomputing it). ``max_chars`` caps the
+    characters of one item that are spoken; ``max_running``/``max_queued`` bound
+    the TTS pool; ``prefetch`` synthesizes linked items in the background.
     """
 
     def __init__(
@@ -81,14 +83,24 @@ class SpeechService:
         cache: TtsCache,
         public_url: str,
         listen_defaults: ListenOptions,
+        id_key: bytes | None = None,
+        max_chars: int = 1500,
+        max_running: int = 1,
+        max_queued: int = 8,
+        prefetch: bool = False,
     ) -> None:
+        if max_chars < 1:
+            raise ValueError("max_chars must be >= 1")
         self._recognizer_factory = recognizer_factory
         self._recognizer: Recognizer | None = None
         self.synthesizer = synthesizer
         self.cache = cache
         self.public_url = public_url.rstrip("/")
         self.listen_defaults = listen_defaults
-        self._lock = asyncio.Lock()
+        self.id_key = id_key or secrets.token_bytes(32)
+        self.max_chars = max_chars
+        self.prefetch = prefetch
+        self.pool = TtsPool(synthesizer, cache, max_running=max_running, max_queued=max_queued)
 
     @property
     def recognizer(self) -> Recognizer:
@@ -132,43 +144,94 @@ class SpeechService:
         return Listener(self.recognizer, fmt, options)
 
     def link(self, file_id: str, file_type: TtsFileFormat) -> str:
-        """The absolute URL of a cached TTS file."""
+        """The absolute URL of a TTS file."""
         return f"{self.public_url}/file/tts/{file_id}.{file_type}"
+
+    def spec(self, item: ResponseItem, file_type: TtsFileFormat) -> TtsSpec | None:
+        """What to synthesize for ``item`` (None: nothing to say): its SSML or text,
+        cut to ``max_chars`` characters (at a space when there is one in the last fifth)."""
+        text = speakable(item)
+        if text is None:
+            return None
+        if len(text) > self.max_chars:
+            cut = text[: self.max_chars]
+            space = cut.rfind(" ")
+            text = cut[:space] if space > self.max_chars * 4 // 5 else cut
+        return TtsSpec(text, bool(item.ssml), self.synthesizer.voice, file_type)
+
+    def file_id(self, spec: TtsSpec) -> str:
+        """The id of ``spec``'s file (HMAC under ``id_key``)."""
+        return spec_id(spec, self.id_key)
+
+    async def link_item(self, item: ResponseItem, file_type: TtsFileFormat) -> ResponseItem:
+        """``item`` with its ``audio`` link set, without synthesizing: the spec is
+        registered under the link's id (one cache write) and, with ``prefetch``,
+        queued for background synthesis when the pool has room. Items with nothing to
+        say come back unchanged.
+
+        Raises:
+            OSError, redis.RedisError: the cache could not be written.
+        """
+        spec = self.spec(item, file_type)
+        if spec is None:
+            return item
+        file_id = self.file_id(spec)
+        await self.cache.register(file_id, spec)
+        if self.prefetch:
+            self.pool.prefetch(file_id, spec)
+        return item.model_copy(update={"audio": self.link(file_id, file_type)})
+
+    async def audio(self, item: ResponseItem, file_type: TtsFileFormat) -> bytes | None:
+        """``item``'s encoded speech, synthesized in the TTS pool (None: nothing to say).
+
+        Raises:
+            TtsOverloaded: the pool is full.
+            SynthesisError, ValueError: the engine failed.
+            OSError, redis.RedisError: the cache failed.
+        """
+        spec = self.spec(item, file_type)
+        if spec is None:
+            return None
+        file_id = self.file_id(spec)
+        data = await self.cache.get(file_id)
+        if data is not None:
+            return data
+        await self.cache.register(file_id, spec)
+        return await self.pool.render(file_id, spec)
+
+    async def file(self, file_id: str) -> bytes | None:
+        """The file behind a link: from the cache, or synthesized now from its registered
+        spec (on any instance sharing the cache). None: unknown or expired id.
+
+        Raises:
+            TtsOverloaded: the pool is full.
+            SynthesisError, ValueError: the engine failed.
+            OSError, redis.RedisError: the cache failed.
+        """
+        data = await self.cache.get(file_id)
+        if data is not None:
+            return data
+        spec = await self.cache.spec(file_id)
+        if spec is None:
+            return None
+        return await self.pool.render(file_id, spec)
 
     async def voice_item(
         self, item: ResponseItem, request: TtsRequest
     ) -> tuple[ResponseItem, bytes | None]:
         """The item to send and, in ``audio`` mode, the encoded audio to send after it.
 
-        Items with nothing to say come back unchanged. A synthesis failure is logged
-        and the item goes out without audio: speech is never worth a lost answer.
+        ``links``: :meth:`link_item`; ``audio``: :meth:`audio`. Items with nothing to
+        say come back unchanged. A failure (pool full, engine or cache failure) is
+        logged and the item goes out without audio.
         """
-        text = speakable(item)
-        if text is None:
-            return item, None
-        ssml = bool(item.ssml)
         try:
-            with metrics.timed(metrics.TTS_SECONDS):
-                return await self._voice(item, text, ssml, request)
-        except (SynthesisError, OSError, ValueError) as exc:
-            log.warning("speech synthesis failed, item sent without audio: %s", exc)
+            if request.mode == "links":
+                return await self.link_item(item, request.file_type), None
+            return item, await self.audio(item, request.file_type)
+        except (TtsOverloaded, SynthesisError, OSError, ValueError, RedisError) as exc:
+            log.warning("speech for an item failed, sent without audio: %s", exc)
             return item, None
-
-    async def _voice(
-        self, item: ResponseItem, text: str, ssml: bool, request: TtsRequest
-    ) -> tuple[ResponseItem, bytes | None]:
-        if request.mode == "links":
-            file_id = await synthesize_to_file(
-                self.synthesizer, self.cache, text, request.file_type, ssml=ssml
-            )
-            return item.model_copy(update={"audio": self.link(file_id, request.file_type)}), None
-        file_id = tts_id(text, ssml=ssml, voice=self.synthesizer.voice, fmt=request.file_type)
-        data = await self.cache.get(file_id)
-        if data is None:
-            pcm = await self.synthesizer.synthesize(text, ssml=ssml)
-            data = encode_file(pcm, request.file_type)
-            await self.cache.put(file_id, data)
-        return item, data
 
     async def warm_up(self) -> None:
         """Load the synthesizer's voice and one recognizer worker now, not at the first turn.
@@ -185,15 +248,19 @@ class SpeechService:
             log.warning("speech warm-up failed: %s", exc)
 
     async def aclose(self) -> None:
-        """Stop the recognizer's workers."""
+        """Stop running syntheses and the recognizer's workers."""
+        await self.pool.aclose()
         if self._recognizer is not None:
             await self._recognizer.aclose()
 
 
-def make_speech(settings: Settings, redis: aioredis.Redis | None) -> SpeechService:
+def make_speech(
+    settings: Settings, redis: aioredis.Redis | None, id_key: bytes | None = None
+) -> SpeechService:
     """The SpeechService of ``settings``: pocketsphinx, Piper or espeak-ng, and the TTS
     cache in Redis (``{prefix}:tts:``, GATEWAY_TTS_CACHE_TTL_S) when ``redis`` is given,
-    so every instance serves every link, else in memory."""
+    so every instance serves every link, else in memory. ``id_key`` is the HMAC key
+    of TTS ids (None: ``secrets.token_bytes(32)`` per process)."""
     from gateway.speech.stt import PocketsphinxRecognizer
     from gateway.speech.tts import make_synthesizer
     from gateway.speech.tts_cache import MemoryTtsCache, RedisTtsCache
@@ -211,8 +278,15 @@ def make_speech(settings: Settings, redis: aioredis.Redis | None) -> SpeechServi
             max_queued=settings.stt_queue,
             queue_wait_s=settings.stt_queue_wait_ms / 1000,
         ),
-        synthesizer=make_synthesizer(settings.tts_provider, settings.tts_voice),
+        synthesizer=make_synthesizer(
+            settings.tts_provider, settings.tts_voice, threads=settings.tts_threads
+        ),
         cache=cache,
+        id_key=id_key,
+        max_chars=settings.tts_max_chars,
+        max_running=settings.tts_max_running,
+        max_queued=settings.tts_queue_size,
+        prefetch=settings.tts_prefetch,
         public_url=settings.public_url,
         listen_defaults=ListenOptions(
             silence_timeout_ms=settings.silence_timeout_ms,

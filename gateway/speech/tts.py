@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import re
 import shutil
 import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -40,11 +44,28 @@ __all__ = [
     "default_piper_model",
     "make_synthesizer",
     "parse_ssml",
+    "phoneme_runs",
+    "split_pieces",
     "ssml_to_text",
+    "synthesize_pieces",
 ]
 
 MAX_TEXT_CHARS: Final = 10_000
 """Longest text (characters, markup included) a synthesizer accepts."""
+
+PIECE_CHARS: Final = 100
+"""Longest piece of text handed to Piper's phonemizer at once (:func:`split_pieces`)."""
+
+PIECE_PHONEMES: Final = 96
+"""Most phonemes Piper synthesizes in one inference run (at the voice's normal speed;
+fewer for slower speech), about 4.5 s of speech. Piper's memory grows with the audio
+of one run (measured with the joe voice, one run: +51 MB at 40 phonemes, +115 MB at
+80, +170 MB at 120, +530 MB for a 300-character sentence, gigabytes beyond), and
+numbers or spelled-out tokens make many phonemes of few characters, so each
+phonemized sentence is cut into runs of at most this many phonemes (at word
+boundaries, preferably after punctuation). With :func:`_return_freed_memory`, 1,500
+characters of text (about 90 s of speech) raise the process's peak RSS by about
+75 MB (64 phonemes: 42 MB, 128: 90 MB)."""
 
 
 class SynthesisError(RuntimeError):
@@ -202,6 +223,96 @@ def ssml_to_text(ssml: str) -> str:
     return out.strip()
 
 
+_CLAUSE_END: Final = (",", ";", ":", ".", "!", "?", "—", "–", ")")
+
+
+def split_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """Split ``text`` into pieces of at most ``max_chars`` characters for synthesis.
+
+    Whitespace is collapsed. Words are packed greedily; a piece ends at the word that
+    would overflow it, or early at a clause end (``,;:.!?`` and dashes) once it is
+    half full, so pieces tend to end where a speaker pauses. A single word longer
+    than ``max_chars`` is cut. ``"".join`` of the pieces with spaces gives the
+    collapsed text back.
+
+    >>> split_pieces("One, two three. Four", 10)
+    ['One, two', 'three.', 'Four']
+
+    Raises:
+        ValueError: ``max_chars`` < 1.
+    """
+    if max_chars < 1:
+        raise ValueError("max_chars must be >= 1")
+    pieces: list[str] = []
+    current = ""
+    for word in text.split():
+        while len(word) > max_chars:
+            if current:
+                pieces.append(current)
+                current = ""
+            pieces.append(word[:max_chars])
+            word = word[max_chars:]
+        if not word:
+            continue
+        if current and len(current) + 1 + len(word) > max_chars:
+            pieces.append(current)
+            current = ""
+        current = f"{current} {word}" if current else word
+        if len(current) * 2 >= max_chars and current.endswith(_CLAUSE_END):
+            pieces.append(current)
+            current = ""
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+_PAUSE_PHONEMES: Final = frozenset({",", ";", ":", ".", "!", "?", "—", "…"})
+
+
+def phoneme_runs(phonemes: list[str], limit: int = PIECE_PHONEMES) -> list[list[str]]:
+    """Cut one sentence's phonemes (Piper's phonemizer output, words separated by
+    ``" "``) into runs of at most ``limit`` phonemes, at word boundaries, ending a run
+    early after a punctuation phoneme once it is half full; a word longer than
+    ``limit`` is cut. Empty runs are dropped.
+
+    Raises:
+        ValueError: ``limit`` < 1.
+    """
+    if limit < 1:
+        raise ValueError("limit must be >= 1")
+    runs: list[list[str]] = []
+    current: list[str] = []
+    word: list[str] = []
+
+    def end_word() -> None:
+        nonlocal current, word
+        while len(word) > limit:
+            if current:
+                runs.append(current)
+                current = []
+            runs.append(word[:limit])
+            word = word[limit:]
+        if current and len(current) + 1 + len(word) > limit:
+            runs.append(current)
+            current = []
+        if word:
+            current = [*current, " ", *word] if current else word
+        word = []
+        if len(current) * 2 >= limit and current and current[-1] in _PAUSE_PHONEMES:
+            runs.append(current)
+            current = []
+
+    for phoneme in phonemes:
+        if phoneme == " ":
+            end_word()
+        else:
+            word.append(phoneme)
+    end_word()
+    if current:
+        runs.append(current)
+    return [run for run in runs if any(p.strip() for p in run)]
+
+
 def _check_text(text: str) -> None:
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"text of {len(text)} characters exceeds {MAX_TEXT_CHARS}")
@@ -228,15 +339,45 @@ def default_piper_model() -> Path:
 
 _PIPER_LOCK = threading.Lock()
 """Piper phonemizes with one process-wide espeak-ng instance (its voice is global
-state), so syntheses run one at a time; ONNX inference uses all cores anyway."""
+state), so pieces are synthesized one at a time per process; how many syntheses
+may wait for it is bounded by :class:`gateway.speech.tts_pool.TtsPool`."""
+
+_PIPER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
+"""The one thread Piper runs in: its memory comes from one malloc arena, which it
+reuses run after run (from changing worker threads, each thread's arena kept its
+own peak and the process's peak grew with every thread that ran a piece)."""
+
+
+_MMAP_THRESHOLD_BYTES: Final = 128 * 1024
+
+
+def _return_freed_memory() -> None:
+    """Make glibc serve allocations >= 128 KiB with mmap, always (``mallopt``).
+
+    ONNX Runtime allocates and frees tensors of many megabytes per inference run.
+    glibc's default raises its mmap threshold after each such free, so later tensors
+    come from the heap, which fragments and keeps its peak: over a long text the
+    process's RSS grew by 250 MB where one run needs 75 MB. A fixed threshold gives
+    every large tensor back to the system when it is freed. Elsewhere than glibc
+    (musl, macOS) this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(-3, _MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
 
 
 class PiperSynthesizer:
     """Neural TTS with Piper (``piper-tts`` 1.x, ONNX Runtime on the CPU).
 
     The model loads lazily on first use (about 1.5 s for a medium voice),
-    once, thread-safely; synthesis runs in a worker thread. Sentences are
-    synthesized separately and joined; SSML breaks become silence.
+    once, thread-safely; synthesis runs in a worker thread, one piece of at most
+    :data:`PIECE_CHARS` characters at a time (:meth:`pieces`), each in inference
+    runs of at most :data:`PIECE_PHONEMES` phonemes, without ONNX Runtime's memory
+    arena so memory goes back after each run; SSML breaks become silence.
 
     Args:
         model_path: a Piper ``.onnx`` voice; its config is ``<model>.onnx.json``
@@ -245,6 +386,8 @@ class PiperSynthesizer:
         noise_scale, noise_w_scale: variability of audio and phoneme durations;
             0 makes output deterministic. None = the voice's defaults.
         sentence_silence_ms: silence inserted between sentences.
+        threads: ONNX Runtime intra-op threads per inference run (1 leaves the other
+            cores to the event loop and to recognition).
 
     Raises:
         SynthesisError: (on first synthesis) the model or config cannot be loaded.
@@ -259,7 +402,11 @@ class PiperSynthesizer:
         noise_scale: float | None = None,
         noise_w_scale: float | None = None,
         sentence_silence_ms: int = 0,
+        threads: int = 1,
     ) -> None:
+        if threads < 1:
+            raise ValueError("threads must be >= 1")
+        self.threads = threads
         self.model_path = Path(model_path) if model_path is not None else default_piper_model()
         self.config_path = (
             Path(config_path) if config_path is not None else Path(f"{self.model_path}.json")
@@ -296,9 +443,23 @@ class PiperSynthesizer:
                 try:
                     # onnxruntime would write a device id under $HOME and send usage data
                     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+                    import onnxruntime  # type: ignore[import-untyped]
                     from piper import PiperVoice, SynthesisConfig
+                    from piper.config import PiperConfig
 
-                    voice = PiperVoice.load(self.model_path, config_path=self.config_path)
+                    with self.config_path.open("rb") as fh:
+                        config = PiperConfig.from_dict(json.load(fh))
+                    options = onnxruntime.SessionOptions()
+                    options.intra_op_num_threads = self.threads
+                    options.inter_op_num_threads = 1
+                    options.enable_cpu_mem_arena = False  # give each piece's memory back
+                    session = onnxruntime.InferenceSession(
+                        str(self.model_path),
+                        sess_options=options,
+                        providers=["CPUExecutionProvider"],
+                    )
+                    voice = PiperVoice(session=session, config=config)
+                    _return_freed_memory()
                 except (OSError, ValueError, RuntimeError, KeyError) as exc:
                     raise SynthesisError(
                         f"cannot load Piper voice {self.model_path}: {exc}"
@@ -328,39 +489,70 @@ class PiperSynthesizer:
                 ) from exc
         return self._sample_rate
 
-    def _synthesize_sync(self, parts: list[str | Pause]) -> Pcm:
+    def _piece_sync(self, text: str) -> Pcm:
+        """One piece of text to PCM, in the calling thread: phonemized, then synthesized
+        in runs of at most PIECE_PHONEMES phonemes (see there), each normalized like
+        Piper normalizes a sentence."""
+        import numpy as np
+
         voice = self._load()
+        config = self._syn_config
         rate = int(voice.config.sample_rate)
         gap = silence(self._sentence_silence_ms, rate).data if self._sentence_silence_ms else b""
+        length_scale = (config.length_scale if config else None) or voice.config.length_scale
+        limit = max(16, int(PIECE_PHONEMES / max(1.0, float(length_scale or 1.0))))
         out = bytearray()
         with _PIPER_LOCK:
-            for part in parts:
-                if isinstance(part, Pause):
-                    out += silence(part.ms, rate).data
-                    continue
-                try:
-                    chunks = list(voice.synthesize(part, self._syn_config))
-                except Exception as exc:  # onnxruntime/phonemizer errors
-                    raise SynthesisError(f"Piper failed: {exc}") from exc
-                for i, chunk in enumerate(chunks):
+            try:
+                runs = [
+                    run
+                    for sentence in voice.phonemize(text)
+                    for run in phoneme_runs(sentence, limit)
+                ]
+                for i, run in enumerate(runs):
                     if i and gap:
                         out += gap
-                    out += chunk.audio_int16_bytes
+                    result = voice.phoneme_ids_to_audio(voice.phonemes_to_ids(run), config)
+                    audio = result[0] if isinstance(result, tuple) else result
+                    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+                    scaled = audio * (32767.0 / peak) if peak >= 1e-8 else np.zeros_like(audio)
+                    out += np.clip(scaled, -32767.0, 32767.0).astype(np.int16).tobytes()
+            except Exception as exc:  # onnxruntime/phonemizer errors
+                raise SynthesisError(f"Piper failed: {exc}") from exc
         return Pcm(bytes(out), rate)
 
-    async def synthesize(self, text: str, *, ssml: bool = False) -> Pcm:
-        """Synthesize in a worker thread; PCM at the voice's rate (22050 Hz for joe).
+    async def pieces(self, text: str, *, ssml: bool = False) -> AsyncIterator[Pcm]:
+        """Synthesize piece by piece (:func:`split_pieces`, SSML breaks as silence);
+        yields PCM at the voice's rate, one worker-thread run per piece. Closing the
+        iterator stops after the running piece.
 
         Raises:
             ValueError: text too long.
             SynthesisError: the model failed to load or run.
         """
         _check_text(text)
-        parts: list[str | Pause] = parse_ssml(text) if ssml else [" ".join(text.split())]
-        if not any(isinstance(p, str) and p for p in parts):
-            total = sum(p.ms for p in parts if isinstance(p, Pause))
-            return silence(total, self.sample_rate)
-        return await asyncio.to_thread(self._synthesize_sync, parts)
+        parts: list[str | Pause] = parse_ssml(text) if ssml else [text]
+        for part in parts:
+            if isinstance(part, Pause):
+                if part.ms > 0:
+                    yield silence(part.ms, self.sample_rate)
+                continue
+            for piece in split_pieces(part):
+                loop = asyncio.get_running_loop()
+                yield await loop.run_in_executor(_PIPER_THREAD, self._piece_sync, piece)
+
+    async def synthesize(self, text: str, *, ssml: bool = False) -> Pcm:
+        """Synthesize in a worker thread, piece by piece; PCM at the voice's rate
+        (22050 Hz for joe).
+
+        Raises:
+            ValueError: text too long.
+            SynthesisError: the model failed to load or run.
+        """
+        out = bytearray()
+        async for pcm in self.pieces(text, ssml=ssml):
+            out += pcm.data
+        return Pcm(bytes(out), self.sample_rate)
 
 
 # --------------------------------------------------------------------------- espeak-ng
@@ -457,25 +649,44 @@ class EspeakSynthesizer:
             raise SynthesisError(f"espeak-ng wrote unusable audio: {exc} {message}") from exc
 
 
+async def synthesize_pieces(
+    synth: Synthesizer, text: str, *, ssml: bool = False
+) -> AsyncIterator[Pcm]:
+    """``synth``'s audio for ``text`` in pieces: its ``pieces()`` iterator when it has
+    one (Piper: bounded memory per piece), else one piece from ``synthesize()``.
+
+    Raises:
+        ValueError: text too long.
+        SynthesisError: the engine failed.
+    """
+    pieces = getattr(synth, "pieces", None)
+    if pieces is None:
+        yield await synth.synthesize(text, ssml=ssml)
+        return
+    async for pcm in pieces(text, ssml=ssml):
+        yield pcm
+
+
 # --------------------------------------------------------------------------- factory
 
 PROVIDERS: Final = ("piper", "espeak-ng")
 
 
-def make_synthesizer(provider: str, voice: str | None = None) -> Synthesizer:
+def make_synthesizer(provider: str, voice: str | None = None, *, threads: int = 1) -> Synthesizer:
     """Create a synthesizer by provider name.
 
     Args:
         provider: ``"piper"`` or ``"espeak-ng"`` (alias ``"espeak"``).
         voice: for Piper the path of an ``.onnx`` model (None: the joe voice);
             for espeak-ng a voice name (None: ``en-us``).
+        threads: Piper's ONNX Runtime intra-op threads.
 
     Raises:
         ValueError: unknown provider or invalid voice name.
     """
     name = provider.strip().lower()
     if name == "piper":
-        return PiperSynthesizer(voice)
+        return PiperSynthesizer(voice, threads=threads)
     if name in ("espeak-ng", "espeak"):
         return EspeakSynthesizer(voice or "en-us")
     raise ValueError(f"unknown TTS provider {provider!r} (known: {', '.join(PROVIDERS)})")

@@ -1,14 +1,19 @@
-"""A cache of synthesized, encoded speech, served as files ``/file/tts/{id}.{ext}``.
+"""Synthesized speech files ``/file/tts/{id}.{ext}``: ids, the request registry, the cache.
 
-An entry's id is :func:`tts_id`: the SHA-256 hex digest (64 lower-case hex
-characters) of text, SSML flag, voice and file format, so the same request
-always maps to the same file and :func:`synthesize_to_file` synthesizes it
-once. :func:`is_tts_id` lets an HTTP route reject anything else before it
-touches a store.
+A response item's audio link is issued before anything is synthesized. Its id
+is :func:`tts_id`: an HMAC-SHA256 (64 lower-case hex characters) under the
+gateway's secret key of text, SSML flag, voice and file format, so the same
+request always maps to the same file, and nobody without the key can tell
+whether a sentence was ever said by asking for its id. The link's
+:class:`TtsSpec` (what to synthesize) is registered under the id in the cache
+(:meth:`TtsCache.register`); the first ``GET`` of the link on any instance
+sharing the store synthesizes it (:func:`render_file`) and stores the file
+(:meth:`TtsCache.put`). :func:`is_tts_id` lets an HTTP route reject anything
+else before it touches a store.
 
 File formats (:data:`MEDIA_TYPES` gives the ``Content-Type``):
 
-* ``mp3`` — mono CBR MP3 at the synthesizer's rate (``audio/mpeg``);
+* ``mp3`` — mono CBR MP3 (64 kbit/s) at the synthesizer's rate (``audio/mpeg``);
 * ``wav`` — mono 16-bit RIFF/WAVE at the synthesizer's rate (``audio/wav``);
 * ``mulaw`` — headerless G.711 μ-law at 8000 Hz, as Twilio media frames carry
   it (``audio/basic``).
@@ -18,25 +23,31 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Final, Literal, Protocol, TypeAlias, runtime_checkable
 
+import lameenc  # type: ignore[import-not-found]  # C extension without stubs
 from redis.asyncio import Redis
 
-from gateway.speech.audio import Pcm, encode_mp3, encode_wav, pcm_to_mulaw, resample
-from gateway.speech.tts import Synthesizer
+from gateway.speech.audio import Pcm, Resampler, encode_mp3, encode_wav, pcm_to_mulaw, resample
+from gateway.speech.tts import Synthesizer, synthesize_pieces
 
 __all__ = [
     "MEDIA_TYPES",
     "MULAW_RATE",
+    "FileEncoder",
     "MemoryTtsCache",
     "RedisTtsCache",
     "TtsCache",
     "TtsFileFormat",
+    "TtsSpec",
     "encode_file",
     "is_tts_id",
+    "render_file",
     "synthesize_to_file",
     "tts_id",
 ]
@@ -53,19 +64,65 @@ MEDIA_TYPES: Final[dict[str, str]] = {
 MULAW_RATE: Final = 8000
 """Sample rate (Hz) of ``mulaw`` files."""
 
+MP3_BITRATE_KBPS: Final = 64
+"""Bitrate of ``mp3`` files (CBR, kbit/s)."""
+
 _ID_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
-def tts_id(text: str, *, ssml: bool, voice: str, fmt: TtsFileFormat) -> str:
-    """The cache id of one synthesized file: SHA-256 hex of (text, ssml, voice, fmt).
+@dataclass(frozen=True, slots=True)
+class TtsSpec:
+    """What one TTS file is made of: ``text`` (SSML markup when ``ssml``), the
+    synthesizer's ``voice`` string and the file format ``fmt``."""
+
+    text: str
+    ssml: bool
+    voice: str
+    fmt: TtsFileFormat
+
+    def to_json(self) -> bytes:
+        """UTF-8 JSON ``{"text", "ssml", "voice", "fmt"}``."""
+        data = {"text": self.text, "ssml": self.ssml, "voice": self.voice, "fmt": self.fmt}
+        return json.dumps(data, ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> TtsSpec:
+        """Parse :meth:`to_json` output.
+
+        Raises:
+            ValueError: not JSON of that shape.
+        """
+        value = json.loads(data)
+        if not isinstance(value, dict):
+            raise ValueError("a TTS spec is a JSON object")
+        text, ssml, voice, fmt = (value.get(k) for k in ("text", "ssml", "voice", "fmt"))
+        if not (isinstance(text, str) and isinstance(ssml, bool) and isinstance(voice, str)):
+            raise ValueError("a TTS spec needs text, ssml and voice")
+        if fmt not in MEDIA_TYPES:
+            raise ValueError(f"unknown TTS file format {fmt!r}")
+        return cls(text, ssml, voice, fmt)
+
+
+def tts_id(text: str, *, ssml: bool, voice: str, fmt: TtsFileFormat, key: bytes) -> str:
+    """The id of one TTS file: HMAC-SHA256 hex under ``key`` of (text, ssml, voice, fmt).
+
+    Without ``key`` nobody can compute the id of a text, so a ``GET`` of a guessed
+    id tells nothing about what was said.
 
     Raises:
-        ValueError: unknown format.
+        ValueError: unknown format or an empty key.
     """
     if fmt not in MEDIA_TYPES:
         raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav or mulaw)")
-    key = json.dumps(["tts/1", text, bool(ssml), voice, fmt], ensure_ascii=False)
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    if not key:
+        raise ValueError("the TTS id key must not be empty")
+    message = json.dumps(["tts/2", text, bool(ssml), voice, fmt], ensure_ascii=False)
+    return hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def spec_id(spec: TtsSpec, key: bytes) -> str:
+    """:func:`tts_id` of a spec."""
+    return tts_id(spec.text, ssml=spec.ssml, voice=spec.voice, fmt=spec.fmt, key=key)
 
 
 def is_tts_id(value: str) -> bool:
@@ -75,7 +132,7 @@ def is_tts_id(value: str) -> bool:
 
 @runtime_checkable
 class TtsCache(Protocol):
-    """Stores encoded audio files by :func:`tts_id`."""
+    """Stores encoded audio files and the specs of files to make, by :func:`tts_id`."""
 
     async def get(self, id: str) -> bytes | None:
         """The file's bytes, or None if absent or expired."""
@@ -85,6 +142,42 @@ class TtsCache(Protocol):
         """Store (or replace) a file."""
         ...
 
+    async def register(self, id: str, spec: TtsSpec) -> None:
+        """Remember (or refresh) what the file ``id`` is made of."""
+        ...
+
+    async def spec(self, id: str) -> TtsSpec | None:
+        """The registered spec of ``id``, or None if unknown or expired."""
+        ...
+
+
+class _Lru:
+    """Values by key, bounded by total size, evicting the least recently used."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.items: OrderedDict[str, tuple[object, int]] = OrderedDict()
+        self.size = 0
+
+    def get(self, key: str) -> object | None:
+        entry = self.items.get(key)
+        if entry is None:
+            return None
+        self.items.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: str, value: object, size: int) -> None:
+        old = self.items.pop(key, None)
+        if old is not None:
+            self.size -= old[1]
+        if size > self.max_bytes:
+            return
+        self.items[key] = (value, size)
+        self.size += size
+        while self.size > self.max_bytes:
+            _, (_, evicted) = self.items.popitem(last=False)
+            self.size -= evicted
+
 
 class MemoryTtsCache:
     """In-process cache bounded by total bytes, evicting the least recently used.
@@ -92,47 +185,48 @@ class MemoryTtsCache:
     Args:
         max_bytes: total size of stored files; a single file larger than this
             is not stored.
+        max_spec_bytes: total size of registered specs (text bytes + 64 each).
     """
 
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be > 0")
+    def __init__(
+        self, max_bytes: int = 64 * 1024 * 1024, *, max_spec_bytes: int = 16 * 1024 * 1024
+    ) -> None:
+        if max_bytes <= 0 or max_spec_bytes <= 0:
+            raise ValueError("max_bytes and max_spec_bytes must be > 0")
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, bytes] = OrderedDict()
-        self._size = 0
+        self._files = _Lru(max_bytes)
+        self._specs = _Lru(max_spec_bytes)
 
     @property
     def size(self) -> int:
-        """Bytes currently stored."""
-        return self._size
+        """Bytes of files currently stored."""
+        return self._files.size
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._files.items)
 
     async def get(self, id: str) -> bytes | None:
         """The file's bytes (marking it recently used), or None."""
-        data = self._items.get(id)
-        if data is not None:
-            self._items.move_to_end(id)
-        return data
+        data = self._files.get(id)
+        return data if isinstance(data, bytes) else None
 
     async def put(self, id: str, data: bytes) -> None:
         """Store a file, evicting least recently used files beyond ``max_bytes``."""
-        old = self._items.pop(id, None)
-        if old is not None:
-            self._size -= len(old)
-        if len(data) > self.max_bytes:
-            return
-        self._items[id] = bytes(data)
-        self._size += len(data)
-        while self._size > self.max_bytes:
-            _, evicted = self._items.popitem(last=False)
-            self._size -= len(evicted)
+        self._files.put(id, bytes(data), len(data))
+
+    async def register(self, id: str, spec: TtsSpec) -> None:
+        """Remember a spec (LRU within ``max_spec_bytes``)."""
+        self._specs.put(id, spec, len(spec.text.encode("utf-8")) + 64)
+
+    async def spec(self, id: str) -> TtsSpec | None:
+        """The registered spec, or None."""
+        spec = self._specs.get(id)
+        return spec if isinstance(spec, TtsSpec) else None
 
 
 class RedisTtsCache:
-    """Cache in Redis (``redis.asyncio``): key ``<prefix><id>``, value the file bytes,
-    expiring ``ttl_s`` seconds after it was stored.
+    """Cache in Redis (``redis.asyncio``): file bytes at ``<prefix><id>``, the spec as
+    JSON at ``<prefix>spec:<id>``, each expiring ``ttl_s`` seconds after it was stored.
 
     The client must return bytes (``decode_responses=False``, the default).
 
@@ -150,8 +244,12 @@ class RedisTtsCache:
         self.ttl_s = ttl_s
 
     def key(self, id: str) -> str:
-        """The Redis key of an id."""
+        """The Redis key of an id's file."""
         return f"{self.prefix}{id}"
+
+    def spec_key(self, id: str) -> str:
+        """The Redis key of an id's spec."""
+        return f"{self.prefix}spec:{id}"
 
     async def get(self, id: str) -> bytes | None:
         """The file's bytes, or None if absent or expired."""
@@ -166,6 +264,75 @@ class RedisTtsCache:
         """Store a file with the cache's TTL."""
         await self.redis.set(self.key(id), bytes(data), ex=self.ttl_s)
 
+    async def register(self, id: str, spec: TtsSpec) -> None:
+        """Store (or refresh) a spec with the cache's TTL."""
+        await self.redis.set(self.spec_key(id), spec.to_json(), ex=self.ttl_s)
+
+    async def spec(self, id: str) -> TtsSpec | None:
+        """The registered spec, or None (also for an unreadable entry)."""
+        value = await self.redis.get(self.spec_key(id))
+        if value is None:
+            return None
+        try:
+            return TtsSpec.from_json(value)
+        except ValueError:
+            return None
+
+
+class FileEncoder:
+    """Encodes a stream of PCM pieces into one TTS file, piece by piece.
+
+    MP3 pieces go through one LAME encoder (no gaps between pieces); μ-law pieces
+    through one stateful resampler to 8000 Hz; WAV collects the PCM and writes the
+    header at :meth:`finish`. All pieces must share one sample rate.
+
+    Raises:
+        ValueError: unknown format (constructor); a piece at another rate (:meth:`feed`).
+    """
+
+    def __init__(self, fmt: TtsFileFormat) -> None:
+        if fmt not in MEDIA_TYPES:
+            raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav or mulaw)")
+        self.fmt = fmt
+        self.sample_rate: int | None = None
+        self._out = bytearray()
+        self._mp3: lameenc.Encoder | None = None
+        self._resampler: Resampler | None = None
+
+    def feed(self, pcm: Pcm) -> None:
+        """Encode one piece (16-bit mono PCM)."""
+        if self.sample_rate is None:
+            self.sample_rate = pcm.sample_rate
+            if self.fmt == "mp3":
+                self._mp3 = lameenc.Encoder()
+                self._mp3.set_bit_rate(MP3_BITRATE_KBPS)
+                self._mp3.set_in_sample_rate(pcm.sample_rate)
+                self._mp3.set_channels(1)
+                self._mp3.set_quality(5)
+            elif self.fmt == "mulaw":
+                self._resampler = Resampler(pcm.sample_rate, MULAW_RATE)
+        elif pcm.sample_rate != self.sample_rate:
+            raise ValueError(f"a piece at {pcm.sample_rate} Hz in a {self.sample_rate} Hz file")
+        if not pcm.data:
+            return
+        if self._mp3 is not None:
+            self._out += self._mp3.encode(pcm.data)
+        elif self._resampler is not None:
+            self._out += pcm_to_mulaw(Pcm(self._resampler.convert(pcm.data), MULAW_RATE))
+        else:
+            self._out += pcm.data
+
+    def finish(self, sample_rate: int = 22050) -> bytes:
+        """The whole file; ``sample_rate`` is used when no piece was fed."""
+        rate = self.sample_rate or sample_rate
+        if self.fmt == "wav":
+            return encode_wav(Pcm(bytes(self._out), rate))
+        if self.fmt == "mp3":
+            if self._mp3 is None:
+                return encode_mp3(Pcm(b"", rate), MP3_BITRATE_KBPS)
+            self._out += self._mp3.flush()
+        return bytes(self._out)
+
 
 def encode_file(pcm: Pcm, fmt: TtsFileFormat) -> bytes:
     """Encode PCM as a TTS file: MP3 or WAV at ``pcm.sample_rate``, μ-law at 8000 Hz.
@@ -174,12 +341,34 @@ def encode_file(pcm: Pcm, fmt: TtsFileFormat) -> bytes:
         ValueError: unknown format.
     """
     if fmt == "mp3":
-        return encode_mp3(pcm)
+        return encode_mp3(pcm, MP3_BITRATE_KBPS)
     if fmt == "wav":
         return encode_wav(pcm)
     if fmt == "mulaw":
         return pcm_to_mulaw(resample(pcm, MULAW_RATE))
     raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav or mulaw)")
+
+
+async def render_file(
+    synth: Synthesizer,
+    spec: TtsSpec,
+) -> bytes:
+    """Synthesize ``spec`` with ``synth`` piece by piece (sentences, phrases of at most
+    :data:`~gateway.speech.tts.PIECE_CHARS` characters) and encode each piece as it
+    comes, off the event loop; the whole file in ``spec.fmt``.
+
+    Memory stays bounded by one piece's synthesis plus the encoded file. Cancelling
+    the task stops after the piece being synthesized. The synthesizer's own voice
+    is used even when ``spec.voice`` names another.
+
+    Raises:
+        ValueError: unknown format or text too long.
+        SynthesisError: the engine failed.
+    """
+    encoder = FileEncoder(spec.fmt)
+    async for pcm in synthesize_pieces(synth, spec.text, ssml=spec.ssml):
+        await asyncio.to_thread(encoder.feed, pcm)
+    return await asyncio.to_thread(encoder.finish)
 
 
 async def synthesize_to_file(
@@ -188,21 +377,23 @@ async def synthesize_to_file(
     text: str,
     fmt: TtsFileFormat,
     *,
+    key: bytes,
     ssml: bool = False,
 ) -> str:
-    """Make sure the file for ``text`` in ``fmt`` is in ``cache``; return its id.
+    """Make sure the file for ``text`` in ``fmt`` is in ``cache`` now; return its id.
 
-    Synthesizes and encodes (off the event loop) only on a cache miss.
-    Concurrent misses for the same id may both synthesize; the result is the same.
+    Synthesizes (:func:`render_file`) only on a cache miss. For links issued
+    without waiting, the gateway registers the spec instead (see SpeechService).
 
     Raises:
         ValueError: unknown format or text too long.
         SynthesisError: the engine failed.
     """
-    file_id = tts_id(text, ssml=ssml, voice=synth.voice, fmt=fmt)
+    spec = TtsSpec(text, bool(ssml), synth.voice, fmt)
+    file_id = spec_id(spec, key)
     if await cache.get(file_id) is not None:
         return file_id
-    pcm = await synth.synthesize(text, ssml=ssml)
-    data = await asyncio.to_thread(encode_file, pcm, fmt)
+    data = await render_file(synth, spec)
+    await cache.register(file_id, spec)
     await cache.put(file_id, data)
     return file_id

@@ -10,7 +10,14 @@ import pytest
 
 from gateway.app import create_app
 from gateway.conversation import Conversation, TurnContext
-from gateway.events import BinaryEvent, Input, ResponseEvent, ResponseItem, ResponseItemEvent
+from gateway.events import (
+    BinaryEvent,
+    ErrorEvent,
+    Input,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+)
 from gateway.pipeline import DemoPipeline
 from gateway.sessions import MemorySessionStore
 from gateway.settings import Settings
@@ -18,7 +25,7 @@ from gateway.speech.audio import decode_mp3, decode_wav
 from gateway.speech.listener import ListenOptions
 from gateway.speech.service import SpeechService, TtsRequest, speakable
 from gateway.speech.stt import PocketsphinxRecognizer
-from gateway.speech.tts import EspeakSynthesizer, PiperSynthesizer, Synthesizer
+from gateway.speech.tts import EspeakSynthesizer, PiperSynthesizer, SynthesisError, Synthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
 from tests.conftest import serve
 
@@ -57,9 +64,12 @@ async def test_links_mode_puts_a_downloadable_link_in_each_item(
         assert item.audio.startswith(f"{PUBLIC}/file/tts/")
         assert item.audio.endswith(".mp3")
         file_id = item.audio.rsplit("/", 1)[1].removesuffix(".mp3")
-        data = await speech.cache.get(file_id)
+        assert await speech.cache.get(file_id) is None  # nothing synthesized in the turn
+        assert await speech.cache.spec(file_id) is not None
+        data = await speech.file(file_id)  # what the first GET of the link does
         assert data is not None
         assert decode_mp3(data).duration_s > 0.5
+        assert await speech.cache.get(file_id) == data
     response = events[-1]
     assert isinstance(response, ResponseEvent)
     assert [i.audio for i in response.response.items] == [i.audio for i in items]
@@ -107,15 +117,25 @@ def test_what_is_spoken() -> None:
 
 async def test_failed_synthesis_still_answers(recognizer: PocketsphinxRecognizer) -> None:
     broken = EspeakSynthesizer(executable="/nonexistent/espeak-ng")
-    events = (
-        await engine(service(broken, recognizer))
-        .turn(ctx(TtsRequest("links", "mp3")), Input.of("hello"))
-        .collect()
-    )
-    items = [e.response_item for e in events if isinstance(e, ResponseItemEvent)]
+    speech = service(broken, recognizer)
+    links = await engine(speech).turn(ctx(TtsRequest("links", "mp3")), Input.of("hello")).collect()
+    items = [e.response_item for e in links if isinstance(e, ResponseItemEvent)]
     assert [i.text for i in items] == ["You said: hello"]
-    assert items[0].audio is None
-    assert isinstance(events[-1], ResponseEvent)
+    assert items[0].audio is not None  # the link is issued; its GET will fail
+    assert isinstance(links[-1], ResponseEvent)
+    with pytest.raises(SynthesisError):
+        await speech.file(items[0].audio.rsplit("/", 1)[1].removesuffix(".mp3"))
+
+    conversation = engine(speech)
+    audio = await conversation.turn(ctx(TtsRequest("audio", "wav")), Input.of("hello")).collect()
+    kinds = [type(e).__name__ for e in audio]
+    assert kinds == ["SessionStartedEvent", "ResponseItemEvent", "ErrorEvent"]
+    error = audio[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.source == "tts"
+    session = await conversation.store.get(ctx(None).key)
+    assert session is not None
+    assert session.turn_count == 1  # the turn itself was saved
 
 
 @pytest.fixture

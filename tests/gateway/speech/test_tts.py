@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -196,22 +199,32 @@ class CountingSynth:
         return await self.inner.synthesize(text, ssml=ssml)
 
 
-def test_tts_id_depends_on_every_part() -> None:
-    base = tts_id("hello", ssml=False, voice="espeak-ng:en-us", fmt="mp3")
+KEY = b"k" * 32
+
+
+def test_tts_id_depends_on_every_part_and_the_key() -> None:
+    base = tts_id("hello", ssml=False, voice="espeak-ng:en-us", fmt="mp3", key=KEY)
     assert is_tts_id(base)
-    assert base == tts_id("hello", ssml=False, voice="espeak-ng:en-us", fmt="mp3")
+    assert base == tts_id("hello", ssml=False, voice="espeak-ng:en-us", fmt="mp3", key=KEY)
     others = {
-        tts_id("hello!", ssml=False, voice="espeak-ng:en-us", fmt="mp3"),
-        tts_id("hello", ssml=True, voice="espeak-ng:en-us", fmt="mp3"),
-        tts_id("hello", ssml=False, voice="espeak-ng:en-gb", fmt="mp3"),
-        tts_id("hello", ssml=False, voice="espeak-ng:en-us", fmt="wav"),
+        tts_id("hello!", ssml=False, voice="espeak-ng:en-us", fmt="mp3", key=KEY),
+        tts_id("hello", ssml=True, voice="espeak-ng:en-us", fmt="mp3", key=KEY),
+        tts_id("hello", ssml=False, voice="espeak-ng:en-gb", fmt="mp3", key=KEY),
+        tts_id("hello", ssml=False, voice="espeak-ng:en-us", fmt="wav", key=KEY),
+        tts_id("hello", ssml=False, voice="espeak-ng:en-us", fmt="mp3", key=b"other key"),
     }
     assert base not in others
-    assert len(others) == 4
+    assert len(others) == 5
+    # keyed: not the plain SHA-256 of the request anybody could compute
+    plain = json.dumps(["tts/2", "hello", False, "espeak-ng:en-us", "mp3"])
+    assert base != hashlib.sha256(plain.encode()).hexdigest()
+    assert base == hmac.new(KEY, plain.encode(), hashlib.sha256).hexdigest()
     assert not is_tts_id("../../etc/passwd")
     assert not is_tts_id(base.upper())
     with pytest.raises(ValueError, match="unknown TTS file format"):
-        tts_id("x", ssml=False, voice="v", fmt="ogg")  # type: ignore[arg-type]
+        tts_id("x", ssml=False, voice="v", fmt="ogg", key=KEY)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="key"):
+        tts_id("x", ssml=False, voice="v", fmt="mp3", key=b"")
 
 
 async def test_memory_cache_is_lru_by_bytes() -> None:
@@ -237,12 +250,12 @@ async def test_memory_cache_is_lru_by_bytes() -> None:
 async def test_synthesize_to_file_caches_by_id(fmt: TtsFileFormat) -> None:
     synth = CountingSynth(EspeakSynthesizer())
     cache = MemoryTtsCache()
-    first = await synthesize_to_file(synth, cache, "Your table is booked.", fmt)
-    second = await synthesize_to_file(synth, cache, "Your table is booked.", fmt)
+    first = await synthesize_to_file(synth, cache, "Your table is booked.", fmt, key=KEY)
+    second = await synthesize_to_file(synth, cache, "Your table is booked.", fmt, key=KEY)
     assert (
         first
         == second
-        == tts_id("Your table is booked.", ssml=False, voice="espeak-ng:en-us", fmt=fmt)
+        == tts_id("Your table is booked.", ssml=False, voice="espeak-ng:en-us", fmt=fmt, key=KEY)
     )
     assert synth.calls == 1
     data = await cache.get(first)
@@ -259,7 +272,7 @@ async def test_synthesize_to_file_caches_by_id(fmt: TtsFileFormat) -> None:
     assert fmt in MEDIA_TYPES
 
     other = await synthesize_to_file(
-        synth, cache, "<speak>Your table is booked.</speak>", fmt, ssml=True
+        synth, cache, "<speak>Your table is booked.</speak>", fmt, ssml=True, key=KEY
     )
     assert other != first
     assert synth.calls == 2
@@ -283,8 +296,10 @@ async def test_redis_cache_stores_with_ttl(redis_client: Redis) -> None:
     assert isinstance(cache, TtsCache)
     try:
         synth = CountingSynth(EspeakSynthesizer())
-        file_id = await synthesize_to_file(synth, cache, "Hello from Redis.", "mp3")
-        assert await synthesize_to_file(synth, cache, "Hello from Redis.", "mp3") == file_id
+        file_id = await synthesize_to_file(synth, cache, "Hello from Redis.", "mp3", key=KEY)
+        assert (
+            await synthesize_to_file(synth, cache, "Hello from Redis.", "mp3", key=KEY) == file_id
+        )
         assert synth.calls == 1
         stored = await cache.get(file_id)
         assert stored is not None

@@ -1,0 +1,244 @@
+"""The TTS pool (single flight, bounded queue, cancellation), Piper's pieces, and speech
+inside turns kept out of the session lock (gateway.speech.tts_pool, tts, conversation)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.conversation import Conversation, TurnContext
+from gateway.events import ErrorEvent, Input, ResponseEvent, ResponseItem, ResponseItemEvent
+from gateway.pipeline import DemoPipeline
+from gateway.sessions import MemorySessionStore
+from gateway.settings import Settings
+from gateway.speech.audio import Pcm, decode_mp3, decode_wav
+from gateway.speech.listener import ListenOptions
+from gateway.speech.service import SpeechService, TtsRequest
+from gateway.speech.stt import PocketsphinxRecognizer
+from gateway.speech.tts import (
+    PIECE_CHARS,
+    PIECE_PHONEMES,
+    EspeakSynthesizer,
+    PiperSynthesizer,
+    Synthesizer,
+    phoneme_runs,
+    split_pieces,
+)
+from gateway.speech.tts_cache import FileEncoder, MemoryTtsCache, TtsSpec, encode_file
+from gateway.speech.tts_pool import TtsOverloaded, TtsPool
+from tests.conftest import serve
+
+LONG = " ".join(f"This is sentence number {i} of a long answer." for i in range(40))
+
+
+class CountingSynth:
+    """A real synthesizer that counts how often it is asked to synthesize."""
+
+    def __init__(self, inner: Synthesizer) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    @property
+    def voice(self) -> str:
+        return self.inner.voice
+
+    async def synthesize(self, text: str, *, ssml: bool = False) -> Pcm:
+        self.calls += 1
+        return await self.inner.synthesize(text, ssml=ssml)
+
+
+def test_split_pieces_bounds_every_piece() -> None:
+    assert split_pieces("One, two three. Four", 10) == ["One, two", "three.", "Four"]
+    assert split_pieces("  \n ") == []
+    text = "word " * 2000 + "x" * 250  # one endless sentence and one endless word
+    pieces = split_pieces(text)
+    assert max(len(p) for p in pieces) <= PIECE_CHARS
+    assert "".join(pieces).replace(" ", "") == text.replace(" ", "")
+    clauses = split_pieces("a" * 30 + ", " + "b" * 30 + ", " + "c" * 60)
+    assert clauses == ["a" * 30 + ", " + "b" * 30 + ",", "c" * 60]  # ends at a clause
+    with pytest.raises(ValueError, match="max_chars"):
+        split_pieces("x", 0)
+
+
+def test_phoneme_runs_bound_each_inference_run() -> None:
+    assert phoneme_runs(list("ab cd, ef gh ij"), 6) == [
+        ["a", "b", " ", "c", "d", ","],
+        ["e", "f", " ", "g", "h"],
+        ["i", "j"],
+    ]
+    assert phoneme_runs(list("abcdefghij"), 4) == [list("abcd"), list("efgh"), list("ij")]
+    assert phoneme_runs([" ", " "]) == []
+    long_sentence = list("ðə kwɪk bɹaʊn fɑːks " * 50)
+    runs = phoneme_runs(long_sentence)
+    assert max(len(r) for r in runs) <= PIECE_PHONEMES
+    assert sum(len(r) for r in runs) >= len(long_sentence) - 50 - len(runs)  # only spaces go
+    with pytest.raises(ValueError, match="limit"):
+        phoneme_runs(["a"], 0)
+
+
+async def test_piper_pieces_make_the_same_audio_as_a_whole(piper: PiperSynthesizer) -> None:
+    text = "Hello there. " + "one two three four five six seven " * 6  # > one piece
+    pieces = [pcm async for pcm in piper.pieces(text)]
+    assert len(pieces) >= 3
+    whole = await piper.synthesize(text)
+    assert whole.data == b"".join(p.data for p in pieces)
+    encoder = FileEncoder("wav")
+    for pcm in pieces:
+        encoder.feed(pcm)
+    assert encoder.finish() == encode_file(whole, "wav")
+    mp3 = FileEncoder("mp3")
+    for pcm in pieces:
+        mp3.feed(pcm)
+    assert abs(decode_mp3(mp3.finish()).duration_s - whole.duration_s) < 0.1
+    mulaw = FileEncoder("mulaw")
+    for pcm in pieces:
+        mulaw.feed(pcm)
+    assert abs(len(mulaw.finish()) / 8000 - whole.duration_s) < 0.05
+
+
+def spec(text: str, synth: Synthesizer, fmt: str = "mp3") -> TtsSpec:
+    return TtsSpec(text, False, synth.voice, fmt)  # type: ignore[arg-type]
+
+
+async def test_concurrent_requests_share_one_synthesis() -> None:
+    synth = CountingSynth(EspeakSynthesizer())
+    cache = MemoryTtsCache()
+    pool = TtsPool(synth, cache, max_running=1, max_queued=0)
+    files = await asyncio.gather(*(pool.render("a" * 64, spec("Shared.", synth)) for _ in range(5)))
+    assert synth.calls == 1
+    assert len(set(files)) == 1
+    assert await cache.get("a" * 64) == files[0]
+    assert decode_mp3(files[0]).duration_s > 0.3
+
+
+async def test_a_full_pool_refuses_at_once_and_an_abandoned_synthesis_stops(
+    piper: PiperSynthesizer,
+) -> None:
+    cache = MemoryTtsCache()
+    pool = TtsPool(piper, cache, max_running=1, max_queued=1)
+    first = asyncio.create_task(pool.render("1" * 64, spec(LONG, piper)))
+    second = asyncio.create_task(pool.render("2" * 64, spec(LONG + " Two.", piper)))
+    await asyncio.sleep(0.2)
+    assert (pool.running, pool.waiting) == (1, 1)
+    start = time.perf_counter()
+    with pytest.raises(TtsOverloaded):
+        await pool.render("3" * 64, spec("Third.", piper))
+    assert time.perf_counter() - start < 0.1
+    second.cancel()  # its only waiter leaves: dropped from the queue
+    first.cancel()  # stops after the running piece
+    start = time.perf_counter()
+    while pool.pending:
+        await asyncio.sleep(0.05)
+        assert time.perf_counter() - start < 10
+    assert await cache.get("1" * 64) is None
+    assert await cache.get("2" * 64) is None
+    assert decode_mp3(await pool.render("3" * 64, spec("Third.", piper))).duration_s > 0.3
+
+
+def service(
+    synth: Synthesizer, recognizer: PocketsphinxRecognizer, **options: int
+) -> SpeechService:
+    return SpeechService(
+        recognizer_factory=lambda: recognizer,
+        synthesizer=synth,
+        cache=MemoryTtsCache(),
+        public_url="http://gw.test",
+        listen_defaults=ListenOptions(),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def test_streamed_speech_overload_is_a_tts_error_outside_the_lock(
+    piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer
+) -> None:
+    """Audio turns while the pool is full: the items and the session are fine, the turn
+    ends promptly with an Error of source tts (not pipeline), and the next turn of the
+    session starts at once (the lock was not held by speech)."""
+    speech = service(piper, recognizer, max_running=1, max_queued=0)
+    busy = asyncio.create_task(speech.pool.render("9" * 64, spec(LONG, piper)))
+    await asyncio.sleep(0.2)
+    conversation = Conversation(MemorySessionStore(), DemoPipeline(), Settings(), speech)
+    ctx = TurnContext(channel="test", session_id="s", app_key="k", tts=TtsRequest("audio", "wav"))
+    start = time.perf_counter()
+    events = await conversation.turn(ctx, Input.of("my name is Ada")).collect()
+    assert time.perf_counter() - start < 2
+    assert [type(e).__name__ for e in events] == [
+        "SessionStartedEvent",
+        "ResponseItemEvent",
+        "ErrorEvent",
+    ]
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.source == "tts"
+    again = await conversation.turn(ctx, Input.of("what is my name")).collect()
+    assert [e.response_item.text for e in again if isinstance(e, ResponseItemEvent)] == [
+        "Your name is Ada."
+    ]
+    busy.cancel()
+    start = time.perf_counter()
+    while speech.pool.pending:
+        await asyncio.sleep(0.05)
+        assert time.perf_counter() - start < 10
+    done = await conversation.turn(ctx, Input.of("hello")).collect()
+    assert isinstance(done[-1], ResponseEvent)
+    assert [type(e).__name__ for e in done] == ["ResponseItemEvent", "BinaryEvent", "ResponseEvent"]
+    audio = done[1]
+    assert decode_wav(audio.data).duration_s > 0.5  # type: ignore[union-attr]
+
+
+async def test_a_client_that_goes_away_cancels_its_synthesis() -> None:
+    app = create_app(Settings(tts_max_chars=5000))
+    async with serve(app) as url:
+        speech: SpeechService = app.state.gateway.speech  # type: ignore[attr-defined]
+        item = await speech.link_item(ResponseItem(text=LONG), "mp3")
+        assert item.audio is not None
+        path = httpx.URL(item.audio).path
+        async with httpx.AsyncClient(base_url=url, timeout=1.0) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.get(path)  # gives up after 1 s of a ~10 s synthesis
+        start = time.perf_counter()
+        while speech.pool.running:
+            await asyncio.sleep(0.05)
+            assert time.perf_counter() - start < 10
+        assert time.perf_counter() - start < 5  # stopped after its current piece
+        file_id = path.rsplit("/", 1)[1].removesuffix(".mp3")
+        assert await speech.cache.get(file_id) is None
+
+
+async def test_items_are_spoken_up_to_the_cap(recognizer: PocketsphinxRecognizer) -> None:
+    speech = service(EspeakSynthesizer(), recognizer, max_chars=20)
+    cut = speech.spec(ResponseItem(text="one two three four five six seven"), "mp3")
+    assert cut is not None
+    assert cut.text == "one two three four"
+    unbroken = speech.spec(ResponseItem(text="x" * 50), "mp3")
+    assert unbroken is not None
+    assert unbroken.text == "x" * 20
+    assert speech.spec(ResponseItem(text="#command"), "mp3") is None
+
+
+async def test_prefetch_synthesizes_a_link_in_the_background_when_there_is_room(
+    recognizer: PocketsphinxRecognizer,
+) -> None:
+    synth = CountingSynth(EspeakSynthesizer())
+    speech = service(synth, recognizer, prefetch=True, max_running=1, max_queued=1)
+    item = await speech.link_item(ResponseItem(text="Fetched ahead."), "mp3")
+    assert item.audio is not None
+    file_id = httpx.URL(item.audio).path.rsplit("/", 1)[1].removesuffix(".mp3")
+    start = time.perf_counter()
+    while await speech.cache.get(file_id) is None:
+        await asyncio.sleep(0.05)
+        assert time.perf_counter() - start < 10
+    assert await speech.file(file_id) == await speech.cache.get(file_id)
+    assert synth.calls == 1
+    # a full queue: no prefetch, and the turn is not delayed (the link is issued anyway)
+    busy = asyncio.create_task(speech.pool.render("8" * 64, spec(LONG, synth)))
+    await asyncio.sleep(0.05)
+    other = await speech.link_item(ResponseItem(text="Not ahead."), "mp3")
+    assert other.audio is not None
+    assert speech.pool.pending == 1
+    busy.cancel()
+    await asyncio.gather(busy, return_exceptions=True)
