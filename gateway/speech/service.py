@@ -15,10 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import redis.asyncio as aioredis
-
 from gateway import metrics
 from gateway.events import ResponseItem
+from gateway.redisconn import RedisClient
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat
 from gateway.speech.listener import Listener, ListenOptions
@@ -182,7 +181,7 @@ class SpeechService:
             await self._recognizer.aclose()
 
 
-def make_speech(settings: Settings, redis: aioredis.Redis | None) -> SpeechService:
+def make_speech(settings: Settings, redis: RedisClient | None) -> SpeechService:
     """The SpeechService of ``settings``: pocketsphinx, Piper or espeak-ng, and the TTS
     cache in Redis (``{prefix}:tts:``, GATEWAY_TTS_CACHE_TTL_S) when ``redis`` is given,
     so every instance serves every link, else in memory."""

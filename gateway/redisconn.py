@@ -1,0 +1,288 @@
+"""GATEWAY_REDIS_URL -> a redis-py asyncio client: one server, Sentinel or Redis Cluster.
+
+URL forms (:func:`parse_redis_url`):
+
+- ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) and
+  ``unix://[[user]:password@]/path/to.sock[?db=N]`` — one Redis server, as redis-py's
+  ``from_url`` reads them;
+- ``redis+sentinel://[[user]:password@]host:port[,host:port...]/db/service_name`` —
+  the master of ``service_name`` as the listed sentinels name it (python-socketio's
+  form; ``/service_name`` alone means db 0). The user and password are the data
+  servers'; the sentinels are asked without authentication;
+- ``redis+cluster://[[user]:password@]host:port[,host:port...]`` — a Redis Cluster,
+  found through these startup nodes (more are discovered); only db 0 exists there.
+
+Every client fails fast: connecting times out after 3 s, a command after 5 s, and
+connection errors are retried twice within ~0.1 s, so an outage answers 503 at once
+instead of stalling every turn. Per process (per node for a cluster) at most
+``max_connections`` connections; with one server or Sentinel a caller waits up to 5 s
+for a free one rather than failing under load.
+
+**Sentinel.** redis-py's ``Sentinel(...).master_for(name)`` asks the sentinels for
+the master whenever it connects. A master that sentinels demote keeps serving (and
+accepting writes) for several seconds until they reconfigure it as a replica, and
+writes it takes then are lost. So the client also subscribes to the sentinels'
+``+switch-master`` event and drops every connection of its pool when the master of
+``name`` changes: the next command (retried) goes to the new master. Replication is
+asynchronous (Redis's own guarantee): a write made in the second or so between the
+promotion and the event may still be lost; a session is then one turn older.
+
+**Cluster.** ``redis.asyncio.cluster.RedisCluster``; every multi-key script and
+command of the gateway keeps its keys in one slot (the session's hash tag
+``{key}``); the bus uses sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis >= 7), see
+gateway/bus.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+import socketio
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger(__name__)
+
+RedisClient = aioredis.Redis | RedisCluster
+"""What the gateway's stores, bus and caches are given: a plain (also Sentinel-managed)
+client or a cluster client. Both take the same single-key commands and scripts."""
+
+Kind = Literal["server", "sentinel", "cluster"]
+
+SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed GATEWAY_REDIS_URL.
+
+    ``kind`` is ``server`` (``url`` goes to redis-py as is), ``sentinel`` (``nodes``
+    are the sentinels, ``service_name`` the monitored master, ``db`` its database)
+    or ``cluster`` (``nodes`` are startup nodes). ``username``/``password`` are
+    the data servers' credentials (``None`` when absent).
+    """
+
+    kind: Kind
+    url: str
+    nodes: tuple[tuple[str, int], ...] = ()
+    service_name: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Parse GATEWAY_REDIS_URL (forms in the module doc).
+
+    Raises ValueError naming the problem: an unknown scheme, a sentinel URL
+    without a service name, a node without a port, a non-numeric port or db, a
+    cluster URL with a db other than 0, or query parameters on a sentinel or
+    cluster URL (not supported).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisTarget("server", url)
+    if scheme not in (SENTINEL_SCHEME, CLUSTER_SCHEME):
+        raise ValueError(
+            f"unsupported Redis URL scheme {parts.scheme!r}: use redis://, rediss://, "
+            f"unix://, {SENTINEL_SCHEME}:// or {CLUSTER_SCHEME}://"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"{scheme}:// URLs take no query parameters or fragment")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, _, pw = userinfo.partition(":")
+        username, password = unquote(user) or None, unquote(pw) or None
+    nodes = tuple(_node(n, scheme) for n in hostlist.split(","))
+    segments = [s for s in parts.path.split("/") if s]
+    if scheme == CLUSTER_SCHEME:
+        if segments not in ([], ["0"]):
+            raise ValueError("a Redis Cluster has only db 0: use redis+cluster://host:port,...")
+        return RedisTarget("cluster", url, nodes, username=username, password=password)
+    if len(segments) == 1:
+        db, service = "0", segments[0]
+    elif len(segments) == 2:
+        db, service = segments
+    else:
+        raise ValueError(
+            "a Sentinel URL names the master: redis+sentinel://host:port[,...]/db/service_name"
+        )
+    if not db.isdigit():
+        raise ValueError(f"the db of a Sentinel URL must be a number, not {db!r}")
+    return RedisTarget(
+        "sentinel", url, nodes, unquote(service), int(db), username=username, password=password
+    )
+
+
+def _node(text: str, scheme: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{scheme}:// nodes are host:port, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _fast_failure() -> dict[str, Any]:
+    """Timeouts and retries shared by every kind of client (see module doc)."""
+    return {
+        "socket_connect_timeout": 3,
+        "socket_timeout": 5,
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
+
+
+def connect(url: str, *, max_connections: int = 64) -> RedisClient:
+    """The gateway's client for GATEWAY_REDIS_URL ``url`` (see the module doc).
+
+    Nothing is connected yet (that happens on the first command), so this may be
+    called outside an event loop. Raises ValueError for a malformed URL.
+    """
+    target = parse_redis_url(url)
+    if target.kind == "cluster":
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            username=target.username,
+            password=target.password,
+            max_connections=max_connections,
+            # a failed-over or resharded slot is found again within these attempts
+            cluster_error_retry_attempts=3,
+            **_fast_failure(),
+        )
+    if target.kind == "sentinel":
+        assert target.service_name is not None
+        fast = _fast_failure()
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.nodes),
+            sentinel_kwargs={"socket_connect_timeout": 1, "socket_timeout": 1},
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            health_check_interval=30,
+            **fast,
+        )
+        client: aioredis.Redis = sentinel.master_for(
+            target.service_name,
+            connection_pool_class=WatchedSentinelPool,
+            max_connections=max_connections,
+            timeout=5,
+        )
+        return client
+    return aioredis.Redis(
+        connection_pool=aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=5,
+            health_check_interval=30,
+            **_fast_failure(),
+        )
+    )
+
+
+class WatchedSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """redis-py's Sentinel pool, blocking when full (5 s), that drops its connections
+    as soon as a sentinel announces ``+switch-master`` for its service.
+
+    The watcher (one pub/sub connection to one sentinel at a time, the next one
+    when it fails) starts with the pool's first connection and stops with
+    :meth:`disconnect` of the whole pool (``aclose`` of the client).
+    """
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self._watcher: asyncio.Task[None] | None = None
+        self.switches = 0  # how many master switches this pool has seen (for tests, logs)
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch(), name="sentinel watcher")
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def _watch(self) -> None:
+        sentinels = self.sentinel_manager.sentinels
+        turn = 0
+        while True:
+            sentinel = sentinels[turn % len(sentinels)]
+            turn += 1
+            pubsub = sentinel.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe("+switch-master")
+                while True:
+                    message = await pubsub.get_message(timeout=30.0)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    data = message["data"]
+                    fields = (data.decode() if isinstance(data, bytes) else str(data)).split()
+                    if fields and fields[0] == self.service_name:
+                        self.switches += 1
+                        log.warning("Redis Sentinel: %s", " ".join(fields))
+                        self.master_address = None
+                        await super().disconnect(inuse_connections=True)
+            except (RedisError, OSError) as exc:
+                log.warning("Redis Sentinel watcher: %s; trying the next sentinel", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        if inuse_connections and self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        await super().disconnect(inuse_connections=inuse_connections)
+
+
+async def aclose(client: RedisClient) -> None:
+    """Close ``client`` and its connections (for a Sentinel client, its sentinels too)."""
+    await client.aclose()
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(pool, SentinelConnectionPool):
+        for sentinel in pool.sentinel_manager.sentinels:
+            with contextlib.suppress(RedisError, OSError):
+                await sentinel.aclose()
+
+
+class SocketIoRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
+    """python-socketio's AsyncRedisManager on the gateway's own client for ``url``.
+
+    python-socketio 5 reads ``redis://``, ``rediss://``, ``unix://`` and (in its own
+    parser, with none of our fast-failure settings nor the ``+switch-master``
+    watcher) ``redis+sentinel://`` URLs, but not Redis Cluster. This subclass only
+    replaces how the manager connects (:func:`connect`, every form of the module
+    doc); its classic PUBLISH/SUBSCRIBE on ``channel`` is unchanged. On a cluster
+    a classic PUBLISH reaches subscribers on every node, so the subscription sits
+    on the node of the channel's slot (redis-py ClusterPubSub), and when that node
+    fails python-socketio's own retry loop connects again and finds the slot's new
+    owner.
+    """
+
+    def __init__(self, url: str, *, channel: str, max_connections: int = 8) -> None:
+        parse_redis_url(url)  # a malformed URL fails here, at startup
+        super().__init__(url, channel=channel)
+        self._max_connections = max_connections
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _redis_connect(self) -> None:
+        old: RedisClient | None = getattr(self, "redis", None)
+        self.redis = connect(self.redis_url, max_connections=self._max_connections)
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.connected = True
+        if old is not None:  # python-socketio reconnects by making a new client
+            task = asyncio.get_running_loop().create_task(aclose(old))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
