@@ -153,13 +153,11 @@ def connect(url: str, *, max_connections: int = 64) -> RedisClient:
     """
     target = parse_redis_url(url)
     if target.kind == "cluster":
-        return RedisCluster(
+        return _Cluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
             username=target.username,
             password=target.password,
             max_connections=max_connections,
-            # a failed-over or resharded slot is found again within these attempts
-            cluster_error_retry_attempts=3,
             **_fast_failure(),
         )
     if target.kind == "sentinel":
@@ -190,6 +188,21 @@ def connect(url: str, *, max_connections: int = 64) -> RedisClient:
             **_fast_failure(),
         )
     )
+
+
+class _Cluster(RedisCluster):
+    """RedisCluster that learns the cluster's layout before it picks a node for a command.
+
+    redis-py 8.1 picks the target node before its lazy ``initialize()``: commands
+    sent concurrently by a new client go to the startup nodes' connections, which
+    that initialisation then closes under them ("Connection lost"). Initialising
+    first (once, under redis-py's own lock) avoids it.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
 
 
 class WatchedSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
