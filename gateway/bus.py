@@ -181,9 +181,6 @@ class RedisBus:
         channel = self._channel(topic)
         try:
             async with self._lock:
-                if self._sharded:
-                    # ClusterPubSub routes by the slot map: learn it first (no-op when known)
-                    await self._redis.initialize()
                 if self._pubsub is None:
                     self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 first = channel not in self._subs

@@ -44,7 +44,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 import socketio
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPubSub, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
@@ -203,6 +203,28 @@ class _Cluster(RedisCluster):
         if self._initialize:
             await self.initialize()
         return await super().execute_command(*args, **kwargs)
+
+    def pubsub(
+        self,
+        node: ClusterNode | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        **kwargs: Any,
+    ) -> ClusterPubSub:
+        return _ClusterPubSub(self, node=node, host=host, port=port, **kwargs)
+
+
+class _ClusterPubSub(ClusterPubSub):
+    """ClusterPubSub that learns the slot map first: redis-py 8.1 routes SUBSCRIBE and
+    SSUBSCRIBE by it without initialising a new client (KeyError / SlotNotCoveredError)."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self.cluster.initialize()  # a no-op once initialised
+        return await super().execute_command(*args, **kwargs)
+
+    async def ssubscribe(self, *args: Any, **kwargs: Any) -> None:
+        await self.cluster.initialize()
+        await super().ssubscribe(*args, **kwargs)
 
 
 class WatchedSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
