@@ -19,13 +19,14 @@ instead of stalling every turn. Per process (per node for a cluster) at most
 for a free one rather than failing under load.
 
 **Sentinel.** redis-py's ``Sentinel(...).master_for(name)`` asks the sentinels for
-the master whenever it connects. A master that sentinels demote keeps serving (and
-accepting writes) for several seconds until they reconfigure it as a replica, and
-writes it takes then are lost. So the client also subscribes to the sentinels'
-``+switch-master`` event and drops every connection of its pool when the master of
-``name`` changes: the next command (retried) goes to the new master. Replication is
-asynchronous (Redis's own guarantee): a write made in the second or so between the
-promotion and the event may still be lost; a session is then one turn older.
+the master whenever it connects, and keeps its connections otherwise. But a master
+that the sentinels replace keeps serving, and accepting writes, for a second or two
+until they announce the new master (``+switch-master``) and for ~10 s more until
+they demote it; what it takes then is lost when it becomes a replica. So the pool
+(:class:`WatchedSentinelPool`) also follows the sentinels' events and moves to the
+replica the moment its promotion starts. Replication stays asynchronous (Redis's
+own guarantee): a write acknowledged in the few milliseconds before the promotion,
+and not yet replicated, can still be lost.
 
 **Cluster.** ``redis.asyncio.cluster.RedisCluster``; every multi-key script and
 command of the gateway keeps its keys in one slot (the session's hash tag
@@ -228,23 +229,62 @@ class _ClusterPubSub(ClusterPubSub):
 
 
 class WatchedSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
-    """redis-py's Sentinel pool, blocking when full (5 s), that drops its connections
-    as soon as a sentinel announces ``+switch-master`` for its service.
+    """redis-py's Sentinel pool, blocking when full (5 s), that follows a failover as
+    the sentinels announce it rather than when the old master is finally demoted.
 
-    The watcher (one pub/sub connection to one sentinel at a time, the next one
-    when it fails) starts with the pool's first connection and stops with
+    A watcher task (one pub/sub connection to one sentinel at a time, the next one
+    when it fails) listens to the sentinels' events of this service:
+
+    - ``+failover-state-send-slaveof-noone``: a sentinel is promoting that replica
+      now; from here on a write to the old master would be lost. The pool drops
+      every connection and, for up to ``promotion_s`` seconds, connects to the
+      replica being promoted (its first commands may be refused READONLY for a few
+      ms: redis-py's retry and the client's own retry cover that);
+    - ``+switch-master``: the failover is done; connections are dropped and the
+      master is asked of the sentinels again;
+    - ``-failover-abort-*``: the promotion is forgotten; connections are dropped.
+
+    The watcher starts with the pool's first connection and stops with
     :meth:`disconnect` of the whole pool (``aclose`` of the client).
     """
 
-    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+    EVENTS = (
+        "+failover-state-send-slaveof-noone",
+        "+switch-master",
+        "-failover-abort-not-elected",
+        "-failover-abort-slave-timeout",
+        "-failover-abort-no-good-slave",
+    )
+
+    def __init__(
+        self,
+        service_name: str,
+        sentinel_manager: Sentinel,
+        *,
+        promotion_s: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
         self._watcher: asyncio.Task[None] | None = None
-        self.switches = 0  # how many master switches this pool has seen (for tests, logs)
+        self._promoted: tuple[tuple[str, int], float] | None = None  # address, until (loop time)
+        self.promotion_s = promotion_s
+        self.events: list[str] = []  # the events acted on, newest last (logs, tests)
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.create_task(self._watch(), name="sentinel watcher")
         return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def get_master_address(self) -> Any:
+        """The replica being promoted while a promotion is announced, else the
+        master the sentinels name (redis-py's behaviour)."""
+        if self._promoted is not None:
+            address, until = self._promoted
+            if asyncio.get_running_loop().time() < until:
+                self.master_address = address
+                return address
+            self._promoted = None
+        return await super().get_master_address()  # type: ignore[no-untyped-call]
 
     async def _watch(self) -> None:
         sentinels = self.sentinel_manager.sentinels
@@ -254,24 +294,40 @@ class WatchedSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPoo
             turn += 1
             pubsub = sentinel.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe("+switch-master")
+                await pubsub.subscribe(*self.EVENTS)
                 while True:
                     message = await pubsub.get_message(timeout=30.0)
-                    if message is None or message.get("type") != "message":
-                        continue
-                    data = message["data"]
-                    fields = (data.decode() if isinstance(data, bytes) else str(data)).split()
-                    if fields and fields[0] == self.service_name:
-                        self.switches += 1
-                        log.warning("Redis Sentinel: %s", " ".join(fields))
-                        self.master_address = None
-                        await super().disconnect(inuse_connections=True)
+                    if message is not None and message.get("type") == "message":
+                        await self._on_event(message["channel"], message["data"])
             except (RedisError, OSError) as exc:
                 log.warning("Redis Sentinel watcher: %s; trying the next sentinel", exc)
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
+
+    async def _on_event(self, channel: bytes | str, data: bytes | str) -> None:
+        event = channel.decode() if isinstance(channel, bytes) else channel
+        text = data.decode() if isinstance(data, bytes) else data
+        fields = text.split()
+        if event == "+switch-master":
+            # <name> <old ip> <old port> <new ip> <new port>
+            if not fields or fields[0] != self.service_name:
+                return
+            self._promoted = None
+        else:
+            # <type> <name> <ip> <port> @ <master name> <master ip> <master port>
+            if len(fields) < 6 or fields[5] != self.service_name:
+                return
+            if event == "+failover-state-send-slaveof-noone" and fields[3].isdigit():
+                until = asyncio.get_running_loop().time() + self.promotion_s
+                self._promoted = ((fields[2], int(fields[3])), until)
+            else:
+                self._promoted = None
+        self.events.append(event)
+        log.warning("Redis Sentinel: %s %s", event, text)
+        self.master_address = None
+        await super().disconnect(inuse_connections=True)
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
         if inuse_connections and self._watcher is not None:
