@@ -152,7 +152,11 @@ async def test_v2_conversation_across_two_gateways(topology: tuple[str, str]) ->
     one is served by the other (the TTS cache); a locked session answers 409."""
     url, prefix = topology
     settings = {"redis_url": url, "redis_prefix": prefix}
-    async with served(**settings) as a, served(**settings) as b, httpx.AsyncClient() as client:
+    async with (
+        served(**settings) as a,
+        served(**settings) as b,
+        httpx.AsyncClient(timeout=30) as client,  # the first TTS loads the voice
+    ):
         assert "demo bot" in await say(client, a, "#intro")
         assert await say(client, b, "my name is Alan") == "< Nice to meet you, Alan.\n"
         assert await say(client, a, "what is my name") == "< Your name is Alan.\n"
@@ -265,11 +269,10 @@ async def test_sentinel_failover_mid_conversation_loses_no_session(
         session = json.loads(master.get(keys[0]) or b"{}")
         master.delete(*master.scan_iter(match=f"{prefix}:*"))
     assert session["attributes"].get("name") == "Grace", session["attributes"]
-    # the turns answered after the switch are all there; a turn answered in the
-    # second before the switch may have gone to the old master only (asynchronous
-    # replication), so at most `during` turns are missing
+    # every answered turn is in the session, save perhaps the one whose write reached
+    # the old master in the milliseconds between the promotion and the pool moving
+    # (replication is asynchronous). A pool that waited for +switch-master would lose
+    # the turns of the second or two of the switch, and one that waited for the old
+    # master's demotion every turn after it too.
     made = before + during + after + 1
-    assert made - during <= session["turn_count"] <= made, (session["turn_count"], during)
-    print(
-        f"failover: {during} turns during the switch, {len(refused)} refused {refused}, turn_count {session['turn_count']} of {made}"
-    )
+    assert made - 1 <= session["turn_count"] <= made, (session["turn_count"], made, refused)
