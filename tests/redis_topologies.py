@@ -197,12 +197,14 @@ def start_sentinel() -> Iterator[SentinelSetup]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         master, replica, sentinel = _free_ports(3)
+        # a full sync starts at once, not after the default 5 s wait for more replicas
+        fast_sync = [*_COMMON, "--repl-diskless-sync-delay", "0"]
         for port in (master, replica):
             (tmp / str(port)).mkdir()
-        procs.append(_server(["--port", str(master), *_COMMON], tmp / str(master), "redis.log"))
+        procs.append(_server(["--port", str(master), *fast_sync], tmp / str(master), "redis.log"))
         procs.append(
             _server(
-                ["--port", str(replica), "--replicaof", "127.0.0.1", str(master), *_COMMON],
+                ["--port", str(replica), "--replicaof", "127.0.0.1", str(master), *fast_sync],
                 tmp / str(replica),
                 "redis.log",
             )
@@ -214,6 +216,8 @@ def start_sentinel() -> Iterator[SentinelSetup]:
             "bind 127.0.0.1\n"
             f"dir {tmp}\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {master} 1\n"
+            # known up front: the sentinel need not wait for the master's INFO to find it
+            f"sentinel known-replica {SERVICE} 127.0.0.1 {replica}\n"
             f"sentinel down-after-milliseconds {SERVICE} 2000\n"
             f"sentinel failover-timeout {SERVICE} 10000\n"
         )
