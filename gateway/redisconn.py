@@ -236,13 +236,14 @@ class WatchedSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPoo
     when it fails) listens to the sentinels' events of this service:
 
     - ``+failover-state-send-slaveof-noone``: a sentinel is promoting that replica
-      now; from here on a write to the old master would be lost. The pool drops
-      every connection and, for up to ``promotion_s`` seconds, connects to the
-      replica being promoted (its first commands may be refused READONLY for a few
-      ms: redis-py's retry and the client's own retry cover that);
-    - ``+switch-master``: the failover is done; connections are dropped and the
-      master is asked of the sentinels again;
-    - ``-failover-abort-*``: the promotion is forgotten; connections are dropped.
+      now; from here on a write to the old master would be lost. The pool leaves
+      the old master (:meth:`_leave_old_master`) and, for up to ``promotion_s``
+      seconds, connects to the replica being promoted (its first commands may be
+      refused READONLY for a few ms: redis-py's retry and the client's own retry
+      cover that);
+    - ``+switch-master``: the failover is done; the pool leaves the old master and
+      asks the sentinels for the master again;
+    - ``-failover-abort-*``: the promotion is forgotten; the pool reconnects.
 
     The watcher starts with the pool's first connection and stops with
     :meth:`disconnect` of the whole pool (``aclose`` of the client).
@@ -327,7 +328,19 @@ class WatchedSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPoo
         self.events.append(event)
         log.warning("Redis Sentinel: %s %s", event, text)
         self.master_address = None
-        await super().disconnect(inuse_connections=True)
+        await self._leave_old_master()
+
+    async def _leave_old_master(self) -> None:
+        """Idle connections are closed; a command in flight finishes and its connection
+        is closed when released (cutting it would make redis-py retry a script that may
+        have run: a turn told "not saved" that was saved); pub/sub connections, which
+        are never released, are closed now and resubscribe on the new master."""
+        await super().disconnect(inuse_connections=False)
+        for connection in list(self._in_use_connections):
+            if getattr(connection, "_connect_callbacks", None):  # a PubSub's connection
+                await connection.disconnect()
+            else:
+                connection.mark_for_reconnect()  # type: ignore[no-untyped-call]
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
         if inuse_connections and self._watcher is not None:

@@ -25,6 +25,7 @@ import socketio
 from redis.asyncio.cluster import RedisCluster
 
 from gateway import redisconn
+from gateway.bus import RedisBus
 from gateway.redisconn import RedisTarget, SocketIoRedisManager, parse_redis_url
 from gateway.sessions import redis_client
 from tests.adapters.flowstorm_v2.helpers import check_link
@@ -225,10 +226,14 @@ async def test_sentinel_failover_mid_conversation_loses_no_session(
     every turn answered after the switch is in it.
     """
     prefix = f"test-{secrets.token_hex(6)}"
+    # a bus subscription held across the failover (another instance's, say)
+    listening, speaking = redis_client(redis_sentinel.url), redis_client(redis_sentinel.url)
+    listener, speaker = RedisBus(listening, prefix=prefix), RedisBus(speaking, prefix=prefix)
     # gateway(), not served(): a turn caught in the switch logs an ERROR, as it should
     async with (
         gateway(redis_url=redis_sentinel.url, redis_prefix=prefix) as url,
         httpx.AsyncClient(timeout=30) as client,
+        listener.subscribe("topic") as subscription,
     ):
         await say(client, url, "#intro")
         assert await say(client, url, "my name is Grace") == "< Nice to meet you, Grace.\n"
@@ -260,9 +265,19 @@ async def test_sentinel_failover_mid_conversation_loses_no_session(
                 during += 1
         new = await switching
         assert new != old
+        # the subscription follows the master: a message published after the switch
+        # arrives (the pub/sub connection may still be resubscribing: publish again)
+        async with asyncio.timeout(10):
+            while (message := await subscription.get(0.2)) is None:
+                await speaker.publish("topic", {"after": "failover"})
+        assert message == {"after": "failover"}
         assert await say(client, url, "what is my name") == "< Your name is Grace.\n"
         cookie = client.cookies["flowstorm-session-id"]
 
+    for bus in (listener, speaker):
+        await bus.aclose()
+    for redis_ in (listening, speaking):
+        await redisconn.aclose(redis_)
     with redis.Redis(port=new) as master:
         keys = [k for k in master.scan_iter(match=f"{prefix}:*:s") if cookie.encode() in k]
         assert len(keys) == 1, keys
