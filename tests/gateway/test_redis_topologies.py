@@ -291,4 +291,6 @@ async def test_sentinel_failover_mid_conversation_loses_no_session(
     # master's demotion every turn after it too.
     made = before + during + after + 1
     assert made - 1 <= session["turn_count"] <= made, (session["turn_count"], made, refused)
-    print(f"failover: {during} turns during the switch, refused {refused}, saved {made}")
+    print(
+        f"failover: {during} turns during the switch, refused {refused}, {made} answered, {session['turn_count']} saved"
+    )
