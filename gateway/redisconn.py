@@ -317,10 +317,16 @@ class WatchedSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPoo
                 return
             self._promoted = None
         else:
-            # <type> <name> <ip> <port> @ <master name> <master ip> <master port>
-            if len(fields) < 6 or fields[5] != self.service_name:
+            # "master <name> <ip> <port>" or
+            # "<type> <name> <ip> <port> @ <master name> <master ip> <master port>"
+            master = fields[1] if fields[:1] == ["master"] and len(fields) >= 4 else None
+            if len(fields) >= 6 and fields[4] == "@":
+                master = fields[5]
+            if master != self.service_name:
                 return
-            if event == "+failover-state-send-slaveof-noone" and fields[3].isdigit():
+            if event == "+failover-state-send-slaveof-noone":
+                if fields[0] == "master" or not fields[3].isdigit():
+                    return  # not a replica's address: nothing to follow
                 until = asyncio.get_running_loop().time() + self.promotion_s
                 self._promoted = ((fields[2], int(fields[3])), until)
             else:

@@ -125,6 +125,37 @@ def test_clients_of_each_kind() -> None:
     assert sentinel.connection_pool.service_name == "mymaster"
 
 
+async def test_sentinel_pool_follows_the_sentinels_events() -> None:
+    """The pool's reaction to each sentinel event (no server needed: while a promotion
+    is announced the pool names the replica without asking a sentinel)."""
+    client = redis_client("redis+sentinel://127.0.0.1:1/0/mymaster")
+    pool = client.connection_pool
+    assert isinstance(pool, redisconn.WatchedSentinelPool)
+    promoting = "slave 10.0.0.2:6380 10.0.0.2 6380 @ mymaster 10.0.0.1 6379"
+    await pool._on_event(b"+failover-state-send-slaveof-noone", promoting.encode())
+    assert await pool.get_master_address() == ("10.0.0.2", 6380)
+    # other services' events, and malformed ones, change nothing
+    for channel, data in [
+        ("+failover-state-send-slaveof-noone", "slave 10.0.0.9:1 10.0.0.9 1 @ other 10.0.0.8 1"),
+        ("+switch-master", "other 10.0.0.8 1 10.0.0.9 1"),
+        ("-failover-abort-no-good-slave", "master other 10.0.0.8 1"),
+        ("+switch-master", ""),
+        ("-failover-abort-not-elected", "garbage"),
+        ("+failover-state-send-slaveof-noone", "slave x x notaport @ mymaster 10.0.0.1 6379"),
+    ]:
+        await pool._on_event(channel, data)
+    assert await pool.get_master_address() == ("10.0.0.2", 6380)
+    assert pool.events == ["+failover-state-send-slaveof-noone"]
+    # an aborted failover forgets the promotion (the master's own event has 4 fields)
+    await pool._on_event("-failover-abort-no-good-slave", "master mymaster 10.0.0.1 6379")
+    assert pool._promoted is None
+    await pool._on_event("+failover-state-send-slaveof-noone", promoting)
+    await pool._on_event("+switch-master", "mymaster 10.0.0.1 6379 10.0.0.2 6380")
+    assert pool._promoted is None
+    assert pool.events[-2:] == ["+failover-state-send-slaveof-noone", "+switch-master"]
+    await redisconn.aclose(client)
+
+
 # ------------------------------------------------- served gateways per topology
 
 
