@@ -12,6 +12,11 @@ gets first, so one that arrives late learns that, say, a recognition is running.
 Redis: messages go over ``PUBLISH {prefix}:{{topic}}:bus``; the retained value is
 the key ``{prefix}:{{topic}}:retained`` (the session's hash tag). One pub/sub
 connection per process serves all subscribers of that process.
+
+Redis Cluster: sharded pub/sub instead (``SPUBLISH``/``SSUBSCRIBE``, Redis >= 7):
+the channel lives in the slot of its hash tag, beside the retained key, so a message
+goes to one shard only rather than to every node; redis-py's ClusterPubSub keeps one
+connection per node that holds a subscribed channel and follows slots that move.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
+
+from gateway.redisconn import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +134,15 @@ class MemoryBus:
 
 
 class RedisBus:
-    """Topics shared by every gateway process on one Redis (see module doc)."""
+    """Topics shared by every gateway process on one Redis (see module doc).
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "gw") -> None:
+    ``client`` is a plain or Sentinel client (classic pub/sub) or a RedisCluster
+    (sharded pub/sub); the bus does not close it.
+    """
+
+    def __init__(self, client: RedisClient, *, prefix: str = "gw") -> None:
         self._redis = client
+        self._sharded = isinstance(client, RedisCluster)
         self._prefix = prefix
         self._subs: dict[str, set[Subscription]] = {}
         self._pubsub: Any = None
@@ -149,7 +161,10 @@ class RedisBus:
             async with self._redis.pipeline(transaction=False) as pipe:
                 if retain_s is not None:
                     pipe.set(self._retained_key(topic), data, px=max(1, int(retain_s * 1000)))
-                pipe.publish(self._channel(topic), data)
+                if self._sharded:
+                    pipe.spublish(self._channel(topic), data)
+                else:
+                    pipe.publish(self._channel(topic), data)
                 await pipe.execute()
         except RedisError as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
@@ -170,7 +185,9 @@ class RedisBus:
                     self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 first = channel not in self._subs
                 self._subs.setdefault(channel, set()).add(sub)
-                if first:
+                if first and self._sharded:
+                    await self._pubsub.ssubscribe(channel)
+                elif first:
                     await self._pubsub.subscribe(channel)
                 if self._reader is None or self._reader.done():
                     self._reader = asyncio.create_task(self._read(), name="bus reader")
@@ -195,17 +212,30 @@ class RedisBus:
             if not subs:
                 del self._subs[channel]
                 with contextlib.suppress(RedisError):
-                    await self._pubsub.unsubscribe(channel)
+                    if self._sharded:
+                        await self._pubsub.sunsubscribe(channel)
+                    else:
+                        await self._pubsub.unsubscribe(channel)
 
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._subs:
+            started = loop.time()
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                if self._sharded:
+                    # polls each node holding a subscription for up to 50 ms in turn
+                    message = await self._pubsub.get_sharded_message(
+                        ignore_subscribe_messages=True, timeout=0.05
+                    )
+                else:
+                    message = await self._pubsub.get_message(timeout=1.0)
             except RedisError as exc:
                 log.warning("bus reader: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            if message is None or message.get("type") != "message":
+            if message is None and self._sharded and loop.time() - started < 0.01:
+                await asyncio.sleep(0.05)  # no node holds a subscription (yet): do not spin
+            if message is None or message.get("type") not in ("message", "smessage"):
                 continue
             channel = message["channel"]
             channel = channel.decode() if isinstance(channel, bytes) else channel

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.redisconn import RedisClient
 from gateway.sessions import StoreUnavailable
 
 __all__ = ["MemoryNonceStore", "NonceStore", "RedisNonceStore"]
@@ -88,11 +88,11 @@ class MemoryNonceStore:
 class RedisNonceStore:
     """One-time keys in Redis: ``SET {prefix}:nonce:{key} 1 NX PX ttl`` (one round trip).
 
-    ``redis`` is shared with the session store (gateway/app.py); this store does
-    not close it.
+    ``redis`` (one server, Sentinel or Cluster: a single-key command) is shared
+    with the session store (gateway/app.py); this store does not close it.
     """
 
-    def __init__(self, redis: aioredis.Redis, *, prefix: str) -> None:
+    def __init__(self, redis: RedisClient, *, prefix: str) -> None:
         self.redis = redis
         self.prefix = prefix
 

@@ -39,10 +39,11 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from redis.exceptions import RedisError
+
+from gateway.redisconn import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class SecretKeys:
             self._retry = None
 
 
-async def shared_master_key(redis: aioredis.Redis, prefix: str) -> bytes:
+async def shared_master_key(redis: RedisClient, prefix: str) -> bytes:
     """The master key under ``{prefix}:secret-key``, created (random, NX) if absent.
 
     Two round trips: ``SET NX`` of a fresh random value, then ``GET`` (whoever
@@ -145,7 +146,7 @@ async def shared_master_key(redis: aioredis.Redis, prefix: str) -> bytes:
 
 async def load_secret_keys(
     secret_key: str | None,
-    redis: aioredis.Redis | None,
+    redis: RedisClient | None,
     *,
     prefix: str = "gw",
     timeout_s: float = 5.0,
@@ -183,9 +184,7 @@ async def load_secret_keys(
     return keys
 
 
-async def _adopt_when_ready(
-    keys: SecretKeys, redis: aioredis.Redis, prefix: str, cap: float
-) -> None:
+async def _adopt_when_ready(keys: SecretKeys, redis: RedisClient, prefix: str, cap: float) -> None:
     delay = 1.0
     while True:
         await asyncio.sleep(delay)

@@ -40,16 +40,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway import metrics
+from gateway import metrics, redisconn
 from gateway.events import LogEntry
+from gateway.redisconn import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +334,7 @@ class RedisSessionStore:
         *,
         prefix: str = "gw",
         max_connections: int = 64,
-        client: aioredis.Redis | None = None,
+        client: RedisClient | None = None,
     ) -> None:
         self._redis = client or redis_client(url, max_connections=max_connections)
         self._prefix = prefix
@@ -347,7 +343,7 @@ class RedisSessionStore:
         self._renew = self._redis.register_script(_RENEW)
 
     @property
-    def redis(self) -> aioredis.Redis:
+    def redis(self) -> RedisClient:
         """The underlying client (for the bus and caches that share the connection)."""
         return self._redis
 
@@ -466,7 +462,7 @@ class RedisSessionStore:
             raise StoreUnavailable(f"Redis: {exc}") from exc
 
     async def aclose(self) -> None:
-        await self._redis.aclose()
+        await redisconn.aclose(self._redis)
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -476,26 +472,13 @@ async def _stop(task: asyncio.Task[None]) -> None:
         await task
 
 
-def redis_client(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    """The gateway's Redis client for ``url``: a bounded pool, fast failure.
+def redis_client(url: str, *, max_connections: int = 64) -> RedisClient:
+    """The gateway's Redis client for GATEWAY_REDIS_URL ``url``: one server, Sentinel or
+    Cluster, with a bounded pool and fast failure (see gateway/redisconn.py).
 
-    Up to ``max_connections`` connections; a caller waits up to 5 s for a free
-    one rather than failing under load. Connecting times out after 3 s and a
-    command after 5 s; connection errors are retried twice within ~0.1 s, so a
-    Redis outage answers 503 at once instead of stalling every turn.
+    Raises ValueError for a malformed URL.
     """
-    return aioredis.Redis(
-        connection_pool=aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=5,
-            socket_connect_timeout=3,
-            socket_timeout=5,
-            health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
-    )
+    return redisconn.connect(url, max_connections=max_connections)
 
 
 def make_store(

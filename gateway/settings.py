@@ -27,7 +27,11 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         default=None,
-        description="redis:// or rediss:// URL; unset means in-process memory sessions.",
+        description=(
+            "redis://, rediss://, unix://, redis+sentinel://host:port[,...]/db/service_name "
+            "or redis+cluster://host:port[,...] (gateway/redisconn.py); unset means "
+            "in-process memory sessions."
+        ),
     )
     redis_prefix: str = Field(
         default="gw",
@@ -356,6 +360,16 @@ class Settings(BaseSettings):
         description="On SIGTERM/SIGINT, time given to tell connected clients `server.restart` "
         "and close their connections before the server stops.",
     )
+
+    @field_validator("redis_url", mode="after")
+    @classmethod
+    def _redis_url_form(cls, value: str | None) -> str | None:
+        """A malformed GATEWAY_REDIS_URL stops the gateway at startup, saying why."""
+        if value:
+            from gateway.redisconn import parse_redis_url
+
+            parse_redis_url(value)
+        return value
 
     @field_validator("app_keys", mode="before")
     @classmethod

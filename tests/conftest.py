@@ -3,6 +3,12 @@
 Redis: GATEWAY_TEST_REDIS_URL when set; else the server on 127.0.0.1:6379 when it
 answers; else a private ``redis-server`` started on a free port for the run.
 Each test gets its own key prefix and its keys are deleted afterwards.
+
+Redis topologies (tests/redis_topologies.py), started once per run when a test
+first asks for them: ``redis_cluster_url`` (a 3-master Redis Cluster) and
+``redis_sentinel`` (master + replica + sentinel). ``topology_url(request, kind)``
+gives the GATEWAY_REDIS_URL of ``redis`` (the one server), ``cluster`` or
+``sentinel``, for fixtures parametrised over them (``TOPOLOGIES``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from gateway.settings import Settings
 from gateway.speech.audio import Pcm
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
+from tests.redis_topologies import SentinelSetup, start_cluster, start_sentinel
 from tests.speech import SENTENCES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +89,33 @@ def redis_url() -> Iterator[str]:
     yield url
     proc.terminate()
     proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """The ``redis+cluster://`` URL of a 3-master Redis Cluster started for this run."""
+    with start_cluster() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[SentinelSetup]:
+    """A master + replica + sentinel started for this run (``.url``, ``.failover()``)."""
+    with start_sentinel() as setup:
+        yield setup
+
+
+TOPOLOGIES = ("redis", "cluster", "sentinel")
+"""The Redis deployments a Redis-backed contract runs against (see ``topology_url``)."""
+
+
+def topology_url(request: pytest.FixtureRequest, kind: str) -> str:
+    """The GATEWAY_REDIS_URL of ``kind`` (one of TOPOLOGIES), started on first use."""
+    if kind == "cluster":
+        return str(request.getfixturevalue("redis_cluster_url"))
+    if kind == "sentinel":
+        return str(request.getfixturevalue("redis_sentinel").url)
+    return str(request.getfixturevalue("redis_url"))
 
 
 @pytest.fixture

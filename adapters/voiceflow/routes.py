@@ -27,7 +27,9 @@ Operations:
   process, with a WARNING: keys then stop working when the process restarts and on
   every other instance.
 - **Several workers or instances.** With GATEWAY_REDIS_URL the server uses
-  python-socketio's ``AsyncRedisManager`` (channel ``<prefix>:voiceflow:socket.io``),
+  python-socketio's ``AsyncRedisManager`` (channel ``<prefix>:voiceflow:socket.io``)
+  on the gateway's own Redis client (any GATEWAY_REDIS_URL form: one server,
+  Sentinel or Cluster; gateway.redisconn.SocketIoRedisManager),
   so emits to rooms or to clients of other instances (and ``disconnect`` of them)
   reach them. The gateway's own emits always go to a connection of this process and
   skip the queue (``ignore_queue``): one Redis PUBLISH less per trace. Sessions are
@@ -76,11 +78,12 @@ from adapters.voiceflow.protocol import (
     VoiceflowConnection,
     error,
 )
-from gateway import metrics
+from gateway import metrics, redisconn
 from gateway.conversation import TurnRejected
 from gateway.deps import Gateway
 from gateway.logs import session_ref
 from gateway.protocol import ProtocolError, load_json
+from gateway.redisconn import SocketIoRedisManager
 from gateway.secrets import VOICEFLOW_SESSION_KEY
 from gateway.settings import Settings
 
@@ -200,7 +203,7 @@ class VoiceflowServer:
         self.settings = settings
         manager = None
         if settings.redis_url:
-            manager = socketio.AsyncRedisManager(
+            manager = SocketIoRedisManager(
                 settings.redis_url, channel=f"{settings.redis_prefix}:voiceflow:socket.io"
             )
         origins = list(settings.voiceflow_cors_origins)
@@ -287,7 +290,7 @@ class VoiceflowServer:
         redis = getattr(manager, "redis", None)
         if redis is not None:
             with contextlib.suppress(Exception):
-                await redis.aclose()
+                await redisconn.aclose(redis)
 
     async def restart(self) -> int:
         """``server.restart {}`` to every client of this process, then end their

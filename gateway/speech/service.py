@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.events import ResponseItem
+from gateway.redisconn import RedisClient
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat
 from gateway.speech.listener import Listener, ListenOptions
@@ -255,7 +255,7 @@ class SpeechService:
 
 
 def make_speech(
-    settings: Settings, redis: aioredis.Redis | None, id_key: bytes | None = None
+    settings: Settings, redis: RedisClient | None, id_key: bytes | None = None
 ) -> SpeechService:
     """The SpeechService of ``settings``: pocketsphinx, Piper or espeak-ng, and the TTS
     cache in Redis (``{prefix}:tts:``, GATEWAY_TTS_CACHE_TTL_S) when ``redis`` is given,

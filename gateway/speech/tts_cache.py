@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Final, Literal, Protocol, TypeAlias, runtime_checkable
 
 import lameenc  # type: ignore[import-not-found]  # C extension without stubs
-from redis.asyncio import Redis
 
+from gateway.redisconn import RedisClient
 from gateway.speech.audio import Pcm, Resampler, encode_mp3, encode_wav, pcm_to_mulaw, resample
 from gateway.speech.tts import Synthesizer, synthesize_pieces
 
@@ -231,12 +231,12 @@ class RedisTtsCache:
     The client must return bytes (``decode_responses=False``, the default).
 
     Args:
-        redis: a ``redis.asyncio.Redis`` client (the caller owns and closes it).
+        redis: a ``redis.asyncio`` client, plain or cluster (the caller owns and closes it).
         prefix: key prefix, e.g. ``"gw:tts:"``.
         ttl_s: time to live of each entry in seconds.
     """
 
-    def __init__(self, redis: Redis, *, prefix: str = "gw:tts:", ttl_s: int = 86_400) -> None:
+    def __init__(self, redis: RedisClient, *, prefix: str = "gw:tts:", ttl_s: int = 86_400) -> None:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be > 0")
         self.redis = redis

@@ -195,7 +195,10 @@ async def test_google_and_dialogflow_hostile_bodies_are_400_problems(
 ) -> None:
     google = json.dumps(v3("g-hostile", "FreeText", "placeholder"))
     dialogflow = json.dumps(es("projects/p/agent/sessions/hostile", "placeholder"))
-    async with served(google_verify=False, dialogflow_verify=False) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        served(google_verify=False, dialogflow_verify=False) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
         for path, text in (("/google", google), ("/dialogflow", dialogflow)):
             body = text.replace('"placeholder"', value, 1).encode()
             answer = await http.post(path, content=body)

@@ -7,21 +7,24 @@ import secrets
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
+from gateway import redisconn
 from gateway.bus import Bus, BusUnavailable, MemoryBus, RedisBus, Subscription
 from gateway.sessions import redis_client
+from tests.conftest import TOPOLOGIES, topology_url
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def buses(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[tuple[Bus, Bus]]:
-    """A publishing and a subscribing bus: one in-process bus, or two Redis clients."""
+@pytest.fixture(params=["memory", *TOPOLOGIES])
+async def buses(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Bus, Bus]]:
+    """A publishing and a subscribing bus: one in-process bus, or two Redis clients (the
+    gateway's, as two processes) on one server, a Cluster or Sentinel."""
     if request.param == "memory":
         bus = MemoryBus()
         yield bus, bus
         return
     prefix = f"test-{secrets.token_hex(6)}"
-    a, b = aioredis.from_url(redis_url), aioredis.from_url(redis_url)
+    url = topology_url(request, request.param)
+    a, b = redis_client(url), redis_client(url)
     bus_a, bus_b = RedisBus(a, prefix=prefix), RedisBus(b, prefix=prefix)
     yield bus_a, bus_b
     await bus_a.aclose()
@@ -29,8 +32,8 @@ async def buses(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator
     keys = [k async for k in a.scan_iter(match=f"{prefix}:*")]
     if keys:
         await a.delete(*keys)
-    await a.aclose()
-    await b.aclose()
+    await redisconn.aclose(a)
+    await redisconn.aclose(b)
 
 
 async def drain(sub: Subscription, timeout_s: float = 0.3) -> list[dict[str, object]]:

@@ -8,26 +8,28 @@ import secrets
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
+from gateway import redisconn
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
 from gateway.sessions import StoreUnavailable, redis_client
-from tests.conftest import free_port
+from tests.conftest import TOPOLOGIES, free_port, topology_url
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *TOPOLOGIES])
 async def stores(
-    request: pytest.FixtureRequest, redis_url: str, redis_prefix: str
+    request: pytest.FixtureRequest, redis_prefix: str
 ) -> AsyncIterator[tuple[NonceStore, NonceStore]]:
-    """Two views of one store: the same memory store, or two Redis clients."""
+    """Two views of one store: the same memory store, or two Redis clients (the gateway's)
+    on one server, a Cluster or Sentinel."""
     if request.param == "memory":
         store = MemoryNonceStore()
         yield store, store
         return
-    a, b = aioredis.from_url(redis_url), aioredis.from_url(redis_url)
+    url = topology_url(request, request.param)
+    a, b = redis_client(url), redis_client(url)
     yield RedisNonceStore(a, prefix=redis_prefix), RedisNonceStore(b, prefix=redis_prefix)
-    await a.aclose()
-    await b.aclose()
+    await redisconn.aclose(a)
+    await redisconn.aclose(b)
 
 
 async def test_a_key_is_used_once(stores: tuple[NonceStore, NonceStore]) -> None:

@@ -20,15 +20,17 @@ from gateway.sessions import (
     SessionStore,
     StoreUnavailable,
 )
+from tests.conftest import TOPOLOGIES, topology_url
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[SessionStore]:
+@pytest.fixture(params=["memory", *TOPOLOGIES])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[SessionStore]:
+    """The memory store, or the Redis store on one server, a Cluster or Sentinel."""
     if request.param == "memory":
         yield MemorySessionStore()
         return
     prefix = f"test-{secrets.token_hex(6)}"
-    redis_store = RedisSessionStore(redis_url, prefix=prefix)
+    redis_store = RedisSessionStore(topology_url(request, request.param), prefix=prefix)
     yield redis_store
     keys = [k async for k in redis_store.redis.scan_iter(match=f"{prefix}:*")]
     if keys:

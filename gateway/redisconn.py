@@ -1,0 +1,398 @@
+"""GATEWAY_REDIS_URL -> a redis-py asyncio client: one server, Sentinel or Redis Cluster.
+
+URL forms (:func:`parse_redis_url`):
+
+- ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) and
+  ``unix://[[user]:password@]/path/to.sock[?db=N]`` — one Redis server, as redis-py's
+  ``from_url`` reads them;
+- ``redis+sentinel://[[user]:password@]host:port[,host:port...]/db/service_name`` —
+  the master of ``service_name`` as the listed sentinels name it (python-socketio's
+  form; ``/service_name`` alone means db 0). The user and password are the data
+  servers'; the sentinels are asked without authentication;
+- ``redis+cluster://[[user]:password@]host:port[,host:port...]`` — a Redis Cluster,
+  found through these startup nodes (more are discovered); only db 0 exists there.
+
+Every client fails fast: connecting times out after 3 s, a command after 5 s, and
+connection errors are retried twice within ~0.1 s, so an outage answers 503 at once
+instead of stalling every turn. Per process (per node for a cluster) at most
+``max_connections`` connections; with one server or Sentinel a caller waits up to 5 s
+for a free one rather than failing under load.
+
+**Sentinel.** redis-py's ``Sentinel(...).master_for(name)`` asks the sentinels for
+the master whenever it connects, and keeps its connections otherwise. But a master
+that the sentinels replace keeps serving, and accepting writes, for a second or two
+until they announce the new master (``+switch-master``) and for ~10 s more until
+they demote it; what it takes then is lost when it becomes a replica. So the pool
+(:class:`WatchedSentinelPool`) also follows the sentinels' events and moves to the
+replica the moment its promotion starts. Replication stays asynchronous (Redis's
+own guarantee): a write acknowledged in the few milliseconds before the promotion,
+and not yet replicated, can still be lost.
+
+**Cluster.** ``redis.asyncio.cluster.RedisCluster``; every multi-key script and
+command of the gateway keeps its keys in one slot (the session's hash tag
+``{key}``); the bus uses sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis >= 7), see
+gateway/bus.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+import socketio
+from redis.asyncio.cluster import ClusterNode, ClusterPubSub, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger(__name__)
+
+RedisClient = aioredis.Redis | RedisCluster
+"""What the gateway's stores, bus and caches are given: a plain (also Sentinel-managed)
+client or a cluster client. Both take the same single-key commands and scripts."""
+
+Kind = Literal["server", "sentinel", "cluster"]
+
+SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed GATEWAY_REDIS_URL.
+
+    ``kind`` is ``server`` (``url`` goes to redis-py as is), ``sentinel`` (``nodes``
+    are the sentinels, ``service_name`` the monitored master, ``db`` its database)
+    or ``cluster`` (``nodes`` are startup nodes). ``username``/``password`` are
+    the data servers' credentials (``None`` when absent).
+    """
+
+    kind: Kind
+    url: str
+    nodes: tuple[tuple[str, int], ...] = ()
+    service_name: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Parse GATEWAY_REDIS_URL (forms in the module doc).
+
+    Raises ValueError naming the problem: an unknown scheme, a sentinel URL
+    without a service name, a node without a port, a non-numeric port or db, a
+    cluster URL with a db other than 0, or query parameters on a sentinel or
+    cluster URL (not supported).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisTarget("server", url)
+    if scheme not in (SENTINEL_SCHEME, CLUSTER_SCHEME):
+        raise ValueError(
+            f"unsupported Redis URL scheme {parts.scheme!r}: use redis://, rediss://, "
+            f"unix://, {SENTINEL_SCHEME}:// or {CLUSTER_SCHEME}://"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"{scheme}:// URLs take no query parameters or fragment")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, _, pw = userinfo.partition(":")
+        username, password = unquote(user) or None, unquote(pw) or None
+    nodes = tuple(_node(n, scheme) for n in hostlist.split(","))
+    segments = [s for s in parts.path.split("/") if s]
+    if scheme == CLUSTER_SCHEME:
+        if segments not in ([], ["0"]):
+            raise ValueError("a Redis Cluster has only db 0: use redis+cluster://host:port,...")
+        return RedisTarget("cluster", url, nodes, username=username, password=password)
+    if len(segments) == 1:
+        db, service = "0", segments[0]
+    elif len(segments) == 2:
+        db, service = segments
+    else:
+        raise ValueError(
+            "a Sentinel URL names the master: redis+sentinel://host:port[,...]/db/service_name"
+        )
+    if not db.isdigit():
+        raise ValueError(f"the db of a Sentinel URL must be a number, not {db!r}")
+    return RedisTarget(
+        "sentinel", url, nodes, unquote(service), int(db), username=username, password=password
+    )
+
+
+def _node(text: str, scheme: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{scheme}:// nodes are host:port, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _fast_failure() -> dict[str, Any]:
+    """Timeouts and retries shared by every kind of client (see module doc)."""
+    return {
+        "socket_connect_timeout": 3,
+        "socket_timeout": 5,
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
+
+
+def connect(url: str, *, max_connections: int = 64) -> RedisClient:
+    """The gateway's client for GATEWAY_REDIS_URL ``url`` (see the module doc).
+
+    Nothing is connected yet (that happens on the first command), so this may be
+    called outside an event loop. Raises ValueError for a malformed URL.
+    """
+    target = parse_redis_url(url)
+    if target.kind == "cluster":
+        return _Cluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            username=target.username,
+            password=target.password,
+            max_connections=max_connections,
+            **_fast_failure(),
+        )
+    if target.kind == "sentinel":
+        assert target.service_name is not None
+        fast = _fast_failure()
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.nodes),
+            sentinel_kwargs={"socket_connect_timeout": 1, "socket_timeout": 1},
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            health_check_interval=30,
+            **fast,
+        )
+        client: aioredis.Redis = sentinel.master_for(
+            target.service_name,
+            connection_pool_class=WatchedSentinelPool,
+            max_connections=max_connections,
+            timeout=5,
+        )
+        return client
+    return aioredis.Redis(
+        connection_pool=aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=5,
+            health_check_interval=30,
+            **_fast_failure(),
+        )
+    )
+
+
+class _Cluster(RedisCluster):
+    """RedisCluster that learns the cluster's layout before it picks a node for a command.
+
+    redis-py 8.1 picks the target node before its lazy ``initialize()``: commands
+    sent concurrently by a new client go to the startup nodes' connections, which
+    that initialisation then closes under them ("Connection lost"). Initialising
+    first (once, under redis-py's own lock) avoids it.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+    def pubsub(
+        self,
+        node: ClusterNode | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        **kwargs: Any,
+    ) -> ClusterPubSub:
+        return _ClusterPubSub(self, node=node, host=host, port=port, **kwargs)
+
+
+class _ClusterPubSub(ClusterPubSub):
+    """ClusterPubSub that learns the slot map first: redis-py 8.1 routes SUBSCRIBE and
+    SSUBSCRIBE by it without initialising a new client (KeyError / SlotNotCoveredError)."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self.cluster.initialize()  # a no-op once initialised
+        return await super().execute_command(*args, **kwargs)
+
+    async def ssubscribe(self, *args: Any, **kwargs: Any) -> None:
+        await self.cluster.initialize()
+        await super().ssubscribe(*args, **kwargs)
+
+
+class WatchedSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """redis-py's Sentinel pool, blocking when full (5 s), that follows a failover as
+    the sentinels announce it rather than when the old master is finally demoted.
+
+    A watcher task (one pub/sub connection to one sentinel at a time, the next one
+    when it fails) listens to the sentinels' events of this service:
+
+    - ``+failover-state-send-slaveof-noone``: a sentinel is promoting that replica
+      now; from here on a write to the old master would be lost. The pool leaves
+      the old master (:meth:`_leave_old_master`) and, for up to ``promotion_s``
+      seconds, connects to the replica being promoted (its first commands may be
+      refused READONLY for a few ms: redis-py's retry and the client's own retry
+      cover that);
+    - ``+switch-master``: the failover is done; the pool leaves the old master and
+      asks the sentinels for the master again;
+    - ``-failover-abort-*``: the promotion is forgotten; the pool reconnects.
+
+    The watcher starts with the pool's first connection and stops with
+    :meth:`disconnect` of the whole pool (``aclose`` of the client).
+    """
+
+    EVENTS = (
+        "+failover-state-send-slaveof-noone",
+        "+switch-master",
+        "-failover-abort-not-elected",
+        "-failover-abort-slave-timeout",
+        "-failover-abort-no-good-slave",
+    )
+
+    def __init__(
+        self,
+        service_name: str,
+        sentinel_manager: Sentinel,
+        *,
+        promotion_s: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self._watcher: asyncio.Task[None] | None = None
+        self._promoted: tuple[tuple[str, int], float] | None = None  # address, until (loop time)
+        self.promotion_s = promotion_s
+        self.events: list[str] = []  # the events acted on, newest last (logs, tests)
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch(), name="sentinel watcher")
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def get_master_address(self) -> Any:
+        """The replica being promoted while a promotion is announced, else the
+        master the sentinels name (redis-py's behaviour)."""
+        if self._promoted is not None:
+            address, until = self._promoted
+            if asyncio.get_running_loop().time() < until:
+                self.master_address = address
+                return address
+            self._promoted = None
+        return await super().get_master_address()  # type: ignore[no-untyped-call]
+
+    async def _watch(self) -> None:
+        sentinels = self.sentinel_manager.sentinels
+        turn = 0
+        while True:
+            sentinel = sentinels[turn % len(sentinels)]
+            turn += 1
+            pubsub = sentinel.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(*self.EVENTS)
+                while True:
+                    message = await pubsub.get_message(timeout=30.0)
+                    if message is not None and message.get("type") == "message":
+                        await self._on_event(message["channel"], message["data"])
+            except (RedisError, OSError) as exc:
+                log.warning("Redis Sentinel watcher: %s; trying the next sentinel", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+
+    async def _on_event(self, channel: bytes | str, data: bytes | str) -> None:
+        event = channel.decode() if isinstance(channel, bytes) else channel
+        text = data.decode() if isinstance(data, bytes) else data
+        fields = text.split()
+        if event == "+switch-master":
+            # <name> <old ip> <old port> <new ip> <new port>
+            if not fields or fields[0] != self.service_name:
+                return
+            self._promoted = None
+        else:
+            # "master <name> <ip> <port>" or
+            # "<type> <name> <ip> <port> @ <master name> <master ip> <master port>"
+            master = fields[1] if fields[:1] == ["master"] and len(fields) >= 4 else None
+            if len(fields) >= 6 and fields[4] == "@":
+                master = fields[5]
+            if master != self.service_name:
+                return
+            if event == "+failover-state-send-slaveof-noone":
+                if fields[0] == "master" or not fields[3].isdigit():
+                    return  # not a replica's address: nothing to follow
+                until = asyncio.get_running_loop().time() + self.promotion_s
+                self._promoted = ((fields[2], int(fields[3])), until)
+            else:
+                self._promoted = None
+        self.events.append(event)
+        log.warning("Redis Sentinel: %s %s", event, text)
+        self.master_address = None
+        await self._leave_old_master()
+
+    async def _leave_old_master(self) -> None:
+        """Idle connections are closed; a command in flight finishes and its connection
+        is closed when released (cutting it would make redis-py retry a script that may
+        have run: a turn told "not saved" that was saved); pub/sub connections, which
+        are never released, are closed now and resubscribe on the new master."""
+        await super().disconnect(inuse_connections=False)
+        for connection in list(self._in_use_connections):
+            if getattr(connection, "_connect_callbacks", None):  # a PubSub's connection
+                await connection.disconnect()
+            else:
+                connection.mark_for_reconnect()  # type: ignore[no-untyped-call]
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        if inuse_connections and self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        await super().disconnect(inuse_connections=inuse_connections)
+
+
+async def aclose(client: RedisClient) -> None:
+    """Close ``client`` and its connections (for a Sentinel client, its sentinels too)."""
+    await client.aclose()
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(pool, SentinelConnectionPool):
+        for sentinel in pool.sentinel_manager.sentinels:
+            with contextlib.suppress(RedisError, OSError):
+                await sentinel.aclose()
+
+
+class SocketIoRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
+    """python-socketio's AsyncRedisManager on the gateway's own client for ``url``.
+
+    python-socketio 5 reads ``redis://``, ``rediss://``, ``unix://`` and (in its own
+    parser, with none of our fast-failure settings nor the ``+switch-master``
+    watcher) ``redis+sentinel://`` URLs, but not Redis Cluster. This subclass only
+    replaces how the manager connects (:func:`connect`, every form of the module
+    doc); its classic PUBLISH/SUBSCRIBE on ``channel`` is unchanged. On a cluster
+    a classic PUBLISH reaches subscribers on every node, so the subscription sits
+    on the node of the channel's slot (redis-py ClusterPubSub), and when that node
+    fails python-socketio's own retry loop connects again and finds the slot's new
+    owner.
+    """
+
+    def __init__(self, url: str, *, channel: str, max_connections: int = 8) -> None:
+        parse_redis_url(url)  # a malformed URL fails here, at startup
+        super().__init__(url, channel=channel)
+        self._max_connections = max_connections
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _redis_connect(self) -> None:
+        old: RedisClient | None = getattr(self, "redis", None)
+        self.redis = connect(self.redis_url, max_connections=self._max_connections)
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.connected = True
+        if old is not None:  # python-socketio reconnects by making a new client
+            task = asyncio.get_running_loop().create_task(aclose(old))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)

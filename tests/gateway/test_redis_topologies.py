@@ -1,0 +1,327 @@
+"""GATEWAY_REDIS_URL forms, and served gateways on a real Redis Cluster and Sentinel.
+
+The session, bus and nonce contracts run on every topology through their own
+parametrised fixtures (test_sessions.py, test_bus.py, test_nonces.py); here: the URL
+parser, Flowstorm V2 conversations through two served gateways sharing a Cluster or
+a Sentinel-managed master (sessions, locks, the TTS cache), socket.io emits between
+two servers through gateway.redisconn.SocketIoRedisManager, and a Sentinel failover
+in the middle of a conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import redis
+import socketio
+from redis.asyncio.cluster import RedisCluster
+
+from gateway import redisconn
+from gateway.bus import RedisBus
+from gateway.redisconn import RedisTarget, SocketIoRedisManager, parse_redis_url
+from gateway.sessions import redis_client
+from tests.adapters.flowstorm_v2.helpers import check_link
+from tests.conftest import gateway, serve, served, topology_url
+from tests.redis_topologies import SentinelSetup
+
+KEY = "redis-topology-test"
+AUDIO_LINE = re.compile(r"^# \(audio=(?P<link>http://\S+/file/tts/[0-9a-f]{64}\.mp3)\)$")
+TEXT = {"Content-Type": "text/plain"}
+NOT_SAVED = "! gateway: The turn took too long to be saved.\n"
+
+
+# ------------------------------------------------------------------ URL forms
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        ("redis://h:6379/2", RedisTarget("server", "redis://h:6379/2")),
+        ("rediss://:pw@h:6380/0", RedisTarget("server", "rediss://:pw@h:6380/0")),
+        ("unix:///run/redis.sock?db=1", RedisTarget("server", "unix:///run/redis.sock?db=1")),
+        (
+            "redis+sentinel://s1:26379,s2:26380/3/mymaster",
+            RedisTarget(
+                "sentinel",
+                "redis+sentinel://s1:26379,s2:26380/3/mymaster",
+                (("s1", 26379), ("s2", 26380)),
+                "mymaster",
+                3,
+            ),
+        ),
+        (
+            "redis+sentinel://user:p%40ss@s1:26379/mymaster",
+            RedisTarget(
+                "sentinel",
+                "redis+sentinel://user:p%40ss@s1:26379/mymaster",
+                (("s1", 26379),),
+                "mymaster",
+                0,
+                "user",
+                "p@ss",
+            ),
+        ),
+        (
+            "redis+cluster://:secret@n1:7000,n2:7001",
+            RedisTarget(
+                "cluster",
+                "redis+cluster://:secret@n1:7000,n2:7001",
+                (("n1", 7000), ("n2", 7001)),
+                password="secret",
+            ),
+        ),
+        (
+            "redis+cluster://n1:7000/0",
+            RedisTarget("cluster", "redis+cluster://n1:7000/0", (("n1", 7000),)),
+        ),
+    ],
+)
+def test_url_forms(url: str, target: RedisTarget) -> None:
+    assert parse_redis_url(url) == target
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://h:6379", "unsupported Redis URL scheme"),
+        ("redis+sentinel://s1:26379", "names the master"),
+        ("redis+sentinel://s1:26379/0/a/b", "names the master"),
+        ("redis+sentinel://s1:26379/x/mymaster", "must be a number"),
+        ("redis+sentinel://s1/0/mymaster", "host:port"),
+        ("redis+sentinel://s1:port/0/mymaster", "host:port"),
+        ("redis+cluster://n1:7000,:7001", "host:port"),
+        ("redis+cluster://n1:99999", "host:port"),
+        ("redis+cluster://n1:7000/1", "only db 0"),
+        ("redis+cluster://n1:7000?ssl=true", "no query"),
+        ("rediss+sentinel://s1:26379/0/m", "unsupported Redis URL scheme"),
+    ],
+)
+def test_malformed_urls_are_refused_with_the_reason(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        parse_redis_url(url)
+    with pytest.raises(ValueError, match=problem):
+        redis_client(url)
+
+
+def test_the_gateway_refuses_to_start_on_a_malformed_url() -> None:
+    from gateway.settings import Settings
+
+    with pytest.raises(ValueError, match="names the master"):
+        Settings(redis_url="redis+sentinel://127.0.0.1:26379")
+
+
+def test_clients_of_each_kind() -> None:
+    assert isinstance(redis_client("redis+cluster://127.0.0.1:7000"), RedisCluster)
+    sentinel = redis_client("redis+sentinel://127.0.0.1:26379/0/mymaster")
+    assert isinstance(sentinel.connection_pool, redisconn.WatchedSentinelPool)
+    assert sentinel.connection_pool.service_name == "mymaster"
+
+
+async def test_sentinel_pool_follows_the_sentinels_events() -> None:
+    """The pool's reaction to each sentinel event (no server needed: while a promotion
+    is announced the pool names the replica without asking a sentinel)."""
+    client = redis_client("redis+sentinel://127.0.0.1:1/0/mymaster")
+    pool = client.connection_pool
+    assert isinstance(pool, redisconn.WatchedSentinelPool)
+    promoting = "slave 10.0.0.2:6380 10.0.0.2 6380 @ mymaster 10.0.0.1 6379"
+    await pool._on_event(b"+failover-state-send-slaveof-noone", promoting.encode())
+    assert await pool.get_master_address() == ("10.0.0.2", 6380)
+    # other services' events, and malformed ones, change nothing
+    for channel, data in [
+        ("+failover-state-send-slaveof-noone", "slave 10.0.0.9:1 10.0.0.9 1 @ other 10.0.0.8 1"),
+        ("+switch-master", "other 10.0.0.8 1 10.0.0.9 1"),
+        ("-failover-abort-no-good-slave", "master other 10.0.0.8 1"),
+        ("+switch-master", ""),
+        ("-failover-abort-not-elected", "garbage"),
+        ("+failover-state-send-slaveof-noone", "slave x x notaport @ mymaster 10.0.0.1 6379"),
+    ]:
+        await pool._on_event(channel, data)
+    assert await pool.get_master_address() == ("10.0.0.2", 6380)
+    assert pool.events == ["+failover-state-send-slaveof-noone"]
+    # an aborted failover forgets the promotion (the master's own event has 4 fields)
+    await pool._on_event("-failover-abort-no-good-slave", "master mymaster 10.0.0.1 6379")
+    assert pool._promoted is None
+    await pool._on_event("+failover-state-send-slaveof-noone", promoting)
+    await pool._on_event("+switch-master", "mymaster 10.0.0.1 6379 10.0.0.2 6380")
+    assert pool._promoted is None
+    assert pool.events[-2:] == ["+failover-state-send-slaveof-noone", "+switch-master"]
+    await redisconn.aclose(client)
+
+
+# ------------------------------------------------- served gateways per topology
+
+
+async def say(client: httpx.AsyncClient, url: str, text: str, tts: str = "None") -> str:
+    answer = await client.put(f"{url}/client?key={KEY}&tts={tts}", headers=TEXT, content=text)
+    assert answer.status_code == 200, answer.text
+    return answer.text
+
+
+@pytest.fixture
+async def topology(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, str]]:
+    """(GATEWAY_REDIS_URL, key prefix) of the parametrised topology; keys deleted after."""
+    url = topology_url(request, request.param)
+    prefix = f"test-{secrets.token_hex(6)}"
+    yield url, prefix
+    client = redis_client(url)
+    keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+    for key in keys:
+        await client.delete(key)
+    await redisconn.aclose(client)
+
+
+@pytest.mark.parametrize("topology", ["cluster", "sentinel"], indirect=True)
+async def test_v2_conversation_across_two_gateways(topology: tuple[str, str]) -> None:
+    """Turns alternate between two gateways sharing the topology; a TTS link made by
+    one is served by the other (the TTS cache); a locked session answers 409."""
+    url, prefix = topology
+    settings = {"redis_url": url, "redis_prefix": prefix}
+    async with (
+        served(**settings) as a,
+        served(**settings) as b,
+        httpx.AsyncClient(timeout=30) as client,  # the first TTS loads the voice
+    ):
+        assert "demo bot" in await say(client, a, "#intro")
+        assert await say(client, b, "my name is Alan") == "< Nice to meet you, Alan.\n"
+        assert await say(client, a, "what is my name") == "< Your name is Alan.\n"
+        spoken = await say(client, b, "hello there", tts="RequiredLinks")
+        link = AUDIO_LINE.match(spoken.splitlines()[0])
+        assert link is not None, spoken
+        await check_link(client, link["link"], "mp3", files_from=a)  # made on b, read on a
+        assert await say(client, a, "bye") == "< Goodbye, Alan!\n.\n"
+
+
+# ------------------------------------------------------------ socket.io manager
+
+
+@pytest.mark.parametrize("kind", ["redis", "cluster", "sentinel"])
+async def test_socketio_emits_reach_clients_of_another_server(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """Server A emits to a client connected to server B: only Redis can carry it."""
+    url = topology_url(request, kind)
+    channel = f"test-{secrets.token_hex(6)}:socket.io"
+    servers = [
+        socketio.AsyncServer(
+            async_mode="asgi", client_manager=SocketIoRedisManager(url, channel=channel)
+        )
+        for _ in range(2)
+    ]
+    got: asyncio.Queue[object] = asyncio.Queue()
+    client = socketio.AsyncClient()
+    client.on("hello", got.put)
+    try:
+        async with serve(socketio.ASGIApp(servers[0])), serve(socketio.ASGIApp(servers[1])) as b:
+            await client.connect(b, transports=["websocket"])
+            sid = client.get_sid()
+            # A's and B's listeners subscribe in the background: emit until one arrives
+            async with asyncio.timeout(15):
+                while got.empty():
+                    await servers[0].emit("hello", {"from": "a"}, to=sid)
+                    await asyncio.sleep(0.2)
+            assert await got.get() == {"from": "a"}
+            await client.disconnect()
+    finally:
+        for server in servers:
+            manager = server.manager
+            listener = getattr(manager, "thread", None)
+            if isinstance(listener, asyncio.Task):
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+            if getattr(manager, "redis", None) is not None:
+                await redisconn.aclose(manager.redis)
+
+
+# ---------------------------------------------------------- Sentinel failover
+
+
+async def test_sentinel_failover_mid_conversation_loses_no_session(
+    redis_sentinel: SentinelSetup,
+) -> None:
+    """SENTINEL FAILOVER while a conversation goes on through a served gateway.
+
+    Turns keep coming while the sentinel switches masters; a turn caught in the
+    switch may be refused (503 store unavailable, 409 while a lock taken on the old
+    master is still held on the new one, or answered with the error line "not
+    saved"): it is retried, as a client would.
+    Afterwards the session is on the new master, its remembered name intact, and
+    every turn answered after the switch is in it.
+    """
+    prefix = f"test-{secrets.token_hex(6)}"
+    # a bus subscription held across the failover (another instance's, say)
+    listening, speaking = redis_client(redis_sentinel.url), redis_client(redis_sentinel.url)
+    listener, speaker = RedisBus(listening, prefix=prefix), RedisBus(speaking, prefix=prefix)
+    # gateway(), not served(): a turn caught in the switch logs an ERROR, as it should
+    async with (
+        gateway(redis_url=redis_sentinel.url, redis_prefix=prefix) as url,
+        httpx.AsyncClient(timeout=30) as client,
+        listener.subscribe("topic") as subscription,
+    ):
+        await say(client, url, "#intro")
+        assert await say(client, url, "my name is Grace") == "< Nice to meet you, Grace.\n"
+        before = 2
+        old = redis_sentinel.master_port()
+        switching = asyncio.create_task(asyncio.to_thread(redis_sentinel.failover))
+        refused: list[int] = []
+        during = after = 0
+        deadline = time.monotonic() + 60
+        while after < 3:
+            assert time.monotonic() < deadline, f"no turn got through; refused: {refused}"
+            switched = switching.done()
+            n = before + during + after
+            answer = await client.put(
+                f"{url}/client?key={KEY}&tts=None", headers=TEXT, content=f"message {n}"
+            )
+            if answer.status_code != 200 or answer.text != f"< You said: message {n}\n":
+                # 503: the store failed; 409: a lock taken on the old master is still
+                # held; "not saved": the lock the turn took was gone when it saved
+                refused.append(answer.status_code if answer.status_code != 200 else "not saved")
+                assert answer.status_code in (409, 503) or answer.text.endswith(NOT_SAVED), (
+                    answer.text
+                )
+                await asyncio.sleep(0.1)
+                continue
+            if switched:
+                after += 1
+            else:
+                during += 1
+        new = await switching
+        assert new != old
+        # the subscription follows the master: a message published after the switch
+        # arrives (the pub/sub connection may still be resubscribing: publish again)
+        async with asyncio.timeout(10):
+            while (message := await subscription.get(0.2)) is None:
+                await speaker.publish("topic", {"after": "failover"})
+        assert message == {"after": "failover"}
+        assert await say(client, url, "what is my name") == "< Your name is Grace.\n"
+        cookie = client.cookies["flowstorm-session-id"]
+
+    for bus in (listener, speaker):
+        await bus.aclose()
+    for redis_ in (listening, speaking):
+        await redisconn.aclose(redis_)
+    with redis.Redis(port=new) as master:
+        keys = [k for k in master.scan_iter(match=f"{prefix}:*:s") if cookie.encode() in k]
+        assert len(keys) == 1, keys
+        session = json.loads(master.get(keys[0]) or b"{}")
+        master.delete(*master.scan_iter(match=f"{prefix}:*"))
+    assert session["attributes"].get("name") == "Grace", session["attributes"]
+    # every answered turn is in the session, save perhaps the one whose write reached
+    # the old master in the milliseconds between the promotion and the pool moving
+    # (replication is asynchronous). A pool that waited for +switch-master would lose
+    # the turns of the second or two of the switch, and one that waited for the old
+    # master's demotion every turn after it too.
+    made = before + during + after + 1
+    assert made - 1 <= session["turn_count"] <= made, (session["turn_count"], made, refused)
+    print(
+        f"failover: {during} turns during the switch, refused {refused}, {made} answered, {session['turn_count']} saved"
+    )
