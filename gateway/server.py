@@ -18,12 +18,13 @@ protocols, made by :func:`uvicorn_options`:
   Else: 408 when the app has not answered yet, the connection closed in any case, and
   the app sees ``http.disconnect`` (as if the client had left).
 - **Connection cap** (GATEWAY_MAX_CONNECTIONS, HTTP and WebSocket connections of the
-  process): a new connection beyond it first makes room by closing the connection that
-  has waited longest for its request (headers incomplete, or idle kept alive) or whose
-  body arrives slowest (below the minimum rate), if one has waited at least
-  :data:`EVICT_AFTER_S`, with a 408; else the new connection is answered at once with
-  a 503 problem body (``Retry-After: 1``) and closed. A slowloris thus takes no
-  connection from clients whose requests arrive promptly.
+  process): a new connection beyond it first makes room by closing, with a 408, the
+  connection that has waited longest for its request (headers incomplete, or idle
+  kept alive), else the oldest of the bodies that arrive below the minimum rate (after
+  :data:`BODY_GRACE_S`); when there is none (every connection is a running request or
+  a WebSocket) the new connection is answered at once with a 503 problem body
+  (``Retry-After: 1``) and closed. A slowloris thus takes no connection from clients
+  whose requests arrive promptly: theirs are never the longest waiting.
 - **Send deadline** (GATEWAY_SEND_TIMEOUT_S): a connection whose send buffer stays
   full (above the transport's high-water mark, 64 KiB, without draining below its low
   mark) this long, or that was closed with unsent data this long ago, is aborted: the
@@ -65,8 +66,8 @@ FD_RESERVE = 128
 connections, speech workers, logs, the listening socket) besides the Redis pool."""
 AUTO_MAX_CONNECTIONS = 10_000
 """The automatic connection cap never exceeds this."""
-EVICT_AFTER_S = 1.0
-"""A waiting connection is closed to make room only after waiting this long (s)."""
+BODY_GRACE_S = 1.0
+"""A body reader is judged slow (and may be closed to make room) only after this long (s)."""
 LOG_EVERY_S = 10.0
 """At most one log line per reason this often (s)."""
 _BODY_SCAN = 8
@@ -190,13 +191,12 @@ class ConnectionGuard:
 
     def victim(self, now: float) -> GatewayHttpProtocol | None:
         """The connection to close to make room, or None (see the module doc)."""
-        for protocol, since in self.waiting.items():
-            if now - since >= EVICT_AFTER_S:
-                return protocol
-            break
+        oldest = next(iter(self.waiting), None)
+        if oldest is not None:
+            return oldest
         for seen, (protocol, since) in enumerate(self.reading.items()):
             age = now - since
-            if age < EVICT_AFTER_S or seen >= _BODY_SCAN:
+            if age < BODY_GRACE_S or seen >= _BODY_SCAN:
                 break
             if protocol.body_bytes < age * self.limits.body_min_rate:
                 return protocol
