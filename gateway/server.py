@@ -17,14 +17,17 @@ protocols, made by :func:`uvicorn_options`:
   at the minimum rate may take as long as it needs (realtime audio), a trickle is cut.
   Else: 408 when the app has not answered yet, the connection closed in any case, and
   the app sees ``http.disconnect`` (as if the client had left).
-- **Connection cap** (GATEWAY_MAX_CONNECTIONS, HTTP and WebSocket connections of the
-  process): a new connection beyond it first makes room by closing, with a 408, the
-  connection that has waited longest for its request (headers incomplete, or idle
-  kept alive), else the oldest of the bodies that arrive below the minimum rate (after
-  :data:`BODY_GRACE_S`); when there is none (every connection is a running request or
-  a WebSocket) the new connection is answered at once with a 503 problem body
-  (``Retry-After: 1``) and closed. A slowloris thus takes no connection from clients
-  whose requests arrive promptly: theirs are never the longest waiting.
+- **Connection cap** (GATEWAY_MAX_CONNECTIONS: HTTP and WebSocket connections of the
+  process). Past it, room is made by closing, with a 408, the connection that has waited
+  longest for its request (headers incomplete, or idle kept alive), else the oldest of
+  the bodies that arrive below the minimum rate (received bytes < GATEWAY_BODY_MIN_RATE
+  x time since the headers); only connections that had :data:`SETTLE_S` to send their
+  request are closed, so the cap may be passed by an eighth meanwhile. A new connection
+  beyond that, when none can be closed (every connection is a running request or a
+  WebSocket), is answered at once with a 503 problem body (``Retry-After: 1``). A
+  slowloris thus takes no connection from clients whose requests arrive promptly.
+  Answered connections linger half-closed up to :data:`LINGER_S` (input dropped) so
+  the answer is not lost to a TCP reset.
 - **Send deadline** (GATEWAY_SEND_TIMEOUT_S): a connection whose send buffer stays
   full (above the transport's high-water mark, 64 KiB, without draining below its low
   mark) this long, or that was closed with unsent data this long ago, is aborted: the
@@ -66,10 +69,17 @@ FD_RESERVE = 128
 connections, speech workers, logs, the listening socket) besides the Redis pool."""
 AUTO_MAX_CONNECTIONS = 10_000
 """The automatic connection cap never exceeds this."""
-BODY_GRACE_S = 1.0
-"""A body reader is judged slow (and may be closed to make room) only after this long (s)."""
 LOG_EVERY_S = 10.0
 """At most one log line per reason this often (s)."""
+SETTLE_S = 0.1
+"""A connection is closed to make room only once it has had this long to send its
+request (s): connections accepted in one burst are not closed before they are read."""
+MIN_SLACK = 4
+"""The cap may be passed by an eighth, or by this many connections (whichever is more),
+while room is made; also how many answered connections may linger at once."""
+LINGER_S = 1.0
+"""How long a connection answered 408/503 stays half-closed, its input read and
+dropped, so that closing does not reset the connection before the answer is read (s)."""
 _BODY_SCAN = 8
 """How many of the oldest body readers are looked at for a slow one."""
 
@@ -98,11 +108,13 @@ def open_file_limit() -> int:
 def auto_max_connections(nofile: int, redis_max_connections: int) -> int:
     """The connection cap for an open-file limit of ``nofile`` descriptors.
 
-    ``nofile`` − :data:`FD_RESERVE` − the Redis pool, at least 16 and at most
-    :data:`AUTO_MAX_CONNECTIONS`: 832 at the common default of 1024 with 64 Redis
-    connections.
+    Four fifths of ``nofile`` − :data:`FD_RESERVE` − the Redis pool (the cap may be
+    passed by an eighth while room is being made, and as many answered connections may
+    linger), at least 16 and at most :data:`AUTO_MAX_CONNECTIONS`: 665 at the common
+    default of 1024 with 64 Redis connections, 51 at 256.
     """
-    return max(16, min(AUTO_MAX_CONNECTIONS, nofile - FD_RESERVE - redis_max_connections))
+    room = (nofile - FD_RESERVE - redis_max_connections) * 4 // 5
+    return max(16, min(AUTO_MAX_CONNECTIONS, room))
 
 
 @dataclass(frozen=True)
@@ -166,8 +178,42 @@ class ConnectionGuard:
         self.limits = limits
         self.waiting: dict[GatewayHttpProtocol, float] = {}
         self.reading: dict[GatewayHttpProtocol, float] = {}
+        self.slack = max(MIN_SLACK, limits.max_connections // 8)
+        """How far the cap may be passed while room is made; also the most lingering."""
+        self.lingering = 0
+        self._settling: TimerHandle | None = None
         self._logged_at: dict[str, float] = {}
         self._unlogged: dict[str, int] = {}
+
+    def admit(self, connections: set[Any], loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether a new connection may come in, making room first when needed.
+
+        Below the cap: yes. Up to the cap + :attr:`slack`: yes, and room is made
+        :data:`SETTLE_S` later (connections that sent their request by then are kept).
+        Beyond: yes if a connection can be closed now to make room, else no (503).
+        """
+        cap = self.limits.max_connections
+        if len(connections) < cap:
+            return True
+        if len(connections) < cap + self.slack:
+            if self._settling is None:
+                self._settling = loop.call_later(SETTLE_S, self._make_room, connections, loop)
+            return True
+        victim = self.victim(loop.time())
+        if victim is None:
+            return False
+        victim.evict()
+        return True
+
+    def _make_room(self, connections: set[Any], loop: asyncio.AbstractEventLoop) -> None:
+        """Close waiting or slow connections until back at the cap (retry while over)."""
+        self._settling = None
+        while len(connections) > self.limits.max_connections:
+            victim = self.victim(loop.time())
+            if victim is None:
+                self._settling = loop.call_later(SETTLE_S, self._make_room, connections, loop)
+                return
+            victim.evict()
 
     def shed(self, reason: str, open_connections: int) -> None:
         """Count one connection shed for ``reason`` (a key of :data:`REASONS`); log it,
@@ -191,12 +237,13 @@ class ConnectionGuard:
 
     def victim(self, now: float) -> GatewayHttpProtocol | None:
         """The connection to close to make room, or None (see the module doc)."""
-        oldest = next(iter(self.waiting), None)
-        if oldest is not None:
-            return oldest
+        for protocol, since in self.waiting.items():
+            if now - since >= SETTLE_S:
+                return protocol
+            break
         for seen, (protocol, since) in enumerate(self.reading.items()):
             age = now - since
-            if age < BODY_GRACE_S or seen >= _BODY_SCAN:
+            if seen >= _BODY_SCAN or age < SETTLE_S:
                 break
             if protocol.body_bytes < age * self.limits.body_min_rate:
                 return protocol
@@ -273,7 +320,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._refused = False
+        self._refused = False  # answered 503 at the cap: never served
+        self._done = False  # answered and closed by us: input is dropped
+        self._linger: TimerHandle | None = None
         self._upgraded = False
         self._header_timer: TimerHandle | None = None
         self._body_timer: TimerHandle | None = None
@@ -289,21 +338,20 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         raw = cast(asyncio.Transport, transport)
-        guard = self.guard
-        if len(self.connections) >= guard.limits.max_connections:
-            victim = guard.victim(self.loop.time())
-            if victim is None:
-                self._refused = True
-                raw.write(_FULL)
-                raw.close()
-                guard.shed("full", len(self.connections))
-                return
-            victim.evict()
+        if not self.guard.admit(self.connections, self.loop):
+            self._refused = self._done = True
+            self.guard.shed("full", len(self.connections))
+            self._answer_and_close(raw, _FULL)
+            return
         super().connection_made(cast(asyncio.Transport, _Watched(raw, self._send.start_closing)))
         metrics.OPEN_CONNECTIONS.inc()
         self._wait(start_header_deadline=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+            self.guard.lingering -= 1
         if self._refused:
             return
         self._stop()
@@ -313,9 +361,29 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._send.finish()
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
-            return
+        if self._done:
+            return  # answered and closing: what the client still sends is dropped
         super().data_received(data)
+
+    def _answer_and_close(self, transport: asyncio.Transport, answer: bytes | None) -> None:
+        """Write ``answer`` (if any) and close; answered connections linger half-closed
+        for :data:`LINGER_S` (at most ``guard.slack`` at once), so the client reads the
+        answer before any reset that closing with its unread input would send."""
+        if answer is None or self.guard.lingering >= self.guard.slack:
+            if answer is not None:
+                transport.write(answer)
+            transport.close()
+            return
+        transport.write(answer)
+        try:
+            if not transport.can_write_eof() or transport.is_closing():
+                raise ConnectionError
+            transport.write_eof()  # FIN after the answer; the client closes, or LINGER_S
+        except OSError:  # ConnectionError included: the client has gone already
+            transport.close()
+            return
+        self.guard.lingering += 1
+        self._linger = self.loop.call_later(LINGER_S, _unwrapped(transport).abort)
 
     def handle_websocket_upgrade(self) -> None:
         self._stop()
@@ -436,13 +504,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             answer_it = self._began
         else:  # a request is running: unless its answer has started
             answer_it = not cycle.response_started
-        if answer_it:
-            self.transport.write(answer)
         if cycle is not None:
             cycle.keep_alive = False
             cycle.disconnected = True
             cycle.message_event.set()
-        self.transport.close()
+        self._done = True
+        self.connections.discard(self)  # out of the count now, not when the close completes
+        self._answer_and_close(self.transport, answer if answer_it else None)
 
     # sending
 

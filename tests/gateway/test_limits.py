@@ -19,7 +19,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.frames import Frame, Opcode
 
-from gateway.server import auto_max_connections
+from gateway.server import MIN_SLACK, auto_max_connections
 from tests.adapters.flowstorm_v1.helpers import (
     assert_serving,
     init,
@@ -132,7 +132,8 @@ async def test_at_the_cap_a_new_connection_gets_503_when_none_can_make_room() ->
     async with served(max_connections=3) as url:
         before = await shed(url)
         async with contextlib.AsyncExitStack() as stack:
-            for _ in range(3):  # WebSockets are never closed to make room
+            for _ in range(3 + MIN_SLACK):  # the cap, passed as far as it may be: WebSockets,
+                # which are never closed to make room
                 ws = await stack.enter_async_context(ws_connect(ws_url(url)))
                 await init(ws)
             reader, writer = await connect(url)
@@ -149,10 +150,11 @@ async def test_at_the_cap_a_new_connection_gets_503_when_none_can_make_room() ->
 async def test_at_the_cap_the_longest_waiting_connection_makes_room() -> None:
     async with served(max_connections=3, header_timeout_s=10) as url:
         before = await shed(url)
-        slow = [await connect(url) for _ in range(3)]
+        slow = [await connect(url) for _ in range(3 + MIN_SLACK)]  # as far as the cap goes
         for _, writer in slow:
             writer.write(PARTIAL)
             await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # past SETTLE_S: room is made by closing the oldest
         async with httpx.AsyncClient() as client:
             answer = await client.put(
                 f"{url}/client?key=k&tts=None",
@@ -161,11 +163,12 @@ async def test_at_the_cap_the_longest_waiting_connection_makes_room() -> None:
             )
         assert answer.status_code == 200
         assert "You said: hello" in answer.text
-        assert_problem(*await answer_of(slow[0][0]), 408)  # the oldest went
+        for reader, _ in slow[:MIN_SLACK]:  # the oldest went, back down to the cap
+            assert_problem(*await answer_of(reader), 408)
         for _, w in slow:
             w.close()
         after = await shed(url)
-    assert after["evicted"] - before["evicted"] >= 1
+    assert after["evicted"] - before["evicted"] >= MIN_SLACK
     assert after["full"] == before["full"]
 
 
@@ -220,7 +223,7 @@ async def test_a_websocket_peer_that_never_reads_is_closed_after_the_send_deadli
 
 
 def test_the_automatic_cap_leaves_room_for_other_files() -> None:
-    assert auto_max_connections(1024, 64) == 832
-    assert auto_max_connections(256, 64) == 64
+    assert auto_max_connections(1024, 64) == 665
+    assert auto_max_connections(256, 64) == 51
     assert auto_max_connections(100, 64) == 16
     assert auto_max_connections(1_048_576, 64) == 10_000
