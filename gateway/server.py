@@ -18,16 +18,18 @@ protocols, made by :func:`uvicorn_options`:
   Else: 408 when the app has not answered yet, the connection closed in any case, and
   the app sees ``http.disconnect`` (as if the client had left).
 - **Connection cap** (GATEWAY_MAX_CONNECTIONS: HTTP and WebSocket connections of the
-  process). Past it, room is made by closing, with a 408, the connection that has waited
-  longest for its request (headers incomplete, or idle kept alive), else the oldest of
-  the bodies that arrive below the minimum rate (received bytes < GATEWAY_BODY_MIN_RATE
-  x time since the headers); only connections that had :data:`SETTLE_S` to send their
-  request are closed, so the cap may be passed by an eighth meanwhile. A new connection
-  beyond that, when none can be closed (every connection is a running request or a
-  WebSocket), is answered at once with a 503 problem body (``Retry-After: 1``). A
-  slowloris thus takes no connection from clients whose requests arrive promptly.
-  Answered connections linger half-closed up to :data:`LINGER_S` (input dropped) so
-  the answer is not lost to a TCP reset.
+  process). A new connection at the cap makes room by closing, with a 408, the oldest
+  connection that has sent only part of its request's headers (a client that sends its
+  request at once never is one: what is there is read at once), else the oldest that
+  has waited :data:`SETTLE_S` for its request (nothing sent yet, or idle kept alive),
+  else the oldest body arriving below the minimum rate (received bytes <
+  GATEWAY_BODY_MIN_RATE x time since the headers). When none can be closed yet, the
+  cap may be passed by a quarter (room is made as soon as one can); beyond that, or
+  when every connection is a running request or a WebSocket, the new connection is
+  answered at once with a 503 problem body (``Retry-After: 1``). A slowloris thus
+  takes no connection from clients whose requests arrive promptly. Answered
+  connections linger half-closed up to :data:`LINGER_S` (their input dropped) so the
+  answer is not lost to a TCP reset.
 - **Send deadline** (GATEWAY_SEND_TIMEOUT_S): a connection whose send buffer stays
   full (above the transport's high-water mark, 64 KiB, without draining below its low
   mark) this long, or that was closed with unsent data this long ago, is aborted: the
@@ -71,11 +73,11 @@ AUTO_MAX_CONNECTIONS = 10_000
 """The automatic connection cap never exceeds this."""
 LOG_EVERY_S = 10.0
 """At most one log line per reason this often (s)."""
-SETTLE_S = 0.1
+SETTLE_S = 0.5
 """A connection is closed to make room only once it has had this long to send its
 request (s): connections accepted in one burst are not closed before they are read."""
 MIN_SLACK = 4
-"""The cap may be passed by an eighth, or by this many connections (whichever is more),
+"""The cap may be passed by a quarter, or by this many connections (whichever is more),
 while room is made; also how many answered connections may linger at once."""
 LINGER_S = 1.0
 """How long a connection answered 408/503 stays half-closed, its input read and
@@ -108,12 +110,12 @@ def open_file_limit() -> int:
 def auto_max_connections(nofile: int, redis_max_connections: int) -> int:
     """The connection cap for an open-file limit of ``nofile`` descriptors.
 
-    Four fifths of ``nofile`` − :data:`FD_RESERVE` − the Redis pool (the cap may be
-    passed by an eighth while room is being made, and as many answered connections may
-    linger), at least 16 and at most :data:`AUTO_MAX_CONNECTIONS`: 665 at the common
-    default of 1024 with 64 Redis connections, 51 at 256.
+    Two thirds of ``nofile`` − :data:`FD_RESERVE` − the Redis pool (the cap may be
+    passed by a quarter while room is being made, and as many answered connections may
+    linger), at least 16 and at most :data:`AUTO_MAX_CONNECTIONS`: 554 at the common
+    default of 1024 with 64 Redis connections, 42 at 256.
     """
-    room = (nofile - FD_RESERVE - redis_max_connections) * 4 // 5
+    room = (nofile - FD_RESERVE - redis_max_connections) * 2 // 3
     return max(16, min(AUTO_MAX_CONNECTIONS, room))
 
 
@@ -169,18 +171,21 @@ _EVICTED = _problem(408, "The request did not arrive in time and its connection 
 class ConnectionGuard:
     """What the protocol instances of one server share: limits, waiting connections, logs.
 
-    ``waiting`` and ``reading`` hold the connections that wait for a request's headers
-    (or idle, kept alive) and those that read a request body, each with the loop time
-    it entered that state, oldest first (dicts keep insertion order).
+    ``waiting`` holds the connections that wait for a request (nothing of it read yet, or
+    idle kept alive), ``partial`` those that have sent part of a request's headers, and
+    ``reading`` those that read a request body, each with the loop time it entered that
+    state, oldest first (dicts keep insertion order).
     """
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.waiting: dict[GatewayHttpProtocol, float] = {}
+        self.partial: dict[GatewayHttpProtocol, float] = {}
         self.reading: dict[GatewayHttpProtocol, float] = {}
-        self.slack = max(MIN_SLACK, limits.max_connections // 8)
+        self.slack = max(MIN_SLACK, limits.max_connections // 4)
         """How far the cap may be passed while room is made; also the most lingering."""
-        self.lingering = 0
+        self.lingering: dict[GatewayHttpProtocol, asyncio.Transport] = {}
+        """Answered connections that linger half-closed, oldest first (see LINGER_S)."""
         self._settling: TimerHandle | None = None
         self._logged_at: dict[str, float] = {}
         self._unlogged: dict[str, int] = {}
@@ -188,22 +193,22 @@ class ConnectionGuard:
     def admit(self, connections: set[Any], loop: asyncio.AbstractEventLoop) -> bool:
         """Whether a new connection may come in, making room first when needed.
 
-        Below the cap: yes. Up to the cap + :attr:`slack`: yes, and room is made
-        :data:`SETTLE_S` later (connections that sent their request by then are kept).
-        Beyond: yes if a connection can be closed now to make room, else no (503).
+        Below the cap: yes. At the cap: yes if a connection can be closed now to make
+        room (:meth:`victim`); else, up to the cap + :attr:`slack`, yes, and room is
+        made as soon as a connection can be closed (:data:`SETTLE_S` later); else no.
         """
         cap = self.limits.max_connections
         if len(connections) < cap:
+            return True
+        victim = self.victim(loop.time())
+        if victim is not None:
+            victim.evict()
             return True
         if len(connections) < cap + self.slack:
             if self._settling is None:
                 self._settling = loop.call_later(SETTLE_S, self._make_room, connections, loop)
             return True
-        victim = self.victim(loop.time())
-        if victim is None:
-            return False
-        victim.evict()
-        return True
+        return False
 
     def _make_room(self, connections: set[Any], loop: asyncio.AbstractEventLoop) -> None:
         """Close waiting or slow connections until back at the cap (retry while over)."""
@@ -236,7 +241,13 @@ class ConnectionGuard:
         )
 
     def victim(self, now: float) -> GatewayHttpProtocol | None:
-        """The connection to close to make room, or None (see the module doc)."""
+        """The connection to close to make room, or None: the oldest that has sent part
+        of its request's headers (a client whose request is all there is read at once),
+        else the oldest that waited :data:`SETTLE_S` for its request, else the oldest
+        body below the minimum rate (after SETTLE_S)."""
+        oldest = next(iter(self.partial), None)
+        if oldest is not None:
+            return oldest
         for protocol, since in self.waiting.items():
             if now - since >= SETTLE_S:
                 return protocol
@@ -351,7 +362,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-            self.guard.lingering -= 1
+            self.guard.lingering.pop(self, None)
         if self._refused:
             return
         self._stop()
@@ -368,10 +379,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def _answer_and_close(self, transport: asyncio.Transport, answer: bytes | None) -> None:
         """Write ``answer`` (if any) and close; answered connections linger half-closed
         for :data:`LINGER_S` (at most ``guard.slack`` at once), so the client reads the
-        answer before any reset that closing with its unread input would send."""
-        if answer is None or self.guard.lingering >= self.guard.slack:
-            if answer is not None:
-                transport.write(answer)
+        answer before any reset that closing with its unread input would send; when
+        that many linger, the oldest (which had the longest to read) is closed."""
+        if answer is None:
             transport.close()
             return
         transport.write(answer)
@@ -382,8 +392,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         except OSError:  # ConnectionError included: the client has gone already
             transport.close()
             return
-        self.guard.lingering += 1
-        self._linger = self.loop.call_later(LINGER_S, _unwrapped(transport).abort)
+        lingering = self.guard.lingering
+        while len(lingering) >= self.guard.slack:
+            oldest = next(iter(lingering))
+            lingering.pop(oldest).abort()  # its connection_lost follows
+        lingering[self] = _unwrapped(transport)
+        self._linger = self.loop.call_later(LINGER_S, lingering[self].abort)
 
     def handle_websocket_upgrade(self) -> None:
         self._stop()
@@ -398,6 +412,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         """The connection waits for a request (its headers)."""
         self._began = False
         self.guard.waiting.pop(self, None)
+        self.guard.partial.pop(self, None)
         self.guard.waiting[self] = self.loop.time()
         if start_header_deadline:
             self._start_header_deadline()
@@ -415,11 +430,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 timer.cancel()
         self._header_timer = self._body_timer = None
         self.guard.waiting.pop(self, None)
+        self.guard.partial.pop(self, None)
         self.guard.reading.pop(self, None)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._began = True
+        self.guard.waiting.pop(self, None)
+        self.guard.partial[self] = self.loop.time()
         self._start_header_deadline()  # a kept-alive connection's next request
 
     def on_headers_complete(self) -> None:

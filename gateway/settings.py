@@ -106,8 +106,8 @@ class Settings(BaseSettings):
         gt=0,
         description="Open client connections (HTTP and WebSocket) per process; beyond it the "
         "longest-waiting idle or slow connection is closed to make room, else the new one "
-        "gets 503. Unset: the open-file limit - 128 - GATEWAY_REDIS_MAX_CONNECTIONS "
-        "(at most 10000).",
+        "gets 503. Unset: 2/3 of (the open-file limit - 128 - GATEWAY_REDIS_MAX_CONNECTIONS), "
+        "at most 10000.",
     )
     keep_alive_timeout_s: int = Field(
         default=5,
