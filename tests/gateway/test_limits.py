@@ -227,3 +227,26 @@ def test_the_automatic_cap_leaves_room_for_other_files() -> None:
     assert auto_max_connections(256, 64) == 42
     assert auto_max_connections(100, 64) == 16
     assert auto_max_connections(1_048_576, 64) == 10_000
+
+
+async def test_an_http_client_that_never_reads_its_answers_is_cut_after_the_send_deadline() -> None:
+    async with served(send_timeout_s=1.0) as url:
+        before = await shed(url)
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        # 300 pipelined requests for the OpenAPI document (~40 kB each): megabytes of
+        # answers it never reads
+        writer.write(b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 300)
+        await until_shed(url, "send_timeout", before)
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            async with asyncio.timeout(LIMIT_S):
+                while True:
+                    await reader.readexactly(65536)
+        writer.close()
+        async with httpx.AsyncClient() as client:  # the server serves on
+            assert (await client.get(f"{url}/healthz")).status_code == 200
+        after = await shed(url)
+    assert after["send_timeout"] - before["send_timeout"] == 1
