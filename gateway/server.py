@@ -1,6 +1,6 @@
 """Connection limits of ``gateway serve``: read deadlines, a connection cap, send deadlines.
 
-uvicorn (0.30 to 0.55 at least) has no deadline for a request's headers or body, and
+uvicorn (0.55, checked in its source) has no deadline for a request's headers or body, and
 its ``limit_concurrency`` answers 503 only once a request's headers are in, so a client
 that never finishes them (slowloris) holds its connection, and its file descriptor,
 for ever; nor does it close a connection whose peer stops reading (a WebSocket send
@@ -37,6 +37,14 @@ protocols, made by :func:`uvicorn_options`:
   the peer broke the flow control every WebSocket client owes; not 1011, the server
   did not fail, nor 1013, the server is not overloaded); the app sees a disconnect
   with code 1008.
+
+The same WebSocket protocol carries Engine.IO (Voiceflow socket.io): engineio closes a
+peer that misses its pings (25 s + 20 s), but that close, too, waited for ever to flush
+to a peer that does not read; the send deadline ends it.
+
+The subclasses hook into uvicorn internals (HttpToolsProtocol's parser callbacks,
+``cycle``, ``pipeline``, ``connections``; WebSocketsSansIOProtocol's ``conn``,
+``queue``, ``close_sent``): after a uvicorn upgrade run tests/gateway/test_limits.py.
 
 HTTP answers are RFC 9457 problem bodies with ``Connection: close``. Each shed
 connection counts in ``gateway_connections_shed_total{reason}`` (``full``, ``evicted``,
