@@ -329,6 +329,15 @@ class _SendDeadline:
             self.on_expiry()
 
 
+def _end_linger(transport: asyncio.Transport) -> None:
+    """Close a lingering connection: gracefully when its answer is sent (its input was
+    read and dropped, so no reset), else (the client does not read) abort."""
+    if transport.get_write_buffer_size():
+        transport.abort()
+    else:
+        transport.close()
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the deadlines and the cap of the module doc.
 
@@ -402,10 +411,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return
         lingering = self.guard.lingering
         while len(lingering) >= self.guard.slack:
-            oldest = next(iter(lingering))
-            lingering.pop(oldest).abort()  # its connection_lost follows
+            _end_linger(lingering.pop(next(iter(lingering))))  # its connection_lost follows
         lingering[self] = _unwrapped(transport)
-        self._linger = self.loop.call_later(LINGER_S, lingering[self].abort)
+        self._linger = self.loop.call_later(LINGER_S, _end_linger, lingering[self])
 
     def handle_websocket_upgrade(self) -> None:
         self._stop()
