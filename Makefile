@@ -14,6 +14,7 @@ bench:
 	python3 bench/twilio_calls.py
 	python3 bench/speech_rtf.py
 	python3 bench/speech_latency.py
+	python3 bench/slowloris.py
 
 openapi:
 	gateway openapi --out openapi/openapi.json
