@@ -19,6 +19,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.frames import Frame, Opcode
 
+from adapters.voiceflow.protocol import PATH as VOICEFLOW_PATH
 from gateway.server import MIN_SLACK, SETTLE_S, auto_max_connections
 from tests.adapters.flowstorm_v1.helpers import (
     assert_serving,
@@ -27,6 +28,7 @@ from tests.adapters.flowstorm_v1.helpers import (
     request_frame,
     ws_url,
 )
+from tests.adapters.voiceflow.helpers import client as voiceflow_client
 from tests.conftest import served
 
 LIMIT_S = 15.0
@@ -250,3 +252,40 @@ async def test_an_http_client_that_never_reads_its_answers_is_cut_after_the_send
             assert (await client.get(f"{url}/healthz")).status_code == 200
         after = await shed(url)
     assert after["send_timeout"] - before["send_timeout"] == 1
+
+
+def raw_text_frame(text: str) -> bytes:
+    """One masked (client) WebSocket text frame holding ``text``."""
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=True)
+
+
+async def test_a_socketio_peer_that_never_reads_is_closed_after_the_send_deadline() -> None:
+    """Engine.IO over WebSocket (Voiceflow) goes through the same send deadline."""
+    async with served(send_timeout_s=1.0) as url:
+        before = await shed(url)
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(ws_handshake(f"{VOICEFLOW_PATH}/?EIO=4&transport=websocket"))
+        async with asyncio.timeout(LIMIT_S):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        start = {"userID": "u@example.org", "projectID": "p", "sessionKey": None}
+        writer.write(raw_text_frame("40"))  # socket.io connect
+        writer.write(raw_text_frame("42" + json.dumps(["client.start", start])))
+        writer.write(raw_text_frame('42["session.create",{}]'))
+        # text actions whose echoed traces (400 kB each) it never reads
+        action = json.dumps(["action.send", {"action": {"type": "text", "payload": "y" * 400_000}}])
+        for _ in range(30):
+            try:
+                writer.write(raw_text_frame("42" + action))
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(0.05)
+        await until_shed(url, "send_timeout", before)
+        writer.close()
+        async with voiceflow_client(url) as vf:  # other sessions are served
+            await vf.handshake()
+            assert await vf.say("hello") == ["You said: hello"]
