@@ -235,6 +235,7 @@ class GatewayProcess:
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop(signal.SIGKILL)  # not left running when it answers too late
                 raise RuntimeError(f"gateway on port {self.port} did not start")
             time.sleep(0.1)
 
