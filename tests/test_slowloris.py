@@ -2,8 +2,9 @@
 
 Hundreds of slow-header and slow-body connections (each reconnecting a moment after
 the server closed it, as slowloris tools do) for a few seconds, against a process
-whose automatic connection cap is 256 - 128 - 64 = 64; meanwhile real turns (V2
-text PUTs, V1 WebSocket turns) must all be served, every slow connection must be
+whose automatic connection cap is (256 - 128 - 64) x 2/3 = 42; meanwhile real turns
+(V2 text PUTs, V1 WebSocket turns) must all be served (a 503 may be retried once after
+its Retry-After), every slow connection must be
 closed within its deadline with a 408 or 503 problem answer, the sheds must be
 counted and logged, and the log must hold no error or traceback. Loopback only;
 deadlines lowered to 2 s.
@@ -172,9 +173,10 @@ async def test_slowloris_sheds_slow_connections_and_serves_real_turns(
     )
     await asyncio.gather(*attack)
 
-    # real turns: all served
+    # real turns: all served (a few after one prompt 503 and its Retry-After)
+    assert len(retried) <= (len(v2) + len(v1)) // 4, retried
+    assert all("too many open connections" in r for r in retried), retried
     assert len(v2) >= 10
-    print(v2, await metric(url, "gateway_connections_shed_total"))
     assert v2 == [f"200 < You said: turn {i}" for i in range(1, len(v2) + 1)]
     assert len(v1) >= 5
     assert all(t.startswith("You said: socket turn") for t in v1)
@@ -191,7 +193,6 @@ async def test_slowloris_sheds_slow_connections_and_serves_real_turns(
 
     shed = await metric(url, "gateway_connections_shed_total")
     assert shed['{reason="evicted"}'] > 0, shed
-    assert shed['{reason="header_timeout"}'] + shed['{reason="full"}'] >= 0
     assert sum(shed.values()) >= answered - 5, (shed, outcomes)
     # the slow ones are gone: back to (about) no open connections
     await asyncio.sleep(0.5)
