@@ -3,11 +3,10 @@
 Hundreds of slow-header and slow-body connections (each reconnecting a moment after
 the server closed it, as slowloris tools do) for a few seconds, against a process
 whose automatic connection cap is (256 - 128 - 64) x 2/3 = 42; meanwhile real turns
-(V2 text PUTs, V1 WebSocket turns) must all be served (a 503 may be retried once after
-its Retry-After), every slow connection must be
-closed within its deadline with a 408 or 503 problem answer, the sheds must be
-counted and logged, and the log must hold no error or traceback. Loopback only;
-deadlines lowered to 2 s.
+(V2 text PUTs, V1 WebSocket turns) must all be served (a 503 may be retried once
+after its Retry-After), every slow connection must be closed within its deadline with
+a 408 or 503 problem answer, the sheds must be counted and logged, and the log must
+hold no error or traceback. Loopback only; deadlines lowered to 2 s.
 """
 
 from __future__ import annotations
