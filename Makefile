@@ -16,6 +16,8 @@ bench:
 	python3 bench/speech_latency.py
 	python3 bench/stt_saturation.py
 	python3 bench/fuzz_parsers.py --workers 2
+	python3 bench/slowloris.py
+	python3 bench/turn_overhead.py
 
 openapi:
 	gateway openapi --out openapi/openapi.json

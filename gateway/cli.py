@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -27,12 +28,24 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         from gateway.app import create_app
+        from gateway.server import auto_max_connections, describe, open_file_limit, uvicorn_options
 
         settings = Settings()
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
         settings = settings.model_copy(update=overrides)
         level = (args.log_level or settings.log_level).lower()
         configure_logging(level, settings.log_format)
+        server_log = logging.getLogger("gateway.server")
+        server_log.info(describe(settings))
+        room = auto_max_connections(open_file_limit(), settings.redis_max_connections)
+        if settings.max_connections and settings.max_connections > room:
+            server_log.warning(
+                "GATEWAY_MAX_CONNECTIONS=%d is more than the open-file limit %d leaves (%d): "
+                "past that, connections fail unanswered; raise the limit (ulimit -n, nofile)",
+                settings.max_connections,
+                open_file_limit(),
+                room,
+            )
         uvicorn.run(
             create_app(settings),
             host=settings.host,
@@ -40,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             log_level=level,
             log_config=None,  # keep the handlers configure_logging set
             timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-            ws_max_size=max(settings.max_body_bytes, 65536),
+            # deadlines, connection cap, send deadline, ws_max_size (gateway/server.py)
+            **uvicorn_options(settings),
         )
         return 0
     if args.command == "openapi":

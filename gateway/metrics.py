@@ -11,6 +11,12 @@ Names and labels:
 - ``gateway_turns_in_flight``: turns running in this process.
 - ``gateway_sessions_started_total{channel}``, ``gateway_sessions_ended_total{channel}``.
 - ``gateway_connections{channel}``: open socket connections (V1, Twilio, socket.io).
+- ``gateway_open_connections``: open client connections of the server (HTTP and
+  WebSocket); ``gateway_max_connections``: their cap (GATEWAY_MAX_CONNECTIONS).
+- ``gateway_connections_shed_total{reason}``: connections refused or closed by the
+  server's limits (gateway/server.py): ``full`` (503 at the cap), ``evicted`` (closed
+  to make room), ``header_timeout``, ``body_timeout`` (408), ``send_timeout`` (the
+  peer did not read).
 - ``gateway_stt_seconds``: end of speech to final recognition result;
   ``gateway_tts_seconds``: synthesis and encoding of one file (cache misses);
   ``gateway_tts_queue_depth``: syntheses waiting in the TTS pool;
@@ -64,6 +70,18 @@ SESSIONS_ENDED = Counter(
 )
 CONNECTIONS = Gauge(
     "gateway_connections", "Open socket connections.", ["channel"], registry=REGISTRY
+)
+OPEN_CONNECTIONS = Gauge(
+    "gateway_open_connections", "Open client connections (HTTP and WebSocket).", registry=REGISTRY
+)
+MAX_CONNECTIONS = Gauge(
+    "gateway_max_connections", "Cap of open client connections.", registry=REGISTRY
+)
+CONNECTIONS_SHED = Counter(
+    "gateway_connections_shed",
+    "Connections refused or closed by the server's limits, by reason.",
+    ["reason"],
+    registry=REGISTRY,
 )
 STT_SECONDS = Histogram(
     "gateway_stt_seconds", "End of speech to final result (s).", buckets=_LATENCY, registry=REGISTRY

@@ -94,6 +94,44 @@ class Settings(BaseSettings):
         "requests and connections before closing them (running turns then get "
         "GATEWAY_TURN_TIMEOUT_S + 1 s more to save their sessions).",
     )
+    # Connection limits of `gateway serve` (gateway/server.py)
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request's headers must arrive within this time of the connection "
+        "(on a kept-alive connection: of the request's first byte); else 408 and close.",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A request body must arrive within this time of the headers, plus 1 s "
+        "per GATEWAY_BODY_MIN_RATE bytes received; else 408 (or, once answered, close).",
+    )
+    body_min_rate: int = Field(
+        default=500,
+        gt=0,
+        description="Bytes per second that extend a body's deadline by one second; a "
+        "body arriving at least this fast is never cut (streamed audio is 8-32 kB/s).",
+    )
+    send_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A connection whose send buffer stays full this long (the peer does "
+        "not read) is closed: WebSocket close 1008, HTTP aborted.",
+    )
+    max_connections: int | None = Field(
+        default=None,
+        gt=0,
+        description="Open client connections (HTTP and WebSocket) per process; beyond it the "
+        "longest-waiting idle or slow connection is closed to make room, else the new one "
+        "gets 503. Unset: 2/3 of (the open-file limit - 128 - GATEWAY_REDIS_MAX_CONNECTIONS), "
+        "at most 10000.",
+    )
+    keep_alive_timeout_s: int = Field(
+        default=5,
+        gt=0,
+        description="An idle kept-alive HTTP connection is closed after this time.",
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_format: Literal["text", "json"] = Field(
         default="text", description="`json` writes one JSON object per line."

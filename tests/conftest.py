@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from gateway.app import create_app
+from gateway.server import uvicorn_options
 from gateway.settings import Settings
 from gateway.speech.audio import Pcm
 from gateway.speech.stt import PocketsphinxRecognizer
@@ -139,12 +140,18 @@ async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any, *, ws_max_size: int = 16 * 1024 * 1024) -> AsyncIterator[str]:
-    """Serve an ASGI app with uvicorn on a free port in this event loop; yields its base URL."""
+async def serve(
+    app: Any, *, ws_max_size: int = 16 * 1024 * 1024, **options: Any
+) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on a free port in this event loop; yields its base URL.
+
+    ``options`` are more uvicorn.Config arguments.
+    """
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=ws_max_size)
+    options = {"ws_max_size": ws_max_size, **options}
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", **options)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -161,9 +168,10 @@ async def serve(app: Any, *, ws_max_size: int = 16 * 1024 * 1024) -> AsyncIterat
 
 @contextlib.asynccontextmanager
 async def gateway(settings: Settings | None = None, **overrides: Any) -> AsyncIterator[str]:
-    """A gateway app made with ``settings`` (defaults + ``overrides``), served on a free port."""
+    """A gateway app made with ``settings`` (defaults + ``overrides``), served on a free port
+    with the protocol classes and limits of ``gateway serve`` (gateway/server.py)."""
     settings = (settings or Settings()).model_copy(update=overrides)
-    async with serve(create_app(settings), ws_max_size=max(settings.max_body_bytes, 65536)) as url:
+    async with serve(create_app(settings), **uvicorn_options(settings)) as url:
         yield url
 
 
@@ -232,11 +240,28 @@ async def served(settings: Settings | None = None, **overrides: Any) -> AsyncIte
 class GatewayProcess:
     """A ``gateway serve`` child process (a real, separate gateway instance)."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        port: int | None = None,
+        *,
+        open_files: int | None = None,
+        stderr: Any = None,
+    ) -> None:
+        """``open_files``: the child's RLIMIT_NOFILE (soft and hard); ``stderr``: where its
+        log goes (a file; default this process's stderr)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
+        self.open_files = open_files
+        self.stderr = stderr
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _limit_open_files(self) -> None:
+        import resource
+
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def start(self) -> GatewayProcess:
         """Start the process and wait until /healthz answers (at most 20 s)."""
@@ -253,6 +278,8 @@ class GatewayProcess:
             ],
             env=self.env,
             cwd=ROOT,
+            stderr=self.stderr,
+            preexec_fn=self._limit_open_files if self.open_files else None,
         )
         deadline = time.monotonic() + 20
         while True:
@@ -262,6 +289,7 @@ class GatewayProcess:
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop(signal.SIGKILL)  # not left running when it answers too late
                 raise RuntimeError(f"gateway on port {self.port} did not start")
             time.sleep(0.1)
 

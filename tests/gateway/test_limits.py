@@ -1,0 +1,291 @@
+"""Connection limits of gateway/server.py on a served gateway: read deadlines, the cap,
+the send deadline. Raw sockets on loopback; deadlines lowered so each test takes seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.frames import Frame, Opcode
+
+from adapters.voiceflow.protocol import PATH as VOICEFLOW_PATH
+from gateway.server import MIN_SLACK, SETTLE_S, auto_max_connections
+from tests.adapters.flowstorm_v1.helpers import (
+    assert_serving,
+    init,
+    init_frame,
+    request_frame,
+    ws_url,
+)
+from tests.adapters.voiceflow.helpers import client as voiceflow_client
+from tests.conftest import served
+
+LIMIT_S = 15.0
+"""Safety net so a broken server fails a test instead of hanging it (not an assertion)."""
+
+
+async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw TCP connection to the server at ``url`` (http://127.0.0.1:PORT)."""
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def answer_of(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """Everything the server sends until it closes: status, headers, body."""
+    async with asyncio.timeout(LIMIT_S):
+        data = await reader.read()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, headers, body
+
+
+def assert_problem(status: int, headers: dict[str, str], body: bytes, expected: int) -> None:
+    """An RFC 9457 problem answer with ``expected`` status that closes the connection."""
+    assert status == expected, (status, body)
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"
+    problem = json.loads(body)
+    assert problem["status"] == expected
+    assert problem["detail"]
+
+
+async def shed(url: str) -> dict[str, float]:
+    """``gateway_connections_shed_total`` by reason, from the server's /metrics."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).text
+    found = re.findall(r'^gateway_connections_shed_total\{reason="(\w+)"\} (\S+)$', text, re.M)
+    return {reason: float(value) for reason, value in found}
+
+
+async def until_shed(url: str, reason: str, before: dict[str, float]) -> None:
+    """Wait (at most LIMIT_S) until the server shed a connection for ``reason``."""
+    deadline = time.monotonic() + LIMIT_S
+    while (await shed(url))[reason] == before[reason]:
+        assert time.monotonic() < deadline, f"no connection shed for {reason}"
+        await asyncio.sleep(0.2)
+
+
+PARTIAL = b"PUT /client?key=k&tts=None HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+
+
+async def test_headers_that_do_not_arrive_in_time_get_408(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "gateway.server")
+    async with served(header_timeout_s=0.5) as url:
+        before = await shed(url)
+        started = time.monotonic()
+        slow_reader, slow = await connect(url)
+        slow.write(PARTIAL)  # and never the blank line
+        mute_reader, mute = await connect(url)  # sends nothing at all
+        assert_problem(*await answer_of(slow_reader), 408)
+        assert_problem(*await answer_of(mute_reader), 408)
+        assert time.monotonic() - started >= 0.45
+        # a kept-alive connection: the next request's headers have the same deadline
+        reader, writer = await connect(url)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        async with asyncio.timeout(LIMIT_S):
+            first = await reader.readuntil(b'{"status":"ok"}')
+        assert first.startswith(b"HTTP/1.1 200")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert_problem(*await answer_of(reader), 408)
+        after = await shed(url)
+        for w in (slow, mute, writer):
+            w.close()
+    assert after["header_timeout"] - before["header_timeout"] == 3
+    assert any("reason=header_timeout" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_body_slower_than_the_minimum_rate_gets_408_and_a_fast_one_is_served() -> None:
+    async with served(body_timeout_s=0.5, body_min_rate=500) as url:
+        before = await shed(url)
+        reader, writer = await connect(url)
+        writer.write(PARTIAL + b"Content-Length: 100\r\n\r\nMy na")
+        status, headers, body = await answer_of(reader)
+        assert_problem(status, headers, body, 408)
+        writer.close()
+        # 60 kB in 1.5 s (40 kB/s) is far past 0.5 s but far above 500 B/s: served
+        reader, writer = await connect(url)
+        text = b"hello " * 10_000
+        writer.write(PARTIAL + b"Content-Length: %d\r\n\r\n" % len(text))
+        for i in range(0, len(text), 6_000):
+            writer.write(text[i : i + 6_000])
+            await asyncio.sleep(0.15)
+        async with asyncio.timeout(LIMIT_S):
+            answer = await reader.readuntil(b"\n")
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+        writer.close()
+        after = await shed(url)
+    assert after["body_timeout"] - before["body_timeout"] == 1
+
+
+async def test_at_the_cap_a_new_connection_gets_503_when_none_can_make_room() -> None:
+    async with served(max_connections=3) as url:
+        before = await shed(url)
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(3 + MIN_SLACK):  # the cap, passed as far as it may be: WebSockets,
+                # which are never closed to make room
+                ws = await stack.enter_async_context(ws_connect(ws_url(url)))
+                await init(ws)
+            reader, writer = await connect(url)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            status, headers, body = await answer_of(reader)
+            assert_problem(status, headers, body, 503)
+            assert headers["retry-after"] == "1"
+            writer.close()
+        await asyncio.sleep(0.2)
+        after = await shed(url)  # room again once they left
+    assert after["full"] - before["full"] == 1
+
+
+async def test_at_the_cap_the_longest_waiting_connection_makes_room() -> None:
+    async with served(max_connections=3, header_timeout_s=10) as url:
+        before = await shed(url)
+        slow = [await connect(url) for _ in range(3 + MIN_SLACK)]  # as far as the cap goes
+        for _, writer in slow:
+            writer.write(PARTIAL)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(SETTLE_S + 0.2)  # room is made by closing the oldest
+        async with httpx.AsyncClient() as client:
+            answer = await client.put(
+                f"{url}/client?key=k&tts=None",
+                content="hello",
+                headers={"Content-Type": "text/plain"},
+            )
+        assert answer.status_code == 200
+        assert "You said: hello" in answer.text
+        for reader, _ in slow[:MIN_SLACK]:  # the oldest went, back down to the cap
+            assert_problem(*await answer_of(reader), 408)
+        for _, w in slow:
+            w.close()
+        after = await shed(url)
+    assert after["evicted"] - before["evicted"] >= MIN_SLACK
+    assert after["full"] == before["full"]
+
+
+def ws_handshake(path: str) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+def text_frame(value: Any) -> bytes:
+    """One masked (client) WebSocket text frame holding ``value`` as JSON."""
+    return Frame(Opcode.TEXT, json.dumps(value).encode()).serialize(mask=True)
+
+
+async def test_a_websocket_peer_that_never_reads_is_closed_after_the_send_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "gateway.server")
+    async with served(send_timeout_s=1.0) as url:
+        before = await shed(url)
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills sooner
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(ws_handshake("/socket"))
+        async with asyncio.timeout(LIMIT_S):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        writer.write(text_frame(init_frame()))
+        # turns whose answers (echoes of 400 kB) it never reads: megabytes of output
+        text = "x" * 400_000
+        for _ in range(30):
+            try:
+                writer.write(text_frame(request_frame(text)))
+                await writer.drain()
+            except ConnectionError:
+                break  # already closed by the server
+            await asyncio.sleep(0.05)
+        await until_shed(url, "send_timeout", before)
+        # the server is gone from the socket: what it buffered, then EOF or a reset
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            async with asyncio.timeout(LIMIT_S):
+                while True:
+                    await reader.readexactly(65536)
+        writer.close()
+        await assert_serving(url)  # other sessions are served
+        after = await shed(url)
+    assert after["send_timeout"] - before["send_timeout"] == 1
+    assert any("reason=send_timeout" in r.getMessage() for r in caplog.records)
+
+
+def test_the_automatic_cap_leaves_room_for_other_files() -> None:
+    assert auto_max_connections(1024, 64) == 554
+    assert auto_max_connections(256, 64) == 42
+    assert auto_max_connections(100, 64) == 16
+    assert auto_max_connections(1_048_576, 64) == 10_000
+
+
+async def test_an_http_client_that_never_reads_its_answers_is_cut_after_the_send_deadline() -> None:
+    async with served(send_timeout_s=1.0) as url:
+        before = await shed(url)
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        # 300 pipelined requests for the OpenAPI document (~40 kB each): megabytes of
+        # answers it never reads
+        writer.write(b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 300)
+        await until_shed(url, "send_timeout", before)
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            async with asyncio.timeout(LIMIT_S):
+                while True:
+                    await reader.readexactly(65536)
+        writer.close()
+        async with httpx.AsyncClient() as client:  # the server serves on
+            assert (await client.get(f"{url}/healthz")).status_code == 200
+        after = await shed(url)
+    assert after["send_timeout"] - before["send_timeout"] == 1
+
+
+def raw_text_frame(text: str) -> bytes:
+    """One masked (client) WebSocket text frame holding ``text``."""
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=True)
+
+
+async def test_a_socketio_peer_that_never_reads_is_closed_after_the_send_deadline() -> None:
+    """Engine.IO over WebSocket (Voiceflow) goes through the same send deadline."""
+    async with served(send_timeout_s=1.0) as url:
+        before = await shed(url)
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(ws_handshake(f"{VOICEFLOW_PATH}/?EIO=4&transport=websocket"))
+        async with asyncio.timeout(LIMIT_S):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        start = {"userID": "u@example.org", "projectID": "p", "sessionKey": None}
+        writer.write(raw_text_frame("40"))  # socket.io connect
+        writer.write(raw_text_frame("42" + json.dumps(["client.start", start])))
+        writer.write(raw_text_frame('42["session.create",{}]'))
+        # text actions whose echoed traces (400 kB each) it never reads
+        action = json.dumps(["action.send", {"action": {"type": "text", "payload": "y" * 400_000}}])
+        for _ in range(30):
+            try:
+                writer.write(raw_text_frame("42" + action))
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(0.05)
+        await until_shed(url, "send_timeout", before)
+        writer.close()
+        async with voiceflow_client(url) as vf:  # other sessions are served
+            await vf.handshake()
+            assert await vf.say("hello") == ["You said: hello"]
