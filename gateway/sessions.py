@@ -416,13 +416,17 @@ class RedisSessionStore:
             except RedisError as exc:
                 if time.monotonic() - renewed >= lease_ms / 1000:
                     txn.lost = True
-                    log.warning("lost the lock of %s: renewal failed for a lease: %s", txn.key, exc)
+                    log.warning(
+                        "lost the lock of %s: renewal failed for a lease: %s", _ref(txn.key), exc
+                    )
                     return
-                log.warning("could not renew the lock of %s: %s", txn.key, exc)
+                log.warning("could not renew the lock of %s: %s", _ref(txn.key), exc)
             else:
                 if not ok:
                     txn.lost = True
-                    log.warning("the lock of %s was lost before its transaction ended", txn.key)
+                    log.warning(
+                        "the lock of %s was lost before its transaction ended", _ref(txn.key)
+                    )
                     return
                 renewed = sent
             await asyncio.sleep(period)
@@ -443,7 +447,7 @@ class RedisSessionStore:
         except RedisError as exc:
             if applied:
                 raise StoreUnavailable(f"Redis: {exc}") from exc
-            log.warning("could not release lock of %s: %s", txn.key, exc)
+            log.warning("could not release lock of %s: %s", _ref(txn.key), exc)
             return
         if applied and txn.outcome != "keep" and (txn.lost or not ok):
             raise LockLost(f"lock of session {txn.key} expired before its {txn.outcome}")
@@ -463,6 +467,13 @@ class RedisSessionStore:
 
     async def aclose(self) -> None:
         await redisconn.aclose(self._redis)
+
+
+def _ref(key: str) -> str:
+    """How logs name the session ``key`` (its id is a credential: never logged)."""
+    from gateway.logs import session_ref  # gateway.logs imports this module's users
+
+    return session_ref(key)
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
