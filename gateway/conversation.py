@@ -38,6 +38,7 @@ that leaves the stream cancels the syntheses it would have waited for.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -173,22 +174,51 @@ class _PendingAudio:
     channel: str
 
 
-class _TurnQueue(asyncio.Queue[object]):
-    """The events of one turn: counts what was handed out (``sent``), knows whether
-    audio is pending (``audio``) and is ``closed`` once its consumer has gone."""
+class _TurnQueue:
+    """The events of one turn, in order, for one consumer: counts what was handed out
+    (``sent``), knows whether audio is pending (``audio``) and is ``closed`` once its
+    consumer has gone.
 
-    closed = False
+    A deque and at most one waiting future: an ``asyncio.Queue`` (its Event, its
+    waiter deques, its unfinished-task count) cost more than the rest of a demo turn.
+    """
+
+    __slots__ = ("_items", "_waiter", "audio", "closed", "sent")
 
     def __init__(self) -> None:
-        super().__init__()
+        self._items: collections.deque[object] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.sent = 0
         self.audio = False
+        self.closed = False
 
     def put_nowait(self, item: object) -> None:
+        """Append ``item`` and wake the consumer."""
         self.sent += 1
         if isinstance(item, _PendingAudio):
             self.audio = True
-        super().put_nowait(item)
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> object:
+        """The next item, waiting for it."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def get_nowait(self) -> object:
+        """The next item; raises IndexError when there is none."""
+        return self._items.popleft()
+
+    def empty(self) -> bool:
+        """Whether no item is waiting."""
+        return not self._items
 
 
 class TurnStream:
@@ -199,7 +229,7 @@ class TurnStream:
     but syntheses of audio nobody will receive are cancelled.
     """
 
-    def __init__(self, queue: asyncio.Queue[object], task: asyncio.Task[None]) -> None:
+    def __init__(self, queue: _TurnQueue, task: asyncio.Task[None]) -> None:
         self._queue = queue
         self.task = task
 
@@ -244,8 +274,7 @@ class TurnStream:
 
     def _close(self) -> None:
         """Cancel the syntheses still queued for this (gone) consumer."""
-        if isinstance(self._queue, _TurnQueue):
-            self._queue.closed = True
+        self._queue.closed = True
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if isinstance(item, _PendingAudio):
@@ -262,7 +291,7 @@ class TurnStream:
         (Content-Length) instead of a chunked stream. Raises TurnRejected like
         iteration does when the turn was rejected and this is its first step.
         """
-        if not self.task.done() or getattr(self._queue, "audio", False):
+        if not self.task.done() or self._queue.audio:
             return None  # running, or audio still to synthesize: iterate instead
         events: list[TurnEvent] = []
         while True:
@@ -403,7 +432,7 @@ class Conversation:
         )
 
     async def _turn(
-        self, ctx: TurnContext, input: Input, out: asyncio.Queue[object], outcome: _Outcome
+        self, ctx: TurnContext, input: Input, out: _TurnQueue, outcome: _Outcome
     ) -> None:
         settings = self.settings
         async with self.store.open(
@@ -483,7 +512,7 @@ class Conversation:
         session: Session,
         snapshot: str,
         input: Input,
-        out: asyncio.Queue[object],
+        out: _TurnQueue,
         tts: TtsRequest | None,
     ) -> tuple[Session, Response] | ErrorEvent:
         """Run the pipeline on ``session``: the session and Response, or an ErrorEvent.
@@ -513,7 +542,7 @@ class Conversation:
         self,
         session: Session,
         input: Input,
-        out: asyncio.Queue[object],
+        out: _TurnQueue,
         tts: TtsRequest | None,
     ) -> tuple[Session, Response]:
         items: list[ResponseItem] = []
@@ -542,7 +571,7 @@ class Conversation:
         return session, response
 
     async def _emit(
-        self, item: ResponseItem, out: asyncio.Queue[object], tts: TtsRequest | None, channel: str
+        self, item: ResponseItem, out: _TurnQueue, tts: TtsRequest | None, channel: str
     ) -> ResponseItem:
         """Hand out one item (with its speech when asked for); the item as sent.
 
@@ -561,7 +590,7 @@ class Conversation:
             out.put_nowait(ResponseItemEvent(response_item=item))
             return item
         out.put_nowait(ResponseItemEvent(response_item=item))
-        if speech.spec(item, tts.file_type) is not None and not getattr(out, "closed", False):
+        if speech.spec(item, tts.file_type) is not None and not out.closed:
             task = asyncio.create_task(speech.audio(item, tts.file_type), name="turn audio")
             out.put_nowait(_PendingAudio(task, channel))
         return item

@@ -98,6 +98,8 @@ _CREDENTIAL = re.compile(r"(?i)([?&;](?:" + "|".join(CREDENTIAL_PARAMETERS) + r"
 
 def redact_query(text: str) -> str:
     """``text`` with the values of credential query parameters replaced by ``***``."""
+    if "=" not in text:  # no parameter at all (most arguments of an access line)
+        return text
     return _CREDENTIAL.sub(r"\1***", text)
 
 

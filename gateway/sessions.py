@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import secrets
 import time
@@ -200,6 +201,9 @@ class MemorySessionStore:
         self._clock = clock
         self._sweep_every = sweep_every
         self._writes = 0
+        # (expiry, key) of every write, earliest first; entries a later write or a
+        # delete made stale are skipped when they come up (and dropped on rebuild)
+        self._expiries: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._data)
@@ -224,6 +228,7 @@ class MemorySessionStore:
                 self._evicted(1)
         self._data[key] = (expires, data)
         self._data.move_to_end(key)
+        heapq.heappush(self._expiries, (expires, key))
 
     def _evicted(self, count: int) -> None:
         self.evicted += count
@@ -240,9 +245,18 @@ class MemorySessionStore:
             self._evicted_unreported = 0
 
     def _sweep(self) -> None:
+        """Drop expired sessions: pops the expiry heap up to now (O(expired log n)), so
+        a sweep costs what it removes, not the number of sessions."""
         now = self._clock()
-        for key in [k for k, (exp, _) in self._data.items() if exp <= now]:
-            del self._data[key]
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            expires, key = heapq.heappop(expiries)
+            entry = self._data.get(key)
+            if entry is not None and entry[0] == expires:
+                del self._data[key]
+        if len(expiries) > 2 * len(self._data) + 1024:  # mostly stale: rebuild
+            self._expiries = [(exp, key) for key, (exp, _) in self._data.items()]
+            heapq.heapify(self._expiries)
 
     @asynccontextmanager
     async def open(self, key: str, *, lease_s: float, wait_s: float) -> AsyncIterator[SessionTxn]:
