@@ -21,7 +21,9 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import free_port, serve, served
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.conftest import free_port, serve, served, served_app
 from tests.gateway.core_app import make_core
 
 KEY = "hostile-test"
@@ -298,3 +300,66 @@ async def test_a_wrong_method_lists_every_method_of_the_path() -> None:
             assert answer.headers["allow"] == "GET, PUT"
         health = await client.post("/healthz")
         assert health.headers["allow"] == "GET"
+
+
+async def test_pool_exhausted_mid_turn_ends_the_streaming_answer_with_the_error(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The issue's pool-exhaustion case: the store's pool has no connection for the
+    turn's save (here: its only connection is taken while the core streams), so the
+    save fails after items went out; the answer still ends with V2's error line, and
+    the session's lock frees itself within one lease."""
+    async with held_core() as (core_url, release):
+        settings = Settings(
+            redis_url=redis_url,
+            redis_prefix=redis_prefix,
+            redis_max_connections=1,
+            pipeline=f"{core_url}/stream",
+            turn_timeout_s=20,
+        )
+        app = create_app(settings)
+        async with (
+            served_app(app) as url,
+            httpx.AsyncClient(base_url=url, timeout=30) as client,
+        ):
+            lines: list[str] = []
+            seen = asyncio.Event()
+
+            async def turn() -> tuple[int, str]:
+                async with client.stream(
+                    "PUT", "/client?key=k&tts=None", headers=TEXT, content="hello"
+                ) as answer:
+                    async for line in answer.aiter_lines():  # raises on a cut-off body
+                        lines.append(line)
+                        seen.set()
+                    return answer.status_code, answer.cookies[COOKIE]
+
+            running = asyncio.create_task(turn())
+            async with asyncio.timeout(20):
+                await seen.wait()  # the first item is out, the core holds the rest
+            pool = app.state.gateway.store.redis.connection_pool
+            taken = await pool.get_connection()  # the pool's only connection
+            try:
+                release.set()
+                status, session = await running  # the save waits 5 s for a connection
+            finally:
+                await pool.release(taken)
+            assert status == 200
+            assert lines == [
+                "< first",
+                "< second",
+                "! gateway: The session store is unavailable: this turn was not saved.",
+            ]
+            # the turn that would have created the session was not saved, and the failed
+            # release left its lock to the lease: the session's next turn waits at most
+            # that long, then finds no session (404), as the error line said
+            started = time.monotonic()
+            again = await call(
+                client, "PUT", "/client?key=k&tts=None", session, headers=TEXT, content="more"
+            )
+            waited = time.monotonic() - started
+            assert again.status_code == 404, again.text
+            assert waited < settings.lock_lease_s + 2
+            # other sessions are served as usual (the pool has its connection back)
+            fresh = await call(client, "PUT", "/client?key=k&tts=None", headers=TEXT, content="hi")
+            assert fresh.status_code == 200
