@@ -217,13 +217,19 @@ def no_server_errors() -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def served_app(app: Any, *, ws_max_size: int = 16 * 1024 * 1024) -> AsyncIterator[str]:
+async def served_app(
+    app: Any, settings: Settings | None = None, **options: Any
+) -> AsyncIterator[str]:
     """:func:`serve` ``app``, failing the test if the server logged an ERROR.
 
-    An unhandled exception in the app shows as an ERROR record of uvicorn.error (or
-    asyncio, or our own loggers). Yields the base URL (``http://127.0.0.1:PORT``).
+    It is served as ``gateway serve`` serves it (gateway/server.py's protocol classes
+    and limits of ``settings``, the defaults when omitted), plus ``options`` (more
+    uvicorn.Config arguments). An unhandled exception in the app shows as an ERROR
+    record of uvicorn.error (or asyncio, or our own loggers). Yields the base URL
+    (``http://127.0.0.1:PORT``).
     """
-    async with serve(app, ws_max_size=ws_max_size) as url:
+    settings = settings or Settings()
+    async with serve(app, **{**uvicorn_options(settings), **options}) as url:
         with no_server_errors():
             yield url
 
@@ -232,8 +238,7 @@ async def served_app(app: Any, *, ws_max_size: int = 16 * 1024 * 1024) -> AsyncI
 async def served(settings: Settings | None = None, **overrides: Any) -> AsyncIterator[str]:
     """:func:`gateway` (same arguments), failing the test if the server logged an ERROR."""
     settings = (settings or Settings()).model_copy(update=overrides)
-    app = create_app(settings)
-    async with served_app(app, ws_max_size=max(settings.max_body_bytes, 65536)) as url:
+    async with served_app(create_app(settings), settings) as url:
         yield url
 
 

@@ -319,7 +319,7 @@ async def test_pool_exhausted_mid_turn_ends_the_streaming_answer_with_the_error(
         )
         app = create_app(settings)
         async with (
-            served_app(app) as url,
+            served_app(app, settings) as url,
             httpx.AsyncClient(base_url=url, timeout=30) as client,
         ):
             lines: list[str] = []
