@@ -11,10 +11,11 @@ answered in the protocol's own form; :class:`LocalProtocolError` is ours (a stat
 the code should never reach, an action asked of a protocol object in the wrong
 state) and is not caught as the peer's, so it surfaces as a server error.
 
-A ``protocol.py`` imports only the standard library, the core event models
-(gateway/events.py), this module and the pure value modules gateway/turn.py,
-gateway/speech/types.py, gateway/speech/audio.py and gateway/ssml.py, never the
-turn engine, speech service or stores (tests/test_protocol_purity.py).
+A ``protocol.py`` imports only the standard library, pydantic, the core event
+models (gateway/events.py), this module and the pure modules gateway/turn.py,
+gateway/speech/types.py, gateway/speech/audio.py, gateway/speech/vad.py and
+gateway/ssml.py, never the turn engine, speech service or stores, not even for
+type hints (tests/test_protocol_purity.py).
 
 Every JSON a client sends (a V1 frame, a V2 body event, a Twilio frame, an
 Alexa/Google/Dialogflow body, a socket.io packet) is parsed by :func:`load_json`,
