@@ -41,10 +41,9 @@ import asyncio
 import collections
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from redis.exceptions import RedisError
 
@@ -76,73 +75,16 @@ from gateway.sessions import (
 from gateway.settings import Settings
 from gateway.speech.tts import SynthesisError
 from gateway.speech.tts_pool import TtsOverloaded
+from gateway.speech.types import TtsRequest
+from gateway.turn import RejectReason as RejectReason  # defined there: protocols import them
+from gateway.turn import TurnContext as TurnContext
+from gateway.turn import TurnRejected as TurnRejected
+from gateway.turn import new_session_id as new_session_id
 
 if TYPE_CHECKING:
-    from gateway.speech.service import SpeechService, TtsRequest
+    from gateway.speech.service import SpeechService
 
 log = logging.getLogger(__name__)
-
-RejectReason = Literal["session-not-found", "session-foreign", "session-busy", "store-unavailable"]
-
-
-class TurnRejected(Exception):
-    """The turn could not start; raised by the first ``anext`` of a turn's events.
-
-    ``reason`` is one of ``session-not-found`` (the session is unknown or has
-    expired and the adapter did not allow creating it), ``session-foreign`` (it
-    belongs to another application key), ``session-busy`` (another turn held
-    its lock for longer than GATEWAY_LOCK_WAIT_S) and ``store-unavailable``.
-    Adapters answer it in their protocol's form (for example HTTP 404 / 403 /
-    409 / 503 with an ErrorEvent of source ``session`` or ``gateway``).
-    """
-
-    def __init__(self, reason: RejectReason, text: str) -> None:
-        super().__init__(text)
-        self.reason: RejectReason = reason
-        self.text = text
-
-    @property
-    def source(self) -> str:
-        """The ErrorEvent source for this rejection."""
-        return "gateway" if self.reason == "store-unavailable" else "session"
-
-
-@dataclass(frozen=True)
-class TurnContext:
-    """What an adapter knows about the client when it starts a turn.
-
-    The session key is ``namespace:session_id`` (namespace defaults to the
-    channel), so ids proposed by clients of one channel cannot reach sessions
-    of another. ``create`` allows a turn to start an unknown session. ``config``
-    is the client's channel configuration, stored with the session;
-    ``attributes`` are client attributes merged into the session's; ``logs``
-    are client log entries to store with it. ``tts`` asks for each item's speech:
-    an audio link in the item, or the encoded audio as a BinaryEvent after it.
-    """
-
-    channel: str
-    session_id: str
-    app_key: str
-    namespace: str | None = None
-    device_id: str | None = None
-    locale: str | None = None
-    time_zone: str | None = None
-    create: bool = True
-    config: Mapping[str, Any] = field(default_factory=dict)
-    attributes: Mapping[str, Any] = field(default_factory=dict)
-    logs: Sequence[LogEntry] = ()
-    tts: TtsRequest | None = None
-
-    @property
-    def key(self) -> str:
-        """The store key of the session."""
-        return f"{self.namespace or self.channel}:{self.session_id}"
-
-
-def new_session_id() -> str:
-    """A fresh, unguessable session id (UUID4 text)."""
-    return str(uuid.uuid4())
-
 
 _END = object()
 

@@ -1,9 +1,21 @@
-"""What every adapter's sans-I/O protocol code shares: the one ProtocolError, the one
+"""What every adapter's sans-I/O protocol code shares: the protocol errors, the one
 JSON loader, and the checks of dates and time zones a client sends.
 
 Each protocol keeps its state machine as a table (state, message) -> next state
 in its own ``protocol.py`` (the style of h11's ``_state.py``); a message the table
 does not allow raises ProtocolError naming what was expected and what came.
+
+Errors, as in h11's ``_util.py``: :class:`RemoteProtocolError` (alias
+:data:`ProtocolError`, the name protocol code raises) is the peer's mistake and is
+answered in the protocol's own form; :class:`LocalProtocolError` is ours (a state
+the code should never reach, an action asked of a protocol object in the wrong
+state) and is not caught as the peer's, so it surfaces as a server error.
+
+A ``protocol.py`` imports only the standard library, pydantic, the core event
+models (gateway/events.py), this module and the pure modules gateway/turn.py,
+gateway/speech/types.py, gateway/speech/audio.py, gateway/speech/vad.py and
+gateway/ssml.py, never the turn engine, speech service or stores, not even for
+type hints (tests/test_protocol_purity.py).
 
 Every JSON a client sends (a V1 frame, a V2 body event, a Twilio frame, an
 Alexa/Google/Dialogflow body, a socket.io packet) is parsed by :func:`load_json`,
@@ -30,12 +42,20 @@ from pydantic import TypeAdapter, ValidationError
 T = TypeVar("T")
 
 
-class ProtocolError(Exception):
-    """A client broke its protocol: malformed, unknown, out of order or oversized input.
+def _naming(text: str, expected: str | None, got: str | None) -> str:
+    """``text``, followed by what the state machine expected and what came when both are known."""
+    if expected is not None and got is not None:
+        return f"{text}: expected {expected}, got {got}"
+    return text
 
-    ``text`` is a message fit for the client; ``expected``/``got`` name the
-    state machine's expectation when the message came out of order; ``status``
-    is the HTTP status an HTTP-based protocol answers with (400 unless said).
+
+class RemoteProtocolError(Exception):
+    """The peer broke its protocol: malformed, unknown, out of order or oversized input.
+
+    Raised under its alias :data:`ProtocolError`. ``text`` is a message fit for the
+    client; ``expected``/``got`` name the state machine's expectation when the
+    message came out of order; ``status`` is the HTTP status an HTTP-based protocol
+    answers with (400 unless said).
     """
 
     def __init__(
@@ -46,13 +66,33 @@ class ProtocolError(Exception):
         got: str | None = None,
         status: int = 400,
     ) -> None:
-        if expected is not None and got is not None:
-            text = f"{text}: expected {expected}, got {got}"
+        text = _naming(text, expected, got)
         super().__init__(text)
         self.text = text
         self.expected = expected
         self.got = got
         self.status = status
+
+
+ProtocolError = RemoteProtocolError
+"""The name protocol code raises and routes catch for the peer's mistakes."""
+
+
+class LocalProtocolError(Exception):
+    """We broke the protocol: our own bug, or a state the protocol object should not reach.
+
+    For example an action asked of a connection in a state its table does not
+    allow. Not a :class:`RemoteProtocolError`: handlers that answer the peer's
+    mistakes do not catch it, so it surfaces as a server error (HTTP 500, WebSocket
+    close 1011) and is logged. ``expected``/``got`` as for RemoteProtocolError.
+    """
+
+    def __init__(self, text: str, *, expected: str | None = None, got: str | None = None) -> None:
+        text = _naming(text, expected, got)
+        super().__init__(text)
+        self.text = text
+        self.expected = expected
+        self.got = got
 
 
 def validate_event(adapter: TypeAdapter[T], value: object, *, expected: str, what: str) -> T:

@@ -52,7 +52,7 @@ from gateway.events import (
     Wire,
 )
 from gateway.protocol import ProtocolError, load_json
-from gateway.voice import display_text, speech_ssml
+from gateway.ssml import display_text, speech_ssml
 
 NAMESPACE = "alexa"
 """Session-key namespace of Alexa sessions (ids are Alexa's ``session.sessionId``)."""

@@ -112,7 +112,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-from gateway.conversation import TurnContext, TurnRejected, new_session_id
 from gateway.events import (
     SILENCE,
     V1_CLIENT_EVENT,
@@ -137,11 +136,9 @@ from gateway.events import (
     V1ClientEvent,
 )
 from gateway.protocol import ProtocolError, load_json, validate_event
-from gateway.speech.admission import SpeechBusy
 from gateway.speech.audio import AudioFormat, AudioFormatError
-from gateway.speech.listener import Heard
-from gateway.speech.service import TtsRequest
-from gateway.speech.tts_cache import TtsFileFormat
+from gateway.speech.types import Heard, SpeechBusy, TtsFileFormat, TtsRequest
+from gateway.turn import TurnContext, TurnRejected, new_session_id
 
 CHANNEL = "flowstorm_v1"
 NAMESPACE = "flowstorm"

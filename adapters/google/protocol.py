@@ -51,7 +51,7 @@ from pydantic.alias_generators import to_camel
 from gateway.events import FALLBACK, INTRO, SILENCE, Input, InputClass, ResponseItem, Wire
 from gateway.protocol import ProtocolError
 from gateway.protocol import load_json as load_any_json
-from gateway.voice import display_text, speech_ssml
+from gateway.ssml import display_text, speech_ssml
 
 GOOGLE_NAMESPACE = "google"
 """Session-key namespace of /google sessions (v3 session.id, v2 conversationId)."""

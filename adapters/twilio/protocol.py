@@ -75,7 +75,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic.alias_generators import to_camel
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse  # type: ignore[import-untyped]
 
-from gateway.conversation import TurnContext, TurnRejected
 from gateway.events import (
     FALLBACK,
     INTRO,
@@ -88,8 +87,9 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError, load_json
 from gateway.speech.audio import frames, mulaw_to_pcm
-from gateway.speech.service import TtsRequest
+from gateway.speech.types import TtsRequest
 from gateway.speech.vad import Endpointer
+from gateway.turn import TurnContext, TurnRejected
 
 CHANNEL: Final = "twilio"
 NAMESPACE: Final = "twilio"

@@ -105,7 +105,6 @@ from typing import Any, Literal, TypeVar
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.conversation import TurnContext, TurnRejected, new_session_id
 from gateway.events import (
     INTRO,
     SILENCE,
@@ -118,8 +117,8 @@ from gateway.events import (
     TurnEvent,
 )
 from gateway.protocol import ProtocolError, check_time_zone, load_json
-from gateway.speech.service import TtsRequest
-from gateway.speech.tts_cache import TtsFileFormat
+from gateway.speech.types import TtsFileFormat, TtsRequest
+from gateway.turn import TurnContext, TurnRejected, new_session_id
 
 CHANNEL = "voiceflow"
 NAMESPACE = "voiceflow"

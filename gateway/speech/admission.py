@@ -18,31 +18,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Literal
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from gateway.speech.types import BusyReason, SpeechBusy  # defined there: protocols import them
+
 __all__ = ["AdmissionGate", "BusyReason", "SpeechBusy"]
-
-BusyReason = Literal["queue-full", "wait-timeout"]
-
-
-class SpeechBusy(Exception):
-    """A speech engine's pool and wait queue are full: the request is refused, not queued.
-
-    Attributes:
-        source: the ErrorEvent source to report, ``stt`` or ``tts``.
-        reason: ``queue-full`` (refused at once) or ``wait-timeout`` (waited in vain).
-        retry_after_s: whole seconds after which trying again is reasonable (HTTP
-            ``Retry-After``); at least 1.
-    """
-
-    def __init__(self, source: str, reason: BusyReason, retry_after_s: int, text: str) -> None:
-        super().__init__(text)
-        self.source = source
-        self.reason: BusyReason = reason
-        self.retry_after_s = retry_after_s
-        self.text = text
 
 
 class AdmissionGate:

@@ -18,24 +18,13 @@ out (wall clock), by calling :meth:`Listener.finish`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from gateway import metrics
 from gateway.speech.audio import AudioFormat, AudioFormatError, mulaw_to_pcm
 from gateway.speech.stt import RecognitionStream, Recognizer
+from gateway.speech.types import Heard as Heard  # defined there: protocols import it
+from gateway.speech.types import HeardKind as HeardKind
 from gateway.speech.vad import Endpointer
-
-HeardKind = Literal["speech_started", "interim", "final", "silence"]
-
-
-@dataclass(frozen=True, slots=True)
-class Heard:
-    """One listening event; ``at_ms`` is audio time since the stream started."""
-
-    kind: HeardKind
-    text: str = ""
-    confidence: float = 0.0
-    at_ms: int = 0
 
 
 class AudioLimitExceeded(AudioFormatError):

@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 from redis.exceptions import RedisError
 
@@ -29,24 +27,10 @@ from gateway.speech.stt import Recognizer
 from gateway.speech.tts import SynthesisError, Synthesizer
 from gateway.speech.tts_cache import TtsCache, TtsFileFormat, TtsSpec, spec_id
 from gateway.speech.tts_pool import TtsOverloaded, TtsPool
+from gateway.speech.types import TtsMode as TtsMode  # defined there: protocols import them
+from gateway.speech.types import TtsRequest as TtsRequest
 
 log = logging.getLogger(__name__)
-
-TtsMode = Literal["links", "audio"]
-
-
-@dataclass(frozen=True, slots=True)
-class TtsRequest:
-    """What a channel wants of each response item's speech.
-
-    ``links``: the item's ``audio`` is set to an absolute URL of the synthesized file
-    (Flowstorm ``tts=RequiredLinks``, V2). ``audio``: the encoded audio itself follows
-    the item as a BinaryEvent (Flowstorm ``RequiredStreaming``, phone calls).
-    ``file_type`` is ``mp3``, ``wav`` or ``mulaw`` (headerless 8 kHz G.711).
-    """
-
-    mode: TtsMode = "links"
-    file_type: TtsFileFormat = "mp3"
 
 
 def speakable(item: ResponseItem) -> str | None:

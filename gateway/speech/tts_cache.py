@@ -28,13 +28,14 @@ import json
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol, TypeAlias, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 import lameenc  # type: ignore[import-not-found]  # C extension without stubs
 
 from gateway.redisconn import RedisClient
 from gateway.speech.audio import Pcm, Resampler, encode_mp3, encode_wav, pcm_to_mulaw, resample
 from gateway.speech.tts import Synthesizer, synthesize_pieces
+from gateway.speech.types import TtsFileFormat  # defined there: protocols import it
 
 __all__ = [
     "MEDIA_TYPES",
@@ -52,7 +53,6 @@ __all__ = [
     "tts_id",
 ]
 
-TtsFileFormat: TypeAlias = Literal["mp3", "wav", "mulaw"]
 
 MEDIA_TYPES: Final[dict[str, str]] = {
     "mp3": "audio/mpeg",

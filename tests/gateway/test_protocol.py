@@ -14,7 +14,9 @@ import pytest
 from gateway.protocol import (
     MAX_JSON_DEPTH,
     MAX_NUMBER_CHARS,
+    LocalProtocolError,
     ProtocolError,
+    RemoteProtocolError,
     check_time_zone,
     json_depth,
     load_json,
@@ -140,3 +142,25 @@ def test_time_zones_are_keys_of_the_database_not_paths() -> None:
     ):
         with pytest.raises(ProtocolError, match="unknown IANA time zone"):
             check_time_zone(name, what="userTimezone")
+
+
+def test_remote_and_local_protocol_errors_are_apart() -> None:
+    """ProtocolError is the peer's mistake (RemoteProtocolError); LocalProtocolError is ours
+    and is not caught by the handlers that answer the peer."""
+    assert ProtocolError is RemoteProtocolError
+    remote = ProtocolError("Unknown event type", expected="Init", got="'Input'", status=409)
+    assert isinstance(remote, RemoteProtocolError)
+    assert (remote.text, remote.status) == ("Unknown event type: expected Init, got 'Input'", 409)
+    assert str(remote) == remote.text
+    local = LocalProtocolError("send() in state", expected="OPEN", got="CLOSED")
+    assert (local.text, local.expected, local.got) == (
+        "send() in state: expected OPEN, got CLOSED",
+        "OPEN",
+        "CLOSED",
+    )
+    assert not isinstance(local, RemoteProtocolError)
+    with pytest.raises(LocalProtocolError):  # passes through a handler of the peer's errors
+        try:
+            raise local
+        except ProtocolError:
+            pytest.fail("a LocalProtocolError was taken for the peer's mistake")

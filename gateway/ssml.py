@@ -1,0 +1,170 @@
+"""Speech and display text for voice assistants: SSML within a budget, text cut sensibly.
+
+Pure (standard library and the core event models), so the Alexa and Google
+protocols use it without loading the turn engine (DESIGN.md, "Rules of the house"):
+
+- :func:`speech_ssml` turns a Response's items into one ``<speak>`` document (SSML
+  when an item has it, its text escaped otherwise, https audio links as
+  ``<audio src>``) within a character budget, kept well-formed;
+- :func:`display_text` gives their text for a screen or card;
+- both cut at a sentence or word boundary with :func:`truncate_text`.
+
+:mod:`gateway.voice` (the voice turn runner) re-exports these names.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from xml.sax.saxutils import escape, quoteattr
+
+from gateway.events import ResponseItem
+
+__all__ = [
+    "ELLIPSIS",
+    "display_text",
+    "item_ssml",
+    "speech_ssml",
+    "ssml_to_text",
+    "truncate_text",
+]
+
+ELLIPSIS = "…"
+"""Appended where text was cut at a word boundary."""
+
+_SPEAK_OPEN = "<speak>"
+_SPEAK_CLOSE = "</speak>"
+
+
+# ---------------------------------------------------------------- truncation
+
+_SENTENCE_END = re.compile(r"[.!?…。！？](?:[\"')\]]*)(?=\s)")
+
+
+def truncate_text(text: str, max_chars: int) -> str:
+    """``text`` cut to at most ``max_chars`` characters at a sensible boundary.
+
+    Text that fits is returned unchanged. Otherwise the cut is at the last
+    sentence end (``.``, ``!``, ``?``...) when that keeps at least half of the
+    budget, else at the last word boundary followed by ``…``, else (one huge
+    word) a hard cut followed by ``…``. Returns ``""`` for a budget under 1.
+    """
+    if len(text) <= max_chars:
+        return text
+    if max_chars < 1:
+        return ""
+    window = text[: max_chars + 1]
+    ends = [m.end() for m in _SENTENCE_END.finditer(window) if m.end() <= max_chars]
+    if ends and ends[-1] >= max_chars // 2:
+        return text[: ends[-1]].rstrip()
+    room = max_chars - len(ELLIPSIS)
+    if room < 1:
+        return text[:max_chars]
+    cut = text[: room + 1]
+    space = cut.rfind(" ")
+    if space >= room // 2:
+        return cut[:space].rstrip(" ,;:-") + ELLIPSIS
+    return text[:room] + ELLIPSIS
+
+
+def _truncate_escaped(text: str, budget: int) -> str:
+    """The escaped form of ``text`` cut (sensibly, before escaping) to fit ``budget`` chars."""
+    limit = budget
+    while limit > 0:
+        escaped = escape(truncate_text(text, limit))
+        if len(escaped) <= budget:
+            return escaped
+        limit -= max(1, len(escaped) - budget)
+    return ""
+
+
+# ---------------------------------------------------------------------- SSML
+
+
+def ssml_to_text(ssml: str) -> str | None:
+    """The spoken text of an SSML fragment or document, or None when it is not well-formed."""
+    inner = _strip_speak(ssml)
+    try:
+        root = ET.fromstring(f"{_SPEAK_OPEN}{inner}{_SPEAK_CLOSE}")
+    except ET.ParseError:
+        return None
+    return " ".join("".join(root.itertext()).split())
+
+
+def _strip_speak(ssml: str) -> str:
+    text = ssml.strip()
+    if text.startswith("<speak") and text.endswith(_SPEAK_CLOSE):
+        start = text.find(">")
+        if start != -1:
+            return text[start + 1 : -len(_SPEAK_CLOSE)]
+    return text
+
+
+def _is_command(item: ResponseItem) -> bool:
+    return bool(item.text and item.text.strip().startswith("#"))
+
+
+def item_ssml(item: ResponseItem, *, audio_https_only: bool = True) -> str:
+    """One item as an SSML fragment (no ``<speak>``), ``""`` when it says nothing.
+
+    The item's ``ssml`` when it is well-formed, else its ``text`` escaped;
+    ``#command`` items say nothing; an ``audio`` URL becomes ``<audio src="..."/>``
+    (only https URLs when ``audio_https_only``, as Alexa requires).
+    """
+    parts: list[str] = []
+    if item.ssml and ssml_to_text(item.ssml) is not None:
+        parts.append(_strip_speak(item.ssml).strip())
+    elif item.text and not _is_command(item):
+        parts.append(escape(item.text.strip()))
+    if item.audio and (item.audio.startswith("https://") or not audio_https_only):
+        parts.append(f"<audio src={quoteattr(item.audio)}/>")
+    return " ".join(p for p in parts if p)
+
+
+def speech_ssml(
+    items: Sequence[ResponseItem], max_chars: int, *, audio_https_only: bool = True
+) -> str | None:
+    """The items' speech as one ``<speak>`` document of at most ``max_chars`` characters.
+
+    Items are joined in order (see :func:`item_ssml`). When the next fragment
+    does not fit, its spoken text is cut at a sentence/word boundary
+    (:func:`truncate_text`) and escaped, and nothing after it is said, so the
+    document is always well-formed. Returns None when no item says anything.
+    """
+    budget = max_chars - len(_SPEAK_OPEN) - len(_SPEAK_CLOSE)
+    out: list[str] = []
+    used = 0
+    for item in items:
+        fragment = item_ssml(item, audio_https_only=audio_https_only)
+        if not fragment:
+            continue
+        sep = 1 if out else 0
+        if used + sep + len(fragment) <= budget:
+            out.append(fragment)
+            used += sep + len(fragment)
+            continue
+        spoken = ssml_to_text(fragment) or ""
+        cut = _truncate_escaped(spoken, budget - used - sep)
+        if cut:
+            out.append(cut)
+        break
+    if not out:
+        return None
+    return _SPEAK_OPEN + " ".join(out) + _SPEAK_CLOSE
+
+
+def display_text(items: Sequence[ResponseItem], max_chars: int) -> str:
+    """The items' text for a screen or card: texts (or SSML's spoken text) joined by spaces.
+
+    ``#command`` items are skipped; the result is cut by :func:`truncate_text`.
+    """
+    parts: list[str] = []
+    for item in items:
+        if item.text and not _is_command(item):
+            parts.append(" ".join(item.text.split()))
+        elif item.ssml:
+            spoken = ssml_to_text(item.ssml)
+            if spoken:
+                parts.append(spoken)
+    return truncate_text(" ".join(p for p in parts if p), max_chars)
