@@ -791,10 +791,11 @@ class V1Connection:
         While an utterance is recognised -> ``[FeedAudio]``; after its end,
         while the client's stream is still open -> ``[]`` (dropped); with no
         stream open -> ``[]`` (ignored, no Error: the 2022 web client's ping
-        is an empty binary frame every 10 s, see the module doc); over
+        is an empty binary frame every 10 s, see the module doc); an empty
+        frame -> ``[]`` in every state (a ping is no audio); over
         ``max_frame_bytes`` -> ``[Close(1009)]``. Never raises.
         """
-        if self.state is State.CLOSED:
+        if self.state is State.CLOSED or not data:
             return []
         if len(data) > self._max:
             return self._oversized(len(data))

@@ -304,6 +304,24 @@ async def test_audio_without_an_open_stream_is_ignored(server: str) -> None:
         assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
 
 
+async def test_empty_pings_while_speaking_are_no_audio(server: str, corpus: dict[str, Pcm]) -> None:
+    """The 2022 web client's ping (an empty binary frame) may come in the middle of an
+    utterance: it is no audio, no Error, and the utterance is heard as usual."""
+    async with connect(ws_url(server)) as ws:
+        await init(ws, init_frame(sendResponseItems=True))
+        await open_stream(ws)
+        data = pcm_at(corpus[MUSIC], 16000)
+        step = 16000 * 100 // 1000 * 2  # 100 ms frames
+        for n, start in enumerate(range(0, len(data), step)):
+            await ws.send(data[start : start + step])
+            if n % 5 == 0:
+                await ws.send(b"")
+        await send_json(ws, {"type": "InputAudioStreamClose"})
+        frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "SessionStarted", "ResponseItem", "Response"]
+        assert close_to(MUSIC, final_text(frames))
+
+
 @pytest.mark.parametrize(
     ("config", "words"),
     [

@@ -750,8 +750,9 @@ def test_binary_frames_without_an_open_stream_are_ignored(frame: bytes) -> None:
     assert conn.receive_bytes(frame) == []  # idle in a session
     assert send(conn, {"type": "InputAudioStreamClose"}) == []
     assert conn.session_id == "s"
-    # an open stream takes audio again; an empty frame is no audio
+    # an open stream takes audio again; an empty frame (the ping) is no audio
     stream = opened(conn).stream
+    assert conn.receive_bytes(b"") == []
     assert conn.receive_bytes(b"\x00\x00") == [FeedAudio(stream, b"\x00\x00")]
 
 
