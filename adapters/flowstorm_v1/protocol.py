@@ -91,8 +91,17 @@ Decisions where the spec is silent:
 - Each ``InputAudioStreamOpen`` is one utterance. After its final result the
   client's stream still counts as open until ``InputAudioStreamClose`` /
   ``InputAudioStreamCancel`` (or the next ``InputAudioStreamOpen``): audio that
-  the client sent before it saw ``Recognized`` is dropped silently. Audio with
-  no stream open is an Error (once per run of such frames, not per frame).
+  the client sent before it saw ``Recognized`` is dropped silently. Binary
+  frames with no stream open (before Init, between utterances, while a turn
+  runs) are ignored silently, as Flowstorm's server did
+  (``AbstractBotSocketAdapter.onInputAudio``): the 2022 web client pings with
+  an EMPTY binary frame every 10 s and ends its session at any ``Error``
+  (PROTOCOL-NOTES.md "Flowstorm Socket V1"). Only their size is checked.
+- With ``config.sendResponseItems`` the items go out as ``ResponseItem``
+  frames and the ``Response`` carries empty ``items``, as V2 does: the 2022
+  web client shows every ResponseItem AND every item of Response.items, so
+  sending both would show each message twice (PROTOCOL-NOTES.md). Without it
+  the Response carries all items.
 - ``InputAudioStreamClose``/``Cancel`` with no stream open are accepted and do
   nothing (closing is idempotent); ``InputAudioStreamOpen`` while a stream is
   open is an Error.
@@ -128,6 +137,7 @@ from gateway.events import (
     ReadyEvent,
     RecognizedEvent,
     RequestEvent,
+    ResponseEvent,
     ResponseItemEvent,
     SessionEndedEvent,
     SessionStartedEvent,
@@ -710,7 +720,6 @@ class V1Connection:
         self._turn: _Turn | None = None
         self._utterance: _Utterance | None = None
         self._streams = itertools.count(1)
-        self._stray_audio = False
         self._logs: deque[LogEntry] = deque(maxlen=log_buffer)
 
     # -------------------------------------------------------------- queries
@@ -764,7 +773,6 @@ class V1Connection:
         """
         if self.state is State.CLOSED:
             return []
-        self._stray_audio = False
         size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
         if size > self._max:
             return self._oversized(size)
@@ -779,25 +787,17 @@ class V1Connection:
 
         While an utterance is recognised -> ``[FeedAudio]``; after its end,
         while the client's stream is still open -> ``[]`` (dropped); with no
-        stream open -> ``[Send(Error)]`` of source ``client`` for the first
-        frame of a run of such frames (until the next text frame), ``[]`` for
-        the rest; over ``max_frame_bytes`` -> ``[Close(1009)]``. Never raises.
+        stream open -> ``[]`` (ignored, no Error: the 2022 web client's ping
+        is an empty binary frame every 10 s, see the module doc); an empty
+        frame -> ``[]`` in every state (a ping is no audio); over
+        ``max_frame_bytes`` -> ``[Close(1009)]``. Never raises.
         """
-        if self.state is State.CLOSED:
+        if self.state is State.CLOSED or not data:
             return []
         if len(data) > self._max:
             return self._oversized(len(data))
-        if not self.machine.allows(BINARY):
-            if self._stray_audio:
-                return []
-            self._stray_audio = True
-            if self.state is State.AWAIT_INIT:
-                text, expected = _EXPECTED[self.state]
-                return [error_frame(ProtocolError(text, expected=expected, got=BINARY).text)]
-            error = ProtocolError(
-                "No audio input stream is open", expected="InputAudioStreamOpen first", got=BINARY
-            )
-            return [error_frame(error.text)]
+        if not self.machine.allows(BINARY):  # no stream open: a ping, or stray audio
+            return []
         self.machine.feed(BINARY)
         if self.state is State.LISTENING and self._utterance is not None:
             return [FeedAudio(self._utterance.stream, data)]
@@ -1014,8 +1014,9 @@ class V1Connection:
         """Format one event of the running turn as frames (spec "Conversation Request/Response").
 
         SessionStarted, Response, Error and SessionEnded always go out;
-        ResponseItem only with ``config.sendResponseItems`` (the Response
-        carries all items anyway); a BinaryEvent (an item's speech with
+        ResponseItem only with ``config.sendResponseItems``, and then the
+        Response carries empty ``items`` (each item is shown once; without it
+        the Response carries all items); a BinaryEvent (an item's speech with
         ``tts=RequiredStreaming``) as a binary frame. The first event makes the
         turn's session the connection's; SessionEnded forgets it. Raises
         ProtocolError when no turn runs or the engine broke its order (a gateway bug).
@@ -1034,6 +1035,8 @@ class V1Connection:
             self.session_id = None
         elif isinstance(event, ResponseItemEvent) and not self.send_items:
             return []
+        elif isinstance(event, ResponseEvent) and self.send_items and event.response.items:
+            event = ResponseEvent(response=event.response.model_copy(update={"items": []}))
         return [Send(format_event(event))]
 
     def turn_rejected(self, exc: TurnRejected) -> list[Action]:

@@ -74,7 +74,11 @@ Response items -> traces (:class:`TraceWriter`), in this order per item:
   (``src`` is the TTS audio link), else ``completion`` chunks when
   ``config.completionEvents`` (``{state: "start"}``, ``{state: "content",
   content}`` per item, later items prefixed with a space, ``{state: "end"}``
-  before any other trace and at the end of the turn), else ``text {message}``;
+  before any other trace and at the end of the turn), else ``text {slate, message}``:
+  ``slate`` is the text as a Slate rich-text document (:func:`slate`), which
+  Voiceflow's published schema (npm ``@voiceflow/dtos-interact`` ``TextTraceDTO``)
+  requires and Voiceflow's own UIs render; ``message`` is the plain text beside it,
+  as Voiceflow's runtime sends both (PROTOCOL-NOTES.md);
 - ``image`` -> ``visual {visualType: "image", image}``;
 - ``audio`` of an item without text (the core's own recording) ->
   ``speak {type: "audio", message: "", src}``;
@@ -526,16 +530,35 @@ def trace(type_: str, payload: Any, time_ms: int) -> dict[str, Any]:
     return out
 
 
+def slate(text: str, slate_id: str) -> dict[str, Any]:
+    """Plain ``text`` as the Slate document of a ``text`` trace's ``payload.slate``.
+
+    ``{id, content: [{children: [{text: line}]}, ...]}``: one paragraph per line of
+    ``text``, as Voiceflow's runtime builds it (PROTOCOL-NOTES.md "Voiceflow
+    socket.io interact"; ``TextTraceDTO`` requires ``slate.content``).
+    """
+    paragraphs = [{"children": [{"text": line}]} for line in text.split("\n")]
+    return {"id": slate_id, "content": paragraphs}
+
+
 class TraceWriter:
     """Response items of one turn -> Voiceflow traces (rules in the module doc).
 
-    Stateful only for ``completion`` chunks: a completion opened by a text item is
-    ended (``{state: "end"}``) before any other trace and by :meth:`close`.
+    ``clock_ms`` gives each trace's ``time`` (epoch ms); ``new_id`` the ``id`` of
+    each ``text`` trace's Slate document (default: a random UUID, hex). Stateful
+    only for ``completion`` chunks: a completion opened by a text item is ended
+    (``{state: "end"}``) before any other trace and by :meth:`close`.
     """
 
-    def __init__(self, config: ClientConfig, clock_ms: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        config: ClientConfig,
+        clock_ms: Callable[[], int],
+        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
         self.config = config
         self._now = clock_ms
+        self._new_id = new_id
         self._open = False
 
     def item(self, item: ResponseItem) -> list[dict[str, Any]]:
@@ -561,7 +584,8 @@ class TraceWriter:
                 out.append(trace("completion", {"state": "content", "content": content}, now))
                 text = None  # the completion stays open for the next text item
             else:
-                out.append(trace("text", {"message": text}, now))
+                payload = {"slate": slate(text, self._new_id()), "message": text}
+                out.append(trace("text", payload, now))
         others: list[dict[str, Any]] = []
         if item.image:
             others.append(trace("visual", {"visualType": "image", "image": item.image}, now))

@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.speech.audio import Pcm, resample
+from tests.adapters.flowstorm_shapes import check_v1
 from tests.conftest import ROOT, serve
 from tests.conftest import served as served  # re-exported for the tests
 from tests.speech import padded
@@ -203,13 +204,12 @@ async def send_json(ws: ClientConnection, frame: Any) -> None:
 
 
 async def recv_json(ws: ClientConnection) -> dict[str, Any]:
-    """The next frame, which must be a JSON object text frame."""
+    """The next frame, which must be a JSON object text frame: a V1 server event of the
+    spec's shape (tests/adapters/flowstorm_shapes.py)."""
     async with asyncio.timeout(RECV_LIMIT_S):
         message = await ws.recv()
     assert isinstance(message, str), f"expected a text frame, got {message!r}"
-    value = json.loads(message)
-    assert isinstance(value, dict)
-    return value
+    return check_v1(json.loads(message))
 
 
 async def expect_error(ws: ClientConnection, *words: str) -> dict[str, Any]:
@@ -315,14 +315,13 @@ async def speaking(
 
 
 async def recv_any(ws: ClientConnection) -> dict[str, Any] | bytes:
-    """The next frame: a JSON object of a text frame, or the bytes of a binary frame."""
+    """The next frame: a JSON object of a text frame (a V1 server event of the spec's
+    shape), or the bytes of a binary frame."""
     async with asyncio.timeout(RECV_LIMIT_S):
         message = await ws.recv()
     if isinstance(message, bytes):
         return message
-    value = json.loads(message)
-    assert isinstance(value, dict)
-    return value
+    return check_v1(json.loads(message))
 
 
 async def frames_until_response(ws: ClientConnection) -> list[dict[str, Any] | bytes]:

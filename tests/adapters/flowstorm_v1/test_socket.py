@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +32,7 @@ from tests.adapters.flowstorm_v1.helpers import (
     turn_frames,
     ws_url,
 )
+from tests.conftest import gateway, no_server_errors
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -87,7 +89,19 @@ async def test_the_spec_example_conversation() -> None:
         assert texts(answer) == ["I do not know your name yet."]
 
 
-async def test_the_2022_input_form_with_response_items() -> None:
+def shown(frames: list[dict[str, Any]]) -> list[str]:
+    """The item texts a 2022 web client shows for ``frames``: it queues every
+    ResponseItem AND every item of Response.items (``Bot.js``, PROTOCOL-NOTES.md)."""
+    out = []
+    for frame in frames:
+        if frame["type"] == "ResponseItem":
+            out.append(frame["responseItem"]["text"])
+        elif frame["type"] == "Response":
+            out.extend(item["text"] for item in frame["response"]["items"])
+    return out
+
+
+async def test_the_2022_input_form_with_response_items_shows_each_item_once() -> None:
     async with served() as url, connect(ws_url(url, "/socket/")) as ws:
         await init(ws, init_frame(locale="en", sendResponseItems=True))
         frames = await turn(ws, input_frame("#intro"))
@@ -99,13 +113,69 @@ async def test_the_2022_input_form_with_response_items() -> None:
         ]
         session_id = frames[0]["sessionId"]
         assert session_id
-        items = [f["responseItem"]["text"] for f in frames[1:3]]
-        assert texts(frames[3]) == items  # the Response carries all items too
+        # each item arrives once: as its ResponseItem; the Response carries none (as V2's)
+        assert frames[3]["response"]["items"] == []
+        assert shown(frames) == [
+            "Hello, I am the gateway demo bot.",
+            "Tell me your name, or say anything, and I will answer.",
+        ]
 
         frames = await turn(ws, input_frame("my name is Ada"))
         assert [f["type"] for f in frames] == ["ResponseItem", "Response"]
+        assert shown(frames) == ["Nice to meet you, Ada."]
         frames = await turn(ws, input_frame("what is my name", session_id))
-        assert texts(frames[-1]) == ["Your name is Ada."]
+        assert shown(frames) == ["Your name is Ada."]
+        frames = await turn(ws, input_frame("bye"))
+        assert [f["type"] for f in frames] == ["ResponseItem", "Response", "SessionEnded"]
+        assert frames[1]["response"]["sessionEnded"] is True
+        assert shown(frames) == ["Goodbye, Ada!"]
+
+    # without sendResponseItems (2021 clients) the Response alone carries every item
+    async with served() as url, connect(ws_url(url)) as ws:
+        await init(ws, init_frame(locale="en"))
+        frames = await turn(ws, input_frame("#intro"))
+        assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
+        assert shown(frames) == [
+            "Hello, I am the gateway demo bot.",
+            "Tell me your name, or say anything, and I will answer.",
+        ]
+
+
+async def test_the_web_clients_empty_binary_ping_keeps_the_session_and_gets_no_error() -> None:
+    """The 2022 web client pings with an EMPTY binary frame every 10 s while it has a
+    session and ends the session at any Error (PROTOCOL-NOTES.md): a pause of more than
+    10 s, with its pings, must leave the conversation as it was. Served with the limits
+    of ``gateway serve`` (its 10 s header deadline must not touch an open WebSocket)."""
+    ping_every_s = 10.0  # the client's own interval
+    async with gateway() as url, connect(ws_url(url, "/socket/")) as ws:
+        with no_server_errors():
+            await ws.send(b"")  # a ping before Init is ignored too
+            await init(ws, init_frame(locale="en", sendResponseItems=True))
+            frames = await turn(ws, input_frame("my name is Ada"))
+            session_id = frames[0]["sessionId"]
+
+            async def ping() -> None:
+                while True:
+                    await ws.send(b"")
+                    await asyncio.sleep(ping_every_s)
+
+            pinger = asyncio.create_task(ping())
+            try:
+                # the pause: nothing may come back (an Error would end the session)
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(ping_every_s + 1.0):
+                        frame = await ws.recv()
+                        pytest.fail(f"the server answered a ping: {frame!r}")
+                # a ping while a turn runs is ignored as well
+                await send_json(ws, input_frame("what is my name"))
+                await ws.send(b"")
+                frames = await turn_frames(ws)
+            finally:
+                pinger.cancel()
+            assert [f["type"] for f in frames] == ["ResponseItem", "Response"]
+            assert frames[0]["responseItem"]["text"] == "Your name is Ada."  # same session
+            frames = await turn(ws, input_frame("bye", session_id))
+            assert [f["type"] for f in frames] == ["ResponseItem", "Response", "SessionEnded"]
 
 
 async def test_a_second_connection_continues_the_session(store: dict[str, Any]) -> None:
@@ -197,7 +267,6 @@ async def test_a_request_before_init_is_an_error_and_init_still_works() -> None:
         ("[]", ["JSON object"]),
         ('{"type": "Teleport"}', ["Unknown event type", "Teleport"]),
         ('{"type": "Request", "request": {}}', ["Invalid Request event", "input"]),
-        (b"\x00\x01\x02\x03", ["No audio input stream is open", "got Binary"]),
         ('{"type": "InputAudioStreamOpen", "sessionId": "has space"}', ["sessionId"]),
         ('{"type": "Init", "key": "again"}', ["expected Request, Input, Log or", "got Init"]),
     ],

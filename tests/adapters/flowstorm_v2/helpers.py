@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from gateway.speech.audio import Pcm, decode_mp3, decode_wav, resample
+from tests.adapters.flowstorm_shapes import check_v2
 from tests.speech import normalise, padded, wer
 
 KEY = "speech-test"
@@ -21,8 +22,9 @@ PACE_S = 0.07  # 100 ms of audio every 70 ms: a bit faster than real time
 
 
 def events(answer: httpx.Response) -> list[dict[str, Any]]:
-    """The NDJSON events of an answer."""
-    return [json.loads(line) for line in answer.text.splitlines() if line.strip()]
+    """The NDJSON events of an answer, each checked to be a V2 output event of the spec's
+    shape (tests/adapters/flowstorm_shapes.py)."""
+    return [check_v2(json.loads(line)) for line in answer.text.splitlines() if line.strip()]
 
 
 def close_to(sentence: str, heard: str) -> bool:
@@ -134,6 +136,8 @@ async def realtime_turn(
             assert get.status_code == 200
             async for line in get.aiter_lines():
                 if line.strip():
+                    if "json" in get.headers.get("content-type", ""):
+                        check_v2(json.loads(line))  # the spec's shape
                     result.get_lines.append(line)
         result.get_ended = time.monotonic() - t0
         stop.set()

@@ -20,6 +20,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.settings import Settings
+from tests.adapters.flowstorm_shapes import check_v2
 from tests.conftest import gateway, serve
 from tests.gateway.core_app import make_core
 
@@ -29,7 +30,8 @@ TEXT = {"Content-Type": "text/plain"}
 
 
 def events(answer: httpx.Response) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in answer.text.splitlines() if line.strip()]
+    """The NDJSON events of an answer, each a V2 output event of the spec's shape."""
+    return [check_v2(json.loads(line)) for line in answer.text.splitlines() if line.strip()]
 
 
 def input_event(text: str) -> str:

@@ -24,6 +24,7 @@ from adapters.voiceflow.protocol import (
     VoiceflowConnection,
     action_input,
     parse_client_start,
+    slate,
 )
 from gateway.conversation import TurnRejected
 from gateway.events import (
@@ -280,7 +281,15 @@ def test_invalid_actions(action: dict[str, Any], unknown: bool) -> None:
 
 
 def writer(**config: Any) -> TraceWriter:
-    return TraceWriter(ClientConfig.model_validate(config), lambda: 1000)
+    return TraceWriter(ClientConfig.model_validate(config), lambda: 1000, lambda: "slate-1")
+
+
+def text(message: str) -> dict[str, Any]:
+    """A ``text`` trace's payload: the Slate document (id "slate-1") and the plain message."""
+    return {
+        "slate": {"id": "slate-1", "content": [{"children": [{"text": message}]}]},
+        "message": message,
+    }
 
 
 def shapes(traces: list[dict[str, Any]]) -> list[tuple[str, Any]]:
@@ -291,11 +300,11 @@ def shapes(traces: list[dict[str, Any]]) -> list[tuple[str, Any]]:
 def test_text_speak_and_visual_traces() -> None:
     plain = writer()
     assert shapes(plain.item(ResponseItem(text="Hi", image="https://x/i.png"))) == [
-        ("text", {"message": "Hi"}),
+        ("text", text("Hi")),
         ("visual", {"visualType": "image", "image": "https://x/i.png"}),
     ]
     assert shapes(plain.item(ResponseItem(ssml="<speak>Hi <break/> there</speak>"))) == [
-        ("text", {"message": "Hi there"})
+        ("text", text("Hi there"))
     ]
     assert shapes(plain.item(ResponseItem(audio="https://x/a.mp3"))) == [
         ("speak", {"type": "audio", "message": "", "src": "https://x/a.mp3"})
@@ -358,7 +367,7 @@ def test_code_carries_buttons_traces_and_custom_actions() -> None:
         "traces": [{"type": "cardV2", "payload": {"title": "T"}}, {"payload": "no type"}],
     }
     assert shapes(plain.item(ResponseItem(text="Pick", code=json.dumps(code)))) == [
-        ("text", {"message": "Pick"}),
+        ("text", text("Pick")),
         (
             "choice",
             {
@@ -378,8 +387,33 @@ def test_code_carries_buttons_traces_and_custom_actions() -> None:
     assert shapes(plain.item(ResponseItem(text="#beep", code="loud"))) == [("beep", "loud")]
     assert plain.item(ResponseItem(text="#nothing")) == []
     assert plain.item(ResponseItem(text="Hi", code="not for voiceflow")) == [
-        {"type": "text", "payload": {"message": "Hi"}, "time": 1000}
+        {"type": "text", "payload": text("Hi"), "time": 1000}
     ]
+
+
+def test_text_traces_carry_a_slate_document_beside_the_message() -> None:
+    """``TextTraceDTO`` (npm @voiceflow/dtos-interact) requires ``payload.slate``; Voiceflow's
+    UIs render it. One paragraph per line; each trace's document gets its own id."""
+    ids = iter(["a", "b"])
+    lines = TraceWriter(ClientConfig(), lambda: 1000, lambda: next(ids))
+    [first] = lines.item(ResponseItem(text="Line one.\nLine two."))
+    assert first["payload"] == {
+        "slate": {
+            "id": "a",
+            "content": [
+                {"children": [{"text": "Line one."}]},
+                {"children": [{"text": "Line two."}]},
+            ],
+        },
+        "message": "Line one.\nLine two.",
+    }
+    [second] = lines.item(ResponseItem(text="Again"))
+    assert second["payload"]["slate"]["id"] == "b"
+    assert slate("x", "z") == {"id": "z", "content": [{"children": [{"text": "x"}]}]}
+    # the default ids are unique
+    plain = TraceWriter(ClientConfig(), lambda: 1000)
+    made = {plain.item(ResponseItem(text="Hi"))[0]["payload"]["slate"]["id"] for _ in range(3)}
+    assert len(made) == 3
 
 
 # ------------------------------------------------------------ connection

@@ -69,7 +69,10 @@ async def test_the_spec_flow_with_the_demo_core(transport: str) -> None:
 
         # spec "End": the core ends the conversation
         mid, traces, completed = await vf.act({"type": "text", "payload": "bye"}, "m-bye")
-        assert traces[0]["payload"] == {"message": "Goodbye, Ada!"}
+        assert traces[0]["payload"]["message"] == "Goodbye, Ada!"
+        assert traces[0]["payload"]["slate"]["content"] == [
+            {"children": [{"text": "Goodbye, Ada!"}]}
+        ]
         assert traces[1]["type"] == "end"
         assert len(traces) == 2
         assert completed == {"status": "completed", "messageID": "m-bye"}
