@@ -7,9 +7,8 @@ also accepts objects written back to back, and event types are the short names.
 - :func:`parse_config` reads the configuration table of the spec from headers
   (``X-Key`` ...) or query parameters (``key`` ...), the header winning.
 - :class:`JsonEventReader` splits an ``application/json`` body into V2 client
-  events as its bytes arrive (bounded per event); :func:`parse_json_events` is
-  the same for a whole body. :class:`RequestStream` checks their order with the
-  table :data:`TRANSITIONS`.
+  events as its bytes arrive (bounded per event); :class:`RequestStream` checks
+  their order with the table :data:`TRANSITIONS`.
 - :func:`text_input` reads a ``text/plain`` body; :func:`text_lines` and
   :func:`json_lines` write turn events in the plain-text line format
   (``<``, ``#``, ``!``, ``.``, ``~``) or as NDJSON.
@@ -48,9 +47,6 @@ from gateway.events import (
     BinaryEvent,
     ErrorEvent,
     Input,
-    InputEvent,
-    InputStreamCloseEvent,
-    LogEvent,
     RecognizedInputEvent,
     ResponseEvent,
     ResponseItem,
@@ -80,7 +76,6 @@ AUDIO_CONTAINERS: Final[Mapping[str, AudioContainer]] = {
     "audio/mp3": "mp3",
 }
 """Audio content types (spec "Audio/Video formats") and what their bodies hold."""
-AUDIO_TYPES = frozenset(AUDIO_CONTAINERS)
 ACCEPTED_TYPES = (
     "text/plain, application/json, or audio: audio/basic (raw sttEncoding at sttSampleRate), "
     "audio/wav or audio/mpeg"
@@ -229,22 +224,6 @@ def text_input(body: bytes) -> Input:
     if not text:
         raise ProtocolError("The text/plain body is empty: send the user's text.")
     return Input.of(text)
-
-
-def parse_json_events(body: bytes) -> list[V2ClientEvent]:
-    """The V2 client events of a whole ``application/json`` body.
-
-    Accepts one event per line (NDJSON), objects written back to back, and
-    JSON arrays of events. Raises ProtocolError for invalid UTF-8 or JSON (with
-    the byte position), non-object values and unknown or invalid events (naming
-    the ``type``), and for a body without any event.
-    """
-    reader = JsonEventReader()
-    events = reader.feed(body)
-    reader.close()
-    if not events:
-        raise ProtocolError("The JSON body holds no event: send an InputEvent.")
-    return events
 
 
 _WHITESPACE: Final = frozenset(b" \t\r\n")
@@ -466,25 +445,6 @@ class RequestStream:
         return nxt
 
 
-def split_events(
-    events: list[V2ClientEvent],
-) -> tuple[InputEvent | None, list[LogEvent], list[BinaryEvent | InputStreamCloseEvent]]:
-    """Check the order of ``events`` and split them into the input, logs and audio events."""
-    stream = RequestStream()
-    found: InputEvent | None = None
-    logs: list[LogEvent] = []
-    audio: list[BinaryEvent | InputStreamCloseEvent] = []
-    for event in events:
-        stream.feed(event)
-        if isinstance(event, InputEvent):
-            found = event
-        elif isinstance(event, LogEvent):
-            logs.append(event)
-        else:
-            audio.append(event)
-    return found, logs, audio
-
-
 # ------------------------------------------------------------------ audio
 
 FILE_CHUNK_MS: Final = 1000
@@ -670,11 +630,6 @@ class WavStreamReader:
 
 BusMessage = dict[str, Any]
 DoneResult = Literal["final", "silence", "text", "error", "cancelled"]
-
-
-def session_topic(session_key: str) -> str:
-    """The bus topic of a session's recognition: its store key, ``flowstorm:<session id>``."""
-    return session_key
 
 
 def recognizing_message(rid: str) -> BusMessage:

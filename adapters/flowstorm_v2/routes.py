@@ -136,7 +136,6 @@ from adapters.flowstorm_v2.protocol import (
     parse_config,
     recognized_event,
     recognizing_message,
-    session_topic,
     text_input,
     text_lines,
 )
@@ -561,7 +560,7 @@ async def _stream_turn(
     container: AudioContainer | None,
 ) -> HTTPResponse:
     """A JSON body (any) or a realtime audio body: read as it streams, then the turn."""
-    hearing = _Hearing(request, gw, config, container, session_topic(ctx.key))
+    hearing = _Hearing(request, gw, config, container, ctx.key)  # the bus topic is the session key
     try:
         outcome = await hearing.run()
     except _Refused as exc:
@@ -1016,7 +1015,7 @@ class _Hearing:
 
 
 def _topic_ref(topic: str) -> str:
-    """A bus topic (the session key, see session_topic) as logs name it."""
+    """A bus topic (the session's store key, ``flowstorm:<session id>``) as logs name it."""
     return session_ref(topic)
 
 
@@ -1077,7 +1076,7 @@ async def get_client(request: Request) -> HTTPResponse:
             text=f"Session {cookie} belongs to another application.", source="session"
         )
         return _answer(403, error, plain=plain)
-    topic = session_topic(ctx.key)
+    topic = ctx.key  # the bus topic of a session's recognition is its store key
     return StreamingResponse(
         _follow(gw, topic, plain=plain), media_type=media, headers={"Cache-Control": "no-store"}
     )

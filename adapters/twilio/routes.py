@@ -516,7 +516,6 @@ class _Sender:
         self._queue: deque[tuple[bool, str]] = deque()  # (is media, message)
         self._wake = asyncio.Event()
         self._end = 0.0  # loop time when the audio sent so far has played
-        self.frames_sent = 0
 
     @property
     def queued_ms(self) -> int:
@@ -554,7 +553,6 @@ class _Sender:
                     await asyncio.sleep(wait)
                     continue  # the queue may have been cleared meanwhile
                 self._end += self._frame_s
-                self.frames_sent += 1
             queue.popleft()
             await self._send(message)
 

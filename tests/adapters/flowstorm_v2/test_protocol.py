@@ -22,9 +22,7 @@ from adapters.flowstorm_v2.protocol import (
     interim_message,
     json_lines,
     parse_config,
-    parse_json_events,
     recognizing_message,
-    split_events,
     text_input,
     text_lines,
 )
@@ -44,6 +42,7 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError
 from gateway.speech.audio import AudioFormat, Pcm, encode_mp3, encode_wav, pcm_to_mulaw, silence
+from tests.adapters.flowstorm_v2.helpers import parse_json_events, split_events
 
 
 def test_config_defaults_follow_the_spec_table() -> None:
