@@ -260,6 +260,21 @@ _CONFIG_PARAMETERS = [
     for name, schema, description in (
         ("key", {"type": "string"}, "Application key (or header X-Key)"),
         ("deviceId", {"type": "string"}, "Client device id (or X-DeviceId)"),
+        (
+            "sttMode",
+            {"type": "string", "enum": ["SingleUtterance"], "default": "SingleUtterance"},
+            "One utterance per request; any other value is refused (400)",
+        ),
+        (
+            "sttModel",
+            {"type": "string", "enum": ["General"], "default": "General"},
+            "The recognizer's one model; any other value is refused (400)",
+        ),
+        (
+            "videoFile",
+            {"type": "boolean", "enum": [False], "default": False},
+            "No video is made: true is refused (400)",
+        ),
         ("sttSampleRate", {"type": "integer", "default": 16000}, "Hz of raw audio"),
         (
             "sttEncoding",
