@@ -312,6 +312,26 @@ def test_truncate_text_boundaries() -> None:
     assert truncate_text("anything", 0) == ""
 
 
-def test_every_fixture_plans_without_error() -> None:
+def test_every_fixture_plans_as_its_request_type_says() -> None:
+    expected = {
+        "LaunchRequest": Handling.TURN,
+        "IntentRequest": Handling.TURN,
+        "SessionEndedRequest": Handling.END,
+        "CanFulfillIntentRequest": Handling.CAN_FULFILL,
+        "System.ExceptionEncountered": Handling.EXCEPTION,
+    }  # every other type (AudioPlayer.*, Display.*, UnknownRequest...) is ignored
+    met: set[Handling] = set()
     for path in sorted(Path(ALEXA).rglob("*.json")):
-        plan(parse_envelope(path.read_bytes()), CONFIG)
+        raw = json.loads(path.read_bytes())
+        todo = plan(parse_envelope(path.read_bytes()), CONFIG)
+        assert todo.handling is expected.get(raw["request"]["type"], Handling.IGNORE), path
+        met.add(todo.handling)
+        if todo.handling in (Handling.TURN, Handling.END):
+            assert todo.session_id == raw["session"]["sessionId"], path
+            assert todo.app_key == raw["session"]["application"]["applicationId"], path
+        if todo.handling is Handling.TURN:
+            assert todo.input is not None, path
+            assert todo.input.text, path
+        else:
+            assert todo.input is None, path
+    assert met == set(Handling)  # the fixtures meet every row of the table
