@@ -81,8 +81,8 @@ isFinal false, then one with isFinal true; an ErrorEvent / ``!`` line when the
 PUT's audio was refused): the cookie's session must exist (404 otherwise) and be
 the ``key``'s (403), then the GET follows the session's running recognition and ends
 when it ends (final, silence, switch to text, error, client gone). Without a
-recognition on the topic it ends after MARKER_WAIT_S (3 s; at once without a
-cookie), and when the recognition it follows sends nothing for LOST_S (5 s);
+recognition on the topic it ends after GATEWAY_FLOWSTORM_V2_MARKER_WAIT_S (3 s; at
+once without a cookie), and when the recognition it follows sends nothing for LOST_S (5 s);
 it never runs longer than GATEWAY_MAX_AUDIO_S + GATEWAY_SILENCE_TIMEOUT_MS +
 30 s. The cookie's session id is the topic: a GET learns nothing of sessions
 whose (unguessable) id it does not have.
@@ -175,8 +175,6 @@ log = logging.getLogger(__name__)
 CHANNEL = "flowstorm_v2"
 NAMESPACE = "flowstorm"
 
-MARKER_WAIT_S = 3.0
-"""How long a GET waits for a recognition to appear on its session's topic (s)."""
 HEARTBEAT_S = 1.0
 """How often a realtime PUT republishes its ``recognizing`` marker (s)."""
 LOST_S = 5.0
@@ -1102,11 +1100,12 @@ async def _follow(gw: Gateway, topic: str, *, plain: bool) -> AsyncIterator[byte
     settings = gw.settings
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.max_audio_s + settings.silence_timeout_ms / 1000 + 30
+    marker_wait_s = settings.flowstorm_v2_marker_wait_s
     follower = RecognitionFollower()
     try:
         async with gw.bus.subscribe(topic) as subscription:
             while not follower.done:
-                wait = MARKER_WAIT_S if follower.following is None else LOST_S
+                wait = marker_wait_s if follower.following is None else LOST_S
                 wait = min(wait, deadline - loop.time())
                 if wait <= 0:
                     break

@@ -121,8 +121,6 @@ from gateway.speech.stt import RecognitionError, RecognizerBusy
 log = logging.getLogger("adapters.twilio")
 
 MULAW_8K: Final = AudioFormat("MULAW", SAMPLE_RATE)
-START_TIMEOUT_S: Final = 10.0
-"""A stream that has not sent ``start`` this long after it was accepted is closed (1008)."""
 IDLE_TIMEOUT_S: Final = 30.0
 """A started stream silent this long (Twilio sends 50 frames a second) is taken as lost."""
 FINAL_MARK_GRACE_S: Final = 5.0
@@ -570,6 +568,7 @@ class _Call(GuardedSocket):
         self.call_sid = grant.call_sid
         self.call = TwilioCall(grant.call_sid, channel.config)
         self.bad_frames = 0
+        self.start_timeout_s = settings.twilio_start_timeout_s  # for `start`, then closed 1008
         self.sender = _Sender(self._send, settings.twilio_frame_ms, settings.twilio_send_ahead_ms)
         self._tasks: set[asyncio.Task[None]] = set()
         self._listen_task: asyncio.Task[None] | None = None
@@ -600,7 +599,7 @@ class _Call(GuardedSocket):
         call = self.call
         while self.open:
             if call.info is None:
-                timeout = max(started + START_TIMEOUT_S - loop.time(), 0.0)
+                timeout = max(started + self.start_timeout_s - loop.time(), 0.0)
             else:
                 timeout = IDLE_TIMEOUT_S
             try:
