@@ -38,8 +38,6 @@ bring their own certificate source or clock), else by
 from __future__ import annotations
 
 import asyncio
-import base64
-import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -65,7 +63,7 @@ from adapters.google.protocol import (
     load_json,
     render,
 )
-from adapters.google.verify import GoogleVerificationError, GoogleVerifier
+from adapters.google.verify import DialogflowAuth, GoogleVerificationError, GoogleVerifier
 from gateway.apidoc import component
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
@@ -85,37 +83,6 @@ GoogleVerifierFactory = Callable[[Settings], GoogleVerifier]
 def default_verifier_factory(settings: Settings) -> GoogleVerifier:
     """The production verifier: GATEWAY_GOOGLE_PROJECT_IDS and Google's published certificates."""
     return GoogleVerifier(settings.google_project_ids)
-
-
-@dataclass(frozen=True)
-class DialogflowAuth:
-    """The credentials /dialogflow requires: ``scheme`` (``basic``/``bearer``) and ``secret``.
-
-    ``secret`` is what follows the scheme in the Authorization header
-    (base64 ``user:password`` for basic, the token for bearer).
-    """
-
-    scheme: str
-    secret: str
-
-    @classmethod
-    def parse(cls, value: str) -> DialogflowAuth:
-        """From GATEWAY_DIALOGFLOW_AUTH (``basic:USER:PASSWORD`` or ``bearer:TOKEN``)."""
-        scheme, _, rest = value.partition(":")
-        if scheme.lower() == "basic":
-            return cls("basic", base64.b64encode(rest.encode()).decode("ascii"))
-        return cls("bearer", rest)
-
-    def accepts(self, header: str | None) -> bool:
-        """Whether an Authorization header value carries these credentials (constant time)."""
-        scheme, _, given = (header or "").strip().partition(" ")
-        ok_scheme = scheme.lower() == self.scheme
-        return hmac.compare_digest(given.strip().encode(), self.secret.encode()) and ok_scheme
-
-    @property
-    def challenge(self) -> str:
-        """The WWW-Authenticate value of a 401."""
-        return 'Basic realm="dialogflow"' if self.scheme == "basic" else "Bearer"
 
 
 @dataclass(frozen=True)
