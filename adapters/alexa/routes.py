@@ -265,31 +265,31 @@ async def post_alexa(request: Request) -> HTTPResponse:
         else:
             envelope = parse_envelope(body)
             _check_skill_id(gw.settings, envelope)
-        todo = plan(envelope, channel.config)
+        planned = plan(envelope, channel.config)
     except AlexaVerificationError as exc:  # already logged by the verifier
         return problem(400, "Bad Request", exc.message, reason=exc.reason.value)
     except ProtocolError as exc:
         return _refuse(exc.status, "malformed_request", exc.text)
 
-    if todo.handling is Handling.TURN:
+    if planned.handling is Handling.TURN:
         elapsed = asyncio.get_running_loop().time() - started
-        return _json(await _turn(gw, todo, gw.settings.alexa_deadline_s - elapsed))
-    if todo.handling is Handling.END:
-        await _end(gw, todo, envelope)
+        return _json(await _turn(gw, planned, gw.settings.alexa_deadline_s - elapsed))
+    if planned.handling is Handling.END:
+        await _end(gw, planned, envelope)
         return _json(empty_response())
-    if todo.handling is Handling.CAN_FULFILL:
+    if planned.handling is Handling.CAN_FULFILL:
         return _json(can_fulfill_response(envelope))
-    if todo.handling is Handling.EXCEPTION:
+    if planned.handling is Handling.EXCEPTION:
         log.warning(
             "Alexa reports an error with a previous response: %s",
             envelope.request.error or "(no details)",
         )
         return _json(empty_response())
     # Any other request type: a valid empty response. Inside a session it must end it.
-    if todo.session_id is None:
+    if planned.session_id is None:
         return _json(empty_response())
-    await _end(gw, todo, envelope)
-    return _json(empty_response(session_id=todo.session_id, end=True))
+    await _end(gw, planned, envelope)
+    return _json(empty_response(session_id=planned.session_id, end=True))
 
 
 def _check_skill_id(settings: Settings, envelope: AlexaEnvelope) -> None:
@@ -299,48 +299,50 @@ def _check_skill_id(settings: Settings, envelope: AlexaEnvelope) -> None:
         raise ProtocolError(f"Unknown applicationId {app_id!r}.")
 
 
-def _context(todo: Plan) -> TurnContext:
+def _context(planned: Plan) -> TurnContext:
     return TurnContext(
         channel=CHANNEL,
         namespace=NAMESPACE,
-        session_id=todo.session_id or "",
-        app_key=todo.app_key or "",
-        device_id=todo.device_id,
-        locale=todo.locale,
+        session_id=planned.session_id or "",
+        app_key=planned.app_key or "",
+        device_id=planned.device_id,
+        locale=planned.locale,
         create=True,
     )
 
 
-async def _turn(gw: Gateway, todo: Plan, deadline_s: float) -> AlexaResponseEnvelope:
-    assert todo.input is not None
+async def _turn(gw: Gateway, planned: Plan, deadline_s: float) -> AlexaResponseEnvelope:
+    assert planned.input is not None
     settings = gw.settings
-    ctx = _context(todo)
-    outcome = await run_turn(gw.conversation, ctx, todo.input, deadline_s)
+    ctx = _context(planned)
+    outcome = await run_turn(gw.conversation, ctx, planned.input, deadline_s)
     if outcome.late:
         log.info(
             "turn of %s outlived the Alexa deadline; answered 'still working'",
             session_ref(ctx.key),
         )
         return speak_response(
-            settings.voice_still_working_text, session_id=todo.session_id, end=False
+            settings.voice_still_working_text, session_id=planned.session_id, end=False
         )
     if outcome.rejected is not None:
         busy = outcome.rejected.reason == "session-busy"
         text = settings.voice_still_working_text if busy else settings.voice_error_text
-        return speak_response(text, session_id=todo.session_id, end=not busy)
+        return speak_response(text, session_id=planned.session_id, end=not busy)
     if outcome.response is None:  # the pipeline (or the gateway) failed; the session is kept
-        return speak_response(settings.voice_error_text, session_id=todo.session_id, end=False)
-    answer = turn_response(outcome.response, session_id=todo.session_id, force_end=todo.end_session)
+        return speak_response(settings.voice_error_text, session_id=planned.session_id, end=False)
+    answer = turn_response(
+        outcome.response, session_id=planned.session_id, force_end=planned.end_session
+    )
     if answer.response.should_end_session and not outcome.session_ended:
-        await _end(gw, todo, None)  # Alexa closes the session: so does the gateway
+        await _end(gw, planned, None)  # Alexa closes the session: so does the gateway
     return answer
 
 
-async def _end(gw: Gateway, todo: Plan, envelope: AlexaEnvelope | None) -> None:
-    """End the gateway session of ``todo`` (Alexa ended it), within the deadline."""
+async def _end(gw: Gateway, planned: Plan, envelope: AlexaEnvelope | None) -> None:
+    """End the gateway session of ``planned`` (Alexa ended it), within the deadline."""
     if envelope is not None and envelope.request.type == "SessionEndedRequest":
         reason = envelope.request.reason or "unknown"
         if envelope.request.error:
             log.warning("Alexa session ended with an error: %s", envelope.request.error)
-        log.debug("Alexa session %s ended: %s", session_ref(todo.session_id or ""), reason)
-    await end_session(gw.conversation, _context(todo), gw.settings.alexa_deadline_s)
+        log.debug("Alexa session %s ended: %s", session_ref(planned.session_id or ""), reason)
+    await end_session(gw.conversation, _context(planned), gw.settings.alexa_deadline_s)

@@ -333,14 +333,14 @@ async def post_google(request: Request) -> JSONResponse:
         app_key = _audience(claims, channel.verifier.project_ids)
     try:
         body = await read_body(request, gw.settings.max_body_bytes)
-        todo = google_plan(load_json(body))
+        planned = google_plan(load_json(body))
     except ProtocolError as exc:
         return _refuse(exc.status, "malformed_request", exc.text)
-    if todo.health_check:
-        return JSONResponse(health_response(todo))
-    ctx = _context("google", GOOGLE_NAMESPACE, todo, app_key)
+    if planned.health_check:
+        return JSONResponse(health_response(planned))
+    ctx = _context("google", GOOGLE_NAMESPACE, planned, app_key)
     elapsed = asyncio.get_running_loop().time() - started
-    return JSONResponse(await _turn(gw, ctx, todo, gw.settings.google_deadline_s - elapsed))
+    return JSONResponse(await _turn(gw, ctx, planned, gw.settings.google_deadline_s - elapsed))
 
 
 def _audience(claims: dict[str, Any], project_ids: frozenset[str]) -> str:
@@ -404,31 +404,31 @@ async def post_dialogflow(request: Request) -> JSONResponse:
         )
     try:
         body = await read_body(request, gw.settings.max_body_bytes)
-        todo = dialogflow_plan(load_json(body))
+        planned = dialogflow_plan(load_json(body))
     except ProtocolError as exc:
         return _refuse(exc.status, "malformed_request", exc.text)
-    if todo.health_check:
-        return JSONResponse(health_response(todo))
-    app_key = todo.app_key or "dialogflow"
+    if planned.health_check:
+        return JSONResponse(health_response(planned))
+    app_key = planned.app_key or "dialogflow"
     if not gw.settings.key_allowed(app_key):
         return _refuse(403, "unknown_agent", f"The agent {app_key!r} is not in GATEWAY_APP_KEYS.")
-    ctx = _context("dialogflow", DIALOGFLOW_NAMESPACE, todo, app_key)
+    ctx = _context("dialogflow", DIALOGFLOW_NAMESPACE, planned, app_key)
     elapsed = asyncio.get_running_loop().time() - started
-    return JSONResponse(await _turn(gw, ctx, todo, gw.settings.dialogflow_deadline_s - elapsed))
+    return JSONResponse(await _turn(gw, ctx, planned, gw.settings.dialogflow_deadline_s - elapsed))
 
 
-def _context(channel: str, namespace: str, todo: Plan, app_key: str) -> TurnContext:
+def _context(channel: str, namespace: str, planned: Plan, app_key: str) -> TurnContext:
     return TurnContext(
         channel=channel,
         namespace=namespace,
-        session_id=todo.session_id,
+        session_id=planned.session_id,
         app_key=app_key,
-        locale=todo.locale,
+        locale=planned.locale,
         create=True,
     )
 
 
-def _answer(gw: Gateway, todo: Plan, outcome: TurnOutcome) -> Answer:
+def _answer(gw: Gateway, planned: Plan, outcome: TurnOutcome) -> Answer:
     settings = gw.settings
     if outcome.late:
         return Answer((ResponseItem(text=settings.voice_still_working_text),), end=False)
@@ -440,18 +440,18 @@ def _answer(gw: Gateway, todo: Plan, outcome: TurnOutcome) -> Answer:
         return Answer((ResponseItem(text=settings.voice_error_text),), end=False)
     response = outcome.response
     ended = response.session_ended and response.sleep_timeout == 0
-    return Answer(tuple(response.items), end=todo.end_session or ended)
+    return Answer(tuple(response.items), end=planned.end_session or ended)
 
 
-async def _turn(gw: Gateway, ctx: TurnContext, todo: Plan, deadline_s: float) -> dict[str, Any]:
-    assert todo.input is not None
-    outcome = await run_turn(gw.conversation, ctx, todo.input, deadline_s)
+async def _turn(gw: Gateway, ctx: TurnContext, planned: Plan, deadline_s: float) -> dict[str, Any]:
+    assert planned.input is not None
+    outcome = await run_turn(gw.conversation, ctx, planned.input, deadline_s)
     if outcome.late:
         log.info(
             "turn of %s outlived the platform's deadline: 'still working'", session_ref(ctx.key)
         )
-    answer = _answer(gw, todo, outcome)
+    answer = _answer(gw, planned, outcome)
     if answer.end and outcome.response is not None and not outcome.session_ended:
         # the platform closes the conversation: so does the gateway
         await end_session(gw.conversation, ctx, max(deadline_s - 0.5, 0.5))
-    return render(todo, answer, ctx.session_id)
+    return render(planned, answer, ctx.session_id)
