@@ -25,16 +25,15 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 from fastapi.responses import Response as HTTPResponse
 from starlette.requests import Request
 
+from adapters.alexa.openapi import POST_ALEXA
 from adapters.alexa.protocol import (
     NAMESPACE,
-    REQUEST_TABLE,
     AlexaConfig,
     AlexaEnvelope,
     AlexaResponseEnvelope,
@@ -49,7 +48,6 @@ from adapters.alexa.protocol import (
     turn_response,
 )
 from adapters.alexa.verify import AlexaVerificationError, AlexaVerifier
-from gateway.apidoc import component
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
@@ -118,100 +116,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 router = APIRouter(tags=["Amazon Alexa"], lifespan=_lifespan)
 
-_EXAMPLE_REQUEST = {
-    "version": "1.0",
-    "session": {
-        "new": False,
-        "sessionId": "amzn1.echo-api.session.0000",
-        "application": {"applicationId": "amzn1.ask.skill.0000"},
-        "attributes": {"gatewaySessionId": "amzn1.echo-api.session.0000"},
-        "user": {"userId": "amzn1.ask.account.0000"},
-    },
-    "context": {"System": {"application": {"applicationId": "amzn1.ask.skill.0000"}}},
-    "request": {
-        "type": "IntentRequest",
-        "requestId": "amzn1.echo-api.request.0000",
-        "timestamp": "2024-06-01T12:00:00Z",
-        "locale": "en-US",
-        "intent": {
-            "name": "CatchAllIntent",
-            "slots": {"query": {"name": "query", "value": "my name is Ada"}},
-        },
-    },
-}
-_EXAMPLE_RESPONSE = {
-    "version": "1.0",
-    "sessionAttributes": {"gatewaySessionId": "amzn1.echo-api.session.0000"},
-    "response": {
-        "outputSpeech": {"type": "SSML", "ssml": "<speak>Nice to meet you, Ada.</speak>"},
-        "reprompt": {
-            "outputSpeech": {"type": "SSML", "ssml": "<speak>Nice to meet you, Ada.</speak>"}
-        },
-        "shouldEndSession": False,
-    },
-}
-_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
-
-
-def _has(*path: str, leaf: dict[str, Any]) -> dict[str, Any]:
-    """JSON Schema: the object has ``path`` (each step required, an object), ending in ``leaf``."""
-    schema = leaf
-    for name in reversed(path):
-        schema = {"type": "object", "required": [name], "properties": {name: schema}}
-    return schema
-
-
-_SESSION_HANDLING = (Handling.TURN, Handling.END)
-_APP_ID = {"type": "string", "minLength": 1}
-
-
-def _type_is(*types: str) -> dict[str, Any]:
-    return _has("request", "type", leaf={"enum": list(types)})
-
-
-_ENVELOPE = component(
-    AlexaEnvelope,
-    # what plan() requires beyond the model (see adapters/alexa/protocol.py)
-    allOf=[
-        {
-            "if": _type_is(*(t for t, h in REQUEST_TABLE.items() if h in _SESSION_HANDLING)),
-            "then": {
-                "allOf": [
-                    _has("session", leaf={"type": "object"}),
-                    {
-                        "anyOf": [
-                            _has("session", "application", "applicationId", leaf=_APP_ID),
-                            _has("context", "System", "application", "applicationId", leaf=_APP_ID),
-                        ]
-                    },
-                ]
-            },
-        },
-        {
-            "if": _type_is("IntentRequest"),
-            "then": _has("request", "intent", leaf={"type": "object"}),
-        },
-    ],
-)
-
-_DOC: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "An Alexa response envelope (outputSpeech SSML, reprompt, card, "
-        "sessionAttributes, shouldEndSession; or canFulfillIntent; or an empty response).",
-        "content": {"application/json": {"example": _EXAMPLE_RESPONSE}},
-    },
-    400: {
-        "description": "Verification failed (signature, certificate chain or URL, "
-        "timestamp, skill id), the envelope is malformed, or the body is larger than "
-        "GATEWAY_MAX_BODY_BYTES; the reason is logged.",
-        "content": _PROBLEM,
-    },
-    503: {
-        "description": "Verification is on but GATEWAY_ALEXA_SKILL_IDS is empty",
-        "content": _PROBLEM,
-    },
-}
-
 
 def _json(envelope: AlexaResponseEnvelope) -> HTTPResponse:
     return HTTPResponse(encode(envelope), media_type="application/json")
@@ -222,32 +126,7 @@ def _refuse(status: int, reason: str, detail: str) -> JSONResponse:
     return problem(status, "Bad Request" if status == 400 else "Refused", detail, reason=reason)
 
 
-@router.post(
-    "/alexa",
-    summary="Alexa custom skill endpoint (HTTPS web service)",
-    description=(
-        "Register `{GATEWAY_PUBLIC_URL}/alexa` as the skill's HTTPS endpoint. Every request "
-        "is verified (SignatureCertChainUrl, Signature-256, timestamp, skill id) unless "
-        "GATEWAY_ALEXA_VERIFY=false. LaunchRequest starts the conversation (`#intro`), the "
-        "catch-all intent's AMAZON.SearchQuery slot is the user's text, built-in intents map "
-        "to words (AMAZON.HelpIntent `help`, Stop/Cancel `stop` and the session ends, "
-        "FallbackIntent `#fallback`), other intents to `#<IntentName>` with their slots in "
-        "`input.attributes.intent`. A turn slower than GATEWAY_ALEXA_DEADLINE_S is answered "
-        "with a 'still working' prompt; the turn finishes and its session is saved."
-    ),
-    responses=_DOC,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {**_ENVELOPE, "description": "Alexa request envelope"},
-                    "example": _EXAMPLE_REQUEST,
-                }
-            },
-        }
-    },
-)
+@router.post("/alexa", **POST_ALEXA)
 async def post_alexa(request: Request) -> HTTPResponse:
     """Answer one Alexa request (see the module doc)."""
     started = asyncio.get_running_loop().time()
