@@ -259,6 +259,12 @@ class Settings(BaseSettings):
     alexa_catch_all_slot: str = Field(
         default="query", min_length=1, description="The catch-all intent's slot name."
     )
+    flowstorm_v2_marker_wait_s: float = Field(
+        default=3.0,
+        gt=0,
+        description="How long a V2 `GET /client` waits for a recognition to start on its "
+        "session before it ends with an empty answer.",
+    )
     alexa_deadline_s: float = Field(
         default=6.5,
         gt=0,
@@ -353,6 +359,12 @@ class Settings(BaseSettings):
     )
     twilio_dtmf_timeout_ms: int = Field(
         default=2000, gt=0, description="`collect` mode: a pause this long ends the digits."
+    )
+    twilio_start_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A media stream that has not sent `start` this long after it was "
+        "accepted is closed (WebSocket close 1008).",
     )
     twilio_frame_ms: int = Field(
         default=20, ge=20, le=40, description="Outbound μ-law frame length (ms of audio)."

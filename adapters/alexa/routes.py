@@ -25,16 +25,15 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 from fastapi.responses import Response as HTTPResponse
 from starlette.requests import Request
 
+from adapters.alexa.openapi import POST_ALEXA
 from adapters.alexa.protocol import (
     NAMESPACE,
-    REQUEST_TABLE,
     AlexaConfig,
     AlexaEnvelope,
     AlexaResponseEnvelope,
@@ -49,7 +48,6 @@ from adapters.alexa.protocol import (
     turn_response,
 )
 from adapters.alexa.verify import AlexaVerificationError, AlexaVerifier
-from gateway.apidoc import component
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
@@ -118,100 +116,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 router = APIRouter(tags=["Amazon Alexa"], lifespan=_lifespan)
 
-_EXAMPLE_REQUEST = {
-    "version": "1.0",
-    "session": {
-        "new": False,
-        "sessionId": "amzn1.echo-api.session.0000",
-        "application": {"applicationId": "amzn1.ask.skill.0000"},
-        "attributes": {"gatewaySessionId": "amzn1.echo-api.session.0000"},
-        "user": {"userId": "amzn1.ask.account.0000"},
-    },
-    "context": {"System": {"application": {"applicationId": "amzn1.ask.skill.0000"}}},
-    "request": {
-        "type": "IntentRequest",
-        "requestId": "amzn1.echo-api.request.0000",
-        "timestamp": "2024-06-01T12:00:00Z",
-        "locale": "en-US",
-        "intent": {
-            "name": "CatchAllIntent",
-            "slots": {"query": {"name": "query", "value": "my name is Ada"}},
-        },
-    },
-}
-_EXAMPLE_RESPONSE = {
-    "version": "1.0",
-    "sessionAttributes": {"gatewaySessionId": "amzn1.echo-api.session.0000"},
-    "response": {
-        "outputSpeech": {"type": "SSML", "ssml": "<speak>Nice to meet you, Ada.</speak>"},
-        "reprompt": {
-            "outputSpeech": {"type": "SSML", "ssml": "<speak>Nice to meet you, Ada.</speak>"}
-        },
-        "shouldEndSession": False,
-    },
-}
-_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
-
-
-def _has(*path: str, leaf: dict[str, Any]) -> dict[str, Any]:
-    """JSON Schema: the object has ``path`` (each step required, an object), ending in ``leaf``."""
-    schema = leaf
-    for name in reversed(path):
-        schema = {"type": "object", "required": [name], "properties": {name: schema}}
-    return schema
-
-
-_SESSION_HANDLING = (Handling.TURN, Handling.END)
-_APP_ID = {"type": "string", "minLength": 1}
-
-
-def _type_is(*types: str) -> dict[str, Any]:
-    return _has("request", "type", leaf={"enum": list(types)})
-
-
-_ENVELOPE = component(
-    AlexaEnvelope,
-    # what plan() requires beyond the model (see adapters/alexa/protocol.py)
-    allOf=[
-        {
-            "if": _type_is(*(t for t, h in REQUEST_TABLE.items() if h in _SESSION_HANDLING)),
-            "then": {
-                "allOf": [
-                    _has("session", leaf={"type": "object"}),
-                    {
-                        "anyOf": [
-                            _has("session", "application", "applicationId", leaf=_APP_ID),
-                            _has("context", "System", "application", "applicationId", leaf=_APP_ID),
-                        ]
-                    },
-                ]
-            },
-        },
-        {
-            "if": _type_is("IntentRequest"),
-            "then": _has("request", "intent", leaf={"type": "object"}),
-        },
-    ],
-)
-
-_DOC: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "An Alexa response envelope (outputSpeech SSML, reprompt, card, "
-        "sessionAttributes, shouldEndSession; or canFulfillIntent; or an empty response).",
-        "content": {"application/json": {"example": _EXAMPLE_RESPONSE}},
-    },
-    400: {
-        "description": "Verification failed (signature, certificate chain or URL, "
-        "timestamp, skill id), the envelope is malformed, or the body is larger than "
-        "GATEWAY_MAX_BODY_BYTES; the reason is logged.",
-        "content": _PROBLEM,
-    },
-    503: {
-        "description": "Verification is on but GATEWAY_ALEXA_SKILL_IDS is empty",
-        "content": _PROBLEM,
-    },
-}
-
 
 def _json(envelope: AlexaResponseEnvelope) -> HTTPResponse:
     return HTTPResponse(encode(envelope), media_type="application/json")
@@ -222,32 +126,7 @@ def _refuse(status: int, reason: str, detail: str) -> JSONResponse:
     return problem(status, "Bad Request" if status == 400 else "Refused", detail, reason=reason)
 
 
-@router.post(
-    "/alexa",
-    summary="Alexa custom skill endpoint (HTTPS web service)",
-    description=(
-        "Register `{GATEWAY_PUBLIC_URL}/alexa` as the skill's HTTPS endpoint. Every request "
-        "is verified (SignatureCertChainUrl, Signature-256, timestamp, skill id) unless "
-        "GATEWAY_ALEXA_VERIFY=false. LaunchRequest starts the conversation (`#intro`), the "
-        "catch-all intent's AMAZON.SearchQuery slot is the user's text, built-in intents map "
-        "to words (AMAZON.HelpIntent `help`, Stop/Cancel `stop` and the session ends, "
-        "FallbackIntent `#fallback`), other intents to `#<IntentName>` with their slots in "
-        "`input.attributes.intent`. A turn slower than GATEWAY_ALEXA_DEADLINE_S is answered "
-        "with a 'still working' prompt; the turn finishes and its session is saved."
-    ),
-    responses=_DOC,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {**_ENVELOPE, "description": "Alexa request envelope"},
-                    "example": _EXAMPLE_REQUEST,
-                }
-            },
-        }
-    },
-)
+@router.post("/alexa", **POST_ALEXA)
 async def post_alexa(request: Request) -> HTTPResponse:
     """Answer one Alexa request (see the module doc)."""
     started = asyncio.get_running_loop().time()
@@ -265,31 +144,31 @@ async def post_alexa(request: Request) -> HTTPResponse:
         else:
             envelope = parse_envelope(body)
             _check_skill_id(gw.settings, envelope)
-        todo = plan(envelope, channel.config)
+        planned = plan(envelope, channel.config)
     except AlexaVerificationError as exc:  # already logged by the verifier
         return problem(400, "Bad Request", exc.message, reason=exc.reason.value)
     except ProtocolError as exc:
         return _refuse(exc.status, "malformed_request", exc.text)
 
-    if todo.handling is Handling.TURN:
+    if planned.handling is Handling.TURN:
         elapsed = asyncio.get_running_loop().time() - started
-        return _json(await _turn(gw, todo, gw.settings.alexa_deadline_s - elapsed))
-    if todo.handling is Handling.END:
-        await _end(gw, todo, envelope)
+        return _json(await _turn(gw, planned, gw.settings.alexa_deadline_s - elapsed))
+    if planned.handling is Handling.END:
+        await _end(gw, planned, envelope)
         return _json(empty_response())
-    if todo.handling is Handling.CAN_FULFILL:
+    if planned.handling is Handling.CAN_FULFILL:
         return _json(can_fulfill_response(envelope))
-    if todo.handling is Handling.EXCEPTION:
+    if planned.handling is Handling.EXCEPTION:
         log.warning(
             "Alexa reports an error with a previous response: %s",
             envelope.request.error or "(no details)",
         )
         return _json(empty_response())
     # Any other request type: a valid empty response. Inside a session it must end it.
-    if todo.session_id is None:
+    if planned.session_id is None:
         return _json(empty_response())
-    await _end(gw, todo, envelope)
-    return _json(empty_response(session_id=todo.session_id, end=True))
+    await _end(gw, planned, envelope)
+    return _json(empty_response(session_id=planned.session_id, end=True))
 
 
 def _check_skill_id(settings: Settings, envelope: AlexaEnvelope) -> None:
@@ -299,48 +178,50 @@ def _check_skill_id(settings: Settings, envelope: AlexaEnvelope) -> None:
         raise ProtocolError(f"Unknown applicationId {app_id!r}.")
 
 
-def _context(todo: Plan) -> TurnContext:
+def _context(planned: Plan) -> TurnContext:
     return TurnContext(
         channel=CHANNEL,
         namespace=NAMESPACE,
-        session_id=todo.session_id or "",
-        app_key=todo.app_key or "",
-        device_id=todo.device_id,
-        locale=todo.locale,
+        session_id=planned.session_id or "",
+        app_key=planned.app_key or "",
+        device_id=planned.device_id,
+        locale=planned.locale,
         create=True,
     )
 
 
-async def _turn(gw: Gateway, todo: Plan, deadline_s: float) -> AlexaResponseEnvelope:
-    assert todo.input is not None
+async def _turn(gw: Gateway, planned: Plan, deadline_s: float) -> AlexaResponseEnvelope:
+    assert planned.input is not None
     settings = gw.settings
-    ctx = _context(todo)
-    outcome = await run_turn(gw.conversation, ctx, todo.input, deadline_s)
+    ctx = _context(planned)
+    outcome = await run_turn(gw.conversation, ctx, planned.input, deadline_s)
     if outcome.late:
         log.info(
             "turn of %s outlived the Alexa deadline; answered 'still working'",
             session_ref(ctx.key),
         )
         return speak_response(
-            settings.voice_still_working_text, session_id=todo.session_id, end=False
+            settings.voice_still_working_text, session_id=planned.session_id, end=False
         )
     if outcome.rejected is not None:
         busy = outcome.rejected.reason == "session-busy"
         text = settings.voice_still_working_text if busy else settings.voice_error_text
-        return speak_response(text, session_id=todo.session_id, end=not busy)
+        return speak_response(text, session_id=planned.session_id, end=not busy)
     if outcome.response is None:  # the pipeline (or the gateway) failed; the session is kept
-        return speak_response(settings.voice_error_text, session_id=todo.session_id, end=False)
-    answer = turn_response(outcome.response, session_id=todo.session_id, force_end=todo.end_session)
+        return speak_response(settings.voice_error_text, session_id=planned.session_id, end=False)
+    answer = turn_response(
+        outcome.response, session_id=planned.session_id, force_end=planned.end_session
+    )
     if answer.response.should_end_session and not outcome.session_ended:
-        await _end(gw, todo, None)  # Alexa closes the session: so does the gateway
+        await _end(gw, planned, None)  # Alexa closes the session: so does the gateway
     return answer
 
 
-async def _end(gw: Gateway, todo: Plan, envelope: AlexaEnvelope | None) -> None:
-    """End the gateway session of ``todo`` (Alexa ended it), within the deadline."""
+async def _end(gw: Gateway, planned: Plan, envelope: AlexaEnvelope | None) -> None:
+    """End the gateway session of ``planned`` (Alexa ended it), within the deadline."""
     if envelope is not None and envelope.request.type == "SessionEndedRequest":
         reason = envelope.request.reason or "unknown"
         if envelope.request.error:
             log.warning("Alexa session ended with an error: %s", envelope.request.error)
-        log.debug("Alexa session %s ended: %s", session_ref(todo.session_id or ""), reason)
-    await end_session(gw.conversation, _context(todo), gw.settings.alexa_deadline_s)
+        log.debug("Alexa session %s ended: %s", session_ref(planned.session_id or ""), reason)
+    await end_session(gw.conversation, _context(planned), gw.settings.alexa_deadline_s)

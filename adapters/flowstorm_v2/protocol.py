@@ -7,9 +7,8 @@ also accepts objects written back to back, and event types are the short names.
 - :func:`parse_config` reads the configuration table of the spec from headers
   (``X-Key`` ...) or query parameters (``key`` ...), the header winning.
 - :class:`JsonEventReader` splits an ``application/json`` body into V2 client
-  events as its bytes arrive (bounded per event); :func:`parse_json_events` is
-  the same for a whole body. :class:`RequestStream` checks their order with the
-  table :data:`TRANSITIONS`.
+  events as its bytes arrive (bounded per event); :class:`RequestStream` checks
+  their order with the table :data:`TRANSITIONS`.
 - :func:`text_input` reads a ``text/plain`` body; :func:`text_lines` and
   :func:`json_lines` write turn events in the plain-text line format
   (``<``, ``#``, ``!``, ``.``, ``~``) or as NDJSON.
@@ -48,9 +47,6 @@ from gateway.events import (
     BinaryEvent,
     ErrorEvent,
     Input,
-    InputEvent,
-    InputStreamCloseEvent,
-    LogEvent,
     RecognizedInputEvent,
     ResponseEvent,
     ResponseItem,
@@ -80,7 +76,6 @@ AUDIO_CONTAINERS: Final[Mapping[str, AudioContainer]] = {
     "audio/mp3": "mp3",
 }
 """Audio content types (spec "Audio/Video formats") and what their bodies hold."""
-AUDIO_TYPES = frozenset(AUDIO_CONTAINERS)
 ACCEPTED_TYPES = (
     "text/plain, application/json, or audio: audio/basic (raw sttEncoding at sttSampleRate), "
     "audio/wav or audio/mpeg"
@@ -94,13 +89,13 @@ class ClientConfig(BaseModel):
     device_id: str | None = None
     locale: str = "en-US"
     time_zone: str = "Europe/Prague"
-    stt_mode: str = "SingleUtterance"
-    stt_model: str = "General"
+    stt_mode: Literal["SingleUtterance"] = "SingleUtterance"
+    stt_model: Literal["General"] = "General"
     stt_sample_rate: int = 16000
     stt_encoding: Literal["LINEAR16", "MULAW"] = "LINEAR16"
     tts_file_type: Literal["mp3", "wav"] = "mp3"
     send_response_items: bool = True
-    video_file: bool = False
+    video_file: Literal[False] = False
     tts: Literal["RequiredLinks", "None"] = "RequiredLinks"
     realtime: bool = False
 
@@ -156,6 +151,13 @@ _TRUE = frozenset({"1", "yes", "true", "on"})
 _FALSE = frozenset({"0", "no", "false", "off"})
 _BOOLEAN_FIELDS = frozenset({"send_response_items", "video_file", "realtime"})
 _TTS_VALUES = {"requiredlinks": "RequiredLinks", "none": "None"}
+_ONLY_VALUE: Final[Mapping[str, tuple[str | bool, str]]] = {
+    "stt_mode": ("SingleUtterance", "the gateway recognises one utterance per request"),
+    "stt_model": ("General", "the offline recognizer has one general model"),
+    "video_file": (False, "the gateway answers with audio links, never video"),
+}
+"""Spec configuration values the gateway reads but can honour with one value only (the
+spec's default): (that value, why). Any other value is refused naming both."""
 _FIELD_OF_HEADER: Final = {header: name for name, header, _ in CONFIG_SOURCES if header}
 _FIELD_OF_PARAM: Final = {param: name for name, _, param in CONFIG_SOURCES if param}
 _PARAM_OF_FIELD: Final = {name: param or name for name, _, param in CONFIG_SOURCES}
@@ -164,9 +166,11 @@ _PARAM_OF_FIELD: Final = {name: param or name for name, _, param in CONFIG_SOURC
 def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> ClientConfig:
     """The ClientConfig of a request; ``headers`` keys are matched case-insensitively.
 
-    Raises ProtocolError naming the first invalid value (for example
-    ``sttSampleRate=abc``). A missing key is not an error here: the route
-    decides (it answers 401).
+    Raises ProtocolError (400) naming the first invalid value (for example
+    ``sttSampleRate=abc``), and naming the accepted value when ``sttMode``,
+    ``sttModel`` or ``videoFile`` asks for what the gateway cannot do (only
+    ``SingleUtterance``, ``General`` and false are served). A missing key is
+    not an error here: the route decides (it answers 401).
     """
     found: dict[str, str] = {}
     language = ""
@@ -193,6 +197,7 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
             values[name] = _TTS_VALUES.get(raw.strip().lower(), raw.strip())
         else:
             values[name] = raw.strip()
+        values[name] = _check_only_value(name, raw, values[name])
     if language and (locale := _first_language(language)):
         values["locale"] = locale
     try:
@@ -201,6 +206,24 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "configuration"
         raise ProtocolError(f"invalid {_PARAM_OF_FIELD.get(field, field)}: {err['msg']}") from None
+
+
+def _check_only_value(name: str, raw: str, value: Any) -> Any:
+    """Refuse a value of :data:`_ONLY_VALUE` other than its one accepted value.
+
+    Strings compare case-insensitively (the accepted spelling is what gets stored).
+    Raises ProtocolError naming the parameter, the value sent and the accepted value.
+    """
+    if name not in _ONLY_VALUE:
+        return value
+    accepted, why = _ONLY_VALUE[name]
+    if isinstance(accepted, str) and str(value).lower() == accepted.lower():
+        return accepted
+    if value == accepted and type(value) is type(accepted):
+        return accepted
+    param = _PARAM_OF_FIELD[name]
+    shown = str(accepted).lower() if isinstance(accepted, bool) else accepted
+    raise ProtocolError(f"{param}={raw!r} is not supported: {why} (accepted: {shown}).")
 
 
 def _first_language(header: str) -> str | None:
@@ -229,22 +252,6 @@ def text_input(body: bytes) -> Input:
     if not text:
         raise ProtocolError("The text/plain body is empty: send the user's text.")
     return Input.of(text)
-
-
-def parse_json_events(body: bytes) -> list[V2ClientEvent]:
-    """The V2 client events of a whole ``application/json`` body.
-
-    Accepts one event per line (NDJSON), objects written back to back, and
-    JSON arrays of events. Raises ProtocolError for invalid UTF-8 or JSON (with
-    the byte position), non-object values and unknown or invalid events (naming
-    the ``type``), and for a body without any event.
-    """
-    reader = JsonEventReader()
-    events = reader.feed(body)
-    reader.close()
-    if not events:
-        raise ProtocolError("The JSON body holds no event: send an InputEvent.")
-    return events
 
 
 _WHITESPACE: Final = frozenset(b" \t\r\n")
@@ -466,25 +473,6 @@ class RequestStream:
         return nxt
 
 
-def split_events(
-    events: list[V2ClientEvent],
-) -> tuple[InputEvent | None, list[LogEvent], list[BinaryEvent | InputStreamCloseEvent]]:
-    """Check the order of ``events`` and split them into the input, logs and audio events."""
-    stream = RequestStream()
-    found: InputEvent | None = None
-    logs: list[LogEvent] = []
-    audio: list[BinaryEvent | InputStreamCloseEvent] = []
-    for event in events:
-        stream.feed(event)
-        if isinstance(event, InputEvent):
-            found = event
-        elif isinstance(event, LogEvent):
-            logs.append(event)
-        else:
-            audio.append(event)
-    return found, logs, audio
-
-
 # ------------------------------------------------------------------ audio
 
 FILE_CHUNK_MS: Final = 1000
@@ -670,11 +658,6 @@ class WavStreamReader:
 
 BusMessage = dict[str, Any]
 DoneResult = Literal["final", "silence", "text", "error", "cancelled"]
-
-
-def session_topic(session_key: str) -> str:
-    """The bus topic of a session's recognition: its store key, ``flowstorm:<session id>``."""
-    return session_key
 
 
 def recognizing_message(rid: str) -> BusMessage:

@@ -81,8 +81,8 @@ isFinal false, then one with isFinal true; an ErrorEvent / ``!`` line when the
 PUT's audio was refused): the cookie's session must exist (404 otherwise) and be
 the ``key``'s (403), then the GET follows the session's running recognition and ends
 when it ends (final, silence, switch to text, error, client gone). Without a
-recognition on the topic it ends after MARKER_WAIT_S (3 s; at once without a
-cookie), and when the recognition it follows sends nothing for LOST_S (5 s);
+recognition on the topic it ends after GATEWAY_FLOWSTORM_V2_MARKER_WAIT_S (3 s; at
+once without a cookie), and when the recognition it follows sends nothing for LOST_S (5 s);
 it never runs longer than GATEWAY_MAX_AUDIO_S + GATEWAY_SILENCE_TIMEOUT_MS +
 30 s. The cookie's session id is the topic: a GET learns nothing of sessions
 whose (unguessable) id it does not have.
@@ -100,7 +100,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response as HTTPResponse
@@ -108,6 +108,7 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
+from adapters.flowstorm_v2.openapi import GET_CLIENT, PUT_CLIENT
 from adapters.flowstorm_v2.protocol import (
     ACCEPTED_TYPES,
     AUDIO_CONTAINERS,
@@ -136,12 +137,10 @@ from adapters.flowstorm_v2.protocol import (
     parse_config,
     recognized_event,
     recognizing_message,
-    session_topic,
     text_input,
     text_lines,
 )
 from gateway import metrics
-from gateway.apidoc import component
 from gateway.bus import BusUnavailable
 from gateway.conversation import TurnContext, TurnRejected, TurnStream, new_session_id
 from gateway.deps import Gateway, gateway_of
@@ -176,8 +175,6 @@ log = logging.getLogger(__name__)
 CHANNEL = "flowstorm_v2"
 NAMESPACE = "flowstorm"
 
-MARKER_WAIT_S = 3.0
-"""How long a GET waits for a recognition to appear on its session's topic (s)."""
 HEARTBEAT_S = 1.0
 """How often a realtime PUT republishes its ``recognizing`` marker (s)."""
 LOST_S = 5.0
@@ -213,77 +210,6 @@ _REJECT_STATUS = {
     "session-busy": 409,
     "store-unavailable": 503,
 }
-
-_TURN_DOC: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The turn's events: NDJSON (RecognizedInput for audio, ResponseItem..., "
-        "Response | Error) for JSON and audio requests, the plain-text line format for "
-        "text/plain requests. Items with text carry an `audio` TTS link unless `tts=None`.",
-        "content": {NDJSON: {}, "text/plain": {}},
-    },
-    204: {"description": "A body of Log events only: stored with the session"},
-    400: {"description": "Malformed body, audio or configuration (ErrorEvent / `!` line)"},
-    401: {"description": "No application key"},
-    403: {"description": "Unknown application key, or the session is another application's"},
-    404: {"description": "The flowstorm-session-id cookie names an unknown or expired session"},
-    408: {"description": "A realtime stream stopped before its InputEvent came"},
-    409: {"description": "Another turn of this session is running"},
-    429: {
-        "description": "This client got too many 404 answers (session-id guessing): "
-        "retry after `Retry-After` seconds",
-        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-    },
-    413: {
-        "description": "Body larger than GATEWAY_MAX_BODY_BYTES (text, JSON) or "
-        "GATEWAY_MAX_AUDIO_BYTES (audio), or more than GATEWAY_MAX_AUDIO_S of audio"
-    },
-    415: {"description": "Content type not supported"},
-    503: {
-        "description": "The session store or the speech recognizer is unavailable, or all "
-        "recognizers are busy (an audio request: ErrorEvent source `stt`, `Retry-After` s)",
-        "headers": {
-            "Retry-After": {
-                "description": "Seconds to wait before trying again (recognizers busy)",
-                "schema": {"type": "integer"},
-            }
-        },
-    },
-}
-
-_CONFIG_PARAMETERS = [
-    {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "schema": schema,
-        "description": description,
-    }
-    for name, schema, description in (
-        ("key", {"type": "string"}, "Application key (or header X-Key)"),
-        ("deviceId", {"type": "string"}, "Client device id (or X-DeviceId)"),
-        ("sttSampleRate", {"type": "integer", "default": 16000}, "Hz of raw audio"),
-        (
-            "sttEncoding",
-            {"type": "string", "enum": ["LINEAR16", "MULAW"], "default": "LINEAR16"},
-            "Encoding of raw audio (audio/basic, BinaryEvents)",
-        ),
-        (
-            "ttsFileType",
-            {"type": "string", "enum": ["mp3", "wav"], "default": "mp3"},
-            "Format of the items' TTS links",
-        ),
-        (
-            "tts",
-            {"type": "string", "enum": ["RequiredLinks", "None"], "default": "RequiredLinks"},
-            "`None`: items get no TTS links (gateway extension, V1's name)",
-        ),
-        (
-            "realtime",
-            {"type": "boolean", "default": False},
-            "1: the body is streamed audio, recognised while it arrives (chunked)",
-        ),
-    )
-]
 
 
 class _Refused(Exception):
@@ -420,39 +346,7 @@ def _speech_errors() -> Iterator[None]:
         ) from None
 
 
-@router.put(
-    "/client",
-    summary="One conversational turn (Flowstorm Socket V2): text, an audio file, or streamed audio",
-    responses=_TURN_DOC,
-    openapi_extra={
-        "parameters": _CONFIG_PARAMETERS,
-        "requestBody": {
-            "required": True,
-            "content": {
-                "text/plain": {
-                    "schema": {"type": "string", "pattern": "\\S"},  # not empty, not blank
-                    "example": "my name is Ada",
-                },
-                "application/json": {
-                    "schema": {
-                        **component(InputEvent, required=["type", "input"]),
-                        "description": "One client event per line (NDJSON): `[Log] Input`, "
-                        "or `Binary... [InputStreamClose Input]` (audio in base64 `data`); "
-                        "the common body is one InputEvent, documented here. A body of Log "
-                        "events only is stored with the session (204).",
-                    },
-                    "example": {"type": "Input", "input": {"transcript": {"text": "hello"}}},
-                },
-                "audio/basic": {
-                    "schema": {"type": "string", "format": "binary"},
-                    "description": "Raw mono audio: sttEncoding at sttSampleRate, no header",
-                },
-                "audio/wav": {"schema": {"type": "string", "format": "binary"}},
-                "audio/mpeg": {"schema": {"type": "string", "format": "binary"}},
-            },
-        },
-    },
-)
+@router.put("/client", **PUT_CLIENT)
 async def put_client(request: Request) -> HTTPResponse:
     """Run one turn on the body's input (text, audio file or audio stream); see the module doc."""
     gw = gateway_of(request)
@@ -561,7 +455,7 @@ async def _stream_turn(
     container: AudioContainer | None,
 ) -> HTTPResponse:
     """A JSON body (any) or a realtime audio body: read as it streams, then the turn."""
-    hearing = _Hearing(request, gw, config, container, session_topic(ctx.key))
+    hearing = _Hearing(request, gw, config, container, ctx.key)  # the bus topic is the session key
     try:
         outcome = await hearing.run()
     except _Refused as exc:
@@ -1016,30 +910,11 @@ class _Hearing:
 
 
 def _topic_ref(topic: str) -> str:
-    """A bus topic (the session key, see session_topic) as logs name it."""
+    """A bus topic (the session's store key, ``flowstorm:<session id>``) as logs name it."""
     return session_ref(topic)
 
 
-@router.get(
-    "/client",
-    summary="Recognition results of a streaming turn (Flowstorm Socket V2)",
-    responses={
-        200: {
-            "description": "RecognizedInput events (isFinal false, then true) as NDJSON, or "
-            "`~` lines with `Accept: text/plain`; ends when the session's recognition ends",
-            "content": {NDJSON: {}, "text/plain": {}},
-        },
-        400: {"description": "Malformed configuration (ErrorEvent / `!` line)"},
-        401: {"description": "No application key"},
-        403: {"description": "Unknown application key, or the session is another application's"},
-        404: {"description": "The flowstorm-session-id cookie names an unknown or expired session"},
-        429: _TURN_DOC[429],
-        503: {"description": "The session store is unavailable"},
-    },
-    openapi_extra={
-        "parameters": [p for p in _CONFIG_PARAMETERS if p["name"] in ("key", "deviceId")],
-    },
-)
+@router.get("/client", **GET_CLIENT)
 async def get_client(request: Request) -> HTTPResponse:
     """Follow the running recognition of the cookie's session; see the module doc.
 
@@ -1077,7 +952,7 @@ async def get_client(request: Request) -> HTTPResponse:
             text=f"Session {cookie} belongs to another application.", source="session"
         )
         return _answer(403, error, plain=plain)
-    topic = session_topic(ctx.key)
+    topic = ctx.key  # the bus topic of a session's recognition is its store key
     return StreamingResponse(
         _follow(gw, topic, plain=plain), media_type=media, headers={"Cache-Control": "no-store"}
     )
@@ -1088,11 +963,12 @@ async def _follow(gw: Gateway, topic: str, *, plain: bool) -> AsyncIterator[byte
     settings = gw.settings
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.max_audio_s + settings.silence_timeout_ms / 1000 + 30
+    marker_wait_s = settings.flowstorm_v2_marker_wait_s
     follower = RecognitionFollower()
     try:
         async with gw.bus.subscribe(topic) as subscription:
             while not follower.done:
-                wait = MARKER_WAIT_S if follower.following is None else LOST_S
+                wait = marker_wait_s if follower.following is None else LOST_S
                 wait = min(wait, deadline - loop.time())
                 if wait <= 0:
                     break

@@ -38,8 +38,6 @@ bring their own certificate source or clock), else by
 from __future__ import annotations
 
 import asyncio
-import base64
-import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -50,23 +48,19 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
+from adapters.google.openapi import POST_DIALOGFLOW, POST_GOOGLE
 from adapters.google.protocol import (
     DIALOGFLOW_NAMESPACE,
     GOOGLE_NAMESPACE,
     Answer,
-    CxRequest,
-    EsRequest,
     Plan,
-    V2AppRequest,
-    V3Request,
     dialogflow_plan,
     google_plan,
     health_response,
     load_json,
     render,
 )
-from adapters.google.verify import GoogleVerificationError, GoogleVerifier
-from gateway.apidoc import component
+from adapters.google.verify import DialogflowAuth, GoogleVerificationError, GoogleVerifier
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.events import ResponseItem
@@ -85,37 +79,6 @@ GoogleVerifierFactory = Callable[[Settings], GoogleVerifier]
 def default_verifier_factory(settings: Settings) -> GoogleVerifier:
     """The production verifier: GATEWAY_GOOGLE_PROJECT_IDS and Google's published certificates."""
     return GoogleVerifier(settings.google_project_ids)
-
-
-@dataclass(frozen=True)
-class DialogflowAuth:
-    """The credentials /dialogflow requires: ``scheme`` (``basic``/``bearer``) and ``secret``.
-
-    ``secret`` is what follows the scheme in the Authorization header
-    (base64 ``user:password`` for basic, the token for bearer).
-    """
-
-    scheme: str
-    secret: str
-
-    @classmethod
-    def parse(cls, value: str) -> DialogflowAuth:
-        """From GATEWAY_DIALOGFLOW_AUTH (``basic:USER:PASSWORD`` or ``bearer:TOKEN``)."""
-        scheme, _, rest = value.partition(":")
-        if scheme.lower() == "basic":
-            return cls("basic", base64.b64encode(rest.encode()).decode("ascii"))
-        return cls("bearer", rest)
-
-    def accepts(self, header: str | None) -> bool:
-        """Whether an Authorization header value carries these credentials (constant time)."""
-        scheme, _, given = (header or "").strip().partition(" ")
-        ok_scheme = scheme.lower() == self.scheme
-        return hmac.compare_digest(given.strip().encode(), self.secret.encode()) and ok_scheme
-
-    @property
-    def challenge(self) -> str:
-        """The WWW-Authenticate value of a 401."""
-        return 'Basic realm="dialogflow"' if self.scheme == "basic" else "Bearer"
 
 
 @dataclass(frozen=True)
@@ -186,124 +149,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 router = APIRouter(lifespan=_lifespan)
 
-_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
-
-_GOOGLE_REQUEST = {
-    "handler": {"name": "gateway"},
-    "intent": {"name": "actions.intent.TEXT", "params": {}, "query": "my name is Ada"},
-    "scene": {"name": "Conversation"},
-    "session": {"id": "ABwppHE_0000", "params": {}, "languageCode": ""},
-    "user": {"locale": "en-US"},
-}
-_GOOGLE_RESPONSE = {
-    "session": {"id": "ABwppHE_0000", "params": {"gatewaySessionId": "ABwppHE_0000"}},
-    "prompt": {
-        "override": False,
-        "firstSimple": {
-            "speech": "<speak>Nice to meet you, Ada.</speak>",
-            "text": "Nice to meet you, Ada.",
-        },
-    },
-}
-_DIALOGFLOW_REQUEST = {
-    "responseId": "0000",
-    "session": "projects/my-agent/agent/sessions/1526414104011",
-    "queryResult": {
-        "queryText": "my name is Ada",
-        "parameters": {},
-        "intent": {"displayName": "Default Fallback Intent"},
-        "languageCode": "en",
-    },
-}
-_DIALOGFLOW_RESPONSE = {
-    "fulfillmentText": "Nice to meet you, Ada.",
-    "fulfillmentMessages": [{"text": {"text": ["Nice to meet you, Ada."]}}],
-}
-
-
-def _has(*path: str, leaf: dict[str, Any]) -> dict[str, Any]:
-    """JSON Schema: the object has ``path`` (each step required, an object), ending in ``leaf``."""
-    schema = leaf
-    for name in reversed(path):
-        schema = {"type": "object", "required": [name], "properties": {name: schema}}
-    return schema
-
-
-_DIALOGFLOW_SHAPE = ("queryResult", "sessionInfo", "fulfillmentInfo", "detectIntentResponseId")
-_TEXT = {"type": "string", "pattern": "\\S"}
-_NAME = {"type": "string", "minLength": 1}
-_DIALOGFLOW_KEYS = {"anyOf": [{"required": [k]} for k in _DIALOGFLOW_SHAPE]}
-_ANY_INTENT = {"anyOf": [_has("intent", "name", leaf=_NAME), _has("handler", "name", leaf=_NAME)]}
-# what google_plan / dialogflow_plan require beyond the models (adapters/google/protocol.py)
-_GOOGLE_BODY = {
-    "anyOf": [
-        {
-            "allOf": [
-                component(V3Request),
-                {"not": {"anyOf": [_DIALOGFLOW_KEYS, {"required": ["conversation", "inputs"]}]}},
-                _ANY_INTENT,
-            ]
-        },
-        {"allOf": [component(V2AppRequest), {"not": _DIALOGFLOW_KEYS}]},
-    ]
-}
-_FROM_GOOGLE = _has(
-    "originalDetectIntentRequest",
-    leaf={
-        "type": "object",
-        "required": ["source", "payload"],
-        "properties": {
-            "source": {"const": "google"},
-            "payload": {"type": "object", "required": ["inputs", "conversation"]},
-        },
-    },
-)
-_PAYLOAD_IS_APP_REQUEST = _has(
-    "originalDetectIntentRequest", "payload", leaf=component(V2AppRequest)
-)
-_DIALOGFLOW_BODY = {
-    "anyOf": [
-        {
-            "allOf": [
-                component(EsRequest),
-                {
-                    "if": _FROM_GOOGLE,
-                    "then": _PAYLOAD_IS_APP_REQUEST,
-                },
-            ]
-        },
-        {
-            "allOf": [
-                component(CxRequest),
-                {"not": {"required": ["queryResult"]}},
-                {
-                    "anyOf": [
-                        _has("text", leaf=_TEXT),
-                        _has("transcript", leaf=_TEXT),
-                        _has("dtmfDigits", leaf=_TEXT),
-                        _has("triggerEvent", leaf=_NAME),
-                        _has("fulfillmentInfo", "tag", leaf=_NAME),
-                    ]
-                },
-            ]
-        },
-    ]
-}
-
-
-def _body_doc(example: dict[str, Any], description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {**schema, "description": description},
-                    "example": example,
-                }
-            },
-        }
-    }
-
 
 def _refuse(status: int, reason: str, detail: str, **headers: str) -> JSONResponse:
     log.warning("request refused: %s: %s", reason, detail)
@@ -319,37 +164,7 @@ def _refuse(status: int, reason: str, detail: str, **headers: str) -> JSONRespon
     return answer
 
 
-@router.post(
-    "/google",
-    tags=["Google Assistant"],
-    summary="Google Assistant conversation webhook (Actions Builder / SDK, and v2 AppRequest)",
-    description=(
-        "Register `{GATEWAY_PUBLIC_URL}/google` as the Action's webhook. The "
-        "Google-Assistant-Signature (v2: Authorization) JWT must have a project id of "
-        "GATEWAY_GOOGLE_PROJECT_IDS as audience unless GATEWAY_GOOGLE_VERIFY=false. "
-        "`actions.intent.MAIN` starts the conversation (`#intro`), the user's query is the "
-        "turn's text, `actions.handler.HEALTH_CHECK` is answered `{}`; the end of the session "
-        "is `scene.next.name = actions.scene.END_CONVERSATION` (v3) or "
-        "`expectUserResponse: false` (v2). Session params (v2: conversationToken) carry "
-        "`gatewaySessionId`."
-    ),
-    responses={
-        200: {
-            "description": "The webhook response in the request's format.",
-            "content": {"application/json": {"example": _GOOGLE_RESPONSE}},
-        },
-        400: {"description": "Malformed request", "content": _PROBLEM},
-        401: {"description": "The JWT failed verification (reason logged)", "content": _PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
-        503: {
-            "description": "Verification is on but GATEWAY_GOOGLE_PROJECT_IDS is empty",
-            "content": _PROBLEM,
-        },
-    },
-    openapi_extra=_body_doc(
-        _GOOGLE_REQUEST, "Actions Builder request or v2 AppRequest", _GOOGLE_BODY
-    ),
-)
+@router.post("/google", **POST_GOOGLE)
 async def post_google(request: Request) -> JSONResponse:
     """Answer one Google Assistant webhook request (see the module doc)."""
     started = asyncio.get_running_loop().time()
@@ -366,14 +181,14 @@ async def post_google(request: Request) -> JSONResponse:
         app_key = _audience(claims, channel.verifier.project_ids)
     try:
         body = await read_body(request, gw.settings.max_body_bytes)
-        todo = google_plan(load_json(body))
+        planned = google_plan(load_json(body))
     except ProtocolError as exc:
         return _refuse(exc.status, "malformed_request", exc.text)
-    if todo.health_check:
-        return JSONResponse(health_response(todo))
-    ctx = _context("google", GOOGLE_NAMESPACE, todo, app_key)
+    if planned.health_check:
+        return JSONResponse(health_response(planned))
+    ctx = _context("google", GOOGLE_NAMESPACE, planned, app_key)
     elapsed = asyncio.get_running_loop().time() - started
-    return JSONResponse(await _turn(gw, ctx, todo, gw.settings.google_deadline_s - elapsed))
+    return JSONResponse(await _turn(gw, ctx, planned, gw.settings.google_deadline_s - elapsed))
 
 
 def _audience(claims: dict[str, Any], project_ids: frozenset[str]) -> str:
@@ -382,42 +197,7 @@ def _audience(claims: dict[str, Any], project_ids: frozenset[str]) -> str:
     return next((a for a in candidates if isinstance(a, str) and a in project_ids), "actions")
 
 
-@router.post(
-    "/dialogflow",
-    tags=["Dialogflow"],
-    summary="Dialogflow ES and CX fulfillment webhook",
-    description=(
-        "Register `{GATEWAY_PUBLIC_URL}/dialogflow` as the agent's fulfillment webhook. ES "
-        "`queryResult.queryText` (welcome events: `#intro`) or CX `text`/`transcript` is the "
-        "turn's text; the session is `session` (ES) or `sessionInfo.session` (CX). Answers "
-        "`fulfillmentText` + `fulfillmentMessages` (ES, plus `payload.google` for Actions on "
-        "Google) or `fulfillmentResponse.messages` + `sessionInfo.parameters` (CX). With "
-        "GATEWAY_DIALOGFLOW_AUTH set, requests must carry those Basic or Bearer credentials; "
-        "unset, requests are refused (503) unless GATEWAY_DIALOGFLOW_VERIFY=false. With "
-        "GATEWAY_APP_KEYS set, the agent (`projects/P...`) must be one of them."
-    ),
-    responses={
-        200: {
-            "description": "The fulfillment response in the request's format (ES or CX).",
-            "content": {"application/json": {"example": _DIALOGFLOW_RESPONSE}},
-        },
-        400: {"description": "Malformed request", "content": _PROBLEM},
-        401: {
-            "description": "Missing or wrong credentials (GATEWAY_DIALOGFLOW_AUTH)",
-            "content": _PROBLEM,
-        },
-        403: {"description": "The agent is not in GATEWAY_APP_KEYS", "content": _PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
-        503: {
-            "description": "GATEWAY_DIALOGFLOW_AUTH is unset (and GATEWAY_DIALOGFLOW_VERIFY "
-            "is not false)",
-            "content": _PROBLEM,
-        },
-    },
-    openapi_extra=_body_doc(
-        _DIALOGFLOW_REQUEST, "Dialogflow ES or CX WebhookRequest", _DIALOGFLOW_BODY
-    ),
-)
+@router.post("/dialogflow", **POST_DIALOGFLOW)
 async def post_dialogflow(request: Request) -> JSONResponse:
     """Answer one Dialogflow fulfillment request (see the module doc)."""
     started = asyncio.get_running_loop().time()
@@ -437,31 +217,31 @@ async def post_dialogflow(request: Request) -> JSONResponse:
         )
     try:
         body = await read_body(request, gw.settings.max_body_bytes)
-        todo = dialogflow_plan(load_json(body))
+        planned = dialogflow_plan(load_json(body))
     except ProtocolError as exc:
         return _refuse(exc.status, "malformed_request", exc.text)
-    if todo.health_check:
-        return JSONResponse(health_response(todo))
-    app_key = todo.app_key or "dialogflow"
+    if planned.health_check:
+        return JSONResponse(health_response(planned))
+    app_key = planned.app_key or "dialogflow"
     if not gw.settings.key_allowed(app_key):
         return _refuse(403, "unknown_agent", f"The agent {app_key!r} is not in GATEWAY_APP_KEYS.")
-    ctx = _context("dialogflow", DIALOGFLOW_NAMESPACE, todo, app_key)
+    ctx = _context("dialogflow", DIALOGFLOW_NAMESPACE, planned, app_key)
     elapsed = asyncio.get_running_loop().time() - started
-    return JSONResponse(await _turn(gw, ctx, todo, gw.settings.dialogflow_deadline_s - elapsed))
+    return JSONResponse(await _turn(gw, ctx, planned, gw.settings.dialogflow_deadline_s - elapsed))
 
 
-def _context(channel: str, namespace: str, todo: Plan, app_key: str) -> TurnContext:
+def _context(channel: str, namespace: str, planned: Plan, app_key: str) -> TurnContext:
     return TurnContext(
         channel=channel,
         namespace=namespace,
-        session_id=todo.session_id,
+        session_id=planned.session_id,
         app_key=app_key,
-        locale=todo.locale,
+        locale=planned.locale,
         create=True,
     )
 
 
-def _answer(gw: Gateway, todo: Plan, outcome: TurnOutcome) -> Answer:
+def _answer(gw: Gateway, planned: Plan, outcome: TurnOutcome) -> Answer:
     settings = gw.settings
     if outcome.late:
         return Answer((ResponseItem(text=settings.voice_still_working_text),), end=False)
@@ -473,18 +253,18 @@ def _answer(gw: Gateway, todo: Plan, outcome: TurnOutcome) -> Answer:
         return Answer((ResponseItem(text=settings.voice_error_text),), end=False)
     response = outcome.response
     ended = response.session_ended and response.sleep_timeout == 0
-    return Answer(tuple(response.items), end=todo.end_session or ended)
+    return Answer(tuple(response.items), end=planned.end_session or ended)
 
 
-async def _turn(gw: Gateway, ctx: TurnContext, todo: Plan, deadline_s: float) -> dict[str, Any]:
-    assert todo.input is not None
-    outcome = await run_turn(gw.conversation, ctx, todo.input, deadline_s)
+async def _turn(gw: Gateway, ctx: TurnContext, planned: Plan, deadline_s: float) -> dict[str, Any]:
+    assert planned.input is not None
+    outcome = await run_turn(gw.conversation, ctx, planned.input, deadline_s)
     if outcome.late:
         log.info(
             "turn of %s outlived the platform's deadline: 'still working'", session_ref(ctx.key)
         )
-    answer = _answer(gw, todo, outcome)
+    answer = _answer(gw, planned, outcome)
     if answer.end and outcome.response is not None and not outcome.session_ended:
         # the platform closes the conversation: so does the gateway
         await end_session(gw.conversation, ctx, max(deadline_s - 0.5, 0.5))
-    return render(todo, answer, ctx.session_id)
+    return render(planned, answer, ctx.session_id)

@@ -17,6 +17,9 @@ clock and reports every failure as one exception type).
 The certificate source is injectable (:class:`GoogleCertSource`); the default
 :class:`GoogleCertsFetcher` downloads Google's certificates asynchronously and caches
 them for the ``Cache-Control: max-age`` Google sends.
+
+Dialogflow (ES and CX) signs nothing: its fulfillment requests carry the secret the
+agent was configured with (GATEWAY_DIALOGFLOW_AUTH), checked by :class:`DialogflowAuth`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
 import logging
 import math
@@ -31,6 +35,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -43,6 +48,7 @@ from google.auth import exceptions as google_exceptions
 __all__ = [
     "GOOGLE_CERTS_URL",
     "GOOGLE_ISSUERS",
+    "DialogflowAuth",
     "GoogleCertSource",
     "GoogleCertsFetcher",
     "GoogleReason",
@@ -428,3 +434,34 @@ def _token_from(headers: Mapping[str, str]) -> str:
     if not raw.isascii():
         raise GoogleVerificationError(GoogleReason.MALFORMED_TOKEN, "the token is not ASCII")
     return raw
+
+
+@dataclass(frozen=True)
+class DialogflowAuth:
+    """The credentials /dialogflow requires: ``scheme`` (``basic``/``bearer``) and ``secret``.
+
+    ``secret`` is what follows the scheme in the Authorization header
+    (base64 ``user:password`` for basic, the token for bearer).
+    """
+
+    scheme: str
+    secret: str
+
+    @classmethod
+    def parse(cls, value: str) -> DialogflowAuth:
+        """From GATEWAY_DIALOGFLOW_AUTH (``basic:USER:PASSWORD`` or ``bearer:TOKEN``)."""
+        scheme, _, rest = value.partition(":")
+        if scheme.lower() == "basic":
+            return cls("basic", base64.b64encode(rest.encode()).decode("ascii"))
+        return cls("bearer", rest)
+
+    def accepts(self, header: str | None) -> bool:
+        """Whether an Authorization header value carries these credentials (constant time)."""
+        scheme, _, given = (header or "").strip().partition(" ")
+        ok_scheme = scheme.lower() == self.scheme
+        return hmac.compare_digest(given.strip().encode(), self.secret.encode()) and ok_scheme
+
+    @property
+    def challenge(self) -> str:
+        """The WWW-Authenticate value of a 401."""
+        return 'Basic realm="dialogflow"' if self.scheme == "basic" else "Bearer"

@@ -70,6 +70,7 @@ from starlette.datastructures import ImmutableMultiDict
 from starlette.requests import HTTPConnection, Request
 from starlette.websockets import WebSocketDisconnect
 
+from adapters.twilio.openapi import POST_STATUS, POST_VOICE, STATUS_FIELDS
 from adapters.twilio.protocol import (
     CHANNEL,
     CLOSE_INTERNAL,
@@ -121,8 +122,6 @@ from gateway.speech.stt import RecognitionError, RecognizerBusy
 log = logging.getLogger("adapters.twilio")
 
 MULAW_8K: Final = AudioFormat("MULAW", SAMPLE_RATE)
-START_TIMEOUT_S: Final = 10.0
-"""A stream that has not sent ``start`` this long after it was accepted is closed (1008)."""
 IDLE_TIMEOUT_S: Final = 30.0
 """A started stream silent this long (Twilio sends 50 frames a second) is taken as lost."""
 FINAL_MARK_GRACE_S: Final = 5.0
@@ -287,49 +286,6 @@ router = APIRouter(tags=["Twilio"], lifespan=_lifespan)
 
 # ------------------------------------------------------------------ webhooks
 
-_FORM_FIELDS = {
-    "CallSid": "The call's SID (CA + 32 hex digits): the session id.",
-    "AccountSid": "The account's SID.",
-    "From": "The caller's number.",
-    "To": "The called number.",
-    "CallStatus": "ringing, in-progress, ...",
-    "Direction": "inbound, outbound-api, ...",
-}
-_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
-
-
-def _form_body(
-    fields: dict[str, str], required: list[str], patterns: dict[str, str] | None = None
-) -> dict[str, Any]:
-    patterns = patterns or {}
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/x-www-form-urlencoded": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            name: {"type": "string", "description": text}
-                            | ({"pattern": patterns[name]} if name in patterns else {})
-                            for name, text in fields.items()
-                        },
-                        "required": required,
-                    }
-                }
-            },
-        }
-    }
-
-
-_TWIML_EXAMPLE = (
-    '<?xml version="1.0" encoding="UTF-8"?><Response><Connect>'
-    '<Stream statusCallback="https://gateway.example.com/twilio/status" '
-    'statusCallbackMethod="POST" url="wss://gateway.example.com/twilio/stream/CA....">'
-    '<Parameter name="from" value="+15550100"/><Parameter name="to" value="+15550199"/>'
-    '<Parameter name="appKey" value="twilio"/></Stream></Connect><Hangup/></Response>'
-)
-
 
 async def _form(request: Request, limit: int) -> ImmutableMultiDict[str, str]:
     """The form parameters of a webhook; ProtocolError (400/413/415) for a bad body."""
@@ -376,29 +332,7 @@ _TITLES = {
 }
 
 
-@router.post(
-    "/twilio/voice",
-    summary="Voice webhook: answer a call with TwiML that streams it to the gateway",
-    description=(
-        "Point a phone number's voice webhook (HTTP POST) here. Optional query "
-        "parameters: `key` (application key; default GATEWAY_TWILIO_APP_KEY) and `locale`. "
-        "With GATEWAY_TWILIO_AUTH_TOKEN set, X-Twilio-Signature must sign "
-        "`<GATEWAY_PUBLIC_URL>/twilio/voice[?query]` and the form parameters."
-    ),
-    response_class=Response,
-    responses={
-        200: {
-            "description": "TwiML: <Connect><Stream> to the call's one-time stream URL; "
-            "while speech recognition is saturated <Say>GATEWAY_TWILIO_BUSY_TEXT</Say><Hangup/>",
-            "content": {"application/xml": {"example": _TWIML_EXAMPLE}},
-        },
-        400: {"description": "No valid CallSid", "content": _PROBLEM},
-        403: {"description": "Bad signature or unknown application key", "content": _PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
-        415: {"description": "Not a form body", "content": _PROBLEM},
-    },
-    openapi_extra=_form_body(_FORM_FIELDS, ["CallSid"], {"CallSid": "^CA[0-9a-fA-F]{32}$"}),
-)
+@router.post("/twilio/voice", response_class=Response, **POST_VOICE)
 async def voice(request: Request) -> Response:
     """TwiML connecting the call to ``/twilio/stream/<token>`` (see the module doc)."""
     settings = gateway_of(request).settings
@@ -435,37 +369,13 @@ async def voice(request: Request) -> Response:
     return Response(xml, media_type="application/xml")
 
 
-_STATUS_FIELDS = {
-    "AccountSid": "The account's SID.",
-    "CallSid": "The call's SID.",
-    "StreamSid": "The stream's SID.",
-    "StreamName": "The stream's name.",
-    "StreamEvent": "stream-started, stream-stopped or stream-error.",
-    "StreamError": "What went wrong (stream-error).",
-    "Timestamp": "When it happened.",
-}
-
-
-@router.post(
-    "/twilio/status",
-    summary="Stream status callback: record stream-started/-stopped/-error",
-    status_code=204,
-    response_class=Response,
-    responses={
-        204: {"description": "Recorded"},
-        403: {"description": "Bad signature", "content": _PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
-        415: {"description": "Not a form body", "content": _PROBLEM},
-    },
-    # Twilio always sends StreamEvent; a callback without one is recorded (as "status")
-    openapi_extra=_form_body(_STATUS_FIELDS, []),
-)
+@router.post("/twilio/status", status_code=204, response_class=Response, **POST_STATUS)
 async def status(request: Request) -> Response:
     """Log the stream status event and keep it in ``app.state.twilio.status_events``."""
     params, refused = await _verified_form(request, "/twilio/status")
     if refused is not None:
         return refused
-    event = {name: params.get(name, "") for name in _STATUS_FIELDS}
+    event = {name: params.get(name, "") for name in STATUS_FIELDS}
     channel_of(request).status_events.append(event)
     level = logging.WARNING if event["StreamEvent"] == "stream-error" else logging.INFO
     log.log(
@@ -516,7 +426,6 @@ class _Sender:
         self._queue: deque[tuple[bool, str]] = deque()  # (is media, message)
         self._wake = asyncio.Event()
         self._end = 0.0  # loop time when the audio sent so far has played
-        self.frames_sent = 0
 
     @property
     def queued_ms(self) -> int:
@@ -554,7 +463,6 @@ class _Sender:
                     await asyncio.sleep(wait)
                     continue  # the queue may have been cleared meanwhile
                 self._end += self._frame_s
-                self.frames_sent += 1
             queue.popleft()
             await self._send(message)
 
@@ -572,6 +480,7 @@ class _Call(GuardedSocket):
         self.call_sid = grant.call_sid
         self.call = TwilioCall(grant.call_sid, channel.config)
         self.bad_frames = 0
+        self.start_timeout_s = settings.twilio_start_timeout_s  # for `start`, then closed 1008
         self.sender = _Sender(self._send, settings.twilio_frame_ms, settings.twilio_send_ahead_ms)
         self._tasks: set[asyncio.Task[None]] = set()
         self._listen_task: asyncio.Task[None] | None = None
@@ -602,7 +511,7 @@ class _Call(GuardedSocket):
         call = self.call
         while self.open:
             if call.info is None:
-                timeout = max(started + START_TIMEOUT_S - loop.time(), 0.0)
+                timeout = max(started + self.start_timeout_s - loop.time(), 0.0)
             else:
                 timeout = IDLE_TIMEOUT_S
             try:

@@ -1,51 +1,23 @@
-"""The turn engine with the demo pipeline and with the http pipeline against a real core."""
+"""The turn engine: sessions, locks, timeouts and drains, with the demo pipeline and a real
+HTTP core (the http pipeline itself is tested in tests/gateway/pipeline/test_http.py)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
 
-import httpx
 import pytest
 from fastapi import FastAPI
 
-from gateway.conversation import Conversation, TurnContext, TurnRejected
+from gateway.conversation import TurnContext, TurnRejected
 from gateway.events import (
-    ErrorEvent,
     Input,
     LogEntry,
     ResponseEvent,
-    ResponseItemEvent,
     SessionEndedEvent,
     SessionStartedEvent,
-    TurnEvent,
 )
-from gateway.pipeline import make_pipeline
-from gateway.sessions import ClientState, MemorySessionStore, RedisSessionStore, SessionStore
-from gateway.settings import Settings
-from tests.conftest import gateway, serve
-from tests.gateway.core_app import make_core
-
-
-def ctx(session_id: str = "s1", **fields: Any) -> TurnContext:
-    return TurnContext(channel="test", session_id=session_id, app_key="app", **fields)
-
-
-def texts(events: list[TurnEvent]) -> list[str]:
-    return [e.response_item.text or "" for e in events if isinstance(e, ResponseItemEvent)]
-
-
-def engine(store: SessionStore | None = None, **overrides: Any) -> Conversation:
-    settings = Settings().model_copy(update=overrides)
-    return Conversation(store or MemorySessionStore(), make_pipeline(settings), settings)
-
-
-@pytest.fixture
-async def core() -> AsyncIterator[tuple[str, FastAPI]]:
-    app = make_core()
-    async with serve(app) as url:
-        yield url, app
+from gateway.sessions import ClientState, RedisSessionStore
+from tests.gateway.turns import ctx, engine, texts
 
 
 async def test_demo_conversation_start_to_end() -> None:
@@ -148,48 +120,6 @@ async def test_turns_of_one_session_run_one_at_a_time(redis_url: str, redis_pref
         await store.aclose()
 
 
-async def test_http_core_json_answer_state_and_attributes(core: tuple[str, FastAPI]) -> None:
-    url, app = core
-    conv = engine(pipeline=f"{url}/json")
-    first = await conv.turn(ctx(device_id="d1"), Input.of("hello")).collect()
-    assert texts(first) == ["core heard hello"]
-    await conv.turn(ctx(), Input.of("again")).collect()
-    sent = app.state.requests
-    assert sent[0]["sessionId"] == "s1"
-    assert sent[0]["appKey"] == "app"
-    assert sent[0]["deviceId"] == "d1"
-    assert sent[0]["turn"] == 1
-    assert sent[0]["state"] == {}
-    assert sent[1]["turn"] == 2
-    assert sent[1]["state"] == {"count": 1}  # the core's state came back
-    assert sent[1]["attributes"]["lastHeard"] == "hello"
-    assert "x-request-id" in sent[0]["_headers"]
-    bye = await conv.turn(ctx(), Input.of("bye")).collect()
-    assert isinstance(bye[-1], SessionEndedEvent)
-    await conv.pipeline.aclose()
-
-
-async def test_http_core_stream_is_forwarded_as_it_arrives(core: tuple[str, FastAPI]) -> None:
-    url, app = core
-    conv = engine(pipeline=f"{url}/stream")
-    events = aiter(conv.turn(ctx(), Input.of("hi")))
-    assert isinstance(await anext(events), SessionStartedEvent)
-    first = await anext(events)
-    # "first" reached us while the core still holds its answer open
-    assert isinstance(first, ResponseItemEvent)
-    assert first.response_item.text == "first"
-    assert not app.state.release.is_set()
-    app.state.release.set()
-    rest = [e async for e in events]
-    assert [e.response_item.text for e in rest if isinstance(e, ResponseItemEvent)] == ["second"]
-    assert isinstance(rest[-1], ResponseEvent)
-    assert [i.text for i in rest[-1].response.items] == ["first", "second"]
-    session = await conv.store.get(ctx().key)
-    assert session is not None
-    assert session.pipeline_state == {"streamed": True}
-    await conv.pipeline.aclose()
-
-
 async def test_sleep_timeout_keeps_the_session(core: tuple[str, FastAPI]) -> None:
     url, _ = core
     conv = engine(pipeline=f"{url}/sleep-end")
@@ -201,45 +131,6 @@ async def test_sleep_timeout_keeps_the_session(core: tuple[str, FastAPI]) -> Non
     assert session is not None
     assert session.client_state == ClientState.SLEEPING
     assert session.timeout_s == 30
-    await conv.pipeline.aclose()
-
-
-@pytest.mark.parametrize(
-    ("path", "words"),
-    [
-        ("status/500", "HTTP 500"),
-        ("status/404", "HTTP 404"),
-        ("garbage", "invalid Response"),
-        ("wrong-shape", "invalid Response"),
-        ("huge", "larger than"),
-        ("stream-no-response", "without a Response"),
-        ("stream-unknown", "unknown event type"),
-        ("slow?s=1.5", "did not answer within"),
-    ],
-)
-async def test_core_failures_become_pipeline_errors(
-    core: tuple[str, FastAPI], path: str, words: str
-) -> None:
-    url, _ = core
-    conv = engine(pipeline=f"{url}/{path}", turn_timeout_s=0.5)
-    events = await conv.turn(ctx(), Input.of("hello")).collect()
-    error = events[-1]
-    assert isinstance(error, ErrorEvent)
-    assert error.source == "pipeline"
-    assert words in error.text
-    session = await conv.store.get(ctx().key)
-    assert session is not None  # the session survives, marked Failed, not advanced
-    assert session.client_state == ClientState.FAILED
-    assert session.turn_count == 0
-    await conv.pipeline.aclose()
-
-
-async def test_unreachable_core_is_a_pipeline_error() -> None:
-    conv = engine(pipeline="http://127.0.0.1:1/core")
-    events = await conv.turn(ctx(), Input.of("hello")).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert events[-1].source == "pipeline"
-    assert "could not be reached" in events[-1].text
     await conv.pipeline.aclose()
 
 
@@ -300,22 +191,3 @@ async def test_drain_waits_for_running_turns(core: tuple[str, FastAPI]) -> None:
     assert await conv.drain(5) == 0
     assert stream.task.done()
     await conv.pipeline.aclose()
-
-
-async def test_request_id_reaches_the_core(core: tuple[str, FastAPI]) -> None:
-    url, app = core
-    async with gateway(pipeline=f"{url}/json") as base, httpx.AsyncClient(base_url=base) as client:
-        given = await client.put(
-            "/client?key=k", headers={"Content-Type": "text/plain", "X-Request-Id": "req-42"},
-            content="hello",
-        )  # fmt: skip
-        assert given.headers["x-request-id"] == "req-42"
-        made = await client.put(
-            "/client?key=k", headers={"Content-Type": "text/plain", "X-Request-Id": "bad id!"},
-            content="hello",
-        )  # fmt: skip
-    assert made.headers["x-request-id"] != "bad id!"
-    assert [r["_headers"]["x-request-id"] for r in app.state.requests] == [
-        "req-42",
-        made.headers["x-request-id"],
-    ]

@@ -69,44 +69,44 @@ def intent_request(name: str, slots: dict[str, str | None] | None = None) -> dic
 
 
 def test_launch_request_is_intro() -> None:
-    todo = plan(parse_envelope(fixture("jovo-v4/LaunchRequest.json")), CONFIG)
-    assert todo.handling is Handling.TURN
-    assert todo.input is not None
-    assert todo.input.text == "#intro"
-    assert todo.session_id == "amzn1.echo-api.session.0000000-0000-0000-0000-00000000000"
-    assert todo.app_key == "amzn1.echo-sdk-ams.app.000000-d0ed-0000-ad00-000000d00ebe"
-    assert todo.locale == "en-US"
-    assert todo.input.attributes == {}
+    planned = plan(parse_envelope(fixture("jovo-v4/LaunchRequest.json")), CONFIG)
+    assert planned.handling is Handling.TURN
+    assert planned.input is not None
+    assert planned.input.text == "#intro"
+    assert planned.session_id == "amzn1.echo-api.session.0000000-0000-0000-0000-00000000000"
+    assert planned.app_key == "amzn1.echo-sdk-ams.app.000000-d0ed-0000-ad00-000000d00ebe"
+    assert planned.locale == "en-US"
+    assert planned.input.attributes == {}
 
 
 def test_catch_all_slot_is_the_text() -> None:
-    todo = plan(
+    planned = plan(
         parse_envelope(intent_request("CatchAllIntent", {"query": "my name is Ada"})), CONFIG
     )
-    assert todo.input is not None
-    assert todo.input.text == "my name is Ada"
-    assert [c.model_dump() for c in todo.input.classes] == [
+    assert planned.input is not None
+    assert planned.input.text == "my name is Ada"
+    assert [c.model_dump() for c in planned.input.classes] == [
         {"type": "Intent", "name": "CatchAllIntent", "score": 1.0}
     ]
-    assert not todo.end_session
+    assert not planned.end_session
 
 
 def test_catch_all_name_and_slot_are_configurable() -> None:
     config = AlexaConfig(catch_all_intent="FreeText", catch_all_slot="utterance")
-    todo = plan(parse_envelope(intent_request("FreeText", {"utterance": "hello"})), config)
-    assert todo.input is not None
-    assert todo.input.text == "hello"
+    planned = plan(parse_envelope(intent_request("FreeText", {"utterance": "hello"})), config)
+    assert planned.input is not None
+    assert planned.input.text == "hello"
     # under another configuration the same intent is just an intent
-    todo = plan(parse_envelope(intent_request("FreeText", {"utterance": "hello"})), CONFIG)
-    assert todo.input is not None
-    assert todo.input.text == "#FreeText"
+    planned = plan(parse_envelope(intent_request("FreeText", {"utterance": "hello"})), CONFIG)
+    assert planned.input is not None
+    assert planned.input.text == "#FreeText"
 
 
 @pytest.mark.parametrize("slots", [{}, {"query": None}, {"query": "  "}])
 def test_empty_catch_all_is_fallback(slots: dict[str, str | None]) -> None:
-    todo = plan(parse_envelope(intent_request("CatchAllIntent", slots)), CONFIG)
-    assert todo.input is not None
-    assert todo.input.text == "#fallback"
+    planned = plan(parse_envelope(intent_request("CatchAllIntent", slots)), CONFIG)
+    assert planned.input is not None
+    assert planned.input.text == "#fallback"
 
 
 @pytest.mark.parametrize(
@@ -122,19 +122,19 @@ def test_empty_catch_all_is_fallback(slots: dict[str, str | None]) -> None:
     ],
 )
 def test_intent_table(intent: str, text: str, ends: bool) -> None:
-    todo = plan(parse_envelope(intent_request(intent)), CONFIG)
-    assert todo.input is not None
-    assert (todo.input.text, todo.end_session) == (text, ends)
-    assert todo.input.classes[0].name == intent
+    planned = plan(parse_envelope(intent_request(intent)), CONFIG)
+    assert planned.input is not None
+    assert (planned.input.text, planned.end_session) == (text, ends)
+    assert planned.input.classes[0].name == intent
 
 
 def test_other_intents_carry_name_and_slots() -> None:
     data = fixture("alexa-app/intent_request_airport_info_resolutions.json")
-    todo = plan(parse_envelope(data), CONFIG)
-    assert todo.input is not None
-    assert todo.input.text == "#airportInfoIntent"
-    assert todo.input.action == "#airportInfoIntent"
-    assert todo.input.attributes["intent"] == {
+    planned = plan(parse_envelope(data), CONFIG)
+    assert planned.input is not None
+    assert planned.input.text == "#airportInfoIntent"
+    assert planned.input.action == "#airportInfoIntent"
+    assert planned.input.attributes["intent"] == {
         "name": "airportInfoIntent",
         "slots": {"AirportCode": "my home airport"},
         "resolvedSlots": {"AirportCode": {"name": "JFK", "id": "200"}},
@@ -143,9 +143,9 @@ def test_other_intents_carry_name_and_slots() -> None:
 
 def test_unmatched_resolutions_are_left_out() -> None:
     data = fixture("alexa-app/intent_request_airport_info_resolutions_not_found.json")
-    todo = plan(parse_envelope(data), CONFIG)
-    assert todo.input is not None
-    assert todo.input.attributes["intent"]["resolvedSlots"] == {}
+    planned = plan(parse_envelope(data), CONFIG)
+    assert planned.input is not None
+    assert planned.input.attributes["intent"]["resolvedSlots"] == {}
 
 
 @pytest.mark.parametrize(
@@ -312,6 +312,26 @@ def test_truncate_text_boundaries() -> None:
     assert truncate_text("anything", 0) == ""
 
 
-def test_every_fixture_plans_without_error() -> None:
+def test_every_fixture_plans_as_its_request_type_says() -> None:
+    expected = {
+        "LaunchRequest": Handling.TURN,
+        "IntentRequest": Handling.TURN,
+        "SessionEndedRequest": Handling.END,
+        "CanFulfillIntentRequest": Handling.CAN_FULFILL,
+        "System.ExceptionEncountered": Handling.EXCEPTION,
+    }  # every other type (AudioPlayer.*, Display.*, UnknownRequest...) is ignored
+    met: set[Handling] = set()
     for path in sorted(Path(ALEXA).rglob("*.json")):
-        plan(parse_envelope(path.read_bytes()), CONFIG)
+        raw = json.loads(path.read_bytes())
+        planned = plan(parse_envelope(path.read_bytes()), CONFIG)
+        assert planned.handling is expected.get(raw["request"]["type"], Handling.IGNORE), path
+        met.add(planned.handling)
+        if planned.handling in (Handling.TURN, Handling.END):
+            assert planned.session_id == raw["session"]["sessionId"], path
+            assert planned.app_key == raw["session"]["application"]["applicationId"], path
+        if planned.handling is Handling.TURN:
+            assert planned.input is not None, path
+            assert planned.input.text, path
+        else:
+            assert planned.input is None, path
+    assert met == set(Handling)  # the fixtures meet every row of the table

@@ -1,4 +1,5 @@
-"""Helpers of the Flowstorm V2 speech tests: audio turns, their checks, a realtime client."""
+"""Helpers of the Flowstorm V2 tests: audio turns, their checks, a realtime client, and
+whole JSON bodies read into order-checked client events."""
 
 from __future__ import annotations
 
@@ -12,6 +13,15 @@ from typing import Any
 
 import httpx
 
+from adapters.flowstorm_v2.protocol import JsonEventReader, RequestStream
+from gateway.events import (
+    BinaryEvent,
+    InputEvent,
+    InputStreamCloseEvent,
+    LogEvent,
+    V2ClientEvent,
+)
+from gateway.protocol import ProtocolError
 from gateway.speech.audio import Pcm, decode_mp3, decode_wav, resample
 from tests.adapters.flowstorm_shapes import check_v2
 from tests.speech import normalise, padded, wer
@@ -167,3 +177,35 @@ async def realtime_turn(
     result.put_answered = time.monotonic() - t0
     await asyncio.wait_for(getter, 10)
     return result
+
+
+def parse_json_events(body: bytes) -> list[V2ClientEvent]:
+    """The V2 client events of a whole ``application/json`` body, read by the route's
+    JsonEventReader in one piece. Raises ProtocolError as the reader does, and for a
+    body without any event (as the route does)."""
+    reader = JsonEventReader()
+    found = reader.feed(body)
+    reader.close()
+    if not found:
+        raise ProtocolError("The JSON body holds no event: send an InputEvent.")
+    return found
+
+
+def split_events(
+    events: list[V2ClientEvent],
+) -> tuple[InputEvent | None, list[LogEvent], list[BinaryEvent | InputStreamCloseEvent]]:
+    """Check the order of ``events`` with RequestStream (ProtocolError when out of order)
+    and split them into the input, the logs and the audio events."""
+    stream = RequestStream()
+    found: InputEvent | None = None
+    logs: list[LogEvent] = []
+    audio: list[BinaryEvent | InputStreamCloseEvent] = []
+    for event in events:
+        stream.feed(event)
+        if isinstance(event, InputEvent):
+            found = event
+        elif isinstance(event, LogEvent):
+            logs.append(event)
+        else:
+            audio.append(event)
+    return found, logs, audio

@@ -22,9 +22,7 @@ from adapters.flowstorm_v2.protocol import (
     interim_message,
     json_lines,
     parse_config,
-    parse_json_events,
     recognizing_message,
-    split_events,
     text_input,
     text_lines,
 )
@@ -44,6 +42,7 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError
 from gateway.speech.audio import AudioFormat, Pcm, encode_mp3, encode_wav, pcm_to_mulaw, silence
+from tests.adapters.flowstorm_v2.helpers import parse_json_events, split_events
 
 
 def test_config_defaults_follow_the_spec_table() -> None:
@@ -70,14 +69,14 @@ def test_config_headers_win_over_query_and_booleans_parse() -> None:
         "X-SendResponseItems": "no",
         "Accept-Language": "cs-CZ,cs;q=0.9,en;q=0.8",
     }
-    config = parse_config(headers, {"key": "from-query", "videoFile": "yes"})
+    config = parse_config(headers, {"key": "from-query", "videoFile": "no"})
     assert config.key == "from-header"
     assert config.time_zone == "America/New_York"
     assert config.stt_sample_rate == 8000
     assert config.stt_encoding == "MULAW"
     assert config.tts_file_type == "wav"
     assert config.send_response_items is False
-    assert config.video_file is True
+    assert config.video_file is False
     assert config.locale == "cs-CZ"
 
 
@@ -88,6 +87,12 @@ def test_config_headers_win_over_query_and_booleans_parse() -> None:
         ({"sttEncoding": "OPUS"}, "sttEncoding"),
         ({"ttsFileType": "ogg"}, "ttsFileType"),
         ({"sendResponseItems": "maybe"}, "sendResponseItems"),
+        ({"sttMode": "Duplex"}, "sttMode='Duplex' is not supported"),
+        ({"sttMode": "Duplex"}, "(accepted: SingleUtterance)"),
+        ({"sttModel": "Enhanced"}, "sttModel='Enhanced' is not supported"),
+        ({"sttModel": "Enhanced"}, "(accepted: General)"),
+        ({"videoFile": "yes"}, "videoFile='yes' is not supported"),
+        ({"videoFile": "true"}, "(accepted: false)"),
     ],
 )
 def test_invalid_config_values_are_named(query: dict[str, str], words: str) -> None:
@@ -228,6 +233,16 @@ def test_text_input_rules() -> None:
         text_input(b"   ")
     with pytest.raises(ProtocolError):
         text_input(b"\xc3\x28")
+
+
+def test_only_values_the_gateway_serves_are_accepted_in_any_case() -> None:
+    headers = {"X-SttMode": "singleutterance", "X-SttModel": "GENERAL", "X-VideoFile": "0"}
+    config = parse_config(headers, {"key": "k"})
+    assert (config.stt_mode, config.stt_model, config.video_file) == (
+        "SingleUtterance",
+        "General",
+        False,
+    )
 
 
 def test_session_config_uses_v1_names() -> None:

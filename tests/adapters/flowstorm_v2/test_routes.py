@@ -158,6 +158,21 @@ async def test_logs_alone_are_stored_with_the_session() -> None:
         ),
         (JSON, "", input_event("hello").encode(), 401, "application key is missing"),
         (JSON, f"key={KEY}&sttSampleRate=abc", input_event("hello").encode(), 400, "sttSampleRate"),
+        (
+            JSON,
+            f"key={KEY}&sttMode=Duplex",
+            input_event("hello").encode(),
+            400,
+            "sttMode='Duplex' is not supported: the gateway recognises one utterance per request "
+            "(accepted: SingleUtterance)",
+        ),
+        (
+            {**JSON, "X-VideoFile": "true"},
+            f"key={KEY}",
+            input_event("hello").encode(),
+            400,
+            "videoFile='true' is not supported",
+        ),
         ({"Content-Type": "audio/wav"}, f"key={KEY}", b"RIFF....", 400, "expected WAV"),
         ({"Content-Type": "image/png"}, f"key={KEY}", b"\x89PNG", 415, "Unsupported Content-Type"),
         ({"Content-Type": "audio/ogg"}, f"key={KEY}", b"OggS", 415, "audio/basic (raw sttEncoding"),
@@ -207,7 +222,35 @@ async def test_bad_text_requests_get_bang_lines(base: str) -> None:
         assert empty.status_code == 400
         assert empty.text.startswith("! client: The text/plain body is empty")
         assert "flowstorm-session-id" not in empty.cookies
+        model = await client.put(f"/client?key={KEY}&sttModel=Enhanced", headers=TEXT, content="hi")
+        assert model.status_code == 400
+        assert model.text == (
+            "! client: sttModel='Enhanced' is not supported: the offline recognizer has one "
+            "general model (accepted: General).\n"
+        )
+        assert "flowstorm-session-id" not in model.cookies
     await ok_turn(base)
+
+
+async def test_spec_defaults_sent_explicitly_are_accepted(base: str) -> None:
+    # what a Flowstorm client sends when it spells out the spec table's defaults
+    defaults = {
+        **TEXT,
+        "X-SttMode": "SingleUtterance",
+        "X-SttModel": "General",
+        "X-VideoFile": "false",
+        "X-SttSampleRate": "16000",
+        "X-SttEncoding": "LINEAR16",
+        "X-TtsFileType": "mp3",
+    }
+    async with httpx.AsyncClient(base_url=base) as client:
+        answer = await client.put(f"/client?key={KEY}", headers=defaults, content="hello there")
+        assert answer.status_code == 200
+        assert spoken(answer.text) == "< You said: hello there\n"
+        query = "sttMode=SingleUtterance&sttModel=General&videoFile=0"
+        again = await client.put(f"/client?key={KEY}&{query}", headers=TEXT, content="again")
+        assert again.status_code == 200
+        assert spoken(again.text) == "< You said: again\n"
 
 
 async def test_wrong_key_is_refused_when_keys_are_configured() -> None:

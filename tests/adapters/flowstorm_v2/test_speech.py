@@ -18,7 +18,6 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from adapters.flowstorm_v2 import routes
 from gateway.speech.audio import Pcm, encode_mp3, encode_wav, pcm_to_mulaw, silence
 from tests.adapters.flowstorm_v2.helpers import (
     CHUNK_MS,
@@ -268,11 +267,11 @@ async def test_input_stream_close_then_input_switches_to_text(
         assert asked.text == "< Your name is Ada.\n"
 
 
-async def test_get_without_a_recognition_ends_after_a_bounded_wait(
-    server: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(routes, "MARKER_WAIT_S", 0.5)
-    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+async def test_get_without_a_recognition_ends_after_a_bounded_wait() -> None:
+    async with (
+        gateway(flowstorm_v2_marker_wait_s=0.5) as server,
+        httpx.AsyncClient(base_url=server, timeout=60) as client,
+    ):
         await intro(client)
         started = time.monotonic()
         idle = await client.get(f"/client?key={KEY}", headers={"Accept": "text/plain"})

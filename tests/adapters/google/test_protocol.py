@@ -73,14 +73,14 @@ def test_v3_intents(intent: str, query: str, text: str, ends: bool) -> None:
         "params": {"n": {"original": "max", "resolved": "Max"}},
         "query": query,
     }
-    todo = google_plan(data)
-    assert todo.format is Format.ACTIONS_BUILDER
-    assert todo.input is not None
-    assert (todo.input.text, todo.end_session) == (text, ends)
-    assert todo.session_id == data["session"]["id"]
-    assert todo.locale == "en-US"
-    assert todo.input.classes[0].name == intent
-    assert todo.input.attributes["intent"]["params"] == {
+    planned = google_plan(data)
+    assert planned.format is Format.ACTIONS_BUILDER
+    assert planned.input is not None
+    assert (planned.input.text, planned.end_session) == (text, ends)
+    assert planned.session_id == data["session"]["id"]
+    assert planned.locale == "en-US"
+    assert planned.input.classes[0].name == intent
+    assert planned.input.attributes["intent"]["params"] == {
         "n": {"original": "max", "resolved": "Max"}
     }
 
@@ -88,10 +88,10 @@ def test_v3_intents(intent: str, query: str, text: str, ends: bool) -> None:
 def test_v3_health_check() -> None:
     data = fixture("actions-builder/LAUNCH.json")
     data["handler"]["name"] = "actions.handler.HEALTH_CHECK"
-    todo = google_plan(data)
-    assert todo.health_check
-    assert todo.input is None
-    assert health_response(todo) == {}
+    planned = google_plan(data)
+    assert planned.health_check
+    assert planned.input is None
+    assert health_response(planned) == {}
 
 
 @pytest.mark.parametrize(
@@ -108,13 +108,13 @@ def test_v2_and_dialogflow_google_payload(
     name: str, text: str | None, ends: bool, health: bool
 ) -> None:
     data = fixture(f"actions-sdk-v2-via-dialogflow/{name}")
-    for todo in (
+    for planned in (
         google_plan(data["originalDetectIntentRequest"]["payload"]),
         dialogflow_plan(data),
     ):
-        assert todo.health_check is health
-        assert (todo.input.text if todo.input else None) == text
-        assert todo.end_session is ends
+        assert planned.health_check is health
+        assert (planned.input.text if planned.input else None) == text
+        assert planned.end_session is ends
     es = dialogflow_plan(data)
     assert es.format is Format.DIALOGFLOW_ES
     assert es.google_payload
@@ -129,11 +129,11 @@ def test_v2_and_dialogflow_google_payload(
 def test_dialogflow_es(query: str, text: str) -> None:
     data = fixture("dialogflow/HelpIntent.json")
     data["queryResult"]["queryText"] = query
-    todo = dialogflow_plan(data)
-    assert todo.input is not None
-    assert todo.input.text == text
-    assert todo.app_key == "projects/newagent-904be"
-    assert not todo.google_payload
+    planned = dialogflow_plan(data)
+    assert planned.input is not None
+    assert planned.input.text == text
+    assert planned.app_key == "projects/newagent-904be"
+    assert not planned.google_payload
 
 
 CX_SESSION = "projects/p1/locations/global/agents/a1/sessions/s1"
@@ -159,12 +159,12 @@ def test_dialogflow_cx(fields: dict[str, Any], text: str) -> None:
         "intentInfo": {"displayName": "order", "parameters": {"size": {"resolvedValue": "L"}}},
         **fields,
     }
-    todo = dialogflow_plan(data)
-    assert todo.input is not None
-    assert todo.input.text == text
-    assert todo.app_key == "projects/p1/locations/global/agents/a1"
-    assert todo.end_page == "projects/p1/locations/global/agents/a1/flows/f1/pages/END_SESSION"
-    assert todo.input.attributes["intent"] == {
+    planned = dialogflow_plan(data)
+    assert planned.input is not None
+    assert planned.input.text == text
+    assert planned.app_key == "projects/p1/locations/global/agents/a1"
+    assert planned.end_page == "projects/p1/locations/global/agents/a1/flows/f1/pages/END_SESSION"
+    assert planned.input.attributes["intent"] == {
         "name": "order",
         "parameters": {"size": {"resolvedValue": "L"}},
     }
@@ -222,8 +222,8 @@ ITEMS = (
 
 
 def test_render_v3() -> None:
-    todo = google_plan(fixture("actions-builder/IntentRequest.json"))
-    going = render(todo, Answer(ITEMS, end=False), "G1")
+    planned = google_plan(fixture("actions-builder/IntentRequest.json"))
+    going = render(planned, Answer(ITEMS, end=False), "G1")
     assert going["prompt"]["firstSimple"] == {
         "speech": "<speak>Tom &amp; Jerry.</speak>",
         "text": "Tom & Jerry.",
@@ -233,7 +233,7 @@ def test_render_v3() -> None:
     }
     assert going["session"]["params"] == {"gatewaySessionId": "G1"}
     assert "scene" not in going
-    ending = render(todo, Answer(ITEMS, end=True), "G1")
+    ending = render(planned, Answer(ITEMS, end=True), "G1")
     assert ending["scene"] == {
         "name": "actions.scene.START_CONVERSATION",
         "next": {"name": "actions.scene.END_CONVERSATION"},
@@ -280,9 +280,9 @@ def test_render_v2_es_cx() -> None:
 
 
 def test_display_text_is_cut_to_640() -> None:
-    todo = google_plan(fixture("actions-builder/IntentRequest.json"))
+    planned = google_plan(fixture("actions-builder/IntentRequest.json"))
     long = (ResponseItem(text="A sentence that goes on. " * 100),)
-    simple = render(todo, Answer(long), "G")["prompt"]["firstSimple"]
+    simple = render(planned, Answer(long), "G")["prompt"]["firstSimple"]
     assert len(simple["text"]) <= 640
     assert simple["text"].endswith("goes on.")
     assert len(simple["speech"]) > 640

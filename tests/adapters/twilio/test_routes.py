@@ -257,20 +257,16 @@ async def test_the_token_works_across_instances_once(redis_url: str, redis_prefi
         assert urllib.parse.quote(token, safe=".-_") == token
 
 
-async def test_a_stream_that_never_starts_is_closed(
-    gw: Served, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from adapters.twilio import routes
-
-    monkeypatch.setattr(routes, "START_TIMEOUT_S", 0.3)
-    url = await stream_url_of(gw)
-    async with connect(
-        local_ws_url(gw.url, url), additional_headers={"X-Twilio-Signature": sign(AUTH, url)}
-    ) as ws:
-        await ws.send('{"event": "connected", "protocol": "Call", "version": "1.0.0"}')
-        with pytest.raises(ConnectionClosed) as closed:
-            async with asyncio.timeout(3):
-                await ws.recv()
-    assert closed.value.rcvd is not None
-    assert closed.value.rcvd.code == 1008
-    assert not gw.channel.calls
+async def test_a_stream_that_never_starts_is_closed() -> None:
+    async with twilio_gateway(twilio_start_timeout_s=0.3) as gw:
+        url = await stream_url_of(gw)
+        async with connect(
+            local_ws_url(gw.url, url), additional_headers={"X-Twilio-Signature": sign(AUTH, url)}
+        ) as ws:
+            await ws.send('{"event": "connected", "protocol": "Call", "version": "1.0.0"}')
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(3):
+                    await ws.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1008
+        assert not gw.channel.calls

@@ -1,0 +1,135 @@
+"""OpenAPI documentation of ``POST /alexa``: examples, the envelope schema with what
+:func:`adapters.alexa.protocol.plan` requires beyond the model, and the answers.
+
+Kept out of routes.py so the route is I/O only; :data:`POST_ALEXA` is the keyword
+arguments of its ``@router.post``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adapters.alexa.protocol import REQUEST_TABLE, AlexaEnvelope, Handling
+from gateway.apidoc import component
+
+_EXAMPLE_REQUEST = {
+    "version": "1.0",
+    "session": {
+        "new": False,
+        "sessionId": "amzn1.echo-api.session.0000",
+        "application": {"applicationId": "amzn1.ask.skill.0000"},
+        "attributes": {"gatewaySessionId": "amzn1.echo-api.session.0000"},
+        "user": {"userId": "amzn1.ask.account.0000"},
+    },
+    "context": {"System": {"application": {"applicationId": "amzn1.ask.skill.0000"}}},
+    "request": {
+        "type": "IntentRequest",
+        "requestId": "amzn1.echo-api.request.0000",
+        "timestamp": "2024-06-01T12:00:00Z",
+        "locale": "en-US",
+        "intent": {
+            "name": "CatchAllIntent",
+            "slots": {"query": {"name": "query", "value": "my name is Ada"}},
+        },
+    },
+}
+_EXAMPLE_RESPONSE = {
+    "version": "1.0",
+    "sessionAttributes": {"gatewaySessionId": "amzn1.echo-api.session.0000"},
+    "response": {
+        "outputSpeech": {"type": "SSML", "ssml": "<speak>Nice to meet you, Ada.</speak>"},
+        "reprompt": {
+            "outputSpeech": {"type": "SSML", "ssml": "<speak>Nice to meet you, Ada.</speak>"}
+        },
+        "shouldEndSession": False,
+    },
+}
+_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+
+
+def _has(*path: str, leaf: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema: the object has ``path`` (each step required, an object), ending in ``leaf``."""
+    schema = leaf
+    for name in reversed(path):
+        schema = {"type": "object", "required": [name], "properties": {name: schema}}
+    return schema
+
+
+_SESSION_HANDLING = (Handling.TURN, Handling.END)
+_APP_ID = {"type": "string", "minLength": 1}
+
+
+def _type_is(*types: str) -> dict[str, Any]:
+    return _has("request", "type", leaf={"enum": list(types)})
+
+
+_ENVELOPE = component(
+    AlexaEnvelope,
+    # what plan() requires beyond the model (see adapters/alexa/protocol.py)
+    allOf=[
+        {
+            "if": _type_is(*(t for t, h in REQUEST_TABLE.items() if h in _SESSION_HANDLING)),
+            "then": {
+                "allOf": [
+                    _has("session", leaf={"type": "object"}),
+                    {
+                        "anyOf": [
+                            _has("session", "application", "applicationId", leaf=_APP_ID),
+                            _has("context", "System", "application", "applicationId", leaf=_APP_ID),
+                        ]
+                    },
+                ]
+            },
+        },
+        {
+            "if": _type_is("IntentRequest"),
+            "then": _has("request", "intent", leaf={"type": "object"}),
+        },
+    ],
+)
+
+_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "An Alexa response envelope (outputSpeech SSML, reprompt, card, "
+        "sessionAttributes, shouldEndSession; or canFulfillIntent; or an empty response).",
+        "content": {"application/json": {"example": _EXAMPLE_RESPONSE}},
+    },
+    400: {
+        "description": "Verification failed (signature, certificate chain or URL, "
+        "timestamp, skill id), the envelope is malformed, or the body is larger than "
+        "GATEWAY_MAX_BODY_BYTES; the reason is logged.",
+        "content": _PROBLEM,
+    },
+    503: {
+        "description": "Verification is on but GATEWAY_ALEXA_SKILL_IDS is empty",
+        "content": _PROBLEM,
+    },
+}
+
+
+POST_ALEXA: dict[str, Any] = dict(
+    summary="Alexa custom skill endpoint (HTTPS web service)",
+    description=(
+        "Register `{GATEWAY_PUBLIC_URL}/alexa` as the skill's HTTPS endpoint. Every request "
+        "is verified (SignatureCertChainUrl, Signature-256, timestamp, skill id) unless "
+        "GATEWAY_ALEXA_VERIFY=false. LaunchRequest starts the conversation (`#intro`), the "
+        "catch-all intent's AMAZON.SearchQuery slot is the user's text, built-in intents map "
+        "to words (AMAZON.HelpIntent `help`, Stop/Cancel `stop` and the session ends, "
+        "FallbackIntent `#fallback`), other intents to `#<IntentName>` with their slots in "
+        "`input.attributes.intent`. A turn slower than GATEWAY_ALEXA_DEADLINE_S is answered "
+        "with a 'still working' prompt; the turn finishes and its session is saved."
+    ),
+    responses=_DOC,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {**_ENVELOPE, "description": "Alexa request envelope"},
+                    "example": _EXAMPLE_REQUEST,
+                }
+            },
+        }
+    },
+)
+"""Keyword arguments of the ``POST /alexa`` route: summary, description, answers, body."""

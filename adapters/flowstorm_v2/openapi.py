@@ -1,0 +1,156 @@
+"""OpenAPI documentation of ``PUT /client`` and ``GET /client`` (Flowstorm Socket V2): the
+configuration parameters, the body forms, and the answers with their status codes.
+
+Kept out of routes.py so the routes are I/O only; :data:`PUT_CLIENT` and
+:data:`GET_CLIENT` are the keyword arguments of their route decorators.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adapters.flowstorm_v2.protocol import NDJSON
+from gateway.apidoc import component
+from gateway.events import InputEvent
+
+_TURN_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The turn's events: NDJSON (RecognizedInput for audio, ResponseItem..., "
+        "Response | Error) for JSON and audio requests, the plain-text line format for "
+        "text/plain requests. Items with text carry an `audio` TTS link unless `tts=None`.",
+        "content": {NDJSON: {}, "text/plain": {}},
+    },
+    204: {"description": "A body of Log events only: stored with the session"},
+    400: {"description": "Malformed body, audio or configuration (ErrorEvent / `!` line)"},
+    401: {"description": "No application key"},
+    403: {"description": "Unknown application key, or the session is another application's"},
+    404: {"description": "The flowstorm-session-id cookie names an unknown or expired session"},
+    408: {"description": "A realtime stream stopped before its InputEvent came"},
+    409: {"description": "Another turn of this session is running"},
+    429: {
+        "description": "This client got too many 404 answers (session-id guessing): "
+        "retry after `Retry-After` seconds",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    },
+    413: {
+        "description": "Body larger than GATEWAY_MAX_BODY_BYTES (text, JSON) or "
+        "GATEWAY_MAX_AUDIO_BYTES (audio), or more than GATEWAY_MAX_AUDIO_S of audio"
+    },
+    415: {"description": "Content type not supported"},
+    503: {
+        "description": "The session store or the speech recognizer is unavailable, or all "
+        "recognizers are busy (an audio request: ErrorEvent source `stt`, `Retry-After` s)",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again (recognizers busy)",
+                "schema": {"type": "integer"},
+            }
+        },
+    },
+}
+
+_CONFIG_PARAMETERS = [
+    {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+    for name, schema, description in (
+        ("key", {"type": "string"}, "Application key (or header X-Key)"),
+        ("deviceId", {"type": "string"}, "Client device id (or X-DeviceId)"),
+        (
+            "sttMode",
+            {"type": "string", "enum": ["SingleUtterance"], "default": "SingleUtterance"},
+            "One utterance per request; any other value is refused (400)",
+        ),
+        (
+            "sttModel",
+            {"type": "string", "enum": ["General"], "default": "General"},
+            "The recognizer's one model; any other value is refused (400)",
+        ),
+        (
+            "videoFile",
+            {"type": "boolean", "enum": [False], "default": False},
+            "No video is made: true is refused (400)",
+        ),
+        ("sttSampleRate", {"type": "integer", "default": 16000}, "Hz of raw audio"),
+        (
+            "sttEncoding",
+            {"type": "string", "enum": ["LINEAR16", "MULAW"], "default": "LINEAR16"},
+            "Encoding of raw audio (audio/basic, BinaryEvents)",
+        ),
+        (
+            "ttsFileType",
+            {"type": "string", "enum": ["mp3", "wav"], "default": "mp3"},
+            "Format of the items' TTS links",
+        ),
+        (
+            "tts",
+            {"type": "string", "enum": ["RequiredLinks", "None"], "default": "RequiredLinks"},
+            "`None`: items get no TTS links (gateway extension, V1's name)",
+        ),
+        (
+            "realtime",
+            {"type": "boolean", "default": False},
+            "1: the body is streamed audio, recognised while it arrives (chunked)",
+        ),
+    )
+]
+
+
+PUT_CLIENT: dict[str, Any] = dict(
+    summary="One conversational turn (Flowstorm Socket V2): text, an audio file, or streamed audio",
+    responses=_TURN_DOC,
+    openapi_extra={
+        "parameters": _CONFIG_PARAMETERS,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "text/plain": {
+                    "schema": {"type": "string", "pattern": "\\S"},  # not empty, not blank
+                    "example": "my name is Ada",
+                },
+                "application/json": {
+                    "schema": {
+                        **component(InputEvent, required=["type", "input"]),
+                        "description": "One client event per line (NDJSON): `[Log] Input`, "
+                        "or `Binary... [InputStreamClose Input]` (audio in base64 `data`); "
+                        "the common body is one InputEvent, documented here. A body of Log "
+                        "events only is stored with the session (204).",
+                    },
+                    "example": {"type": "Input", "input": {"transcript": {"text": "hello"}}},
+                },
+                "audio/basic": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "Raw mono audio: sttEncoding at sttSampleRate, no header",
+                },
+                "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+                "audio/mpeg": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+    },
+)
+"""Keyword arguments of the ``PUT /client`` route: summary, answers, parameters, body."""
+
+GET_CLIENT: dict[str, Any] = dict(
+    summary="Recognition results of a streaming turn (Flowstorm Socket V2)",
+    responses={
+        200: {
+            "description": "RecognizedInput events (isFinal false, then true) as NDJSON, or "
+            "`~` lines with `Accept: text/plain`; ends when the session's recognition ends",
+            "content": {NDJSON: {}, "text/plain": {}},
+        },
+        400: {"description": "Malformed configuration (ErrorEvent / `!` line)"},
+        401: {"description": "No application key"},
+        403: {"description": "Unknown application key, or the session is another application's"},
+        404: {"description": "The flowstorm-session-id cookie names an unknown or expired session"},
+        429: _TURN_DOC[429],
+        503: {"description": "The session store is unavailable"},
+    },
+    openapi_extra={
+        "parameters": [p for p in _CONFIG_PARAMETERS if p["name"] in ("key", "deviceId")],
+    },
+)
+"""Keyword arguments of the ``GET /client`` route: summary, answers, parameters."""

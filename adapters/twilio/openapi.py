@@ -1,0 +1,102 @@
+"""OpenAPI documentation of the Twilio webhooks ``POST /twilio/voice`` and
+``POST /twilio/status``: their form bodies, answers and a TwiML example.
+
+Kept out of routes.py so the routes are I/O only; :data:`POST_VOICE` and
+:data:`POST_STATUS` are the documenting keyword arguments of their ``@router.post``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_FORM_FIELDS = {
+    "CallSid": "The call's SID (CA + 32 hex digits): the session id.",
+    "AccountSid": "The account's SID.",
+    "From": "The caller's number.",
+    "To": "The called number.",
+    "CallStatus": "ringing, in-progress, ...",
+    "Direction": "inbound, outbound-api, ...",
+}
+_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+
+
+def _form_body(
+    fields: dict[str, str], required: list[str], patterns: dict[str, str] | None = None
+) -> dict[str, Any]:
+    patterns = patterns or {}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            name: {"type": "string", "description": text}
+                            | ({"pattern": patterns[name]} if name in patterns else {})
+                            for name, text in fields.items()
+                        },
+                        "required": required,
+                    }
+                }
+            },
+        }
+    }
+
+
+_TWIML_EXAMPLE = (
+    '<?xml version="1.0" encoding="UTF-8"?><Response><Connect>'
+    '<Stream statusCallback="https://gateway.example.com/twilio/status" '
+    'statusCallbackMethod="POST" url="wss://gateway.example.com/twilio/stream/CA....">'
+    '<Parameter name="from" value="+15550100"/><Parameter name="to" value="+15550199"/>'
+    '<Parameter name="appKey" value="twilio"/></Stream></Connect><Hangup/></Response>'
+)
+
+STATUS_FIELDS = {
+    "AccountSid": "The account's SID.",
+    "CallSid": "The call's SID.",
+    "StreamSid": "The stream's SID.",
+    "StreamName": "The stream's name.",
+    "StreamEvent": "stream-started, stream-stopped or stream-error.",
+    "StreamError": "What went wrong (stream-error).",
+    "Timestamp": "When it happened.",
+}
+"""The form parameters of a stream status callback: name -> meaning (the route records
+these names)."""
+
+
+POST_VOICE: dict[str, Any] = dict(
+    summary="Voice webhook: answer a call with TwiML that streams it to the gateway",
+    description=(
+        "Point a phone number's voice webhook (HTTP POST) here. Optional query "
+        "parameters: `key` (application key; default GATEWAY_TWILIO_APP_KEY) and `locale`. "
+        "With GATEWAY_TWILIO_AUTH_TOKEN set, X-Twilio-Signature must sign "
+        "`<GATEWAY_PUBLIC_URL>/twilio/voice[?query]` and the form parameters."
+    ),
+    responses={
+        200: {
+            "description": "TwiML: <Connect><Stream> to the call's one-time stream URL; "
+            "while speech recognition is saturated <Say>GATEWAY_TWILIO_BUSY_TEXT</Say><Hangup/>",
+            "content": {"application/xml": {"example": _TWIML_EXAMPLE}},
+        },
+        400: {"description": "No valid CallSid", "content": _PROBLEM},
+        403: {"description": "Bad signature or unknown application key", "content": _PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        415: {"description": "Not a form body", "content": _PROBLEM},
+    },
+    openapi_extra=_form_body(_FORM_FIELDS, ["CallSid"], {"CallSid": "^CA[0-9a-fA-F]{32}$"}),
+)
+"""Documenting keyword arguments of ``POST /twilio/voice``."""
+
+POST_STATUS: dict[str, Any] = dict(
+    summary="Stream status callback: record stream-started/-stopped/-error",
+    responses={
+        204: {"description": "Recorded"},
+        403: {"description": "Bad signature", "content": _PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        415: {"description": "Not a form body", "content": _PROBLEM},
+    },
+    # Twilio always sends StreamEvent; a callback without one is recorded (as "status")
+    openapi_extra=_form_body(STATUS_FIELDS, []),
+)
+"""Documenting keyword arguments of ``POST /twilio/status``."""

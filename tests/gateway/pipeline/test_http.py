@@ -1,0 +1,120 @@
+"""The http pipeline against a real core: the request it sends, JSON and streamed answers,
+every kind of core failure as a pipeline error, and the request id it forwards."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from gateway.events import (
+    ErrorEvent,
+    Input,
+    ResponseEvent,
+    ResponseItemEvent,
+    SessionEndedEvent,
+    SessionStartedEvent,
+)
+from gateway.sessions import ClientState
+from tests.conftest import gateway
+from tests.gateway.turns import ctx, engine, texts
+
+
+async def test_http_core_json_answer_state_and_attributes(core: tuple[str, FastAPI]) -> None:
+    url, app = core
+    conv = engine(pipeline=f"{url}/json")
+    first = await conv.turn(ctx(device_id="d1"), Input.of("hello")).collect()
+    assert texts(first) == ["core heard hello"]
+    await conv.turn(ctx(), Input.of("again")).collect()
+    sent = app.state.requests
+    assert sent[0]["sessionId"] == "s1"
+    assert sent[0]["appKey"] == "app"
+    assert sent[0]["deviceId"] == "d1"
+    assert sent[0]["turn"] == 1
+    assert sent[0]["state"] == {}
+    assert sent[1]["turn"] == 2
+    assert sent[1]["state"] == {"count": 1}  # the core's state came back
+    assert sent[1]["attributes"]["lastHeard"] == "hello"
+    assert "x-request-id" in sent[0]["_headers"]
+    bye = await conv.turn(ctx(), Input.of("bye")).collect()
+    assert isinstance(bye[-1], SessionEndedEvent)
+    await conv.pipeline.aclose()
+
+
+async def test_http_core_stream_is_forwarded_as_it_arrives(core: tuple[str, FastAPI]) -> None:
+    url, app = core
+    conv = engine(pipeline=f"{url}/stream")
+    events = aiter(conv.turn(ctx(), Input.of("hi")))
+    assert isinstance(await anext(events), SessionStartedEvent)
+    first = await anext(events)
+    # "first" reached us while the core still holds its answer open
+    assert isinstance(first, ResponseItemEvent)
+    assert first.response_item.text == "first"
+    assert not app.state.release.is_set()
+    app.state.release.set()
+    rest = [e async for e in events]
+    assert [e.response_item.text for e in rest if isinstance(e, ResponseItemEvent)] == ["second"]
+    assert isinstance(rest[-1], ResponseEvent)
+    assert [i.text for i in rest[-1].response.items] == ["first", "second"]
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.pipeline_state == {"streamed": True}
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    ("path", "words"),
+    [
+        ("status/500", "HTTP 500"),
+        ("status/404", "HTTP 404"),
+        ("garbage", "invalid Response"),
+        ("wrong-shape", "invalid Response"),
+        ("huge", "larger than"),
+        ("stream-no-response", "without a Response"),
+        ("stream-unknown", "unknown event type"),
+        ("slow?s=1.5", "did not answer within"),
+    ],
+)
+async def test_core_failures_become_pipeline_errors(
+    core: tuple[str, FastAPI], path: str, words: str
+) -> None:
+    url, _ = core
+    conv = engine(pipeline=f"{url}/{path}", turn_timeout_s=0.5)
+    events = await conv.turn(ctx(), Input.of("hello")).collect()
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.source == "pipeline"
+    assert words in error.text
+    session = await conv.store.get(ctx().key)
+    assert session is not None  # the session survives, marked Failed, not advanced
+    assert session.client_state == ClientState.FAILED
+    assert session.turn_count == 0
+    await conv.pipeline.aclose()
+
+
+async def test_unreachable_core_is_a_pipeline_error() -> None:
+    conv = engine(pipeline="http://127.0.0.1:1/core")
+    events = await conv.turn(ctx(), Input.of("hello")).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert events[-1].source == "pipeline"
+    assert "could not be reached" in events[-1].text
+    await conv.pipeline.aclose()
+
+
+async def test_request_id_reaches_the_core(core: tuple[str, FastAPI]) -> None:
+    url, app = core
+    async with gateway(pipeline=f"{url}/json") as base, httpx.AsyncClient(base_url=base) as client:
+        given = await client.put(
+            "/client?key=k", headers={"Content-Type": "text/plain", "X-Request-Id": "req-42"},
+            content="hello",
+        )  # fmt: skip
+        assert given.headers["x-request-id"] == "req-42"
+        made = await client.put(
+            "/client?key=k", headers={"Content-Type": "text/plain", "X-Request-Id": "bad id!"},
+            content="hello",
+        )  # fmt: skip
+    assert made.headers["x-request-id"] != "bad id!"
+    assert [r["_headers"]["x-request-id"] for r in app.state.requests] == [
+        "req-42",
+        made.headers["x-request-id"],
+    ]
