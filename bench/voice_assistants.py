@@ -108,7 +108,7 @@ def gateway_app() -> FastAPI:
     root = x509.load_pem_x509_certificate((folder / "root.pem").read_bytes())
     chain = (folder / "chain.pem").read_bytes()
     google_cert = (folder / "google.pem").read_text()
-    app = create_app()
+    app = create_app(freeze_gc=True)  # as gateway serve makes it
     app.state.alexa_verifier_factory = lambda s: AlexaVerifier(
         s.alexa_skill_ids, trust_store=Store([root]), fetcher=_FileFetcher(chain)
     )

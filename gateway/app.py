@@ -44,12 +44,16 @@ from gateway.speech.service import make_speech
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> FastAPI:
     """The gateway app for ``settings`` (read from the environment when omitted).
 
     The store, pipeline and turn engine are made when the app starts (lifespan)
     and closed when it stops, after running turns have finished (bounded by
-    GATEWAY_TURN_TIMEOUT_S).
+    GATEWAY_TURN_TIMEOUT_S). ``freeze_gc`` (``gateway serve``: the app owns its
+    process) moves everything alive once the app has started out of the garbage
+    collector's reach (``gc.freeze()``): its full passes otherwise walk every module
+    object, tens of ms each, the turns' long latency tail. Apps embedded in another
+    process (tests) leave the collector alone.
     """
     settings = settings or Settings()
     key = settings.log_hash_key
@@ -97,11 +101,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pipeline.name,
             secret_keys.source,
         )
-        # everything loaded so far lives as long as the process: keep it out of the
-        # collector's full passes, which otherwise walk it all (tens of ms each, the
-        # turn latency's long tail); the objects of turns are collected as before
-        gc.collect()
-        gc.freeze()
+        if freeze_gc:  # see the docstring; the objects of turns are collected as before
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:

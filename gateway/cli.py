@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 room,
             )
         uvicorn.run(
-            create_app(settings),
+            create_app(settings, freeze_gc=True),
             host=settings.host,
             port=settings.port,
             log_level=level,
