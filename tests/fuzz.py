@@ -48,6 +48,7 @@ from adapters.voiceflow.protocol import SessionKeys, VoiceflowConnection, parse_
 from adapters.voiceflow.routes import BoundedJson, BoundedPacket
 from gateway.protocol import ProtocolError, check_time_zone, load_json, parse_timestamp
 from tests.adapters.flowstorm_v2.helpers import parse_json_events, split_events
+from tests.adapters.twilio.test_protocol import START
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -260,21 +261,9 @@ def _v1_seeds() -> tuple[Any, ...]:
     return tuple(json.loads(b.split("```")[0]) for b in text.split("```javascript")[1:])
 
 
-CALL = "CA" + "1" * 32
-STREAM = "MZ" + "2" * 32
-TWILIO_START: dict[str, Any] = {
-    "event": "start",
-    "sequenceNumber": "1",
-    "start": {
-        "accountSid": "AC" + "0" * 32,
-        "streamSid": STREAM,
-        "callSid": CALL,
-        "tracks": ["inbound"],
-        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-        "customParameters": {"from": "+15550100", "appKey": "app", "locale": "en-US"},
-    },
-    "streamSid": STREAM,
-}
+TWILIO_START: dict[str, Any] = json.loads(START)  # the Twilio tests' start frame
+STREAM: str = TWILIO_START["streamSid"]
+CALL: str = TWILIO_START["start"]["callSid"]
 TWILIO_SEEDS: tuple[Any, ...] = (
     {"event": "connected", "protocol": "Call", "version": "1.0.0"},
     TWILIO_START,

@@ -15,7 +15,7 @@ from gateway.events import ErrorEvent, Input, ResponseEvent, ResponseItem, Respo
 from gateway.pipeline import DemoPipeline
 from gateway.sessions import MemorySessionStore
 from gateway.settings import Settings
-from gateway.speech.audio import Pcm, decode_mp3, decode_wav
+from gateway.speech.audio import decode_mp3, decode_wav
 from gateway.speech.listener import ListenOptions
 from gateway.speech.service import SpeechService, TtsRequest
 from gateway.speech.stt import PocketsphinxRecognizer
@@ -31,24 +31,9 @@ from gateway.speech.tts import (
 from gateway.speech.tts_cache import FileEncoder, MemoryTtsCache, TtsSpec, encode_file
 from gateway.speech.tts_pool import TtsOverloaded, TtsPool
 from tests.conftest import serve
+from tests.gateway.speech.test_tts import CountingSynth
 
 LONG = " ".join(f"This is sentence number {i} of a long answer." for i in range(40))
-
-
-class CountingSynth:
-    """A real synthesizer that counts how often it is asked to synthesize."""
-
-    def __init__(self, inner: Synthesizer) -> None:
-        self.inner = inner
-        self.calls = 0
-
-    @property
-    def voice(self) -> str:
-        return self.inner.voice
-
-    async def synthesize(self, text: str, *, ssml: bool = False) -> Pcm:
-        self.calls += 1
-        return await self.inner.synthesize(text, ssml=ssml)
 
 
 def test_split_pieces_bounds_every_piece() -> None:
