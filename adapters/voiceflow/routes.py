@@ -75,6 +75,7 @@ from adapters.voiceflow.protocol import (
     Emit,
     SessionKeys,
     StartTurn,
+    State,
     VoiceflowConnection,
     error,
 )
@@ -443,11 +444,17 @@ class VoiceflowServer:
         try:
             try:
                 async for event in gw.conversation.turn(start.ctx, start.input):
+                    if conn.machine.state is State.CLOSED:
+                        # the client went (or was cut) mid-turn: nobody to tell; the
+                        # turn itself goes on in its own task and saves the session
+                        return
                     await self._do(client, conn.turn_event(event))
             except TurnRejected as exc:
-                await self._do(client, conn.turn_rejected(exc))
+                if conn.machine.state is not State.CLOSED:
+                    await self._do(client, conn.turn_rejected(exc))
             else:
-                await self._do(client, conn.turn_finished())
+                if conn.machine.state is not State.CLOSED:
+                    await self._do(client, conn.turn_finished())
         except asyncio.CancelledError:
             raise
         except Exception:  # a gateway bug (the engine broke its order): never a silent hang
