@@ -30,7 +30,7 @@ from websockets.asyncio.client import connect as ws_connect
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.adapters.flowstorm_v1.helpers import init, init_frame, request_frame, turn, ws_url  # noqa: E402
+from tests.adapters.flowstorm.v1.helpers import init, init_frame, request_frame, turn, ws_url  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.test_slowloris import ATTACK_S, SLOW_BODIES, SLOW_HEADERS, Attacker  # noqa: E402
 

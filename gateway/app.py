@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.routing import Match
 
 from adapters.alexa.routes import router as alexa_router
-from adapters.flowstorm_v1.routes import router as flowstorm_v1_router
-from adapters.flowstorm_v2.routes import router as flowstorm_v2_router
+from adapters.flowstorm.v1.routes import router as flowstorm_v1_router
+from adapters.flowstorm.v2.routes import router as flowstorm_v2_router
 from adapters.google.routes import router as google_router
 from adapters.twilio.routes import router as twilio_router
 from adapters.voiceflow.routes import mount as mount_voiceflow

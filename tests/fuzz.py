@@ -38,8 +38,8 @@ import socketio.packet
 
 from adapters.alexa.protocol import AlexaConfig, parse_envelope, plan
 from adapters.alexa.verify import AlexaVerificationError, AlexaVerifier
-from adapters.flowstorm_v1.protocol import V1Connection, parse_event
-from adapters.flowstorm_v2.protocol import JsonEventReader, parse_config, text_input
+from adapters.flowstorm.v1.protocol import V1Connection, parse_event
+from adapters.flowstorm.v2.protocol import JsonEventReader, parse_config, text_input
 from adapters.google.protocol import detect, dialogflow_plan, google_plan
 from adapters.google.protocol import load_json as google_body
 from adapters.google.verify import GoogleVerificationError, GoogleVerifier, StaticCertSource
@@ -47,7 +47,7 @@ from adapters.twilio.protocol import CallConfig, TwilioCall, parse_message
 from adapters.voiceflow.protocol import SessionKeys, VoiceflowConnection, parse_client_start
 from adapters.voiceflow.routes import BoundedJson, BoundedPacket
 from gateway.protocol import ProtocolError, check_time_zone, load_json, parse_timestamp
-from tests.adapters.flowstorm_v2.helpers import parse_json_events, split_events
+from tests.adapters.flowstorm.v2.helpers import parse_json_events, split_events
 from tests.adapters.twilio.test_protocol import START
 
 ROOT = Path(__file__).resolve().parents[1]

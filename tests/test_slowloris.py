@@ -23,7 +23,7 @@ import httpx
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
-from tests.adapters.flowstorm_v1.helpers import init, init_frame, request_frame, turn, ws_url
+from tests.adapters.flowstorm.v1.helpers import init, init_frame, request_frame, turn, ws_url
 from tests.conftest import GatewayProcess
 
 OPEN_FILES = 256

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from tests.adapters.flowstorm_shapes import check_v1, check_v2
-from tests.adapters.flowstorm_v1.helpers import (
+from tests.adapters.flowstorm.v1.helpers import (
     SPEC_RESPONSE,
     SPEC_RESPONSE_ENDED,
     spec_examples,
 )
+from tests.adapters.flowstorm_shapes import check_v1, check_v2
 
 
 def test_the_v1_specs_server_examples_pass() -> None:

@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from adapters.voiceflow.protocol import PATH
 from tests.adapters.alexa.test_routes import CERT_URL, SKILL_ID, envelope, parsed, spoken
-from tests.adapters.flowstorm_v1.helpers import (
+from tests.adapters.flowstorm.v1.helpers import (
     assert_serving,
     expect_error,
     init,

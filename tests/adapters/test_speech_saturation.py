@@ -28,7 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.settings import Settings
 from gateway.speech.audio import Pcm, encode_wav
-from tests.adapters.flowstorm_v1.helpers import (
+from tests.adapters.flowstorm.v1.helpers import (
     frames_until_response,
     init,
     json_frames,
@@ -42,7 +42,7 @@ from tests.adapters.flowstorm_v1.helpers import (
     turn,
     ws_url,
 )
-from tests.adapters.flowstorm_v2.helpers import KEY, at, events, pcm_chunks, realtime_turn
+from tests.adapters.flowstorm.v2.helpers import KEY, at, events, pcm_chunks, realtime_turn
 from tests.adapters.twilio.harness import ask_twiml, call_sid, parse_twiml
 from tests.adapters.twilio.helpers import AUTH
 from tests.conftest import served

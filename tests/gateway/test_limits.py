@@ -21,7 +21,7 @@ from websockets.frames import Frame, Opcode
 
 from adapters.voiceflow.protocol import PATH as VOICEFLOW_PATH
 from gateway.server import MIN_SLACK, SETTLE_S, auto_max_connections
-from tests.adapters.flowstorm_v1.helpers import (
+from tests.adapters.flowstorm.v1.helpers import (
     assert_serving,
     init,
     init_frame,

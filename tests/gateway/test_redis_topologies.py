@@ -28,7 +28,7 @@ from gateway import redisconn
 from gateway.bus import RedisBus
 from gateway.redisconn import RedisTarget, SocketIoRedisManager, parse_redis_url
 from gateway.sessions import redis_client
-from tests.adapters.flowstorm_v2.helpers import check_link
+from tests.adapters.flowstorm.v2.helpers import check_link
 from tests.conftest import gateway, serve, served, topology_url
 from tests.redis_topologies import SentinelSetup
 

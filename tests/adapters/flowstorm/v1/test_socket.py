@@ -11,8 +11,8 @@ import pytest
 import redis
 from websockets.asyncio.client import connect
 
-from adapters.flowstorm_v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG
-from tests.adapters.flowstorm_v1.helpers import (
+from adapters.flowstorm.v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG
+from tests.adapters.flowstorm.v1.helpers import (
     SPEC_INIT,
     SPEC_REQUEST,
     SPEC_SESSION_ID,

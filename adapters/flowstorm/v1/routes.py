@@ -1,6 +1,6 @@
 """Flowstorm Socket V1 over WebSocket: ``/socket`` and ``/socket/``.
 
-Thin I/O around :class:`adapters.flowstorm_v1.protocol.V1Connection` (spec:
+Thin I/O around :class:`adapters.flowstorm.v1.protocol.V1Connection` (spec:
 shared/specs/flowstorm-socket-v1.md). One receive loop reads frames and carries
 out the actions the protocol returns; each turn runs through the turn engine
 and is forwarded by a task of its own, so the loop keeps reading while a turn
@@ -40,7 +40,7 @@ from typing import Any, Final
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from adapters.flowstorm_v1.protocol import (
+from adapters.flowstorm.v1.protocol import (
     CLOSE_INTERNAL,
     Action,
     CancelListening,

@@ -22,7 +22,7 @@ import pytest_asyncio
 from websockets.asyncio.client import connect
 
 from gateway.speech.audio import Pcm, decode_mp3, decode_wav, silence
-from tests.adapters.flowstorm_v1.helpers import (
+from tests.adapters.flowstorm.v1.helpers import (
     assert_serving,
     expect_error,
     frames_until_response,

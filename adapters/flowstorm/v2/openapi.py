@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.flowstorm_v2.protocol import NDJSON
+from adapters.flowstorm.v2.protocol import NDJSON
 from gateway.apidoc import component
 from gateway.events import InputEvent
 

@@ -1,6 +1,6 @@
 """Flowstorm Socket V2 over HTTP: ``PUT /client`` (a turn) and ``GET /client`` (recognition).
 
-Thin I/O around :mod:`adapters.flowstorm_v2.protocol`; turns go through the turn
+Thin I/O around :mod:`adapters.flowstorm.v2.protocol`; turns go through the turn
 engine, audio through the speech service's listeners, recognition results to a
 parallel GET over the bus. Spec: shared/specs/flowstorm-socket-v2.md.
 
@@ -108,8 +108,8 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
-from adapters.flowstorm_v2.openapi import GET_CLIENT, PUT_CLIENT
-from adapters.flowstorm_v2.protocol import (
+from adapters.flowstorm.v2.openapi import GET_CLIENT, PUT_CLIENT
+from adapters.flowstorm.v2.protocol import (
     ACCEPTED_TYPES,
     AUDIO_CONTAINERS,
     JSON_TYPES,

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from adapters.flowstorm_v2.protocol import JsonEventReader, RequestStream
+from adapters.flowstorm.v2.protocol import JsonEventReader, RequestStream
 from gateway.events import (
     BinaryEvent,
     InputEvent,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from adapters.flowstorm_v1.protocol import (
+from adapters.flowstorm.v1.protocol import (
     AUDIO_IDLE_MARGIN_MS,
     CLOSE_POLICY,
     CLOSE_TOO_BIG,
@@ -48,7 +48,7 @@ from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.listener import AudioLimitExceeded, Heard
 from gateway.speech.service import TtsRequest
 from gateway.speech.stt import RecognitionError, RecognizerBusy
-from tests.adapters.flowstorm_v1.helpers import (
+from tests.adapters.flowstorm.v1.helpers import (
     SPEC,
     SPEC_INIT,
     SPEC_KEY,

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from adapters.flowstorm_v2.protocol import (
+from adapters.flowstorm.v2.protocol import (
     TRANSITIONS,
     JsonEventReader,
     RecognitionFollower,
@@ -42,7 +42,7 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError
 from gateway.speech.audio import AudioFormat, Pcm, encode_mp3, encode_wav, pcm_to_mulaw, silence
-from tests.adapters.flowstorm_v2.helpers import parse_json_events, split_events
+from tests.adapters.flowstorm.v2.helpers import parse_json_events, split_events
 
 
 def test_config_defaults_follow_the_spec_table() -> None:

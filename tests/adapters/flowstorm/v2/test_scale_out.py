@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from gateway.speech.audio import Pcm
-from tests.adapters.flowstorm_v2.helpers import (
+from tests.adapters.flowstorm.v2.helpers import (
     CHUNK_MS,
     at,
     check_link,

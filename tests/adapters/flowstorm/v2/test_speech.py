@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from gateway.speech.audio import Pcm, encode_mp3, encode_wav, pcm_to_mulaw, silence
-from tests.adapters.flowstorm_v2.helpers import (
+from tests.adapters.flowstorm.v2.helpers import (
     CHUNK_MS,
     KEY,
     PACE_S,
