@@ -1,19 +1,21 @@
-"""Flowstorm channel events and their payloads: the gateway's one internal vocabulary.
+"""The core channel events and their payloads: the gateway's one internal vocabulary.
 
 Every adapter translates its wire protocol into these models and back; the turn
-engine and the core pipeline see nothing else. Field names on the wire are
-Flowstorm's camelCase (``zoneId``, ``sessionEnded``, ``responseItem``); Python
-names are snake_case, mapped by pydantic aliases. Unknown properties are ignored
-(PROTOCOL-NOTES.md, "Unknown properties are ignored").
+engine and the core pipeline see nothing else. The models are Flowstorm's (the
+vocabulary the gateway grew from), so field names on the wire are Flowstorm's
+camelCase (``zoneId``, ``sessionEnded``, ``responseItem``); Python names are
+snake_case, mapped by pydantic aliases. Unknown properties are ignored
+(PROTOCOL-NOTES.md, "Unknown properties are ignored"). Events a Flowstorm client
+sends, and the V1-only server events, are the Flowstorm adapters' own:
+:mod:`adapters.flowstorm.events`.
 
 Spec: shared/specs/flowstorm-channel-events.md (the event table),
 flowstorm-socket-v1.md and -v2.md (payload shapes), PROTOCOL-NOTES.md (field lists).
 
 Event ``type`` values are the class names without the ``Event`` suffix, as the V1
-wire does (DESIGN.md): ``Input``, ``Binary``, ``InputStreamClose`` (alias
-``OutputStreamClose``), ``Log``, ``RecognizedInput``, ``ResponseItem``,
-``Response``, ``Error``. The suffixed names (``InputEvent`` ...) are accepted on
-input; output always uses the short names.
+wire does (DESIGN.md): ``Binary``, ``ResponseItem``, ``Response``, ``Error``,
+``SessionStarted``, ``SessionEnded``. The suffixed names are accepted on input;
+output always uses the short names.
 """
 
 from __future__ import annotations
@@ -22,12 +24,10 @@ import base64
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
     PlainSerializer,
-    TypeAdapter,
     field_validator,
     model_validator,
 )
@@ -177,20 +177,6 @@ class Response(Wire):
     session_timeout: int = 0
 
 
-class Request(Wire):
-    """The 2021 V1 ``Request`` payload: an input plus the client's identity."""
-
-    app_key: str | None = None
-    device_id: str | None = Field(
-        default=None, validation_alias=AliasChoices("deviceId", "device_id", "sender")
-    )
-    token: str | None = None
-    session_id: str | None = None
-    initiation_id: str | None = None
-    input: Input
-    attributes: dict[str, Any] = Field(default_factory=dict)
-
-
 # ----------------------------------------------------------------- shared events
 
 
@@ -202,21 +188,6 @@ class Event(Wire):
     def _short_type(cls, value: str) -> str:
         name = value.removesuffix("Event")
         return "InputStreamClose" if name == "OutputStreamClose" else name
-
-
-class InputEvent(Event):
-    """Client -> server (V1 2022 form, V2): one user input starts a turn."""
-
-    type: Literal["Input", "InputEvent"] = "Input"
-    input: Input
-    session_id: str | None = None  # V1 clients may name the session here
-
-
-class LogEvent(Event):
-    """Client -> server (V1, V2): log entries stored with the current session."""
-
-    type: Literal["Log", "LogEvent"] = "Log"
-    entries: list[LogEntry] = Field(default_factory=list)
 
 
 def _b64decode(value: Any) -> bytes:
@@ -250,22 +221,6 @@ class BinaryEvent(Event):
         return _b64decode(v)
 
 
-class InputStreamCloseEvent(Event):
-    """Client -> server (V2): the audio stream ended; a text InputEvent follows."""
-
-    type: Literal[
-        "InputStreamClose", "InputStreamCloseEvent", "OutputStreamClose", "OutputStreamCloseEvent"
-    ] = "InputStreamClose"
-
-
-class RecognizedInputEvent(Event):
-    """Server -> client (V2): an interim or final input recognised from audio."""
-
-    type: Literal["RecognizedInput", "RecognizedInputEvent"] = "RecognizedInput"
-    input: Input
-    is_final: bool = True
-
-
 class ResponseItemEvent(Event):
     """Server -> client (V1 2022 with sendResponseItems, V2): one item, as produced."""
 
@@ -293,55 +248,6 @@ class ErrorEvent(Event):
     source: str = "gateway"
 
 
-# ------------------------------------------------------------------- V1 only
-
-
-class InitEvent(Event):
-    """V1 client -> server: opens the conversation channel with key and config."""
-
-    type: Literal["Init", "InitEvent"] = "Init"
-    key: str | None = None
-    device_id: str | None = Field(
-        default=None, validation_alias=AliasChoices("deviceId", "device_id", "sender")
-    )
-    token: str | None = None
-    config: dict[str, Any] = Field(default_factory=dict)
-
-
-class RequestEvent(Event):
-    """V1 client -> server (2021 clients): a Request starts a turn."""
-
-    type: Literal["Request", "RequestEvent"] = "Request"
-    request: Request
-
-
-class InputAudioStreamOpenEvent(Event):
-    """V1 both ways: the client opens audio input; the server echoes it as ack."""
-
-    type: Literal["InputAudioStreamOpen", "InputAudioStreamOpenEvent"] = "InputAudioStreamOpen"
-    session_id: str | None = None
-
-
-class InputAudioStreamCloseEvent(Event):
-    """V1 client -> server: the client closed its audio input."""
-
-    type: Literal["InputAudioStreamClose", "InputAudioStreamCloseEvent"] = "InputAudioStreamClose"
-
-
-class InputAudioStreamCancelEvent(Event):
-    """V1 client -> server: the client cancelled its audio input prematurely."""
-
-    type: Literal["InputAudioStreamCancel", "InputAudioStreamCancelEvent"] = (
-        "InputAudioStreamCancel"
-    )
-
-
-class ReadyEvent(Event):
-    """V1 server -> client: Init accepted."""
-
-    type: Literal["Ready", "ReadyEvent"] = "Ready"
-
-
 class SessionStartedEvent(Event):
     """V1 server -> client: the session id this conversation runs under."""
 
@@ -353,14 +259,6 @@ class SessionEndedEvent(Event):
     """V1 server -> client: the session ended; the client forgets its id."""
 
     type: Literal["SessionEnded", "SessionEndedEvent"] = "SessionEnded"
-
-
-class RecognizedEvent(Event):
-    """V1 server -> client: text recognised from the input audio stream."""
-
-    type: Literal["Recognized", "RecognizedEvent"] = "Recognized"
-    text: str
-    is_final: bool = True
 
 
 # ------------------------------------------------------------------- unions
@@ -376,24 +274,3 @@ TurnEvent = (
 """What the turn engine hands an adapter, in order: SessionStarted (new sessions
 only), ResponseItem* (each followed by a Binary of its audio when the turn asked
 for audio), then Response or Error, then SessionEnded when it ended."""
-
-V2ClientEvent = Annotated[
-    InputEvent | BinaryEvent | InputStreamCloseEvent | LogEvent,
-    Field(discriminator="type"),
-]
-"""Events a V2 client writes in an ``application/json`` PUT body."""
-
-V1ClientEvent = Annotated[
-    InitEvent
-    | RequestEvent
-    | InputEvent
-    | InputAudioStreamOpenEvent
-    | InputAudioStreamCloseEvent
-    | InputAudioStreamCancelEvent
-    | LogEvent,
-    Field(discriminator="type"),
-]
-"""Events a V1 client sends as WebSocket text frames."""
-
-V2_CLIENT_EVENT: TypeAdapter[V2ClientEvent] = TypeAdapter(V2ClientEvent)
-V1_CLIENT_EVENT: TypeAdapter[V1ClientEvent] = TypeAdapter(V1ClientEvent)

@@ -99,7 +99,7 @@ def validate_event(adapter: TypeAdapter[T], value: object, *, expected: str, wha
     """Validate a decoded JSON value as one of a protocol's client events.
 
     ``adapter`` is the protocol's discriminated union (for example
-    ``gateway.events.V1_CLIENT_EVENT``); ``expected`` lists its type names for
+    ``adapters.flowstorm.events.V1_CLIENT_EVENT``); ``expected`` lists its type names for
     the error; ``what`` names the unit for a non-object ("A frame", "Each event").
     Raises ProtocolError for a non-object, an unknown ``type`` (naming what was
     expected and what came) and an invalid event (naming the field).

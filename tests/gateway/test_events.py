@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gateway.events import (
-    V1_CLIENT_EVENT,
-    V2_CLIENT_EVENT,
-    Input,
-    Response,
-    ResponseEvent,
-    ResponseItem,
-    TtsConfig,
-)
+from adapters.flowstorm.events import V1_CLIENT_EVENT, V2_CLIENT_EVENT
+from gateway.events import Input, Response, ResponseEvent, ResponseItem, TtsConfig
 
 
 def test_action_and_transcript_fill_each_other() -> None:

@@ -121,29 +121,31 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-from gateway.events import (
-    SILENCE,
+from adapters.flowstorm.events import (
     V1_CLIENT_EVENT,
-    BinaryEvent,
-    ErrorEvent,
     InitEvent,
-    Input,
     InputAudioStreamCancelEvent,
     InputAudioStreamCloseEvent,
     InputAudioStreamOpenEvent,
     InputEvent,
-    LogEntry,
     LogEvent,
     ReadyEvent,
     RecognizedEvent,
     RequestEvent,
+    V1ClientEvent,
+)
+from gateway.events import (
+    SILENCE,
+    BinaryEvent,
+    ErrorEvent,
+    Input,
+    LogEntry,
     ResponseEvent,
     ResponseItemEvent,
     SessionEndedEvent,
     SessionStartedEvent,
     Transcript,
     TurnEvent,
-    V1ClientEvent,
 )
 from gateway.protocol import ProtocolError, load_json, validate_event
 from gateway.speech.audio import AudioFormat, AudioFormatError

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from adapters.flowstorm.events import InputEvent
 from adapters.flowstorm.v2.protocol import NDJSON
 from gateway.apidoc import component
-from gateway.events import InputEvent
 
 _TURN_DOC: dict[int | str, dict[str, Any]] = {
     200: {

@@ -42,18 +42,16 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
+from adapters.flowstorm.events import V2_CLIENT_EVENT, RecognizedInputEvent, V2ClientEvent
 from gateway.events import (
-    V2_CLIENT_EVENT,
     BinaryEvent,
     ErrorEvent,
     Input,
-    RecognizedInputEvent,
     ResponseEvent,
     ResponseItem,
     ResponseItemEvent,
     Transcript,
     TurnEvent,
-    V2ClientEvent,
 )
 from gateway.protocol import MAX_JSON_DEPTH, ProtocolError, load_json, validate_event
 from gateway.speech.audio import AudioFormat, AudioFormatError, Pcm, decode_mp3, decode_wav

@@ -108,6 +108,13 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
+from adapters.flowstorm.events import (
+    InputEvent,
+    InputStreamCloseEvent,
+    LogEvent,
+    RecognizedInputEvent,
+    V2ClientEvent,
+)
 from adapters.flowstorm.v2.openapi import GET_CLIENT, PUT_CLIENT
 from adapters.flowstorm.v2.protocol import (
     ACCEPTED_TYPES,
@@ -149,15 +156,10 @@ from gateway.events import (
     BinaryEvent,
     ErrorEvent,
     Input,
-    InputEvent,
-    InputStreamCloseEvent,
     LogEntry,
-    LogEvent,
-    RecognizedInputEvent,
     ResponseEvent,
     Transcript,
     TurnEvent,
-    V2ClientEvent,
 )
 from gateway.httputil import read_body
 from gateway.logs import session_ref

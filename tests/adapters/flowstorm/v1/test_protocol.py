@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from adapters.flowstorm.events import RequestEvent
 from adapters.flowstorm.v1.protocol import (
     AUDIO_IDLE_MARGIN_MS,
     CLOSE_POLICY,
@@ -34,7 +35,6 @@ from gateway.events import (
     BinaryEvent,
     ErrorEvent,
     LogEntry,
-    RequestEvent,
     Response,
     ResponseEvent,
     ResponseItem,

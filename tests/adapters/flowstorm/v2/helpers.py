@@ -13,14 +13,9 @@ from typing import Any
 
 import httpx
 
+from adapters.flowstorm.events import InputEvent, InputStreamCloseEvent, LogEvent, V2ClientEvent
 from adapters.flowstorm.v2.protocol import JsonEventReader, RequestStream
-from gateway.events import (
-    BinaryEvent,
-    InputEvent,
-    InputStreamCloseEvent,
-    LogEvent,
-    V2ClientEvent,
-)
+from gateway.events import BinaryEvent
 from gateway.protocol import ProtocolError
 from gateway.speech.audio import Pcm, decode_mp3, decode_wav, resample
 from tests.adapters.flowstorm_shapes import check_v2

@@ -9,6 +9,12 @@ import struct
 
 import pytest
 
+from adapters.flowstorm.events import (
+    InputEvent,
+    InputStreamCloseEvent,
+    LogEvent,
+    RecognizedInputEvent,
+)
 from adapters.flowstorm.v2.protocol import (
     TRANSITIONS,
     JsonEventReader,
@@ -30,10 +36,6 @@ from gateway.events import (
     BinaryEvent,
     ErrorEvent,
     Input,
-    InputEvent,
-    InputStreamCloseEvent,
-    LogEvent,
-    RecognizedInputEvent,
     Response,
     ResponseEvent,
     ResponseItem,

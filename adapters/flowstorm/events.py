@@ -1,0 +1,144 @@
+"""Flowstorm's own wire events (Socket V1 and V2): what Flowstorm clients send, and the
+server events only Flowstorm clients receive.
+
+The channel-neutral core events (Input, ResponseItem, Response, and the turn events
+ResponseItemEvent, ResponseEvent, ErrorEvent, BinaryEvent, SessionStartedEvent,
+SessionEndedEvent) live in :mod:`gateway.events`; these are the Flowstorm protocol's
+and are shared by :mod:`adapters.flowstorm.v1` and :mod:`adapters.flowstorm.v2`.
+``type`` values are normalised to the short name on input (``InputEvent`` ->
+``Input``), as in :class:`gateway.events.Event`.
+
+Spec: shared/specs/flowstorm-channel-events.md (the event table),
+flowstorm-socket-v1.md and -v2.md (payload shapes), PROTOCOL-NOTES.md (field lists).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, TypeAdapter
+
+from gateway.events import BinaryEvent, Event, Input, LogEntry, Wire
+
+
+class Request(Wire):
+    """The 2021 V1 ``Request`` payload: an input plus the client's identity."""
+
+    app_key: str | None = None
+    device_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("deviceId", "device_id", "sender")
+    )
+    token: str | None = None
+    session_id: str | None = None
+    initiation_id: str | None = None
+    input: Input
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class InputEvent(Event):
+    """Client -> server (V1 2022 form, V2): one user input starts a turn."""
+
+    type: Literal["Input", "InputEvent"] = "Input"
+    input: Input
+    session_id: str | None = None  # V1 clients may name the session here
+
+
+class LogEvent(Event):
+    """Client -> server (V1, V2): log entries stored with the current session."""
+
+    type: Literal["Log", "LogEvent"] = "Log"
+    entries: list[LogEntry] = Field(default_factory=list)
+
+
+class InputStreamCloseEvent(Event):
+    """Client -> server (V2): the audio stream ended; a text InputEvent follows."""
+
+    type: Literal[
+        "InputStreamClose", "InputStreamCloseEvent", "OutputStreamClose", "OutputStreamCloseEvent"
+    ] = "InputStreamClose"
+
+
+class RecognizedInputEvent(Event):
+    """Server -> client (V2): an interim or final input recognised from audio."""
+
+    type: Literal["RecognizedInput", "RecognizedInputEvent"] = "RecognizedInput"
+    input: Input
+    is_final: bool = True
+
+
+class InitEvent(Event):
+    """V1 client -> server: opens the conversation channel with key and config."""
+
+    type: Literal["Init", "InitEvent"] = "Init"
+    key: str | None = None
+    device_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("deviceId", "device_id", "sender")
+    )
+    token: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class RequestEvent(Event):
+    """V1 client -> server (2021 clients): a Request starts a turn."""
+
+    type: Literal["Request", "RequestEvent"] = "Request"
+    request: Request
+
+
+class InputAudioStreamOpenEvent(Event):
+    """V1 both ways: the client opens audio input; the server echoes it as ack."""
+
+    type: Literal["InputAudioStreamOpen", "InputAudioStreamOpenEvent"] = "InputAudioStreamOpen"
+    session_id: str | None = None
+
+
+class InputAudioStreamCloseEvent(Event):
+    """V1 client -> server: the client closed its audio input."""
+
+    type: Literal["InputAudioStreamClose", "InputAudioStreamCloseEvent"] = "InputAudioStreamClose"
+
+
+class InputAudioStreamCancelEvent(Event):
+    """V1 client -> server: the client cancelled its audio input prematurely."""
+
+    type: Literal["InputAudioStreamCancel", "InputAudioStreamCancelEvent"] = (
+        "InputAudioStreamCancel"
+    )
+
+
+class ReadyEvent(Event):
+    """V1 server -> client: Init accepted."""
+
+    type: Literal["Ready", "ReadyEvent"] = "Ready"
+
+
+class RecognizedEvent(Event):
+    """V1 server -> client: text recognised from the input audio stream."""
+
+    type: Literal["Recognized", "RecognizedEvent"] = "Recognized"
+    text: str
+    is_final: bool = True
+
+
+# ------------------------------------------------------------------- unions
+
+V2ClientEvent = Annotated[
+    InputEvent | BinaryEvent | InputStreamCloseEvent | LogEvent,
+    Field(discriminator="type"),
+]
+"""Events a V2 client writes in an ``application/json`` PUT body."""
+
+V1ClientEvent = Annotated[
+    InitEvent
+    | RequestEvent
+    | InputEvent
+    | InputAudioStreamOpenEvent
+    | InputAudioStreamCloseEvent
+    | InputAudioStreamCancelEvent
+    | LogEvent,
+    Field(discriminator="type"),
+]
+"""Events a V1 client sends as WebSocket text frames."""
+
+V2_CLIENT_EVENT: TypeAdapter[V2ClientEvent] = TypeAdapter(V2ClientEvent)
+V1_CLIENT_EVENT: TypeAdapter[V1ClientEvent] = TypeAdapter(V1ClientEvent)
