@@ -508,8 +508,9 @@ class Conversation:
             aclose = getattr(outputs, "aclose", None)
             if aclose is not None:
                 await aclose()
-        response.items = items
-        response.locale = response.locale or session.locale
+        response = response.model_copy(
+            update={"items": items, "locale": response.locale or session.locale}
+        )
         return session, response
 
     async def _emit(

@@ -61,17 +61,29 @@ class Wire(BaseModel):
         return self.model_dump_json(by_alias=True, exclude_none=True)
 
 
+class Frozen(Wire):
+    """Base of the core payloads and events: a :class:`Wire` model that is immutable.
+
+    As h11's events are: a changed value is a new model (``model_copy(update=...)``),
+    so an event handed to several consumers, or the pipeline's Response that the
+    turn engine completes, is never changed under anyone. (Adapters' own wire models,
+    such as Alexa's response envelope, stay plain :class:`Wire` builders.)
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+
 # --------------------------------------------------------------------------- payloads
 
 
-class Transcript(Wire):
+class Transcript(Frozen):
     """Recognised or typed text of an input; ``confidence`` in 0..1."""
 
     text: str
     confidence: float = 1.0
 
 
-class InputClass(Wire):
+class InputClass(Frozen):
     """An NLU classification of an input (``type`` Intent, Entity or Sentiment)."""
 
     type: str
@@ -79,7 +91,7 @@ class InputClass(Wire):
     score: float = 1.0
 
 
-class Input(Wire):
+class Input(Frozen):
     """What the user said or did in one turn.
 
     ``transcript.text`` beginning with ``#`` is an action (``#intro``,
@@ -102,11 +114,13 @@ class Input(Wire):
 
     @model_validator(mode="after")
     def _action(self) -> Input:
+        # the model is frozen: completing it during its own validation bypasses the guard
         text = self.transcript.text.strip()
         if self.action and not text:
-            self.transcript = Transcript(text=self.action, confidence=self.transcript.confidence)
+            transcript = Transcript(text=self.action, confidence=self.transcript.confidence)
+            object.__setattr__(self, "transcript", transcript)
         elif self.action is None and text.startswith(ACTION_PREFIX) and len(text) > 1:
-            self.action = text.split()[0]
+            object.__setattr__(self, "action", text.split()[0])
         return self
 
     @classmethod
@@ -120,7 +134,7 @@ class Input(Wire):
         return self.transcript.text
 
 
-class TtsConfig(Wire):
+class TtsConfig(Frozen):
     """Voice the client or gateway should use for an item's speech."""
 
     provider: str | None = None
@@ -130,7 +144,7 @@ class TtsConfig(Wire):
     engine: str | None = None
 
 
-class ResponseItem(Wire):
+class ResponseItem(Frozen):
     """One piece of the bot's answer: speech text and/or media and client code.
 
     ``audio``, ``image`` and ``video`` are absolute URLs; ``code`` is a command
@@ -151,7 +165,7 @@ class ResponseItem(Wire):
     node_id: int | str | None = None
 
 
-class LogEntry(Wire):
+class LogEntry(Frozen):
     """A client log line; ``time`` is epoch ms, ``relative_time`` s since start."""
 
     time: int | float | str | None = None
@@ -160,7 +174,7 @@ class LogEntry(Wire):
     text: str = ""
 
 
-class Response(Wire):
+class Response(Frozen):
     """The end of a turn: all items, and whether/how the session ends.
 
     ``sleep_timeout`` and ``session_timeout`` are seconds; ``session_ended``
@@ -180,7 +194,7 @@ class Response(Wire):
 # ----------------------------------------------------------------- shared events
 
 
-class Event(Wire):
+class Event(Frozen):
     """Base of channel events: ``type`` is normalised to the short name on input."""
 
     @field_validator("type", mode="after", check_fields=False)

@@ -506,11 +506,14 @@ def _es_plan(request: EsRequest) -> Plan:
         app_request = _validate(V2AppRequest, payload, "Actions on Google payload of the")
         plan = _v2_plan(app_request, request.session, locale, Format.DIALOGFLOW_ES)
         if plan.input is not None:  # the v2 intent decides; Dialogflow's intent goes along
-            if plan.input.text == FALLBACK and result.query_text:
-                plan.input.transcript.text = result.query_text
-            plan.input.attributes["intent"] = {"name": intent, **detail}
+            heard = plan.input
+            if heard.text == FALLBACK and result.query_text:
+                transcript = heard.transcript.model_copy(update={"text": result.query_text})
+                heard = heard.model_copy(update={"transcript": transcript})
+            heard.attributes["intent"] = {"name": intent, **detail}
             if intent:
-                plan.input.classes.insert(0, InputClass(type="Intent", name=intent))
+                heard.classes.insert(0, InputClass(type="Intent", name=intent))
+            return replace(plan, input=heard, app_key=app_key, google_payload=True)
         return replace(plan, app_key=app_key, google_payload=True)
     query = (result.query_text or "").strip()
     text = INTRO if query.upper() in WELCOME_EVENTS else (query or FALLBACK)
