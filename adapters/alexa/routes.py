@@ -50,7 +50,7 @@ from adapters.alexa.protocol import (
 from adapters.alexa.verify import AlexaVerificationError, AlexaVerifier
 from gateway.deps import Gateway
 from gateway.events import Input, Response
-from gateway.io.webhook import WebhookChannel, WebhookRefused
+from gateway.io.webhook import WebhookChannel, WebhookRefused, refusal_at_startup
 from gateway.logs import session_ref
 from gateway.protocol import ProtocolError
 from gateway.settings import Settings
@@ -154,25 +154,23 @@ def make_channel(gw: Gateway, factory: AlexaVerifierFactory | None = None) -> Al
     """The AlexaWebhook for ``gw``'s settings; logs the startup warnings.
 
     Verification off: a WARNING (requests are not authenticated). Verification on
-    without skill ids: a WARNING that /alexa refuses requests with 503. A skill
-    that accepts any applicationId would serve any skill pointed at this URL,
-    so the gateway does not guess.
+    without skill ids: a WARNING that /alexa refuses requests with 503 (a skill that
+    accepts any applicationId would serve any skill pointed at this URL).
     """
     settings = gw.settings
-    if not settings.alexa_verify:
-        log.warning(
-            "Alexa request verification is OFF (GATEWAY_ALEXA_VERIFY=false): /alexa accepts "
-            "unsigned requests. Use this only for local development."
-        )
-        return AlexaWebhook(gw, None, None)
-    if not settings.alexa_skill_ids:
-        reason = (
-            "The Alexa channel is not configured: set GATEWAY_ALEXA_SKILL_IDS to your skill "
-            "id(s), or GATEWAY_ALEXA_VERIFY=false for local development."
-        )
-        log.warning("/alexa refuses requests (503): %s", reason)
-        return AlexaWebhook(gw, None, reason)
-    return AlexaWebhook(gw, (factory or default_verifier_factory)(settings), None)
+    refusal = refusal_at_startup(
+        log,
+        "/alexa",
+        verify=settings.alexa_verify,
+        configured=bool(settings.alexa_skill_ids),
+        off="Alexa request verification is OFF (GATEWAY_ALEXA_VERIFY=false): /alexa accepts "
+        "unsigned requests.",
+        missing="The Alexa channel is not configured: set GATEWAY_ALEXA_SKILL_IDS to your skill "
+        "id(s), or GATEWAY_ALEXA_VERIFY=false for local development.",
+    )
+    verifying = settings.alexa_verify and refusal is None
+    verifier = (factory or default_verifier_factory)(settings) if verifying else None
+    return AlexaWebhook(gw, verifier, refusal)
 
 
 def _check_skill_id(settings: Settings, envelope: AlexaEnvelope) -> None:

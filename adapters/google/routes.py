@@ -68,7 +68,7 @@ from adapters.google.protocol import (
 from adapters.google.verify import DialogflowAuth, GoogleVerificationError, GoogleVerifier
 from gateway.deps import Gateway
 from gateway.events import Input, Response
-from gateway.io.webhook import WebhookChannel, WebhookRefused
+from gateway.io.webhook import WebhookChannel, WebhookRefused, refusal_at_startup
 from gateway.settings import Settings
 from gateway.turn import TurnContext
 
@@ -184,43 +184,36 @@ def make_channels(
     Verification off: a WARNING. Verification on without project ids: a WARNING
     that /google refuses requests with 503 (any Google account can get
     Google-signed tokens for its own project: without the audience check a token
-    proves nothing, so the gateway does not guess). /dialogflow without
-    GATEWAY_DIALOGFLOW_AUTH: a WARNING that it refuses requests with 503 (anyone
-    who knows a session path could continue that conversation), or with
-    GATEWAY_DIALOGFLOW_VERIFY=false a WARNING that it is open.
+    proves nothing). /dialogflow without GATEWAY_DIALOGFLOW_AUTH: a WARNING that it
+    refuses requests with 503 (anyone who knows a session path could continue that
+    conversation), or with GATEWAY_DIALOGFLOW_VERIFY=false a WARNING that it is open.
     """
     settings = gw.settings
-    auth = settings.dialogflow_auth
-    df_auth = DialogflowAuth.parse(auth.get_secret_value()) if auth else None
-    df_refusal = None
-    if df_auth is None and not settings.dialogflow_verify:
-        log.warning(
-            "Dialogflow authentication is OFF (GATEWAY_DIALOGFLOW_VERIFY=false): /dialogflow "
-            "accepts requests without credentials. Use this only for local development."
-        )
-    elif df_auth is None:
-        df_refusal = (
-            "The Dialogflow channel is not configured: set GATEWAY_DIALOGFLOW_AUTH to the "
-            "credentials the agent sends, or GATEWAY_DIALOGFLOW_VERIFY=false for local "
-            "development."
-        )
-        log.warning("/dialogflow refuses requests (503): %s", df_refusal)
-    dialogflow = DialogflowWebhook(gw, df_auth, df_refusal)
-    if not settings.google_verify:
-        log.warning(
-            "Google request verification is OFF (GATEWAY_GOOGLE_VERIFY=false): /google accepts "
-            "unsigned requests. Use this only for local development."
-        )
-        return GoogleWebhook(gw, None, None), dialogflow
-    if not settings.google_project_ids:
-        reason = (
-            "The Google Assistant channel is not configured: set GATEWAY_GOOGLE_PROJECT_IDS to "
-            "your Actions project id(s), or GATEWAY_GOOGLE_VERIFY=false for local development."
-        )
-        log.warning("/google refuses requests (503): %s", reason)
-        return GoogleWebhook(gw, None, reason), dialogflow
-    verifier = (factory or default_verifier_factory)(settings)
-    return GoogleWebhook(gw, verifier, None), dialogflow
+    secret = settings.dialogflow_auth
+    auth = DialogflowAuth.parse(secret.get_secret_value()) if secret else None
+    df_refusal = refusal_at_startup(
+        log,
+        "/dialogflow",
+        verify=settings.dialogflow_verify or auth is not None,
+        configured=auth is not None,
+        off="Dialogflow authentication is OFF (GATEWAY_DIALOGFLOW_VERIFY=false): /dialogflow "
+        "accepts requests without credentials.",
+        missing="The Dialogflow channel is not configured: set GATEWAY_DIALOGFLOW_AUTH to the "
+        "credentials the agent sends, or GATEWAY_DIALOGFLOW_VERIFY=false for local development.",
+    )
+    refusal = refusal_at_startup(
+        log,
+        "/google",
+        verify=settings.google_verify,
+        configured=bool(settings.google_project_ids),
+        off="Google request verification is OFF (GATEWAY_GOOGLE_VERIFY=false): /google accepts "
+        "unsigned requests.",
+        missing="The Google Assistant channel is not configured: set GATEWAY_GOOGLE_PROJECT_IDS "
+        "to your Actions project id(s), or GATEWAY_GOOGLE_VERIFY=false for local development.",
+    )
+    verifying = settings.google_verify and refusal is None
+    verifier = (factory or default_verifier_factory)(settings) if verifying else None
+    return GoogleWebhook(gw, verifier, refusal), DialogflowWebhook(gw, auth, df_refusal)
 
 
 @asynccontextmanager

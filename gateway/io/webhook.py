@@ -58,7 +58,7 @@ from gateway.logs import session_ref
 from gateway.protocol import ProtocolError
 from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd, TurnOutcome, TurnRejected
 
-__all__ = ["WebhookChannel", "WebhookRefused", "end_session", "run_turn"]
+__all__ = ["WebhookChannel", "WebhookRefused", "end_session", "refusal_at_startup", "run_turn"]
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,26 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         answer = problem(exc.status, title, exc.detail, reason=exc.reason)
         answer.headers.update(exc.headers)
         return answer
+
+
+def refusal_at_startup(
+    log: logging.Logger, path: str, *, verify: bool, configured: bool, off: str, missing: str
+) -> str | None:
+    """A verified webhook's startup policy: why ``path`` refuses every request, or None.
+
+    ``verify`` False (GATEWAY_<CHANNEL>_VERIFY=false): a WARNING ``off`` plus "Use this
+    only for local development." on ``log``; None (the endpoint is open). ``verify``
+    but not ``configured`` (no ids, no credentials): a WARNING that ``path`` refuses
+    requests with 503, and ``missing`` (which says what to set) is the refusal; an
+    unconfigured check would accept anyone, so the gateway does not guess. Else None.
+    """
+    if not verify:
+        log.warning("%s Use this only for local development.", off)
+        return None
+    if not configured:
+        log.warning("%s refuses requests (503): %s", path, missing)
+        return missing
+    return None
 
 
 async def run_turn(

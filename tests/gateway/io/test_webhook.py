@@ -5,7 +5,7 @@
 verified application key (``X-App: bad`` is refused with 401), and a fallback table
 of its own, unlike the voice one, so the tests see the table decide. It is mounted on
 the real gateway app (create_app: real turn engine, memory store, HTTP pipeline to a
-small core served here) and served by uvicorn. The adapters' own tests
+small core, the Alexa tests' ``make_core``) and served by uvicorn. The adapters' own tests
 (tests/adapters/alexa, tests/adapters/google) cover the driver under their wire.
 """
 
@@ -32,6 +32,7 @@ from gateway.io.webhook import WebhookChannel, WebhookRefused
 from gateway.protocol import ProtocolError, load_json
 from gateway.settings import Settings
 from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd
+from tests.adapters.alexa.test_routes import make_core
 from tests.conftest import serve, served_app
 
 log = logging.getLogger("tests.echo")
@@ -114,32 +115,10 @@ def echo_app(settings: Settings, refusal: str | None = None) -> FastAPI:
     return app
 
 
-def make_core() -> FastAPI:
-    """A core: 'slow' sleeps 1.5 s then sets an attribute; 'fail' answers HTTP 500;
-    anything else says the turn number, the text and that attribute."""
-    core = FastAPI()
-    core.state.finished = asyncio.Event()
-
-    @core.post("/turn")
-    async def turn(request: Request) -> JSONResponse:
-        body = await request.json()
-        text = body["input"]["transcript"]["text"]
-        if text == "slow":
-            await asyncio.sleep(1.5)
-            core.state.finished.set()
-            return JSONResponse({"items": [{"text": "finally"}], "attributes": {"slow": True}})
-        if text == "fail":
-            return JSONResponse({"detail": "the core tripped"}, status_code=500)
-        slow = body["attributes"].get("slow")
-        return JSONResponse({"items": [{"text": f"turn {body['turn']} {text} slow={slow}"}]})
-
-    return core
-
-
 @asynccontextmanager
 async def echo(**overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    """A client of /echo on a served gateway whose pipeline is :func:`make_core`."""
-    core = make_core()
+    """A client of /echo on a served gateway whose pipeline is ``make_core(1.5)``."""
+    core = make_core(1.5)
     refusal = overrides.pop("refusal", None)
     async with serve(core) as core_url:
         settings = Settings(
@@ -177,19 +156,19 @@ def warnings(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixt
 
 async def test_a_turn_is_answered_and_its_session_goes_on() -> None:
     async with echo() as (client, _):
-        assert await say(client, "S-1", "hello") == {"say": "turn 1 hello slow=None", "end": False}
-        assert await say(client, "S-1", "again") == {"say": "turn 2 again slow=None", "end": False}
+        assert await say(client, "S-1", "hello") == {"say": "turn 1 slowDone None", "end": False}
+        assert await say(client, "S-1", "again") == {"say": "turn 2 slowDone None", "end": False}
 
 
 async def test_an_answer_that_closes_the_conversation_ends_the_gateway_session() -> None:
     async with echo() as (client, _):
         await say(client, "S-end", "hello")
         assert await say(client, "S-end", "bye", end=True) == {
-            "say": "turn 2 bye slow=None",
+            "say": "turn 2 slowDone None",
             "end": True,
         }
         fresh = await say(client, "S-end", "hello")
-        assert fresh["say"] == "turn 1 hello slow=None"  # ended, so a new session
+        assert fresh["say"] == "turn 1 slowDone None"  # ended, so a new session
 
 
 async def test_a_request_that_is_no_turn_is_answered_by_the_channel() -> None:
@@ -214,7 +193,7 @@ async def test_a_late_turn_is_still_working_within_the_deadline_and_saves_its_se
         await asyncio.wait_for(core.state.finished.wait(), 5)
         await asyncio.sleep(0.2)  # the engine saves right after the core answers
         after = await say(client, "S-late", "next")
-        assert after["say"] == "turn 2 next slow=True"  # the late turn was saved
+        assert after["say"] == "turn 2 slowDone True"  # the late turn was saved
 
 
 async def test_a_busy_session_is_answered_by_its_row_without_waiting_for_the_deadline() -> None:
@@ -229,7 +208,7 @@ async def test_a_busy_session_is_answered_by_its_row_without_waiting_for_the_dea
         await asyncio.wait_for(core.state.finished.wait(), 5)
         await asyncio.sleep(0.2)
         after = await say(client, "S-busy", "next")
-        assert after["say"] == "turn 2 next slow=True"  # the busy turn changed nothing
+        assert after["say"] == "turn 2 slowDone True"  # the busy turn changed nothing
 
 
 async def test_a_failing_pipeline_is_apologised_for_and_the_session_kept() -> None:
@@ -237,7 +216,7 @@ async def test_a_failing_pipeline_is_apologised_for_and_the_session_kept() -> No
         await say(client, "S-fail", "hello")
         assert await say(client, "S-fail", "fail") == {"say": SORRY, "end": False}
         after = await say(client, "S-fail", "next")
-        assert after["say"] == "turn 2 next slow=None"  # the failed turn did not advance it
+        assert after["say"] == "turn 2 slowDone None"  # the failed turn did not advance it
 
 
 async def test_a_turn_that_cannot_start_is_refused_by_its_row() -> None:
@@ -245,7 +224,7 @@ async def test_a_turn_that_cannot_start_is_refused_by_its_row() -> None:
         await say(client, "S-foreign", "hello", app="one")
         assert await say(client, "S-foreign", "hello", app="two") == {"say": SORRY, "end": True}
         mine = await say(client, "S-foreign", "again", app="one")
-        assert mine["say"] == "turn 2 again slow=None"  # the owner's session is untouched
+        assert mine["say"] == "turn 2 slowDone None"  # the owner's session is untouched
 
 
 # --------------------------------------------------------------------------- bad input
@@ -277,7 +256,7 @@ async def test_an_oversized_body_is_refused_whether_declared_or_streamed(
             logging.WARNING,
             logging.WARNING,
         ]
-        assert (await say(client, "S-big", "small"))["say"] == "turn 1 small slow=None"
+        assert (await say(client, "S-big", "small"))["say"] == "turn 1 slowDone None"
 
 
 async def test_malformed_requests_are_400_and_refusals_keep_their_status_and_headers(
