@@ -31,7 +31,15 @@ from gateway.events import Input, Response
 from gateway.io.webhook import WebhookChannel, WebhookRefused
 from gateway.protocol import ProtocolError, load_json
 from gateway.settings import Settings
-from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd
+from gateway.turn import (
+    VOICE_FALLBACKS,
+    Fallback,
+    Prompt,
+    TurnContext,
+    TurnEnd,
+    TurnOutcome,
+    TurnRejected,
+)
 from tests.adapters.alexa.test_routes import make_core
 from tests.conftest import serve, served_app
 
@@ -179,6 +187,17 @@ async def test_a_request_that_is_no_turn_is_answered_by_the_channel() -> None:
 
 
 # ---------------------------------------------------------------- the fallback table
+
+
+def test_an_outcome_names_its_row_and_every_row_but_answered_is_in_the_voice_table() -> None:
+    busy = TurnRejected("session-busy", "busy")
+    foreign = TurnRejected("session-foreign", "not yours")
+    assert TurnOutcome(response=Response(items=[])).end is TurnEnd.ANSWERED
+    assert TurnOutcome(late=True).end is TurnEnd.LATE
+    assert TurnOutcome(rejected=busy).end is TurnEnd.BUSY
+    assert TurnOutcome(rejected=foreign).end is TurnEnd.REFUSED
+    assert TurnOutcome().end is TurnEnd.FAILED
+    assert set(VOICE_FALLBACKS) == set(TurnEnd) - {TurnEnd.ANSWERED} == set(TABLE)
 
 
 async def test_a_late_turn_is_still_working_within_the_deadline_and_saves_its_session(
