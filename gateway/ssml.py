@@ -9,7 +9,7 @@ protocols use it without loading the turn engine (DESIGN.md, "Rules of the house
 - :func:`display_text` gives their text for a screen or card;
 - both cut at a sentence or word boundary with :func:`truncate_text`.
 
-:mod:`gateway.voice` (the voice turn runner) re-exports these names.
+The webhook driver (:mod:`gateway.io.webhook`) runs the turns whose answers these write.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""What a turn starts from and how it is refused: the turn engine's values, without the engine.
+"""What a turn starts from, how it is refused and how it ended: the turn engine's values.
 
 Pure (standard library, the core event models and the speech stage's value types):
 sans-I/O ``protocol.py`` modules build a :class:`TurnContext`, answer a
-:class:`TurnRejected` and propose ids with :func:`new_session_id` without loading the
-turn engine, its stores or the speech service (DESIGN.md, "Rules of the house").
-:mod:`gateway.conversation`, which runs turns, re-exports these names.
+:class:`TurnRejected`, propose ids with :func:`new_session_id` and map a
+:class:`TurnOutcome` through a fallback table (:data:`VOICE_FALLBACKS`) without loading
+the turn engine, its stores or the speech service (DESIGN.md, "Rules of the house").
+:mod:`gateway.conversation`, which runs turns, re-exports the first three;
+:mod:`gateway.io.webhook`, which waits for a turn within a platform's deadline, makes
+TurnOutcomes.
 """
 
 from __future__ import annotations
@@ -12,12 +15,23 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
-from gateway.events import LogEntry
+from gateway.events import ErrorEvent, LogEntry, Response
 from gateway.speech.types import TtsRequest
 
-__all__ = ["RejectReason", "TurnContext", "TurnRejected", "new_session_id"]
+__all__ = [
+    "VOICE_FALLBACKS",
+    "Fallback",
+    "Prompt",
+    "RejectReason",
+    "TurnContext",
+    "TurnEnd",
+    "TurnOutcome",
+    "TurnRejected",
+    "new_session_id",
+]
 
 RejectReason = Literal["session-not-found", "session-foreign", "session-busy", "store-unavailable"]
 
@@ -79,3 +93,73 @@ class TurnContext:
 def new_session_id() -> str:
     """A fresh, unguessable session id (UUID4 text)."""
     return str(uuid.uuid4())
+
+
+class TurnEnd(StrEnum):
+    """How a turn ended, as far as a waiting adapter could see (:attr:`TurnOutcome.end`)."""
+
+    ANSWERED = "answered"
+    """The pipeline answered: there is a Response."""
+    LATE = "late"
+    """The adapter's deadline passed first; the turn goes on in its own task and saves."""
+    BUSY = "busy"
+    """The turn could not start: another turn holds the session (``session-busy``)."""
+    REFUSED = "refused"
+    """The turn could not start for another reason (unknown, foreign, store down)."""
+    FAILED = "failed"
+    """The turn ran and failed (the pipeline or the gateway): an ErrorEvent, no Response."""
+
+
+@dataclass(frozen=True)
+class TurnOutcome:
+    """How a turn ended, as far as the platform's deadline let the adapter see.
+
+    Exactly one of ``response``, ``error``, ``rejected`` is set, or none when
+    ``late``. ``session_ended`` is True when the engine ended (deleted) the
+    session; ``session_started`` when the turn created it.
+    """
+
+    response: Response | None = None
+    error: ErrorEvent | None = None
+    rejected: TurnRejected | None = None
+    late: bool = False
+    session_started: bool = False
+    session_ended: bool = False
+
+    @property
+    def end(self) -> TurnEnd:
+        """The outcome's kind: which row of an adapter's fallback table applies."""
+        if self.late:
+            return TurnEnd.LATE
+        if self.rejected is not None:
+            return TurnEnd.BUSY if self.rejected.reason == "session-busy" else TurnEnd.REFUSED
+        return TurnEnd.FAILED if self.response is None else TurnEnd.ANSWERED
+
+
+class Prompt(StrEnum):
+    """The gateway's own words when a turn gives nothing to say (settings name the text)."""
+
+    STILL_WORKING = "still_working"
+    """GATEWAY_VOICE_STILL_WORKING_TEXT."""
+    ERROR = "error"
+    """GATEWAY_VOICE_ERROR_TEXT."""
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """What a webhook answers for a turn without a Response: a ``prompt``; ``end`` closes it."""
+
+    prompt: Prompt
+    end: bool
+
+
+VOICE_FALLBACKS: Mapping[TurnEnd, Fallback] = {
+    TurnEnd.LATE: Fallback(Prompt.STILL_WORKING, end=False),
+    TurnEnd.BUSY: Fallback(Prompt.STILL_WORKING, end=False),
+    TurnEnd.REFUSED: Fallback(Prompt.ERROR, end=True),
+    TurnEnd.FAILED: Fallback(Prompt.ERROR, end=False),
+}
+"""The voice assistants' policy (Alexa, Google, Dialogflow): a late turn or a busy session
+is "still working" and the conversation goes on (the late turn saves its session); a
+failed turn apologises and keeps the session (it did not advance); a turn that could not
+start apologises and ends the conversation. Every TurnEnd but ANSWERED has a row."""

@@ -62,7 +62,7 @@ IMPURE_GATEWAY = (
     "gateway.speech.tts",
     "gateway.speech.tts_cache",
     "gateway.speech.tts_pool",
-    "gateway.voice",
+    "gateway.io",
 )
 """Gateway modules that run turns, speech or stores: not to be named by a protocol,
 even for type hints (their value types live in gateway.turn, gateway.speech.types

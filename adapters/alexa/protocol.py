@@ -24,7 +24,7 @@ Every IntentRequest also puts the intent into the Input: a class
 matches only).
 
 Responses. :func:`turn_response` builds the answer to a turn: SSML from the items
-(:func:`gateway.voice.speech_ssml`), a reprompt repeating the last thing said
+(:func:`gateway.ssml.speech_ssml`), a reprompt repeating the last thing said
 while the session stays open, a Standard card when an item has an image,
 ``sessionAttributes`` carrying the gateway session id, ``shouldEndSession =
 sessionEnded and sleepTimeout == 0``. :func:`encode` serialises an envelope
@@ -35,7 +35,7 @@ card, reprompt and then speech (at sentence/word boundaries) when needed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -53,6 +53,7 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError, load_json
 from gateway.ssml import display_text, speech_ssml
+from gateway.turn import VOICE_FALLBACKS, Fallback, TurnContext, TurnEnd
 
 NAMESPACE = "alexa"
 """Session-key namespace of Alexa sessions (ids are Alexa's ``session.sessionId``)."""
@@ -308,6 +309,24 @@ class Plan:
     end_session: bool = False
 
 
+FALLBACKS: Mapping[TurnEnd, Fallback] = VOICE_FALLBACKS
+"""What Alexa hears when a turn gives no Response (TurnEnd -> prompt and whether the
+session ends, said by :func:`fallback_response`): the voice assistants' table."""
+
+
+def turn_context(plan: Plan) -> TurnContext:
+    """The turn engine's context for ``plan``'s session (channel and namespace ``alexa``)."""
+    return TurnContext(
+        channel=NAMESPACE,
+        namespace=NAMESPACE,
+        session_id=plan.session_id or "",
+        app_key=plan.app_key or "",
+        device_id=plan.device_id,
+        locale=plan.locale,
+        create=True,
+    )
+
+
 def plan(envelope: AlexaEnvelope, config: AlexaConfig) -> Plan:
     """Decide what the gateway does with ``envelope`` (see the tables above).
 
@@ -488,6 +507,18 @@ def speak_response(
         session_id=session_id,
         reprompt=reprompt,
     )
+
+
+def fallback_response(plan: Plan, text: str, end: bool) -> AlexaResponseEnvelope:
+    """The answer saying the gateway's own ``text`` in ``plan``'s session (:data:`FALLBACKS`)."""
+    return speak_response(text, session_id=plan.session_id, end=end)
+
+
+def answer_response(plan: Plan, response: Response) -> tuple[AlexaResponseEnvelope, bool]:
+    """The answer to a turn's Response in ``plan``'s session, and whether it ends the session
+    (the response says so, ``plan.end_session`` forces it, or it says nothing)."""
+    answer = turn_response(response, session_id=plan.session_id, force_end=plan.end_session)
+    return answer, bool(answer.response.should_end_session)
 
 
 def turn_response(

@@ -26,13 +26,15 @@ text; ``actions.intent.CANCEL`` -> ``stop`` and the session ends; no-input ->
 the action ``#<name>``. The intent and its parameters also go into the Input
 (a class ``{type: "Intent", name}`` and ``attributes["intent"]``).
 
-:func:`render` writes the answer (:class:`Answer`: items + end) in the request's
-format: v3 ``prompt.firstSimple{speech, text}``, ``session.params`` with the
-gateway session id, ``scene.next.name = actions.scene.END_CONVERSATION`` at the
-end; v2 ``expectUserResponse`` with ``expectedInputs`` or ``finalResponse`` and
-the gateway session in ``conversationToken``; ES ``fulfillmentText`` +
-``fulfillmentMessages`` (+ ``payload.google`` for Actions on Google requests);
-CX ``fulfillmentResponse.messages`` + ``sessionInfo.parameters`` and, at the end,
+:func:`answer_json` (a turn's Response) and :func:`fallback_json` (the gateway's own
+words when a turn gives none, by the table :data:`FALLBACKS`) write the answer through
+:func:`render` (:class:`Answer`: items + end) in the request's format: v3
+``prompt.firstSimple{speech, text}``, ``session.params`` with the gateway session id,
+``scene.next.name = actions.scene.END_CONVERSATION`` at the end; v2
+``expectUserResponse`` with ``expectedInputs`` or ``finalResponse`` and the gateway
+session in ``conversationToken``; ES ``fulfillmentText`` + ``fulfillmentMessages``
+(+ ``payload.google`` for Actions on Google requests); CX
+``fulfillmentResponse.messages`` + ``sessionInfo.parameters`` and, at the end,
 ``targetPage`` = the flow's ``END_SESSION`` page.
 """
 
@@ -48,10 +50,20 @@ from typing import Any, TypeVar
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 from pydantic.alias_generators import to_camel
 
-from gateway.events import FALLBACK, INTRO, SILENCE, Input, InputClass, ResponseItem, Wire
+from gateway.events import (
+    FALLBACK,
+    INTRO,
+    SILENCE,
+    Input,
+    InputClass,
+    Response,
+    ResponseItem,
+    Wire,
+)
 from gateway.protocol import ProtocolError
 from gateway.protocol import load_json as load_any_json
 from gateway.ssml import display_text, speech_ssml
+from gateway.turn import VOICE_FALLBACKS, Fallback, TurnContext, TurnEnd
 
 GOOGLE_NAMESPACE = "google"
 """Session-key namespace of /google sessions (v3 session.id, v2 conversationId)."""
@@ -569,6 +581,38 @@ class Answer:
 
     items: Sequence[ResponseItem] = field(default_factory=tuple)
     end: bool = False
+
+
+FALLBACKS: Mapping[TurnEnd, Fallback] = VOICE_FALLBACKS
+"""What the user hears when a turn gives no Response (TurnEnd -> prompt and whether the
+conversation ends, said by :func:`fallback_json`): the voice assistants' table."""
+
+
+def turn_context(plan: Plan, namespace: str) -> TurnContext:
+    """The turn engine's context for ``plan``: channel and namespace ``namespace``
+    (:data:`GOOGLE_NAMESPACE` or :data:`DIALOGFLOW_NAMESPACE`), application key
+    ``plan.app_key``."""
+    return TurnContext(
+        channel=namespace,
+        namespace=namespace,
+        session_id=plan.session_id,
+        app_key=plan.app_key or "",
+        locale=plan.locale,
+        create=True,
+    )
+
+
+def answer_json(plan: Plan, response: Response) -> tuple[dict[str, Any], bool]:
+    """The webhook JSON answering a turn's Response, and whether the conversation ends
+    (``plan.end_session``, or the Response ended the session with no sleep timeout)."""
+    ended = response.session_ended and response.sleep_timeout == 0
+    answer = Answer(tuple(response.items), end=plan.end_session or ended)
+    return render(plan, answer, plan.session_id), answer.end
+
+
+def fallback_json(plan: Plan, text: str, end: bool) -> dict[str, Any]:
+    """The webhook JSON saying the gateway's own ``text`` (:data:`FALLBACKS`)."""
+    return render(plan, Answer((ResponseItem(text=text),), end=end), plan.session_id)
 
 
 def _speech(items: Sequence[ResponseItem]) -> str | None:

@@ -1,6 +1,8 @@
 """Google conversational webhooks: ``POST /google`` (Assistant) and ``POST /dialogflow``.
 
-Thin I/O around :mod:`adapters.google.protocol` and :mod:`adapters.google.verify`.
+Wiring of :mod:`adapters.google.protocol` and :mod:`adapters.google.verify` into the
+webhook driver (:mod:`gateway.io.webhook`), which reads the body, runs the turn within
+the deadline and maps its outcome through the protocol's table.
 
 ``POST /google`` (Actions Builder / Actions SDK conversation webhook, and the older
 Actions SDK v2 AppRequest): the ``Google-Assistant-Signature`` (v2:
@@ -37,38 +39,38 @@ bring their own certificate source or clock), else by
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
+from fastapi.responses import Response as HTTPResponse
+from starlette.datastructures import Headers
 from starlette.requests import Request
 
 from adapters.google.openapi import POST_DIALOGFLOW, POST_GOOGLE
 from adapters.google.protocol import (
     DIALOGFLOW_NAMESPACE,
+    FALLBACKS,
     GOOGLE_NAMESPACE,
-    Answer,
     Plan,
+    answer_json,
     dialogflow_plan,
+    fallback_json,
     google_plan,
     health_response,
     load_json,
-    render,
+    turn_context,
 )
 from adapters.google.verify import DialogflowAuth, GoogleVerificationError, GoogleVerifier
-from gateway.conversation import TurnContext
-from gateway.deps import Gateway, gateway_of
-from gateway.events import ResponseItem
-from gateway.httputil import problem, read_body
-from gateway.logs import session_ref
-from gateway.protocol import ProtocolError
+from gateway.deps import Gateway
+from gateway.events import Input, Response
+from gateway.io.webhook import WebhookChannel, WebhookRefused, refusal_at_startup
 from gateway.settings import Settings
-from gateway.voice import TurnOutcome, end_session, run_turn
+from gateway.turn import TurnContext
 
 log = logging.getLogger("adapters.google")
 
@@ -81,190 +83,158 @@ def default_verifier_factory(settings: Settings) -> GoogleVerifier:
     return GoogleVerifier(settings.google_project_ids)
 
 
-@dataclass(frozen=True)
-class GoogleChannel:
-    """Per-app state of /google and /dialogflow, made at startup.
+class _Webhook(WebhookChannel[Plan, dict[str, Any]]):
+    """What /google and /dialogflow share: the answers (adapters.google.protocol)."""
 
-    ``verifier`` None means /google verification is off, unless ``refusal``
-    says why /google refuses every request; ``dialogflow_auth`` None means
-    /dialogflow is open, unless ``dialogflow_refusal`` says why it refuses
-    every request.
-    """
+    log = log
+    fallbacks = FALLBACKS
+    namespace: str
 
-    verifier: GoogleVerifier | None
-    refusal: str | None
-    dialogflow_auth: DialogflowAuth | None
-    dialogflow_refusal: str | None = None
+    def turn(self, planned: Plan) -> tuple[TurnContext, Input] | None:
+        """Every request but a health check runs a turn."""
+        if planned.health_check or planned.input is None:
+            return None
+        return turn_context(planned, self.namespace), planned.input
+
+    async def other(self, planned: Plan) -> dict[str, Any]:
+        """A health check's answer."""
+        return health_response(planned)
+
+    def answer(self, planned: Plan, response: Response) -> tuple[dict[str, Any], bool]:
+        """:func:`adapters.google.protocol.answer_json`."""
+        return answer_json(planned, response)
+
+    def fallback(self, planned: Plan, text: str, end: bool) -> dict[str, Any]:
+        """:func:`adapters.google.protocol.fallback_json`."""
+        return fallback_json(planned, text, end)
+
+    def encode(self, answer: dict[str, Any]) -> HTTPResponse:
+        """The JSON answer."""
+        return JSONResponse(answer)
 
 
-def make_channel(settings: Settings, factory: GoogleVerifierFactory | None = None) -> GoogleChannel:
-    """The GoogleChannel for ``settings``; logs the startup warnings.
+class GoogleWebhook(_Webhook):
+    """/google's per-app state: ``verifier`` None means verification is off, unless
+    ``refusal`` says why every request is refused. The verified audience (the project
+    id) is the session's application key (``actions`` when unverified)."""
+
+    platform = "Google"
+    namespace = GOOGLE_NAMESPACE
+
+    def __init__(self, gw: Gateway, verifier: GoogleVerifier | None, refusal: str | None) -> None:
+        super().__init__(gw, gw.settings.google_deadline_s, refusal)
+        self.verifier = verifier
+
+    async def authenticate(self, headers: Headers) -> str | None:
+        """The project id the request's JWT is for, when verification is on."""
+        if self.verifier is None:
+            return None
+        try:
+            claims = await self.verifier.verify(headers)
+        except GoogleVerificationError as exc:  # already logged by the verifier
+            raise WebhookRefused(401, exc.reason.value, exc.message, logged=True) from None
+        audience = claims.get("aud")
+        candidates = audience if isinstance(audience, list) else [audience]
+        ids = self.verifier.project_ids
+        return next((a for a in candidates if isinstance(a, str) and a in ids), None)
+
+    async def plan(self, headers: Headers, body: bytes, principal: str | None) -> Plan:
+        """:func:`adapters.google.protocol.google_plan`, keyed by the verified project."""
+        return replace(google_plan(load_json(body)), app_key=principal or "actions")
+
+
+class DialogflowWebhook(_Webhook):
+    """/dialogflow's per-app state: ``auth`` None means it is open, unless ``refusal``
+    says why every request is refused. An agent not in GATEWAY_APP_KEYS is refused."""
+
+    platform = "Dialogflow"
+    namespace = DIALOGFLOW_NAMESPACE
+
+    def __init__(self, gw: Gateway, auth: DialogflowAuth | None, refusal: str | None) -> None:
+        super().__init__(gw, gw.settings.dialogflow_deadline_s, refusal)
+        self.auth = auth
+
+    async def authenticate(self, headers: Headers) -> str | None:
+        """Check the configured credentials (401 with a challenge when they are not sent)."""
+        if self.auth is not None and not self.auth.accepts(headers.get("authorization")):
+            reason = "bad_credentials" if "authorization" in headers else "missing_credentials"
+            raise WebhookRefused(
+                401,
+                reason,
+                "The request lacks the credentials configured in GATEWAY_DIALOGFLOW_AUTH.",
+                headers={"WWW-Authenticate": self.auth.challenge},
+            )
+        return None
+
+    async def plan(self, headers: Headers, body: bytes, principal: str | None) -> Plan:
+        """:func:`adapters.google.protocol.dialogflow_plan`; 403 for an agent not allowed."""
+        planned = dialogflow_plan(load_json(body))
+        app_key = planned.app_key or "dialogflow"
+        if not planned.health_check and not self.gw.settings.key_allowed(app_key):
+            detail = f"The agent {app_key!r} is not in GATEWAY_APP_KEYS."
+            raise WebhookRefused(403, "unknown_agent", detail)
+        return replace(planned, app_key=app_key)
+
+
+def make_channels(
+    gw: Gateway, factory: GoogleVerifierFactory | None = None
+) -> tuple[GoogleWebhook, DialogflowWebhook]:
+    """The /google and /dialogflow webhooks for ``gw``'s settings; logs the startup warnings.
 
     Verification off: a WARNING. Verification on without project ids: a WARNING
     that /google refuses requests with 503 (any Google account can get
     Google-signed tokens for its own project: without the audience check a token
-    proves nothing, so the gateway does not guess). /dialogflow without
-    GATEWAY_DIALOGFLOW_AUTH: a WARNING that it refuses requests with 503 (anyone
-    who knows a session path could continue that conversation), or with
-    GATEWAY_DIALOGFLOW_VERIFY=false a WARNING that it is open.
+    proves nothing). /dialogflow without GATEWAY_DIALOGFLOW_AUTH: a WARNING that it
+    refuses requests with 503 (anyone who knows a session path could continue that
+    conversation), or with GATEWAY_DIALOGFLOW_VERIFY=false a WARNING that it is open.
     """
-    auth = settings.dialogflow_auth
-    df_auth = DialogflowAuth.parse(auth.get_secret_value()) if auth else None
-    df_refusal = None
-    if df_auth is None and not settings.dialogflow_verify:
-        log.warning(
-            "Dialogflow authentication is OFF (GATEWAY_DIALOGFLOW_VERIFY=false): /dialogflow "
-            "accepts requests without credentials. Use this only for local development."
-        )
-    elif df_auth is None:
-        df_refusal = (
-            "The Dialogflow channel is not configured: set GATEWAY_DIALOGFLOW_AUTH to the "
-            "credentials the agent sends, or GATEWAY_DIALOGFLOW_VERIFY=false for local "
-            "development."
-        )
-        log.warning("/dialogflow refuses requests (503): %s", df_refusal)
-    if not settings.google_verify:
-        log.warning(
-            "Google request verification is OFF (GATEWAY_GOOGLE_VERIFY=false): /google accepts "
-            "unsigned requests. Use this only for local development."
-        )
-        return GoogleChannel(None, None, df_auth, df_refusal)
-    if not settings.google_project_ids:
-        reason = (
-            "The Google Assistant channel is not configured: set GATEWAY_GOOGLE_PROJECT_IDS to "
-            "your Actions project id(s), or GATEWAY_GOOGLE_VERIFY=false for local development."
-        )
-        log.warning("/google refuses requests (503): %s", reason)
-        return GoogleChannel(None, reason, df_auth, df_refusal)
-    verifier = (factory or default_verifier_factory)(settings)
-    return GoogleChannel(verifier, None, df_auth, df_refusal)
+    settings = gw.settings
+    secret = settings.dialogflow_auth
+    auth = DialogflowAuth.parse(secret.get_secret_value()) if secret else None
+    df_refusal = refusal_at_startup(
+        log,
+        "/dialogflow",
+        verify=settings.dialogflow_verify or auth is not None,
+        configured=auth is not None,
+        off="Dialogflow authentication is OFF (GATEWAY_DIALOGFLOW_VERIFY=false): /dialogflow "
+        "accepts requests without credentials.",
+        missing="The Dialogflow channel is not configured: set GATEWAY_DIALOGFLOW_AUTH to the "
+        "credentials the agent sends, or GATEWAY_DIALOGFLOW_VERIFY=false for local development.",
+    )
+    refusal = refusal_at_startup(
+        log,
+        "/google",
+        verify=settings.google_verify,
+        configured=bool(settings.google_project_ids),
+        off="Google request verification is OFF (GATEWAY_GOOGLE_VERIFY=false): /google accepts "
+        "unsigned requests.",
+        missing="The Google Assistant channel is not configured: set GATEWAY_GOOGLE_PROJECT_IDS "
+        "to your Actions project id(s), or GATEWAY_GOOGLE_VERIFY=false for local development.",
+    )
+    verifying = settings.google_verify and refusal is None
+    verifier = (factory or default_verifier_factory)(settings) if verifying else None
+    return GoogleWebhook(gw, verifier, refusal), DialogflowWebhook(gw, auth, df_refusal)
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     factory: GoogleVerifierFactory | None = getattr(app.state, "google_verifier_factory", None)
-    app.state.google = make_channel(app.state.gateway.settings, factory)
+    app.state.google, app.state.dialogflow = make_channels(app.state.gateway, factory)
     yield
 
 
 router = APIRouter(lifespan=_lifespan)
 
 
-def _refuse(status: int, reason: str, detail: str, **headers: str) -> JSONResponse:
-    log.warning("request refused: %s: %s", reason, detail)
-    titles = {
-        400: "Bad Request",
-        401: "Unauthorized",
-        403: "Forbidden",
-        413: "Content Too Large",
-        503: "Service Unavailable",
-    }
-    answer = problem(status, titles.get(status, "Refused"), detail, reason=reason)
-    answer.headers.update(headers)
-    return answer
-
-
 @router.post("/google", **POST_GOOGLE)
-async def post_google(request: Request) -> JSONResponse:
+async def post_google(request: Request) -> HTTPResponse:
     """Answer one Google Assistant webhook request (see the module doc)."""
-    started = asyncio.get_running_loop().time()
-    gw = gateway_of(request)
-    channel: GoogleChannel = request.app.state.google
-    if channel.refusal is not None:
-        return _refuse(503, "not_configured", channel.refusal)
-    app_key = "actions"
-    if channel.verifier is not None:
-        try:
-            claims = await channel.verifier.verify(request.headers)
-        except GoogleVerificationError as exc:  # already logged by the verifier
-            return problem(401, "Unauthorized", exc.message, reason=exc.reason.value)
-        app_key = _audience(claims, channel.verifier.project_ids)
-    try:
-        body = await read_body(request, gw.settings.max_body_bytes)
-        planned = google_plan(load_json(body))
-    except ProtocolError as exc:
-        return _refuse(exc.status, "malformed_request", exc.text)
-    if planned.health_check:
-        return JSONResponse(health_response(planned))
-    ctx = _context("google", GOOGLE_NAMESPACE, planned, app_key)
-    elapsed = asyncio.get_running_loop().time() - started
-    return JSONResponse(await _turn(gw, ctx, planned, gw.settings.google_deadline_s - elapsed))
-
-
-def _audience(claims: dict[str, Any], project_ids: frozenset[str]) -> str:
-    audience = claims.get("aud")
-    candidates = audience if isinstance(audience, list) else [audience]
-    return next((a for a in candidates if isinstance(a, str) and a in project_ids), "actions")
+    channel: GoogleWebhook = request.app.state.google
+    return await channel.handle(request)
 
 
 @router.post("/dialogflow", **POST_DIALOGFLOW)
-async def post_dialogflow(request: Request) -> JSONResponse:
+async def post_dialogflow(request: Request) -> HTTPResponse:
     """Answer one Dialogflow fulfillment request (see the module doc)."""
-    started = asyncio.get_running_loop().time()
-    gw = gateway_of(request)
-    channel: GoogleChannel = request.app.state.google
-    if channel.dialogflow_refusal is not None:
-        return _refuse(503, "not_configured", channel.dialogflow_refusal)
-    auth = channel.dialogflow_auth
-    if auth is not None and not auth.accepts(request.headers.get("authorization")):
-        given = "authorization" in request.headers
-        reason = "bad_credentials" if given else "missing_credentials"
-        return _refuse(
-            401,
-            reason,
-            "The request lacks the credentials configured in GATEWAY_DIALOGFLOW_AUTH.",
-            **{"WWW-Authenticate": auth.challenge},
-        )
-    try:
-        body = await read_body(request, gw.settings.max_body_bytes)
-        planned = dialogflow_plan(load_json(body))
-    except ProtocolError as exc:
-        return _refuse(exc.status, "malformed_request", exc.text)
-    if planned.health_check:
-        return JSONResponse(health_response(planned))
-    app_key = planned.app_key or "dialogflow"
-    if not gw.settings.key_allowed(app_key):
-        return _refuse(403, "unknown_agent", f"The agent {app_key!r} is not in GATEWAY_APP_KEYS.")
-    ctx = _context("dialogflow", DIALOGFLOW_NAMESPACE, planned, app_key)
-    elapsed = asyncio.get_running_loop().time() - started
-    return JSONResponse(await _turn(gw, ctx, planned, gw.settings.dialogflow_deadline_s - elapsed))
-
-
-def _context(channel: str, namespace: str, planned: Plan, app_key: str) -> TurnContext:
-    return TurnContext(
-        channel=channel,
-        namespace=namespace,
-        session_id=planned.session_id,
-        app_key=app_key,
-        locale=planned.locale,
-        create=True,
-    )
-
-
-def _answer(gw: Gateway, planned: Plan, outcome: TurnOutcome) -> Answer:
-    settings = gw.settings
-    if outcome.late:
-        return Answer((ResponseItem(text=settings.voice_still_working_text),), end=False)
-    if outcome.rejected is not None:
-        if outcome.rejected.reason == "session-busy":
-            return Answer((ResponseItem(text=settings.voice_still_working_text),), end=False)
-        return Answer((ResponseItem(text=settings.voice_error_text),), end=True)
-    if outcome.response is None:  # the pipeline (or the gateway) failed; the session is kept
-        return Answer((ResponseItem(text=settings.voice_error_text),), end=False)
-    response = outcome.response
-    ended = response.session_ended and response.sleep_timeout == 0
-    return Answer(tuple(response.items), end=planned.end_session or ended)
-
-
-async def _turn(gw: Gateway, ctx: TurnContext, planned: Plan, deadline_s: float) -> dict[str, Any]:
-    assert planned.input is not None
-    outcome = await run_turn(gw.conversation, ctx, planned.input, deadline_s)
-    if outcome.late:
-        log.info(
-            "turn of %s outlived the platform's deadline: 'still working'", session_ref(ctx.key)
-        )
-    answer = _answer(gw, planned, outcome)
-    if answer.end and outcome.response is not None and not outcome.session_ended:
-        # the platform closes the conversation: so does the gateway
-        await end_session(gw.conversation, ctx, max(deadline_s - 0.5, 0.5))
-    return render(planned, answer, ctx.session_id)
+    channel: DialogflowWebhook = request.app.state.dialogflow
+    return await channel.handle(request)

@@ -28,7 +28,7 @@ from adapters.alexa.protocol import (
 )
 from gateway.events import Response, ResponseItem
 from gateway.protocol import ProtocolError
-from gateway.voice import speech_ssml, truncate_text
+from gateway.ssml import speech_ssml, truncate_text
 from tests.conftest import FIXTURES
 
 ALEXA = FIXTURES / "alexa"

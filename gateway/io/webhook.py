@@ -1,0 +1,314 @@
+"""The webhook driver: one platform request in, one answer out, within the platform's deadline.
+
+Voice platforms (Alexa, Google Assistant, Dialogflow ES and CX) call the gateway as a
+webhook and wait a fixed time for one JSON answer; nothing streams. Each such channel
+is a :class:`WebhookChannel` subclass saying only what is particular to it: how a
+request is verified, how its body is planned, how a Response or a fallback prompt is
+written on its wire (its ``protocol.py``, pure). :meth:`WebhookChannel.handle` does the
+I/O, the same for all:
+
+1. refuse at once (503, reason ``not_configured``) when the channel is not configured;
+2. :meth:`~WebhookChannel.authenticate` the headers (verification that needs no body:
+   a signed token, a shared secret);
+3. read the body, at most GATEWAY_MAX_BODY_BYTES (over it: ``body_too_large_status``,
+   reason ``body_too_large``);
+4. :meth:`~WebhookChannel.plan` it (verify a signed body, parse, decide);
+5. a request that is no turn (:meth:`~WebhookChannel.turn` gives None) is answered by
+   :meth:`~WebhookChannel.other` (health checks, session ends, ...);
+6. a turn runs through the turn engine (:func:`run_turn`) until the platform's
+   deadline less the time already spent, and its :class:`~gateway.turn.TurnOutcome`
+   is mapped: ANSWERED by :meth:`~WebhookChannel.answer` (when that answer closes the
+   conversation the gateway ends its session too, :func:`end_session`); LATE, BUSY,
+   REFUSED and FAILED through the channel's pure table ``fallbacks`` (TurnEnd ->
+   Fallback, e.g. :data:`gateway.turn.VOICE_FALLBACKS`) into
+   :meth:`~WebhookChannel.fallback` with the prompt's text from the settings.
+
+A late turn is not cancelled: it runs in its own task (gateway/conversation.py),
+finishes and saves the session, and the platform hears "still working" instead of
+timing out. Refusals (:class:`WebhookRefused`; a ProtocolError from reading or parsing,
+reason ``malformed_request``) are answered with an RFC 9457 problem body and logged at
+WARNING on the channel's logger with their reason; nothing is ever a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import ClassVar, Generic, TypeVar
+
+from fastapi.responses import Response as HTTPResponse
+from starlette.datastructures import Headers
+from starlette.requests import Request
+
+from gateway.conversation import Conversation
+from gateway.deps import Gateway
+from gateway.events import (
+    ErrorEvent,
+    Input,
+    Response,
+    ResponseEvent,
+    SessionEndedEvent,
+    SessionStartedEvent,
+)
+from gateway.httputil import problem, read_body
+from gateway.logs import session_ref
+from gateway.protocol import ProtocolError
+from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd, TurnOutcome, TurnRejected
+
+__all__ = ["WebhookChannel", "WebhookRefused", "end_session", "refusal_at_startup", "run_turn"]
+
+log = logging.getLogger(__name__)
+
+END_MARGIN_S = 0.5
+"""After an answer that closes the conversation, ending the session may take the turn's
+deadline less this (at least this), so the answer still beats the platform's deadline."""
+
+_PlanT = TypeVar("_PlanT")
+_AnswerT = TypeVar("_AnswerT")
+
+
+class WebhookRefused(Exception):
+    """A request the channel will not act on: answered as an RFC 9457 problem body.
+
+    ``status`` is the HTTP status (400, 401, 403, 413, 503), ``reason`` a short
+    machine-readable word (the problem body's ``reason``), ``detail`` the text for
+    people; ``headers`` go on the answer (``WWW-Authenticate``); ``logged`` True when
+    whoever raised it already logged it (the verifiers do).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        logged: bool = False,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+        self.headers: Mapping[str, str] = headers or {}
+        self.logged = logged
+
+
+class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
+    """One webhook endpoint's per-app state and its particulars; :meth:`handle` drives it.
+
+    ``_PlanT`` is what the adapter's protocol makes of a request, ``_AnswerT`` its
+    answer before encoding. Subclasses set ``platform`` (for log lines), ``log``
+    (the adapter's logger), ``fallbacks`` (their protocol's pure TurnEnd -> Fallback
+    table, a row for every TurnEnd but ANSWERED) and ``body_too_large_status``.
+    ``deadline_s`` is the platform's answer deadline in seconds; ``refusal``, when
+    set, is why every request is refused with 503 (the channel is not configured).
+    """
+
+    platform: ClassVar[str]
+    log: ClassVar[logging.Logger]
+    fallbacks: ClassVar[Mapping[TurnEnd, Fallback]]
+    body_too_large_status: ClassVar[int] = 413
+
+    def __init__(self, gw: Gateway, deadline_s: float, refusal: str | None = None) -> None:
+        self.gw = gw
+        self.deadline_s = deadline_s
+        self.refusal = refusal
+
+    # ------------------------------------------------------------------ the hooks
+
+    async def authenticate(self, headers: Headers) -> str | None:
+        """Verify what the headers alone prove, before the body is read.
+
+        Returns the verified principal (an application key) or None when the
+        channel names none; raises WebhookRefused. The default accepts everything.
+        """
+        return None
+
+    @abstractmethod
+    async def plan(self, headers: Headers, body: bytes, principal: str | None) -> _PlanT:
+        """What to do with the request (verify a signed body, parse, decide).
+
+        Raises WebhookRefused, or ProtocolError for a malformed request (its status).
+        """
+
+    @abstractmethod
+    def turn(self, planned: _PlanT) -> tuple[TurnContext, Input] | None:
+        """The turn ``planned`` runs, or None when it is answered without one."""
+
+    @abstractmethod
+    async def other(self, planned: _PlanT) -> _AnswerT:
+        """The answer to a request that runs no turn (:meth:`turn` gave None)."""
+
+    @abstractmethod
+    def answer(self, planned: _PlanT, response: Response) -> tuple[_AnswerT, bool]:
+        """The answer to a turn's Response, and whether it closes the conversation."""
+
+    @abstractmethod
+    def fallback(self, planned: _PlanT, text: str, end: bool) -> _AnswerT:
+        """An answer saying the gateway's own ``text``; ``end`` closes the conversation."""
+
+    @abstractmethod
+    def encode(self, answer: _AnswerT) -> HTTPResponse:
+        """The HTTP answer (200, the platform's JSON) carrying ``answer``."""
+
+    # ------------------------------------------------------------------ the driver
+
+    async def handle(self, request: Request) -> HTTPResponse:
+        """Answer one platform request (the module doc's steps); never raises for bad input."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            if self.refusal is not None:
+                raise WebhookRefused(503, "not_configured", self.refusal)
+            principal = await self.authenticate(request.headers)
+            body = await self._body(request)
+            planned = await self.plan(request.headers, body, principal)
+        except WebhookRefused as exc:
+            return self.refuse(exc)
+        except ProtocolError as exc:
+            return self.refuse(WebhookRefused(exc.status, "malformed_request", exc.text))
+        turn = self.turn(planned)
+        if turn is None:
+            return self.encode(await self.other(planned))
+        ctx, input = turn
+        deadline_s = self.deadline_s - (loop.time() - started)
+        return self.encode(await self._turn(planned, ctx, input, deadline_s))
+
+    async def _body(self, request: Request) -> bytes:
+        try:
+            return await read_body(request, self.gw.settings.max_body_bytes)
+        except ProtocolError as exc:
+            if exc.status != 413:
+                raise
+            raise WebhookRefused(self.body_too_large_status, "body_too_large", exc.text) from None
+
+    async def _turn(
+        self, planned: _PlanT, ctx: TurnContext, input: Input, deadline_s: float
+    ) -> _AnswerT:
+        outcome = await run_turn(self.gw.conversation, ctx, input, deadline_s)
+        end = outcome.end
+        if end is TurnEnd.ANSWERED:
+            assert outcome.response is not None
+            answer, closes = self.answer(planned, outcome.response)
+            if closes and not outcome.session_ended:  # the platform closes it: so does the gateway
+                await self.end(ctx, max(deadline_s - END_MARGIN_S, END_MARGIN_S))
+            return answer
+        if end is TurnEnd.LATE:
+            self.log.info(
+                "turn of %s outlived the %s deadline: answered 'still working'",
+                session_ref(ctx.key),
+                self.platform,
+            )
+        rule = self.fallbacks[end]
+        return self.fallback(planned, self.prompt_text(rule.prompt), rule.end)
+
+    def prompt_text(self, prompt: Prompt) -> str:
+        """The settings' text of ``prompt`` (GATEWAY_VOICE_STILL_WORKING_TEXT, ..._ERROR_TEXT)."""
+        settings = self.gw.settings
+        if prompt is Prompt.STILL_WORKING:
+            return settings.voice_still_working_text
+        return settings.voice_error_text
+
+    async def end(self, ctx: TurnContext, wait_s: float | None = None) -> None:
+        """End ``ctx``'s session (the platform ended it), waiting at most ``wait_s``
+        (default: the whole deadline); see :func:`end_session`."""
+        wait = self.deadline_s if wait_s is None else wait_s
+        await end_session(self.gw.conversation, ctx, wait)
+
+    def refuse(self, exc: WebhookRefused) -> HTTPResponse:
+        """The problem answer to ``exc``, logged at WARNING unless it already was."""
+        if not exc.logged:
+            self.log.warning("%s request refused: %s: %s", self.platform, exc.reason, exc.detail)
+        title = HTTPStatus(exc.status).phrase
+        answer = problem(exc.status, title, exc.detail, reason=exc.reason)
+        answer.headers.update(exc.headers)
+        return answer
+
+
+def refusal_at_startup(
+    log: logging.Logger, path: str, *, verify: bool, configured: bool, off: str, missing: str
+) -> str | None:
+    """A verified webhook's startup policy: why ``path`` refuses every request, or None.
+
+    ``verify`` False (GATEWAY_<CHANNEL>_VERIFY=false): a WARNING ``off`` plus "Use this
+    only for local development." on ``log``; None (the endpoint is open). ``verify``
+    but not ``configured`` (no ids, no credentials): a WARNING that ``path`` refuses
+    requests with 503, and ``missing`` (which says what to set) is the refusal; an
+    unconfigured check would accept anyone, so the gateway does not guess. Else None.
+    """
+    if not verify:
+        log.warning("%s Use this only for local development.", off)
+        return None
+    if not configured:
+        log.warning("%s refuses requests (503): %s", path, missing)
+        return missing
+    return None
+
+
+async def run_turn(
+    conversation: Conversation, ctx: TurnContext, input: Input, deadline_s: float
+) -> TurnOutcome:
+    """Run one turn and wait for its end at most ``deadline_s`` seconds.
+
+    Returns a :class:`~gateway.turn.TurnOutcome`: the Response, the ErrorEvent (the
+    pipeline or the gateway failed), the TurnRejected (the turn could not start), or
+    ``late=True`` when the deadline passed first. A late turn keeps running in its own
+    task and saves the session; only the waiting stops. Never raises for the turn's
+    own failures.
+    """
+    stream = conversation.turn(ctx, input)
+    started = ended = False
+    response: Response | None = None
+    error: ErrorEvent | None = None
+    try:
+        async with asyncio.timeout(max(deadline_s, 0.0)):
+            async for event in stream:
+                if isinstance(event, SessionStartedEvent):
+                    started = True
+                elif isinstance(event, ResponseEvent):
+                    response = event.response
+                elif isinstance(event, ErrorEvent):
+                    error = event
+                elif isinstance(event, SessionEndedEvent):
+                    ended = True
+    except TurnRejected as exc:
+        return TurnOutcome(rejected=exc)
+    except TimeoutError:
+        return TurnOutcome(late=True, session_started=started)
+    if response is None and error is None:  # defensive: the engine always ends a turn
+        error = ErrorEvent(text="The turn ended without a response.", source="gateway")
+    return TurnOutcome(response=response, error=error, session_started=started, session_ended=ended)
+
+
+_ENDING: set[asyncio.Task[bool]] = set()  # ends still running past their caller's wait
+
+
+async def end_session(conversation: Conversation, ctx: TurnContext, wait_s: float) -> bool | None:
+    """End ``ctx``'s session (the platform closed it), waiting at most ``wait_s`` seconds.
+
+    Returns what :meth:`Conversation.end` returned (True if the session existed),
+    or None when it failed (logged at WARNING) or is still waiting for the session's
+    lock (a late turn holds it): then it goes on in the background and finishes on
+    its own, so the platform's request never waits past its deadline and the store
+    is never interrupted mid-write.
+    """
+    task = asyncio.create_task(conversation.end(ctx), name=f"end {session_ref(ctx.key)}")
+    _ENDING.add(task)
+    task.add_done_callback(_ended)
+    try:
+        async with asyncio.timeout(max(wait_s, 0.0)):
+            return await asyncio.shield(task)
+    except TimeoutError:
+        log.info("ending session %s goes on in the background", session_ref(ctx.key))
+    except Exception as exc:  # the store is down or the session busy: it expires anyway
+        log.warning("could not end session %s: %r", ctx.key, exc)
+    return None
+
+
+def _ended(task: asyncio.Task[bool]) -> None:
+    _ENDING.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("could not end session %s: %r", task.get_name().removeprefix("end "), exc)

@@ -1,0 +1,298 @@
+"""The webhook driver (gateway/io/webhook.py) over real HTTP, on a small channel of its own.
+
+``EchoWebhook`` is the least a webhook channel says: a JSON body ``{"session", "text",
+"end"}`` (or ``{"ping": true}``, answered without a turn), an ``X-App`` header as the
+verified application key (``X-App: bad`` is refused with 401), and a fallback table
+of its own, unlike the voice one, so the tests see the table decide. It is mounted on
+the real gateway app (create_app: real turn engine, memory store, HTTP pipeline to a
+small core, the Alexa tests' ``make_core``) and served by uvicorn. The adapters' own tests
+(tests/adapters/alexa, tests/adapters/google) cover the driver under their wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.responses import Response as HTTPResponse
+from starlette.datastructures import Headers
+
+from gateway.app import create_app
+from gateway.events import Input, Response
+from gateway.io.webhook import WebhookChannel, WebhookRefused
+from gateway.protocol import ProtocolError, load_json
+from gateway.settings import Settings
+from gateway.turn import (
+    VOICE_FALLBACKS,
+    Fallback,
+    Prompt,
+    TurnContext,
+    TurnEnd,
+    TurnOutcome,
+    TurnRejected,
+)
+from tests.adapters.alexa.test_routes import make_core
+from tests.conftest import serve, served_app
+
+log = logging.getLogger("tests.echo")
+
+WORKING = "Still on it."
+SORRY = "Sorry, that failed."
+
+TABLE = {
+    TurnEnd.LATE: Fallback(Prompt.STILL_WORKING, end=False),
+    TurnEnd.BUSY: Fallback(Prompt.STILL_WORKING, end=True),  # unlike VOICE_FALLBACKS
+    TurnEnd.REFUSED: Fallback(Prompt.ERROR, end=True),
+    TurnEnd.FAILED: Fallback(Prompt.ERROR, end=False),
+}
+
+Plan = dict[str, Any]
+Answer = dict[str, Any]
+
+
+class EchoWebhook(WebhookChannel[Plan, Answer]):
+    """A minimal webhook channel (module doc)."""
+
+    platform = "Echo"
+    log = log
+    fallbacks = TABLE
+
+    async def authenticate(self, headers: Headers) -> str | None:
+        app = headers.get("x-app", "echo")
+        if app == "bad":
+            raise WebhookRefused(401, "bad_app", "X-App: bad", headers={"WWW-Authenticate": "App"})
+        return app
+
+    async def plan(self, headers: Headers, body: bytes, principal: str | None) -> Plan:
+        data = load_json(body)
+        if not isinstance(data, dict):
+            raise ProtocolError("The body must be a JSON object.")
+        if data.get("ping") is True:
+            return {"ping": True}
+        if not isinstance(data.get("session"), str) or not isinstance(data.get("text"), str):
+            raise ProtocolError("session and text must be strings.")
+        return {**data, "app": principal}
+
+    def turn(self, planned: Plan) -> tuple[TurnContext, Input] | None:
+        if planned.get("ping"):
+            return None
+        ctx = TurnContext(channel="echo", session_id=planned["session"], app_key=planned["app"])
+        return ctx, Input.of(planned["text"])
+
+    async def other(self, planned: Plan) -> Answer:
+        return {"pong": True}
+
+    def answer(self, planned: Plan, response: Response) -> tuple[Answer, bool]:
+        end = bool(planned.get("end")) or response.session_ended
+        return {"say": " ".join(i.text or "" for i in response.items), "end": end}, end
+
+    def fallback(self, planned: Plan, text: str, end: bool) -> Answer:
+        return {"say": text, "end": end}
+
+    def encode(self, answer: Answer) -> HTTPResponse:
+        return JSONResponse(answer)
+
+
+def echo_app(settings: Settings, refusal: str | None = None) -> FastAPI:
+    """The gateway app with ``POST /echo`` driven by an EchoWebhook."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gw = app.state.gateway
+        app.state.echo = EchoWebhook(gw, gw.settings.alexa_deadline_s, refusal)
+        yield
+
+    router = APIRouter(lifespan=lifespan)
+
+    @router.post("/echo")
+    async def post_echo(request: Request) -> HTTPResponse:
+        channel: EchoWebhook = request.app.state.echo
+        return await channel.handle(request)
+
+    app = create_app(settings)
+    app.include_router(router)
+    return app
+
+
+@asynccontextmanager
+async def echo(**overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    """A client of /echo on a served gateway whose pipeline is ``make_core(1.5)``."""
+    core = make_core(1.5)
+    refusal = overrides.pop("refusal", None)
+    async with serve(core) as core_url:
+        settings = Settings(
+            pipeline=f"{core_url}/turn",
+            alexa_deadline_s=0.5,
+            voice_still_working_text=WORKING,
+            voice_error_text=SORRY,
+        ).model_copy(update=overrides)
+        async with (
+            served_app(echo_app(settings, refusal), settings) as url,
+            httpx.AsyncClient(base_url=url) as client,
+        ):
+            yield client, core
+
+
+async def say(client: httpx.AsyncClient, session: str, text: str, **extra: Any) -> Answer:
+    headers = {"X-App": extra.pop("app")} if "app" in extra else {}
+    answer = await client.post(
+        "/echo", json={"session": session, "text": text, **extra}, headers=headers
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    data: Answer = answer.json()
+    return data
+
+
+@pytest.fixture
+def warnings(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    with caplog.at_level(logging.INFO, logger="tests.echo"):
+        yield caplog
+
+
+# ---------------------------------------------------------------------- answered
+
+
+async def test_a_turn_is_answered_and_its_session_goes_on() -> None:
+    async with echo() as (client, _):
+        assert await say(client, "S-1", "hello") == {"say": "turn 1 slowDone None", "end": False}
+        assert await say(client, "S-1", "again") == {"say": "turn 2 slowDone None", "end": False}
+
+
+async def test_an_answer_that_closes_the_conversation_ends_the_gateway_session() -> None:
+    async with echo() as (client, _):
+        await say(client, "S-end", "hello")
+        assert await say(client, "S-end", "bye", end=True) == {
+            "say": "turn 2 slowDone None",
+            "end": True,
+        }
+        fresh = await say(client, "S-end", "hello")
+        assert fresh["say"] == "turn 1 slowDone None"  # ended, so a new session
+
+
+async def test_a_request_that_is_no_turn_is_answered_by_the_channel() -> None:
+    async with echo() as (client, _):
+        answer = await client.post("/echo", json={"ping": True})
+        assert answer.status_code == 200
+        assert answer.json() == {"pong": True}
+
+
+# ---------------------------------------------------------------- the fallback table
+
+
+def test_an_outcome_names_its_row_and_every_row_but_answered_is_in_the_voice_table() -> None:
+    busy = TurnRejected("session-busy", "busy")
+    foreign = TurnRejected("session-foreign", "not yours")
+    assert TurnOutcome(response=Response(items=[])).end is TurnEnd.ANSWERED
+    assert TurnOutcome(late=True).end is TurnEnd.LATE
+    assert TurnOutcome(rejected=busy).end is TurnEnd.BUSY
+    assert TurnOutcome(rejected=foreign).end is TurnEnd.REFUSED
+    assert TurnOutcome().end is TurnEnd.FAILED
+    assert set(VOICE_FALLBACKS) == set(TurnEnd) - {TurnEnd.ANSWERED} == set(TABLE)
+
+
+async def test_a_late_turn_is_still_working_within_the_deadline_and_saves_its_session(
+    warnings: pytest.LogCaptureFixture,
+) -> None:
+    async with echo() as (client, core):
+        started = time.monotonic()
+        late = await say(client, "S-late", "slow")
+        assert time.monotonic() - started < 1.2  # the 0.5 s deadline, not the core's 1.5 s
+        assert late == {"say": WORKING, "end": False}
+        assert any("outlived the Echo deadline" in r.getMessage() for r in warnings.records)
+        await asyncio.wait_for(core.state.finished.wait(), 5)
+        await asyncio.sleep(0.2)  # the engine saves right after the core answers
+        after = await say(client, "S-late", "next")
+        assert after["say"] == "turn 2 slowDone True"  # the late turn was saved
+
+
+async def test_a_busy_session_is_answered_by_its_row_without_waiting_for_the_deadline() -> None:
+    async with echo(lock_wait_s=0.2, alexa_deadline_s=1.0) as (client, core):
+        slow = asyncio.create_task(say(client, "S-busy", "slow"))
+        await asyncio.sleep(0.2)  # the slow turn holds the session's lock
+        started = time.monotonic()
+        busy = await say(client, "S-busy", "hello")
+        assert time.monotonic() - started < 0.9  # the lock wait (0.2 s), not the 1 s deadline
+        assert busy == {"say": WORKING, "end": True}  # TABLE's BUSY row, not the LATE one
+        assert await slow == {"say": WORKING, "end": False}  # late: 1 s < the core's 1.5 s
+        await asyncio.wait_for(core.state.finished.wait(), 5)
+        await asyncio.sleep(0.2)
+        after = await say(client, "S-busy", "next")
+        assert after["say"] == "turn 2 slowDone True"  # the busy turn changed nothing
+
+
+async def test_a_failing_pipeline_is_apologised_for_and_the_session_kept() -> None:
+    async with echo() as (client, _):
+        await say(client, "S-fail", "hello")
+        assert await say(client, "S-fail", "fail") == {"say": SORRY, "end": False}
+        after = await say(client, "S-fail", "next")
+        assert after["say"] == "turn 2 slowDone None"  # the failed turn did not advance it
+
+
+async def test_a_turn_that_cannot_start_is_refused_by_its_row() -> None:
+    async with echo() as (client, _):
+        await say(client, "S-foreign", "hello", app="one")
+        assert await say(client, "S-foreign", "hello", app="two") == {"say": SORRY, "end": True}
+        mine = await say(client, "S-foreign", "again", app="one")
+        assert mine["say"] == "turn 2 slowDone None"  # the owner's session is untouched
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def problem(answer: httpx.Response, status: int, reason: str) -> dict[str, Any]:
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = answer.json()
+    assert body["status"] == status
+    assert body["reason"] == reason
+    assert body["detail"]
+    return body
+
+
+async def test_an_oversized_body_is_refused_whether_declared_or_streamed(
+    warnings: pytest.LogCaptureFixture,
+) -> None:
+    big = json.dumps({"session": "S-big", "text": "x" * 5000}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit cuts the stream
+        for start in range(0, len(big), 1000):
+            yield big[start : start + 1000]
+
+    async with echo(max_body_bytes=4000) as (client, _):
+        problem(await client.post("/echo", content=big), 413, "body_too_large")
+        problem(await client.post("/echo", content=chunks()), 413, "body_too_large")
+        assert [r.levelno for r in warnings.records if "body_too_large" in r.getMessage()] == [
+            logging.WARNING,
+            logging.WARNING,
+        ]
+        assert (await say(client, "S-big", "small"))["say"] == "turn 1 slowDone None"
+
+
+async def test_malformed_requests_are_400_and_refusals_keep_their_status_and_headers(
+    warnings: pytest.LogCaptureFixture,
+) -> None:
+    async with echo() as (client, _):
+        for body in (b"", b"{not json", b"[1]", b"\xff", b'{"session": 1, "text": "x"}'):
+            problem(await client.post("/echo", content=body), 400, "malformed_request")
+        refused = await client.post(
+            "/echo", json={"session": "S", "text": "x"}, headers={"X-App": "bad"}
+        )
+        assert problem(refused, 401, "bad_app")["title"] == "Unauthorized"
+        assert refused.headers["www-authenticate"] == "App"
+        assert sum("Echo request refused" in r.getMessage() for r in warnings.records) == 6
+
+
+async def test_a_channel_not_configured_refuses_every_request_with_503() -> None:
+    async with echo(refusal="Set GATEWAY_ECHO.") as (client, _):
+        answer = await client.post("/echo", json={"session": "S", "text": "x"})
+        assert problem(answer, 503, "not_configured")["detail"] == "Set GATEWAY_ECHO."
