@@ -8,7 +8,8 @@ class Linear16Capture extends AudioWorkletProcessor {
     const target = options.processorOptions.targetRate;
     this.step = sampleRate / target; // input samples per output sample
     this.pos = 0;                    // read position in the current input block
-    this.chunk = new Int16Array(Math.round(target / 10));
+    this.size = Math.round(target / 10); // samples per chunk
+    this.chunk = new Int16Array(this.size);
     this.n = 0;
   }
 
@@ -21,9 +22,9 @@ class Linear16Capture extends AudioWorkletProcessor {
       const a = ch[i], b = i + 1 < ch.length ? ch[i + 1] : a;
       const v = Math.max(-1, Math.min(1, a + (b - a) * (pos - i)));
       this.chunk[this.n++] = v < 0 ? v * 0x8000 : v * 0x7fff;
-      if (this.n === this.chunk.length) {
+      if (this.n === this.size) { // the buffer is transferred: a new one for the next chunk
         this.port.postMessage(this.chunk.buffer, [this.chunk.buffer]);
-        this.chunk = new Int16Array(this.chunk.length);
+        this.chunk = new Int16Array(this.size);
         this.n = 0;
       }
     }

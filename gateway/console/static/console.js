@@ -152,7 +152,7 @@
       case 'InputAudioStreamOpen': // the server listens: stream what was captured so far
         if (mic) {
           mic.acked = true;
-          mic.pending.forEach((chunk) => ws.send(chunk));
+          mic.pending.forEach(sendAudio);
           mic.pending = [];
           setState('Listening');
         }
@@ -221,7 +221,7 @@
 
   async function startMic() {
     if (mic || (state !== 'Sleeping' && state !== 'Listening')) return;
-    mic = {acked: false, pending: []};
+    mic = {acked: false, pending: [], bytes: 0};
     $('mic').classList.add('on');
     $('mic').textContent = 'Stop';
     try {
@@ -236,7 +236,7 @@
       const node = new AudioWorkletNode(ctx, 'linear16-capture', {processorOptions: {targetRate: STT_RATE}});
       node.port.onmessage = (message) => { // one 100 ms LINEAR16 chunk
         if (mic !== current || !ws) return;
-        if (current.acked) ws.send(message.data); else current.pending.push(message.data);
+        if (current.acked) sendAudio(message.data); else current.pending.push(message.data);
       };
       ctx.createMediaStreamSource(stream).connect(node);
       node.connect(ctx.destination); // pulls the graph; the worklet outputs silence
@@ -249,6 +249,11 @@
     }
   }
 
+  function sendAudio(chunk) { // one binary frame of LINEAR16
+    ws.send(chunk);
+    mic.bytes += chunk.byteLength;
+  }
+
   function stopTracks(m) {
     if (m.stream) m.stream.getTracks().forEach((track) => track.stop());
     if (m.ctx) m.ctx.close();
@@ -257,6 +262,7 @@
   function stopMic(sendClose) { // sendClose: tell the server the stream is over
     if (!mic) return;
     stopTracks(mic);
+    if (mic.bytes) logEvent('→', `audio: ${(mic.bytes / 2 / STT_RATE).toFixed(1)} s of LINEAR16 at ${STT_RATE} Hz`);
     mic = null;
     $('mic').classList.remove('on');
     $('mic').textContent = 'Talk';
