@@ -208,6 +208,11 @@ class Console:
         """The event log lines (direction and frame)."""
         return list(self.js("return [...document.querySelectorAll('#events li')].map(li => li.textContent)"))
 
+    def assert_no_failures(self) -> None:
+        """No Error event came, and every TTS link played (none logged as not played)."""
+        failures = [e for e in self.events() if '"type":"Error"' in e or " ! " in e]
+        assert not failures, failures
+
     @property
     def session_id(self) -> str:
         """The session id the page shows (``none`` without one)."""

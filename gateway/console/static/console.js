@@ -316,8 +316,13 @@
     };
     // a link that never ends (no audio device, a stalled download) must not hang the client
     const guard = setTimeout(next, 30000);
-    audio.onended = audio.onerror = next;
-    audio.play().catch(next);
+    const failed = (error) => { // (not when the user skipped it)
+      if (playing === audio) logEvent('!', `audio not played: ${audio.src} ${error || ''}`);
+      next();
+    };
+    audio.onended = next;
+    audio.onerror = () => failed(audio.error && audio.error.message);
+    audio.play().catch(failed);
   }
 
   function stopAudio() {
