@@ -19,6 +19,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,18 +72,11 @@ class ThreadedGateway:
     def start(self) -> ThreadedGateway:
         """Start serving; returns when the server accepts connections (at most 20 s)."""
         self.thread.start()
-        started = threading.Event()
-
-        def wait() -> None:
-            async def poll() -> None:
-                while not self.server.started:
-                    await asyncio.sleep(0.01)
-                started.set()
-
-            self.loop.create_task(poll())
-
-        self.loop.call_soon_threadsafe(wait)
-        assert started.wait(20), "the gateway did not start"
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert self.thread.is_alive(), "the gateway stopped while starting"
+            assert time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.01)
         return self
 
     def drop_websockets(self) -> int:
@@ -134,7 +128,9 @@ def speech_wav(pcm: Pcm, path: Path) -> Path:
 def browser(corpus: dict[str, Pcm]) -> Iterator[webdriver.Chrome]:
     """Headless Chromium whose microphone says :data:`SPOKEN` (Piper), with a fresh profile."""
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail("chromium and chromedriver are needed (apt-get install chromium chromium-driver)")
+        pytest.fail(
+            "chromium and chromedriver are needed (apt-get install chromium chromium-driver)"
+        )
     with tempfile.TemporaryDirectory(prefix="console-test-") as tmp:
         wav = speech_wav(corpus[SPOKEN], Path(tmp) / "speech.wav")
         options = webdriver.ChromeOptions()
@@ -177,18 +173,22 @@ class Console:
 
     def wait_for(self, condition: Callable[[], Any], timeout: float = WAIT_S) -> Any:
         """Wait until ``condition()`` is truthy; its value."""
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.02).until(
-            lambda _: condition()
-        )
+        return WebDriverWait(self.driver, timeout, poll_frequency=0.02).until(lambda _: condition())
 
     @property
     def state(self) -> str:
         """The client state the page shows (the marked state pill)."""
-        return str(self.js("return document.querySelector('#states [aria-current=true]').dataset.state"))
+        return str(
+            self.js("return document.querySelector('#states [aria-current=true]').dataset.state")
+        )
 
     def history(self) -> list[str]:
         """The client states the page went through, in order."""
-        return list(self.js("return [...document.querySelectorAll('#history li')].map(li => li.textContent)"))
+        return list(
+            self.js(
+                "return [...document.querySelectorAll('#history li')].map(li => li.textContent)"
+            )
+        )
 
     def chat(self) -> list[tuple[str, str]]:
         """The chat bubbles: (class, text) each; class ``bot``, ``user`` or ``note``."""
@@ -206,7 +206,9 @@ class Console:
 
     def events(self) -> list[str]:
         """The event log lines (direction and frame)."""
-        return list(self.js("return [...document.querySelectorAll('#events li')].map(li => li.textContent)"))
+        return list(
+            self.js("return [...document.querySelectorAll('#events li')].map(li => li.textContent)")
+        )
 
     def assert_no_failures(self) -> None:
         """No Error event came, and every TTS link played (none logged as not played)."""
@@ -237,8 +239,10 @@ class Console:
         self.driver.find_element("id", "text").send_keys(text)
         self.click("send")
         self.wait_for(
-            lambda: self.history()[answered:].count("Responding")
-            and self.state in ("Listening", "Sleeping")
+            lambda: (
+                self.history()[answered:].count("Responding")
+                and self.state in ("Listening", "Sleeping")
+            )
         )
 
     def screenshot(self, name: str) -> Path:

@@ -17,6 +17,7 @@ from tests.conftest import served_app
 from tests.console.conftest import SPOKEN, Console, ThreadedGateway
 from tests.speech import normalise, wer
 
+
 def test_a_text_conversation_remembers_the_name(
     console_gateway: ThreadedGateway, browser: webdriver.Chrome
 ) -> None:
@@ -32,14 +33,21 @@ def test_a_text_conversation_remembers_the_name(
     # the answer's audio is skipped (Skip, shown while Responding): Listening at once
     page.driver.find_element("id", "text").send_keys("What is my name?")
     page.click("send")
-    page.wait_for(lambda: page.state == "Responding" and page.bot_texts()[-1:] == ["Your name is Ada."])
+    page.wait_for(
+        lambda: page.state == "Responding" and page.bot_texts()[-1:] == ["Your name is Ada."]
+    )
     page.click("skip")
     page.wait_for(lambda: page.state == "Listening")
     assert page.bot_texts() == ["Nice to meet you, Ada.", "Your name is Ada."]
     assert page.session_id == session_id
     assert [kind for kind, _ in page.chat()] == ["user", "bot", "user", "bot"]
     # each bot message came once, with its TTS link (a replay button)
-    assert browser.execute_script("return document.querySelectorAll('#chat li.bot button.play').length") == 2
+    assert (
+        browser.execute_script(
+            "return document.querySelectorAll('#chat li.bot button.play').length"
+        )
+        == 2
+    )
     page.assert_no_failures()
     page.screenshot("listening")
 
@@ -66,7 +74,8 @@ def test_a_spoken_turn_is_recognised_as_it_comes_and_answered(
     # the stream was opened (no session yet: none named), the audio streamed, and the
     # stream closed after the final result
     assert sent[1] == '{"type":"InputAudioStreamOpen"}'
-    assert sent[2].startswith("audio: ") and sent[2].endswith("s of LINEAR16 at 16000 Hz")
+    assert sent[2].startswith("audio: ")
+    assert sent[2].endswith("s of LINEAR16 at 16000 Hz")
     assert sent[3:] == ['{"type":"InputAudioStreamClose"}']
     page.assert_no_failures()
     assert page.history() == [

@@ -202,7 +202,7 @@ async def test_a_client_that_leaves_while_its_file_renders_is_no_server_error() 
         assert item.audio is not None
         path = item.audio.removeprefix("http://gw.test")
         host, port = url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
+        _, writer = await asyncio.open_connection(host, int(port))
         writer.write(f"GET {path} HTTP/1.1\r\nHost: gw.test\r\n\r\n".encode())
         await writer.drain()
         await asyncio.sleep(0.05)  # the synthesis has started
