@@ -99,6 +99,11 @@ class ThreadedGateway:
         assert done.wait(5)
         return dropped[0]
 
+    def pause(self, seconds: float) -> None:
+        """Hold the server's event loop for ``seconds`` (from now): nothing it serves moves,
+        so a page that sent a request shows the state it waits in."""
+        self.loop.call_soon_threadsafe(time.sleep, seconds)
+
     def stop(self) -> None:
         """Stop the server (its lifespan closes the app) and the thread."""
         self.server.should_exit = True
@@ -233,11 +238,15 @@ class Console:
         self.click("connect")
         self.wait_for(lambda: self.state == "Sleeping")
 
-    def say(self, text: str) -> None:
-        """Type ``text`` and send it; waits until the bot answered it and is Listening or Sleeping."""
+    def say(self, text: str, *, shot: str | None = None) -> None:
+        """Type ``text`` and send it; waits until the bot answered it and is Listening or
+        Sleeping. ``shot``: the name of a screenshot taken in Processing."""
         answered = len(self.history())
         self.driver.find_element("id", "text").send_keys(text)
         self.click("send")
+        if shot:
+            self.wait_for(lambda: self.state == "Processing")
+            self.screenshot(shot)
         self.wait_for(
             lambda: (
                 self.history()[answered:].count("Responding")

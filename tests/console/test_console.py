@@ -78,6 +78,8 @@ def test_a_spoken_turn_is_recognised_as_it_comes_and_answered(
     assert sent[2].endswith("s of LINEAR16 at 16000 Hz")
     assert sent[3:] == ['{"type":"InputAudioStreamClose"}']
     page.assert_no_failures()
+    page.js("document.getElementById('details').open = true")  # history and events, shown
+    page.screenshot("events")
     assert page.history() == [
         "Closed", "Open", "Sleeping", "Listening", "Processing", "Responding", "Listening",
     ]  # fmt: skip
@@ -93,7 +95,8 @@ def test_the_client_states_follow_the_events(
     page.screenshot("responding")
     # Responding lasts while the two greetings' TTS audio plays, one after the other
     page.wait_for(lambda: page.state == "Listening")
-    page.say("My name is Grace")
+    console_gateway.pause(1.0)  # the answer waits: the page shows Processing meanwhile
+    page.say("My name is Grace", shot="processing")
     page.say("goodbye")  # the demo ends the session: Sleeping, and the sessionId is forgotten
     assert page.bot_texts()[-1] == "Goodbye, Grace!"
     assert page.state == "Sleeping"

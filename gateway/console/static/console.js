@@ -25,6 +25,7 @@
 
   let ws = null;            // the WebSocket while one is open or opening
   let wanted = false;       // the user asked to be connected (retry when it drops)
+  let readyBefore = false;  // a Ready came before (this is a reconnect)
   let retryTimer = null;
   let state = null;
   let sessionId = null;     // the conversation's id, proposed by us, confirmed by SessionStarted
@@ -114,6 +115,7 @@
       stopAudio();
       turn = null;
       if (wanted) { // dropped, or refused: Failed, and try again
+        say('note error', `Connection lost (${close.code}); trying again in ${RETRY_MS / 1000} s.`);
         setState('Failed');
         retryTimer = setTimeout(connect, RETRY_MS);
       } else {
@@ -141,6 +143,8 @@
     logEvent('←', event);
     switch (event.type) {
       case 'Ready':
+        if (readyBefore) say('note', sessionId ? 'Connected again; the session goes on.' : 'Connected again.');
+        readyBefore = true;
         setState('Sleeping');
         break;
       case 'SessionStarted':
