@@ -150,7 +150,6 @@ def browser(corpus: dict[str, Pcm]) -> Iterator[webdriver.Chrome]:
             "--disable-component-update",
             "--disable-sync",
             f"--user-data-dir={tmp}/profile",
-            "--window-size=420,860",  # a phone's width: the layout must hold there
             "--autoplay-policy=no-user-gesture-required",
             "--use-fake-ui-for-media-stream",
             "--use-fake-device-for-media-stream",
@@ -158,6 +157,9 @@ def browser(corpus: dict[str, Pcm]) -> Iterator[webdriver.Chrome]:
         ):
             options.add_argument(flag)
         driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+        # a phone's screen (390 x 780 CSS px, touch): the layout must hold there
+        metrics = {"width": 390, "height": 780, "deviceScaleFactor": 1, "mobile": True}
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
         try:
             yield driver
         finally:

@@ -143,6 +143,7 @@ async def test_the_console_is_served_unless_turned_off(enabled: bool) -> None:
     async with served_app(create_app(settings), settings) as url, httpx.AsyncClient() as client:
         page = await client.get(f"{url}/console", follow_redirects=True)
         script = await client.get(f"{url}/console/console.js")
+        missing = await client.get(f"{url}/console/nothing.js")
     if not enabled:
         assert (page.status_code, script.status_code) == (404, 404)
         return
@@ -152,3 +153,5 @@ async def test_the_console_is_served_unless_turned_off(enabled: bool) -> None:
     assert "console.js" in page.text
     assert script.status_code == 200
     assert "javascript" in script.headers["content-type"]
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/problem+json"
