@@ -134,6 +134,18 @@ def test_a_dropped_connection_reconnects_into_the_same_session(
     ]  # fmt: skip
     requests = [e for e in page.events() if '"type":"Request"' in e]
     assert all(f'"sessionId":"{session_id}"' in e for e in requests), requests
+    # speech goes on in that session too: the stream names it, as reconnected clients do
+    page.click("mic")
+    page.wait_for(
+        lambda: page.bot_texts()[-1].startswith("You said:") and page.state == "Listening"
+    )
+    events = page.events()
+    assert any(
+        e.endswith(f'→ {{"type":"InputAudioStreamOpen","sessionId":"{session_id}"}}')
+        for e in events
+    ), events
+    assert sum('"type":"SessionStarted"' in e for e in events) == 1  # the first turn's only
+    assert page.session_id == session_id
     page.assert_no_failures()
 
 
