@@ -24,7 +24,7 @@ from adapters.flowstorm.v2.routes import router as flowstorm_v2_router
 from adapters.google.routes import router as google_router
 from adapters.twilio.routes import router as twilio_router
 from adapters.voiceflow.routes import mount as mount_voiceflow
-from gateway import apidoc
+from gateway import apidoc, console
 from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
@@ -135,6 +135,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.include_router(twilio_router)
     # Voiceflow socket.io at /v4/interact/socket (a mounted ASGI app; its router's lifespan)
     mount_voiceflow(app, settings)
+    if settings.console_enabled:  # the browser console: static files at /console
+        console.mount(app)
 
     @app.get(
         "/metrics",

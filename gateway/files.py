@@ -68,7 +68,7 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
         gone.cancel()
         if not render.done():
             render.cancel()
-    if render.cancelled():
+    if not render.done() or render.cancelled():  # (a cancel asked for is not done yet)
         return Response(status_code=499)  # the client has gone; nobody reads this
     try:
         data = render.result()

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         description="Base URL under which clients and platforms reach this gateway.",
     )
 
+    console_enabled: bool = Field(
+        default=True,
+        description="Serve the browser console (a Flowstorm Socket V1 client) at /console.",
+    )
+
     turn_timeout_s: float = Field(default=10.0, gt=0, description="Pipeline time per turn.")
     session_timeout_s: int = Field(
         default=1800, gt=0, description="Idle time after which a session expires."

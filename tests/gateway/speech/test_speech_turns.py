@@ -27,7 +27,7 @@ from gateway.speech.service import SpeechService, TtsRequest, speakable
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import EspeakSynthesizer, PiperSynthesizer, SynthesisError, Synthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
-from tests.conftest import serve
+from tests.conftest import serve, served_app
 
 PUBLIC = "https://gateway.example.com"
 
@@ -189,3 +189,27 @@ async def test_warm_up_at_startup_loads_speech(caplog: pytest.LogCaptureFixture)
                 break
             await asyncio.sleep(0.05)
     assert any("speech warmed up: voice" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_client_that_leaves_while_its_file_renders_is_no_server_error() -> None:
+    # a browser that skips an answer's audio aborts the download while it is synthesized
+    settings = Settings(tts_provider="espeak-ng", public_url="http://gw.test")
+    app = create_app(settings)
+    async with served_app(app, settings) as url:  # fails the test on a logged ERROR
+        speech: SpeechService = app.state.gateway.speech
+        text = "This sentence is spoken again and again while the client leaves. " * 40
+        item, _ = await speech.voice_item(ResponseItem(text=text), TtsRequest("links", "mp3"))
+        assert item.audio is not None
+        path = item.audio.removeprefix("http://gw.test")
+        host, port = url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: gw.test\r\n\r\n".encode())
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the synthesis has started
+        writer.close()  # ... and the client is gone
+        await writer.wait_closed()
+        await asyncio.sleep(0.2)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            answer = await client.get(path)  # a later GET renders it anew
+        assert answer.status_code == 200
+        assert decode_mp3(answer.content).duration_s > 10

@@ -1,0 +1,369 @@
+// Gateway console: a Flowstorm Socket V1 client in one page.
+//
+// Protocol: shared/specs/flowstorm-socket-v1.md (Init -> Ready; Request -> SessionStarted,
+// ResponseItem*, Response; InputAudioStreamOpen -> echo, binary LINEAR16 frames,
+// Recognized (interim, then final), InputAudioStreamClose; SessionEnded).
+// Client states: shared/specs/flowstorm-client-states.md, driven as that spec says:
+//   Closed  at start and after Disconnect;   Open  when the socket is up (Init sent);
+//   Failed  on an Error before Ready or a dropped socket (retried every 10 s);
+//   Sleeping  on Ready, and when a turn ends its session;
+//   Listening  when a turn's output has played (session goes on), or the input audio
+//              stream is open;
+//   Processing  when text was sent or the final Recognized came;
+//   Responding  on ResponseItem/Response, until its audio has played (or was skipped).
+// The sessionId is kept across reconnects until the session ends, so a client whose
+// connection dropped goes on in the same session.
+(() => {
+  'use strict';
+
+  const $ = (id) => document.getElementById(id);
+  const params = new URLSearchParams(location.search);
+  // ?retry=SECONDS overrides the 10 s retry period of the spec (Failed state)
+  const RETRY_MS = 1000 * (Number(params.get('retry')) || 10);
+  const STT_RATE = 16000; // sttSampleRate sent in Init; the microphone is resampled to it
+  const SOCKET_URL = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/socket/';
+
+  let ws = null;            // the WebSocket while one is open or opening
+  let wanted = false;       // the user asked to be connected (retry when it drops)
+  let readyBefore = false;  // a Ready came before (this is a reconnect)
+  let retryTimer = null;
+  let state = null;
+  let sessionId = null;     // the conversation's id, proposed by us, confirmed by SessionStarted
+  let sessionTimer = null;  // forgets sessionId when a sleepTimeout expires
+  let turn = null;          // {items, done, ended, sleepTimeout} of the answer being given
+  const audioQueue = [];    // TTS links still to play for the current answer
+  let playing = null;       // the <audio> playing now
+  let mic = null;           // {stream, ctx, acked, pending} while the microphone streams
+  let userBubble = null;    // the bubble that shows what the recognizer heard so far
+
+  // --------------------------------------------------------------- the page
+
+  const deviceId = localStorage.getItem('console.deviceId') || 'console_' + randomId();
+  localStorage.setItem('console.deviceId', deviceId);
+  $('key').value = params.get('key') || localStorage.getItem('console.key') || 'console';
+  $('locale').value = params.get('locale') || localStorage.getItem('console.locale') || 'en';
+
+  function randomId() { // crypto.randomUUID needs a secure context; this does not
+    return Array.from(crypto.getRandomValues(new Uint8Array(16)),
+      (b) => b.toString(16).padStart(2, '0')).join('');
+  }
+
+  function setState(next) {
+    if (next === state) return;
+    state = next;
+    document.body.dataset.state = next;
+    for (const li of $('states').children) li.setAttribute('aria-current', String(li.dataset.state === next));
+    const entry = document.createElement('li');
+    entry.textContent = next;
+    $('history').append(entry);
+    const connected = ['Open', 'Sleeping', 'Listening', 'Processing', 'Responding'].includes(next);
+    $('connect').textContent = connected || wanted ? 'Disconnect' : 'Connect';
+    const idle = next === 'Sleeping' || next === 'Listening';
+    for (const id of ['send', 'start', 'text']) $(id).disabled = !idle;
+    $('mic').disabled = !(idle || mic);
+    $('key').disabled = $('locale').disabled = connected || wanted;
+  }
+
+  function showSession() { $('session').textContent = sessionId || 'none'; }
+
+  function say(kind, text) { // a chat bubble: 'user', 'bot', 'note' or 'note error'
+    const li = document.createElement('li');
+    li.className = kind;
+    li.textContent = text;
+    $('chat').append(li);
+    li.scrollIntoView({block: 'end'});
+    return li;
+  }
+
+  function logEvent(direction, what) { // the developer's view of the wire
+    const li = document.createElement('li');
+    const text = typeof what === 'string' ? what : JSON.stringify(what);
+    li.textContent = `${new Date().toISOString().slice(11, 23)} ${direction} ${text.slice(0, 400)}`;
+    $('events').append(li);
+    while ($('events').children.length > 300) $('events').firstChild.remove();
+  }
+
+  // ------------------------------------------------------------- connection
+
+  function connect() {
+    clearTimeout(retryTimer);
+    wanted = true;
+    localStorage.setItem('console.key', $('key').value);
+    localStorage.setItem('console.locale', $('locale').value);
+    const socket = ws = new WebSocket(SOCKET_URL);
+    socket.binaryType = 'arraybuffer';
+    socket.onopen = () => {
+      setState('Open');
+      send({
+        type: 'Init', key: $('key').value, deviceId,
+        config: {
+          locale: $('locale').value, zoneId: Intl.DateTimeFormat().resolvedOptions().timeZone,
+          sttMode: 'SingleUtterance', sttSampleRate: STT_RATE, sttInterimResults: true,
+          tts: 'RequiredLinks', ttsFileType: 'mp3', returnSsml: false, silenceTimeout: 5000,
+          sendResponseItems: true,
+        },
+      });
+    };
+    socket.onmessage = (message) => {
+      if (typeof message.data === 'string') receive(JSON.parse(message.data));
+    };
+    socket.onclose = (close) => {
+      if (socket !== ws) return; // an old socket we already gave up
+      ws = null;
+      logEvent('×', `socket closed ${close.code} ${close.reason}`);
+      stopMic(false);
+      stopAudio();
+      turn = null;
+      if (wanted) { // dropped, or refused: Failed, and try again
+        say('note error', `Connection lost (${close.code}); trying again in ${RETRY_MS / 1000} s.`);
+        setState('Failed');
+        retryTimer = setTimeout(connect, RETRY_MS);
+      } else {
+        setState('Closed');
+      }
+    };
+  }
+
+  function disconnect() {
+    wanted = false;
+    clearTimeout(retryTimer);
+    if (ws) ws.close(1000); else setState('Closed');
+  }
+
+  function send(frame) {
+    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    ws.send(JSON.stringify(frame));
+    logEvent('→', frame);
+    return true;
+  }
+
+  // ----------------------------------------------------------- server events
+
+  function receive(event) {
+    logEvent('←', event);
+    switch (event.type) {
+      case 'Ready':
+        if (readyBefore) say('note', sessionId ? 'Connected again; the session goes on.' : 'Connected again.');
+        readyBefore = true;
+        setState('Sleeping');
+        break;
+      case 'SessionStarted':
+        keepSession(event.sessionId);
+        break;
+      case 'SessionEnded':
+        forgetSession();
+        break;
+      case 'InputAudioStreamOpen': // the server listens: stream what was captured so far
+        if (mic) {
+          mic.acked = true;
+          mic.pending.forEach(sendAudio);
+          mic.pending = [];
+          setState('Listening');
+        }
+        break;
+      case 'Recognized':
+        heard(event.text, event.isFinal !== false);
+        break;
+      case 'ResponseItem':
+        answerItems([event.responseItem]);
+        break;
+      case 'Response': {
+        const response = event.response;
+        // with sendResponseItems the items came before; older servers repeat them here
+        if (!turn || turn.items === 0) answerItems(response.items || []);
+        turn.done = true;
+        turn.ended = response.sessionEnded;
+        turn.sleepTimeout = response.sleepTimeout || 0;
+        afterOutput();
+        break;
+      }
+      case 'Error':
+        say('note error', event.text || 'Error');
+        if (state === 'Open') { setState('Failed'); break; } // Init refused: the socket closes
+        stopMic(false);
+        if (state === 'Processing' || state === 'Listening') setState(sessionId ? 'Listening' : 'Sleeping');
+        break;
+      default:
+        break; // unknown events are ignored
+    }
+  }
+
+  function keepSession(id) {
+    clearTimeout(sessionTimer);
+    sessionId = id;
+    showSession();
+  }
+
+  function forgetSession() {
+    clearTimeout(sessionTimer);
+    sessionId = null;
+    showSession();
+  }
+
+  // ------------------------------------------------------------- user input
+
+  function sendText(text) {
+    if (!text || (state !== 'Sleeping' && state !== 'Listening')) return;
+    if (mic) { stopMic(false); send({type: 'InputAudioStreamCancel'}); }
+    if (!sessionId) keepSession(randomId()); // proposed; SessionStarted confirms it
+    const sent = send({
+      type: 'Request',
+      request: {
+        appKey: $('key').value, deviceId, sessionId,
+        input: {
+          locale: $('locale').value, zoneId: Intl.DateTimeFormat().resolvedOptions().timeZone,
+          transcript: {text},
+        },
+        attributes: {clientType: 'gateway-console:1'},
+      },
+    });
+    if (!sent) return;
+    if (text.startsWith('#')) say('note', text); else say('user', text);
+    turn = {items: 0, done: false};
+    setState('Processing');
+  }
+
+  async function startMic() {
+    if (mic || (state !== 'Sleeping' && state !== 'Listening')) return;
+    mic = {acked: false, pending: [], bytes: 0};
+    $('mic').classList.add('on');
+    $('mic').textContent = 'Stop';
+    try {
+      const current = mic;
+      const stream = await navigator.mediaDevices.getUserMedia({
+        audio: {channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true},
+      });
+      const ctx = new AudioContext();
+      Object.assign(current, {stream, ctx});
+      if (mic !== current) { stopTracks(current); return; } // stopped meanwhile
+      await ctx.audioWorklet.addModule('capture-worklet.js');
+      const node = new AudioWorkletNode(ctx, 'linear16-capture', {processorOptions: {targetRate: STT_RATE}});
+      node.port.onmessage = (message) => { // one 100 ms LINEAR16 chunk
+        if (mic !== current || !ws) return;
+        if (current.acked) sendAudio(message.data); else current.pending.push(message.data);
+      };
+      ctx.createMediaStreamSource(stream).connect(node);
+      node.connect(ctx.destination); // pulls the graph; the worklet outputs silence
+      userBubble = null;
+      // a reconnected client names its session, so the utterance goes on in it
+      send(sessionId ? {type: 'InputAudioStreamOpen', sessionId} : {type: 'InputAudioStreamOpen'});
+    } catch (error) {
+      say('note error', `Microphone: ${error.message || error}`);
+      stopMic(false);
+    }
+  }
+
+  function sendAudio(chunk) { // one binary frame of LINEAR16
+    ws.send(chunk);
+    mic.bytes += chunk.byteLength;
+  }
+
+  function stopTracks(m) {
+    if (m.stream) m.stream.getTracks().forEach((track) => track.stop());
+    if (m.ctx) m.ctx.close();
+  }
+
+  function stopMic(sendClose) { // sendClose: tell the server the stream is over
+    if (!mic) return;
+    stopTracks(mic);
+    if (mic.bytes) logEvent('→', `audio: ${(mic.bytes / 2 / STT_RATE).toFixed(1)} s of LINEAR16 at ${STT_RATE} Hz`);
+    mic = null;
+    $('mic').classList.remove('on');
+    $('mic').textContent = 'Talk';
+    $('mic').disabled = !(state === 'Sleeping' || state === 'Listening');
+    if (sendClose) send({type: 'InputAudioStreamClose'});
+  }
+
+  function heard(text, final) { // Recognized: interim text replaces the last, final ends it
+    if (!userBubble) userBubble = say('user interim', '');
+    userBubble.textContent = text;
+    if (!final) return;
+    userBubble.classList.remove('interim');
+    userBubble = null;
+    stopMic(true);
+    turn = {items: 0, done: false};
+    setState('Processing');
+  }
+
+  // ------------------------------------------------------------ bot output
+
+  function answerItems(items) {
+    if (!turn) turn = {items: 0, done: false}; // a push while Sleeping starts an answer too
+    for (const item of items) {
+      turn.items++;
+      if (!item.text || item.text.startsWith('#')) continue; // commands carry code, not words
+      const li = say('bot', item.text);
+      if (item.image) li.append(Object.assign(document.createElement('img'), {src: item.image, alt: ''}));
+      if (item.audio) {
+        audioQueue.push(item.audio);
+        const replay = Object.assign(document.createElement('button'), {type: 'button', className: 'play', textContent: '▶'});
+        replay.title = 'Play again';
+        replay.onclick = () => new Audio(item.audio).play().catch(() => {});
+        li.append(replay);
+      }
+    }
+    setState('Responding');
+    playNext();
+  }
+
+  function playNext() { // the answer's TTS links, one after another
+    if (playing || !audioQueue.length) return;
+    const audio = playing = new Audio(audioQueue.shift());
+    let finished = false;
+    const next = () => {
+      if (finished) return;
+      finished = true;
+      clearTimeout(guard);
+      if (playing === audio) playing = null;
+      playNext();
+      afterOutput();
+    };
+    // a link that never ends (no audio device, a stalled download) must not hang the client
+    const guard = setTimeout(next, 30000);
+    const failed = (error) => { // (not when the user skipped it)
+      if (playing === audio) logEvent('!', `audio not played: ${audio.src} ${error || ''}`);
+      next();
+    };
+    audio.onended = next;
+    audio.onerror = () => failed(audio.error && audio.error.message);
+    audio.play().catch(failed);
+  }
+
+  function stopAudio() {
+    audioQueue.length = 0;
+    if (playing) { playing.pause(); playing.onended = playing.onerror = null; playing = null; }
+  }
+
+  function afterOutput() { // the answer is over once the Response came and its audio played
+    if (!turn || !turn.done || playing || audioQueue.length) return;
+    const {ended, sleepTimeout} = turn;
+    turn = null;
+    if (!ended) { setState('Listening'); return; }
+    if (sleepTimeout > 0) { // keep the session for sleepTimeout seconds
+      clearTimeout(sessionTimer);
+      sessionTimer = setTimeout(forgetSession, sleepTimeout * 1000);
+    } else {
+      forgetSession();
+    }
+    setState('Sleeping');
+  }
+
+  // -------------------------------------------------------------- controls
+
+  $('connection').onsubmit = (event) => {
+    event.preventDefault();
+    if (ws || wanted) disconnect(); else connect();
+  };
+  $('composer').onsubmit = (event) => {
+    event.preventDefault();
+    const text = $('text').value.trim();
+    $('text').value = '';
+    sendText(text);
+  };
+  $('start').onclick = () => sendText('#intro');
+  $('mic').onclick = () => { if (mic) stopMic(true); else startMic(); };
+  $('skip').onclick = () => { stopAudio(); afterOutput(); };
+
+  showSession();
+  setState('Closed');
+})();

@@ -1,0 +1,169 @@
+"""The browser console (/console) in a real Chromium against a real gateway.
+
+Each test loads the page afresh in one headless Chromium (tests/console/conftest.py)
+and talks to one gateway served for the module (demo pipeline, pocketsphinx, Piper
+TTS links). Screenshots of the states named go to test-artifacts/console/.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from selenium import webdriver
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.conftest import served_app
+from tests.console.conftest import SPOKEN, Console, ThreadedGateway
+from tests.speech import normalise, wer
+
+
+def test_a_text_conversation_remembers_the_name(
+    console_gateway: ThreadedGateway, browser: webdriver.Chrome
+) -> None:
+    page = Console(browser, console_gateway.url)
+    page.screenshot("closed")
+    page.connect()
+    assert page.session_id == "none"
+    page.screenshot("sleeping")
+    page.say("My name is Ada")  # the first text starts a session of the id the page proposed
+    session_id = page.session_id
+    assert session_id != "none"
+    assert f'"type":"SessionStarted","sessionId":"{session_id}"' in "".join(page.events())
+    # the answer's audio is skipped (Skip, shown while Responding): Listening at once
+    page.driver.find_element("id", "text").send_keys("What is my name?")
+    page.click("send")
+    page.wait_for(
+        lambda: page.state == "Responding" and page.bot_texts()[-1:] == ["Your name is Ada."]
+    )
+    page.click("skip")
+    page.wait_for(lambda: page.state == "Listening")
+    assert page.bot_texts() == ["Nice to meet you, Ada.", "Your name is Ada."]
+    assert page.session_id == session_id
+    assert [kind for kind, _ in page.chat()] == ["user", "bot", "user", "bot"]
+    # each bot message came once, with its TTS link (a replay button)
+    assert (
+        browser.execute_script(
+            "return document.querySelectorAll('#chat li.bot button.play').length"
+        )
+        == 2
+    )
+    page.assert_no_failures()
+    page.screenshot("listening")
+
+
+def test_a_spoken_turn_is_recognised_as_it_comes_and_answered(
+    console_gateway: ThreadedGateway, browser: webdriver.Chrome
+) -> None:
+    page = Console(browser, console_gateway.url)
+    page.connect()
+    page.click("mic")  # the fake microphone says SPOKEN (Piper), then silence
+    page.wait_for(lambda: page.state == "Listening")
+    page.wait_for(lambda: browser.find_elements("css selector", "#chat li.user.interim"))
+    page.screenshot("listening-interim")
+    page.wait_for(lambda: page.bot_texts() and page.state == "Listening")
+    answer = page.bot_texts()
+    [(kind, heard)] = [(k, t) for k, t in page.chat() if k.startswith("user")]
+    assert kind == "user", "the final Recognized turned the interim bubble into the user's words"
+    assert wer([(SPOKEN, normalise(heard))]) <= 0.34, heard
+    assert answer == [f"You said: {heard}"]
+    events = page.events()
+    interim = [e for e in events if '"type":"Recognized"' in e and '"isFinal":false' in e]
+    assert interim, "interim Recognized results were shown as they came"
+    sent = [e.split("→ ", 1)[1] for e in events if "→ " in e]
+    # the stream was opened (no session yet: none named), the audio streamed, and the
+    # stream closed after the final result
+    assert sent[1] == '{"type":"InputAudioStreamOpen"}'
+    assert sent[2].startswith("audio: ")
+    assert sent[2].endswith("s of LINEAR16 at 16000 Hz")
+    assert sent[3:] == ['{"type":"InputAudioStreamClose"}']
+    page.assert_no_failures()
+    page.js("document.getElementById('details').open = true")  # history and events, shown
+    page.screenshot("events")
+    assert page.history() == [
+        "Closed", "Open", "Sleeping", "Listening", "Processing", "Responding", "Listening",
+    ]  # fmt: skip
+
+
+def test_the_client_states_follow_the_events(
+    console_gateway: ThreadedGateway, browser: webdriver.Chrome
+) -> None:
+    page = Console(browser, console_gateway.url)
+    page.connect()
+    page.click("start")
+    page.wait_for(lambda: page.state == "Responding")
+    page.screenshot("responding")
+    # Responding lasts while the two greetings' TTS audio plays, one after the other
+    page.wait_for(lambda: page.state == "Listening")
+    console_gateway.pause(1.0)  # the answer waits: the page shows Processing meanwhile
+    page.say("My name is Grace", shot="processing")
+    page.say("goodbye")  # the demo ends the session: Sleeping, and the sessionId is forgotten
+    assert page.bot_texts()[-1] == "Goodbye, Grace!"
+    assert page.state == "Sleeping"
+    assert page.session_id == "none"
+    page.assert_no_failures()
+    assert page.history() == [
+        "Closed", "Open", "Sleeping",
+        "Processing", "Responding", "Listening",
+        "Processing", "Responding", "Listening",
+        "Processing", "Responding", "Sleeping",
+    ]  # fmt: skip
+    page.click("connect")  # Disconnect
+    page.wait_for(lambda: page.state == "Closed")
+    assert page.history()[-1] == "Closed"
+
+
+def test_a_dropped_connection_reconnects_into_the_same_session(
+    console_gateway: ThreadedGateway, browser: webdriver.Chrome
+) -> None:
+    page = Console(browser, console_gateway.url, retry_s=2)
+    page.connect()
+    page.say("My name is Linus")
+    session_id = page.session_id
+    assert console_gateway.drop_websockets() == 1
+    page.wait_for(lambda: page.state == "Failed")
+    page.screenshot("failed")
+    page.wait_for(lambda: page.state == "Sleeping")  # retried: Open, Init, Ready
+    assert page.session_id == session_id
+    page.say("What is my name?")
+    assert page.bot_texts()[-1] == "Your name is Linus."
+    assert page.session_id == session_id
+    history = page.history()
+    assert history[history.index("Failed") :] == [
+        "Failed", "Open", "Sleeping", "Processing", "Responding", "Listening",
+    ]  # fmt: skip
+    requests = [e for e in page.events() if '"type":"Request"' in e]
+    assert all(f'"sessionId":"{session_id}"' in e for e in requests), requests
+    # speech goes on in that session too: the stream names it, as reconnected clients do
+    page.click("mic")
+    page.wait_for(
+        lambda: page.bot_texts()[-1].startswith("You said:") and page.state == "Listening"
+    )
+    events = page.events()
+    assert any(
+        e.endswith(f'→ {{"type":"InputAudioStreamOpen","sessionId":"{session_id}"}}')
+        for e in events
+    ), events
+    assert sum('"type":"SessionStarted"' in e for e in events) == 1  # the first turn's only
+    assert page.session_id == session_id
+    page.assert_no_failures()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_the_console_is_served_unless_turned_off(enabled: bool) -> None:
+    settings = Settings(console_enabled=enabled)
+    async with served_app(create_app(settings), settings) as url, httpx.AsyncClient() as client:
+        page = await client.get(f"{url}/console", follow_redirects=True)
+        script = await client.get(f"{url}/console/console.js")
+        missing = await client.get(f"{url}/console/nothing.js")
+    if not enabled:
+        assert (page.status_code, script.status_code) == (404, 404)
+        return
+    assert page.status_code == 200
+    assert str(page.url) == f"{url}/console/"
+    assert page.headers["content-type"].startswith("text/html")
+    assert "console.js" in page.text
+    assert script.status_code == 200
+    assert "javascript" in script.headers["content-type"]
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/problem+json"
