@@ -75,7 +75,7 @@ def test_forged_expired_and_malformed_are_403(authorization: str, body: bytes, t
 
 
 def test_alg_none_is_refused() -> None:
-    unsigned = jwt.encode({"iat": NOW}, None, algorithm="none")
+    unsigned = jwt.encode({"iat": NOW}, "", algorithm="none")
     with pytest.raises(VerificationRefused, match="invalid webhook token"):
         check(f"Bearer {unsigned}", body=b"")
 
