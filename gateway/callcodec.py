@@ -17,7 +17,9 @@ What a codec must allow (CARRIERS.md "Design hint"):
 - **handshakes**: a carrier's opening message (Twilio/Telnyx/Exotel ``connected``)
   is a :class:`Connected`; the message that names the call and its media format
   (``start``, or Vonage's ``websocket:connected``) is a :class:`Started`, after which
-  :attr:`CarrierCodec.media_format` is known;
+  :attr:`CarrierCodec.media_format` is known. Both carry ``reply``: frames the
+  engine sends at once in answer (empty for the carriers here; a protocol such as
+  Genesys AudioHook answers ``open`` with ``opened``);
 - **pacing**: :attr:`CarrierCodec.realtime` True means the sender must pace the
   audio frames at real time (the carrier plays what arrives and its queue is
   small or unknown); False means the carrier buffers what it is sent and plays it
@@ -215,9 +217,13 @@ class MediaFormat:
 
 @dataclass(frozen=True, slots=True)
 class Connected:
-    """The carrier's opening message (``connected``): nothing is known yet."""
+    """The carrier's opening message (``connected``): nothing is known yet.
+
+    ``reply``: frames to send in answer, in order (see the module doc).
+    """
 
     version: str = ""
+    reply: tuple[WireFrame, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +234,8 @@ class Started:
     ``call_control_id``, Plivo ``callId``, Exotel ``call_sid``; Vonage: the header the
     NCCO set, see adapters/vonage); ``stream_id`` the stream's (empty when the
     carrier has none); ``caller``/``callee`` the numbers when the carrier says them;
-    ``parameters`` the custom parameters or headers the answer document set.
+    ``parameters`` the custom parameters or headers the answer document set;
+    ``reply`` frames to send in answer, in order (see the module doc).
     """
 
     call_id: str
@@ -238,6 +245,7 @@ class Started:
     callee: str = ""
     account_id: str = ""
     parameters: Mapping[str, str] = field(default_factory=dict)
+    reply: tuple[WireFrame, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
