@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import random
 from collections.abc import Callable
@@ -38,17 +39,26 @@ import socketio.packet
 
 from adapters.alexa.protocol import AlexaConfig, parse_envelope, plan
 from adapters.alexa.verify import AlexaVerificationError, AlexaVerifier
+from adapters.exotel.protocol import ExotelCodec
 from adapters.flowstorm.v1.protocol import V1Connection, parse_event
 from adapters.flowstorm.v2.protocol import JsonEventReader, parse_config, text_input
 from adapters.google.protocol import detect, dialogflow_plan, google_plan
 from adapters.google.protocol import load_json as google_body
 from adapters.google.verify import GoogleVerificationError, GoogleVerifier, StaticCertSource
+from adapters.plivo.protocol import PlivoCodec
+from adapters.telnyx.protocol import TelnyxCodec
 from adapters.twilio.protocol import CallConfig, TwilioCall, parse_message
 from adapters.voiceflow.protocol import SessionKeys, VoiceflowConnection, parse_client_start
 from adapters.voiceflow.routes import BoundedJson, BoundedPacket
+from adapters.vonage.protocol import VonageCodec
+from gateway.callcodec import CarrierCodec
 from gateway.protocol import ProtocolError, check_time_zone, load_json, parse_timestamp
+from tests.adapters.exotel import test_protocol as exotel_golden
 from tests.adapters.flowstorm.v2.helpers import parse_json_events, split_events
+from tests.adapters.plivo import test_protocol as plivo_golden
+from tests.adapters.telnyx import test_protocol as telnyx_golden
 from tests.adapters.twilio.test_protocol import START
+from tests.adapters.vonage import test_protocol as vonage_golden
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -311,6 +321,52 @@ VOICEFLOW_SEEDS: tuple[Any, ...] = (
     ],
     ["action.send", {"action": {"type": "event", "payload": {"event": {"name": "x"}}}}],
 )
+CARRIER_SEEDS: dict[str, tuple[Callable[[], CarrierCodec], str, tuple[Any, ...]]] = {
+    # carrier: (new codec, its start frame, the golden messages of its tests)
+    "telnyx": (
+        TelnyxCodec,
+        telnyx_golden.start("L16", 16000),
+        tuple(
+            json.loads(m)
+            for m in (
+                telnyx_golden.CONNECTED,
+                telnyx_golden.START,
+                telnyx_golden.DTMF,
+                telnyx_golden.media(b"\x00\x01" * 160),
+            )
+        ),
+    ),
+    "vonage": (
+        VonageCodec,
+        vonage_golden.CONNECTED,
+        (
+            json.loads(vonage_golden.CONNECTED),
+            {"event": "websocket:notify", "payload": {"name": "3"}},
+            {"event": "websocket:dtmf", "digit": "5", "duration": 260},
+        ),
+    ),
+    "plivo": (
+        PlivoCodec,
+        plivo_golden.START,
+        tuple(
+            json.loads(m)
+            for m in (
+                plivo_golden.START,
+                plivo_golden.DTMF,
+                plivo_golden.PLAYED,
+                plivo_golden.media(b"\xff" * 160),
+            )
+        ),
+    ),
+    "exotel": (
+        ExotelCodec,
+        exotel_golden.START,
+        tuple(
+            json.loads(m)
+            for m in (exotel_golden.START, exotel_golden.DTMF, exotel_golden.media(b"\0" * 320))
+        ),
+    ),
+}
 TIME_SEEDS: tuple[Any, ...] = (
     "2024-06-01T12:00:00Z",
     "0001-01-01T00:00:00+01:00",
@@ -448,8 +504,25 @@ def targets() -> list[Target]:
 
         return run
 
+    def carrier(name: str, text: str, *, started: bool) -> object:
+        new, start, _ = CARRIER_SEEDS[name]
+        codec = new()
+        if started:
+            codec.receive_text(start)
+        return codec.receive_text(text)
+
+    carrier_targets = [
+        Target(
+            f"{name}.codec({'after' if started else 'before'} start)",
+            functools.partial(carrier, name, started=started),
+            seeds,
+        )
+        for name, (_, _, seeds) in CARRIER_SEEDS.items()
+        for started in (False, True)
+    ]
     v1_seeds = _v1_seeds()
     return [
+        *carrier_targets,
         Target("json.load_json(str)", load_json, v1_seeds + V2_SEEDS),
         Target("json.load_json(bytes)", lambda t: load_json(_bytes(t)), v1_seeds + V2_SEEDS),
         Target("v1.parse_event", parse_event, v1_seeds),

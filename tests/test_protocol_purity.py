@@ -22,7 +22,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = sorted(ROOT.glob("adapters/**/protocol.py"))
-KNOWN = {"alexa", "flowstorm/v1", "flowstorm/v2", "google", "twilio", "voiceflow"}
+KNOWN = {
+    "alexa",
+    "exotel",
+    "flowstorm/v1",
+    "flowstorm/v2",
+    "google",
+    "plivo",
+    "telnyx",
+    "twilio",
+    "vonage",
+    "voiceflow",
+}
 
 
 def _name(path: Path) -> str:

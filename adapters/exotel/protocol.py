@@ -1,0 +1,245 @@
+"""Exotel Voicebot applet stream, sans I/O: the wire codec.
+
+Spec: shared/specs/CARRIERS.md "Exotel" (Exotel's AgentStream "WebSocket protocol"
+and "Stream and Voicebot applet" pages, pipecat's serializer). There is no answer
+document: the Voicebot applet is configured in Exotel's App Bazaar with the
+gateway's ``wss://`` URL (``?sample-rate=8000|16000|24000``).
+
+Exotel -> gateway (text frames, JSON)::
+
+    {"event":"connected"}
+    {"event":"start","sequence_number":"1","stream_sid":"MZ…","start":{"stream_sid",
+     "call_sid","account_sid","from","to","custom_parameters":{…},
+     "media_format":{"encoding":"audio/x-raw","sample_rate":"8000","bit_rate":"16"}}}
+    {"event":"media","sequence_number":"3","stream_sid":"…","media":{"chunk":"2",
+     "timestamp":"200","payload":"<base64 PCM16LE>"}}
+    {"event":"dtmf",…,"dtmf":{"digit":"5","duration":"100"}}
+    {"event":"mark",…,"mark":{"name":…}}    {"event":"stop",…}
+
+gateway -> Exotel: ``{"event":"media","stream_sid":…,"media":{"payload":…}}`` in
+**chunks of a multiple of 320 bytes, 3.2 KB to 100 KB** (Exotel buffers them),
+``{"event":"mark","stream_sid":…,"mark":{"name":…}}``, ``{"event":"clear",
+"stream_sid":…}``. Hang up by closing the socket (the next applet runs).
+
+Audio: raw 16-bit little-endian mono (``audio/x-raw``, "slin"), 8 kHz by default;
+the beta extension's ``audio/x-mulaw`` is taken too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from gateway.callcodec import (
+    CallEvent,
+    Connected,
+    Digit,
+    Media,
+    MediaFormat,
+    Played,
+    Started,
+    Stopped,
+    UnsupportedMediaFormat,
+    WireFrame,
+    b64,
+    b64_payload,
+    get_digit,
+    get_int,
+    get_object,
+    get_params,
+    get_str,
+    load_frame,
+    not_started,
+)
+from gateway.protocol import ProtocolError
+from gateway.speech.audio import Pcm
+
+CARRIER: Final = "exotel"
+EVENTS: Final = "connected, start, media, dtmf, mark or stop"
+CHUNK_UNIT: Final = 320
+"""Outbound chunks are a multiple of this many bytes."""
+MIN_CHUNK: Final = 3200
+"""Smallest outbound chunk (bytes): 200 ms of 8 kHz PCM16."""
+MAX_CHUNK: Final = 100_000
+"""Largest outbound chunk (bytes)."""
+
+_RAW: Final = frozenset({"audio/x-raw", "raw", "slin", "audio/l16", "pcm"})
+
+
+def media_format(encoding: str, sample_rate: int) -> MediaFormat:
+    """The wire format of an Exotel ``media_format.encoding``.
+
+    ``audio/x-raw`` (slin) is 16-bit little-endian; ``audio/x-mulaw`` G.711 μ-law.
+    Raises UnsupportedMediaFormat for another encoding or rate.
+    """
+    kind = encoding.split(";", 1)[0].strip().lower()
+    if kind in _RAW:
+        return MediaFormat("L16", sample_rate)
+    if kind == "audio/x-mulaw":
+        return MediaFormat("PCMU", sample_rate)
+    raise UnsupportedMediaFormat(
+        f"Unsupported Exotel encoding {encoding[:80]!r}: expected audio/x-raw or audio/x-mulaw"
+    )
+
+
+def chunks(audio: bytes, chunk_bytes: int, silence: bytes) -> list[bytes]:
+    """``audio`` cut into chunks of ``chunk_bytes``; the last one padded with
+    ``silence`` to a multiple of :data:`CHUNK_UNIT` and at least :data:`MIN_CHUNK`
+    (Exotel's rule). Raises ValueError for a ``chunk_bytes`` outside the rule."""
+    if chunk_bytes % CHUNK_UNIT or not MIN_CHUNK <= chunk_bytes <= MAX_CHUNK:
+        raise ValueError(
+            f"an Exotel chunk is a multiple of {CHUNK_UNIT} bytes from {MIN_CHUNK} to "
+            f"{MAX_CHUNK}, not {chunk_bytes}"
+        )
+    out = [audio[i : i + chunk_bytes] for i in range(0, len(audio), chunk_bytes)]
+    if out:
+        tail = out[-1]
+        size = max(MIN_CHUNK, -(-len(tail) // CHUNK_UNIT) * CHUNK_UNIT)
+        out[-1] = tail + silence * ((size - len(tail)) // len(silence))
+    return out
+
+
+class ExotelCodec:
+    """One Exotel Voicebot stream (see the module doc); a
+    :class:`~gateway.callcodec.CarrierCodec`.
+
+    ``chunk_ms``: audio per outbound ``media`` message (200 ms: 3200 bytes at 8 kHz,
+    the smallest chunk Exotel takes); the byte size is rounded to the chunk rule.
+    """
+
+    carrier: str = CARRIER
+    realtime: bool = False
+    max_queued: int | None = None
+    frame_ms: int = 0
+
+    def __init__(self, chunk_ms: int = 200) -> None:
+        self.chunk_ms = chunk_ms
+        self._format: MediaFormat | None = None
+        self.stream_sid = ""
+        self.call_sid = ""
+
+    @property
+    def media_format(self) -> MediaFormat | None:
+        """The stream's format (after ``start``)."""
+        return self._format
+
+    @property
+    def outbound_format(self) -> MediaFormat | None:
+        """The same as the inbound format."""
+        return self._format
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes per outbound chunk: :attr:`chunk_ms` of the format, by the chunk rule."""
+        if self._format is None:
+            raise not_started(CARRIER, "chunk size")
+        size = self._format.bytes_for_ms(self.chunk_ms) // CHUNK_UNIT * CHUNK_UNIT
+        return min(max(size, MIN_CHUNK), MAX_CHUNK // CHUNK_UNIT * CHUNK_UNIT)
+
+    def receive_text(self, text: str) -> CallEvent:
+        """The event of one Exotel frame. Raises ProtocolError (malformed, unknown event,
+        invalid field, media before ``start``); UnsupportedMediaFormat at ``start``."""
+        frame = load_frame(text, "Exotel")
+        event = frame.get("event")
+        if event == "media":
+            return self._media(frame)
+        if event == "connected":
+            return Connected()
+        if event == "start":
+            return self._start(frame)
+        if event == "dtmf":
+            dtmf = get_object(frame, "dtmf", "dtmf message")
+            return Digit(get_digit(dtmf, "dtmf message"), get_int(dtmf, "duration", "dtmf message"))
+        if event == "mark":
+            mark = get_object(frame, "mark", "mark message")
+            return Played(get_str(mark, "name", "mark message"))
+        if event == "stop":
+            stop = frame.get("stop")
+            reason = stop.get("reason") if isinstance(stop, dict) else None
+            return Stopped(reason if isinstance(reason, str) else "")
+        raise ProtocolError("Unknown Exotel event", expected=EVENTS, got=repr(event))
+
+    def receive_binary(self, data: bytes) -> CallEvent:
+        """Exotel sends text frames only: ProtocolError."""
+        raise ProtocolError("Exotel sends text frames only, got a binary frame")
+
+    def _start(self, frame: dict[str, Any]) -> Started:
+        where = "start message"
+        start = get_object(frame, "start", where)
+        fmt_obj = get_object(start, "media_format", where)
+        bits = get_int(fmt_obj, "bit_rate", where)
+        fmt = media_format(
+            get_str(fmt_obj, "encoding", where, default="audio/x-raw"),
+            get_int(fmt_obj, "sample_rate", where) or 8000,
+        )
+        if fmt.encoding == "L16" and bits not in (None, 16):
+            raise UnsupportedMediaFormat(f"Unsupported Exotel audio: {bits}-bit samples")
+        call_sid = get_str(start, "call_sid", where)
+        stream_sid = get_str(start, "stream_sid", where, default="") or get_str(
+            frame, "stream_sid", where
+        )
+        if not call_sid or not stream_sid:
+            raise ProtocolError(f"Invalid {where}: call_sid and stream_sid must not be empty")
+        self._format, self.call_sid, self.stream_sid = fmt, call_sid, stream_sid
+        return Started(
+            call_id=call_sid,
+            stream_id=stream_sid,
+            media_format=fmt,
+            caller=get_str(start, "from", where, default=""),
+            callee=get_str(start, "to", where, default=""),
+            account_id=get_str(start, "account_sid", where, default=""),
+            parameters=get_params(start.get("custom_parameters"), "start: custom_parameters"),
+        )
+
+    def _media(self, frame: dict[str, Any]) -> Media:
+        where = "media message"
+        if self._format is None:
+            raise ProtocolError(f"Invalid {where}: media before start")
+        media = get_object(frame, "media", where)
+        payload = b64_payload(media, self._format, where)
+        return Media(
+            pcm=self._format.decode(payload, where),
+            timestamp_ms=get_int(media, "timestamp", where),
+            sequence=get_int(frame, "sequence_number", where),
+        )
+
+    def audio(self, pcm: Pcm) -> list[WireFrame]:
+        """``pcm`` as ``media`` messages by Exotel's chunk rule."""
+        fmt = self._format
+        if fmt is None:
+            raise not_started(CARRIER, "audio")
+        data = fmt.encode(pcm)
+        return [
+            media_message(self.stream_sid, chunk)
+            for chunk in chunks(data, self.chunk_bytes, fmt.silence)
+        ]
+
+    def mark(self, name: str) -> WireFrame:
+        """``{"event":"mark","stream_sid":…,"mark":{"name":…}}``."""
+        if not self.stream_sid:
+            raise not_started(CARRIER, "mark")
+        return mark_message(self.stream_sid, name)
+
+    def clear(self) -> WireFrame:
+        """``{"event":"clear","stream_sid":…}``."""
+        if not self.stream_sid:
+            raise not_started(CARRIER, "clear")
+        return clear_message(self.stream_sid)
+
+
+def media_message(stream_sid: str, payload: bytes) -> str:
+    """``{"event":"media","stream_sid":…,"media":{"payload":<base64>}}``."""
+    return (
+        f'{{"event":"media","stream_sid":{json.dumps(stream_sid)},'
+        f'"media":{{"payload":"{b64(payload)}"}}}}'
+    )
+
+
+def mark_message(stream_sid: str, name: str) -> str:
+    """``{"event":"mark","stream_sid":…,"mark":{"name":…}}``."""
+    return json.dumps({"event": "mark", "stream_sid": stream_sid, "mark": {"name": name}})
+
+
+def clear_message(stream_sid: str) -> str:
+    """``{"event":"clear","stream_sid":…}``."""
+    return json.dumps({"event": "clear", "stream_sid": stream_sid})

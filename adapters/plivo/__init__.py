@@ -1,0 +1,1 @@
+"""Plivo phone calls (issue 14): the wire codec and request verification."""

@@ -1,0 +1,267 @@
+"""Plivo Audio Streams, sans I/O: the wire codec and the answer XML.
+
+Spec: shared/specs/CARRIERS.md "Plivo Audio Streams" (Plivo's stream SDK types,
+pipecat's serializer, plivo-python ``StreamElement``).
+
+Plivo -> gateway (text frames, JSON)::
+
+    {"event":"start","sequenceNumber":0,"start":{"callId","streamId","accountId",
+     "tracks":["inbound"],"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000}},
+     "extra_headers":"<json string>"}
+    {"event":"media","sequenceNumber":n,"streamId":"…","media":{"track":"inbound",
+     "timestamp":"<ms>","chunk":1,"payload":"<base64>"}}
+    {"event":"dtmf",…,"dtmf":{"track":"inbound","digit":"5","timestamp":"…"}}
+    {"event":"playedStream",…,"name":"<checkpoint>"}   {"event":"clearedAudio",…}
+    {"event":"stop",…}
+
+gateway -> Plivo: ``{"event":"playAudio","media":{"contentType":"audio/x-mulaw",
+"sampleRate":8000,"payload":…},"streamId":…}``, ``{"event":"checkpoint","streamId":…,
+"name":…}`` (answered by ``playedStream``), ``{"event":"clearAudio","streamId":…}``
+(answered by ``clearedAudio``). Plivo queues ``playAudio`` and plays it in order.
+
+Encodings: ``audio/x-mulaw`` at 8 kHz and ``audio/x-l16`` at 8/16 kHz (taken as
+little-endian: [unverified], as pipecat sends it).
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from typing import Any, Final
+
+from gateway.callcodec import (
+    CallEvent,
+    Cleared,
+    Digit,
+    Media,
+    MediaFormat,
+    Played,
+    Started,
+    Stopped,
+    UnsupportedMediaFormat,
+    WireFrame,
+    b64,
+    b64_payload,
+    get_digit,
+    get_int,
+    get_object,
+    get_params,
+    get_str,
+    load_frame,
+    not_started,
+)
+from gateway.protocol import ProtocolError, load_json
+from gateway.speech.audio import Pcm
+
+CARRIER: Final = "plivo"
+EVENTS: Final = "start, media, dtmf, playedStream, clearedAudio or stop"
+MULAW: Final = "audio/x-mulaw"
+L16: Final = "audio/x-l16"
+
+
+def media_format(content_type: str, sample_rate: int) -> MediaFormat:
+    """The wire format of a Plivo content type (``audio/x-mulaw`` or ``audio/x-l16``).
+
+    A ``;rate=`` suffix is ignored (``sample_rate`` rules). Raises
+    UnsupportedMediaFormat for another type or rate.
+    """
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind == MULAW:
+        return MediaFormat("PCMU", sample_rate)
+    if kind == L16:
+        return MediaFormat("L16", sample_rate)
+    raise UnsupportedMediaFormat(
+        f"Unsupported Plivo encoding {content_type[:80]!r}: expected {MULAW} or {L16}"
+    )
+
+
+def content_type(fmt: MediaFormat) -> str:
+    """Plivo's name of ``fmt``'s encoding (``audio/x-mulaw`` or ``audio/x-l16``)."""
+    if fmt.encoding == "PCMU":
+        return MULAW
+    if fmt.encoding == "L16" and not fmt.big_endian:
+        return L16
+    raise UnsupportedMediaFormat(f"Plivo streams no {fmt.encoding}")
+
+
+def extra_headers(value: Any) -> dict[str, str]:
+    """``extra_headers`` of ``start``: a JSON object encoded as a string (or an object,
+    or ``k1=v1,k2=v2`` as the XML's ``extraHeaders`` attribute sets them).
+
+    Raises ProtocolError for anything else.
+    """
+    where = "start message: extra_headers"
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            return get_params(load_json(text, what="extra_headers"), where)
+        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+        if all(len(pair) == 2 for pair in pairs):
+            return {key.strip(): val.strip() for key, val in pairs}
+        raise ProtocolError(f"Invalid {where}: expected a JSON object or k=v pairs")
+    return get_params(value, where)
+
+
+class PlivoCodec:
+    """One Plivo stream (see the module doc); a :class:`~gateway.callcodec.CarrierCodec`.
+
+    ``frame_ms``: audio per ``playAudio`` message. ``outbound``: the format played
+    back (None: the inbound format).
+    """
+
+    carrier: str = CARRIER
+    realtime: bool = False
+    max_queued: int | None = None
+
+    def __init__(self, outbound: MediaFormat | None = None, frame_ms: int = 20) -> None:
+        self.frame_ms = frame_ms
+        self._outbound = outbound
+        self._format: MediaFormat | None = None
+        self.stream_id = ""
+        self.call_id = ""
+
+    @property
+    def media_format(self) -> MediaFormat | None:
+        """The inbound format (after ``start``)."""
+        return self._format
+
+    @property
+    def outbound_format(self) -> MediaFormat | None:
+        """The format of ``playAudio`` (after ``start``)."""
+        return self._outbound or self._format
+
+    def receive_text(self, text: str) -> CallEvent:
+        """The event of one Plivo frame. Raises ProtocolError (malformed, unknown event,
+        invalid field, media before ``start``); UnsupportedMediaFormat at ``start``."""
+        frame = load_frame(text, "Plivo")
+        event = frame.get("event")
+        if event == "media":
+            return self._media(frame)
+        if event == "start":
+            return self._start(frame)
+        if event == "dtmf":
+            return Digit(get_digit(get_object(frame, "dtmf", "dtmf message"), "dtmf message"))
+        if event == "playedStream":
+            return Played(get_str(frame, "name", "playedStream message"))
+        if event == "clearedAudio":
+            return Cleared()
+        if event == "stop":
+            return Stopped()
+        raise ProtocolError("Unknown Plivo event", expected=EVENTS, got=repr(event))
+
+    def receive_binary(self, data: bytes) -> CallEvent:
+        """Plivo sends text frames only: ProtocolError."""
+        raise ProtocolError("Plivo sends text frames only, got a binary frame")
+
+    def _start(self, frame: dict[str, Any]) -> Started:
+        where = "start message"
+        start = get_object(frame, "start", where)
+        fmt_obj = get_object(start, "mediaFormat", where)
+        fmt = media_format(
+            get_str(fmt_obj, "encoding", where), get_int(fmt_obj, "sampleRate", where) or 8000
+        )
+        call_id = get_str(start, "callId", where)
+        stream_id = get_str(start, "streamId", where)
+        if not call_id or not stream_id:
+            raise ProtocolError(f"Invalid {where}: callId and streamId must not be empty")
+        self._format, self.call_id, self.stream_id = fmt, call_id, stream_id
+        headers = extra_headers(frame.get("extra_headers"))
+        return Started(
+            call_id=call_id,
+            stream_id=stream_id,
+            media_format=fmt,
+            caller=headers.get("from", ""),
+            callee=headers.get("to", ""),
+            account_id=get_str(start, "accountId", where, default=""),
+            parameters=headers,
+        )
+
+    def _media(self, frame: dict[str, Any]) -> Media:
+        where = "media message"
+        if self._format is None:
+            raise ProtocolError(f"Invalid {where}: media before start")
+        media = get_object(frame, "media", where)
+        payload = b64_payload(media, self._format, where)
+        return Media(
+            pcm=self._format.decode(payload, where),
+            track=get_str(media, "track", where, default="inbound"),
+            timestamp_ms=get_int(media, "timestamp", where),
+            sequence=get_int(frame, "sequenceNumber", where),
+        )
+
+    def audio(self, pcm: Pcm) -> list[WireFrame]:
+        """``pcm`` as ``playAudio`` messages of :attr:`frame_ms` each."""
+        fmt = self.outbound_format
+        if fmt is None:
+            raise not_started(CARRIER, "audio")
+        kind = content_type(fmt)
+        return [
+            play_audio_message(self.stream_id, kind, fmt.sample_rate, chunk)
+            for chunk in fmt.frames(fmt.encode(pcm), self.frame_ms)
+        ]
+
+    def mark(self, name: str) -> WireFrame:
+        """``{"event":"checkpoint","streamId":…,"name":…}``."""
+        if not self.stream_id:
+            raise not_started(CARRIER, "checkpoint")
+        return checkpoint_message(self.stream_id, name)
+
+    def clear(self) -> WireFrame:
+        """``{"event":"clearAudio","streamId":…}``."""
+        if not self.stream_id:
+            raise not_started(CARRIER, "clearAudio")
+        return clear_audio_message(self.stream_id)
+
+
+def play_audio_message(stream_id: str, kind: str, sample_rate: int, payload: bytes) -> str:
+    """``{"event":"playAudio","media":{"contentType":…,"sampleRate":…,"payload":…},"streamId":…}``."""
+    return (
+        '{"event":"playAudio","media":{"contentType":'
+        f'{json.dumps(kind)},"sampleRate":{int(sample_rate)},"payload":"{b64(payload)}"}},'
+        f'"streamId":{json.dumps(stream_id)}}}'
+    )
+
+
+def checkpoint_message(stream_id: str, name: str) -> str:
+    """``{"event":"checkpoint","streamId":…,"name":…}``: answered by ``playedStream``."""
+    return json.dumps({"event": "checkpoint", "streamId": stream_id, "name": name})
+
+
+def clear_audio_message(stream_id: str) -> str:
+    """``{"event":"clearAudio","streamId":…}``: answered by ``clearedAudio``."""
+    return json.dumps({"event": "clearAudio", "streamId": stream_id})
+
+
+def answer_xml(
+    stream_url: str,
+    *,
+    content_type: str = "audio/x-mulaw;rate=8000",
+    extra: Mapping[str, str] | None = None,
+    status_callback_url: str | None = None,
+) -> str:
+    """The answer URL's XML: stream the call both ways to the gateway::
+
+        <?xml version="1.0" encoding="UTF-8"?><Response><Stream bidirectional="true"
+          keepCallAlive="true" contentType="audio/x-mulaw;rate=8000">wss://…</Stream></Response>
+
+    ``extra`` becomes ``extraHeaders="k1=v1,k2=v2"`` (echoed in ``start.extra_headers``);
+    keys and values must not hold ``,`` or ``=`` (ValueError).
+    """
+    response = ET.Element("Response")
+    stream = ET.SubElement(response, "Stream")
+    stream.set("bidirectional", "true")
+    stream.set("keepCallAlive", "true")
+    stream.set("contentType", content_type)
+    if extra:
+        for key, value in extra.items():
+            if any(c in key + value for c in ",="):
+                raise ValueError(f"extraHeaders cannot carry ',' or '=': {key!r}")
+        stream.set("extraHeaders", ",".join(f"{k}={v}" for k, v in extra.items()))
+    if status_callback_url:
+        stream.set("statusCallbackUrl", status_callback_url)
+        stream.set("statusCallbackMethod", "POST")
+    stream.text = stream_url
+    return '<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(response, encoding="unicode")

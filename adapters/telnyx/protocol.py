@@ -1,0 +1,281 @@
+"""Telnyx Media Streaming over WebSocket, sans I/O: the wire codec and the TeXML answer.
+
+Spec: shared/specs/CARRIERS.md "Telnyx Media Streaming (Call Control or TeXML)"
+(Telnyx's "Stream call media over WebSocket" and the TeXML ``<Stream>`` verb).
+
+Telnyx -> gateway (text frames, JSON)::
+
+    {"event":"connected","version":"1.0.0"}
+    {"event":"start","sequence_number":"1","stream_id":"…","start":{"call_control_id":"v3:…",
+     "from":"+1…","to":"+1…","media_format":{"encoding":"PCMU","sample_rate":8000,"channels":1}}}
+    {"event":"media","sequence_number":"…","stream_id":"…","media":{"track":"inbound",
+     "chunk":"…","timestamp":"…","payload":"<base64 RTP payload, no header>"}}
+    {"event":"dtmf","dtmf":{"digit":"1"}}    {"event":"mark","mark":{"name":"…"}}
+    {"event":"error", …}                     {"event":"stop", …}
+
+gateway -> Telnyx: ``{"event":"media","media":{"payload":…}}`` (RTP bidirectional
+mode: 20 ms frames of the bidirectional codec, paced), ``{"event":"mark","mark":
+{"name":…}}``, ``{"event":"clear"}``.
+
+Encodings: PCMU, PCMA (8 kHz) and L16 (8/16 kHz), **L16 big-endian** (network byte
+order, RFC 2586): byte-swapped both ways. G722, OPUS and AMR-WB are refused
+(UnsupportedMediaFormat): the answer asks for a codec the gateway speaks.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from typing import Any, Final
+
+from gateway.callcodec import (
+    CallEvent,
+    CarrierError,
+    Connected,
+    Digit,
+    Media,
+    MediaFormat,
+    Played,
+    Started,
+    Stopped,
+    UnsupportedMediaFormat,
+    WireEncoding,
+    WireFrame,
+    b64,
+    b64_payload,
+    get_digit,
+    get_int,
+    get_object,
+    get_params,
+    get_str,
+    load_frame,
+    not_started,
+)
+from gateway.protocol import ProtocolError
+from gateway.speech.audio import Pcm
+
+CARRIER: Final = "telnyx"
+EVENTS: Final = "connected, start, media, dtmf, mark, error or stop"
+CODECS: Final[dict[str, WireEncoding]] = {"PCMU": "PCMU", "PCMA": "PCMA", "L16": "L16"}
+"""``media_format.encoding`` values the gateway takes (case-insensitive)."""
+
+
+def media_format(encoding: str, sample_rate: int) -> MediaFormat:
+    """The wire format of a Telnyx ``encoding`` name; L16 is big-endian.
+
+    Raises UnsupportedMediaFormat for another encoding (G722, OPUS, AMR-WB) or rate.
+    """
+    wire = CODECS.get(encoding.upper())
+    if wire is None:
+        raise UnsupportedMediaFormat(
+            f"Unsupported Telnyx encoding {encoding!r}: expected PCMU, PCMA or L16"
+        )
+    return MediaFormat(wire, sample_rate, big_endian=wire == "L16")
+
+
+class TelnyxCodec:
+    """One Telnyx stream (see the module doc); a :class:`~gateway.callcodec.CarrierCodec`.
+
+    ``outbound``: the bidirectional codec the answer asked for
+    (``bidirectionalCodec``/``bidirectionalSamplingRate``); None: the inbound format.
+    ``frame_ms``: audio per outbound ``media`` message (20 ms, as RTP).
+    """
+
+    carrier: str = CARRIER
+    realtime: bool = True
+    max_queued: int | None = None
+
+    def __init__(self, outbound: MediaFormat | None = None, frame_ms: int = 20) -> None:
+        self.frame_ms = frame_ms
+        self._outbound = outbound
+        self._format: MediaFormat | None = None
+        self.stream_id = ""
+        self.call_control_id = ""
+
+    @property
+    def media_format(self) -> MediaFormat | None:
+        """The inbound format (after ``start``)."""
+        return self._format
+
+    @property
+    def outbound_format(self) -> MediaFormat | None:
+        """The format of the gateway's audio (after ``start``)."""
+        return self._outbound or self._format
+
+    # -------------------------------------------------------------- inbound
+
+    def receive_text(self, text: str) -> CallEvent:
+        """The event of one Telnyx frame. Raises ProtocolError (malformed, unknown event,
+        invalid field, media before ``start``); UnsupportedMediaFormat at ``start``."""
+        frame = load_frame(text, "Telnyx")
+        event = frame.get("event")
+        if event == "media":
+            return self._media(frame)
+        if event == "connected":
+            return Connected(get_str(frame, "version", "connected message", default=""))
+        if event == "start":
+            return self._start(frame)
+        if event == "dtmf":
+            return Digit(get_digit(get_object(frame, "dtmf", "dtmf message"), "dtmf message"))
+        if event == "mark":
+            mark = get_object(frame, "mark", "mark message")
+            return Played(get_str(mark, "name", "mark message"))
+        if event == "stop":
+            return Stopped(_reason(frame))
+        if event == "error":
+            return _error(frame)
+        raise ProtocolError("Unknown Telnyx event", expected=EVENTS, got=repr(event))
+
+    def receive_binary(self, data: bytes) -> CallEvent:
+        """Telnyx sends text frames only: ProtocolError."""
+        raise ProtocolError("Telnyx sends text frames only, got a binary frame")
+
+    def _start(self, frame: dict[str, Any]) -> Started:
+        where = "start message"
+        start = get_object(frame, "start", where)
+        fmt_obj = get_object(start, "media_format", where)
+        rate = get_int(fmt_obj, "sample_rate", where)
+        fmt = media_format(get_str(fmt_obj, "encoding", where), rate or 8000)
+        channels = get_int(fmt_obj, "channels", where) or 1
+        if channels != 1:
+            raise UnsupportedMediaFormat(f"Unsupported Telnyx audio: {channels} channels")
+        stream_id = get_str(frame, "stream_id", where, default="") or get_str(
+            start, "stream_id", where, default=""
+        )
+        call_control_id = get_str(start, "call_control_id", where)
+        if not call_control_id:
+            raise ProtocolError(f"Invalid {where}: call_control_id: must not be empty")
+        self._format, self.stream_id, self.call_control_id = fmt, stream_id, call_control_id
+        return Started(
+            call_id=call_control_id,
+            stream_id=stream_id,
+            media_format=fmt,
+            caller=get_str(start, "from", where, default=""),
+            callee=get_str(start, "to", where, default=""),
+            account_id=get_str(start, "user_id", where, default=""),
+            parameters=get_params(start.get("custom_parameters"), "start: custom_parameters"),
+        )
+
+    def _media(self, frame: dict[str, Any]) -> Media:
+        where = "media message"
+        if self._format is None:
+            raise ProtocolError(f"Invalid {where}: media before start")
+        media = get_object(frame, "media", where)
+        payload = b64_payload(media, self._format, where)
+        return Media(
+            pcm=self._format.decode(payload, where),
+            track=get_str(media, "track", where, default="inbound"),
+            timestamp_ms=get_int(media, "timestamp", where),
+            sequence=get_int(frame, "sequence_number", where),
+        )
+
+    # -------------------------------------------------------------- outbound
+
+    def audio(self, pcm: Pcm) -> list[WireFrame]:
+        """``pcm`` as ``media`` messages of :attr:`frame_ms` in the outbound format."""
+        fmt = self.outbound_format
+        if fmt is None:
+            raise not_started(CARRIER, "audio")
+        return [media_message(chunk) for chunk in fmt.frames(fmt.encode(pcm), self.frame_ms)]
+
+    def mark(self, name: str) -> WireFrame:
+        """``{"event":"mark","mark":{"name":…}}``."""
+        return mark_message(name)
+
+    def clear(self) -> WireFrame:
+        """``{"event":"clear"}``."""
+        return CLEAR
+
+
+def _reason(frame: dict[str, Any]) -> str:
+    stop = frame.get("stop")
+    if isinstance(stop, dict) and isinstance(stop.get("reason"), str):
+        return str(stop["reason"])
+    return ""
+
+
+def _error(frame: dict[str, Any]) -> CarrierError:
+    """Telnyx ``error``: its fields ([unverified] shape) under ``payload`` or ``error``."""
+    body = frame.get("payload")
+    if not isinstance(body, dict):
+        body = frame.get("error")
+    if not isinstance(body, dict):
+        body = frame
+    where = "error message"
+    return CarrierError(
+        code=get_str(body, "code", where, default=""),
+        title=get_str(body, "title", where, default=""),
+        detail=get_str(body, "detail", where, default="", max_len=2000),
+    )
+
+
+def media_message(payload: bytes) -> str:
+    """``{"event":"media","media":{"payload":<base64>}}`` (pipecat sends no stream_id)."""
+    return f'{{"event":"media","media":{{"payload":"{b64(payload)}"}}}}'
+
+
+def mark_message(name: str) -> str:
+    """``{"event":"mark","mark":{"name":…}}``: echoed when the audio before it has played."""
+    return json.dumps({"event": "mark", "mark": {"name": name}})
+
+
+CLEAR: Final = '{"event":"clear"}'
+"""Telnyx drops the audio it holds."""
+
+
+# ------------------------------------------------------------------ answers
+
+
+def texml(
+    stream_url: str,
+    *,
+    codec: str | None = None,
+    bidirectional_codec: str = "PCMU",
+    bidirectional_sampling_rate: int = 8000,
+) -> str:
+    """The TeXML answer that connects the call to the gateway's stream::
+
+        <?xml version="1.0" encoding="UTF-8"?>
+        <Response><Connect><Stream url="wss://…" bidirectionalMode="rtp"
+            bidirectionalCodec="PCMU" bidirectionalSamplingRate="8000"/></Connect></Response>
+
+    ``codec`` sets the inbound codec (Telnyx's default when None).
+    Raises UnsupportedMediaFormat for a bidirectional codec the gateway cannot send.
+    """
+    media_format(bidirectional_codec, bidirectional_sampling_rate)  # raises if unsupported
+    if codec is not None:
+        media_format(codec, 16000 if codec.upper() == "L16" else 8000)
+    response = ET.Element("Response")
+    stream = ET.SubElement(ET.SubElement(response, "Connect"), "Stream")
+    stream.set("url", stream_url)
+    if codec is not None:
+        stream.set("codec", codec)
+    stream.set("bidirectionalMode", "rtp")
+    stream.set("bidirectionalCodec", bidirectional_codec)
+    stream.set("bidirectionalSamplingRate", str(bidirectional_sampling_rate))
+    body = ET.tostring(response, encoding="unicode")
+    return '<?xml version="1.0" encoding="UTF-8"?>' + body
+
+
+def stream_fields(
+    stream_url: str,
+    *,
+    codec: str = "PCMU",
+    sampling_rate: int = 8000,
+    auth_token: str | None = None,
+) -> dict[str, Any]:
+    """The Call Control ``answer``/``streaming_start`` fields that open the stream
+    (CARRIERS.md "Enable"): ``stream_url``, ``stream_track`` ``inbound_track``,
+    ``stream_bidirectional_mode`` ``rtp``, its codec and sampling rate, and
+    ``stream_auth_token`` when given. Raises UnsupportedMediaFormat as :func:`texml`."""
+    media_format(codec, sampling_rate)
+    fields: dict[str, Any] = {
+        "stream_url": stream_url,
+        "stream_track": "inbound_track",
+        "stream_bidirectional_mode": "rtp",
+        "stream_bidirectional_codec": codec,
+        "stream_bidirectional_sampling_rate": sampling_rate,
+    }
+    if auth_token:
+        fields["stream_auth_token"] = auth_token
+    return fields

@@ -1,0 +1,84 @@
+"""Who may call /telnyx webhooks: Telnyx's Ed25519 webhook signature.
+
+Spec: shared/specs/CARRIERS.md "Telnyx" (Call Control webhooks verified with Telnyx's
+Ed25519 webhook signature headers); Telnyx's "Webhook signing": every webhook
+carries ``telnyx-signature-ed25519`` (base64 of the 64-byte Ed25519 signature) and
+``telnyx-timestamp`` (Unix seconds); the signed message is the bytes
+``<timestamp>|<raw body>``, verified with the account's public key (base64 of the
+32 raw key bytes, from the Mission Control portal). A timestamp more than
+``tolerance_s`` away from now is refused (a replayed request).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from gateway.callcodec import VerificationRefused
+
+SIGNATURE_HEADER: Final = "telnyx-signature-ed25519"
+TIMESTAMP_HEADER: Final = "telnyx-timestamp"
+TOLERANCE_S: Final = 300
+"""Default seconds a webhook's timestamp may be off now (Telnyx's SDKs use 300)."""
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value
+    return None
+
+
+class TelnyxVerifier:
+    """Checks Telnyx webhook signatures with the account's Ed25519 ``public_key``.
+
+    ``public_key``: base64 of the 32 raw bytes (as the portal shows it). Raises
+    ValueError for a key that is not that.
+    """
+
+    def __init__(self, public_key: str, tolerance_s: int = TOLERANCE_S) -> None:
+        try:
+            raw = base64.b64decode(public_key.strip(), validate=True)
+            self._key = Ed25519PublicKey.from_public_bytes(raw)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("a Telnyx public key is base64 of 32 raw Ed25519 bytes") from exc
+        self.tolerance_s = tolerance_s
+
+    def check(self, body: bytes, signature: str | None, timestamp: str | None, now: float) -> None:
+        """Return if ``signature`` signs ``timestamp|body`` and ``timestamp`` is within the
+        tolerance of ``now`` (Unix seconds).
+
+        Raises VerificationRefused: 401 when a header is missing; 403 for a malformed
+        or wrong signature, a malformed timestamp, or one out of the window.
+        """
+        if not signature or not timestamp:
+            missing = SIGNATURE_HEADER if not signature else TIMESTAMP_HEADER
+            raise VerificationRefused(f"no {missing} header", status=401)
+        stamp = timestamp.strip()
+        if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+            raise VerificationRefused(f"malformed {TIMESTAMP_HEADER}: expected Unix seconds")
+        try:
+            raw = base64.b64decode(signature.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise VerificationRefused(f"malformed {SIGNATURE_HEADER}: not base64") from None
+        if len(raw) != 64:
+            raise VerificationRefused(f"malformed {SIGNATURE_HEADER}: not 64 bytes")
+        try:
+            self._key.verify(raw, stamp.encode("ascii") + b"|" + bytes(body))
+        except InvalidSignature:
+            raise VerificationRefused(f"{SIGNATURE_HEADER} does not sign the request") from None
+        if abs(now - int(stamp)) > self.tolerance_s:
+            raise VerificationRefused(
+                f"{TIMESTAMP_HEADER} is more than {self.tolerance_s} s from now (replayed?)"
+            )
+
+    def check_headers(self, body: bytes, headers: Mapping[str, str], now: float) -> None:
+        """:meth:`check` with the two headers looked up (case-insensitively) in ``headers``."""
+        self.check(
+            body, _header(headers, SIGNATURE_HEADER), _header(headers, TIMESTAMP_HEADER), now
+        )

@@ -1,0 +1,105 @@
+"""Who may call /vonage webhooks: Vonage's signed webhooks (a JWT, HS256).
+
+Spec: shared/specs/CARRIERS.md "Vonage" (signed webhooks checked with Vonage's JWT
+signature, HS256 with the signature secret); Vonage's "Signed webhooks": each
+request carries ``Authorization: Bearer <JWT>`` signed HS256 with the account's
+signature secret; its claims include ``iat`` (issued at, Unix seconds), ``jti``,
+``iss`` ("Vonage"), ``application_id``/``api_key`` and, when the request has a body,
+``payload_hash``: the hex SHA-256 of the body, which must match.
+
+The JWT is checked with PyJWT (already a dependency for Voiceflow's session keys).
+Token age is checked against ``now`` handed in (pure, testable): ``iat`` older than
+``max_age_s`` or in the future beyond ``leeway_s`` is refused, as is an ``exp`` passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any, Final
+
+import jwt
+
+from gateway.callcodec import VerificationRefused
+
+MAX_AGE_S: Final = 300
+"""Default seconds a token's ``iat`` may lie in the past."""
+LEEWAY_S: Final = 30
+"""Seconds of clock skew allowed for ``iat`` in the future and ``exp``."""
+_MAX_TOKEN: Final = 8192
+
+
+class VonageVerifier:
+    """Checks the JWT of a signed Vonage webhook with ``signature_secret``.
+
+    ``application_id``: when given, the token's ``application_id`` claim must be it.
+    Raises ValueError for an empty secret.
+    """
+
+    def __init__(
+        self,
+        signature_secret: str,
+        *,
+        application_id: str | None = None,
+        max_age_s: int = MAX_AGE_S,
+        leeway_s: int = LEEWAY_S,
+    ) -> None:
+        if not signature_secret:
+            raise ValueError("the Vonage signature secret must not be empty")
+        self._secret = signature_secret
+        self.application_id = application_id
+        self.max_age_s = max_age_s
+        self.leeway_s = leeway_s
+
+    def check(self, authorization: str | None, body: bytes, now: float) -> dict[str, Any]:
+        """The token's claims if ``authorization`` (``Bearer <JWT>``) is a valid signed
+        webhook token for ``body`` at ``now`` (Unix seconds).
+
+        Raises VerificationRefused: 401 without a Bearer token; 403 for a malformed
+        token, another algorithm, a wrong signature, no or a bad ``iat``, an expired
+        or future token, a ``payload_hash`` that is not the body's, or another
+        application.
+        """
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise VerificationRefused("no Bearer token in Authorization", status=401)
+        if len(token) > _MAX_TOKEN:
+            raise VerificationRefused("the webhook token is too long")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+            )
+        except jwt.InvalidTokenError as exc:
+            raise VerificationRefused(f"invalid webhook token: {exc}") from None
+        self._check_time(claims, now)
+        expected = claims.get("payload_hash")
+        if expected is not None:
+            actual = hashlib.sha256(bytes(body)).hexdigest()
+            if not isinstance(expected, str) or not hmac.compare_digest(
+                expected.lower().encode("ascii", "replace"), actual.encode("ascii")
+            ):
+                raise VerificationRefused("payload_hash is not the SHA-256 of the body")
+        elif body:
+            raise VerificationRefused("the token has no payload_hash for a request with a body")
+        if self.application_id is not None and claims.get("application_id") != self.application_id:
+            raise VerificationRefused("the webhook token is for another application")
+        return claims
+
+    def _check_time(self, claims: dict[str, Any], now: float) -> None:
+        iat = claims.get("iat")
+        if isinstance(iat, bool) or not isinstance(iat, int | float):
+            raise VerificationRefused("the webhook token has no iat (issued at)")
+        if iat > now + self.leeway_s:
+            raise VerificationRefused("the webhook token is issued in the future")
+        if now - iat > self.max_age_s:
+            raise VerificationRefused(f"the webhook token is older than {self.max_age_s} s")
+        exp = claims.get("exp")
+        if exp is not None:
+            if isinstance(exp, bool) or not isinstance(exp, int | float):
+                raise VerificationRefused("the webhook token's exp is not a number")
+            if now > exp + self.leeway_s:
+                raise VerificationRefused("the webhook token has expired")

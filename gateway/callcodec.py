@@ -1,0 +1,472 @@
+"""The carrier-neutral face of a phone call's media stream, sans I/O (issue 14).
+
+Spec: shared/specs/CARRIERS.md ("Comparison summary", "Design hint") and
+PROTOCOL-NOTES.md "Twilio Media Streams". Every carrier streams a call's audio over
+one WebSocket in a shape close to Twilio's; what differs is the wire codec. A
+:class:`CarrierCodec` turns one carrier's inbound frames into :data:`CallEvent` s and
+the call engine's outputs (audio, marks, clear) into that carrier's frames, so one
+call engine (barge-in, marks, DTMF, pacing, hang-up after the last word) can drive
+any carrier. Carriers' codecs live in ``adapters/<carrier>/protocol.py``.
+
+What a codec must allow (CARRIERS.md "Design hint"):
+
+- **text and binary frames**: :data:`WireFrame` is ``str`` (a text frame) or
+  ``bytes`` (a binary frame); :meth:`CarrierCodec.receive_text` and
+  :meth:`CarrierCodec.receive_binary` take either (Vonage sends binary audio after
+  a first text frame);
+- **handshakes**: a carrier's opening message (Twilio/Telnyx/Exotel ``connected``)
+  is a :class:`Connected`; the message that names the call and its media format
+  (``start``, or Vonage's ``websocket:connected``) is a :class:`Started`, after which
+  :attr:`CarrierCodec.media_format` is known. Both carry ``reply``: frames the
+  engine sends at once in answer (empty for the carriers here; a protocol such as
+  Genesys AudioHook answers ``open`` with ``opened``);
+- **pacing**: :attr:`CarrierCodec.realtime` True means the sender must pace the
+  audio frames at real time (the carrier plays what arrives and its queue is
+  small or unknown); False means the carrier buffers what it is sent and plays it
+  in order, so frames may go out as fast as they are made.
+  :attr:`CarrierCodec.max_queued` is the carrier's documented queue limit in
+  messages (Vonage: 3072), None when unknown.
+
+**Audio inside the gateway is 16-bit signed little-endian PCM** (:class:`Pcm`, with
+its rate); :class:`MediaFormat` converts to and from the wire's G.711 μ-law
+(``PCMU``), A-law (``PCMA``) or 16-bit linear (``L16``, little- or big-endian).
+
+Bad input raises :class:`~gateway.protocol.ProtocolError` with a text naming the
+frame and field (:class:`UnsupportedMediaFormat` for a media format the gateway
+cannot take: the engine closes with 1003 then). Using a codec in the wrong order
+(audio out before the call started) is our bug: LocalProtocolError.
+
+Request verification (webhooks, WebSocket upgrades) refuses with
+:class:`VerificationRefused`, whose ``status`` the routes answer with.
+
+This module is pure: standard library, ``audioop`` and the pure gateway modules
+(tests/test_protocol_purity.py's rules apply).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import sys
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
+
+from gateway.protocol import LocalProtocolError, ProtocolError, load_json
+from gateway.speech.audio import SUPPORTED_RATES, AudioFormatError, Pcm, resample
+
+if sys.version_info >= (3, 13):  # pragma: no cover - provided by the audioop-lts package
+    import audioop
+else:  # pragma: no cover - stdlib module, deprecated since 3.11
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+
+__all__ = [
+    "DTMF_DIGITS",
+    "CallEvent",
+    "CarrierCodec",
+    "CarrierError",
+    "Cleared",
+    "Connected",
+    "Digit",
+    "Media",
+    "MediaFormat",
+    "Played",
+    "Started",
+    "Stopped",
+    "UnsupportedMediaFormat",
+    "VerificationRefused",
+    "WireEncoding",
+    "WireFrame",
+]
+
+WireFrame: TypeAlias = str | bytes
+"""One WebSocket message: ``str`` is a text frame, ``bytes`` a binary frame."""
+
+WireEncoding: TypeAlias = Literal["PCMU", "PCMA", "L16"]
+"""G.711 μ-law, G.711 A-law (one byte per sample), 16-bit linear PCM (two bytes)."""
+
+DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
+"""The keys a caller can press (A-D on some phones)."""
+
+MAX_MEDIA_MS: Final = 2000
+"""Longest inbound audio message accepted (carriers send 20 ms to a few hundred ms)."""
+
+_SILENCE: Final[dict[str, bytes]] = {"PCMU": b"\xff", "PCMA": b"\xd5", "L16": b"\x00\x00"}
+
+
+class UnsupportedMediaFormat(ProtocolError):
+    """A stream whose media format the gateway cannot take (encoding, rate, channels).
+
+    The call engine closes the stream with 1003 (unsupported data) for it.
+    """
+
+
+class VerificationRefused(Exception):
+    """A carrier request (webhook, WebSocket upgrade) that must be refused.
+
+    ``reason`` says why (for the log, and the problem body's ``detail``); ``status``
+    is the HTTP status to answer with: 401 when the credentials are missing
+    (unsigned), 403 when they are present but wrong, forged or expired.
+    """
+
+    def __init__(self, reason: str, *, status: int = 403) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+# ------------------------------------------------------------------ media format
+
+
+@dataclass(frozen=True, slots=True)
+class MediaFormat:
+    """The audio format on a carrier's wire: ``encoding``, ``sample_rate`` Hz, mono.
+
+    ``big_endian`` applies to ``L16`` (Telnyx sends network byte order, RFC 2586;
+    Vonage, Plivo and Exotel little-endian). Raises UnsupportedMediaFormat for an
+    unknown encoding, a rate outside :data:`~gateway.speech.audio.SUPPORTED_RATES`
+    or other than one channel.
+    """
+
+    encoding: WireEncoding
+    sample_rate: int
+    big_endian: bool = False
+    channels: int = 1
+
+    def __post_init__(self) -> None:
+        if self.encoding not in _SILENCE:
+            raise UnsupportedMediaFormat(
+                f"Unsupported audio encoding {self.encoding!r}: expected PCMU, PCMA or L16"
+            )
+        rate = self.sample_rate
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate not in SUPPORTED_RATES:
+            raise UnsupportedMediaFormat(
+                f"Unsupported sample rate {rate!r} Hz for {self.encoding}: expected one of "
+                + ", ".join(map(str, SUPPORTED_RATES))
+            )
+        if self.channels != 1:
+            raise UnsupportedMediaFormat(f"Unsupported audio: {self.channels} channels, not mono")
+
+    @property
+    def sample_width(self) -> int:
+        """Bytes per sample: 2 for L16, 1 for G.711."""
+        return 2 if self.encoding == "L16" else 1
+
+    def bytes_for_ms(self, ms: int) -> int:
+        """Bytes of ``ms`` milliseconds of audio in this format."""
+        return self.sample_rate * ms // 1000 * self.sample_width
+
+    def duration_ms(self, n_bytes: int) -> float:
+        """Milliseconds of audio in ``n_bytes`` bytes of this format."""
+        return n_bytes / self.sample_width * 1000 / self.sample_rate
+
+    @property
+    def silence(self) -> bytes:
+        """One sample of silence in this encoding (0xFF μ-law, 0xD5 A-law, 0 linear)."""
+        return _SILENCE[self.encoding]
+
+    def decode(self, payload: bytes, what: str = "media payload") -> Pcm:
+        """The wire bytes ``payload`` as PCM at :attr:`sample_rate`.
+
+        Raises ProtocolError (naming ``what``) for L16 of an odd length or audio
+        longer than :data:`MAX_MEDIA_MS`.
+        """
+        if len(payload) > self.bytes_for_ms(MAX_MEDIA_MS):
+            raise ProtocolError(
+                f"Invalid {what}: {len(payload)} bytes is more than {MAX_MEDIA_MS} ms "
+                f"of {self.encoding} at {self.sample_rate} Hz"
+            )
+        if self.encoding == "PCMU":
+            return Pcm(audioop.ulaw2lin(payload, 2), self.sample_rate)
+        if self.encoding == "PCMA":
+            return Pcm(audioop.alaw2lin(payload, 2), self.sample_rate)
+        if len(payload) % 2:
+            raise ProtocolError(
+                f"Invalid {what}: {len(payload)} bytes is not a whole number of 16-bit samples"
+            )
+        data = audioop.byteswap(payload, 2) if self.big_endian else bytes(payload)
+        return Pcm(data, self.sample_rate)
+
+    def encode(self, pcm: Pcm) -> bytes:
+        """``pcm`` (any supported rate) in this format: resampled, then encoded."""
+        data = resample(pcm, self.sample_rate).data
+        if self.encoding == "PCMU":
+            return audioop.lin2ulaw(data, 2)
+        if self.encoding == "PCMA":
+            return audioop.lin2alaw(data, 2)
+        return audioop.byteswap(data, 2) if self.big_endian else data
+
+    def frames(self, audio: bytes, frame_ms: int) -> list[bytes]:
+        """Wire bytes ``audio`` cut into frames of ``frame_ms`` ms, the last one padded
+        with silence. Raises AudioFormatError if a frame is not whole samples."""
+        size = self.bytes_for_ms(frame_ms)
+        if size <= 0 or self.sample_rate * frame_ms % 1000:
+            raise AudioFormatError(f"{frame_ms} ms at {self.sample_rate} Hz is not whole samples")
+        out = [audio[i : i + size] for i in range(0, len(audio), size)]
+        if out and len(out[-1]) < size:
+            tail = out[-1]
+            out[-1] = tail + self.silence * ((size - len(tail)) // self.sample_width)
+        return out
+
+
+# ------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The carrier's opening message (``connected``): nothing is known yet.
+
+    ``reply``: frames to send in answer, in order (see the module doc).
+    """
+
+    version: str = ""
+    reply: tuple[WireFrame, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The stream's call: who, which stream, what audio.
+
+    ``call_id`` is the carrier's call identifier (Twilio ``callSid``, Telnyx
+    ``call_control_id``, Plivo ``callId``, Exotel ``call_sid``; Vonage: the header the
+    NCCO set, see adapters/vonage); ``stream_id`` the stream's (empty when the
+    carrier has none); ``caller``/``callee`` the numbers when the carrier says them;
+    ``parameters`` the custom parameters or headers the answer document set;
+    ``reply`` frames to send in answer, in order (see the module doc).
+    """
+
+    call_id: str
+    stream_id: str
+    media_format: MediaFormat
+    caller: str = ""
+    callee: str = ""
+    account_id: str = ""
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    reply: tuple[WireFrame, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Media:
+    """A chunk of call audio, decoded: ``pcm`` (16-bit LE) at the stream's rate.
+
+    ``track`` is ``inbound`` for the caller's voice (``outbound`` when a carrier
+    echoes the gateway's own track); ``timestamp_ms`` the carrier's stream time when
+    it gives one; ``sequence`` its message number when it gives one.
+    """
+
+    pcm: Pcm
+    track: str = "inbound"
+    timestamp_ms: int | None = None
+    sequence: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Digit:
+    """The caller pressed ``digit`` (one of :data:`DTMF_DIGITS`); ``duration_ms`` when known."""
+
+    digit: str
+    duration_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Played:
+    """The audio sent before the mark ``name`` has played (or was cleared): Twilio/
+    Telnyx/Exotel ``mark``, Plivo ``playedStream``, Vonage ``websocket:notify``."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cleared:
+    """The carrier acknowledged a clear (Plivo ``clearedAudio``, Vonage ``websocket:cleared``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """The stream ended (the call hung up or the stream was stopped)."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CarrierError:
+    """The carrier reported an error on the stream (Telnyx ``error``); the call goes on."""
+
+    code: str
+    title: str = ""
+    detail: str = ""
+
+
+CallEvent: TypeAlias = (
+    Connected | Started | Media | Digit | Played | Cleared | Stopped | CarrierError
+)
+"""What a codec makes of one inbound frame."""
+
+
+# ------------------------------------------------------------------ the interface
+
+
+@runtime_checkable
+class CarrierCodec(Protocol):
+    """One call's stream codec for one carrier (stateful: it learns the stream's id
+    and media format from :class:`Started`).
+
+    Attributes: ``carrier`` (its name, ``"telnyx"``), ``realtime`` (the sender paces
+    audio at real time), ``frame_ms`` (audio per outbound frame; 0 when the codec
+    sets its own chunk sizes, as Exotel's), ``max_queued`` (the carrier's queue
+    limit in messages, None if unknown).
+    """
+
+    carrier: str
+    realtime: bool
+    frame_ms: int
+    max_queued: int | None
+
+    @property
+    def media_format(self) -> MediaFormat | None:
+        """The stream's inbound format once started, else None."""
+        ...
+
+    @property
+    def outbound_format(self) -> MediaFormat | None:
+        """The format the gateway's audio goes out in once started, else None."""
+        ...
+
+    def receive_text(self, text: str) -> CallEvent:
+        """The event of one inbound text frame. Raises ProtocolError (malformed JSON,
+        unknown event, invalid field, media before the start)."""
+        ...
+
+    def receive_binary(self, data: bytes) -> CallEvent:
+        """The event of one inbound binary frame. Raises ProtocolError where the
+        carrier sends no binary frames, or for audio of the wrong size."""
+        ...
+
+    def audio(self, pcm: Pcm) -> list[WireFrame]:
+        """``pcm`` (any rate) as the frames to send, in order: encoded in
+        :attr:`outbound_format` and framed the carrier's way."""
+        ...
+
+    def mark(self, name: str) -> WireFrame:
+        """A marker the carrier echoes as :class:`Played` once the audio before it played."""
+        ...
+
+    def clear(self) -> WireFrame:
+        """Drop the audio the carrier holds (barge-in)."""
+        ...
+
+
+# ------------------------------------------------------------------ JSON helpers
+
+
+def load_frame(text: str | bytes, carrier: str) -> dict[str, Any]:
+    """A text frame's JSON object (through :func:`gateway.protocol.load_json`).
+
+    Raises ProtocolError for malformed JSON or a value that is not an object.
+    """
+    value = load_json(text, what=f"The {carrier} frame")
+    if not isinstance(value, dict):
+        raise ProtocolError(f"A {carrier} frame must be a JSON object, not {type(value).__name__}.")
+    return value
+
+
+def get_object(obj: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    """``obj[key]`` as an object; ProtocolError naming ``where`` otherwise."""
+    value = obj.get(key)
+    if not isinstance(value, dict):
+        raise ProtocolError(f"Invalid {where}: {key}: expected an object")
+    return value
+
+
+def get_str(
+    obj: Mapping[str, Any], key: str, where: str, *, default: str | None = None, max_len: int = 256
+) -> str:
+    """``obj[key]`` as a string (numbers accepted: carriers send ``"8000"`` and ``8000``).
+
+    Missing: ``default``, or ProtocolError when None. Not a string or number, or
+    longer than ``max_len``: ProtocolError naming ``where`` and the key.
+    """
+    value = obj.get(key)
+    if value is None:
+        if default is None:
+            raise ProtocolError(f"Invalid {where}: {key}: field required")
+        return default
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ProtocolError(f"Invalid {where}: {key}: expected a string")
+    text = str(value)
+    if len(text) > max_len:
+        raise ProtocolError(f"Invalid {where}: {key}: longer than {max_len} characters")
+    return text
+
+
+def get_int(obj: Mapping[str, Any], key: str, where: str) -> int | None:
+    """``obj[key]`` as an int (a decimal string accepted), None when missing.
+
+    Raises ProtocolError for anything else.
+    """
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        return int(value)
+    raise ProtocolError(f"Invalid {where}: {key}: expected an integer")
+
+
+def get_digit(obj: Mapping[str, Any], where: str) -> str:
+    """``obj["digit"]``, one of :data:`DTMF_DIGITS`; ProtocolError otherwise."""
+    digit = get_str(obj, "digit", where)
+    if digit not in DTMF_DIGITS:
+        raise ProtocolError(f"Invalid {where}: digit: expected one of 0-9, *, #, A-D")
+    return digit
+
+
+def get_params(value: Any, where: str) -> dict[str, str]:
+    """Custom parameters: an object of strings (numbers and booleans as text).
+
+    Raises ProtocolError for a non-object or a nested value.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"Invalid {where}: expected an object")
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if isinstance(item, bool):
+            out[key] = "true" if item else "false"
+        elif isinstance(item, str | int | float):
+            out[key] = str(item)
+        else:
+            raise ProtocolError(f"Invalid {where}: {key}: expected a string")
+    return out
+
+
+def b64_payload(obj: Mapping[str, Any], fmt: MediaFormat, where: str) -> bytes:
+    """``obj["payload"]`` base64-decoded, bounded by :data:`MAX_MEDIA_MS` of ``fmt``.
+
+    Raises ProtocolError for a missing or non-string payload, one too long, or one
+    that is not base64.
+    """
+    payload = obj.get("payload")
+    if not isinstance(payload, str):
+        raise ProtocolError(f"Invalid {where}: payload: expected a base64 string")
+    if len(payload) > fmt.bytes_for_ms(MAX_MEDIA_MS) * 4 // 3 + 4:
+        raise ProtocolError(f"Invalid {where}: payload: more than {MAX_MEDIA_MS} ms of audio")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"Invalid {where}: payload is not base64") from None
+
+
+def b64(data: bytes) -> str:
+    """``data`` in base64 (ASCII text)."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def not_started(carrier: str, what: str) -> LocalProtocolError:
+    """The error for asking a codec for ``what`` before its stream started (our bug)."""
+    return LocalProtocolError(f"{carrier}: {what} before the stream started")

@@ -1,0 +1,221 @@
+"""Exotel Voicebot stream, sans I/O: the messages of CARRIERS.md, PCM16LE round trips of
+Piper speech in chunks of Exotel's rule (multiples of 320 bytes, 3.2 KB to 100 KB)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from adapters.exotel.protocol import (
+    CHUNK_UNIT,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    ExotelCodec,
+    chunks,
+    clear_message,
+    mark_message,
+    media_message,
+)
+from gateway.callcodec import (
+    Connected,
+    Digit,
+    Media,
+    MediaFormat,
+    Played,
+    Started,
+    Stopped,
+    UnsupportedMediaFormat,
+)
+from gateway.protocol import LocalProtocolError, ProtocolError
+from gateway.speech.audio import Pcm
+from tests.adapters.carrier_audio import correlation, peak_hz, rms, tone
+
+SID = "MZ4f0a2e6b1c3d5e7f9a0b2c4d6e8f0a1b"
+CALL = "c0ffee00aa11bb22cc33dd44ee55ff66"
+
+# CARRIERS.md "Exotel → server", with values for the doc's bare field names.
+START = json.dumps(
+    {
+        "event": "start",
+        "sequence_number": "1",
+        "stream_sid": SID,
+        "start": {
+            "stream_sid": SID,
+            "call_sid": CALL,
+            "account_sid": "exotel-account",
+            "from": "09876543210",
+            "to": "08012345678",
+            "custom_parameters": {"appKey": "demo"},
+            "media_format": {"encoding": "audio/x-raw", "sample_rate": "8000", "bit_rate": "16"},
+        },
+    }
+)
+DTMF = json.dumps(
+    {
+        "event": "dtmf",
+        "sequence_number": "4",
+        "stream_sid": SID,
+        "dtmf": {"digit": "5", "duration": "100"},
+    }
+)
+
+
+def start(rate: str = "8000", encoding: str = "audio/x-raw", bits: str = "16") -> str:
+    value = json.loads(START)
+    value["start"]["media_format"] = {"encoding": encoding, "sample_rate": rate, "bit_rate": bits}
+    return json.dumps(value)
+
+
+def media(payload: bytes, n: int = 3) -> str:
+    return json.dumps(
+        {
+            "event": "media",
+            "sequence_number": str(n),
+            "stream_sid": SID,
+            "media": {
+                "chunk": str(n - 1),
+                "timestamp": str(100 * n),
+                "payload": base64.b64encode(payload).decode(),
+            },
+        }
+    )
+
+
+def started(rate: str = "8000") -> ExotelCodec:
+    codec = ExotelCodec()
+    codec.receive_text(start(rate))
+    return codec
+
+
+def test_documented_messages() -> None:
+    codec = ExotelCodec()
+    assert codec.receive_text('{"event":"connected"}') == Connected()
+    assert codec.receive_text(START) == Started(
+        call_id=CALL,
+        stream_id=SID,
+        media_format=MediaFormat("L16", 8000),
+        caller="09876543210",
+        callee="08012345678",
+        account_id="exotel-account",
+        parameters={"appKey": "demo"},
+    )
+    assert codec.receive_text(DTMF) == Digit("5", 100)
+    mark = {"event": "mark", "sequence_number": "9", "stream_sid": SID, "mark": {"name": "4"}}
+    assert codec.receive_text(json.dumps(mark)) == Played("4")
+    assert codec.receive_text(json.dumps({"event": "stop", "stream_sid": SID})) == Stopped()
+    source = tone(440, 100, 8000)
+    heard = codec.receive_text(media(source.data))
+    assert isinstance(heard, Media)
+    assert heard.pcm == source
+    assert (heard.timestamp_ms, heard.sequence) == (300, 3)
+
+
+def test_documented_outbound_messages() -> None:
+    """CARRIERS.md "Server → Exotel"."""
+    codec = started()
+    assert json.loads(codec.mark("4")) == {
+        "event": "mark",
+        "stream_sid": SID,
+        "mark": {"name": "4"},
+    }
+    assert json.loads(codec.clear()) == {"event": "clear", "stream_sid": SID}
+    assert codec.mark("4") == mark_message(SID, "4")
+    assert codec.clear() == clear_message(SID)
+    assert json.loads(media_message(SID, b"\1\0")) == {
+        "event": "media",
+        "stream_sid": SID,
+        "media": {"payload": "AQA="},
+    }
+
+
+@pytest.mark.parametrize("rate", ["8000", "16000"])
+def test_speech_round_trip_in_chunks(corpus: dict[str, Pcm], rate: str) -> None:
+    """Piper speech out in Exotel's chunks, the chunks back in as Exotel media."""
+    speech = corpus["i would like to book a table for two"]
+    codec = started(rate)
+    frames = codec.audio(speech)
+    payloads = [base64.b64decode(json.loads(f)["media"]["payload"]) for f in frames]
+    sizes = {len(p) for p in payloads}
+    assert all(s % CHUNK_UNIT == 0 and MIN_CHUNK <= s <= MAX_CHUNK for s in sizes)
+    assert len(payloads[0]) == codec.chunk_bytes == int(rate) * 2 // 5  # 200 ms
+    heard = [codec.receive_text(media(p, i)) for i, p in enumerate(payloads, 2)]
+    pcm = Pcm(b"".join(e.pcm.data for e in heard if isinstance(e, Media)), int(rate))
+    assert pcm.duration_ms >= speech.duration_ms
+    assert pcm.duration_ms - speech.duration_ms < 200
+    assert correlation(speech, pcm) > 0.995
+    assert rms(pcm) == pytest.approx(rms(speech) * speech.duration_ms / pcm.duration_ms, rel=0.1)
+
+
+def test_the_chunk_rule() -> None:
+    """Short audio is padded with silence to 3.2 KB; a tail to a multiple of 320 bytes."""
+    assert [len(c) for c in chunks(b"\1\0" * 10, 3200, b"\0\0")] == [3200]
+    assert [len(c) for c in chunks(b"\1\0" * 1500, 3200, b"\0\0")] == [3200]
+    assert [len(c) for c in chunks(b"\1\0" * 3300, 3200, b"\0\0")] == [3200, 3200, 3200]
+    assert [len(c) for c in chunks(b"\1\0" * 5200, 6400, b"\0\0")] == [6400, 13 * 320]
+    assert chunks(b"\1\0" * 5200, 6400, b"\0\0")[1].endswith(b"\1\0" + b"\0\0" * 80)
+    assert chunks(b"", 3200, b"\0\0") == []
+    for bad in (3000, 3210, 100_160):
+        with pytest.raises(ValueError, match="multiple of 320"):
+            chunks(b"", bad, b"\0\0")
+
+
+def test_chunk_size_follows_the_rule() -> None:
+    for chunk_ms, size in ((20, 3200), (200, 3200), (330, 5120), (60_000, 99_840)):
+        codec = ExotelCodec(chunk_ms=chunk_ms)
+        codec.receive_text(START)
+        assert codec.chunk_bytes == size
+
+
+def test_a_tone_keeps_its_pitch_at_16k() -> None:
+    codec = started("16000")
+    payload = base64.b64decode(
+        json.loads(codec.audio(tone(1000, 400, 22050))[0])["media"]["payload"]
+    )
+    heard = codec.receive_text(media(payload))
+    assert isinstance(heard, Media)
+    assert abs(peak_hz(heard.pcm) - 1000) < 20
+
+
+def test_mulaw_extension_is_taken() -> None:
+    codec = ExotelCodec()
+    event = codec.receive_text(start(encoding="audio/x-mulaw", bits="8"))
+    assert isinstance(event, Started)
+    assert event.media_format == MediaFormat("PCMU", 8000)
+
+
+@pytest.mark.parametrize(
+    ("frame", "text"),
+    [
+        ("{'event': 'media'}", "Malformed JSON"),
+        ('"x"', "must be a JSON object"),
+        ('{"event":"clear"}', "Unknown Exotel event: expected connected, start, media"),
+        (
+            '{"event":"dtmf","dtmf":{"digit":"5","duration":"long"}}',
+            "duration: expected an integer",
+        ),
+        ('{"event":"mark","mark":{"name":{}}}', "name: expected a string"),
+        ('{"event":"media","media":{}}', "payload: expected a base64 string"),
+        ('{"event":"start","start":{"media_format":{}}}', "call_sid: field required"),
+    ],
+)
+def test_bad_frames_are_protocol_errors(frame: str, text: str) -> None:
+    with pytest.raises(ProtocolError, match=text):
+        started().receive_text(frame)
+
+
+def test_order_and_format_errors() -> None:
+    codec = ExotelCodec()
+    with pytest.raises(ProtocolError, match="media before start"):
+        codec.receive_text(media(b"\0" * 320))
+    with pytest.raises(ProtocolError, match="text frames only"):
+        codec.receive_binary(b"\0" * 320)
+    with pytest.raises(LocalProtocolError):
+        codec.audio(tone(440, 20, 8000))
+    with pytest.raises(UnsupportedMediaFormat, match="8-bit"):
+        codec.receive_text(start(bits="8"))
+    with pytest.raises(UnsupportedMediaFormat, match="audio/ogg"):
+        codec.receive_text(start(encoding="audio/ogg"))
+    with pytest.raises(ProtocolError, match="not a whole number of 16-bit samples"):
+        started().receive_text(media(b"\0" * 321))

@@ -1,0 +1,85 @@
+"""Vonage signed webhooks: HS256 JWTs made by PyJWT with the signature secret."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import jwt
+import pytest
+
+from adapters.vonage.verify import VonageVerifier
+from gateway.callcodec import VerificationRefused
+
+SECRET = "b2f1a8c3d4e5f60718293a4b5c6d7e8f" * 2
+NOW = 1_764_770_000
+BODY = b'{"uuid":"aaaaaaaa-bbbb","status":"answered","direction":"inbound"}'
+APP = "aaaaaaaa-0000-1111-2222-333333333333"
+
+
+def token(secret: str = SECRET, alg: str = "HS256", **overrides: Any) -> str:
+    claims: dict[str, Any] = {
+        "iat": NOW,
+        "jti": "c5ae0b5c-1c3a-4b0c-9b2c-1b1f8f1d4a11",
+        "iss": "Vonage",
+        "application_id": APP,
+        "payload_hash": hashlib.sha256(BODY).hexdigest(),
+    }
+    claims.update(overrides)
+    claims = {k: v for k, v in claims.items() if v is not None}
+    return jwt.encode(claims, secret, algorithm=alg)
+
+
+def check(authorization: str | None, body: bytes = BODY, now: float = NOW) -> dict[str, Any]:
+    return VonageVerifier(SECRET, application_id=APP).check(authorization, body, now)
+
+
+def test_a_signed_webhook_passes() -> None:
+    claims = check(f"Bearer {token()}", now=NOW + 60)
+    assert claims["application_id"] == APP
+    assert claims["iss"] == "Vonage"
+
+
+def test_a_get_without_body_needs_no_payload_hash() -> None:
+    check(f"Bearer {token(payload_hash=None)}", body=b"")
+
+
+@pytest.mark.parametrize("authorization", [None, "", "Bearer", "Basic abc", token()])
+def test_unsigned_requests_are_401(authorization: str | None) -> None:
+    with pytest.raises(VerificationRefused, match="no Bearer token") as caught:
+        check(authorization)
+    assert caught.value.status == 401
+
+
+@pytest.mark.parametrize(
+    ("authorization", "body", "text"),
+    [
+        (f"Bearer {token(secret='another-secret-of-32-bytes-length')}", BODY, "Signature"),
+        (f"Bearer {token(alg='HS512')}", BODY, "alg value is not allowed"),
+        ("Bearer not.a.jwt", BODY, "invalid webhook token"),
+        (f"Bearer {token()}", BODY + b" ", "payload_hash is not the SHA-256"),
+        (f"Bearer {token(payload_hash='00' * 32)}", BODY, "payload_hash is not the SHA-256"),
+        (f"Bearer {token(payload_hash=None)}", BODY, "no payload_hash"),
+        (f"Bearer {token(iat=None)}", BODY, "no iat"),
+        (f"Bearer {token(iat=NOW - 301)}", BODY, "older than 300 s"),
+        (f"Bearer {token(iat=NOW + 120)}", BODY, "in the future"),
+        (f"Bearer {token(exp=NOW - 100)}", BODY, "expired"),
+        (f"Bearer {token(application_id='other')}", BODY, "another application"),
+        ("Bearer " + "a" * 9000, BODY, "too long"),
+    ],
+)
+def test_forged_expired_and_malformed_are_403(authorization: str, body: bytes, text: str) -> None:
+    with pytest.raises(VerificationRefused, match=text) as caught:
+        check(authorization, body)
+    assert caught.value.status == 403
+
+
+def test_alg_none_is_refused() -> None:
+    unsigned = jwt.encode({"iat": NOW}, "", algorithm="none")
+    with pytest.raises(VerificationRefused, match="invalid webhook token"):
+        check(f"Bearer {unsigned}", body=b"")
+
+
+def test_an_empty_secret_is_a_configuration_error() -> None:
+    with pytest.raises(ValueError, match="must not be empty"):
+        VonageVerifier("")
