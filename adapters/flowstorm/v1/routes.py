@@ -43,14 +43,6 @@ from starlette.websockets import WebSocketDisconnect
 from adapters.flowstorm.v1.protocol import (
     CLOSE_INTERNAL,
     Action,
-    CancelListening,
-    Close,
-    FeedAudio,
-    FinishListening,
-    Send,
-    SendBytes,
-    StartListening,
-    StartTurn,
     StoreLogs,
     V1Connection,
     error_frame,
@@ -59,6 +51,16 @@ from gateway import metrics
 from gateway.conversation import TurnRejected
 from gateway.deps import Gateway, gateway_of
 from gateway.logs import session_ref
+from gateway.protocol.actions import (
+    CancelListening,
+    Close,
+    FeedAudio,
+    FinishListening,
+    Send,
+    SendBytes,
+    StartListening,
+    StartTurn,
+)
 from gateway.sessions import StoreError
 from gateway.sockets import SEND_ERRORS, GuardedSocket
 from gateway.speech.audio import AudioFormatError
@@ -91,7 +93,7 @@ class _Utterance:
     def __init__(self, start: StartListening, listener: Listener) -> None:
         self.stream = start.stream
         self.listener = listener
-        self.idle_timeout_s = start.idle_timeout_ms / 1000
+        self.idle_timeout_s = (start.idle_timeout_ms or 0) / 1000 or None
         self.max_pending = max(start.fmt.bytes_for_ms(MAX_PENDING_AUDIO_MS), 1)
         self.queue: deque[bytes] = deque()
         self.pending = 0
@@ -141,7 +143,7 @@ class _Utterance:
             if self.stopped:
                 return _Mark.STOPPED
             timeout: float | None = None
-            if not self.finishing and not self.timed_out:
+            if not self.finishing and not self.timed_out and self.idle_timeout_s is not None:
                 timeout = self.last_audio + self.idle_timeout_s - time.monotonic()
                 if timeout <= 0:
                     self.timed_out = True
