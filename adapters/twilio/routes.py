@@ -76,21 +76,15 @@ from adapters.twilio.protocol import (
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
+    MULAW_8K,
     NAMESPACE,
-    SAMPLE_RATE,
     TTS,
     Action,
     CallConfig,
-    Close,
-    EndSession,
     HangUp,
-    Hear,
     Interrupt,
-    Listen,
     Play,
     Speak,
-    StartTurn,
-    StopListening,
     TwilioCall,
     busy_twiml,
     twiml,
@@ -112,16 +106,23 @@ from gateway.deps import Gateway, gateway_of
 from gateway.events import ResponseItem
 from gateway.httputil import problem, read_body
 from gateway.protocol import ProtocolError
+from gateway.protocol.actions import (
+    CancelListening,
+    Close,
+    EndSession,
+    FeedAudio,
+    StartListening,
+    StartTurn,
+)
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
 from gateway.sessions import StoreError, StoreUnavailable
 from gateway.settings import Settings
 from gateway.sockets import SEND_ERRORS, GuardedSocket
-from gateway.speech.audio import AudioFormat, AudioFormatError
+from gateway.speech.audio import AudioFormatError
 from gateway.speech.stt import RecognitionError, RecognizerBusy
 
 log = logging.getLogger("adapters.twilio")
 
-MULAW_8K: Final = AudioFormat("MULAW", SAMPLE_RATE)
 IDLE_TIMEOUT_S: Final = 30.0
 """A started stream silent this long (Twilio sends 50 frames a second) is taken as lost."""
 FINAL_MARK_GRACE_S: Final = 5.0
@@ -558,19 +559,19 @@ class _Call(GuardedSocket):
                 if action.final:
                     wait_s = self.sender.queued_ms / 1000 + FINAL_MARK_GRACE_S
                     self._spawn(self._final_mark_watch(wait_s), "final mark")
-            elif isinstance(action, Hear):
-                self._listen_queue.put_nowait(action.audio)
+            elif isinstance(action, FeedAudio):
+                self._listen_queue.put_nowait(action.data)
             elif isinstance(action, Interrupt):
                 await self.sender.interrupt(action.clear)
                 log.debug("Twilio call %s: barge-in", self.call_sid)
             elif isinstance(action, StartTurn):
                 self._spawn(self._turn(action), "turn")
-            elif isinstance(action, Listen):
+            elif isinstance(action, StartListening):
                 await self._stop_listening()
                 self._listen_queue = asyncio.Queue()
                 task = self._spawn(self._listen(action.preroll, self._listen_queue), "listener")
                 self._listen_task = task
-            elif isinstance(action, StopListening):
+            elif isinstance(action, CancelListening):
                 await self._stop_listening()
             elif isinstance(action, Speak):
                 await self._do(self.call.spoken(await self._synthesize(action.text)))
