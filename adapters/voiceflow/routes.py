@@ -74,7 +74,6 @@ from adapters.voiceflow.protocol import (
     Action,
     Emit,
     SessionKeys,
-    StartTurn,
     State,
     VoiceflowConnection,
     error,
@@ -84,6 +83,7 @@ from gateway.conversation import TurnRejected
 from gateway.deps import Gateway
 from gateway.logs import session_ref
 from gateway.protocol import ProtocolError, load_json
+from gateway.protocol.actions import StartTurn
 from gateway.redisconn import SocketIoRedisManager
 from gateway.secrets import VOICEFLOW_SESSION_KEY
 from gateway.settings import Settings

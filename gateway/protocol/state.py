@@ -88,7 +88,7 @@ class StateMachine(Generic[S, E]):
             return found
         return Expected(f"Event out of order in state {event_name(self.state)}", "nothing")
 
-    def refusal(self, event: E) -> RemoteProtocolError:
+    def refused(self, event: E) -> RemoteProtocolError:
         """The RemoteProtocolError for ``event`` in the current state (not raised)."""
         why = self._expectation()
         return RemoteProtocolError(why.text, expected=why.expected, got=event_name(event))
@@ -96,7 +96,7 @@ class StateMachine(Generic[S, E]):
     def check(self, event: E) -> None:
         """Raise :class:`RemoteProtocolError` (as :meth:`feed`) unless ``event`` is legal now."""
         if (self.state, event) not in self.transitions:
-            raise self.refusal(event)
+            raise self.refused(event)
 
     def feed(self, event: E) -> S:
         """Advance with ``event`` the peer sent; return the new state.
@@ -106,7 +106,7 @@ class StateMachine(Generic[S, E]):
         """
         new = self.transitions.get((self.state, event))
         if new is None:
-            raise self.refusal(event)
+            raise self.refused(event)
         self.state = new
         return new
 

@@ -68,7 +68,7 @@ def test_the_peers_illegal_event_is_a_remote_error_naming_expected_and_got() -> 
     assert door.state is Door.OPEN  # unchanged
     with pytest.raises(ProtocolError, match="expected Push, got Knock"):
         door.check(Knock)
-    assert door.refusal(Knock).got == "Knock"
+    assert door.refused(Knock).got == "Knock"
 
 
 def test_our_own_illegal_step_is_a_local_error_not_the_peers() -> None:
