@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -84,6 +84,7 @@ CLOSE_INTERNAL: Final = 1011
 """The gateway itself failed."""
 
 A = TypeVar("A")
+T = TypeVar("T")
 A_co = TypeVar("A_co", covariant=True)
 
 
@@ -174,14 +175,13 @@ class WebSocketDriver(Generic[A]):
 
     # ------------------------------------------------------------ guarded sends
 
-    async def _sending(self, send: Coroutine[Any, Any, None]) -> None:
-        if not self.open:
-            send.close()
-            return
+    async def _sending(self, send: Callable[[T], Awaitable[None]], frame: T) -> None:
         async with self._send_lock:
+            if not self.open:
+                return
             try:
                 async with asyncio.timeout(self.send_timeout_s):
-                    await send
+                    await send(frame)
             except SEND_ERRORS:
                 self.open = False
             except TimeoutError:  # the peer does not read
@@ -194,12 +194,12 @@ class WebSocketDriver(Generic[A]):
     async def send_text(self, text: str) -> None:
         """Send one text frame, unless the socket is no longer open; never raises."""
         if self.open:
-            await self._sending(self.ws.send_text(text))
+            await self._sending(self.ws.send_text, text)
 
     async def send_bytes(self, data: bytes) -> None:
         """Send one binary frame, unless the socket is no longer open; never raises."""
         if self.open:
-            await self._sending(self.ws.send_bytes(data))
+            await self._sending(self.ws.send_bytes, data)
 
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code`` and ``reason`` (cut to 120 characters: at most 123 bytes)."""
