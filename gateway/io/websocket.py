@@ -130,7 +130,7 @@ class Listening(Protocol):
         ...
 
     async def close(self) -> None:
-        """The socket is gone: stop every utterance and wait for its task."""
+        """The socket is gone: cancel the utterance being heard, wait for every task."""
         ...
 
 
@@ -292,6 +292,8 @@ class WebSocketDriver(Generic[A]):
                 if self.listening is not None:
                     await self.listening.cancel(action)
             elif isinstance(action, Close):
+                if self.open and action.code != CLOSE_NORMAL:
+                    self.log.warning("%s: closing (%d): %s", self.name, action.code, action.reason)
                 await self.close(action.code, action.reason)
             elif isinstance(action, EndSession):
                 await self.end_session(action.ctx)
@@ -368,15 +370,16 @@ class WebSocketDriver(Generic[A]):
         return []
 
     async def shutdown(self) -> None:
-        """The end: cancel the forwarding and other tasks (the engine's turns go on and
-        save), carry out :meth:`lost`, close the speech side, await background writes."""
+        """The end: close the speech side (its last reports may still start a turn), cancel
+        the forwarding and other tasks (the engine's turns go on and save), carry out
+        :meth:`lost`, await the background writes."""
         self.open = False
+        if self.listening is not None:
+            await self.listening.close()
         current = asyncio.current_task()
         tasks = [task for task in self._tasks if task is not current]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.run(self.lost())
-        if self.listening is not None:
-            await self.listening.close()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -208,6 +208,9 @@ class _Listening:
             utterance.task.cancel()  # its listener is cancelled on the way out
 
     async def close(self) -> None:
+        utterance = self._utterance
+        if utterance is not None:
+            await self.cancel(CancelListening(utterance.stream))
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _listen(self, utterance: _Utterance) -> None:
