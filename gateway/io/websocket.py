@@ -23,7 +23,8 @@ left to do around it is the same for every one of them and lives here, once:
   EndSession, and the listening actions, which go to the speech side through the
   narrow :class:`Listening` interface; anything else is the adapter's
   (:meth:`~WebSocketDriver.other`);
-- **the turn forwarder** — :meth:`~WebSocketDriver.forward` runs one turn of the
+- **the turn forwarder** — :func:`forward_turn` (a WebSocket's
+  :meth:`~WebSocketDriver.forward`; socket.io uses it too) runs one turn of the
   turn engine and feeds its events to the protocol object (:class:`TurnTaker`),
   carrying out what it returns; what comes once :meth:`~WebSocketDriver.holding`
   is true waits until the turn's stream has ended (V1 holds its Response back so
@@ -71,6 +72,7 @@ __all__ = [
     "Listening",
     "TurnTaker",
     "WebSocketDriver",
+    "forward_turn",
 ]
 
 SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
@@ -132,6 +134,64 @@ class Listening(Protocol):
     async def close(self) -> None:
         """The socket is gone: cancel the utterance being heard, wait for every task."""
         ...
+
+
+def _never() -> bool:
+    return False
+
+
+async def forward_turn(
+    conversation: Conversation,
+    start: StartTurn,
+    protocol: TurnTaker[A],
+    run: Callable[[Sequence[A]], Awaitable[None]],
+    *,
+    failed: Callable[[], Awaitable[None]],
+    log: logging.Logger,
+    name: str,
+    holding: Callable[[], bool] = _never,
+    gone: Callable[[], bool] = _never,
+    finish_after_reject: bool = False,
+) -> None:
+    """The turn forwarder: run ``start``'s turn and carry out (``run``) what ``protocol``
+    makes of its events, for any transport (a WebSocket, a socket.io connection).
+
+    The actions of an event that come while ``holding()`` is true wait until the
+    turn's stream has ended, then go out with ``turn_finished``'s (or
+    ``turn_rejected``'s, then ``turn_finished``'s when ``finish_after_reject``).
+    Once ``gone()`` (the peer has left) nothing more is handed to the protocol:
+    the forwarding stops quietly, the engine's turn goes on and saves its session.
+    A failure of the gateway (the engine broke its order, the protocol object
+    refused an event with LocalProtocolError) is logged and answered by
+    ``failed()``: never a silent hang. Cancelling it cancels the forwarding only.
+    """
+    held: list[A] = []
+    try:
+        try:
+            async for event in conversation.turn(start.ctx, start.input):
+                if gone():
+                    return
+                actions = protocol.turn_event(event)
+                if holding():
+                    held.extend(actions)
+                else:
+                    await run(actions)
+        except TurnRejected as exc:
+            log.info("%s: turn refused: %s", name, exc.text)
+            if gone():
+                return
+            await run([*held, *protocol.turn_rejected(exc)])
+            held = []
+            if finish_after_reject:
+                await run(protocol.turn_finished())
+        else:
+            if not gone():
+                await run([*held, *protocol.turn_finished()])
+    except Exception:
+        log.exception(
+            "%s: forwarding a turn of session %s failed", name, session_ref(start.ctx.key)
+        )
+        await failed()
 
 
 class WebSocketDriver(Generic[A]):
@@ -325,35 +385,23 @@ class WebSocketDriver(Generic[A]):
     # ----------------------------------------------------------- turn forwarder
 
     async def forward(self, start: StartTurn) -> None:
-        """Run one turn and carry out what the protocol makes of its events (module doc).
+        """Run one turn and carry out what the protocol makes of its events
+        (:func:`forward_turn`, holding back while :meth:`holding`)."""
 
-        A failure of the gateway (the engine broke its order, the protocol object
-        refused an event: LocalProtocolError) is logged and answered with
-        :meth:`failure`'s actions: never a silent hang.
-        """
-        protocol = self.protocol
-        held: list[A] = []
-        try:
-            try:
-                async for event in self.conversation.turn(start.ctx, start.input):
-                    actions = protocol.turn_event(event)
-                    if self.holding():
-                        held.extend(actions)
-                    else:
-                        await self.run(actions)
-            except TurnRejected as exc:
-                self.log.info("%s: turn refused: %s", self.name, exc.text)
-                await self.run([*held, *protocol.turn_rejected(exc)])
-                held = []
-                if self.finish_after_reject:
-                    await self.run(protocol.turn_finished())
-            else:
-                await self.run([*held, *protocol.turn_finished()])
-        except Exception:
-            self.log.exception(
-                "%s: forwarding a turn of session %s failed", self.name, session_ref(start.ctx.key)
-            )
+        async def failed() -> None:
             await self.run(self.failure())
+
+        await forward_turn(
+            self.conversation,
+            start,
+            self.protocol,
+            self.run,
+            holding=self.holding,
+            finish_after_reject=self.finish_after_reject,
+            failed=failed,
+            log=self.log,
+            name=self.name,
+        )
 
     def holding(self) -> bool:
         """Whether the running turn's actions wait for the end of its stream now."""
