@@ -107,7 +107,7 @@ from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
 import jwt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.events import (
     INTRO,
@@ -125,7 +125,6 @@ from gateway.protocol import (
     ProtocolError,
     StateMachine,
     check_time_zone,
-    invalid,
     load_json,
     validate,
 )
@@ -946,10 +945,7 @@ class VoiceflowConnection:
         try:
             if not isinstance(payload, dict):
                 raise ProtocolError(f"action.send needs an object payload, not {_kind(payload)}.")
-            try:
-                body = ActionSend.model_validate(payload).action
-            except ValidationError as exc:
-                raise invalid(exc, "action.send") from None
+            body = validate(ActionSend, payload, what="action.send").action
             input_ = action_input(body)
         except ProtocolError as exc:
             machine.feed(ACTION_REFUSED)
