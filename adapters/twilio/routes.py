@@ -33,10 +33,12 @@ queue full) is the ``#fallback`` input, as a failed recognition is: the core
 answers it (typically asking the caller to repeat) and the call goes on; it is
 logged at WARNING and counted like a refused call.
 
-Each accepted stream is served by :class:`_Call`: a receive loop that hands every
-frame to the protocol and carries out its actions, a **sender task** that paces
-the outbound μ-law frames to the monotonic clock (each frame is sent when the
-audio already sent would play out within GATEWAY_TWILIO_SEND_AHEAD_MS, so Twilio
+Each accepted stream is served by :class:`_Call` on the WebSocket driver
+(:mod:`gateway.io.websocket`): a receive loop that hands every frame to the
+protocol and carries out its actions, a **sender task** (the driver's
+PacedSender) that paces the outbound μ-law frames to the monotonic clock (each
+frame is sent when the audio already sent would play out within
+GATEWAY_TWILIO_SEND_AHEAD_MS, so Twilio
 never holds more than that: a burst would make ``clear`` flush seconds and marks
 lie about what was heard), a task per running turn that forwards the engine's
 events, and a listener task while the caller speaks (recognition runs in the
@@ -102,7 +104,7 @@ from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.events import ResponseItem
 from gateway.httputil import problem, read_body
-from gateway.io.websocket import SEND_ERRORS, WebSocketDriver
+from gateway.io.websocket import SEND_ERRORS, PacedSender, WebSocketDriver
 from gateway.protocol import ProtocolError
 from gateway.protocol.actions import (
     CancelListening,
@@ -404,65 +406,6 @@ async def status(request: Request) -> Response:
 # ------------------------------------------------------------------ the media stream
 
 
-class _Sender:
-    """Sends a call's outbound frames in order, paced to real time (see the module doc).
-
-    ``send`` writes one text frame. Media frames of ``frame_ms`` are sent when the
-    audio already sent ends less than ``ahead_ms`` from now; marks go out right after
-    the frames before them. After an underrun (nothing to send for a while) the
-    schedule restarts from now.
-    """
-
-    def __init__(
-        self, send: Callable[[str], Awaitable[None]], frame_ms: int, ahead_ms: int
-    ) -> None:
-        self._send = send
-        self._frame_s = frame_ms / 1000
-        self._ahead_s = ahead_ms / 1000
-        self._queue: deque[tuple[bool, str]] = deque()  # (is media, message)
-        self._wake = asyncio.Event()
-        self._end = 0.0  # loop time when the audio sent so far has played
-
-    @property
-    def queued_ms(self) -> int:
-        """Audio queued and not yet sent, in ms."""
-        return round(sum(1 for media, _ in self._queue if media) * self._frame_s * 1000)
-
-    def play(self, messages: Sequence[str], mark: str) -> None:
-        """Queue media frames and the mark after them."""
-        self._queue.extend((True, message) for message in messages)
-        self._queue.append((False, mark))
-        self._wake.set()
-
-    async def interrupt(self, clear: str) -> None:
-        """Drop everything queued and send ``clear`` now."""
-        self._queue.clear()
-        self._end = 0.0
-        await self._send(clear)
-
-    async def run(self) -> None:
-        """Send until cancelled."""
-        loop = asyncio.get_running_loop()
-        queue = self._queue
-        while True:
-            if not queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            is_media, message = queue[0]
-            if is_media:
-                now = loop.time()
-                if self._end < now:
-                    self._end = now  # Twilio has nothing left to play: start afresh
-                wait = self._end - self._ahead_s - now
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    continue  # the queue may have been cleared meanwhile
-                self._end += self._frame_s
-            queue.popleft()
-            await self._send(message)
-
-
 class _Listening:
     """The speech side of one call (the driver's :class:`Listening`): a listener task per
     utterance, fed the pre-roll and then the caller's audio in batches."""
@@ -561,7 +504,7 @@ class _Call(WebSocketDriver[Action]):
         self.call_sid = grant.call_sid
         self.bad_frames = 0
         self.start_timeout_s = settings.twilio_start_timeout_s  # for `start`, then closed 1008
-        self.sender = _Sender(
+        self.sender = PacedSender(
             self.send_text, settings.twilio_frame_ms, settings.twilio_send_ahead_ms
         )
         self._started = 0.0

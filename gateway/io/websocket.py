@@ -31,6 +31,9 @@ left to do around it is the same for every one of them and lives here, once:
   the client always finds the connection idle). On shutdown only the forwarding
   is cancelled: the engine's turn goes on and saves its session.
 
+:class:`PacedSender` paces a media stream's outbound audio to real time (Twilio's,
+the next carrier's).
+
 Tasks the connection spawns (:meth:`~WebSocketDriver.spawn`) are cancelled and
 awaited at shutdown; ``background`` ones (writes that should complete, e.g. V1's
 client logs) are awaited without a cancel.
@@ -41,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final, Generic, Protocol, TypeVar
 
@@ -70,6 +74,7 @@ __all__ = [
     "CLOSE_POLICY",
     "SEND_ERRORS",
     "Listening",
+    "PacedSender",
     "TurnTaker",
     "WebSocketDriver",
     "forward_turn",
@@ -431,3 +436,66 @@ class WebSocketDriver(Generic[A]):
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.run(self.lost())
         await asyncio.gather(*self._background, return_exceptions=True)
+
+
+class PacedSender:
+    """Sends a media stream's outbound frames in order, paced to real time.
+
+    For every media stream whose peer plays the audio it is sent (a phone carrier):
+    sending it all at once would make the peer hold seconds of audio, so that a
+    barge-in's clear flushes seconds and marks lie about what was heard. ``send``
+    writes one text frame. Media frames of ``frame_ms`` of audio each are sent when
+    the audio already sent ends less than ``ahead_ms`` from now (the monotonic loop
+    clock); a message queued after them (Twilio's ``mark``) goes out right after
+    the frames before it. After an underrun (nothing to send for a while) the
+    schedule restarts from now. :meth:`run` is the sender task (until cancelled).
+    """
+
+    def __init__(
+        self, send: Callable[[str], Awaitable[None]], frame_ms: int, ahead_ms: int
+    ) -> None:
+        self._send = send
+        self._frame_s = frame_ms / 1000
+        self._ahead_s = ahead_ms / 1000
+        self._queue: deque[tuple[bool, str]] = deque()  # (is media, message)
+        self._wake = asyncio.Event()
+        self._end = 0.0  # loop time when the audio sent so far has played
+
+    @property
+    def queued_ms(self) -> int:
+        """Audio queued and not yet sent, in ms."""
+        return round(sum(1 for media, _ in self._queue if media) * self._frame_s * 1000)
+
+    def play(self, messages: Sequence[str], mark: str) -> None:
+        """Queue media frames and the mark after them."""
+        self._queue.extend((True, message) for message in messages)
+        self._queue.append((False, mark))
+        self._wake.set()
+
+    async def interrupt(self, clear: str) -> None:
+        """Drop everything queued and send ``clear`` now."""
+        self._queue.clear()
+        self._end = 0.0
+        await self._send(clear)
+
+    async def run(self) -> None:
+        """Send until cancelled."""
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            if not queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            is_media, message = queue[0]
+            if is_media:
+                now = loop.time()
+                if self._end < now:
+                    self._end = now  # Twilio has nothing left to play: start afresh
+                wait = self._end - self._ahead_s - now
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue  # the queue may have been cleared meanwhile
+                self._end += self._frame_s
+            queue.popleft()
+            await self._send(message)
