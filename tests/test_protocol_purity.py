@@ -61,6 +61,7 @@ IMPURE_GATEWAY = (
     "gateway.bus",
     "gateway.conversation",
     "gateway.deps",
+    "gateway.io",
     "gateway.nonces",
     "gateway.pipeline",
     "gateway.redisconn",

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import Field, StrictBool, ValidationError
+from pydantic import Field, StrictBool
 
 from gateway.events import (
     FALLBACK,
@@ -51,7 +51,7 @@ from gateway.events import (
     ResponseItem,
     Wire,
 )
-from gateway.protocol import ProtocolError, load_json
+from gateway.protocol import ProtocolError, load_json, validate
 from gateway.ssml import display_text, speech_ssml
 from gateway.turn import VOICE_FALLBACKS, Fallback, TurnContext, TurnEnd
 
@@ -220,12 +220,7 @@ def parse_envelope(data: bytes | dict[str, Any]) -> AlexaEnvelope:
         data = load_json(data, what="The body")
     if not isinstance(data, dict):
         raise ProtocolError("The body is not an Alexa request envelope (a JSON object).")
-    try:
-        return AlexaEnvelope.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        raise ProtocolError(f"Invalid Alexa request: {where}: {err['msg']}") from None
+    return validate(AlexaEnvelope, data, what="Alexa request", empty="body")
 
 
 # ------------------------------------------------------------------------ tables

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from pydantic.alias_generators import to_camel
 
 from gateway.events import (
@@ -60,7 +60,7 @@ from gateway.events import (
     ResponseItem,
     Wire,
 )
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, validate
 from gateway.protocol import load_json as load_any_json
 from gateway.ssml import display_text, speech_ssml
 from gateway.turn import VOICE_FALLBACKS, Fallback, TurnContext, TurnEnd
@@ -293,12 +293,7 @@ def load_json(body: bytes) -> dict[str, Any]:
 
 
 def _validate(model: type[_M], data: Mapping[str, Any], what: str) -> _M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        raise ProtocolError(f"Invalid {what} request: {where}: {err['msg']}") from None
+    return validate(model, data, what=f"{what} request", empty="body")
 
 
 def detect(data: Mapping[str, Any]) -> Format | None:

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import re
 from collections import OrderedDict
@@ -71,7 +72,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from pydantic.alias_generators import to_camel
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse  # type: ignore[import-untyped]
 
@@ -85,8 +86,16 @@ from gateway.events import (
     ResponseEvent,
     TurnEvent,
 )
-from gateway.protocol import ProtocolError, load_json
-from gateway.speech.audio import frames, mulaw_to_pcm
+from gateway.protocol import Expected, ProtocolError, StateMachine, integer, load_json, validate
+from gateway.protocol.actions import (
+    CancelListening,
+    Close,
+    EndSession,
+    FeedAudio,
+    StartListening,
+    StartTurn,
+)
+from gateway.speech.audio import AudioFormat, frames, mulaw_to_pcm
 from gateway.speech.types import TtsRequest
 from gateway.speech.vad import Endpointer
 from gateway.turn import TurnContext, TurnRejected
@@ -100,6 +109,8 @@ SAMPLE_RATE: Final = 8000
 BYTES_PER_MS: Final = SAMPLE_RATE // 1000
 """μ-law bytes per millisecond of audio (one byte per sample)."""
 ENCODING: Final = "audio/x-mulaw"
+MULAW_8K: Final = AudioFormat("MULAW", 8000)
+"""The format of the caller's audio: headerless G.711 μ-law, 8 kHz mono."""
 """``start.mediaFormat.encoding`` of a bidirectional stream."""
 
 CLOSE_NORMAL: Final = 1000
@@ -251,16 +262,6 @@ _OTHER: TypeAdapter[Connected | Start | Dtmf | Mark | Stop] = TypeAdapter(
 _EVENTS: Final = "connected, start, media, dtmf, mark or stop"
 
 
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
-
-
 def _parse_media(value: Mapping[str, Any]) -> Media:
     media = value.get("media")
     if not isinstance(media, dict):
@@ -279,9 +280,9 @@ def _parse_media(value: Mapping[str, Any]) -> Media:
     return Media(
         payload=data,
         track=track if isinstance(track, str) else "inbound",
-        chunk=_int(media.get("chunk")),
-        timestamp=_int(media.get("timestamp")),
-        sequence_number=_int(value.get("sequenceNumber")),
+        chunk=integer(media.get("chunk")),
+        timestamp=integer(media.get("timestamp")),
+        sequence_number=integer(value.get("sequenceNumber")),
         stream_sid=sid if isinstance(sid, str) else None,
     )
 
@@ -303,12 +304,7 @@ def parse_message(text: str) -> Message:
         return _parse_media(value)
     if event not in ("connected", "start", "dtmf", "mark", "stop"):
         raise ProtocolError("Unknown event", expected=_EVENTS, got=repr(event))
-    try:
-        return _OTHER.validate_python(value)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"][1:]) or "event"
-        raise ProtocolError(f"Invalid {event} message: {where}: {err['msg']}") from None
+    return validate(_OTHER, value, what=f"{event} message", skip=1, empty="event")
 
 
 # ------------------------------------------------------------------ outbound messages
@@ -459,39 +455,28 @@ Events are the inbound messages (``connected``, ``start``, ``media``, ``dtmf``,
 Anything else is a ProtocolError (e.g. ``media`` before ``start``).
 """
 
-_EXPECTED: dict[State, str] = {
-    State.AWAIT_CONNECTED: "connected or start",
-    State.AWAIT_START: "start",
-    State.BOT: "media, dtmf, mark or stop",
-    State.CALLER: "media, dtmf, mark or stop",
-    State.HEARING: "media, dtmf, mark or stop",
-    State.ENDING: "media, dtmf, mark or stop",
-    State.CLOSED: "nothing more",
+_FRAMES = "media, dtmf, mark or stop"
+_EXPECTED: dict[State, Expected] = {
+    state: Expected(f"Unexpected event in state {state}", expected)
+    for state, expected in (
+        (State.AWAIT_CONNECTED, "connected or start"),
+        (State.AWAIT_START, "start"),
+        (State.BOT, _FRAMES),
+        (State.CALLER, _FRAMES),
+        (State.HEARING, _FRAMES),
+        (State.ENDING, _FRAMES),
+        (State.CLOSED, "nothing more"),
+    )
 }
 
 
-class CallStateMachine:
-    """The order of events of one call, checked against :data:`TRANSITIONS`."""
+class CallStateMachine(StateMachine[State, str]):
+    """The order of events of one call, checked against :data:`TRANSITIONS` (the kit's
+    StateMachine): inbound messages are fed (RemoteProtocolError), the call's own
+    events advance it (LocalProtocolError)."""
 
     def __init__(self) -> None:
-        self.state = State.AWAIT_CONNECTED
-
-    def allows(self, event: str) -> bool:
-        """Whether ``event`` is legal in the current state."""
-        return (self.state, event) in TRANSITIONS
-
-    def feed(self, event: str) -> State:
-        """Advance with ``event``; ProtocolError (expected/got named) when it is not legal
-        now, the state then unchanged."""
-        new = TRANSITIONS.get((self.state, event))
-        if new is None:
-            raise ProtocolError(
-                f"Unexpected {event} in state {self.state}",
-                expected=_EXPECTED[self.state],
-                got=event,
-            )
-        self.state = new
-        return new
+        super().__init__(TRANSITIONS, State.AWAIT_CONNECTED, _EXPECTED)
 
 
 # ------------------------------------------------------------------ DTMF
@@ -681,35 +666,6 @@ class Interrupt:
 
 
 @dataclass(frozen=True)
-class StartTurn:
-    """Run ``Conversation.turn(ctx, input)``; hand its events to :meth:`TwilioCall.turn_event`,
-    then :meth:`TwilioCall.turn_finished` (or :meth:`TwilioCall.turn_rejected`)."""
-
-    ctx: TurnContext
-    input: Input
-
-
-@dataclass(frozen=True)
-class Listen:
-    """Open a listener (8 kHz μ-law) and feed it ``preroll`` first; report its result
-    with :meth:`TwilioCall.heard`."""
-
-    preroll: bytes
-
-
-@dataclass(frozen=True)
-class Hear:
-    """Feed ``audio`` to the open listener."""
-
-    audio: bytes
-
-
-@dataclass(frozen=True)
-class StopListening:
-    """Cancel the open listener; its result no longer matters."""
-
-
-@dataclass(frozen=True)
 class Speak:
     """Synthesize ``text`` (8 kHz μ-law) and hand it to :meth:`TwilioCall.spoken`
     before the turn's next event (the turn failed: the caller hears why)."""
@@ -724,33 +680,21 @@ class HangUp:
     call_sid: str
 
 
-@dataclass(frozen=True)
-class EndSession:
-    """End the call's session without a turn (``Conversation.end``): stop or disconnect."""
-
-    ctx: TurnContext
-
-
-@dataclass(frozen=True)
-class Close:
-    """Close the socket with ``code`` and ``reason`` (no hang-up through the API)."""
-
-    code: int
-    reason: str
-
-
 Action = (
     Play
     | Interrupt
     | StartTurn
-    | Listen
-    | Hear
-    | StopListening
+    | StartListening
+    | FeedAudio
+    | CancelListening
     | Speak
     | HangUp
     | EndSession
     | Close
 )
+"""Twilio's own actions (Play, Interrupt, Speak, HangUp) and the kit's shared ones:
+StartTurn, EndSession, Close, and the utterance's StartListening (μ-law 8 kHz, with
+the pre-roll audio), FeedAudio and CancelListening (see gateway/protocol/actions.py)."""
 
 
 # ------------------------------------------------------------------ the call
@@ -835,6 +779,9 @@ class TwilioCall:
         self._silence_at: int | None = None  # audio ms when #silence is due
         self._bot_since = 0  # audio ms when the bot last took the floor
         self._interrupted = False  # the utterance being heard cut the bot off
+        self._streams = itertools.count(1)
+        self.stream = 0
+        """The number of the latest utterance (StartListening.stream); heard in HEARING."""
 
     # -------------------------------------------------------------- queries
 
@@ -892,10 +839,10 @@ class TwilioCall:
         info = message.start
         fmt = info.media_format
         if info.call_sid != self.expected_call_sid:
-            self.machine.feed(DISCONNECT)
+            self.machine.advance(DISCONNECT)
             return [Close(CLOSE_POLICY, "The stream token was issued for another call.")]
         if (fmt.encoding, fmt.sample_rate, fmt.channels) != (ENCODING, SAMPLE_RATE, 1):
-            self.machine.feed(DISCONNECT)
+            self.machine.advance(DISCONNECT)
             return [
                 Close(
                     CLOSE_UNSUPPORTED,
@@ -906,7 +853,7 @@ class TwilioCall:
         params = dict(info.custom_parameters)
         app_key = params.get("appKey") or self.config.default_app_key
         if not self.config.key_allowed(app_key):
-            self.machine.feed(DISCONNECT)
+            self.machine.advance(DISCONNECT)
             return [Close(CLOSE_POLICY, "Unknown application key.")]
         self.machine.feed("start")
         self.info = CallInfo(info.stream_sid, info.call_sid, info.account_sid, params)
@@ -940,7 +887,7 @@ class TwilioCall:
         now = self.gate.now_ms
         actions: list[Action] = []
         if state is State.HEARING:
-            actions.append(Hear(chunk))
+            actions.append(FeedAudio(self.stream, chunk))
         elif state is State.CALLER:
             if onset:
                 actions += self._hear(interrupted=False)
@@ -966,7 +913,7 @@ class TwilioCall:
         )
 
     def _barge_in(self) -> list[Action]:
-        self.machine.feed(BARGE_IN)
+        self.machine.advance(BARGE_IN)
         actions = self._silence_the_bot()
         return [*actions, *self._listen(interrupted=True)]
 
@@ -979,14 +926,20 @@ class TwilioCall:
         return [Interrupt(clear_message(self.stream_sid))]
 
     def _hear(self, *, interrupted: bool) -> list[Action]:
-        self.machine.feed(SPEECH)
+        self.machine.advance(SPEECH)
         return self._listen(interrupted=interrupted)
 
     def _listen(self, *, interrupted: bool) -> list[Action]:
         self._silence_at = None
         self._interrupted = interrupted
         onset = self.gate.onset_ms or self.gate.now_ms
-        return [Listen(self.gate.recent(onset - PREROLL_MS))]
+        self.stream = next(self._streams)
+        preroll = self.gate.recent(onset - PREROLL_MS)
+        return [StartListening(self.stream, MULAW_8K, preroll=preroll)]
+
+    def _stop_listening(self) -> list[Action]:
+        """CancelListening for the utterance being heard (in HEARING)."""
+        return [CancelListening(self.stream)]
 
     def _dtmf(self, digit: str) -> list[Action]:
         state = self.state
@@ -994,11 +947,11 @@ class TwilioCall:
             return []
         actions: list[Action] = []
         if state is State.HEARING:
-            actions.append(StopListening())
-            self.machine.feed(NOISE)  # the key, not the utterance, is the input
+            actions += self._stop_listening()
+            self.machine.advance(NOISE)  # the key, not the utterance, is the input
         elif state is State.BOT and self.config.barge_in:
             actions += self._silence_the_bot()
-            self.machine.feed(INTERRUPT)
+            self.machine.advance(INTERRUPT)
         self._silence_at = None
         done = self.dtmf.press(digit, self.gate.now_ms)
         if done is not None:
@@ -1010,7 +963,7 @@ class TwilioCall:
             self.pending = text
             return self._advance()
         if self.state is State.HEARING:
-            return [StopListening(), *self._commit(text)]
+            return [*self._stop_listening(), *self._commit(text)]
         if self.state is State.CALLER:
             return self._commit(text)
         return []
@@ -1024,7 +977,7 @@ class TwilioCall:
     def _final_mark(self) -> list[Action]:
         if self.state is not State.ENDING:
             return []
-        self.machine.feed(FINAL_MARK)
+        self.machine.advance(FINAL_MARK)
         assert self.info is not None
         return [HangUp(self.info.call_sid)]
 
@@ -1036,7 +989,7 @@ class TwilioCall:
 
     def _commit(self, text: str) -> list[Action]:
         """Make ``text`` the next input (state -> bot); it starts when nothing runs."""
-        self.machine.feed(INPUT)
+        self.machine.advance(INPUT)
         self._bot_since = self.gate.now_ms
         self._silence_at = None
         self.pending = text  # the latest input wins
@@ -1050,7 +1003,7 @@ class TwilioCall:
         if self.pending is not None:
             text, self.pending = self.pending, None
             return self._start_turn(text)
-        self.machine.feed(FLOOR)
+        self.machine.advance(FLOOR)
         self._silence_at = self.gate.now_ms + self.config.silence_timeout_ms
         if self.gate.speaking and (self.gate.onset_ms or 0) >= self._bot_since:
             return self._hear(interrupted=False)  # the caller started before the bot finished
@@ -1079,7 +1032,7 @@ class TwilioCall:
             return self._commit(text)
         if self._interrupted:
             return self._commit(FALLBACK)
-        self.machine.feed(NOISE)
+        self.machine.advance(NOISE)
         self._silence_at = self.gate.now_ms + self.config.silence_timeout_ms
         return []
 
@@ -1139,11 +1092,8 @@ class TwilioCall:
             return []
         if turn.ended:
             self.session_over = True
-            if self.state is State.HEARING:
-                stop: list[Action] = [StopListening()]
-            else:
-                stop = []
-            self.machine.feed(SESSION_END)
+            stop = self._stop_listening() if self.state is State.HEARING else []
+            self.machine.advance(SESSION_END)
             self.pending = None
             return [*stop, self._play(b"", final=True)]
         return self._advance()
@@ -1154,13 +1104,13 @@ class TwilioCall:
         """The socket is gone (or the call is being torn down): end the session unless
         the core ended it; cancel the listener."""
         was = self.state
-        self.machine.feed(DISCONNECT)
+        self.machine.advance(DISCONNECT)
         return self._ending_actions(was)
 
     def _ending_actions(self, was: State) -> list[Action]:
         actions: list[Action] = []
         if was is State.HEARING:
-            actions.append(StopListening())
+            actions += self._stop_listening()
         if self.ctx is not None and self.session_started and not self.session_over:
             self.session_over = True
             actions.append(EndSession(self.ctx))

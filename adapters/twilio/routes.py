@@ -33,10 +33,12 @@ queue full) is the ``#fallback`` input, as a failed recognition is: the core
 answers it (typically asking the caller to repeat) and the call goes on; it is
 logged at WARNING and counted like a refused call.
 
-Each accepted stream is served by :class:`_Call`: a receive loop that hands every
-frame to the protocol and carries out its actions, a **sender task** that paces
-the outbound μ-law frames to the monotonic clock (each frame is sent when the
-audio already sent would play out within GATEWAY_TWILIO_SEND_AHEAD_MS, so Twilio
+Each accepted stream is served by :class:`_Call` on the WebSocket driver
+(:mod:`gateway.io.websocket`): a receive loop that hands every frame to the
+protocol and carries out its actions, a **sender task** (the driver's
+PacedSender) that paces the outbound μ-law frames to the monotonic clock (each
+frame is sent when the audio already sent would play out within
+GATEWAY_TWILIO_SEND_AHEAD_MS, so Twilio
 never holds more than that: a burst would make ``clear`` flush seconds and marks
 lie about what was heard), a task per running turn that forwards the engine's
 events, and a listener task while the caller speaks (recognition runs in the
@@ -58,39 +60,30 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, FastAPI, WebSocket
 from fastapi.responses import Response
 from starlette.datastructures import ImmutableMultiDict
 from starlette.requests import HTTPConnection, Request
-from starlette.websockets import WebSocketDisconnect
 
 from adapters.twilio.openapi import POST_STATUS, POST_VOICE, STATUS_FIELDS
 from adapters.twilio.protocol import (
     CHANNEL,
-    CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
     NAMESPACE,
-    SAMPLE_RATE,
     TTS,
     Action,
     CallConfig,
-    Close,
-    EndSession,
     HangUp,
-    Hear,
     Interrupt,
-    Listen,
     Play,
     Speak,
-    StartTurn,
-    StopListening,
     TwilioCall,
     busy_twiml,
     twiml,
@@ -107,21 +100,26 @@ from adapters.twilio.verify import (
     stream_url,
 )
 from gateway import metrics
-from gateway.conversation import TurnContext, TurnRejected
+from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.events import ResponseItem
 from gateway.httputil import problem, read_body
+from gateway.io.websocket import SEND_ERRORS, PacedSender, WebSocketDriver
 from gateway.protocol import ProtocolError
+from gateway.protocol.actions import (
+    CancelListening,
+    FeedAudio,
+    FinishListening,
+    StartListening,
+)
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
 from gateway.sessions import StoreError, StoreUnavailable
 from gateway.settings import Settings
-from gateway.sockets import SEND_ERRORS, GuardedSocket
-from gateway.speech.audio import AudioFormat, AudioFormatError
+from gateway.speech.audio import AudioFormatError
 from gateway.speech.stt import RecognitionError, RecognizerBusy
 
 log = logging.getLogger("adapters.twilio")
 
-MULAW_8K: Final = AudioFormat("MULAW", SAMPLE_RATE)
 IDLE_TIMEOUT_S: Final = 30.0
 """A started stream silent this long (Twilio sends 50 frames a second) is taken as lost."""
 FINAL_MARK_GRACE_S: Final = 5.0
@@ -408,217 +406,48 @@ async def status(request: Request) -> Response:
 # ------------------------------------------------------------------ the media stream
 
 
-class _Sender:
-    """Sends a call's outbound frames in order, paced to real time (see the module doc).
-
-    ``send`` writes one text frame. Media frames of ``frame_ms`` are sent when the
-    audio already sent ends less than ``ahead_ms`` from now; marks go out right after
-    the frames before them. After an underrun (nothing to send for a while) the
-    schedule restarts from now.
-    """
+class _Listening:
+    """The speech side of one call (the driver's :class:`Listening`): a listener task per
+    utterance, fed the pre-roll and then the caller's audio in batches."""
 
     def __init__(
-        self, send: Callable[[str], Awaitable[None]], frame_ms: int, ahead_ms: int
+        self, gw: Gateway, call: TwilioCall, run: Callable[[Sequence[Action]], Awaitable[None]]
     ) -> None:
-        self._send = send
-        self._frame_s = frame_ms / 1000
-        self._ahead_s = ahead_ms / 1000
-        self._queue: deque[tuple[bool, str]] = deque()  # (is media, message)
-        self._wake = asyncio.Event()
-        self._end = 0.0  # loop time when the audio sent so far has played
-
-    @property
-    def queued_ms(self) -> int:
-        """Audio queued and not yet sent, in ms."""
-        return round(sum(1 for media, _ in self._queue if media) * self._frame_s * 1000)
-
-    def play(self, messages: Sequence[str], mark: str) -> None:
-        """Queue media frames and the mark after them."""
-        self._queue.extend((True, message) for message in messages)
-        self._queue.append((False, mark))
-        self._wake.set()
-
-    async def interrupt(self, clear: str) -> None:
-        """Drop everything queued and send ``clear`` now."""
-        self._queue.clear()
-        self._end = 0.0
-        await self._send(clear)
-
-    async def run(self) -> None:
-        """Send until cancelled."""
-        loop = asyncio.get_running_loop()
-        queue = self._queue
-        while True:
-            if not queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            is_media, message = queue[0]
-            if is_media:
-                now = loop.time()
-                if self._end < now:
-                    self._end = now  # Twilio has nothing left to play: start afresh
-                wait = self._end - self._ahead_s - now
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    continue  # the queue may have been cleared meanwhile
-                self._end += self._frame_s
-            queue.popleft()
-            await self._send(message)
-
-
-class _Call(GuardedSocket):
-    """One accepted media stream: the receive loop and the call's tasks (module doc)."""
-
-    def __init__(
-        self, ws: WebSocket, gw: Gateway, channel: TwilioChannel, grant: StreamGrant
-    ) -> None:
-        super().__init__(ws)
-        settings = gw.settings
         self.gw = gw
-        self.channel = channel
-        self.call_sid = grant.call_sid
-        self.call = TwilioCall(grant.call_sid, channel.config)
-        self.bad_frames = 0
-        self.start_timeout_s = settings.twilio_start_timeout_s  # for `start`, then closed 1008
-        self.sender = _Sender(self._send, settings.twilio_frame_ms, settings.twilio_send_ahead_ms)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._listen_task: asyncio.Task[None] | None = None
-        self._listen_queue: asyncio.Queue[bytes] = asyncio.Queue()
-        self._hangup: asyncio.Task[None] | None = None
-        self._received_all = asyncio.Event()
+        self.call = call
+        self._run = run
+        self._stream = 0
+        self._task: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
 
-    # -------------------------------------------------------------- loop
+    async def start(self, action: StartListening) -> None:
+        await self._stop()
+        self._stream, self._queue = action.stream, asyncio.Queue()
+        self._task = asyncio.create_task(
+            self._listen(action, self._queue), name=f"twilio {self.call.expected_call_sid} listener"
+        )
 
-    async def run(self) -> None:
-        """Serve the stream until it stops, the call ends or the peer goes away."""
-        self.channel.calls[self.call_sid] = self
-        self._spawn(self.sender.run(), "sender")
-        with metrics.connection(CHANNEL):
-            try:
-                await self._receive()
-            except (WebSocketDisconnect, OSError):
-                self.open = False
-            except Exception:
-                log.exception("Twilio call %s failed", self.call_sid)
-                await self._close(CLOSE_INTERNAL, "Internal gateway error.")
-            finally:
-                await self._shutdown()
+    async def feed(self, action: FeedAudio) -> None:
+        if action.stream == self._stream:
+            self._queue.put_nowait(action.data)
 
-    async def _receive(self) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        call = self.call
-        while self.open:
-            if call.info is None:
-                timeout = max(started + self.start_timeout_s - loop.time(), 0.0)
-            else:
-                timeout = IDLE_TIMEOUT_S
-            try:
-                async with asyncio.timeout(timeout):
-                    message = await self.ws.receive()
-            except TimeoutError:
-                if call.info is None:
-                    log.warning("Twilio call %s: no start message; closing", self.call_sid)
-                    await self._close(CLOSE_POLICY, "Expected a start message.")
-                else:
-                    log.warning("Twilio call %s: the stream went quiet; closing", self.call_sid)
-                    await self._close(1001, "The stream went quiet.")
-                return
-            if message["type"] == "websocket.disconnect":
-                self.open = False
-                return
-            text = message.get("text")
-            if text is None:
-                self._bad_frame("a binary frame (Twilio sends JSON text)")
-                continue
-            try:
-                actions = call.receive(text)
-            except ProtocolError as exc:
-                self._bad_frame(exc.text)
-                continue
-            await self._do(actions)
-            if call.stopped or (call.closed and self._hangup is None):
-                return  # stopped, or refused at start; a hang-up waits for the stop
+    async def finish(self, action: FinishListening) -> None:
+        """Nothing to do: a call's utterance ends by endpointing."""
 
-    def _bad_frame(self, why: str) -> None:
-        self.bad_frames += 1
-        level = logging.WARNING if self.bad_frames <= LOGGED_BAD_FRAMES else logging.DEBUG
-        log.log(level, "Twilio call %s: frame dropped: %s", self.call_sid, why)
-        if self.bad_frames >= MAX_BAD_FRAMES and self.open:
-            log.warning("Twilio call %s: %d invalid frames; closing", self.call_sid, MAX_BAD_FRAMES)
-            self._spawn(self._close(CLOSE_POLICY, "Too many invalid messages."), "close")
+    async def cancel(self, action: CancelListening) -> None:
+        if action.stream == self._stream:
+            await self._stop()
 
-    # -------------------------------------------------------------- actions
+    async def close(self) -> None:
+        await self._stop()
 
-    async def _do(self, actions: Sequence[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Play):
-                self.sender.play(action.messages, action.mark)
-                if action.final:
-                    wait_s = self.sender.queued_ms / 1000 + FINAL_MARK_GRACE_S
-                    self._spawn(self._final_mark_watch(wait_s), "final mark")
-            elif isinstance(action, Hear):
-                self._listen_queue.put_nowait(action.audio)
-            elif isinstance(action, Interrupt):
-                await self.sender.interrupt(action.clear)
-                log.debug("Twilio call %s: barge-in", self.call_sid)
-            elif isinstance(action, StartTurn):
-                self._spawn(self._turn(action), "turn")
-            elif isinstance(action, Listen):
-                await self._stop_listening()
-                self._listen_queue = asyncio.Queue()
-                task = self._spawn(self._listen(action.preroll, self._listen_queue), "listener")
-                self._listen_task = task
-            elif isinstance(action, StopListening):
-                await self._stop_listening()
-            elif isinstance(action, Speak):
-                await self._do(self.call.spoken(await self._synthesize(action.text)))
-            elif isinstance(action, HangUp):
-                self._hangup = self._spawn(self._hang_up(action.call_sid), "hang-up")
-            elif isinstance(action, EndSession):
-                await self._end_session(action.ctx)
-            elif isinstance(action, Close):
-                log.warning(
-                    "Twilio call %s: closing (%d): %s", self.call_sid, action.code, action.reason
-                )
-                await self._close(action.code, action.reason)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=f"twilio {self.call_sid} {what}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    # -------------------------------------------------------------- tasks
-
-    async def _turn(self, start: StartTurn) -> None:
-        """Forward one turn's events to the call (cancelled: only the forwarding stops)."""
-        call = self.call
-        try:
-            try:
-                async for event in self.gw.conversation.turn(start.ctx, start.input):
-                    await self._do(call.turn_event(event))
-            except TurnRejected as exc:
-                log.warning("Twilio call %s: turn refused: %s", self.call_sid, exc.text)
-                await self._do(call.turn_rejected(exc))
-            await self._do(call.turn_finished())
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("Twilio call %s: forwarding a turn failed", self.call_sid)
-            await self._close(CLOSE_INTERNAL, "Internal gateway error.")
-
-    async def _synthesize(self, text: str) -> bytes | None:
-        _, audio = await self.gw.speech.voice_item(ResponseItem(text=text), TTS)
-        return audio
-
-    async def _listen(self, preroll: bytes, queue: asyncio.Queue[bytes]) -> None:
-        """Recognise one utterance: ``preroll``, then the queued audio, to its end."""
-        listener = self.gw.speech.listener(MULAW_8K, interim=False)
+    async def _listen(self, start: StartListening, queue: asyncio.Queue[bytes]) -> None:
+        """Recognise one utterance: the pre-roll, then the queued audio, to its end."""
+        sid = self.call.expected_call_sid
+        listener = self.gw.speech.listener(start.fmt, interim=start.interim)
         try:
             await listener.start()  # may wait for a free recognizer
-            await listener.feed(preroll)
+            await listener.feed(start.preroll)
             while not listener.done:
                 chunk = await queue.get()
                 while len(chunk) < LISTEN_BATCH_BYTES or not queue.empty():
@@ -627,34 +456,135 @@ class _Call(GuardedSocket):
             result = listener.result
             actions = self.call.heard(result.kind, result.text) if result is not None else []
         except RecognizerBusy as exc:  # no recognizer within GATEWAY_STT_QUEUE_WAIT_MS
-            log.warning("Twilio call %s: utterance not heard: %s", self.call_sid, exc.text)
+            log.warning("Twilio call %s: utterance not heard: %s", sid, exc.text)
             metrics.ERRORS.labels(CHANNEL, "stt").inc()
             actions = self.call.listener_failed()  # #fallback: the core asks to repeat
         except (RecognitionError, AudioFormatError) as exc:
-            log.warning("Twilio call %s: recognition failed: %s", self.call_sid, exc)
+            log.warning("Twilio call %s: recognition failed: %s", sid, exc)
             actions = self.call.listener_failed()
         except Exception:
-            log.exception("Twilio call %s: listening failed", self.call_sid)
+            log.exception("Twilio call %s: listening failed", sid)
             actions = self.call.listener_failed()
         finally:
             if not listener.done:
                 await asyncio.shield(listener.cancel())
-        if self._listen_task is asyncio.current_task():
-            self._listen_task = None
-        await self._do(actions)
+        if self._task is asyncio.current_task():
+            self._task = None
+        await self._run(actions)
 
-    async def _stop_listening(self) -> None:
-        task, self._listen_task = self._listen_task, None
+    async def _stop(self) -> None:
+        task, self._task = self._task, None
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+class _Call(WebSocketDriver[Action]):
+    """One accepted media stream on the WebSocket driver (module doc): Twilio's paced
+    sender, its start and idle timeouts, bad frames, the final mark and the hang-up."""
+
+    finish_after_reject = True
+
+    def __init__(
+        self, ws: WebSocket, gw: Gateway, channel: TwilioChannel, grant: StreamGrant
+    ) -> None:
+        settings = gw.settings
+        self.call = call = TwilioCall(grant.call_sid, channel.config)
+        super().__init__(
+            ws,
+            call,
+            gw.conversation,
+            listening=_Listening(gw, call, self.run),
+            send_timeout_s=settings.send_timeout_s,
+            log=log,
+            name=f"Twilio call {grant.call_sid}",
+        )
+        self.gw = gw
+        self.channel = channel
+        self.call_sid = grant.call_sid
+        self.bad_frames = 0
+        self.start_timeout_s = settings.twilio_start_timeout_s  # for `start`, then closed 1008
+        self.sender = PacedSender(
+            self.send_text, settings.twilio_frame_ms, settings.twilio_send_ahead_ms
+        )
+        self._started = 0.0
+        self._hangup: asyncio.Task[None] | None = None
+        self._received_all = asyncio.Event()
+
+    # -------------------------------------------------------------- loop
+
+    async def serve(self) -> None:
+        """Serve the stream until it stops, the call ends or the peer goes away."""
+        self.channel.calls[self.call_sid] = self
+        self._started = asyncio.get_running_loop().time()
+        self.spawn(self.sender.run(), "sender")
+        with metrics.connection(CHANNEL):
+            await super().serve()
+
+    def idle_timeout_s(self) -> float:
+        if self.call.info is None:  # waiting for `start`
+            now = asyncio.get_running_loop().time()
+            return max(self._started + self.start_timeout_s - now, 0.0)
+        return IDLE_TIMEOUT_S
+
+    async def idle(self) -> None:
+        if self.call.info is None:
+            log.warning("Twilio call %s: no start message; closing", self.call_sid)
+            await self.close(CLOSE_POLICY, "Expected a start message.")
+        else:
+            log.warning("Twilio call %s: the stream went quiet; closing", self.call_sid)
+            await self.close(1001, "The stream went quiet.")
+
+    def received(self, frame: str | bytes) -> list[Action]:
+        if isinstance(frame, bytes):
+            self._bad_frame("a binary frame (Twilio sends JSON text)")
+            return []
+        try:
+            return self.call.receive(frame)
+        except ProtocolError as exc:
+            self._bad_frame(exc.text)
+            return []
+
+    def done(self) -> bool:
+        call = self.call
+        return call.stopped or (call.closed and self._hangup is None)  # a hang-up awaits stop
+
+    def _bad_frame(self, why: str) -> None:
+        self.bad_frames += 1
+        level = logging.WARNING if self.bad_frames <= LOGGED_BAD_FRAMES else logging.DEBUG
+        log.log(level, "Twilio call %s: frame dropped: %s", self.call_sid, why)
+        if self.bad_frames >= MAX_BAD_FRAMES and self.open:
+            log.warning("Twilio call %s: %d invalid frames; closing", self.call_sid, MAX_BAD_FRAMES)
+            self.spawn(self.close(CLOSE_POLICY, "Too many invalid messages."), "close")
+
+    # -------------------------------------------------------------- Twilio's actions
+
+    async def other(self, action: Action) -> None:
+        if isinstance(action, Play):
+            self.sender.play(action.messages, action.mark)
+            if action.final:
+                wait_s = self.sender.queued_ms / 1000 + FINAL_MARK_GRACE_S
+                self.spawn(self._final_mark_watch(wait_s), "final mark")
+        elif isinstance(action, Interrupt):
+            await self.sender.interrupt(action.clear)
+            log.debug("Twilio call %s: barge-in", self.call_sid)
+        elif isinstance(action, Speak):
+            await self.run(self.call.spoken(await self._synthesize(action.text)))
+        elif isinstance(action, HangUp):
+            self._hangup = self.spawn(self._hang_up(action.call_sid), "hang-up")
+
+    # -------------------------------------------------------------- tasks
+
+    async def _synthesize(self, text: str) -> bytes | None:
+        _, audio = await self.gw.speech.voice_item(ResponseItem(text=text), TTS)
+        return audio
 
     async def _final_mark_watch(self, wait_s: float) -> None:
         await asyncio.sleep(wait_s)
         actions = self.call.final_mark_overdue()
         if actions:
             log.warning("Twilio call %s: the final mark did not come back", self.call_sid)
-        await self._do(actions)
+        await self.run(actions)
 
     async def _hang_up(self, call_sid: str) -> None:
         rest = self.channel.rest
@@ -668,25 +598,14 @@ class _Call(GuardedSocket):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(HANGUP_GRACE_S):
                         await self._received_all.wait()  # Twilio stops the stream
-        await self._close(CLOSE_NORMAL, "The call ended.")
+        await self.close(CLOSE_NORMAL, "The call ended.")
 
-    async def _end_session(self, ctx: TurnContext) -> None:
-        try:
-            await self.gw.conversation.end(ctx)
-        except StoreError as exc:
-            log.warning("Twilio call %s: the session was not ended: %s", self.call_sid, exc)
+    def lost(self) -> list[Action]:
+        return self.call.connection_lost()
 
-    async def _shutdown(self) -> None:
-        self.open = False
+    async def shutdown(self) -> None:
         self._received_all.set()
-        current = asyncio.current_task()
-        tasks = [task for task in self._tasks if task is not current]
-        for task in tasks:
-            task.cancel()  # forwarding only: the engine's turns go on and save
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for action in self.call.connection_lost():
-            if isinstance(action, EndSession):
-                await self._end_session(action.ctx)
+        await super().shutdown()
         with contextlib.suppress(*SEND_ERRORS):
             await self.ws.close(CLOSE_NORMAL)
         self.channel.calls.pop(self.call_sid, None)
@@ -728,4 +647,4 @@ async def stream(websocket: WebSocket, token: str) -> None:
         await websocket.accept()
     except SEND_ERRORS:
         return
-    await _Call(websocket, gw, channel, grant).run()
+    await _Call(websocket, gw, channel, grant).serve()

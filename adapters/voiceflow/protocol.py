@@ -107,7 +107,7 @@ from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
 import jwt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.events import (
     INTRO,
@@ -120,7 +120,15 @@ from gateway.events import (
     ResponseItemEvent,
     TurnEvent,
 )
-from gateway.protocol import ProtocolError, check_time_zone, load_json
+from gateway.protocol import (
+    Expected,
+    ProtocolError,
+    StateMachine,
+    check_time_zone,
+    load_json,
+    validate,
+)
+from gateway.protocol.actions import StartTurn
 from gateway.speech.types import TtsFileFormat, TtsRequest
 from gateway.turn import TurnContext, TurnRejected, new_session_id
 
@@ -300,21 +308,11 @@ class LabelPayload(_Payload):
     label: str | None = None
 
 
-def _first_error(exc: ValidationError, prefix: str = "") -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    where = f"{prefix}.{where}" if prefix and where else prefix or where
-    return f"{where}: {err['msg']}" if where else str(err["msg"])
-
-
 def parse_client_start(value: Any) -> ClientStart:
     """The ``client.start`` payload; ProtocolError naming the first invalid field."""
     if not isinstance(value, dict):
         raise ProtocolError(f"client.start needs an object payload, not {_kind(value)}.")
-    try:
-        return ClientStart.model_validate(value)
-    except ValidationError as exc:
-        raise ProtocolError(f"Invalid client.start: {_first_error(exc)}") from None
+    return validate(ClientStart, value, what="client.start")
 
 
 def _kind(value: Any) -> str:
@@ -448,12 +446,7 @@ def _labelled(action: ActionBody) -> Input:
 
 
 def _model(model: type[_M], action: ActionBody) -> _M:
-    try:
-        return model.model_validate(action.payload)
-    except ValidationError as exc:
-        raise ProtocolError(
-            f"Invalid {action.type} action: {_first_error(exc, 'payload')}"
-        ) from None
+    return validate(model, action.payload, what=f"{action.type} action", prefix="payload")
 
 
 def _attributes(action: ActionBody, *, raw: bool = True) -> dict[str, Any]:
@@ -677,16 +670,8 @@ class Emit:
     data: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class StartTurn:
-    """Run ``Conversation.turn(ctx, input)`` for action ``message_id`` and feed its events back."""
-
-    ctx: TurnContext
-    input: Input
-    message_id: str
-
-
 Action = Emit | StartTurn
+"""socket.io's own Emit and the kit's shared StartTurn (with the action's ``message_id``)."""
 
 
 def error(code: str, text: str, message_id: str | None = None) -> Emit:
@@ -783,7 +768,7 @@ turn engine's (``SessionStarted``, ``ResponseItem``, ``Binary``, ``Response``,
 else is a ProtocolError.
 """
 
-_EXPECTED: dict[State, tuple[str, str, str]] = {
+_REFUSALS: dict[State, tuple[str, str, str]] = {
     # state: (error code / reject reason, text, what was expected)
     State.CONNECTED: ("not-started", "The client has not started", "client.start"),
     State.STARTED: ("no-session", "There is no session", "session.create or client.start"),
@@ -792,38 +777,21 @@ _EXPECTED: dict[State, tuple[str, str, str]] = {
     State.ENDING: ("action-running", "An action is still running", "its action.status"),
     State.CLOSED: ("unknown-event", "The connection is closed", "nothing"),
 }
+_EXPECTED = {state: Expected(text, expected) for state, (_, text, expected) in _REFUSALS.items()}
 
 
-class ConnectionStateMachine:
-    """The order of events on one Voiceflow connection, checked against :data:`TRANSITIONS`."""
+class ConnectionStateMachine(StateMachine[State, str]):
+    """The order of events on one Voiceflow connection, checked against :data:`TRANSITIONS`
+    (the kit's StateMachine): the client's events are fed (RemoteProtocolError), the
+    turn engine's events and the connection's own advance it (LocalProtocolError)."""
 
     def __init__(self) -> None:
-        self.state = State.CONNECTED
-
-    def allows(self, event: str) -> bool:
-        """Whether ``event`` is legal in the current state."""
-        return (self.state, event) in TRANSITIONS
-
-    def check(self, event: str) -> None:
-        """Raise ProtocolError (like :meth:`feed`) unless ``event`` is legal now."""
-        if not self.allows(event):
-            raise self.refusal(event)[1]
-
-    def feed(self, event: str) -> State:
-        """Advance with ``event`` and return the new state.
-
-        Raises ProtocolError (``expected``/``got`` set) when the table does not allow
-        it; the state is then unchanged.
-        """
-        self.check(event)
-        self.state = TRANSITIONS[(self.state, event)]
-        return self.state
+        super().__init__(TRANSITIONS, State.CONNECTED, _EXPECTED)
 
     def refusal(self, event: str) -> tuple[str, ProtocolError]:
         """Why the current state refuses ``event``: the error code / rejection reason
         (``not-started``, ``no-session``, ``action-running`` ...) and the ProtocolError."""
-        code, text, expected = _EXPECTED[self.state]
-        return code, ProtocolError(text, expected=expected, got=event)
+        return _REFUSALS[self.state][0], self.refused(event)
 
 
 # ------------------------------------------------------------------ connection
@@ -977,10 +945,7 @@ class VoiceflowConnection:
         try:
             if not isinstance(payload, dict):
                 raise ProtocolError(f"action.send needs an object payload, not {_kind(payload)}.")
-            try:
-                body = ActionSend.model_validate(payload).action
-            except ValidationError as exc:
-                raise ProtocolError(f"Invalid action.send: {_first_error(exc)}") from None
+            body = validate(ActionSend, payload, what="action.send").action
             input_ = action_input(body)
         except ProtocolError as exc:
             machine.feed(ACTION_REFUSED)
@@ -1033,9 +998,9 @@ class VoiceflowConnection:
         end and, when it ends the conversation, the ``end`` trace; Error -> ``error
         {code: pipeline-error|gateway-error, error, messageID}``; SessionStarted,
         Binary and SessionEnded -> nothing now (see :meth:`turn_finished`). Raises
-        ProtocolError when no action runs or the engine broke its order (a gateway bug).
+        LocalProtocolError when no action runs or the engine broke its order (a gateway bug).
         """
-        self.machine.feed(event.type)
+        self.machine.advance(event.type)
         running = self._running
         assert running is not None
         self._fresh = False  # the engine took the turn on: the session exists now
@@ -1063,7 +1028,7 @@ class VoiceflowConnection:
         running = self._running
         assert running is not None
         gone = exc.reason == "session-not-found"
-        self.machine.feed(TURN_REJECTED_GONE if gone else TURN_REJECTED)
+        self.machine.advance(TURN_REJECTED_GONE if gone else TURN_REJECTED)
         self._running = None
         out: list[Action] = [status("rejected", running.message_id, exc.reason, exc.text)]
         if gone:
@@ -1078,7 +1043,7 @@ class VoiceflowConnection:
         session, ``session.ended {reason: "end_of_diagram"}``."""
         running = self._running
         assert running is not None
-        ended = self.machine.feed(TURN_FINISHED) is State.STARTED
+        ended = self.machine.advance(TURN_FINISHED) is State.STARTED
         self._running = None
         out: list[Action] = self._traces(running, running.writer.close())
         out.append(status("completed", running.message_id, "error" if running.failed else None))
@@ -1090,7 +1055,7 @@ class VoiceflowConnection:
 
     def connection_lost(self) -> None:
         """The socket.io connection is gone; nothing more is accepted."""
-        self.machine.feed(DISCONNECT)
+        self.machine.advance(DISCONNECT)
 
 
 _EVENTS: dict[str, Callable[[VoiceflowConnection, Any], list[Action]]] = {

@@ -74,16 +74,15 @@ from adapters.voiceflow.protocol import (
     Action,
     Emit,
     SessionKeys,
-    StartTurn,
     State,
     VoiceflowConnection,
     error,
 )
 from gateway import metrics, redisconn
-from gateway.conversation import TurnRejected
 from gateway.deps import Gateway
-from gateway.logs import session_ref
+from gateway.io.websocket import forward_turn
 from gateway.protocol import ProtocolError, load_json
+from gateway.protocol.actions import StartTurn
 from gateway.redisconn import SocketIoRedisManager
 from gateway.secrets import VOICEFLOW_SESSION_KEY
 from gateway.settings import Settings
@@ -437,35 +436,37 @@ class VoiceflowServer:
             log.debug("emit %s to %s failed: %s", action.event, sid, exc)
 
     async def _forward(self, client: _Client, start: StartTurn) -> None:
-        """Emit one turn's traces; ``completed`` (and ``session.ended``) after its stream ends."""
+        """Emit one turn's traces; ``completed`` (and ``session.ended``) after its stream ends.
+
+        The WebSocket driver's turn forwarder (:func:`gateway.io.websocket.forward_turn`);
+        a client gone (or cut) mid-turn stops it quietly: the turn itself goes on in its
+        own task and saves the session.
+        """
         gw = self._gateway
         assert gw is not None
         conn = client.conn
-        try:
-            try:
-                async for event in gw.conversation.turn(start.ctx, start.input):
-                    if conn.machine.state is State.CLOSED:
-                        # the client went (or was cut) mid-turn: nobody to tell; the
-                        # turn itself goes on in its own task and saves the session
-                        return
-                    await self._do(client, conn.turn_event(event))
-            except TurnRejected as exc:
-                if conn.machine.state is not State.CLOSED:
-                    await self._do(client, conn.turn_rejected(exc))
-            else:
-                if conn.machine.state is not State.CLOSED:
-                    await self._do(client, conn.turn_finished())
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a gateway bug (the engine broke its order): never a silent hang
-            log.exception(
-                "forwarding a Voiceflow action of session %s failed", session_ref(start.ctx.key)
-            )
+
+        async def run(actions: Sequence[Action]) -> None:
+            await self._do(client, actions)
+
+        async def failed() -> None:
             await self._emit(
                 client.sid, error("gateway-error", "Internal gateway error.", start.message_id)
             )
             with contextlib.suppress(Exception):
                 await self.sio.disconnect(client.sid, namespace=NAMESPACE, ignore_queue=True)
+
+        try:
+            await forward_turn(
+                gw.conversation,
+                start,
+                conn,
+                run,
+                failed=failed,
+                gone=lambda: conn.machine.state is State.CLOSED,
+                log=log,
+                name=f"Voiceflow action {start.message_id}",
+            )
         finally:
             if self._running.get(start.ctx.key) == client.sid:
                 del self._running[start.ctx.key]

@@ -6,7 +6,8 @@ PROTOCOL-NOTES.md ("Flowstorm Socket V1"); the event vocabulary is gateway/event
 
 :class:`V1Connection` is fed the text frames (``str``) and binary frames
 (``bytes``) of one connection, the events of the turns it started and the
-results of the utterances it asked to be recognised; it returns *actions* for
+results of the utterances it asked to be recognised; it returns *actions* (the kit's
+shared vocabulary, gateway/protocol/actions.py, and V1's own StoreLogs) for
 the I/O layer to carry out, in order:
 
 - :class:`Send` — a text frame (V1 wire JSON, camelCase names);
@@ -147,7 +148,26 @@ from gateway.events import (
     Transcript,
     TurnEvent,
 )
-from gateway.protocol import ProtocolError, load_json, validate_event
+from gateway.protocol import (
+    Expected,
+    ProtocolError,
+    StateMachine,
+    flag,
+    integer,
+    load_json,
+    text,
+    validate_event,
+)
+from gateway.protocol.actions import (
+    CancelListening,
+    Close,
+    FeedAudio,
+    FinishListening,
+    Send,
+    SendBytes,
+    StartListening,
+    StartTurn,
+)
 from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.types import Heard, SpeechBusy, TtsFileFormat, TtsRequest
 from gateway.turn import TurnContext, TurnRejected, new_session_id
@@ -191,40 +211,10 @@ TTS_MODES: Final[dict[str, str | None]] = {
 """``config.tts`` (lower case) -> TtsRequest mode (None: no speech)."""
 TTS_FILE_TYPES: Final[tuple[TtsFileFormat, ...]] = ("mp3", "wav", "mulaw")
 
-_TRUE = frozenset({"1", "yes", "true", "on"})
-
 
 # ------------------------------------------------------------------ actions
-
-
-@dataclass(frozen=True)
-class Send:
-    """Send ``text`` as one WebSocket text frame."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class SendBytes:
-    """Send ``data`` as one WebSocket binary frame (an item's encoded speech)."""
-
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Close:
-    """Close the WebSocket with ``code`` and ``reason``; nothing more is sent or read."""
-
-    code: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class StartTurn:
-    """Run ``Conversation.turn(ctx, input)`` and feed its events back to the connection."""
-
-    ctx: TurnContext
-    input: Input
+# The shared vocabulary (gateway.protocol.actions: Send, SendBytes, Close, StartTurn,
+# StartListening, FeedAudio, FinishListening, CancelListening) and V1's own StoreLogs.
 
 
 @dataclass(frozen=True)
@@ -237,49 +227,6 @@ class StoreLogs:
 
     ctx: TurnContext
     entries: tuple[LogEntry, ...]
-
-
-@dataclass(frozen=True)
-class StartListening:
-    """Start recognising utterance ``stream`` of raw audio in ``fmt``.
-
-    Make a listener (``SpeechService.listener(fmt, interim=interim,
-    silence_timeout_ms=silence_timeout_ms)``, endpointing on) and feed it the
-    audio of the FeedAudio actions of this ``stream``, in order. Report each
-    heard event with :meth:`V1Connection.heard`, a failure with
-    :meth:`V1Connection.audio_failed`, and — once only — the client sending
-    no audio for ``idle_timeout_ms`` of wall-clock time (counted from this
-    action or the latest FeedAudio, until FinishListening) with
-    :meth:`V1Connection.audio_timeout`.
-    """
-
-    stream: int
-    fmt: AudioFormat
-    interim: bool
-    silence_timeout_ms: int
-    idle_timeout_ms: int
-
-
-@dataclass(frozen=True)
-class FeedAudio:
-    """Feed ``data`` (raw audio in the stream's format, any length) to utterance ``stream``."""
-
-    stream: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class FinishListening:
-    """End utterance ``stream`` after the audio fed so far (``Listener.finish``); idempotent."""
-
-    stream: int
-
-
-@dataclass(frozen=True)
-class CancelListening:
-    """Drop utterance ``stream``: discard its queued audio, cancel its listener, report nothing."""
-
-    stream: int
 
 
 Action = (
@@ -442,22 +389,22 @@ BinaryEvent, ``Response``, ``Error``, ``SessionEnded``), the listener's
 Anything else is a ProtocolError; in ``closed`` only ``ConnectionLost`` is.
 """
 
-_RUNNING = (
+_RUNNING = Expected(
     "A turn of this connection is still running",
     "its Response before the next Request, Input or InputAudioStreamOpen (Log is allowed)",
 )
-_EXPECTED: dict[State, tuple[str, str]] = {
-    State.AWAIT_INIT: ("The connection is not initialised", "Init"),
-    State.IDLE: ("Event out of order", "Request, Input, Log or InputAudioStreamOpen"),
-    State.LISTENING: (
+_EXPECTED: dict[State, Expected] = {
+    State.AWAIT_INIT: Expected("The connection is not initialised", "Init"),
+    State.IDLE: Expected("Event out of order", "Request, Input, Log or InputAudioStreamOpen"),
+    State.LISTENING: Expected(
         "An audio input stream is open",
         "audio, InputAudioStreamClose, InputAudioStreamCancel, Request, Input or Log",
     ),
-    State.FINISHING: (
+    State.FINISHING: Expected(
         "The audio input stream is closed and its utterance is being recognised",
         "its Recognized (InputAudioStreamCancel, Request, Input or Log are allowed)",
     ),
-    State.DRAINING: (
+    State.DRAINING: Expected(
         "Event out of order",
         "Request, Input, Log or InputAudioStreamOpen/Close/Cancel",
     ),
@@ -465,7 +412,7 @@ _EXPECTED: dict[State, tuple[str, str]] = {
     State.TURN_DRAINING: _RUNNING,
     State.TURN_ENDING: _RUNNING,
     State.TURN_ENDING_DRAINING: _RUNNING,
-    State.CLOSED: ("The connection is closing", "nothing more"),
+    State.CLOSED: Expected("The connection is closing", "nothing more"),
 }
 
 
@@ -473,31 +420,15 @@ _NO_TURN: Final = frozenset({State.IDLE, State.LISTENING, State.FINISHING, State
 """States after Init in which no turn of the connection runs."""
 
 
-class ConnectionStateMachine:
-    """The order of messages on one V1 connection, checked against :data:`TRANSITIONS`."""
+class ConnectionStateMachine(StateMachine[State, str]):
+    """The order of messages on one V1 connection, checked against :data:`TRANSITIONS`.
+
+    :meth:`feed` for the client's frames (RemoteProtocolError), :meth:`advance` for
+    the turn engine's events and the listener's reports (LocalProtocolError).
+    """
 
     def __init__(self) -> None:
-        self.state = State.AWAIT_INIT
-
-    def allows(self, event_type: str) -> bool:
-        """Whether ``event_type`` is legal in the current state."""
-        return (self.state, event_type) in TRANSITIONS
-
-    def check(self, event_type: str) -> None:
-        """Raise ProtocolError (like :meth:`feed`) unless ``event_type`` is legal now."""
-        if not self.allows(event_type):
-            text, expected = _EXPECTED[self.state]
-            raise ProtocolError(text, expected=expected, got=event_type)
-
-    def feed(self, event_type: str) -> State:
-        """Advance with ``event_type`` and return the new state.
-
-        Raises ProtocolError (``expected``/``got`` set) when the table does not
-        allow it; the state is then unchanged.
-        """
-        self.check(event_type)
-        self.state = TRANSITIONS[(self.state, event_type)]
-        return self.state
+        super().__init__(TRANSITIONS, State.AWAIT_INIT, _EXPECTED)
 
 
 # ------------------------------------------------------------------ parsing
@@ -532,31 +463,6 @@ def check_session_id(session_id: str) -> str:
     if not session_id.isprintable() or any(c.isspace() for c in session_id):
         raise ProtocolError("sessionId must not contain whitespace or control characters.")
     return session_id
-
-
-def _flag(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float):
-        return value != 0
-    return isinstance(value, str) and value.strip().lower() in _TRUE
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _int(value: Any) -> int | None:
-    """An integral JSON number (or a string of digits) as int, else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return None
 
 
 def tts_request(config: Mapping[str, Any]) -> TtsRequest | None:
@@ -611,7 +517,7 @@ def listen_config(config: Mapping[str, Any], default_silence_timeout_ms: int) ->
     Raises ProtocolError naming the setting, what is accepted and what came.
     """
     raw_rate = config.get("sttSampleRate")
-    rate = DEFAULT_SAMPLE_RATE if raw_rate is None else _int(raw_rate)
+    rate = DEFAULT_SAMPLE_RATE if raw_rate is None else integer(raw_rate)
     if rate not in STT_SAMPLE_RATES:
         raise ProtocolError(
             "Unsupported audio input: config.sttSampleRate",
@@ -619,7 +525,7 @@ def listen_config(config: Mapping[str, Any], default_silence_timeout_ms: int) ->
             got=repr(raw_rate),
         )
     raw_timeout = config.get("silenceTimeout")
-    timeout = default_silence_timeout_ms if raw_timeout is None else _int(raw_timeout)
+    timeout = default_silence_timeout_ms if raw_timeout is None else integer(raw_timeout)
     if timeout is None or not 0 < timeout <= MAX_SILENCE_TIMEOUT_MS:
         raise ProtocolError(
             "Unsupported audio input: config.silenceTimeout",
@@ -635,7 +541,7 @@ def listen_config(config: Mapping[str, Any], default_silence_timeout_ms: int) ->
         )
     return ListenConfig(
         AudioFormat("LINEAR16", rate),
-        interim=_flag(config.get("sttInterimResults")),
+        interim=flag(config.get("sttInterimResults")),
         silence_timeout_ms=timeout,
     )
 
@@ -734,7 +640,7 @@ class V1Connection:
     @property
     def send_items(self) -> bool:
         """Whether ResponseItem frames are sent (Init ``config.sendResponseItems``)."""
-        return self.init is not None and _flag(self.init.config.get("sendResponseItems"))
+        return self.init is not None and flag(self.init.config.get("sendResponseItems"))
 
     @property
     def turn_over(self) -> bool:
@@ -898,8 +804,8 @@ class V1Connection:
             session_id=session_id,
             app_key=init.key or "",
             device_id=device_id or init.device_id,
-            locale=_text(config.get("locale")),
-            time_zone=_text(config.get("zoneId")),
+            locale=text(config.get("locale")),
+            time_zone=text(config.get("zoneId")),
             create=True,
             config=dict(config),
             attributes=dict(attributes or {}),
@@ -972,7 +878,7 @@ class V1Connection:
         utterance = self._current(stream)
         if utterance is None:
             return []
-        self.machine.feed(_HEARD_EVENTS[heard.kind])
+        self.machine.advance(_HEARD_EVENTS[heard.kind])
         if heard.kind == "speech_started":
             return []
         if heard.kind == "interim":
@@ -994,7 +900,7 @@ class V1Connection:
         """
         if self._current(stream) is None:
             return []
-        self.machine.feed(AUDIO_FAILED)
+        self.machine.advance(AUDIO_FAILED)
         self._utterance = None
         return [audio_error_frame(error)]
 
@@ -1007,7 +913,7 @@ class V1Connection:
         if utterance is None:
             return []
         listening = self.state is State.LISTENING
-        self.machine.feed(AUDIO_TIMEOUT)
+        self.machine.advance(AUDIO_TIMEOUT)
         return [FinishListening(stream)] if listening else []
 
     # ------------------------------------------------------------- turn events
@@ -1021,10 +927,10 @@ class V1Connection:
         the Response carries all items); a BinaryEvent (an item's speech with
         ``tts=RequiredStreaming``) as a binary frame. The first event makes the
         turn's session the connection's; SessionEnded forgets it. Raises
-        ProtocolError when no turn runs or the engine broke its order (a gateway bug).
+        LocalProtocolError when no turn runs or the engine broke its order (a gateway bug).
         """
         kind = RESPONSE_AUDIO if isinstance(event, BinaryEvent) else event.type
-        self.machine.feed(kind)
+        self.machine.advance(kind)
         turn = self._turn
         if turn is not None and not turn.accepted:  # the engine took the turn on
             turn.accepted = True
@@ -1046,7 +952,7 @@ class V1Connection:
 
         The connection goes back to idle and keeps its previous session id.
         """
-        self.machine.feed(TURN_REJECTED)
+        self.machine.advance(TURN_REJECTED)
         self._turn = None
         return [error_frame(exc.text, exc.source)]
 
@@ -1056,14 +962,14 @@ class V1Connection:
         Returns a StoreLogs for entries that arrived during the turn when the
         session still exists.
         """
-        self.machine.feed(TURN_FINISHED)
+        self.machine.advance(TURN_FINISHED)
         self._turn = None
         return self._flush_logs()
 
     def connection_lost(self) -> list[Action]:
         """The socket is gone: CancelListening for an utterance being recognised, and a
         last StoreLogs for buffered entries when a session exists."""
-        self.machine.feed(CONNECTION_LOST)
+        self.machine.advance(CONNECTION_LOST)
         utterance, self._utterance = self._utterance, None
         cancel: list[Action] = [CancelListening(utterance.stream)] if utterance else []
         return [*cancel, *self._flush_logs()]

@@ -1,11 +1,12 @@
 """Flowstorm Socket V1 over WebSocket: ``/socket`` and ``/socket/``.
 
 Thin I/O around :class:`adapters.flowstorm.v1.protocol.V1Connection` (spec:
-shared/specs/flowstorm-socket-v1.md). One receive loop reads frames and carries
-out the actions the protocol returns; each turn runs through the turn engine
-and is forwarded by a task of its own, so the loop keeps reading while a turn
-runs and notices a client that goes away. On disconnect only the forwarding is
-cancelled: the engine's turn completes and saves the session.
+shared/specs/flowstorm-socket-v1.md), served by the WebSocket driver
+(:mod:`gateway.io.websocket`: guarded sends with the send deadline, the receive
+loop, the action runner and the turn forwarder). What is V1's own: its frames go
+to ``receive_text``/``receive_bytes``, client logs are stored in the background,
+the Response is held back until the turn's stream ends, and a gateway failure is
+an Error frame of source ``gateway`` before the close 1011.
 
 Audio input: each utterance (StartListening) gets a
 ``gateway.speech.listener.Listener`` from ``gw.speech`` and a worker task that
@@ -33,34 +34,31 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
-from typing import Any, Final
+from typing import Final
 
 from fastapi import APIRouter, WebSocket
-from starlette.websockets import WebSocketDisconnect
 
 from adapters.flowstorm.v1.protocol import (
     CLOSE_INTERNAL,
     Action,
-    CancelListening,
-    Close,
-    FeedAudio,
-    FinishListening,
-    Send,
-    SendBytes,
-    StartListening,
-    StartTurn,
     StoreLogs,
     V1Connection,
     error_frame,
 )
 from gateway import metrics
-from gateway.conversation import TurnRejected
 from gateway.deps import Gateway, gateway_of
+from gateway.io.websocket import SEND_ERRORS, WebSocketDriver
 from gateway.logs import session_ref
+from gateway.protocol.actions import (
+    CancelListening,
+    Close,
+    FeedAudio,
+    FinishListening,
+    StartListening,
+)
 from gateway.sessions import StoreError
-from gateway.sockets import SEND_ERRORS, GuardedSocket
 from gateway.speech.audio import AudioFormatError
 from gateway.speech.listener import Heard, Listener
 from gateway.speech.stt import RecognitionError, RecognizerBusy
@@ -91,7 +89,7 @@ class _Utterance:
     def __init__(self, start: StartListening, listener: Listener) -> None:
         self.stream = start.stream
         self.listener = listener
-        self.idle_timeout_s = start.idle_timeout_ms / 1000
+        self.idle_timeout_s = (start.idle_timeout_ms or 0) / 1000 or None
         self.max_pending = max(start.fmt.bytes_for_ms(MAX_PENDING_AUDIO_MS), 1)
         self.queue: deque[bytes] = deque()
         self.pending = 0
@@ -141,7 +139,7 @@ class _Utterance:
             if self.stopped:
                 return _Mark.STOPPED
             timeout: float | None = None
-            if not self.finishing and not self.timed_out:
+            if not self.finishing and not self.timed_out and self.idle_timeout_s is not None:
                 timeout = self.last_audio + self.idle_timeout_s - time.monotonic()
                 if timeout <= 0:
                     self.timed_out = True
@@ -157,94 +155,20 @@ class _Utterance:
         return data
 
 
-class _Socket(GuardedSocket):
-    """One accepted V1 WebSocket: the receive loop, turn forwarders, listeners and log writers."""
+class _Listening:
+    """The speech side of one V1 socket (the driver's :class:`Listening`): one utterance at
+    a time, its audio queue and its worker task, which reports to the protocol."""
 
-    def __init__(self, ws: WebSocket, gw: Gateway) -> None:
-        super().__init__(ws)
+    def __init__(
+        self, gw: Gateway, conn: V1Connection, run: Callable[[Sequence[Action]], Awaitable[None]]
+    ) -> None:
         self.gw = gw
-        self.conn = V1Connection(
-            gw.settings.key_allowed,
-            max_frame_bytes=gw.settings.max_body_bytes,
-            silence_timeout_ms=gw.settings.silence_timeout_ms,
-        )
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._log_tasks: set[asyncio.Task[None]] = set()
+        self.conn = conn
+        self._run = run
         self._utterance: _Utterance | None = None
-        self._listen_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self) -> None:
-        """Serve the connection until the client leaves or the protocol closes it."""
-        try:
-            while self.open:
-                message = await self.ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    self.open = False
-                    break
-                text, data = message.get("text"), message.get("bytes")
-                if text is not None:
-                    actions = self.conn.receive_text(text)
-                elif data is not None:
-                    actions = self.conn.receive_bytes(data)
-                else:
-                    continue
-                await self._do(actions)
-        except (WebSocketDisconnect, OSError):
-            self.open = False
-        except Exception:
-            log.exception("Flowstorm V1 socket failed")
-            await self._close(CLOSE_INTERNAL, "Internal gateway error.")
-        finally:
-            await self._shutdown()
-
-    async def _shutdown(self) -> None:
-        self.open = False
-        for action in self.conn.connection_lost():
-            if isinstance(action, StoreLogs):
-                self._start_logs(action)
-            elif isinstance(action, CancelListening):
-                self._cancel_listening(action.stream)
-        await asyncio.gather(*self._listen_tasks, return_exceptions=True)
-        for task in list(self._tasks):  # forwarding only; the engine's turns go on
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*self._log_tasks, return_exceptions=True)
-
-    async def _do(self, actions: Sequence[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                await self._send(action.text)
-            elif isinstance(action, SendBytes):
-                await self._send_bytes(action.data)
-            elif isinstance(action, FeedAudio):
-                utterance = self._utterance
-                if utterance is not None and utterance.stream == action.stream:
-                    await utterance.put(action.data)
-            elif isinstance(action, StartListening):
-                self._start_listening(action)
-            elif isinstance(action, FinishListening):
-                if self._utterance is not None and self._utterance.stream == action.stream:
-                    self._utterance.finish()
-            elif isinstance(action, CancelListening):
-                self._cancel_listening(action.stream)
-            elif isinstance(action, Close):
-                await self._close(action.code, action.reason)
-            elif isinstance(action, StartTurn):
-                self._spawn(self._forward(action), self._tasks)
-            else:
-                self._start_logs(action)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], tasks: set[asyncio.Task[None]]) -> None:
-        task = asyncio.create_task(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    def _start_logs(self, action: StoreLogs) -> None:
-        self._spawn(self._store_logs(action), self._log_tasks)
-
-    # ------------------------------------------------------------- audio input
-
-    def _start_listening(self, start: StartListening) -> None:
+    async def start(self, start: StartListening) -> None:
         previous = self._utterance
         if previous is not None:
             # the protocol is done with it (a result or failure was reported); its worker
@@ -257,17 +181,37 @@ class _Socket(GuardedSocket):
         self._utterance = utterance
         task = asyncio.create_task(self._listen(utterance), name=f"listen {start.stream}")
         utterance.task = task
-        self._listen_tasks.add(task)
-        task.add_done_callback(self._listen_tasks.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _cancel_listening(self, stream: int) -> None:
+    def _current(self, stream: int) -> _Utterance | None:
         utterance = self._utterance
-        if utterance is None or utterance.stream != stream:
+        return utterance if utterance is not None and utterance.stream == stream else None
+
+    async def feed(self, action: FeedAudio) -> None:
+        utterance = self._current(action.stream)
+        if utterance is not None:
+            await utterance.put(action.data)
+
+    async def finish(self, action: FinishListening) -> None:
+        utterance = self._current(action.stream)
+        if utterance is not None:
+            utterance.finish()
+
+    async def cancel(self, action: CancelListening) -> None:
+        utterance = self._current(action.stream)
+        if utterance is None:
             return
         self._utterance = None
         utterance.stop()
         if utterance.task is not None:
             utterance.task.cancel()  # its listener is cancelled on the way out
+
+    async def close(self) -> None:
+        utterance = self._utterance
+        if utterance is not None:
+            await self.cancel(CancelListening(utterance.stream))
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _listen(self, utterance: _Utterance) -> None:
         """Feed one utterance's audio to its listener, in order; report what it heard.
@@ -279,7 +223,7 @@ class _Socket(GuardedSocket):
 
         async def report(actions: Sequence[Action]) -> None:
             if actions:
-                await asyncio.shield(self._do(actions))
+                await asyncio.shield(self._run(actions))
 
         try:
             try:
@@ -319,34 +263,49 @@ class _Socket(GuardedSocket):
                 with contextlib.suppress(Exception):
                     await listener.cancel()
 
-    # ------------------------------------------------------------------ turns
 
-    async def _forward(self, start: StartTurn) -> None:
-        """Send one turn's frames; the Response and what follows go out after its stream ends."""
-        conn = self.conn
-        held: list[Action] = []
-        try:
-            try:
-                async for event in self.gw.conversation.turn(start.ctx, start.input):
-                    actions = conn.turn_event(event)
-                    if conn.turn_over:
-                        held.extend(actions)
-                    else:
-                        await self._do(actions)
-            except TurnRejected as exc:
-                held.extend(conn.turn_rejected(exc))
-            else:
-                held.extend(conn.turn_finished())
-        except Exception:  # a gateway bug (the engine broke its order): never a silent hang
-            log.exception("forwarding a turn of session %s failed", session_ref(start.ctx.key))
-            await self._send(error_frame("Internal gateway error.", "gateway").text)
-            await self._close(CLOSE_INTERNAL, "Internal gateway error.")
-            return
-        await self._do(held)
+class _Socket(WebSocketDriver[Action]):
+    """One accepted V1 WebSocket on the WebSocket driver: V1's frames, its StoreLogs, and
+    its Response held back until the turn's stream ends (V1Connection.turn_over)."""
+
+    def __init__(self, ws: WebSocket, gw: Gateway) -> None:
+        self.conn = conn = V1Connection(
+            gw.settings.key_allowed,
+            max_frame_bytes=gw.settings.max_body_bytes,
+            silence_timeout_ms=gw.settings.silence_timeout_ms,
+        )
+        super().__init__(
+            ws,
+            conn,
+            gw.conversation,
+            listening=_Listening(gw, conn, self.run),
+            send_timeout_s=gw.settings.send_timeout_s,
+            log=log,
+            name="Flowstorm V1 socket",
+        )
+
+    def received(self, frame: str | bytes) -> list[Action]:
+        if isinstance(frame, str):
+            return self.conn.receive_text(frame)
+        return self.conn.receive_bytes(frame)
+
+    def holding(self) -> bool:
+        return self.conn.turn_over
+
+    def failure(self) -> list[Action]:
+        error = error_frame("Internal gateway error.", "gateway")
+        return [error, Close(CLOSE_INTERNAL, "Internal gateway error.")]
+
+    def lost(self) -> list[Action]:
+        return self.conn.connection_lost()
+
+    async def other(self, action: Action) -> None:
+        if isinstance(action, StoreLogs):
+            self.spawn(self._store_logs(action), "logs", background=True)
 
     async def _store_logs(self, action: StoreLogs) -> None:
         try:
-            stored = await self.gw.conversation.log(action.ctx, action.entries)
+            stored = await self.conversation.log(action.ctx, action.entries)
         except StoreError as exc:
             log.warning(
                 "client logs of session %s not stored: %s", session_ref(action.ctx.key), exc
@@ -370,4 +329,4 @@ async def socket_v1(websocket: WebSocket) -> None:
     except SEND_ERRORS:
         return
     with metrics.connection("flowstorm_v1"):
-        await _Socket(websocket, gw).run()
+        await _Socket(websocket, gw).serve()

@@ -53,7 +53,15 @@ from gateway.events import (
     Transcript,
     TurnEvent,
 )
-from gateway.protocol import MAX_JSON_DEPTH, ProtocolError, load_json, validate_event
+from gateway.protocol import (
+    MAX_JSON_DEPTH,
+    Expected,
+    ProtocolError,
+    StateMachine,
+    load_json,
+    strict_flag,
+    validate_event,
+)
 from gateway.speech.audio import AudioFormat, AudioFormatError, Pcm, decode_mp3, decode_wav
 
 SESSION_COOKIE = "flowstorm-session-id"
@@ -145,8 +153,6 @@ CONFIG_SOURCES: tuple[tuple[str, str | None, str | None], ...] = (
     ("realtime", None, "realtime"),
 )
 
-_TRUE = frozenset({"1", "yes", "true", "on"})
-_FALSE = frozenset({"0", "no", "false", "off"})
 _BOOLEAN_FIELDS = frozenset({"send_response_items", "video_file", "realtime"})
 _TTS_VALUES = {"requiredlinks": "RequiredLinks", "none": "None"}
 _ONLY_VALUE: Final[Mapping[str, tuple[str | bool, str]]] = {
@@ -186,11 +192,11 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
         if raw == "":
             continue
         if name in _BOOLEAN_FIELDS:
-            word = raw.strip().lower()
-            if word not in _TRUE and word not in _FALSE:
+            value = strict_flag(raw)
+            if value is None:
                 param = _PARAM_OF_FIELD[name]
                 raise ProtocolError(f"{param} must be one of 1/yes/true or 0/no/false, not {raw!r}")
-            values[name] = word in _TRUE
+            values[name] = value
         elif name == "tts":
             values[name] = _TTS_VALUES.get(raw.strip().lower(), raw.strip())
         else:
@@ -446,29 +452,32 @@ TRANSITIONS: dict[tuple[StreamState, str], StreamState] = {
 with Logs anywhere after. The body may end in START (Logs only), AUDIO (the audio
 is the input) or DONE; not in AUDIO_CLOSED (the Input is missing)."""
 
+_OUT_OF_ORDER = "Event out of order"
 _EXPECTED = {
-    StreamState.START: "Input, Binary or Log",
-    StreamState.AUDIO: "Binary, InputStreamClose or Log",
-    StreamState.AUDIO_CLOSED: "Input or Log",
-    StreamState.DONE: "Log (one Input per request)",
+    StreamState.START: Expected(_OUT_OF_ORDER, "Input, Binary or Log"),
+    StreamState.AUDIO: Expected(_OUT_OF_ORDER, "Binary, InputStreamClose or Log"),
+    StreamState.AUDIO_CLOSED: Expected(_OUT_OF_ORDER, "Input or Log"),
+    StreamState.DONE: Expected(_OUT_OF_ORDER, "Log (one Input per request)"),
 }
 
 
 class RequestStream:
-    """Checks the order of one PUT body's events against :data:`TRANSITIONS`."""
+    """Checks the order of one PUT body's events against :data:`TRANSITIONS` (the kit's
+    StateMachine, fed the events' ``type``)."""
 
     def __init__(self) -> None:
-        self.state = StreamState.START
+        self.machine: StateMachine[StreamState, str] = StateMachine(
+            TRANSITIONS, StreamState.START, _EXPECTED
+        )
+
+    @property
+    def state(self) -> StreamState:
+        """Where the body is."""
+        return self.machine.state
 
     def feed(self, event: V2ClientEvent) -> StreamState:
         """Advance with ``event``; raises ProtocolError when the table forbids it."""
-        nxt = TRANSITIONS.get((self.state, event.type))
-        if nxt is None:
-            raise ProtocolError(
-                "Event out of order", expected=_EXPECTED[self.state], got=event.type
-            )
-        self.state = nxt
-        return nxt
+        return self.machine.feed(event.type)
 
 
 # ------------------------------------------------------------------ audio

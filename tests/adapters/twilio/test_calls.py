@@ -17,7 +17,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from adapters.twilio.routes import MULAW_8K
+from adapters.twilio.protocol import MULAW_8K
 from gateway.speech.audio import Pcm
 from gateway.speech.listener import ListenOptions
 from gateway.speech.service import SpeechService

@@ -20,9 +20,7 @@ from adapters.twilio.protocol import (
     DtmfCollector,
     EndSession,
     HangUp,
-    Hear,
     Interrupt,
-    Listen,
     Mark,
     MarkBook,
     Media,
@@ -32,7 +30,6 @@ from adapters.twilio.protocol import (
     StartTurn,
     State,
     Stop,
-    StopListening,
     TwilioCall,
     busy_twiml,
     clear_message,
@@ -50,6 +47,7 @@ from gateway.events import (
     ResponseItemEvent,
 )
 from gateway.protocol import ProtocolError
+from gateway.protocol.actions import CancelListening, FeedAudio, StartListening
 from gateway.speech.audio import Pcm
 from tests.adapters.twilio.helpers import phone
 
@@ -364,11 +362,11 @@ def test_speech_on_the_callers_floor_is_heard_and_becomes_the_input(
     call.receive(mark("1"))
     speech = phone(corpus["play some music please"])
     actions = speak(call, SILENCE * 10 + speech)
-    listen = [(i, a) for i, a in actions if isinstance(a, Listen)]
+    listen = [(i, a) for i, a in actions if isinstance(a, StartListening)]
     [(at, first)] = listen
     assert 10 + 7 <= at <= 10 + 12  # 150 ms of voice after the onset at frame 10
     assert len(first.preroll) >= (at - 10 + 1) * 160  # the onset is in the preroll
-    assert all(isinstance(a, Hear) for i, a in actions if i > at)
+    assert all(isinstance(a, FeedAudio) for i, a in actions if i > at)
     assert call.state is State.HEARING
     [turn] = call.heard("final", "play some music please")
     assert isinstance(turn, StartTurn)
@@ -397,7 +395,7 @@ def test_barge_in_interrupts_the_bot_after_the_minimum_speech(corpus: dict[str, 
     [(at, interrupt)] = interrupts
     assert json.loads(interrupt.clear) == {"event": "clear", "streamSid": STREAM}
     assert 10 + 14 <= at <= 10 + 18  # 300 ms of speech, not 150
-    assert isinstance(actions[actions.index((at, interrupt)) + 1][1], Listen)
+    assert isinstance(actions[actions.index((at, interrupt)) + 1][1], StartListening)
     # the rest of the interrupted turn is dropped; its end lets the caller's input run
     assert call.turn_event(BinaryEvent(data=b"\x00" * 800)) == []
     assert call.turn_event(ResponseEvent(response=Response())) == []
@@ -476,7 +474,7 @@ def test_stop_ends_the_session() -> None:
     call.receive(mark("1"))
     call.machine.state = State.HEARING  # as if a listener were open
     actions = call.receive(STOP)
-    assert isinstance(actions[0], StopListening)
+    assert isinstance(actions[0], CancelListening)
     assert isinstance(actions[1], EndSession)
     assert call.closed
     assert call.connection_lost() == []  # once

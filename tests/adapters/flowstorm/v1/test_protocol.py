@@ -43,7 +43,7 @@ from gateway.events import (
     SessionStartedEvent,
     Transcript,
 )
-from gateway.protocol import ProtocolError
+from gateway.protocol import LocalProtocolError, ProtocolError
 from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.listener import AudioLimitExceeded, Heard
 from gateway.speech.service import TtsRequest
@@ -543,7 +543,7 @@ def test_the_table_lets_nothing_but_connection_lost_happen_when_closed() -> None
 
 def test_a_turn_event_without_a_turn_is_a_protocol_error() -> None:
     conn = ready(connection())
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):  # the gateway's own mistake, not the client's
         conn.turn_event(ResponseEvent(response=Response()))
 
 

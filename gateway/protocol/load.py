@@ -1,29 +1,14 @@
-"""What every adapter's sans-I/O protocol code shares: the protocol errors, the one
-JSON loader, and the checks of dates and time zones a client sends.
-
-Each protocol keeps its state machine as a table (state, message) -> next state
-in its own ``protocol.py`` (the style of h11's ``_state.py``); a message the table
-does not allow raises ProtocolError naming what was expected and what came.
-
-Errors, as in h11's ``_util.py``: :class:`RemoteProtocolError` (alias
-:data:`ProtocolError`, the name protocol code raises) is the peer's mistake and is
-answered in the protocol's own form; :class:`LocalProtocolError` is ours (a state
-the code should never reach, an action asked of a protocol object in the wrong
-state) and is not caught as the peer's, so it surfaces as a server error.
-
-A ``protocol.py`` imports only the standard library, pydantic, the core event
-models (gateway/events.py), this module and the pure modules gateway/turn.py,
-gateway/speech/types.py, gateway/speech/audio.py, gateway/speech/vad.py and
-gateway/ssml.py, never the turn engine, speech service or stores, not even for
-type hints (tests/test_protocol_purity.py).
+"""JSON a client sends, loaded within bounds and validated into a protocol's models.
 
 Every JSON a client sends (a V1 frame, a V2 body event, a Twilio frame, an
 Alexa/Google/Dialogflow body, a socket.io packet) is parsed by :func:`load_json`,
 which bounds size, nesting depth and number length *before* the standard
 library's parser runs, so hostile input (thousands of nested brackets, integers
 of thousands of digits, ``NaN``, lone surrogates) becomes a ProtocolError, never a
-RecursionError, ValueError or a crash further on. :func:`parse_timestamp` and
-:func:`check_time_zone` treat dates and IANA zone names as input to validate.
+RecursionError, ValueError or a crash further on. The decoded value becomes a
+protocol's model through :func:`validate` (one model) or :func:`validate_event`
+(a union of events told apart by ``type``); both turn pydantic's ValidationError
+into the one ProtocolError naming the field.
 """
 
 from __future__ import annotations
@@ -32,67 +17,73 @@ import functools
 import json
 import math
 import re
-import zoneinfo
-from datetime import UTC, datetime
 from itertools import accumulate
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, overload
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from gateway.protocol.errors import ProtocolError
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
-def _naming(text: str, expected: str | None, got: str | None) -> str:
-    """``text``, followed by what the state machine expected and what came when both are known."""
-    if expected is not None and got is not None:
-        return f"{text}: expected {expected}, got {got}"
-    return text
+def invalid(
+    exc: ValidationError, what: str, *, skip: int = 0, prefix: str = "", empty: str = ""
+) -> ProtocolError:
+    """The ProtocolError (400) for the first error of ``exc``: ``Invalid <what>: <where>: <msg>``.
 
-
-class RemoteProtocolError(Exception):
-    """The peer broke its protocol: malformed, unknown, out of order or oversized input.
-
-    Raised under its alias :data:`ProtocolError`. ``text`` is a message fit for the
-    client; ``expected``/``got`` name the state machine's expectation when the
-    message came out of order; ``status`` is the HTTP status an HTTP-based protocol
-    answers with (400 unless said).
+    ``where`` is the error's location joined with dots, its first ``skip`` parts
+    left out (1 for a discriminated union's tag), after ``prefix`` (``payload``);
+    ``empty`` stands for an empty location (``body``); with neither the text is
+    ``Invalid <what>: <msg>``.
     """
-
-    def __init__(
-        self,
-        text: str,
-        *,
-        expected: str | None = None,
-        got: str | None = None,
-        status: int = 400,
-    ) -> None:
-        text = _naming(text, expected, got)
-        super().__init__(text)
-        self.text = text
-        self.expected = expected
-        self.got = got
-        self.status = status
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"][skip:])
+    where = f"{prefix}.{where}" if prefix and where else prefix or where or empty
+    return ProtocolError(
+        f"Invalid {what}: {where}: {err['msg']}" if where else f"Invalid {what}: {err['msg']}"
+    )
 
 
-ProtocolError = RemoteProtocolError
-"""The name protocol code raises and routes catch for the peer's mistakes."""
+@overload
+def validate(
+    model: type[M], value: object, *, what: str, skip: int = 0, prefix: str = "", empty: str = ""
+) -> M: ...
 
 
-class LocalProtocolError(Exception):
-    """We broke the protocol: our own bug, or a state the protocol object should not reach.
+@overload
+def validate(
+    model: TypeAdapter[T],
+    value: object,
+    *,
+    what: str,
+    skip: int = 0,
+    prefix: str = "",
+    empty: str = "",
+) -> T: ...
 
-    For example an action asked of a connection in a state its table does not
-    allow. Not a :class:`RemoteProtocolError`: handlers that answer the peer's
-    mistakes do not catch it, so it surfaces as a server error (HTTP 500, WebSocket
-    close 1011) and is logged. ``expected``/``got`` as for RemoteProtocolError.
+
+def validate(
+    model: type[BaseModel] | TypeAdapter[Any],
+    value: object,
+    *,
+    what: str,
+    skip: int = 0,
+    prefix: str = "",
+    empty: str = "",
+) -> Any:
+    """``value`` (decoded JSON) validated as ``model`` (a pydantic model or TypeAdapter).
+
+    Raises ProtocolError (400) from :func:`invalid` (``what``, ``skip``, ``prefix``,
+    ``empty`` as there) when it does not validate.
     """
-
-    def __init__(self, text: str, *, expected: str | None = None, got: str | None = None) -> None:
-        text = _naming(text, expected, got)
-        super().__init__(text)
-        self.text = text
-        self.expected = expected
-        self.got = got
+    try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_python(value)
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise invalid(exc, what, skip=skip, prefix=prefix, empty=empty) from None
 
 
 def validate_event(adapter: TypeAdapter[T], value: object, *, expected: str, what: str) -> T:
@@ -113,8 +104,7 @@ def validate_event(adapter: TypeAdapter[T], value: object, *, expected: str, wha
         err = exc.errors()[0]
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             raise ProtocolError("Unknown event type", expected=expected, got=repr(kind)) from None
-        where = ".".join(str(p) for p in err["loc"][1:])
-        raise ProtocolError(f"Invalid {kind} event: {where}: {err['msg']}") from None
+        raise invalid(exc, f"{kind} event", skip=1) from None
 
 
 # ------------------------------------------------------------------------ JSON
@@ -244,50 +234,3 @@ def load_json(
         except UnicodeEncodeError:
             raise ProtocolError(f"{what} holds a lone UTF-16 surrogate.") from None
     return value
-
-
-# ---------------------------------------------------------------- dates, zones
-
-
-def parse_timestamp(raw: object, *, what: str = "timestamp") -> datetime:
-    """An ISO 8601 date-time a client sent, as an aware UTC datetime.
-
-    A value without an offset is taken as UTC. Raises ProtocolError (400) for a
-    non-string, an unparsable text, and a moment that is not representable in UTC
-    (``0001-01-01T00:00:00+01:00``, ``9999-12-31T23:59:59-01:00``).
-    """
-    if not isinstance(raw, str):
-        raise ProtocolError(f"{what} must be an ISO 8601 string, not {type(raw).__name__}.")
-    try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise ProtocolError(f"{what} is not ISO 8601: {raw[:40]!r}.") from None
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    try:
-        return moment.astimezone(UTC)
-    except (OverflowError, ValueError):
-        raise ProtocolError(f"{what} is out of range: {raw[:40]!r}.") from None
-
-
-@functools.cache
-def _zone_keys() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
-
-
-def check_time_zone(name: str, *, what: str = "time zone") -> str:
-    """``name`` when it is a key of the IANA time zone database here, else ProtocolError.
-
-    Validated as input: the key must be one :func:`zoneinfo.available_timezones`
-    lists (so a directory such as ``America``, a path, or a file of the database
-    that is not a zone is refused without being opened), and must load. Raises
-    ProtocolError (400); never the OSError/ValueError family zoneinfo raises.
-    """
-    keys = _zone_keys()
-    if (keys and name not in keys) or len(name) > 255:
-        raise ProtocolError(f"{what}: unknown IANA time zone {name[:64]!r}.")
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (KeyError, ValueError, OSError):
-        raise ProtocolError(f"{what}: unknown IANA time zone {name[:64]!r}.") from None
-    return name

@@ -1,0 +1,501 @@
+"""One WebSocket driver for every WebSocket protocol: a sans-I/O protocol object on a socket.
+
+A WebSocket adapter (Flowstorm V1, Twilio Media Streams, the next media stream)
+holds a protocol object that is fed frames, the turn engine's events and the
+listener's reports, and returns actions (gateway/protocol/actions.py). What is
+left to do around it is the same for every one of them and lives here, once:
+
+- **guarded sends** — :meth:`WebSocketDriver.send_text` / :meth:`~WebSocketDriver.send_bytes`
+  / :meth:`~WebSocketDriver.close` are serialised, never raise when the peer has
+  gone (the driver is then no longer :attr:`~WebSocketDriver.open`, later sends are
+  dropped) and, with ``send_timeout_s``, give up on a peer that does not read: the
+  socket is closed with 1008 (GATEWAY_SEND_TIMEOUT_S);
+- **the receive loop** — :meth:`~WebSocketDriver.serve` reads frames (text or
+  binary) and hands each to :meth:`~WebSocketDriver.received`; a peer silent for
+  :meth:`~WebSocketDriver.idle_timeout_s` is handed to :meth:`~WebSocketDriver.idle`.
+  WebSocket ping/pong control frames are answered by the server (uvicorn) and
+  never reach the loop; a protocol's own pings (V1's empty binary frame) are
+  frames like any other and count as activity. A disconnect, a failure of the
+  gateway (closed 1011, logged) and the protocol's own end all lead to
+  :meth:`~WebSocketDriver.shutdown`;
+- **the action runner** — :meth:`~WebSocketDriver.run` carries out the shared
+  actions in order: Send, SendBytes, Close, StartTurn (a forwarding task),
+  EndSession, and the listening actions, which go to the speech side through the
+  narrow :class:`Listening` interface; anything else is the adapter's
+  (:meth:`~WebSocketDriver.other`);
+- **the turn forwarder** — :func:`forward_turn` (a WebSocket's
+  :meth:`~WebSocketDriver.forward`; socket.io uses it too) runs one turn of the
+  turn engine and feeds its events to the protocol object (:class:`TurnTaker`),
+  carrying out what it returns; what comes once :meth:`~WebSocketDriver.holding`
+  is true waits until the turn's stream has ended (V1 holds its Response back so
+  the client always finds the connection idle). On shutdown only the forwarding
+  is cancelled: the engine's turn goes on and saves its session.
+
+:class:`PacedSender` paces a media stream's outbound audio to real time (Twilio's,
+the next carrier's).
+
+Tasks the connection spawns (:meth:`~WebSocketDriver.spawn`) are cancelled and
+awaited at shutdown; ``background`` ones (writes that should complete, e.g. V1's
+client logs) are awaited without a cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Final, Generic, Protocol, TypeVar
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from gateway.conversation import Conversation, TurnRejected
+from gateway.events import TurnEvent
+from gateway.logs import session_ref
+from gateway.protocol.actions import (
+    CancelListening,
+    Close,
+    EndSession,
+    FeedAudio,
+    FinishListening,
+    Send,
+    SendBytes,
+    StartListening,
+    StartTurn,
+)
+from gateway.sessions import StoreError
+from gateway.turn import TurnContext
+
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INTERNAL",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY",
+    "SEND_ERRORS",
+    "Listening",
+    "PacedSender",
+    "TurnTaker",
+    "WebSocketDriver",
+    "forward_turn",
+]
+
+SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
+"""What sending on a socket the peer has left raises (Starlette/uvicorn)."""
+
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_POLICY: Final = 1008
+"""Policy violation; also a peer that does not read within the send timeout."""
+CLOSE_INTERNAL: Final = 1011
+"""The gateway itself failed."""
+
+A = TypeVar("A")
+T = TypeVar("T")
+A_co = TypeVar("A_co", covariant=True)
+
+
+class TurnTaker(Protocol[A_co]):
+    """What a protocol object offers the turn forwarder: each call returns its actions."""
+
+    def turn_event(self, event: TurnEvent) -> Sequence[A_co]:
+        """One event of the running turn."""
+        ...
+
+    def turn_rejected(self, exc: TurnRejected) -> Sequence[A_co]:
+        """The engine refused the turn."""
+        ...
+
+    def turn_finished(self) -> Sequence[A_co]:
+        """The turn's event stream has ended."""
+        ...
+
+
+class Listening(Protocol):
+    """The speech side of one socket, driven by the listening actions only.
+
+    Each utterance is identified by its ``stream`` number; what its listener hears
+    is reported to the protocol object by the implementation (which holds it),
+    and the actions that come back are carried out through the driver's
+    :meth:`WebSocketDriver.run`. Reports of a cancelled utterance are not made.
+    """
+
+    async def start(self, action: StartListening) -> None:
+        """Open a listener for utterance ``action.stream`` and feed it the preroll."""
+        ...
+
+    async def feed(self, action: FeedAudio) -> None:
+        """Queue audio for its utterance (may wait: backpressure on the receive loop)."""
+        ...
+
+    async def finish(self, action: FinishListening) -> None:
+        """End the utterance after the audio fed so far."""
+        ...
+
+    async def cancel(self, action: CancelListening) -> None:
+        """Drop the utterance: no report follows."""
+        ...
+
+    async def close(self) -> None:
+        """The socket is gone: cancel the utterance being heard, wait for every task."""
+        ...
+
+
+def _never() -> bool:
+    return False
+
+
+async def forward_turn(
+    conversation: Conversation,
+    start: StartTurn,
+    protocol: TurnTaker[A],
+    run: Callable[[Sequence[A]], Awaitable[None]],
+    *,
+    failed: Callable[[], Awaitable[None]],
+    log: logging.Logger,
+    name: str,
+    holding: Callable[[], bool] = _never,
+    gone: Callable[[], bool] = _never,
+    finish_after_reject: bool = False,
+) -> None:
+    """The turn forwarder: run ``start``'s turn and carry out (``run``) what ``protocol``
+    makes of its events, for any transport (a WebSocket, a socket.io connection).
+
+    The actions of an event that come while ``holding()`` is true wait until the
+    turn's stream has ended, then go out with ``turn_finished``'s (or
+    ``turn_rejected``'s, then ``turn_finished``'s when ``finish_after_reject``).
+    Once ``gone()`` (the peer has left) nothing more is handed to the protocol:
+    the forwarding stops quietly, the engine's turn goes on and saves its session.
+    A failure of the gateway (the engine broke its order, the protocol object
+    refused an event with LocalProtocolError) is logged and answered by
+    ``failed()``: never a silent hang. Cancelling it cancels the forwarding only.
+    """
+    held: list[A] = []
+    try:
+        try:
+            async for event in conversation.turn(start.ctx, start.input):
+                if gone():
+                    return
+                actions = protocol.turn_event(event)
+                if holding():
+                    held.extend(actions)
+                else:
+                    await run(actions)
+        except TurnRejected as exc:
+            log.info("%s: turn refused: %s", name, exc.text)
+            if gone():
+                return
+            await run([*held, *protocol.turn_rejected(exc)])
+            held = []
+            if finish_after_reject:
+                await run(protocol.turn_finished())
+        else:
+            if not gone():
+                await run([*held, *protocol.turn_finished()])
+    except Exception:
+        log.exception(
+            "%s: forwarding a turn of session %s failed", name, session_ref(start.ctx.key)
+        )
+        await failed()
+
+
+class WebSocketDriver(Generic[A]):
+    """An accepted WebSocket serving one protocol object (see the module doc).
+
+    ``protocol`` is the protocol object (its turn methods: :class:`TurnTaker`);
+    ``conversation`` the turn engine; ``listening`` the speech side (None: the
+    protocol has no audio input); ``send_timeout_s`` the send deadline (None: none);
+    ``log`` and ``name`` name the connection in log lines. Subclasses give
+    :meth:`received` (a frame -> actions) and may override :meth:`other`,
+    :meth:`idle_timeout_s`, :meth:`idle`, :meth:`done`, :meth:`holding`,
+    :meth:`lost` and :meth:`failure`.
+    """
+
+    finish_after_reject: bool = False
+    """Whether ``turn_finished`` follows ``turn_rejected`` (the protocol object expects it)."""
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        protocol: TurnTaker[A],
+        conversation: Conversation,
+        *,
+        listening: Listening | None = None,
+        send_timeout_s: float | None = None,
+        log: logging.Logger,
+        name: str,
+    ) -> None:
+        self.ws = ws
+        self.protocol = protocol
+        self.conversation = conversation
+        self.listening = listening
+        self.send_timeout_s = send_timeout_s
+        self.log = log
+        self.name = name
+        self.open = True
+        """False once the peer has gone (a send failed) or the socket was closed."""
+        self._send_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------ guarded sends
+
+    async def _sending(self, send: Callable[[T], Awaitable[None]], frame: T) -> None:
+        async with self._send_lock:
+            if not self.open:
+                return
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    await send(frame)
+            except SEND_ERRORS:
+                self.open = False
+            except TimeoutError:  # the peer does not read
+                self.open = False
+                self.log.warning("%s: send timed out; closing", self.name)
+                with contextlib.suppress(*SEND_ERRORS, TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self.ws.close(CLOSE_POLICY, "The peer does not read.")
+
+    async def send_text(self, text: str) -> None:
+        """Send one text frame, unless the socket is no longer open; never raises."""
+        if self.open:
+            await self._sending(self.ws.send_text, text)
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Send one binary frame, unless the socket is no longer open; never raises."""
+        if self.open:
+            await self._sending(self.ws.send_bytes, data)
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with ``code`` and ``reason`` (cut to 120 characters: at most 123 bytes)."""
+        if not self.open:
+            return
+        self.open = False
+        async with self._send_lock:
+            with contextlib.suppress(*SEND_ERRORS):
+                await self.ws.close(code, reason[:120])
+
+    # ------------------------------------------------------------ receive loop
+
+    async def receive(self, timeout_s: float | None = None) -> str | bytes | None:
+        """The next text (``str``) or binary (``bytes``) frame; None once the peer has gone.
+
+        Raises TimeoutError when no frame came within ``timeout_s`` (None: no limit).
+        """
+        while True:
+            async with asyncio.timeout(timeout_s):
+                message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                self.open = False
+                return None
+            text, data = message.get("text"), message.get("bytes")
+            if text is not None:
+                return str(text)
+            if data is not None:
+                return bytes(data)
+
+    async def serve(self) -> None:
+        """Serve the connection until the peer leaves, the protocol is done or it is closed."""
+        try:
+            while self.open:
+                try:
+                    frame = await self.receive(self.idle_timeout_s())
+                except TimeoutError:
+                    await self.idle()
+                    return
+                if frame is None:
+                    return
+                await self.run(self.received(frame))
+                if self.done():
+                    return
+        except (WebSocketDisconnect, OSError):
+            self.open = False
+        except Exception:
+            self.log.exception("%s failed", self.name)
+            await self.close(CLOSE_INTERNAL, "Internal gateway error.")
+        finally:
+            await self.shutdown()
+
+    def received(self, frame: str | bytes) -> Sequence[A]:
+        """The protocol's actions for one frame (text as ``str``, binary as ``bytes``)."""
+        raise NotImplementedError
+
+    def idle_timeout_s(self) -> float | None:
+        """How long the peer may send nothing now (None: no limit)."""
+        return None
+
+    async def idle(self) -> None:
+        """The peer sent nothing for :meth:`idle_timeout_s`: closed 1001 by default."""
+        self.log.warning("%s: the peer went quiet; closing", self.name)
+        await self.close(CLOSE_GOING_AWAY, "The connection went quiet.")
+
+    def done(self) -> bool:
+        """Whether the protocol is over after the frame just handled (stop reading)."""
+        return False
+
+    # ----------------------------------------------------------- action runner
+
+    async def run(self, actions: Sequence[A]) -> None:
+        """Carry out ``actions`` in order (see the module doc)."""
+        for action in actions:
+            if isinstance(action, Send):
+                await self.send_text(action.text)
+            elif isinstance(action, SendBytes):
+                await self.send_bytes(action.data)
+            elif isinstance(action, FeedAudio):
+                if self.listening is not None:
+                    await self.listening.feed(action)
+            elif isinstance(action, StartTurn):
+                self.spawn(self.forward(action), "turn")
+            elif isinstance(action, StartListening):
+                if self.listening is not None:
+                    await self.listening.start(action)
+            elif isinstance(action, FinishListening):
+                if self.listening is not None:
+                    await self.listening.finish(action)
+            elif isinstance(action, CancelListening):
+                if self.listening is not None:
+                    await self.listening.cancel(action)
+            elif isinstance(action, Close):
+                if self.open and action.code != CLOSE_NORMAL:
+                    self.log.warning("%s: closing (%d): %s", self.name, action.code, action.reason)
+                await self.close(action.code, action.reason)
+            elif isinstance(action, EndSession):
+                await self.end_session(action.ctx)
+            else:
+                await self.other(action)
+
+    async def other(self, action: A) -> None:
+        """Carry out an action particular to the adapter's protocol."""
+        raise NotImplementedError(f"{self.name}: no way to carry out {action!r}")
+
+    def spawn(
+        self, coro: Coroutine[Any, Any, None], what: str, *, background: bool = False
+    ) -> asyncio.Task[None]:
+        """Run ``coro`` as a task of this connection: cancelled at shutdown, or (``background``)
+        awaited there to its end."""
+        task = asyncio.create_task(coro, name=f"{self.name} {what}")
+        tasks = self._background if background else self._tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    async def end_session(self, ctx: TurnContext) -> None:
+        """End ``ctx``'s session (``Conversation.end``); a store failure is logged."""
+        try:
+            await self.conversation.end(ctx)
+        except StoreError as exc:
+            self.log.warning("%s: the session was not ended: %s", self.name, exc)
+
+    # ----------------------------------------------------------- turn forwarder
+
+    async def forward(self, start: StartTurn) -> None:
+        """Run one turn and carry out what the protocol makes of its events
+        (:func:`forward_turn`, holding back while :meth:`holding`)."""
+
+        async def failed() -> None:
+            await self.run(self.failure())
+
+        await forward_turn(
+            self.conversation,
+            start,
+            self.protocol,
+            self.run,
+            holding=self.holding,
+            finish_after_reject=self.finish_after_reject,
+            failed=failed,
+            log=self.log,
+            name=self.name,
+        )
+
+    def holding(self) -> bool:
+        """Whether the running turn's actions wait for the end of its stream now."""
+        return False
+
+    def failure(self) -> Sequence[A]:
+        """The actions that answer a failure of the gateway: close 1011 by default."""
+        return [Close(CLOSE_INTERNAL, "Internal gateway error.")]  # type: ignore[list-item]
+
+    # ---------------------------------------------------------------- shutdown
+
+    def lost(self) -> Sequence[A]:
+        """The protocol's actions once the socket is gone (``connection_lost``)."""
+        return []
+
+    async def shutdown(self) -> None:
+        """The end: close the speech side (its last reports may still start a turn), cancel
+        the forwarding and other tasks (the engine's turns go on and save), carry out
+        :meth:`lost`, await the background writes."""
+        self.open = False
+        if self.listening is not None:
+            await self.listening.close()
+        current = asyncio.current_task()
+        tasks = [task for task in self._tasks if task is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.run(self.lost())
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+
+class PacedSender:
+    """Sends a media stream's outbound frames in order, paced to real time.
+
+    For every media stream whose peer plays the audio it is sent (a phone carrier):
+    sending it all at once would make the peer hold seconds of audio, so that a
+    barge-in's clear flushes seconds and marks lie about what was heard. ``send``
+    writes one text frame. Media frames of ``frame_ms`` of audio each are sent when
+    the audio already sent ends less than ``ahead_ms`` from now (the monotonic loop
+    clock); a message queued after them (Twilio's ``mark``) goes out right after
+    the frames before it. After an underrun (nothing to send for a while) the
+    schedule restarts from now. :meth:`run` is the sender task (until cancelled).
+    """
+
+    def __init__(
+        self, send: Callable[[str], Awaitable[None]], frame_ms: int, ahead_ms: int
+    ) -> None:
+        self._send = send
+        self._frame_s = frame_ms / 1000
+        self._ahead_s = ahead_ms / 1000
+        self._queue: deque[tuple[bool, str]] = deque()  # (is media, message)
+        self._wake = asyncio.Event()
+        self._end = 0.0  # loop time when the audio sent so far has played
+
+    @property
+    def queued_ms(self) -> int:
+        """Audio queued and not yet sent, in ms."""
+        return round(sum(1 for media, _ in self._queue if media) * self._frame_s * 1000)
+
+    def play(self, messages: Sequence[str], mark: str) -> None:
+        """Queue media frames and the mark after them."""
+        self._queue.extend((True, message) for message in messages)
+        self._queue.append((False, mark))
+        self._wake.set()
+
+    async def interrupt(self, clear: str) -> None:
+        """Drop everything queued and send ``clear`` now."""
+        self._queue.clear()
+        self._end = 0.0
+        await self._send(clear)
+
+    async def run(self) -> None:
+        """Send until cancelled."""
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            if not queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            is_media, message = queue[0]
+            if is_media:
+                now = loop.time()
+                if self._end < now:
+                    self._end = now  # Twilio has nothing left to play: start afresh
+                wait = self._end - self._ahead_s - now
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue  # the queue may have been cleared meanwhile
+                self._end += self._frame_s
+            queue.popleft()
+            await self._send(message)

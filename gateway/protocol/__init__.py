@@ -1,0 +1,67 @@
+"""The pure kit every adapter's sans-I/O ``protocol.py`` is built from.
+
+- :mod:`~gateway.protocol.errors` — :class:`RemoteProtocolError` (alias
+  :data:`ProtocolError`: the peer's mistake) and :class:`LocalProtocolError` (ours),
+  as in h11's ``_util.py``;
+- :mod:`~gateway.protocol.load` — :func:`load_json` (bounded JSON), :func:`validate`
+  and :func:`validate_event` (JSON -> a protocol's models, one ProtocolError);
+- :mod:`~gateway.protocol.values` — dates, time zones, and the flag/int/text
+  coercion of loosely typed configuration values;
+- :mod:`~gateway.protocol.state` — :class:`StateMachine`, one transition table per
+  protocol (h11's ``_state.py``);
+- :mod:`~gateway.protocol.actions` — the shared action vocabulary (Send, Close,
+  StartTurn, StartListening ...), imported from there.
+
+A ``protocol.py`` imports only the standard library, pydantic, the core event
+models (gateway/events.py), this kit and the pure modules gateway/turn.py,
+gateway/speech/types.py, gateway/speech/audio.py, gateway/speech/vad.py and
+gateway/ssml.py, never the turn engine, speech service or stores, not even for
+type hints (tests/test_protocol_purity.py).
+"""
+
+from gateway.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from gateway.protocol.load import (
+    MAX_JSON_DEPTH,
+    MAX_NUMBER_CHARS,
+    invalid,
+    json_depth,
+    load_json,
+    validate,
+    validate_event,
+)
+from gateway.protocol.state import Expected, StateMachine, Transitions, event_name
+from gateway.protocol.values import (
+    FALSE_WORDS,
+    TRUE_WORDS,
+    check_time_zone,
+    flag,
+    integer,
+    parse_timestamp,
+    strict_flag,
+    text,
+)
+
+__all__ = [
+    "FALSE_WORDS",
+    "MAX_JSON_DEPTH",
+    "MAX_NUMBER_CHARS",
+    "TRUE_WORDS",
+    "Expected",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "StateMachine",
+    "Transitions",
+    "check_time_zone",
+    "event_name",
+    "flag",
+    "integer",
+    "invalid",
+    "json_depth",
+    "load_json",
+    "parse_timestamp",
+    "strict_flag",
+    "text",
+    "validate",
+    "validate_event",
+]

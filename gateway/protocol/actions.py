@@ -1,0 +1,136 @@
+"""The shared action vocabulary: what a sans-I/O protocol object asks its I/O layer to do.
+
+A protocol object (``V1Connection``, ``TwilioCall``, ``VoiceflowConnection`` ...) is
+fed what came (frames, the turn engine's events, a listener's reports) and returns
+a list of actions, to be carried out in order by its driver
+(:mod:`gateway.io.websocket` for WebSocket protocols). One set of names for every
+protocol:
+
+- :class:`Send` / :class:`SendBytes` — one text / binary frame to the peer;
+- :class:`Close` — close the connection with a code (WebSocket close codes);
+- :class:`StartTurn` — run a turn of the turn engine and feed its events back;
+- :class:`EndSession` — end a session without a turn (``Conversation.end``);
+- :class:`StartListening` / :class:`FeedAudio` / :class:`FinishListening` /
+  :class:`CancelListening` — one utterance of audio input, identified by its
+  ``stream`` number: open a listener, feed it the peer's audio in order, end it
+  after the audio fed so far, or drop it. What the listener hears is reported
+  back to the protocol object by the driver.
+
+An adapter keeps actions of its own only where they are particular to its
+protocol (Twilio's paced ``Play`` and ``Interrupt``, socket.io's ``Emit``, V1's
+``StoreLogs``). Pure: frozen dataclasses over the core's value types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gateway.events import Input
+from gateway.turn import TurnContext
+
+if TYPE_CHECKING:
+    from gateway.speech.audio import AudioFormat
+
+__all__ = [
+    "CancelListening",
+    "Close",
+    "EndSession",
+    "FeedAudio",
+    "FinishListening",
+    "ListeningAction",
+    "Send",
+    "SendBytes",
+    "StartListening",
+    "StartTurn",
+]
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``text`` as one text frame (WebSocket opcode 1)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class SendBytes:
+    """Send ``data`` as one binary frame (WebSocket opcode 2), e.g. an item's speech."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the connection with ``code`` (a WebSocket close code, RFC 6455 §7.4) and
+    ``reason`` (cut to 123 bytes when sent); nothing more is sent or read."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StartTurn:
+    """Run ``Conversation.turn(ctx, input)`` and hand its events back to the protocol object.
+
+    ``message_id`` is the protocol's id of the request the turn answers, where it
+    has one (Voiceflow's ``messageID``).
+    """
+
+    ctx: TurnContext
+    input: Input
+    message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class EndSession:
+    """End ``ctx``'s session without a turn (``Conversation.end``): the peer hung up or left."""
+
+    ctx: TurnContext
+
+
+@dataclass(frozen=True)
+class StartListening:
+    """Start recognising utterance ``stream`` of raw audio in ``fmt``.
+
+    Make a listener (``SpeechService.listener(fmt, interim=interim,
+    silence_timeout_ms=silence_timeout_ms)``; None keeps the service's default),
+    feed it ``preroll`` (audio that came before the utterance was noticed) and then
+    the audio of the FeedAudio actions of this ``stream``, in order. With
+    ``idle_timeout_ms`` set, the peer sending no audio for that long (wall clock,
+    from this action or the latest FeedAudio until FinishListening) is reported
+    once to the protocol object.
+    """
+
+    stream: int
+    fmt: AudioFormat
+    interim: bool = False
+    silence_timeout_ms: int | None = None
+    idle_timeout_ms: int | None = None
+    preroll: bytes = b""
+
+
+@dataclass(frozen=True)
+class FeedAudio:
+    """Feed ``data`` (raw audio in the stream's format, any length) to utterance ``stream``."""
+
+    stream: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class FinishListening:
+    """End utterance ``stream`` after the audio fed so far (``Listener.finish``); idempotent."""
+
+    stream: int
+
+
+@dataclass(frozen=True)
+class CancelListening:
+    """Drop utterance ``stream``: discard its queued audio, cancel its listener, report nothing."""
+
+    stream: int
+
+
+ListeningAction = StartListening | FeedAudio | FinishListening | CancelListening
+"""The actions of one utterance of audio input: the speech side's narrow interface."""

@@ -1,0 +1,110 @@
+"""Values a client sends that need a check or a coercion: dates, time zones, flags, numbers.
+
+:func:`parse_timestamp` and :func:`check_time_zone` treat dates and IANA zone names
+as input to validate (ProtocolError). :func:`flag`, :func:`strict_flag`,
+:func:`integer` and :func:`text` read loosely typed configuration values (a
+Flowstorm ``config`` object, query parameters, Twilio's stringly numbers) and never
+raise.
+"""
+
+from __future__ import annotations
+
+import functools
+import zoneinfo
+from datetime import UTC, datetime
+from typing import Final
+
+from gateway.protocol.errors import ProtocolError
+
+TRUE_WORDS: Final = frozenset({"1", "yes", "true", "on"})
+"""Words read as true (lower case, stripped)."""
+FALSE_WORDS: Final = frozenset({"0", "no", "false", "off"})
+"""Words read as false by :func:`strict_flag`."""
+
+
+def flag(value: object) -> bool:
+    """A loosely typed JSON flag: a bool as is, a number when not 0, a string in
+    :data:`TRUE_WORDS` (any case, stripped); anything else is False."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value != 0
+    return isinstance(value, str) and value.strip().lower() in TRUE_WORDS
+
+
+def strict_flag(raw: str) -> bool | None:
+    """A flag written as a word (a header or query parameter): True for
+    :data:`TRUE_WORDS`, False for :data:`FALSE_WORDS`, None for anything else."""
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    return None
+
+
+def integer(value: object) -> int | None:
+    """An integral JSON number (or a string of ASCII digits, stripped) as int, else None.
+
+    Booleans are not numbers here; ``3.0`` is 3, ``3.5`` is None.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        digits = value.strip()
+        if digits.isascii() and digits.isdigit():
+            return int(digits)
+    return None
+
+
+def text(value: object) -> str | None:
+    """A non-empty string as is, anything else None."""
+    return value if isinstance(value, str) and value else None
+
+
+def parse_timestamp(raw: object, *, what: str = "timestamp") -> datetime:
+    """An ISO 8601 date-time a client sent, as an aware UTC datetime.
+
+    A value without an offset is taken as UTC. Raises ProtocolError (400) for a
+    non-string, an unparsable text, and a moment that is not representable in UTC
+    (``0001-01-01T00:00:00+01:00``, ``9999-12-31T23:59:59-01:00``).
+    """
+    if not isinstance(raw, str):
+        raise ProtocolError(f"{what} must be an ISO 8601 string, not {type(raw).__name__}.")
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ProtocolError(f"{what} is not ISO 8601: {raw[:40]!r}.") from None
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise ProtocolError(f"{what} is out of range: {raw[:40]!r}.") from None
+
+
+@functools.cache
+def _zone_keys() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def check_time_zone(name: str, *, what: str = "time zone") -> str:
+    """``name`` when it is a key of the IANA time zone database here, else ProtocolError.
+
+    Validated as input: the key must be one :func:`zoneinfo.available_timezones`
+    lists (so a directory such as ``America``, a path, or a file of the database
+    that is not a zone is refused without being opened), and must load. Raises
+    ProtocolError (400); never the OSError/ValueError family zoneinfo raises.
+    """
+    keys = _zone_keys()
+    if (keys and name not in keys) or len(name) > 255:
+        raise ProtocolError(f"{what}: unknown IANA time zone {name[:64]!r}.")
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (KeyError, ValueError, OSError):
+        raise ProtocolError(f"{what}: unknown IANA time zone {name[:64]!r}.") from None
+    return name

@@ -1,0 +1,52 @@
+"""PacedSender: a media stream's audio goes out no faster than it plays, marks right after."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.io.websocket import PacedSender
+
+
+async def test_frames_are_paced_to_real_time_and_the_mark_follows_them() -> None:
+    loop = asyncio.get_running_loop()
+    sent: list[tuple[float, str]] = []
+    marked = asyncio.Event()
+
+    async def send(text: str) -> None:
+        sent.append((loop.time(), text))
+        if text == "mark":
+            marked.set()
+
+    sender = PacedSender(send, frame_ms=20, ahead_ms=40)
+    task = asyncio.create_task(sender.run())
+    start = loop.time()
+    sender.play([f"m{i}" for i in range(10)], "mark")
+    assert sender.queued_ms == 200
+    async with asyncio.timeout(5):
+        await marked.wait()
+    task.cancel()
+    assert [text for _, text in sent] == [*(f"m{i}" for i in range(10)), "mark"]
+    # 200 ms of audio, 40 ms of it allowed ahead: the last frame goes out ~140 ms in
+    last_frame = sent[-2][0] - start
+    assert 0.12 <= last_frame <= 0.4
+    assert sent[-1][0] - sent[-2][0] < 0.01  # the mark right after the frames before it
+    assert sent[1][0] - start < 0.01  # the first frames within the allowance at once
+
+
+async def test_interrupt_drops_what_is_queued_and_sends_at_once() -> None:
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    sender = PacedSender(send, frame_ms=20, ahead_ms=20)
+    task = asyncio.create_task(sender.run())
+    sender.play([f"m{i}" for i in range(50)], "mark")
+    await asyncio.sleep(0.05)
+    await sender.interrupt("clear")
+    assert sender.queued_ms == 0
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert sent[-1] == "clear"
+    assert "mark" not in sent
+    assert len(sent) < 10

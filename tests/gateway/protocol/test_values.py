@@ -1,0 +1,87 @@
+"""The kit's coercion of loosely typed values and its validation of models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, TypeAdapter
+
+from gateway.protocol import ProtocolError, flag, integer, strict_flag, text, validate
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (True, True),
+        (False, False),
+        (1, True),
+        (0, False),
+        (0.5, True),
+        ("yes", True),
+        (" ON ", True),
+        ("true", True),
+        ("no", False),
+        ("maybe", False),
+        (None, False),
+        ([1], False),
+    ],
+)
+def test_flag(value: Any, expected: bool) -> None:
+    assert flag(value) is expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("1", True), ("Yes", True), (" off ", False), ("0", False), ("", None), ("maybe", None)],
+)
+def test_strict_flag(raw: str, expected: bool | None) -> None:
+    assert strict_flag(raw) is expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (3, 3),
+        (3.0, 3),
+        (3.5, None),
+        (" 42 ", 42),
+        ("4x", None),
+        ("²", None),  # a digit to str.isdigit, not to int()
+        ("", None),
+        (True, None),
+        (None, None),
+    ],
+)
+def test_integer(value: Any, expected: int | None) -> None:
+    assert integer(value) == expected
+
+
+def test_text() -> None:
+    assert text("en-US") == "en-US"
+    assert text("") is None
+    assert text(5) is None
+
+
+class Point(BaseModel):
+    x: int
+    y: int
+
+
+def test_validate_a_model_and_name_the_field() -> None:
+    assert validate(Point, {"x": 1, "y": 2}, what="point") == Point(x=1, y=2)
+    with pytest.raises(ProtocolError) as caught:
+        validate(Point, {"x": 1, "y": "far"}, what="point")
+    assert caught.value.text.startswith("Invalid point: y: ")
+    assert caught.value.status == 400
+    with pytest.raises(ProtocolError, match=r"^Invalid point: payload\.x: "):
+        validate(Point, {"y": 1}, what="point", prefix="payload")
+    with pytest.raises(ProtocolError, match=r"^Invalid point: body: "):
+        validate(Point, [], what="point", empty="body")
+
+
+def test_validate_through_a_type_adapter() -> None:
+    pairs = TypeAdapter(dict[str, int])
+    assert validate(pairs, {"a": 1}, what="pairs") == {"a": 1}
+    with pytest.raises(ProtocolError, match=r"^Invalid pairs: a: "):
+        validate(pairs, {"a": "x"}, what="pairs")
