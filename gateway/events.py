@@ -21,6 +21,7 @@ output always uses the short names.
 from __future__ import annotations
 
 import base64
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -40,6 +41,8 @@ INTRO = "#intro"
 SILENCE = "#silence"
 ERROR = "#error"
 FALLBACK = "#fallback"
+TRANSFER = "#transfer"
+"""Item text of the transfer action: hand the conversation to a person (:func:`transfer_item`)."""
 
 
 class Wire(BaseModel):
@@ -288,3 +291,51 @@ TurnEvent = (
 """What the turn engine hands an adapter, in order: SessionStarted (new sessions
 only), ResponseItem* (each followed by a Binary of its audio when the turn asked
 for audio), then Response or Error, then SessionEnded when it ended."""
+
+
+# ------------------------------------------------------------------- actions in items
+
+
+def transfer_item(target: str, *, reason: str | None = None) -> ResponseItem:
+    """The documented transfer action as a response item: hand the call/conversation over.
+
+    ``target`` is a phone number in E.164 (``+15551234567``, or ``tel:+1555...``) or a
+    SIP URI (``sip:agent@example.com``); ``reason`` is free text for logs and the
+    session record. On the wire of the item: ``text`` ``#transfer``, ``code`` the JSON
+    ``{"transfer": {"target": ..., "reason": ...}}``, ``repeatable`` false (items whose
+    text is a ``#command`` carry ``code``, PROTOCOL-NOTES.md). A core may send this item
+    itself; connectors map their cores' handoff messages to it (Dialogflow CX
+    ``liveAgentHandoff`` and ``telephonyTransferCall``, an LLM's ``transfer`` tool call).
+    Telephony adapters carry it out after the preceding audio has played; other
+    channels pass it to the client as a command item.
+
+    Raises ValueError when ``target`` is empty.
+    """
+    if not target.strip():
+        raise ValueError("a transfer needs a target (an E.164 number or a SIP URI)")
+    body: dict[str, Any] = {"target": target.strip()}
+    if reason:
+        body["reason"] = reason
+    return ResponseItem(
+        text=TRANSFER, code=json.dumps({"transfer": body}, separators=(",", ":")), repeatable=False
+    )
+
+
+def transfer_target(item: ResponseItem) -> tuple[str, str | None] | None:
+    """``(target, reason)`` when ``item`` is a transfer action (:func:`transfer_item`), else None.
+
+    An item whose text is ``#transfer`` but whose ``code`` does not hold a transfer
+    with a non-empty string target is not a transfer (None).
+    """
+    if item.text != TRANSFER or not item.code:
+        return None
+    try:
+        body = json.loads(item.code).get("transfer")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    target, reason = body.get("target"), body.get("reason")
+    if not isinstance(target, str) or not target.strip():
+        return None
+    return target.strip(), reason if isinstance(reason, str) else None

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from gateway.pipeline.base import Pipeline, PipelineError, PipelineOutput
+from gateway.pipeline.base import Pipeline, PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.demo import DemoPipeline
 from gateway.pipeline.http import HttpPipeline
 from gateway.settings import Settings
 
-__all__ = ["DemoPipeline", "HttpPipeline", "Pipeline", "PipelineError", "PipelineOutput"]
+__all__ = [
+    "DemoPipeline",
+    "HttpPipeline",
+    "Pipeline",
+    "PipelineConfigError",
+    "PipelineError",
+    "PipelineOutput",
+]
 
 
 def make_pipeline(settings: Settings) -> Pipeline:

@@ -24,6 +24,12 @@ class PipelineError(Exception):
     """
 
 
+class PipelineConfigError(ValueError):
+    """A core cannot be set up from the settings: an unknown GATEWAY_PIPELINE scheme,
+    a missing credential or a malformed URL. Raised at startup (``make_pipeline``),
+    with a message naming the setting to fix."""
+
+
 class Pipeline(Protocol):
     """A conversational core: the NLP/dialogue side of the bot.
 

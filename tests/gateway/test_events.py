@@ -62,3 +62,17 @@ def test_unknown_properties_are_ignored_and_bad_types_refused() -> None:
     assert event.type == "Input"
     with pytest.raises(ValidationError):
         V2_CLIENT_EVENT.validate_python({"type": "Input", "input": {"transcript": {"text": 3}}})
+
+
+def test_transfer_item_round_trips_and_refuses_what_is_not_one() -> None:
+    from gateway.events import TRANSFER, ResponseItem, transfer_item, transfer_target
+
+    item = transfer_item(" sip:agent@example.com ", reason="asked for a person")
+    assert (item.text, item.repeatable) == (TRANSFER, False)
+    assert transfer_target(item) == ("sip:agent@example.com", "asked for a person")
+    assert transfer_target(transfer_item("+15551234567")) == ("+15551234567", None)
+    assert transfer_target(ResponseItem(text="hello")) is None
+    for code in ("not json", '{"transfer": {"target": ""}}', '{"transfer": 3}', "[1]"):
+        assert transfer_target(ResponseItem(text=TRANSFER, code=code)) is None
+    with pytest.raises(ValueError, match="needs a target"):
+        transfer_item("  ")
