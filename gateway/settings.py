@@ -416,6 +416,73 @@ class Settings(BaseSettings):
         "and close their connections before the server stops.",
     )
 
+    # Dialogflow CX and OpenAI-compatible cores
+    dialogflow_cx_credentials: str | None = Field(
+        default=None,
+        description="Path of the Google service-account JSON key the `dialogflow-cx:` core "
+        "authenticates with (scope cloud-platform); its `token_uri` is the OAuth token endpoint.",
+    )
+    dialogflow_cx_language: str | None = Field(
+        default=None,
+        description="`queryInput.languageCode` sent to Dialogflow CX; unset: the turn's locale.",
+    )
+    dialogflow_cx_endpoint: str | None = Field(
+        default=None,
+        description="Base URL of the Dialogflow CX API; unset: "
+        "`https://<location>-dialogflow.googleapis.com` (`dialogflow.googleapis.com` for global).",
+    )
+    dialogflow_cx_environment: str | None = Field(
+        default=None,
+        description="Environment id of the agent (`.../environments/<id>/sessions/...`); "
+        "unset: the draft.",
+    )
+    dialogflow_cx_welcome_event: str = Field(
+        default="WELCOME", description="The event `#intro` triggers (`queryInput.event`)."
+    )
+    dialogflow_cx_no_input_event: str = Field(
+        default="sys.no-input-default", description="The event `#silence` triggers."
+    )
+    dialogflow_cx_handoff_target: str | None = Field(
+        default=None,
+        description="Transfer target (E.164 number or SIP URI) of a `liveAgentHandoff` whose "
+        "metadata names none.",
+    )
+    dialogflow_cx_streaming: bool = Field(
+        default=False,
+        description="Use `:serverStreamingDetectIntent`, forwarding PARTIAL responses' messages "
+        "as they arrive (fulfillments with partial response enabled).",
+    )
+    openai_api_key: SecretStr | None = Field(
+        default=None, description="Bearer key of the `openai+http(s)://` core."
+    )
+    openai_model: str | None = Field(
+        default=None, description="`model` of the chat completions requests (required)."
+    )
+    openai_system_prompt: str = Field(
+        default="You are a helpful voice assistant. Answer briefly, in plain sentences.",
+        description="The system message that starts every conversation.",
+    )
+    openai_max_history: int = Field(
+        default=20,
+        gt=0,
+        description="User and assistant messages kept in the session (the oldest dropped first).",
+    )
+    openai_temperature: float | None = Field(
+        default=None, ge=0, le=2, description="`temperature` of the requests; unset: the server's."
+    )
+    openai_max_tokens: int | None = Field(
+        default=None, gt=0, description="`max_tokens` of the requests; unset: the server's."
+    )
+    openai_tools: bool = Field(
+        default=True,
+        description="Offer the model the `end_session` and `transfer` tools.",
+    )
+    openai_transfer_target: str | None = Field(
+        default=None,
+        description="Where the model's `transfer` tool hands the conversation (E.164 number "
+        "or SIP URI); unset: the tool is not offered.",
+    )
+
     @field_validator("redis_url", mode="after")
     @classmethod
     def _redis_url_form(cls, value: str | None) -> str | None:

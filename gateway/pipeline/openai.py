@@ -1,0 +1,487 @@
+"""The ``openai`` pipeline: an LLM behind any OpenAI-compatible chat completions server.
+
+Spec: shared/specs/CORES.md, "OpenAI-compatible Chat Completions (as an LLM core)".
+``GATEWAY_PIPELINE=openai+https://host/v1`` (or ``openai+http://`` for a local server
+such as vLLM, llama.cpp or Ollama); settings ``GATEWAY_OPENAI_*``.
+
+Each turn is ``POST <base>/chat/completions`` with ``Authorization: Bearer <key>``,
+``{"model", "messages": [system, history..., user], "stream": true,
+"stream_options": {"include_usage": true}, "temperature"?, "max_tokens"?, "tools"?,
+"tool_choice": "auto"}``. The answer is read as server-sent events:
+
+- ``data: {chunk}``: ``choices[0].delta.content`` is accumulated and cut into items at
+  sentence boundaries (:mod:`gateway.pipeline.sentences`), each forwarded as soon as it
+  is complete, so a phone call speaks the first sentence while the model still writes;
+  ``delta.tool_calls`` are accumulated by ``index``; a non-null ``finish_reason`` ends
+  the turn (the rest of the stream, up to ``[DONE]``, is read for at most
+  :data:`DRAIN_S` so the connection is kept alive).
+- tolerated variations: a usage chunk with ``choices: []``, ``choices: null`` or no
+  ``choices``; ``:`` comment (keepalive) lines; ``data:`` without the space; a
+  server that ignores ``stream`` and answers one ``application/json`` completion.
+- ``data: [DONE]`` ends the stream; ``event: error``, or a data object with an
+  ``error`` key, is a PipelineError (the server's message in it).
+
+Tools (sent when GATEWAY_OPENAI_TOOLS is on): ``end_session`` (no arguments) ends the
+session after the answer (``Response.session_ended``); ``transfer`` (``{"reason"}``),
+offered only when GATEWAY_OPENAI_TRANSFER_TARGET is set, hands the conversation over
+to that target with :func:`gateway.events.transfer_item` (the model never chooses
+the number). Other tool names are ignored.
+
+Inputs: the transcript is the user message; the actions ``#intro`` and ``#silence``
+(and any other ``#action``) become bracketed notes, :data:`ACTION_MESSAGES`.
+History: ``session.pipeline_state["messages"]``, the user and assistant messages of
+the past turns, at most GATEWAY_OPENAI_MAX_HISTORY (oldest dropped first, never
+starting with an assistant message); it is saved by the turn engine only when the
+turn succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import httpx
+
+from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
+from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
+from gateway.pipeline.sentences import SentenceSplitter
+from gateway.sessions import Session
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DRAIN_S = 1.0
+"""After ``finish_reason``, how long the rest of the stream (usage chunk, ``[DONE]``) is read."""
+
+ACTION_MESSAGES = {
+    INTRO: "[The caller has just joined the conversation. Greet them.]",
+    SILENCE: "[The caller said nothing for a while.]",
+}
+"""User messages sent for action inputs; another ``#name`` becomes ``[Event: name]``."""
+
+END_SESSION_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "end_session",
+        "description": "End the conversation after this answer, when the user says goodbye "
+        "or nothing is left to do. Say your goodbye in the same answer.",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+}
+TRANSFER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "transfer",
+        "description": "Hand the conversation over to a human agent, when the user asks "
+        "for a person or you cannot help. Tell the user before you call it.",
+        "parameters": {
+            "type": "object",
+            "properties": {"reason": {"type": "string", "description": "Why, in a few words."}},
+            "required": ["reason"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@dataclass
+class _ToolCall:
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass
+class _Turn:
+    """What one streamed answer has given so far."""
+
+    splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
+    text: list[str] = field(default_factory=list)
+    tools: dict[int, _ToolCall] = field(default_factory=dict)
+    finish_reason: str | None = None
+    done: bool = False
+
+
+@dataclass
+class SseEvent:
+    """One server-sent event: its ``event`` name (``message`` by default) and ``data``."""
+
+    event: str
+    data: str
+
+
+async def iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
+    """Server-sent events of a text stream (WHATWG "event stream" parsing, the fields
+    ``event`` and ``data``; ``:`` comment lines and other fields ignored). An event is
+    dispatched at a blank line or at the end of the stream."""
+    name, data = "", list[str]()
+    async for line in lines:
+        if not line:
+            if data:
+                yield SseEvent(name or "message", "\n".join(data))
+            name, data = "", []
+            continue
+        if line.startswith(":"):
+            continue  # a comment: keepalive
+        key, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if key == "data":
+            data.append(value)
+        elif key == "event":
+            name = value
+    if data:
+        yield SseEvent(name or "message", "\n".join(data))
+
+
+class OpenAIPipeline:
+    """An OpenAI-compatible chat completions server as the core (see the module doc).
+
+    ``base_url`` is the API base (``https://api.openai.com/v1``); ``connect_timeout_s``
+    bounds connecting, the turn engine the whole turn. Raises PipelineError when the
+    server cannot be reached, answers non-2xx, streams an error, answers more than
+    ``max_response_bytes`` or something that is not a chat completion.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str,
+        api_key: str | None = None,
+        system_prompt: str = "",
+        max_history: int = 20,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        tools: bool = True,
+        transfer_target: str | None = None,
+        connect_timeout_s: float = 3.0,
+        max_response_bytes: int = 1_048_576,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.system_prompt = system_prompt
+        self.max_history = max_history
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.transfer_target = transfer_target
+        self.tools: list[dict[str, Any]] = []
+        if tools:
+            self.tools.append(END_SESSION_TOOL)
+            if transfer_target:
+                self.tools.append(TRANSFER_TOOL)
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._max = max_response_bytes
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+        )
+
+    @classmethod
+    def from_url(cls, spec: str, settings: Settings) -> Self:
+        """The pipeline of ``GATEWAY_PIPELINE=openai+https://host/v1`` (or ``openai+http://``).
+
+        Raises PipelineConfigError naming the setting: a malformed spec
+        (GATEWAY_PIPELINE), no GATEWAY_OPENAI_MODEL, or no GATEWAY_OPENAI_API_KEY
+        for an ``openai+https://`` server (plain-http local servers may need none).
+        """
+        scheme, sep, rest = spec.strip().partition("+")
+        url = rest.strip()
+        parts = urlsplit(url)
+        if (
+            scheme != "openai"
+            or not sep
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.query
+            or parts.fragment
+        ):
+            raise PipelineConfigError(
+                f"GATEWAY_PIPELINE {spec!r} is not an OpenAI-compatible server: expected "
+                "openai+https://host/v1 or openai+http://host:port/v1"
+            )
+        if not settings.openai_model:
+            raise PipelineConfigError(
+                "GATEWAY_OPENAI_MODEL must name the model of the openai+ pipeline"
+            )
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        if parts.scheme == "https" and not key:
+            raise PipelineConfigError(
+                "GATEWAY_OPENAI_API_KEY must be set for an openai+https:// pipeline"
+            )
+        return cls(
+            url,
+            model=settings.openai_model,
+            api_key=key,
+            system_prompt=settings.openai_system_prompt,
+            max_history=settings.openai_max_history,
+            temperature=settings.openai_temperature,
+            max_tokens=settings.openai_max_tokens,
+            tools=settings.openai_tools,
+            transfer_target=settings.openai_transfer_target,
+            connect_timeout_s=settings.pipeline_connect_timeout_s,
+            max_response_bytes=settings.pipeline_max_response_bytes,
+        )
+
+    # ------------------------------------------------------------------ the turn
+
+    def request_body(self, history: list[dict[str, Any]], user: str) -> dict[str, Any]:
+        """The chat completions request of a turn: system prompt, ``history``, ``user``."""
+        messages: list[dict[str, Any]] = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": self.system_prompt})
+        messages += history
+        messages.append({"role": "user", "content": user})
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        if self.tools:
+            body["tools"] = self.tools
+            body["tool_choice"] = "auto"
+        return body
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
+        history = _history(session.pipeline_state)
+        user = user_message(input)
+        body = self.request_body(history, user)
+        turn = _Turn()
+        try:
+            async with self._client.stream(
+                "POST", self.url, json=body, headers=self._headers
+            ) as answer:
+                if not 200 <= answer.status_code < 300:
+                    raise PipelineError(
+                        f"the core answered HTTP {answer.status_code}"
+                        + _error_detail(await _read_some(answer))
+                    )
+                kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+                if kind == "application/json":
+                    data = await self._read_all(answer)
+                    for item in self._whole(turn, data):
+                        yield item
+                else:
+                    async for item in self._stream(turn, answer):
+                        yield item
+        except httpx.HTTPError as exc:
+            raise PipelineError(f"the core could not be reached: {type(exc).__name__}") from exc
+        tail = turn.splitter.flush()
+        if tail:
+            yield ResponseItem(text=tail)
+        yield self._finish(session, history, user, turn)
+
+    async def _stream(self, turn: _Turn, answer: httpx.Response) -> AsyncIterator[ResponseItem]:
+        size = 0
+
+        async def lines() -> AsyncIterator[str]:
+            nonlocal size
+            async for line in answer.aiter_lines():
+                size += len(line) + 1
+                if size > self._max:
+                    raise PipelineError(f"the core's answer is larger than {self._max} bytes")
+                yield line
+
+        events = iter_sse(lines())
+        async for event in events:
+            for item in self._event(turn, event):
+                yield item
+            if turn.done or turn.finish_reason is not None:
+                break
+        if turn.finish_reason is not None and not turn.done:
+            try:  # read the usage chunk and [DONE], so the connection can be reused
+                async with asyncio.timeout(DRAIN_S):
+                    async for event in events:
+                        if event.data.strip().startswith("[DONE]"):
+                            break
+            except (TimeoutError, PipelineError, httpx.HTTPError):
+                pass
+        elif not turn.done and turn.finish_reason is None:
+            raise PipelineError("the core's stream ended without a finish_reason or [DONE]")
+
+    def _event(self, turn: _Turn, event: SseEvent) -> list[ResponseItem]:
+        data = event.data.strip()
+        if event.event == "error":
+            raise PipelineError(f"the core streamed an error: {_error_text(data)}")
+        if data.startswith("[DONE]"):
+            turn.done = True
+            return []
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise PipelineError("the core streamed a chunk that is not JSON") from exc
+        if not isinstance(chunk, dict):
+            raise PipelineError("the core streamed a chunk that is not a JSON object")
+        if chunk.get("error") is not None:
+            raise PipelineError(f"the core streamed an error: {_error_text(data)}")
+        choices = chunk.get("choices") or []  # null / [] / absent in the usage chunk
+        if not isinstance(choices, list):
+            raise PipelineError("the core streamed a chunk whose choices is not a list")
+        items: list[ResponseItem] = []
+        for choice in choices:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                raise PipelineError("the core streamed a choice whose delta is not an object")
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                turn.text.append(content)
+                items += [ResponseItem(text=s) for s in turn.splitter.feed(content)]
+            for call in delta.get("tool_calls") or []:
+                _add_tool_delta(turn, call)
+            reason = choice.get("finish_reason")
+            if reason is not None:
+                turn.finish_reason = str(reason)
+        return items
+
+    def _whole(self, turn: _Turn, data: bytes) -> list[ResponseItem]:
+        """A non-streamed chat completion (a server that ignored ``stream``)."""
+        try:
+            whole = json.loads(data)
+            if whole.get("error") is not None:
+                raise PipelineError(f"the core answered an error: {_error_text(data.decode())}")
+            message = whole["choices"][0]["message"]
+            content = message.get("content") or ""
+            calls = message.get("tool_calls") or []
+            if not isinstance(content, str) or not isinstance(calls, list):
+                raise TypeError("content or tool_calls of the wrong type")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise PipelineError("the core answered no chat completion") from exc
+        for index, call in enumerate(calls):
+            _add_tool_delta(turn, {"index": index, **call})
+        turn.text.append(content)
+        turn.finish_reason = str(whole["choices"][0].get("finish_reason") or "stop")
+        return [ResponseItem(text=s) for s in turn.splitter.feed(content)]
+
+    def _finish(
+        self,
+        session: Session,
+        history: list[dict[str, Any]],
+        user: str,
+        turn: _Turn,
+    ) -> Response:
+        items: list[ResponseItem] = []
+        ended = False
+        for call in turn.tools.values():
+            if call.name == "end_session":
+                ended = True
+            elif call.name == "transfer" and self.transfer_target:
+                items.append(transfer_item(self.transfer_target, reason=_reason(call.arguments)))
+            else:
+                log.warning("the core called an unknown tool %r; ignored", call.name[:60])
+        said = "".join(turn.text).strip()
+        if not said and not turn.tools:
+            raise PipelineError("the core's answer has neither content nor a tool call")
+        messages = [*history, {"role": "user", "content": user}]
+        if said:
+            messages.append({"role": "assistant", "content": said})
+        session.pipeline_state = {**session.pipeline_state, "messages": self._bound(messages)}
+        return Response(items=items, session_ended=ended)
+
+    def _bound(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        kept = messages[-self.max_history :]
+        while kept and kept[0].get("role") != "user":
+            kept = kept[1:]
+        return kept
+
+    async def _read_all(self, answer: httpx.Response) -> bytes:
+        data = bytearray()
+        async for chunk in answer.aiter_bytes():
+            data += chunk
+            if len(data) > self._max:
+                raise PipelineError(f"the core's answer is larger than {self._max} bytes")
+        return bytes(data)
+
+    async def aclose(self) -> None:
+        """Close the pooled connections."""
+        await self._client.aclose()
+
+
+def user_message(input: Input) -> str:
+    """The user message of ``input``: its transcript, or the note of its ``#action``."""
+    if input.action:
+        note = ACTION_MESSAGES.get(input.action)
+        return note or f"[Event: {input.action.removeprefix('#')}]"
+    return input.text
+
+
+def _history(state: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = state.get("messages")
+    if not isinstance(messages, list):
+        return []
+    return [
+        {"role": m["role"], "content": m["content"]}
+        for m in messages
+        if isinstance(m, dict)
+        and m.get("role") in ("user", "assistant")
+        and isinstance(m.get("content"), str)
+    ]
+
+
+def _add_tool_delta(turn: _Turn, call: Any) -> None:
+    if not isinstance(call, dict):
+        raise PipelineError("the core streamed a tool call that is not an object")
+    index = call.get("index", 0)
+    if not isinstance(index, int):
+        raise PipelineError("the core streamed a tool call without an integer index")
+    acc = turn.tools.setdefault(index, _ToolCall())
+    function = call.get("function") or {}
+    if not isinstance(function, dict):
+        raise PipelineError("the core streamed a tool call whose function is not an object")
+    if isinstance(function.get("name"), str):
+        acc.name += function["name"]
+    if isinstance(function.get("arguments"), str):
+        acc.arguments += function["arguments"]
+
+
+def _reason(arguments: str) -> str | None:
+    try:
+        reason = json.loads(arguments or "{}").get("reason")
+    except (ValueError, AttributeError):
+        return None
+    return reason if isinstance(reason, str) and reason else None
+
+
+async def _read_some(answer: httpx.Response, limit: int = 4096) -> str:
+    data = bytearray()
+    async for chunk in answer.aiter_bytes():
+        data += chunk
+        if len(data) >= limit:
+            break
+    return data[:limit].decode("utf-8", "replace")
+
+
+def _error_text(data: str) -> str:
+    """The ``error.message`` of an OpenAI error body, else its first 200 characters."""
+    try:
+        body = json.loads(data)
+        error = body.get("error", body) if isinstance(body, dict) else body
+        message = error.get("message") if isinstance(error, dict) else error
+        if isinstance(message, str) and message:
+            return _one_line(message)
+    except ValueError:
+        pass
+    return _one_line(data) or "(no detail)"
+
+
+def _error_detail(body: str) -> str:
+    return f": {_error_text(body)}" if body.strip() else ""
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()[:200]
