@@ -1,0 +1,456 @@
+"""The ``dialogflow-cx`` pipeline: a Dialogflow CX agent through detectIntent (REST v3).
+
+Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
+``GATEWAY_PIPELINE=dialogflow-cx:projects/P/locations/L/agents/A``; settings
+``GATEWAY_DIALOGFLOW_CX_*``.
+
+- Auth: the service-account JSON key of GATEWAY_DIALOGFLOW_CX_CREDENTIALS through
+  google-auth (``service_account.Credentials``, scope ``cloud-platform``): a JWT
+  assertion signed with the key is exchanged at the key's ``token_uri`` for an access
+  token, sent as ``Authorization: Bearer``. The refresh (blocking I/O in google-auth)
+  runs in a worker thread, one at a time, only when the token is missing or expiring.
+- Endpoint: ``https://<location>-dialogflow.googleapis.com`` (``dialogflow.googleapis.com``
+  for ``global``), or GATEWAY_DIALOGFLOW_CX_ENDPOINT. ``POST /v3/<agent>[/environments/
+  <env>]/sessions/<id>:detectIntent``. The CX session id is the gateway session id when
+  it is at most 36 characters of ``[A-Za-z0-9_-]``, else the first 36 hex digits of its
+  SHA-256, so one gateway session is one CX session (CX keeps the conversation state).
+- ``queryInput`` (with ``languageCode``: GATEWAY_DIALOGFLOW_CX_LANGUAGE or the locale):
+  ``#intro`` -> ``event`` GATEWAY_DIALOGFLOW_CX_WELCOME_EVENT (``WELCOME``);
+  ``#silence`` -> ``event`` GATEWAY_DIALOGFLOW_CX_NO_INPUT_EVENT
+  (``sys.no-input-default``); another ``#name`` -> ``event`` ``name``; a key press
+  (``input.attributes["dtmf"]``, or on a phone channel a transcript of only ``0-9*#``)
+  -> ``dtmf {digits, finishDigit "#"}``; anything else -> ``text`` (cut to 256
+  characters, the API's limit). ``queryParams.timeZone`` is the session's zone.
+- ``queryResult.responseMessages`` -> items, in order: ``text.text[]`` one item per
+  text; ``outputAudioText`` ``ssml`` (with its spoken text) or ``text``; ``playAudio``
+  ``audioUri`` and ``mixedAudio`` segments' ``uri`` -> audio items; ``payload`` -> a
+  code item (the payload as JSON); ``telephonyTransferCall`` ``phoneNumber``/``sipUri``
+  and ``liveAgentHandoff`` (``metadata.target``/``phoneNumber``/``sipUri``, else
+  GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET) -> :func:`gateway.events.transfer_item`;
+  ``endInteraction`` -> ``Response.session_ended``. ``conversationSuccess`` and
+  ``knowledgeInfoCard`` give no item. ``pipeline_state`` records the CX session id,
+  the current page and the session parameters.
+- Streaming (GATEWAY_DIALOGFLOW_CX_STREAMING): ``:serverStreamingDetectIntent``, whose
+  answer is a stream of DetectIntentResponses (a JSON array written element by
+  element, Google's REST streaming form; or server-sent events with ``alt=sse``):
+  the messages of each PARTIAL response are forwarded as they arrive; the FINAL
+  response's messages are forwarded except those equal to one already forwarded.
+- Failures (PipelineError): no token, the API unreachable, non-2xx (the Google error
+  ``message`` in the text), an answer that is not a DetectIntentResponse or over
+  GATEWAY_PIPELINE_MAX_RESPONSE_BYTES.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any, Self
+from urllib.parse import quote
+
+import google.auth.exceptions
+import httpx
+import requests
+from google.auth.transport.requests import Request as AuthRequest
+from google.oauth2 import service_account
+
+from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
+from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
+from gateway.pipeline.openai import iter_sse
+from gateway.sessions import Session
+from gateway.settings import Settings
+from gateway.ssml import ssml_to_text
+
+SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+MAX_TEXT = 256
+"""``TextInput.text`` limit of detectIntent, characters."""
+PHONE_CHANNELS = frozenset({"twilio", "vonage", "telnyx", "plivo", "sip"})
+"""Channels whose digit-only inputs are key presses (sent as ``dtmf``)."""
+
+_AGENT = re.compile(r"projects/([^/\s]+)/locations/([^/\s]+)/agents/([^/\s]+)")
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,36}")
+_DTMF = re.compile(r"[0-9*#]+")
+
+
+class DialogflowCxPipeline:
+    """A Dialogflow CX agent as the core (see the module doc).
+
+    ``agent`` is ``projects/P/locations/L/agents/A``; ``credentials`` google-auth
+    credentials with the cloud-platform scope. Raises PipelineError on the failures
+    of the module doc.
+    """
+
+    name = "dialogflow-cx"
+
+    def __init__(
+        self,
+        agent: str,
+        credentials: service_account.Credentials,
+        *,
+        language: str | None = None,
+        endpoint: str | None = None,
+        environment: str | None = None,
+        welcome_event: str = "WELCOME",
+        no_input_event: str = "sys.no-input-default",
+        handoff_target: str | None = None,
+        streaming: bool = False,
+        connect_timeout_s: float = 3.0,
+        max_response_bytes: int = 1_048_576,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        match = _AGENT.fullmatch(agent)
+        if match is None:
+            raise ValueError(f"not a CX agent name: {agent!r}")
+        location = match.group(2)
+        self.agent = agent
+        self.endpoint = (endpoint or _regional(location)).rstrip("/")
+        self.environment = environment
+        self.language = language
+        self.welcome_event = welcome_event
+        self.no_input_event = no_input_event
+        self.handoff_target = handoff_target
+        self.streaming = streaming
+        self._credentials = credentials
+        self._auth_session = requests.Session()
+        self._auth_lock = asyncio.Lock()
+        self._max = max_response_bytes
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+        )
+
+    @classmethod
+    def from_url(cls, spec: str, settings: Settings) -> Self:
+        """The pipeline of ``GATEWAY_PIPELINE=dialogflow-cx:projects/P/locations/L/agents/A``.
+
+        Raises PipelineConfigError naming the setting: a malformed spec
+        (GATEWAY_PIPELINE); GATEWAY_DIALOGFLOW_CX_CREDENTIALS unset, unreadable or not a
+        service-account key.
+        """
+        scheme, _, agent = spec.strip().partition(":")
+        if scheme != "dialogflow-cx" or _AGENT.fullmatch(agent.strip("/")) is None:
+            raise PipelineConfigError(
+                f"GATEWAY_PIPELINE {spec!r} is not a Dialogflow CX agent: expected "
+                "dialogflow-cx:projects/PROJECT/locations/LOCATION/agents/AGENT"
+            )
+        path = settings.dialogflow_cx_credentials
+        if not path:
+            raise PipelineConfigError(
+                "GATEWAY_DIALOGFLOW_CX_CREDENTIALS must name the service-account JSON key "
+                "of the dialogflow-cx pipeline"
+            )
+        try:
+            credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
+                path, scopes=[SCOPE]
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise PipelineConfigError(
+                f"GATEWAY_DIALOGFLOW_CX_CREDENTIALS {path!r} is not a readable service-account "
+                f"JSON key: {type(exc).__name__}: {str(exc)[:120]}"
+            ) from exc
+        return cls(
+            agent.strip("/"),
+            credentials,
+            language=settings.dialogflow_cx_language,
+            endpoint=settings.dialogflow_cx_endpoint,
+            environment=settings.dialogflow_cx_environment,
+            welcome_event=settings.dialogflow_cx_welcome_event,
+            no_input_event=settings.dialogflow_cx_no_input_event,
+            handoff_target=settings.dialogflow_cx_handoff_target,
+            streaming=settings.dialogflow_cx_streaming,
+            connect_timeout_s=settings.pipeline_connect_timeout_s,
+            max_response_bytes=settings.pipeline_max_response_bytes,
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def session_path(self, session: Session) -> str:
+        """``projects/.../agents/A[/environments/E]/sessions/<CX session id>``."""
+        base = self.agent
+        if self.environment:
+            base += f"/environments/{quote(self.environment, safe='')}"
+        return f"{base}/sessions/{cx_session_id(session.id)}"
+
+    def query_input(self, session: Session, input: Input) -> dict[str, Any]:
+        """The ``queryInput`` of a turn (see the module doc)."""
+        language = self.language or input.locale or session.locale
+        query: dict[str, Any]
+        dtmf = input.attributes.get("dtmf")
+        text = input.text.strip()
+        if isinstance(dtmf, str) and _DTMF.fullmatch(dtmf):
+            query = {"dtmf": _dtmf(dtmf)}
+        elif input.action == INTRO:
+            query = {"event": {"event": self.welcome_event}}
+        elif input.action == SILENCE:
+            query = {"event": {"event": self.no_input_event}}
+        elif input.action and input.action != "#":
+            query = {"event": {"event": input.action.removeprefix("#")}}
+        elif session.channel in PHONE_CHANNELS and _DTMF.fullmatch(text):
+            query = {"dtmf": _dtmf(text)}
+        else:
+            query = {"text": {"text": text[:MAX_TEXT]}}
+        return {**query, "languageCode": language}
+
+    async def _token(self) -> str:
+        async with self._auth_lock:
+            if not self._credentials.valid:
+                request = AuthRequest(self._auth_session)
+                try:
+                    await asyncio.to_thread(self._credentials.refresh, request)
+                except google.auth.exceptions.GoogleAuthError as exc:
+                    raise PipelineError(
+                        f"no access token for Dialogflow CX: {type(exc).__name__}: {str(exc)[:160]}"
+                    ) from exc
+            return str(self._credentials.token)
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
+        path = self.session_path(session)
+        method = "serverStreamingDetectIntent" if self.streaming else "detectIntent"
+        url = f"{self.endpoint}/v3/{path}:{method}"
+        body = {
+            "queryInput": self.query_input(session, input),
+            "queryParams": {"timeZone": input.zone_id or session.time_zone},
+        }
+        headers = {
+            "Authorization": f"Bearer {await self._token()}",
+            "Content-Type": "application/json; charset=utf-8",
+        }
+        answers: list[dict[str, Any]] = []
+        sent: list[str] = []
+        try:
+            async with self._client.stream("POST", url, json=body, headers=headers) as answer:
+                if not 200 <= answer.status_code < 300:
+                    detail = _google_error(await _read_some(answer))
+                    raise PipelineError(f"the core answered HTTP {answer.status_code}{detail}")
+                if self.streaming:
+                    async for part in self._parts(answer):
+                        answers.append(part)
+                        final = part.get("responseType") != "PARTIAL"
+                        for item in self._items(part, sent, final):
+                            yield item
+                else:
+                    whole = _object(await self._read_all(answer))
+                    answers.append(whole)
+                    for item in self._items(whole, sent, True):
+                        yield item
+        except httpx.HTTPError as exc:
+            raise PipelineError(f"the core could not be reached: {type(exc).__name__}") from exc
+        if not answers:
+            raise PipelineError("the core's stream held no DetectIntentResponse")
+        yield self._response(session, path, answers)
+
+    def _items(self, answer: dict[str, Any], sent: list[str], final: bool) -> list[ResponseItem]:
+        """Items of one DetectIntentResponse's messages; ``sent`` holds the JSON of the
+        messages forwarded already (a FINAL response skips them once each)."""
+        items: list[ResponseItem] = []
+        for message in _messages(answer):
+            key = json.dumps(message, sort_keys=True)
+            if final and key in sent:
+                sent.remove(key)
+                continue
+            if not final:
+                sent.append(key)
+            items += self._message_items(message)
+        return items
+
+    def _message_items(self, message: dict[str, Any]) -> list[ResponseItem]:
+        if "text" in message:
+            texts = _dict(message["text"]).get("text") or []
+            if not isinstance(texts, list):
+                raise PipelineError("the core answered a text message whose text is no list")
+            return [ResponseItem(text=t) for t in texts if isinstance(t, str) and t.strip()]
+        if "outputAudioText" in message:
+            audio_text = _dict(message["outputAudioText"])
+            ssml = audio_text.get("ssml")
+            if isinstance(ssml, str) and ssml.strip():
+                return [ResponseItem(text=ssml_to_text(ssml), ssml=ssml)]
+            text = audio_text.get("text")
+            return [ResponseItem(text=text)] if isinstance(text, str) and text.strip() else []
+        if "playAudio" in message:
+            uri = _dict(message["playAudio"]).get("audioUri")
+            return [ResponseItem(audio=uri)] if isinstance(uri, str) and uri else []
+        if "mixedAudio" in message:
+            segments = _dict(message["mixedAudio"]).get("segments") or []
+            uris = [s.get("uri") for s in segments if isinstance(s, dict)]
+            return [ResponseItem(audio=u) for u in uris if isinstance(u, str) and u]
+        if "payload" in message:
+            code = json.dumps(message["payload"], separators=(",", ":"))
+            return [ResponseItem(code=code, repeatable=False)]
+        if "telephonyTransferCall" in message:
+            call = _dict(message["telephonyTransferCall"])
+            target = call.get("phoneNumber") or call.get("sipUri")
+            if not isinstance(target, str) or not target.strip():
+                raise PipelineError("the core answered a telephonyTransferCall without a target")
+            return [transfer_item(target, reason="telephonyTransferCall")]
+        if "liveAgentHandoff" in message:
+            metadata = _dict(message["liveAgentHandoff"]).get("metadata") or {}
+            metadata = metadata if isinstance(metadata, dict) else {}
+            named = [metadata.get(k) for k in ("target", "phoneNumber", "sipUri")]
+            target = next((t for t in named if isinstance(t, str) and t.strip()), None)
+            target = target or self.handoff_target
+            if not target:
+                raise PipelineError(
+                    "the core asked for a liveAgentHandoff without a target and "
+                    "GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET is not set"
+                )
+            reason = metadata.get("reason")
+            return [transfer_item(target, reason=reason if isinstance(reason, str) else None)]
+        return []  # endInteraction (in _response), conversationSuccess, knowledgeInfoCard
+
+    def _response(self, session: Session, path: str, answers: list[dict[str, Any]]) -> Response:
+        ended = any("endInteraction" in m for a in answers for m in _messages(a))
+        result = _dict(answers[-1].get("queryResult"))
+        page = _dict(result.get("currentPage"))
+        state: dict[str, Any] = {"session": path.rsplit("/", 1)[-1]}
+        if isinstance(page.get("displayName"), str):
+            state["currentPage"] = page["displayName"]
+        if isinstance(result.get("parameters"), dict):
+            state["parameters"] = result["parameters"]
+        session.pipeline_state = state
+        language = result.get("languageCode")
+        return Response(session_ended=ended, locale=language if isinstance(language, str) else None)
+
+    async def _parts(self, answer: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+        """The DetectIntentResponses of a streamed answer (JSON array or SSE)."""
+        size = 0
+
+        async def chunks() -> AsyncIterator[str]:
+            nonlocal size
+            async for text in answer.aiter_text():
+                size += len(text)
+                if size > self._max:
+                    raise PipelineError(f"the core's answer is larger than {self._max} bytes")
+                yield text
+
+        kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "text/event-stream":
+
+            async def lines() -> AsyncIterator[str]:
+                rest = ""
+                async for text in chunks():
+                    rest += text
+                    *whole, rest = rest.split("\n")
+                    for line in whole:
+                        yield line.rstrip("\r")
+                if rest:
+                    yield rest
+
+            async for event in iter_sse(lines()):
+                yield _object(event.data.encode())
+            return
+        decoder = json.JSONDecoder()
+        buffer, opened, closed = "", False, False
+        async for text in chunks():
+            buffer += text
+            while True:
+                buffer = buffer.lstrip()
+                if not opened:
+                    if not buffer:
+                        break
+                    if buffer[0] != "[":
+                        raise PipelineError("the core's stream is not a JSON array")
+                    opened, buffer = True, buffer[1:]
+                    continue
+                if buffer.startswith(","):
+                    buffer = buffer[1:]
+                    continue
+                if buffer.startswith("]"):
+                    closed, buffer = True, buffer[1:]
+                    break
+                try:
+                    value, end = decoder.raw_decode(buffer)
+                except ValueError:
+                    break  # incomplete: wait for more
+                buffer = buffer[end:]
+                if not isinstance(value, dict):
+                    raise PipelineError("the core streamed an element that is not an object")
+                yield _checked(value)
+        if not closed or buffer.strip():
+            raise PipelineError("the core's stream is not a complete JSON array")
+
+    async def _read_all(self, answer: httpx.Response) -> bytes:
+        data = bytearray()
+        async for chunk in answer.aiter_bytes():
+            data += chunk
+            if len(data) > self._max:
+                raise PipelineError(f"the core's answer is larger than {self._max} bytes")
+        return bytes(data)
+
+    async def aclose(self) -> None:
+        """Close the pooled connections (the API's and the token endpoint's)."""
+        await self._client.aclose()
+        self._auth_session.close()
+
+
+def cx_session_id(session_id: str) -> str:
+    """The CX session id of a gateway session id: itself when it is at most 36 characters
+    of ``[A-Za-z0-9_-]``, else the first 36 hex digits of its SHA-256."""
+    if _SESSION_ID.fullmatch(session_id):
+        return session_id
+    return hashlib.sha256(session_id.encode()).hexdigest()[:36]
+
+
+def _regional(location: str) -> str:
+    if location == "global":
+        return "https://dialogflow.googleapis.com"
+    return f"https://{location}-dialogflow.googleapis.com"
+
+
+def _dtmf(keys: str) -> dict[str, str]:
+    if keys.endswith("#") and len(keys) > 1:
+        return {"digits": keys[:-1], "finishDigit": "#"}
+    return {"digits": keys}
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PipelineError("the core answered a message field that is not an object")
+    return value
+
+
+def _messages(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = _dict(answer.get("queryResult")).get("responseMessages") or []
+    return [m for m in messages if isinstance(m, dict)]
+
+
+def _checked(answer: dict[str, Any]) -> dict[str, Any]:
+    """``answer`` when it is a DetectIntentResponse; PipelineError otherwise."""
+    result = answer.get("queryResult")
+    if not isinstance(result, dict):
+        raise PipelineError("the core answered no queryResult")
+    messages = result.get("responseMessages", [])
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise PipelineError("the core answered responseMessages that are not a list of objects")
+    return answer
+
+
+def _object(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise PipelineError("the core answered something that is not JSON") from exc
+    if not isinstance(value, dict):
+        raise PipelineError("the core answered JSON that is not an object")
+    return _checked(value)
+
+
+async def _read_some(answer: httpx.Response, limit: int = 4096) -> bytes:
+    data = bytearray()
+    async for chunk in answer.aiter_bytes():
+        data += chunk
+        if len(data) >= limit:
+            break
+    return bytes(data[:limit])
+
+
+def _google_error(data: bytes) -> str:
+    """``: <error.message>`` of a Google API error body, or nothing."""
+    try:
+        message = json.loads(data)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return f": {' '.join(str(message).split())[:200]}" if message else ""
