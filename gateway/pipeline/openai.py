@@ -13,8 +13,8 @@ Each turn is ``POST <base>/chat/completions`` with ``Authorization: Bearer <key>
   sentence boundaries (:mod:`gateway.pipeline.sentences`), each forwarded as soon as it
   is complete, so a phone call speaks the first sentence while the model still writes;
   ``delta.tool_calls`` are accumulated by ``index``; a non-null ``finish_reason`` ends
-  the turn (the rest of the stream, up to ``[DONE]``, is read for at most
-  :data:`DRAIN_S` so the connection is kept alive).
+  the turn: the last sentence is forwarded at once, then the rest of the stream (usage
+  chunk, ``[DONE]``) is read for at most :data:`DRAIN_S`, so the connection is reused.
 - tolerated variations: a usage chunk with ``choices: []``, ``choices: null`` or no
   ``choices``; ``:`` comment (keepalive) lines; ``data:`` without the space; a
   server that ignores ``stream`` and answers one ``application/json`` completion.
@@ -302,16 +302,17 @@ class OpenAIPipeline:
                 yield item
             if turn.done or turn.finish_reason is not None:
                 break
-        if turn.finish_reason is not None and not turn.done:
-            try:  # read the usage chunk and [DONE], so the connection can be reused
-                async with asyncio.timeout(DRAIN_S):
-                    async for event in events:
-                        if event.data.strip().startswith("[DONE]"):
-                            break
-            except (TimeoutError, PipelineError, httpx.HTTPError):
-                pass
-        elif not turn.done and turn.finish_reason is None:
+        if not turn.done and turn.finish_reason is None:
             raise PipelineError("the core's stream ended without a finish_reason or [DONE]")
+        tail = turn.splitter.flush()
+        if tail:
+            yield ResponseItem(text=tail)  # the last sentence is not kept waiting for [DONE]
+        try:  # read the rest (usage chunk, [DONE]) so the connection goes back to the pool
+            async with asyncio.timeout(DRAIN_S):
+                async for _ in events:
+                    pass
+        except (TimeoutError, PipelineError, httpx.HTTPError):
+            pass
 
     def _event(self, turn: _Turn, event: SseEvent) -> list[ResponseItem]:
         data = event.data.strip()

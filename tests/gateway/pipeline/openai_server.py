@@ -1,0 +1,172 @@
+"""A small OpenAI-compatible chat completions server for tests (a real FastAPI app).
+
+It speaks the contract of shared/specs/CORES.md ("OpenAI-compatible Chat Completions"):
+``POST /<mode>/v1/chat/completions`` with ``Authorization: Bearer <KEY>``; with
+``"stream": true`` it answers server-sent events ``data: {chunk}`` (content in small
+deltas), a ``finish_reason`` chunk, the usage chunk when ``stream_options.include_usage``
+and ``data: [DONE]``, with the known variations of real servers: a ``:`` keepalive
+comment first, ``data:`` without its space (llama.cpp style), the usage chunk with
+``choices: null`` (vLLM) in mode ``vllm``.
+
+Its "model" is scripted on the last user message (see :func:`reply`); the ``<mode>``
+path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
+``error-data``, ``slow``, ``garbage``, ``truncated``, ``json`` (ignores ``stream``),
+``empty``. ``app.state.requests`` keeps each request body (``ports`` its client port); ``app.state.gap_s`` is a
+pause after the first sentence (the model "thinking" on), ``app.state.sent_all_at``
+when the last content delta was written (``time.monotonic()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+KEY = "sk-test-0123456789"
+
+
+def reply(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """The scripted model: (content, tool calls) for a conversation."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    last = users[-1]
+    if last.startswith("[The caller has just joined"):
+        return "Hello, this is the front desk of the city museum. How can I help you today?", []
+    if last.startswith("[The caller said nothing"):
+        return "Are you still there?", []
+    if "what did i say" in last.lower():
+        before = users[-2] if len(users) > 1 else "nothing"
+        return f"You said: {before}. Anything else?", []
+    if "bye" in last.lower():
+        return "Goodbye, have a nice day.", [_tool("end_session", {})]
+    if "person" in last.lower():
+        return "Let me connect you.", [_tool("transfer", {"reason": "caller asked for a person"})]
+    if "silent tool" in last.lower():
+        return "", [_tool("end_session", {})]
+    return (
+        f"You said {last}. The price is 3.5 dollars, e.g. cheap. Is there anything else?",
+        [],
+    )
+
+
+def _tool(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"id": f"call_{name}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}  # fmt: skip
+
+
+def make_openai_server() -> FastAPI:
+    """The server app (see the module doc)."""
+    app = FastAPI()
+    app.state.requests = []
+    app.state.ports = []
+    app.state.gap_s = 0.0
+    app.state.sent_all_at = None
+
+    @app.post("/{mode}/v1/chat/completions")
+    async def completions(mode: str, request: Request) -> Response:
+        if request.headers.get("authorization") != f"Bearer {KEY}":
+            return _error(401, "Incorrect API key provided.", "invalid_request_error")
+        body = await request.json()
+        app.state.requests.append(body)
+        app.state.ports.append(request.client.port if request.client else None)
+        if mode.startswith("status-"):
+            code = int(mode.removeprefix("status-"))
+            return _error(code, "Rate limit reached" if code == 429 else "Server error", "x")
+        if mode == "slow":
+            await asyncio.sleep(1.5)
+        content, tools = reply(body["messages"])
+        if mode == "json" or not body.get("stream"):
+            return JSONResponse(_completion(content, tools, body["model"]))
+        return StreamingResponse(
+            _stream(app, mode, body, content, tools), media_type="text/event-stream"
+        )
+
+    return app
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+def _completion(content: str, tools: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content or None}
+    if tools:
+        message["tool_calls"] = tools
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": "tool_calls" if tools else "stop"}
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
+    }
+
+
+async def _stream(
+    app: FastAPI, mode: str, body: dict[str, Any], content: str, tools: list[dict[str, Any]]
+) -> AsyncIterator[bytes]:
+    model = body["model"]
+
+    def data(obj: Any, space: bool = True) -> bytes:
+        text = obj if isinstance(obj, str) else json.dumps(obj)
+        return f"data:{' ' if space else ''}{text}\n\n".encode()
+
+    yield b": keepalive\n\n"
+    yield data(_chunk(model, {"role": "assistant", "content": ""}))
+    if mode == "garbage":
+        yield b"data: {not json\n\n"
+        return
+    if mode == "empty":
+        yield data(_chunk(model, {}, "stop"))
+        yield data("[DONE]")
+        return
+    boundary = re.search(r"[.!?]\s\S", content)  # the first sentence and the next letter
+    pause_at = boundary.end() if boundary else -1
+    pieces = [content[i : i + 4] for i in range(0, len(content), 4)]
+    written = 0
+    for n, piece in enumerate(pieces):
+        yield data(_chunk(model, {"content": piece}), space=n % 2 == 0)
+        written += len(piece)
+        if mode == "event-error" and n == 3:
+            yield b'event: error\ndata: {"error":{"message":"The model is overloaded"}}\n\n'
+            return
+        if mode == "error-data" and n == 3:
+            yield data({"error": {"message": "context length exceeded", "code": 400}})
+            return
+        if mode == "truncated" and n == 3:
+            return
+        if written - len(piece) < pause_at <= written:
+            await asyncio.sleep(app.state.gap_s)  # the model keeps "thinking"
+        await asyncio.sleep(0)
+    app.state.sent_all_at = time.monotonic()
+    for index, call in enumerate(tools):
+        args = call["function"]["arguments"]
+        head = {"index": index, "id": call["id"], "type": "function"}
+        yield data(_chunk(model, {"tool_calls": [{**head, "function": {"name": call["function"]["name"], "arguments": ""}}]}))  # fmt: skip
+        for i in range(0, len(args), 5):
+            yield data(_chunk(model, {"tool_calls": [{"index": index, "function": {"arguments": args[i : i + 5]}}]}))  # fmt: skip
+    yield data(_chunk(model, {}, "tool_calls" if tools else "stop"))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        usage = {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}
+        usage_chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model}
+        usage_chunk["choices"] = None if mode == "vllm" else []
+        yield data({**usage_chunk, "usage": usage})
+    yield b": keepalive\n\n"
+    yield data("[DONE]")

@@ -1,0 +1,330 @@
+"""The OpenAI-compatible core against a real chat completions server (tests/gateway/pipeline/
+openai_server.py): the sentence splitter, a conversation with history, the tools, the
+server variations and every kind of failure as a pipeline error."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from gateway.conversation import Conversation
+from gateway.events import (
+    ErrorEvent,
+    Input,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+    SessionEndedEvent,
+    transfer_target,
+)
+from gateway.pipeline.base import PipelineConfigError
+from gateway.pipeline.openai import OpenAIPipeline
+from gateway.pipeline.sentences import SentenceSplitter, split_sentences
+from gateway.sessions import ClientState, MemorySessionStore, Session
+from gateway.settings import Settings
+from tests.conftest import serve
+from tests.gateway.pipeline.openai_server import KEY, make_openai_server
+from tests.gateway.turns import ctx, texts
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[tuple[str, FastAPI]]:
+    """The server on a free port: its base URL and app."""
+    app = make_openai_server()
+    async with serve(app) as url:
+        yield url, app
+
+
+def pipeline(base: str, mode: str = "chat", **options: Any) -> OpenAIPipeline:
+    return OpenAIPipeline(
+        f"{base}/{mode}/v1", model="test-model", api_key=KEY, system_prompt="Be brief.", **options
+    )
+
+
+def engine(pipe: OpenAIPipeline, **overrides: Any) -> Conversation:
+    return Conversation(MemorySessionStore(), pipe, Settings().model_copy(update=overrides))
+
+
+# ------------------------------------------------------------------ sentence splitter
+
+SENTENCES = [
+    ("Hello there. How are you?", ["Hello there.", "How are you?"]),
+    ("I am Dr. Smith. Nice to meet you.", ["I am Dr. Smith.", "Nice to meet you."]),
+    ("It costs 3.5 dollars. Cheap!", ["It costs 3.5 dollars.", "Cheap!"]),
+    ("Bring fruit, e.g. apples. Or not.", ["Bring fruit, e.g. apples.", "Or not."]),
+    ("Use a tool, e.g. A hammer.", ["Use a tool, e.g. A hammer."]),
+    ("Mr. and Mrs. Brown came. Then we ate.", ["Mr. and Mrs. Brown came.", "Then we ate."]),
+    ("J. R. R. Tolkien wrote it. Read it.", ["J. R. R. Tolkien wrote it.", "Read it."]),
+    ("Open at 9 a.m. every day. Welcome.", ["Open at 9 a.m. every day.", "Welcome."]),
+    ("It was 1999. Then it was 2000.", ["It was 1999.", "Then it was 2000."]),
+    ('He said "Stop." Then left.', ['He said "Stop."', "Then left."]),
+    ("Really?! Yes... Well.", ["Really?!", "Yes...", "Well."]),
+    ("Version 2.0.1 is out. Update now", ["Version 2.0.1 is out.", "Update now"]),
+    ("See www.example.com. Bye.", ["See www.example.com.", "Bye."]),
+    ("List:\n- one\n- two", ["List:", "- one", "- two"]),
+    ("no end yet", ["no end yet"]),
+    ("   ", []),
+]
+
+
+@pytest.mark.parametrize(("text", "sentences"), SENTENCES)
+def test_sentences_whole_and_streamed_character_by_character(
+    text: str, sentences: list[str]
+) -> None:
+    assert split_sentences(text) == sentences
+    splitter = SentenceSplitter()
+    streamed: list[str] = []
+    for char in text:
+        streamed += splitter.feed(char)
+    tail = splitter.flush()
+    assert [*streamed, *([tail] if tail else [])] == sentences
+
+
+def test_a_sentence_is_given_once_the_next_one_has_begun() -> None:
+    splitter = SentenceSplitter()
+    assert splitter.feed("Hello there.") == []
+    assert splitter.feed(" ") == []  # "Hello there. i..." could go on
+    assert splitter.feed("How") == ["Hello there."]
+    assert splitter.flush() == "How"
+
+
+# ------------------------------------------------------------------ conversations
+
+
+async def test_a_conversation_with_history_in_the_session(llm: tuple[str, FastAPI]) -> None:
+    url, app = llm
+    conv = engine(pipeline(url))
+    intro = await conv.turn(ctx(), Input.of("#intro")).collect()
+    assert texts(intro) == [
+        "Hello, this is the front desk of the city museum.",
+        "How can I help you today?",
+    ]
+    said = await conv.turn(ctx(), Input.of("I like dinosaurs")).collect()
+    assert texts(said) == [
+        "You said I like dinosaurs.",
+        "The price is 3.5 dollars, e.g. cheap.",
+        "Is there anything else?",
+    ]
+    again = await conv.turn(ctx(), Input.of("what did I say")).collect()
+    assert texts(again) == ["You said: I like dinosaurs.", "Anything else?"]
+
+    first, last = app.state.requests[0], app.state.requests[-1]
+    assert first["model"] == "test-model"
+    assert first["stream"] is True
+    assert first["stream_options"] == {"include_usage": True}
+    assert [t["function"]["name"] for t in first["tools"]] == ["end_session"]
+    assert first["tool_choice"] == "auto"
+    assert first["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert first["messages"][1]["content"].startswith("[The caller has just joined")
+    assert [m["role"] for m in last["messages"]] == ["system"] + ["user", "assistant"] * 2 + [
+        "user"
+    ]
+    assert last["messages"][3] == {"role": "user", "content": "I like dinosaurs"}
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.turn_count == 3
+    assert session.pipeline_state["messages"][-1] == {
+        "role": "assistant",
+        "content": "You said: I like dinosaurs. Anything else?",
+    }
+    assert len(set(app.state.ports)) == 1  # one kept-alive connection for every turn
+    await conv.pipeline.aclose()
+
+
+async def test_history_is_bounded(llm: tuple[str, FastAPI]) -> None:
+    url, app = llm
+    conv = engine(pipeline(url, max_history=3))
+    for n in range(4):
+        await conv.turn(ctx(), Input.of(f"turn {n}")).collect()
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    kept = session.pipeline_state["messages"]
+    assert [m["role"] for m in kept] == ["user", "assistant"]  # 3 would start with assistant
+    assert kept[0]["content"] == "turn 3"
+    sent = app.state.requests[-1]["messages"]
+    assert [m["content"] for m in sent if m["role"] == "user"] == ["turn 2", "turn 3"]
+    await conv.pipeline.aclose()
+
+
+async def test_end_session_tool_ends_the_session(llm: tuple[str, FastAPI]) -> None:
+    url, _ = llm
+    conv = engine(pipeline(url))
+    events = await conv.turn(ctx(), Input.of("ok bye")).collect()
+    assert texts(events) == ["Goodbye, have a nice day."]
+    response = next(e for e in events if isinstance(e, ResponseEvent)).response
+    assert response.session_ended
+    assert isinstance(events[-1], SessionEndedEvent)
+    await conv.pipeline.aclose()
+
+
+async def test_transfer_tool_is_the_transfer_action(llm: tuple[str, FastAPI]) -> None:
+    url, app = llm
+    conv = engine(pipeline(url, transfer_target="+15551234567"))
+    events = await conv.turn(ctx(), Input.of("a person please")).collect()
+    names = [t["function"]["name"] for t in app.state.requests[0]["tools"]]
+    assert names == ["end_session", "transfer"]
+    assert texts(events) == ["Let me connect you.", "#transfer"]
+    item = [e for e in events if isinstance(e, ResponseItemEvent)][-1].response_item
+    assert transfer_target(item) == ("+15551234567", "caller asked for a person")
+    await conv.pipeline.aclose()
+
+
+async def test_tool_call_alone_is_an_answer_and_tools_can_be_off(
+    llm: tuple[str, FastAPI],
+) -> None:
+    url, app = llm
+    conv = engine(pipeline(url, tools=False))
+    await conv.turn(ctx(), Input.of("#silence")).collect()
+    assert "tools" not in app.state.requests[0]
+    assert app.state.requests[0]["messages"][-1]["content"].startswith("[The caller said nothing")
+    conv2 = engine(pipeline(url))
+    events = await conv2.turn(ctx(), Input.of("silent tool")).collect()
+    assert texts(events) == []
+    assert isinstance(events[-1], SessionEndedEvent)
+    await conv.pipeline.aclose()
+    await conv2.pipeline.aclose()
+
+
+@pytest.mark.parametrize("mode", ["vllm", "json"])
+async def test_server_variations_give_the_same_answer(llm: tuple[str, FastAPI], mode: str) -> None:
+    url, _ = llm
+    conv = engine(pipeline(url, mode))
+    events = await conv.turn(ctx(), Input.of("hi")).collect()
+    assert texts(events) == [
+        "You said hi.",
+        "The price is 3.5 dollars, e.g. cheap.",
+        "Is there anything else?",
+    ]
+    assert isinstance(events[-1], ResponseEvent)
+    await conv.pipeline.aclose()
+
+
+async def test_first_sentence_is_forwarded_before_the_answer_is_complete(
+    llm: tuple[str, FastAPI],
+) -> None:
+    url, app = llm
+    app.state.gap_s = 1.0
+    pipe = pipeline(url)
+    session = Session(id="s1", key="test:s1", channel="test", app_key="app")
+    started = time.monotonic()
+    outputs = aiter(pipe.process(session, Input.of("#intro")))
+    first = await anext(outputs)
+    first_at = time.monotonic()
+    assert isinstance(first, ResponseItem)
+    assert first.text == "Hello, this is the front desk of the city museum."
+    assert app.state.sent_all_at is None  # the server has not written the rest yet
+    rest = [out async for out in outputs]
+    assert app.state.sent_all_at is not None
+    assert app.state.sent_all_at - first_at > 0.9
+    assert first_at - started < 0.5
+    assert [getattr(o, "text", None) for o in rest[:-1]] == ["How can I help you today?"]
+    await pipe.aclose()
+
+
+@pytest.mark.parametrize(
+    ("mode", "words"),
+    [
+        ("status-500", "HTTP 500: Server error"),
+        ("status-429", "HTTP 429: Rate limit reached"),
+        ("event-error", "streamed an error: The model is overloaded"),
+        ("error-data", "streamed an error: context length exceeded"),
+        ("garbage", "not JSON"),
+        ("truncated", "without a finish_reason"),
+        ("empty", "neither content nor a tool call"),
+        ("slow", "did not answer within"),
+    ],
+)
+async def test_core_failures_become_pipeline_errors(
+    llm: tuple[str, FastAPI], mode: str, words: str
+) -> None:
+    url, _ = llm
+    conv = engine(pipeline(url, mode), turn_timeout_s=0.5)
+    events = await conv.turn(ctx(), Input.of("hello")).collect()
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.source == "pipeline"
+    assert words in error.text
+    session = await conv.store.get(ctx().key)
+    assert session is not None  # kept, marked Failed, not advanced, history unchanged
+    assert session.client_state == ClientState.FAILED
+    assert session.turn_count == 0
+    assert session.pipeline_state == {}
+    await conv.pipeline.aclose()
+
+
+async def test_wrong_key_and_unreachable_server_are_pipeline_errors(
+    llm: tuple[str, FastAPI],
+) -> None:
+    url, _ = llm
+    wrong = OpenAIPipeline(f"{url}/chat/v1", model="m", api_key="sk-wrong")
+    events = await engine(wrong).turn(ctx(), Input.of("hi")).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert "HTTP 401: Incorrect API key provided." in events[-1].text
+    await wrong.aclose()
+    gone = OpenAIPipeline("http://127.0.0.1:1/v1", model="m")
+    events = await engine(gone).turn(ctx(), Input.of("hi")).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert "could not be reached" in events[-1].text
+    await gone.aclose()
+
+
+# ------------------------------------------------------------------ from_url
+
+
+async def test_from_url_reads_the_settings() -> None:
+    settings = Settings(
+        openai_api_key=SecretStr("sk-1"),
+        openai_model="gpt-4o-mini",
+        openai_system_prompt="Hi.",
+        openai_max_history=6,
+        openai_temperature=0.3,
+    )
+    pipe = OpenAIPipeline.from_url("openai+https://api.example.com/v1", settings)
+    assert pipe.url == "https://api.example.com/v1/chat/completions"
+    assert pipe.max_history == 6
+    body = pipe.request_body([], "hello")
+    assert body["model"] == "gpt-4o-mini"
+    assert body["temperature"] == 0.3
+    assert body["messages"][0] == {"role": "system", "content": "Hi."}
+    await pipe.aclose()
+    local = OpenAIPipeline.from_url(
+        "openai+http://127.0.0.1:11434/v1", Settings(openai_model="llama3")
+    )
+    assert local.url == "http://127.0.0.1:11434/v1/chat/completions"  # no key needed
+    await local.aclose()
+
+
+@pytest.mark.parametrize(
+    ("spec", "settings", "setting"),
+    [
+        ("openai+ftp://host/v1", {"openai_model": "m"}, "GATEWAY_PIPELINE"),
+        ("openai:https://host/v1", {"openai_model": "m"}, "GATEWAY_PIPELINE"),
+        ("openai+https:///v1", {"openai_model": "m"}, "GATEWAY_PIPELINE"),
+        ("openai+http://host/v1", {}, "GATEWAY_OPENAI_MODEL"),
+        ("openai+https://host/v1", {"openai_model": "m"}, "GATEWAY_OPENAI_API_KEY"),
+    ],
+)
+def test_from_url_names_the_setting_to_fix(
+    spec: str, settings: dict[str, Any], setting: str
+) -> None:
+    with pytest.raises(PipelineConfigError, match=setting):
+        OpenAIPipeline.from_url(spec, Settings(**settings))
+
+
+async def test_concurrent_sessions_share_the_pool(llm: tuple[str, FastAPI]) -> None:
+    url, app = llm
+    conv = engine(pipeline(url))
+    before = len(app.state.requests)
+    results = await asyncio.gather(
+        *(conv.turn(ctx(f"s{n}"), Input.of(f"number {n}")).collect() for n in range(8))
+    )
+    for n, events in enumerate(results):
+        assert texts(events)[0] == f"You said number {n}."
+    assert len(app.state.requests) - before == 8
+    await conv.pipeline.aclose()
