@@ -1,0 +1,205 @@
+"""A small Dialogflow CX for tests (a real FastAPI app): Google's OAuth token endpoint and
+detectIntent / serverStreamingDetectIntent (REST v3) of one scripted agent.
+
+Contract: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
+
+- ``POST /token``: the OAuth 2.0 JWT bearer grant google-auth's service-account
+  credentials use (``grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer``,
+  ``assertion``). The assertion is verified with the test key's public half (RS256,
+  ``iss`` the client email, ``aud`` Google's token endpoint, ``scope`` cloud-platform, ``exp``
+  in the future); answers ``{"access_token", "expires_in", "token_type"}``.
+- ``POST /v3/projects/P/locations/L/agents/A/sessions/<id>:detectIntent`` (and
+  ``:serverStreamingDetectIntent``): needs ``Authorization: Bearer <issued token>``
+  (401 UNAUTHENTICATED otherwise), a session id of at most 36 characters (400
+  INVALID_ARGUMENT), one ``queryInput`` kind and a ``languageCode``. The agent keeps
+  each session's page and parameters (:func:`agent`). The streaming method answers a
+  JSON array written element by element: a PARTIAL DetectIntentResponse with the first
+  message, then (after ``app.state.gap_s``) the FINAL one with all messages.
+
+``app.state.requests`` holds ``(path, body)`` of each detectIntent, ``app.state.tokens``
+the tokens issued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import parse_qsl
+
+import jwt
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+AGENT = "projects/demo-project/locations/europe-west3/agents/a1b2c3"
+EMAIL = "gateway@demo-project.iam.gserviceaccount.com"
+SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
+"""The ``aud`` of every service-account assertion: Google's token endpoint, whatever
+``token_uri`` the key names (google-auth ``_make_authorization_grant_assertion``)."""
+
+
+def google_error(code: int, status: str, message: str) -> JSONResponse:
+    """A Google API error body."""
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "status": status}}, status_code=code
+    )
+
+
+def agent(state: dict[str, Any], query: dict[str, Any]) -> list[dict[str, Any]] | Response:
+    """The scripted agent: the responseMessages of a query, changing the session ``state``
+    (``page``, ``parameters``), or an error answer."""
+    text = (query.get("text") or {}).get("text")
+    event = (query.get("event") or {}).get("event")
+    dtmf = query.get("dtmf")
+    params = state.setdefault("parameters", {})
+
+    def say(*texts: str) -> dict[str, Any]:
+        return {"text": {"text": list(texts)}, "responseType": "HANDLER_PROMPT"}
+
+    if event == "WELCOME":
+        state["page"] = "Start Page"
+        return [
+            say("Welcome to the pizza shop."),
+            {"outputAudioText": {"ssml": "<speak>What would you <emphasis>like</emphasis>?</speak>"}},
+        ]  # fmt: skip
+    if event == "sys.no-input-default":
+        return [say("Are you still there?")]
+    if dtmf is not None:
+        return [say(f"You pressed {dtmf['digits']} then {dtmf.get('finishDigit', 'nothing')}.")]
+    if text == "pizza":
+        state["page"] = "Order"
+        params["item"] = "pizza"
+        return [say("What size?")]
+    if text == "large":
+        if state.get("page") != "Order":
+            return [say("Large what?")]
+        params["size"] = "large"
+        state["page"] = "Confirm"
+        return [
+            say("A large pizza.", "Anything else?"),
+            {"payload": {"richContent": [[{"type": "chips", "options": [{"text": "drinks"}]}]]}},
+            {"playAudio": {"audioUri": "https://cdn.example.com/ding.mp3"}},
+            {"mixedAudio": {"segments": [{"uri": "https://cdn.example.com/jingle.wav"}, {"audio": "AAAA"}]}},
+        ]  # fmt: skip
+    if text == "what did I order":
+        return [say(f"A {params.get('size', 'regular')} {params.get('item', 'nothing')}.")]
+    if text == "agent":
+        return [say("Connecting you."), {"liveAgentHandoff": {"metadata": {"reason": "asked"}}}]
+    if text == "call sales":
+        return [{"telephonyTransferCall": {"phoneNumber": "+15550001111"}}]
+    if text == "bye":
+        state["page"] = "End Session"
+        return [say("Goodbye."), {"endInteraction": {}}]
+    if text == "boom":
+        return google_error(500, "INTERNAL", "Internal error encountered.")
+    if text == "quota":
+        return google_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded for detectIntent.")
+    if text == "garbage":
+        return PlainTextResponse("<html>oops</html>", media_type="application/json")
+    if text == "shape":
+        return JSONResponse({"responseId": "r", "queryResult": {"responseMessages": "no"}})
+    return [say("Sorry, I did not get that.")]
+
+
+def make_cx_server(public_key_pem: bytes) -> FastAPI:
+    """The server app; ``public_key_pem`` verifies the token requests' assertions."""
+    app = FastAPI()
+    app.state.requests = []
+    app.state.tokens = set()
+    app.state.sessions = {}
+    app.state.gap_s = 0.0
+    app.state.slow_s = 1.5
+
+    @app.post("/token")
+    async def token(request: Request) -> Response:
+        form = dict(parse_qsl((await request.body()).decode()))  # form-urlencoded
+        if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
+            return JSONResponse({"error": "unsupported_grant_type"}, status_code=400)
+        try:
+            claims = jwt.decode(
+                str(form.get("assertion")),
+                public_key_pem,
+                algorithms=["RS256"],
+                audience=GOOGLE_TOKEN_AUDIENCE,
+                issuer=EMAIL,
+                options={"require": ["exp", "iat", "aud", "iss"]},
+            )
+        except jwt.PyJWTError as exc:
+            return JSONResponse(
+                {"error": "invalid_grant", "error_description": str(exc)}, status_code=400
+            )
+        if SCOPE not in str(claims.get("scope", "")).split():
+            return JSONResponse({"error": "invalid_scope"}, status_code=400)
+        issued = "ya29." + secrets.token_urlsafe(24)
+        app.state.tokens.add(issued)
+        return JSONResponse({"access_token": issued, "expires_in": 3599, "token_type": "Bearer"})
+
+    @app.post("/v3/projects/{project}/locations/{location}/agents/{agent_id}/sessions/{rest}")
+    async def detect_intent(
+        project: str, location: str, agent_id: str, rest: str, request: Request
+    ) -> Response:
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if bearer not in app.state.tokens:
+            return google_error(
+                401, "UNAUTHENTICATED", "Request had invalid authentication credentials."
+            )
+        session_id, _, method = rest.partition(":")
+        if method not in ("detectIntent", "serverStreamingDetectIntent"):
+            return google_error(404, "NOT_FOUND", f"Method {method} not found.")
+        if not 0 < len(session_id) <= 36:
+            return google_error(400, "INVALID_ARGUMENT", "Session ID must be <= 36 characters.")
+        body = await request.json()
+        app.state.requests.append((request.url.path, body))
+        query = body.get("queryInput") or {}
+        kinds = [k for k in ("text", "intent", "audio", "event", "dtmf") if k in query]
+        if len(kinds) != 1 or not query.get("languageCode"):
+            return google_error(400, "INVALID_ARGUMENT", "queryInput needs one input and a language.")  # fmt: skip
+        if (query.get("text") or {}).get("text") == "slow":
+            await asyncio.sleep(app.state.slow_s)
+        path = f"projects/{project}/locations/{location}/agents/{agent_id}/sessions/{session_id}"
+        state = app.state.sessions.setdefault(path, {})
+        messages = agent(state, query)
+        if isinstance(messages, Response):
+            return messages
+        if method == "detectIntent":
+            return JSONResponse(_answer(state, query, messages, "FINAL"))
+        return StreamingResponse(_stream(app, state, query, messages), media_type="application/json")
+
+    return app
+
+
+def _answer(
+    state: dict[str, Any], query: dict[str, Any], messages: list[dict[str, Any]], kind: str
+) -> dict[str, Any]:
+    return {
+        "responseId": secrets.token_hex(8),
+        "queryResult": {
+            **({"text": query["text"]["text"]} if "text" in query else {}),
+            **({"triggerEvent": query["event"]["event"]} if "event" in query else {}),
+            "languageCode": query["languageCode"],
+            "parameters": dict(state.get("parameters", {})),
+            "responseMessages": messages,
+            "currentPage": {
+                "name": f"{AGENT}/flows/00000000-0000-0000-0000-000000000000/pages/p",
+                "displayName": state.get("page", "Start Page"),
+            },
+            "match": {"matchType": "INTENT", "confidence": 1.0},
+        },
+        "responseType": kind,
+    }
+
+
+async def _stream(
+    app: FastAPI, state: dict[str, Any], query: dict[str, Any], messages: list[dict[str, Any]]
+) -> AsyncIterator[bytes]:
+    partial = _answer(state, query, messages[:1], "PARTIAL")
+    final = _answer(state, query, messages, "FINAL")
+    yield b"[" + json.dumps(partial, indent=2).encode()
+    await asyncio.sleep(app.state.gap_s)
+    app.state.final_at = time.monotonic()
+    yield b"\n,\n" + json.dumps(final, indent=2).encode()[:20]
+    yield json.dumps(final, indent=2).encode()[20:] + b"\n]"

@@ -1,0 +1,323 @@
+"""The Dialogflow CX core against a real local CX (tests/gateway/pipeline/cx_server.py):
+google-auth's service-account flow against the token endpoint (a key generated here), a
+conversation with state, rich messages, the end, transfers, the streaming method, and
+every kind of failure as a pipeline error."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi import FastAPI
+
+from gateway.conversation import Conversation, TurnContext
+from gateway.events import (
+    ErrorEvent,
+    Input,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+    SessionEndedEvent,
+    TurnEvent,
+    transfer_target,
+)
+from gateway.pipeline.base import PipelineConfigError
+from gateway.pipeline.dialogflow_cx import DialogflowCxPipeline, cx_session_id
+from gateway.sessions import ClientState, MemorySessionStore, Session
+from gateway.settings import Settings
+from tests.conftest import serve
+from tests.gateway.pipeline.cx_server import AGENT, EMAIL, make_cx_server
+from tests.gateway.turns import ctx, texts
+
+
+def _key() -> tuple[bytes, bytes]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public
+
+
+@pytest.fixture(scope="module")
+def keys() -> tuple[bytes, bytes]:
+    """A service account's RSA key (PKCS#8 PEM) and its public half."""
+    return _key()
+
+
+def key_file(tmp: Path, private: bytes, token_uri: str) -> str:
+    """A service-account JSON key file as the Cloud console downloads it."""
+    info = {
+        "type": "service_account",
+        "project_id": "demo-project",
+        "private_key_id": "0123456789abcdef",
+        "private_key": private.decode(),
+        "client_email": EMAIL,
+        "client_id": "100000000000000000001",
+        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+        "token_uri": token_uri,
+    }
+    path = tmp / "service-account.json"
+    path.write_text(json.dumps(info))
+    return str(path)
+
+
+@pytest.fixture
+async def cx(keys: tuple[bytes, bytes], tmp_path: Path) -> AsyncIterator[tuple[Settings, FastAPI]]:
+    """The CX server on a free port, and the settings of a gateway using it."""
+    app = make_cx_server(keys[1])
+    async with serve(app) as url:
+        settings = Settings(
+            pipeline=f"dialogflow-cx:{AGENT}",
+            dialogflow_cx_credentials=key_file(tmp_path, keys[0], f"{url}/token"),
+            dialogflow_cx_endpoint=url,
+            dialogflow_cx_handoff_target="sip:desk@example.com",
+        )
+        yield settings, app
+
+
+def engine(settings: Settings, **overrides: Any) -> Conversation:
+    settings = settings.model_copy(update=overrides)
+    pipe = DialogflowCxPipeline.from_url(settings.pipeline, settings)
+    return Conversation(MemorySessionStore(), pipe, settings)
+
+
+def items(events: list[TurnEvent]) -> list[ResponseItem]:
+    return [e.response_item for e in events if isinstance(e, ResponseItemEvent)]
+
+
+async def test_a_conversation_with_state_and_rich_messages(cx: tuple[Settings, FastAPI]) -> None:
+    settings, app = cx
+    conv = engine(settings)
+    intro = items(await conv.turn(ctx(), Input.of("#intro")).collect())
+    assert intro[0].text == "Welcome to the pizza shop."
+    assert intro[1].ssml == "<speak>What would you <emphasis>like</emphasis>?</speak>"
+    assert intro[1].text == "What would you like?"
+    assert texts(await conv.turn(ctx(), Input.of("pizza")).collect()) == ["What size?"]
+    large = items(await conv.turn(ctx(), Input.of("large")).collect())
+    assert [i.text for i in large[:2]] == ["A large pizza.", "Anything else?"]
+    assert large[2].code is not None
+    assert json.loads(large[2].code)["richContent"][0][0]["type"] == "chips"
+    assert [i.audio for i in large[3:]] == [
+        "https://cdn.example.com/ding.mp3",
+        "https://cdn.example.com/jingle.wav",  # the inline segment has no URL: no item
+    ]
+    again = await conv.turn(ctx(), Input.of("what did I order")).collect()
+    assert texts(again) == ["A large pizza."]  # CX kept the session's parameters
+
+    paths = [path for path, _ in app.state.requests]
+    assert set(paths) == {f"/v3/{AGENT}/sessions/s1:detectIntent"}
+    first = app.state.requests[0][1]
+    assert first["queryInput"] == {"event": {"event": "WELCOME"}, "languageCode": "en-US"}
+    assert first["queryParams"] == {"timeZone": "Europe/Prague"}
+    assert app.state.requests[1][1]["queryInput"]["text"] == {"text": "pizza"}
+    assert len(app.state.tokens) == 1  # one token, refreshed once, for every turn
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.pipeline_state["currentPage"] == "Confirm"
+    assert session.pipeline_state["parameters"] == {"item": "pizza", "size": "large"}
+    assert session.pipeline_state["session"] == "s1"
+    await conv.pipeline.aclose()
+
+
+async def test_no_input_dtmf_and_language(cx: tuple[Settings, FastAPI]) -> None:
+    settings, app = cx
+    conv = engine(settings, dialogflow_cx_language="en")
+    silence = await conv.turn(ctx(), Input.of("#silence")).collect()
+    assert texts(silence) == ["Are you still there?"]
+    phone = TurnContext(channel="twilio", session_id="CA" + "0" * 32, app_key="app")
+    keys = await conv.turn(phone, Input.of("12#")).collect()
+    assert texts(keys) == ["You pressed 12 then #."]
+    typed = await conv.turn(ctx(), Input.of("12")).collect()  # digits typed in a chat: text
+    assert texts(typed) == ["Sorry, I did not get that."]
+    marked = await conv.turn(ctx(), Input.of("7", attributes={"dtmf": "7"})).collect()
+    assert texts(marked) == ["You pressed 7 then nothing."]
+    queries = [body["queryInput"] for _, body in app.state.requests]
+    assert queries[0] == {"event": {"event": "sys.no-input-default"}, "languageCode": "en"}
+    assert queries[1] == {"dtmf": {"digits": "12", "finishDigit": "#"}, "languageCode": "en"}
+    assert queries[2] == {"text": {"text": "12"}, "languageCode": "en"}
+    await conv.pipeline.aclose()
+
+
+async def test_end_interaction_ends_the_session(cx: tuple[Settings, FastAPI]) -> None:
+    settings, _ = cx
+    conv = engine(settings)
+    events = await conv.turn(ctx(), Input.of("bye")).collect()
+    assert texts(events) == ["Goodbye."]
+    response = next(e for e in events if isinstance(e, ResponseEvent)).response
+    assert response.session_ended
+    assert isinstance(events[-1], SessionEndedEvent)
+    await conv.pipeline.aclose()
+
+
+async def test_handoff_and_telephony_transfer_are_the_transfer_action(
+    cx: tuple[Settings, FastAPI],
+) -> None:
+    settings, _ = cx
+    conv = engine(settings)
+    handoff = items(await conv.turn(ctx(), Input.of("agent")).collect())
+    assert handoff[0].text == "Connecting you."
+    assert transfer_target(handoff[1]) == ("sip:desk@example.com", "asked")
+    call = items(await conv.turn(ctx(), Input.of("call sales")).collect())
+    assert transfer_target(call[0]) == ("+15550001111", "telephonyTransferCall")
+    await conv.pipeline.aclose()
+    no_target = engine(settings, dialogflow_cx_handoff_target=None)
+    events = await no_target.turn(ctx(), Input.of("agent")).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert "GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET" in events[-1].text
+    await no_target.pipeline.aclose()
+
+
+async def test_long_session_ids_become_36_characters(cx: tuple[Settings, FastAPI]) -> None:
+    settings, app = cx
+    conv = engine(settings)
+    long_id = "flowstorm-" + "x" * 60
+    events = await conv.turn(ctx(long_id), Input.of("pizza")).collect()
+    assert texts(events) == ["What size?"]
+    cx_id = cx_session_id(long_id)
+    assert len(cx_id) == 36
+    assert app.state.requests[0][0] == f"/v3/{AGENT}/sessions/{cx_id}:detectIntent"
+    assert cx_session_id("s1") == "s1"
+    await conv.pipeline.aclose()
+
+
+async def test_streaming_forwards_partial_messages_as_they_arrive(
+    cx: tuple[Settings, FastAPI],
+) -> None:
+    settings, app = cx
+    app.state.gap_s = 1.0
+    pipe = DialogflowCxPipeline.from_url(
+        settings.pipeline, settings.model_copy(update={"dialogflow_cx_streaming": True})
+    )
+    session = Session(id="s2", key="test:s2", channel="test", app_key="app")
+    await _drain(pipe, session, "pizza")
+    outputs = aiter(pipe.process(session, Input.of("large")))
+    first = await anext(outputs)
+    first_at = time.monotonic()
+    assert isinstance(first, ResponseItem)
+    assert first.text == "A large pizza."
+    rest = [out async for out in outputs]
+    assert app.state.final_at - first_at > 0.9  # the FINAL came a second after
+    assert [getattr(o, "text", None) for o in rest[:2]] == ["Anything else?", None]
+    assert len(rest) == 5  # the partial message is not repeated; 3 more items; the Response
+    assert session.pipeline_state["currentPage"] == "Confirm"
+    assert app.state.requests[-1][0].endswith("/sessions/s2:serverStreamingDetectIntent")
+    await pipe.aclose()
+
+
+async def _drain(pipe: DialogflowCxPipeline, session: Session, text: str) -> None:
+    async for _ in pipe.process(session, Input.of(text)):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("boom", "HTTP 500: Internal error encountered."),
+        ("quota", "HTTP 429: Quota exceeded for detectIntent."),
+        ("garbage", "not JSON"),
+        ("shape", "responseMessages that are not a list"),
+        ("slow", "did not answer within"),
+    ],
+)
+async def test_core_failures_become_pipeline_errors(
+    cx: tuple[Settings, FastAPI], text: str, words: str
+) -> None:
+    settings, app = cx
+    app.state.slow_s = 1.0
+    conv = engine(settings, turn_timeout_s=0.5)
+    events = await conv.turn(ctx(), Input.of(text)).collect()
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.source == "pipeline"
+    assert words in error.text
+    session = await conv.store.get(ctx().key)
+    assert session is not None  # kept, marked Failed, not advanced
+    assert session.client_state == ClientState.FAILED
+    assert session.turn_count == 0
+    await conv.pipeline.aclose()
+
+
+async def test_a_key_the_token_endpoint_rejects_is_a_pipeline_error(
+    cx: tuple[Settings, FastAPI], tmp_path: Path
+) -> None:
+    settings, app = cx
+    stranger, _ = _key()  # signs the assertion with a key the server does not know
+    token_uri = json.loads(Path(str(settings.dialogflow_cx_credentials)).read_text())["token_uri"]
+    other = tmp_path / "other"
+    other.mkdir()
+    conv = engine(settings, dialogflow_cx_credentials=key_file(other, stranger, token_uri))
+    events = await conv.turn(ctx(), Input.of("pizza")).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert "no access token for Dialogflow CX" in events[-1].text
+    assert not app.state.tokens and not app.state.requests
+    await conv.pipeline.aclose()
+
+
+async def test_unreachable_api_is_a_pipeline_error(cx: tuple[Settings, FastAPI]) -> None:
+    settings, _ = cx
+    conv = engine(settings, dialogflow_cx_endpoint="http://127.0.0.1:1")
+    events = await conv.turn(ctx(), Input.of("pizza")).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert "could not be reached" in events[-1].text
+    await conv.pipeline.aclose()
+
+
+# ------------------------------------------------------------------ from_url
+
+
+async def test_from_url_endpoints_by_location(
+    keys: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    path = key_file(tmp_path, keys[0], "https://oauth2.googleapis.com/token")
+    settings = Settings(dialogflow_cx_credentials=path, dialogflow_cx_environment="prod")
+    regional = DialogflowCxPipeline.from_url(f"dialogflow-cx:{AGENT}", settings)
+    assert regional.endpoint == "https://europe-west3-dialogflow.googleapis.com"
+    session = Session(id="s1", key="k", channel="test", app_key="app")
+    assert regional.session_path(session) == f"{AGENT}/environments/prod/sessions/s1"
+    world = DialogflowCxPipeline.from_url(
+        "dialogflow-cx:projects/p/locations/global/agents/a", settings
+    )
+    assert world.endpoint == "https://dialogflow.googleapis.com"
+    await regional.aclose()
+    await world.aclose()
+
+
+@pytest.mark.parametrize(
+    ("spec", "credentials", "setting"),
+    [
+        ("dialogflow-cx:projects/p/agents/a", "key", "GATEWAY_PIPELINE"),
+        ("dialogflow-cx:projects/p/locations/l/agents/", "key", "GATEWAY_PIPELINE"),
+        ("dialogflowcx:projects/p/locations/l/agents/a", "key", "GATEWAY_PIPELINE"),
+        ("dialogflow-cx:projects/p/locations/l/agents/a", None, "GATEWAY_DIALOGFLOW_CX_CREDENTIALS"),
+        ("dialogflow-cx:projects/p/locations/l/agents/a", "missing", "GATEWAY_DIALOGFLOW_CX_CREDENTIALS"),
+        ("dialogflow-cx:projects/p/locations/l/agents/a", "not-json", "GATEWAY_DIALOGFLOW_CX_CREDENTIALS"),
+        ("dialogflow-cx:projects/p/locations/l/agents/a", "no-key", "GATEWAY_DIALOGFLOW_CX_CREDENTIALS"),
+    ],
+)  # fmt: skip
+def test_from_url_names_the_setting_to_fix(
+    keys: tuple[bytes, bytes], tmp_path: Path, spec: str, credentials: str | None, setting: str
+) -> None:
+    path: str | None = None
+    if credentials == "key":
+        path = key_file(tmp_path, keys[0], "https://oauth2.googleapis.com/token")
+    elif credentials == "missing":
+        path = str(tmp_path / "nowhere.json")
+    elif credentials == "not-json":
+        (tmp_path / "bad.json").write_text("{not json")
+        path = str(tmp_path / "bad.json")
+    elif credentials == "no-key":
+        (tmp_path / "user.json").write_text(json.dumps({"type": "authorized_user"}))
+        path = str(tmp_path / "user.json")
+    with pytest.raises(PipelineConfigError, match=setting):
+        DialogflowCxPipeline.from_url(spec, Settings(dialogflow_cx_credentials=path))
