@@ -167,7 +167,9 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
             return messages
         if method == "detectIntent":
             return JSONResponse(_answer(state, query, messages, "FINAL"))
-        return StreamingResponse(_stream(app, state, query, messages), media_type="application/json")
+        return StreamingResponse(
+            _stream(app, state, query, messages), media_type="application/json"
+        )
 
     return app
 

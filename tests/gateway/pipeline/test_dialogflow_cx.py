@@ -253,14 +253,15 @@ async def test_a_key_the_token_endpoint_rejects_is_a_pipeline_error(
 ) -> None:
     settings, app = cx
     stranger, _ = _key()  # signs the assertion with a key the server does not know
-    token_uri = json.loads(Path(str(settings.dialogflow_cx_credentials)).read_text())["token_uri"]
+    token_uri = f"{settings.dialogflow_cx_endpoint}/token"
     other = tmp_path / "other"
     other.mkdir()
     conv = engine(settings, dialogflow_cx_credentials=key_file(other, stranger, token_uri))
     events = await conv.turn(ctx(), Input.of("pizza")).collect()
     assert isinstance(events[-1], ErrorEvent)
     assert "no access token for Dialogflow CX" in events[-1].text
-    assert not app.state.tokens and not app.state.requests
+    assert not app.state.tokens
+    assert not app.state.requests
     await conv.pipeline.aclose()
 
 
@@ -276,9 +277,7 @@ async def test_unreachable_api_is_a_pipeline_error(cx: tuple[Settings, FastAPI])
 # ------------------------------------------------------------------ from_url
 
 
-async def test_from_url_endpoints_by_location(
-    keys: tuple[bytes, bytes], tmp_path: Path
-) -> None:
+async def test_from_url_endpoints_by_location(keys: tuple[bytes, bytes], tmp_path: Path) -> None:
     path = key_file(tmp_path, keys[0], "https://oauth2.googleapis.com/token")
     settings = Settings(dialogflow_cx_credentials=path, dialogflow_cx_environment="prod")
     regional = DialogflowCxPipeline.from_url(f"dialogflow-cx:{AGENT}", settings)
