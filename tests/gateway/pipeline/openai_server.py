@@ -11,7 +11,7 @@ comment first, ``data:`` without its space (llama.cpp style), the usage chunk wi
 Its "model" is scripted on the last user message (see :func:`reply`); the ``<mode>``
 path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
 ``error-data``, ``slow``, ``garbage``, ``truncated``, ``json`` (ignores ``stream``),
-``empty``. ``app.state.requests`` keeps each request body (``ports`` its client port); ``app.state.gap_s`` is a
+``empty``. ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
 pause after the first sentence (the model "thinking" on), ``app.state.sent_all_at``
 when the last content delta was written (``time.monotonic()``).
 """
@@ -63,6 +63,7 @@ def make_openai_server() -> FastAPI:
     app = FastAPI()
     app.state.requests = []
     app.state.ports = []
+    app.state.received_at = []
     app.state.gap_s = 0.0
     app.state.sent_all_at = None
 
@@ -71,6 +72,7 @@ def make_openai_server() -> FastAPI:
         if request.headers.get("authorization") != f"Bearer {KEY}":
             return _error(401, "Incorrect API key provided.", "invalid_request_error")
         body = await request.json()
+        app.state.received_at.append(time.monotonic())
         app.state.requests.append(body)
         app.state.ports.append(request.client.port if request.client else None)
         if mode.startswith("status-"):
