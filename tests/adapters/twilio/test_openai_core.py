@@ -6,7 +6,6 @@ must reach the caller before the core has finished its answer."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 import pytest
