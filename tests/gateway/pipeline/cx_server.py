@@ -13,8 +13,9 @@ Contract: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   (401 UNAUTHENTICATED otherwise), a session id of at most 36 characters (400
   INVALID_ARGUMENT), one ``queryInput`` kind and a ``languageCode``. The agent keeps
   each session's page and parameters (:func:`agent`). The streaming method answers a
-  JSON array written element by element: a PARTIAL DetectIntentResponse with the first
-  message, then (after ``app.state.gap_s``) the FINAL one with all messages.
+  JSON array written element by element (server-sent events with ``?alt=sse`` or
+  ``app.state.sse``): a PARTIAL DetectIntentResponse with the first message, then (after
+  ``app.state.gap_s``) the FINAL one with all messages.
 
 ``app.state.requests`` holds ``(path, body)`` of each detectIntent, ``app.state.tokens``
 the tokens issued.
@@ -112,6 +113,7 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
     app.state.tokens = set()
     app.state.sessions = {}
     app.state.gap_s = 0.0
+    app.state.sse = False
     app.state.slow_s = 1.5
 
     @app.post("/token")
@@ -205,3 +207,17 @@ async def _stream(
     app.state.final_at = time.monotonic()
     yield b"\n,\n" + json.dumps(final, indent=2).encode()[:20]
     yield json.dumps(final, indent=2).encode()[20:] + b"\n]"
+
+
+async def _sse(
+    app: FastAPI, state: dict[str, Any], query: dict[str, Any], messages: list[dict[str, Any]]
+) -> AsyncIterator[bytes]:
+    """The same responses as server-sent events (Google's ``alt=sse``)."""
+    yield (
+        b"data: "
+        + json.dumps(_answer(state, query, messages[:1], "PARTIAL")).encode()
+        + b"\r\n\r\n"
+    )
+    await asyncio.sleep(app.state.gap_s)
+    app.state.final_at = time.monotonic()
+    yield b"data: " + json.dumps(_answer(state, query, messages, "FINAL")).encode() + b"\r\n\r\n"

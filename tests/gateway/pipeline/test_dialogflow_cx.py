@@ -5,6 +5,7 @@ every kind of failure as a pipeline error."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -191,11 +192,13 @@ async def test_long_session_ids_become_36_characters(cx: tuple[Settings, FastAPI
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("sse", [False, True])
 async def test_streaming_forwards_partial_messages_as_they_arrive(
-    cx: tuple[Settings, FastAPI],
+    cx: tuple[Settings, FastAPI], sse: bool
 ) -> None:
     settings, app = cx
     app.state.gap_s = 1.0
+    app.state.sse = sse
     pipe = DialogflowCxPipeline.from_url(
         settings.pipeline, settings.model_copy(update={"dialogflow_cx_streaming": True})
     )
@@ -320,3 +323,15 @@ def test_from_url_names_the_setting_to_fix(
         path = str(tmp_path / "user.json")
     with pytest.raises(PipelineConfigError, match=setting):
         DialogflowCxPipeline.from_url(spec, Settings(dialogflow_cx_credentials=path))
+
+
+async def test_concurrent_first_turns_share_one_token(cx: tuple[Settings, FastAPI]) -> None:
+    settings, app = cx
+    conv = engine(settings)
+    results = await asyncio.gather(
+        *(conv.turn(ctx(f"s{n}"), Input.of("pizza")).collect() for n in range(6))
+    )
+    assert all(texts(events) == ["What size?"] for events in results)
+    assert len(app.state.tokens) == 1  # one refresh, under the lock, off the event loop
+    assert len({path for path, _ in app.state.requests}) == 6
+    await conv.pipeline.aclose()
