@@ -56,8 +56,9 @@ def make_rasa() -> FastAPI:
             return JSONResponse({"text": "not an array"})
         stream = request.query_params.get("stream", "").lower() == "true"
         if stream and text == "badline":
-            return Response('{"recipient_id": "x", "text": "ok"}\n{broken\n',
-                            media_type="text/event-stream")  # fmt: skip
+            return Response(
+                '{"recipient_id": "x", "text": "ok"}\n{broken\n', media_type="text/event-stream"
+            )
         utterances = bot(app, sender, text)
         if not stream:
             return JSONResponse([m for u in utterances for m in messages(sender, u)])

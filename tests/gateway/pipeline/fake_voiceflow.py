@@ -118,7 +118,7 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
                     "message": "What size?",
                     "src": "https://cdn.example.com/tts/size.mp3",
                 },
-            ),  # fmt: skip
+            ),
             trace(
                 "choice",
                 {
@@ -139,7 +139,7 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
                         },
                     ]
                 },
-            ),  # fmt: skip
+            ),
             trace("debug", {"message": "matched launch"}),
             trace("no-reply", {"timeout": 7}),
         ]
@@ -155,7 +155,7 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
                     "dimensions": None,
                     "canvasVisibility": "full",
                 },
-            ),  # fmt: skip
+            ),
         ]
     if kind == "no-reply":
         return [text("Still there?")]

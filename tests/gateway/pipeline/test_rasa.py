@@ -56,11 +56,14 @@ async def test_multi_turn_conversation_with_state_and_buttons(
     await conv.turn(ctx(), Input.of("my name is ada")).collect()
     assert texts(await conv.turn(ctx(), Input.of("what is my name")).collect()) == ["You are Ada."]
     sent = app.state.requests
-    assert [r["message"] for r in sent] == ["/greet", "/mood_great", "my name is ada",
-                                            "what is my name"]  # fmt: skip
+    assert [r["message"] for r in sent] == [
+        "/greet",
+        "/mood_great",
+        "my name is ada",
+        "what is my name",
+    ]
     assert {r["sender"] for r in sent} == {"s1"}  # the session id is the sender
-    assert sent[0]["metadata"] == {"channel": "test", "appKey": "app", "locale": "en-US",
-                                   "turn": 1}  # fmt: skip
+    assert sent[0]["metadata"] == {"channel": "test", "appKey": "app", "locale": "en-US", "turn": 1}
     assert sent[3]["metadata"]["turn"] == 4
     assert all(r["_query"].get("stream") == ("true" if stream else None) for r in sent)
     await conv.pipeline.aclose()
@@ -176,8 +179,9 @@ async def test_a_flowstorm_v2_text_conversation_through_rasa(rasa: tuple[str, Fa
 def core_turns(metrics: str, core: str) -> float:
     """The count of ``gateway_core_seconds{core}`` in a /metrics text (0 when absent)."""
     prefix = f'gateway_core_seconds_count{{core="{core}"}} '
-    return sum(float(line[len(prefix) :]) for line in metrics.splitlines()
-               if line.startswith(prefix))  # fmt: skip
+    return sum(
+        float(line[len(prefix) :]) for line in metrics.splitlines() if line.startswith(prefix)
+    )
 
 
 def said(body: str) -> list[str]:

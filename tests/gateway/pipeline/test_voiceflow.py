@@ -43,8 +43,13 @@ async def voiceflow() -> AsyncIterator[tuple[str, FastAPI]]:
 
 def vf_engine(url: str, stream: bool, spec: str = "voiceflow:", **more: Any) -> Conversation:
     """An engine whose core is the runtime at ``url``, streaming or not."""
-    return engine(pipeline=spec, voiceflow_api_key=KEY, voiceflow_runtime_url=url,
-                  voiceflow_project_id="proj1" if stream else None, **more)  # fmt: skip
+    return engine(
+        pipeline=spec,
+        voiceflow_api_key=KEY,
+        voiceflow_runtime_url=url,
+        voiceflow_project_id="proj1" if stream else None,
+        **more,
+    )
 
 
 def items(events: list[TurnEvent]) -> list[ResponseItem]:
@@ -103,7 +108,8 @@ async def test_custom_action_transfer_and_end(voiceflow: tuple[str, FastAPI], st
     assert transfer_target(agent[1]) == ("sip:agent@example.com", "human")
     bye = await conv.turn(ctx(), Input.of("bye")).collect()
     assert texts(bye) == ["Goodbye."]
-    assert isinstance(bye[-2], ResponseEvent) and bye[-2].response.session_ended
+    assert isinstance(bye[-2], ResponseEvent)
+    assert bye[-2].response.session_ended
     assert isinstance(bye[-1], SessionEndedEvent)
     assert await conv.store.get(ctx().key) is None
     await conv.pipeline.aclose()
@@ -155,8 +161,9 @@ async def test_core_failures_are_pipeline_errors(
 
 async def test_a_wrong_key_is_a_pipeline_error(voiceflow: tuple[str, FastAPI]) -> None:
     url, _ = voiceflow
-    conv = engine(pipeline="voiceflow:", voiceflow_api_key=SecretStr("VF.DM.wrong"),
-                  voiceflow_runtime_url=url)  # fmt: skip
+    conv = engine(
+        pipeline="voiceflow:", voiceflow_api_key=SecretStr("VF.DM.wrong"), voiceflow_runtime_url=url
+    )
     events = await conv.turn(ctx(), Input.of("hi")).collect()
     assert isinstance(events[-1], ErrorEvent)
     assert "HTTP 401" in events[-1].text
@@ -173,14 +180,15 @@ async def test_a_flowstorm_v2_json_conversation_through_voiceflow(
             voiceflow_api_key=KEY,
             voiceflow_runtime_url=url,
             voiceflow_project_id="p",
-        ) as base,  # fmt: skip
+        ) as base,
         httpx.AsyncClient(base_url=base) as client,
     ):
 
         async def put(text: str) -> list[dict[str, Any]]:
             body = json.dumps({"type": "Input", "input": {"transcript": {"text": text}}})
-            answer = await client.put("/client?key=pizza", content=body,
-                                      headers={"Content-Type": "application/json"})  # fmt: skip
+            answer = await client.put(
+                "/client?key=pizza", content=body, headers={"Content-Type": "application/json"}
+            )
             assert answer.status_code == 200, answer.text
             return [json.loads(line) for line in answer.text.splitlines() if line.strip()]
 
