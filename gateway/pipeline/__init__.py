@@ -205,7 +205,11 @@ def make_pipeline(settings: Settings) -> CoreRouter:
     def build(spec: str, setting: str) -> Pipeline:
         spec = spec.strip()
         if spec not in made:
-            made[spec] = core_class(spec, setting).from_url(spec, settings)
+            factory = core_class(spec, setting)
+            try:
+                made[spec] = factory.from_url(spec, settings)
+            except PipelineConfigError as exc:
+                raise PipelineConfigError(f"{setting}={spec!r}: {exc}") from exc
         return made[spec]
 
     # on a failure the cores made so far are dropped: nothing has connected yet

@@ -92,8 +92,8 @@ class BotpressPipeline:
         webhook_id = spec.strip().split(":", 1)[1].strip() or settings.botpress_webhook_id
         if not webhook_id:
             raise PipelineConfigError(
-                f"{spec.strip()!r} needs the Chat integration's webhook id: "
-                "botpress:<webhookId> or GATEWAY_BOTPRESS_WEBHOOK_ID"
+                "needs the Chat integration's webhook id: botpress:<webhookId> or "
+                "GATEWAY_BOTPRESS_WEBHOOK_ID"
             )
         key = settings.botpress_encryption_key
         return cls(

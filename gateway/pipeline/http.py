@@ -104,7 +104,7 @@ class HttpPipeline:
         Raises PipelineConfigError when the URL has no host.
         """
         if not urlsplit(spec).hostname:
-            raise PipelineConfigError(f"GATEWAY_PIPELINE: the webhook URL {spec!r} has no host")
+            raise PipelineConfigError("the webhook URL has no host")
         return cls(
             spec,
             connect_timeout_s=settings.pipeline_connect_timeout_s,

@@ -97,9 +97,7 @@ class RasaPipeline:
         """
         url = spec.strip().removeprefix("rasa+")
         if not urlsplit(url).hostname:
-            raise PipelineConfigError(
-                f"GATEWAY_PIPELINE: {spec!r} has no host; use rasa+http://host:5005"
-            )
+            raise PipelineConfigError("no host; use rasa+http://host:5005")
         url = url.rstrip("/")
         if not url.endswith(WEBHOOK_PATH):
             url += WEBHOOK_PATH

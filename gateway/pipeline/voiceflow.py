@@ -111,8 +111,7 @@ class VoiceflowPipeline:
         """
         if settings.voiceflow_api_key is None or not settings.voiceflow_api_key.get_secret_value():
             raise PipelineConfigError(
-                f"{spec.strip()!r} needs GATEWAY_VOICEFLOW_API_KEY (the agent's Dialog Manager "
-                "API key, VF.DM....)"
+                "needs GATEWAY_VOICEFLOW_API_KEY (the agent's Dialog Manager API key, VF.DM....)"
             )
         version = spec.strip().split(":", 1)[1].strip() or settings.voiceflow_version_id
         return cls(
