@@ -172,9 +172,11 @@ class CoreRouter:
         outputs = core.process(session, input)
         try:
             async for out in outputs:
-                yield out
                 if isinstance(out, Response):
+                    failed = False  # the consumer may close this generator at the yield
+                    yield out
                     break
+                yield out
             failed = False
         finally:
             aclose = getattr(outputs, "aclose", None)

@@ -21,6 +21,7 @@ from gateway.events import (
     SessionStartedEvent,
     transfer_target,
 )
+from gateway.metrics import REGISTRY
 from gateway.sessions import ClientState
 from tests.conftest import gateway, serve
 from tests.gateway.pipeline.fake_rasa import make_rasa
@@ -124,7 +125,10 @@ async def test_core_failures_are_pipeline_errors_and_the_session_is_kept(
     url, _ = rasa
     conv = engine(pipeline=f"rasa+{url}", rasa_stream=stream, turn_timeout_s=0.5)
     await conv.turn(ctx(), Input.of("hello")).collect()
+    failures = REGISTRY.get_sample_value("gateway_core_errors_total", {"core": "rasa"}) or 0
     events = await conv.turn(ctx(), Input.of(text)).collect()
+    # counted by core name, timeouts too
+    assert REGISTRY.get_sample_value("gateway_core_errors_total", {"core": "rasa"}) == failures + 1
     error = events[-1]
     assert isinstance(error, ErrorEvent)
     assert error.source == "pipeline"
@@ -133,8 +137,9 @@ async def test_core_failures_are_pipeline_errors_and_the_session_is_kept(
     assert session is not None
     assert session.client_state == ClientState.FAILED
     assert session.turn_count == 1
-    # the next turn goes on
+    # the next turn goes on, and is no failure
     assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
+    assert REGISTRY.get_sample_value("gateway_core_errors_total", {"core": "rasa"}) == failures + 1
     await conv.pipeline.aclose()
 
 
