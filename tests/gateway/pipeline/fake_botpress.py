@@ -220,6 +220,7 @@ def make_botpress() -> FastAPI:
         async def signals() -> AsyncIterator[str]:
             try:
                 yield f"data: {json.dumps({'type': 'init', 'data': {}})}\n\n"
+                yield ": keepalive\n\n"  # an SSE comment, as proxies and the API send
                 while (data := await queue.get()) is not None:
                     yield f"data: {data}\n\n"
             finally:
