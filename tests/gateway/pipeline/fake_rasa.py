@@ -44,7 +44,8 @@ def make_rasa() -> FastAPI:
         if app.state.token and request.query_params.get("token") != app.state.token:
             return JSONResponse({"error": "unauthorized"}, status_code=401)
         body = await request.json()
-        app.state.requests.append({**body, "_query": dict(request.query_params)})
+        peer = request.client.port if request.client else None
+        app.state.requests.append({**body, "_query": dict(request.query_params), "_peer": peer})
         sender, text = body["sender"], body.get("message", "")
         if text == "boom":
             return JSONResponse({"error": "internal"}, status_code=500)

@@ -64,6 +64,7 @@ async def test_multi_turn_conversation_with_state_and_buttons(
         "what is my name",
     ]
     assert {r["sender"] for r in sent} == {"s1"}  # the session id is the sender
+    assert len({r["_peer"] for r in sent}) == 1  # one kept-alive connection for every turn
     assert sent[0]["metadata"] == {"channel": "test", "appKey": "app", "locale": "en-US", "turn": 1}
     assert sent[3]["metadata"]["turn"] == 4
     assert all(r["_query"].get("stream") == ("true" if stream else None) for r in sent)
