@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.server import auto_max_connections, describe, open_file_limit, uvicorn_options
 
         settings = Settings()
+        if (problem := check_pipelines(settings)) is not None:
+            print(f"gateway: {problem}", file=sys.stderr)
+            return 2
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
         settings = settings.model_copy(update=overrides)
         level = (args.log_level or settings.log_level).lower()
@@ -66,6 +69,21 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(text, encoding="utf-8")
         return 0
     return 2
+
+
+def check_pipelines(settings: Settings) -> str | None:
+    """Why the cores of ``settings`` cannot be set up (GATEWAY_PIPELINE(S), credentials),
+    or None when they can: ``gateway serve`` refuses to start with that message."""
+    import asyncio
+
+    from gateway.pipeline import PipelineConfigError, make_pipeline
+
+    try:
+        pipeline = make_pipeline(settings)
+    except PipelineConfigError as exc:
+        return str(exc)
+    asyncio.run(pipeline.aclose())
+    return None
 
 
 def openapi_json() -> str:

@@ -29,6 +29,10 @@ Names and labels:
   how long each admitted stream waited (0 when a recognizer was free);
   ``gateway_stt_refused_total{reason}``: streams refused as busy, ``queue-full``
   (at once) or ``wait-timeout`` (after GATEWAY_STT_QUEUE_WAIT_MS).
+- ``gateway_core_seconds{core}``: time the core pipeline took for a turn, from the
+  request to its last item or failure, by core name (``demo``, ``http``, ``rasa``,
+  ``voiceflow``, ``botpress``...); ``gateway_core_errors_total{core}``: its failures
+  (PipelineError, timeouts).
 - ``gateway_redis_seconds{op}``: Redis round trips of the session store
   (``acquire``, ``release``).
 
@@ -117,6 +121,16 @@ TTS_WAIT_SECONDS = Histogram(
 )
 TTS_REJECTED = Counter(
     "gateway_tts_rejected", "Syntheses refused: the TTS pool was full.", registry=REGISTRY
+)
+CORE_SECONDS = Histogram(
+    "gateway_core_seconds",
+    "Core pipeline time per turn (s), by core name.",
+    ["core"],
+    buckets=_LATENCY,
+    registry=REGISTRY,
+)
+CORE_ERRORS = Counter(
+    "gateway_core_errors", "Core pipeline failures, by core name.", ["core"], registry=REGISTRY
 )
 REDIS_SECONDS = Histogram(
     "gateway_redis_seconds", "Redis round trips (s).", ["op"], buckets=_FAST, registry=REGISTRY

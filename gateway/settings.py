@@ -52,10 +52,101 @@ class Settings(BaseSettings):
 
     pipeline: str = Field(
         default="demo",
-        description="`demo` (built-in dialogue) or an http(s):// URL of the core webhook.",
+        description="The core of every application key not in GATEWAY_PIPELINES: `demo` "
+        "(built-in dialogue), an http(s):// URL of the core webhook, `rasa+http(s)://host:5005`, "
+        "`voiceflow:[versionID]`, `botpress:[webhookId]`, "
+        "`dialogflow-cx:projects/P/locations/L/agents/A` or `openai+http(s)://host/v1` "
+        "(gateway/pipeline/__init__.py).",
     )
-    pipeline_connect_timeout_s: float = 3.0
-    pipeline_max_response_bytes: int = 1_048_576
+    pipelines: str | None = Field(
+        default=None,
+        description="Application key -> core spec (as GATEWAY_PIPELINE): a JSON object, or "
+        'the path of a TOML file of `key = "spec"` lines; keys not in it get GATEWAY_PIPELINE.',
+    )
+    pipeline_connect_timeout_s: float = Field(
+        default=3.0,
+        gt=0,
+        description="Connecting to any core (s); the turn is bounded by GATEWAY_TURN_TIMEOUT_S.",
+    )
+    pipeline_max_response_bytes: int = Field(
+        default=1_048_576, gt=0, description="Largest answer of a core per turn (bytes)."
+    )
+    # -- cores (issue 15): each core's own settings; secrets never in the spec
+    rasa_token: SecretStr | None = Field(
+        default=None, description="Rasa: sent as `?token=` (the REST channel's auth), if set."
+    )
+    rasa_stream: bool = Field(
+        default=True,
+        description="Rasa: ask for `?stream=true` (each bot message forwarded as it comes); "
+        "a Rasa that answers one JSON array anyway is read as such.",
+    )
+    rasa_intro_message: str = Field(
+        default="/greet",
+        description="Rasa: the message sent for `#intro` (`/greet` is the intent of "
+        "`rasa init`'s bot; `/session_start` runs action_session_start).",
+    )
+    voiceflow_api_key: SecretStr | None = Field(
+        default=None, description="Voiceflow: the Dialog Manager API key `VF.DM....` (required)."
+    )
+    voiceflow_version_id: str = Field(
+        default="production",
+        description="Voiceflow: the `versionID` header (`development`, `production` or an "
+        "id) unless the spec names one (`voiceflow:<versionID>`).",
+    )
+    voiceflow_runtime_url: str = Field(
+        default="https://general-runtime.voiceflow.com",
+        description="Voiceflow: the Dialog Manager runtime's base URL.",
+    )
+    voiceflow_project_id: str | None = Field(
+        default=None,
+        description="Voiceflow: with it the streaming interact endpoint "
+        "(`/v2/project/{projectID}/user/{userID}/interact/stream`) is used, traces forwarded "
+        "as they come; without it the state interact endpoint (one JSON array).",
+    )
+    voiceflow_tts: bool = Field(
+        default=False,
+        description="Voiceflow: ask for its own TTS (`config.tts`); `speak` traces' http(s) "
+        "`src` become the items' audio.",
+    )
+    botpress_url: str = Field(
+        default="https://chat.botpress.cloud",
+        description="Botpress: the Chat API's base URL (the webhook id is appended).",
+    )
+    botpress_webhook_id: str | None = Field(
+        default=None,
+        description="Botpress: the Chat integration's webhook id unless the spec names it "
+        "(`botpress:<webhookId>`).",
+    )
+    botpress_encryption_key: SecretStr | None = Field(
+        default=None,
+        description="Botpress: the Chat integration's Encryption Key (manual mode: the user key "
+        "is an HS256 JWT of the user id); unset: users are created with POST /users.",
+    )
+    botpress_idle_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Botpress: the bot's turn is over after this gap with no bot message (the "
+        "Chat API has no end-of-turn marker).",
+    )
+    botpress_reply_timeout_s: float = Field(
+        default=8.0,
+        gt=0,
+        description="Botpress: wait for the bot's first message of a turn; none by then is a "
+        "pipeline error (after `#intro` and other actions: an empty answer).",
+    )
+    dialogflow_cx_credentials: str | None = Field(
+        default=None,
+        description="Dialogflow CX: path of the service-account JSON key file.",
+    )
+    openai_api_key: SecretStr | None = Field(
+        default=None, description="OpenAI-compatible core: the `Authorization: Bearer` key."
+    )
+    openai_model: str | None = Field(
+        default=None, description="OpenAI-compatible core: the `model` of each request."
+    )
+    openai_system_prompt: str | None = Field(
+        default=None, description="OpenAI-compatible core: the system message."
+    )
 
     app_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from typing import Self
 
 from gateway.events import ERROR, FALLBACK, INTRO, SILENCE, Input, Response, ResponseItem
 from gateway.pipeline.base import PipelineOutput
 from gateway.sessions import Session
+from gateway.settings import Settings
 
 _NAME_IS = re.compile(r"\bmy name is\s+(?P<name>[^\W\d_][\w' -]{0,60})", re.IGNORECASE)
 _ASK_NAME = re.compile(r"\bwhat(?:'s| is) my name\b", re.IGNORECASE)
@@ -52,6 +54,11 @@ class DemoPipeline:
     """
 
     name = "demo"
+
+    @classmethod
+    def from_url(cls, spec: str, settings: Settings) -> Self:
+        """The demo (``spec`` is ``demo``; nothing to configure)."""
+        return cls()
 
     async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
         text = input.text.strip()

@@ -22,14 +22,16 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, Self
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import Field, ValidationError
 
 from gateway.events import Input, Response, ResponseItem, Wire
-from gateway.pipeline.base import REQUEST_ID, PipelineError, PipelineOutput
+from gateway.pipeline.base import REQUEST_ID, PipelineConfigError, PipelineError, PipelineOutput
 from gateway.sessions import Session
+from gateway.settings import Settings
 
 
 class PipelineRequest(Wire):
@@ -93,6 +95,20 @@ class HttpPipeline:
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(None, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+        )
+
+    @classmethod
+    def from_url(cls, spec: str, settings: Settings) -> Self:
+        """The webhook at ``spec`` (an http(s):// URL), with the GATEWAY_PIPELINE_* limits.
+
+        Raises PipelineConfigError when the URL has no host.
+        """
+        if not urlsplit(spec).hostname:
+            raise PipelineConfigError("the webhook URL has no host")
+        return cls(
+            spec,
+            connect_timeout_s=settings.pipeline_connect_timeout_s,
+            max_response_bytes=settings.pipeline_max_response_bytes,
         )
 
     async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:

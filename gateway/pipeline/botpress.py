@@ -1,0 +1,304 @@
+"""The Botpress core: the Chat API of Botpress Cloud (``GATEWAY_PIPELINE=botpress:<webhookId>``).
+
+Spec: shared/specs/CORES.md, "Botpress Chat API". Base URL
+``{GATEWAY_BOTPRESS_URL}/{webhookId}``. Per gateway session, kept in its
+``pipeline_state``: a Chat user (``POST /users`` -> ``{user, key}``; with
+GATEWAY_BOTPRESS_ENCRYPTION_KEY the manual mode: the key is the HS256 JWT of
+``{"id": <user id>}`` and ``POST /users/get-or-create``) as ``userId``/``userKey``, and one
+conversation (``POST /conversations``) as ``conversationId``. Every request but
+``POST /users`` carries ``x-user-key``.
+
+A turn: open ``GET /conversations/{id}/listen`` (SSE, each ``data`` a JSON ``{type,
+data}``), then send the input, then forward each ``message_created`` with ``isBot: true``
+as items as it arrives. The Chat API has no end-of-turn marker: the turn is over
+GATEWAY_BOTPRESS_IDLE_S after the bot's last message. The first message must come within
+GATEWAY_BOTPRESS_REPLY_TIMEOUT_S after text (else a PipelineError: the bot did not
+answer); after an action none may come (an empty answer).
+
+Input: text -> ``POST /messages {conversationId, payload: {type: "text", text}}`` (the
+name of a choice option of the last turn sends that option's ``value``); an action
+``#name`` (``#intro``, ``#silence``...) -> ``POST /events {conversationId, payload:
+{type: "name"}}``, for the bot's event handlers.
+
+Bot message payloads -> items: ``text``, ``markdown`` -> text; ``image``, ``audio``,
+``video`` -> those media URLs; ``card`` -> title and subtitle, ``imageUrl``, its
+``actions`` as buttons (``postback``/``say`` send their ``value`` as text, ``url`` opens
+it); ``carousel`` -> one item per card; ``choice``/``dropdown`` -> text with the options
+as quick replies (gateway/pipeline/cores.py); ``bloc`` -> its items; ``file``,
+``location`` and others -> the command item ``#<type>``. A bot's ``event_created`` whose
+payload is ``{type: "transfer"|"handoff", target, reason?}`` is the transfer action
+(:func:`gateway.events.transfer_item`); ``{type: "end"}`` ends the session.
+
+A non-2xx status, invalid JSON, a listen stream that ends before the bot's answer or a
+message without a payload type is a PipelineError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+import jwt
+from httpx_sse import EventSource, ServerSentEvent, SSEError
+
+from gateway.events import Input, Response, ResponseItem, transfer_item
+from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
+from gateway.pipeline.cores import (
+    button,
+    buttons_item,
+    chosen,
+    command_item,
+    core_client,
+    is_url,
+    read_json,
+)
+from gateway.sessions import Session
+from gateway.settings import Settings
+
+
+class BotpressPipeline:
+    """A Botpress bot through its Chat integration's Chat API (see the module doc)."""
+
+    name = "botpress"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        encryption_key: str | None = None,
+        idle_s: float = 1.0,
+        reply_timeout_s: float = 8.0,
+        max_response_bytes: int = 1_048_576,
+        client: httpx.AsyncClient,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._encryption_key = encryption_key
+        self._idle_s = idle_s
+        self._reply_timeout_s = reply_timeout_s
+        self._max = max_response_bytes
+        self._client = client
+
+    @classmethod
+    def from_url(cls, spec: str, settings: Settings) -> Self:
+        """The Chat API of ``botpress:<webhookId>`` (or GATEWAY_BOTPRESS_WEBHOOK_ID).
+
+        Raises PipelineConfigError naming GATEWAY_BOTPRESS_WEBHOOK_ID when neither names one.
+        """
+        webhook_id = spec.strip().split(":", 1)[1].strip() or settings.botpress_webhook_id
+        if not webhook_id:
+            raise PipelineConfigError(
+                "needs the Chat integration's webhook id: botpress:<webhookId> or "
+                "GATEWAY_BOTPRESS_WEBHOOK_ID"
+            )
+        key = settings.botpress_encryption_key
+        return cls(
+            f"{settings.botpress_url.rstrip('/')}/{quote(webhook_id, safe='')}",
+            encryption_key=key.get_secret_value() if key else None,
+            idle_s=settings.botpress_idle_s,
+            reply_timeout_s=settings.botpress_reply_timeout_s,
+            max_response_bytes=settings.pipeline_max_response_bytes,
+            client=core_client(settings),
+        )
+
+    async def _call(
+        self, method: str, path: str, key: str | None, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        headers = {"x-user-key": key} if key else {}
+        async with self._client.stream(
+            method, f"{self.base_url}{path}", json=body, headers=headers
+        ) as answer:
+            data = await read_json(answer, self._max, "Botpress")
+        if not isinstance(data, dict):
+            raise PipelineError(f"Botpress answered {path} with something else than an object")
+        return data
+
+    async def _user(self, session: Session) -> tuple[str, str]:
+        """The session's Chat user ``(id, key)``, created on its first turn."""
+        state = session.pipeline_state
+        if isinstance(state.get("userKey"), str) and isinstance(state.get("userId"), str):
+            return state["userId"], state["userKey"]
+        if self._encryption_key:
+            user_id = "gw-" + hashlib.sha256(session.key.encode()).hexdigest()[:32]
+            key = jwt.encode({"id": user_id}, self._encryption_key, algorithm="HS256")
+            await self._call("POST", "/users/get-or-create", key, {})
+        else:
+            made = await self._call("POST", "/users", None, {})
+            user, made_key = made.get("user"), made.get("key")
+            if not isinstance(user, dict) or not isinstance(made_key, str) or not made_key:
+                raise PipelineError("Botpress created a user without an id or key")
+            user_id, key = str(user.get("id", "")), made_key
+        state["userId"], state["userKey"] = user_id, key
+        return user_id, key
+
+    async def _conversation(self, session: Session, key: str) -> str:
+        """The session's conversation id, created on its first turn."""
+        state = session.pipeline_state
+        if isinstance(state.get("conversationId"), str):
+            return str(state["conversationId"])
+        made = (await self._call("POST", "/conversations", key, {})).get("conversation")
+        if not isinstance(made, dict) or not isinstance(made.get("id"), str):
+            raise PipelineError("Botpress created a conversation without an id")
+        state["conversationId"] = made["id"]
+        return str(made["id"])
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
+        """Send the turn to the bot; yield its messages' items until it is idle, then the
+        Response."""
+        offered: list[dict[str, Any]] = []
+        ended = False
+        try:
+            user_id, key = await self._user(session)
+            conversation = await self._conversation(session, key)
+            listen_url = f"{self.base_url}/conversations/{quote(conversation, safe='')}/listen"
+            headers = {"x-user-key": key, "Accept": "text/event-stream"}
+            async with self._client.stream("GET", listen_url, headers=headers) as listen:
+                if not 200 <= listen.status_code < 300:
+                    raise PipelineError(f"Botpress answered listen with HTTP {listen.status_code}")
+                # the stream is open (its headers came): nothing the bot says is missed
+                await self._send(session, input, conversation, key)
+                async for kind, data in self._bot_signals(listen, user_id, bool(input.action)):
+                    if kind == "message":
+                        for item in _items(data.get("payload"), offered):
+                            yield item
+                        continue
+                    event = _event(data.get("payload"))
+                    if isinstance(event, ResponseItem):
+                        yield event
+                    elif event == "end":
+                        ended = True
+        except httpx.HTTPError as exc:
+            raise PipelineError(f"Botpress could not be reached: {type(exc).__name__}") from exc
+        session.pipeline_state["buttons"] = offered
+        yield Response(session_ended=ended)
+
+    async def _send(self, session: Session, input: Input, conversation: str, key: str) -> None:
+        if input.action:
+            payload = {"type": input.action.removeprefix("#")}
+            await self._call(
+                "POST", "/events", key, {"payload": payload, "conversationId": conversation}
+            )
+            return
+        request = chosen(session.pipeline_state, input.text)
+        text = request.get("payload") if request else input.text
+        body = {"conversationId": conversation, "payload": {"type": "text", "text": str(text)}}
+        await self._call("POST", "/messages", key, body)
+
+    async def _bot_signals(
+        self, listen: httpx.Response, user_id: str, quiet_ok: bool
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """``("message", Message)`` and ``("event", Event)`` of the bot, until it is idle."""
+        events = EventSource(listen).aiter_sse()
+        heard = False
+        size = 0
+        while True:
+            wait = self._idle_s if heard else self._reply_timeout_s
+            try:
+                sse: ServerSentEvent = await asyncio.wait_for(anext(events), wait)
+            except TimeoutError:
+                if heard or quiet_ok:
+                    return
+                raise PipelineError(
+                    f"the Botpress bot did not answer within {self._reply_timeout_s:g} s"
+                ) from None
+            except StopAsyncIteration:
+                if heard:
+                    return
+                raise PipelineError("Botpress closed the listen stream before answering") from None
+            except SSEError as exc:
+                raise PipelineError(
+                    f"Botpress's listen stream is not an event stream: {exc}"
+                ) from exc
+            size += len(sse.data)
+            if size > self._max:
+                raise PipelineError(f"Botpress's answer is larger than {self._max} bytes")
+            if not sse.data:
+                continue
+            try:
+                signal = json.loads(sse.data)
+            except ValueError as exc:
+                raise PipelineError(f"Botpress sent an invalid signal: {exc}") from exc
+            if not isinstance(signal, dict) or not isinstance(signal.get("data"), dict):
+                raise PipelineError("Botpress sent a signal without data")
+            data: dict[str, Any] = signal["data"]
+            if signal.get("type") == "message_created" and data.get("isBot") is True:
+                heard = True
+                yield "message", data
+            elif signal.get("type") == "event_created" and data.get("userId") != user_id:
+                heard = True
+                yield "event", data
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+
+def _items(payload: Any, offered: list[dict[str, Any]]) -> list[ResponseItem]:
+    """The items of one bot message's payload (see the module doc)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
+        raise PipelineError("Botpress sent a message without a payload type")
+    kind: str = payload["type"]
+    if kind in ("text", "markdown"):
+        text = payload.get(kind)
+        return [ResponseItem(text=text)] if isinstance(text, str) and text else []
+    if kind in ("image", "audio", "video"):
+        url = payload.get(f"{kind}Url")
+        return [ResponseItem(**{kind: url})] if is_url(url) else []
+    if kind == "card":
+        return [_card(payload, offered)]
+    if kind == "carousel":
+        return [_card(c, offered) for c in payload.get("items") or [] if isinstance(c, dict)]
+    if kind in ("choice", "dropdown"):
+        options = [o for o in payload.get("options") or [] if isinstance(o, dict)]
+        buttons = [
+            button(str(o.get("label", "")), {"type": "text", "payload": str(o.get("value", ""))})
+            for o in options
+        ]
+        offered.extend(buttons)
+        text = payload.get("text")
+        return [buttons_item(buttons, text if isinstance(text, str) and text else None)]
+    if kind == "bloc":
+        out: list[ResponseItem] = []
+        for part in payload.get("items") or []:
+            if isinstance(part, dict) and isinstance(part.get("payload"), dict):
+                out.extend(_items({"type": part.get("type"), **part["payload"]}, offered))
+        return out
+    return [command_item(kind, payload)]
+
+
+def _card(card: dict[str, Any], offered: list[dict[str, Any]]) -> ResponseItem:
+    text = ". ".join(
+        t for t in (card.get("title"), card.get("subtitle")) if isinstance(t, str) and t
+    )
+    buttons = []
+    for action in card.get("actions") or []:
+        if not isinstance(action, dict):
+            continue
+        kind = "url" if action.get("action") == "url" else "text"
+        buttons.append(
+            button(
+                str(action.get("label", "")),
+                {"type": kind, "payload": str(action.get("value", ""))},
+            )
+        )
+    offered.extend(b for b in buttons if b["request"]["type"] == "text")
+    image = card.get("imageUrl")
+    code = json.dumps({"buttons": buttons}, separators=(",", ":")) if buttons else None
+    return ResponseItem(text=text or None, image=image if is_url(image) else None, code=code)
+
+
+def _event(payload: Any) -> ResponseItem | str | None:
+    """A bot event's meaning: the transfer item, ``"end"``, or None (not one of ours)."""
+    if not isinstance(payload, dict):
+        return None
+    kind = payload.get("type")
+    if kind == "end":
+        return "end"
+    target, reason = payload.get("target"), payload.get("reason")
+    if kind in ("transfer", "handoff") and isinstance(target, str) and target.strip():
+        return transfer_item(target, reason=reason if isinstance(reason, str) else None)
+    return None

@@ -1,0 +1,107 @@
+"""What the connectors to third-party cores share: their HTTP client, bounded reads,
+quick replies as items and the button a user's words pick.
+
+Quick replies (Rasa ``buttons``, Voiceflow ``choice``, Botpress ``choice``) become an
+item's ``code`` as the JSON object ``{"buttons": [{"name", "request": {"type", "payload"}}]}``,
+the form the Voiceflow socket adapter already turns into a ``choice`` trace (README,
+"Voiceflow socket.io"); other channels hand it to the client as the item's code. The
+buttons of the last turn are kept in the session's ``pipeline_state["buttons"]``: a user
+who says (or a client that sends) a button's name sends that button's request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+
+from gateway.events import ResponseItem
+from gateway.pipeline.base import PipelineError
+from gateway.settings import Settings
+
+
+def core_client(settings: Settings, **options: Any) -> httpx.AsyncClient:
+    """The pooled, kept-alive HTTP client of one core.
+
+    Connecting is bounded by GATEWAY_PIPELINE_CONNECT_TIMEOUT_S; reads are not (the turn
+    engine bounds the whole turn by GATEWAY_TURN_TIMEOUT_S).
+    """
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(None, connect=settings.pipeline_connect_timeout_s),
+        limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+        **options,
+    )
+
+
+async def read_json(answer: httpx.Response, max_bytes: int, core: str) -> Any:
+    """The JSON body of ``answer``, read up to ``max_bytes``.
+
+    Raises PipelineError for a non-2xx status, a larger body or invalid JSON.
+    """
+    check_status(answer, core)
+    data = bytearray()
+    async for chunk in answer.aiter_bytes():
+        data += chunk
+        if len(data) > max_bytes:
+            raise PipelineError(f"{core}'s answer is larger than {max_bytes} bytes")
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise PipelineError(f"{core} answered invalid JSON: {str(exc)[:120]}") from exc
+
+
+def check_status(answer: httpx.Response, core: str) -> None:
+    """Raises PipelineError unless ``answer``'s status is 2xx."""
+    if not 200 <= answer.status_code < 300:
+        raise PipelineError(f"{core} answered HTTP {answer.status_code}")
+
+
+async def bounded_lines(answer: httpx.Response, max_bytes: int, core: str) -> AsyncIterator[str]:
+    """The non-blank lines of ``answer`` as they arrive, at most ``max_bytes`` in all.
+
+    Raises PipelineError past ``max_bytes``.
+    """
+    size = 0
+    async for line in answer.aiter_lines():
+        size += len(line) + 1
+        if size > max_bytes:
+            raise PipelineError(f"{core}'s answer is larger than {max_bytes} bytes")
+        if line.strip():
+            yield line
+
+
+def button(name: str, request: dict[str, Any]) -> dict[str, Any]:
+    """One quick reply: ``{"name": name, "request": request}``."""
+    return {"name": name, "request": request}
+
+
+def buttons_item(buttons: Sequence[dict[str, Any]], text: str | None = None) -> ResponseItem:
+    """An item offering ``buttons`` (see the module doc), with ``text`` when given."""
+    code = json.dumps({"buttons": list(buttons)}, separators=(",", ":"))
+    return ResponseItem(text=text, code=code)
+
+
+def command_item(name: str, value: Any) -> ResponseItem:
+    """A client command item: text ``#name``, ``code`` the JSON of ``value``, not repeatable."""
+    return ResponseItem(
+        text=f"#{name}", code=json.dumps(value, separators=(",", ":")), repeatable=False
+    )
+
+
+def chosen(state: dict[str, Any], text: str) -> dict[str, Any] | None:
+    """The request of the last turn's button named ``text`` (case-insensitive), if any."""
+    said = " ".join(text.split()).casefold()
+    if not said:
+        return None
+    for offered in state.get("buttons") or []:
+        if isinstance(offered, dict) and str(offered.get("name", "")).casefold() == said:
+            request = offered.get("request")
+            return request if isinstance(request, dict) else None
+    return None
+
+
+def is_url(value: Any) -> bool:
+    """Whether ``value`` is an absolute http(s) URL (what items' media fields hold)."""
+    return isinstance(value, str) and value.startswith(("http://", "https://"))

@@ -1,0 +1,246 @@
+"""The Rasa core: its REST channel (``GATEWAY_PIPELINE=rasa+http://host:5005``).
+
+Spec: shared/specs/CORES.md, "Rasa REST channel". Each turn is
+``POST {base}/webhooks/rest/webhook[?stream=true][&token=...]`` with
+``{"sender": <session id>, "message": <text>, "metadata": {...}}``; the answer is a
+JSON array of bot messages, or with ``?stream=true`` NDJSON (one message per line,
+sent as ``text/event-stream`` but with no ``data:`` prefix), each message forwarded as
+an item as its line arrives. A Rasa that ignores ``stream`` and answers one array is
+read as such.
+
+Input -> ``message``: text as it is; ``#intro`` -> GATEWAY_RASA_INTRO_MESSAGE
+(``/greet``); another action ``#name`` -> the intent ``/name``; the name of a button of
+the last turn -> that button's ``payload``. ``metadata`` carries ``channel``,
+``appKey``, ``locale``, ``turn`` and the turn's input attributes.
+
+Message -> items (in Rasa's own order):
+
+- ``text`` -> an item with the text (Rasa already splits on blank lines);
+- ``buttons: [{title, payload}]`` -> the quick replies in the item's ``code``
+  (gateway/pipeline/cores.py: ``{"buttons": [{"name": title, "request": {"type":
+  "text", "payload": payload}}]}``), on the text's item when both came together;
+- ``image`` -> an item with ``image``;
+- ``attachment``: ``{type: image|audio|video, payload: {url|src}}`` or an http(s) URL
+  (audio) -> that media field; anything else -> the command item ``#attachment``;
+- ``custom`` -> ``{"transfer": "<target>"}`` or ``{"transfer": {target, reason}}`` is
+  the transfer action (:func:`gateway.events.transfer_item`); ``{"end_session": true}``
+  ends the session (Rasa has no end of its own); ``{"ssml": ...}``, ``{"audio": url}``
+  give such an item; any other object is the command item ``#custom`` with it as code.
+
+A non-2xx status, invalid JSON, an answer that is not an array of objects, or one over
+GATEWAY_PIPELINE_MAX_RESPONSE_BYTES is a PipelineError.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import httpx
+
+from gateway.events import INTRO, Input, Response, ResponseItem, transfer_item
+from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
+from gateway.pipeline.cores import (
+    bounded_lines,
+    button,
+    buttons_item,
+    check_status,
+    chosen,
+    command_item,
+    core_client,
+    is_url,
+    read_json,
+)
+from gateway.sessions import Session
+from gateway.settings import Settings
+
+WEBHOOK_PATH = "/webhooks/rest/webhook"
+
+_STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
+
+
+class RasaPipeline:
+    """A Rasa bot's REST channel (see the module doc).
+
+    ``url`` is the webhook URL; ``token`` goes in ``?token=``. Raises PipelineError as
+    the module doc says.
+    """
+
+    name = "rasa"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        stream: bool = True,
+        intro_message: str = "/greet",
+        max_response_bytes: int = 1_048_576,
+        client: httpx.AsyncClient,
+    ) -> None:
+        self.url = url
+        self._params = {"stream": "true"} if stream else {}
+        if token:
+            self._params["token"] = token
+        self._intro = intro_message
+        self._max = max_response_bytes
+        self._client = client
+
+    @classmethod
+    def from_url(cls, spec: str, settings: Settings) -> Self:
+        """The Rasa server at ``spec`` (``rasa+http(s)://host:port[/prefix]``).
+
+        The REST webhook path is appended unless the spec ends with it. Raises
+        PipelineConfigError for a spec without a host.
+        """
+        url = spec.strip().removeprefix("rasa+")
+        if not urlsplit(url).hostname:
+            raise PipelineConfigError("no host; use rasa+http://host:5005")
+        url = url.rstrip("/")
+        if not url.endswith(WEBHOOK_PATH):
+            url += WEBHOOK_PATH
+        token = settings.rasa_token.get_secret_value() if settings.rasa_token else None
+        return cls(
+            url,
+            token=token,
+            stream=settings.rasa_stream,
+            intro_message=settings.rasa_intro_message,
+            max_response_bytes=settings.pipeline_max_response_bytes,
+            client=core_client(settings),
+        )
+
+    def message(self, session: Session, input: Input) -> str:
+        """The ``message`` sent for ``input`` (see the module doc)."""
+        if input.action == INTRO:
+            return self._intro
+        if input.action:
+            return "/" + input.action.removeprefix("#")
+        request = chosen(session.pipeline_state, input.text)
+        if request is not None and isinstance(request.get("payload"), str):
+            return str(request["payload"])
+        return input.text
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
+        """Send the turn to Rasa; yield its messages' items, then the Response."""
+        body = {
+            "sender": session.id,
+            "message": self.message(session, input),
+            "metadata": {
+                "channel": session.channel,
+                "appKey": session.app_key,
+                "locale": input.locale or session.locale,
+                "turn": session.turn_count + 1,
+                **({"attributes": input.attributes} if input.attributes else {}),
+            },
+        }
+        offered: list[dict[str, Any]] = []
+        ended = False
+        try:
+            async with self._client.stream(
+                "POST", self.url, params=self._params, json=body
+            ) as answer:
+                check_status(answer, "Rasa")
+                kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+                if kind in _STREAM_TYPES:
+                    async for line in bounded_lines(answer, self._max, "Rasa"):
+                        try:
+                            message = json.loads(line)
+                        except ValueError as exc:
+                            raise PipelineError(f"Rasa streamed an invalid line: {exc}") from exc
+                        for item in self._items(message, offered):
+                            if item is None:
+                                ended = True
+                            else:
+                                yield item
+                else:
+                    messages = await read_json(answer, self._max, "Rasa")
+                    if not isinstance(messages, list):
+                        raise PipelineError("Rasa answered something else than an array")
+                    for message in messages:
+                        for item in self._items(message, offered):
+                            if item is None:
+                                ended = True
+                            else:
+                                yield item
+        except httpx.HTTPError as exc:
+            raise PipelineError(f"Rasa could not be reached: {type(exc).__name__}") from exc
+        session.pipeline_state["buttons"] = offered
+        yield Response(session_ended=ended)
+
+    @staticmethod
+    def _items(message: Any, offered: list[dict[str, Any]]) -> list[ResponseItem | None]:
+        """The items of one bot message (None: the session ends); see the module doc."""
+        if not isinstance(message, dict):
+            raise PipelineError("Rasa sent a message that is not an object")
+        out: list[ResponseItem | None] = []
+        text = message.get("text")
+        if text is not None and not isinstance(text, str):
+            raise PipelineError("Rasa sent a message whose text is not a string")
+        buttons = message.get("buttons")
+        if buttons is not None:
+            if not isinstance(buttons, list):
+                raise PipelineError("Rasa sent buttons that are not an array")
+            mapped = [
+                button(str(b.get("title", b.get("payload", ""))), _request(b))
+                for b in buttons
+                if isinstance(b, dict)
+            ]
+            offered.extend(mapped)
+            out.append(buttons_item(mapped, text))
+        elif text:
+            out.append(ResponseItem(text=text))
+        custom = message.get("custom")
+        if custom is not None:
+            out.extend(_custom(custom))
+        image = message.get("image")
+        if is_url(image):
+            out.append(ResponseItem(image=image))
+        attachment = message.get("attachment")
+        if attachment is not None:
+            out.append(_attachment(attachment))
+        return out
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+
+def _request(b: dict[str, Any]) -> dict[str, Any]:
+    payload = b.get("payload", b.get("title", ""))
+    return {"type": "text", "payload": payload if isinstance(payload, str) else json.dumps(payload)}
+
+
+def _custom(custom: Any) -> list[ResponseItem | None]:
+    if not isinstance(custom, dict):
+        return [command_item("custom", custom)]
+    transfer = custom.get("transfer")
+    if transfer is not None:
+        target = transfer.get("target") if isinstance(transfer, dict) else transfer
+        reason = transfer.get("reason") if isinstance(transfer, dict) else custom.get("reason")
+        if isinstance(target, str) and target.strip():
+            return [transfer_item(target, reason=reason if isinstance(reason, str) else None)]
+    out: list[ResponseItem | None] = []
+    if isinstance(custom.get("ssml"), str):
+        out.append(ResponseItem(ssml=custom["ssml"], text=custom.get("text")))
+    if is_url(custom.get("audio")):
+        out.append(ResponseItem(audio=custom["audio"]))
+    if custom.get("end_session") is True:
+        out.append(None)
+    rest = {k: v for k, v in custom.items() if k not in ("ssml", "text", "audio", "end_session")}
+    if rest or not out:
+        out.append(command_item("custom", custom))
+    return out
+
+
+def _attachment(attachment: Any) -> ResponseItem:
+    if is_url(attachment):
+        return ResponseItem(audio=attachment)
+    if isinstance(attachment, dict):
+        kind = attachment.get("type")
+        payload = attachment.get("payload")
+        url = payload.get("url") or payload.get("src") if isinstance(payload, dict) else None
+        if kind in ("image", "audio", "video") and is_url(url):
+            return ResponseItem(**{kind: url})
+    return command_item("attachment", attachment)

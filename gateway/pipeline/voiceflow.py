@@ -1,0 +1,291 @@
+"""The Voiceflow core: its Dialog Manager API (``GATEWAY_PIPELINE=voiceflow:[versionID]``).
+
+Spec: shared/specs/CORES.md, "Voiceflow Dialog Manager / Conversations API", (a) and (b).
+The user id is the gateway session's id. Each turn is either
+
+- ``POST {GATEWAY_VOICEFLOW_RUNTIME_URL}/state/user/{userID}/interact`` (the state
+  interact endpoint; answer: a JSON array of traces, or ``{trace: [...]}`` with
+  ``verbose``), or, with GATEWAY_VOICEFLOW_PROJECT_ID set,
+- ``POST .../v2/project/{projectID}/user/{userID}/interact/stream`` (SSE: ``event:
+  trace`` with a trace as ``data``, then ``event: end``), each trace forwarded as an
+  item as it arrives;
+
+with ``Authorization: <GATEWAY_VOICEFLOW_API_KEY>`` (no ``Bearer``), ``versionID`` (the
+spec's, else GATEWAY_VOICEFLOW_VERSION_ID) and the body
+``{"action": ..., "config": {"tts": GATEWAY_VOICEFLOW_TTS, "stripSSML": true}}``.
+
+Input -> action: ``#intro`` -> ``{"type": "launch"}``; ``#silence`` -> ``{"type":
+"no-reply"}``; another action ``#name`` -> ``{"type": "name"}`` (a custom action's path);
+the name of a ``choice`` button of the last turn -> that button's ``request``; text ->
+``{"type": "text", "payload": text}``.
+
+Traces -> items:
+
+- ``text`` -> ``payload.message`` (else the slate's text); ``speak`` -> its ``message``
+  as text, with ``src`` as the item's ``audio`` when an http(s) URL (``data:`` TTS is
+  left to the gateway's own speech); a ``speak`` of type ``audio`` -> an audio item;
+- ``visual`` (image) -> ``image``; ``cardV2`` -> title/description text, ``imageUrl``
+  and its buttons; ``carousel`` -> one such item per card;
+- ``choice`` -> the quick replies in the item's ``code`` (gateway/pipeline/cores.py),
+  kept for the next turn;
+- ``end`` -> the Response ends the session; ``no-reply {timeout}`` -> the Response's
+  ``attributes.noReplyTimeoutMs`` (the core's silence timeout, ms; the next ``#silence``
+  answers it);
+- ``completion`` traces (``start``/``content``/``end``) -> one text item at ``end``;
+- a trace of another type with ``paths``/``defaultPath`` (a custom action) -> the
+  command item ``#<type>`` with ``payload`` as code, or the transfer action
+  (:func:`gateway.events.transfer_item`) when the type is ``transfer`` or ``handoff``
+  and the payload names a ``target`` (a string, or JSON ``{"target", "reason"}``);
+- ``debug``, ``log``, ``flow``, ``block``, ``path`` and other traces are dropped.
+
+A non-2xx status, invalid JSON, an answer that is not a list of traces, or a stream that
+breaks off is a PipelineError.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+from httpx_sse import EventSource, SSEError
+
+from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
+from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
+from gateway.pipeline.cores import (
+    buttons_item,
+    check_status,
+    chosen,
+    command_item,
+    core_client,
+    is_url,
+    read_json,
+)
+from gateway.sessions import Session
+from gateway.settings import Settings
+
+_IGNORED = frozenset({"debug", "log", "flow", "block", "path", "goto", "entity-filling",
+                      "channel-action", "knowledgeBase"})  # fmt: skip
+
+
+class _Turn:
+    """What the traces of one turn left for its Response."""
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.no_reply_ms: int | None = None
+        self.buttons: list[dict[str, Any]] = []
+        self.completion: list[str] = []
+
+
+class VoiceflowPipeline:
+    """A Voiceflow agent through the Dialog Manager API (see the module doc)."""
+
+    name = "voiceflow"
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        version_id: str,
+        runtime_url: str = "https://general-runtime.voiceflow.com",
+        project_id: str | None = None,
+        tts: bool = False,
+        max_response_bytes: int = 1_048_576,
+        client: httpx.AsyncClient,
+    ) -> None:
+        self._base = runtime_url.rstrip("/")
+        self._project = project_id
+        self._headers = {"Authorization": api_key, "versionID": version_id}
+        self._config = {"tts": tts, "stripSSML": True}
+        self._max = max_response_bytes
+        self._client = client
+
+    @classmethod
+    def from_url(cls, spec: str, settings: Settings) -> Self:
+        """The agent of GATEWAY_VOICEFLOW_API_KEY; ``voiceflow:<versionID>`` picks a version.
+
+        Raises PipelineConfigError naming GATEWAY_VOICEFLOW_API_KEY when it is unset.
+        """
+        if settings.voiceflow_api_key is None or not settings.voiceflow_api_key.get_secret_value():
+            raise PipelineConfigError(
+                "needs GATEWAY_VOICEFLOW_API_KEY (the agent's Dialog Manager API key, VF.DM....)"
+            )
+        version = spec.strip().split(":", 1)[1].strip() or settings.voiceflow_version_id
+        return cls(
+            api_key=settings.voiceflow_api_key.get_secret_value(),
+            version_id=version,
+            runtime_url=settings.voiceflow_runtime_url,
+            project_id=settings.voiceflow_project_id,
+            tts=settings.voiceflow_tts,
+            max_response_bytes=settings.pipeline_max_response_bytes,
+            client=core_client(settings),
+        )
+
+    def action(self, session: Session, input: Input) -> dict[str, Any]:
+        """The Dialog Manager action for ``input`` (see the module doc)."""
+        if input.action == INTRO:
+            return {"type": "launch"}
+        if input.action == SILENCE:
+            return {"type": "no-reply"}
+        if input.action:
+            return {"type": input.action.removeprefix("#")}
+        return chosen(session.pipeline_state, input.text) or {"type": "text", "payload": input.text}
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
+        """Send the turn to Voiceflow; yield the traces' items, then the Response."""
+        body = {"action": self.action(session, input), "config": self._config}
+        user = quote(session.id, safe="")
+        turn = _Turn()
+        try:
+            if self._project:
+                url = f"{self._base}/v2/project/{quote(self._project, safe='')}/user/{user}"
+                headers = {**self._headers, "Accept": "text/event-stream"}
+                async with self._client.stream(
+                    "POST", f"{url}/interact/stream", json=body, headers=headers
+                ) as answer:
+                    check_status(answer, "Voiceflow")
+                    async for trace in self._stream(answer):
+                        for item in _items(trace, turn):
+                            yield item
+            else:
+                url = f"{self._base}/state/user/{user}/interact"
+                async with self._client.stream(
+                    "POST", url, json=body, headers=self._headers
+                ) as answer:
+                    traces = await read_json(answer, self._max, "Voiceflow")
+                if isinstance(traces, dict) and isinstance(traces.get("trace"), list):
+                    traces = traces["trace"]  # verbose=true
+                if not isinstance(traces, list):
+                    raise PipelineError("Voiceflow answered something else than a list of traces")
+                for trace in traces:
+                    for item in _items(trace, turn):
+                        yield item
+        except httpx.HTTPError as exc:
+            raise PipelineError(f"Voiceflow could not be reached: {type(exc).__name__}") from exc
+        session.pipeline_state["buttons"] = turn.buttons
+        attributes = {"noReplyTimeoutMs": turn.no_reply_ms} if turn.no_reply_ms else {}
+        yield Response(session_ended=turn.ended, attributes=attributes)
+
+    async def _stream(self, answer: httpx.Response) -> AsyncIterator[Any]:
+        """The traces of an interact stream, as they arrive, until ``event: end``."""
+        size = 0
+        try:
+            async for event in EventSource(answer).aiter_sse():
+                size += len(event.data)
+                if size > self._max:
+                    raise PipelineError(f"Voiceflow's answer is larger than {self._max} bytes")
+                if event.event == "end":
+                    return
+                if event.event != "trace":
+                    continue
+                try:
+                    yield json.loads(event.data)
+                except ValueError as exc:
+                    raise PipelineError(f"Voiceflow streamed an invalid trace: {exc}") from exc
+        except SSEError as exc:
+            raise PipelineError(f"Voiceflow's stream is not an event stream: {exc}") from exc
+        raise PipelineError("Voiceflow's stream ended without its end event")
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+
+def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
+    """The items of one trace; what it means for the Response goes in ``turn``."""
+    if not isinstance(trace, dict) or not isinstance(trace.get("type"), str):
+        raise PipelineError("Voiceflow sent a trace without a type")
+    kind: str = trace["type"]
+    payload = trace.get("payload")
+    body: dict[str, Any] = payload if isinstance(payload, dict) else {}
+    if kind == "text":
+        text = body.get("message") if isinstance(body.get("message"), str) else _slate(body)
+        return [ResponseItem(text=text)] if text else []
+    if kind == "speak":
+        src = body.get("src")
+        if body.get("type") == "audio":
+            return [ResponseItem(audio=src)] if is_url(src) else []
+        message = body.get("message")
+        if not isinstance(message, str) or not message:
+            return []
+        return [ResponseItem(text=message, audio=src if is_url(src) else None)]
+    if kind == "visual":
+        image = body.get("image")
+        return [ResponseItem(image=image)] if is_url(image) else []
+    if kind == "choice":
+        buttons = [_button(b) for b in body.get("buttons") or [] if isinstance(b, dict)]
+        turn.buttons.extend(buttons)
+        return [buttons_item(buttons)] if buttons else []
+    if kind == "cardV2":
+        return [_card(body, turn)]
+    if kind == "carousel":
+        return [_card(c, turn) for c in body.get("cards") or [] if isinstance(c, dict)]
+    if kind == "end":
+        turn.ended = True
+        return []
+    if kind == "no-reply":
+        timeout = body.get("timeout")
+        if isinstance(timeout, int | float) and timeout > 0:
+            turn.no_reply_ms = int(timeout * 1000)
+        return []
+    if kind in ("completion", "completion-start", "completion-continue", "completion-end"):
+        state = body.get("state") or kind.removeprefix("completion-")
+        if isinstance(body.get("content"), str):
+            turn.completion.append(body["content"])
+        if state == "end" and turn.completion:
+            text, turn.completion = "".join(turn.completion).strip(), []
+            return [ResponseItem(text=text)] if text else []
+        return []
+    if kind in _IGNORED or not ("paths" in trace or "defaultPath" in trace):
+        return []
+    return [_custom_action(kind, payload)]
+
+
+def _slate(body: dict[str, Any]) -> str:
+    slate = body.get("slate")
+    content = slate.get("content") if isinstance(slate, dict) else None
+    lines = []
+    for block in content if isinstance(content, list) else []:
+        children = block.get("children") if isinstance(block, dict) else None
+        parts = [c.get("text", "") for c in children or [] if isinstance(c, dict)]
+        lines.append("".join(p for p in parts if isinstance(p, str)))
+    return "\n".join(lines).strip()
+
+
+def _button(b: dict[str, Any]) -> dict[str, Any]:
+    request = b.get("request") if isinstance(b.get("request"), dict) else None
+    name = b.get("name")
+    if not isinstance(name, str):
+        label = (request or {}).get("payload", {})
+        name = str(label.get("label", "")) if isinstance(label, dict) else ""
+    return {"name": name, "request": request or {"type": "text", "payload": name}}
+
+
+def _card(card: dict[str, Any], turn: _Turn) -> ResponseItem:
+    description = card.get("description")
+    if isinstance(description, dict):
+        description = description.get("text")
+    text = ". ".join(t for t in (card.get("title"), description) if isinstance(t, str) and t)
+    buttons = [_button(b) for b in card.get("buttons") or [] if isinstance(b, dict)]
+    turn.buttons.extend(buttons)
+    image = card.get("imageUrl")
+    code = json.dumps({"buttons": buttons}, separators=(",", ":")) if buttons else None
+    return ResponseItem(text=text or None, image=image if is_url(image) else None, code=code)
+
+
+def _custom_action(kind: str, payload: Any) -> ResponseItem:
+    value = payload
+    if isinstance(payload, str):
+        try:
+            value = json.loads(payload)
+        except ValueError:
+            value = payload
+    if kind in ("transfer", "handoff"):
+        target = value.get("target") if isinstance(value, dict) else value
+        reason = value.get("reason") if isinstance(value, dict) else None
+        if isinstance(target, str) and target.strip():
+            return transfer_item(target, reason=reason if isinstance(reason, str) else None)
+    return command_item(kind, value)

@@ -1,0 +1,271 @@
+"""Botpress Cloud's Chat API for tests: a real FastAPI app speaking the contract of
+shared/specs/CORES.md ("Botpress Chat API") with a small bot behind it.
+
+Under ``/{webhookId}`` (:data:`WEBHOOK_ID`; another id is 404): ``POST /users`` -> 201
+``{user, key}``; ``POST /users/get-or-create`` with ``x-user-key`` the HS256 JWT of
+``{"id"}`` signed with ``app.state.encryption_key`` (manual mode); ``POST /conversations``
+-> 201 ``{conversation}``; ``GET /conversations/{id}/listen`` -> SSE whose ``data`` is a
+JSON ``{type, data}`` signal (``init`` first, then ``message_created`` with ``isBot`` and
+``event_created``, for the user's own messages and events too); ``POST /messages`` and
+``POST /events`` -> 201 ``{message}`` / ``{event}``. Every call but ``POST /users`` needs
+a known ``x-user-key`` (else 401). The bot answers after the 201, message by message
+(:data:`GAP_S` apart), with no end-of-turn marker; its memory is per conversation.
+
+The bot: the event ``intro`` -> a text and a ``choice``; the option ``yes``; ``my name is
+X`` / ``what is my name``; ``rich`` -> a card, an image, an audio, a markdown and a bloc;
+``agent`` -> a text and the event ``{type: "transfer", target, reason}``; ``bye`` -> a text
+and the event ``{type: "end"}``; another event -> nothing. Failures: ``boom`` (500 on the
+message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON), ``weird``
+(a message without a payload type), ``hangup`` (the listen stream closes without a word).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jwt
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+WEBHOOK_ID = "wh-5c1d2e"
+GAP_S = 0.05
+"""Time between two messages of the bot (s)."""
+
+
+def make_botpress() -> FastAPI:
+    """A fresh fake Chat API (``app.state.calls``: (method, path, body) received)."""
+    app = FastAPI()
+    state = app.state
+    state.calls = []
+    state.users = {}  # key -> user id
+    state.conversations = {}  # id -> {"memory": {}, "listeners": [queues]}
+    state.encryption_key = None
+    state.tasks = set()
+
+    def user_of(request: Request) -> str | None:
+        key = request.headers.get("x-user-key", "")
+        if key in state.users:
+            return str(state.users[key])
+        if state.encryption_key and key:
+            try:
+                claims = jwt.decode(key, state.encryption_key, algorithms=["HS256"])
+            except jwt.InvalidTokenError:
+                return None
+            return str(claims["id"])
+        return None
+
+    async def call(request: Request, webhook_id: str) -> tuple[dict[str, Any], str | None]:
+        body = await request.json() if await request.body() else {}
+        state.calls.append((request.method, request.url.path.split(webhook_id, 1)[1], body))
+        return body, user_of(request)
+
+    def refuse(webhook_id: str, user: str | None) -> Response | None:
+        if webhook_id != WEBHOOK_ID:
+            return JSONResponse({"message": "webhook not found"}, status_code=404)
+        if user is None:
+            return JSONResponse({"message": "Unauthorized: x-user-key"}, status_code=401)
+        return None
+
+    def publish(conversation_id: str, kind: str, data: Any) -> None:
+        for queue in state.conversations[conversation_id]["listeners"]:
+            queue.put_nowait(data if kind == "raw" else json.dumps({"type": kind, "data": data}))
+
+    def bot_message(conversation_id: str, payload: dict[str, Any]) -> None:
+        message = {
+            "id": uuid.uuid4().hex,
+            "createdAt": "2026-01-01T00:00:00Z",
+            "payload": payload,
+            "userId": "bot",
+            "conversationId": conversation_id,
+            "isBot": True,
+        }
+        publish(conversation_id, "message_created", message)
+
+    def bot_event(conversation_id: str, payload: dict[str, Any]) -> None:
+        event = {
+            "id": uuid.uuid4().hex,
+            "createdAt": "2026-01-01T00:00:00Z",
+            "payload": payload,
+            "conversationId": conversation_id,
+            "userId": "bot",
+        }
+        publish(conversation_id, "event_created", event)
+
+    async def bot(conversation_id: str, said: str | None, event: str | None) -> None:
+        memory = state.conversations[conversation_id]["memory"]
+        replies: list[tuple[str, Any]] = []
+        if event == "intro":
+            replies = [
+                ("text", "Hi, I am the Botpress bot."),
+                (
+                    "choice",
+                    {
+                        "text": "Shall we start?",
+                        "options": [
+                            {"label": "Yes please", "value": "yes"},
+                            {"label": "No", "value": "no"},
+                        ],
+                    },
+                ),
+            ]
+        elif event is not None:
+            return
+        elif said == "yes":
+            replies = [("text", "Let us start.")]
+        elif said and said.lower().startswith("my name is "):
+            memory["name"] = said[11:].strip().title()
+            replies = [("text", f"Hello {memory['name']}.")]
+        elif said == "what is my name":
+            replies = [("text", f"You are {memory.get('name', 'unknown')}.")]
+        elif said == "rich":
+            replies = [
+                (
+                    "card",
+                    {
+                        "title": "Pizza",
+                        "subtitle": "Margherita",
+                        "imageUrl": "https://cdn.example.com/p.png",
+                        "actions": [
+                            {"action": "postback", "label": "Order", "value": "order"},
+                            {"action": "url", "label": "Menu", "value": "https://example.com/menu"},
+                        ],
+                    },
+                ),
+                ("image", {"imageUrl": "https://cdn.example.com/i.png"}),
+                ("audio", {"audioUrl": "https://cdn.example.com/a.mp3"}),
+                ("markdown", {"markdown": "**bold**"}),
+                ("bloc", {"items": [{"type": "text", "payload": {"text": "in a bloc"}}]}),
+            ]
+        elif said == "agent":
+            replies = [
+                ("text", "One moment."),
+                ("event", {"type": "transfer", "target": "+15550001111", "reason": "billing"}),
+            ]
+        elif said == "bye":
+            replies = [("text", "Bye now."), ("event", {"type": "end"})]
+        elif said == "slow":
+            await asyncio.sleep(2)
+            replies = [("text", "late")]
+        elif said == "garbage":
+            publish(conversation_id, "raw", "{not json")
+            return
+        elif said == "weird":
+            replies = [("weird", {"text": "no type"})]
+        elif said == "hangup":
+            publish(conversation_id, "raw", None)
+            return
+        else:
+            replies = [("text", f"You said: {said}")]
+        for kind, value in replies:
+            await asyncio.sleep(GAP_S)
+            if kind == "event":
+                bot_event(conversation_id, value)
+            elif kind == "text":
+                bot_message(conversation_id, {"type": "text", "text": value})
+            elif kind == "weird":
+                bot_message(conversation_id, value)
+            else:
+                bot_message(conversation_id, {"type": kind, **value})
+
+    def later(coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+
+    @app.post("/{webhook_id}/users")
+    async def create_user(webhook_id: str, request: Request) -> Response:
+        body, _ = await call(request, webhook_id)
+        if webhook_id != WEBHOOK_ID:
+            return JSONResponse({"message": "webhook not found"}, status_code=404)
+        user_id, key = body.get("id") or f"user-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+        state.users[key] = user_id
+        return JSONResponse({"user": {"id": user_id}, "key": key}, status_code=201)
+
+    @app.post("/{webhook_id}/users/get-or-create")
+    async def get_or_create_user(webhook_id: str, request: Request) -> Response:
+        _, user = await call(request, webhook_id)
+        if (refused := refuse(webhook_id, user)) is not None:
+            return refused
+        return JSONResponse({"user": {"id": user}}, status_code=201)
+
+    @app.post("/{webhook_id}/conversations")
+    async def create_conversation(webhook_id: str, request: Request) -> Response:
+        body, user = await call(request, webhook_id)
+        if (refused := refuse(webhook_id, user)) is not None:
+            return refused
+        conversation_id = body.get("id") or f"conv-{uuid.uuid4().hex[:8]}"
+        state.conversations[conversation_id] = {"memory": {}, "listeners": []}
+        conversation = {
+            "id": conversation_id,
+            "createdAt": "2026-01-01T00:00:00Z",
+            "updatedAt": "2026-01-01T00:00:00Z",
+        }
+        return JSONResponse({"conversation": conversation}, status_code=201)
+
+    @app.get("/{webhook_id}/conversations/{conversation_id}/listen")
+    async def listen(webhook_id: str, conversation_id: str, request: Request) -> Response:
+        _, user = await call(request, webhook_id)
+        if (refused := refuse(webhook_id, user)) is not None:
+            return refused
+        if conversation_id not in state.conversations:
+            return JSONResponse({"message": "conversation not found"}, status_code=404)
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        listeners = state.conversations[conversation_id]["listeners"]
+        listeners.append(queue)
+
+        async def signals() -> AsyncIterator[str]:
+            try:
+                yield f"data: {json.dumps({'type': 'init', 'data': {}})}\n\n"
+                yield ": keepalive\n\n"  # an SSE comment, as proxies and the API send
+                while (data := await queue.get()) is not None:
+                    yield f"data: {data}\n\n"
+            finally:
+                listeners.remove(queue)
+
+        return StreamingResponse(signals(), media_type="text/event-stream")
+
+    @app.post("/{webhook_id}/messages")
+    async def create_message(webhook_id: str, request: Request) -> Response:
+        body, user = await call(request, webhook_id)
+        if (refused := refuse(webhook_id, user)) is not None:
+            return refused
+        conversation_id, payload = body.get("conversationId"), body.get("payload") or {}
+        if conversation_id not in state.conversations:
+            return JSONResponse({"message": "conversation not found"}, status_code=404)
+        if payload.get("text") == "boom":
+            return JSONResponse({"message": "internal error"}, status_code=500)
+        message = {
+            "id": uuid.uuid4().hex,
+            "createdAt": "2026-01-01T00:00:00Z",
+            "payload": payload,
+            "userId": user,
+            "conversationId": conversation_id,
+        }
+        publish(conversation_id, "message_created", {**message, "isBot": False})
+        later(bot(conversation_id, payload.get("text"), None))
+        return JSONResponse({"message": message}, status_code=201)
+
+    @app.post("/{webhook_id}/events")
+    async def create_event(webhook_id: str, request: Request) -> Response:
+        body, user = await call(request, webhook_id)
+        if (refused := refuse(webhook_id, user)) is not None:
+            return refused
+        conversation_id, payload = body.get("conversationId"), body.get("payload") or {}
+        if conversation_id not in state.conversations:
+            return JSONResponse({"message": "conversation not found"}, status_code=404)
+        event = {
+            "id": uuid.uuid4().hex,
+            "createdAt": "2026-01-01T00:00:00Z",
+            "payload": payload,
+            "conversationId": conversation_id,
+            "userId": user,
+        }
+        publish(conversation_id, "event_created", event)
+        later(bot(conversation_id, None, str(payload.get("type"))))
+        return JSONResponse({"event": event}, status_code=201)
+
+    return app

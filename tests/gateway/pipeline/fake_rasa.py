@@ -1,0 +1,129 @@
+"""A Rasa server's REST channel for tests: a real FastAPI app speaking the contract of
+shared/specs/CORES.md ("Rasa REST channel") with a small bot behind it.
+
+As Rasa's ``rest.py``/``CollectingOutputChannel``: ``GET /webhooks/rest/`` is
+``{"status": "ok"}``; ``POST /webhooks/rest/webhook`` answers a JSON array of
+``{"recipient_id", "text"?, "image"?, "buttons"?, "custom"?}`` (None values left out,
+text split on blank lines, buttons on the text's message, then custom, then image);
+with ``?stream=true`` the same messages as NDJSON lines under the content type
+``text/event-stream`` with no ``data:`` prefix, each written as the bot utters it.
+The tracker (slots) is per ``sender``. ``app.state.token`` set: ``?token=`` required.
+
+The bot: ``/greet`` greets with two buttons; ``/mood_great``; ``my name is X`` and
+``what is my name`` (a slot); ``picture`` (text + image); ``agent`` (a custom transfer);
+``bye`` (two texts then ``custom {"end_session": true}``); ``stream`` (one message, then
+waits for ``app.state.release`` before the next); failures: ``boom`` (500), ``slow``
+(2 s), ``garbage`` (not JSON), ``object`` (not an array), ``badline`` (a broken NDJSON line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+
+def make_rasa() -> FastAPI:
+    """A fresh fake Rasa app (``app.state.requests``: the bodies and queries received)."""
+    app = FastAPI()
+    app.state.requests = []
+    app.state.slots = {}
+    app.state.token = None
+    app.state.release = asyncio.Event()
+
+    @app.get("/webhooks/rest/")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/webhooks/rest/webhook")
+    async def webhook(request: Request) -> Response:
+        if app.state.token and request.query_params.get("token") != app.state.token:
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        body = await request.json()
+        peer = request.client.port if request.client else None
+        app.state.requests.append({**body, "_query": dict(request.query_params), "_peer": peer})
+        sender, text = body["sender"], body.get("message", "")
+        if text == "boom":
+            return JSONResponse({"error": "internal"}, status_code=500)
+        if text == "slow":
+            await asyncio.sleep(2)
+        if text == "garbage":
+            return Response("<html>oops</html>", media_type="application/json")
+        if text == "object":
+            return JSONResponse({"text": "not an array"})
+        stream = request.query_params.get("stream", "").lower() == "true"
+        if stream and text == "badline":
+            return Response(
+                '{"recipient_id": "x", "text": "ok"}\n{broken\n', media_type="text/event-stream"
+            )
+        utterances = bot(app, sender, text)
+        if not stream:
+            return JSONResponse([m for u in utterances for m in messages(sender, u)])
+
+        async def lines() -> AsyncIterator[str]:
+            for utterance in utterances:
+                if utterance == "WAIT":
+                    await app.state.release.wait()
+                    continue
+                for message in messages(sender, utterance):
+                    yield json.dumps(message) + "\n"
+
+        return StreamingResponse(lines(), media_type="text/event-stream")
+
+    return app
+
+
+def bot(app: FastAPI, sender: str, text: str) -> list[Any]:
+    """What the bot utters for ``text`` (dicts as Rasa's ``dispatcher.utter_message``)."""
+    slots: dict[str, Any] = app.state.slots.setdefault(sender, {})
+    lowered = text.lower()
+    if text == "/greet":
+        return [
+            {
+                "text": "Hey! How are you?",
+                "buttons": [
+                    {"title": "great", "payload": "/mood_great"},
+                    {"title": "sad", "payload": "/mood_unhappy"},
+                ],
+            }
+        ]
+    if text == "/mood_great":
+        return [{"text": "Great, carry on!"}]
+    if lowered.startswith("my name is "):
+        slots["name"] = text[11:].strip().title()
+        return [{"text": f"Nice to meet you, {slots['name']}."}]
+    if lowered == "what is my name":
+        return [{"text": f"You are {slots.get('name', 'a stranger')}."}]
+    if lowered == "picture":
+        return [{"text": "Here is a cat.", "image": "https://example.com/cat.png"}]
+    if lowered == "agent":
+        return [
+            {"text": "Connecting you."},
+            {"custom": {"transfer": {"target": "+15551234567", "reason": "asked for a person"}}},
+        ]
+    if lowered == "bye":
+        return [{"text": "Bye!\n\nSee you soon."}, {"custom": {"end_session": True}}]
+    if lowered == "stream":
+        return [{"text": "first"}, "WAIT", {"text": "second"}]
+    if text.startswith("/"):
+        return [{"text": f"intent {text[1:]}"}]
+    return [{"text": f"You said: {text}"}]
+
+
+def messages(sender: str, utterance: dict[str, Any]) -> list[dict[str, Any]]:
+    """The REST channel's messages of one utterance (CollectingOutputChannel)."""
+    out: list[dict[str, Any]] = []
+    text = utterance.get("text")
+    if utterance.get("buttons"):
+        out.append({"recipient_id": sender, "text": text, "buttons": utterance["buttons"]})
+    elif text:
+        out.extend({"recipient_id": sender, "text": part} for part in text.split("\n\n"))
+    if "custom" in utterance:
+        out.append({"recipient_id": sender, "custom": utterance["custom"]})
+    if "image" in utterance:
+        out.append({"recipient_id": sender, "image": utterance["image"]})
+    return [{k: v for k, v in m.items() if v is not None} for m in out]

@@ -1,0 +1,176 @@
+"""Voiceflow's Dialog Manager runtime for tests: a real FastAPI app speaking the contract
+of shared/specs/CORES.md ("Voiceflow Dialog Manager", (a) state interact and (b) the
+interact stream) with a small pizza agent behind it.
+
+``POST /state/user/{userID}/interact`` answers a JSON array of traces (``verbose=true``:
+``{state, trace, action}``); ``POST /v2/project/{projectID}/user/{userID}/interact/stream``
+answers the same traces as SSE (``event: trace``, ``id``, ``data``), then ``event: end``,
+each written when the agent reaches it. Both need ``Authorization`` = :data:`API_KEY` (no
+Bearer; else 401) and read the ``versionID`` header. The agent's variables are per userID.
+
+The agent: ``launch`` -> a text (slate + message), a ``speak`` with an audio URL, a
+``choice`` of two path buttons, a ``debug`` trace and ``no-reply {timeout: 7}``; the path
+``path-large``/``path-small`` -> a text and a ``visual`` image; ``what size`` answers the
+stored size; ``agent`` -> the custom action trace ``transfer``; ``bye`` -> a text and
+``end``; ``no-reply`` -> "Still there?"; ``stream`` -> one text, then waits for
+``app.state.release``, then another. Failures: ``boom`` (500), ``slow`` (2 s),
+``garbage`` (not JSON), ``object`` (not a list), ``cut`` (the stream ends without ``end``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+API_KEY = "VF.DM.6651f0.testkey"
+
+
+def trace(kind: str, payload: Any, **more: Any) -> dict[str, Any]:
+    """A trace as the runtime sends it: ``{type, payload, time, ...}``."""
+    return {"type": kind, "payload": payload, "time": int(time.time() * 1000), **more}
+
+
+def text(message: str) -> dict[str, Any]:
+    """A ``text`` trace with its slate and message."""
+    slate = {"id": "s1", "content": [{"children": [{"text": message}]}]}
+    return trace("text", {"slate": slate, "message": message, "delay": 0})
+
+
+def make_voiceflow() -> FastAPI:
+    """A fresh fake runtime (``app.state.requests``: bodies, headers and the user id)."""
+    app = FastAPI()
+    app.state.requests = []
+    app.state.variables = {}
+    app.state.release = asyncio.Event()
+
+    def record(request: Request, user_id: str, body: dict[str, Any]) -> Response | None:
+        if request.headers.get("authorization") != API_KEY:
+            return JSONResponse({"message": "Unauthorized"}, status_code=401)
+        app.state.requests.append(
+            {**body, "_user": user_id, "_version": request.headers.get("versionid")}
+        )
+        return None
+
+    @app.post("/state/user/{user_id}/interact")
+    async def interact(user_id: str, request: Request) -> Response:
+        body = await request.json()
+        if (refused := record(request, user_id, body)) is not None:
+            return refused
+        said = body.get("action", body.get("request", {}))
+        if said.get("payload") == "boom":
+            return JSONResponse({"message": "internal"}, status_code=500)
+        if said.get("payload") == "slow":
+            await asyncio.sleep(2)
+        if said.get("payload") == "garbage":
+            return Response("[{not json", media_type="application/json")
+        if said.get("payload") == "object":
+            return JSONResponse({"traces": "none"})
+        traces = [t for t in agent(app, user_id, said) if t != "WAIT"]
+        if request.query_params.get("verbose") == "true":
+            return JSONResponse({"state": {}, "trace": traces, "action": said})
+        return JSONResponse(traces)
+
+    @app.post("/v2/project/{project_id}/user/{user_id}/interact/stream")
+    async def stream(project_id: str, user_id: str, request: Request) -> Response:
+        body = await request.json()
+        if (refused := record(request, user_id, body)) is not None:
+            return refused
+        app.state.requests[-1]["_project"] = project_id
+        said = body.get("action", {})
+        if said.get("payload") == "boom":
+            return JSONResponse({"message": "internal"}, status_code=500)
+
+        async def events() -> AsyncIterator[str]:
+            if said.get("payload") == "slow":
+                await asyncio.sleep(2)
+            n = 0
+            for t in agent(app, user_id, said):
+                if t == "WAIT":
+                    await app.state.release.wait()
+                    continue
+                n += 1
+                yield f"event: trace\nid: {n}\ndata: {json.dumps(t)}\n\n"
+            if said.get("payload") != "cut":
+                yield f"event: end\nid: {n + 1}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
+    """The traces of the agent for ``action`` (``"WAIT"`` marks a pause in a stream)."""
+    variables: dict[str, Any] = app.state.variables.setdefault(user_id, {})
+    kind, payload = action.get("type"), action.get("payload")
+    if kind == "launch":
+        return [
+            text("Welcome to the pizza shop."),
+            trace(
+                "speak",
+                {
+                    "type": "message",
+                    "message": "What size?",
+                    "src": "https://cdn.example.com/tts/size.mp3",
+                },
+            ),
+            trace(
+                "choice",
+                {
+                    "buttons": [
+                        {
+                            "name": "Large",
+                            "request": {
+                                "type": "path-large",
+                                "payload": {"label": "Large", "actions": []},
+                            },
+                        },
+                        {
+                            "name": "Small",
+                            "request": {
+                                "type": "path-small",
+                                "payload": {"label": "Small", "actions": []},
+                            },
+                        },
+                    ]
+                },
+            ),
+            trace("debug", {"message": "matched launch"}),
+            trace("no-reply", {"timeout": 7}),
+        ]
+    if kind in ("path-large", "path-small"):
+        variables["size"] = kind.removeprefix("path-")
+        return [
+            text(f"A {variables['size']} pizza."),
+            trace(
+                "visual",
+                {
+                    "visualType": "image",
+                    "image": "https://cdn.example.com/pizza.png",
+                    "dimensions": None,
+                    "canvasVisibility": "full",
+                },
+            ),
+        ]
+    if kind == "no-reply":
+        return [text("Still there?")]
+    if kind != "text":
+        return [text(f"unhandled {kind}")]
+    if payload == "what size":
+        return [text(f"You ordered a {variables.get('size', 'no')} pizza.")]
+    if payload == "agent":
+        target = json.dumps({"target": "sip:agent@example.com", "reason": "human"})
+        return [
+            text("Transferring."),
+            trace("transfer", target, paths=[{"event": {"type": "done"}}], defaultPath=0),
+        ]
+    if payload == "bye":
+        return [text("Goodbye."), trace("end", None)]
+    if payload == "stream":
+        return [text("first"), "WAIT", text("second")]
+    return [text(f"You said: {payload}")]

@@ -1,0 +1,221 @@
+"""The Botpress core against a real (fake) Chat API on a free port
+(tests/gateway/pipeline/fake_botpress.py): the user and conversation kept in the session,
+bot messages from the listen stream until the idle gap, rich items, the end, failures,
+and a whole Flowstorm V2 conversation."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from gateway.conversation import Conversation
+from gateway.events import (
+    ErrorEvent,
+    Input,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+    SessionEndedEvent,
+    SessionStartedEvent,
+    TurnEvent,
+    transfer_target,
+)
+from gateway.sessions import ClientState
+from tests.conftest import gateway, serve
+from tests.gateway.pipeline.fake_botpress import GAP_S, WEBHOOK_ID, make_botpress
+from tests.gateway.turns import ctx, engine, texts
+
+IDLE_S = 0.3
+
+
+@pytest.fixture
+async def botpress() -> AsyncIterator[tuple[str, FastAPI]]:
+    """The fake Chat API served on a free port: its base URL and app."""
+    app = make_botpress()
+    async with serve(app) as url:
+        yield url, app
+
+
+def bp_engine(url: str, **more: Any) -> Conversation:
+    """An engine whose core is the Chat API at ``url`` (idle gap :data:`IDLE_S`)."""
+    more = {"botpress_idle_s": IDLE_S, "botpress_reply_timeout_s": 1.0, **more}
+    return engine(pipeline=f"botpress:{WEBHOOK_ID}", botpress_url=url, **more)
+
+
+def items(events: list[TurnEvent]) -> list[ResponseItem]:
+    return [e.response_item for e in events if isinstance(e, ResponseItemEvent)]
+
+
+async def test_conversation_with_user_and_conversation_kept(
+    botpress: tuple[str, FastAPI],
+) -> None:
+    url, app = botpress
+    conv = bp_engine(url)
+    started = time.perf_counter()
+    intro = await conv.turn(ctx(), Input.of("#intro")).collect()
+    took = time.perf_counter() - started
+    assert isinstance(intro[0], SessionStartedEvent)
+    got = items(intro)
+    assert got[0].text == "Hi, I am the Botpress bot."
+    assert got[1].text == "Shall we start?"
+    assert json.loads(got[1].code or "") == {
+        "buttons": [
+            {"name": "Yes please", "request": {"type": "text", "payload": "yes"}},
+            {"name": "No", "request": {"type": "text", "payload": "no"}},
+        ]
+    }
+    assert IDLE_S <= took < IDLE_S + 1  # the turn ended one idle gap after the last message
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    user_key, conversation_id = (
+        session.pipeline_state["userKey"],
+        session.pipeline_state["conversationId"],
+    )
+    # the option's label sends its value
+    assert texts(await conv.turn(ctx(), Input.of("yes please")).collect()) == ["Let us start."]
+    await conv.turn(ctx(), Input.of("my name is ada")).collect()
+    assert texts(await conv.turn(ctx(), Input.of("what is my name")).collect()) == ["You are Ada."]
+    calls = [(m, p) for m, p, _ in app.state.calls]
+    assert calls.count(("POST", "/users")) == 1  # one user and one conversation per session
+    assert calls.count(("POST", "/conversations")) == 1
+    assert ("POST", "/events") in calls
+    sent = [b["payload"] for m, p, b in app.state.calls if p == "/messages"]
+    assert sent[0] == {"type": "text", "text": "yes"}
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.pipeline_state["userKey"] == user_key
+    assert session.pipeline_state["conversationId"] == conversation_id
+    # another session is another user and conversation
+    await conv.turn(ctx("s2"), Input.of("hello")).collect()
+    assert [p for _, p, _ in app.state.calls].count("/users") == 2
+    await conv.pipeline.aclose()
+
+
+async def test_rich_items_transfer_and_end(botpress: tuple[str, FastAPI]) -> None:
+    url, _ = botpress
+    conv = bp_engine(url)
+    rich = items(await conv.turn(ctx(), Input.of("rich")).collect())
+    assert [(i.text, i.image, i.audio) for i in rich] == [
+        ("Pizza. Margherita", "https://cdn.example.com/p.png", None),
+        (None, "https://cdn.example.com/i.png", None),
+        (None, None, "https://cdn.example.com/a.mp3"),
+        ("**bold**", None, None),
+        ("in a bloc", None, None),
+    ]
+    assert json.loads(rich[0].code or "")["buttons"][1] == {
+        "name": "Menu",
+        "request": {"type": "url", "payload": "https://example.com/menu"},
+    }
+    agent = items(await conv.turn(ctx(), Input.of("agent")).collect())
+    assert agent[0].text == "One moment."
+    assert transfer_target(agent[1]) == ("+15550001111", "billing")
+    bye = await conv.turn(ctx(), Input.of("bye")).collect()
+    assert texts(bye) == ["Bye now."]
+    assert isinstance(bye[-2], ResponseEvent)
+    assert bye[-2].response.session_ended
+    assert isinstance(bye[-1], SessionEndedEvent)
+    await conv.pipeline.aclose()
+
+
+async def test_messages_are_forwarded_before_the_turn_ends(botpress: tuple[str, FastAPI]) -> None:
+    url, _ = botpress
+    conv = bp_engine(url)
+    await conv.turn(ctx(), Input.of("hello")).collect()
+    started = time.perf_counter()
+    events = aiter(conv.turn(ctx(), Input.of("rich")))
+    first = await anext(events)
+    assert isinstance(first, ResponseItemEvent)
+    # the first item came right after the bot said it, not after the idle gap
+    assert time.perf_counter() - started < GAP_S + IDLE_S
+    rest = [e async for e in events]
+    assert len(items(rest)) == 4
+    await conv.pipeline.aclose()
+
+
+async def test_manual_mode_user_key_is_a_jwt(botpress: tuple[str, FastAPI]) -> None:
+    url, app = botpress
+    app.state.encryption_key = "integration-encryption-key-0123456789"
+    conv = bp_engine(url, botpress_encryption_key=SecretStr(app.state.encryption_key))
+    assert texts(await conv.turn(ctx(), Input.of("hi")).collect()) == ["You said: hi"]
+    paths = [p for _, p, _ in app.state.calls]
+    assert "/users/get-or-create" in paths
+    assert "/users" not in paths
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    ("said", "words"),
+    [
+        ("boom", "Botpress answered HTTP 500"),
+        ("slow", "did not answer within 1 s"),
+        ("garbage", "invalid signal"),
+        ("weird", "without a payload type"),
+        ("hangup", "closed the listen stream"),
+    ],
+)
+async def test_core_failures_are_pipeline_errors(
+    botpress: tuple[str, FastAPI], said: str, words: str
+) -> None:
+    url, _ = botpress
+    conv = bp_engine(url)
+    await conv.turn(ctx(), Input.of("hello")).collect()
+    events = await conv.turn(ctx(), Input.of(said)).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert events[-1].source == "pipeline"
+    assert words in events[-1].text
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert (session.client_state, session.turn_count) == (ClientState.FAILED, 1)
+    assert texts(await conv.turn(ctx(), Input.of("again")).collect())[-1] == "You said: again"
+    await conv.pipeline.aclose()
+
+
+async def test_a_slow_bot_is_bounded_by_the_turn_timeout(botpress: tuple[str, FastAPI]) -> None:
+    url, _ = botpress
+    conv = bp_engine(url, botpress_reply_timeout_s=8.0, turn_timeout_s=0.5)
+    events = await conv.turn(ctx(), Input.of("slow")).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert "did not answer within 0.5 s" in events[-1].text
+    await conv.pipeline.aclose()
+
+
+async def test_a_wrong_webhook_id_is_a_pipeline_error(botpress: tuple[str, FastAPI]) -> None:
+    url, _ = botpress
+    conv = engine(pipeline="botpress:nope", botpress_url=url)
+    events = await conv.turn(ctx(), Input.of("hi")).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert "HTTP 404" in events[-1].text
+    await conv.pipeline.aclose()
+
+
+async def test_a_flowstorm_v2_text_conversation_through_botpress(
+    botpress: tuple[str, FastAPI],
+) -> None:
+    url, _ = botpress
+    async with (
+        gateway(
+            pipeline="botpress:",
+            botpress_webhook_id=WEBHOOK_ID,
+            botpress_url=url,
+            botpress_idle_s=IDLE_S,
+        ) as base,
+        httpx.AsyncClient(base_url=base) as client,
+    ):
+
+        async def put(text: str) -> list[str]:
+            answer = await client.put(
+                "/client?key=bp", content=text, headers={"Content-Type": "text/plain"}
+            )
+            assert answer.status_code == 200, answer.text
+            return [line for line in answer.text.splitlines() if line[:2] in ("< ", ".")]
+
+        assert await put("my name is grace") == ["< Hello Grace."]
+        assert await put("what is my name") == ["< You are Grace."]
+        assert await put("bye") == ["< Bye now.", "."]

@@ -1,0 +1,195 @@
+"""The Rasa core against a real (fake) Rasa REST channel on a free port
+(tests/gateway/pipeline/fake_rasa.py): streamed and whole answers, state, rich items,
+the end of a conversation, failures, and a whole Flowstorm V2 conversation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from gateway.events import (
+    ErrorEvent,
+    Input,
+    ResponseEvent,
+    ResponseItemEvent,
+    SessionEndedEvent,
+    SessionStartedEvent,
+    transfer_target,
+)
+from gateway.metrics import REGISTRY
+from gateway.sessions import ClientState
+from tests.conftest import gateway, serve
+from tests.gateway.pipeline.fake_rasa import make_rasa
+from tests.gateway.turns import ctx, engine, texts
+
+
+@pytest.fixture
+async def rasa() -> AsyncIterator[tuple[str, FastAPI]]:
+    """The fake Rasa served on a free port: its base URL and app."""
+    app = make_rasa()
+    async with serve(app) as url:
+        yield url, app
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_multi_turn_conversation_with_state_and_buttons(
+    rasa: tuple[str, FastAPI], stream: bool
+) -> None:
+    url, app = rasa
+    conv = engine(pipeline=f"rasa+{url}", rasa_stream=stream)
+    intro = await conv.turn(ctx(), Input.of("#intro")).collect()
+    assert isinstance(intro[0], SessionStartedEvent)
+    item = next(e.response_item for e in intro if isinstance(e, ResponseItemEvent))
+    assert item.text == "Hey! How are you?"
+    assert json.loads(item.code or "") == {
+        "buttons": [
+            {"name": "great", "request": {"type": "text", "payload": "/mood_great"}},
+            {"name": "sad", "request": {"type": "text", "payload": "/mood_unhappy"}},
+        ]
+    }
+    # saying a button's title sends its payload
+    assert texts(await conv.turn(ctx(), Input.of("Great")).collect()) == ["Great, carry on!"]
+    await conv.turn(ctx(), Input.of("my name is ada")).collect()
+    assert texts(await conv.turn(ctx(), Input.of("what is my name")).collect()) == ["You are Ada."]
+    sent = app.state.requests
+    assert [r["message"] for r in sent] == [
+        "/greet",
+        "/mood_great",
+        "my name is ada",
+        "what is my name",
+    ]
+    assert {r["sender"] for r in sent} == {"s1"}  # the session id is the sender
+    assert len({r["_peer"] for r in sent}) == 1  # one kept-alive connection for every turn
+    assert sent[0]["metadata"] == {"channel": "test", "appKey": "app", "locale": "en-US", "turn": 1}
+    assert sent[3]["metadata"]["turn"] == 4
+    assert all(r["_query"].get("stream") == ("true" if stream else None) for r in sent)
+    await conv.pipeline.aclose()
+
+
+async def test_rich_items_transfer_and_end_of_conversation(rasa: tuple[str, FastAPI]) -> None:
+    url, _ = rasa
+    conv = engine(pipeline=f"rasa+{url}/")
+    picture = await conv.turn(ctx(), Input.of("picture")).collect()
+    items = [e.response_item for e in picture if isinstance(e, ResponseItemEvent)]
+    assert [(i.text, i.image) for i in items] == [
+        ("Here is a cat.", None),
+        (None, "https://example.com/cat.png"),
+    ]
+    agent = await conv.turn(ctx(), Input.of("agent")).collect()
+    items = [e.response_item for e in agent if isinstance(e, ResponseItemEvent)]
+    assert items[0].text == "Connecting you."
+    assert transfer_target(items[1]) == ("+15551234567", "asked for a person")
+    bye = await conv.turn(ctx(), Input.of("bye")).collect()
+    assert texts(bye) == ["Bye!", "See you soon."]  # Rasa split the text on the blank line
+    final = bye[-2]
+    assert isinstance(final, ResponseEvent)
+    assert final.response.session_ended is True
+    assert isinstance(bye[-1], SessionEndedEvent)
+    assert await conv.store.get(ctx().key) is None
+    await conv.pipeline.aclose()
+
+
+async def test_stream_items_are_forwarded_as_they_arrive(rasa: tuple[str, FastAPI]) -> None:
+    url, app = rasa
+    conv = engine(pipeline=f"rasa+{url}")
+    events = aiter(conv.turn(ctx(), Input.of("stream")))
+    assert isinstance(await anext(events), SessionStartedEvent)
+    first = await anext(events)
+    assert isinstance(first, ResponseItemEvent)
+    assert first.response_item.text == "first"
+    assert not app.state.release.is_set()  # Rasa has not finished its answer yet
+    app.state.release.set()
+    rest = [e async for e in events]
+    assert texts(rest) == ["second"]
+    assert isinstance(rest[-1], ResponseEvent)
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    ("text", "stream", "words"),
+    [
+        ("boom", True, "Rasa answered HTTP 500"),
+        ("slow", True, "did not answer within"),
+        ("garbage", False, "Rasa answered invalid JSON"),
+        ("object", False, "something else than an array"),
+        ("badline", True, "Rasa streamed an invalid line"),
+    ],
+)
+async def test_core_failures_are_pipeline_errors_and_the_session_is_kept(
+    rasa: tuple[str, FastAPI], text: str, stream: bool, words: str
+) -> None:
+    url, _ = rasa
+    conv = engine(pipeline=f"rasa+{url}", rasa_stream=stream, turn_timeout_s=0.5)
+    await conv.turn(ctx(), Input.of("hello")).collect()
+    failures = REGISTRY.get_sample_value("gateway_core_errors_total", {"core": "rasa"}) or 0
+    events = await conv.turn(ctx(), Input.of(text)).collect()
+    # counted by core name, timeouts too
+    assert REGISTRY.get_sample_value("gateway_core_errors_total", {"core": "rasa"}) == failures + 1
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.source == "pipeline"
+    assert words in error.text
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.client_state == ClientState.FAILED
+    assert session.turn_count == 1
+    # the next turn goes on, and is no failure
+    assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
+    assert REGISTRY.get_sample_value("gateway_core_errors_total", {"core": "rasa"}) == failures + 1
+    await conv.pipeline.aclose()
+
+
+async def test_token_and_error_turn(rasa: tuple[str, FastAPI]) -> None:
+    url, app = rasa
+    app.state.token = "s3cret"
+    without = engine(pipeline=f"rasa+{url}")
+    events = await without.turn(ctx(), Input.of("hi")).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert "HTTP 401" in events[-1].text
+    await without.pipeline.aclose()
+    conv = engine(pipeline=f"rasa+{url}", rasa_token=SecretStr("s3cret"), error_turn=True)
+    assert texts(await conv.turn(ctx("s2"), Input.of("hi")).collect()) == ["You said: hi"]
+    # a failing turn runs #error, which Rasa gets as the intent /error
+    assert texts(await conv.turn(ctx("s2"), Input.of("boom")).collect()) == ["intent error"]
+    assert app.state.requests[-1]["_query"]["token"] == "s3cret"
+    await conv.pipeline.aclose()
+
+
+async def test_a_flowstorm_v2_text_conversation_through_rasa(rasa: tuple[str, FastAPI]) -> None:
+    url, app = rasa
+    async with (
+        gateway(pipeline=f"rasa+{url}") as base,
+        httpx.AsyncClient(base_url=base) as client,
+    ):
+        put = {"headers": {"Content-Type": "text/plain"}}
+        before = core_turns((await client.get("/metrics")).text, "rasa")
+        first = await client.put("/client?key=shop", content="my name is grace", **put)
+        assert first.status_code == 200, first.text
+        assert said(first.text) == ["Nice to meet you, Grace."]
+        asked = await client.put("/client?key=shop", content="what is my name", **put)
+        assert said(asked.text) == ["You are Grace."]
+        bye = await client.put("/client?key=shop", content="bye", **put)
+        assert said(bye.text) == ["Bye!", "See you soon."]
+        assert bye.text.endswith("\n.\n")  # the session ended
+        after = core_turns((await client.get("/metrics")).text, "rasa")
+    senders = {r["sender"] for r in app.state.requests}
+    assert len(senders) == 1  # one V2 session (its cookie) is one Rasa sender
+    assert after - before == 3  # the core's latency, by core name
+
+
+def core_turns(metrics: str, core: str) -> float:
+    """The count of ``gateway_core_seconds{core}`` in a /metrics text (0 when absent)."""
+    prefix = f'gateway_core_seconds_count{{core="{core}"}} '
+    return sum(
+        float(line[len(prefix) :]) for line in metrics.splitlines() if line.startswith(prefix)
+    )
+
+
+def said(body: str) -> list[str]:
+    """The bot's lines of a V2 text answer."""
+    return [line[2:] for line in body.splitlines() if line.startswith("< ")]

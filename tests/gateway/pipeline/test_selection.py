@@ -1,0 +1,195 @@
+"""Choosing the core: GATEWAY_PIPELINE schemes, GATEWAY_PIPELINES per application key (JSON
+or TOML), configuration errors at startup (also from `gateway serve`), and one gateway
+serving two application keys from two different cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from gateway.events import Input
+from gateway.pipeline import (
+    CORES,
+    CoreRouter,
+    DemoPipeline,
+    HttpPipeline,
+    PipelineConfigError,
+    make_pipeline,
+)
+from gateway.pipeline.botpress import BotpressPipeline
+from gateway.pipeline.rasa import RasaPipeline
+from gateway.pipeline.voiceflow import VoiceflowPipeline
+from gateway.settings import Settings
+from tests.conftest import free_port, gateway, serve
+from tests.gateway.pipeline.fake_botpress import WEBHOOK_ID, make_botpress
+from tests.gateway.pipeline.fake_rasa import make_rasa
+from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
+from tests.gateway.turns import ctx, engine, texts
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings().model_copy(update=overrides)
+
+
+def test_the_registry_names_every_core_by_a_lazy_import_string() -> None:
+    assert CORES["rasa+http"] == CORES["rasa+https"] == "gateway.pipeline.rasa:RasaPipeline"
+    assert CORES["voiceflow"] == "gateway.pipeline.voiceflow:VoiceflowPipeline"
+    assert CORES["botpress"] == "gateway.pipeline.botpress:BotpressPipeline"
+    assert CORES["dialogflow-cx"] == "gateway.pipeline.dialogflow_cx:DialogflowCxPipeline"
+    assert CORES["openai+https"] == CORES["openai+http"] == "gateway.pipeline.openai:OpenAIPipeline"
+
+
+async def test_each_scheme_makes_its_core() -> None:
+    made = {
+        "demo": DemoPipeline,
+        "https://core.example.com/turn": HttpPipeline,
+        "rasa+http://rasa:5005": RasaPipeline,
+        "rasa+https://rasa.example.com/": RasaPipeline,
+        "voiceflow:": VoiceflowPipeline,
+        "voiceflow:64f0c0de": VoiceflowPipeline,
+        "botpress:wh-1": BotpressPipeline,
+    }
+    for spec, cls in made.items():
+        router = make_pipeline(settings(pipeline=spec, voiceflow_api_key=SecretStr("VF.DM.x")))
+        assert isinstance(router, CoreRouter)
+        assert isinstance(router.default, cls), spec
+        await router.aclose()
+    rasa = make_pipeline(settings(pipeline="rasa+https://rasa.example.com/"))
+    assert isinstance(rasa.default, RasaPipeline)
+    assert rasa.default.url == "https://rasa.example.com/webhooks/rest/webhook"
+    await rasa.aclose()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"pipeline": "watson:abc"}, "GATEWAY_PIPELINE: unknown core 'watson:abc'"),
+        ({"pipeline": "rasa"}, "GATEWAY_PIPELINE: unknown core 'rasa'"),
+        (
+            {"pipeline": "voiceflow:"},
+            "GATEWAY_PIPELINE='voiceflow:': needs GATEWAY_VOICEFLOW_API_KEY",
+        ),
+        ({"pipeline": "botpress:"}, "GATEWAY_BOTPRESS_WEBHOOK_ID"),
+        ({"pipeline": "rasa+http://"}, "GATEWAY_PIPELINE='rasa+http://': no host"),
+        ({"pipeline": "https:///turn"}, "the webhook URL has no host"),
+        ({"pipelines": "{nope"}, "GATEWAY_PIPELINES is not valid JSON"),
+        ({"pipelines": '{"shop": 5}'}, "GATEWAY_PIPELINES must map application keys"),
+        ({"pipelines": '{"shop": "voiceflow:"}'}, "GATEWAY_PIPELINES['shop']='voiceflow:'"),
+        ({"pipelines": '{"shop": "ftp://x"}'}, "GATEWAY_PIPELINES['shop']: unknown core"),
+        ({"pipelines": "/nonexistent/cores.toml"}, "cannot read the TOML file"),
+    ],
+)
+def test_configuration_errors_name_the_setting(overrides: dict[str, Any], words: str) -> None:
+    with pytest.raises(PipelineConfigError) as raised:
+        make_pipeline(settings(**overrides))
+    assert words in str(raised.value)
+
+
+async def test_pipelines_from_toml_share_a_core_per_spec(tmp_path: Path) -> None:
+    toml = tmp_path / "cores.toml"
+    toml.write_text('shop = "rasa+http://rasa:5005"\nbar = "rasa+http://rasa:5005"\nfaq = "demo"\n')
+    router = make_pipeline(settings(pipeline="rasa+http://rasa:5005", pipelines=str(toml)))
+    assert router.core_for("shop") is router.core_for("bar") is router.default
+    assert isinstance(router.core_for("faq"), DemoPipeline)
+    assert router.core_for("other") is router.default
+    assert router.name == "rasa+demo"
+    await router.aclose()
+    tabled = tmp_path / "tabled.toml"
+    tabled.write_text('[pipelines]\nshop = "demo"\n')
+    router = make_pipeline(settings(pipeline="rasa+http://rasa:5005", pipelines=str(tabled)))
+    assert isinstance(router.core_for("shop"), DemoPipeline)
+    await router.aclose()
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"GATEWAY_PIPELINE": "watson:abc"}, "GATEWAY_PIPELINE: unknown core"),
+        ({"GATEWAY_PIPELINE": "voiceflow:"}, "GATEWAY_VOICEFLOW_API_KEY"),
+        ({"GATEWAY_PIPELINES": '{"a": "botpress:"}'}, "GATEWAY_BOTPRESS_WEBHOOK_ID"),
+    ],
+)
+def test_gateway_serve_refuses_to_start(env: dict[str, str], words: str) -> None:
+    port = free_port()
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert words in done.stderr
+    assert done.stderr.startswith("gateway: ")
+
+
+@pytest.fixture
+async def three_cores() -> AsyncIterator[dict[str, tuple[str, FastAPI]]]:
+    """The fake Rasa, Voiceflow runtime and Botpress Chat API, each on a free port."""
+    apps = {"rasa": make_rasa(), "voiceflow": make_voiceflow(), "botpress": make_botpress()}
+    async with (
+        serve(apps["rasa"]) as rasa,
+        serve(apps["voiceflow"]) as vf,
+        serve(apps["botpress"]) as bp,
+    ):
+        yield {
+            "rasa": (rasa, apps["rasa"]),
+            "voiceflow": (vf, apps["voiceflow"]),
+            "botpress": (bp, apps["botpress"]),
+        }
+
+
+async def test_one_gateway_serves_application_keys_from_different_cores(
+    three_cores: dict[str, tuple[str, FastAPI]],
+) -> None:
+    (rasa, rasa_app), (vf, vf_app) = three_cores["rasa"], three_cores["voiceflow"]
+    bp, _ = three_cores["botpress"]
+    pipelines = {"pizza": "voiceflow:", "support": f"botpress:{WEBHOOK_ID}", "demo": "demo"}
+    async with (
+        gateway(
+            pipeline=f"rasa+{rasa}",
+            pipelines=json.dumps(pipelines),
+            voiceflow_api_key=SecretStr(API_KEY),
+            voiceflow_runtime_url=vf,
+            botpress_url=bp,
+            botpress_idle_s=0.2,
+        ) as base,
+        httpx.AsyncClient(base_url=base) as client,
+    ):
+
+        async def say(key: str, text: str) -> list[str]:
+            answer = await client.put(
+                f"/client?key={key}", content=text, headers={"Content-Type": "text/plain"}
+            )
+            assert answer.status_code == 200, answer.text
+            client.cookies.clear()  # each key its own session
+            return [line[2:] for line in answer.text.splitlines() if line.startswith("< ")]
+
+        assert await say("shop", "hello") == ["You said: hello"]  # not in the map: Rasa
+        assert await say("pizza", "hello") == ["You said: hello"]
+        assert await say("support", "hi there") == ["You said: hi there"]
+        assert await say("demo", "my name is Ada") == ["Nice to meet you, Ada."]
+    assert [r["message"] for r in rasa_app.state.requests] == ["hello"]
+    assert [r["action"]["payload"] for r in vf_app.state.requests] == ["hello"]
+
+
+async def test_the_engine_picks_the_core_by_the_sessions_app_key(
+    three_cores: dict[str, tuple[str, FastAPI]],
+) -> None:
+    rasa, _ = three_cores["rasa"]
+    conv = engine(pipeline="demo", pipelines=json.dumps({"app": f"rasa+{rasa}"}))
+    assert texts(await conv.turn(ctx(), Input.of("#intro")).collect()) == ["Hey! How are you?"]
+    await conv.pipeline.aclose()

@@ -1,0 +1,201 @@
+"""The Voiceflow core against a real (fake) Dialog Manager runtime on a free port
+(tests/gateway/pipeline/fake_voiceflow.py), through the state interact endpoint and the
+interact stream: state, traces mapped to items, the end, failures, a V2 conversation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from gateway.conversation import Conversation
+from gateway.events import (
+    ErrorEvent,
+    Input,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+    SessionEndedEvent,
+    SessionStartedEvent,
+    TurnEvent,
+    transfer_target,
+)
+from gateway.sessions import ClientState
+from tests.conftest import gateway, serve
+from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
+from tests.gateway.turns import ctx, engine, texts
+
+KEY = SecretStr(API_KEY)
+
+
+@pytest.fixture
+async def voiceflow() -> AsyncIterator[tuple[str, FastAPI]]:
+    """The fake runtime served on a free port: its base URL and app."""
+    app = make_voiceflow()
+    async with serve(app) as url:
+        yield url, app
+
+
+def vf_engine(url: str, stream: bool, spec: str = "voiceflow:", **more: Any) -> Conversation:
+    """An engine whose core is the runtime at ``url``, streaming or not."""
+    return engine(
+        pipeline=spec,
+        voiceflow_api_key=KEY,
+        voiceflow_runtime_url=url,
+        voiceflow_project_id="proj1" if stream else None,
+        **more,
+    )
+
+
+def items(events: list[TurnEvent]) -> list[ResponseItem]:
+    return [e.response_item for e in events if isinstance(e, ResponseItemEvent)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_conversation_state_and_traces_mapped(
+    voiceflow: tuple[str, FastAPI], stream: bool
+) -> None:
+    url, app = voiceflow
+    conv = vf_engine(url, stream, spec="voiceflow:development")
+    launch = await conv.turn(ctx(), Input.of("#intro")).collect()
+    got = items(launch)
+    assert got[0].text == "Welcome to the pizza shop."
+    assert (got[1].text, got[1].audio) == ("What size?", "https://cdn.example.com/tts/size.mp3")
+    assert json.loads(got[2].code or "")["buttons"][0] == {
+        "name": "Large",
+        "request": {"type": "path-large", "payload": {"label": "Large", "actions": []}},
+    }
+    assert len(got) == 3  # the debug and no-reply traces give no item
+    response = launch[-1]
+    assert isinstance(response, ResponseEvent)
+    assert response.response.attributes["noReplyTimeoutMs"] == 7000
+    # saying a button's name follows its path
+    large = items(await conv.turn(ctx(), Input.of("large")).collect())
+    assert [(i.text, i.image) for i in large] == [
+        ("A large pizza.", None),
+        (None, "https://cdn.example.com/pizza.png"),
+    ]
+    asked = await conv.turn(ctx(), Input.of("what size")).collect()
+    assert texts(asked) == ["You ordered a large pizza."]
+    silent = await conv.turn(ctx(), Input.of("#silence")).collect()
+    assert texts(silent) == ["Still there?"]
+    sent = app.state.requests
+    assert [r["action"] for r in sent] == [
+        {"type": "launch"},
+        {"type": "path-large", "payload": {"label": "Large", "actions": []}},
+        {"type": "text", "payload": "what size"},
+        {"type": "no-reply"},
+    ]
+    assert {r["_user"] for r in sent} == {"s1"}
+    assert {r["_version"] for r in sent} == {"development"}
+    assert sent[0]["config"] == {"tts": False, "stripSSML": True}
+    if stream:
+        assert {r["_project"] for r in sent} == {"proj1"}
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_custom_action_transfer_and_end(voiceflow: tuple[str, FastAPI], stream: bool) -> None:
+    url, _ = voiceflow
+    conv = vf_engine(url, stream)
+    agent = items(await conv.turn(ctx(), Input.of("agent")).collect())
+    assert agent[0].text == "Transferring."
+    assert transfer_target(agent[1]) == ("sip:agent@example.com", "human")
+    bye = await conv.turn(ctx(), Input.of("bye")).collect()
+    assert texts(bye) == ["Goodbye."]
+    assert isinstance(bye[-2], ResponseEvent)
+    assert bye[-2].response.session_ended
+    assert isinstance(bye[-1], SessionEndedEvent)
+    assert await conv.store.get(ctx().key) is None
+    await conv.pipeline.aclose()
+
+
+async def test_stream_traces_are_forwarded_as_they_arrive(voiceflow: tuple[str, FastAPI]) -> None:
+    url, app = voiceflow
+    conv = vf_engine(url, stream=True)
+    events = aiter(conv.turn(ctx(), Input.of("stream")))
+    assert isinstance(await anext(events), SessionStartedEvent)
+    first = await anext(events)
+    assert isinstance(first, ResponseItemEvent)
+    assert first.response_item.text == "first"
+    assert not app.state.release.is_set()
+    app.state.release.set()
+    rest = [e async for e in events]
+    assert texts(rest) == ["second"]
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    ("said", "stream", "words"),
+    [
+        ("boom", False, "Voiceflow answered HTTP 500"),
+        ("boom", True, "Voiceflow answered HTTP 500"),
+        ("slow", False, "did not answer within"),
+        ("slow", True, "did not answer within"),
+        ("garbage", False, "Voiceflow answered invalid JSON"),
+        ("object", False, "something else than a list of traces"),
+        ("cut", True, "ended without its end event"),
+    ],
+)
+async def test_core_failures_are_pipeline_errors(
+    voiceflow: tuple[str, FastAPI], said: str, stream: bool, words: str
+) -> None:
+    url, _ = voiceflow
+    conv = vf_engine(url, stream, turn_timeout_s=0.5)
+    await conv.turn(ctx(), Input.of("hello")).collect()
+    events = await conv.turn(ctx(), Input.of(said)).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert events[-1].source == "pipeline"
+    assert words in events[-1].text
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert (session.client_state, session.turn_count) == (ClientState.FAILED, 1)
+    assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
+    await conv.pipeline.aclose()
+
+
+async def test_a_wrong_key_is_a_pipeline_error(voiceflow: tuple[str, FastAPI]) -> None:
+    url, _ = voiceflow
+    conv = engine(
+        pipeline="voiceflow:", voiceflow_api_key=SecretStr("VF.DM.wrong"), voiceflow_runtime_url=url
+    )
+    events = await conv.turn(ctx(), Input.of("hi")).collect()
+    assert isinstance(events[-1], ErrorEvent)
+    assert "HTTP 401" in events[-1].text
+    await conv.pipeline.aclose()
+
+
+async def test_a_flowstorm_v2_json_conversation_through_voiceflow(
+    voiceflow: tuple[str, FastAPI],
+) -> None:
+    url, _ = voiceflow
+    async with (
+        gateway(
+            pipeline="voiceflow:",
+            voiceflow_api_key=KEY,
+            voiceflow_runtime_url=url,
+            voiceflow_project_id="p",
+        ) as base,
+        httpx.AsyncClient(base_url=base) as client,
+    ):
+
+        async def put(text: str) -> list[dict[str, Any]]:
+            body = json.dumps({"type": "Input", "input": {"transcript": {"text": text}}})
+            answer = await client.put(
+                "/client?key=pizza", content=body, headers={"Content-Type": "application/json"}
+            )
+            assert answer.status_code == 200, answer.text
+            return [json.loads(line) for line in answer.text.splitlines() if line.strip()]
+
+        intro = await put("#intro")
+        assert [e["type"] for e in intro] == ["ResponseItem"] * 3 + ["Response"]
+        assert intro[1]["responseItem"]["audio"] == "https://cdn.example.com/tts/size.mp3"
+        small = await put("Small")
+        assert small[0]["responseItem"]["text"] == "A small pizza."
+        bye = await put("bye")
+        assert bye[-1]["response"]["sessionEnded"] is True
