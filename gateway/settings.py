@@ -134,19 +134,6 @@ class Settings(BaseSettings):
         description="Botpress: wait for the bot's first message of a turn; none by then is a "
         "pipeline error (after `#intro` and other actions: an empty answer).",
     )
-    dialogflow_cx_credentials: str | None = Field(
-        default=None,
-        description="Dialogflow CX: path of the service-account JSON key file.",
-    )
-    openai_api_key: SecretStr | None = Field(
-        default=None, description="OpenAI-compatible core: the `Authorization: Bearer` key."
-    )
-    openai_model: str | None = Field(
-        default=None, description="OpenAI-compatible core: the `model` of each request."
-    )
-    openai_system_prompt: str | None = Field(
-        default=None, description="OpenAI-compatible core: the system message."
-    )
 
     app_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),
