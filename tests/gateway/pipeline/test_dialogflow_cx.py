@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -32,8 +33,9 @@ from gateway.pipeline.base import PipelineConfigError
 from gateway.pipeline.dialogflow_cx import DialogflowCxPipeline, cx_session_id
 from gateway.sessions import ClientState, MemorySessionStore, Session
 from gateway.settings import Settings
-from tests.conftest import serve
+from tests.conftest import gateway, serve
 from tests.gateway.pipeline.cx_server import AGENT, EMAIL, make_cx_server
+from tests.gateway.pipeline.test_rasa import said
 from tests.gateway.turns import ctx, texts
 
 
@@ -335,3 +337,32 @@ async def test_concurrent_first_turns_share_one_token(cx: tuple[Settings, FastAP
     assert len(app.state.tokens) == 1  # one refresh, under the lock, off the event loop
     assert len({path for path, _ in app.state.requests}) == 6
     await conv.pipeline.aclose()
+
+
+async def test_a_flowstorm_v2_text_conversation_through_dialogflow_cx(
+    cx: tuple[Settings, FastAPI],
+) -> None:
+    """A whole conversation through a channel: V2 text PUTs, one CX session, state kept by CX."""
+    settings, app = cx
+    overrides = {
+        "pipeline": settings.pipeline,
+        "dialogflow_cx_credentials": settings.dialogflow_cx_credentials,
+        "dialogflow_cx_endpoint": settings.dialogflow_cx_endpoint,
+    }
+    async with gateway(**overrides) as base, httpx.AsyncClient(base_url=base) as client:
+        put = {"headers": {"Content-Type": "text/plain"}}
+        intro = await client.put("/client?key=shop", content="#intro", **put)
+        assert intro.status_code == 200, intro.text
+        assert said(intro.text) == ["Welcome to the pizza shop.", "What would you like?"]
+        assert said((await client.put("/client?key=shop", content="pizza", **put)).text) == [
+            "What size?"
+        ]
+        large = await client.put("/client?key=shop", content="large", **put)
+        assert said(large.text)[:2] == ["A large pizza.", "Anything else?"]
+        again = await client.put("/client?key=shop", content="what did I order", **put)
+        assert said(again.text) == ["A large pizza."]
+        bye = await client.put("/client?key=shop", content="bye", **put)
+        assert said(bye.text) == ["Goodbye."]
+        assert bye.text.endswith("\n.\n")  # endInteraction ended the session
+    sessions = {path for path, _ in app.state.requests}
+    assert len(sessions) == 1  # one V2 session (its cookie) is one CX session
