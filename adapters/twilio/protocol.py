@@ -14,8 +14,8 @@ What is here, all pure (no network, no clock but the audio's):
 - :func:`media_message`, :func:`mark_message`, :func:`clear_message`: outbound frames;
   :func:`twiml`: the voice webhook's answer (the twilio library's VoiceResponse).
 - :data:`TRANSITIONS`: the call's one state machine, (state, event) -> state.
-- :class:`DtmfCollector`, :class:`MarkBook`, :class:`SpeechGate`: key presses into
-  inputs, marks for barge-in and the final-mark hang-up, the caller's voice onsets.
+- :class:`DtmfCollector`, :class:`MarkBook`: key presses into inputs, marks for
+  barge-in and the final-mark hang-up.
 - :class:`TwilioCall`: one call; fed the stream's frames, the listener's results
   and the turn engine's events, it returns :data:`Action` s for routes.py.
 
@@ -33,10 +33,12 @@ How a call goes (states of :data:`TRANSITIONS` in brackets):
    response item's audio goes out as μ-law frames of GATEWAY_TWILIO_FRAME_MS
    followed by a ``mark``; the floor passes to the caller when the turn is over
    and every mark has come back [caller].
-3. The caller's speech (a voice onset of the :class:`SpeechGate`, the same WebRTC
-   VAD endpointer the Listener uses) opens a :class:`~gateway.speech.listener.Listener`,
-   fed the audio from just before the onset [hearing]; its final text is the next
-   input [bot]. No speech for GATEWAY_SILENCE_TIMEOUT_MS gives ``#silence``.
+3. Every inbound frame goes to the call's speech stage (``Hear``: routes.py hands it
+   to :class:`gateway.speech.stage.SpeechStage`, whose one WebRTC VAD endpointer
+   classifies it once) and the stage's verdict comes back through
+   :meth:`TwilioCall.voice`. The caller's voice onset opens an utterance
+   (``Listen``), fed the audio from just before the onset [hearing]; its final text
+   is the next input [bot]. No speech for GATEWAY_SILENCE_TIMEOUT_MS gives ``#silence``.
 4. **Barge-in** (GATEWAY_TWILIO_BARGE_IN): speech lasting
    GATEWAY_TWILIO_BARGE_IN_MIN_SPEECH_MS while the bot has the floor sends
    ``clear``, drops the queued audio and the rest of the turn's output, and the
@@ -86,9 +88,8 @@ from gateway.events import (
     TurnEvent,
 )
 from gateway.protocol import ProtocolError, load_json
-from gateway.speech.audio import frames, mulaw_to_pcm
+from gateway.speech.audio import frames
 from gateway.speech.types import TtsRequest
-from gateway.speech.vad import Endpointer
 from gateway.turn import TurnContext, TurnRejected
 
 CHANNEL: Final = "twilio"
@@ -588,74 +589,6 @@ class MarkBook:
         self._pending.clear()
 
 
-# ------------------------------------------------------------------ speech gate
-
-
-class SpeechGate:
-    """The caller's voice onsets, and the recent audio to hand a listener.
-
-    Runs the WebRTC VAD endpointer (gateway/speech/vad.py, 20 ms frames at 8 kHz)
-    over every inbound chunk and keeps the last ``keep_ms`` of μ-law. Cheap enough
-    for every frame of every call; a recognizer is only opened when speech starts.
-    """
-
-    def __init__(
-        self, *, aggressiveness: int, min_speech_ms: int, trailing_silence_ms: int, keep_ms: int
-    ) -> None:
-        self._vad = Endpointer(
-            SAMPLE_RATE,
-            frame_ms=20,
-            aggressiveness=aggressiveness,
-            min_speech_ms=min_speech_ms,
-            trailing_silence_ms=trailing_silence_ms,
-            silence_timeout_ms=None,
-        )
-        self._keep = keep_ms * BYTES_PER_MS
-        self._ring = bytearray()
-        self._ring_start = 0  # byte offset of _ring[0] in the stream
-        self._bytes = 0
-        self.onset_ms: int | None = None
-        """Audio time the current speech began (None when the caller is not speaking)."""
-
-    @property
-    def now_ms(self) -> int:
-        """Audio time: ms of audio received."""
-        return self._bytes // BYTES_PER_MS
-
-    @property
-    def speaking(self) -> bool:
-        """Whether the caller is speaking (an onset confirmed, its end not yet)."""
-        return self.onset_ms is not None
-
-    @property
-    def speech_ms(self) -> int:
-        """How long the current speech has lasted (0 when not speaking)."""
-        return 0 if self.onset_ms is None else self.now_ms - self.onset_ms
-
-    def feed(self, chunk: bytes) -> bool:
-        """Take one μ-law chunk; True when it confirmed a new voice onset."""
-        self._bytes += len(chunk)
-        self._ring += chunk
-        if len(self._ring) > 2 * self._keep:
-            cut = len(self._ring) - self._keep
-            del self._ring[:cut]
-            self._ring_start += cut
-        started = False
-        for event in self._vad.feed(mulaw_to_pcm(chunk, SAMPLE_RATE).data):
-            if event.kind == "speech_started":
-                self.onset_ms = event.at_ms
-                started = True
-            elif event.kind == "speech_ended":
-                self.onset_ms = None
-                started = False
-        return started
-
-    def recent(self, from_ms: int) -> bytes:
-        """The audio kept from audio time ``from_ms`` (or the oldest kept) to now."""
-        start = max(from_ms * BYTES_PER_MS - self._ring_start, 0)
-        return bytes(self._ring[start:])
-
-
 # ------------------------------------------------------------------ actions
 
 
@@ -691,22 +624,24 @@ class StartTurn:
 
 @dataclass(frozen=True)
 class Listen:
-    """Open a listener (8 kHz μ-law) and feed it ``preroll`` first; report its result
-    with :meth:`TwilioCall.heard`."""
+    """Recognise the caller's utterance: the call's speech stage opens one, fed the audio
+    it kept from audio time ``from_ms`` (the preroll before the onset) and what follows;
+    report its result with :meth:`TwilioCall.heard`."""
 
-    preroll: bytes
+    from_ms: int
 
 
 @dataclass(frozen=True)
 class Hear:
-    """Feed ``audio`` to the open listener."""
+    """Hand inbound ``audio`` to the call's speech stage (its one VAD pass per frame), then
+    tell :meth:`TwilioCall.voice` what the stage's endpointer says now."""
 
     audio: bytes
 
 
 @dataclass(frozen=True)
 class StopListening:
-    """Cancel the open listener; its result no longer matters."""
+    """Cancel the open utterance; its result no longer matters."""
 
 
 @dataclass(frozen=True)
@@ -762,7 +697,8 @@ class CallConfig:
 
     ``key_allowed`` decides whether an application key may open sessions;
     ``default_app_key`` is used when the stream's ``appKey`` parameter is missing.
-    Times are ms of audio. ``error_text`` is said when a turn fails.
+    Times are ms of audio. ``vad_min_speech_ms`` (the speech stage's) sizes the audio
+    kept for a Listen. ``error_text`` is said when a turn fails.
     """
 
     key_allowed: Callable[[str | None], bool]
@@ -773,9 +709,7 @@ class CallConfig:
     dtmf_timeout_ms: int = 2000
     frame_ms: int = 20
     silence_timeout_ms: int = 5000
-    vad_aggressiveness: int = 2
     vad_min_speech_ms: int = 150
-    vad_trailing_silence_ms: int = 700
     error_text: str = "Sorry, something went wrong. Please try again."
 
 
@@ -817,12 +751,11 @@ class TwilioCall:
         self.ctx: TurnContext | None = None
         self.marks = MarkBook()
         self.dtmf = DtmfCollector(config.dtmf_mode, config.dtmf_timeout_ms)
-        self.gate = SpeechGate(
-            aggressiveness=config.vad_aggressiveness,
-            min_speech_ms=config.vad_min_speech_ms,
-            trailing_silence_ms=config.vad_trailing_silence_ms,
-            keep_ms=max(config.barge_in_min_speech_ms, config.vad_min_speech_ms) + PREROLL_MS + 500,
-        )
+        self.received = 0
+        """Bytes of the caller's audio received (audio time, see the module doc)."""
+        self.onset_ms: int | None = None
+        """Audio time the caller's current speech began, as the speech stage last said
+        (None: the caller is not speaking)."""
         self.turn: _Turn | None = None
         self.pending: str | None = None
         """An input waiting for the running turn to end (or the bot's audio to play out)."""
@@ -853,6 +786,22 @@ class TwilioCall:
     def closed(self) -> bool:
         """Whether the call is over."""
         return self.state is State.CLOSED
+
+    @property
+    def now_ms(self) -> int:
+        """Audio time: ms of the caller's audio received."""
+        return self.received // BYTES_PER_MS
+
+    @property
+    def speech_ms(self) -> int:
+        """How long the caller's current speech has lasted (0 when not speaking)."""
+        return 0 if self.onset_ms is None else self.now_ms - self.onset_ms
+
+    @property
+    def keep_ms(self) -> int:
+        """Audio the speech stage must keep for a Listen's ``from_ms`` (ms)."""
+        cfg = self.config
+        return max(cfg.barge_in_min_speech_ms, cfg.vad_min_speech_ms) + PREROLL_MS + 500
 
     # -------------------------------------------------------------- inbound
 
@@ -925,7 +874,7 @@ class TwilioCall:
             },
             tts=TTS,
         )
-        self._bot_since = self.gate.now_ms
+        self._bot_since = self.now_ms
         return self._start_turn(INTRO)
 
     def _media(self, message: Media) -> list[Action]:
@@ -933,16 +882,27 @@ class TwilioCall:
         if state is State.CLOSED or message.track != "inbound":
             return []
         self.machine.feed("media")  # raises before start
-        chunk = message.payload
         if state is State.ENDING:
             return []
-        onset = self.gate.feed(chunk)
-        now = self.gate.now_ms
+        self.received += len(message.payload)
+        return [Hear(message.payload)]
+
+    def voice(self, onset_ms: int | None, *, started: bool) -> list[Action]:
+        """What the speech stage's endpointer says after the latest Hear: the current
+        speech's onset (None: nobody speaks) and whether that audio ``started`` it.
+
+        An onset on the caller's floor opens a Listen; speech on the bot's floor
+        lasting ``barge_in_min_speech_ms`` barges in; the silence timeout and the DTMF
+        pause are checked here too (once per inbound frame).
+        """
+        self.onset_ms = onset_ms
+        state = self.state
+        if state not in (State.BOT, State.CALLER, State.HEARING):
+            return []
+        now = self.now_ms
         actions: list[Action] = []
-        if state is State.HEARING:
-            actions.append(Hear(chunk))
-        elif state is State.CALLER:
-            if onset:
+        if state is State.CALLER:
+            if started:
                 actions += self._hear(interrupted=False)
             elif self._silence_due(now):
                 actions += self._commit(SILENCE)
@@ -960,9 +920,9 @@ class TwilioCall:
         cfg = self.config
         return (
             cfg.barge_in
-            and self.gate.speaking
-            and self.gate.speech_ms >= cfg.barge_in_min_speech_ms
-            and (self.gate.onset_ms or 0) >= self._bot_since
+            and self.onset_ms is not None
+            and self.speech_ms >= cfg.barge_in_min_speech_ms
+            and self.onset_ms >= self._bot_since
         )
 
     def _barge_in(self) -> list[Action]:
@@ -985,8 +945,8 @@ class TwilioCall:
     def _listen(self, *, interrupted: bool) -> list[Action]:
         self._silence_at = None
         self._interrupted = interrupted
-        onset = self.gate.onset_ms or self.gate.now_ms
-        return [Listen(self.gate.recent(onset - PREROLL_MS))]
+        onset = self.now_ms if self.onset_ms is None else self.onset_ms
+        return [Listen(onset - PREROLL_MS)]
 
     def _dtmf(self, digit: str) -> list[Action]:
         state = self.state
@@ -1000,7 +960,7 @@ class TwilioCall:
             actions += self._silence_the_bot()
             self.machine.feed(INTERRUPT)
         self._silence_at = None
-        done = self.dtmf.press(digit, self.gate.now_ms)
+        done = self.dtmf.press(digit, self.now_ms)
         if done is not None:
             actions += self._digits(done)
         return actions
@@ -1037,7 +997,7 @@ class TwilioCall:
     def _commit(self, text: str) -> list[Action]:
         """Make ``text`` the next input (state -> bot); it starts when nothing runs."""
         self.machine.feed(INPUT)
-        self._bot_since = self.gate.now_ms
+        self._bot_since = self.now_ms
         self._silence_at = None
         self.pending = text  # the latest input wins
         return self._advance()
@@ -1051,8 +1011,8 @@ class TwilioCall:
             text, self.pending = self.pending, None
             return self._start_turn(text)
         self.machine.feed(FLOOR)
-        self._silence_at = self.gate.now_ms + self.config.silence_timeout_ms
-        if self.gate.speaking and (self.gate.onset_ms or 0) >= self._bot_since:
+        self._silence_at = self.now_ms + self.config.silence_timeout_ms
+        if self.onset_ms is not None and self.onset_ms >= self._bot_since:
             return self._hear(interrupted=False)  # the caller started before the bot finished
         return []
 
@@ -1080,7 +1040,7 @@ class TwilioCall:
         if self._interrupted:
             return self._commit(FALLBACK)
         self.machine.feed(NOISE)
-        self._silence_at = self.gate.now_ms + self.config.silence_timeout_ms
+        self._silence_at = self.now_ms + self.config.silence_timeout_ms
         return []
 
     def listener_failed(self) -> list[Action]:

@@ -118,6 +118,7 @@ from gateway.settings import Settings
 from gateway.sockets import SEND_ERRORS, GuardedSocket
 from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.stt import RecognitionError, RecognizerBusy
+from gateway.speech.types import Heard
 
 log = logging.getLogger("adapters.twilio")
 
@@ -133,9 +134,9 @@ MAX_BAD_FRAMES: Final = 500
 LOGGED_BAD_FRAMES: Final = 5
 """Invalid frames of one stream logged at WARNING (later ones at DEBUG)."""
 STATUS_EVENTS_KEPT: Final = 256
-LISTEN_BATCH_BYTES: Final = 480
+LISTEN_BATCH_MS: Final = 60
 """The caller's audio goes to the recognizer in batches of at least 60 ms (one worker round
-trip per batch rather than per 20 ms frame; the utterance's end is found at most 40 ms later)."""
+trip per batch rather than per 20 ms frame)."""
 
 
 # ------------------------------------------------------------------ per-app state
@@ -261,9 +262,7 @@ def _call_config(settings: Settings) -> CallConfig:
         dtmf_timeout_ms=settings.twilio_dtmf_timeout_ms,
         frame_ms=settings.twilio_frame_ms,
         silence_timeout_ms=settings.silence_timeout_ms,
-        vad_aggressiveness=settings.vad_aggressiveness,
         vad_min_speech_ms=settings.vad_min_speech_ms,
-        vad_trailing_silence_ms=settings.vad_trailing_silence_ms,
         error_text=settings.voice_error_text,
     )
 
@@ -484,7 +483,14 @@ class _Call(GuardedSocket):
         self.sender = _Sender(self._send, settings.twilio_frame_ms, settings.twilio_send_ahead_ms)
         self._tasks: set[asyncio.Task[None]] = set()
         self._listen_task: asyncio.Task[None] | None = None
-        self._listen_queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.speech = gw.speech.stage(  # the call's one endpointer: one VAD pass per frame
+            MULAW_8K,
+            interim=False,
+            silence_timeout_ms=None,  # the call counts the caller's floor itself
+            frame_ms=20,
+            keep_ms=self.call.keep_ms,
+            batch_ms=LISTEN_BATCH_MS,
+        )
         self._hangup: asyncio.Task[None] | None = None
         self._received_all = asyncio.Event()
 
@@ -559,7 +565,8 @@ class _Call(GuardedSocket):
                     wait_s = self.sender.queued_ms / 1000 + FINAL_MARK_GRACE_S
                     self._spawn(self._final_mark_watch(wait_s), "final mark")
             elif isinstance(action, Hear):
-                self._listen_queue.put_nowait(action.audio)
+                started = bool(self.speech.hear(action.audio))
+                await self._do(self.call.voice(self.speech.onset_ms, started=started))
             elif isinstance(action, Interrupt):
                 await self.sender.interrupt(action.clear)
                 log.debug("Twilio call %s: barge-in", self.call_sid)
@@ -567,9 +574,8 @@ class _Call(GuardedSocket):
                 self._spawn(self._turn(action), "turn")
             elif isinstance(action, Listen):
                 await self._stop_listening()
-                self._listen_queue = asyncio.Queue()
-                task = self._spawn(self._listen(action.preroll, self._listen_queue), "listener")
-                self._listen_task = task
+                self.speech.listen(action.from_ms)
+                self._listen_task = self._spawn(self._listen(), "listener")
             elif isinstance(action, StopListening):
                 await self._stop_listening()
             elif isinstance(action, Speak):
@@ -613,18 +619,12 @@ class _Call(GuardedSocket):
         _, audio = await self.gw.speech.voice_item(ResponseItem(text=text), TTS)
         return audio
 
-    async def _listen(self, preroll: bytes, queue: asyncio.Queue[bytes]) -> None:
-        """Recognise one utterance: ``preroll``, then the queued audio, to its end."""
-        listener = self.gw.speech.listener(MULAW_8K, interim=False)
+    async def _listen(self) -> None:
+        """Recognise the caller's utterance (the speech stage's, opened by Listen) to its end."""
+        speech = self.speech
         try:
-            await listener.start()  # may wait for a free recognizer
-            await listener.feed(preroll)
-            while not listener.done:
-                chunk = await queue.get()
-                while len(chunk) < LISTEN_BATCH_BYTES or not queue.empty():
-                    chunk += await queue.get()  # Twilio streams without pause
-                await listener.feed(chunk)
-            result = listener.result
+            await speech.run(_ignore)  # may wait for a free recognizer
+            result = speech.result
             actions = self.call.heard(result.kind, result.text) if result is not None else []
         except RecognizerBusy as exc:  # no recognizer within GATEWAY_STT_QUEUE_WAIT_MS
             log.warning("Twilio call %s: utterance not heard: %s", self.call_sid, exc.text)
@@ -636,15 +636,13 @@ class _Call(GuardedSocket):
         except Exception:
             log.exception("Twilio call %s: listening failed", self.call_sid)
             actions = self.call.listener_failed()
-        finally:
-            if not listener.done:
-                await asyncio.shield(listener.cancel())
         if self._listen_task is asyncio.current_task():
             self._listen_task = None
         await self._do(actions)
 
     async def _stop_listening(self) -> None:
         task, self._listen_task = self._listen_task, None
+        self.speech.stop()
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -690,6 +688,10 @@ class _Call(GuardedSocket):
         with contextlib.suppress(*SEND_ERRORS):
             await self.ws.close(CLOSE_NORMAL)
         self.channel.calls.pop(self.call_sid, None)
+
+
+async def _ignore(heard: Heard) -> None:
+    """The events of a call's utterance before its result (onsets: the call has them)."""
 
 
 async def _admit(ws: WebSocket, gw: Gateway, channel: TwilioChannel, token: str) -> StreamGrant:

@@ -1,4 +1,4 @@
-"""One utterance, recognised inline: :class:`Listener` is a :class:`~gateway.speech.stage.SpeechStage`.
+"""One utterance recognised inline: a :class:`Listener` is a speech stage (gateway/speech/stage.py).
 
 A listener is the speech stage of a stream that is one utterance from its start:
 ``async with`` (or :meth:`~gateway.speech.stage.SpeechStage.start`), then

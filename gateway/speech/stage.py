@@ -136,7 +136,9 @@ class SpeechStage:
         )
         self._keep = fmt.bytes_for_ms(keep_ms)
         self._batch = fmt.bytes_for_ms(batch_ms)
-        self._max_pending = None if max_pending_ms is None else max(fmt.bytes_for_ms(max_pending_ms), 1)
+        self._max_pending = (
+            None if max_pending_ms is None else max(fmt.bytes_for_ms(max_pending_ms), 1)
+        )
         self._idle_s = None if idle_timeout_ms is None else idle_timeout_ms / 1000
         self._limit = fmt.bytes_for_ms(options.max_audio_ms)
         self._ring = bytearray()
@@ -144,23 +146,25 @@ class SpeechStage:
         self._bytes = 0  # bytes of the stream heard
         self.onset_ms: int | None = None
         """Audio time the current speech began (None when nobody speaks)."""
-        # the utterance
-        self._open = False
-        self._queue: deque[_Item] = deque()
-        self._pending = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
+        self._open = False
+        self._reset_utterance()
+
+    def _reset_utterance(self) -> None:
+        self._queue: deque[_Item] = deque()
+        self._pending = 0
         self._room.set()
         self._last_audio = time.monotonic()
         self._idle_told = False
         self._finishing = False
+        self._stopped = False
         self._stream: RecognitionStream | None = None
         self._fed = 0  # bytes fed to the utterance
         self.speaking = False
         """Whether speech started in the open utterance (it ends at the speech's end)."""
         self.result: Heard | None = None
         self.cancelled = False
-        self._stopped = False
 
     # -------------------------------------------------------------- the stream
 
@@ -202,7 +206,9 @@ class SpeechStage:
         decisions: list[_Decision] = []
         onsets: list[Heard] = []
         if self._endpointer is not None:
-            pcm = mulaw_to_pcm(chunk, self.fmt.sample_rate).data if self.fmt.encoding == "MULAW" else chunk
+            pcm = chunk
+            if self.fmt.encoding == "MULAW":
+                pcm = mulaw_to_pcm(chunk, self.fmt.sample_rate).data
             for event in self._endpointer.feed(pcm):
                 if event.kind == "speech_started":
                     self.onset_ms = event.at_ms
@@ -227,10 +233,14 @@ class SpeechStage:
 
     def listen(self, preroll_from_ms: int | None = None) -> None:
         """Open an utterance: what is heard from now on is recognised, after the kept audio
-        from ``preroll_from_ms`` (None: none). Speech going on now counts as its start."""
+        from ``preroll_from_ms`` (None: none). Speech going on now counts as its start.
+
+        A stream has one utterance open at a time; the previous one must be over
+        (its result reported, or cancelled, or stopped and its :meth:`run` returned).
+        """
+        self._reset_utterance()
         self._open = True
         self.speaking = self.onset_ms is not None
-        self._last_audio = time.monotonic()
         if preroll_from_ms is not None and (preroll := self.recent(preroll_from_ms)):
             self._enqueue(_Item(preroll))
 
@@ -351,9 +361,10 @@ class SpeechStage:
         return self._take()
 
     def _take(self) -> _Item:
-        """The queued audio up to and including the first item with a decision, as one item."""
+        """The next queued audio as one item: items joined until ``batch_ms`` is reached or
+        one carries a decision (that one included)."""
         audio = bytearray()
-        while self._queue:
+        while self._queue and (not audio or len(audio) < self._batch):
             item = self._queue.popleft()
             if item.finish:
                 if audio:
@@ -408,9 +419,8 @@ class SpeechStage:
         with metrics.timed(metrics.STT_SECONDS):
             result = await self._stream.finish()
         text = result.text.strip()
-        self.result = (
-            Heard("final", text, result.confidence, at_ms) if text else Heard("silence", at_ms=at_ms)
-        )
+        silence = Heard("silence", at_ms=at_ms)
+        self.result = Heard("final", text, result.confidence, at_ms) if text else silence
         return self.result
 
     async def finish(self) -> Heard:

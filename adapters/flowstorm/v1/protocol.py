@@ -243,7 +243,7 @@ class StoreLogs:
 class StartListening:
     """Start recognising utterance ``stream`` of raw audio in ``fmt``.
 
-    Make a listener (``SpeechService.listener(fmt, interim=interim,
+    Make a speech stage (``SpeechService.stage(fmt, interim=interim,
     silence_timeout_ms=silence_timeout_ms)``, endpointing on) and feed it the
     audio of the FeedAudio actions of this ``stream``, in order. Report each
     heard event with :meth:`V1Connection.heard`, a failure with

@@ -434,7 +434,7 @@ async def _recognise_file(gw: Gateway, fmt: AudioFormat, data: bytes) -> Heard:
     Raises _Refused (400 bad audio, 413 past GATEWAY_MAX_AUDIO_S, 503 recognizer down).
     """
     with _speech_errors():
-        async with gw.speech.listener(fmt, endpointing=False, interim=False) as listener:
+        async with gw.speech.stage(fmt, endpointing=False, interim=False) as listener:
             for chunk in audio_chunks(fmt, data):
                 await listener.feed(chunk)
             return await listener.finish()
@@ -811,7 +811,7 @@ class _Hearing:
         if self.listener is None:
             fmt = self.wav.format if self.wav is not None else self.config.raw_format()
             assert fmt is not None  # the WAV reader returns audio only after its header
-            self.listener = self.gw.speech.listener(fmt, endpointing=True, interim=True)
+            self.listener = self.gw.speech.stage(fmt, endpointing=True, interim=True)
         for heard in await self.listener.feed(data):
             if heard.kind == "interim":
                 await self._publish(interim_message(self.rid, heard.text, heard.confidence))
