@@ -21,13 +21,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOCOLS = sorted(ROOT.glob("adapters/**/protocol.py"))
+SANS_IO = ("adapters/flowstorm/v2/hearing.py",)
+"""Other sans-I/O modules of the adapters, held to the same rules."""
+PROTOCOLS = sorted([*ROOT.glob("adapters/**/protocol.py"), *(ROOT / p for p in SANS_IO)])
 KNOWN = {"alexa", "flowstorm/v1", "flowstorm/v2", "google", "twilio", "voiceflow"}
 
 
 def _name(path: Path) -> str:
-    """The adapter's folder below ``adapters/`` (``flowstorm/v1``, ``twilio``)."""
-    return path.parent.relative_to(ROOT / "adapters").as_posix()
+    """The adapter's folder below ``adapters/`` (``flowstorm/v1``, ``twilio``), with the
+    module's name when it is not ``protocol.py`` (``flowstorm/v2/hearing``)."""
+    folder = path.parent.relative_to(ROOT / "adapters").as_posix()
+    return folder if path.name == "protocol.py" else f"{folder}/{path.stem}"
 
 
 FORBIDDEN = (
