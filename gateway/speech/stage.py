@@ -174,6 +174,12 @@ class SpeechStage:
         return int(self.fmt.duration_ms(self._bytes))
 
     @property
+    def classified_ms(self) -> int:
+        """Audio the endpointer classified so far (ms of whole VAD frames; 0 without
+        endpointing): each frame of the stream once, utterances or not."""
+        return 0 if self._endpointer is None else self._endpointer.elapsed_ms
+
+    @property
     def speech_ms(self) -> int:
         """How long the current speech has lasted (0 when nobody speaks)."""
         return 0 if self.onset_ms is None else self.now_ms - self.onset_ms
