@@ -60,7 +60,7 @@ IMPURE_GATEWAY = (
     "gateway.sessions",
     "gateway.sockets",
     "gateway.speech.admission",
-    "gateway.speech.listener",
+    "gateway.speech.stage",
     "gateway.speech.service",
     "gateway.speech.stt",
     "gateway.speech.tts",

@@ -20,7 +20,7 @@ so an utterance opened at an onset gets the audio from just before it (preroll).
 Two ways to drive the recognition, one implementation:
 
 * **inline** (:meth:`SpeechStage.feed`): each chunk is classified and recognised
-  before the call returns (the V2 realtime PUT, :class:`~gateway.speech.listener.Listener`);
+  before the call returns (the V2 realtime PUT, whole audio files);
 * **queued** (:meth:`SpeechStage.put` / :meth:`SpeechStage.hear` from the receive loop,
   :meth:`SpeechStage.run` in a task of its own): the receive loop never waits for the
   recognizer (V1, Twilio); audio waits in an ordered queue, batched to at least

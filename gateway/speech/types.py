@@ -12,7 +12,7 @@ without loading the speech service (DESIGN.md, "Rules of the house").
 - :data:`BusyReason`, :class:`SpeechBusy` — a refusal of
   :class:`gateway.speech.admission.AdmissionGate`.
 
-The old homes (service, tts_cache, listener, admission) re-export these names.
+The old homes (service, tts_cache, admission) re-export these names.
 """
 
 from __future__ import annotations

@@ -403,7 +403,7 @@ def test_speech_on_the_callers_floor_is_heard_and_becomes_the_input(
     speech = phone(corpus["play some music please"])
     actions = speak(call, SILENCE * 10 + speech)
     listen = [(i, a) for i, a in actions if isinstance(a, Listen)]
-    [(at, first)] = listen
+    [(at, _)] = listen
     assert 10 + 7 <= at <= 10 + 12  # 150 ms of voice after the onset at frame 10
     assert len(PREROLLS[call]) >= (at - 10 + 1) * 160  # the onset is in the preroll
     assert [a for i, a in actions if i > at] == []  # the rest only feeds the stage
