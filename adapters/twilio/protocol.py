@@ -66,6 +66,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -87,7 +88,7 @@ from gateway.events import (
     ResponseEvent,
     TurnEvent,
 )
-from gateway.protocol import ProtocolError, load_json
+from gateway.protocol import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, ProtocolError, load_json
 from gateway.speech.audio import frames
 from gateway.speech.types import TtsRequest
 from gateway.turn import TurnContext, TurnRejected
@@ -287,6 +288,54 @@ def _parse_media(value: Mapping[str, Any]) -> Media:
     )
 
 
+class _Unsafe(Exception):
+    """A value the fast path leaves to :func:`gateway.protocol.load_json`'s checks."""
+
+
+def _short_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _Unsafe
+    return int(text)
+
+
+def _short_float(text: str) -> float:
+    value = float(text)
+    if len(text) > MAX_NUMBER_CHARS or not math.isfinite(value):
+        raise _Unsafe
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise _Unsafe
+
+
+_FAST_MAX_CHARS: Final = 1024
+"""Frames up to this long may take the media fast path (Twilio's are about 350)."""
+
+
+def _fast_media(text: str) -> Media | None:
+    """A well-formed ``media`` frame, read by ``json.loads`` alone when it cannot need
+    load_json's guards (short ASCII without escapes, at most MAX_JSON_DEPTH brackets,
+    short finite numbers); None: the full path decides. The hot path of a call: 50
+    frames a second."""
+    if (
+        len(text) > _FAST_MAX_CHARS
+        or not text.isascii()
+        or "\\" in text
+        or text.count("{") + text.count("[") > MAX_JSON_DEPTH
+    ):
+        return None
+    try:
+        value = json.loads(
+            text, parse_int=_short_int, parse_float=_short_float, parse_constant=_no_constant
+        )
+        if not isinstance(value, dict) or value.get("event") != "media":
+            return None
+        return _parse_media(value)
+    except (ValueError, _Unsafe, ProtocolError):
+        return None
+
+
 def parse_message(text: str) -> Message:
     """The message of one inbound text frame (spec: "WebSocket Messages").
 
@@ -296,6 +345,8 @@ def parse_message(text: str) -> Message:
     (naming the field), e.g. a ``media.payload`` that is not base64. Unknown
     properties are ignored.
     """
+    if (media := _fast_media(text)) is not None:
+        return media
     value = load_json(text, what="The frame")
     if not isinstance(value, dict):
         raise ProtocolError(f"A frame must be a JSON object, not {type(value).__name__}.")
