@@ -33,7 +33,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from fastapi import APIRouter, WebSocket
 
@@ -100,10 +100,13 @@ class _Listening:
             # the protocol is done with it (a result or failure was reported); its worker
             # may still be sending that report's frames: let it, but take no more audio
             previous.stage.stop()
+        silence: int | Literal["default"] = (  # None: the service's default (the kit's doc)
+            "default" if start.silence_timeout_ms is None else start.silence_timeout_ms
+        )
         stage = self.gw.speech.stage(
             start.fmt,
             interim=start.interim,
-            silence_timeout_ms=start.silence_timeout_ms,
+            silence_timeout_ms=silence,
             max_pending_ms=MAX_PENDING_AUDIO_MS,
             idle_timeout_ms=start.idle_timeout_ms,
         )
