@@ -14,10 +14,10 @@ What is here, all pure (no network, no clock but the audio's):
 - :func:`media_message`, :func:`mark_message`, :func:`clear_message`: outbound frames;
   :func:`twiml`: the voice webhook's answer (the twilio library's VoiceResponse).
 - :data:`TRANSITIONS`: the call's one state machine, (state, event) -> state.
-- :class:`DtmfCollector`, :class:`MarkBook`, :class:`SpeechGate`: key presses into
-  inputs, marks for barge-in and the final-mark hang-up, the caller's voice onsets.
-- :class:`TwilioCall`: one call; fed the stream's frames, the listener's results
-  and the turn engine's events, it returns :data:`Action` s for routes.py.
+- :class:`DtmfCollector`, :class:`MarkBook`: key presses into inputs, marks for
+  barge-in and the final-mark hang-up.
+- :class:`TwilioCall`: one call; fed the stream's frames, the speech stage's verdicts
+  and results and the turn engine's events, it returns :data:`Action` s for routes.py.
 
 **Time is the caller's audio time**: the milliseconds of inbound μ-law received
 (8 bytes per ms). Twilio sends the caller's track continuously (silence too), so
@@ -33,10 +33,13 @@ How a call goes (states of :data:`TRANSITIONS` in brackets):
    response item's audio goes out as μ-law frames of GATEWAY_TWILIO_FRAME_MS
    followed by a ``mark``; the floor passes to the caller when the turn is over
    and every mark has come back [caller].
-3. The caller's speech (a voice onset of the :class:`SpeechGate`, the same WebRTC
-   VAD endpointer the Listener uses) opens a :class:`~gateway.speech.listener.Listener`,
-   fed the audio from just before the onset [hearing]; its final text is the next
-   input [bot]. No speech for GATEWAY_SILENCE_TIMEOUT_MS gives ``#silence``.
+3. Every inbound frame goes to the call's speech stage (``FeedAudio`` of the latest
+   utterance's number: routes.py hands it to :class:`gateway.speech.stage.SpeechStage`,
+   whose one WebRTC VAD endpointer classifies it once) and the stage's verdict comes
+   back through :meth:`TwilioCall.voice`. The caller's voice onset opens an utterance
+   (``StartListening`` with ``from_ms``: the stage's kept audio from just before the
+   onset, then what follows) [hearing]; its final text
+   is the next input [bot]. No speech for GATEWAY_SILENCE_TIMEOUT_MS gives ``#silence``.
 4. **Barge-in** (GATEWAY_TWILIO_BARGE_IN): speech lasting
    GATEWAY_TWILIO_BARGE_IN_MIN_SPEECH_MS while the bot has the floor sends
    ``clear``, drops the queued audio and the rest of the turn's output, and the
@@ -65,6 +68,7 @@ import base64
 import binascii
 import itertools
 import json
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -86,7 +90,16 @@ from gateway.events import (
     ResponseEvent,
     TurnEvent,
 )
-from gateway.protocol import Expected, ProtocolError, StateMachine, integer, load_json, validate
+from gateway.protocol import (
+    MAX_JSON_DEPTH,
+    MAX_NUMBER_CHARS,
+    Expected,
+    ProtocolError,
+    StateMachine,
+    integer,
+    load_json,
+    validate,
+)
 from gateway.protocol.actions import (
     CancelListening,
     Close,
@@ -95,9 +108,8 @@ from gateway.protocol.actions import (
     StartListening,
     StartTurn,
 )
-from gateway.speech.audio import AudioFormat, frames, mulaw_to_pcm
+from gateway.speech.audio import AudioFormat, frames
 from gateway.speech.types import TtsRequest
-from gateway.speech.vad import Endpointer
 from gateway.turn import TurnContext, TurnRejected
 
 CHANNEL: Final = "twilio"
@@ -287,6 +299,54 @@ def _parse_media(value: Mapping[str, Any]) -> Media:
     )
 
 
+class _Unsafe(Exception):
+    """A value the fast path leaves to :func:`gateway.protocol.load_json`'s checks."""
+
+
+def _short_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _Unsafe
+    return int(text)
+
+
+def _short_float(text: str) -> float:
+    value = float(text)
+    if len(text) > MAX_NUMBER_CHARS or not math.isfinite(value):
+        raise _Unsafe
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise _Unsafe
+
+
+_FAST_MAX_CHARS: Final = 1024
+"""Frames up to this long may take the media fast path (Twilio's are about 350)."""
+
+
+def _fast_media(text: str) -> Media | None:
+    """A well-formed ``media`` frame, read by ``json.loads`` alone when it cannot need
+    load_json's guards (short ASCII without escapes, at most MAX_JSON_DEPTH brackets,
+    short finite numbers); None: the full path decides. The hot path of a call: 50
+    frames a second."""
+    if (
+        len(text) > _FAST_MAX_CHARS
+        or not text.isascii()
+        or "\\" in text
+        or text.count("{") + text.count("[") > MAX_JSON_DEPTH
+    ):
+        return None
+    try:
+        value = json.loads(
+            text, parse_int=_short_int, parse_float=_short_float, parse_constant=_no_constant
+        )
+        if not isinstance(value, dict) or value.get("event") != "media":
+            return None
+        return _parse_media(value)
+    except (ValueError, _Unsafe, ProtocolError):
+        return None
+
+
 def parse_message(text: str) -> Message:
     """The message of one inbound text frame (spec: "WebSocket Messages").
 
@@ -296,6 +356,8 @@ def parse_message(text: str) -> Message:
     (naming the field), e.g. a ``media.payload`` that is not base64. Unknown
     properties are ignored.
     """
+    if (media := _fast_media(text)) is not None:
+        return media
     value = load_json(text, what="The frame")
     if not isinstance(value, dict):
         raise ProtocolError(f"A frame must be a JSON object, not {type(value).__name__}.")
@@ -573,74 +635,6 @@ class MarkBook:
         self._pending.clear()
 
 
-# ------------------------------------------------------------------ speech gate
-
-
-class SpeechGate:
-    """The caller's voice onsets, and the recent audio to hand a listener.
-
-    Runs the WebRTC VAD endpointer (gateway/speech/vad.py, 20 ms frames at 8 kHz)
-    over every inbound chunk and keeps the last ``keep_ms`` of μ-law. Cheap enough
-    for every frame of every call; a recognizer is only opened when speech starts.
-    """
-
-    def __init__(
-        self, *, aggressiveness: int, min_speech_ms: int, trailing_silence_ms: int, keep_ms: int
-    ) -> None:
-        self._vad = Endpointer(
-            SAMPLE_RATE,
-            frame_ms=20,
-            aggressiveness=aggressiveness,
-            min_speech_ms=min_speech_ms,
-            trailing_silence_ms=trailing_silence_ms,
-            silence_timeout_ms=None,
-        )
-        self._keep = keep_ms * BYTES_PER_MS
-        self._ring = bytearray()
-        self._ring_start = 0  # byte offset of _ring[0] in the stream
-        self._bytes = 0
-        self.onset_ms: int | None = None
-        """Audio time the current speech began (None when the caller is not speaking)."""
-
-    @property
-    def now_ms(self) -> int:
-        """Audio time: ms of audio received."""
-        return self._bytes // BYTES_PER_MS
-
-    @property
-    def speaking(self) -> bool:
-        """Whether the caller is speaking (an onset confirmed, its end not yet)."""
-        return self.onset_ms is not None
-
-    @property
-    def speech_ms(self) -> int:
-        """How long the current speech has lasted (0 when not speaking)."""
-        return 0 if self.onset_ms is None else self.now_ms - self.onset_ms
-
-    def feed(self, chunk: bytes) -> bool:
-        """Take one μ-law chunk; True when it confirmed a new voice onset."""
-        self._bytes += len(chunk)
-        self._ring += chunk
-        if len(self._ring) > 2 * self._keep:
-            cut = len(self._ring) - self._keep
-            del self._ring[:cut]
-            self._ring_start += cut
-        started = False
-        for event in self._vad.feed(mulaw_to_pcm(chunk, SAMPLE_RATE).data):
-            if event.kind == "speech_started":
-                self.onset_ms = event.at_ms
-                started = True
-            elif event.kind == "speech_ended":
-                self.onset_ms = None
-                started = False
-        return started
-
-    def recent(self, from_ms: int) -> bytes:
-        """The audio kept from audio time ``from_ms`` (or the oldest kept) to now."""
-        start = max(from_ms * BYTES_PER_MS - self._ring_start, 0)
-        return bytes(self._ring[start:])
-
-
 # ------------------------------------------------------------------ actions
 
 
@@ -693,8 +687,9 @@ Action = (
     | Close
 )
 """Twilio's own actions (Play, Interrupt, Speak, HangUp) and the kit's shared ones:
-StartTurn, EndSession, Close, and the utterance's StartListening (μ-law 8 kHz, with
-the pre-roll audio), FeedAudio and CancelListening (see gateway/protocol/actions.py)."""
+StartTurn, EndSession, Close, and the utterance's StartListening (μ-law 8 kHz, from
+the pre-roll's audio time), FeedAudio (every inbound frame, for the call's speech
+stage) and CancelListening (see gateway/protocol/actions.py)."""
 
 
 # ------------------------------------------------------------------ the call
@@ -706,7 +701,8 @@ class CallConfig:
 
     ``key_allowed`` decides whether an application key may open sessions;
     ``default_app_key`` is used when the stream's ``appKey`` parameter is missing.
-    Times are ms of audio. ``error_text`` is said when a turn fails.
+    Times are ms of audio. ``vad_min_speech_ms`` (the speech stage's) sizes the audio
+    kept for a StartListening's ``from_ms``. ``error_text`` is said when a turn fails.
     """
 
     key_allowed: Callable[[str | None], bool]
@@ -717,9 +713,7 @@ class CallConfig:
     dtmf_timeout_ms: int = 2000
     frame_ms: int = 20
     silence_timeout_ms: int = 5000
-    vad_aggressiveness: int = 2
     vad_min_speech_ms: int = 150
-    vad_trailing_silence_ms: int = 700
     error_text: str = "Sorry, something went wrong. Please try again."
 
 
@@ -761,12 +755,11 @@ class TwilioCall:
         self.ctx: TurnContext | None = None
         self.marks = MarkBook()
         self.dtmf = DtmfCollector(config.dtmf_mode, config.dtmf_timeout_ms)
-        self.gate = SpeechGate(
-            aggressiveness=config.vad_aggressiveness,
-            min_speech_ms=config.vad_min_speech_ms,
-            trailing_silence_ms=config.vad_trailing_silence_ms,
-            keep_ms=max(config.barge_in_min_speech_ms, config.vad_min_speech_ms) + PREROLL_MS + 500,
-        )
+        self.received = 0
+        """Bytes of the caller's audio received (audio time, see the module doc)."""
+        self.onset_ms: int | None = None
+        """Audio time the caller's current speech began, as the speech stage last said
+        (None: the caller is not speaking)."""
         self.turn: _Turn | None = None
         self.pending: str | None = None
         """An input waiting for the running turn to end (or the bot's audio to play out)."""
@@ -800,6 +793,22 @@ class TwilioCall:
     def closed(self) -> bool:
         """Whether the call is over."""
         return self.state is State.CLOSED
+
+    @property
+    def now_ms(self) -> int:
+        """Audio time: ms of the caller's audio received."""
+        return self.received // BYTES_PER_MS
+
+    @property
+    def speech_ms(self) -> int:
+        """How long the caller's current speech has lasted (0 when not speaking)."""
+        return 0 if self.onset_ms is None else self.now_ms - self.onset_ms
+
+    @property
+    def keep_ms(self) -> int:
+        """Audio the speech stage must keep for a StartListening's ``from_ms`` (ms)."""
+        cfg = self.config
+        return max(cfg.barge_in_min_speech_ms, cfg.vad_min_speech_ms) + PREROLL_MS + 500
 
     # -------------------------------------------------------------- inbound
 
@@ -872,7 +881,7 @@ class TwilioCall:
             },
             tts=TTS,
         )
-        self._bot_since = self.gate.now_ms
+        self._bot_since = self.now_ms
         return self._start_turn(INTRO)
 
     def _media(self, message: Media) -> list[Action]:
@@ -880,16 +889,27 @@ class TwilioCall:
         if state is State.CLOSED or message.track != "inbound":
             return []
         self.machine.feed("media")  # raises before start
-        chunk = message.payload
         if state is State.ENDING:
             return []
-        onset = self.gate.feed(chunk)
-        now = self.gate.now_ms
+        self.received += len(message.payload)
+        return [FeedAudio(self.stream, message.payload)]
+
+    def voice(self, onset_ms: int | None, *, started: bool) -> list[Action]:
+        """What the speech stage's endpointer says after the latest FeedAudio: the current
+        speech's onset (None: nobody speaks) and whether that audio ``started`` it.
+
+        An onset on the caller's floor opens an utterance (StartListening); speech on
+        the bot's floor lasting ``barge_in_min_speech_ms`` barges in; the silence
+        timeout and the DTMF pause are checked here too (once per inbound frame).
+        """
+        self.onset_ms = onset_ms
+        state = self.state
+        if state not in (State.BOT, State.CALLER, State.HEARING):
+            return []
+        now = self.now_ms
         actions: list[Action] = []
-        if state is State.HEARING:
-            actions.append(FeedAudio(self.stream, chunk))
-        elif state is State.CALLER:
-            if onset:
+        if state is State.CALLER:
+            if started:
                 actions += self._hear(interrupted=False)
             elif self._silence_due(now):
                 actions += self._commit(SILENCE)
@@ -907,9 +927,9 @@ class TwilioCall:
         cfg = self.config
         return (
             cfg.barge_in
-            and self.gate.speaking
-            and self.gate.speech_ms >= cfg.barge_in_min_speech_ms
-            and (self.gate.onset_ms or 0) >= self._bot_since
+            and self.onset_ms is not None
+            and self.speech_ms >= cfg.barge_in_min_speech_ms
+            and self.onset_ms >= self._bot_since
         )
 
     def _barge_in(self) -> list[Action]:
@@ -932,10 +952,9 @@ class TwilioCall:
     def _listen(self, *, interrupted: bool) -> list[Action]:
         self._silence_at = None
         self._interrupted = interrupted
-        onset = self.gate.onset_ms or self.gate.now_ms
+        onset = self.now_ms if self.onset_ms is None else self.onset_ms
         self.stream = next(self._streams)
-        preroll = self.gate.recent(onset - PREROLL_MS)
-        return [StartListening(self.stream, MULAW_8K, preroll=preroll)]
+        return [StartListening(self.stream, MULAW_8K, from_ms=onset - PREROLL_MS)]
 
     def _stop_listening(self) -> list[Action]:
         """CancelListening for the utterance being heard (in HEARING)."""
@@ -953,7 +972,7 @@ class TwilioCall:
             actions += self._silence_the_bot()
             self.machine.advance(INTERRUPT)
         self._silence_at = None
-        done = self.dtmf.press(digit, self.gate.now_ms)
+        done = self.dtmf.press(digit, self.now_ms)
         if done is not None:
             actions += self._digits(done)
         return actions
@@ -990,7 +1009,7 @@ class TwilioCall:
     def _commit(self, text: str) -> list[Action]:
         """Make ``text`` the next input (state -> bot); it starts when nothing runs."""
         self.machine.advance(INPUT)
-        self._bot_since = self.gate.now_ms
+        self._bot_since = self.now_ms
         self._silence_at = None
         self.pending = text  # the latest input wins
         return self._advance()
@@ -1004,8 +1023,8 @@ class TwilioCall:
             text, self.pending = self.pending, None
             return self._start_turn(text)
         self.machine.advance(FLOOR)
-        self._silence_at = self.gate.now_ms + self.config.silence_timeout_ms
-        if self.gate.speaking and (self.gate.onset_ms or 0) >= self._bot_since:
+        self._silence_at = self.now_ms + self.config.silence_timeout_ms
+        if self.onset_ms is not None and self.onset_ms >= self._bot_since:
             return self._hear(interrupted=False)  # the caller started before the bot finished
         return []
 
@@ -1033,7 +1052,7 @@ class TwilioCall:
         if self._interrupted:
             return self._commit(FALLBACK)
         self.machine.advance(NOISE)
-        self._silence_at = self.gate.now_ms + self.config.silence_timeout_ms
+        self._silence_at = self.now_ms + self.config.silence_timeout_ms
         return []
 
     def listener_failed(self) -> list[Action]:

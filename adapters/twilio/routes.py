@@ -41,7 +41,9 @@ frame is sent when the audio already sent would play out within
 GATEWAY_TWILIO_SEND_AHEAD_MS, so Twilio
 never holds more than that: a burst would make ``clear`` flush seconds and marks
 lie about what was heard), a task per running turn that forwards the engine's
-events, and a listener task while the caller speaks (recognition runs in the
+events, and the call's speech stage (gateway/speech/stage.py, behind the driver's
+Listening interface: one VAD pass per inbound frame for barge-in and endpointing,
+and a task per utterance while the caller speaks; recognition runs in the
 recognizer's worker processes). Nothing of one call waits for another's.
 On ``stop``, a disconnect, or the end of the call every task is cancelled and
 awaited; the session is ended (``Conversation.end``) unless the core ended it;
@@ -76,6 +78,7 @@ from adapters.twilio.protocol import (
     CHANNEL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
+    MULAW_8K,
     NAMESPACE,
     TTS,
     Action,
@@ -117,6 +120,7 @@ from gateway.sessions import StoreError, StoreUnavailable
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormatError
 from gateway.speech.stt import RecognitionError, RecognizerBusy
+from gateway.speech.types import Heard
 
 log = logging.getLogger("adapters.twilio")
 
@@ -131,9 +135,9 @@ MAX_BAD_FRAMES: Final = 500
 LOGGED_BAD_FRAMES: Final = 5
 """Invalid frames of one stream logged at WARNING (later ones at DEBUG)."""
 STATUS_EVENTS_KEPT: Final = 256
-LISTEN_BATCH_BYTES: Final = 480
+LISTEN_BATCH_MS: Final = 60
 """The caller's audio goes to the recognizer in batches of at least 60 ms (one worker round
-trip per batch rather than per 20 ms frame; the utterance's end is found at most 40 ms later)."""
+trip per batch rather than per 20 ms frame)."""
 
 
 # ------------------------------------------------------------------ per-app state
@@ -259,9 +263,7 @@ def _call_config(settings: Settings) -> CallConfig:
         dtmf_timeout_ms=settings.twilio_dtmf_timeout_ms,
         frame_ms=settings.twilio_frame_ms,
         silence_timeout_ms=settings.silence_timeout_ms,
-        vad_aggressiveness=settings.vad_aggressiveness,
         vad_min_speech_ms=settings.vad_min_speech_ms,
-        vad_trailing_silence_ms=settings.vad_trailing_silence_ms,
         error_text=settings.voice_error_text,
     )
 
@@ -407,8 +409,15 @@ async def status(request: Request) -> Response:
 
 
 class _Listening:
-    """The speech side of one call (the driver's :class:`Listening`): a listener task per
-    utterance, fed the pre-roll and then the caller's audio in batches."""
+    """The speech side of one call (the driver's :class:`Listening`): the call's one speech
+    stage (one endpointer, one VAD pass per inbound frame) and a task per utterance.
+
+    Every FeedAudio (each inbound frame) is heard by the stage; its verdict (the onset,
+    and whether this frame started speech) goes back to :meth:`TwilioCall.voice` at once,
+    so barge-in never waits for a recognizer. StartListening opens an utterance on the
+    stage from the kept audio at ``from_ms`` and runs it (queued, batched to
+    LISTEN_BATCH_MS) in a task that reports its result with :meth:`TwilioCall.heard`.
+    """
 
     def __init__(
         self, gw: Gateway, call: TwilioCall, run: Callable[[Sequence[Action]], Awaitable[None]]
@@ -418,18 +427,26 @@ class _Listening:
         self._run = run
         self._stream = 0
         self._task: asyncio.Task[None] | None = None
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.speech = gw.speech.stage(  # the call's one endpointer: one VAD pass per frame
+            MULAW_8K,
+            interim=False,
+            silence_timeout_ms=None,  # the call counts the caller's floor itself
+            frame_ms=20,
+            keep_ms=call.keep_ms,
+            batch_ms=LISTEN_BATCH_MS,
+        )
 
     async def start(self, action: StartListening) -> None:
         await self._stop()
-        self._stream, self._queue = action.stream, asyncio.Queue()
+        self._stream = action.stream
+        self.speech.listen(action.from_ms)
         self._task = asyncio.create_task(
-            self._listen(action, self._queue), name=f"twilio {self.call.expected_call_sid} listener"
+            self._listen(), name=f"twilio {self.call.expected_call_sid} listener"
         )
 
     async def feed(self, action: FeedAudio) -> None:
-        if action.stream == self._stream:
-            self._queue.put_nowait(action.data)
+        started = bool(self.speech.hear(action.data))
+        await self._run(self.call.voice(self.speech.onset_ms, started=started))
 
     async def finish(self, action: FinishListening) -> None:
         """Nothing to do: a call's utterance ends by endpointing."""
@@ -441,19 +458,13 @@ class _Listening:
     async def close(self) -> None:
         await self._stop()
 
-    async def _listen(self, start: StartListening, queue: asyncio.Queue[bytes]) -> None:
-        """Recognise one utterance: the pre-roll, then the queued audio, to its end."""
+    async def _listen(self) -> None:
+        """Recognise the caller's utterance (opened on the stage by StartListening) to its end."""
         sid = self.call.expected_call_sid
-        listener = self.gw.speech.listener(start.fmt, interim=start.interim)
+        speech = self.speech
         try:
-            await listener.start()  # may wait for a free recognizer
-            await listener.feed(start.preroll)
-            while not listener.done:
-                chunk = await queue.get()
-                while len(chunk) < LISTEN_BATCH_BYTES or not queue.empty():
-                    chunk += await queue.get()  # Twilio streams without pause
-                await listener.feed(chunk)
-            result = listener.result
+            await speech.run(_ignore)  # may wait for a free recognizer
+            result = speech.result
             actions = self.call.heard(result.kind, result.text) if result is not None else []
         except RecognizerBusy as exc:  # no recognizer within GATEWAY_STT_QUEUE_WAIT_MS
             log.warning("Twilio call %s: utterance not heard: %s", sid, exc.text)
@@ -465,15 +476,13 @@ class _Listening:
         except Exception:
             log.exception("Twilio call %s: listening failed", sid)
             actions = self.call.listener_failed()
-        finally:
-            if not listener.done:
-                await asyncio.shield(listener.cancel())
         if self._task is asyncio.current_task():
             self._task = None
         await self._run(actions)
 
     async def _stop(self) -> None:
         task, self._task = self._task, None
+        self.speech.stop()
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -609,6 +618,10 @@ class _Call(WebSocketDriver[Action]):
         with contextlib.suppress(*SEND_ERRORS):
             await self.ws.close(CLOSE_NORMAL)
         self.channel.calls.pop(self.call_sid, None)
+
+
+async def _ignore(heard: Heard) -> None:
+    """The events of a call's utterance before its result (onsets: the call has them)."""
 
 
 async def _admit(ws: WebSocket, gw: Gateway, channel: TwilioChannel, token: str) -> StreamGrant:

@@ -2,7 +2,7 @@
 
 A WebSocket adapter (Flowstorm V1, Twilio Media Streams, the next media stream)
 holds a protocol object that is fed frames, the turn engine's events and the
-listener's reports, and returns actions (gateway/protocol/actions.py). What is
+speech stage's reports, and returns actions (gateway/protocol/actions.py). What is
 left to do around it is the same for every one of them and lives here, once:
 
 - **guarded sends** — :meth:`WebSocketDriver.send_text` / :meth:`~WebSocketDriver.send_bytes`
@@ -112,16 +112,18 @@ class TurnTaker(Protocol[A_co]):
 
 
 class Listening(Protocol):
-    """The speech side of one socket, driven by the listening actions only.
+    """The speech side of one socket, driven by the listening actions only: the socket's
+    speech stage(s) (:class:`gateway.speech.stage.SpeechStage`, one VAD pass per frame).
 
-    Each utterance is identified by its ``stream`` number; what its listener hears
+    Each utterance is identified by its ``stream`` number; what the stage hears
     is reported to the protocol object by the implementation (which holds it),
     and the actions that come back are carried out through the driver's
     :meth:`WebSocketDriver.run`. Reports of a cancelled utterance are not made.
     """
 
     async def start(self, action: StartListening) -> None:
-        """Open a listener for utterance ``action.stream`` and feed it the preroll."""
+        """Open utterance ``action.stream`` on the speech stage (with the kept audio from
+        ``action.from_ms``, where given)."""
         ...
 
     async def feed(self, action: FeedAudio) -> None:

@@ -12,9 +12,9 @@ protocol:
 - :class:`EndSession` — end a session without a turn (``Conversation.end``);
 - :class:`StartListening` / :class:`FeedAudio` / :class:`FinishListening` /
   :class:`CancelListening` — one utterance of audio input, identified by its
-  ``stream`` number: open a listener, feed it the peer's audio in order, end it
-  after the audio fed so far, or drop it. What the listener hears is reported
-  back to the protocol object by the driver.
+  ``stream`` number: open an utterance on the stream's speech stage, feed it the
+  peer's audio in order, end it after the audio fed so far, or drop it. What the
+  stage hears is reported back to the protocol object by the driver's speech side.
 
 An adapter keeps actions of its own only where they are particular to its
 protocol (Twilio's paced ``Play`` and ``Interrupt``, socket.io's ``Emit``, V1's
@@ -93,13 +93,15 @@ class EndSession:
 class StartListening:
     """Start recognising utterance ``stream`` of raw audio in ``fmt``.
 
-    Make a listener (``SpeechService.listener(fmt, interim=interim,
-    silence_timeout_ms=silence_timeout_ms)``; None keeps the service's default),
-    feed it ``preroll`` (audio that came before the utterance was noticed) and then
-    the audio of the FeedAudio actions of this ``stream``, in order. With
-    ``idle_timeout_ms`` set, the peer sending no audio for that long (wall clock,
-    from this action or the latest FeedAudio until FinishListening) is reported
-    once to the protocol object.
+    Open an utterance on the stream's speech stage
+    (:class:`gateway.speech.stage.SpeechStage`, from ``SpeechService.stage(fmt,
+    interim=interim, silence_timeout_ms=silence_timeout_ms)``; None keeps the
+    service's default) and recognise the audio of the FeedAudio actions of this
+    ``stream``, in order. With ``from_ms`` set, the utterance first gets the audio
+    the stage kept from that audio time (ms of the stream; the preroll before an
+    onset the stage's endpointer noticed). With ``idle_timeout_ms`` set, the peer
+    sending no audio for that long (wall clock, from this action or the latest
+    FeedAudio until FinishListening) is reported once to the protocol object.
     """
 
     stream: int
@@ -107,12 +109,18 @@ class StartListening:
     interim: bool = False
     silence_timeout_ms: int | None = None
     idle_timeout_ms: int | None = None
-    preroll: bytes = b""
+    from_ms: int | None = None
 
 
 @dataclass(frozen=True)
 class FeedAudio:
-    """Feed ``data`` (raw audio in the stream's format, any length) to utterance ``stream``."""
+    """Feed ``data`` (raw audio in the stream's format, any length) to utterance ``stream``.
+
+    Where the stage hears the whole stream (a phone call: one VAD pass per frame,
+    onsets for barge-in), every inbound chunk is a FeedAudio of the latest
+    utterance's number, open or not; the stage recognises it only while that
+    utterance is open.
+    """
 
     stream: int
     data: bytes
@@ -120,14 +128,16 @@ class FeedAudio:
 
 @dataclass(frozen=True)
 class FinishListening:
-    """End utterance ``stream`` after the audio fed so far (``Listener.finish``); idempotent."""
+    """End utterance ``stream`` after the audio fed so far (``SpeechStage.finish_soon``);
+    idempotent."""
 
     stream: int
 
 
 @dataclass(frozen=True)
 class CancelListening:
-    """Drop utterance ``stream``: discard its queued audio, cancel its listener, report nothing."""
+    """Drop utterance ``stream``: discard its queued audio, cancel its recognition, report
+    nothing."""
 
     stream: int
 

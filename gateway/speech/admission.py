@@ -1,7 +1,9 @@
 """Admission control for speech engines: a bounded pool, a bounded wait queue, prompt refusals.
 
-An :class:`AdmissionGate` lets at most ``limit`` holders in at once (recognition
-streams decoding, say). Beyond that at most ``queue`` callers wait, each at most
+The one primitive of both engines: recognition streams (gateway/speech/stt.py, source
+``stt``) and syntheses (gateway/speech/tts_pool.py, source ``tts``) are admitted by an
+:class:`AdmissionGate`. It lets at most ``limit`` holders in at once (recognition
+streams decoding, syntheses running). Beyond that at most ``queue`` callers wait, each at most
 ``wait_s`` seconds, first come first served; a caller that finds the queue full
 is refused at once, and one that waited ``wait_s`` in vain is refused then. A
 refusal is :class:`SpeechBusy`, which adapters answer in their protocol's own
@@ -30,8 +32,13 @@ class AdmissionGate:
     """At most ``limit`` holders at once, at most ``queue`` waiting up to ``wait_s`` s each.
 
     Use ``await gate.acquire()`` ... ``gate.release()`` (exactly once per
-    successful acquire). ``queue`` None and ``wait_s`` None mean an unbounded
-    queue and wait (no refusals: the behaviour of a plain semaphore).
+    successful acquire). ``acquire`` is :meth:`enter` (take a place, synchronously:
+    refused at once when the queue is full) and :meth:`take_turn` (wait for a
+    holder's place); a caller that must know at once whether it got a place (the
+    TTS pool, before it starts a synthesis task) calls them apart, and
+    :meth:`leave` when it gives its place up before its turn. ``queue`` None and
+    ``wait_s`` None mean an unbounded queue and wait (no refusals: the behaviour of
+    a plain semaphore).
 
     Metrics (all optional, shared by the gates of one kind): ``depth`` is a gauge
     of callers waiting, ``in_use`` a gauge of holders, ``wait`` a histogram of the
@@ -96,11 +103,15 @@ class AdmissionGate:
         """Seconds a refused caller is told to wait before trying again (at least 1)."""
         return max(1, math.ceil(self.wait_s or 1.0))
 
+    def has_room(self, reserve: int = 0) -> bool:
+        """Whether an :meth:`enter` now would get a place with ``reserve`` places left over."""
+        if self.queue is None:
+            return True
+        return self._held + self._waiting + reserve < self.limit + self.queue
+
     def saturated(self) -> bool:
         """Whether an :meth:`acquire` now would be refused at once (all in use, queue full)."""
-        if self.queue is None:
-            return False
-        return self._sem.locked() and self._waiting >= self.queue
+        return not self.has_room()
 
     def _refuse(self, reason: BusyReason) -> SpeechBusy:
         if self._refused is not None:
@@ -112,36 +123,58 @@ class AdmissionGate:
         text = f"{self.what.capitalize()} is busy: {detail}; try again in {self.retry_after_s} s"
         return SpeechBusy(self.source, reason, self.retry_after_s, text)
 
-    async def acquire(self) -> None:
-        """Hold one place; waits in the queue while all ``limit`` are held.
+    def enter(self) -> None:
+        """Take a place now: a holder's when one is free, else one in the queue; then
+        :meth:`take_turn` (or :meth:`leave`).
 
         Raises:
-            SpeechBusy: the queue is full (at once) or no place became free within
-                ``wait_s`` (reason ``wait-timeout``).
+            SpeechBusy: every place is taken (reason ``queue-full``).
+        """
+        if not self.has_room():
+            raise self._refuse("queue-full")
+        self._waiting += 1
+        if self._depth is not None:
+            self._depth.inc()
+
+    def leave(self) -> None:
+        """Give up the place :meth:`enter` took, before :meth:`take_turn`."""
+        self._waiting -= 1
+        if self._depth is not None:
+            self._depth.dec()
+
+    async def take_turn(self) -> None:
+        """After :meth:`enter`: wait (first come first served) until a holder's place is
+        free and hold it. Cancelled or refused, the place is given up.
+
+        Raises:
+            SpeechBusy: no place became free within ``wait_s`` (reason ``wait-timeout``).
         """
         start = time.perf_counter()
-        if self._sem.locked():
-            if self.queue is not None and self._waiting >= self.queue:
-                raise self._refuse("queue-full")
-            self._waiting += 1
-            if self._depth is not None:
-                self._depth.inc()
-            try:
+        try:
+            if self._sem.locked():
                 async with asyncio.timeout(self.wait_s):
                     await self._sem.acquire()
-            except TimeoutError:
-                raise self._refuse("wait-timeout") from None
-            finally:
-                self._waiting -= 1
-                if self._depth is not None:
-                    self._depth.dec()
-        else:
-            await self._sem.acquire()  # free: returns at once
+            else:
+                await self._sem.acquire()  # free: returns at once
+        except TimeoutError:
+            raise self._refuse("wait-timeout") from None
+        finally:
+            self.leave()
         self._held += 1
         if self._in_use is not None:
             self._in_use.inc()
         if self._wait is not None:
             self._wait.observe(time.perf_counter() - start)
+
+    async def acquire(self) -> None:
+        """Hold one place (:meth:`enter`, then :meth:`take_turn`).
+
+        Raises:
+            SpeechBusy: the queue is full (at once) or no place became free within
+                ``wait_s`` (reason ``wait-timeout``).
+        """
+        self.enter()
+        await self.take_turn()
 
     def release(self) -> None:
         """Give a place back (the first waiter, if any, gets it)."""

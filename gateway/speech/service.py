@@ -1,7 +1,7 @@
 """The gateway's speech: one recognizer, one synthesizer and the TTS file cache per process.
 
-Adapters get a :class:`~gateway.speech.listener.Listener` from :meth:`SpeechService.listener`
-for audio input. The turn engine asks :meth:`SpeechService.link_item` for an item's
+Adapters get a :class:`~gateway.speech.stage.SpeechStage` per audio stream from
+:meth:`SpeechService.stage`. The turn engine asks :meth:`SpeechService.link_item` for an item's
 audio link (issued at once: the spec is registered in the TTS cache and synthesized
 on the link's first ``GET``, :meth:`SpeechService.file`) or
 :meth:`SpeechService.audio` for its encoded audio (synthesized in the TTS pool,
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
+from typing import Literal
 
 from redis.exceptions import RedisError
 
@@ -22,7 +23,7 @@ from gateway.events import ResponseItem
 from gateway.redisconn import RedisClient
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat
-from gateway.speech.listener import Listener, ListenOptions
+from gateway.speech.stage import ListenOptions, SpeechStage
 from gateway.speech.stt import Recognizer
 from gateway.speech.tts import SynthesisError, Synthesizer
 from gateway.speech.tts_cache import TtsCache, TtsFileFormat, TtsSpec, spec_id
@@ -99,33 +100,50 @@ class SpeechService:
         object on first use, but starts no worker."""
         return self.recognizer.saturated()
 
-    def listener(
+    def stage(
         self,
         fmt: AudioFormat,
         *,
         endpointing: bool = True,
         interim: bool = True,
-        silence_timeout_ms: int | None = None,
-    ) -> Listener:
-        """A listener for one utterance in ``fmt``; ``silence_timeout_ms`` None keeps the default.
+        silence_timeout_ms: int | Literal["default"] | None = "default",
+        frame_ms: int = 30,
+        keep_ms: int = 0,
+        batch_ms: int = 0,
+        max_pending_ms: int | None = None,
+        idle_timeout_ms: int | None = None,
+    ) -> SpeechStage:
+        """The speech stage of one audio stream in ``fmt`` (gateway/speech/stage.py), with the
+        VAD and limit settings of ``listen_defaults``; ``silence_timeout_ms`` is the
+        no-speech timeout (None: none; ``default``: GATEWAY_SILENCE_TIMEOUT_MS). The other
+        arguments are :class:`SpeechStage`'s.
 
-        Not started: use ``async with`` or ``await listener.start()``, which raises
-        RecognizerBusy when no recognizer is free and the wait queue is full (see
-        GATEWAY_STT_QUEUE).
+        Not started: ``async with``, ``await stage.start()`` or ``await stage.run(...)``
+        open the recognition stream, which raises RecognizerBusy when no recognizer is
+        free and the wait queue is full (see GATEWAY_STT_QUEUE).
         """
         defaults = self.listen_defaults
+        if silence_timeout_ms == "default":
+            silence_timeout_ms = defaults.silence_timeout_ms
         options = ListenOptions(
             endpointing=endpointing,
             interim=interim,
-            silence_timeout_ms=(
-                defaults.silence_timeout_ms if silence_timeout_ms is None else silence_timeout_ms
-            ),
+            silence_timeout_ms=silence_timeout_ms,
             trailing_silence_ms=defaults.trailing_silence_ms,
             min_speech_ms=defaults.min_speech_ms,
             aggressiveness=defaults.aggressiveness,
             max_audio_ms=defaults.max_audio_ms,
         )
-        return Listener(self.recognizer, fmt, options)
+        return SpeechStage(
+            self.recognizer,
+            fmt,
+            options,
+            frame_ms=frame_ms,
+            keep_ms=keep_ms,
+            batch_ms=batch_ms,
+            max_pending_ms=max_pending_ms,
+            idle_timeout_ms=idle_timeout_ms,
+        )
 
     def link(self, file_id: str, file_type: TtsFileFormat) -> str:
         """The absolute URL of a TTS file."""

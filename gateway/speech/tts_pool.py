@@ -4,7 +4,8 @@ Every synthesis of the gateway (a ``GET /file/tts/`` miss, audio sent in a turn,
 an optional prefetch) goes through :meth:`TtsPool.render`:
 
 * at most ``max_running`` syntheses run at once, and at most ``max_queued`` more
-  wait for a turn (FIFO); beyond that :class:`TtsOverloaded` is raised at once, so
+  wait for a turn (FIFO), admitted by the same :class:`~gateway.speech.admission.AdmissionGate`
+  as recognition streams; beyond that :class:`TtsOverloaded` is raised at once, so
   the caller refuses promptly (HTTP 503 + ``Retry-After``, an Error with source
   ``tts``) instead of making everybody wait longer;
 * concurrent requests for one id share one synthesis (single flight in this
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import Final
 
 from gateway import metrics
+from gateway.speech.admission import AdmissionGate
 from gateway.speech.tts import Synthesizer
 from gateway.speech.tts_cache import TtsCache, TtsSpec, render_file
+from gateway.speech.types import SpeechBusy
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +41,25 @@ RETRY_AFTER_S: Final = 2
 """Seconds a refused client is asked to wait (``Retry-After``)."""
 
 
-class TtsOverloaded(Exception):
-    """The TTS pool is full: the synthesis was refused, not queued."""
+class TtsOverloaded(SpeechBusy):
+    """The TTS pool is full: the synthesis was refused, not queued (source ``tts``,
+    reason ``queue-full``, ``retry_after_s`` :data:`RETRY_AFTER_S`)."""
 
     def __init__(self, text: str = "Speech synthesis is busy; try again shortly.") -> None:
-        super().__init__(text)
-        self.text = text
-        self.retry_after_s = RETRY_AFTER_S
+        super().__init__("tts", "queue-full", RETRY_AFTER_S, text)
+
+
+@dataclass
+class _Place:
+    """A job's place in the gate, taken by ``gate.enter`` when the job was made."""
+
+    queued: bool = True  # its turn not yet taken: _forget gives it back if the task never ran
 
 
 @dataclass
 class _Job:
     task: asyncio.Task[bytes]
+    place: _Place
     waiters: int = 0
     keep: bool = False  # a prefetch: runs to the end without waiters
 
@@ -83,38 +92,47 @@ class TtsPool:
         self.cache = cache
         self.max_running = max_running
         self.max_queued = max_queued
-        self._slots = asyncio.Semaphore(max_running)
+        self.gate = AdmissionGate(
+            max_running,
+            max_queued,
+            None,  # a queued synthesis waits as long as someone waits for it
+            source="tts",
+            what="speech synthesis",
+            unit="synthesizers",
+            depth=metrics.TTS_QUEUE_DEPTH,
+            in_use=metrics.TTS_RUNNING,
+            wait=metrics.TTS_WAIT_SECONDS,
+        )
         self._jobs: dict[str, _Job] = {}
-        self._waiting = 0
-        self._running = 0
 
     @property
     def waiting(self) -> int:
         """Syntheses waiting for a slot."""
-        return self._waiting
+        return self.gate.waiting
 
     @property
     def running(self) -> int:
         """Syntheses running."""
-        return self._running
+        return self.gate.held
 
     @property
     def pending(self) -> int:
         """Syntheses running or waiting (the ids in flight)."""
         return len(self._jobs)
 
-    def _has_room(self, reserve: int = 0) -> bool:
-        return len(self._jobs) + reserve < self.max_running + self.max_queued
-
     def _start(self, file_id: str, spec: TtsSpec, keep: bool) -> _Job:
-        job = _Job(
-            asyncio.create_task(self._run(file_id, spec), name=f"tts {file_id[:12]}"), keep=keep
-        )
+        """Start a synthesis job; its place in the gate was taken (``gate.enter``)."""
+        place = _Place()
+        task = asyncio.create_task(self._run(file_id, spec, place), name=f"tts {file_id[:12]}")
+        job = _Job(task, place, keep=keep)
         self._jobs[file_id] = job
         job.task.add_done_callback(lambda _: self._forget(file_id, job))
         return job
 
     def _forget(self, file_id: str, job: _Job) -> None:
+        if job.place.queued:  # cancelled before it ever ran: give its place back
+            job.place.queued = False
+            self.gate.leave()
         if self._jobs.get(file_id) is job:
             del self._jobs[file_id]
         if not job.task.cancelled():
@@ -132,9 +150,11 @@ class TtsPool:
         """
         job = self._jobs.get(file_id)
         if job is None:
-            if not self._has_room():
+            try:
+                self.gate.enter()
+            except SpeechBusy:
                 metrics.TTS_REJECTED.inc()
-                raise TtsOverloaded()
+                raise TtsOverloaded() from None
             job = self._start(file_id, spec, keep=False)
         job.waiters += 1
         try:
@@ -149,36 +169,24 @@ class TtsPool:
         full; never waits. True when a synthesis was started or is running."""
         if file_id in self._jobs:
             return True
-        if not self._has_room(reserve=(self.max_running + self.max_queued) // 2):
+        if not self.gate.has_room(reserve=(self.max_running + self.max_queued) // 2):
             return False
+        self.gate.enter()
         self._start(file_id, spec, keep=True)
         return True
 
-    async def _run(self, file_id: str, spec: TtsSpec) -> bytes:
-        queued = time.perf_counter()
-        self._waiting += 1
-        metrics.TTS_QUEUE_DEPTH.inc()
+    async def _run(self, file_id: str, spec: TtsSpec, place: _Place) -> bytes:
+        place.queued = False  # take_turn gives the place back however it ends
+        await self.gate.take_turn()
         try:
-            await self._slots.acquire()
+            data = await self.cache.get(file_id)  # another instance may have made it
+            if data is None:
+                with metrics.timed(metrics.TTS_SECONDS):
+                    data = await render_file(self.synthesizer, spec)
+                await self.cache.put(file_id, data)
+            return data
         finally:
-            self._waiting -= 1
-            metrics.TTS_QUEUE_DEPTH.dec()
-        try:
-            metrics.TTS_WAIT_SECONDS.observe(time.perf_counter() - queued)
-            self._running += 1
-            metrics.TTS_RUNNING.inc()
-            try:
-                data = await self.cache.get(file_id)  # another instance may have made it
-                if data is None:
-                    with metrics.timed(metrics.TTS_SECONDS):
-                        data = await render_file(self.synthesizer, spec)
-                    await self.cache.put(file_id, data)
-                return data
-            finally:
-                self._running -= 1
-                metrics.TTS_RUNNING.dec()
-        finally:
-            self._slots.release()
+            self.gate.release()
 
     async def aclose(self) -> None:
         """Cancel every synthesis and wait for them to stop."""

@@ -7,12 +7,12 @@ without loading the speech service (DESIGN.md, "Rules of the house").
 
 - :data:`TtsFileFormat`, :data:`TtsMode`, :class:`TtsRequest` — what a channel wants
   of each response item's speech (used by gateway/speech/service.py and tts_cache.py);
-- :data:`HeardKind`, :class:`Heard` — one listening event of
-  :class:`gateway.speech.listener.Listener`;
+- :data:`HeardKind`, :class:`Heard` — one event of
+  :class:`gateway.speech.stage.SpeechStage`;
 - :data:`BusyReason`, :class:`SpeechBusy` — a refusal of
   :class:`gateway.speech.admission.AdmissionGate`.
 
-The old homes (service, tts_cache, listener, admission) re-export these names.
+The old homes (service, tts_cache, admission) re-export these names.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class TtsRequest:
     file_type: TtsFileFormat = "mp3"
 
 
-HeardKind = Literal["speech_started", "interim", "final", "silence"]
+HeardKind = Literal["speech_started", "interim", "final", "silence", "idle"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ the I/O layer to carry out, in order:
 - :class:`StoreLogs` — store client log entries with a session (``Conversation.log``);
 - :class:`StartListening` / :class:`FeedAudio` / :class:`FinishListening` /
   :class:`CancelListening` — one utterance of audio input: make a
-  ``gateway.speech.listener.Listener`` for a format, feed it the client's audio
+  ``gateway.speech.stage.SpeechStage`` for a format, feed it the client's audio
   in order, end it, or drop it. The I/O layer reports what the listener heard
   with :meth:`V1Connection.heard`, a failure with :meth:`V1Connection.audio_failed`
   and a client that stopped sending with :meth:`V1Connection.audio_timeout`.

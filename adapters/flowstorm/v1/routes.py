@@ -8,18 +8,18 @@ to ``receive_text``/``receive_bytes``, client logs are stored in the background,
 the Response is held back until the turn's stream ends, and a gateway failure is
 an Error frame of source ``gateway`` before the close 1011.
 
-Audio input: each utterance (StartListening) gets a
-``gateway.speech.listener.Listener`` from ``gw.speech`` and a worker task that
-first takes a recognizer (waiting in the recognizer's bounded queue; when it is
+Audio input: each utterance (StartListening) gets a speech stage
+(``gateway.speech.stage.SpeechStage``, from ``gw.speech``) and a task that runs it:
+it first takes a recognizer (waiting in the recognizer's bounded queue; when it is
 full, or the wait is over, the utterance gets an ``Error`` of source ``stt`` at
-once and the connection goes on: text turns still work), then feeds it the
-client's audio through a queue, in the order it came, and hands what it heard
-back to the protocol. Recognition itself runs in the
+once and the connection goes on: text turns still work), then recognises the
+client's audio, queued in the order it came, and hands what it heard back to the
+protocol. Recognition itself runs in the
 recognizer's worker processes, so the event loop only moves bytes; the receive
 loop never waits for recognition — except when more than
 :data:`MAX_PENDING_AUDIO_MS` of audio is queued for the utterance, where it
-stops reading until the worker caught up (backpressure: TCP slows the client
-down; no frame is dropped). The worker also keeps the wall-clock guard for
+stops reading until the stage caught up (backpressure: TCP slows the client
+down; no frame is dropped). The stage also keeps the wall-clock guard for
 clients that stop sending (StartListening.idle_timeout_ms).
 
 Close codes: 1008 unknown or missing application key (after an Error frame),
@@ -30,13 +30,10 @@ the gateway. Every other problem is an Error frame and the connection stays open
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from enum import Enum
-from typing import Final
+from dataclasses import dataclass
+from typing import Final, Literal
 
 from fastapi import APIRouter, WebSocket
 
@@ -60,8 +57,9 @@ from gateway.protocol.actions import (
 )
 from gateway.sessions import StoreError
 from gateway.speech.audio import AudioFormatError
-from gateway.speech.listener import Heard, Listener
+from gateway.speech.stage import SpeechStage
 from gateway.speech.stt import RecognitionError, RecognizerBusy
+from gateway.speech.types import Heard
 
 log = logging.getLogger(__name__)
 
@@ -72,92 +70,20 @@ MAX_PENDING_AUDIO_MS: Final = 10_000
 """Audio (ms) an utterance may have queued, not yet fed to its listener, before the
 receive loop waits for the listener to catch up."""
 
-_FINISH: Final = b""
-"""Queue marker: end the utterance (FinishListening); empty audio is never queued as such."""
 
-
-class _Mark(Enum):
-    """What :meth:`_Utterance.next` gives besides audio."""
-
-    IDLE = "idle"
-    STOPPED = "stopped"
-
-
+@dataclass
 class _Utterance:
-    """The audio queue of one utterance between the receive loop and its worker task."""
+    """Utterance ``stream`` of the connection: its speech stage and the task that runs it."""
 
-    def __init__(self, start: StartListening, listener: Listener) -> None:
-        self.stream = start.stream
-        self.listener = listener
-        self.idle_timeout_s = (start.idle_timeout_ms or 0) / 1000 or None
-        self.max_pending = max(start.fmt.bytes_for_ms(MAX_PENDING_AUDIO_MS), 1)
-        self.queue: deque[bytes] = deque()
-        self.pending = 0
-        self.finishing = False
-        self.timed_out = False
-        self.stopped = False
-        self.last_audio = time.monotonic()
-        self._wake = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self.task: asyncio.Task[None] | None = None
-
-    async def put(self, data: bytes) -> None:
-        """Queue audio; waits while more than ``max_pending`` bytes are queued."""
-        if self.stopped or self.finishing or not data:
-            return
-        while self.pending >= self.max_pending and not self.stopped:
-            self._room.clear()
-            await self._room.wait()
-        if self.stopped:
-            return
-        self.queue.append(data)
-        self.pending += len(data)
-        self.last_audio = time.monotonic()
-        self._wake.set()
-
-    def finish(self) -> None:
-        """Queue the end of the utterance (once)."""
-        if not self.finishing and not self.stopped:
-            self.finishing = True
-            self.queue.append(_FINISH)
-            self._wake.set()
-
-    def stop(self) -> None:
-        """No more audio: drop what is queued and release a waiting :meth:`put`."""
-        self.stopped = True
-        self.queue.clear()
-        self.pending = 0
-        self._room.set()
-        self._wake.set()
-
-    async def next(self) -> bytes | _Mark:
-        """The next queued audio (``_FINISH`` to end); ``_Mark.IDLE`` when the client sent
-        no audio for ``idle_timeout_s`` (once, and never after finish); ``_Mark.STOPPED``
-        after :meth:`stop`."""
-        while not self.queue:
-            if self.stopped:
-                return _Mark.STOPPED
-            timeout: float | None = None
-            if not self.finishing and not self.timed_out and self.idle_timeout_s is not None:
-                timeout = self.last_audio + self.idle_timeout_s - time.monotonic()
-                if timeout <= 0:
-                    self.timed_out = True
-                    return _Mark.IDLE
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-        data = self.queue.popleft()
-        self.pending -= len(data)
-        if self.pending < self.max_pending:
-            self._room.set()
-        return data
+    stream: int
+    stage: SpeechStage
+    task: asyncio.Task[None] | None = None
 
 
 class _Listening:
     """The speech side of one V1 socket (the driver's :class:`Listening`): one utterance at
-    a time, its audio queue and its worker task, which reports to the protocol."""
+    a time, its speech stage (queued mode) and the task that runs it, which reports to the
+    protocol."""
 
     def __init__(
         self, gw: Gateway, conn: V1Connection, run: Callable[[Sequence[Action]], Awaitable[None]]
@@ -173,11 +99,19 @@ class _Listening:
         if previous is not None:
             # the protocol is done with it (a result or failure was reported); its worker
             # may still be sending that report's frames: let it, but take no more audio
-            previous.stop()
-        listener = self.gw.speech.listener(
-            start.fmt, interim=start.interim, silence_timeout_ms=start.silence_timeout_ms
+            previous.stage.stop()
+        silence: int | Literal["default"] = (  # None: the service's default (the kit's doc)
+            "default" if start.silence_timeout_ms is None else start.silence_timeout_ms
         )
-        utterance = _Utterance(start, listener)
+        stage = self.gw.speech.stage(
+            start.fmt,
+            interim=start.interim,
+            silence_timeout_ms=silence,
+            max_pending_ms=MAX_PENDING_AUDIO_MS,
+            idle_timeout_ms=start.idle_timeout_ms,
+        )
+        stage.listen()
+        utterance = _Utterance(start.stream, stage)
         self._utterance = utterance
         task = asyncio.create_task(self._listen(utterance), name=f"listen {start.stream}")
         utterance.task = task
@@ -191,21 +125,21 @@ class _Listening:
     async def feed(self, action: FeedAudio) -> None:
         utterance = self._current(action.stream)
         if utterance is not None:
-            await utterance.put(action.data)
+            await utterance.stage.put(action.data)
 
     async def finish(self, action: FinishListening) -> None:
         utterance = self._current(action.stream)
         if utterance is not None:
-            utterance.finish()
+            utterance.stage.finish_soon()
 
     async def cancel(self, action: CancelListening) -> None:
         utterance = self._current(action.stream)
         if utterance is None:
             return
         self._utterance = None
-        utterance.stop()
+        utterance.stage.stop()
         if utterance.task is not None:
-            utterance.task.cancel()  # its listener is cancelled on the way out
+            utterance.task.cancel()  # its recognition is cancelled on the way out
 
     async def close(self) -> None:
         utterance = self._utterance
@@ -214,54 +148,38 @@ class _Listening:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _listen(self, utterance: _Utterance) -> None:
-        """Feed one utterance's audio to its listener, in order; report what it heard.
+        """Run one utterance's speech stage; report what it heard, in order.
 
+        The stage takes a recognizer first (a busy refusal, RecognizerBusy with
+        GATEWAY_STT_QUEUE full or its wait over, comes as soon as the stream opens).
         Cancelled (CancelListening, disconnect) while it waits for audio or for the
         recognizer; the frames of a report go out whole (shielded from the cancel).
         """
-        conn, listener, stream = self.conn, utterance.listener, utterance.stream
+        conn, stream = self.conn, utterance.stream
 
         async def report(actions: Sequence[Action]) -> None:
             if actions:
                 await asyncio.shield(self._run(actions))
 
+        async def heard(event: Heard) -> None:
+            if event.kind == "idle":  # the client stopped sending
+                await report(conn.audio_timeout(stream))
+            else:
+                await report(conn.heard(stream, event))
+
         try:
-            try:
-                # a recognizer now, not at the first audio: a busy refusal (RecognizerBusy,
-                # GATEWAY_STT_QUEUE full or its wait over) comes as soon as the stream opens
-                await listener.start()
-            except (AudioFormatError, RecognitionError) as exc:
-                if isinstance(exc, RecognizerBusy):
-                    metrics.ERRORS.labels("flowstorm_v1", "stt").inc()
-                await report(conn.audio_failed(stream, exc))
-                return
-            while not listener.done and not utterance.stopped:
-                data = await utterance.next()
-                if data is _Mark.STOPPED:
-                    return
-                try:
-                    if data is _Mark.IDLE:  # the client stopped sending
-                        await report(conn.audio_timeout(stream))
-                        continue
-                    heard: list[Heard] = (
-                        await listener.feed(data) if data else [await listener.finish()]
-                    )
-                except (AudioFormatError, RecognitionError) as exc:
-                    await report(conn.audio_failed(stream, exc))
-                    return
-                except Exception as exc:
-                    log.exception("listening to utterance %d failed", stream)
-                    await report(conn.audio_failed(stream, exc))
-                    return
-                for event in heard:
-                    await report(conn.heard(stream, event))
+            await utterance.stage.run(heard)
+        except (AudioFormatError, RecognitionError) as exc:
+            if isinstance(exc, RecognizerBusy):
+                metrics.ERRORS.labels("flowstorm_v1", "stt").inc()
+            await report(conn.audio_failed(stream, exc))
+        except Exception as exc:
+            log.exception("listening to utterance %d failed", stream)
+            await report(conn.audio_failed(stream, exc))
         finally:
-            utterance.stop()
+            utterance.stage.stop()
             if self._utterance is utterance:
                 self._utterance = None
-            if not listener.done:
-                with contextlib.suppress(Exception):
-                    await listener.cancel()
 
 
 class _Socket(WebSocketDriver[Action]):

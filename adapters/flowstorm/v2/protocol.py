@@ -489,7 +489,7 @@ FILE_CHUNK_MS: Final = 1000
 def decode_audio_file(
     kind: str, body: bytes, config: ClientConfig, *, max_audio_s: float
 ) -> tuple[AudioFormat, bytes]:
-    """The raw audio of a whole ``audio/*`` body: its format and samples, for a Listener.
+    """The raw audio of a whole ``audio/*`` body: its format and samples, for a speech stage.
 
     ``audio/wav`` (RIFF/WAVE integer PCM, mono or stereo, any supported rate) and
     ``audio/mpeg`` (MP3) come out as LINEAR16 at the file's own rate;

@@ -59,7 +59,8 @@ text turn. The bus messages (protocol.py, "recognition bus"):
   sees it; retained at most GATEWAY_TURN_TIMEOUT_S + GATEWAY_LOCK_WAIT_S + 5 s
   should the PUT die), so a GET that comes after recognition ended ends at once.
 
-Wall-clock bounds of a realtime PUT (audio time is the listener's own):
+Wall-clock bounds of a realtime PUT (audio time is the speech stage's own; the body's
+protocol is adapters/flowstorm/v2/hearing.py, these are its defaults):
 ``#silence`` when no speech started within GATEWAY_SILENCE_TIMEOUT_MS (audio
 time) or that + NO_SPEECH_GRACE_S (1 s) of wall time (a client that sends
 nothing); the utterance ends as heard when the client sends nothing for STALL_S
@@ -99,8 +100,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response as HTTPResponse
@@ -109,11 +109,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
 from adapters.flowstorm.events import (
-    InputEvent,
-    InputStreamCloseEvent,
-    LogEvent,
     RecognizedInputEvent,
-    V2ClientEvent,
+)
+from adapters.flowstorm.v2.hearing import Action as HearingAction
+from adapters.flowstorm.v2.hearing import (
+    Outcome,
+    RecognizeFile,
+    StreamedBody,
+    heard_input,
 )
 from adapters.flowstorm.v2.openapi import GET_CLIENT, PUT_CLIENT
 from adapters.flowstorm.v2.protocol import (
@@ -127,22 +130,13 @@ from adapters.flowstorm.v2.protocol import (
     AudioContainer,
     BusMessage,
     ClientConfig,
-    DoneResult,
-    JsonEventReader,
     RecognitionFollower,
-    RequestStream,
-    StreamState,
-    WavStreamReader,
     audio_chunks,
-    check_raw_audio,
     decode_audio_file,
-    done_message,
     error_body,
-    interim_message,
     json_lines,
     media_type,
     parse_config,
-    recognized_event,
     recognizing_message,
     text_input,
     text_lines,
@@ -152,25 +146,28 @@ from gateway.bus import BusUnavailable
 from gateway.conversation import TurnContext, TurnRejected, TurnStream, new_session_id
 from gateway.deps import Gateway, gateway_of
 from gateway.events import (
-    SILENCE,
-    BinaryEvent,
     ErrorEvent,
     Input,
-    LogEntry,
     ResponseEvent,
-    Transcript,
     TurnEvent,
 )
 from gateway.httputil import read_body
 from gateway.logs import session_ref
 from gateway.protocol import ProtocolError
+from gateway.protocol.actions import (
+    CancelListening,
+    FeedAudio,
+    FinishListening,
+    StartListening,
+)
 from gateway.ratelimit import TokenBuckets
 from gateway.sessions import SessionBusy, StoreUnavailable
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat, AudioFormatError
-from gateway.speech.listener import AudioLimitExceeded, Heard, Listener
 from gateway.speech.service import TtsRequest
+from gateway.speech.stage import AudioLimitExceeded, SpeechStage
 from gateway.speech.stt import RecognitionError, RecognizerBusy
+from gateway.speech.types import Heard
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +178,6 @@ HEARTBEAT_S = 1.0
 """How often a realtime PUT republishes its ``recognizing`` marker (s)."""
 LOST_S = 5.0
 """Retention of the marker, and how long a following GET waits for any message (s)."""
-NO_SPEECH_GRACE_S = 1.0
-"""Wall time past the silence timeout after which a realtime PUT gives ``#silence`` (s)."""
-STALL_S = 2.0
-"""A realtime PUT whose client sends nothing this long after speech started ends the
-utterance as heard so far (s)."""
-TEXT_WAIT_S = 60.0
-"""How long a realtime PUT waits for the Input after InputStreamClose (s)."""
-TOTAL_GRACE_S = 10.0
-"""Wall time past GATEWAY_MAX_AUDIO_S after which a realtime utterance ends (s)."""
 
 
 def make_guess_limiter(settings: Settings) -> TokenBuckets:
@@ -323,7 +311,7 @@ _COOKIE_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,256}")
 
 @contextlib.contextmanager
 def _speech_errors() -> Iterator[None]:
-    """Listener errors as client errors (400 / 413), a busy recognizer (503 with
+    """Speech stage errors as client errors (400 / 413), a busy recognizer (503 with
     Retry-After, source ``stt``) or an unavailable one (503, source ``gateway``)."""
     try:
         yield
@@ -424,7 +412,7 @@ async def _file_turn(
         heard = await _recognise_file(gw, fmt, data)
     except _Refused as exc:
         return exc.answer()
-    input_, prefix = _heard_input(heard)
+    input_, prefix = heard_input(heard)
     return await _turn(gw, ctx, input_, config, plain=False, prefix=prefix)
 
 
@@ -434,19 +422,10 @@ async def _recognise_file(gw: Gateway, fmt: AudioFormat, data: bytes) -> Heard:
     Raises _Refused (400 bad audio, 413 past GATEWAY_MAX_AUDIO_S, 503 recognizer down).
     """
     with _speech_errors():
-        async with gw.speech.listener(fmt, endpointing=False, interim=False) as listener:
+        async with gw.speech.stage(fmt, endpointing=False, interim=False) as listener:
             for chunk in audio_chunks(fmt, data):
                 await listener.feed(chunk)
             return await listener.finish()
-
-
-def _heard_input(heard: Heard) -> tuple[Input, list[RecognizedInputEvent]]:
-    """The turn's input for a recognition result, and the RecognizedInput to send first."""
-    if heard.kind == "final" and heard.text.strip():
-        text = heard.text.strip()
-        input_ = Input(transcript=Transcript(text=text, confidence=heard.confidence))
-        return input_, [recognized_event(text, heard.confidence, final=True)]
-    return Input.of(SILENCE), []
 
 
 async def _stream_turn(
@@ -580,26 +559,16 @@ class _TurnBody(StreamingResponse):
 # ---------------------------------------------------------------- streamed bodies
 
 
-@dataclass
-class _Outcome:
-    """What a streamed body came to: the turn's input (None: logs only), what to send first."""
-
-    input: Input | None
-    prefix: list[RecognizedInputEvent] = field(default_factory=list)
-    logs: list[LogEntry] = field(default_factory=list)
-
-
 _END = object()
 
 
 class _Hearing:
-    """Reads one streamed PUT body (JSON events, or realtime raw / WAV audio) to its outcome.
+    """Reads one streamed PUT body to its outcome: the I/O of
+    :class:`adapters.flowstorm.v2.hearing.StreamedBody` (the body's protocol).
 
-    Realtime: audio goes to a listener (endpointing and interim results on) as
-    it arrives and results to the bus (module doc); the outcome is known when
-    recognition ends, the client switches to text, or the body ends. Otherwise
-    (JSON without realtime): the body is read to its end and its audio, if any,
-    recognised as one utterance. Raises _Refused or ClientDisconnect; call
+    A task reads the body into a queue; realtime audio goes to the request's speech
+    stage (endpointing and interim results on) and results to the bus, with the
+    ``recognizing`` heartbeat (module doc). Raises _Refused or ClientDisconnect; call
     :meth:`release` when done with it (idempotent).
     """
 
@@ -614,47 +583,32 @@ class _Hearing:
         settings = gw.settings
         self.request = request
         self.gw = gw
-        self.config = config
         self.realtime = config.realtime
         self.topic = topic
-        self.rid = secrets.token_hex(8)
-        self.json = (
-            JsonEventReader(
-                max_event_bytes=settings.max_audio_bytes * 4 // 3 + settings.max_body_bytes,
-                max_text_bytes=settings.max_body_bytes,
-            )
-            if container is None
-            else None
+        loop = asyncio.get_running_loop()
+        self._now = loop.time
+        self.body = StreamedBody(
+            config,
+            container,
+            rid=secrets.token_hex(8),
+            now=self._now(),
+            max_audio_bytes=settings.max_audio_bytes,
+            max_body_bytes=settings.max_body_bytes,
+            max_audio_s=settings.max_audio_s,
+            silence_timeout_ms=settings.silence_timeout_ms,
+            done_retain_s=settings.turn_timeout_s + settings.lock_wait_s + 5,
         )
-        self.wav = WavStreamReader() if container == "wav" else None
-        self.order = RequestStream()
-        self.logs: list[LogEntry] = []
-        self.typed: Input | None = None
-        self.listener: Listener | None = None
-        self.heard: Heard | None = None
-        self.audio = bytearray()  # not realtime: all the audio, recognised at the end
-        self.audio_bytes = 0
-        self.body_limit = (
-            settings.max_audio_bytes * 4 // 3 + 2 * settings.max_body_bytes
-            if container is None
-            else settings.max_audio_bytes + 65536
-        )
+        self.stage: SpeechStage | None = None
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._stop_heartbeat = asyncio.Event()
-        self._published_done = False
         self._released = False
         self._bus_warned = False
-        loop = asyncio.get_running_loop()
-        self._now = loop.time
-        self._started = self._now()
-        self._last_chunk = self._started
-        self._switched: float | None = None
 
     # ------------------------------------------------------------- running
 
-    async def run(self) -> _Outcome:
+    async def run(self) -> Outcome:
         """Read the body to its outcome (see the class doc)."""
         self._reader = asyncio.create_task(self._read(), name="v2 body reader")
         if self.realtime:
@@ -666,178 +620,85 @@ class _Hearing:
                 except ProtocolError as exc:
                     raise _Refused.client(exc) from None
         except _Refused as exc:
-            await self._done("error", error=exc.error)
+            await self._do(self.body.failed("error", exc.error))
             raise
         except ClientDisconnect:
-            await self._done("cancelled")
+            await self._do(self.body.failed("cancelled"))
             raise
         except Exception:
-            await self._done(
-                "error", error=ErrorEvent(text="Internal gateway error.", source="gateway")
-            )
+            error = ErrorEvent(text="Internal gateway error.", source="gateway")
+            await self._do(self.body.failed("error", error))
             raise
         finally:
             self._stop_heartbeat.set()  # on every way out; the marker expires after LOST_S
             await self._stop_reading()
-            if self.listener is not None and not self.listener.done:
-                await self.listener.cancel()
+            if self.stage is not None and not self.stage.done:
+                await self.stage.cancel()
 
-    async def _loop(self) -> _Outcome:
+    async def _loop(self) -> Outcome:
+        body = self.body
         while True:
-            timeout = self._timeout()
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(body.timeout(self._now())):
                     item = await self._queue.get()
             except TimeoutError:
-                if outcome := await self._timed_out():
-                    return outcome
-                continue
+                await self._do(body.timed_out())
+                return body.outcome()
             if item is _END:
-                return await self._ended()
+                await self._do(body.ended())
+                return body.outcome()
             if isinstance(item, BaseException):
                 raise item
             assert isinstance(item, bytes)
-            self._last_chunk = self._now()
-            if self.json is not None:
-                for event in self.json.feed(item):
-                    await self._event(event)
-                    if self._decided():
-                        break
-            elif self.wav is not None:
-                await self._audio(self.wav.feed(item))
-            else:
-                await self._audio(item)
-            if self._decided():
-                assert self.heard is not None
-                input_, prefix = _heard_input(self.heard)
-                return _Outcome(input_, prefix, self.logs)
+            body.receive(item, self._now())
+            while (actions := body.step(self._now())) is not None:
+                await self._do(actions)
+            if body.decided:
+                return body.outcome()
 
-    def _decided(self) -> bool:
-        """Realtime recognition has its result: answer without waiting for the body's end."""
-        return self.heard is not None and self.realtime
-
-    def _timeout(self) -> float | None:
-        """Seconds to wait for the next chunk (None: no bound)."""
-        if not self.realtime:
-            return None
-        now = self._now()
-        if self._switched is not None:  # InputStreamClose or Input: waiting for the text / end
-            return max(0.0, self._switched + TEXT_WAIT_S - now)
-        settings = self.gw.settings
-        latest = self._started + settings.max_audio_s + TOTAL_GRACE_S
-        if self.listener is not None and self.listener.speaking:
-            deadline = min(self._last_chunk + STALL_S, latest)
-        else:
-            silence_s = settings.silence_timeout_ms / 1000
-            deadline = min(self._started + silence_s + NO_SPEECH_GRACE_S, latest)
-        return max(0.0, deadline - now)
-
-    async def _timed_out(self) -> _Outcome | None:
-        """A realtime wall-clock bound passed (see :meth:`_timeout`)."""
-        if self._switched is not None:
-            if self.typed is not None:  # the Input came; the body did not end: go on
-                return _Outcome(self.typed, [], self.logs)
-            raise ProtocolError(
-                f"Event out of order: expected an InputEvent within {TEXT_WAIT_S:g} s "
-                "after InputStreamClose, got nothing",
-                status=408,
-            )
-        if self.listener is not None and self.listener.speaking:
-            await self._heard(await self.listener.finish())
-        else:
-            if self.listener is not None:
-                await self.listener.cancel()
-            await self._heard(Heard("silence"))
-        assert self.heard is not None
-        input_, prefix = _heard_input(self.heard)
-        return _Outcome(input_, prefix, self.logs)
-
-    async def _ended(self) -> _Outcome:
-        """The body ended: the outcome of all it held."""
-        if self.json is not None:
-            self.json.close()
-            if self.json.events == 0:
-                raise ProtocolError("The JSON body holds no event: send an InputEvent.")
-            if self.order.state is StreamState.AUDIO_CLOSED:
-                raise ProtocolError(
-                    "Event out of order", expected="Input or Log", got="the end of the body"
+    async def _do(self, actions: Sequence[HearingAction]) -> None:
+        body = self.body
+        for action in actions:
+            if isinstance(action, StartListening):
+                silence: int | Literal["default"] = (
+                    "default" if action.silence_timeout_ms is None else action.silence_timeout_ms
                 )
-        if self.typed is not None:
-            return _Outcome(self.typed, [], self.logs)
-        if self.realtime:
-            if self.heard is None:
-                if self.listener is None:
-                    await self._heard(Heard("silence"))
-                else:
-                    await self._heard(await self.listener.finish())
-            assert self.heard is not None
-            input_, prefix = _heard_input(self.heard)
-            return _Outcome(input_, prefix, self.logs)
-        if not self.audio:  # JSON of Log events only
-            return _Outcome(None, [], self.logs)
-        fmt = self.config.raw_format()
-        data = bytes(self.audio)
-        check_raw_audio(fmt, data, what="BinaryEvent", max_audio_s=self.gw.settings.max_audio_s)
-        input_, prefix = _heard_input(await _recognise_file(self.gw, fmt, data))
-        return _Outcome(input_, prefix, self.logs)
-
-    async def _event(self, event: V2ClientEvent) -> None:
-        self.order.feed(event)
-        if isinstance(event, LogEvent):
-            self.logs.extend(event.entries)
-        elif isinstance(event, BinaryEvent):
-            await self._audio(event.data)
-        elif isinstance(event, InputStreamCloseEvent):
-            self._switched = self._now()
-            self.audio.clear()
-            if self.listener is not None:
-                await self.listener.cancel()
-            await self._done("text")
-        elif isinstance(event, InputEvent):
-            self._switched = self._switched or self._now()
-            self.typed = event.input
-            await self._done("text")
-
-    async def _audio(self, data: bytes) -> None:
-        if not data or self.heard is not None:
-            return
-        self.audio_bytes += len(data)
-        limit = self.gw.settings.max_audio_bytes
-        if self.audio_bytes > limit:
-            raise ProtocolError(f"The audio is larger than {limit} bytes.", status=413)
-        if not self.realtime:
-            self.audio += data
-            return
-        if self.listener is None:
-            fmt = self.wav.format if self.wav is not None else self.config.raw_format()
-            assert fmt is not None  # the WAV reader returns audio only after its header
-            self.listener = self.gw.speech.listener(fmt, endpointing=True, interim=True)
-        for heard in await self.listener.feed(data):
-            if heard.kind == "interim":
-                await self._publish(interim_message(self.rid, heard.text, heard.confidence))
-            elif heard.kind in ("final", "silence"):
-                await self._heard(heard)
-
-    async def _heard(self, heard: Heard) -> None:
-        self.heard = heard
-        if heard.kind == "final" and heard.text.strip():
-            await self._done("final", text=heard.text.strip(), confidence=heard.confidence)
-        else:
-            await self._done("silence")
+                self.stage = self.gw.speech.stage(
+                    action.fmt, endpointing=True, interim=action.interim, silence_timeout_ms=silence
+                )
+            elif isinstance(action, FeedAudio):
+                assert self.stage is not None  # StartListening came first
+                for heard in await self.stage.feed(action.data):
+                    await self._do(body.heard(heard))
+            elif isinstance(action, FinishListening):
+                assert self.stage is not None
+                await self._do(body.heard(await self.stage.finish()))
+            elif isinstance(action, CancelListening):
+                if self.stage is not None:
+                    await self.stage.cancel()
+            elif isinstance(action, RecognizeFile):
+                await self._do(body.heard(await _recognise_file(self.gw, action.fmt, action.data)))
+            else:
+                if action.done:
+                    self._stop_heartbeat.set()
+                    if self._heartbeat is not None:
+                        await self._heartbeat
+                await self._publish(action.message, retain_s=action.retain_s)
 
     # ------------------------------------------------------------- the body
 
     async def _read(self) -> None:
         """Move the body's chunks to the queue (bounded); then _END or the exception."""
         total = 0
+        limit = self.body.body_limit
         try:
             async for chunk in self.request.stream():
                 if not chunk:
                     continue
                 total += len(chunk)
-                if total > self.body_limit:
+                if total > limit:
                     raise ProtocolError(
-                        f"The request body is larger than {self.body_limit} bytes.", status=413
+                        f"The request body is larger than {limit} bytes.", status=413
                     )
                 self._queue.put_nowait(chunk)
             self._queue.put_nowait(_END)
@@ -857,29 +718,10 @@ class _Hearing:
     async def _beat(self) -> None:
         """Republish the ``recognizing`` marker until recognition ends."""
         while not self._stop_heartbeat.is_set():
-            await self._publish(recognizing_message(self.rid), retain_s=LOST_S)
+            await self._publish(recognizing_message(self.body.rid), retain_s=LOST_S)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HEARTBEAT_S):
                     await self._stop_heartbeat.wait()
-
-    async def _done(
-        self,
-        result: DoneResult,
-        *,
-        text: str = "",
-        confidence: float = 0.0,
-        error: ErrorEvent | None = None,
-    ) -> None:
-        """Tell the GET that recognition ended (once; realtime only)."""
-        if not self.realtime or self._published_done:
-            return
-        self._published_done = True
-        self._stop_heartbeat.set()
-        if self._heartbeat is not None:
-            await self._heartbeat
-        settings = self.gw.settings
-        message = done_message(self.rid, result, text=text, confidence=confidence, error=error)
-        await self._publish(message, retain_s=settings.turn_timeout_s + settings.lock_wait_s + 5)
 
     async def _publish(self, message: BusMessage, *, retain_s: float | None = None) -> None:
         try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.settings import Settings
-from gateway.speech.listener import ListenOptions
 from gateway.speech.service import SpeechService
+from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.tts_cache import MemoryTtsCache

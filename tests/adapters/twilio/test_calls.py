@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse
 
 from adapters.twilio.protocol import MULAW_8K
 from gateway.speech.audio import Pcm
-from gateway.speech.listener import ListenOptions
 from gateway.speech.service import SpeechService
+from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.tts_cache import MemoryTtsCache

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -48,7 +49,9 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError
 from gateway.protocol.actions import CancelListening, FeedAudio, StartListening
-from gateway.speech.audio import Pcm
+from gateway.speech.audio import AudioFormat, Pcm
+from gateway.speech.stage import ListenOptions, SpeechStage
+from gateway.speech.stt import PocketsphinxRecognizer
 from tests.adapters.twilio.helpers import phone
 
 CALL = "CA" + "a" * 32
@@ -278,11 +281,49 @@ def started(**config: Any) -> TwilioCall:
     return call
 
 
+STAGES: dict[TwilioCall, SpeechStage] = {}
+PREROLLS: dict[TwilioCall, bytes] = {}
+"""The audio each call's latest StartListening handed the recognizer first (kept before the
+onset)."""
+RECOGNIZERS: list[PocketsphinxRecognizer] = []
+
+
+@pytest.fixture(autouse=True)
+def _stages(recognizer: PocketsphinxRecognizer) -> Iterator[None]:
+    """Each call gets a speech stage as routes.py makes it (only its VAD runs here)."""
+    RECOGNIZERS[:] = [recognizer]
+    yield
+    STAGES.clear()
+    PREROLLS.clear()
+
+
+def stage_of(call: TwilioCall) -> SpeechStage:
+    """The call's speech stage: the one endpointer of the call, as routes.py makes it."""
+    if call not in STAGES:
+        options = ListenOptions(interim=False, silence_timeout_ms=None)
+        STAGES[call] = SpeechStage(
+            RECOGNIZERS[0], AudioFormat("MULAW", 8000), options, frame_ms=20, keep_ms=call.keep_ms
+        )
+    return STAGES[call]
+
+
 def speak(call: TwilioCall, audio: bytes) -> list[Any]:
-    """Feed 20 ms frames of ``audio``; every action they caused, with the frame index."""
+    """Feed 20 ms frames of ``audio`` as routes.py does (each FeedAudio to the call's speech
+    stage, its verdict to TwilioCall.voice); every other action, with the frame index."""
     out = []
+    stage = stage_of(call)
     for i in range(0, len(audio), 160):
-        out += [(i // 160, action) for action in call.receive(media(audio[i : i + 160]))]
+        for action in call.receive(media(audio[i : i + 160])):
+            assert isinstance(action, FeedAudio)
+            assert action.stream == call.stream  # the latest utterance's number
+            started = bool(stage.hear(action.data))
+            actions = call.voice(stage.onset_ms, started=started)
+            for listen in actions:
+                if isinstance(listen, StartListening):
+                    assert listen.from_ms is not None
+                    stage.listen(listen.from_ms)
+                    PREROLLS[call] = stage.recent(listen.from_ms)
+            out += [(i // 160, a) for a in actions]
     return out
 
 
@@ -363,10 +404,10 @@ def test_speech_on_the_callers_floor_is_heard_and_becomes_the_input(
     speech = phone(corpus["play some music please"])
     actions = speak(call, SILENCE * 10 + speech)
     listen = [(i, a) for i, a in actions if isinstance(a, StartListening)]
-    [(at, first)] = listen
+    [(at, _)] = listen
     assert 10 + 7 <= at <= 10 + 12  # 150 ms of voice after the onset at frame 10
-    assert len(first.preroll) >= (at - 10 + 1) * 160  # the onset is in the preroll
-    assert all(isinstance(a, FeedAudio) for i, a in actions if i > at)
+    assert len(PREROLLS[call]) >= (at - 10 + 1) * 160  # the onset is in the preroll
+    assert [a for i, a in actions if i > at] == []  # the rest only feeds the stage
     assert call.state is State.HEARING
     [turn] = call.heard("final", "play some music please")
     assert isinstance(turn, StartTurn)

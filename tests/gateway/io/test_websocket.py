@@ -60,7 +60,7 @@ class Echo:
             case "end":
                 return [EndSession(self.ctx), Send("ended")]
             case "listen":
-                return [StartListening(1, fmt, preroll=b"pre")]
+                return [StartListening(1, fmt, from_ms=250)]
             case "audio":
                 return [FeedAudio(1, rest.encode())]
             case "done":
@@ -91,7 +91,7 @@ class Ears:
         self.record = record
 
     async def start(self, action: StartListening) -> None:
-        self.record.append(f"start {action.stream} {action.preroll.decode()}")
+        self.record.append(f"start {action.stream} {action.from_ms}")
 
     async def feed(self, action: FeedAudio) -> None:
         self.record.append(f"feed {action.stream} {action.data.decode()}")
@@ -205,7 +205,7 @@ def test_listening_actions_go_to_the_speech_side_in_order() -> None:
             ws.send_text(frame)
         ws.send_text("sync")
         assert ws.receive_text() == "SYNC"
-    assert record[:5] == ["start 1 pre", "feed 1 one", "feed 1 two", "finish 1", "cancel 1"]
+    assert record[:5] == ["start 1 250", "feed 1 one", "feed 1 two", "finish 1", "cancel 1"]
 
 
 def test_a_quiet_peer_is_closed_after_the_idle_timeout() -> None:

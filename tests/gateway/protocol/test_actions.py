@@ -10,7 +10,9 @@ import pytest
 from gateway.protocol import actions
 
 ROOT = Path(__file__).resolve().parents[3]
-PROTOCOLS = sorted(ROOT.glob("adapters/**/protocol.py"))
+SANS_IO = ("adapters/flowstorm/v2/hearing.py",)
+"""Other sans-I/O modules of the adapters (as in tests/test_protocol_purity.py)."""
+PROTOCOLS = sorted([*ROOT.glob("adapters/**/protocol.py"), *(ROOT / p for p in SANS_IO)])
 SHARED = set(actions.__all__)
 OTHER_NAMES = {"Hear", "Listen", "StopListening"}
 """Names the same ideas had before the kit (Twilio's), refused as well."""
@@ -21,7 +23,7 @@ def _classes(path: Path) -> set[str]:
     return {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
 
 
-@pytest.mark.parametrize("path", PROTOCOLS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", PROTOCOLS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_no_adapter_defines_a_shared_action_again(path: Path) -> None:
     again = _classes(path) & (SHARED | OTHER_NAMES)
     assert not again, (
@@ -31,10 +33,13 @@ def test_no_adapter_defines_a_shared_action_again(path: Path) -> None:
 
 def test_the_adapters_actions_are_the_kits() -> None:
     from adapters.flowstorm.v1 import protocol as v1
+    from adapters.flowstorm.v2 import hearing
     from adapters.twilio import protocol as twilio
     from adapters.voiceflow import protocol as voiceflow
 
     assert v1.Send is actions.Send
+    assert hearing.FeedAudio is actions.FeedAudio
+    assert hearing.CancelListening is actions.CancelListening
     assert v1.StartListening is actions.StartListening
     assert twilio.StartTurn is actions.StartTurn
     assert twilio.EndSession is actions.EndSession
@@ -46,4 +51,4 @@ def test_actions_are_frozen_values() -> None:
     assert send == actions.Send("hi")
     with pytest.raises(AttributeError):
         send.text = "changed"  # type: ignore[misc]
-    assert actions.StartListening(1, None).preroll == b""  # type: ignore[arg-type]
+    assert actions.StartListening(1, None).from_ms is None  # type: ignore[arg-type]

@@ -1,19 +1,21 @@
-"""The listening stage with real speech: Piper audio -> VAD endpointing -> pocketsphinx."""
+"""The speech stage fed inline, one utterance from the stream's start, with real speech:
+Piper audio -> VAD endpointing -> pocketsphinx."""
 
 from __future__ import annotations
 
 import pytest
 
 from gateway.speech.audio import AudioFormat, AudioFormatError, Pcm, pcm_to_mulaw, resample, silence
-from gateway.speech.listener import AudioLimitExceeded, Heard, Listener, ListenOptions
+from gateway.speech.stage import AudioLimitExceeded, ListenOptions, SpeechStage
 from gateway.speech.stt import PocketsphinxRecognizer
+from gateway.speech.types import Heard
 from tests.speech import normalise, padded, wer
 
 PCM16 = AudioFormat("LINEAR16", 16000)
 MULAW8 = AudioFormat("MULAW", 8000)
 
 
-async def listen(listener: Listener, data: bytes, chunk: int) -> list[Heard]:
+async def listen(listener: SpeechStage, data: bytes, chunk: int) -> list[Heard]:
     heard: list[Heard] = []
     async with listener:
         for start in range(0, len(data), chunk):
@@ -27,7 +29,7 @@ async def test_utterance_is_endpointed_and_recognised(
     recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
 ) -> None:
     speech = resample(padded(corpus["tell me about this place"]), 16000)
-    listener = Listener(recognizer, PCM16, ListenOptions())
+    listener = SpeechStage(recognizer, PCM16, ListenOptions())
     heard = await listen(listener, speech.data, PCM16.bytes_for_ms(100))
     kinds = [h.kind for h in heard]
     assert kinds[0] == "speech_started"
@@ -46,7 +48,7 @@ async def test_phone_audio_mulaw_8k(
 ) -> None:
     speech = pcm_to_mulaw(resample(padded(corpus["play some music please"]), 8000))
     heard = await listen(
-        Listener(recognizer, MULAW8, ListenOptions(interim=False)), speech, 160
+        SpeechStage(recognizer, MULAW8, ListenOptions(interim=False)), speech, 160
     )  # 20 ms frames, as Twilio sends them
     assert [h.kind for h in heard] == ["speech_started", "final"]
     assert wer([("play some music please", normalise(heard[-1].text))]) <= 0.34
@@ -56,7 +58,7 @@ async def test_no_speech_gives_silence_after_the_timeout(
     recognizer: PocketsphinxRecognizer,
 ) -> None:
     quiet = silence(3000, 16000).data
-    listener = Listener(recognizer, PCM16, ListenOptions(silence_timeout_ms=1000))
+    listener = SpeechStage(recognizer, PCM16, ListenOptions(silence_timeout_ms=1000))
     heard = await listen(listener, quiet, PCM16.bytes_for_ms(100))
     assert [h.kind for h in heard] == ["silence"]
     assert 990 <= heard[0].at_ms <= 1040
@@ -67,7 +69,7 @@ async def test_whole_file_without_endpointing(
     recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
 ) -> None:
     speech = resample(padded(corpus["what is the weather like today"]), 16000)
-    listener = Listener(recognizer, PCM16, ListenOptions(endpointing=False, interim=False))
+    listener = SpeechStage(recognizer, PCM16, ListenOptions(endpointing=False, interim=False))
     async with listener:
         assert await listener.feed(speech.data) == []
         final = await listener.finish()
@@ -76,7 +78,7 @@ async def test_whole_file_without_endpointing(
 
 
 async def test_too_much_audio_is_refused(recognizer: PocketsphinxRecognizer) -> None:
-    listener = Listener(recognizer, PCM16, ListenOptions(endpointing=False, max_audio_ms=1000))
+    listener = SpeechStage(recognizer, PCM16, ListenOptions(endpointing=False, max_audio_ms=1000))
     async with listener:
         await listener.feed(silence(900, 16000).data)
         with pytest.raises(AudioLimitExceeded, match="at most 1 s of audio"):
@@ -85,7 +87,7 @@ async def test_too_much_audio_is_refused(recognizer: PocketsphinxRecognizer) -> 
 
 
 async def test_odd_length_pcm_is_refused_at_the_end(recognizer: PocketsphinxRecognizer) -> None:
-    listener = Listener(recognizer, PCM16, ListenOptions(endpointing=False))
+    listener = SpeechStage(recognizer, PCM16, ListenOptions(endpointing=False))
     async with listener:
         await listener.feed(b"\x00" * 321)
         with pytest.raises(AudioFormatError, match="odd number of bytes"):
@@ -97,11 +99,11 @@ async def test_cancel_mid_utterance_frees_the_recognizer(
 ) -> None:
     speech = resample(padded(corpus["tell me about this place"]), 16000)
     for _ in range(5):  # more than the recognizer's max_streams (3): each cancel frees one
-        listener = Listener(recognizer, PCM16, ListenOptions())
+        listener = SpeechStage(recognizer, PCM16, ListenOptions())
         await listener.start()
         await listener.feed(speech.data[: PCM16.bytes_for_ms(800)])
         await listener.cancel()
         assert listener.done
         assert (await listener.finish()).kind == "silence"
-    again = await listen(Listener(recognizer, PCM16, ListenOptions()), speech.data, 3200)
+    again = await listen(SpeechStage(recognizer, PCM16, ListenOptions()), speech.data, 3200)
     assert again[-1].kind == "final"

@@ -22,8 +22,8 @@ from gateway.pipeline import DemoPipeline
 from gateway.sessions import MemorySessionStore
 from gateway.settings import Settings
 from gateway.speech.audio import decode_mp3, decode_wav
-from gateway.speech.listener import ListenOptions
 from gateway.speech.service import SpeechService, TtsRequest, speakable
+from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import EspeakSynthesizer, PiperSynthesizer, SynthesisError, Synthesizer
 from gateway.speech.tts_cache import MemoryTtsCache

@@ -16,8 +16,8 @@ from gateway.pipeline import DemoPipeline
 from gateway.sessions import MemorySessionStore
 from gateway.settings import Settings
 from gateway.speech.audio import decode_mp3, decode_wav
-from gateway.speech.listener import ListenOptions
 from gateway.speech.service import SpeechService, TtsRequest
+from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import (
     PIECE_CHARS,

@@ -45,9 +45,10 @@ from gateway.events import (
 )
 from gateway.protocol import LocalProtocolError, ProtocolError
 from gateway.speech.audio import AudioFormat, AudioFormatError
-from gateway.speech.listener import AudioLimitExceeded, Heard
 from gateway.speech.service import TtsRequest
+from gateway.speech.stage import AudioLimitExceeded
 from gateway.speech.stt import RecognitionError, RecognizerBusy
+from gateway.speech.types import Heard
 from tests.adapters.flowstorm.v1.helpers import (
     SPEC,
     SPEC_INIT,

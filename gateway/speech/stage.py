@@ -1,0 +1,464 @@
+"""The speech stage of one audio stream: one endpointer, one VAD pass per frame, its utterances.
+
+Every channel that hears audio (Flowstorm V1 and V2 realtime, Twilio) drives its
+stream through one :class:`SpeechStage`. Routes only hand frames in and take
+:class:`~gateway.speech.types.Heard` events out:
+
+``speech_started``  a voice onset (barge-in on calls); ``at_ms`` is the onset
+``interim``         a changed interim transcript of the open utterance (when asked for)
+``final``           the utterance ended: its text and confidence
+``silence``         no speech within the silence timeout, or nothing intelligible
+``idle``            the client sent no audio for ``idle_timeout_ms`` (wall clock)
+
+The one :class:`~gateway.speech.vad.Endpointer` of the stream classifies every
+frame exactly once (:meth:`SpeechStage.hear`, synchronous and cheap), whether or
+not an utterance is being recognised: its onsets serve barge-in at once, and the
+same decisions end the utterance that a recognition stream (opened by
+:meth:`SpeechStage.listen`) is fed. The stage keeps the last ``keep_ms`` of audio,
+so an utterance opened at an onset gets the audio from just before it (preroll).
+
+Two ways to drive the recognition, one implementation:
+
+* **inline** (:meth:`SpeechStage.feed`): each chunk is classified and recognised
+  before the call returns (the V2 realtime PUT, whole audio files);
+* **queued** (:meth:`SpeechStage.put` / :meth:`SpeechStage.hear` from the receive loop,
+  :meth:`SpeechStage.run` in a task of its own): the receive loop never waits for the
+  recognizer (V1, Twilio); audio waits in an ordered queue, batched to at least
+  ``batch_ms`` per recognizer round trip, with backpressure past ``max_pending_ms``.
+
+Time is audio time (ms of audio fed), so results do not depend on how fast a client
+sends; only ``idle`` is wall-clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, Literal, Self
+
+from gateway import metrics
+from gateway.speech.audio import AudioFormat, AudioFormatError, mulaw_to_pcm
+from gateway.speech.stt import RecognitionStream, Recognizer
+from gateway.speech.types import Heard
+from gateway.speech.vad import Endpointer
+
+__all__ = ["AudioLimitExceeded", "ListenOptions", "SpeechStage"]
+
+
+class AudioLimitExceeded(AudioFormatError):
+    """More audio than the configured limit (GATEWAY_MAX_AUDIO_S) for one utterance."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenOptions:
+    """How a stage decides that an utterance ended (all times in ms of audio).
+
+    ``endpointing`` off means the whole input is one utterance (a prerecorded
+    file): only :meth:`SpeechStage.finish` ends it, and no VAD runs.
+    ``silence_timeout_ms`` None disables the no-speech timeout (counted from the
+    stream start). ``max_audio_ms`` bounds one utterance.
+    """
+
+    endpointing: bool = True
+    interim: bool = True
+    silence_timeout_ms: int | None = 5000
+    trailing_silence_ms: int = 700
+    min_speech_ms: int = 150
+    aggressiveness: int = 2
+    max_audio_ms: int = 30_000
+
+
+_Decision = tuple[Literal["started", "ended", "timeout"], int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """Queued for the open utterance: audio and the endpointer's decisions on it, or the end."""
+
+    audio: bytes
+    decisions: tuple[_Decision, ...] = ()
+    finish: bool = False
+
+
+_IDLE: Final = Heard("idle")
+
+
+class SpeechStage:
+    """The speech of one audio stream in ``fmt`` (LINEAR16 or MULAW, any supported rate).
+
+    Args:
+        recognizer: opens one recognition stream per utterance.
+        fmt: the stream's raw audio format.
+        options: endpointing, interim results, VAD and limits (:class:`ListenOptions`).
+        frame_ms: VAD frame length (10, 20 or 30 ms).
+        keep_ms: recent audio kept for :meth:`listen`'s preroll (0: none).
+        batch_ms: queued mode: audio gathered per recognizer round trip (0: as it comes).
+        max_pending_ms: queued mode: audio that may wait for the recognizer before
+            :meth:`put` waits (None: unbounded).
+        idle_timeout_ms: queued mode: wall-clock ms without audio before ``idle`` is
+            reported once (None: never).
+
+    Raises:
+        AudioFormatError: unsupported format (at construction); AudioLimitExceeded
+        past ``max_audio_ms`` of one utterance; RecognitionError (RecognizerBusy)
+        from the recognizer.
+    """
+
+    def __init__(
+        self,
+        recognizer: Recognizer,
+        fmt: AudioFormat,
+        options: ListenOptions,
+        *,
+        frame_ms: int = 30,
+        keep_ms: int = 0,
+        batch_ms: int = 0,
+        max_pending_ms: int | None = None,
+        idle_timeout_ms: int | None = None,
+    ) -> None:
+        self.fmt = fmt
+        self.options = options
+        self._recognizer = recognizer
+        self._endpointer = (
+            Endpointer(
+                fmt.sample_rate,
+                frame_ms=frame_ms,
+                aggressiveness=options.aggressiveness,
+                min_speech_ms=options.min_speech_ms,
+                trailing_silence_ms=options.trailing_silence_ms,
+                silence_timeout_ms=options.silence_timeout_ms,
+            )
+            if options.endpointing
+            else None
+        )
+        self._keep = fmt.bytes_for_ms(keep_ms)
+        self._batch = fmt.bytes_for_ms(batch_ms)
+        self._max_pending = (
+            None if max_pending_ms is None else max(fmt.bytes_for_ms(max_pending_ms), 1)
+        )
+        self._idle_s = None if idle_timeout_ms is None else idle_timeout_ms / 1000
+        self._limit = fmt.bytes_for_ms(options.max_audio_ms)
+        self._ring = bytearray()
+        self._ring_start = 0  # byte offset of _ring[0] in the stream
+        self._bytes = 0  # bytes of the stream heard
+        self.onset_ms: int | None = None
+        """Audio time the current speech began (None when nobody speaks)."""
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._open = False
+        self._reset_utterance()
+
+    def _reset_utterance(self) -> None:
+        self._queue: deque[_Item] = deque()
+        self._pending = 0
+        self._room.set()
+        self._last_audio = time.monotonic()
+        self._idle_told = False
+        self._finishing = False
+        self._stopped = False
+        self._stream: RecognitionStream | None = None
+        self._fed = 0  # bytes fed to the utterance
+        self.speaking = False
+        """Whether speech started in the open utterance (it ends at the speech's end)."""
+        self.result: Heard | None = None
+        self.cancelled = False
+
+    # -------------------------------------------------------------- the stream
+
+    @property
+    def now_ms(self) -> int:
+        """Audio time: ms of the stream heard so far."""
+        return int(self.fmt.duration_ms(self._bytes))
+
+    @property
+    def classified_ms(self) -> int:
+        """Audio the endpointer classified so far (ms of whole VAD frames; 0 without
+        endpointing): each frame of the stream once, utterances or not."""
+        return 0 if self._endpointer is None else self._endpointer.elapsed_ms
+
+    @property
+    def speech_ms(self) -> int:
+        """How long the current speech has lasted (0 when nobody speaks)."""
+        return 0 if self.onset_ms is None else self.now_ms - self.onset_ms
+
+    @property
+    def done(self) -> bool:
+        """Whether the utterance has its result (final or silence), or was cancelled."""
+        return self.result is not None or self.cancelled
+
+    @property
+    def audio_ms(self) -> int:
+        """Audio fed to the utterance so far, in ms."""
+        return int(self.fmt.duration_ms(self._fed))
+
+    def hear(self, chunk: bytes) -> list[Heard]:
+        """Take one chunk of the stream: one VAD pass; the onsets it confirmed (``speech_started``).
+
+        With an utterance open (:meth:`listen`) the chunk and the endpointer's
+        decisions are queued for it; they are recognised by :meth:`feed` or :meth:`run`.
+        """
+        if not chunk:
+            return []
+        self._bytes += len(chunk)
+        if self._keep:
+            self._ring += chunk
+            if len(self._ring) > 2 * self._keep:
+                cut = len(self._ring) - self._keep
+                del self._ring[:cut]
+                self._ring_start += cut
+        decisions: list[_Decision] = []
+        onsets: list[Heard] = []
+        if self._endpointer is not None:
+            pcm = chunk
+            if self.fmt.encoding == "MULAW":
+                pcm = mulaw_to_pcm(chunk, self.fmt.sample_rate).data
+            for event in self._endpointer.feed(pcm):
+                if event.kind == "speech_started":
+                    self.onset_ms = event.at_ms
+                    onsets.append(Heard("speech_started", at_ms=event.at_ms))
+                    decisions.append(("started", event.at_ms))
+                elif event.kind == "speech_ended":
+                    self.onset_ms = None
+                    decisions.append(("ended", event.at_ms))
+                else:
+                    decisions.append(("timeout", event.at_ms))
+        if self._open and not self._finishing and not self._stopped and not self.done:
+            self._enqueue(_Item(chunk, tuple(decisions)))
+            self._last_audio = time.monotonic()
+        return onsets
+
+    def recent(self, from_ms: int) -> bytes:
+        """The audio kept from audio time ``from_ms`` (or the oldest kept) to now."""
+        start = max(self.fmt.bytes_for_ms(max(from_ms, 0)) - self._ring_start, 0)
+        return bytes(self._ring[start:])
+
+    # -------------------------------------------------------------- the utterance
+
+    def listen(self, preroll_from_ms: int | None = None) -> None:
+        """Open an utterance: what is heard from now on is recognised, after the kept audio
+        from ``preroll_from_ms`` (None: none). Speech going on now counts as its start.
+
+        A stream has one utterance open at a time; the previous one must be over
+        (its result reported, or cancelled, or stopped and its :meth:`run` returned).
+        """
+        self._reset_utterance()
+        self._open = True
+        self.speaking = self.onset_ms is not None
+        if preroll_from_ms is not None and (preroll := self.recent(preroll_from_ms)):
+            self._enqueue(_Item(preroll))
+
+    def _enqueue(self, item: _Item) -> None:
+        self._queue.append(item)
+        self._pending += len(item.audio)
+        self._wake.set()
+
+    async def start(self) -> Self:
+        """Open the recognition stream (may wait in the recognizer's bounded queue).
+
+        Raises:
+            RecognizerBusy: no recognizer is free and the queue is full, or the wait
+                timed out (a RecognitionError).
+            RecognitionError: the recognizer failed.
+        """
+        if not self._open:
+            self.listen()
+        if self._stream is None and not self.done:
+            self._stream = await self._recognizer.open_stream(self.fmt)
+        return self
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self.done:
+            await self.cancel()
+
+    async def put(self, chunk: bytes) -> None:
+        """Queued mode: :meth:`hear` ``chunk``, first waiting while more than
+        ``max_pending_ms`` of audio waits for the recognizer (backpressure)."""
+        if self._finishing or self.done or self._stopped or not chunk:
+            return
+        while (
+            self._max_pending is not None
+            and self._pending >= self._max_pending
+            and not self.done
+            and not self._finishing
+            and not self._stopped
+        ):
+            self._room.clear()
+            await self._room.wait()
+        if not self.done and not self._finishing and not self._stopped:
+            self.hear(chunk)
+
+    def finish_soon(self) -> None:
+        """Queued mode: end the utterance after the audio queued (once)."""
+        if self._open and not self._finishing and not self._stopped and not self.done:
+            self._finishing = True
+            self._queue.append(_Item(b"", finish=True))
+            self._wake.set()
+
+    def stop(self) -> None:
+        """Queued mode: take no more audio; :meth:`run` returns without a result."""
+        self._stopped = True
+        self._queue.clear()
+        self._pending = 0
+        self._room.set()
+        self._wake.set()
+
+    async def feed(self, chunk: bytes) -> list[Heard]:
+        """Inline mode: take one chunk and recognise it now; the events it caused, in order."""
+        if self.done or not chunk:
+            return []
+        await self.start()
+        self.hear(chunk)
+        heard: list[Heard] = []
+        while self._queue and not self.done:
+            heard += await self._process(self._take())
+        return heard
+
+    async def run(self, report: Callable[[Heard], Awaitable[None]]) -> None:
+        """Queued mode: recognise the utterance to its end, reporting each event in order
+        (also ``idle``); returns when it has its result or after :meth:`stop`.
+
+        Raises what :meth:`start` raises, AudioLimitExceeded, AudioFormatError,
+        RecognitionError. The recognition stream is cancelled on every way out
+        without a result.
+        """
+        try:
+            await self.start()
+            while not self.done and not self._stopped:
+                item = await self._next()
+                if item is None:
+                    return
+                if isinstance(item, Heard):
+                    await report(item)
+                    continue
+                for heard in await self._process(item):
+                    await report(heard)
+        finally:
+            if not self.done:
+                await asyncio.shield(self.cancel())
+
+    async def _next(self) -> _Item | Heard | None:
+        """The next batch to recognise; ``idle`` once after ``idle_timeout_ms`` without
+        audio (never after :meth:`finish_soon`); None when stopped."""
+        while not self._queue or (
+            self._pending < self._batch and not self._queue[-1].decisions and not self._finishing
+        ):
+            if self.done or self._stopped:
+                return None
+            timeout: float | None = None
+            if self._idle_s is not None and not self._finishing and not self._idle_told:
+                timeout = self._last_audio + self._idle_s - time.monotonic()
+                if timeout <= 0:
+                    self._idle_told = True
+                    return _IDLE
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+        if self.done or self._stopped:
+            return None
+        return self._take()
+
+    def _take(self) -> _Item:
+        """The next queued audio as one item: items joined until ``batch_ms`` is reached or
+        one carries a decision (that one included)."""
+        audio = bytearray()
+        while self._queue and (not audio or len(audio) < self._batch):
+            item = self._queue.popleft()
+            if item.finish:
+                if audio:
+                    self._queue.appendleft(item)
+                    break
+                self._room_check()
+                return item
+            audio += item.audio
+            self._pending -= len(item.audio)
+            if item.decisions:
+                self._room_check()
+                return _Item(bytes(audio), item.decisions)
+        self._room_check()
+        return _Item(bytes(audio))
+
+    def _room_check(self) -> None:
+        if self._max_pending is None or self._pending < self._max_pending:
+            self._room.set()
+
+    async def _process(self, item: _Item) -> list[Heard]:
+        """Recognise one item: the events it caused, in order."""
+        if item.finish:
+            return [await self.finish()]
+        stream = self._stream
+        assert stream is not None
+        self._fed += len(item.audio)
+        if self._fed > self._limit:
+            await self.cancel()  # done; the limit error is reported once
+            raise AudioLimitExceeded(
+                f"expected at most {self.options.max_audio_ms / 1000:g} s of audio in one "
+                "utterance; got more"
+            )
+        heard: list[Heard] = []
+        for kind, at_ms in item.decisions:
+            if kind == "started":
+                self.speaking = True
+                heard.append(Heard("speech_started", at_ms=at_ms))
+            elif kind == "timeout" and not self.speaking:
+                await stream.cancel()
+                self.result = Heard("silence", at_ms=at_ms)
+                return [*heard, self.result]
+            elif kind == "ended" and self.speaking:
+                await stream.feed(item.audio)
+                return [*heard, await self._final(at_ms)]
+        interim = await stream.feed(item.audio)
+        if interim is not None and self.options.interim and interim.text:
+            heard.append(Heard("interim", interim.text, interim.confidence, self.audio_ms))
+        return heard
+
+    async def _final(self, at_ms: int) -> Heard:
+        assert self._stream is not None
+        with metrics.timed(metrics.STT_SECONDS):
+            result = await self._stream.finish()
+        text = result.text.strip()
+        silence = Heard("silence", at_ms=at_ms)
+        self.result = Heard("final", text, result.confidence, at_ms) if text else silence
+        return self.result
+
+    async def finish(self) -> Heard:
+        """End the utterance now: its final result, or silence when nothing was understood
+        (also after :meth:`cancel`, or when no recognition stream was opened).
+
+        Raises:
+            AudioFormatError: LINEAR16 audio of an odd number of bytes.
+            RecognitionError: the recognizer failed.
+        """
+        if self.result is not None:
+            return self.result
+        if self._stream is None or self.cancelled:
+            self.result = Heard("silence", at_ms=self.audio_ms)
+            return self.result
+        while self._queue and not self._queue[0].finish:  # inline: nothing is left queued
+            for heard in await self._process(self._take()):
+                if heard.kind in ("final", "silence"):
+                    return heard
+        if self.fmt.encoding == "LINEAR16" and self._fed % 2:
+            await self.cancel()  # the recognizer cannot take half a sample
+            raise AudioFormatError(
+                "expected LINEAR16 audio (16-bit samples): got an odd number of bytes"
+            )
+        return await self._final(self.audio_ms)
+
+    async def cancel(self) -> None:
+        """Drop the utterance (the recognition stream is released); nothing more is reported."""
+        if self._stream is not None and not self.done:
+            await self._stream.cancel()
+        self.cancelled = True
+        self._queue.clear()
+        self._pending = 0
+        self._room.set()
+        self._wake.set()

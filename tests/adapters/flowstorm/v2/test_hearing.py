@@ -1,0 +1,136 @@
+"""The streamed PUT body's protocol, sans I/O (adapters/flowstorm/v2/hearing.py): chunks and
+the speech stage's events in, actions and the outcome out, the wall clock passed in."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapters.flowstorm.v2.hearing import (
+    STREAM,
+    Publish,
+    RecognizeFile,
+    StreamedBody,
+)
+from adapters.flowstorm.v2.protocol import ClientConfig
+from gateway.protocol import ProtocolError
+from gateway.protocol.actions import CancelListening, FeedAudio, FinishListening, StartListening
+from gateway.speech.audio import AudioFormat
+from gateway.speech.types import Heard
+from tests.adapters.flowstorm.v2.helpers import binary_line
+
+PCM16 = AudioFormat("LINEAR16", 16000)
+INPUT = json.dumps({"type": "Input", "input": {"transcript": {"text": "hello"}}}) + "\n"
+CLOSE = '{"type":"InputStreamClose"}\n'
+
+
+def body(*, realtime: bool, container: str | None = "raw", **bounds: float) -> StreamedBody:
+    return StreamedBody(
+        ClientConfig(realtime=realtime),
+        container,  # type: ignore[arg-type]
+        rid="r1",
+        now=100.0,
+        max_audio_bytes=64_000,
+        max_body_bytes=4096,
+        max_audio_s=2.0,
+        silence_timeout_ms=5000,
+        done_retain_s=30.0,
+        **bounds,
+    )
+
+
+def run(streamed: StreamedBody, chunk: bytes, now: float) -> list[object]:
+    streamed.receive(chunk, now)
+    actions: list[object] = []
+    while (step := streamed.step(now)) is not None:
+        actions += step
+    return actions
+
+
+def test_realtime_audio_goes_to_the_stage_and_its_final_result_decides() -> None:
+    streamed = body(realtime=True)
+    assert streamed.timeout(100.0) == pytest.approx(6.0)  # silence timeout + 1 s grace
+    [start, feed] = run(streamed, b"\x00\x01" * 800, 100.1)
+    assert start == StartListening(STREAM, PCM16, interim=True)
+    assert feed == FeedAudio(STREAM, b"\x00\x01" * 800)
+    assert run(streamed, b"\x00\x02" * 10, 100.1) == [FeedAudio(STREAM, b"\x00\x02" * 10)]
+    assert streamed.heard(Heard("speech_started", at_ms=50)) == []
+    assert streamed.timeout(100.5) == pytest.approx(1.6)  # 2 s after the last chunk
+    [interim] = streamed.heard(Heard("interim", "hel", 0.5))
+    assert isinstance(interim, Publish)
+    assert interim.message["type"] == "interim"
+    assert not interim.done
+    [done] = streamed.heard(Heard("final", " hello there ", 0.9, 800))
+    assert isinstance(done, Publish)
+    assert done.done
+    assert done.retain_s == 30.0
+    assert (done.message["result"], done.message["text"]) == ("final", "hello there")
+    assert streamed.decided
+    outcome = streamed.outcome()
+    assert outcome.input is not None
+    assert outcome.input.text == "hello there"
+    assert [e.input.text for e in outcome.prefix] == ["hello there"]
+    assert run(streamed, b"\x00\x00" * 100, 100.6) == []  # decided: the rest is dropped
+
+
+def test_a_stall_after_speech_finishes_the_utterance_and_quiet_is_silence() -> None:
+    streamed = body(realtime=True, stall_s=0.5)
+    run(streamed, b"\x00\x00" * 800, 100.0)
+    streamed.heard(Heard("speech_started"))
+    assert streamed.timeout(100.2) == pytest.approx(0.3)
+    assert streamed.timed_out() == [FinishListening(STREAM)]
+    quiet = body(realtime=True, no_speech_grace_s=0.0)
+    run(quiet, b"\x00\x00" * 800, 100.0)
+    cancel, done = quiet.timed_out()
+    assert cancel == CancelListening(STREAM)
+    assert isinstance(done, Publish)
+    assert done.message["result"] == "silence"
+    outcome = quiet.outcome()
+    assert outcome.input is not None
+    assert outcome.input.text == "#silence"
+
+
+def test_switching_to_text_cancels_listening_and_the_input_is_the_outcome() -> None:
+    streamed = body(realtime=True, container=None)
+    actions = run(streamed, (binary_line(b"\x00\x00" * 160) + CLOSE).encode(), 101.0)
+    start, feed, cancel, done = actions
+    assert isinstance(start, StartListening)
+    assert isinstance(feed, FeedAudio)
+    assert cancel == CancelListening(STREAM)
+    assert isinstance(done, Publish)
+    assert done.message["result"] == "text"
+    assert streamed.timeout(101.0) == pytest.approx(60.0)  # TEXT_WAIT_S for the Input
+    assert run(streamed, INPUT.encode(), 102.0) == []  # "done" was published once
+    assert streamed.ended() == []
+    outcome = streamed.outcome()
+    assert outcome.input is not None
+    assert outcome.input.text == "hello"
+
+
+def test_no_input_after_input_stream_close_is_a_408() -> None:
+    streamed = body(realtime=True, container=None, text_wait_s=1.0)
+    run(streamed, (binary_line(b"\x00\x00" * 160) + CLOSE).encode(), 100.0)
+    with pytest.raises(ProtocolError) as caught:
+        streamed.timed_out()
+    assert caught.value.status == 408
+
+
+def test_json_audio_without_realtime_is_recognised_whole_at_the_end() -> None:
+    streamed = body(realtime=False, container=None)
+    assert streamed.timeout(100.0) is None  # no wall-clock bound
+    lines = binary_line(b"\x00\x00" * 800) + binary_line(b"\x00\x00" * 800)
+    assert run(streamed, lines.encode(), 100.0) == []
+    [recognize] = streamed.ended()
+    assert recognize == RecognizeFile(b"\x00\x00" * 1600, PCM16)
+    assert streamed.heard(Heard("final", "hi", 0.8)) == []  # nothing to publish
+    outcome = streamed.outcome()
+    assert outcome.input is not None
+    assert outcome.input.text == "hi"
+
+
+def test_too_much_audio_is_a_413() -> None:
+    streamed = body(realtime=True)
+    with pytest.raises(ProtocolError) as caught:
+        run(streamed, b"\x00" * 64_002, 100.0)
+    assert caught.value.status == 413

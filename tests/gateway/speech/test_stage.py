@@ -1,0 +1,179 @@
+"""The speech stage with real speech (Piper audio -> one WebRTC VAD pass -> pocketsphinx):
+onsets at once, utterances opened at an onset with their preroll, queued and inline
+recognition, idle, stop, backpressure, and many utterances on one stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gateway.speech.audio import AudioFormat, Pcm, pcm_to_mulaw, resample, silence
+from gateway.speech.stage import ListenOptions, SpeechStage
+from gateway.speech.stt import PocketsphinxRecognizer
+from gateway.speech.types import Heard
+from tests.speech import normalise, padded, wer
+
+MULAW8 = AudioFormat("MULAW", 8000)
+PCM16 = AudioFormat("LINEAR16", 16000)
+FRAME = 160  # 20 ms of 8 kHz μ-law, as Twilio sends it
+QUIET = b"\xff" * FRAME
+
+
+def call_stage(recognizer: PocketsphinxRecognizer, **options: int | bool | None) -> SpeechStage:
+    """A stage as a phone call makes it: 20 ms frames, no silence timeout, a preroll."""
+    return SpeechStage(
+        recognizer,
+        MULAW8,
+        ListenOptions(interim=False, silence_timeout_ms=None, **options),  # type: ignore[arg-type]
+        frame_ms=20,
+        keep_ms=1000,
+        batch_ms=60,
+    )
+
+
+def once(stage: SpeechStage) -> bool:
+    """Whether the stage's endpointer classified every whole 20 ms frame heard, once."""
+    return stage.classified_ms == stage.now_ms // 20 * 20
+
+
+def phone(pcm: Pcm) -> bytes:
+    return pcm_to_mulaw(resample(pcm, 8000))
+
+
+async def test_onsets_come_at_once_and_each_frame_is_classified_once(
+    recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
+) -> None:
+    stage = call_stage(recognizer)
+    audio = QUIET * 25 + phone(padded(corpus["tell me about this place"], 0, 1200))
+    onsets: list[tuple[int, Heard]] = []
+    for i in range(0, len(audio), FRAME):
+        onsets += [(i // FRAME, h) for h in stage.hear(audio[i : i + FRAME])]
+        assert once(stage)  # one VAD pass, frame by frame
+    [(frame, onset)] = onsets
+    assert onset.kind == "speech_started"
+    assert 450 <= onset.at_ms <= 700  # after the 500 ms of quiet
+    assert frame * 20 - onset.at_ms >= 140  # confirmed after min_speech_ms of voice
+    assert stage.onset_ms is None  # the speech ended in the trailing quiet
+    assert not stage.done  # no utterance was opened: nothing recognised
+
+
+async def test_an_utterance_opened_at_the_onset_is_recognised_from_its_preroll(
+    recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
+) -> None:
+    stage = call_stage(recognizer)
+    audio = QUIET * 25 + phone(padded(corpus["play some music please"], 0, 1200))
+    reported: list[Heard] = []
+
+    async def report(heard: Heard) -> None:
+        reported.append(heard)
+
+    task: asyncio.Task[None] | None = None
+    for i in range(0, len(audio), FRAME):
+        if stage.hear(audio[i : i + FRAME]):  # the onset: listen from before it, as a call does
+            assert stage.onset_ms is not None
+            stage.listen(stage.onset_ms - 300)
+            task = asyncio.create_task(stage.run(report))
+        await asyncio.sleep(0)
+    assert task is not None
+    await asyncio.wait_for(task, 30)
+    assert stage.result is not None
+    assert stage.result.kind == "final"
+    assert wer([("play some music please", normalise(stage.result.text))]) <= 0.34
+    assert reported[-1] == stage.result
+    assert once(stage)  # recognition ran no VAD of its own
+
+
+async def test_two_utterances_on_one_stream(
+    recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
+) -> None:
+    stage = call_stage(recognizer)
+    texts = ["tell me about this place", "what is the weather like today"]
+    finals: list[str] = []
+    for text in texts:
+        audio = QUIET * 10 + phone(padded(corpus[text], 0, 1200))
+        task: asyncio.Task[None] | None = None
+        for i in range(0, len(audio), FRAME):
+            if stage.hear(audio[i : i + FRAME]) and task is None:
+                assert stage.onset_ms is not None
+                stage.listen(stage.onset_ms - 300)
+                task = asyncio.create_task(stage.run(_nothing))
+            await asyncio.sleep(0)
+        assert task is not None
+        await asyncio.wait_for(task, 30)
+        assert stage.result is not None
+        assert stage.result.kind == "final"
+        finals.append(normalise(stage.result.text))
+    assert wer(list(zip(texts, finals, strict=True))) <= 0.34
+    assert once(stage)  # one endpointer for the whole stream
+
+
+async def _nothing(heard: Heard) -> None:
+    """A report that keeps nothing."""
+
+
+async def test_inline_feed_gives_interim_and_final_results(
+    recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
+) -> None:
+    speech = resample(padded(corpus["i would like to book a table for two"]), 16000)
+    heard: list[Heard] = []
+    async with SpeechStage(recognizer, PCM16, ListenOptions()) as stage:
+        for i in range(0, len(speech.data), PCM16.bytes_for_ms(100)):
+            heard += await stage.feed(speech.data[i : i + PCM16.bytes_for_ms(100)])
+            if stage.done:
+                break
+    kinds = [h.kind for h in heard]
+    assert kinds[0] == "speech_started"
+    assert "interim" in kinds
+    assert kinds[-1] == "final"
+    assert wer([("i would like to book a table for two", normalise(heard[-1].text))]) <= 0.34
+
+
+async def test_queued_mode_reports_idle_then_finishes_on_request(
+    recognizer: PocketsphinxRecognizer,
+) -> None:
+    stage = SpeechStage(recognizer, PCM16, ListenOptions(), idle_timeout_ms=200)
+    stage.listen()
+    reported: list[Heard] = []
+
+    async def report(heard: Heard) -> None:
+        reported.append(heard)
+        if heard.kind == "idle":
+            stage.finish_soon()  # what V1's protocol asks for (FinishListening)
+
+    started = time.monotonic()
+    await stage.put(silence(300, 16000).data)
+    await asyncio.wait_for(stage.run(report), 10)
+    assert 0.15 <= time.monotonic() - started < 5
+    assert [h.kind for h in reported] == ["idle", "silence"]
+    assert stage.result == reported[-1]
+
+
+async def test_no_speech_within_the_timeout_is_silence(
+    recognizer: PocketsphinxRecognizer,
+) -> None:
+    stage = SpeechStage(recognizer, PCM16, ListenOptions(silence_timeout_ms=1000))
+    heard: list[Heard] = []
+    async with stage:
+        for _ in range(30):
+            heard += await stage.feed(silence(100, 16000).data)
+            if stage.done:
+                break
+    assert [(h.kind, h.at_ms) for h in heard] == [("silence", 1000)]
+    assert stage.audio_ms <= 1100
+
+
+async def test_stop_ends_the_run_without_a_result_and_frees_the_recognizer(
+    recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
+) -> None:
+    stage = SpeechStage(recognizer, PCM16, ListenOptions(), max_pending_ms=500)
+    stage.listen()
+    speech = resample(padded(corpus["tell me about this place"]), 16000).data
+    run = asyncio.create_task(stage.run(_nothing))
+    for i in range(0, PCM16.bytes_for_ms(800), PCM16.bytes_for_ms(100)):
+        await stage.put(speech[i : i + PCM16.bytes_for_ms(100)])  # waits when 500 ms queue
+    stage.stop()
+    await asyncio.wait_for(run, 10)
+    assert stage.result is None
+    assert stage.cancelled  # the recognition stream was released
+    await stage.put(speech[:3200])  # stopped: taken no more
+    assert stage.done
