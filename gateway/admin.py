@@ -72,8 +72,13 @@ async def require_admin(request: Request) -> None:
         check_admin_key(keys, request.headers.get("authorization"))
     except AdminRefused as exc:
         peer = request.client.host if request.client else "?"
-        log.warning("Admin request %s from %s refused (%d): %s", request.url.path, peer,
-                    exc.status, exc.detail)
+        log.warning(
+            "Admin request %s from %s refused (%d): %s",
+            request.url.path,
+            peer,
+            exc.status,
+            exc.detail,
+        )
         raise
 
 

@@ -26,6 +26,7 @@ from adapters.twilio.routes import router as twilio_router
 from adapters.voiceflow.routes import mount as mount_voiceflow
 from gateway import apidoc, console
 from gateway.bus import Bus, MemoryBus, RedisBus
+from gateway.calls import mount as mount_calls
 from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
 from gateway.files import router as files_router
@@ -133,6 +134,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.include_router(google_router)
     # phone calls (Twilio Media Streams); its router's lifespan logs the verification warnings
     app.include_router(twilio_router)
+    # call control: POST /v1/calls (admin key), AMD webhooks, transfers (gateway/calls.py)
+    mount_calls(app)
     # Voiceflow socket.io at /v4/interact/socket (a mounted ASGI app; its router's lifespan)
     mount_voiceflow(app, settings)
     if settings.console_enabled:  # the browser console: static files at /console

@@ -16,6 +16,7 @@ waiting for the call they belong to (:class:`MachineAnswers`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -134,10 +135,8 @@ class CallControl:
         text = response.text
         body: Any = text
         if text and "json" in response.headers.get("content-type", ""):
-            try:
+            with contextlib.suppress(ValueError):
                 body = json.loads(text)
-            except ValueError:
-                pass
         return RestAnswer(response.status_code, body)
 
     def record_transfer(

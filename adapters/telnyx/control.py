@@ -106,7 +106,10 @@ def transfer(auth: TelnyxAuth, call_control_id: str, target: str) -> RestRequest
     """Transfer the call to ``target`` (E.164 number, ``tel:`` stripped, or SIP URI)."""
     to = target.strip().removeprefix("tel:")
     return RestRequest(
-        "POST", auth.url(f"/calls/{call_control_id}/actions/transfer"), auth.headers, json={"to": to}
+        "POST",
+        auth.url(f"/calls/{call_control_id}/actions/transfer"),
+        auth.headers,
+        json={"to": to},
     )
 
 

@@ -51,6 +51,12 @@ Hanging up (the final mark came back): with GATEWAY_TWILIO_ACCOUNT_SID and the
 auth token, ``Calls/{callSid}`` is updated with ``Status=completed`` through the
 twilio library's REST client (in a thread, off the event loop), then the stream is
 closed; without them the stream is closed and the TwiML's ``<Hangup/>`` ends the call.
+
+Transfer (a ``#transfer`` item, gateway/events.py ``transfer_item``): the audio before
+it plays, then the call is updated with ``<Dial>`` to the target (gateway/calls.py);
+outbound calls (``POST /v1/calls``) come back through ``/twilio/voice?direction=outbound``
+and their ``#intro`` carries ``direction``, ``to``, ``from``, ``answeredBy`` and the
+request's attributes; see README "Outbound calls, answering machines, transfer".
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ from adapters.twilio.protocol import (
     Interrupt,
     Play,
     Speak,
+    Transfer,
     TwilioCall,
     busy_twiml,
     twiml,
@@ -357,6 +364,10 @@ async def voice(request: Request) -> Response:
         "to": params.get("To", ""),
         "appKey": key,
         "locale": request.query_params.get("locale", ""),
+        # an outbound call placed by POST /v1/calls (gateway/calls.py): its #intro attributes
+        "direction": "outbound" if request.query_params.get("direction") == "outbound" else "",
+        "attributes": request.query_params.get("attributes", ""),
+        "answeredBy": params.get("AnsweredBy", ""),
     }
     xml = twiml(
         stream_url(settings.public_url, token),
@@ -572,6 +583,8 @@ class _Call(WebSocketDriver[Action]):
             await self.run(self.call.spoken(await self._synthesize(action.text)))
         elif isinstance(action, HangUp):
             self._hangup = self.spawn(self._hang_up(action.call_sid), "hang-up")
+        elif isinstance(action, Transfer):
+            self._hangup = self.spawn(self._transfer(action), "transfer")
 
     # -------------------------------------------------------------- tasks
 
@@ -599,6 +612,16 @@ class _Call(WebSocketDriver[Action]):
                     async with asyncio.timeout(HANGUP_GRACE_S):
                         await self._received_all.wait()  # Twilio stops the stream
         await self.close(CLOSE_NORMAL, "The call ended.")
+
+    async def _transfer(self, action: Transfer) -> None:
+        """Update the call with ``<Dial>`` (gateway/calls.py ``transfer_twilio``), then close."""
+        from gateway.calls import transfer_twilio  # the call-control side (its own module)
+
+        if await transfer_twilio(self.ws.app, action.call_sid, action.target, action.reason):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HANGUP_GRACE_S):
+                    await self._received_all.wait()  # Twilio stops the stream
+        await self.close(CLOSE_NORMAL, "The call was transferred.")
 
     def lost(self) -> list[Action]:
         return self.call.connection_lost()
