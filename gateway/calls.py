@@ -71,6 +71,7 @@ from gateway.admin import install as install_admin
 from gateway.admin import require_admin
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import CallControl, CallControlError, RestAnswer, RestRequest
+from gateway.calls_openapi import POST_CALLS, POST_TELNYX_OUTBOUND, POST_TWILIO_AMD
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body
 from gateway.protocol import ProtocolError
@@ -272,7 +273,7 @@ def _call_id(carrier: str, answer: RestAnswer) -> str | None:
     return telnyx.call_id(answer)
 
 
-@router.post("/v1/calls", status_code=201, dependencies=[Depends(require_admin)])
+@router.post("/v1/calls", status_code=201, dependencies=[Depends(require_admin)], **POST_CALLS)
 async def place_call(request: Request) -> Response:
     """Place an outbound call (see the module doc)."""
     settings = gateway_of(request).settings
@@ -325,7 +326,7 @@ async def place_call(request: Request) -> Response:
 # ------------------------------------------------------------------ AMD webhooks
 
 
-@router.post("/twilio/amd", status_code=204, response_class=Response)
+@router.post("/twilio/amd", status_code=204, response_class=Response, **POST_TWILIO_AMD)
 async def twilio_amd(request: Request) -> Response:
     """Twilio's asynchronous AMD result (see the module doc)."""
     from adapters.twilio.routes import _verified_form, channel_of
@@ -345,7 +346,7 @@ async def twilio_amd(request: Request) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/telnyx/outbound")
+@router.post("/telnyx/outbound", **POST_TELNYX_OUTBOUND)
 async def telnyx_outbound(request: Request) -> Response:
     """Call Control webhooks of calls placed here (see the module doc)."""
     settings = gateway_of(request).settings
