@@ -12,10 +12,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from gateway.events import Input, Response, ResponseItem, transfer_item
 from gateway.sessions import Session
+from gateway.settings import Settings
+from gateway.speech.listener import ListenOptions
 from gateway.speech.service import SpeechService
+from gateway.speech.stt import PocketsphinxRecognizer
+from gateway.speech.tts import PiperSynthesizer
+from gateway.speech.tts_cache import MemoryTtsCache
 from tests.adapters.twilio.harness import TwilioHarness, ask_twiml, parse_twiml, sign
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, twilio_gateway, until
 from tests.calls.carrier_api import carrier_api
@@ -24,6 +30,21 @@ SID = "AC" + "3" * 32
 ADMIN = "admin-key-1"
 CALLEE = "+15550100"
 CALLER_ID = "+15550199"
+
+
+@pytest.fixture
+def speech(piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer) -> SpeechService:
+    """A speech service of this test's own (its TTS pool lives in this test's event loop;
+    the session-wide one of conftest.py can be left bound to an earlier test's loop),
+    on the shared Piper voice and recognizer."""
+    settings = Settings()
+    return SpeechService(
+        recognizer_factory=lambda: recognizer,
+        synthesizer=piper,
+        cache=MemoryTtsCache(),
+        public_url=PUBLIC,
+        listen_defaults=ListenOptions(silence_timeout_ms=settings.silence_timeout_ms),
+    )
 
 
 class Scripted:
