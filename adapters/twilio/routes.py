@@ -107,6 +107,7 @@ from adapters.twilio.verify import (
     stream_url,
 )
 from gateway import metrics
+from gateway.calls import transfer_twilio
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.events import ResponseItem
@@ -615,8 +616,6 @@ class _Call(WebSocketDriver[Action]):
 
     async def _transfer(self, action: Transfer) -> None:
         """Update the call with ``<Dial>`` (gateway/calls.py ``transfer_twilio``), then close."""
-        from gateway.calls import transfer_twilio  # the call-control side (its own module)
-
         if await transfer_twilio(self.ws.app, action.call_sid, action.target, action.reason):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HANGUP_GRACE_S):
