@@ -21,7 +21,8 @@ made by this router's lifespan):
     route, built with the Telnyx adapter), ``client_state`` = base64 JSON
     ``{"direction": "outbound", "appKey", "to", "from", "attributes"}`` (Telnyx echoes it
     on the call's webhooks; the stream route reads it with
-    :func:`adapters.telnyx.control.read_client_state` for the ``#intro`` attributes),
+    :func:`adapters.telnyx.control.read_client_state` and ``intro_attributes`` for the
+    ``#intro`` attributes),
     ``answering_machine_detection`` ``detect`` and ``webhook_url`` =
     ``<public>/telnyx/outbound``.
 

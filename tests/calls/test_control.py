@@ -17,7 +17,8 @@ from adapters.plivo import control as plivo
 from adapters.telnyx import control as telnyx
 from adapters.twilio import control as twilio
 from adapters.vonage import control as vonage
-from gateway.callcontrol import CallControl, CallControlError, RestRequest
+from gateway.callcontrol import CallControl, CallControlError, MachineAnswers, RestRequest
+from gateway.events import Input
 from tests.calls.carrier_api import carrier_api
 
 SID = "AC" + "1" * 32
@@ -265,3 +266,34 @@ async def test_an_unreachable_api_is_a_call_control_error() -> None:
             await control.send(RestRequest("POST", "http://127.0.0.1:9/v2/calls", json={}))
     finally:
         await control.aclose()
+
+
+def test_telnyx_intro_attributes_from_the_client_state() -> None:
+    state = telnyx.read_client_state(
+        telnyx.client_state(
+            {"direction": "outbound", "to": "+1555", "from": "+1666", "attributes": {"a": 1}}
+        )
+    )
+    assert telnyx.intro_attributes(state) == {
+        "a": 1,
+        "direction": "outbound",
+        "to": "+1555",
+        "from": "+1666",
+    }
+    assert telnyx.intro_attributes({}) == {}
+    assert telnyx.read_client_state("not base64!") == {}
+
+
+def test_machine_answers_wait_for_their_call() -> None:
+    answers = MachineAnswers()
+    machine = Input.of("#machine", attributes={"answeredBy": "machine"})
+    got: list[Input] = []
+    assert not answers.deliver("v3:a", machine)  # the stream is not registered yet
+    assert answers.waiting("v3:a") == machine
+    answers.register("v3:a", got.append)
+    assert got == [machine]
+    assert answers.waiting("v3:a") is None
+    assert answers.deliver("v3:a", machine)
+    assert len(got) == 2
+    answers.unregister("v3:a")
+    assert not answers.deliver("v3:a", machine)
