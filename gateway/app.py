@@ -22,10 +22,14 @@ from adapters.alexa.routes import router as alexa_router
 from adapters.flowstorm.v1.routes import router as flowstorm_v1_router
 from adapters.flowstorm.v2.routes import router as flowstorm_v2_router
 from adapters.google.routes import router as google_router
+from adapters.telnyx.routes import TelnyxDialer
+from adapters.telnyx.routes import router as telnyx_router
+from adapters.twilio.calls import TwilioDialer
 from adapters.twilio.routes import router as twilio_router
 from adapters.voiceflow.routes import mount as mount_voiceflow
 from gateway import apidoc, console
 from gateway.bus import Bus, MemoryBus, RedisBus
+from gateway.calls import mount as mount_calls
 from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
 from gateway.files import router as files_router
@@ -133,6 +137,10 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.include_router(google_router)
     # phone calls (Twilio Media Streams); its router's lifespan logs the verification warnings
     app.include_router(twilio_router)
+    # Telnyx: the Call Control webhooks of calls placed here (answering-machine results)
+    app.include_router(telnyx_router)
+    # call control: POST /v1/calls (admin key) through each carrier's dialer, transfers
+    mount_calls(app, {"twilio": TwilioDialer(), "telnyx": TelnyxDialer()})
     # Voiceflow socket.io at /v4/interact/socket (a mounted ASGI app; its router's lifespan)
     mount_voiceflow(app, settings)
     if settings.console_enabled:  # the browser console: static files at /console

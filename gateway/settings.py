@@ -464,6 +464,56 @@ class Settings(BaseSettings):
         "recognition is saturated (GATEWAY_STT_MAX_STREAMS busy, GATEWAY_STT_QUEUE full).",
     )
 
+    # Call control: outbound calls (POST /v1/calls), answering-machine detection, transfer
+    admin_keys: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        description="Comma-separated admin keys for the gateway's admin endpoints "
+        "(`Authorization: Bearer KEY`, e.g. POST /v1/calls); empty: every admin request is "
+        "refused (403).",
+    )
+    calls_timeout_s: float = Field(
+        default=10.0, gt=0, description="Time per call-control REST request to a carrier."
+    )
+    twilio_machine_detection: Literal["Enable", "DetectMessageEnd"] = Field(
+        default="Enable",
+        description="Twilio `MachineDetection` of outbound calls when a request asks for "
+        "answering-machine detection (asynchronous, AsyncAmd=true).",
+    )
+    telnyx_api_key: SecretStr | None = Field(
+        default=None,
+        description="Telnyx API key (Bearer) for Call Control: outbound calls, transfer, hang-up.",
+    )
+    telnyx_connection_id: str | None = Field(
+        default=None,
+        description="Telnyx Call Control application (connection) id outbound calls are placed "
+        "from.",
+    )
+    telnyx_api_base_url: str = Field(
+        default="https://api.telnyx.com", description="Base URL of the Telnyx REST API."
+    )
+    telnyx_public_key: str | None = Field(
+        default=None,
+        description="Telnyx webhook public key (base64 of 32 Ed25519 bytes, Mission Control "
+        "portal): Call Control webhooks are verified with it; unset: refused.",
+    )
+    vonage_application_id: str | None = Field(
+        default=None, description="Vonage application id (the `application_id` of API JWTs)."
+    )
+    vonage_private_key: SecretStr | None = Field(
+        default=None,
+        description="The Vonage application's private key (PEM) that signs API JWTs (RS256).",
+    )
+    vonage_api_base_url: str = Field(
+        default="https://api.nexmo.com", description="Base URL of the Vonage Voice API."
+    )
+    plivo_auth_id: str | None = Field(default=None, description="Plivo Auth ID (Basic auth user).")
+    plivo_auth_token: SecretStr | None = Field(
+        default=None, description="Plivo Auth Token (Basic auth password)."
+    )
+    plivo_api_base_url: str = Field(
+        default="https://api.plivo.com", description="Base URL of the Plivo REST API."
+    )
+
     # Voiceflow socket.io (/v4/interact/socket)
     voiceflow_secret: SecretStr | None = Field(
         default=None,
@@ -571,7 +621,7 @@ class Settings(BaseSettings):
             parse_redis_url(value)
         return value
 
-    @field_validator("app_keys", mode="before")
+    @field_validator("app_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -100,3 +100,41 @@ POST_STATUS: dict[str, Any] = dict(
     openapi_extra=_form_body(STATUS_FIELDS, []),
 )
 """Documenting keyword arguments of ``POST /twilio/status``."""
+
+
+_AMD_FIELDS = {
+    "CallSid": "The call's SID.",
+    "AccountSid": "The account's SID.",
+    "AnsweredBy": "human, machine_start, machine_end_beep, machine_end_silence, "
+    "machine_end_other, fax or unknown.",
+    "MachineDetectionDuration": "Milliseconds the detection took.",
+}
+
+POST_TWILIO_AMD: dict[str, Any] = dict(
+    summary="Twilio's asynchronous answering-machine result (AsyncAmdStatusCallback)",
+    description="Signed like the other Twilio webhooks. A machine or fax answer becomes "
+    "the call's next input `#machine` (attributes `answeredBy`).",
+    responses={
+        204: {"description": "Taken"},
+        403: {"description": "Bad signature", "content": _PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        415: {"description": "Not a form body", "content": _PROBLEM},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            name: {"type": "string", "description": text}
+                            for name, text in _AMD_FIELDS.items()
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+"""Documenting keyword arguments of ``POST /twilio/amd``."""

@@ -88,7 +88,9 @@ from gateway.events import (
     ErrorEvent,
     Input,
     ResponseEvent,
+    ResponseItemEvent,
     TurnEvent,
+    transfer_target,
 )
 from gateway.protocol import (
     MAX_JSON_DEPTH,
@@ -143,6 +145,10 @@ TTS: Final = TtsRequest("audio", "mulaw")
 """What a call asks of the turn engine: each item's speech as 8 kHz μ-law after it."""
 
 _MARK_END: Final = "end"
+MACHINE: Final = "#machine"
+"""The input of an answering-machine answer (:meth:`TwilioCall.machine_answered`)."""
+MAX_ATTRIBUTES_CHARS: Final = 4000
+"""Longest JSON ``attributes`` stream parameter of an outbound call that is read."""
 
 
 # ------------------------------------------------------------------ inbound messages
@@ -674,6 +680,17 @@ class HangUp:
     call_sid: str
 
 
+@dataclass(frozen=True)
+class Transfer:
+    """Hand the call to ``target`` (E.164 number or SIP URI): the REST update with TwiML
+    ``<Dial>``; ``reason`` for the record. Comes when the audio before the transfer
+    item has played (its final mark came back)."""
+
+    call_sid: str
+    target: str
+    reason: str | None = None
+
+
 Action = (
     Play
     | Interrupt
@@ -683,6 +700,7 @@ Action = (
     | CancelListening
     | Speak
     | HangUp
+    | Transfer
     | EndSession
     | Close
 )
@@ -723,6 +741,7 @@ class _Turn:
 
     discarded: bool = False  # interrupted: its output is dropped
     ended: bool = False  # its Response ended the session
+    transfer: bool = False  # it holds a transfer item: the call is handed over after its audio
     failed: bool = False  # it gave an ErrorEvent (said as error_text)
 
 
@@ -775,6 +794,11 @@ class TwilioCall:
         self._streams = itertools.count(1)
         self.stream = 0
         """The number of the latest utterance (StartListening.stream); heard in HEARING."""
+        self.transfer: tuple[str, str | None] | None = None
+        """``(target, reason)`` of the turn's transfer item: carried out at the final mark."""
+        self.answered_by: str | None = None
+        """Twilio's ``AnsweredBy`` of an outbound call, when known."""
+        self._input_attributes: dict[str, dict[str, Any]] = {}  # input text -> attributes
 
     # -------------------------------------------------------------- queries
 
@@ -878,11 +902,51 @@ class TwilioCall:
                 "from": params.get("from", ""),
                 "to": params.get("to", ""),
                 "streamSid": info.stream_sid,
+                **({"direction": "outbound"} if params.get("direction") == "outbound" else {}),
             },
             tts=TTS,
         )
         self._bot_since = self.now_ms
+        if params.get("direction") == "outbound":
+            self.answered_by = self.answered_by or params.get("answeredBy") or None
+            self._input_attributes[INTRO] = self._outbound_attributes(params)
         return self._start_turn(INTRO)
+
+    def _outbound_attributes(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """The ``#intro`` attributes of an outbound call: the request's ``attributes``
+        (a JSON object parameter) under ``direction`` ``outbound``, ``to``, ``from`` and
+        ``answeredBy`` (when known)."""
+        attributes: dict[str, Any] = {}
+        raw = params.get("attributes", "")
+        if raw and len(raw) <= MAX_ATTRIBUTES_CHARS:
+            try:
+                given = json.loads(raw)
+            except ValueError:
+                given = None
+            if isinstance(given, dict):
+                attributes.update(given)
+        attributes.update(direction="outbound", to=params.get("to", ""))
+        attributes["from"] = params.get("from", "")
+        if self.answered_by:
+            attributes["answeredBy"] = self.answered_by
+        return attributes
+
+    def machine_answered(self, answered_by: str) -> list[Action]:
+        """An answering machine (or fax) took the call (``AnsweredBy``, asynchronous AMD):
+        the bot falls silent and ``#machine`` (attributes ``answeredBy``) is the next
+        input, for the core to leave a message or hang up. Before ``start`` it only goes
+        into the ``#intro`` attributes; once the call is ending it is ignored."""
+        self.answered_by = answered_by
+        state = self.state
+        if self.info is None or state in (State.ENDING, State.CLOSED):
+            return []
+        self._input_attributes[MACHINE] = {"answeredBy": answered_by}
+        actions: list[Action] = []
+        if state is State.HEARING:
+            actions += self._stop_listening()
+        elif state is State.BOT:
+            actions += self._silence_the_bot()
+        return [*actions, *self._commit(MACHINE)]
 
     def _media(self, message: Media) -> list[Action]:
         state = self.state
@@ -998,6 +1062,8 @@ class TwilioCall:
             return []
         self.machine.advance(FINAL_MARK)
         assert self.info is not None
+        if self.transfer is not None:  # the audio before the transfer item has played
+            return [Transfer(self.info.call_sid, *self.transfer)]
         return [HangUp(self.info.call_sid)]
 
     def final_mark_overdue(self) -> list[Action]:
@@ -1032,7 +1098,8 @@ class TwilioCall:
         assert self.ctx is not None
         self.turn = _Turn()
         self.session_started = True
-        return [StartTurn(self.ctx, Input.of(text, locale=self.ctx.locale))]
+        attributes = self._input_attributes.pop(text, None) or {}
+        return [StartTurn(self.ctx, Input.of(text, locale=self.ctx.locale, attributes=attributes))]
 
     # -------------------------------------------------------------- listener
 
@@ -1076,7 +1143,12 @@ class TwilioCall:
         if isinstance(event, ErrorEvent):
             turn.failed = True
             return [] if turn.discarded else [Speak(self.config.error_text)]
-        if isinstance(event, BinaryEvent) and not turn.discarded:
+        if isinstance(event, ResponseItemEvent) and not turn.discarded and self.transfer is None:
+            target = transfer_target(event.response_item)
+            if target is not None:  # what follows it in the turn is not played
+                self.transfer, turn.transfer = target, True
+            return []
+        if isinstance(event, BinaryEvent) and not turn.discarded and not turn.transfer:
             return [self._play(event.data)]
         return []
 
@@ -1109,12 +1181,14 @@ class TwilioCall:
         turn, self.turn = self.turn, None
         if turn is None or self.state is State.CLOSED:
             return []
-        if turn.ended:
+        if turn.ended or turn.transfer:
+            # a transfer ends the session here unless the core ended it
+            end = [] if turn.ended or self.ctx is None else [EndSession(self.ctx)]
             self.session_over = True
             stop = self._stop_listening() if self.state is State.HEARING else []
             self.machine.advance(SESSION_END)
             self.pending = None
-            return [*stop, self._play(b"", final=True)]
+            return [*stop, *end, self._play(b"", final=True)]
         return self._advance()
 
     # -------------------------------------------------------------- the end

@@ -53,6 +53,12 @@ Hanging up (the final mark came back): with GATEWAY_TWILIO_ACCOUNT_SID and the
 auth token, ``Calls/{callSid}`` is updated with ``Status=completed`` through the
 twilio library's REST client (in a thread, off the event loop), then the stream is
 closed; without them the stream is closed and the TwiML's ``<Hangup/>`` ends the call.
+
+Transfer (a ``#transfer`` item, gateway/events.py ``transfer_item``): the audio before
+it plays, then the call is updated with ``<Dial>`` to the target (adapters/twilio/calls.py);
+outbound calls (``POST /v1/calls``) come back through ``/twilio/voice?direction=outbound``
+and their ``#intro`` carries ``direction``, ``to``, ``from``, ``answeredBy`` and the
+request's attributes; see README "Outbound calls, answering machines, transfer".
 """
 
 from __future__ import annotations
@@ -73,7 +79,9 @@ from fastapi.responses import Response
 from starlette.datastructures import ImmutableMultiDict
 from starlette.requests import HTTPConnection, Request
 
-from adapters.twilio.openapi import POST_STATUS, POST_VOICE, STATUS_FIELDS
+from adapters.twilio import control as twilio_control
+from adapters.twilio.calls import transfer_twilio
+from adapters.twilio.openapi import POST_STATUS, POST_TWILIO_AMD, POST_VOICE, STATUS_FIELDS
 from adapters.twilio.protocol import (
     CHANNEL,
     CLOSE_NORMAL,
@@ -87,6 +95,7 @@ from adapters.twilio.protocol import (
     Interrupt,
     Play,
     Speak,
+    Transfer,
     TwilioCall,
     busy_twiml,
     twiml,
@@ -359,6 +368,10 @@ async def voice(request: Request) -> Response:
         "to": params.get("To", ""),
         "appKey": key,
         "locale": request.query_params.get("locale", ""),
+        # an outbound call placed by POST /v1/calls (gateway/calls.py): its #intro attributes
+        "direction": "outbound" if request.query_params.get("direction") == "outbound" else "",
+        "attributes": request.query_params.get("attributes", ""),
+        "answeredBy": params.get("AnsweredBy", ""),
     }
     xml = twiml(
         stream_url(settings.public_url, token),
@@ -581,6 +594,8 @@ class _Call(WebSocketDriver[Action]):
             await self.run(self.call.spoken(await self._synthesize(action.text)))
         elif isinstance(action, HangUp):
             self._hangup = self.spawn(self._hang_up(action.call_sid), "hang-up")
+        elif isinstance(action, Transfer):
+            self._hangup = self.spawn(self._transfer(action), "transfer")
 
     # -------------------------------------------------------------- tasks
 
@@ -608,6 +623,14 @@ class _Call(WebSocketDriver[Action]):
                     async with asyncio.timeout(HANGUP_GRACE_S):
                         await self._received_all.wait()  # Twilio stops the stream
         await self.close(CLOSE_NORMAL, "The call ended.")
+
+    async def _transfer(self, action: Transfer) -> None:
+        """Update the call with ``<Dial>`` (adapters/twilio/calls.py), then close."""
+        if await transfer_twilio(self.ws.app, action.call_sid, action.target, action.reason):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HANGUP_GRACE_S):
+                    await self._received_all.wait()  # Twilio stops the stream
+        await self.close(CLOSE_NORMAL, "The call was transferred.")
 
     def lost(self) -> list[Action]:
         return self.call.connection_lost()
@@ -661,3 +684,27 @@ async def stream(websocket: WebSocket, token: str) -> None:
     except SEND_ERRORS:
         return
     await _Call(websocket, gw, channel, grant).serve()
+
+
+@router.post("/twilio/amd", status_code=204, response_class=Response, **POST_TWILIO_AMD)
+async def twilio_amd(request: Request) -> Response:
+    """Twilio's asynchronous answering-machine result (``AsyncAmdStatusCallback`` of calls
+    placed by POST /v1/calls), signature-verified like the other Twilio webhooks (403
+    problem). ``AnsweredBy`` of a machine or fax (``machine_start``, ``machine_end_*``,
+    ``fax``) becomes the input ``#machine`` with attributes ``{"answeredBy": ...}`` of
+    the call served on this instance (the bot falls silent; the core answers it: leave
+    a message, or end the session to hang up); ``human`` and ``unknown`` are logged
+    only. 204."""
+    params, refused = await _verified_form(request, "/twilio/amd")
+    if refused is not None:
+        return refused
+    call_sid, answered_by = params.get("CallSid", ""), params.get("AnsweredBy", "")
+    log.info("Twilio call %s answered by %s", call_sid or "?", answered_by or "?")
+    if not twilio_control.is_machine(answered_by):
+        return Response(status_code=204)
+    call = channel_of(request).calls.get(call_sid)
+    if call is None:
+        log.warning("Twilio call %s: machine answer, but its stream is not served here", call_sid)
+        return Response(status_code=204)
+    await call.run(call.call.machine_answered(answered_by))
+    return Response(status_code=204)

@@ -1,0 +1,70 @@
+"""Plivo call control, pure: transfer and hang-up of a live call.
+
+From Plivo's API reference ("Transfer a call", "Hang up a call"; plivo-python
+``calls.update`` and Plivo's Java example ``Call/TransferCall.java``):
+
+- transfer: ``POST /v1/Account/{auth_id}/Call/{call_uuid}/`` with ``legs``
+  (``aleg``), ``aleg_url`` (the XML the call runs next: :func:`dial_xml`) and
+  ``aleg_method``;
+- hang-up: ``DELETE /v1/Account/{auth_id}/Call/{call_uuid}/``: 204 OK, 404 the call
+  had already ended (CARRIERS.md "Plivo");
+- auth: HTTP Basic ``auth_id:auth_token``.
+"""
+
+from __future__ import annotations
+
+import base64
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from gateway.callcontrol import RestAnswer, RestRequest
+
+
+@dataclass(frozen=True)
+class PlivoAuth:
+    """Auth ID, Auth Token and the API's base URL (``https://api.plivo.com``)."""
+
+    auth_id: str
+    auth_token: str
+    base_url: str = "https://api.plivo.com"
+
+    def call_url(self, call_uuid: str) -> str:
+        """``<base>/v1/Account/{auth_id}/Call/{call_uuid}/``."""
+        return f"{self.base_url.rstrip('/')}/v1/Account/{self.auth_id}/Call/{call_uuid}/"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``Authorization: Basic base64(auth_id:auth_token)``."""
+        raw = f"{self.auth_id}:{self.auth_token}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
+
+
+def dial_xml(target: str) -> str:
+    """``<Response><Dial><Number>…</Number></Dial></Response>`` (``<User>`` for a SIP URI):
+    what ``aleg_url`` answers. Raises ValueError for an empty target."""
+    target = target.strip()
+    if not target:
+        raise ValueError("a transfer needs a target")
+    root = ET.Element("Response")
+    dial = ET.SubElement(root, "Dial")
+    sip = target.lower().startswith(("sip:", "sips:"))
+    ET.SubElement(dial, "User" if sip else "Number").text = (
+        target if sip else target.removeprefix("tel:").lstrip("+")
+    )
+    return '<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(root, encoding="unicode")
+
+
+def transfer(auth: PlivoAuth, call_uuid: str, aleg_url: str) -> RestRequest:
+    """Transfer the call: it fetches and runs the XML at ``aleg_url`` (POST)."""
+    body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
+    return RestRequest("POST", auth.call_url(call_uuid), auth.headers, json=body)
+
+
+def hang_up(auth: PlivoAuth, call_uuid: str) -> RestRequest:
+    """Hang the call up."""
+    return RestRequest("DELETE", auth.call_url(call_uuid), auth.headers)
+
+
+def already_ended(answer: RestAnswer) -> bool:
+    """Whether a hang-up found the call over (404)."""
+    return answer.status == 404

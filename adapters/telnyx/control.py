@@ -1,0 +1,175 @@
+"""Telnyx Call Control, pure: the REST requests that place, transfer and hang up calls,
+and the answering-machine webhook read as an input.
+
+From Telnyx's API reference (https://developers.telnyx.com/api-reference/call-commands/dial,
+``.../transfer-call``, ``.../hangup-call``; "Answering Machine Detection"):
+
+- dial: ``POST /v2/calls`` JSON ``connection_id``, ``to``, ``from``,
+  ``answering_machine_detection`` (``detect`` ...), ``client_state`` (base64),
+  ``webhook_url`` and the stream fields ``stream_url``, ``stream_track``,
+  ``stream_bidirectional_mode``, ``stream_bidirectional_codec``,
+  ``stream_bidirectional_sampling_rate`` (CARRIERS.md "Telnyx", "Enable");
+- transfer: ``POST /v2/calls/{call_control_id}/actions/transfer`` JSON ``to``;
+- hang-up: ``POST /v2/calls/{call_control_id}/actions/hangup`` JSON ``{}``;
+  HTTP 422 with error code ``90018`` means the call had already ended (CARRIERS.md);
+- auth: ``Authorization: Bearer <API key>``.
+
+The AMD result is the webhook ``call.machine.detection.ended`` (``payload.result``
+``human`` | ``machine`` | ``not_sure``) or ``call.machine.premium.detection.ended``
+(``human_residence``, ``human_business``, ``machine``, ...): :func:`machine_input`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+from adapters.telnyx.protocol import stream_fields
+from gateway.callcontrol import RestAnswer, RestRequest
+from gateway.events import Input
+
+MACHINE: Final = "#machine"
+"""The input of an answering-machine answer (attributes ``answeredBy``)."""
+ALREADY_ENDED_CODE: Final = "90018"
+AMD_EVENTS: Final = frozenset(
+    {"call.machine.detection.ended", "call.machine.premium.detection.ended"}
+)
+
+
+@dataclass(frozen=True)
+class TelnyxAuth:
+    """An API key and the API's base URL (``https://api.telnyx.com``)."""
+
+    api_key: str
+    base_url: str = "https://api.telnyx.com"
+
+    def url(self, path: str) -> str:
+        """``<base>/v2<path>``."""
+        return f"{self.base_url.rstrip('/')}/v2{path}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``Authorization: Bearer <key>``."""
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def client_state(state: dict[str, Any]) -> str:
+    """``client_state``: base64 of the compact JSON of ``state`` (echoed on the call's webhooks)."""
+    raw = json.dumps(state, separators=(",", ":")).encode()
+    return base64.b64encode(raw).decode("ascii")
+
+
+def read_client_state(value: str | None) -> dict[str, Any]:
+    """The state of :func:`client_state` (an empty dict for none or a malformed one)."""
+    if not value:
+        return {}
+    try:
+        state = json.loads(base64.b64decode(value, validate=True))
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def intro_attributes(state: dict[str, Any]) -> dict[str, Any]:
+    """The ``#intro`` attributes of a call placed by POST /v1/calls, from its
+    ``client_state`` (:func:`read_client_state`): the request's ``attributes`` under
+    ``direction``, ``to`` and ``from`` (the same shape as Twilio's outbound ``#intro``);
+    an empty dict for a call not placed that way."""
+    if state.get("direction") != "outbound":
+        return {}
+    given = state.get("attributes")
+    attributes: dict[str, Any] = dict(given) if isinstance(given, dict) else {}
+    attributes.update(direction="outbound", to=state.get("to", ""))
+    attributes["from"] = state.get("from", "")
+    return attributes
+
+
+def dial(
+    auth: TelnyxAuth,
+    *,
+    connection_id: str,
+    to: str,
+    from_: str,
+    stream_url: str,
+    state: dict[str, Any],
+    machine_detection: bool = True,
+    webhook_url: str | None = None,
+) -> RestRequest:
+    """Place a call whose answer streams to ``stream_url`` (bidirectional RTP, PCMU
+    8 kHz: :func:`adapters.telnyx.protocol.stream_fields`); ``state`` travels as
+    ``client_state``; AMD ``detect`` when ``machine_detection``; the call's webhooks
+    go to ``webhook_url`` when given (else the connection's)."""
+    body: dict[str, Any] = {
+        "connection_id": connection_id,
+        "to": to,
+        "from": from_,
+        **stream_fields(stream_url),
+        "client_state": client_state(state),
+    }
+    if machine_detection:
+        body["answering_machine_detection"] = "detect"
+    if webhook_url:
+        body["webhook_url"] = webhook_url
+        body["webhook_url_method"] = "POST"
+    return RestRequest("POST", auth.url("/calls"), auth.headers, json=body)
+
+
+def transfer(auth: TelnyxAuth, call_control_id: str, target: str) -> RestRequest:
+    """Transfer the call to ``target`` (E.164 number, ``tel:`` stripped, or SIP URI)."""
+    to = target.strip().removeprefix("tel:")
+    return RestRequest(
+        "POST",
+        auth.url(f"/calls/{call_control_id}/actions/transfer"),
+        auth.headers,
+        json={"to": to},
+    )
+
+
+def hang_up(auth: TelnyxAuth, call_control_id: str) -> RestRequest:
+    """Hang the call up."""
+    return RestRequest(
+        "POST", auth.url(f"/calls/{call_control_id}/actions/hangup"), auth.headers, json={}
+    )
+
+
+def already_ended(answer: RestAnswer) -> bool:
+    """Whether a command failed because the call was over (422, error code 90018)."""
+    if answer.status != 422 or not isinstance(answer.body, dict):
+        return False
+    errors = answer.body.get("errors")
+    return isinstance(errors, list) and any(
+        isinstance(e, dict) and str(e.get("code")) == ALREADY_ENDED_CODE for e in errors
+    )
+
+
+def call_id(answer: RestAnswer) -> str | None:
+    """The ``data.call_control_id`` of a dial's answer."""
+    data = answer.body.get("data") if isinstance(answer.body, dict) else None
+    value = data.get("call_control_id") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def machine_input(event: Any) -> tuple[str, Input] | None:
+    """``(call_control_id, #machine input)`` when the webhook ``event`` (parsed JSON) says
+    a machine answered; None for any other event or a person.
+
+    The input's attributes: ``answeredBy`` (Telnyx's ``result``), ``callControlId``
+    and the ``clientState`` the call was placed with.
+    """
+    data = event.get("data") if isinstance(event, dict) else None
+    if not isinstance(data, dict) or data.get("event_type") not in AMD_EVENTS:
+        return None
+    payload = data.get("payload")
+    if not isinstance(payload, dict):
+        return None
+    result, ccid = payload.get("result"), payload.get("call_control_id")
+    if not isinstance(result, str) or not isinstance(ccid, str) or "machine" not in result:
+        return None
+    attributes = {
+        "answeredBy": result,
+        "callControlId": ccid,
+        "clientState": read_client_state(payload.get("client_state")),
+    }
+    return ccid, Input.of(MACHINE, attributes=attributes)

@@ -1,0 +1,116 @@
+"""Twilio call control, pure: the REST requests that place, transfer and hang up calls.
+
+Each function builds a :class:`~gateway.callcontrol.RestRequest` (sent by
+:class:`gateway.callcontrol.CallControl`). From Twilio's docs ("Call resource":
+https://www.twilio.com/docs/voice/api/call-resource, "Answering Machine Detection":
+https://www.twilio.com/docs/voice/answering-machine-detection):
+
+- create: ``POST /2010-04-01/Accounts/{AccountSid}/Calls.json``, form-encoded
+  ``To``, ``From``, ``Url`` (+ ``Method``) or ``Twiml``, and for AMD
+  ``MachineDetection`` (``Enable`` | ``DetectMessageEnd``), ``AsyncAmd=true``,
+  ``AsyncAmdStatusCallback`` (+ ``AsyncAmdStatusCallbackMethod``);
+- update: ``POST .../Calls/{CallSid}.json`` with ``Twiml`` (new instructions: the
+  transfer's ``<Dial>``) or ``Status=completed`` (hang up);
+- auth: HTTP Basic ``AccountSid:AuthToken``.
+
+``AnsweredBy`` (sync: on the ``Url`` request; async: on the status callback) is one
+of ``human``, ``machine_start``, ``machine_end_beep``, ``machine_end_silence``,
+``machine_end_other``, ``fax``, ``unknown`` (:func:`is_machine`).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Final
+
+from twilio.twiml.voice_response import Dial, VoiceResponse  # type: ignore[import-untyped]
+
+from gateway.callcontrol import RestRequest
+
+MACHINE_ANSWERS: Final = frozenset(
+    {"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"}
+)
+"""``AnsweredBy`` values that are not a person."""
+
+
+@dataclass(frozen=True)
+class TwilioAuth:
+    """An account's REST credentials and the API's base URL (``https://api.twilio.com``)."""
+
+    account_sid: str
+    auth_token: str
+    base_url: str = "https://api.twilio.com"
+
+    def calls_url(self, call_sid: str | None = None) -> str:
+        """``<base>/2010-04-01/Accounts/{AccountSid}/Calls.json`` or ``.../Calls/{sid}.json``."""
+        base = f"{self.base_url.rstrip('/')}/2010-04-01/Accounts/{self.account_sid}/Calls"
+        return f"{base}/{call_sid}.json" if call_sid else f"{base}.json"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``Authorization: Basic base64(AccountSid:AuthToken)``."""
+        raw = f"{self.account_sid}:{self.auth_token}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
+
+
+def create_call(
+    auth: TwilioAuth,
+    *,
+    to: str,
+    from_: str,
+    url: str,
+    machine_detection: str | None = None,
+    amd_callback: str | None = None,
+) -> RestRequest:
+    """Place a call whose answer fetches TwiML from ``url`` (POST).
+
+    With ``machine_detection`` (``Enable`` | ``DetectMessageEnd``) detection runs
+    asynchronously (``AsyncAmd=true``): the call connects at once and the result is
+    POSTed to ``amd_callback``.
+    """
+    form = {"To": to, "From": from_, "Url": url, "Method": "POST"}
+    if machine_detection:
+        form["MachineDetection"] = machine_detection
+        form["AsyncAmd"] = "true"
+        if amd_callback:
+            form["AsyncAmdStatusCallback"] = amd_callback
+            form["AsyncAmdStatusCallbackMethod"] = "POST"
+    return RestRequest("POST", auth.calls_url(), auth.headers, form=form)
+
+
+def dial_twiml(target: str) -> str:
+    """``<Response><Dial><Number>+1…</Number></Dial></Response>`` for a phone number
+    (E.164, ``tel:`` stripped) or ``<Dial><Sip>sip:…</Sip></Dial>`` for a SIP URI.
+
+    Raises ValueError for an empty target.
+    """
+    target = target.strip()
+    if not target:
+        raise ValueError("a transfer needs a target")
+    dial = Dial()
+    if target.lower().startswith(("sip:", "sips:")):
+        dial.sip(target)
+    else:
+        dial.number(target.removeprefix("tel:"))
+    response = VoiceResponse()
+    response.append(dial)
+    return str(response.to_xml(xml_declaration=False))
+
+
+def transfer(auth: TwilioAuth, call_sid: str, target: str) -> RestRequest:
+    """Hand the live call to ``target``: update it with the TwiML of :func:`dial_twiml`
+    (the media stream stops; the caller hears the target ring)."""
+    return RestRequest(
+        "POST", auth.calls_url(call_sid), auth.headers, form={"Twiml": dial_twiml(target)}
+    )
+
+
+def hang_up(auth: TwilioAuth, call_sid: str) -> RestRequest:
+    """End the call: update it with ``Status=completed``."""
+    return RestRequest("POST", auth.calls_url(call_sid), auth.headers, form={"Status": "completed"})
+
+
+def is_machine(answered_by: str) -> bool:
+    """Whether an ``AnsweredBy`` value is an answering machine or a fax."""
+    return answered_by in MACHINE_ANSWERS

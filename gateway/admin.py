@@ -1,0 +1,97 @@
+"""Admin endpoints' authentication: ``Authorization: Bearer <key>`` with a key of
+GATEWAY_ADMIN_KEYS.
+
+One FastAPI dependency, :func:`require_admin`, for every admin endpoint
+(``POST /v1/calls``; ``/v1/push`` can use the same)::
+
+    @router.post("/v1/calls", dependencies=[Depends(require_admin)])
+
+Refusals are RFC 9457 problem bodies (``application/problem+json``), raised as
+:class:`AdminRefused` and answered by :func:`admin_refused_handler` (installed by
+:func:`install`):
+
+- 401 with ``WWW-Authenticate: Bearer`` — no ``Authorization: Bearer`` header;
+- 403 — a key that is not one of GATEWAY_ADMIN_KEYS, or no admin keys configured
+  (then every admin request is refused, whatever it carries).
+
+Keys are compared in constant time (``hmac.compare_digest``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from gateway.deps import gateway_of
+from gateway.httputil import problem
+
+log = logging.getLogger("gateway.admin")
+
+
+class AdminRefused(Exception):
+    """An admin request refused: ``status`` 401 or 403, ``detail`` for the problem body."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, else None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def check_admin_key(keys: frozenset[str], authorization: str | None) -> None:
+    """Return if ``authorization`` carries one of ``keys``; else raise AdminRefused
+    (401: no bearer token; 403: a wrong key, or ``keys`` empty)."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise AdminRefused(401, "Expected `Authorization: Bearer <admin key>`.")
+    if not keys:
+        raise AdminRefused(403, "No admin keys are configured (GATEWAY_ADMIN_KEYS).")
+    given = token.encode()
+    if not any(hmac.compare_digest(given, key.encode()) for key in keys):
+        raise AdminRefused(403, "The admin key is not valid.")
+
+
+async def require_admin(request: Request) -> None:
+    """FastAPI dependency: the request carries an admin key (see the module doc).
+
+    Raises AdminRefused (answered 401/403 by :func:`admin_refused_handler`).
+    """
+    keys = gateway_of(request).settings.admin_keys
+    try:
+        check_admin_key(keys, request.headers.get("authorization"))
+    except AdminRefused as exc:
+        peer = request.client.host if request.client else "?"
+        log.warning(
+            "Admin request %s from %s refused (%d): %s",
+            request.url.path,
+            peer,
+            exc.status,
+            exc.detail,
+        )
+        raise
+
+
+async def admin_refused_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The problem body of an AdminRefused (401 also says ``WWW-Authenticate: Bearer``)."""
+    assert isinstance(exc, AdminRefused)
+    title = "Unauthorized" if exc.status == 401 else "Forbidden"
+    response = problem(exc.status, title, exc.detail)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="gateway-admin"'
+    return response
+
+
+def install(app: FastAPI) -> None:
+    """Answer AdminRefused raised anywhere in ``app`` with its problem body."""
+    app.add_exception_handler(AdminRefused, admin_refused_handler)

@@ -1,0 +1,280 @@
+"""Outbound calls and transfers over the carriers' REST APIs: the channel-neutral part.
+
+``POST /v1/calls`` (admin key, :func:`gateway.admin.require_admin`) with JSON
+``{"carrier": "twilio"|"telnyx", "to": "+1…", "from": "+1…", "appKey": "…",
+"attributes": {…}, "machineDetection": true}`` places a call through the carrier's REST
+API and answers 201 ``{"carrier", "callId", "to", "from", "appKey", "machineDetection"}``.
+What the carrier is asked is each carrier adapter's business: a :class:`Dialer`
+(``adapters/twilio/calls.py``, ``adapters/telnyx/routes.py``), handed to :func:`mount` by
+``gateway/app.py`` (the one module that knows every adapter), builds the REST request
+from its pure ``control.py`` so that the answered call connects back to the gateway's
+media stream with the ``#intro`` attributes ``direction`` ``outbound``, ``to``, ``from``,
+``answeredBy`` (when known) and the request's ``attributes``.
+
+Refusals, all RFC 9457 problem bodies: 401/403 (admin key), 400 (a body that is not the
+JSON above, an unknown carrier, an application key not allowed), 501 (a carrier with
+transfer/hang-up here but no outbound calls: vonage, plivo), 503 (the carrier's
+credentials are not configured), 502 (the carrier's API refused or could not be
+reached; ``carrierStatus`` and ``carrierBody`` say what it answered).
+
+Transfers: :func:`transfer` sends a carrier adapter's transfer request (its
+``control.transfer``) and records it in ``app.state.callcontrol.transfers``; the carrier
+adapters call it when the transfer item's preceding audio has played.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+from urllib.parse import urlencode, urlsplit
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from gateway.admin import install as install_admin
+from gateway.admin import require_admin
+from gateway.callcontrol import CallControl, CallControlError, RestAnswer, RestRequest
+from gateway.calls_openapi import POST_CALLS
+from gateway.deps import gateway_of
+from gateway.httputil import problem, read_body
+from gateway.protocol import ProtocolError
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway.calls")
+
+CONTROL_ONLY_CARRIERS: Final = ("vonage", "plivo")
+"""Carriers with transfer/hang-up here but no outbound calls (501)."""
+MAX_ATTRIBUTES_CHARS: Final = 2000
+"""Longest JSON of a request's ``attributes`` (it travels in a URL or a client_state)."""
+_PHONE_CHARS: Final = frozenset("+0123456789")
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.gateway.settings
+    app.state.callcontrol = CallControl(settings.calls_timeout_s)
+    try:
+        yield
+    finally:
+        await app.state.callcontrol.aclose()
+
+
+router = APIRouter(tags=["Calls"], lifespan=_lifespan)
+
+
+def mount(app: FastAPI, dialers: Mapping[str, Dialer]) -> None:
+    """Add the routes and the admin refusal handler to ``app``; ``dialers`` by carrier
+    name are the carriers POST /v1/calls can call through."""
+    install_admin(app)
+    app.state.dialers = dict(dialers)
+    app.include_router(router)
+
+
+def callcontrol_of(app: Any) -> CallControl | None:
+    """The app's CallControl (None when this router is not mounted)."""
+    control: CallControl | None = getattr(app.state, "callcontrol", None)
+    return control
+
+
+# ------------------------------------------------------------------ URLs
+
+
+def wss_url(public_url: str, path: str) -> str:
+    """The ``ws(s)://`` URL of ``path`` under GATEWAY_PUBLIC_URL (wss for https)."""
+    parts = urlsplit(public_url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}{path}"
+
+
+def public_url(base: str, path: str, query: Mapping[str, str] | None = None) -> str:
+    """The URL of ``path`` (and ``query``) under ``base`` (GATEWAY_PUBLIC_URL)."""
+    url = base.rstrip("/") + path
+    return f"{url}?{urlencode(query)}" if query else url
+
+
+# ------------------------------------------------------------------ POST /v1/calls
+
+
+class CallRefused(Exception):
+    """A POST /v1/calls that will not be placed: answered as a problem body.
+
+    ``status`` 400/501/503 (see the module doc), ``title`` its reason phrase.
+    """
+
+    def __init__(self, status: int, title: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.response = problem(status, title, detail, **extra)
+
+
+@dataclass(frozen=True)
+class OutboundCall:
+    """A validated POST /v1/calls body: numbers (E.164) or SIP URIs, the application key,
+    the core's ``attributes`` (and their compact JSON, at most MAX_ATTRIBUTES_CHARS), and
+    whether answering-machine detection is asked for."""
+
+    carrier: str
+    to: str
+    from_: str
+    app_key: str
+    attributes: dict[str, Any]
+    attributes_json: str
+    machine_detection: bool
+
+
+class Dialer(Protocol):
+    """One carrier's outbound calls (implemented in its adapter, handed to :func:`mount`)."""
+
+    def default_app_key(self, settings: Settings) -> str:
+        """The application key of a call whose request names none."""
+        ...
+
+    def request(self, settings: Settings, call: OutboundCall) -> RestRequest:
+        """The REST request placing ``call``; raises CallRefused(503) without credentials."""
+        ...
+
+    def call_id(self, answer: RestAnswer) -> str | None:
+        """The carrier's id of the call it accepted (None: not an acceptance)."""
+        ...
+
+
+def _phone(body: Mapping[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value.strip():
+        detail = f"`{name}` must be a phone number (E.164) or SIP URI."
+        raise CallRefused(400, "Bad Request", detail)
+    value = value.strip()
+    if value.lower().startswith(("sip:", "sips:")):
+        return value
+    number = value.removeprefix("tel:")
+    if not (number.startswith("+") and 8 <= len(number) <= 16 and set(number) <= _PHONE_CHARS):
+        detail = f"`{name}` {value!r} is not an E.164 number or SIP URI."
+        raise CallRefused(400, "Bad Request", detail)
+    return number
+
+
+def _outbound_request(settings: Settings, body: Any, dialers: Mapping[str, Dialer]) -> OutboundCall:
+    """The validated POST /v1/calls body; CallRefused otherwise."""
+    if not isinstance(body, dict):
+        raise CallRefused(400, "Bad Request", "Expected a JSON object.")
+    carrier = body.get("carrier")
+    if carrier in CONTROL_ONLY_CARRIERS:
+        raise CallRefused(
+            501, "Not Implemented", f"Outbound calls through {carrier} are not supported yet."
+        )
+    if not isinstance(carrier, str) or carrier not in dialers:
+        raise CallRefused(
+            400,
+            "Bad Request",
+            f"Unknown carrier {carrier!r}: expected one of {', '.join(sorted(dialers))}.",
+        )
+    app_key = body.get("appKey") or dialers[carrier].default_app_key(settings)
+    if not isinstance(app_key, str) or not settings.key_allowed(app_key):
+        raise CallRefused(400, "Bad Request", f"Unknown application key {app_key!r}.")
+    attributes = body.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        raise CallRefused(400, "Bad Request", "`attributes` must be a JSON object.")
+    attributes_json = json.dumps(attributes, separators=(",", ":"))
+    if len(attributes_json) > MAX_ATTRIBUTES_CHARS:
+        raise CallRefused(
+            400, "Bad Request", f"`attributes` is longer than {MAX_ATTRIBUTES_CHARS} characters."
+        )
+    amd = body.get("machineDetection", True)
+    if not isinstance(amd, bool):
+        raise CallRefused(400, "Bad Request", "`machineDetection` must be true or false.")
+    return OutboundCall(
+        carrier=carrier,
+        to=_phone(body, "to"),
+        from_=_phone(body, "from"),
+        app_key=app_key,
+        attributes=attributes,
+        attributes_json=attributes_json,
+        machine_detection=amd,
+    )
+
+
+@router.post("/v1/calls", status_code=201, dependencies=[Depends(require_admin)], **POST_CALLS)
+async def place_call(request: Request) -> Response:
+    """Place an outbound call (see the module doc)."""
+    settings = gateway_of(request).settings
+    control = callcontrol_of(request.app)
+    assert control is not None
+    try:
+        raw = await read_body(request, settings.max_body_bytes)
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            raise CallRefused(400, "Bad Request", "The body is not JSON.") from None
+        dialers: Mapping[str, Dialer] = request.app.state.dialers
+        call = _outbound_request(settings, body, dialers)
+        dialer = dialers[call.carrier]
+        rest = dialer.request(settings, call)
+    except ProtocolError as exc:
+        return problem(exc.status, "Bad Request", exc.text)
+    except CallRefused as exc:
+        return exc.response
+    carrier = call.carrier
+    try:
+        answer = await control.send(rest)
+    except CallControlError as exc:
+        log.warning("Outbound %s call to %s failed: %s", carrier, call.to, exc)
+        return problem(502, "Bad Gateway", f"The {carrier} API could not be reached.")
+    call_id = dialer.call_id(answer) if answer.ok else None
+    if call_id is None:
+        log.warning(
+            "Outbound %s call refused by the carrier: %s %s", carrier, answer.status, answer.body
+        )
+        return problem(
+            502,
+            "Bad Gateway",
+            f"The {carrier} API refused the call (HTTP {answer.status}).",
+            carrierStatus=answer.status,
+            carrierBody=answer.body,
+        )
+    log.info("Outbound %s call %s to %s placed", carrier, call_id, call.to)
+    return JSONResponse(
+        {
+            "carrier": carrier,
+            "callId": call_id,
+            "to": call.to,
+            "from": call.from_,
+            "appKey": call.app_key,
+            "machineDetection": call.machine_detection,
+        },
+        status_code=201,
+    )
+
+
+# ------------------------------------------------------------------ transfers
+
+
+async def transfer(
+    control: CallControl,
+    channel: str,
+    call_id: str,
+    target: str,
+    reason: str | None,
+    request: RestRequest,
+) -> bool:
+    """Send a carrier's transfer ``request`` (its adapter's ``control.transfer``) and
+    record it; whether the carrier accepted it (2xx)."""
+    try:
+        answer = await control.send(request)
+    except CallControlError as exc:
+        log.warning("%s call %s: transfer request failed: %s", channel, call_id, exc)
+        ok = False
+    else:
+        ok = answer.ok
+        if not ok:
+            log.warning(
+                "%s call %s: transfer refused: HTTP %d %s",
+                channel,
+                call_id,
+                answer.status,
+                answer.body,
+            )
+    control.record_transfer(channel, call_id, target, reason, ok)
+    return ok

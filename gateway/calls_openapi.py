@@ -1,0 +1,58 @@
+"""OpenAPI documentation of ``POST /v1/calls`` (:mod:`gateway.calls`): the documenting
+keyword arguments of its ``@router.post``, kept out of calls.py, which is I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+
+_CALL_REQUEST = {
+    "type": "object",
+    "required": ["carrier", "to", "from"],
+    "properties": {
+        "carrier": {"type": "string", "enum": ["twilio", "telnyx"]},
+        "to": {"type": "string", "description": "The number to call (E.164) or a SIP URI."},
+        "from": {"type": "string", "description": "The caller id (E.164): a number you own."},
+        "appKey": {"type": "string", "description": "Application key of the session."},
+        "attributes": {
+            "type": "object",
+            "description": "Handed to the core in the #intro input's attributes.",
+        },
+        "machineDetection": {
+            "type": "boolean",
+            "default": True,
+            "description": "Answering-machine detection (a machine answer is #machine).",
+        },
+    },
+}
+
+POST_CALLS: dict[str, Any] = dict(
+    summary="Place an outbound phone call connected to the bot (admin key)",
+    description=(
+        "`Authorization: Bearer <key of GATEWAY_ADMIN_KEYS>`. The call is placed through the "
+        "carrier's REST API; when answered it streams to the gateway, and the core's first "
+        "turn (`#intro`) has the attributes `direction` `outbound`, `to`, `from`, "
+        "`answeredBy` (when known) and the request's `attributes`."
+    ),
+    responses={
+        201: {
+            "description": "Placed: `{carrier, callId, to, from, appKey, machineDetection}`",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        400: {"description": "Not a valid call request", "content": _PROBLEM},
+        401: {"description": "No bearer admin key", "content": _PROBLEM},
+        403: {"description": "A wrong admin key, or none configured", "content": _PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        501: {"description": "A carrier without outbound calls here", "content": _PROBLEM},
+        502: {"description": "The carrier refused or was unreachable", "content": _PROBLEM},
+        503: {"description": "The carrier's credentials are not set", "content": _PROBLEM},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _CALL_REQUEST}},
+        },
+    },
+)
+"""Documenting keyword arguments of ``POST /v1/calls``."""

@@ -1,0 +1,168 @@
+"""TwilioCall, sans I/O: an outbound call's #intro attributes, the #machine input of an
+answering-machine answer, and a transfer carried out only at the final mark."""
+
+from __future__ import annotations
+
+import json
+
+from adapters.twilio.protocol import (
+    MACHINE,
+    CallConfig,
+    EndSession,
+    HangUp,
+    Interrupt,
+    Play,
+    StartTurn,
+    State,
+    Transfer,
+    TwilioCall,
+)
+from gateway.events import (
+    BinaryEvent,
+    Response,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+    transfer_item,
+)
+
+CALL = "CA" + "c" * 32
+STREAM = "MZ" + "d" * 32
+
+
+def start(**parameters: str) -> str:
+    return json.dumps(
+        {
+            "event": "start",
+            "sequenceNumber": "1",
+            "streamSid": STREAM,
+            "start": {
+                "accountSid": "AC" + "0" * 32,
+                "streamSid": STREAM,
+                "callSid": CALL,
+                "tracks": ["inbound"],
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "customParameters": parameters,
+            },
+        }
+    )
+
+
+def mark(name: str) -> str:
+    return json.dumps({"event": "mark", "streamSid": STREAM, "mark": {"name": name}})
+
+
+def new_call() -> TwilioCall:
+    return TwilioCall(CALL, CallConfig(key_allowed=lambda key: bool(key)))
+
+
+def test_an_outbound_calls_intro_carries_direction_to_from_and_the_requests_attributes() -> None:
+    call = new_call()
+    (turn,) = call.receive(
+        start(
+            **{
+                "from": "+15550199",
+                "to": "+15550100",
+                "appKey": "app",
+                "direction": "outbound",
+                "attributes": '{"campaign": "renewals", "direction": "spoofed"}',
+                "answeredBy": "human",
+            }
+        )
+    )
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "#intro"
+    assert turn.input.attributes == {
+        "campaign": "renewals",
+        "direction": "outbound",  # the gateway's own keys win
+        "to": "+15550100",
+        "from": "+15550199",
+        "answeredBy": "human",
+    }
+    assert turn.ctx.config["direction"] == "outbound"
+
+
+def test_an_inbound_calls_intro_is_unchanged() -> None:
+    (turn,) = new_call().receive(start(**{"from": "+15550100", "appKey": "app"}))
+    assert isinstance(turn, StartTurn)
+    assert turn.input.attributes == {}
+    assert "direction" not in turn.ctx.config
+
+
+def test_a_machine_answer_silences_the_bot_and_is_the_next_input() -> None:
+    call = new_call()
+    call.receive(start(appKey="app", direction="outbound"))
+    # the intro is playing when the machine is detected
+    played = call.turn_event(BinaryEvent(data=b"\xff" * 1600))
+    assert isinstance(played[0], Play)
+    actions = call.machine_answered("machine_end_beep")
+    assert isinstance(actions[0], Interrupt)  # the bot falls silent at once
+    assert not any(isinstance(a, StartTurn) for a in actions)  # after the running turn
+    call.turn_event(ResponseEvent(response=Response()))
+    (turn,) = call.turn_finished()
+    assert isinstance(turn, StartTurn)
+    assert (turn.input.text, turn.input.action) == (MACHINE, MACHINE)
+    assert turn.input.attributes == {"answeredBy": "machine_end_beep"}
+    # on the caller's floor it starts at once
+    call.turn_event(ResponseEvent(response=Response()))
+    call.turn_finished()
+    assert call.state is State.CALLER
+    (again,) = call.machine_answered("machine_start")
+    assert isinstance(again, StartTurn)
+    assert again.input.attributes == {"answeredBy": "machine_start"}
+
+
+def test_a_machine_answer_before_start_goes_into_the_intro() -> None:
+    call = new_call()
+    assert call.machine_answered("fax") == []
+    (turn,) = call.receive(start(appKey="app", direction="outbound"))
+    assert isinstance(turn, StartTurn)
+    assert turn.input.attributes["answeredBy"] == "fax"
+
+
+def test_a_transfer_waits_for_the_final_mark_after_the_audio_before_it() -> None:
+    call = new_call()
+    call.receive(start(appKey="app"))
+    call.turn_event(ResponseItemEvent(response_item=ResponseItem(text="One moment.")))
+    (play,) = call.turn_event(BinaryEvent(data=b"\xff" * 1600))
+    assert isinstance(play, Play)
+    item = transfer_item("sip:agent@pbx.example.com", reason="billing")
+    assert call.turn_event(ResponseItemEvent(response_item=item)) == []
+    # what follows the transfer in the turn is not played
+    assert call.turn_event(BinaryEvent(data=b"\xff" * 1600)) == []
+    call.turn_event(ResponseEvent(response=Response()))
+    end, final = call.turn_finished()
+    assert isinstance(end, EndSession)  # the core did not end it: the transfer does
+    assert isinstance(final, Play)
+    assert final.final
+    assert call.state is State.ENDING
+    spoken_mark = json.loads(play.mark)["mark"]["name"]
+    final_mark = json.loads(final.mark)["mark"]["name"]
+    assert call.receive(mark(spoken_mark)) == []  # the sentence played; the end not yet
+    (transfer,) = call.receive(mark(final_mark))
+    assert transfer == Transfer(CALL, "sip:agent@pbx.example.com", "billing")
+    assert call.closed
+
+
+def test_a_transfer_in_a_turn_that_ended_the_session_is_not_ended_twice() -> None:
+    call = new_call()
+    call.receive(start(appKey="app"))
+    call.turn_event(ResponseItemEvent(response_item=transfer_item("+15550123")))
+    call.turn_event(ResponseEvent(response=Response(session_ended=True)))
+    (final,) = call.turn_finished()
+    assert isinstance(final, Play)
+    assert call.final_mark_overdue() == [Transfer(CALL, "+15550123", None)]
+
+
+def test_a_transfer_of_an_interrupted_turn_is_dropped() -> None:
+    call = new_call()
+    call.receive(start(appKey="app"))
+    call.turn_event(BinaryEvent(data=b"\xff" * 1600))
+    assert call.turn is not None
+    call.turn.discarded = True  # barge-in
+    call.turn_event(ResponseItemEvent(response_item=transfer_item("+15550123")))
+    assert call.transfer is None
+    call.turn_event(ResponseEvent(response=Response(session_ended=True)))
+    call.turn_finished()
+    (hang_up,) = call.final_mark_overdue()
+    assert isinstance(hang_up, HangUp)

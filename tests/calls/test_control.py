@@ -1,0 +1,299 @@
+"""The carriers' call-control requests, sent by the gateway's executor to a local server
+standing in for each API: method, path, auth and body as the carriers document them."""
+
+from __future__ import annotations
+
+import base64
+import time
+import xml.etree.ElementTree as ET
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from starlette.responses import JSONResponse, Response
+
+from adapters.plivo import control as plivo
+from adapters.telnyx import control as telnyx
+from adapters.twilio import control as twilio
+from adapters.vonage import control as vonage
+from gateway.callcontrol import CallControl, CallControlError, MachineAnswers, RestRequest
+from gateway.events import Input
+from tests.calls.carrier_api import carrier_api
+
+SID = "AC" + "1" * 32
+TOKEN = "twilio-token"
+CALL = "CA" + "2" * 32
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+async def test_twilio_create_call_with_amd_transfer_and_hang_up() -> None:
+    async with carrier_api() as api:
+        auth = twilio.TwilioAuth(SID, TOKEN, api.url)
+        control = CallControl(5.0)
+        try:
+            created = await control.send(
+                twilio.create_call(
+                    auth,
+                    to="+15550100",
+                    from_="+15550199",
+                    url="https://gw.example.com/twilio/voice?key=k&direction=outbound",
+                    machine_detection="Enable",
+                    amd_callback="https://gw.example.com/twilio/amd?key=k",
+                )
+            )
+            moved = await control.send(twilio.transfer(auth, CALL, "+15550123"))
+            sip = await control.send(twilio.transfer(auth, CALL, "sip:agent@pbx.example.com"))
+            ended = await control.send(twilio.hang_up(auth, CALL))
+        finally:
+            await control.aclose()
+    assert created.status == 201
+    assert created.body["sid"].startswith("CA")
+    assert moved.ok
+    assert sip.ok
+    assert ended.ok
+    create, transfer, transfer_sip, hang_up = api.requests
+    assert (create.method, create.path) == ("POST", f"/2010-04-01/Accounts/{SID}/Calls.json")
+    assert create.headers["authorization"] == basic(SID, TOKEN)
+    assert create.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert create.form == {
+        "To": "+15550100",
+        "From": "+15550199",
+        "Url": "https://gw.example.com/twilio/voice?key=k&direction=outbound",
+        "Method": "POST",
+        "MachineDetection": "Enable",
+        "AsyncAmd": "true",
+        "AsyncAmdStatusCallback": "https://gw.example.com/twilio/amd?key=k",
+        "AsyncAmdStatusCallbackMethod": "POST",
+    }
+    for request in (transfer, transfer_sip, hang_up):
+        assert (request.method, request.path) == (
+            "POST",
+            f"/2010-04-01/Accounts/{SID}/Calls/{CALL}.json",
+        )
+        assert request.headers["authorization"] == basic(SID, TOKEN)
+    dial = ET.fromstring(transfer.form["Twiml"]).find("./Dial/Number")
+    assert dial is not None
+    assert dial.text == "+15550123"
+    sip_dial = ET.fromstring(transfer_sip.form["Twiml"]).find("./Dial/Sip")
+    assert sip_dial is not None
+    assert sip_dial.text == "sip:agent@pbx.example.com"
+    assert hang_up.form == {"Status": "completed"}
+
+
+def test_twilio_answered_by_values() -> None:
+    assert all(twilio.is_machine(v) for v in ("machine_start", "machine_end_beep", "fax"))
+    assert not any(twilio.is_machine(v) for v in ("human", "unknown", ""))
+    with pytest.raises(ValueError, match="target"):
+        twilio.dial_twiml(" ")
+
+
+async def test_telnyx_dial_transfer_and_hang_up_already_ended() -> None:
+    async with carrier_api() as api:
+        api.answers[("POST", r"/v2/calls/v3:gone/actions/hangup")] = JSONResponse(
+            {"errors": [{"code": "90018", "title": "Call has already ended"}]}, 422
+        )
+        auth = telnyx.TelnyxAuth("KEY123", api.url)
+        control = CallControl(5.0)
+        try:
+            dialed = await control.send(
+                telnyx.dial(
+                    auth,
+                    connection_id="conn-1",
+                    to="+15550100",
+                    from_="+15550199",
+                    stream_url="wss://gw.example.com/telnyx/stream",
+                    state={"direction": "outbound", "appKey": "k"},
+                    webhook_url="https://gw.example.com/telnyx/outbound",
+                )
+            )
+            moved = await control.send(telnyx.transfer(auth, "v3:abc", "tel:+15550123"))
+            gone = await control.send(telnyx.hang_up(auth, "v3:gone"))
+            live = await control.send(telnyx.hang_up(auth, "v3:abc"))
+        finally:
+            await control.aclose()
+    assert telnyx.call_id(dialed) is not None
+    assert moved.ok
+    assert live.ok
+    assert telnyx.already_ended(gone)
+    assert not telnyx.already_ended(live)
+    dial, transfer, hang_gone, _ = api.requests
+    assert (dial.method, dial.path) == ("POST", "/v2/calls")
+    assert dial.headers["authorization"] == "Bearer KEY123"
+    assert dial.headers["content-type"] == "application/json"
+    body = dial.json
+    assert body["connection_id"] == "conn-1"
+    assert (body["to"], body["from"]) == ("+15550100", "+15550199")
+    assert body["answering_machine_detection"] == "detect"
+    assert body["stream_url"] == "wss://gw.example.com/telnyx/stream"
+    assert body["stream_track"] == "inbound_track"
+    assert body["stream_bidirectional_mode"] == "rtp"
+    assert body["stream_bidirectional_codec"] == "PCMU"
+    assert body["webhook_url"] == "https://gw.example.com/telnyx/outbound"
+    assert telnyx.read_client_state(body["client_state"]) == {
+        "direction": "outbound",
+        "appKey": "k",
+    }
+    assert (transfer.path, transfer.json) == (
+        "/v2/calls/v3:abc/actions/transfer",
+        {"to": "+15550123"},
+    )
+    assert transfer.headers["authorization"] == "Bearer KEY123"
+    assert (hang_gone.method, hang_gone.path) == ("POST", "/v2/calls/v3:gone/actions/hangup")
+
+
+def test_telnyx_machine_detection_webhook_is_a_machine_input() -> None:
+    state = telnyx.client_state({"appKey": "k"})
+
+    def event(result: str, kind: str = "call.machine.detection.ended") -> dict[str, object]:
+        payload = {"call_control_id": "v3:abc", "result": result, "client_state": state}
+        return {"data": {"event_type": kind, "payload": payload}}
+
+    found = telnyx.machine_input(event("machine"))
+    assert found is not None
+    call_id, machine = found
+    assert call_id == "v3:abc"
+    assert (machine.text, machine.action) == ("#machine", "#machine")
+    assert machine.attributes == {
+        "answeredBy": "machine",
+        "callControlId": "v3:abc",
+        "clientState": {"appKey": "k"},
+    }
+    assert telnyx.machine_input(event("human")) is None
+    assert telnyx.machine_input(event("not_sure")) is None
+    assert telnyx.machine_input(event("machine", "call.answered")) is None
+    premium = telnyx.machine_input(event("machine", "call.machine.premium.detection.ended"))
+    assert premium is not None
+    assert telnyx.machine_input({"data": "x"}) is None
+
+
+def rsa_pem() -> tuple[str, object]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return pem, key.public_key()
+
+
+async def test_vonage_transfer_ncco_connect_with_an_rs256_jwt() -> None:
+    pem, public = rsa_pem()
+    async with carrier_api() as api:
+        auth = vonage.VonageAuth("app-123", pem, api.url)
+        control = CallControl(5.0)
+        try:
+            moved = await control.send(
+                vonage.transfer(auth, "uuid-1", "+447700900000", time.time())
+            )
+            sip = await control.send(
+                vonage.transfer(auth, "uuid-1", "sip:a@b.example", time.time())
+            )
+            ended = await control.send(vonage.hang_up(auth, "uuid-1", time.time()))
+        finally:
+            await control.aclose()
+    assert moved.status == 204
+    assert sip.ok
+    assert ended.ok
+    transfer, transfer_sip, hang_up = api.requests
+    assert (transfer.method, transfer.path) == ("PUT", "/v1/calls/uuid-1")
+    assert transfer.json == {
+        "action": "transfer",
+        "destination": {
+            "type": "ncco",
+            "ncco": [
+                {"action": "connect", "endpoint": [{"type": "phone", "number": "447700900000"}]}
+            ],
+        },
+    }
+    endpoint = transfer_sip.json["destination"]["ncco"][0]["endpoint"][0]
+    assert endpoint == {"type": "sip", "uri": "sip:a@b.example"}
+    assert hang_up.json == {"action": "hangup"}
+    scheme, _, token = transfer.headers["authorization"].partition(" ")
+    assert scheme == "Bearer"
+    claims = jwt.decode(token, public, algorithms=["RS256"])  # type: ignore[arg-type]
+    assert claims["application_id"] == "app-123"
+    assert claims["exp"] - claims["iat"] == vonage.JWT_TTL_S
+    assert claims["jti"]
+    assert jwt.get_unverified_header(token)["alg"] == "RS256"
+
+
+async def test_plivo_transfer_and_hang_up() -> None:
+    async with carrier_api() as api:
+        api.answers[("DELETE", r"/v1/Account/MA1/Call/gone/")] = Response(status_code=404)
+        auth = plivo.PlivoAuth("MA1", "ptoken", api.url)
+        control = CallControl(5.0)
+        try:
+            moved = await control.send(
+                plivo.transfer(auth, "uuid-1", "https://gw.example.com/plivo/transfer?to=%2B1555")
+            )
+            ended = await control.send(plivo.hang_up(auth, "uuid-1"))
+            gone = await control.send(plivo.hang_up(auth, "gone"))
+        finally:
+            await control.aclose()
+    assert moved.ok
+    assert ended.status == 204
+    assert not plivo.already_ended(ended)
+    assert plivo.already_ended(gone)
+    transfer, hang_up, _ = api.requests
+    assert (transfer.method, transfer.path) == ("POST", "/v1/Account/MA1/Call/uuid-1/")
+    assert transfer.headers["authorization"] == basic("MA1", "ptoken")
+    assert transfer.json == {
+        "legs": "aleg",
+        "aleg_url": "https://gw.example.com/plivo/transfer?to=%2B1555",
+        "aleg_method": "POST",
+    }
+    assert (hang_up.method, hang_up.path, hang_up.body) == (
+        "DELETE",
+        "/v1/Account/MA1/Call/uuid-1/",
+        b"",
+    )
+    number = ET.fromstring(plivo.dial_xml("+15550123")).find("./Dial/Number")
+    assert number is not None
+    assert number.text == "15550123"
+    user = ET.fromstring(plivo.dial_xml("sip:a@b.example")).find("./Dial/User")
+    assert user is not None
+    assert user.text == "sip:a@b.example"
+
+
+async def test_an_unreachable_api_is_a_call_control_error() -> None:
+    control = CallControl(1.0)
+    try:
+        with pytest.raises(CallControlError):
+            await control.send(RestRequest("POST", "http://127.0.0.1:9/v2/calls", json={}))
+    finally:
+        await control.aclose()
+
+
+def test_telnyx_intro_attributes_from_the_client_state() -> None:
+    state = telnyx.read_client_state(
+        telnyx.client_state(
+            {"direction": "outbound", "to": "+1555", "from": "+1666", "attributes": {"a": 1}}
+        )
+    )
+    assert telnyx.intro_attributes(state) == {
+        "a": 1,
+        "direction": "outbound",
+        "to": "+1555",
+        "from": "+1666",
+    }
+    assert telnyx.intro_attributes({}) == {}
+    assert telnyx.read_client_state("not base64!") == {}
+
+
+def test_machine_answers_wait_for_their_call() -> None:
+    answers = MachineAnswers()
+    machine = Input.of("#machine", attributes={"answeredBy": "machine"})
+    got: list[Input] = []
+    assert not answers.deliver("v3:a", machine)  # the stream is not registered yet
+    assert answers.waiting("v3:a") == machine
+    answers.register("v3:a", got.append)
+    assert got == [machine]
+    assert answers.waiting("v3:a") is None
+    assert answers.deliver("v3:a", machine)
+    assert len(got) == 2
+    answers.unregister("v3:a")
+    assert not answers.deliver("v3:a", machine)

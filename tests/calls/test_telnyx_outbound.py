@@ -1,0 +1,152 @@
+"""Outbound Telnyx calls through POST /v1/calls (the dial request captured by a local
+stand-in for Telnyx's API) and the Ed25519-signed answering-machine webhook."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import SecretStr
+from starlette.responses import JSONResponse
+
+from adapters.telnyx.control import read_client_state
+from gateway.events import Input
+from tests.adapters.twilio.helpers import PUBLIC, twilio_gateway
+from tests.calls.carrier_api import carrier_api
+
+ADMIN = "admin-key-2"
+
+
+def signed(key: Ed25519PrivateKey, body: bytes, at: int | None = None) -> dict[str, str]:
+    stamp = str(at if at is not None else int(time.time()))
+    signature = key.sign(stamp.encode() + b"|" + body)
+    return {
+        "telnyx-signature-ed25519": base64.b64encode(signature).decode(),
+        "telnyx-timestamp": stamp,
+        "Content-Type": "application/json",
+    }
+
+
+async def test_telnyx_outbound_call_and_its_machine_answer() -> None:
+    key = Ed25519PrivateKey.generate()
+    public = base64.b64encode(
+        key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    ).decode()
+    async with (
+        carrier_api() as api,
+        twilio_gateway(
+            admin_keys=frozenset({ADMIN}),
+            telnyx_api_key=SecretStr("KEY-T"),
+            telnyx_connection_id="conn-9",
+            telnyx_api_base_url=api.url,
+            telnyx_public_key=public,
+        ) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        placed = await client.post(
+            "/v1/calls",
+            json={
+                "carrier": "telnyx",
+                "to": "+15550100",
+                "from": "+15550199",
+                "appKey": "sales",
+                "attributes": {"lead": 42},
+                "machineDetection": True,
+            },
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
+        assert placed.status_code == 201, placed.text
+        ccid = placed.json()["callId"]
+        (dial,) = api.requests
+        assert (dial.method, dial.path) == ("POST", "/v2/calls")
+        assert dial.headers["authorization"] == "Bearer KEY-T"
+        body = dial.json
+        assert body["connection_id"] == "conn-9"
+        assert (body["to"], body["from"]) == ("+15550100", "+15550199")
+        assert body["answering_machine_detection"] == "detect"
+        assert body["stream_url"] == "wss://gateway.example.com/telnyx/stream"
+        assert body["stream_bidirectional_mode"] == "rtp"
+        assert body["webhook_url"] == f"{PUBLIC}/telnyx/outbound"
+        assert read_client_state(body["client_state"]) == {
+            "direction": "outbound",
+            "appKey": "sales",
+            "to": "+15550100",
+            "from": "+15550199",
+            "attributes": {"lead": 42},
+        }
+
+        # the stream route registers for its call; the webhook's machine answer reaches it
+        got: list[Input] = []
+        gw.app.state.callcontrol.machine_answers.register(ccid, got.append)
+        event = {
+            "data": {
+                "event_type": "call.machine.detection.ended",
+                "payload": {
+                    "call_control_id": ccid,
+                    "result": "machine",
+                    "client_state": body["client_state"],
+                },
+            }
+        }
+        raw = json.dumps(event).encode()
+        unsigned = await client.post(
+            "/telnyx/outbound", content=raw, headers={"Content-Type": "application/json"}
+        )
+        assert unsigned.status_code == 401
+        forged_key = Ed25519PrivateKey.generate()
+        forged = await client.post("/telnyx/outbound", content=raw, headers=signed(forged_key, raw))
+        assert forged.status_code == 403
+        stale = await client.post(
+            "/telnyx/outbound", content=raw, headers=signed(key, raw, int(time.time()) - 3600)
+        )
+        assert stale.status_code == 403
+        assert got == []
+        ok = await client.post("/telnyx/outbound", content=raw, headers=signed(key, raw))
+        assert ok.status_code == 200
+        (machine,) = got
+        assert machine.text == "#machine"
+        assert machine.attributes["answeredBy"] == "machine"
+        assert machine.attributes["clientState"]["appKey"] == "sales"
+        # a person: no input
+        human = json.dumps(
+            {
+                **event,
+                "data": {**event["data"], "payload": {"call_control_id": ccid, "result": "human"}},
+            }
+        ).encode()
+        assert (
+            await client.post("/telnyx/outbound", content=human, headers=signed(key, human))
+        ).status_code == 200
+        assert len(got) == 1
+
+
+async def test_a_carrier_refusal_is_a_bad_gateway_problem() -> None:
+    async with (
+        carrier_api() as api,
+        twilio_gateway(
+            admin_keys=frozenset({ADMIN}),
+            telnyx_api_key=SecretStr("KEY-T"),
+            telnyx_connection_id="conn-9",
+            telnyx_api_base_url=api.url,
+        ) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        api.answers[("POST", "/v2/calls")] = JSONResponse(
+            {"errors": [{"code": "10010", "title": "Invalid 'to'"}]}, 422
+        )
+        answer = await client.post(
+            "/v1/calls",
+            json={"carrier": "telnyx", "to": "+15550100", "from": "+15550199"},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
+        assert answer.status_code == 502
+        problem = answer.json()
+        assert problem["carrierStatus"] == 422
+        assert problem["carrierBody"]["errors"][0]["code"] == "10010"
+        # no public key configured: webhooks refused
+        refused = await client.post("/telnyx/outbound", content=b"{}")
+        assert refused.status_code == 403
