@@ -13,12 +13,12 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from gateway.speech.stage import ListenOptions
 
 from gateway.events import Input, Response, ResponseItem, transfer_item
 from gateway.sessions import Session
 from gateway.settings import Settings
 from gateway.speech.service import SpeechService
+from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
