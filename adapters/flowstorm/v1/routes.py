@@ -47,6 +47,8 @@ from adapters.flowstorm.v1.protocol import (
     Close,
     FeedAudio,
     FinishListening,
+    Follow,
+    Missed,
     Send,
     SendBytes,
     StartListening,
@@ -59,6 +61,7 @@ from gateway import metrics
 from gateway.conversation import TurnRejected
 from gateway.deps import Gateway, gateway_of
 from gateway.logs import session_ref
+from gateway.outbox import Entry, Following
 from gateway.sessions import StoreError
 from gateway.sockets import SEND_ERRORS, GuardedSocket
 from gateway.speech.audio import AudioFormatError
@@ -172,6 +175,8 @@ class _Socket(GuardedSocket):
         self._log_tasks: set[asyncio.Task[None]] = set()
         self._utterance: _Utterance | None = None
         self._listen_tasks: set[asyncio.Task[None]] = set()
+        # the session's outbox: pushes, and what a dropped socket of the session missed
+        self.following = Following(gw.journal, self._deliver) if gw.journal else None
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or the protocol closes it."""
@@ -209,6 +214,8 @@ class _Socket(GuardedSocket):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*self._log_tasks, return_exceptions=True)
+        if self.following is not None:
+            await self.following.aclose()
 
     async def _do(self, actions: Sequence[Action]) -> None:
         for action in actions:
@@ -231,6 +238,9 @@ class _Socket(GuardedSocket):
                 await self._close(action.code, action.reason)
             elif isinstance(action, StartTurn):
                 self._spawn(self._forward(action), self._tasks)
+            elif isinstance(action, Follow):
+                if self.following is not None:
+                    self.following.follow(action.key, action.after)
             else:
                 self._start_logs(action)
 
@@ -323,16 +333,25 @@ class _Socket(GuardedSocket):
 
     async def _forward(self, start: StartTurn) -> None:
         """Send one turn's frames; the Response and what follows go out after its stream ends."""
-        conn = self.conn
+        conn, following, key = self.conn, self.following, start.ctx.key
         held: list[Action] = []
         try:
+            if following is not None and following.key == key:
+                await following.catch_up()  # what the session missed goes before the turn
             try:
                 async for event in self.gw.conversation.turn(start.ctx, start.input):
-                    actions = conn.turn_event(event)
-                    if conn.turn_over:
-                        held.extend(actions)
-                    else:
-                        await self._do(actions)
+                    if following is None:
+                        actions = conn.turn_event(event)
+                        await self._send_turn(actions, held)
+                        continue
+                    async with following.claim(key, event.seq) as fresh:
+                        actions = conn.turn_event(event)
+                        if not fresh:  # the outbox delivered it already
+                            actions = [a for a in actions if not isinstance(a, Send)]
+                        adopted = conn.session_key
+                        if adopted is not None and adopted != following.key:  # a new session
+                            following.follow(adopted, None)
+                        await self._send_turn(actions, held)
             except TurnRejected as exc:
                 held.extend(conn.turn_rejected(exc))
             else:
@@ -343,6 +362,23 @@ class _Socket(GuardedSocket):
             await self._close(CLOSE_INTERNAL, "Internal gateway error.")
             return
         await self._do(held)
+        if following is not None and self.open and following.key == key:
+            await following.catch_up()  # what came while the turn answered
+
+    async def _send_turn(self, actions: list[Action], held: list[Action]) -> None:
+        """Carry out a turn event's actions; from its Response on, hold them (see _forward)."""
+        if self.conn.turn_over:
+            held.extend(actions)
+        else:
+            await self._do(actions)
+
+    async def _deliver(self, entries: list[Entry]) -> bool:
+        """Send outbox entries (see gateway.outbox.Following); False when it cannot now."""
+        if not self.open or not self.conn.can_deliver:
+            return False
+        missed = [Missed(e.seq, e.kind == "push", e.event) for e in entries]
+        await self._do(self.conn.deliver(missed))
+        return self.open
 
     async def _store_logs(self, action: StoreLogs) -> None:
         try:
