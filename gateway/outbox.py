@@ -410,9 +410,10 @@ class Journal:
             yield Follower(self, key, sub, after)
 
 
-Deliver = Callable[[list[Entry]], Awaitable[bool]]
-"""A connection's way to send outbox entries: True when it sent them (it could, and its
-socket is still open), False when it cannot now (a turn is answering, or it is gone)."""
+Deliver = Callable[[list[Entry], bool], Awaitable[bool]]
+"""A connection's way to send outbox entries (the flag: a turn was just started and has
+not begun to answer): True when it sent them (it could, and its socket is still open),
+False when it cannot now (a turn is answering, or it is gone)."""
 
 
 class Following:
@@ -453,8 +454,11 @@ class Following:
             async with self.journal.follow(key, after) as follower:
                 self._follower = follower
                 ready.set()
-                while True:
+                task = asyncio.current_task()
+                while task is None or not task.cancelling():
                     await self.catch_up()
+                    # a cancel that meets the wait's own timeout may be swallowed (3.11):
+                    # the loop condition ends it then
                     await follower.wait(self._idle_s)
         except (BusUnavailable, OutboxError) as exc:
             log.warning("outbox not followed: %s", exc)
@@ -467,9 +471,10 @@ class Following:
         await self._ready.wait()
         return self._follower
 
-    async def catch_up(self) -> None:
+    async def catch_up(self, *, before_turn: bool = False) -> None:
         """Deliver what the followed outbox holds that the connection has not sent (when
-        it can), then raise the delivered mark."""
+        it can; ``before_turn``: a turn was just started, before it answers), then raise
+        the delivered mark."""
         follower = await self._current()
         if follower is None:
             return
@@ -477,10 +482,25 @@ class Following:
             own = self._own.get(follower.key, set())
             entries = await follower.read()
             missed = [e for e in entries if e.seq not in own]
-            if missed and not await self._deliver(missed):
+            if missed and not await self._deliver(missed, before_turn):
                 return
             top = max([follower.floor, *(e.seq for e in entries), *own])
             self._own[follower.key] = {n for n in own if n > top}
+            await follower.advance(top)
+
+    async def settle(self, key: str) -> None:
+        """The connection sent a whole answer of session ``key``: raise the delivered mark
+        over it now (a client that closes right after its answer and comes back on
+        another connection is not given it again) — up to the first entry it did not send."""
+        follower = await self._current()
+        if follower is None or follower.key != key:
+            return
+        async with self._lock:
+            own = self._own.get(key, set())
+            top = follower.floor
+            while top + 1 in own:  # only over what it sent without a gap
+                top += 1
+            self._own[key] = {n for n in own if n > top}
             await follower.advance(top)
 
     @contextlib.asynccontextmanager
@@ -503,8 +523,7 @@ class Following:
 
     async def aclose(self) -> None:
         """Stop following."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)

@@ -947,6 +947,7 @@ class V1Connection:
             attributes=dict(attributes or {}),
             logs=tuple(logs),
             tts=self.tts,
+            outbox=True,  # numbered and kept: a client that lost its socket gets them back
         )
 
     def _on_log(self, event: LogEvent) -> list[Action]:
@@ -1099,26 +1100,30 @@ class V1Connection:
         """The store key of the connection's session (the outbox it follows), or None."""
         return f"{NAMESPACE}:{self.session_id}" if self.session_id is not None else None
 
-    @property
-    def can_deliver(self) -> bool:
-        """Whether outbox entries may go out now: no turn of the connection has begun to
-        answer (a turn's frames are never interleaved with others)."""
+    def can_deliver(self, *, before_turn: bool = False) -> bool:
+        """Whether outbox entries may go out now: no turn of the connection runs, or
+        (``before_turn``) the one just started has not begun to answer. A turn's frames
+        are never interleaved with others."""
         if self.state in _NO_TURN:
             return True
         turn = self._turn
-        return self.state in (State.TURN, State.TURN_DRAINING) and (
-            turn is not None and not turn.accepted
+        return (
+            before_turn
+            and self.state in (State.TURN, State.TURN_DRAINING)
+            and (turn is not None and not turn.accepted)
         )
 
-    def deliver(self, missed: Sequence[Missed]) -> list[Action]:
+    def deliver(self, missed: Sequence[Missed], *, before_turn: bool = False) -> list[Action]:
         """Frames of outbox entries (pushes, the rest of an answer a dropped socket missed),
         in order; ``[]`` unless :attr:`can_deliver`. A pushed Response is
         ``Response {items}`` (with ``sendResponseItems``: its ResponseItem frames, then
         the Response with empty items), which wakes a Sleeping client
         (flowstorm-socket-v1.md); a replayed turn's events go out as they did in the
-        turn. Entries whose event the connection does not know are skipped. Never raises.
+        turn. Entries whose event the connection does not know are skipped. ``[]``
+        unless :meth:`can_deliver` (``before_turn``: what the session missed goes out
+        before the answer of the turn just started). Never raises.
         """
-        if not self.can_deliver:
+        if not self.can_deliver(before_turn=before_turn):
             return []
         actions: list[Action] = []
         for entry in missed:

@@ -177,6 +177,8 @@ class _Socket(GuardedSocket):
         self._listen_tasks: set[asyncio.Task[None]] = set()
         # the session's outbox: pushes, and what a dropped socket of the session missed
         self.following = Following(gw.journal, self._deliver) if gw.journal else None
+        self._answering = 0
+        """Turns whose answer is not all sent yet (outbox entries wait for them)."""
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or the protocol closes it."""
@@ -237,6 +239,10 @@ class _Socket(GuardedSocket):
             elif isinstance(action, Close):
                 await self._close(action.code, action.reason)
             elif isinstance(action, StartTurn):
+                following = self.following
+                if following is not None and following.key == action.ctx.key:
+                    await following.catch_up(before_turn=True)  # what it missed goes first
+                self._answering += 1
                 self._spawn(self._forward(action), self._tasks)
             elif isinstance(action, Follow):
                 if self.following is not None:
@@ -332,17 +338,31 @@ class _Socket(GuardedSocket):
     # ------------------------------------------------------------------ turns
 
     async def _forward(self, start: StartTurn) -> None:
-        """Send one turn's frames; the Response and what follows go out after its stream ends."""
+        """Send one turn's frames; the Response and what follows go out after its stream ends.
+
+        Each event numbered in the session's outbox is sent inside ``following.claim``:
+        once per connection, even when the outbox delivered it first. Outbox entries
+        wait while the turn answers (``_answering``) and are caught up afterwards.
+        """
+        key = start.ctx.key
+        try:
+            answered = await self._answer(start)
+        finally:
+            self._answering -= 1
+        following = self.following
+        if answered and following is not None and self.open and following.key == key:
+            await asyncio.shield(following.settle(key))  # even when the client leaves now
+            await following.catch_up()  # what came while the turn answered
+
+    async def _answer(self, start: StartTurn) -> bool:
+        """The frames of one turn (see :meth:`_forward`); False after a gateway bug."""
         conn, following, key = self.conn, self.following, start.ctx.key
         held: list[Action] = []
         try:
-            if following is not None and following.key == key:
-                await following.catch_up()  # what the session missed goes before the turn
             try:
                 async for event in self.gw.conversation.turn(start.ctx, start.input):
                     if following is None:
-                        actions = conn.turn_event(event)
-                        await self._send_turn(actions, held)
+                        await self._send_turn(conn.turn_event(event), held)
                         continue
                     async with following.claim(key, event.seq) as fresh:
                         actions = conn.turn_event(event)
@@ -360,10 +380,9 @@ class _Socket(GuardedSocket):
             log.exception("forwarding a turn of session %s failed", session_ref(start.ctx.key))
             await self._send(error_frame("Internal gateway error.", "gateway").text)
             await self._close(CLOSE_INTERNAL, "Internal gateway error.")
-            return
+            return False
         await self._do(held)
-        if following is not None and self.open and following.key == key:
-            await following.catch_up()  # what came while the turn answered
+        return True
 
     async def _send_turn(self, actions: list[Action], held: list[Action]) -> None:
         """Carry out a turn event's actions; from its Response on, hold them (see _forward)."""
@@ -372,12 +391,14 @@ class _Socket(GuardedSocket):
         else:
             await self._do(actions)
 
-    async def _deliver(self, entries: list[Entry]) -> bool:
+    async def _deliver(self, entries: list[Entry], before_turn: bool) -> bool:
         """Send outbox entries (see gateway.outbox.Following); False when it cannot now."""
-        if not self.open or not self.conn.can_deliver:
+        if not self.open or not self.conn.can_deliver(before_turn=before_turn):
+            return False
+        if self._answering and not before_turn:  # a turn's Response is still to go out
             return False
         missed = [Missed(e.seq, e.kind == "push", e.event) for e in entries]
-        await self._do(self.conn.deliver(missed))
+        await self._do(self.conn.deliver(missed, before_turn=before_turn))
         return self.open
 
     async def _store_logs(self, action: StoreLogs) -> None:
