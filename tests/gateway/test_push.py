@@ -76,7 +76,8 @@ async def test_a_push_reaches_a_live_client_on_another_instance(shared: dict[str
         assert answer.status_code == 200, answer.text
         assert answer.json() == {"delivery": "live", "sessionId": "live-1", "seq": seq + 1}
         frame = await recv_json(ws)
-        assert frame["type"] == "Response" and frame["seq"] == seq + 1
+        assert frame["type"] == "Response"
+        assert frame["seq"] == seq + 1
         assert [i["text"] for i in frame["response"]["items"]] == ["Your parcel has arrived."]
         assert frame["response"]["sessionEnded"] is False
         # by device, too; the client goes on talking afterwards
@@ -84,7 +85,8 @@ async def test_a_push_reaches_a_live_client_on_another_instance(shared: dict[str
         assert answer.json()["delivery"] == "live"
         assert (await recv_json(ws))["response"]["items"][0]["text"] == "Again."
         frames = await turn(ws, request_frame("my name is Ada"))
-        assert frames[-1]["type"] == "Response" and frames[-1]["seq"] > seq + 2
+        assert frames[-1]["type"] == "Response"
+        assert frames[-1]["seq"] > seq + 2
 
 
 async def test_a_push_to_a_gone_client_is_queued_and_delivered_when_it_comes_back(
@@ -107,7 +109,8 @@ async def test_a_push_to_a_gone_client_is_queued_and_delivered_when_it_comes_bac
             "test-key",
             "push-device",
         )
-        assert view["clientState"] == "Listening" and view["turnCount"] == 1
+        assert view["clientState"] == "Listening"
+        assert view["turnCount"] == 1
 
         async with connect(ws_url(b)) as ws:  # back, on the other instance
             frame = {**init_frame(), "sessionId": "gone-1", "lastSeq": seq}
@@ -119,7 +122,8 @@ async def test_a_push_to_a_gone_client_is_queued_and_delivered_when_it_comes_bac
             frames = await turn(ws, request_frame("what is my name"))  # the session goes on
             assert frames[-1]["type"] == "Response"
         view = (await http.get(f"{b}/v1/sessions/gone-1", headers=AUTH)).json()
-        assert view["outbox"]["length"] == 0 and view["turnCount"] == 2
+        assert view["outbox"]["length"] == 0
+        assert view["turnCount"] == 2
 
 
 async def test_a_client_without_init_session_gets_its_queue_with_its_next_turn(
@@ -155,13 +159,15 @@ async def test_unknown_targets_a_full_outbox_and_bad_keys_are_refused(
         assert (await push(http, a, {"sessionId": "full-1"}, "1.")).status_code == 202
         assert (await push(http, a, {"sessionId": "full-1"}, "2.")).status_code == 202
         full = await push(http, a, {"sessionId": "full-1"}, "3.")
-        assert full.status_code == 409 and full.json()["delivery"] == "outbox-full"
+        assert full.status_code == 409
+        assert full.json()["delivery"] == "outbox-full"
 
         missing = await http.post(f"{a}/v1/push", json={"target": {"sessionId": "full-1"}})
         assert missing.status_code == 401
         assert missing.headers["www-authenticate"] == "Bearer"
         wrong = await push(http, a, {"sessionId": "full-1"}, "x", Authorization="Bearer nope")
-        assert wrong.status_code == 403 and wrong.json()["title"] == "Forbidden"
+        assert wrong.status_code == 403
+        assert wrong.json()["title"] == "Forbidden"
         assert (await http.get(f"{a}/v1/sessions/full-1")).status_code == 401
         assert (await http.get(f"{a}/v1/sessions/nobody", headers=AUTH)).status_code == 404
         bad = await http.post(f"{a}/v1/push", json={"target": {}, "items": []}, headers=AUTH)
@@ -235,7 +241,8 @@ async def test_an_answer_cut_by_the_server_is_resumed_on_another_instance_exactl
             with pytest.raises(ConnectionClosed) as closed:
                 while True:
                     seen.append(await recv_json(ws))
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1012
         core.go.set()  # the rest of the answer comes while A drains its turn
         last = max(f["seq"] for f in seen)
         async with connect(ws_url(b.url)) as ws:
