@@ -46,9 +46,11 @@ from gateway.speech.service import make_speech
 
 log = logging.getLogger(__name__)
 
-PUSH_NAMESPACES = ("flowstorm", "voiceflow")
-"""Session namespaces of channels whose live connections follow their outbox (pushes)."""
-SESSION_NAMESPACES = (*PUSH_NAMESPACES, "alexa", "google", "dialogflow", "twilio")
+PUSH_NAMESPACES = ("flowstorm",)
+"""Session namespaces a push's ``sessionId`` is looked up in."""
+PUSH_CHANNELS = ("flowstorm_v1",)
+"""Channels whose live connections follow their session's outbox (pushes, resume)."""
+SESSION_NAMESPACES = (*PUSH_NAMESPACES, "voiceflow", "alexa", "google", "dialogflow", "twilio")
 """Session namespaces the session view (GET /v1/sessions/{id}) looks in, in order."""
 
 
@@ -119,6 +121,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
                 journal,
                 settings,
                 push_namespaces=PUSH_NAMESPACES,
+                push_channels=PUSH_CHANNELS,
                 all_namespaces=SESSION_NAMESPACES,
             ),
         )

@@ -16,10 +16,11 @@ then Listening (flowstorm-client-states.md), so a push to a session whose last k
 client state is ``Sleeping`` records it as ``Listening`` and gives the session its
 normal lifetime again (GATEWAY_SESSION_TIMEOUT_S).
 
-Targets: ``sessionId`` (a session of a channel that can receive pushes: Flowstorm V1/V2
-and Voiceflow namespaces, given to :class:`Pusher`), optionally with ``appKey`` (then it
-must be the session's), or ``appKey`` + ``deviceId`` (the session that device talked in
-last, from the outbox's device index).
+Targets: ``sessionId`` (a session of a channel whose connections follow their outbox:
+Flowstorm V1, given to :class:`Pusher`; V2 and Voiceflow sessions do not, and are
+``unknown-target``), optionally with ``appKey`` (then it must be the session's), or
+``appKey`` + ``deviceId`` (the session that device talked in last, from the outbox's
+device index, which V1 turns fill).
 
 Authentication: ``Authorization: Bearer KEY`` with a key of GATEWAY_ADMIN_KEYS; none
 sent: 401 (``WWW-Authenticate: Bearer``); a wrong one, or no keys configured: 403. All
@@ -169,8 +170,9 @@ class Pusher:
     """Pushes and session lookups over the store and the outbox :class:`Journal`.
 
     ``push_namespaces`` are the session namespaces a ``sessionId`` target is looked up
-    in (channels whose connections follow their outbox); ``all_namespaces`` those the
-    session view looks in.
+    in, ``push_channels`` the channels whose connections follow their outbox (a session
+    last served by another channel, such as Flowstorm V2 in the shared namespace, is
+    ``unknown-target``); ``all_namespaces`` those the session view looks in.
     """
 
     def __init__(
@@ -180,12 +182,14 @@ class Pusher:
         settings: Settings,
         *,
         push_namespaces: Sequence[str],
+        push_channels: Collection[str],
         all_namespaces: Sequence[str],
     ) -> None:
         self.store = store
         self.journal = journal
         self.settings = settings
         self.push_namespaces = tuple(push_namespaces)
+        self.push_channels = frozenset(push_channels)
         self.all_namespaces = tuple(all_namespaces)
 
     async def find(self, session_id: str, namespaces: Sequence[str]) -> Session | None:
@@ -226,6 +230,11 @@ class Pusher:
                         request.target.app_key and session.app_key != request.target.app_key
                     ):
                         raise PushRefused("unknown-target", "The session has ended.")
+                    if session.channel not in self.push_channels:
+                        raise PushRefused(
+                            "unknown-target",
+                            f"Sessions of channel {session.channel} cannot receive pushes.",
+                        )
                     event = push_event(request.items, session.locale)
                     seqs = await self.journal.append(key, [event.wire()], "push", ack=token)
                     if seqs is None:

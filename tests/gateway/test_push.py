@@ -162,6 +162,16 @@ async def test_unknown_targets_a_full_outbox_and_bad_keys_are_refused(
         assert full.status_code == 409
         assert full.json()["delivery"] == "outbox-full"
 
+        v2 = await http.put(  # a V2 session (shared namespace) cannot receive pushes
+            f"{a}/client?key=test-key&tts=None",
+            headers={"Content-Type": "text/plain"},
+            content="#intro",
+        )
+        v2_session = v2.cookies["flowstorm-session-id"]
+        answer = await push(http, a, {"sessionId": v2_session}, "Hi.")
+        assert answer.status_code == 404
+        assert "flowstorm_v2" in answer.json()["detail"]
+
         missing = await http.post(f"{a}/v1/push", json={"target": {"sessionId": "full-1"}})
         assert missing.status_code == 401
         assert missing.headers["www-authenticate"] == "Bearer"
@@ -184,7 +194,7 @@ async def test_unknown_targets_a_full_outbox_and_bad_keys_are_refused(
 class StreamingCore:
     """A core webhook (the http pipeline) that streams its answers as NDJSON: ``#intro``
     gets one item at once; ``long`` gets items a and b, then waits for :attr:`go`, then
-    c and d and the Response."""
+    c and d and the Response; ``sleep`` ends the session with a sleep timeout."""
 
     def __init__(self) -> None:
         self.go = asyncio.Event()
@@ -196,6 +206,11 @@ class StreamingCore:
             text = body["input"]["transcript"]["text"]
 
             async def lines() -> AsyncIterator[str]:
+                if text == "sleep":  # the session ends, kept for a minute: Sleeping
+                    ended = {"items": [{"text": "Good night."}], "sessionEnded": True}
+                    yield json.dumps({"type": "Response", "response": ended | {"sleepTimeout": 60}})
+                    yield "\n"
+                    return
                 if text == "long":
                     for name in ("a", "b"):
                         yield item(f"item {name}")
@@ -207,6 +222,29 @@ class StreamingCore:
                 yield json.dumps({"type": "Response", "response": {"items": []}}) + "\n"
 
             return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def test_a_push_wakes_a_sleeping_client(shared: dict[str, Any]) -> None:
+    core = StreamingCore()
+    async with (
+        serve(core.app) as core_url,
+        served(pipeline=f"{core_url}/turn", **shared) as a,
+        httpx.AsyncClient(timeout=10) as http,
+        connect(ws_url(a)) as ws,
+    ):
+        await hello(ws, "asleep-1")
+        [good_night] = await turn(ws, request_frame("sleep"))
+        assert good_night["response"]["sessionEnded"] is True  # no SessionEnded: it sleeps
+        view = (await http.get(f"{a}/v1/sessions/asleep-1", headers=AUTH)).json()
+        assert view["clientState"] == "Sleeping"
+        answer = await push(http, a, {"sessionId": "asleep-1"}, "Wake up, the bus is here.")
+        assert answer.json()["delivery"] == "live"
+        woken = await recv_json(ws)
+        assert woken["response"]["sessionEnded"] is False  # Sleeping -> Responding -> Listening
+        view = (await http.get(f"{a}/v1/sessions/asleep-1", headers=AUTH)).json()
+        assert view["clientState"] == "Listening"
+        frames = await turn(ws, request_frame("#intro"))  # and the conversation goes on
+        assert frames[-1]["type"] == "Response"
 
 
 def item(text: str) -> str:
