@@ -327,10 +327,14 @@ class Follower:
     the floor; :meth:`advance` records that it all went out.
     """
 
-    def __init__(self, journal: Journal, key: str, sub: Subscription, floor: int) -> None:
+    def __init__(
+        self, journal: Journal, key: str, sub: Subscription, floor: int, backlog: int = 0
+    ) -> None:
         self.journal = journal
         self.key = key
         self.floor = floor
+        self.backlog = backlog
+        """The last seq given when the subscription began."""
         self._sub = sub
         self._acks: list[str] = []
 
@@ -405,9 +409,8 @@ class Journal:
         client saw last) or, when None, the delivered mark. Subscribes before reading
         the mark, so no append is missed. Raises BusUnavailable or OutboxError."""
         async with self.bus.subscribe(topic(key)) as sub:
-            if after is None:
-                after = (await self.outbox.state(key)).mark
-            yield Follower(self, key, sub, after)
+            state = await self.outbox.state(key)
+            yield Follower(self, key, sub, state.mark if after is None else after, state.last_seq)
 
 
 Deliver = Callable[[list[Entry], bool], Awaitable[bool]]
@@ -437,14 +440,19 @@ class Following:
         self._follower: Follower | None = None
         self._ready = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._own: dict[str, set[int]] = {}
+        self._sent: dict[str, set[int]] = {}
+        self._replay = True
         self.key: str | None = None
 
-    def follow(self, key: str, after: int | None) -> None:
-        """Follow ``key``'s outbox from ``after`` (None: its delivered mark)."""
+    def follow(self, key: str, after: int | None, *, replay: bool = True) -> None:
+        """Follow ``key``'s outbox from ``after`` (None: its delivered mark). Without
+        ``replay`` the events of turns that were there when following began are passed
+        over, only pushes are delivered (a client that did not ask to resume would take
+        a replayed answer for the answer of its next turn)."""
         if self._task is not None:
             self._task.cancel()
         self.key = key
+        self._replay = replay
         self._follower = None
         self._ready = asyncio.Event()
         self._task = asyncio.create_task(self._run(key, after, self._ready), name="outbox follow")
@@ -479,14 +487,25 @@ class Following:
         if follower is None:
             return
         async with self._lock:
-            own = self._own.get(follower.key, set())
+            sent = self._sent_of(follower.key)
             entries = await follower.read()
-            missed = [e for e in entries if e.seq not in own]
+            missed = [
+                e
+                for e in entries
+                if e.seq not in sent
+                and (self._replay or e.kind == "push" or e.seq > follower.backlog)
+            ]
             if missed and not await self._deliver(missed, before_turn):
                 return
-            top = max([follower.floor, *(e.seq for e in entries), *own])
-            self._own[follower.key] = {n for n in own if n > top}
-            await follower.advance(top)
+            sent.update(e.seq for e in missed)
+            await follower.advance(max([follower.floor, *(e.seq for e in entries)]))
+
+    def _sent_of(self, key: str) -> set[int]:
+        """The seqs of ``key`` this connection sent (bounded: the newest are kept)."""
+        sent = self._sent.setdefault(key, set())
+        if len(sent) > 4096:
+            sent = self._sent[key] = set(sorted(sent)[-1024:])
+        return sent
 
     async def settle(self, key: str) -> None:
         """The connection sent a whole answer of session ``key``: raise the delivered mark
@@ -496,11 +515,10 @@ class Following:
         if follower is None or follower.key != key:
             return
         async with self._lock:
-            own = self._own.get(key, set())
+            sent = self._sent_of(key)
             top = follower.floor
-            while top + 1 in own:  # only over what it sent without a gap
+            while top + 1 in sent:  # only over what it sent without a gap
                 top += 1
-            self._own[key] = {n for n in own if n > top}
             await follower.advance(top)
 
     @contextlib.asynccontextmanager
@@ -511,15 +529,9 @@ class Following:
             yield True
             return
         async with self._lock:
-            follower = self._follower
-            own = self._own.setdefault(key, set())
-            done = seq in own or (
-                follower is not None and follower.key == key and seq <= follower.floor
-            )
-            yield not done
-            own.add(seq)
-            if len(own) > 4096:  # a session followed elsewhere: keep the newest
-                self._own[key] = set(sorted(own)[-1024:])
+            sent = self._sent_of(key)
+            yield seq not in sent
+            sent.add(seq)
 
     async def aclose(self) -> None:
         """Stop following."""

@@ -370,7 +370,7 @@ class _Socket(GuardedSocket):
                             actions = [a for a in actions if not isinstance(a, Send)]
                         adopted = conn.session_key
                         if adopted is not None and adopted != following.key:  # a new session
-                            following.follow(adopted, None)
+                            following.follow(adopted, None, replay=False)
                         await self._send_turn(actions, held)
             except TurnRejected as exc:
                 held.extend(conn.turn_rejected(exc))
