@@ -113,12 +113,15 @@ async def test_a_push_to_a_gone_client_is_queued_and_delivered_when_it_comes_bac
         assert view["turnCount"] == 1
 
         async with connect(ws_url(b)) as ws:  # back, on the other instance
-            frame = {**init_frame(), "sessionId": "gone-1", "lastSeq": seq}
+            frame = {**init_frame(tts="RequiredLinks"), "sessionId": "gone-1", "lastSeq": seq}
             await send_json(ws, frame)
             assert await recv_json(ws) == {"type": "Ready"}
             pushed = await recv_json(ws)
             assert pushed["seq"] == seq + 1
             assert [i["text"] for i in pushed["response"]["items"]] == ["One.", "Two."]
+            for pushed_item in pushed["response"]["items"]:  # spoken, as a turn's items
+                assert pushed_item["audio"].startswith("http://localhost:8080/file/tts/")
+                assert pushed_item["audio"].endswith(".mp3")
             frames = await turn(ws, request_frame("what is my name"))  # the session goes on
             assert frames[-1]["type"] == "Response"
         view = (await http.get(f"{b}/v1/sessions/gone-1", headers=AUTH)).json()

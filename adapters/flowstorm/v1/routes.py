@@ -33,11 +33,12 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from enum import Enum
 from typing import Any, Final
 
 from fastapi import APIRouter, WebSocket
+from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect
 
 from adapters.flowstorm.v1.protocol import (
@@ -60,6 +61,7 @@ from adapters.flowstorm.v1.protocol import (
 from gateway import metrics
 from gateway.conversation import TurnRejected
 from gateway.deps import Gateway, gateway_of
+from gateway.events import ResponseEvent
 from gateway.logs import session_ref
 from gateway.outbox import Entry, Following
 from gateway.sessions import StoreError
@@ -397,9 +399,27 @@ class _Socket(GuardedSocket):
             return False
         if self._answering and not before_turn:  # a turn's Response is still to go out
             return False
-        missed = [Missed(e.seq, e.kind == "push", e.event) for e in entries]
+        missed = [Missed(e.seq, e.kind == "push", await self._spoken(e)) for e in entries]
         await self._do(self.conn.deliver(missed, before_turn=before_turn))
         return self.open
+
+    async def _spoken(self, entry: Entry) -> Mapping[str, Any]:
+        """A pushed Response's event with TTS links on its items (``tts=RequiredLinks``),
+        as a turn's items get them; other entries as they are."""
+        tts = self.conn.tts
+        if entry.kind != "push" or tts is None or tts.mode != "links":
+            return entry.event
+        try:
+            event = ResponseEvent.model_validate(entry.event)
+            items = [
+                item if item.audio else await self.gw.speech.link_item(item, tts.file_type)
+                for item in event.response.items
+            ]
+        except (ValueError, OSError, RedisError) as exc:
+            log.warning("pushed items sent without TTS links: %s", exc)
+            return entry.event
+        response = event.response.model_copy(update={"items": items})
+        return event.model_copy(update={"response": response}).wire()
 
     async def _store_logs(self, action: StoreLogs) -> None:
         try:
