@@ -405,7 +405,7 @@ class Journal:
 
     @asynccontextmanager
     async def follow(self, key: str, after: int | None) -> AsyncIterator[Follower]:
-        """Listen to ``key``'s outbox: a Follower whose ``sent`` is ``after`` (what the
+        """Listen to ``key``'s outbox: a Follower whose ``floor`` is ``after`` (what the
         client saw last) or, when None, the delivered mark. Subscribes before reading
         the mark, so no append is missed. Raises BusUnavailable or OutboxError."""
         async with self.bus.subscribe(topic(key)) as sub:
