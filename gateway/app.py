@@ -46,11 +46,11 @@ from gateway.speech.service import make_speech
 
 log = logging.getLogger(__name__)
 
-PUSH_NAMESPACES = ("flowstorm",)
+PUSH_NAMESPACES = ("flowstorm", "voiceflow")
 """Session namespaces a push's ``sessionId`` is looked up in."""
-PUSH_CHANNELS = ("flowstorm_v1",)
-"""Channels whose live connections follow their session's outbox (pushes, resume)."""
-SESSION_NAMESPACES = (*PUSH_NAMESPACES, "voiceflow", "alexa", "google", "dialogflow", "twilio")
+PUSH_CHANNELS = ("flowstorm_v1", "voiceflow")
+"""Channels whose live connections follow their session's outbox (pushes; V1 resume)."""
+SESSION_NAMESPACES = (*PUSH_NAMESPACES, "alexa", "google", "dialogflow", "twilio")
 """Session namespaces the session view (GET /v1/sessions/{id}) looks in, in order."""
 
 

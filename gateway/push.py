@@ -17,10 +17,11 @@ client state is ``Sleeping`` records it as ``Listening`` and gives the session i
 normal lifetime again (GATEWAY_SESSION_TIMEOUT_S).
 
 Targets: ``sessionId`` (a session of a channel whose connections follow their outbox:
-Flowstorm V1, given to :class:`Pusher`; V2 and Voiceflow sessions do not, and are
-``unknown-target``), optionally with ``appKey`` (then it must be the session's), or
-``appKey`` + ``deviceId`` (the session that device talked in last, from the outbox's
-device index, which V1 turns fill).
+Flowstorm V1 and Voiceflow socket.io, given to :class:`Pusher`; V2 sessions cannot be
+reached and are ``unknown-target``), optionally with ``appKey`` (then it must be the
+session's), or ``appKey`` + ``deviceId`` (the session that device talked in last, from
+the outbox's device index, which V1 turns fill). A Voiceflow client gets the items as
+``action.trace`` events under a messageID of their own (no ``action.status``).
 
 Authentication: ``Authorization: Bearer KEY`` with a key of GATEWAY_ADMIN_KEYS; none
 sent: 401 (``WWW-Authenticate: Bearer``); a wrong one, or no keys configured: 403. All

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -30,6 +31,7 @@ from tests.adapters.flowstorm.v1.helpers import (
     turn_frames,
     ws_url,
 )
+from tests.adapters.voiceflow.helpers import client as voiceflow_client
 from tests.conftest import GatewayProcess, serve, served
 
 ADMIN = "admin-key-for-tests"
@@ -87,6 +89,27 @@ async def test_a_push_reaches_a_live_client_on_another_instance(shared: dict[str
         frames = await turn(ws, request_frame("my name is Ada"))
         assert frames[-1]["type"] == "Response"
         assert frames[-1]["seq"] > seq + 2
+
+
+async def test_a_push_reaches_a_voiceflow_socketio_client(shared: dict[str, Any]) -> None:
+    async with (
+        served(**shared) as a,
+        served(**shared) as b,
+        httpx.AsyncClient(timeout=10) as http,
+        voiceflow_client(a) as vf,
+    ):
+        key = await vf.handshake()
+        assert await vf.say("hello")  # the session is in the store after its first action
+        session_id = jwt.decode(key, options={"verify_signature": False})["sub"]
+        answer = await push(http, b, {"sessionId": session_id}, "Your parcel has arrived.")
+        assert answer.json()["delivery"] == "live"
+        event, data = await vf.next()
+        assert event == "action.trace"
+        assert data["trace"]["type"] == "text"
+        assert data["trace"]["payload"]["message"] == "Your parcel has arrived."
+        assert isinstance(data["messageID"], str)
+        await vf.nothing_more()
+        assert await vf.say("what is my name")  # the conversation goes on
 
 
 async def test_a_push_to_a_gone_client_is_queued_and_delivered_when_it_comes_back(
