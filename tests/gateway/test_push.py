@@ -110,6 +110,17 @@ async def test_a_push_reaches_a_voiceflow_socketio_client(shared: dict[str, Any]
         assert isinstance(data["messageID"], str)
         await vf.nothing_more()
         assert await vf.say("what is my name")  # the conversation goes on
+    async with (
+        served(**shared) as a,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        answer = await push(http, a, {"sessionId": session_id}, "While you were away.")
+        assert answer.status_code == 202  # nobody connected: queued
+        async with voiceflow_client(a) as vf:
+            assert not await vf.start(key)  # back with its sessionKey
+            event, data = await vf.next()
+            assert event == "action.trace"
+            assert data["trace"]["payload"]["message"] == "While you were away."
 
 
 async def test_a_push_to_a_gone_client_is_queued_and_delivered_when_it_comes_back(
