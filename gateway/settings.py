@@ -464,6 +464,32 @@ class Settings(BaseSettings):
         "recognition is saturated (GATEWAY_STT_MAX_STREAMS busy, GATEWAY_STT_QUEUE full).",
     )
 
+    # proactive push, outbox and session view (/v1/push, /v1/sessions/{id}; gateway/push.py)
+    admin_keys: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        description="Comma-separated keys of the admin API (`POST /v1/push`, "
+        "`GET /v1/sessions/{id}`), sent as `Authorization: Bearer KEY`; unset: the admin API "
+        "refuses every request.",
+    )
+    outbox_max: int = Field(
+        default=100,
+        gt=0,
+        description="Undelivered events a session's outbox holds; a push beyond is refused "
+        "(`outbox-full`). Twice as many events are kept for clients that resume.",
+    )
+    outbox_ttl_s: int = Field(
+        default=3600,
+        gt=0,
+        description="Time an outbox (queued pushes, events kept for resume) lives after its "
+        "last change.",
+    )
+    push_ack_ms: int = Field(
+        default=1000,
+        gt=0,
+        description="How long a push waits for a live connection (on any instance) to confirm "
+        "it sent the push before answering `queued`.",
+    )
+
     # Voiceflow socket.io (/v4/interact/socket)
     voiceflow_secret: SecretStr | None = Field(
         default=None,
@@ -584,7 +610,7 @@ class Settings(BaseSettings):
             return False
         return not self.app_keys or key in self.app_keys
 
-    @field_validator("alexa_skill_ids", "google_project_ids", mode="before")
+    @field_validator("alexa_skill_ids", "google_project_ids", "admin_keys", mode="before")
     @classmethod
     def _split_ids(cls, value: object) -> object:
         if isinstance(value, str):
