@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Collection
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -49,6 +50,13 @@ def bearer_token(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
+def key_valid(sent: str | None, keys: Collection[str]) -> bool:
+    """Whether ``sent`` is one of ``keys`` (compared in constant time; never with no keys)."""
+    if not sent or not keys:
+        return False
+    return any(hmac.compare_digest(sent.encode(), key.encode()) for key in keys)
+
+
 def check_admin_key(keys: frozenset[str], authorization: str | None) -> None:
     """Return if ``authorization`` carries one of ``keys``; else raise AdminRefused
     (401: no bearer token; 403: a wrong key, or ``keys`` empty)."""
@@ -57,8 +65,7 @@ def check_admin_key(keys: frozenset[str], authorization: str | None) -> None:
         raise AdminRefused(401, "Expected `Authorization: Bearer <admin key>`.")
     if not keys:
         raise AdminRefused(403, "No admin keys are configured (GATEWAY_ADMIN_KEYS).")
-    given = token.encode()
-    if not any(hmac.compare_digest(given, key.encode()) for key in keys):
+    if not key_valid(token, keys):
         raise AdminRefused(403, "The admin key is not valid.")
 
 

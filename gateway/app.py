@@ -38,14 +38,24 @@ from gateway.logs import set_hash_key
 from gateway.metrics import REGISTRY
 from gateway.middleware import RequestIdMiddleware
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
+from gateway.outbox import Journal, MemoryOutbox, Outbox, RedisOutbox
 from gateway.pipeline import make_pipeline
 from gateway.pipeline.http import PipelineRequest, PipelineResponse
+from gateway.push import Pusher
+from gateway.push import install as install_admin
 from gateway.secrets import LOG_SESSION_REF, TTS_ID, load_secret_keys
 from gateway.sessions import RedisSessionStore, StoreUnavailable, make_store
 from gateway.settings import Settings
 from gateway.speech.service import make_speech
 
 log = logging.getLogger(__name__)
+
+PUSH_NAMESPACES = ("flowstorm", "voiceflow")
+"""Session namespaces a push's ``sessionId`` is looked up in."""
+PUSH_CHANNELS = ("flowstorm_v1", "voiceflow")
+"""Channels whose live connections follow their session's outbox (pushes; V1 resume)."""
+SESSION_NAMESPACES = (*PUSH_NAMESPACES, "alexa", "google", "dialogflow", "twilio")
+"""Session namespaces the session view (GET /v1/sessions/{id}) looks in, in order."""
 
 
 def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> FastAPI:
@@ -84,7 +94,18 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             set_hash_key(lambda: secret_keys.key(LOG_SESSION_REF))
         speech = make_speech(settings, redis, id_key=secret_keys.key(TTS_ID))
         pipeline = make_pipeline(settings)
-        conversation = Conversation(store, pipeline, settings, speech)
+        outbox: Outbox = (
+            RedisOutbox(
+                redis,
+                prefix=settings.redis_prefix,
+                keep=2 * settings.outbox_max,
+                ttl_s=settings.outbox_ttl_s,
+            )
+            if redis
+            else MemoryOutbox(keep=2 * settings.outbox_max, ttl_s=settings.outbox_ttl_s)
+        )
+        journal = Journal(outbox, bus, limit=settings.outbox_max)
+        conversation = Conversation(store, pipeline, settings, speech, journal)
         warming = asyncio.create_task(speech.warm_up()) if settings.speech_warm_up else None
         nonces: NonceStore = (
             RedisNonceStore(redis, prefix=settings.redis_prefix) if redis else MemoryNonceStore()
@@ -98,6 +119,15 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             bus,
             nonces=nonces,
             secret_keys=secret_keys,
+            journal=journal,
+            pusher=Pusher(
+                store,
+                journal,
+                settings,
+                push_namespaces=PUSH_NAMESPACES,
+                push_channels=PUSH_CHANNELS,
+                all_namespaces=SESSION_NAMESPACES,
+            ),
         )
         log.info(
             "gateway ready: store=%s pipeline=%s secret key=%s",
@@ -145,6 +175,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     mount_voiceflow(app, settings)
     if settings.console_enabled:  # the browser console: static files at /console
         console.mount(app)
+    # the admin API: proactive push and the session view (gateway/push.py)
+    install_admin(app)
 
     @app.get(
         "/metrics",

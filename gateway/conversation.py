@@ -63,6 +63,7 @@ from gateway.events import (
     TurnEvent,
 )
 from gateway.logs import session_ref
+from gateway.outbox import Journal, OutboxError
 from gateway.pipeline.base import Pipeline, PipelineError
 from gateway.sessions import (
     ClientState,
@@ -125,9 +126,11 @@ class _TurnQueue:
     waiter deques, its unfinished-task count) cost more than the rest of a demo turn.
     """
 
-    __slots__ = ("_items", "_waiter", "audio", "closed", "sent")
+    __slots__ = ("_items", "_waiter", "audio", "closed", "journal_key", "sent")
 
-    def __init__(self) -> None:
+    def __init__(self, journal_key: str | None = None) -> None:
+        self.journal_key = journal_key
+        """The session key whose outbox numbers and keeps this turn's events (or None)."""
         self._items: collections.deque[object] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self.sent = 0
@@ -275,11 +278,13 @@ class Conversation:
         pipeline: Pipeline,
         settings: Settings,
         speech: SpeechService | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.store = store
         self.pipeline = pipeline
         self.settings = settings
         self.speech = speech
+        self.journal = journal
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -294,7 +299,7 @@ class Conversation:
 
     def turn(self, ctx: TurnContext, input: Input) -> TurnStream:
         """Start one turn of ``ctx``'s session on ``input``; see the module doc."""
-        queue = _TurnQueue()
+        queue = _TurnQueue(ctx.key if ctx.outbox and self.journal is not None else None)
         task = asyncio.create_task(self._run(ctx, input, queue), name="turn")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -423,13 +428,23 @@ class Conversation:
                     txn.save(session, session.timeout_s)
             outcome.turn = session.turn_count
             outcome.ended = ended
+            end: list[TurnEvent] = [
+                result if isinstance(result, ErrorEvent) else ResponseEvent(response=result[1])
+            ]
+            if ended:
+                end.append(SessionEndedEvent())
+            # numbered under the lock: a push (which takes it too) comes after the whole turn
+            end = await self._numbered(out, end)
         # the lock is released and the session saved: now the turn's end goes out
-        if isinstance(result, ErrorEvent):
-            out.put_nowait(result)
-        else:
-            out.put_nowait(ResponseEvent(response=result[1]))
-        if ended:
-            out.put_nowait(SessionEndedEvent())
+        for event in end:
+            out.put_nowait(event)
+        if started and out.journal_key is not None and ctx.device_id and self.journal:
+            try:  # the device index: a push may name the device instead of the session
+                await self.journal.outbox.bind(
+                    ctx.app_key, ctx.device_id, ctx.key, self.settings.session_timeout_s
+                )
+            except OutboxError as exc:
+                log.warning("device of %s not indexed: %s", session_ref(ctx.key), exc)
 
     def _update(self, session: Session, ctx: TurnContext, input: Input) -> None:
         session.device_id = ctx.device_id or session.device_id
@@ -523,20 +538,42 @@ class Conversation:
         """
         speech = self.speech
         if tts is None or speech is None:
-            out.put_nowait(ResponseItemEvent(response_item=item))
+            await self._put(out, ResponseItemEvent(response_item=item))
             return item
         if tts.mode == "links":
             try:
                 item = await speech.link_item(item, tts.file_type)
             except (OSError, RedisError) as exc:
                 log.warning("TTS link not registered, item sent without audio: %s", exc)
-            out.put_nowait(ResponseItemEvent(response_item=item))
+            await self._put(out, ResponseItemEvent(response_item=item))
             return item
-        out.put_nowait(ResponseItemEvent(response_item=item))
+        await self._put(out, ResponseItemEvent(response_item=item))
         if speech.spec(item, tts.file_type) is not None and not out.closed:
             task = asyncio.create_task(speech.audio(item, tts.file_type), name="turn audio")
             out.put_nowait(_PendingAudio(task, channel))
         return item
+
+    async def _put(self, out: _TurnQueue, event: TurnEvent) -> None:
+        """Hand out ``event``, numbered in the outbox when the turn is journaled."""
+        if out.journal_key is None:
+            out.put_nowait(event)
+        else:
+            out.put_nowait((await self._numbered(out, [event]))[0])
+
+    async def _numbered(self, out: _TurnQueue, events: list[TurnEvent]) -> list[TurnEvent]:
+        """``events`` with their ``seq`` once appended to the turn's outbox (unchanged when
+        the turn is not journaled, or the outbox fails: that is logged, the turn goes on)."""
+        journal, key = self.journal, out.journal_key
+        if journal is None or key is None:
+            return events
+        try:
+            seqs = await journal.append(key, [e.wire() for e in events], "turn")
+        except OutboxError as exc:
+            log.warning("turn events of %s not journaled: %s", session_ref(key), exc)
+            return events
+        if not seqs:
+            return events
+        return [e.model_copy(update={"seq": n}) for e, n in zip(events, seqs, strict=True)]
 
     def _apply_response(self, session: Session, response: Response) -> bool:
         """Update ``session`` after a successful turn; True when it is to be deleted."""

@@ -16,6 +16,8 @@ from gateway.sessions import SessionStore
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
+    from gateway.outbox import Journal
+    from gateway.push import Pusher
     from gateway.speech.service import SpeechService
 
 
@@ -28,6 +30,9 @@ class Gateway:
     (per-call stream tokens), so adapters never need Redis themselves.
     ``secret_keys`` is the master key every signing key is derived from
     (:mod:`gateway.secrets`; read a purpose's key when it is needed).
+    ``journal`` is the sessions' outbox with the bus (gateway/outbox.py): connections
+    follow their session's outbox through it; ``pusher`` serves the admin API
+    (gateway/push.py).
     """
 
     settings: Settings
@@ -38,6 +43,8 @@ class Gateway:
     bus: Bus
     nonces: NonceStore = field(default_factory=MemoryNonceStore)
     secret_keys: SecretKeys = field(default_factory=SecretKeys.random)
+    journal: Journal | None = None
+    pusher: Pusher | None = None
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:

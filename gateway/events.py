@@ -198,7 +198,16 @@ class Response(Frozen):
 
 
 class Event(Frozen):
-    """Base of channel events: ``type`` is normalised to the short name on input."""
+    """Base of channel events: ``type`` is normalised to the short name on input.
+
+    ``seq`` is the event's sequence number in its session's outbox (gateway/outbox.py):
+    set on the server events of turns journaled there and on pushes, None (left out on
+    the wire) everywhere else. An optional field clients may ignore; a V1 client gets it
+    when it asked for it (Init ``lastSeq``) and reports the last one it saw when it
+    reconnects, to get what it missed.
+    """
+
+    seq: int | None = None
 
     @field_validator("type", mode="after", check_fields=False)
     @classmethod

@@ -464,12 +464,12 @@ class Settings(BaseSettings):
         "recognition is saturated (GATEWAY_STT_MAX_STREAMS busy, GATEWAY_STT_QUEUE full).",
     )
 
-    # Call control: outbound calls (POST /v1/calls), answering-machine detection, transfer
+    # The admin API (gateway/admin.py): push and session view (gateway/push.py), calls
     admin_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),
-        description="Comma-separated admin keys for the gateway's admin endpoints "
-        "(`Authorization: Bearer KEY`, e.g. POST /v1/calls); empty: every admin request is "
-        "refused (403).",
+        description="Comma-separated keys of the admin API (`POST /v1/push`, "
+        "`GET /v1/sessions/{id}`, `POST /v1/calls`), sent as `Authorization: Bearer KEY`; "
+        "unset: the admin API refuses every request (403).",
     )
     calls_timeout_s: float = Field(
         default=10.0, gt=0, description="Time per call-control REST request to a carrier."
@@ -512,6 +512,25 @@ class Settings(BaseSettings):
     )
     plivo_api_base_url: str = Field(
         default="https://api.plivo.com", description="Base URL of the Plivo REST API."
+    )
+    # proactive push, outbox and session view (/v1/push, /v1/sessions/{id}; gateway/push.py)
+    outbox_max: int = Field(
+        default=100,
+        gt=0,
+        description="Undelivered events a session's outbox holds; a push beyond is refused "
+        "(`outbox-full`). Twice as many events are kept for clients that resume.",
+    )
+    outbox_ttl_s: int = Field(
+        default=3600,
+        gt=0,
+        description="Time an outbox (queued pushes, events kept for resume) lives after its "
+        "last change.",
+    )
+    push_ack_ms: int = Field(
+        default=1000,
+        gt=0,
+        description="How long a push waits for a live connection (on any instance) to confirm "
+        "it sent the push before answering `queued`.",
     )
 
     # Voiceflow socket.io (/v4/interact/socket)
@@ -634,7 +653,7 @@ class Settings(BaseSettings):
             return False
         return not self.app_keys or key in self.app_keys
 
-    @field_validator("alexa_skill_ids", "google_project_ids", mode="before")
+    @field_validator("alexa_skill_ids", "google_project_ids", "admin_keys", mode="before")
     @classmethod
     def _split_ids(cls, value: object) -> object:
         if isinstance(value, str):

@@ -69,6 +69,9 @@ class TurnContext:
     ``attributes`` are client attributes merged into the session's; ``logs``
     are client log entries to store with it. ``tts`` asks for each item's speech:
     an audio link in the item, or the encoded audio as a BinaryEvent after it.
+    ``outbox`` journals the turn's items, Response, Error and SessionEnded in the
+    session's outbox (gateway/outbox.py): each gets a sequence number (``seq``) and
+    can be delivered again to a client that lost its connection.
     """
 
     channel: str
@@ -83,6 +86,7 @@ class TurnContext:
     attributes: Mapping[str, Any] = field(default_factory=dict)
     logs: Sequence[LogEntry] = ()
     tts: TtsRequest | None = None
+    outbox: bool = False
 
     @property
     def key(self) -> str:

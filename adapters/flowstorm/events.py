@@ -76,6 +76,11 @@ class InitEvent(Event):
     )
     token: str | None = None
     config: dict[str, Any] = Field(default_factory=dict)
+    session_id: str | None = None
+    """Gateway extension (resume): the session the client had before it reconnected."""
+    last_seq: int | None = Field(default=None, ge=0)
+    """Gateway extension (resume): the last ``seq`` the client saw (0: none yet). Sending
+    it asks for ``seq`` on the server events of the session."""
 
 
 class RequestEvent(Event):

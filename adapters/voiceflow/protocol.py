@@ -1018,6 +1018,19 @@ class VoiceflowConnection:
             return [*out, error(code, event.text, running.message_id)]
         return []
 
+    def pushed(self, items: Sequence[ResponseItem]) -> list[Action]:
+        """Items pushed to the session (gateway/push.py, ``POST /v1/push``) as
+        ``action.trace`` emits under a messageID of their own, as a server-initiated
+        message; ``[]`` unless the connection is ready in a session with no action
+        running (the caller tries again after the action)."""
+        if self.state is not State.READY or self._running is not None or self.start is None:
+            return []
+        message_id = self._new_message_id()
+        writer = TraceWriter(self.start.config, self._now_ms)
+        traces = [t for item in items for t in writer.item(item)]
+        traces.extend(writer.close())
+        return [Emit(ACTION_TRACE, {"trace": t, "messageID": message_id}) for t in traces]
+
     def _traces(self, running: _Running, traces: list[dict[str, Any]]) -> list[Action]:
         return [Emit(ACTION_TRACE, {"trace": t, "messageID": running.message_id}) for t in traces]
 

@@ -80,7 +80,9 @@ from adapters.voiceflow.protocol import (
 )
 from gateway import metrics, redisconn
 from gateway.deps import Gateway
+from gateway.events import ResponseEvent
 from gateway.io.websocket import forward_turn
+from gateway.outbox import Entry, Following
 from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.actions import StartTurn
 from gateway.redisconn import SocketIoRedisManager
@@ -190,6 +192,8 @@ class _Client:
     sid: str
     conn: VoiceflowConnection
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    following: Following | None = None
+    """The session's outbox (pushes), once the connection has a session."""
 
 
 class VoiceflowServer:
@@ -384,6 +388,34 @@ class VoiceflowServer:
         client.conn.connection_lost()
         for task in list(client.tasks):  # forwarding only; the engine's turns go on
             task.cancel()
+        if client.following is not None:
+            await client.following.aclose()
+
+    async def _follow(self, client: _Client) -> None:
+        """Follow the outbox of the client's session (pushes), or catch up on it."""
+        gw, key = self._gateway, client.conn.session_key
+        if gw is None or gw.journal is None or key is None or client.sid not in self._clients:
+            return
+        if client.following is None:
+            client.following = Following(gw.journal, lambda e, _: self._pushed(client, e))
+        if client.following.key != key:
+            client.following.follow(key, None, replay=False)  # turns here are not numbered
+        else:
+            await client.following.catch_up()
+
+    async def _pushed(self, client: _Client, entries: list[Entry]) -> bool:
+        """Emit pushed items as traces (VoiceflowConnection.pushed); False when it cannot now."""
+        if client.conn.state is not State.READY or client.sid not in self._clients:
+            return False
+        for entry in entries:
+            if entry.kind != "push":
+                continue
+            try:
+                event = ResponseEvent.model_validate(entry.event)
+            except ValueError:
+                continue
+            await self._do(client, client.conn.pushed(event.response.items))
+        return client.sid in self._clients
 
     def _end_long_poll(self, sid: str) -> None:
         """Answer the pending long-poll GET of a polling client that said goodbye.
@@ -411,6 +443,7 @@ class VoiceflowServer:
                 if isinstance(action, StartTurn):
                     self._running[action.ctx.key] = sid
             await self._do(client, actions)
+            await self._follow(client)
         except Exception:
             log.exception("Voiceflow event %r failed", event)
             await self._emit(sid, error("gateway-error", "Internal gateway error."))
@@ -470,6 +503,7 @@ class VoiceflowServer:
         finally:
             if self._running.get(start.ctx.key) == client.sid:
                 del self._running[start.ctx.key]
+        await self._follow(client)  # what was pushed while the action ran
 
 
 class _SignalHook:

@@ -96,6 +96,9 @@ class InputShape(_Shape):
 
 class _Event(_Shape):
     type: str
+    seq: int | None = Field(default=None, ge=1)
+    """The gateway's sequence number of a session's server events (gateway/events.py
+    Event.seq): only for clients that ask for it (Init ``lastSeq``); clients may ignore it."""
 
 
 class Ready(_Event):

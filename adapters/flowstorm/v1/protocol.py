@@ -122,6 +122,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
+from pydantic import ValidationError
+
 from adapters.flowstorm.events import (
     V1_CLIENT_EVENT,
     InitEvent,
@@ -229,6 +231,26 @@ class StoreLogs:
     entries: tuple[LogEntry, ...]
 
 
+@dataclass(frozen=True)
+class Follow:
+    """Follow the outbox of session ``key`` (gateway/outbox.py): hand what lies above
+    ``after`` (None: above its delivered mark), and what is appended later, to
+    :meth:`V1Connection.deliver` whenever :attr:`V1Connection.can_deliver`."""
+
+    key: str
+    after: int | None
+
+
+@dataclass(frozen=True)
+class Missed:
+    """An outbox entry to deliver: its ``seq``, whether a ``push`` made it, and its
+    ``event`` (wire JSON of a core event: Response, ResponseItem, Error, SessionEnded)."""
+
+    seq: int
+    push: bool
+    event: Mapping[str, Any]
+
+
 Action = (
     Send
     | SendBytes
@@ -239,6 +261,7 @@ Action = (
     | FeedAudio
     | FinishListening
     | CancelListening
+    | Follow
 )
 
 
@@ -293,6 +316,8 @@ SILENCE_HEARD = "Silence"
 AUDIO_FAILED = "AudioFailed"
 AUDIO_TIMEOUT = "AudioTimeout"
 CONNECTION_LOST = "ConnectionLost"
+OUTBOX = "Outbox"
+"""Entries of the session's outbox go out (V1Connection.deliver): pushes, a missed answer."""
 
 OPEN = "InputAudioStreamOpen"
 CLOSE = "InputAudioStreamClose"
@@ -367,6 +392,9 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         table[(turn, TURN_FINISHED)] = idle  # a stream without an end event
         table[(ending, "SessionEnded")] = ending
         table[(ending, TURN_FINISHED)] = idle
+    # the session's outbox: between turns, or before the answer of the turn just started
+    for state in (s.IDLE, s.LISTENING, s.FINISHING, s.DRAINING, s.TURN, s.TURN_DRAINING):
+        table[(state, OUTBOX)] = state
     for state in State:
         if state not in (s.AWAIT_INIT, s.CLOSED):
             table[(state, "Log")] = state
@@ -385,7 +413,9 @@ turn engine's (``SessionStarted``, ``ResponseItem``, ``ResponseAudio`` for its
 BinaryEvent, ``Response``, ``Error``, ``SessionEnded``), the listener's
 (``SpeechStarted``, ``Interim``, ``Final``, ``Silence``, ``AudioFailed``,
 ``AudioTimeout``) and the connection's own (``Init (refused key)``,
-``Oversized``, ``TurnRejected``, ``TurnFinished``, ``ConnectionLost``).
+``Oversized``, ``TurnRejected``, ``TurnFinished``, ``ConnectionLost``,
+``Outbox`` for entries of the session's outbox going out: between turns, or in
+``turn``/``turn-draining`` before the turn's first event).
 Anything else is a ProtocolError; in ``closed`` only ``ConnectionLost`` is.
 """
 
@@ -566,6 +596,17 @@ def audio_error_frame(error: Exception) -> Send:
     return error_frame(f"Speech recognition failed, the utterance was dropped: {error}.", "stt")
 
 
+_ENTRY_EVENTS: Final[
+    dict[str, type[ResponseItemEvent | ResponseEvent | ErrorEvent | SessionEndedEvent]]
+] = {
+    "ResponseItem": ResponseItemEvent,
+    "Response": ResponseEvent,
+    "Error": ErrorEvent,
+    "SessionEnded": SessionEndedEvent,
+}
+"""The events an outbox entry may hold (:meth:`V1Connection.deliver`)."""
+
+
 def format_event(event: TurnEvent) -> str:
     """A turn event as V1 wire JSON text (``{"type":"Response","response":{...}}`` ...)."""
     return event.wire_json()
@@ -629,6 +670,8 @@ class V1Connection:
         self._utterance: _Utterance | None = None
         self._streams = itertools.count(1)
         self._logs: deque[LogEntry] = deque(maxlen=log_buffer)
+        self.numbered = False
+        """Whether server events carry ``seq`` (the client sent Init ``lastSeq``)."""
 
     # -------------------------------------------------------------- queries
 
@@ -730,6 +773,7 @@ class V1Connection:
 
     def _on_init(self, event: InitEvent) -> list[Action]:
         self.machine.check("Init")  # a second Init is out of order
+        resumed = check_session_id(event.session_id) if event.session_id else None
         allowed = (
             self._key_allowed(event.key)
             if callable(self._key_allowed)
@@ -747,7 +791,12 @@ class V1Connection:
         self.machine.feed("Init")
         self.init = event
         self.tts = tts
-        return [Send(ReadyEvent().wire_json())]
+        self.numbered = event.last_seq is not None
+        ready = Send(ReadyEvent().wire_json())
+        if resumed is None:
+            return [ready]
+        self.session_id = resumed  # the next turn continues it; what it missed comes now
+        return [ready, Follow(f"{NAMESPACE}:{resumed}", event.last_seq)]
 
     def _on_input(self, event: RequestEvent | InputEvent) -> list[Action]:
         self.machine.check(event.type)  # out of order: nothing changes
@@ -811,6 +860,7 @@ class V1Connection:
             attributes=dict(attributes or {}),
             logs=tuple(logs),
             tts=self.tts,
+            outbox=True,  # numbered and kept: a client that lost its socket gets them back
         )
 
     def _on_log(self, event: LogEvent) -> list[Action]:
@@ -937,6 +987,12 @@ class V1Connection:
             self.session_id = turn.session_id
         if isinstance(event, BinaryEvent):
             return [SendBytes(event.data)]
+        return self._frames(event, push=False)
+
+    def _frames(self, event: TurnEvent, *, push: bool) -> list[Action]:
+        """The frames of one server event of the session (a turn's, or an outbox entry)."""
+        if not self.numbered and event.seq is not None:
+            event = event.model_copy(update={"seq": None})
         if isinstance(event, SessionStartedEvent):
             self.session_id = event.session_id
         elif isinstance(event, SessionEndedEvent):
@@ -944,8 +1000,54 @@ class V1Connection:
         elif isinstance(event, ResponseItemEvent) and not self.send_items:
             return []
         elif isinstance(event, ResponseEvent) and self.send_items and event.response.items:
-            event = ResponseEvent(response=event.response.model_copy(update={"items": []}))
+            items = [
+                Send(format_event(ResponseItemEvent(response_item=item)))
+                for item in (event.response.items if push else ())
+            ]
+            response = event.response.model_copy(update={"items": []})
+            return [*items, Send(format_event(event.model_copy(update={"response": response})))]
         return [Send(format_event(event))]
+
+    @property
+    def session_key(self) -> str | None:
+        """The store key of the connection's session (the outbox it follows), or None."""
+        return f"{NAMESPACE}:{self.session_id}" if self.session_id is not None else None
+
+    def can_deliver(self, *, before_turn: bool = False) -> bool:
+        """Whether outbox entries may go out now: no turn of the connection runs, or
+        (``before_turn``) the one just started has not begun to answer. A turn's frames
+        are never interleaved with others."""
+        if not self.machine.allows(OUTBOX):
+            return False
+        if self.state in _NO_TURN:
+            return True
+        turn = self._turn  # turn / turn-draining: only before the turn's first event
+        return before_turn and turn is not None and not turn.accepted
+
+    def deliver(self, missed: Sequence[Missed], *, before_turn: bool = False) -> list[Action]:
+        """Frames of outbox entries (pushes, the rest of an answer a dropped socket missed),
+        in order; ``[]`` unless :attr:`can_deliver`. A pushed Response is
+        ``Response {items}`` (with ``sendResponseItems``: its ResponseItem frames, then
+        the Response with empty items), which wakes a Sleeping client
+        (flowstorm-socket-v1.md); a replayed turn's events go out as they did in the
+        turn. Entries whose event the connection does not know are skipped. ``[]``
+        unless :meth:`can_deliver` (``before_turn``: what the session missed goes out
+        before the answer of the turn just started). Never raises.
+        """
+        if not self.can_deliver(before_turn=before_turn):
+            return []
+        self.machine.advance(OUTBOX)
+        actions: list[Action] = []
+        for entry in missed:
+            kind = _ENTRY_EVENTS.get(str(entry.event.get("type")))
+            if kind is None:
+                continue
+            try:
+                event = kind.model_validate({**entry.event, "seq": entry.seq})
+            except ValidationError:
+                continue
+            actions.extend(self._frames(event, push=entry.push))
+        return actions
 
     def turn_rejected(self, exc: TurnRejected) -> list[Action]:
         """The engine refused the turn (session foreign/busy, store down): an Error frame.

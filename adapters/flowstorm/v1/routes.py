@@ -31,29 +31,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from fastapi import APIRouter, WebSocket
+from redis.exceptions import RedisError
 
 from adapters.flowstorm.v1.protocol import (
     CLOSE_INTERNAL,
     Action,
+    Follow,
+    Missed,
     StoreLogs,
     V1Connection,
     error_frame,
 )
 from gateway import metrics
+from gateway.conversation import TurnRejected
 from gateway.deps import Gateway, gateway_of
+from gateway.events import ResponseEvent
 from gateway.io.websocket import SEND_ERRORS, WebSocketDriver
 from gateway.logs import session_ref
+from gateway.outbox import Entry, Following
 from gateway.protocol.actions import (
     CancelListening,
     Close,
     FeedAudio,
     FinishListening,
+    Send,
     StartListening,
+    StartTurn,
 )
 from gateway.sessions import StoreError
 from gateway.speech.audio import AudioFormatError
@@ -201,6 +209,11 @@ class _Socket(WebSocketDriver[Action]):
             log=log,
             name="Flowstorm V1 socket",
         )
+        self.gw = gw
+        # the session's outbox: pushes, and what a dropped socket of the session missed
+        self.following = Following(gw.journal, self._deliver) if gw.journal else None
+        self._answering = 0
+        """Turns whose answer is not all sent yet (outbox entries wait for them)."""
 
     def received(self, frame: str | bytes) -> list[Action]:
         if isinstance(frame, str):
@@ -220,6 +233,109 @@ class _Socket(WebSocketDriver[Action]):
     async def other(self, action: Action) -> None:
         if isinstance(action, StoreLogs):
             self.spawn(self._store_logs(action), "logs", background=True)
+        elif isinstance(action, Follow) and self.following is not None:
+            self.following.follow(action.key, action.after)
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self.following is not None:
+            await self.following.aclose()
+
+    # ------------------------------------------------------- turns and the outbox
+
+    async def run(self, actions: Sequence[Action]) -> None:
+        """Carry out ``actions`` (the driver's runner); a StartTurn of the followed session
+        first catches up on what the session missed, so it goes out before the answer."""
+        for action in actions:
+            following = self.following
+            if isinstance(action, StartTurn) and following is not None:
+                if following.key == action.ctx.key:
+                    await following.catch_up(before_turn=True)
+                self._answering += 1
+            await super().run([action])
+
+    async def forward(self, start: StartTurn) -> None:
+        """Send one turn's frames; the Response and what follows go out after its stream ends.
+
+        Without an outbox this is the driver's forwarder. With one, each event numbered
+        in the session's outbox is sent inside ``following.claim``: once per connection,
+        even when the outbox delivered it first. Outbox entries wait while the turn
+        answers (``_answering``) and are caught up afterwards.
+        """
+        following = self.following
+        if following is None:
+            await super().forward(start)
+            return
+        key = start.ctx.key
+        try:
+            answered = await self._answer(start, following)
+        finally:
+            self._answering -= 1
+        if answered and following is not None and self.open and following.key == key:
+            await asyncio.shield(following.settle(key))  # even when the client leaves now
+            await following.catch_up()  # what came while the turn answered
+
+    async def _answer(self, start: StartTurn, following: Following) -> bool:
+        """The frames of one turn (see :meth:`forward`); False after a gateway bug."""
+        conn, key = self.conn, start.ctx.key
+        held: list[Action] = []
+        try:
+            try:
+                async for event in self.conversation.turn(start.ctx, start.input):
+                    async with following.claim(key, event.seq) as fresh:
+                        actions = conn.turn_event(event)
+                        if not fresh:  # the outbox delivered it already
+                            actions = [a for a in actions if not isinstance(a, Send)]
+                        adopted = conn.session_key
+                        if adopted is not None and adopted != following.key:  # a new session
+                            following.follow(adopted, None, replay=False)
+                        await self._send_turn(actions, held)
+            except TurnRejected as exc:
+                log.info("%s: turn refused: %s", self.name, exc.text)
+                held.extend(conn.turn_rejected(exc))
+            else:
+                held.extend(conn.turn_finished())
+        except Exception:  # a gateway bug (the engine broke its order): never a silent hang
+            log.exception("%s: forwarding a turn of session %s failed", self.name, session_ref(key))
+            await self.run(self.failure())
+            return False
+        await self.run(held)
+        return True
+
+    async def _send_turn(self, actions: list[Action], held: list[Action]) -> None:
+        """Carry out a turn event's actions; from its Response on, hold them (see forward)."""
+        if self.holding():
+            held.extend(actions)
+        else:
+            await self.run(actions)
+
+    async def _deliver(self, entries: list[Entry], before_turn: bool) -> bool:
+        """Send outbox entries (see gateway.outbox.Following); False when it cannot now."""
+        if not self.open or not self.conn.can_deliver(before_turn=before_turn):
+            return False
+        if self._answering and not before_turn:  # a turn's Response is still to go out
+            return False
+        missed = [Missed(e.seq, e.kind == "push", await self._spoken(e)) for e in entries]
+        await self.run(self.conn.deliver(missed, before_turn=before_turn))
+        return self.open
+
+    async def _spoken(self, entry: Entry) -> Mapping[str, Any]:
+        """A pushed Response's event with TTS links on its items (``tts=RequiredLinks``),
+        as a turn's items get them; other entries as they are."""
+        tts = self.conn.tts
+        if entry.kind != "push" or tts is None or tts.mode != "links":
+            return entry.event
+        try:
+            event = ResponseEvent.model_validate(entry.event)
+            items = [
+                item if item.audio else await self.gw.speech.link_item(item, tts.file_type)
+                for item in event.response.items
+            ]
+        except (ValueError, OSError, RedisError) as exc:
+            log.warning("pushed items sent without TTS links: %s", exc)
+            return entry.event
+        response = event.response.model_copy(update={"items": items})
+        return event.model_copy(update={"response": response}).wire()
 
     async def _store_logs(self, action: StoreLogs) -> None:
         try:

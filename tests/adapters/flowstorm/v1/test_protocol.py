@@ -21,6 +21,7 @@ from adapters.flowstorm.v1.protocol import (
     ConnectionStateMachine,
     FeedAudio,
     FinishListening,
+    Missed,
     Send,
     SendBytes,
     StartListening,
@@ -855,3 +856,41 @@ def test_the_table_covers_the_audio_states() -> None:
     for state in (State.LISTENING, State.FINISHING):
         for event in ("Final", "Silence"):
             assert TRANSITIONS[(state, event)] in (State.TURN, State.TURN_DRAINING)
+
+
+# ------------------------------------------------------------------ outbox
+
+
+def test_the_table_lets_the_outbox_out_between_turns_and_before_an_answer() -> None:
+    outbox = {state for (state, event) in TRANSITIONS if event == "Outbox"}
+    assert outbox == {
+        State.IDLE,
+        State.LISTENING,
+        State.FINISHING,
+        State.DRAINING,
+        State.TURN,
+        State.TURN_DRAINING,
+    }
+    for state in outbox:
+        assert TRANSITIONS[(state, "Outbox")] is state
+
+
+def test_outbox_entries_wait_for_a_running_answer() -> None:
+    pushed = Missed(3, True, {"type": "Response", "response": {"items": [{"text": "Hi"}]}})
+    conn = ready()
+    start(conn, request_frame("hello"))
+    # the turn just started and has not answered: only what it missed, before it
+    assert not conn.can_deliver()
+    assert conn.deliver([pushed]) == []
+    assert [f["type"] for f in frames(conn.deliver([pushed], before_turn=True))] == ["Response"]
+    assert conn.state is State.TURN
+    conn.turn_event(ResponseEvent(response=Response(items=[ResponseItem(text="Hello")])))
+    assert conn.state is State.TURN_ENDING  # the answer is out: nothing may come between
+    assert not conn.can_deliver(before_turn=True)
+    assert conn.deliver([pushed], before_turn=True) == []
+    conn.turn_finished()
+    [frame] = frames(conn.deliver([pushed]))
+    assert frame["type"] == "Response"
+    assert [item["text"] for item in frame["response"]["items"]] == ["Hi"]
+    assert frame["response"].get("sessionEnded") in (None, False)
+    assert conn.state is State.IDLE

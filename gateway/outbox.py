@@ -1,0 +1,541 @@
+"""The session outbox: what the gateway said to a session's client, numbered, kept for a while.
+
+Every server event of a session that can be delivered again (the items, Response, Error
+and SessionEnded of a turn of a resumable channel, and every proactive push) is appended
+to the session's outbox with the next **sequence number** of that session (``seq``, 1, 2,
+...; the ``seq`` field of :class:`gateway.events.Event` on the wire when the client asked
+for it). The outbox also keeps the session's *delivered mark*: the highest ``seq`` a
+connection of the session has sent without a gap. What lies above the mark is *pending*:
+queued pushes, and the rest of an answer whose socket dropped. A client that comes back
+gets what lies above the sequence number it says it saw last (or above the mark).
+
+Bounds: at most ``keep`` entries are kept (the oldest go first), every key expires
+``ttl_s`` seconds after the last append or mark (GATEWAY_OUTBOX_TTL_S); a push is refused
+(:meth:`Outbox.append` returns None) when ``limit`` entries are already pending
+(GATEWAY_OUTBOX_MAX).
+
+Implementations: :class:`MemoryOutbox` (the embedded default, one process) and
+:class:`RedisOutbox` (every instance sees it). Redis keys, in the session's hash slot:
+``{prefix}:{{key}}:ob`` (sorted set, score = seq, member = the entry's JSON) and
+``{prefix}:{{key}}:obm`` (hash: ``seq`` the last number given, ``mark`` the delivered
+mark), plus ``{prefix}:dev:{{app_key}}:{device_id}`` (the device index: the session key
+the device talked in last).
+
+:class:`Journal` puts the outbox and the bus together: an append also tells the
+session's followers (a live connection on any instance, topic ``outbox:{key}``) to look
+at the outbox; :meth:`Journal.follow` is how a connection listens.
+
+Spec: issue 13 items 4 and 5; the wake-up rule is flowstorm-client-states.md and
+flowstorm-socket-v1.md ("Server can also actively send BotEvent.Response when client
+is Sleeping").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+
+from gateway.bus import Bus, BusUnavailable, Subscription
+from gateway.redisconn import RedisClient
+
+log = logging.getLogger(__name__)
+
+EntryKind = Literal["turn", "push"]
+
+
+class Entry(BaseModel):
+    """One numbered server event of a session: ``event`` is its wire JSON (camelCase,
+    without ``seq``); ``kind`` says whether a turn or a push produced it."""
+
+    seq: int
+    kind: EntryKind
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OutboxState:
+    """``last_seq``: the last number given (0: none); ``mark``: the delivered mark;
+    ``pending``: entries kept above the mark."""
+
+    last_seq: int
+    mark: int
+    pending: int
+
+
+class OutboxError(Exception):
+    """The outbox (Redis) cannot be reached."""
+
+
+class Outbox(Protocol):
+    """Numbered server events per session key; tests/gateway/test_outbox.py runs against each."""
+
+    async def append(
+        self, key: str, events: Sequence[dict[str, Any]], kind: EntryKind, *, limit: int | None
+    ) -> list[int] | None:
+        """Number ``events`` (wire dicts) and keep them; their sequence numbers, in order.
+
+        With ``limit``, None (nothing kept) when ``limit`` or more entries are pending
+        or the events would pass it. Raises OutboxError.
+        """
+        ...
+
+    async def since(self, key: str, after: int | None) -> list[Entry]:
+        """Kept entries with ``seq > after`` (``after`` None: above the delivered mark),
+        oldest first. Raises OutboxError."""
+        ...
+
+    async def mark(self, key: str, seq: int) -> None:
+        """Raise the delivered mark to ``seq`` (never lowers it). Raises OutboxError."""
+        ...
+
+    async def state(self, key: str) -> OutboxState:
+        """Numbers of ``key``'s outbox. Raises OutboxError."""
+        ...
+
+    async def bind(self, app_key: str, device_id: str, key: str, ttl_s: int) -> None:
+        """Remember ``key`` as the session of device ``device_id`` of ``app_key``."""
+        ...
+
+    async def device(self, app_key: str, device_id: str) -> str | None:
+        """The session key device ``device_id`` of ``app_key`` talked in last, or None."""
+        ...
+
+
+# ------------------------------------------------------------------ memory
+
+
+@dataclass
+class _Box:
+    seq: int = 0
+    mark: int = 0
+    entries: list[Entry] = field(default_factory=list)
+    expires: float = 0.0
+
+
+class MemoryOutbox:
+    """The embedded default: outboxes of this process (see module doc for the bounds)."""
+
+    def __init__(self, *, keep: int = 200, ttl_s: int = 3600, clock: Any = time.monotonic) -> None:
+        self._keep = keep
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._boxes: dict[str, _Box] = {}
+        self._devices: dict[tuple[str, str], tuple[float, str]] = {}
+
+    def _box(self, key: str) -> _Box:
+        box = self._boxes.get(key)
+        if box is None or box.expires <= self._clock():
+            box = self._boxes[key] = _Box()
+        return box
+
+    async def append(
+        self, key: str, events: Sequence[dict[str, Any]], kind: EntryKind, *, limit: int | None
+    ) -> list[int] | None:
+        box = self._box(key)
+        if limit is not None:
+            pending = sum(1 for e in box.entries if e.seq > box.mark)
+            if pending + len(events) > limit:
+                return None
+        seqs = []
+        for event in events:
+            box.seq += 1
+            box.entries.append(Entry(seq=box.seq, kind=kind, event=event))
+            seqs.append(box.seq)
+        del box.entries[: max(0, len(box.entries) - self._keep)]
+        box.expires = self._clock() + self._ttl_s
+        if len(self._boxes) % 256 == 0:
+            self._sweep()
+        return seqs
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        for key in [k for k, b in self._boxes.items() if b.expires <= now]:
+            del self._boxes[key]
+
+    async def since(self, key: str, after: int | None) -> list[Entry]:
+        box = self._box(key)
+        floor = box.mark if after is None else after
+        return [e for e in box.entries if e.seq > floor]
+
+    async def mark(self, key: str, seq: int) -> None:
+        box = self._box(key)
+        box.mark = max(box.mark, min(seq, box.seq))
+        box.expires = self._clock() + self._ttl_s
+
+    async def state(self, key: str) -> OutboxState:
+        box = self._box(key)
+        pending = sum(1 for e in box.entries if e.seq > box.mark)
+        return OutboxState(box.seq, box.mark, pending)
+
+    async def bind(self, app_key: str, device_id: str, key: str, ttl_s: int) -> None:
+        self._devices[(app_key, device_id)] = (self._clock() + ttl_s, key)
+
+    async def device(self, app_key: str, device_id: str) -> str | None:
+        found = self._devices.get((app_key, device_id))
+        if found is None or found[0] <= self._clock():
+            return None
+        return found[1]
+
+
+# ------------------------------------------------------------------- redis
+
+_APPEND = """
+local seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
+local mark = tonumber(redis.call('HGET', KEYS[2], 'mark') or '0')
+local limit = tonumber(ARGV[1])
+local keep = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local kind = ARGV[4]
+local n = #ARGV - 4
+if limit >= 0 then
+  local pending = redis.call('ZCOUNT', KEYS[1], '(' .. mark, '+inf')
+  if pending + n > limit then return -1 end
+end
+local first = seq + 1
+for i = 5, #ARGV do
+  seq = seq + 1
+  local entry = '{"seq":' .. seq .. ',"kind":"' .. kind .. '","event":' .. ARGV[i] .. '}'
+  redis.call('ZADD', KEYS[1], seq, entry)
+end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(keep + 1))
+redis.call('HSET', KEYS[2], 'seq', seq)
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+return first
+"""
+
+_MARK = """
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local mark = tonumber(redis.call('HGET', KEYS[1], 'mark') or '0')
+local want = math.min(tonumber(ARGV[1]), seq)
+if want > mark then redis.call('HSET', KEYS[1], 'mark', want) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+class RedisOutbox:
+    """Outboxes in Redis, shared by every instance on it (keys in the module doc).
+
+    An append or a mark is one round trip (a script); :meth:`since` one (pipelined).
+    ``client`` is the session store's client; the outbox does not close it.
+    """
+
+    def __init__(
+        self, client: RedisClient, *, prefix: str = "gw", keep: int = 200, ttl_s: int = 3600
+    ) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._keep = keep
+        self._ttl_s = ttl_s
+        self._append = client.register_script(_APPEND)
+        self._mark = client.register_script(_MARK)
+
+    def _keys(self, key: str) -> tuple[str, str]:
+        base = f"{self._prefix}:{{{key}}}"
+        return f"{base}:ob", f"{base}:obm"
+
+    async def append(
+        self, key: str, events: Sequence[dict[str, Any]], kind: EntryKind, *, limit: int | None
+    ) -> list[int] | None:
+        if not events:
+            return []
+        data = [json.dumps(e, separators=(",", ":")) for e in events]
+        args = [-1 if limit is None else limit, self._keep, self._ttl_s, kind, *data]
+        try:
+            first = int(await self._append(keys=list(self._keys(key)), args=args))
+        except RedisError as exc:
+            raise OutboxError(f"Redis: {exc}") from exc
+        if first < 0:
+            return None
+        return list(range(first, first + len(events)))
+
+    async def since(self, key: str, after: int | None) -> list[Entry]:
+        entries_key, meta_key = self._keys(key)
+        try:
+            if after is None:
+                mark = await self._redis.hget(meta_key, "mark")
+                after = int(mark or 0)
+            raw = await self._redis.zrangebyscore(entries_key, f"({after}", "+inf")
+        except RedisError as exc:
+            raise OutboxError(f"Redis: {exc}") from exc
+        return [Entry.model_validate_json(r) for r in raw if isinstance(r, str | bytes)]
+
+    async def mark(self, key: str, seq: int) -> None:
+        try:
+            await self._mark(keys=[self._keys(key)[1]], args=[seq, self._ttl_s])
+        except RedisError as exc:
+            raise OutboxError(f"Redis: {exc}") from exc
+
+    async def state(self, key: str) -> OutboxState:
+        entries_key, meta_key = self._keys(key)
+        try:
+            seq, mark = await self._redis.hmget(meta_key, ["seq", "mark"])
+            pending = await self._redis.zcount(entries_key, f"({int(mark or 0)}", "+inf")
+        except RedisError as exc:
+            raise OutboxError(f"Redis: {exc}") from exc
+        return OutboxState(int(seq or 0), int(mark or 0), int(pending))
+
+    def _device_key(self, app_key: str, device_id: str) -> str:
+        return f"{self._prefix}:dev:{{{app_key}}}:{device_id}"
+
+    async def bind(self, app_key: str, device_id: str, key: str, ttl_s: int) -> None:
+        try:
+            await self._redis.set(self._device_key(app_key, device_id), key, ex=max(1, ttl_s))
+        except RedisError as exc:
+            raise OutboxError(f"Redis: {exc}") from exc
+
+    async def device(self, app_key: str, device_id: str) -> str | None:
+        try:
+            found = await self._redis.get(self._device_key(app_key, device_id))
+        except RedisError as exc:
+            raise OutboxError(f"Redis: {exc}") from exc
+        if found is None:
+            return None
+        return found.decode() if isinstance(found, bytes) else str(found)
+
+
+# ------------------------------------------------------------------ journal
+
+
+def topic(key: str) -> str:
+    """The bus topic on which appends to ``key``'s outbox are announced."""
+    return f"outbox:{key}"
+
+
+def ack_topic(token: str) -> str:
+    """The bus topic on which a follower confirms it sent a push (``token`` of the push)."""
+    return f"outbox-ack:{token}"
+
+
+class Follower:
+    """A live connection's subscription to its session's outbox (see :meth:`Journal.follow`).
+
+    ``floor``: every entry up to it was sent by this connection or seen by the client
+    (the client's ``lastSeq``, or the delivered mark). :meth:`wait` returns when an
+    append was announced (or ``timeout_s`` passed); :meth:`read` reads what lies above
+    the floor; :meth:`advance` records that it all went out.
+    """
+
+    def __init__(
+        self, journal: Journal, key: str, sub: Subscription, floor: int, backlog: int = 0
+    ) -> None:
+        self.journal = journal
+        self.key = key
+        self.floor = floor
+        self.backlog = backlog
+        """The last seq given when the subscription began."""
+        self._sub = sub
+        self._acks: list[str] = []
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait for an announced append; True when one came."""
+        message = await self._sub.get(timeout_s)
+        if message is None:
+            return False
+        token = message.get("ack")
+        if isinstance(token, str):
+            self._acks.append(token)
+        return True
+
+    async def read(self) -> list[Entry]:
+        """Entries above :attr:`floor` (empty when the outbox is unreachable)."""
+        try:
+            return await self.journal.outbox.since(self.key, self.floor)
+        except OutboxError as exc:
+            log.warning("outbox not read: %s", exc)
+            return []
+
+    async def advance(self, seq: int) -> None:
+        """Everything up to ``seq`` went out: raise the floor and the delivered mark,
+        confirm the pushes announced so far."""
+        acks, self._acks = self._acks, []
+        if seq > self.floor:
+            self.floor = seq
+            try:
+                await self.journal.outbox.mark(self.key, seq)
+            except OutboxError as exc:
+                log.warning("outbox mark not saved: %s", exc)
+        for token in acks:
+            try:
+                await self.journal.bus.publish(ack_topic(token), {"seq": self.floor})
+            except BusUnavailable as exc:
+                log.warning("push not confirmed: %s", exc)
+
+
+class Journal:
+    """The outbox plus the bus: numbered appends that wake the session's followers.
+
+    ``limit`` is GATEWAY_OUTBOX_MAX (pending entries beyond which pushes are refused).
+    """
+
+    def __init__(self, outbox: Outbox, bus: Bus, *, limit: int = 100) -> None:
+        self.outbox = outbox
+        self.bus = bus
+        self.limit = limit
+
+    async def append(
+        self, key: str, events: Sequence[dict[str, Any]], kind: EntryKind, *, ack: str | None = None
+    ) -> list[int] | None:
+        """Append ``events`` (pushes: up to :attr:`limit` pending, else None) and announce
+        them on ``outbox:{key}`` (with ``ack``, the token a follower confirms on).
+        Raises OutboxError; a bus that fails is logged (followers catch up later)."""
+        seqs = await self.outbox.append(
+            key, events, kind, limit=self.limit if kind == "push" else None
+        )
+        if seqs:
+            message: dict[str, Any] = {"seq": seqs[-1]}
+            if ack is not None:
+                message["ack"] = ack
+            try:
+                await self.bus.publish(topic(key), message)
+            except BusUnavailable as exc:
+                log.warning("outbox append not announced: %s", exc)
+        return seqs
+
+    @asynccontextmanager
+    async def follow(self, key: str, after: int | None) -> AsyncIterator[Follower]:
+        """Listen to ``key``'s outbox: a Follower whose ``floor`` is ``after`` (what the
+        client saw last) or, when None, the delivered mark. Subscribes before reading
+        the mark, so no append is missed. Raises BusUnavailable or OutboxError."""
+        async with self.bus.subscribe(topic(key)) as sub:
+            state = await self.outbox.state(key)
+            yield Follower(self, key, sub, state.mark if after is None else after, state.last_seq)
+
+
+Deliver = Callable[[list[Entry], bool], Awaitable[bool]]
+"""A connection's way to send outbox entries (the flag: a turn was just started and has
+not begun to answer): True when it sent them (it could, and its socket is still open),
+False when it cannot now (a turn is answering, or it is gone)."""
+
+
+class Following:
+    """A live connection following its session's outbox, for the connection's routes.
+
+    :meth:`follow` starts (or moves) a task that listens to the session's outbox and
+    hands what the connection has not sent to ``deliver`` whenever an append is
+    announced; :meth:`catch_up` does it at once (before a turn's answer, after it).
+    The connection sends its own turns' events itself, each inside :meth:`claim`, which
+    says whether it is still to be sent (not delivered from the outbox already) and
+    records it, so each entry goes out once per connection. Each catch-up raises the
+    delivered mark and confirms the pushes it sent. Outbox or bus failures are logged,
+    never raised.
+    """
+
+    def __init__(self, journal: Journal, deliver: Deliver, *, idle_s: float = 30.0) -> None:
+        self.journal = journal
+        self._deliver = deliver
+        self._idle_s = idle_s
+        self._task: asyncio.Task[None] | None = None
+        self._follower: Follower | None = None
+        self._ready = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._sent: dict[str, set[int]] = {}
+        self._replay = True
+        self.key: str | None = None
+
+    def follow(self, key: str, after: int | None, *, replay: bool = True) -> None:
+        """Follow ``key``'s outbox from ``after`` (None: its delivered mark). Without
+        ``replay`` the events of turns that were there when following began are passed
+        over, only pushes are delivered (a client that did not ask to resume would take
+        a replayed answer for the answer of its next turn)."""
+        if self._task is not None:
+            self._task.cancel()
+        self.key = key
+        self._replay = replay
+        self._follower = None
+        self._ready = asyncio.Event()
+        self._task = asyncio.create_task(self._run(key, after, self._ready), name="outbox follow")
+
+    async def _run(self, key: str, after: int | None, ready: asyncio.Event) -> None:
+        try:
+            async with self.journal.follow(key, after) as follower:
+                self._follower = follower
+                ready.set()
+                task = asyncio.current_task()
+                while task is None or not task.cancelling():
+                    await self.catch_up()
+                    # a cancel that meets the wait's own timeout may be swallowed (3.11):
+                    # the loop condition ends it then
+                    await follower.wait(self._idle_s)
+        except (BusUnavailable, OutboxError) as exc:
+            log.warning("outbox not followed: %s", exc)
+        finally:
+            ready.set()
+
+    async def _current(self) -> Follower | None:
+        if self._task is None:
+            return None
+        await self._ready.wait()
+        return self._follower
+
+    async def catch_up(self, *, before_turn: bool = False) -> None:
+        """Deliver what the followed outbox holds that the connection has not sent (when
+        it can; ``before_turn``: a turn was just started, before it answers), then raise
+        the delivered mark."""
+        follower = await self._current()
+        if follower is None:
+            return
+        async with self._lock:
+            sent = self._sent_of(follower.key)
+            entries = await follower.read()
+            missed = [
+                e
+                for e in entries
+                if e.seq not in sent
+                and (self._replay or e.kind == "push" or e.seq > follower.backlog)
+            ]
+            if missed and not await self._deliver(missed, before_turn):
+                return
+            sent.update(e.seq for e in missed)
+            await follower.advance(max([follower.floor, *(e.seq for e in entries)]))
+
+    def _sent_of(self, key: str) -> set[int]:
+        """The seqs of ``key`` this connection sent (bounded: the newest are kept)."""
+        sent = self._sent.setdefault(key, set())
+        if len(sent) > 4096:
+            sent = self._sent[key] = set(sorted(sent)[-1024:])
+        return sent
+
+    async def settle(self, key: str) -> None:
+        """The connection sent a whole answer of session ``key``: raise the delivered mark
+        over it now (a client that closes right after its answer and comes back on
+        another connection is not given it again) — up to the first entry it did not send."""
+        follower = await self._current()
+        if follower is None or follower.key != key:
+            return
+        async with self._lock:
+            sent = self._sent_of(key)
+            top = follower.floor
+            while top + 1 in sent:  # only over what it sent without a gap
+                top += 1
+            await follower.advance(top)
+
+    @contextlib.asynccontextmanager
+    async def claim(self, key: str, seq: int | None) -> AsyncIterator[bool]:
+        """Around sending the turn event ``seq`` of session ``key``: True when it is to be
+        sent (False: the outbox delivered it already); it counts as sent afterwards."""
+        if seq is None:
+            yield True
+            return
+        async with self._lock:
+            sent = self._sent_of(key)
+            yield seq not in sent
+            sent.add(seq)
+
+    async def aclose(self) -> None:
+        """Stop following."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)

@@ -1,0 +1,375 @@
+"""Proactive push and the session view: the admin API (``/v1/push``, ``/v1/sessions/{id}``).
+
+A push puts response items in front of a session's client without a turn: at once on a
+live connection of that session (on whichever instance holds it: the append to the
+session's outbox is announced on the bus, the connection sends it and confirms), else
+queued in the session's outbox (gateway/outbox.py) until the client next connects or
+takes a turn. The answer's ``delivery`` says which: ``live``, ``queued``; or why not:
+``unknown-target`` (no such session, or the device has none), ``outbox-full``
+(GATEWAY_OUTBOX_MAX events are already waiting), ``session-busy`` (a turn held the
+session longer than GATEWAY_LOCK_WAIT_S).
+
+The pushed items travel as one ``Response {items, sessionEnded: false}`` event, the form
+flowstorm-socket-v1.md gives for a server that "actively send[s] BotEvent.Response when
+client is Sleeping to initiate conversation": a Sleeping client goes to Responding and
+then Listening (flowstorm-client-states.md), so a push to a session whose last known
+client state is ``Sleeping`` records it as ``Listening`` and gives the session its
+normal lifetime again (GATEWAY_SESSION_TIMEOUT_S).
+
+Targets: ``sessionId`` (a session of a channel whose connections follow their outbox:
+Flowstorm V1 and Voiceflow socket.io, given to :class:`Pusher`; V2 sessions cannot be
+reached and are ``unknown-target``), optionally with ``appKey`` (then it must be the
+session's), or ``appKey`` + ``deviceId`` (the session that device talked in last, from
+the outbox's device index, which V1 turns fill). A Voiceflow client gets the items as
+``action.trace`` events under a messageID of their own (no ``action.status``).
+
+Authentication: ``Authorization: Bearer KEY`` with a key of GATEWAY_ADMIN_KEYS; none
+sent: 401 (``WWW-Authenticate: Bearer``); a wrong one, or no keys configured: 403. All
+refusals are RFC 9457 problem bodies. The pure parts (models, :func:`gateway.admin.key_valid`,
+:func:`push_event`, :func:`wake`) do no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Collection, Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import Field, model_validator
+
+from gateway.admin import check_admin_key
+from gateway.admin import install as install_admin
+from gateway.bus import BusUnavailable
+from gateway.deps import gateway_of
+from gateway.events import Response, ResponseEvent, ResponseItem, Wire
+from gateway.httputil import problem
+from gateway.logs import session_ref
+from gateway.outbox import Journal, OutboxError, ack_topic
+from gateway.sessions import (
+    ClientState,
+    Session,
+    SessionBusy,
+    SessionStore,
+    StoreUnavailable,
+)
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Delivery = Literal["live", "queued", "unknown-target", "outbox-full", "session-busy"]
+
+MAX_ITEMS = 50
+"""Items one push may carry."""
+
+
+# -------------------------------------------------------------------- pure
+
+
+class PushTarget(Wire):
+    """Whom to push to: ``sessionId`` (optionally with ``appKey``), or ``appKey`` +
+    ``deviceId``."""
+
+    session_id: str | None = Field(default=None, min_length=1, max_length=256)
+    app_key: str | None = Field(default=None, min_length=1, max_length=256)
+    device_id: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PushTarget:
+        if self.session_id is None and (self.app_key is None or self.device_id is None):
+            raise ValueError("give target.sessionId, or target.appKey and target.deviceId")
+        return self
+
+
+class PushRequest(Wire):
+    """Body of ``POST /v1/push``: a target and 1..50 response items (the core's
+    ResponseItem shape: text, ssml, image, video, audio, code, ...)."""
+
+    target: PushTarget
+    items: list[ResponseItem] = Field(min_length=1, max_length=MAX_ITEMS)
+
+
+class PushResult(Wire):
+    """Answer of a push that reached a session: ``delivery`` ``live`` (a connection sent
+    it) or ``queued`` (in the outbox); ``seq`` is its sequence number in the session."""
+
+    delivery: Literal["live", "queued"]
+    session_id: str
+    seq: int
+
+
+class OutboxView(Wire):
+    """A session's outbox: ``length`` events not yet delivered, ``last_seq`` the last
+    sequence number given, ``delivered`` the highest one known delivered."""
+
+    length: int
+    last_seq: int
+    delivered: int
+
+
+class SessionView(Wire):
+    """``GET /v1/sessions/{id}``: what the gateway knows of one session.
+
+    ``client_state`` is the last known state of flowstorm-client-states.md;
+    ``last_activity`` and ``created_at`` are epoch seconds.
+    """
+
+    session_id: str
+    channel: str
+    app_key: str
+    device_id: str | None = None
+    client_state: ClientState
+    turn_count: int
+    last_activity: float
+    created_at: float
+    outbox: OutboxView
+
+
+def push_event(items: Sequence[ResponseItem], locale: str | None) -> ResponseEvent:
+    """The event a push delivers: ``Response {items, sessionEnded: false}`` (see module doc)."""
+    return ResponseEvent(response=Response(locale=locale, items=list(items)))
+
+
+def wake(session: Session, settings: Settings) -> bool:
+    """Record that a push woke ``session``'s client; True when the session changed.
+
+    A Sleeping client that gets a Response goes to Responding, then Listening
+    (flowstorm-client-states.md): the state becomes Listening and the session gets
+    its normal idle lifetime again. Other states are left alone.
+    """
+    if session.client_state is not ClientState.SLEEPING:
+        return False
+    session.client_state = ClientState.LISTENING
+    session.timeout_s = settings.session_timeout_s
+    session.updated_at = time.time()
+    return True
+
+
+# ------------------------------------------------------------------ service
+
+
+class PushRefused(Exception):
+    """A push that reached no outbox: ``delivery`` says why (see module doc)."""
+
+    def __init__(self, delivery: Delivery, text: str) -> None:
+        super().__init__(text)
+        self.delivery = delivery
+        self.text = text
+
+
+class Pusher:
+    """Pushes and session lookups over the store and the outbox :class:`Journal`.
+
+    ``push_namespaces`` are the session namespaces a ``sessionId`` target is looked up
+    in, ``push_channels`` the channels whose connections follow their outbox (a session
+    last served by another channel, such as Flowstorm V2 in the shared namespace, is
+    ``unknown-target``); ``all_namespaces`` those the session view looks in.
+    """
+
+    def __init__(
+        self,
+        store: SessionStore,
+        journal: Journal,
+        settings: Settings,
+        *,
+        push_namespaces: Sequence[str],
+        push_channels: Collection[str],
+        all_namespaces: Sequence[str],
+    ) -> None:
+        self.store = store
+        self.journal = journal
+        self.settings = settings
+        self.push_namespaces = tuple(push_namespaces)
+        self.push_channels = frozenset(push_channels)
+        self.all_namespaces = tuple(all_namespaces)
+
+    async def find(self, session_id: str, namespaces: Sequence[str]) -> Session | None:
+        """The session ``session_id`` in the first of ``namespaces`` that has it.
+
+        Raises StoreUnavailable."""
+        for namespace in namespaces:
+            session = await self.store.get(f"{namespace}:{session_id}")
+            if session is not None:
+                return session
+        return None
+
+    async def _target_key(self, target: PushTarget) -> str:
+        if target.session_id is not None:
+            session = await self.find(target.session_id, self.push_namespaces)
+            if session is None or (target.app_key and session.app_key != target.app_key):
+                raise PushRefused("unknown-target", "No session of a push channel has this id.")
+            return session.key
+        assert target.app_key is not None
+        assert target.device_id is not None
+        key = await self.journal.outbox.device(target.app_key, target.device_id)
+        if key is None:
+            raise PushRefused("unknown-target", "This device has no session.")
+        return key
+
+    async def push(self, request: PushRequest) -> PushResult:
+        """Deliver or queue ``request``'s items (module doc). Raises PushRefused,
+        StoreUnavailable, OutboxError or BusUnavailable."""
+        key = await self._target_key(request.target)
+        token = secrets.token_hex(12)
+        async with self.journal.bus.subscribe(ack_topic(token)) as acks:
+            try:
+                async with self.store.open(
+                    key, lease_s=self.settings.lock_lease_s, wait_s=self.settings.lock_wait_s
+                ) as txn:
+                    session = txn.session
+                    if session is None or (
+                        request.target.app_key and session.app_key != request.target.app_key
+                    ):
+                        raise PushRefused("unknown-target", "The session has ended.")
+                    if session.channel not in self.push_channels:
+                        raise PushRefused(
+                            "unknown-target",
+                            f"Sessions of channel {session.channel} cannot receive pushes.",
+                        )
+                    event = push_event(request.items, session.locale)
+                    seqs = await self.journal.append(key, [event.wire()], "push", ack=token)
+                    if seqs is None:
+                        raise PushRefused(
+                            "outbox-full",
+                            f"{self.journal.limit} events already wait for this session's client.",
+                        )
+                    if wake(session, self.settings):
+                        txn.save(session, session.timeout_s)
+            except SessionBusy:
+                raise PushRefused(
+                    "session-busy", "A turn of this session is still running."
+                ) from None
+            seq = seqs[-1]
+            confirmed = await acks.get(self.settings.push_ack_ms / 1000)
+        delivery: Literal["live", "queued"] = "live" if confirmed is not None else "queued"
+        log.info("push %s to %s", delivery, session_ref(key))
+        return PushResult(delivery=delivery, session_id=session.id, seq=seq)
+
+    async def view(self, session_id: str) -> SessionView | None:
+        """The session view of ``session_id`` (None when no namespace has it).
+
+        Raises StoreUnavailable or OutboxError."""
+        session = await self.find(session_id, self.all_namespaces)
+        if session is None:
+            return None
+        state = await self.journal.outbox.state(session.key)
+        return SessionView(
+            session_id=session.id,
+            channel=session.channel,
+            app_key=session.app_key,
+            device_id=session.device_id,
+            client_state=session.client_state,
+            turn_count=session.turn_count,
+            last_activity=session.updated_at,
+            created_at=session.created_at,
+            outbox=OutboxView(length=state.pending, last_seq=state.last_seq, delivered=state.mark),
+        )
+
+
+# ------------------------------------------------------------------- routes
+
+_PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "delivery": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+
+def _problem_doc(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}},
+    }
+
+
+_REFUSALS: dict[int | str, dict[str, Any]] = {
+    400: _problem_doc("The request is not valid"),
+    401: _problem_doc("No admin key was sent (`Authorization: Bearer KEY`)"),
+    403: _problem_doc("The key is not one of GATEWAY_ADMIN_KEYS (or none are configured)"),
+    503: _problem_doc("The session store or the bus does not answer"),
+}
+
+router = APIRouter(prefix="/v1", tags=["admin"])
+_bearer = HTTPBearer(auto_error=False, description="A key of GATEWAY_ADMIN_KEYS.")
+
+
+def _admin(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """The admin key check of :mod:`gateway.admin` (GATEWAY_ADMIN_KEYS); raises
+    AdminRefused with the 401/403 answer. ``credentials`` only documents the bearer
+    scheme in the OpenAPI document."""
+    keys = gateway_of(request).settings.admin_keys
+    check_admin_key(keys, request.headers.get("authorization"))
+
+
+def install(app: Any) -> None:
+    """Add the admin routes and the admin refusal handler to the FastAPI ``app``."""
+    install_admin(app)
+    app.include_router(router)
+
+
+_STATUS: dict[str, int] = {"unknown-target": 404, "outbox-full": 409, "session-busy": 409}
+
+
+@router.post(
+    "/push",
+    summary="Push response items to a session's client (live, or queued in its outbox)",
+    dependencies=[Depends(_admin)],
+    response_model=PushResult,
+    responses={
+        202: {"description": "Queued in the session's outbox", "model": PushResult},
+        404: _problem_doc("`unknown-target`: no such session, or the device has none"),
+        409: _problem_doc("`outbox-full` or `session-busy`"),
+        **_REFUSALS,
+    },
+)
+async def push(request: Request, body: PushRequest) -> JSONResponse:
+    """Deliver ``items`` to the target's client at once when it is connected (on any
+    instance), else queue them in the session's outbox; see gateway/push.py."""
+    pusher = gateway_of(request).pusher
+    try:
+        if pusher is None:
+            raise StoreUnavailable("the gateway has not started")
+        result = await pusher.push(body)
+    except PushRefused as exc:
+        return problem(_STATUS[exc.delivery], "Not delivered", exc.text, delivery=exc.delivery)
+    except (StoreUnavailable, OutboxError, BusUnavailable) as exc:
+        log.warning("push failed: %s", exc)
+        return problem(503, "Unavailable", "The session store or the bus does not answer.")
+    return JSONResponse(result.wire(), status_code=200 if result.delivery == "live" else 202)
+
+
+@router.get(
+    "/sessions/{session_id}",
+    summary="What the gateway knows of one session",
+    dependencies=[Depends(_admin)],
+    response_model=SessionView,
+    responses={404: _problem_doc("No such session"), **_REFUSALS},
+)
+async def session_view(request: Request, session_id: str) -> JSONResponse:
+    """Channel, app key, device, last known client state, turn count, last activity and
+    outbox of the session ``session_id``."""
+    pusher = gateway_of(request).pusher
+    try:
+        if pusher is None:
+            raise StoreUnavailable("the gateway has not started")
+        view = await pusher.view(session_id)
+    except (StoreUnavailable, OutboxError) as exc:
+        log.warning("session view failed: %s", exc)
+        return problem(503, "Unavailable", "The session store does not answer.")
+    if view is None:
+        return problem(404, "Not found", "No session has this id.")
+    return JSONResponse(view.wire())

@@ -1,0 +1,143 @@
+"""The Outbox contract (gateway/outbox.py), against the in-process outbox and a real Redis;
+the pure parts of gateway/push.py."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+from pydantic import ValidationError
+
+from gateway import redisconn
+from gateway.admin import key_valid
+from gateway.bus import MemoryBus
+from gateway.events import ResponseItem
+from gateway.outbox import Journal, MemoryOutbox, Outbox, RedisOutbox
+from gateway.push import PushRequest, push_event, wake
+from gateway.sessions import ClientState, Session, redis_client
+from gateway.settings import Settings
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def outbox(request: pytest.FixtureRequest) -> AsyncIterator[Outbox]:
+    """An outbox keeping 4 entries: in-process, or in a real Redis under a fresh prefix."""
+    if request.param == "memory":
+        yield MemoryOutbox(keep=4, ttl_s=60)
+        return
+    prefix = f"test-{secrets.token_hex(6)}"
+    client = redis_client(request.getfixturevalue("redis_url"))
+    yield RedisOutbox(client, prefix=prefix, keep=4, ttl_s=60)
+    keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await client.delete(*keys)
+    await redisconn.aclose(client)
+
+
+def ev(text: str) -> dict[str, object]:
+    return {"type": "ResponseItem", "responseItem": {"text": text}}
+
+
+async def test_appends_are_numbered_in_order_and_read_above_a_seq(outbox: Outbox) -> None:
+    assert await outbox.append("k", [ev("a"), ev("b")], "turn", limit=None) == [1, 2]
+    assert await outbox.append("k", [ev("c")], "push", limit=None) == [3]
+    assert await outbox.append("other", [ev("x")], "turn", limit=None) == [1]  # per session
+    entries = await outbox.since("k", 1)
+    assert [(e.seq, e.kind, e.event) for e in entries] == [
+        (2, "turn", ev("b")),
+        (3, "push", ev("c")),
+    ]
+    assert [e.seq for e in await outbox.since("k", None)] == [1, 2, 3]  # mark 0
+
+
+async def test_the_mark_rises_only_and_bounds_what_is_pending(outbox: Outbox) -> None:
+    await outbox.append("k", [ev("a"), ev("b"), ev("c")], "turn", limit=None)
+    await outbox.mark("k", 2)
+    await outbox.mark("k", 1)  # never lowered
+    await outbox.mark("k", 99)  # never past the last number given
+    state = await outbox.state("k")
+    assert (state.last_seq, state.mark, state.pending) == (3, 3, 0)
+    assert await outbox.since("k", None) == []
+    assert [e.seq for e in await outbox.since("k", 0)] == [1, 2, 3]  # a client's lastSeq
+
+
+async def test_pushes_are_refused_beyond_the_limit_and_old_entries_go(outbox: Outbox) -> None:
+    assert await outbox.append("k", [ev("1"), ev("2")], "push", limit=3) == [1, 2]
+    assert await outbox.append("k", [ev("3"), ev("4")], "push", limit=3) is None  # would pass it
+    assert await outbox.append("k", [ev("3")], "push", limit=3) == [3]
+    assert await outbox.append("k", [ev("4")], "push", limit=3) is None  # full
+    assert (await outbox.state("k")).pending == 3
+    await outbox.mark("k", 3)  # delivered: room again
+    assert await outbox.append("k", [ev("4"), ev("5")], "push", limit=3) == [4, 5]
+    assert [e.seq for e in await outbox.since("k", 0)] == [2, 3, 4, 5]  # keep=4
+
+
+async def test_the_device_index(outbox: Outbox) -> None:
+    assert await outbox.device("app", "dev") is None
+    await outbox.bind("app", "dev", "flowstorm:s1", 60)
+    await outbox.bind("app", "dev", "flowstorm:s2", 60)
+    assert await outbox.device("app", "dev") == "flowstorm:s2"
+    assert await outbox.device("other-app", "dev") is None
+
+
+async def test_a_journal_append_is_announced_to_followers() -> None:
+    journal = Journal(MemoryOutbox(), MemoryBus(), limit=1)
+    async with journal.follow("k", None) as follower:
+        assert await journal.append("k", [ev("a")], "push", ack="t") == [1]
+        assert await follower.wait(1.0)
+        assert [e.seq for e in await follower.read()] == [1]
+        await follower.advance(1)
+        assert (await journal.outbox.state("k")).mark == 1
+    assert await journal.append("k", [ev("b")], "push") == [2]
+    assert await journal.append("k", [ev("c")], "push") is None  # limit 1 pending
+    assert await journal.append("k", [ev("c")], "turn") == [3]  # a turn's events always go in
+
+
+# ------------------------------------------------------------- push, pure
+
+
+def test_admin_keys_compare_exactly_and_none_configured_refuses_all() -> None:
+    assert key_valid("k1", frozenset({"k1", "k2"}))
+    assert not key_valid("k3", frozenset({"k1"}))
+    assert not key_valid("", frozenset({"k1"}))
+    assert not key_valid(None, frozenset({"k1"}))
+    assert not key_valid("anything", frozenset())
+
+
+def test_a_push_names_a_session_or_a_device_and_carries_items() -> None:
+    ok = PushRequest.model_validate(
+        {"target": {"appKey": "a", "deviceId": "d"}, "items": [{"text": "hi"}]}
+    )
+    assert ok.target.device_id == "d"
+    for bad in (
+        {"target": {"appKey": "a"}, "items": [{"text": "hi"}]},
+        {"target": {"sessionId": "s"}, "items": []},
+        {"target": {}, "items": [{"text": "hi"}]},
+    ):
+        with pytest.raises(ValidationError):
+            PushRequest.model_validate(bad)
+    event = push_event([ResponseItem(text="hi")], "en")
+    assert event.wire() == {
+        "type": "Response",
+        "response": {
+            "locale": "en",
+            "items": [{"text": "hi", "confidence": 1.0, "repeatable": True}],
+            "attributes": {},
+            "logs": [],
+            "sessionEnded": False,
+            "sleepTimeout": 0,
+            "sessionTimeout": 0,
+        },
+    }
+
+
+def test_a_push_wakes_a_sleeping_client_only() -> None:
+    settings = Settings(session_timeout_s=900)
+    asleep = Session(id="s", key="flowstorm:s", channel="c", app_key="a", timeout_s=30)
+    asleep.client_state = ClientState.SLEEPING
+    assert wake(asleep, settings)
+    assert (asleep.client_state, asleep.timeout_s) == (ClientState.LISTENING, 900)
+    busy = Session(id="s", key="flowstorm:s", channel="c", app_key="a")
+    busy.client_state = ClientState.PROCESSING
+    assert not wake(busy, settings)
+    assert busy.client_state is ClientState.PROCESSING

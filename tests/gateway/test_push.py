@@ -1,0 +1,341 @@
+"""Proactive push, the outbox and resume over real servers and a real Redis (issue 13, 4-6).
+
+Two gateway instances share one Redis: in-process apps for the push cases, ``gateway
+serve`` processes for the resume case (one is stopped with SIGTERM in the middle of an
+answer, as a rolling deploy does: the server closes the client's socket, 1012). Clients
+are Flowstorm V1 WebSocket clients (tests/adapters/flowstorm/v1/helpers.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.adapters.flowstorm.v1.helpers import (
+    init_frame,
+    recv_json,
+    request_frame,
+    send_json,
+    turn,
+    turn_frames,
+    ws_url,
+)
+from tests.adapters.voiceflow.helpers import client as voiceflow_client
+from tests.conftest import GatewayProcess, serve, served
+
+ADMIN = "admin-key-for-tests"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
+@pytest.fixture
+def shared(redis_url: str, redis_prefix: str) -> dict[str, Any]:
+    """Settings of instances that share one Redis, with an admin key."""
+    return {"redis_url": redis_url, "redis_prefix": redis_prefix, "admin_keys": frozenset({ADMIN})}
+
+
+async def hello(ws: ClientConnection, session_id: str, *, last_seq: int | None = 0) -> int:
+    """Init (asking for ``seq`` with ``lastSeq``) and an #intro turn in ``session_id``;
+    the ``seq`` of its Response (0 when not asked for)."""
+    frame = init_frame(deviceId="push-device")
+    frame["deviceId"] = "push-device"
+    if last_seq is not None:
+        frame["lastSeq"] = last_seq
+    await send_json(ws, frame)
+    assert await recv_json(ws) == {"type": "Ready"}
+    frames = await turn(ws, request_frame("#intro", session_id))
+    assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
+    return int(frames[-1].get("seq", 0))
+
+
+async def push(
+    client: httpx.AsyncClient, base: str, target: dict[str, str], *texts: str, **headers: str
+) -> httpx.Response:
+    body = {"target": target, "items": [{"text": t} for t in texts]}
+    return await client.post(f"{base}/v1/push", json=body, headers=headers or AUTH)
+
+
+async def test_a_push_reaches_a_live_client_on_another_instance(shared: dict[str, Any]) -> None:
+    async with (
+        served(**shared) as a,
+        served(**shared) as b,
+        httpx.AsyncClient(timeout=10) as http,
+        connect(ws_url(a)) as ws,
+    ):
+        seq = await hello(ws, "live-1")
+        assert seq > 0
+        answer = await push(http, b, {"sessionId": "live-1"}, "Your parcel has arrived.")
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"delivery": "live", "sessionId": "live-1", "seq": seq + 1}
+        frame = await recv_json(ws)
+        assert frame["type"] == "Response"
+        assert frame["seq"] == seq + 1
+        assert [i["text"] for i in frame["response"]["items"]] == ["Your parcel has arrived."]
+        assert frame["response"]["sessionEnded"] is False
+        # by device, too; the client goes on talking afterwards
+        answer = await push(http, b, {"appKey": "test-key", "deviceId": "push-device"}, "Again.")
+        assert answer.json()["delivery"] == "live"
+        assert (await recv_json(ws))["response"]["items"][0]["text"] == "Again."
+        frames = await turn(ws, request_frame("my name is Ada"))
+        assert frames[-1]["type"] == "Response"
+        assert frames[-1]["seq"] > seq + 2
+
+
+async def test_a_push_reaches_a_voiceflow_socketio_client(shared: dict[str, Any]) -> None:
+    async with (
+        served(**shared) as a,
+        served(**shared) as b,
+        httpx.AsyncClient(timeout=10) as http,
+        voiceflow_client(a) as vf,
+    ):
+        key = await vf.handshake()
+        assert await vf.say("hello")  # the session is in the store after its first action
+        session_id = jwt.decode(key, options={"verify_signature": False})["sub"]
+        answer = await push(http, b, {"sessionId": session_id}, "Your parcel has arrived.")
+        assert answer.json()["delivery"] == "live"
+        event, data = await vf.next()
+        assert event == "action.trace"
+        assert data["trace"]["type"] == "text"
+        assert data["trace"]["payload"]["message"] == "Your parcel has arrived."
+        assert isinstance(data["messageID"], str)
+        await vf.nothing_more()
+        assert await vf.say("what is my name")  # the conversation goes on
+    async with (
+        served(**shared) as a,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        answer = await push(http, a, {"sessionId": session_id}, "While you were away.")
+        assert answer.status_code == 202  # nobody connected: queued
+        async with voiceflow_client(a) as vf:
+            assert not await vf.start(key)  # back with its sessionKey
+            event, data = await vf.next()
+            assert event == "action.trace"
+            assert data["trace"]["payload"]["message"] == "While you were away."
+
+
+async def test_a_push_to_a_gone_client_is_queued_and_delivered_when_it_comes_back(
+    shared: dict[str, Any],
+) -> None:
+    async with (
+        served(**shared) as a,
+        served(**shared) as b,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        async with connect(ws_url(a)) as ws:
+            seq = await hello(ws, "gone-1")
+        answer = await push(http, b, {"sessionId": "gone-1"}, "One.", "Two.")
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["delivery"] == "queued"
+        view = (await http.get(f"{a}/v1/sessions/gone-1", headers=AUTH)).json()
+        assert view["outbox"]["length"] == 1
+        assert (view["channel"], view["appKey"], view["deviceId"]) == (
+            "flowstorm_v1",
+            "test-key",
+            "push-device",
+        )
+        assert view["clientState"] == "Listening"
+        assert view["turnCount"] == 1
+
+        async with connect(ws_url(b)) as ws:  # back, on the other instance
+            frame = {**init_frame(tts="RequiredLinks"), "sessionId": "gone-1", "lastSeq": seq}
+            await send_json(ws, frame)
+            assert await recv_json(ws) == {"type": "Ready"}
+            pushed = await recv_json(ws)
+            assert pushed["seq"] == seq + 1
+            assert [i["text"] for i in pushed["response"]["items"]] == ["One.", "Two."]
+            for pushed_item in pushed["response"]["items"]:  # spoken, as a turn's items
+                assert pushed_item["audio"].startswith("http://localhost:8080/file/tts/")
+                assert pushed_item["audio"].endswith(".mp3")
+            frames = await turn(ws, request_frame("what is my name"))  # the session goes on
+            assert frames[-1]["type"] == "Response"
+        view = (await http.get(f"{b}/v1/sessions/gone-1", headers=AUTH)).json()
+        assert view["outbox"]["length"] == 0
+        assert view["turnCount"] == 2
+
+
+async def test_a_client_without_init_session_gets_its_queue_with_its_next_turn(
+    shared: dict[str, Any],
+) -> None:
+    async with served(**shared) as a, httpx.AsyncClient(timeout=10) as http:
+        async with connect(ws_url(a)) as ws:
+            await hello(ws, "later-1", last_seq=None)
+        assert (await push(http, a, {"sessionId": "later-1"}, "Queued.")).status_code == 202
+        async with connect(ws_url(a)) as ws:
+            await send_json(ws, init_frame())
+            assert await recv_json(ws) == {"type": "Ready"}
+            frames = await turn(ws, request_frame("hello again", "later-1"))
+            assert "seq" not in frames[-1]  # not asked for
+            queued = await recv_json(ws)
+            assert [i["text"] for i in queued["response"]["items"]] == ["Queued."]
+
+
+async def test_unknown_targets_a_full_outbox_and_bad_keys_are_refused(
+    shared: dict[str, Any],
+) -> None:
+    async with (
+        served(**{**shared, "outbox_max": 2}) as a,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        async with connect(ws_url(a)) as ws:
+            await hello(ws, "full-1")
+        for target in ({"sessionId": "nobody"}, {"appKey": "test-key", "deviceId": "nothing"}):
+            answer = await push(http, a, target, "Hi.")
+            assert answer.status_code == 404
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["delivery"] == "unknown-target"
+        assert (await push(http, a, {"sessionId": "full-1"}, "1.")).status_code == 202
+        assert (await push(http, a, {"sessionId": "full-1"}, "2.")).status_code == 202
+        full = await push(http, a, {"sessionId": "full-1"}, "3.")
+        assert full.status_code == 409
+        assert full.json()["delivery"] == "outbox-full"
+
+        v2 = await http.put(  # a V2 session (shared namespace) cannot receive pushes
+            f"{a}/client?key=test-key&tts=None",
+            headers={"Content-Type": "text/plain"},
+            content="#intro",
+        )
+        v2_session = v2.cookies["flowstorm-session-id"]
+        answer = await push(http, a, {"sessionId": v2_session}, "Hi.")
+        assert answer.status_code == 404
+        assert "flowstorm_v2" in answer.json()["detail"]
+
+        missing = await http.post(f"{a}/v1/push", json={"target": {"sessionId": "full-1"}})
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = await push(http, a, {"sessionId": "full-1"}, "x", Authorization="Bearer nope")
+        assert wrong.status_code == 403
+        assert wrong.json()["title"] == "Forbidden"
+        assert (await http.get(f"{a}/v1/sessions/full-1")).status_code == 401
+        assert (await http.get(f"{a}/v1/sessions/nobody", headers=AUTH)).status_code == 404
+        bad = await http.post(f"{a}/v1/push", json={"target": {}, "items": []}, headers=AUTH)
+        assert bad.status_code == 400
+    async with served() as off, httpx.AsyncClient(timeout=10) as http:  # no keys configured
+        answer = await push(http, off, {"sessionId": "x"}, "Hi.")
+        assert answer.status_code == 403
+        assert "GATEWAY_ADMIN_KEYS" in answer.json()["detail"]
+
+
+# ---------------------------------------------------------------- resume
+
+
+class StreamingCore:
+    """A core webhook (the http pipeline) that streams its answers as NDJSON: ``#intro``
+    gets one item at once; ``long`` gets items a and b, then waits for :attr:`go`, then
+    c and d and the Response; ``sleep`` ends the session with a sleep timeout."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.app = FastAPI()
+
+        @self.app.post("/turn")
+        async def turn(request: Request) -> StreamingResponse:
+            body = await request.json()
+            text = body["input"]["transcript"]["text"]
+
+            async def lines() -> AsyncIterator[str]:
+                if text == "sleep":  # the session ends, kept for a minute: Sleeping
+                    ended = {"items": [{"text": "Good night."}], "sessionEnded": True}
+                    yield json.dumps({"type": "Response", "response": ended | {"sleepTimeout": 60}})
+                    yield "\n"
+                    return
+                if text == "long":
+                    for name in ("a", "b"):
+                        yield item(f"item {name}")
+                    await self.go.wait()
+                    for name in ("c", "d"):
+                        yield item(f"item {name}")
+                else:
+                    yield item("welcome")
+                yield json.dumps({"type": "Response", "response": {"items": []}}) + "\n"
+
+            return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def test_a_push_wakes_a_sleeping_client(shared: dict[str, Any]) -> None:
+    core = StreamingCore()
+    async with (
+        serve(core.app) as core_url,
+        served(pipeline=f"{core_url}/turn", **shared) as a,
+        httpx.AsyncClient(timeout=10) as http,
+        connect(ws_url(a)) as ws,
+    ):
+        await hello(ws, "asleep-1")
+        [good_night] = await turn(ws, request_frame("sleep"))
+        assert good_night["response"]["sessionEnded"] is True  # no SessionEnded: it sleeps
+        view = (await http.get(f"{a}/v1/sessions/asleep-1", headers=AUTH)).json()
+        assert view["clientState"] == "Sleeping"
+        answer = await push(http, a, {"sessionId": "asleep-1"}, "Wake up, the bus is here.")
+        assert answer.json()["delivery"] == "live"
+        woken = await recv_json(ws)
+        assert woken["response"]["sessionEnded"] is False  # Sleeping -> Responding -> Listening
+        view = (await http.get(f"{a}/v1/sessions/asleep-1", headers=AUTH)).json()
+        assert view["clientState"] == "Listening"
+        frames = await turn(ws, request_frame("#intro"))  # and the conversation goes on
+        assert frames[-1]["type"] == "Response"
+
+
+def item(text: str) -> str:
+    return json.dumps({"type": "ResponseItem", "responseItem": {"text": text}}) + "\n"
+
+
+async def test_an_answer_cut_by_the_server_is_resumed_on_another_instance_exactly_once(
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+) -> None:
+    core = StreamingCore()
+    async with serve(core.app) as core_url:
+        env = {
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_REDIS_PREFIX": redis_prefix,
+            "GATEWAY_PIPELINE": f"{core_url}/turn",
+            "GATEWAY_VOICEFLOW_RESTART_GRACE_S": "0",
+        }
+        a, b = GatewayProcess(env), GatewayProcess(env)
+        gateway_processes.extend([a, b])
+        await asyncio.gather(asyncio.to_thread(a.start), asyncio.to_thread(b.start))
+        seen: list[dict[str, Any]] = []
+        async with connect(ws_url(a.url)) as ws:
+            frame = {**init_frame(sendResponseItems=True), "lastSeq": 0}
+            await send_json(ws, frame)
+            assert await recv_json(ws) == {"type": "Ready"}
+            await turn(ws, request_frame("#intro", "resumed-1"))
+            await send_json(ws, request_frame("long"))
+            seen.append(await recv_json(ws))
+            seen.append(await recv_json(ws))
+            assert a.proc is not None
+            a.proc.send_signal(signal.SIGTERM)  # instance A goes away mid-answer
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    seen.append(await recv_json(ws))
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1012
+        core.go.set()  # the rest of the answer comes while A drains its turn
+        last = max(f["seq"] for f in seen)
+        async with connect(ws_url(b.url)) as ws:
+            await send_json(
+                ws,
+                {**init_frame(sendResponseItems=True), "sessionId": "resumed-1", "lastSeq": last},
+            )
+            assert await recv_json(ws) == {"type": "Ready"}
+            rest = await turn_frames(ws)
+            seen.extend(rest)
+            with pytest.raises(TimeoutError):  # and nothing twice afterwards
+                async with asyncio.timeout(1.0):
+                    extra = await ws.recv()
+                    pytest.fail(f"more came: {extra!r}")
+        items = [f["responseItem"]["text"] for f in seen if f["type"] == "ResponseItem"]
+        assert items == ["item a", "item b", "item c", "item d"]
+        assert [f["type"] for f in seen][-1] == "Response"
+        assert seen[-1]["response"]["items"] == []  # shown once: as ResponseItems
+        seqs = [f["seq"] for f in seen]
+        assert seqs == sorted(set(seqs))  # in order, none twice
+        await asyncio.to_thread(a.proc.wait, 30)
