@@ -37,10 +37,13 @@ from gateway.speech.stage import ListenOptions, SpeechStage
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.types import Heard
+from gateway.speech.vad import Endpointer
 
 MULAW8 = AudioFormat("MULAW", 8000)
 FRAME = 160  # 20 ms
 COMPLETE = ("yes", "play some music please", "what is the weather like today")
+BACKCHANNELS = ("uh-huh", "yeah", "mm", "okay", "mm-hmm", "right")
+INTERRUPTIONS = ("wait, stop", "no, I want something else")
 PAUSED = (("i would like to", "book a table for two"), ("my number is four five", "six seven"))
 
 
@@ -79,6 +82,21 @@ async def play(recognizer: PocketsphinxRecognizer, audio: bytes, short: int | No
     if task is not None:
         await asyncio.wait_for(task, 30)
     return delays
+
+
+def voiced_ms(audio: bytes) -> int:
+    """The longest speech (onset to end, audio ms) the call's endpointer finds in ``audio``
+    (μ-law 8 kHz; 150 ms to start, 700 ms to end; as a call's stage runs it)."""
+    from gateway.speech.audio import mulaw_to_pcm
+
+    endpointer = Endpointer(8000, frame_ms=20, silence_timeout_ms=None)
+    longest, onset = 0, None
+    for event in endpointer.feed(mulaw_to_pcm(audio, 8000).data):
+        if event.kind == "speech_started":
+            onset = event.at_ms
+        elif event.kind == "speech_ended" and onset is not None:
+            longest, onset = max(longest, event.at_ms - onset), None
+    return longest
 
 
 def pct(values: list[float], q: float) -> float:
@@ -134,6 +152,13 @@ async def main() -> None:
             )
     finally:
         await recognizer.aclose()
+    print("Barge-in by minimum speech time alone (audio time, deterministic):")
+    for text in BACKCHANNELS + INTERRUPTIONS:
+        ms = voiced_ms(quiet(300) + phone(await piper.synthesize(text)) + quiet(1000))
+        verdict = ", ".join(
+            f">= {m} ms: {'stops' if ms >= m else 'no stop'}" for m in (150, 300, 450)
+        )
+        print(f"{text!r:>28}: speech {ms} ms; min speech {verdict}")
     print("Wall-clock figures on a shared machine: noisy; compare the two lines of one run.")
 
 

@@ -28,6 +28,13 @@ Two ways to drive the recognition, one implementation:
 
 Time is audio time (ms of audio fed), so results do not depend on how fast a client
 sends; only ``idle`` is wall-clock.
+
+Adaptive end of turn (``ListenOptions.end_of_turn_short_ms``, issue 16): each changed
+interim transcript of the open utterance (kept in :attr:`SpeechStage.partial`, whether
+or not ``interim`` events are reported) is judged by the stage's
+:class:`~gateway.speech.endofturn.EndOfTurn`; the endpointer's trailing silence becomes
+the short one while it reads complete, the long ``trailing_silence_ms`` otherwise, and
+the long one again once the utterance has its result.
 """
 
 from __future__ import annotations
