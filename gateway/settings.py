@@ -312,7 +312,17 @@ class Settings(BaseSettings):
         default=150, ge=0, description="Voiced audio that starts speech (noise stays below)."
     )
     vad_trailing_silence_ms: int = Field(
-        default=700, gt=0, description="Silence after speech that ends an utterance."
+        default=700,
+        gt=0,
+        description="Silence after speech that ends an utterance (the long end of turn: "
+        "while the partial transcript ends mid-phrase or on a filler).",
+    )
+    end_of_turn_short_ms: int = Field(
+        default=300,
+        ge=0,
+        description="Adaptive end of turn: the silence that ends an utterance whose partial "
+        "transcript reads as complete (gateway/speech/endofturn.py); 0: always "
+        "GATEWAY_VAD_TRAILING_SILENCE_MS (no adaptation).",
     )
     silence_timeout_ms: int = Field(
         default=5000, gt=0, description="No speech for this long gives the `#silence` input."

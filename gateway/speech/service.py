@@ -130,6 +130,7 @@ class SpeechService:
             interim=interim,
             silence_timeout_ms=silence_timeout_ms,
             trailing_silence_ms=defaults.trailing_silence_ms,
+            end_of_turn_short_ms=defaults.end_of_turn_short_ms,
             min_speech_ms=defaults.min_speech_ms,
             aggressiveness=defaults.aggressiveness,
             max_audio_ms=defaults.max_audio_ms,
@@ -293,6 +294,7 @@ def make_speech(
         listen_defaults=ListenOptions(
             silence_timeout_ms=settings.silence_timeout_ms,
             trailing_silence_ms=settings.vad_trailing_silence_ms,
+            end_of_turn_short_ms=settings.end_of_turn_short_ms or None,
             min_speech_ms=settings.vad_min_speech_ms,
             aggressiveness=settings.vad_aggressiveness,
             max_audio_ms=int(settings.max_audio_s * 1000),

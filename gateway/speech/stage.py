@@ -28,6 +28,13 @@ Two ways to drive the recognition, one implementation:
 
 Time is audio time (ms of audio fed), so results do not depend on how fast a client
 sends; only ``idle`` is wall-clock.
+
+Adaptive end of turn (``ListenOptions.end_of_turn_short_ms``, issue 16): each changed
+interim transcript of the open utterance (kept in :attr:`SpeechStage.partial`, whether
+or not ``interim`` events are reported) is judged by the stage's
+:class:`~gateway.speech.endofturn.EndOfTurn`; the endpointer's trailing silence becomes
+the short one while it reads complete, the long ``trailing_silence_ms`` otherwise, and
+the long one again once the utterance has its result.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Final, Literal, Self
 
 from gateway import metrics
 from gateway.speech.audio import AudioFormat, AudioFormatError, mulaw_to_pcm
+from gateway.speech.endofturn import EndOfTurn, RuleEndOfTurn
 from gateway.speech.stt import RecognitionStream, Recognizer
 from gateway.speech.types import Heard
 from gateway.speech.vad import Endpointer
@@ -60,12 +68,18 @@ class ListenOptions:
     file): only :meth:`SpeechStage.finish` ends it, and no VAD runs.
     ``silence_timeout_ms`` None disables the no-speech timeout (counted from the
     stream start). ``max_audio_ms`` bounds one utterance.
+
+    Adaptive end of turn (issue 16): with ``end_of_turn_short_ms`` set, the trailing
+    silence that ends an utterance is ``end_of_turn_short_ms`` while the latest interim
+    transcript reads as complete (the stage's :class:`~gateway.speech.endofturn.EndOfTurn`),
+    else ``trailing_silence_ms``; None: always ``trailing_silence_ms``.
     """
 
     endpointing: bool = True
     interim: bool = True
     silence_timeout_ms: int | None = 5000
     trailing_silence_ms: int = 700
+    end_of_turn_short_ms: int | None = None
     min_speech_ms: int = 150
     aggressiveness: int = 2
     max_audio_ms: int = 30_000
@@ -100,6 +114,8 @@ class SpeechStage:
             :meth:`put` waits (None: unbounded).
         idle_timeout_ms: queued mode: wall-clock ms without audio before ``idle`` is
             reported once (None: never).
+        end_of_turn: decides whether an interim transcript is a complete utterance (with
+            ``options.end_of_turn_short_ms``; default :class:`RuleEndOfTurn`).
 
     Raises:
         AudioFormatError: unsupported format (at construction); AudioLimitExceeded
@@ -118,8 +134,10 @@ class SpeechStage:
         batch_ms: int = 0,
         max_pending_ms: int | None = None,
         idle_timeout_ms: int | None = None,
+        end_of_turn: EndOfTurn | None = None,
     ) -> None:
         self.fmt = fmt
+        self.end_of_turn: EndOfTurn = end_of_turn or RuleEndOfTurn()
         self.options = options
         self._recognizer = recognizer
         self._endpointer = (
@@ -165,6 +183,29 @@ class SpeechStage:
         """Whether speech started in the open utterance (it ends at the speech's end)."""
         self.result: Heard | None = None
         self.cancelled = False
+        self.partial = ""
+        """The latest interim transcript of the open utterance (also without ``interim``)."""
+        self._set_trailing(self.options.trailing_silence_ms)
+
+    def _set_trailing(self, ms: int) -> None:
+        if self._endpointer is not None:
+            self._endpointer.trailing_silence_ms = ms
+
+    @property
+    def trailing_silence_ms(self) -> int:
+        """The trailing silence that ends the current speech now (ms; adaptive end of turn)."""
+        if self._endpointer is None:
+            return self.options.trailing_silence_ms
+        return self._endpointer.trailing_silence_ms
+
+    def _adapt(self) -> None:
+        """Adaptive end of turn: the short trailing silence while :attr:`partial` reads as
+        complete, else the long one (``trailing_silence_ms``)."""
+        short = self.options.end_of_turn_short_ms
+        if short is None:
+            return
+        complete = self.end_of_turn.complete(self.partial, self.speech_ms)
+        self._set_trailing(short if complete else self.options.trailing_silence_ms)
 
     # -------------------------------------------------------------- the stream
 
@@ -416,8 +457,11 @@ class SpeechStage:
                 await stream.feed(item.audio)
                 return [*heard, await self._final(at_ms)]
         interim = await stream.feed(item.audio)
-        if interim is not None and self.options.interim and interim.text:
-            heard.append(Heard("interim", interim.text, interim.confidence, self.audio_ms))
+        if interim is not None and interim.text:
+            self.partial = interim.text
+            self._adapt()
+            if self.options.interim:
+                heard.append(Heard("interim", interim.text, interim.confidence, self.audio_ms))
         return heard
 
     async def _final(self, at_ms: int) -> Heard:
@@ -425,6 +469,7 @@ class SpeechStage:
         with metrics.timed(metrics.STT_SECONDS):
             result = await self._stream.finish()
         text = result.text.strip()
+        self._set_trailing(self.options.trailing_silence_ms)
         silence = Heard("silence", at_ms=at_ms)
         self.result = Heard("final", text, result.confidence, at_ms) if text else silence
         return self.result

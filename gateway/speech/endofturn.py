@@ -1,0 +1,173 @@
+"""End of turn: does a partial transcript read as a finished utterance? (issue 16).
+
+Pure (standard library only, no clock, no I/O). The speech stage
+(gateway/speech/stage.py) asks its :class:`EndOfTurn` each time the recognizer's
+interim (partial) transcript of the open utterance changes, and picks the trailing
+silence that ends the utterance from the answer:
+
+* **complete** -> ``end_of_turn_short_ms`` (GATEWAY_END_OF_TURN_SHORT_MS, e.g. 300):
+  "yes", "play some music please", "what is the weather like today";
+* **incomplete** -> ``trailing_silence_ms`` (GATEWAY_VAD_TRAILING_SILENCE_MS, 700): an
+  empty partial, one ending on a word that rarely ends an English sentence (an
+  article, preposition, conjunction, auxiliary or possessive: "I would like to",
+  "book a table for"), on a number word (digits tend to come in runs: "my number is
+  four five") or on a filler ("um", "uh").
+
+:class:`RuleEndOfTurn` is the default; any object with the :class:`EndOfTurn`
+method replaces it (a model, another language's rules).
+
+:func:`is_backchannel` tells whether a transcript is only a backchannel or filler
+("uh-huh", "yeah", "mm", "okay"): speech over the bot that must not stop it
+(GATEWAY_BACKCHANNELS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+__all__ = [
+    "BACKCHANNELS",
+    "FILLERS",
+    "NUMBERS",
+    "NUMBER_LEADS",
+    "OPEN_ENDINGS",
+    "EndOfTurn",
+    "RuleEndOfTurn",
+    "is_backchannel",
+    "words",
+]
+
+
+def _set(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+FILLERS: Final[frozenset[str]] = frozenset(
+    {"um", "umm", "uh", "uhh", "er", "erm", "ah", "eh", "hmm", "hm", "mm", "mhm"}
+)
+"""Hesitations: an utterance ending on one is not finished."""
+
+NUMBERS: Final[frozenset[str]] = _set(
+    "zero oh one two three four five six seven eight nine ten eleven twelve thirteen "
+    "fourteen fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty "
+    "sixty seventy eighty ninety hundred thousand double triple point"
+)
+"""Number words: digits are said in runs ("four five six"), so a pause after a run
+of them, or after one introduced by :data:`NUMBER_LEADS` ("my number is four"), is not
+the end (nor is "a table for two": see :data:`NUMBER_LEADS`)."""
+
+NUMBER_LEADS: Final[frozenset[str]] = _set(
+    "is number code zip pin phone account card digits was are for to too"
+)
+"""Words that introduce a number said digit by digit, and the recognizer's homophones
+of digits ("for" four, "to"/"too" two): "a table for two" waits the long silence, a
+delay rather than a cut."""
+
+OPEN_ENDINGS: Final[frozenset[str]] = (
+    _set(
+        # articles, determiners, possessives
+        "a an the this that these those my your his her its our their some any every "
+        # prepositions and the infinitive "to"
+        "to of for with at in on from by about into onto over under between than as "
+        # conjunctions and relative words
+        "and or but so because if then when while although though whether which who "
+        # auxiliaries, modals and copulas
+        "am is are was were be been being do does did have has had will would shall "
+        "should can could may might must i'm it's i'd i'll you're we're "
+        # pronouns as subjects, and verbs that want an object
+        "i we you he she they like want need wanna gonna let's "
+        # lead-ins
+        "number name called say is"
+    )
+    | FILLERS
+)
+"""Words after which an English utterance rarely ends (lower case)."""
+
+BACKCHANNELS: Final[tuple[str, ...]] = (
+    "uh-huh",
+    "uh huh",
+    "mhm",
+    "mm",
+    "mm-hmm",
+    "hmm",
+    "yeah",
+    "yes",
+    "yep",
+    "yup",
+    "okay",
+    "ok",
+    "right",
+    "sure",
+    "i see",
+    "oh",
+    "ah",
+    "uh",
+    "um",
+    "alright",
+    "all right",
+)
+"""Default GATEWAY_BACKCHANNELS: what a listener says to show they follow."""
+
+
+def words(text: str) -> list[str]:
+    """``text`` as lower-case words (letters, digits, apostrophes; other characters split)."""
+    cleaned = "".join(c if c.isalnum() or c == "'" else " " for c in text.lower())
+    return cleaned.split()
+
+
+class EndOfTurn(Protocol):
+    """Decides whether a partial transcript reads as a complete utterance."""
+
+    def complete(self, partial: str, speech_ms: int) -> bool:
+        """Whether ``partial`` (the latest interim transcript, any case) reads as a finished
+        utterance after ``speech_ms`` of speech (audio time); False keeps the long
+        trailing silence."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RuleEndOfTurn:
+    """The default :class:`EndOfTurn`: rules over the last words (see the module doc).
+
+    ``open_endings``: words an utterance does not end on; ``min_words``: fewer words
+    than this are incomplete (1: a single "yes" is complete).
+    """
+
+    open_endings: frozenset[str] = field(default=OPEN_ENDINGS)
+    min_words: int = 1
+
+    def complete(self, partial: str, speech_ms: int) -> bool:
+        """True when ``partial`` has at least ``min_words`` words, its last word is not an
+        open ending (filler, function word) and it does not end on a run of digits."""
+        said = words(partial)
+        if len(said) < self.min_words or not said:
+            return False
+        last = said[-1]
+        if last in NUMBERS and len(said) > 1 and (said[-2] in NUMBERS or said[-2] in NUMBER_LEADS):
+            return False  # a run of digits goes on
+        return last not in self.open_endings
+
+
+def is_backchannel(text: str, backchannels: Iterable[str] = BACKCHANNELS) -> bool:
+    """Whether ``text`` consists only of backchannels and fillers ("uh-huh yeah", "mm
+    okay"); an empty text (noise: nothing recognised) counts too. Phrases of the list
+    may span words ("i see", "all right")."""
+    said = words(text)
+    if not said:
+        return True
+    phrases = sorted((words(b) for b in backchannels), key=len, reverse=True)
+    phrases = [p for p in phrases if p]
+    i = 0
+    while i < len(said):
+        for phrase in phrases:
+            if said[i : i + len(phrase)] == phrase:
+                i += len(phrase)
+                break
+        else:
+            if said[i] in FILLERS:
+                i += 1
+                continue
+            return False
+    return True

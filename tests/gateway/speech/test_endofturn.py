@@ -1,0 +1,172 @@
+"""Adaptive end of turn (issue 16): the pure completeness rules over a table of utterances,
+backchannels, and the speech stage with real speech (Piper -> WebRTC VAD -> pocketsphinx):
+utterances that pause mid-phrase reach the result as one, complete ones end sooner."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.speech.audio import AudioFormat, Pcm, pcm_to_mulaw, resample, silence
+from gateway.speech.endofturn import RuleEndOfTurn, is_backchannel
+from gateway.speech.stage import ListenOptions, SpeechStage
+from gateway.speech.stt import PocketsphinxRecognizer
+from gateway.speech.tts import PiperSynthesizer
+from tests.speech import normalise, wer
+
+MULAW8 = AudioFormat("MULAW", 8000)
+FRAME = 160  # 20 ms of 8 kHz μ-law
+
+COMPLETE = [
+    "yes",
+    "no thanks",
+    "play some music please",
+    "what is the weather like today",
+    "tell me about this place",
+    "i would like to book a table",
+    "i am thirty",
+    "that's all",
+]
+INCOMPLETE = [
+    "",
+    "i would like to",
+    "my number is four five",
+    "book a table for",
+    "um",
+    "so uh",
+    "can you tell me the",
+    "i want",
+    "the weather in",
+    "and",
+    "a table for two",  # "for" may be a misheard "four": a delay, never a cut
+]
+
+
+@pytest.mark.parametrize("text", COMPLETE)
+def test_complete_utterances(text: str) -> None:
+    assert RuleEndOfTurn().complete(text, 1000)
+
+
+@pytest.mark.parametrize("text", INCOMPLETE)
+def test_utterances_ending_mid_phrase_or_on_a_filler(text: str) -> None:
+    assert not RuleEndOfTurn().complete(text, 1000)
+
+
+def test_numbers_keep_the_long_silence() -> None:
+    assert not RuleEndOfTurn().complete("my number is four five six seven", 2000)
+
+
+def test_min_words() -> None:
+    assert not RuleEndOfTurn(min_words=2).complete("yes", 300)
+    assert RuleEndOfTurn(min_words=2).complete("yes please", 300)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("uh-huh", True),
+        ("Yeah.", True),
+        ("mm", True),
+        ("okay", True),
+        ("uh huh yeah", True),
+        ("i see", True),
+        ("", True),  # noise: nothing recognised
+        ("stop", False),
+        ("wait a second", False),
+        ("yeah but i want a different table", False),
+    ],
+)
+def test_backchannels(text: str, expected: bool) -> None:
+    assert is_backchannel(text) is expected
+
+
+def test_backchannel_list_is_configurable() -> None:
+    assert is_backchannel("gotcha", ["gotcha"])
+    assert not is_backchannel("okay", ["gotcha"])
+
+
+# ------------------------------------------------------------------ real speech
+
+
+@pytest.fixture(scope="module")
+def phrases(piper: PiperSynthesizer) -> dict[str, Pcm]:
+    texts = {
+        "i would like to",
+        "book a table for two",
+        "my number is four five",
+        "six seven eight",
+        "yes",
+        "play some music please",
+        "what is the weather like today",
+    }
+
+    async def synthesize() -> dict[str, Pcm]:
+        return {t: await piper.synthesize(t) for t in texts}
+
+    return asyncio.run(synthesize())
+
+
+def phone(pcm: Pcm) -> bytes:
+    return pcm_to_mulaw(resample(pcm, 8000))
+
+
+def quiet(ms: int) -> bytes:
+    return pcm_to_mulaw(silence(ms, 8000))
+
+
+async def hear(
+    recognizer: PocketsphinxRecognizer, audio: bytes, short_ms: int | None, long_ms: int = 700
+) -> tuple[list[str], list[int]]:
+    """Feed ``audio`` frame by frame (inline) to stages opened one after the other; the
+    finals' texts and each final's delay after its end of speech (ms of audio)."""
+    options = ListenOptions(
+        interim=False,
+        silence_timeout_ms=None,
+        trailing_silence_ms=long_ms,
+        end_of_turn_short_ms=short_ms,
+    )
+    texts: list[str] = []
+    delays: list[int] = []
+    stage = SpeechStage(recognizer, MULAW8, options, frame_ms=20)
+    await stage.start()
+    for i in range(0, len(audio), FRAME):
+        for heard in await stage.feed(audio[i : i + FRAME]):
+            if heard.kind == "final":
+                texts.append(normalise(heard.text))
+                delays.append(stage.now_ms - heard.at_ms)
+        if stage.done:
+            stage.listen()
+            await stage.start()
+    await stage.cancel()
+    return texts, delays
+
+
+@pytest.mark.parametrize(
+    ("first", "rest"),
+    [("i would like to", "book a table for two"), ("my number is four five", "six seven eight")],
+)
+async def test_a_pause_mid_phrase_does_not_cut_the_utterance(
+    recognizer: PocketsphinxRecognizer, phrases: dict[str, Pcm], first: str, rest: str
+) -> None:
+    audio = quiet(300) + phone(phrases[first]) + quiet(450) + phone(phrases[rest]) + quiet(1200)
+    texts, _ = await hear(recognizer, audio, 300)
+    assert len(texts) == 1, texts  # one input, not cut at the pause
+    assert wer([(f"{first} {rest}", texts[0])]) <= 0.4, texts  # pocketsphinx errs a little
+    said = set(texts[0].split())
+    assert said & set(first.split()), texts  # both halves are in it
+    assert said & set(rest.split()), texts
+    cut, _ = await hear(recognizer, audio, 300, long_ms=300)  # a fixed short silence cuts it
+    assert len(cut) == 2, cut
+
+
+async def test_complete_utterances_end_sooner(
+    recognizer: PocketsphinxRecognizer, phrases: dict[str, Pcm]
+) -> None:
+    for text in ("yes", "play some music please", "what is the weather like today"):
+        audio = quiet(300) + phone(phrases[text]) + quiet(1200)
+        fixed_texts, fixed = await hear(recognizer, audio, None)
+        short_texts, short = await hear(recognizer, audio, 300)
+        assert len(fixed_texts) == len(short_texts) == 1
+        assert fixed[0] >= 700
+        assert short[0] < fixed[0] - 200, (text, short, fixed)
