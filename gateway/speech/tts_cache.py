@@ -355,41 +355,32 @@ def encode_file(pcm: Pcm, fmt: TtsFileFormat) -> bytes:
     raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav or mulaw)")
 
 
-MULAW_CHUNK_BYTES: Final = 160
-"""μ-law chunks of :func:`render_chunks` are whole multiples of this (20 ms at 8 kHz),
-so a call that cuts each chunk into 20 ms media frames pads none but the last."""
-
-
 async def render_chunks(synth: Synthesizer, spec: TtsSpec) -> AsyncIterator[bytes]:
     """Synthesize ``spec`` piece by piece (as :func:`render_file`) and yield the encoded
     file as it is made: each piece's bytes as soon as the piece is synthesized and
     encoded. The chunks concatenate to exactly :func:`render_file`'s file.
 
-    MP3: LAME's output per piece (frames concatenate; the encoder's flush comes
-    last). μ-law: multiples of :data:`MULAW_CHUNK_BYTES`, the rest last. WAV: one
-    chunk, the whole file at the end (its header needs the length), so WAV does not
-    stream. Piper yields a piece per sentence or clause of at most
-    :data:`~gateway.speech.tts.PIECE_CHARS` characters; synthesizers without
-    ``pieces()`` (espeak-ng) one piece for the whole text.
+    MP3: LAME's output per piece (whole frames, which concatenate), and the
+    encoder's flush as a last, small chunk. μ-law: each piece's samples, so an item
+    of one piece is one chunk (a call pads each chunk's last 20 ms frame: at most
+    20 ms of silence at a clause end). WAV: one chunk, the whole file at the end
+    (its header needs the length), so WAV does not stream. Piper yields a piece
+    per sentence or clause of at most :data:`~gateway.speech.tts.PIECE_CHARS`
+    characters; synthesizers without ``pieces()`` (espeak-ng) one piece for the whole text.
 
     Raises:
         ValueError: unknown format or text too long.
         SynthesisError: the engine failed (possibly after chunks were yielded).
     """
     encoder = FileEncoder(spec.fmt)
-    held = b""
     sent = 0
     async for pcm in synthesize_pieces(synth, spec.text, ssml=spec.ssml):
         added = await asyncio.to_thread(encoder.feed, pcm)
-        if spec.fmt == "mulaw":
-            held += added
-            cut = len(held) - len(held) % MULAW_CHUNK_BYTES
-            added, held = held[:cut], held[cut:]
         if added:
             sent += len(added)
             yield added
     whole = await asyncio.to_thread(encoder.finish)
-    tail = whole[sent:]  # WAV: the whole file; MP3: LAME's flush; μ-law: the rest
+    tail = whole[sent:]  # WAV: the whole file; MP3: LAME's flush; μ-law: nothing
     if tail or not sent:
         yield tail
 

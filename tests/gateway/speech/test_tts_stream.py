@@ -25,7 +25,7 @@ from gateway.speech.service import SpeechService, TtsRequest
 from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer, SynthesisError
-from gateway.speech.tts_cache import MULAW_CHUNK_BYTES, MemoryTtsCache, TtsSpec, render_file
+from gateway.speech.tts_cache import MemoryTtsCache, TtsSpec, render_file
 from gateway.speech.tts_pool import TtsPool
 from tests.conftest import served_app
 
@@ -101,12 +101,13 @@ async def test_the_first_chunk_comes_long_before_the_whole_item(piper: PiperSynt
     assert decode_mp3(data).duration_s > 10
 
 
-async def test_mulaw_chunks_are_whole_frames_and_wav_comes_whole(piper: PiperSynthesizer) -> None:
+async def test_mulaw_comes_a_piece_a_chunk_and_wav_comes_whole(piper: PiperSynthesizer) -> None:
     pool = TtsPool(piper, MemoryTtsCache())
-    text = "One sentence here. And a second one there. And a third."
+    text = ANSWER
     mulaw = [c async for c in pool.stream("b" * 64, spec(text, piper.voice, "mulaw"))]
-    assert len(mulaw) >= 2
-    assert all(len(c) % MULAW_CHUNK_BYTES == 0 for c in mulaw[:-1])
+    assert len(mulaw) == len([p async for p in piper.pieces(text)]) >= 2
+    one = [c async for c in pool.stream("f" * 64, spec("Just this.", piper.voice, "mulaw"))]
+    assert len(one) == 1  # an item of one piece: one chunk (one BinaryEvent, one mark)
     assert b"".join(mulaw) == await render_file(piper, spec(text, piper.voice, "mulaw"))
     wav = [c async for c in pool.stream("c" * 64, spec(text, piper.voice, "wav"))]
     assert len(wav) == 1
@@ -124,14 +125,14 @@ async def test_streams_of_one_id_share_one_synthesis_also_when_joining_late(
         await asyncio.sleep(0.5)  # mid-synthesis: gets every chunk from the first
         return [c async for c in pool.stream("d" * 64, file)]
 
-    results = await asyncio.gather(
-        *(asyncio.create_task(timed_chunks(pool.stream("d" * 64, file))) for _ in range(2)),
-        late(),
-        pool.render("d" * 64, file),
+    async def early() -> list[bytes]:
+        return [c async for c in pool.stream("d" * 64, file)]
+
+    first, second, third, whole = await asyncio.gather(
+        early(), early(), late(), pool.render("d" * 64, file)
     )
     assert synth.calls == 1
-    whole = results[3]
-    assert b"".join(results[0][0]) == b"".join(results[1][0]) == b"".join(results[2]) == whole
+    assert b"".join(first) == b"".join(second) == b"".join(third) == whole
 
 
 async def test_a_failure_mid_item_ends_the_stream_with_the_error(piper: PiperSynthesizer) -> None:
@@ -147,8 +148,13 @@ async def test_a_failure_mid_item_ends_the_stream_with_the_error(piper: PiperSyn
 class Answers:
     """A core that answers any input with the given items (one Response at the end)."""
 
+    name = "answers"
+
     def __init__(self, *texts: str) -> None:
         self.texts = texts
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
 
     async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
         for text in self.texts:
@@ -194,8 +200,7 @@ async def test_a_turn_sends_the_first_audio_before_the_item_is_synthesized(
     assert b"".join(a[2] for a in first_item_audio) == await speech.audio(
         ResponseItem(text=ANSWER), "mulaw"
     )  # the chunks are the cached file
-    rest = kinds[second + 1 : -1]
-    assert rest and rest == ["BinaryEvent"] * len(rest)  # "Goodbye." 
+    assert kinds[second + 1 : -1] == ["BinaryEvent"]  # "Goodbye.": one piece, one chunk
 
 
 async def test_a_failure_mid_item_in_a_turn_is_a_tts_error(
