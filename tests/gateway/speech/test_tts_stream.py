@@ -18,6 +18,7 @@ from gateway.app import create_app
 from gateway.conversation import Conversation, TurnContext
 from gateway.events import BinaryEvent, ErrorEvent, Input, Response, ResponseItem
 from gateway.pipeline.base import Pipeline, PipelineOutput
+from gateway.pipeline.openai import OpenAIPipeline
 from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
 from gateway.speech.audio import Pcm, decode_mp3
@@ -27,7 +28,8 @@ from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer, SynthesisError
 from gateway.speech.tts_cache import MemoryTtsCache, TtsSpec, render_file
 from gateway.speech.tts_pool import TtsPool
-from tests.conftest import served_app
+from tests.conftest import serve, served_app
+from tests.gateway.pipeline.openai_server import KEY, make_openai_server
 
 ANSWER = (
     "Thank you for calling. Your order was shipped this morning. "
@@ -277,3 +279,31 @@ async def test_a_failure_mid_stream_ends_the_body_without_a_server_error() -> No
         assert 0 < decode_mp3(answer.content).duration_s < 10  # the first piece, playable
         file_id = item.audio.rsplit("/", 1)[1].removesuffix(".mp3")
         assert await speech.cache.get(file_id) is None
+
+
+async def test_an_llm_cores_first_sentence_is_spoken_while_the_rest_is_generated(
+    piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer
+) -> None:
+    """The OpenAI-compatible core cuts its answer at sentence ends; with audio in the
+    turn, the first sentence's audio leaves while the model still writes the rest."""
+    await piper.synthesize("Warm.")
+    app = make_openai_server()
+    app.state.gap_s = 3.0  # the model "thinks" after its first sentence
+    async with serve(app) as url:
+        pipe = OpenAIPipeline(f"{url}/chat/v1", model="test-model", api_key=KEY)
+        speech = speech_service(piper, recognizer)
+        conversation = Conversation(MemorySessionStore(), pipe, Settings(), speech)
+        ctx = TurnContext(
+            channel="test", session_id="s", app_key="k", tts=TtsRequest("audio", "mulaw")
+        )
+        first_audio_while_generating: bool | None = None
+        kinds: list[str] = []
+        async for event in conversation.turn(ctx, Input.of("#intro")):
+            kinds.append(type(event).__name__)
+            if isinstance(event, BinaryEvent) and first_audio_while_generating is None:
+                first_audio_while_generating = app.state.sent_all_at is None
+        await pipe.aclose()
+    assert first_audio_while_generating is True
+    assert kinds[-1] == "ResponseEvent"
+    assert kinds.count("ResponseItemEvent") == 2  # two sentences, each spoken
+    assert kinds.index("BinaryEvent") < kinds.index("ResponseItemEvent", 2)
