@@ -29,7 +29,18 @@ user perceives (the gateway cannot know the user stopped before that much
 silence passed): it is printed with them, and the perceived delay is that plus
 the first-item latency.
 
-Figures are wall-clock and vary with machine load: run on an idle machine.
+Streamed speech (``--first-audio N``, default 10): in this process, the turn engine
+in audio mode (as for a phone call: μ-law) with Piper answers N turns with a
+two-sentence answer (new text each time, so nothing comes from the cache) and
+records the time from the turn's start to its first BinaryEvent, streamed (a
+BinaryEvent per synthesized sentence or clause, today's engine) and, in the same
+run and alternating with it, without streaming (the whole item synthesized before
+its one BinaryEvent, as the engine did before: ``SpeechService.audio``).
+With ``--tts RequiredStreaming`` the V1 runs also print when the first binary
+frame (audio) arrived after ``t_end``.
+
+Figures are wall-clock and vary with machine load: run on an idle machine (the
+shared development machine is not; compare figures of one run only).
 """
 
 from __future__ import annotations
@@ -86,6 +97,7 @@ class Run:
     item_s: float
     response_s: float
     text: str
+    audio_s: float | None = None
 
 
 def free_port() -> int:
@@ -174,12 +186,13 @@ async def one_turn(ws: ClientConnection, utterance: Utterance, chunk_ms: int) ->
     sent_end: asyncio.Future[float] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     talker = asyncio.create_task(speak(ws, utterance, chunk_ms, sent_end, stop))
-    final = item = None
+    final = item = audio = None
     text = ""
     while True:
         message = await ws.recv()
         now = time.perf_counter()
         if isinstance(message, bytes):
+            audio = audio or now
             continue
         frame = json.loads(message)
         kind = frame["type"]
@@ -199,7 +212,75 @@ async def one_turn(ws: ClientConnection, utterance: Utterance, chunk_ms: int) ->
         raise SystemExit("the gateway ended the utterance before the VAD endpoint was sent")
     t_end = sent_end.result()
     assert final is not None
-    return Run(final - t_end, (item or response) - t_end, response - t_end, text)
+    return Run(
+        final - t_end,
+        (item or response) - t_end,
+        response - t_end,
+        text,
+        None if audio is None else audio - t_end,
+    )
+
+
+async def first_audio(runs: int) -> tuple[list[float], list[float], float]:
+    """Turn start -> first audio of a two-sentence answer (μ-law, Piper), streamed and
+    not (the whole item first), alternating, new text each run: (streamed s,
+    unstreamed s, mean answer duration s)."""
+    from gateway.conversation import Conversation, TurnContext
+    from gateway.events import BinaryEvent, Input, Response, ResponseItem
+    from gateway.sessions import MemorySessionStore, Session
+    from gateway.speech.service import TtsRequest, make_speech
+
+    words = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+    def answer(i: int) -> str:
+        return (
+            f"Your table for {words[i % 10]} is booked for {words[(i // 10) % 10]} "
+            "o'clock tomorrow evening. We will send you a reminder an hour before, "
+            "and you can change the booking until noon on the same day."
+        )
+
+    class Core:
+        name = "bench"
+
+        def __init__(self) -> None:
+            self.text = ""
+
+        async def process(self, session: Session, input: Input):  # type: ignore[no-untyped-def]
+            yield ResponseItem(text=self.text)
+            yield Response()
+
+        async def aclose(self) -> None:
+            pass
+
+    settings = Settings()
+    speech = make_speech(settings, None)
+    await speech.synthesizer.synthesize("Warm up.")
+    core = Core()
+    engine = Conversation(MemorySessionStore(), core, settings, speech)
+    streamed: list[float] = []
+    whole: list[float] = []
+    seconds: list[float] = []
+    for i in range(runs):
+        core.text = answer(2 * i)
+        ctx = TurnContext(
+            channel="bench", session_id=f"s{i}", app_key="k", tts=TtsRequest("audio", "mulaw")
+        )
+        t0 = time.perf_counter()
+        got = None
+        size = 0
+        async for event in engine.turn(ctx, Input.of("book it")):
+            if isinstance(event, BinaryEvent):
+                got = got or time.perf_counter() - t0
+                size += len(event.data)
+        assert got is not None
+        streamed.append(got)
+        seconds.append(size / 8000)
+        t0 = time.perf_counter()
+        data = await speech.audio(ResponseItem(text=answer(2 * i + 1)), "mulaw")
+        assert data
+        whole.append(time.perf_counter() - t0)
+    await speech.aclose()
+    return streamed, whole, statistics.mean(seconds)
 
 
 async def recognizer_baseline(
@@ -239,6 +320,7 @@ def pct(values: list[float], q: float) -> float:
 def line(name: str, values: list[float]) -> str:
     return (
         f"{name:<50} p50 {pct(values, 0.5) * 1000:7.1f} ms   "
+        f"p95 {pct(values, 0.95) * 1000:7.1f} ms   "
         f"p99 {pct(values, 0.99) * 1000:7.1f} ms   (n={len(values)})"
     )
 
@@ -254,6 +336,9 @@ async def main() -> None:
         help="config.tts of the client (None measures the gateway without synthesis)",
     )
     parser.add_argument("--after-ms", type=int, default=1500, help="trailing silence sent (ms)")
+    parser.add_argument(
+        "--first-audio", type=int, default=10, help="turns of the streamed-speech figure (0: none)"
+    )
     args = parser.parse_args()
 
     settings = Settings()
@@ -301,6 +386,18 @@ async def main() -> None:
         f"first item) p50 {settings.vad_trailing_silence_ms + pct(item, 0.5) * 1000:.0f} ms"
     )
     print(f"(mean first item {statistics.mean(item) * 1000:.1f} ms)")
+    audio = [r.audio_s for r in runs if r.audio_s is not None]
+    if audio:
+        print(line("gateway: end of needed audio -> first audio frame", audio))
+    if args.first_audio:
+        streamed, unstreamed, answer_s = await first_audio(args.first_audio)
+        print(
+            f"streamed speech: turn start -> first audio of a two-sentence answer "
+            f"({answer_s:.1f} s of speech, Piper, μ-law), same run, alternating "
+            "(noisy shared machine: compare within this run only)"
+        )
+        print(line("  streamed (a BinaryEvent per sentence/clause)", streamed))
+        print(line("  not streamed (whole item, then one BinaryEvent)", unstreamed))
     if args.tts != "None":
         print(
             "note: answers repeat, so only the first of each sentence's answers is synthesized; "

@@ -27,9 +27,12 @@ complete. Logs name sessions by :func:`gateway.logs.session_ref`, never by id.
 Speech never holds a turn up. TTS links (``tts.mode == "links"``) are issued at
 once (synthesis waits for the link's first GET). Audio sent in the turn
 (``"audio"``: V1 RequiredStreaming, phone calls) is synthesized in the TTS pool
-while the turn goes on: the item goes out at once, its BinaryEvent follows when
-the audio is ready, and :class:`TurnStream` waits for it outside the session lock
-and outside the pipeline's timeout. When speech fails (pool full, engine error)
+while the turn goes on: the item goes out at once, and its audio follows as
+BinaryEvents, one per chunk as soon as the chunk is synthesized (a sentence or
+clause each with Piper, so the first sound leaves before the rest of a long item
+is made; the BinaryEvents of one item concatenate to its file; WAV comes in one).
+:class:`TurnStream` waits for them outside the session lock and outside the
+pipeline's timeout. When speech fails (pool full, engine error)
 the remaining audio is dropped and the turn's Response is replaced by an
 ErrorEvent with source ``tts`` (the session is saved all the same). A consumer
 that leaves the stream cancels the syntheses it would have waited for.
@@ -109,12 +112,37 @@ class _Outcome:
         self.error = exc.source
 
 
-@dataclass
-class _PendingAudio:
-    """An item's audio being synthesized; the stream turns it into a BinaryEvent."""
+_DONE = object()
 
-    task: asyncio.Task[bytes | None]
-    channel: str
+
+class _PendingAudio:
+    """An item's audio being synthesized: ``task`` drains the synthesis's chunks into
+    ``chunks`` (then ``_DONE`` or the exception that ended it); the stream turns each
+    chunk into a BinaryEvent."""
+
+    __slots__ = ("channel", "chunks", "task")
+
+    def __init__(self, source: AsyncIterator[bytes], channel: str) -> None:
+        self.channel = channel
+        self.chunks: asyncio.Queue[object] = asyncio.Queue()
+        self.task = asyncio.create_task(self._drain(source), name="turn audio")
+
+    async def _drain(self, source: AsyncIterator[bytes]) -> None:
+        try:
+            async for chunk in source:
+                if chunk:
+                    self.chunks.put_nowait(chunk)
+        except asyncio.CancelledError as exc:
+            self.chunks.put_nowait(exc)
+            raise
+        except Exception as exc:
+            self.chunks.put_nowait(exc)
+        else:
+            self.chunks.put_nowait(_DONE)
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 class _TurnQueue:
@@ -183,6 +211,7 @@ class TurnStream:
 
     async def _iterate(self) -> AsyncIterator[TurnEvent]:
         speech_error: ErrorEvent | None = None
+        current: _PendingAudio | None = None  # the item whose audio is being handed out
         try:
             while True:
                 item = await self._queue.get()
@@ -194,27 +223,22 @@ class TurnStream:
                     if speech_error is not None:
                         item.task.cancel()
                         continue
-                    try:
-                        data = await item.task
-                    except asyncio.CancelledError as exc:
-                        current = asyncio.current_task()
-                        if current is not None and current.cancelling():
-                            raise  # the consumer itself is cancelled
-                        speech_error = _speech_error(exc)  # the synthesis was stopped
-                        metrics.ERRORS.labels(item.channel, "tts").inc()
-                        continue
-                    except Exception as exc:  # speech never breaks the stream
-                        speech_error = _speech_error(exc)
-                        metrics.ERRORS.labels(item.channel, "tts").inc()
-                        continue
-                    if data is not None:
-                        yield BinaryEvent(data=data)
+                    current = item
+                    while (chunk := await item.chunks.get()) is not _DONE:
+                        if isinstance(chunk, BaseException):  # speech never breaks the stream
+                            speech_error = _speech_error(chunk)  # (cancelled: stopped)
+                            metrics.ERRORS.labels(item.channel, "tts").inc()
+                            break
+                        yield BinaryEvent(data=chunk)
+                    current = None
                     continue
                 if speech_error is not None and isinstance(item, ResponseEvent):
                     yield speech_error
                     continue
                 yield item  # type: ignore[misc]
         finally:
+            if current is not None:
+                current.task.cancel()
             self._close()
 
     def _close(self) -> None:
@@ -549,8 +573,7 @@ class Conversation:
             return item
         await self._put(out, ResponseItemEvent(response_item=item))
         if speech.spec(item, tts.file_type) is not None and not out.closed:
-            task = asyncio.create_task(speech.audio(item, tts.file_type), name="turn audio")
-            out.put_nowait(_PendingAudio(task, channel))
+            out.put_nowait(_PendingAudio(speech.audio_chunks(item, tts.file_type), channel))
         return item
 
     async def _put(self, out: _TurnQueue, event: TurnEvent) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Awaitable
 from typing import Literal
 
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from redis.exceptions import RedisError
 from starlette.requests import Request
 
@@ -56,11 +57,21 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
     When the TTS pool is full the answer is 503 with ``Retry-After``. A client that
     goes away cancels the synthesis if nobody else waits for it. Files are
     immutable, so clients may cache them.
+
+    A GET while the file is being synthesized (the first, and any that come before
+    it is done) is streamed as it is made (chunked transfer, no ``Content-Length``):
+    headers go out with the first chunk (one sentence or clause), so a client
+    starts playing early; MP3 and μ-law stream, WAV comes whole at the end (its
+    header needs the length). A failure before the first chunk is answered as
+    above; one after it ends the body where it is (the status is already sent), and
+    such a response says ``Cache-Control: no-cache`` so a truncated file is not
+    kept.
     """
     gw = gateway_of(request)
     if not is_tts_id(file_id):
         return _not_found(file_id, ext)
-    render = asyncio.ensure_future(gw.speech.file(file_id))
+    chunks: AsyncIterator[bytes] | None = None
+    render = asyncio.ensure_future(_first(gw.speech.file_source(file_id)))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({render, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -71,7 +82,7 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
     if not render.done() or render.cancelled():  # (a cancel asked for is not done yet)
         return Response(status_code=499)  # the client has gone; nobody reads this
     try:
-        data = render.result()
+        data, chunks = render.result()
     except TtsOverloaded as exc:
         answer = problem(503, "Service Unavailable", exc.text)
         answer.headers["Retry-After"] = str(exc.retry_after_s)
@@ -86,11 +97,46 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
         return answer
     if data is None:
         return _not_found(file_id, ext)
+    if chunks is not None:
+        return StreamingResponse(
+            _rest(file_id, data, chunks),
+            media_type=MEDIA_TYPES[ext],
+            headers={"Cache-Control": "no-cache"},
+        )
     return Response(
         data,
         media_type=MEDIA_TYPES[ext],
         headers={"Cache-Control": "public, max-age=86400, immutable"},
     )
+
+
+async def _first(
+    source: Awaitable[bytes | AsyncIterator[bytes] | None],
+) -> tuple[bytes | None, AsyncIterator[bytes] | None]:
+    """The file (cached: its bytes and no iterator), or its first chunk and the iterator
+    of the rest (being synthesized), or (None, None) for an unknown id. Raises what
+    :meth:`SpeechService.file_source` and its iterator raise before the first chunk."""
+    found = await source
+    if found is None or isinstance(found, bytes):
+        return found, None
+    try:
+        first = await anext(found, b"")
+    except BaseException:
+        await found.aclose()  # type: ignore[attr-defined]
+        raise
+    return first, found
+
+
+async def _rest(file_id: str, first: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A streamed body: ``first``, then each chunk as it is made; a failure ends it."""
+    try:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+    except (TtsOverloaded, SynthesisError, ValueError, OSError, RedisError) as exc:
+        log.warning("synthesis of %s failed while it was streamed: %s", file_id, exc)
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 def _not_found(file_id: str, ext: str) -> Response:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 from redis.exceptions import RedisError
@@ -201,6 +201,49 @@ class SpeechService:
             return data
         await self.cache.register(file_id, spec)
         return await self.pool.render(file_id, spec)
+
+    async def audio_chunks(
+        self, item: ResponseItem, file_type: TtsFileFormat
+    ) -> AsyncIterator[bytes]:
+        """``item``'s encoded speech as it is synthesized (nothing when it has nothing to
+        say): the cached file in one chunk, else :meth:`TtsPool.stream`'s chunks (a
+        sentence or clause each; WAV in one chunk at the end). The chunks concatenate
+        to :meth:`audio`'s bytes; the file is cached as :meth:`audio` caches it.
+
+        Raises:
+            TtsOverloaded: the pool is full.
+            SynthesisError, ValueError: the engine failed (possibly after chunks).
+            OSError, redis.RedisError: the cache failed.
+        """
+        spec = self.spec(item, file_type)
+        if spec is None:
+            return
+        file_id = self.file_id(spec)
+        data = await self.cache.get(file_id)
+        if data is not None:
+            yield data
+            return
+        await self.cache.register(file_id, spec)
+        async for chunk in self.pool.stream(file_id, spec):
+            yield chunk
+
+    async def file_source(self, file_id: str) -> bytes | AsyncIterator[bytes] | None:
+        """The file behind a link: its bytes when cached, else its chunks as they are
+        synthesized from the registered spec (:meth:`TtsPool.stream`, shared with
+        other requests for it; nothing starts before the first ``__anext__``).
+        None: unknown or expired id.
+
+        Raises:
+            OSError, redis.RedisError: the cache failed.
+            (from the iterator) TtsOverloaded, SynthesisError, ValueError as :meth:`file`.
+        """
+        data = await self.cache.get(file_id)
+        if data is not None:
+            return data
+        spec = await self.cache.spec(file_id)
+        if spec is None:
+            return None
+        return self.pool.stream(file_id, spec)
 
     async def file(self, file_id: str) -> bytes | None:
         """The file behind a link: from the cache, or synthesized now from its registered

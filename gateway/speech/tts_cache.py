@@ -27,6 +27,7 @@ import hmac
 import json
 import re
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
@@ -48,6 +49,7 @@ __all__ = [
     "TtsSpec",
     "encode_file",
     "is_tts_id",
+    "render_chunks",
     "render_file",
     "synthesize_to_file",
     "tts_id",
@@ -299,8 +301,9 @@ class FileEncoder:
         self._mp3: lameenc.Encoder | None = None
         self._resampler: Resampler | None = None
 
-    def feed(self, pcm: Pcm) -> None:
-        """Encode one piece (16-bit mono PCM)."""
+    def feed(self, pcm: Pcm) -> bytes:
+        """Encode one piece (16-bit mono PCM); the bytes it added to the file (MP3 and
+        μ-law; WAV: none, its header is written at :meth:`finish`)."""
         if self.sample_rate is None:
             self.sample_rate = pcm.sample_rate
             if self.fmt == "mp3":
@@ -314,13 +317,16 @@ class FileEncoder:
         elif pcm.sample_rate != self.sample_rate:
             raise ValueError(f"a piece at {pcm.sample_rate} Hz in a {self.sample_rate} Hz file")
         if not pcm.data:
-            return
+            return b""
         if self._mp3 is not None:
-            self._out += self._mp3.encode(pcm.data)
+            added = bytes(self._mp3.encode(pcm.data))
         elif self._resampler is not None:
-            self._out += pcm_to_mulaw(Pcm(self._resampler.convert(pcm.data), MULAW_RATE))
+            added = pcm_to_mulaw(Pcm(self._resampler.convert(pcm.data), MULAW_RATE))
         else:
             self._out += pcm.data
+            return b""
+        self._out += added
+        return added
 
     def finish(self, sample_rate: int = 22050) -> bytes:
         """The whole file; ``sample_rate`` is used when no piece was fed."""
@@ -347,6 +353,36 @@ def encode_file(pcm: Pcm, fmt: TtsFileFormat) -> bytes:
     if fmt == "mulaw":
         return pcm_to_mulaw(resample(pcm, MULAW_RATE))
     raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav or mulaw)")
+
+
+async def render_chunks(synth: Synthesizer, spec: TtsSpec) -> AsyncIterator[bytes]:
+    """Synthesize ``spec`` piece by piece (as :func:`render_file`) and yield the encoded
+    file as it is made: each piece's bytes as soon as the piece is synthesized and
+    encoded. The chunks concatenate to exactly :func:`render_file`'s file.
+
+    MP3: LAME's output per piece (whole frames, which concatenate), and the
+    encoder's flush as a last, small chunk. μ-law: each piece's samples, so an item
+    of one piece is one chunk (a call pads each chunk's last 20 ms frame: at most
+    20 ms of silence at a clause end). WAV: one chunk, the whole file at the end
+    (its header needs the length), so WAV does not stream. Piper yields a piece
+    per sentence or clause of at most :data:`~gateway.speech.tts.PIECE_CHARS`
+    characters; synthesizers without ``pieces()`` (espeak-ng) one piece for the whole text.
+
+    Raises:
+        ValueError: unknown format or text too long.
+        SynthesisError: the engine failed (possibly after chunks were yielded).
+    """
+    encoder = FileEncoder(spec.fmt)
+    sent = 0
+    async for pcm in synthesize_pieces(synth, spec.text, ssml=spec.ssml):
+        added = await asyncio.to_thread(encoder.feed, pcm)
+        if added:
+            sent += len(added)
+            yield added
+    whole = await asyncio.to_thread(encoder.finish)
+    tail = whole[sent:]  # WAV: the whole file; MP3: LAME's flush; μ-law: nothing
+    if tail or not sent:
+        yield tail
 
 
 async def render_file(

@@ -13,7 +13,11 @@ an optional prefetch) goes through :meth:`TtsPool.render`:
   same result, as there is no cross-instance lock);
 * a synthesis nobody waits for any more is cancelled (queued: dropped; running:
   stopped after its current piece), unless it is a prefetch;
-* the file is stored in the cache as soon as it is made.
+* the file is stored in the cache as soon as it is made;
+* :meth:`TtsPool.stream` hands out the encoded file while it is made, chunk by
+  chunk (a sentence or clause each with Piper; see
+  :func:`~gateway.speech.tts_cache.render_chunks`): every consumer of one id gets
+  every chunk from the first, also one that comes in mid-synthesis.
 
 Metrics: ``gateway_tts_queue_depth`` (syntheses waiting), ``gateway_tts_running``,
 ``gateway_tts_wait_seconds`` (queue wait), ``gateway_tts_seconds`` (synthesis and
@@ -24,13 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Final
 
 from gateway import metrics
 from gateway.speech.admission import AdmissionGate
 from gateway.speech.tts import Synthesizer
-from gateway.speech.tts_cache import TtsCache, TtsSpec, render_file
+from gateway.speech.tts_cache import TtsCache, TtsSpec, render_chunks
 from gateway.speech.types import SpeechBusy
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,13 @@ class _Job:
     place: _Place
     waiters: int = 0
     keep: bool = False  # a prefetch: runs to the end without waiters
+    chunks: list[bytes] = field(default_factory=list)  # the file so far
+    grew: asyncio.Event = field(default_factory=asyncio.Event)  # replaced at each set
+
+    def notify(self) -> None:
+        """Wake the streams waiting for a chunk or the end."""
+        grew, self.grew = self.grew, asyncio.Event()
+        grew.set()
 
 
 class TtsPool:
@@ -123,13 +135,34 @@ class TtsPool:
     def _start(self, file_id: str, spec: TtsSpec, keep: bool) -> _Job:
         """Start a synthesis job; its place in the gate was taken (``gate.enter``)."""
         place = _Place()
-        task = asyncio.create_task(self._run(file_id, spec, place), name=f"tts {file_id[:12]}")
-        job = _Job(task, place, keep=keep)
+        chunks: list[bytes] = []
+        task = asyncio.create_task(
+            self._run(file_id, spec, place, chunks), name=f"tts {file_id[:12]}"
+        )
+        job = _Job(task, place, keep=keep, chunks=chunks)
         self._jobs[file_id] = job
         job.task.add_done_callback(lambda _: self._forget(file_id, job))
         return job
 
+    def _job(self, file_id: str, spec: TtsSpec) -> _Job:
+        """The running job of ``file_id``, or a new one (TtsOverloaded: no room)."""
+        job = self._jobs.get(file_id)
+        if job is None:
+            try:
+                self.gate.enter()
+            except SpeechBusy:
+                metrics.TTS_REJECTED.inc()
+                raise TtsOverloaded() from None
+            job = self._start(file_id, spec, keep=False)
+        return job
+
+    def _leave(self, job: _Job) -> None:
+        job.waiters -= 1
+        if job.waiters == 0 and not job.keep and not job.task.done():
+            job.task.cancel()
+
     def _forget(self, file_id: str, job: _Job) -> None:
+        job.notify()
         if job.place.queued:  # cancelled before it ever ran: give its place back
             job.place.queued = False
             self.gate.leave()
@@ -148,21 +181,43 @@ class TtsPool:
             ValueError: unknown format or text too long.
             SynthesisError: the engine failed.
         """
-        job = self._jobs.get(file_id)
-        if job is None:
-            try:
-                self.gate.enter()
-            except SpeechBusy:
-                metrics.TTS_REJECTED.inc()
-                raise TtsOverloaded() from None
-            job = self._start(file_id, spec, keep=False)
+        job = self._job(file_id, spec)
         job.waiters += 1
         try:
             return await asyncio.shield(job.task)
         finally:
-            job.waiters -= 1
-            if job.waiters == 0 and not job.keep and not job.task.done():
-                job.task.cancel()
+            self._leave(job)
+
+    async def stream(self, file_id: str, spec: TtsSpec) -> AsyncIterator[bytes]:
+        """The file ``file_id`` made of ``spec`` in chunks as it is synthesized (shared
+        with a running synthesis of the same id, from its first chunk); the chunks
+        concatenate to the file :meth:`render` returns, which is cached as usual.
+        The synthesis starts at the first ``__anext__``. Closing the iterator (or
+        cancelling its consumer) cancels the synthesis when no one else waits for it.
+
+        Raises:
+            TtsOverloaded: the pool is full (at the first step; nothing was queued).
+            ValueError: unknown format or text too long.
+            SynthesisError: the engine failed, possibly after chunks were yielded.
+            asyncio.CancelledError: the synthesis was stopped (the pool is closing).
+        """
+        job = self._job(file_id, spec)
+        job.waiters += 1
+        try:
+            sent = 0
+            while True:
+                if sent < len(job.chunks):
+                    sent += 1
+                    yield job.chunks[sent - 1]
+                    continue
+                if job.task.done():
+                    data = job.task.result()  # raises the synthesis's failure
+                    if sent == 0 and data:  # found in the cache of another instance
+                        yield data
+                    return
+                await job.grew.wait()
+        finally:
+            self._leave(job)
 
     def prefetch(self, file_id: str, spec: TtsSpec) -> bool:
         """Start synthesizing ``file_id`` in the background, if the queue is at most half
@@ -175,14 +230,19 @@ class TtsPool:
         self._start(file_id, spec, keep=True)
         return True
 
-    async def _run(self, file_id: str, spec: TtsSpec, place: _Place) -> bytes:
+    async def _run(self, file_id: str, spec: TtsSpec, place: _Place, chunks: list[bytes]) -> bytes:
         place.queued = False  # take_turn gives the place back however it ends
         await self.gate.take_turn()
         try:
             data = await self.cache.get(file_id)  # another instance may have made it
             if data is None:
+                job = self._jobs.get(file_id)
                 with metrics.timed(metrics.TTS_SECONDS):
-                    data = await render_file(self.synthesizer, spec)
+                    async for chunk in render_chunks(self.synthesizer, spec):
+                        chunks.append(chunk)
+                        if job is not None:
+                            job.notify()
+                data = b"".join(chunks)
                 await self.cache.put(file_id, data)
             return data
         finally:

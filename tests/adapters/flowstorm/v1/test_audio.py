@@ -33,6 +33,7 @@ from tests.adapters.flowstorm.v1.helpers import (
     kinds,
     open_stream,
     pcm_at,
+    recv_any,
     recv_json,
     request_frame,
     send_audio,
@@ -404,3 +405,36 @@ async def recv_nothing(ws: Any, wait_s: float = 0.2) -> bool:
     except TimeoutError:
         return True
     return False
+
+
+LONG_INPUT = (
+    "my order was shipped this morning and it should arrive on thursday "
+    "between nine and noon, and I will get a message with the tracking number, "
+    "and if I am not at home the parcel goes to the post office near the station, "
+    "where I can pick it up on any weekday after three with my identity card, "
+    "or my neighbour can take it for me if I sign the form on the website first"
+)
+"""An input the demo core echoes as a long item ("You said: ...": several Piper pieces)."""
+
+
+async def test_required_streaming_sends_a_long_items_first_audio_before_it_is_synthesized(
+    server: str,
+) -> None:
+    async with connect(ws_url(server)) as ws:
+        await init(ws, init_frame(tts="RequiredStreaming", ttsFileType="mp3"))
+        await turn_any(ws, request_frame("warm up the voice"))
+        start = time.perf_counter()
+        await send_json(ws, request_frame(LONG_INPUT))
+        arrivals: list[tuple[float, dict[str, Any] | bytes]] = []
+        while True:
+            frame = await recv_any(ws)
+            arrivals.append((time.perf_counter() - start, frame))
+            if isinstance(frame, dict) and frame["type"] in ("Response", "Error"):
+                break
+        audio = [(at, f) for at, f in arrivals if isinstance(f, bytes)]
+        assert arrivals[-1][1]["type"] == "Response"  # type: ignore[call-overload]
+        assert len(audio) >= 3  # the item's speech in chunks, a sentence or clause each
+        first, last = audio[0][0], audio[-1][0]
+        assert first < last / 2, (first, last)  # the first sound long before the last
+        speech = decode_mp3(b"".join(f for _, f in audio))  # the chunks are one MP3 stream
+        assert speech.duration_s > 8
