@@ -15,13 +15,13 @@ silence for the pauses; espeak-ng interprets SSML itself (``-m``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
 import json
 import os
 import re
 import shutil
+import subprocess
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -623,26 +623,26 @@ class EspeakSynthesizer:
         if markup:
             args.append("-m")
         args += ["--", text]
-        proc = await asyncio.create_subprocess_exec(
-            program,
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        # a worker thread runs the program (subprocess.run kills it after timeout_s), not
+        # an asyncio subprocess: a synthesis cancelled while its loop shuts down (a gateway
+        # stopping mid-synthesis) leaves no subprocess transport behind for that loop
         try:
-            async with asyncio.timeout(self.timeout_s):
-                out, err = await proc.communicate()
-        except TimeoutError as exc:
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [program, *args],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=self.timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
             raise SynthesisError(f"espeak-ng took longer than {self.timeout_s} s") from exc
-        finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        except OSError as exc:
+            raise SynthesisError(f"espeak-ng could not run: {exc}") from exc
+        out, err, returncode = done.stdout, done.stderr, done.returncode
         message = err.decode("utf-8", "replace").strip()
-        if proc.returncode != 0:
-            raise SynthesisError(f"espeak-ng exited with {proc.returncode}: {message}")
+        if returncode != 0:
+            raise SynthesisError(f"espeak-ng exited with {returncode}: {message}")
         try:
             return decode_wav(out)
         except AudioFormatError as exc:
