@@ -19,8 +19,9 @@ normal lifetime again (GATEWAY_SESSION_TIMEOUT_S).
 Targets: ``sessionId`` (a session of a channel whose clients follow their outbox, given
 to :class:`Pusher`: Flowstorm V1 and Voiceflow socket.io connections; Flowstorm V2, whose
 waiting ``GET /client`` gets the push at once, else its next ``PUT /client`` answer
-first), optionally with ``appKey`` (then it must be the session's), or ``appKey`` + ``deviceId`` (the session that device talked in last, from
-the outbox's device index, which V1 turns fill). A Voiceflow client gets the items as
+first), optionally with ``appKey`` (then it must be the session's), or ``appKey`` +
+``deviceId`` (the session that device talked in last, from the outbox's device index,
+which V1 turns fill). A Voiceflow client gets the items as
 ``action.trace`` events under a messageID of their own (no ``action.status``).
 
 Authentication: ``Authorization: Bearer KEY`` with a key of GATEWAY_ADMIN_KEYS; none
