@@ -87,6 +87,16 @@ once without a cookie), and when the recognition it follows sends nothing for LO
 it never runs longer than GATEWAY_MAX_AUDIO_S + GATEWAY_SILENCE_TIMEOUT_MS +
 30 s. The cookie's session id is the topic: a GET learns nothing of sessions
 whose (unguessable) id it does not have.
+
+**Pushes** (gateway/push.py, ``POST /v1/push``): while it runs, a GET with a cookie
+also follows the session's outbox (gateway/outbox.py, bus topic ``outbox:<key>``)
+and writes each push appended meanwhile as a turn's answer writes items
+(:func:`adapters.flowstorm.v2.protocol.pushed_lines`, with the push's ``seq``), which
+confirms it to the pusher (``live``); its end is unchanged. A push nobody took is
+``queued``: the next PUT turn of the session that is accepted writes it first, before
+its own lines. Each push is claimed before it is written (the delivered mark is raised
+over it, atomically: :meth:`gateway.outbox.Outbox.mark` returns the mark it had), so a
+GET and a PUT never both write it; a client that leaves before reading it loses it.
 """
 
 from __future__ import annotations
