@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 
 PUSH_NAMESPACES = ("flowstorm", "voiceflow")
 """Session namespaces a push's ``sessionId`` is looked up in."""
-PUSH_CHANNELS = ("flowstorm_v1", "voiceflow")
-"""Channels whose live connections follow their session's outbox (pushes; V1 resume)."""
+PUSH_CHANNELS = ("flowstorm_v1", "flowstorm_v2", "voiceflow")
+"""Channels whose clients get pushes from their session's outbox (V1 and socket.io
+connections, a V2 ``GET /client``, a V2 turn's answer; V1 resume)."""
 SESSION_NAMESPACES = (*PUSH_NAMESPACES, "alexa", "google", "dialogflow", "twilio")
 """Session namespaces the session view (GET /v1/sessions/{id}) looks in, in order."""
 

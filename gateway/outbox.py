@@ -94,8 +94,10 @@ class Outbox(Protocol):
         oldest first. Raises OutboxError."""
         ...
 
-    async def mark(self, key: str, seq: int) -> None:
-        """Raise the delivered mark to ``seq`` (never lowers it). Raises OutboxError."""
+    async def mark(self, key: str, seq: int) -> int:
+        """Raise the delivered mark to ``seq`` (never lowers it); the mark it had before
+        (atomically: of two deliverers that raise it over the same entries, one learns
+        that the other claimed them). Raises OutboxError."""
         ...
 
     async def state(self, key: str) -> OutboxState:
@@ -167,10 +169,12 @@ class MemoryOutbox:
         floor = box.mark if after is None else after
         return [e for e in box.entries if e.seq > floor]
 
-    async def mark(self, key: str, seq: int) -> None:
+    async def mark(self, key: str, seq: int) -> int:
         box = self._box(key)
+        before = box.mark
         box.mark = max(box.mark, min(seq, box.seq))
         box.expires = self._clock() + self._ttl_s
+        return before
 
     async def state(self, key: str) -> OutboxState:
         box = self._box(key)
@@ -220,7 +224,7 @@ local mark = tonumber(redis.call('HGET', KEYS[1], 'mark') or '0')
 local want = math.min(tonumber(ARGV[1]), seq)
 if want > mark then redis.call('HSET', KEYS[1], 'mark', want) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
+return mark
 """
 
 
@@ -271,9 +275,9 @@ class RedisOutbox:
             raise OutboxError(f"Redis: {exc}") from exc
         return [Entry.model_validate_json(r) for r in raw if isinstance(r, str | bytes)]
 
-    async def mark(self, key: str, seq: int) -> None:
+    async def mark(self, key: str, seq: int) -> int:
         try:
-            await self._mark(keys=[self._keys(key)[1]], args=[seq, self._ttl_s])
+            return int(await self._mark(keys=[self._keys(key)[1]], args=[seq, self._ttl_s]))
         except RedisError as exc:
             raise OutboxError(f"Redis: {exc}") from exc
 
@@ -404,13 +408,17 @@ class Journal:
         return seqs
 
     @asynccontextmanager
-    async def follow(self, key: str, after: int | None) -> AsyncIterator[Follower]:
+    async def follow(
+        self, key: str, after: int | None, *, only_new: bool = False
+    ) -> AsyncIterator[Follower]:
         """Listen to ``key``'s outbox: a Follower whose ``floor`` is ``after`` (what the
-        client saw last) or, when None, the delivered mark. Subscribes before reading
-        the mark, so no append is missed. Raises BusUnavailable or OutboxError."""
+        client saw last) or, when None, the delivered mark (``only_new``: the last seq
+        given, so only later appends are read). Subscribes before reading the mark, so
+        no append is missed. Raises BusUnavailable or OutboxError."""
         async with self.bus.subscribe(topic(key)) as sub:
             state = await self.outbox.state(key)
-            yield Follower(self, key, sub, state.mark if after is None else after, state.last_seq)
+            floor = state.last_seq if only_new else state.mark if after is None else after
+            yield Follower(self, key, sub, floor, state.last_seq)
 
 
 Deliver = Callable[[list[Entry], bool], Awaitable[bool]]
@@ -444,22 +452,27 @@ class Following:
         self._replay = True
         self.key: str | None = None
 
-    def follow(self, key: str, after: int | None, *, replay: bool = True) -> None:
-        """Follow ``key``'s outbox from ``after`` (None: its delivered mark). Without
-        ``replay`` the events of turns that were there when following began are passed
-        over, only pushes are delivered (a client that did not ask to resume would take
-        a replayed answer for the answer of its next turn)."""
+    def follow(
+        self, key: str, after: int | None, *, replay: bool = True, only_new: bool = False
+    ) -> None:
+        """Follow ``key``'s outbox from ``after`` (None: its delivered mark; ``only_new``:
+        only what is appended from now on). Without ``replay`` the events of turns that
+        were there when following began are passed over, only pushes are delivered (a
+        client that did not ask to resume would take a replayed answer for the answer of
+        its next turn)."""
         if self._task is not None:
             self._task.cancel()
         self.key = key
         self._replay = replay
         self._follower = None
         self._ready = asyncio.Event()
-        self._task = asyncio.create_task(self._run(key, after, self._ready), name="outbox follow")
+        self._task = asyncio.create_task(
+            self._run(key, after, self._ready, only_new), name="outbox follow"
+        )
 
-    async def _run(self, key: str, after: int | None, ready: asyncio.Event) -> None:
+    async def _run(self, key: str, after: int | None, ready: asyncio.Event, only_new: bool) -> None:
         try:
-            async with self.journal.follow(key, after) as follower:
+            async with self.journal.follow(key, after, only_new=only_new) as follower:
                 self._follower = follower
                 ready.set()
                 task = asyncio.current_task()

@@ -16,11 +16,12 @@ then Listening (flowstorm-client-states.md), so a push to a session whose last k
 client state is ``Sleeping`` records it as ``Listening`` and gives the session its
 normal lifetime again (GATEWAY_SESSION_TIMEOUT_S).
 
-Targets: ``sessionId`` (a session of a channel whose connections follow their outbox:
-Flowstorm V1 and Voiceflow socket.io, given to :class:`Pusher`; V2 sessions cannot be
-reached and are ``unknown-target``), optionally with ``appKey`` (then it must be the
-session's), or ``appKey`` + ``deviceId`` (the session that device talked in last, from
-the outbox's device index, which V1 turns fill). A Voiceflow client gets the items as
+Targets: ``sessionId`` (a session of a channel whose clients follow their outbox, given
+to :class:`Pusher`: Flowstorm V1 and Voiceflow socket.io connections; Flowstorm V2, whose
+waiting ``GET /client`` gets the push at once, else its next ``PUT /client`` answer
+first), optionally with ``appKey`` (then it must be the session's), or ``appKey`` +
+``deviceId`` (the session that device talked in last, from the outbox's device index,
+which V1 turns fill). A Voiceflow client gets the items as
 ``action.trace`` events under a messageID of their own (no ``action.status``).
 
 Authentication: ``Authorization: Bearer KEY`` with a key of GATEWAY_ADMIN_KEYS; none
@@ -165,9 +166,9 @@ class Pusher:
     """Pushes and session lookups over the store and the outbox :class:`Journal`.
 
     ``push_namespaces`` are the session namespaces a ``sessionId`` target is looked up
-    in, ``push_channels`` the channels whose connections follow their outbox (a session
-    last served by another channel, such as Flowstorm V2 in the shared namespace, is
-    ``unknown-target``); ``all_namespaces`` those the session view looks in.
+    in, ``push_channels`` the channels whose clients follow their outbox (a session last
+    served by another channel is ``unknown-target``); ``all_namespaces`` those the
+    session view looks in.
     """
 
     def __init__(

@@ -52,9 +52,10 @@ async def test_appends_are_numbered_in_order_and_read_above_a_seq(outbox: Outbox
 
 async def test_the_mark_rises_only_and_bounds_what_is_pending(outbox: Outbox) -> None:
     await outbox.append("k", [ev("a"), ev("b"), ev("c")], "turn", limit=None)
-    await outbox.mark("k", 2)
-    await outbox.mark("k", 1)  # never lowered
-    await outbox.mark("k", 99)  # never past the last number given
+    assert await outbox.mark("k", 2) == 0  # the mark it had: what the caller claimed above
+    assert await outbox.mark("k", 1) == 2  # never lowered
+    assert await outbox.mark("k", 99) == 2  # never past the last number given
+    assert await outbox.mark("k", 3) == 3  # a second claim of the same entries learns it
     state = await outbox.state("k")
     assert (state.last_seq, state.mark, state.pending) == (3, 3, 0)
     assert await outbox.since("k", None) == []

@@ -3,7 +3,8 @@
 Two gateway instances share one Redis: in-process apps for the push cases, ``gateway
 serve`` processes for the resume case (one is stopped with SIGTERM in the middle of an
 answer, as a rolling deploy does: the server closes the client's socket, 1012). Clients
-are Flowstorm V1 WebSocket clients (tests/adapters/flowstorm/v1/helpers.py).
+are Flowstorm V1 WebSocket clients (tests/adapters/flowstorm/v1/helpers.py), a Voiceflow
+socket.io client and Flowstorm V2 HTTP clients (a waiting ``GET /client``, PUT turns).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tests.adapters.flowstorm.v1.helpers import (
     turn_frames,
     ws_url,
 )
+from tests.adapters.flowstorm_shapes import check_v2
 from tests.adapters.voiceflow.helpers import client as voiceflow_client
 from tests.conftest import GatewayProcess, serve, served
 
@@ -179,6 +181,109 @@ async def test_a_client_without_init_session_gets_its_queue_with_its_next_turn(
             assert [i["text"] for i in queued["response"]["items"]] == ["Queued."]
 
 
+# ---------------------------------------------------------------- Flowstorm V2
+
+V2 = "/client?key=test-key&tts=None"
+
+
+def v2_lines(answer_text: str) -> list[dict[str, Any]]:
+    """The NDJSON events of a V2 answer, each checked against the spec's V2 shapes."""
+    return [check_v2(json.loads(line)) for line in answer_text.splitlines() if line.strip()]
+
+
+async def v2_intro(http: httpx.AsyncClient, base: str) -> str:
+    """A V2 session started with a text #intro turn; its id (the cookie)."""
+    intro = await http.put(f"{base}{V2}", headers={"Content-Type": "text/plain"}, content="#intro")
+    assert intro.status_code == 200, intro.text
+    return intro.cookies["flowstorm-session-id"]
+
+
+async def test_a_push_reaches_a_waiting_v2_get_on_another_instance(
+    shared: dict[str, Any],
+) -> None:
+    async with (
+        served(**shared, flowstorm_v2_marker_wait_s=15) as a,
+        served(**shared) as b,
+        httpx.AsyncClient(timeout=20) as http,
+    ):
+        session_id = await v2_intro(http, a)
+        cookie = {"Cookie": f"flowstorm-session-id={session_id}"}
+        async with http.stream("GET", f"{a}{V2}", headers=cookie) as get:  # NDJSON
+            assert get.status_code == 200
+            await asyncio.sleep(1)  # the GET follows the outbox once its body began
+            answer = await push(http, b, {"sessionId": session_id}, "Your parcel has arrived.")
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["delivery"] == "live"
+            seq = answer.json()["seq"]
+            lines = get.aiter_lines()
+            item, response = v2_lines(await anext(lines)), v2_lines(await anext(lines))
+        assert [(e["type"], e["seq"]) for e in item] == [("ResponseItem", seq)]
+        assert item[0]["responseItem"]["text"] == "Your parcel has arrived."
+        assert response[0]["type"] == "Response"
+        assert response[0]["seq"] == seq
+        assert response[0]["response"]["items"] == []  # sendResponseItems: in the item lines
+        assert response[0]["response"]["sessionEnded"] is False
+
+        plain = {**cookie, "Accept": "text/plain"}
+        async with http.stream("GET", f"{a}{V2}&sendResponseItems=false", headers=plain) as get:
+            await asyncio.sleep(1)
+            answer = await push(http, b, {"sessionId": session_id}, "Again.")
+            assert answer.json()["delivery"] == "live"
+            assert await anext(get.aiter_lines()) == "< Again."
+
+        # delivered once: the next turn's answer is the turn's own
+        turn = await http.put(
+            f"{b}{V2}", headers={"Content-Type": "text/plain", **cookie}, content="hello"
+        )
+        assert turn.status_code == 200
+        assert "parcel" not in turn.text
+        assert "Again" not in turn.text
+        view = (await http.get(f"{a}/v1/sessions/{session_id}", headers=AUTH)).json()
+        assert view["channel"] == "flowstorm_v2"
+        assert view["outbox"]["length"] == 0
+        assert view["outbox"]["delivered"] == seq + 1
+
+
+async def test_a_push_to_a_v2_session_without_a_get_heads_its_next_turn_once(
+    shared: dict[str, Any],
+) -> None:
+    async with (
+        served(**shared) as a,
+        served(**shared) as b,
+        httpx.AsyncClient(timeout=20) as http,
+    ):
+        session_id = await v2_intro(http, a)
+        cookie = {"Cookie": f"flowstorm-session-id={session_id}"}
+        answer = await push(http, b, {"sessionId": session_id}, "One.", "Two.")
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["delivery"] == "queued"
+        seq = answer.json()["seq"]
+        text_turn = {"Content-Type": "text/plain", **cookie}
+        turn = await http.put(f"{b}{V2}", headers=text_turn, content="my name is Ada")
+        assert turn.status_code == 200
+        lines = turn.text.splitlines()
+        assert lines[:2] == ["< One.", "< Two."]  # first the missed push, then the turn's
+        assert lines[2:] == ["< Nice to meet you, Ada."]
+        again = await http.put(f"{a}{V2}", headers=text_turn, content="what is my name")
+        assert "One." not in again.text  # exactly once
+        assert (await http.get(f"{a}/v1/sessions/{session_id}", headers=AUTH)).json()["outbox"][
+            "length"
+        ] == 0
+
+        # NDJSON (application/json): the pushed Response with its seq, then the turn's events
+        await push(http, a, {"sessionId": session_id}, "Three.")
+        json_turn = {"Content-Type": "application/json", **cookie}
+        body = json.dumps({"type": "Input", "input": {"transcript": {"text": "hello"}}})
+        turn = await http.put(f"{a}{V2}&sendResponseItems=false", headers=json_turn, content=body)
+        events = v2_lines(turn.text)
+        assert [e["type"] for e in events] == ["Response", "Response"]
+        assert events[0]["seq"] == seq + 1
+        assert [i["text"] for i in events[0]["response"]["items"]] == ["Three."]
+        assert "seq" not in events[1]  # V2 turns are not numbered
+        again = await http.put(f"{b}{V2}", headers=json_turn, content=body)
+        assert "Three." not in again.text
+
+
 async def test_unknown_targets_a_full_outbox_and_bad_keys_are_refused(
     shared: dict[str, Any],
 ) -> None:
@@ -198,16 +303,6 @@ async def test_unknown_targets_a_full_outbox_and_bad_keys_are_refused(
         full = await push(http, a, {"sessionId": "full-1"}, "3.")
         assert full.status_code == 409
         assert full.json()["delivery"] == "outbox-full"
-
-        v2 = await http.put(  # a V2 session (shared namespace) cannot receive pushes
-            f"{a}/client?key=test-key&tts=None",
-            headers={"Content-Type": "text/plain"},
-            content="#intro",
-        )
-        v2_session = v2.cookies["flowstorm-session-id"]
-        answer = await push(http, a, {"sessionId": v2_session}, "Hi.")
-        assert answer.status_code == 404
-        assert "flowstorm_v2" in answer.json()["detail"]
 
         missing = await http.post(f"{a}/v1/push", json={"target": {"sessionId": "full-1"}})
         assert missing.status_code == 401

@@ -17,7 +17,9 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The turn's events: NDJSON (RecognizedInput for audio, ResponseItem..., "
         "Response | Error) for JSON and audio requests, the plain-text line format for "
-        "text/plain requests. Items with text carry an `audio` TTS link unless `tts=None`.",
+        "text/plain requests. Items with text carry an `audio` TTS link unless `tts=None`. "
+        "Pushes queued for the session (`POST /v1/push`) come first, each as a Response "
+        "(its ResponseItem events first with sendResponseItems) with the push's `seq`.",
         "content": {NDJSON: {}, "text/plain": {}},
     },
     204: {"description": "A body of Log events only: stored with the session"},
@@ -139,7 +141,10 @@ GET_CLIENT: dict[str, Any] = dict(
     responses={
         200: {
             "description": "RecognizedInput events (isFinal false, then true) as NDJSON, or "
-            "`~` lines with `Accept: text/plain`; ends when the session's recognition ends",
+            "`~` lines with `Accept: text/plain`; ends when the session's recognition ends. "
+            "Pushes to the session (`POST /v1/push`) that come while the GET waits are "
+            "written as a turn's answer writes items (ResponseItem events, then a Response, "
+            "with the push's `seq`; `<` lines in plain text)",
             "content": {NDJSON: {}, "text/plain": {}},
         },
         400: {"description": "Malformed configuration (ErrorEvent / `!` line)"},
@@ -150,7 +155,9 @@ GET_CLIENT: dict[str, Any] = dict(
         503: {"description": "The session store is unavailable"},
     },
     openapi_extra={
-        "parameters": [p for p in _CONFIG_PARAMETERS if p["name"] in ("key", "deviceId")],
+        "parameters": [
+            p for p in _CONFIG_PARAMETERS if p["name"] in ("key", "deviceId", "tts", "ttsFileType")
+        ],
     },
 )
 """Keyword arguments of the ``GET /client`` route: summary, answers, parameters."""

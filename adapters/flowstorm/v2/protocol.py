@@ -780,7 +780,9 @@ def json_lines(event: TurnEvent | RecognizedInputEvent, *, send_items: bool) -> 
         return (event.wire_json() + "\n").encode() if send_items else b""
     if isinstance(event, ResponseEvent):
         if send_items:
-            event = ResponseEvent(response=event.response.model_copy(update={"items": []}))
+            event = ResponseEvent(
+                response=event.response.model_copy(update={"items": []}), seq=event.seq
+            )
         return (event.wire_json() + "\n").encode()
     if isinstance(event, ErrorEvent | RecognizedInputEvent):
         return (event.wire_json() + "\n").encode()
@@ -830,6 +832,21 @@ def text_lines(event: TurnEvent | RecognizedInputEvent) -> str:
     if isinstance(event, RecognizedInputEvent):
         return f"~ {_one_line(event.input.text)}\n"
     return ""
+
+
+def pushed_lines(event: ResponseEvent, *, plain: bool, send_items: bool) -> bytes:
+    """A pushed Response (gateway/push.py: ``Response {items, sessionEnded: false}``, its
+    ``seq`` set) as the lines of a GET or at the head of a PUT's answer, written as a
+    turn's: NDJSON with ``send_items`` is the ResponseItem events, then the Response with
+    empty items (both with the push's ``seq``); without it the Response with its items;
+    plain text is the items' ``<``/``#`` lines."""
+    events: list[ResponseItemEvent | ResponseEvent] = [
+        ResponseItemEvent(response_item=item, seq=event.seq) for item in event.response.items
+    ]
+    events.append(event)
+    if plain:
+        return "".join(text_lines(e) for e in events).encode()
+    return b"".join(json_lines(e, send_items=send_items) for e in events)
 
 
 def error_body(error: ErrorEvent, *, plain: bool) -> str:

@@ -87,6 +87,16 @@ once without a cookie), and when the recognition it follows sends nothing for LO
 it never runs longer than GATEWAY_MAX_AUDIO_S + GATEWAY_SILENCE_TIMEOUT_MS +
 30 s. The cookie's session id is the topic: a GET learns nothing of sessions
 whose (unguessable) id it does not have.
+
+**Pushes** (gateway/push.py, ``POST /v1/push``): while it runs, a GET with a cookie
+also follows the session's outbox (gateway/outbox.py, bus topic ``outbox:<key>``)
+and writes each push appended meanwhile as a turn's answer writes items
+(:func:`adapters.flowstorm.v2.protocol.pushed_lines`, with the push's ``seq``), which
+confirms it to the pusher (``live``); its end is unchanged. A push nobody took is
+``queued``: the next PUT turn of the session that is accepted writes it first, before
+its own lines. Each push is claimed before it is written (the delivered mark is raised
+over it, atomically: :meth:`gateway.outbox.Outbox.mark` returns the mark it had), so a
+GET and a PUT never both write it; a client that leaves before reading it loses it.
 """
 
 from __future__ import annotations
@@ -105,6 +115,7 @@ from typing import Final, Literal
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response as HTTPResponse
 from fastapi.responses import StreamingResponse
+from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
@@ -137,6 +148,7 @@ from adapters.flowstorm.v2.protocol import (
     json_lines,
     media_type,
     parse_config,
+    pushed_lines,
     recognizing_message,
     text_input,
     text_lines,
@@ -153,6 +165,7 @@ from gateway.events import (
 )
 from gateway.httputil import read_body
 from gateway.logs import session_ref
+from gateway.outbox import Entry, Following, OutboxError
 from gateway.protocol import ProtocolError
 from gateway.protocol.actions import (
     CancelListening,
@@ -507,12 +520,14 @@ async def _turn(
             return text_lines(event).encode()
         return json_lines(event, send_items=config.send_response_items)
 
+    # pushes queued for the session go out first (the turn was accepted: it answers)
+    pushed = b"" if ctx.create else await _queued_pushes(gw, ctx.key, config, plain=plain)
     media = TEXT if plain else NDJSON
     rest = stream.rest_if_done()
     if rest is not None:  # the turn is already over: one plain body, no chunked stream
         if on_end is not None:
             await on_end()
-        whole = b"".join(line(event) for event in (*prefix, first, *rest))
+        whole = pushed + b"".join(line(event) for event in (*prefix, first, *rest))
         whole_answer = HTTPResponse(whole, media_type=media, headers={"Cache-Control": "no-store"})
         _set_cookie(whole_answer, gw, ctx.session_id)
         return whole_answer
@@ -520,6 +535,8 @@ async def _turn(
     async def body() -> AsyncIterator[bytes]:
         ended = on_end is None
         try:
+            if pushed:
+                yield pushed
             for recognized in prefix:
                 yield line(recognized)
             event: TurnEvent | None = first
@@ -539,6 +556,67 @@ async def _turn(
     answer = _TurnBody(body(), media_type=media, headers={"Cache-Control": "no-store"})
     _set_cookie(answer, gw, ctx.session_id)
     return answer
+
+
+# ---------------------------------------------------------------- pushes
+
+
+async def _queued_pushes(gw: Gateway, key: str, config: ClientConfig, *, plain: bool) -> bytes:
+    """The lines of the pushes queued in session ``key``'s outbox, claimed (the delivered
+    mark raised over them) so no GET or other turn sends them again; b"" when there are
+    none or the outbox fails (logged: they stay queued)."""
+    if gw.journal is None:
+        return b""
+    try:
+        entries = await gw.journal.outbox.since(key, None)
+    except OutboxError as exc:
+        log.warning("queued pushes of %s not read: %s", session_ref(key), exc)
+        return b""
+    return await _claim_pushes(gw, key, entries, config, plain=plain)
+
+
+async def _claim_pushes(
+    gw: Gateway, key: str, entries: Sequence[Entry], config: ClientConfig, *, plain: bool
+) -> bytes:
+    """The lines of the pushes among ``entries`` (gateway/outbox.py) that this request
+    claims: the delivered mark is raised over them first, and only those above the mark
+    it had go out (another request that claimed them sends them). Pushed items get TTS
+    links when the request asks for links, as a turn's items do. b"" on outbox failure."""
+    assert gw.journal is not None
+    pushes = [e for e in entries if e.kind == "push"]
+    if not pushes:
+        return b""
+    try:
+        before = await gw.journal.outbox.mark(key, max(e.seq for e in pushes))
+    except OutboxError as exc:
+        log.warning("pushes of %s not claimed: %s", session_ref(key), exc)
+        return b""
+    lines = []
+    for entry in pushes:
+        if entry.seq <= before:
+            continue
+        try:
+            event = ResponseEvent.model_validate({**entry.event, "seq": entry.seq})
+        except ValueError:
+            continue
+        event = await _spoken(gw, config, event)
+        lines.append(pushed_lines(event, plain=plain, send_items=config.send_response_items))
+    return b"".join(lines)
+
+
+async def _spoken(gw: Gateway, config: ClientConfig, event: ResponseEvent) -> ResponseEvent:
+    """A pushed Response with TTS links on its items when the request asks for links."""
+    if not config.speech_links:
+        return event
+    try:
+        items = [
+            item if item.audio else await gw.speech.link_item(item, config.tts_file_type)
+            for item in event.response.items
+        ]
+    except (ValueError, OSError, RedisError) as exc:
+        log.warning("pushed items sent without TTS links: %s", exc)
+        return event
+    return event.model_copy(update={"response": event.response.model_copy(update={"items": items})})
 
 
 class _TurnBody(StreamingResponse):
@@ -798,12 +876,65 @@ async def get_client(request: Request) -> HTTPResponse:
         return _answer(403, error, plain=plain)
     topic = ctx.key  # the bus topic of a session's recognition is its store key
     return StreamingResponse(
-        _follow(gw, topic, plain=plain), media_type=media, headers={"Cache-Control": "no-store"}
+        _follow(gw, topic, config, plain=plain),
+        media_type=media,
+        headers={"Cache-Control": "no-store"},
     )
 
 
-async def _follow(gw: Gateway, topic: str, *, plain: bool) -> AsyncIterator[bytes]:
-    """The lines of a GET: the results of the recognition on ``topic``, until it ends."""
+async def _follow(
+    gw: Gateway, topic: str, config: ClientConfig, *, plain: bool
+) -> AsyncIterator[bytes]:
+    """The lines of a GET: the results of the recognition on ``topic`` until it ends, and
+    meanwhile the pushes to the session (whose store key ``topic`` is) as they come: the
+    GET follows the session's outbox from now on and claims each push it sends
+    (:func:`_claim_pushes`), which confirms it to the pusher (``live``). Pushes queued
+    before the GET began are left for the next turn's answer."""
+    journal = gw.journal
+    if journal is None:
+        async for line in _recognition(gw, topic, plain=plain):
+            yield line
+        return
+    lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+    gate = asyncio.Lock()
+    closed = False
+
+    async def deliver(entries: list[Entry], _before_turn: bool) -> bool:
+        async with gate:  # a push claimed is queued here before the GET can end
+            if closed:
+                return False
+            if chunk := await _claim_pushes(gw, topic, entries, config, plain=plain):
+                lines.put_nowait(chunk)
+            return True
+
+    async def recognition() -> None:
+        try:
+            async for chunk in _recognition(gw, topic, plain=plain):
+                lines.put_nowait(chunk)
+        finally:
+            lines.put_nowait(None)
+
+    following = Following(journal, deliver)
+    following.follow(topic, None, replay=False, only_new=True)
+    task = asyncio.create_task(recognition(), name="v2 GET recognition")
+    try:
+        while (chunk := await lines.get()) is not None:
+            yield chunk
+        async with gate:
+            closed = True
+        while not lines.empty():  # pushes claimed while the recognition ended
+            if chunk := lines.get_nowait():
+                yield chunk
+    finally:
+        closed = True
+        task.cancel()
+        await following.aclose()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _recognition(gw: Gateway, topic: str, *, plain: bool) -> AsyncIterator[bytes]:
+    """The lines of the recognition on ``topic`` (see the module doc), until it ends."""
     settings = gw.settings
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.max_audio_s + settings.silence_timeout_ms / 1000 + 30

@@ -28,6 +28,7 @@ from adapters.flowstorm.v2.protocol import (
     interim_message,
     json_lines,
     parse_config,
+    pushed_lines,
     recognizing_message,
     text_input,
     text_lines,
@@ -500,3 +501,27 @@ def test_follower_takes_over_a_newer_recognition_and_ignores_junk() -> None:
     assert follower.feed({"type": "interim"}) == []  # no id
     assert follower.feed({"id": "new", "type": "unknown"}) == []
     assert not follower.done
+
+
+def test_a_pushed_response_is_written_as_a_turn_writes_its_items() -> None:
+    pushed = ResponseEvent(
+        response=Response(items=[ResponseItem(text="One."), ResponseItem(text="Two.")]), seq=7
+    )
+    lines = [
+        json.loads(line) for line in pushed_lines(pushed, plain=False, send_items=True).splitlines()
+    ]
+    assert [(e["type"], e["seq"]) for e in lines] == [
+        ("ResponseItem", 7),
+        ("ResponseItem", 7),
+        ("Response", 7),
+    ]
+    assert [e["responseItem"]["text"] for e in lines[:2]] == ["One.", "Two."]
+    assert lines[2]["response"]["items"] == []
+    assert lines[2]["response"]["sessionEnded"] is False
+    (whole,) = [
+        json.loads(line)
+        for line in pushed_lines(pushed, plain=False, send_items=False).splitlines()
+    ]
+    assert [i["text"] for i in whole["response"]["items"]] == ["One.", "Two."]
+    assert whole["seq"] == 7
+    assert pushed_lines(pushed, plain=True, send_items=True) == b"< One.\n< Two.\n"
