@@ -357,7 +357,11 @@ class CallRunner(WebSocketDriver[CallAction]):
             self.name = f"{self.carrier} call {info.call_id}"
             if self._calls is not None:
                 self._calls[info.call_id] = self
+            self.started(info.call_id)
         return actions
+
+    def started(self, call_id: str) -> None:
+        """The stream's start named the call ``call_id`` (for adapters: register it)."""
 
     def done(self) -> bool:
         call = self.call

@@ -451,6 +451,9 @@ class CarrierCall:
         self.answered_by: str | None = None
         """Who answered an outbound call (``human``, ``machine``...), when known."""
         self._input_attributes: dict[str, dict[str, Any]] = {}
+        self.extra_parameters: dict[str, str] = {}
+        """Parameters the adapter learnt outside the codec's start (Telnyx ``client_state``):
+        under the start's own."""
 
     # -------------------------------------------------------------- queries
 
@@ -533,7 +536,7 @@ class CarrierCall:
         if self.expected_call_id is not None and info.call_id != self.expected_call_id:
             self.machine.advance(DISCONNECT)
             return [Close(CLOSE_POLICY, "The stream was admitted for another call.")]
-        params = dict(info.parameters)
+        params = {**self.extra_parameters, **info.parameters}
         app_key = params.get("appKey") or self.config.default_app_key
         if not self.config.key_allowed(app_key):
             self.machine.advance(DISCONNECT)
