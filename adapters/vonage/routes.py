@@ -76,7 +76,8 @@ def _ws_url(http_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
 
 
-@router.api_route("/vonage/answer", methods=["GET", "POST"], response_model=None)
+@router.get("/vonage/answer", response_model=None, operation_id="vonage_answer_get")
+@router.post("/vonage/answer", response_model=None, operation_id="vonage_answer")
 async def answer(request: Request) -> Response:
     """Vonage's answer webhook (module doc): the NCCO connecting the call to the stream,
     or a 401/403 problem for an unsigned or forged request."""
