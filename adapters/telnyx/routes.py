@@ -48,7 +48,7 @@ from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
 from adapters.telnyx import control as telnyx
-from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND
+from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_TEXML
 from adapters.telnyx.protocol import TelnyxCodec, texml
 from adapters.telnyx.verify import TelnyxVerifier
 from gateway.callcodec import VerificationRefused, load_frame
@@ -184,7 +184,7 @@ def _verified(settings: Settings, body: bytes, request: Request) -> Response | N
     return None
 
 
-@router.post("/telnyx/texml", response_model=None)
+@router.post("/telnyx/texml", response_model=None, **POST_TELNYX_TEXML)
 async def telnyx_texml(request: Request) -> Response:
     """An inbound call's TeXML answer (module doc); ``?appKey=`` names the application."""
     settings = gateway_of(request).settings

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
+from adapters.vonage.openapi import VONAGE_ANSWER
 from adapters.vonage.protocol import VonageCodec, ncco
 from adapters.vonage.verify import VonageVerifier
 from gateway.callcodec import VerificationRefused
@@ -76,8 +77,10 @@ def _ws_url(http_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
 
 
-@router.get("/vonage/answer", response_model=None, operation_id="vonage_answer_get")
-@router.post("/vonage/answer", response_model=None, operation_id="vonage_answer")
+@router.get(
+    "/vonage/answer", response_model=None, operation_id="vonage_answer_get", **VONAGE_ANSWER
+)
+@router.post("/vonage/answer", response_model=None, operation_id="vonage_answer", **VONAGE_ANSWER)
 async def answer(request: Request) -> Response:
     """Vonage's answer webhook (module doc): the NCCO connecting the call to the stream,
     or a 401/403 problem for an unsigned or forged request."""
