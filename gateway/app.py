@@ -22,6 +22,7 @@ from adapters.alexa.routes import router as alexa_router
 from adapters.flowstorm.v1.routes import router as flowstorm_v1_router
 from adapters.flowstorm.v2.routes import router as flowstorm_v2_router
 from adapters.google.routes import router as google_router
+from adapters.plivo.routes import router as plivo_router
 from adapters.telnyx.routes import TelnyxDialer
 from adapters.telnyx.routes import router as telnyx_router
 from adapters.twilio.calls import TwilioDialer
@@ -142,6 +143,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.include_router(telnyx_router)
     # Vonage: the answer URL (NCCO) and the WebSocket stream, on the shared call engine
     app.include_router(vonage_router)
+    # Plivo: the answer URL (XML) and the Audio Stream, on the shared call engine
+    app.include_router(plivo_router)
     # call control: POST /v1/calls (admin key) through each carrier's dialer, transfers
     mount_calls(app, {"twilio": TwilioDialer(), "telnyx": TelnyxDialer()})
     # Voiceflow socket.io at /v4/interact/socket (a mounted ASGI app; its router's lifespan)
