@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.routing import Match
 
 from adapters.alexa.routes import router as alexa_router
+from adapters.exotel.routes import router as exotel_router
 from adapters.flowstorm.v1.routes import router as flowstorm_v1_router
 from adapters.flowstorm.v2.routes import router as flowstorm_v2_router
 from adapters.google.routes import router as google_router
@@ -145,6 +146,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.include_router(vonage_router)
     # Plivo: the answer URL (XML) and the Audio Stream, on the shared call engine
     app.include_router(plivo_router)
+    # Exotel: the Voicebot applet's stream (Basic auth), on the shared call engine
+    app.include_router(exotel_router)
     # call control: POST /v1/calls (admin key) through each carrier's dialer, transfers
     mount_calls(app, {"twilio": TwilioDialer(), "telnyx": TelnyxDialer()})
     # Voiceflow socket.io at /v4/interact/socket (a mounted ASGI app; its router's lifespan)

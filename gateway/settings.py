@@ -521,6 +521,14 @@ class Settings(BaseSettings):
     plivo_api_base_url: str = Field(
         default="https://api.plivo.com", description="Base URL of the Plivo REST API."
     )
+    exotel_api_key: str | None = Field(
+        default=None,
+        description="Exotel API key: the Voicebot applet's stream URL carries it as Basic "
+        "auth (wss://KEY:TOKEN@host/exotel/stream); unset (or no token): streams refused.",
+    )
+    exotel_api_token: SecretStr | None = Field(
+        default=None, description="Exotel API token (the Basic auth password of the stream)."
+    )
 
     # Voiceflow socket.io (/v4/interact/socket)
     voiceflow_secret: SecretStr | None = Field(
