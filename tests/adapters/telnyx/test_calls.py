@@ -20,6 +20,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from adapters.telnyx.control import read_client_state
+from gateway.events import ResponseItem, transfer_item
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from gateway.speech.tts import PiperSynthesizer
@@ -234,3 +235,47 @@ async def test_unsigned_forged_and_tokenless_requests_are_refused(speech: Speech
                 pass
         assert refused.value.response.status_code == 403
         assert not gw.core.turns
+
+
+async def test_transfer_happens_only_after_the_preceding_audio_played(
+    speech: SpeechService,
+) -> None:
+    from tests.adapters.twilio.test_outbound import Scripted
+
+    async with telnyx_gateway(speech) as (gw, api):
+        core = Scripted(
+            {
+                "#intro": [
+                    ResponseItem(text="Let me put you through to a colleague."),
+                    transfer_item("+15550123", reason="asked for a person"),
+                    ResponseItem(text="This is never heard."),
+                ]
+            }
+        )
+        gw.app.state.gateway.conversation.pipeline = core
+        async with TelnyxHarness.dial(gw.url, hold=lambda name: True) as call:
+            await call.wait_for(lambda: len(call.held) >= 2, 20)
+            spoken, final = call.held[:2]
+            assert final.startswith("end-")
+            heard = len(call.media_frames())
+            assert heard > 0
+            await asyncio.sleep(0.5)
+            assert api.requests == []  # nothing before the audio has played
+            await call.release(spoken)
+            await asyncio.sleep(0.3)
+            assert api.requests == []  # the final mark is not back yet
+            await call.release(final)
+            await call.wait_for(lambda: call.closed_at is not None, within_s=10)
+            (command,) = api.requests
+            assert (command.method, command.path) == (
+                "POST",
+                f"/v2/calls/{call.ccid}/actions/transfer",
+            )
+            assert command.headers["authorization"] == "Bearer KEY-T"
+            assert command.json == {"to": "+15550123"}
+            assert len(call.media_frames()) == heard  # the item after the transfer: not played
+        records = list(gw.app.state.callcontrol.transfers)
+        assert [
+            (r["channel"], r["callId"], r["target"], r["reason"], r["ok"]) for r in records
+        ] == [("telnyx", call.ccid, "+15550123", "asked for a person", True)]
+        assert not await session_exists(gw, call.ccid)
