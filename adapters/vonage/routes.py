@@ -13,7 +13,10 @@ Spec: shared/specs/CARRIERS.md "Vonage Voice API WebSocket (linear16)".
   binary 16-bit PCM; served by :class:`gateway.io.call.CallRunner` with
   :class:`~adapters.vonage.protocol.VonageCodec`. A forged, expired or used token is
   refused before the upgrade (HTTP 403). The call ends by closing the socket (the
-  NCCO has nothing after the ``connect``, so Vonage hangs up).
+  NCCO has nothing after the ``connect``, so Vonage hangs up). A transfer item is
+  carried out after the audio before it played, with ``PUT /v1/calls/{uuid}``
+  (``transfer`` to an NCCO ``connect``; RS256 JWT of GATEWAY_VONAGE_APPLICATION_ID /
+  GATEWAY_VONAGE_PRIVATE_KEY), recorded like every carrier's transfer.
 """
 
 from __future__ import annotations
@@ -30,15 +33,19 @@ from urllib.parse import urlsplit, urlunsplit
 from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
+from adapters.vonage import control as vonage
 from adapters.vonage.openapi import VONAGE_ANSWER
 from adapters.vonage.protocol import VonageCodec, ncco
 from adapters.vonage.verify import VonageVerifier
 from gateway.callcodec import VerificationRefused
+from gateway.callcontrol import CallControl
 from gateway.calls import public_url
+from gateway.calls import transfer as record_transfer
 from gateway.deps import gateway_of
 from gateway.httputil import problem
 from gateway.io.call import CallRunner, CallTokens, call_config, use_token
 from gateway.io.websocket import SEND_ERRORS
+from gateway.protocol.call import Transfer
 
 log = logging.getLogger("gateway.vonage")
 
@@ -53,6 +60,7 @@ class VonageChannel:
 
     verifier: VonageVerifier | None
     tokens: CallTokens
+    auth: vonage.VonageAuth | None = None
     calls: dict[str, CallRunner] = field(default_factory=dict)
 
 
@@ -64,7 +72,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     verifier = VonageVerifier(secret.get_secret_value()) if secret else None
     if verifier is None:
         log.warning("GATEWAY_VONAGE_SIGNATURE_SECRET is unset: /vonage/answer refuses every call")
-    app.state.vonage = VonageChannel(verifier, CallTokens(gw.secret_keys.key(STREAM_TOKEN)))
+    key = settings.vonage_private_key
+    auth = (
+        vonage.VonageAuth(
+            settings.vonage_application_id, key.get_secret_value(), settings.vonage_api_base_url
+        )
+        if key and settings.vonage_application_id
+        else None
+    )
+    app.state.vonage = VonageChannel(verifier, CallTokens(gw.secret_keys.key(STREAM_TOKEN)), auth)
     yield
 
 
@@ -135,12 +151,24 @@ async def stream(websocket: WebSocket, token: str) -> None:
     except SEND_ERRORS:
         return
     codec = VonageCodec(frame_ms=20)
+
+    async def transfer(runner: CallRunner, action: Transfer) -> None:
+        if channel.auth is None:
+            log.warning("Vonage call %s: no application key to transfer with", action.call_id)
+            return
+        request = vonage.transfer(channel.auth, action.call_id, action.target, time.time())
+        control: CallControl = websocket.app.state.callcontrol
+        await record_transfer(
+            control, CHANNEL, action.call_id, action.target, action.reason, request
+        )
+
     runner = CallRunner(
         websocket,
         gw,
         codec,
         call_config(gw.settings, CHANNEL),
         call_id=grant.call_id,
+        transfer=transfer,
         calls=channel.calls,
     )
     await runner.serve()

@@ -201,3 +201,71 @@ async def test_stream_tokens_are_one_time_and_unforgeable(speech: SpeechService)
             async with connect(local + forged):
                 pass
         assert bad.value.response.status_code == 403
+
+
+async def test_transfer_happens_only_after_the_preceding_audio_played(
+    speech: SpeechService,
+) -> None:
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from gateway.events import ResponseItem, transfer_item
+    from tests.adapters.twilio.test_outbound import Scripted
+    from tests.calls.carrier_api import carrier_api
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    async with (
+        carrier_api() as api,
+        vonage_gateway(
+            speech,
+            vonage_application_id="app-1",
+            vonage_private_key=SecretStr(pem),
+            vonage_api_base_url=api.url,
+        ) as gw,
+    ):
+        gw.app.state.gateway.conversation.pipeline = Scripted(
+            {
+                "#intro": [
+                    ResponseItem(text="Let me put you through to a colleague."),
+                    transfer_item("+15550123", reason="asked for a person"),
+                    ResponseItem(text="This is never heard."),
+                ]
+            }
+        )
+        async with VonageHarness.dial(gw.url, hold=lambda name: True) as call:
+            await call.wait_for(lambda: len(call.held) >= 2, 20)
+            spoken, final = call.held[:2]
+            assert final.startswith("end-")
+            heard = len(call.media_frames())
+            await asyncio.sleep(0.5)
+            assert api.requests == []
+            await call.release(spoken)
+            await asyncio.sleep(0.3)
+            assert api.requests == []  # the final notify is not back yet
+            await call.release(final)
+            await call.wait_for(lambda: call.closed_at is not None, within_s=10)
+            (command,) = api.requests
+            assert (command.method, command.path) == ("PUT", f"/v1/calls/{call.call_uuid}")
+            token = command.headers["authorization"].removeprefix("Bearer ")
+            claims = pyjwt.decode(token, private.public_key(), algorithms=["RS256"])
+            assert claims["application_id"] == "app-1"
+            assert command.json == {
+                "action": "transfer",
+                "destination": {
+                    "type": "ncco",
+                    "ncco": [
+                        {"action": "connect", "endpoint": [{"type": "phone", "number": "15550123"}]}
+                    ],
+                },
+            }
+            assert len(call.media_frames()) == heard
+        records = list(gw.app.state.callcontrol.transfers)
+        assert [(r["channel"], r["callId"], r["target"], r["ok"]) for r in records] == [
+            ("vonage", call.call_uuid, "+15550123", True)
+        ]
