@@ -70,7 +70,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal
 
@@ -116,9 +116,11 @@ from gateway.protocol.call import (
     NOISE,
     SESSION_END,
     SPEECH,
+    _Turn,
 )
 from gateway.protocol.call import INBOUND as INBOUND
 from gateway.protocol.call import TRANSITIONS as TRANSITIONS
+from gateway.protocol.call import CallConfig as CallConfig
 from gateway.protocol.call import CallStateMachine as CallStateMachine
 from gateway.protocol.call import DtmfCollector as DtmfCollector
 from gateway.protocol.call import DtmfMode as DtmfMode
@@ -535,38 +537,6 @@ stage) and CancelListening (see gateway/protocol/actions.py)."""
 
 
 # ------------------------------------------------------------------ the call
-
-
-@dataclass(frozen=True)
-class CallConfig:
-    """How calls behave (from Settings, see gateway/settings.py "Twilio" and "Speech").
-
-    ``key_allowed`` decides whether an application key may open sessions;
-    ``default_app_key`` is used when the stream's ``appKey`` parameter is missing.
-    Times are ms of audio. ``vad_min_speech_ms`` (the speech stage's) sizes the audio
-    kept for a StartListening's ``from_ms``. ``error_text`` is said when a turn fails.
-    """
-
-    key_allowed: Callable[[str | None], bool]
-    default_app_key: str = "twilio"
-    barge_in: bool = True
-    barge_in_min_speech_ms: int = 150
-    dtmf_mode: DtmfMode = "digit"
-    dtmf_timeout_ms: int = 2000
-    frame_ms: int = 20
-    silence_timeout_ms: int = 5000
-    vad_min_speech_ms: int = 150
-    error_text: str = "Sorry, something went wrong. Please try again."
-
-
-@dataclass
-class _Turn:
-    """The turn of this call that is running."""
-
-    discarded: bool = False  # interrupted: its output is dropped
-    ended: bool = False  # its Response ended the session
-    transfer: bool = False  # it holds a transfer item: the call is handed over after its audio
-    failed: bool = False  # it gave an ErrorEvent (said as error_text)
 
 
 @dataclass
