@@ -21,9 +21,13 @@ from websockets.exceptions import InvalidStatus
 
 from adapters.telnyx.control import read_client_state
 from gateway.events import ResponseItem, transfer_item
+from gateway.settings import Settings
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
+from gateway.speech.stage import ListenOptions
+from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
+from gateway.speech.tts_cache import MemoryTtsCache
 from tests.adapters.telnyx.harness import (
     PUBLIC_KEY,
     TelnyxHarness,
@@ -31,7 +35,7 @@ from tests.adapters.telnyx.harness import (
     local,
     signed,
 )
-from tests.adapters.twilio.helpers import Served, twilio_gateway
+from tests.adapters.twilio.helpers import PUBLIC, Served, twilio_gateway
 from tests.calls.carrier_api import CarrierApi, carrier_api
 from tests.speech import normalise, wer
 
@@ -237,9 +241,25 @@ async def test_unsigned_forged_and_tokenless_requests_are_refused(speech: Speech
         assert not gw.core.turns
 
 
+@pytest.fixture
+def fresh_speech(piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer) -> SpeechService:
+    """A speech service of this test's own: its TTS pool lives in this test's event loop
+    (the session-wide one can be bound to an earlier test's loop when it synthesizes
+    new text), on the shared Piper voice and recognizer."""
+    settings = Settings()
+    return SpeechService(
+        recognizer_factory=lambda: recognizer,
+        synthesizer=piper,
+        cache=MemoryTtsCache(),
+        public_url=PUBLIC,
+        listen_defaults=ListenOptions(silence_timeout_ms=settings.silence_timeout_ms),
+    )
+
+
 async def test_transfer_happens_only_after_the_preceding_audio_played(
-    speech: SpeechService,
+    fresh_speech: SpeechService,
 ) -> None:
+    speech = fresh_speech
     from tests.adapters.twilio.test_outbound import Scripted
 
     async with telnyx_gateway(speech) as (gw, api):

@@ -18,10 +18,14 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from gateway.settings import Settings
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
+from gateway.speech.stage import ListenOptions
+from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
-from tests.adapters.twilio.helpers import Served, twilio_gateway, until
+from gateway.speech.tts_cache import MemoryTtsCache
+from tests.adapters.twilio.helpers import PUBLIC, Served, twilio_gateway, until
 from tests.adapters.vonage.harness import SECRET, VonageHarness, ask_ncco, signed
 from tests.speech import normalise, wer
 
@@ -203,9 +207,25 @@ async def test_stream_tokens_are_one_time_and_unforgeable(speech: SpeechService)
         assert bad.value.response.status_code == 403
 
 
+@pytest.fixture
+def fresh_speech(piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer) -> SpeechService:
+    """A speech service of this test's own: its TTS pool lives in this test's event loop
+    (the session-wide one can be bound to an earlier test's loop when it synthesizes
+    new text), on the shared Piper voice and recognizer."""
+    settings = Settings()
+    return SpeechService(
+        recognizer_factory=lambda: recognizer,
+        synthesizer=piper,
+        cache=MemoryTtsCache(),
+        public_url=PUBLIC,
+        listen_defaults=ListenOptions(silence_timeout_ms=settings.silence_timeout_ms),
+    )
+
+
 async def test_transfer_happens_only_after_the_preceding_audio_played(
-    speech: SpeechService,
+    fresh_speech: SpeechService,
 ) -> None:
+    speech = fresh_speech
     import jwt as pyjwt
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
