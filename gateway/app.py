@@ -19,14 +19,17 @@ from starlette.requests import Request
 from starlette.routing import Match
 
 from adapters.alexa.routes import router as alexa_router
+from adapters.exotel.routes import router as exotel_router
 from adapters.flowstorm.v1.routes import router as flowstorm_v1_router
 from adapters.flowstorm.v2.routes import router as flowstorm_v2_router
 from adapters.google.routes import router as google_router
+from adapters.plivo.routes import router as plivo_router
 from adapters.telnyx.routes import TelnyxDialer
 from adapters.telnyx.routes import router as telnyx_router
 from adapters.twilio.calls import TwilioDialer
 from adapters.twilio.routes import router as twilio_router
 from adapters.voiceflow.routes import mount as mount_voiceflow
+from adapters.vonage.routes import router as vonage_router
 from gateway import apidoc, console
 from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.calls import mount as mount_calls
@@ -170,6 +173,12 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.include_router(twilio_router)
     # Telnyx: the Call Control webhooks of calls placed here (answering-machine results)
     app.include_router(telnyx_router)
+    # Vonage: the answer URL (NCCO) and the WebSocket stream, on the shared call engine
+    app.include_router(vonage_router)
+    # Plivo: the answer URL (XML) and the Audio Stream, on the shared call engine
+    app.include_router(plivo_router)
+    # Exotel: the Voicebot applet's stream (Basic auth), on the shared call engine
+    app.include_router(exotel_router)
     # call control: POST /v1/calls (admin key) through each carrier's dialer, transfers
     mount_calls(app, {"twilio": TwilioDialer(), "telnyx": TelnyxDialer()})
     # Voiceflow socket.io at /v4/interact/socket (a mounted ASGI app; its router's lifespan)

@@ -516,12 +516,28 @@ class Settings(BaseSettings):
     vonage_api_base_url: str = Field(
         default="https://api.nexmo.com", description="Base URL of the Vonage Voice API."
     )
+    vonage_signature_secret: SecretStr | None = Field(
+        default=None,
+        description="The Vonage account's signature secret (Dashboard -> Settings): signed "
+        "webhooks (the answer URL) are verified with it (HS256 JWT); unset: refused.",
+    )
+    vonage_sample_rate: int = Field(
+        default=16000, description="The rate of the Vonage WebSocket's linear PCM (8000/16000)."
+    )
     plivo_auth_id: str | None = Field(default=None, description="Plivo Auth ID (Basic auth user).")
     plivo_auth_token: SecretStr | None = Field(
         default=None, description="Plivo Auth Token (Basic auth password)."
     )
     plivo_api_base_url: str = Field(
         default="https://api.plivo.com", description="Base URL of the Plivo REST API."
+    )
+    exotel_api_key: str | None = Field(
+        default=None,
+        description="Exotel API key: the Voicebot applet's stream URL carries it as Basic "
+        "auth (wss://KEY:TOKEN@host/exotel/stream); unset (or no token): streams refused.",
+    )
+    exotel_api_token: SecretStr | None = Field(
+        default=None, description="Exotel API token (the Basic auth password of the stream)."
     )
     # proactive push, outbox and session view (/v1/push, /v1/sessions/{id}; gateway/push.py)
     outbox_max: int = Field(

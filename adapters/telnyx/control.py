@@ -96,16 +96,18 @@ def dial(
     state: dict[str, Any],
     machine_detection: bool = True,
     webhook_url: str | None = None,
+    stream_auth_token: str | None = None,
 ) -> RestRequest:
     """Place a call whose answer streams to ``stream_url`` (bidirectional RTP, PCMU
     8 kHz: :func:`adapters.telnyx.protocol.stream_fields`); ``state`` travels as
     ``client_state``; AMD ``detect`` when ``machine_detection``; the call's webhooks
-    go to ``webhook_url`` when given (else the connection's)."""
+    go to ``webhook_url`` when given (else the connection's); ``stream_auth_token``
+    authenticates the stream's WebSocket (the gateway's one-time token)."""
     body: dict[str, Any] = {
         "connection_id": connection_id,
         "to": to,
         "from": from_,
-        **stream_fields(stream_url),
+        **stream_fields(stream_url, auth_token=stream_auth_token),
         "client_state": client_state(state),
     }
     if machine_detection:

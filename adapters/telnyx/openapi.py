@@ -26,3 +26,19 @@ POST_TELNYX_OUTBOUND: dict[str, Any] = dict(
     },
 )
 """Documenting keyword arguments of ``POST /telnyx/outbound``."""
+
+POST_TELNYX_TEXML: dict[str, Any] = dict(
+    summary="Telnyx TeXML answer of an inbound call: connect its media stream",
+    description="Verified like the Call Control webhooks (Ed25519). Answers "
+    '`<Response><Connect><Stream url="wss://…/telnyx/stream?token=…" '
+    'bidirectionalMode="rtp" …/></Connect></Response>`; `?appKey=` names the application.',
+    responses={
+        200: {"description": "TeXML", "content": {"application/xml": {"schema": {}}}},
+        400: {"description": "Bad body", "content": _PROBLEM},
+        401: {"description": "Unsigned", "content": _PROBLEM},
+        403: {"description": "Bad or stale signature, or no key set", "content": _PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        503: {"description": "GATEWAY_TELNYX_API_KEY unset", "content": _PROBLEM},
+    },
+)
+"""Documenting keyword arguments of ``POST /telnyx/texml``."""

@@ -8,9 +8,26 @@ as ``#machine`` (attributes ``answeredBy``, ``callControlId``, ``clientState``) 
 call's stream through ``callcontrol.machine_answers`` (the Telnyx stream route registers
 there under its ``call_control_id``). 200 ``{}``.
 
+``/telnyx/stream`` — the call's media stream (Telnyx Media Streaming, bidirectional RTP)
+on the shared call engine (:class:`gateway.io.call.CallRunner` with
+:class:`~adapters.telnyx.protocol.TelnyxCodec`). The upgrade must carry a one-time
+stream token: the ``stream_auth_token`` the dial set, taken from ``Authorization:
+Bearer <token>`` (how Telnyx presents ``stream_auth_token`` is [unverified]) or from a
+``token`` query parameter (the TeXML answer's URL); otherwise refused before the
+upgrade (HTTP 403). Tokens are keyed by GATEWAY_TELNYX_API_KEY (every instance with the
+same key checks them; used once through the nonce store). The start's ``client_state``
+(:func:`adapters.telnyx.control.read_client_state`) gives an outbound call's app key and
+``#intro`` attributes; the stream registers with ``callcontrol.machine_answers`` under
+its ``call_control_id``. The call ends with the ``hangup`` command after the last
+audio's mark (a ``transfer`` command for a transfer item).
+
+``POST /telnyx/texml`` — an inbound call's TeXML answer (Ed25519-verified like the
+webhooks): ``<Connect><Stream url="wss://…/telnyx/stream?token=…" bidirectionalMode="rtp"
+…>``.
+
 Outbound (:class:`TelnyxDialer`): ``POST /v2/calls`` with ``connection_id``
-GATEWAY_TELNYX_CONNECTION_ID, ``stream_url`` = ``wss://<public host>/telnyx/stream`` (the
-Telnyx media-stream route, still to be built on the shared call engine), ``client_state``
+GATEWAY_TELNYX_CONNECTION_ID, ``stream_url`` = ``wss://<public host>/telnyx/stream``,
+``stream_auth_token`` (a one-time stream token), ``client_state``
 = base64 JSON ``{"direction": "outbound", "appKey", "to", "from", "attributes"}`` (Telnyx
 echoes it on the call's webhooks; :func:`adapters.telnyx.control.read_client_state` and
 ``intro_attributes`` read it), ``answering_machine_detection`` ``detect`` and
@@ -19,22 +36,32 @@ echoes it on the call's webhooks; :func:`adapters.telnyx.control.read_client_sta
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import time
+from typing import Final
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
 from adapters.telnyx import control as telnyx
-from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND
+from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_TEXML
+from adapters.telnyx.protocol import TelnyxCodec, texml
 from adapters.telnyx.verify import TelnyxVerifier
-from gateway.callcodec import VerificationRefused
-from gateway.callcontrol import CallControl, RestAnswer, RestRequest
+from gateway.callcodec import VerificationRefused, load_frame
+from gateway.callcontrol import CallControl, CallControlError, RestAnswer, RestRequest
 from gateway.calls import CallRefused, OutboundCall, public_url, wss_url
-from gateway.deps import gateway_of
+from gateway.calls import transfer as record_transfer
+from gateway.deps import Gateway, gateway_of
+from gateway.events import Input
 from gateway.httputil import problem, read_body
+from gateway.io.call import CallRunner, CallTokens, call_config, use_token
+from gateway.io.websocket import SEND_ERRORS
 from gateway.protocol import ProtocolError
+from gateway.protocol.call import CallAction, Transfer
 from gateway.settings import Settings
 
 log = logging.getLogger("adapters.telnyx")
@@ -46,6 +73,20 @@ def telnyx_auth(settings: Settings) -> telnyx.TelnyxAuth | None:
     """Telnyx REST credentials of ``settings`` (None without an API key)."""
     key = settings.telnyx_api_key
     return telnyx.TelnyxAuth(key.get_secret_value(), settings.telnyx_api_base_url) if key else None
+
+
+CHANNEL: Final = "telnyx"
+OUTBOUND_CALL: Final = "outbound"
+"""The call id of a dial's stream token (the call_control_id is not known before the dial)."""
+
+
+def stream_tokens(settings: Settings) -> CallTokens | None:
+    """The stream token issuer/checker, keyed by the API key (None without one)."""
+    key = settings.telnyx_api_key
+    if not key:
+        return None
+    secret = hashlib.sha256(b"telnyx-stream-token\0" + key.get_secret_value().encode()).digest()
+    return CallTokens(secret)
 
 
 class TelnyxDialer:
@@ -72,8 +113,11 @@ class TelnyxDialer:
             "from": call.from_,
             "attributes": call.attributes,
         }
+        tokens = stream_tokens(settings)
+        assert tokens is not None  # an API key is set
         return telnyx.dial(
             tauth,
+            stream_auth_token=tokens.issue(OUTBOUND_CALL, time.time()),
             connection_id=settings.telnyx_connection_id,
             to=call.to,
             from_=call.from_,
@@ -121,3 +165,157 @@ async def telnyx_outbound(request: Request) -> Response:
             "" if delivered else " (kept for its stream)",
         )
     return JSONResponse({})
+
+
+# ------------------------------------------------------------------ inbound TeXML
+
+
+def _verified(settings: Settings, body: bytes, request: Request) -> Response | None:
+    """None when the webhook's Ed25519 signature is good; else the problem to answer."""
+    if not settings.telnyx_public_key:
+        log.warning("Telnyx webhook refused: GATEWAY_TELNYX_PUBLIC_KEY is not set")
+        return problem(403, "Forbidden", "Telnyx webhooks are not accepted (no public key).")
+    try:
+        TelnyxVerifier(settings.telnyx_public_key).check_headers(body, request.headers, time.time())
+    except VerificationRefused as exc:
+        log.warning("Telnyx webhook refused (%d): %s", exc.status, exc.reason)
+        title = "Unauthorized" if exc.status == 401 else "Forbidden"
+        return problem(exc.status, title, exc.reason)
+    return None
+
+
+@router.post("/telnyx/texml", response_model=None, **POST_TELNYX_TEXML)
+async def telnyx_texml(request: Request) -> Response:
+    """An inbound call's TeXML answer (module doc); ``?appKey=`` names the application."""
+    settings = gateway_of(request).settings
+    try:
+        body = await read_body(request, settings.max_body_bytes)
+    except ProtocolError as exc:
+        return problem(exc.status, "Bad Request", exc.text)
+    refused = _verified(settings, body, request)
+    if refused is not None:
+        return refused
+    tokens = stream_tokens(settings)
+    if tokens is None:
+        return problem(503, "Service Unavailable", "Set GATEWAY_TELNYX_API_KEY.")
+    query = {"token": tokens.issue(OUTBOUND_CALL, time.time())}
+    app_key = request.query_params.get("appKey")
+    if app_key:
+        query["appKey"] = app_key[:128]
+    url = wss_url(settings.public_url, "/telnyx/stream") + "?" + urlencode(query)
+    return Response(texml(url), media_type="application/xml")
+
+
+# ------------------------------------------------------------------ the stream
+
+
+class TelnyxCall(CallRunner):
+    """A Telnyx stream on the shared engine: ``client_state`` read at the start, machine
+    answers routed in, the hangup/transfer commands sent at the end."""
+
+    def __init__(self, ws: WebSocket, gw: Gateway, app_key: str | None) -> None:
+        super().__init__(
+            ws,
+            gw,
+            TelnyxCodec(),
+            call_config(gw.settings, CHANNEL),
+            hang_up=_hang_up,
+            transfer=_transfer,
+        )
+        self.control: CallControl = ws.app.state.callcontrol
+        self.auth = telnyx_auth(gw.settings)
+        if app_key:
+            self.call.extra_parameters["appKey"] = app_key
+        self._registered: str | None = None
+
+    def received(self, frame: str | bytes) -> list[CallAction]:
+        if self.call.info is None and isinstance(frame, str) and '"client_state"' in frame:
+            self._read_client_state(frame)
+        return super().received(frame)
+
+    def _read_client_state(self, frame: str) -> None:
+        """The start's ``client_state`` (base64 JSON the dial set) as stream parameters."""
+        with contextlib.suppress(ProtocolError):
+            message = load_frame(frame, "Telnyx")
+            start = message.get("start")
+            value = start.get("client_state") if isinstance(start, dict) else None
+            state = telnyx.read_client_state(value if isinstance(value, str) else None)
+            if state.get("direction") != "outbound":
+                return
+            extra = self.call.extra_parameters
+            extra["direction"] = "outbound"
+            for key in ("appKey", "to", "from"):
+                if isinstance(state.get(key), str):
+                    extra[key] = state[key]
+            if isinstance(state.get("attributes"), dict):
+                extra["attributes"] = json.dumps(state["attributes"])
+
+    def started(self, call_id: str) -> None:
+        self._registered = call_id
+        self.control.machine_answers.register(call_id, self._machine)
+
+    def _machine(self, machine: Input) -> None:
+        answered_by = str(machine.attributes.get("answeredBy", "machine"))
+        self.spawn(self.run(self.call.machine_answered(answered_by)), "machine answer")
+
+    async def shutdown(self) -> None:
+        if self._registered is not None:
+            self.control.machine_answers.unregister(self._registered)
+        await super().shutdown()
+
+
+async def _hang_up(runner: CallRunner, call_id: str) -> None:
+    """The ``hangup`` command (422/90018: already over, fine)."""
+    assert isinstance(runner, TelnyxCall)
+    if runner.auth is None:
+        return
+    try:
+        answer = await runner.control.send(telnyx.hang_up(runner.auth, call_id))
+    except CallControlError as exc:
+        log.warning("Telnyx call %s: hang-up failed: %s", call_id, exc)
+        return
+    if not answer.ok and not telnyx.already_ended(answer):
+        log.warning("Telnyx call %s: hang-up refused: HTTP %d", call_id, answer.status)
+
+
+async def _transfer(runner: CallRunner, action: Transfer) -> None:
+    """The ``transfer`` command, recorded (gateway/calls.py)."""
+    assert isinstance(runner, TelnyxCall)
+    if runner.auth is None:
+        log.warning("Telnyx call %s: no API key to transfer with", action.call_id)
+        return
+    request = telnyx.transfer(runner.auth, action.call_id, action.target)
+    await record_transfer(
+        runner.control, CHANNEL, action.call_id, action.target, action.reason, request
+    )
+
+
+def _stream_token(websocket: WebSocket) -> str:
+    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return websocket.query_params.get("token", "")
+
+
+@router.websocket("/telnyx/stream")
+async def telnyx_stream(websocket: WebSocket) -> None:
+    """A call's media stream (module doc)."""
+    gw = gateway_of(websocket)
+    tokens = stream_tokens(gw.settings)
+    try:
+        if tokens is None:
+            raise VerificationRefused("GATEWAY_TELNYX_API_KEY is not set")
+        token = _stream_token(websocket)
+        if not token:
+            raise VerificationRefused("no stream token", status=401)
+        await use_token(gw, tokens, CHANNEL, token)
+    except VerificationRefused as exc:
+        log.warning("Telnyx stream refused: %s", exc.reason)
+        with contextlib.suppress(*SEND_ERRORS):
+            await websocket.close(code=1008)  # before accept: HTTP 403
+        return
+    try:
+        await websocket.accept()
+    except SEND_ERRORS:
+        return
+    await TelnyxCall(websocket, gw, websocket.query_params.get("appKey")).serve()

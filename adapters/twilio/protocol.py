@@ -70,10 +70,8 @@ import itertools
 import json
 import math
 import re
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
@@ -95,9 +93,7 @@ from gateway.events import (
 from gateway.protocol import (
     MAX_JSON_DEPTH,
     MAX_NUMBER_CHARS,
-    Expected,
     ProtocolError,
-    StateMachine,
     integer,
     load_json,
     validate,
@@ -110,6 +106,26 @@ from gateway.protocol.actions import (
     StartListening,
     StartTurn,
 )
+from gateway.protocol.call import (
+    BARGE_IN,
+    DISCONNECT,
+    FINAL_MARK,
+    FLOOR,
+    INPUT,
+    INTERRUPT,
+    NOISE,
+    SESSION_END,
+    SPEECH,
+    _Turn,
+)
+from gateway.protocol.call import INBOUND as INBOUND
+from gateway.protocol.call import TRANSITIONS as TRANSITIONS
+from gateway.protocol.call import CallConfig as CallConfig
+from gateway.protocol.call import CallStateMachine as CallStateMachine
+from gateway.protocol.call import DtmfCollector as DtmfCollector
+from gateway.protocol.call import DtmfMode as DtmfMode
+from gateway.protocol.call import MarkBook as MarkBook
+from gateway.protocol.call import State as State
 from gateway.speech.audio import AudioFormat, frames
 from gateway.speech.types import TtsRequest
 from gateway.turn import TurnContext, TurnRejected
@@ -448,198 +464,8 @@ def busy_twiml(text: str) -> str:
 
 # ------------------------------------------------------------------ state machine
 
-
-class State(StrEnum):
-    """Where a call is."""
-
-    AWAIT_CONNECTED = "await-connected"
-    """The socket is open; nothing received yet."""
-    AWAIT_START = "await-start"
-    """``connected`` came; ``start`` (the call's metadata) has not."""
-    BOT = "bot"
-    """The bot has the floor: a turn runs and/or its audio plays (marks pending)."""
-    CALLER = "caller"
-    """The caller has the floor: waiting for speech, a key or the silence timeout."""
-    HEARING = "hearing"
-    """The caller speaks: a listener recognises the utterance."""
-    ENDING = "ending"
-    """The session ended: the last audio plays; the final mark is awaited."""
-    CLOSED = "closed"
-    """Hung up, stopped or disconnected."""
-
-
-# Events besides the inbound messages (connected, start, media, dtmf, mark, stop):
-INPUT = "input"  # an input is committed: it becomes the next turn
-INTERRUPT = "interrupt"  # a key interrupted the bot (collect mode: more keys to come)
-BARGE_IN = "barge-in"  # the caller's speech interrupted the bot
-SPEECH = "speech"  # a voice onset on the caller's floor
-NOISE = "noise"  # the utterance held no words and nothing is to be answered
-FLOOR = "floor"  # the bot's turn is over and its audio played
-SESSION_END = "session-end"  # a Response ended the session
-FINAL_MARK = "final-mark"  # the final mark came back (or its wait ran out)
-DISCONNECT = "disconnect"  # the socket is gone
-INBOUND: Final = ("connected", "start", "media", "dtmf", "mark", "stop")
-
-
-def _build_transitions() -> dict[tuple[State, str], State]:
-    s = State
-    table: dict[tuple[State, str], State] = {
-        (s.AWAIT_CONNECTED, "connected"): s.AWAIT_START,
-        (s.AWAIT_CONNECTED, "start"): s.BOT,  # a missing `connected` carries nothing we need
-        (s.AWAIT_START, "start"): s.BOT,
-        # the bot's floor
-        (s.BOT, INPUT): s.BOT,  # a waiting input starts its turn
-        (s.BOT, INTERRUPT): s.CALLER,
-        (s.BOT, BARGE_IN): s.HEARING,
-        (s.BOT, FLOOR): s.CALLER,
-        (s.BOT, SESSION_END): s.ENDING,
-        # the caller's floor
-        (s.CALLER, SPEECH): s.HEARING,
-        (s.CALLER, INPUT): s.BOT,
-        (s.CALLER, SESSION_END): s.ENDING,  # an interrupted turn ended the session
-        (s.HEARING, INPUT): s.BOT,
-        (s.HEARING, NOISE): s.CALLER,
-        (s.HEARING, SESSION_END): s.ENDING,
-        # the end
-        (s.ENDING, FINAL_MARK): s.CLOSED,
-    }
-    for state in (s.BOT, s.CALLER, s.HEARING, s.ENDING):
-        for event in ("media", "dtmf", "mark"):
-            table[(state, event)] = state
-    for state in s:
-        table[(state, "stop")] = s.CLOSED
-        table[(state, DISCONNECT)] = s.CLOSED
-    for event in INBOUND:  # late frames after the end are ignored
-        table[(s.CLOSED, event)] = s.CLOSED
-    return table
-
-
-TRANSITIONS: dict[tuple[State, str], State] = _build_transitions()
-"""(state, event) -> next state for everything that may happen to a call.
-
-Events are the inbound messages (``connected``, ``start``, ``media``, ``dtmf``,
-``mark``, ``stop``) and the call's own (``input``, ``interrupt``, ``barge-in``,
-``speech``, ``noise``, ``floor``, ``session-end``, ``final-mark``, ``disconnect``).
-Anything else is a ProtocolError (e.g. ``media`` before ``start``).
-"""
-
-_FRAMES = "media, dtmf, mark or stop"
-_EXPECTED: dict[State, Expected] = {
-    state: Expected(f"Unexpected event in state {state}", expected)
-    for state, expected in (
-        (State.AWAIT_CONNECTED, "connected or start"),
-        (State.AWAIT_START, "start"),
-        (State.BOT, _FRAMES),
-        (State.CALLER, _FRAMES),
-        (State.HEARING, _FRAMES),
-        (State.ENDING, _FRAMES),
-        (State.CLOSED, "nothing more"),
-    )
-}
-
-
-class CallStateMachine(StateMachine[State, str]):
-    """The order of events of one call, checked against :data:`TRANSITIONS` (the kit's
-    StateMachine): inbound messages are fed (RemoteProtocolError), the call's own
-    events advance it (LocalProtocolError)."""
-
-    def __init__(self) -> None:
-        super().__init__(TRANSITIONS, State.AWAIT_CONNECTED, _EXPECTED)
-
-
-# ------------------------------------------------------------------ DTMF
-
-
-DtmfMode = Literal["digit", "collect"]
-
-
-class DtmfCollector:
-    """Key presses -> input text.
-
-    ``digit`` mode: every key is an input of its own. ``collect`` mode: keys
-    accumulate until ``#`` (which ends them and is not included) or until
-    ``timeout_ms`` of audio pass after the last key. ``#`` alone is no input.
-    Times are audio ms (see the module doc).
-    """
-
-    def __init__(self, mode: DtmfMode, timeout_ms: int) -> None:
-        self.mode = mode
-        self.timeout_ms = timeout_ms
-        self._digits = ""
-        self._last_ms = 0
-
-    @property
-    def collecting(self) -> bool:
-        """Whether keys are waiting for ``#`` or the pause."""
-        return bool(self._digits)
-
-    def press(self, digit: str, now_ms: int) -> str | None:
-        """Take one key at audio time ``now_ms``; the finished input, if any."""
-        if self.mode == "digit":
-            return digit
-        if digit == "#":
-            done, self._digits = self._digits, ""
-            return done or None
-        self._digits += digit
-        self._last_ms = now_ms
-        return None
-
-    def poll(self, now_ms: int) -> str | None:
-        """The collected keys once ``timeout_ms`` passed since the last one, else None."""
-        if self._digits and now_ms - self._last_ms >= self.timeout_ms:
-            done, self._digits = self._digits, ""
-            return done
-        return None
-
-    def reset(self) -> None:
-        """Forget keys collected so far."""
-        self._digits = ""
-
-
-# ------------------------------------------------------------------ marks
-
-
-class MarkBook:
-    """The marks sent and not yet echoed, in order (spec: outbound ``mark``).
-
-    Twilio plays audio in order and echoes each mark when the audio before it
-    has played, so an echo settles its mark and every mark before it. After
-    ``clear`` Twilio echoes every pending mark: :meth:`forget` drops them first,
-    and their late echoes are unknown names, ignored. Names are ``<n>`` for
-    response items and ``end-<n>`` for the final mark.
-    """
-
-    def __init__(self) -> None:
-        self._pending: OrderedDict[str, bool] = OrderedDict()  # name -> final
-        self._count = 0
-
-    @property
-    def outstanding(self) -> int:
-        """Marks sent and not echoed: > 0 while the bot's audio plays."""
-        return len(self._pending)
-
-    def new(self, *, final: bool = False) -> str:
-        """Name and register the next mark."""
-        self._count += 1
-        name = f"{_MARK_END}-{self._count}" if final else str(self._count)
-        self._pending[name] = final
-        return name
-
-    def echo(self, name: str) -> bool | None:
-        """Settle ``name`` and the marks before it; whether it was the final mark, or None
-        for a name not pending (already settled, or forgotten at a clear)."""
-        if name not in self._pending:
-            return None
-        while self._pending:
-            settled, final = self._pending.popitem(last=False)
-            if settled == name:
-                return final
-        return None  # pragma: no cover - name was in the dict
-
-    def forget(self) -> None:
-        """Drop every pending mark (the audio was cleared)."""
-        self._pending.clear()
-
+# The call's state machine, DTMF collector and mark book are the shared call engine's
+# (gateway/protocol/call.py): one state machine for every carrier.
 
 # ------------------------------------------------------------------ actions
 
@@ -711,38 +537,6 @@ stage) and CancelListening (see gateway/protocol/actions.py)."""
 
 
 # ------------------------------------------------------------------ the call
-
-
-@dataclass(frozen=True)
-class CallConfig:
-    """How calls behave (from Settings, see gateway/settings.py "Twilio" and "Speech").
-
-    ``key_allowed`` decides whether an application key may open sessions;
-    ``default_app_key`` is used when the stream's ``appKey`` parameter is missing.
-    Times are ms of audio. ``vad_min_speech_ms`` (the speech stage's) sizes the audio
-    kept for a StartListening's ``from_ms``. ``error_text`` is said when a turn fails.
-    """
-
-    key_allowed: Callable[[str | None], bool]
-    default_app_key: str = "twilio"
-    barge_in: bool = True
-    barge_in_min_speech_ms: int = 150
-    dtmf_mode: DtmfMode = "digit"
-    dtmf_timeout_ms: int = 2000
-    frame_ms: int = 20
-    silence_timeout_ms: int = 5000
-    vad_min_speech_ms: int = 150
-    error_text: str = "Sorry, something went wrong. Please try again."
-
-
-@dataclass
-class _Turn:
-    """The turn of this call that is running."""
-
-    discarded: bool = False  # interrupted: its output is dropped
-    ended: bool = False  # its Response ended the session
-    transfer: bool = False  # it holds a transfer item: the call is handed over after its audio
-    failed: bool = False  # it gave an ErrorEvent (said as error_text)
 
 
 @dataclass

@@ -440,7 +440,7 @@ class WebSocketDriver(Generic[A]):
         await asyncio.gather(*self._background, return_exceptions=True)
 
 
-class PacedSender:
+class PacedSender(Generic[T]):
     """Sends a media stream's outbound frames in order, paced to real time.
 
     For every media stream whose peer plays the audio it is sent (a phone carrier):
@@ -451,15 +451,15 @@ class PacedSender:
     clock); a message queued after them (Twilio's ``mark``) goes out right after
     the frames before it. After an underrun (nothing to send for a while) the
     schedule restarts from now. :meth:`run` is the sender task (until cancelled).
+    ``T`` is the frame type ``send`` takes (``str``; ``str | bytes`` for carriers
+    with binary audio, such as Vonage).
     """
 
-    def __init__(
-        self, send: Callable[[str], Awaitable[None]], frame_ms: int, ahead_ms: int
-    ) -> None:
+    def __init__(self, send: Callable[[T], Awaitable[None]], frame_ms: int, ahead_ms: int) -> None:
         self._send = send
         self._frame_s = frame_ms / 1000
         self._ahead_s = ahead_ms / 1000
-        self._queue: deque[tuple[bool, str]] = deque()  # (is media, message)
+        self._queue: deque[tuple[bool, T]] = deque()  # (is media, message)
         self._wake = asyncio.Event()
         self._end = 0.0  # loop time when the audio sent so far has played
 
@@ -468,13 +468,13 @@ class PacedSender:
         """Audio queued and not yet sent, in ms."""
         return round(sum(1 for media, _ in self._queue if media) * self._frame_s * 1000)
 
-    def play(self, messages: Sequence[str], mark: str) -> None:
+    def play(self, messages: Sequence[T], mark: T) -> None:
         """Queue media frames and the mark after them."""
         self._queue.extend((True, message) for message in messages)
         self._queue.append((False, mark))
         self._wake.set()
 
-    async def interrupt(self, clear: str) -> None:
+    async def interrupt(self, clear: T) -> None:
         """Drop everything queued and send ``clear`` now."""
         self._queue.clear()
         self._end = 0.0

@@ -1,0 +1,84 @@
+"""Exotel calls: the Voicebot applet's bidirectional stream, on the shared call engine.
+
+Spec: shared/specs/CARRIERS.md "Exotel". There is no answer document: the Voicebot
+applet of an App Bazaar flow points at ``wss://KEY:TOKEN@<public host>/exotel/stream``
+(``?sample-rate=8000|16000``, up to 3 custom parameters such as ``appKey``), and Exotel
+presents the credentials as ``Authorization: Basic`` on the upgrade, checked by
+:class:`~adapters.exotel.verify.ExotelVerifier` against GATEWAY_EXOTEL_API_KEY /
+GATEWAY_EXOTEL_API_TOKEN: refused before the upgrade (HTTP 403) otherwise, and when they
+are unset. The stream (``connected``, ``start``, ``media``, ``dtmf``, ``mark``,
+``stop``; base64 16-bit PCM) is served by :class:`gateway.io.call.CallRunner` with
+:class:`~adapters.exotel.protocol.ExotelCodec` (chunks in multiples of 320 bytes, sent
+unpaced: Exotel buffers). The call ends by closing the socket after the last audio's
+mark came back (the flow's next applet runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Final
+
+from fastapi import APIRouter, FastAPI, WebSocket
+
+from adapters.exotel.protocol import ExotelCodec
+from adapters.exotel.verify import ExotelVerifier
+from gateway.callcodec import VerificationRefused
+from gateway.deps import gateway_of
+from gateway.io.call import CallRunner, call_config
+from gateway.io.websocket import SEND_ERRORS
+
+log = logging.getLogger("gateway.exotel")
+
+CHANNEL: Final = "exotel"
+
+
+@dataclass
+class ExotelChannel:
+    """The Exotel channel's per-app state (this router's lifespan)."""
+
+    verifier: ExotelVerifier | None
+    calls: dict[str, CallRunner] = field(default_factory=dict)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings = app.state.gateway.settings
+    token = settings.exotel_api_token.get_secret_value() if settings.exotel_api_token else ""
+    verifier = None
+    if settings.exotel_api_key and token:
+        verifier = ExotelVerifier(settings.exotel_api_key, token)
+    else:
+        log.warning("GATEWAY_EXOTEL_API_KEY/TOKEN are unset: /exotel/stream refuses every call")
+    app.state.exotel = ExotelChannel(verifier)
+    yield
+
+
+router = APIRouter(tags=["Exotel"], lifespan=_lifespan)
+
+
+@router.websocket("/exotel/stream")
+async def stream(websocket: WebSocket) -> None:
+    """A Voicebot applet's stream (module doc)."""
+    gw = gateway_of(websocket)
+    channel: ExotelChannel = websocket.app.state.exotel
+    try:
+        if channel.verifier is None:
+            raise VerificationRefused("no Exotel credentials are configured")
+        channel.verifier.check(websocket.headers.get("authorization"))
+    except VerificationRefused as exc:
+        log.warning("Exotel stream refused: %s", exc.reason)
+        with contextlib.suppress(*SEND_ERRORS):
+            await websocket.close(code=1008)  # before accept: HTTP 403
+        return
+    try:
+        await websocket.accept()
+    except SEND_ERRORS:
+        return
+    runner = CallRunner(
+        websocket, gw, ExotelCodec(), call_config(gw.settings, CHANNEL), calls=channel.calls
+    )
+    await runner.serve()

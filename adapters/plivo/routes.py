@@ -1,0 +1,181 @@
+"""Plivo calls: the answer URL and the Audio Stream, on the shared call engine.
+
+Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
+
+- ``POST /plivo/answer`` — the application's Answer URL. Checked with Plivo's V3
+  signature (:class:`~adapters.plivo.verify.PlivoVerifier`, keyed by
+  GATEWAY_PLIVO_AUTH_TOKEN, over the public URL): 401/403 problem otherwise, 403 when
+  no auth token is configured. The answer is ``<Response><Stream bidirectional="true"
+  keepCallAlive="true" contentType="audio/x-mulaw;rate=8000" extraHeaders="…">
+  wss://<public>/plivo/stream/<one-time token></Stream></Response>``; ``?appKey=``
+  names the application (passed on in ``extraHeaders`` with ``from`` and ``to``).
+- ``/plivo/stream/{token}`` — the stream (``start``, ``media``, ``dtmf``,
+  ``playedStream``, ``clearedAudio``, ``stop``), served by
+  :class:`gateway.io.call.CallRunner` with :class:`~adapters.plivo.protocol.PlivoCodec`
+  (``playAudio``, ``checkpoint``, ``clearAudio``). A forged, expired or used token is
+  refused before the upgrade (HTTP 403). The call ends with the REST hang-up
+  (``DELETE …/Call/{uuid}/``, 404: already over) after the last checkpoint came back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, FastAPI, Request, WebSocket
+from fastapi.responses import Response
+
+from adapters.plivo import control as plivo
+from adapters.plivo.protocol import PlivoCodec, answer_xml
+from adapters.plivo.verify import NONCE_HEADER, SIGNATURE_HEADER, PlivoVerifier
+from gateway.callcodec import VerificationRefused
+from gateway.callcontrol import CallControl, CallControlError
+from gateway.calls import public_url
+from gateway.deps import gateway_of
+from gateway.httputil import problem, read_body
+from gateway.io.call import CallRunner, CallTokens, call_config, use_token
+from gateway.io.websocket import SEND_ERRORS
+from gateway.protocol import ProtocolError
+
+log = logging.getLogger("gateway.plivo")
+
+CHANNEL: Final = "plivo"
+STREAM_TOKEN: Final = "plivo-stream-token"
+_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+POST_PLIVO_ANSWER: dict[str, Any] = dict(
+    summary="Plivo Answer URL: stream the call both ways to the gateway",
+    description="Plivo V3 signature (X-Plivo-Signature-V3, GATEWAY_PLIVO_AUTH_TOKEN). "
+    'Answers `<Response><Stream bidirectional="true" …>wss://…/plivo/stream/<token>'
+    "</Stream></Response>`.",
+    responses={
+        200: {"description": "Plivo XML", "content": {"application/xml": {"schema": {}}}},
+        400: {"description": "Bad body or no CallUUID", "content": _PROBLEM},
+        401: {"description": "Unsigned", "content": _PROBLEM},
+        403: {"description": "Bad signature, or no auth token set", "content": _PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+    },
+)
+
+
+@dataclass
+class PlivoChannel:
+    """The Plivo channel's per-app state (this router's lifespan)."""
+
+    verifier: PlivoVerifier | None
+    auth: plivo.PlivoAuth | None
+    tokens: CallTokens
+    calls: dict[str, CallRunner] = field(default_factory=dict)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    gw = app.state.gateway
+    settings = gw.settings
+    token = settings.plivo_auth_token.get_secret_value() if settings.plivo_auth_token else ""
+    if not token:
+        log.warning("GATEWAY_PLIVO_AUTH_TOKEN is unset: /plivo/answer refuses every call")
+    auth = (
+        plivo.PlivoAuth(settings.plivo_auth_id, token, settings.plivo_api_base_url)
+        if token and settings.plivo_auth_id
+        else None
+    )
+    app.state.plivo = PlivoChannel(
+        PlivoVerifier(token) if token else None,
+        auth,
+        CallTokens(gw.secret_keys.key(STREAM_TOKEN)),
+    )
+    yield
+
+
+router = APIRouter(tags=["Plivo"], lifespan=_lifespan)
+
+
+def _header_value(value: Any) -> str:
+    """A value fit for ``extraHeaders`` (no ``,`` or ``=``), at most 64 characters."""
+    return "".join(c for c in str(value) if c not in ",=")[:64]
+
+
+@router.post("/plivo/answer", response_model=None, **POST_PLIVO_ANSWER)
+async def answer(request: Request) -> Response:
+    """Plivo's answer webhook (module doc)."""
+    gw = gateway_of(request)
+    channel: PlivoChannel = request.app.state.plivo
+    try:
+        body = await read_body(request, gw.settings.max_body_bytes)
+    except ProtocolError as exc:
+        return problem(exc.status, "Bad Request", exc.text)
+    params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    query = request.url.query
+    url = public_url(gw.settings.public_url, "/plivo/answer") + (f"?{query}" if query else "")
+    try:
+        if channel.verifier is None:
+            raise VerificationRefused("no auth token is configured")
+        channel.verifier.check(
+            "POST",
+            url,
+            params,
+            request.headers.get(SIGNATURE_HEADER),
+            request.headers.get(NONCE_HEADER),
+        )
+    except VerificationRefused as exc:
+        log.warning("Plivo answer refused: %s", exc.reason)
+        return problem(exc.status, "Forbidden" if exc.status == 403 else "Unauthorized", exc.reason)
+    call_uuid = params.get("CallUUID", "")
+    if not call_uuid:
+        return problem(400, "Bad Request", "The answer webhook has no CallUUID.")
+    token = channel.tokens.issue(call_uuid, time.time())
+    base = gw.settings.public_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    stream_url = public_url(base, f"/plivo/stream/{token}")
+    extra = {"from": params.get("From", ""), "to": params.get("To", "")}
+    app_key = request.query_params.get("appKey")
+    if app_key:
+        extra["appKey"] = app_key
+    extra = {key: _header_value(value) for key, value in extra.items() if value}
+    return Response(answer_xml(stream_url, extra=extra), media_type="application/xml")
+
+
+@router.websocket("/plivo/stream/{token}")
+async def stream(websocket: WebSocket, token: str) -> None:
+    """A call's Audio Stream (module doc)."""
+    gw = gateway_of(websocket)
+    channel: PlivoChannel = websocket.app.state.plivo
+    try:
+        grant = await use_token(gw, channel.tokens, CHANNEL, token)
+    except VerificationRefused as exc:
+        log.warning("Plivo stream refused: %s", exc.reason)
+        with contextlib.suppress(*SEND_ERRORS):
+            await websocket.close(code=1008)  # before accept: HTTP 403
+        return
+    try:
+        await websocket.accept()
+    except SEND_ERRORS:
+        return
+    control: CallControl = websocket.app.state.callcontrol
+
+    async def hang_up(runner: CallRunner, call_id: str) -> None:
+        if channel.auth is None:
+            return
+        try:
+            answer = await control.send(plivo.hang_up(channel.auth, call_id))
+        except CallControlError as exc:
+            log.warning("Plivo call %s: hang-up failed: %s", call_id, exc)
+            return
+        if not answer.ok and not plivo.already_ended(answer):
+            log.warning("Plivo call %s: hang-up refused: HTTP %d", call_id, answer.status)
+
+    runner = CallRunner(
+        websocket,
+        gw,
+        PlivoCodec(),
+        call_config(gw.settings, CHANNEL),
+        call_id=grant.call_id,
+        hang_up=hang_up,
+        calls=channel.calls,
+    )
+    await runner.serve()

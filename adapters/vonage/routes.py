@@ -1,0 +1,174 @@
+"""Vonage Voice API calls: the answer URL and the WebSocket stream, on the shared call engine.
+
+Spec: shared/specs/CARRIERS.md "Vonage Voice API WebSocket (linear16)".
+
+- ``GET|POST /vonage/answer`` — the application's answer URL. Signed webhooks
+  (``Authorization: Bearer <JWT>``, HS256 with the account's signature secret,
+  GATEWAY_VONAGE_SIGNATURE_SECRET) are checked by :class:`~adapters.vonage.verify.VonageVerifier`:
+  401/403 problem otherwise (and 403 when no secret is configured). The answer is the
+  NCCO connecting the call to ``wss://<public>/vonage/stream/<token>`` (a one-time
+  per-call token) with ``content-type`` ``audio/l16;rate=16000`` and the headers
+  ``call_uuid`` (the call's ``uuid``), ``from``, ``to`` and ``appKey`` (the query's).
+- ``/vonage/stream/{token}`` — the stream: first the text ``websocket:connected``, then
+  binary 16-bit PCM; served by :class:`gateway.io.call.CallRunner` with
+  :class:`~adapters.vonage.protocol.VonageCodec`. A forged, expired or used token is
+  refused before the upgrade (HTTP 403). The call ends by closing the socket (the
+  NCCO has nothing after the ``connect``, so Vonage hangs up). A transfer item is
+  carried out after the audio before it played, with ``PUT /v1/calls/{uuid}``
+  (``transfer`` to an NCCO ``connect``; RS256 JWT of GATEWAY_VONAGE_APPLICATION_ID /
+  GATEWAY_VONAGE_PRIVATE_KEY), recorded like every carrier's transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+from fastapi import APIRouter, FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+
+from adapters.vonage import control as vonage
+from adapters.vonage.openapi import VONAGE_ANSWER
+from adapters.vonage.protocol import VonageCodec, ncco
+from adapters.vonage.verify import VonageVerifier
+from gateway.callcodec import VerificationRefused
+from gateway.callcontrol import CallControl
+from gateway.calls import public_url
+from gateway.calls import transfer as record_transfer
+from gateway.deps import gateway_of
+from gateway.httputil import problem
+from gateway.io.call import CallRunner, CallTokens, call_config, use_token
+from gateway.io.websocket import SEND_ERRORS
+from gateway.protocol.call import Transfer
+
+log = logging.getLogger("gateway.vonage")
+
+CHANNEL: Final = "vonage"
+STREAM_TOKEN: Final = "vonage-stream-token"
+MAX_BODY: Final = 64 * 1024
+
+
+@dataclass
+class VonageChannel:
+    """The Vonage channel's per-app state (this router's lifespan)."""
+
+    verifier: VonageVerifier | None
+    tokens: CallTokens
+    auth: vonage.VonageAuth | None = None
+    calls: dict[str, CallRunner] = field(default_factory=dict)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    gw = app.state.gateway
+    settings = gw.settings
+    secret = settings.vonage_signature_secret
+    verifier = VonageVerifier(secret.get_secret_value()) if secret else None
+    if verifier is None:
+        log.warning("GATEWAY_VONAGE_SIGNATURE_SECRET is unset: /vonage/answer refuses every call")
+    key = settings.vonage_private_key
+    auth = (
+        vonage.VonageAuth(
+            settings.vonage_application_id, key.get_secret_value(), settings.vonage_api_base_url
+        )
+        if key and settings.vonage_application_id
+        else None
+    )
+    app.state.vonage = VonageChannel(verifier, CallTokens(gw.secret_keys.key(STREAM_TOKEN)), auth)
+    yield
+
+
+router = APIRouter(tags=["Vonage"], lifespan=_lifespan)
+
+
+def _ws_url(http_url: str) -> str:
+    parts = urlsplit(http_url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
+
+
+@router.get(
+    "/vonage/answer", response_model=None, operation_id="vonage_answer_get", **VONAGE_ANSWER
+)
+@router.post("/vonage/answer", response_model=None, operation_id="vonage_answer", **VONAGE_ANSWER)
+async def answer(request: Request) -> Response:
+    """Vonage's answer webhook (module doc): the NCCO connecting the call to the stream,
+    or a 401/403 problem for an unsigned or forged request."""
+    channel: VonageChannel = request.app.state.vonage
+    gw = gateway_of(request)
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        return problem(413, "Payload Too Large", "The answer webhook body is too large.")
+    try:
+        if channel.verifier is None:
+            raise VerificationRefused("no signature secret is configured")
+        channel.verifier.check(request.headers.get("authorization"), body, time.time())
+    except VerificationRefused as exc:
+        log.warning("Vonage answer refused: %s", exc.reason)
+        return problem(exc.status, "Forbidden" if exc.status == 403 else "Unauthorized", exc.reason)
+    params: dict[str, Any] = dict(request.query_params)
+    if body:
+        with contextlib.suppress(ValueError):
+            data = await request.json()
+            if isinstance(data, dict):
+                params.update(data)
+    uuid = str(params.get("uuid") or "")
+    if not uuid:
+        return problem(400, "Bad Request", "The answer webhook has no call uuid.")
+    token = channel.tokens.issue(uuid, time.time())
+    uri = _ws_url(public_url(gw.settings.public_url, f"/vonage/stream/{token}"))
+    headers = {
+        key: str(params[key])[:128]
+        for key in ("from", "to", "appKey")
+        if isinstance(params.get(key), str | int)
+    }
+    document = ncco(
+        uri, sample_rate=gw.settings.vonage_sample_rate, call_uuid=uuid, headers=headers
+    )
+    return JSONResponse(document)
+
+
+@router.websocket("/vonage/stream/{token}")
+async def stream(websocket: WebSocket, token: str) -> None:
+    """A call's WebSocket (module doc)."""
+    gw = gateway_of(websocket)
+    channel: VonageChannel = websocket.app.state.vonage
+    try:
+        grant = await use_token(gw, channel.tokens, CHANNEL, token)
+    except VerificationRefused as exc:
+        log.warning("Vonage stream refused: %s", exc.reason)
+        with contextlib.suppress(*SEND_ERRORS):
+            await websocket.close(code=1008)  # before accept: HTTP 403
+        return
+    try:
+        await websocket.accept()
+    except SEND_ERRORS:
+        return
+    codec = VonageCodec(frame_ms=20)
+
+    async def transfer(runner: CallRunner, action: Transfer) -> None:
+        if channel.auth is None:
+            log.warning("Vonage call %s: no application key to transfer with", action.call_id)
+            return
+        request = vonage.transfer(channel.auth, action.call_id, action.target, time.time())
+        control: CallControl = websocket.app.state.callcontrol
+        await record_transfer(
+            control, CHANNEL, action.call_id, action.target, action.reason, request
+        )
+
+    runner = CallRunner(
+        websocket,
+        gw,
+        codec,
+        call_config(gw.settings, CHANNEL),
+        call_id=grant.call_id,
+        transfer=transfer,
+        calls=channel.calls,
+    )
+    await runner.serve()

@@ -1,0 +1,878 @@
+"""The shared phone-call engine, sans I/O: any carrier's stream, through its codec (issue 14).
+
+Spec: shared/specs/CARRIERS.md ("Comparison summary", "Design hint"), DESIGN.md
+(session id = the carrier's call id, ``#intro`` starts the conversation,
+``#silence`` when the caller says nothing). The carrier's wire is a
+:class:`~gateway.callcodec.CarrierCodec` (``adapters/<carrier>/protocol.py``); what is
+left is here: :class:`CarrierCall`, fed the codec's :data:`~gateway.callcodec.CallEvent` s,
+the speech stage's verdicts and the turn engine's events, returns actions for the
+runner (gateway/io/call.py).
+
+The flow is Twilio's (adapters/twilio/protocol.py, whose module doc describes it in
+full; :data:`TRANSITIONS` is the same state machine):
+
+1. ``connected`` then the codec's :class:`~gateway.callcodec.Started` -> the ``#intro``
+   turn [bot]; the start must name the call its token was issued for (when the
+   carrier names it) and an allowed application key (``appKey`` parameter).
+2. Each response item's speech (asked for as WAV, decoded to PCM) goes out through
+   ``codec.audio`` followed by ``codec.mark``: :class:`Play`; the floor passes to the
+   caller when the turn is over and every mark (:class:`~gateway.callcodec.Played`)
+   has come back.
+3. Every inbound audio chunk (16-bit PCM at the stream's rate) goes to the call's
+   speech stage (:class:`FeedAudio`); its verdict comes back through
+   :meth:`CarrierCall.voice`: onset -> StartListening; final text -> the next input;
+   no speech for ``silence_timeout_ms`` -> ``#silence``.
+4. Barge-in: the caller's speech over the bot lasting ``barge_in_min_speech_ms`` ->
+   :class:`Interrupt` (``codec.clear()``, queued audio dropped, the turn's rest too).
+5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
+6. The end: a final mark after the last audio; its echo -> :class:`HangUp` (or
+   :class:`Transfer` when a response item asked for one).
+
+**Time is the caller's audio time** (ms of inbound audio received), so timeouts do
+not depend on how fast a peer sends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final, Literal
+
+from gateway.callcodec import (
+    CallEvent,
+    CarrierCodec,
+    CarrierError,
+    Cleared,
+    Connected,
+    Digit,
+    Media,
+    Played,
+    Started,
+    Stopped,
+    WireFrame,
+)
+from gateway.events import (
+    FALLBACK,
+    INTRO,
+    SILENCE,
+    BinaryEvent,
+    ErrorEvent,
+    Input,
+    ResponseEvent,
+    ResponseItemEvent,
+    TurnEvent,
+    transfer_target,
+)
+from gateway.protocol import Expected, StateMachine
+from gateway.protocol.actions import (
+    CancelListening,
+    Close,
+    EndSession,
+    FeedAudio,
+    StartListening,
+    StartTurn,
+)
+from gateway.speech.audio import AudioFormat, decode_wav
+from gateway.speech.types import TtsRequest
+from gateway.turn import TurnContext, TurnRejected
+
+CLOSE_NORMAL: Final = 1000
+"""Close code when the call ends."""
+CLOSE_UNSUPPORTED: Final = 1003
+"""Close code for a media format the gateway cannot take."""
+CLOSE_POLICY: Final = 1008
+"""Close code for a stream that is not the call its token was issued for (or no start)."""
+PREROLL_MS: Final = 300
+"""Audio before a voice onset handed to the listener (word beginnings are soft)."""
+TTS: Final = TtsRequest("audio", "wav")
+"""What a call asks of the turn engine: each item's speech as WAV after it (decoded
+to PCM, then encoded by the codec)."""
+_MARK_END: Final = "end"
+MACHINE: Final = "#machine"
+"""The input of an answering-machine answer (:meth:`CarrierCall.machine_answered`)."""
+MAX_ATTRIBUTES_CHARS: Final = 4000
+"""Longest JSON ``attributes`` parameter of an outbound call that is read."""
+
+
+# ------------------------------------------------------------------ state machine
+
+
+class State(StrEnum):
+    """Where a call is."""
+
+    AWAIT_CONNECTED = "await-connected"
+    """The socket is open; nothing received yet."""
+    AWAIT_START = "await-start"
+    """``connected`` came; ``start`` (the call's metadata) has not."""
+    BOT = "bot"
+    """The bot has the floor: a turn runs and/or its audio plays (marks pending)."""
+    CALLER = "caller"
+    """The caller has the floor: waiting for speech, a key or the silence timeout."""
+    HEARING = "hearing"
+    """The caller speaks: a listener recognises the utterance."""
+    ENDING = "ending"
+    """The session ended: the last audio plays; the final mark is awaited."""
+    CLOSED = "closed"
+    """Hung up, stopped or disconnected."""
+
+
+# Events besides the inbound messages (connected, start, media, dtmf, mark, stop):
+INPUT = "input"  # an input is committed: it becomes the next turn
+INTERRUPT = "interrupt"  # a key interrupted the bot (collect mode: more keys to come)
+BARGE_IN = "barge-in"  # the caller's speech interrupted the bot
+SPEECH = "speech"  # a voice onset on the caller's floor
+NOISE = "noise"  # the utterance held no words and nothing is to be answered
+FLOOR = "floor"  # the bot's turn is over and its audio played
+SESSION_END = "session-end"  # a Response ended the session
+FINAL_MARK = "final-mark"  # the final mark came back (or its wait ran out)
+DISCONNECT = "disconnect"  # the socket is gone
+INBOUND: Final = ("connected", "start", "media", "dtmf", "mark", "stop")
+
+
+def _build_transitions() -> dict[tuple[State, str], State]:
+    s = State
+    table: dict[tuple[State, str], State] = {
+        (s.AWAIT_CONNECTED, "connected"): s.AWAIT_START,
+        (s.AWAIT_CONNECTED, "start"): s.BOT,  # a missing `connected` carries nothing we need
+        (s.AWAIT_START, "start"): s.BOT,
+        # the bot's floor
+        (s.BOT, INPUT): s.BOT,  # a waiting input starts its turn
+        (s.BOT, INTERRUPT): s.CALLER,
+        (s.BOT, BARGE_IN): s.HEARING,
+        (s.BOT, FLOOR): s.CALLER,
+        (s.BOT, SESSION_END): s.ENDING,
+        # the caller's floor
+        (s.CALLER, SPEECH): s.HEARING,
+        (s.CALLER, INPUT): s.BOT,
+        (s.CALLER, SESSION_END): s.ENDING,  # an interrupted turn ended the session
+        (s.HEARING, INPUT): s.BOT,
+        (s.HEARING, NOISE): s.CALLER,
+        (s.HEARING, SESSION_END): s.ENDING,
+        # the end
+        (s.ENDING, FINAL_MARK): s.CLOSED,
+    }
+    for state in (s.BOT, s.CALLER, s.HEARING, s.ENDING):
+        for event in ("media", "dtmf", "mark"):
+            table[(state, event)] = state
+    for state in s:
+        table[(state, "stop")] = s.CLOSED
+        table[(state, DISCONNECT)] = s.CLOSED
+    for event in INBOUND:  # late frames after the end are ignored
+        table[(s.CLOSED, event)] = s.CLOSED
+    return table
+
+
+TRANSITIONS: dict[tuple[State, str], State] = _build_transitions()
+"""(state, event) -> next state for everything that may happen to a call.
+
+Events are the inbound messages (``connected``, ``start``, ``media``, ``dtmf``,
+``mark``, ``stop``) and the call's own (``input``, ``interrupt``, ``barge-in``,
+``speech``, ``noise``, ``floor``, ``session-end``, ``final-mark``, ``disconnect``).
+Anything else is a ProtocolError (e.g. ``media`` before ``start``).
+"""
+
+_FRAMES = "media, dtmf, mark or stop"
+_EXPECTED: dict[State, Expected] = {
+    state: Expected(f"Unexpected event in state {state}", expected)
+    for state, expected in (
+        (State.AWAIT_CONNECTED, "connected or start"),
+        (State.AWAIT_START, "start"),
+        (State.BOT, _FRAMES),
+        (State.CALLER, _FRAMES),
+        (State.HEARING, _FRAMES),
+        (State.ENDING, _FRAMES),
+        (State.CLOSED, "nothing more"),
+    )
+}
+
+
+class CallStateMachine(StateMachine[State, str]):
+    """The order of events of one call, checked against :data:`TRANSITIONS` (the kit's
+    StateMachine): inbound messages are fed (RemoteProtocolError), the call's own
+    events advance it (LocalProtocolError)."""
+
+    def __init__(self) -> None:
+        super().__init__(TRANSITIONS, State.AWAIT_CONNECTED, _EXPECTED)
+
+
+# ------------------------------------------------------------------ DTMF
+
+
+DtmfMode = Literal["digit", "collect"]
+
+
+class DtmfCollector:
+    """Key presses -> input text.
+
+    ``digit`` mode: every key is an input of its own. ``collect`` mode: keys
+    accumulate until ``#`` (which ends them and is not included) or until
+    ``timeout_ms`` of audio pass after the last key. ``#`` alone is no input.
+    Times are audio ms (see the module doc).
+    """
+
+    def __init__(self, mode: DtmfMode, timeout_ms: int) -> None:
+        self.mode = mode
+        self.timeout_ms = timeout_ms
+        self._digits = ""
+        self._last_ms = 0
+
+    @property
+    def collecting(self) -> bool:
+        """Whether keys are waiting for ``#`` or the pause."""
+        return bool(self._digits)
+
+    def press(self, digit: str, now_ms: int) -> str | None:
+        """Take one key at audio time ``now_ms``; the finished input, if any."""
+        if self.mode == "digit":
+            return digit
+        if digit == "#":
+            done, self._digits = self._digits, ""
+            return done or None
+        self._digits += digit
+        self._last_ms = now_ms
+        return None
+
+    def poll(self, now_ms: int) -> str | None:
+        """The collected keys once ``timeout_ms`` passed since the last one, else None."""
+        if self._digits and now_ms - self._last_ms >= self.timeout_ms:
+            done, self._digits = self._digits, ""
+            return done
+        return None
+
+    def reset(self) -> None:
+        """Forget keys collected so far."""
+        self._digits = ""
+
+
+# ------------------------------------------------------------------ marks
+
+
+class MarkBook:
+    """The marks sent and not yet echoed, in order (spec: outbound ``mark``).
+
+    Twilio plays audio in order and echoes each mark when the audio before it
+    has played, so an echo settles its mark and every mark before it. After
+    ``clear`` Twilio echoes every pending mark: :meth:`forget` drops them first,
+    and their late echoes are unknown names, ignored. Names are ``<n>`` for
+    response items and ``end-<n>`` for the final mark.
+    """
+
+    def __init__(self) -> None:
+        self._pending: OrderedDict[str, bool] = OrderedDict()  # name -> final
+        self._count = 0
+
+    @property
+    def outstanding(self) -> int:
+        """Marks sent and not echoed: > 0 while the bot's audio plays."""
+        return len(self._pending)
+
+    def new(self, *, final: bool = False) -> str:
+        """Name and register the next mark."""
+        self._count += 1
+        name = f"{_MARK_END}-{self._count}" if final else str(self._count)
+        self._pending[name] = final
+        return name
+
+    def echo(self, name: str) -> bool | None:
+        """Settle ``name`` and the marks before it; whether it was the final mark, or None
+        for a name not pending (already settled, or forgotten at a clear)."""
+        if name not in self._pending:
+            return None
+        while self._pending:
+            settled, final = self._pending.popitem(last=False)
+            if settled == name:
+                return final
+        return None  # pragma: no cover - name was in the dict
+
+    def forget(self) -> None:
+        """Drop every pending mark (the audio was cleared)."""
+        self._pending.clear()
+
+
+# ------------------------------------------------------------------ actions
+
+
+@dataclass(frozen=True)
+class Play:
+    """Queue ``messages`` (the codec's audio frames, paced when it is real-time), then
+    ``mark``. ``final`` marks the last audio of the call: hang up when its mark comes
+    back. ``audio_ms`` is the audio in ``messages``."""
+
+    messages: tuple[WireFrame, ...]
+    mark: WireFrame
+    audio_ms: int
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """Drop the audio not yet sent and send ``clear`` (the codec's) at once: barge-in."""
+
+    clear: WireFrame
+
+
+@dataclass(frozen=True)
+class Speak:
+    """Synthesize ``text`` (WAV) and hand it to :meth:`CarrierCall.spoken`."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class HangUp:
+    """End the call ``call_id``: the carrier's REST hang-up, or close the stream."""
+
+    call_id: str
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Hand the call to ``target`` (E.164 number or SIP URI) once the audio before the
+    transfer item has played; ``reason`` for the record."""
+
+    call_id: str
+    target: str
+    reason: str | None = None
+
+
+CallAction = (
+    Play
+    | Interrupt
+    | StartTurn
+    | StartListening
+    | FeedAudio
+    | CancelListening
+    | Speak
+    | HangUp
+    | Transfer
+    | EndSession
+    | Close
+)
+"""The engine's own actions (Play, Interrupt, Speak, HangUp, Transfer) and the kit's."""
+
+
+# ------------------------------------------------------------------ the call
+
+
+@dataclass(frozen=True)
+class CallConfig:
+    """How calls behave (from Settings, see gateway/settings.py "Twilio" and "Speech").
+
+    ``channel`` names the carrier (session keys are ``<channel>:<call id>``).
+
+    ``key_allowed`` decides whether an application key may open sessions;
+    ``default_app_key`` is used when the stream's ``appKey`` parameter is missing.
+    Times are ms of audio. ``vad_min_speech_ms`` (the speech stage's) sizes the audio
+    kept for a StartListening's ``from_ms``. ``error_text`` is said when a turn fails.
+    """
+
+    key_allowed: Callable[[str | None], bool]
+    channel: str = "twilio"
+    default_app_key: str = "twilio"
+    barge_in: bool = True
+    barge_in_min_speech_ms: int = 150
+    dtmf_mode: DtmfMode = "digit"
+    dtmf_timeout_ms: int = 2000
+    frame_ms: int = 20
+    silence_timeout_ms: int = 5000
+    vad_min_speech_ms: int = 150
+    error_text: str = "Sorry, something went wrong. Please try again."
+
+
+@dataclass
+class _Turn:
+    """The turn of this call that is running."""
+
+    discarded: bool = False  # interrupted: its output is dropped
+    ended: bool = False  # its Response ended the session
+    transfer: bool = False  # it holds a transfer item: the call is handed over after its audio
+    failed: bool = False  # it gave an ErrorEvent (said as error_text)
+
+
+@dataclass
+class CallInfo:
+    """What the start said about the call: the carrier's ids and parameters."""
+
+    stream_id: str
+    call_id: str
+    account_id: str
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+class CarrierCall:
+    """One phone call's stream on any carrier, sans I/O (see the module doc).
+
+    ``codec`` is the carrier's wire (:class:`~gateway.callcodec.CarrierCodec`);
+    ``call_id`` the call the stream was admitted for (None: the carrier's start names
+    it and it is taken as is); ``config`` the behaviour. Feed it :meth:`receive`
+    (frames), :meth:`voice` (the speech stage's verdicts), :meth:`heard` /
+    :meth:`listener_failed`, :meth:`turn_event` / :meth:`turn_rejected` /
+    :meth:`turn_finished`, :meth:`spoken`, :meth:`final_mark_overdue`,
+    :meth:`machine_answered` and :meth:`connection_lost`; each returns the
+    :data:`CallAction` s to carry out, in order.
+    """
+
+    def __init__(self, codec: CarrierCodec, call_id: str | None, config: CallConfig) -> None:
+        self.codec = codec
+        self.expected_call_id = call_id
+        self.config = config
+        self.machine = CallStateMachine()
+        self.info: CallInfo | None = None
+        self.ctx: TurnContext | None = None
+        self.marks = MarkBook()
+        self.dtmf = DtmfCollector(config.dtmf_mode, config.dtmf_timeout_ms)
+        self.received = 0
+        """Samples of the caller's audio received (audio time, see the module doc)."""
+        self.rate = 8000
+        """The inbound sample rate (Hz), known at the start."""
+        self.onset_ms: int | None = None
+        """Audio time the caller's current speech began, as the speech stage last said."""
+        self.turn: _Turn | None = None
+        self.pending: str | None = None
+        """An input waiting for the running turn to end (or the bot's audio to play out)."""
+        self.session_started = False
+        self.session_over = False
+        self.stopped = False
+        """Whether the carrier stopped the stream (nothing more comes)."""
+        self.errors: list[CarrierError] = []
+        """Errors the carrier reported (the call goes on)."""
+        self._silence_at: int | None = None
+        self._bot_since = 0
+        self._interrupted = False
+        self._streams = itertools.count(1)
+        self.stream = 0
+        """The number of the latest utterance (StartListening.stream)."""
+        self.transfer: tuple[str, str | None] | None = None
+        """``(target, reason)`` of the turn's transfer item: carried out at the final mark."""
+        self.answered_by: str | None = None
+        """Who answered an outbound call (``human``, ``machine``...), when known."""
+        self._input_attributes: dict[str, dict[str, Any]] = {}
+        self.extra_parameters: dict[str, str] = {}
+        """Parameters the adapter learnt outside the codec's start (Telnyx ``client_state``):
+        under the start's own."""
+
+    # -------------------------------------------------------------- queries
+
+    @property
+    def state(self) -> State:
+        """The state of :attr:`machine`."""
+        return self.machine.state
+
+    @property
+    def closed(self) -> bool:
+        """Whether the call is over."""
+        return self.state is State.CLOSED
+
+    @property
+    def now_ms(self) -> int:
+        """Audio time: ms of the caller's audio received."""
+        return self.received * 1000 // self.rate
+
+    @property
+    def speech_ms(self) -> int:
+        """How long the caller's current speech has lasted (0 when not speaking)."""
+        return 0 if self.onset_ms is None else self.now_ms - self.onset_ms
+
+    @property
+    def keep_ms(self) -> int:
+        """Audio the speech stage must keep for a StartListening's ``from_ms`` (ms)."""
+        cfg = self.config
+        return max(cfg.barge_in_min_speech_ms, cfg.vad_min_speech_ms) + PREROLL_MS + 500
+
+    @property
+    def listen_format(self) -> AudioFormat:
+        """The format of FeedAudio's data: 16-bit PCM at the stream's rate."""
+        return AudioFormat("LINEAR16", self.rate)
+
+    # -------------------------------------------------------------- inbound
+
+    def receive(self, frame: WireFrame) -> list[CallAction]:
+        """Handle one inbound frame (text or binary) through the codec.
+
+        Raises ProtocolError (the codec's: malformed, unknown, invalid, out of order):
+        the state is then unchanged and the frame should be dropped (and logged).
+        A start for another call than the admitted one, or for an application key
+        not allowed, returns ``[Close(...)]``.
+        """
+        codec = self.codec
+        event = codec.receive_text(frame) if isinstance(frame, str) else codec.receive_binary(frame)
+        return self.event(event)
+
+    def event(self, event: CallEvent) -> list[CallAction]:
+        """Handle one decoded event (see :meth:`receive`)."""
+        if isinstance(event, Media):
+            return self._media(event)
+        if self.state is State.CLOSED:
+            return []
+        if isinstance(event, Connected):
+            self.machine.feed("connected")
+            return []
+        if isinstance(event, Started):
+            return self._start(event)
+        if isinstance(event, Digit):
+            self.machine.feed("dtmf")
+            return self._dtmf(event.digit)
+        if isinstance(event, Played):
+            self.machine.feed("mark")
+            return self._mark(event.name)
+        if isinstance(event, Cleared):
+            return []
+        if isinstance(event, CarrierError):
+            self.errors.append(event)
+            return []
+        assert isinstance(event, Stopped)
+        was = self.state
+        self.machine.feed("stop")
+        self.stopped = True
+        return self._ending_actions(was)
+
+    def _start(self, info: Started) -> list[CallAction]:
+        if not self.machine.allows("start"):
+            self.machine.feed("start")  # raises: a second start
+        if self.expected_call_id is not None and info.call_id != self.expected_call_id:
+            self.machine.advance(DISCONNECT)
+            return [Close(CLOSE_POLICY, "The stream was admitted for another call.")]
+        params = {**self.extra_parameters, **info.parameters}
+        app_key = params.get("appKey") or self.config.default_app_key
+        if not self.config.key_allowed(app_key):
+            self.machine.advance(DISCONNECT)
+            return [Close(CLOSE_POLICY, "Unknown application key.")]
+        self.machine.feed("start")
+        call_id = info.call_id or self.expected_call_id or info.stream_id
+        self.rate = info.media_format.sample_rate
+        self.info = CallInfo(info.stream_id, call_id, info.account_id, params)
+        caller = params.get("from") or info.caller
+        callee = params.get("to") or info.callee
+        outbound = params.get("direction") == "outbound"
+        channel = self.config.channel
+        self.ctx = TurnContext(
+            channel=channel,
+            namespace=channel,
+            session_id=call_id,
+            app_key=app_key,
+            device_id=caller or None,
+            locale=params.get("locale") or None,
+            create=True,
+            config={
+                "from": caller,
+                "to": callee,
+                "streamId": info.stream_id,
+                **({"direction": "outbound"} if outbound else {}),
+            },
+            tts=TTS,
+        )
+        self._bot_since = self.now_ms
+        if outbound:
+            self.answered_by = self.answered_by or params.get("answeredBy") or None
+            self._input_attributes[INTRO] = self._outbound_attributes(params)
+        return self._start_turn(INTRO)
+
+    def _outbound_attributes(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """The ``#intro`` attributes of an outbound call: the request's ``attributes``
+        (a JSON object parameter) under ``direction`` ``outbound``, ``to``, ``from`` and
+        ``answeredBy`` (when known)."""
+        attributes: dict[str, Any] = {}
+        raw = params.get("attributes", "")
+        if raw and len(raw) <= MAX_ATTRIBUTES_CHARS:
+            try:
+                given = json.loads(raw)
+            except ValueError:
+                given = None
+            if isinstance(given, dict):
+                attributes.update(given)
+        attributes.update(direction="outbound", to=params.get("to", ""))
+        attributes["from"] = params.get("from", "")
+        if self.answered_by:
+            attributes["answeredBy"] = self.answered_by
+        return attributes
+
+    def machine_answered(self, answered_by: str) -> list[CallAction]:
+        """An answering machine (or fax) took the call (``AnsweredBy``, asynchronous AMD):
+        the bot falls silent and ``#machine`` (attributes ``answeredBy``) is the next
+        input, for the core to leave a message or hang up. Before ``start`` it only goes
+        into the ``#intro`` attributes; once the call is ending it is ignored."""
+        self.answered_by = answered_by
+        state = self.state
+        if self.info is None or state in (State.ENDING, State.CLOSED):
+            return []
+        self._input_attributes[MACHINE] = {"answeredBy": answered_by}
+        actions: list[CallAction] = []
+        if state is State.HEARING:
+            actions += self._stop_listening()
+        elif state is State.BOT:
+            actions += self._silence_the_bot()
+        return [*actions, *self._commit(MACHINE)]
+
+    def _media(self, message: Media) -> list[CallAction]:
+        state = self.state
+        if state is State.CLOSED or message.track != "inbound":
+            return []
+        self.machine.feed("media")  # raises before start
+        if state is State.ENDING:
+            return []
+        pcm = message.pcm
+        if pcm.sample_rate != self.rate:  # a carrier changing rate mid-stream: not heard
+            return []
+        self.received += len(pcm.data) // 2
+        return [FeedAudio(self.stream, pcm.data)]
+
+    def voice(self, onset_ms: int | None, *, started: bool) -> list[CallAction]:
+        """What the speech stage's endpointer says after the latest FeedAudio: the current
+        speech's onset (None: nobody speaks) and whether that audio ``started`` it.
+
+        An onset on the caller's floor opens an utterance (StartListening); speech on
+        the bot's floor lasting ``barge_in_min_speech_ms`` barges in; the silence
+        timeout and the DTMF pause are checked here too (once per inbound frame).
+        """
+        self.onset_ms = onset_ms
+        state = self.state
+        if state not in (State.BOT, State.CALLER, State.HEARING):
+            return []
+        now = self.now_ms
+        actions: list[CallAction] = []
+        if state is State.CALLER:
+            if started:
+                actions += self._hear(interrupted=False)
+            elif self._silence_due(now):
+                actions += self._commit(SILENCE)
+        elif state is State.BOT and self._may_barge_in():
+            actions += self._barge_in()
+        if self.dtmf.collecting and (digits := self.dtmf.poll(now)) is not None:
+            actions += self._digits(digits)
+        return actions
+
+    def _silence_due(self, now_ms: int) -> bool:
+        due = self._silence_at
+        return due is not None and now_ms >= due and not self.dtmf.collecting
+
+    def _may_barge_in(self) -> bool:
+        cfg = self.config
+        return (
+            cfg.barge_in
+            and self.onset_ms is not None
+            and self.speech_ms >= cfg.barge_in_min_speech_ms
+            and self.onset_ms >= self._bot_since
+        )
+
+    def _barge_in(self) -> list[CallAction]:
+        self.machine.advance(BARGE_IN)
+        actions = self._silence_the_bot()
+        return [*actions, *self._listen(interrupted=True)]
+
+    def _silence_the_bot(self) -> list[CallAction]:
+        """Drop the bot's queued audio and the rest of its turn's output."""
+        if self.turn is not None:
+            self.turn.discarded = True
+        self.marks.forget()
+        self.pending = None
+        return [Interrupt(self.codec.clear())]
+
+    def _hear(self, *, interrupted: bool) -> list[CallAction]:
+        self.machine.advance(SPEECH)
+        return self._listen(interrupted=interrupted)
+
+    def _listen(self, *, interrupted: bool) -> list[CallAction]:
+        self._silence_at = None
+        self._interrupted = interrupted
+        onset = self.now_ms if self.onset_ms is None else self.onset_ms
+        self.stream = next(self._streams)
+        return [StartListening(self.stream, self.listen_format, from_ms=onset - PREROLL_MS)]
+
+    def _stop_listening(self) -> list[CallAction]:
+        """CancelListening for the utterance being heard (in HEARING)."""
+        return [CancelListening(self.stream)]
+
+    def _dtmf(self, digit: str) -> list[CallAction]:
+        state = self.state
+        if state is State.ENDING:
+            return []
+        actions: list[CallAction] = []
+        if state is State.HEARING:
+            actions += self._stop_listening()
+            self.machine.advance(NOISE)  # the key, not the utterance, is the input
+        elif state is State.BOT and self.config.barge_in:
+            actions += self._silence_the_bot()
+            self.machine.advance(INTERRUPT)
+        self._silence_at = None
+        done = self.dtmf.press(digit, self.now_ms)
+        if done is not None:
+            actions += self._digits(done)
+        return actions
+
+    def _digits(self, text: str) -> list[CallAction]:
+        if self.state is State.BOT:  # without barge-in: after the bot's floor
+            self.pending = text
+            return self._advance()
+        if self.state is State.HEARING:
+            return [*self._stop_listening(), *self._commit(text)]
+        if self.state is State.CALLER:
+            return self._commit(text)
+        return []
+
+    def _mark(self, name: str) -> list[CallAction]:
+        final = self.marks.echo(name)
+        if final:
+            return self._final_mark()
+        return self._advance()
+
+    def _final_mark(self) -> list[CallAction]:
+        if self.state is not State.ENDING:
+            return []
+        self.machine.advance(FINAL_MARK)
+        assert self.info is not None
+        if self.transfer is not None:  # the audio before the transfer item has played
+            return [Transfer(self.info.call_id, *self.transfer)]
+        return [HangUp(self.info.call_id)]
+
+    def final_mark_overdue(self) -> list[CallAction]:
+        """The final mark did not come back in time: hang up all the same."""
+        return self._final_mark()
+
+    # -------------------------------------------------------------- the floor
+
+    def _commit(self, text: str) -> list[CallAction]:
+        """Make ``text`` the next input (state -> bot); it starts when nothing runs."""
+        self.machine.advance(INPUT)
+        self._bot_since = self.now_ms
+        self._silence_at = None
+        self.pending = text  # the latest input wins
+        return self._advance()
+
+    def _advance(self) -> list[CallAction]:
+        """On the bot's floor with no turn running and every mark back: the waiting
+        input's turn, or the floor goes to the caller."""
+        if self.state is not State.BOT or self.turn is not None or self.marks.outstanding:
+            return []
+        if self.pending is not None:
+            text, self.pending = self.pending, None
+            return self._start_turn(text)
+        self.machine.advance(FLOOR)
+        self._silence_at = self.now_ms + self.config.silence_timeout_ms
+        if self.onset_ms is not None and self.onset_ms >= self._bot_since:
+            return self._hear(interrupted=False)  # the caller started before the bot finished
+        return []
+
+    def _start_turn(self, text: str) -> list[CallAction]:
+        assert self.ctx is not None
+        self.turn = _Turn()
+        self.session_started = True
+        attributes = self._input_attributes.pop(text, None) or {}
+        return [StartTurn(self.ctx, Input.of(text, locale=self.ctx.locale, attributes=attributes))]
+
+    # -------------------------------------------------------------- listener
+
+    def heard(self, kind: str, text: str) -> list[CallAction]:
+        """The listener's result: ``kind`` ``final`` (with ``text``) or ``silence``.
+        Ignored unless the call is hearing.
+
+        A final text is the next input. No words: ``#fallback`` when the utterance
+        cut the bot off (the bot fell silent and must answer), else the caller's
+        floor again with a fresh silence timeout (a cough is not an input).
+        """
+        if self.state is not State.HEARING:
+            return []
+        text = text.strip()
+        if kind == "final" and text:
+            return self._commit(text)
+        if self._interrupted:
+            return self._commit(FALLBACK)
+        self.machine.advance(NOISE)
+        self._silence_at = self.now_ms + self.config.silence_timeout_ms
+        return []
+
+    def listener_failed(self) -> list[CallAction]:
+        """The listener failed (recognizer error, utterance too long): ``#fallback``."""
+        if self.state is not State.HEARING:
+            return []
+        return self._commit(FALLBACK)
+
+    # -------------------------------------------------------------- turns
+
+    def turn_event(self, event: TurnEvent) -> list[CallAction]:
+        """One event of the running turn: each item's audio (BinaryEvent) is played and
+        marked; the Response says whether the session ended; an Error is spoken."""
+        turn = self.turn
+        if turn is None or self.info is None:
+            return []
+        if isinstance(event, ResponseEvent):
+            if event.response.session_ended:
+                turn.ended = True
+            return []
+        if isinstance(event, ErrorEvent):
+            turn.failed = True
+            return [] if turn.discarded else [Speak(self.config.error_text)]
+        if isinstance(event, ResponseItemEvent) and not turn.discarded and self.transfer is None:
+            target = transfer_target(event.response_item)
+            if target is not None:  # what follows it in the turn is not played
+                self.transfer, turn.transfer = target, True
+            return []
+        if isinstance(event, BinaryEvent) and not turn.discarded and not turn.transfer:
+            return [self._play(event.data)]
+        return []
+
+    def _play(self, audio: bytes, *, final: bool = False) -> Play:
+        """``audio`` (WAV, as :data:`TTS` asks) as the codec's frames and a mark.
+
+        Raises AudioFormatError for audio that is not WAV."""
+        messages: tuple[WireFrame, ...] = ()
+        audio_ms = 0
+        if audio:
+            pcm = decode_wav(audio)
+            messages = tuple(self.codec.audio(pcm))
+            audio_ms = len(pcm.data) * 500 // pcm.sample_rate
+        name = self.marks.new(final=final)
+        return Play(messages, self.codec.mark(name), audio_ms, final)
+
+    def spoken(self, audio: bytes | None) -> list[CallAction]:
+        """The audio of a Speak (None: synthesis failed; nothing is played)."""
+        if not audio or self.turn is None or self.turn.discarded or self.info is None:
+            return []
+        if self.state not in (State.BOT, State.CALLER, State.HEARING):
+            return []
+        return [self._play(audio)]
+
+    def turn_rejected(self, exc: TurnRejected) -> list[CallAction]:
+        """The engine refused the turn (session busy, store down, ...): say the error text;
+        :meth:`turn_finished` follows."""
+        if self.turn is None:
+            return []
+        self.turn.failed = True
+        return [] if self.turn.discarded else [Speak(self.config.error_text)]
+
+    def turn_finished(self) -> list[CallAction]:
+        """The running turn's events have ended: the session's end (a final mark after
+        the audio), the waiting input's turn, or the caller's floor."""
+        turn, self.turn = self.turn, None
+        if turn is None or self.state is State.CLOSED:
+            return []
+        if turn.ended or turn.transfer:
+            # a transfer ends the session here unless the core ended it
+            end = [] if turn.ended or self.ctx is None else [EndSession(self.ctx)]
+            self.session_over = True
+            stop = self._stop_listening() if self.state is State.HEARING else []
+            self.machine.advance(SESSION_END)
+            self.pending = None
+            return [*stop, *end, self._play(b"", final=True)]
+        return self._advance()
+
+    # -------------------------------------------------------------- the end
+
+    def connection_lost(self) -> list[CallAction]:
+        """The socket is gone (or the call is being torn down): end the session unless
+        the core ended it; cancel the listener."""
+        was = self.state
+        self.machine.advance(DISCONNECT)
+        return self._ending_actions(was)
+
+    def _ending_actions(self, was: State) -> list[CallAction]:
+        actions: list[CallAction] = []
+        if was is State.HEARING:
+            actions += self._stop_listening()
+        if self.ctx is not None and self.session_started and not self.session_over:
+            self.session_over = True
+            actions.append(EndSession(self.ctx))
+        return actions

@@ -1,0 +1,174 @@
+"""Plivo's side of a call (CARRIERS.md "Plivo Audio Streams"): the V3-signed Answer URL
+POST, then the Audio Stream: ``start`` (``callId``, ``streamId``, ``mediaFormat``
+μ-law 8000, ``extra_headers`` as a JSON string), ``media`` of 20 ms base64 μ-law,
+``dtmf``, ``playedStream`` once a checkpoint's audio has played, ``clearedAudio``
+after a ``clearAudio``, ``stop``; the gateway sends ``playAudio``/``checkpoint``/
+``clearAudio``."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from websockets.asyncio.client import connect
+
+from adapters.plivo.verify import signature
+from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw
+from tests.adapters.carrier_harness import CarrierHarness, Outbound
+
+AUTH_ID = "MAXXXXXXXXXXXXXXXXXX"
+AUTH_TOKEN = "plivo-auth-token-0123456789abcdef"
+
+
+async def ask_answer(
+    base_url: str,
+    public: str,
+    call_uuid: str,
+    *,
+    token: str | None = AUTH_TOKEN,
+    query: str = "appKey=plivo",
+) -> httpx.Response:
+    """POST the Answer URL as Plivo does (V3-signed with ``token`` when given)."""
+    form = {
+        "CallUUID": call_uuid,
+        "From": "14155550100",
+        "To": "14155550199",
+        "Direction": "inbound",
+        "CallStatus": "in-progress",
+    }
+    path = "/plivo/answer" + (f"?{query}" if query else "")
+    headers: dict[str, str] = {}
+    if token:
+        nonce = uuid.uuid4().hex[:20]
+        headers["X-Plivo-Signature-V3"] = signature(token, "POST", public + path, form, nonce)
+        headers["X-Plivo-Signature-V3-Nonce"] = nonce
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        return await client.post(path, data=form, headers=headers)
+
+
+class PlivoHarness(CarrierHarness):
+    """Plivo's Audio Stream (module doc)."""
+
+    rate = 8000
+
+    def __init__(self, ws: Any, call_uuid: str, extra: str, **options: Any) -> None:
+        super().__init__(ws, **options)
+        self.call_uuid = call_uuid
+        self.stream_id = str(uuid.uuid4())
+        self.extra = extra
+        self._seq = 0
+        self.cleared_answers = 0
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    async def begin(self) -> None:
+        headers = dict(item.split("=", 1) for item in self.extra.split(",") if item)
+        await self.send(
+            {
+                "event": "start",
+                "sequenceNumber": 0,
+                "start": {
+                    "callId": self.call_uuid,
+                    "streamId": self.stream_id,
+                    "accountId": "1234",
+                    "tracks": ["inbound"],
+                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000},
+                },
+                "extra_headers": json.dumps(headers),
+            }
+        )
+        self.start_mic()
+
+    def audio_frame(self, pcm: bytes) -> str:
+        seq = self._next()
+        return json.dumps(
+            {
+                "event": "media",
+                "sequenceNumber": seq,
+                "streamId": self.stream_id,
+                "media": {
+                    "track": "inbound",
+                    "timestamp": str(seq * 20),
+                    "chunk": seq,
+                    "payload": base64.b64encode(pcm_to_mulaw(Pcm(pcm, 8000))).decode(),
+                },
+            }
+        )
+
+    def dtmf_frame(self, digit: str) -> str:
+        return json.dumps(
+            {
+                "event": "dtmf",
+                "sequenceNumber": self._next(),
+                "streamId": self.stream_id,
+                "dtmf": {"track": "inbound", "digit": digit, "timestamp": "0"},
+            }
+        )
+
+    def echo_frame(self, name: str) -> str:
+        return json.dumps(
+            {
+                "event": "playedStream",
+                "sequenceNumber": self._next(),
+                "streamId": self.stream_id,
+                "name": name,
+            }
+        )
+
+    def cleared_frame(self) -> str:
+        self.cleared_answers += 1
+        return json.dumps(
+            {"event": "clearedAudio", "sequenceNumber": self._next(), "streamId": self.stream_id}
+        )
+
+    def stop_frame(self) -> str:
+        return json.dumps(
+            {"event": "stop", "sequenceNumber": self._next(), "streamId": self.stream_id}
+        )
+
+    def decode(self, frame: str | bytes) -> Outbound:
+        assert isinstance(frame, str), "Plivo takes text frames"
+        message = json.loads(frame)
+        event = message["event"]
+        assert message["streamId"] == self.stream_id, message
+        if event == "playAudio":
+            media = message["media"]
+            assert (media["contentType"], media["sampleRate"]) == ("audio/x-mulaw", 8000)
+            payload = base64.b64decode(media["payload"])
+            assert len(payload) == 160, len(payload)
+            return Outbound("media", pcm=mulaw_to_pcm(payload).data, raw=message)
+        if event == "checkpoint":
+            return Outbound("mark", name=message["name"], raw=message)
+        assert event == "clearAudio", message
+        return Outbound("clear", raw=message)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def dial(cls, base_url: str, public: str, **options: Any) -> AsyncIterator[PlivoHarness]:
+        """Ask the Answer URL, connect its ``<Stream>`` and begin the call."""
+        call_uuid = str(uuid.uuid4())
+        answer = await ask_answer(base_url, public, call_uuid)
+        assert answer.status_code == 200, answer.text
+        root = ET.fromstring(answer.text)
+        stream = root.find("./Stream")
+        assert stream is not None
+        assert stream.text
+        assert stream.attrib["bidirectional"] == "true"
+        path = urlsplit(stream.text.strip()).path
+        async with connect(f"ws://{urlsplit(base_url).netloc}{path}") as ws:
+            harness = cls(ws, call_uuid, stream.attrib.get("extraHeaders", ""), **options)
+            harness.start()
+            await harness.begin()
+            try:
+                yield harness
+            finally:
+                await harness.shutdown()

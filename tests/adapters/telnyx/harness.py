@@ -1,0 +1,194 @@
+"""Telnyx's side of a call (CARRIERS.md "Telnyx Media Streaming"): the Ed25519-signed TeXML
+answer webhook (inbound) or the dial's ``stream_url``/``stream_auth_token`` (outbound),
+then the WebSocket: ``connected``, ``start`` (top-level ``stream_id``,
+``start.call_control_id``, ``media_format`` PCMU 8000), ``media`` of 20 ms base64 μ-law
+(RTP payload), ``dtmf``, ``mark`` echoes once the audio before them has played, ``stop``;
+the gateway sends ``media``/``mark``/``clear``."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from websockets.asyncio.client import connect
+
+from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw
+from tests.adapters.carrier_harness import CarrierHarness, Outbound
+
+KEY = Ed25519PrivateKey.generate()
+PUBLIC_KEY = base64.b64encode(
+    KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+).decode()
+
+
+def signed(body: bytes, key: Ed25519PrivateKey = KEY) -> dict[str, str]:
+    """Telnyx's webhook signature headers over ``timestamp|body``."""
+    stamp = str(int(time.time()))
+    return {
+        "telnyx-signature-ed25519": base64.b64encode(
+            key.sign(stamp.encode() + b"|" + body)
+        ).decode(),
+        "telnyx-timestamp": stamp,
+        "Content-Type": "application/json",
+    }
+
+
+async def ask_texml(
+    base_url: str, ccid: str, *, key: Ed25519PrivateKey | None = KEY
+) -> httpx.Response:
+    """POST the TeXML answer URL as Telnyx does (signed with ``key`` when given)."""
+    body = json.dumps({"CallSid": ccid, "From": "+15550100", "To": "+15550199"}).encode()
+    headers = signed(body, key) if key else {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        return await client.post("/telnyx/texml", content=body, headers=headers)
+
+
+def local(base_url: str, public_ws_url: str) -> str:
+    """The public ``wss://`` URL pointed at the local server."""
+    parts = urlsplit(public_ws_url)
+    query = f"?{parts.query}" if parts.query else ""
+    return f"ws://{urlsplit(base_url).netloc}{parts.path}{query}"
+
+
+class TelnyxHarness(CarrierHarness):
+    """Telnyx's WebSocket (module doc)."""
+
+    rate = 8000
+
+    def __init__(self, ws: Any, ccid: str, client_state: str | None = None, **options: Any) -> None:
+        super().__init__(ws, **options)
+        self.ccid = ccid
+        self.stream_id = str(uuid.uuid4())
+        self.client_state = client_state
+        self._seq = 0
+
+    def _next(self) -> str:
+        self._seq += 1
+        return str(self._seq)
+
+    async def begin(self) -> None:
+        await self.send({"event": "connected", "version": "1.0.0"})
+        start: dict[str, Any] = {
+            "user_id": str(uuid.uuid4()),
+            "call_control_id": self.ccid,
+            "call_session_id": str(uuid.uuid4()),
+            "from": "+15550100",
+            "to": "+15550199",
+            "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1},
+        }
+        if self.client_state is not None:
+            start["client_state"] = self.client_state
+        await self.send(
+            {
+                "event": "start",
+                "sequence_number": self._next(),
+                "stream_id": self.stream_id,
+                "start": start,
+            }
+        )
+        self.start_mic()
+
+    def audio_frame(self, pcm: bytes) -> str:
+        payload = pcm_to_mulaw(Pcm(pcm, 8000))
+        seq = self._next()
+        return json.dumps(
+            {
+                "event": "media",
+                "sequence_number": seq,
+                "stream_id": self.stream_id,
+                "media": {
+                    "track": "inbound",
+                    "chunk": seq,
+                    "timestamp": str(int(seq) * 20),
+                    "payload": base64.b64encode(payload).decode(),
+                },
+            }
+        )
+
+    def dtmf_frame(self, digit: str) -> str:
+        return json.dumps(
+            {
+                "event": "dtmf",
+                "sequence_number": self._next(),
+                "stream_id": self.stream_id,
+                "dtmf": {"digit": digit},
+            }
+        )
+
+    def echo_frame(self, name: str) -> str:
+        return json.dumps(
+            {
+                "event": "mark",
+                "sequence_number": self._next(),
+                "stream_id": self.stream_id,
+                "mark": {"name": name},
+            }
+        )
+
+    def stop_frame(self) -> str:
+        return json.dumps(
+            {
+                "event": "stop",
+                "sequence_number": self._next(),
+                "stream_id": self.stream_id,
+                "stop": {"call_control_id": self.ccid, "reason": "hangup"},
+            }
+        )
+
+    def decode(self, frame: str | bytes) -> Outbound:
+        assert isinstance(frame, str), "Telnyx takes text frames"
+        message = json.loads(frame)
+        event = message["event"]
+        if event == "media":
+            payload = base64.b64decode(message["media"]["payload"])
+            assert len(payload) == 160, len(payload)  # 20 ms of PCMU
+            return Outbound("media", pcm=mulaw_to_pcm(payload).data, raw=message)
+        if event == "mark":
+            return Outbound("mark", name=message["mark"]["name"], raw=message)
+        assert message == {"event": "clear"}, message
+        return Outbound("clear", raw=message)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls,
+        url: str,
+        ccid: str,
+        *,
+        token: str | None = None,
+        client_state: str | None = None,
+        **options: Any,
+    ) -> AsyncIterator[TelnyxHarness]:
+        """Connect ``url`` (with ``Authorization: Bearer token`` when given) and begin."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with connect(url, additional_headers=headers) as ws:
+            harness = cls(ws, ccid, client_state, **options)
+            harness.start()
+            await harness.begin()
+            try:
+                yield harness
+            finally:
+                await harness.shutdown()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def dial(cls, base_url: str, **options: Any) -> AsyncIterator[TelnyxHarness]:
+        """An inbound call: ask for the TeXML, connect its ``<Stream url>``, begin."""
+        ccid = "v3:" + uuid.uuid4().hex
+        answer = await ask_texml(base_url, ccid)
+        assert answer.status_code == 200, answer.text
+        stream = ET.fromstring(answer.text).find("./Connect/Stream")
+        assert stream is not None
+        assert stream.attrib["bidirectionalMode"] == "rtp"
+        async with cls.connect(local(base_url, stream.attrib["url"]), ccid, **options) as h:
+            yield h

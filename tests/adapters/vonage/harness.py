@@ -1,0 +1,118 @@
+"""Vonage's side of a call (CARRIERS.md "Vonage Voice API WebSocket"): the signed answer
+webhook, then the WebSocket: a first text ``websocket:connected`` (content-type and the
+NCCO's headers), binary 16-bit little-endian PCM of 20 ms (640 bytes at 16 kHz) both
+ways, ``{"action":"notify"}`` echoed as ``websocket:notify`` once the audio before it
+has played, ``{"action":"clear"}`` answered by ``websocket:cleared``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import jwt
+from websockets.asyncio.client import connect
+
+from tests.adapters.carrier_harness import CarrierHarness, Outbound
+
+SECRET = "vonage-signature-secret-0123456789abcdef"
+
+
+def signed(secret: str, body: bytes = b"", **claims: Any) -> str:
+    """``Bearer <JWT>`` as Vonage signs a webhook (HS256, iat, jti, payload_hash)."""
+    payload: dict[str, Any] = {"iat": int(time.time()), "jti": uuid.uuid4().hex, **claims}
+    if body:
+        import hashlib
+
+        payload["payload_hash"] = hashlib.sha256(body).hexdigest()
+    return "Bearer " + jwt.encode(payload, secret, algorithm="HS256")
+
+
+async def ask_ncco(
+    base_url: str, call_uuid: str, *, secret: str | None = SECRET, app_key: str = ""
+) -> httpx.Response:
+    """GET the answer URL as Vonage does (signed with ``secret`` when given)."""
+    query = {
+        "uuid": call_uuid,
+        "conversation_uuid": "CON-" + call_uuid,
+        "from": "447700900000",
+        "to": "447700900001",
+    }
+    if app_key:
+        query["appKey"] = app_key
+    headers = {"Authorization": signed(secret)} if secret else {}
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        return await client.get("/vonage/answer", params=query, headers=headers)
+
+
+class VonageHarness(CarrierHarness):
+    """Vonage's WebSocket (module doc)."""
+
+    rate = 16000
+
+    def __init__(self, ws: Any, endpoint: dict[str, Any], **options: Any) -> None:
+        super().__init__(ws, **options)
+        self.endpoint = endpoint
+
+    async def begin(self) -> None:
+        await self.send(
+            {
+                "event": "websocket:connected",
+                "content-type": self.endpoint["content-type"],
+                **self.endpoint.get("headers", {}),
+            }
+        )
+        self.start_mic()
+
+    def audio_frame(self, pcm: bytes) -> bytes:
+        return pcm
+
+    def dtmf_frame(self, digit: str) -> str:
+        return json.dumps({"event": "websocket:dtmf", "digit": digit, "duration": 260})
+
+    def echo_frame(self, name: str) -> str:
+        return json.dumps({"event": "websocket:notify", "payload": {"name": name}})
+
+    def cleared_frame(self) -> str:
+        return json.dumps({"event": "websocket:cleared"})
+
+    def decode(self, frame: str | bytes) -> Outbound:
+        if isinstance(frame, bytes):
+            assert len(frame) == 640, len(frame)  # 20 ms at 16 kHz
+            return Outbound("media", pcm=frame)
+        message = json.loads(frame)
+        if message == {"action": "clear"}:
+            return Outbound("clear", raw=message)
+        assert message["action"] == "notify", message
+        return Outbound("mark", name=message["payload"]["name"], raw=message)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def dial(
+        cls, base_url: str, *, call_uuid: str | None = None, app_key: str = "", **options: Any
+    ) -> AsyncIterator[VonageHarness]:
+        """Ask for the NCCO, connect its websocket endpoint and begin the call."""
+        call_uuid = call_uuid or str(uuid.uuid4())
+        answer = await ask_ncco(base_url, call_uuid, app_key=app_key)
+        assert answer.status_code == 200, answer.text
+        (action,) = answer.json()
+        assert action["action"] == "connect"
+        (endpoint,) = action["endpoint"]
+        assert endpoint["type"] == "websocket"
+        path = urlsplit(endpoint["uri"]).path
+        async with connect(f"ws://{urlsplit(base_url).netloc}{path}") as ws:
+            harness = cls(ws, endpoint, **options)
+            harness.call_uuid = call_uuid
+            harness.start()
+            await harness.begin()
+            try:
+                yield harness
+            finally:
+                await harness.shutdown()
+
+    call_uuid = ""
