@@ -3,6 +3,6 @@ one recognizer pool per run)."""
 
 from __future__ import annotations
 
-from tests.adapters.twilio.conftest import speech
+from tests.adapters.twilio.conftest import speech, tts_cache
 
-__all__ = ["speech"]
+__all__ = ["speech", "tts_cache"]

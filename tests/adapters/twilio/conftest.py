@@ -1,4 +1,6 @@
-"""Fixtures of the Twilio tests: one speech service (Piper voice, pocketsphinx) for all calls."""
+"""Fixtures of the Twilio tests: the speech service (Piper voice, pocketsphinx) of a call's
+gateway: the voice, the recognizer's workers and the TTS cache load once per run; the
+service itself (its synthesis pool, whose locks belong to one event loop) is made per test."""
 
 from __future__ import annotations
 
@@ -14,14 +16,23 @@ from tests.adapters.twilio.helpers import PUBLIC
 
 
 @pytest.fixture(scope="session")
-def speech(piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer) -> SpeechService:
-    """The gateway's speech as the default settings make it, shared by every test gateway
-    (the Piper model and the recognizer's worker processes load once per run)."""
+def tts_cache() -> MemoryTtsCache:
+    """One TTS file cache for the run: a sentence said by one test is not synthesized again."""
+    return MemoryTtsCache()
+
+
+@pytest.fixture
+def speech(
+    piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer, tts_cache: MemoryTtsCache
+) -> SpeechService:
+    """The gateway's speech as the default settings make it (the Piper model and the
+    recognizer's worker processes load once per run; the service, and with it the
+    synthesis pool bound to this test's event loop, is this test's)."""
     settings = Settings()
     return SpeechService(
         recognizer_factory=lambda: recognizer,
         synthesizer=piper,
-        cache=MemoryTtsCache(),
+        cache=tts_cache,
         public_url=PUBLIC,
         listen_defaults=ListenOptions(
             silence_timeout_ms=settings.silence_timeout_ms,
