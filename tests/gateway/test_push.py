@@ -34,6 +34,7 @@ from tests.adapters.flowstorm.v1.helpers import (
 )
 from tests.adapters.flowstorm_shapes import check_v2
 from tests.adapters.voiceflow.helpers import client as voiceflow_client
+from tests.adapters.voiceflow.test_trace_schema import validate as validate_traces
 from tests.conftest import GatewayProcess, serve, served
 
 ADMIN = "admin-key-for-tests"
@@ -110,6 +111,7 @@ async def test_a_push_reaches_a_voiceflow_socketio_client(shared: dict[str, Any]
         assert data["trace"]["type"] == "text"
         assert data["trace"]["payload"]["message"] == "Your parcel has arrived."
         assert isinstance(data["messageID"], str)
+        pushed = [data["trace"]]
         await vf.nothing_more()
         assert await vf.say("what is my name")  # the conversation goes on
     async with (
@@ -123,6 +125,10 @@ async def test_a_push_reaches_a_voiceflow_socketio_client(shared: dict[str, Any]
             event, data = await vf.next()
             assert event == "action.trace"
             assert data["trace"]["payload"]["message"] == "While you were away."
+            pushed.append(data["trace"])
+    # pushed traces pass Voiceflow's published schemas as the turns' traces do
+    report = validate_traces(pushed)
+    assert [r for r in report["results"] if not r["ok"]] == []
 
 
 async def test_a_push_to_a_gone_client_is_queued_and_delivered_when_it_comes_back(
