@@ -28,7 +28,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from starlette.websockets import WebSocket
 
@@ -85,6 +85,7 @@ HangUpHook = Callable[["CallRunner", str], Awaitable[None]]
 """An adapter's hang-up: ``(runner, call id)``; the runner closes the socket after it."""
 TransferHook = Callable[["CallRunner", Transfer], Awaitable[None]]
 """An adapter's transfer; the runner closes the socket after it."""
+T = TypeVar("T")
 
 
 def call_config(settings: Settings, channel: str) -> CallConfig:
@@ -173,6 +174,28 @@ async def use_token(gw: Gateway, tokens: CallTokens, carrier: str, token: str) -
     if not fresh:
         raise VerificationRefused(f"the stream token of call {grant.call_id} was used already")
     return grant
+
+
+async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | None:
+    """Admit a carrier's stream: await the route's ``check`` of the upgrade (a token,
+    credentials), then accept the WebSocket; ``check``'s value (a :class:`CallGrant`).
+
+    None when ``check`` raised VerificationRefused (logged, naming ``carrier``; the
+    upgrade is closed with 1008 before the accept, which the client sees as HTTP 403)
+    or the peer left before the accept. A ``check`` with nothing to grant returns True.
+    """
+    try:
+        granted = await check
+    except VerificationRefused as exc:
+        log.warning("%s stream refused: %s", carrier, exc.reason)
+        with contextlib.suppress(*SEND_ERRORS):
+            await websocket.close(code=CLOSE_POLICY)  # before accept: HTTP 403
+        return None
+    try:
+        await websocket.accept()
+    except SEND_ERRORS:
+        return None
+    return granted
 
 
 # ------------------------------------------------------------------ listening
