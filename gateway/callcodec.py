@@ -551,6 +551,25 @@ class JsonCarrierCodec:
         self.stream_id = started.stream_id
         return started
 
+    def begin_start(
+        self, start: dict[str, Any], fmt: MediaFormat, call_id: str, stream_id: str, account: str
+    ) -> Started:
+        """:meth:`begin` with the :class:`Started` of a Twilio-shaped ``start`` object:
+        ``from``, ``to``, the ``account`` key and ``custom_parameters`` (all optional).
+        Raises ProtocolError for a bad field."""
+        where = "start message"
+        return self.begin(
+            Started(
+                call_id=call_id,
+                stream_id=stream_id,
+                media_format=fmt,
+                caller=get_str(start, "from", where, default=""),
+                callee=get_str(start, "to", where, default=""),
+                account_id=get_str(start, account, where, default=""),
+                parameters=get_params(start.get("custom_parameters"), "start: custom_parameters"),
+            )
+        )
+
     def media_event(self, frame: dict[str, Any], sequence_key: str, *, track: bool = True) -> Media:
         """``{"media":{"payload":<base64>,"track","timestamp"},<sequence_key>:n}`` as
         :class:`Media` (``track`` False: the carrier sends none). Raises ProtocolError

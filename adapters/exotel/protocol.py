@@ -42,7 +42,6 @@ from gateway.callcodec import (
     b64,
     get_int,
     get_object,
-    get_params,
     get_str,
     not_started,
 )
@@ -145,17 +144,7 @@ class ExotelCodec(JsonCarrierCodec):
         )
         if not call_sid or not stream_sid:
             raise ProtocolError(f"Invalid {where}: call_sid and stream_sid must not be empty")
-        return self.begin(
-            Started(
-                call_id=call_sid,
-                stream_id=stream_sid,
-                media_format=fmt,
-                caller=get_str(start, "from", where, default=""),
-                callee=get_str(start, "to", where, default=""),
-                account_id=get_str(start, "account_sid", where, default=""),
-                parameters=get_params(start.get("custom_parameters"), "start: custom_parameters"),
-            )
-        )
+        return self.begin_start(start, fmt, call_sid, stream_sid, "account_sid")
 
     def audio(self, pcm: Pcm) -> list[WireFrame]:
         """``pcm`` as ``media`` messages by Exotel's chunk rule (the stream's format)."""

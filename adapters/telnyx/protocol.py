@@ -42,7 +42,6 @@ from gateway.callcodec import (
     b64,
     get_int,
     get_object,
-    get_params,
     get_str,
 )
 from gateway.protocol import ProtocolError
@@ -111,17 +110,7 @@ class TelnyxCodec(JsonCarrierCodec):
         call_control_id = get_str(start, "call_control_id", where)
         if not call_control_id:
             raise ProtocolError(f"Invalid {where}: call_control_id: must not be empty")
-        return self.begin(
-            Started(
-                call_id=call_control_id,
-                stream_id=stream_id,
-                media_format=fmt,
-                caller=get_str(start, "from", where, default=""),
-                callee=get_str(start, "to", where, default=""),
-                account_id=get_str(start, "user_id", where, default=""),
-                parameters=get_params(start.get("custom_parameters"), "start: custom_parameters"),
-            )
-        )
+        return self.begin_start(start, fmt, call_control_id, stream_id, "user_id")
 
     # -------------------------------------------------------------- outbound
 
