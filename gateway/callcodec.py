@@ -36,6 +36,11 @@ frame and field (:class:`UnsupportedMediaFormat` for a media format the gateway
 cannot take: the engine closes with 1003 then). Using a codec in the wrong order
 (audio out before the call started) is our bug: LocalProtocolError.
 
+:class:`JsonCarrierCodec` holds what the JSON carriers' codecs share (Telnyx, Plivo,
+Exotel, Vonage): the format state, the ``event`` -> handler table, the common
+``media``/``dtmf``/``mark``/``stop`` messages and the outbound framing; each carrier
+gives only its wire specifics.
+
 Request verification (webhooks, WebSocket upgrades) refuses with
 :class:`VerificationRefused`, whose ``status`` the routes answer with.
 

@@ -10,9 +10,11 @@ when the codec says ``realtime``, else sent as fast as they are made; the final 
 echo (or its grace running out) hangs up through the adapter's ``hang_up`` (else the
 socket is closed).
 
-:class:`CallTokens` issues and checks the per-call tokens a carrier's answer puts in
-the stream URL (``/vonage/stream/{token}``): HMAC-SHA256 over ``call id`` and expiry,
-used once (the gateway's NonceStore, shared through Redis).
+:func:`admit` runs a route's check of a stream's upgrade, refusing (1008 before the
+accept: HTTP 403) or accepting it. :class:`CallTokens` issues and checks the per-call
+tokens a carrier's answer puts in the stream URL (``/vonage/stream/{token}``):
+HMAC-SHA256 over ``call id`` and expiry, used once (the gateway's NonceStore, shared
+through Redis).
 """
 
 from __future__ import annotations
