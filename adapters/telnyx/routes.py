@@ -140,15 +140,9 @@ async def telnyx_outbound(request: Request) -> Response:
         body = await read_body(request, settings.max_body_bytes)
     except ProtocolError as exc:
         return problem(exc.status, "Bad Request", exc.text)
-    if not settings.telnyx_public_key:
-        log.warning("Telnyx webhook refused: GATEWAY_TELNYX_PUBLIC_KEY is not set")
-        return problem(403, "Forbidden", "Telnyx webhooks are not accepted (no public key).")
-    try:
-        TelnyxVerifier(settings.telnyx_public_key).check_headers(body, request.headers, time.time())
-    except VerificationRefused as exc:
-        log.warning("Telnyx webhook refused (%d): %s", exc.status, exc.reason)
-        title = "Unauthorized" if exc.status == 401 else "Forbidden"
-        return problem(exc.status, title, exc.reason)
+    refused = _verified(settings, body, request)
+    if refused is not None:
+        return refused
     try:
         event = json.loads(body)
     except ValueError:
