@@ -36,6 +36,11 @@ frame and field (:class:`UnsupportedMediaFormat` for a media format the gateway
 cannot take: the engine closes with 1003 then). Using a codec in the wrong order
 (audio out before the call started) is our bug: LocalProtocolError.
 
+:class:`JsonCarrierCodec` holds what the JSON carriers' codecs share (Telnyx, Plivo,
+Exotel, Vonage): the format state, the ``event`` -> handler table, the common
+``media``/``dtmf``/``mark``/``stop`` messages and the outbound framing; each carrier
+gives only its wire specifics.
+
 Request verification (webhooks, WebSocket upgrades) refuses with
 :class:`VerificationRefused`, whose ``status`` the routes answer with.
 
@@ -49,7 +54,7 @@ import base64
 import binascii
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
@@ -71,6 +76,8 @@ __all__ = [
     "Cleared",
     "Connected",
     "Digit",
+    "EventHandler",
+    "JsonCarrierCodec",
     "Media",
     "MediaFormat",
     "Played",
@@ -470,3 +477,166 @@ def b64(data: bytes) -> str:
 def not_started(carrier: str, what: str) -> LocalProtocolError:
     """The error for asking a codec for ``what`` before its stream started (our bug)."""
     return LocalProtocolError(f"{carrier}: {what} before the stream started")
+
+
+# ------------------------------------------------------------------ the JSON carriers' base
+
+EventHandler: TypeAlias = Callable[[dict[str, Any]], CallEvent]
+"""What a codec makes of one decoded inbound JSON frame (an ``event``'s handler)."""
+
+
+class JsonCarrierCodec:
+    """What the carriers whose stream is JSON text frames share (Telnyx, Plivo, Exotel,
+    Vonage): a :class:`CarrierCodec` but for the wire specifics a subclass gives.
+
+    A subclass sets ``carrier`` (``"telnyx"``), ``title`` (``"Telnyx"``, in errors),
+    ``realtime`` and ``max_queued``; :meth:`handlers` maps each ``event`` name to its
+    handler, in the order the error for an unknown event lists them; it writes
+    :meth:`audio_frame` (one outbound frame of wire audio), :meth:`mark` and
+    :meth:`clear`. The stream's start handler calls :meth:`begin` with its
+    :class:`Started`. ``outbound``: the format played back (None: the inbound one);
+    ``frame_ms``: audio per outbound frame.
+    """
+
+    carrier: str = ""
+    title: str = ""
+    realtime: bool = True
+    max_queued: int | None = None
+
+    def __init__(self, outbound: MediaFormat | None = None, frame_ms: int = 20) -> None:
+        self.frame_ms = frame_ms
+        self._outbound = outbound
+        self._format: MediaFormat | None = None
+        self.stream_id = ""
+        self.call_id = ""
+        self._handlers = self.handlers()
+
+    def handlers(self) -> Mapping[str, EventHandler]:
+        """``event`` name -> handler of the frame (the subclass's table)."""
+        raise NotImplementedError
+
+    @property
+    def media_format(self) -> MediaFormat | None:
+        """The inbound format (after the stream's start)."""
+        return self._format
+
+    @property
+    def outbound_format(self) -> MediaFormat | None:
+        """The format of the gateway's audio (after the stream's start)."""
+        return self._outbound or self._format
+
+    @property
+    def events(self) -> str:
+        """The known ``event`` names as a list in prose (``a, b or c``)."""
+        names = list(self._handlers)
+        return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+
+    # -------------------------------------------------------------- inbound
+
+    def receive_text(self, text: str) -> CallEvent:
+        """The event of one text frame, by its ``event``'s handler. Raises ProtocolError
+        (malformed, unknown event, invalid field, media before the start);
+        UnsupportedMediaFormat at the start."""
+        frame = load_frame(text, self.title)
+        event = frame.get("event")
+        handler = self._handlers.get(event) if isinstance(event, str) else None
+        if handler is None:
+            raise ProtocolError(
+                f"Unknown {self.title} event", expected=self.events, got=repr(event)
+            )
+        return handler(frame)
+
+    def receive_binary(self, data: bytes) -> CallEvent:
+        """Binary frames are not the carrier's: ProtocolError (Vonage overrides)."""
+        raise ProtocolError(f"{self.title} sends text frames only, got a binary frame")
+
+    def begin(self, started: Started) -> Started:
+        """Record ``started``'s format, call and stream; returns it."""
+        self._format, self.call_id = started.media_format, started.call_id
+        self.stream_id = started.stream_id
+        return started
+
+    def begin_start(
+        self, start: dict[str, Any], fmt: MediaFormat, call_id: str, stream_id: str, account: str
+    ) -> Started:
+        """:meth:`begin` with the :class:`Started` of a Twilio-shaped ``start`` object:
+        ``from``, ``to``, the ``account`` key and ``custom_parameters`` (all optional).
+        Raises ProtocolError for a bad field."""
+        where = "start message"
+        return self.begin(
+            Started(
+                call_id=call_id,
+                stream_id=stream_id,
+                media_format=fmt,
+                caller=get_str(start, "from", where, default=""),
+                callee=get_str(start, "to", where, default=""),
+                account_id=get_str(start, account, where, default=""),
+                parameters=get_params(start.get("custom_parameters"), "start: custom_parameters"),
+            )
+        )
+
+    def media_event(self, frame: dict[str, Any], sequence_key: str, *, track: bool = True) -> Media:
+        """``{"media":{"payload":<base64>,"track","timestamp"},<sequence_key>:n}`` as
+        :class:`Media` (``track`` False: the carrier sends none). Raises ProtocolError
+        before the start or for a bad field."""
+        where = "media message"
+        if self._format is None:
+            raise ProtocolError(f"Invalid {where}: media before start")
+        media = get_object(frame, "media", where)
+        payload = b64_payload(media, self._format, where)
+        return Media(
+            pcm=self._format.decode(payload, where),
+            track=get_str(media, "track", where, default="inbound") if track else "inbound",
+            timestamp_ms=get_int(media, "timestamp", where),
+            sequence=get_int(frame, sequence_key, where),
+        )
+
+    @staticmethod
+    def dtmf_event(frame: dict[str, Any], *, duration: bool = False) -> Digit:
+        """``{"dtmf":{"digit":…[,"duration":ms]}}`` as :class:`Digit` (``duration``
+        read when the carrier sends it). Raises ProtocolError for a bad field."""
+        dtmf = get_object(frame, "dtmf", "dtmf message")
+        ms = get_int(dtmf, "duration", "dtmf message") if duration else None
+        return Digit(get_digit(dtmf, "dtmf message"), ms)
+
+    @staticmethod
+    def mark_event(frame: dict[str, Any]) -> Played:
+        """``{"mark":{"name":…}}`` as :class:`Played`. Raises ProtocolError for a bad field."""
+        return Played(get_str(get_object(frame, "mark", "mark message"), "name", "mark message"))
+
+    @staticmethod
+    def stop_event(frame: dict[str, Any]) -> Stopped:
+        """``{"stop":{"reason":…}}`` (reason optional) as :class:`Stopped`."""
+        stop = frame.get("stop")
+        reason = stop.get("reason") if isinstance(stop, dict) else None
+        return Stopped(reason if isinstance(reason, str) else "")
+
+    # -------------------------------------------------------------- outbound
+
+    def started_stream(self, what: str) -> str:
+        """The stream's id for an outbound ``what``; LocalProtocolError before the start."""
+        if not self.stream_id:
+            raise not_started(self.carrier, what)
+        return self.stream_id
+
+    def audio(self, pcm: Pcm) -> list[WireFrame]:
+        """``pcm`` (any rate) as :attr:`frame_ms` frames of :attr:`outbound_format`,
+        each made by :meth:`audio_frame`. LocalProtocolError before the start."""
+        fmt = self.outbound_format
+        if fmt is None:
+            raise not_started(self.carrier, "audio")
+        return [
+            self.audio_frame(fmt, chunk) for chunk in fmt.frames(fmt.encode(pcm), self.frame_ms)
+        ]
+
+    def audio_frame(self, fmt: MediaFormat, payload: bytes) -> WireFrame:
+        """One outbound frame holding the wire audio ``payload`` (of ``fmt``)."""
+        raise NotImplementedError
+
+    def mark(self, name: str) -> WireFrame:
+        """A marker echoed as :class:`Played` once the audio before it played."""
+        raise NotImplementedError
+
+    def clear(self) -> WireFrame:
+        """Drop the audio the carrier holds (barge-in)."""
+        raise NotImplementedError

@@ -28,34 +28,27 @@ the beta extension's ``audio/x-mulaw`` is taken too.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, Final
 
 from gateway.callcodec import (
-    CallEvent,
     Connected,
-    Digit,
-    Media,
+    EventHandler,
+    JsonCarrierCodec,
     MediaFormat,
-    Played,
     Started,
-    Stopped,
     UnsupportedMediaFormat,
     WireFrame,
     b64,
-    b64_payload,
-    get_digit,
     get_int,
     get_object,
-    get_params,
     get_str,
-    load_frame,
     not_started,
 )
 from gateway.protocol import ProtocolError
 from gateway.speech.audio import Pcm
 
 CARRIER: Final = "exotel"
-EVENTS: Final = "connected, start, media, dtmf, mark or stop"
 CHUNK_UNIT: Final = 320
 """Outbound chunks are a multiple of this many bytes."""
 MIN_CHUNK: Final = 3200
@@ -99,7 +92,7 @@ def chunks(audio: bytes, chunk_bytes: int, silence: bytes) -> list[bytes]:
     return out
 
 
-class ExotelCodec:
+class ExotelCodec(JsonCarrierCodec):
     """One Exotel Voicebot stream (see the module doc); a
     :class:`~gateway.callcodec.CarrierCodec`.
 
@@ -108,25 +101,23 @@ class ExotelCodec:
     """
 
     carrier: str = CARRIER
+    title: str = "Exotel"
     realtime: bool = False
-    max_queued: int | None = None
-    frame_ms: int = 0
 
     def __init__(self, chunk_ms: int = 200) -> None:
+        super().__init__(frame_ms=0)
         self.chunk_ms = chunk_ms
-        self._format: MediaFormat | None = None
-        self.stream_sid = ""
-        self.call_sid = ""
 
-    @property
-    def media_format(self) -> MediaFormat | None:
-        """The stream's format (after ``start``)."""
-        return self._format
-
-    @property
-    def outbound_format(self) -> MediaFormat | None:
-        """The same as the inbound format."""
-        return self._format
+    def handlers(self) -> Mapping[str, EventHandler]:
+        """Exotel's events (module doc)."""
+        return {
+            "connected": lambda f: Connected(),
+            "start": self._start,
+            "media": lambda f: self.media_event(f, "sequence_number", track=False),
+            "dtmf": lambda f: self.dtmf_event(f, duration=True),
+            "mark": self.mark_event,
+            "stop": self.stop_event,
+        }
 
     @property
     def chunk_bytes(self) -> int:
@@ -135,33 +126,6 @@ class ExotelCodec:
             raise not_started(CARRIER, "chunk size")
         size = self._format.bytes_for_ms(self.chunk_ms) // CHUNK_UNIT * CHUNK_UNIT
         return min(max(size, MIN_CHUNK), MAX_CHUNK // CHUNK_UNIT * CHUNK_UNIT)
-
-    def receive_text(self, text: str) -> CallEvent:
-        """The event of one Exotel frame. Raises ProtocolError (malformed, unknown event,
-        invalid field, media before ``start``); UnsupportedMediaFormat at ``start``."""
-        frame = load_frame(text, "Exotel")
-        event = frame.get("event")
-        if event == "media":
-            return self._media(frame)
-        if event == "connected":
-            return Connected()
-        if event == "start":
-            return self._start(frame)
-        if event == "dtmf":
-            dtmf = get_object(frame, "dtmf", "dtmf message")
-            return Digit(get_digit(dtmf, "dtmf message"), get_int(dtmf, "duration", "dtmf message"))
-        if event == "mark":
-            mark = get_object(frame, "mark", "mark message")
-            return Played(get_str(mark, "name", "mark message"))
-        if event == "stop":
-            stop = frame.get("stop")
-            reason = stop.get("reason") if isinstance(stop, dict) else None
-            return Stopped(reason if isinstance(reason, str) else "")
-        raise ProtocolError("Unknown Exotel event", expected=EVENTS, got=repr(event))
-
-    def receive_binary(self, data: bytes) -> CallEvent:
-        """Exotel sends text frames only: ProtocolError."""
-        raise ProtocolError("Exotel sends text frames only, got a binary frame")
 
     def _start(self, frame: dict[str, Any]) -> Started:
         where = "start message"
@@ -180,51 +144,29 @@ class ExotelCodec:
         )
         if not call_sid or not stream_sid:
             raise ProtocolError(f"Invalid {where}: call_sid and stream_sid must not be empty")
-        self._format, self.call_sid, self.stream_sid = fmt, call_sid, stream_sid
-        return Started(
-            call_id=call_sid,
-            stream_id=stream_sid,
-            media_format=fmt,
-            caller=get_str(start, "from", where, default=""),
-            callee=get_str(start, "to", where, default=""),
-            account_id=get_str(start, "account_sid", where, default=""),
-            parameters=get_params(start.get("custom_parameters"), "start: custom_parameters"),
-        )
-
-    def _media(self, frame: dict[str, Any]) -> Media:
-        where = "media message"
-        if self._format is None:
-            raise ProtocolError(f"Invalid {where}: media before start")
-        media = get_object(frame, "media", where)
-        payload = b64_payload(media, self._format, where)
-        return Media(
-            pcm=self._format.decode(payload, where),
-            timestamp_ms=get_int(media, "timestamp", where),
-            sequence=get_int(frame, "sequence_number", where),
-        )
+        return self.begin_start(start, fmt, call_sid, stream_sid, "account_sid")
 
     def audio(self, pcm: Pcm) -> list[WireFrame]:
-        """``pcm`` as ``media`` messages by Exotel's chunk rule."""
+        """``pcm`` as ``media`` messages by Exotel's chunk rule (the stream's format)."""
         fmt = self._format
         if fmt is None:
             raise not_started(CARRIER, "audio")
-        data = fmt.encode(pcm)
         return [
-            media_message(self.stream_sid, chunk)
-            for chunk in chunks(data, self.chunk_bytes, fmt.silence)
+            self.audio_frame(fmt, chunk)
+            for chunk in chunks(fmt.encode(pcm), self.chunk_bytes, fmt.silence)
         ]
+
+    def audio_frame(self, fmt: MediaFormat, payload: bytes) -> WireFrame:
+        """``{"event":"media","stream_sid":…,"media":{"payload":…}}``."""
+        return media_message(self.stream_id, payload)
 
     def mark(self, name: str) -> WireFrame:
         """``{"event":"mark","stream_sid":…,"mark":{"name":…}}``."""
-        if not self.stream_sid:
-            raise not_started(CARRIER, "mark")
-        return mark_message(self.stream_sid, name)
+        return mark_message(self.started_stream("mark"), name)
 
     def clear(self) -> WireFrame:
         """``{"event":"clear","stream_sid":…}``."""
-        if not self.stream_sid:
-            raise not_started(CARRIER, "clear")
-        return clear_message(self.stream_sid)
+        return clear_message(self.started_stream("clear"))
 
 
 def media_message(stream_sid: str, payload: bytes) -> str:

@@ -15,7 +15,6 @@ mark came back (the flow's next applet runs).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,8 +27,7 @@ from adapters.exotel.protocol import ExotelCodec
 from adapters.exotel.verify import ExotelVerifier
 from gateway.callcodec import VerificationRefused
 from gateway.deps import gateway_of
-from gateway.io.call import CallRunner, call_config
-from gateway.io.websocket import SEND_ERRORS
+from gateway.io.call import CallRunner, admit, call_config
 
 log = logging.getLogger("gateway.exotel")
 
@@ -65,18 +63,14 @@ async def stream(websocket: WebSocket) -> None:
     """A Voicebot applet's stream (module doc)."""
     gw = gateway_of(websocket)
     channel: ExotelChannel = websocket.app.state.exotel
-    try:
+
+    async def check() -> bool:
         if channel.verifier is None:
             raise VerificationRefused("no Exotel credentials are configured")
         channel.verifier.check(websocket.headers.get("authorization"))
-    except VerificationRefused as exc:
-        log.warning("Exotel stream refused: %s", exc.reason)
-        with contextlib.suppress(*SEND_ERRORS):
-            await websocket.close(code=1008)  # before accept: HTTP 403
-        return
-    try:
-        await websocket.accept()
-    except SEND_ERRORS:
+        return True
+
+    if not await admit(websocket, "Exotel", check()):
         return
     runner = CallRunner(
         websocket, gw, ExotelCodec(), call_config(gw.settings, CHANNEL), calls=channel.calls

@@ -31,31 +31,23 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from gateway.callcodec import (
-    CallEvent,
     Cleared,
-    Digit,
-    Media,
+    EventHandler,
+    JsonCarrierCodec,
     MediaFormat,
     Played,
     Started,
-    Stopped,
     UnsupportedMediaFormat,
     WireFrame,
     b64,
-    b64_payload,
-    get_digit,
     get_int,
     get_object,
     get_params,
     get_str,
-    load_frame,
-    not_started,
 )
 from gateway.protocol import ProtocolError, load_json
-from gateway.speech.audio import Pcm
 
 CARRIER: Final = "plivo"
-EVENTS: Final = "start, media, dtmf, playedStream, clearedAudio or stop"
 MULAW: Final = "audio/x-mulaw"
 L16: Final = "audio/x-l16"
 
@@ -105,7 +97,7 @@ def extra_headers(value: Any) -> dict[str, str]:
     return get_params(value, where)
 
 
-class PlivoCodec:
+class PlivoCodec(JsonCarrierCodec):
     """One Plivo stream (see the module doc); a :class:`~gateway.callcodec.CarrierCodec`.
 
     ``frame_ms``: audio per ``playAudio`` message. ``outbound``: the format played
@@ -113,48 +105,19 @@ class PlivoCodec:
     """
 
     carrier: str = CARRIER
+    title: str = "Plivo"
     realtime: bool = False
-    max_queued: int | None = None
 
-    def __init__(self, outbound: MediaFormat | None = None, frame_ms: int = 20) -> None:
-        self.frame_ms = frame_ms
-        self._outbound = outbound
-        self._format: MediaFormat | None = None
-        self.stream_id = ""
-        self.call_id = ""
-
-    @property
-    def media_format(self) -> MediaFormat | None:
-        """The inbound format (after ``start``)."""
-        return self._format
-
-    @property
-    def outbound_format(self) -> MediaFormat | None:
-        """The format of ``playAudio`` (after ``start``)."""
-        return self._outbound or self._format
-
-    def receive_text(self, text: str) -> CallEvent:
-        """The event of one Plivo frame. Raises ProtocolError (malformed, unknown event,
-        invalid field, media before ``start``); UnsupportedMediaFormat at ``start``."""
-        frame = load_frame(text, "Plivo")
-        event = frame.get("event")
-        if event == "media":
-            return self._media(frame)
-        if event == "start":
-            return self._start(frame)
-        if event == "dtmf":
-            return Digit(get_digit(get_object(frame, "dtmf", "dtmf message"), "dtmf message"))
-        if event == "playedStream":
-            return Played(get_str(frame, "name", "playedStream message"))
-        if event == "clearedAudio":
-            return Cleared()
-        if event == "stop":
-            return Stopped()
-        raise ProtocolError("Unknown Plivo event", expected=EVENTS, got=repr(event))
-
-    def receive_binary(self, data: bytes) -> CallEvent:
-        """Plivo sends text frames only: ProtocolError."""
-        raise ProtocolError("Plivo sends text frames only, got a binary frame")
+    def handlers(self) -> Mapping[str, EventHandler]:
+        """Plivo's events (module doc)."""
+        return {
+            "start": self._start,
+            "media": lambda f: self.media_event(f, "sequenceNumber"),
+            "dtmf": self.dtmf_event,
+            "playedStream": lambda f: Played(get_str(f, "name", "playedStream message")),
+            "clearedAudio": lambda f: Cleared(),
+            "stop": self.stop_event,
+        }
 
     def _start(self, frame: dict[str, Any]) -> Started:
         where = "start message"
@@ -167,53 +130,30 @@ class PlivoCodec:
         stream_id = get_str(start, "streamId", where)
         if not call_id or not stream_id:
             raise ProtocolError(f"Invalid {where}: callId and streamId must not be empty")
-        self._format, self.call_id, self.stream_id = fmt, call_id, stream_id
         headers = extra_headers(frame.get("extra_headers"))
-        return Started(
-            call_id=call_id,
-            stream_id=stream_id,
-            media_format=fmt,
-            caller=headers.get("from", ""),
-            callee=headers.get("to", ""),
-            account_id=get_str(start, "accountId", where, default=""),
-            parameters=headers,
+        return self.begin(
+            Started(
+                call_id=call_id,
+                stream_id=stream_id,
+                media_format=fmt,
+                caller=headers.get("from", ""),
+                callee=headers.get("to", ""),
+                account_id=get_str(start, "accountId", where, default=""),
+                parameters=headers,
+            )
         )
 
-    def _media(self, frame: dict[str, Any]) -> Media:
-        where = "media message"
-        if self._format is None:
-            raise ProtocolError(f"Invalid {where}: media before start")
-        media = get_object(frame, "media", where)
-        payload = b64_payload(media, self._format, where)
-        return Media(
-            pcm=self._format.decode(payload, where),
-            track=get_str(media, "track", where, default="inbound"),
-            timestamp_ms=get_int(media, "timestamp", where),
-            sequence=get_int(frame, "sequenceNumber", where),
-        )
-
-    def audio(self, pcm: Pcm) -> list[WireFrame]:
-        """``pcm`` as ``playAudio`` messages of :attr:`frame_ms` each."""
-        fmt = self.outbound_format
-        if fmt is None:
-            raise not_started(CARRIER, "audio")
-        kind = content_type(fmt)
-        return [
-            play_audio_message(self.stream_id, kind, fmt.sample_rate, chunk)
-            for chunk in fmt.frames(fmt.encode(pcm), self.frame_ms)
-        ]
+    def audio_frame(self, fmt: MediaFormat, payload: bytes) -> WireFrame:
+        """A ``playAudio`` message of ``payload``."""
+        return play_audio_message(self.stream_id, content_type(fmt), fmt.sample_rate, payload)
 
     def mark(self, name: str) -> WireFrame:
         """``{"event":"checkpoint","streamId":…,"name":…}``."""
-        if not self.stream_id:
-            raise not_started(CARRIER, "checkpoint")
-        return checkpoint_message(self.stream_id, name)
+        return checkpoint_message(self.started_stream("checkpoint"), name)
 
     def clear(self) -> WireFrame:
         """``{"event":"clearAudio","streamId":…}``."""
-        if not self.stream_id:
-            raise not_started(CARRIER, "clearAudio")
-        return clear_audio_message(self.stream_id)
+        return clear_audio_message(self.started_stream("clearAudio"))
 
 
 def play_audio_message(stream_id: str, kind: str, sample_rate: int, payload: bytes) -> str:

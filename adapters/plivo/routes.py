@@ -19,7 +19,6 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -39,8 +38,7 @@ from gateway.callcontrol import CallControl, CallControlError
 from gateway.calls import public_url
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body
-from gateway.io.call import CallRunner, CallTokens, call_config, use_token
-from gateway.io.websocket import SEND_ERRORS
+from gateway.io.call import CallRunner, CallTokens, admit, call_config, use_token
 from gateway.protocol import ProtocolError
 
 log = logging.getLogger("gateway.plivo")
@@ -145,16 +143,8 @@ async def stream(websocket: WebSocket, token: str) -> None:
     """A call's Audio Stream (module doc)."""
     gw = gateway_of(websocket)
     channel: PlivoChannel = websocket.app.state.plivo
-    try:
-        grant = await use_token(gw, channel.tokens, CHANNEL, token)
-    except VerificationRefused as exc:
-        log.warning("Plivo stream refused: %s", exc.reason)
-        with contextlib.suppress(*SEND_ERRORS):
-            await websocket.close(code=1008)  # before accept: HTTP 403
-        return
-    try:
-        await websocket.accept()
-    except SEND_ERRORS:
+    grant = await admit(websocket, "Plivo", use_token(gw, channel.tokens, CHANNEL, token))
+    if grant is None:
         return
     control: CallControl = websocket.app.state.callcontrol
 

@@ -26,36 +26,27 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from typing import Any, Final
 
 from gateway.callcodec import (
-    CallEvent,
     CarrierError,
     Connected,
-    Digit,
-    Media,
+    EventHandler,
+    JsonCarrierCodec,
     MediaFormat,
-    Played,
     Started,
-    Stopped,
     UnsupportedMediaFormat,
     WireEncoding,
     WireFrame,
     b64,
-    b64_payload,
-    get_digit,
     get_int,
     get_object,
-    get_params,
     get_str,
-    load_frame,
-    not_started,
 )
 from gateway.protocol import ProtocolError
-from gateway.speech.audio import Pcm
 
 CARRIER: Final = "telnyx"
-EVENTS: Final = "connected, start, media, dtmf, mark, error or stop"
 CODECS: Final[dict[str, WireEncoding]] = {"PCMU": "PCMU", "PCMA": "PCMA", "L16": "L16"}
 """``media_format.encoding`` values the gateway takes (case-insensitive)."""
 
@@ -73,7 +64,7 @@ def media_format(encoding: str, sample_rate: int) -> MediaFormat:
     return MediaFormat(wire, sample_rate, big_endian=wire == "L16")
 
 
-class TelnyxCodec:
+class TelnyxCodec(JsonCarrierCodec):
     """One Telnyx stream (see the module doc); a :class:`~gateway.callcodec.CarrierCodec`.
 
     ``outbound``: the bidirectional codec the answer asked for
@@ -82,53 +73,27 @@ class TelnyxCodec:
     """
 
     carrier: str = CARRIER
+    title: str = "Telnyx"
     realtime: bool = True
-    max_queued: int | None = None
 
-    def __init__(self, outbound: MediaFormat | None = None, frame_ms: int = 20) -> None:
-        self.frame_ms = frame_ms
-        self._outbound = outbound
-        self._format: MediaFormat | None = None
-        self.stream_id = ""
-        self.call_control_id = ""
+    def handlers(self) -> Mapping[str, EventHandler]:
+        """Telnyx's events (module doc)."""
+        return {
+            "connected": lambda f: Connected(
+                get_str(f, "version", "connected message", default="")
+            ),
+            "start": self._start,
+            "media": lambda f: self.media_event(f, "sequence_number"),
+            "dtmf": self.dtmf_event,
+            "mark": self.mark_event,
+            "error": _error,
+            "stop": self.stop_event,
+        }
 
     @property
-    def media_format(self) -> MediaFormat | None:
-        """The inbound format (after ``start``)."""
-        return self._format
-
-    @property
-    def outbound_format(self) -> MediaFormat | None:
-        """The format of the gateway's audio (after ``start``)."""
-        return self._outbound or self._format
-
-    # -------------------------------------------------------------- inbound
-
-    def receive_text(self, text: str) -> CallEvent:
-        """The event of one Telnyx frame. Raises ProtocolError (malformed, unknown event,
-        invalid field, media before ``start``); UnsupportedMediaFormat at ``start``."""
-        frame = load_frame(text, "Telnyx")
-        event = frame.get("event")
-        if event == "media":
-            return self._media(frame)
-        if event == "connected":
-            return Connected(get_str(frame, "version", "connected message", default=""))
-        if event == "start":
-            return self._start(frame)
-        if event == "dtmf":
-            return Digit(get_digit(get_object(frame, "dtmf", "dtmf message"), "dtmf message"))
-        if event == "mark":
-            mark = get_object(frame, "mark", "mark message")
-            return Played(get_str(mark, "name", "mark message"))
-        if event == "stop":
-            return Stopped(_reason(frame))
-        if event == "error":
-            return _error(frame)
-        raise ProtocolError("Unknown Telnyx event", expected=EVENTS, got=repr(event))
-
-    def receive_binary(self, data: bytes) -> CallEvent:
-        """Telnyx sends text frames only: ProtocolError."""
-        raise ProtocolError("Telnyx sends text frames only, got a binary frame")
+    def call_control_id(self) -> str:
+        """The stream's ``call_control_id`` (after ``start``)."""
+        return self.call_id
 
     def _start(self, frame: dict[str, Any]) -> Started:
         where = "start message"
@@ -145,38 +110,13 @@ class TelnyxCodec:
         call_control_id = get_str(start, "call_control_id", where)
         if not call_control_id:
             raise ProtocolError(f"Invalid {where}: call_control_id: must not be empty")
-        self._format, self.stream_id, self.call_control_id = fmt, stream_id, call_control_id
-        return Started(
-            call_id=call_control_id,
-            stream_id=stream_id,
-            media_format=fmt,
-            caller=get_str(start, "from", where, default=""),
-            callee=get_str(start, "to", where, default=""),
-            account_id=get_str(start, "user_id", where, default=""),
-            parameters=get_params(start.get("custom_parameters"), "start: custom_parameters"),
-        )
-
-    def _media(self, frame: dict[str, Any]) -> Media:
-        where = "media message"
-        if self._format is None:
-            raise ProtocolError(f"Invalid {where}: media before start")
-        media = get_object(frame, "media", where)
-        payload = b64_payload(media, self._format, where)
-        return Media(
-            pcm=self._format.decode(payload, where),
-            track=get_str(media, "track", where, default="inbound"),
-            timestamp_ms=get_int(media, "timestamp", where),
-            sequence=get_int(frame, "sequence_number", where),
-        )
+        return self.begin_start(start, fmt, call_control_id, stream_id, "user_id")
 
     # -------------------------------------------------------------- outbound
 
-    def audio(self, pcm: Pcm) -> list[WireFrame]:
-        """``pcm`` as ``media`` messages of :attr:`frame_ms` in the outbound format."""
-        fmt = self.outbound_format
-        if fmt is None:
-            raise not_started(CARRIER, "audio")
-        return [media_message(chunk) for chunk in fmt.frames(fmt.encode(pcm), self.frame_ms)]
+    def audio_frame(self, fmt: MediaFormat, payload: bytes) -> WireFrame:
+        """``{"event":"media","media":{"payload":…}}``."""
+        return media_message(payload)
 
     def mark(self, name: str) -> WireFrame:
         """``{"event":"mark","mark":{"name":…}}``."""
@@ -185,13 +125,6 @@ class TelnyxCodec:
     def clear(self) -> WireFrame:
         """``{"event":"clear"}``."""
         return CLEAR
-
-
-def _reason(frame: dict[str, Any]) -> str:
-    stop = frame.get("stop")
-    if isinstance(stop, dict) and isinstance(stop.get("reason"), str):
-        return str(stop["reason"])
-    return ""
 
 
 def _error(frame: dict[str, Any]) -> CarrierError:

@@ -58,8 +58,7 @@ from gateway.calls import transfer as record_transfer
 from gateway.deps import Gateway, gateway_of
 from gateway.events import Input
 from gateway.httputil import problem, read_body
-from gateway.io.call import CallRunner, CallTokens, call_config, use_token
-from gateway.io.websocket import SEND_ERRORS
+from gateway.io.call import CallGrant, CallRunner, CallTokens, admit, call_config, use_token
 from gateway.protocol import ProtocolError
 from gateway.protocol.call import CallAction, Transfer
 from gateway.settings import Settings
@@ -141,15 +140,9 @@ async def telnyx_outbound(request: Request) -> Response:
         body = await read_body(request, settings.max_body_bytes)
     except ProtocolError as exc:
         return problem(exc.status, "Bad Request", exc.text)
-    if not settings.telnyx_public_key:
-        log.warning("Telnyx webhook refused: GATEWAY_TELNYX_PUBLIC_KEY is not set")
-        return problem(403, "Forbidden", "Telnyx webhooks are not accepted (no public key).")
-    try:
-        TelnyxVerifier(settings.telnyx_public_key).check_headers(body, request.headers, time.time())
-    except VerificationRefused as exc:
-        log.warning("Telnyx webhook refused (%d): %s", exc.status, exc.reason)
-        title = "Unauthorized" if exc.status == 401 else "Forbidden"
-        return problem(exc.status, title, exc.reason)
+    refused = _verified(settings, body, request)
+    if refused is not None:
+        return refused
     try:
         event = json.loads(body)
     except ValueError:
@@ -302,20 +295,15 @@ async def telnyx_stream(websocket: WebSocket) -> None:
     """A call's media stream (module doc)."""
     gw = gateway_of(websocket)
     tokens = stream_tokens(gw.settings)
-    try:
+
+    async def check() -> CallGrant:
         if tokens is None:
             raise VerificationRefused("GATEWAY_TELNYX_API_KEY is not set")
         token = _stream_token(websocket)
         if not token:
             raise VerificationRefused("no stream token", status=401)
-        await use_token(gw, tokens, CHANNEL, token)
-    except VerificationRefused as exc:
-        log.warning("Telnyx stream refused: %s", exc.reason)
-        with contextlib.suppress(*SEND_ERRORS):
-            await websocket.close(code=1008)  # before accept: HTTP 403
-        return
-    try:
-        await websocket.accept()
-    except SEND_ERRORS:
+        return await use_token(gw, tokens, CHANNEL, token)
+
+    if await admit(websocket, "Telnyx", check()) is None:
         return
     await TelnyxCall(websocket, gw, websocket.query_params.get("appKey")).serve()

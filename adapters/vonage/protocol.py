@@ -33,6 +33,8 @@ from gateway.callcodec import (
     CallEvent,
     Cleared,
     Digit,
+    EventHandler,
+    JsonCarrierCodec,
     Media,
     MediaFormat,
     Played,
@@ -42,14 +44,10 @@ from gateway.callcodec import (
     get_digit,
     get_object,
     get_str,
-    load_frame,
-    not_started,
 )
 from gateway.protocol import ProtocolError
-from gateway.speech.audio import Pcm
 
 CARRIER: Final = "vonage"
-EVENTS: Final = "websocket:connected, websocket:cleared, websocket:notify or websocket:dtmf"
 RATES: Final = (8000, 16000, 24000)
 """``audio/l16;rate=`` values Vonage offers (24 kHz per the Python SDK, PR #342)."""
 CALL_HEADER: Final = "call_uuid"
@@ -85,46 +83,29 @@ def parse_content_type(value: str) -> MediaFormat:
     return MediaFormat("L16", rate)
 
 
-class VonageCodec:
-    """One Vonage WebSocket (see the module doc); a :class:`~gateway.callcodec.CarrierCodec`."""
+class VonageCodec(JsonCarrierCodec):
+    """One Vonage WebSocket (see the module doc); a :class:`~gateway.callcodec.CarrierCodec`.
+
+    The audio goes out in the inbound format (Vonage plays what it streams).
+    """
 
     carrier: str = CARRIER
+    title: str = "Vonage"
     realtime: bool = True
     max_queued: int | None = MAX_QUEUED
 
     def __init__(self, frame_ms: int = 20) -> None:
-        self.frame_ms = frame_ms
-        self._format: MediaFormat | None = None
+        super().__init__(frame_ms=frame_ms)
         self.headers: dict[str, str] = {}
 
-    @property
-    def media_format(self) -> MediaFormat | None:
-        """The format of ``websocket:connected``'s content-type (after it)."""
-        return self._format
-
-    @property
-    def outbound_format(self) -> MediaFormat | None:
-        """The same as the inbound format: Vonage plays what it streams."""
-        return self._format
-
-    def receive_text(self, text: str) -> CallEvent:
-        """The event of one text frame. Raises ProtocolError (malformed, unknown event,
-        invalid field, a second ``websocket:connected``); UnsupportedMediaFormat for a
-        content-type other than audio/l16 at a Vonage rate."""
-        frame = load_frame(text, "Vonage")
-        event = frame.get("event")
-        if event == "websocket:connected":
-            return self._connected(frame)
-        if event == "websocket:cleared":
-            return Cleared()
-        if event == "websocket:notify":
-            payload = get_object(frame, "payload", "websocket:notify message")
-            return Played(get_str(payload, "name", "websocket:notify message: payload"))
-        if event == "websocket:dtmf":
-            body = frame.get("dtmf")
-            source = body if isinstance(body, dict) else frame
-            return Digit(get_digit(source, "websocket:dtmf message"), _duration(source))
-        raise ProtocolError("Unknown Vonage event", expected=EVENTS, got=repr(event))
+    def handlers(self) -> Mapping[str, EventHandler]:
+        """Vonage's text events (module doc)."""
+        return {
+            "websocket:connected": self._connected,
+            "websocket:cleared": lambda f: Cleared(),
+            "websocket:notify": _notified,
+            "websocket:dtmf": _dtmf,
+        }
 
     def _connected(self, frame: dict[str, Any]) -> Started:
         where = "websocket:connected message"
@@ -137,14 +118,16 @@ class VonageCodec:
                 continue
             if isinstance(value, str | int | float) and not isinstance(value, bool):
                 headers[key] = str(value)
-        self._format, self.headers = fmt, headers
-        return Started(
-            call_id=headers.get(CALL_HEADER, ""),
-            stream_id="",
-            media_format=fmt,
-            caller=headers.get("from", ""),
-            callee=headers.get("to", ""),
-            parameters=headers,
+        self.headers = headers
+        return self.begin(
+            Started(
+                call_id=headers.get(CALL_HEADER, ""),
+                stream_id="",
+                media_format=fmt,
+                caller=headers.get("from", ""),
+                callee=headers.get("to", ""),
+                parameters=headers,
+            )
         )
 
     def receive_binary(self, data: bytes) -> CallEvent:
@@ -154,12 +137,9 @@ class VonageCodec:
             raise ProtocolError("Invalid Vonage audio frame: audio before websocket:connected")
         return Media(self._format.decode(bytes(data), "Vonage audio frame"))
 
-    def audio(self, pcm: Pcm) -> list[WireFrame]:
-        """``pcm`` as binary frames of :attr:`frame_ms` at the stream's rate."""
-        fmt = self._format
-        if fmt is None:
-            raise not_started(CARRIER, "audio")
-        return list(fmt.frames(fmt.encode(pcm), self.frame_ms))
+    def audio_frame(self, fmt: MediaFormat, payload: bytes) -> WireFrame:
+        """A binary frame: the wire audio as it is."""
+        return payload
 
     def mark(self, name: str) -> WireFrame:
         """``{"action":"notify","payload":{"name":…}}``: echoed as ``websocket:notify``."""
@@ -168,6 +148,17 @@ class VonageCodec:
     def clear(self) -> WireFrame:
         """``{"action":"clear"}``."""
         return CLEAR
+
+
+def _notified(frame: dict[str, Any]) -> Played:
+    payload = get_object(frame, "payload", "websocket:notify message")
+    return Played(get_str(payload, "name", "websocket:notify message: payload"))
+
+
+def _dtmf(frame: dict[str, Any]) -> Digit:
+    body = frame.get("dtmf")
+    source = body if isinstance(body, dict) else frame
+    return Digit(get_digit(source, "websocket:dtmf message"), _duration(source))
 
 
 def _duration(obj: Mapping[str, Any]) -> int | None:

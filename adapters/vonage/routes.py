@@ -43,8 +43,7 @@ from gateway.calls import public_url
 from gateway.calls import transfer as record_transfer
 from gateway.deps import gateway_of
 from gateway.httputil import problem
-from gateway.io.call import CallRunner, CallTokens, call_config, use_token
-from gateway.io.websocket import SEND_ERRORS
+from gateway.io.call import CallRunner, CallTokens, admit, call_config, use_token
 from gateway.protocol.call import Transfer
 
 log = logging.getLogger("gateway.vonage")
@@ -139,16 +138,8 @@ async def stream(websocket: WebSocket, token: str) -> None:
     """A call's WebSocket (module doc)."""
     gw = gateway_of(websocket)
     channel: VonageChannel = websocket.app.state.vonage
-    try:
-        grant = await use_token(gw, channel.tokens, CHANNEL, token)
-    except VerificationRefused as exc:
-        log.warning("Vonage stream refused: %s", exc.reason)
-        with contextlib.suppress(*SEND_ERRORS):
-            await websocket.close(code=1008)  # before accept: HTTP 403
-        return
-    try:
-        await websocket.accept()
-    except SEND_ERRORS:
+    grant = await admit(websocket, "Vonage", use_token(gw, channel.tokens, CHANNEL, token))
+    if grant is None:
         return
     codec = VonageCodec(frame_ms=20)
 

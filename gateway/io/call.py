@@ -10,9 +10,11 @@ when the codec says ``realtime``, else sent as fast as they are made; the final 
 echo (or its grace running out) hangs up through the adapter's ``hang_up`` (else the
 socket is closed).
 
-:class:`CallTokens` issues and checks the per-call tokens a carrier's answer puts in
-the stream URL (``/vonage/stream/{token}``): HMAC-SHA256 over ``call id`` and expiry,
-used once (the gateway's NonceStore, shared through Redis).
+:func:`admit` runs a route's check of a stream's upgrade, refusing (1008 before the
+accept: HTTP 403) or accepting it. :class:`CallTokens` issues and checks the per-call
+tokens a carrier's answer puts in the stream URL (``/vonage/stream/{token}``):
+HMAC-SHA256 over ``call id`` and expiry, used once (the gateway's NonceStore, shared
+through Redis).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from starlette.websockets import WebSocket
 
@@ -85,6 +87,7 @@ HangUpHook = Callable[["CallRunner", str], Awaitable[None]]
 """An adapter's hang-up: ``(runner, call id)``; the runner closes the socket after it."""
 TransferHook = Callable[["CallRunner", Transfer], Awaitable[None]]
 """An adapter's transfer; the runner closes the socket after it."""
+T = TypeVar("T")
 
 
 def call_config(settings: Settings, channel: str) -> CallConfig:
@@ -173,6 +176,28 @@ async def use_token(gw: Gateway, tokens: CallTokens, carrier: str, token: str) -
     if not fresh:
         raise VerificationRefused(f"the stream token of call {grant.call_id} was used already")
     return grant
+
+
+async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | None:
+    """Admit a carrier's stream: await the route's ``check`` of the upgrade (a token,
+    credentials), then accept the WebSocket; ``check``'s value (a :class:`CallGrant`).
+
+    None when ``check`` raised VerificationRefused (logged, naming ``carrier``; the
+    upgrade is closed with 1008 before the accept, which the client sees as HTTP 403)
+    or the peer left before the accept. A ``check`` with nothing to grant returns True.
+    """
+    try:
+        granted = await check
+    except VerificationRefused as exc:
+        log.warning("%s stream refused: %s", carrier, exc.reason)
+        with contextlib.suppress(*SEND_ERRORS):
+            await websocket.close(code=CLOSE_POLICY)  # before accept: HTTP 403
+        return None
+    try:
+        await websocket.accept()
+    except SEND_ERRORS:
+        return None
+    return granted
 
 
 # ------------------------------------------------------------------ listening
