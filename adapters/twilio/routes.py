@@ -112,6 +112,7 @@ from adapters.twilio.verify import (
     stream_url,
 )
 from gateway import metrics
+from gateway.callcodec import WireFrame
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.events import ResponseItem
@@ -526,12 +527,19 @@ class _Call(WebSocketDriver[Action]):
         self.call_sid = grant.call_sid
         self.bad_frames = 0
         self.start_timeout_s = settings.twilio_start_timeout_s  # for `start`, then closed 1008
-        self.sender = PacedSender(
-            self.send_text, settings.twilio_frame_ms, settings.twilio_send_ahead_ms
+        self.sender: PacedSender[WireFrame] = PacedSender(
+            self.send_frame, settings.twilio_frame_ms, settings.twilio_send_ahead_ms
         )
         self._started = 0.0
         self._hangup: asyncio.Task[None] | None = None
         self._received_all = asyncio.Event()
+
+    async def send_frame(self, frame: WireFrame) -> None:
+        """Send a frame of the call's (Twilio's are text); never raises."""
+        if isinstance(frame, str):
+            await self.send_text(frame)
+        else:
+            await self.send_bytes(frame)
 
     # -------------------------------------------------------------- loop
 
@@ -593,7 +601,7 @@ class _Call(WebSocketDriver[Action]):
         elif isinstance(action, Speak):
             await self.run(self.call.spoken(await self._synthesize(action.text)))
         elif isinstance(action, HangUp):
-            self._hangup = self.spawn(self._hang_up(action.call_sid), "hang-up")
+            self._hangup = self.spawn(self._hang_up(action.call_id), "hang-up")
         elif isinstance(action, Transfer):
             self._hangup = self.spawn(self._transfer(action), "transfer")
 
@@ -626,7 +634,7 @@ class _Call(WebSocketDriver[Action]):
 
     async def _transfer(self, action: Transfer) -> None:
         """Update the call with ``<Dial>`` (adapters/twilio/calls.py), then close."""
-        if await transfer_twilio(self.ws.app, action.call_sid, action.target, action.reason):
+        if await transfer_twilio(self.ws.app, action.call_id, action.target, action.reason):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HANGUP_GRACE_S):
                     await self._received_all.wait()  # Twilio stops the stream
