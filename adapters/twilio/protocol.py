@@ -99,7 +99,6 @@ from gateway.protocol import (
 )
 from gateway.protocol.actions import Close as Close
 from gateway.protocol.actions import EndSession as EndSession
-from gateway.protocol.actions import FeedAudio
 from gateway.protocol.actions import StartTurn as StartTurn
 from gateway.protocol.call import DISCONNECT, CallAction, CarrierCall
 from gateway.protocol.call import INBOUND as INBOUND
@@ -610,7 +609,8 @@ class TwilioCall(CarrierCall):
             raise ProtocolError("Twilio sends text frames only")
         message = parse_message(frame)
         if isinstance(message, Media):
-            return self._mulaw(message)
+            payload = message.payload  # μ-law as is: one byte per sample
+            return self._feed(message.track, payload, len(payload))
         if self.state is State.CLOSED:
             return []
         if isinstance(message, Start):
@@ -643,16 +643,6 @@ class TwilioCall(CarrierCall):
             account_id=info.account_sid,
         )
         return self._start(started)
-
-    def _mulaw(self, message: Media) -> list[Action]:
-        state = self.state
-        if state is State.CLOSED or message.track != "inbound":
-            return []
-        self.machine.feed("media")  # raises before start
-        if state is State.ENDING:
-            return []
-        self.received += len(message.payload)  # one byte per sample
-        return [FeedAudio(self.stream, message.payload)]
 
     def _frames(self, audio: bytes) -> tuple[tuple[WireFrame, ...], int]:
         """``audio`` (8 kHz μ-law, as :data:`TTS` asks) as ``media`` frames, and its ms."""

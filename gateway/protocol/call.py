@@ -616,17 +616,26 @@ class CarrierCall:
         return [*actions, *self._commit(MACHINE)]
 
     def _media(self, message: Media) -> list[CallAction]:
+        pcm = message.pcm
+        # a carrier changing rate mid-stream: not heard
+        heard = pcm.sample_rate == self.rate
+        return self._feed(message.track, pcm.data, len(pcm.data) // 2, heard=heard)
+
+    def _feed(
+        self, track: str, data: bytes, samples: int, *, heard: bool = True
+    ) -> list[CallAction]:
+        """Inbound audio ``data`` (``samples`` long, in :attr:`listen_format`) of ``track``:
+        FeedAudio for the caller's track once started and not ending (``heard``).
+
+        Raises ProtocolError before the start."""
         state = self.state
-        if state is State.CLOSED or message.track != "inbound":
+        if state is State.CLOSED or track != "inbound":
             return []
         self.machine.feed("media")  # raises before start
-        if state is State.ENDING:
+        if state is State.ENDING or not heard:
             return []
-        pcm = message.pcm
-        if pcm.sample_rate != self.rate:  # a carrier changing rate mid-stream: not heard
-            return []
-        self.received += len(pcm.data) // 2
-        return [FeedAudio(self.stream, pcm.data)]
+        self.received += samples
+        return [FeedAudio(self.stream, data)]
 
     def voice(self, onset_ms: int | None, *, started: bool) -> list[CallAction]:
         """What the speech stage's endpointer says after the latest FeedAudio: the current
