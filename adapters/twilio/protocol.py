@@ -66,30 +66,29 @@ from __future__ import annotations
 
 import base64
 import binascii
-import itertools
 import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from pydantic.alias_generators import to_camel
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse  # type: ignore[import-untyped]
 
-from gateway.events import (
-    FALLBACK,
-    INTRO,
-    SILENCE,
-    BinaryEvent,
-    ErrorEvent,
-    Input,
-    ResponseEvent,
-    ResponseItemEvent,
-    TurnEvent,
-    transfer_target,
+from gateway.callcodec import (
+    CallEvent,
+    Digit,
+    Played,
+    Started,
+    Stopped,
+    UnsupportedMediaFormat,
+    WireFrame,
 )
+from gateway.callcodec import Connected as WireConnected
+from gateway.callcodec import Media as WireMedia
+from gateway.callcodec import MediaFormat as WireFormat
 from gateway.protocol import (
     MAX_JSON_DEPTH,
     MAX_NUMBER_CHARS,
@@ -98,37 +97,27 @@ from gateway.protocol import (
     load_json,
     validate,
 )
-from gateway.protocol.actions import (
-    CancelListening,
-    Close,
-    EndSession,
-    FeedAudio,
-    StartListening,
-    StartTurn,
-)
-from gateway.protocol.call import (
-    BARGE_IN,
-    DISCONNECT,
-    FINAL_MARK,
-    FLOOR,
-    INPUT,
-    INTERRUPT,
-    NOISE,
-    SESSION_END,
-    SPEECH,
-    _Turn,
-)
+from gateway.protocol.actions import Close as Close
+from gateway.protocol.actions import EndSession as EndSession
+from gateway.protocol.actions import StartTurn as StartTurn
+from gateway.protocol.call import DISCONNECT, CallAction, CarrierCall
 from gateway.protocol.call import INBOUND as INBOUND
+from gateway.protocol.call import MACHINE as MACHINE
 from gateway.protocol.call import TRANSITIONS as TRANSITIONS
 from gateway.protocol.call import CallConfig as CallConfig
+from gateway.protocol.call import CallInfo as CallInfo
 from gateway.protocol.call import CallStateMachine as CallStateMachine
 from gateway.protocol.call import DtmfCollector as DtmfCollector
 from gateway.protocol.call import DtmfMode as DtmfMode
+from gateway.protocol.call import HangUp as HangUp
+from gateway.protocol.call import Interrupt as Interrupt
 from gateway.protocol.call import MarkBook as MarkBook
+from gateway.protocol.call import Play as Play
+from gateway.protocol.call import Speak as Speak
 from gateway.protocol.call import State as State
-from gateway.speech.audio import AudioFormat, frames
+from gateway.protocol.call import Transfer as Transfer
+from gateway.speech.audio import AudioFormat, Pcm, frames
 from gateway.speech.types import TtsRequest
-from gateway.turn import TurnContext, TurnRejected
 
 CHANNEL: Final = "twilio"
 NAMESPACE: Final = "twilio"
@@ -159,12 +148,6 @@ PREROLL_MS: Final = 300
 """Audio before a voice onset handed to the listener (word beginnings are soft)."""
 TTS: Final = TtsRequest("audio", "mulaw")
 """What a call asks of the turn engine: each item's speech as 8 kHz μ-law after it."""
-
-_MARK_END: Final = "end"
-MACHINE: Final = "#machine"
-"""The input of an answering-machine answer (:meth:`TwilioCall.machine_answered`)."""
-MAX_ATTRIBUTES_CHARS: Final = 4000
-"""Longest JSON ``attributes`` stream parameter of an outbound call that is read."""
 
 
 # ------------------------------------------------------------------ inbound messages
@@ -469,168 +452,151 @@ def busy_twiml(text: str) -> str:
 
 # ------------------------------------------------------------------ actions
 
-
-@dataclass(frozen=True)
-class Play:
-    """Queue ``messages`` (outbound ``media`` frames, paced in real time), then ``mark``.
-
-    ``final`` marks the last audio of the call: hang up when its mark comes back.
-    ``audio_ms`` is the audio in ``messages``.
-    """
-
-    messages: tuple[str, ...]
-    mark: str
-    audio_ms: int
-    final: bool = False
+Action = CallAction
+"""The shared engine's actions (gateway/protocol/call.py): Play (μ-law ``media`` frames,
+then a ``mark``), Interrupt (``clear``), Speak (8 kHz μ-law), HangUp (the REST API
+Calls/{callSid} Status=completed, or close the stream), Transfer (the REST update with
+TwiML ``<Dial>``) and the kit's StartTurn, EndSession, Close, StartListening (μ-law
+8 kHz, from the pre-roll's audio time), FeedAudio (every inbound frame, for the call's
+speech stage) and CancelListening (see gateway/protocol/actions.py)."""
 
 
-@dataclass(frozen=True)
-class Interrupt:
-    """Drop the audio not yet sent and send ``clear`` (a message) at once: barge-in."""
-
-    clear: str
+# ------------------------------------------------------------------ the codec
 
 
-@dataclass(frozen=True)
-class Speak:
-    """Synthesize ``text`` (8 kHz μ-law) and hand it to :meth:`TwilioCall.spoken`
-    before the turn's next event (the turn failed: the caller hears why)."""
+class TwilioCodec:
+    """Twilio's outbound wire as a :class:`~gateway.callcodec.CarrierCodec`: μ-law 8 kHz
+    ``media`` frames of ``frame_ms``, ``mark`` and ``clear`` on the stream ``stream_sid``
+    (learnt from ``start``). Inbound frames are read by :class:`TwilioCall` itself
+    (:func:`parse_message`: the caller's μ-law goes to the speech stage as is)."""
 
-    text: str
+    carrier = "twilio"
+    realtime = True
+    max_queued: int | None = None
+
+    def __init__(self, frame_ms: int = 20) -> None:
+        self.frame_ms = frame_ms
+        self.stream_sid = ""
+        self._format: WireFormat | None = None
+
+    @property
+    def media_format(self) -> WireFormat | None:
+        """μ-law 8 kHz once ``start`` came (None before)."""
+        return self._format
+
+    @property
+    def outbound_format(self) -> WireFormat | None:
+        """The same as :attr:`media_format` (Twilio's stream is μ-law both ways)."""
+        return self._format
+
+    def started(self, stream_sid: str) -> None:
+        """``start`` named the stream ``stream_sid`` (μ-law 8 kHz, checked by the call)."""
+        self.stream_sid = stream_sid
+        self._format = WireFormat("PCMU", SAMPLE_RATE)
+
+    def receive_text(self, text: str) -> CallEvent:
+        """A text frame as an engine event (spec: "WebSocket Messages"); ``media`` as PCM.
+
+        Raises ProtocolError (malformed, unknown, invalid or ``media`` before ``start``)
+        or UnsupportedMediaFormat (a start not in μ-law)."""
+        message = parse_message(text)
+        if isinstance(message, Media):
+            if self._format is None:
+                raise ProtocolError("media before start")
+            return WireMedia(self._format.decode(message.payload), message.track)
+        if isinstance(message, Start):
+            info = message.start
+            if info.media_format.encoding != ENCODING:
+                raise UnsupportedMediaFormat(info.media_format.encoding)
+            self.started(info.stream_sid)
+            assert self._format is not None
+            return Started(
+                info.call_sid,
+                info.stream_sid,
+                self._format,
+                parameters=dict(info.custom_parameters),
+                account_id=info.account_sid,
+            )
+        return _event_of(message)
+
+    def receive_binary(self, data: bytes) -> CallEvent:
+        """Twilio sends text frames only: raises ProtocolError."""
+        raise ProtocolError("Twilio sends text frames only")
+
+    def audio(self, pcm: Pcm) -> list[WireFrame]:
+        """16-bit PCM as μ-law ``media`` frames of :attr:`frame_ms`."""
+        assert self._format is not None
+        return self.mulaw_frames(self._format.encode(pcm))
+
+    def mulaw_frames(self, mulaw: bytes) -> list[WireFrame]:
+        """μ-law 8 kHz as ``media`` frames of :attr:`frame_ms`."""
+        sid = self.stream_sid
+        return [media_message(sid, chunk) for chunk in audio_frames(mulaw, self.frame_ms)]
+
+    def mark(self, name: str) -> WireFrame:
+        """A ``mark`` frame named ``name``."""
+        return mark_message(self.stream_sid, name)
+
+    def clear(self) -> WireFrame:
+        """A ``clear`` frame."""
+        return clear_message(self.stream_sid)
 
 
-@dataclass(frozen=True)
-class HangUp:
-    """End the call: the REST API (Calls/{callSid} Status=completed) or close the stream."""
-
-    call_sid: str
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """Hand the call to ``target`` (E.164 number or SIP URI): the REST update with TwiML
-    ``<Dial>``; ``reason`` for the record. Comes when the audio before the transfer
-    item has played (its final mark came back)."""
-
-    call_sid: str
-    target: str
-    reason: str | None = None
-
-
-Action = (
-    Play
-    | Interrupt
-    | StartTurn
-    | StartListening
-    | FeedAudio
-    | CancelListening
-    | Speak
-    | HangUp
-    | Transfer
-    | EndSession
-    | Close
-)
-"""Twilio's own actions (Play, Interrupt, Speak, HangUp) and the kit's shared ones:
-StartTurn, EndSession, Close, and the utterance's StartListening (μ-law 8 kHz, from
-the pre-roll's audio time), FeedAudio (every inbound frame, for the call's speech
-stage) and CancelListening (see gateway/protocol/actions.py)."""
+def _event_of(message: Connected | Dtmf | Mark | Stop) -> CallEvent:
+    """The engine event of a Twilio message other than ``start`` and ``media``."""
+    if isinstance(message, Connected):
+        return WireConnected(message.version)
+    if isinstance(message, Dtmf):
+        return Digit(message.dtmf.digit)
+    if isinstance(message, Mark):
+        return Played(message.mark.name)
+    return Stopped()
 
 
 # ------------------------------------------------------------------ the call
 
 
-@dataclass
-class CallInfo:
-    """What ``start`` said about the call."""
-
-    stream_sid: str
-    call_sid: str
-    account_sid: str
-    parameters: dict[str, str] = field(default_factory=dict)
-
-
-class TwilioCall:
-    """One phone call's stream, sans I/O (see the module doc for the whole flow).
+class TwilioCall(CarrierCall):
+    """One phone call's stream, sans I/O (see the module doc for the whole flow): the
+    shared :class:`~gateway.protocol.call.CarrierCall` with Twilio's wire.
 
     ``call_sid`` is the call the stream token was issued for; ``config`` the
-    behaviour. Feed it :meth:`receive` (text frames), :meth:`heard` /
+    behaviour. Feed it :meth:`receive` (text frames), :meth:`voice`, :meth:`heard` /
     :meth:`listener_failed` (the listener), :meth:`turn_event` /
     :meth:`turn_rejected` / :meth:`turn_finished` (the turn it asked for),
-    :meth:`spoken` (audio it asked for with Speak), :meth:`final_mark_overdue`
-    and :meth:`connection_lost`; each returns the actions to carry out, in order.
+    :meth:`spoken` (8 kHz μ-law it asked for with Speak), :meth:`final_mark_overdue`,
+    :meth:`machine_answered` (AMD) and :meth:`connection_lost`; each returns the
+    actions to carry out, in order. What is Twilio's own: the caller's μ-law goes to
+    the speech stage as is (no decoding), speech comes as μ-law (:data:`TTS`), a start
+    in another format is closed with :data:`CLOSE_UNSUPPORTED`.
     """
 
-    def __init__(self, call_sid: str, config: CallConfig) -> None:
-        self.expected_call_sid = call_sid
-        self.config = config
-        self.machine = CallStateMachine()
-        self.info: CallInfo | None = None
-        self.ctx: TurnContext | None = None
-        self.marks = MarkBook()
-        self.dtmf = DtmfCollector(config.dtmf_mode, config.dtmf_timeout_ms)
-        self.received = 0
-        """Bytes of the caller's audio received (audio time, see the module doc)."""
-        self.onset_ms: int | None = None
-        """Audio time the caller's current speech began, as the speech stage last said
-        (None: the caller is not speaking)."""
-        self.turn: _Turn | None = None
-        self.pending: str | None = None
-        """An input waiting for the running turn to end (or the bot's audio to play out)."""
-        self.session_started = False
-        """Whether a turn ran in the session (so ``stop`` has a session to end)."""
-        self.session_over = False
-        """Whether the core ended the session (then ``stop`` leaves it alone)."""
-        self.stopped = False
-        """Whether Twilio sent ``stop`` (nothing more comes)."""
-        self._silence_at: int | None = None  # audio ms when #silence is due
-        self._bot_since = 0  # audio ms when the bot last took the floor
-        self._interrupted = False  # the utterance being heard cut the bot off
-        self._streams = itertools.count(1)
-        self.stream = 0
-        """The number of the latest utterance (StartListening.stream); heard in HEARING."""
-        self.transfer: tuple[str, str | None] | None = None
-        """``(target, reason)`` of the turn's transfer item: carried out at the final mark."""
-        self.answered_by: str | None = None
-        """Twilio's ``AnsweredBy`` of an outbound call, when known."""
-        self._input_attributes: dict[str, dict[str, Any]] = {}  # input text -> attributes
+    tts = TTS
+    stream_config_key = "streamSid"
+    other_call_reason = "The stream token was issued for another call."
 
-    # -------------------------------------------------------------- queries
+    def __init__(self, call_sid: str, config: CallConfig) -> None:
+        self.twilio = TwilioCodec(config.frame_ms)
+        super().__init__(self.twilio, call_sid, config)
 
     @property
-    def state(self) -> State:
-        """The state of :attr:`machine`."""
-        return self.machine.state
+    def expected_call_sid(self) -> str:
+        """The call the stream token was issued for."""
+        assert self.expected_call_id is not None
+        return self.expected_call_id
 
     @property
     def stream_sid(self) -> str:
         """The stream's SID (after ``start``)."""
         assert self.info is not None
-        return self.info.stream_sid
+        return self.info.stream_id
 
     @property
-    def closed(self) -> bool:
-        """Whether the call is over."""
-        return self.state is State.CLOSED
+    def listen_format(self) -> AudioFormat:
+        """The format of FeedAudio's data: Twilio's μ-law 8 kHz, as received."""
+        return MULAW_8K
 
-    @property
-    def now_ms(self) -> int:
-        """Audio time: ms of the caller's audio received."""
-        return self.received // BYTES_PER_MS
-
-    @property
-    def speech_ms(self) -> int:
-        """How long the caller's current speech has lasted (0 when not speaking)."""
-        return 0 if self.onset_ms is None else self.now_ms - self.onset_ms
-
-    @property
-    def keep_ms(self) -> int:
-        """Audio the speech stage must keep for a StartListening's ``from_ms`` (ms)."""
-        cfg = self.config
-        return max(cfg.barge_in_min_speech_ms, cfg.vad_min_speech_ms) + PREROLL_MS + 500
-
-    # -------------------------------------------------------------- inbound
-
-    def receive(self, text: str) -> list[Action]:
+    def receive(self, frame: WireFrame) -> list[Action]:
         """Handle one inbound text frame (spec: "WebSocket Messages").
 
         Raises ProtocolError for a malformed, unknown or invalid frame, or one out
@@ -639,36 +605,26 @@ class TwilioCall:
         token's, for another media format, or for an application key not allowed,
         returns ``[Close(...)]``.
         """
-        message = parse_message(text)
+        if not isinstance(frame, str):
+            raise ProtocolError("Twilio sends text frames only")
+        message = parse_message(frame)
         if isinstance(message, Media):
-            return self._media(message)
+            payload = message.payload  # μ-law as is: one byte per sample
+            return self._feed(message.track, payload, len(payload))
         if self.state is State.CLOSED:
             return []
-        if isinstance(message, Connected):
-            self.machine.feed("connected")
-            return []
         if isinstance(message, Start):
-            return self._start(message)
-        if isinstance(message, Dtmf):
-            self.machine.feed("dtmf")
-            return self._dtmf(message.dtmf.digit)
-        if isinstance(message, Mark):
-            self.machine.feed("mark")
-            return self._mark(message.mark.name)
-        was = self.state
-        self.machine.feed("stop")
-        self.stopped = True
-        return self._ending_actions(was)
+            return self._twilio_start(message)
+        return self.event(_event_of(message))
 
-    def _start(self, message: Start) -> list[Action]:
+    def _twilio_start(self, message: Start) -> list[Action]:
         if not self.machine.allows("start"):
             self.machine.feed("start")  # raises: a second start
         info = message.start
         fmt = info.media_format
-        if info.call_sid != self.expected_call_sid:
-            self.machine.advance(DISCONNECT)
-            return [Close(CLOSE_POLICY, "The stream token was issued for another call.")]
-        if (fmt.encoding, fmt.sample_rate, fmt.channels) != (ENCODING, SAMPLE_RATE, 1):
+        if info.call_sid == self.expected_call_id and (
+            (fmt.encoding, fmt.sample_rate, fmt.channels) != (ENCODING, SAMPLE_RATE, 1)
+        ):
             self.machine.advance(DISCONNECT)
             return [
                 Close(
@@ -677,328 +633,18 @@ class TwilioCall:
                     f"{fmt.sample_rate} Hz x{fmt.channels}",
                 )
             ]
-        params = dict(info.custom_parameters)
-        app_key = params.get("appKey") or self.config.default_app_key
-        if not self.config.key_allowed(app_key):
-            self.machine.advance(DISCONNECT)
-            return [Close(CLOSE_POLICY, "Unknown application key.")]
-        self.machine.feed("start")
-        self.info = CallInfo(info.stream_sid, info.call_sid, info.account_sid, params)
-        self.ctx = TurnContext(
-            channel=CHANNEL,
-            namespace=NAMESPACE,
-            session_id=info.call_sid,
-            app_key=app_key,
-            device_id=params.get("from") or None,
-            locale=params.get("locale") or None,
-            create=True,
-            config={
-                "from": params.get("from", ""),
-                "to": params.get("to", ""),
-                "streamSid": info.stream_sid,
-                **({"direction": "outbound"} if params.get("direction") == "outbound" else {}),
-            },
-            tts=TTS,
+        self.twilio.started(info.stream_sid)
+        assert self.twilio.media_format is not None
+        started = Started(
+            info.call_sid,
+            info.stream_sid,
+            self.twilio.media_format,
+            parameters=dict(info.custom_parameters),
+            account_id=info.account_sid,
         )
-        self._bot_since = self.now_ms
-        if params.get("direction") == "outbound":
-            self.answered_by = self.answered_by or params.get("answeredBy") or None
-            self._input_attributes[INTRO] = self._outbound_attributes(params)
-        return self._start_turn(INTRO)
+        return self._start(started)
 
-    def _outbound_attributes(self, params: Mapping[str, str]) -> dict[str, Any]:
-        """The ``#intro`` attributes of an outbound call: the request's ``attributes``
-        (a JSON object parameter) under ``direction`` ``outbound``, ``to``, ``from`` and
-        ``answeredBy`` (when known)."""
-        attributes: dict[str, Any] = {}
-        raw = params.get("attributes", "")
-        if raw and len(raw) <= MAX_ATTRIBUTES_CHARS:
-            try:
-                given = json.loads(raw)
-            except ValueError:
-                given = None
-            if isinstance(given, dict):
-                attributes.update(given)
-        attributes.update(direction="outbound", to=params.get("to", ""))
-        attributes["from"] = params.get("from", "")
-        if self.answered_by:
-            attributes["answeredBy"] = self.answered_by
-        return attributes
-
-    def machine_answered(self, answered_by: str) -> list[Action]:
-        """An answering machine (or fax) took the call (``AnsweredBy``, asynchronous AMD):
-        the bot falls silent and ``#machine`` (attributes ``answeredBy``) is the next
-        input, for the core to leave a message or hang up. Before ``start`` it only goes
-        into the ``#intro`` attributes; once the call is ending it is ignored."""
-        self.answered_by = answered_by
-        state = self.state
-        if self.info is None or state in (State.ENDING, State.CLOSED):
-            return []
-        self._input_attributes[MACHINE] = {"answeredBy": answered_by}
-        actions: list[Action] = []
-        if state is State.HEARING:
-            actions += self._stop_listening()
-        elif state is State.BOT:
-            actions += self._silence_the_bot()
-        return [*actions, *self._commit(MACHINE)]
-
-    def _media(self, message: Media) -> list[Action]:
-        state = self.state
-        if state is State.CLOSED or message.track != "inbound":
-            return []
-        self.machine.feed("media")  # raises before start
-        if state is State.ENDING:
-            return []
-        self.received += len(message.payload)
-        return [FeedAudio(self.stream, message.payload)]
-
-    def voice(self, onset_ms: int | None, *, started: bool) -> list[Action]:
-        """What the speech stage's endpointer says after the latest FeedAudio: the current
-        speech's onset (None: nobody speaks) and whether that audio ``started`` it.
-
-        An onset on the caller's floor opens an utterance (StartListening); speech on
-        the bot's floor lasting ``barge_in_min_speech_ms`` barges in; the silence
-        timeout and the DTMF pause are checked here too (once per inbound frame).
-        """
-        self.onset_ms = onset_ms
-        state = self.state
-        if state not in (State.BOT, State.CALLER, State.HEARING):
-            return []
-        now = self.now_ms
-        actions: list[Action] = []
-        if state is State.CALLER:
-            if started:
-                actions += self._hear(interrupted=False)
-            elif self._silence_due(now):
-                actions += self._commit(SILENCE)
-        elif state is State.BOT and self._may_barge_in():
-            actions += self._barge_in()
-        if self.dtmf.collecting and (digits := self.dtmf.poll(now)) is not None:
-            actions += self._digits(digits)
-        return actions
-
-    def _silence_due(self, now_ms: int) -> bool:
-        due = self._silence_at
-        return due is not None and now_ms >= due and not self.dtmf.collecting
-
-    def _may_barge_in(self) -> bool:
-        cfg = self.config
-        return (
-            cfg.barge_in
-            and self.onset_ms is not None
-            and self.speech_ms >= cfg.barge_in_min_speech_ms
-            and self.onset_ms >= self._bot_since
-        )
-
-    def _barge_in(self) -> list[Action]:
-        self.machine.advance(BARGE_IN)
-        actions = self._silence_the_bot()
-        return [*actions, *self._listen(interrupted=True)]
-
-    def _silence_the_bot(self) -> list[Action]:
-        """Drop the bot's queued audio and the rest of its turn's output."""
-        if self.turn is not None:
-            self.turn.discarded = True
-        self.marks.forget()
-        self.pending = None
-        return [Interrupt(clear_message(self.stream_sid))]
-
-    def _hear(self, *, interrupted: bool) -> list[Action]:
-        self.machine.advance(SPEECH)
-        return self._listen(interrupted=interrupted)
-
-    def _listen(self, *, interrupted: bool) -> list[Action]:
-        self._silence_at = None
-        self._interrupted = interrupted
-        onset = self.now_ms if self.onset_ms is None else self.onset_ms
-        self.stream = next(self._streams)
-        return [StartListening(self.stream, MULAW_8K, from_ms=onset - PREROLL_MS)]
-
-    def _stop_listening(self) -> list[Action]:
-        """CancelListening for the utterance being heard (in HEARING)."""
-        return [CancelListening(self.stream)]
-
-    def _dtmf(self, digit: str) -> list[Action]:
-        state = self.state
-        if state is State.ENDING:
-            return []
-        actions: list[Action] = []
-        if state is State.HEARING:
-            actions += self._stop_listening()
-            self.machine.advance(NOISE)  # the key, not the utterance, is the input
-        elif state is State.BOT and self.config.barge_in:
-            actions += self._silence_the_bot()
-            self.machine.advance(INTERRUPT)
-        self._silence_at = None
-        done = self.dtmf.press(digit, self.now_ms)
-        if done is not None:
-            actions += self._digits(done)
-        return actions
-
-    def _digits(self, text: str) -> list[Action]:
-        if self.state is State.BOT:  # without barge-in: after the bot's floor
-            self.pending = text
-            return self._advance()
-        if self.state is State.HEARING:
-            return [*self._stop_listening(), *self._commit(text)]
-        if self.state is State.CALLER:
-            return self._commit(text)
-        return []
-
-    def _mark(self, name: str) -> list[Action]:
-        final = self.marks.echo(name)
-        if final:
-            return self._final_mark()
-        return self._advance()
-
-    def _final_mark(self) -> list[Action]:
-        if self.state is not State.ENDING:
-            return []
-        self.machine.advance(FINAL_MARK)
-        assert self.info is not None
-        if self.transfer is not None:  # the audio before the transfer item has played
-            return [Transfer(self.info.call_sid, *self.transfer)]
-        return [HangUp(self.info.call_sid)]
-
-    def final_mark_overdue(self) -> list[Action]:
-        """The final mark did not come back in time: hang up all the same."""
-        return self._final_mark()
-
-    # -------------------------------------------------------------- the floor
-
-    def _commit(self, text: str) -> list[Action]:
-        """Make ``text`` the next input (state -> bot); it starts when nothing runs."""
-        self.machine.advance(INPUT)
-        self._bot_since = self.now_ms
-        self._silence_at = None
-        self.pending = text  # the latest input wins
-        return self._advance()
-
-    def _advance(self) -> list[Action]:
-        """On the bot's floor with no turn running and every mark back: the waiting
-        input's turn, or the floor goes to the caller."""
-        if self.state is not State.BOT or self.turn is not None or self.marks.outstanding:
-            return []
-        if self.pending is not None:
-            text, self.pending = self.pending, None
-            return self._start_turn(text)
-        self.machine.advance(FLOOR)
-        self._silence_at = self.now_ms + self.config.silence_timeout_ms
-        if self.onset_ms is not None and self.onset_ms >= self._bot_since:
-            return self._hear(interrupted=False)  # the caller started before the bot finished
-        return []
-
-    def _start_turn(self, text: str) -> list[Action]:
-        assert self.ctx is not None
-        self.turn = _Turn()
-        self.session_started = True
-        attributes = self._input_attributes.pop(text, None) or {}
-        return [StartTurn(self.ctx, Input.of(text, locale=self.ctx.locale, attributes=attributes))]
-
-    # -------------------------------------------------------------- listener
-
-    def heard(self, kind: str, text: str) -> list[Action]:
-        """The listener's result: ``kind`` ``final`` (with ``text``) or ``silence``.
-        Ignored unless the call is hearing.
-
-        A final text is the next input. No words: ``#fallback`` when the utterance
-        cut the bot off (the bot fell silent and must answer), else the caller's
-        floor again with a fresh silence timeout (a cough is not an input).
-        """
-        if self.state is not State.HEARING:
-            return []
-        text = text.strip()
-        if kind == "final" and text:
-            return self._commit(text)
-        if self._interrupted:
-            return self._commit(FALLBACK)
-        self.machine.advance(NOISE)
-        self._silence_at = self.now_ms + self.config.silence_timeout_ms
-        return []
-
-    def listener_failed(self) -> list[Action]:
-        """The listener failed (recognizer error, utterance too long): ``#fallback``."""
-        if self.state is not State.HEARING:
-            return []
-        return self._commit(FALLBACK)
-
-    # -------------------------------------------------------------- turns
-
-    def turn_event(self, event: TurnEvent) -> list[Action]:
-        """One event of the running turn: each item's audio (BinaryEvent) is played and
-        marked; the Response says whether the session ended; an Error is spoken."""
-        turn = self.turn
-        if turn is None or self.info is None:
-            return []
-        if isinstance(event, ResponseEvent):
-            if event.response.session_ended:
-                turn.ended = True
-            return []
-        if isinstance(event, ErrorEvent):
-            turn.failed = True
-            return [] if turn.discarded else [Speak(self.config.error_text)]
-        if isinstance(event, ResponseItemEvent) and not turn.discarded and self.transfer is None:
-            target = transfer_target(event.response_item)
-            if target is not None:  # what follows it in the turn is not played
-                self.transfer, turn.transfer = target, True
-            return []
-        if isinstance(event, BinaryEvent) and not turn.discarded and not turn.transfer:
-            return [self._play(event.data)]
-        return []
-
-    def _play(self, audio: bytes, *, final: bool = False) -> Play:
-        sid = self.stream_sid
-        chunks = audio_frames(audio, self.config.frame_ms) if audio else []
-        messages = tuple(media_message(sid, chunk) for chunk in chunks)
-        name = self.marks.new(final=final)
-        return Play(messages, mark_message(sid, name), len(chunks) * self.config.frame_ms, final)
-
-    def spoken(self, audio: bytes | None) -> list[Action]:
-        """The audio of a Speak (None: synthesis failed; nothing is played)."""
-        if not audio or self.turn is None or self.turn.discarded or self.info is None:
-            return []
-        if self.state not in (State.BOT, State.CALLER, State.HEARING):
-            return []
-        return [self._play(audio)]
-
-    def turn_rejected(self, exc: TurnRejected) -> list[Action]:
-        """The engine refused the turn (session busy, store down, ...): say the error text;
-        :meth:`turn_finished` follows."""
-        if self.turn is None:
-            return []
-        self.turn.failed = True
-        return [] if self.turn.discarded else [Speak(self.config.error_text)]
-
-    def turn_finished(self) -> list[Action]:
-        """The running turn's events have ended: the session's end (a final mark after
-        the audio), the waiting input's turn, or the caller's floor."""
-        turn, self.turn = self.turn, None
-        if turn is None or self.state is State.CLOSED:
-            return []
-        if turn.ended or turn.transfer:
-            # a transfer ends the session here unless the core ended it
-            end = [] if turn.ended or self.ctx is None else [EndSession(self.ctx)]
-            self.session_over = True
-            stop = self._stop_listening() if self.state is State.HEARING else []
-            self.machine.advance(SESSION_END)
-            self.pending = None
-            return [*stop, *end, self._play(b"", final=True)]
-        return self._advance()
-
-    # -------------------------------------------------------------- the end
-
-    def connection_lost(self) -> list[Action]:
-        """The socket is gone (or the call is being torn down): end the session unless
-        the core ended it; cancel the listener."""
-        was = self.state
-        self.machine.advance(DISCONNECT)
-        return self._ending_actions(was)
-
-    def _ending_actions(self, was: State) -> list[Action]:
-        actions: list[Action] = []
-        if was is State.HEARING:
-            actions += self._stop_listening()
-        if self.ctx is not None and self.session_started and not self.session_over:
-            self.session_over = True
-            actions.append(EndSession(self.ctx))
-        return actions
+    def _frames(self, audio: bytes) -> tuple[tuple[WireFrame, ...], int]:
+        """``audio`` (8 kHz μ-law, as :data:`TTS` asks) as ``media`` frames, and its ms."""
+        messages = tuple(self.twilio.mulaw_frames(audio))
+        return messages, len(messages) * self.config.frame_ms

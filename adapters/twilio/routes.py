@@ -68,7 +68,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Final
@@ -86,15 +86,8 @@ from adapters.twilio.protocol import (
     CHANNEL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
-    MULAW_8K,
     NAMESPACE,
-    TTS,
-    Action,
     CallConfig,
-    HangUp,
-    Interrupt,
-    Play,
-    Speak,
     Transfer,
     TwilioCall,
     busy_twiml,
@@ -114,39 +107,19 @@ from adapters.twilio.verify import (
 from gateway import metrics
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
-from gateway.events import ResponseItem
 from gateway.httputil import problem, read_body
-from gateway.io.websocket import SEND_ERRORS, PacedSender, WebSocketDriver
+from gateway.io.call import CallRunner
+from gateway.io.websocket import SEND_ERRORS
 from gateway.protocol import ProtocolError
-from gateway.protocol.actions import (
-    CancelListening,
-    FeedAudio,
-    FinishListening,
-    StartListening,
-)
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
 from gateway.sessions import StoreError, StoreUnavailable
 from gateway.settings import Settings
-from gateway.speech.audio import AudioFormatError
-from gateway.speech.stt import RecognitionError, RecognizerBusy
-from gateway.speech.types import Heard
 
 log = logging.getLogger("adapters.twilio")
 
-IDLE_TIMEOUT_S: Final = 30.0
-"""A started stream silent this long (Twilio sends 50 frames a second) is taken as lost."""
-FINAL_MARK_GRACE_S: Final = 5.0
-"""How much longer than the queued audio the final mark is awaited before hanging up anyway."""
 HANGUP_GRACE_S: Final = 3.0
 """After a REST hang-up, how long Twilio gets to stop the stream before it is closed here."""
-MAX_BAD_FRAMES: Final = 500
-"""Invalid frames one stream may send before it is closed (1008); each is logged and dropped."""
-LOGGED_BAD_FRAMES: Final = 5
-"""Invalid frames of one stream logged at WARNING (later ones at DEBUG)."""
 STATUS_EVENTS_KEPT: Final = 256
-LISTEN_BATCH_MS: Final = 60
-"""The caller's audio goes to the recognizer in batches of at least 60 ms (one worker round
-trip per batch rather than per 20 ms frame)."""
 
 
 # ------------------------------------------------------------------ per-app state
@@ -421,194 +394,36 @@ async def status(request: Request) -> Response:
 # ------------------------------------------------------------------ the media stream
 
 
-class _Listening:
-    """The speech side of one call (the driver's :class:`Listening`): the call's one speech
-    stage (one endpointer, one VAD pass per inbound frame) and a task per utterance.
-
-    Every FeedAudio (each inbound frame) is heard by the stage; its verdict (the onset,
-    and whether this frame started speech) goes back to :meth:`TwilioCall.voice` at once,
-    so barge-in never waits for a recognizer. StartListening opens an utterance on the
-    stage from the kept audio at ``from_ms`` and runs it (queued, batched to
-    LISTEN_BATCH_MS) in a task that reports its result with :meth:`TwilioCall.heard`.
-    """
-
-    def __init__(
-        self, gw: Gateway, call: TwilioCall, run: Callable[[Sequence[Action]], Awaitable[None]]
-    ) -> None:
-        self.gw = gw
-        self.call = call
-        self._run = run
-        self._stream = 0
-        self._task: asyncio.Task[None] | None = None
-        self.speech = gw.speech.stage(  # the call's one endpointer: one VAD pass per frame
-            MULAW_8K,
-            interim=False,
-            silence_timeout_ms=None,  # the call counts the caller's floor itself
-            frame_ms=20,
-            keep_ms=call.keep_ms,
-            batch_ms=LISTEN_BATCH_MS,
-        )
-
-    async def start(self, action: StartListening) -> None:
-        await self._stop()
-        self._stream = action.stream
-        self.speech.listen(action.from_ms)
-        self._task = asyncio.create_task(
-            self._listen(), name=f"twilio {self.call.expected_call_sid} listener"
-        )
-
-    async def feed(self, action: FeedAudio) -> None:
-        started = bool(self.speech.hear(action.data))
-        await self._run(self.call.voice(self.speech.onset_ms, started=started))
-
-    async def finish(self, action: FinishListening) -> None:
-        """Nothing to do: a call's utterance ends by endpointing."""
-
-    async def cancel(self, action: CancelListening) -> None:
-        if action.stream == self._stream:
-            await self._stop()
-
-    async def close(self) -> None:
-        await self._stop()
-
-    async def _listen(self) -> None:
-        """Recognise the caller's utterance (opened on the stage by StartListening) to its end."""
-        sid = self.call.expected_call_sid
-        speech = self.speech
-        try:
-            await speech.run(_ignore)  # may wait for a free recognizer
-            result = speech.result
-            actions = self.call.heard(result.kind, result.text) if result is not None else []
-        except RecognizerBusy as exc:  # no recognizer within GATEWAY_STT_QUEUE_WAIT_MS
-            log.warning("Twilio call %s: utterance not heard: %s", sid, exc.text)
-            metrics.ERRORS.labels(CHANNEL, "stt").inc()
-            actions = self.call.listener_failed()  # #fallback: the core asks to repeat
-        except (RecognitionError, AudioFormatError) as exc:
-            log.warning("Twilio call %s: recognition failed: %s", sid, exc)
-            actions = self.call.listener_failed()
-        except Exception:
-            log.exception("Twilio call %s: listening failed", sid)
-            actions = self.call.listener_failed()
-        if self._task is asyncio.current_task():
-            self._task = None
-        await self._run(actions)
-
-    async def _stop(self) -> None:
-        task, self._task = self._task, None
-        self.speech.stop()
-        if task is not None and task is not asyncio.current_task() and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-
-class _Call(WebSocketDriver[Action]):
-    """One accepted media stream on the WebSocket driver (module doc): Twilio's paced
-    sender, its start and idle timeouts, bad frames, the final mark and the hang-up."""
-
-    finish_after_reject = True
+class _Call(CallRunner):
+    """One accepted media stream on the shared call runner (gateway/io/call.py) with
+    Twilio's own: :class:`TwilioCall`, the channel's call registry (from the socket's
+    accept, for AMD callbacks), GATEWAY_TWILIO_START_TIMEOUT_S, the REST hang-up and
+    the ``<Dial>`` transfer, each awaiting Twilio's ``stop``."""
 
     def __init__(
         self, ws: WebSocket, gw: Gateway, channel: TwilioChannel, grant: StreamGrant
     ) -> None:
-        settings = gw.settings
-        self.call = call = TwilioCall(grant.call_sid, channel.config)
-        super().__init__(
-            ws,
-            call,
-            gw.conversation,
-            listening=_Listening(gw, call, self.run),
-            send_timeout_s=settings.send_timeout_s,
-            log=log,
-            name=f"Twilio call {grant.call_sid}",
-        )
-        self.gw = gw
+        call = TwilioCall(grant.call_sid, channel.config)
+        super().__init__(ws, gw, call.twilio, channel.config, call_id=grant.call_sid, call=call)
         self.channel = channel
         self.call_sid = grant.call_sid
-        self.bad_frames = 0
-        self.start_timeout_s = settings.twilio_start_timeout_s  # for `start`, then closed 1008
-        self.sender = PacedSender(
-            self.send_text, settings.twilio_frame_ms, settings.twilio_send_ahead_ms
-        )
-        self._started = 0.0
-        self._hangup: asyncio.Task[None] | None = None
+        self.name = f"Twilio call {grant.call_sid}"
+        self.start_timeout_s = gw.settings.twilio_start_timeout_s
         self._received_all = asyncio.Event()
-
-    # -------------------------------------------------------------- loop
 
     async def serve(self) -> None:
         """Serve the stream until it stops, the call ends or the peer goes away."""
         self.channel.calls[self.call_sid] = self
-        self._started = asyncio.get_running_loop().time()
-        self.spawn(self.sender.run(), "sender")
-        with metrics.connection(CHANNEL):
-            await super().serve()
+        await super().serve()
 
-    def idle_timeout_s(self) -> float:
-        if self.call.info is None:  # waiting for `start`
-            now = asyncio.get_running_loop().time()
-            return max(self._started + self.start_timeout_s - now, 0.0)
-        return IDLE_TIMEOUT_S
+    def started(self, call_id: str) -> None:
+        self.name = f"Twilio call {call_id}"
 
-    async def idle(self) -> None:
-        if self.call.info is None:
-            log.warning("Twilio call %s: no start message; closing", self.call_sid)
-            await self.close(CLOSE_POLICY, "Expected a start message.")
+    async def _end(self, call_id: str, transfer: Transfer | None) -> None:
+        if transfer is None:
+            await self._hang_up(call_id)
         else:
-            log.warning("Twilio call %s: the stream went quiet; closing", self.call_sid)
-            await self.close(1001, "The stream went quiet.")
-
-    def received(self, frame: str | bytes) -> list[Action]:
-        if isinstance(frame, bytes):
-            self._bad_frame("a binary frame (Twilio sends JSON text)")
-            return []
-        try:
-            return self.call.receive(frame)
-        except ProtocolError as exc:
-            self._bad_frame(exc.text)
-            return []
-
-    def done(self) -> bool:
-        call = self.call
-        return call.stopped or (call.closed and self._hangup is None)  # a hang-up awaits stop
-
-    def _bad_frame(self, why: str) -> None:
-        self.bad_frames += 1
-        level = logging.WARNING if self.bad_frames <= LOGGED_BAD_FRAMES else logging.DEBUG
-        log.log(level, "Twilio call %s: frame dropped: %s", self.call_sid, why)
-        if self.bad_frames >= MAX_BAD_FRAMES and self.open:
-            log.warning("Twilio call %s: %d invalid frames; closing", self.call_sid, MAX_BAD_FRAMES)
-            self.spawn(self.close(CLOSE_POLICY, "Too many invalid messages."), "close")
-
-    # -------------------------------------------------------------- Twilio's actions
-
-    async def other(self, action: Action) -> None:
-        if isinstance(action, Play):
-            self.sender.play(action.messages, action.mark)
-            if action.final:
-                wait_s = self.sender.queued_ms / 1000 + FINAL_MARK_GRACE_S
-                self.spawn(self._final_mark_watch(wait_s), "final mark")
-        elif isinstance(action, Interrupt):
-            await self.sender.interrupt(action.clear)
-            log.debug("Twilio call %s: barge-in", self.call_sid)
-        elif isinstance(action, Speak):
-            await self.run(self.call.spoken(await self._synthesize(action.text)))
-        elif isinstance(action, HangUp):
-            self._hangup = self.spawn(self._hang_up(action.call_sid), "hang-up")
-        elif isinstance(action, Transfer):
-            self._hangup = self.spawn(self._transfer(action), "transfer")
-
-    # -------------------------------------------------------------- tasks
-
-    async def _synthesize(self, text: str) -> bytes | None:
-        _, audio = await self.gw.speech.voice_item(ResponseItem(text=text), TTS)
-        return audio
-
-    async def _final_mark_watch(self, wait_s: float) -> None:
-        await asyncio.sleep(wait_s)
-        actions = self.call.final_mark_overdue()
-        if actions:
-            log.warning("Twilio call %s: the final mark did not come back", self.call_sid)
-        await self.run(actions)
+            await self._transfer(transfer)
 
     async def _hang_up(self, call_sid: str) -> None:
         rest = self.channel.rest
@@ -626,25 +441,16 @@ class _Call(WebSocketDriver[Action]):
 
     async def _transfer(self, action: Transfer) -> None:
         """Update the call with ``<Dial>`` (adapters/twilio/calls.py), then close."""
-        if await transfer_twilio(self.ws.app, action.call_sid, action.target, action.reason):
+        if await transfer_twilio(self.ws.app, action.call_id, action.target, action.reason):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HANGUP_GRACE_S):
                     await self._received_all.wait()  # Twilio stops the stream
         await self.close(CLOSE_NORMAL, "The call was transferred.")
 
-    def lost(self) -> list[Action]:
-        return self.call.connection_lost()
-
     async def shutdown(self) -> None:
         self._received_all.set()
         await super().shutdown()
-        with contextlib.suppress(*SEND_ERRORS):
-            await self.ws.close(CLOSE_NORMAL)
         self.channel.calls.pop(self.call_sid, None)
-
-
-async def _ignore(heard: Heard) -> None:
-    """The events of a call's utterance before its result (onsets: the call has them)."""
 
 
 async def _admit(ws: WebSocket, gw: Gateway, channel: TwilioChannel, token: str) -> StreamGrant:

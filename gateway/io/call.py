@@ -49,7 +49,6 @@ from gateway.protocol.actions import (
 from gateway.protocol.call import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
-    TTS,
     CallAction,
     CallConfig,
     CarrierCall,
@@ -239,7 +238,8 @@ class _Listening:
         await self._stop()
         self._stream = action.stream
         self.speech.listen(action.from_ms)
-        self._task = asyncio.create_task(self._listen(), name="call listener")
+        name = f"{self.call.config.channel} call listener"
+        self._task = asyncio.create_task(self._listen(), name=name)
 
     async def feed(self, action: FeedAudio) -> None:
         speech = self.speech
@@ -295,7 +295,9 @@ class CallRunner(WebSocketDriver[CallAction]):
     ``codec`` the carrier's; ``call_id`` the call it was admitted for (None: the
     start names it); ``config`` the behaviour; ``hang_up`` / ``transfer`` the
     adapter's REST actions (None: closing the socket ends the call);
-    ``calls`` a registry of the instance's calls (by call id, while served).
+    ``calls`` a registry of the instance's calls (by call id, while served); ``call``
+    the engine when the adapter brings its own (a :class:`CarrierCall` subclass, as
+    Twilio's; None: a CarrierCall over ``codec``).
     """
 
     finish_after_reject = True
@@ -311,9 +313,12 @@ class CallRunner(WebSocketDriver[CallAction]):
         hang_up: HangUpHook | None = None,
         transfer: TransferHook | None = None,
         calls: dict[str, CallRunner] | None = None,
+        call: CarrierCall | None = None,
     ) -> None:
         settings = gw.settings
-        self.call = call = CarrierCall(codec, call_id, config)
+        if call is None:
+            call = CarrierCall(codec, call_id, config)
+        self.call = call
         self.carrier = config.channel
         super().__init__(
             ws,
@@ -327,6 +332,8 @@ class CallRunner(WebSocketDriver[CallAction]):
         self.gw = gw
         self.codec = codec
         self.bad_frames = 0
+        self.start_timeout_s = START_TIMEOUT_S
+        """Seconds a new stream gets to send its start (then closed 1008)."""
         self._hang_up_hook = hang_up
         self._transfer_hook = transfer
         self._calls = calls
@@ -359,7 +366,7 @@ class CallRunner(WebSocketDriver[CallAction]):
     def idle_timeout_s(self) -> float:
         if self.call.info is None:
             now = asyncio.get_running_loop().time()
-            return max(self._started + START_TIMEOUT_S - now, 0.0)
+            return max(self._started + self.start_timeout_s - now, 0.0)
         return IDLE_TIMEOUT_S
 
     async def idle(self) -> None:
@@ -416,7 +423,7 @@ class CallRunner(WebSocketDriver[CallAction]):
             self._hangup = self.spawn(self._end(action.call_id, action), "transfer")
 
     async def _synthesize(self, text: str) -> bytes | None:
-        _, audio = await self.gw.speech.voice_item(ResponseItem(text=text), TTS)
+        _, audio = await self.gw.speech.voice_item(ResponseItem(text=text), self.call.tts)
         return audio
 
     async def _final_mark_watch(self, wait_s: float) -> None:

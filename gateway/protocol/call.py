@@ -416,6 +416,14 @@ class CarrierCall:
     :data:`CallAction` s to carry out, in order.
     """
 
+    tts: TtsRequest = TTS
+    """What the call asks of the turn engine for speech (a carrier may take its own
+    encoding as is, see :meth:`_frames`)."""
+    stream_config_key = "streamId"
+    """The session config key naming the stream's id."""
+    other_call_reason = "The stream was admitted for another call."
+    """The Close reason for a start naming another call than the admitted one."""
+
     def __init__(self, codec: CarrierCodec, call_id: str | None, config: CallConfig) -> None:
         self.codec = codec
         self.expected_call_id = call_id
@@ -535,7 +543,7 @@ class CarrierCall:
             self.machine.feed("start")  # raises: a second start
         if self.expected_call_id is not None and info.call_id != self.expected_call_id:
             self.machine.advance(DISCONNECT)
-            return [Close(CLOSE_POLICY, "The stream was admitted for another call.")]
+            return [Close(CLOSE_POLICY, self.other_call_reason)]
         params = {**self.extra_parameters, **info.parameters}
         app_key = params.get("appKey") or self.config.default_app_key
         if not self.config.key_allowed(app_key):
@@ -560,10 +568,10 @@ class CarrierCall:
             config={
                 "from": caller,
                 "to": callee,
-                "streamId": info.stream_id,
+                self.stream_config_key: info.stream_id,
                 **({"direction": "outbound"} if outbound else {}),
             },
-            tts=TTS,
+            tts=self.tts,
         )
         self._bot_since = self.now_ms
         if outbound:
@@ -608,17 +616,26 @@ class CarrierCall:
         return [*actions, *self._commit(MACHINE)]
 
     def _media(self, message: Media) -> list[CallAction]:
+        pcm = message.pcm
+        # a carrier changing rate mid-stream: not heard
+        heard = pcm.sample_rate == self.rate
+        return self._feed(message.track, pcm.data, len(pcm.data) // 2, heard=heard)
+
+    def _feed(
+        self, track: str, data: bytes, samples: int, *, heard: bool = True
+    ) -> list[CallAction]:
+        """Inbound audio ``data`` (``samples`` long, in :attr:`listen_format`) of ``track``:
+        FeedAudio for the caller's track once started and not ending (``heard``).
+
+        Raises ProtocolError before the start."""
         state = self.state
-        if state is State.CLOSED or message.track != "inbound":
+        if state is State.CLOSED or track != "inbound":
             return []
         self.machine.feed("media")  # raises before start
-        if state is State.ENDING:
+        if state is State.ENDING or not heard:
             return []
-        pcm = message.pcm
-        if pcm.sample_rate != self.rate:  # a carrier changing rate mid-stream: not heard
-            return []
-        self.received += len(pcm.data) // 2
-        return [FeedAudio(self.stream, pcm.data)]
+        self.received += samples
+        return [FeedAudio(self.stream, data)]
 
     def voice(self, onset_ms: int | None, *, started: bool) -> list[CallAction]:
         """What the speech stage's endpointer says after the latest FeedAudio: the current
@@ -818,14 +835,16 @@ class CarrierCall:
         """``audio`` (WAV, as :data:`TTS` asks) as the codec's frames and a mark.
 
         Raises AudioFormatError for audio that is not WAV."""
-        messages: tuple[WireFrame, ...] = ()
-        audio_ms = 0
-        if audio:
-            pcm = decode_wav(audio)
-            messages = tuple(self.codec.audio(pcm))
-            audio_ms = len(pcm.data) * 500 // pcm.sample_rate
+        messages, audio_ms = self._frames(audio) if audio else ((), 0)
         name = self.marks.new(final=final)
         return Play(messages, self.codec.mark(name), audio_ms, final)
+
+    def _frames(self, audio: bytes) -> tuple[tuple[WireFrame, ...], int]:
+        """``audio`` (as :attr:`tts` asks: WAV) as the codec's frames, and its ms.
+
+        Raises AudioFormatError for audio that is not WAV."""
+        pcm = decode_wav(audio)
+        return tuple(self.codec.audio(pcm)), len(pcm.data) * 500 // pcm.sample_rate
 
     def spoken(self, audio: bytes | None) -> list[CallAction]:
         """The audio of a Speak (None: synthesis failed; nothing is played)."""

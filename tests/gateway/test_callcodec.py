@@ -11,20 +11,15 @@ import pytest
 from adapters.exotel.protocol import ExotelCodec
 from adapters.plivo.protocol import PlivoCodec
 from adapters.telnyx.protocol import TelnyxCodec
-from adapters.twilio import protocol as twilio
+from adapters.twilio.protocol import TwilioCodec
 from adapters.vonage.protocol import VonageCodec
 from gateway.callcodec import (
-    CallEvent,
     CarrierCodec,
-    Connected,
-    Digit,
     Media,
     MediaFormat,
     Played,
     Started,
-    Stopped,
     UnsupportedMediaFormat,
-    WireFrame,
     get_int,
     get_params,
     get_str,
@@ -121,68 +116,6 @@ def test_json_helpers_name_what_is_wrong() -> None:
 
 
 # ------------------------------------------------------------------ the interface
-
-
-class TwilioCodec:
-    """The CarrierCodec over adapters/twilio/protocol.py's functions, unchanged: the shape
-    fits the carrier the shared engine is extracted from."""
-
-    carrier = "twilio"
-    realtime = True
-    frame_ms = 20
-    max_queued: int | None = None
-
-    def __init__(self) -> None:
-        self._format: MediaFormat | None = None
-        self.stream_sid = ""
-
-    @property
-    def media_format(self) -> MediaFormat | None:
-        return self._format
-
-    @property
-    def outbound_format(self) -> MediaFormat | None:
-        return self._format
-
-    def receive_text(self, text: str) -> CallEvent:
-        message = twilio.parse_message(text)
-        if isinstance(message, twilio.Media):
-            if self._format is None:
-                raise ProtocolError("media before start")
-            return Media(self._format.decode(message.payload), message.track)
-        if isinstance(message, twilio.Connected):
-            return Connected(message.version)
-        if isinstance(message, twilio.Start):
-            info = message.start
-            if info.media_format.encoding != twilio.ENCODING:
-                raise UnsupportedMediaFormat(info.media_format.encoding)
-            self._format = MediaFormat("PCMU", info.media_format.sample_rate)
-            self.stream_sid = info.stream_sid
-            return Started(
-                info.call_sid,
-                info.stream_sid,
-                self._format,
-                parameters=dict(info.custom_parameters),
-            )
-        if isinstance(message, twilio.Dtmf):
-            return Digit(message.dtmf.digit)
-        if isinstance(message, twilio.Mark):
-            return Played(message.mark.name)
-        return Stopped()
-
-    def receive_binary(self, data: bytes) -> CallEvent:
-        raise ProtocolError("Twilio sends text frames only")
-
-    def audio(self, pcm: Pcm) -> list[WireFrame]:
-        assert self._format is not None
-        data = self._format.encode(pcm)
-        return [twilio.media_message(self.stream_sid, f) for f in twilio.audio_frames(data, 20)]
-
-    def mark(self, name: str) -> WireFrame:
-        return twilio.mark_message(self.stream_sid, name)
-
-    def clear(self) -> WireFrame:
-        return twilio.clear_message(self.stream_sid)
 
 
 @pytest.mark.parametrize(
