@@ -1,15 +1,19 @@
 """A harness that plays a carrier's side of a phone call over a real WebSocket.
 
-The shape is Twilio's harness (tests/adapters/twilio/harness.py); the wire is the
-carrier's (shared/specs/CARRIERS.md), given by a subclass: how the call begins
-(:meth:`CarrierHarness.begin`), how the caller's 20 ms of audio, a key press and a
-mark's echo are sent, and what each outbound frame is (:meth:`CarrierHarness.decode`).
+One harness for every carrier (Twilio, Telnyx, Plivo, Vonage, Exotel); the wire is the
+carrier's (shared/specs/CARRIERS.md), given by a subclass (tests/adapters/<carrier>/
+harness.py): how the call begins (:meth:`CarrierHarness.begin`), how the caller's 20 ms
+of audio, a key press and a mark's echo are sent, what the carrier answers to a clear,
+and what each outbound frame is (:meth:`CarrierHarness.decode`).
 
 The caller's track is sent every 20 ms / ``mic_speed`` (silence unless something is
 being said). The "phone" plays what the gateway sends: each audio frame occupies
 the line for its duration / ``play_speed`` (``inf``: instantly); each mark is echoed
-once the audio before it has played; a clear drops the audio (and the marks pending).
+once the audio before it has played; a clear drops the audio and the marks pending
+(echoing them at once where the carrier does, :attr:`CarrierHarness.clear_echoes_marks`).
 Marks whose name ``hold`` accepts are kept until :meth:`release`.
+
+Times are ``time.monotonic()`` seconds of this process.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.speech.audio import Pcm, resample
@@ -34,14 +38,16 @@ FRAME_S = 0.02
 
 @dataclass
 class Received:
-    """One message from the gateway: ``event`` ``media`` (``pcm``: 16-bit PCM of it),
-    ``mark`` (``name``) or ``clear``; ``at`` its arrival (monotonic s)."""
+    """One message from the gateway: ``event`` ``media`` (``pcm``: 16-bit PCM of it at the
+    wire's rate, ``payload``: the audio as the wire carried it, e.g. μ-law), ``mark``
+    (``name``) or ``clear``; ``at`` its arrival (monotonic s); ``raw`` the decoded frame."""
 
     at: float
     event: str
     pcm: bytes = b""
     name: str = ""
     raw: Any = None
+    payload: bytes = b""
 
 
 @dataclass
@@ -61,13 +67,18 @@ class Outbound:
     pcm: bytes = b""
     name: str = ""
     raw: Any = field(default=None)
+    payload: bytes = b""
 
 
 class CarrierHarness:
     """One simulated call on an open WebSocket (module doc). ``rate`` is the wire's
-    sample rate; subclasses give the wire."""
+    sample rate; subclasses give the wire and :attr:`call_id`, the carrier's id of the
+    call (the gateway's session is ``<carrier>:<call_id>``)."""
 
     rate = 8000
+    clear_echoes_marks = False
+    """Whether the carrier echoes the marks of cleared audio at once (Twilio does)."""
+    call_id = ""
 
     def __init__(
         self,
@@ -86,6 +97,7 @@ class CarrierHarness:
         self.held: list[str] = []
         self.closed_at: float | None = None
         self.close_code: int | None = None
+        self.cleared_answers = 0
         self._changed = asyncio.Condition()
         self._speech: deque[Utterance] = deque()
         self._play_end = 0.0
@@ -124,6 +136,28 @@ class CarrierHarness:
         """One outbound frame; AssertionError for anything the carrier would not take."""
         raise NotImplementedError
 
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def opened(
+        cls,
+        url: str,
+        *args: Any,
+        headers: dict[str, str] | None = None,
+        begin: bool = True,
+        **options: Any,
+    ) -> AsyncIterator[Self]:
+        """Connect ``url`` (with ``headers`` on the upgrade), make ``cls(ws, *args,
+        **options)``, start it and (``begin``) begin the call; shut it down after."""
+        async with connect(url, additional_headers=headers or {}) as ws:
+            harness = cls(ws, *args, **options)
+            harness.start()
+            if begin:
+                await harness.begin()
+            try:
+                yield harness
+            finally:
+                await harness.shutdown()
+
     # ---------------------------------------------------------------- caller
 
     def start(self) -> None:
@@ -153,7 +187,8 @@ class CarrierHarness:
         return self.rate // 50 * 2
 
     def say(self, pcm: Pcm) -> Utterance:
-        """Queue ``pcm`` (any rate) for the caller's track, leading quiet trimmed."""
+        """Queue ``pcm`` (any rate) for the caller's track (after what is queued already),
+        leading quiet trimmed (the first frame is the onset), 1.2 s of silence after."""
         data = resample(pcm, self.rate).data
         size = self.frame_bytes
         start = 0
@@ -206,7 +241,7 @@ class CarrierHarness:
             async for raw in self.ws:
                 now = time.monotonic()
                 out = self.decode(raw)
-                item = Received(now, out.event, out.pcm, out.name, out.raw)
+                item = Received(now, out.event, out.pcm, out.name, out.raw, out.payload)
                 self.received.append(item)
                 if out.event == "media":
                     duration = len(out.pcm) / 2 / self.rate / self.play_speed
@@ -219,10 +254,14 @@ class CarrierHarness:
                         self._echo_wake.set()
                 elif out.event == "clear":
                     self._play_end = now
-                    self._pending_echo = []
+                    pending, self._pending_echo = self._pending_echo, []
                     self._echo_wake.set()
+                    if self.clear_echoes_marks:
+                        for _, name in pending:
+                            await self._echo(name)
                     answer = self.cleared_frame()
                     if answer is not None:
+                        self.cleared_answers += 1
                         await self.send(answer)
                 async with self._changed:
                     self._changed.notify_all()
@@ -256,6 +295,8 @@ class CarrierHarness:
         with contextlib.suppress(ConnectionClosed):
             await self.send(self.echo_frame(name))
             self.echoed.append(name)
+        async with self._changed:
+            self._changed.notify_all()
 
     async def release(self, name: str) -> None:
         """Echo a held mark now."""
@@ -273,9 +314,9 @@ class CarrierHarness:
                         async with asyncio.timeout(0.05):
                             await self._changed.wait()
 
-    def media_frames(self) -> list[Received]:
-        """The audio frames received."""
-        return [r for r in self.received if r.event == "media"]
+    def media_frames(self, since: float = 0.0) -> list[Received]:
+        """The audio frames received at or after ``since`` (monotonic s)."""
+        return [r for r in self.received if r.event == "media" and r.at >= since]
 
     def marks(self) -> list[str]:
         """The names of the marks received, in order."""
@@ -288,6 +329,10 @@ class CarrierHarness:
     def audio_after(self, index: int) -> bytes:
         """The PCM of the audio frames received after ``received[index]``."""
         return b"".join(r.pcm for r in self.received[index:] if r.event == "media")
+
+    def seconds(self, frames: list[Received]) -> float:
+        """How long the audio of ``frames`` plays (s)."""
+        return sum(len(r.pcm) for r in frames) / 2 / self.rate
 
 
 def _rms(data: bytes) -> float:

@@ -15,8 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from websockets.asyncio.client import connect
-
 from tests.adapters.carrier_harness import CarrierHarness, Outbound
 
 KEY = "exotel-key"
@@ -35,7 +33,7 @@ class ExotelHarness(CarrierHarness):
 
     def __init__(self, ws: Any, params: dict[str, str], **options: Any) -> None:
         super().__init__(ws, **options)
-        self.call_sid = uuid.uuid4().hex
+        self.call_sid = self.call_id = uuid.uuid4().hex
         self.stream_sid = uuid.uuid4().hex
         self.params = params
         self._seq = 0
@@ -119,7 +117,7 @@ class ExotelHarness(CarrierHarness):
             payload = base64.b64decode(message["media"]["payload"])
             assert len(payload) % 320 == 0, len(payload)
             assert 3200 <= len(payload) <= 100_000, len(payload)
-            return Outbound("media", pcm=payload, raw=message)
+            return Outbound("media", pcm=payload, raw=message, payload=payload)
         if event == "mark":
             return Outbound("mark", name=message["mark"]["name"], raw=message)
         assert event == "clear", message
@@ -132,11 +130,6 @@ class ExotelHarness(CarrierHarness):
     ) -> AsyncIterator[ExotelHarness]:
         """Connect the applet's URL with Basic credentials and begin the call."""
         url = f"ws://{urlsplit(base_url).netloc}/exotel/stream?sample-rate=8000"
-        async with connect(url, additional_headers=basic()) as ws:
-            harness = cls(ws, params or {"appKey": "exotel"}, **options)
-            harness.start()
-            await harness.begin()
-            try:
-                yield harness
-            finally:
-                await harness.shutdown()
+        params = params or {"appKey": "exotel"}
+        async with cls.opened(url, params, headers=basic(), **options) as harness:
+            yield harness

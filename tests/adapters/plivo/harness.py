@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from websockets.asyncio.client import connect
 
 from adapters.plivo.verify import signature
 from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw
@@ -60,11 +59,10 @@ class PlivoHarness(CarrierHarness):
 
     def __init__(self, ws: Any, call_uuid: str, extra: str, **options: Any) -> None:
         super().__init__(ws, **options)
-        self.call_uuid = call_uuid
+        self.call_uuid = self.call_id = call_uuid
         self.stream_id = str(uuid.uuid4())
         self.extra = extra
         self._seq = 0
-        self.cleared_answers = 0
 
     def _next(self) -> int:
         self._seq += 1
@@ -125,7 +123,6 @@ class PlivoHarness(CarrierHarness):
         )
 
     def cleared_frame(self) -> str:
-        self.cleared_answers += 1
         return json.dumps(
             {"event": "clearedAudio", "sequenceNumber": self._next(), "streamId": self.stream_id}
         )
@@ -145,7 +142,7 @@ class PlivoHarness(CarrierHarness):
             assert (media["contentType"], media["sampleRate"]) == ("audio/x-mulaw", 8000)
             payload = base64.b64decode(media["payload"])
             assert len(payload) == 160, len(payload)
-            return Outbound("media", pcm=mulaw_to_pcm(payload).data, raw=message)
+            return Outbound("media", mulaw_to_pcm(payload).data, raw=message, payload=payload)
         if event == "checkpoint":
             return Outbound("mark", name=message["name"], raw=message)
         assert event == "clearAudio", message
@@ -164,11 +161,7 @@ class PlivoHarness(CarrierHarness):
         assert stream.text
         assert stream.attrib["bidirectional"] == "true"
         path = urlsplit(stream.text.strip()).path
-        async with connect(f"ws://{urlsplit(base_url).netloc}{path}") as ws:
-            harness = cls(ws, call_uuid, stream.attrib.get("extraHeaders", ""), **options)
-            harness.start()
-            await harness.begin()
-            try:
-                yield harness
-            finally:
-                await harness.shutdown()
+        url = f"ws://{urlsplit(base_url).netloc}{path}"
+        extra = stream.attrib.get("extraHeaders", "")
+        async with cls.opened(url, call_uuid, extra, **options) as harness:
+            yield harness

@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from websockets.asyncio.client import connect
 
 from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw
 from tests.adapters.carrier_harness import CarrierHarness, Outbound
@@ -67,7 +66,7 @@ class TelnyxHarness(CarrierHarness):
 
     def __init__(self, ws: Any, ccid: str, client_state: str | None = None, **options: Any) -> None:
         super().__init__(ws, **options)
-        self.ccid = ccid
+        self.ccid = self.call_id = ccid
         self.stream_id = str(uuid.uuid4())
         self.client_state = client_state
         self._seq = 0
@@ -152,7 +151,7 @@ class TelnyxHarness(CarrierHarness):
         if event == "media":
             payload = base64.b64decode(message["media"]["payload"])
             assert len(payload) == 160, len(payload)  # 20 ms of PCMU
-            return Outbound("media", pcm=mulaw_to_pcm(payload).data, raw=message)
+            return Outbound("media", mulaw_to_pcm(payload).data, raw=message, payload=payload)
         if event == "mark":
             return Outbound("mark", name=message["mark"]["name"], raw=message)
         assert message == {"event": "clear"}, message
@@ -171,14 +170,8 @@ class TelnyxHarness(CarrierHarness):
     ) -> AsyncIterator[TelnyxHarness]:
         """Connect ``url`` (with ``Authorization: Bearer token`` when given) and begin."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with connect(url, additional_headers=headers) as ws:
-            harness = cls(ws, ccid, client_state, **options)
-            harness.start()
-            await harness.begin()
-            try:
-                yield harness
-            finally:
-                await harness.shutdown()
+        async with cls.opened(url, ccid, client_state, headers=headers, **options) as harness:
+            yield harness
 
     @classmethod
     @contextlib.asynccontextmanager

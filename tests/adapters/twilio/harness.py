@@ -10,39 +10,29 @@ caller's track as ``media`` messages of 160 bytes (20 ms) of base64 μ-law with
 ``sequenceNumber``/``chunk``/``timestamp`` — silence unless something is being
 said — at ``mic_speed`` times real time.
 
-The "phone" side plays what the gateway sends: each outbound ``media`` frame
-occupies the line for its duration (divided by ``play_speed``; ``inf`` plays
-instantly) and each ``mark`` is echoed once the audio before it has played; a
-``clear`` drops the audio and echoes the pending marks at once, as Twilio does.
-Marks whose name a ``hold`` predicate accepts are kept until :meth:`release`.
-
-Times are ``time.monotonic()`` seconds of this process.
+The "phone" side is the shared carrier harness's (tests/adapters/carrier_harness.py):
+a ``clear`` drops the audio and echoes the pending marks at once, as Twilio does.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
-import math
-import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from twilio.request_validator import RequestValidator
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+
+from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw
+from tests.adapters.carrier_harness import CarrierHarness, Outbound
 
 FRAME = 160  # bytes of μ-law: 20 ms at 8 kHz
-FRAME_S = 0.02
-SILENCE = b"\xff" * FRAME  # μ-law digital silence
 
 
 def call_sid() -> str:
@@ -109,60 +99,19 @@ async def ask_twiml(
         return await client.post(path, data=form, headers=headers)
 
 
-@dataclass
-class Received:
-    """One message from the gateway, with its arrival time."""
+class TwilioHarness(CarrierHarness):
+    """Twilio's Media Stream (module doc); ``sid`` the call SID."""
 
-    at: float
-    event: str
-    payload: bytes = b""
-    name: str = ""
-    raw: dict[str, Any] = field(default_factory=dict)
+    rate = 8000
+    clear_echoes_marks = True
 
-
-@dataclass
-class Utterance:
-    """Audio the caller says; ``started``/``finished``: when its first/last frame was sent."""
-
-    frames: deque[bytes]
-    started: asyncio.Future[float]
-    finished: asyncio.Future[float]
-
-
-class TwilioHarness:
-    """One simulated call on an open WebSocket (see the module doc)."""
-
-    def __init__(
-        self,
-        ws: ClientConnection,
-        sid: str,
-        *,
-        mic_speed: float = 1.0,
-        play_speed: float = math.inf,
-        hold: Callable[[str], bool] = lambda name: False,
-    ) -> None:
-        self.ws = ws
-        self.call_sid = sid
+    def __init__(self, ws: Any, sid: str, **options: Any) -> None:
+        super().__init__(ws, **options)
+        self.call_sid = self.call_id = sid
         self.stream_sid = "MZ" + uuid.uuid4().hex
-        self.mic_speed = mic_speed
-        self.play_speed = play_speed
-        self.hold = hold
-        self.received: list[Received] = []
-        self.echoed: list[str] = []
-        self.held: list[str] = []
-        self.closed_at: float | None = None
-        self.close_code: int | None = None
-        self._changed = asyncio.Condition()
-        self._speech: deque[Utterance] = deque()
+        self.parameters: dict[str, str] = {}
         self._seq = 0
         self._chunk = 0
-        self._play_end = 0.0
-        self._pending_echo: list[tuple[float, str]] = []
-        self._tasks: list[asyncio.Task[None]] = []
-        self._send_lock = asyncio.Lock()
-        self._echo_wake = asyncio.Event()
-
-    # ---------------------------------------------------------------- setup
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -200,25 +149,19 @@ class TwilioHarness:
         **options: Any,
     ) -> AsyncIterator[TwilioHarness]:
         """Connect the stream of ``twiml`` at ``base_url`` (which may be another instance
-        than the one whose webhook answered) and (``start``) begin the call."""
-        headers = {}
-        if auth_token:
-            headers["X-Twilio-Signature"] = sign(auth_token, twiml.stream_url)
-        async with connect(
-            local_ws_url(base_url, twiml.stream_url), additional_headers=headers
-        ) as ws:
-            harness = cls(ws, sid, **options)
-            harness._tasks.append(asyncio.create_task(harness._listen()))
-            harness._tasks.append(asyncio.create_task(harness._player()))
+        than the one whose webhook answered) and (``start``) begin the call with the
+        TwiML's ``<Parameter>`` s."""
+        headers = {"X-Twilio-Signature": sign(auth_token, twiml.stream_url)} if auth_token else {}
+        url = local_ws_url(base_url, twiml.stream_url)
+        async with cls.opened(url, sid, headers=headers, begin=False, **options) as harness:
+            harness.parameters = twiml.parameters
             if start:
-                await harness.begin(twiml.parameters)
-            try:
-                yield harness
-            finally:
-                await harness.shutdown()
+                await harness.begin()
+            yield harness
 
-    async def begin(self, parameters: dict[str, str]) -> None:
-        """Send ``connected`` and ``start`` (Twilio's order), then start the caller's track."""
+    async def begin(self, parameters: dict[str, str] | None = None) -> None:
+        """Send ``connected`` and ``start`` (Twilio's order; ``customParameters``:
+        ``parameters``, else the TwiML's), then start the caller's track."""
         await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         await self.send(
             {
@@ -230,33 +173,19 @@ class TwilioHarness:
                     "streamSid": self.stream_sid,
                     "callSid": self.call_sid,
                     "tracks": ["inbound"],
-                    "customParameters": parameters,
+                    "customParameters": self.parameters if parameters is None else parameters,
                     "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
                 },
             }
         )
-        self._tasks.append(asyncio.create_task(self._mic()))
-
-    async def shutdown(self) -> None:
-        """Stop the harness's tasks (the socket is closed by ``dial``)."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    # ---------------------------------------------------------------- caller
+        self.start_mic()
 
     def _next_seq(self) -> str:
         self._seq += 1
         return str(self._seq)
 
-    async def send(self, message: dict[str, Any] | str | bytes) -> None:
-        """Send one frame (a dict is sent as JSON text)."""
-        data = json.dumps(message) if isinstance(message, dict) else message
-        async with self._send_lock:
-            await self.ws.send(data)
-
     def media(self, payload: bytes) -> dict[str, Any]:
-        """A ``media`` message of the caller's track."""
+        """A ``media`` message of the caller's track (``payload``: μ-law as sent)."""
         self._chunk += 1
         return {
             "event": "media",
@@ -270,19 +199,11 @@ class TwilioHarness:
             },
         }
 
-    def say(self, mulaw: bytes) -> Utterance:
-        """Queue 8 kHz μ-law for the caller's track (after what is queued already)."""
-        loop = asyncio.get_running_loop()
-        frames = deque(
-            (mulaw[i : i + FRAME] + SILENCE)[:FRAME] for i in range(0, len(mulaw), FRAME)
-        )
-        utterance = Utterance(frames, loop.create_future(), loop.create_future())
-        self._speech.append(utterance)
-        return utterance
+    def audio_frame(self, pcm: bytes) -> str:
+        return json.dumps(self.media(pcm_to_mulaw(Pcm(pcm, 8000))))
 
-    async def dtmf(self, digit: str) -> None:
-        """The caller presses a key."""
-        await self.send(
+    def dtmf_frame(self, digit: str) -> str:
+        return json.dumps(
             {
                 "event": "dtmf",
                 "streamSid": self.stream_sid,
@@ -291,9 +212,18 @@ class TwilioHarness:
             }
         )
 
-    async def stop(self) -> None:
-        """The call ended on Twilio's side: ``stop``."""
-        await self.send(
+    def echo_frame(self, name: str) -> str:
+        return json.dumps(
+            {
+                "event": "mark",
+                "sequenceNumber": self._next_seq(),
+                "streamSid": self.stream_sid,
+                "mark": {"name": name},
+            }
+        )
+
+    def stop_frame(self) -> str:
+        return json.dumps(
             {
                 "event": "stop",
                 "sequenceNumber": self._next_seq(),
@@ -302,129 +232,15 @@ class TwilioHarness:
             }
         )
 
-    async def _mic(self) -> None:
-        """The caller's track: queued speech, else silence, every 20 ms / mic_speed."""
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        try:
-            while True:
-                payload = SILENCE
-                if self._speech:
-                    utterance = self._speech[0]
-                    if not utterance.started.done():
-                        utterance.started.set_result(time.monotonic())
-                    payload = utterance.frames.popleft()
-                    if not utterance.frames:
-                        self._speech.popleft()
-                        utterance.finished.set_result(time.monotonic())
-                await self.send(self.media(payload))
-                next_at += FRAME_S / self.mic_speed
-                await asyncio.sleep(max(next_at - loop.time(), 0))
-        except ConnectionClosed:
-            return
-
-    # ---------------------------------------------------------------- phone
-
-    async def _listen(self) -> None:
-        try:
-            async for raw in self.ws:
-                now = time.monotonic()
-                message = json.loads(raw)
-                event = message["event"]
-                assert message["streamSid"] == self.stream_sid, message
-                if event == "media":
-                    payload = base64.b64decode(message["media"]["payload"])
-                    self._record(Received(now, "media", payload=payload, raw=message))
-                    self._play_end = max(self._play_end, now) + len(payload) / 8000 / (
-                        self.play_speed
-                    )
-                elif event == "mark":
-                    name = message["mark"]["name"]
-                    self._record(Received(now, "mark", name=name, raw=message))
-                    if self.hold(name):
-                        self.held.append(name)
-                    else:
-                        self._pending_echo.append((self._play_end, name))
-                        self._echo_wake.set()
-                elif event == "clear":
-                    self._record(Received(now, "clear", raw=message))
-                    self._play_end = now
-                    pending, self._pending_echo = self._pending_echo, []
-                    self._echo_wake.set()
-                    for _, name in pending:  # Twilio echoes the marks of cleared audio
-                        await self._echo(name)
-                else:
-                    raise AssertionError(f"unexpected outbound message {message}")
-                async with self._changed:
-                    self._changed.notify_all()
-        except ConnectionClosed as exc:
-            self.close_code = exc.rcvd.code if exc.rcvd else None
-        self.closed_at = time.monotonic()
-        if self.close_code is None and self.ws.close_code is not None:
-            self.close_code = self.ws.close_code
-        async with self._changed:
-            self._changed.notify_all()
-
-    def _record(self, item: Received) -> None:
-        self.received.append(item)
-
-    async def _player(self) -> None:
-        """Echo each mark when the audio before it has played."""
-        wake = self._echo_wake
-        while True:
-            if not self._pending_echo:
-                wake.clear()
-                await wake.wait()
-                continue
-            due, name = self._pending_echo[0]
-            delay = due - time.monotonic()
-            if delay > 0:
-                wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await wake.wait()  # a clear may come first
-                continue
-            self._pending_echo.pop(0)
-            await self._echo(name)
-
-    async def _echo(self, name: str) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await self.send(
-                {
-                    "event": "mark",
-                    "sequenceNumber": self._next_seq(),
-                    "streamSid": self.stream_sid,
-                    "mark": {"name": name},
-                }
-            )
-            self.echoed.append(name)
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def release(self, name: str) -> None:
-        """Echo a held mark now."""
-        self.held.remove(name)
-        await self._echo(name)
-
-    # ---------------------------------------------------------------- queries
-
-    async def wait_for(self, predicate: Callable[[], bool], within_s: float = 10.0) -> None:
-        """Wait until ``predicate()`` holds (checked after every message); TimeoutError."""
-        async with asyncio.timeout(within_s), self._changed:
-            await self._changed.wait_for(predicate)
-
-    def media_frames(self, since: float = 0.0) -> list[Received]:
-        """Outbound media frames received at or after ``since``."""
-        return [r for r in self.received if r.event == "media" and r.at >= since]
-
-    def marks(self) -> list[str]:
-        """Names of the marks received, in order."""
-        return [r.name for r in self.received if r.event == "mark"]
-
-    def clears(self) -> list[Received]:
-        """The ``clear`` messages received."""
-        return [r for r in self.received if r.event == "clear"]
-
-    def audio_after(self, index: int) -> bytes:
-        """μ-law received after the first ``index`` messages."""
-        return b"".join(r.payload for r in self.received[index:] if r.event == "media")
+    def decode(self, frame: str | bytes) -> Outbound:
+        message = json.loads(frame)
+        event = message["event"]
+        assert message["streamSid"] == self.stream_sid, message
+        if event == "media":
+            payload = base64.b64decode(message["media"]["payload"])
+            assert len(payload) == FRAME, len(payload)  # 20 ms of μ-law
+            return Outbound("media", mulaw_to_pcm(payload).data, raw=message, payload=payload)
+        if event == "mark":
+            return Outbound("mark", name=message["mark"]["name"], raw=message)
+        assert event == "clear", f"unexpected outbound message {message}"
+        return Outbound("clear", raw=message)

@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import jwt
-from websockets.asyncio.client import connect
 
 from tests.adapters.carrier_harness import CarrierHarness, Outbound
 
@@ -84,7 +83,7 @@ class VonageHarness(CarrierHarness):
     def decode(self, frame: str | bytes) -> Outbound:
         if isinstance(frame, bytes):
             assert len(frame) == 640, len(frame)  # 20 ms at 16 kHz
-            return Outbound("media", pcm=frame)
+            return Outbound("media", pcm=frame, payload=frame)
         message = json.loads(frame)
         if message == {"action": "clear"}:
             return Outbound("clear", raw=message)
@@ -105,14 +104,9 @@ class VonageHarness(CarrierHarness):
         (endpoint,) = action["endpoint"]
         assert endpoint["type"] == "websocket"
         path = urlsplit(endpoint["uri"]).path
-        async with connect(f"ws://{urlsplit(base_url).netloc}{path}") as ws:
-            harness = cls(ws, endpoint, **options)
-            harness.call_uuid = call_uuid
-            harness.start()
-            await harness.begin()
-            try:
-                yield harness
-            finally:
-                await harness.shutdown()
+        url = f"ws://{urlsplit(base_url).netloc}{path}"
+        async with cls.opened(url, endpoint, **options) as harness:
+            harness.call_uuid = harness.call_id = call_uuid
+            yield harness
 
     call_uuid = ""
