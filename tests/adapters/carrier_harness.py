@@ -194,7 +194,11 @@ class CarrierHarness:
         start = 0
         while start < len(data) and _rms(data[start : start + size]) < 200:
             start += size
-        data = data[start:] + bytes(self.rate * 2 * 12 // 10)  # 1.2 s of silence after
+        return self.queue(data[start:] + bytes(self.rate * 2 * 12 // 10))  # 1.2 s quiet after
+
+    def queue(self, data: bytes) -> Utterance:
+        """Queue 16-bit PCM at :attr:`rate` for the caller's track as it is."""
+        size = self.frame_bytes
         loop = asyncio.get_running_loop()
         frames = deque((data[i : i + size] + bytes(size))[:size] for i in range(0, len(data), size))
         utterance = Utterance(frames, loop.create_future(), loop.create_future())

@@ -15,7 +15,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import SecretStr
+
 from tests.adapters.carrier_harness import CarrierHarness, Outbound
+from tests.adapters.carriers import Carrier, upgrade_status
+from tests.adapters.twilio.helpers import Served
 
 KEY = "exotel-key"
 TOKEN = "exotel-token-0123456789"
@@ -133,3 +137,21 @@ class ExotelHarness(CarrierHarness):
         params = params or {"appKey": "exotel"}
         async with cls.opened(url, params, headers=basic(), **options) as harness:
             yield harness
+
+
+async def refusals(gw: Served) -> None:
+    """A stream upgrade without credentials or with wrong ones: 403."""
+    url = f"ws://{urlsplit(gw.url).netloc}/exotel/stream"
+    for headers in ({}, basic(KEY, "wrong-token")):
+        assert await upgrade_status(url, headers) == 403
+    assert not gw.core.turns
+
+
+CARRIER = Carrier(
+    "exotel",
+    settings=lambda api_url: {"exotel_api_key": KEY, "exotel_api_token": SecretStr(TOKEN)},
+    dial=ExotelHarness.dial,
+    refusals=refusals,
+    barge_in={"twilio_barge_in_min_speech_ms": 150},
+    calls=lambda gw: gw.app.state.exotel.calls,
+)

@@ -17,10 +17,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import SecretStr
 
 from adapters.plivo.verify import signature
 from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw
 from tests.adapters.carrier_harness import CarrierHarness, Outbound
+from tests.adapters.carriers import Carrier, upgrade_status
+from tests.adapters.twilio.helpers import PUBLIC, Served
 
 AUTH_ID = "MAXXXXXXXXXXXXXXXXXX"
 AUTH_TOKEN = "plivo-auth-token-0123456789abcdef"
@@ -165,3 +168,39 @@ class PlivoHarness(CarrierHarness):
         extra = stream.attrib.get("extraHeaders", "")
         async with cls.opened(url, call_uuid, extra, **options) as harness:
             yield harness
+
+
+async def refusals(gw: Served) -> None:
+    """An unsigned Answer URL request: 401 (a problem); a forged one: 403; a stream URL
+    used twice or forged: 403."""
+    call_uuid = str(uuid.uuid4())
+    unsigned = await ask_answer(gw.url, PUBLIC, call_uuid, token=None)
+    assert unsigned.status_code == 401
+    assert unsigned.headers["content-type"] == "application/problem+json"
+    forged = await ask_answer(gw.url, PUBLIC, call_uuid, token="not-the-auth-token")
+    assert forged.status_code == 403
+    good = await ask_answer(gw.url, PUBLIC, call_uuid)
+    stream = ET.fromstring(good.text).find("./Stream")
+    assert stream is not None
+    path = urlsplit((stream.text or "").strip()).path
+    local = f"ws://{urlsplit(gw.url).netloc}"
+    assert await upgrade_status(local + path) == 101
+    for bad in (path, "/plivo/stream/forged.0000"):  # used once; forged
+        assert await upgrade_status(local + bad) == 403
+    assert not gw.core.turns
+
+
+CARRIER = Carrier(
+    "plivo",
+    settings=lambda api_url: {
+        "plivo_auth_id": AUTH_ID,
+        "plivo_auth_token": SecretStr(AUTH_TOKEN),
+        "plivo_api_base_url": api_url,
+    },
+    dial=lambda url, **options: PlivoHarness.dial(url, PUBLIC, **options),
+    refusals=refusals,
+    hangup=lambda call: ("DELETE", f"/v1/Account/{AUTH_ID}/Call/{call.call_uuid}/"),
+    auth="Basic ",
+    barge_in={"twilio_barge_in_min_speech_ms": 150},
+    calls=lambda gw: gw.app.state.plivo.calls,
+)

@@ -20,9 +20,13 @@ from urllib.parse import urlsplit
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from pydantic import SecretStr
 
 from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw
 from tests.adapters.carrier_harness import CarrierHarness, Outbound
+from tests.adapters.carriers import Carrier, Transfer, upgrade_status
+from tests.adapters.twilio.helpers import Served
+from tests.calls.carrier_api import Captured
 
 KEY = Ed25519PrivateKey.generate()
 PUBLIC_KEY = base64.b64encode(
@@ -185,3 +189,44 @@ class TelnyxHarness(CarrierHarness):
         assert stream.attrib["bidirectionalMode"] == "rtp"
         async with cls.connect(local(base_url, stream.attrib["url"]), ccid, **options) as h:
             yield h
+
+
+ADMIN = "admin-key-telnyx"
+
+
+async def refusals(gw: Served) -> None:
+    """An unsigned TeXML webhook: 401; a forged one: 403; a stream upgrade without a
+    token, with a forged one, or with one in the query: 403."""
+    ccid = "v3:" + uuid.uuid4().hex
+    assert (await ask_texml(gw.url, ccid, key=None)).status_code == 401
+    assert (await ask_texml(gw.url, ccid, key=Ed25519PrivateKey.generate())).status_code == 403
+    base = local(gw.url, "wss://x/telnyx/stream")
+    for headers in ({}, {"Authorization": "Bearer forged.0000"}):
+        assert await upgrade_status(base, headers) == 403
+    assert await upgrade_status(base + "?token=abc.def") == 403
+    assert not gw.core.turns
+
+
+def transferred(command: Captured, call: TelnyxHarness) -> None:
+    """The Call Control transfer to +15550123 of the call."""
+    assert (command.method, command.path) == ("POST", f"/v2/calls/{call.ccid}/actions/transfer")
+    assert command.headers["authorization"] == "Bearer KEY-T"
+    assert command.json == {"to": "+15550123"}
+
+
+CARRIER = Carrier(
+    "telnyx",
+    settings=lambda api_url: {
+        "admin_keys": frozenset({ADMIN}),
+        "telnyx_api_key": SecretStr("KEY-T"),
+        "telnyx_connection_id": "conn-1",
+        "telnyx_api_base_url": api_url,
+        "telnyx_public_key": PUBLIC_KEY,
+    },
+    dial=TelnyxHarness.dial,
+    refusals=refusals,
+    hangup=lambda call: ("POST", f"/v2/calls/{call.ccid}/actions/hangup"),
+    auth="Bearer KEY-T",
+    barge_in={"twilio_send_ahead_ms": 60, "twilio_barge_in_min_speech_ms": 150},
+    transfer=Transfer(lambda api_url: {}, transferred),
+)

@@ -30,7 +30,10 @@ import httpx
 from twilio.request_validator import RequestValidator
 
 from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw
-from tests.adapters.carrier_harness import CarrierHarness, Outbound
+from tests.adapters.carrier_harness import CarrierHarness, Outbound, Utterance
+from tests.adapters.carriers import Carrier, Transfer, upgrade_status
+from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served
+from tests.calls.carrier_api import Captured
 
 FRAME = 160  # bytes of μ-law: 20 ms at 8 kHz
 
@@ -180,6 +183,13 @@ class TwilioHarness(CarrierHarness):
         )
         self.start_mic()
 
+    def say(self, pcm: Pcm | bytes) -> Utterance:
+        """Queue ``pcm`` (see :meth:`CarrierHarness.say`), or 8 kHz μ-law ``bytes`` as they
+        are (as :func:`tests.adapters.twilio.helpers.phone` makes them)."""
+        if isinstance(pcm, bytes):
+            return self.queue(mulaw_to_pcm(pcm).data)
+        return super().say(pcm)
+
     def _next_seq(self) -> str:
         self._seq += 1
         return str(self._seq)
@@ -244,3 +254,45 @@ class TwilioHarness(CarrierHarness):
             return Outbound("mark", name=message["mark"]["name"], raw=message)
         assert event == "clear", f"unexpected outbound message {message}"
         return Outbound("clear", raw=message)
+
+
+async def refusals(gw: Served) -> None:
+    """Unsigned or forged webhooks and unsigned or forged stream upgrades: 403."""
+    sid = call_sid()
+    for token in (None, "f" * 32):
+        assert (await ask_twiml(gw.url, PUBLIC, sid, auth_token=token)).status_code == 403
+    twiml = parse_twiml((await ask_twiml(gw.url, PUBLIC, sid, auth_token=AUTH)).text)
+    url = local_ws_url(gw.url, twiml.stream_url)
+    for headers in ({}, {"X-Twilio-Signature": sign("f" * 32, twiml.stream_url)}):
+        assert await upgrade_status(url, headers) == 403
+    assert not gw.core.turns
+
+
+ACCOUNT = "AC" + "3" * 32
+"""The test gateway's Twilio account SID (where its REST API is asked for)."""
+
+
+def transferred(command: Captured, call: TwilioHarness) -> None:
+    """The call update that dials +15550123: POST Calls/{sid}.json, its TwiML a <Dial>."""
+    assert (command.method, command.path) == (
+        "POST",
+        f"/2010-04-01/Accounts/{ACCOUNT}/Calls/{call.call_sid}.json",
+    )
+    assert command.form["Twiml"].endswith(
+        "<Response><Dial><Number>+15550123</Number></Dial></Response>"
+    )
+
+
+CARRIER = Carrier(
+    "twilio",
+    settings=lambda api_url: {},
+    dial=lambda url, **options: TwilioHarness.dial(url, PUBLIC, auth_token=AUTH, **options),
+    refusals=refusals,
+    barge_in={"twilio_send_ahead_ms": 60, "twilio_barge_in_min_speech_ms": 150},
+    calls=lambda gw: gw.channel.calls,
+    transfer=Transfer(
+        lambda api_url: {"twilio_account_sid": ACCOUNT, "twilio_api_base_url": api_url},
+        transferred,
+        closes=False,  # Twilio stops the stream of a call it moved elsewhere
+    ),
+)

@@ -7,6 +7,7 @@ has played, ``{"action":"clear"}`` answered by ``websocket:cleared``."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 import uuid
@@ -16,8 +17,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pydantic import SecretStr
 
 from tests.adapters.carrier_harness import CarrierHarness, Outbound
+from tests.adapters.carriers import Carrier, Transfer, upgrade_status
+from tests.adapters.twilio.helpers import Served
+from tests.calls.carrier_api import Captured
 
 SECRET = "vonage-signature-secret-0123456789abcdef"
 
@@ -110,3 +117,68 @@ class VonageHarness(CarrierHarness):
             yield harness
 
     call_uuid = ""
+
+
+async def refusals(gw: Served) -> None:
+    """An unsigned answer webhook: 401 (a problem); a forged one: 403; a stream URL used
+    twice or with a forged token: 403."""
+    unsigned = await ask_ncco(gw.url, str(uuid.uuid4()), secret=None)
+    assert unsigned.status_code == 401
+    assert unsigned.headers["content-type"] == "application/problem+json"
+    forged = await ask_ncco(gw.url, str(uuid.uuid4()), secret="not-the-secret-" * 3)
+    assert forged.status_code == 403
+    answer = await ask_ncco(gw.url, str(uuid.uuid4()))
+    path = urlsplit(answer.json()[0]["endpoint"][0]["uri"]).path
+    local = f"ws://{urlsplit(gw.url).netloc}"
+    assert await upgrade_status(local + path) == 101
+    assert await upgrade_status(local + path) == 403  # used once
+    forged_path = path[:-4] + ("0000" if not path.endswith("0000") else "1111")
+    assert await upgrade_status(local + forged_path) == 403
+    assert not gw.core.turns
+
+
+@functools.cache
+def application_key() -> rsa.RSAPrivateKey:
+    """The test Vonage application's private key (RS256 JWTs of the Voice API)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def application(api_url: str) -> dict[str, Any]:
+    """Settings of a Vonage application (id, private key) whose Voice API is ``api_url``."""
+    pem = application_key().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return {
+        "vonage_application_id": "app-1",
+        "vonage_private_key": SecretStr(pem.decode()),
+        "vonage_api_base_url": api_url,
+    }
+
+
+def transferred(command: Captured, call: VonageHarness) -> None:
+    """The Voice API's PUT of the call: a transfer to an NCCO connecting 15550123, the
+    application's RS256 JWT."""
+    assert (command.method, command.path) == ("PUT", f"/v1/calls/{call.call_uuid}")
+    token = command.headers["authorization"].removeprefix("Bearer ")
+    claims = jwt.decode(token, application_key().public_key(), algorithms=["RS256"])
+    assert claims["application_id"] == "app-1"
+    assert command.json == {
+        "action": "transfer",
+        "destination": {
+            "type": "ncco",
+            "ncco": [{"action": "connect", "endpoint": [{"type": "phone", "number": "15550123"}]}],
+        },
+    }
+
+
+CARRIER = Carrier(
+    "vonage",
+    settings=lambda api_url: {"vonage_signature_secret": SecretStr(SECRET)},
+    dial=VonageHarness.dial,
+    refusals=refusals,
+    barge_in={"twilio_send_ahead_ms": 60, "twilio_barge_in_min_speech_ms": 150},
+    calls=lambda gw: gw.app.state.vonage.calls,
+    transfer=Transfer(application, transferred),
+)

@@ -1,6 +1,7 @@
-"""Fixtures of the Twilio tests: the speech service (Piper voice, pocketsphinx) of a call's
-gateway: the voice, the recognizer's workers and the TTS cache load once per run; the
-service itself (its synthesis pool, whose locks belong to one event loop) is made per test."""
+"""Fixtures of the carriers' call tests: the speech service (Piper voice, pocketsphinx) of a
+call's gateway: the voice, the recognizer's workers and the TTS cache load once per run;
+the service itself (its synthesis pool, whose locks belong to one event loop) is made per
+test; ``fresh_speech`` has a TTS cache of its own too."""
 
 from __future__ import annotations
 
@@ -41,4 +42,18 @@ def speech(
             aggressiveness=settings.vad_aggressiveness,
             max_audio_ms=int(settings.max_audio_s * 1000),
         ),
+    )
+
+
+@pytest.fixture
+def fresh_speech(piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer) -> SpeechService:
+    """A speech service of this test's own, TTS cache included (nothing said by an earlier
+    test is cached), on the shared Piper voice and recognizer; the default silence timeout."""
+    settings = Settings()
+    return SpeechService(
+        recognizer_factory=lambda: recognizer,
+        synthesizer=piper,
+        cache=MemoryTtsCache(),
+        public_url=PUBLIC,
+        listen_defaults=ListenOptions(silence_timeout_ms=settings.silence_timeout_ms),
     )

@@ -1,0 +1,126 @@
+"""What the shared call tests (tests/adapters/test_carrier_calls.py) need of each carrier:
+its gateway settings, how a call is dialled, how the call ends after a goodbye, its
+refusals. Each carrier's harness module (tests/adapters/<carrier>/harness.py) gives one
+:class:`Carrier`; the wire itself is its :class:`CarrierHarness` subclass."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from gateway.events import Input, Response, ResponseItem
+from gateway.sessions import Session
+from gateway.speech.service import SpeechService
+from tests.adapters.carrier_harness import CarrierHarness
+from tests.adapters.twilio.helpers import Served, twilio_gateway, until
+from tests.calls.carrier_api import Captured, CarrierApi, carrier_api
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """How a carrier transfers a call: ``settings(api_url)`` of its REST API,
+    ``check(command, call)`` asserts the one request it got (method, path, auth, body);
+    ``closes``: whether the gateway closes the stream after it (else the carrier stops it)."""
+
+    settings: Callable[[str], dict[str, Any]]
+    check: Callable[[Captured, Any], None]
+    closes: bool = True
+
+
+@dataclass(frozen=True)
+class Carrier:
+    """One carrier of the shared call tests.
+
+    ``settings(api_url)``: the gateway settings of the carrier (its REST API at
+    ``api_url``, the local stand-in); ``dial(gateway_url, **harness_options)``: an
+    inbound call, begun; ``hangup(call)``: the (method, path) of the REST hang-up
+    after a goodbye and ``auth`` the start of its Authorization header (None: the
+    gateway ends the call by closing the socket); ``refusals(gw)``: asserts that
+    unsigned, forged and tokenless requests are refused with the carrier's statuses;
+    ``barge_in``: settings of the barge-in test; ``calls(gw)``: the channel's running
+    calls (None: it keeps no registry); ``transfer``: how it transfers (None: untested).
+    """
+
+    name: str
+    settings: Callable[[str], dict[str, Any]]
+    dial: Callable[..., AbstractAsyncContextManager[Any]]
+    refusals: Callable[[Served], Awaitable[None]]
+    hangup: Callable[[Any], tuple[str, str]] | None = None
+    auth: str = ""
+    barge_in: dict[str, Any] = field(default_factory=dict)
+    calls: Callable[[Served], dict[str, Any]] | None = None
+    transfer: Transfer | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+    @contextlib.asynccontextmanager
+    async def gateway(
+        self,
+        speech: SpeechService,
+        *,
+        more: Callable[[str], dict[str, Any]] = lambda api_url: {},
+        **overrides: Any,
+    ) -> AsyncIterator[tuple[Served, CarrierApi]]:
+        """A served gateway configured for the carrier (and ``more(api_url)``, then
+        ``overrides``), its REST API a local stand-in."""
+        async with carrier_api() as api:
+            settings = {**self.settings(api.url), **more(api.url), **overrides}
+            async with twilio_gateway(speech, **settings) as gw:
+                yield gw, api
+
+    async def session_exists(self, gw: Served, call: CarrierHarness) -> bool:
+        """Whether the gateway's session of ``call`` is in the store."""
+        return await session_of(gw, f"{self.name}:{call.call_id}") is not None
+
+    async def ended(self, gw: Served, call: CarrierHarness, within_s: float = 10.0) -> None:
+        """Wait until the call's session is gone and the channel runs no call."""
+        for _ in range(int(within_s / 0.1)):
+            if not await self.session_exists(gw, call):
+                break
+            await asyncio.sleep(0.1)
+        assert not await self.session_exists(gw, call)
+        if self.calls is not None:
+            calls = self.calls
+            assert await until(lambda: not calls(gw), within_s), calls(gw)
+
+
+async def session_of(gw: Served, key: str) -> Any:
+    """The session stored at ``key`` (None: there is none)."""
+    async with gw.app.state.gateway.store.open(key, lease_s=5, wait_s=5) as txn:
+        return txn.session
+
+
+async def upgrade_status(url: str, headers: dict[str, str] | None = None) -> int:
+    """The HTTP status of a WebSocket upgrade of ``url`` (101: accepted, then closed)."""
+    try:
+        async with connect(url, additional_headers=headers or {}):
+            return 101
+    except InvalidStatus as refused:
+        return refused.response.status_code
+
+
+class Scripted:
+    """A core answering each input text from a script (else "Okay."), recording the inputs."""
+
+    name = "scripted"
+
+    def __init__(self, script: dict[str, list[ResponseItem]]) -> None:
+        self.script = script
+        self.inputs: list[Input] = []
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        self.inputs.append(input)
+        for item in self.script.get(input.text, [ResponseItem(text="Okay.")]):
+            yield item
+        yield Response()
+
+    async def aclose(self) -> None:
+        pass
