@@ -272,6 +272,11 @@ ACCOUNT = "AC" + "3" * 32
 """The test gateway's Twilio account SID (where its REST API is asked for)."""
 
 
+def rest_api(api_url: str) -> dict[str, Any]:
+    """Settings of the Twilio account ``ACCOUNT`` whose REST API is ``api_url``."""
+    return {"twilio_account_sid": ACCOUNT, "twilio_api_base_url": api_url}
+
+
 def transferred(command: Captured, call: TwilioHarness) -> None:
     """The call update that dials +15550123: POST Calls/{sid}.json, its TwiML a <Dial>."""
     assert (command.method, command.path) == (
@@ -291,7 +296,7 @@ CARRIER = Carrier(
     barge_in={"twilio_send_ahead_ms": 60, "twilio_barge_in_min_speech_ms": 150},
     calls=lambda gw: gw.channel.calls,
     transfer=Transfer(
-        lambda api_url: {"twilio_account_sid": ACCOUNT, "twilio_api_base_url": api_url},
+        rest_api,
         transferred,
         closes=False,  # Twilio stops the stream of a call it moved elsewhere
     ),

@@ -15,7 +15,7 @@ from gateway.pipeline.openai import OpenAIPipeline
 from gateway.speech.service import SpeechService
 from gateway.speech.tts import PiperSynthesizer
 from tests.adapters.twilio.harness import TwilioHarness
-from tests.adapters.twilio.helpers import AUTH, PUBLIC, phone, twilio_gateway
+from tests.adapters.twilio.helpers import AUTH, PUBLIC, twilio_gateway
 from tests.conftest import serve
 from tests.gateway.pipeline.openai_server import KEY, make_openai_server
 
@@ -35,7 +35,7 @@ async def test_a_call_speaks_the_first_sentence_before_the_core_has_finished(
     speech: SpeechService, piper: PiperSynthesizer, llm: tuple[str, FastAPI]
 ) -> None:
     url, server = llm
-    bye = phone(await piper.synthesize("good bye"))
+    bye = await piper.synthesize("good bye")
     async with twilio_gateway(speech) as gw:
         pipe = OpenAIPipeline(
             f"{url}/chat/v1", model="test-model", api_key=KEY, system_prompt="Be brief."
