@@ -1,13 +1,14 @@
-"""Helpers of the turn engine tests: a turn context, the texts of a turn, an engine."""
+"""Helpers of the turn engine tests: a turn context, the texts of a turn, an engine, a
+turn failed by the pipeline and the session it leaves."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from gateway.conversation import Conversation, TurnContext
-from gateway.events import ResponseItemEvent, TurnEvent
+from gateway.events import ErrorEvent, Input, ResponseItemEvent, TurnEvent
 from gateway.pipeline import make_pipeline
-from gateway.sessions import MemorySessionStore, SessionStore
+from gateway.sessions import ClientState, MemorySessionStore, Session, SessionStore
 from gateway.settings import Settings
 
 
@@ -25,3 +26,25 @@ def engine(store: SessionStore | None = None, **overrides: Any) -> Conversation:
     """A turn engine over ``store`` (memory by default) with Settings ``overrides``."""
     settings = Settings().model_copy(update=overrides)
     return Conversation(store or MemorySessionStore(), make_pipeline(settings), settings)
+
+
+async def pipeline_error(
+    conv: Conversation, words: str, said: str = "hello", context: TurnContext | None = None
+) -> list[TurnEvent]:
+    """Run a turn of ``said``; assert it ended in the pipeline's :class:`ErrorEvent` whose
+    text holds ``words``; the turn's events."""
+    events = await conv.turn(context or ctx(), Input.of(said)).collect()
+    error = events[-1]
+    assert isinstance(error, ErrorEvent), events
+    assert error.source == "pipeline", error
+    assert words in error.text, error.text
+    return events
+
+
+async def failed_session(conv: Conversation, turn_count: int) -> Session:
+    """The session of :func:`ctx` after a failed turn: kept, marked Failed, ``turn_count``
+    turns (a failed turn does not advance it)."""
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert (session.client_state, session.turn_count) == (ClientState.FAILED, turn_count)
+    return session

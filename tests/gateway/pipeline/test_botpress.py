@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -17,7 +16,6 @@ from pydantic import SecretStr
 
 from gateway.conversation import Conversation
 from gateway.events import (
-    ErrorEvent,
     Input,
     ResponseEvent,
     ResponseItem,
@@ -27,20 +25,11 @@ from gateway.events import (
     TurnEvent,
     transfer_target,
 )
-from gateway.sessions import ClientState
-from tests.conftest import gateway, serve
-from tests.gateway.pipeline.fake_botpress import GAP_S, WEBHOOK_ID, make_botpress
-from tests.gateway.turns import ctx, engine, texts
+from tests.conftest import gateway
+from tests.gateway.pipeline.fake_botpress import GAP_S, WEBHOOK_ID
+from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, texts
 
 IDLE_S = 0.3
-
-
-@pytest.fixture
-async def botpress() -> AsyncIterator[tuple[str, FastAPI]]:
-    """The fake Chat API served on a free port: its base URL and app."""
-    app = make_botpress()
-    async with serve(app) as url:
-        yield url, app
 
 
 def bp_engine(url: str, **more: Any) -> Conversation:
@@ -166,13 +155,8 @@ async def test_core_failures_are_pipeline_errors(
     url, _ = botpress
     conv = bp_engine(url)
     await conv.turn(ctx(), Input.of("hello")).collect()
-    events = await conv.turn(ctx(), Input.of(said)).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert events[-1].source == "pipeline"
-    assert words in events[-1].text
-    session = await conv.store.get(ctx().key)
-    assert session is not None
-    assert (session.client_state, session.turn_count) == (ClientState.FAILED, 1)
+    await pipeline_error(conv, words, said)
+    await failed_session(conv, 1)
     assert texts(await conv.turn(ctx(), Input.of("again")).collect())[-1] == "You said: again"
     await conv.pipeline.aclose()
 
@@ -180,18 +164,14 @@ async def test_core_failures_are_pipeline_errors(
 async def test_a_slow_bot_is_bounded_by_the_turn_timeout(botpress: tuple[str, FastAPI]) -> None:
     url, _ = botpress
     conv = bp_engine(url, botpress_reply_timeout_s=8.0, turn_timeout_s=0.5)
-    events = await conv.turn(ctx(), Input.of("slow")).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert "did not answer within 0.5 s" in events[-1].text
+    await pipeline_error(conv, "did not answer within 0.5 s", "slow")
     await conv.pipeline.aclose()
 
 
 async def test_a_wrong_webhook_id_is_a_pipeline_error(botpress: tuple[str, FastAPI]) -> None:
     url, _ = botpress
     conv = engine(pipeline="botpress:nope", botpress_url=url)
-    events = await conv.turn(ctx(), Input.of("hi")).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert "HTTP 404" in events[-1].text
+    await pipeline_error(conv, "HTTP 404", "hi")
     await conv.pipeline.aclose()
 
 

@@ -20,7 +20,6 @@ from fastapi import FastAPI
 
 from gateway.conversation import Conversation, TurnContext
 from gateway.events import (
-    ErrorEvent,
     Input,
     ResponseEvent,
     ResponseItem,
@@ -31,12 +30,12 @@ from gateway.events import (
 )
 from gateway.pipeline.base import PipelineConfigError
 from gateway.pipeline.dialogflow_cx import DialogflowCxPipeline, cx_session_id
-from gateway.sessions import ClientState, MemorySessionStore, Session
+from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
 from tests.conftest import gateway, serve
 from tests.gateway.pipeline.cx_server import AGENT, EMAIL, make_cx_server
 from tests.gateway.pipeline.test_rasa import said
-from tests.gateway.turns import ctx, texts
+from tests.gateway.turns import ctx, failed_session, pipeline_error, texts
 
 
 def _key() -> tuple[bytes, bytes]:
@@ -175,9 +174,7 @@ async def test_handoff_and_telephony_transfer_are_the_transfer_action(
     assert transfer_target(call[0]) == ("+15550001111", "telephonyTransferCall")
     await conv.pipeline.aclose()
     no_target = engine(settings, dialogflow_cx_handoff_target=None)
-    events = await no_target.turn(ctx(), Input.of("agent")).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert "GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET" in events[-1].text
+    await pipeline_error(no_target, "GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET", "agent")
     await no_target.pipeline.aclose()
 
 
@@ -241,15 +238,8 @@ async def test_core_failures_become_pipeline_errors(
     settings, app = cx
     app.state.slow_s = 1.0
     conv = engine(settings, turn_timeout_s=0.5)
-    events = await conv.turn(ctx(), Input.of(text)).collect()
-    error = events[-1]
-    assert isinstance(error, ErrorEvent)
-    assert error.source == "pipeline"
-    assert words in error.text
-    session = await conv.store.get(ctx().key)
-    assert session is not None  # kept, marked Failed, not advanced
-    assert session.client_state == ClientState.FAILED
-    assert session.turn_count == 0
+    await pipeline_error(conv, words, text)
+    await failed_session(conv, 0)
     await conv.pipeline.aclose()
 
 
@@ -262,9 +252,7 @@ async def test_a_key_the_token_endpoint_rejects_is_a_pipeline_error(
     other = tmp_path / "other"
     other.mkdir()
     conv = engine(settings, dialogflow_cx_credentials=key_file(other, stranger, token_uri))
-    events = await conv.turn(ctx(), Input.of("pizza")).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert "no access token for Dialogflow CX" in events[-1].text
+    await pipeline_error(conv, "no access token for Dialogflow CX", "pizza")
     assert not app.state.tokens
     assert not app.state.requests
     await conv.pipeline.aclose()
@@ -273,9 +261,7 @@ async def test_a_key_the_token_endpoint_rejects_is_a_pipeline_error(
 async def test_unreachable_api_is_a_pipeline_error(cx: tuple[Settings, FastAPI]) -> None:
     settings, _ = cx
     conv = engine(settings, dialogflow_cx_endpoint="http://127.0.0.1:1")
-    events = await conv.turn(ctx(), Input.of("pizza")).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert "could not be reached" in events[-1].text
+    await pipeline_error(conv, "could not be reached", "pizza")
     await conv.pipeline.aclose()
 
 

@@ -8,16 +8,14 @@ import pytest
 from fastapi import FastAPI
 
 from gateway.events import (
-    ErrorEvent,
     Input,
     ResponseEvent,
     ResponseItemEvent,
     SessionEndedEvent,
     SessionStartedEvent,
 )
-from gateway.sessions import ClientState
 from tests.conftest import gateway
-from tests.gateway.turns import ctx, engine, texts
+from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, texts
 
 
 async def test_http_core_json_answer_state_and_attributes(core: tuple[str, FastAPI]) -> None:
@@ -80,24 +78,14 @@ async def test_core_failures_become_pipeline_errors(
 ) -> None:
     url, _ = core
     conv = engine(pipeline=f"{url}/{path}", turn_timeout_s=0.5)
-    events = await conv.turn(ctx(), Input.of("hello")).collect()
-    error = events[-1]
-    assert isinstance(error, ErrorEvent)
-    assert error.source == "pipeline"
-    assert words in error.text
-    session = await conv.store.get(ctx().key)
-    assert session is not None  # the session survives, marked Failed, not advanced
-    assert session.client_state == ClientState.FAILED
-    assert session.turn_count == 0
+    await pipeline_error(conv, words)
+    await failed_session(conv, 0)  # the session survives, marked Failed, not advanced
     await conv.pipeline.aclose()
 
 
 async def test_unreachable_core_is_a_pipeline_error() -> None:
     conv = engine(pipeline="http://127.0.0.1:1/core")
-    events = await conv.turn(ctx(), Input.of("hello")).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert events[-1].source == "pipeline"
-    assert "could not be reached" in events[-1].text
+    await pipeline_error(conv, "could not be reached")
     await conv.pipeline.aclose()
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,7 +14,6 @@ from pydantic import SecretStr
 
 from gateway.conversation import Conversation
 from gateway.events import (
-    ErrorEvent,
     Input,
     ResponseEvent,
     ResponseItem,
@@ -26,19 +24,10 @@ from gateway.events import (
 from gateway.pipeline.base import PipelineConfigError
 from gateway.pipeline.openai import OpenAIPipeline
 from gateway.pipeline.sentences import SentenceSplitter, split_sentences
-from gateway.sessions import ClientState, MemorySessionStore, Session
+from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
-from tests.conftest import serve
-from tests.gateway.pipeline.openai_server import KEY, make_openai_server
-from tests.gateway.turns import ctx, texts
-
-
-@pytest.fixture
-async def llm() -> AsyncIterator[tuple[str, FastAPI]]:
-    """The server on a free port: its base URL and app."""
-    app = make_openai_server()
-    async with serve(app) as url:
-        yield url, app
+from tests.gateway.pipeline.openai_server import KEY
+from tests.gateway.turns import ctx, failed_session, pipeline_error, texts
 
 
 def pipeline(base: str, mode: str = "chat", **options: Any) -> OpenAIPipeline:
@@ -245,16 +234,9 @@ async def test_core_failures_become_pipeline_errors(
 ) -> None:
     url, _ = llm
     conv = engine(pipeline(url, mode), turn_timeout_s=0.5)
-    events = await conv.turn(ctx(), Input.of("hello")).collect()
-    error = events[-1]
-    assert isinstance(error, ErrorEvent)
-    assert error.source == "pipeline"
-    assert words in error.text
-    session = await conv.store.get(ctx().key)
-    assert session is not None  # kept, marked Failed, not advanced, history unchanged
-    assert session.client_state == ClientState.FAILED
-    assert session.turn_count == 0
-    assert session.pipeline_state == {}
+    await pipeline_error(conv, words)
+    session = await failed_session(conv, 0)
+    assert session.pipeline_state == {}  # the history unchanged
     await conv.pipeline.aclose()
 
 
@@ -263,14 +245,10 @@ async def test_wrong_key_and_unreachable_server_are_pipeline_errors(
 ) -> None:
     url, _ = llm
     wrong = OpenAIPipeline(f"{url}/chat/v1", model="m", api_key="sk-wrong")
-    events = await engine(wrong).turn(ctx(), Input.of("hi")).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert "HTTP 401: Incorrect API key provided." in events[-1].text
+    await pipeline_error(engine(wrong), "HTTP 401: Incorrect API key provided.", "hi")
     await wrong.aclose()
     gone = OpenAIPipeline("http://127.0.0.1:1/v1", model="m")
-    events = await engine(gone).turn(ctx(), Input.of("hi")).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert "could not be reached" in events[-1].text
+    await pipeline_error(engine(gone), "could not be reached", "hi")
     await gone.aclose()
 
 

@@ -5,7 +5,6 @@ the end of a conversation, failures, and a whole Flowstorm V2 conversation."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -13,7 +12,6 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from gateway.events import (
-    ErrorEvent,
     Input,
     ResponseEvent,
     ResponseItemEvent,
@@ -22,18 +20,8 @@ from gateway.events import (
     transfer_target,
 )
 from gateway.metrics import REGISTRY
-from gateway.sessions import ClientState
-from tests.conftest import gateway, serve
-from tests.gateway.pipeline.fake_rasa import make_rasa
-from tests.gateway.turns import ctx, engine, texts
-
-
-@pytest.fixture
-async def rasa() -> AsyncIterator[tuple[str, FastAPI]]:
-    """The fake Rasa served on a free port: its base URL and app."""
-    app = make_rasa()
-    async with serve(app) as url:
-        yield url, app
+from tests.conftest import gateway
+from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, texts
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -127,17 +115,10 @@ async def test_core_failures_are_pipeline_errors_and_the_session_is_kept(
     conv = engine(pipeline=f"rasa+{url}", rasa_stream=stream, turn_timeout_s=0.5)
     await conv.turn(ctx(), Input.of("hello")).collect()
     failures = REGISTRY.get_sample_value("gateway_core_errors_total", {"core": "rasa"}) or 0
-    events = await conv.turn(ctx(), Input.of(text)).collect()
+    await pipeline_error(conv, words, text)
     # counted by core name, timeouts too
     assert REGISTRY.get_sample_value("gateway_core_errors_total", {"core": "rasa"}) == failures + 1
-    error = events[-1]
-    assert isinstance(error, ErrorEvent)
-    assert error.source == "pipeline"
-    assert words in error.text
-    session = await conv.store.get(ctx().key)
-    assert session is not None
-    assert session.client_state == ClientState.FAILED
-    assert session.turn_count == 1
+    await failed_session(conv, 1)
     # the next turn goes on, and is no failure
     assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
     assert REGISTRY.get_sample_value("gateway_core_errors_total", {"core": "rasa"}) == failures + 1
@@ -148,9 +129,7 @@ async def test_token_and_error_turn(rasa: tuple[str, FastAPI]) -> None:
     url, app = rasa
     app.state.token = "s3cret"
     without = engine(pipeline=f"rasa+{url}")
-    events = await without.turn(ctx(), Input.of("hi")).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert "HTTP 401" in events[-1].text
+    await pipeline_error(without, "HTTP 401", "hi")
     await without.pipeline.aclose()
     conv = engine(pipeline=f"rasa+{url}", rasa_token=SecretStr("s3cret"), error_turn=True)
     assert texts(await conv.turn(ctx("s2"), Input.of("hi")).collect()) == ["You said: hi"]

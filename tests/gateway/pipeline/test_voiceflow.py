@@ -5,7 +5,6 @@ interact stream: state, traces mapped to items, the end, failures, a V2 conversa
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -15,7 +14,6 @@ from pydantic import SecretStr
 
 from gateway.conversation import Conversation
 from gateway.events import (
-    ErrorEvent,
     Input,
     ResponseEvent,
     ResponseItem,
@@ -25,20 +23,11 @@ from gateway.events import (
     TurnEvent,
     transfer_target,
 )
-from gateway.sessions import ClientState
-from tests.conftest import gateway, serve
-from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
-from tests.gateway.turns import ctx, engine, texts
+from tests.conftest import gateway
+from tests.gateway.pipeline.fake_voiceflow import API_KEY
+from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, texts
 
 KEY = SecretStr(API_KEY)
-
-
-@pytest.fixture
-async def voiceflow() -> AsyncIterator[tuple[str, FastAPI]]:
-    """The fake runtime served on a free port: its base URL and app."""
-    app = make_voiceflow()
-    async with serve(app) as url:
-        yield url, app
 
 
 def vf_engine(url: str, stream: bool, spec: str = "voiceflow:", **more: Any) -> Conversation:
@@ -148,13 +137,8 @@ async def test_core_failures_are_pipeline_errors(
     url, _ = voiceflow
     conv = vf_engine(url, stream, turn_timeout_s=0.5)
     await conv.turn(ctx(), Input.of("hello")).collect()
-    events = await conv.turn(ctx(), Input.of(said)).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert events[-1].source == "pipeline"
-    assert words in events[-1].text
-    session = await conv.store.get(ctx().key)
-    assert session is not None
-    assert (session.client_state, session.turn_count) == (ClientState.FAILED, 1)
+    await pipeline_error(conv, words, said)
+    await failed_session(conv, 1)
     assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
     await conv.pipeline.aclose()
 
@@ -164,9 +148,7 @@ async def test_a_wrong_key_is_a_pipeline_error(voiceflow: tuple[str, FastAPI]) -
     conv = engine(
         pipeline="voiceflow:", voiceflow_api_key=SecretStr("VF.DM.wrong"), voiceflow_runtime_url=url
     )
-    events = await conv.turn(ctx(), Input.of("hi")).collect()
-    assert isinstance(events[-1], ErrorEvent)
-    assert "HTTP 401" in events[-1].text
+    await pipeline_error(conv, "HTTP 401", "hi")
     await conv.pipeline.aclose()
 
 
