@@ -9,6 +9,7 @@ it arrived (``_received_at``, ``time.monotonic()``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -119,3 +120,42 @@ def make_core() -> FastAPI:
         return Response('{"type":"Mystery"}\n', media_type="application/x-ndjson")
 
     return app
+
+
+class WebhookCore:
+    """A real core webhook (the pipeline contract) whose answers a subclass gives in
+    :meth:`answer`: every POSTed PipelineRequest body goes on :attr:`requests` first;
+    :attr:`release` is the event slow answers wait for (set on leaving :meth:`running`)."""
+
+    RECV_LIMIT_S = 15.0
+
+    def __init__(self) -> None:
+        self.requests: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.release = asyncio.Event()
+        self.app = FastAPI()
+
+        @self.app.post("/turn", response_model=None)
+        async def turn(request: Request) -> Any:
+            body: dict[str, Any] = await request.json()
+            await self.requests.put(body)
+            return await self.answer(body)
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        """The answer to one PipelineRequest ``body`` (a JSON-able dict or a Response)."""
+        raise NotImplementedError
+
+    async def next_request(self) -> dict[str, Any]:
+        """The next request the core received (TimeoutError after RECV_LIMIT_S s)."""
+        async with asyncio.timeout(self.RECV_LIMIT_S):
+            return await self.requests.get()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        """Serve the core; yields its webhook URL. Releases every waiting answer on exit."""
+        from tests.conftest import serve
+
+        async with serve(self.app) as url:
+            try:
+                yield f"{url}/turn"
+            finally:
+                self.release.set()

@@ -14,12 +14,11 @@ from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import socketio
-from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from adapters.voiceflow.protocol import PATH
-from tests.conftest import serve
 from tests.conftest import served as served  # re-exported for the tests
+from tests.gateway.core_app import WebhookCore
 
 RECV_LIMIT_S = 15.0
 """Safety net so a broken server fails a test instead of hanging it (not an assertion)."""
@@ -168,7 +167,7 @@ async def client(url: str, transport: str = "websocket") -> AsyncIterator[Voicef
 # ----------------------------------------------------------------- servers
 
 
-class RecordingCore:
+class RecordingCore(WebhookCore):
     """A real core webhook (pipeline contract, tests/gateway/core_app.py) for action tests.
 
     Every PipelineRequest body goes on :attr:`requests`. The answer depends on the
@@ -183,40 +182,18 @@ class RecordingCore:
     ]
     IMAGE = "https://example.org/cat.png"
 
-    def __init__(self) -> None:
-        self.requests: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.release = asyncio.Event()
-        self.app = FastAPI()
-
-        @self.app.post("/turn", response_model=None)
-        async def turn(request: Request) -> Any:
-            body: dict[str, Any] = await request.json()
-            await self.requests.put(body)
-            text = body["input"]["transcript"]["text"]
-            if text == "slow":
-                await self.release.wait()
-                return {"items": [{"text": "slow answer"}]}
-            if text == "fail":
-                return JSONResponse({"detail": "boom"}, status_code=500)
-            if text == "#intro":
-                return {
-                    "items": [
-                        {"text": "Pick one.", "image": self.IMAGE},
-                        {"text": "#buttons", "code": json.dumps({"buttons": self.BUTTONS})},
-                    ]
-                }
-            return {"items": [{"text": f"core heard {text}"}]}
-
-    async def next_request(self) -> dict[str, Any]:
-        """The next request the core received."""
-        async with asyncio.timeout(RECV_LIMIT_S):
-            return await self.requests.get()
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[str]:
-        """Serve the core; yields its webhook URL. Releases every waiting answer on exit."""
-        async with serve(self.app) as url:
-            try:
-                yield f"{url}/turn"
-            finally:
-                self.release.set()
+    async def answer(self, body: dict[str, Any]) -> Any:
+        text = body["input"]["transcript"]["text"]
+        if text == "slow":
+            await self.release.wait()
+            return {"items": [{"text": "slow answer"}]}
+        if text == "fail":
+            return JSONResponse({"detail": "boom"}, status_code=500)
+        if text == "#intro":
+            return {
+                "items": [
+                    {"text": "Pick one.", "image": self.IMAGE},
+                    {"text": "#buttons", "code": json.dumps({"buttons": self.BUTTONS})},
+                ]
+            }
+        return {"items": [{"text": f"core heard {text}"}]}

@@ -13,14 +13,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from fastapi import FastAPI, Request
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.speech.audio import Pcm, resample
 from tests.adapters.flowstorm_shapes import check_v1
-from tests.conftest import ROOT, serve
+from tests.conftest import ROOT
 from tests.conftest import served as served  # re-exported for the tests
+from tests.gateway.core_app import WebhookCore
 from tests.speech import padded
 
 SPEC = ROOT.parent / "shared" / "specs" / "flowstorm-socket-v1.md"
@@ -135,7 +135,7 @@ def ws_url(base: str, path: str = "/socket") -> str:
     return "ws" + base.removeprefix("http") + path
 
 
-class SlowCore:
+class SlowCore(WebhookCore):
     """A real core webhook (the http pipeline) that answers only when released.
 
     Each POSTed PipelineRequest body is put on :attr:`requests` when it arrives;
@@ -144,34 +144,12 @@ class SlowCore:
     turn number the core saw, so a later turn shows what the session kept.
     """
 
-    def __init__(self) -> None:
-        self.requests: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.release = asyncio.Event()
-        self.app = FastAPI()
-
-        @self.app.post("/turn")
-        async def turn(request: Request) -> dict[str, Any]:
-            body: dict[str, Any] = await request.json()
-            await self.requests.put(body)
-            await self.release.wait()
-            return {
-                "items": [{"text": "slow answer"}],
-                "attributes": {f"answered{body['turn']}": body["input"]["transcript"]["text"]},
-            }
-
-    async def next_request(self) -> dict[str, Any]:
-        """The next request the core received."""
-        async with asyncio.timeout(RECV_LIMIT_S):
-            return await self.requests.get()
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[str]:
-        """Serve the core; yields its webhook URL. Releases every waiting answer on exit."""
-        async with serve(self.app) as url:
-            try:
-                yield f"{url}/turn"
-            finally:
-                self.release.set()
+    async def answer(self, body: dict[str, Any]) -> Any:
+        await self.release.wait()
+        return {
+            "items": [{"text": "slow answer"}],
+            "attributes": {f"answered{body['turn']}": body["input"]["transcript"]["text"]},
+        }
 
 
 # ------------------------------------------------------------------ client
