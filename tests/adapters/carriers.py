@@ -64,7 +64,7 @@ class Carrier:
     @contextlib.asynccontextmanager
     async def gateway(
         self,
-        speech: SpeechService,
+        speech: SpeechService | None,
         *,
         more: Callable[[str], dict[str, Any]] = lambda api_url: {},
         **overrides: Any,

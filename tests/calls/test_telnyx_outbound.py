@@ -3,48 +3,22 @@ stand-in for Telnyx's API) and the Ed25519-signed answering-machine webhook."""
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 
 import httpx
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import SecretStr
 from starlette.responses import JSONResponse
 
 from adapters.telnyx.control import read_client_state
 from gateway.events import Input
-from tests.adapters.twilio.helpers import PUBLIC, twilio_gateway
-from tests.calls.carrier_api import carrier_api
-
-ADMIN = "admin-key-2"
-
-
-def signed(key: Ed25519PrivateKey, body: bytes, at: int | None = None) -> dict[str, str]:
-    stamp = str(at if at is not None else int(time.time()))
-    signature = key.sign(stamp.encode() + b"|" + body)
-    return {
-        "telnyx-signature-ed25519": base64.b64encode(signature).decode(),
-        "telnyx-timestamp": stamp,
-        "Content-Type": "application/json",
-    }
+from tests.adapters.telnyx.harness import ADMIN, CARRIER, KEY, signed
+from tests.adapters.twilio.helpers import PUBLIC
 
 
 async def test_telnyx_outbound_call_and_its_machine_answer() -> None:
-    key = Ed25519PrivateKey.generate()
-    public = base64.b64encode(
-        key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    ).decode()
     async with (
-        carrier_api() as api,
-        twilio_gateway(
-            admin_keys=frozenset({ADMIN}),
-            telnyx_api_key=SecretStr("KEY-T"),
-            telnyx_connection_id="conn-9",
-            telnyx_api_base_url=api.url,
-            telnyx_public_key=public,
-        ) as gw,
+        CARRIER.gateway(None, telnyx_connection_id="conn-9") as (gw, api),
         httpx.AsyncClient(base_url=gw.url) as client,
     ):
         placed = await client.post(
@@ -98,14 +72,14 @@ async def test_telnyx_outbound_call_and_its_machine_answer() -> None:
         )
         assert unsigned.status_code == 401
         forged_key = Ed25519PrivateKey.generate()
-        forged = await client.post("/telnyx/outbound", content=raw, headers=signed(forged_key, raw))
+        forged = await client.post("/telnyx/outbound", content=raw, headers=signed(raw, forged_key))
         assert forged.status_code == 403
         stale = await client.post(
-            "/telnyx/outbound", content=raw, headers=signed(key, raw, int(time.time()) - 3600)
+            "/telnyx/outbound", content=raw, headers=signed(raw, KEY, int(time.time()) - 3600)
         )
         assert stale.status_code == 403
         assert got == []
-        ok = await client.post("/telnyx/outbound", content=raw, headers=signed(key, raw))
+        ok = await client.post("/telnyx/outbound", content=raw, headers=signed(raw))
         assert ok.status_code == 200
         (machine,) = got
         assert machine.text == "#machine"
@@ -119,20 +93,14 @@ async def test_telnyx_outbound_call_and_its_machine_answer() -> None:
             }
         ).encode()
         assert (
-            await client.post("/telnyx/outbound", content=human, headers=signed(key, human))
+            await client.post("/telnyx/outbound", content=human, headers=signed(human))
         ).status_code == 200
         assert len(got) == 1
 
 
 async def test_a_carrier_refusal_is_a_bad_gateway_problem() -> None:
     async with (
-        carrier_api() as api,
-        twilio_gateway(
-            admin_keys=frozenset({ADMIN}),
-            telnyx_api_key=SecretStr("KEY-T"),
-            telnyx_connection_id="conn-9",
-            telnyx_api_base_url=api.url,
-        ) as gw,
+        CARRIER.gateway(None, telnyx_public_key=None) as (gw, api),
         httpx.AsyncClient(base_url=gw.url) as client,
     ):
         api.answers[("POST", "/v2/calls")] = JSONResponse(

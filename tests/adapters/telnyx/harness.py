@@ -34,9 +34,10 @@ PUBLIC_KEY = base64.b64encode(
 ).decode()
 
 
-def signed(body: bytes, key: Ed25519PrivateKey = KEY) -> dict[str, str]:
-    """Telnyx's webhook signature headers over ``timestamp|body``."""
-    stamp = str(int(time.time()))
+def signed(body: bytes, key: Ed25519PrivateKey = KEY, at: int | None = None) -> dict[str, str]:
+    """Telnyx's webhook signature headers over ``timestamp|body`` (``at``: the
+    timestamp, s since the epoch; now by default)."""
+    stamp = str(at if at is not None else int(time.time()))
     return {
         "telnyx-signature-ed25519": base64.b64encode(
             key.sign(stamp.encode() + b"|" + body)
