@@ -29,7 +29,7 @@ from gateway.callcodec import (
     Stopped,
     UnsupportedMediaFormat,
 )
-from gateway.protocol import LocalProtocolError, ProtocolError
+from gateway.protocol import ProtocolError
 from gateway.speech.audio import Pcm
 from tests.adapters.carrier_audio import correlation, peak_hz, rms, tone
 
@@ -186,35 +186,21 @@ def test_call_control_stream_fields() -> None:
     }
 
 
-@pytest.mark.parametrize(
-    ("frame", "text"),
-    [
-        ("{", "Malformed JSON"),
-        ("[]", "must be a JSON object"),
-        ('{"event":"hello"}', "Unknown Telnyx event: expected connected, start, media"),
-        ('{"event":"dtmf","dtmf":{"digit":"X"}}', "digit: expected one of 0-9"),
-        ('{"event":"dtmf","dtmf":{"digit":[5]}}', "digit: expected a string"),
-        ('{"event":"dtmf"}', "dtmf: expected an object"),
-        ('{"event":"mark","mark":{}}', "name: field required"),
-        ('{"event":"media","media":{"payload":"%%%"}}', "payload is not base64"),
-        ('{"event":"media","media":{"payload":7}}', "payload: expected a base64 string"),
-        ('{"event":"start","start":{"media_format":{"encoding":"PCMU"}}}', "call_control_id"),
-        ('{"event":"start","start":{"call_control_id":"v3:x"}}', "media_format"),
-    ],
-)
-def test_bad_frames_are_protocol_errors(frame: str, text: str) -> None:
-    with pytest.raises(ProtocolError, match=text):
-        started().receive_text(frame)
-
-
-def test_media_before_start_and_binary_frames_are_refused() -> None:
-    codec = TelnyxCodec()
-    with pytest.raises(ProtocolError, match="media before start"):
-        codec.receive_text(media(b"\xff" * 160))
-    with pytest.raises(ProtocolError, match="text frames only"):
-        codec.receive_binary(b"\x00" * 160)
-    with pytest.raises(LocalProtocolError):
-        codec.audio(tone(440, 20, 8000))
+BAD_FRAMES = [
+    ("{", "Malformed JSON"),
+    ("[]", "must be a JSON object"),
+    ('{"event":"hello"}', "Unknown Telnyx event: expected connected, start, media"),
+    ('{"event":"dtmf","dtmf":{"digit":"X"}}', "digit: expected one of 0-9"),
+    ('{"event":"dtmf","dtmf":{"digit":[5]}}', "digit: expected a string"),
+    ('{"event":"dtmf"}', "dtmf: expected an object"),
+    ('{"event":"mark","mark":{}}', "name: field required"),
+    ('{"event":"media","media":{"payload":"%%%"}}', "payload is not base64"),
+    ('{"event":"media","media":{"payload":7}}', "payload: expected a base64 string"),
+    ('{"event":"start","start":{"media_format":{"encoding":"PCMU"}}}', "call_control_id"),
+    ('{"event":"start","start":{"call_control_id":"v3:x"}}', "media_format"),
+]
+"""Frames of a started stream and the ProtocolError each is (tests/adapters/
+test_carrier_codecs.py)."""
 
 
 def test_unsupported_codecs_and_sizes() -> None:
