@@ -3,10 +3,17 @@ turn failed by the pipeline and the session it leaves."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from gateway.conversation import Conversation, TurnContext
-from gateway.events import ErrorEvent, Input, ResponseItemEvent, TurnEvent
+from gateway.events import (
+    ErrorEvent,
+    Input,
+    ResponseItemEvent,
+    SessionStartedEvent,
+    TurnEvent,
+)
 from gateway.pipeline import make_pipeline
 from gateway.sessions import ClientState, MemorySessionStore, Session, SessionStore
 from gateway.settings import Settings
@@ -48,3 +55,26 @@ async def failed_session(conv: Conversation, turn_count: int) -> Session:
     assert session is not None
     assert (session.client_state, session.turn_count) == (ClientState.FAILED, turn_count)
     return session
+
+
+async def fails_then_recovers(conv: Conversation, words: str, said: str) -> list[str]:
+    """After a good first turn (``hello``), a turn of ``said`` fails (:func:`pipeline_error`
+    ``words``), leaving the session Failed after 1 turn; the texts of the next turn
+    (``again``), which the core answers."""
+    await conv.turn(ctx(), Input.of("hello")).collect()
+    await pipeline_error(conv, words, said)
+    await failed_session(conv, 1)
+    return texts(await conv.turn(ctx(), Input.of("again")).collect())
+
+
+async def streamed(conv: Conversation, release: asyncio.Event, said: str) -> list[TurnEvent]:
+    """A turn of ``said`` whose first item (``first``) arrives while the core still holds
+    its answer open (``release`` unset); then ``release`` is set: the turn's other events."""
+    events = aiter(conv.turn(ctx(), Input.of(said)))
+    assert isinstance(await anext(events), SessionStartedEvent)
+    first = await anext(events)
+    assert isinstance(first, ResponseItemEvent)
+    assert first.response_item.text == "first"
+    assert not release.is_set()  # the core has not finished its answer yet
+    release.set()
+    return [e async for e in events]

@@ -27,7 +27,13 @@ from gateway.events import (
 )
 from tests.conftest import gateway
 from tests.gateway.pipeline.fake_botpress import GAP_S, WEBHOOK_ID
-from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, texts
+from tests.gateway.turns import (
+    ctx,
+    engine,
+    fails_then_recovers,
+    pipeline_error,
+    texts,
+)
 
 IDLE_S = 0.3
 
@@ -154,10 +160,7 @@ async def test_core_failures_are_pipeline_errors(
 ) -> None:
     url, _ = botpress
     conv = bp_engine(url)
-    await conv.turn(ctx(), Input.of("hello")).collect()
-    await pipeline_error(conv, words, said)
-    await failed_session(conv, 1)
-    assert texts(await conv.turn(ctx(), Input.of("again")).collect())[-1] == "You said: again"
+    assert (await fails_then_recovers(conv, words, said))[-1] == "You said: again"
     await conv.pipeline.aclose()
 
 

@@ -12,10 +12,9 @@ from gateway.events import (
     ResponseEvent,
     ResponseItemEvent,
     SessionEndedEvent,
-    SessionStartedEvent,
 )
 from tests.conftest import gateway
-from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, texts
+from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, streamed, texts
 
 
 async def test_http_core_json_answer_state_and_attributes(core: tuple[str, FastAPI]) -> None:
@@ -42,15 +41,7 @@ async def test_http_core_json_answer_state_and_attributes(core: tuple[str, FastA
 async def test_http_core_stream_is_forwarded_as_it_arrives(core: tuple[str, FastAPI]) -> None:
     url, app = core
     conv = engine(pipeline=f"{url}/stream")
-    events = aiter(conv.turn(ctx(), Input.of("hi")))
-    assert isinstance(await anext(events), SessionStartedEvent)
-    first = await anext(events)
-    # "first" reached us while the core still holds its answer open
-    assert isinstance(first, ResponseItemEvent)
-    assert first.response_item.text == "first"
-    assert not app.state.release.is_set()
-    app.state.release.set()
-    rest = [e async for e in events]
+    rest = await streamed(conv, app.state.release, "hi")
     assert [e.response_item.text for e in rest if isinstance(e, ResponseItemEvent)] == ["second"]
     assert isinstance(rest[-1], ResponseEvent)
     assert [i.text for i in rest[-1].response.items] == ["first", "second"]

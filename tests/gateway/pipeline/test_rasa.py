@@ -21,7 +21,7 @@ from gateway.events import (
 )
 from gateway.metrics import REGISTRY
 from tests.conftest import gateway
-from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, texts
+from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, streamed, texts
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -85,14 +85,7 @@ async def test_rich_items_transfer_and_end_of_conversation(rasa: tuple[str, Fast
 async def test_stream_items_are_forwarded_as_they_arrive(rasa: tuple[str, FastAPI]) -> None:
     url, app = rasa
     conv = engine(pipeline=f"rasa+{url}")
-    events = aiter(conv.turn(ctx(), Input.of("stream")))
-    assert isinstance(await anext(events), SessionStartedEvent)
-    first = await anext(events)
-    assert isinstance(first, ResponseItemEvent)
-    assert first.response_item.text == "first"
-    assert not app.state.release.is_set()  # Rasa has not finished its answer yet
-    app.state.release.set()
-    rest = [e async for e in events]
+    rest = await streamed(conv, app.state.release, "stream")
     assert texts(rest) == ["second"]
     assert isinstance(rest[-1], ResponseEvent)
     await conv.pipeline.aclose()

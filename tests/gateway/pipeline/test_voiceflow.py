@@ -19,13 +19,19 @@ from gateway.events import (
     ResponseItem,
     ResponseItemEvent,
     SessionEndedEvent,
-    SessionStartedEvent,
     TurnEvent,
     transfer_target,
 )
 from tests.conftest import gateway
 from tests.gateway.pipeline.fake_voiceflow import API_KEY
-from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, texts
+from tests.gateway.turns import (
+    ctx,
+    engine,
+    fails_then_recovers,
+    pipeline_error,
+    streamed,
+    texts,
+)
 
 KEY = SecretStr(API_KEY)
 
@@ -107,14 +113,7 @@ async def test_custom_action_transfer_and_end(voiceflow: tuple[str, FastAPI], st
 async def test_stream_traces_are_forwarded_as_they_arrive(voiceflow: tuple[str, FastAPI]) -> None:
     url, app = voiceflow
     conv = vf_engine(url, stream=True)
-    events = aiter(conv.turn(ctx(), Input.of("stream")))
-    assert isinstance(await anext(events), SessionStartedEvent)
-    first = await anext(events)
-    assert isinstance(first, ResponseItemEvent)
-    assert first.response_item.text == "first"
-    assert not app.state.release.is_set()
-    app.state.release.set()
-    rest = [e async for e in events]
+    rest = await streamed(conv, app.state.release, "stream")
     assert texts(rest) == ["second"]
     await conv.pipeline.aclose()
 
@@ -136,10 +135,7 @@ async def test_core_failures_are_pipeline_errors(
 ) -> None:
     url, _ = voiceflow
     conv = vf_engine(url, stream, turn_timeout_s=0.5)
-    await conv.turn(ctx(), Input.of("hello")).collect()
-    await pipeline_error(conv, words, said)
-    await failed_session(conv, 1)
-    assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
+    assert await fails_then_recovers(conv, words, said) == ["You said: again"]
     await conv.pipeline.aclose()
 
 
