@@ -45,7 +45,7 @@ class Carrier:
     gateway ends the call by closing the socket); ``refusals(gw)``: asserts that
     unsigned, forged and tokenless requests are refused with the carrier's statuses;
     ``barge_in``: settings of the barge-in test; ``calls(gw)``: the channel's running
-    calls (None: it keeps no registry); ``transfer``: how it transfers (None: untested).
+    calls and call tasks by id (None: it keeps no registry); ``transfer``: how it transfers (None: untested).
     """
 
     name: str

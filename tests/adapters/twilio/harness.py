@@ -32,7 +32,7 @@ from twilio.request_validator import RequestValidator
 from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw
 from tests.adapters.carrier_harness import CarrierHarness, Outbound, Utterance
 from tests.adapters.carriers import Carrier, Transfer, upgrade_status
-from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served
+from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_tasks
 from tests.calls.carrier_api import Captured
 
 FRAME = 160  # bytes of μ-law: 20 ms at 8 kHz
@@ -294,7 +294,7 @@ CARRIER = Carrier(
     dial=lambda url, **options: TwilioHarness.dial(url, PUBLIC, auth_token=AUTH, **options),
     refusals=refusals,
     barge_in={"twilio_send_ahead_ms": 60, "twilio_barge_in_min_speech_ms": 150},
-    calls=lambda gw: gw.channel.calls,
+    calls=lambda gw: {**gw.channel.calls, **{t.get_name(): t for t in twilio_tasks()}},
     transfer=Transfer(
         rest_api,
         transferred,
