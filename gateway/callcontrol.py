@@ -61,6 +61,16 @@ class RestAnswer:
         return 200 <= self.status < 300
 
 
+@dataclass(frozen=True)
+class TransferResult:
+    """How a transfer went: ``ok`` (the carrier took it), else ``error``: what failed,
+    naming the carrier's API (``"the twilio API answered HTTP 503"``, a network error,
+    ``"twilio REST is not configured"``)."""
+
+    ok: bool
+    error: str | None = None
+
+
 class CallControlError(Exception):
     """The carrier's API could not be reached (network error, timeout)."""
 

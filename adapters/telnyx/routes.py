@@ -52,8 +52,14 @@ from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_TEXML
 from adapters.telnyx.protocol import TelnyxCodec, texml
 from adapters.telnyx.verify import TelnyxVerifier
 from gateway.callcodec import VerificationRefused, load_frame
-from gateway.callcontrol import CallControl, CallControlError, RestAnswer, RestRequest
-from gateway.calls import CallRefused, OutboundCall, public_url, wss_url
+from gateway.callcontrol import (
+    CallControl,
+    CallControlError,
+    RestAnswer,
+    RestRequest,
+    TransferResult,
+)
+from gateway.calls import CallRefused, OutboundCall, public_url, transfer_unavailable, wss_url
 from gateway.calls import transfer as record_transfer
 from gateway.deps import Gateway, gateway_of
 from gateway.events import Input
@@ -271,14 +277,15 @@ async def _hang_up(runner: CallRunner, call_id: str) -> None:
         log.warning("Telnyx call %s: hang-up refused: HTTP %d", call_id, answer.status)
 
 
-async def _transfer(runner: CallRunner, action: Transfer) -> None:
+async def _transfer(runner: CallRunner, action: Transfer) -> TransferResult:
     """The ``transfer`` command, recorded (gateway/calls.py)."""
     assert isinstance(runner, TelnyxCall)
     if runner.auth is None:
-        log.warning("Telnyx call %s: no API key to transfer with", action.call_id)
-        return
+        return transfer_unavailable(
+            runner.control, CHANNEL, action.call_id, action.target, action.reason
+        )
     request = telnyx.transfer(runner.auth, action.call_id, action.target)
-    await record_transfer(
+    return await record_transfer(
         runner.control, CHANNEL, action.call_id, action.target, action.reason, request
     )
 

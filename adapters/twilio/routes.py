@@ -105,6 +105,7 @@ from adapters.twilio.verify import (
     stream_url,
 )
 from gateway import metrics
+from gateway.callcontrol import TransferResult
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
@@ -404,7 +405,15 @@ class _Call(CallRunner):
         self, ws: WebSocket, gw: Gateway, channel: TwilioChannel, grant: StreamGrant
     ) -> None:
         call = TwilioCall(grant.call_sid, channel.config)
-        super().__init__(ws, gw, call.twilio, channel.config, call_id=grant.call_sid, call=call)
+        super().__init__(
+            ws,
+            gw,
+            call.twilio,
+            channel.config,
+            call_id=grant.call_sid,
+            call=call,
+            transfer=_dial,
+        )
         self.channel = channel
         self.call_sid = grant.call_sid
         self.name = f"Twilio call {grant.call_sid}"
@@ -440,17 +449,25 @@ class _Call(CallRunner):
         await self.close(CLOSE_NORMAL, "The call ended.")
 
     async def _transfer(self, action: Transfer) -> None:
-        """Update the call with ``<Dial>`` (adapters/twilio/calls.py), then close."""
-        if await transfer_twilio(self.ws.app, action.call_id, action.target, action.reason):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(HANGUP_GRACE_S):
-                    await self._received_all.wait()  # Twilio stops the stream
+        """Update the call with ``<Dial>`` (adapters/twilio/calls.py), then close once
+        Twilio stopped the stream; a refused update keeps the call (``#transfer-failed``,
+        gateway/io/call.py ``CallRunner.transferred``)."""
+        if not await self.transferred(action):
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HANGUP_GRACE_S):
+                await self._received_all.wait()  # Twilio stops the stream
         await self.close(CLOSE_NORMAL, "The call was transferred.")
 
     async def shutdown(self) -> None:
         self._received_all.set()
         await super().shutdown()
         self.channel.calls.pop(self.call_sid, None)
+
+
+async def _dial(runner: CallRunner, action: Transfer) -> TransferResult:
+    """The ``<Dial>`` update of the call (adapters/twilio/calls.py)."""
+    return await transfer_twilio(runner.ws.app, action.call_id, action.target, action.reason)
 
 
 async def _admit(ws: WebSocket, gw: Gateway, channel: TwilioChannel, token: str) -> StreamGrant:

@@ -36,6 +36,7 @@ from starlette.websockets import WebSocket
 
 from gateway import metrics
 from gateway.callcodec import CarrierCodec, VerificationRefused, WireFrame
+from gateway.callcontrol import TransferResult
 from gateway.deps import Gateway
 from gateway.events import ResponseItem
 from gateway.io.websocket import SEND_ERRORS, PacedSender, WebSocketDriver
@@ -84,8 +85,10 @@ TOKEN_TTL_S: Final = 300
 
 HangUpHook = Callable[["CallRunner", str], Awaitable[None]]
 """An adapter's hang-up: ``(runner, call id)``; the runner closes the socket after it."""
-TransferHook = Callable[["CallRunner", Transfer], Awaitable[None]]
-"""An adapter's transfer; the runner closes the socket after it."""
+TransferHook = Callable[["CallRunner", Transfer], Awaitable[TransferResult]]
+"""An adapter's transfer: whether the carrier took it (gateway.calls.transfer's result).
+The runner closes the socket after one that was taken; after a refusal the call goes
+on (:meth:`CarrierCall.transfer_finished`)."""
 T = TypeVar("T")
 
 
@@ -434,15 +437,45 @@ class CallRunner(WebSocketDriver[CallAction]):
         await self.run(actions)
 
     async def _end(self, call_id: str, transfer: Transfer | None) -> None:
-        """The adapter's hang-up or transfer (its errors logged), then close the socket."""
+        """The adapter's hang-up (its errors logged), then close the socket; or the
+        transfer (:meth:`transferred`)."""
+        if transfer is not None:
+            if await self.transferred(transfer):
+                await self.close(CLOSE_NORMAL, "The call was transferred.")
+            return
         try:
-            if transfer is not None and self._transfer_hook is not None:
-                await self._transfer_hook(self, transfer)
-            elif transfer is None and self._hang_up_hook is not None:
+            if self._hang_up_hook is not None:
                 await self._hang_up_hook(self, call_id)
         except Exception as exc:  # the carrier's REST errors
-            log.warning("%s: hang-up/transfer failed (%s); closing", self.name, exc)
+            log.warning("%s: hang-up failed (%s); closing", self.name, exc)
         await self.close(CLOSE_NORMAL, "The call ended.")
+
+    async def transferred(self, transfer: Transfer) -> bool:
+        """Ask the adapter's transfer hook to hand the call over; whether the carrier
+        took it. Either way the engine hears of it (:meth:`CarrierCall.transfer_finished`):
+        a transfer taken ends the session; a refused one (or no hook, or its exception)
+        is logged at WARNING naming the carrier's API and the call goes on with
+        ``#transfer-failed``."""
+        if self._transfer_hook is None:
+            result = TransferResult(False, f"{self.carrier} transfers are not configured")
+            log.warning("%s NOT transferred to %s: %s", self.name, transfer.target, result.error)
+        else:
+            try:
+                result = await self._transfer_hook(self, transfer)
+            except Exception as exc:  # an adapter's own REST errors
+                result = TransferResult(False, f"the {self.carrier} API failed: {exc!r}")
+                log.warning(
+                    "%s: transfer failed (component: %s-api): %s",
+                    self.name,
+                    self.carrier,
+                    result.error,
+                )
+        actions = self.call.transfer_finished(result.ok, result.error)
+        if not result.ok:
+            self._hangup = None  # the call goes on
+            log.warning("%s: the call goes on after the failed transfer", self.name)
+        await self.run(actions)
+        return result.ok
 
     def lost(self) -> list[CallAction]:
         return self.call.connection_lost()
