@@ -4,9 +4,9 @@ part of the call control (gateway/calls.py).
 ``POST /telnyx/outbound`` — Ed25519-verified (:mod:`adapters.telnyx.verify`,
 GATEWAY_TELNYX_PUBLIC_KEY; 401/403 problem, 403 when no key is configured).
 ``call.machine.detection.ended`` (and the premium variant) with a machine result is handed
-as ``#machine`` (attributes ``answeredBy``, ``callControlId``, ``clientState``) to the
-call's stream through ``callcontrol.machine_answers`` (the Telnyx stream route registers
-there under its ``call_control_id``). 200 ``{}``.
+as ``#machine`` (attributes ``answeredBy``) to the call's stream on whichever instance
+serves it, through the bus (gateway/io/call.py ``announce_machine``, under its
+``call_control_id``). 200 ``{}``.
 
 ``/telnyx/stream`` — the call's media stream (Telnyx Media Streaming, bidirectional RTP)
 on the shared call engine (:class:`gateway.io.call.CallRunner` with
@@ -17,8 +17,8 @@ Bearer <token>`` (how Telnyx presents ``stream_auth_token`` is [unverified]) or 
 upgrade (HTTP 403). Tokens are keyed by GATEWAY_TELNYX_API_KEY (every instance with the
 same key checks them; used once through the nonce store). The start's ``client_state``
 (:func:`adapters.telnyx.control.read_client_state`) gives an outbound call's app key and
-``#intro`` attributes; the stream registers with ``callcontrol.machine_answers`` under
-its ``call_control_id``. The call ends with the ``hangup`` command after the last
+``#intro`` attributes; the stream follows its ``call_control_id``'s call control on
+the bus. The call ends with the ``hangup`` command after the last
 audio's mark (a ``transfer`` command for a transfer item).
 
 ``POST /telnyx/texml`` — an inbound call's TeXML answer (Ed25519-verified like the
@@ -62,9 +62,16 @@ from gateway.callcontrol import (
 from gateway.calls import CallRefused, OutboundCall, public_url, transfer_unavailable, wss_url
 from gateway.calls import transfer as record_transfer
 from gateway.deps import Gateway, gateway_of
-from gateway.events import Input
 from gateway.httputil import problem, read_body
-from gateway.io.call import CallGrant, CallRunner, CallTokens, admit, call_config, use_token
+from gateway.io.call import (
+    CallGrant,
+    CallRunner,
+    CallTokens,
+    admit,
+    announce_machine,
+    call_config,
+    use_token,
+)
 from gateway.protocol import ProtocolError
 from gateway.protocol.call import CallAction, Transfer
 from gateway.settings import Settings
@@ -141,7 +148,6 @@ class TelnyxDialer:
 async def telnyx_outbound(request: Request) -> Response:
     """Call Control webhooks of calls placed here (see the module doc)."""
     settings = gateway_of(request).settings
-    control: CallControl = request.app.state.callcontrol
     try:
         body = await read_body(request, settings.max_body_bytes)
     except ProtocolError as exc:
@@ -156,13 +162,9 @@ async def telnyx_outbound(request: Request) -> Response:
     found = telnyx.machine_input(event)
     if found is not None:
         call_id, machine = found
-        delivered = control.machine_answers.deliver(call_id, machine)
-        log.info(
-            "Telnyx call %s answered by %s%s",
-            call_id,
-            machine.attributes["answeredBy"],
-            "" if delivered else " (kept for its stream)",
-        )
+        answered_by = str(machine.attributes["answeredBy"])
+        log.info("Telnyx call %s answered by %s", call_id, answered_by)
+        await announce_machine(gateway_of(request), CHANNEL, call_id, answered_by)
     return JSONResponse({})
 
 
@@ -225,7 +227,6 @@ class TelnyxCall(CallRunner):
         self.auth = telnyx_auth(gw.settings)
         if app_key:
             self.call.extra_parameters["appKey"] = app_key
-        self._registered: str | None = None
 
     def received(self, frame: str | bytes) -> list[CallAction]:
         if self.call.info is None and isinstance(frame, str) and '"client_state"' in frame:
@@ -248,19 +249,6 @@ class TelnyxCall(CallRunner):
                     extra[key] = state[key]
             if isinstance(state.get("attributes"), dict):
                 extra["attributes"] = json.dumps(state["attributes"])
-
-    def started(self, call_id: str) -> None:
-        self._registered = call_id
-        self.control.machine_answers.register(call_id, self._machine)
-
-    def _machine(self, machine: Input) -> None:
-        answered_by = str(machine.attributes.get("answeredBy", "machine"))
-        self.spawn(self.run(self.call.machine_answered(answered_by)), "machine answer")
-
-    async def shutdown(self) -> None:
-        if self._registered is not None:
-            self.control.machine_answers.unregister(self._registered)
-        await super().shutdown()
 
 
 async def _hang_up(runner: CallRunner, call_id: str) -> None:

@@ -109,7 +109,7 @@ from gateway.callcontrol import TransferResult
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
-from gateway.io.call import CallRunner
+from gateway.io.call import CallRunner, announce_machine
 from gateway.io.websocket import SEND_ERRORS
 from gateway.protocol import ProtocolError
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
@@ -516,8 +516,9 @@ async def twilio_amd(request: Request) -> Response:
     problem). ``AnsweredBy`` of a machine or fax (``machine_start``, ``machine_end_*``,
     ``fax``) becomes the input ``#machine`` with attributes ``{"answeredBy": ...}`` of
     the call served on this instance (the bot falls silent; the core answers it: leave
-    a message, or end the session to hang up); ``human`` and ``unknown`` are logged
-    only. 204."""
+    a message, or end the session to hang up) on whichever instance serves its stream
+    (through the bus, gateway/io/call.py ``announce_machine``); ``human`` and
+    ``unknown`` are logged only. 204."""
     params, refused = await _verified_form(request, "/twilio/amd")
     if refused is not None:
         return refused
@@ -525,9 +526,7 @@ async def twilio_amd(request: Request) -> Response:
     log.info("Twilio call %s answered by %s", call_sid or "?", answered_by or "?")
     if not twilio_control.is_machine(answered_by):
         return Response(status_code=204)
-    call = channel_of(request).calls.get(call_sid)
-    if call is None:
-        log.warning("Twilio call %s: machine answer, but its stream is not served here", call_sid)
-        return Response(status_code=204)
-    await call.run(call.call.machine_answered(answered_by))
+    if not CALL_SID.fullmatch(call_sid):
+        return problem(400, "Bad Request", "Expected a CallSid (CA + 32 hex digits).")
+    await announce_machine(gateway_of(request), CHANNEL, call_sid, answered_by)
     return Response(status_code=204)

@@ -15,6 +15,14 @@ accept: HTTP 403) or accepting it. :class:`CallTokens` issues and checks the per
 tokens a carrier's answer puts in the stream URL (``/vonage/stream/{token}``):
 HMAC-SHA256 over ``call id`` and expiry, used once (the gateway's NonceStore, shared
 through Redis).
+
+Call control that arrives by webhook (an answering-machine result: Twilio's
+``/twilio/amd``, Telnyx's ``call.machine.detection.ended``) may reach another instance
+than the one serving the call's stream: :func:`announce_machine` publishes it on the
+gateway's bus (Redis pub/sub with GATEWAY_REDIS_URL, else in-process) under
+:func:`control_topic`, retained for :data:`MACHINE_RETAIN_S` (a stream that starts
+later still gets it), and every runner follows its call's topic from the stream's
+start, so the result becomes the ``#machine`` input wherever the stream is served.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from typing import Final, TypeVar
 from starlette.websockets import WebSocket
 
 from gateway import metrics
+from gateway.bus import BusUnavailable
 from gateway.callcodec import CarrierCodec, VerificationRefused, WireFrame
 from gateway.callcontrol import TransferResult
 from gateway.deps import Gateway
@@ -82,6 +91,8 @@ LISTEN_BATCH_MS: Final = 60
 UNPACED_AHEAD_MS: Final = 3_600_000
 """Send-ahead of a carrier that buffers (``realtime`` False): no pacing."""
 TOKEN_TTL_S: Final = 300
+MACHINE_RETAIN_S: Final = 120.0
+"""How long an answering-machine result waits on the bus for its call's stream (s)."""
 
 HangUpHook = Callable[["CallRunner", str], Awaitable[None]]
 """An adapter's hang-up: ``(runner, call id)``; the runner closes the socket after it."""
@@ -200,6 +211,27 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
     except SEND_ERRORS:
         return None
     return granted
+
+
+# ------------------------------------------------------------------ call control
+
+
+def control_topic(carrier: str, call_id: str) -> str:
+    """The bus topic of call ``call_id`` of ``carrier``: call control for its stream."""
+    return f"call:{carrier}:{call_id}"
+
+
+async def announce_machine(gw: Gateway, carrier: str, call_id: str, answered_by: str) -> bool:
+    """Hand an answering-machine result (``answered_by``: the carrier's ``machine_start``,
+    ``machine``...) to call ``call_id``'s stream on whichever instance serves it, or
+    will (module doc); False when the bus is down (logged at WARNING)."""
+    message = {"type": "machine", "answeredBy": answered_by}
+    try:
+        await gw.bus.publish(control_topic(carrier, call_id), message, retain_s=MACHINE_RETAIN_S)
+    except BusUnavailable as exc:
+        log.warning("%s call %s: machine answer lost, the bus is down: %s", carrier, call_id, exc)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ listening
@@ -389,6 +421,7 @@ class CallRunner(WebSocketDriver[CallAction]):
             return []
         info = self.call.info
         if not had_info and info is not None:
+            self.spawn(self._follow(info.call_id), "call control")
             self.name = f"{self.carrier} call {info.call_id}"
             if self._calls is not None:
                 self._calls[info.call_id] = self
@@ -397,6 +430,21 @@ class CallRunner(WebSocketDriver[CallAction]):
 
     def started(self, call_id: str) -> None:
         """The stream's start named the call ``call_id`` (for adapters: register it)."""
+
+    async def _follow(self, call_id: str) -> None:
+        """Carry out the call control published for ``call_id`` (:func:`control_topic`)
+        until the call is over: an answering machine's result -> ``#machine``."""
+        topic = control_topic(self.carrier, call_id)
+        try:
+            async with self.gw.bus.subscribe(topic) as messages:
+                while not self.call.closed:
+                    message = await messages.get(1.0)
+                    answered_by = message.get("answeredBy") if message else None
+                    if message and message.get("type") == "machine" and answered_by:
+                        log.info("%s: answered by %s", self.name, answered_by)
+                        await self.run(self.call.machine_answered(str(answered_by)))
+        except BusUnavailable as exc:
+            log.warning("%s: call control from other instances is lost: %s", self.name, exc)
 
     def done(self) -> bool:
         call = self.call

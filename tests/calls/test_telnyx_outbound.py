@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from starlette.responses import JSONResponse
 
 from adapters.telnyx.control import read_client_state
-from gateway.events import Input
+from gateway.io.call import control_topic
 from tests.adapters.twilio.helpers import PUBLIC, twilio_gateway
 from tests.calls.carrier_api import carrier_api
 
@@ -79,9 +79,8 @@ async def test_telnyx_outbound_call_and_its_machine_answer() -> None:
             "attributes": {"lead": 42},
         }
 
-        # the stream route registers for its call; the webhook's machine answer reaches it
-        got: list[Input] = []
-        gw.app.state.callcontrol.machine_answers.register(ccid, got.append)
+        # the webhook's machine answer goes to the call's topic on the bus (the stream's)
+        bus = gw.app.state.gateway.bus
         event = {
             "data": {
                 "event_type": "call.machine.detection.ended",
@@ -104,24 +103,29 @@ async def test_telnyx_outbound_call_and_its_machine_answer() -> None:
             "/telnyx/outbound", content=raw, headers=signed(key, raw, int(time.time()) - 3600)
         )
         assert stale.status_code == 403
-        assert got == []
+        topic = control_topic("telnyx", ccid)
+        async with bus.subscribe(topic) as refused:
+            assert await refused.get(0.2) is None  # nothing was published
         ok = await client.post("/telnyx/outbound", content=raw, headers=signed(key, raw))
         assert ok.status_code == 200
-        (machine,) = got
-        assert machine.text == "#machine"
-        assert machine.attributes["answeredBy"] == "machine"
-        assert machine.attributes["clientState"]["appKey"] == "sales"
-        # a person: no input
-        human = json.dumps(
-            {
-                **event,
-                "data": {**event["data"], "payload": {"call_control_id": ccid, "result": "human"}},
-            }
-        ).encode()
-        assert (
-            await client.post("/telnyx/outbound", content=human, headers=signed(key, human))
-        ).status_code == 200
-        assert len(got) == 1
+        # retained: a stream that starts afterwards (on any instance) still gets it
+        async with bus.subscribe(topic) as messages:
+            assert await messages.get(2.0) == {"type": "machine", "answeredBy": "machine"}
+            # a person: nothing
+            human = json.dumps(
+                {
+                    **event,
+                    "data": {
+                        **event["data"],
+                        "payload": {"call_control_id": ccid, "result": "human"},
+                    },
+                }
+            ).encode()
+            answered = await client.post(
+                "/telnyx/outbound", content=human, headers=signed(key, human)
+            )
+            assert answered.status_code == 200
+            assert await messages.get(0.3) is None
 
 
 async def test_a_carrier_refusal_is_a_bad_gateway_problem() -> None:

@@ -46,7 +46,8 @@ def transferring(*, core_ended: bool = False) -> TwilioCall:
     call.turn_event(ResponseItemEvent(response_item=transfer_item("+15550123", reason="human")))
     call.turn_event(ResponseEvent(response=Response(session_ended=core_ended)))
     (final,) = call.turn_finished()
-    assert isinstance(final, Play) and final.final
+    assert isinstance(final, Play)
+    assert final.final
     (transfer,) = call.receive(frame("mark", mark={"name": json.loads(final.mark)["mark"]["name"]}))
     assert transfer == Transfer(CALL, "+15550123", "human")
     assert call.state is State.TRANSFERRING
@@ -75,7 +76,8 @@ def test_a_refused_transfer_gives_the_core_transfer_failed_and_the_call_goes_on(
     assert call.transfer is None
     # the core's apology plays, then the caller has the floor in the same session
     (play,) = call.turn_event(BinaryEvent(data=_wav()))
-    assert isinstance(play, Play) and not play.final
+    assert isinstance(play, Play)
+    assert not play.final
     call.turn_event(ResponseEvent(response=Response()))
     assert call.turn_finished() == []
     call.receive(frame("mark", mark={"name": json.loads(play.mark)["mark"]["name"]}))
