@@ -191,11 +191,12 @@ async def stream(websocket: WebSocket, token: str) -> None:
             control, CHANNEL, action.call_id, action.target, action.reason, request
         )
 
+    config = call_config(gw.settings, CHANNEL)
     runner = CallRunner(
         websocket,
         gw,
-        PlivoCodec(),
-        call_config(gw.settings, CHANNEL),
+        PlivoCodec(frame_ms=config.frame_ms),
+        config,
         call_id=grant.call_id,
         hang_up=hang_up,
         transfer=transfer,

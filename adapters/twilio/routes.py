@@ -70,7 +70,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 from urllib.parse import parse_qsl, urlencode
 
@@ -109,7 +109,7 @@ from gateway.callcontrol import TransferResult
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
-from gateway.io.call import CallRunner, announce_machine
+from gateway.io.call import CallRunner, announce_machine, call_config
 from gateway.io.websocket import SEND_ERRORS
 from gateway.protocol import ProtocolError
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
@@ -237,18 +237,8 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
 
 
 def _call_config(settings: Settings) -> CallConfig:
-    return CallConfig(
-        key_allowed=settings.key_allowed,
-        default_app_key=settings.twilio_app_key,
-        barge_in=settings.twilio_barge_in,
-        barge_in_min_speech_ms=settings.twilio_barge_in_min_speech_ms,
-        dtmf_mode=settings.twilio_dtmf_mode,
-        dtmf_timeout_ms=settings.twilio_dtmf_timeout_ms,
-        frame_ms=settings.twilio_frame_ms,
-        silence_timeout_ms=settings.silence_timeout_ms,
-        vad_min_speech_ms=settings.vad_min_speech_ms,
-        error_text=settings.voice_error_text,
-    )
+    """Twilio's call behaviour: the shared one (gateway/io/call.py) under its app key."""
+    return replace(call_config(settings, CHANNEL), default_app_key=settings.twilio_app_key)
 
 
 @asynccontextmanager

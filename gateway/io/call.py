@@ -104,17 +104,19 @@ T = TypeVar("T")
 
 
 def call_config(settings: Settings, channel: str) -> CallConfig:
-    """The engine's behaviour for carrier ``channel`` from ``settings`` (the Twilio
-    settings name the shared call behaviour: barge-in, DTMF, frame size)."""
+    """The engine's behaviour for carrier ``channel`` from ``settings``: barge-in, DTMF
+    and frame size from :meth:`Settings.call_behaviour` (GATEWAY_CALL_*, the carrier's
+    GATEWAY_CALL_OVERRIDES entry, Twilio's GATEWAY_TWILIO_* aliases)."""
+    behaviour = settings.call_behaviour(channel)
     return CallConfig(
         key_allowed=settings.key_allowed,
         channel=channel,
         default_app_key=channel,
-        barge_in=settings.twilio_barge_in,
-        barge_in_min_speech_ms=settings.twilio_barge_in_min_speech_ms,
-        dtmf_mode=settings.twilio_dtmf_mode,
-        dtmf_timeout_ms=settings.twilio_dtmf_timeout_ms,
-        frame_ms=settings.twilio_frame_ms,
+        barge_in=behaviour.barge_in,
+        barge_in_min_speech_ms=behaviour.barge_in_min_speech_ms,
+        dtmf_mode=behaviour.dtmf_mode,
+        dtmf_timeout_ms=behaviour.dtmf_timeout_ms,
+        frame_ms=behaviour.frame_ms,
         silence_timeout_ms=settings.silence_timeout_ms,
         vad_min_speech_ms=settings.vad_min_speech_ms,
         error_text=settings.voice_error_text,
@@ -374,7 +376,7 @@ class CallRunner(WebSocketDriver[CallAction]):
         self._calls = calls
         ahead = settings.twilio_send_ahead_ms if codec.realtime else UNPACED_AHEAD_MS
         self.sender: PacedSender[WireFrame] = PacedSender(
-            self.send_frame, codec.frame_ms or settings.twilio_frame_ms, ahead
+            self.send_frame, codec.frame_ms or config.frame_ms, ahead
         )
         self._started = 0.0
         self._hangup: asyncio.Task[None] | None = None
