@@ -11,11 +11,13 @@ serves it, through the bus (gateway/io/call.py ``announce_machine``, under its
 ``/telnyx/stream`` — the call's media stream (Telnyx Media Streaming, bidirectional RTP)
 on the shared call engine (:class:`gateway.io.call.CallRunner` with
 :class:`~adapters.telnyx.protocol.TelnyxCodec`). The upgrade must carry a one-time
-stream token: the ``stream_auth_token`` the dial set, taken from ``Authorization:
-Bearer <token>`` (how Telnyx presents ``stream_auth_token`` is [unverified]) or from a
-``token`` query parameter (the TeXML answer's URL); otherwise refused before the
-upgrade (HTTP 403). Tokens are keyed by GATEWAY_TELNYX_API_KEY (every instance with the
-same key checks them; used once through the nonce store). The start's ``client_state``
+stream token in the ``token`` query parameter of the URL the gateway gave Telnyx (the
+dial's ``stream_url``, the TeXML ``<Stream url>``): Telnyx documents that it connects
+to that URL, while how it presents the dial's ``stream_auth_token`` (set to the same
+token) is not documented (CARRIERS.md), so an ``Authorization`` header is not read.
+Without a good, unused token the upgrade is refused (HTTP 403). Tokens are keyed by
+GATEWAY_TELNYX_API_KEY (every instance with the same key checks them; used once through
+the nonce store). The start's ``client_state``
 (:func:`adapters.telnyx.control.read_client_state`) gives an outbound call's app key and
 ``#intro`` attributes; the stream follows its ``call_control_id``'s call control on
 the bus. The call ends with the ``hangup`` command after the last
@@ -26,8 +28,8 @@ webhooks): ``<Connect><Stream url="wss://…/telnyx/stream?token=…" bidirectio
 …>``.
 
 Outbound (:class:`TelnyxDialer`): ``POST /v2/calls`` with ``connection_id``
-GATEWAY_TELNYX_CONNECTION_ID, ``stream_url`` = ``wss://<public host>/telnyx/stream``,
-``stream_auth_token`` (a one-time stream token), ``client_state``
+GATEWAY_TELNYX_CONNECTION_ID, ``stream_url`` = ``wss://<public host>/telnyx/stream?token=<a
+one-time stream token>``, ``stream_auth_token`` (the same token), ``client_state``
 = base64 JSON ``{"direction": "outbound", "appKey", "to", "from", "attributes"}`` (Telnyx
 echoes it on the call's webhooks; :func:`adapters.telnyx.control.read_client_state` and
 ``intro_attributes`` read it), ``answering_machine_detection`` ``detect`` and
@@ -127,13 +129,16 @@ class TelnyxDialer:
         }
         tokens = stream_tokens(settings)
         assert tokens is not None  # an API key is set
+        token = tokens.issue(OUTBOUND_CALL, time.time())
         return telnyx.dial(
             tauth,
-            stream_auth_token=tokens.issue(OUTBOUND_CALL, time.time()),
+            stream_auth_token=token,
             connection_id=settings.telnyx_connection_id,
             to=call.to,
             from_=call.from_,
-            stream_url=wss_url(settings.public_url, "/telnyx/stream"),
+            stream_url=wss_url(settings.public_url, "/telnyx/stream")
+            + "?"
+            + urlencode({"token": token}),
             state=state,
             machine_detection=call.machine_detection,
             webhook_url=public_url(settings.public_url, "/telnyx/outbound"),
@@ -279,9 +284,7 @@ async def _transfer(runner: CallRunner, action: Transfer) -> TransferResult:
 
 
 def _stream_token(websocket: WebSocket) -> str:
-    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
+    """The stream token of the URL the gateway gave Telnyx (module doc)."""
     return websocket.query_params.get("token", "")
 
 

@@ -68,7 +68,9 @@ async def test_telnyx_outbound_call_and_its_machine_answer() -> None:
         assert body["connection_id"] == "conn-9"
         assert (body["to"], body["from"]) == ("+15550100", "+15550199")
         assert body["answering_machine_detection"] == "detect"
-        assert body["stream_url"] == "wss://gateway.example.com/telnyx/stream"
+        # the one-time token in the URL Telnyx connects to (and as stream_auth_token)
+        token = body["stream_auth_token"]
+        assert body["stream_url"] == f"wss://gateway.example.com/telnyx/stream?token={token}"
         assert body["stream_bidirectional_mode"] == "rtp"
         assert body["webhook_url"] == f"{PUBLIC}/telnyx/outbound"
         assert read_client_state(body["client_state"]) == {
