@@ -97,7 +97,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.plivo = PlivoChannel(
         PlivoVerifier(token) if token else None,
         auth,
-        CallTokens(gw.secret_keys.key(STREAM_TOKEN)),
+        CallTokens(lambda: gw.secret_keys.key(STREAM_TOKEN)),
     )
     yield
 

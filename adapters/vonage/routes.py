@@ -79,7 +79,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if key and settings.vonage_application_id
         else None
     )
-    app.state.vonage = VonageChannel(verifier, CallTokens(gw.secret_keys.key(STREAM_TOKEN)), auth)
+    tokens = CallTokens(lambda: gw.secret_keys.key(STREAM_TOKEN))
+    app.state.vonage = VonageChannel(verifier, tokens, auth)
     yield
 
 

@@ -138,11 +138,14 @@ class CallGrant:
 class CallTokens:
     """Per-call stream tokens: ``base64url(call_id|expires|nonce).hex(hmac)``.
 
-    ``secret`` keys the HMAC-SHA256; ``ttl_s`` is how long a token is good.
+    ``secret`` keys the HMAC-SHA256: the key, or a function giving the key now (read
+    per use: the gateway's master key may be adopted from Redis after startup, see
+    gateway/secrets.py, and every instance must then sign alike); ``ttl_s`` is how long
+    a token is good.
     """
 
-    def __init__(self, secret: bytes, ttl_s: int = TOKEN_TTL_S) -> None:
-        self._secret = secret
+    def __init__(self, secret: bytes | Callable[[], bytes], ttl_s: int = TOKEN_TTL_S) -> None:
+        self._secret = secret if callable(secret) else (lambda: secret)
         self.ttl_s = ttl_s
 
     def issue(self, call_id: str, now: float) -> str:
@@ -156,7 +159,7 @@ class CallTokens:
         return f"{text}.{self._sign(text)}"
 
     def _sign(self, text: str) -> str:
-        return hmac.new(self._secret, text.encode(), hashlib.sha256).hexdigest()[:32]
+        return hmac.new(self._secret(), text.encode(), hashlib.sha256).hexdigest()[:32]
 
     def check(self, token: str, now: float) -> CallGrant:
         """The grant of an authentic, unexpired ``token``.

@@ -193,3 +193,32 @@ async def test_a_telnyx_machine_webhook_on_one_instance_reaches_the_call_on_anot
             assert b.core.inputs()[:2] == ["#intro", "#machine"]
             assert a.core.turns == []
             await call.stop()
+
+
+async def test_plivo_and_vonage_tokens_follow_a_master_key_adopted_after_startup(
+    speech: SpeechService,
+) -> None:
+    """An instance that started while Redis did not answer signs with a key of its own
+    until it adopts the shared one (gateway/secrets.py): from then on it accepts the
+    other instance's tokens (the key is read per use, not kept from startup)."""
+    settings: dict[str, Any] = {
+        "plivo_auth_id": AUTH_ID,
+        "plivo_auth_token": SecretStr(AUTH_TOKEN),
+        "vonage_signature_secret": SecretStr(SECRET),
+    }
+    async with twilio_gateway(speech, **settings) as a, twilio_gateway(speech, **settings) as b:
+        a_keys, b_keys = a.app.state.gateway.secret_keys, b.app.state.gateway.secret_keys
+        assert a_keys.master != b_keys.master
+        plivo = await ask_answer(a.url, PUBLIC, str(uuid.uuid4()))
+        stream = ET.fromstring(plivo.text).find("./Stream")
+        assert stream is not None
+        assert stream.text
+        plivo_path = urlsplit(stream.text.strip()).path
+        vonage = await ask_ncco(a.url, str(uuid.uuid4()))
+        vonage_path = urlsplit(vonage.json()[0]["endpoint"][0]["uri"]).path
+        b_base = f"ws://{urlsplit(b.url).netloc}"
+        assert await refused(b_base + plivo_path) == 403  # another key
+        b_keys.adopt(a_keys.master, "redis")  # what the retry does once Redis answers
+        for path in (plivo_path, vonage_path):
+            async with connect(b_base + path):
+                pass
