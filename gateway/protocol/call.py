@@ -64,6 +64,7 @@ from gateway.events import (
     FALLBACK,
     INTRO,
     SILENCE,
+    TRANSFER_FAILED,
     BinaryEvent,
     ErrorEvent,
     Input,
@@ -99,11 +100,6 @@ to PCM, then encoded by the codec)."""
 _MARK_END: Final = "end"
 MACHINE: Final = "#machine"
 """The input of an answering-machine answer (:meth:`CarrierCall.machine_answered`)."""
-TRANSFER_FAILED: Final = "#transfer-failed"
-"""The input after a transfer the carrier refused or could not be asked for
-(:meth:`CarrierCall.transfer_finished`): attributes ``target``, ``reason`` (the
-transfer item's) and ``error`` (what went wrong: the carrier API's status or the
-network error). The core answers it (an apology, another offer); the call goes on."""
 MAX_ATTRIBUTES_CHARS: Final = 4000
 """Longest JSON ``attributes`` parameter of an outbound call that is read."""
 

@@ -8,9 +8,16 @@ import base64
 import json
 
 from adapters.twilio.protocol import TwilioCall
-from gateway.events import BinaryEvent, Response, ResponseEvent, ResponseItemEvent, transfer_item
+from gateway.events import (
+    TRANSFER_FAILED,
+    BinaryEvent,
+    Response,
+    ResponseEvent,
+    ResponseItemEvent,
+    transfer_item,
+)
 from gateway.protocol.actions import EndSession, StartTurn
-from gateway.protocol.call import TRANSFER_FAILED, CallConfig, Play, State, Transfer
+from gateway.protocol.call import CallConfig, Play, State, Transfer
 
 CALL = "CA" + "e" * 32
 STREAM = "MZ" + "f" * 32

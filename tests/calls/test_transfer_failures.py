@@ -19,8 +19,7 @@ from pydantic import SecretStr
 from starlette.responses import JSONResponse
 
 from adapters.plivo.verify import signature
-from gateway.events import ResponseItem, transfer_item
-from gateway.protocol.call import TRANSFER_FAILED
+from gateway.events import TRANSFER_FAILED, ResponseItem, transfer_item
 from gateway.speech.service import SpeechService
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness
 from tests.adapters.twilio.conftest import speech, tts_cache
