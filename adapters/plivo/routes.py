@@ -214,6 +214,7 @@ POST_PLIVO_TRANSFER: dict[str, Any] = dict(
         400: {"description": "No target", "content": _PROBLEM},
         401: {"description": "Unsigned", "content": _PROBLEM},
         403: {"description": "Bad signature, or no auth token set", "content": _PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
     },
 )
 
