@@ -383,6 +383,7 @@ class CallRunner(WebSocketDriver[CallAction]):
         )
         self._started = 0.0
         self._hangup: asyncio.Task[None] | None = None
+        self._final_watch: asyncio.Task[None] | None = None
 
     async def send_frame(self, frame: WireFrame) -> None:
         """Send a text (``str``) or binary (``bytes``) frame; never raises."""
@@ -448,6 +449,7 @@ class CallRunner(WebSocketDriver[CallAction]):
                     if message and message.get("type") == "machine" and answered_by:
                         log.info("%s: answered by %s", self.name, answered_by)
                         await self.run(self.call.machine_answered(str(answered_by)))
+                        await self.gw.bus.clear(topic)  # taken: not kept for anyone else
         except BusUnavailable as exc:
             log.warning("%s: call control from other instances is lost: %s", self.name, exc)
 
@@ -467,7 +469,8 @@ class CallRunner(WebSocketDriver[CallAction]):
             self.sender.play(action.messages, action.mark)
             if action.final:
                 wait_s = self.sender.queued_ms / 1000 + FINAL_MARK_GRACE_S
-                self.spawn(self._final_mark_watch(wait_s), "final mark")
+                self._stop_final_watch()
+                self._final_watch = self.spawn(self._final_mark_watch(wait_s), "final mark")
         elif isinstance(action, Interrupt):
             await self.sender.interrupt(action.clear)
             log.debug("%s: barge-in", self.name)
@@ -481,6 +484,12 @@ class CallRunner(WebSocketDriver[CallAction]):
     async def _synthesize(self, text: str) -> bytes | None:
         _, audio = await self.gw.speech.voice_item(ResponseItem(text=text), self.call.tts)
         return audio
+
+    def _stop_final_watch(self) -> None:
+        """Forget the wait for a final mark (a new one is sent, or the call goes on)."""
+        watch, self._final_watch = self._final_watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
 
     async def _final_mark_watch(self, wait_s: float) -> None:
         await asyncio.sleep(wait_s)
@@ -526,6 +535,7 @@ class CallRunner(WebSocketDriver[CallAction]):
         actions = self.call.transfer_finished(result.ok, result.error)
         if not result.ok:
             self._hangup = None  # the call goes on
+            self._stop_final_watch()  # its final mark is not awaited any more
             log.warning("%s: the call goes on after the failed transfer", self.name)
         await self.run(actions)
         return result.ok

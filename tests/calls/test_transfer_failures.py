@@ -240,3 +240,73 @@ async def test_other_carriers_keep_the_call_after_a_refused_transfer(
                 assert await until(lambda: len(core.inputs) >= 3, 10)
                 assert core.inputs[2].text == "7"
             assert [r["ok"] for r in gw.app.state.callcontrol.transfers] == [False]
+
+
+def _goodbye_end(mark: str) -> bool:
+    """The final mark after the goodbye (not the transfer's, ``end-2``)."""
+    return mark.startswith("end-") and mark != "end-2"
+
+
+class _SorryGoodbye:
+    """#intro: a sentence and a transfer; #transfer-failed: a long apology that ends the
+    session."""
+
+    name = "sorry-goodbye"
+
+    def __init__(self) -> None:
+        self.inputs: list[str] = []
+
+    async def process(self, session: Any, input: Any) -> Any:
+        from gateway.events import Response
+
+        self.inputs.append(input.text)
+        if input.text == "#intro":
+            yield ResponseItem(text="Let me put you through to a colleague.")
+            yield transfer_item(TARGET)
+            yield Response()
+        else:
+            yield ResponseItem(
+                text="Sorry, nobody can take your call right now. Please call again "
+                "tomorrow morning, between nine and five, when our office is open and "
+                "a colleague will be happy to help you with your question. Thank you for "
+                "calling, and have a very nice day. Goodbye."
+            )
+            yield Response(session_ended=True)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_after_a_failed_transfer_the_call_hangs_up_only_after_its_new_last_words(
+    speech: SpeechService,
+) -> None:
+    """The wait for the transfer's final mark is given up with the transfer: a goodbye
+    that follows is not cut short by it (the call hangs up after the goodbye's mark)."""
+    async with (
+        carrier_api() as api,
+        twilio_gateway(
+            speech, twilio_account_sid=SID, twilio_api_base_url=api.url, twilio_send_ahead_ms=60
+        ) as gw,
+    ):
+        api.answers[("POST", r"/2010-04-01/Accounts/AC\w+/Calls/CA\w+\.json")] = JSONResponse(
+            {"message": "busy"}, 503
+        )
+        core = _SorryGoodbye()
+        gw.app.state.gateway.conversation.pipeline = core
+        async with TwilioHarness.dial(
+            gw.url, PUBLIC, auth_token=AUTH, hold=lambda name: _goodbye_end(name)
+        ) as call:
+            await call.wait_for(lambda: len(call.held) == 1, 30)
+            loop = asyncio.get_running_loop()
+            held_at = loop.time()
+            # the transfer's own final-mark wait (its audio + 5 s) ran out while the
+            # goodbye played (it is longer than that); the goodbye's own wait has not
+            assert loop.time() - call.received[0].at > 12.0
+            await asyncio.sleep(2.0)
+            assert call.closed_at is None
+            assert core.inputs == ["#intro", TRANSFER_FAILED]
+            await call.release(call.held[0])
+            await call.wait_for(lambda: call.closed_at is not None, 10)
+            assert loop.time() - held_at > 2.0
+        hang_ups = [r for r in api.requests if r.form.get("Status") == "completed"]
+        assert len(hang_ups) == 1
