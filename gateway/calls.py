@@ -19,7 +19,10 @@ reached; ``carrierStatus`` and ``carrierBody`` say what it answered).
 
 Transfers: :func:`transfer` sends a carrier adapter's transfer request (its
 ``control.transfer``) and records it in ``app.state.callcontrol.transfers``; the carrier
-adapters call it when the transfer item's preceding audio has played.
+adapters call it when the transfer item's preceding audio has played. Its
+:class:`~gateway.callcontrol.TransferResult` tells the call engine whether the call was
+handed over; a failure (logged naming the carrier's API) keeps the call
+(``#transfer-failed``, gateway/protocol/call.py).
 """
 
 from __future__ import annotations

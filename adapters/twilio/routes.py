@@ -55,7 +55,8 @@ twilio library's REST client (in a thread, off the event loop), then the stream 
 closed; without them the stream is closed and the TwiML's ``<Hangup/>`` ends the call.
 
 Transfer (a ``#transfer`` item, gateway/events.py ``transfer_item``): the audio before
-it plays, then the call is updated with ``<Dial>`` to the target (adapters/twilio/calls.py);
+it plays, then the call is updated with ``<Dial>`` to the target (adapters/twilio/calls.py;
+a refused or unreachable update keeps the call: the core gets ``#transfer-failed``);
 outbound calls (``POST /v1/calls``) come back through ``/twilio/voice?direction=outbound``
 and their ``#intro`` carries ``direction``, ``to``, ``from``, ``answeredBy`` and the
 request's attributes; see README "Outbound calls, answering machines, transfer".
