@@ -469,32 +469,6 @@ class Settings(BaseSettings):
         "dtmf_timeout_ms, frame_ms).",
     )
 
-    def call_behaviour(self, carrier: str) -> CallBehaviour:
-        """The call behaviour of ``carrier``: GATEWAY_CALL_* under GATEWAY_CALL_OVERRIDES'
-        entry for it, under (Twilio) the GATEWAY_TWILIO_* aliases that are set."""
-        values = {
-            "barge_in": self.call_barge_in,
-            "barge_in_min_speech_ms": self.call_barge_in_min_speech_ms,
-            "dtmf_mode": self.call_dtmf_mode,
-            "dtmf_timeout_ms": self.call_dtmf_timeout_ms,
-            "frame_ms": self.call_frame_ms,
-        }
-        layers = [next((o for c, o in self.call_overrides.items() if c == carrier), None)]
-        if carrier == "twilio":
-            layers.append(
-                CallOverride(
-                    barge_in=self.twilio_barge_in,
-                    barge_in_min_speech_ms=self.twilio_barge_in_min_speech_ms,
-                    dtmf_mode=self.twilio_dtmf_mode,
-                    dtmf_timeout_ms=self.twilio_dtmf_timeout_ms,
-                    frame_ms=self.twilio_frame_ms,
-                )
-            )
-        for layer in layers:
-            if layer is not None:
-                values.update(layer.model_dump(exclude_none=True))
-        return CallBehaviour.model_validate(values)
-
     # Twilio
     twilio_auth_token: SecretStr | None = Field(
         default=None,
@@ -763,6 +737,32 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return frozenset(k.strip() for k in value.split(",") if k.strip())
         return value
+
+    def call_behaviour(self, carrier: str) -> CallBehaviour:
+        """The call behaviour of ``carrier``: GATEWAY_CALL_* under GATEWAY_CALL_OVERRIDES'
+        entry for it, under (Twilio) the GATEWAY_TWILIO_* aliases that are set."""
+        values = {
+            "barge_in": self.call_barge_in,
+            "barge_in_min_speech_ms": self.call_barge_in_min_speech_ms,
+            "dtmf_mode": self.call_dtmf_mode,
+            "dtmf_timeout_ms": self.call_dtmf_timeout_ms,
+            "frame_ms": self.call_frame_ms,
+        }
+        layers = [next((o for c, o in self.call_overrides.items() if c == carrier), None)]
+        if carrier == "twilio":
+            layers.append(
+                CallOverride(
+                    barge_in=self.twilio_barge_in,
+                    barge_in_min_speech_ms=self.twilio_barge_in_min_speech_ms,
+                    dtmf_mode=self.twilio_dtmf_mode,
+                    dtmf_timeout_ms=self.twilio_dtmf_timeout_ms,
+                    frame_ms=self.twilio_frame_ms,
+                )
+            )
+        for layer in layers:
+            if layer is not None:
+                values.update(layer.model_dump(exclude_none=True))
+        return CallBehaviour.model_validate(values)
 
     def key_allowed(self, key: str | None) -> bool:
         """Whether an application key may open sessions (any non-empty key when unset)."""
