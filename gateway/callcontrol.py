@@ -9,9 +9,9 @@ The requests themselves are built, pure, by each adapter's ``control.py``
 GATEWAY_TELNYX_API_BASE_URL, GATEWAY_VONAGE_API_BASE_URL, GATEWAY_PLIVO_API_BASE_URL),
 so tests point them at a local server.
 
-:class:`CallControl` also keeps the per-instance records of call control: the
-last transfers (:attr:`CallControl.transfers`) and the answering-machine results
-waiting for the call they belong to (:class:`MachineAnswers`).
+:class:`CallControl` also keeps the per-instance record of the last transfers
+(:attr:`CallControl.transfers`). Answering-machine results travel to their call's
+stream over the bus (gateway/io/call.py ``announce_machine``).
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ import contextlib
 import json
 import logging
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import httpx
-
-from gateway.events import Input
 
 log = logging.getLogger("gateway.callcontrol")
 
@@ -61,48 +59,18 @@ class RestAnswer:
         return 200 <= self.status < 300
 
 
+@dataclass(frozen=True)
+class TransferResult:
+    """How a transfer went: ``ok`` (the carrier took it), else ``error``: what failed,
+    naming the carrier's API (``"the twilio API answered HTTP 503"``, a network error,
+    ``"twilio REST is not configured"``)."""
+
+    ok: bool
+    error: str | None = None
+
+
 class CallControlError(Exception):
     """The carrier's API could not be reached (network error, timeout)."""
-
-
-class MachineAnswers:
-    """Answering-machine results (``#machine`` inputs) on their way to their call.
-
-    A call's stream handler :meth:`register` s a callback under the carrier's call id
-    (Telnyx ``call_control_id``); :meth:`deliver` hands it the input, or keeps it
-    (the latest :data:`RECORDS_KEPT`) until the call registers, when it is handed
-    over at once. Per instance: the webhook and the stream must reach the same one.
-    """
-
-    def __init__(self) -> None:
-        self._handlers: dict[str, Callable[[Input], None]] = {}
-        self._waiting: OrderedDict[str, Input] = OrderedDict()
-
-    def register(self, call_id: str, handler: Callable[[Input], None]) -> None:
-        """Route the inputs of ``call_id`` to ``handler`` (a waiting one at once)."""
-        self._handlers[call_id] = handler
-        waiting = self._waiting.pop(call_id, None)
-        if waiting is not None:
-            handler(waiting)
-
-    def unregister(self, call_id: str) -> None:
-        """Stop routing ``call_id``'s inputs."""
-        self._handlers.pop(call_id, None)
-
-    def deliver(self, call_id: str, machine: Input) -> bool:
-        """Hand ``machine`` to ``call_id``'s handler; False when kept for later."""
-        handler = self._handlers.get(call_id)
-        if handler is not None:
-            handler(machine)
-            return True
-        self._waiting[call_id] = machine
-        while len(self._waiting) > RECORDS_KEPT:
-            self._waiting.popitem(last=False)
-        return False
-
-    def waiting(self, call_id: str) -> Input | None:
-        """The input kept for ``call_id`` (not removed), if any."""
-        return self._waiting.get(call_id)
 
 
 class CallControl:
@@ -115,7 +83,6 @@ class CallControl:
         )
         self.transfers: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
         """The latest transfers: ``{"channel", "callId", "target", "reason", "ok", "time"}``."""
-        self.machine_answers = MachineAnswers()
 
     async def send(self, request: RestRequest) -> RestAnswer:
         """Send ``request``; the answer whatever its status.

@@ -19,7 +19,10 @@ reached; ``carrierStatus`` and ``carrierBody`` say what it answered).
 
 Transfers: :func:`transfer` sends a carrier adapter's transfer request (its
 ``control.transfer``) and records it in ``app.state.callcontrol.transfers``; the carrier
-adapters call it when the transfer item's preceding audio has played.
+adapters call it when the transfer item's preceding audio has played. Its
+:class:`~gateway.callcontrol.TransferResult` tells the call engine whether the call was
+handed over; a failure (logged naming the carrier's API) keeps the call
+(``#transfer-failed``, gateway/protocol/call.py).
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.admin import install as install_admin
 from gateway.admin import require_admin
-from gateway.callcontrol import CallControl, CallControlError, RestAnswer, RestRequest
+from gateway.callcontrol import (
+    CallControl,
+    CallControlError,
+    RestAnswer,
+    RestRequest,
+    TransferResult,
+)
 from gateway.calls_openapi import POST_CALLS
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body
@@ -258,23 +267,43 @@ async def transfer(
     target: str,
     reason: str | None,
     request: RestRequest,
-) -> bool:
+) -> TransferResult:
     """Send a carrier's transfer ``request`` (its adapter's ``control.transfer``) and
-    record it; whether the carrier accepted it (2xx)."""
+    record it; whether the carrier accepted it (2xx), else what failed. A failure (an
+    error status, no answer in GATEWAY_CALLS_TIMEOUT_S, a network error) is logged at
+    WARNING naming the carrier's API as the failing component (``component: <channel>-api``).
+    """
     try:
         answer = await control.send(request)
     except CallControlError as exc:
-        log.warning("%s call %s: transfer request failed: %s", channel, call_id, exc)
-        ok = False
+        result = TransferResult(False, f"the {channel} API could not be reached ({exc})")
+        detail = ""
     else:
         ok = answer.ok
-        if not ok:
-            log.warning(
-                "%s call %s: transfer refused: HTTP %d %s",
-                channel,
-                call_id,
-                answer.status,
-                answer.body,
-            )
-    control.record_transfer(channel, call_id, target, reason, ok)
-    return ok
+        error = None if ok else f"the {channel} API answered HTTP {answer.status}"
+        result = TransferResult(ok, error)
+        detail = f": {str(answer.body)[:200]}"
+    if not result.ok:
+        log.warning(
+            "%s call %s: transfer to %s failed (component: %s-api): %s%s",
+            channel,
+            call_id,
+            target,
+            channel,
+            result.error,
+            detail,
+        )
+    control.record_transfer(channel, call_id, target, reason, result.ok)
+    return result
+
+
+def transfer_unavailable(
+    control: CallControl | None, channel: str, call_id: str, target: str, reason: str | None
+) -> TransferResult:
+    """The result (recorded, logged at WARNING) of a transfer that cannot be asked for:
+    the carrier's REST credentials are not configured."""
+    error = f"{channel} REST is not configured (no credentials to call the {channel} API)"
+    log.warning("%s call %s NOT transferred to %s: %s", channel, call_id, target, error)
+    if control is not None:
+        control.record_transfer(channel, call_id, target, reason, False)
+    return TransferResult(False, error)

@@ -43,6 +43,11 @@ ERROR = "#error"
 FALLBACK = "#fallback"
 TRANSFER = "#transfer"
 """Item text of the transfer action: hand the conversation to a person (:func:`transfer_item`)."""
+TRANSFER_FAILED = "#transfer-failed"
+"""The input after a transfer the carrier refused or could not be asked for: attributes
+``target``, ``reason`` (the transfer item's) and ``error`` (what failed, naming the
+carrier's API). The call goes on in the same session and the core answers it
+(gateway/protocol/call.py)."""
 
 
 class Wire(BaseModel):

@@ -8,8 +8,36 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Carrier = Literal["twilio", "telnyx", "vonage", "plivo", "exotel"]
+"""The phone carriers whose calls run on the shared call engine."""
+
+
+class CallOverride(BaseModel):
+    """One carrier's own call behaviour (a value of GATEWAY_CALL_OVERRIDES); a field left
+    unset is the generic GATEWAY_CALL_* setting. Times are ms of audio."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    barge_in: bool | None = None
+    barge_in_min_speech_ms: int | None = Field(default=None, ge=0)
+    dtmf_mode: Literal["digit", "collect"] | None = None
+    dtmf_timeout_ms: int | None = Field(default=None, gt=0)
+    frame_ms: int | None = Field(default=None, ge=20, le=40)
+
+
+class CallBehaviour(BaseModel):
+    """The call behaviour one carrier's calls get (:meth:`Settings.call_behaviour`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    barge_in: bool
+    barge_in_min_speech_ms: int
+    dtmf_mode: Literal["digit", "collect"]
+    dtmf_timeout_ms: int
+    frame_ms: int
 
 
 class Settings(BaseSettings):
@@ -408,6 +436,39 @@ class Settings(BaseSettings):
         description="Said by voice assistants when the core pipeline or the gateway failed.",
     )
 
+    # Phone calls on every carrier (gateway/io/call.py call_config): the generic behaviour,
+    # a carrier's own in GATEWAY_CALL_OVERRIDES (and Twilio's GATEWAY_TWILIO_* aliases)
+    call_barge_in: bool = Field(
+        default=True,
+        description="The caller's speech (or a key press) interrupts the bot's audio.",
+    )
+    call_barge_in_min_speech_ms: int = Field(
+        default=150,
+        ge=0,
+        description="Speech that must last this long (audio ms) before it interrupts the bot.",
+    )
+    call_dtmf_mode: Literal["digit", "collect"] = Field(
+        default="digit",
+        description="`digit`: each key is an input; `collect`: keys until `#` or a pause.",
+    )
+    call_dtmf_timeout_ms: int = Field(
+        default=2000, gt=0, description="`collect` mode: a pause this long ends the digits."
+    )
+    call_frame_ms: int = Field(
+        default=20,
+        ge=20,
+        le=40,
+        description="Outbound audio per frame (ms) on carriers whose frames may vary "
+        "(Twilio, Plivo); Telnyx and Vonage take 20 ms, Exotel its own chunks.",
+    )
+    call_overrides: dict[Carrier, CallOverride] = Field(
+        default_factory=dict,
+        description="Per-carrier call behaviour over the GATEWAY_CALL_* settings, JSON: "
+        '`{"telnyx": {"dtmf_mode": "collect", "dtmf_timeout_ms": 3000}, "vonage": '
+        '{"barge_in": false}}` (fields: barge_in, barge_in_min_speech_ms, dtmf_mode, '
+        "dtmf_timeout_ms, frame_ms).",
+    )
+
     # Twilio
     twilio_auth_token: SecretStr | None = Field(
         default=None,
@@ -437,21 +498,22 @@ class Settings(BaseSettings):
         min_length=1,
         description="Application key of calls whose webhook URL carries no `?key=`.",
     )
-    twilio_barge_in: bool = Field(
-        default=True,
-        description="The caller's speech (or a key press) interrupts the bot's audio.",
+    twilio_barge_in: bool | None = Field(
+        default=None,
+        description="Twilio's own GATEWAY_CALL_BARGE_IN (unset: that one).",
     )
-    twilio_barge_in_min_speech_ms: int = Field(
-        default=150,
+    twilio_barge_in_min_speech_ms: int | None = Field(
+        default=None,
         ge=0,
-        description="Speech that must last this long (audio ms) before it interrupts the bot.",
+        description="Twilio's own GATEWAY_CALL_BARGE_IN_MIN_SPEECH_MS (unset: that one).",
     )
-    twilio_dtmf_mode: Literal["digit", "collect"] = Field(
-        default="digit",
-        description="`digit`: each key is an input; `collect`: keys until `#` or a pause.",
+    twilio_dtmf_mode: Literal["digit", "collect"] | None = Field(
+        default=None, description="Twilio's own GATEWAY_CALL_DTMF_MODE (unset: that one)."
     )
-    twilio_dtmf_timeout_ms: int = Field(
-        default=2000, gt=0, description="`collect` mode: a pause this long ends the digits."
+    twilio_dtmf_timeout_ms: int | None = Field(
+        default=None,
+        gt=0,
+        description="Twilio's own GATEWAY_CALL_DTMF_TIMEOUT_MS (unset: that one).",
     )
     twilio_start_timeout_s: float = Field(
         default=10.0,
@@ -459,8 +521,11 @@ class Settings(BaseSettings):
         description="A media stream that has not sent `start` this long after it was "
         "accepted is closed (WebSocket close 1008).",
     )
-    twilio_frame_ms: int = Field(
-        default=20, ge=20, le=40, description="Outbound μ-law frame length (ms of audio)."
+    twilio_frame_ms: int | None = Field(
+        default=None,
+        ge=20,
+        le=40,
+        description="Twilio's own GATEWAY_CALL_FRAME_MS: outbound μ-law frame length (ms).",
     )
     twilio_send_ahead_ms: int = Field(
         default=60,
@@ -672,6 +737,32 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return frozenset(k.strip() for k in value.split(",") if k.strip())
         return value
+
+    def call_behaviour(self, carrier: str) -> CallBehaviour:
+        """The call behaviour of ``carrier``: GATEWAY_CALL_* under GATEWAY_CALL_OVERRIDES'
+        entry for it, under (Twilio) the GATEWAY_TWILIO_* aliases that are set."""
+        values = {
+            "barge_in": self.call_barge_in,
+            "barge_in_min_speech_ms": self.call_barge_in_min_speech_ms,
+            "dtmf_mode": self.call_dtmf_mode,
+            "dtmf_timeout_ms": self.call_dtmf_timeout_ms,
+            "frame_ms": self.call_frame_ms,
+        }
+        layers = [next((o for c, o in self.call_overrides.items() if c == carrier), None)]
+        if carrier == "twilio":
+            layers.append(
+                CallOverride(
+                    barge_in=self.twilio_barge_in,
+                    barge_in_min_speech_ms=self.twilio_barge_in_min_speech_ms,
+                    dtmf_mode=self.twilio_dtmf_mode,
+                    dtmf_timeout_ms=self.twilio_dtmf_timeout_ms,
+                    frame_ms=self.twilio_frame_ms,
+                )
+            )
+        for layer in layers:
+            if layer is not None:
+                values.update(layer.model_dump(exclude_none=True))
+        return CallBehaviour.model_validate(values)
 
     def key_allowed(self, key: str | None) -> bool:
         """Whether an application key may open sessions (any non-empty key when unset)."""

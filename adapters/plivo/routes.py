@@ -15,6 +15,15 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
   (``playAudio``, ``checkpoint``, ``clearAudio``). A forged, expired or used token is
   refused before the upgrade (HTTP 403). The call ends with the REST hang-up
   (``DELETE …/Call/{uuid}/``, 404: already over) after the last checkpoint came back.
+  A transfer item is carried out once the checkpoint after the audio before it came
+  back (``playedStream``): ``POST …/Call/{uuid}/`` with ``legs`` ``aleg``, ``aleg_url``
+  ``<public>/plivo/transfer?to=<target>`` and ``aleg_method`` ``POST``
+  (:func:`adapters.plivo.control.transfer`), recorded like every carrier's transfer; a
+  refused one keeps the call (``#transfer-failed``).
+- ``POST /plivo/transfer?to=<target>`` — what the transferred call runs next:
+  ``<Response><Dial><Number>…</Number></Dial></Response>`` (``<User>`` for a SIP URI,
+  :func:`adapters.plivo.control.dial_xml`); V3-signed like the answer URL (401/403
+  otherwise), 400 without a target.
 """
 
 from __future__ import annotations
@@ -34,12 +43,14 @@ from adapters.plivo import control as plivo
 from adapters.plivo.protocol import PlivoCodec, answer_xml
 from adapters.plivo.verify import NONCE_HEADER, SIGNATURE_HEADER, PlivoVerifier
 from gateway.callcodec import VerificationRefused
-from gateway.callcontrol import CallControl, CallControlError
-from gateway.calls import public_url
+from gateway.callcontrol import CallControl, CallControlError, TransferResult
+from gateway.calls import public_url, transfer_unavailable
+from gateway.calls import transfer as record_transfer
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body
 from gateway.io.call import CallRunner, CallTokens, admit, call_config, use_token
 from gateway.protocol import ProtocolError
+from gateway.protocol.call import Transfer
 
 log = logging.getLogger("gateway.plivo")
 
@@ -86,7 +97,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.plivo = PlivoChannel(
         PlivoVerifier(token) if token else None,
         auth,
-        CallTokens(gw.secret_keys.key(STREAM_TOKEN)),
+        CallTokens(lambda: gw.secret_keys.key(STREAM_TOKEN)),
     )
     yield
 
@@ -99,9 +110,8 @@ def _header_value(value: Any) -> str:
     return "".join(c for c in str(value) if c not in ",=")[:64]
 
 
-@router.post("/plivo/answer", response_model=None, **POST_PLIVO_ANSWER)
-async def answer(request: Request) -> Response:
-    """Plivo's answer webhook (module doc)."""
+async def _signed_form(request: Request, path: str) -> dict[str, str] | Response:
+    """The form of a V3-signed Plivo request to ``path``, or the problem to answer."""
     gw = gateway_of(request)
     channel: PlivoChannel = request.app.state.plivo
     try:
@@ -110,7 +120,7 @@ async def answer(request: Request) -> Response:
         return problem(exc.status, "Bad Request", exc.text)
     params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
     query = request.url.query
-    url = public_url(gw.settings.public_url, "/plivo/answer") + (f"?{query}" if query else "")
+    url = public_url(gw.settings.public_url, path) + (f"?{query}" if query else "")
     try:
         if channel.verifier is None:
             raise VerificationRefused("no auth token is configured")
@@ -122,8 +132,19 @@ async def answer(request: Request) -> Response:
             request.headers.get(NONCE_HEADER),
         )
     except VerificationRefused as exc:
-        log.warning("Plivo answer refused: %s", exc.reason)
+        log.warning("Plivo %s refused: %s", path, exc.reason)
         return problem(exc.status, "Forbidden" if exc.status == 403 else "Unauthorized", exc.reason)
+    return params
+
+
+@router.post("/plivo/answer", response_model=None, **POST_PLIVO_ANSWER)
+async def answer(request: Request) -> Response:
+    """Plivo's answer webhook (module doc)."""
+    gw = gateway_of(request)
+    channel: PlivoChannel = request.app.state.plivo
+    params = await _signed_form(request, "/plivo/answer")
+    if isinstance(params, Response):
+        return params
     call_uuid = params.get("CallUUID", "")
     if not call_uuid:
         return problem(400, "Bad Request", "The answer webhook has no CallUUID.")
@@ -159,13 +180,54 @@ async def stream(websocket: WebSocket, token: str) -> None:
         if not answer.ok and not plivo.already_ended(answer):
             log.warning("Plivo call %s: hang-up refused: HTTP %d", call_id, answer.status)
 
+    async def transfer(runner: CallRunner, action: Transfer) -> TransferResult:
+        if channel.auth is None:
+            return transfer_unavailable(
+                control, CHANNEL, action.call_id, action.target, action.reason
+            )
+        aleg_url = public_url(gw.settings.public_url, "/plivo/transfer", {"to": action.target})
+        request = plivo.transfer(channel.auth, action.call_id, aleg_url)
+        return await record_transfer(
+            control, CHANNEL, action.call_id, action.target, action.reason, request
+        )
+
+    config = call_config(gw.settings, CHANNEL)
     runner = CallRunner(
         websocket,
         gw,
-        PlivoCodec(),
-        call_config(gw.settings, CHANNEL),
+        PlivoCodec(frame_ms=config.frame_ms),
+        config,
         call_id=grant.call_id,
         hang_up=hang_up,
+        transfer=transfer,
         calls=channel.calls,
     )
     await runner.serve()
+
+
+POST_PLIVO_TRANSFER: dict[str, Any] = dict(
+    summary="Plivo transfer XML: dial the transfer's target",
+    description="Fetched by Plivo (V3-signed) as the `aleg_url` of a transfer the gateway "
+    "asked for: `<Response><Dial><Number>…</Number></Dial></Response>`.",
+    responses={
+        200: {"description": "Plivo XML", "content": {"application/xml": {"schema": {}}}},
+        400: {"description": "No target", "content": _PROBLEM},
+        401: {"description": "Unsigned", "content": _PROBLEM},
+        403: {"description": "Bad signature, or no auth token set", "content": _PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+    },
+)
+
+
+@router.post("/plivo/transfer", response_model=None, **POST_PLIVO_TRANSFER)
+async def transfer_xml(request: Request) -> Response:
+    """The XML a transferred call runs: dial ``?to=`` (module doc)."""
+    params = await _signed_form(request, "/plivo/transfer")
+    if isinstance(params, Response):
+        return params
+    try:
+        xml = plivo.dial_xml(request.query_params.get("to", "")[:256])
+    except ValueError:
+        return problem(400, "Bad Request", "The transfer has no target (`?to=`).")
+    log.info("Plivo call %s: transfer XML served", params.get("CallUUID", "?"))
+    return Response(xml, media_type="application/xml")

@@ -4,21 +4,23 @@ part of the call control (gateway/calls.py).
 ``POST /telnyx/outbound`` — Ed25519-verified (:mod:`adapters.telnyx.verify`,
 GATEWAY_TELNYX_PUBLIC_KEY; 401/403 problem, 403 when no key is configured).
 ``call.machine.detection.ended`` (and the premium variant) with a machine result is handed
-as ``#machine`` (attributes ``answeredBy``, ``callControlId``, ``clientState``) to the
-call's stream through ``callcontrol.machine_answers`` (the Telnyx stream route registers
-there under its ``call_control_id``). 200 ``{}``.
+as ``#machine`` (attributes ``answeredBy``) to the call's stream on whichever instance
+serves it, through the bus (gateway/io/call.py ``announce_machine``, under its
+``call_control_id``). 200 ``{}``.
 
 ``/telnyx/stream`` — the call's media stream (Telnyx Media Streaming, bidirectional RTP)
 on the shared call engine (:class:`gateway.io.call.CallRunner` with
 :class:`~adapters.telnyx.protocol.TelnyxCodec`). The upgrade must carry a one-time
-stream token: the ``stream_auth_token`` the dial set, taken from ``Authorization:
-Bearer <token>`` (how Telnyx presents ``stream_auth_token`` is [unverified]) or from a
-``token`` query parameter (the TeXML answer's URL); otherwise refused before the
-upgrade (HTTP 403). Tokens are keyed by GATEWAY_TELNYX_API_KEY (every instance with the
-same key checks them; used once through the nonce store). The start's ``client_state``
+stream token in the ``token`` query parameter of the URL the gateway gave Telnyx (the
+dial's ``stream_url``, the TeXML ``<Stream url>``): Telnyx documents that it connects
+to that URL, while how it presents the dial's ``stream_auth_token`` (set to the same
+token) is not documented (CARRIERS.md), so an ``Authorization`` header is not read.
+Without a good, unused token the upgrade is refused (HTTP 403). Tokens are keyed by
+GATEWAY_TELNYX_API_KEY (every instance with the same key checks them; used once through
+the nonce store). The start's ``client_state``
 (:func:`adapters.telnyx.control.read_client_state`) gives an outbound call's app key and
-``#intro`` attributes; the stream registers with ``callcontrol.machine_answers`` under
-its ``call_control_id``. The call ends with the ``hangup`` command after the last
+``#intro`` attributes; the stream follows its ``call_control_id``'s call control on
+the bus. The call ends with the ``hangup`` command after the last
 audio's mark (a ``transfer`` command for a transfer item).
 
 ``POST /telnyx/texml`` — an inbound call's TeXML answer (Ed25519-verified like the
@@ -26,8 +28,8 @@ webhooks): ``<Connect><Stream url="wss://…/telnyx/stream?token=…" bidirectio
 …>``.
 
 Outbound (:class:`TelnyxDialer`): ``POST /v2/calls`` with ``connection_id``
-GATEWAY_TELNYX_CONNECTION_ID, ``stream_url`` = ``wss://<public host>/telnyx/stream``,
-``stream_auth_token`` (a one-time stream token), ``client_state``
+GATEWAY_TELNYX_CONNECTION_ID, ``stream_url`` = ``wss://<public host>/telnyx/stream?token=<a
+one-time stream token>``, ``stream_auth_token`` (the same token), ``client_state``
 = base64 JSON ``{"direction": "outbound", "appKey", "to", "from", "attributes"}`` (Telnyx
 echoes it on the call's webhooks; :func:`adapters.telnyx.control.read_client_state` and
 ``intro_attributes`` read it), ``answering_machine_detection`` ``detect`` and
@@ -52,13 +54,26 @@ from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_TEXML
 from adapters.telnyx.protocol import TelnyxCodec, texml
 from adapters.telnyx.verify import TelnyxVerifier
 from gateway.callcodec import VerificationRefused, load_frame
-from gateway.callcontrol import CallControl, CallControlError, RestAnswer, RestRequest
-from gateway.calls import CallRefused, OutboundCall, public_url, wss_url
+from gateway.callcontrol import (
+    CallControl,
+    CallControlError,
+    RestAnswer,
+    RestRequest,
+    TransferResult,
+)
+from gateway.calls import CallRefused, OutboundCall, public_url, transfer_unavailable, wss_url
 from gateway.calls import transfer as record_transfer
 from gateway.deps import Gateway, gateway_of
-from gateway.events import Input
 from gateway.httputil import problem, read_body
-from gateway.io.call import CallGrant, CallRunner, CallTokens, admit, call_config, use_token
+from gateway.io.call import (
+    CallGrant,
+    CallRunner,
+    CallTokens,
+    admit,
+    announce_machine,
+    call_config,
+    use_token,
+)
 from gateway.protocol import ProtocolError
 from gateway.protocol.call import CallAction, Transfer
 from gateway.settings import Settings
@@ -114,13 +129,16 @@ class TelnyxDialer:
         }
         tokens = stream_tokens(settings)
         assert tokens is not None  # an API key is set
+        token = tokens.issue(OUTBOUND_CALL, time.time())
         return telnyx.dial(
             tauth,
-            stream_auth_token=tokens.issue(OUTBOUND_CALL, time.time()),
+            stream_auth_token=token,
             connection_id=settings.telnyx_connection_id,
             to=call.to,
             from_=call.from_,
-            stream_url=wss_url(settings.public_url, "/telnyx/stream"),
+            stream_url=wss_url(settings.public_url, "/telnyx/stream")
+            + "?"
+            + urlencode({"token": token}),
             state=state,
             machine_detection=call.machine_detection,
             webhook_url=public_url(settings.public_url, "/telnyx/outbound"),
@@ -135,7 +153,6 @@ class TelnyxDialer:
 async def telnyx_outbound(request: Request) -> Response:
     """Call Control webhooks of calls placed here (see the module doc)."""
     settings = gateway_of(request).settings
-    control: CallControl = request.app.state.callcontrol
     try:
         body = await read_body(request, settings.max_body_bytes)
     except ProtocolError as exc:
@@ -150,13 +167,9 @@ async def telnyx_outbound(request: Request) -> Response:
     found = telnyx.machine_input(event)
     if found is not None:
         call_id, machine = found
-        delivered = control.machine_answers.deliver(call_id, machine)
-        log.info(
-            "Telnyx call %s answered by %s%s",
-            call_id,
-            machine.attributes["answeredBy"],
-            "" if delivered else " (kept for its stream)",
-        )
+        answered_by = str(machine.attributes["answeredBy"])
+        log.info("Telnyx call %s answered by %s", call_id, answered_by)
+        await announce_machine(gateway_of(request), CHANNEL, call_id, answered_by)
     return JSONResponse({})
 
 
@@ -219,7 +232,6 @@ class TelnyxCall(CallRunner):
         self.auth = telnyx_auth(gw.settings)
         if app_key:
             self.call.extra_parameters["appKey"] = app_key
-        self._registered: str | None = None
 
     def received(self, frame: str | bytes) -> list[CallAction]:
         if self.call.info is None and isinstance(frame, str) and '"client_state"' in frame:
@@ -243,19 +255,6 @@ class TelnyxCall(CallRunner):
             if isinstance(state.get("attributes"), dict):
                 extra["attributes"] = json.dumps(state["attributes"])
 
-    def started(self, call_id: str) -> None:
-        self._registered = call_id
-        self.control.machine_answers.register(call_id, self._machine)
-
-    def _machine(self, machine: Input) -> None:
-        answered_by = str(machine.attributes.get("answeredBy", "machine"))
-        self.spawn(self.run(self.call.machine_answered(answered_by)), "machine answer")
-
-    async def shutdown(self) -> None:
-        if self._registered is not None:
-            self.control.machine_answers.unregister(self._registered)
-        await super().shutdown()
-
 
 async def _hang_up(runner: CallRunner, call_id: str) -> None:
     """The ``hangup`` command (422/90018: already over, fine)."""
@@ -271,22 +270,21 @@ async def _hang_up(runner: CallRunner, call_id: str) -> None:
         log.warning("Telnyx call %s: hang-up refused: HTTP %d", call_id, answer.status)
 
 
-async def _transfer(runner: CallRunner, action: Transfer) -> None:
+async def _transfer(runner: CallRunner, action: Transfer) -> TransferResult:
     """The ``transfer`` command, recorded (gateway/calls.py)."""
     assert isinstance(runner, TelnyxCall)
     if runner.auth is None:
-        log.warning("Telnyx call %s: no API key to transfer with", action.call_id)
-        return
+        return transfer_unavailable(
+            runner.control, CHANNEL, action.call_id, action.target, action.reason
+        )
     request = telnyx.transfer(runner.auth, action.call_id, action.target)
-    await record_transfer(
+    return await record_transfer(
         runner.control, CHANNEL, action.call_id, action.target, action.reason, request
     )
 
 
 def _stream_token(websocket: WebSocket) -> str:
-    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
+    """The stream token of the URL the gateway gave Telnyx (module doc)."""
     return websocket.query_params.get("token", "")
 
 

@@ -14,8 +14,8 @@ import logging
 from typing import Any
 
 from adapters.twilio import control as twilio
-from gateway.callcontrol import CallControl, RestAnswer, RestRequest
-from gateway.calls import CallRefused, OutboundCall, public_url, transfer
+from gateway.callcontrol import CallControl, RestAnswer, RestRequest, TransferResult
+from gateway.calls import CallRefused, OutboundCall, public_url, transfer, transfer_unavailable
 from gateway.settings import Settings
 
 log = logging.getLogger("adapters.twilio")
@@ -66,20 +66,17 @@ class TwilioDialer:
         return sid if isinstance(sid, str) else None
 
 
-async def transfer_twilio(app: Any, call_sid: str, target: str, reason: str | None) -> bool:
+async def transfer_twilio(
+    app: Any, call_sid: str, target: str, reason: str | None
+) -> TransferResult:
     """Update Twilio call ``call_sid`` with ``<Dial>`` to ``target``; whether Twilio
-    accepted it. Recorded in ``callcontrol.transfers``; without credentials (or this
-    router) nothing is sent and False is returned (logged)."""
+    accepted it (else what failed). Recorded in ``callcontrol.transfers``; without
+    credentials (or this router) nothing is sent and a failure is returned (logged)."""
     control: CallControl | None = getattr(app.state, "callcontrol", None)
     settings: Settings = app.state.gateway.settings
     auth = twilio_auth(settings)
     if control is None or auth is None:
-        log.warning(
-            "Twilio call %s NOT transferred to %s: Twilio REST is not configured", call_sid, target
-        )
-        if control is not None:
-            control.record_transfer("twilio", call_sid, target, reason, False)
-        return False
+        return transfer_unavailable(control, "twilio", call_sid, target, reason)
     return await transfer(
         control, "twilio", call_sid, target, reason, twilio.transfer(auth, call_sid, target)
     )

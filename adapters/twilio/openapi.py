@@ -113,9 +113,11 @@ _AMD_FIELDS = {
 POST_TWILIO_AMD: dict[str, Any] = dict(
     summary="Twilio's asynchronous answering-machine result (AsyncAmdStatusCallback)",
     description="Signed like the other Twilio webhooks. A machine or fax answer becomes "
-    "the call's next input `#machine` (attributes `answeredBy`).",
+    "the call's next input `#machine` (attributes `answeredBy`) on the instance serving "
+    "its stream (through the bus).",
     responses={
         204: {"description": "Taken"},
+        400: {"description": "A machine answer without a valid CallSid", "content": _PROBLEM},
         403: {"description": "Bad signature", "content": _PROBLEM},
         413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
         415: {"description": "Not a form body", "content": _PROBLEM},

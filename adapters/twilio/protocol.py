@@ -30,7 +30,7 @@ How a call goes (states of :data:`TRANSITIONS` in brackets):
    ``callSid`` must be the one the stream token was issued for; its media format
    must be ``audio/x-mulaw`` at 8000 Hz, mono.
 2. The bot has the floor while its turn runs or its audio plays [bot]: each
-   response item's audio goes out as μ-law frames of GATEWAY_TWILIO_FRAME_MS
+   response item's audio goes out as μ-law frames of GATEWAY_CALL_FRAME_MS
    followed by a ``mark``; the floor passes to the caller when the turn is over
    and every mark has come back [caller].
 3. Every inbound frame goes to the call's speech stage (``FeedAudio`` of the latest
@@ -50,7 +50,7 @@ How a call goes (states of :data:`TRANSITIONS` in brackets):
    bot is not listened to.
 5. **DTMF**: ``digit`` mode makes each key an input (text ``"5"``); ``collect``
    mode collects keys until ``#`` (not included) or a pause of
-   GATEWAY_TWILIO_DTMF_TIMEOUT_MS. With barge-in a key interrupts the bot like
+   GATEWAY_CALL_DTMF_TIMEOUT_MS. With barge-in a key interrupts the bot like
    speech; without, the input waits until the bot's floor ends.
 6. **Ending**: when a Response ends the session, a final mark follows the last
    audio [ending]; when Twilio echoes it — the caller has heard everything —

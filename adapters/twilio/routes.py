@@ -55,7 +55,8 @@ twilio library's REST client (in a thread, off the event loop), then the stream 
 closed; without them the stream is closed and the TwiML's ``<Hangup/>`` ends the call.
 
 Transfer (a ``#transfer`` item, gateway/events.py ``transfer_item``): the audio before
-it plays, then the call is updated with ``<Dial>`` to the target (adapters/twilio/calls.py);
+it plays, then the call is updated with ``<Dial>`` to the target (adapters/twilio/calls.py;
+a refused or unreachable update keeps the call: the core gets ``#transfer-failed``);
 outbound calls (``POST /v1/calls``) come back through ``/twilio/voice?direction=outbound``
 and their ``#intro`` carries ``direction``, ``to``, ``from``, ``answeredBy`` and the
 request's attributes; see README "Outbound calls, answering machines, transfer".
@@ -70,7 +71,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 from urllib.parse import parse_qsl, urlencode
 
@@ -105,10 +106,11 @@ from adapters.twilio.verify import (
     stream_url,
 )
 from gateway import metrics
+from gateway.callcontrol import TransferResult
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
-from gateway.io.call import CallRunner
+from gateway.io.call import CallRunner, announce_machine, call_config
 from gateway.io.websocket import SEND_ERRORS
 from gateway.protocol import ProtocolError
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
@@ -236,18 +238,8 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
 
 
 def _call_config(settings: Settings) -> CallConfig:
-    return CallConfig(
-        key_allowed=settings.key_allowed,
-        default_app_key=settings.twilio_app_key,
-        barge_in=settings.twilio_barge_in,
-        barge_in_min_speech_ms=settings.twilio_barge_in_min_speech_ms,
-        dtmf_mode=settings.twilio_dtmf_mode,
-        dtmf_timeout_ms=settings.twilio_dtmf_timeout_ms,
-        frame_ms=settings.twilio_frame_ms,
-        silence_timeout_ms=settings.silence_timeout_ms,
-        vad_min_speech_ms=settings.vad_min_speech_ms,
-        error_text=settings.voice_error_text,
-    )
+    """Twilio's call behaviour: the shared one (gateway/io/call.py) under its app key."""
+    return replace(call_config(settings, CHANNEL), default_app_key=settings.twilio_app_key)
 
 
 @asynccontextmanager
@@ -404,7 +396,15 @@ class _Call(CallRunner):
         self, ws: WebSocket, gw: Gateway, channel: TwilioChannel, grant: StreamGrant
     ) -> None:
         call = TwilioCall(grant.call_sid, channel.config)
-        super().__init__(ws, gw, call.twilio, channel.config, call_id=grant.call_sid, call=call)
+        super().__init__(
+            ws,
+            gw,
+            call.twilio,
+            channel.config,
+            call_id=grant.call_sid,
+            call=call,
+            transfer=_dial,
+        )
         self.channel = channel
         self.call_sid = grant.call_sid
         self.name = f"Twilio call {grant.call_sid}"
@@ -440,17 +440,25 @@ class _Call(CallRunner):
         await self.close(CLOSE_NORMAL, "The call ended.")
 
     async def _transfer(self, action: Transfer) -> None:
-        """Update the call with ``<Dial>`` (adapters/twilio/calls.py), then close."""
-        if await transfer_twilio(self.ws.app, action.call_id, action.target, action.reason):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(HANGUP_GRACE_S):
-                    await self._received_all.wait()  # Twilio stops the stream
+        """Update the call with ``<Dial>`` (adapters/twilio/calls.py), then close once
+        Twilio stopped the stream; a refused update keeps the call (``#transfer-failed``,
+        gateway/io/call.py ``CallRunner.transferred``)."""
+        if not await self.transferred(action):
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HANGUP_GRACE_S):
+                await self._received_all.wait()  # Twilio stops the stream
         await self.close(CLOSE_NORMAL, "The call was transferred.")
 
     async def shutdown(self) -> None:
         self._received_all.set()
         await super().shutdown()
         self.channel.calls.pop(self.call_sid, None)
+
+
+async def _dial(runner: CallRunner, action: Transfer) -> TransferResult:
+    """The ``<Dial>`` update of the call (adapters/twilio/calls.py)."""
+    return await transfer_twilio(runner.ws.app, action.call_id, action.target, action.reason)
 
 
 async def _admit(ws: WebSocket, gw: Gateway, channel: TwilioChannel, token: str) -> StreamGrant:
@@ -499,8 +507,9 @@ async def twilio_amd(request: Request) -> Response:
     problem). ``AnsweredBy`` of a machine or fax (``machine_start``, ``machine_end_*``,
     ``fax``) becomes the input ``#machine`` with attributes ``{"answeredBy": ...}`` of
     the call served on this instance (the bot falls silent; the core answers it: leave
-    a message, or end the session to hang up); ``human`` and ``unknown`` are logged
-    only. 204."""
+    a message, or end the session to hang up) on whichever instance serves its stream
+    (through the bus, gateway/io/call.py ``announce_machine``); ``human`` and
+    ``unknown`` are logged only. 204."""
     params, refused = await _verified_form(request, "/twilio/amd")
     if refused is not None:
         return refused
@@ -508,9 +517,7 @@ async def twilio_amd(request: Request) -> Response:
     log.info("Twilio call %s answered by %s", call_sid or "?", answered_by or "?")
     if not twilio_control.is_machine(answered_by):
         return Response(status_code=204)
-    call = channel_of(request).calls.get(call_sid)
-    if call is None:
-        log.warning("Twilio call %s: machine answer, but its stream is not served here", call_sid)
-        return Response(status_code=204)
-    await call.run(call.call.machine_answered(answered_by))
+    if not CALL_SID.fullmatch(call_sid):
+        return problem(400, "Bad Request", "Expected a CallSid (CA + 32 hex digits).")
+    await announce_machine(gateway_of(request), CHANNEL, call_sid, answered_by)
     return Response(status_code=204)

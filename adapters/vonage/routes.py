@@ -38,8 +38,8 @@ from adapters.vonage.openapi import VONAGE_ANSWER
 from adapters.vonage.protocol import VonageCodec, ncco
 from adapters.vonage.verify import VonageVerifier
 from gateway.callcodec import VerificationRefused
-from gateway.callcontrol import CallControl
-from gateway.calls import public_url
+from gateway.callcontrol import CallControl, TransferResult
+from gateway.calls import public_url, transfer_unavailable
 from gateway.calls import transfer as record_transfer
 from gateway.deps import gateway_of
 from gateway.httputil import problem
@@ -79,7 +79,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if key and settings.vonage_application_id
         else None
     )
-    app.state.vonage = VonageChannel(verifier, CallTokens(gw.secret_keys.key(STREAM_TOKEN)), auth)
+    tokens = CallTokens(lambda: gw.secret_keys.key(STREAM_TOKEN))
+    app.state.vonage = VonageChannel(verifier, tokens, auth)
     yield
 
 
@@ -143,13 +144,14 @@ async def stream(websocket: WebSocket, token: str) -> None:
         return
     codec = VonageCodec(frame_ms=20)
 
-    async def transfer(runner: CallRunner, action: Transfer) -> None:
-        if channel.auth is None:
-            log.warning("Vonage call %s: no application key to transfer with", action.call_id)
-            return
-        request = vonage.transfer(channel.auth, action.call_id, action.target, time.time())
+    async def transfer(runner: CallRunner, action: Transfer) -> TransferResult:
         control: CallControl = websocket.app.state.callcontrol
-        await record_transfer(
+        if channel.auth is None:
+            return transfer_unavailable(
+                control, CHANNEL, action.call_id, action.target, action.reason
+            )
+        request = vonage.transfer(channel.auth, action.call_id, action.target, time.time())
+        return await record_transfer(
             control, CHANNEL, action.call_id, action.target, action.reason, request
         )
 

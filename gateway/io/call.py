@@ -15,6 +15,14 @@ accept: HTTP 403) or accepting it. :class:`CallTokens` issues and checks the per
 tokens a carrier's answer puts in the stream URL (``/vonage/stream/{token}``):
 HMAC-SHA256 over ``call id`` and expiry, used once (the gateway's NonceStore, shared
 through Redis).
+
+Call control that arrives by webhook (an answering-machine result: Twilio's
+``/twilio/amd``, Telnyx's ``call.machine.detection.ended``) may reach another instance
+than the one serving the call's stream: :func:`announce_machine` publishes it on the
+gateway's bus (Redis pub/sub with GATEWAY_REDIS_URL, else in-process) under
+:func:`control_topic`, retained for :data:`MACHINE_RETAIN_S` (a stream that starts
+later still gets it), and every runner follows its call's topic from the stream's
+start, so the result becomes the ``#machine`` input wherever the stream is served.
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ from typing import Final, TypeVar
 from starlette.websockets import WebSocket
 
 from gateway import metrics
+from gateway.bus import BusUnavailable
 from gateway.callcodec import CarrierCodec, VerificationRefused, WireFrame
+from gateway.callcontrol import TransferResult
 from gateway.deps import Gateway
 from gateway.events import ResponseItem
 from gateway.io.websocket import SEND_ERRORS, PacedSender, WebSocketDriver
@@ -81,26 +91,32 @@ LISTEN_BATCH_MS: Final = 60
 UNPACED_AHEAD_MS: Final = 3_600_000
 """Send-ahead of a carrier that buffers (``realtime`` False): no pacing."""
 TOKEN_TTL_S: Final = 300
+MACHINE_RETAIN_S: Final = 120.0
+"""How long an answering-machine result waits on the bus for its call's stream (s)."""
 
 HangUpHook = Callable[["CallRunner", str], Awaitable[None]]
 """An adapter's hang-up: ``(runner, call id)``; the runner closes the socket after it."""
-TransferHook = Callable[["CallRunner", Transfer], Awaitable[None]]
-"""An adapter's transfer; the runner closes the socket after it."""
+TransferHook = Callable[["CallRunner", Transfer], Awaitable[TransferResult]]
+"""An adapter's transfer: whether the carrier took it (gateway.calls.transfer's result).
+The runner closes the socket after one that was taken; after a refusal the call goes
+on (:meth:`CarrierCall.transfer_finished`)."""
 T = TypeVar("T")
 
 
 def call_config(settings: Settings, channel: str) -> CallConfig:
-    """The engine's behaviour for carrier ``channel`` from ``settings`` (the Twilio
-    settings name the shared call behaviour: barge-in, DTMF, frame size)."""
+    """The engine's behaviour for carrier ``channel`` from ``settings``: barge-in, DTMF
+    and frame size from :meth:`Settings.call_behaviour` (GATEWAY_CALL_*, the carrier's
+    GATEWAY_CALL_OVERRIDES entry, Twilio's GATEWAY_TWILIO_* aliases)."""
+    behaviour = settings.call_behaviour(channel)
     return CallConfig(
         key_allowed=settings.key_allowed,
         channel=channel,
         default_app_key=channel,
-        barge_in=settings.twilio_barge_in,
-        barge_in_min_speech_ms=settings.twilio_barge_in_min_speech_ms,
-        dtmf_mode=settings.twilio_dtmf_mode,
-        dtmf_timeout_ms=settings.twilio_dtmf_timeout_ms,
-        frame_ms=settings.twilio_frame_ms,
+        barge_in=behaviour.barge_in,
+        barge_in_min_speech_ms=behaviour.barge_in_min_speech_ms,
+        dtmf_mode=behaviour.dtmf_mode,
+        dtmf_timeout_ms=behaviour.dtmf_timeout_ms,
+        frame_ms=behaviour.frame_ms,
         silence_timeout_ms=settings.silence_timeout_ms,
         vad_min_speech_ms=settings.vad_min_speech_ms,
         error_text=settings.voice_error_text,
@@ -122,11 +138,14 @@ class CallGrant:
 class CallTokens:
     """Per-call stream tokens: ``base64url(call_id|expires|nonce).hex(hmac)``.
 
-    ``secret`` keys the HMAC-SHA256; ``ttl_s`` is how long a token is good.
+    ``secret`` keys the HMAC-SHA256: the key, or a function giving the key now (read
+    per use: the gateway's master key may be adopted from Redis after startup, see
+    gateway/secrets.py, and every instance must then sign alike); ``ttl_s`` is how long
+    a token is good.
     """
 
-    def __init__(self, secret: bytes, ttl_s: int = TOKEN_TTL_S) -> None:
-        self._secret = secret
+    def __init__(self, secret: bytes | Callable[[], bytes], ttl_s: int = TOKEN_TTL_S) -> None:
+        self._secret = secret if callable(secret) else (lambda: secret)
         self.ttl_s = ttl_s
 
     def issue(self, call_id: str, now: float) -> str:
@@ -140,7 +159,7 @@ class CallTokens:
         return f"{text}.{self._sign(text)}"
 
     def _sign(self, text: str) -> str:
-        return hmac.new(self._secret, text.encode(), hashlib.sha256).hexdigest()[:32]
+        return hmac.new(self._secret(), text.encode(), hashlib.sha256).hexdigest()[:32]
 
     def check(self, token: str, now: float) -> CallGrant:
         """The grant of an authentic, unexpired ``token``.
@@ -197,6 +216,27 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
     except SEND_ERRORS:
         return None
     return granted
+
+
+# ------------------------------------------------------------------ call control
+
+
+def control_topic(carrier: str, call_id: str) -> str:
+    """The bus topic of call ``call_id`` of ``carrier``: call control for its stream."""
+    return f"call:{carrier}:{call_id}"
+
+
+async def announce_machine(gw: Gateway, carrier: str, call_id: str, answered_by: str) -> bool:
+    """Hand an answering-machine result (``answered_by``: the carrier's ``machine_start``,
+    ``machine``...) to call ``call_id``'s stream on whichever instance serves it, or
+    will (module doc); False when the bus is down (logged at WARNING)."""
+    message = {"type": "machine", "answeredBy": answered_by}
+    try:
+        await gw.bus.publish(control_topic(carrier, call_id), message, retain_s=MACHINE_RETAIN_S)
+    except BusUnavailable as exc:
+        log.warning("%s call %s: machine answer lost, the bus is down: %s", carrier, call_id, exc)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ listening
@@ -339,10 +379,11 @@ class CallRunner(WebSocketDriver[CallAction]):
         self._calls = calls
         ahead = settings.twilio_send_ahead_ms if codec.realtime else UNPACED_AHEAD_MS
         self.sender: PacedSender[WireFrame] = PacedSender(
-            self.send_frame, codec.frame_ms or settings.twilio_frame_ms, ahead
+            self.send_frame, codec.frame_ms or config.frame_ms, ahead
         )
         self._started = 0.0
         self._hangup: asyncio.Task[None] | None = None
+        self._final_watch: asyncio.Task[None] | None = None
 
     async def send_frame(self, frame: WireFrame) -> None:
         """Send a text (``str``) or binary (``bytes``) frame; never raises."""
@@ -386,6 +427,7 @@ class CallRunner(WebSocketDriver[CallAction]):
             return []
         info = self.call.info
         if not had_info and info is not None:
+            self.spawn(self._follow(info.call_id), "call control")
             self.name = f"{self.carrier} call {info.call_id}"
             if self._calls is not None:
                 self._calls[info.call_id] = self
@@ -394,6 +436,22 @@ class CallRunner(WebSocketDriver[CallAction]):
 
     def started(self, call_id: str) -> None:
         """The stream's start named the call ``call_id`` (for adapters: register it)."""
+
+    async def _follow(self, call_id: str) -> None:
+        """Carry out the call control published for ``call_id`` (:func:`control_topic`)
+        until the call is over: an answering machine's result -> ``#machine``."""
+        topic = control_topic(self.carrier, call_id)
+        try:
+            async with self.gw.bus.subscribe(topic) as messages:
+                while not self.call.closed:
+                    message = await messages.get(1.0)
+                    answered_by = message.get("answeredBy") if message else None
+                    if message and message.get("type") == "machine" and answered_by:
+                        log.info("%s: answered by %s", self.name, answered_by)
+                        await self.run(self.call.machine_answered(str(answered_by)))
+                        await self.gw.bus.clear(topic)  # taken: not kept for anyone else
+        except BusUnavailable as exc:
+            log.warning("%s: call control from other instances is lost: %s", self.name, exc)
 
     def done(self) -> bool:
         call = self.call
@@ -411,7 +469,8 @@ class CallRunner(WebSocketDriver[CallAction]):
             self.sender.play(action.messages, action.mark)
             if action.final:
                 wait_s = self.sender.queued_ms / 1000 + FINAL_MARK_GRACE_S
-                self.spawn(self._final_mark_watch(wait_s), "final mark")
+                self._stop_final_watch()
+                self._final_watch = self.spawn(self._final_mark_watch(wait_s), "final mark")
         elif isinstance(action, Interrupt):
             await self.sender.interrupt(action.clear)
             log.debug("%s: barge-in", self.name)
@@ -426,6 +485,12 @@ class CallRunner(WebSocketDriver[CallAction]):
         _, audio = await self.gw.speech.voice_item(ResponseItem(text=text), self.call.tts)
         return audio
 
+    def _stop_final_watch(self) -> None:
+        """Forget the wait for a final mark (a new one is sent, or the call goes on)."""
+        watch, self._final_watch = self._final_watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+
     async def _final_mark_watch(self, wait_s: float) -> None:
         await asyncio.sleep(wait_s)
         actions = self.call.final_mark_overdue()
@@ -434,15 +499,46 @@ class CallRunner(WebSocketDriver[CallAction]):
         await self.run(actions)
 
     async def _end(self, call_id: str, transfer: Transfer | None) -> None:
-        """The adapter's hang-up or transfer (its errors logged), then close the socket."""
+        """The adapter's hang-up (its errors logged), then close the socket; or the
+        transfer (:meth:`transferred`)."""
+        if transfer is not None:
+            if await self.transferred(transfer):
+                await self.close(CLOSE_NORMAL, "The call was transferred.")
+            return
         try:
-            if transfer is not None and self._transfer_hook is not None:
-                await self._transfer_hook(self, transfer)
-            elif transfer is None and self._hang_up_hook is not None:
+            if self._hang_up_hook is not None:
                 await self._hang_up_hook(self, call_id)
         except Exception as exc:  # the carrier's REST errors
-            log.warning("%s: hang-up/transfer failed (%s); closing", self.name, exc)
+            log.warning("%s: hang-up failed (%s); closing", self.name, exc)
         await self.close(CLOSE_NORMAL, "The call ended.")
+
+    async def transferred(self, transfer: Transfer) -> bool:
+        """Ask the adapter's transfer hook to hand the call over; whether the carrier
+        took it. Either way the engine hears of it (:meth:`CarrierCall.transfer_finished`):
+        a transfer taken ends the session; a refused one (or no hook, or its exception)
+        is logged at WARNING naming the carrier's API and the call goes on with
+        ``#transfer-failed``."""
+        if self._transfer_hook is None:
+            result = TransferResult(False, f"{self.carrier} transfers are not configured")
+            log.warning("%s NOT transferred to %s: %s", self.name, transfer.target, result.error)
+        else:
+            try:
+                result = await self._transfer_hook(self, transfer)
+            except Exception as exc:  # an adapter's own REST errors
+                result = TransferResult(False, f"the {self.carrier} API failed: {exc!r}")
+                log.warning(
+                    "%s: transfer failed (component: %s-api): %s",
+                    self.name,
+                    self.carrier,
+                    result.error,
+                )
+        actions = self.call.transfer_finished(result.ok, result.error)
+        if not result.ok:
+            self._hangup = None  # the call goes on
+            self._stop_final_watch()  # its final mark is not awaited any more
+            log.warning("%s: the call goes on after the failed transfer", self.name)
+        await self.run(actions)
+        return result.ok
 
     def lost(self) -> list[CallAction]:
         return self.call.connection_lost()

@@ -6,7 +6,16 @@ import re
 from collections.abc import AsyncIterator
 from typing import Self
 
-from gateway.events import ERROR, FALLBACK, INTRO, SILENCE, Input, Response, ResponseItem
+from gateway.events import (
+    ERROR,
+    FALLBACK,
+    INTRO,
+    SILENCE,
+    TRANSFER_FAILED,
+    Input,
+    Response,
+    ResponseItem,
+)
 from gateway.pipeline.base import PipelineOutput
 from gateway.sessions import Session
 from gateway.settings import Settings
@@ -50,6 +59,7 @@ class DemoPipeline:
       bye", "bye bye now"; :func:`is_farewell`) or ``stop`` ends the session
       (sessionEnded=true);
     - ``#silence`` re-prompts, ``#error`` apologises, ``#fallback`` asks again,
+      ``#transfer-failed`` apologises that nobody could be put through,
       ``help`` explains; any other text is answered with what the user said.
     """
 
@@ -79,6 +89,10 @@ class DemoPipeline:
             return
         if action == FALLBACK:
             yield Response(items=[ResponseItem(text="Sorry, I did not get that. Say it again.")])
+            return
+        if action == TRANSFER_FAILED:
+            sorry = "Sorry, I could not put you through. How else can I help?"
+            yield Response(items=[ResponseItem(text=sorry)])
             return
         if action is not None:
             yield Response(items=[ResponseItem(text=f"I do not know the action {action}.")])

@@ -27,6 +27,11 @@ full; :data:`TRANSITIONS` is the same state machine):
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
 6. The end: a final mark after the last audio; its echo -> :class:`HangUp` (or
    :class:`Transfer` when a response item asked for one).
+7. A transfer [transferring] the carrier refused (or could not be asked for) is not
+   the end: :meth:`CarrierCall.transfer_finished` gives the core the input
+   :data:`TRANSFER_FAILED` (attributes ``target``, ``reason``, ``error``) on the
+   bot's floor, and the call goes on in the same session; a transfer that happened
+   ends the session (unless the core ended it already).
 
 **Time is the caller's audio time** (ms of inbound audio received), so timeouts do
 not depend on how fast a peer sends.
@@ -59,6 +64,7 @@ from gateway.events import (
     FALLBACK,
     INTRO,
     SILENCE,
+    TRANSFER_FAILED,
     BinaryEvent,
     ErrorEvent,
     Input,
@@ -116,6 +122,8 @@ class State(StrEnum):
     """The caller speaks: a listener recognises the utterance."""
     ENDING = "ending"
     """The session ended: the last audio plays; the final mark is awaited."""
+    TRANSFERRING = "transferring"
+    """The audio before a transfer item played: the carrier is asked to hand the call over."""
     CLOSED = "closed"
     """Hung up, stopped or disconnected."""
 
@@ -130,6 +138,9 @@ FLOOR = "floor"  # the bot's turn is over and its audio played
 SESSION_END = "session-end"  # a Response ended the session
 FINAL_MARK = "final-mark"  # the final mark came back (or its wait ran out)
 DISCONNECT = "disconnect"  # the socket is gone
+TRANSFER = "transfer"  # the final mark of a transfer came back: the carrier is asked
+TRANSFERRED = "transferred"  # the carrier took the transfer
+TRANSFER_REFUSED = "transfer-refused"  # it did not: the call goes on, the bot's floor
 INBOUND: Final = ("connected", "start", "media", "dtmf", "mark", "stop")
 
 
@@ -154,8 +165,11 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         (s.HEARING, SESSION_END): s.ENDING,
         # the end
         (s.ENDING, FINAL_MARK): s.CLOSED,
+        (s.ENDING, TRANSFER): s.TRANSFERRING,
+        (s.TRANSFERRING, TRANSFERRED): s.CLOSED,
+        (s.TRANSFERRING, TRANSFER_REFUSED): s.BOT,
     }
-    for state in (s.BOT, s.CALLER, s.HEARING, s.ENDING):
+    for state in (s.BOT, s.CALLER, s.HEARING, s.ENDING, s.TRANSFERRING):
         for event in ("media", "dtmf", "mark"):
             table[(state, event)] = state
     for state in s:
@@ -171,7 +185,8 @@ TRANSITIONS: dict[tuple[State, str], State] = _build_transitions()
 
 Events are the inbound messages (``connected``, ``start``, ``media``, ``dtmf``,
 ``mark``, ``stop``) and the call's own (``input``, ``interrupt``, ``barge-in``,
-``speech``, ``noise``, ``floor``, ``session-end``, ``final-mark``, ``disconnect``).
+``speech``, ``noise``, ``floor``, ``session-end``, ``final-mark``, ``transfer``,
+``transferred``, ``transfer-refused``, ``disconnect``).
 Anything else is a ProtocolError (e.g. ``media`` before ``start``).
 """
 
@@ -185,6 +200,7 @@ _EXPECTED: dict[State, Expected] = {
         (State.CALLER, _FRAMES),
         (State.HEARING, _FRAMES),
         (State.ENDING, _FRAMES),
+        (State.TRANSFERRING, _FRAMES),
         (State.CLOSED, "nothing more"),
     )
 }
@@ -605,7 +621,7 @@ class CarrierCall:
         into the ``#intro`` attributes; once the call is ending it is ignored."""
         self.answered_by = answered_by
         state = self.state
-        if self.info is None or state in (State.ENDING, State.CLOSED):
+        if self.info is None or state in (State.ENDING, State.TRANSFERRING, State.CLOSED):
             return []
         self._input_attributes[MACHINE] = {"answeredBy": answered_by}
         actions: list[CallAction] = []
@@ -632,7 +648,7 @@ class CarrierCall:
         if state is State.CLOSED or track != "inbound":
             return []
         self.machine.feed("media")  # raises before start
-        if state is State.ENDING or not heard:
+        if state in (State.ENDING, State.TRANSFERRING) or not heard:
             return []
         self.received += samples
         return [FeedAudio(self.stream, data)]
@@ -705,7 +721,7 @@ class CarrierCall:
 
     def _dtmf(self, digit: str) -> list[CallAction]:
         state = self.state
-        if state is State.ENDING:
+        if state in (State.ENDING, State.TRANSFERRING):
             return []
         actions: list[CallAction] = []
         if state is State.HEARING:
@@ -739,10 +755,11 @@ class CarrierCall:
     def _final_mark(self) -> list[CallAction]:
         if self.state is not State.ENDING:
             return []
-        self.machine.advance(FINAL_MARK)
         assert self.info is not None
         if self.transfer is not None:  # the audio before the transfer item has played
+            self.machine.advance(TRANSFER)
             return [Transfer(self.info.call_id, *self.transfer)]
+        self.machine.advance(FINAL_MARK)
         return [HangUp(self.info.call_id)]
 
     def final_mark_overdue(self) -> list[CallAction]:
@@ -869,9 +886,9 @@ class CarrierCall:
         if turn is None or self.state is State.CLOSED:
             return []
         if turn.ended or turn.transfer:
-            # a transfer ends the session here unless the core ended it
-            end = [] if turn.ended or self.ctx is None else [EndSession(self.ctx)]
-            self.session_over = True
+            # a transfer ends the session once the carrier took it (transfer_finished)
+            end = [] if turn.ended or turn.transfer or self.ctx is None else [EndSession(self.ctx)]
+            self.session_over = turn.ended
             stop = self._stop_listening() if self.state is State.HEARING else []
             self.machine.advance(SESSION_END)
             self.pending = None
@@ -879,6 +896,32 @@ class CarrierCall:
         return self._advance()
 
     # -------------------------------------------------------------- the end
+
+    def transfer_finished(self, ok: bool, error: str | None = None) -> list[CallAction]:
+        """The carrier's answer to the :class:`Transfer`: ``ok`` (it took the call) ends
+        the session unless the core ended it; a refusal (``error``: what went wrong)
+        gives the bot the floor back with the input :data:`TRANSFER_FAILED` (module doc).
+        Ignored unless a transfer is under way (the stream may have stopped meanwhile)."""
+        if self.state is not State.TRANSFERRING:
+            return []
+        if ok:
+            self.machine.advance(TRANSFERRED)
+            return self._ending_actions(State.TRANSFERRING)
+        self.machine.advance(TRANSFER_REFUSED)
+        assert self.transfer is not None
+        target, reason = self.transfer
+        self.transfer = None
+        self.session_over = False  # a session the core ended is opened again by the turn
+        self.marks.forget()  # a final mark given up on (final_mark_overdue) is not awaited
+        self.pending = None
+        self._bot_since = self.now_ms
+        self._silence_at = None
+        self._input_attributes[TRANSFER_FAILED] = {
+            "target": target,
+            "reason": reason,
+            "error": error or "refused",
+        }
+        return self._start_turn(TRANSFER_FAILED)
 
     def connection_lost(self) -> list[CallAction]:
         """The socket is gone (or the call is being torn down): end the session unless

@@ -17,8 +17,7 @@ from adapters.plivo import control as plivo
 from adapters.telnyx import control as telnyx
 from adapters.twilio import control as twilio
 from adapters.vonage import control as vonage
-from gateway.callcontrol import CallControl, CallControlError, MachineAnswers, RestRequest
-from gateway.events import Input
+from gateway.callcontrol import CallControl, CallControlError, RestRequest
 from tests.calls.carrier_api import carrier_api
 
 SID = "AC" + "1" * 32
@@ -282,18 +281,3 @@ def test_telnyx_intro_attributes_from_the_client_state() -> None:
     }
     assert telnyx.intro_attributes({}) == {}
     assert telnyx.read_client_state("not base64!") == {}
-
-
-def test_machine_answers_wait_for_their_call() -> None:
-    answers = MachineAnswers()
-    machine = Input.of("#machine", attributes={"answeredBy": "machine"})
-    got: list[Input] = []
-    assert not answers.deliver("v3:a", machine)  # the stream is not registered yet
-    assert answers.waiting("v3:a") == machine
-    answers.register("v3:a", got.append)
-    assert got == [machine]
-    assert answers.waiting("v3:a") is None
-    assert answers.deliver("v3:a", machine)
-    assert len(got) == 2
-    answers.unregister("v3:a")
-    assert not answers.deliver("v3:a", machine)

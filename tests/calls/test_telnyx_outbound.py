@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.responses import JSONResponse
 
 from adapters.telnyx.control import read_client_state
-from gateway.events import Input
+from gateway.io.call import control_topic
 from tests.adapters.telnyx.harness import ADMIN, CARRIER, KEY, signed
 from tests.adapters.twilio.helpers import PUBLIC
 
@@ -42,7 +42,9 @@ async def test_telnyx_outbound_call_and_its_machine_answer() -> None:
         assert body["connection_id"] == "conn-9"
         assert (body["to"], body["from"]) == ("+15550100", "+15550199")
         assert body["answering_machine_detection"] == "detect"
-        assert body["stream_url"] == "wss://gateway.example.com/telnyx/stream"
+        # the one-time token in the URL Telnyx connects to (and as stream_auth_token)
+        token = body["stream_auth_token"]
+        assert body["stream_url"] == f"wss://gateway.example.com/telnyx/stream?token={token}"
         assert body["stream_bidirectional_mode"] == "rtp"
         assert body["webhook_url"] == f"{PUBLIC}/telnyx/outbound"
         assert read_client_state(body["client_state"]) == {
@@ -53,9 +55,8 @@ async def test_telnyx_outbound_call_and_its_machine_answer() -> None:
             "attributes": {"lead": 42},
         }
 
-        # the stream route registers for its call; the webhook's machine answer reaches it
-        got: list[Input] = []
-        gw.app.state.callcontrol.machine_answers.register(ccid, got.append)
+        # the webhook's machine answer goes to the call's topic on the bus (the stream's)
+        bus = gw.app.state.gateway.bus
         event = {
             "data": {
                 "event_type": "call.machine.detection.ended",
@@ -78,24 +79,27 @@ async def test_telnyx_outbound_call_and_its_machine_answer() -> None:
             "/telnyx/outbound", content=raw, headers=signed(raw, KEY, int(time.time()) - 3600)
         )
         assert stale.status_code == 403
-        assert got == []
+        topic = control_topic("telnyx", ccid)
+        async with bus.subscribe(topic) as refused:
+            assert await refused.get(0.2) is None  # nothing was published
         ok = await client.post("/telnyx/outbound", content=raw, headers=signed(raw))
         assert ok.status_code == 200
-        (machine,) = got
-        assert machine.text == "#machine"
-        assert machine.attributes["answeredBy"] == "machine"
-        assert machine.attributes["clientState"]["appKey"] == "sales"
-        # a person: no input
-        human = json.dumps(
-            {
-                **event,
-                "data": {**event["data"], "payload": {"call_control_id": ccid, "result": "human"}},
-            }
-        ).encode()
-        assert (
-            await client.post("/telnyx/outbound", content=human, headers=signed(human))
-        ).status_code == 200
-        assert len(got) == 1
+        # retained: a stream that starts afterwards (on any instance) still gets it
+        async with bus.subscribe(topic) as messages:
+            assert await messages.get(2.0) == {"type": "machine", "answeredBy": "machine"}
+            # a person: nothing
+            human = json.dumps(
+                {
+                    **event,
+                    "data": {
+                        **event["data"],
+                        "payload": {"call_control_id": ccid, "result": "human"},
+                    },
+                }
+            ).encode()
+            answered = await client.post("/telnyx/outbound", content=human, headers=signed(human))
+            assert answered.status_code == 200
+            assert await messages.get(0.3) is None
 
 
 async def test_a_carrier_refusal_is_a_bad_gateway_problem() -> None:

@@ -131,8 +131,7 @@ def test_a_transfer_waits_for_the_final_mark_after_the_audio_before_it() -> None
     # what follows the transfer in the turn is not played
     assert call.turn_event(BinaryEvent(data=b"\xff" * 1600)) == []
     call.turn_event(ResponseEvent(response=Response()))
-    end, final = call.turn_finished()
-    assert isinstance(end, EndSession)  # the core did not end it: the transfer does
+    (final,) = call.turn_finished()  # the session ends once the carrier took the transfer
     assert isinstance(final, Play)
     assert final.final
     assert call.state is State.ENDING
@@ -141,6 +140,9 @@ def test_a_transfer_waits_for_the_final_mark_after_the_audio_before_it() -> None
     assert call.receive(mark(spoken_mark)) == []  # the sentence played; the end not yet
     (transfer,) = call.receive(mark(final_mark))
     assert transfer == Transfer(CALL, "sip:agent@pbx.example.com", "billing")
+    assert call.state is State.TRANSFERRING
+    (end,) = call.transfer_finished(True)
+    assert isinstance(end, EndSession)  # the core did not end it: the transfer does
     assert call.closed
 
 

@@ -1,0 +1,224 @@
+"""Calls across two gateway instances sharing one real Redis (GATEWAY_REDIS_URL and the
+carriers' auth settings, nothing else shared): the webhook answered by instance A issues
+the stream token, the carrier's media stream reaches instance B and is accepted there; a
+token used once (on any instance) or forged is refused (HTTP 403). An answering-machine
+result posted to A (Twilio ``/twilio/amd``, Telnyx ``call.machine.detection.ended``)
+becomes the ``#machine`` input of the call served on B (through the Redis bus)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from gateway.speech.service import SpeechService
+from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness, ask_answer
+from tests.adapters.telnyx.harness import PUBLIC_KEY, TelnyxHarness, ask_texml, local, signed
+from tests.adapters.twilio.conftest import speech, tts_cache
+from tests.adapters.twilio.harness import TwilioHarness, ask_twiml, call_sid, parse_twiml, sign
+from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway
+from tests.adapters.vonage.harness import SECRET, VonageHarness, ask_ncco
+
+__all__ = ["speech", "tts_cache"]
+
+
+@contextlib.asynccontextmanager
+async def two_instances(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> AsyncIterator[tuple[Served, Served]]:
+    """Two gateways (A, B) on one Redis, configured for every carrier alike."""
+    shared: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_prefix": redis_prefix,
+        "plivo_auth_id": AUTH_ID,
+        "plivo_auth_token": SecretStr(AUTH_TOKEN),
+        "vonage_signature_secret": SecretStr(SECRET),
+        "telnyx_api_key": SecretStr("KEY-T"),
+        "telnyx_public_key": PUBLIC_KEY,
+    }
+    async with twilio_gateway(speech, **shared) as a, twilio_gateway(speech, **shared) as b:
+        yield a, b
+
+
+async def refused(url: str, headers: dict[str, str] | None = None) -> int:
+    """The HTTP status of a stream upgrade that must be refused."""
+    with pytest.raises(InvalidStatus) as exc:
+        async with connect(url, additional_headers=headers or {}):
+            pass
+    return exc.value.response.status_code
+
+
+def forge(path: str) -> str:
+    """``path`` with the token's MAC changed."""
+    return path[:-4] + ("0000" if not path.endswith("0000") else "1111")
+
+
+# ------------------------------------------------------------------ stream tokens
+
+
+async def test_a_plivo_stream_token_of_one_instance_opens_the_stream_on_another(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    async with two_instances(speech, redis_url, redis_prefix) as (a, b):
+        call_uuid = str(uuid.uuid4())
+        answer = await ask_answer(a.url, PUBLIC, call_uuid)
+        assert answer.status_code == 200, answer.text
+        stream = ET.fromstring(answer.text).find("./Stream")
+        assert stream is not None
+        assert stream.text
+        path = urlsplit(stream.text.strip()).path
+        b_ws = f"ws://{urlsplit(b.url).netloc}{path}"
+        async with connect(b_ws) as ws:
+            call = PlivoHarness(ws, call_uuid, stream.attrib.get("extraHeaders", ""))
+            call.start()
+            await call.begin()
+            try:
+                await call.wait_for(lambda: len(call.media_frames()) >= 10, 30)
+                assert b.core.inputs()[:1] == ["#intro"]
+                assert a.core.turns == []
+                # used once, on every instance
+                assert await refused(f"ws://{urlsplit(a.url).netloc}{path}") == 403
+                assert await refused(b_ws) == 403
+            finally:
+                await call.shutdown()
+        assert await refused(f"ws://{urlsplit(b.url).netloc}{forge(path)}") == 403
+
+
+async def test_a_vonage_stream_token_of_one_instance_opens_the_stream_on_another(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    async with two_instances(speech, redis_url, redis_prefix) as (a, b):
+        answer = await ask_ncco(a.url, str(uuid.uuid4()))
+        assert answer.status_code == 200, answer.text
+        (endpoint,) = answer.json()[0]["endpoint"]
+        path = urlsplit(endpoint["uri"]).path
+        async with connect(f"ws://{urlsplit(b.url).netloc}{path}") as ws:
+            call = VonageHarness(ws, endpoint)
+            call.start()
+            await call.begin()
+            try:
+                await call.wait_for(lambda: len(call.media_frames()) >= 10, 30)
+                assert b.core.inputs()[:1] == ["#intro"]
+                assert await refused(f"ws://{urlsplit(a.url).netloc}{path}") == 403
+            finally:
+                await call.shutdown()
+        assert await refused(f"ws://{urlsplit(a.url).netloc}{forge(path)}") == 403
+
+
+async def test_a_telnyx_stream_token_of_one_instance_opens_the_stream_on_another(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    async with two_instances(speech, redis_url, redis_prefix) as (a, b):
+        ccid = "v3:" + uuid.uuid4().hex
+        answer = await ask_texml(a.url, ccid)
+        assert answer.status_code == 200, answer.text
+        stream = ET.fromstring(answer.text).find("./Connect/Stream")
+        assert stream is not None
+        url = stream.attrib["url"]
+        async with TelnyxHarness.connect(local(b.url, url), ccid) as call:
+            await call.wait_for(lambda: len(call.media_frames()) >= 10, 30)
+            assert b.core.inputs()[:1] == ["#intro"]
+            assert await refused(local(a.url, url)) == 403
+        token = urlsplit(url).query.split("token=", 1)[1].split("&", 1)[0]
+        forged = local(b.url, "wss://x/telnyx/stream")
+        assert await refused(forged, {"Authorization": f"Bearer {forge(token)}"}) == 403
+        assert await refused(forged) == 403  # no token at all
+
+
+# ------------------------------------------------------------------ machine answers
+
+
+async def test_a_twilio_amd_result_posted_to_one_instance_reaches_the_call_on_another(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    async with two_instances(speech, redis_url, redis_prefix) as (a, b):
+        sid = call_sid()
+        answer = await ask_twiml(a.url, PUBLIC, sid, auth_token=AUTH)
+        twiml = parse_twiml(answer.text)
+        async with TwilioHarness.stream(b.url, twiml, sid, auth_token=AUTH) as call:
+            await b.wait_turns(1)
+            await call.wait_for(lambda: len(call.echoed) >= 1, 30)
+            amd = {"CallSid": sid, "AccountSid": "AC" + "0" * 32, "AnsweredBy": "machine_start"}
+            url = f"{PUBLIC}/twilio/amd?key=twilio"
+            async with httpx.AsyncClient(base_url=a.url) as client:
+                forged = await client.post(
+                    "/twilio/amd?key=twilio", data=amd, headers={"X-Twilio-Signature": "bad"}
+                )
+                assert forged.status_code == 403
+                posted = await client.post(
+                    "/twilio/amd?key=twilio",
+                    data=amd,
+                    headers={"X-Twilio-Signature": sign(AUTH, url, amd)},
+                )
+                assert posted.status_code == 204
+            await b.wait_turns(2)
+            assert b.core.inputs()[1] == "#machine"
+            assert a.core.turns == []
+            await call.stop()
+        await b.wait_no_calls()
+
+
+async def test_a_telnyx_machine_webhook_on_one_instance_reaches_the_call_on_another(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    async with two_instances(speech, redis_url, redis_prefix) as (a, b):
+        ccid = "v3:" + uuid.uuid4().hex
+        # the webhook comes first (kept on the bus), the stream starts afterwards on B
+        event = json.dumps(
+            {
+                "data": {
+                    "event_type": "call.machine.detection.ended",
+                    "payload": {"call_control_id": ccid, "result": "machine"},
+                }
+            }
+        ).encode()
+        async with httpx.AsyncClient(base_url=a.url) as client:
+            hook = await client.post("/telnyx/outbound", content=event, headers=signed(event))
+            assert hook.status_code == 200
+        answer = await ask_texml(a.url, ccid)
+        stream = ET.fromstring(answer.text).find("./Connect/Stream")
+        assert stream is not None
+        async with TelnyxHarness.connect(local(b.url, stream.attrib["url"]), ccid) as call:
+            await b.wait_turns(2)
+            assert b.core.inputs()[:2] == ["#intro", "#machine"]
+            assert a.core.turns == []
+            await call.stop()
+
+
+async def test_plivo_and_vonage_tokens_follow_a_master_key_adopted_after_startup(
+    speech: SpeechService,
+) -> None:
+    """An instance that started while Redis did not answer signs with a key of its own
+    until it adopts the shared one (gateway/secrets.py): from then on it accepts the
+    other instance's tokens (the key is read per use, not kept from startup)."""
+    settings: dict[str, Any] = {
+        "plivo_auth_id": AUTH_ID,
+        "plivo_auth_token": SecretStr(AUTH_TOKEN),
+        "vonage_signature_secret": SecretStr(SECRET),
+    }
+    async with twilio_gateway(speech, **settings) as a, twilio_gateway(speech, **settings) as b:
+        a_keys, b_keys = a.app.state.gateway.secret_keys, b.app.state.gateway.secret_keys
+        assert a_keys.master != b_keys.master
+        plivo = await ask_answer(a.url, PUBLIC, str(uuid.uuid4()))
+        stream = ET.fromstring(plivo.text).find("./Stream")
+        assert stream is not None
+        assert stream.text
+        plivo_path = urlsplit(stream.text.strip()).path
+        vonage = await ask_ncco(a.url, str(uuid.uuid4()))
+        vonage_path = urlsplit(vonage.json()[0]["endpoint"][0]["uri"]).path
+        b_base = f"ws://{urlsplit(b.url).netloc}"
+        assert await refused(b_base + plivo_path) == 403  # another key
+        b_keys.adopt(a_keys.master, "redis")  # what the retry does once Redis answers
+        for path in (plivo_path, vonage_path):
+            async with connect(b_base + path):
+                pass

@@ -1,0 +1,312 @@
+"""Transfers over real WebSockets and HTTP: Plivo's transfer request after the checkpoint of
+the audio before it (captured by a local stand-in for Plivo's API, and the Dial XML its
+``aleg_url`` serves), and transfers the carrier refuses (HTTP 4xx/5xx) or that cannot
+reach its API: the caller is not dropped, the core gets ``#transfer-failed`` (with the
+target, the reason and the error) and its answer is played, the failure is recorded and
+logged naming the carrier's API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from starlette.responses import JSONResponse
+
+from adapters.plivo.verify import signature
+from gateway.events import TRANSFER_FAILED, ResponseItem, transfer_item
+from gateway.speech.service import SpeechService
+from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness
+from tests.adapters.twilio.conftest import speech, tts_cache
+from tests.adapters.twilio.harness import TwilioHarness
+from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway, until
+from tests.adapters.twilio.test_outbound import SID, Scripted
+from tests.calls.carrier_api import carrier_api
+from tests.conftest import free_port
+
+__all__ = ["speech", "tts_cache"]
+
+TARGET = "+15550123"
+
+
+def scripted() -> Scripted:
+    """A core that asks for a transfer in its #intro and apologises when it failed."""
+    return Scripted(
+        {
+            "#intro": [
+                ResponseItem(text="Let me put you through to a colleague."),
+                transfer_item(TARGET, reason="asked for a person"),
+                ResponseItem(text="This is never heard."),
+            ],
+            TRANSFER_FAILED: [ResponseItem(text="Sorry, nobody can take your call right now.")],
+        }
+    )
+
+
+async def session_exists(gw: Served, key: str) -> bool:
+    async with gw.app.state.gateway.store.open(key, lease_s=5, wait_s=5) as txn:
+        return txn.session is not None
+
+
+# ------------------------------------------------------------------ Plivo
+
+
+async def test_a_plivo_transfer_is_asked_only_after_the_checkpoint_of_the_audio_before_it(
+    speech: SpeechService,
+) -> None:
+    async with (
+        carrier_api() as api,
+        twilio_gateway(
+            speech,
+            plivo_auth_id=AUTH_ID,
+            plivo_auth_token=SecretStr(AUTH_TOKEN),
+            plivo_api_base_url=api.url,
+        ) as gw,
+    ):
+        gw.app.state.gateway.conversation.pipeline = scripted()
+        async with PlivoHarness.dial(gw.url, PUBLIC, hold=lambda name: True) as call:
+            await call.wait_for(lambda: len(call.held) >= 2, 20)
+            spoken, final = call.held[:2]
+            assert final.startswith("end-")
+            heard = len(call.media_frames())
+            assert heard > 0
+            await asyncio.sleep(0.5)
+            assert api.requests == []  # nothing before the audio has played
+            await call.release(spoken)
+            await asyncio.sleep(0.3)
+            assert api.requests == []  # the final checkpoint is not back yet
+            await call.release(final)
+            await call.wait_for(lambda: call.closed_at is not None, within_s=10)
+            (command,) = api.requests
+            assert (command.method, command.path) == (
+                "POST",
+                f"/v1/Account/{AUTH_ID}/Call/{call.call_uuid}/",
+            )
+            assert command.headers["authorization"] == "Basic " + _basic(AUTH_ID, AUTH_TOKEN)
+            assert command.headers["content-type"] == "application/json"
+            aleg_url = f"{PUBLIC}/plivo/transfer?to=%2B15550123"
+            assert command.json == {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
+            assert len(call.media_frames()) == heard  # the item after the transfer: not played
+        records = list(gw.app.state.callcontrol.transfers)
+        assert [
+            (r["channel"], r["callId"], r["target"], r["reason"], r["ok"]) for r in records
+        ] == [("plivo", call.call_uuid, TARGET, "asked for a person", True)]
+        assert not await session_exists(gw, f"plivo:{call.call_uuid}")
+
+        # the aleg_url, fetched by Plivo (V3-signed), dials the target; unsigned: refused
+        form = {"CallUUID": call.call_uuid, "From": "14155550100"}
+        nonce = uuid.uuid4().hex[:20]
+        signed = {
+            "X-Plivo-Signature-V3": signature(AUTH_TOKEN, "POST", aleg_url, form, nonce),
+            "X-Plivo-Signature-V3-Nonce": nonce,
+        }
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            path = "/plivo/transfer?to=%2B15550123"
+            xml = await client.post(path, data=form, headers=signed)
+            assert xml.status_code == 200, xml.text
+            number = ET.fromstring(xml.text).find("./Dial/Number")
+            assert number is not None
+            assert number.text == "15550123"
+            assert (await client.post(path, data=form)).status_code == 401
+            forged = {**signed, "X-Plivo-Signature-V3": "AAAA"}
+            assert (await client.post(path, data=form, headers=forged)).status_code == 403
+
+
+def _basic(user: str, password: str) -> str:
+    import base64
+
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+# ------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(503, "the twilio API answered HTTP 503"), (404, "the twilio API answered HTTP 404")],
+)
+async def test_a_refused_twilio_transfer_keeps_the_call_and_tells_the_core(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture, status: int, error: str
+) -> None:
+    async with (
+        carrier_api() as api,
+        twilio_gateway(speech, twilio_account_sid=SID, twilio_api_base_url=api.url) as gw,
+    ):
+        api.answers[("POST", r"/2010-04-01/Accounts/AC\w+/Calls/CA\w+\.json")] = JSONResponse(
+            {"code": 21220, "message": "Invalid call state"}, status
+        )
+        core = scripted()
+        gw.app.state.gateway.conversation.pipeline = core
+        caplog.set_level(logging.WARNING)
+        async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+            await call.wait_for(lambda: len(core.inputs) >= 2, 20)
+            (update,) = api.requests
+            assert update.form["Twiml"].endswith(
+                "<Response><Dial><Number>+15550123</Number></Dial></Response>"
+            )
+            failed = core.inputs[1]
+            assert failed.text == TRANSFER_FAILED
+            assert failed.attributes == {
+                "target": TARGET,
+                "reason": "asked for a person",
+                "error": error,
+            }
+            heard = len(call.media_frames())
+            # the apology is played on the same stream; the call is not closed
+            await call.wait_for(lambda: len(call.media_frames()) > heard + 20, 20)
+            await call.wait_for(lambda: len(call.echoed) >= 3, 20)
+            assert call.close_code is None
+            assert await session_exists(gw, f"twilio:{call.call_sid}")
+            await call.stop()
+        await gw.wait_no_calls()
+        records = list(gw.app.state.callcontrol.transfers)
+        assert [(r["channel"], r["target"], r["ok"]) for r in records] == [
+            ("twilio", TARGET, False)
+        ]
+        logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("component: twilio-api" in m and f"HTTP {status}" in m for m in logged), logged
+
+
+async def test_a_transfer_whose_api_cannot_be_reached_keeps_the_call(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    async with twilio_gateway(
+        speech, twilio_account_sid=SID, twilio_api_base_url=dead, calls_timeout_s=2.0
+    ) as gw:
+        core = scripted()
+        gw.app.state.gateway.conversation.pipeline = core
+        caplog.set_level(logging.WARNING)
+        async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+            await call.wait_for(lambda: len(core.inputs) >= 2, 20)
+            failed = core.inputs[1]
+            assert failed.text == TRANSFER_FAILED
+            assert failed.attributes["error"].startswith("the twilio API could not be reached")
+            await call.wait_for(lambda: len(call.echoed) >= 3, 20)
+            assert call.close_code is None
+            await call.stop()
+        await gw.wait_no_calls()
+        assert [r["ok"] for r in gw.app.state.callcontrol.transfers] == [False]
+        assert any(
+            "component: twilio-api" in r.getMessage() and "could not be reached" in r.getMessage()
+            for r in caplog.records
+        )
+
+
+@pytest.mark.parametrize("carrier", ["plivo", "telnyx"])
+async def test_other_carriers_keep_the_call_after_a_refused_transfer(
+    speech: SpeechService, carrier: str
+) -> None:
+    from tests.adapters.telnyx.harness import PUBLIC_KEY, TelnyxHarness
+
+    async with carrier_api() as api:
+        settings: dict[str, Any] = (
+            {
+                "plivo_auth_id": AUTH_ID,
+                "plivo_auth_token": SecretStr(AUTH_TOKEN),
+                "plivo_api_base_url": api.url,
+            }
+            if carrier == "plivo"
+            else {
+                "telnyx_api_key": SecretStr("KEY-T"),
+                "telnyx_api_base_url": api.url,
+                "telnyx_public_key": PUBLIC_KEY,
+            }
+        )
+        pattern = r"/v1/Account/.+" if carrier == "plivo" else r"/v2/calls/.+/actions/transfer"
+        api.answers[("POST", pattern)] = JSONResponse({"error": "unavailable"}, 500)
+        async with twilio_gateway(speech, **settings) as gw:
+            core = scripted()
+            gw.app.state.gateway.conversation.pipeline = core
+            dial = (
+                PlivoHarness.dial(gw.url, PUBLIC)
+                if carrier == "plivo"
+                else TelnyxHarness.dial(gw.url)
+            )
+            async with dial as call:
+                await call.wait_for(lambda: len(core.inputs) >= 2, 20)
+                failed = core.inputs[1]
+                assert failed.text == TRANSFER_FAILED
+                assert failed.attributes["error"] == f"the {carrier} API answered HTTP 500"
+                await call.wait_for(lambda: len(call.echoed) >= 3, 20)
+                assert call.closed_at is None
+                # the call goes on: the caller's key is the next input
+                await call.dtmf("7")
+                assert await until(lambda: len(core.inputs) >= 3, 10)
+                assert core.inputs[2].text == "7"
+            assert [r["ok"] for r in gw.app.state.callcontrol.transfers] == [False]
+
+
+def _goodbye_end(mark: str) -> bool:
+    """The final mark after the goodbye (not the transfer's, ``end-2``)."""
+    return mark.startswith("end-") and mark != "end-2"
+
+
+class _SorryGoodbye:
+    """#intro: a sentence and a transfer; #transfer-failed: a long apology that ends the
+    session."""
+
+    name = "sorry-goodbye"
+
+    def __init__(self) -> None:
+        self.inputs: list[str] = []
+
+    async def process(self, session: Any, input: Any) -> Any:
+        from gateway.events import Response
+
+        self.inputs.append(input.text)
+        if input.text == "#intro":
+            yield ResponseItem(text="Let me put you through to a colleague.")
+            yield transfer_item(TARGET)
+            yield Response()
+        else:
+            yield ResponseItem(
+                text="Sorry, nobody can take your call right now. Please call again "
+                "tomorrow morning, between nine and five, when our office is open and "
+                "a colleague will be happy to help you with your question. Thank you for "
+                "calling, and have a very nice day. Goodbye."
+            )
+            yield Response(session_ended=True)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_after_a_failed_transfer_the_call_hangs_up_only_after_its_new_last_words(
+    speech: SpeechService,
+) -> None:
+    """The wait for the transfer's final mark is given up with the transfer: a goodbye
+    that follows is not cut short by it (the call hangs up after the goodbye's mark)."""
+    async with (
+        carrier_api() as api,
+        twilio_gateway(
+            speech, twilio_account_sid=SID, twilio_api_base_url=api.url, twilio_send_ahead_ms=60
+        ) as gw,
+    ):
+        api.answers[("POST", r"/2010-04-01/Accounts/AC\w+/Calls/CA\w+\.json")] = JSONResponse(
+            {"message": "busy"}, 503
+        )
+        core = _SorryGoodbye()
+        gw.app.state.gateway.conversation.pipeline = core
+        async with TwilioHarness.dial(
+            gw.url, PUBLIC, auth_token=AUTH, hold=lambda name: _goodbye_end(name)
+        ) as call:
+            await call.wait_for(lambda: len(call.held) == 1, 30)
+            loop = asyncio.get_running_loop()
+            held_at = loop.time()
+            # the transfer's own final-mark wait (its audio + 5 s) ran out while the
+            # goodbye played (it is longer than that); the goodbye's own wait has not
+            assert loop.time() - call.received[0].at > 12.0
+            await asyncio.sleep(2.0)
+            assert call.closed_at is None
+            assert core.inputs == ["#intro", TRANSFER_FAILED]
+            await call.release(call.held[0])
+            await call.wait_for(lambda: call.closed_at is not None, 10)
+            assert loop.time() - held_at > 2.0
+        hang_ups = [r for r in api.requests if r.form.get("Status") == "completed"]
+        assert len(hang_ups) == 1
