@@ -241,6 +241,8 @@ def _call_config(settings: Settings) -> CallConfig:
         default_app_key=settings.twilio_app_key,
         barge_in=settings.twilio_barge_in,
         barge_in_min_speech_ms=settings.twilio_barge_in_min_speech_ms,
+        barge_in_backchannels=settings.barge_in_backchannels,
+        barge_in_max_backchannel_ms=settings.barge_in_max_backchannel_ms,
         dtmf_mode=settings.twilio_dtmf_mode,
         dtmf_timeout_ms=settings.twilio_dtmf_timeout_ms,
         frame_ms=settings.twilio_frame_ms,

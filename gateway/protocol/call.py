@@ -22,8 +22,17 @@ full; :data:`TRANSITIONS` is the same state machine):
    speech stage (:class:`FeedAudio`); its verdict comes back through
    :meth:`CarrierCall.voice`: onset -> StartListening; final text -> the next input;
    no speech for ``silence_timeout_ms`` -> ``#silence``.
-4. Barge-in: the caller's speech over the bot lasting ``barge_in_min_speech_ms`` ->
-   :class:`Interrupt` (``codec.clear()``, queued audio dropped, the turn's rest too).
+4. Barge-in without false stops (issue 16): the caller's speech over the bot lasting
+   ``barge_in_min_speech_ms`` -> :class:`PausePlayback` (no new audio is sent; the
+   carrier plays out only the little it holds, GATEWAY_TWILIO_SEND_AHEAD_MS) and the
+   utterance is recognised [holding]. A real interruption -- an interim or final
+   transcript holding a word that is no backchannel (``barge_in_backchannels``), or
+   voiced speech longer than ``barge_in_max_backchannel_ms`` -> :class:`Interrupt`
+   (``codec.clear()``, queued audio dropped, the turn's rest too) [hearing]; the next
+   input carries what the caller heard (:data:`~gateway.events.HEARD`). A backchannel,
+   filler or noise (no words, or only listed ones) -> :class:`ResumePlayback`: the
+   audio goes on where it paused, nothing lost [bot]. ``barge_in_max_backchannel_ms``
+   0: every such speech interrupts at once (no holding).
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
 6. The end: a final mark after the last audio; its echo -> :class:`HangUp` (or
    :class:`Transfer` when a response item asked for one).
@@ -36,7 +45,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -57,8 +66,11 @@ from gateway.callcodec import (
 )
 from gateway.events import (
     FALLBACK,
+    HEARD,
+    INTERRUPTED,
     INTRO,
     SILENCE,
+    UNHEARD,
     BinaryEvent,
     ErrorEvent,
     Input,
@@ -77,6 +89,7 @@ from gateway.protocol.actions import (
     StartTurn,
 )
 from gateway.speech.audio import AudioFormat, decode_wav
+from gateway.speech.endofturn import BACKCHANNELS, is_backchannel
 from gateway.speech.types import TtsRequest
 from gateway.turn import TurnContext, TurnRejected
 
@@ -112,6 +125,9 @@ class State(StrEnum):
     """The bot has the floor: a turn runs and/or its audio plays (marks pending)."""
     CALLER = "caller"
     """The caller has the floor: waiting for speech, a key or the silence timeout."""
+    HOLDING = "holding"
+    """The caller speaks over the bot: its audio is paused while the utterance is
+    recognised (a backchannel resumes it, a real interruption clears it)."""
     HEARING = "hearing"
     """The caller speaks: a listener recognises the utterance."""
     ENDING = "ending"
@@ -124,6 +140,8 @@ class State(StrEnum):
 INPUT = "input"  # an input is committed: it becomes the next turn
 INTERRUPT = "interrupt"  # a key interrupted the bot (collect mode: more keys to come)
 BARGE_IN = "barge-in"  # the caller's speech interrupted the bot
+HOLD = "hold"  # the caller's speech over the bot: its audio pauses until it is judged
+RESUME = "resume"  # that speech was a backchannel or noise: the bot's audio goes on
 SPEECH = "speech"  # a voice onset on the caller's floor
 NOISE = "noise"  # the utterance held no words and nothing is to be answered
 FLOOR = "floor"  # the bot's turn is over and its audio played
@@ -143,6 +161,13 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         (s.BOT, INPUT): s.BOT,  # a waiting input starts its turn
         (s.BOT, INTERRUPT): s.CALLER,
         (s.BOT, BARGE_IN): s.HEARING,
+        (s.BOT, HOLD): s.HOLDING,
+        # the caller speaks over the paused bot
+        (s.HOLDING, BARGE_IN): s.HEARING,
+        (s.HOLDING, RESUME): s.BOT,
+        (s.HOLDING, INTERRUPT): s.CALLER,  # a key
+        (s.HOLDING, INPUT): s.BOT,  # an answering machine
+        (s.HOLDING, SESSION_END): s.ENDING,
         (s.BOT, FLOOR): s.CALLER,
         (s.BOT, SESSION_END): s.ENDING,
         # the caller's floor
@@ -155,7 +180,7 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         # the end
         (s.ENDING, FINAL_MARK): s.CLOSED,
     }
-    for state in (s.BOT, s.CALLER, s.HEARING, s.ENDING):
+    for state in (s.BOT, s.HOLDING, s.CALLER, s.HEARING, s.ENDING):
         for event in ("media", "dtmf", "mark"):
             table[(state, event)] = state
     for state in s:
@@ -171,7 +196,8 @@ TRANSITIONS: dict[tuple[State, str], State] = _build_transitions()
 
 Events are the inbound messages (``connected``, ``start``, ``media``, ``dtmf``,
 ``mark``, ``stop``) and the call's own (``input``, ``interrupt``, ``barge-in``,
-``speech``, ``noise``, ``floor``, ``session-end``, ``final-mark``, ``disconnect``).
+``hold``, ``resume``, ``speech``, ``noise``, ``floor``, ``session-end``, ``final-mark``,
+``disconnect``).
 Anything else is a ProtocolError (e.g. ``media`` before ``start``).
 """
 
@@ -182,6 +208,7 @@ _EXPECTED: dict[State, Expected] = {
         (State.AWAIT_CONNECTED, "connected or start"),
         (State.AWAIT_START, "start"),
         (State.BOT, _FRAMES),
+        (State.HOLDING, _FRAMES),
         (State.CALLER, _FRAMES),
         (State.HEARING, _FRAMES),
         (State.ENDING, _FRAMES),
@@ -293,6 +320,87 @@ class MarkBook:
         self._pending.clear()
 
 
+@dataclass
+class _Said:
+    """One played item's audio: its mark, text, length and when it was queued (audio ms)."""
+
+    mark: str
+    text: str
+    audio_ms: int
+    queued_ms: int
+
+
+class Playout:
+    """What of the bot's speech the caller has heard, from the marks (issue 16).
+
+    Each Play is :meth:`queued` with its item's text; a mark's echo (:meth:`echoed`)
+    says its audio and everything before it played out. :meth:`cut` at an interruption
+    splits the turn's speech into heard and unheard text: the echoed items whole, and
+    of the first item not echoed the whole words its audio played until then covers
+    (estimated: it started playing when it was queued or when the mark before it came
+    back, whichever is later, and its characters are spread evenly over its audio).
+    Times are the call's audio time (ms).
+    """
+
+    def __init__(self) -> None:
+        self._said: deque[_Said] = deque()
+        self._heard: list[str] = []
+        self._since_ms = 0
+
+    def reset(self) -> None:
+        """Forget everything (a new turn)."""
+        self._said.clear()
+        self._heard = []
+
+    def queued(self, mark: str, text: str, audio_ms: int, now_ms: int) -> None:
+        """A Play of ``audio_ms`` of ``text``'s speech, marked ``mark``, queued at ``now_ms``."""
+        self._said.append(_Said(mark, text, audio_ms, now_ms))
+
+    def echoed(self, mark: str, now_ms: int) -> None:
+        """``mark`` came back at ``now_ms``: its item and those before it were heard."""
+        if all(said.mark != mark for said in self._said):
+            return
+        while self._said:
+            said = self._said.popleft()
+            if said.text:
+                self._heard.append(said.text)
+            if said.mark == mark:
+                break
+        self._since_ms = now_ms
+
+    def paused(self, pause_ms: int) -> None:
+        """The audio was paused for ``pause_ms`` and resumed: what plays started that much later."""
+        self._since_ms += pause_ms
+        for said in self._said:
+            said.queued_ms += pause_ms
+
+    def cut(self, at_ms: int) -> tuple[str, str]:
+        """``(heard, unheard)`` text when the audio stopped at ``at_ms``; then forgets all."""
+        heard, unheard = list(self._heard), []
+        if self._said:
+            head = self._said[0]
+            start = max(head.queued_ms, self._since_ms)
+            played = min(max(at_ms - start, 0), head.audio_ms)
+            said, rest = _split_words(head.text, played / head.audio_ms if head.audio_ms else 0)
+            heard += [said] if said else []
+            unheard += [rest] if rest else []
+            unheard += [s.text for s in list(self._said)[1:] if s.text]
+        self.reset()
+        return " ".join(heard), " ".join(unheard)
+
+
+def _split_words(text: str, fraction: float) -> tuple[str, str]:
+    """``text`` split after the last whole word within its first ``fraction`` of characters."""
+    cut = round(len(text) * fraction)
+    if cut >= len(text):
+        return text, ""
+    if cut > 0 and text[cut].isspace():
+        head = text[:cut]
+    else:
+        head = text[:cut].rsplit(None, 1)[0] if " " in text[:cut].strip() else ""
+    return head.strip(), text[len(head) :].strip()
+
+
 # ------------------------------------------------------------------ actions
 
 
@@ -313,6 +421,20 @@ class Interrupt:
     """Drop the audio not yet sent and send ``clear`` (the codec's) at once: barge-in."""
 
     clear: WireFrame
+
+
+@dataclass(frozen=True)
+class PausePlayback:
+    """Send no more of the bot's audio for now (queued audio and marks wait): the caller
+    speaks over the bot. The carrier plays out only what it already holds (at most the
+    sender's send-ahead, GATEWAY_TWILIO_SEND_AHEAD_MS), so for the caller the bot falls
+    silent within that much of the pause."""
+
+
+@dataclass(frozen=True)
+class ResumePlayback:
+    """Send the bot's audio again from where it paused: the speech over it was a
+    backchannel, a filler or noise (nothing is lost)."""
 
 
 @dataclass(frozen=True)
@@ -342,6 +464,8 @@ class Transfer:
 CallAction = (
     Play
     | Interrupt
+    | PausePlayback
+    | ResumePlayback
     | StartTurn
     | StartListening
     | FeedAudio
@@ -352,7 +476,8 @@ CallAction = (
     | EndSession
     | Close
 )
-"""The engine's own actions (Play, Interrupt, Speak, HangUp, Transfer) and the kit's."""
+"""The engine's own actions (Play, Interrupt, PausePlayback, ResumePlayback, Speak, HangUp,
+Transfer) and the kit's."""
 
 
 # ------------------------------------------------------------------ the call
@@ -368,6 +493,12 @@ class CallConfig:
     ``default_app_key`` is used when the stream's ``appKey`` parameter is missing.
     Times are ms of audio. ``vad_min_speech_ms`` (the speech stage's) sizes the audio
     kept for a StartListening's ``from_ms``. ``error_text`` is said when a turn fails.
+
+    Barge-in (module doc, step 4): speech over the bot lasting ``barge_in_min_speech_ms``
+    pauses it; it is a real interruption when its transcript holds a word that is not in
+    ``barge_in_backchannels`` (nor a filler, :func:`~gateway.speech.endofturn.is_backchannel`)
+    or its voiced part lasts ``barge_in_max_backchannel_ms``; 0 there: every such speech
+    interrupts at once (the behaviour before issue 16).
     """
 
     key_allowed: Callable[[str | None], bool]
@@ -375,6 +506,8 @@ class CallConfig:
     default_app_key: str = "twilio"
     barge_in: bool = True
     barge_in_min_speech_ms: int = 150
+    barge_in_backchannels: tuple[str, ...] = BACKCHANNELS
+    barge_in_max_backchannel_ms: int = 1000
     dtmf_mode: DtmfMode = "digit"
     dtmf_timeout_ms: int = 2000
     frame_ms: int = 20
@@ -459,6 +592,17 @@ class CarrierCall:
         self.answered_by: str | None = None
         """Who answered an outbound call (``human``, ``machine``...), when known."""
         self._input_attributes: dict[str, dict[str, Any]] = {}
+        self.playout = Playout()
+        """What of the bot's speech the caller heard (from the marks)."""
+        self.interruption: dict[str, Any] | None = None
+        """The attributes of the input after an interruption (:data:`~gateway.events.HEARD`):
+        set when the bot is cut off, given to the next turn's input."""
+        self.voiced_ms = 0
+        """How long the caller's current speech has been voiced (the speech stage's)."""
+        self.partial = ""
+        """The latest interim transcript of the utterance being heard."""
+        self._held_at: int | None = None
+        self._item_text = ""
         self.extra_parameters: dict[str, str] = {}
         """Parameters the adapter learnt outside the codec's start (Telnyx ``client_state``):
         under the start's own."""
@@ -611,6 +755,8 @@ class CarrierCall:
         actions: list[CallAction] = []
         if state is State.HEARING:
             actions += self._stop_listening()
+        elif state is State.HOLDING:
+            actions += [*self._stop_listening(), *self._silence_the_bot()]
         elif state is State.BOT:
             actions += self._silence_the_bot()
         return [*actions, *self._commit(MACHINE)]
@@ -637,27 +783,39 @@ class CarrierCall:
         self.received += samples
         return [FeedAudio(self.stream, data)]
 
-    def voice(self, onset_ms: int | None, *, started: bool) -> list[CallAction]:
+    def voice(
+        self, onset_ms: int | None, *, started: bool, voiced_ms: int | None = None
+    ) -> list[CallAction]:
         """What the speech stage's endpointer says after the latest FeedAudio: the current
-        speech's onset (None: nobody speaks) and whether that audio ``started`` it.
+        speech's onset (None: nobody speaks), whether that audio ``started`` it and how
+        long it has been voiced (ms from the onset to the end of its last voiced frame;
+        None: counted as the whole time since the onset).
 
         An onset on the caller's floor opens an utterance (StartListening); speech on
-        the bot's floor lasting ``barge_in_min_speech_ms`` barges in; the silence
-        timeout and the DTMF pause are checked here too (once per inbound frame).
+        the bot's floor lasting ``barge_in_min_speech_ms`` pauses the bot (or barges in,
+        module doc step 4), and interrupts it once voiced for
+        ``barge_in_max_backchannel_ms``; the silence timeout and the DTMF pause are
+        checked here too (once per inbound frame).
         """
         self.onset_ms = onset_ms
+        self.voiced_ms = (
+            0 if onset_ms is None else self.speech_ms if voiced_ms is None else voiced_ms
+        )
         state = self.state
-        if state not in (State.BOT, State.CALLER, State.HEARING):
+        if state not in (State.BOT, State.HOLDING, State.CALLER, State.HEARING):
             return []
         now = self.now_ms
         actions: list[CallAction] = []
-        if state is State.CALLER:
+        if state is State.HOLDING:
+            if self.voiced_ms >= self.config.barge_in_max_backchannel_ms:
+                actions += self._barge_in()
+        elif state is State.CALLER:
             if started:
                 actions += self._hear(interrupted=False)
             elif self._silence_due(now):
                 actions += self._commit(SILENCE)
         elif state is State.BOT and self._may_barge_in():
-            actions += self._barge_in()
+            actions += self._hold() if self.config.barge_in_max_backchannel_ms else self._barge_in()
         if self.dtmf.collecting and (digits := self.dtmf.poll(now)) is not None:
             actions += self._digits(digits)
         return actions
@@ -675,18 +833,56 @@ class CarrierCall:
             and self.onset_ms >= self._bot_since
         )
 
+    def _hold(self) -> list[CallAction]:
+        """Speech over the bot: pause its audio and hear the utterance out (HOLDING)."""
+        self.machine.advance(HOLD)
+        self._held_at = self.now_ms
+        self.partial = ""
+        return [PausePlayback(), *self._listen(interrupted=True)]
+
     def _barge_in(self) -> list[CallAction]:
+        """A real interruption: clear the bot (HEARING); the utterance is heard on (opened
+        now unless the bot was holding for it)."""
+        held = self.state is State.HOLDING
         self.machine.advance(BARGE_IN)
         actions = self._silence_the_bot()
-        return [*actions, *self._listen(interrupted=True)]
+        return actions if held else [*actions, *self._listen(interrupted=True)]
+
+    def _resume(self) -> list[CallAction]:
+        """The speech over the bot was a backchannel or noise: its audio goes on (BOT)."""
+        self.machine.advance(RESUME)
+        if self._held_at is not None:
+            self.playout.paused(self.now_ms - self._held_at)
+        self._held_at = None
+        self._interrupted = False
+        return [ResumePlayback(), *self._advance()]
 
     def _silence_the_bot(self) -> list[CallAction]:
-        """Drop the bot's queued audio and the rest of its turn's output."""
+        """Drop the bot's queued audio and the rest of its turn's output; the next input
+        says what of it was heard (:data:`~gateway.events.HEARD`)."""
         if self.turn is not None:
             self.turn.discarded = True
+        if self.turn is not None or self.marks.outstanding:
+            stop = self.now_ms if self._held_at is None else self._held_at
+            heard, unheard = self.playout.cut(stop)
+            self.interruption = {INTERRUPTED: True, HEARD: heard, UNHEARD: unheard}
+        self._held_at = None
         self.marks.forget()
         self.pending = None
         return [Interrupt(self.codec.clear())]
+
+    def interim(self, text: str) -> list[CallAction]:
+        """The latest interim transcript of the utterance being heard. While the bot holds
+        for it: a word that is no backchannel (and ``barge_in_min_speech_ms`` of speech)
+        is a real interruption."""
+        self.partial = text
+        if (
+            self.state is State.HOLDING
+            and not is_backchannel(text, self.config.barge_in_backchannels)
+            and self.voiced_ms >= self.config.barge_in_min_speech_ms
+        ):
+            return self._barge_in()
+        return []
 
     def _hear(self, *, interrupted: bool) -> list[CallAction]:
         self.machine.advance(SPEECH)
@@ -711,6 +907,9 @@ class CarrierCall:
         if state is State.HEARING:
             actions += self._stop_listening()
             self.machine.advance(NOISE)  # the key, not the utterance, is the input
+        elif state is State.HOLDING:
+            actions += [*self._stop_listening(), *self._silence_the_bot()]
+            self.machine.advance(INTERRUPT)
         elif state is State.BOT and self.config.barge_in:
             actions += self._silence_the_bot()
             self.machine.advance(INTERRUPT)
@@ -731,6 +930,7 @@ class CarrierCall:
         return []
 
     def _mark(self, name: str) -> list[CallAction]:
+        self.playout.echoed(name, self.now_ms)
         final = self.marks.echo(name)
         if final:
             return self._final_mark()
@@ -778,6 +978,10 @@ class CarrierCall:
         self.turn = _Turn()
         self.session_started = True
         attributes = self._input_attributes.pop(text, None) or {}
+        if self.interruption is not None:
+            attributes = {**attributes, **self.interruption}
+            self.interruption = None
+        self.playout.reset()
         return [StartTurn(self.ctx, Input.of(text, locale=self.ctx.locale, attributes=attributes))]
 
     # -------------------------------------------------------------- listener
@@ -790,10 +994,15 @@ class CarrierCall:
         cut the bot off (the bot fell silent and must answer), else the caller's
         floor again with a fresh silence timeout (a cough is not an input).
         """
-        if self.state is not State.HEARING:
+        state = self.state
+        text = text.strip() if kind == "final" else ""
+        if state is State.HOLDING:
+            if is_backchannel(text, self.config.barge_in_backchannels):
+                return self._resume()
+            return [*self._barge_in(), *self._commit(text)]
+        if state is not State.HEARING:
             return []
-        text = text.strip()
-        if kind == "final" and text:
+        if text:
             return self._commit(text)
         if self._interrupted:
             return self._commit(FALLBACK)
@@ -802,7 +1011,10 @@ class CarrierCall:
         return []
 
     def listener_failed(self) -> list[CallAction]:
-        """The listener failed (recognizer error, utterance too long): ``#fallback``."""
+        """The listener failed (recognizer error, utterance too long): ``#fallback``; while
+        the bot holds for the utterance, its audio goes on (a longer one interrupted it)."""
+        if self.state is State.HOLDING:
+            return self._resume()
         if self.state is not State.HEARING:
             return []
         return self._commit(FALLBACK)
@@ -823,20 +1035,26 @@ class CarrierCall:
             turn.failed = True
             return [] if turn.discarded else [Speak(self.config.error_text)]
         if isinstance(event, ResponseItemEvent) and not turn.discarded and self.transfer is None:
+            item_text = event.response_item.text or ""
+            self._item_text = "" if item_text.startswith("#") else item_text.strip()
             target = transfer_target(event.response_item)
             if target is not None:  # what follows it in the turn is not played
                 self.transfer, turn.transfer = target, True
             return []
         if isinstance(event, BinaryEvent) and not turn.discarded and not turn.transfer:
-            return [self._play(event.data)]
+            text, self._item_text = self._item_text, ""  # an item's further audio: no text
+            return [self._play(event.data, text=text)]
         return []
 
-    def _play(self, audio: bytes, *, final: bool = False) -> Play:
-        """``audio`` (WAV, as :data:`TTS` asks) as the codec's frames and a mark.
+    def _play(self, audio: bytes, *, final: bool = False, text: str = "") -> Play:
+        """``audio`` (WAV, as :data:`TTS` asks) as the codec's frames and a mark; ``text``
+        is what it says (for :attr:`playout`).
 
         Raises AudioFormatError for audio that is not WAV."""
         messages, audio_ms = self._frames(audio) if audio else ((), 0)
         name = self.marks.new(final=final)
+        if not final:
+            self.playout.queued(name, text, audio_ms, self.now_ms)
         return Play(messages, self.codec.mark(name), audio_ms, final)
 
     def _frames(self, audio: bytes) -> tuple[tuple[WireFrame, ...], int]:
@@ -850,9 +1068,9 @@ class CarrierCall:
         """The audio of a Speak (None: synthesis failed; nothing is played)."""
         if not audio or self.turn is None or self.turn.discarded or self.info is None:
             return []
-        if self.state not in (State.BOT, State.CALLER, State.HEARING):
+        if self.state not in (State.BOT, State.HOLDING, State.CALLER, State.HEARING):
             return []
-        return [self._play(audio)]
+        return [self._play(audio, text=self.config.error_text)]
 
     def turn_rejected(self, exc: TurnRejected) -> list[CallAction]:
         """The engine refused the turn (session busy, store down, ...): say the error text;
@@ -873,6 +1091,9 @@ class CarrierCall:
             end = [] if turn.ended or self.ctx is None else [EndSession(self.ctx)]
             self.session_over = True
             stop = self._stop_listening() if self.state is State.HEARING else []
+            if self.state is State.HOLDING:  # the farewell is said all the same
+                stop = [*self._stop_listening(), ResumePlayback()]
+                self._held_at = None
             self.machine.advance(SESSION_END)
             self.pending = None
             return [*stop, *end, self._play(b"", final=True)]
@@ -889,7 +1110,7 @@ class CarrierCall:
 
     def _ending_actions(self, was: State) -> list[CallAction]:
         actions: list[CallAction] = []
-        if was is State.HEARING:
+        if was in (State.HEARING, State.HOLDING):
             actions += self._stop_listening()
         if self.ctx is not None and self.session_started and not self.session_over:
             self.session_over = True
