@@ -263,7 +263,11 @@ class _Listening:
         try:
             await speech.run(self._report)
             result = speech.result
-            actions = call.heard(result.kind, result.text) if result is not None else []
+            actions = (
+                call.heard(result.kind, result.text, result.confidence)
+                if result is not None
+                else []
+            )
         except RecognizerBusy as exc:
             log.warning("%s call: utterance not heard: %s", call.config.channel, exc.text)
             metrics.ERRORS.labels(call.config.channel, "stt").inc()

@@ -89,7 +89,7 @@ from gateway.protocol.actions import (
     StartTurn,
 )
 from gateway.speech.audio import AudioFormat, decode_wav
-from gateway.speech.endofturn import BACKCHANNELS, is_backchannel
+from gateway.speech.endofturn import BACKCHANNELS, content_words
 from gateway.speech.types import TtsRequest
 from gateway.turn import TurnContext, TurnRejected
 
@@ -495,10 +495,16 @@ class CallConfig:
     kept for a StartListening's ``from_ms``. ``error_text`` is said when a turn fails.
 
     Barge-in (module doc, step 4): speech over the bot lasting ``barge_in_min_speech_ms``
-    pauses it; it is a real interruption when its transcript holds a word that is not in
-    ``barge_in_backchannels`` (nor a filler, :func:`~gateway.speech.endofturn.is_backchannel`)
-    or its voiced part lasts ``barge_in_max_backchannel_ms``; 0 there: every such speech
-    interrupts at once (the behaviour before issue 16).
+    pauses it. It is a real interruption when its voiced part lasts
+    ``barge_in_max_backchannel_ms`` (0: every such speech interrupts at once, the
+    behaviour before issue 16), when an interim transcript holds two content words
+    (:func:`~gateway.speech.endofturn.content_words`: not in ``barge_in_backchannels``,
+    no filler or hum, no function word), or when the final one holds one with a
+    confidence of at least ``barge_in_min_confidence`` (what a recognizer makes of a hum
+    or a cough is function words or low-confidence guesses). Otherwise the bot's audio
+    resumes once the caller has been quiet for ``barge_in_resume_ms`` (when the interim
+    transcript has no content word so far; else at the final); a final that turns out to
+    hold an interruption still interrupts then.
     """
 
     key_allowed: Callable[[str | None], bool]
@@ -508,6 +514,8 @@ class CallConfig:
     barge_in_min_speech_ms: int = 150
     barge_in_backchannels: tuple[str, ...] = BACKCHANNELS
     barge_in_max_backchannel_ms: int = 1000
+    barge_in_resume_ms: int = 300
+    barge_in_min_confidence: float = 0.3
     dtmf_mode: DtmfMode = "digit"
     dtmf_timeout_ms: int = 2000
     frame_ms: int = 20
@@ -602,6 +610,8 @@ class CarrierCall:
         self.partial = ""
         """The latest interim transcript of the utterance being heard."""
         self._held_at: int | None = None
+        self._judging = False  # resumed early: the utterance's final is still judged
+        self._judged: tuple[int, int] | None = None  # (onset, voiced end) when it resumed
         self._item_text = ""
         self.extra_parameters: dict[str, str] = {}
         """Parameters the adapter learnt outside the codec's start (Telnyx ``client_state``):
@@ -758,7 +768,8 @@ class CarrierCall:
         elif state is State.HOLDING:
             actions += [*self._stop_listening(), *self._silence_the_bot()]
         elif state is State.BOT:
-            actions += self._silence_the_bot()
+            actions += [*self._stop_judging(), *self._silence_the_bot()]
+        self.interruption = None  # not the caller's interruption
         return [*actions, *self._commit(MACHINE)]
 
     def _media(self, message: Media) -> list[CallAction]:
@@ -807,8 +818,9 @@ class CarrierCall:
         now = self.now_ms
         actions: list[CallAction] = []
         if state is State.HOLDING:
-            if self.voiced_ms >= self.config.barge_in_max_backchannel_ms:
-                actions += self._barge_in()
+            actions += self._judge_holding()
+        elif state is State.BOT and self._judging:
+            actions += self._judge_resumed()
         elif state is State.CALLER:
             if started:
                 actions += self._hear(interrupted=False)
@@ -833,17 +845,61 @@ class CarrierCall:
             and self.onset_ms >= self._bot_since
         )
 
-    def _hold(self) -> list[CallAction]:
-        """Speech over the bot: pause its audio and hear the utterance out (HOLDING)."""
+    def _hold(self, *, listen: bool = True) -> list[CallAction]:
+        """Speech over the bot: pause its audio and hear the utterance out (HOLDING);
+        ``listen`` False: its utterance is open already (the caller went on)."""
         self.machine.advance(HOLD)
         self._held_at = self.now_ms
+        self._judging = False
+        if not listen:
+            return [PausePlayback()]
         self.partial = ""
         return [PausePlayback(), *self._listen(interrupted=True)]
 
+    def _judge_holding(self) -> list[CallAction]:
+        """HOLDING, after each inbound frame: voiced too long for a backchannel -> barge-in;
+        quiet for ``barge_in_resume_ms`` with no content word heard -> resume early."""
+        cfg = self.config
+        if self.voiced_ms >= cfg.barge_in_max_backchannel_ms:
+            return self._barge_in()
+        onset = self.onset_ms
+        voiced_end = None if onset is None else onset + self.voiced_ms
+        quiet = voiced_end is None or self.now_ms - voiced_end >= cfg.barge_in_resume_ms
+        if quiet and not content_words(self.partial, cfg.barge_in_backchannels):
+            self._judged = None if onset is None or voiced_end is None else (onset, voiced_end)
+            self._judging = True  # its final is still to come
+            return self._resume()
+        return []
+
+    def _judge_resumed(self) -> list[CallAction]:
+        """BOT, resumed early: the caller speaking on in the same speech holds the bot
+        again (the utterance is still open); a new speech starts over."""
+        onset = self.onset_ms
+        if onset is None:
+            return []
+        if self._judged is not None and onset == self._judged[0]:
+            if onset + self.voiced_ms > self._judged[1]:
+                return self._hold(listen=False)
+            return []
+        if self._may_barge_in():  # a new speech: a new utterance (the old one is dropped)
+            self._judging = False
+            return self._hold()
+        return []
+
+    def _is_interruption(self, text: str, *, final: bool, confidence: float = 1.0) -> bool:
+        """Whether a transcript of the speech over the bot is a real interruption (interim:
+        two content words; final: one, heard with ``barge_in_min_confidence``)."""
+        found = content_words(text, self.config.barge_in_backchannels)
+        if not final:
+            return len(found) >= 2
+        return bool(found) and confidence >= self.config.barge_in_min_confidence
+
     def _barge_in(self) -> list[CallAction]:
         """A real interruption: clear the bot (HEARING); the utterance is heard on (opened
-        now unless the bot was holding for it)."""
-        held = self.state is State.HOLDING
+        now unless the bot was holding for it or judging it)."""
+        held = self.state is State.HOLDING or self._judging
+        self._judging = False
+        self._interrupted = True
         self.machine.advance(BARGE_IN)
         actions = self._silence_the_bot()
         return actions if held else [*actions, *self._listen(interrupted=True)]
@@ -873,16 +929,19 @@ class CarrierCall:
 
     def interim(self, text: str) -> list[CallAction]:
         """The latest interim transcript of the utterance being heard. While the bot holds
-        for it: a word that is no backchannel (and ``barge_in_min_speech_ms`` of speech)
-        is a real interruption."""
+        for it (or resumed early): two content words are a real interruption."""
         self.partial = text
-        if (
-            self.state is State.HOLDING
-            and not is_backchannel(text, self.config.barge_in_backchannels)
-            and self.voiced_ms >= self.config.barge_in_min_speech_ms
-        ):
+        judged = self.state is State.HOLDING or (self.state is State.BOT and self._judging)
+        if judged and self._is_interruption(text, final=False):
             return self._barge_in()
         return []
+
+    def _stop_judging(self) -> list[CallAction]:
+        """Drop the utterance judged after an early resume (the bot was cut off otherwise)."""
+        if not self._judging:
+            return []
+        self._judging = False
+        return self._stop_listening()
 
     def _hear(self, *, interrupted: bool) -> list[CallAction]:
         self.machine.advance(SPEECH)
@@ -911,6 +970,7 @@ class CarrierCall:
             actions += [*self._stop_listening(), *self._silence_the_bot()]
             self.machine.advance(INTERRUPT)
         elif state is State.BOT and self.config.barge_in:
+            actions += self._stop_judging()
             actions += self._silence_the_bot()
             self.machine.advance(INTERRUPT)
         self._silence_at = None
@@ -969,6 +1029,11 @@ class CarrierCall:
             return self._start_turn(text)
         self.machine.advance(FLOOR)
         self._silence_at = self.now_ms + self.config.silence_timeout_ms
+        if self._judging:  # the bot finished while its final was judged: that is the input
+            self._judging = False
+            self._interrupted = False
+            self.machine.advance(SPEECH)
+            return []
         if self.onset_ms is not None and self.onset_ms >= self._bot_since:
             return self._hear(interrupted=False)  # the caller started before the bot finished
         return []
@@ -986,20 +1051,24 @@ class CarrierCall:
 
     # -------------------------------------------------------------- listener
 
-    def heard(self, kind: str, text: str) -> list[CallAction]:
-        """The listener's result: ``kind`` ``final`` (with ``text``) or ``silence``.
-        Ignored unless the call is hearing.
+    def heard(self, kind: str, text: str, confidence: float = 1.0) -> list[CallAction]:
+        """The listener's result: ``kind`` ``final`` (with ``text`` and its ``confidence``,
+        0..1) or ``silence``. Ignored unless the call is hearing, holding or judging.
 
         A final text is the next input. No words: ``#fallback`` when the utterance
         cut the bot off (the bot fell silent and must answer), else the caller's
-        floor again with a fresh silence timeout (a cough is not an input).
+        floor again with a fresh silence timeout (a cough is not an input). Speech over
+        the bot that is no real interruption (module doc step 4) resumes it (or, judged
+        after an early resume, is forgotten).
         """
         state = self.state
         text = text.strip() if kind == "final" else ""
-        if state is State.HOLDING:
-            if is_backchannel(text, self.config.barge_in_backchannels):
-                return self._resume()
-            return [*self._barge_in(), *self._commit(text)]
+        judging = state is State.BOT and self._judging
+        if state is State.HOLDING or judging:
+            if self._is_interruption(text, final=True, confidence=confidence):
+                return [*self._barge_in(), *self._commit(text)]
+            self._judging = False
+            return [] if judging else self._resume()
         if state is not State.HEARING:
             return []
         if text:
@@ -1015,6 +1084,9 @@ class CarrierCall:
         the bot holds for the utterance, its audio goes on (a longer one interrupted it)."""
         if self.state is State.HOLDING:
             return self._resume()
+        if self.state is State.BOT and self._judging:
+            self._judging = False
+            return []
         if self.state is not State.HEARING:
             return []
         return self._commit(FALLBACK)
@@ -1090,7 +1162,7 @@ class CarrierCall:
             # a transfer ends the session here unless the core ended it
             end = [] if turn.ended or self.ctx is None else [EndSession(self.ctx)]
             self.session_over = True
-            stop = self._stop_listening() if self.state is State.HEARING else []
+            stop = self._stop_listening() if self.state is State.HEARING else self._stop_judging()
             if self.state is State.HOLDING:  # the farewell is said all the same
                 stop = [*self._stop_listening(), ResumePlayback()]
                 self._held_at = None
@@ -1110,7 +1182,8 @@ class CarrierCall:
 
     def _ending_actions(self, was: State) -> list[CallAction]:
         actions: list[CallAction] = []
-        if was in (State.HEARING, State.HOLDING):
+        if was in (State.HEARING, State.HOLDING) or self._judging:
+            self._judging = False
             actions += self._stop_listening()
         if self.ctx is not None and self.session_started and not self.session_over:
             self.session_over = True

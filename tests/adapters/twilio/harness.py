@@ -118,6 +118,8 @@ class Received:
     payload: bytes = b""
     name: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    until: float = 0.0
+    """A media frame: when the phone has played it (its audio and what was before it)."""
 
 
 @dataclass
@@ -334,9 +336,11 @@ class TwilioHarness:
                 assert message["streamSid"] == self.stream_sid, message
                 if event == "media":
                     payload = base64.b64decode(message["media"]["payload"])
-                    self._record(Received(now, "media", payload=payload, raw=message))
                     self._play_end = max(self._play_end, now) + len(payload) / 8000 / (
                         self.play_speed
+                    )
+                    self._record(
+                        Received(now, "media", payload=payload, raw=message, until=self._play_end)
                     )
                 elif event == "mark":
                     name = message["mark"]["name"]

@@ -98,10 +98,14 @@ def test_backchannels_and_noise_pause_and_resume_the_bot(interim: str, final: st
     say_item(call, "Welcome to the shop. How can I help you today?")
     onset = hold(call)
     actions = call.interim(interim) if interim else []
-    actions += frames(call, 20, onset=onset, voiced=450)  # 450 ms voiced, then quiet
-    actions += frames(call, 20)  # the speech ended
+    # to 720 ms after the onset: 450 ms voiced, then 270 ms quiet
+    actions += frames(call, 28, onset=onset, voiced=450)
     assert actions == []
-    assert call.heard("final" if final else "silence", final) == [ResumePlayback()]
+    # 300 ms quiet without a content word: the audio resumes before the final
+    assert frames(call, 2, onset=onset, voiced=450) == [ResumePlayback()]
+    assert call.state is State.BOT
+    assert frames(call, 20) == []  # the speech ended
+    assert call.heard("final" if final else "silence", final, 0.9) == []  # judged: no stop
     assert call.state is State.BOT
     assert call.interruption is None
     # the answer plays on: its mark comes back and the caller has the floor
@@ -117,8 +121,9 @@ def test_a_word_that_is_no_backchannel_interrupts_at_once() -> None:
     call.receive(media(SILENCE))  # audio time passes while it plays
     onset = hold(call)
     assert frames(call, 5, onset=onset, voiced=10_000) == []
-    assert call.interim("okay") == []  # still a backchannel
-    [interrupt] = call.interim("okay wait")
+    assert call.interim("okay") == []  # a backchannel
+    assert call.interim("okay wait") == []  # one content word: the final decides
+    [interrupt] = call.interim("okay wait i want to change")
     assert isinstance(interrupt, Interrupt)
     assert call.state is State.HEARING
     assert call.marks.outstanding == 0
@@ -166,17 +171,31 @@ def test_voiced_length_not_trailing_silence_counts() -> None:
     call = started(barge_in_max_backchannel_ms=800)
     say_item(call, "Hello.")
     onset = hold(call)
-    assert frames(call, 50, onset=onset, voiced=450) == []
-    assert call.state is State.HOLDING
+    assert frames(call, 50, onset=onset, voiced=450) == [ResumePlayback()]
+    assert call.state is State.BOT
 
 
 def test_the_backchannel_list_is_configurable() -> None:
     call = started(barge_in_backchannels=("gotcha",))
-    say_item(call, "Hello.")
+    say_item(call, "Hello.", SECOND * 5)
     hold(call)
-    assert call.interim("gotcha") == []
-    [interrupt] = call.interim("okay")  # not listed here
-    assert isinstance(interrupt, Interrupt)
+    assert call.heard("final", "gotcha", 0.9) == [ResumePlayback()]
+    hold(call)
+    actions = call.heard("final", "okay", 0.9)  # not listed here
+    assert isinstance(actions[0], Interrupt)
+
+
+def test_low_confidence_guesses_and_function_words_do_not_interrupt() -> None:
+    """What pocketsphinx makes of Piper's "uh huh" ("up", 0.01) and "mm hmm" ("and hum",
+    "in the")."""
+    call = started()
+    say_item(call, "Hello.", SECOND * 5)
+    for text, confidence in (("up", 0.01), ("and hum", 0.9), ("in the", 0.55)):
+        hold(call)
+        assert call.interim(text) == []
+        assert call.heard("final", text, confidence) == [ResumePlayback()], text
+    hold(call)
+    assert isinstance(call.heard("final", "stop", 0.5)[0], Interrupt)
 
 
 def test_below_the_minimum_speech_nothing_happens() -> None:
@@ -240,11 +259,48 @@ def test_after_a_resume_a_new_onset_holds_again() -> None:
     call = started()
     say_item(call, "Hello, this is a long answer.", SECOND * 5)
     hold(call)
-    frames(call, 30)
-    assert call.heard("final", "yeah") == [ResumePlayback()]
+    assert frames(call, 30) == [ResumePlayback()]  # the speech ended: resumed at once
+    assert call.heard("final", "yeah") == []
     hold(call)
-    [interrupt] = call.interim("hold on")
+    [interrupt] = call.interim("hold on please wait")
     assert isinstance(interrupt, Interrupt)
+
+
+def test_speaking_on_after_an_early_resume_holds_again_and_is_judged() -> None:
+    call = started()
+    say_item(call, "Hello, this is a long answer.", SECOND * 5)
+    onset = hold(call)
+    assert frames(call, 15, onset=onset, voiced=160) == [ResumePlayback()]
+    # the same speech goes on (the endpointer has not ended it): paused again, same utterance
+    assert frames(call, 1, onset=onset, voiced=10_000) == [PausePlayback()]
+    assert call.state is State.HOLDING
+    [interrupt, *_] = call.heard("final", "yeah but no", 0.8)
+    assert isinstance(interrupt, Interrupt)
+
+
+def test_a_late_final_that_is_an_interruption_still_interrupts() -> None:
+    call = started()
+    say_item(call, "Hello, this is a long answer.", SECOND * 5)
+    hold(call)
+    assert frames(call, 20) == [ResumePlayback()]
+    actions = call.heard("final", "wait", 0.6)
+    assert [type(a) for a in actions] == [Interrupt]
+    assert call.state is State.BOT  # the input waits for the interrupted turn
+    assert call.pending == "wait"
+
+
+def test_the_bot_finishing_while_judging_makes_the_utterance_an_input() -> None:
+    call = started()
+    say_item(call, "Hello.")
+    call.turn_event(ResponseEvent(response=Response()))
+    call.turn_finished()
+    hold(call)
+    assert frames(call, 20) == [ResumePlayback()]
+    assert call.receive(mark("1")) == []  # the bot's audio ended
+    assert call.state is State.HEARING
+    [turn] = call.heard("final", "yeah", 0.9)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "yeah"  # on the caller's floor an answer
 
 
 # ------------------------------------------------------------------ heard text
@@ -281,12 +337,10 @@ def test_heard_counts_whole_items_whose_marks_came_back() -> None:
     say_item(call, "Second sentence here.", SECOND * 2)
     frames(call, 50)  # 1 s
     call.receive(mark("1"))
-    onset = hold(call)  # 360 ms into the 2 s second item
-    frames(call, 3, onset=onset, voiced=10_000)
-    call.interim("what")
+    hold(call)  # 360 ms into the 2 s second item
+    assert isinstance(call.heard("final", "what")[0], Interrupt)
     call.turn_event(ResponseEvent(response=Response()))
-    call.turn_finished()
-    [turn] = call.heard("final", "what")
+    [turn] = call.turn_finished()
     assert turn.input.attributes == {
         INTERRUPTED: True,
         HEARD: "First sentence.",
