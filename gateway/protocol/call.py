@@ -32,7 +32,8 @@ full; :data:`TRANSITIONS` is the same state machine):
    input carries what the caller heard (:data:`~gateway.events.HEARD`). A backchannel,
    filler or noise (no words, or only listed ones) -> :class:`ResumePlayback`: the
    audio goes on where it paused, nothing lost [bot]. ``barge_in_max_backchannel_ms``
-   0: every such speech interrupts at once (no holding).
+   0, or a carrier that is sent the whole answer at once (codec not ``realtime``:
+   Plivo, Exotel, which cannot be paused): every such speech interrupts at once.
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
 6. The end: a final mark after the last audio; its echo -> :class:`HangUp` (or
    :class:`Transfer` when a response item asked for one).
@@ -640,6 +641,14 @@ class CarrierCall:
         return 0 if self.onset_ms is None else self.now_ms - self.onset_ms
 
     @property
+    def holds(self) -> bool:
+        """Whether speech over the bot pauses it to be judged (module doc step 4): with
+        ``barge_in_max_backchannel_ms`` set and a paced codec (``realtime``: the carrier
+        holds only the send-ahead). A carrier given the whole answer at once (Plivo,
+        Exotel) cannot be paused: its speech over the bot interrupts at once."""
+        return bool(self.config.barge_in_max_backchannel_ms) and self.codec.realtime
+
+    @property
     def keep_ms(self) -> int:
         """Audio the speech stage must keep for a StartListening's ``from_ms`` (ms)."""
         cfg = self.config
@@ -827,7 +836,7 @@ class CarrierCall:
             elif self._silence_due(now):
                 actions += self._commit(SILENCE)
         elif state is State.BOT and self._may_barge_in():
-            actions += self._hold() if self.config.barge_in_max_backchannel_ms else self._barge_in()
+            actions += self._hold() if self.holds else self._barge_in()
         if self.dtmf.collecting and (digits := self.dtmf.poll(now)) is not None:
             actions += self._digits(digits)
         return actions

@@ -118,7 +118,9 @@ async def test_barge_in_clears_playback_and_is_answered(
         await call.wait_for(lambda: bool(call.clears()), within_s=5)
         onset = said.started.result()
         clear = call.clears()[0].at
-        assert clear - onset <= 0.300, f"clear {1000 * (clear - onset):.0f} ms after onset"
+        # paused at the onset, cleared once judged a real interruption (issue 16)
+        silent = max(r.until for r in call.media_frames() if r.at < clear)
+        assert silent - onset <= 0.300, f"silent {1000 * (silent - onset):.0f} ms after onset"
         index = call.received.index(call.clears()[0])
         await gw.wait_turns(2)
         heard, _ = gw.core.turns[1]
