@@ -25,15 +25,17 @@ full; :data:`TRANSITIONS` is the same state machine):
 4. Barge-in without false stops (issue 16): the caller's speech over the bot lasting
    ``barge_in_min_speech_ms`` -> :class:`PausePlayback` (no new audio is sent; the
    carrier plays out only the little it holds, GATEWAY_TWILIO_SEND_AHEAD_MS) and the
-   utterance is recognised [holding]. A real interruption -- an interim or final
-   transcript holding a word that is no backchannel (``barge_in_backchannels``), or
-   voiced speech longer than ``barge_in_max_backchannel_ms`` -> :class:`Interrupt`
-   (``codec.clear()``, queued audio dropped, the turn's rest too) [hearing]; the next
-   input carries what the caller heard (:data:`~gateway.events.HEARD`). A backchannel,
-   filler or noise (no words, or only listed ones) -> :class:`ResumePlayback`: the
-   audio goes on where it paused, nothing lost [bot]. ``barge_in_max_backchannel_ms``
-   0, or a carrier that is sent the whole answer at once (codec not ``realtime``:
-   Plivo, Exotel, which cannot be paused): every such speech interrupts at once.
+   utterance is recognised [holding]. A real interruption -- content words in its
+   transcript (not in ``barge_in_backchannels``, no filler, no function word; see
+   :class:`CallConfig`), or voiced speech longer than ``barge_in_max_backchannel_ms``
+   -> :class:`Interrupt` (``codec.clear()``, queued audio dropped, the turn's rest
+   too) [hearing]; the next input carries what the caller heard
+   (:data:`~gateway.events.HEARD`). A backchannel, filler or noise (no content words)
+   -> :class:`ResumePlayback` once the caller has been quiet ``barge_in_resume_ms``:
+   the audio goes on where it paused, nothing lost [bot]; its final transcript is
+   still judged (an interruption then interrupts). ``barge_in_max_backchannel_ms`` 0,
+   or a carrier that is sent the whole answer at once (codec not ``realtime``: Plivo,
+   Exotel, which cannot be paused): every such speech interrupts at once.
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
 6. The end: a final mark after the last audio; its echo -> :class:`HangUp` (or
    :class:`Transfer` when a response item asked for one).

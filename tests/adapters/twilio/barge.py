@@ -154,12 +154,12 @@ def _gap_after(call: TwilioHarness, onset: float) -> tuple[float, float] | None:
 
 
 async def backchannels_call(
-    speech: SpeechService, sounds: dict[str, bytes], *, space_s: float = 0.6
+    speech: SpeechService, sounds: dict[str, bytes], *, space_s: float = 0.6, **overrides: Any
 ) -> BackchannelRun:
     """Say each of ``sounds`` over the greeting, one after the other, ``space_s`` of the
-    bot's audio apart; then let the greeting play out."""
+    bot's audio apart; then let the greeting play out. ``overrides``: gateway settings."""
     run = BackchannelRun(expected_frames=await greeting_frames(speech))
-    async with shop_call(speech) as (_, core, call):
+    async with shop_call(speech, **overrides) as (_, core, call):
         await call.wait_for(lambda: bool(call.media_frames()), within_s=20)
         for name, audio in sounds.items():
             await asyncio.sleep(space_s)
@@ -210,11 +210,17 @@ class InterruptionRun:
 
 
 async def interruption_call(
-    speech: SpeechService, audio: bytes, *, after_s: float = 1.5
+    speech: SpeechService,
+    audio: bytes,
+    *,
+    after_s: float = 1.5,
+    answer: bool = True,
+    **overrides: Any,
 ) -> InterruptionRun:
-    """Interrupt the greeting ``after_s`` into it with ``audio``; wait for the answer."""
+    """Interrupt the greeting ``after_s`` into it with ``audio``; wait for the answer
+    (``answer`` False: only for the clear). ``overrides``: gateway settings."""
     await greeting_frames(speech)
-    async with shop_call(speech) as (_, core, call):
+    async with shop_call(speech, **overrides) as (_, core, call):
         await call.wait_for(lambda: bool(call.media_frames()), within_s=20)
         await asyncio.sleep(after_s)
         said = call.say(audio)
@@ -223,6 +229,9 @@ async def interruption_call(
         clear = call.clears()[0]
         before = [r for r in call.media_frames() if r.at < clear.at]
         last = before[-1]
+        silent = min(last.until, clear.at) - onset  # a clear drops what the phone holds
+        if not answer:
+            return InterruptionRun(last.at - onset, silent, clear.at - onset, 0, {}, "")
         await call.wait_for(lambda: len(core.state.requests) >= 2, within_s=20)
         index = call.received.index(clear)
         await call.wait_for(
@@ -232,7 +241,7 @@ async def interruption_call(
         request = core.state.requests[1]
         return InterruptionRun(
             pause_s=last.at - onset,
-            silent_s=last.until - onset,
+            silent_s=silent,
             clear_s=clear.at - onset,
             answer_after_end_s=first_answer.at - (await said.finished - 1.2),
             attributes=dict(request["input"].get("attributes", {})),
