@@ -45,8 +45,9 @@ How a call goes (states of :data:`TRANSITIONS` in brackets):
    audio on the VAD alone (never waiting for a recognizer) [holding]; once it is judged
    a real interruption (gateway/protocol/call.py, step 4) it sends ``clear``, drops the
    queued audio and the rest of the turn's output, and the caller's utterance becomes
-   the next input [hearing]; a backchannel or noise resumes the audio [bot]. An interrupted utterance that turns
-   out to hold no words gives ``#fallback`` (the bot was cut off and must answer);
+   the next input [hearing]; a backchannel or noise resumes the audio [bot]. An
+   interrupted utterance that turns out to hold no words gives ``#fallback`` (the bot
+   was cut off and must answer);
    on the caller's floor such noise is ignored. Without barge-in, speech over the
    bot is not listened to.
 5. **DTMF**: ``digit`` mode makes each key an input (text ``"5"``); ``collect``
