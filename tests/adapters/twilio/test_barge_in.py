@@ -25,6 +25,7 @@ from gateway.events import (
     ResponseItem,
     ResponseItemEvent,
 )
+from gateway.io.call import call_config
 from gateway.protocol.actions import CancelListening, FeedAudio, StartListening, StartTurn
 from gateway.protocol.call import (
     CallConfig,
@@ -35,6 +36,8 @@ from gateway.protocol.call import (
     ResumePlayback,
     State,
 )
+from gateway.settings import Settings
+from gateway.speech.endofturn import content_words
 from tests.adapters.twilio.test_protocol import CALL, CONNECTED, START, dtmf, mark, media
 
 SILENCE = b"\xff" * 160
@@ -346,3 +349,31 @@ def test_heard_counts_whole_items_whose_marks_came_back() -> None:
         HEARD: "First sentence.",
         UNHEARD: "Second sentence here.",
     }
+
+
+# ------------------------------------------------------------------ words and settings
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("uh huh yeah", []),
+        ("m h m", []),  # a recognizer spelling a hum
+        ("and hum", []),
+        ("in the", []),  # function words only
+        ("okay wait", ["wait"]),
+        ("hold on", ["hold"]),
+        ("wait i want to change my order", ["wait", "change", "order"]),
+    ],
+)
+def test_content_words(text: str, found: list[str]) -> None:
+    assert content_words(text) == found
+
+
+def test_the_settings_name_the_backchannels_and_the_bound() -> None:
+    settings = Settings(barge_in_backchannels="Gotcha, right ,", barge_in_max_backchannel_ms=900)
+    assert settings.barge_in_backchannels == ("gotcha", "right")
+    config = call_config(settings, "telnyx")
+    assert config.barge_in_backchannels == ("gotcha", "right")
+    assert config.barge_in_max_backchannel_ms == 900
+    assert content_words("gotcha", config.barge_in_backchannels) == []
