@@ -324,11 +324,20 @@ class MarkBook:
 
 
 @dataclass
-class _Said:
-    """One played item's audio: its mark, text, length and when it was queued (audio ms)."""
+class _Spoken:
+    """One response item's speech: its text and its audio queued and played (ms)."""
+
+    text: str
+    total_ms: int = 0
+    played_ms: int = 0
+
+
+@dataclass
+class _Chunk:
+    """One Play of an item's audio: its mark, item, length and when it was queued (audio ms)."""
 
     mark: str
-    text: str
+    item: _Spoken
     audio_ms: int
     queued_ms: int
 
@@ -336,58 +345,71 @@ class _Said:
 class Playout:
     """What of the bot's speech the caller has heard, from the marks (issue 16).
 
-    Each Play is :meth:`queued` with its item's text; a mark's echo (:meth:`echoed`)
-    says its audio and everything before it played out. :meth:`cut` at an interruption
-    splits the turn's speech into heard and unheard text: the echoed items whole, and
-    of the first item not echoed the whole words its audio played until then covers
-    (estimated: it started playing when it was queued or when the mark before it came
-    back, whichever is later, and its characters are spread evenly over its audio).
-    Times are the call's audio time (ms).
+    Each response item with speech is announced (:meth:`item`), then each Play of its
+    audio (streamed speech: several) is :meth:`queued`; a mark's echo (:meth:`echoed`)
+    says that audio and everything before it played out. :meth:`cut` at an interruption
+    splits the turn's speech into heard and unheard text: per item, the whole words of
+    the share of its characters its played audio covers (all of it when every chunk's
+    mark came back). The chunk playing at the cut is estimated: it started when it was
+    queued or when the mark before it came back, whichever is later. Times are the
+    call's audio time (ms); an item still being synthesized counts the audio so far.
     """
 
     def __init__(self) -> None:
-        self._said: deque[_Said] = deque()
-        self._heard: list[str] = []
+        self._items: list[_Spoken] = []
+        self._chunks: deque[_Chunk] = deque()
         self._since_ms = 0
 
     def reset(self) -> None:
         """Forget everything (a new turn)."""
-        self._said.clear()
-        self._heard = []
+        self._items = []
+        self._chunks.clear()
 
-    def queued(self, mark: str, text: str, audio_ms: int, now_ms: int) -> None:
-        """A Play of ``audio_ms`` of ``text``'s speech, marked ``mark``, queued at ``now_ms``."""
-        self._said.append(_Said(mark, text, audio_ms, now_ms))
+    def item(self, text: str) -> None:
+        """A response item whose speech (``text``) comes next."""
+        self._items.append(_Spoken(text))
+
+    def queued(self, mark: str, audio_ms: int, now_ms: int) -> None:
+        """A Play of ``audio_ms`` of the latest item's speech, marked ``mark``, queued at
+        ``now_ms``."""
+        if not self._items:
+            self._items.append(_Spoken(""))
+        item = self._items[-1]
+        item.total_ms += audio_ms
+        self._chunks.append(_Chunk(mark, item, audio_ms, now_ms))
 
     def echoed(self, mark: str, now_ms: int) -> None:
-        """``mark`` came back at ``now_ms``: its item and those before it were heard."""
-        if all(said.mark != mark for said in self._said):
+        """``mark`` came back at ``now_ms``: its audio and all before it were heard."""
+        if all(chunk.mark != mark for chunk in self._chunks):
             return
-        while self._said:
-            said = self._said.popleft()
-            if said.text:
-                self._heard.append(said.text)
-            if said.mark == mark:
+        while self._chunks:
+            chunk = self._chunks.popleft()
+            chunk.item.played_ms += chunk.audio_ms
+            if chunk.mark == mark:
                 break
         self._since_ms = now_ms
 
     def paused(self, pause_ms: int) -> None:
         """The audio was paused for ``pause_ms`` and resumed: what plays started that much later."""
         self._since_ms += pause_ms
-        for said in self._said:
-            said.queued_ms += pause_ms
+        for chunk in self._chunks:
+            chunk.queued_ms += pause_ms
 
     def cut(self, at_ms: int) -> tuple[str, str]:
         """``(heard, unheard)`` text when the audio stopped at ``at_ms``; then forgets all."""
-        heard, unheard = list(self._heard), []
-        if self._said:
-            head = self._said[0]
+        if self._chunks:
+            head = self._chunks[0]
             start = max(head.queued_ms, self._since_ms)
-            played = min(max(at_ms - start, 0), head.audio_ms)
-            said, rest = _split_words(head.text, played / head.audio_ms if head.audio_ms else 0)
+            head.item.played_ms += min(max(at_ms - start, 0), head.audio_ms)
+        heard: list[str] = []
+        unheard: list[str] = []
+        for item in self._items:
+            if not item.text:
+                continue
+            share = item.played_ms / item.total_ms if item.total_ms else 0.0
+            said, rest = _split_words(item.text, share)
             heard += [said] if said else []
             unheard += [rest] if rest else []
-            unheard += [s.text for s in list(self._said)[1:] if s.text]
         self.reset()
         return " ".join(heard), " ".join(unheard)
 
@@ -615,7 +637,6 @@ class CarrierCall:
         self._held_at: int | None = None
         self._judging = False  # resumed early: the utterance's final is still judged
         self._judged: tuple[int, int] | None = None  # (onset, voiced end) when it resumed
-        self._item_text = ""
         self.extra_parameters: dict[str, str] = {}
         """Parameters the adapter learnt outside the codec's start (Telnyx ``client_state``):
         under the start's own."""
@@ -1118,26 +1139,24 @@ class CarrierCall:
             turn.failed = True
             return [] if turn.discarded else [Speak(self.config.error_text)]
         if isinstance(event, ResponseItemEvent) and not turn.discarded and self.transfer is None:
-            item_text = event.response_item.text or ""
-            self._item_text = "" if item_text.startswith("#") else item_text.strip()
+            item_text = (event.response_item.text or "").strip()
+            self.playout.item("" if item_text.startswith("#") else item_text)
             target = transfer_target(event.response_item)
             if target is not None:  # what follows it in the turn is not played
                 self.transfer, turn.transfer = target, True
             return []
         if isinstance(event, BinaryEvent) and not turn.discarded and not turn.transfer:
-            text, self._item_text = self._item_text, ""  # an item's further audio: no text
-            return [self._play(event.data, text=text)]
+            return [self._play(event.data)]
         return []
 
-    def _play(self, audio: bytes, *, final: bool = False, text: str = "") -> Play:
-        """``audio`` (WAV, as :data:`TTS` asks) as the codec's frames and a mark; ``text``
-        is what it says (for :attr:`playout`).
+    def _play(self, audio: bytes, *, final: bool = False) -> Play:
+        """``audio`` (WAV, as :data:`TTS` asks) as the codec's frames and a mark.
 
         Raises AudioFormatError for audio that is not WAV."""
         messages, audio_ms = self._frames(audio) if audio else ((), 0)
         name = self.marks.new(final=final)
         if not final:
-            self.playout.queued(name, text, audio_ms, self.now_ms)
+            self.playout.queued(name, audio_ms, self.now_ms)
         return Play(messages, self.codec.mark(name), audio_ms, final)
 
     def _frames(self, audio: bytes) -> tuple[tuple[WireFrame, ...], int]:
@@ -1153,7 +1172,8 @@ class CarrierCall:
             return []
         if self.state not in (State.BOT, State.HOLDING, State.CALLER, State.HEARING):
             return []
-        return [self._play(audio, text=self.config.error_text)]
+        self.playout.item(self.config.error_text)
+        return [self._play(audio)]
 
     def turn_rejected(self, exc: TurnRejected) -> list[CallAction]:
         """The engine refused the turn (session busy, store down, ...): say the error text;

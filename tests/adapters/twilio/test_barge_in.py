@@ -311,25 +311,38 @@ def test_the_bot_finishing_while_judging_makes_the_utterance_an_input() -> None:
 
 def test_playout_heard_text_from_marks_and_time() -> None:
     out = Playout()
-    out.queued("1", "First item.", 1000, 0)
-    out.queued("2", "Second item is longer than that.", 2000, 0)
-    out.queued("3", "Third.", 500, 0)
-    out.echoed("1", 1000)
+    for text, ms in (("First item.", 1000), ("Second item is longer than that.", 2000)):
+        out.item(text)
+        out.queued(text[:5], ms, 0)
+    out.item("Third.")
+    out.queued("3", 500, 0)
+    out.echoed("First", 1000)
     # 1 s into the second item's 2 s: about half of its characters
     assert out.cut(2000) == ("First item. Second item is", "longer than that. Third.")
     assert out.cut(5000) == ("", "")  # forgotten
 
 
+def test_playout_streamed_speech_counts_the_chunks_of_an_item() -> None:
+    out = Playout()
+    out.item("one two three four five six seven eight")
+    out.queued("1", 1000, 0)  # the first sentence's audio
+    out.queued("2", 1000, 0)  # the second's
+    out.echoed("1", 1000)
+    assert out.cut(1000) == ("one two three four", "five six seven eight")
+
+
 def test_playout_a_pause_delays_what_plays() -> None:
     out = Playout()
-    out.queued("1", "one two three four", 1000, 0)
+    out.item("one two three four")
+    out.queued("1", 1000, 0)
     out.paused(5000)  # held for 5 s at the start
     assert out.cut(5500) == ("one two", "three four")
 
 
 def test_playout_late_and_unknown_echoes_are_ignored() -> None:
     out = Playout()
-    out.queued("1", "one", 1000, 0)
+    out.item("one")
+    out.queued("1", 1000, 0)
     out.echoed("9", 100)
     assert out.cut(0) == ("", "one")
 
