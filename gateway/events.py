@@ -49,6 +49,21 @@ TRANSFER_FAILED = "#transfer-failed"
 carrier's API). The call goes on in the same session and the core answers it
 (gateway/protocol/call.py)."""
 
+# Input attributes a voice channel sets on the input that follows an interruption of the
+# bot's speech (phone calls, issue 16: gateway/protocol/call.py), so that the core can
+# go on sensibly ("as I was saying ...", or not repeat what was heard):
+INTERRUPTED = "interrupted"
+"""Input attribute: ``true`` when the caller cut the bot's answer off (speech or a key)."""
+HEARD = "heard"
+"""Input attribute: the text of the interrupted answer the caller heard before the
+interruption: the items whose audio played out entirely (the carrier's marks said so)
+and the whole words of the cut item its played-out audio covers (estimated from the
+audio time played, in proportion to its characters). ``""`` when nothing was heard."""
+UNHEARD = "unheard"
+"""Input attribute: the text of the interrupted answer that was synthesized but not
+played (the rest of the cut item and the items queued after it; items the core had not
+produced yet are not in it)."""
+
 
 class Wire(BaseModel):
     """Base of every wire model: camelCase aliases, unknown properties ignored."""

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gateway.speech.endofturn import BACKCHANNELS
+
 Carrier = Literal["twilio", "telnyx", "vonage", "plivo", "exotel"]
 """The phone carriers whose calls run on the shared call engine."""
 
@@ -507,6 +509,19 @@ class Settings(BaseSettings):
         ge=0,
         description="Twilio's own GATEWAY_CALL_BARGE_IN_MIN_SPEECH_MS (unset: that one).",
     )
+    barge_in_backchannels: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=BACKCHANNELS,
+        description="Comma-separated backchannels and fillers that, said over the bot on a "
+        "call, do not interrupt it (its audio pauses and resumes); fillers such as `um` "
+        "and noise (no words) never do.",
+    )
+    barge_in_max_backchannel_ms: int = Field(
+        default=1000,
+        ge=0,
+        description="Voiced speech over the bot this long interrupts it even before a word "
+        "is recognised (longer than any backchannel); 0: any speech of "
+        "GATEWAY_CALL_BARGE_IN_MIN_SPEECH_MS interrupts at once (no pause and judging).",
+    )
     twilio_dtmf_mode: Literal["digit", "collect"] | None = Field(
         default=None, description="Twilio's own GATEWAY_CALL_DTMF_MODE (unset: that one)."
     )
@@ -794,6 +809,13 @@ class Settings(BaseSettings):
     def _split_voiceflow_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return frozenset(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @field_validator("barge_in_backchannels", mode="before")
+    @classmethod
+    def _split_backchannels(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(b.strip().lower() for b in value.split(",") if b.strip())
         return value
 
     @field_validator("voiceflow_cors_origins", mode="before")

@@ -40,12 +40,14 @@ How a call goes (states of :data:`TRANSITIONS` in brackets):
    (``StartListening`` with ``from_ms``: the stage's kept audio from just before the
    onset, then what follows) [hearing]; its final text
    is the next input [bot]. No speech for GATEWAY_SILENCE_TIMEOUT_MS gives ``#silence``.
-4. **Barge-in** (GATEWAY_TWILIO_BARGE_IN): speech lasting
-   GATEWAY_TWILIO_BARGE_IN_MIN_SPEECH_MS while the bot has the floor sends
-   ``clear``, drops the queued audio and the rest of the turn's output, and the
-   caller's utterance becomes the next input [hearing]. It is decided on the VAD
-   alone, so it never waits for a recognizer. An interrupted utterance that turns
-   out to hold no words gives ``#fallback`` (the bot was cut off and must answer);
+4. **Barge-in** (GATEWAY_CALL_BARGE_IN): speech lasting
+   GATEWAY_CALL_BARGE_IN_MIN_SPEECH_MS while the bot has the floor pauses the bot's
+   audio on the VAD alone (never waiting for a recognizer) [holding]; once it is judged
+   a real interruption (gateway/protocol/call.py, step 4) it sends ``clear``, drops the
+   queued audio and the rest of the turn's output, and the caller's utterance becomes
+   the next input [hearing]; a backchannel or noise resumes the audio [bot]. An
+   interrupted utterance that turns out to hold no words gives ``#fallback`` (the bot
+   was cut off and must answer);
    on the caller's floor such noise is ignored. Without barge-in, speech over the
    bot is not listened to.
 5. **DTMF**: ``digit`` mode makes each key an input (text ``"5"``); ``collect``

@@ -64,7 +64,9 @@ from gateway.protocol.call import (
     CarrierCall,
     HangUp,
     Interrupt,
+    PausePlayback,
     Play,
+    ResumePlayback,
     Speak,
     Transfer,
 )
@@ -114,6 +116,8 @@ def call_config(settings: Settings, channel: str) -> CallConfig:
         default_app_key=channel,
         barge_in=behaviour.barge_in,
         barge_in_min_speech_ms=behaviour.barge_in_min_speech_ms,
+        barge_in_backchannels=settings.barge_in_backchannels,
+        barge_in_max_backchannel_ms=settings.barge_in_max_backchannel_ms,
         dtmf_mode=behaviour.dtmf_mode,
         dtmf_timeout_ms=behaviour.dtmf_timeout_ms,
         frame_ms=behaviour.frame_ms,
@@ -242,10 +246,6 @@ async def announce_machine(gw: Gateway, carrier: str, call_id: str, answered_by:
 # ------------------------------------------------------------------ listening
 
 
-async def _ignore(heard: Heard) -> None:
-    """The events of an utterance before its result (onsets: the call has them)."""
-
-
 class _Listening:
     """The speech side of one call: one speech stage (one VAD pass per chunk, made
     when the stream's rate is known) and a task per utterance (see Twilio's)."""
@@ -266,7 +266,7 @@ class _Listening:
         if self._speech is None:
             self._speech = self.gw.speech.stage(
                 self.call.listen_format,
-                interim=False,
+                interim=True,  # a real interruption shows in the interim transcript
                 silence_timeout_ms=None,  # the call counts the caller's floor itself
                 frame_ms=20,
                 keep_ms=self.call.keep_ms,
@@ -284,7 +284,8 @@ class _Listening:
     async def feed(self, action: FeedAudio) -> None:
         speech = self.speech
         started = bool(speech.hear(action.data))
-        await self._run(self.call.voice(speech.onset_ms, started=started))
+        voice = self.call.voice(speech.onset_ms, started=started, voiced_ms=speech.voiced_ms)
+        await self._run(voice)
 
     async def finish(self, action: FinishListening) -> None:
         """Nothing to do: a call's utterance ends by endpointing."""
@@ -300,9 +301,13 @@ class _Listening:
         call = self.call
         speech = self.speech
         try:
-            await speech.run(_ignore)
+            await speech.run(self._report)
             result = speech.result
-            actions = call.heard(result.kind, result.text) if result is not None else []
+            actions = (
+                call.heard(result.kind, result.text, result.confidence)
+                if result is not None
+                else []
+            )
         except RecognizerBusy as exc:
             log.warning("%s call: utterance not heard: %s", call.config.channel, exc.text)
             metrics.ERRORS.labels(call.config.channel, "stt").inc()
@@ -316,6 +321,12 @@ class _Listening:
         if self._task is asyncio.current_task():
             self._task = None
         await self._run(actions)
+
+    async def _report(self, heard: Heard) -> None:
+        """The events of an utterance before its result: interim transcripts go to the call
+        (a real interruption of the bot shows in them); onsets it has already."""
+        if heard.kind == "interim":
+            await self._run(self.call.interim(heard.text))
 
     async def _stop(self) -> None:
         task, self._task = self._task, None
@@ -474,6 +485,11 @@ class CallRunner(WebSocketDriver[CallAction]):
         elif isinstance(action, Interrupt):
             await self.sender.interrupt(action.clear)
             log.debug("%s: barge-in", self.name)
+        elif isinstance(action, PausePlayback):
+            self.sender.pause()
+        elif isinstance(action, ResumePlayback):
+            self.sender.resume()
+            log.debug("%s: speech over the bot was no interruption; resumed", self.name)
         elif isinstance(action, Speak):
             await self.run(self.call.spoken(await self._synthesize(action.text)))
         elif isinstance(action, HangUp):

@@ -462,6 +462,8 @@ class PacedSender(Generic[T]):
         self._queue: deque[tuple[bool, T]] = deque()  # (is media, message)
         self._wake = asyncio.Event()
         self._end = 0.0  # loop time when the audio sent so far has played
+        self.paused = False
+        """Whether media frames are held back (:meth:`pause`)."""
 
     @property
     def queued_ms(self) -> int:
@@ -475,10 +477,23 @@ class PacedSender(Generic[T]):
         self._wake.set()
 
     async def interrupt(self, clear: T) -> None:
-        """Drop everything queued and send ``clear`` now."""
+        """Drop everything queued and send ``clear`` now (a pause ends)."""
         self._queue.clear()
         self._end = 0.0
+        self.paused = False
+        self._wake.set()
         await self._send(clear)
+
+    def pause(self) -> None:
+        """Send no more media frames until :meth:`resume` (or :meth:`interrupt`); the peer
+        plays out what it holds (at most ``ahead_ms``). A message queued right after frames
+        already sent (their mark) still goes out."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Send the queued frames again, from where :meth:`pause` stopped, paced from now."""
+        self.paused = False
+        self._wake.set()
 
     async def run(self) -> None:
         """Send until cancelled."""
@@ -490,6 +505,10 @@ class PacedSender(Generic[T]):
                 await self._wake.wait()
                 continue
             is_media, message = queue[0]
+            if is_media and self.paused:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             if is_media:
                 now = loop.time()
                 if self._end < now:

@@ -22,8 +22,20 @@ full; :data:`TRANSITIONS` is the same state machine):
    speech stage (:class:`FeedAudio`); its verdict comes back through
    :meth:`CarrierCall.voice`: onset -> StartListening; final text -> the next input;
    no speech for ``silence_timeout_ms`` -> ``#silence``.
-4. Barge-in: the caller's speech over the bot lasting ``barge_in_min_speech_ms`` ->
-   :class:`Interrupt` (``codec.clear()``, queued audio dropped, the turn's rest too).
+4. Barge-in without false stops (issue 16): the caller's speech over the bot lasting
+   ``barge_in_min_speech_ms`` -> :class:`PausePlayback` (no new audio is sent; the
+   carrier plays out only the little it holds, GATEWAY_TWILIO_SEND_AHEAD_MS) and the
+   utterance is recognised [holding]. A real interruption -- content words in its
+   transcript (not in ``barge_in_backchannels``, no filler, no function word; see
+   :class:`CallConfig`), or voiced speech longer than ``barge_in_max_backchannel_ms``
+   -> :class:`Interrupt` (``codec.clear()``, queued audio dropped, the turn's rest
+   too) [hearing]; the next input carries what the caller heard
+   (:data:`~gateway.events.HEARD`). A backchannel, filler or noise (no content words)
+   -> :class:`ResumePlayback` once the caller has been quiet ``barge_in_resume_ms``:
+   the audio goes on where it paused, nothing lost [bot]; its final transcript is
+   still judged (an interruption then interrupts). ``barge_in_max_backchannel_ms`` 0,
+   or a carrier that is sent the whole answer at once (codec not ``realtime``: Plivo,
+   Exotel, which cannot be paused): every such speech interrupts at once.
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
 6. The end: a final mark after the last audio; its echo -> :class:`HangUp` (or
    :class:`Transfer` when a response item asked for one).
@@ -41,7 +53,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -62,9 +74,12 @@ from gateway.callcodec import (
 )
 from gateway.events import (
     FALLBACK,
+    HEARD,
+    INTERRUPTED,
     INTRO,
     SILENCE,
     TRANSFER_FAILED,
+    UNHEARD,
     BinaryEvent,
     ErrorEvent,
     Input,
@@ -83,6 +98,7 @@ from gateway.protocol.actions import (
     StartTurn,
 )
 from gateway.speech.audio import AudioFormat, decode_wav
+from gateway.speech.endofturn import BACKCHANNELS, content_words
 from gateway.speech.types import TtsRequest
 from gateway.turn import TurnContext, TurnRejected
 
@@ -118,6 +134,9 @@ class State(StrEnum):
     """The bot has the floor: a turn runs and/or its audio plays (marks pending)."""
     CALLER = "caller"
     """The caller has the floor: waiting for speech, a key or the silence timeout."""
+    HOLDING = "holding"
+    """The caller speaks over the bot: its audio is paused while the utterance is
+    recognised (a backchannel resumes it, a real interruption clears it)."""
     HEARING = "hearing"
     """The caller speaks: a listener recognises the utterance."""
     ENDING = "ending"
@@ -132,6 +151,8 @@ class State(StrEnum):
 INPUT = "input"  # an input is committed: it becomes the next turn
 INTERRUPT = "interrupt"  # a key interrupted the bot (collect mode: more keys to come)
 BARGE_IN = "barge-in"  # the caller's speech interrupted the bot
+HOLD = "hold"  # the caller's speech over the bot: its audio pauses until it is judged
+RESUME = "resume"  # that speech was a backchannel or noise: the bot's audio goes on
 SPEECH = "speech"  # a voice onset on the caller's floor
 NOISE = "noise"  # the utterance held no words and nothing is to be answered
 FLOOR = "floor"  # the bot's turn is over and its audio played
@@ -154,6 +175,13 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         (s.BOT, INPUT): s.BOT,  # a waiting input starts its turn
         (s.BOT, INTERRUPT): s.CALLER,
         (s.BOT, BARGE_IN): s.HEARING,
+        (s.BOT, HOLD): s.HOLDING,
+        # the caller speaks over the paused bot
+        (s.HOLDING, BARGE_IN): s.HEARING,
+        (s.HOLDING, RESUME): s.BOT,
+        (s.HOLDING, INTERRUPT): s.CALLER,  # a key
+        (s.HOLDING, INPUT): s.BOT,  # an answering machine
+        (s.HOLDING, SESSION_END): s.ENDING,
         (s.BOT, FLOOR): s.CALLER,
         (s.BOT, SESSION_END): s.ENDING,
         # the caller's floor
@@ -169,7 +197,7 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         (s.TRANSFERRING, TRANSFERRED): s.CLOSED,
         (s.TRANSFERRING, TRANSFER_REFUSED): s.BOT,
     }
-    for state in (s.BOT, s.CALLER, s.HEARING, s.ENDING, s.TRANSFERRING):
+    for state in (s.BOT, s.HOLDING, s.CALLER, s.HEARING, s.ENDING, s.TRANSFERRING):
         for event in ("media", "dtmf", "mark"):
             table[(state, event)] = state
     for state in s:
@@ -185,8 +213,8 @@ TRANSITIONS: dict[tuple[State, str], State] = _build_transitions()
 
 Events are the inbound messages (``connected``, ``start``, ``media``, ``dtmf``,
 ``mark``, ``stop``) and the call's own (``input``, ``interrupt``, ``barge-in``,
-``speech``, ``noise``, ``floor``, ``session-end``, ``final-mark``, ``transfer``,
-``transferred``, ``transfer-refused``, ``disconnect``).
+``hold``, ``resume``, ``speech``, ``noise``, ``floor``, ``session-end``, ``final-mark``,
+``transfer``, ``transferred``, ``transfer-refused``, ``disconnect``).
 Anything else is a ProtocolError (e.g. ``media`` before ``start``).
 """
 
@@ -197,6 +225,7 @@ _EXPECTED: dict[State, Expected] = {
         (State.AWAIT_CONNECTED, "connected or start"),
         (State.AWAIT_START, "start"),
         (State.BOT, _FRAMES),
+        (State.HOLDING, _FRAMES),
         (State.CALLER, _FRAMES),
         (State.HEARING, _FRAMES),
         (State.ENDING, _FRAMES),
@@ -309,6 +338,109 @@ class MarkBook:
         self._pending.clear()
 
 
+@dataclass
+class _Spoken:
+    """One response item's speech: its text and its audio queued and played (ms)."""
+
+    text: str
+    total_ms: int = 0
+    played_ms: int = 0
+
+
+@dataclass
+class _Chunk:
+    """One Play of an item's audio: its mark, item, length and when it was queued (audio ms)."""
+
+    mark: str
+    item: _Spoken
+    audio_ms: int
+    queued_ms: int
+
+
+class Playout:
+    """What of the bot's speech the caller has heard, from the marks (issue 16).
+
+    Each response item with speech is announced (:meth:`item`), then each Play of its
+    audio (streamed speech: several) is :meth:`queued`; a mark's echo (:meth:`echoed`)
+    says that audio and everything before it played out. :meth:`cut` at an interruption
+    splits the turn's speech into heard and unheard text: per item, the whole words of
+    the share of its characters its played audio covers (all of it when every chunk's
+    mark came back). The chunk playing at the cut is estimated: it started when it was
+    queued or when the mark before it came back, whichever is later. Times are the
+    call's audio time (ms); an item still being synthesized counts the audio so far.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[_Spoken] = []
+        self._chunks: deque[_Chunk] = deque()
+        self._since_ms = 0
+
+    def reset(self) -> None:
+        """Forget everything (a new turn)."""
+        self._items = []
+        self._chunks.clear()
+
+    def item(self, text: str) -> None:
+        """A response item whose speech (``text``) comes next."""
+        self._items.append(_Spoken(text))
+
+    def queued(self, mark: str, audio_ms: int, now_ms: int) -> None:
+        """A Play of ``audio_ms`` of the latest item's speech, marked ``mark``, queued at
+        ``now_ms``."""
+        if not self._items:
+            self._items.append(_Spoken(""))
+        item = self._items[-1]
+        item.total_ms += audio_ms
+        self._chunks.append(_Chunk(mark, item, audio_ms, now_ms))
+
+    def echoed(self, mark: str, now_ms: int) -> None:
+        """``mark`` came back at ``now_ms``: its audio and all before it were heard."""
+        if all(chunk.mark != mark for chunk in self._chunks):
+            return
+        while self._chunks:
+            chunk = self._chunks.popleft()
+            chunk.item.played_ms += chunk.audio_ms
+            if chunk.mark == mark:
+                break
+        self._since_ms = now_ms
+
+    def paused(self, pause_ms: int) -> None:
+        """The audio was paused for ``pause_ms`` and resumed: what plays started that much later."""
+        self._since_ms += pause_ms
+        for chunk in self._chunks:
+            chunk.queued_ms += pause_ms
+
+    def cut(self, at_ms: int) -> tuple[str, str]:
+        """``(heard, unheard)`` text when the audio stopped at ``at_ms``; then forgets all."""
+        if self._chunks:
+            head = self._chunks[0]
+            start = max(head.queued_ms, self._since_ms)
+            head.item.played_ms += min(max(at_ms - start, 0), head.audio_ms)
+        heard: list[str] = []
+        unheard: list[str] = []
+        for item in self._items:
+            if not item.text:
+                continue
+            share = item.played_ms / item.total_ms if item.total_ms else 0.0
+            said, rest = _split_words(item.text, share)
+            heard += [said] if said else []
+            unheard += [rest] if rest else []
+        self.reset()
+        return " ".join(heard), " ".join(unheard)
+
+
+def _split_words(text: str, fraction: float) -> tuple[str, str]:
+    """``text`` split after the last whole word within its first ``fraction`` of characters."""
+    cut = round(len(text) * fraction)
+    if cut >= len(text):
+        return text, ""
+    if cut > 0 and text[cut].isspace():
+        head = text[:cut]
+    else:
+        head = text[:cut].rsplit(None, 1)[0] if " " in text[:cut].strip() else ""
+    return head.strip(), text[len(head) :].strip()
+
+
 # ------------------------------------------------------------------ actions
 
 
@@ -329,6 +461,20 @@ class Interrupt:
     """Drop the audio not yet sent and send ``clear`` (the codec's) at once: barge-in."""
 
     clear: WireFrame
+
+
+@dataclass(frozen=True)
+class PausePlayback:
+    """Send no more of the bot's audio for now (queued audio and marks wait): the caller
+    speaks over the bot. The carrier plays out only what it already holds (at most the
+    sender's send-ahead, GATEWAY_TWILIO_SEND_AHEAD_MS), so for the caller the bot falls
+    silent within that much of the pause."""
+
+
+@dataclass(frozen=True)
+class ResumePlayback:
+    """Send the bot's audio again from where it paused: the speech over it was a
+    backchannel, a filler or noise (nothing is lost)."""
 
 
 @dataclass(frozen=True)
@@ -358,6 +504,8 @@ class Transfer:
 CallAction = (
     Play
     | Interrupt
+    | PausePlayback
+    | ResumePlayback
     | StartTurn
     | StartListening
     | FeedAudio
@@ -368,7 +516,8 @@ CallAction = (
     | EndSession
     | Close
 )
-"""The engine's own actions (Play, Interrupt, Speak, HangUp, Transfer) and the kit's."""
+"""The engine's own actions (Play, Interrupt, PausePlayback, ResumePlayback, Speak, HangUp,
+Transfer) and the kit's."""
 
 
 # ------------------------------------------------------------------ the call
@@ -384,6 +533,18 @@ class CallConfig:
     ``default_app_key`` is used when the stream's ``appKey`` parameter is missing.
     Times are ms of audio. ``vad_min_speech_ms`` (the speech stage's) sizes the audio
     kept for a StartListening's ``from_ms``. ``error_text`` is said when a turn fails.
+
+    Barge-in (module doc, step 4): speech over the bot lasting ``barge_in_min_speech_ms``
+    pauses it. It is a real interruption when its voiced part lasts
+    ``barge_in_max_backchannel_ms`` (0: every such speech interrupts at once, the
+    behaviour before issue 16), when an interim transcript holds two content words
+    (:func:`~gateway.speech.endofturn.content_words`: not in ``barge_in_backchannels``,
+    no filler or hum, no function word), or when the final one holds one with a
+    confidence of at least ``barge_in_min_confidence`` (what a recognizer makes of a hum
+    or a cough is function words or low-confidence guesses). Otherwise the bot's audio
+    resumes once the caller has been quiet for ``barge_in_resume_ms`` (when the interim
+    transcript has no content word so far; else at the final); a final that turns out to
+    hold an interruption still interrupts then.
     """
 
     key_allowed: Callable[[str | None], bool]
@@ -391,6 +552,10 @@ class CallConfig:
     default_app_key: str = "twilio"
     barge_in: bool = True
     barge_in_min_speech_ms: int = 150
+    barge_in_backchannels: tuple[str, ...] = BACKCHANNELS
+    barge_in_max_backchannel_ms: int = 1000
+    barge_in_resume_ms: int = 300
+    barge_in_min_confidence: float = 0.3
     dtmf_mode: DtmfMode = "digit"
     dtmf_timeout_ms: int = 2000
     frame_ms: int = 20
@@ -475,6 +640,18 @@ class CarrierCall:
         self.answered_by: str | None = None
         """Who answered an outbound call (``human``, ``machine``...), when known."""
         self._input_attributes: dict[str, dict[str, Any]] = {}
+        self.playout = Playout()
+        """What of the bot's speech the caller heard (from the marks)."""
+        self.interruption: dict[str, Any] | None = None
+        """The attributes of the input after an interruption (:data:`~gateway.events.HEARD`):
+        set when the bot is cut off, given to the next turn's input."""
+        self.voiced_ms = 0
+        """How long the caller's current speech has been voiced (the speech stage's)."""
+        self.partial = ""
+        """The latest interim transcript of the utterance being heard."""
+        self._held_at: int | None = None
+        self._judging = False  # resumed early: the utterance's final is still judged
+        self._judged: tuple[int, int] | None = None  # (onset, voiced end) when it resumed
         self.extra_parameters: dict[str, str] = {}
         """Parameters the adapter learnt outside the codec's start (Telnyx ``client_state``):
         under the start's own."""
@@ -500,6 +677,14 @@ class CarrierCall:
     def speech_ms(self) -> int:
         """How long the caller's current speech has lasted (0 when not speaking)."""
         return 0 if self.onset_ms is None else self.now_ms - self.onset_ms
+
+    @property
+    def holds(self) -> bool:
+        """Whether speech over the bot pauses it to be judged (module doc step 4): with
+        ``barge_in_max_backchannel_ms`` set and a paced codec (``realtime``: the carrier
+        holds only the send-ahead). A carrier given the whole answer at once (Plivo,
+        Exotel) cannot be paused: its speech over the bot interrupts at once."""
+        return bool(self.config.barge_in_max_backchannel_ms) and self.codec.realtime
 
     @property
     def keep_ms(self) -> int:
@@ -627,8 +812,11 @@ class CarrierCall:
         actions: list[CallAction] = []
         if state is State.HEARING:
             actions += self._stop_listening()
+        elif state is State.HOLDING:
+            actions += [*self._stop_listening(), *self._silence_the_bot()]
         elif state is State.BOT:
-            actions += self._silence_the_bot()
+            actions += [*self._stop_judging(), *self._silence_the_bot()]
+        self.interruption = None  # not the caller's interruption
         return [*actions, *self._commit(MACHINE)]
 
     def _media(self, message: Media) -> list[CallAction]:
@@ -653,27 +841,40 @@ class CarrierCall:
         self.received += samples
         return [FeedAudio(self.stream, data)]
 
-    def voice(self, onset_ms: int | None, *, started: bool) -> list[CallAction]:
+    def voice(
+        self, onset_ms: int | None, *, started: bool, voiced_ms: int | None = None
+    ) -> list[CallAction]:
         """What the speech stage's endpointer says after the latest FeedAudio: the current
-        speech's onset (None: nobody speaks) and whether that audio ``started`` it.
+        speech's onset (None: nobody speaks), whether that audio ``started`` it and how
+        long it has been voiced (ms from the onset to the end of its last voiced frame;
+        None: counted as the whole time since the onset).
 
         An onset on the caller's floor opens an utterance (StartListening); speech on
-        the bot's floor lasting ``barge_in_min_speech_ms`` barges in; the silence
-        timeout and the DTMF pause are checked here too (once per inbound frame).
+        the bot's floor lasting ``barge_in_min_speech_ms`` pauses the bot (or barges in,
+        module doc step 4), and interrupts it once voiced for
+        ``barge_in_max_backchannel_ms``; the silence timeout and the DTMF pause are
+        checked here too (once per inbound frame).
         """
         self.onset_ms = onset_ms
+        self.voiced_ms = (
+            0 if onset_ms is None else self.speech_ms if voiced_ms is None else voiced_ms
+        )
         state = self.state
-        if state not in (State.BOT, State.CALLER, State.HEARING):
+        if state not in (State.BOT, State.HOLDING, State.CALLER, State.HEARING):
             return []
         now = self.now_ms
         actions: list[CallAction] = []
-        if state is State.CALLER:
+        if state is State.HOLDING:
+            actions += self._judge_holding()
+        elif state is State.BOT and self._judging:
+            actions += self._judge_resumed()
+        elif state is State.CALLER:
             if started:
                 actions += self._hear(interrupted=False)
             elif self._silence_due(now):
                 actions += self._commit(SILENCE)
         elif state is State.BOT and self._may_barge_in():
-            actions += self._barge_in()
+            actions += self._hold() if self.holds else self._barge_in()
         if self.dtmf.collecting and (digits := self.dtmf.poll(now)) is not None:
             actions += self._digits(digits)
         return actions
@@ -691,18 +892,103 @@ class CarrierCall:
             and self.onset_ms >= self._bot_since
         )
 
+    def _hold(self, *, listen: bool = True) -> list[CallAction]:
+        """Speech over the bot: pause its audio and hear the utterance out (HOLDING);
+        ``listen`` False: its utterance is open already (the caller went on)."""
+        self.machine.advance(HOLD)
+        self._held_at = self.now_ms
+        self._judging = False
+        if not listen:
+            return [PausePlayback()]
+        self.partial = ""
+        return [PausePlayback(), *self._listen(interrupted=True)]
+
+    def _judge_holding(self) -> list[CallAction]:
+        """HOLDING, after each inbound frame: voiced too long for a backchannel -> barge-in;
+        quiet for ``barge_in_resume_ms`` with no content word heard -> resume early."""
+        cfg = self.config
+        if self.voiced_ms >= cfg.barge_in_max_backchannel_ms:
+            return self._barge_in()
+        onset = self.onset_ms
+        voiced_end = None if onset is None else onset + self.voiced_ms
+        quiet = voiced_end is None or self.now_ms - voiced_end >= cfg.barge_in_resume_ms
+        if quiet and not content_words(self.partial, cfg.barge_in_backchannels):
+            self._judged = None if onset is None or voiced_end is None else (onset, voiced_end)
+            self._judging = True  # its final is still to come
+            return self._resume()
+        return []
+
+    def _judge_resumed(self) -> list[CallAction]:
+        """BOT, resumed early: the caller speaking on in the same speech holds the bot
+        again (the utterance is still open); a new speech starts over."""
+        onset = self.onset_ms
+        if onset is None:
+            return []
+        if self._judged is not None and onset == self._judged[0]:
+            if onset + self.voiced_ms > self._judged[1]:
+                return self._hold(listen=False)
+            return []
+        if self._may_barge_in():  # a new speech: a new utterance (the old one is dropped)
+            self._judging = False
+            return self._hold()
+        return []
+
+    def _is_interruption(self, text: str, *, final: bool, confidence: float = 1.0) -> bool:
+        """Whether a transcript of the speech over the bot is a real interruption (interim:
+        two content words; final: one, heard with ``barge_in_min_confidence``)."""
+        found = content_words(text, self.config.barge_in_backchannels)
+        if not final:
+            return len(found) >= 2
+        return bool(found) and confidence >= self.config.barge_in_min_confidence
+
     def _barge_in(self) -> list[CallAction]:
+        """A real interruption: clear the bot (HEARING); the utterance is heard on (opened
+        now unless the bot was holding for it or judging it)."""
+        held = self.state is State.HOLDING or self._judging
+        self._judging = False
+        self._interrupted = True
         self.machine.advance(BARGE_IN)
         actions = self._silence_the_bot()
-        return [*actions, *self._listen(interrupted=True)]
+        return actions if held else [*actions, *self._listen(interrupted=True)]
+
+    def _resume(self) -> list[CallAction]:
+        """The speech over the bot was a backchannel or noise: its audio goes on (BOT)."""
+        self.machine.advance(RESUME)
+        if self._held_at is not None:
+            self.playout.paused(self.now_ms - self._held_at)
+        self._held_at = None
+        self._interrupted = False
+        return [ResumePlayback(), *self._advance()]
 
     def _silence_the_bot(self) -> list[CallAction]:
-        """Drop the bot's queued audio and the rest of its turn's output."""
+        """Drop the bot's queued audio and the rest of its turn's output; the next input
+        says what of it was heard (:data:`~gateway.events.HEARD`)."""
         if self.turn is not None:
             self.turn.discarded = True
+        if self.turn is not None or self.marks.outstanding:
+            stop = self.now_ms if self._held_at is None else self._held_at
+            heard, unheard = self.playout.cut(stop)
+            self.interruption = {INTERRUPTED: True, HEARD: heard, UNHEARD: unheard}
+        self._held_at = None
         self.marks.forget()
         self.pending = None
         return [Interrupt(self.codec.clear())]
+
+    def interim(self, text: str) -> list[CallAction]:
+        """The latest interim transcript of the utterance being heard. While the bot holds
+        for it (or resumed early): two content words are a real interruption."""
+        self.partial = text
+        judged = self.state is State.HOLDING or (self.state is State.BOT and self._judging)
+        if judged and self._is_interruption(text, final=False):
+            return self._barge_in()
+        return []
+
+    def _stop_judging(self) -> list[CallAction]:
+        """Drop the utterance judged after an early resume (the bot was cut off otherwise)."""
+        if not self._judging:
+            return []
+        self._judging = False
+        return self._stop_listening()
 
     def _hear(self, *, interrupted: bool) -> list[CallAction]:
         self.machine.advance(SPEECH)
@@ -727,7 +1013,11 @@ class CarrierCall:
         if state is State.HEARING:
             actions += self._stop_listening()
             self.machine.advance(NOISE)  # the key, not the utterance, is the input
+        elif state is State.HOLDING:
+            actions += [*self._stop_listening(), *self._silence_the_bot()]
+            self.machine.advance(INTERRUPT)
         elif state is State.BOT and self.config.barge_in:
+            actions += self._stop_judging()
             actions += self._silence_the_bot()
             self.machine.advance(INTERRUPT)
         self._silence_at = None
@@ -747,6 +1037,7 @@ class CarrierCall:
         return []
 
     def _mark(self, name: str) -> list[CallAction]:
+        self.playout.echoed(name, self.now_ms)
         final = self.marks.echo(name)
         if final:
             return self._final_mark()
@@ -786,6 +1077,11 @@ class CarrierCall:
             return self._start_turn(text)
         self.machine.advance(FLOOR)
         self._silence_at = self.now_ms + self.config.silence_timeout_ms
+        if self._judging:  # the bot finished while its final was judged: that is the input
+            self._judging = False
+            self._interrupted = False
+            self.machine.advance(SPEECH)
+            return []
         if self.onset_ms is not None and self.onset_ms >= self._bot_since:
             return self._hear(interrupted=False)  # the caller started before the bot finished
         return []
@@ -795,22 +1091,35 @@ class CarrierCall:
         self.turn = _Turn()
         self.session_started = True
         attributes = self._input_attributes.pop(text, None) or {}
+        if self.interruption is not None:
+            attributes = {**attributes, **self.interruption}
+            self.interruption = None
+        self.playout.reset()
         return [StartTurn(self.ctx, Input.of(text, locale=self.ctx.locale, attributes=attributes))]
 
     # -------------------------------------------------------------- listener
 
-    def heard(self, kind: str, text: str) -> list[CallAction]:
-        """The listener's result: ``kind`` ``final`` (with ``text``) or ``silence``.
-        Ignored unless the call is hearing.
+    def heard(self, kind: str, text: str, confidence: float = 1.0) -> list[CallAction]:
+        """The listener's result: ``kind`` ``final`` (with ``text`` and its ``confidence``,
+        0..1) or ``silence``. Ignored unless the call is hearing, holding or judging.
 
         A final text is the next input. No words: ``#fallback`` when the utterance
         cut the bot off (the bot fell silent and must answer), else the caller's
-        floor again with a fresh silence timeout (a cough is not an input).
+        floor again with a fresh silence timeout (a cough is not an input). Speech over
+        the bot that is no real interruption (module doc step 4) resumes it (or, judged
+        after an early resume, is forgotten).
         """
-        if self.state is not State.HEARING:
+        state = self.state
+        text = text.strip() if kind == "final" else ""
+        judging = state is State.BOT and self._judging
+        if state is State.HOLDING or judging:
+            if self._is_interruption(text, final=True, confidence=confidence):
+                return [*self._barge_in(), *self._commit(text)]
+            self._judging = False
+            return [] if judging else self._resume()
+        if state is not State.HEARING:
             return []
-        text = text.strip()
-        if kind == "final" and text:
+        if text:
             return self._commit(text)
         if self._interrupted:
             return self._commit(FALLBACK)
@@ -819,7 +1128,13 @@ class CarrierCall:
         return []
 
     def listener_failed(self) -> list[CallAction]:
-        """The listener failed (recognizer error, utterance too long): ``#fallback``."""
+        """The listener failed (recognizer error, utterance too long): ``#fallback``; while
+        the bot holds for the utterance, its audio goes on (a longer one interrupted it)."""
+        if self.state is State.HOLDING:
+            return self._resume()
+        if self.state is State.BOT and self._judging:
+            self._judging = False
+            return []
         if self.state is not State.HEARING:
             return []
         return self._commit(FALLBACK)
@@ -840,6 +1155,8 @@ class CarrierCall:
             turn.failed = True
             return [] if turn.discarded else [Speak(self.config.error_text)]
         if isinstance(event, ResponseItemEvent) and not turn.discarded and self.transfer is None:
+            item_text = (event.response_item.text or "").strip()
+            self.playout.item("" if item_text.startswith("#") else item_text)
             target = transfer_target(event.response_item)
             if target is not None:  # what follows it in the turn is not played
                 self.transfer, turn.transfer = target, True
@@ -854,6 +1171,8 @@ class CarrierCall:
         Raises AudioFormatError for audio that is not WAV."""
         messages, audio_ms = self._frames(audio) if audio else ((), 0)
         name = self.marks.new(final=final)
+        if not final:
+            self.playout.queued(name, audio_ms, self.now_ms)
         return Play(messages, self.codec.mark(name), audio_ms, final)
 
     def _frames(self, audio: bytes) -> tuple[tuple[WireFrame, ...], int]:
@@ -867,8 +1186,9 @@ class CarrierCall:
         """The audio of a Speak (None: synthesis failed; nothing is played)."""
         if not audio or self.turn is None or self.turn.discarded or self.info is None:
             return []
-        if self.state not in (State.BOT, State.CALLER, State.HEARING):
+        if self.state not in (State.BOT, State.HOLDING, State.CALLER, State.HEARING):
             return []
+        self.playout.item(self.config.error_text)
         return [self._play(audio)]
 
     def turn_rejected(self, exc: TurnRejected) -> list[CallAction]:
@@ -889,7 +1209,10 @@ class CarrierCall:
             # a transfer ends the session once the carrier took it (transfer_finished)
             end = [] if turn.ended or turn.transfer or self.ctx is None else [EndSession(self.ctx)]
             self.session_over = turn.ended
-            stop = self._stop_listening() if self.state is State.HEARING else []
+            stop = self._stop_listening() if self.state is State.HEARING else self._stop_judging()
+            if self.state is State.HOLDING:  # the farewell is said all the same
+                stop = [*self._stop_listening(), ResumePlayback()]
+                self._held_at = None
             self.machine.advance(SESSION_END)
             self.pending = None
             return [*stop, *end, self._play(b"", final=True)]
@@ -932,7 +1255,8 @@ class CarrierCall:
 
     def _ending_actions(self, was: State) -> list[CallAction]:
         actions: list[CallAction] = []
-        if was is State.HEARING:
+        if was in (State.HEARING, State.HOLDING) or self._judging:
+            self._judging = False
             actions += self._stop_listening()
         if self.ctx is not None and self.session_started and not self.session_over:
             self.session_over = True

@@ -23,6 +23,7 @@ method replaces it (a model, another language's rules).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -35,7 +36,9 @@ __all__ = [
     "OPEN_ENDINGS",
     "EndOfTurn",
     "RuleEndOfTurn",
+    "content_words",
     "is_backchannel",
+    "is_filler",
     "words",
 ]
 
@@ -171,3 +174,37 @@ def is_backchannel(text: str, backchannels: Iterable[str] = BACKCHANNELS) -> boo
                 continue
             return False
     return True
+
+
+_FILLER_LIKE: Final = re.compile(r"[a-z]|[hm]*m[hm]*|h?u+[hm]*|a+h*|e+[rh]*m*|o+h+")
+"""Hums and hesitations however a recognizer spells them: "mm", "mhm", "hmm", "hum",
+"uh", "huh", "uhm", "ah", "eh", "erm", "ohh", and single letters ("m h m")."""
+
+
+def is_filler(word: str) -> bool:
+    """Whether ``word`` (lower case) is a filler or hum (:data:`FILLERS`, or spelt like one)."""
+    return word in FILLERS or _FILLER_LIKE.fullmatch(word) is not None
+
+
+def content_words(text: str, backchannels: Iterable[str] = BACKCHANNELS) -> list[str]:
+    """The words of ``text`` that carry meaning: not in a backchannel phrase of
+    ``backchannels``, not a filler or hum (:func:`is_filler`) and not a function word
+    (:data:`OPEN_ENDINGS`: articles, pronouns, auxiliaries...). What a recognizer makes
+    of a hum or a cough ("and hum", "in the") has none; "wait", "stop", "hold on" have.
+    Used by the call's barge-in (gateway/protocol/call.py) to tell a real interruption."""
+    said = words(text)
+    phrases = sorted((words(b) for b in backchannels), key=len, reverse=True)
+    phrases = [p for p in phrases if p]
+    found: list[str] = []
+    i = 0
+    while i < len(said):
+        for phrase in phrases:
+            if said[i : i + len(phrase)] == phrase:
+                i += len(phrase)
+                break
+        else:
+            word = said[i]
+            if not is_filler(word) and word not in OPEN_ENDINGS:
+                found.append(word)
+            i += 1
+    return found

@@ -226,6 +226,14 @@ class SpeechStage:
         return 0 if self.onset_ms is None else self.now_ms - self.onset_ms
 
     @property
+    def voiced_ms(self) -> int:
+        """How long the current speech has been voiced: from its onset to the end of its
+        last voiced frame (0 when nobody speaks; the trailing silence is not counted)."""
+        if self.onset_ms is None or self._endpointer is None:
+            return 0
+        return max(self._endpointer.last_voiced_ms - self.onset_ms, 0)
+
+    @property
     def done(self) -> bool:
         """Whether the utterance has its result (final or silence), or was cancelled."""
         return self.result is not None or self.cancelled

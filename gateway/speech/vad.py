@@ -127,6 +127,11 @@ class Endpointer:
         return self._in_speech
 
     @property
+    def last_voiced_ms(self) -> int:
+        """Audio time (ms) the last voiced frame of the current speech ended."""
+        return self._last_voiced_end_ms
+
+    @property
     def elapsed_ms(self) -> int:
         """Audio time (ms) classified so far (whole frames only)."""
         return self._now_ms

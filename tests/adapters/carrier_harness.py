@@ -48,6 +48,8 @@ class Received:
     name: str = ""
     raw: Any = None
     payload: bytes = b""
+    until: float = 0.0
+    """A media frame: when the phone has played it (its audio and what was before it)."""
 
 
 @dataclass
@@ -250,6 +252,7 @@ class CarrierHarness:
                 if out.event == "media":
                     duration = len(out.pcm) / 2 / self.rate / self.play_speed
                     self._play_end = max(self._play_end, now) + duration
+                    item.until = self._play_end
                 elif out.event == "mark":
                     if self.hold(out.name):
                         self.held.append(out.name)

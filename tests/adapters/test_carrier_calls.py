@@ -125,8 +125,12 @@ async def test_barge_in_clears_playback_within_300_ms_and_is_answered(
         await call.wait_for(lambda: bool(call.clears()), within_s=5)
         onset = said.started.result()
         clear = call.clears()[0].at
-        # speech onset -> clear: the VAD's 150 ms of speech plus frame and processing time
-        assert clear - onset <= 0.300, f"clear {1000 * (clear - onset):.0f} ms after onset"
+        # speech onset -> the bot falls silent for the caller: a paced carrier's bot is paused
+        # after the VAD's 150 ms of speech (the phone plays out the 60 ms it holds) and
+        # `clear` follows once the speech is judged a real interruption (issue 16: no false
+        # stops on backchannels); an unpaced one (Plivo, Exotel) is cleared at once
+        silent = min(clear, max(r.until for r in call.media_frames() if r.at < clear))
+        assert silent - onset <= 0.300, f"silent {1000 * (silent - onset):.0f} ms after onset"
         assert call.cleared_answers == (0 if call.cleared_frame() is None else 1)
         index = call.received.index(call.clears()[0])
         # the rest of the intro is dropped: no more audio until the caller's input is answered

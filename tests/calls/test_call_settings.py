@@ -14,10 +14,7 @@ from gateway.io.call import call_config
 from gateway.settings import CallOverride, Settings
 from gateway.speech.service import SpeechService
 from tests.adapters.telnyx.harness import PUBLIC_KEY, TelnyxHarness
-from tests.adapters.twilio.conftest import speech, tts_cache
 from tests.adapters.twilio.helpers import twilio_gateway, until
-
-__all__ = ["speech", "tts_cache"]
 
 
 def from_env(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:

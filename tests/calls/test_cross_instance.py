@@ -24,12 +24,9 @@ from websockets.exceptions import InvalidStatus
 from gateway.speech.service import SpeechService
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness, ask_answer
 from tests.adapters.telnyx.harness import PUBLIC_KEY, TelnyxHarness, ask_texml, local, signed
-from tests.adapters.twilio.conftest import speech, tts_cache
 from tests.adapters.twilio.harness import TwilioHarness, ask_twiml, call_sid, parse_twiml, sign
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway
 from tests.adapters.vonage.harness import SECRET, VonageHarness, ask_ncco
-
-__all__ = ["speech", "tts_cache"]
 
 
 @contextlib.asynccontextmanager

@@ -16,11 +16,8 @@ from websockets.exceptions import InvalidStatus
 
 from gateway.speech.service import SpeechService
 from tests.adapters.telnyx.harness import PUBLIC_KEY, TelnyxHarness, local
-from tests.adapters.twilio.conftest import speech, tts_cache
 from tests.adapters.twilio.helpers import twilio_gateway
 from tests.calls.carrier_api import carrier_api
-
-__all__ = ["speech", "tts_cache"]
 
 ADMIN = "admin-key-token"
 

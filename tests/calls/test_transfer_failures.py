@@ -21,15 +21,13 @@ from starlette.responses import JSONResponse
 from adapters.plivo.verify import signature
 from gateway.events import TRANSFER_FAILED, ResponseItem, transfer_item
 from gateway.speech.service import SpeechService
+from tests.adapters.carriers import Scripted
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness
-from tests.adapters.twilio.conftest import speech, tts_cache
 from tests.adapters.twilio.harness import TwilioHarness
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway, until
-from tests.adapters.twilio.test_outbound import SID, Scripted
+from tests.adapters.twilio.test_outbound import SID
 from tests.calls.carrier_api import carrier_api
 from tests.conftest import free_port
-
-__all__ = ["speech", "tts_cache"]
 
 TARGET = "+15550123"
 

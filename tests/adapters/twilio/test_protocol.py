@@ -428,7 +428,8 @@ def test_noise_on_the_callers_floor_is_ignored() -> None:
 
 
 def test_barge_in_interrupts_the_bot_after_the_minimum_speech(corpus: dict[str, Pcm]) -> None:
-    call = started(barge_in_min_speech_ms=300)
+    # without holding (GATEWAY_BARGE_IN_MAX_BACKCHANNEL_MS=0): any speech interrupts at once
+    call = started(barge_in_min_speech_ms=300, barge_in_max_backchannel_ms=0)
     call.turn_event(BinaryEvent(data=b"\x00" * 40_000))  # 5 s of answer, still playing
     speech = phone(corpus["tell me about this place"])
     actions = speak(call, SILENCE * 10 + speech)

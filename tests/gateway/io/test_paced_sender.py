@@ -50,3 +50,61 @@ async def test_interrupt_drops_what_is_queued_and_sends_at_once() -> None:
     assert sent[-1] == "clear"
     assert "mark" not in sent
     assert len(sent) < 10
+
+
+async def test_pause_holds_the_frames_and_resume_sends_them_all_from_where_it_stopped() -> None:
+    loop = asyncio.get_running_loop()
+    sent: list[tuple[float, str]] = []
+    done = asyncio.Event()
+
+    async def send(text: str) -> None:
+        sent.append((loop.time(), text))
+        if text == "mark-b":
+            done.set()
+
+    sender = PacedSender(send, frame_ms=20, ahead_ms=40)
+    task = asyncio.create_task(sender.run())
+    sender.play([f"a{i}" for i in range(3)], "mark-a")  # within the allowance: sent at once
+    sender.play([f"b{i}" for i in range(20)], "mark-b")
+    await asyncio.sleep(0.05)
+    sender.pause()
+    held = len(sent)
+    await asyncio.sleep(0.3)  # paused: nothing more goes out
+    assert len(sent) == held
+    assert sender.paused
+    assert "mark-a" in [text for _, text in sent]  # its frames went out before the pause
+    resumed = loop.time()
+    sender.resume()
+    async with asyncio.timeout(5):
+        await done.wait()
+    task.cancel()
+    texts = [text for _, text in sent]
+    assert texts == [
+        *(f"a{i}" for i in range(3)),
+        "mark-a",
+        *(f"b{i}" for i in range(20)),
+        "mark-b",
+    ]
+    after = [at for at, text in sent if at >= resumed]
+    assert after
+    assert after[0] - resumed < 0.05  # paced afresh from the resume, at once
+
+
+async def test_interrupt_ends_a_pause() -> None:
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    sender = PacedSender(send, frame_ms=20, ahead_ms=20)
+    task = asyncio.create_task(sender.run())
+    sender.pause()
+    sender.play(["m0", "m1"], "mark")
+    await asyncio.sleep(0.05)
+    assert sent == []
+    await sender.interrupt("clear")
+    assert not sender.paused
+    sender.play(["n0"], "mark-n")
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert sent == ["clear", "n0", "mark-n"]

@@ -1,0 +1,265 @@
+"""Barge-in over a real call (issue 16 item 3): the scenario shared by
+test_barge_in_calls.py and bench/barge_in.py.
+
+A gateway (real WebSocket, Twilio's stream played by :class:`TwilioHarness` at real
+time, both ways) runs a user core over HTTP (:func:`shop_core`) that greets with a long
+answer of three items. While the bot speaks, the caller says Piper's backchannels and
+makes noise (:func:`noise_burst`, :func:`cough`): :func:`backchannels_call` reports
+whether any of it stopped the bot; :func:`interruption_call` interrupts the bot for
+real and reports when it fell silent, when ``clear`` came and what the core was told.
+
+Times are ``time.monotonic()`` seconds; the caller's speech onset is the first frame of
+the sound (:func:`~tests.adapters.twilio.helpers.phone` trims the leading quiet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import math
+import random
+from array import array
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from adapters.twilio.protocol import TTS
+from gateway.events import HEARD, INTERRUPTED, UNHEARD, ResponseItem
+from gateway.speech.audio import Pcm, pcm_to_mulaw
+from gateway.speech.service import SpeechService
+from gateway.speech.tts import PiperSynthesizer
+from tests.adapters.twilio.harness import FRAME, TwilioHarness
+from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, phone, twilio_gateway
+from tests.conftest import serve
+
+GREETING = (
+    "Thank you for calling the pizza shop. Today every large pizza comes with a free drink.",
+    "You can order a margherita, a pepperoni or a vegetarian pizza, with thin or thick crust.",
+    "Delivery takes about thirty minutes, and you can pay by card or in cash at the door.",
+)
+"""The core's greeting: three items, about 15 s of speech."""
+BACKCHANNELS = ("uh-huh", "yeah", "mm hmm", "okay")
+INTERRUPTION = "wait, I want to change my order"
+
+
+def shop_core() -> FastAPI:
+    """A user core (webhook contract, gateway/pipeline/http.py): ``#intro`` -> :data:`GREETING`;
+    anything else -> "You said: ...". Request bodies are kept in ``app.state.requests``."""
+    app = FastAPI()
+    app.state.requests = []
+
+    @app.post("/shop")
+    async def shop(request: Request) -> JSONResponse:
+        turn: dict[str, Any] = await request.json()
+        app.state.requests.append(turn)
+        text = turn["input"]["transcript"]["text"]
+        texts = GREETING if text == "#intro" else (f"You said: {text}",)
+        return JSONResponse({"items": [{"text": t} for t in texts]})
+
+    return app
+
+
+@asynccontextmanager
+async def shop_call(
+    speech: SpeechService, **overrides: Any
+) -> AsyncIterator[tuple[Served, FastAPI, TwilioHarness]]:
+    """A gateway on the shop core, paced as Twilio is (60 ms ahead), and a call on it
+    played at real time both ways."""
+    core = shop_core()
+    async with (
+        serve(core) as core_url,
+        twilio_gateway(
+            speech, pipeline=f"{core_url}/shop", twilio_send_ahead_ms=60, **overrides
+        ) as gw,
+        TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=1.0, play_speed=1.0) as call,
+    ):
+        yield gw, core, call
+
+
+def noise_burst(ms: int, level: float, seed: int) -> Pcm:
+    """White noise, ``ms`` long at ``level`` (0..1 of full scale), 8 kHz."""
+    rng = random.Random(seed)
+    n = 8 * ms
+    peak = level * 32767
+    return Pcm(array("h", (int(rng.uniform(-peak, peak)) for _ in range(n))).tobytes(), 8000)
+
+
+def cough(seed: int) -> Pcm:
+    """A cough-like burst: noise low-passed (a one-pole filter), sharp onset, 300 ms decay."""
+    rng = random.Random(seed)
+    samples, y = [], 0.0
+    for i in range(8 * 350):
+        env = min(i / 80, 1.0) * math.exp(-i / (8 * 90))
+        y = 0.75 * y + 0.25 * rng.uniform(-1, 1)
+        samples.append(int(max(-1.0, min(1.0, 3.0 * y * env)) * 26000))
+    return Pcm(array("h", samples).tobytes(), 8000)
+
+
+def noises() -> dict[str, bytes]:
+    """The noises of the test set, as the phone carries them (8 kHz μ-law, 1.2 s quiet after)."""
+    quiet = b"\xff" * 9600
+    return {
+        "noise 250 ms": pcm_to_mulaw(noise_burst(250, 0.3, 1)) + quiet,
+        "noise 600 ms": pcm_to_mulaw(noise_burst(600, 0.15, 2)) + quiet,
+        "cough": pcm_to_mulaw(cough(3)) + quiet,
+    }
+
+
+async def spoken(piper: PiperSynthesizer, text: str) -> bytes:
+    """``text`` said by Piper, as the phone carries it."""
+    return phone(await piper.synthesize(text))
+
+
+@dataclass
+class Sound:
+    """One sound the caller made over the bot and what the bot did."""
+
+    name: str
+    onset: float
+    end: float
+    paused_s: float | None = None
+    """How long the bot's audio stopped (None: it did not)."""
+    resumed_after_s: float | None = None
+    """End of the sound -> the bot's audio flowing again."""
+
+
+@dataclass
+class BackchannelRun:
+    """What :func:`backchannels_call` saw."""
+
+    sounds: list[Sound] = field(default_factory=list)
+    clears: int = 0
+    inputs: list[str] = field(default_factory=list)
+    frames: int = 0
+    expected_frames: int = 0
+
+
+def _flowing(call: TwilioHarness, since: float) -> bool:
+    return bool(call.media_frames(since))
+
+
+def _gap_after(call: TwilioHarness, onset: float) -> tuple[float, float] | None:
+    """The first gap in the bot's frames (> 100 ms) after ``onset``: (last frame before,
+    first frame after) arrival times."""
+    frames = call.media_frames(onset - 0.2)
+    for before, after in itertools.pairwise(frames):
+        if after.at - before.at > 0.1 and after.at > onset:
+            return before.at, after.at
+    return None
+
+
+async def backchannels_call(
+    speech: SpeechService, sounds: dict[str, bytes], *, space_s: float = 0.6, **overrides: Any
+) -> BackchannelRun:
+    """Say each of ``sounds`` over the greeting, one after the other, ``space_s`` of the
+    bot's audio apart; then let the greeting play out. ``overrides``: gateway settings."""
+    run = BackchannelRun(expected_frames=await greeting_frames(speech))
+    async with shop_call(speech, **overrides) as (_, core, call):
+        await call.wait_for(lambda: bool(call.media_frames()), within_s=20)
+        for name, audio in sounds.items():
+            await asyncio.sleep(space_s)
+            if len(call.echoed) >= len(GREETING):
+                raise RuntimeError("the greeting ended before every sound was made")
+            said = call.say(audio)
+            onset = await said.started
+            end = await said.finished - 1.2  # the quiet after the sound
+            # the bot's audio flows again (or never stopped)
+            await call.wait_for(functools.partial(_flowing, call, end + 0.3), within_s=10)
+            sound = Sound(name, onset, end)
+            if gap := _gap_after(call, onset):
+                sound.paused_s = gap[1] - gap[0]
+                sound.resumed_after_s = gap[1] - end
+            run.sounds.append(sound)
+        await call.wait_for(lambda: len(call.echoed) >= len(GREETING), within_s=40)
+        run.clears = len(call.clears())
+        run.inputs = [r["input"]["transcript"]["text"] for r in core.state.requests]
+        run.frames = len(call.media_frames())
+    return run
+
+
+async def greeting_frames(speech: SpeechService) -> int:
+    """The media frames of :data:`GREETING` as a call says it (synthesized now: the calls
+    then find it in the TTS cache, as they would after the first caller)."""
+    frames = 0
+    for text in GREETING:
+        _, audio = await speech.voice_item(ResponseItem(text=text), TTS)
+        frames += math.ceil(len(audio or b"") / FRAME)
+    return frames
+
+
+@dataclass
+class InterruptionRun:
+    """What :func:`interruption_call` saw (times relative to the speech onset, s)."""
+
+    pause_s: float
+    """Onset -> the last frame of the bot's audio sent before it fell silent arrived."""
+    silent_s: float
+    """Onset -> the phone had played the last audio it got (what the caller hears)."""
+    clear_s: float
+    """Onset -> ``clear``."""
+    answer_after_end_s: float
+    """The end of the caller's utterance -> the next audio (the answer: nothing of the
+    greeting came after the clear)."""
+    attributes: dict[str, Any]
+    answer_input: str
+
+
+async def interruption_call(
+    speech: SpeechService,
+    audio: bytes,
+    *,
+    after_s: float = 1.5,
+    answer: bool = True,
+    **overrides: Any,
+) -> InterruptionRun:
+    """Interrupt the greeting ``after_s`` into it with ``audio``; wait for the answer
+    (``answer`` False: only for the clear). ``overrides``: gateway settings."""
+    await greeting_frames(speech)
+    async with shop_call(speech, **overrides) as (_, core, call):
+        await call.wait_for(lambda: bool(call.media_frames()), within_s=20)
+        await asyncio.sleep(after_s)
+        said = call.say(audio)
+        onset = await said.started
+        await call.wait_for(lambda: bool(call.clears()), within_s=10)
+        clear = call.clears()[0]
+        before = [r for r in call.media_frames() if r.at < clear.at]
+        last = before[-1]
+        silent = min(last.until, clear.at) - onset  # a clear drops what the phone holds
+        if not answer:
+            return InterruptionRun(last.at - onset, silent, clear.at - onset, 0, {}, "")
+        await call.wait_for(lambda: len(core.state.requests) >= 2, within_s=20)
+        index = call.received.index(clear)
+        await call.wait_for(
+            lambda: any(r.event == "media" for r in call.received[index + 1 :]), within_s=20
+        )
+        first_answer = next(r for r in call.received[index + 1 :] if r.event == "media")
+        request = core.state.requests[1]
+        return InterruptionRun(
+            pause_s=last.at - onset,
+            silent_s=silent,
+            clear_s=clear.at - onset,
+            answer_after_end_s=first_answer.at - (await said.finished - 1.2),
+            attributes=dict(request["input"].get("attributes", {})),
+            answer_input=request["input"]["transcript"]["text"],
+        )
+
+
+__all__ = [
+    "BACKCHANNELS",
+    "GREETING",
+    "HEARD",
+    "INTERRUPTED",
+    "INTERRUPTION",
+    "UNHEARD",
+    "BackchannelRun",
+    "InterruptionRun",
+    "backchannels_call",
+    "interruption_call",
+    "noises",
+    "spoken",
+]

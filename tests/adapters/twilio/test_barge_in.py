@@ -1,0 +1,392 @@
+"""Barge-in without false stops (issue 16 item 3), the call engine's decision table, pure:
+speech over the bot pauses it (PausePlayback); a backchannel, a filler or noise resumes it
+(ResumePlayback, nothing cleared); a word that is no backchannel, or voiced speech longer
+than any backchannel, clears it (Interrupt) and the next input says what was heard.
+
+The speech stage's verdicts (onset, voiced length) and the listener's transcripts are
+given by hand here (the real VAD and recognizer run in test_barge_in_calls.py); audio
+time advances by 20 ms of inbound silence per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from adapters.twilio.protocol import TwilioCall
+from gateway.events import (
+    HEARD,
+    INTERRUPTED,
+    UNHEARD,
+    BinaryEvent,
+    Response,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+)
+from gateway.io.call import call_config
+from gateway.protocol.actions import CancelListening, FeedAudio, StartListening, StartTurn
+from gateway.protocol.call import (
+    CallConfig,
+    Interrupt,
+    PausePlayback,
+    Play,
+    Playout,
+    ResumePlayback,
+    State,
+)
+from gateway.settings import Settings
+from gateway.speech.endofturn import content_words
+from tests.adapters.twilio.test_protocol import CALL, CONNECTED, START, dtmf, mark, media
+
+SILENCE = b"\xff" * 160
+SECOND = b"\x00" * 8000  # one second of μ-law answer
+
+
+def started(**config: Any) -> TwilioCall:
+    call = TwilioCall(CALL, CallConfig(key_allowed=lambda key: True, **config))
+    call.receive(CONNECTED)
+    [turn] = call.receive(START)
+    assert isinstance(turn, StartTurn)
+    return call
+
+
+def say_item(call: TwilioCall, text: str, audio: bytes = SECOND) -> Play:
+    """The running turn says one item (its audio queued, its mark not echoed)."""
+    assert call.turn_event(ResponseItemEvent(response_item=ResponseItem(text=text))) == []
+    [play] = call.turn_event(BinaryEvent(data=audio))
+    assert isinstance(play, Play)
+    return play
+
+
+def frames(call: TwilioCall, n: int, *, onset: int | None = None, voiced: int = 0) -> list[Any]:
+    """``n`` inbound frames (20 ms each) with the stage's verdict after each: speech since
+    audio time ``onset`` (None: nobody speaks), voiced for ``voiced`` ms more per frame
+    up to the frame's end. The actions, FeedAudio left out."""
+    out: list[Any] = []
+    for _ in range(n):
+        [feed] = call.receive(media(SILENCE))
+        assert isinstance(feed, FeedAudio)
+        voiced_ms = 0 if onset is None else min(call.now_ms - onset, voiced)
+        started = onset is not None and call.now_ms - onset == 160
+        out += call.voice(onset, started=started, voiced_ms=voiced_ms)
+    return out
+
+
+def hold(call: TwilioCall) -> int:
+    """The caller starts speaking over the bot: 160 ms of speech pauses it. The onset."""
+    frames(call, 10)
+    onset = call.now_ms
+    actions = frames(call, 8, onset=onset, voiced=10_000)  # 160 ms of speech
+    assert [type(a) for a in actions] == [PausePlayback, StartListening]
+    assert call.state is State.HOLDING
+    return onset
+
+
+@pytest.mark.parametrize(
+    ("interim", "final"),
+    [
+        ("uh huh", "uh huh"),
+        ("yeah", "yeah"),
+        ("mm", "mm hmm"),
+        ("okay", "okay"),
+        ("", "yes"),
+        ("", ""),  # noise: nothing recognised
+        ("um", "um okay"),  # a filler
+    ],
+)
+def test_backchannels_and_noise_pause_and_resume_the_bot(interim: str, final: str) -> None:
+    call = started()
+    say_item(call, "Welcome to the shop. How can I help you today?")
+    onset = hold(call)
+    actions = call.interim(interim) if interim else []
+    # to 720 ms after the onset: 450 ms voiced, then 270 ms quiet
+    actions += frames(call, 28, onset=onset, voiced=450)
+    assert actions == []
+    # 300 ms quiet without a content word: the audio resumes before the final
+    assert frames(call, 2, onset=onset, voiced=450) == [ResumePlayback()]
+    assert call.state is State.BOT
+    assert frames(call, 20) == []  # the speech ended
+    assert call.heard("final" if final else "silence", final, 0.9) == []  # judged: no stop
+    assert call.state is State.BOT
+    assert call.interruption is None
+    # the answer plays on: its mark comes back and the caller has the floor
+    call.turn_event(ResponseEvent(response=Response()))
+    assert call.turn_finished() == []
+    assert call.receive(mark("1")) == []
+    assert call.state is State.CALLER
+
+
+def test_a_word_that_is_no_backchannel_interrupts_at_once() -> None:
+    call = started()
+    say_item(call, "Your order of two pizzas will arrive in thirty minutes.", SECOND * 3)
+    call.receive(media(SILENCE))  # audio time passes while it plays
+    onset = hold(call)
+    assert frames(call, 5, onset=onset, voiced=10_000) == []
+    assert call.interim("okay") == []  # a backchannel
+    assert call.interim("okay wait") == []  # one content word: the final decides
+    [interrupt] = call.interim("okay wait i want to change")
+    assert isinstance(interrupt, Interrupt)
+    assert call.state is State.HEARING
+    assert call.marks.outstanding == 0
+    # the turn's rest is dropped; the utterance's final text is the next input
+    assert call.turn_event(BinaryEvent(data=SECOND)) == []
+    assert call.turn_finished() == []
+    [turn] = call.heard("final", "okay wait i want to change my order")
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "okay wait i want to change my order"
+    attributes = turn.input.attributes
+    assert attributes[INTERRUPTED] is True
+    # paused 380 ms into the 3 s item: the whole words of its first 13% were heard
+    assert attributes[HEARD] == "Your"
+    assert attributes[UNHEARD] == "order of two pizzas will arrive in thirty minutes."
+
+
+def test_a_final_text_that_is_no_backchannel_interrupts() -> None:
+    call = started()
+    say_item(call, "Hello.")
+    hold(call)
+    actions = call.heard("final", "stop")
+    assert [type(a) for a in actions] == [Interrupt]  # the turn still runs: the input waits
+    assert call.pending == "stop"
+    call.turn_event(ResponseEvent(response=Response()))
+    [turn] = call.turn_finished()
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "stop"
+    assert turn.input.attributes[INTERRUPTED] is True
+
+
+def test_speech_longer_than_any_backchannel_interrupts_without_words() -> None:
+    call = started(barge_in_max_backchannel_ms=800)
+    say_item(call, "Hello.")
+    onset = hold(call)
+    actions = frames(call, 40, onset=onset, voiced=10_000)
+    interrupts = [a for a in actions if isinstance(a, Interrupt)]
+    assert len(interrupts) == 1
+    assert call.state is State.HEARING
+    assert call.voiced_ms >= 800
+
+
+def test_voiced_length_not_trailing_silence_counts() -> None:
+    """A 450 ms backchannel followed by the endpointer's 700 ms of trailing silence lasts
+    1150 ms since its onset: not voiced long enough to interrupt."""
+    call = started(barge_in_max_backchannel_ms=800)
+    say_item(call, "Hello.")
+    onset = hold(call)
+    assert frames(call, 50, onset=onset, voiced=450) == [ResumePlayback()]
+    assert call.state is State.BOT
+
+
+def test_the_backchannel_list_is_configurable() -> None:
+    call = started(barge_in_backchannels=("gotcha",))
+    say_item(call, "Hello.", SECOND * 5)
+    hold(call)
+    assert call.heard("final", "gotcha", 0.9) == [ResumePlayback()]
+    hold(call)
+    actions = call.heard("final", "okay", 0.9)  # not listed here
+    assert isinstance(actions[0], Interrupt)
+
+
+def test_low_confidence_guesses_and_function_words_do_not_interrupt() -> None:
+    """What pocketsphinx makes of Piper's "uh huh" ("up", 0.01) and "mm hmm" ("and hum",
+    "in the")."""
+    call = started()
+    say_item(call, "Hello.", SECOND * 5)
+    for text, confidence in (("up", 0.01), ("and hum", 0.9), ("in the", 0.55)):
+        hold(call)
+        assert call.interim(text) == []
+        assert call.heard("final", text, confidence) == [ResumePlayback()], text
+    hold(call)
+    assert isinstance(call.heard("final", "stop", 0.5)[0], Interrupt)
+
+
+def test_below_the_minimum_speech_nothing_happens() -> None:
+    call = started(barge_in_min_speech_ms=300)
+    say_item(call, "Hello.")
+    frames(call, 5)
+    assert frames(call, 14, onset=call.now_ms, voiced=10_000) == []
+    assert call.state is State.BOT
+
+
+def test_without_holding_speech_interrupts_at_once() -> None:
+    call = started(barge_in_max_backchannel_ms=0)
+    say_item(call, "Hello.")
+    frames(call, 5)
+    actions = frames(call, 8, onset=call.now_ms, voiced=10_000)
+    assert [type(a) for a in actions] == [Interrupt, StartListening]
+    assert call.state is State.HEARING
+
+
+def test_a_key_while_holding_interrupts_and_is_the_input() -> None:
+    call = started()
+    say_item(call, "Hello there.")
+    hold(call)
+    actions = call.receive(dtmf("4"))
+    assert [type(a) for a in actions] == [CancelListening, Interrupt]
+    call.turn_event(ResponseEvent(response=Response()))
+    [turn] = call.turn_finished()  # the key's turn once the interrupted one ends
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "4"
+    assert turn.input.attributes[INTERRUPTED] is True
+
+
+def test_the_session_ending_while_holding_says_its_last_words() -> None:
+    call = started()
+    say_item(call, "Goodbye.")
+    hold(call)
+    call.turn_event(ResponseEvent(response=Response(session_ended=True)))
+    actions = call.turn_finished()
+    assert [type(a) for a in actions] == [CancelListening, ResumePlayback, Play]
+    assert call.state is State.ENDING
+    assert call.heard("final", "wait") == []  # too late: ignored
+
+
+def test_a_recognizer_failure_while_holding_resumes() -> None:
+    call = started()
+    say_item(call, "Hello.")
+    hold(call)
+    assert call.listener_failed() == [ResumePlayback()]
+    assert call.state is State.BOT
+
+
+def test_the_stream_ending_while_holding_cancels_the_listener() -> None:
+    call = started()
+    say_item(call, "Hello.")
+    hold(call)
+    actions = call.connection_lost()
+    assert isinstance(actions[0], CancelListening)
+
+
+def test_after_a_resume_a_new_onset_holds_again() -> None:
+    call = started()
+    say_item(call, "Hello, this is a long answer.", SECOND * 5)
+    hold(call)
+    assert frames(call, 30) == [ResumePlayback()]  # the speech ended: resumed at once
+    assert call.heard("final", "yeah") == []
+    hold(call)
+    [interrupt] = call.interim("hold on please wait")
+    assert isinstance(interrupt, Interrupt)
+
+
+def test_speaking_on_after_an_early_resume_holds_again_and_is_judged() -> None:
+    call = started()
+    say_item(call, "Hello, this is a long answer.", SECOND * 5)
+    onset = hold(call)
+    assert frames(call, 15, onset=onset, voiced=160) == [ResumePlayback()]
+    # the same speech goes on (the endpointer has not ended it): paused again, same utterance
+    assert frames(call, 1, onset=onset, voiced=10_000) == [PausePlayback()]
+    assert call.state is State.HOLDING
+    [interrupt, *_] = call.heard("final", "yeah but no", 0.8)
+    assert isinstance(interrupt, Interrupt)
+
+
+def test_a_late_final_that_is_an_interruption_still_interrupts() -> None:
+    call = started()
+    say_item(call, "Hello, this is a long answer.", SECOND * 5)
+    hold(call)
+    assert frames(call, 20) == [ResumePlayback()]
+    actions = call.heard("final", "wait", 0.6)
+    assert [type(a) for a in actions] == [Interrupt]
+    assert call.state is State.BOT  # the input waits for the interrupted turn
+    assert call.pending == "wait"
+
+
+def test_the_bot_finishing_while_judging_makes_the_utterance_an_input() -> None:
+    call = started()
+    say_item(call, "Hello.")
+    call.turn_event(ResponseEvent(response=Response()))
+    call.turn_finished()
+    hold(call)
+    assert frames(call, 20) == [ResumePlayback()]
+    assert call.receive(mark("1")) == []  # the bot's audio ended
+    assert call.state is State.HEARING
+    [turn] = call.heard("final", "yeah", 0.9)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "yeah"  # on the caller's floor an answer
+
+
+# ------------------------------------------------------------------ heard text
+
+
+def test_playout_heard_text_from_marks_and_time() -> None:
+    out = Playout()
+    for text, ms in (("First item.", 1000), ("Second item is longer than that.", 2000)):
+        out.item(text)
+        out.queued(text[:5], ms, 0)
+    out.item("Third.")
+    out.queued("3", 500, 0)
+    out.echoed("First", 1000)
+    # 1 s into the second item's 2 s: about half of its characters
+    assert out.cut(2000) == ("First item. Second item is", "longer than that. Third.")
+    assert out.cut(5000) == ("", "")  # forgotten
+
+
+def test_playout_streamed_speech_counts_the_chunks_of_an_item() -> None:
+    out = Playout()
+    out.item("one two three four five six seven eight")
+    out.queued("1", 1000, 0)  # the first sentence's audio
+    out.queued("2", 1000, 0)  # the second's
+    out.echoed("1", 1000)
+    assert out.cut(1000) == ("one two three four", "five six seven eight")
+
+
+def test_playout_a_pause_delays_what_plays() -> None:
+    out = Playout()
+    out.item("one two three four")
+    out.queued("1", 1000, 0)
+    out.paused(5000)  # held for 5 s at the start
+    assert out.cut(5500) == ("one two", "three four")
+
+
+def test_playout_late_and_unknown_echoes_are_ignored() -> None:
+    out = Playout()
+    out.item("one")
+    out.queued("1", 1000, 0)
+    out.echoed("9", 100)
+    assert out.cut(0) == ("", "one")
+
+
+def test_heard_counts_whole_items_whose_marks_came_back() -> None:
+    call = started()
+    say_item(call, "First sentence.", SECOND)
+    say_item(call, "Second sentence here.", SECOND * 2)
+    frames(call, 50)  # 1 s
+    call.receive(mark("1"))
+    hold(call)  # 360 ms into the 2 s second item
+    assert isinstance(call.heard("final", "what")[0], Interrupt)
+    call.turn_event(ResponseEvent(response=Response()))
+    [turn] = call.turn_finished()
+    assert turn.input.attributes == {
+        INTERRUPTED: True,
+        HEARD: "First sentence.",
+        UNHEARD: "Second sentence here.",
+    }
+
+
+# ------------------------------------------------------------------ words and settings
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("uh huh yeah", []),
+        ("m h m", []),  # a recognizer spelling a hum
+        ("and hum", []),
+        ("in the", []),  # function words only
+        ("okay wait", ["wait"]),
+        ("hold on", ["hold"]),
+        ("wait i want to change my order", ["wait", "change", "order"]),
+    ],
+)
+def test_content_words(text: str, found: list[str]) -> None:
+    assert content_words(text) == found
+
+
+def test_the_settings_name_the_backchannels_and_the_bound() -> None:
+    settings = Settings(barge_in_backchannels="Gotcha, right ,", barge_in_max_backchannel_ms=900)
+    assert settings.barge_in_backchannels == ("gotcha", "right")
+    config = call_config(settings, "telnyx")
+    assert config.barge_in_backchannels == ("gotcha", "right")
+    assert config.barge_in_max_backchannel_ms == 900
+    assert content_words("gotcha", config.barge_in_backchannels) == []

@@ -1,0 +1,67 @@
+"""Barge-in without false stops over real calls (issue 16 item 3): real WebSocket, the
+Twilio harness at real time both ways (60 ms send-ahead as deployed), Piper speech and
+generated noise through the real VAD and pocketsphinx, a user core over HTTP
+(tests/adapters/twilio/barge.py).
+
+- Backchannels ("uh-huh", "yeah", "mm hmm", "okay") and noise (white-noise bursts, a
+  cough-like burst) over the bot: no ``clear``, no input reaches the core, and every
+  frame of the greeting is played (the paused audio resumed where it stopped).
+- "wait, I want to change my order" over the bot: the bot falls silent for the caller
+  within 300 ms of the speech onset, ``clear`` follows, nothing of the greeting is sent
+  after it, and the core's next input carries ``interrupted`` / ``heard`` / ``unheard``.
+"""
+
+from __future__ import annotations
+
+from gateway.events import HEARD, INTERRUPTED, UNHEARD
+from gateway.speech.service import SpeechService
+from gateway.speech.tts import PiperSynthesizer
+from tests.adapters.twilio.barge import (
+    BACKCHANNELS,
+    GREETING,
+    INTERRUPTION,
+    backchannels_call,
+    interruption_call,
+    noises,
+    spoken,
+)
+
+
+async def test_backchannels_and_noise_do_not_stop_the_bot(
+    speech: SpeechService, piper: PiperSynthesizer
+) -> None:
+    sounds = {text: await spoken(piper, text) for text in BACKCHANNELS}
+    sounds.update(noises())
+    run = await backchannels_call(speech, sounds)
+    assert run.clears == 0, run
+    assert run.inputs == ["#intro"], run  # nothing said over the bot became an input
+    assert run.frames == run.expected_frames, run  # the whole greeting, nothing lost
+    assert len(run.sounds) == len(sounds)
+    paused = [s for s in run.sounds if s.paused_s is not None]
+    assert {s.name for s in paused} >= set(BACKCHANNELS), run  # each was heard (paused)
+    for sound in paused:
+        # the bot goes on shortly after the sound (300 ms of quiet, a little processing)
+        assert sound.resumed_after_s is not None
+        assert sound.resumed_after_s < 1.5, sound
+
+
+async def test_a_real_interruption_silences_the_bot_within_300_ms_and_says_what_was_heard(
+    speech: SpeechService, piper: PiperSynthesizer
+) -> None:
+    run = await interruption_call(speech, await spoken(piper, INTERRUPTION), after_s=1.5)
+    # the caller hears the bot stop within 300 ms of the onset: paused at ~160 ms of
+    # speech, the phone plays out the 60 ms it holds
+    assert run.silent_s <= 0.300, run
+    assert run.pause_s <= run.silent_s
+    assert run.clear_s < 3.0, run  # clear once judged a real interruption
+    assert run.answer_after_end_s > 0, run  # nothing of the greeting after the clear
+    assert "change" in run.answer_input, run
+    attributes = run.attributes
+    assert attributes[INTERRUPTED] is True
+    whole = " ".join(GREETING)
+    heard, unheard = attributes[HEARD], attributes[UNHEARD]
+    # 1.5 s into the greeting: its first words, not the first item whole
+    assert heard, attributes
+    assert whole.startswith(heard), attributes
+    assert len(heard) < len(GREETING[0]), attributes
+    assert f"{heard} {unheard}" == whole, attributes
