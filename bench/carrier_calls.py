@@ -229,6 +229,11 @@ class Carrier:
         """What the carrier sends as the call ends (before the socket closes)."""
 
 
+async def echo_socket(host: str) -> ClientConnection:
+    """A socket to the baseline's echo."""
+    return await connect(f"ws://{host}/echo", max_queue=None, compression=None, open_timeout=30)
+
+
 def _frames(audio: bytes, size: int, pad: bytes) -> list[bytes]:
     return [(audio[i : i + size] + pad * size)[:size] for i in range(0, len(audio), size)]
 
@@ -269,7 +274,7 @@ class Twilio(Carrier):
         self, http: httpx.AsyncClient, host: str, *, echo: bool
     ) -> tuple[ClientConnection, str]:
         if echo:
-            return await connect(f"ws://{host}/echo", max_queue=None, compression=None), ""
+            return await echo_socket(host), ""
         sid = "CA" + uuid.uuid4().hex
         form = {"CallSid": sid, "From": "+15550100", "To": "+15550199"}
         answer = await http.post(
@@ -286,6 +291,7 @@ class Twilio(Carrier):
             additional_headers={"X-Twilio-Signature": twilio_signature(url)},
             max_queue=None,
             compression=None,  # deflating base64 audio costs CPU for little gain
+            open_timeout=30,  # a loaded machine (the bench shares it)
         )
         await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
         media_format = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
@@ -342,7 +348,7 @@ class Vonage(Carrier):
         self, http: httpx.AsyncClient, host: str, *, echo: bool
     ) -> tuple[ClientConnection, str]:
         if echo:
-            return await connect(f"ws://{host}/echo", max_queue=None, compression=None), ""
+            return await echo_socket(host), ""
         call_uuid = str(uuid.uuid4())
         query = {"uuid": call_uuid, "from": "447700900000", "to": "447700900001"}
         claims = {"iat": int(time.time()), "jti": uuid.uuid4().hex}
@@ -355,7 +361,7 @@ class Vonage(Carrier):
         (action,) = answer.json()
         (endpoint,) = action["endpoint"]
         path = endpoint["uri"].split(PUBLIC.replace("https://", ""), 1)[1]
-        ws = await connect(f"ws://{host}{path}", max_queue=None, compression=None)
+        ws = await connect(f"ws://{host}{path}", max_queue=None, compression=None, open_timeout=30)
         connected = {
             "event": "websocket:connected",
             "content-type": endpoint["content-type"],
