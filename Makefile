@@ -11,7 +11,7 @@ bench:
 	python3 bench/v2_concurrency.py
 	python3 bench/voice_assistants.py
 	python3 bench/voiceflow_actions.py
-	python3 bench/twilio_calls.py
+	python3 bench/carrier_calls.py
 	python3 bench/speech_rtf.py
 	python3 bench/speech_latency.py
 	python3 bench/stt_saturation.py

@@ -201,6 +201,78 @@ async def forward_turn(
         await failed()
 
 
+class Watchdog:
+    """A deadline for one await at a time, re-armed cheaply: ``with dog.within(timeout_s):``
+    around an await raises TimeoutError when the await takes ``timeout_s`` seconds or more
+    (the awaiting task is cancelled at the deadline, as :func:`asyncio.timeout` does).
+
+    Unlike a fresh :func:`asyncio.timeout` per await (a loop timer scheduled and cancelled
+    every time: a frame's receive or send, 50 a second per call), one loop timer serves
+    many awaits: it is moved only when a deadline comes before it; when it fires early (a
+    later await pushed the deadline on) it re-arms for the current deadline. Awaits must
+    not overlap (one task at a time: the receive loop, or sends under a lock).
+    ``timeout_s`` None or ``inf``: no limit.
+    """
+
+    __slots__ = ("_cancelling", "_deadline", "_fired", "_task", "_timeout_s", "_timer")
+
+    def __init__(self) -> None:
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._task: asyncio.Task[Any] | None = None
+        self._timeout_s: float | None = None
+        self._fired = False
+        self._cancelling = 0
+
+    def within(self, timeout_s: float | None) -> Watchdog:
+        """Set the deadline of the next ``with`` block: ``timeout_s`` seconds from its start."""
+        self._timeout_s = timeout_s
+        return self
+
+    def __enter__(self) -> None:
+        timeout_s = self._timeout_s
+        if timeout_s is None or timeout_s == float("inf"):
+            return
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Watchdog should be used inside a task")
+        loop = asyncio.get_running_loop()
+        self._deadline = deadline = loop.time() + timeout_s
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._fired = False
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._due)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        task, self._task = self._task, None
+        if self._fired and exc_type is asyncio.CancelledError and task is not None:
+            self._fired = False
+            if task.uncancel() <= self._cancelling:  # ours, not another cancellation
+                raise TimeoutError
+
+    def _due(self) -> None:
+        self._timer = None
+        task = self._task
+        if task is None:
+            return  # between awaits: the next one arms again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._due)
+            return
+        self._fired = True
+        task.cancel()
+
+    def close(self) -> None:
+        """Drop the loop timer (the watchdog can be used again)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class WebSocketDriver(Generic[A]):
     """An accepted WebSocket serving one protocol object (see the module doc).
 
@@ -237,6 +309,8 @@ class WebSocketDriver(Generic[A]):
         self.open = True
         """False once the peer has gone (a send failed) or the socket was closed."""
         self._send_lock = asyncio.Lock()
+        self._send_dog = Watchdog()
+        self._receive_dog = Watchdog()
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -247,7 +321,7 @@ class WebSocketDriver(Generic[A]):
             if not self.open:
                 return
             try:
-                async with asyncio.timeout(self.send_timeout_s):
+                with self._send_dog.within(self.send_timeout_s):
                     await send(frame)
             except SEND_ERRORS:
                 self.open = False
@@ -285,7 +359,7 @@ class WebSocketDriver(Generic[A]):
         Raises TimeoutError when no frame came within ``timeout_s`` (None: no limit).
         """
         while True:
-            async with asyncio.timeout(timeout_s):
+            with self._receive_dog.within(timeout_s):
                 message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 self.open = False
@@ -316,7 +390,9 @@ class WebSocketDriver(Generic[A]):
             self.log.exception("%s failed", self.name)
             await self.close(CLOSE_INTERNAL, "Internal gateway error.")
         finally:
+            self._receive_dog.close()
             await self.shutdown()
+            self._send_dog.close()
 
     def received(self, frame: str | bytes) -> Sequence[A]:
         """The protocol's actions for one frame (text as ``str``, binary as ``bytes``)."""

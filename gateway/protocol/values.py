@@ -48,16 +48,17 @@ def integer(value: object) -> int | None:
 
     Booleans are not numbers here; ``3.0`` is 3, ``3.5`` is None.
     """
+    if isinstance(value, str):  # first: carriers send their numbers as strings
+        digits = value.strip()
+        if digits.isascii() and digits.isdigit():
+            return int(digits)
+        return None
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str):
-        digits = value.strip()
-        if digits.isascii() and digits.isdigit():
-            return int(digits)
     return None
 
 

@@ -65,6 +65,7 @@ __all__ = [
     "pcm_to_mulaw",
     "resample",
     "silence",
+    "ulaw2lin",
 ]
 
 Encoding: TypeAlias = Literal["LINEAR16", "MULAW"]
@@ -204,6 +205,13 @@ def mulaw_to_pcm(data: bytes, sample_rate: int = 8000) -> Pcm:
     """
     check_rate(sample_rate, "MULAW")
     return Pcm(audioop.ulaw2lin(bytes(data), 2), sample_rate)
+
+
+def ulaw2lin(data: bytes, width: int = 2) -> bytes:
+    """G.711 μ-law bytes (one per sample) as signed little-endian PCM of ``width`` bytes a
+    sample (2: 16-bit), without a :class:`Pcm` or a rate check: the per-frame hot path
+    (a call's VAD pass) of a stream whose format was checked at its start."""
+    return audioop.ulaw2lin(data, width)
 
 
 def pcm_to_mulaw(pcm: Pcm) -> bytes:
@@ -493,6 +501,8 @@ class FrameBuffer:
 
     def push(self, data: bytes) -> list[bytes]:
         """Append ``data``; return the complete frames (possibly none) in order."""
+        if not self._pending and len(data) == self.frame_size:
+            return [bytes(data)]  # the usual case: one whole frame, nothing kept (no copy)
         self._pending += data
         n = len(self._pending) // self.frame_size * self.frame_size
         if not n:

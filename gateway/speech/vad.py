@@ -150,10 +150,13 @@ class Endpointer:
         ``data`` may be any length, including a partial sample or frame: the
         remainder is kept for the next call.
         """
-        data = self._odd + bytes(data)
-        cut = len(data) - len(data) % 2
-        self._odd = data[cut:]
-        chunk = data[:cut]
+        if self._odd or len(data) % 2:
+            data = self._odd + bytes(data)
+            cut = len(data) - len(data) % 2
+            self._odd = data[cut:]
+            chunk = data[:cut]
+        else:  # the usual case: whole samples, nothing kept (no copy)
+            chunk = bytes(data)
         if self._resampler is not None:
             chunk = self._resampler.convert(chunk)
         events: list[EndpointEvent] = []

@@ -1,0 +1,88 @@
+"""gateway.io.websocket.Watchdog: the receive loop's and the sends' deadline, one loop
+timer for many awaits (real asyncio loop and clock, real sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.io.websocket import Watchdog
+
+
+def test_an_await_past_its_deadline_raises_timeout_error_near_the_deadline() -> None:
+    async def main() -> float:
+        dog = Watchdog()
+        start = time.monotonic()
+        with pytest.raises(TimeoutError), dog.within(0.05):
+            await asyncio.sleep(1.0)
+        dog.close()
+        return time.monotonic() - start
+
+    took = asyncio.run(main())
+    assert 0.045 <= took < 0.5
+
+
+def test_many_short_awaits_never_trip_and_a_later_long_one_trips_at_its_own_deadline() -> None:
+    async def main() -> tuple[int, float]:
+        dog = Watchdog()
+        done = 0
+        for _ in range(20):  # 20 x 10 ms: longer than one 50 ms deadline in all
+            with dog.within(0.05):
+                await asyncio.sleep(0.01)
+            done += 1
+        start = time.monotonic()
+        # the timer armed for an earlier deadline re-arms
+        with pytest.raises(TimeoutError), dog.within(0.08):
+            await asyncio.sleep(1.0)
+        dog.close()
+        return done, time.monotonic() - start
+
+    done, took = asyncio.run(main())
+    assert done == 20
+    assert 0.075 <= took < 0.5
+
+
+def test_a_shorter_deadline_than_the_armed_timer_is_kept() -> None:
+    async def main() -> float:
+        dog = Watchdog()
+        with dog.within(10.0):
+            await asyncio.sleep(0)
+        start = time.monotonic()
+        with pytest.raises(TimeoutError), dog.within(0.03):
+            await asyncio.sleep(1.0)
+        dog.close()
+        return time.monotonic() - start
+
+    assert asyncio.run(main()) < 0.5
+
+
+def test_another_cancellation_goes_through_as_cancelled_error() -> None:
+    async def waiter(dog: Watchdog) -> None:
+        with dog.within(5.0):
+            await asyncio.sleep(5.0)
+
+    async def main() -> None:
+        dog = Watchdog()
+        task = asyncio.create_task(waiter(dog))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        dog.close()
+
+    asyncio.run(main())
+
+
+def test_no_limit_and_outside_a_task() -> None:
+    async def main() -> None:
+        dog = Watchdog()
+        with dog.within(None):
+            await asyncio.sleep(0.01)
+        with dog.within(float("inf")):
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    with pytest.raises(RuntimeError), Watchdog().within(1.0):
+        pass
