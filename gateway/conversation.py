@@ -71,13 +71,16 @@ from gateway.pipeline.base import Pipeline, PipelineError
 from gateway.sessions import (
     ClientState,
     LockLost,
+    RedisSessionStore,
     Session,
     SessionBusy,
     SessionStore,
+    SessionTxn,
     StoreUnavailable,
 )
 from gateway.settings import Settings
 from gateway.speech.tts import SynthesisError
+from gateway.speech.tts_cache import RedisTtsCache
 from gateway.speech.tts_pool import TtsOverloaded
 from gateway.speech.types import TtsRequest
 from gateway.turn import RejectReason as RejectReason  # defined there: protocols import them
@@ -113,6 +116,29 @@ class _Outcome:
 
 
 _DONE = object()
+
+
+@dataclass
+class _LinkBatch:
+    """The final Response's items of a links turn on Redis: their specs ride in the
+    session release's round trip (``txn.side_writes``) and the items go out after it,
+    before the Response. ``plain`` are the items without links, sent instead when the
+    release fails (their links may not be registered)."""
+
+    txn: SessionTxn
+    linked: list[ResponseItemEvent]
+    plain: list[ResponseItemEvent]
+    started: SessionStartedEvent | None = None
+    """Held with the items until one goes out (a streamed item, or these after the
+    release), so a turn that streams nothing before its end answers in one piece."""
+
+    def flush(self, out: _TurnQueue, *, linked: bool) -> None:
+        """Put the held events out: SessionStarted, then the items (``linked`` or not)."""
+        if self.started is not None:
+            out.put_nowait(self.started)
+            self.started = None
+        for event in self.linked if linked else self.plain:
+            out.put_nowait(event)
 
 
 class _PendingAudio:
@@ -154,7 +180,16 @@ class _TurnQueue:
     waiter deques, its unfinished-task count) cost more than the rest of a demo turn.
     """
 
-    __slots__ = ("_items", "_waiter", "audio", "closed", "journal_key", "sent")
+    __slots__ = (
+        "_items",
+        "_waiter",
+        "audio",
+        "batch",
+        "closed",
+        "journal_key",
+        "pushes_pending",
+        "sent",
+    )
 
     def __init__(self, journal_key: str | None = None) -> None:
         self.journal_key = journal_key
@@ -164,6 +199,10 @@ class _TurnQueue:
         self.sent = 0
         self.audio = False
         self.closed = False
+        self.pushes_pending: bool | None = None
+        """The session store's :attr:`SessionTxn.pushes_pending`, once the lock is taken."""
+        self.batch: _LinkBatch | None = None
+        """The final items held for the release's round trip (see :class:`_LinkBatch`)."""
 
     def put_nowait(self, item: object) -> None:
         """Append ``item`` and wake the consumer."""
@@ -208,6 +247,13 @@ class TurnStream:
 
     def __aiter__(self) -> AsyncIterator[TurnEvent]:
         return self._iterate()
+
+    @property
+    def pushes_pending(self) -> bool | None:
+        """Once the first event is out: False when the session's outbox held nothing
+        undelivered as the turn took its lock (an adapter need not read it), True when
+        it did, None when the store cannot tell (read it)."""
+        return self._queue.pushes_pending
 
     async def _iterate(self) -> AsyncIterator[TurnEvent]:
         speech_error: ErrorEvent | None = None
@@ -405,10 +451,53 @@ class Conversation:
     async def _turn(
         self, ctx: TurnContext, input: Input, out: _TurnQueue, outcome: _Outcome
     ) -> None:
+        try:
+            end = await self._locked_turn(ctx, input, out, outcome)
+        except BaseException:
+            if out.batch is not None:  # what would have gone out before, as before
+                out.batch.flush(out, linked=False)
+            raise
+        if out.batch is not None:
+            out.batch.flush(out, linked=True)
+        # the lock is released and the session saved: now the turn's end goes out
+        for event in end:
+            out.put_nowait(event)
+        started = outcome.started
+        if started and out.journal_key is not None and ctx.device_id and self.journal:
+            try:  # the device index: a push may name the device instead of the session
+                await self.journal.outbox.bind(
+                    ctx.app_key, ctx.device_id, ctx.key, self.settings.session_timeout_s
+                )
+            except OutboxError as exc:
+                log.warning("device of %s not indexed: %s", session_ref(ctx.key), exc)
+
+    def _link_batch(self, txn: SessionTxn, tts: TtsRequest | None, out: _TurnQueue) -> None:
+        """Set ``out.batch`` when the final items' links can ride in the release (see
+        :class:`_LinkBatch`): links asked for, specs in Redis on the store's own client,
+        and the turn not journaled (journaled items are numbered one by one)."""
+        speech, store = self.speech, self.store
+        if (
+            tts is not None
+            and tts.mode == "links"
+            and speech is not None
+            and out.journal_key is None
+            and isinstance(speech.cache, RedisTtsCache)
+            and isinstance(store, RedisSessionStore)
+            and store.takes_side_writes(speech.cache.redis)
+        ):
+            out.batch = _LinkBatch(txn, [], [])
+
+    async def _locked_turn(
+        self, ctx: TurnContext, input: Input, out: _TurnQueue, outcome: _Outcome
+    ) -> list[TurnEvent]:
+        """The turn under the session's lock; the events of its end, to go out once the
+        session is saved (and the lock released)."""
         settings = self.settings
         async with self.store.open(
             ctx.key, lease_s=self._lease_s(), wait_s=settings.lock_wait_s
         ) as txn:
+            out.pushes_pending = txn.pushes_pending
+            self._link_batch(txn, ctx.tts, out)
             session = txn.session
             started = session is None
             if session is None:
@@ -430,7 +519,10 @@ class Conversation:
                 )
             self._update(session, ctx, input)
             if started:
-                out.put_nowait(SessionStartedEvent(session_id=session.id))
+                if out.batch is not None:
+                    out.batch.started = SessionStartedEvent(session_id=session.id)
+                else:
+                    out.put_nowait(SessionStartedEvent(session_id=session.id))
 
             outcome.started = started
             # a JSON snapshot is several times cheaper than a deep copy; only a failed
@@ -458,17 +550,7 @@ class Conversation:
             if ended:
                 end.append(SessionEndedEvent())
             # numbered under the lock: a push (which takes it too) comes after the whole turn
-            end = await self._numbered(out, end)
-        # the lock is released and the session saved: now the turn's end goes out
-        for event in end:
-            out.put_nowait(event)
-        if started and out.journal_key is not None and ctx.device_id and self.journal:
-            try:  # the device index: a push may name the device instead of the session
-                await self.journal.outbox.bind(
-                    ctx.app_key, ctx.device_id, ctx.key, self.settings.session_timeout_s
-                )
-            except OutboxError as exc:
-                log.warning("device of %s not indexed: %s", session_ref(ctx.key), exc)
+            return await self._numbered(out, end)
 
     def _update(self, session: Session, ctx: TurnContext, input: Input) -> None:
         session.device_id = ctx.device_id or session.device_id
@@ -541,7 +623,7 @@ class Conversation:
                         raise PipelineError(f"the pipeline produced a {type(produced).__name__}")
                 response = response or Response()
                 for item in response.items:
-                    items.append(await self._emit(item, out, tts, session.channel))
+                    items.append(await self._emit(item, out, tts, session.channel, final=True))
         finally:
             # closed here, not by the event loop's async-generator finalizer (a task per turn)
             aclose = getattr(outputs, "aclose", None)
@@ -553,18 +635,36 @@ class Conversation:
         return session, response
 
     async def _emit(
-        self, item: ResponseItem, out: _TurnQueue, tts: TtsRequest | None, channel: str
+        self,
+        item: ResponseItem,
+        out: _TurnQueue,
+        tts: TtsRequest | None,
+        channel: str,
+        *,
+        final: bool = False,
     ) -> ResponseItem:
         """Hand out one item (with its speech when asked for); the item as sent.
 
-        Links are registered now (one cache write); audio is synthesized in its own
-        task, which the stream waits for (see the module doc).
+        Links are registered now (one cache write), or for an item of the ``final``
+        Response with ``out.batch`` set, in the release's round trip, the item going
+        out after it (:class:`_LinkBatch`); audio is synthesized in its own task, which
+        the stream waits for (see the module doc).
         """
         speech = self.speech
         if tts is None or speech is None:
             await self._put(out, ResponseItemEvent(response_item=item))
             return item
         if tts.mode == "links":
+            batch = out.batch
+            if final and batch is not None and isinstance(speech.cache, RedisTtsCache):
+                plain = ResponseItemEvent(response_item=item)
+                linked = speech.link_unregistered(item, tts.file_type)
+                if linked is not None:
+                    item, file_id, spec = linked
+                    batch.txn.side_writes.append(speech.cache.spec_write(file_id, spec))
+                batch.plain.append(plain)
+                batch.linked.append(ResponseItemEvent(response_item=item))
+                return item
             try:
                 item = await speech.link_item(item, tts.file_type)
             except (OSError, RedisError) as exc:
@@ -578,6 +678,9 @@ class Conversation:
 
     async def _put(self, out: _TurnQueue, event: TurnEvent) -> None:
         """Hand out ``event``, numbered in the outbox when the turn is journaled."""
+        if out.batch is not None and out.batch.started is not None:
+            out.put_nowait(out.batch.started)
+            out.batch.started = None
         if out.journal_key is None:
             out.put_nowait(event)
         else:
