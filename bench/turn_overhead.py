@@ -1,8 +1,10 @@
 """What the gateway adds to a turn: wrk against a bare FastAPI endpoint and the gateway, one run.
 
 Every server runs as its own process pinned to core 0 (``taskset -c 0``) with its
-default settings (log level INFO: uvicorn's access log, and the gateway's line per
-turn, go to /dev/null); wrk runs on core 1 (``-t1 -c32``, keep-alive, ``--latency``).
+default settings (log level INFO to /dev/null: the gateway's line per turn; no access
+log, as ``gateway serve`` has none unless GATEWAY_ACCESS_LOG=true, and the uvicorn
+commands of the bare endpoint and the Alexa row say ``--no-access-log``); wrk runs on
+core 1 (``-t1 -c32``, keep-alive, ``--latency``).
 Rows, in this order, each a fresh server:
 
 1. ``bare`` (three rows: new sessions, 5 turns a session, Alexa) —
@@ -13,7 +15,8 @@ Rows, in this order, each a fresh server:
    TTS links on: every answer carries an MP3 link), a different sentence per request.
 3. ``V2 text, tts=None`` — the same with ``tts=None`` (no links).
 4. ``V2 text, Redis, defaults`` / ``..., tts=None`` — only ``GATEWAY_REDIS_URL`` set.
-5. ``/alexa`` — the gateway with Redis, verification on (a local CA made here, the
+5. ``/alexa`` — the gateway (uvicorn's CLI, ``--no-access-log`` as ``gateway serve``'s
+   default) with Redis, verification on (a local CA made here, the
    signing chain fetched once and cached, as Amazon's is), every request signed and
    new (LaunchRequest-free IntentRequests with their own session), so each costs the
    signature check, the turn, and two Redis round trips.
@@ -207,8 +210,16 @@ def main() -> None:
         "GATEWAY_ALEXA_SKILL_IDS": SKILL_ID,
     }
     uvicorn = [sys.executable, "-m", "uvicorn"]
-    bare_cmd = [*uvicorn, "bench.baseline_app:app", "--port"]
-    gateway_cmd = [*uvicorn, "--factory", "bench.voice_assistants:gateway_app", "--port"]
+    bare_cmd = [*uvicorn, "--no-access-log", "bench.baseline_app:app", "--port"]
+    # uvicorn's CLI logs every request unless told not to; `gateway serve` only with
+    # GATEWAY_ACCESS_LOG=true: no access log on any row
+    gateway_cmd = [
+        *uvicorn,
+        "--no-access-log",
+        "--factory",
+        "bench.voice_assistants:gateway_app",
+        "--port",
+    ]
     serve_cmd = [sys.executable, "-m", "gateway", "serve", "--port"]
     rows: list[tuple[str, list[str], dict[str, str], str]] = [
         ("bare endpoint, PUT /client", bare_cmd, {}, "tts_none"),
@@ -234,7 +245,7 @@ def main() -> None:
     ]
     print(
         f"wrk -t1 -c32 -d{args.seconds}s on core 1; each server alone on core 0, default "
-        "settings (log level INFO to /dev/null)"
+        "settings (log level INFO to /dev/null, no access log)"
     )
     print(
         f"{'server':42} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs':>8} {'errors':>7}  "
