@@ -191,6 +191,12 @@ def main() -> None:
     parser.add_argument(
         "--redis", default=os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run only the gateway rows whose name contains this (repeatable); bare rows run",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
@@ -252,6 +258,8 @@ def main() -> None:
         "vs bare (CPU: bare's CPU µs per request / this row's)"
     )
     bare: dict[str, tuple[float, float]] = {}
+    if args.only:
+        rows = [r for r in rows if r[0].startswith("bare") or any(o in r[0] for o in args.only)]
     for name, cmd, env, kind in rows:
         port = free_port()
         proc = start([*cmd, str(port)], env, port)
