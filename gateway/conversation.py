@@ -16,7 +16,13 @@ its answer can send the next turn to any gateway instance, or to one that has
 just restarted, and find the session as it left it.
 
 The turn runs in its own task: a client that vanishes mid-turn does not cut the
-turn short, and the session stays consistent.
+turn short, and the session stays consistent. SessionStarted goes out with the turn's
+first item, or with its end when nothing goes out before it.
+
+With Redis (one server or Sentinel) and TTS links, the links of the final Response's
+items are registered in the session save's round trip (``SessionTxn.side_writes``),
+and those items go out after the save, before the Response: a turn costs two Redis
+round trips with or without links.
 
 Failures: before anything was handed out the turn is rejected (TurnRejected on
 the first step, e.g. ``store-unavailable``); once events went out, a store that
@@ -128,15 +134,10 @@ class _LinkBatch:
     txn: SessionTxn
     linked: list[ResponseItemEvent]
     plain: list[ResponseItemEvent]
-    started: SessionStartedEvent | None = None
-    """Held with the items until one goes out (a streamed item, or these after the
-    release), so a turn that streams nothing before its end answers in one piece."""
 
     def flush(self, out: _TurnQueue, *, linked: bool) -> None:
         """Put the held events out: SessionStarted, then the items (``linked`` or not)."""
-        if self.started is not None:
-            out.put_nowait(self.started)
-            self.started = None
+        out.release_held()
         for event in self.linked if linked else self.plain:
             out.put_nowait(event)
 
@@ -186,6 +187,7 @@ class _TurnQueue:
         "audio",
         "batch",
         "closed",
+        "held",
         "journal_key",
         "pushes_pending",
         "sent",
@@ -203,6 +205,16 @@ class _TurnQueue:
         """The session store's :attr:`SessionTxn.pushes_pending`, once the lock is taken."""
         self.batch: _LinkBatch | None = None
         """The final items held for the release's round trip (see :class:`_LinkBatch`)."""
+        self.held: SessionStartedEvent | None = None
+        """SessionStarted, held until the turn's first item or its end goes out: a turn
+        that sends nothing before its end is over when its consumer first wakes (an
+        HTTP adapter answers it in one body, :meth:`TurnStream.rest_if_done`)."""
+
+    def release_held(self) -> None:
+        """Put the held SessionStarted out (if any)."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.put_nowait(held)
 
     def put_nowait(self, item: object) -> None:
         """Append ``item`` and wake the consumer."""
@@ -454,9 +466,11 @@ class Conversation:
         try:
             end = await self._locked_turn(ctx, input, out, outcome)
         except BaseException:
-            if out.batch is not None:  # what would have gone out before, as before
+            out.release_held()  # what would have gone out before, as before
+            if out.batch is not None:
                 out.batch.flush(out, linked=False)
             raise
+        out.release_held()
         if out.batch is not None:
             out.batch.flush(out, linked=True)
         # the lock is released and the session saved: now the turn's end goes out
@@ -519,10 +533,7 @@ class Conversation:
                 )
             self._update(session, ctx, input)
             if started:
-                if out.batch is not None:
-                    out.batch.started = SessionStartedEvent(session_id=session.id)
-                else:
-                    out.put_nowait(SessionStartedEvent(session_id=session.id))
+                out.held = SessionStartedEvent(session_id=session.id)
 
             outcome.started = started
             # a JSON snapshot is several times cheaper than a deep copy; only a failed
@@ -678,9 +689,7 @@ class Conversation:
 
     async def _put(self, out: _TurnQueue, event: TurnEvent) -> None:
         """Hand out ``event``, numbered in the outbox when the turn is journaled."""
-        if out.batch is not None and out.batch.started is not None:
-            out.put_nowait(out.batch.started)
-            out.batch.started = None
+        out.release_held()
         if out.journal_key is None:
             out.put_nowait(event)
         else:
