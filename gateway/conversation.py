@@ -16,8 +16,9 @@ its answer can send the next turn to any gateway instance, or to one that has
 just restarted, and find the session as it left it.
 
 The turn runs in its own task: a client that vanishes mid-turn does not cut the
-turn short, and the session stays consistent. SessionStarted goes out with the turn's
-first item, or with its end when nothing goes out before it.
+turn short, and the session stays consistent. SessionStarted goes out once the lock is
+taken (the turn holds it), except in a turn whose links ride in the save (below): then
+with its first item, or with its end when nothing goes out before it.
 
 With Redis (one server or Sentinel) and TTS links, the links of the final Response's
 items are registered in the session save's round trip (``SessionTxn.side_writes``),
@@ -206,9 +207,11 @@ class _TurnQueue:
         self.batch: _LinkBatch | None = None
         """The final items held for the release's round trip (see :class:`_LinkBatch`)."""
         self.held: SessionStartedEvent | None = None
-        """SessionStarted, held until the turn's first item or its end goes out: a turn
-        that sends nothing before its end is over when its consumer first wakes (an
-        HTTP adapter answers it in one body, :meth:`TurnStream.rest_if_done`)."""
+        """SessionStarted of a turn with ``batch`` set, held until its first item or its
+        end goes out: a turn that sends nothing before its end is over when its consumer
+        first wakes (an HTTP adapter answers it in one body,
+        :meth:`TurnStream.rest_if_done`). Else SessionStarted goes out as the lock is
+        taken."""
 
     def release_held(self) -> None:
         """Put the held SessionStarted out (if any)."""
@@ -533,7 +536,11 @@ class Conversation:
                 )
             self._update(session, ctx, input)
             if started:
-                out.held = SessionStartedEvent(session_id=session.id)
+                event = SessionStartedEvent(session_id=session.id)
+                if out.batch is not None:  # nothing streams early: one piece (see _TurnQueue)
+                    out.held = event
+                else:  # out now: a consumer learns the turn holds the lock
+                    out.put_nowait(event)
 
             outcome.started = started
             # a JSON snapshot is several times cheaper than a deep copy; only a failed
