@@ -1,23 +1,37 @@
 """What the gateway adds to a turn: wrk against a bare FastAPI endpoint and the gateway, one run.
 
 Every server runs as its own process pinned to core 0 (``taskset -c 0``) with its
-default settings (log level INFO: uvicorn's access log, and the gateway's line per
-turn, go to /dev/null); wrk runs on core 1 (``-t1 -c32``, keep-alive, ``--latency``).
+default settings (log level INFO to /dev/null: the gateway's line per turn; no access
+log, as ``gateway serve`` has none unless GATEWAY_ACCESS_LOG=true, and the uvicorn
+commands of the bare endpoint and the Alexa row say ``--no-access-log``); wrk runs on
+core 1 (``-t1 -c32``, keep-alive, ``--latency``).
 Rows, in this order, each a fresh server:
 
-1. ``bare`` — bench/baseline_app.py: ``PUT /client`` reading the text body and
-   answering one plain-text line with a cookie, ``POST /alexa`` reading the body and
-   answering fixed JSON: the same shapes with no session, pipeline or store.
+1. ``bare`` (three rows: new sessions, 5 turns a session, Alexa) —
+   bench/baseline_app.py: ``PUT /client`` reading the text body and answering one
+   plain-text line with a cookie, ``POST /alexa`` reading the body and answering fixed
+   JSON: the same shapes with no session, pipeline or store.
 2. ``V2 text, defaults`` — the gateway with nothing set (memory sessions, demo core,
    TTS links on: every answer carries an MP3 link), a different sentence per request.
 3. ``V2 text, tts=None`` — the same with ``tts=None`` (no links).
 4. ``V2 text, Redis, defaults`` / ``..., tts=None`` — only ``GATEWAY_REDIS_URL`` set.
-5. ``/alexa`` — the gateway with Redis, verification on (a local CA made here, the
+5. ``/alexa`` — the gateway (uvicorn's CLI, ``--no-access-log`` as ``gateway serve``'s
+   default) with Redis, verification on (a local CA made here, the
    signing chain fetched once and cached, as Amazon's is), every request signed and
    new (LaunchRequest-free IntentRequests with their own session), so each costs the
    signature check, the turn, and two Redis round trips.
 
-Each request without a cookie starts a session, so these are first turns (the
+6. ``V2 text, memory/Redis, 5 turns a session`` — the defaults again, but each session
+   id the server sets is sent back as the cookie of four more requests (a session is
+   in one request at a time), so most turns load an existing session and look for
+   pushes queued in its outbox; against the bare endpoint run the same way (its
+   answer echoes the cookie).
+
+Besides wrk's figures, each row gives the server's CPU time per request (user + system,
+from /proc over the measured run): steadier than requests/s on a loaded machine, and
+its bare/gateway ratio is the throughput ratio on an otherwise idle core.
+
+Rows 2-5 send no cookie, so each request starts a session: first turns (the
 demo answers "You said: ..."). Prints requests/s, p50 and p99 (wrk's), and the ratio
 of throughput and p99 to the bare endpoint of the same run.
 
@@ -50,6 +64,30 @@ request = function()
   counter = counter + 1
   local body = "tell me about topic " .. counter .. " and the weather in town " .. (counter %% 97)
   return wrk.format("PUT", "/client?key=bench%s", {["Content-Type"] = "text/plain"}, body)
+end
+"""
+
+TURNS = 5
+
+V2_SESSIONS_SCRIPT = """
+counter = 0
+local free = {}   -- session ids not in use by a request, with turns left
+local used = {}   -- turns taken by each session id
+request = function()
+  counter = counter + 1
+  local body = "tell me about topic " .. counter .. " and the weather in town " .. (counter %% 97)
+  local headers = {["Content-Type"] = "text/plain"}
+  local id = table.remove(free)
+  if id then headers["Cookie"] = "flowstorm-session-id=" .. id end
+  return wrk.format("PUT", "/client?key=bench%s", headers, body)
+end
+response = function(status, headers, body)
+  local cookie = headers["set-cookie"] or headers["Set-Cookie"]
+  local id = cookie and cookie:match("flowstorm%%-session%%-id=([^;]+)")
+  if id then
+    local n = (used[id] or 0) + 1
+    if n < %d then used[id] = n; table.insert(free, id) else used[id] = nil end
+  end
 end
 """
 
@@ -108,6 +146,12 @@ def alexa_requests(keys: Keys, count: int, folder: Path) -> Path:
     return path
 
 
+def cpu_s(pid: int) -> float:
+    """CPU time (user + system, s) process ``pid`` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(port: int, script: Path, seconds: int) -> tuple[float, float, float, int]:
     """(requests/s, p50 ms, p99 ms, errors) of one wrk run on core 1."""
     pin = ["taskset", "-c", "1"] if shutil.which("taskset") else []
@@ -147,6 +191,12 @@ def main() -> None:
     parser.add_argument(
         "--redis", default=os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run only the gateway rows whose name contains this (repeatable); bare rows run",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
@@ -156,6 +206,8 @@ def main() -> None:
     for name, query in (("defaults", ""), ("tts_none", "&tts=None")):
         scripts[name] = folder / f"v2_{name}.lua"
         scripts[name].write_text(V2_SCRIPT % query)
+        scripts[f"{name}_sessions"] = folder / f"v2_{name}_sessions.lua"
+        scripts[f"{name}_sessions"].write_text(V2_SESSIONS_SCRIPT % (query, TURNS))
     prefix = f"bench-{secrets.token_hex(4)}"
     redis = {"GATEWAY_REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": prefix}
     alexa_env = {
@@ -164,24 +216,50 @@ def main() -> None:
         "GATEWAY_ALEXA_SKILL_IDS": SKILL_ID,
     }
     uvicorn = [sys.executable, "-m", "uvicorn"]
-    bare_cmd = [*uvicorn, "bench.baseline_app:app", "--port"]
-    gateway_cmd = [*uvicorn, "--factory", "bench.voice_assistants:gateway_app", "--port"]
+    bare_cmd = [*uvicorn, "--no-access-log", "bench.baseline_app:app", "--port"]
+    # uvicorn's CLI logs every request unless told not to; `gateway serve` only with
+    # GATEWAY_ACCESS_LOG=true: no access log on any row
+    gateway_cmd = [
+        *uvicorn,
+        "--no-access-log",
+        "--factory",
+        "bench.voice_assistants:gateway_app",
+        "--port",
+    ]
     serve_cmd = [sys.executable, "-m", "gateway", "serve", "--port"]
     rows: list[tuple[str, list[str], dict[str, str], str]] = [
         ("bare endpoint, PUT /client", bare_cmd, {}, "tts_none"),
+        ("bare endpoint, PUT /client, sessions", bare_cmd, {}, "tts_none_sessions"),
         ("bare endpoint, POST /alexa", bare_cmd, {}, "alexa"),
         ("V2 text, defaults (memory, TTS links)", serve_cmd, {}, "defaults"),
         ("V2 text, memory, tts=None", serve_cmd, {}, "tts_none"),
         ("V2 text, Redis, defaults (TTS links)", serve_cmd, redis, "defaults"),
         ("V2 text, Redis, tts=None", serve_cmd, redis, "tts_none"),
+        (
+            f"V2 text, memory, {TURNS} turns a session",
+            serve_cmd,
+            {},
+            "defaults_sessions",
+        ),
+        (
+            f"V2 text, Redis, {TURNS} turns a session",
+            serve_cmd,
+            redis,
+            "defaults_sessions",
+        ),
         ("/alexa, Redis, verification on", gateway_cmd, alexa_env, "alexa"),
     ]
     print(
         f"wrk -t1 -c32 -d{args.seconds}s on core 1; each server alone on core 0, default "
-        "settings (log level INFO to /dev/null)"
+        "settings (log level INFO to /dev/null, no access log)"
     )
-    print(f"{'server':42} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}  vs bare")
+    print(
+        f"{'server':42} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs':>8} {'errors':>7}  "
+        "vs bare (CPU: bare's CPU µs per request / this row's)"
+    )
     bare: dict[str, tuple[float, float]] = {}
+    if args.only:
+        rows = [r for r in rows if r[0].startswith("bare") or any(o in r[0] for o in args.only)]
     for name, cmd, env, kind in rows:
         port = free_port()
         proc = start([*cmd, str(port)], env, port)
@@ -193,18 +271,25 @@ def main() -> None:
             else:
                 script = scripts[kind]
             wrk(port, script, 2)  # warm-up
+            cpu_before = cpu_s(proc.pid)
             rate, p50, p99, errors = wrk(port, script, args.seconds)
+            cpu_us = (cpu_s(proc.pid) - cpu_before) * 1e6 / max(1.0, rate * args.seconds)
         finally:
             proc.terminate()
             proc.wait(10)
-        base_kind = "alexa" if kind == "alexa" else "v2"
+        base_kind = (
+            "alexa" if kind == "alexa" else "sessions" if kind.endswith("_sessions") else "v2"
+        )
         if name.startswith("bare"):
-            bare[base_kind] = (rate, p99)
+            bare[base_kind] = (rate, p99, cpu_us)
             versus = ""
         else:
-            b_rate, b_p99 = bare[base_kind]
-            versus = f"{rate / b_rate:.2f}x throughput, p99 {p99 / b_p99:.1f}x"
-        print(f"{name:42} {rate:8.0f} {p50:8.2f} {p99:8.2f} {errors:7d}  {versus}")
+            b_rate, b_p99, b_cpu = bare[base_kind]
+            versus = (
+                f"{rate / b_rate:.2f}x throughput, p99 {p99 / b_p99:.1f}x, "
+                f"CPU {b_cpu / cpu_us:.2f}x"
+            )
+        print(f"{name:42} {rate:8.0f} {p50:8.2f} {p99:8.2f} {cpu_us:8.0f} {errors:7d}  {versus}")
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -109,6 +109,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             else MemoryOutbox(keep=2 * settings.outbox_max, ttl_s=settings.outbox_ttl_s)
         )
         journal = Journal(outbox, bus, limit=settings.outbox_max)
+        if isinstance(store, RedisSessionStore) and isinstance(outbox, RedisOutbox):
+            store.peek_outbox(outbox.keys)  # a turn learns of queued pushes as it locks
         conversation = Conversation(store, pipeline, settings, speech, journal)
         warming = asyncio.create_task(speech.warm_up()) if settings.speech_warm_up else None
         nonces: NonceStore = (

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             port=settings.port,
             log_level=level,
             log_config=None,  # keep the handlers configure_logging set
+            access_log=settings.access_log,
             timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
             # deadlines, connection cap, send deadline, ws_max_size (gateway/server.py)
             **uvicorn_options(settings),

@@ -16,7 +16,14 @@ its answer can send the next turn to any gateway instance, or to one that has
 just restarted, and find the session as it left it.
 
 The turn runs in its own task: a client that vanishes mid-turn does not cut the
-turn short, and the session stays consistent.
+turn short, and the session stays consistent. SessionStarted goes out once the lock is
+taken (the turn holds it), except in a turn whose links ride in the save (below): then
+with its first item, or with its end when nothing goes out before it.
+
+With Redis (one server or Sentinel) and TTS links, the links of the final Response's
+items are registered in the session save's round trip (``SessionTxn.side_writes``),
+and those items go out after the save, before the Response: a turn costs two Redis
+round trips with or without links.
 
 Failures: before anything was handed out the turn is rejected (TurnRejected on
 the first step, e.g. ``store-unavailable``); once events went out, a store that
@@ -71,13 +78,16 @@ from gateway.pipeline.base import Pipeline, PipelineError
 from gateway.sessions import (
     ClientState,
     LockLost,
+    RedisSessionStore,
     Session,
     SessionBusy,
     SessionStore,
+    SessionTxn,
     StoreUnavailable,
 )
 from gateway.settings import Settings
 from gateway.speech.tts import SynthesisError
+from gateway.speech.tts_cache import RedisTtsCache
 from gateway.speech.tts_pool import TtsOverloaded
 from gateway.speech.types import TtsRequest
 from gateway.turn import RejectReason as RejectReason  # defined there: protocols import them
@@ -113,6 +123,24 @@ class _Outcome:
 
 
 _DONE = object()
+
+
+@dataclass
+class _LinkBatch:
+    """The final Response's items of a links turn on Redis: their specs ride in the
+    session release's round trip (``txn.side_writes``) and the items go out after it,
+    before the Response. ``plain`` are the items without links, sent instead when the
+    release fails (their links may not be registered)."""
+
+    txn: SessionTxn
+    linked: list[ResponseItemEvent]
+    plain: list[ResponseItemEvent]
+
+    def flush(self, out: _TurnQueue, *, linked: bool) -> None:
+        """Put the held events out: SessionStarted, then the items (``linked`` or not)."""
+        out.release_held()
+        for event in self.linked if linked else self.plain:
+            out.put_nowait(event)
 
 
 class _PendingAudio:
@@ -154,7 +182,17 @@ class _TurnQueue:
     waiter deques, its unfinished-task count) cost more than the rest of a demo turn.
     """
 
-    __slots__ = ("_items", "_waiter", "audio", "closed", "journal_key", "sent")
+    __slots__ = (
+        "_items",
+        "_waiter",
+        "audio",
+        "batch",
+        "closed",
+        "held",
+        "journal_key",
+        "pushes_pending",
+        "sent",
+    )
 
     def __init__(self, journal_key: str | None = None) -> None:
         self.journal_key = journal_key
@@ -164,6 +202,22 @@ class _TurnQueue:
         self.sent = 0
         self.audio = False
         self.closed = False
+        self.pushes_pending: bool | None = None
+        """The session store's :attr:`SessionTxn.pushes_pending`, once the lock is taken."""
+        self.batch: _LinkBatch | None = None
+        """The final items held for the release's round trip (see :class:`_LinkBatch`)."""
+        self.held: SessionStartedEvent | None = None
+        """SessionStarted of a turn with ``batch`` set, held until its first item or its
+        end goes out: a turn that sends nothing before its end is over when its consumer
+        first wakes (an HTTP adapter answers it in one body,
+        :meth:`TurnStream.rest_if_done`). Else SessionStarted goes out as the lock is
+        taken."""
+
+    def release_held(self) -> None:
+        """Put the held SessionStarted out (if any)."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.put_nowait(held)
 
     def put_nowait(self, item: object) -> None:
         """Append ``item`` and wake the consumer."""
@@ -208,6 +262,13 @@ class TurnStream:
 
     def __aiter__(self) -> AsyncIterator[TurnEvent]:
         return self._iterate()
+
+    @property
+    def pushes_pending(self) -> bool | None:
+        """Once the first event is out: False when the session's outbox held nothing
+        undelivered as the turn took its lock (an adapter need not read it), True when
+        it did, None when the store cannot tell (read it)."""
+        return self._queue.pushes_pending
 
     async def _iterate(self) -> AsyncIterator[TurnEvent]:
         speech_error: ErrorEvent | None = None
@@ -405,10 +466,55 @@ class Conversation:
     async def _turn(
         self, ctx: TurnContext, input: Input, out: _TurnQueue, outcome: _Outcome
     ) -> None:
+        try:
+            end = await self._locked_turn(ctx, input, out, outcome)
+        except BaseException:
+            out.release_held()  # what would have gone out before, as before
+            if out.batch is not None:
+                out.batch.flush(out, linked=False)
+            raise
+        out.release_held()
+        if out.batch is not None:
+            out.batch.flush(out, linked=True)
+        # the lock is released and the session saved: now the turn's end goes out
+        for event in end:
+            out.put_nowait(event)
+        started = outcome.started
+        if started and out.journal_key is not None and ctx.device_id and self.journal:
+            try:  # the device index: a push may name the device instead of the session
+                await self.journal.outbox.bind(
+                    ctx.app_key, ctx.device_id, ctx.key, self.settings.session_timeout_s
+                )
+            except OutboxError as exc:
+                log.warning("device of %s not indexed: %s", session_ref(ctx.key), exc)
+
+    def _link_batch(self, txn: SessionTxn, tts: TtsRequest | None, out: _TurnQueue) -> None:
+        """Set ``out.batch`` when the final items' links can ride in the release (see
+        :class:`_LinkBatch`): links asked for, specs in Redis on the store's own client,
+        and the turn not journaled (journaled items are numbered one by one)."""
+        speech, store = self.speech, self.store
+        if (
+            tts is not None
+            and tts.mode == "links"
+            and speech is not None
+            and out.journal_key is None
+            and isinstance(speech.cache, RedisTtsCache)
+            and isinstance(store, RedisSessionStore)
+            and store.takes_side_writes(speech.cache.redis)
+        ):
+            out.batch = _LinkBatch(txn, [], [])
+
+    async def _locked_turn(
+        self, ctx: TurnContext, input: Input, out: _TurnQueue, outcome: _Outcome
+    ) -> list[TurnEvent]:
+        """The turn under the session's lock; the events of its end, to go out once the
+        session is saved (and the lock released)."""
         settings = self.settings
         async with self.store.open(
             ctx.key, lease_s=self._lease_s(), wait_s=settings.lock_wait_s
         ) as txn:
+            out.pushes_pending = txn.pushes_pending
+            self._link_batch(txn, ctx.tts, out)
             session = txn.session
             started = session is None
             if session is None:
@@ -430,7 +536,11 @@ class Conversation:
                 )
             self._update(session, ctx, input)
             if started:
-                out.put_nowait(SessionStartedEvent(session_id=session.id))
+                event = SessionStartedEvent(session_id=session.id)
+                if out.batch is not None:  # nothing streams early: one piece (see _TurnQueue)
+                    out.held = event
+                else:  # out now: a consumer learns the turn holds the lock
+                    out.put_nowait(event)
 
             outcome.started = started
             # a JSON snapshot is several times cheaper than a deep copy; only a failed
@@ -458,17 +568,7 @@ class Conversation:
             if ended:
                 end.append(SessionEndedEvent())
             # numbered under the lock: a push (which takes it too) comes after the whole turn
-            end = await self._numbered(out, end)
-        # the lock is released and the session saved: now the turn's end goes out
-        for event in end:
-            out.put_nowait(event)
-        if started and out.journal_key is not None and ctx.device_id and self.journal:
-            try:  # the device index: a push may name the device instead of the session
-                await self.journal.outbox.bind(
-                    ctx.app_key, ctx.device_id, ctx.key, self.settings.session_timeout_s
-                )
-            except OutboxError as exc:
-                log.warning("device of %s not indexed: %s", session_ref(ctx.key), exc)
+            return await self._numbered(out, end)
 
     def _update(self, session: Session, ctx: TurnContext, input: Input) -> None:
         session.device_id = ctx.device_id or session.device_id
@@ -541,7 +641,7 @@ class Conversation:
                         raise PipelineError(f"the pipeline produced a {type(produced).__name__}")
                 response = response or Response()
                 for item in response.items:
-                    items.append(await self._emit(item, out, tts, session.channel))
+                    items.append(await self._emit(item, out, tts, session.channel, final=True))
         finally:
             # closed here, not by the event loop's async-generator finalizer (a task per turn)
             aclose = getattr(outputs, "aclose", None)
@@ -553,18 +653,36 @@ class Conversation:
         return session, response
 
     async def _emit(
-        self, item: ResponseItem, out: _TurnQueue, tts: TtsRequest | None, channel: str
+        self,
+        item: ResponseItem,
+        out: _TurnQueue,
+        tts: TtsRequest | None,
+        channel: str,
+        *,
+        final: bool = False,
     ) -> ResponseItem:
         """Hand out one item (with its speech when asked for); the item as sent.
 
-        Links are registered now (one cache write); audio is synthesized in its own
-        task, which the stream waits for (see the module doc).
+        Links are registered now (one cache write), or for an item of the ``final``
+        Response with ``out.batch`` set, in the release's round trip, the item going
+        out after it (:class:`_LinkBatch`); audio is synthesized in its own task, which
+        the stream waits for (see the module doc).
         """
         speech = self.speech
         if tts is None or speech is None:
             await self._put(out, ResponseItemEvent(response_item=item))
             return item
         if tts.mode == "links":
+            batch = out.batch
+            if final and batch is not None and isinstance(speech.cache, RedisTtsCache):
+                plain = ResponseItemEvent(response_item=item)
+                linked = speech.link_unregistered(item, tts.file_type)
+                if linked is not None:
+                    item, file_id, spec = linked
+                    batch.txn.side_writes.append(speech.cache.spec_write(file_id, spec))
+                batch.plain.append(plain)
+                batch.linked.append(ResponseItemEvent(response_item=item))
+                return item
             try:
                 item = await speech.link_item(item, tts.file_type)
             except (OSError, RedisError) as exc:
@@ -578,6 +696,7 @@ class Conversation:
 
     async def _put(self, out: _TurnQueue, event: TurnEvent) -> None:
         """Hand out ``event``, numbered in the outbox when the turn is journaled."""
+        out.release_held()
         if out.journal_key is None:
             out.put_nowait(event)
         else:

@@ -249,6 +249,11 @@ class RedisOutbox:
         base = f"{self._prefix}:{{{key}}}"
         return f"{base}:ob", f"{base}:obm"
 
+    def keys(self, key: str) -> tuple[str, str]:
+        """Session ``key``'s outbox keys: (entries, a sorted set by seq; meta, a hash with
+        ``seq`` and ``mark``), in the session's hash slot (the ``{key}`` tag)."""
+        return self._keys(key)
+
     async def append(
         self, key: str, events: Sequence[dict[str, Any]], kind: EntryKind, *, limit: int | None
     ) -> list[int] | None:

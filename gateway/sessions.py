@@ -35,14 +35,15 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
-from redis.exceptions import RedisError
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway import metrics, redisconn
 from gateway.events import LogEntry
@@ -124,6 +125,13 @@ class SessionTxn:
     token: str = field(default_factory=lambda: secrets.token_hex(12))
     lost: bool = False
     """Set when the lock's lease was found lost while the transaction was open."""
+    pushes_pending: bool | None = None
+    """Whether the session's outbox held undelivered entries when the lock was taken
+    (a Redis store told of the outbox by :meth:`RedisSessionStore.peek_outbox`), or
+    None when the store does not know: then read the outbox to find out."""
+    side_writes: list[tuple[str, bytes, int]] = field(default_factory=list)
+    """``(key, value, ttl_s)`` plain writes sent in the release's round trip (see
+    :meth:`RedisSessionStore.takes_side_writes`), whatever the outcome."""
 
     def save(self, session: Session, ttl_s: int) -> None:
         """Write ``session`` with a time to live of ``ttl_s`` seconds on exit."""
@@ -309,6 +317,14 @@ end
 return {0, false}
 """
 
+_ACQUIRE_PEEK = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local mark = redis.call('HGET', KEYS[4], 'mark') or '0'
+  return {1, redis.call('GET', KEYS[2]), redis.call('ZCOUNT', KEYS[3], '(' .. mark, '+inf')}
+end
+return {0, false, 0}
+"""
+
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -355,6 +371,21 @@ class RedisSessionStore:
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
         self._renew = self._redis.register_script(_RENEW)
+        self._acquire_peek = self._redis.register_script(_ACQUIRE_PEEK)
+        self._outbox_keys: Callable[[str], tuple[str, str]] | None = None
+
+    def peek_outbox(self, keys_of: Callable[[str], tuple[str, str]]) -> None:
+        """Count a session's undelivered outbox entries when its lock is taken, in the
+        same script (:attr:`SessionTxn.pushes_pending`): ``keys_of(key)`` gives the
+        outbox's (entries sorted set, meta hash with ``mark``) keys, in the session's
+        hash slot (gateway/outbox.py's ``{key}`` hash tag)."""
+        self._outbox_keys = keys_of
+
+    def takes_side_writes(self, client: object) -> bool:
+        """Whether :attr:`SessionTxn.side_writes` meant for ``client`` go in the
+        release's round trip: only when it is this store's own client on one server or
+        Sentinel (a cluster splits a pipeline by node: callers write on their own)."""
+        return client is self._redis and isinstance(self._redis, Redis)
 
     @property
     def redis(self) -> RedisClient:
@@ -375,9 +406,17 @@ class RedisSessionStore:
         try:
             while True:
                 with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "acquire")):
-                    got, data = await self._acquire(
-                        keys=[lock_key, data_key], args=[token, lease_ms]
-                    )
+                    if self._outbox_keys is None:
+                        got, data = await self._acquire(
+                            keys=[lock_key, data_key], args=[token, lease_ms]
+                        )
+                        pending = None
+                    else:
+                        got, data, count = await self._acquire_peek(
+                            keys=[lock_key, data_key, *self._outbox_keys(key)],
+                            args=[token, lease_ms],
+                        )
+                        pending = bool(count)
                 if got:
                     break
                 if time.monotonic() + delay > deadline:
@@ -388,7 +427,7 @@ class RedisSessionStore:
             raise StoreUnavailable(f"Redis: {exc}") from exc
         acquired = time.monotonic()
         session = Session.model_validate_json(data) if data else None
-        txn = SessionTxn(key, session, token=token)
+        txn = SessionTxn(key, session, token=token, pushes_pending=pending)
         # the renewer starts only when the transaction outlives a third of its lease:
         # a timer costs far less than a task per turn, and most turns end before it
         keeper: list[asyncio.Task[None]] = []
@@ -450,14 +489,16 @@ class RedisSessionStore:
     ) -> None:
         outcome = txn.outcome if applied and not txn.lost else "keep"
         data = txn.to_save.model_dump_json() if outcome == "save" and txn.to_save else ""
+        args: list[Any] = [txn.token, outcome, data, txn.ttl_s]
         try:
             # shield: a cancelled caller must still release the lock it holds
             with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "release")):
-                ok = await asyncio.shield(
-                    self._release(
-                        keys=[lock_key, data_key], args=[txn.token, outcome, data, txn.ttl_s]
+                if txn.side_writes:
+                    ok = await asyncio.shield(
+                        self._release_with(txn.side_writes, [lock_key, data_key], args)
                     )
-                )
+                else:
+                    ok = await asyncio.shield(self._release(keys=[lock_key, data_key], args=args))
         except RedisError as exc:
             if applied:
                 raise StoreUnavailable(f"Redis: {exc}") from exc
@@ -465,6 +506,28 @@ class RedisSessionStore:
             return
         if applied and txn.outcome != "keep" and (txn.lost or not ok):
             raise LockLost(f"lock of session {txn.key} expired before its {txn.outcome}")
+
+    async def _release_with(
+        self, writes: list[tuple[str, bytes, int]], keys: list[str], args: list[Any]
+    ) -> Any:
+        """The side writes and the release script in one pipelined round trip (not a
+        MULTI: the writes are independent of the fence). The script goes by its SHA; a
+        server that lost it (restart, SCRIPT FLUSH) gets it by the usual call."""
+        assert isinstance(self._redis, Redis)
+        pipe = self._redis.pipeline(transaction=False)
+        for write_key, value, ttl_s in writes:
+            pipe.set(write_key, value, ex=ttl_s)
+        pipe.evalsha(self._release.sha, len(keys), *keys, *args)
+        results = await pipe.execute(raise_on_error=False)
+        failed = next((r for r in results[:-1] if isinstance(r, Exception)), None)
+        if failed is not None:  # the session's fate is the script's: only say so
+            log.warning("side writes with the release of a session failed: %s", failed)
+        released = results[-1]
+        if isinstance(released, NoScriptError):
+            return await self._release(keys=keys, args=args)
+        if isinstance(released, Exception):
+            raise released
+        return released
 
     async def get(self, key: str) -> Session | None:
         try:

@@ -246,6 +246,12 @@ class Settings(BaseSettings):
         description="An idle kept-alive HTTP connection is closed after this time.",
     )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    access_log: bool = Field(
+        default=False,
+        description="Log a line per HTTP request (uvicorn's access log, credential query "
+        "values hidden). Off: a turn already logs its own line (channel, session, outcome, "
+        "latency, request id), and the access line costs about as much again.",
+    )
     log_format: Literal["text", "json"] = Field(
         default="text", description="`json` writes one JSON object per line."
     )

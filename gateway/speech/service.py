@@ -184,6 +184,21 @@ class SpeechService:
             self.pool.prefetch(file_id, spec)
         return item.model_copy(update={"audio": self.link(file_id, file_type)})
 
+    def link_unregistered(
+        self, item: ResponseItem, file_type: TtsFileFormat
+    ) -> tuple[ResponseItem, str, TtsSpec] | None:
+        """What :meth:`link_item` gives, and the link's ``(id, spec)``, without writing
+        the spec: the caller registers it (with the Redis cache, as
+        :meth:`RedisTtsCache.spec_write` says) before the item leaves. None when the
+        item has nothing to say. Queues the prefetch like :meth:`link_item`."""
+        spec = self.spec(item, file_type)
+        if spec is None:
+            return None
+        file_id = self.file_id(spec)
+        if self.prefetch:
+            self.pool.prefetch(file_id, spec)
+        return item.model_copy(update={"audio": self.link(file_id, file_type)}), file_id, spec
+
     async def audio(self, item: ResponseItem, file_type: TtsFileFormat) -> bytes | None:
         """``item``'s encoded speech, synthesized in the TTS pool (None: nothing to say).
 

@@ -268,7 +268,12 @@ class RedisTtsCache:
 
     async def register(self, id: str, spec: TtsSpec) -> None:
         """Store (or refresh) a spec with the cache's TTL."""
-        await self.redis.set(self.spec_key(id), spec.to_json(), ex=self.ttl_s)
+        await self.redis.set(self.spec_key(id), *self.spec_write(id, spec)[1:])
+
+    def spec_write(self, id: str, spec: TtsSpec) -> tuple[str, bytes, int]:
+        """What :meth:`register` writes, as ``(key, value, ttl_s)``, for a caller that
+        sends it in a round trip of its own (the session store's release)."""
+        return self.spec_key(id), spec.to_json(), self.ttl_s
 
     async def spec(self, id: str) -> TtsSpec | None:
         """The registered spec, or None (also for an unreadable entry)."""

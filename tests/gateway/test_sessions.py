@@ -317,3 +317,82 @@ async def test_memory_store_cap_drops_the_least_recently_used(
     await save("c:f")
     assert store.evicted == 2
     assert len(store) == 3
+
+
+async def test_redis_lock_script_peeks_at_the_outbox(store: SessionStore) -> None:
+    """With peek_outbox, taking the lock also says whether the session's outbox holds
+    undelivered entries (the V2 turn reads it only then); without, it cannot tell."""
+    if not isinstance(store, RedisSessionStore):
+        async with store.open("c:ob", lease_s=5, wait_s=1) as txn:
+            assert txn.pushes_pending is None  # the memory store does not know
+        return
+    from gateway.outbox import RedisOutbox
+
+    async with store.open("c:ob", lease_s=5, wait_s=1) as txn:
+        assert txn.pushes_pending is None
+    prefix = store._prefix
+    outbox = RedisOutbox(store.redis, prefix=prefix)
+    store.peek_outbox(outbox.keys)
+    async with store.open("c:ob", lease_s=5, wait_s=1) as txn:
+        assert txn.pushes_pending is False  # no outbox yet
+    seqs = await outbox.append("c:ob", [{"type": "Response"}], "push", limit=None)
+    assert seqs == [1]
+    async with store.open("c:ob", lease_s=5, wait_s=1) as txn:
+        assert txn.pushes_pending is True
+        txn.save(make("c:ob"), ttl_s=60)
+    assert await outbox.mark("c:ob", 1) == 0  # delivered
+    async with store.open("c:ob", lease_s=5, wait_s=1) as txn:
+        assert txn.pushes_pending is False
+        assert txn.session is not None  # the session is read as before
+    # the peek does not change what a busy lock means
+    async with store.open("c:ob", lease_s=5, wait_s=1):
+        with pytest.raises(SessionBusy):
+            async with store.open("c:ob", lease_s=5, wait_s=0.05):
+                pass
+
+
+async def test_redis_side_writes_go_with_the_release(store: SessionStore) -> None:
+    """Side writes (TTS link specs) are sent in the release's round trip on one server or
+    Sentinel, whatever the outcome; a cluster client takes none (callers write apart);
+    a server that lost the release script gets it again and the save still happens."""
+    if not isinstance(store, RedisSessionStore):
+        return
+    from redis.asyncio import Redis
+
+    if not isinstance(store.redis, Redis):
+        assert not store.takes_side_writes(store.redis)
+        return
+    assert store.takes_side_writes(store.redis)
+    assert not store.takes_side_writes(Redis())  # another client: not this store's
+    side = f"{store._prefix}:side:1"
+    async with store.open("c:side", lease_s=5, wait_s=1) as txn:
+        txn.side_writes.append((side, b"spec", 60))
+        txn.save(make("c:side", turn_count=3), ttl_s=60)
+    assert await store.redis.get(side) == b"spec"
+    assert 0 < await store.redis.ttl(side) <= 60
+    loaded = await store.get("c:side")
+    assert loaded is not None
+    assert loaded.turn_count == 3
+    assert await store.redis.exists(f"{store._prefix}:{{c:side}}:lock") == 0  # released
+
+    await store.redis.script_flush()  # NOSCRIPT for the pipelined EVALSHA
+    async with store.open("c:side", lease_s=5, wait_s=1) as txn:
+        txn.side_writes.append((f"{side}b", b"spec2", 60))
+        txn.save(make("c:side", turn_count=4), ttl_s=60)
+    loaded = await store.get("c:side")
+    assert loaded is not None
+    assert loaded.turn_count == 4
+    assert await store.redis.get(f"{side}b") == b"spec2"
+    await store.redis.delete(side, f"{side}b")
+
+    # a fenced-out holder: the side writes land, the session write does not
+    with pytest.raises(LockLost):
+        async with store.open("c:side", lease_s=5, wait_s=1) as txn:
+            await store.redis.delete(f"{store._prefix}:{{c:side}}:lock")
+            txn.side_writes.append((side, b"spec3", 60))
+            txn.save(make("c:side", turn_count=99), ttl_s=60)
+    loaded = await store.get("c:side")
+    assert loaded is not None
+    assert loaded.turn_count == 4
+    assert await store.redis.get(side) == b"spec3"
+    await store.redis.delete(side)

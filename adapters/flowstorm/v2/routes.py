@@ -521,7 +521,13 @@ async def _turn(
         return json_lines(event, send_items=config.send_response_items)
 
     # pushes queued for the session go out first (the turn was accepted: it answers)
-    pushed = b"" if ctx.create else await _queued_pushes(gw, ctx.key, config, plain=plain)
+    # (none when the store saw the outbox empty as the turn took the lock: a push after
+    # that stays queued for the next request, as one after this read would)
+    pushed = (
+        b""
+        if ctx.create or stream.pushes_pending is False
+        else await _queued_pushes(gw, ctx.key, config, plain=plain)
+    )
     media = TEXT if plain else NDJSON
     rest = stream.rest_if_done()
     if rest is not None:  # the turn is already over: one plain body, no chunked stream
