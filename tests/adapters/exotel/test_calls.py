@@ -20,6 +20,7 @@ from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from gateway.speech.tts import PiperSynthesizer
 from tests.adapters.exotel.harness import KEY, TOKEN, ExotelHarness, basic
+from tests.adapters.streamed import assert_streamed
 from tests.adapters.twilio.helpers import Served, twilio_gateway
 from tests.speech import normalise, wer
 
@@ -136,3 +137,12 @@ async def test_missing_or_wrong_credentials_are_refused(speech: SpeechService) -
             async with connect(url, additional_headers=basic()):
                 pass
         assert refused.value.response.status_code == 403
+
+
+async def test_a_long_answer_streams_in_the_carrier_s_encoding(speech: SpeechService) -> None:
+    """Issue 16 item 2: the first piece of a long answer plays while the rest is
+    synthesized, asked for as ``pcm8k`` (the wire's rate, no WAV)."""
+    async with exotel_gateway(speech) as gw:
+        await assert_streamed(
+            speech, gw, lambda: ExotelHarness.dial(gw.url, mic_speed=4.0), "pcm8k", "exotel"
+        )

@@ -23,6 +23,7 @@ from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from gateway.speech.tts import PiperSynthesizer
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness, ask_answer
+from tests.adapters.streamed import assert_streamed
 from tests.adapters.twilio.helpers import PUBLIC, Served, twilio_gateway
 from tests.calls.carrier_api import CarrierApi, carrier_api
 from tests.speech import normalise, wer
@@ -168,3 +169,12 @@ async def test_unsigned_forged_and_tokenless_requests_are_refused(speech: Speech
                     pass
             assert refused.value.response.status_code == 403
         assert not gw.core.turns
+
+
+async def test_a_long_answer_streams_in_the_carrier_s_encoding(speech: SpeechService) -> None:
+    """Issue 16 item 2: the first piece of a long answer plays while the rest is
+    synthesized, asked for as ``mulaw`` (the wire's rate, no WAV)."""
+    async with plivo_gateway(speech) as (gw, _):
+        await assert_streamed(
+            speech, gw, lambda: PlivoHarness.dial(gw.url, PUBLIC, mic_speed=4.0), "mulaw", "plivo"
+        )

@@ -28,6 +28,7 @@ from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
+from tests.adapters.streamed import assert_streamed
 from tests.adapters.telnyx.harness import (
     PUBLIC_KEY,
     TelnyxHarness,
@@ -299,3 +300,12 @@ async def test_transfer_happens_only_after_the_preceding_audio_played(
             (r["channel"], r["callId"], r["target"], r["reason"], r["ok"]) for r in records
         ] == [("telnyx", call.ccid, "+15550123", "asked for a person", True)]
         assert not await session_exists(gw, call.ccid)
+
+
+async def test_a_long_answer_streams_in_the_carrier_s_encoding(speech: SpeechService) -> None:
+    """Issue 16 item 2: the first piece of a long answer plays while the rest is
+    synthesized, asked for as ``mulaw`` (the wire's rate, no WAV)."""
+    async with telnyx_gateway(speech) as (gw, _):
+        await assert_streamed(
+            speech, gw, lambda: TelnyxHarness.dial(gw.url, mic_speed=4.0), "mulaw", "telnyx"
+        )

@@ -25,6 +25,7 @@ from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
+from tests.adapters.streamed import assert_streamed
 from tests.adapters.twilio.helpers import PUBLIC, Served, twilio_gateway, until
 from tests.adapters.vonage.harness import SECRET, VonageHarness, ask_ncco, signed
 from tests.speech import normalise, wer
@@ -289,3 +290,12 @@ async def test_transfer_happens_only_after_the_preceding_audio_played(
         assert [(r["channel"], r["callId"], r["target"], r["ok"]) for r in records] == [
             ("vonage", call.call_uuid, "+15550123", True)
         ]
+
+
+async def test_a_long_answer_streams_in_the_carrier_s_encoding(speech: SpeechService) -> None:
+    """Issue 16 item 2: the first piece of a long answer plays while the rest is
+    synthesized, asked for as ``pcm16k`` (the wire's rate, no WAV)."""
+    async with vonage_gateway(speech) as gw:
+        await assert_streamed(
+            speech, gw, lambda: VonageHarness.dial(gw.url, mic_speed=4.0), "pcm16k", "vonage"
+        )
