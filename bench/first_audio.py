@@ -132,9 +132,67 @@ def gateway_app() -> Any:
     return app
 
 
+def profile(path: str) -> None:
+    """Record, as lines ``<stage> <monotonic s>`` in ``path``, when each step of a turn
+    happens in this server: ``decode`` the recognizer's final decode starts (the end of
+    turn was decided), ``final`` it ended, ``turn`` the turn started, ``tts`` the item's
+    synthesis was asked for, ``chunk`` its first chunk came, ``play`` its frames were
+    queued for the paced sender."""
+    from gateway.conversation import Conversation
+    from gateway.io.call import CallRunner
+    from gateway.protocol.call import Play
+    from gateway.speech.service import SpeechService
+    from gateway.speech.stage import SpeechStage
+
+    out = open(path, "a", buffering=1)  # noqa: SIM115 - open for the server's life
+
+    def mark(stage: str) -> None:
+        out.write(f"{stage} {time.monotonic():.6f}\n")
+
+    final = SpeechStage._final
+
+    async def timed_final(self: Any, at_ms: int) -> Any:
+        mark("decode")
+        try:
+            return await final(self, at_ms)
+        finally:
+            mark("final")
+
+    turn = Conversation.turn
+
+    def timed_turn(self: Any, ctx: Any, input: Any) -> Any:
+        mark("turn")
+        return turn(self, ctx, input)
+
+    chunks = SpeechService.audio_chunks
+
+    async def timed_chunks(self: Any, item: Any, file_type: Any) -> AsyncIterator[bytes]:
+        mark("tts")
+        first = True
+        async for chunk in chunks(self, item, file_type):
+            if first:
+                mark("chunk")
+                first = False
+            yield chunk
+
+    other = CallRunner.other
+
+    async def timed_other(self: Any, action: Any) -> None:
+        if isinstance(action, Play) and action.messages:
+            mark("play")
+        await other(self, action)
+
+    SpeechStage._final = timed_final  # type: ignore[method-assign]
+    Conversation.turn = timed_turn  # type: ignore[method-assign]
+    SpeechService.audio_chunks = timed_chunks  # type: ignore[method-assign]
+    CallRunner.other = timed_other  # type: ignore[method-assign]
+
+
 def serve(port: int) -> None:
     import uvicorn
 
+    if path := os.environ.get("BENCH_PROFILE"):
+        profile(path)
     uvicorn.run(gateway_app(), host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -199,9 +257,11 @@ async def phone(text: str | tuple[str, str]) -> bytes:
 
 @dataclass
 class Row:
-    """The figures of one configuration and one kind of utterance."""
+    """The figures of one configuration and one kind of utterance: ``delays`` (ms) and
+    ``ends`` (monotonic s of each end of speech) of the turns answered."""
 
     delays: list[float] = field(default_factory=list)
+    ends: list[float] = field(default_factory=list)
     cuts: int = 0
     turns: int = 0
 
@@ -230,6 +290,7 @@ async def one_call(url: str, key: str, speech: list[bytes], row: Row) -> None:
             row.turns += 1
             row.cuts += bool(early)
             row.delays.append((voiced(call, index, ended)[0] - ended) * 1000)
+            row.ends.append(ended)
             await played_out(call, index)
 
 
@@ -283,6 +344,9 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6, help="turns per row and configuration")
     parser.add_argument("--old", type=Path, help="another checkout measured the same way")
     parser.add_argument("--fixed", action="store_true", help="also this tree, fixed 700 ms")
+    parser.add_argument(
+        "--profile", action="store_true", help="where this tree's time goes, step by step"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -294,7 +358,8 @@ def main() -> None:
         servers[f"old ({args.old})"] = (args.old.resolve(), {})
     if args.fixed:
         servers["this tree, fixed 700 ms"] = (ROOT, {"GATEWAY_END_OF_TURN_SHORT_MS": "0"})
-    servers["this tree"] = (ROOT, {})
+    trace = Path(f"/tmp/first_audio_profile_{os.getpid()}.txt")
+    servers["this tree"] = (ROOT, {"BENCH_PROFILE": str(trace)} if args.profile else {})
     procs: list[subprocess.Popen[bytes]] = []
     try:
         urls: dict[str, str] = {}
@@ -322,7 +387,47 @@ def main() -> None:
                 f"{kind:>11} | {name:<34} p50 {p50:5.0f}  p95 {p95:5.0f}  "
                 f"n={row.turns}  cut {row.cuts}/{row.turns}{ratio}"
             )
+    if args.profile:
+        print_profile(trace, rows["this tree"])
+        trace.unlink(missing_ok=True)
     print("Wall-clock on a shared machine (other jobs running): compare rows of one run.")
+
+
+STEPS = ("decode", "final", "turn", "tts", "chunk", "play")
+
+
+def print_profile(trace: Path, rows: dict[str, Row]) -> None:
+    """Median ms of each step of this tree's turns (see :func:`profile`), per row: from
+    the end of speech to the final decode's start (the end-of-turn silence and the
+    recognizer catching up), the decode, the call -> turn engine, the core -> the
+    synthesis asked for, Piper's first piece, -> queued, queued -> first voiced frame."""
+    marks = sorted(
+        (float(t), stage) for stage, t in (line.split() for line in trace.read_text().splitlines())
+    )
+    print("Where this tree's time goes (median ms per step):")
+    for kind, row in rows.items():
+        steps: dict[str, list[float]] = {s: [] for s in (*STEPS, "frame")}
+        for end, delay in zip(row.ends, row.delays, strict=True):
+            last = end
+            for stage in STEPS:
+                at = next((t for t, s in marks if s == stage and t >= last), None)
+                if at is None or at > end + delay / 1000:
+                    break
+                steps[stage].append((at - last) * 1000)
+                last = at
+            else:
+                steps["frame"].append((end + delay / 1000 - last) * 1000)
+        names = {
+            "decode": "end->decode",
+            "final": "decode",
+            "turn": "->turn",
+            "tts": "core->tts",
+            "chunk": "piper 1st",
+            "play": "->queued",
+            "frame": "->1st voiced frame",
+        }
+        cells = "  ".join(f"{names[s]} {statistics.median(v):.0f}" for s, v in steps.items() if v)
+        print(f"{kind:>11} | {cells}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,24 @@ def test_split_pieces_bounds_every_piece() -> None:
         split_pieces("x", 0)
 
 
+def test_the_first_piece_ends_at_the_first_clause_of_enough_characters() -> None:
+    """Issue 16: an answer's first audio waits for a short clause, not a long piece."""
+    answer = "Thank you for calling. Your order was shipped this morning. It comes soon."
+    assert split_pieces(answer) == [  # without: the first piece is half full first
+        "Thank you for calling. Your order was shipped this morning.",
+        "It comes soon.",
+    ]
+    assert split_pieces(answer, first_chars=16) == [
+        "Thank you for calling.",
+        "Your order was shipped this morning. It comes soon.",
+    ]
+    assert split_pieces("Okay, done.", first_chars=16) == ["Okay, done."]  # too short
+    assert split_pieces("Yes, of course, that is fine.", first_chars=16) == [
+        "Yes, of course,",
+        "that is fine.",
+    ]
+
+
 def test_phoneme_runs_bound_each_inference_run() -> None:
     assert phoneme_runs(list("ab cd, ef gh ij"), 6) == [
         ["a", "b", " ", "c", "d", ","],
