@@ -57,11 +57,11 @@ PIECE_CHARS: Final = 100
 """Longest piece of text handed to Piper's phonemizer at once (:func:`split_pieces`)."""
 
 FIRST_PIECE_CHARS: Final = 16
-"""An item's first piece ends at the first clause end (``,;:.!?``, dashes) once it holds
-this many characters (:func:`split_pieces`'s ``first_chars``), not only once half
-full: the first audio of an answer waits for a short clause, not for a long piece
-(issue 16). Piper synthesizes each sentence on its own anyway, so ending a piece at a
-sentence end changes no sample."""
+"""An item's first piece ends at the first sentence end (``.!?``) once it holds this
+many characters (:func:`split_pieces`'s ``first_chars``), not only once half full: the
+first audio of an answer waits for a short sentence, not for a long piece (issue 16).
+Piper synthesizes each sentence on its own anyway, so ending a piece at a sentence end
+changes no sample."""
 
 PIECE_PHONEMES: Final = 96
 """Most phonemes Piper synthesizes in one inference run (at the voice's normal speed;
@@ -231,6 +231,7 @@ def ssml_to_text(ssml: str) -> str:
 
 
 _CLAUSE_END: Final = (",", ";", ":", ".", "!", "?", "—", "–", ")")
+_SENTENCE_END: Final = (".", "!", "?")
 
 
 def split_pieces(text: str, max_chars: int = PIECE_CHARS, first_chars: int = 0) -> list[str]:
@@ -239,9 +240,9 @@ def split_pieces(text: str, max_chars: int = PIECE_CHARS, first_chars: int = 0) 
     Whitespace is collapsed. Words are packed greedily; a piece ends at the word that
     would overflow it, or early at a clause end (``,;:.!?`` and dashes) once it is
     half full, so pieces tend to end where a speaker pauses; the first piece ends at
-    a clause end already once it holds ``first_chars`` characters (0: half full, as
-    the others). A single word longer than ``max_chars`` is cut. ``"".join`` of the
-    pieces with spaces gives the collapsed text back.
+    a sentence end (``.!?``) already once it holds ``first_chars`` characters (0: only
+    once half full, as the others). A single word longer than ``max_chars`` is cut.
+    ``"".join`` of the pieces with spaces gives the collapsed text back.
 
     >>> split_pieces("One, two three. Four", 10)
     ['One, two', 'three.', 'Four']
@@ -268,8 +269,12 @@ def split_pieces(text: str, max_chars: int = PIECE_CHARS, first_chars: int = 0) 
             pieces.append(current)
             current = ""
         current = f"{current} {word}" if current else word
-        enough = len(current) >= first_chars if first_chars and not pieces else False
-        if (enough or len(current) * 2 >= max_chars) and current.endswith(_CLAUSE_END):
+        if (
+            first_chars
+            and not pieces
+            and len(current) >= first_chars
+            and current.endswith(_SENTENCE_END)
+        ) or (len(current) * 2 >= max_chars and current.endswith(_CLAUSE_END)):
             pieces.append(current)
             current = ""
     if current:
