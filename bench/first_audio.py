@@ -5,8 +5,9 @@ Run: ``python bench/first_audio.py [--turns 6] [--old /work/main] [--fixed]``.
 
 Each configuration is a gateway served in its own process (uvicorn, memory sessions,
 default Piper voice, pocketsphinx, GATEWAY_* defaults, speech warm-up on) with a bench
-core that answers every input with a short answer ("Okay, done.") or a long one (six
-sentences), chosen by the call's application key. The caller is the Twilio harness of
+core that answers every input with a short answer ("Okay, done. Ticket 3.") or a long
+one (six sentences), a new text each turn (synthesized, not cached), chosen by the
+call's application key. The caller is the Twilio harness of
 tests/adapters/twilio/harness.py over a real WebSocket: ``connected``, ``start``, then
 20 ms μ-law frames **at real time** (silence unless it speaks); the phone side plays
 the bot's frames at real time and echoes marks when they have played.
@@ -63,7 +64,7 @@ AUTH = "bench-auth-token-0123456789abcdef"
 PUBLIC = "https://gateway.bench.example"
 SHORT_ANSWER = "Okay, done."
 LONG_ANSWER = (
-    "Thank you for calling. Your order was shipped this morning. "
+    "Your order was shipped this morning. "
     "It should arrive on Thursday, between nine and noon. "
     "You will get a message with the tracking number. "
     "If you are not at home, the parcel goes to the post office. "
@@ -89,14 +90,23 @@ QUIET_RMS = 300.0
 
 
 class BenchCore:
-    """Answers every turn at once: the short answer, or the long one on app key ``long``."""
+    """Answers every turn at once: the short answer, or the long one on app key ``long``,
+    each with the turn's number in it (a new text every turn: nothing comes from the
+    TTS cache, Piper synthesizes every answer as it would a real core's)."""
 
     name = "bench"
+
+    def __init__(self) -> None:
+        self.turns = 0
 
     async def process(self, session: Any, input: Any) -> AsyncIterator[Any]:
         from gateway.events import Response, ResponseItem
 
-        text = LONG_ANSWER if session.app_key == "long" else SHORT_ANSWER
+        self.turns += 1
+        if session.app_key == "long":
+            text = f"Thank you for calling about order {self.turns}. {LONG_ANSWER}"
+        else:
+            text = f"{SHORT_ANSWER} Ticket {self.turns}."
         if input.text == "#intro":
             text = "Hello."
         yield ResponseItem(text=text)
