@@ -231,7 +231,7 @@ def ssml_to_text(ssml: str) -> str:
 
 
 _CLAUSE_END: Final = (",", ";", ":", ".", "!", "?", "—", "–", ")")
-_SENTENCE_END: Final = (".", "!", "?")
+_FULL_STOP: Final = (".", "!", "?")
 
 
 def split_pieces(text: str, max_chars: int = PIECE_CHARS, first_chars: int = 0) -> list[str]:
@@ -273,7 +273,7 @@ def split_pieces(text: str, max_chars: int = PIECE_CHARS, first_chars: int = 0) 
             first_chars
             and not pieces
             and len(current) >= first_chars
-            and current.endswith(_SENTENCE_END)
+            and current.endswith(_FULL_STOP)
         ) or (len(current) * 2 >= max_chars and current.endswith(_CLAUSE_END)):
             pieces.append(current)
             current = ""
