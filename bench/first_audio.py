@@ -299,6 +299,13 @@ async def one_call(url: str, key: str, speech: list[bytes], row: Row) -> None:
                 continue
             row.turns += 1
             row.cuts += bool(early)
+            if early:
+                print(
+                    f"  cut on {url} ({key}): {len(early)} frames from "
+                    f"{(early[0].at - started) * 1000:.0f} ms after the utterance's start "
+                    f"({(ended - started) * 1000:.0f} ms long)",
+                    file=sys.stderr,
+                )
             row.delays.append((voiced(call, index, ended)[0] - ended) * 1000)
             row.ends.append(ended)
             await played_out(call, index)
@@ -340,6 +347,8 @@ async def measure(configs: dict[str, str], turns: int) -> dict[str, dict[str, Ro
         "long": ("long", [await phone(t) for t in LONG]),
         "mid-phrase": ("short", [await phone(t) for t in PAUSED]),
     }
+    if only := os.environ.get("BENCH_ONLY"):
+        kinds = {only: kinds[only]}
     rows = {name: {kind: Row() for kind in kinds} for name in configs}
     rounds = max(1, math.ceil(turns / 3))
     for _ in range(rounds):
@@ -385,7 +394,7 @@ def main() -> None:
                 proc.wait(10)
     base = next(iter(rows))
     print("End of speech -> first outbound frame with bot audio (ms), Twilio call, real time:")
-    for kind in ("short", "long", "mid-phrase"):
+    for kind in rows[base]:
         ref = rows[base][kind]
         for name, by_kind in rows.items():
             row = by_kind[kind]
