@@ -648,6 +648,10 @@ class TwilioCall(CarrierCall):
         )
         return self._start(started)
 
+    def speech_request(self) -> TtsRequest:
+        """Twilio's speech: 8 kHz μ-law (:data:`TTS`), streamed a piece at a time."""
+        return TTS
+
     def _frames(self, audio: bytes) -> tuple[tuple[WireFrame, ...], int]:
         """``audio`` (8 kHz μ-law, as :data:`TTS` asks) as ``media`` frames, and its ms."""
         messages = tuple(self.twilio.mulaw_frames(audio))

@@ -14,10 +14,13 @@ full; :data:`TRANSITIONS` is the same state machine):
 1. ``connected`` then the codec's :class:`~gateway.callcodec.Started` -> the ``#intro``
    turn [bot]; the start must name the call its token was issued for (when the
    carrier names it) and an allowed application key (``appKey`` parameter).
-2. Each response item's speech (asked for as WAV, decoded to PCM) goes out through
-   ``codec.audio`` followed by ``codec.mark``: :class:`Play`; the floor passes to the
-   caller when the turn is over and every mark (:class:`~gateway.callcodec.Played`)
-   has come back.
+2. Each response item's speech goes out through ``codec.audio`` followed by
+   ``codec.mark``: :class:`Play`; the floor passes to the caller when the turn is
+   over and every mark (:class:`~gateway.callcodec.Played`) has come back. Speech is
+   **streamed**: asked for in a headerless format close to the wire's
+   (:func:`speech_request`: μ-law for PCMU 8 kHz, 16-bit PCM at 8 or 16 kHz for A-law
+   and L16), so each synthesized piece (a sentence or clause) is played as soon as it
+   is made, not the whole item after its synthesis (WAV only for other rates).
 3. Every inbound audio chunk (16-bit PCM at the stream's rate) goes to the call's
    speech stage (:class:`FeedAudio`); its verdict comes back through
    :meth:`CarrierCall.voice`: onset -> StartListening; final text -> the next input;
@@ -67,6 +70,7 @@ from gateway.callcodec import (
     Connected,
     Digit,
     Media,
+    MediaFormat,
     Played,
     Started,
     Stopped,
@@ -97,7 +101,7 @@ from gateway.protocol.actions import (
     StartListening,
     StartTurn,
 )
-from gateway.speech.audio import AudioFormat, decode_wav
+from gateway.speech.audio import AudioFormat, Pcm, decode_wav, mulaw_to_pcm
 from gateway.speech.endofturn import BACKCHANNELS, content_words
 from gateway.speech.types import TtsRequest
 from gateway.turn import TurnContext, TurnRejected
@@ -111,8 +115,28 @@ CLOSE_POLICY: Final = 1008
 PREROLL_MS: Final = 300
 """Audio before a voice onset handed to the listener (word beginnings are soft)."""
 TTS: Final = TtsRequest("audio", "wav")
-"""What a call asks of the turn engine: each item's speech as WAV after it (decoded
-to PCM, then encoded by the codec)."""
+"""What a call asks of the turn engine before its media format is known: each item's
+speech as WAV after it (decoded to PCM, then encoded by the codec)."""
+_PCM_RATES: Final[dict[str, int]] = {"mulaw": 8000, "pcm8k": 8000, "pcm16k": 16000}
+
+
+def speech_request(fmt: MediaFormat | None) -> TtsRequest:
+    """What a call on a wire of ``fmt`` asks of the turn engine: speech that streams
+    (a chunk per synthesized piece) in a headerless format the codec encodes without
+    a second resampling: ``mulaw`` for PCMU at 8 kHz (μ-law -> PCM -> μ-law is exact),
+    ``pcm8k`` / ``pcm16k`` (16-bit PCM) for any encoding at 8 / 16 kHz, else WAV (in
+    one chunk at the item's end). None (format not known yet): WAV."""
+    if fmt is None:
+        return TTS
+    if fmt.encoding == "PCMU" and fmt.sample_rate == 8000:
+        return TtsRequest("audio", "mulaw")
+    if fmt.sample_rate == 8000:
+        return TtsRequest("audio", "pcm8k")
+    if fmt.sample_rate == 16000:
+        return TtsRequest("audio", "pcm16k")
+    return TTS
+
+
 _MARK_END: Final = "end"
 MACHINE: Final = "#machine"
 """The input of an answering-machine answer (:meth:`CarrierCall.machine_answered`)."""
@@ -598,7 +622,8 @@ class CarrierCall:
     """
 
     tts: TtsRequest = TTS
-    """What the call asks of the turn engine for speech (a carrier may take its own
+    """What the call asks of the turn engine for speech: set at the start from the
+    codec's outbound format (:meth:`speech_request`; a carrier may take its own
     encoding as is, see :meth:`_frames`)."""
     stream_config_key = "streamId"
     """The session config key naming the stream's id."""
@@ -753,6 +778,7 @@ class CarrierCall:
         self.machine.feed("start")
         call_id = info.call_id or self.expected_call_id or info.stream_id
         self.rate = info.media_format.sample_rate
+        self.tts = self.speech_request()
         self.info = CallInfo(info.stream_id, call_id, info.account_id, params)
         caller = params.get("from") or info.caller
         callee = params.get("to") or info.callee
@@ -1165,10 +1191,15 @@ class CarrierCall:
             return [self._play(event.data)]
         return []
 
-    def _play(self, audio: bytes, *, final: bool = False) -> Play:
-        """``audio`` (WAV, as :data:`TTS` asks) as the codec's frames and a mark.
+    def speech_request(self) -> TtsRequest:
+        """What to ask of the turn engine once the stream started: :func:`speech_request`
+        of the codec's outbound format (a carrier's call may override it)."""
+        return speech_request(self.codec.outbound_format)
 
-        Raises AudioFormatError for audio that is not WAV."""
+    def _play(self, audio: bytes, *, final: bool = False) -> Play:
+        """``audio`` (a chunk in :attr:`tts`'s format) as the codec's frames and a mark.
+
+        Raises AudioFormatError for audio not in that format."""
         messages, audio_ms = self._frames(audio) if audio else ((), 0)
         name = self.marks.new(final=final)
         if not final:
@@ -1176,10 +1207,17 @@ class CarrierCall:
         return Play(messages, self.codec.mark(name), audio_ms, final)
 
     def _frames(self, audio: bytes) -> tuple[tuple[WireFrame, ...], int]:
-        """``audio`` (as :attr:`tts` asks: WAV) as the codec's frames, and its ms.
+        """``audio`` (as :attr:`tts` asks: a WAV file, or a chunk of μ-law or 16-bit PCM
+        without header) as the codec's frames, and its ms.
 
-        Raises AudioFormatError for audio that is not WAV."""
-        pcm = decode_wav(audio)
+        Raises AudioFormatError for a WAV that is not one, or PCM of an odd length."""
+        rate = _PCM_RATES.get(self.tts.file_type)
+        if rate is None:
+            pcm = decode_wav(audio)
+        elif self.tts.file_type == "mulaw":
+            pcm = mulaw_to_pcm(audio, rate)
+        else:
+            pcm = Pcm(audio, rate)
         return tuple(self.codec.audio(pcm)), len(pcm.data) * 500 // pcm.sample_rate
 
     def spoken(self, audio: bytes | None) -> list[CallAction]:

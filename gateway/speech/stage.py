@@ -167,6 +167,8 @@ class SpeechStage:
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._open = False
+        self._origin_ms = 0
+        """Stream time (ms) of the first audio fed to the open utterance (its preroll)."""
         self._reset_utterance()
 
     def _reset_utterance(self) -> None:
@@ -200,12 +202,27 @@ class SpeechStage:
 
     def _adapt(self) -> None:
         """Adaptive end of turn: the short trailing silence while :attr:`partial` reads as
-        complete, else the long one (``trailing_silence_ms``)."""
+        complete and is fresh (:meth:`_fresh`), else the long one (``trailing_silence_ms``)."""
         short = self.options.end_of_turn_short_ms
         if short is None:
             return
-        complete = self.end_of_turn.complete(self.partial, self.speech_ms)
+        complete = self._fresh(short) and self.end_of_turn.complete(self.partial, self.speech_ms)
         self._set_trailing(short if complete else self.options.trailing_silence_ms)
+
+    def _fresh(self, short_ms: int) -> bool:
+        """Whether :attr:`partial` covers the stream up to ``short_ms`` before now: the
+        recognizer is at most that far behind the endpointer, so when the short silence
+        ends the utterance, the partial judged complete holds every word said. A
+        recognizer falling behind (a loaded machine) makes a stale partial ("can you send
+        it" of "can you send it to ...") that must not end a phrase mid-way."""
+        return self._origin_ms + self.audio_ms >= self.now_ms - short_ms
+
+    def _stale_check(self) -> None:
+        """The short trailing silence falls back to the long one once the partial is stale
+        (called per chunk heard, before the endpointer classifies it)."""
+        short = self.options.end_of_turn_short_ms
+        if short is not None and self.trailing_silence_ms == short and not self._fresh(short):
+            self._set_trailing(self.options.trailing_silence_ms)
 
     # -------------------------------------------------------------- the stream
 
@@ -260,6 +277,8 @@ class SpeechStage:
                 self._ring_start += cut
         decisions: list[_Decision] = []
         onsets: list[Heard] = []
+        if self._open:
+            self._stale_check()
         if self._endpointer is not None:
             pcm = chunk
             if self.fmt.encoding == "MULAW":
@@ -296,7 +315,9 @@ class SpeechStage:
         self._reset_utterance()
         self._open = True
         self.speaking = self.onset_ms is not None
+        self._origin_ms = self.now_ms
         if preroll_from_ms is not None and (preroll := self.recent(preroll_from_ms)):
+            self._origin_ms -= int(self.fmt.duration_ms(len(preroll)))
             self._enqueue(_Item(preroll))
 
     def _enqueue(self, item: _Item) -> None:
@@ -467,9 +488,10 @@ class SpeechStage:
         interim = await stream.feed(item.audio)
         if interim is not None and interim.text:
             self.partial = interim.text
-            self._adapt()
             if self.options.interim:
                 heard.append(Heard("interim", interim.text, interim.confidence, self.audio_ms))
+        if self.partial:
+            self._adapt()  # a changed partial, or the same one now fresh again
         return heard
 
     async def _final(self, at_ms: int) -> Heard:

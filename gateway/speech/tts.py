@@ -56,6 +56,13 @@ MAX_TEXT_CHARS: Final = 10_000
 PIECE_CHARS: Final = 100
 """Longest piece of text handed to Piper's phonemizer at once (:func:`split_pieces`)."""
 
+FIRST_PIECE_CHARS: Final = 16
+"""An item's first piece ends at the first sentence end (``.!?``) once it holds this
+many characters (:func:`split_pieces`'s ``first_chars``), not only once half full: the
+first audio of an answer waits for a short sentence, not for a long piece (issue 16).
+Piper synthesizes each sentence on its own anyway, so ending a piece at a sentence end
+changes no sample."""
+
 PIECE_PHONEMES: Final = 96
 """Most phonemes Piper synthesizes in one inference run (at the voice's normal speed;
 fewer for slower speech), about 4.5 s of speech. Piper's memory grows with the audio
@@ -224,19 +231,23 @@ def ssml_to_text(ssml: str) -> str:
 
 
 _CLAUSE_END: Final = (",", ";", ":", ".", "!", "?", "—", "–", ")")
+_FULL_STOP: Final = (".", "!", "?")
 
 
-def split_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+def split_pieces(text: str, max_chars: int = PIECE_CHARS, first_chars: int = 0) -> list[str]:
     """Split ``text`` into pieces of at most ``max_chars`` characters for synthesis.
 
     Whitespace is collapsed. Words are packed greedily; a piece ends at the word that
     would overflow it, or early at a clause end (``,;:.!?`` and dashes) once it is
-    half full, so pieces tend to end where a speaker pauses. A single word longer
-    than ``max_chars`` is cut. ``"".join`` of the pieces with spaces gives the
-    collapsed text back.
+    half full, so pieces tend to end where a speaker pauses; the first piece ends at
+    a sentence end (``.!?``) already once it holds ``first_chars`` characters (0: only
+    once half full, as the others). A single word longer than ``max_chars`` is cut.
+    ``"".join`` of the pieces with spaces gives the collapsed text back.
 
     >>> split_pieces("One, two three. Four", 10)
     ['One, two', 'three.', 'Four']
+    >>> split_pieces("Thank you for calling. Your order was shipped.", 100, 16)
+    ['Thank you for calling.', 'Your order was shipped.']
 
     Raises:
         ValueError: ``max_chars`` < 1.
@@ -258,7 +269,12 @@ def split_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
             pieces.append(current)
             current = ""
         current = f"{current} {word}" if current else word
-        if len(current) * 2 >= max_chars and current.endswith(_CLAUSE_END):
+        if (
+            first_chars
+            and not pieces
+            and len(current) >= first_chars
+            and current.endswith(_FULL_STOP)
+        ) or (len(current) * 2 >= max_chars and current.endswith(_CLAUSE_END)):
             pieces.append(current)
             current = ""
     if current:
@@ -532,12 +548,14 @@ class PiperSynthesizer:
         """
         _check_text(text)
         parts: list[str | Pause] = parse_ssml(text) if ssml else [text]
+        first = FIRST_PIECE_CHARS
         for part in parts:
             if isinstance(part, Pause):
                 if part.ms > 0:
                     yield silence(part.ms, self.sample_rate)
                 continue
-            for piece in split_pieces(part):
+            for piece in split_pieces(part, first_chars=first):
+                first = 0
                 loop = asyncio.get_running_loop()
                 yield await loop.run_in_executor(_PIPER_THREAD, self._piece_sync, piece)
 

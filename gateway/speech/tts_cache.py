@@ -16,7 +16,10 @@ File formats (:data:`MEDIA_TYPES` gives the ``Content-Type``):
 * ``mp3`` — mono CBR MP3 (64 kbit/s) at the synthesizer's rate (``audio/mpeg``);
 * ``wav`` — mono 16-bit RIFF/WAVE at the synthesizer's rate (``audio/wav``);
 * ``mulaw`` — headerless G.711 μ-law at 8000 Hz, as Twilio media frames carry
-  it (``audio/basic``).
+  it (``audio/basic``);
+* ``pcm8k``, ``pcm16k`` — headerless 16-bit little-endian mono PCM at 8000 / 16000 Hz
+  (:data:`PCM_RATES`): the streamed speech of phone carriers whose wire is A-law or
+  L16 (gateway/protocol/call.py); cached like the others, never served as files.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from gateway.speech.types import TtsFileFormat  # defined there: protocols impor
 __all__ = [
     "MEDIA_TYPES",
     "MULAW_RATE",
+    "PCM_RATES",
     "FileEncoder",
     "MemoryTtsCache",
     "RedisTtsCache",
@@ -65,6 +69,12 @@ MEDIA_TYPES: Final[dict[str, str]] = {
 
 MULAW_RATE: Final = 8000
 """Sample rate (Hz) of ``mulaw`` files."""
+
+PCM_RATES: Final[dict[str, int]] = {"pcm8k": 8000, "pcm16k": 16000}
+"""Sample rate (Hz) of each headerless PCM format (16-bit little-endian, mono)."""
+
+FORMATS: Final[frozenset[str]] = frozenset(MEDIA_TYPES) | frozenset(PCM_RATES)
+"""Every TTS file format: the files served (:data:`MEDIA_TYPES`) and the PCM ones."""
 
 MP3_BITRATE_KBPS: Final = 64
 """Bitrate of ``mp3`` files (CBR, kbit/s)."""
@@ -100,7 +110,7 @@ class TtsSpec:
         text, ssml, voice, fmt = (value.get(k) for k in ("text", "ssml", "voice", "fmt"))
         if not (isinstance(text, str) and isinstance(ssml, bool) and isinstance(voice, str)):
             raise ValueError("a TTS spec needs text, ssml and voice")
-        if fmt not in MEDIA_TYPES:
+        if fmt not in FORMATS:
             raise ValueError(f"unknown TTS file format {fmt!r}")
         return cls(text, ssml, voice, fmt)
 
@@ -114,8 +124,8 @@ def tts_id(text: str, *, ssml: bool, voice: str, fmt: TtsFileFormat, key: bytes)
     Raises:
         ValueError: unknown format or an empty key.
     """
-    if fmt not in MEDIA_TYPES:
-        raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav or mulaw)")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav, mulaw, pcm8k or pcm16k)")
     if not key:
         raise ValueError("the TTS id key must not be empty")
     message = json.dumps(["tts/2", text, bool(ssml), voice, fmt], ensure_ascii=False)
@@ -289,17 +299,18 @@ class RedisTtsCache:
 class FileEncoder:
     """Encodes a stream of PCM pieces into one TTS file, piece by piece.
 
-    MP3 pieces go through one LAME encoder (no gaps between pieces); μ-law pieces
-    through one stateful resampler to 8000 Hz; WAV collects the PCM and writes the
-    header at :meth:`finish`. All pieces must share one sample rate.
+    MP3 pieces go through one LAME encoder (no gaps between pieces); μ-law and
+    ``pcm8k``/``pcm16k`` pieces through one stateful resampler to the format's rate;
+    WAV collects the PCM and writes the header at :meth:`finish`. All pieces must
+    share one sample rate.
 
     Raises:
         ValueError: unknown format (constructor); a piece at another rate (:meth:`feed`).
     """
 
     def __init__(self, fmt: TtsFileFormat) -> None:
-        if fmt not in MEDIA_TYPES:
-            raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav or mulaw)")
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav, mulaw, pcm8k or pcm16k)")
         self.fmt = fmt
         self.sample_rate: int | None = None
         self._out = bytearray()
@@ -319,6 +330,8 @@ class FileEncoder:
                 self._mp3.set_quality(5)
             elif self.fmt == "mulaw":
                 self._resampler = Resampler(pcm.sample_rate, MULAW_RATE)
+            elif self.fmt in PCM_RATES:
+                self._resampler = Resampler(pcm.sample_rate, PCM_RATES[self.fmt])
         elif pcm.sample_rate != self.sample_rate:
             raise ValueError(f"a piece at {pcm.sample_rate} Hz in a {self.sample_rate} Hz file")
         if not pcm.data:
@@ -326,7 +339,8 @@ class FileEncoder:
         if self._mp3 is not None:
             added = bytes(self._mp3.encode(pcm.data))
         elif self._resampler is not None:
-            added = pcm_to_mulaw(Pcm(self._resampler.convert(pcm.data), MULAW_RATE))
+            converted = self._resampler.convert(pcm.data)
+            added = converted if self.fmt in PCM_RATES else pcm_to_mulaw(Pcm(converted, 8000))
         else:
             self._out += pcm.data
             return b""
@@ -346,7 +360,8 @@ class FileEncoder:
 
 
 def encode_file(pcm: Pcm, fmt: TtsFileFormat) -> bytes:
-    """Encode PCM as a TTS file: MP3 or WAV at ``pcm.sample_rate``, μ-law at 8000 Hz.
+    """Encode PCM as a TTS file: MP3 or WAV at ``pcm.sample_rate``, μ-law at 8000 Hz,
+    ``pcm8k``/``pcm16k`` as headerless 16-bit PCM at 8000/16000 Hz.
 
     Raises:
         ValueError: unknown format.
@@ -357,7 +372,9 @@ def encode_file(pcm: Pcm, fmt: TtsFileFormat) -> bytes:
         return encode_wav(pcm)
     if fmt == "mulaw":
         return pcm_to_mulaw(resample(pcm, MULAW_RATE))
-    raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav or mulaw)")
+    if fmt in PCM_RATES:
+        return resample(pcm, PCM_RATES[fmt]).data
+    raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav, mulaw, pcm8k or pcm16k)")
 
 
 async def render_chunks(synth: Synthesizer, spec: TtsSpec) -> AsyncIterator[bytes]:
@@ -366,9 +383,9 @@ async def render_chunks(synth: Synthesizer, spec: TtsSpec) -> AsyncIterator[byte
     encoded. The chunks concatenate to exactly :func:`render_file`'s file.
 
     MP3: LAME's output per piece (whole frames, which concatenate), and the
-    encoder's flush as a last, small chunk. μ-law: each piece's samples, so an item
-    of one piece is one chunk (a call pads each chunk's last 20 ms frame: at most
-    20 ms of silence at a clause end). WAV: one chunk, the whole file at the end
+    encoder's flush as a last, small chunk. μ-law, ``pcm8k``, ``pcm16k``: each piece's
+    samples, so an item of one piece is one chunk (a call pads each chunk's last 20 ms
+    frame: at most 20 ms of silence at a clause end). WAV: one chunk, the whole file at the end
     (its header needs the length), so WAV does not stream. Piper yields a piece
     per sentence or clause of at most :data:`~gateway.speech.tts.PIECE_CHARS`
     characters; synthesizers without ``pieces()`` (espeak-ng) one piece for the whole text.
@@ -385,7 +402,7 @@ async def render_chunks(synth: Synthesizer, spec: TtsSpec) -> AsyncIterator[byte
             sent += len(added)
             yield added
     whole = await asyncio.to_thread(encoder.finish)
-    tail = whole[sent:]  # WAV: the whole file; MP3: LAME's flush; μ-law: nothing
+    tail = whole[sent:]  # WAV: the whole file; MP3: LAME's flush; μ-law, PCM: nothing
     if tail or not sent:
         yield tail
 

@@ -30,8 +30,10 @@ __all__ = [
     "TtsRequest",
 ]
 
-TtsFileFormat: TypeAlias = Literal["mp3", "wav", "mulaw"]
-"""An encoded TTS file: MP3, WAV (LINEAR16) or ``mulaw`` (headerless 8 kHz G.711)."""
+TtsFileFormat: TypeAlias = Literal["mp3", "wav", "mulaw", "pcm8k", "pcm16k"]
+"""An encoded TTS file: MP3, WAV (LINEAR16), ``mulaw`` (headerless 8 kHz G.711), or
+headerless 16-bit little-endian mono PCM at 8000 Hz (``pcm8k``) or 16000 Hz (``pcm16k``).
+The two PCM formats stream piece by piece to phone carriers (not served as files)."""
 
 TtsMode = Literal["links", "audio"]
 
@@ -43,7 +45,8 @@ class TtsRequest:
     ``links``: the item's ``audio`` is set to an absolute URL of the synthesized file
     (Flowstorm ``tts=RequiredLinks``, V2). ``audio``: the encoded audio itself follows
     the item as a BinaryEvent (Flowstorm ``RequiredStreaming``, phone calls).
-    ``file_type`` is ``mp3``, ``wav`` or ``mulaw`` (headerless 8 kHz G.711).
+    ``file_type`` is ``mp3``, ``wav``, ``mulaw`` (headerless 8 kHz G.711) or
+    ``pcm8k``/``pcm16k`` (headerless 16-bit PCM, a call's streamed speech).
     """
 
     mode: TtsMode = "links"

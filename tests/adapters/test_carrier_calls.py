@@ -26,6 +26,7 @@ from gateway.speech.tts import PiperSynthesizer
 from tests.adapters.carriers import Carrier, Scripted
 from tests.adapters.exotel.harness import CARRIER as EXOTEL
 from tests.adapters.plivo.harness import CARRIER as PLIVO
+from tests.adapters.streamed import assert_streamed
 from tests.adapters.telnyx.harness import CARRIER as TELNYX
 from tests.adapters.twilio.harness import CARRIER as TWILIO
 from tests.adapters.twilio.helpers import until
@@ -229,3 +230,23 @@ async def test_unsigned_forged_and_tokenless_requests_are_refused(
 ) -> None:
     async with carrier.gateway(speech) as (gw, _):
         await carrier.refusals(gw)
+
+
+STREAMED_FORMATS = {"telnyx": "mulaw", "plivo": "mulaw", "vonage": "pcm16k", "exotel": "pcm8k"}
+"""What each carrier's call asks the speech engine for (Twilio's: test_streamed_speech)."""
+
+
+@each([TELNYX, PLIVO, VONAGE, EXOTEL])
+async def test_a_long_answer_streams_in_the_carrier_s_encoding(
+    carrier: Carrier, speech: SpeechService
+) -> None:
+    """Issue 16 item 2: the first piece of a long answer plays while the rest is
+    synthesized, asked for in the wire's own encoding and rate (no WAV)."""
+    async with carrier.gateway(speech) as (gw, _):
+        await assert_streamed(
+            speech,
+            gw,
+            lambda: carrier.dial(gw.url, mic_speed=4.0),
+            STREAMED_FORMATS[carrier.name],  # type: ignore[arg-type]
+            carrier.name,
+        )

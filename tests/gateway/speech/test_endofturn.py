@@ -13,6 +13,7 @@ from gateway.speech.endofturn import RuleEndOfTurn, is_backchannel
 from gateway.speech.stage import ListenOptions, SpeechStage
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
+from gateway.speech.types import Heard
 from tests.speech import normalise, wer
 
 MULAW8 = AudioFormat("MULAW", 8000)
@@ -170,3 +171,42 @@ async def test_complete_utterances_end_sooner(
         assert len(fixed_texts) == len(short_texts) == 1
         assert fixed[0] >= 700
         assert short[0] < fixed[0] - 200, (text, short, fixed)
+
+
+async def test_a_lagging_recognizer_s_stale_partial_does_not_cut_a_phrase(
+    recognizer: PocketsphinxRecognizer, phrases: dict[str, Pcm]
+) -> None:
+    """Queued mode (a call's): the partial "play some music please" reads complete, but the
+    caller goes on ("book a table for two") and pauses 450 ms while the recognizer has not
+    heard it yet (a loaded machine: the audio arrives faster than it is recognised). The
+    partial is stale, so the long silence applies and the pause does not end the turn."""
+    options = ListenOptions(
+        interim=False, silence_timeout_ms=None, trailing_silence_ms=700, end_of_turn_short_ms=300
+    )
+    stage = SpeechStage(recognizer, MULAW8, options, frame_ms=20, keep_ms=1000, batch_ms=60)
+    stage.listen()
+    finals: list[Heard] = []
+
+    async def report(heard: Heard) -> None:
+        finals.append(heard)
+
+    task = asyncio.create_task(stage.run(report))
+    try:
+        audio = quiet(300) + phone(phrases["play some music please"]) + quiet(100)
+        for i in range(0, len(audio), FRAME):  # at the recognizer's pace: it keeps up
+            stage.hear(audio[i : i + FRAME])
+            await asyncio.sleep(0.005)
+        for _ in range(500):
+            if stage.trailing_silence_ms == 300:
+                break
+            await asyncio.sleep(0.02)
+        assert stage.trailing_silence_ms == 300, stage.partial  # complete and fresh
+        burst = phone(phrases["book a table for two"]) + quiet(450)
+        for i in range(0, len(burst), FRAME):  # faster than it can be recognised
+            stage.hear(burst[i : i + FRAME])
+        assert stage.onset_ms is not None  # the 450 ms pause did not end the speech
+        assert stage.trailing_silence_ms == 700
+        assert not [h for h in finals if h.kind == "final"]
+    finally:
+        stage.stop()
+        await asyncio.gather(task, return_exceptions=True)

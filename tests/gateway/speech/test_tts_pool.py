@@ -49,6 +49,23 @@ def test_split_pieces_bounds_every_piece() -> None:
         split_pieces("x", 0)
 
 
+def test_the_first_piece_ends_at_the_first_sentence_of_enough_characters() -> None:
+    """Issue 16: an answer's first audio waits for a short sentence, not a long piece
+    (split at sentence ends only: Piper synthesizes each sentence on its own anyway)."""
+    answer = "Thank you for calling. Your order was shipped this morning. It comes soon."
+    assert split_pieces(answer) == [  # without: the first piece is half full first
+        "Thank you for calling. Your order was shipped this morning.",
+        "It comes soon.",
+    ]
+    assert split_pieces(answer, first_chars=16) == [
+        "Thank you for calling.",
+        "Your order was shipped this morning. It comes soon.",
+    ]
+    assert split_pieces("Okay, done.", first_chars=16) == ["Okay, done."]  # too short
+    one = "Tell me your name, or say anything, and I will answer."
+    assert split_pieces(one, first_chars=16) == [one]  # not at a comma
+
+
 def test_phoneme_runs_bound_each_inference_run() -> None:
     assert phoneme_runs(list("ab cd, ef gh ij"), 6) == [
         ["a", "b", " ", "c", "d", ","],

@@ -307,3 +307,19 @@ async def test_an_llm_cores_first_sentence_is_spoken_while_the_rest_is_generated
     assert kinds[-1] == "ResponseEvent"
     assert kinds.count("ResponseItemEvent") == 2  # two sentences, each spoken
     assert kinds.index("BinaryEvent") < kinds.index("ResponseItemEvent", 2)
+
+
+async def test_pcm_formats_come_a_piece_a_chunk_at_their_rate(piper: PiperSynthesizer) -> None:
+    """A call's streamed PCM (pcm8k, pcm16k: headerless 16-bit): one chunk per piece,
+    concatenating to the file, at 8000 / 16000 Hz (the duration of the μ-law file)."""
+    pool = TtsPool(piper, MemoryTtsCache())
+    text = ANSWER
+    pieces = len([p async for p in piper.pieces(text)])
+    mulaw = await render_file(piper, spec(text, piper.voice, "mulaw"))
+    for fmt, rate, key in (("pcm8k", 8000, "d"), ("pcm16k", 16000, "e")):
+        chunks = [c async for c in pool.stream(key * 64, spec(text, piper.voice, fmt))]
+        assert len(chunks) == pieces >= 2
+        assert all(len(c) % 2 == 0 for c in chunks)
+        data = b"".join(chunks)
+        assert data == await render_file(piper, spec(text, piper.voice, fmt))
+        assert abs(len(data) // 2 / rate - len(mulaw) / 8000) < 0.01
