@@ -39,8 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.settings import Settings
 from gateway.speech.audio import pcm_to_mulaw
-from gateway.speech.service import SpeechService
-from gateway.speech.stage import ListenOptions
+from gateway.speech.service import SpeechService, listen_defaults
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
@@ -65,20 +64,12 @@ QUIET = b"\xff" * 9600
 
 
 def speech_service(recognizer: PocketsphinxRecognizer, piper: PiperSynthesizer) -> SpeechService:
-    settings = Settings()
     return SpeechService(
         recognizer_factory=lambda: recognizer,
         synthesizer=piper,
         cache=MemoryTtsCache(),
         public_url=PUBLIC,
-        listen_defaults=ListenOptions(
-            silence_timeout_ms=settings.silence_timeout_ms,
-            trailing_silence_ms=settings.vad_trailing_silence_ms,
-            end_of_turn_short_ms=settings.end_of_turn_short_ms or None,
-            min_speech_ms=settings.vad_min_speech_ms,
-            aggressiveness=settings.vad_aggressiveness,
-            max_audio_ms=int(settings.max_audio_s * 1000),
-        ),
+        listen_defaults=listen_defaults(Settings()),
     )
 
 

@@ -349,12 +349,19 @@ def make_speech(
         max_queued=settings.tts_queue_size,
         prefetch=settings.tts_prefetch,
         public_url=settings.public_url,
-        listen_defaults=ListenOptions(
-            silence_timeout_ms=settings.silence_timeout_ms,
-            trailing_silence_ms=settings.vad_trailing_silence_ms,
-            end_of_turn_short_ms=settings.end_of_turn_short_ms or None,
-            min_speech_ms=settings.vad_min_speech_ms,
-            aggressiveness=settings.vad_aggressiveness,
-            max_audio_ms=int(settings.max_audio_s * 1000),
-        ),
+        listen_defaults=listen_defaults(settings),
+    )
+
+
+def listen_defaults(settings: Settings) -> ListenOptions:
+    """The listening options of ``settings``: the no-speech timeout, the trailing silence
+    and adaptive short silence that end an utterance (ms of audio), the VAD's minimum
+    speech (ms) and aggressiveness (0-3), the longest utterance (ms)."""
+    return ListenOptions(
+        silence_timeout_ms=settings.silence_timeout_ms,
+        trailing_silence_ms=settings.vad_trailing_silence_ms,
+        end_of_turn_short_ms=settings.end_of_turn_short_ms or None,
+        min_speech_ms=settings.vad_min_speech_ms,
+        aggressiveness=settings.vad_aggressiveness,
+        max_audio_ms=int(settings.max_audio_s * 1000),
     )
