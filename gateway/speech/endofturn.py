@@ -11,7 +11,15 @@ silence that ends the utterance from the answer:
   empty partial, one ending on a word that rarely ends an English sentence (an
   article, preposition, conjunction, auxiliary or possessive: "I would like to",
   "book a table for"), on a number word (digits tend to come in runs: "my number is
-  four five") or on a filler ("um", "uh").
+  four five"), on a filler ("um", "uh"), or on a recognizer's spelling of an open
+  ending (:data:`HOMOPHONES`: "too"/"two" for "to", "four" for "for").
+
+Why homophones: at a pause the recognizer cannot hear which of "to", "too" and "two"
+was said; its language model picks one, and on telephone audio it often picks
+"too" ("can you send it to | my office please" reads "they need and it too" at the
+pause, bench/first_audio.py). Judging "too" complete ends the turn mid-phrase; judging
+it open only delays a final "me too" or "party of four" by the long silence. A cut is
+worse than a delay, so the ambiguous spelling reads open.
 
 :class:`RuleEndOfTurn` is the default; any object with the :class:`EndOfTurn`
 method replaces it (a model, another language's rules).
@@ -24,13 +32,14 @@ method replaces it (a model, another language's rules).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 __all__ = [
     "BACKCHANNELS",
     "FILLERS",
+    "HOMOPHONES",
     "NUMBERS",
     "NUMBER_LEADS",
     "OPEN_ENDINGS",
@@ -88,6 +97,12 @@ OPEN_ENDINGS: Final[frozenset[str]] = (
 )
 """Words after which an English utterance rarely ends (lower case)."""
 
+HOMOPHONES: Final[Mapping[str, str]] = {"too": "to", "two": "to", "four": "for"}
+"""A recognizer's spellings of open endings it cannot tell apart by sound (lower case):
+an utterance whose last word is one of them is judged as if it ended on the open
+ending it may stand for (a delay of the long silence when it was meant, never a cut
+when it was not). Not part of :data:`OPEN_ENDINGS` (they carry meaning for barge-in)."""
+
 BACKCHANNELS: Final[tuple[str, ...]] = (
     "uh-huh",
     "uh huh",
@@ -135,22 +150,25 @@ class RuleEndOfTurn:
     """The default :class:`EndOfTurn`: rules over the last words (see the module doc).
 
     ``open_endings``: words an utterance does not end on; ``min_words``: fewer words
-    than this are incomplete (1: a single "yes" is complete).
+    than this are incomplete (1: a single "yes" is complete); ``homophones``: last words
+    judged as the open ending they may stand for (:data:`HOMOPHONES`; empty: none).
     """
 
     open_endings: frozenset[str] = field(default=OPEN_ENDINGS)
     min_words: int = 1
+    homophones: Mapping[str, str] = field(default_factory=lambda: dict(HOMOPHONES), hash=False)
 
     def complete(self, partial: str, speech_ms: int) -> bool:
-        """True when ``partial`` has at least ``min_words`` words, its last word is not an
-        open ending (filler, function word) and it does not end on a run of digits."""
+        """True when ``partial`` has at least ``min_words`` words, its last word is neither an
+        open ending (filler, function word) nor a homophone of one, and it does not end
+        on a run of digits."""
         said = words(partial)
         if len(said) < self.min_words or not said:
             return False
         last = said[-1]
         if last in NUMBERS and len(said) > 1 and (said[-2] in NUMBERS or said[-2] in NUMBER_LEADS):
             return False  # a run of digits goes on
-        return last not in self.open_endings
+        return last not in self.open_endings and self.homophones.get(last) not in self.open_endings
 
 
 def is_backchannel(text: str, backchannels: Iterable[str] = BACKCHANNELS) -> bool:

@@ -41,6 +41,12 @@ INCOMPLETE = [
     "the weather in",
     "and",
     "a table for two",  # "for" may be a misheard "four": a delay, never a cut
+    "can you send it to",
+    # homophones of an open ending: pocketsphinx's reading of "can you send it to" at the
+    # pause of "can you send it to | my office please" (bench/first_audio.py)
+    "they need and it too",
+    "can you send it two",
+    "a table four",
 ]
 
 
@@ -56,6 +62,14 @@ def test_utterances_ending_mid_phrase_or_on_a_filler(text: str) -> None:
 
 def test_numbers_keep_the_long_silence() -> None:
     assert not RuleEndOfTurn().complete("my number is four five six seven", 2000)
+
+
+def test_homophones_of_open_endings_are_configurable() -> None:
+    """ "me too" waits the long silence by default (a delay, never a cut); without the
+    homophones it reads complete."""
+    assert not RuleEndOfTurn().complete("me too", 500)
+    assert RuleEndOfTurn(homophones={}).complete("me too", 500)
+    assert RuleEndOfTurn().complete("i want three", 500)  # not a homophone of an open ending
 
 
 def test_min_words() -> None:
@@ -97,6 +111,8 @@ def phrases(piper: PiperSynthesizer) -> dict[str, Pcm]:
         "book a table for two",
         "my number is four five",
         "six seven eight",
+        "can you send it to",
+        "my office please",
         "yes",
         "play some music please",
         "what is the weather like today",
@@ -145,7 +161,11 @@ async def hear(
 
 @pytest.mark.parametrize(
     ("first", "rest"),
-    [("i would like to", "book a table for two"), ("my number is four five", "six seven eight")],
+    [
+        ("i would like to", "book a table for two"),
+        ("my number is four five", "six seven eight"),
+        ("can you send it to", "my office please"),  # the recognizer hears "...it too"
+    ],
 )
 async def test_a_pause_mid_phrase_does_not_cut_the_utterance(
     recognizer: PocketsphinxRecognizer, phrases: dict[str, Pcm], first: str, rest: str
