@@ -171,15 +171,12 @@ class RuleEndOfTurn:
         return last not in self.open_endings and self.homophones.get(last) not in self.open_endings
 
 
-def is_backchannel(text: str, backchannels: Iterable[str] = BACKCHANNELS) -> bool:
-    """Whether ``text`` consists only of backchannels and fillers ("uh-huh yeah", "mm
-    okay"); an empty text (noise: nothing recognised) counts too. Phrases of the list
-    may span words ("i see", "all right")."""
-    said = words(text)
-    if not said:
-        return True
+def _outside_phrases(said: list[str], backchannels: Iterable[str]) -> list[str]:
+    """The words of ``said`` not in a phrase of ``backchannels`` (longest phrase first;
+    a phrase may span words: "i see", "all right")."""
     phrases = sorted((words(b) for b in backchannels), key=len, reverse=True)
     phrases = [p for p in phrases if p]
+    rest: list[str] = []
     i = 0
     while i < len(said):
         for phrase in phrases:
@@ -187,11 +184,16 @@ def is_backchannel(text: str, backchannels: Iterable[str] = BACKCHANNELS) -> boo
                 i += len(phrase)
                 break
         else:
-            if said[i] in FILLERS:
-                i += 1
-                continue
-            return False
-    return True
+            rest.append(said[i])
+            i += 1
+    return rest
+
+
+def is_backchannel(text: str, backchannels: Iterable[str] = BACKCHANNELS) -> bool:
+    """Whether ``text`` consists only of backchannels and fillers ("uh-huh yeah", "mm
+    okay"); an empty text (noise: nothing recognised) counts too. Phrases of the list
+    may span words ("i see", "all right")."""
+    return all(word in FILLERS for word in _outside_phrases(words(text), backchannels))
 
 
 _FILLER_LIKE: Final = re.compile(r"[a-z]|[hm]*m[hm]*|h?u+[hm]*|a+h*|e+[rh]*m*|o+h+")
@@ -210,19 +212,8 @@ def content_words(text: str, backchannels: Iterable[str] = BACKCHANNELS) -> list
     (:data:`OPEN_ENDINGS`: articles, pronouns, auxiliaries...). What a recognizer makes
     of a hum or a cough ("and hum", "in the") has none; "wait", "stop", "hold on" have.
     Used by the call's barge-in (gateway/protocol/call.py) to tell a real interruption."""
-    said = words(text)
-    phrases = sorted((words(b) for b in backchannels), key=len, reverse=True)
-    phrases = [p for p in phrases if p]
-    found: list[str] = []
-    i = 0
-    while i < len(said):
-        for phrase in phrases:
-            if said[i : i + len(phrase)] == phrase:
-                i += len(phrase)
-                break
-        else:
-            word = said[i]
-            if not is_filler(word) and word not in OPEN_ENDINGS:
-                found.append(word)
-            i += 1
-    return found
+    return [
+        word
+        for word in _outside_phrases(words(text), backchannels)
+        if not is_filler(word) and word not in OPEN_ENDINGS
+    ]
