@@ -71,6 +71,7 @@ def test_a_served_turn_logs_neither_the_session_id_nor_the_key(tmp_path: Path) -
         "GATEWAY_LOG_FORMAT": "json",
         "GATEWAY_LOG_HASH_KEY": HASH_KEY,
         "GATEWAY_TTS_PROVIDER": "espeak-ng",
+        "GATEWAY_ACCESS_LOG": "true",  # off by default; its lines must be redacted too
         "PYTHONPATH": str(ROOT),
     }
     env.pop("GATEWAY_REDIS_URL", None)
