@@ -153,13 +153,9 @@ class TelnyxDialer:
 async def telnyx_outbound(request: Request) -> Response:
     """Call Control webhooks of calls placed here (see the module doc)."""
     settings = gateway_of(request).settings
-    try:
-        body = await read_body(request, settings.max_body_bytes)
-    except ProtocolError as exc:
-        return problem(exc.status, "Bad Request", exc.text)
-    refused = _verified(settings, body, request)
-    if refused is not None:
-        return refused
+    body = await _signed_body(settings, request)
+    if isinstance(body, Response):
+        return body
     try:
         event = json.loads(body)
     except ValueError:
@@ -174,6 +170,17 @@ async def telnyx_outbound(request: Request) -> Response:
 
 
 # ------------------------------------------------------------------ inbound TeXML
+
+
+async def _signed_body(settings: Settings, request: Request) -> bytes | Response:
+    """A Telnyx webhook's body (at most GATEWAY_MAX_BODY_BYTES) when its Ed25519
+    signature is good; else the problem to answer (400, 401 or 403)."""
+    try:
+        body = await read_body(request, settings.max_body_bytes)
+    except ProtocolError as exc:
+        return problem(exc.status, "Bad Request", exc.text)
+    refused = _verified(settings, body, request)
+    return body if refused is None else refused
 
 
 def _verified(settings: Settings, body: bytes, request: Request) -> Response | None:
@@ -194,13 +201,9 @@ def _verified(settings: Settings, body: bytes, request: Request) -> Response | N
 async def telnyx_texml(request: Request) -> Response:
     """An inbound call's TeXML answer (module doc); ``?appKey=`` names the application."""
     settings = gateway_of(request).settings
-    try:
-        body = await read_body(request, settings.max_body_bytes)
-    except ProtocolError as exc:
-        return problem(exc.status, "Bad Request", exc.text)
-    refused = _verified(settings, body, request)
-    if refused is not None:
-        return refused
+    body = await _signed_body(settings, request)
+    if isinstance(body, Response):
+        return body
     tokens = stream_tokens(settings)
     if tokens is None:
         return problem(503, "Service Unavailable", "Set GATEWAY_TELNYX_API_KEY.")
