@@ -156,7 +156,7 @@ class Settings(BaseSettings):
         default=1.0,
         gt=0,
         description="Botpress: the bot's turn is over after this gap with no bot message (the "
-        "Chat API has no end-of-turn marker).",
+        "Chat API has no end-of-turn marker), or at once after a choice, a transfer or the end.",
     )
     botpress_reply_timeout_s: float = Field(
         default=8.0,

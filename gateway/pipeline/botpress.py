@@ -11,7 +11,9 @@ conversation (``POST /conversations``) as ``conversationId``. Every request but
 A turn: open ``GET /conversations/{id}/listen`` (SSE, each ``data`` a JSON ``{type,
 data}``), then send the input, then forward each ``message_created`` with ``isBot: true``
 as items as it arrives. The Chat API has no end-of-turn marker: the turn is over
-GATEWAY_BOTPRESS_IDLE_S after the bot's last message. The first message must come within
+GATEWAY_BOTPRESS_IDLE_S after the bot's last message, or at once after a signal nothing
+of the bot's follows (:func:`_final`: a ``choice``/``dropdown``, which waits for the
+user's pick, or the ``transfer``/``handoff``/``end`` event). The first message must come within
 GATEWAY_BOTPRESS_REPLY_TIMEOUT_S after text (else a PipelineError: the bot did not
 answer); after an action none may come (an empty answer).
 
@@ -226,11 +228,15 @@ class BotpressPipeline:
                 raise PipelineError("Botpress sent a signal without data")
             data: dict[str, Any] = signal["data"]
             if signal.get("type") == "message_created" and data.get("isBot") is True:
-                heard = True
-                yield "message", data
+                kind = "message"
             elif signal.get("type") == "event_created" and data.get("userId") != user_id:
-                heard = True
-                yield "event", data
+                kind = "event"
+            else:
+                continue
+            heard = True
+            yield kind, data
+            if _final(kind, data.get("payload")):
+                return
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -289,6 +295,20 @@ def _card(card: dict[str, Any], offered: list[dict[str, Any]]) -> ResponseItem:
     image = card.get("imageUrl")
     code = json.dumps({"buttons": buttons}, separators=(",", ":")) if buttons else None
     return ResponseItem(text=text or None, image=image if is_url(image) else None, code=code)
+
+
+def _final(kind: str, payload: Any) -> bool:
+    """Whether the bot's turn is over with this signal, without waiting for the idle gap.
+
+    ``kind`` is ``"message"`` or ``"event"``; ``payload`` its payload. A Botpress flow
+    stops after a choice (``choice``/``dropdown``) until the user picks, and says nothing
+    after it hands the conversation over or ends it (the ``transfer``/``handoff``/``end``
+    event).
+    """
+    if not isinstance(payload, dict):
+        return False
+    finals = ("choice", "dropdown") if kind == "message" else ("transfer", "handoff", "end")
+    return payload.get("type") in finals
 
 
 def _event(payload: Any) -> ResponseItem | str | None:

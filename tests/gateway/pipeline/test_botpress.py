@@ -66,7 +66,7 @@ async def test_conversation_with_user_and_conversation_kept(
             {"name": "No", "request": {"type": "text", "payload": "no"}},
         ]
     }
-    assert IDLE_S <= took < IDLE_S + 1  # the turn ended one idle gap after the last message
+    assert took < IDLE_S  # the choice ended the turn: no idle gap
     session = await conv.store.get(ctx().key)
     assert session is not None
     user_key, conversation_id = (
@@ -74,7 +74,10 @@ async def test_conversation_with_user_and_conversation_kept(
         session.pipeline_state["conversationId"],
     )
     # the option's label sends its value
+    started = time.perf_counter()
     assert texts(await conv.turn(ctx(), Input.of("yes please")).collect()) == ["Let us start."]
+    took = time.perf_counter() - started
+    assert IDLE_S <= took < IDLE_S + 1  # a text ends the turn one idle gap after it
     await conv.turn(ctx(), Input.of("my name is ada")).collect()
     assert texts(await conv.turn(ctx(), Input.of("what is my name")).collect()) == ["You are Ada."]
     calls = [(m, p) for m, p, _ in app.state.calls]
@@ -131,6 +134,23 @@ async def test_messages_are_forwarded_before_the_turn_ends(botpress: tuple[str, 
     assert time.perf_counter() - started < GAP_S + IDLE_S
     rest = [e async for e in events]
     assert len(items(rest)) == 4
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    ("said", "count"),
+    [("#intro", 2), ("agent", 2), ("bye", 1)],
+)
+async def test_a_choice_transfer_or_end_ends_the_turn_without_the_idle_gap(
+    botpress: tuple[str, FastAPI], said: str, count: int
+) -> None:
+    url, _ = botpress
+    conv = bp_engine(url, botpress_idle_s=30.0)
+    started = time.perf_counter()
+    got = items(await conv.turn(ctx(), Input.of(said)).collect())
+    # the bot's last signal (GAP_S apart) ended the turn, long before a 30 s idle gap
+    assert time.perf_counter() - started < 10 * GAP_S + 1
+    assert len(got) == count  # every message of the bot came
     await conv.pipeline.aclose()
 
 
