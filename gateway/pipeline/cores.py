@@ -22,17 +22,22 @@ from gateway.pipeline.base import PipelineError
 from gateway.settings import Settings
 
 
-def core_client(settings: Settings, **options: Any) -> httpx.AsyncClient:
-    """The pooled, kept-alive HTTP client of one core.
+def pooled_client(connect_timeout_s: float, **options: Any) -> httpx.AsyncClient:
+    """The pooled, kept-alive HTTP client of one core (512 connections, 64 kept alive).
 
-    Connecting is bounded by GATEWAY_PIPELINE_CONNECT_TIMEOUT_S; reads are not (the turn
-    engine bounds the whole turn by GATEWAY_TURN_TIMEOUT_S).
+    Connecting is bounded by ``connect_timeout_s`` (s); reads are not (the turn engine
+    bounds the whole turn by GATEWAY_TURN_TIMEOUT_S). ``options`` go to httpx.AsyncClient.
     """
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(None, connect=settings.pipeline_connect_timeout_s),
+        timeout=httpx.Timeout(None, connect=connect_timeout_s),
         limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
         **options,
     )
+
+
+def core_client(settings: Settings, **options: Any) -> httpx.AsyncClient:
+    """:func:`pooled_client` with GATEWAY_PIPELINE_CONNECT_TIMEOUT_S."""
+    return pooled_client(settings.pipeline_connect_timeout_s, **options)
 
 
 async def read_json(answer: httpx.Response, max_bytes: int, core: str) -> Any:
@@ -41,15 +46,30 @@ async def read_json(answer: httpx.Response, max_bytes: int, core: str) -> Any:
     Raises PipelineError for a non-2xx status, a larger body or invalid JSON.
     """
     check_status(answer, core)
+    try:
+        return json.loads(await read_body(answer, max_bytes, core))
+    except ValueError as exc:
+        raise PipelineError(f"{core} answered invalid JSON: {str(exc)[:120]}") from exc
+
+
+async def read_body(answer: httpx.Response, max_bytes: int, core: str) -> bytes:
+    """The whole body of ``answer``; PipelineError (naming ``core``) past ``max_bytes``."""
     data = bytearray()
     async for chunk in answer.aiter_bytes():
         data += chunk
         if len(data) > max_bytes:
             raise PipelineError(f"{core}'s answer is larger than {max_bytes} bytes")
-    try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise PipelineError(f"{core} answered invalid JSON: {str(exc)[:120]}") from exc
+    return bytes(data)
+
+
+async def read_some(answer: httpx.Response, limit: int = 4096) -> bytes:
+    """At most the first ``limit`` bytes of ``answer`` (an error body's detail)."""
+    data = bytearray()
+    async for chunk in answer.aiter_bytes():
+        data += chunk
+        if len(data) >= limit:
+            break
+    return bytes(data[:limit])
 
 
 def check_status(answer: httpx.Response, core: str) -> None:
@@ -58,8 +78,11 @@ def check_status(answer: httpx.Response, core: str) -> None:
         raise PipelineError(f"{core} answered HTTP {answer.status_code}")
 
 
-async def bounded_lines(answer: httpx.Response, max_bytes: int, core: str) -> AsyncIterator[str]:
-    """The non-blank lines of ``answer`` as they arrive, at most ``max_bytes`` in all.
+async def bounded_lines(
+    answer: httpx.Response, max_bytes: int, core: str, *, blank: bool = False
+) -> AsyncIterator[str]:
+    """The lines of ``answer`` as they arrive (blank ones only with ``blank``, as SSE
+    needs), at most ``max_bytes`` in all.
 
     Raises PipelineError past ``max_bytes``.
     """
@@ -68,7 +91,7 @@ async def bounded_lines(answer: httpx.Response, max_bytes: int, core: str) -> As
         size += len(line) + 1
         if size > max_bytes:
             raise PipelineError(f"{core}'s answer is larger than {max_bytes} bytes")
-        if line.strip():
+        if blank or line.strip():
             yield line
 
 

@@ -58,6 +58,7 @@ from google.oauth2 import service_account
 
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
+from gateway.pipeline.cores import pooled_client, read_body, read_some
 from gateway.pipeline.openai import iter_sse
 from gateway.sessions import Session
 from gateway.settings import Settings
@@ -116,10 +117,7 @@ class DialogflowCxPipeline:
         self._auth_session = requests.Session()
         self._auth_lock = asyncio.Lock()
         self._max = max_response_bytes
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
-        )
+        self._client = client or pooled_client(connect_timeout_s)
 
     @classmethod
     def from_url(cls, spec: str, settings: Settings) -> Self:
@@ -222,7 +220,7 @@ class DialogflowCxPipeline:
         try:
             async with self._client.stream("POST", url, json=body, headers=headers) as answer:
                 if not 200 <= answer.status_code < 300:
-                    detail = _google_error(await _read_some(answer))
+                    detail = _google_error(await read_some(answer))
                     raise PipelineError(f"the core answered HTTP {answer.status_code}{detail}")
                 if self.streaming:
                     async for part in self._parts(answer):
@@ -231,7 +229,7 @@ class DialogflowCxPipeline:
                         for item in self._items(part, sent, final):
                             yield item
                 else:
-                    whole = _object(await self._read_all(answer))
+                    whole = _object(await read_body(answer, self._max, "the core"))
                     answers.append(whole)
                     for item in self._items(whole, sent, True):
                         yield item
@@ -370,14 +368,6 @@ class DialogflowCxPipeline:
         if not closed or buffer.strip():
             raise PipelineError("the core's stream is not a complete JSON array")
 
-    async def _read_all(self, answer: httpx.Response) -> bytes:
-        data = bytearray()
-        async for chunk in answer.aiter_bytes():
-            data += chunk
-            if len(data) > self._max:
-                raise PipelineError(f"the core's answer is larger than {self._max} bytes")
-        return bytes(data)
-
     async def aclose(self) -> None:
         """Close the pooled connections (the API's and the token endpoint's)."""
         await self._client.aclose()
@@ -436,15 +426,6 @@ def _object(data: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise PipelineError("the core answered JSON that is not an object")
     return _checked(value)
-
-
-async def _read_some(answer: httpx.Response, limit: int = 4096) -> bytes:
-    data = bytearray()
-    async for chunk in answer.aiter_bytes():
-        data += chunk
-        if len(data) >= limit:
-            break
-    return bytes(data[:limit])
 
 
 def _google_error(data: bytes) -> str:

@@ -30,6 +30,7 @@ from pydantic import Field, ValidationError
 
 from gateway.events import Input, Response, ResponseItem, Wire
 from gateway.pipeline.base import REQUEST_ID, PipelineConfigError, PipelineError, PipelineOutput
+from gateway.pipeline.cores import bounded_lines, check_status, pooled_client, read_body
 from gateway.sessions import Session
 from gateway.settings import Settings
 
@@ -92,10 +93,7 @@ class HttpPipeline:
     ) -> None:
         self.url = url
         self._max = max_response_bytes
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
-        )
+        self._client = client or pooled_client(connect_timeout_s)
 
     @classmethod
     def from_url(cls, spec: str, settings: Settings) -> Self:
@@ -133,14 +131,13 @@ class HttpPipeline:
             async with self._client.stream(
                 "POST", self.url, content=body, headers=headers
             ) as answer:
-                if not 200 <= answer.status_code < 300:
-                    raise PipelineError(f"the core answered HTTP {answer.status_code}")
+                check_status(answer, "the core")
                 kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
                     async for out in self._stream(session, answer):
                         yield out
                     return
-                data = await self._read_all(answer)
+                data = await read_body(answer, self._max, "the core")
         except httpx.HTTPError as exc:
             raise PipelineError(f"the core could not be reached: {type(exc).__name__}") from exc
         try:
@@ -149,24 +146,10 @@ class HttpPipeline:
             raise PipelineError(f"the core answered an invalid Response: {_first(exc)}") from exc
         yield self._apply(session, whole, whole.state)
 
-    async def _read_all(self, answer: httpx.Response) -> bytes:
-        data = bytearray()
-        async for chunk in answer.aiter_bytes():
-            data += chunk
-            if len(data) > self._max:
-                raise PipelineError(f"the core's answer is larger than {self._max} bytes")
-        return bytes(data)
-
     async def _stream(
         self, session: Session, answer: httpx.Response
     ) -> AsyncIterator[PipelineOutput]:
-        size = 0
-        async for line in answer.aiter_lines():
-            size += len(line) + 1
-            if size > self._max:
-                raise PipelineError(f"the core's answer is larger than {self._max} bytes")
-            if not line.strip():
-                continue
+        async for line in bounded_lines(answer, self._max, "the core"):
             try:
                 raw = json.loads(line)
                 kind = raw.get("type") if isinstance(raw, dict) else None

@@ -50,6 +50,7 @@ import httpx
 
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
+from gateway.pipeline.cores import bounded_lines, pooled_client, read_body, read_some
 from gateway.pipeline.sentences import SentenceSplitter
 from gateway.sessions import Session
 from gateway.settings import Settings
@@ -181,10 +182,7 @@ class OpenAIPipeline:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._max = max_response_bytes
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
-        )
+        self._client = client or pooled_client(connect_timeout_s)
 
     @classmethod
     def from_url(cls, spec: str, settings: Settings) -> Self:
@@ -268,11 +266,11 @@ class OpenAIPipeline:
                 if not 200 <= answer.status_code < 300:
                     raise PipelineError(
                         f"the core answered HTTP {answer.status_code}"
-                        + _error_detail(await _read_some(answer))
+                        + _error_detail((await read_some(answer)).decode("utf-8", "replace"))
                     )
                 kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind == "application/json":
-                    data = await self._read_all(answer)
+                    data = await read_body(answer, self._max, "the core")
                     for item in self._whole(turn, data):
                         yield item
                 else:
@@ -286,17 +284,7 @@ class OpenAIPipeline:
         yield self._finish(session, history, user, turn)
 
     async def _stream(self, turn: _Turn, answer: httpx.Response) -> AsyncIterator[ResponseItem]:
-        size = 0
-
-        async def lines() -> AsyncIterator[str]:
-            nonlocal size
-            async for line in answer.aiter_lines():
-                size += len(line) + 1
-                if size > self._max:
-                    raise PipelineError(f"the core's answer is larger than {self._max} bytes")
-                yield line
-
-        events = iter_sse(lines())
+        events = iter_sse(bounded_lines(answer, self._max, "the core", blank=True))
         async for event in events:
             for item in self._event(turn, event):
                 yield item
@@ -400,14 +388,6 @@ class OpenAIPipeline:
             kept = kept[1:]
         return kept
 
-    async def _read_all(self, answer: httpx.Response) -> bytes:
-        data = bytearray()
-        async for chunk in answer.aiter_bytes():
-            data += chunk
-            if len(data) > self._max:
-                raise PipelineError(f"the core's answer is larger than {self._max} bytes")
-        return bytes(data)
-
     async def aclose(self) -> None:
         """Close the pooled connections."""
         await self._client.aclose()
@@ -456,15 +436,6 @@ def _reason(arguments: str) -> str | None:
     except (ValueError, AttributeError):
         return None
     return reason if isinstance(reason, str) and reason else None
-
-
-async def _read_some(answer: httpx.Response, limit: int = 4096) -> str:
-    data = bytearray()
-    async for chunk in answer.aiter_bytes():
-        data += chunk
-        if len(data) >= limit:
-            break
-    return data[:limit].decode("utf-8", "replace")
 
 
 def _error_text(data: str) -> str:

@@ -141,33 +141,33 @@ class RasaPipeline:
             async with self._client.stream(
                 "POST", self.url, params=self._params, json=body
             ) as answer:
-                check_status(answer, "Rasa")
-                kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
-                if kind in _STREAM_TYPES:
-                    async for line in bounded_lines(answer, self._max, "Rasa"):
-                        try:
-                            message = json.loads(line)
-                        except ValueError as exc:
-                            raise PipelineError(f"Rasa streamed an invalid line: {exc}") from exc
-                        for item in self._items(message, offered):
-                            if item is None:
-                                ended = True
-                            else:
-                                yield item
-                else:
-                    messages = await read_json(answer, self._max, "Rasa")
-                    if not isinstance(messages, list):
-                        raise PipelineError("Rasa answered something else than an array")
-                    for message in messages:
-                        for item in self._items(message, offered):
-                            if item is None:
-                                ended = True
-                            else:
-                                yield item
+                async for message in self._messages(answer):
+                    for item in self._items(message, offered):
+                        if item is None:
+                            ended = True
+                        else:
+                            yield item
         except httpx.HTTPError as exc:
             raise PipelineError(f"Rasa could not be reached: {type(exc).__name__}") from exc
         session.pipeline_state["buttons"] = offered
         yield Response(session_ended=ended)
+
+    async def _messages(self, answer: httpx.Response) -> AsyncIterator[Any]:
+        """Rasa's messages as they arrive: one per line of a stream, else the JSON array's."""
+        check_status(answer, "Rasa")
+        kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind in _STREAM_TYPES:
+            async for line in bounded_lines(answer, self._max, "Rasa"):
+                try:
+                    yield json.loads(line)
+                except ValueError as exc:
+                    raise PipelineError(f"Rasa streamed an invalid line: {exc}") from exc
+            return
+        messages = await read_json(answer, self._max, "Rasa")
+        if not isinstance(messages, list):
+            raise PipelineError("Rasa answered something else than an array")
+        for message in messages:
+            yield message
 
     @staticmethod
     def _items(message: Any, offered: list[dict[str, Any]]) -> list[ResponseItem | None]:

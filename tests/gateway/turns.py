@@ -1,4 +1,4 @@
-"""Helpers of the turn engine tests: a turn context, the texts of a turn, an engine, a
+"""Helpers of the turn engine tests: a turn context, the texts and items of a turn, an engine, a
 turn failed by the pipeline and the session it leaves."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from gateway.conversation import Conversation, TurnContext
 from gateway.events import (
     ErrorEvent,
     Input,
+    ResponseItem,
     ResponseItemEvent,
     SessionStartedEvent,
     TurnEvent,
@@ -27,6 +28,11 @@ def ctx(session_id: str = "s1", **fields: Any) -> TurnContext:
 def texts(events: list[TurnEvent]) -> list[str]:
     """The texts of the ResponseItem events of a turn."""
     return [e.response_item.text or "" for e in events if isinstance(e, ResponseItemEvent)]
+
+
+def items(events: list[TurnEvent]) -> list[ResponseItem]:
+    """The ResponseItems of a turn's events."""
+    return [e.response_item for e in events if isinstance(e, ResponseItemEvent)]
 
 
 def engine(store: SessionStore | None = None, **overrides: Any) -> Conversation:

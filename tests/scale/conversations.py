@@ -60,6 +60,7 @@ from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat, Pcm, encode_wav, resample
 from gateway.speech.stt import PocketsphinxRecognizer, recognize
 from gateway.speech.tts import PiperSynthesizer
+from tests.adapters.google.requests import cx, es, v3
 from tests.speech import SENTENCES, normalise, padded, wer
 
 INTRO = "Hello, I am the gateway demo bot."
@@ -616,28 +617,17 @@ async def alexa(target: Target, outcome: Outcome) -> None:
         await pacer.pause()
 
 
-def google_request(session_id: str, intent: str, query: str = "") -> dict[str, Any]:
-    """An Actions Builder (v3) webhook request."""
-    return {
-        "handler": {"name": "gateway"},
-        "intent": {"name": intent, "params": {}, "query": query},
-        "scene": {"name": "Conversation", "slots": {}},
-        "session": {"id": session_id, "params": {}, "languageCode": ""},
-        "user": {"locale": "en-US", "params": {}},
-    }
-
-
 async def google(target: Target, outcome: Outcome) -> None:
     pacer = Pacer(target, outcome.channel, outcome.index)
     sid = f"scale-{target.tag}-{outcome.index}"
     outcome.sessions.add(f"google:{sid}")
     for step in dialogue(outcome.index)[1]:
         if step.text == "#intro":
-            request = google_request(sid, "actions.intent.MAIN")
+            request = v3(sid, "actions.intent.MAIN")
         elif step.farewell:
-            request = google_request(sid, "actions.intent.CANCEL", "cancel")
+            request = v3(sid, "actions.intent.CANCEL", "cancel")
         else:
-            request = google_request(sid, "FreeText", step.text)
+            request = v3(sid, "FreeText", step.text)
         data, text, repeated = await voice_turn(
             target, outcome, "/google", constant(request),
             lambda data: ssml_text(data["prompt"]["firstSimple"]["speech"]),
@@ -648,41 +638,6 @@ async def google(target: Target, outcome: Outcome) -> None:
         ended = scene == "actions.scene.END_CONVERSATION"
         check(ended is step.farewell, f"{step.text!r}: scene {data.get('scene')}")
         await pacer.pause()
-
-
-def dialogflow_es(session: str, text: str) -> dict[str, Any]:
-    return {
-        "responseId": f"r-{time.monotonic_ns()}",
-        "session": session,
-        "queryResult": {
-            "queryText": text,
-            "parameters": {},
-            "intent": {"displayName": "Default Fallback Intent", "isFallback": True},
-            "languageCode": "en",
-        },
-        "originalDetectIntentRequest": {"payload": {}},
-    }
-
-
-def dialogflow_cx(
-    session: str, text: str | None = None, event: str | None = None
-) -> dict[str, Any]:
-    agent = session.split("/sessions/")[0]
-    request: dict[str, Any] = {
-        "detectIntentResponseId": f"r-{time.monotonic_ns()}",
-        "intentInfo": {"lastMatchedIntent": f"{agent}/intents/1", "displayName": "free.text"},
-        "pageInfo": {
-            "currentPage": f"{agent}/flows/00000000-0000-0000-0000-000000000000/pages/START_PAGE"
-        },
-        "sessionInfo": {"session": session, "parameters": {}},
-        "fulfillmentInfo": {"tag": "gateway"},
-        "languageCode": "en",
-    }
-    if text is not None:
-        request["text"] = text
-    if event is not None:
-        request["triggerEvent"] = event
-    return request
 
 
 def dialogflow_text(data: dict[str, Any]) -> str:
@@ -697,26 +652,24 @@ def dialogflow_text(data: dict[str, Any]) -> str:
 async def dialogflow(target: Target, outcome: Outcome) -> None:
     """Dialogflow ES (even conversations) and CX (odd ones) fulfillment webhooks."""
     pacer = Pacer(target, outcome.channel, outcome.index)
-    cx = outcome.index % 2 == 1
-    if cx:
+    is_cx = outcome.index % 2 == 1
+    if is_cx:
         session = f"projects/scale/locations/global/agents/a1/sessions/{target.tag}-{outcome.index}"
     else:
         session = f"projects/scale/agent/sessions/{target.tag}-{outcome.index}"
     outcome.sessions.add(f"dialogflow:{session}")
     for step in dialogue(outcome.index)[1]:
-        if cx:
+        if is_cx:
             request = (
-                dialogflow_cx(session, event="WELCOME")
-                if step.text == "#intro"
-                else dialogflow_cx(session, step.text)
+                cx(session, event="WELCOME") if step.text == "#intro" else cx(session, step.text)
             )
         else:
-            request = dialogflow_es(session, "WELCOME" if step.text == "#intro" else step.text)
+            request = es(session, "WELCOME" if step.text == "#intro" else step.text)
         data, text, repeated = await voice_turn(
             target, outcome, "/dialogflow", constant(request), dialogflow_text
         )
         spoken(step, text, outcome, repeated)
-        if cx:
+        if is_cx:
             ended = data.get("targetPage", "").endswith("/pages/END_SESSION")
             check(ended is step.farewell, f"{step.text!r}: targetPage {data.get('targetPage')}")
         await pacer.pause()

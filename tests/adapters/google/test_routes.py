@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from adapters.google.verify import GoogleVerifier, StaticCertSource
 from gateway.app import create_app
 from gateway.settings import Settings
+from tests.adapters.google.requests import cx, es, v2, v3
 from tests.adapters.google.test_verify import PROJECT, Key
 from tests.conftest import FIXTURES, gateway, serve, served
 
@@ -181,67 +182,6 @@ async def test_health_checks_are_answered_without_a_turn(base: str) -> None:
 
 
 # ------------------------------------------------------------------- conversations
-
-
-def v3(session_id: str, intent: str, query: str = "") -> dict[str, Any]:
-    return {
-        "handler": {"name": "gateway"},
-        "intent": {"name": intent, "params": {}, "query": query},
-        "scene": {"name": "Conversation", "slots": {}},
-        "session": {"id": session_id, "params": {}, "languageCode": ""},
-        "user": {"locale": "en-US", "params": {}},
-    }
-
-
-def v2(conversation_id: str, intent: str, query: str = "", kind: str = "ACTIVE") -> dict[str, Any]:
-    arguments = [{"name": "text", "rawText": query, "textValue": query}] if query else []
-    return {
-        "user": {"locale": "en-US"},
-        "conversation": {"conversationId": conversation_id, "type": kind},
-        "inputs": [
-            {
-                "intent": intent,
-                "rawInputs": [{"query": query, "inputType": "VOICE"}],
-                "arguments": arguments,
-            }
-        ],
-    }
-
-
-def es(session: str, text: str) -> dict[str, Any]:
-    return {
-        "responseId": f"r-{time.monotonic_ns()}",
-        "session": session,
-        "queryResult": {
-            "queryText": text,
-            "parameters": {},
-            "intent": {"displayName": "Default Fallback Intent", "isFallback": True},
-            "languageCode": "en",
-        },
-        "originalDetectIntentRequest": {"payload": {}},
-    }
-
-
-def cx(session: str, text: str | None = None, event: str | None = None) -> dict[str, Any]:
-    request: dict[str, Any] = {
-        "detectIntentResponseId": f"r-{time.monotonic_ns()}",
-        "intentInfo": {
-            "lastMatchedIntent": f"{session.split('/sessions/')[0]}/intents/1",
-            "displayName": "free.text",
-            "parameters": {},
-        },
-        "pageInfo": {
-            "currentPage": f"{session.split('/sessions/')[0]}/flows/00000000-0000-0000-0000-000000000000/pages/START_PAGE"
-        },
-        "sessionInfo": {"session": session, "parameters": {}},
-        "fulfillmentInfo": {"tag": "gateway"},
-        "languageCode": "en",
-    }
-    if text is not None:
-        request["text"] = text
-    if event is not None:
-        request["triggerEvent"] = event
-    return request
 
 
 async def conversations(url: str, tag: str) -> None:

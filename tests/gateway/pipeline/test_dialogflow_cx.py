@@ -23,9 +23,7 @@ from gateway.events import (
     Input,
     ResponseEvent,
     ResponseItem,
-    ResponseItemEvent,
     SessionEndedEvent,
-    TurnEvent,
     transfer_target,
 )
 from gateway.pipeline.base import PipelineConfigError
@@ -35,7 +33,7 @@ from gateway.settings import Settings
 from tests.conftest import gateway, serve
 from tests.gateway.pipeline.cx_server import AGENT, EMAIL, make_cx_server
 from tests.gateway.pipeline.test_rasa import said
-from tests.gateway.turns import ctx, failed_session, pipeline_error, texts
+from tests.gateway.turns import ctx, failed_session, items, pipeline_error, texts
 
 
 def _key() -> tuple[bytes, bytes]:
@@ -92,10 +90,6 @@ def engine(settings: Settings, **overrides: Any) -> Conversation:
     settings = settings.model_copy(update=overrides)
     pipe = DialogflowCxPipeline.from_url(settings.pipeline, settings)
     return Conversation(MemorySessionStore(), pipe, settings)
-
-
-def items(events: list[TurnEvent]) -> list[ResponseItem]:
-    return [e.response_item for e in events if isinstance(e, ResponseItemEvent)]
 
 
 async def test_a_conversation_with_state_and_rich_messages(cx: tuple[Settings, FastAPI]) -> None:

@@ -16,10 +16,7 @@ from gateway.conversation import Conversation
 from gateway.events import (
     Input,
     ResponseEvent,
-    ResponseItem,
-    ResponseItemEvent,
     SessionEndedEvent,
-    TurnEvent,
     transfer_target,
 )
 from tests.conftest import gateway
@@ -28,6 +25,7 @@ from tests.gateway.turns import (
     ctx,
     engine,
     fails_then_recovers,
+    items,
     pipeline_error,
     streamed,
     texts,
@@ -45,10 +43,6 @@ def vf_engine(url: str, stream: bool, spec: str = "voiceflow:", **more: Any) -> 
         voiceflow_project_id="proj1" if stream else None,
         **more,
     )
-
-
-def items(events: list[TurnEvent]) -> list[ResponseItem]:
-    return [e.response_item for e in events if isinstance(e, ResponseItemEvent)]
 
 
 @pytest.mark.parametrize("stream", [False, True])
