@@ -87,11 +87,3 @@ class SentenceSplitter:
         """The rest of the text (stripped), or None when only white space is left."""
         rest, self._buffer = self._buffer.strip(), ""
         return rest or None
-
-
-def split_sentences(text: str) -> list[str]:
-    """All sentences of a whole ``text`` (a splitter fed once, then flushed)."""
-    splitter = SentenceSplitter()
-    out = splitter.feed(text)
-    last = splitter.flush()
-    return [*out, last] if last else out

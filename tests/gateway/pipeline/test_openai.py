@@ -23,7 +23,7 @@ from gateway.events import (
 )
 from gateway.pipeline.base import PipelineConfigError
 from gateway.pipeline.openai import OpenAIPipeline
-from gateway.pipeline.sentences import SentenceSplitter, split_sentences
+from gateway.pipeline.sentences import SentenceSplitter
 from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
 from tests.gateway.pipeline.openai_server import KEY
@@ -66,13 +66,11 @@ SENTENCES = [
 def test_sentences_whole_and_streamed_character_by_character(
     text: str, sentences: list[str]
 ) -> None:
-    assert split_sentences(text) == sentences
-    splitter = SentenceSplitter()
-    streamed: list[str] = []
-    for char in text:
-        streamed += splitter.feed(char)
-    tail = splitter.flush()
-    assert [*streamed, *([tail] if tail else [])] == sentences
+    for pieces in ([text], list(text)):  # whole, then character by character
+        splitter = SentenceSplitter()
+        got = [sentence for piece in pieces for sentence in splitter.feed(piece)]
+        tail = splitter.flush()
+        assert [*got, *([tail] if tail else [])] == sentences
 
 
 def test_a_sentence_is_given_once_the_next_one_has_begun() -> None:
