@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from adapters.alexa.verify import AlexaVerifier
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.adapters.alexa.test_verify import Pki, _ca_cert, _rsa_key
+from tests.adapters.alexa.test_verify import Pki
 from tests.conftest import FIXTURES, gateway, serve, served_app
 
 ALEXA = FIXTURES / "alexa"
@@ -264,11 +264,8 @@ class ChainFetcher:
 @pytest.fixture(scope="module")
 def signer() -> LocalSigner:
     now = datetime.now(UTC)
-    root_key, inter_key, leaf_key = _rsa_key(), _rsa_key(), _rsa_key()
     window = (now - timedelta(days=30), now + timedelta(days=30))
-    root = _ca_cert("Local Root CA", root_key, None, root_key, *window)
-    inter = _ca_cert("Local Server CA", inter_key, root, root_key, *window)
-    pki = Pki(root_key, root, inter_key, inter, leaf_key)
+    pki = Pki.make(("Local Root CA", "Local Server CA"), *window)
     leaf = pki.leaf(not_before=now - timedelta(days=1), not_after=now + timedelta(days=1))
     return LocalSigner(pki, pki.chain_pem(leaf))
 

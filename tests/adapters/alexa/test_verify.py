@@ -66,6 +66,53 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
+def _cert(
+    subject: x509.Name,
+    key: rsa.RSAPublicKey,
+    issuer: x509.Name,
+    issuer_key: rsa.RSAPrivateKey,
+    not_before: datetime,
+    not_after: datetime,
+    *,
+    ca: bool,
+    extensions: tuple[x509.ExtensionType, ...] = (),
+) -> x509.Certificate:
+    """A certificate of ``key`` signed by ``issuer_key`` (SHA-256): a CA's (cert and CRL
+    signing) or a server's (signatures, key encipherment), with its key identifiers and
+    ``extensions`` (not critical)."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=not ca,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+    for extension in (
+        *extensions,
+        x509.SubjectKeyIdentifier.from_public_key(key),
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+    ):
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
 def _ca_cert(
     subject: str,
     key: rsa.RSAPrivateKey,
@@ -74,36 +121,10 @@ def _ca_cert(
     not_before: datetime,
     not_after: datetime,
 ) -> x509.Certificate:
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer.subject if issuer else _name(subject))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
+    issuer_name = issuer.subject if issuer else _name(subject)
+    return _cert(
+        _name(subject), key.public_key(), issuer_name, issuer_key, not_before, not_after, ca=True
     )
-    return builder.sign(issuer_key, hashes.SHA256())
 
 
 @dataclass
@@ -116,6 +137,15 @@ class Pki:
     inter: x509.Certificate
     leaf_key: rsa.RSAPrivateKey
     leaves: dict[tuple[Any, ...], x509.Certificate] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, names: tuple[str, str], not_before: datetime, not_after: datetime) -> Pki:
+        """A fresh root and intermediate CA (``names``), valid between the two times."""
+        root_key, inter_key, leaf_key = _rsa_key(), _rsa_key(), _rsa_key()
+        window = (not_before, not_after)
+        root = _ca_cert(names[0], root_key, None, root_key, *window)
+        inter = _ca_cert(names[1], inter_key, root, root_key, *window)
+        return cls(root_key, root, inter_key, inter, leaf_key)
 
     @property
     def store(self) -> Store:
@@ -136,44 +166,21 @@ class Pki:
     ) -> x509.Certificate:
         issuer = issuer or self.inter
         issuer_key = issuer_key or self.inter_key
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, san[0])]))
-            .issuer_name(issuer.subject)
-            .public_key(self.leaf_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(name) for name in san]), critical=False
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self.leaf_key.public_key()),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-                critical=False,
-            )
+        extensions: tuple[x509.ExtensionType, ...] = (
+            x509.SubjectAlternativeName([x509.DNSName(name) for name in san]),
         )
         if eku:
-            builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
+            extensions += (x509.ExtendedKeyUsage(list(eku)),)
+        return _cert(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, san[0])]),
+            self.leaf_key.public_key(),
+            issuer.subject,
+            issuer_key,
+            not_before,
+            not_after,
+            ca=False,
+            extensions=extensions,
+        )
 
     def chain_pem(self, leaf: x509.Certificate, *extra: x509.Certificate) -> bytes:
         certs = [leaf, *(extra or (self.inter,))]
@@ -186,11 +193,8 @@ def _rsa_key() -> rsa.RSAPrivateKey:
 
 @pytest.fixture(scope="module")
 def pki() -> Pki:
-    root_key, inter_key, leaf_key = _rsa_key(), _rsa_key(), _rsa_key()
     window = (NOW - timedelta(days=365), NOW + timedelta(days=365))
-    root = _ca_cert("Test Root CA", root_key, None, root_key, *window)
-    inter = _ca_cert("Test Server CA", inter_key, root, root_key, *window)
-    return Pki(root_key, root, inter_key, inter, leaf_key)
+    return Pki.make(("Test Root CA", "Test Server CA"), *window)
 
 
 @pytest.fixture(scope="module")
@@ -262,9 +266,16 @@ def signed(
 
 
 def make_verifier(
-    pki: Pki, chain: bytes, *, clock: Clock | None = None, skill_ids: frozenset[str] | None = None
+    pki: Pki,
+    chain: bytes,
+    *,
+    clock: Clock | None = None,
+    skill_ids: frozenset[str] | None = None,
+    gate: asyncio.Event | None = None,
 ) -> tuple[AlexaVerifier, CountingFetcher]:
-    fetcher = CountingFetcher({CERT_URL: chain})
+    """A verifier of :data:`SKILL_ID` (or ``skill_ids``) trusting ``pki``, whose fetcher
+    serves ``chain`` at :data:`CERT_URL` (after ``gate`` is set, when given)."""
+    fetcher = CountingFetcher({CERT_URL: chain}, gate=gate)
     verifier = AlexaVerifier(
         frozenset({SKILL_ID}) if skill_ids is None else skill_ids,
         trust_store=pki.store,
@@ -272,6 +283,12 @@ def make_verifier(
         clock=clock or Clock(),
     )
     return verifier, fetcher
+
+
+async def settle() -> None:
+    """Let the waiting tasks run up to their next real wait (ten loop passes)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
 
 
 async def refused(verifier: AlexaVerifier, headers: dict[str, str], body: bytes) -> str:
@@ -654,16 +671,12 @@ async def test_a_failed_fetch_is_cached_for_the_failure_ttl(pki: Pki, good_chain
 async def test_distinct_urls_cannot_multiply_downloads(pki: Pki, good_chain: bytes) -> None:
     """50 forged requests naming 50 URLs: at most max_fetches downloads, failures cached."""
     gate = asyncio.Event()
-    fetcher = CountingFetcher({CERT_URL: good_chain}, gate=gate)
-    verifier = AlexaVerifier(
-        frozenset({SKILL_ID}), trust_store=pki.store, fetcher=fetcher, clock=Clock()
-    )
+    verifier, fetcher = make_verifier(pki, good_chain, gate=gate)
     urls = [f"https://s3.amazonaws.com/echo.api/forged-{i}.pem" for i in range(50)]
     forged = [({**signed(pki)[0], "SignatureCertChainUrl": u}, signed(pki)[1]) for u in urls]
     tasks = [asyncio.create_task(verifier.verify(h, b)) for h, b in forged]
     await fetcher.called.wait()
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await settle()
     gate.set()
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     assert [getattr(o, "reason", o) for o in outcomes] == ["cert_fetch_failed"] * 50
@@ -688,15 +701,11 @@ async def test_a_rejected_chain_is_not_cached(pki: Pki, good_chain: bytes) -> No
 
 async def test_concurrent_requests_share_one_fetch(pki: Pki, good_chain: bytes) -> None:
     gate = asyncio.Event()
-    fetcher = CountingFetcher({CERT_URL: good_chain}, gate=gate)
-    verifier = AlexaVerifier(
-        frozenset({SKILL_ID}), trust_store=pki.store, fetcher=fetcher, clock=Clock()
-    )
+    verifier, fetcher = make_verifier(pki, good_chain, gate=gate)
     requests = [signed(pki) for _ in range(20)]
     tasks = [asyncio.create_task(verifier.verify(h, b)) for h, b in requests]
     await fetcher.called.wait()
-    for _ in range(10):
-        await asyncio.sleep(0)  # let every task reach the shared fetch
+    await settle()  # let every task reach the shared fetch
     gate.set()
     results = await asyncio.gather(*tasks)
     assert len(results) == 20
@@ -711,8 +720,7 @@ async def test_concurrent_requests_share_one_failure(pki: Pki, good_chain: bytes
         frozenset({SKILL_ID}), trust_store=pki.store, fetcher=fetcher, clock=Clock()
     )
     tasks = [asyncio.create_task(verifier.verify(*signed(pki))) for _ in range(5)]
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await settle()
     gate.set()
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     assert [getattr(o, "reason", o) for o in outcomes] == ["cert_fetch_failed"] * 5
@@ -723,10 +731,7 @@ async def test_a_cancelled_request_does_not_cancel_the_shared_fetch(
     pki: Pki, good_chain: bytes
 ) -> None:
     gate = asyncio.Event()
-    fetcher = CountingFetcher({CERT_URL: good_chain}, gate=gate)
-    verifier = AlexaVerifier(
-        frozenset({SKILL_ID}), trust_store=pki.store, fetcher=fetcher, clock=Clock()
-    )
+    verifier, fetcher = make_verifier(pki, good_chain, gate=gate)
     first = asyncio.create_task(verifier.verify(*signed(pki)))
     second = asyncio.create_task(verifier.verify(*signed(pki)))
     await fetcher.called.wait()
