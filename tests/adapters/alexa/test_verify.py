@@ -885,15 +885,21 @@ def https_fetcher(tls: TlsMaterial, timeout_s: float = 10.0) -> HttpxCertChainFe
     )
 
 
+def local_verifier(
+    pki: Pki, tls: TlsMaterial, server: LocalHttpsServer, timeout_s: float = 10.0, **more: Any
+) -> AlexaVerifier:
+    """A verifier whose real HTTPS fetcher (``timeout_s``) is sent to the local ``server``;
+    ``more``: more AlexaVerifier options."""
+    fetcher = LocalRedirect(https_fetcher(tls, timeout_s), server.base)
+    return AlexaVerifier(
+        frozenset({SKILL_ID}), trust_store=pki.store, fetcher=fetcher, clock=Clock(), **more
+    )
+
+
 async def test_real_https_fetch_verifies(
     pki: Pki, tls: TlsMaterial, server: LocalHttpsServer
 ) -> None:
-    verifier = AlexaVerifier(
-        frozenset({SKILL_ID}),
-        trust_store=pki.store,
-        fetcher=LocalRedirect(https_fetcher(tls), server.base),
-        clock=Clock(),
-    )
+    verifier = local_verifier(pki, tls, server)
     for _ in range(3):
         assert (await verifier.verify(*signed(pki)))["version"] == "1.0"
     assert server.requests == ["/echo.api/echo-api-cert-test.pem"]
@@ -906,12 +912,7 @@ async def test_real_https_fetch_verifies(
 async def test_real_https_fetch_failures(
     pki: Pki, tls: TlsMaterial, server: LocalHttpsServer, path: str, detail: str
 ) -> None:
-    verifier = AlexaVerifier(
-        frozenset({SKILL_ID}),
-        trust_store=pki.store,
-        fetcher=LocalRedirect(https_fetcher(tls), server.base),
-        clock=Clock(),
-    )
+    verifier = local_verifier(pki, tls, server)
     url = "https://s3.amazonaws.com" + path
     with pytest.raises(AlexaVerificationError) as caught:
         await verifier.verify(*signed(pki, url=url))
@@ -935,13 +936,7 @@ async def test_fetcher_refuses_plain_http_and_untrusted_tls(
 async def test_slow_cert_url_fails_within_its_timeout_while_others_run(
     pki: Pki, tls: TlsMaterial, server: LocalHttpsServer
 ) -> None:
-    verifier = AlexaVerifier(
-        frozenset({SKILL_ID}),
-        trust_store=pki.store,
-        fetcher=LocalRedirect(https_fetcher(tls, timeout_s=30.0), server.base),
-        clock=Clock(),
-        fetch_timeout_s=0.5,
-    )
+    verifier = local_verifier(pki, tls, server, timeout_s=30.0, fetch_timeout_s=0.5)
     ticks = 0
 
     async def ticker() -> None:
