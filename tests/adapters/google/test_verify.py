@@ -103,6 +103,11 @@ async def refused(verifier: GoogleVerifier, headers: dict[str, str]) -> str:
     return caught.value.reason
 
 
+async def token_refused(key: Key, token: str) -> str:
+    """Why a verifier trusting ``key`` refuses ``token`` as Google-Assistant-Signature."""
+    return await refused(make_verifier(key), {"Google-Assistant-Signature": token})
+
+
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -165,9 +170,7 @@ async def test_leeway_on_expiry(key: Key) -> None:
 
 async def test_wrong_audience(key: Key) -> None:
     token = key.token(aud="another-project")
-    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
-        GoogleReason.WRONG_AUDIENCE
-    )
+    assert await token_refused(key, token) == GoogleReason.WRONG_AUDIENCE
     assert await refused(make_verifier(key), {"Authorization": key.token(aud=None)}) == (
         "wrong_audience"
     )
@@ -178,56 +181,37 @@ async def test_wrong_audience(key: Key) -> None:
 )
 async def test_wrong_issuer(key: Key, issuer: str) -> None:
     token = key.token(iss=issuer)
-    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
-        "wrong_issuer"
-    )
+    assert await token_refused(key, token) == "wrong_issuer"
 
 
 async def test_expired(key: Key) -> None:
     issued = int((NOW - timedelta(hours=2)).timestamp())
     token = key.token(iat=issued, nbf=issued, exp=issued + 3600)
-    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == "expired"
+    assert await token_refused(key, token) == "expired"
 
 
 async def test_not_yet_valid(key: Key) -> None:
     issued = int((NOW + timedelta(minutes=5)).timestamp())
     token = key.token(iat=issued, nbf=None, exp=issued + 3600)
-    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
-        "not_yet_valid"
-    )
+    assert await token_refused(key, token) == "not_yet_valid"
 
 
 async def test_bad_signature(key: Key, other_key: Key) -> None:
     forged = other_key.token()
     assert jwt.decode_header(forged)["kid"] == key.kid  # type: ignore[no-untyped-call]
-    assert await refused(make_verifier(key), {"Google-Assistant-Signature": forged}) == (
-        "bad_signature"
-    )
+    assert await token_refused(key, forged) == "bad_signature"
 
 
 async def test_tampered_claims(key: Key) -> None:
     header, _, signature = key.token().split(".")
     payload = b64url(json.dumps({"iss": "https://accounts.google.com", "aud": PROJECT}).encode())
     tampered = f"{header}.{payload}.{signature}"
-    assert await refused(make_verifier(key), {"Google-Assistant-Signature": tampered}) == (
-        "bad_signature"
-    )
+    assert await token_refused(key, tampered) == "bad_signature"
 
 
 async def test_unknown_kid(key: Key) -> None:
     stranger = Key(kid="0000000000000000000000000000000000000000")
-    assert await refused(make_verifier(key), {"Google-Assistant-Signature": stranger.token()}) == (
-        "unknown_kid"
-    )
-
-
-async def test_missing_kid(key: Key) -> None:
-    header = b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
-    _, payload, signature = key.token().split(".")
-    token = f"{header}.{payload}.{signature}"
-    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
-        "unknown_kid"
-    )
+    assert await token_refused(key, stranger.token()) == "unknown_kid"
 
 
 @pytest.mark.parametrize(
@@ -244,9 +228,7 @@ async def test_missing_kid(key: Key) -> None:
     ],
 )
 async def test_malformed_token(key: Key, token: str) -> None:
-    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
-        "malformed_token"
-    )
+    assert await token_refused(key, token) == "malformed_token"
 
 
 @pytest.mark.parametrize(
@@ -256,19 +238,24 @@ async def test_signed_token_without_usable_times_is_malformed(
     key: Key, claims: dict[str, Any]
 ) -> None:
     token = key.token(**claims)
-    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
-        "malformed_token"
-    )
+    assert await token_refused(key, token) == "malformed_token"
 
 
-@pytest.mark.parametrize("alg", ["none", "HS256", "ES256"])
-async def test_other_algorithms(key: Key, alg: str) -> None:
-    header = b64url(json.dumps({"alg": alg, "kid": key.kid}).encode())
+@pytest.mark.parametrize(
+    ("alg", "kid", "reason"),
+    [
+        ("RS256", False, "unknown_kid"),
+        ("none", True, "unsupported_algorithm"),
+        ("HS256", True, "unsupported_algorithm"),
+        ("ES256", True, "unsupported_algorithm"),
+    ],
+)
+async def test_missing_kid_or_other_algorithm(key: Key, alg: str, kid: bool, reason: str) -> None:
+    fields = {"alg": alg, "kid": key.kid} if kid else {"alg": alg, "typ": "JWT"}
+    header = b64url(json.dumps(fields).encode())
     _, payload, signature = key.token().split(".")
     token = f"{header}.{payload}.{'' if alg == 'none' else signature}"
-    assert await refused(make_verifier(key), {"Google-Assistant-Signature": token}) == (
-        "unsupported_algorithm"
-    )
+    assert await token_refused(key, token) == reason
 
 
 @pytest.mark.parametrize(
