@@ -35,10 +35,18 @@ LIMIT_S = 15.0
 """Safety net so a broken server fails a test instead of hanging it (not an assertion)."""
 
 
-async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw TCP connection to the server at ``url`` (http://127.0.0.1:PORT)."""
+async def connect(
+    url: str, rcvbuf: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw TCP connection to the server at ``url`` (http://127.0.0.1:PORT); ``rcvbuf``:
+    its receive buffer (bytes), small for a peer that never reads (it fills sooner)."""
     host, port = url.removeprefix("http://").split(":")
-    return await asyncio.open_connection(host, int(port))
+    if rcvbuf is None:
+        return await asyncio.open_connection(host, int(port))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect((host, int(port)))
+    return await asyncio.open_connection(sock=sock)
 
 
 async def answer_of(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -184,7 +192,7 @@ def ws_handshake(path: str) -> bytes:
 
 def text_frame(value: Any) -> bytes:
     """One masked (client) WebSocket text frame holding ``value`` as JSON."""
-    return Frame(Opcode.TEXT, json.dumps(value).encode()).serialize(mask=True)
+    return raw_text_frame(json.dumps(value))
 
 
 async def test_a_websocket_peer_that_never_reads_is_closed_after_the_send_deadline(
@@ -193,11 +201,7 @@ async def test_a_websocket_peer_that_never_reads_is_closed_after_the_send_deadli
     caplog.set_level(logging.WARNING, "gateway.server")
     async with served(send_timeout_s=1.0) as url:
         before = await shed(url)
-        host, port = url.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills sooner
-        sock.connect((host, int(port)))
-        reader, writer = await asyncio.open_connection(sock=sock)
+        reader, writer = await connect(url, rcvbuf=4096)
         writer.write(ws_handshake("/socket"))
         async with asyncio.timeout(LIMIT_S):
             assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
@@ -234,11 +238,7 @@ def test_the_automatic_cap_leaves_room_for_other_files() -> None:
 async def test_an_http_client_that_never_reads_its_answers_is_cut_after_the_send_deadline() -> None:
     async with served(send_timeout_s=1.0) as url:
         before = await shed(url)
-        host, port = url.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect((host, int(port)))
-        reader, writer = await asyncio.open_connection(sock=sock)
+        reader, writer = await connect(url, rcvbuf=4096)
         # 300 pipelined requests for the OpenAPI document (~40 kB each): megabytes of
         # answers it never reads
         writer.write(b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 300)
@@ -263,11 +263,7 @@ async def test_a_socketio_peer_that_never_reads_is_closed_after_the_send_deadlin
     """Engine.IO over WebSocket (Voiceflow) goes through the same send deadline."""
     async with served(send_timeout_s=1.0) as url:
         before = await shed(url)
-        host, port = url.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect((host, int(port)))
-        reader, writer = await asyncio.open_connection(sock=sock)
+        reader, writer = await connect(url, rcvbuf=4096)
         writer.write(ws_handshake(f"{VOICEFLOW_PATH}/?EIO=4&transport=websocket"))
         async with asyncio.timeout(LIMIT_S):
             assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
