@@ -74,26 +74,22 @@ def make_botpress() -> FastAPI:
         for queue in state.conversations[conversation_id]["listeners"]:
             queue.put_nowait(data if kind == "raw" else json.dumps({"type": kind, "data": data}))
 
-    def bot_message(conversation_id: str, payload: dict[str, Any]) -> None:
-        message = {
+    def record(conversation_id: str, user: str | None, payload: Any) -> dict[str, Any]:
+        """A message or event record of ``user`` (no ``isBot``)."""
+        return {
             "id": uuid.uuid4().hex,
             "createdAt": "2026-01-01T00:00:00Z",
             "payload": payload,
-            "userId": "bot",
+            "userId": user,
             "conversationId": conversation_id,
-            "isBot": True,
         }
+
+    def bot_message(conversation_id: str, payload: dict[str, Any]) -> None:
+        message = {**record(conversation_id, "bot", payload), "isBot": True}
         publish(conversation_id, "message_created", message)
 
     def bot_event(conversation_id: str, payload: dict[str, Any]) -> None:
-        event = {
-            "id": uuid.uuid4().hex,
-            "createdAt": "2026-01-01T00:00:00Z",
-            "payload": payload,
-            "conversationId": conversation_id,
-            "userId": "bot",
-        }
-        publish(conversation_id, "event_created", event)
+        publish(conversation_id, "event_created", record(conversation_id, "bot", payload))
 
     async def bot(conversation_id: str, said: str | None, event: str | None) -> None:
         memory = state.conversations[conversation_id]["memory"]
@@ -228,44 +224,32 @@ def make_botpress() -> FastAPI:
 
         return StreamingResponse(signals(), media_type="text/event-stream")
 
-    @app.post("/{webhook_id}/messages")
-    async def create_message(webhook_id: str, request: Request) -> Response:
+    async def incoming(webhook_id: str, request: Request, kind: str) -> Response:
+        """``POST /messages`` (``kind`` "message") or ``POST /events`` ("event"): published
+        on the listen streams, then the bot answers it."""
         body, user = await call(request, webhook_id)
         if (refused := refuse(webhook_id, user)) is not None:
             return refused
         conversation_id, payload = body.get("conversationId"), body.get("payload") or {}
         if conversation_id not in state.conversations:
             return JSONResponse({"message": "conversation not found"}, status_code=404)
-        if payload.get("text") == "boom":
+        if kind == "message" and payload.get("text") == "boom":
             return JSONResponse({"message": "internal error"}, status_code=500)
-        message = {
-            "id": uuid.uuid4().hex,
-            "createdAt": "2026-01-01T00:00:00Z",
-            "payload": payload,
-            "userId": user,
-            "conversationId": conversation_id,
-        }
-        publish(conversation_id, "message_created", {**message, "isBot": False})
-        later(bot(conversation_id, payload.get("text"), None))
-        return JSONResponse({"message": message}, status_code=201)
+        made = record(conversation_id, user, payload)
+        if kind == "message":
+            publish(conversation_id, "message_created", {**made, "isBot": False})
+            later(bot(conversation_id, payload.get("text"), None))
+        else:
+            publish(conversation_id, "event_created", made)
+            later(bot(conversation_id, None, str(payload.get("type"))))
+        return JSONResponse({kind: made}, status_code=201)
+
+    @app.post("/{webhook_id}/messages")
+    async def create_message(webhook_id: str, request: Request) -> Response:
+        return await incoming(webhook_id, request, "message")
 
     @app.post("/{webhook_id}/events")
     async def create_event(webhook_id: str, request: Request) -> Response:
-        body, user = await call(request, webhook_id)
-        if (refused := refuse(webhook_id, user)) is not None:
-            return refused
-        conversation_id, payload = body.get("conversationId"), body.get("payload") or {}
-        if conversation_id not in state.conversations:
-            return JSONResponse({"message": "conversation not found"}, status_code=404)
-        event = {
-            "id": uuid.uuid4().hex,
-            "createdAt": "2026-01-01T00:00:00Z",
-            "payload": payload,
-            "conversationId": conversation_id,
-            "userId": user,
-        }
-        publish(conversation_id, "event_created", event)
-        later(bot(conversation_id, None, str(payload.get("type"))))
-        return JSONResponse({"event": event}, status_code=201)
+        return await incoming(webhook_id, request, "event")
 
     return app
