@@ -1,10 +1,13 @@
-"""Helpers of the turn engine tests: a turn context, the texts and items of a turn, an engine, a
+"""Helpers of the turn engine tests: a turn context, the texts and items of a turn, a V2
+text turn through a served gateway, an engine, a
 turn failed by the pipeline and the session it leaves."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+import httpx
 
 from gateway.conversation import Conversation, TurnContext
 from gateway.events import (
@@ -84,3 +87,20 @@ async def streamed(conv: Conversation, release: asyncio.Event, said: str) -> lis
     assert not release.is_set()  # the core has not finished its answer yet
     release.set()
     return [e async for e in events]
+
+
+async def v2_put(
+    client: httpx.AsyncClient, key: str, content: str, content_type: str = "text/plain"
+) -> httpx.Response:
+    """A Flowstorm V2 turn ``PUT /client?key=<key>`` on a served gateway (``client`` has
+    its base URL and keeps the session cookie); asserts it is answered 200."""
+    answer = await client.put(
+        f"/client?key={key}", content=content, headers={"Content-Type": content_type}
+    )
+    assert answer.status_code == 200, answer.text
+    return answer
+
+
+def said(body: str) -> list[str]:
+    """The bot's lines (``< text``) of a V2 text answer."""
+    return [line[2:] for line in body.splitlines() if line.startswith("< ")]

@@ -32,6 +32,7 @@ from tests.gateway.turns import (
     items,
     pipeline_error,
     texts,
+    v2_put,
 )
 
 IDLE_S = 0.3
@@ -203,14 +204,10 @@ async def test_a_flowstorm_v2_text_conversation_through_botpress(
         ) as base,
         httpx.AsyncClient(base_url=base) as client,
     ):
-
-        async def put(text: str) -> list[str]:
-            answer = await client.put(
-                "/client?key=bp", content=text, headers={"Content-Type": "text/plain"}
-            )
-            assert answer.status_code == 200, answer.text
-            return [line for line in answer.text.splitlines() if line[:2] in ("< ", ".")]
-
-        assert await put("my name is grace") == ["< Hello Grace."]
-        assert await put("what is my name") == ["< You are Grace."]
-        assert await put("bye") == ["< Bye now.", "."]
+        for text, lines in (
+            ("my name is grace", ["< Hello Grace."]),
+            ("what is my name", ["< You are Grace."]),
+            ("bye", ["< Bye now.", "."]),
+        ):
+            body = (await v2_put(client, "bp", text)).text
+            assert [line for line in body.splitlines() if line[:2] in ("< ", ".")] == lines

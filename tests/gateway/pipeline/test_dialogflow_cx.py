@@ -32,8 +32,7 @@ from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
 from tests.conftest import gateway, serve
 from tests.gateway.pipeline.cx_server import AGENT, EMAIL, make_cx_server
-from tests.gateway.pipeline.test_rasa import said
-from tests.gateway.turns import ctx, failed_session, items, pipeline_error, texts
+from tests.gateway.turns import ctx, failed_session, items, pipeline_error, said, texts, v2_put
 
 
 def _key() -> tuple[bytes, bytes]:
@@ -330,18 +329,14 @@ async def test_a_flowstorm_v2_text_conversation_through_dialogflow_cx(
         "dialogflow_cx_endpoint": settings.dialogflow_cx_endpoint,
     }
     async with gateway(**overrides) as base, httpx.AsyncClient(base_url=base) as client:
-        put = {"headers": {"Content-Type": "text/plain"}}
-        intro = await client.put("/client?key=shop", content="#intro", **put)
-        assert intro.status_code == 200, intro.text
+        intro = await v2_put(client, "shop", "#intro")
         assert said(intro.text) == ["Welcome to the pizza shop.", "What would you like?"]
-        assert said((await client.put("/client?key=shop", content="pizza", **put)).text) == [
-            "What size?"
-        ]
-        large = await client.put("/client?key=shop", content="large", **put)
+        assert said((await v2_put(client, "shop", "pizza")).text) == ["What size?"]
+        large = await v2_put(client, "shop", "large")
         assert said(large.text)[:2] == ["A large pizza.", "Anything else?"]
-        again = await client.put("/client?key=shop", content="what did I order", **put)
+        again = await v2_put(client, "shop", "what did I order")
         assert said(again.text) == ["A large pizza."]
-        bye = await client.put("/client?key=shop", content="bye", **put)
+        bye = await v2_put(client, "shop", "bye")
         assert said(bye.text) == ["Goodbye."]
         assert bye.text.endswith("\n.\n")  # endInteraction ended the session
     sessions = {path for path, _ in app.state.requests}

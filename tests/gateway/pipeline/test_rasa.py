@@ -21,7 +21,16 @@ from gateway.events import (
 )
 from gateway.metrics import REGISTRY
 from tests.conftest import gateway
-from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, streamed, texts
+from tests.gateway.turns import (
+    ctx,
+    engine,
+    failed_session,
+    pipeline_error,
+    said,
+    streamed,
+    texts,
+    v2_put,
+)
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -138,14 +147,12 @@ async def test_a_flowstorm_v2_text_conversation_through_rasa(rasa: tuple[str, Fa
         gateway(pipeline=f"rasa+{url}") as base,
         httpx.AsyncClient(base_url=base) as client,
     ):
-        put = {"headers": {"Content-Type": "text/plain"}}
         before = core_turns((await client.get("/metrics")).text, "rasa")
-        first = await client.put("/client?key=shop", content="my name is grace", **put)
-        assert first.status_code == 200, first.text
+        first = await v2_put(client, "shop", "my name is grace")
         assert said(first.text) == ["Nice to meet you, Grace."]
-        asked = await client.put("/client?key=shop", content="what is my name", **put)
+        asked = await v2_put(client, "shop", "what is my name")
         assert said(asked.text) == ["You are Grace."]
-        bye = await client.put("/client?key=shop", content="bye", **put)
+        bye = await v2_put(client, "shop", "bye")
         assert said(bye.text) == ["Bye!", "See you soon."]
         assert bye.text.endswith("\n.\n")  # the session ended
         after = core_turns((await client.get("/metrics")).text, "rasa")
@@ -160,8 +167,3 @@ def core_turns(metrics: str, core: str) -> float:
     return sum(
         float(line[len(prefix) :]) for line in metrics.splitlines() if line.startswith(prefix)
     )
-
-
-def said(body: str) -> list[str]:
-    """The bot's lines of a V2 text answer."""
-    return [line[2:] for line in body.splitlines() if line.startswith("< ")]

@@ -34,7 +34,7 @@ from tests.conftest import free_port, gateway, serve
 from tests.gateway.pipeline.fake_botpress import WEBHOOK_ID, make_botpress
 from tests.gateway.pipeline.fake_rasa import make_rasa
 from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
-from tests.gateway.turns import ctx, engine, texts
+from tests.gateway.turns import ctx, engine, said, texts, v2_put
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -171,12 +171,9 @@ async def test_one_gateway_serves_application_keys_from_different_cores(
     ):
 
         async def say(key: str, text: str) -> list[str]:
-            answer = await client.put(
-                f"/client?key={key}", content=text, headers={"Content-Type": "text/plain"}
-            )
-            assert answer.status_code == 200, answer.text
+            answer = await v2_put(client, key, text)
             client.cookies.clear()  # each key its own session
-            return [line[2:] for line in answer.text.splitlines() if line.startswith("< ")]
+            return said(answer.text)
 
         assert await say("shop", "hello") == ["You said: hello"]  # not in the map: Rasa
         assert await say("pizza", "hello") == ["You said: hello"]

@@ -29,6 +29,7 @@ from tests.gateway.turns import (
     pipeline_error,
     streamed,
     texts,
+    v2_put,
 )
 
 KEY = SecretStr(API_KEY)
@@ -158,10 +159,7 @@ async def test_a_flowstorm_v2_json_conversation_through_voiceflow(
 
         async def put(text: str) -> list[dict[str, Any]]:
             body = json.dumps({"type": "Input", "input": {"transcript": {"text": text}}})
-            answer = await client.put(
-                "/client?key=pizza", content=body, headers={"Content-Type": "application/json"}
-            )
-            assert answer.status_code == 200, answer.text
+            answer = await v2_put(client, "pizza", body, "application/json")
             return [json.loads(line) for line in answer.text.splitlines() if line.strip()]
 
         intro = await put("#intro")
