@@ -182,6 +182,26 @@ async def test_at_the_cap_the_longest_waiting_connection_makes_room() -> None:
     assert after["full"] == before["full"]
 
 
+async def flood(writer: asyncio.StreamWriter, frame: bytes, times: int = 30) -> None:
+    """Write ``frame`` ``times`` times, 50 ms apart, until the server closes the socket."""
+    for _ in range(times):
+        try:
+            writer.write(frame)
+            await writer.drain()
+        except ConnectionError:
+            return  # already closed by the server
+        await asyncio.sleep(0.05)
+
+
+async def cut_off(reader: asyncio.StreamReader) -> None:
+    """Read what the server buffered; asserts the socket then ends (EOF or a reset)
+    within LIMIT_S."""
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        async with asyncio.timeout(LIMIT_S):
+            while True:
+                await reader.readexactly(65536)
+
+
 def ws_handshake(path: str) -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
     return (
@@ -208,19 +228,10 @@ async def test_a_websocket_peer_that_never_reads_is_closed_after_the_send_deadli
         writer.write(text_frame(init_frame()))
         # turns whose answers (echoes of 400 kB) it never reads: megabytes of output
         text = "x" * 400_000
-        for _ in range(30):
-            try:
-                writer.write(text_frame(request_frame(text)))
-                await writer.drain()
-            except ConnectionError:
-                break  # already closed by the server
-            await asyncio.sleep(0.05)
+        await flood(writer, text_frame(request_frame(text)))
         await until_shed(url, "send_timeout", before)
         # the server is gone from the socket: what it buffered, then EOF or a reset
-        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
-            async with asyncio.timeout(LIMIT_S):
-                while True:
-                    await reader.readexactly(65536)
+        await cut_off(reader)
         writer.close()
         await assert_serving(url)  # other sessions are served
         after = await shed(url)
@@ -243,10 +254,7 @@ async def test_an_http_client_that_never_reads_its_answers_is_cut_after_the_send
         # answers it never reads
         writer.write(b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 300)
         await until_shed(url, "send_timeout", before)
-        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
-            async with asyncio.timeout(LIMIT_S):
-                while True:
-                    await reader.readexactly(65536)
+        await cut_off(reader)
         writer.close()
         async with httpx.AsyncClient() as client:  # the server serves on
             assert (await client.get(f"{url}/healthz")).status_code == 200
@@ -273,13 +281,7 @@ async def test_a_socketio_peer_that_never_reads_is_closed_after_the_send_deadlin
         writer.write(raw_text_frame('42["session.create",{}]'))
         # text actions whose echoed traces (400 kB each) it never reads
         action = json.dumps(["action.send", {"action": {"type": "text", "payload": "y" * 400_000}}])
-        for _ in range(30):
-            try:
-                writer.write(raw_text_frame("42" + action))
-                await writer.drain()
-            except ConnectionError:
-                break
-            await asyncio.sleep(0.05)
+        await flood(writer, raw_text_frame("42" + action))
         await until_shed(url, "send_timeout", before)
         writer.close()
         async with voiceflow_client(url) as vf:  # other sessions are served
