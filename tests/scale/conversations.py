@@ -155,6 +155,23 @@ class Outcome:
     def failed(self) -> bool:
         return bool(self.error) or not self.done
 
+    async def lost(self, attempt: int, exc: BaseException) -> None:
+        """A turn's ``attempt`` lost its connection (``exc``): wait before the next one;
+        raises Wrong after the last of RECONNECTS."""
+        if attempt == RECONNECTS - 1:
+            raise Wrong(f"no connection after {RECONNECTS} attempts: {exc!r}") from exc
+        self.reconnected += 1
+        await asyncio.sleep(0.2 * (attempt + 1))
+
+    def answered(self, target: Target, t0: float, attempt: int, resumed: str) -> None:
+        """A turn started at ``t0`` (perf_counter) was answered at its ``attempt``; a
+        retried one counts as ``resumed``."""
+        self.latencies.append(time.perf_counter() - t0)
+        self.turns += 1
+        target.on_turn()
+        if attempt:
+            self.resumed[resumed] += 1
+
 
 @dataclass
 class Target:
@@ -483,16 +500,10 @@ class V1Session:
                         break
             except (ConnectionClosed, InvalidHandshake, OSError) as exc:
                 await self.close()
-                if attempt == RECONNECTS - 1:
-                    raise Wrong(f"no connection after {RECONNECTS} attempts: {exc!r}") from exc
-                self.outcome.reconnected += 1
-                await asyncio.sleep(0.2 * (attempt + 1))
+                await self.outcome.lost(attempt, exc)
                 continue
-            self.outcome.latencies.append(time.perf_counter() - t0)
-            self.outcome.turns += 1
-            self.target.on_turn()
-            if attempt:
-                self.outcome.resumed[f"V1 reconnected, {kind} with the sessionId"] += 1
+            resumed = f"V1 reconnected, {kind} with the sessionId"
+            self.outcome.answered(self.target, t0, attempt, resumed)
             return frames
         raise AssertionError("unreachable")
 
@@ -803,17 +814,10 @@ class SocketIoClient:
                 OSError,
             ) as exc:
                 await self.close()
-                if attempt == RECONNECTS - 1:
-                    raise Wrong(f"no connection after {RECONNECTS} attempts: {exc!r}") from exc
-                self.outcome.reconnected += 1
-                await asyncio.sleep(0.2 * (attempt + 1))
+                await self.outcome.lost(attempt, exc)
                 continue
-            self.outcome.latencies.append(time.perf_counter() - t0)
-            self.outcome.turns += 1
-            self.target.on_turn()
-            if attempt:
-                resumed = f"socket.io ({self.transport}) reconnected with its sessionKey"
-                self.outcome.resumed[resumed] += 1
+            resumed = f"socket.io ({self.transport}) reconnected with its sessionKey"
+            self.outcome.answered(self.target, t0, attempt, resumed)
             return traces, after
         raise AssertionError("unreachable")
 

@@ -169,6 +169,9 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
             return messages
         if method == "detectIntent":
             return JSONResponse(_answer(state, query, messages, "FINAL"))
+        if app.state.sse or request.query_params.get("alt") == "sse":
+            sse = _sse(app, state, query, messages)
+            return StreamingResponse(sse, media_type="text/event-stream")
         return StreamingResponse(
             _stream(app, state, query, messages), media_type="application/json"
         )
