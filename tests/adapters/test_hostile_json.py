@@ -30,7 +30,8 @@ from tests.adapters.flowstorm.v1.helpers import (
     turn,
     ws_url,
 )
-from tests.adapters.google.test_routes import check_v3, es, ok, v3
+from tests.adapters.google.requests import es, v3
+from tests.adapters.google.test_routes import check_v3, ok
 from tests.adapters.voiceflow.helpers import PROJECT, USER, client
 from tests.conftest import served
 
