@@ -322,6 +322,14 @@ def install(app: Any) -> None:
     app.include_router(router)
 
 
+def _pusher(request: Request) -> Pusher:
+    """The app's Pusher; StoreUnavailable before the gateway has started."""
+    pusher = gateway_of(request).pusher
+    if pusher is None:
+        raise StoreUnavailable("the gateway has not started")
+    return pusher
+
+
 _STATUS: dict[str, int] = {"unknown-target": 404, "outbox-full": 409, "session-busy": 409}
 
 
@@ -340,11 +348,8 @@ _STATUS: dict[str, int] = {"unknown-target": 404, "outbox-full": 409, "session-b
 async def push(request: Request, body: PushRequest) -> JSONResponse:
     """Deliver ``items`` to the target's client at once when it is connected (on any
     instance), else queue them in the session's outbox; see gateway/push.py."""
-    pusher = gateway_of(request).pusher
     try:
-        if pusher is None:
-            raise StoreUnavailable("the gateway has not started")
-        result = await pusher.push(body)
+        result = await _pusher(request).push(body)
     except PushRefused as exc:
         return problem(_STATUS[exc.delivery], "Not delivered", exc.text, delivery=exc.delivery)
     except (StoreUnavailable, OutboxError, BusUnavailable) as exc:
@@ -363,11 +368,8 @@ async def push(request: Request, body: PushRequest) -> JSONResponse:
 async def session_view(request: Request, session_id: str) -> JSONResponse:
     """Channel, app key, device, last known client state, turn count, last activity and
     outbox of the session ``session_id``."""
-    pusher = gateway_of(request).pusher
     try:
-        if pusher is None:
-            raise StoreUnavailable("the gateway has not started")
-        view = await pusher.view(session_id)
+        view = await _pusher(request).view(session_id)
     except (StoreUnavailable, OutboxError) as exc:
         log.warning("session view failed: %s", exc)
         return problem(503, "Unavailable", "The session store does not answer.")
