@@ -36,7 +36,7 @@ from gateway.calls import mount as mount_calls
 from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
 from gateway.files import router as files_router
-from gateway.httputil import problem
+from gateway.httputil import problem, quiet_aborts
 from gateway.logs import set_hash_key
 from gateway.metrics import REGISTRY
 from gateway.middleware import RequestIdMiddleware
@@ -264,6 +264,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return problem(400, "Bad request", "The request is not valid.", errors=_errors(exc))
+
+    quiet_aborts(log, logging.getLogger("uvicorn.error"))  # a cut-off streamed body
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -9,9 +9,10 @@ The requests themselves are built, pure, by each adapter's ``control.py``
 GATEWAY_TELNYX_API_BASE_URL, GATEWAY_VONAGE_API_BASE_URL, GATEWAY_PLIVO_API_BASE_URL),
 so tests point them at a local server.
 
-:class:`CallControl` also keeps the per-instance record of the last transfers
-(:attr:`CallControl.transfers`). Answering-machine results travel to their call's
-stream over the bus (gateway/io/call.py ``announce_machine``).
+:func:`log_transfer` writes the one record of a transfer: a log line with its fields
+(no store keeps them; nothing but the log read the in-memory list there was).
+Answering-machine results travel to their call's stream over the bus
+(gateway/io/call.py ``announce_machine``).
 """
 
 from __future__ import annotations
@@ -19,18 +20,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import httpx
 
 log = logging.getLogger("gateway.callcontrol")
-
-RECORDS_KEPT: Final = 256
-"""Transfers kept in :attr:`CallControl.transfers` (the latest)."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +77,6 @@ class CallControl:
         self.client = client or httpx.AsyncClient(
             timeout=timeout_s, limits=httpx.Limits(max_connections=50)
         )
-        self.transfers: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
-        """The latest transfers: ``{"channel", "callId", "target", "reason", "ok", "time"}``."""
 
     async def send(self, request: RestRequest) -> RestAnswer:
         """Send ``request``; the answer whatever its status.
@@ -106,30 +100,40 @@ class CallControl:
                 body = json.loads(text)
         return RestAnswer(response.status_code, body)
 
-    def record_transfer(
-        self, channel: str, call_id: str, target: str, reason: str | None, ok: bool
-    ) -> dict[str, Any]:
-        """Keep (and log at INFO, or WARNING when it failed) the record of a transfer."""
-        record = {
-            "channel": channel,
-            "callId": call_id,
-            "target": target,
-            "reason": reason,
-            "ok": ok,
-            "time": time.time(),
-        }
-        self.transfers.append(record)
-        log.log(
-            logging.INFO if ok else logging.WARNING,
-            "%s call %s %s to %s%s",
-            channel,
-            call_id,
-            "transferred" if ok else "NOT transferred",
-            target,
-            f" ({reason})" if reason else "",
-        )
-        return record
-
     async def aclose(self) -> None:
         """Close the pooled client."""
         await self.client.aclose()
+
+
+def log_transfer(
+    channel: str,
+    call_id: str,
+    target: str,
+    reason: str | None,
+    error: str | None = None,
+    component: str | None = None,
+) -> None:
+    """Log how a transfer went, the record of it: INFO ``<channel> call <id> transferred
+    to <target> (<reason>)`` when the carrier took the call, else WARNING ``... NOT
+    transferred to ... (component: <component>): <error>``. The record carries
+    ``channel``, ``call_id``, ``transfer_target``, ``transfer_reason`` and
+    ``transfer_ok`` (GATEWAY_LOG_FORMAT=json writes them as fields)."""
+    ok = error is None
+    log.log(
+        logging.INFO if ok else logging.WARNING,
+        "%s call %s %s to %s%s%s%s",
+        channel,
+        call_id,
+        "transferred" if ok else "NOT transferred",
+        target,
+        f" ({reason})" if reason else "",
+        f" (component: {component})" if component and not ok else "",
+        f": {error}" if error else "",
+        extra={
+            "channel": channel,
+            "call_id": call_id,
+            "transfer_target": target,
+            "transfer_reason": reason,
+            "transfer_ok": ok,
+        },
+    )

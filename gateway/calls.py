@@ -18,7 +18,8 @@ credentials are not configured), 502 (the carrier's API refused or could not be
 reached; ``carrierStatus`` and ``carrierBody`` say what it answered).
 
 Transfers: :func:`transfer` sends a carrier adapter's transfer request (its
-``control.transfer``) and records it in ``app.state.callcontrol.transfers``; the carrier
+``control.transfer``) and logs how it went (:func:`~gateway.callcontrol.log_transfer`,
+the only record of it); the carrier
 adapters call it when the transfer item's preceding audio has played. Its
 :class:`~gateway.callcontrol.TransferResult` tells the call engine whether the call was
 handed over; a failure (logged naming the carrier's API) keeps the call
@@ -46,6 +47,7 @@ from gateway.callcontrol import (
     RestAnswer,
     RestRequest,
     TransferResult,
+    log_transfer,
 )
 from gateway.calls_openapi import POST_CALLS
 from gateway.deps import gateway_of
@@ -268,10 +270,11 @@ async def transfer(
     reason: str | None,
     request: RestRequest,
 ) -> TransferResult:
-    """Send a carrier's transfer ``request`` (its adapter's ``control.transfer``) and
-    record it; whether the carrier accepted it (2xx), else what failed. A failure (an
-    error status, no answer in GATEWAY_CALLS_TIMEOUT_S, a network error) is logged at
-    WARNING naming the carrier's API as the failing component (``component: <channel>-api``).
+    """Send a carrier's transfer ``request`` (its adapter's ``control.transfer``); whether
+    the carrier accepted it (2xx), else what failed. It is logged
+    (:func:`~gateway.callcontrol.log_transfer`), a failure (an error status, no answer in
+    GATEWAY_CALLS_TIMEOUT_S, a network error) at WARNING naming the carrier's API as the
+    failing component (``component: <channel>-api``).
     """
     try:
         answer = await control.send(request)
@@ -283,27 +286,16 @@ async def transfer(
         error = None if ok else f"the {channel} API answered HTTP {answer.status}"
         result = TransferResult(ok, error)
         detail = f": {str(answer.body)[:200]}"
-    if not result.ok:
-        log.warning(
-            "%s call %s: transfer to %s failed (component: %s-api): %s%s",
-            channel,
-            call_id,
-            target,
-            channel,
-            result.error,
-            detail,
-        )
-    control.record_transfer(channel, call_id, target, reason, result.ok)
+    error = None if result.ok else f"{result.error}{detail}"
+    log_transfer(channel, call_id, target, reason, error, f"{channel}-api")
     return result
 
 
 def transfer_unavailable(
     control: CallControl | None, channel: str, call_id: str, target: str, reason: str | None
 ) -> TransferResult:
-    """The result (recorded, logged at WARNING) of a transfer that cannot be asked for:
-    the carrier's REST credentials are not configured."""
+    """The result (logged at WARNING, :func:`~gateway.callcontrol.log_transfer`) of a
+    transfer that cannot be asked for: the carrier's REST credentials are not configured."""
     error = f"{channel} REST is not configured (no credentials to call the {channel} API)"
-    log.warning("%s call %s NOT transferred to %s: %s", channel, call_id, target, error)
-    if control is not None:
-        control.record_transfer(channel, call_id, target, reason, False)
+    log_transfer(channel, call_id, target, reason, error)
     return TransferResult(False, error)

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 
 from gateway.deps import gateway_of
-from gateway.httputil import problem
+from gateway.httputil import ResponseAborted, problem
 from gateway.speech.tts import SynthesisError
 from gateway.speech.tts_cache import MEDIA_TYPES, is_tts_id
 from gateway.speech.tts_pool import TtsOverloaded
@@ -34,7 +34,10 @@ async def _disconnected(request: Request) -> None:
     summary="A synthesized speech file linked from a response item's `audio`",
     responses={
         200: {
-            "description": "The audio (MP3, WAV, or headerless 8 kHz μ-law)",
+            "description": "The audio (MP3, WAV, or headerless 8 kHz μ-law). While it is "
+            "being synthesized it is streamed (chunked, `Cache-Control: no-cache`); a "
+            "synthesis failure then closes the connection before the body's end (an "
+            "incomplete body, not a short file)",
             "content": {media: {} for media in MEDIA_TYPES.values()},
         },
         404: {"description": "Unknown or expired file (problem body)"},
@@ -63,9 +66,11 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
     headers go out with the first chunk (one sentence or clause), so a client
     starts playing early; MP3 and μ-law stream, WAV comes whole at the end (its
     header needs the length). A failure before the first chunk is answered as
-    above; one after it ends the body where it is (the status is already sent), and
-    such a response says ``Cache-Control: no-cache`` so a truncated file is not
-    kept.
+    above; one after it (the status is already sent) is logged at WARNING (``component:
+    tts``, or ``tts-cache`` for the file store) and aborts the connection without the
+    chunked body's end, so the client sees a failed download (an incomplete chunked
+    body), not a short file it would take for the whole; a streamed response says
+    ``Cache-Control: no-cache`` all the same.
     """
     gw = gateway_of(request)
     if not is_tts_id(file_id):
@@ -128,13 +133,22 @@ async def _first(
 
 
 async def _rest(file_id: str, first: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """A streamed body: ``first``, then each chunk as it is made; a failure ends it."""
+    """A streamed body: ``first``, then each chunk as it is made. A failure is logged and
+    raised as ResponseAborted: the connection is closed without the body's end."""
     try:
         yield first
         async for chunk in chunks:
             yield chunk
     except (TtsOverloaded, SynthesisError, ValueError, OSError, RedisError) as exc:
-        log.warning("synthesis of %s failed while it was streamed: %s", file_id, exc)
+        component = "tts-cache" if isinstance(exc, OSError | RedisError) else "tts"
+        log.warning(
+            "synthesis of %s failed while it was streamed, its response is cut off "
+            "(component: %s): %s",
+            file_id,
+            component,
+            exc,
+        )
+        raise ResponseAborted(f"speech file {file_id}: {exc}") from exc
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
 

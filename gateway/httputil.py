@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect, Request
 
 from gateway.protocol import ProtocolError
+
+
+class ResponseAborted(Exception):
+    """Raised by a streamed response body that cannot be finished (its status and headers
+    went out with its first chunk): uvicorn then closes the connection without the
+    body's end (chunked: no last chunk), which HTTP clients report as an error (httpx:
+    ``RemoteProtocolError``, incomplete chunked read; curl: exit 18). Whoever raises it
+    has logged why; the loggers given to :func:`quiet_aborts` do not log it again."""
+
+
+class _DropAborts(logging.Filter):
+    """Drops the records of a :class:`ResponseAborted` (uvicorn's "Exception in ASGI
+    application", the app's handler of unexpected errors)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, ResponseAborted)
+
+
+_DROP_ABORTS = _DropAborts()
+
+
+def quiet_aborts(*loggers: logging.Logger) -> None:
+    """Let ``loggers`` (uvicorn.error, the app's) not log a :class:`ResponseAborted` as an
+    error; idempotent."""
+    for logger in loggers:
+        logger.addFilter(_DROP_ABORTS)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -73,6 +73,7 @@ from tests.scale.conversations import (  # noqa: E402
     Outcome,
     Speech,
     Target,
+    caller_ear,
     run,
 )
 
@@ -225,7 +226,7 @@ class Proof:
         speech = asyncio.create_task(Speech.make(twilio=self.o.twilio))
         ear = None
         if self.o.twilio:  # the caller's ear: recognises what the bot says on the phone
-            self.recognizer = PocketsphinxRecognizer(max_streams=2)
+            self.recognizer = caller_ear(self.workdir)
             ear = asyncio.create_task(self.recognizer.warm_up(2))
         await asyncio.gather(*(gw.wait_ready() for gw in self.gateways))
         ready_s = time.monotonic() - t

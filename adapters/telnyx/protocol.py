@@ -43,6 +43,7 @@ from gateway.callcodec import (
     get_int,
     get_object,
     get_str,
+    not_started,
 )
 from gateway.protocol import ProtocolError
 
@@ -119,12 +120,20 @@ class TelnyxCodec(JsonCarrierCodec):
         return media_message(payload)
 
     def mark(self, name: str) -> WireFrame:
-        """``{"event":"mark","mark":{"name":…}}``."""
+        """``{"event":"mark","mark":{"name":…}}``. LocalProtocolError before the start."""
+        self._started("mark")
         return mark_message(name)
 
     def clear(self) -> WireFrame:
-        """``{"event":"clear"}``."""
+        """``{"event":"clear"}``. LocalProtocolError before the start."""
+        self._started("clear")
         return CLEAR
+
+    def _started(self, what: str) -> None:
+        """LocalProtocolError (our bug) when ``what`` is asked for before ``start``: the
+        frames carry no stream id (it may be empty), so the format tells."""
+        if self.media_format is None:
+            raise not_started(CARRIER, what)
 
 
 def _error(frame: dict[str, Any]) -> CarrierError:

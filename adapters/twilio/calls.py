@@ -70,7 +70,7 @@ async def transfer_twilio(
     app: Any, call_sid: str, target: str, reason: str | None
 ) -> TransferResult:
     """Update Twilio call ``call_sid`` with ``<Dial>`` to ``target``; whether Twilio
-    accepted it (else what failed). Recorded in ``callcontrol.transfers``; without
+    accepted it (else what failed). Logged (``log_transfer``); without
     credentials (or this router) nothing is sent and a failure is returned (logged)."""
     control: CallControl | None = getattr(app.state, "callcontrol", None)
     settings: Settings = app.state.gateway.settings

@@ -44,6 +44,7 @@ from gateway.callcodec import (
     get_digit,
     get_object,
     get_str,
+    not_started,
 )
 from gateway.protocol import ProtocolError
 
@@ -142,11 +143,16 @@ class VonageCodec(JsonCarrierCodec):
         return payload
 
     def mark(self, name: str) -> WireFrame:
-        """``{"action":"notify","payload":{"name":…}}``: echoed as ``websocket:notify``."""
+        """``{"action":"notify","payload":{"name":…}}``: echoed as ``websocket:notify``.
+        LocalProtocolError before ``websocket:connected``."""
+        if self.media_format is None:
+            raise not_started(CARRIER, "notify")
         return notify_message(name)
 
     def clear(self) -> WireFrame:
-        """``{"action":"clear"}``."""
+        """``{"action":"clear"}``. LocalProtocolError before ``websocket:connected``."""
+        if self.media_format is None:
+            raise not_started(CARRIER, "clear")
         return CLEAR
 
 

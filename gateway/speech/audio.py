@@ -64,6 +64,7 @@ __all__ = [
     "mulaw_to_pcm",
     "pcm_to_mulaw",
     "resample",
+    "resampled_length",
     "silence",
     "ulaw2lin",
 ]
@@ -269,7 +270,9 @@ class Resampler:
 def resample(pcm: Pcm, sample_rate: int) -> Pcm:
     """Resample a whole clip to ``sample_rate`` Hz (returns ``pcm`` itself if equal).
 
-    The sample count scales with the rate ratio (duration is preserved).
+    The sample count is exactly :func:`resampled_length` (the duration, to the nearest
+    sample; the resamplers themselves come out a sample or two off: miniaudio one long
+    when halving 16000 Hz, ``ratecv`` short by its interpolation delay).
     Downsampling goes through miniaudio's resampler, whose low-pass filter
     suppresses aliasing (e.g. a 6 kHz tone in 22050 Hz audio comes out of an
     8000 Hz conversion about 20 dB weaker instead of folding onto 2050 Hz);
@@ -282,11 +285,34 @@ def resample(pcm: Pcm, sample_rate: int) -> Pcm:
     check_rate(sample_rate, "LINEAR16 output")
     if sample_rate == pcm.sample_rate:
         return pcm
-    if sample_rate < pcm.sample_rate and pcm.data:
+    if not pcm.data:
+        return Pcm(b"", sample_rate)
+    want = resampled_length(pcm.n_samples, pcm.sample_rate, sample_rate)
+    if sample_rate < pcm.sample_rate:
         s16 = miniaudio.SampleFormat.SIGNED16
         out = miniaudio.convert_frames(s16, 1, pcm.sample_rate, pcm.data, s16, 1, sample_rate)
-        return Pcm(bytes(out), sample_rate)
-    return Pcm(Resampler(pcm.sample_rate, sample_rate).convert(pcm.data), sample_rate)
+        return Pcm(_fit(bytes(out), want), sample_rate)
+    # ratecv interpolates towards the next input sample, so the last output samples
+    # wait for input that never comes: the clip's last sample, held, stands in for it
+    held = pcm.data + pcm.data[-2:] * 2
+    return Pcm(_fit(Resampler(pcm.sample_rate, sample_rate).convert(held), want), sample_rate)
+
+
+def resampled_length(n_samples: int, from_rate: int, to_rate: int) -> int:
+    """Samples of a whole clip of ``n_samples`` at ``from_rate`` Hz resampled to
+    ``to_rate`` Hz: ``n_samples * to_rate / from_rate`` rounded half up (the clip's
+    duration, to the nearest sample), e.g. 160 at 16000 -> 80 at 8000, 160 at 8000 ->
+    441 at 22050, 1000 at 8000 -> 2756 at 22050."""
+    return (2 * n_samples * to_rate + from_rate) // (2 * from_rate)
+
+
+def _fit(data: bytes, n_samples: int) -> bytes:
+    """16-bit ``data`` (not empty) cut or extended (its last sample held) to ``n_samples``:
+    a resampler's output at most a few samples off the clip's length."""
+    missing = n_samples * 2 - len(data)
+    if missing <= 0:
+        return data[: n_samples * 2]
+    return data + data[-2:] * (missing // 2)
 
 
 # --------------------------------------------------------------------------- WAV

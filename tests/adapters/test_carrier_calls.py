@@ -14,7 +14,10 @@ speaks 4x faster than real time, except where real time is the point (pacing, ba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
+import math
 import time
 
 import pytest
@@ -31,6 +34,7 @@ from tests.adapters.telnyx.harness import CARRIER as TELNYX
 from tests.adapters.twilio.harness import CARRIER as TWILIO
 from tests.adapters.twilio.helpers import until
 from tests.adapters.vonage.harness import CARRIER as VONAGE
+from tests.calls.carrier_api import logged_transfers
 from tests.speech import normalise, wer
 
 SENTENCE = "tell me about this place"
@@ -95,20 +99,67 @@ async def test_a_whole_call_intro_speech_dtmf_and_stop(
 async def test_outbound_audio_is_paced_in_real_time(
     carrier: Carrier, speech: SpeechService
 ) -> None:
-    async with (
-        carrier.gateway(speech, twilio_send_ahead_ms=60) as (gw, _),
-        carrier.dial(gw.url, mic_speed=4.0, play_speed=1.0) as call,
-    ):
-        await call.wait_for(lambda: bool(call.media_frames()))
-        t0 = call.media_frames()[0].at
-        await asyncio.sleep(2.6)
-        early = [f for f in call.media_frames() if f.at < t0 + 0.1]
-        assert len(early) <= 3 + 5 + 1  # the 60 ms head start, not a burst
-        window = [f for f in call.media_frames(since=t0 + 0.5) if f.at < t0 + 2.5]
-        assert 85 <= len(window) <= 115, len(window)  # 100 frames of 20 ms in 2 s
-        if carrier is TWILIO:  # (Vonage's frames: a gap of 0.28 s seen on a loaded machine)
-            gaps = [b.at - a.at for a, b in itertools.pairwise(window)]
-            assert max(gaps) < 0.2
+    """The intro's frames arrive at real time after a 60 ms head start: 100 frames of
+    20 ms in 2 s, no gap of 0.2 s, but for the time this process could not run (the
+    gateway and the phone share its event loop; a stall of the loop delays the frames
+    and the pacer does not make up for it with a burst, its peer having run dry). A
+    first call synthesizes the intro, so the second has all of its 4 s queued at once
+    (else Piper's speed on a busy machine is measured: the first item plays 1.9 s)."""
+    async with carrier.gateway(speech, twilio_send_ahead_ms=60) as (gw, _):
+        async with carrier.dial(gw.url) as first:
+            await first.wait_for(lambda: len(first.echoed) == 2)
+        async with carrier.dial(gw.url, play_speed=1.0) as call, LoopStalls() as stalls:
+            await call.wait_for(lambda: bool(call.media_frames()))
+            t0 = call.media_frames()[0].at
+            await asyncio.sleep(2.6)
+    early = [f for f in call.media_frames() if f.at < t0 + 0.1]
+    assert len(early) <= 3 + 5 + 1  # the 60 ms head start, not a burst
+    window = [f for f in call.media_frames(since=t0 + 0.5) if f.at < t0 + 2.5]
+    lost = stalls.frames_lost(t0 + 0.5, t0 + 2.5, ahead_s=0.06)
+    assert 85 - lost <= len(window) <= 115, (len(window), stalls.stalls)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(window)]
+    assert max(gaps) < 0.2 + stalls.longest(t0 + 0.5, t0 + 2.5), (max(gaps), stalls.stalls)
+
+
+class LoopStalls:
+    """The stalls of this event loop while in the ``async with``: a task sleeps
+    ``tick_s`` again and again; a wake-up later than ``tick_s + 0.02`` is a stall of
+    that lateness (monotonic s, like :attr:`Received.at`), ending when it woke."""
+
+    def __init__(self, tick_s: float = 0.005) -> None:
+        self.tick_s = tick_s
+        self.stalls: list[tuple[float, float]] = []  # (end, length)
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LoopStalls:
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _watch(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(self.tick_s)
+            late = time.monotonic() - before - self.tick_s
+            if late > 0.02:
+                self.stalls.append((time.monotonic(), late))
+
+    def _within(self, start: float, end: float) -> list[float]:
+        return [length for at, length in self.stalls if at > start and at - length < end]
+
+    def longest(self, start: float, end: float) -> float:
+        """The longest stall overlapping ``start`` .. ``end`` (0: none)."""
+        return max(self._within(start, end), default=0.0)
+
+    def frames_lost(self, start: float, end: float, ahead_s: float) -> int:
+        """20 ms frames a pacer ``ahead_s`` ahead could not send in ``start`` .. ``end``
+        for the stalls then (each beyond the head start the peer was playing)."""
+        return math.ceil(sum(max(0.0, s - ahead_s) for s in self._within(start, end)) / 0.02)
 
 
 @each(ALL)
@@ -182,8 +233,9 @@ async def test_goodbye_ends_the_call_only_after_the_last_audio_played(
 
 @each([c for c in ALL if c.transfer is not None])
 async def test_transfer_happens_only_after_the_preceding_audio_played(
-    carrier: Carrier, fresh_speech: SpeechService
+    carrier: Carrier, fresh_speech: SpeechService, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "gateway.callcontrol")
     transfer = carrier.transfer
     assert transfer is not None
     async with carrier.gateway(fresh_speech, more=transfer.settings) as (gw, api):
@@ -217,10 +269,9 @@ async def test_transfer_happens_only_after_the_preceding_audio_played(
             else:
                 await call.stop()
             assert len(call.media_frames()) == heard  # the item after the transfer: not played
-        records = list(gw.app.state.callcontrol.transfers)
-        assert [
-            (r["channel"], r["callId"], r["target"], r["reason"], r["ok"]) for r in records
-        ] == [(carrier.name, call.call_id, "+15550123", "asked for a person", True)]
+        assert logged_transfers(caplog.records) == [
+            (carrier.name, call.call_id, "+15550123", "asked for a person", True)
+        ]
         await carrier.ended(gw, call)  # the session ended with the transfer
 
 

@@ -1,19 +1,23 @@
 """What every text-framed carrier codec (Telnyx, Plivo, Exotel) refuses alike: each frame
 of its BAD_FRAMES (tests/adapters/<carrier>/test_protocol.py) is a ProtocolError naming
-the fault; media before ``start`` and binary frames are ProtocolErrors; audio or a mark
-asked of a codec whose stream has not started is a LocalProtocolError."""
+the fault; media before ``start`` and binary frames are ProtocolErrors; audio, a mark or
+a clear asked of a codec whose stream has not started (Vonage: not connected) is a
+LocalProtocolError, and so is none of them once it has."""
 
 from __future__ import annotations
 
+import json
 from types import ModuleType
 
 import pytest
 
+from adapters.vonage.protocol import VonageCodec
 from gateway.protocol import LocalProtocolError, ProtocolError
 from tests.adapters.carrier_audio import tone
 from tests.adapters.exotel import test_protocol as exotel
 from tests.adapters.plivo import test_protocol as plivo
 from tests.adapters.telnyx import test_protocol as telnyx
+from tests.adapters.vonage import test_protocol as vonage
 
 CODECS = {"telnyx": telnyx, "plivo": plivo, "exotel": exotel}
 MEDIA = {"telnyx": b"\xff" * 160, "plivo": b"\xff" * 160, "exotel": b"\0" * 320}
@@ -40,8 +44,21 @@ def test_order_errors(name: str) -> None:
         codec.receive_text(golden.media(MEDIA[name]))
     with pytest.raises(ProtocolError, match="text frames only"):
         codec.receive_binary(MEDIA[name])
-    with pytest.raises(LocalProtocolError):
-        codec.audio(tone(440, 20, 8000))
-    if name != "telnyx":  # TelnyxCodec.mark before start does not raise (reported)
-        with pytest.raises(LocalProtocolError):
-            codec.mark("1")
+    for ask in (lambda: codec.audio(tone(440, 20, 8000)), lambda: codec.mark("1"), codec.clear):
+        with pytest.raises(LocalProtocolError, match=rf"{name}: \w+ before the stream started"):
+            ask()
+    started = golden.started()
+    assert started.audio(tone(440, 20, 8000))
+    assert started.mark("1")
+    assert started.clear()
+
+
+def test_vonage_outbound_before_connected() -> None:
+    """Vonage's stream starts with ``websocket:connected``: nothing goes out before it."""
+    codec = VonageCodec()
+    for ask in (lambda: codec.audio(tone(440, 20, 16000)), lambda: codec.mark("1"), codec.clear):
+        with pytest.raises(LocalProtocolError, match=r"vonage: \w+ before the stream started"):
+            ask()
+    started = vonage.connected()
+    assert json.loads(started.mark("1")) == {"action": "notify", "payload": {"name": "1"}}
+    assert json.loads(started.clear()) == {"action": "clear"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +20,21 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.conftest import serve
+
+Transfer = tuple[str, str, str, str | None, bool]
+"""A logged transfer: channel, call id, target, reason, whether the carrier took it."""
+
+
+def logged_transfers(records: list[logging.LogRecord]) -> list[Transfer]:
+    """The transfers among log ``records`` (pytest's ``caplog.records``; INFO of
+    ``gateway.callcontrol`` captured), from the fields :func:`gateway.callcontrol.log_transfer`
+    gives its line."""
+    fields = ("channel", "call_id", "transfer_target", "transfer_reason", "transfer_ok")
+    return [
+        tuple(getattr(r, name) for name in fields)  # type: ignore[misc]
+        for r in records
+        if r.name == "gateway.callcontrol" and hasattr(r, "transfer_ok")
+    ]
 
 
 @dataclass

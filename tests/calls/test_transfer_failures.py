@@ -2,8 +2,8 @@
 the audio before it (captured by a local stand-in for Plivo's API, and the Dial XML its
 ``aleg_url`` serves), and transfers the carrier refuses (HTTP 4xx/5xx) or that cannot
 reach its API: the caller is not dropped, the core gets ``#transfer-failed`` (with the
-target, the reason and the error) and its answer is played, the failure is recorded and
-logged naming the carrier's API."""
+target, the reason and the error) and its answer is played, the failure is logged
+(the transfer's one record) naming the carrier's API; Twilio, Plivo, Telnyx and Vonage."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import asyncio
 import logging
 import uuid
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -21,12 +22,15 @@ from starlette.responses import JSONResponse
 from adapters.plivo.verify import signature
 from gateway.events import TRANSFER_FAILED, ResponseItem, transfer_item
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import Scripted
+from tests.adapters.carriers import Carrier, Scripted, Transfer
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness
+from tests.adapters.plivo.harness import CARRIER as PLIVO
+from tests.adapters.telnyx.harness import CARRIER as TELNYX
 from tests.adapters.twilio.harness import TwilioHarness
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway, until
 from tests.adapters.twilio.test_outbound import SID
-from tests.calls.carrier_api import carrier_api
+from tests.adapters.vonage.harness import CARRIER as VONAGE
+from tests.calls.carrier_api import Captured, carrier_api, logged_transfers
 from tests.conftest import free_port
 
 TARGET = "+15550123"
@@ -55,8 +59,9 @@ async def session_exists(gw: Served, key: str) -> bool:
 
 
 async def test_a_plivo_transfer_is_asked_only_after_the_checkpoint_of_the_audio_before_it(
-    speech: SpeechService,
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "gateway.callcontrol")
     async with (
         carrier_api() as api,
         twilio_gateway(
@@ -90,10 +95,9 @@ async def test_a_plivo_transfer_is_asked_only_after_the_checkpoint_of_the_audio_
             aleg_url = f"{PUBLIC}/plivo/transfer?to=%2B15550123"
             assert command.json == {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
             assert len(call.media_frames()) == heard  # the item after the transfer: not played
-        records = list(gw.app.state.callcontrol.transfers)
-        assert [
-            (r["channel"], r["callId"], r["target"], r["reason"], r["ok"]) for r in records
-        ] == [("plivo", call.call_uuid, TARGET, "asked for a person", True)]
+        assert logged_transfers(caplog.records) == [
+            ("plivo", call.call_uuid, TARGET, "asked for a person", True)
+        ]
         assert not await session_exists(gw, f"plivo:{call.call_uuid}")
 
         # the aleg_url, fetched by Plivo (V3-signed), dials the target; unsigned: refused
@@ -162,12 +166,14 @@ async def test_a_refused_twilio_transfer_keeps_the_call_and_tells_the_core(
             assert await session_exists(gw, f"twilio:{call.call_sid}")
             await call.stop()
         await gw.wait_no_calls()
-        records = list(gw.app.state.callcontrol.transfers)
-        assert [(r["channel"], r["target"], r["ok"]) for r in records] == [
-            ("twilio", TARGET, False)
+        assert logged_transfers(caplog.records) == [
+            ("twilio", call.call_sid, TARGET, "asked for a person", False)
         ]
-        logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert any("component: twilio-api" in m and f"HTTP {status}" in m for m in logged), logged
+        logged = [r.getMessage() for r in caplog.records if r.name == "gateway.callcontrol"]
+        assert logged == [
+            f"twilio call {call.call_sid} NOT transferred to {TARGET} (asked for a person) "
+            f"(component: twilio-api): {error}: {{'code': 21220, 'message': 'Invalid call state'}}"
+        ]
 
 
 async def test_a_transfer_whose_api_cannot_be_reached_keeps_the_call(
@@ -189,55 +195,113 @@ async def test_a_transfer_whose_api_cannot_be_reached_keeps_the_call(
             assert call.close_code is None
             await call.stop()
         await gw.wait_no_calls()
-        assert [r["ok"] for r in gw.app.state.callcontrol.transfers] == [False]
+        assert [t[-1] for t in logged_transfers(caplog.records)] == [False]
         assert any(
             "component: twilio-api" in r.getMessage() and "could not be reached" in r.getMessage()
             for r in caplog.records
         )
 
 
-@pytest.mark.parametrize("carrier", ["plivo", "telnyx"])
-async def test_other_carriers_keep_the_call_after_a_refused_transfer(
-    speech: SpeechService, carrier: str
-) -> None:
-    from tests.adapters.telnyx.harness import PUBLIC_KEY, TelnyxHarness
+def _plivo_transferred(command: Captured, call: PlivoHarness) -> None:
+    """The Call API's transfer of the A leg to the gateway's Dial XML."""
+    assert (command.method, command.path) == (
+        "POST",
+        f"/v1/Account/{AUTH_ID}/Call/{call.call_uuid}/",
+    )
+    assert command.json["legs"] == "aleg"
 
-    async with carrier_api() as api:
-        settings: dict[str, Any] = (
-            {
-                "plivo_auth_id": AUTH_ID,
-                "plivo_auth_token": SecretStr(AUTH_TOKEN),
-                "plivo_api_base_url": api.url,
+
+PLIVO_TRANSFER = Transfer(
+    lambda api_url: {
+        "plivo_auth_id": AUTH_ID,
+        "plivo_auth_token": SecretStr(AUTH_TOKEN),
+        "plivo_api_base_url": api_url,
+    },
+    _plivo_transferred,
+)
+"""Plivo's transfer (its shared carrier tests leave transfers to the test above)."""
+
+REFUSALS = [
+    pytest.param(
+        replace(PLIVO, transfer=PLIVO_TRANSFER),
+        "POST",
+        r"/v1/Account/.+",
+        500,
+        {"error": "unavailable"},
+        id="plivo",
+    ),
+    pytest.param(
+        TELNYX,
+        "POST",
+        r"/v2/calls/.+/actions/transfer",
+        500,
+        {"errors": [{"code": "10007", "title": "Unexpected error"}]},
+        id="telnyx",
+    ),
+    pytest.param(  # the Voice API's problem body for a call it cannot transfer
+        VONAGE,
+        "PUT",
+        r"/v1/calls/.+",
+        400,
+        {
+            "type": "https://developer.nexmo.com/api-errors/voice#bad-request",
+            "title": "Bad Request",
+            "detail": "The call is not in a state that allows a transfer",
+        },
+        id="vonage",
+    ),
+]
+"""Carriers other than Twilio: how their API refuses the transfer request."""
+
+
+@pytest.mark.parametrize(("carrier", "method", "path", "status", "body"), REFUSALS)
+async def test_other_carriers_keep_the_call_after_a_refused_transfer(
+    speech: SpeechService,
+    caplog: pytest.LogCaptureFixture,
+    carrier: Carrier,
+    method: str,
+    path: str,
+    status: int,
+    body: dict[str, Any],
+) -> None:
+    """The carrier's API refuses the transfer (the request was the carrier's transfer,
+    after the audio before it played): the core gets ``#transfer-failed`` with the
+    error, its apology is played on the same stream, the call goes on (a key press is
+    the next input); one WARNING names the carrier's API."""
+    transfer = carrier.transfer
+    assert transfer is not None
+    async with carrier.gateway(speech, more=transfer.settings) as (gw, api):
+        api.answers[(method, path)] = JSONResponse(body, status)
+        core = scripted()
+        gw.app.state.gateway.conversation.pipeline = core
+        async with carrier.dial(gw.url) as call:
+            await call.wait_for(lambda: len(core.inputs) >= 2, 20)
+            (command,) = api.requests
+            transfer.check(command, call)
+            failed = core.inputs[1]
+            assert failed.text == TRANSFER_FAILED
+            assert failed.attributes == {
+                "target": TARGET,
+                "reason": "asked for a person",
+                "error": f"the {carrier} API answered HTTP {status}",
             }
-            if carrier == "plivo"
-            else {
-                "telnyx_api_key": SecretStr("KEY-T"),
-                "telnyx_api_base_url": api.url,
-                "telnyx_public_key": PUBLIC_KEY,
-            }
-        )
-        pattern = r"/v1/Account/.+" if carrier == "plivo" else r"/v2/calls/.+/actions/transfer"
-        api.answers[("POST", pattern)] = JSONResponse({"error": "unavailable"}, 500)
-        async with twilio_gateway(speech, **settings) as gw:
-            core = scripted()
-            gw.app.state.gateway.conversation.pipeline = core
-            dial = (
-                PlivoHarness.dial(gw.url, PUBLIC)
-                if carrier == "plivo"
-                else TelnyxHarness.dial(gw.url)
-            )
-            async with dial as call:
-                await call.wait_for(lambda: len(core.inputs) >= 2, 20)
-                failed = core.inputs[1]
-                assert failed.text == TRANSFER_FAILED
-                assert failed.attributes["error"] == f"the {carrier} API answered HTTP 500"
-                await call.wait_for(lambda: len(call.echoed) >= 3, 20)
-                assert call.closed_at is None
-                # the call goes on: the caller's key is the next input
-                await call.dtmf("7")
-                assert await until(lambda: len(core.inputs) >= 3, 10)
-                assert core.inputs[2].text == "7"
-            assert [r["ok"] for r in gw.app.state.callcontrol.transfers] == [False]
+            heard = len(call.media_frames())
+            await call.wait_for(lambda: len(call.echoed) >= 3, 20)  # the apology played
+            assert len(call.media_frames()) > heard + 20
+            assert call.closed_at is None
+            assert await carrier.session_exists(gw, call)
+            # the call goes on: the caller's key is the next input
+            await call.dtmf("7")
+            assert await until(lambda: len(core.inputs) >= 3, 10)
+            assert core.inputs[2].text == "7"
+            await call.stop()
+        await carrier.ended(gw, call)
+    assert logged_transfers(caplog.records) == [
+        (carrier.name, call.call_id, TARGET, "asked for a person", False)
+    ]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "gateway.callcontrol"]
+    assert f"NOT transferred to {TARGET}" in warning
+    assert f"(component: {carrier}-api): the {carrier} API answered HTTP {status}" in warning
 
 
 def _goodbye_end(mark: str) -> bool:

@@ -109,7 +109,70 @@ def test_streaming_resampler_matches_one_shot_ratecv() -> None:
     streaming = audio.Resampler(8000, 16000)
     parts = [streaming.convert(tone.data[i : i + 322]) for i in range(0, len(tone.data), 322)]
     assert b"".join(parts) == whole
-    assert audio.resample(tone, 16000).data == whole  # upsampling uses the same filter
+    one_shot = audio.resample(tone, 16000).data  # upsampling uses the same filter ...
+    assert one_shot[: len(whole)] == whole
+    assert len(one_shot) == len(whole) + 2  # ... and holds the last sample for its delay
+
+
+CONVERSIONS = [
+    (8000, 16000),
+    (16000, 8000),
+    (8000, 22050),
+    (22050, 8000),
+    (16000, 22050),
+    (22050, 16000),
+]
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "n", "expected"),
+    [
+        (16000, 8000, 320, 160),  # 20 ms: miniaudio alone gives 161
+        (16000, 8000, 16000, 8000),
+        (8000, 16000, 160, 320),  # ratecv alone gives 319
+        (8000, 16000, 8000, 16000),
+        (8000, 22050, 160, 441),  # ratecv alone gives 439
+        (8000, 22050, 1000, 2756),  # 2756.25
+        (22050, 8000, 441, 160),
+        (22050, 8000, 8000, 2902),  # 2902.49; ratecv gives 2903
+        (22050, 8000, 22050, 8000),
+        (16000, 22050, 320, 441),
+        (16000, 22050, 160, 221),  # 220.5 rounds up
+        (22050, 16000, 441, 320),
+        (22050, 16000, 1000, 726),  # 725.62
+        (16000, 8000, 1, 1),  # 0.5 rounds up
+        (8000, 16000, 1, 2),
+    ],
+)
+def test_resample_gives_the_clip_its_exact_length(
+    src: int, dst: int, n: int, expected: int
+) -> None:
+    """A whole clip comes out ``n * dst / src`` samples long, rounded: no sample more or
+    less than its duration (a call's 20 ms frames and a file's length depend on it)."""
+    pcm = Pcm(random.Random(n).randbytes(2 * n), src)
+    assert audio.resampled_length(n, src, dst) == expected
+    assert audio.resample(pcm, dst).n_samples == expected
+    assert audio.resample(Pcm(b"", src), dst) == Pcm(b"", dst)
+
+
+@pytest.mark.parametrize(("src", "dst"), CONVERSIONS)
+@pytest.mark.parametrize("chunk_ms", [20, 7])
+def test_streaming_resampler_does_not_drift(src: int, dst: int, chunk_ms: int) -> None:
+    """A minute of chunks through one Resampler (``ratecv``'s state carried across them):
+    the samples out so far stay within ratecv's interpolation delay (one input sample,
+    plus rounding: at most ``dst / src + 1`` samples short, never long) of the exact
+    count for the input so far, at every chunk; the whole is the one-shot conversion."""
+    voice = sine(300, src, 60.0)
+    step = src * chunk_ms // 1000 * 2
+    streaming = audio.Resampler(src, dst)
+    out = 0
+    parts = []
+    for start in range(0, len(voice.data), step):
+        parts.append(streaming.convert(voice.data[start : start + step]))
+        out += len(parts[-1]) // 2
+        exact = min(start + step, len(voice.data)) // 2 * dst / src
+        assert exact - dst / src - 1 <= out < exact + 1, (start, out, exact)
+    assert b"".join(parts) == audio.Resampler(src, dst).convert(voice.data)
 
 
 # --------------------------------------------------------------------------- WAV

@@ -262,7 +262,10 @@ async def test_a_link_fetched_while_it_is_synthesized_streams_a_playable_file() 
         assert "immutable" in again.headers["cache-control"]
 
 
-async def test_a_failure_mid_stream_ends_the_body_without_a_server_error() -> None:
+async def test_a_failure_mid_stream_aborts_the_body(caplog: pytest.LogCaptureFixture) -> None:
+    """The engine fails after the first piece went out with the 200: the connection is
+    closed before the chunked body's end, so the client's read fails (not a short file
+    taken for the whole); a WARNING names the component; no ERROR, nothing cached."""
     settings = Settings(tts_provider="piper", tts_max_chars=5000, public_url="http://gw.test")
     app = create_app(settings)
     async with served_app(app, settings) as url:  # fails on a logged ERROR
@@ -272,13 +275,26 @@ async def test_a_failure_mid_stream_ends_the_body_without_a_server_error() -> No
         speech.pool.synthesizer = PieceCounter(piper, fail_after=1)
         item = await speech.link_item(ResponseItem(text=ANSWER), "mp3")
         assert item.audio is not None
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            answer = await client.get(item.audio.removeprefix("http://gw.test"))
-        assert answer.status_code == 200  # sent with the first chunk
-        assert answer.headers["cache-control"] == "no-cache"
-        assert 0 < decode_mp3(answer.content).duration_s < 10  # the first piece, playable
+        received = bytearray()
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=60) as client,
+            client.stream("GET", item.audio.removeprefix("http://gw.test")) as answer,
+        ):
+            assert answer.status_code == 200  # sent with the first chunk
+            assert answer.headers["cache-control"] == "no-cache"
+            assert answer.headers["transfer-encoding"] == "chunked"
+            with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+                async for chunk in answer.aiter_raw():
+                    received += chunk
+        assert 0 < decode_mp3(bytes(received)).duration_s < 10  # the first piece came
         file_id = item.audio.rsplit("/", 1)[1].removesuffix(".mp3")
         assert await speech.cache.get(file_id) is None
+        async with httpx.AsyncClient(base_url=url) as client:  # the server serves on
+            assert (await client.get("/healthz")).status_code == 200
+    cut = [r for r in caplog.records if "cut off" in r.getMessage()]
+    assert [(r.name, r.levelname) for r in cut] == [("gateway.files", "WARNING")]
+    assert "(component: tts): the engine died mid-item" in cut[0].getMessage()
+    assert file_id in cut[0].getMessage()
 
 
 async def test_an_llm_cores_first_sentence_is_spoken_while_the_rest_is_generated(
