@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
 from starlette.exceptions import HTTPException
@@ -12,6 +11,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.pipeline.base import REQUEST_ID
+from gateway.turn import uuid4_hex
 
 _VALID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -49,7 +49,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
-        request_id = given if _VALID.match(given) else uuid.uuid4().hex
+        request_id = given if _VALID.match(given) else uuid4_hex()
         token = REQUEST_ID.set(request_id)
         try:
             if kind != "http":  # WebSocket sends pass untouched
