@@ -451,6 +451,8 @@ class Conversation:
             labelled(metrics.SESSIONS_STARTED, ctx.channel).inc()
         if outcome.ended:
             labelled(metrics.SESSIONS_ENDED, ctx.channel).inc()
+        if not log.isEnabledFor(logging.INFO):  # no session ref or fields made for nothing
+            return
         log.info(
             "turn %s",
             outcome.kind,
