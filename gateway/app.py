@@ -18,9 +18,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.routing import Match
 
+from adapters.alexa.routes import post_alexa
 from adapters.alexa.routes import router as alexa_router
 from adapters.exotel.routes import router as exotel_router
 from adapters.flowstorm.v1.routes import router as flowstorm_v1_router
+from adapters.flowstorm.v2.routes import put_client
 from adapters.flowstorm.v2.routes import router as flowstorm_v2_router
 from adapters.google.routes import router as google_router
 from adapters.plivo.routes import router as plivo_router
@@ -164,7 +166,12 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         summary="One bot, every channel: Flowstorm sockets, Alexa, Google, Twilio, Voiceflow.",
         lifespan=lifespan,
     )
-    app.add_middleware(RequestIdMiddleware)
+    # the turn routes are called by the middleware itself (see RequestIdMiddleware):
+    # their routes below still document them and answer their paths' other methods
+    app.add_middleware(
+        RequestIdMiddleware,
+        direct={("PUT", "/client"): put_client, ("POST", "/alexa"): post_alexa},
+    )
     app.include_router(flowstorm_v2_router)
     app.include_router(flowstorm_v1_router)
     app.include_router(files_router)

@@ -49,9 +49,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -450,6 +451,8 @@ class Conversation:
             labelled(metrics.SESSIONS_STARTED, ctx.channel).inc()
         if outcome.ended:
             labelled(metrics.SESSIONS_ENDED, ctx.channel).inc()
+        if not log.isEnabledFor(logging.INFO):  # no session ref or fields made for nothing
+            return
         log.info(
             "turn %s",
             outcome.kind,
@@ -523,13 +526,7 @@ class Conversation:
                         "session-not-found",
                         f"Session {ctx.session_id} is unknown or has expired.",
                     )
-                session = Session(
-                    id=ctx.session_id,
-                    key=ctx.key,
-                    channel=ctx.channel,
-                    app_key=ctx.app_key,
-                    timeout_s=settings.session_timeout_s,
-                )
+                session = self._new_session(ctx)
             elif session.app_key != ctx.app_key:
                 raise TurnRejected(
                     "session-foreign", f"Session {ctx.session_id} belongs to another application."
@@ -543,12 +540,18 @@ class Conversation:
                     out.put_nowait(event)
 
             outcome.started = started
-            # a JSON snapshot is several times cheaper than a deep copy; only a failed
-            # turn (rare) pays for turning it back into the session to keep
-            snapshot = session.model_dump_json()
+            # the session as it was before the pipeline, for a failed turn (rare): a new
+            # one made again; else a JSON snapshot, several times cheaper than a deep copy,
+            # only a failed turn paying for turning it back into the session
+            if started:
+                snapshot = functools.partial(
+                    self._new_updated_session, ctx, input, session.created_at, session.updated_at
+                )
+            else:
+                snapshot = functools.partial(Session.model_validate_json, session.model_dump_json())
             result = await self._process(session, snapshot, input, out, ctx.tts)
             if isinstance(result, ErrorEvent):
-                session = Session.model_validate_json(snapshot)
+                session = snapshot()
                 session.client_state = ClientState.FAILED
                 txn.save(session, session.timeout_s)
                 ended = False
@@ -569,6 +572,25 @@ class Conversation:
                 end.append(SessionEndedEvent())
             # numbered under the lock: a push (which takes it too) comes after the whole turn
             return await self._numbered(out, end)
+
+    def _new_session(self, ctx: TurnContext) -> Session:
+        return Session(
+            id=ctx.session_id,
+            key=ctx.key,
+            channel=ctx.channel,
+            app_key=ctx.app_key,
+            timeout_s=self.settings.session_timeout_s,
+        )
+
+    def _new_updated_session(
+        self, ctx: TurnContext, input: Input, created_at: float, updated_at: float
+    ) -> Session:
+        """The new session of ``ctx`` with its times (s since the epoch), as its first
+        turn starts (before the pipeline)."""
+        session = self._new_session(ctx)
+        session.created_at, session.updated_at = created_at, updated_at
+        self._update(session, ctx, input)
+        return session
 
     def _update(self, session: Session, ctx: TurnContext, input: Input) -> None:
         session.device_id = ctx.device_id or session.device_id
@@ -591,15 +613,15 @@ class Conversation:
     async def _process(
         self,
         session: Session,
-        snapshot: str,
+        snapshot: Callable[[], Session],
         input: Input,
         out: _TurnQueue,
         tts: TtsRequest | None,
     ) -> tuple[Session, Response] | ErrorEvent:
         """Run the pipeline on ``session``: the session and Response, or an ErrorEvent.
 
-        The pipeline may change ``session`` even when it fails; ``snapshot`` (the
-        session's JSON before the turn) gives the #error turn a clean copy.
+        The pipeline may change ``session`` even when it fails; ``snapshot()`` (the
+        session as it was before the turn) gives the #error turn a clean copy.
         """
         try:
             return await self._pipeline_turn(session, input, out, tts)
@@ -610,9 +632,7 @@ class Conversation:
         log.warning("pipeline failed in session %s: %s", session_ref(session.key), failure)
         if self.settings.error_turn and input.action != ERROR:
             try:
-                return await self._pipeline_turn(
-                    Session.model_validate_json(snapshot), Input.of(ERROR), out, tts
-                )
+                return await self._pipeline_turn(snapshot(), Input.of(ERROR), out, tts)
             except (PipelineError, TimeoutError) as exc:
                 log.warning(
                     "the #error turn failed too in session %s: %s", session_ref(session.key), exc

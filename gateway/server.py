@@ -356,6 +356,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._body_timer: TimerHandle | None = None
         self._body_done = True
         self._began = False
+        self._arm_header = False  # deadlines to start once the data in hand is parsed
+        self._arm_body = False
         self._body_start = 0.0
         self.body_bytes = 0
         """Bytes of the current request body received so far."""
@@ -392,6 +394,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._done:
             return  # answered and closing: what the client still sends is dropped
         super().data_received(data)
+        # the deadlines of a request's headers and body start once ``data`` is parsed:
+        # a request that came whole in it (the usual case) never needed either timer
+        if self._arm_header:
+            self._arm_header = False
+            if self in self.guard.partial:  # its headers are still incomplete
+                self._start_header_deadline()
+        if self._arm_body:
+            self._arm_body = False
+            if not self._body_done and not self._done and self._body_timer is None:
+                self._body_timer = self.loop.call_later(
+                    self.guard.limits.body_timeout_s, self._body_check
+                )
 
     def _answer_and_close(self, transport: asyncio.Transport, answer: bytes | None) -> None:
         """Write ``answer`` (if any) and close; answered connections linger half-closed
@@ -454,7 +468,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._began = True
         self.guard.waiting.pop(self, None)
         self.guard.partial[self] = self.loop.time()
-        self._start_header_deadline()  # a kept-alive connection's next request
+        self._arm_header = True  # a kept-alive connection's next request (data_received)
 
     def on_headers_complete(self) -> None:
         self._stop()
@@ -465,7 +479,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.body_bytes = 0
         self._body_start = self.loop.time()
         self.guard.reading[self] = self._body_start
-        self._body_timer = self.loop.call_later(self.guard.limits.body_timeout_s, self._body_check)
+        self._arm_body = True  # unless the body is in the same data (data_received)
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)

@@ -116,6 +116,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response as HTTPResponse
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
+from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
@@ -265,6 +266,13 @@ def _cookie_attributes(max_age: int, secure: bool) -> str:
     return f"; HttpOnly; Max-Age={max_age}; Path=/; SameSite=lax" + ("; Secure" if secure else "")
 
 
+@functools.lru_cache(maxsize=256)
+def _query_params(query_string: bytes) -> QueryParams:
+    """``request.query_params`` (immutable), parsed once per query string: a client's
+    requests usually repeat theirs (its key and settings)."""
+    return QueryParams(query_string)
+
+
 def _client_ip(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
@@ -356,7 +364,7 @@ async def put_client(request: Request) -> HTTPResponse:
     kind = media_type(request.headers.get("content-type"))
     plain = kind in TEXT_TYPES
     try:
-        config = parse_config(request.headers, request.query_params)
+        config = parse_config(request.headers, _query_params(request.scope["query_string"]))
     except ProtocolError as exc:
         return _client_error(exc, plain=plain)
     if refused := _check_key(gw, config, plain=plain):
@@ -854,7 +862,7 @@ async def get_client(request: Request) -> HTTPResponse:
     gw = gateway_of(request)
     plain = "text/plain" in request.headers.get("accept", "")
     try:
-        config = parse_config(request.headers, request.query_params)
+        config = parse_config(request.headers, _query_params(request.scope["query_string"]))
     except ProtocolError as exc:
         return _client_error(exc, plain=plain)
     if refused := _check_key(gw, config, plain=plain):
