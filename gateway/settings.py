@@ -360,6 +360,14 @@ class Settings(BaseSettings):
         "transcript reads as complete (gateway/speech/endofturn.py); 0: always "
         "GATEWAY_VAD_TRAILING_SILENCE_MS (no adaptation).",
     )
+    end_of_turn_tentative_ms: int = Field(
+        default=120,
+        ge=0,
+        description="While the short end-of-turn silence applies, end the utterance "
+        "tentatively after this much of it: the recognizer's final search runs during the "
+        "rest of the silence, so the transcript is ready when it ends; speech resuming "
+        "takes the end back (one utterance). 0: off (the final search starts at the end).",
+    )
     silence_timeout_ms: int = Field(
         default=5000, gt=0, description="No speech for this long gives the `#silence` input."
     )

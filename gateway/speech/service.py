@@ -131,6 +131,7 @@ class SpeechService:
             silence_timeout_ms=silence_timeout_ms,
             trailing_silence_ms=defaults.trailing_silence_ms,
             end_of_turn_short_ms=defaults.end_of_turn_short_ms,
+            tentative_end_ms=defaults.tentative_end_ms,
             min_speech_ms=defaults.min_speech_ms,
             aggressiveness=defaults.aggressiveness,
             max_audio_ms=defaults.max_audio_ms,
@@ -355,12 +356,14 @@ def make_speech(
 
 def listen_defaults(settings: Settings) -> ListenOptions:
     """The listening options of ``settings``: the no-speech timeout, the trailing silence
-    and adaptive short silence that end an utterance (ms of audio), the VAD's minimum
+    and adaptive short silence that end an utterance and the tentative end (ms of
+    audio), the VAD's minimum
     speech (ms) and aggressiveness (0-3), the longest utterance (ms)."""
     return ListenOptions(
         silence_timeout_ms=settings.silence_timeout_ms,
         trailing_silence_ms=settings.vad_trailing_silence_ms,
         end_of_turn_short_ms=settings.end_of_turn_short_ms or None,
+        tentative_end_ms=settings.end_of_turn_tentative_ms or None,
         min_speech_ms=settings.vad_min_speech_ms,
         aggressiveness=settings.vad_aggressiveness,
         max_audio_ms=int(settings.max_audio_s * 1000),
