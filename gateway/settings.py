@@ -344,6 +344,13 @@ class Settings(BaseSettings):
         default=64 * 1024 * 1024, gt=0, description="Memory TTS cache size (no Redis)."
     )
     vad_aggressiveness: int = Field(default=2, ge=0, le=3, description="WebRTC VAD mode 0..3.")
+    vad_energy_floor: int = Field(
+        default=50,
+        ge=0,
+        description="Frames quieter than this RMS (16-bit samples, of 32768) are silence "
+        "whatever the VAD says: ends WebRTC VAD's 100-250 ms hangover after the last word "
+        "on a quiet line, so the end-of-turn silence counts real silence. 0: the VAD alone.",
+    )
     vad_min_speech_ms: int = Field(
         default=150, ge=0, description="Voiced audio that starts speech (noise stays below)."
     )

@@ -87,6 +87,8 @@ class ListenOptions:
     ``tentative_end_ms``: with the short silence in effect, end the utterance tentatively
     once this much of it has been recognised (module doc; None: never; only with a
     recognition stream that offers ``end_tentatively``).
+    ``energy_floor``: frames quieter than this RMS (16-bit samples) are unvoiced whatever
+    the VAD says (:class:`~gateway.speech.vad.Endpointer`; 0: the VAD alone).
     """
 
     endpointing: bool = True
@@ -95,6 +97,7 @@ class ListenOptions:
     trailing_silence_ms: int = 700
     end_of_turn_short_ms: int | None = None
     tentative_end_ms: int | None = None
+    energy_floor: int = 0
     min_speech_ms: int = 150
     aggressiveness: int = 2
     max_audio_ms: int = 30_000
@@ -163,6 +166,7 @@ class SpeechStage:
                 min_speech_ms=options.min_speech_ms,
                 trailing_silence_ms=options.trailing_silence_ms,
                 silence_timeout_ms=options.silence_timeout_ms,
+                energy_floor=options.energy_floor,
             )
             if options.endpointing
             else None

@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,6 +72,10 @@ DECODER_RATE: Final = 16000
 """Sample rate (Hz) the bundled acoustic model expects; other rates are resampled."""
 
 _NON_WORDS: Final = frozenset({"<s>", "</s>", "<sil>"})
+
+warnings.filterwarnings("ignore", r"start_stream\(\) is deprecated", DeprecationWarning)
+"""pocketsphinx 5 calls ``start_stream`` unnecessary, but it is what resets the noise
+statistics (see :class:`PocketsphinxRecognizer`)."""
 
 
 class RecognitionError(RuntimeError):
@@ -270,7 +275,8 @@ class _Utterance:
         """The tentative final result while the decoder's utterance is ended (see
         :meth:`end_tentatively`), else None."""
         try:
-            decoder.set_cmn(cmn)  # independent of earlier callers' audio
+            decoder.start_stream()  # noise statistics and cepstral mean: independent of
+            decoder.set_cmn(cmn)  # earlier callers' audio (the second pass depends on both)
             decoder.start_utt()
         except (RuntimeError, ValueError) as exc:
             raise RecognitionError(f"pocketsphinx failed to start: {exc}") from exc
@@ -288,10 +294,11 @@ class _Utterance:
         return self.resampler.convert(pcm) if self.resampler is not None else pcm
 
     def _resume(self) -> None:
-        """Take back a tentative end: a new decoder utterance from the same initial
-        cepstral mean, given the same slices again (the same search as if the
-        utterance had never ended)."""
+        """Take back a tentative end: a new decoder utterance from the same initial noise
+        statistics and cepstral mean, given the same slices again: the same search and
+        the same final result as if the utterance had never ended."""
         self.ended = None
+        self.decoder.start_stream()
         self.decoder.set_cmn(self.cmn)
         self.decoder.start_utt()
         for piece in self.slices:
@@ -563,8 +570,10 @@ class PocketsphinxRecognizer:
     Audio in LINEAR16 or MULAW at any supported rate is converted to 16-bit PCM
     at 16000 Hz (upsampled from 8 kHz telephone audio, downsampled from higher
     rates) before decoding. Decoders are pooled and reused; each stream resets
-    the decoder's cepstral mean to the model's initial value, so a result does
-    not depend on earlier callers' audio.
+    the decoder's noise statistics (``start_stream``) and its cepstral mean to the
+    model's initial value, so a result does not depend on earlier callers' audio
+    (without the noise reset, the final pass of "can you send it to | my office please"
+    read "any send it to..." on a fresh decoder, "he tended to..." on a used one).
 
     At most ``max_streams`` streams are open at once (one decoder each).
     Beyond that ``open_stream`` waits for a free decoder in a queue of at most

@@ -138,6 +138,7 @@ async def hear(
     short_ms: int | None,
     long_ms: int = 700,
     tentative_ms: int | None = None,
+    floor: int = 0,
 ) -> tuple[list[str], list[int]]:
     """Feed ``audio`` frame by frame (inline) to stages opened one after the other; the
     finals' texts and each final's delay after its end of speech (ms of audio)."""
@@ -147,6 +148,7 @@ async def hear(
         trailing_silence_ms=long_ms,
         end_of_turn_short_ms=short_ms,
         tentative_end_ms=tentative_ms,
+        energy_floor=floor,
     )
     texts: list[str] = []
     delays: list[int] = []
@@ -164,7 +166,7 @@ async def hear(
     return texts, delays
 
 
-@pytest.mark.parametrize("tentative_ms", [None, 120])
+@pytest.mark.parametrize(("tentative_ms", "floor"), [(None, 0), (120, 50)])
 @pytest.mark.parametrize(
     ("first", "rest"),
     [
@@ -179,10 +181,12 @@ async def test_a_pause_mid_phrase_does_not_cut_the_utterance(
     first: str,
     rest: str,
     tentative_ms: int | None,
+    floor: int,
 ) -> None:
-    """With and without the tentative end (GATEWAY_END_OF_TURN_TENTATIVE_MS)."""
+    """With and without the tentative end and the VAD's energy floor (the defaults:
+    GATEWAY_END_OF_TURN_TENTATIVE_MS, GATEWAY_VAD_ENERGY_FLOOR)."""
     audio = quiet(300) + phone(phrases[first]) + quiet(450) + phone(phrases[rest]) + quiet(1200)
-    texts, _ = await hear(recognizer, audio, 300, tentative_ms=tentative_ms)
+    texts, _ = await hear(recognizer, audio, 300, tentative_ms=tentative_ms, floor=floor)
     assert len(texts) == 1, texts  # one input, not cut at the pause
     assert wer([(f"{first} {rest}", texts[0])]) <= 0.4, texts  # pocketsphinx errs a little
     said = set(texts[0].split())

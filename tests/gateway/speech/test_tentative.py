@@ -78,6 +78,10 @@ async def test_the_tentative_result_is_the_final_one_and_feeding_takes_it_back(
         await stream.feed(rest[i : i + 480])
     assert (await stream.finish()).text == whole  # as if it had never ended
 
+    history = await recognise(recognizer, said["book a table for two"])
+    assert history  # the decoders have heard other audio since: results do not change
+    assert await recognise(recognizer, first + rest) == whole
+
     stream = await recognizer.open_stream(MULAW8)
     await stream.feed(first)
     await stream.end_tentatively()
@@ -125,7 +129,8 @@ async def test_speech_after_a_tentative_end_takes_it_back_one_utterance(
 ) -> None:
     """ "play some music please" reads complete (the short silence applies); the caller
     pauses 220 ms (the tentative end comes at 120 ms) and goes on: one final with both
-    halves."""
+    halves, the same text as without the tentative end (the recognizer searches it
+    again from the same state)."""
     audio = (
         quiet(300)
         + said["play some music please"]
@@ -134,8 +139,10 @@ async def test_speech_after_a_tentative_end_takes_it_back_one_utterance(
         + quiet(1000)
     )
     finals, stage = await hear_inline(recognizer, audio, 120)
+    plain, _ = await hear_inline(recognizer, audio, None)
     assert stage.tentative_ends >= 1, stage.partial  # the pause was ended tentatively
     assert len(finals) == 1, finals
     text = normalise(finals[0].text)
+    assert text == normalise(plain[0].text)
     assert set(text.split()) & {"music", "please"}, text
     assert set(text.split()) & {"book", "table"}, text
