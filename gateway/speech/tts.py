@@ -72,6 +72,42 @@ is synthesized while it plays. Piper then says the clause as a phrase of its own
 comma pause at its end), the rest of the sentence after it. 0: :data:`FIRST_PIECE_CHARS`
 alone (sentence ends only)."""
 
+PHRASE_STARTS: Final = frozenset(
+    [
+        "for",
+        "about",
+        "to",
+        "with",
+        "from",
+        "in",
+        "on",
+        "at",
+        "of",
+        "by",
+        "and",
+        "or",
+        "but",
+        "so",
+        "because",
+        "if",
+        "when",
+        "while",
+        "that",
+        "which",
+        "who",
+        "where",
+    ]
+)
+"""Words that start a phrase (prepositions, conjunctions, relatives, lower case): with
+``first_clause_chars``, when an item's first clause is longer than
+:data:`LONG_CLAUSE_CHARS`, its first piece ends before one of them once it holds two
+words ("Thank you | for calling about order 5."), so a long first sentence without a
+comma does not delay the first audio either."""
+
+LONG_CLAUSE_CHARS: Final = 24
+"""A first clause longer than this (characters up to its first clause end) is split
+before a phrase (:data:`PHRASE_STARTS`); "Thank you for calling." stays whole."""
+
 PIECE_PHONEMES: Final = 96
 """Most phonemes Piper synthesizes in one inference run (at the voice's normal speed;
 fewer for slower speech), about 4.5 s of speech. Piper's memory grows with the audio
@@ -252,8 +288,11 @@ def split_pieces(
     would overflow it, or early at a clause end (``,;:.!?`` and dashes) once it is
     half full, so pieces tend to end where a speaker pauses; the first piece ends at
     a sentence end (``.!?``) already once it holds ``first_chars`` characters, or at any
-    clause end once it holds ``first_clause_chars`` (0 for both: only once half full, as
-    the others). A single word longer than ``max_chars`` is cut.
+    clause end once it holds ``first_clause_chars``, or, when the first clause is longer
+    than :data:`LONG_CLAUSE_CHARS`, before a phrase's first word (:data:`PHRASE_STARTS`)
+    once it holds that many characters and two words (0 for both: only once half full,
+    as the others). A single word longer than ``max_chars``
+    is cut.
     ``"".join`` of the pieces with spaces gives the collapsed text back.
 
     >>> split_pieces("One, two three. Four", 10)
@@ -262,6 +301,8 @@ def split_pieces(
     ['Thank you for calling.', 'Your order was shipped.']
     >>> split_pieces("Okay, done. Ticket 3.", 100, 16, 4)
     ['Okay,', 'done. Ticket 3.']
+    >>> split_pieces("Thank you for calling about order 5. It left.", 100, 16, 4)
+    ['Thank you', 'for calling about order 5. It left.']
 
     Raises:
         ValueError: ``max_chars`` < 1.
@@ -270,7 +311,14 @@ def split_pieces(
         raise ValueError("max_chars must be >= 1")
     pieces: list[str] = []
     current = ""
-    for word in text.split():
+    words = text.split()
+    first_clause = next(
+        (i + 1 for i, word in enumerate(words) if word.endswith(_CLAUSE_END)), len(words)
+    )
+    phrase_split = (
+        first_clause_chars > 0 and len(" ".join(words[:first_clause])) > LONG_CLAUSE_CHARS
+    )
+    for word in words:
         while len(word) > max_chars:
             if current:
                 pieces.append(current)
@@ -281,6 +329,15 @@ def split_pieces(
             continue
         if current and len(current) + 1 + len(word) > max_chars:
             pieces.append(current)
+            current = ""
+        if (
+            phrase_split
+            and not pieces
+            and len(current) >= first_clause_chars
+            and " " in current
+            and word.lower() in PHRASE_STARTS
+        ):
+            pieces.append(current)  # the first piece ends before a phrase starts
             current = ""
         current = f"{current} {word}" if current else word
         first = not pieces and (
