@@ -22,8 +22,8 @@ idle machine (CPU time is wall time when a core is free), without the few ms of 
 turn engine and framing (bench/speech_latency.py). Two configurations, same run:
 
 * ``old``: this tree as main behaves (no tentative end, first piece at a sentence end);
-* ``new``: this tree's defaults (GATEWAY_END_OF_TURN_TENTATIVE_MS, GATEWAY_VAD_ENERGY_FLOOR,
-  FIRST_CLAUSE_CHARS).
+* ``new``: this tree's defaults (GATEWAY_END_OF_TURN_TENTATIVE_MS, GATEWAY_VAD_ENERGY_FLOOR);
+* ``new+clause``: and GATEWAY_TTS_FIRST_CLAUSE_CHARS=4 (FIRST_CLAUSE_CHARS; off by default).
 
 Mid-phrase utterances report cuts (more than one final): they must stay 0.
 """
@@ -140,9 +140,10 @@ async def main(runs: int) -> None:
                     "energy_floor": settings.vad_energy_floor,
                 }
             ),
-            FIRST_CLAUSE_CHARS,
+            settings.tts_first_clause_chars,
         ),
     }
+    configs["new+clause"] = (configs["new"][0], FIRST_CLAUSE_CHARS)
     voice = PiperSynthesizer(noise_scale=0.0, noise_w_scale=0.0)
     said: dict[str, list[bytes]] = {"short": [], "long": [], "mid-phrase": []}
     for text in SHORT:
@@ -198,8 +199,9 @@ async def main(runs: int) -> None:
                 f"{k} {statistics.median(row[k]):4.0f}" for k in ("wait", "final", "piper", "lead")
             )
             cut = f"  cut {cuts[name]}/{len(row['est'])}" if kind == "mid-phrase" else ""
+            est = statistics.median(row["est"])
             print(
-                f"{kind:>11} | {name:<4} {parts}  estimate p50 {statistics.median(row['est']):4.0f}"
+                f"{kind:>11} | {name:<10} {parts}  estimate p50 {est:4.0f}"
                 f"  p95 {p(row['est'], 0.95):4.0f}  n={len(row['est'])}{cut}"
             )
     print("CPU ms are this machine's; on a busy machine wall time exceeds them (first_audio.py).")

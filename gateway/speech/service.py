@@ -342,7 +342,10 @@ def make_speech(
             queue_wait_s=settings.stt_queue_wait_ms / 1000,
         ),
         synthesizer=make_synthesizer(
-            settings.tts_provider, settings.tts_voice, threads=settings.tts_threads
+            settings.tts_provider,
+            settings.tts_voice,
+            threads=settings.tts_threads,
+            first_clause_chars=settings.tts_first_clause_chars,
         ),
         cache=cache,
         id_key=id_key,

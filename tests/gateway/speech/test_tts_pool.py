@@ -87,6 +87,8 @@ def test_the_first_piece_may_end_at_the_first_clause() -> None:
         "for calling about order 5. Your order was shipped.",
     ]
     assert split_pieces("Go to bed.", first_chars=16, first_clause_chars=4) == ["Go to bed."]
+    said = split_pieces("You said: 7", first_chars=16, first_clause_chars=4)
+    assert said == ["You said: 7"]  # not at a colon
     assert split_pieces("Hi, you.", first_clause_chars=4) == ["Hi, you."]  # "Hi," too short
     answer = "Thank you for calling. Your order was shipped this morning. It comes soon."
     assert split_pieces(answer, first_chars=16, first_clause_chars=4) == [
