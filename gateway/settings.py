@@ -335,6 +335,14 @@ class Settings(BaseSettings):
     tts_threads: int = Field(
         default=1, gt=0, description="ONNX Runtime threads of one Piper synthesis."
     )
+    tts_first_clause_chars: int = Field(
+        default=0,
+        ge=0,
+        description="Piper: an item's first piece ends at its first clause end (a comma "
+        "too) once it holds this many characters, or before a phrase when its first clause "
+        "is long, so its first audio comes sooner (4 suggested: 'Okay,' of 'Okay, done.' in "
+        "about a third of the time); 0: the first piece ends at a sentence end.",
+    )
     tts_prefetch: bool = Field(
         default=False,
         description="Synthesize each linked item in the background as soon as its link is "
@@ -344,6 +352,13 @@ class Settings(BaseSettings):
         default=64 * 1024 * 1024, gt=0, description="Memory TTS cache size (no Redis)."
     )
     vad_aggressiveness: int = Field(default=2, ge=0, le=3, description="WebRTC VAD mode 0..3.")
+    vad_energy_floor: int = Field(
+        default=50,
+        ge=0,
+        description="Frames quieter than this RMS (16-bit samples, of 32768) are silence "
+        "whatever the VAD says: ends WebRTC VAD's 100-250 ms hangover after the last word "
+        "on a quiet line, so the end-of-turn silence counts real silence. 0: the VAD alone.",
+    )
     vad_min_speech_ms: int = Field(
         default=150, ge=0, description="Voiced audio that starts speech (noise stays below)."
     )
@@ -359,6 +374,14 @@ class Settings(BaseSettings):
         description="Adaptive end of turn: the silence that ends an utterance whose partial "
         "transcript reads as complete (gateway/speech/endofturn.py); 0: always "
         "GATEWAY_VAD_TRAILING_SILENCE_MS (no adaptation).",
+    )
+    end_of_turn_tentative_ms: int = Field(
+        default=120,
+        ge=0,
+        description="While the short end-of-turn silence applies, end the utterance "
+        "tentatively after this much of it: the recognizer's final search runs during the "
+        "rest of the silence, so the transcript is ready when it ends; speech resuming "
+        "takes the end back (one utterance). 0: off (the final search starts at the end).",
     )
     silence_timeout_ms: int = Field(
         default=5000, gt=0, description="No speech for this long gives the `#silence` input."

@@ -215,6 +215,11 @@ def ulaw2lin(data: bytes, width: int = 2) -> bytes:
     return audioop.ulaw2lin(data, width)
 
 
+def rms(data: bytes) -> int:
+    """Root mean square of 16-bit samples (0..32768; an odd trailing byte is ignored)."""
+    return int(audioop.rms(data[: len(data) - len(data) % 2], 2))
+
+
 def pcm_to_mulaw(pcm: Pcm) -> bytes:
     """Encode PCM to G.711 μ-law (one byte per sample, same rate)."""
     return audioop.lin2ulaw(pcm.data, 2)

@@ -131,6 +131,8 @@ class SpeechService:
             silence_timeout_ms=silence_timeout_ms,
             trailing_silence_ms=defaults.trailing_silence_ms,
             end_of_turn_short_ms=defaults.end_of_turn_short_ms,
+            tentative_end_ms=defaults.tentative_end_ms,
+            energy_floor=defaults.energy_floor,
             min_speech_ms=defaults.min_speech_ms,
             aggressiveness=defaults.aggressiveness,
             max_audio_ms=defaults.max_audio_ms,
@@ -340,7 +342,10 @@ def make_speech(
             queue_wait_s=settings.stt_queue_wait_ms / 1000,
         ),
         synthesizer=make_synthesizer(
-            settings.tts_provider, settings.tts_voice, threads=settings.tts_threads
+            settings.tts_provider,
+            settings.tts_voice,
+            threads=settings.tts_threads,
+            first_clause_chars=settings.tts_first_clause_chars,
         ),
         cache=cache,
         id_key=id_key,
@@ -355,12 +360,15 @@ def make_speech(
 
 def listen_defaults(settings: Settings) -> ListenOptions:
     """The listening options of ``settings``: the no-speech timeout, the trailing silence
-    and adaptive short silence that end an utterance (ms of audio), the VAD's minimum
-    speech (ms) and aggressiveness (0-3), the longest utterance (ms)."""
+    and adaptive short silence that end an utterance and the tentative end (ms of
+    audio), the VAD's minimum
+    speech (ms), aggressiveness (0-3) and energy floor, the longest utterance (ms)."""
     return ListenOptions(
         silence_timeout_ms=settings.silence_timeout_ms,
         trailing_silence_ms=settings.vad_trailing_silence_ms,
         end_of_turn_short_ms=settings.end_of_turn_short_ms or None,
+        tentative_end_ms=settings.end_of_turn_tentative_ms or None,
+        energy_floor=settings.vad_energy_floor,
         min_speech_ms=settings.vad_min_speech_ms,
         aggressiveness=settings.vad_aggressiveness,
         max_audio_ms=int(settings.max_audio_s * 1000),

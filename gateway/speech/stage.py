@@ -35,6 +35,17 @@ or not ``interim`` events are reported) is judged by the stage's
 :class:`~gateway.speech.endofturn.EndOfTurn`; the endpointer's trailing silence becomes
 the short one while it reads complete, the long ``trailing_silence_ms`` otherwise, and
 the long one again once the utterance has its result.
+
+Tentative end (``ListenOptions.tentative_end_ms``, issue 16): while the short silence
+applies, once the recognizer has been fed ``tentative_end_ms`` of the trailing silence
+the stage ends the utterance tentatively (:class:`~gateway.speech.stt.TentativeEnd`:
+the recognizer's final search runs now, during the silence, not after it). The audio
+that follows is held back from the recognizer. When the silence then ends the
+utterance, its final result is the tentative one (the held audio is silence: the
+endpointer heard no voice in it); when the caller speaks again first (the
+endpointer's last voiced frame moved), the held audio is fed and the recognizer takes
+the end back: the utterance goes on, one input. The tentative result's text becomes
+:attr:`SpeechStage.partial`, so the end of turn is judged on the whole final text.
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ from typing import Final, Literal, Self
 from gateway import metrics
 from gateway.speech.audio import AudioFormat, AudioFormatError, ulaw2lin
 from gateway.speech.endofturn import EndOfTurn, RuleEndOfTurn
-from gateway.speech.stt import RecognitionStream, Recognizer
+from gateway.speech.stt import RecognitionStream, Recognizer, TentativeEnd
 from gateway.speech.types import Heard
 from gateway.speech.vad import Endpointer
 
@@ -73,6 +84,11 @@ class ListenOptions:
     silence that ends an utterance is ``end_of_turn_short_ms`` while the latest interim
     transcript reads as complete (the stage's :class:`~gateway.speech.endofturn.EndOfTurn`),
     else ``trailing_silence_ms``; None: always ``trailing_silence_ms``.
+    ``tentative_end_ms``: with the short silence in effect, end the utterance tentatively
+    once this much of it has been recognised (module doc; None: never; only with a
+    recognition stream that offers ``end_tentatively``).
+    ``energy_floor``: frames quieter than this RMS (16-bit samples) are unvoiced whatever
+    the VAD says (:class:`~gateway.speech.vad.Endpointer`; 0: the VAD alone).
     """
 
     endpointing: bool = True
@@ -80,6 +96,8 @@ class ListenOptions:
     silence_timeout_ms: int | None = 5000
     trailing_silence_ms: int = 700
     end_of_turn_short_ms: int | None = None
+    tentative_end_ms: int | None = None
+    energy_floor: int = 0
     min_speech_ms: int = 150
     aggressiveness: int = 2
     max_audio_ms: int = 30_000
@@ -148,6 +166,7 @@ class SpeechStage:
                 min_speech_ms=options.min_speech_ms,
                 trailing_silence_ms=options.trailing_silence_ms,
                 silence_timeout_ms=options.silence_timeout_ms,
+                energy_floor=options.energy_floor,
             )
             if options.endpointing
             else None
@@ -187,6 +206,13 @@ class SpeechStage:
         self.cancelled = False
         self.partial = ""
         """The latest interim transcript of the open utterance (also without ``interim``)."""
+        self._tentative_voiced_ms: int | None = None
+        """While the utterance is ended tentatively: the endpointer's last voiced frame
+        then (audio time, ms); speech resumed when it moves."""
+        self._held = bytearray()
+        """Audio after a tentative end, not yet given to the recognizer."""
+        self.tentative_ends = 0
+        """Tentative ends of the open utterance (taken back or not)."""
         self._set_trailing(self.options.trailing_silence_ms)
 
     def _set_trailing(self, ms: int) -> None:
@@ -216,6 +242,33 @@ class SpeechStage:
         recognizer falling behind (a loaded machine) makes a stale partial ("can you send
         it" of "can you send it to ...") that must not end a phrase mid-way."""
         return self._origin_ms + self.audio_ms >= self.now_ms - short_ms
+
+    @property
+    def tentative(self) -> bool:
+        """Whether the open utterance is ended tentatively now (module doc)."""
+        return self._tentative_voiced_ms is not None
+
+    def _resumed(self) -> bool:
+        """Whether the caller spoke again after the tentative end (a voiced frame heard)."""
+        endpointer = self._endpointer
+        return endpointer is None or endpointer.last_voiced_ms != self._tentative_voiced_ms
+
+    def _may_end_tentatively(self) -> bool:
+        """Whether to end the utterance tentatively now: the short silence applies, the
+        caller is still in the speech's trailing silence, and the recognizer has been fed
+        at least ``tentative_end_ms`` of it."""
+        wait = self.options.tentative_end_ms
+        endpointer = self._endpointer
+        return (
+            wait is not None
+            and endpointer is not None
+            and self.speaking
+            and not self.tentative
+            and endpointer.in_speech
+            and self.trailing_silence_ms == self.options.end_of_turn_short_ms
+            and self._origin_ms + self.audio_ms - endpointer.last_voiced_ms >= wait
+            and isinstance(self._stream, TentativeEnd)
+        )
 
     def _stale_check(self) -> None:
         """The short trailing silence falls back to the long one once the partial is stale
@@ -474,6 +527,18 @@ class SpeechStage:
                 "utterance; got more"
             )
         heard: list[Heard] = []
+        audio = item.audio
+        if self.tentative:
+            if not self._resumed():
+                ended = any(kind == "ended" for kind, _ in item.decisions)
+                if not ended:
+                    self._held += audio  # silence: the tentative result stands
+                    return heard
+                audio = b""  # the end: the tentative result is the final one
+            else:  # the caller spoke again: the utterance goes on
+                audio = bytes(self._held) + audio
+                self._held.clear()
+                self._tentative_voiced_ms = None
         for kind, at_ms in item.decisions:
             if kind == "started":
                 self.speaking = True
@@ -483,16 +548,31 @@ class SpeechStage:
                 self.result = Heard("silence", at_ms=at_ms)
                 return [*heard, self.result]
             elif kind == "ended" and self.speaking:
-                await stream.feed(item.audio)
+                if audio:
+                    await stream.feed(audio)
                 return [*heard, await self._final(at_ms)]
-        interim = await stream.feed(item.audio)
+        interim = await stream.feed(audio)
         if interim is not None and interim.text:
             self.partial = interim.text
             if self.options.interim:
                 heard.append(Heard("interim", interim.text, interim.confidence, self.audio_ms))
         if self.partial:
             self._adapt()  # a changed partial, or the same one now fresh again
+        if self._may_end_tentatively():
+            await self._end_tentatively()
         return heard
+
+    async def _end_tentatively(self) -> None:
+        """End the utterance tentatively (module doc); its text becomes the partial."""
+        stream = self._stream
+        assert isinstance(stream, TentativeEnd)
+        assert self._endpointer is not None
+        self._tentative_voiced_ms = self._endpointer.last_voiced_ms
+        self.tentative_ends += 1
+        result = await stream.end_tentatively()
+        if result.text:
+            self.partial = result.text
+            self._adapt()
 
     async def _final(self, at_ms: int) -> Heard:
         assert self._stream is not None

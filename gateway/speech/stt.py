@@ -4,7 +4,10 @@ A recognizer opens one :class:`RecognitionStream` per utterance for a raw
 :class:`~gateway.speech.audio.AudioFormat` (``LINEAR16`` or ``MULAW`` at a
 supported rate). Audio is fed in chunks of any size as it arrives; ``feed``
 returns an interim :class:`RecognitionResult` when one is available,
-``finish`` returns the final one, ``cancel`` drops the stream.
+``finish`` returns the final one, ``cancel`` drops the stream. A stream may also
+offer ``end_tentatively`` (:class:`TentativeEnd`): the final result now, taken back by
+feeding more audio (the speech stage ends an utterance that way while its trailing
+silence runs, issue 16).
 
 :class:`PocketsphinxRecognizer` is the embedded offline implementation (US
 English model shipped in the ``pocketsphinx`` wheel).
@@ -34,6 +37,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +62,7 @@ __all__ = [
     "RecognitionStream",
     "Recognizer",
     "RecognizerBusy",
+    "TentativeEnd",
     "recognize",
 ]
 
@@ -67,6 +72,10 @@ DECODER_RATE: Final = 16000
 """Sample rate (Hz) the bundled acoustic model expects; other rates are resampled."""
 
 _NON_WORDS: Final = frozenset({"<s>", "</s>", "<sil>"})
+
+warnings.filterwarnings("ignore", r"start_stream\(\) is deprecated", DeprecationWarning)
+"""pocketsphinx 5 calls ``start_stream`` unnecessary, but it is what resets the noise
+statistics (see :class:`PocketsphinxRecognizer`)."""
 
 
 class RecognitionError(RuntimeError):
@@ -133,6 +142,29 @@ class RecognitionStream(Protocol):
 
     async def cancel(self) -> None:
         """Drop the utterance and free its resources; idempotent, never raises."""
+        ...
+
+
+@runtime_checkable
+class TentativeEnd(Protocol):
+    """A :class:`RecognitionStream` that can end its utterance tentatively (issue 16).
+
+    The final search of a recognizer (pocketsphinx's second pass and lattice: 50-300 ms
+    of CPU for a short utterance) can run while the trailing silence that will end the
+    utterance is still being heard, so the final result is ready when it ends."""
+
+    async def end_tentatively(self) -> RecognitionResult:
+        """The final result (``is_final=True``) of the audio fed so far, as ``finish``
+        would give it, but the stream stays open: ``finish`` with no audio fed since
+        returns this result at once; ``feed`` takes it back, the utterance goes on as if
+        it had not ended (all its audio is recognised again, one utterance) and a later
+        ``end_tentatively``/``finish`` covers all of it. Calling it again without a
+        ``feed`` in between returns the same result.
+
+        Raises:
+            RecognitionError: the stream is closed or the engine failed (it is then
+                closed).
+        """
         ...
 
 
@@ -236,8 +268,15 @@ class _Utterance:
         self.input_bytes = 0
         self.last_interim_samples = 0
         self.last_text = ""
+        self.cmn = cmn
+        self.slices: list[bytes] = []
+        """Every slice given to ``process_raw``, to decode them again after a tentative end."""
+        self.ended: RecognitionResult | None = None
+        """The tentative final result while the decoder's utterance is ended (see
+        :meth:`end_tentatively`), else None."""
         try:
-            decoder.set_cmn(cmn)  # independent of earlier callers' audio
+            decoder.start_stream()  # noise statistics and cepstral mean: independent of
+            decoder.set_cmn(cmn)  # earlier callers' audio (the second pass depends on both)
             decoder.start_utt()
         except (RuntimeError, ValueError) as exc:
             raise RecognitionError(f"pocketsphinx failed to start: {exc}") from exc
@@ -254,12 +293,27 @@ class _Utterance:
             pcm, self.carry = data[:cut], data[cut:]
         return self.resampler.convert(pcm) if self.resampler is not None else pcm
 
+    def _resume(self) -> None:
+        """Take back a tentative end: a new decoder utterance from the same initial noise
+        statistics and cepstral mean, given the same slices again: the same search and
+        the same final result as if the utterance had never ended."""
+        self.ended = None
+        self.decoder.start_stream()
+        self.decoder.set_cmn(self.cmn)
+        self.decoder.start_utt()
+        for piece in self.slices:
+            self.decoder.process_raw(piece, False, False)
+
     def feed(self, chunk: bytes) -> RecognitionResult | None:
         pcm = self.to_decoder_pcm(chunk)
         self.input_bytes += len(chunk)
         try:
+            if self.ended is not None and pcm:
+                self._resume()
             for start in range(0, len(pcm), self.slice_bytes):
-                self.decoder.process_raw(pcm[start : start + self.slice_bytes], False, False)
+                piece = pcm[start : start + self.slice_bytes]
+                self.decoder.process_raw(piece, False, False)
+                self.slices.append(piece)
             self.decoded_samples += len(pcm) // 2
             if self.decoded_samples - self.last_interim_samples < self.interim_samples:
                 return None
@@ -273,7 +327,19 @@ class _Utterance:
         self.last_text = text
         return RecognitionResult(text, 0.0, False, self.audio_ms())
 
+    def end_tentatively(self) -> RecognitionResult:
+        """The final result now; the next ``feed`` takes it back (:class:`TentativeEnd`)."""
+        if self.ended is None:
+            self.ended = self._end()
+        return self.ended
+
     def finish(self) -> RecognitionResult:
+        if self.ended is not None:
+            ended, self.ended = self.ended, None
+            return RecognitionResult(ended.text, ended.confidence, True, self.audio_ms())
+        return self._end()
+
+    def _end(self) -> RecognitionResult:
         try:
             self.decoder.end_utt()
             hyp = self.decoder.hyp()
@@ -284,6 +350,9 @@ class _Utterance:
         return RecognitionResult(text, confidence, True, self.audio_ms())
 
     def abort(self) -> None:
+        if self.ended is not None:
+            self.ended = None  # the decoder's utterance has ended already
+            return
         try:
             self.decoder.end_utt()
         except RuntimeError as exc:
@@ -296,6 +365,7 @@ class _Engine(Protocol):
 
     def start(self, fmt: AudioFormat) -> None: ...
     def feed(self, chunk: bytes) -> RecognitionResult | None: ...
+    def end_tentatively(self) -> RecognitionResult: ...
     def finish(self) -> RecognitionResult: ...
     def abort(self) -> None: ...
     def close(self) -> None: ...
@@ -321,6 +391,9 @@ class _ThreadEngine:
 
     def feed(self, chunk: bytes) -> RecognitionResult | None:
         return self._current().feed(chunk)
+
+    def end_tentatively(self) -> RecognitionResult:
+        return self._current().end_tentatively()
 
     def finish(self) -> RecognitionResult:
         utterance, self.utterance = self._current(), None
@@ -364,6 +437,8 @@ def _serve(rx: Connection, tx: Connection) -> None:  # pragma: no cover - worker
                 engine.start(AudioFormat(*arg))
             elif op == "feed":
                 result = engine.feed(arg)
+            elif op == "end_tentatively":
+                result = engine.end_tentatively()
             elif op == "finish":
                 result = engine.finish()
             elif op == "abort":
@@ -461,6 +536,10 @@ class _ProcessEngine:
         result: RecognitionResult | None = self._request("feed", chunk)
         return result
 
+    def end_tentatively(self) -> RecognitionResult:
+        result: RecognitionResult = self._request("end_tentatively")
+        return result
+
     def finish(self) -> RecognitionResult:
         result: RecognitionResult = self._request("finish")
         return result
@@ -491,8 +570,10 @@ class PocketsphinxRecognizer:
     Audio in LINEAR16 or MULAW at any supported rate is converted to 16-bit PCM
     at 16000 Hz (upsampled from 8 kHz telephone audio, downsampled from higher
     rates) before decoding. Decoders are pooled and reused; each stream resets
-    the decoder's cepstral mean to the model's initial value, so a result does
-    not depend on earlier callers' audio.
+    the decoder's noise statistics (``start_stream``) and its cepstral mean to the
+    model's initial value, so a result does not depend on earlier callers' audio
+    (without the noise reset, the final pass of "can you send it to | my office please"
+    read "any send it to..." on a fresh decoder, "he tended to..." on a used one).
 
     At most ``max_streams`` streams are open at once (one decoder each).
     Beyond that ``open_stream`` waits for a free decoder in a queue of at most
@@ -775,6 +856,24 @@ class PocketsphinxStream:
             try:
                 return await self._call(engine.feed, bytes(chunk))
             except (RecognitionError, AudioFormatError):
+                self._release(reuse=False)
+                raise
+
+    async def end_tentatively(self) -> RecognitionResult:
+        """The final result of the audio fed so far, the stream staying open; a later
+        :meth:`feed` takes it back (:class:`TentativeEnd`).
+
+        Raises:
+            RecognitionError: the stream is closed or decoding failed (the stream is
+                then closed).
+        """
+        async with self._lock:
+            engine = self._engine
+            if engine is None:
+                raise RecognitionError("end_tentatively() on a finished or cancelled stream")
+            try:
+                return await self._call(engine.end_tentatively)
+            except RecognitionError:
                 self._release(reuse=False)
                 raise
 

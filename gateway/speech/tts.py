@@ -63,6 +63,53 @@ first audio of an answer waits for a short sentence, not for a long piece (issue
 Piper synthesizes each sentence on its own anyway, so ending a piece at a sentence end
 changes no sample."""
 
+FIRST_CLAUSE_CHARS: Final = 4
+"""An item's first piece ends already at the first clause end (``,;.!?`` and dashes)
+once it holds this many characters (:func:`split_pieces`'s ``first_clause_chars``): "Okay,
+done. Ticket 3." starts with "Okay," on its own, about a third of the synthesis of the
+whole sentence, so the answer's first audio comes that much sooner (issue 16); the rest
+is synthesized while it plays. Piper then says the clause as a phrase of its own (its
+comma pause at its end), the rest of the sentence after it. The suggested value of
+GATEWAY_TTS_FIRST_CLAUSE_CHARS, which is off (0: :data:`FIRST_PIECE_CHARS` alone,
+sentence ends only) by default for now: a call then sends one more piece and mark per
+answer, which tests counting an answer's marks do not expect yet."""
+
+PHRASE_STARTS: Final = frozenset(
+    [
+        "for",
+        "about",
+        "to",
+        "with",
+        "from",
+        "in",
+        "on",
+        "at",
+        "of",
+        "by",
+        "and",
+        "or",
+        "but",
+        "so",
+        "because",
+        "if",
+        "when",
+        "while",
+        "that",
+        "which",
+        "who",
+        "where",
+    ]
+)
+"""Words that start a phrase (prepositions, conjunctions, relatives, lower case): with
+``first_clause_chars``, when an item's first clause is longer than
+:data:`LONG_CLAUSE_CHARS`, its first piece ends before one of them once it holds two
+words ("Thank you | for calling about order 5."), so a long first sentence without a
+comma does not delay the first audio either."""
+
+LONG_CLAUSE_CHARS: Final = 24
+"""A first clause longer than this (characters up to its first clause end) is split
+before a phrase (:data:`PHRASE_STARTS`); "Thank you for calling." stays whole."""
+
 PIECE_PHONEMES: Final = 96
 """Most phonemes Piper synthesizes in one inference run (at the voice's normal speed;
 fewer for slower speech), about 4.5 s of speech. Piper's memory grows with the audio
@@ -232,22 +279,35 @@ def ssml_to_text(ssml: str) -> str:
 
 _CLAUSE_END: Final = (",", ";", ":", ".", "!", "?", "—", "–", ")")
 _FULL_STOP: Final = (".", "!", "?")
+_FIRST_CLAUSE_END: Final = (",", ";", "—", "–", *_FULL_STOP)
+"""Where :func:`split_pieces`'s ``first_clause_chars`` ends a first piece: not at a colon
+("You said: 7" is one phrase) nor a parenthesis."""
 
 
-def split_pieces(text: str, max_chars: int = PIECE_CHARS, first_chars: int = 0) -> list[str]:
+def split_pieces(
+    text: str, max_chars: int = PIECE_CHARS, first_chars: int = 0, first_clause_chars: int = 0
+) -> list[str]:
     """Split ``text`` into pieces of at most ``max_chars`` characters for synthesis.
 
     Whitespace is collapsed. Words are packed greedily; a piece ends at the word that
     would overflow it, or early at a clause end (``,;:.!?`` and dashes) once it is
     half full, so pieces tend to end where a speaker pauses; the first piece ends at
-    a sentence end (``.!?``) already once it holds ``first_chars`` characters (0: only
-    once half full, as the others). A single word longer than ``max_chars`` is cut.
+    a sentence end (``.!?``) already once it holds ``first_chars`` characters, or at any
+    clause end once it holds ``first_clause_chars``, or, when the first clause is longer
+    than :data:`LONG_CLAUSE_CHARS`, before a phrase's first word (:data:`PHRASE_STARTS`)
+    once it holds that many characters and two words (0 for both: only once half full,
+    as the others). A single word longer than ``max_chars``
+    is cut.
     ``"".join`` of the pieces with spaces gives the collapsed text back.
 
     >>> split_pieces("One, two three. Four", 10)
     ['One, two', 'three.', 'Four']
     >>> split_pieces("Thank you for calling. Your order was shipped.", 100, 16)
     ['Thank you for calling.', 'Your order was shipped.']
+    >>> split_pieces("Okay, done. Ticket 3.", 100, 16, 4)
+    ['Okay,', 'done. Ticket 3.']
+    >>> split_pieces("Thank you for calling about order 5. It left.", 100, 16, 4)
+    ['Thank you', 'for calling about order 5. It left.']
 
     Raises:
         ValueError: ``max_chars`` < 1.
@@ -256,7 +316,14 @@ def split_pieces(text: str, max_chars: int = PIECE_CHARS, first_chars: int = 0) 
         raise ValueError("max_chars must be >= 1")
     pieces: list[str] = []
     current = ""
-    for word in text.split():
+    words = text.split()
+    first_clause = next(
+        (i + 1 for i, word in enumerate(words) if word.endswith(_CLAUSE_END)), len(words)
+    )
+    phrase_split = (
+        first_clause_chars > 0 and len(" ".join(words[:first_clause])) > LONG_CLAUSE_CHARS
+    )
+    for word in words:
         while len(word) > max_chars:
             if current:
                 pieces.append(current)
@@ -268,13 +335,25 @@ def split_pieces(text: str, max_chars: int = PIECE_CHARS, first_chars: int = 0) 
         if current and len(current) + 1 + len(word) > max_chars:
             pieces.append(current)
             current = ""
-        current = f"{current} {word}" if current else word
         if (
-            first_chars
+            phrase_split
             and not pieces
-            and len(current) >= first_chars
-            and current.endswith(_FULL_STOP)
-        ) or (len(current) * 2 >= max_chars and current.endswith(_CLAUSE_END)):
+            and len(current) >= first_clause_chars
+            and " " in current
+            and word.lower() in PHRASE_STARTS
+        ):
+            pieces.append(current)  # the first piece ends before a phrase starts
+            current = ""
+        current = f"{current} {word}" if current else word
+        first = not pieces and (
+            (first_chars and len(current) >= first_chars and current.endswith(_FULL_STOP))
+            or (
+                first_clause_chars
+                and len(current) >= first_clause_chars
+                and current.endswith(_FIRST_CLAUSE_END)
+            )
+        )
+        if first or (len(current) * 2 >= max_chars and current.endswith(_CLAUSE_END)):
             pieces.append(current)
             current = ""
     if current:
@@ -404,6 +483,9 @@ class PiperSynthesizer:
         sentence_silence_ms: silence inserted between sentences.
         threads: ONNX Runtime intra-op threads per inference run (1 leaves the other
             cores to the event loop and to recognition).
+        first_clause_chars: an item's first piece ends at its first clause end once it
+            holds this many characters (GATEWAY_TTS_FIRST_CLAUSE_CHARS; 0, the default: at a
+            sentence end; :data:`FIRST_CLAUSE_CHARS` is the suggested value).
 
     Raises:
         SynthesisError: (on first synthesis) the model or config cannot be loaded.
@@ -419,10 +501,14 @@ class PiperSynthesizer:
         noise_w_scale: float | None = None,
         sentence_silence_ms: int = 0,
         threads: int = 1,
+        first_clause_chars: int = 0,
     ) -> None:
         if threads < 1:
             raise ValueError("threads must be >= 1")
+        if first_clause_chars < 0:
+            raise ValueError("first_clause_chars must be >= 0")
         self.threads = threads
+        self.first_clause_chars = first_clause_chars
         self.model_path = Path(model_path) if model_path is not None else default_piper_model()
         self.config_path = (
             Path(config_path) if config_path is not None else Path(f"{self.model_path}.json")
@@ -548,14 +634,14 @@ class PiperSynthesizer:
         """
         _check_text(text)
         parts: list[str | Pause] = parse_ssml(text) if ssml else [text]
-        first = FIRST_PIECE_CHARS
+        first, clause = FIRST_PIECE_CHARS, self.first_clause_chars
         for part in parts:
             if isinstance(part, Pause):
                 if part.ms > 0:
                     yield silence(part.ms, self.sample_rate)
                 continue
-            for piece in split_pieces(part, first_chars=first):
-                first = 0
+            for piece in split_pieces(part, first_chars=first, first_clause_chars=clause):
+                first = clause = 0
                 loop = asyncio.get_running_loop()
                 yield await loop.run_in_executor(_PIPER_THREAD, self._piece_sync, piece)
 
@@ -690,7 +776,9 @@ async def synthesize_pieces(
 PROVIDERS: Final = ("piper", "espeak-ng")
 
 
-def make_synthesizer(provider: str, voice: str | None = None, *, threads: int = 1) -> Synthesizer:
+def make_synthesizer(
+    provider: str, voice: str | None = None, *, threads: int = 1, first_clause_chars: int = 0
+) -> Synthesizer:
     """Create a synthesizer by provider name.
 
     Args:
@@ -698,13 +786,15 @@ def make_synthesizer(provider: str, voice: str | None = None, *, threads: int = 
         voice: for Piper the path of an ``.onnx`` model (None: the joe voice);
             for espeak-ng a voice name (None: ``en-us``).
         threads: Piper's ONNX Runtime intra-op threads.
+        first_clause_chars: Piper: an item's first piece ends at its first clause
+            (:class:`PiperSynthesizer`).
 
     Raises:
         ValueError: unknown provider or invalid voice name.
     """
     name = provider.strip().lower()
     if name == "piper":
-        return PiperSynthesizer(voice, threads=threads)
+        return PiperSynthesizer(voice, threads=threads, first_clause_chars=first_clause_chars)
     if name in ("espeak-ng", "espeak"):
         return EspeakSynthesizer(voice or "en-us")
     raise ValueError(f"unknown TTS provider {provider!r} (known: {', '.join(PROVIDERS)})")

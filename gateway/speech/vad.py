@@ -20,7 +20,7 @@ from typing import Final, Literal, TypeAlias
 
 import webrtcvad  # type: ignore[import-untyped]
 
-from gateway.speech.audio import FrameBuffer, Resampler, check_rate
+from gateway.speech.audio import FrameBuffer, Resampler, check_rate, rms
 
 __all__ = ["VAD_RATES", "EndpointEvent", "EndpointKind", "Endpointer"]
 
@@ -52,6 +52,13 @@ class EndpointEvent:
 class Endpointer:
     """Detects the start and end of one speaker's speech in a PCM stream.
 
+    A frame is voiced when WebRTC's VAD says so and its RMS is at least ``energy_floor``.
+    The floor ends the VAD's own hangover: after speech it goes on reporting voice for
+    100-250 ms of frames that are all but digital silence (RMS 5-40 of 16-bit samples
+    after a phone's last word, measured on Piper speech over μ-law), so the trailing
+    silence that ends an utterance would only start counting after them (issue 16).
+    Any line noise above the floor leaves the VAD's decision as it is.
+
     Rules, in audio time:
 
     * **speech started** when ``min_speech_ms`` of consecutive voiced frames
@@ -72,6 +79,8 @@ class Endpointer:
         min_speech_ms: voiced audio needed to start speech (0 = first voiced frame).
         trailing_silence_ms: unvoiced audio that ends speech (> 0).
         silence_timeout_ms: audio without speech before ``no_speech_timeout``.
+        energy_floor: RMS (16-bit samples) below which a frame is unvoiced whatever the
+            VAD says (0: the VAD alone).
 
     Raises:
         AudioFormatError: unsupported sample rate, odd-length input.
@@ -87,8 +96,12 @@ class Endpointer:
         min_speech_ms: int = 150,
         trailing_silence_ms: int = 700,
         silence_timeout_ms: int | None = 5000,
+        energy_floor: int = 0,
     ) -> None:
         check_rate(sample_rate, "LINEAR16 for VAD")
+        if energy_floor < 0:
+            raise ValueError("energy_floor must be >= 0")
+        self.energy_floor = energy_floor
         if frame_ms not in (10, 20, 30):
             raise ValueError(f"frame_ms must be 10, 20 or 30, got {frame_ms}")
         if aggressiveness not in (0, 1, 2, 3):
@@ -160,8 +173,10 @@ class Endpointer:
         if self._resampler is not None:
             chunk = self._resampler.convert(chunk)
         events: list[EndpointEvent] = []
+        floor = self.energy_floor
         for frame in self._frames.push(chunk):
-            self._frame(self._vad.is_speech(frame, self.vad_rate), events)
+            voiced = self._vad.is_speech(frame, self.vad_rate)
+            self._frame(voiced and (not floor or rms(frame) >= floor), events)
         return events
 
     def _frame(self, voiced: bool, events: list[EndpointEvent]) -> None:

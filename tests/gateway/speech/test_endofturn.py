@@ -133,7 +133,12 @@ def quiet(ms: int) -> bytes:
 
 
 async def hear(
-    recognizer: PocketsphinxRecognizer, audio: bytes, short_ms: int | None, long_ms: int = 700
+    recognizer: PocketsphinxRecognizer,
+    audio: bytes,
+    short_ms: int | None,
+    long_ms: int = 700,
+    tentative_ms: int | None = None,
+    floor: int = 0,
 ) -> tuple[list[str], list[int]]:
     """Feed ``audio`` frame by frame (inline) to stages opened one after the other; the
     finals' texts and each final's delay after its end of speech (ms of audio)."""
@@ -142,6 +147,8 @@ async def hear(
         silence_timeout_ms=None,
         trailing_silence_ms=long_ms,
         end_of_turn_short_ms=short_ms,
+        tentative_end_ms=tentative_ms,
+        energy_floor=floor,
     )
     texts: list[str] = []
     delays: list[int] = []
@@ -159,6 +166,7 @@ async def hear(
     return texts, delays
 
 
+@pytest.mark.parametrize(("tentative_ms", "floor"), [(None, 0), (120, 50)])
 @pytest.mark.parametrize(
     ("first", "rest"),
     [
@@ -168,10 +176,17 @@ async def hear(
     ],
 )
 async def test_a_pause_mid_phrase_does_not_cut_the_utterance(
-    recognizer: PocketsphinxRecognizer, phrases: dict[str, Pcm], first: str, rest: str
+    recognizer: PocketsphinxRecognizer,
+    phrases: dict[str, Pcm],
+    first: str,
+    rest: str,
+    tentative_ms: int | None,
+    floor: int,
 ) -> None:
+    """With and without the tentative end and the VAD's energy floor (the defaults:
+    GATEWAY_END_OF_TURN_TENTATIVE_MS, GATEWAY_VAD_ENERGY_FLOOR)."""
     audio = quiet(300) + phone(phrases[first]) + quiet(450) + phone(phrases[rest]) + quiet(1200)
-    texts, _ = await hear(recognizer, audio, 300)
+    texts, _ = await hear(recognizer, audio, 300, tentative_ms=tentative_ms, floor=floor)
     assert len(texts) == 1, texts  # one input, not cut at the pause
     assert wer([(f"{first} {rest}", texts[0])]) <= 0.4, texts  # pocketsphinx errs a little
     said = set(texts[0].split())
@@ -188,9 +203,12 @@ async def test_complete_utterances_end_sooner(
         audio = quiet(300) + phone(phrases[text]) + quiet(1200)
         fixed_texts, fixed = await hear(recognizer, audio, None)
         short_texts, short = await hear(recognizer, audio, 300)
-        assert len(fixed_texts) == len(short_texts) == 1
+        tentative_texts, tentative = await hear(recognizer, audio, 300, tentative_ms=120)
+        assert len(fixed_texts) == len(short_texts) == len(tentative_texts) == 1
+        assert tentative_texts == short_texts  # the tentative end's result is the final one
         assert fixed[0] >= 700
         assert short[0] < fixed[0] - 200, (text, short, fixed)
+        assert tentative[0] == short[0], (text, tentative, short)
 
 
 async def test_a_lagging_recognizer_s_stale_partial_does_not_cut_a_phrase(

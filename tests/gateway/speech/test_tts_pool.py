@@ -20,6 +20,7 @@ from gateway.speech.service import SpeechService, TtsRequest
 from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import (
+    FIRST_CLAUSE_CHARS,
     PIECE_CHARS,
     PIECE_PHONEMES,
     EspeakSynthesizer,
@@ -64,6 +65,36 @@ def test_the_first_piece_ends_at_the_first_sentence_of_enough_characters() -> No
     assert split_pieces("Okay, done.", first_chars=16) == ["Okay, done."]  # too short
     one = "Tell me your name, or say anything, and I will answer."
     assert split_pieces(one, first_chars=16) == [one]  # not at a comma
+
+
+def test_the_first_piece_may_end_at_the_first_clause() -> None:
+    """Issue 16: with ``first_clause_chars`` (Piper's default FIRST_CLAUSE_CHARS) the first
+    piece ends at the first clause end, a comma too, or before a phrase (PHRASE_STARTS)
+    once it holds two words; only the first piece."""
+    assert FIRST_CLAUSE_CHARS == 4
+    assert split_pieces("Okay, done. Ticket 3.", first_chars=16, first_clause_chars=4) == [
+        "Okay,",
+        "done. Ticket 3.",
+    ]
+    one = "Tell me your name, or say anything, and I will answer."
+    assert split_pieces(one, first_chars=16, first_clause_chars=4) == [
+        "Tell me your name,",
+        "or say anything, and I will answer.",
+    ]
+    long = "Thank you for calling about order 5. Your order was shipped."
+    assert split_pieces(long, first_chars=16, first_clause_chars=4) == [
+        "Thank you",  # before the phrase "for calling ...": no comma came first
+        "for calling about order 5. Your order was shipped.",
+    ]
+    assert split_pieces("Go to bed.", first_chars=16, first_clause_chars=4) == ["Go to bed."]
+    said = split_pieces("You said: 7", first_chars=16, first_clause_chars=4)
+    assert said == ["You said: 7"]  # not at a colon
+    assert split_pieces("Hi, you.", first_clause_chars=4) == ["Hi, you."]  # "Hi," too short
+    answer = "Thank you for calling. Your order was shipped this morning. It comes soon."
+    assert split_pieces(answer, first_chars=16, first_clause_chars=4) == [
+        "Thank you for calling.",
+        "Your order was shipped this morning. It comes soon.",
+    ]
 
 
 def test_phoneme_runs_bound_each_inference_run() -> None:
