@@ -281,7 +281,12 @@ _OTHER: TypeAdapter[Connected | Start | Dtmf | Mark | Stop] = TypeAdapter(
 _EVENTS: Final = "connected, start, media, dtmf, mark or stop"
 
 
-def _parse_media(value: Mapping[str, Any]) -> Media:
+def _media_audio(value: Mapping[str, Any]) -> tuple[str, bytes]:
+    """A ``media`` message's track and μ-law bytes (``media.payload`` base64-decoded).
+
+    Raises ProtocolError for a missing ``media`` object, a payload that is not a base64
+    string or one over :data:`MAX_MEDIA_BYTES`. A track that is not a string is
+    ``inbound``."""
     media = value.get("media")
     if not isinstance(media, dict):
         raise ProtocolError("Invalid media message: media: expected an object")
@@ -295,10 +300,16 @@ def _parse_media(value: Mapping[str, Any]) -> Media:
     except (binascii.Error, ValueError):
         raise ProtocolError("Invalid media message: media.payload is not base64") from None
     track = media.get("track", "inbound")
+    return track if isinstance(track, str) else "inbound", data
+
+
+def _parse_media(value: Mapping[str, Any]) -> Media:
+    track, data = _media_audio(value)
+    media = value["media"]
     sid = value.get("streamSid")
     return Media(
         payload=data,
-        track=track if isinstance(track, str) else "inbound",
+        track=track,
         chunk=integer(media.get("chunk")),
         timestamp=integer(media.get("timestamp")),
         sequence_number=integer(value.get("sequenceNumber")),
@@ -333,26 +344,55 @@ _FAST_DECODER: Final = json.JSONDecoder(
     parse_int=_short_int, parse_float=_short_float, parse_constant=_no_constant
 )
 """The fast path's decoder, made once (``json.loads`` with hooks builds one per call)."""
+_FAST_SCAN: Final = _FAST_DECODER.scan_once
+"""Its scanner: ``(text, index) -> (value, end)``, StopIteration when no value starts there."""
 
 
-def _fast_media(text: str) -> Media | None:
-    """A well-formed ``media`` frame, read by ``json.loads`` alone when it cannot need
-    load_json's guards (short ASCII without escapes, at most MAX_JSON_DEPTH brackets,
-    short finite numbers); None: the full path decides. The hot path of a call: 50
-    frames a second."""
+def _fast_value(text: str) -> dict[str, Any] | None:
+    """A ``media`` frame's JSON object, read by the C scanner alone when it cannot need
+    load_json's guards (short ASCII without escapes, starting with ``{`` and ending where
+    the object does, at most MAX_JSON_DEPTH brackets, short finite numbers); None: the
+    full path decides (also for every other event)."""
     if (
         len(text) > _FAST_MAX_CHARS
+        or not text.startswith("{")
         or not text.isascii()
         or "\\" in text
         or text.count("{") + text.count("[") > MAX_JSON_DEPTH
     ):
         return None
     try:
-        value = _FAST_DECODER.decode(text)
-        if not isinstance(value, dict) or value.get("event") != "media":
-            return None
+        value, end = _FAST_SCAN(text, 0)
+    except (StopIteration, ValueError, _Unsafe):
+        return None
+    if end != len(text) or not isinstance(value, dict) or value.get("event") != "media":
+        return None
+    return value
+
+
+def _fast_media(text: str) -> Media | None:
+    """A well-formed ``media`` frame by :func:`_fast_value`; None: the full path decides."""
+    value = _fast_value(text)
+    if value is None:
+        return None
+    try:
         return _parse_media(value)
-    except (ValueError, _Unsafe, ProtocolError):
+    except ProtocolError:
+        return None
+
+
+def media_audio(text: str) -> tuple[str, bytes] | None:
+    """The hot path of a call (50 frames a second): a well-formed ``media`` frame's track
+    and μ-law bytes, validated as :func:`parse_message` validates them, without the
+    :class:`Media` message (its informational numbers are not read). None for anything
+    else (another event, a frame the fast path leaves to the full parser, an invalid
+    media message): :func:`parse_message` then decides, and raises its error."""
+    value = _fast_value(text)
+    if value is None:
+        return None
+    try:
+        return _media_audio(value)
+    except ProtocolError:
         return None
 
 
@@ -611,6 +651,9 @@ class TwilioCall(CarrierCall):
         """
         if not isinstance(frame, str):
             raise ProtocolError("Twilio sends text frames only")
+        if (audio := media_audio(frame)) is not None:  # the hot path: 50 frames a second
+            track, payload = audio  # μ-law as is: one byte per sample
+            return self._feed(track, payload, len(payload))
         message = parse_message(frame)
         if isinstance(message, Media):
             payload = message.payload  # μ-law as is: one byte per sample
