@@ -66,7 +66,6 @@ this way the gateway knows whether that turn ended the session first.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import math
@@ -344,8 +343,9 @@ _FAST_DECODER: Final = json.JSONDecoder(
     parse_int=_short_int, parse_float=_short_float, parse_constant=_no_constant
 )
 """The fast path's decoder, made once (``json.loads`` with hooks builds one per call)."""
-_FAST_SCAN: Final = _FAST_DECODER.scan_once
-"""Its scanner: ``(text, index) -> (value, end)``, StopIteration when no value starts there."""
+_FAST_SCAN: Final = _FAST_DECODER.raw_decode
+"""Its ``(text) -> (value, end)``, without ``decode``'s whitespace checks (the fast path takes
+no whitespace around the object)."""
 
 
 def _fast_value(text: str) -> dict[str, Any] | None:
@@ -362,8 +362,8 @@ def _fast_value(text: str) -> dict[str, Any] | None:
     ):
         return None
     try:
-        value, end = _FAST_SCAN(text, 0)
-    except (StopIteration, ValueError, _Unsafe):
+        value, end = _FAST_SCAN(text)
+    except (ValueError, _Unsafe):
         return None
     if end != len(text) or not isinstance(value, dict) or value.get("event") != "media":
         return None
@@ -426,8 +426,12 @@ def media_message(stream_sid: str, payload: bytes) -> str:
 
     ``payload`` is raw 8 kHz μ-law without a header (spec: outbound ``media``).
     """
-    b64 = base64.b64encode(payload).decode("ascii")
-    return f'{{"event":"media","streamSid":{json.dumps(stream_sid)},"media":{{"payload":"{b64}"}}}}'
+    return _media_prefix(stream_sid) + binascii.b2a_base64(payload, newline=False).decode() + '"}}'
+
+
+def _media_prefix(stream_sid: str) -> str:
+    """The text of a ``media`` frame of ``stream_sid`` before its base64 payload."""
+    return f'{{"event":"media","streamSid":{json.dumps(stream_sid)},"media":{{"payload":"'
 
 
 def mark_message(stream_sid: str, name: str) -> str:
@@ -522,6 +526,7 @@ class TwilioCodec:
         self.frame_ms = frame_ms
         self.stream_sid = ""
         self._format: WireFormat | None = None
+        self._media_prefix = _media_prefix("")
 
     @property
     def media_format(self) -> WireFormat | None:
@@ -537,6 +542,7 @@ class TwilioCodec:
         """``start`` named the stream ``stream_sid`` (μ-law 8 kHz, checked by the call)."""
         self.stream_sid = stream_sid
         self._format = WireFormat("PCMU", SAMPLE_RATE)
+        self._media_prefix = _media_prefix(stream_sid)
 
     def receive_text(self, text: str) -> CallEvent:
         """A text frame as an engine event (spec: "WebSocket Messages"); ``media`` as PCM.
@@ -574,8 +580,12 @@ class TwilioCodec:
 
     def mulaw_frames(self, mulaw: bytes) -> list[WireFrame]:
         """μ-law 8 kHz as ``media`` frames of :attr:`frame_ms`."""
-        sid = self.stream_sid
-        return [media_message(sid, chunk) for chunk in audio_frames(mulaw, self.frame_ms)]
+        prefix = self._media_prefix  # media_message's text, the stream's part made once
+        encode = binascii.b2a_base64
+        return [
+            prefix + encode(chunk, newline=False).decode() + '"}}'
+            for chunk in audio_frames(mulaw, self.frame_ms)
+        ]
 
     def mark(self, name: str) -> WireFrame:
         """A ``mark`` frame named ``name``."""
