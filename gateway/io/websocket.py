@@ -238,10 +238,10 @@ class Watchdog:
         timeout_s = self._timeout_s
         if timeout_s is None or timeout_s == float("inf"):
             return
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("Watchdog should be used inside a task")
-        loop = asyncio.get_running_loop()
         self._deadline = deadline = loop.time() + timeout_s
         self._task = task
         self._cancelling = task.cancelling()
