@@ -66,7 +66,6 @@ this way the gateway knows whether that turn ended the session first.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import math
@@ -281,7 +280,12 @@ _OTHER: TypeAdapter[Connected | Start | Dtmf | Mark | Stop] = TypeAdapter(
 _EVENTS: Final = "connected, start, media, dtmf, mark or stop"
 
 
-def _parse_media(value: Mapping[str, Any]) -> Media:
+def _media_audio(value: Mapping[str, Any]) -> tuple[str, bytes]:
+    """A ``media`` message's track and μ-law bytes (``media.payload`` base64-decoded).
+
+    Raises ProtocolError for a missing ``media`` object, a payload that is not a base64
+    string or one over :data:`MAX_MEDIA_BYTES`. A track that is not a string is
+    ``inbound``."""
     media = value.get("media")
     if not isinstance(media, dict):
         raise ProtocolError("Invalid media message: media: expected an object")
@@ -295,10 +299,16 @@ def _parse_media(value: Mapping[str, Any]) -> Media:
     except (binascii.Error, ValueError):
         raise ProtocolError("Invalid media message: media.payload is not base64") from None
     track = media.get("track", "inbound")
+    return track if isinstance(track, str) else "inbound", data
+
+
+def _parse_media(value: Mapping[str, Any]) -> Media:
+    track, data = _media_audio(value)
+    media = value["media"]
     sid = value.get("streamSid")
     return Media(
         payload=data,
-        track=track if isinstance(track, str) else "inbound",
+        track=track,
         chunk=integer(media.get("chunk")),
         timestamp=integer(media.get("timestamp")),
         sequence_number=integer(value.get("sequenceNumber")),
@@ -333,26 +343,56 @@ _FAST_DECODER: Final = json.JSONDecoder(
     parse_int=_short_int, parse_float=_short_float, parse_constant=_no_constant
 )
 """The fast path's decoder, made once (``json.loads`` with hooks builds one per call)."""
+_FAST_SCAN: Final = _FAST_DECODER.raw_decode
+"""Its ``(text) -> (value, end)``, without ``decode``'s whitespace checks (the fast path takes
+no whitespace around the object)."""
 
 
-def _fast_media(text: str) -> Media | None:
-    """A well-formed ``media`` frame, read by ``json.loads`` alone when it cannot need
-    load_json's guards (short ASCII without escapes, at most MAX_JSON_DEPTH brackets,
-    short finite numbers); None: the full path decides. The hot path of a call: 50
-    frames a second."""
+def _fast_value(text: str) -> dict[str, Any] | None:
+    """A ``media`` frame's JSON object, read by the C scanner alone when it cannot need
+    load_json's guards (short ASCII without escapes, starting with ``{`` and ending where
+    the object does, at most MAX_JSON_DEPTH brackets, short finite numbers); None: the
+    full path decides (also for every other event)."""
     if (
         len(text) > _FAST_MAX_CHARS
+        or not text.startswith("{")
         or not text.isascii()
         or "\\" in text
         or text.count("{") + text.count("[") > MAX_JSON_DEPTH
     ):
         return None
     try:
-        value = _FAST_DECODER.decode(text)
-        if not isinstance(value, dict) or value.get("event") != "media":
-            return None
+        value, end = _FAST_SCAN(text)
+    except (ValueError, _Unsafe):
+        return None
+    if end != len(text) or not isinstance(value, dict) or value.get("event") != "media":
+        return None
+    return value
+
+
+def _fast_media(text: str) -> Media | None:
+    """A well-formed ``media`` frame by :func:`_fast_value`; None: the full path decides."""
+    value = _fast_value(text)
+    if value is None:
+        return None
+    try:
         return _parse_media(value)
-    except (ValueError, _Unsafe, ProtocolError):
+    except ProtocolError:
+        return None
+
+
+def media_audio(text: str) -> tuple[str, bytes] | None:
+    """The hot path of a call (50 frames a second): a well-formed ``media`` frame's track
+    and μ-law bytes, validated as :func:`parse_message` validates them, without the
+    :class:`Media` message (its informational numbers are not read). None for anything
+    else (another event, a frame the fast path leaves to the full parser, an invalid
+    media message): :func:`parse_message` then decides, and raises its error."""
+    value = _fast_value(text)
+    if value is None:
+        return None
+    try:
+        return _media_audio(value)
+    except ProtocolError:
         return None
 
 
@@ -386,8 +426,12 @@ def media_message(stream_sid: str, payload: bytes) -> str:
 
     ``payload`` is raw 8 kHz μ-law without a header (spec: outbound ``media``).
     """
-    b64 = base64.b64encode(payload).decode("ascii")
-    return f'{{"event":"media","streamSid":{json.dumps(stream_sid)},"media":{{"payload":"{b64}"}}}}'
+    return _media_prefix(stream_sid) + binascii.b2a_base64(payload, newline=False).decode() + '"}}'
+
+
+def _media_prefix(stream_sid: str) -> str:
+    """The text of a ``media`` frame of ``stream_sid`` before its base64 payload."""
+    return f'{{"event":"media","streamSid":{json.dumps(stream_sid)},"media":{{"payload":"'
 
 
 def mark_message(stream_sid: str, name: str) -> str:
@@ -482,6 +526,7 @@ class TwilioCodec:
         self.frame_ms = frame_ms
         self.stream_sid = ""
         self._format: WireFormat | None = None
+        self._media_prefix = _media_prefix("")
 
     @property
     def media_format(self) -> WireFormat | None:
@@ -497,6 +542,7 @@ class TwilioCodec:
         """``start`` named the stream ``stream_sid`` (μ-law 8 kHz, checked by the call)."""
         self.stream_sid = stream_sid
         self._format = WireFormat("PCMU", SAMPLE_RATE)
+        self._media_prefix = _media_prefix(stream_sid)
 
     def receive_text(self, text: str) -> CallEvent:
         """A text frame as an engine event (spec: "WebSocket Messages"); ``media`` as PCM.
@@ -534,8 +580,12 @@ class TwilioCodec:
 
     def mulaw_frames(self, mulaw: bytes) -> list[WireFrame]:
         """μ-law 8 kHz as ``media`` frames of :attr:`frame_ms`."""
-        sid = self.stream_sid
-        return [media_message(sid, chunk) for chunk in audio_frames(mulaw, self.frame_ms)]
+        prefix = self._media_prefix  # media_message's text, the stream's part made once
+        encode = binascii.b2a_base64
+        return [
+            prefix + encode(chunk, newline=False).decode() + '"}}'
+            for chunk in audio_frames(mulaw, self.frame_ms)
+        ]
 
     def mark(self, name: str) -> WireFrame:
         """A ``mark`` frame named ``name``."""
@@ -611,6 +661,9 @@ class TwilioCall(CarrierCall):
         """
         if not isinstance(frame, str):
             raise ProtocolError("Twilio sends text frames only")
+        if (audio := media_audio(frame)) is not None:  # the hot path: 50 frames a second
+            track, payload = audio  # μ-law as is: one byte per sample
+            return self._feed(track, payload, len(payload))
         message = parse_message(frame)
         if isinstance(message, Media):
             payload = message.payload  # μ-law as is: one byte per sample

@@ -282,10 +282,11 @@ class _Listening:
         self._task = asyncio.create_task(self._listen(), name=name)
 
     async def feed(self, action: FeedAudio) -> None:
-        speech = self.speech
+        speech = self._speech or self.speech
         started = bool(speech.hear(action.data))
         voice = self.call.voice(speech.onset_ms, started=started, voiced_ms=speech.voiced_ms)
-        await self._run(voice)
+        if voice:  # most frames: nothing to do
+            await self._run(voice)
 
     async def finish(self, action: FinishListening) -> None:
         """Nothing to do: a call's utterance ends by endpointing."""

@@ -32,7 +32,7 @@ left to do around it is the same for every one of them and lives here, once:
   is cancelled: the engine's turn goes on and saves its session.
 
 :class:`PacedSender` paces a media stream's outbound audio to real time (Twilio's,
-the next carrier's).
+the next carrier's), every stream of the loop on one :class:`FrameClock`.
 
 Tasks the connection spawns (:meth:`~WebSocketDriver.spawn`) are cancelled and
 awaited at shutdown; ``background`` ones (writes that should complete, e.g. V1's
@@ -43,7 +43,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final, Generic, Protocol, TypeVar
@@ -72,7 +75,9 @@ __all__ = [
     "CLOSE_INTERNAL",
     "CLOSE_NORMAL",
     "CLOSE_POLICY",
+    "PACE_TICK_MS",
     "SEND_ERRORS",
+    "FrameClock",
     "Listening",
     "PacedSender",
     "TurnTaker",
@@ -233,10 +238,10 @@ class Watchdog:
         timeout_s = self._timeout_s
         if timeout_s is None or timeout_s == float("inf"):
             return
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("Watchdog should be used inside a task")
-        loop = asyncio.get_running_loop()
         self._deadline = deadline = loop.time() + timeout_s
         self._task = task
         self._cancelling = task.cancelling()
@@ -416,13 +421,13 @@ class WebSocketDriver(Generic[A]):
     async def run(self, actions: Sequence[A]) -> None:
         """Carry out ``actions`` in order (see the module doc)."""
         for action in actions:
-            if isinstance(action, Send):
+            if isinstance(action, FeedAudio):  # first: a media stream's every inbound frame
+                if self.listening is not None:
+                    await self.listening.feed(action)
+            elif isinstance(action, Send):
                 await self.send_text(action.text)
             elif isinstance(action, SendBytes):
                 await self.send_bytes(action.data)
-            elif isinstance(action, FeedAudio):
-                if self.listening is not None:
-                    await self.listening.feed(action)
             elif isinstance(action, StartTurn):
                 self.spawn(self.forward(action), "turn")
             elif isinstance(action, StartListening):
@@ -516,6 +521,76 @@ class WebSocketDriver(Generic[A]):
         await asyncio.gather(*self._background, return_exceptions=True)
 
 
+PACE_TICK_MS: Final = 10
+"""The tick of the paced senders' shared clock (ms): a frame goes out at most this late."""
+
+
+class FrameClock:
+    """One loop timer for every paced sender of an event loop (:meth:`of`): ``await
+    clock.until(when)`` returns at the first tick (a multiple of ``tick_s`` on the loop
+    clock) at or after ``when``.
+
+    A sleep per frame per call (a loop timer each, and as many loop iterations as calls,
+    50 a second each) becomes one timer per tick whose firing wakes every sender due, in
+    one iteration of the loop. Senders whose frames are due on the same tick are sent in
+    the same iteration; a frame goes out at most ``tick_s`` late (within the send-ahead).
+    A cancelled wait is dropped at its tick.
+    """
+
+    def __init__(self, tick_ms: int = PACE_TICK_MS) -> None:
+        self.tick_s = tick_ms / 1000
+        self._due: dict[int, list[asyncio.Future[None]]] = {}
+        self._ticks: list[int] = []  # heap of the ticks in _due
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_tick = 0
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop, tick_ms: int = PACE_TICK_MS) -> FrameClock:
+        """The clock of ``loop`` with ticks of ``tick_ms`` (made on first use)."""
+        clocks = _CLOCKS.setdefault(loop, {})
+        clock = clocks.get(tick_ms)
+        if clock is None:
+            clock = clocks[tick_ms] = cls(tick_ms)  # holds no reference to the loop
+        return clock
+
+    async def until(self, when: float) -> None:
+        """Wait for the first tick at or after loop time ``when`` (s), on the running loop
+        (the clock's: :meth:`of`)."""
+        loop = asyncio.get_running_loop()
+        tick = math.ceil(when / self.tick_s)
+        future: asyncio.Future[None] = loop.create_future()
+        waiting = self._due.get(tick)
+        if waiting is None:
+            self._due[tick] = [future]
+            heapq.heappush(self._ticks, tick)
+            if self._timer is None or tick < self._timer_tick:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer_tick = tick
+                self._timer = loop.call_at(tick * self.tick_s, self._fire)
+        else:
+            waiting.append(future)
+        await future
+
+    def _fire(self) -> None:
+        self._timer = None
+        ticks = self._ticks
+        while ticks and ticks[0] <= self._timer_tick:
+            for future in self._due.pop(heapq.heappop(ticks)):
+                if not future.done():
+                    future.set_result(None)
+        if ticks:
+            self._timer_tick = ticks[0]
+            loop = asyncio.get_running_loop()  # a callback of the clock's loop
+            self._timer = loop.call_at(ticks[0] * self.tick_s, self._fire)
+
+
+_CLOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, FrameClock]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Each event loop's frame clocks, by tick (ms)."""
+
+
 class PacedSender(Generic[T]):
     """Sends a media stream's outbound frames in order, paced to real time.
 
@@ -526,7 +601,9 @@ class PacedSender(Generic[T]):
     the audio already sent ends less than ``ahead_ms`` from now (the monotonic loop
     clock); a message queued after them (Twilio's ``mark``) goes out right after
     the frames before it. After an underrun (nothing to send for a while) the
-    schedule restarts from now. :meth:`run` is the sender task (until cancelled).
+    schedule restarts from now; waits are on the loop's shared :class:`FrameClock` (one
+    timer for every call, a frame at most :data:`PACE_TICK_MS` late). :meth:`run` is the
+    sender task (until cancelled).
     ``T`` is the frame type ``send`` takes (``str``; ``str | bytes`` for carriers
     with binary audio, such as Vonage).
     """
@@ -574,6 +651,7 @@ class PacedSender(Generic[T]):
     async def run(self) -> None:
         """Send until cancelled."""
         loop = asyncio.get_running_loop()
+        clock = FrameClock.of(loop)
         queue = self._queue
         while True:
             if not queue:
@@ -589,9 +667,9 @@ class PacedSender(Generic[T]):
                 now = loop.time()
                 if self._end < now:
                     self._end = now  # Twilio has nothing left to play: start afresh
-                wait = self._end - self._ahead_s - now
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                due = self._end - self._ahead_s
+                if due > now:
+                    await clock.until(due)  # one loop timer for all calls (FrameClock)
                     continue  # the queue may have been cleared meanwhile
                 self._end += self._frame_s
             queue.popleft()

@@ -376,7 +376,8 @@ class SpeechStage:
     def _enqueue(self, item: _Item) -> None:
         self._queue.append(item)
         self._pending += len(item.audio)
-        self._wake.set()
+        if self._pending >= self._batch or item.decisions or self._finishing:
+            self._wake.set()  # :meth:`_next` has a batch: no task wake-up per frame before
 
     async def start(self) -> Self:
         """Open the recognition stream (may wait in the recognizer's bounded queue).
@@ -480,6 +481,9 @@ class SpeechStage:
                     self._idle_told = True
                     return _IDLE
             self._wake.clear()
+            if timeout is None:
+                await self._wake.wait()
+                continue
             try:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
