@@ -275,10 +275,8 @@ class _Utterance:
         """The tentative final result while the decoder's utterance is ended (see
         :meth:`end_tentatively`), else None."""
         try:
-            with warnings.catch_warnings():  # pocketsphinx calls it deprecated, but it
-                warnings.simplefilter("ignore", DeprecationWarning)  # still resets the noise
-                decoder.start_stream()  # statistics: results independent of earlier callers'
-            decoder.set_cmn(cmn)  # audio (the second pass depends on them and on the CMN)
+            decoder.start_stream()  # noise statistics and cepstral mean: independent of
+            decoder.set_cmn(cmn)  # earlier callers' audio (the second pass depends on both)
             decoder.start_utt()
         except (RuntimeError, ValueError) as exc:
             raise RecognitionError(f"pocketsphinx failed to start: {exc}") from exc
