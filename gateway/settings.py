@@ -383,6 +383,14 @@ class Settings(BaseSettings):
         "rest of the silence, so the transcript is ready when it ends; speech resuming "
         "takes the end back (one utterance). 0: off (the final search starts at the end).",
     )
+    stt_silence_tail_ms: int = Field(
+        default=300,
+        ge=0,
+        description="Trailing silence after the last voiced frame given to the recognizer; "
+        "the rest of the silence before the end of turn is held back (fed only if the caller "
+        "speaks again), saving the recognizer's CPU on audio that cannot change its result. "
+        "0: the recognizer is given all of it.",
+    )
     silence_timeout_ms: int = Field(
         default=5000, gt=0, description="No speech for this long gives the `#silence` input."
     )

@@ -133,6 +133,7 @@ class SpeechService:
             end_of_turn_short_ms=defaults.end_of_turn_short_ms,
             tentative_end_ms=defaults.tentative_end_ms,
             energy_floor=defaults.energy_floor,
+            silence_tail_ms=defaults.silence_tail_ms,
             min_speech_ms=defaults.min_speech_ms,
             aggressiveness=defaults.aggressiveness,
             max_audio_ms=defaults.max_audio_ms,
@@ -360,8 +361,8 @@ def make_speech(
 
 def listen_defaults(settings: Settings) -> ListenOptions:
     """The listening options of ``settings``: the no-speech timeout, the trailing silence
-    and adaptive short silence that end an utterance and the tentative end (ms of
-    audio), the VAD's minimum
+    and adaptive short silence that end an utterance, the tentative end and the
+    recognizer's silence tail (ms of audio), the VAD's minimum
     speech (ms), aggressiveness (0-3) and energy floor, the longest utterance (ms)."""
     return ListenOptions(
         silence_timeout_ms=settings.silence_timeout_ms,
@@ -369,6 +370,7 @@ def listen_defaults(settings: Settings) -> ListenOptions:
         end_of_turn_short_ms=settings.end_of_turn_short_ms or None,
         tentative_end_ms=settings.end_of_turn_tentative_ms or None,
         energy_floor=settings.vad_energy_floor,
+        silence_tail_ms=settings.stt_silence_tail_ms or None,
         min_speech_ms=settings.vad_min_speech_ms,
         aggressiveness=settings.vad_aggressiveness,
         max_audio_ms=int(settings.max_audio_s * 1000),

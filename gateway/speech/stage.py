@@ -46,6 +46,12 @@ endpointer heard no voice in it); when the caller speaks again first (the
 endpointer's last voiced frame moved), the held audio is fed and the recognizer takes
 the end back: the utterance goes on, one input. The tentative result's text becomes
 :attr:`SpeechStage.partial`, so the end of turn is judged on the whole final text.
+
+Silence tail (``ListenOptions.silence_tail_ms``, issue 12): trailing silence past the
+tail is held back from the recognizer the same way, tentative end or not
+(:mod:`gateway.speech.hold`): dropped when the speech ends in it, fed before the new
+audio when the caller speaks again, so the recognizer is never given less than the
+speech and ``silence_tail_ms`` of the silence after it.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from typing import Final, Literal, Self
 from gateway import metrics
 from gateway.speech.audio import AudioFormat, AudioFormatError, ulaw2lin
 from gateway.speech.endofturn import EndOfTurn, RuleEndOfTurn
+from gateway.speech.hold import feed_step
 from gateway.speech.stt import RecognitionStream, Recognizer, TentativeEnd
 from gateway.speech.types import Heard
 from gateway.speech.vad import Endpointer
@@ -89,6 +96,9 @@ class ListenOptions:
     recognition stream that offers ``end_tentatively``).
     ``energy_floor``: frames quieter than this RMS (16-bit samples) are unvoiced whatever
     the VAD says (:class:`~gateway.speech.vad.Endpointer`; 0: the VAD alone).
+    ``silence_tail_ms``: trailing silence the recognizer is given after the last voiced
+    frame; the rest is held back, fed only if the caller speaks again
+    (:mod:`gateway.speech.hold`; None: all of it is fed).
     """
 
     endpointing: bool = True
@@ -98,6 +108,7 @@ class ListenOptions:
     end_of_turn_short_ms: int | None = None
     tentative_end_ms: int | None = None
     energy_floor: int = 0
+    silence_tail_ms: int | None = None
     min_speech_ms: int = 150
     aggressiveness: int = 2
     max_audio_ms: int = 30_000
@@ -200,17 +211,21 @@ class SpeechStage:
         self._stopped = False
         self._stream: RecognitionStream | None = None
         self._fed = 0  # bytes fed to the utterance
+        self._given = 0  # bytes of it given to the recognizer (not held back or dropped)
         self.speaking = False
         """Whether speech started in the open utterance (it ends at the speech's end)."""
         self.result: Heard | None = None
         self.cancelled = False
         self.partial = ""
         """The latest interim transcript of the open utterance (also without ``interim``)."""
-        self._tentative_voiced_ms: int | None = None
-        """While the utterance is ended tentatively: the endpointer's last voiced frame
-        then (audio time, ms); speech resumed when it moves."""
+        self._tentative = False
+        """Whether the utterance is ended tentatively now."""
+        self._held_voiced_ms: int | None = None
+        """While audio is held back (after a tentative end, or trailing silence past
+        ``silence_tail_ms``): the endpointer's last voiced frame then (audio time, ms);
+        speech resumed when it moves (:func:`~gateway.speech.hold.feed_step`)."""
         self._held = bytearray()
-        """Audio after a tentative end, not yet given to the recognizer."""
+        """Audio held back from the recognizer (silence, until speech resumes)."""
         self.tentative_ends = 0
         """Tentative ends of the open utterance (taken back or not)."""
         self._set_trailing(self.options.trailing_silence_ms)
@@ -246,12 +261,7 @@ class SpeechStage:
     @property
     def tentative(self) -> bool:
         """Whether the open utterance is ended tentatively now (module doc)."""
-        return self._tentative_voiced_ms is not None
-
-    def _resumed(self) -> bool:
-        """Whether the caller spoke again after the tentative end (a voiced frame heard)."""
-        endpointer = self._endpointer
-        return endpointer is None or endpointer.last_voiced_ms != self._tentative_voiced_ms
+        return self._tentative
 
     def _may_end_tentatively(self) -> bool:
         """Whether to end the utterance tentatively now: the short silence applies, the
@@ -307,6 +317,12 @@ class SpeechStage:
     def done(self) -> bool:
         """Whether the utterance has its result (final or silence), or was cancelled."""
         return self.result is not None or self.cancelled
+
+    @property
+    def recognised_ms(self) -> int:
+        """Audio of the utterance given to the recognizer so far, in ms: :attr:`audio_ms`
+        less the silence held back or dropped (``silence_tail_ms``, the tentative end)."""
+        return int(self.fmt.duration_ms(self._given))
 
     @property
     def audio_ms(self) -> int:
@@ -532,17 +548,30 @@ class SpeechStage:
             )
         heard: list[Heard] = []
         audio = item.audio
-        if self.tentative:
-            if not self._resumed():
-                ended = any(kind == "ended" for kind, _ in item.decisions)
-                if not ended:
-                    self._held += audio  # silence: the tentative result stands
-                    return heard
-                audio = b""  # the end: the tentative result is the final one
-            else:  # the caller spoke again: the utterance goes on
+        endpointer = self._endpointer
+        if endpointer is not None and (self.speaking or self._held_voiced_ms is not None):
+            step = feed_step(
+                held_voiced_ms=self._held_voiced_ms,
+                speaking=self.speaking,
+                in_speech=endpointer.in_speech,
+                ends=any(kind == "ended" for kind, _ in item.decisions),
+                last_voiced_ms=endpointer.last_voiced_ms,
+                start_ms=self._origin_ms + self.audio_ms - int(self.fmt.duration_ms(len(audio))),
+                tail_ms=self.options.silence_tail_ms,
+            )
+            if step == "hold":  # silence: the recognizer has its tail (or the tentative end)
+                if self._held_voiced_ms is None:
+                    self._held_voiced_ms = endpointer.last_voiced_ms
+                self._held += audio
+                return heard
+            if step == "drop":  # the end: the recognizer finishes on what it was given
+                audio = b""
+                self._held.clear()
+            elif step == "release":  # the caller spoke again: the utterance goes on
                 audio = bytes(self._held) + audio
                 self._held.clear()
-                self._tentative_voiced_ms = None
+                self._held_voiced_ms = None
+                self._tentative = False
         for kind, at_ms in item.decisions:
             if kind == "started":
                 self.speaking = True
@@ -553,8 +582,10 @@ class SpeechStage:
                 return [*heard, self.result]
             elif kind == "ended" and self.speaking:
                 if audio:
+                    self._given += len(audio)
                     await stream.feed(audio)
                 return [*heard, await self._final(at_ms)]
+        self._given += len(audio)
         interim = await stream.feed(audio)
         if interim is not None and interim.text:
             self.partial = interim.text
@@ -571,7 +602,9 @@ class SpeechStage:
         stream = self._stream
         assert isinstance(stream, TentativeEnd)
         assert self._endpointer is not None
-        self._tentative_voiced_ms = self._endpointer.last_voiced_ms
+        self._tentative = True
+        if self._held_voiced_ms is None:
+            self._held_voiced_ms = self._endpointer.last_voiced_ms
         self.tentative_ends += 1
         result = await stream.end_tentatively()
         if result.text:
