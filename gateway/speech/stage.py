@@ -119,11 +119,17 @@ _Decision = tuple[Literal["started", "ended", "timeout"], int]
 
 @dataclass(frozen=True, slots=True)
 class _Item:
-    """Queued for the open utterance: audio and the endpointer's decisions on it, or the end."""
+    """Queued for the open utterance: audio and the endpointer's decisions on it, or the end;
+    ``in_speech`` and ``voiced_ms``: the endpointer's state once it had classified the audio
+    (in speech; the end of its last voiced frame, audio time), which decide whether the
+    recognizer is given it (:func:`~gateway.speech.hold.feed_step`) however far behind the
+    endpointer the recognizer runs."""
 
     audio: bytes
     decisions: tuple[_Decision, ...] = ()
     finish: bool = False
+    in_speech: bool = False
+    voiced_ms: int = 0
 
 
 _IDLE: Final = Heard("idle")
@@ -363,7 +369,14 @@ class SpeechStage:
                 else:
                     decisions.append(("timeout", event.at_ms))
         if self._open and not self._finishing and not self._stopped and not self.done:
-            self._enqueue(_Item(chunk, tuple(decisions)))
+            endpointer = self._endpointer
+            if endpointer is None:
+                self._enqueue(_Item(chunk, tuple(decisions)))
+            else:
+                item = _Item(
+                    chunk, tuple(decisions), False, endpointer.in_speech, endpointer.last_voiced_ms
+                )
+                self._enqueue(item)
             self._last_audio = time.monotonic()
         return onsets
 
@@ -387,7 +400,10 @@ class SpeechStage:
         self._origin_ms = self.now_ms
         if preroll_from_ms is not None and (preroll := self.recent(preroll_from_ms)):
             self._origin_ms -= int(self.fmt.duration_ms(len(preroll)))
-            self._enqueue(_Item(preroll))
+            endpointer = self._endpointer
+            in_speech = endpointer is not None and endpointer.in_speech
+            voiced_ms = 0 if endpointer is None else endpointer.last_voiced_ms
+            self._enqueue(_Item(preroll, (), False, in_speech, voiced_ms))
 
     def _enqueue(self, item: _Item) -> None:
         self._queue.append(item)
@@ -513,6 +529,7 @@ class SpeechStage:
         """The next queued audio as one item: items joined until ``batch_ms`` is reached or
         one carries a decision (that one included)."""
         audio = bytearray()
+        last: _Item | None = None  # the last item joined: the endpointer's state after them
         while self._queue and (not audio or len(audio) < self._batch):
             item = self._queue.popleft()
             if item.finish:
@@ -523,11 +540,13 @@ class SpeechStage:
                 return item
             audio += item.audio
             self._pending -= len(item.audio)
+            last = item
             if item.decisions:
-                self._room_check()
-                return _Item(bytes(audio), item.decisions)
+                break
         self._room_check()
-        return _Item(bytes(audio))
+        if last is None:
+            return _Item(bytes(audio))
+        return _Item(bytes(audio), last.decisions, False, last.in_speech, last.voiced_ms)
 
     def _room_check(self) -> None:
         if self._max_pending is None or self._pending < self._max_pending:
@@ -548,20 +567,19 @@ class SpeechStage:
             )
         heard: list[Heard] = []
         audio = item.audio
-        endpointer = self._endpointer
-        if endpointer is not None and (self.speaking or self._held_voiced_ms is not None):
+        if self._endpointer is not None and (self.speaking or self._held_voiced_ms is not None):
             step = feed_step(
                 held_voiced_ms=self._held_voiced_ms,
                 speaking=self.speaking,
-                in_speech=endpointer.in_speech,
+                in_speech=item.in_speech,
                 ends=any(kind == "ended" for kind, _ in item.decisions),
-                last_voiced_ms=endpointer.last_voiced_ms,
+                last_voiced_ms=item.voiced_ms,
                 start_ms=self._origin_ms + self.audio_ms - int(self.fmt.duration_ms(len(audio))),
                 tail_ms=self.options.silence_tail_ms,
             )
             if step == "hold":  # silence: the recognizer has its tail (or the tentative end)
                 if self._held_voiced_ms is None:
-                    self._held_voiced_ms = endpointer.last_voiced_ms
+                    self._held_voiced_ms = item.voiced_ms
                 self._held += audio
                 return heard
             if step == "drop":  # the end: the recognizer finishes on what it was given
