@@ -40,13 +40,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.protocol.call import PREROLL_MS  # noqa: E402
-from gateway.speech.audio import AudioFormat, pcm_to_mulaw, resample, silence  # noqa: E402
-from gateway.speech.service import listen_defaults  # noqa: E402
-from gateway.speech.stage import ListenOptions, SpeechStage  # noqa: E402
-from gateway.speech.stt import PocketsphinxRecognizer  # noqa: E402
-from gateway.speech.types import Heard  # noqa: E402
-from gateway.settings import Settings  # noqa: E402
+from gateway.protocol.call import PREROLL_MS
+from gateway.settings import Settings
+from gateway.speech.audio import AudioFormat, pcm_to_mulaw, resample, silence
+from gateway.speech.service import listen_defaults
+from gateway.speech.stage import ListenOptions, SpeechStage
+from gateway.speech.stt import PocketsphinxRecognizer
+from gateway.speech.types import Heard
 
 MULAW8 = AudioFormat("MULAW", 8000)
 FRAME = 160  # 20 ms of 8 kHz μ-law
