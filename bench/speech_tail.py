@@ -22,10 +22,13 @@ over ``--rounds``:
 - ``CPU``: the recognizer worker process's CPU per utterance (ms, /proc, median);
 - the final transcript (the same with and without the tail is the point).
 
-bench/carrier_calls.py's constant-cost recognizer charges CPU per ms given, so ``given``
-is also its cost.
+``--recognizer constant``: bench/carrier_calls.py's constant-cost stand-in (``--stt-cpu-ms``
+of CPU per second of audio given, in its worker threads) instead of pocketsphinx, and
+``CPU`` is this whole process's (the stage's VAD pass, queue and executor hops, and the
+stand-in's work), per utterance.
 
-    python bench/speech_tail.py [--rounds 3]
+    python bench/speech_tail.py [--rounds 3] [--recognizer pocketsphinx|constant]
+        [--stt-cpu-ms 10]
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ import dataclasses
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 from gateway.protocol.call import PREROLL_MS
 from gateway.settings import Settings
@@ -83,9 +89,14 @@ class Utterance:
     text: str
 
 
-async def utterance(
-    recognizer: PocketsphinxRecognizer, options: ListenOptions, audio: bytes
-) -> Utterance:
+def cpu_s(recognizer: Any) -> float:
+    """The CPU seconds that count: pocketsphinx's worker processes, or this process."""
+    if isinstance(recognizer, PocketsphinxRecognizer):
+        return children_cpu_s()
+    return time.process_time()
+
+
+async def utterance(recognizer: Any, options: ListenOptions, audio: bytes) -> Utterance:
     """One phrase through a call's stage (module doc): its final and what it cost."""
     stage = SpeechStage(
         recognizer, MULAW8, options, frame_ms=20, keep_ms=950, batch_ms=60
@@ -95,7 +106,7 @@ async def utterance(
     async def report(heard: Heard) -> None:
         pass
 
-    cpu0 = children_cpu_s()
+    cpu0 = cpu_s(recognizer)
     task: asyncio.Task[None] | None = None
     for i in range(0, len(audio), FRAME):
         onsets = stage.hear(audio[i : i + FRAME])
@@ -111,11 +122,11 @@ async def utterance(
     await task
     if stage.result is not None:
         finals.append(stage.result)
-    cpu = children_cpu_s() - cpu0
+    cpu = cpu_s(recognizer) - cpu0
     return Utterance(stage.recognised_ms, stage.audio_ms, cpu * 1000, finals[0].text)
 
 
-async def main(rounds: int) -> None:
+async def main(rounds: int, kind: str, stt_cpu_ms: float) -> None:
     from gateway.speech.tts import PiperSynthesizer
 
     piper = PiperSynthesizer(noise_scale=0.0, noise_w_scale=0.0)
@@ -127,7 +138,13 @@ async def main(rounds: int) -> None:
     }
     tail = listen_defaults(Settings())
     variants = {"tail": tail, "no tail": dataclasses.replace(tail, silence_tail_ms=None)}
-    recognizer = PocketsphinxRecognizer(max_streams=1)
+    recognizer: Any
+    if kind == "constant":
+        from carrier_calls import ConstantCostRecognizer
+
+        recognizer = ConstantCostRecognizer(stt_cpu_ms)
+    else:
+        recognizer = PocketsphinxRecognizer(max_streams=1)
     try:
         await utterance(recognizer, tail, said[PHRASES[0]])  # the worker starts
         results: dict[tuple[str, str], list[Utterance]] = {}
@@ -140,7 +157,13 @@ async def main(rounds: int) -> None:
         await recognizer.aclose()
     print(
         f"A call's utterance, default settings (GATEWAY_STT_SILENCE_TAIL_MS="
-        f"{tail.silence_tail_ms}) vs no tail; pocketsphinx worker CPU median of {rounds}:"
+        f"{tail.silence_tail_ms}) vs no tail; "
+        + (
+            f"constant-cost stand-in ({stt_cpu_ms:g} ms/s), process CPU"
+            if kind == "constant"
+            else "pocketsphinx worker CPU"
+        )
+        + f", median of {rounds}:"
     )
     totals: dict[str, list[float]] = {name: [0.0, 0.0] for name in variants}
     for text in PHRASES:
@@ -161,4 +184,9 @@ async def main(rounds: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    asyncio.run(main(parser.parse_args().rounds))
+    parser.add_argument(
+        "--recognizer", choices=["pocketsphinx", "constant"], default="pocketsphinx"
+    )
+    parser.add_argument("--stt-cpu-ms", type=float, default=10.0)
+    args = parser.parse_args()
+    asyncio.run(main(args.rounds, args.recognizer, args.stt_cpu_ms))
