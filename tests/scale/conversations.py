@@ -906,14 +906,17 @@ async def _call(target: Target, outcome: Outcome) -> str:
                 return call.closed_at is not None
 
             async def answered(marks: int) -> int:
-                """Wait until the bot's next mark is echoed (it has spoken); the count."""
+                """Wait until the bot's next mark is echoed (it has spoken), then until it
+                has said the whole answer (:func:`_quiet`: however many pieces, a mark
+                after each); the marks echoed."""
                 try:
                     await call.wait_for(lambda: len(call.echoed) > marks or cut(), RECV_LIMIT_S)
                 except TimeoutError:
                     raise Wrong(f"the bot said nothing within {RECV_LIMIT_S} s") from None
+                await _quiet(call, cut)
                 return len(call.echoed)
 
-            marks = await answered(1)  # the intro: two items, a mark after each
+            marks = await answered(0)  # the intro: two items, a mark after each piece
             for utterance in (f"my name is {name}", TWILIO_ASK):
                 if cut():
                     break
@@ -931,7 +934,6 @@ async def _call(target: Target, outcome: Outcome) -> str:
                 outcome.turns += 1
                 target.on_turn()
                 if utterance == TWILIO_ASK:  # recognised while the caller hangs up
-                    await _quiet(call, cut)  # the whole answer, however many pieces
                     media = [r.payload for r in call.received[seen:] if r.event == "media"]
                     recognition = asyncio.create_task(heard(b"".join(media)))
             if not cut():
