@@ -71,7 +71,7 @@ class Recorder:
         return [text for text, _ in self.turns]
 
 
-class Answers:
+class AnswerMarks:
     """The marks of each call's answers: wraps a gateway's :meth:`Conversation.turn` and
     counts, per session id (a call's id), the marks each turn makes the call protocol
     send (gateway/protocol/call.py): one per audio piece (BinaryEvent) before any
@@ -104,7 +104,7 @@ class Answers:
 
 
 class Heard(Protocol):
-    """What :class:`Answers` needs of a call's harness (tests/adapters/carrier_harness.py)."""
+    """What :class:`AnswerMarks` needs of a call's harness (tests/adapters/carrier_harness.py)."""
 
     call_id: str
     echoed: list[str]
@@ -114,7 +114,7 @@ class Heard(Protocol):
 
 
 class _Counted:
-    """A :class:`TurnStream` whose events are counted into ``marks`` (:class:`Answers`)."""
+    """A :class:`TurnStream` whose events are counted into ``marks`` (:class:`AnswerMarks`)."""
 
     def __init__(self, stream: TurnStream, marks: list[int]) -> None:
         self._stream = stream
@@ -153,11 +153,11 @@ class Served:
     url: str
     app: FastAPI
     core: Recorder
-    answers: Answers = field(repr=False)
+    answers: AnswerMarks = field(repr=False)
 
     async def wait_answers(self, call: Heard, count: int, within_s: float = 20.0) -> None:
         """Wait until ``call`` (a carrier harness) has heard ``count`` answers (its turns'
-        audio played out, however many pieces and marks each was sent in: :class:`Answers`);
+        audio played out, however many pieces and marks each was sent in: :class:`AnswerMarks`);
         TimeoutError else."""
         try:
             await call.wait_for(lambda: self.answers.heard(call) >= count, within_s)
@@ -233,7 +233,7 @@ async def twilio_gateway(
         gw.conversation.pipeline = core
         if speech is not None:
             gw.speech = gw.conversation.speech = speech
-        yield Served(url, app, core, Answers(gw.conversation))
+        yield Served(url, app, core, AnswerMarks(gw.conversation))
 
 
 def phone(pcm: Pcm) -> bytes:
