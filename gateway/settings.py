@@ -370,7 +370,7 @@ class Settings(BaseSettings):
         "while the partial transcript ends mid-phrase or on a filler).",
     )
     end_of_turn_short_ms: int = Field(
-        default=300,
+        default=250,
         ge=0,
         description="Adaptive end of turn: the silence that ends an utterance whose partial "
         "transcript reads as complete (gateway/speech/endofturn.py); 0: always "
