@@ -91,7 +91,7 @@ class AnswerMarks:
 
         conversation.turn = counted  # type: ignore[method-assign]
 
-    def heard(self, call: Heard) -> int:
+    def heard(self, call: HeardCall) -> int:
         """How many of ``call``'s answers (its turns, in order) it has heard: every one
         whose turn has ended and whose marks, with all before them, were echoed."""
         echoed, total, heard = len(call.echoed), 0, 0
@@ -103,7 +103,7 @@ class AnswerMarks:
         return heard
 
 
-class Heard(Protocol):
+class HeardCall(Protocol):
     """What :class:`AnswerMarks` needs of a call's harness (tests/adapters/carrier_harness.py)."""
 
     call_id: str
@@ -155,7 +155,7 @@ class Served:
     core: Recorder
     answers: AnswerMarks = field(repr=False)
 
-    async def wait_answers(self, call: Heard, count: int, within_s: float = 20.0) -> None:
+    async def wait_answers(self, call: HeardCall, count: int, within_s: float = 20.0) -> None:
         """Wait until ``call`` (a carrier harness) has heard ``count`` answers (its turns'
         audio played out, however many pieces and marks each was sent in: :class:`AnswerMarks`);
         TimeoutError else."""
