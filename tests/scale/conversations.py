@@ -59,7 +59,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat, Pcm, encode_wav, resample
 from gateway.speech.stt import PocketsphinxRecognizer, recognize
-from gateway.speech.tts import PiperSynthesizer
+from gateway.speech.tts import FIRST_PIECE_CHARS, PiperSynthesizer, split_pieces
 from tests.adapters.google.requests import cx, es, v3
 from tests.speech import SENTENCES, normalise, padded, wer
 
@@ -68,6 +68,11 @@ NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Linus", "Margaret", "Tim"
 TWILIO_NAMES = ("alan", "john", "robert")
 """Names that the default Piper voice says and pocketsphinx hears back at 8 kHz."""
 TWILIO_ASK = "what's my name"
+TWILIO_INTRO = (
+    "Hello, I am the gateway demo bot.",
+    "Tell me your name, or say anything, and I will answer.",
+)
+"""The demo core's greeting of a new session (gateway/pipeline/demo.py): two items."""
 TWILIO_HEARD_AS: dict[str, tuple[str, ...]] = {
     "alan": ("alan", "allen", "ellen", "helen"),
     "john": ("john",),
@@ -905,25 +910,32 @@ async def _call(target: Target, outcome: Outcome) -> str:
             def cut() -> bool:
                 return call.closed_at is not None
 
-            async def answered(marks: int) -> int:
-                """Wait until the bot's next mark is echoed (it has spoken), then until it
-                has said the whole answer (:func:`_quiet`: however many pieces, a mark
-                after each); the marks echoed."""
+            async def answered(marks: int, *texts: str) -> int:
+                """Wait until the bot has said the answer of items ``texts`` (after
+                ``marks`` echoed marks): a mark after each piece, one per item when its
+                audio was cached, as many as :func:`split_pieces` makes of it when it
+                was synthesized (its first clause first); with fewer than that, until
+                the bot is quiet (:func:`_quiet`). The marks echoed."""
                 try:
-                    await call.wait_for(lambda: len(call.echoed) > marks or cut(), RECV_LIMIT_S)
+                    await call.wait_for(
+                        lambda: len(call.echoed) >= marks + len(texts) or cut(), RECV_LIMIT_S
+                    )
                 except TimeoutError:
                     raise Wrong(f"the bot said nothing within {RECV_LIMIT_S} s") from None
-                await _quiet(call, cut)
+                most = marks + sum(len(pieces(text)) for text in texts)
+                if len(call.echoed) < most:
+                    await _quiet(call, lambda: cut() or len(call.echoed) >= most, 2.0)
                 return len(call.echoed)
 
-            marks = await answered(0)  # the intro: two items, a mark after each piece
+            marks = await answered(0, *TWILIO_INTRO)
             for utterance in (f"my name is {name}", TWILIO_ASK):
                 if cut():
                     break
                 audio = target.speech.phone[utterance]
                 seen = len(call.received)
                 spoken = call.say(audio)
-                marks = await answered(marks)
+                reply = "Your name is {}." if utterance == TWILIO_ASK else "Nice to meet you, {}."
+                marks = await answered(marks, reply.format(name.title()))
                 if cut():
                     break
                 speech_end = await spoken.started + (len(audio) - 9600) / 8000  # + 1.2 s quiet
@@ -934,6 +946,7 @@ async def _call(target: Target, outcome: Outcome) -> str:
                 outcome.turns += 1
                 target.on_turn()
                 if utterance == TWILIO_ASK:  # recognised while the caller hangs up
+                    await _quiet(call, cut)  # the whole answer, whatever it is
                     media = [r.payload for r in call.received[seen:] if r.event == "media"]
                     recognition = asyncio.create_task(heard(b"".join(media)))
             if not cut():
@@ -979,6 +992,13 @@ async def _call(target: Target, outcome: Outcome) -> str:
     else:
         outcome.resumed["Twilio calls cut: stream-error callback 204, session closed"] += 1
     return "cut"
+
+
+def pieces(text: str) -> list[str]:
+    """The pieces a gateway with the default settings synthesizes ``text`` in, a mark
+    after each (gateway/speech/tts.py)."""
+    clause = Settings().tts_first_clause_chars
+    return split_pieces(text, first_chars=FIRST_PIECE_CHARS, first_clause_chars=clause)
 
 
 async def _quiet(call: Any, cut: Callable[[], bool], quiet_s: float = 1.0) -> None:
