@@ -73,6 +73,10 @@ TWILIO_INTRO = (
     "Tell me your name, or say anything, and I will answer.",
 )
 """The demo core's greeting of a new session (gateway/pipeline/demo.py): two items."""
+CACHED_QUIET_S = 4.0
+"""How long a Twilio caller waits for more of an answer that came in fewer pieces than
+it would have if synthesized now (its audio cached): longer than the synthesis of one
+piece on a loaded machine."""
 TWILIO_HEARD_AS: dict[str, tuple[str, ...]] = {
     "alan": ("alan", "allen", "ellen", "helen"),
     "john": ("john",),
@@ -912,19 +916,28 @@ async def _call(target: Target, outcome: Outcome) -> str:
 
             async def answered(marks: int, *texts: str) -> int:
                 """Wait until the bot has said the answer of items ``texts`` (after
-                ``marks`` echoed marks): a mark after each piece, one per item when its
-                audio was cached, as many as :func:`split_pieces` makes of it when it
-                was synthesized (its first clause first); with fewer than that, until
-                the bot is quiet (:func:`_quiet`). The marks echoed."""
-                try:
-                    await call.wait_for(
-                        lambda: len(call.echoed) >= marks + len(texts) or cut(), RECV_LIMIT_S
-                    )
-                except TimeoutError:
-                    raise Wrong(f"the bot said nothing within {RECV_LIMIT_S} s") from None
+                ``marks`` echoed marks): a mark after each piece, as many as
+                :func:`split_pieces` makes of an item synthesized now (its first clause
+                first), one for an item whose audio was cached. With fewer marks than
+                that, until the bot has been quiet for :data:`CACHED_QUIET_S` (longer
+                than a synthesis between two pieces on a loaded machine). The marks
+                echoed."""
+                least = marks + len(texts)
                 most = marks + sum(len(pieces(text)) for text in texts)
-                if len(call.echoed) < most:
-                    await _quiet(call, lambda: cut() or len(call.echoed) >= most, 2.0)
+                deadline = time.monotonic() + RECV_LIMIT_S
+                count, since = len(call.received), time.monotonic()
+                while not cut() and len(call.echoed) < most:
+                    now = time.monotonic()
+                    if now > deadline:
+                        raise Wrong(f"the bot said nothing within {RECV_LIMIT_S} s")
+                    if len(call.received) != count:
+                        count, since = len(call.received), now
+                    elif (
+                        len(call.echoed) >= max(least, len(call.marks()))
+                        and now - since >= CACHED_QUIET_S
+                    ):
+                        break
+                    await asyncio.sleep(0.05)
                 return len(call.echoed)
 
             marks = await answered(0, *TWILIO_INTRO)
