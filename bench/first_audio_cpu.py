@@ -19,11 +19,14 @@ recognizer keeps up, as it does on a quiet machine). Per utterance:
 
 ``estimate`` = wait + final + piper + lead: end of speech -> first voiced frame on an
 idle machine (CPU time is wall time when a core is free), without the few ms of the
-turn engine and framing (bench/speech_latency.py). Two configurations, same run:
+turn engine and framing (bench/speech_latency.py). Configurations, same run:
 
-* ``old``: this tree as main behaves (no tentative end, first piece at a sentence end);
-* ``new``: this tree's defaults (GATEWAY_END_OF_TURN_TENTATIVE_MS, GATEWAY_VAD_ENERGY_FLOOR);
-* ``new+clause``: and GATEWAY_TTS_FIRST_CLAUSE_CHARS=4 (FIRST_CLAUSE_CHARS; off by default).
+* ``old``: no tentative end, no energy floor, first piece at a sentence end;
+* ``new``: this tree's defaults (GATEWAY_END_OF_TURN_TENTATIVE_MS, GATEWAY_VAD_ENERGY_FLOOR,
+  GATEWAY_TTS_FIRST_CLAUSE_CHARS);
+* ``new-clause``: the defaults but GATEWAY_TTS_FIRST_CLAUSE_CHARS=0 (a sentence first);
+* ``short <ms>`` (``--short-ms``, e.g. ``250,200``): the defaults with that
+  GATEWAY_END_OF_TURN_SHORT_MS (and the tentative end at most 60 ms before it).
 
 Mid-phrase utterances report cuts (more than one final): they must stay 0.
 """
@@ -36,6 +39,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,7 +48,7 @@ from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat, Pcm, pcm_to_mulaw, resample, silence
 from gateway.speech.stage import ListenOptions, SpeechStage
 from gateway.speech.stt import PocketsphinxRecognizer, PocketsphinxStream
-from gateway.speech.tts import FIRST_CLAUSE_CHARS, PiperSynthesizer
+from gateway.speech.tts import PiperSynthesizer
 
 MULAW8 = AudioFormat("MULAW", 8000)
 FRAME = 160
@@ -120,7 +124,7 @@ def p(values: list[float], q: float) -> float:
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
-async def main(runs: int) -> None:
+async def main(runs: int, shorts: list[int]) -> None:
     settings = Settings()
     base = ListenOptions(
         interim=True,
@@ -130,20 +134,19 @@ async def main(runs: int) -> None:
         min_speech_ms=settings.vad_min_speech_ms,
         aggressiveness=settings.vad_aggressiveness,
     )
-    configs = {
-        "old": (base, 0),
-        "new": (
-            ListenOptions(
-                **{
-                    **{f: getattr(base, f) for f in base.__dataclass_fields__},
-                    "tentative_end_ms": settings.end_of_turn_tentative_ms or None,
-                    "energy_floor": settings.vad_energy_floor,
-                }
-            ),
-            settings.tts_first_clause_chars,
-        ),
-    }
-    configs["new+clause"] = (configs["new"][0], FIRST_CLAUSE_CHARS)
+    new = replace(
+        base,
+        tentative_end_ms=settings.end_of_turn_tentative_ms or None,
+        energy_floor=settings.vad_energy_floor,
+    )
+    clause = settings.tts_first_clause_chars
+    configs = {"old": (base, 0), "new": (new, clause), "new-clause": (new, 0)}
+    for short in shorts:
+        tentative = min(settings.end_of_turn_tentative_ms, max(short - 60, 0)) or None
+        configs[f"short {short}"] = (
+            replace(new, end_of_turn_short_ms=short, tentative_end_ms=tentative),
+            clause,
+        )
     voice = PiperSynthesizer(noise_scale=0.0, noise_w_scale=0.0)
     said: dict[str, list[bytes]] = {"short": [], "long": [], "mid-phrase": []}
     for text in SHORT:
@@ -156,10 +159,9 @@ async def main(runs: int) -> None:
             quiet(300) + half + quiet(PAUSE_MS) + phone(await voice.synthesize(rest)) + quiet(1000)
         )
     recognizer = PocketsphinxRecognizer(max_streams=1)
-    pipers = {
-        name: PiperSynthesizer(first_clause_chars=clause) for name, (_, clause) in configs.items()
-    }
-    for synth in pipers.values():
+    voices = {c: PiperSynthesizer(first_clause_chars=c) for c in {c for _, c in configs.values()}}
+    pipers = {name: voices[c] for name, (_, c) in configs.items()}
+    for synth in voices.values():
         await synth.synthesize("Ready.")
     rows: dict[str, dict[str, dict[str, list[float]]]] = {
         kind: {
@@ -210,4 +212,8 @@ async def main(runs: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=2)
-    asyncio.run(main(parser.parse_args().runs))
+    parser.add_argument(
+        "--short-ms", default="", help="short end-of-turn silences to try beside the default"
+    )
+    args = parser.parse_args()
+    asyncio.run(main(args.runs, [int(ms) for ms in args.short_ms.split(",") if ms]))

@@ -336,12 +336,13 @@ class Settings(BaseSettings):
         default=1, gt=0, description="ONNX Runtime threads of one Piper synthesis."
     )
     tts_first_clause_chars: int = Field(
-        default=0,
+        default=4,
         ge=0,
         description="Piper: an item's first piece ends at its first clause end (a comma "
         "too) once it holds this many characters, or before a phrase when its first clause "
-        "is long, so its first audio comes sooner (4 suggested: 'Okay,' of 'Okay, done.' in "
-        "about a third of the time); 0: the first piece ends at a sentence end.",
+        "is long, so its first audio comes sooner ('Okay,' of 'Okay, done.' in about a third "
+        "of the time; a call then sends one more piece and mark for such an item); 0: the "
+        "first piece ends at a sentence end.",
     )
     tts_prefetch: bool = Field(
         default=False,
@@ -369,7 +370,7 @@ class Settings(BaseSettings):
         "while the partial transcript ends mid-phrase or on a filler).",
     )
     end_of_turn_short_ms: int = Field(
-        default=300,
+        default=250,
         ge=0,
         description="Adaptive end of turn: the silence that ends an utterance whose partial "
         "transcript reads as complete (gateway/speech/endofturn.py); 0: always "

@@ -323,8 +323,18 @@ def gateway_processes() -> Iterator[list[GatewayProcess]]:
 
 @pytest.fixture(scope="session")
 def piper() -> PiperSynthesizer:
-    """The default Piper voice (joe), deterministic: no sampling noise."""
+    """The default Piper voice (joe), deterministic: no sampling noise; whole sentences
+    (the caller's voice and the corpus: ``first_clause_chars`` 0)."""
     return PiperSynthesizer(noise_scale=0.0, noise_w_scale=0.0)
+
+
+@pytest.fixture(scope="session")
+def gateway_piper() -> PiperSynthesizer:
+    """The gateway's Piper voice as the default settings make it (an item's first clause
+    a piece of its own: GATEWAY_TTS_FIRST_CLAUSE_CHARS), deterministic like :func:`piper`."""
+    return PiperSynthesizer(
+        noise_scale=0.0, noise_w_scale=0.0, first_clause_chars=Settings().tts_first_clause_chars
+    )
 
 
 @pytest.fixture(scope="session")

@@ -362,13 +362,24 @@ class MarkBook:
         self._pending.clear()
 
 
+SPEECH_MS_PER_CHAR: Final = 60
+"""Audio ms per character of an item's text, assumed by :class:`Playout` for an item
+whose audio is still coming until the call's complete items tell their own rate (Piper's
+joe voice: 51-65 ms per character in sentences, up to 90 in short ones with numbers)."""
+
+_RATE_MIN_CHARS: Final = 40
+"""Characters of complete items :class:`Playout` needs before it uses their rate."""
+
+
 @dataclass
 class _Spoken:
-    """One response item's speech: its text and its audio queued and played (ms)."""
+    """One response item's speech: its text, its audio queued and played (ms), and whether
+    all of its audio was queued (``done``)."""
 
     text: str
     total_ms: int = 0
     played_ms: int = 0
+    done: bool = False
 
 
 @dataclass
@@ -391,22 +402,49 @@ class Playout:
     the share of its characters its played audio covers (all of it when every chunk's
     mark came back). The chunk playing at the cut is estimated: it started when it was
     queued or when the mark before it came back, whichever is later. Times are the
-    call's audio time (ms); an item still being synthesized counts the audio so far.
+    call's audio time (ms). An item still being synthesized (streamed speech: its first
+    piece may be a short first clause, "Okay," of "Okay, done.") is taken to last at
+    least its characters at the call's speaking rate (that of its complete items, else
+    :data:`SPEECH_MS_PER_CHAR`), so the share of its text heard is not that of the
+    audio so far; an item is complete once the next is announced or :meth:`done`.
     """
 
     def __init__(self) -> None:
         self._items: list[_Spoken] = []
         self._chunks: deque[_Chunk] = deque()
         self._since_ms = 0
+        self._rate_chars = 0
+        self._rate_ms = 0
 
     def reset(self) -> None:
-        """Forget everything (a new turn)."""
+        """Forget the turn's speech (a new turn); the speaking rate learnt is kept."""
         self._items = []
         self._chunks.clear()
 
     def item(self, text: str) -> None:
-        """A response item whose speech (``text``) comes next."""
+        """A response item whose speech (``text``) comes next; the one before is complete."""
+        self.done()
         self._items.append(_Spoken(text))
+
+    def done(self) -> None:
+        """All of the announced items' audio was queued (the turn's Response came)."""
+        for item in self._items:
+            if not item.done:
+                item.done = True
+                if item.text and item.total_ms:
+                    self._rate_chars += len(item.text)
+                    self._rate_ms += item.total_ms
+
+    def _expected_ms(self, item: _Spoken) -> int:
+        """The audio ``item`` has, or will have when it is still coming (class doc)."""
+        if item.done:
+            return item.total_ms
+        rate = (
+            self._rate_ms / self._rate_chars
+            if self._rate_chars >= _RATE_MIN_CHARS
+            else SPEECH_MS_PER_CHAR
+        )
+        return max(item.total_ms, round(len(item.text) * rate))
 
     def queued(self, mark: str, audio_ms: int, now_ms: int) -> None:
         """A Play of ``audio_ms`` of the latest item's speech, marked ``mark``, queued at
@@ -445,7 +483,8 @@ class Playout:
         for item in self._items:
             if not item.text:
                 continue
-            share = item.played_ms / item.total_ms if item.total_ms else 0.0
+            total_ms = self._expected_ms(item)
+            share = min(item.played_ms / total_ms, 1.0) if total_ms else 0.0
             said, rest = _split_words(item.text, share)
             heard += [said] if said else []
             unheard += [rest] if rest else []
@@ -1174,6 +1213,7 @@ class CarrierCall:
         if turn is None or self.info is None:
             return []
         if isinstance(event, ResponseEvent):
+            self.playout.done()
             if event.response.session_ended:
                 turn.ended = True
             return []
@@ -1227,7 +1267,9 @@ class CarrierCall:
         if self.state not in (State.BOT, State.HOLDING, State.CALLER, State.HEARING):
             return []
         self.playout.item(self.config.error_text)
-        return [self._play(audio)]
+        play = self._play(audio)
+        self.playout.done()  # the error text's audio comes whole
+        return [play]
 
     def turn_rejected(self, exc: TurnRejected) -> list[CallAction]:
         """The engine refused the turn (session busy, store down, ...): say the error text;
@@ -1241,6 +1283,7 @@ class CarrierCall:
         """The running turn's events have ended: the session's end (a final mark after
         the audio), the waiting input's turn, or the caller's floor."""
         turn, self.turn = self.turn, None
+        self.playout.done()
         if turn is None or self.state is State.CLOSED:
             return []
         if turn.ended or turn.transfer:

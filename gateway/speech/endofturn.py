@@ -5,7 +5,7 @@ Pure (standard library only, no clock, no I/O). The speech stage
 interim (partial) transcript of the open utterance changes, and picks the trailing
 silence that ends the utterance from the answer:
 
-* **complete** -> ``end_of_turn_short_ms`` (GATEWAY_END_OF_TURN_SHORT_MS, e.g. 300):
+* **complete** -> ``end_of_turn_short_ms`` (GATEWAY_END_OF_TURN_SHORT_MS, 250):
   "yes", "play some music please", "what is the weather like today";
 * **incomplete** -> ``trailing_silence_ms`` (GATEWAY_VAD_TRAILING_SILENCE_MS, 700): an
   empty partial, one ending on a word that rarely ends an English sentence (an

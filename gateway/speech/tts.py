@@ -69,10 +69,10 @@ once it holds this many characters (:func:`split_pieces`'s ``first_clause_chars`
 done. Ticket 3." starts with "Okay," on its own, about a third of the synthesis of the
 whole sentence, so the answer's first audio comes that much sooner (issue 16); the rest
 is synthesized while it plays. Piper then says the clause as a phrase of its own (its
-comma pause at its end), the rest of the sentence after it. The suggested value of
-GATEWAY_TTS_FIRST_CLAUSE_CHARS, which is off (0: :data:`FIRST_PIECE_CHARS` alone,
-sentence ends only) by default for now: a call then sends one more piece and mark per
-answer, which tests counting an answer's marks do not expect yet."""
+comma pause at its end), the rest of the sentence after it. The default of
+GATEWAY_TTS_FIRST_CLAUSE_CHARS (0: :data:`FIRST_PIECE_CHARS` alone, sentence ends only):
+a call then sends one more piece, and mark, for such an item. :class:`PiperSynthesizer`
+itself splits only at sentence ends unless given ``first_clause_chars``."""
 
 PHRASE_STARTS: Final = frozenset(
     [
@@ -484,8 +484,8 @@ class PiperSynthesizer:
         threads: ONNX Runtime intra-op threads per inference run (1 leaves the other
             cores to the event loop and to recognition).
         first_clause_chars: an item's first piece ends at its first clause end once it
-            holds this many characters (GATEWAY_TTS_FIRST_CLAUSE_CHARS; 0, the default: at a
-            sentence end; :data:`FIRST_CLAUSE_CHARS` is the suggested value).
+            holds this many characters (GATEWAY_TTS_FIRST_CLAUSE_CHARS, whose default is
+            :data:`FIRST_CLAUSE_CHARS`; 0, this class's default: at a sentence end).
 
     Raises:
         SynthesisError: (on first synthesis) the model or config cannot be loaded.

@@ -24,7 +24,7 @@ def tts_cache() -> MemoryTtsCache:
 
 @pytest.fixture
 def speech(
-    piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer, tts_cache: MemoryTtsCache
+    gateway_piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer, tts_cache: MemoryTtsCache
 ) -> SpeechService:
     """The gateway's speech as the default settings make it (the Piper model and the
     recognizer's worker processes load once per run; the service, and with it the
@@ -32,7 +32,7 @@ def speech(
     settings = Settings()
     return SpeechService(
         recognizer_factory=lambda: recognizer,
-        synthesizer=piper,
+        synthesizer=gateway_piper,
         cache=tts_cache,
         public_url=PUBLIC,
         listen_defaults=ListenOptions(
@@ -46,13 +46,15 @@ def speech(
 
 
 @pytest.fixture
-def fresh_speech(piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer) -> SpeechService:
+def fresh_speech(
+    gateway_piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer
+) -> SpeechService:
     """A speech service of this test's own, TTS cache included (nothing said by an earlier
     test is cached), on the shared Piper voice and recognizer; the default silence timeout."""
     settings = Settings()
     return SpeechService(
         recognizer_factory=lambda: recognizer,
-        synthesizer=piper,
+        synthesizer=gateway_piper,
         cache=MemoryTtsCache(),
         public_url=PUBLIC,
         listen_defaults=ListenOptions(silence_timeout_ms=settings.silence_timeout_ms),

@@ -54,15 +54,23 @@ async def test_a_whole_call_intro_speech_dtmf_and_stop(
         carrier.gateway(speech) as (gw, _),
         carrier.dial(gw.url, mic_speed=4.0) as call,
     ):
-        # the intro is heard: two items, each its audio then a mark
-        await call.wait_for(lambda: len(call.echoed) == 2)
+        # the intro is heard: two items, each piece of its speech (the first clause, the
+        # rest: GATEWAY_TTS_FIRST_CLAUSE_CHARS) its audio then a mark
+        await gw.wait_answers(call, 1)
         assert gw.core.turns[0][0] == "#intro"
-        assert call.marks() == ["1", "2"]
+        marks = call.marks()
+        assert 2 <= len(marks) <= 4, marks
+        assert marks == [str(n) for n in range(1, len(marks) + 1)]
         assert call.received[-1].event == "mark"
         intro_s = call.seconds(call.media_frames())
         assert 3.0 < intro_s < 9.0, intro_s  # two sentences of speech
-        first_mark = next(i for i, r in enumerate(call.received) if r.event == "mark")
-        assert call.seconds(call.media_frames()[:first_mark]) > 1.0  # the audio came first
+        pieces = [[]]  # the audio frames before each mark
+        for r in call.received:
+            if r.event == "mark":
+                pieces.append([])
+            elif r.event == "media":
+                pieces[-1].append(r)
+        assert all(call.seconds(p) > 0.3 for p in pieces[:-1])  # each mark after its audio
         async with gw.app.state.gateway.store.open(
             f"{carrier}:{call.call_id}", lease_s=5, wait_s=5
         ) as txn:
@@ -76,7 +84,7 @@ async def test_a_whole_call_intro_speech_dtmf_and_stop(
         heard, answer = gw.core.turns[1]
         assert wer([(SENTENCE, normalise(heard))]) <= 0.34, heard
         assert answer == [f"You said: {heard}"]
-        await call.wait_for(lambda: len(call.echoed) == 3)
+        await gw.wait_answers(call, 2)
         assert len(call.audio_after(seen)) / 2 / call.rate > 1.0  # over a second of answer
 
         # a key press is answered
@@ -84,7 +92,7 @@ async def test_a_whole_call_intro_speech_dtmf_and_stop(
         await call.dtmf("5")
         await gw.wait_turns(3)
         assert gw.core.turns[2] == ("5", ["You said: 5"])
-        await call.wait_for(lambda: len(call.echoed) == 4)
+        await gw.wait_answers(call, 3)
         assert call.audio_after(seen)
         assert not call.clears()  # nothing was interrupted
         assert await carrier.session_exists(gw, call)
@@ -107,7 +115,7 @@ async def test_outbound_audio_is_paced_in_real_time(
     (else Piper's speed on a busy machine is measured: the first item plays 1.9 s)."""
     async with carrier.gateway(speech, twilio_send_ahead_ms=60) as (gw, _):
         async with carrier.dial(gw.url) as first:
-            await first.wait_for(lambda: len(first.echoed) == 2)
+            await gw.wait_answers(first, 1)
         async with carrier.dial(gw.url, play_speed=1.0) as call, LoopStalls() as stalls:
             await call.wait_for(lambda: bool(call.media_frames()))
             t0 = call.media_frames()[0].at
@@ -189,7 +197,13 @@ async def test_barge_in_clears_playback_within_300_ms_and_is_answered(
         await gw.wait_turns(2)
         heard, _ = gw.core.turns[1]
         assert wer([(SENTENCE, normalise(heard))]) <= 0.34, heard
-        await call.wait_for(lambda: bool(call.echoed) and call.echoed[-1] == call.marks()[-1])
+        # the answer's audio came (its first piece) and every mark sent was echoed
+        await call.wait_for(
+            lambda: (
+                any(r.event == "media" for r in call.received[index + 1 :])
+                and call.echoed[-1] == call.marks()[-1]
+            )
+        )
         later = call.received[index + 1 :]
         first_media = next(i for i, r in enumerate(later) if r.event == "media")
         assert all(r.event == "mark" for r in later[:first_media])  # only cleared marks
@@ -206,13 +220,15 @@ async def test_goodbye_ends_the_call_only_after_the_last_audio_played(
         carrier.gateway(speech) as (gw, api),
         carrier.dial(gw.url, mic_speed=4.0, hold=lambda n: n.startswith("end-")) as call,
     ):
-        await call.wait_for(lambda: len(call.echoed) == 2)
+        await gw.wait_answers(call, 1)
         call.say(bye)
         await gw.wait_turns(2)
         assert gw.core.turns[1] == ("goodbye", ["Goodbye!"])
         await call.wait_for(lambda: bool(call.held))
         final = call.held[0]
-        assert call.marks()[-2:] == ["3", final]  # the farewell's mark, then the final one
+        # the farewell's mark, then the final one
+        assert call.marks()[-1] == final == f"end-{len(call.marks())}"
+        assert call.marks()[-2] == str(len(call.marks()) - 1)
         await asyncio.sleep(1.0)
         assert call.closed_at is None  # the caller has not heard the end yet: no hang-up
         assert api.requests == []
@@ -249,15 +265,19 @@ async def test_transfer_happens_only_after_the_preceding_audio_played(
             }
         )
         async with carrier.dial(gw.url, hold=lambda name: True) as call:
-            # the sentence's audio and its mark, then the final mark: both held (not played)
-            await call.wait_for(lambda: len(call.held) >= 2, 20)
-            spoken, final = call.held[:2]
+            # the sentence's audio and its marks (a piece each), then the final mark: all
+            # held (not played)
+            await call.wait_for(lambda: any(n.startswith("end-") for n in call.held), 20)
+            *spoken, final = call.held
             assert final.startswith("end-")
+            assert spoken
+            assert not any(n.startswith("end-") for n in spoken)
             heard = len(call.media_frames())
             assert heard > 0
             await asyncio.sleep(0.5)
             assert api.requests == []  # nothing before the audio has played
-            await call.release(spoken)
+            for name in spoken:
+                await call.release(name)
             await asyncio.sleep(0.3)
             assert api.requests == []  # the final mark is not back yet
             await call.release(final)

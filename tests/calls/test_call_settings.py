@@ -83,7 +83,7 @@ async def test_a_telnyx_override_collects_keys_on_a_real_call(speech: SpeechServ
     ) as gw:
         assert gw.channel.config.dtmf_mode == "digit"  # Twilio's is untouched
         async with TelnyxHarness.dial(gw.url, mic_speed=4.0) as call:
-            await call.wait_for(lambda: len(call.echoed) >= 2, 30)
+            await gw.wait_answers(call, 1, 30)
             for key in "42":
                 await call.dtmf(key)
             assert not await until(lambda: len(gw.core.turns) >= 2, 0.5)

@@ -59,7 +59,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat, Pcm, encode_wav, resample
 from gateway.speech.stt import PocketsphinxRecognizer, recognize
-from gateway.speech.tts import PiperSynthesizer
+from gateway.speech.tts import FIRST_PIECE_CHARS, PiperSynthesizer, split_pieces
 from tests.adapters.google.requests import cx, es, v3
 from tests.speech import SENTENCES, normalise, padded, wer
 
@@ -68,6 +68,15 @@ NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Linus", "Margaret", "Tim"
 TWILIO_NAMES = ("alan", "john", "robert")
 """Names that the default Piper voice says and pocketsphinx hears back at 8 kHz."""
 TWILIO_ASK = "what's my name"
+TWILIO_INTRO = (
+    "Hello, I am the gateway demo bot.",
+    "Tell me your name, or say anything, and I will answer.",
+)
+"""The demo core's greeting of a new session (gateway/pipeline/demo.py): two items."""
+CACHED_QUIET_S = 4.0
+"""How long a Twilio caller waits for more of an answer that came in fewer pieces than
+it would have if synthesized now (its audio cached): longer than the synthesis of one
+piece on a loaded machine."""
 TWILIO_HEARD_AS: dict[str, tuple[str, ...]] = {
     "alan": ("alan", "allen", "ellen", "helen"),
     "john": ("john",),
@@ -905,22 +914,41 @@ async def _call(target: Target, outcome: Outcome) -> str:
             def cut() -> bool:
                 return call.closed_at is not None
 
-            async def answered(marks: int) -> int:
-                """Wait until the bot's next mark is echoed (it has spoken); the count."""
-                try:
-                    await call.wait_for(lambda: len(call.echoed) > marks or cut(), RECV_LIMIT_S)
-                except TimeoutError:
-                    raise Wrong(f"the bot said nothing within {RECV_LIMIT_S} s") from None
+            async def answered(marks: int, *texts: str) -> int:
+                """Wait until the bot has said the answer of items ``texts`` (after
+                ``marks`` echoed marks): a mark after each piece, as many as
+                :func:`split_pieces` makes of an item synthesized now (its first clause
+                first), one for an item whose audio was cached. With fewer marks than
+                that, until the bot has been quiet for :data:`CACHED_QUIET_S` (longer
+                than a synthesis between two pieces on a loaded machine). The marks
+                echoed."""
+                least = marks + len(texts)
+                most = marks + sum(len(pieces(text)) for text in texts)
+                deadline = time.monotonic() + RECV_LIMIT_S
+                count, since = len(call.received), time.monotonic()
+                while not cut() and len(call.echoed) < most:
+                    now = time.monotonic()
+                    if now > deadline:
+                        raise Wrong(f"the bot said nothing within {RECV_LIMIT_S} s")
+                    if len(call.received) != count:
+                        count, since = len(call.received), now
+                    elif (
+                        len(call.echoed) >= max(least, len(call.marks()))
+                        and now - since >= CACHED_QUIET_S
+                    ):
+                        break
+                    await asyncio.sleep(0.05)
                 return len(call.echoed)
 
-            marks = await answered(1)  # the intro: two items, a mark after each
+            marks = await answered(0, *TWILIO_INTRO)
             for utterance in (f"my name is {name}", TWILIO_ASK):
                 if cut():
                     break
                 audio = target.speech.phone[utterance]
                 seen = len(call.received)
                 spoken = call.say(audio)
-                marks = await answered(marks)
+                reply = "Your name is {}." if utterance == TWILIO_ASK else "Nice to meet you, {}."
+                marks = await answered(marks, reply.format(name.title()))
                 if cut():
                     break
                 speech_end = await spoken.started + (len(audio) - 9600) / 8000  # + 1.2 s quiet
@@ -931,7 +959,7 @@ async def _call(target: Target, outcome: Outcome) -> str:
                 outcome.turns += 1
                 target.on_turn()
                 if utterance == TWILIO_ASK:  # recognised while the caller hangs up
-                    await _quiet(call, cut)  # the whole answer, however many pieces
+                    await _quiet(call, cut)  # the whole answer, whatever it is
                     media = [r.payload for r in call.received[seen:] if r.event == "media"]
                     recognition = asyncio.create_task(heard(b"".join(media)))
             if not cut():
@@ -977,6 +1005,13 @@ async def _call(target: Target, outcome: Outcome) -> str:
     else:
         outcome.resumed["Twilio calls cut: stream-error callback 204, session closed"] += 1
     return "cut"
+
+
+def pieces(text: str) -> list[str]:
+    """The pieces a gateway with the default settings synthesizes ``text`` in, a mark
+    after each (gateway/speech/tts.py)."""
+    clause = Settings().tts_first_clause_chars
+    return split_pieces(text, first_chars=FIRST_PIECE_CHARS, first_clause_chars=clause)
 
 
 async def _quiet(call: Any, cut: Callable[[], bool], quiet_s: float = 1.0) -> None:

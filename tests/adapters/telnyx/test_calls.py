@@ -43,7 +43,7 @@ async def test_an_outbound_call_streams_with_its_token_client_state_and_machine_
         async with TelnyxHarness.connect(
             url, ccid, token=token, client_state=body["client_state"], mic_speed=4.0
         ) as call:
-            await call.wait_for(lambda: len(call.echoed) == 2)
+            await gw.wait_answers(call, 1)
             assert gw.core.turns[0][0] == "#intro"
             session = await session_of(gw, f"telnyx:{ccid}")
             assert session is not None

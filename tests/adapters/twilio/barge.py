@@ -159,11 +159,11 @@ async def backchannels_call(
     """Say each of ``sounds`` over the greeting, one after the other, ``space_s`` of the
     bot's audio apart; then let the greeting play out. ``overrides``: gateway settings."""
     run = BackchannelRun(expected_frames=await greeting_frames(speech))
-    async with shop_call(speech, **overrides) as (_, core, call):
+    async with shop_call(speech, **overrides) as (gw, core, call):
         await call.wait_for(lambda: bool(call.media_frames()), within_s=20)
         for name, audio in sounds.items():
             await asyncio.sleep(space_s)
-            if len(call.echoed) >= len(GREETING):
+            if gw.answers.heard(call) >= 1:
                 raise RuntimeError("the greeting ended before every sound was made")
             said = call.say(audio)
             onset = await said.started
@@ -175,7 +175,8 @@ async def backchannels_call(
                 sound.paused_s = gap[1] - gap[0]
                 sound.resumed_after_s = gap[1] - end
             run.sounds.append(sound)
-        await call.wait_for(lambda: len(call.echoed) >= len(GREETING), within_s=40)
+        # the greeting played out (or was cut: a false stop, counted in ``clears``)
+        await call.wait_for(lambda: gw.answers.heard(call) >= 1 or bool(call.clears()), 40)
         run.clears = len(call.clears())
         run.inputs = [r["input"]["transcript"]["text"] for r in core.state.requests]
         run.frames = len(call.media_frames())

@@ -1,5 +1,5 @@
 """Helpers for the Twilio tests: a gateway served with Twilio settings, a recording core,
-speech for the caller to say."""
+the answers each call has heard (:meth:`Served.wait_answers`), speech for the caller to say."""
 
 from __future__ import annotations
 
@@ -8,20 +8,33 @@ import contextlib
 import math
 import time
 from array import array
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from pydantic import SecretStr
 
 from gateway.app import create_app
-from gateway.events import Input, Response, ResponseItem
+from gateway.conversation import Conversation, TurnStream
+from gateway.events import (
+    BinaryEvent,
+    ErrorEvent,
+    Input,
+    Response,
+    ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
+    TurnEvent,
+    transfer_target,
+)
 from gateway.pipeline.base import Pipeline, PipelineOutput
 from gateway.sessions import Session
 from gateway.settings import Settings
 from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw, resample
 from gateway.speech.service import SpeechService
+from gateway.turn import TurnContext, TurnRejected
 from tests.conftest import serve
 
 AUTH = "0123456789abcdef0123456789abcdef"
@@ -58,6 +71,81 @@ class Recorder:
         return [text for text, _ in self.turns]
 
 
+class AnswerMarks:
+    """The marks of each call's answers: wraps a gateway's :meth:`Conversation.turn` and
+    counts, per session id (a call's id), the marks each turn makes the call protocol
+    send (gateway/protocol/call.py): one per audio piece (BinaryEvent) before any
+    transfer item, one per Error or refused turn (the error text is spoken), one final
+    mark after a session end or a transfer item. A turn's count is known once its events
+    have ended, so an answer split into any number of pieces counts as one answer.
+    Turns cut by a barge-in (their audio discarded) are not counted right: not for those.
+    """
+
+    def __init__(self, conversation: Conversation) -> None:
+        self.marks: defaultdict[str, list[int]] = defaultdict(list)
+        """Per session id: the marks of each of its turns whose events have ended."""
+        turn = conversation.turn
+
+        def counted(ctx: TurnContext, input: Input) -> TurnStream:
+            return _Counted(turn(ctx, input), self.marks[ctx.session_id])
+
+        conversation.turn = counted  # type: ignore[method-assign]
+
+    def heard(self, call: HeardCall) -> int:
+        """How many of ``call``'s answers (its turns, in order) it has heard: every one
+        whose turn has ended and whose marks, with all before them, were echoed."""
+        echoed, total, heard = len(call.echoed), 0, 0
+        for marks in self.marks.get(call.call_id, []):
+            total += marks
+            if echoed < total:
+                break
+            heard += 1
+        return heard
+
+
+class HeardCall(Protocol):
+    """What :class:`AnswerMarks` needs of a call's harness (tests/adapters/carrier_harness.py)."""
+
+    call_id: str
+    echoed: list[str]
+
+    async def wait_for(self, predicate: Callable[[], bool], within_s: float = 20.0) -> None:
+        """Wait until ``predicate`` holds; TimeoutError else."""
+
+
+class _Counted:
+    """A :class:`TurnStream` whose events are counted into ``marks`` (:class:`AnswerMarks`)."""
+
+    def __init__(self, stream: TurnStream, marks: list[int]) -> None:
+        self._stream = stream
+        self._marks = marks
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def __aiter__(self) -> AsyncIterator[TurnEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[TurnEvent]:
+        marks, transfer, ended = 0, False, False
+        try:
+            async with contextlib.aclosing(aiter(self._stream)) as events:  # type: ignore[type-var]
+                async for event in events:
+                    if isinstance(event, BinaryEvent):
+                        marks += not transfer
+                    elif isinstance(event, ErrorEvent):
+                        marks += 1
+                    elif isinstance(event, ResponseItemEvent):
+                        transfer = transfer or transfer_target(event.response_item) is not None
+                    elif isinstance(event, ResponseEvent):
+                        ended = ended or event.response.session_ended
+                    yield event
+        except TurnRejected:
+            self._marks.append(1)
+            raise
+        self._marks.append(marks + (ended or transfer))
+
+
 @dataclass
 class Served:
     """A running test gateway."""
@@ -65,6 +153,20 @@ class Served:
     url: str
     app: FastAPI
     core: Recorder
+    answers: AnswerMarks = field(repr=False)
+
+    async def wait_answers(self, call: HeardCall, count: int, within_s: float = 20.0) -> None:
+        """Wait until ``call`` (a carrier harness) has heard ``count`` answers (its turns'
+        audio played out, however many pieces and marks each was sent in: :class:`AnswerMarks`);
+        TimeoutError else."""
+        try:
+            await call.wait_for(lambda: self.answers.heard(call) >= count, within_s)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{self.answers.heard(call)} answers heard, expected {count} "
+                f"(marks per answer {self.answers.marks.get(call.call_id)}, "
+                f"{len(call.echoed)} echoed)"
+            ) from None
 
     @property
     def channel(self) -> Any:
@@ -131,7 +233,7 @@ async def twilio_gateway(
         gw.conversation.pipeline = core
         if speech is not None:
             gw.speech = gw.conversation.speech = speech
-        yield Served(url, app, core)
+        yield Served(url, app, core, AnswerMarks(gw.conversation))
 
 
 def phone(pcm: Pcm) -> bytes:

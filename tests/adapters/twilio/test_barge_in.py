@@ -327,14 +327,37 @@ def test_playout_streamed_speech_counts_the_chunks_of_an_item() -> None:
     out.item("one two three four five six seven eight")
     out.queued("1", 1000, 0)  # the first sentence's audio
     out.queued("2", 1000, 0)  # the second's
+    out.done()  # the item's audio is complete
     out.echoed("1", 1000)
     assert out.cut(1000) == ("one two three four", "five six seven eight")
+
+
+def test_playout_an_item_still_being_synthesized_is_not_all_heard() -> None:
+    """Issue 16: the first piece of an item may be its first clause alone
+    (GATEWAY_TTS_FIRST_CLAUSE_CHARS): an interruption before the rest of its audio came
+    has heard a share of that clause, not the same share of the whole item's text."""
+    out = Playout()
+    out.item("Thank you for calling about order 5. It left.")
+    out.queued("1", 600, 0)  # "Thank you"; the rest is being synthesized
+    assert out.cut(400) == ("Thank", "you for calling about order 5. It left.")
+    out.item("Okay, done. Ticket 3.")
+    out.queued("2", 700, 0)  # "Okay,"
+    out.echoed("2", 700)  # the clause played out, the rest is still coming
+    assert out.cut(800) == ("Okay,", "done. Ticket 3.")
+    # the call's own rate, once its complete items tell it: 100 ms a character
+    out.item("a" * 40)
+    out.queued("3", 4000, 0)
+    out.item("one two three four five six")  # 27 characters: at least 2.7 s of audio
+    out.queued("4", 1000, 4000)
+    out.echoed("3", 4000)
+    assert out.cut(5000) == ("a" * 40 + " one two", "three four five six")
 
 
 def test_playout_a_pause_delays_what_plays() -> None:
     out = Playout()
     out.item("one two three four")
     out.queued("1", 1000, 0)
+    out.done()
     out.paused(5000)  # held for 5 s at the start
     assert out.cut(5500) == ("one two", "three four")
 

@@ -59,7 +59,7 @@ async def test_hang_up_through_the_rest_api_after_the_final_mark(
             gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0, hold=lambda n: n.startswith("end-")
         ) as call,
     ):
-        await call.wait_for(lambda: len(call.echoed) == 2)
+        await gw.wait_answers(call, 1)  # the intro was heard
         call.say(bye)
         await call.wait_for(lambda: bool(call.held), within_s=20)
         await asyncio.sleep(0.5)
@@ -98,16 +98,16 @@ async def test_bad_input_is_dropped_and_does_not_disturb_another_call(
                 await bad.send({"event": "start", "start": {"callSid": bad.call_sid}})  # invalid
                 # the bad frames were dropped: a proper start still begins the call
                 await bad.begin({"appKey": "twilio"})
-                await bad.wait_for(lambda: len(bad.echoed) == 2)
+                await gw.wait_answers(bad, 1)
                 media = bad.media(b"\xff" * 160)
                 media["media"]["payload"] = "not base64!"
                 await bad.send(media)
                 await bad.send({"event": "dtmf", "dtmf": {"digit": "X"}})
                 await bad.send({"event": "mark", "mark": {"name": "never-sent"}})
                 # meanwhile the good call goes on
-                await good.wait_for(lambda: len(good.echoed) == 2)
+                await gw.wait_answers(good, 1)
                 await good.dtmf("7")
-                await good.wait_for(lambda: len(good.echoed) == 3)
+                await gw.wait_answers(good, 2)
                 assert ("7", ["You said: 7"]) in gw.core.turns
                 # the bad caller vanishes without a stop
                 await bad.shutdown()
@@ -117,7 +117,7 @@ async def test_bad_input_is_dropped_and_does_not_disturb_another_call(
                 assert not await session_exists(gw.app, bad.call_sid)
                 # the good call is unaffected
                 await good.dtmf("8")
-                await good.wait_for(lambda: len(good.echoed) == 4)
+                await gw.wait_answers(good, 3)
                 assert good.call_sid in gw.channel.calls
                 assert not good.clears()
                 await good.stop()
@@ -130,12 +130,12 @@ async def test_collected_digits_end_with_hash_or_a_pause(speech: SpeechService, 
         twilio_gateway(speech, twilio_dtmf_mode=mode, twilio_dtmf_timeout_ms=1000) as gw,
         TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0) as call,
     ):
-        await call.wait_for(lambda: len(call.echoed) == 2)
+        await gw.wait_answers(call, 1)
         for digit in "42#":
             await call.dtmf(digit)
         await gw.wait_turns(2)
         assert gw.core.turns[1] == ("42", ["You said: 42"])
-        await call.wait_for(lambda: len(call.echoed) == 3)
+        await gw.wait_answers(call, 2)
         for digit in "17":
             await call.dtmf(digit)
         await gw.wait_turns(3)  # after 1 s of the caller's audio (0.25 s at 4x)
@@ -144,7 +144,7 @@ async def test_collected_digits_end_with_hash_or_a_pause(speech: SpeechService, 
 
 
 async def test_busy_recognizers_give_new_calls_a_busy_line_and_a_call_s_utterance_fallback(
-    piper: PiperSynthesizer, corpus: dict[str, Pcm]
+    gateway_piper: PiperSynthesizer, corpus: dict[str, Pcm]
 ) -> None:
     """GATEWAY_STT_MAX_STREAMS=1, GATEWAY_STT_QUEUE=0: while another utterance holds the one
     recognizer, a new call gets the busy TwiML and the running call's utterance, which finds
@@ -152,7 +152,7 @@ async def test_busy_recognizers_give_new_calls_a_busy_line_and_a_call_s_utteranc
     recognizer = PocketsphinxRecognizer(max_streams=1, max_queued=0, queue_wait_s=1.0)
     speech = SpeechService(
         recognizer_factory=lambda: recognizer,
-        synthesizer=piper,
+        synthesizer=gateway_piper,
         cache=MemoryTtsCache(),
         public_url=PUBLIC,
         listen_defaults=ListenOptions(silence_timeout_ms=600_000),
@@ -162,7 +162,7 @@ async def test_busy_recognizers_give_new_calls_a_busy_line_and_a_call_s_utteranc
             twilio_gateway(speech) as gw,
             TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0) as call,
         ):
-            await call.wait_for(lambda: len(call.echoed) == 2, 30)  # the intro was heard
+            await gw.wait_answers(call, 1, 30)  # the intro was heard
             held = await recognizer.open_stream(MULAW_8K)  # another utterance takes it
 
             busy = await ask_twiml(gw.url, PUBLIC, call_sid(), auth_token=AUTH)
@@ -175,7 +175,7 @@ async def test_busy_recognizers_give_new_calls_a_busy_line_and_a_call_s_utteranc
             call.say(corpus[SENTENCE])
             await gw.wait_turns(2, 30)
             assert gw.core.turns[1][0] == "#fallback"  # answered, not left in silence
-            await call.wait_for(lambda: len(call.echoed) == 3, 30)
+            await gw.wait_answers(call, 2, 30)
 
             await held.cancel()
             assert (

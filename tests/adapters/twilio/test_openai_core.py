@@ -47,7 +47,7 @@ async def test_a_call_speaks_the_first_sentence_before_the_core_has_finished(
             first_audio_at = call.media_frames()[0].at
             asked_at = server.state.received_at[0]
             assert server.state.sent_all_at is None  # the core has not finished its answer
-            await call.wait_for(lambda: len(call.echoed) == 2, within_s=20)
+            await gw.wait_answers(call, 1)
             done_at = server.state.sent_all_at
             assert done_at is not None
             assert first_audio_at < done_at
@@ -65,7 +65,7 @@ async def test_a_call_speaks_the_first_sentence_before_the_core_has_finished(
             # a key press, answered in three sentences, three items (each with its audio)
             await call.dtmf("5")
             await gw.wait_turns(2)
-            await call.wait_for(lambda: len(call.echoed) == 5, within_s=30)  # 2 + 3 marks
+            await gw.wait_answers(call, 2, within_s=30)
             assert gw.core.turns[1][1][0] == "You said 5."
             assert len(gw.core.turns[1][1]) == 3
 

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat, Pcm, pcm_to_mulaw, resample, silence
 from gateway.speech.endofturn import RuleEndOfTurn, is_backchannel
 from gateway.speech.stage import ListenOptions, SpeechStage
@@ -166,7 +167,21 @@ async def hear(
     return texts, delays
 
 
-@pytest.mark.parametrize(("tentative_ms", "floor"), [(None, 0), (120, 50)])
+DEFAULTS = Settings()
+
+
+@pytest.mark.parametrize(
+    ("short_ms", "tentative_ms", "floor"),
+    [
+        (300, None, 0),
+        (300, 120, 50),
+        (
+            DEFAULTS.end_of_turn_short_ms,
+            DEFAULTS.end_of_turn_tentative_ms,
+            DEFAULTS.vad_energy_floor,
+        ),
+    ],
+)
 @pytest.mark.parametrize(
     ("first", "rest"),
     [
@@ -180,13 +195,15 @@ async def test_a_pause_mid_phrase_does_not_cut_the_utterance(
     phrases: dict[str, Pcm],
     first: str,
     rest: str,
+    short_ms: int,
     tentative_ms: int | None,
     floor: int,
 ) -> None:
-    """With and without the tentative end and the VAD's energy floor (the defaults:
-    GATEWAY_END_OF_TURN_TENTATIVE_MS, GATEWAY_VAD_ENERGY_FLOOR)."""
+    """With and without the tentative end and the VAD's energy floor, and with the
+    defaults (GATEWAY_END_OF_TURN_SHORT_MS, GATEWAY_END_OF_TURN_TENTATIVE_MS,
+    GATEWAY_VAD_ENERGY_FLOOR)."""
     audio = quiet(300) + phone(phrases[first]) + quiet(450) + phone(phrases[rest]) + quiet(1200)
-    texts, _ = await hear(recognizer, audio, 300, tentative_ms=tentative_ms, floor=floor)
+    texts, _ = await hear(recognizer, audio, short_ms, tentative_ms=tentative_ms, floor=floor)
     assert len(texts) == 1, texts  # one input, not cut at the pause
     assert wer([(f"{first} {rest}", texts[0])]) <= 0.4, texts  # pocketsphinx errs a little
     said = set(texts[0].split())

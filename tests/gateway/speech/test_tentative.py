@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat, Pcm, pcm_to_mulaw, resample, silence
 from gateway.speech.stage import ListenOptions, SpeechStage
 from gateway.speech.stt import PocketsphinxRecognizer, TentativeEnd
@@ -96,7 +97,7 @@ async def hear_inline(
         interim=False,
         silence_timeout_ms=None,
         trailing_silence_ms=700,
-        end_of_turn_short_ms=300,
+        end_of_turn_short_ms=Settings().end_of_turn_short_ms,  # the default
         tentative_end_ms=tentative_ms,
     )
     stage = SpeechStage(recognizer, MULAW8, options, frame_ms=20)
