@@ -535,6 +535,11 @@ class FrameClock:
     one iteration of the loop. Senders whose frames are due on the same tick are sent in
     the same iteration; a frame goes out at most ``tick_s`` late (within the send-ahead).
     A cancelled wait is dropped at its tick.
+
+    When the loop lags (an iteration longer than a tick), the timer fires late and wakes
+    every wait whose tick has passed by then, earliest tick first and in order of arrival
+    on a tick: the clock never serves one tick per loop iteration, which would fall
+    further behind with every iteration (tests/gateway/io/test_frame_clock_lag.py).
     """
 
     def __init__(self, tick_ms: int = PACE_TICK_MS) -> None:
@@ -574,14 +579,17 @@ class FrameClock:
 
     def _fire(self) -> None:
         self._timer = None
+        loop = asyncio.get_running_loop()  # a callback of the clock's loop
+        # Every tick that is due by now, not only the one the timer was set for: a loop that
+        # runs late must not serve one tick per iteration and fall further behind.
+        last = max(self._timer_tick, math.floor(loop.time() / self.tick_s))
         ticks = self._ticks
-        while ticks and ticks[0] <= self._timer_tick:
+        while ticks and ticks[0] <= last:
             for future in self._due.pop(heapq.heappop(ticks)):
                 if not future.done():
                     future.set_result(None)
         if ticks:
             self._timer_tick = ticks[0]
-            loop = asyncio.get_running_loop()  # a callback of the clock's loop
             self._timer = loop.call_at(ticks[0] * self.tick_s, self._fire)
 
 
