@@ -219,9 +219,10 @@ class Watchdog:
     ``timeout_s`` None or ``inf``: no limit.
     """
 
-    __slots__ = ("_cancelling", "_deadline", "_fired", "_task", "_timeout_s", "_timer")
+    __slots__ = ("_cancelling", "_deadline", "_fired", "_loop", "_task", "_timeout_s", "_timer")
 
     def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._task: asyncio.Task[Any] | None = None
@@ -238,10 +239,15 @@ class Watchdog:
         timeout_s = self._timeout_s
         if timeout_s is None or timeout_s == float("inf"):
             return
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task(loop)
-        if task is None:
-            raise RuntimeError("Watchdog should be used inside a task")
+        # The loop of the last use, while it runs this task: asyncio.get_running_loop() costs
+        # a getpid() system call on Python 3.11, twice a frame (a receive, a send).
+        loop = self._loop
+        task = None if loop is None else asyncio.current_task(loop)
+        if loop is None or task is None:
+            loop = self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            if task is None:
+                raise RuntimeError("Watchdog should be used inside a task")
         self._deadline = deadline = loop.time() + timeout_s
         self._task = task
         self._cancelling = task.cancelling()
@@ -565,10 +571,12 @@ class FrameClock:
             clock = clocks[tick_ms] = cls(tick_ms)  # holds no reference to the loop
         return clock
 
-    async def until(self, when: float) -> None:
+    async def until(self, when: float, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Wait for the first tick at or after loop time ``when`` (s), on the running loop
-        (the clock's: :meth:`of`)."""
-        loop = asyncio.get_running_loop()
+        (the clock's: :meth:`of`); a caller that holds it passes it as ``loop`` (saves
+        asyncio.get_running_loop(), a getpid() system call on Python 3.11, per frame)."""
+        if loop is None:
+            loop = asyncio.get_running_loop()
         tick = math.ceil(when / self.tick_s)
         future: asyncio.Future[None] = loop.create_future()
         waiting = self._due.get(tick)
@@ -684,7 +692,7 @@ class PacedSender(Generic[T]):
                     self._end = now  # Twilio has nothing left to play: start afresh
                 due = self._end - self._ahead_s
                 if due > now:
-                    await clock.until(due)  # one loop timer for all calls (FrameClock)
+                    await clock.until(due, loop)  # one loop timer for all calls (FrameClock)
                     continue  # the queue may have been cleared meanwhile
                 self._end += self._frame_s
             queue.popleft()
