@@ -46,7 +46,7 @@ else:  # pragma: no cover - stdlib module, deprecated since 3.11
 import lameenc  # type: ignore[import-not-found]  # C extension without stubs
 import miniaudio  # type: ignore[import-untyped]
 import numpy as np
-import soxr
+import soxr  # type: ignore[import-untyped]
 
 __all__ = [
     "SUPPORTED_RATES",
