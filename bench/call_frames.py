@@ -45,6 +45,25 @@ STREAM = "MZ" + "0" * 32
 SILENCE = base64.b64encode(b"\xff" * 160).decode()
 
 
+def start_message(call_sid: str, custom_parameters: dict[str, str] | None = None) -> dict[str, Any]:
+    """Twilio's ``start`` message (sequence number 1) of stream :data:`STREAM` for call
+    ``call_sid``: the inbound track, μ-law at 8000 Hz (shared/specs CARRIERS.md); also
+    the one bench/carrier_calls.py sends."""
+    return {
+        "event": "start",
+        "sequenceNumber": "1",
+        "streamSid": STREAM,
+        "start": {
+            "streamSid": STREAM,
+            "accountSid": "AC" + "0" * 32,
+            "callSid": call_sid,
+            "tracks": ["inbound"],
+            "customParameters": custom_parameters or {},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        },
+    }
+
+
 def media(seq: int) -> str:
     """Twilio's inbound ``media`` message number ``seq`` (bench/carrier_calls.py's shape)."""
     return (
@@ -100,22 +119,9 @@ async def inbound(n: int) -> float:
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        start = {
-            "event": "start",
-            "sequenceNumber": "1",
-            "streamSid": STREAM,
-            "start": {
-                "streamSid": STREAM,
-                "accountSid": "AC" + "0" * 32,
-                "callSid": "CA1",
-                "tracks": ["inbound"],
-                "customParameters": {},
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            },
-        }
         frames = [
             json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
-            json.dumps(start),
+            json.dumps(start_message("CA1")),
             *(media(i) for i in range(2, n + 2)),
         ]
         ws = MemorySocket(frames)

@@ -94,6 +94,7 @@ if str(ROOT) not in sys.path:
 
 import jwt  # noqa: E402
 
+from bench.call_frames import STREAM, start_message  # noqa: E402
 from gateway.speech.audio import AudioFormat, Pcm, pcm_to_mulaw, resample  # noqa: E402
 from gateway.speech.stt import RecognitionResult  # noqa: E402
 
@@ -101,7 +102,6 @@ AUTH = "bench-auth-token-0123456789abcdef"
 VONAGE_SECRET = "bench-vonage-signature-secret-0123456789"
 PUBLIC = "https://gateway.bench.example"
 FRAME_S = 0.02
-STREAM = "MZ" + "0" * 32
 GOAL_GAP_P99_MS = 30.0
 """Outbound gap p99 (ms) a step must keep to count for calls per core."""
 
@@ -294,21 +294,7 @@ class Twilio(Carrier):
             open_timeout=30,  # a loaded machine (the bench shares it)
         )
         await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-        media_format = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
-        start_message = {
-            "event": "start",
-            "sequenceNumber": "1",
-            "streamSid": STREAM,
-            "start": {
-                "streamSid": STREAM,
-                "accountSid": "AC" + "0" * 32,
-                "callSid": sid,
-                "tracks": ["inbound"],
-                "customParameters": {"from": "+15550100"},
-                "mediaFormat": media_format,
-            },
-        }
-        await ws.send(json.dumps(start_message))
+        await ws.send(json.dumps(start_message(sid, {"from": "+15550100"})))
         return ws, sid
 
     async def hang_up(self, ws: ClientConnection) -> None:

@@ -242,6 +242,26 @@ async def served(settings: Settings | None = None, **overrides: Any) -> AsyncIte
         yield url
 
 
+def start_timeout_s() -> float:
+    """How long a test waits for a child gateway to answer /healthz, in seconds:
+    GATEWAY_TEST_START_TIMEOUT_S if set, else 60 s (120 s with CI set), times the CPU
+    load per core when above 1 (a loaded machine's start-up is slow, not broken).
+
+    What the start-up spends (``python -X importtime -m gateway serve``; bench figures,
+    not asserted): about 2 s of CPU, nearly all of it importing (FastAPI and the
+    pydantic models of the routes and the Alexa envelope, socketio with its clients'
+    aiohttp, numpy under miniaudio); the app's lifespan takes about 0.5 s and the
+    speech warm-up (Piper's voice, a recognizer worker) runs after /healthz answers.
+    Two cores shared by several test runs stretch those 2 s to 10-20 s of wall clock.
+    """
+    configured = os.environ.get("GATEWAY_TEST_START_TIMEOUT_S")
+    if configured:
+        return float(configured)
+    base = 120.0 if os.environ.get("CI") else 60.0
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return base * max(1.0, min(load, 4.0))
+
+
 class GatewayProcess:
     """A ``gateway serve`` child process (a real, separate gateway instance)."""
 
@@ -254,12 +274,14 @@ class GatewayProcess:
         stderr: Any = None,
     ) -> None:
         """``open_files``: the child's RLIMIT_NOFILE (soft and hard); ``stderr``: where its
-        log goes (a file; default this process's stderr)."""
+        log goes (a file; default a temporary file, copied to this process's stderr when
+        the process stops, and its tail put in the error when it does not start)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.open_files = open_files
         self.stderr = stderr
+        self._log: Any = None  # the temporary file of its stderr (no ``stderr`` given)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _limit_open_files(self) -> None:
@@ -268,8 +290,13 @@ class GatewayProcess:
         assert self.open_files is not None
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
-    def start(self) -> GatewayProcess:
-        """Start the process and wait until /healthz answers (at most 20 s)."""
+    def spawn(self) -> GatewayProcess:
+        """Start the process, without waiting for it (see :meth:`wait_ready`)."""
+        if self.stderr is None:
+            import tempfile
+
+            # not a pipe (a full pipe would block it); closed by stop()
+            self._log = tempfile.TemporaryFile()  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -283,23 +310,53 @@ class GatewayProcess:
             ],
             env=self.env,
             cwd=ROOT,
-            stderr=self.stderr,
+            stderr=self.stderr if self.stderr is not None else self._log,
             preexec_fn=self._limit_open_files if self.open_files else None,
         )
-        deadline = time.monotonic() + 20
+        return self
+
+    def wait_ready(self, timeout_s: float | None = None) -> GatewayProcess:
+        """Wait until /healthz answers 200 (at most ``timeout_s``, default
+        :func:`start_timeout_s`). Raises RuntimeError, with the end of the process's
+        stderr, if it exits first or does not answer in time (it is killed then)."""
+        assert self.proc is not None, "spawn() first"
+        within = start_timeout_s() if timeout_s is None else timeout_s
+        started = time.monotonic()
         while True:
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+            exited = self.proc.poll()
+            waited = time.monotonic() - started
+            if exited is not None or waited > within:
+                tail = self.log_tail()
                 self.stop(signal.SIGKILL)  # not left running when it answers too late
-                raise RuntimeError(f"gateway on port {self.port} did not start")
+                why = f"exited with {exited}" if exited is not None else "did not answer"
+                raise RuntimeError(
+                    f"gateway on port {self.port} {why} after {waited:.1f} s (limit "
+                    f"{within:.0f} s, load average {os.getloadavg()[0]:.1f}); its stderr:\n"
+                    f"{tail}"
+                )
             time.sleep(0.1)
 
+    def start(self, timeout_s: float | None = None) -> GatewayProcess:
+        """Start the process and wait until /healthz answers (:meth:`wait_ready`)."""
+        return self.spawn().wait_ready(timeout_s)
+
+    def log_tail(self, limit: int = 4000) -> str:
+        """The last ``limit`` characters of its stderr (kept in a temporary file), or a
+        note where it went instead."""
+        if self._log is None:
+            return "(written to the stderr given to GatewayProcess)"
+        self._log.seek(0)
+        text: str = self._log.read().decode(errors="replace")
+        return text[-limit:] or "(empty)"
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Stop the process with ``sig`` (SIGKILL to crash it) and reap it."""
+        """Stop the process with ``sig`` (SIGKILL to crash it) and reap it; its stderr (a
+        temporary file) goes to this process's stderr (shown by pytest if a test fails)."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -307,6 +364,28 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self._log is not None:
+            tail = self.log_tail(20000)
+            self._log.close()
+            self._log = None
+            if tail != "(empty)":
+                sys.stderr.write(f"--- gateway on port {self.port}, stderr:\n{tail}\n")
+
+
+def start_all(*procs: GatewayProcess) -> tuple[GatewayProcess, ...]:
+    """Start several gateway processes at once (their imports overlap on two cores) and
+    wait until each answers /healthz; ``procs`` as given. If one does not start, all are
+    stopped and its RuntimeError (with its stderr) raised."""
+    try:
+        for proc in procs:
+            proc.spawn()
+        for proc in procs:
+            proc.wait_ready()
+    except BaseException:
+        for proc in procs:
+            proc.stop(signal.SIGKILL)
+        raise
+    return procs
 
 
 @pytest.fixture

@@ -31,6 +31,23 @@ as quick replies (gateway/pipeline/cores.py); ``bloc`` -> its items; ``file``,
 payload is ``{type: "transfer"|"handoff", target, reason?}`` is the transfer action
 (:func:`gateway.events.transfer_item`); ``{type: "end"}`` ends the session.
 
+Why a plain text answer waits the idle gap (checked against the Chat API's sources,
+shared/specs/CORES.md): nothing in the contract says a turn is complete. The listen
+stream's signals are ``message_created``, ``event_created``, ``participant_added``/
+``_removed``, ``message_deleted`` and ``init``; the newer ``message_stream_delta``/
+``_abort``/``_complete`` tell when one streamed message (``metadata.streamId``) is
+whole, not when the bot is done, and are followed by that message's
+``message_created`` anyway. ``POST /messages`` answers 201 with the user's own message
+before the bot runs (its handler runs asynchronously in Botpress Cloud and may send any
+number of messages, spaced by its own LLM or API calls), and ``GET
+/conversations/{id}/messages`` lists what exists so far, the same as the stream: no
+count, no "more to come", no typing signal. A text message is as often followed by
+another (a flow's consecutive text cards, an answer split into sentences) as it is
+the last, so ending the turn at it would cut answers, and the rest would arrive into
+the next turn. Items are forwarded as they arrive, so the wait delays only the
+Response (the end of the turn, the next listening), not the first words; where a bot
+is known to answer in one quick message, GATEWAY_BOTPRESS_IDLE_S can be lowered.
+
 A non-2xx status, invalid JSON, a listen stream that ends before the bot's answer or a
 message without a payload type is a PipelineError.
 """

@@ -37,7 +37,14 @@ from typing import Final, Protocol, runtime_checkable
 import lameenc  # type: ignore[import-not-found]  # C extension without stubs
 
 from gateway.redisconn import RedisClient
-from gateway.speech.audio import Pcm, Resampler, encode_mp3, encode_wav, pcm_to_mulaw, resample
+from gateway.speech.audio import (
+    Pcm,
+    encode_mp3,
+    encode_wav,
+    pcm_to_mulaw,
+    resample,
+    resampled_length,
+)
 from gateway.speech.tts import Synthesizer, synthesize_pieces
 from gateway.speech.types import TtsFileFormat  # defined there: protocols import it
 
@@ -300,9 +307,13 @@ class FileEncoder:
     """Encodes a stream of PCM pieces into one TTS file, piece by piece.
 
     MP3 pieces go through one LAME encoder (no gaps between pieces); μ-law and
-    ``pcm8k``/``pcm16k`` pieces through one stateful resampler to the format's rate;
+    ``pcm8k``/``pcm16k`` pieces are each resampled whole to the format's rate by
+    :func:`~gateway.speech.audio.resample` (``band_limited``: no aliasing in what a
+    caller hears, and no look-ahead held back from a piece), their lengths chosen so
+    that the file is exactly ``resampled_length`` of all the input (no drift);
     WAV collects the PCM and writes the header at :meth:`finish`. All pieces must
-    share one sample rate.
+    share one sample rate. Pieces are separate syntheses (sentences or clauses), so
+    filtering each on its own loses nothing at their joins.
 
     Raises:
         ValueError: unknown format (constructor); a piece at another rate (:meth:`feed`).
@@ -315,7 +326,9 @@ class FileEncoder:
         self.sample_rate: int | None = None
         self._out = bytearray()
         self._mp3: lameenc.Encoder | None = None
-        self._resampler: Resampler | None = None
+        self._rate: int | None = None  # μ-law, pcm8k, pcm16k: the file's sample rate
+        self._samples_in = 0  # samples fed so far (μ-law, pcm8k, pcm16k)
+        self._samples_out = 0  # samples written so far, at the file's rate
 
     def feed(self, pcm: Pcm) -> bytes:
         """Encode one piece (16-bit mono PCM); the bytes it added to the file (MP3 and
@@ -329,18 +342,26 @@ class FileEncoder:
                 self._mp3.set_channels(1)
                 self._mp3.set_quality(5)
             elif self.fmt == "mulaw":
-                self._resampler = Resampler(pcm.sample_rate, MULAW_RATE)
+                self._rate = MULAW_RATE
             elif self.fmt in PCM_RATES:
-                self._resampler = Resampler(pcm.sample_rate, PCM_RATES[self.fmt])
+                self._rate = PCM_RATES[self.fmt]
         elif pcm.sample_rate != self.sample_rate:
             raise ValueError(f"a piece at {pcm.sample_rate} Hz in a {self.sample_rate} Hz file")
         if not pcm.data:
             return b""
         if self._mp3 is not None:
             added = bytes(self._mp3.encode(pcm.data))
-        elif self._resampler is not None:
-            converted = self._resampler.convert(pcm.data)
-            added = converted if self.fmt in PCM_RATES else pcm_to_mulaw(Pcm(converted, 8000))
+        elif self._rate is not None:
+            self._samples_in += pcm.n_samples
+            total = resampled_length(self._samples_in, pcm.sample_rate, self._rate)
+            converted = resample(pcm, self._rate, band_limited=True).data[
+                : 2 * (total - self._samples_out)
+            ]
+            converted += (converted[-2:] or b"\0\0") * (
+                total - self._samples_out - len(converted) // 2
+            )
+            self._samples_out = total
+            added = converted if self.fmt in PCM_RATES else pcm_to_mulaw(Pcm(converted, self._rate))
         else:
             self._out += pcm.data
             return b""
@@ -371,9 +392,9 @@ def encode_file(pcm: Pcm, fmt: TtsFileFormat) -> bytes:
     if fmt == "wav":
         return encode_wav(pcm)
     if fmt == "mulaw":
-        return pcm_to_mulaw(resample(pcm, MULAW_RATE))
+        return pcm_to_mulaw(resample(pcm, MULAW_RATE, band_limited=True))
     if fmt in PCM_RATES:
-        return resample(pcm, PCM_RATES[fmt]).data
+        return resample(pcm, PCM_RATES[fmt], band_limited=True).data
     raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav, mulaw, pcm8k or pcm16k)")
 
 

@@ -35,7 +35,7 @@ from tests.adapters.flowstorm.v1.helpers import (
 from tests.adapters.flowstorm_shapes import check_v2
 from tests.adapters.voiceflow.helpers import client as voiceflow_client
 from tests.adapters.voiceflow.test_trace_schema import validate as validate_traces
-from tests.conftest import GatewayProcess, serve, served
+from tests.conftest import GatewayProcess, serve, served, start_all
 
 ADMIN = "admin-key-for-tests"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -402,7 +402,7 @@ async def test_an_answer_cut_by_the_server_is_resumed_on_another_instance_exactl
         }
         a, b = GatewayProcess(env), GatewayProcess(env)
         gateway_processes.extend([a, b])
-        await asyncio.gather(asyncio.to_thread(a.start), asyncio.to_thread(b.start))
+        await asyncio.to_thread(start_all, a, b)
         seen: list[dict[str, Any]] = []
         async with connect(ws_url(a.url)) as ws:
             frame = {**init_frame(sendResponseItems=True), "lastSeq": 0}

@@ -6,6 +6,7 @@ must reach the caller before the core has finished its answer."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -19,14 +20,23 @@ from tests.adapters.twilio.helpers import AUTH, PUBLIC, twilio_gateway
 from tests.conftest import serve
 from tests.gateway.pipeline.openai_server import KEY, make_openai_server
 
-THINKING_S = 2.0
-"""The model's pause after its first sentence (before it writes the rest)."""
+WAIT_S = 120.0
+"""How long each step may take: waits end as soon as their condition holds, so this is
+only reached on a starved machine (two CPU hogs beside other test runs: the first
+audio came 27 s after the core was asked; the default waits of 20-30 s failed)."""
+
+THINKING_S = 120.0
+"""The most the model pauses after its first sentence (before it writes the rest): it
+goes on as soon as the test has heard the first audio (``app.state.release``), so the
+order is certain however slow the machine (a fixed 2 s pause lost the race to Piper's
+synthesis under load)."""
 
 
 @pytest.fixture
 async def llm() -> AsyncIterator[tuple[str, FastAPI]]:
     app = make_openai_server()
     app.state.gap_s = THINKING_S
+    app.state.release = asyncio.Event()
     async with serve(app) as url:
         yield url, app
 
@@ -36,27 +46,29 @@ async def test_a_call_speaks_the_first_sentence_before_the_core_has_finished(
 ) -> None:
     url, server = llm
     bye = await piper.synthesize("good bye")
-    async with twilio_gateway(speech) as gw:
+    # the core's answer is held until the caller hears its first sentence, which on a
+    # loaded machine (Piper's synthesis slowed by other work) took longer than the
+    # default 10 s turn timeout: the turn failed and the caller heard the apology
+    async with twilio_gateway(speech, turn_timeout_s=THINKING_S + WAIT_S) as gw:
         pipe = OpenAIPipeline(
             f"{url}/chat/v1", model="test-model", api_key=KEY, system_prompt="Be brief."
         )
         gw.core.inner = pipe  # the Recorder records the turns of the OpenAI core
         async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0) as call:
             # the greeting: its first sentence is heard while the model still "thinks"
-            await call.wait_for(lambda: bool(call.media_frames()))
+            await call.wait_for(lambda: bool(call.media_frames()), within_s=WAIT_S)
             first_audio_at = call.media_frames()[0].at
             asked_at = server.state.received_at[0]
             assert server.state.sent_all_at is None  # the core has not finished its answer
-            await gw.wait_answers(call, 1)
+            server.state.release.set()  # now the model may write the rest
+            await gw.wait_answers(call, 1, within_s=WAIT_S)
             done_at = server.state.sent_all_at
             assert done_at is not None
             assert first_audio_at < done_at
-            latency = first_audio_at - asked_at
-            print(
-                f"\nfirst audio {latency * 1000:.0f} ms after the core was asked; "
-                f"the core finished its answer {(done_at - first_audio_at) * 1000:.0f} ms later"
+            print(  # a figure, not a limit: bench/first_audio.py measures it
+                f"\nfirst audio {(first_audio_at - asked_at) * 1000:.0f} ms after the core "
+                "was asked, before it had finished its answer"
             )
-            assert latency < THINKING_S
             assert gw.core.turns[0] == (
                 "#intro",
                 ["Hello, this is the front desk of the city museum.", "How can I help you today?"],
@@ -64,18 +76,18 @@ async def test_a_call_speaks_the_first_sentence_before_the_core_has_finished(
 
             # a key press, answered in three sentences, three items (each with its audio)
             await call.dtmf("5")
-            await gw.wait_turns(2)
-            await gw.wait_answers(call, 2, within_s=30)
+            await gw.wait_turns(2, within_s=WAIT_S)
+            await gw.wait_answers(call, 2, within_s=WAIT_S)
             assert gw.core.turns[1][1][0] == "You said 5."
             assert len(gw.core.turns[1][1]) == 3
 
             # goodbye: the model calls end_session, the call ends after its last words
             call.say(bye)
-            await gw.wait_turns(3, within_s=30)
-            await call.wait_for(lambda: call.closed_at is not None, within_s=30)
+            await gw.wait_turns(3, within_s=WAIT_S)
+            await call.wait_for(lambda: call.closed_at is not None, within_s=WAIT_S)
             assert call.close_code == 1000
             assert gw.core.turns[2] == ("goodbye", ["Goodbye, have a nice day."])
         history = server.state.requests[-1]["messages"]
         assert [m["role"] for m in history] == ["system"] + ["user", "assistant"] * 2 + ["user"]
         assert history[3] == {"role": "user", "content": "5"}
-        await gw.wait_no_calls()
+        await gw.wait_no_calls(within_s=WAIT_S)

@@ -16,7 +16,7 @@ from tests.adapters.twilio.harness import (
     sign,
 )
 from tests.adapters.twilio.helpers import AUTH, PUBLIC
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, start_all
 
 
 @pytest.mark.parametrize("auth_token", [None, AUTH], ids=["only-redis-url", "auth-token"])
@@ -31,10 +31,9 @@ async def test_a_stream_token_from_one_instance_opens_the_stream_on_another(
     env = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_REDIS_PREFIX": redis_prefix}
     if auth_token:
         env |= {"GATEWAY_TWILIO_AUTH_TOKEN": auth_token, "GATEWAY_PUBLIC_URL": PUBLIC}
-    a = GatewayProcess(env).start()
-    gateway_processes.append(a)
-    b = GatewayProcess(env).start()
-    gateway_processes.append(b)
+    a, b = GatewayProcess(env), GatewayProcess(env)
+    gateway_processes += [a, b]
+    start_all(a, b)
     sid = call_sid()
     answer = await ask_twiml(a.url, PUBLIC, sid, auth_token=auth_token)
     assert answer.status_code == 200, answer.text

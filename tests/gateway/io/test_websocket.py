@@ -1,18 +1,21 @@
-"""The WebSocket driver on a real ASGI socket (Starlette's TestClient): guarded sends, the
+"""The WebSocket driver on a real socket (uvicorn, a websockets client): guarded sends, the
 action runner, the turn forwarder with the real turn engine, idle timeout, the speech side
 through the listening actions, and shutdown."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
-from starlette.testclient import TestClient
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from gateway.conversation import Conversation, TurnRejected
 from gateway.events import Input, TurnEvent
@@ -30,6 +33,7 @@ from gateway.protocol.actions import (
 )
 from gateway.speech.audio import AudioFormat
 from gateway.turn import TurnContext
+from tests.conftest import serve
 from tests.gateway.turns import ctx, engine
 
 log = logging.getLogger("tests.websocket")
@@ -139,7 +143,14 @@ class EchoDriver(WebSocketDriver[object]):
         return self.echo.connection_lost()
 
 
-def app(record: list[str], store: dict[str, Conversation], **options: Any) -> Starlette:
+def app(
+    record: list[str],
+    store: dict[str, Conversation],
+    ended: asyncio.Event | None = None,
+    **options: Any,
+) -> Starlette:
+    """The driver's endpoint at ``/ws``; ``ended`` is set when it has returned."""
+
     async def endpoint(ws: WebSocket) -> None:
         await ws.accept()
         store["engine"] = conversation = engine()
@@ -148,35 +159,48 @@ def app(record: list[str], store: dict[str, Conversation], **options: Any) -> St
         record.append(f"open={driver.open}")
         await driver.send_text("after the end")  # dropped, never raises
         record.append("sent after the end")
+        if ended is not None:
+            ended.set()
 
     return Starlette(routes=[WebSocketRoute("/ws", endpoint)])
 
 
-def test_frames_in_actions_out_and_close_stops_everything() -> None:
+@contextlib.asynccontextmanager
+async def client(
+    record: list[str], store: dict[str, Conversation], **options: Any
+) -> AsyncIterator[ClientConnection]:
+    """A websockets client connected to :func:`app` served by uvicorn; on leaving, the
+    client closes and the server side's endpoint is waited for (its last record)."""
+    ended = asyncio.Event()
+    async with serve(app(record, store, ended, **options)) as url:
+        async with connect(url.replace("http://", "ws://", 1) + "/ws") as ws:
+            yield ws
+        await asyncio.wait_for(ended.wait(), 10)
+
+
+async def test_frames_in_actions_out_and_close_stops_everything() -> None:
     record: list[str] = []
-    with TestClient(app(record, {})) as client, client.websocket_connect("/ws") as ws:
-        ws.send_text("hello")
-        assert ws.receive_text() == "HELLO"
-        ws.send_bytes(b"abc")
-        assert ws.receive_bytes() == b"cba"
-        ws.send_text("close")
-        assert ws.receive_text() == "bye"
-        with pytest.raises(WebSocketDisconnect) as closed:
-            ws.receive_text()  # "never" is not sent after the Close
-        assert (closed.value.code, closed.value.reason) == (4000, "asked")
+    async with client(record, {}) as ws:
+        await ws.send("hello")
+        assert await ws.recv() == "HELLO"
+        await ws.send(b"abc")
+        assert await ws.recv() == b"cba"
+        await ws.send("close")
+        assert await ws.recv() == "bye"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()  # "never" is not sent after the Close
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4000, "asked")
     assert record[-4:] == ["ears closed", "lost", "open=False", "sent after the end"]
 
 
-def test_a_turn_is_forwarded_and_held_back_from_its_response_on() -> None:
+async def test_a_turn_is_forwarded_and_held_back_from_its_response_on() -> None:
     record: list[str] = []
-    with (
-        TestClient(app(record, {}, hold_after="SessionStarted")) as client,
-        client.websocket_connect("/ws") as ws,
-    ):
-        ws.send_text("turn #intro")
-        got = [ws.receive_text()]
+    async with client(record, {}, hold_after="SessionStarted") as ws:
+        await ws.send("turn #intro")
+        got = [await ws.recv()]
         while got[-1] != "finished":
-            got.append(ws.receive_text())
+            got.append(await ws.recv())
     assert got[0] == "SessionStarted"
     assert "ResponseItem" in got
     assert got[-2:] == ["Response", "finished"]
@@ -184,50 +208,51 @@ def test_a_turn_is_forwarded_and_held_back_from_its_response_on() -> None:
     assert record[:3] == ["sent SessionStarted", "turn_finished", "sent Response"]
 
 
-def test_a_rejected_turn_is_answered_by_the_protocol() -> None:
+async def test_a_rejected_turn_is_answered_by_the_protocol() -> None:
     record: list[str] = []
-    with TestClient(app(record, {})) as client, client.websocket_connect("/ws") as ws:
-        ws.send_text("end")  # no session yet: nothing to end
-        assert ws.receive_text() == "ended"
-        ws.send_text("turn #intro")
-        while ws.receive_text() != "finished":
+    async with client(record, {}) as ws:
+        await ws.send("end")  # no session yet: nothing to end
+        assert await ws.recv() == "ended"
+        await ws.send("turn #intro")
+        while await ws.recv() != "finished":
             pass
-        ws.send_text("steal hello")  # the engine refuses: the session is another key's
-        assert ws.receive_text() == "rejected session-foreign"
-        ws.send_text("sync")
-        assert ws.receive_text() == "SYNC"  # no turn_finished after a rejection by default
+        await ws.send("steal hello")  # the engine refuses: the session is another key's
+        assert await ws.recv() == "rejected session-foreign"
+        await ws.send("sync")
+        assert await ws.recv() == "SYNC"  # no turn_finished after a rejection by default
 
 
-def test_listening_actions_go_to_the_speech_side_in_order() -> None:
+async def test_listening_actions_go_to_the_speech_side_in_order() -> None:
     record: list[str] = []
-    with TestClient(app(record, {})) as client, client.websocket_connect("/ws") as ws:
+    async with client(record, {}) as ws:
         for frame in ("listen", "audio one", "audio two", "done", "drop"):
-            ws.send_text(frame)
-        ws.send_text("sync")
-        assert ws.receive_text() == "SYNC"
+            await ws.send(frame)
+        await ws.send("sync")
+        assert await ws.recv() == "SYNC"
     assert record[:5] == ["start 1 250", "feed 1 one", "feed 1 two", "finish 1", "cancel 1"]
 
 
-def test_a_quiet_peer_is_closed_after_the_idle_timeout() -> None:
+async def test_a_quiet_peer_is_closed_after_the_idle_timeout() -> None:
     record: list[str] = []
-    with TestClient(app(record, {}, idle_s=0.2)) as client, client.websocket_connect("/ws") as ws:
-        ws.send_text("hi")
-        assert ws.receive_text() == "HI"
-        with pytest.raises(WebSocketDisconnect) as closed:
-            ws.receive_text()
-        assert closed.value.code == CLOSE_GOING_AWAY
+    async with client(record, {}, idle_s=0.2) as ws:
+        await ws.send("hi")
+        assert await ws.recv() == "HI"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == CLOSE_GOING_AWAY
 
 
-def test_end_session_ends_it_in_the_engine() -> None:
+async def test_end_session_ends_it_in_the_engine() -> None:
     record: list[str] = []
     engines: dict[str, Conversation] = {}
-    with TestClient(app(record, engines)) as client, client.websocket_connect("/ws") as ws:
-        ws.send_text("turn #intro")
-        while ws.receive_text() != "finished":
+    async with client(record, engines) as ws:
+        await ws.send("turn #intro")
+        while await ws.recv() != "finished":
             pass
-        ws.send_text("end")
-        assert ws.receive_text() == "ended"
-        ws.send_text("turn hello")
-        assert ws.receive_text() == "SessionStarted"  # a new session: the old one ended
-        while ws.receive_text() != "finished":
+        await ws.send("end")
+        assert await ws.recv() == "ended"
+        await ws.send("turn hello")
+        assert await ws.recv() == "SessionStarted"  # a new session: the old one ended
+        while await ws.recv() != "finished":
             pass

@@ -12,13 +12,16 @@ Its "model" is scripted on the last user message (see :func:`reply`); the ``<mod
 path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
 ``error-data``, ``slow``, ``garbage``, ``truncated``, ``json`` (ignores ``stream``),
 ``empty``. ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
-pause after the first sentence (the model "thinking" on), ``app.state.sent_all_at``
-when the last content delta was written (``time.monotonic()``).
+pause after the first sentence (the model "thinking" on), cut short when the
+``asyncio.Event`` ``app.state.release`` (None: no event) is set, so a test can hold the
+answer until it has seen what it waits for, however slow the machine;
+``app.state.sent_all_at`` when the last content delta was written (``time.monotonic()``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -65,6 +68,7 @@ def make_openai_server() -> FastAPI:
     app.state.ports = []
     app.state.received_at = []
     app.state.gap_s = 0.0
+    app.state.release = None
     app.state.sent_all_at = None
 
     @app.post("/{mode}/v1/chat/completions")
@@ -155,7 +159,12 @@ async def _stream(
         if mode == "truncated" and n == 3:
             return
         if written - len(piece) < pause_at <= written:
-            await asyncio.sleep(app.state.gap_s)  # the model keeps "thinking"
+            release: asyncio.Event | None = app.state.release
+            with contextlib.suppress(TimeoutError):  # the model keeps "thinking"
+                await asyncio.wait_for(
+                    release.wait() if release else asyncio.sleep(app.state.gap_s),
+                    app.state.gap_s,
+                )
         await asyncio.sleep(0)
     app.state.sent_all_at = time.monotonic()
     for index, call in enumerate(tools):

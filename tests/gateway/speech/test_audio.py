@@ -103,6 +103,30 @@ def test_resample_supresses_aliasing_when_downsampling() -> None:
     assert level[0] < level[1] / 5
 
 
+def rms_level(pcm: Pcm, skip: int = 0) -> float:
+    """Root mean square of the samples, the first and last ``skip`` left out."""
+    xs = samples(pcm)[skip : pcm.n_samples - skip]
+    return math.sqrt(sum(x * x for x in xs) / len(xs))
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "high"),
+    [(22050, 8000, 6000), (22050, 8000, 4500), (22050, 16000, 10000), (48000, 8000, 6000)],
+)
+def test_band_limited_resample_filters_out_what_is_above_the_new_nyquist(
+    src: int, dst: int, high: int
+) -> None:
+    """A tone above ``dst / 2`` must not fold back into the band (6 kHz into 8 kHz
+    audio would come out at 2 kHz): at least 60 dB down on an in-band 1 kHz tone of
+    the same level, which keeps its level within 0.2 dB and its exact length."""
+    aliased = audio.resample(sine(high, src), dst, band_limited=True)
+    passband = audio.resample(sine(1000, src), dst, band_limited=True)
+    assert aliased.n_samples == passband.n_samples == dst
+    reference = rms_level(sine(1000, src), 100)
+    assert 20 * math.log10(rms_level(passband, 100) / reference) == pytest.approx(0, abs=0.2)
+    assert 20 * math.log10(max(rms_level(aliased, 100), 1e-3) / reference) < -60
+
+
 def test_streaming_resampler_matches_one_shot_ratecv() -> None:
     tone = sine(500, 8000, 0.5)
     whole = audio.Resampler(8000, 16000).convert(tone.data)
@@ -152,6 +176,7 @@ def test_resample_gives_the_clip_its_exact_length(
     pcm = Pcm(random.Random(n).randbytes(2 * n), src)
     assert audio.resampled_length(n, src, dst) == expected
     assert audio.resample(pcm, dst).n_samples == expected
+    assert audio.resample(pcm, dst, band_limited=True).n_samples == expected
     assert audio.resample(Pcm(b"", src), dst) == Pcm(b"", dst)
 
 

@@ -4,6 +4,8 @@ inside turns kept out of the session lock (gateway.speech.tts_pool, tts, convers
 from __future__ import annotations
 
 import asyncio
+import math
+import struct
 import time
 
 import httpx
@@ -15,7 +17,7 @@ from gateway.events import ErrorEvent, Input, ResponseEvent, ResponseItem, Respo
 from gateway.pipeline import DemoPipeline
 from gateway.sessions import MemorySessionStore
 from gateway.settings import Settings
-from gateway.speech.audio import decode_mp3, decode_wav
+from gateway.speech.audio import Pcm, decode_mp3, decode_wav, mulaw_to_pcm, resampled_length
 from gateway.speech.service import SpeechService, TtsRequest
 from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
@@ -29,7 +31,7 @@ from gateway.speech.tts import (
     phoneme_runs,
     split_pieces,
 )
-from gateway.speech.tts_cache import FileEncoder, MemoryTtsCache, TtsSpec, encode_file
+from gateway.speech.tts_cache import PCM_RATES, FileEncoder, MemoryTtsCache, TtsSpec, encode_file
 from gateway.speech.tts_pool import TtsOverloaded, TtsPool
 from tests.conftest import serve
 from tests.gateway.speech.test_tts import CountingSynth
@@ -131,6 +133,66 @@ async def test_piper_pieces_make_the_same_audio_as_a_whole(piper: PiperSynthesiz
     for pcm in pieces:
         mulaw.feed(pcm)
     assert abs(len(mulaw.finish()) / 8000 - whole.duration_s) < 0.05
+
+
+def tone(freq: float, seconds: float, rate: int = 22050, fade_s: float = 0.005) -> Pcm:
+    """A sine of amplitude 12000 as 16-bit PCM, faded in and out over ``fade_s``
+    (as a piece of speech starts and ends quietly: no click at its edges)."""
+    n = int(rate * seconds)
+    fade = max(1, int(rate * fade_s))
+    return Pcm(
+        struct.pack(
+            f"<{n}h",
+            *(
+                round(
+                    12000
+                    * min(1.0, i / fade, (n - 1 - i) / fade)
+                    * math.sin(2 * math.pi * freq * i / rate)
+                )
+                for i in range(n)
+            ),
+        ),
+        rate,
+    )
+
+
+def level_db(data: bytes, fmt: str) -> float:
+    """RMS level of a μ-law or 16-bit file body (its first and last 20 ms left out),
+    in dB relative to a full sine of amplitude 12000."""
+    pcm = mulaw_to_pcm(data, 8000) if fmt == "mulaw" else Pcm(data, PCM_RATES[fmt])
+    edge = pcm.sample_rate // 50
+    xs = struct.unpack(f"<{pcm.n_samples}h", pcm.data)[edge:-edge]
+    rms = math.sqrt(sum(x * x for x in xs) / len(xs))
+    return 20 * math.log10(max(rms, 1e-3) / (12000 / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("fmt", ["mulaw", "pcm8k", "pcm16k"])
+def test_file_encoder_downsamples_pieces_without_aliasing(fmt: str) -> None:
+    """22050 Hz pieces (Piper's rate) into a phone call's 8000 Hz (or 16000 Hz): a tone
+    above the new Nyquist frequency is gone (not folded back into the band), an in-band
+    tone keeps its level, and the pieces' file is exactly as long as their whole.
+    (Each piece is filtered on its own: pieces are separate syntheses that start and
+    end quietly, as these tones fade in and out; a piece cut off loud would click.)"""
+    rate = PCM_RATES.get(fmt, 8000)
+    high = 6000 if rate == 8000 else 10000
+    lengths = [0.37, 0.5, 0.21, 0.6]  # odd lengths: the pieces' samples do not divide
+    for freq, most in ((high, -60.0), (1000, None)):
+        encoder = FileEncoder(fmt)  # type: ignore[arg-type]
+        pieces = [tone(freq, s) for s in lengths]
+        added = b"".join(encoder.feed(p) for p in pieces)
+        whole = encoder.finish()
+        assert added == whole  # each piece's bytes at once: nothing held back
+        n_in = sum(p.n_samples for p in pieces)
+        assert len(whole) // (1 if fmt == "mulaw" else 2) == resampled_length(n_in, 22050, rate)
+        level = level_db(whole, fmt)
+        if most is None:
+            assert level == pytest.approx(0, abs=0.3 if fmt == "mulaw" else 0.1)
+        else:
+            assert level < most, level
+    single = tone(1000, 0.5)
+    one = FileEncoder(fmt)  # type: ignore[arg-type]
+    one.feed(single)
+    assert one.finish() == encode_file(single, fmt)  # type: ignore[arg-type]
 
 
 def spec(text: str, synth: Synthesizer, fmt: str = "mp3") -> TtsSpec:

@@ -23,7 +23,7 @@ from tests.adapters.flowstorm.v2.helpers import (
     pcm_chunks,
     realtime_turn,
 )
-from tests.conftest import GatewayProcess, serve
+from tests.conftest import GatewayProcess, serve, start_all
 from tests.gateway.core_app import make_core
 
 KEY = "scale-test"
@@ -43,10 +43,12 @@ async def say(client: httpx.AsyncClient, url: str, text: str) -> str:
 async def test_two_processes_serve_alternate_turns(
     redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
 ) -> None:
-    a = GatewayProcess(env(redis_url, redis_prefix)).start()
-    gateway_processes.append(a)
-    b = GatewayProcess(env(redis_url, redis_prefix)).start()
-    gateway_processes.append(b)
+    a, b = (
+        GatewayProcess(env(redis_url, redis_prefix)),
+        GatewayProcess(env(redis_url, redis_prefix)),
+    )
+    gateway_processes += [a, b]
+    start_all(a, b)
     async with httpx.AsyncClient() as client:  # one cookie jar, two gateways
         assert "demo bot" in await say(client, a.url, "#intro")
         assert await say(client, b.url, "my name is Alan") == "< Nice to meet you, Alan.\n"
@@ -116,7 +118,7 @@ async def test_realtime_put_and_get_on_two_processes(
     speech_env = {**env(redis_url, redis_prefix), "GATEWAY_TTS_PROVIDER": "espeak-ng"}
     a, b = GatewayProcess(speech_env), GatewayProcess(speech_env)
     gateway_processes += [a, b]
-    await asyncio.gather(asyncio.to_thread(a.start), asyncio.to_thread(b.start))
+    await asyncio.to_thread(start_all, a, b)
     sentence = "tell me about this place"
     quiet = b"\x00" * (16000 * CHUNK_MS // 1000 * 2)
     async with httpx.AsyncClient(timeout=60) as client:
@@ -158,10 +160,10 @@ async def test_a_turn_on_a_killed_instance_frees_its_session_within_one_lease(
             "GATEWAY_TURN_TIMEOUT_S": "30",
             "GATEWAY_LOCK_LEASE_S": str(lease_s),
         }
-        a = GatewayProcess(env(redis_url, redis_prefix) | settings).start()
-        gateway_processes.append(a)
-        b = GatewayProcess(env(redis_url, redis_prefix) | settings).start()
-        gateway_processes.append(b)
+        a = GatewayProcess(env(redis_url, redis_prefix) | settings)
+        b = GatewayProcess(env(redis_url, redis_prefix) | settings)
+        gateway_processes += [a, b]
+        start_all(a, b)
         try:
             assert await say(client, a.url, "hello") == "< core heard hello\n"  # the cookie
             held = asyncio.create_task(say(client, a.url, "hold"))
