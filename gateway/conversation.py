@@ -73,7 +73,7 @@ from gateway.events import (
     SessionStartedEvent,
     TurnEvent,
 )
-from gateway.logs import session_ref
+from gateway.logs import SessionRef, session_ref
 from gateway.outbox import Journal, OutboxError
 from gateway.pipeline.base import Pipeline, PipelineError
 from gateway.sessions import (
@@ -471,7 +471,7 @@ class Conversation:
             outcome.kind,
             extra={
                 "channel": ctx.channel,
-                "session": session_ref(ctx.key),
+                "session": SessionRef(ctx.key),
                 "turn": outcome.turn,
                 "latency_ms": round(seconds * 1000, 1),
                 "outcome": outcome.kind,

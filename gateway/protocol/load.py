@@ -229,14 +229,15 @@ def load_json(
     # depth <= the opening brackets, and a long number outside the strings is a long
     # run of number characters in the whole text: only text that could break a bound
     # has its strings taken out (a regex pass) to be measured exactly
-    if text.count("{") + text.count("[") > max_depth:
-        if _depth(_structure(text)) > max_depth:
-            raise ProtocolError(f"{what} is nested deeper than {max_depth} levels.")
-    if len(text) > max_number_chars and _long_number(max_number_chars).search(text):
-        if _long_number(max_number_chars).search(_structure(text)):
-            raise ProtocolError(
-                f"{what} holds a number longer than {max_number_chars} characters."
-            )
+    if text.count("{") + text.count("[") > max_depth and _depth(_structure(text)) > max_depth:
+        raise ProtocolError(f"{what} is nested deeper than {max_depth} levels.")
+    long_number = _long_number(max_number_chars)
+    if (
+        len(text) > max_number_chars
+        and long_number.search(text)
+        and long_number.search(_structure(text))
+    ):
+        raise ProtocolError(f"{what} holds a number longer than {max_number_chars} characters.")
     try:
         value = _DECODER.decode(text)
     except _NotJson as exc:

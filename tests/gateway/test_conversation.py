@@ -135,7 +135,8 @@ async def test_stream_says_when_only_the_save_is_left(
         assert stream.saving is saving_at_first
         assert not stream.task.done()  # the save (or the core) is still running
         rest = [e async for e in events]
-        assert isinstance(rest[-1], ResponseEvent) and stream.saving
+        assert isinstance(rest[-1], ResponseEvent)
+        assert stream.saving
         await conv.pipeline.aclose()
     await store.aclose()
 

@@ -165,7 +165,8 @@ async def test_pool_of_one_server_waits_for_a_free_connection(redis_url: str) ->
     assert isinstance(pool, redisconn.QuickBlockingPool)
     key = f"pool-test-{secrets.token_hex(4)}"
     assert [await client.ping() for _ in range(3)] == [True] * 3
-    assert len(pool._available_connections) == 1 and not pool._in_use_connections
+    assert len(pool._available_connections) == 1
+    assert not pool._in_use_connections
     # six commands of 50 ms each on two connections: three rounds, in the order asked
     finished: list[int] = []
 
@@ -177,7 +178,8 @@ async def test_pool_of_one_server_waits_for_a_free_connection(redis_url: str) ->
     await asyncio.gather(*(slow(n) for n in range(6)))
     assert time.monotonic() - started >= 0.14
     assert [set(finished[i : i + 2]) for i in (0, 2, 4)] == [{0, 1}, {2, 3}, {4, 5}]
-    assert len(pool._available_connections) == 2 and not pool._in_use_connections
+    assert len(pool._available_connections) == 2
+    assert not pool._in_use_connections
     # a caller that cannot get a connection within the pool's timeout fails
     pool.timeout = 0.05
     holders = [asyncio.create_task(client.blpop([f"{key}:h{n}"], timeout=0.3)) for n in range(2)]
