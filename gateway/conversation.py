@@ -73,7 +73,7 @@ from gateway.events import (
     SessionStartedEvent,
     TurnEvent,
 )
-from gateway.logs import session_ref
+from gateway.logs import SessionRef, session_ref
 from gateway.outbox import Journal, OutboxError
 from gateway.pipeline.base import Pipeline, PipelineError
 from gateway.sessions import (
@@ -192,6 +192,7 @@ class _TurnQueue:
         "held",
         "journal_key",
         "pushes_pending",
+        "saving",
         "sent",
     )
 
@@ -205,6 +206,9 @@ class _TurnQueue:
         self.closed = False
         self.pushes_pending: bool | None = None
         """The session store's :attr:`SessionTxn.pushes_pending`, once the lock is taken."""
+        self.saving = False
+        """Set when the pipeline has answered: what is left of the turn is the store's
+        (numbering its end in the outbox, the save and release), then its end."""
         self.batch: _LinkBatch | None = None
         """The final items held for the release's round trip (see :class:`_LinkBatch`)."""
         self.held: SessionStartedEvent | None = None
@@ -314,6 +318,15 @@ class TurnStream:
     async def collect(self) -> list[TurnEvent]:
         """All events of the turn (raises TurnRejected like iteration does)."""
         return [event async for event in self]
+
+    @property
+    def saving(self) -> bool:
+        """Whether the pipeline has answered and only the store's part of the turn (the
+        save and release, one round trip with Redis) is left, with no audio to come: the
+        rest of the events follow as soon as the session is saved. An HTTP adapter may
+        then wait for them (``async for``) and answer in one body, as for a turn that is
+        over (:meth:`rest_if_done`), rather than open a chunked stream."""
+        return self._queue.saving and not self._queue.audio
 
     def rest_if_done(self) -> list[TurnEvent] | None:
         """The turn's remaining events when it has finished, else None (nothing taken).
@@ -458,7 +471,7 @@ class Conversation:
             outcome.kind,
             extra={
                 "channel": ctx.channel,
-                "session": session_ref(ctx.key),
+                "session": SessionRef(ctx.key),
                 "turn": outcome.turn,
                 "latency_ms": round(seconds * 1000, 1),
                 "outcome": outcome.kind,
@@ -550,6 +563,7 @@ class Conversation:
             else:
                 snapshot = functools.partial(Session.model_validate_json, session.model_dump_json())
             result = await self._process(session, snapshot, input, out, ctx.tts)
+            out.saving = True  # the rest is the store's: see TurnStream.saving
             if isinstance(result, ErrorEvent):
                 session = snapshot()
                 session.client_state = ClientState.FAILED

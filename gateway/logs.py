@@ -69,6 +69,25 @@ def session_ref(key: str) -> str:
     return f"{namespace}{sep}h-{outer.digest()[:8].hex()}"
 
 
+class SessionRef:
+    """:func:`session_ref` of ``key`` as a record field, made only when a formatter turns
+    it into text (``str()``: the JSON format's ``session``, a ``%(session)s`` format):
+    the text format does not show the fields, so a turn's line costs no HMAC there."""
+
+    __slots__ = ("_text", "key")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._text: str | None = None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            self._text = session_ref(self.key)
+        return self._text
+
+    __repr__ = __str__
+
+
 @functools.lru_cache(maxsize=4)
 def _hmac_states(key: bytes) -> tuple[Any, Any]:
     """SHA-256 after HMAC's inner and outer padded keys (RFC 2104): an HMAC is then two

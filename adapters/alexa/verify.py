@@ -52,8 +52,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from functools import cache
-from typing import Any, Protocol
+from functools import cache, lru_cache
+from typing import Any, Final, Protocol
 from urllib.parse import unquote, urlsplit
 
 import certifi
@@ -190,6 +190,7 @@ class CertFetchError(Exception):
 # Rule 1: the certificate URL
 
 
+@lru_cache(maxsize=64)  # one URL for months in practice: urlsplit once, not per request
 def check_cert_chain_url(url: str) -> str:
     """Check a ``SignatureCertChainUrl`` against Amazon's rules; return the canonical URL.
 
@@ -638,7 +639,7 @@ class AlexaVerifier:
         # Chain (cached I/O) and signature.
         chain = await self._chain(canonical_url, now)
         try:
-            chain.public_key.verify(signature, body, padding.PKCS1v15(), hashes.SHA256())
+            chain.public_key.verify(signature, body, _PKCS1V15, _SHA256)
         except InvalidSignature:
             raise AlexaVerificationError(
                 AlexaReason.BAD_SIGNATURE, "Signature-256 does not match the body"
@@ -743,6 +744,10 @@ class AlexaVerifier:
                 f"{url}: {exc}",
             ) from None
         return verify_cert_chain(pem, now, self._store)
+
+
+_PKCS1V15: Final = padding.PKCS1v15()
+_SHA256: Final = hashes.SHA256()
 
 
 def _parse_envelope(body: bytes) -> dict[str, Any]:

@@ -157,6 +157,26 @@ def _depth(structure: str) -> int:
     return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
 
 
+class _NotJson(Exception):
+    """A number or constant :func:`load_json` refuses; ``args[0]`` is the message with
+    ``%s`` for the text's name."""
+
+
+def _real(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise _NotJson(f"%s holds a number out of range: {literal[:20]}.")
+    return value
+
+
+def _constant(name: str) -> Any:
+    raise _NotJson(f"%s holds {name}, which is not JSON.")
+
+
+_DECODER: Final = json.JSONDecoder(parse_float=_real, parse_constant=_constant)
+"""One decoder for every load (``json.loads`` with arguments builds a new one per call)."""
+
+
 def load_json(
     data: bytes | bytearray | memoryview | str,
     *,
@@ -206,29 +226,29 @@ def load_json(
                 f"{what} is not UTF-8: bad byte at byte {offset + exc.start}."
             ) from None
         unit = unit or "byte"
-    structure = _structure(text)
-    if _depth(structure) > max_depth:
+    # depth <= the opening brackets, and a long number outside the strings is a long
+    # run of number characters in the whole text: only text that could break a bound
+    # has its strings taken out (a regex pass) to be measured exactly
+    if text.count("{") + text.count("[") > max_depth and _depth(_structure(text)) > max_depth:
         raise ProtocolError(f"{what} is nested deeper than {max_depth} levels.")
-    if len(structure) > max_number_chars and _long_number(max_number_chars).search(structure):
+    long_number = _long_number(max_number_chars)
+    if (
+        len(text) > max_number_chars
+        and long_number.search(text)
+        and long_number.search(_structure(text))
+    ):
         raise ProtocolError(f"{what} holds a number longer than {max_number_chars} characters.")
-
-    def real(literal: str) -> float:
-        value = float(literal)
-        if not math.isfinite(value):
-            raise ProtocolError(f"{what} holds a number out of range: {literal[:20]}.")
-        return value
-
-    def constant(name: str) -> Any:
-        raise ProtocolError(f"{what} holds {name}, which is not JSON.")
-
     try:
-        value = json.loads(text, parse_float=real, parse_constant=constant)
+        value = _DECODER.decode(text)
+    except _NotJson as exc:
+        raise ProtocolError(exc.args[0] % what) from None
     except json.JSONDecodeError as exc:
         where = exc.pos if unit == "character" else len(text[: exc.pos].encode("utf-8", "replace"))
         raise ProtocolError(f"Malformed JSON at {unit} {offset + where}: {exc.msg}.") from None
     except (ValueError, RecursionError, OverflowError):  # bounds above make these unreachable
         raise ProtocolError(f"{what} is not acceptable JSON.") from None
-    if _SURROGATE.search(text):
+    # a raw surrogate cannot come from UTF-8 bytes (the strict decoder refuses it)
+    if (isinstance(data, str) or "\\u" in text) and _SURROGATE.search(text):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:

@@ -120,6 +120,27 @@ async def test_turns_of_one_session_run_one_at_a_time(redis_url: str, redis_pref
         await store.aclose()
 
 
+async def test_stream_says_when_only_the_save_is_left(
+    redis_url: str, redis_prefix: str, core: tuple[str, FastAPI]
+) -> None:
+    """TurnStream.saving: with Redis, a demo turn's consumer first wakes while the
+    session is being saved (its pipeline answered); a slow core's has not answered yet."""
+    url, _ = core
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    for pipeline, saving_at_first in (("demo", True), (f"{url}/slow?s=0.2", False)):
+        conv = engine(store, pipeline=pipeline)
+        stream = conv.turn(ctx(f"saving-{saving_at_first}"), Input.of("hello"))
+        events = aiter(stream)
+        assert isinstance(await anext(events), SessionStartedEvent)
+        assert stream.saving is saving_at_first
+        assert not stream.task.done()  # the save (or the core) is still running
+        rest = [e async for e in events]
+        assert isinstance(rest[-1], ResponseEvent)
+        assert stream.saving
+        await conv.pipeline.aclose()
+    await store.aclose()
+
+
 async def test_sleep_timeout_keeps_the_session(core: tuple[str, FastAPI]) -> None:
     url, _ = core
     conv = engine(pipeline=f"{url}/sleep-end")

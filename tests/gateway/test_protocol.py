@@ -45,6 +45,9 @@ def refusal(data: str | bytes, **options: Any) -> ProtocolError:
         ('"\\ud800"', 400, "lone UTF-16 surrogate"),
         ('{"\\udfff": 1}', 400, "lone UTF-16 surrogate"),
         ('"a\ud800"', 400, "lone UTF-16 surrogate"),
+        (b'["\\ud800"]', 400, "lone UTF-16 surrogate"),
+        (b'{"x": ["' + b"[{" * 100 + b'"], "n": 1e999}', 400, "out of range"),
+        ('{"s": "' + "{" * 100 + '", "n": ' + "2" * 101 + "}", 400, "number longer than 100"),
         (b'{"a": "\xff"}', 400, "not UTF-8: bad byte at byte 7"),
         ('{"a": 1,}', 400, "Malformed JSON at character 8"),
         (b'{"\xc3\xa9": x}', 400, "Malformed JSON at byte 7"),
@@ -74,6 +77,10 @@ def test_within_bounds_it_is_the_standard_parser() -> None:
         "pair": "😀",
     }
     assert load_json(b'[1.5, -0, true, null, "\\\\ud800"]') == [1.5, 0, True, None, "\\ud800"]
+    # brackets and digits inside strings count for neither bound
+    assert load_json(b'{"s": "' + b"[{" * 100 + b"7" * 200 + b'"}') == {"s": "[{" * 100 + "7" * 200}
+    error = refusal(b"[1, NaN]", what="The frame")
+    assert error.text == "The frame holds NaN, which is not JSON."
 
 
 def test_names_and_offsets_in_the_texts() -> None:

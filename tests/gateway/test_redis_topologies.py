@@ -156,6 +156,41 @@ async def test_sentinel_pool_follows_the_sentinels_events() -> None:
     await redisconn.aclose(client)
 
 
+async def test_pool_of_one_server_waits_for_a_free_connection(redis_url: str) -> None:
+    """QuickBlockingPool: idle connections are reused, a full pool makes callers wait
+    (first come, first served) instead of failing, and one that waits longer than the
+    pool's timeout gets redis-py's ConnectionError."""
+    client = redisconn.connect(redis_url, max_connections=2)
+    pool = client.connection_pool
+    assert isinstance(pool, redisconn.QuickBlockingPool)
+    key = f"pool-test-{secrets.token_hex(4)}"
+    assert [await client.ping() for _ in range(3)] == [True] * 3
+    assert len(pool._available_connections) == 1
+    assert not pool._in_use_connections
+    # six commands of 50 ms each on two connections: three rounds, in the order asked
+    finished: list[int] = []
+
+    async def slow(n: int) -> None:
+        await client.blpop([f"{key}:{n}"], timeout=0.05)
+        finished.append(n)
+
+    started = time.monotonic()
+    await asyncio.gather(*(slow(n) for n in range(6)))
+    assert time.monotonic() - started >= 0.14
+    assert [set(finished[i : i + 2]) for i in (0, 2, 4)] == [{0, 1}, {2, 3}, {4, 5}]
+    assert len(pool._available_connections) == 2
+    assert not pool._in_use_connections
+    # a caller that cannot get a connection within the pool's timeout fails
+    pool.timeout = 0.05
+    holders = [asyncio.create_task(client.blpop([f"{key}:h{n}"], timeout=0.3)) for n in range(2)]
+    await asyncio.sleep(0.02)
+    with pytest.raises(redis.exceptions.ConnectionError, match="No connection available"):
+        await client.ping()
+    await asyncio.gather(*holders)
+    assert await client.ping()
+    await redisconn.aclose(client)
+
+
 # ------------------------------------------------- served gateways per topology
 
 

@@ -538,7 +538,9 @@ async def _turn(
     )
     media = TEXT if plain else NDJSON
     rest = stream.rest_if_done()
-    if rest is not None:  # the turn is already over: one plain body, no chunked stream
+    if rest is None and stream.saving:  # the pipeline has answered; the session is being
+        rest = [event async for event in events]  # saved: its end follows that round trip
+    if rest is not None:  # the turn is over: one plain body, no chunked stream
         if on_end is not None:
             await on_end()
         whole = pushed + b"".join(line(event) for event in (*prefix, first, *rest))

@@ -365,6 +365,29 @@ async def test_tts_none_turns_the_links_off(base: str) -> None:
         assert re.search(r"/file/tts/[0-9a-f]{64}\.wav\)", wav.text)
 
 
+async def test_a_turn_answered_before_its_save_is_one_body(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """With Redis, a turn whose core has answered when the route first looks is sent in
+    one body (Content-Length) once the session is saved, like a turn already over."""
+    async with (
+        gateway(redis_url=redis_url, redis_prefix=redis_prefix) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for query, body in (("&tts=None", TEXT), ("", JSON)):
+            content = "hi" if body is TEXT else input_event("hi")
+            client.cookies.clear()  # a new session each
+            answer = await client.put(f"/client?key={KEY}{query}", headers=body, content=content)
+            assert answer.status_code == 200
+            assert answer.headers["content-length"] == str(len(answer.content))
+            assert "transfer-encoding" not in answer.headers
+            if body is TEXT:
+                assert answer.text == "< You said: hi\n"
+            else:
+                kinds = [e["type"] for e in events(answer)]
+                assert kinds == ["ResponseItem", "Response"]
+
+
 async def test_health_and_readiness(base: str, redis_url: str) -> None:
     async with httpx.AsyncClient(base_url=base) as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}

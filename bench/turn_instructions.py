@@ -1,0 +1,159 @@
+"""Instructions per request of the turn rows of bench/turn_overhead.py: this tree beside another.
+
+On a busy machine the CPU time per request that bench/turn_overhead.py prints moves by
+tens of percent from one run to the next (caches, other processes on the core). Here
+each server runs under ``valgrind --tool=callgrind`` and the figure is the number of
+instructions the server process executed (user space: the kernel's share of the
+socket writes is not in it) while wrk sent requests, divided by the requests answered:
+steady to a few percent whatever else runs.
+
+Rows (the servers and wrk scripts of bench/turn_overhead.py): ``bare`` (the bare
+FastAPI PUT /client), ``memory`` and ``redis`` (V2 text, tts=None, a new session per
+request), ``memory5``/``redis5`` (5 turns a session, TTS links), ``alexa`` (/alexa on
+Redis, verification on, every request signed). wrk runs ``-t1 -c8`` for a warm-up of
+3 s, the counters are zeroed (``callgrind_control -z``), wrk runs ``--seconds`` s and
+the counters are dumped. Under valgrind a server answers a few dozen requests a second:
+start-up takes a minute or more on a loaded machine.
+
+``--old /work/main`` measures another checkout the same way, row by row after this
+tree's. Needs valgrind and wrk (``apt-get install valgrind wrk``).
+
+    python bench/turn_instructions.py [--rows redis,alexa] [--old /work/main] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.loadgen import free_port
+from bench.turn_overhead import (
+    ALEXA_SCRIPT,
+    TURNS,
+    V2_SCRIPT,
+    V2_SESSIONS_SCRIPT,
+    alexa_requests,
+)
+from bench.voice_assistants import SKILL_ID, Keys
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ("bare", "memory", "redis", "memory5", "redis5", "alexa")
+
+
+def _server(row: str, port: int, folder: Path, redis_url: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of ``row``'s server (as bench/turn_overhead.py's)."""
+    redis = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_REDIS_PREFIX": f"ti{secrets.token_hex(3)}"}
+    uvicorn = [sys.executable, "-m", "uvicorn", "--no-access-log"]
+    if row == "bare":
+        return [*uvicorn, "bench.baseline_app:app", "--port", str(port)], {}
+    if row == "alexa":
+        app = ["--factory", "bench.voice_assistants:gateway_app", "--port", str(port)]
+        env = {**redis, "BENCH_PKI_DIR": str(folder), "GATEWAY_ALEXA_SKILL_IDS": SKILL_ID}
+        return [*uvicorn, *app], env
+    serve = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
+    return serve, redis if row.startswith("redis") else {}
+
+
+def _script(row: str, folder: Path, keys: Keys) -> Path:
+    """The wrk script of ``row`` (Alexa requests are signed now: valid for 150 s)."""
+    script = folder / f"{row}.lua"
+    if row == "alexa":
+        script.write_text(ALEXA_SCRIPT % alexa_requests(keys, 1500, folder))
+    elif row.endswith("5"):
+        script.write_text(V2_SESSIONS_SCRIPT % ("", TURNS))
+    else:
+        script.write_text(V2_SCRIPT % "&tts=None")
+    return script
+
+
+def _wrk(port: int, script: Path, seconds: int) -> int:
+    """Requests answered by one wrk run (``-t1 -c8``)."""
+    out = subprocess.run(
+        ["wrk", "-t1", "-c8", f"-d{seconds}s", "-s", str(script), f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+
+
+def measure(tree: Path, row: str, seconds: int, folder: Path, redis_url: str) -> tuple[int, float]:
+    """(requests, instructions per request) of ``row`` served from checkout ``tree``."""
+    keys = Keys(folder)
+    port = free_port()
+    cmd, env = _server(row, port, folder, redis_url)
+    out = folder / f"callgrind.{row}.{secrets.token_hex(3)}.out"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
+        env={**os.environ, "PYTHONPATH": str(tree), **env},
+        cwd=tree,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{row} did not start under valgrind: {cmd}")
+            time.sleep(0.5)
+        script = _script(row, folder, keys)
+        _wrk(port, script, 3)  # warm-up
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=True)
+        requests = _wrk(port, script, seconds)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True, check=True)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    total = 0
+    for name in glob.glob(f"{out}*"):
+        text = Path(name).read_text()
+        if "Trigger: dump" in text:  # the dump of the measured run (not the one at exit)
+            found = re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE)
+            total = max(total, int(found.group(1)) if found else 0)
+        os.remove(name)
+    return requests, total / max(requests, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="redis,alexa", help=f"comma-separated, of {ROWS}")
+    parser.add_argument("--old", type=Path, help="another checkout, measured after this one")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument(
+        "--redis", default=os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    args = parser.parse_args()
+    rows = [r for r in args.rows.split(",") if r]
+    if unknown := set(rows) - set(ROWS):
+        sys.exit(f"unknown rows {sorted(unknown)}: choose from {ROWS}")
+    trees = {"this": ROOT, **({"old": args.old.resolve()} if args.old else {})}
+    with tempfile.TemporaryDirectory(prefix="bench-instr-") as tmp:
+        for row in rows:
+            figures = {}
+            for label, tree in trees.items():
+                requests, per = measure(tree, row, args.seconds, Path(tmp), args.redis)
+                figures[label] = per
+                print(f"{row:8} {label:4} {requests:6d} requests  {per / 1000:8.1f} k instr/req")
+            if "old" in figures:
+                change = figures["this"] / figures["old"] - 1
+                print(f"{row:8} this vs old: {change * 100:+.0f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()
