@@ -209,13 +209,16 @@ class QuickBlockingPool(aioredis.BlockingConnectionPool):
 
     def _uncontended(self) -> bool:
         """No task holds or waits for the condition (nor its lock), no maintenance."""
-        condition: Any = self._condition  # asyncio's private queues: stable since 3.4
-        return not (
-            self._in_maintenance
-            or condition.locked()
-            or condition._waiters
-            or condition._lock._waiters
-        )
+        try:
+            condition: Any = self._condition  # asyncio's private queues: stable since 3.4
+            return not (
+                getattr(self, "_in_maintenance", False)
+                or condition.locked()
+                or condition._waiters
+                or condition._lock._waiters
+            )
+        except AttributeError:  # another redis-py or asyncio layout: redis-py's own path
+            return False
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if args or kwargs or not self._available_connections or not self._uncontended():
