@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from gateway.speech.audio import Pcm, silence
+import asyncio
+
+from gateway.speech.audio import AudioFormat, Pcm, pcm_to_mulaw, resample, silence
 
 SENTENCES = (
     "tell me about this place",
@@ -39,3 +41,32 @@ def padded(pcm: Pcm, before_ms: int = 300, after_ms: int = 1200) -> Pcm:
     """``pcm`` with silence before and after (enough trailing silence to end an utterance)."""
     rate = pcm.sample_rate
     return Pcm(silence(before_ms, rate).data + pcm.data + silence(after_ms, rate).data, rate)
+
+
+MULAW8 = AudioFormat("MULAW", 8000)
+"""A phone call's audio: 8 kHz μ-law."""
+FRAME = 160
+"""Bytes of one 20 ms frame of :data:`MULAW8`."""
+
+
+def phone(pcm: Pcm) -> bytes:
+    """``pcm`` as a phone call carries it: 8 kHz μ-law bytes."""
+    return pcm_to_mulaw(resample(pcm, 8000))
+
+
+def quiet(ms: int) -> bytes:
+    """``ms`` of silence as 8 kHz μ-law bytes."""
+    return pcm_to_mulaw(silence(ms, 8000))
+
+
+def phone_corpus(piper: object, texts: tuple[str, ...]) -> dict[str, bytes]:
+    """Each of ``texts`` spoken by ``piper`` (a PiperSynthesizer), as :func:`phone` audio;
+    run outside an event loop (a module fixture's)."""
+    from gateway.speech.tts import PiperSynthesizer
+
+    assert isinstance(piper, PiperSynthesizer)
+
+    async def synthesize() -> dict[str, bytes]:
+        return {t: phone(await piper.synthesize(t)) for t in texts}
+
+    return asyncio.run(synthesize())

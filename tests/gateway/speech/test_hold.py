@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.speech.audio import AudioFormat, Pcm, pcm_to_mulaw, resample, silence
 from gateway.speech.hold import FeedStep, feed_step
 from gateway.speech.stage import ListenOptions, SpeechStage
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.types import Heard
-from tests.speech import wer
+from tests.speech import FRAME, MULAW8, phone_corpus, quiet, wer
 
 TAIL = 300
 
@@ -65,31 +64,11 @@ def test_feed_step(
     )
 
 
-MULAW8 = AudioFormat("MULAW", 8000)
-FRAME = 160  # 20 ms of 8 kHz μ-law
-
-
-def phone(pcm: Pcm) -> bytes:
-    return pcm_to_mulaw(resample(pcm, 8000))
-
-
-def quiet(ms: int) -> bytes:
-    return pcm_to_mulaw(silence(ms, 8000))
-
-
 @pytest.fixture(scope="module")
 def said(piper: object) -> dict[str, bytes]:
-    import asyncio
-
-    from gateway.speech.tts import PiperSynthesizer
-
-    assert isinstance(piper, PiperSynthesizer)
-    texts = ("book a table for", "two people tonight", "what is the weather like today")
-
-    async def synthesize() -> dict[str, bytes]:
-        return {t: phone(await piper.synthesize(t)) for t in texts}
-
-    return asyncio.run(synthesize())
+    return phone_corpus(
+        piper, ("book a table for", "two people tonight", "what is the weather like today")
+    )
 
 
 async def hear(

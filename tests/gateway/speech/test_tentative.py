@@ -10,37 +10,17 @@ import time
 import pytest
 
 from gateway.settings import Settings
-from gateway.speech.audio import AudioFormat, Pcm, pcm_to_mulaw, resample, silence
 from gateway.speech.stage import ListenOptions, SpeechStage
 from gateway.speech.stt import PocketsphinxRecognizer, TentativeEnd
 from gateway.speech.types import Heard
-from tests.speech import normalise, wer
-
-MULAW8 = AudioFormat("MULAW", 8000)
-FRAME = 160  # 20 ms of 8 kHz μ-law
-
-
-def phone(pcm: Pcm) -> bytes:
-    return pcm_to_mulaw(resample(pcm, 8000))
-
-
-def quiet(ms: int) -> bytes:
-    return pcm_to_mulaw(silence(ms, 8000))
+from tests.speech import FRAME, MULAW8, normalise, phone_corpus, quiet, wer
 
 
 @pytest.fixture(scope="module")
 def said(piper: object) -> dict[str, bytes]:
-    import asyncio
-
-    from gateway.speech.tts import PiperSynthesizer
-
-    assert isinstance(piper, PiperSynthesizer)
-    texts = ("play some music please", "book a table for two", "what is the weather like today")
-
-    async def synthesize() -> dict[str, bytes]:
-        return {t: phone(await piper.synthesize(t)) for t in texts}
-
-    return asyncio.run(synthesize())
+    return phone_corpus(
+        piper, ("play some music please", "book a table for two", "what is the weather like today")
+    )
 
 
 async def recognise(recognizer: PocketsphinxRecognizer, audio: bytes) -> str:
