@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -164,7 +164,8 @@ def connect(url: str, *, max_connections: int = 64) -> RedisClient:
     if target.kind == "sentinel":
         assert target.service_name is not None
         fast = _fast_failure()
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        # Sentinel's __init__ is untyped in some redis-py releases and typed in others
+        sentinel = cast(Any, Sentinel)(
             list(target.nodes),
             sentinel_kwargs={"socket_connect_timeout": 1, "socket_timeout": 1},
             db=target.db,
