@@ -12,7 +12,15 @@ silence that ends the utterance from the answer:
   article, preposition, conjunction, auxiliary or possessive: "I would like to",
   "book a table for"), on a number word (digits tend to come in runs: "my number is
   four five"), on a filler ("um", "uh"), or on a recognizer's spelling of an open
-  ending (:data:`HOMOPHONES`: "too"/"two" for "to", "four" for "for").
+  ending (:data:`HOMOPHONES`: "too"/"two" for "to", "four" for "for"), or when it is
+  nothing but a lead-in (:data:`LEAD_INS`: "wait", "hold on", "oh wait", "no, hang
+  on"), an opener almost always followed by more.
+
+Why lead-ins: a real interruption ("wait, I want to change my order") pauses at the
+comma; judged complete, the partial "wait" gets the short silence and the turn ends
+at "wait". Only openers that are rarely a whole answer are lead-ins: "no", "yes",
+"okay" alone are complete answers and stay complete; "no wait" (an interjection of
+:data:`LEAD_IN_PREFIXES` before a lead-in) is open.
 
 Why homophones: at a pause the recognizer cannot hear which of "to", "too" and "two"
 was said; its language model picks one, and on telephone audio it often picks
@@ -40,6 +48,8 @@ __all__ = [
     "BACKCHANNELS",
     "FILLERS",
     "HOMOPHONES",
+    "LEAD_INS",
+    "LEAD_IN_PREFIXES",
     "NUMBERS",
     "NUMBER_LEADS",
     "OPEN_ENDINGS",
@@ -103,6 +113,17 @@ an utterance whose last word is one of them is judged as if it ended on the open
 ending it may stand for (a delay of the long silence when it was meant, never a cut
 when it was not). Not part of :data:`OPEN_ENDINGS` (they carry meaning for barge-in)."""
 
+LEAD_INS: Final[tuple[str, ...]] = ("wait", "hold on", "hang on", "hold up", "actually")
+"""Openers almost always followed by more (lower case; a phrase may span words): an
+utterance that so far is only lead-ins (after interjections of :data:`LEAD_IN_PREFIXES`
+and fillers) is not finished ("wait", "oh wait", "no, hold on", "wait wait"). Not part
+of :data:`OPEN_ENDINGS`: "wait" carries meaning for barge-in (:func:`content_words`),
+and "wait a minute", "i can't wait" end on other words or read complete as usual."""
+
+LEAD_IN_PREFIXES: Final[frozenset[str]] = _set("oh no nope yes yeah okay ok so well now")
+"""Interjections that may come before a lead-in ("no wait", "okay hold on") without
+making it a finished utterance; alone they read complete as any other word."""
+
 BACKCHANNELS: Final[tuple[str, ...]] = (
     "uh-huh",
     "uh huh",
@@ -151,24 +172,46 @@ class RuleEndOfTurn:
 
     ``open_endings``: words an utterance does not end on; ``min_words``: fewer words
     than this are incomplete (1: a single "yes" is complete); ``homophones``: last words
-    judged as the open ending they may stand for (:data:`HOMOPHONES`; empty: none).
+    judged as the open ending they may stand for (:data:`HOMOPHONES`; empty: none);
+    ``lead_ins``: openers that are not a whole utterance (:data:`LEAD_INS`; empty: none).
     """
 
     open_endings: frozenset[str] = field(default=OPEN_ENDINGS)
     min_words: int = 1
     homophones: Mapping[str, str] = field(default_factory=lambda: dict(HOMOPHONES), hash=False)
+    lead_ins: tuple[str, ...] = LEAD_INS
 
     def complete(self, partial: str, speech_ms: int) -> bool:
         """True when ``partial`` has at least ``min_words`` words, its last word is neither an
-        open ending (filler, function word) nor a homophone of one, and it does not end
-        on a run of digits."""
+        open ending (filler, function word) nor a homophone of one, it does not end
+        on a run of digits, and it is not only a lead-in ("wait", "no, hold on")."""
         said = words(partial)
         if len(said) < self.min_words or not said:
             return False
         last = said[-1]
         if last in NUMBERS and len(said) > 1 and (said[-2] in NUMBERS or said[-2] in NUMBER_LEADS):
             return False  # a run of digits goes on
+        if self._only_lead_in(said):
+            return False  # "wait, | I want to change my order"
         return last not in self.open_endings and self.homophones.get(last) not in self.open_endings
+
+    def _only_lead_in(self, said: list[str]) -> bool:
+        """Whether ``said`` is lead-ins of :attr:`lead_ins`, after nothing but interjections
+        of :data:`LEAD_IN_PREFIXES` and fillers, and ends on one ("oh no wait hold on")."""
+        phrases = [p for p in sorted((words(x) for x in self.lead_ins), key=len, reverse=True) if p]
+        ends_on_lead_in = False
+        i = 0
+        while i < len(said):
+            phrase = next((p for p in phrases if said[i : i + len(p)] == p), None)
+            if phrase is not None:
+                i += len(phrase)
+                ends_on_lead_in = True
+            elif said[i] in LEAD_IN_PREFIXES or is_filler(said[i]):
+                i += 1
+                ends_on_lead_in = False
+            else:
+                return False
+        return ends_on_lead_in
 
 
 def _outside_phrases(said: list[str], backchannels: Iterable[str]) -> list[str]:

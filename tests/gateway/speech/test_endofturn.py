@@ -29,6 +29,14 @@ COMPLETE = [
     "i would like to book a table",
     "i am thirty",
     "that's all",
+    # "no", "yes", "okay" alone are whole answers; a lead-in followed by more is complete
+    "no",
+    "okay",
+    "wait i want to change my order",
+    "Wait, I want to change my order.",
+    "i can't wait",
+    "wait a minute",
+    "hold on to it",
 ]
 INCOMPLETE = [
     "",
@@ -48,6 +56,19 @@ INCOMPLETE = [
     "they need and it too",
     "can you send it two",
     "a table four",
+    # lead-ins: openers almost always followed by more ("wait, | I want to change my order")
+    "wait",
+    "Wait,",
+    "hold on",
+    "hang on",
+    "hold up",
+    "actually",
+    "oh wait",
+    "no wait",
+    "No, hang on.",
+    "okay hold on",
+    "um wait",
+    "wait wait",
 ]
 
 
@@ -71,6 +92,13 @@ def test_homophones_of_open_endings_are_configurable() -> None:
     assert not RuleEndOfTurn().complete("me too", 500)
     assert RuleEndOfTurn(homophones={}).complete("me too", 500)
     assert RuleEndOfTurn().complete("i want three", 500)  # not a homophone of an open ending
+
+
+def test_lead_ins_are_configurable() -> None:
+    """Without lead-ins "wait" reads complete (the short silence ends the turn at it)."""
+    assert RuleEndOfTurn(lead_ins=()).complete("wait", 500)
+    assert RuleEndOfTurn(lead_ins=("listen",)).complete("wait", 500)
+    assert not RuleEndOfTurn(lead_ins=("listen",)).complete("no listen", 500)
 
 
 def test_min_words() -> None:
@@ -114,6 +142,9 @@ def phrases(piper: PiperSynthesizer) -> dict[str, Pcm]:
         "six seven eight",
         "can you send it to",
         "my office please",
+        "wait",
+        "i want to change my order",
+        "wait, i want to change my order",
         "yes",
         "play some music please",
         "what is the weather like today",
@@ -140,9 +171,11 @@ async def hear(
     long_ms: int = 700,
     tentative_ms: int | None = None,
     floor: int = 0,
+    end_of_turn: RuleEndOfTurn | None = None,
 ) -> tuple[list[str], list[int]]:
-    """Feed ``audio`` frame by frame (inline) to stages opened one after the other; the
-    finals' texts and each final's delay after its end of speech (ms of audio)."""
+    """Feed ``audio`` frame by frame (inline) to stages opened one after the other (judged
+    by ``end_of_turn``, None: the default rules); the finals' texts and each final's delay
+    after its end of speech (ms of audio)."""
     options = ListenOptions(
         interim=False,
         silence_timeout_ms=None,
@@ -153,7 +186,7 @@ async def hear(
     )
     texts: list[str] = []
     delays: list[int] = []
-    stage = SpeechStage(recognizer, MULAW8, options, frame_ms=20)
+    stage = SpeechStage(recognizer, MULAW8, options, frame_ms=20, end_of_turn=end_of_turn)
     await stage.start()
     for i in range(0, len(audio), FRAME):
         for heard in await stage.feed(audio[i : i + FRAME]):
@@ -188,6 +221,7 @@ DEFAULTS = Settings()
         ("i would like to", "book a table for two"),
         ("my number is four five", "six seven eight"),
         ("can you send it to", "my office please"),  # the recognizer hears "...it too"
+        ("wait", "i want to change my order"),  # an interruption's lead-in (LEAD_INS)
     ],
 )
 async def test_a_pause_mid_phrase_does_not_cut_the_utterance(
@@ -211,6 +245,30 @@ async def test_a_pause_mid_phrase_does_not_cut_the_utterance(
     assert said & set(rest.split()), texts
     cut, _ = await hear(recognizer, audio, 300, long_ms=300)  # a fixed short silence cuts it
     assert len(cut) == 2, cut
+
+
+async def test_an_interruption_is_not_cut_at_its_lead_in_s_comma(
+    recognizer: PocketsphinxRecognizer, phrases: dict[str, Pcm]
+) -> None:
+    """Piper's "wait, I want to change my order" (its own pause at the comma), with
+    the default listening settings: one input. Without lead-ins (:data:`LEAD_INS`) the
+    partial "wait" reads complete and the short silence ends the turn at the comma."""
+    text = "wait, i want to change my order"
+    audio = quiet(300) + phone(phrases[text]) + quiet(1200)
+    defaults = (
+        DEFAULTS.end_of_turn_short_ms,
+        DEFAULTS.vad_trailing_silence_ms,
+        DEFAULTS.end_of_turn_tentative_ms,
+        DEFAULTS.vad_energy_floor,
+    )
+    texts, _ = await hear(recognizer, audio, *defaults)
+    assert len(texts) == 1, texts  # one input
+    said = texts[0].split()
+    assert said[0] == "wait", texts
+    assert "change" in said, texts
+    cut, _ = await hear(recognizer, audio, *defaults, end_of_turn=RuleEndOfTurn(lead_ins=()))
+    assert len(cut) == 2, cut
+    assert cut[0] == "wait", cut
 
 
 async def test_complete_utterances_end_sooner(
