@@ -529,6 +529,8 @@ class PiperSynthesizer:
                 ("noise", noise_scale),
                 ("noise_w", noise_w_scale),
                 ("gap", sentence_silence_ms or None),
+                # an item split into other pieces sounds different at their seams
+                ("clause", first_clause_chars or None),
             )
             if value is not None
         ]
@@ -536,7 +538,9 @@ class PiperSynthesizer:
 
     @property
     def voice(self) -> str:
-        """``"piper:<model name>"`` plus non-default settings, e.g. ``piper:en_US-joe-medium``."""
+        """``"piper:<model name>"`` plus non-default settings, e.g. ``piper:en_US-joe-medium``
+        or ``piper:en_US-joe-medium;clause=4`` (``first_clause_chars``: it splits an item
+        into other pieces, so the audio differs and TTS files must not be shared)."""
         return self._voice_id
 
     def _load(self) -> PiperVoice:

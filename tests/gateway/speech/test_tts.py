@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from gateway.events import ResponseItem
+from gateway.settings import Settings
 from gateway.speech import audio
 from gateway.speech.audio import Pcm
+from gateway.speech.service import make_speech
 from gateway.speech.tts import (
     MAX_TEXT_CHARS,
     EspeakSynthesizer,
@@ -126,6 +129,25 @@ async def test_engine_errors_are_synthesis_errors(tmp_path: Path) -> None:
         await EspeakSynthesizer().synthesize("a" * (MAX_TEXT_CHARS + 1))
     with pytest.raises(ValueError, match="invalid espeak-ng voice"):
         EspeakSynthesizer("--help")
+
+
+def test_tts_ids_differ_with_first_clause_chars() -> None:
+    """GATEWAY_TTS_FIRST_CLAUSE_CHARS splits an item into other pieces (other audio), so
+    instances with different settings must not share TTS files: the id of the same item
+    differs with it, and is the same under the same settings."""
+    item = ResponseItem(text="Okay, I booked a table for two at seven.")
+
+    def file_id(clause: int) -> str:
+        speech = make_speech(Settings(tts_first_clause_chars=clause), None, id_key=b"k" * 32)
+        spec = speech.spec(item, "mp3")
+        assert spec is not None
+        return speech.file_id(spec)
+
+    ids = [file_id(clause) for clause in (0, 4, 12)]
+    assert len(set(ids)) == 3, ids
+    assert [file_id(clause) for clause in (0, 4, 12)] == ids
+    assert PiperSynthesizer(first_clause_chars=4).voice == "piper:en_US-joe-medium;clause=4"
+    assert PiperSynthesizer(first_clause_chars=0).voice == "piper:en_US-joe-medium"
 
 
 def test_make_synthesizer() -> None:
