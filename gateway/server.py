@@ -11,7 +11,8 @@ protocols, made by :func:`uvicorn_options`:
 
 - **Headers deadline** (GATEWAY_HEADER_TIMEOUT_S): a request's headers must be complete
   within this time of the connection (or, on a kept-alive connection, of the request's
-  first byte; uvicorn's keep-alive timeout bounds the wait for that byte). Else: 408.
+  first byte, or of bytes that begin no request such as a stray CRLF; uvicorn's
+  keep-alive timeout bounds the wait for the first byte). Else: 408.
 - **Body deadline** (GATEWAY_BODY_TIMEOUT_S + received bytes / GATEWAY_BODY_MIN_RATE,
   from the end of the headers; mod_reqtimeout's rule): a body that arrives at least
   at the minimum rate may take as long as it needs (realtime audio), a trickle is cut.
@@ -439,6 +440,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self._body_timer = self.loop.call_later(
                     self.guard.limits.body_timeout_s, self._body_check
                 )
+        if (
+            self.cycle is not None
+            and self.timeout_keep_alive_task is None
+            and self in self.guard.waiting
+            and not self.transport.is_closing()
+        ):
+            # kept alive and idle, and ``data`` began no request (llhttp passes over
+            # the CRLFs between requests), but it cancelled the keep-alive timer: the
+            # headers deadline, from this first byte, bounds the wait instead
+            self._start_header_deadline()
 
     def _answer_and_close(self, transport: asyncio.Transport, answer: bytes | None) -> None:
         """Write ``answer`` (if any) and close; answered connections linger half-closed

@@ -127,6 +127,21 @@ async def test_headers_that_do_not_arrive_in_time_get_408(caplog: pytest.LogCapt
     assert any("reason=header_timeout" in r.getMessage() for r in caplog.records)
 
 
+async def test_bytes_that_begin_no_request_on_a_kept_alive_connection_do_not_hold_it() -> None:
+    """uvicorn cancels the keep-alive timer on any data; a CRLF begins no request (llhttp
+    passes over it), so nothing closed the connection any more: the headers deadline does."""
+    async with served(header_timeout_s=0.5, keep_alive_timeout_s=60) as url:
+        reader, writer = await connect(url)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        async with asyncio.timeout(LIMIT_S):
+            first = await reader.readuntil(b'{"status":"ok"}')
+        assert first.startswith(b"HTTP/1.1 200")
+        writer.write(b"\r\n")
+        async with asyncio.timeout(LIMIT_S):  # a safety net: held, it fails here
+            assert await reader.read() == b""
+        writer.close()
+
+
 async def test_a_body_slower_than_the_minimum_rate_gets_408_and_a_fast_one_is_served() -> None:
     async with served(body_timeout_s=0.5, body_min_rate=500) as url:
         before = await shed(url)
