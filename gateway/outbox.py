@@ -528,16 +528,33 @@ class Following:
     async def settle(self, key: str) -> None:
         """The connection sent a whole answer of session ``key``: raise the delivered mark
         over it now (a client that closes right after its answer and comes back on
-        another connection is not given it again) — up to the first entry it did not send."""
-        follower = await self._current()
-        if follower is None or follower.key != key:
-            return
+        another connection is not given it again) — up to the first entry it did not send.
+
+        It does not need the follow task: when that ended before it was ready (the
+        client left while the subscription of a session adopted by the turn was still
+        being made, and :meth:`aclose` cancelled it), the floor is the outbox's mark.
+        An outbox failure is logged."""
+        if self._task is not None:
+            await self._ready.wait()  # the follow task is ready, or it ended
+        follower = self._follower
+        if follower is not None and follower.key != key:
+            follower = None
         async with self._lock:
             sent = self._sent_of(key)
-            top = follower.floor
+            try:
+                top = follower.floor if follower else (await self.journal.outbox.state(key)).mark
+            except OutboxError as exc:
+                log.warning("outbox mark not saved: %s", exc)
+                return
             while top + 1 in sent:  # only over what it sent without a gap
                 top += 1
-            await follower.advance(top)
+            if follower is not None:
+                await follower.advance(top)
+                return
+            try:
+                await self.journal.outbox.mark(key, top)
+            except OutboxError as exc:
+                log.warning("outbox mark not saved: %s", exc)
 
     @contextlib.asynccontextmanager
     async def claim(self, key: str, seq: int | None) -> AsyncIterator[bool]:

@@ -11,7 +11,8 @@ protocols, made by :func:`uvicorn_options`:
 
 - **Headers deadline** (GATEWAY_HEADER_TIMEOUT_S): a request's headers must be complete
   within this time of the connection (or, on a kept-alive connection, of the request's
-  first byte; uvicorn's keep-alive timeout bounds the wait for that byte). Else: 408.
+  first byte, or of bytes that begin no request such as a stray CRLF; uvicorn's
+  keep-alive timeout bounds the wait for the first byte). Else: 408.
 - **Body deadline** (GATEWAY_BODY_TIMEOUT_S + received bytes / GATEWAY_BODY_MIN_RATE,
   from the end of the headers; mod_reqtimeout's rule): a body that arrives at least
   at the minimum rate may take as long as it needs (realtime audio), a trickle is cut.
@@ -46,6 +47,18 @@ The subclasses hook into uvicorn internals (HttpToolsProtocol's parser callbacks
 ``cycle``, ``pipeline``, ``connections``; WebSocketsSansIOProtocol's ``conn``,
 ``queue``, ``close_sent``): after a uvicorn upgrade run tests/gateway/test_limits.py.
 
+**Keep-alive timeout** (GATEWAY_KEEP_ALIVE_TIMEOUT_S, uvicorn's ``timeout_keep_alive``):
+an idle kept-alive connection is closed when it passes, unless its socket has input
+waiting then (:func:`_input_waiting`). A libuv (uvloop) iteration polls the sockets,
+runs the callbacks of what they had, then runs the timers that are due: input that
+arrives after the poll is read only in the next iteration, after those timers. When
+an iteration's callbacks ran past a connection's keep-alive while the client's next
+request arrived, uvicorn's timer closed the connection with that request unread in
+its socket (the kernel then resets it: the client saw a reset, not an answer). The
+timer now waits one more keep-alive period when input is waiting; reading it
+(``data_received``, in the next poll) cancels it, and a connection whose input is not
+read in that period (reading paused, an incomplete TLS record) is closed at its end.
+
 HTTP answers are RFC 9457 problem bodies with ``Connection: close``. Each shed
 connection counts in ``gateway_connections_shed_total{reason}`` (``full``, ``evicted``,
 ``header_timeout``, ``body_timeout``, ``send_timeout``) and is logged by the
@@ -59,6 +72,7 @@ import asyncio
 import json
 import logging
 import math
+import select
 import time
 from asyncio import TimerHandle
 from collections.abc import Callable
@@ -329,6 +343,25 @@ class _SendDeadline:
             self.on_expiry()
 
 
+def _input_waiting(transport: asyncio.BaseTransport) -> bool:
+    """Whether the socket of ``transport`` has input (bytes, end of stream or an error)
+    that the event loop has not read yet; looks without reading it (poll(2), no wait).
+    False when the transport has no socket, or no poll(2) (not a Unix)."""
+    sock = transport.get_extra_info("socket")
+    poll = getattr(select, "poll", None)
+    if sock is None or poll is None:
+        return False
+    try:
+        fd = sock.fileno()
+    except (OSError, ValueError):
+        return False
+    if fd < 0:  # closed already
+        return False
+    poller = poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _end_linger(transport: asyncio.Transport) -> None:
     """Close a lingering connection: gracefully when its answer is sent (its input was
     read and dropped, so no reset), else (the client does not read) abort."""
@@ -359,6 +392,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._arm_header = False  # deadlines to start once the data in hand is parsed
         self._arm_body = False
         self._body_start = 0.0
+        self._keep_alive_postponed = False  # the keep-alive timer waited once for input
         self.body_bytes = 0
         """Bytes of the current request body received so far."""
         self._send = _SendDeadline(self.guard, self.loop)
@@ -406,6 +440,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self._body_timer = self.loop.call_later(
                     self.guard.limits.body_timeout_s, self._body_check
                 )
+        if (
+            self.cycle is not None
+            and self.timeout_keep_alive_task is None
+            and self in self.guard.waiting
+            and not self.transport.is_closing()
+        ):
+            # kept alive and idle, and ``data`` began no request (llhttp passes over
+            # the CRLFs between requests), but it cancelled the keep-alive timer: the
+            # headers deadline, from this first byte, bounds the wait instead
+            self._start_header_deadline()
 
     def _answer_and_close(self, transport: asyncio.Transport, answer: bytes | None) -> None:
         """Write ``answer`` (if any) and close; answered connections linger half-closed
@@ -502,6 +546,28 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._maybe_idle()
+
+    def _unset_keepalive_if_required(self) -> None:
+        # uvicorn calls it when data comes and before it arms a new keep-alive timer
+        self._keep_alive_postponed = False
+        super()._unset_keepalive_if_required()
+
+    def timeout_keep_alive_handler(self) -> None:
+        """The keep-alive timeout passed: close the idle connection, unless input waits
+        on its socket unread (the loop runs due timers before it reads: module doc).
+        Then the timer waits once more, for GATEWAY_KEEP_ALIVE_TIMEOUT_S; reading the
+        input cancels it, and if the input is not read by then the connection closes."""
+        if (
+            not self._keep_alive_postponed
+            and not self.transport.is_closing()
+            and _input_waiting(self.transport)
+        ):
+            self._keep_alive_postponed = True
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+            return
+        super().timeout_keep_alive_handler()
 
     def _maybe_idle(self) -> bool:
         """After a request and its answer are both complete, wait for the next one."""

@@ -10,17 +10,29 @@ import json
 import logging
 import os
 import re
+import select
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+import uvloop
 from websockets.asyncio.client import connect as ws_connect
 from websockets.frames import Frame, Opcode
 
 from adapters.voiceflow.protocol import PATH as VOICEFLOW_PATH
-from gateway.server import MIN_SLACK, SETTLE_S, auto_max_connections
+from gateway.server import (
+    MIN_SLACK,
+    SETTLE_S,
+    GatewayHttpProtocol,
+    auto_max_connections,
+    uvicorn_options,
+)
+from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import (
     assert_serving,
     init,
@@ -113,6 +125,21 @@ async def test_headers_that_do_not_arrive_in_time_get_408(caplog: pytest.LogCapt
             w.close()
     assert after["header_timeout"] - before["header_timeout"] == 3
     assert any("reason=header_timeout" in r.getMessage() for r in caplog.records)
+
+
+async def test_bytes_that_begin_no_request_on_a_kept_alive_connection_do_not_hold_it() -> None:
+    """uvicorn cancels the keep-alive timer on any data; a CRLF begins no request (llhttp
+    passes over it), so nothing closed the connection any more: the headers deadline does."""
+    async with served(header_timeout_s=0.5, keep_alive_timeout_s=60) as url:
+        reader, writer = await connect(url)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        async with asyncio.timeout(LIMIT_S):
+            first = await reader.readuntil(b'{"status":"ok"}')
+        assert first.startswith(b"HTTP/1.1 200")
+        writer.write(b"\r\n")
+        async with asyncio.timeout(LIMIT_S):  # a safety net: held, it fails here
+            assert await reader.read() == b""
+        writer.close()
 
 
 async def test_a_body_slower_than_the_minimum_rate_gets_408_and_a_fast_one_is_served() -> None:
@@ -287,3 +314,117 @@ async def test_a_socketio_peer_that_never_reads_is_closed_after_the_send_deadlin
         async with voiceflow_client(url) as vf:  # other sessions are served
             await vf.handshake()
             assert await vf.say("hello") == ["You said: hello"]
+
+
+async def _ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The smallest ASGI app: 200 ``ok`` to every HTTP request."""
+    assert scope["type"] == "http"
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+    )
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@contextlib.contextmanager
+def uvloop_server(
+    settings: Settings,
+) -> Iterator[tuple[int, asyncio.AbstractEventLoop, uvicorn.Server]]:
+    """:func:`_ok` served as ``gateway serve`` serves (uvloop, the protocol classes and
+    limits of ``settings``) by a thread of its own, whose loop the test can block; yields
+    (port, that loop, the server)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(_ok, log_level="warning", lifespan="off", **uvicorn_options(settings))
+    server = uvicorn.Server(config)
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def run() -> None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            loops.append(runner.get_loop())
+            runner.run(server.serve(sockets=[sock]))
+
+    thread = threading.Thread(target=run, name="uvloop-server", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + LIMIT_S
+        while not server.started:
+            assert thread.is_alive(), "the server stopped"
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+        yield sock.getsockname()[1], loops[0], server
+    finally:
+        server.should_exit = True
+        thread.join(LIMIT_S)
+        sock.close()
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """What the server sends until a whole ``ok`` answer is in, it closes, or resets."""
+    data = b""
+    try:
+        while not data.endswith(b"\r\n\r\nok"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def assert_ok(answer: bytes) -> None:
+    """``answer`` is the whole 200 ``ok`` of :func:`_ok`."""
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert answer.endswith(b"\r\n\r\nok"), answer
+
+
+GET = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def test_a_request_that_came_while_the_loop_was_busy_past_the_keep_alive_is_served() -> None:
+    """uvloop runs due timers before it reads what came on a socket since its last poll.
+    A kept-alive connection's next request arrives while the loop is busy (here: in a
+    reader callback, between one poll and the timers that follow it) until its keep-alive
+    timer is overdue: the timer must not close the connection with that request unread
+    (the client would see a reset), and the connection, idle again, is still closed at
+    its keep-alive."""
+    blocking, sent = threading.Event(), threading.Event()
+    seen: list[tuple[bool, bool]] = []  # (keep-alive timer pending, request unread) in busy()
+    waker, woken = socket.socketpair()
+    with uvloop_server(Settings(keep_alive_timeout_s=1)) as (port, loop, server):
+
+        def busy() -> None:
+            """Runs in the server's poll phase; returns once the keep-alive is overdue."""
+            woken.recv(1)
+            loop.remove_reader(woken.fileno())
+            blocking.set()
+            assert sent.wait(LIMIT_S)
+            (protocol,) = server.server_state.connections
+            assert isinstance(protocol, GatewayHttpProtocol)
+            timer = protocol.timeout_keep_alive_task
+            assert timer is not None
+            poller = select.poll()
+            poller.register(protocol.transport.get_extra_info("socket").fileno(), select.POLLIN)
+            arrived = bool(poller.poll(LIMIT_S * 1000))  # the request, unread by the loop
+            seen.append((not timer.cancelled(), arrived))
+            while time.monotonic() < timer.when() + 0.1:  # loop.time() is CLOCK_MONOTONIC
+                time.sleep(0.01)
+
+        loop.call_soon_threadsafe(loop.add_reader, woken.fileno(), busy)
+        with socket.create_connection(("127.0.0.1", port), timeout=LIMIT_S) as client:
+            client.sendall(GET)
+            first = read_answer(client)
+            assert_ok(first)
+            # idle now, its keep-alive timer armed (1 s): the loop gets busy and the next
+            # request comes while it is, long before the keep-alive passes
+            waker.send(b"x")
+            assert blocking.wait(LIMIT_S)
+            client.sendall(GET)
+            sent.set()
+            second = read_answer(client)
+            assert_ok(second)
+            # idle again: closed at its keep-alive (EOF; LIMIT_S is only a safety net)
+            assert client.recv(1) == b""
+    waker.close()
+    woken.close()
+    assert seen == [(True, True)]

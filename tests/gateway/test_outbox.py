@@ -3,6 +3,8 @@ the pure parts of gateway/push.py."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 
@@ -11,9 +13,9 @@ from pydantic import ValidationError
 
 from gateway import redisconn
 from gateway.admin import key_valid
-from gateway.bus import MemoryBus
+from gateway.bus import MemoryBus, Subscription
 from gateway.events import ResponseItem
-from gateway.outbox import Journal, MemoryOutbox, Outbox, RedisOutbox
+from gateway.outbox import Entry, Following, Journal, MemoryOutbox, Outbox, RedisOutbox
 from gateway.push import PushRequest, push_event, wake
 from gateway.sessions import ClientState, Session, redis_client
 from gateway.settings import Settings
@@ -92,6 +94,60 @@ async def test_a_journal_append_is_announced_to_followers() -> None:
     assert await journal.append("k", [ev("b")], "push") == [2]
     assert await journal.append("k", [ev("c")], "push") is None  # limit 1 pending
     assert await journal.append("k", [ev("c")], "turn") == [3]  # a turn's events always go in
+
+
+class GatedBus(MemoryBus):
+    """The in-process bus, whose subscriptions are made only once ``gate`` is set (a
+    SUBSCRIBE that has not been answered yet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
+        await self.gate.wait()
+        async with super().subscribe(topic) as sub:
+            yield sub
+
+
+async def test_a_sent_answer_is_marked_delivered_when_the_client_left_before_it_followed() -> None:
+    """A V1 turn adopts a new session and starts following its outbox; the whole answer
+    went out, then the client left while that subscription was still being made (the
+    connection's shutdown ends the follow task): the delivered mark is raised over the
+    answer all the same. It was not: the answer stayed pending (a session view counted
+    it with the next push, and a client back without lastSeq got it again)."""
+    bus = GatedBus()
+    journal = Journal(MemoryOutbox(), bus)
+
+    async def deliver(entries: list[Entry], before_turn: bool) -> bool:
+        raise AssertionError(f"nothing is delivered from the outbox here: {entries}")
+
+    following = Following(journal, deliver)
+    key = "flowstorm:gone"
+    following.follow(key, None, replay=False)  # at the turn's SessionStarted
+    seqs = await journal.append(key, [ev("started"), ev("item"), ev("response")], "turn")
+    assert seqs == [1, 2, 3]
+    for seq in seqs:  # the connection sends each of the turn's events
+        async with following.claim(key, seq) as fresh:
+            assert fresh
+    settling = asyncio.create_task(following.settle(key))  # after the Response went out
+    await asyncio.sleep(0)  # it waits for the follow task
+    await following.aclose()  # the client left: the connection shuts down
+    await settling
+    assert (await journal.outbox.state(key)).mark == 3
+    assert await journal.outbox.since(key, None) == []
+    # with the follow task running, the mark is raised from its floor as before
+    bus.gate.set()
+    following = Following(journal, deliver)
+    following.follow(key, None, replay=False)
+    seqs = await journal.append(key, [ev("item"), ev("response")], "turn")
+    for seq in seqs:
+        async with following.claim(key, seq) as fresh:
+            assert fresh
+    await following.settle(key)
+    assert (await journal.outbox.state(key)).mark == 5
+    await following.aclose()
 
 
 # ------------------------------------------------------------- push, pure

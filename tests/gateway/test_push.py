@@ -68,6 +68,27 @@ async def push(
     return await client.post(f"{base}/v1/push", json=body, headers=headers or AUTH)
 
 
+SETTLE_LIMIT_S = 10.0
+"""Safety net of :func:`view_when_pending` (not an assertion)."""
+
+
+async def view_when_pending(
+    http: httpx.AsyncClient, base: str, session_id: str, pending: int
+) -> dict[str, Any]:
+    """The session view once its outbox holds ``pending`` undelivered events, or after
+    SETTLE_LIMIT_S. A connection raises the delivered mark over an answer once the
+    answer's last frame went out (Following.settle): a client that got it may close, and
+    an admin may look, before that mark is saved."""
+    deadline = asyncio.get_running_loop().time() + SETTLE_LIMIT_S
+    while True:
+        view: dict[str, Any] = (
+            await http.get(f"{base}/v1/sessions/{session_id}", headers=AUTH)
+        ).json()
+        if view["outbox"]["length"] == pending or asyncio.get_running_loop().time() > deadline:
+            return view
+        await asyncio.sleep(0.02)
+
+
 async def test_a_push_reaches_a_live_client_on_another_instance(shared: dict[str, Any]) -> None:
     async with (
         served(**shared) as a,
@@ -144,8 +165,8 @@ async def test_a_push_to_a_gone_client_is_queued_and_delivered_when_it_comes_bac
         answer = await push(http, b, {"sessionId": "gone-1"}, "One.", "Two.")
         assert answer.status_code == 202, answer.text
         assert answer.json()["delivery"] == "queued"
-        view = (await http.get(f"{a}/v1/sessions/gone-1", headers=AUTH)).json()
-        assert view["outbox"]["length"] == 1
+        view = await view_when_pending(http, a, "gone-1", 1)
+        assert view["outbox"]["length"] == 1  # the push; the answer of the turn was delivered
         assert (view["channel"], view["appKey"], view["deviceId"]) == (
             "flowstorm_v1",
             "test-key",
@@ -166,7 +187,7 @@ async def test_a_push_to_a_gone_client_is_queued_and_delivered_when_it_comes_bac
                 assert pushed_item["audio"].endswith(".mp3")
             frames = await turn(ws, request_frame("what is my name"))  # the session goes on
             assert frames[-1]["type"] == "Response"
-        view = (await http.get(f"{b}/v1/sessions/gone-1", headers=AUTH)).json()
+        view = await view_when_pending(http, b, "gone-1", 0)
         assert view["outbox"]["length"] == 0
         assert view["turnCount"] == 2
 
