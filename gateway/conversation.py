@@ -52,7 +52,7 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -265,7 +265,9 @@ class TurnStream:
         self._queue = queue
         self.task = task
 
-    def __aiter__(self) -> AsyncIterator[TurnEvent]:
+    def __aiter__(self) -> AsyncGenerator[TurnEvent, None]:
+        """The events; ``aclose()`` it when leaving early (else the event loop closes it
+        in a task of its own)."""
         return self._iterate()
 
     @property
@@ -275,7 +277,7 @@ class TurnStream:
         it did, None when the store cannot tell (read it)."""
         return self._queue.pushes_pending
 
-    async def _iterate(self) -> AsyncIterator[TurnEvent]:
+    async def _iterate(self) -> AsyncGenerator[TurnEvent, None]:
         speech_error: ErrorEvent | None = None
         current: _PendingAudio | None = None  # the item whose audio is being handed out
         try:

@@ -541,6 +541,9 @@ async def _turn(
     if rest is None and stream.saving:  # the pipeline has answered; the session is being
         rest = [event async for event in events]  # saved: its end follows that round trip
     if rest is not None:  # the turn is over: one plain body, no chunked stream
+        # closed here (nothing is left in it), not by the event loop's async-generator
+        # finalizer, which would schedule a task to close it
+        await events.aclose()
         if on_end is not None:
             await on_end()
         whole = pushed + b"".join(line(event) for event in (*prefix, first, *rest))
@@ -565,6 +568,7 @@ async def _turn(
                     yield chunk
                 event = await anext(events, None)
         finally:
+            await events.aclose()  # (exhausted unless the client went: then it stops now)
             if not ended:
                 assert on_end is not None
                 await on_end()
