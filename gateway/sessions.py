@@ -130,8 +130,9 @@ class SessionTxn:
     """Set when the lock's lease was found lost while the transaction was open."""
     pushes_pending: bool | None = None
     """Whether the session's outbox held undelivered entries when the lock was taken
-    (a Redis store told of the outbox by :meth:`RedisSessionStore.peek_outbox`), or
-    None when the store does not know: then read the outbox to find out."""
+    (a store told of the outbox by its ``peek_outbox``: :meth:`RedisSessionStore.peek_outbox`,
+    :meth:`MemorySessionStore.peek_outbox`), or None when the store does not know: then
+    read the outbox to find out."""
     raw: str | bytes | None = None
     """The JSON ``session`` was loaded from, when the store has it (both stores do; None
     when there was no session): a copy of the session as loaded is
@@ -219,6 +220,13 @@ class MemorySessionStore:
         # (expiry, key) of every write, earliest first; entries a later write or a
         # delete made stale are skipped when they come up (and dropped on rebuild)
         self._expiries: list[tuple[float, str]] = []
+        self._outbox_pending: Callable[[str], bool] | None = None
+
+    def peek_outbox(self, pending: Callable[[str], bool]) -> None:
+        """Tell each transaction whether the session's outbox holds undelivered entries
+        (:attr:`SessionTxn.pushes_pending`), asking ``pending(key)`` as the lock is taken
+        (:meth:`gateway.outbox.MemoryOutbox.pending`: the outbox of this process)."""
+        self._outbox_pending = pending
 
     def __len__(self) -> int:
         return len(self._data)
@@ -356,8 +364,11 @@ class _MemoryTxn:
             lock.release()
             store._unuse(key)
             raise
+        pending = store._outbox_pending
         self._lock = lock
-        self._txn = txn = SessionTxn(key, session, raw=data)
+        self._txn = txn = SessionTxn(
+            key, session, raw=data, pushes_pending=None if pending is None else pending(key)
+        )
         return txn
 
     async def __aexit__(
