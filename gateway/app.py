@@ -173,6 +173,11 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         version="0.1.0",
         summary="One bot, every channel: Flowstorm sockets, Alexa, Google, Twilio, Voiceflow.",
         lifespan=lifespan,
+        # FastAPI's native OpenTelemetry (0.165: tracing, metrics, logs) off: the gateway's
+        # figures are its Prometheus metrics (/metrics). On, FastAPI looks the three global
+        # OpenTelemetry providers up on every request even when none is configured (an
+        # older FastAPI takes the argument as an unused extra)
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     # the turn routes are called by the middleware itself (see RequestIdMiddleware):
     # their routes below still document them and answer their paths' other methods
