@@ -9,7 +9,9 @@ steady to a few percent whatever else runs.
 
 Rows (the servers and wrk scripts of bench/turn_overhead.py): ``bare`` (the bare
 FastAPI PUT /client), ``memory`` and ``redis`` (V2 text, tts=None, a new session per
-request), ``memory5``/``redis5`` (5 turns a session, TTS links), ``alexa`` (/alexa on
+request), ``memorylinks`` (V2 text with the memory store and default settings: TTS
+links on, a new session per request, as turn_overhead.py's "V2 text, defaults" row),
+``memory5``/``redis5`` (5 turns a session, TTS links), ``alexa`` (/alexa on
 Redis, verification on, every request signed). wrk runs ``-t1 -c8`` for a warm-up of
 3 s, the counters are zeroed (``callgrind_control -z``), wrk runs ``--seconds`` s and
 the counters are dumped. Under valgrind a server answers a few dozen requests a second:
@@ -48,7 +50,7 @@ from bench.turn_overhead import (
 from bench.voice_assistants import SKILL_ID, Keys
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("bare", "memory", "redis", "memory5", "redis5", "alexa")
+ROWS = ("bare", "memory", "memorylinks", "redis", "memory5", "redis5", "alexa")
 
 
 def _server(row: str, port: int, folder: Path, redis_url: str) -> tuple[list[str], dict[str, str]]:
@@ -72,6 +74,8 @@ def _script(row: str, folder: Path, keys: Keys) -> Path:
         script.write_text(ALEXA_SCRIPT % alexa_requests(keys, 1500, folder))
     elif row.endswith("5"):
         script.write_text(V2_SESSIONS_SCRIPT % ("", TURNS))
+    elif row.endswith("links"):  # default settings: no tts parameter, links on
+        script.write_text(V2_SCRIPT % "")
     else:
         script.write_text(V2_SCRIPT % "&tts=None")
     return script

@@ -49,7 +49,12 @@ from gateway.pipeline.http import PipelineRequest, PipelineResponse
 from gateway.push import Pusher
 from gateway.push import install as install_admin
 from gateway.secrets import LOG_SESSION_REF, TTS_ID, load_secret_keys
-from gateway.sessions import RedisSessionStore, StoreUnavailable, make_store
+from gateway.sessions import (
+    MemorySessionStore,
+    RedisSessionStore,
+    StoreUnavailable,
+    make_store,
+)
 from gateway.settings import Settings
 from gateway.speech.service import make_speech
 
@@ -111,8 +116,11 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             else MemoryOutbox(keep=2 * settings.outbox_max, ttl_s=settings.outbox_ttl_s)
         )
         journal = Journal(outbox, bus, limit=settings.outbox_max)
+        # a turn learns of queued pushes as it locks
         if isinstance(store, RedisSessionStore) and isinstance(outbox, RedisOutbox):
-            store.peek_outbox(outbox.keys)  # a turn learns of queued pushes as it locks
+            store.peek_outbox(outbox.keys)
+        elif isinstance(store, MemorySessionStore) and isinstance(outbox, MemoryOutbox):
+            store.peek_outbox(outbox.pending)
         conversation = Conversation(store, pipeline, settings, speech, journal)
         warming = asyncio.create_task(speech.warm_up()) if settings.speech_warm_up else None
         nonces: NonceStore = (
@@ -165,6 +173,11 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         version="0.1.0",
         summary="One bot, every channel: Flowstorm sockets, Alexa, Google, Twilio, Voiceflow.",
         lifespan=lifespan,
+        # FastAPI's native OpenTelemetry (0.165: tracing, metrics, logs) off: the gateway's
+        # figures are its Prometheus metrics (/metrics). On, FastAPI looks the three global
+        # OpenTelemetry providers up on every request even when none is configured (an
+        # older FastAPI takes the argument as an unused extra)
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     # the turn routes are called by the middleware itself (see RequestIdMiddleware):
     # their routes below still document them and answer their paths' other methods

@@ -52,7 +52,7 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -265,7 +265,9 @@ class TurnStream:
         self._queue = queue
         self.task = task
 
-    def __aiter__(self) -> AsyncIterator[TurnEvent]:
+    def __aiter__(self) -> AsyncGenerator[TurnEvent, None]:
+        """The events; ``aclose()`` it when leaving early (else the event loop closes it
+        in a task of its own)."""
         return self._iterate()
 
     @property
@@ -275,7 +277,7 @@ class TurnStream:
         it did, None when the store cannot tell (read it)."""
         return self._queue.pushes_pending
 
-    async def _iterate(self) -> AsyncIterator[TurnEvent]:
+    async def _iterate(self) -> AsyncGenerator[TurnEvent, None]:
         speech_error: ErrorEvent | None = None
         current: _PendingAudio | None = None  # the item whose audio is being handed out
         try:
@@ -554,12 +556,15 @@ class Conversation:
 
             outcome.started = started
             # the session as it was before the pipeline, for a failed turn (rare): a new
-            # one made again; else a JSON snapshot, several times cheaper than a deep copy,
-            # only a failed turn paying for turning it back into the session
+            # one made again; else the JSON it was loaded from, updated again (a JSON
+            # snapshot, several times cheaper than a deep copy, and the store's: nothing
+            # dumped), only a failed turn paying for turning it back into the session
             if started:
                 snapshot = functools.partial(
                     self._new_updated_session, ctx, input, session.created_at, session.updated_at
                 )
+            elif txn.raw is not None:
+                snapshot = functools.partial(self._reloaded_session, ctx, input, txn.raw)
             else:
                 snapshot = functools.partial(Session.model_validate_json, session.model_dump_json())
             result = await self._process(session, snapshot, input, out, ctx.tts)
@@ -603,6 +608,13 @@ class Conversation:
         turn starts (before the pipeline)."""
         session = self._new_session(ctx)
         session.created_at, session.updated_at = created_at, updated_at
+        self._update(session, ctx, input)
+        return session
+
+    def _reloaded_session(self, ctx: TurnContext, input: Input, raw: str | bytes) -> Session:
+        """The session loaded from ``raw`` (its stored JSON), updated as the turn started:
+        the session as it was before the pipeline."""
+        session = Session.model_validate_json(raw)
         self._update(session, ctx, input)
         return session
 

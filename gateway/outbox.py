@@ -164,6 +164,16 @@ class MemoryOutbox:
         for key in [k for k, b in self._boxes.items() if b.expires <= now]:
             del self._boxes[key]
 
+    def pending(self, key: str) -> bool:
+        """Whether ``key``'s outbox holds entries above its delivered mark (what
+        :meth:`RedisSessionStore.peek_outbox`'s count tells a Redis turn), read at once:
+        :meth:`MemorySessionStore.peek_outbox` asks it as a turn takes the session's lock,
+        so a turn of a session with an empty outbox does not read it."""
+        box = self._boxes.get(key)
+        if box is None or box.expires <= self._clock() or not box.entries:
+            return False
+        return box.entries[-1].seq > box.mark
+
     async def since(self, key: str, after: int | None) -> list[Entry]:
         box = self._box(key)
         floor = box.mark if after is None else after

@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import TracebackType
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
@@ -122,13 +123,20 @@ class SessionTxn:
     outcome: Literal["keep", "save", "delete"] = "keep"
     to_save: Session | None = None
     ttl_s: int = 0
-    token: str = field(default_factory=lambda: secrets.token_hex(12))
+    token: str = ""
+    """The lock holder's token in a store shared between processes (Redis: the lock's
+    value, which fences the release and renewals); empty in the memory store."""
     lost: bool = False
     """Set when the lock's lease was found lost while the transaction was open."""
     pushes_pending: bool | None = None
     """Whether the session's outbox held undelivered entries when the lock was taken
-    (a Redis store told of the outbox by :meth:`RedisSessionStore.peek_outbox`), or
-    None when the store does not know: then read the outbox to find out."""
+    (a store told of the outbox by its ``peek_outbox``: :meth:`RedisSessionStore.peek_outbox`,
+    :meth:`MemorySessionStore.peek_outbox`), or None when the store does not know: then
+    read the outbox to find out."""
+    raw: str | bytes | None = None
+    """The JSON ``session`` was loaded from, when the store has it (both stores do; None
+    when there was no session): a copy of the session as loaded is
+    ``Session.model_validate_json(raw)``, without dumping ``session`` again."""
     side_writes: list[tuple[str, bytes, int]] = field(default_factory=list)
     """``(key, value, ttl_s)`` plain writes sent in the release's round trip (see
     :meth:`RedisSessionStore.takes_side_writes`), whatever the outcome."""
@@ -212,11 +220,23 @@ class MemorySessionStore:
         # (expiry, key) of every write, earliest first; entries a later write or a
         # delete made stale are skipped when they come up (and dropped on rebuild)
         self._expiries: list[tuple[float, str]] = []
+        self._outbox_pending: Callable[[str], bool] | None = None
+
+    def peek_outbox(self, pending: Callable[[str], bool]) -> None:
+        """Tell each transaction whether the session's outbox holds undelivered entries
+        (:attr:`SessionTxn.pushes_pending`), asking ``pending(key)`` as the lock is taken
+        (:meth:`gateway.outbox.MemoryOutbox.pending`: the outbox of this process)."""
+        self._outbox_pending = pending
 
     def __len__(self) -> int:
         return len(self._data)
 
     def _read(self, key: str) -> Session | None:
+        data = self._raw(key)
+        return None if data is None else Session.model_validate_json(data)
+
+    def _raw(self, key: str) -> str | None:
+        """The stored JSON of ``key`` (marked recently used), or None (unknown or expired)."""
         entry = self._data.get(key)
         if entry is None:
             return None
@@ -225,7 +245,7 @@ class MemorySessionStore:
             del self._data[key]
             return None
         self._data.move_to_end(key)
-        return Session.model_validate_json(data)
+        return data
 
     def _store(self, key: str, expires: float, data: str) -> None:
         """Write one session, making room as the class doc says."""
@@ -266,37 +286,38 @@ class MemorySessionStore:
             self._expiries = [(exp, key) for key, (exp, _) in self._data.items()]
             heapq.heapify(self._expiries)
 
-    @asynccontextmanager
-    async def open(self, key: str, *, lease_s: float, wait_s: float) -> AsyncIterator[SessionTxn]:
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+    def open(self, key: str, *, lease_s: float, wait_s: float) -> _MemoryTxn:
+        """Lock ``key`` in this process and load it (see :meth:`SessionStore.open`); the
+        lease does not apply (no other process shares the lock)."""
+        return _MemoryTxn(self, key, wait_s)
+
+    def _use(self, key: str) -> asyncio.Lock:
+        """The lock of ``key``, counted as used until :meth:`_unuse`."""
+        entry = self._locks.get(key)
+        if entry is None:
+            lock = asyncio.Lock()
+            self._locks[key] = (lock, 1)
+            return lock
+        lock, users = entry
         self._locks[key] = (lock, users + 1)
-        try:
-            if lock.locked():  # uncontended (the usual case): no timer
-                try:
-                    async with asyncio.timeout(wait_s):
-                        await lock.acquire()
-                except TimeoutError:
-                    raise SessionBusy(f"session {key} is busy") from None
-            else:
-                await lock.acquire()
-            try:
-                txn = SessionTxn(key, self._read(key))
-                yield txn
-                if txn.outcome == "save" and txn.to_save is not None:
-                    self._store(key, self._clock() + txn.ttl_s, txn.to_save.model_dump_json())
-                    self._writes += 1
-                    if self._writes % self._sweep_every == 0:
-                        self._sweep()
-                elif txn.outcome == "delete":
-                    self._data.pop(key, None)
-            finally:
-                lock.release()
-        finally:
-            lock, users = self._locks[key]
-            if users <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+        return lock
+
+    def _unuse(self, key: str) -> None:
+        lock, users = self._locks[key]
+        if users <= 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
+
+    def _apply(self, txn: SessionTxn) -> None:
+        """Apply the recorded outcome of ``txn`` (its block ended without an error)."""
+        if txn.outcome == "save" and txn.to_save is not None:
+            self._store(txn.key, self._clock() + txn.ttl_s, txn.to_save.model_dump_json())
+            self._writes += 1
+            if self._writes % self._sweep_every == 0:
+                self._sweep()
+        elif txn.outcome == "delete":
+            self._data.pop(txn.key, None)
 
     async def get(self, key: str) -> Session | None:
         return self._read(key)
@@ -306,6 +327,65 @@ class MemorySessionStore:
 
     async def aclose(self) -> None:
         return None
+
+
+class _MemoryTxn:
+    """:meth:`MemorySessionStore.open`'s context manager (a class rather than an
+    ``@asynccontextmanager`` generator: a turn enters and leaves it once)."""
+
+    __slots__ = ("_key", "_lock", "_store", "_txn", "_wait_s")
+
+    def __init__(self, store: MemorySessionStore, key: str, wait_s: float) -> None:
+        self._store = store
+        self._key = key
+        self._wait_s = wait_s
+        self._lock: asyncio.Lock | None = None
+        self._txn: SessionTxn | None = None
+
+    async def __aenter__(self) -> SessionTxn:
+        store, key = self._store, self._key
+        lock = store._use(key)
+        try:
+            if lock.locked():  # uncontended (the usual case): no timer
+                try:
+                    async with asyncio.timeout(self._wait_s):
+                        await lock.acquire()
+                except TimeoutError:
+                    raise SessionBusy(f"session {key} is busy") from None
+            else:
+                await lock.acquire()
+        except BaseException:
+            store._unuse(key)
+            raise
+        try:
+            data = store._raw(key)
+            session = None if data is None else Session.model_validate_json(data)
+        except BaseException:
+            lock.release()
+            store._unuse(key)
+            raise
+        pending = store._outbox_pending
+        self._lock = lock
+        self._txn = txn = SessionTxn(
+            key, session, raw=data, pushes_pending=None if pending is None else pending(key)
+        )
+        return txn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Apply the outcome unless the block raised; release the lock either way."""
+        assert self._lock is not None
+        assert self._txn is not None
+        try:
+            if exc_type is None:
+                self._store._apply(self._txn)
+        finally:
+            self._lock.release()
+            self._store._unuse(self._key)
 
 
 # ------------------------------------------------------------------- redis
@@ -427,7 +507,7 @@ class RedisSessionStore:
             raise StoreUnavailable(f"Redis: {exc}") from exc
         acquired = time.monotonic()
         session = Session.model_validate_json(data) if data else None
-        txn = SessionTxn(key, session, token=token, pushes_pending=pending)
+        txn = SessionTxn(key, session, token=token, pushes_pending=pending, raw=data or None)
         # the renewer starts only when the transaction outlives a third of its lease:
         # a timer costs far less than a task per turn, and most turns end before it
         keeper: list[asyncio.Task[None]] = []

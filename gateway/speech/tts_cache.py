@@ -25,12 +25,13 @@ File formats (:data:`MEDIA_TYPES` gives the ``Content-Type``):
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
@@ -135,8 +136,27 @@ def tts_id(text: str, *, ssml: bool, voice: str, fmt: TtsFileFormat, key: bytes)
         raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav, mulaw, pcm8k or pcm16k)")
     if not key:
         raise ValueError("the TTS id key must not be empty")
-    message = json.dumps(["tts/2", text, bool(ssml), voice, fmt], ensure_ascii=False)
-    return hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
+    # the text of json.dumps(["tts/2", text, bool(ssml), voice, fmt], ensure_ascii=False),
+    # written here: json.dumps with an option makes a JSONEncoder (and its C encoder) a call
+    message = (
+        f'["tts/2", {_json_string(text)}, {"true" if ssml else "false"}, '
+        f"{_json_string(voice)}, {_json_string(fmt)}]"
+    )
+    mac = _keyed_hmac(key).copy()
+    mac.update(message.encode("utf-8"))
+    return mac.hexdigest()
+
+
+_json_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
+"""A str as JSON text without escaping non-ASCII (``json.dumps(..., ensure_ascii=False)``'s)."""
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed_hmac(key: bytes) -> hmac.HMAC:
+    """HMAC-SHA256 under ``key`` with nothing hashed yet, made once per key: a copy of it
+    is an HMAC without the padding of the key that ``hmac.new`` does each time. Never
+    updated itself (callers update copies)."""
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 def spec_id(spec: TtsSpec, key: bytes) -> str:

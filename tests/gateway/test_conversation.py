@@ -4,19 +4,31 @@ HTTP core (the http pipeline itself is tested in tests/gateway/pipeline/test_htt
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 from fastapi import FastAPI
 
-from gateway.conversation import TurnContext, TurnRejected
+from gateway.conversation import Conversation, TurnContext, TurnRejected
 from gateway.events import (
+    ErrorEvent,
     Input,
     LogEntry,
+    Response,
     ResponseEvent,
+    ResponseItem,
     SessionEndedEvent,
     SessionStartedEvent,
 )
-from gateway.sessions import ClientState, RedisSessionStore
+from gateway.pipeline.base import PipelineError, PipelineOutput
+from gateway.sessions import (
+    ClientState,
+    MemorySessionStore,
+    RedisSessionStore,
+    Session,
+    SessionStore,
+)
+from gateway.settings import Settings
 from tests.gateway.turns import ctx, engine, texts
 
 
@@ -212,3 +224,64 @@ async def test_drain_waits_for_running_turns(core: tuple[str, FastAPI]) -> None:
     assert await conv.drain(5) == 0
     assert stream.task.done()
     await conv.pipeline.aclose()
+
+
+class _Spoiler:
+    """A core that changes the session, then fails (PipelineError) on ``spoil``."""
+
+    name = "spoiler"
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
+        session.attributes["touched"] = input.text
+        session.pipeline_state["node"] = input.text
+        if input.text == "spoil":
+            raise PipelineError("spoilt")
+        yield Response(items=[ResponseItem(text="ok")])
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_failed_turn_keeps_the_loaded_session_as_updated(
+    kind: str, redis_url: str, redis_prefix: str
+) -> None:
+    """A failed turn of a stored session saves it as it was loaded (from the store's JSON)
+    with the turn's own updates (config, attributes, logs, locale), without what the core
+    changed before failing, and marked Failed."""
+    store: SessionStore = (
+        MemorySessionStore()
+        if kind == "memory"
+        else RedisSessionStore(redis_url, prefix=redis_prefix)
+    )
+    settings = Settings().model_copy(update={"error_turn": False})
+    conv = Conversation(store, _Spoiler(), settings)
+    try:
+        await conv.turn(ctx(), Input.of("first")).collect()
+        loaded = await store.get(ctx().key)
+        assert loaded is not None
+        assert loaded.turn_count == 1
+        events = await conv.turn(
+            ctx(
+                config={"ttsFileType": "wav"},
+                attributes={"clientType": "test"},
+                logs=[LogEntry(text="log line")],
+                locale="cs-CZ",
+            ),
+            Input.of("spoil"),
+        ).collect()
+        assert isinstance(events[-1], ErrorEvent)
+        assert events[-1].source == "pipeline"
+        session = await store.get(ctx().key)
+        assert session is not None
+        expected = loaded.model_copy(deep=True)
+        expected.config["ttsFileType"] = "wav"
+        expected.attributes["clientType"] = "test"
+        expected.logs.append(LogEntry(text="log line"))
+        expected.locale = "cs-CZ"
+        expected.client_state = ClientState.FAILED
+        assert session == expected
+        assert session.attributes["touched"] == "first"  # not "spoil"
+        assert session.pipeline_state == {"node": "first"}
+    finally:
+        await store.aclose()

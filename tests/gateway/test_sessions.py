@@ -319,20 +319,24 @@ async def test_memory_store_cap_drops_the_least_recently_used(
     assert len(store) == 3
 
 
-async def test_redis_lock_script_peeks_at_the_outbox(store: SessionStore) -> None:
+async def test_lock_peeks_at_the_outbox(store: SessionStore) -> None:
     """With peek_outbox, taking the lock also says whether the session's outbox holds
-    undelivered entries (the V2 turn reads it only then); without, it cannot tell."""
-    if not isinstance(store, RedisSessionStore):
-        async with store.open("c:ob", lease_s=5, wait_s=1) as txn:
-            assert txn.pushes_pending is None  # the memory store does not know
-        return
-    from gateway.outbox import RedisOutbox
+    undelivered entries (the V2 turn reads it only then); without, it cannot tell. Redis:
+    in the lock script (RedisOutbox.keys); memory: MemoryOutbox.pending as it locks."""
+    from gateway.outbox import MemoryOutbox, Outbox, RedisOutbox
 
     async with store.open("c:ob", lease_s=5, wait_s=1) as txn:
         assert txn.pushes_pending is None
-    prefix = store._prefix
-    outbox = RedisOutbox(store.redis, prefix=prefix)
-    store.peek_outbox(outbox.keys)
+    outbox: Outbox
+    if isinstance(store, RedisSessionStore):
+        redis_outbox = RedisOutbox(store.redis, prefix=store._prefix)
+        store.peek_outbox(redis_outbox.keys)
+        outbox = redis_outbox
+    else:
+        assert isinstance(store, MemorySessionStore)
+        memory_outbox = MemoryOutbox()
+        store.peek_outbox(memory_outbox.pending)
+        outbox = memory_outbox
     async with store.open("c:ob", lease_s=5, wait_s=1) as txn:
         assert txn.pushes_pending is False  # no outbox yet
     seqs = await outbox.append("c:ob", [{"type": "Response"}], "push", limit=None)

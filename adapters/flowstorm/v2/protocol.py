@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
 from adapters.flowstorm.events import V2_CLIENT_EVENT, RecognizedInputEvent, V2ClientEvent
@@ -89,7 +89,12 @@ ACCEPTED_TYPES = (
 
 
 class ClientConfig(BaseModel):
-    """The V2 configuration values of one request (spec table "Configuration")."""
+    """The V2 configuration values of one request (spec table "Configuration").
+
+    Immutable: requests with the same configuration headers and query may share one
+    (adapters/flowstorm/v2/routes.py keeps those of recent requests)."""
+
+    model_config = ConfigDict(frozen=True)
 
     key: str | None = None
     device_id: str | None = None

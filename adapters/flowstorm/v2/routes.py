@@ -116,7 +116,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response as HTTPResponse
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
-from starlette.datastructures import QueryParams
+from starlette.datastructures import Headers, QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
@@ -134,6 +134,7 @@ from adapters.flowstorm.v2.openapi import GET_CLIENT, PUT_CLIENT
 from adapters.flowstorm.v2.protocol import (
     ACCEPTED_TYPES,
     AUDIO_CONTAINERS,
+    CONFIG_SOURCES,
     JSON_TYPES,
     NDJSON,
     SESSION_COOKIE,
@@ -266,11 +267,28 @@ def _cookie_attributes(max_age: int, secure: bool) -> str:
     return f"; HttpOnly; Max-Age={max_age}; Path=/; SameSite=lax" + ("; Secure" if secure else "")
 
 
+CONFIG_HEADERS: Final = frozenset(header.encode() for _, header, _ in CONFIG_SOURCES if header) | {
+    b"accept-language"
+}
+"""The request headers (lower-case, as ASGI gives them) :func:`parse_config` reads."""
+
+
+def _client_config(scope: Scope) -> ClientConfig:
+    """The request's ClientConfig (:func:`parse_config` of its headers and query), shared
+    by requests with the same configuration headers and query string.
+
+    Raises ProtocolError as parse_config does.
+    """
+    headers = tuple((k, v) for k, v in scope["headers"] if k in CONFIG_HEADERS)
+    return _parsed_config(headers, scope["query_string"])
+
+
 @functools.lru_cache(maxsize=256)
-def _query_params(query_string: bytes) -> QueryParams:
-    """``request.query_params`` (immutable), parsed once per query string: a client's
-    requests usually repeat theirs (its key and settings)."""
-    return QueryParams(query_string)
+def _parsed_config(headers: tuple[tuple[bytes, bytes], ...], query_string: bytes) -> ClientConfig:
+    """parse_config of the configuration ``headers`` (raw ASGI pairs, in their order) and
+    ``query_string``, made once per distinct pair: a client's requests repeat theirs
+    (ClientConfig is immutable). A ProtocolError is raised again each time (not kept)."""
+    return parse_config(Headers(raw=list(headers)), QueryParams(query_string))
 
 
 def _client_ip(request: Request) -> str:
@@ -364,7 +382,7 @@ async def put_client(request: Request) -> HTTPResponse:
     kind = media_type(request.headers.get("content-type"))
     plain = kind in TEXT_TYPES
     try:
-        config = parse_config(request.headers, _query_params(request.scope["query_string"]))
+        config = _client_config(request.scope)
     except ProtocolError as exc:
         return _client_error(exc, plain=plain)
     if refused := _check_key(gw, config, plain=plain):
@@ -541,6 +559,9 @@ async def _turn(
     if rest is None and stream.saving:  # the pipeline has answered; the session is being
         rest = [event async for event in events]  # saved: its end follows that round trip
     if rest is not None:  # the turn is over: one plain body, no chunked stream
+        # closed here (nothing is left in it), not by the event loop's async-generator
+        # finalizer, which would schedule a task to close it
+        await events.aclose()
         if on_end is not None:
             await on_end()
         whole = pushed + b"".join(line(event) for event in (*prefix, first, *rest))
@@ -565,6 +586,7 @@ async def _turn(
                     yield chunk
                 event = await anext(events, None)
         finally:
+            await events.aclose()  # (exhausted unless the client went: then it stops now)
             if not ended:
                 assert on_end is not None
                 await on_end()
@@ -864,7 +886,7 @@ async def get_client(request: Request) -> HTTPResponse:
     gw = gateway_of(request)
     plain = "text/plain" in request.headers.get("accept", "")
     try:
-        config = parse_config(request.headers, _query_params(request.scope["query_string"]))
+        config = _client_config(request.scope)
     except ProtocolError as exc:
         return _client_error(exc, plain=plain)
     if refused := _check_key(gw, config, plain=plain):

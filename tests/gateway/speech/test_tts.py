@@ -249,6 +249,27 @@ def test_tts_id_depends_on_every_part_and_the_key() -> None:
         tts_id("x", ssml=False, voice="v", fmt="mp3", key=b"")
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "Your name is Walter.",
+        'quote " back\\slash',
+        "tab\tnew\nline\x01\x7f",
+        "Žluťoučký kůň 😀",
+    ],
+)
+@pytest.mark.parametrize("ssml", [False, True])
+def test_tts_id_is_the_hmac_of_the_json_request(text: str, ssml: bool) -> None:
+    """The id is HMAC-SHA256 of json.dumps([...], ensure_ascii=False) whatever the text
+    (the message is written without json.dumps, the keyed HMAC copied: same bytes)."""
+    for key in (KEY, b"x" * 100, b"short"):
+        for voice, fmt in (("piper:en_US-lessac", "mp3"), ('say "ü"', "pcm16k")):
+            message = json.dumps(["tts/2", text, ssml, voice, fmt], ensure_ascii=False)
+            expected = hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+            assert tts_id(text, ssml=ssml, voice=voice, fmt=fmt, key=key) == expected  # type: ignore[arg-type]
+
+
 async def test_memory_cache_is_lru_by_bytes() -> None:
     cache = MemoryTtsCache(max_bytes=10)
     assert isinstance(cache, TtsCache)

@@ -402,3 +402,35 @@ async def test_health_and_readiness(base: str, redis_url: str) -> None:
         turn = await client.put(f"{url}/client?key={KEY}", headers=TEXT, content="hello")
         assert turn.status_code == 503
         assert turn.text == "! gateway: The session store is unavailable.\n"
+
+
+def test_client_config_is_shared_per_configuration() -> None:
+    """Requests with the same configuration headers and query share one (immutable)
+    ClientConfig; other headers do not matter, a configuration header or the query does,
+    the first of repeated headers wins as in parse_config, and a bad value is refused
+    every time."""
+    from pydantic import ValidationError
+
+    from adapters.flowstorm.v2.routes import _client_config
+    from gateway.protocol import ProtocolError
+
+    def scope(headers: list[tuple[bytes, bytes]], query: bytes) -> dict[str, Any]:
+        return {"type": "http", "headers": headers, "query_string": query}
+
+    query = f"key={KEY}&ttsFileType=wav".encode()
+    first = _client_config(scope([(b"x-tts", b"None"), (b"user-agent", b"a")], query))
+    again = _client_config(scope([(b"user-agent", b"b"), (b"x-tts", b"None")], query))
+    assert again is first
+    assert (first.key, first.tts_file_type, first.speech_links) == (KEY, "wav", False)
+    other = _client_config(scope([(b"x-tts", b"RequiredLinks")], query))
+    assert other.speech_links
+    assert other is not first
+    locale = _client_config(scope([(b"accept-language", b"cs-CZ,en;q=0.5")], query))
+    assert locale.locale == "cs-CZ"
+    repeated = [(b"x-ttsfiletype", b"mp3"), (b"x-ttsfiletype", b"wav")]
+    assert _client_config(scope(repeated, b"key=k")).tts_file_type == "mp3"
+    with pytest.raises(ValidationError, match="frozen"):
+        first.key = "changed"  # type: ignore[misc]
+    for _ in range(2):
+        with pytest.raises(ProtocolError, match="sttSampleRate"):
+            _client_config(scope([(b"x-sttsamplerate", b"abc")], b"key=k"))
