@@ -9,13 +9,15 @@ steady to a few percent whatever else runs.
 
 Rows (the servers and wrk scripts of bench/turn_overhead.py): ``bare`` (the bare
 FastAPI PUT /client), ``memory`` and ``redis`` (V2 text, tts=None, a new session per
-request), ``memorylinks`` (V2 text with the memory store and default settings: TTS
+request), ``memorylinks`` and ``redislinks`` (V2 text with default settings: TTS
 links on, a new session per request, as turn_overhead.py's "V2 text, defaults" row),
-``memory5``/``redis5`` (5 turns a session, TTS links), ``alexa`` (/alexa on
-Redis, verification on, every request signed). wrk runs ``-t1 -c8`` for a warm-up of
-3 s, the counters are zeroed (``callgrind_control -z``), wrk runs ``--seconds`` s and
-the counters are dumped. Under valgrind a server answers a few dozen requests a second:
-start-up takes a minute or more on a loaded machine.
+``memory5``/``redis5`` (5 turns a session, TTS links), ``alexa`` (/alexa on Redis,
+verification on, every request signed) and ``alexamem`` (the same with the memory
+store). wrk runs ``-t1 -c8`` for a warm-up (3 s runs until WARM_UP requests were
+answered), the counters are zeroed (``callgrind_control -z``), wrk runs ``--seconds``
+s and the counters are dumped.
+Under valgrind a server answers a few dozen requests a second: start-up takes a
+minute or more on a loaded machine.
 
 ``--old /work/main`` measures another checkout the same way, row by row after this
 tree's. Needs valgrind and wrk (``apt-get install valgrind wrk``).
@@ -50,7 +52,19 @@ from bench.turn_overhead import (
 from bench.voice_assistants import SKILL_ID, Keys
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("bare", "memory", "memorylinks", "redis", "memory5", "redis5", "alexa")
+WARM_UP = 20
+"""Requests answered before the counters are zeroed."""
+ROWS = (
+    "bare",
+    "memory",
+    "memorylinks",
+    "redis",
+    "redislinks",
+    "memory5",
+    "redis5",
+    "alexa",
+    "alexamem",
+)
 
 
 def _server(row: str, port: int, folder: Path, redis_url: str) -> tuple[list[str], dict[str, str]]:
@@ -59,10 +73,10 @@ def _server(row: str, port: int, folder: Path, redis_url: str) -> tuple[list[str
     uvicorn = [sys.executable, "-m", "uvicorn", "--no-access-log"]
     if row == "bare":
         return [*uvicorn, "bench.baseline_app:app", "--port", str(port)], {}
-    if row == "alexa":
+    if row.startswith("alexa"):
         app = ["--factory", "bench.voice_assistants:gateway_app", "--port", str(port)]
-        env = {**redis, "BENCH_PKI_DIR": str(folder), "GATEWAY_ALEXA_SKILL_IDS": SKILL_ID}
-        return [*uvicorn, *app], env
+        env = {"BENCH_PKI_DIR": str(folder), "GATEWAY_ALEXA_SKILL_IDS": SKILL_ID}
+        return [*uvicorn, *app], {**env, **(redis if row == "alexa" else {})}
     serve = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
     return serve, redis if row.startswith("redis") else {}
 
@@ -70,7 +84,7 @@ def _server(row: str, port: int, folder: Path, redis_url: str) -> tuple[list[str
 def _script(row: str, folder: Path, keys: Keys) -> Path:
     """The wrk script of ``row`` (Alexa requests are signed now: valid for 150 s)."""
     script = folder / f"{row}.lua"
-    if row == "alexa":
+    if row.startswith("alexa"):
         script.write_text(ALEXA_SCRIPT % alexa_requests(keys, 1500, folder))
     elif row.endswith("5"):
         script.write_text(V2_SESSIONS_SCRIPT % ("", TURNS))
@@ -117,7 +131,11 @@ def measure(tree: Path, row: str, seconds: int, folder: Path, redis_url: str) ->
                 raise SystemExit(f"{row} did not start under valgrind: {cmd}")
             time.sleep(0.5)
         script = _script(row, folder, keys)
-        _wrk(port, script, 3)  # warm-up
+        # warm-up: until WARM_UP requests were answered (first requests import and set up
+        # what later ones reuse: under valgrind on a loaded machine that takes a while)
+        warmed, until = 0, time.monotonic() + 300
+        while warmed < WARM_UP and time.monotonic() < until:
+            warmed += _wrk(port, script, 3)
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=True)
         requests = _wrk(port, script, seconds)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True, check=True)

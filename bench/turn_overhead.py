@@ -26,6 +26,12 @@ Rows, in this order, each a fresh server:
    in one request at a time), so most turns load an existing session and look for
    pushes queued in its outbox; against the bare endpoint run the same way (its
    answer echoes the cookie).
+7. Tuned: ``V2 text, Redis unix socket, tts=None`` and ``/alexa, Redis unix socket``
+   — rows 4 (tts=None) and 5 with ``GATEWAY_REDIS_URL=unix://...``: a private
+   ``redis-server`` started by this script (no TCP port, no persistence) on a unix
+   socket in its temporary folder, to show what the TCP loopback costs per turn (the
+   shared Redis of the other rows is unchanged). Skipped when redis-server is not
+   installed.
 
 Besides wrk's figures, each row gives the server's CPU time per request (user + system,
 from /proc over the measured run): steadier than requests/s on a loaded machine, and
@@ -43,14 +49,17 @@ Needs wrk (``apt-get install wrk``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -144,6 +153,33 @@ def alexa_requests(keys: Keys, count: int, folder: Path) -> Path:
     path = folder / "alexa_requests.lua"
     path.write_text("\n".join(lines))
     return path
+
+
+def unix_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str] | None:
+    """A private redis-server on a unix socket in ``folder`` (no TCP port, nothing saved)
+    and its ``unix://`` URL, once it answers; None when redis-server is not installed."""
+    server = shutil.which("redis-server")
+    if server is None:
+        return None
+    sock = folder / "redis.sock"
+    options = ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
+    proc = subprocess.Popen(
+        [server, *options, "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(sock))
+                probe.sendall(b"PING\r\n")
+                if probe.recv(16).startswith(b"+PONG"):
+                    return proc, f"unix://{sock}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"redis-server on {sock} did not start")
 
 
 def cpu_s(pid: int) -> float:
@@ -249,6 +285,14 @@ def main() -> None:
         ),
         ("/alexa, Redis, verification on", gateway_cmd, alexa_env, "alexa"),
     ]
+    private = unix_redis(folder)
+    if private is not None:
+        atexit.register(lambda proc: (proc.terminate(), proc.wait(10)), private[0])
+        unix = {"GATEWAY_REDIS_URL": private[1], "GATEWAY_REDIS_PREFIX": prefix}
+        rows += [
+            ("V2 text, Redis unix socket, tts=None", serve_cmd, unix, "tts_none"),
+            ("/alexa, Redis unix socket", gateway_cmd, {**alexa_env, **unix}, "alexa"),
+        ]
     print(
         f"wrk -t1 -c32 -d{args.seconds}s on core 1; each server alone on core 0, default "
         "settings (log level INFO to /dev/null, no access log)"

@@ -44,7 +44,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from gateway import metrics, redisconn
 from gateway.events import LogEntry
@@ -138,8 +138,8 @@ class SessionTxn:
     when there was no session): a copy of the session as loaded is
     ``Session.model_validate_json(raw)``, without dumping ``session`` again."""
     side_writes: list[tuple[str, bytes, int]] = field(default_factory=list)
-    """``(key, value, ttl_s)`` plain writes sent in the release's round trip (see
-    :meth:`RedisSessionStore.takes_side_writes`), whatever the outcome."""
+    """``(key, value, ttl_s)`` plain writes made by the release's script, in its round
+    trip (see :meth:`RedisSessionStore.takes_side_writes`), whatever the outcome."""
 
     def save(self, session: Session, ttl_s: int) -> None:
         """Write ``session`` with a time to live of ``ttl_s`` seconds on exit."""
@@ -412,9 +412,20 @@ end
 return 0
 """
 
+# KEYS[3..] are side writes (SessionTxn.side_writes), made whatever the fence says, each
+# with its value and time to live in ARGV[2i-1], ARGV[2i]; one that fails (pcall) does
+# not stop the rest. Returns {1 if the lock was ours and the outcome applied else 0,
+# the number of side writes that failed}.
 _RELEASE = """
+local failed = 0
+for i = 3, #KEYS do
+  local done = redis.pcall('SET', KEYS[i], ARGV[2 * i - 1], 'EX', ARGV[2 * i])
+  if type(done) == 'table' and done.err then
+    failed = failed + 1
+  end
+end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
+  return {0, failed}
 end
 if ARGV[2] == 'save' then
   redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
@@ -422,7 +433,7 @@ elseif ARGV[2] == 'delete' then
   redis.call('DEL', KEYS[2])
 end
 redis.call('DEL', KEYS[1])
-return 1
+return {1, failed}
 """
 
 
@@ -464,7 +475,8 @@ class RedisSessionStore:
     def takes_side_writes(self, client: object) -> bool:
         """Whether :attr:`SessionTxn.side_writes` meant for ``client`` go in the
         release's round trip: only when it is this store's own client on one server or
-        Sentinel (a cluster splits a pipeline by node: callers write on their own)."""
+        Sentinel, where the release script writes them too (a cluster script may touch
+        only its own slot's keys: callers write on their own)."""
         return client is self._redis and isinstance(self._redis, Redis)
 
     @property
@@ -569,45 +581,24 @@ class RedisSessionStore:
     ) -> None:
         outcome = txn.outcome if applied and not txn.lost else "keep"
         data = txn.to_save.model_dump_json() if outcome == "save" and txn.to_save else ""
+        keys = [lock_key, data_key]
         args: list[Any] = [txn.token, outcome, data, txn.ttl_s]
+        for write_key, value, ttl_s in txn.side_writes:  # in the script (see _RELEASE)
+            keys.append(write_key)
+            args += (value, ttl_s)
         try:
             # shield: a cancelled caller must still release the lock it holds
             with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "release")):
-                if txn.side_writes:
-                    ok = await asyncio.shield(
-                        self._release_with(txn.side_writes, [lock_key, data_key], args)
-                    )
-                else:
-                    ok = await asyncio.shield(self._release(keys=[lock_key, data_key], args=args))
+                ok, failed = await asyncio.shield(self._release(keys=keys, args=args))
         except RedisError as exc:
             if applied:
                 raise StoreUnavailable(f"Redis: {exc}") from exc
             log.warning("could not release lock of %s: %s", _ref(txn.key), exc)
             return
+        if failed:  # the session's fate is the fence's: only say so
+            log.warning("%d side write(s) with the release of a session failed", failed)
         if applied and txn.outcome != "keep" and (txn.lost or not ok):
             raise LockLost(f"lock of session {txn.key} expired before its {txn.outcome}")
-
-    async def _release_with(
-        self, writes: list[tuple[str, bytes, int]], keys: list[str], args: list[Any]
-    ) -> Any:
-        """The side writes and the release script in one pipelined round trip (not a
-        MULTI: the writes are independent of the fence). The script goes by its SHA; a
-        server that lost it (restart, SCRIPT FLUSH) gets it by the usual call."""
-        assert isinstance(self._redis, Redis)
-        pipe = self._redis.pipeline(transaction=False)
-        for write_key, value, ttl_s in writes:
-            pipe.set(write_key, value, ex=ttl_s)
-        pipe.evalsha(self._release.sha, len(keys), *keys, *args)
-        results = await pipe.execute(raise_on_error=False)
-        failed = next((r for r in results[:-1] if isinstance(r, Exception)), None)
-        if failed is not None:  # the session's fate is the script's: only say so
-            log.warning("side writes with the release of a session failed: %s", failed)
-        released = results[-1]
-        if isinstance(released, NoScriptError):
-            return await self._release(keys=keys, args=args)
-        if isinstance(released, Exception):
-            raise released
-        return released
 
     async def get(self, key: str) -> Session | None:
         try:

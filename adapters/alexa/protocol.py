@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import Field, StrictBool
+from pydantic import Field, StrictBool, TypeAdapter
 
 from gateway.events import (
     FALLBACK,
@@ -538,28 +538,52 @@ def turn_response(
     items = response.items
     end = force_end or (response.session_ended and response.sleep_timeout == 0)
     speech = speech_ssml(items, max_speech_chars)
-    body = AlexaResponseBody(should_end_session=end or speech is None)
-    if speech is not None:
-        body.output_speech = OutputSpeech(ssml=speech)
-        if reprompt and not body.should_end_session:
-            last = _last_speaking(items)
-            again = speech_ssml([last], max_speech_chars) if last else None
-            if again:
-                body.reprompt = Reprompt(output_speech=OutputSpeech(ssml=again))
+    should_end = end or speech is None
+    again = None
+    if speech is not None and reprompt and not should_end:
+        again = _reprompt_ssml(items, speech, max_speech_chars)
     image = next((i.image for i in items if i.image and i.image.startswith("https://")), None)
-    if image:
-        body.card = Card(
+    body = AlexaResponseBody(
+        output_speech=OutputSpeech(ssml=speech) if speech is not None else None,
+        reprompt=Reprompt(output_speech=OutputSpeech(ssml=again)) if again else None,
+        card=Card(
             text=display_text(items, MAX_CARD_CHARS) or None,
             image=CardImage(small_image_url=image, large_image_url=image),
         )
+        if image
+        else None,
+        should_end_session=should_end,
+    )
     return AlexaResponseEnvelope(session_attributes=session_attributes(session_id), response=body)
 
 
-def _last_speaking(items: Sequence[ResponseItem]) -> ResponseItem | None:
+def _reprompt_ssml(items: Sequence[ResponseItem], speech: str, max_chars: int) -> str | None:
+    """The SSML of the last item that says something (within ``max_chars``), or None.
+
+    ``speech`` is the SSML of all ``items`` within ``max_chars``: with one item it is
+    that item's, not rendered again; with the default budget the test render of the
+    last speaking item is its SSML.
+    """
+    if len(items) == 1:
+        # the one item says something (speech is not None): its SSML with the same
+        # budget is speech; under another budget it is first tested with the default
+        # one, as below
+        if max_chars == MAX_SPEECH_CHARS or speech_ssml(items, MAX_SPEECH_CHARS):
+            return speech
+        return None
     for item in reversed(items):
-        if speech_ssml([item], MAX_SPEECH_CHARS):
-            return item
+        rendered = speech_ssml([item], MAX_SPEECH_CHARS)
+        if rendered:
+            return rendered if max_chars == MAX_SPEECH_CHARS else speech_ssml([item], max_chars)
     return None
+
+
+_ENVELOPE: TypeAdapter[AlexaResponseEnvelope] = TypeAdapter(AlexaResponseEnvelope)
+
+
+def _wire_bytes(envelope: AlexaResponseEnvelope) -> bytes:
+    """``envelope.wire_json().encode()``, serialised straight to UTF-8 bytes."""
+    return _ENVELOPE.dump_json(envelope, by_alias=True, exclude_none=True)
 
 
 def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES) -> bytes:
@@ -568,17 +592,17 @@ def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES)
     When too large: the card text is dropped, then the reprompt, then the speech
     is cut (at a sentence/word boundary, SSML kept well-formed) until it fits.
     """
-    data = envelope.wire_json().encode()
+    data = _wire_bytes(envelope)
     if len(data) <= max_bytes:
         return data
     env = envelope.model_copy(deep=True)
     body = env.response
     if body.card is not None:
         body.card.text = None
-        data = env.wire_json().encode()
+        data = _wire_bytes(env)
     if len(data) > max_bytes and body.reprompt is not None:
         body.reprompt = None
-        data = env.wire_json().encode()
+        data = _wire_bytes(env)
     speech = body.output_speech
     while len(data) > max_bytes and speech is not None and speech.ssml:
         over = len(data) - max_bytes
@@ -590,7 +614,7 @@ def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES)
             speech = None
         else:
             speech.ssml = spoken
-        data = env.wire_json().encode()
+        data = _wire_bytes(env)
     if len(data) > max_bytes:  # nothing left to cut: say nothing rather than break
-        data = empty_response(session_id=None, end=body.should_end_session).wire_json().encode()
+        data = _wire_bytes(empty_response(session_id=None, end=body.should_end_session))
     return data

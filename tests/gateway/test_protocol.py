@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.protocol import (
     MAX_JSON_DEPTH,
@@ -22,6 +24,7 @@ from gateway.protocol import (
     load_json,
     parse_timestamp,
 )
+from gateway.protocol.load import _long_number, number_run
 
 
 def refusal(data: str | bytes, **options: Any) -> ProtocolError:
@@ -81,6 +84,48 @@ def test_within_bounds_it_is_the_standard_parser() -> None:
     assert load_json(b'{"s": "' + b"[{" * 100 + b"7" * 200 + b'"}') == {"s": "[{" * 100 + "7" * 200}
     error = refusal(b"[1, NaN]", what="The frame")
     assert error.text == "The frame holds NaN, which is not JSON."
+
+
+# pieces of text around the number-length bound: runs of number characters a little
+# shorter or longer than the bound, the characters that end or hide them (quotes,
+# escapes, letters, non-ASCII digits and letters, a lone surrogate)
+_PIECES = st.one_of(
+    st.integers(0, 12).flatmap(
+        lambda extra: st.text(alphabet="-+0123456789.eE", min_size=extra, max_size=extra)
+    ),
+    st.sampled_from(["1" * 99, "9" * 100, "7" * 101, "-1" + "0" * 99, "1e" + "5" * 98]),
+    st.text(alphabet='"\\ {}[],:aEfx\u0660\uff11é😀\n', max_size=4),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_PIECES, max_size=12), st.sampled_from([0, 1, 3, 10, 100]), st.booleans())
+def test_number_run_decides_as_the_regex_did(pieces: list[str], bound: int, lone: bool) -> None:
+    """number_run on the UTF-8 bytes answers what the regex search of the text did."""
+    text = "".join(pieces) + ("\ud800" if lone else "")
+    expected = _long_number(bound).search(text) is not None
+    assert number_run(text.encode("utf-8", "surrogatepass"), bound) is expected
+
+
+@pytest.mark.parametrize("data", [str, lambda text: text.encode()])
+def test_number_length_bound_at_the_boundary(data: Any) -> None:
+    """100 characters pass and 101 are refused, counted with sign and exponent, outside
+    strings only; the bytes and the str of a text are judged alike."""
+    for number in ("1" * 100, "-" + "1" * 99, "1e-" + "0" * 96 + "5", "1." + "0" * 98):
+        assert load_json(data('{"n": ' + number + "}")) == {"n": json_value(number)}
+    for number in ("1" * 101, "-" + "1" * 100, "1e-" + "0" * 97 + "5", "1." + "0" * 99):
+        error = refusal(data('{"n": ' + number + "}"))
+        assert error.text == "The JSON holds a number longer than 100 characters."
+    assert load_json(data('["' + "1" * 101 + '", "é"]')) == ["1" * 101, "é"]
+    assert load_json(data('"é' + "1" * 500 + '"')) == "é" + "1" * 500
+    assert load_json(data("[" + ", ".join(["1" * 100] * 3) + "]")) == [int("1" * 100)] * 3
+    assert refusal(data("[1, 2, " + "3" * 101 + "]"), max_number_chars=100).status == 400
+    assert load_json(data("[12345]"), max_number_chars=5) == [12345]
+    assert refusal(data("[123456]"), max_number_chars=5).status == 400
+
+
+def json_value(number: str) -> float | int:
+    return float(number) if "." in number or "e" in number else int(number)
 
 
 def test_names_and_offsets_in_the_texts() -> None:

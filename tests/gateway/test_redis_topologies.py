@@ -191,6 +191,95 @@ async def test_pool_of_one_server_waits_for_a_free_connection(redis_url: str) ->
     await redisconn.aclose(client)
 
 
+def test_one_server_clients_bound_writes_with_a_timeout_in_the_calling_task() -> None:
+    """redis://, rediss:// and unix:// clients get their connection class with
+    TimedWrites (once per class); Sentinel and Cluster keep redis-py's own."""
+    for url, base in [
+        ("redis://127.0.0.1:6379/0", redis.asyncio.Connection),
+        ("rediss://127.0.0.1:6380/0", redis.asyncio.SSLConnection),
+        ("unix:///tmp/redis.sock", redis.asyncio.UnixDomainSocketConnection),
+    ]:
+        pool = redisconn.connect(url).connection_pool
+        assert issubclass(pool.connection_class, redisconn.TimedWrites)
+        assert issubclass(pool.connection_class, base)
+        assert redisconn.timed_writes(base) is pool.connection_class
+        assert redisconn.timed_writes(pool.connection_class) is pool.connection_class
+
+
+def _commands(buffer: bytearray) -> int:
+    """Take the complete RESP commands (arrays of bulk strings) off ``buffer``; how many."""
+    count = 0
+    while True:
+        try:
+            end = buffer.index(b"\r\n")  # *<parts>
+            at = end + 2
+            for _ in range(int(buffer[1:end])):
+                end = buffer.index(b"\r\n", at)  # $<size>
+                at = end + 2 + int(buffer[at + 1 : end]) + 2
+                if at > len(buffer):
+                    return count
+        except ValueError:  # not all there yet
+            return count
+        del buffer[:at]
+        count += 1
+
+
+async def _stalled_write(connection_class: type[redis.asyncio.Connection]) -> BaseException:
+    """What sending a 32 MB command raises when the server answers the connection's
+    handshake (+OK to each command) and then stops reading."""
+    peers: list[asyncio.StreamWriter] = []
+    stalled = asyncio.Event()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer)  # held open; read only until the test stalls it
+        buffer = bytearray()
+        while not stalled.is_set():
+            buffer += await reader.read(65536)
+            writer.write(b"+OK\r\n" * _commands(buffer))
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connection = connection_class(
+        host="127.0.0.1",
+        port=port,
+        socket_timeout=0.2,
+        protocol=2,  # no HELLO to answer
+    )
+    try:
+        await connection.connect()
+        stalled.set()
+        await asyncio.sleep(0)
+        with pytest.raises(redis.exceptions.RedisError) as caught:
+            await connection.send_packed_command(b"x" * (32 << 20))
+        assert not connection.is_connected  # closed: a half-written command is useless
+        return caught.value
+    finally:
+        await connection.disconnect()
+        for writer in peers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_write_that_stalls_past_the_socket_timeout_fails_as_redis_py_s_own() -> None:
+    """TimedWrites raises what redis-py's own write raises when the server stops reading:
+    its TimeoutError "Timeout writing to socket", the connection closed."""
+    timed = await _stalled_write(redisconn.timed_writes(redis.asyncio.Connection))
+    stock = await _stalled_write(redis.asyncio.Connection)
+    assert type(timed) is type(stock) is redis.exceptions.TimeoutError
+    assert str(timed) == str(stock) == "Timeout writing to socket"
+
+
+async def test_timed_writes_without_a_socket_timeout_are_redis_py_s_own(redis_url: str) -> None:
+    """A connection with no socket timeout writes through redis-py's own path."""
+    client = redis.asyncio.Redis.from_url(
+        redis_url, connection_class=redisconn.timed_writes(redis.asyncio.Connection)
+    )
+    assert client.connection_pool.connection_kwargs.get("socket_timeout") is None
+    assert await client.ping()
+    await client.aclose()
+
+
 # ------------------------------------------------- served gateways per topology
 
 

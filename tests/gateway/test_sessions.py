@@ -379,7 +379,7 @@ async def test_redis_side_writes_go_with_the_release(store: SessionStore) -> Non
     assert loaded.turn_count == 3
     assert await store.redis.exists(f"{store._prefix}:{{c:side}}:lock") == 0  # released
 
-    await store.redis.script_flush()  # NOSCRIPT for the pipelined EVALSHA
+    await store.redis.script_flush()  # NOSCRIPT for the release script's EVALSHA
     async with store.open("c:side", lease_s=5, wait_s=1) as txn:
         txn.side_writes.append((f"{side}b", b"spec2", 60))
         txn.save(make("c:side", turn_count=4), ttl_s=60)
@@ -400,3 +400,16 @@ async def test_redis_side_writes_go_with_the_release(store: SessionStore) -> Non
     assert loaded.turn_count == 4
     assert await store.redis.get(side) == b"spec3"
     await store.redis.delete(side)
+
+    # a side write Redis refuses (no valid expiry) is only logged: the others and the
+    # save still happen
+    async with store.open("c:side", lease_s=5, wait_s=1) as txn:
+        txn.side_writes.append((f"{side}c", b"spec4", 0))
+        txn.side_writes.append((f"{side}d", b"spec5", 60))
+        txn.save(make("c:side", turn_count=5), ttl_s=60)
+    loaded = await store.get("c:side")
+    assert loaded is not None
+    assert loaded.turn_count == 5
+    assert await store.redis.exists(f"{side}c") == 0
+    assert await store.redis.get(f"{side}d") == b"spec5"
+    await store.redis.delete(f"{side}d")

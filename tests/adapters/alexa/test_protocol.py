@@ -15,20 +15,28 @@ from ask_sdk_model import ResponseEnvelope
 from ask_sdk_model_runtime.serializer import DefaultSerializer
 
 from adapters.alexa.protocol import (
+    MAX_CARD_CHARS,
     MAX_RESPONSE_BYTES,
     MAX_SPEECH_CHARS,
     AlexaConfig,
+    AlexaResponseBody,
+    AlexaResponseEnvelope,
+    Card,
+    CardImage,
     Handling,
+    OutputSpeech,
+    Reprompt,
     can_fulfill_response,
     empty_response,
     encode,
     parse_envelope,
     plan,
+    session_attributes,
     turn_response,
 )
 from gateway.events import Response, ResponseItem
 from gateway.protocol import ProtocolError
-from gateway.ssml import speech_ssml, truncate_text
+from gateway.ssml import display_text, speech_ssml, truncate_text
 from tests.conftest import FIXTURES
 
 ALEXA = FIXTURES / "alexa"
@@ -335,3 +343,97 @@ def test_every_fixture_plans_as_its_request_type_says() -> None:
         else:
             assert planned.input is None, path
     assert met == set(Handling)  # the fixtures meet every row of the table
+
+
+# ------------------------------------------- answers as the earlier code made them
+
+
+def _old_turn_response(
+    response: Response,
+    *,
+    session_id: str | None,
+    force_end: bool = False,
+    reprompt: bool = True,
+    max_speech_chars: int = MAX_SPEECH_CHARS,
+) -> AlexaResponseEnvelope:
+    """turn_response as it was before the reprompt reused the speech (the reference)."""
+    items = response.items
+    end = force_end or (response.session_ended and response.sleep_timeout == 0)
+    speech = speech_ssml(items, max_speech_chars)
+    body = AlexaResponseBody(should_end_session=end or speech is None)
+    if speech is not None:
+        body.output_speech = OutputSpeech(ssml=speech)
+        if reprompt and not body.should_end_session:
+            last = next((i for i in reversed(items) if speech_ssml([i], MAX_SPEECH_CHARS)), None)
+            again = speech_ssml([last], max_speech_chars) if last else None
+            if again:
+                body.reprompt = Reprompt(output_speech=OutputSpeech(ssml=again))
+    image = next((i.image for i in items if i.image and i.image.startswith("https://")), None)
+    if image:
+        body.card = Card(
+            text=display_text(items, MAX_CARD_CHARS) or None,
+            image=CardImage(small_image_url=image, large_image_url=image),
+        )
+    return AlexaResponseEnvelope(session_attributes=session_attributes(session_id), response=body)
+
+
+_ITEMS = [
+    ResponseItem(text="Hello there, you said: my name is User1."),
+    ResponseItem(text="Tom & Jerry <3 \"quoted\" 'single' é 😀 \u2028"),
+    ResponseItem(ssml="<speak>Hi <break time='1s'/> there</speak>"),
+    ResponseItem(ssml="<p>broken <b>ssml</p>", text="fallback text"),
+    ResponseItem(text="#command", code="x"),
+    ResponseItem(text="", audio="https://example.com/a.mp3"),
+    ResponseItem(text="with a picture", image="https://example.com/i.png"),
+    ResponseItem(text="http picture", image="http://example.com/i.png"),
+    ResponseItem(audio="http://example.com/not-https.mp3"),
+    ResponseItem(text="A long sentence. " * 600),
+    ResponseItem(text="é" * 9000),
+]
+
+
+def _responses() -> list[Response]:
+    """Responses of every shape turn_response handles: item sets and session ends."""
+    sets: list[list[ResponseItem]] = [[]]
+    sets += [[item] for item in _ITEMS]
+    sets += [[a, b] for a in _ITEMS[:6] for b in _ITEMS[3:9]]
+    sets += [_ITEMS[:5], _ITEMS[4:], list(reversed(_ITEMS))]
+    return [
+        Response(items=items, session_ended=ended, sleep_timeout=sleep)
+        for items in sets
+        for ended, sleep in ((False, 0), (True, 0), (True, 30))
+    ]
+
+
+def test_answers_are_byte_identical_to_the_earlier_code() -> None:
+    """turn_response (reprompt reusing the rendered speech, the body made in one
+    constructor) and encode (a TypeAdapter straight to bytes) give the bytes the earlier
+    code gave, for every fixture's session and every shape of response."""
+    sessions: set[str | None] = {None}
+    for path in sorted(Path(ALEXA).rglob("*.json")):
+        sessions.add(plan(parse_envelope(path.read_bytes()), CONFIG).session_id)
+    checked = 0
+    for session_id in sorted(sessions, key=str):
+        for response in _responses():
+            for options in (
+                {},
+                {"force_end": True},
+                {"reprompt": False},
+                {"max_speech_chars": 40},
+                {"max_speech_chars": 12},
+            ):
+                new = turn_response(response, session_id=session_id, **options)
+                old = _old_turn_response(response, session_id=session_id, **options)
+                assert new.model_dump() == old.model_dump()
+                data = encode(new)
+                assert data == encode(old)
+                if len(old.wire_json().encode()) <= MAX_RESPONSE_BYTES:
+                    assert data == old.wire_json().encode()
+                checked += 1
+    assert checked > 1000
+    for answer in (empty_response(), can_fulfill_response(parse_envelope(fixture_bytes()))):
+        assert encode(answer) == answer.wire_json().encode()
+
+
+def fixture_bytes() -> bytes:
+    return json.dumps(intent_request("AMAZON.HelpIntent", {"query": "x"})).encode()
