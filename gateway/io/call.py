@@ -284,7 +284,12 @@ class _Listening:
     async def feed(self, action: FeedAudio) -> None:
         speech = self._speech or self.speech
         started = bool(speech.hear(action.data))
-        voice = self.call.voice(speech.onset_ms, started=started, voiced_ms=speech.voiced_ms)
+        voice = self.call.voice(
+            speech.onset_ms,
+            started=started,
+            voiced_ms=speech.vad_voiced_ms,  # a pause within a phrase is no end (vad.py)
+            heard_to_ms=speech.heard_to_ms,
+        )
         if voice:  # most frames: nothing to do
             await self._run(voice)
 

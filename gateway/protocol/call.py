@@ -713,6 +713,9 @@ class CarrierCall:
         """How long the caller's current speech has been voiced (the speech stage's)."""
         self.partial = ""
         """The latest interim transcript of the utterance being heard."""
+        self.heard_to_ms: int | None = None
+        """Stream time (ms) up to which the utterance's audio has been recognised, so
+        :attr:`partial` covers the speech up to there (None: unknown, taken as now)."""
         self._held_at: int | None = None
         self._judging = False  # resumed early: the utterance's final is still judged
         self._judged: tuple[int, int] | None = None  # (onset, voiced end) when it resumed
@@ -907,12 +910,18 @@ class CarrierCall:
         return [FeedAudio(self.stream, data)]
 
     def voice(
-        self, onset_ms: int | None, *, started: bool, voiced_ms: int | None = None
+        self,
+        onset_ms: int | None,
+        *,
+        started: bool,
+        voiced_ms: int | None = None,
+        heard_to_ms: int | None = None,
     ) -> list[CallAction]:
         """What the speech stage's endpointer says after the latest FeedAudio: the current
-        speech's onset (None: nobody speaks), whether that audio ``started`` it and how
+        speech's onset (None: nobody speaks), whether that audio ``started`` it, how
         long it has been voiced (ms from the onset to the end of its last voiced frame;
-        None: counted as the whole time since the onset).
+        None: counted as the whole time since the onset) and up to which stream time
+        (ms) the recognizer has heard the utterance (:attr:`heard_to_ms`; None: unknown).
 
         An onset on the caller's floor opens an utterance (StartListening); speech on
         the bot's floor lasting ``barge_in_min_speech_ms`` pauses the bot (or barges in,
@@ -924,6 +933,7 @@ class CarrierCall:
         self.voiced_ms = (
             0 if onset_ms is None else self.speech_ms if voiced_ms is None else voiced_ms
         )
+        self.heard_to_ms = heard_to_ms
         state = self.state
         if state not in (State.BOT, State.HOLDING, State.CALLER, State.HEARING):
             return []
@@ -970,14 +980,21 @@ class CarrierCall:
 
     def _judge_holding(self) -> list[CallAction]:
         """HOLDING, after each inbound frame: voiced too long for a backchannel -> barge-in;
-        quiet for ``barge_in_resume_ms`` with no content word heard -> resume early."""
+        quiet for ``barge_in_resume_ms`` with no content word heard -> resume early.
+
+        "No content word" is judged only on a partial that covers the speech (the
+        recognizer has heard up to its voiced end, :attr:`heard_to_ms`): a recognizer
+        behind the caller (a loaded machine) has an empty or stale partial, and resuming
+        on it would play the bot on over "wait, | I want..." until the words show."""
         cfg = self.config
         if self.voiced_ms >= cfg.barge_in_max_backchannel_ms:
             return self._barge_in()
         onset = self.onset_ms
         voiced_end = None if onset is None else onset + self.voiced_ms
         quiet = voiced_end is None or self.now_ms - voiced_end >= cfg.barge_in_resume_ms
-        if quiet and not content_words(self.partial, cfg.barge_in_backchannels):
+        heard = self.heard_to_ms
+        fresh = heard is None or voiced_end is None or heard >= voiced_end
+        if quiet and fresh and not content_words(self.partial, cfg.barge_in_backchannels):
             self._judged = None if onset is None or voiced_end is None else (onset, voiced_end)
             self._judging = True  # its final is still to come
             return self._resume()

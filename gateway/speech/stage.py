@@ -320,6 +320,15 @@ class SpeechStage:
         return max(self._endpointer.last_voiced_ms - self.onset_ms, 0)
 
     @property
+    def vad_voiced_ms(self) -> int:
+        """:attr:`voiced_ms` by WebRTC's VAD alone: to the end of the last frame it called
+        voiced, ``energy_floor`` or not (its hangover included; the floor is for the end
+        of turn). What a call's barge-in judges by (gateway/protocol/call.py)."""
+        if self.onset_ms is None or self._endpointer is None:
+            return 0
+        return max(self._endpointer.last_vad_voiced_ms - self.onset_ms, 0)
+
+    @property
     def done(self) -> bool:
         """Whether the utterance has its result (final or silence), or was cancelled."""
         return self.result is not None or self.cancelled
@@ -334,6 +343,13 @@ class SpeechStage:
     def audio_ms(self) -> int:
         """Audio fed to the utterance so far, in ms."""
         return int(self.fmt.duration_ms(self._fed))
+
+    @property
+    def heard_to_ms(self) -> int | None:
+        """Stream time (ms) up to which the open utterance's audio has been through
+        recognition, so :attr:`partial` covers the speech up to there (queued mode: it
+        lags :attr:`now_ms` while the recognizer is behind); None: no utterance open."""
+        return self._origin_ms + self.audio_ms if self._open else None
 
     def hear(self, chunk: bytes) -> list[Heard]:
         """Take one chunk of the stream: one VAD pass; the onsets it confirmed (``speech_started``).

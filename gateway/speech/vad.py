@@ -133,6 +133,7 @@ class Endpointer:
         self._run_start_ms: int | None = None
         self._silence_ms = 0
         self._last_voiced_end_ms = now_ms
+        self._last_vad_voiced_end_ms = now_ms
         self._wait_start_ms = now_ms
         self._timeout_armed = self.silence_timeout_ms is not None
 
@@ -145,6 +146,14 @@ class Endpointer:
     def last_voiced_ms(self) -> int:
         """Audio time (ms) the last voiced frame of the current speech ended."""
         return self._last_voiced_end_ms
+
+    @property
+    def last_vad_voiced_ms(self) -> int:
+        """Audio time (ms) the current speech's last frame WebRTC's VAD called voiced ended,
+        ``energy_floor`` or not (its hangover after the last word included): at least
+        :attr:`last_voiced_ms`. A call's barge-in judges pauses by it (a pause within a
+        phrase, "wait, | I want...", is not taken for the end of a backchannel)."""
+        return max(self._last_vad_voiced_end_ms, self._last_voiced_end_ms)
 
     @property
     def elapsed_ms(self) -> int:
@@ -169,7 +178,7 @@ class Endpointer:
             events: list[EndpointEvent] = []  # the hot path: one whole frame (a call's 20 ms)
             voiced = self._vad.is_speech(data, self.vad_rate)
             floor = self.energy_floor
-            self._frame(voiced and (not floor or rms(data) >= floor), events)
+            self._frame(voiced and (not floor or rms(data) >= floor), events, voiced)
             return events
         if self._odd or len(data) % 2:
             data = self._odd + bytes(data)
@@ -184,13 +193,15 @@ class Endpointer:
         floor = self.energy_floor
         for frame in self._frames.push(chunk):
             voiced = self._vad.is_speech(frame, self.vad_rate)
-            self._frame(voiced and (not floor or rms(frame) >= floor), events)
+            self._frame(voiced and (not floor or rms(frame) >= floor), events, voiced)
         return events
 
-    def _frame(self, voiced: bool, events: list[EndpointEvent]) -> None:
+    def _frame(self, voiced: bool, events: list[EndpointEvent], vad_voiced: bool) -> None:
         start = self._now_ms
         end = self._now_ms = start + self.frame_ms
         if self._in_speech:
+            if vad_voiced:
+                self._last_vad_voiced_end_ms = end
             if voiced:
                 self._silence_ms = 0
                 self._last_voiced_end_ms = end
@@ -207,7 +218,7 @@ class Endpointer:
             if end - self._run_start_ms >= max(self.min_speech_ms, 1):
                 self._in_speech = True
                 self._timeout_armed = False
-                self._last_voiced_end_ms = end
+                self._last_voiced_end_ms = self._last_vad_voiced_end_ms = end
                 events.append(EndpointEvent("speech_started", self._run_start_ms, end))
                 self._run_start_ms = None
                 return

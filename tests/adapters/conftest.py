@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.settings import Settings
-from gateway.speech.service import SpeechService
-from gateway.speech.stage import ListenOptions
+from gateway.speech.service import SpeechService, listen_defaults
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
@@ -28,20 +27,15 @@ def speech(
 ) -> SpeechService:
     """The gateway's speech as the default settings make it (the Piper model and the
     recognizer's worker processes load once per run; the service, and with it the
-    synthesis pool bound to this test's event loop, is this test's)."""
-    settings = Settings()
+    synthesis pool bound to this test's event loop, is this test's): the listening
+    options are the app's own (:func:`~gateway.speech.service.listen_defaults` of the
+    default Settings: adaptive short silence, tentative end, energy floor included)."""
     return SpeechService(
         recognizer_factory=lambda: recognizer,
         synthesizer=gateway_piper,
         cache=tts_cache,
         public_url=PUBLIC,
-        listen_defaults=ListenOptions(
-            silence_timeout_ms=settings.silence_timeout_ms,
-            trailing_silence_ms=settings.vad_trailing_silence_ms,
-            min_speech_ms=settings.vad_min_speech_ms,
-            aggressiveness=settings.vad_aggressiveness,
-            max_audio_ms=int(settings.max_audio_s * 1000),
-        ),
+        listen_defaults=listen_defaults(Settings()),
     )
 
 
@@ -50,12 +44,12 @@ def fresh_speech(
     gateway_piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer
 ) -> SpeechService:
     """A speech service of this test's own, TTS cache included (nothing said by an earlier
-    test is cached), on the shared Piper voice and recognizer; the default silence timeout."""
-    settings = Settings()
+    test is cached), on the shared Piper voice and recognizer; the app's listening options
+    as in :func:`speech`."""
     return SpeechService(
         recognizer_factory=lambda: recognizer,
         synthesizer=gateway_piper,
         cache=MemoryTtsCache(),
         public_url=PUBLIC,
-        listen_defaults=ListenOptions(silence_timeout_ms=settings.silence_timeout_ms),
+        listen_defaults=listen_defaults(Settings()),
     )

@@ -118,6 +118,39 @@ def test_backchannels_and_noise_pause_and_resume_the_bot(interim: str, final: st
     assert call.state is State.CALLER
 
 
+def test_a_partial_behind_the_speech_does_not_resume_the_bot() -> None:
+    """ "wait, | I want to change my order" with a recognizer behind the caller: 300 ms
+    after "wait" the partial is still empty, but it has not heard "wait" yet (heard_to_ms
+    before the voiced end), so the bot stays paused; the words then interrupt it. Once the
+    recognizer has heard the speech and it holds no content word, the bot resumes."""
+    call = started()
+    say_item(call, "Thank you for calling the pizza shop.", SECOND * 3)
+    onset = hold(call)
+    voiced_end = onset + 200
+
+    def behind(n: int, heard_to_ms: int) -> list[Any]:
+        out: list[Any] = []
+        for _ in range(n):
+            [feed] = call.receive(media(SILENCE))
+            assert isinstance(feed, FeedAudio)
+            voiced = min(call.now_ms - onset, 200)
+            out += call.voice(onset, started=False, voiced_ms=voiced, heard_to_ms=heard_to_ms)
+        return out
+
+    # 200 ms voiced, then 340 ms of the comma's quiet; the recognizer is at the onset
+    assert behind(10 + 17, onset) == []
+    assert call.state is State.HOLDING
+    [interrupt] = call.interim("wait i want to change")
+    assert isinstance(interrupt, Interrupt)
+    # the same speech, recognised up to its voiced end and holding no content word: resume
+    call = started()
+    say_item(call, "Thank you for calling the pizza shop.", SECOND * 3)
+    onset = hold(call)
+    voiced_end = onset + 200
+    assert behind(10 + 14, onset) == []
+    assert behind(1, voiced_end) == [ResumePlayback()]
+
+
 def test_a_word_that_is_no_backchannel_interrupts_at_once() -> None:
     call = started()
     say_item(call, "Your order of two pizzas will arrive in thirty minutes.", SECOND * 3)
