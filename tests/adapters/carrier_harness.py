@@ -50,6 +50,9 @@ class Received:
     payload: bytes = b""
     until: float = 0.0
     """A media frame: when the phone has played it (its audio and what was before it)."""
+    cleared: tuple[str, ...] = ()
+    """A clear: the names of the marks it found not yet echoed (their audio not played
+    out, or held), in order: dropped, or echoed at once where the carrier does."""
 
 
 @dataclass
@@ -262,6 +265,7 @@ class CarrierHarness:
                 elif out.event == "clear":
                     self._play_end = now
                     pending, self._pending_echo = self._pending_echo, []
+                    item.cleared = (*self.held, *(name for _, name in pending))
                     self._echo_wake.set()
                     if self.clear_echoes_marks:
                         for _, name in pending:

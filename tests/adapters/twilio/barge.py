@@ -163,6 +163,8 @@ async def backchannels_call(
         await call.wait_for(lambda: bool(call.media_frames()), within_s=20)
         for name, audio in sounds.items():
             await asyncio.sleep(space_s)
+            if call.clears():
+                break  # a false stop (counted in ``clears``)
             if gw.answers.heard(call) >= 1:
                 raise RuntimeError("the greeting ended before every sound was made")
             said = call.say(audio)
@@ -176,7 +178,7 @@ async def backchannels_call(
                 sound.resumed_after_s = gap[1] - end
             run.sounds.append(sound)
         # the greeting played out (or was cut: a false stop, counted in ``clears``)
-        await call.wait_for(lambda: gw.answers.heard(call) >= 1 or bool(call.clears()), 40)
+        await gw.wait_answers(call, 1, within_s=40)
         run.clears = len(call.clears())
         run.inputs = [r["input"]["transcript"]["text"] for r in core.state.requests]
         run.frames = len(call.media_frames())

@@ -35,6 +35,7 @@ from gateway.settings import Settings
 from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw, resample
 from gateway.speech.service import SpeechService
 from gateway.turn import TurnContext, TurnRejected
+from tests.adapters.carrier_harness import Received
 from tests.conftest import serve
 
 AUTH = "0123456789abcdef0123456789abcdef"
@@ -78,7 +79,10 @@ class AnswerMarks:
     transfer item, one per Error or refused turn (the error text is spoken), one final
     mark after a session end or a transfer item. A turn's count is known once its events
     have ended, so an answer split into any number of pieces counts as one answer.
-    Turns cut by a barge-in (their audio discarded) are not counted right: not for those.
+
+    A turn cut by a barge-in makes fewer marks than its events say (its audio after the
+    cut is discarded): :meth:`heard` reads the call's wire, where its marks end at the
+    carrier's clear, and counts it heard at that clear.
     """
 
     def __init__(self, conversation: Conversation) -> None:
@@ -93,14 +97,47 @@ class AnswerMarks:
 
     def heard(self, call: HeardCall) -> int:
         """How many of ``call``'s answers (its turns, in order) it has heard: every one
-        whose turn has ended and whose marks, with all before them, were echoed."""
-        echoed, total, heard = len(call.echoed), 0, 0
-        for marks in self.marks.get(call.call_id, []):
-            total += marks
-            if echoed < total:
+        whose turn has ended and whose marks, with all before them, were echoed (or
+        dropped by a clear); one cut by a barge-in once the clear came.
+
+        The turns' marks are matched in order against the marks and clears the call
+        received: a clear met before a turn's count of marks cut that turn (it is heard;
+        its count was too high); a clear right after all of a turn's marks, finding some of
+        them unplayed (:attr:`Received.cleared`), cut its playout and is that turn's too.
+        """
+        return answers_heard(self.marks.get(call.call_id, []), call.received, call.echoed)
+
+
+def answers_heard(turns: list[int], received: list[Received], echoed_names: list[str]) -> int:
+    """:meth:`AnswerMarks.heard` of a call whose ended turns made ``turns`` marks each, that
+    received ``received`` (its marks and clears count) and echoed ``echoed_names``."""
+    wire = [r for r in received if r.event in ("mark", "clear")]
+    echoed = set(echoed_names)
+    last_clear = max((i for i, r in enumerate(wire) if r.event == "clear"), default=-1)
+    heard, at = 0, 0
+    for count in turns:
+        taken: list[str] = []
+        cut = False
+        while len(taken) < count:
+            if at == len(wire):
+                return heard  # its marks are not all sent yet
+            if wire[at].event == "clear":
+                cut, at = True, at + 1  # cut by a barge-in: no more of its marks
                 break
-            heard += 1
-        return heard
+            if wire[at].name not in echoed and at > last_clear:
+                return heard  # its audio is still playing (a mark before a clear
+                # was echoed, or dropped with the audio)
+            taken.append(wire[at].name)
+            at += 1
+        if (
+            not cut
+            and at < len(wire)
+            and wire[at].event == "clear"
+            and set(taken) & set(wire[at].cleared)
+        ):
+            at += 1  # the clear cut this answer's audio after all of it was sent
+        heard += 1
+    return heard
 
 
 class HeardCall(Protocol):
@@ -108,6 +145,7 @@ class HeardCall(Protocol):
 
     call_id: str
     echoed: list[str]
+    received: list[Received]
 
     async def wait_for(self, predicate: Callable[[], bool], within_s: float = 20.0) -> None:
         """Wait until ``predicate`` holds; TimeoutError else."""
