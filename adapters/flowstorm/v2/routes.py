@@ -108,9 +108,10 @@ import functools
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Final, Literal
+from types import MappingProxyType
+from typing import Any, Final, Literal
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response as HTTPResponse
@@ -273,9 +274,10 @@ CONFIG_HEADERS: Final = frozenset(header.encode() for _, header, _ in CONFIG_SOU
 """The request headers (lower-case, as ASGI gives them) :func:`parse_config` reads."""
 
 
-def _client_config(scope: Scope) -> ClientConfig:
-    """The request's ClientConfig (:func:`parse_config` of its headers and query), shared
-    by requests with the same configuration headers and query string.
+def _client_config(scope: Scope) -> tuple[ClientConfig, Mapping[str, Any]]:
+    """The request's ClientConfig (:func:`parse_config` of its headers and query) and its
+    ``session_config()`` (read-only), shared by requests with the same configuration
+    headers and query string.
 
     Raises ProtocolError as parse_config does.
     """
@@ -284,11 +286,16 @@ def _client_config(scope: Scope) -> ClientConfig:
 
 
 @functools.lru_cache(maxsize=256)
-def _parsed_config(headers: tuple[tuple[bytes, bytes], ...], query_string: bytes) -> ClientConfig:
+def _parsed_config(
+    headers: tuple[tuple[bytes, bytes], ...], query_string: bytes
+) -> tuple[ClientConfig, Mapping[str, Any]]:
     """parse_config of the configuration ``headers`` (raw ASGI pairs, in their order) and
-    ``query_string``, made once per distinct pair: a client's requests repeat theirs
-    (ClientConfig is immutable). A ProtocolError is raised again each time (not kept)."""
-    return parse_config(Headers(raw=list(headers)), QueryParams(query_string))
+    ``query_string``, with its session config, made once per distinct pair: a client's
+    requests repeat theirs (ClientConfig is immutable, the session config a read-only
+    view: a turn copies it into its session). A ProtocolError is raised again each time
+    (not kept)."""
+    config = parse_config(Headers(raw=list(headers)), QueryParams(query_string))
+    return config, MappingProxyType(config.session_config())
 
 
 def _client_ip(request: Request) -> str:
@@ -382,7 +389,7 @@ async def put_client(request: Request) -> HTTPResponse:
     kind = media_type(request.headers.get("content-type"))
     plain = kind in TEXT_TYPES
     try:
-        config = _client_config(request.scope)
+        config, session_config = _client_config(request.scope)
     except ProtocolError as exc:
         return _client_error(exc, plain=plain)
     if refused := _check_key(gw, config, plain=plain):
@@ -415,7 +422,7 @@ async def put_client(request: Request) -> HTTPResponse:
         locale=config.locale,
         time_zone=config.time_zone,
         create=cookie is None,
-        config=config.session_config(),
+        config=session_config,
         tts=TtsRequest("links", config.tts_file_type) if config.speech_links else None,
     )
     try:
@@ -886,7 +893,7 @@ async def get_client(request: Request) -> HTTPResponse:
     gw = gateway_of(request)
     plain = "text/plain" in request.headers.get("accept", "")
     try:
-        config = _client_config(request.scope)
+        config, _ = _client_config(request.scope)
     except ProtocolError as exc:
         return _client_error(exc, plain=plain)
     if refused := _check_key(gw, config, plain=plain):

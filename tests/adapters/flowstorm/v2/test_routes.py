@@ -418,19 +418,23 @@ def test_client_config_is_shared_per_configuration() -> None:
         return {"type": "http", "headers": headers, "query_string": query}
 
     query = f"key={KEY}&ttsFileType=wav".encode()
-    first = _client_config(scope([(b"x-tts", b"None"), (b"user-agent", b"a")], query))
-    again = _client_config(scope([(b"user-agent", b"b"), (b"x-tts", b"None")], query))
+    first, stored = _client_config(scope([(b"x-tts", b"None"), (b"user-agent", b"a")], query))
+    again, stored_again = _client_config(scope([(b"user-agent", b"b"), (b"x-tts", b"None")], query))
     assert again is first
+    assert stored_again is stored
     assert (first.key, first.tts_file_type, first.speech_links) == (KEY, "wav", False)
-    other = _client_config(scope([(b"x-tts", b"RequiredLinks")], query))
+    assert stored == first.session_config()
+    other, _ = _client_config(scope([(b"x-tts", b"RequiredLinks")], query))
     assert other.speech_links
     assert other is not first
-    locale = _client_config(scope([(b"accept-language", b"cs-CZ,en;q=0.5")], query))
+    locale, _ = _client_config(scope([(b"accept-language", b"cs-CZ,en;q=0.5")], query))
     assert locale.locale == "cs-CZ"
     repeated = [(b"x-ttsfiletype", b"mp3"), (b"x-ttsfiletype", b"wav")]
-    assert _client_config(scope(repeated, b"key=k")).tts_file_type == "mp3"
+    assert _client_config(scope(repeated, b"key=k"))[0].tts_file_type == "mp3"
     with pytest.raises(ValidationError, match="frozen"):
         first.key = "changed"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        stored["ttsFileType"] = "mp3"  # type: ignore[index]
     for _ in range(2):
         with pytest.raises(ProtocolError, match="sttSampleRate"):
             _client_config(scope([(b"x-sttsamplerate", b"abc")], b"key=k"))
