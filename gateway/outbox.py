@@ -124,8 +124,18 @@ class _Box:
     expires: float = 0.0
 
 
+SWEEP_EVERY = 256
+"""A memory outbox drops its expired boxes and device entries every this many writes."""
+
+
 class MemoryOutbox:
-    """The embedded default: outboxes of this process (see module doc for the bounds)."""
+    """The embedded default: outboxes of this process (see module doc for the bounds).
+
+    Reads (:meth:`since`, :meth:`state`, :meth:`mark` of a key with no live outbox)
+    keep nothing, and expired boxes and device entries are dropped every
+    :data:`SWEEP_EVERY` writes, so the memory held follows the sessions that were pushed
+    to or bound within their time to live, not every session ever seen.
+    """
 
     def __init__(self, *, keep: int = 200, ttl_s: int = 3600, clock: Any = time.monotonic) -> None:
         self._keep = keep
@@ -133,12 +143,31 @@ class MemoryOutbox:
         self._clock = clock
         self._boxes: dict[str, _Box] = {}
         self._devices: dict[tuple[str, str], tuple[float, str]] = {}
+        self._writes = 0
+
+    def __len__(self) -> int:
+        """Outboxes and device entries held (expired ones until the next sweep)."""
+        return len(self._boxes) + len(self._devices)
 
     def _box(self, key: str) -> _Box:
+        """``key``'s live box, made when there is none (for a write)."""
         box = self._boxes.get(key)
         if box is None or box.expires <= self._clock():
             box = self._boxes[key] = _Box()
         return box
+
+    def _peek(self, key: str) -> _Box | None:
+        """``key``'s live box, or None: a read keeps nothing for a key with no outbox."""
+        box = self._boxes.get(key)
+        if box is None or box.expires <= self._clock():
+            return None
+        return box
+
+    def _wrote(self) -> None:
+        """Count a write; every :data:`SWEEP_EVERY` writes drop what has expired."""
+        self._writes += 1
+        if self._writes % SWEEP_EVERY == 0:
+            self._sweep()
 
     async def append(
         self, key: str, events: Sequence[dict[str, Any]], kind: EntryKind, *, limit: int | None
@@ -155,14 +184,15 @@ class MemoryOutbox:
             seqs.append(box.seq)
         del box.entries[: max(0, len(box.entries) - self._keep)]
         box.expires = self._clock() + self._ttl_s
-        if len(self._boxes) % 256 == 0:
-            self._sweep()
+        self._wrote()
         return seqs
 
     def _sweep(self) -> None:
         now = self._clock()
         for key in [k for k, b in self._boxes.items() if b.expires <= now]:
             del self._boxes[key]
+        for device in [d for d, (expires, _) in self._devices.items() if expires <= now]:
+            del self._devices[device]
 
     def pending(self, key: str) -> bool:
         """Whether ``key``'s outbox holds entries above its delivered mark (what
@@ -175,24 +205,31 @@ class MemoryOutbox:
         return box.entries[-1].seq > box.mark
 
     async def since(self, key: str, after: int | None) -> list[Entry]:
-        box = self._box(key)
+        box = self._peek(key)
+        if box is None:
+            return []
         floor = box.mark if after is None else after
         return [e for e in box.entries if e.seq > floor]
 
     async def mark(self, key: str, seq: int) -> int:
-        box = self._box(key)
+        box = self._peek(key)
+        if box is None:  # nothing was ever given a number here: nothing to mark
+            return 0
         before = box.mark
         box.mark = max(box.mark, min(seq, box.seq))
         box.expires = self._clock() + self._ttl_s
         return before
 
     async def state(self, key: str) -> OutboxState:
-        box = self._box(key)
+        box = self._peek(key)
+        if box is None:
+            return OutboxState(0, 0, 0)
         pending = sum(1 for e in box.entries if e.seq > box.mark)
         return OutboxState(box.seq, box.mark, pending)
 
     async def bind(self, app_key: str, device_id: str, key: str, ttl_s: int) -> None:
         self._devices[(app_key, device_id)] = (self._clock() + ttl_s, key)
+        self._wrote()
 
     async def device(self, app_key: str, device_id: str) -> str | None:
         found = self._devices.get((app_key, device_id))

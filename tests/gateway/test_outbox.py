@@ -15,7 +15,16 @@ from gateway import redisconn
 from gateway.admin import key_valid
 from gateway.bus import MemoryBus, Subscription
 from gateway.events import ResponseItem
-from gateway.outbox import Entry, Following, Journal, MemoryOutbox, Outbox, RedisOutbox
+from gateway.outbox import (
+    SWEEP_EVERY,
+    Entry,
+    Following,
+    Journal,
+    MemoryOutbox,
+    Outbox,
+    OutboxState,
+    RedisOutbox,
+)
 from gateway.push import PushRequest, push_event, wake
 from gateway.sessions import ClientState, Session, redis_client
 from gateway.settings import Settings
@@ -198,3 +207,32 @@ def test_a_push_wakes_a_sleeping_client_only() -> None:
     busy.client_state = ClientState.PROCESSING
     assert not wake(busy, settings)
     assert busy.client_state is ClientState.PROCESSING
+
+
+async def test_the_memory_outbox_holds_only_live_outboxes() -> None:
+    """Reads of sessions that were never pushed to keep nothing, and expired boxes and
+    device entries go at the next sweep: the memory held follows the live outboxes, not
+    every session a long-running process has seen."""
+    now = [0.0]
+    outbox = MemoryOutbox(keep=4, ttl_s=60, clock=lambda: now[0])
+    for n in range(3 * SWEEP_EVERY):  # a V2 GET, an admin view, a delivered mark
+        key = f"read-{n}"
+        assert await outbox.since(key, None) == []
+        assert await outbox.state(key) == OutboxState(0, 0, 0)
+        assert await outbox.mark(key, 5) == 0
+    assert len(outbox) == 0
+    for n in range(SWEEP_EVERY // 2 - 1):  # 2 writes each
+        await outbox.append(f"old-{n}", [ev("a")], "push", limit=None)
+        await outbox.bind("app", f"device-{n}", f"old-{n}", 30)
+    assert len(outbox) == SWEEP_EVERY - 2
+    now[0] = 61.0  # every box and device entry has expired
+    assert await outbox.since("old-0", None) == []  # expired reads as empty at once
+    assert await outbox.device("app", "device-0") is None
+    await outbox.append("new", [ev("b")], "push", limit=None)
+    assert len(outbox) == SWEEP_EVERY - 1  # held until the sweep
+    await outbox.bind("app", "device-new", "new", 30)  # the SWEEP_EVERY-th write sweeps
+    assert len(outbox) == 2
+    assert [e.seq for e in await outbox.since("new", None)] == [1]
+    assert await outbox.mark("new", 1) == 0
+    assert await outbox.state("new") == OutboxState(1, 1, 0)
+    assert await outbox.device("app", "device-new") == "new"
