@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import unquote, urlsplit
@@ -47,7 +46,6 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aioredis
 import socketio
 from redis.asyncio.cluster import ClusterNode, ClusterPubSub, RedisCluster
-from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
@@ -183,98 +181,15 @@ def connect(url: str, *, max_connections: int = 64) -> RedisClient:
             timeout=5,
         )
         return client
-    pool = QuickBlockingPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=5,
-        health_check_interval=30,
-        **_fast_failure(),
+    return aioredis.Redis(
+        connection_pool=QuickBlockingPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=5,
+            health_check_interval=30,
+            **_fast_failure(),
+        )
     )
-    pool.connection_class = timed_writes(pool.connection_class)
-    return aioredis.Redis(connection_pool=pool)
-
-
-try:  # what redis-py's own send_packed_command uses (8.x)
-    from redis.asyncio.connection import add_debug_log_for_connection_failure as _debug_log
-    from redis.utils import is_os_level_timeout as _os_level_timeout
-except ImportError:  # another redis-py: its own writes
-    _debug_log = _os_level_timeout = None  # type: ignore[assignment]
-
-
-class TimedWrites:
-    """Mixin for a redis-py asyncio connection class: a command's write is bounded by
-    ``asyncio.timeout(socket_timeout)`` instead of redis-py's ``asyncio.wait_for``.
-
-    On Python 3.11 ``wait_for`` runs the write in a new task (created, scheduled on
-    the next loop iteration and awaited) for every command, although the write
-    almost never waits (the socket's buffer takes it at once); a timeout in the
-    calling task costs one timer. Otherwise as redis-py 8's ``send_packed_command``:
-    the same health check, and on failure the connection is closed and the same
-    errors are raised (redis-py's TimeoutError "Timeout writing to socket" when the
-    write takes longer than ``socket_timeout``, ConnectionError for an OS error, a
-    BaseException such as a cancellation as it came).
-    """
-
-    async def send_packed_command(
-        self, command: bytes | str | Iterable[bytes], check_health: bool = True
-    ) -> None:
-        connection = cast(AbstractConnection, self)
-        timeout = connection.socket_timeout
-        if not timeout:
-            await super().send_packed_command(command, check_health)  # type: ignore[misc]
-            return
-        if not connection.is_connected:
-            await connection.connect_check_health(check_health=False)
-        if check_health:
-            await connection.check_health()  # type: ignore[no-untyped-call]
-        try:
-            if isinstance(command, str):
-                command = command.encode()
-            if isinstance(command, bytes):
-                command = [command]
-            async with asyncio.timeout(timeout):
-                await connection._send_packed_command(command)
-        except TimeoutError as exc:
-            _debug_log(connection, exc, "writing command")
-            await connection.disconnect(nowait=True)
-            if _os_level_timeout(exc):  # ETIMEDOUT from the OS: the connection is dead
-                raise RedisConnectionError(
-                    f"Error {exc.errno} while writing to socket. {exc.strerror}."
-                ) from exc
-            raise RedisTimeoutError("Timeout writing to socket") from None
-        except OSError as exc:
-            _debug_log(connection, exc, "writing command")
-            await connection.disconnect(nowait=True)
-            if len(exc.args) == 1:
-                err_no, errmsg = "UNKNOWN", exc.args[0]
-            else:
-                err_no, errmsg = exc.args[0], exc.args[1]
-            raise RedisConnectionError(
-                f"Error {err_no} while writing to socket. {errmsg}."
-            ) from exc
-        except BaseException as exc:  # a write cut short leaves the connection unusable
-            _debug_log(connection, exc, "writing command")
-            await connection.disconnect(nowait=True)
-            raise
-
-
-_TIMED: dict[type[AbstractConnection], type[AbstractConnection]] = {}
-
-
-def timed_writes(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
-    """``connection_class`` with :class:`TimedWrites` (one class per class), or itself
-    when it has it already or this redis-py lacks what the mixin relies on."""
-    if (
-        _debug_log is None
-        or issubclass(connection_class, TimedWrites)
-        or not hasattr(connection_class, "_send_packed_command")
-    ):
-        return connection_class
-    timed = _TIMED.get(connection_class)
-    if timed is None:
-        name = f"Timed{connection_class.__name__}"
-        timed = _TIMED[connection_class] = type(name, (TimedWrites, connection_class), {})
-    return timed
 
 
 class QuickBlockingPool(aioredis.BlockingConnectionPool):
