@@ -106,6 +106,9 @@ LINGER_S = 1.0
 dropped, so that closing does not reset the connection before the answer is read (s)."""
 _BODY_SCAN = 8
 """How many of the oldest body readers are looked at for a slow one."""
+_WAITING_SCAN = 8
+"""How many of the oldest waiting connections are looked at (a ``poll(2)`` each) for one
+whose request is not already in its socket."""
 
 REASONS = {
     "full": "refused with 503 at the connection limit",
@@ -265,15 +268,19 @@ class ConnectionGuard:
     def victim(self, now: float) -> GatewayHttpProtocol | None:
         """The connection to close to make room, or None: the oldest that has sent part
         of its request's headers (a client whose request is all there is read at once),
-        else the oldest that waited :data:`SETTLE_S` for its request, else the oldest
-        body below the minimum rate (after SETTLE_S)."""
+        else the oldest that waited :data:`SETTLE_S` for its request and has none unread
+        in its socket (of the :data:`_WAITING_SCAN` oldest), else the oldest body below
+        the minimum rate (after SETTLE_S)."""
         oldest = next(iter(self.partial), None)
         if oldest is not None:
             return oldest
-        for protocol, since in self.waiting.items():
-            if now - since >= SETTLE_S:
+        for seen, (protocol, since) in enumerate(self.waiting.items()):
+            if seen >= _WAITING_SCAN or now - since < SETTLE_S:
+                break
+            # its request may be in its socket, unread since the loop's last poll (the
+            # keep-alive race, module doc): that one is about to be served, not waiting
+            if not _input_waiting(protocol.transport):
                 return protocol
-            break
         for seen, (protocol, since) in enumerate(self.reading.items()):
             age = now - since
             if seen >= _BODY_SCAN or age < SETTLE_S:

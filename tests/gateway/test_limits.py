@@ -428,3 +428,47 @@ def test_a_request_that_came_while_the_loop_was_busy_past_the_keep_alive_is_serv
     waker.close()
     woken.close()
     assert seen == [(True, True)]
+
+
+def test_a_waiting_connection_whose_request_is_in_its_socket_is_not_evicted() -> None:
+    """At the cap, room is made by closing the oldest connection that waited SETTLE_S
+    for a request, but not one whose request is already in its socket, unread because
+    the loop has not polled since (it is about to be served): the guard passes over it
+    to the next. Judged inside one callback of the server's loop, so nothing is read
+    meanwhile."""
+    judged: list[tuple[bool, bool, bool]] = []
+    done = threading.Event()
+    with (
+        uvloop_server(Settings()) as (port, loop, server),
+        socket.create_connection(("127.0.0.1", port), timeout=LIMIT_S) as first,
+        socket.create_connection(("127.0.0.1", port), timeout=LIMIT_S) as second,
+    ):
+        deadline = time.monotonic() + LIMIT_S
+        while len(server.server_state.connections) < 2:
+            assert time.monotonic() < deadline, "the connections were not accepted"
+            time.sleep(0.01)
+        time.sleep(SETTLE_S + 0.1)  # both waited SETTLE_S for a request
+
+        def judge() -> None:
+            by_port = {}
+            for protocol in server.server_state.connections:
+                assert isinstance(protocol, GatewayHttpProtocol)
+                by_port[protocol.transport.get_extra_info("peername")[1]] = protocol
+            oldest, other = by_port[first.getsockname()[1]], by_port[second.getsockname()[1]]
+            guard = oldest.guard
+            assert list(guard.waiting) == [oldest, other]  # accepted in that order
+            before = guard.victim(loop.time())
+            first.sendall(GET)  # now in oldest's socket; this loop cannot read it yet
+            poller = select.poll()
+            poller.register(oldest.transport.get_extra_info("socket").fileno(), select.POLLIN)
+            arrived = bool(poller.poll(LIMIT_S * 1000))
+            after = guard.victim(loop.time())
+            judged.append((before is oldest, arrived, after is other))
+            done.set()
+
+        loop.call_soon_threadsafe(judge)
+        assert done.wait(LIMIT_S)
+        assert_ok(read_answer(first))  # served, not evicted
+        second.sendall(GET)
+        assert_ok(read_answer(second))
+    assert judged == [(True, True, True)]
