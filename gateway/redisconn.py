@@ -50,7 +50,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -445,3 +445,96 @@ class SocketIoRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             task = asyncio.get_running_loop().create_task(aclose(old))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+
+class ScriptBatch:
+    """Auto-pipelining of Lua script calls: the calls made in one event-loop iteration
+    go to Redis together, as one redis-py pipeline (``transaction=False``): one
+    connection checkout, one write and one read for all of them, each caller's
+    result (or its error) handed back to it alone.
+
+    Under load many turns take or release their session lock in the same iteration
+    (their requests arrived together, their replies came in one read); each would
+    otherwise pay its own checkout, write system call, read wake-up and redis-py's
+    per-command path. Alone, a call waits no longer than the rest of the current
+    iteration (``loop.call_soon``), and costs one extra task for the batch.
+
+    Replies are in order, so results are matched by position. A script unknown to
+    the server (``NOSCRIPT``: Redis restarted or ``SCRIPT FLUSH``) is loaded and its
+    calls run again, as redis-py's own ``AsyncScript`` does; a connection error is
+    retried by redis-py's pipeline with the client's retry policy, then given to every
+    caller of the batch (``RedisError``). Calls run in a task of the batch, not the
+    caller's: a caller cancelled after its call was made does not stop it (a lock's
+    release still reaches Redis), and its result is dropped.
+
+    Only for a client on one server (also Sentinel-managed): a cluster pipeline
+    splits by node and may not keep the order; use the script directly there
+    (:func:`script_batch` returns None).
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._queued: list[tuple[asyncio.Future[Any], Any, tuple[Any, ...]]] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    def call(self, script: Any, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
+        """Queue ``script`` (a registered ``AsyncScript``) with ``keys`` and ``args``;
+        the future gives its reply (raises what the command raised: ``RedisError``)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._flush)
+        self._queued.append((future, script, (len(keys), *keys, *args)))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        task = asyncio.ensure_future(self._run(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(
+        self, calls: list[tuple[asyncio.Future[Any], Any, tuple[Any, ...]]]
+    ) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for _, script, arguments in calls:
+            pipe.evalsha(script.sha, *arguments)
+        return await pipe.execute(raise_on_error=False)
+
+    async def _run(self, batch: list[tuple[asyncio.Future[Any], Any, tuple[Any, ...]]]) -> None:
+        try:
+            results = await self._execute(batch)
+            unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+            if unknown:
+                for script in {id(batch[i][1]): batch[i][1] for i in unknown}.values():
+                    script.sha = await self._client.script_load(script.script)
+                again = await self._execute([batch[i] for i in unknown])
+                for i, result in zip(unknown, again, strict=True):
+                    results[i] = result
+        except Exception as exc:  # every call of the batch failed with it
+            for future, _, _ in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:  # cancelled (loop shutdown): the callers must not hang
+            for future, _, _ in batch:
+                if not future.done():
+                    future.set_exception(RedisConnectionError("the batch was cancelled"))
+            raise
+        for (future, _, _), result in zip(batch, results, strict=True):
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def aclose(self) -> None:
+        """Wait for the batches in flight (their callers may be gone)."""
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+
+def script_batch(client: RedisClient) -> ScriptBatch | None:
+    """A :class:`ScriptBatch` for ``client``, or None for a cluster client."""
+    return None if isinstance(client, RedisCluster) else ScriptBatch(client)

@@ -35,7 +35,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -44,11 +44,12 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gateway import metrics, redisconn
 from gateway.events import LogEntry
-from gateway.redisconn import RedisClient
+from gateway.redisconn import RedisClient, script_batch
 
 log = logging.getLogger(__name__)
 
@@ -464,6 +465,14 @@ class RedisSessionStore:
         self._renew = self._redis.register_script(_RENEW)
         self._acquire_peek = self._redis.register_script(_ACQUIRE_PEEK)
         self._outbox_keys: Callable[[str], tuple[str, str]] | None = None
+        self._batch = script_batch(self._redis)
+
+    def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        """``script`` auto-pipelined with the other calls of this loop iteration
+        (:class:`~gateway.redisconn.ScriptBatch`), or alone on a cluster."""
+        if self._batch is None:
+            return script(keys=keys, args=args)
+        return self._batch.call(script, keys, args)
 
     def peek_outbox(self, keys_of: Callable[[str], tuple[str, str]]) -> None:
         """Count a session's undelivered outbox entries when its lock is taken, in the
@@ -499,14 +508,15 @@ class RedisSessionStore:
             while True:
                 with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "acquire")):
                     if self._outbox_keys is None:
-                        got, data = await self._acquire(
-                            keys=[lock_key, data_key], args=[token, lease_ms]
+                        got, data = await self._call(
+                            self._acquire, [lock_key, data_key], [token, lease_ms]
                         )
                         pending = None
                     else:
-                        got, data, count = await self._acquire_peek(
-                            keys=[lock_key, data_key, *self._outbox_keys(key)],
-                            args=[token, lease_ms],
+                        got, data, count = await self._call(
+                            self._acquire_peek,
+                            [lock_key, data_key, *self._outbox_keys(key)],
+                            [token, lease_ms],
                         )
                         pending = bool(count)
                 if got:
@@ -587,9 +597,13 @@ class RedisSessionStore:
             keys.append(write_key)
             args += (value, ttl_s)
         try:
-            # shield: a cancelled caller must still release the lock it holds
+            # a cancelled caller must still release the lock it holds: the batch runs
+            # in a task of its own (shielded alone on a cluster)
             with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "release")):
-                ok, failed = await asyncio.shield(self._release(keys=keys, args=args))
+                if self._batch is None:
+                    ok, failed = await asyncio.shield(self._release(keys=keys, args=args))
+                else:
+                    ok, failed = await self._batch.call(self._release, keys, args)
         except RedisError as exc:
             if applied:
                 raise StoreUnavailable(f"Redis: {exc}") from exc
@@ -614,6 +628,8 @@ class RedisSessionStore:
             raise StoreUnavailable(f"Redis: {exc}") from exc
 
     async def aclose(self) -> None:
+        if self._batch is not None:
+            await self._batch.aclose()
         await redisconn.aclose(self._redis)
 
 

@@ -1,0 +1,153 @@
+"""Auto-pipelined session scripts (gateway.redisconn.ScriptBatch), on the real Redis server.
+
+The lock scripts that many turns call in one event-loop iteration go out as one
+pipeline; each caller still gets its own result or its own error, a cancelled caller's
+release still reaches Redis, and a server that lost its scripts gets them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.redisconn import ScriptBatch, script_batch
+from gateway.sessions import RedisSessionStore, Session, StoreUnavailable
+
+
+def make(key: str, **fields: object) -> Session:
+    return Session.model_validate(
+        {"id": key.split(":")[-1], "key": key, "channel": "c", "app_key": "app", **fields}
+    )
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisSessionStore]:
+    prefix = f"test-{secrets.token_hex(6)}"
+    redis_store = RedisSessionStore(redis_url, prefix=prefix)
+    yield redis_store
+    keys = [k async for k in redis_store.redis.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await redis_store.redis.delete(*keys)
+    await redis_store.aclose()
+
+
+def connections(store: RedisSessionStore) -> int:
+    """Connections the store's pool has made (idle + in use)."""
+    assert isinstance(store.redis, Redis)
+    pool = store.redis.connection_pool
+    return len(pool._available_connections) + len(pool._in_use_connections)
+
+
+async def turn(store: RedisSessionStore, key: str, count: int) -> int | None:
+    """One turn: load the session, save it with ``turn_count=count``; the count loaded."""
+    async with store.open(key, lease_s=5, wait_s=2) as txn:
+        loaded = None if txn.session is None else txn.session.turn_count
+        txn.save(make(key, turn_count=count), ttl_s=60)
+    return loaded
+
+
+async def test_concurrent_turns_share_one_pipeline_and_each_gets_its_own_session(
+    store: RedisSessionStore,
+) -> None:
+    keys = [f"c:batch{i}" for i in range(40)]
+    assert await asyncio.gather(*(turn(store, k, i + 1) for i, k in enumerate(keys))) == [
+        None
+    ] * len(keys)
+    # 40 locks taken and released at once went out as one pipeline each way: one
+    # connection, where one command per turn would have taken 40
+    assert connections(store) == 1
+    loaded = await asyncio.gather(*(turn(store, k, 100) for k in keys))
+    assert loaded == [i + 1 for i in range(len(keys))]  # each turn read its own session
+    for i, key in enumerate(keys):
+        session = await store.get(key)
+        assert session is not None, i
+        assert session.turn_count == 100, (i, session)
+    assert await store.redis.exists(*(store._keys(k)[0] for k in keys)) == 0  # all released
+
+
+async def test_one_calls_error_goes_to_its_caller_alone(store: RedisSessionStore) -> None:
+    _bad_lock, bad_data = store._keys("c:wrongtype")
+    await store.redis.hset(bad_data, "not", "a string")  # GET in the script: WRONGTYPE
+    results = await asyncio.gather(
+        turn(store, "c:fine1", 1),
+        turn(store, "c:wrongtype", 1),
+        turn(store, "c:fine2", 1),
+        return_exceptions=True,
+    )
+    assert results[0] is None
+    assert results[2] is None
+    assert isinstance(results[1], StoreUnavailable)
+    assert "WRONGTYPE" in str(results[1])
+    for key in ("c:fine1", "c:fine2"):
+        session = await store.get(key)
+        assert session is not None
+        assert session.turn_count == 1
+
+
+async def test_a_cancelled_callers_release_still_reaches_redis(store: RedisSessionStore) -> None:
+    lock_key, _ = store._keys("c:gone")
+    entered = asyncio.Event()
+    leave = asyncio.Event()
+
+    async def holder() -> None:
+        async with store.open("c:gone", lease_s=30, wait_s=1) as txn:
+            txn.save(make("c:gone", turn_count=7), ttl_s=60)
+            entered.set()
+            await leave.wait()
+
+    task = asyncio.create_task(holder())
+    await entered.wait()
+    assert await store.redis.exists(lock_key) == 1
+    leave.set()
+    await asyncio.sleep(0)  # the holder leaves its block: its release is queued
+    task.cancel()  # ... and its caller is cancelled before the batch runs
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):  # the batch's own task releases the lock (and saves)
+        if not await store.redis.exists(lock_key):
+            break
+        await asyncio.sleep(0.01)
+    assert await store.redis.exists(lock_key) == 0  # not left for the 30 s lease
+    async with store.open("c:gone", lease_s=5, wait_s=0.1) as txn:  # free at once
+        assert txn.session is not None
+        assert txn.session.turn_count == 7
+
+
+async def test_a_server_that_lost_its_scripts_gets_them_in_a_batch(
+    store: RedisSessionStore,
+) -> None:
+    keys = [f"c:flush{i}" for i in range(10)]
+    await asyncio.gather(*(turn(store, k, 1) for k in keys))
+    await store.redis.script_flush()  # NOSCRIPT for every call of the next batches
+    assert await asyncio.gather(*(turn(store, k, 2) for k in keys)) == [1] * len(keys)
+    for key in keys:
+        session = await store.get(key)
+        assert session is not None
+        assert session.turn_count == 2
+
+
+async def test_an_unreachable_server_fails_every_call_of_the_batch() -> None:
+    client = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    batch = ScriptBatch(client)
+    script = client.register_script("return 1")
+    results = await asyncio.gather(
+        *(batch.call(script, [f"k{i}"], []) for i in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, Exception) for r in results), results
+    assert {type(r).__name__ for r in results} == {"ConnectionError"}
+    await batch.aclose()
+    await client.aclose()
+
+
+async def test_a_cluster_client_gets_no_batch() -> None:
+    from redis.asyncio.cluster import RedisCluster
+
+    cluster = RedisCluster(host="127.0.0.1", port=1)
+    assert script_batch(cluster) is None
+    plain = Redis()
+    assert isinstance(script_batch(plain), ScriptBatch)
+    await plain.aclose()
