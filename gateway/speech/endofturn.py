@@ -180,6 +180,12 @@ class RuleEndOfTurn:
     min_words: int = 1
     homophones: Mapping[str, str] = field(default_factory=lambda: dict(HOMOPHONES), hash=False)
     lead_ins: tuple[str, ...] = LEAD_INS
+    _phrases: tuple[list[str], ...] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        # the lead-ins as word lists, longest first (matched once per partial transcript)
+        phrases = sorted((words(x) for x in self.lead_ins), key=len, reverse=True)
+        object.__setattr__(self, "_phrases", tuple(p for p in phrases if p))
 
     def complete(self, partial: str, speech_ms: int) -> bool:
         """True when ``partial`` has at least ``min_words`` words, its last word is neither an
@@ -198,7 +204,7 @@ class RuleEndOfTurn:
     def _only_lead_in(self, said: list[str]) -> bool:
         """Whether ``said`` is lead-ins of :attr:`lead_ins`, after nothing but interjections
         of :data:`LEAD_IN_PREFIXES` and fillers, and ends on one ("oh no wait hold on")."""
-        phrases = [p for p in sorted((words(x) for x in self.lead_ins), key=len, reverse=True) if p]
+        phrases = self._phrases
         ends_on_lead_in = False
         i = 0
         while i < len(said):
