@@ -31,7 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import logging
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -500,7 +502,7 @@ class RedisSessionStore:
     @asynccontextmanager
     async def open(self, key: str, *, lease_s: float, wait_s: float) -> AsyncIterator[SessionTxn]:
         lock_key, data_key = self._keys(key)
-        token = secrets.token_hex(12)
+        token = _lock_token()
         lease_ms = max(1, int(lease_s * 1000))
         deadline = time.monotonic() + wait_s
         delay = 0.002
@@ -631,6 +633,27 @@ class RedisSessionStore:
         if self._batch is not None:
             await self._batch.aclose()
         await redisconn.aclose(self._redis)
+
+
+class _LockTokens:
+    """Lock tokens unique across processes and instances: a random 64-bit prefix per
+    process (drawn again in a forked child) and a counter. A token only has to differ
+    from every other holder's (the scripts compare it); unlike a session id it is no
+    credential, so it needs no fresh randomness, and no getrandom(2) call, per turn."""
+
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._count = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}-{next(self._count):x}"
+
+
+_lock_token = _LockTokens()
+os.register_at_fork(after_in_child=_lock_token.renew)
 
 
 def _ref(key: str) -> str:

@@ -151,3 +151,25 @@ async def test_a_cluster_client_gets_no_batch() -> None:
     plain = Redis()
     assert isinstance(script_batch(plain), ScriptBatch)
     await plain.aclose()
+
+
+def test_lock_tokens_are_unique_and_a_forked_child_draws_its_own_prefix() -> None:
+    import os
+
+    from gateway.sessions import _lock_token
+
+    tokens = {_lock_token() for _ in range(1000)}
+    assert len(tokens) == 1000
+    prefix = next(iter(tokens)).split("-")[0]
+    assert all(t.startswith(f"{prefix}-") for t in tokens)
+    assert len(prefix) == 16  # 64 random bits per process
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, _lock_token().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.close(write)
+    assert not child.startswith(f"{prefix}-")  # the child's counter cannot collide
