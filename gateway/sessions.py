@@ -529,6 +529,9 @@ class RedisSessionStore:
                 delay = min(delay * 2, 0.05)
         except RedisError as exc:
             raise StoreUnavailable(f"Redis: {exc}") from exc
+        except asyncio.CancelledError:
+            self._abandon(lock_key, data_key, token)
+            raise
         acquired = time.monotonic()
         session = Session.model_validate_json(data) if data else None
         txn = SessionTxn(key, session, token=token, pushes_pending=pending, raw=data or None)
@@ -555,6 +558,17 @@ class RedisSessionStore:
         if keeper:
             await _stop(keeper[0])
         await self._finish(txn, lock_key, data_key, applied=True)
+
+    def _abandon(self, lock_key: str, data_key: str, token: str) -> None:
+        """The caller was cancelled while taking the lock: its take may still be queued,
+        or have succeeded with the reply on its way. Queue a release of ``token`` behind
+        it (a no-op unless the lock holds ``token``), so a client that went away does not
+        hold its session for a lease; best effort: on a cluster, or if the release
+        reaches Redis first (another batch overtook), the lease frees the session."""
+        if self._batch is None:
+            return
+        future = self._batch.call(self._release, [lock_key, data_key], [token, "keep", "", 0])
+        future.add_done_callback(_retrieved)
 
     async def _keep(self, txn: SessionTxn, lock_key: str, lease_ms: int, acquired: float) -> None:
         """Renew the lease now and every third of it while ``txn`` is open; mark it lost
@@ -633,6 +647,13 @@ class RedisSessionStore:
         if self._batch is not None:
             await self._batch.aclose()
         await redisconn.aclose(self._redis)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Done callback of a future nobody awaits: its error is read (so asyncio does not
+    log it as never retrieved) and dropped."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _LockTokens:

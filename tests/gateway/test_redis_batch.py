@@ -173,3 +173,19 @@ def test_lock_tokens_are_unique_and_a_forked_child_draws_its_own_prefix() -> Non
     os.close(read)
     os.close(write)
     assert not child.startswith(f"{prefix}-")  # the child's counter cannot collide
+
+
+async def test_a_turn_cancelled_while_taking_its_lock_leaves_the_session_free(
+    store: RedisSessionStore,
+) -> None:
+    lock_key, _ = store._keys("c:cancelled")
+    for _ in range(5):
+        task = asyncio.create_task(turn(store, "c:cancelled", 1))
+        await asyncio.sleep(0)  # its take of the lock is queued (or on its way)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)  # the batches ran: the take, then the release behind it
+        assert await store.redis.exists(lock_key) == 0  # not held for the 5 s lease
+        async with store.open("c:cancelled", lease_s=5, wait_s=0.1) as txn:
+            assert txn.session is None  # the cancelled turn saved nothing
