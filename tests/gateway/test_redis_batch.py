@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -189,3 +190,27 @@ async def test_a_turn_cancelled_while_taking_its_lock_leaves_the_session_free(
         assert await store.redis.exists(lock_key) == 0  # not held for the 5 s lease
         async with store.open("c:cancelled", lease_s=5, wait_s=0.1) as txn:
             assert txn.session is None  # the cancelled turn saved nothing
+
+
+def test_hiredis_packs_the_scripts_arguments_as_redis_py_does() -> None:
+    from hiredis import pack_command
+    from redis.asyncio.connection import Connection
+
+    connection = Connection()
+    cases: list[tuple[Any, ...]] = [
+        ("EVALSHA", "a" * 40, 2, "gw:{flowstorm:x}:lock", "gw:{flowstorm:x}:s", "tok-1", 3000),
+        ("EVALSHA", "b" * 40, 3, "k1", "k2", "k3", "tok", "save", '{"name":"Žluťoučký 🐴"}', 1800),
+        ("EVALSHA", "c" * 40, 1, b"bytes-key", b"\x00\xff", 0, -5),
+    ]
+    for args in cases:
+        assert pack_command(args) == b"".join(connection.pack_command(*args)), args
+
+
+async def test_a_dropped_connection_costs_the_next_turns_nothing(
+    store: RedisSessionStore, redis_url: str
+) -> None:
+    await asyncio.gather(*(turn(store, f"c:drop{i}", 1) for i in range(10)))
+    killer = Redis.from_url(redis_url)
+    assert await killer.client_kill_filter(_type="normal", skipme=True) >= 1  # the pool's
+    await killer.aclose()
+    assert await asyncio.gather(*(turn(store, f"c:drop{i}", 2) for i in range(10))) == [1] * 10
