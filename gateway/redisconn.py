@@ -468,9 +468,9 @@ class ScriptBatch:
     the server (``NOSCRIPT``: Redis restarted or ``SCRIPT FLUSH``) is loaded and its
     calls run again, as redis-py's own ``AsyncScript`` does; a connection error is
     retried with the client's retry policy (the connection dropped and made again),
-    then given to every caller of the batch (``RedisError``). Calls run in a task of the batch, not the
-    caller's: a caller cancelled after its call was made does not stop it (a lock's
-    release still reaches Redis), and its result is dropped.
+    then given to every caller of the batch (``RedisError``). Calls run in a task of
+    the batch, not the caller's: a caller cancelled after its call was made does not
+    stop it (a lock's release still reaches Redis), and its result is dropped.
 
     Only for a client on one server (also Sentinel-managed): a cluster spreads the
     sessions' slots over nodes; the scripts are called one by one there
