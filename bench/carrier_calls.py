@@ -1,4 +1,5 @@
-"""Carrier calls under load: how many concurrent calls one gateway process carries per core.
+"""Carrier calls under load: how many concurrent calls one gateway process carries per
+core.
 
 Each carrier is played in the same run, step by step: **Twilio** (JSON text frames,
 base64 μ-law at 8 kHz, ``connected`` + ``start``, ``mark`` echoes; the message formats
@@ -7,16 +8,20 @@ text frame ``websocket:connected``, then binary 16-bit little-endian linear PCM 
 16 kHz, ``notify`` echoed as ``websocket:notify``; tests/adapters/vonage/harness.py,
 shared/specs/CARRIERS.md).
 
-Starts, each as its own process pinned to core 0 (``taskset -c 0``): (1) a bare
-FastAPI WebSocket that echoes every media frame it gets (the baseline: a Twilio JSON
-media frame as text, a Vonage binary frame as bytes), (2) the gateway (``create_app``
-with the demo core, memory sessions, the default Piper voice, VAD on) whose recognizer
-is replaced by :class:`ConstantCostRecognizer`: a real implementation of the Recognizer
-protocol that burns a fixed CPU time per second of audio in worker threads on that same
-core and answers a fixed text. The load generator runs here, pinned to core 1, and
-plays the carrier for N calls at once: 20 ms frames in real time, a Piper sentence,
-silence until the bot has answered (marks echoed as the audio "plays", in real time),
-half a second, the sentence again, ...
+Starts, each as its own process pinned to core 0 (``taskset -c 0``): (1) a bare FastAPI
+WebSocket that echoes every media frame it gets (the baseline: a Twilio JSON media frame
+as text, a Vonage binary frame as bytes), (2) the gateway (``create_app`` with the demo
+core, memory sessions, the default Piper voice, VAD on) whose recognizer is replaced by
+:class:`ConstantCostRecognizer`: a real implementation of the Recognizer protocol that
+burns a fixed CPU time per second of audio and answers a fixed text. By default
+(``--stt-isolation process``) it burns in worker processes pinned to core 1 and reached
+over pipes from helper threads, as the gateway's pocketsphinx recognizer runs its
+decoders (``isolation="process"``, its only mode in ``gateway serve``): the gateway's
+core carries the hand-offs, the workers' CPU is reported beside it (column ``stt``);
+``--stt-isolation thread`` burns in helper threads on the gateway's own core. The load
+generator runs here, pinned to core 1, and plays the carrier for N calls at once: 20 ms
+frames in real time, a Piper sentence, silence until the bot has answered (marks echoed
+as the audio "plays", in real time), half a second, the sentence again, ...
 
 For each N and carrier it prints, for the baseline and the gateway, measured over a
 window after every call has started and heard its intro:
@@ -32,16 +37,16 @@ window after every call has started and heard its intro:
 - the server's CPU use (share of its one core), and the load generator's (if that
   nears 100 % the figures measure the generator, not the server).
 
-A gateway step is *carried* when no call failed, underruns stay below 0.5 % and
-the turn latency p99 below 3 s. **Calls per core** is N over the server's CPU share
-(the calls one fully used core would carry at that step's cost per call); ``vs base``
-is it over the baseline's calls per core for the same carrier and N (the baseline
-relays the same frames and does nothing else). The last lines give, per carrier, the
-largest N carried with outbound gap p99 <= 30 ms. The server's CPU includes the
-constant-cost recognizer's worker threads; ``loop`` is its main thread alone (sockets,
-the carrier protocol, the VAD pass, pacing), the part the gateway's own code decides,
-with its calls per core and its CPU µs per second of call (``loop µs/call-s``: loop
-CPU over calls, the steady measure on a shared machine) beside it.
+A gateway step is *carried* when no call failed, underruns stay below 0.5 % and the turn
+latency p99 below 3 s. **Calls per core** is N over the server's CPU share (the calls
+one fully used core would carry at that step's cost per call); ``vs base`` is it over
+the baseline's calls per core for the same carrier and N (the baseline relays the same
+frames and does nothing else). The last lines give, per carrier, the largest N carried
+with outbound gap p99 <= 30 ms. The server's CPU includes its helper threads (with
+``--stt-isolation thread``, the recognizer's burn); ``loop`` is its main thread alone
+(sockets, the carrier protocol, the VAD pass, pacing), the part the gateway's own code
+decides, with its calls per core and its CPU µs per second of call (``loop µs/call-s``:
+loop CPU over calls, the steady measure on a shared machine) beside it.
 
 ``--old /work/main`` serves a second gateway from another checkout (its own code,
 this bench's servers and load) in the same run, interleaved step by step with this
@@ -64,6 +69,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -146,10 +152,11 @@ class ConstantCostStream:
     async def feed(self, chunk: bytes) -> RecognitionResult | None:
         ms = self._fmt.duration_ms(len(chunk))
         self._audio_ms += ms
-        if self._owner.cpu_ms_per_s > 0:  # 0: no recognizer work at all, not even a hop
+        owner = self._owner
+        if owner.cpu_ms_per_s > 0:  # 0: no recognizer work at all, not even a hop
             loop = asyncio.get_running_loop()
-            cost_s = ms * self._owner.cpu_ms_per_s / 1e6
-            await loop.run_in_executor(self._owner.pool, burn, cost_s, self._owner.rate)
+            cost_s = ms * owner.cpu_ms_per_s / 1e6
+            await loop.run_in_executor(owner.pool, owner.work, cost_s)
         return None
 
     async def finish(self) -> RecognitionResult:
@@ -161,16 +168,49 @@ class ConstantCostStream:
 
 
 class ConstantCostRecognizer:
-    """A Recognizer whose cost is known: ``cpu_ms_per_s`` ms of CPU per second of audio
-    (in ``threads`` worker threads), always recognising ``text``."""
+    """A Recognizer whose cost is known: ``cpu_ms_per_s`` ms of CPU per second of audio,
+    always recognising ``text``.
 
-    def __init__(self, cpu_ms_per_s: float, text: str = "hello there", threads: int = 4) -> None:
+    ``isolation`` as the gateway's :class:`~gateway.speech.stt.PocketsphinxRecognizer`:
+    ``"process"`` (its default) burns the CPU in worker processes (one per helper
+    thread, a fresh interpreter each, pinned to ``cores``, at nice 10), a helper thread
+    passing each batch over a pipe and waiting for the answer (the event loop's share
+    of a recognition: the thread hop and the pipe round trip); ``"thread"`` burns it in
+    the ``threads`` helper threads themselves, on the gateway's own core.
+    """
+
+    def __init__(
+        self,
+        cpu_ms_per_s: float,
+        text: str = "hello there",
+        threads: int = 4,
+        isolation: str = "process",
+        cores: str = "1",
+    ) -> None:
+        if isolation not in ("process", "thread"):
+            raise ValueError(f"isolation is process or thread, not {isolation!r}")
         self.cpu_ms_per_s = cpu_ms_per_s
         self.text = text
+        self.isolation = isolation
+        self.cores = cores
         self.pool = ThreadPoolExecutor(
             threads, thread_name_prefix="constant-stt", initializer=lower_priority
         )
         self.rate = pbkdf2_rate()
+        self._local = threading.local()
+        self._workers: list[CostWorker] = []
+
+    def work(self, cost_s: float) -> None:
+        """Spend ``cost_s`` s of recognizer CPU (in a helper thread): here, or in this
+        thread's worker process."""
+        if self.isolation == "thread":
+            burn(cost_s, self.rate)
+            return
+        worker: CostWorker | None = getattr(self._local, "worker", None)
+        if worker is None:
+            worker = self._local.worker = CostWorker(self.cores)
+            self._workers.append(worker)
+        worker.burn(cost_s)
 
     async def open_stream(self, fmt: AudioFormat) -> ConstantCostStream:
         return ConstantCostStream(self, fmt)
@@ -180,6 +220,58 @@ class ConstantCostRecognizer:
 
     async def aclose(self) -> None:
         self.pool.shutdown(wait=False)
+        for worker in self._workers:
+            worker.close()
+
+
+COST_WORKER = r"""
+import hashlib, os, struct, sys, time
+os.setpriority(os.PRIO_PROCESS, 0, 10)
+cores = {int(c) for c in sys.argv[1].split(",") if c}
+if cores and hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, cores & set(range(os.cpu_count() or 1)) or cores)
+t0 = time.thread_time()
+hashlib.pbkdf2_hmac("sha256", b"x", b"salt", 50_000)
+rate = 50_000 / max(time.thread_time() - t0, 1e-6)
+while True:
+    data = os.read(0, 8)
+    if len(data) < 8:
+        break
+    hashlib.pbkdf2_hmac("sha256", b"x", b"salt", max(1, int(struct.unpack("<d", data)[0] * rate)))
+    os.write(1, b"k")
+"""
+"""A recognizer worker process: reads a cost (8-byte little-endian double, CPU s), burns
+it, answers one byte; ends at end of input."""
+
+
+class CostWorker:
+    """One :data:`COST_WORKER` process, driven over its stdin and stdout pipes (as the
+    gateway's ``_ProcessEngine`` drives a decoder process) from one helper thread."""
+
+    def __init__(self, cores: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", COST_WORKER, cores],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self._tx = self.proc.stdin.fileno()
+        self._rx = self.proc.stdout.fileno()
+
+    def burn(self, cost_s: float) -> None:
+        """Have the worker spend ``cost_s`` CPU seconds; returns when it has."""
+        os.write(self._tx, struct.pack("<d", cost_s))
+        if os.read(self._rx, 1) != b"k":
+            raise RuntimeError("the recognizer worker process died")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(2)
 
 
 # ------------------------------------------------------------------ the carriers
@@ -363,8 +455,9 @@ CARRIERS: dict[str, Carrier] = {c.name: c for c in (Twilio(), Vonage())}
 # ------------------------------------------------------------------ the servers
 
 
-def gateway_app(stt_cpu_ms: float) -> Any:
-    """The gateway with the constant-cost recognizer (GATEWAY_* settings from the env)."""
+def gateway_app(stt_cpu_ms: float, isolation: str = "process") -> Any:
+    """The gateway with the constant-cost recognizer (GATEWAY_* settings from the env);
+    ``isolation`` where it burns (:class:`ConstantCostRecognizer`)."""
     from gateway.app import create_app
     from gateway.settings import Settings
     from gateway.speech.service import SpeechService
@@ -385,7 +478,7 @@ def gateway_app(stt_cpu_ms: float) -> Any:
         gw = app.state.gateway
         own = gw.speech
         speech = SpeechService(
-            recognizer_factory=lambda: ConstantCostRecognizer(stt_cpu_ms),
+            recognizer_factory=lambda: ConstantCostRecognizer(stt_cpu_ms, isolation=isolation),
             synthesizer=own.synthesizer,
             cache=own.cache,
             public_url=own.public_url,
@@ -432,10 +525,10 @@ def echo_app() -> Any:
     return app
 
 
-def serve(kind: str, port: int, stt_cpu_ms: float) -> None:
+def serve(kind: str, port: int, stt_cpu_ms: float, isolation: str) -> None:
     import uvicorn
 
-    app = gateway_app(stt_cpu_ms) if kind == "gateway" else echo_app()
+    app = gateway_app(stt_cpu_ms, isolation) if kind == "gateway" else echo_app()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=1 << 20)
 
 
@@ -446,7 +539,7 @@ def free_port() -> int:
 
 
 def start_server(
-    kind: str, stt_cpu_ms: float, tree: Path = HERE
+    kind: str, stt_cpu_ms: float, tree: Path = HERE, isolation: str = "process"
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Serve ``kind`` with this bench's server code and the gateway of the checkout
     ``tree`` (another one: its own gateway code, this bench's recognizer and settings)."""
@@ -455,7 +548,16 @@ def start_server(
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", kind]
     env = {**os.environ, "PYTHONPATH": str(tree), "CALLBENCH_TREE": str(tree)}
     proc = subprocess.Popen(
-        [*pin, *cmd, "--port", str(port), "--stt-cpu-ms", str(stt_cpu_ms)],
+        [
+            *pin,
+            *cmd,
+            "--port",
+            str(port),
+            "--stt-cpu-ms",
+            str(stt_cpu_ms),
+            "--stt-isolation",
+            isolation,
+        ],
         cwd=tree,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -469,6 +571,20 @@ def start_server(
             time.sleep(0.1)
     proc.kill()
     raise SystemExit(f"the {kind} server did not start")
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the running child processes of ``pid`` (the
+    recognizer's worker processes of a gateway; Linux /proc)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:
@@ -645,6 +761,8 @@ class Step:
     loop_cpu: float = 0.0
     """The server's main thread (the event loop: sockets, protocol, VAD), without the
     recognizer's worker threads."""
+    stt_cpu: float = 0.0
+    """The recognizer's worker processes (process isolation: not in ``cpu``)."""
 
     @property
     def underrun_pct(self) -> float:
@@ -706,11 +824,12 @@ async def run_step(
         await asyncio.sleep(7.0)  # every intro has played
         window.start = time.monotonic()
         cpu0, client0 = cpu_seconds(pid), time.process_time()
-        loop0 = cpu_seconds(pid, pid)
+        loop0, stt0 = cpu_seconds(pid, pid), children_cpu_seconds(pid)
         await asyncio.sleep(seconds)
         window.end = time.monotonic()
         cpu = (cpu_seconds(pid) - cpu0) / seconds
         loop_cpu = (cpu_seconds(pid, pid) - loop0) / seconds
+        stt_cpu = (children_cpu_seconds(pid) - stt0) / seconds
         client_cpu = (time.process_time() - client0) / seconds
         stop.set()
         await tick
@@ -731,13 +850,14 @@ async def run_step(
         turns=sum(c.turns for c in calls),
         cpu=cpu,
         loop_cpu=loop_cpu,
+        stt_cpu=stt_cpu,
         client_cpu=client_cpu,
     )
 
 
 HEADER = (
     "calls carrier server      frames gap p50 gap p99 gap max underrun%  turns turn p50 "
-    "turn p99   CPU failed client calls/core vs base  loop loop/core loop µs/call-s"
+    "turn p99   CPU failed client calls/core vs base  loop loop/core loop µs/call-s   stt"
 )
 
 
@@ -755,7 +875,7 @@ def report(carrier: str, name: str, step: Step, base: Step | None) -> None:
         f"{pct(lat, 0.99) if lat else float('nan'):>8.2f} {step.cpu * 100:>5.0f}% "
         f"{step.failed:>6} {step.client_cpu * 100:>6.0f}% {step.per_core:>10.0f} {ratio:>7} "
         f"{step.loop_cpu * 100:>5.0f}% {step.loop_per_core:>9.0f} "
-        f"{step.loop_us_per_call_s:>14.0f}",
+        f"{step.loop_us_per_call_s:>14.0f} {step.stt_cpu * 100:>4.0f}%",
         flush=True,
     )
 
@@ -791,6 +911,15 @@ async def warm_up(base: str, carrier: Carrier, speech: list[str | bytes]) -> Non
         raise SystemExit(f"the {carrier.name} warm-up call failed: {call.failed or 'no answer'}")
 
 
+def recognizer_where(isolation: str) -> str:
+    """Where the recognizer's CPU goes, for the run's heading."""
+    if isolation == "process":
+        return (
+            "worker processes on core 1 at nice 10, as the gateway's default isolation: column stt"
+        )
+    return "helper threads on the gateway's core: in column CPU"
+
+
 def main(argv: list[str] | None = None, *, carriers: str = "twilio,vonage") -> None:
     """The command line (module doc); ``carriers`` the default of ``--carriers``."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -803,6 +932,13 @@ def main(argv: list[str] | None = None, *, carriers: str = "twilio,vonage") -> N
         "--stt-cpu-ms", type=float, default=10.0, help="recognizer CPU ms per second of audio"
     )
     parser.add_argument(
+        "--stt-isolation",
+        choices=["process", "thread"],
+        default="process",
+        help="where the recognizer burns: worker processes on core 1 (the gateway's "
+        "default isolation) or threads on the gateway's core",
+    )
+    parser.add_argument(
         "--old",
         help="another checkout (e.g. /work/main) served beside this one in the same run, "
         "for the figures before a change",
@@ -811,7 +947,7 @@ def main(argv: list[str] | None = None, *, carriers: str = "twilio,vonage") -> N
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.port, args.stt_cpu_ms)
+        serve(args.serve, args.port, args.stt_cpu_ms, args.stt_isolation)
         return
     names = [c.strip() for c in args.carriers.split(",") if c.strip()]
     unknown = [c for c in names if c not in CARRIERS]
@@ -824,7 +960,8 @@ def main(argv: list[str] | None = None, *, carriers: str = "twilio,vonage") -> N
     played = [(CARRIERS[name], CARRIERS[name].speech_frames(pcm)) for name in names]
     print(
         f"Carrier calls ({', '.join(names)}), each server pinned to one core; recognizer "
-        f"{args.stt_cpu_ms:g} ms CPU per s of audio; {args.seconds:g} s windows; caller "
+        f"{args.stt_cpu_ms:g} ms CPU per s of audio ({recognizer_where(args.stt_isolation)}); "
+        f"{args.seconds:g} s windows; caller "
         f"sentence {len(played[0][1]) * FRAME_S:.2f} s"
     )
     print(HEADER)
@@ -837,7 +974,7 @@ def main(argv: list[str] | None = None, *, carriers: str = "twilio,vonage") -> N
     gateways: list[tuple[str, subprocess.Popen[bytes], int]] = []
     try:
         for name, tree in servers:
-            proc, port = start_server("gateway", args.stt_cpu_ms, tree)
+            proc, port = start_server("gateway", args.stt_cpu_ms, tree, args.stt_isolation)
             procs.append(proc)
             gateways.append((name, proc, port))
             for carrier, speech in played:
@@ -877,6 +1014,12 @@ def main(argv: list[str] | None = None, *, carriers: str = "twilio,vonage") -> N
                 f"loop alone: {found.loop_cpu * 100:.0f} %, {found.loop_per_core:.0f} calls per "
                 f"core, {found.loop_us_per_call_s:.0f} µs CPU per call-second; gap p99 "
                 f"{found.gap_p99_ms:.1f} ms; no failures, underruns < 0.5 %, turn p99 < 3 s)"
+                + (
+                    f"; the recognizer's worker processes used {found.stt_cpu * 100:.0f} % "
+                    "of a core beside it"
+                    if args.stt_isolation == "process"
+                    else ""
+                )
             )
 
 
