@@ -1,14 +1,30 @@
-"""Flowstorm V2 text conversations under load: the gateway against a bare FastAPI baseline.
+"""Flowstorm V2 text conversations under load, on one instance and on two sharing Redis.
 
-Starts, one after the other, (1) a bare FastAPI endpoint (bench/baseline_app.py),
-(2) the gateway with memory sessions and (3) the gateway with Redis sessions, each
-as its own uvicorn process pinned to one core, and drives N concurrent
-conversations of 5 turns each (`tts=None`: turns, not speech synthesis) from this
-process with a light keep-alive HTTP client (bench/loadgen.py). Prints turns per
-second, p50/p99 turn latency, and each gateway's throughput as a ratio of the
-baseline's. Every answer is checked, so lost or crossed turns count as failures.
+Starts, one after the other, each server as its own process pinned to core 0
+(``taskset -c 0``): (1) a bare FastAPI endpoint (bench/baseline_app.py), then the
+gateway with its **default settings** (TTS links on: every answer carries an MP3 link)
+(2) with memory sessions, (3) with only ``GATEWAY_REDIS_URL`` set, and (4) **two
+instances** with only ``GATEWAY_REDIS_URL`` set, both on core 0, each conversation
+sending its turns to the two in turn (turn 1 to A, turn 2 to B, ...; half the
+conversations start on B), so every turn after the first loads a session the other
+instance saved; then the same three gateway rows with ``tts=None`` (no links: labelled).
+Both instances of row 4 share core 0, so its CPU per turn compares with row 3's: what
+it costs that any instance can serve any turn.
 
-    python bench/v2_concurrency.py [--conversations 200] [--redis redis://127.0.0.1:6379/0]
+This process (pinned to core 1) keeps N conversations of 5 turns going at once for
+``--seconds`` (a new one starts where one ended) with a light keep-alive HTTP client
+(bench/loadgen.py) and checks every answer: the demo's words (the name said in turn 2 is
+remembered in turn 4, whichever instance answers) and, with links, one audio link per
+answer; a wrong or crossed answer counts as a failure. Prints turns per second, p50/p99
+turn latency, the servers' CPU µs per turn (user + system from /proc, both instances
+summed), the client's CPU share (near 100 %: the figures measure the client), and each
+row's throughput and CPU as a ratio of the baseline's.
+
+Redis: the given URL's server, database 13 by default (``--redis``), flushed before
+each Redis row; no other setting is given to the instances.
+
+    python bench/v2_concurrency.py [--conversations 200] [--seconds 10]
+        [--redis redis://127.0.0.1:6379/13]
 """
 
 from __future__ import annotations
@@ -16,90 +32,212 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
+import re
+import subprocess
 import sys
 import time
 from http.cookies import SimpleCookie
 from pathlib import Path
 
+import redis
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.loadgen import Connection, free_port, report, start
+from bench.loadgen import Connection, free_port, start
+
+LINK = re.compile(rb"^# \(audio=http\S+/file/tts/[0-9a-f]{64}\.mp3\)$", re.MULTILINE)
+"""The V2 text line of an item's audio link (TTS links on)."""
 
 
-async def drive(port: int, conversations: int, *, check: bool) -> tuple[float, list[float], int]:
+def expected(i: int) -> list[tuple[str, str | None]]:
+    """Conversation ``i``'s turns: (text sent, the demo's answer line or None: unchecked)."""
+    return [
+        ("#intro", None),
+        (f"my name is User{i}", f"< Nice to meet you, User{i}."),
+        (f"message {i}", f"< You said: message {i}"),
+        ("what is my name", f"< Your name is User{i}."),
+        ("bye", f"< Goodbye, User{i}!"),
+    ]
+
+
+def answered(body: bytes, want: str | None, links: bool) -> bool:
+    """Whether a V2 text answer says ``want`` (as one of its lines) and, with ``links``,
+    carries an audio link per item said."""
+    lines = body.decode("utf-8", "replace").splitlines()
+    said = [line for line in lines if line.startswith("< ")]
+    if not said or (want is not None and want not in said):
+        return False
+    return not links or len(LINK.findall(body)) == len(said)
+
+
+async def drive(
+    ports: list[int], conversations: int, seconds: float, query: str, *, check: bool, links: bool
+) -> tuple[float, list[float], int]:
+    """Keep ``conversations`` going at once for ``seconds`` (each slot starts a new one
+    when its last ended); turn k of conversation i goes to ``ports[(i + k) % len]``.
+    Returns (elapsed s, turn latencies s, failed turns)."""
     latencies: list[float] = []
     failures = 0
+    deadline = time.perf_counter() + seconds
 
-    async def conversation(i: int) -> None:
+    async def conversation(i: int, connections: list[Connection]) -> None:
         nonlocal failures
-        connection = await Connection.open("127.0.0.1", port)
         headers = {"Content-Type": "text/plain"}
-        turns = ("#intro", f"my name is User{i}", f"message {i}", "what is my name", "bye")
-        expected = (
-            None,
-            f"< Nice to meet you, User{i}.\n",
-            f"< You said: message {i}\n",
-            f"< Your name is User{i}.\n",
-            f"< Goodbye, User{i}!\n.\n",
-        )
+        for k, (text, want) in enumerate(expected(i)):
+            connection = connections[(i + k) % len(connections)]
+            t0 = time.perf_counter()
+            status, answer, body = await connection.request(
+                "PUT", f"/client?key=bench{query}", text.encode(), headers
+            )
+            latencies.append(time.perf_counter() - t0)
+            cookie = SimpleCookie(answer.get("set-cookie", ""))
+            if "flowstorm-session-id" in cookie:
+                headers["Cookie"] = f"flowstorm-session-id={cookie['flowstorm-session-id'].value}"
+            ok = status == 200 and (not check or answered(body, want, links))
+            failures += not ok
+
+    async def slot(first: int) -> None:
+        connections = [await Connection.open("127.0.0.1", port) for port in ports]
         try:
-            for text, want in zip(turns, expected, strict=True):
-                t0 = time.perf_counter()
-                status, answer, body = await connection.request(
-                    "PUT", "/client?key=bench&tts=None", text.encode(), headers
-                )
-                latencies.append(time.perf_counter() - t0)
-                cookie = SimpleCookie(answer.get("set-cookie", ""))
-                if "flowstorm-session-id" in cookie:
-                    headers["Cookie"] = (
-                        f"flowstorm-session-id={cookie['flowstorm-session-id'].value}"
-                    )
-                ok = status == 200 and (not check or want is None or body.decode() == want)
-                failures += not ok
+            i = first
+            while True:
+                await conversation(i, connections)
+                if time.perf_counter() >= deadline:
+                    return
+                i += conversations
         finally:
-            await connection.close()
+            for connection in connections:
+                await connection.close()
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(conversation(i) for i in range(conversations)))
+    await asyncio.gather(*(slot(i) for i in range(conversations)))
     return time.perf_counter() - t0, latencies, failures
 
 
-def run(name: str, cmd: list[str], env: dict[str, str], n: int, *, check: bool) -> float:
-    port = free_port()
-    proc = start([*cmd, str(port)], env, port)
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    n: int,
+    seconds: float,
+    *,
+    instances: int = 1,
+    query: str = "",
+    check: bool = True,
+    links: bool = False,
+    baseline: tuple[float, float] | None = None,
+) -> tuple[float, float]:
+    """Serve ``instances`` copies of ``cmd`` on core 0, warm them up, drive ``n``
+    conversations and print the row; (turns/s, CPU µs per turn)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    ports = []
     try:
-        asyncio.run(drive(port, 20, check=check))  # warm-up
-        elapsed, lat, failures = asyncio.run(drive(port, n, check=check))
+        for _ in range(instances):
+            port = free_port()
+            procs.append(start([*cmd, str(port)], env, port))
+            ports.append(port)
+        asyncio.run(drive(ports, 20, 0.0, query, check=check, links=links))  # warm-up
+        cpu0 = sum(cpu_s(p.pid) for p in procs)
+        client0 = time.process_time()
+        elapsed, lat, failures = asyncio.run(
+            drive(ports, n, seconds, query, check=check, links=links)
+        )
+        cpu_us = (sum(cpu_s(p.pid) for p in procs) - cpu0) * 1e6 / max(len(lat), 1)
+        client = (time.process_time() - client0) / elapsed
     finally:
-        proc.terminate()
-        proc.wait(10)
-    return report(name, elapsed, lat, failures, unit="turns")
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+    lat.sort()
+    rate = len(lat) / elapsed
+    versus = ""
+    if baseline is not None:
+        versus = f"  {rate / baseline[0]:.2f}x turns/s, CPU {baseline[1] / cpu_us:.2f}x"
+    print(
+        f"{name:<52} {len(lat):>6} {rate:>7.0f} "
+        f"{lat[len(lat) // 2] * 1000:>7.1f} {lat[max(0, int(len(lat) * 0.99) - 1)] * 1000:>7.1f} "
+        f"{cpu_us:>7.0f} {client * 100:>6.0f}% {failures:>8}{versus}",
+        flush=True,
+    )
+    return rate, cpu_us
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--conversations", type=int, default=200)
     parser.add_argument(
-        "--redis", default=os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+        "--seconds", type=float, default=10.0, help="per row: conversations keep starting"
+    )
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
+        help="the Redis the gateway rows share (its database is flushed)",
     )
     args = parser.parse_args()
+    if sys.platform == "linux" and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {1})  # the client on the other core
     n = args.conversations
-    print(f"{n} concurrent V2 conversations x 5 turns; each server on one core (taskset -c 0)")
-    uvicorn = [sys.executable, "-m", "uvicorn", "--log-level", "warning"]
+    store = redis.Redis.from_url(args.redis)
+    print(
+        f"{n} concurrent V2 text conversations of 5 turns, new ones for {args.seconds:g} s; "
+        "servers on core 0, this client on core 1; default settings unless the row says "
+        "otherwise"
+    )
+    print(
+        f"{'server':<52} {'turns':>6} {'turns/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'CPU µs':>7} {'client':>7} {'failures':>8}  vs bare"
+    )
+    uvicorn = [sys.executable, "-m", "uvicorn", "--log-level", "warning", "--no-access-log"]
     serve = [sys.executable, "-m", "gateway", "serve", "--log-level", "warning", "--port"]
     base = run(
-        "bare FastAPI baseline", [*uvicorn, "bench.baseline_app:app", "--port"], {}, n, check=False
-    )
-    memory = run("gateway, memory store", serve, {}, n, check=True)
-    prefix = f"bench-{secrets.token_hex(4)}"
-    redis = run(
-        "gateway, Redis store",
-        serve,
-        {"GATEWAY_REDIS_URL": args.redis, "GATEWAY_REDIS_PREFIX": prefix},
+        "bare FastAPI endpoint",
+        [*uvicorn, "bench.baseline_app:app", "--port"],
+        {},
         n,
-        check=True,
+        args.seconds,
+        check=False,
     )
-    print(f"ratio to baseline: memory {memory / base:.2f}, Redis {redis / base:.2f}")
+    only_redis = {"GATEWAY_REDIS_URL": args.redis}
+    for label, query, links in (("", "", True), (", tts=None", "&tts=None", False)):
+        run(
+            f"gateway, memory{label}",
+            serve,
+            {},
+            n,
+            args.seconds,
+            query=query,
+            links=links,
+            baseline=base,
+        )
+        store.flushdb()
+        run(
+            f"gateway, only GATEWAY_REDIS_URL{label}",
+            serve,
+            only_redis,
+            n,
+            args.seconds,
+            query=query,
+            links=links,
+            baseline=base,
+        )
+        store.flushdb()
+        run(
+            f"2 instances, only GATEWAY_REDIS_URL, alternating{label}",
+            serve,
+            only_redis,
+            n,
+            args.seconds,
+            instances=2,
+            query=query,
+            links=links,
+            baseline=base,
+        )
+    store.flushdb()
 
 
 if __name__ == "__main__":
