@@ -11,7 +11,8 @@ Rows (the servers and wrk scripts of bench/turn_overhead.py): ``bare`` (the bare
 FastAPI PUT /client), ``memory`` and ``redis`` (V2 text, tts=None, a new session per
 request), ``memorylinks`` and ``redislinks`` (V2 text with default settings: TTS
 links on, a new session per request, as turn_overhead.py's "V2 text, defaults" row),
-``memory5``/``redis5`` (5 turns a session, TTS links), ``alexa`` (/alexa on Redis,
+``memory5``/``redis5`` (5 turns a session, TTS links), ``redis5none`` (the same
+without links, ``tts=None``), ``alexa`` (/alexa on Redis,
 verification on, every request signed) and ``alexamem`` (the same with the memory
 store). wrk runs ``-t1 -c8`` for a warm-up (3 s runs until WARM_UP requests were
 answered), the counters are zeroed (``callgrind_control -z``), wrk runs ``--seconds``
@@ -62,6 +63,7 @@ ROWS = (
     "redislinks",
     "memory5",
     "redis5",
+    "redis5none",
     "alexa",
     "alexamem",
 )
@@ -88,6 +90,8 @@ def _script(row: str, folder: Path, keys: Keys) -> Path:
         script.write_text(ALEXA_SCRIPT % alexa_requests(keys, 1500, folder))
     elif row.endswith("5"):
         script.write_text(V2_SESSIONS_SCRIPT % ("", TURNS))
+    elif row.endswith("5none"):
+        script.write_text(V2_SESSIONS_SCRIPT % ("&tts=None", TURNS))
     elif row.endswith("links"):  # default settings: no tts parameter, links on
         script.write_text(V2_SCRIPT % "")
     else:

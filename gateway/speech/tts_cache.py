@@ -101,9 +101,13 @@ class TtsSpec:
     fmt: TtsFileFormat
 
     def to_json(self) -> bytes:
-        """UTF-8 JSON ``{"text", "ssml", "voice", "fmt"}``."""
-        data = {"text": self.text, "ssml": self.ssml, "voice": self.voice, "fmt": self.fmt}
-        return json.dumps(data, ensure_ascii=False).encode("utf-8")
+        """UTF-8 JSON ``{"text", "ssml", "voice", "fmt"}``: the bytes of
+        ``json.dumps(..., ensure_ascii=False)``, written here (with an option, json.dumps
+        makes a JSONEncoder per call: most of the time of a link's registration)."""
+        return (
+            f'{{"text": {_json_string(self.text)}, "ssml": {"true" if self.ssml else "false"}, '
+            f'"voice": {_json_string(self.voice)}, "fmt": {_json_string(self.fmt)}}}'
+        ).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> TtsSpec:

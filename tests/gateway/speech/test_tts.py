@@ -36,6 +36,7 @@ from gateway.speech.tts_cache import (
     RedisTtsCache,
     TtsCache,
     TtsFileFormat,
+    TtsSpec,
     is_tts_id,
     synthesize_to_file,
     tts_id,
@@ -262,12 +263,20 @@ def test_tts_id_depends_on_every_part_and_the_key() -> None:
 @pytest.mark.parametrize("ssml", [False, True])
 def test_tts_id_is_the_hmac_of_the_json_request(text: str, ssml: bool) -> None:
     """The id is HMAC-SHA256 of json.dumps([...], ensure_ascii=False) whatever the text
-    (the message is written without json.dumps, the keyed HMAC copied: same bytes)."""
+    (the message is written without json.dumps, the keyed HMAC copied: same bytes); the
+    spec's JSON is json.dumps's too, and reads back as the same spec."""
     for key in (KEY, b"x" * 100, b"short"):
         for voice, fmt in (("piper:en_US-lessac", "mp3"), ('say "ü"', "pcm16k")):
             message = json.dumps(["tts/2", text, ssml, voice, fmt], ensure_ascii=False)
             expected = hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
             assert tts_id(text, ssml=ssml, voice=voice, fmt=fmt, key=key) == expected  # type: ignore[arg-type]
+
+    # the spec registered under the id: json.dumps's bytes (written without it), read back
+    for voice, fmt in (("piper:en_US-lessac", "mp3"), ('say "ü"', "pcm16k")):
+        spec = TtsSpec(text, ssml, voice, fmt)  # type: ignore[arg-type]
+        fields = {"text": text, "ssml": ssml, "voice": voice, "fmt": fmt}
+        assert spec.to_json() == json.dumps(fields, ensure_ascii=False).encode()
+        assert TtsSpec.from_json(spec.to_json()) == spec
 
 
 async def test_memory_cache_is_lru_by_bytes() -> None:
