@@ -258,13 +258,20 @@ class MemoryTtsCache:
         self._files.put(id, bytes(data), len(data))
 
     async def register(self, id: str, spec: TtsSpec) -> None:
-        """Remember a spec (LRU within ``max_spec_bytes``)."""
-        self._specs.put(id, spec, len(spec.text.encode("utf-8")) + 64)
+        """Remember a spec (LRU within ``max_spec_bytes``: its JSON's bytes + 64 each).
+
+        Kept as its JSON (:meth:`TtsSpec.to_json`), not as the object: bytes are not
+        tracked by the cyclic garbage collector, whose full passes would otherwise walk
+        every spec of the cache (about 130,000 at the default bound, one per link
+        issued), a pause of several ms that grew with the cache and every turn paid
+        for; a spec is read back only when its file is first requested."""
+        data = spec.to_json()
+        self._specs.put(id, data, len(data) + 64)
 
     async def spec(self, id: str) -> TtsSpec | None:
         """The registered spec, or None."""
-        spec = self._specs.get(id)
-        return spec if isinstance(spec, TtsSpec) else None
+        data = self._specs.get(id)
+        return TtsSpec.from_json(data) if isinstance(data, bytes) else None
 
 
 class RedisTtsCache:

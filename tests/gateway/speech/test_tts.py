@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import hmac
 import json
@@ -277,6 +278,22 @@ def test_tts_id_is_the_hmac_of_the_json_request(text: str, ssml: bool) -> None:
         fields = {"text": text, "ssml": ssml, "voice": voice, "fmt": fmt}
         assert spec.to_json() == json.dumps(fields, ensure_ascii=False).encode()
         assert TtsSpec.from_json(spec.to_json()) == spec
+
+
+async def test_memory_cache_keeps_specs_out_of_the_collectors_reach() -> None:
+    """Registered specs read back equal, yet add no object the cyclic collector tracks:
+    a full collection does not walk the links issued (one spec each)."""
+    cache = MemoryTtsCache()
+    specs = [TtsSpec(f"You said: number {i} ü", i % 2 == 0, "piper:x", "mp3") for i in range(2000)]
+    gc.collect()
+    before = len(gc.get_objects())
+    for i, spec in enumerate(specs):
+        await cache.register(f"id{i}", spec)
+    gc.collect()  # a collection untracks the LRU's (bytes, size) tuples
+    assert len(gc.get_objects()) - before < 50
+    assert await cache.spec("id7") == specs[7]
+    assert await cache.spec("id1998") == specs[1998]
+    assert await cache.spec("unknown") is None
 
 
 async def test_memory_cache_is_lru_by_bytes() -> None:
