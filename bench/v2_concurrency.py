@@ -159,7 +159,7 @@ def run(
     if baseline is not None:
         versus = f"  {rate / baseline[0]:.2f}x turns/s, CPU {baseline[1] / cpu_us:.2f}x"
     print(
-        f"{name:<52} {len(lat):>6} {rate:>7.0f} "
+        f"{name:<58} {len(lat):>6} {rate:>7.0f} "
         f"{lat[len(lat) // 2] * 1000:>7.1f} {lat[max(0, int(len(lat) * 0.99) - 1)] * 1000:>7.1f} "
         f"{cpu_us:>7.0f} {client * 100:>6.0f}% {failures:>8}{versus}",
         flush=True,
@@ -189,7 +189,7 @@ def main() -> None:
         "otherwise"
     )
     print(
-        f"{'server':<52} {'turns':>6} {'turns/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'server':<58} {'turns':>6} {'turns/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'CPU µs':>7} {'client':>7} {'failures':>8}  vs bare"
     )
     uvicorn = [sys.executable, "-m", "uvicorn", "--log-level", "warning", "--no-access-log"]
