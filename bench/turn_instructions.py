@@ -4,7 +4,9 @@ On a busy machine the CPU time per request that bench/turn_overhead.py prints mo
 tens of percent from one run to the next (caches, other processes on the core). Here
 each server runs under ``valgrind --tool=callgrind`` and the figure is the number of
 instructions the server process executed (user space: the kernel's share of the
-socket writes is not in it) while wrk sent requests, divided by the requests answered:
+socket writes is not in it) while wrk sent requests, divided by the turns the gateway
+ran meanwhile (its ``gateway_turns_total``, read before the counters are zeroed and
+after they are dumped; the bare endpoint: the requests wrk saw answered):
 steady to a few percent whatever else runs.
 
 Rows (the servers and wrk scripts of bench/turn_overhead.py): ``bare`` (the bare
@@ -110,6 +112,16 @@ def _wrk(port: int, script: Path, seconds: int) -> int:
     return int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
 
 
+def _turns(port: int) -> float | None:
+    """The gateway's ``gateway_turns_total`` summed over its labels (None: no /metrics,
+    the bare endpoint)."""
+    answer = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=60)
+    if answer.status_code != 200:
+        return None
+    found = re.findall(r"^gateway_turns_total\{[^}]*\} ([0-9.e+]+)$", answer.text, re.MULTILINE)
+    return sum(float(value) for value in found)
+
+
 def measure(tree: Path, row: str, seconds: int, folder: Path, redis_url: str) -> tuple[int, float]:
     """(requests, instructions per request) of ``row`` served from checkout ``tree``."""
     keys = Keys(folder)
@@ -140,9 +152,15 @@ def measure(tree: Path, row: str, seconds: int, folder: Path, redis_url: str) ->
         warmed, until = 0, time.monotonic() + 300
         while warmed < WARM_UP and time.monotonic() < until:
             warmed += _wrk(port, script, 3)
+        turns_before = _turns(port)
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=True)
         requests = _wrk(port, script, seconds)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True, check=True)
+        if turns_before is not None:  # the turns the server ran while counted (wrk's count
+            # leaves out the requests still in flight when it stopped); /metrics is read
+            # outside the counted span
+            turns_after = _turns(port)
+            requests = int((turns_after or 0) - turns_before)
     finally:
         proc.terminate()
         proc.wait(60)
