@@ -203,40 +203,25 @@ def main() -> None:
         check=False,
     )
     only_redis = {"GATEWAY_REDIS_URL": args.redis}
+    rows: list[tuple[str, dict[str, str], int]] = [
+        ("gateway, memory", {}, 1),
+        ("gateway, only GATEWAY_REDIS_URL", only_redis, 1),
+        ("2 instances, only GATEWAY_REDIS_URL, alternating", only_redis, 2),
+    ]
     for label, query, links in (("", "", True), (", tts=None", "&tts=None", False)):
-        run(
-            f"gateway, memory{label}",
-            serve,
-            {},
-            n,
-            args.seconds,
-            query=query,
-            links=links,
-            baseline=base,
-        )
-        store.flushdb()
-        run(
-            f"gateway, only GATEWAY_REDIS_URL{label}",
-            serve,
-            only_redis,
-            n,
-            args.seconds,
-            query=query,
-            links=links,
-            baseline=base,
-        )
-        store.flushdb()
-        run(
-            f"2 instances, only GATEWAY_REDIS_URL, alternating{label}",
-            serve,
-            only_redis,
-            n,
-            args.seconds,
-            instances=2,
-            query=query,
-            links=links,
-            baseline=base,
-        )
+        for name, env, instances in rows:
+            store.flushdb()
+            run(
+                f"{name}{label}",
+                serve,
+                env,
+                n,
+                args.seconds,
+                instances=instances,
+                query=query,
+                links=links,
+                baseline=base,
+            )
     store.flushdb()
 
 
