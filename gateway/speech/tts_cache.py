@@ -228,7 +228,7 @@ class MemoryTtsCache:
     Args:
         max_bytes: total size of stored files; a single file larger than this
             is not stored.
-        max_spec_bytes: total size of registered specs (text bytes + 64 each).
+        max_spec_bytes: total size of registered specs (their JSON bytes + 64 each).
     """
 
     def __init__(
