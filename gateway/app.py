@@ -73,13 +73,13 @@ GC_THRESHOLD: Final = 10_000
 """The cyclic collector's first threshold under ``gateway serve`` (CPython's default: 700).
 
 A young collection runs when the container objects allocated and not yet freed exceed
-it. Under load the objects of the turns in flight (frames, events, dicts: about 100
-a turn) pass 700 every few turns, so each young collection walked the same live
-objects again, only to find them alive: 4,500-5,000 collections in 10 s of V2 text
+it. Under load the objects of the turns in flight (coroutine frames, events, dicts)
+pass 700 every few turns, so each young collection walked the same live objects
+again, only to find them alive: 4,500-5,000 collections in 10 s of V2 text
 turns on Redis (wrk ``-c32``, about 4,000 turns/s), 7 % of the process's CPU. At 10,000
 the swing of the turns in flight no longer triggers it: 23 collections in the same
 run, 1.5 % of the CPU (gc.callbacks timing). Garbage cycles, rare on the turn path,
-wait for at most 10,000 allocations, as before for 700."""
+are found after at most 10,000 net allocations instead of 700."""
 
 
 def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> FastAPI:
