@@ -1,5 +1,4 @@
-"""Carrier calls under load: how many concurrent calls one gateway process carries per
-core.
+"""Carrier calls under load: how many concurrent calls one gateway process carries per core.
 
 Each carrier is played in the same run, step by step: **Twilio** (JSON text frames,
 base64 μ-law at 8 kHz, ``connected`` + ``start``, ``mark`` echoes; the message formats
@@ -11,17 +10,18 @@ shared/specs/CARRIERS.md).
 Starts, each as its own process pinned to core 0 (``taskset -c 0``): (1) a bare FastAPI
 WebSocket that echoes every media frame it gets (the baseline: a Twilio JSON media frame
 as text, a Vonage binary frame as bytes), (2) the gateway (``create_app`` with the demo
-core, memory sessions, the default Piper voice, VAD on) whose recognizer is replaced by
-:class:`ConstantCostRecognizer`: a real implementation of the Recognizer protocol that
-burns a fixed CPU time per second of audio and answers a fixed text. By default
-(``--stt-isolation process``) it burns in worker processes pinned to core 1 and reached
-over pipes from helper threads, as the gateway's pocketsphinx recognizer runs its
-decoders (``isolation="process"``, its only mode in ``gateway serve``): the gateway's
-core carries the hand-offs, the workers' CPU is reported beside it (column ``stt``);
-``--stt-isolation thread`` burns in helper threads on the gateway's own core. The load
-generator runs here, pinned to core 1, and plays the carrier for N calls at once: 20 ms
-frames in real time, a Piper sentence, silence until the bot has answered (marks echoed
-as the audio "plays", in real time), half a second, the sentence again, ...
+core, the collector set as ``gateway serve`` sets it, memory sessions, the default Piper
+voice, VAD on) whose recognizer is replaced by :class:`ConstantCostRecognizer`: a real
+implementation of the Recognizer protocol that burns a fixed CPU time per second of
+audio and answers a fixed text. By default (``--stt-isolation process``) it burns in
+worker processes pinned to core 1 and reached over pipes from helper threads, as the
+gateway's pocketsphinx recognizer runs its decoders (``isolation="process"``, its only
+mode in ``gateway serve``): the gateway's core carries the hand-offs, the workers' CPU
+is reported beside it (column ``stt``); ``--stt-isolation thread`` burns in helper
+threads on the gateway's own core. The load generator runs here, pinned to core 1, and
+plays the carrier for N calls at once: 20 ms frames in real time, a Piper sentence,
+silence until the bot has answered (marks echoed as the audio "plays", in real time),
+half a second, the sentence again, ...
 
 For each N and carrier it prints, for the baseline and the gateway, measured over a
 window after every call has started and heard its intro:
@@ -471,7 +471,7 @@ def gateway_app(stt_cpu_ms: float, isolation: str = "process") -> Any:
             "silence_timeout_ms": 600_000,
         }
     )
-    app = create_app(settings)
+    app = create_app(settings, freeze_gc=True)  # as gateway serve makes it (the collector)
 
     @asynccontextmanager
     async def constant_recognizer(app: FastAPI) -> AsyncIterator[None]:
