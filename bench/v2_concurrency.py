@@ -43,6 +43,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.loadgen import Connection, free_port, start
+from bench.turn_overhead import cpu_s
 
 LINK = re.compile(rb"^# \(audio=http\S+/file/tts/[0-9a-f]{64}\.mp3\)$", re.MULTILINE)
 """The V2 text line of an item's audio link (TTS links on)."""
@@ -111,12 +112,6 @@ async def drive(
     t0 = time.perf_counter()
     await asyncio.gather(*(slot(i) for i in range(conversations)))
     return time.perf_counter() - t0, latencies, failures
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(
