@@ -227,9 +227,9 @@ class ConstantCostRecognizer:
 COST_WORKER = r"""
 import hashlib, os, struct, sys, time
 os.setpriority(os.PRIO_PROCESS, 0, 10)
-cores = {int(c) for c in sys.argv[1].split(",") if c}
-if cores and hasattr(os, "sched_setaffinity"):
-    os.sched_setaffinity(0, cores & set(range(os.cpu_count() or 1)) or cores)
+cores = {int(c) for c in sys.argv[1].split(",") if c} & set(range(os.cpu_count() or 1))
+if cores and hasattr(os, "sched_setaffinity"):  # (none of them here: anywhere)
+    os.sched_setaffinity(0, cores)
 t0 = time.thread_time()
 hashlib.pbkdf2_hmac("sha256", b"x", b"salt", 50_000)
 rate = 50_000 / max(time.thread_time() - t0, 1e-6)
@@ -270,8 +270,11 @@ class CostWorker:
         with contextlib.suppress(OSError):
             assert self.proc.stdin is not None
             self.proc.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        try:
             self.proc.wait(2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 # ------------------------------------------------------------------ the carriers
@@ -573,25 +576,29 @@ def start_server(
     raise SystemExit(f"the {kind} server did not start")
 
 
+def _stat_cpu(path: Path | str) -> tuple[int, float]:
+    """(parent pid, user + system CPU seconds) of a /proc ``stat`` file."""
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def children_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of the running child processes of ``pid`` (the
     recognizer's worker processes of a gateway; Linux /proc)."""
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            parent, cpu = _stat_cpu(stat)
+        except (OSError, IndexError, ValueError):  # gone meanwhile
             continue
-        if int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if parent == pid:
+            total += cpu
     return total
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:
     """User + system CPU seconds of a process, or of its thread ``tid`` (Linux /proc)."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_cpu(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")[1]
 
 
 # ------------------------------------------------------------------ the calls
