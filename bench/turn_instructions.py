@@ -159,8 +159,9 @@ def measure(tree: Path, row: str, seconds: int, folder: Path, redis_url: str) ->
         if turns_before is not None:  # the turns the server ran while counted (wrk's count
             # leaves out the requests still in flight when it stopped); /metrics is read
             # outside the counted span
-            turns_after = _turns(port)
-            requests = int((turns_after or 0) - turns_before)
+            ran = int((_turns(port) or 0) - turns_before)
+            if ran > 0:  # else (no counter found): wrk's count, as for the bare endpoint
+                requests = ran
     finally:
         proc.terminate()
         proc.wait(60)
