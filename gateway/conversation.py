@@ -193,6 +193,7 @@ class _TurnQueue:
         "journal_key",
         "pushes_pending",
         "saving",
+        "session_started",
         "sent",
     )
 
@@ -206,6 +207,8 @@ class _TurnQueue:
         self.closed = False
         self.pushes_pending: bool | None = None
         """The session store's :attr:`SessionTxn.pushes_pending`, once the lock is taken."""
+        self.session_started = False
+        """Set when the turn has taken its lock and made a new session."""
         self.saving = False
         """Set when the pipeline has answered: what is left of the turn is the store's
         (numbering its end in the outbox, the save and release), then its end."""
@@ -307,10 +310,11 @@ class TurnStream:
         finally:
             if current is not None:
                 current.task.cancel()
-            self._close()
+            self.close()
 
-    def _close(self) -> None:
-        """Cancel the syntheses still queued for this (gone) consumer."""
+    def close(self) -> None:
+        """The consumer is gone: cancel the syntheses still queued and skip those to come
+        (the turn itself goes on and saves). Iterating the stream does this as it ends."""
         self._queue.closed = True
         while not self._queue.empty():
             item = self._queue.get_nowait()
@@ -329,6 +333,39 @@ class TurnStream:
         then wait for them (``async for``) and answer in one body, as for a turn that is
         over (:meth:`rest_if_done`), rather than open a chunked stream."""
         return self._queue.saving and not self._queue.audio
+
+    @property
+    def session_started(self) -> bool:
+        """Whether the turn has made a new session (it took its lock and found none), whether
+        or not its SessionStarted event was taken yet."""
+        return self._queue.session_started
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait until the turn has ended, at most ``timeout_s`` seconds; whether it has.
+
+        Takes no event (:meth:`rest_if_done` then hands them all out). For an adapter
+        that answers once with the whole turn (a webhook): one timer and one future,
+        where iterating under ``asyncio.timeout`` costs a timeout context and a step of
+        this stream per event. Cancelling the wait leaves the turn running.
+        """
+        task = self.task
+        if task.done():
+            return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        task.add_done_callback(wake)
+        timer = loop.call_later(max(timeout_s, 0.0), wake, None)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            task.remove_done_callback(wake)
+        return task.done()
 
     def rest_if_done(self) -> list[TurnEvent] | None:
         """The turn's remaining events when it has finished, else None (nothing taken).
@@ -548,6 +585,7 @@ class Conversation:
                 )
             self._update(session, ctx, input)
             if started:
+                out.session_started = True
                 event = SessionStartedEvent(session_id=session.id)
                 if out.batch is not None:  # nothing streams early: one piece (see _TurnQueue)
                     out.held = event

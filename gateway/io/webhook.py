@@ -259,25 +259,33 @@ async def run_turn(
     task and saves the session; only the waiting stops. Never raises for the turn's
     own failures.
     """
+    deadline = asyncio.get_running_loop().time() + max(deadline_s, 0.0)
     stream = conversation.turn(ctx, input)
-    started = ended = False
-    response: Response | None = None
-    error: ErrorEvent | None = None
     try:
-        async with asyncio.timeout(max(deadline_s, 0.0)):
-            async for event in stream:
-                if isinstance(event, SessionStartedEvent):
-                    started = True
-                elif isinstance(event, ResponseEvent):
-                    response = event.response
-                elif isinstance(event, ErrorEvent):
-                    error = event
-                elif isinstance(event, SessionEndedEvent):
-                    ended = True
+        # the whole turn at once: one timer, no event-by-event iteration under a timeout
+        if not await stream.wait(deadline_s):
+            raise TimeoutError
+        events = stream.rest_if_done()
+        if events is None:  # audio still to hand out (no webhook asks for speech): take it
+            async with asyncio.timeout_at(deadline):
+                events = await stream.collect()
     except TurnRejected as exc:
         return TurnOutcome(rejected=exc)
     except TimeoutError:
-        return TurnOutcome(late=True, session_started=started)
+        stream.close()
+        return TurnOutcome(late=True, session_started=stream.session_started)
+    started = ended = False
+    response: Response | None = None
+    error: ErrorEvent | None = None
+    for event in events:
+        if isinstance(event, SessionStartedEvent):
+            started = True
+        elif isinstance(event, ResponseEvent):
+            response = event.response
+        elif isinstance(event, ErrorEvent):
+            error = event
+        elif isinstance(event, SessionEndedEvent):
+            ended = True
     if response is None and error is None:  # defensive: the engine always ends a turn
         error = ErrorEvent(text="The turn ended without a response.", source="gateway")
     return TurnOutcome(response=response, error=error, session_started=started, session_ended=ended)

@@ -28,7 +28,7 @@ from starlette.datastructures import Headers
 
 from gateway.app import create_app
 from gateway.events import Input, Response
-from gateway.io.webhook import WebhookChannel, WebhookRefused
+from gateway.io.webhook import WebhookChannel, WebhookRefused, run_turn
 from gateway.protocol import ProtocolError, load_json
 from gateway.settings import Settings
 from gateway.turn import (
@@ -42,6 +42,7 @@ from gateway.turn import (
 )
 from tests.adapters.alexa.test_routes import make_core
 from tests.conftest import serve, served_app
+from tests.gateway.turns import ctx, engine
 
 log = logging.getLogger("tests.echo")
 
@@ -296,3 +297,81 @@ async def test_a_channel_not_configured_refuses_every_request_with_503() -> None
     async with echo(refusal="Set GATEWAY_ECHO.") as (client, _):
         answer = await client.post("/echo", json={"session": "S", "text": "x"})
         assert problem(answer, 503, "not_configured")["detail"] == "Set GATEWAY_ECHO."
+
+
+# ----------------------------------------------------------------- run_turn itself
+
+
+async def test_run_turn_reports_a_started_answered_and_ended_session(
+    core: tuple[str, FastAPI],
+) -> None:
+    url, _ = core
+    conv = engine(pipeline=f"{url}/json")
+    first = await run_turn(conv, ctx("RT-1"), Input.of("hello"), 5)
+    assert first.end is TurnEnd.ANSWERED
+    assert first.response is not None
+    assert first.response.items[0].text == "core heard hello"
+    assert (first.session_started, first.session_ended) == (True, False)
+    second = await run_turn(conv, ctx("RT-1"), Input.of("bye"), 5)  # the core ends it
+    assert second.end is TurnEnd.ANSWERED
+    assert (second.session_started, second.session_ended) == (False, True)
+    assert await conv.store.get(ctx("RT-1").key) is None
+    await conv.pipeline.aclose()
+
+
+async def test_run_turn_is_late_at_its_deadline_and_the_turn_goes_on(
+    core: tuple[str, FastAPI],
+) -> None:
+    url, _ = core
+    conv = engine(pipeline=f"{url}/slow?s=0.6")
+    started = time.monotonic()
+    late = await run_turn(conv, ctx("RT-late"), Input.of("hello"), 0.2)
+    waited = time.monotonic() - started
+    assert late.end is TurnEnd.LATE
+    assert late.response is None
+    assert late.session_started  # it holds its lock and made the session
+    assert 0.19 <= waited < 0.5  # the deadline, not the core's 0.6 s
+    assert conv.turns_in_flight == 1
+    await conv.drain(5)  # the late turn finishes on its own and saves
+    session = await conv.store.get(ctx("RT-late").key)
+    assert session is not None
+    assert session.turn_count == 1
+    await conv.pipeline.aclose()
+
+
+async def test_run_turn_reports_a_busy_session_and_a_failed_core(
+    core: tuple[str, FastAPI],
+) -> None:
+    url, _ = core
+    conv = engine(pipeline=f"{url}/slow?s=0.5", lock_wait_s=0.05)
+    holder = asyncio.create_task(run_turn(conv, ctx("RT-busy"), Input.of("one"), 5))
+    await asyncio.sleep(0.15)  # the first turn holds the lock
+    busy = await run_turn(conv, ctx("RT-busy"), Input.of("two"), 5)
+    assert busy.end is TurnEnd.BUSY
+    assert busy.rejected is not None
+    assert (await holder).end is TurnEnd.ANSWERED
+    await conv.pipeline.aclose()
+    failing = engine(pipeline=f"{url}/no-such-route")
+    failed = await run_turn(failing, ctx("RT-fail"), Input.of("hello"), 5)
+    assert failed.end is TurnEnd.FAILED
+    assert failed.error is not None
+    assert failed.error.source == "pipeline"
+    await failing.pipeline.aclose()
+
+
+async def test_a_turn_stream_waits_without_taking_its_events(core: tuple[str, FastAPI]) -> None:
+    url, _ = core
+    conv = engine(pipeline=f"{url}/slow?s=0.3")
+    stream = conv.turn(ctx("RT-wait"), Input.of("hello"))
+    assert await stream.wait(0.05) is False  # still in the core
+    assert stream.rest_if_done() is None
+    assert await stream.wait(5) is True
+    assert await stream.wait(0) is True  # done: no wait at all
+    events = stream.rest_if_done()
+    assert events is not None
+    assert [type(e).__name__ for e in events] == [
+        "SessionStartedEvent",
+        "ResponseItemEvent",
+        "ResponseEvent",
+    ]
+    await conv.pipeline.aclose()
