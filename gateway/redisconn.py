@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import unquote, urlsplit
@@ -556,15 +557,29 @@ async def _exchange(connection: Any, packed: bytes, count: int) -> list[Any]:
     """Write ``packed`` (``count`` commands) and read ``count`` replies, as redis-py's
     pipeline does: an error reply (``ResponseError``) takes its command's place; any
     other failure drops the connection, whose unread replies would desync the next
-    user (redis-py's own ``read_response`` drops it on connection errors already)."""
+    user (redis-py's own ``read_response`` drops it on connection errors already).
+
+    The replies share one read deadline, the connection's ``socket_timeout`` (5 s, see
+    :func:`_fast_failure`), for the batch: redis-py's per-reply deadline (its default
+    for ``read_response``) costs a timeout context and a timer for every reply, where
+    the replies of a batch come in one read. Past it the connection is dropped and a
+    ``redis.exceptions.TimeoutError`` raised, as redis-py does for one reply (the
+    client's retry policy then sends the batch again on a new connection).
+    """
     await connection.send_packed_command(packed)
     replies: list[Any] = []
     try:
-        for _ in range(count):
-            try:
-                replies.append(await connection.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
+        async with asyncio.timeout(connection.socket_timeout):
+            for _ in range(count):
+                try:  # math.inf: no deadline of redis-py's own for this reply
+                    replies.append(await connection.read_response(timeout=math.inf))
+                except ResponseError as exc:
+                    replies.append(exc)
+    except TimeoutError:  # the batch's deadline (asyncio's, the builtin since 3.11)
+        await connection.disconnect(nowait=True)
+        raise RedisTimeoutError(
+            f"Timeout reading {count} replies ({connection.socket_timeout} s)"
+        ) from None
     except BaseException:
         await connection.disconnect(nowait=True)
         raise

@@ -214,3 +214,46 @@ async def test_a_dropped_connection_costs_the_next_turns_nothing(
     assert await killer.client_kill_filter(_type="normal", skipme=True) >= 1  # the pool's
     await killer.aclose()
     assert await asyncio.gather(*(turn(store, f"c:drop{i}", 2) for i in range(10))) == [1] * 10
+
+
+async def test_a_batch_whose_replies_do_not_come_times_out_and_the_next_one_is_served(
+    redis_url: str,
+) -> None:
+    """The replies of a batch share one read deadline (socket_timeout): a server that does
+    not answer (CLIENT PAUSE) fails every call with redis-py's TimeoutError at that
+    deadline (no retry here), the connection is dropped, and the server's next answers
+    serve."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    client = Redis.from_url(
+        redis_url,
+        socket_timeout=0.3,
+        retry=Retry(NoBackoff(), retries=0),
+        retry_on_error=[RedisTimeoutError],
+    )
+    batch = ScriptBatch(client)
+    script = client.register_script("return KEYS[1]")
+    assert await batch.call(script, ["warm"], []) == b"warm"  # the script loaded
+    admin = Redis.from_url(redis_url)
+    await admin.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await asyncio.gather(
+            *(batch.call(script, [f"k{i}"], []) for i in range(20)), return_exceptions=True
+        )
+        waited = loop.time() - started
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+    assert {type(r) for r in results} == {RedisTimeoutError}, results
+    assert "20 replies" in str(results[0])
+    assert 0.28 <= waited < 1.5  # the batch's 0.3 s, not the 3 s pause
+    pool = client.connection_pool
+    assert all(not c.is_connected for c in pool._available_connections)  # dropped
+    served = await asyncio.gather(*(batch.call(script, [f"k{i}"], []) for i in range(20)))
+    assert served == [f"k{i}".encode() for i in range(20)]
+    await batch.aclose()
+    await client.aclose()
