@@ -193,8 +193,8 @@ class _TurnQueue:
         "journal_key",
         "pushes_pending",
         "saving",
-        "session_started",
         "sent",
+        "session_started",
     )
 
     def __init__(self, journal_key: str | None = None) -> None:

@@ -43,7 +43,6 @@ process (tests) share them; values are per process, as Prometheus expects.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -156,13 +155,3 @@ def connection(channel: str) -> Iterator[None]:
         yield
     finally:
         gauge.dec()
-
-
-@contextmanager
-def timed(histogram: Histogram) -> Iterator[None]:
-    """Observe the block's duration in ``histogram`` (seconds)."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        histogram.observe(time.perf_counter() - start)

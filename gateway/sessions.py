@@ -508,7 +508,7 @@ class RedisSessionStore:
         delay = 0.002
         try:
             while True:
-                with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "acquire")):
+                with metrics.labelled(metrics.REDIS_SECONDS, "acquire").time():
                     if self._outbox_keys is None:
                         got, data = await self._call(
                             self._acquire, [lock_key, data_key], [token, lease_ms]
@@ -582,7 +582,7 @@ class RedisSessionStore:
         while True:
             sent = time.monotonic()
             try:
-                with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "renew")):
+                with metrics.labelled(metrics.REDIS_SECONDS, "renew").time():
                     ok = await self._renew(keys=[lock_key], args=[txn.token, lease_ms])
             except RedisError as exc:
                 if time.monotonic() - renewed >= lease_ms / 1000:
@@ -615,7 +615,7 @@ class RedisSessionStore:
         try:
             # a cancelled caller must still release the lock it holds: the batch runs
             # in a task of its own (shielded alone on a cluster)
-            with metrics.timed(metrics.labelled(metrics.REDIS_SECONDS, "release")):
+            with metrics.labelled(metrics.REDIS_SECONDS, "release").time():
                 if self._batch is None:
                     ok, failed = await asyncio.shield(self._release(keys=keys, args=args))
                 else:

@@ -647,7 +647,7 @@ class SpeechStage:
 
     async def _final(self, at_ms: int) -> Heard:
         assert self._stream is not None
-        with metrics.timed(metrics.STT_SECONDS):
+        with metrics.STT_SECONDS.time():
             result = await self._stream.finish()
         text = result.text.strip()
         self._set_trailing(self.options.trailing_silence_ms)

@@ -237,7 +237,7 @@ class TtsPool:
             data = await self.cache.get(file_id)  # another instance may have made it
             if data is None:
                 job = self._jobs.get(file_id)
-                with metrics.timed(metrics.TTS_SECONDS):
+                with metrics.TTS_SECONDS.time():
                     async for chunk in render_chunks(self.synthesizer, spec):
                         chunks.append(chunk)
                         if job is not None:
