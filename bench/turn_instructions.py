@@ -16,9 +16,11 @@ links on, a new session per request, as turn_overhead.py's "V2 text, defaults" r
 ``memory5``/``redis5`` (5 turns a session, TTS links), ``redis5none`` (the same
 without links, ``tts=None``), ``alexa`` (/alexa on Redis,
 verification on, every request signed) and ``alexamem`` (the same with the memory
-store). wrk runs ``-t1 -c8`` for a warm-up (3 s runs until WARM_UP requests were
-answered), the counters are zeroed (``callgrind_control -z``), wrk runs ``--seconds``
-s and the counters are dumped.
+store). wrk runs ``-t1 -c8`` (``--connections``) for a warm-up (3 s runs until WARM_UP
+requests were answered), the counters are zeroed (``callgrind_control -z``), wrk runs
+``--seconds`` s and the counters are dumped. More connections make the batches of the
+Redis lock scripts larger (``ScriptBatch``: the calls of one event-loop iteration go
+together), as under turn_overhead.py's ``-c32``, where a batch holds about 12 calls.
 Under valgrind a server answers a few dozen requests a second: start-up takes a
 minute or more on a loaded machine.
 
@@ -26,6 +28,7 @@ minute or more on a loaded machine.
 tree's. Needs valgrind and wrk (``apt-get install valgrind wrk``).
 
     python bench/turn_instructions.py [--rows redis,alexa] [--old /work/main] [--seconds 10]
+        [--connections 8]
 """
 
 from __future__ import annotations
@@ -101,10 +104,18 @@ def _script(row: str, folder: Path, keys: Keys) -> Path:
     return script
 
 
-def _wrk(port: int, script: Path, seconds: int) -> int:
-    """Requests answered by one wrk run (``-t1 -c8``)."""
+def _wrk(port: int, script: Path, seconds: int, connections: int) -> int:
+    """Requests answered by one wrk run (``-t1 -c<connections>``)."""
     out = subprocess.run(
-        ["wrk", "-t1", "-c8", f"-d{seconds}s", "-s", str(script), f"http://127.0.0.1:{port}/"],
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}/",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -122,7 +133,9 @@ def _turns(port: int) -> float | None:
     return sum(float(value) for value in found)
 
 
-def measure(tree: Path, row: str, seconds: int, folder: Path, redis_url: str) -> tuple[int, float]:
+def measure(
+    tree: Path, row: str, seconds: int, folder: Path, redis_url: str, connections: int = 8
+) -> tuple[int, float]:
     """(requests, instructions per request) of ``row`` served from checkout ``tree``."""
     keys = Keys(folder)
     port = free_port()
@@ -151,10 +164,10 @@ def measure(tree: Path, row: str, seconds: int, folder: Path, redis_url: str) ->
         # what later ones reuse: under valgrind on a loaded machine that takes a while)
         warmed, until = 0, time.monotonic() + 300
         while warmed < WARM_UP and time.monotonic() < until:
-            warmed += _wrk(port, script, 3)
+            warmed += _wrk(port, script, 3, connections)
         turns_before = _turns(port)
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=True)
-        requests = _wrk(port, script, seconds)
+        requests = _wrk(port, script, seconds, connections)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True, check=True)
         if turns_before is not None:  # the turns the server ran while counted (wrk's count
             # leaves out the requests still in flight when it stopped); /metrics is read
@@ -180,6 +193,7 @@ def main() -> None:
     parser.add_argument("--rows", default="redis,alexa", help=f"comma-separated, of {ROWS}")
     parser.add_argument("--old", type=Path, help="another checkout, measured after this one")
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=8, help="wrk's -c (default 8)")
     parser.add_argument(
         "--redis", default=os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
@@ -192,7 +206,9 @@ def main() -> None:
         for row in rows:
             figures = {}
             for label, tree in trees.items():
-                requests, per = measure(tree, row, args.seconds, Path(tmp), args.redis)
+                requests, per = measure(
+                    tree, row, args.seconds, Path(tmp), args.redis, args.connections
+                )
                 figures[label] = per
                 print(f"{row:8} {label:4} {requests:6d} requests  {per / 1000:8.1f} k instr/req")
             if "old" in figures:
