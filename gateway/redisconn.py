@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import unquote, urlsplit
@@ -449,6 +450,11 @@ class SocketIoRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             task.add_done_callback(self._closing.discard)
 
 
+_Call = tuple[asyncio.Future[Any], Any, tuple[Any, ...], Callable[[Any], None] | None]
+"""One queued script call: its caller's future, the script, its EVALSHA arguments (the
+key count, keys, args) and what to do with a reply nobody awaits any more."""
+
+
 class ScriptBatch:
     """Auto-pipelining of Lua script calls: the calls made in one event-loop iteration
     go to Redis together, pipelined: one connection checkout and one write for all of
@@ -480,17 +486,29 @@ class ScriptBatch:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
-        self._queued: list[tuple[asyncio.Future[Any], Any, tuple[Any, ...]]] = []
+        self._queued: list[_Call] = []
         self._running: set[asyncio.Task[None]] = set()
 
-    def call(self, script: Any, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
+    def call(
+        self,
+        script: Any,
+        keys: list[Any],
+        args: list[Any],
+        *,
+        orphaned: Callable[[Any], None] | None = None,
+    ) -> asyncio.Future[Any]:
         """Queue ``script`` (a registered ``AsyncScript``) with ``keys`` and ``args``;
-        the future gives its reply (raises what the command raised: ``RedisError``)."""
+        the future gives its reply (raises what the command raised: ``RedisError``).
+
+        ``orphaned`` is called with the reply when it comes after the future was
+        cancelled (its caller left while the call was queued or on its way): the call
+        still reached Redis, and whatever it did can be undone in a later call, which
+        then goes out strictly after it (a lock taken for nobody released, say)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queued:
             loop.call_soon(self._flush)
-        self._queued.append((future, script, (len(keys), *keys, *args)))
+        self._queued.append((future, script, (len(keys), *keys, *args), orphaned))
         return future
 
     def _flush(self) -> None:
@@ -499,13 +517,11 @@ class ScriptBatch:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _execute(
-        self, calls: list[tuple[asyncio.Future[Any], Any, tuple[Any, ...]]]
-    ) -> list[Any]:
+    async def _execute(self, calls: list[_Call]) -> list[Any]:
         """Send ``calls`` as one write on one pooled connection and read their replies,
         an error reply in its call's place; retried as redis-py retries a pipeline
         (the client's policy: connection errors, disconnect, back off, send again)."""
-        packed = b"".join([pack_command(("EVALSHA", s.sha, *args)) for _, s, args in calls])
+        packed = b"".join([pack_command(("EVALSHA", s.sha, *args)) for _, s, args, _ in calls])
         pool: Any = self._client.connection_pool  # get_connection is untyped in redis-py 8
         connection = await pool.get_connection()
         try:
@@ -519,7 +535,7 @@ class ScriptBatch:
         finally:
             await pool.release(connection)
 
-    async def _run(self, batch: list[tuple[asyncio.Future[Any], Any, tuple[Any, ...]]]) -> None:
+    async def _run(self, batch: list[_Call]) -> None:
         try:
             results = await self._execute(batch)
             unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
@@ -530,17 +546,19 @@ class ScriptBatch:
                 for i, result in zip(unknown, again, strict=True):
                     results[i] = result
         except Exception as exc:  # every call of the batch failed with it
-            for future, _, _ in batch:
+            for future, _, _, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
         except BaseException:  # cancelled (loop shutdown): the callers must not hang
-            for future, _, _ in batch:
+            for future, _, _, _ in batch:
                 if not future.done():
                     future.set_exception(RedisConnectionError("the batch was cancelled"))
             raise
-        for (future, _, _), result in zip(batch, results, strict=True):
+        for (future, _, _, orphaned), result in zip(batch, results, strict=True):
             if future.done():  # its caller was cancelled
+                if orphaned is not None and not isinstance(result, Exception):
+                    orphaned(result)
                 continue
             if isinstance(result, Exception):
                 future.set_exception(result)

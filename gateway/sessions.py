@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -469,12 +470,19 @@ class RedisSessionStore:
         self._outbox_keys: Callable[[str], tuple[str, str]] | None = None
         self._batch = script_batch(self._redis)
 
-    def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+    def _call(
+        self,
+        script: AsyncScript,
+        keys: list[str],
+        args: list[Any],
+        orphaned: Callable[[Any], None] | None = None,
+    ) -> Awaitable[Any]:
         """``script`` auto-pipelined with the other calls of this loop iteration
-        (:class:`~gateway.redisconn.ScriptBatch`), or alone on a cluster."""
+        (:class:`~gateway.redisconn.ScriptBatch`; ``orphaned`` as there), or alone on a
+        cluster."""
         if self._batch is None:
             return script(keys=keys, args=args)
-        return self._batch.call(script, keys, args)
+        return self._batch.call(script, keys, args, orphaned=orphaned)
 
     def peek_outbox(self, keys_of: Callable[[str], tuple[str, str]]) -> None:
         """Count a session's undelivered outbox entries when its lock is taken, in the
@@ -506,20 +514,26 @@ class RedisSessionStore:
         lease_ms = max(1, int(lease_s * 1000))
         deadline = time.monotonic() + wait_s
         delay = 0.002
+        # a take whose caller left (cancelled) before its reply: released once it came
+        orphaned = functools.partial(self._orphaned_take, lock_key, data_key, token)
+        take: Awaitable[Any] | None = None
         try:
             while True:
                 with metrics.labelled(metrics.REDIS_SECONDS, "acquire").time():
                     if self._outbox_keys is None:
-                        got, data = await self._call(
-                            self._acquire, [lock_key, data_key], [token, lease_ms]
+                        take = self._call(
+                            self._acquire, [lock_key, data_key], [token, lease_ms], orphaned
                         )
+                        got, data = await take
                         pending = None
                     else:
-                        got, data, count = await self._call(
+                        take = self._call(
                             self._acquire_peek,
                             [lock_key, data_key, *self._outbox_keys(key)],
                             [token, lease_ms],
+                            orphaned,
                         )
+                        got, data, count = await take
                         pending = bool(count)
                 if got:
                     break
@@ -530,7 +544,15 @@ class RedisSessionStore:
         except RedisError as exc:
             raise StoreUnavailable(f"Redis: {exc}") from exc
         except asyncio.CancelledError:
-            self._abandon(lock_key, data_key, token)
+            # the take's reply was read before the cancellation reached this task (else
+            # the batch hands the reply to ``orphaned``, which does the same)
+            if (
+                isinstance(take, asyncio.Future)
+                and take.done()
+                and not take.cancelled()
+                and take.exception() is None
+            ):
+                orphaned(take.result())
             raise
         acquired = time.monotonic()
         session = Session.model_validate_json(data) if data else None
@@ -559,16 +581,17 @@ class RedisSessionStore:
             await _stop(keeper[0])
         await self._finish(txn, lock_key, data_key, applied=True)
 
-    def _abandon(self, lock_key: str, data_key: str, token: str) -> None:
-        """The caller was cancelled while taking the lock: its take may still be queued,
-        or have succeeded with the reply on its way. Queue a release of ``token`` behind
-        it (a no-op unless the lock holds ``token``), so a client that went away does not
-        hold its session for a lease; best effort: on a cluster, or if the release
-        reaches Redis first (another batch overtook), the lease frees the session."""
-        if self._batch is None:
+    def _orphaned_take(self, lock_key: str, data_key: str, token: str, reply: Any) -> None:
+        """A take of the lock whose caller was cancelled has its ``reply``: when it took
+        the lock (for nobody now), release ``token``'s hold, so a client that went away
+        does not hold its session for a lease. The release is queued after the take's
+        reply was read, so it cannot overtake the take (it would find nothing to
+        release, and the take would then hold the session for its lease). On a cluster
+        (no batch) the lease frees the session."""
+        if not reply[0] or self._batch is None:
             return
-        future = self._batch.call(self._release, [lock_key, data_key], [token, "keep", "", 0])
-        future.add_done_callback(_retrieved)
+        release = self._batch.call(self._release, [lock_key, data_key], [token, "keep", "", 0])
+        release.add_done_callback(_retrieved)
 
     async def _keep(self, txn: SessionTxn, lock_key: str, lease_ms: int, acquired: float) -> None:
         """Renew the lease now and every third of it while ``txn`` is open; mark it lost

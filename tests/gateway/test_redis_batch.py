@@ -186,10 +186,22 @@ async def test_a_turn_cancelled_while_taking_its_lock_leaves_the_session_free(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.05)  # the batches ran: the take, then the release behind it
-        assert await store.redis.exists(lock_key) == 0  # not held for the 5 s lease
+        # the batches run: the take, then the release queued from its reply (a busy
+        # host may take a while; the lease would hold the session for 5 s)
+        assert await _freed(store, lock_key, within_s=2)
         async with store.open("c:cancelled", lease_s=5, wait_s=0.1) as txn:
             assert txn.session is None  # the cancelled turn saved nothing
+
+
+async def _freed(store: RedisSessionStore, lock_key: str, *, within_s: float) -> bool:
+    """Whether ``lock_key`` is gone within ``within_s`` seconds (polled every 10 ms)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while await store.redis.exists(lock_key):
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 def test_hiredis_packs_the_scripts_arguments_as_redis_py_does() -> None:
@@ -257,3 +269,48 @@ async def test_a_batch_whose_replies_do_not_come_times_out_and_the_next_one_is_s
     assert served == [f"k{i}".encode() for i in range(20)]
     await batch.aclose()
     await client.aclose()
+
+
+async def test_a_reply_whose_caller_left_goes_to_its_orphaned_callback(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    batch = ScriptBatch(client)
+    script = client.register_script("return KEYS[1]")
+    failing = client.register_script("return redis.error_reply('no')")
+    got: list[object] = []
+    left = batch.call(script, ["left"], [], orphaned=got.append)
+    failed = batch.call(failing, ["k"], [], orphaned=got.append)
+    kept = batch.call(script, ["kept"], [], orphaned=got.append)
+    left.cancel()  # its caller went away before the batch ran
+    failed.cancel()
+    assert await kept == b"kept"  # awaited: no orphaned call for it
+    await batch.aclose()
+    assert got == [b"left"]  # an error reply undoes nothing: not handed on
+    await client.aclose()
+
+
+async def test_a_cancelled_take_is_released_only_after_its_reply(redis_url: str) -> None:
+    """The release of a take whose caller left is queued when the take's reply has been
+    read, never beside it: two batches waiting for connections could otherwise go out
+    in either order, and a release sent first would leave the late take holding the
+    session for its lease."""
+    store = RedisSessionStore(redis_url, prefix=f"test-{secrets.token_hex(6)}", max_connections=1)
+    lock_key, _ = store._keys("c:orphan")
+    assert isinstance(store.redis, Redis)
+    pool = store.redis.connection_pool
+    held = await pool.get_connection()  # the only connection: batches wait for it
+    task = asyncio.create_task(turn(store, "c:orphan", 1))
+    await asyncio.sleep(0.05)  # its take is in a batch, waiting for the connection
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    batch = store._batch
+    assert batch is not None
+    await asyncio.sleep(0.05)
+    assert len(batch._running) == 1  # the take's batch alone: no release queued beside it
+    assert not batch._queued
+    await pool.release(held)
+    # the take runs, then the release queued from its reply; not held for the 5 s lease
+    assert await _freed(store, lock_key, within_s=2)
+    async with store.open("c:orphan", lease_s=5, wait_s=0.1) as txn:
+        assert txn.session is None
+    await store.aclose()
