@@ -9,7 +9,9 @@ sending its turns to the two in turn (turn 1 to A, turn 2 to B, ...; half the
 conversations start on B), so every turn after the first loads a session the other
 instance saved; then the same three gateway rows with ``tts=None`` (no links: labelled).
 Both instances of row 4 share core 0, so its CPU per turn compares with row 3's: what
-it costs that any instance can serve any turn.
+it costs that any instance can serve any turn. Row 5, the control, runs the two
+instances again with each conversation kept on one of them (half on each): what two
+processes on one core cost by themselves, without a turn ever crossing.
 
 This process (pinned to core 1) keeps N conversations of 5 turns going at once for
 ``--seconds`` (a new one starts where one ended) with a light keep-alive HTTP client
@@ -71,10 +73,18 @@ def answered(body: bytes, want: str | None, links: bool) -> bool:
 
 
 async def drive(
-    ports: list[int], conversations: int, seconds: float, query: str, *, check: bool, links: bool
+    ports: list[int],
+    conversations: int,
+    seconds: float,
+    query: str,
+    *,
+    check: bool,
+    links: bool,
+    sticky: bool = False,
 ) -> tuple[float, list[float], int]:
     """Keep ``conversations`` going at once for ``seconds`` (each slot starts a new one
-    when its last ended); turn k of conversation i goes to ``ports[(i + k) % len]``.
+    when its last ended); turn k of conversation i goes to ``ports[(i + k) % len]``, or
+    with ``sticky`` every turn to ``ports[i % len]``.
     Returns (elapsed s, turn latencies s, failed turns)."""
     latencies: list[float] = []
     failures = 0
@@ -84,7 +94,7 @@ async def drive(
         nonlocal failures
         headers = {"Content-Type": "text/plain"}
         for k, (text, want) in enumerate(expected(i)):
-            connection = connections[(i + k) % len(connections)]
+            connection = connections[(i + (0 if sticky else k)) % len(connections)]
             t0 = time.perf_counter()
             status, answer, body = await connection.request(
                 "PUT", f"/client?key=bench{query}", text.encode(), headers
@@ -122,6 +132,7 @@ def run(
     seconds: float,
     *,
     instances: int = 1,
+    sticky: bool = False,
     query: str = "",
     check: bool = True,
     links: bool = False,
@@ -140,7 +151,7 @@ def run(
         cpu0 = sum(cpu_s(p.pid) for p in procs)
         client0 = time.process_time()
         elapsed, lat, failures = asyncio.run(
-            drive(ports, n, seconds, query, check=check, links=links)
+            drive(ports, n, seconds, query, check=check, links=links, sticky=sticky)
         )
         cpu_us = (sum(cpu_s(p.pid) for p in procs) - cpu0) * 1e6 / max(len(lat), 1)
         client = (time.process_time() - client0) / elapsed
@@ -198,13 +209,14 @@ def main() -> None:
         check=False,
     )
     only_redis = {"GATEWAY_REDIS_URL": args.redis}
-    rows: list[tuple[str, dict[str, str], int]] = [
-        ("gateway, memory", {}, 1),
-        ("gateway, only GATEWAY_REDIS_URL", only_redis, 1),
-        ("2 instances, only GATEWAY_REDIS_URL, alternating", only_redis, 2),
+    rows: list[tuple[str, dict[str, str], int, bool]] = [
+        ("gateway, memory", {}, 1, False),
+        ("gateway, only GATEWAY_REDIS_URL", only_redis, 1, False),
+        ("2 instances, only GATEWAY_REDIS_URL, alternating", only_redis, 2, False),
+        ("2 instances, each conversation on one (control)", only_redis, 2, True),
     ]
     for label, query, links in (("", "", True), (", tts=None", "&tts=None", False)):
-        for name, env, instances in rows:
+        for name, env, instances, sticky in rows:
             store.flushdb()
             run(
                 f"{name}{label}",
@@ -213,6 +225,7 @@ def main() -> None:
                 n,
                 args.seconds,
                 instances=instances,
+                sticky=sticky,
                 query=query,
                 links=links,
                 baseline=base,
