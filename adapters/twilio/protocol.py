@@ -634,12 +634,6 @@ class TwilioCall(CarrierCall):
         super().__init__(self.twilio, call_sid, config)
 
     @property
-    def expected_call_sid(self) -> str:
-        """The call the stream token was issued for."""
-        assert self.expected_call_id is not None
-        return self.expected_call_id
-
-    @property
     def stream_sid(self) -> str:
         """The stream's SID (after ``start``)."""
         assert self.info is not None
