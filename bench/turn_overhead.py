@@ -42,6 +42,12 @@ demo answers "You said: ..."). Prints requests/s, p50 and p99 (wrk's), and the r
 of throughput and p99 to the bare endpoint of the same run.
 
     python bench/turn_overhead.py [--seconds 10] [--redis redis://127.0.0.1:6379/0]
+        [--only alexa] [--repeat 5]
+
+On a shared host one run's ratios move by several percent from one run to the next (a
+row and its bare row run a minute apart). ``--repeat N`` runs the rows N times, one
+round after the other, and ends with each gateway row's median ratio and every
+round's figure beside it.
 
 Needs wrk (``apt-get install wrk``).
 """
@@ -56,6 +62,7 @@ import re
 import secrets
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -233,6 +240,12 @@ def main() -> None:
         default=[],
         help="run only the gateway rows whose name contains this (repeatable); bare rows run",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the rows this many times, alternating, and print each row's median ratio",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
@@ -297,13 +310,39 @@ def main() -> None:
         f"wrk -t1 -c32 -d{args.seconds}s on core 1; each server alone on core 0, default "
         "settings (log level INFO to /dev/null, no access log)"
     )
+    if args.only:
+        rows = [r for r in rows if r[0].startswith("bare") or any(o in r[0] for o in args.only)]
+    ratios: dict[str, list[tuple[float, float]]] = {}
+    for round_ in range(1, args.repeat + 1):
+        if args.repeat > 1:
+            print(f"round {round_} of {args.repeat}")
+        for name, pair in run_rows(rows, args.seconds, folder, keys, scripts).items():
+            ratios.setdefault(name, []).append(pair)
+    if args.repeat > 1:
+        print(f"\nmedian of {args.repeat} rounds (each round's ratios to its own bare rows)")
+        for name, pairs in ratios.items():
+            throughput = statistics.median(t for t, _ in pairs)
+            cpu = statistics.median(c for _, c in pairs)
+            each = ", ".join(f"{t:.2f}" for t, _ in pairs)
+            print(f"{name:42} {throughput:.2f}x throughput (rounds: {each}), CPU {cpu:.2f}x")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_rows(
+    rows: list[tuple[str, list[str], dict[str, str], str]],
+    seconds: int,
+    folder: Path,
+    keys: Keys,
+    scripts: dict[str, Path],
+) -> dict[str, tuple[float, float]]:
+    """Run ``rows`` in order, each a fresh server, and print their table; returns each
+    gateway row's (throughput, CPU) ratio to the bare row of its shape in this run."""
     print(
         f"{'server':42} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs':>8} {'errors':>7}  "
         "vs bare (CPU: bare's CPU µs per request / this row's)"
     )
-    bare: dict[str, tuple[float, float]] = {}
-    if args.only:
-        rows = [r for r in rows if r[0].startswith("bare") or any(o in r[0] for o in args.only)]
+    bare: dict[str, tuple[float, float, float]] = {}
+    ratios: dict[str, tuple[float, float]] = {}
     for name, cmd, env, kind in rows:
         port = free_port()
         proc = start([*cmd, str(port)], env, port)
@@ -316,8 +355,8 @@ def main() -> None:
                 script = scripts[kind]
             wrk(port, script, 2)  # warm-up
             cpu_before = cpu_s(proc.pid)
-            rate, p50, p99, errors = wrk(port, script, args.seconds)
-            cpu_us = (cpu_s(proc.pid) - cpu_before) * 1e6 / max(1.0, rate * args.seconds)
+            rate, p50, p99, errors = wrk(port, script, seconds)
+            cpu_us = (cpu_s(proc.pid) - cpu_before) * 1e6 / max(1.0, rate * seconds)
         finally:
             proc.terminate()
             proc.wait(10)
@@ -329,12 +368,13 @@ def main() -> None:
             versus = ""
         else:
             b_rate, b_p99, b_cpu = bare[base_kind]
+            ratios[name] = (rate / b_rate, b_cpu / cpu_us)
             versus = (
                 f"{rate / b_rate:.2f}x throughput, p99 {p99 / b_p99:.1f}x, "
                 f"CPU {b_cpu / cpu_us:.2f}x"
             )
         print(f"{name:42} {rate:8.0f} {p50:8.2f} {p99:8.2f} {cpu_us:8.0f} {errors:7d}  {versus}")
-    shutil.rmtree(folder, ignore_errors=True)
+    return ratios
 
 
 if __name__ == "__main__":
