@@ -20,6 +20,8 @@ Rows, in this order, each a fresh server:
    signing chain fetched once and cached, as Amazon's is), every request signed and
    new (LaunchRequest-free IntentRequests with their own session), so each costs the
    signature check, the turn, and two Redis round trips.
+   ``/alexa, Redis, verification OFF`` is the same with GATEWAY_ALEXA_VERIFY=false:
+   what the signature check costs (a setting for local development only).
 
 6. ``V2 text, memory/Redis, 5 turns a session`` — the defaults again, but each session
    id the server sets is sent back as the cookie of four more requests (a session is
@@ -264,6 +266,7 @@ def main() -> None:
         "BENCH_PKI_DIR": str(folder),
         "GATEWAY_ALEXA_SKILL_IDS": SKILL_ID,
     }
+    alexa_off = {**alexa_env, "GATEWAY_ALEXA_VERIFY": "false"}
     uvicorn = [sys.executable, "-m", "uvicorn"]
     bare_cmd = [*uvicorn, "--no-access-log", "bench.baseline_app:app", "--port"]
     # uvicorn's CLI logs every request unless told not to; `gateway serve` only with
@@ -297,6 +300,8 @@ def main() -> None:
             "defaults_sessions",
         ),
         ("/alexa, Redis, verification on", gateway_cmd, alexa_env, "alexa"),
+        # what the signature check costs: the same row with it off (never in production)
+        ("/alexa, Redis, verification OFF", gateway_cmd, alexa_off, "alexa"),
     ]
     private = unix_redis(folder)
     if private is not None:
