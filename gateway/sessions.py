@@ -24,6 +24,13 @@ long as it needs, while the lock of a holder that died (a killed process) frees
 itself within one lease. A renewal that finds the lock no longer ours marks the
 transaction lost; its outcome is then not applied (the release script is fenced
 by the token too) and LockLost is raised on exit.
+
+Both scripts may run twice: the client retries a command whose connection dropped
+(gateway/redisconn.py), also when Redis had run it and only the reply was lost. A take
+that finds its own token in the lock holds it (its lease starts again), and a release
+that finds the lock gone but its own outcome in place (the JSON it saved, or no
+session when it deleted) reports it applied, so such a turn is neither told its
+session is busy nor that its lock was lost.
 """
 
 from __future__ import annotations
@@ -394,20 +401,37 @@ class _MemoryTxn:
 
 # ------------------------------------------------------------------- redis
 
-_ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+# A take is idempotent: when the lock already holds this very token, the same take ran
+# before and its reply was lost (the connection dropped after the command was sent, and
+# the client's retry policy sent it again). It holds the lock: its lease starts again.
+# Tokens are unique per take (_LockTokens), so no other holder can match.
+_TAKE = """
+local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+if not taken and redis.call('GET', KEYS[1]) == ARGV[1] then
+  taken = redis.call('PEXPIRE', KEYS[1], ARGV[2]) == 1
+end
+"""
+
+_ACQUIRE = (
+    _TAKE
+    + """
+if taken then
   return {1, redis.call('GET', KEYS[2])}
 end
 return {0, false}
 """
+)
 
-_ACQUIRE_PEEK = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+_ACQUIRE_PEEK = (
+    _TAKE
+    + """
+if taken then
   local mark = redis.call('HGET', KEYS[4], 'mark') or '0'
   return {1, redis.call('GET', KEYS[2]), redis.call('ZCOUNT', KEYS[3], '(' .. mark, '+inf')}
 end
 return {0, false, 0}
 """
+)
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -419,7 +443,11 @@ return 0
 # KEYS[3..] are side writes (SessionTxn.side_writes), made whatever the fence says, each
 # with its value and time to live in ARGV[2i-1], ARGV[2i]; one that fails (pcall) does
 # not stop the rest. Returns {1 if the lock was ours and the outcome applied else 0,
-# the number of side writes that failed}.
+# the number of side writes that failed}. When the lock is no longer this token's, the
+# holder's lease ran out (fenced: nothing is written), or this very release ran before
+# and its reply was lost (the batch was sent again after a dropped connection): then
+# its outcome is in place (the session is the JSON it saved, or gone when it deleted)
+# and it answers 1 as the first time, not "lock lost" for a turn that was saved.
 _RELEASE = """
 local failed = 0
 for i = 3, #KEYS do
@@ -429,6 +457,10 @@ for i = 3, #KEYS do
   end
 end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  if (ARGV[2] == 'save' and redis.call('GET', KEYS[2]) == ARGV[3])
+      or (ARGV[2] == 'delete' and redis.call('EXISTS', KEYS[2]) == 0) then
+    return {1, failed}
+  end
   return {0, failed}
 end
 if ARGV[2] == 'save' then

@@ -1,0 +1,186 @@
+"""Session lock scripts sent twice: a reply lost on a dropped connection, on the real Redis.
+
+The gateway's Redis client retries a command on a connection error (gateway/redisconn.py,
+``_fast_failure``: two retries on a new connection). When the connection drops after
+Redis ran a script but before its reply arrived, the script runs twice. A take run
+twice must hold the lock (the first run took it for the same token), and a release run
+twice must report what the first run did: else the turn is told "session busy" or
+"lock lost" for a session that only it holds, or that it saved.
+
+A small TCP proxy sits between the store and Redis; armed, it closes the connection
+that carries Redis's next reply instead of passing the reply on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.sessions import _ACQUIRE, _RELEASE, RedisSessionStore, Session
+
+
+class ReplyDropper:
+    """A TCP proxy to Redis that loses one reply when ``armed``: the connection carrying
+    the next bytes Redis sends is cut (both ways) and those bytes are dropped, so the
+    command ran on Redis and its client sees only a closed connection."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.armed = False
+        self.dropped = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    async def start(self) -> int:
+        """Listen on a free port of 127.0.0.1; returns it."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection(self.host, self.port)
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                redis_w.write(data)
+                await redis_w.drain()
+            redis_w.close()
+
+        async def downstream() -> None:
+            while data := await redis_r.read(65536):
+                if self.armed:  # the command ran; its reply is lost with the connection
+                    self.armed = False
+                    self.dropped += 1
+                    client_w.transport.abort()
+                    redis_w.transport.abort()
+                    return
+                client_w.write(data)
+                await client_w.drain()
+            client_w.close()
+
+        pumps = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        self._tasks.update(pumps)
+        await asyncio.gather(*pumps, return_exceptions=True)
+        self._tasks.difference_update(pumps)
+
+
+@pytest.fixture
+async def dropper(redis_url: str) -> AsyncIterator[tuple[ReplyDropper, str]]:
+    """The proxy in front of the test Redis, and the Redis URL through it."""
+    target = urlsplit(redis_url)
+    proxy = ReplyDropper(target.hostname or "127.0.0.1", target.port or 6379)
+    port = await proxy.start()
+    yield proxy, f"redis://127.0.0.1:{port}{target.path or '/0'}"
+    await proxy.close()
+
+
+async def _ready(store: RedisSessionStore, aredis: Redis) -> None:
+    """A pooled connection made through the proxy (its handshake done) and the scripts
+    loaded (a NOSCRIPT reply would be lost instead of a script's)."""
+    await store.get("c:warm-up")
+    await aredis.script_load(_ACQUIRE)
+    await aredis.script_load(_RELEASE)
+
+
+def make(key: str, turn_count: int) -> Session:
+    return Session.model_validate(
+        {"id": key.split(":")[-1], "key": key, "channel": "c", "app_key": "app"}
+        | {"turn_count": turn_count}
+    )
+
+
+async def test_a_take_sent_again_after_its_reply_was_lost_holds_the_lock(
+    dropper: tuple[ReplyDropper, str], redis_prefix: str, aredis: Redis
+) -> None:
+    proxy, url = dropper
+    store = RedisSessionStore(url, prefix=redis_prefix)
+    try:
+        await _ready(store, aredis)
+        lock_key = f"{redis_prefix}:{{c:lost-take}}:lock"
+        proxy.armed = True
+        started = time.monotonic()
+        # before: the second run found the lock held (by this take's own first run) and
+        # the turn waited for the session until wait_s: SessionBusy
+        async with store.open("c:lost-take", lease_s=5, wait_s=1) as txn:
+            assert txn.session is None
+            assert await aredis.get(lock_key) == txn.token.encode()
+            assert 0 < await aredis.pttl(lock_key) <= 5000
+            txn.save(make("c:lost-take", 1), ttl_s=60)
+        assert proxy.dropped == 1  # the take's reply was lost, and the take sent again
+        assert time.monotonic() - started < 0.5  # no wait for the lock
+        saved = await store.get("c:lost-take")
+        assert saved is not None
+        assert saved.turn_count == 1
+        assert await aredis.exists(lock_key) == 0  # released
+    finally:
+        await store.aclose()
+
+
+async def test_a_release_sent_again_after_its_reply_was_lost_reports_its_save(
+    dropper: tuple[ReplyDropper, str], redis_prefix: str, aredis: Redis
+) -> None:
+    proxy, url = dropper
+    store = RedisSessionStore(url, prefix=redis_prefix)
+    try:
+        await _ready(store, aredis)
+        # before: the second run found the lock gone (its first run released it) and
+        # the turn raised LockLost, "not saved", for a session it had saved
+        async with store.open("c:lost-release", lease_s=5, wait_s=1) as txn:
+            txn.save(make("c:lost-release", 3), ttl_s=60)
+            proxy.armed = True
+        assert proxy.dropped == 1
+        saved = await store.get("c:lost-release")
+        assert saved is not None
+        assert saved.turn_count == 3
+        assert await aredis.exists(f"{redis_prefix}:{{c:lost-release}}:lock") == 0
+
+        # the same for a release that deletes the session
+        async with store.open("c:lost-release", lease_s=5, wait_s=1) as txn:
+            txn.delete()
+            proxy.armed = True
+        assert proxy.dropped == 2
+        assert await store.get("c:lost-release") is None
+    finally:
+        await store.aclose()
+
+
+async def test_a_repeated_take_or_release_of_another_token_is_still_fenced(
+    redis_url: str, redis_prefix: str, aredis: Redis
+) -> None:
+    """The idempotence is the same token's only: another holder's token is refused, and
+    a release after a lost lease writes nothing and says so, whatever the session holds."""
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    try:
+        lock_key, data_key = store._keys("c:fence")
+        take = aredis.register_script(_ACQUIRE)
+        release = aredis.register_script(_RELEASE)
+        assert (await take(keys=[lock_key, data_key], args=["t1", 5000]))[0] == 1
+        assert (await take(keys=[lock_key, data_key], args=["t1", 5000]))[0] == 1  # again
+        assert (await take(keys=[lock_key, data_key], args=["t2", 5000]))[0] == 0  # other
+        saved = make("c:fence", 1).model_dump_json()
+        args: list[str | int] = ["t1", "save", saved, 60]
+        assert await release(keys=[lock_key, data_key], args=args) == [1, 0]
+        assert await release(keys=[lock_key, data_key], args=args) == [1, 0]  # again: done
+        # t2 takes it and saves; t1's stale release of other data is refused, nothing written
+        assert (await take(keys=[lock_key, data_key], args=["t2", 5000]))[0] == 1
+        newer = make("c:fence", 2).model_dump_json()
+        assert await release(keys=[lock_key, data_key], args=["t2", "save", newer, 60]) == [1, 0]
+        stale = make("c:fence", 9).model_dump_json()
+        assert await release(keys=[lock_key, data_key], args=["t1", "save", stale, 60]) == [0, 0]
+        assert await aredis.get(data_key) == newer.encode()
+        # a stale delete while the session exists is refused too
+        assert await release(keys=[lock_key, data_key], args=["t1", "delete", "", 0]) == [0, 0]
+        assert await aredis.exists(data_key) == 1
+    finally:
+        await store.aclose()
