@@ -8,14 +8,16 @@ back to, whether it was already used. They must not touch Redis themselves
 - :class:`NonceStore` — the protocol: ``use_once`` marks a key used for ``ttl_s``
   seconds and answers True only to the first caller;
 - :class:`MemoryNonceStore` — the embedded default (one process);
-- :class:`RedisNonceStore` — production: one ``SET key 1 NX PX ttl`` round trip, so
-  exactly one caller among all instances wins. Keys are ``{prefix}:nonce:{key}``.
+- :class:`RedisNonceStore` — production: one round trip (a script around ``SET key
+  <use> NX PX ttl``), so exactly one caller among all instances wins. Keys are
+  ``{prefix}:nonce:{key}``.
 
 Both pass the same contract tests (tests/gateway/test_nonces.py).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -85,24 +87,43 @@ class MemoryNonceStore:
         self._keys.clear()
 
 
-class RedisNonceStore:
-    """One-time keys in Redis: ``SET {prefix}:nonce:{key} 1 NX PX ttl`` (one round trip).
+# The key is set to a value of this use alone; when it already holds that value, this
+# same use ran before and its reply was lost (the connection dropped after the command
+# was sent and the client's retry policy sent it again): it is still the first use.
+_USE_ONCE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return 1
+end
+return 0
+"""
 
-    ``redis`` (one server, Sentinel or Cluster: a single-key command) is shared
+
+class RedisNonceStore:
+    """One-time keys in Redis: ``{prefix}:nonce:{key}`` set with ``NX PX ttl`` to a random
+    value of this use, in a script (one round trip) that also answers True when the key
+    holds this use's own value: a use whose reply was lost on a dropped connection and
+    that redis-py sent again is not refused as its own replay.
+
+    ``redis`` (one server, Sentinel or Cluster: a single-key script) is shared
     with the session store (gateway/app.py); this store does not close it.
     """
 
     def __init__(self, redis: RedisClient, *, prefix: str) -> None:
         self.redis = redis
         self.prefix = prefix
+        self._use_once = redis.register_script(_USE_ONCE)
 
     async def use_once(self, key: str, ttl_s: float) -> bool:
         """See :meth:`NonceStore.use_once`; ValueError for ``ttl_s`` <= 0."""
         if ttl_s <= 0:
             raise ValueError("ttl_s must be > 0")
+        use = secrets.token_hex(8)
         try:
-            won = await self.redis.set(
-                f"{self.prefix}:nonce:{key}", b"1", nx=True, px=max(1, round(ttl_s * 1000))
+            won = await self._use_once(
+                keys=[f"{self.prefix}:nonce:{key}"], args=[use, max(1, round(ttl_s * 1000))]
             )
         except RedisError as exc:
             raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc

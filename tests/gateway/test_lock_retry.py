@@ -7,82 +7,19 @@ twice must hold the lock (the first run took it for the same token), and a relea
 twice must report what the first run did: else the turn is told "session busy" or
 "lock lost" for a session that only it holds, or that it saved.
 
-A small TCP proxy sits between the store and Redis; armed, it closes the connection
-that carries Redis's next reply instead of passing the reply on.
+A small TCP proxy sits between the store and Redis (tests/gateway/redis_proxy.py);
+armed, it closes the connection that carries Redis's next reply instead of passing
+the reply on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
-import pytest
 from redis.asyncio import Redis
 
 from gateway.sessions import _ACQUIRE, _RELEASE, RedisSessionStore, Session
-
-
-class ReplyDropper:
-    """A TCP proxy to Redis that loses one reply when ``armed``: the connection carrying
-    the next bytes Redis sends is cut (both ways) and those bytes are dropped, so the
-    command ran on Redis and its client sees only a closed connection."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.armed = False
-        self.dropped = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[object]] = set()
-
-    async def start(self) -> int:
-        """Listen on a free port of 127.0.0.1; returns it."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        redis_r, redis_w = await asyncio.open_connection(self.host, self.port)
-
-        async def upstream() -> None:
-            while data := await client_r.read(65536):
-                redis_w.write(data)
-                await redis_w.drain()
-            redis_w.close()
-
-        async def downstream() -> None:
-            while data := await redis_r.read(65536):
-                if self.armed:  # the command ran; its reply is lost with the connection
-                    self.armed = False
-                    self.dropped += 1
-                    client_w.transport.abort()
-                    redis_w.transport.abort()
-                    return
-                client_w.write(data)
-                await client_w.drain()
-            client_w.close()
-
-        pumps = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
-        self._tasks.update(pumps)
-        await asyncio.gather(*pumps, return_exceptions=True)
-        self._tasks.difference_update(pumps)
-
-
-@pytest.fixture
-async def dropper(redis_url: str) -> AsyncIterator[tuple[ReplyDropper, str]]:
-    """The proxy in front of the test Redis, and the Redis URL through it."""
-    target = urlsplit(redis_url)
-    proxy = ReplyDropper(target.hostname or "127.0.0.1", target.port or 6379)
-    port = await proxy.start()
-    yield proxy, f"redis://127.0.0.1:{port}{target.path or '/0'}"
-    await proxy.close()
+from tests.gateway.redis_proxy import ReplyDropper
 
 
 async def _ready(store: RedisSessionStore, aredis: Redis) -> None:
@@ -101,9 +38,9 @@ def make(key: str, turn_count: int) -> Session:
 
 
 async def test_a_take_sent_again_after_its_reply_was_lost_holds_the_lock(
-    dropper: tuple[ReplyDropper, str], redis_prefix: str, aredis: Redis
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str, aredis: Redis
 ) -> None:
-    proxy, url = dropper
+    proxy, url = reply_dropper
     store = RedisSessionStore(url, prefix=redis_prefix)
     try:
         await _ready(store, aredis)
@@ -128,9 +65,9 @@ async def test_a_take_sent_again_after_its_reply_was_lost_holds_the_lock(
 
 
 async def test_a_release_sent_again_after_its_reply_was_lost_reports_its_save(
-    dropper: tuple[ReplyDropper, str], redis_prefix: str, aredis: Redis
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str, aredis: Redis
 ) -> None:
-    proxy, url = dropper
+    proxy, url = reply_dropper
     store = RedisSessionStore(url, prefix=redis_prefix)
     try:
         await _ready(store, aredis)

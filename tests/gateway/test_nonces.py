@@ -13,6 +13,7 @@ from gateway import redisconn
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
 from gateway.sessions import StoreUnavailable, redis_client
 from tests.conftest import TOPOLOGIES, free_port, topology_url
+from tests.gateway.redis_proxy import ReplyDropper
 
 
 @pytest.fixture(params=["memory", *TOPOLOGIES])
@@ -69,6 +70,30 @@ async def test_redis_down_is_store_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         await store.use_once("k", 10)
     await client.aclose()
+
+
+async def test_a_use_sent_again_after_its_reply_was_lost_is_still_the_first(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """redis-py sends a command again when its connection dropped, also when Redis had
+    run it and only the reply was lost: that use is still the first (a Twilio stream
+    token is not refused as its own replay), and a later use is refused."""
+    proxy, url = reply_dropper
+    client = redis_client(url)
+    store = RedisNonceStore(client, prefix=redis_prefix)
+    try:
+        # a pooled connection through the proxy, and the script known to Redis (a lost
+        # NOSCRIPT reply would not have run it)
+        assert await store.use_once(secrets.token_hex(8), 30) is True
+        key = secrets.token_hex(8)
+        proxy.armed = True
+        assert await store.use_once(key, 30) is True  # before: False, as if replayed
+        assert proxy.dropped == 1
+        assert await store.use_once(key, 30) is False
+        other = RedisNonceStore(client, prefix=redis_prefix)
+        assert await other.use_once(key, 30) is False  # another use of the key: refused
+    finally:
+        await redisconn.aclose(client)
 
 
 async def test_memory_store_stays_bounded() -> None:

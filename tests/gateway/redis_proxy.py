@@ -1,0 +1,62 @@
+"""A TCP proxy in front of the test Redis that can lose one reply (see ReplyDropper).
+
+The gateway's Redis client retries a command whose connection dropped (gateway/
+redisconn.py, ``_fast_failure``), also when Redis had run it and only its reply was
+lost: the command then runs twice. Tests of what a command run twice does go through
+this proxy (the ``reply_dropper`` fixture of tests/gateway/conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class ReplyDropper:
+    """A TCP proxy to Redis that loses one reply when ``armed``: the connection carrying
+    the next bytes Redis sends is cut (both ways) and those bytes are dropped, so the
+    command ran on Redis and its client sees only a closed connection."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.armed = False
+        self.dropped = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    async def start(self) -> int:
+        """Listen on a free port of 127.0.0.1; returns it."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection(self.host, self.port)
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                redis_w.write(data)
+                await redis_w.drain()
+            redis_w.close()
+
+        async def downstream() -> None:
+            while data := await redis_r.read(65536):
+                if self.armed:  # the command ran; its reply is lost with the connection
+                    self.armed = False
+                    self.dropped += 1
+                    client_w.transport.abort()
+                    redis_w.transport.abort()
+                    return
+                client_w.write(data)
+                await client_w.drain()
+            client_w.close()
+
+        pumps = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        self._tasks.update(pumps)
+        await asyncio.gather(*pumps, return_exceptions=True)
+        self._tasks.difference_update(pumps)
