@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -240,26 +241,34 @@ class MemoryOutbox:
 
 # ------------------------------------------------------------------- redis
 
+# ARGV[5] is the append's own id: the meta hash keeps the last append's id and first
+# seq, so an append that ran before and whose reply was lost (the connection dropped
+# after the command was sent, and the client's retry policy sent it again) answers its
+# first seq again instead of numbering and keeping its events twice. Appends to one
+# outbox come one at a time (under the session's lock), so the last one is enough.
 _APPEND = """
+if redis.call('HGET', KEYS[2], 'last') == ARGV[5] then
+  return tonumber(redis.call('HGET', KEYS[2], 'lastfirst'))
+end
 local seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 local mark = tonumber(redis.call('HGET', KEYS[2], 'mark') or '0')
 local limit = tonumber(ARGV[1])
 local keep = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 local kind = ARGV[4]
-local n = #ARGV - 4
+local n = #ARGV - 5
 if limit >= 0 then
   local pending = redis.call('ZCOUNT', KEYS[1], '(' .. mark, '+inf')
   if pending + n > limit then return -1 end
 end
 local first = seq + 1
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   seq = seq + 1
   local entry = '{"seq":' .. seq .. ',"kind":"' .. kind .. '","event":' .. ARGV[i] .. '}'
   redis.call('ZADD', KEYS[1], seq, entry)
 end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(keep + 1))
-redis.call('HSET', KEYS[2], 'seq', seq)
+redis.call('HSET', KEYS[2], 'seq', seq, 'last', ARGV[5], 'lastfirst', first)
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 return first
@@ -279,6 +288,9 @@ class RedisOutbox:
     """Outboxes in Redis, shared by every instance on it (keys in the module doc).
 
     An append or a mark is one round trip (a script); :meth:`since` one (pipelined).
+    Both scripts may run twice (a reply lost on a dropped connection, the command sent
+    again): a mark is idempotent, and an append carries an id the script remembers, so
+    its events are numbered and kept once.
     ``client`` is the session store's client; the outbox does not close it.
     """
 
@@ -307,7 +319,8 @@ class RedisOutbox:
         if not events:
             return []
         data = [json.dumps(e, separators=(",", ":")) for e in events]
-        args = [-1 if limit is None else limit, self._keep, self._ttl_s, kind, *data]
+        append_id = secrets.token_hex(8)  # the same in a retry of this append (see _APPEND)
+        args = [-1 if limit is None else limit, self._keep, self._ttl_s, kind, append_id, *data]
         try:
             first = int(await self._append(keys=list(self._keys(key)), args=args))
         except RedisError as exc:

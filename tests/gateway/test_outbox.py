@@ -28,6 +28,7 @@ from gateway.outbox import (
 from gateway.push import PushRequest, push_event, wake
 from gateway.sessions import ClientState, Session, redis_client
 from gateway.settings import Settings
+from tests.gateway.redis_proxy import ReplyDropper
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -90,6 +91,34 @@ async def test_the_device_index(outbox: Outbox) -> None:
     await outbox.bind("app", "dev", "flowstorm:s2", 60)
     assert await outbox.device("app", "dev") == "flowstorm:s2"
     assert await outbox.device("other-app", "dev") is None
+
+
+async def test_an_append_sent_again_after_its_reply_was_lost_is_kept_once(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """redis-py sends a command again when its connection dropped, also when Redis had
+    run it and only the reply was lost: the events are numbered and kept once (a
+    client that resumes, or a push, does not get them twice)."""
+    proxy, url = reply_dropper
+    client = redis_client(url)
+    box = RedisOutbox(client, prefix=redis_prefix, keep=10, ttl_s=60)
+    try:
+        # a pooled connection through the proxy, and the script known to Redis
+        assert await box.append("k", [ev("a")], "turn", limit=None) == [1]
+        proxy.armed = True
+        assert await box.append("k", [ev("b"), ev("c")], "push", limit=5) == [2, 3]
+        assert proxy.dropped == 1  # before: [4, 5], and b and c kept twice
+        assert await box.append("k", [ev("d")], "turn", limit=None) == [4]
+        entries = await box.since("k", 0)
+        assert [(e.seq, e.event) for e in entries] == [
+            (1, ev("a")),
+            (2, ev("b")),
+            (3, ev("c")),
+            (4, ev("d")),
+        ]
+        assert await box.state("k") == OutboxState(4, 0, 4)
+    finally:
+        await redisconn.aclose(client)
 
 
 async def test_a_journal_append_is_announced_to_followers() -> None:
