@@ -390,9 +390,10 @@ class WatchedSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPoo
 
     async def _leave_old_master(self) -> None:
         """Idle connections are closed; a command in flight finishes and its connection
-        is closed when released (cutting it would make redis-py retry a script that may
-        have run: a turn told "not saved" that was saved); pub/sub connections, which
-        are never released, are closed now and resubscribe on the new master."""
+        is closed when released (cutting it would make redis-py send it again after it
+        may have run: the session, outbox and nonce scripts are safe to run twice, other
+        commands need not be); pub/sub connections, which are never released, are
+        closed now and resubscribe on the new master."""
         await super().disconnect(inuse_connections=False)
         for connection in list(self._in_use_connections):
             if getattr(connection, "_connect_callbacks", None):  # a PubSub's connection
