@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from gateway.sessions import _ACQUIRE, _RELEASE, RedisSessionStore, Session
+from gateway.sessions import _ACQUIRE, _RELEASE, RedisSessionStore
 from tests.gateway.redis_proxy import ReplyDropper
+from tests.gateway.turns import stored
 
 
 @pytest.fixture
@@ -39,13 +40,6 @@ async def through(
     await store.aclose()
 
 
-def make(key: str, turn_count: int) -> Session:
-    return Session.model_validate(
-        {"id": key.split(":")[-1], "key": key, "channel": "c", "app_key": "app"}
-        | {"turn_count": turn_count}
-    )
-
-
 async def test_a_take_sent_again_after_its_reply_was_lost_holds_the_lock(
     through: tuple[ReplyDropper, RedisSessionStore], redis_prefix: str, aredis: Redis
 ) -> None:
@@ -58,7 +52,7 @@ async def test_a_take_sent_again_after_its_reply_was_lost_holds_the_lock(
         assert txn.session is None
         assert await aredis.get(lock_key) == txn.token.encode()
         assert 0 < await aredis.pttl(lock_key) <= 5000
-        txn.save(make("c:lost-take", 1), ttl_s=60)
+        txn.save(stored("c:lost-take", turn_count=1), ttl_s=60)
     assert proxy.dropped == 1  # the take's reply was lost, and the take sent again
     saved = await store.get("c:lost-take")
     assert saved is not None
@@ -73,7 +67,7 @@ async def test_a_release_sent_again_after_its_reply_was_lost_reports_its_save(
     # before: the second run found the lock gone (its first run released it) and the
     # turn raised LockLost, "not saved", for a session it had saved
     async with store.open("c:lost-release", lease_s=5, wait_s=1) as txn:
-        txn.save(make("c:lost-release", 3), ttl_s=60)
+        txn.save(stored("c:lost-release", turn_count=3), ttl_s=60)
         proxy.armed = True
     assert proxy.dropped == 1
     saved = await store.get("c:lost-release")
@@ -102,15 +96,15 @@ async def test_a_repeated_take_or_release_of_another_token_is_still_fenced(
         assert (await take(keys=[lock_key, data_key], args=["t1", 5000]))[0] == 1
         assert (await take(keys=[lock_key, data_key], args=["t1", 5000]))[0] == 1  # again
         assert (await take(keys=[lock_key, data_key], args=["t2", 5000]))[0] == 0  # other
-        saved = make("c:fence", 1).model_dump_json()
+        saved = stored("c:fence", turn_count=1).model_dump_json()
         args: list[str | int] = ["t1", "save", saved, 60]
         assert await release(keys=[lock_key, data_key], args=args) == [1, 0]
         assert await release(keys=[lock_key, data_key], args=args) == [1, 0]  # again: done
         # t2 takes it and saves; t1's stale release of other data is refused, nothing written
         assert (await take(keys=[lock_key, data_key], args=["t2", 5000]))[0] == 1
-        newer = make("c:fence", 2).model_dump_json()
+        newer = stored("c:fence", turn_count=2).model_dump_json()
         assert await release(keys=[lock_key, data_key], args=["t2", "save", newer, 60]) == [1, 0]
-        stale = make("c:fence", 9).model_dump_json()
+        stale = stored("c:fence", turn_count=9).model_dump_json()
         assert await release(keys=[lock_key, data_key], args=["t1", "save", stale, 60]) == [0, 0]
         assert await aredis.get(data_key) == newer.encode()
         # a stale delete while the session exists is refused too

@@ -16,13 +16,8 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.redisconn import ScriptBatch, script_batch
-from gateway.sessions import RedisSessionStore, Session, StoreUnavailable
-
-
-def make(key: str, **fields: object) -> Session:
-    return Session.model_validate(
-        {"id": key.split(":")[-1], "key": key, "channel": "c", "app_key": "app", **fields}
-    )
+from gateway.sessions import RedisSessionStore, StoreUnavailable
+from tests.gateway.turns import stored
 
 
 @pytest.fixture
@@ -47,7 +42,7 @@ async def turn(store: RedisSessionStore, key: str, count: int) -> int | None:
     """One turn: load the session, save it with ``turn_count=count``; the count loaded."""
     async with store.open(key, lease_s=5, wait_s=2) as txn:
         loaded = None if txn.session is None else txn.session.turn_count
-        txn.save(make(key, turn_count=count), ttl_s=60)
+        txn.save(stored(key, turn_count=count), ttl_s=60)
     return loaded
 
 
@@ -96,7 +91,7 @@ async def test_a_cancelled_callers_release_still_reaches_redis(store: RedisSessi
 
     async def holder() -> None:
         async with store.open("c:gone", lease_s=30, wait_s=1) as txn:
-            txn.save(make("c:gone", turn_count=7), ttl_s=60)
+            txn.save(stored("c:gone", turn_count=7), ttl_s=60)
             entered.set()
             await leave.wait()
 

@@ -15,12 +15,12 @@ from gateway.sessions import (
     LockLost,
     MemorySessionStore,
     RedisSessionStore,
-    Session,
     SessionBusy,
     SessionStore,
     StoreUnavailable,
 )
 from tests.conftest import TOPOLOGIES, topology_url
+from tests.gateway.turns import stored
 
 
 @pytest.fixture(params=["memory", *TOPOLOGIES])
@@ -38,12 +38,6 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[SessionStore]:
     await redis_store.aclose()
 
 
-def make(key: str = "c:s1", **fields: object) -> Session:
-    return Session.model_validate(
-        {"id": key.split(":")[-1], "key": key, "channel": "c", "app_key": "app", **fields}
-    )
-
-
 async def test_unknown_key_opens_empty(store: SessionStore) -> None:
     async with store.open("c:nobody", lease_s=5, wait_s=1) as txn:
         assert txn.session is None
@@ -51,7 +45,7 @@ async def test_unknown_key_opens_empty(store: SessionStore) -> None:
 
 
 async def test_save_then_load_round_trips_every_field(store: SessionStore) -> None:
-    original = make(
+    original = stored(
         attributes={"name": "Ada", "n": 3},
         pipeline_state={"node": [1, 2]},
         config={"sttSampleRate": 16000},
@@ -70,7 +64,7 @@ async def test_save_then_load_round_trips_every_field(store: SessionStore) -> No
 
 async def test_delete_removes(store: SessionStore) -> None:
     async with store.open("c:d", lease_s=5, wait_s=1) as txn:
-        txn.save(make("c:d"), ttl_s=60)
+        txn.save(stored("c:d"), ttl_s=60)
     async with store.open("c:d", lease_s=5, wait_s=1) as txn:
         assert txn.session is not None
         txn.delete()
@@ -79,10 +73,10 @@ async def test_delete_removes(store: SessionStore) -> None:
 
 async def test_exception_in_block_applies_nothing_and_releases(store: SessionStore) -> None:
     async with store.open("c:e", lease_s=5, wait_s=1) as txn:
-        txn.save(make("c:e", turn_count=1), ttl_s=60)
+        txn.save(stored("c:e", turn_count=1), ttl_s=60)
     with pytest.raises(RuntimeError):
         async with store.open("c:e", lease_s=5, wait_s=1) as txn:
-            txn.save(make("c:e", turn_count=2), ttl_s=60)
+            txn.save(stored("c:e", turn_count=2), ttl_s=60)
             raise RuntimeError("turn failed")
     async with store.open("c:e", lease_s=5, wait_s=0.5) as txn:  # the lock is free again
         assert txn.session is not None
@@ -91,7 +85,7 @@ async def test_exception_in_block_applies_nothing_and_releases(store: SessionSto
 
 async def test_session_expires_after_its_ttl(store: SessionStore) -> None:
     async with store.open("c:t", lease_s=5, wait_s=1) as txn:
-        txn.save(make("c:t"), ttl_s=1)
+        txn.save(stored("c:t"), ttl_s=1)
     assert await store.get("c:t") is not None
     await asyncio.sleep(1.2)
     assert await store.get("c:t") is None
@@ -104,7 +98,7 @@ async def test_turns_of_one_session_are_serialised(store: SessionStore) -> None:
 
     async def increment() -> None:
         async with store.open("c:n", lease_s=5, wait_s=10) as txn:
-            session = txn.session or make("c:n")
+            session = txn.session or stored("c:n")
             seen = session.turn_count
             await asyncio.sleep(0)  # give every other task the chance to interleave
             session.turn_count = seen + 1
@@ -129,7 +123,7 @@ async def test_other_sessions_do_not_wait(store: SessionStore) -> None:
     task = asyncio.create_task(holder())
     await held.wait()
     async with store.open("c:other", lease_s=5, wait_s=0.2) as txn:
-        txn.save(make("c:other"), ttl_s=60)
+        txn.save(stored("c:other"), ttl_s=60)
     assert not task.done()  # the other session went through while the first was held
     release.set()
     await task
@@ -160,7 +154,7 @@ async def test_a_turn_longer_than_its_lease_keeps_the_lock(store: SessionStore) 
         with pytest.raises(SessionBusy):
             async with store.open("c:long", lease_s=0.3, wait_s=0.2):
                 pass
-        txn.save(make("c:long", turn_count=3), ttl_s=60)
+        txn.save(stored("c:long", turn_count=3), ttl_s=60)
     loaded = await store.get("c:long")
     assert loaded is not None
     assert loaded.turn_count == 3
@@ -179,7 +173,7 @@ async def test_redis_renews_only_transactions_longer_than_a_third_of_the_lease(
         before = _renewals()
         for i in range(5):
             async with store.open(f"c:short{i}", lease_s=3, wait_s=1) as txn:
-                txn.save(make(f"c:short{i}"), ttl_s=60)
+                txn.save(stored(f"c:short{i}"), ttl_s=60)
         assert _renewals() == before
         async with store.open("c:renewed", lease_s=0.3, wait_s=1):
             await asyncio.sleep(0.75)
@@ -201,8 +195,8 @@ async def test_redis_stalled_holder_loses_its_lease_and_late_write_is_refused(
             async with store.open("c:lease", lease_s=0.1, wait_s=1) as slow:
                 time.sleep(0.3)  # noqa: ASYNC251 (a stalled loop: no renewal; the 100 ms lease runs out)
                 async with other.open("c:lease", lease_s=5, wait_s=1) as fast:
-                    fast.save(make("c:lease", turn_count=7), ttl_s=60)
-                slow.save(make("c:lease", turn_count=1), ttl_s=60)
+                    fast.save(stored("c:lease", turn_count=7), ttl_s=60)
+                slow.save(stored("c:lease", turn_count=1), ttl_s=60)
         loaded = await store.get("c:lease")
         assert loaded is not None
         assert loaded.turn_count == 7
@@ -222,7 +216,7 @@ async def test_redis_renewal_that_finds_the_lock_gone_fences_the_holder(
                 await store.redis.delete(f"{redis_prefix}:{{c:gone}}:lock")
                 await asyncio.sleep(0.3)  # the next renewal (after 100 ms) finds it gone
                 assert txn.lost
-                txn.save(make("c:gone", turn_count=1), ttl_s=60)
+                txn.save(stored("c:gone", turn_count=1), ttl_s=60)
         assert await store.get("c:gone") is None
         # a lost transaction that writes nothing leaves quietly
         async with store.open("c:gone2", lease_s=0.3, wait_s=1) as txn:
@@ -253,7 +247,7 @@ async def test_redis_keys_share_a_hash_tag(redis_url: str, redis_prefix: str) ->
     store = RedisSessionStore(redis_url, prefix=redis_prefix)
     try:
         async with store.open("flowstorm:abc", lease_s=5, wait_s=1) as txn:
-            txn.save(make("flowstorm:abc"), ttl_s=60)
+            txn.save(stored("flowstorm:abc"), ttl_s=60)
         keys = sorted([k.decode() async for k in store.redis.scan_iter(match=f"{redis_prefix}:*")])
         assert keys == [f"{redis_prefix}:{{flowstorm:abc}}:s"]
         ttl = await store.redis.ttl(keys[0])
@@ -277,12 +271,12 @@ async def test_memory_store_sweeps_expired_sessions() -> None:
     store = MemorySessionStore(clock=lambda: now[0], sweep_every=4)
     for i in range(4):
         async with store.open(f"c:{i}", lease_s=1, wait_s=1) as txn:
-            txn.save(make(f"c:{i}"), ttl_s=10)
+            txn.save(stored(f"c:{i}"), ttl_s=10)
     assert len(store) == 4
     now[0] = 11.0
     for i in range(4, 8):
         async with store.open(f"c:{i}", lease_s=1, wait_s=1) as txn:
-            txn.save(make(f"c:{i}"), ttl_s=10)
+            txn.save(stored(f"c:{i}"), ttl_s=10)
     assert len(store) == 4  # the first four expired and were swept
 
 
@@ -294,7 +288,7 @@ async def test_memory_store_cap_drops_the_least_recently_used(
 
     async def save(key: str, ttl_s: int = 100) -> None:
         async with store.open(key, lease_s=1, wait_s=1) as txn:
-            txn.save(make(key), ttl_s=ttl_s)
+            txn.save(stored(key), ttl_s=ttl_s)
 
     for key in ("c:a", "c:b", "c:c"):
         await save(key)
@@ -343,7 +337,7 @@ async def test_lock_peeks_at_the_outbox(store: SessionStore) -> None:
     assert seqs == [1]
     async with store.open("c:ob", lease_s=5, wait_s=1) as txn:
         assert txn.pushes_pending is True
-        txn.save(make("c:ob"), ttl_s=60)
+        txn.save(stored("c:ob"), ttl_s=60)
     assert await outbox.mark("c:ob", 1) == 0  # delivered
     async with store.open("c:ob", lease_s=5, wait_s=1) as txn:
         assert txn.pushes_pending is False
@@ -371,7 +365,7 @@ async def test_redis_side_writes_go_with_the_release(store: SessionStore) -> Non
     side = f"{store._prefix}:side:1"
     async with store.open("c:side", lease_s=5, wait_s=1) as txn:
         txn.side_writes.append((side, b"spec", 60))
-        txn.save(make("c:side", turn_count=3), ttl_s=60)
+        txn.save(stored("c:side", turn_count=3), ttl_s=60)
     assert await store.redis.get(side) == b"spec"
     assert 0 < await store.redis.ttl(side) <= 60
     loaded = await store.get("c:side")
@@ -382,7 +376,7 @@ async def test_redis_side_writes_go_with_the_release(store: SessionStore) -> Non
     await store.redis.script_flush()  # NOSCRIPT for the release script's EVALSHA
     async with store.open("c:side", lease_s=5, wait_s=1) as txn:
         txn.side_writes.append((f"{side}b", b"spec2", 60))
-        txn.save(make("c:side", turn_count=4), ttl_s=60)
+        txn.save(stored("c:side", turn_count=4), ttl_s=60)
     loaded = await store.get("c:side")
     assert loaded is not None
     assert loaded.turn_count == 4
@@ -394,7 +388,7 @@ async def test_redis_side_writes_go_with_the_release(store: SessionStore) -> Non
         async with store.open("c:side", lease_s=5, wait_s=1) as txn:
             await store.redis.delete(f"{store._prefix}:{{c:side}}:lock")
             txn.side_writes.append((side, b"spec3", 60))
-            txn.save(make("c:side", turn_count=99), ttl_s=60)
+            txn.save(stored("c:side", turn_count=99), ttl_s=60)
     loaded = await store.get("c:side")
     assert loaded is not None
     assert loaded.turn_count == 4
@@ -406,7 +400,7 @@ async def test_redis_side_writes_go_with_the_release(store: SessionStore) -> Non
     async with store.open("c:side", lease_s=5, wait_s=1) as txn:
         txn.side_writes.append((f"{side}c", b"spec4", 0))
         txn.side_writes.append((f"{side}d", b"spec5", 60))
-        txn.save(make("c:side", turn_count=5), ttl_s=60)
+        txn.save(stored("c:side", turn_count=5), ttl_s=60)
     loaded = await store.get("c:side")
     assert loaded is not None
     assert loaded.turn_count == 5

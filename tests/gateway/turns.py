@@ -1,6 +1,6 @@
 """Helpers of the turn engine tests: a turn context, the texts and items of a turn, a V2
 text turn through a served gateway, an engine, a
-turn failed by the pipeline and the session it leaves."""
+turn failed by the pipeline and the session it leaves, a stored session."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ from gateway.events import (
 from gateway.pipeline import make_pipeline
 from gateway.sessions import ClientState, MemorySessionStore, Session, SessionStore
 from gateway.settings import Settings
+
+
+def stored(key: str = "c:s1", **fields: object) -> Session:
+    """A Session of channel ``c`` and app ``app`` under store key ``key`` (its id the
+    key's last part), with ``fields`` as Session takes them."""
+    return Session.model_validate(
+        {"id": key.split(":")[-1], "key": key, "channel": "c", "app_key": "app", **fields}
+    )
 
 
 def ctx(session_id: str = "s1", **fields: Any) -> TurnContext:
