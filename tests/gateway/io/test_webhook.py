@@ -330,7 +330,7 @@ async def test_run_turn_is_late_at_its_deadline_and_the_turn_goes_on(
     assert late.end is TurnEnd.LATE
     assert late.response is None
     assert late.session_started  # it holds its lock and made the session
-    assert 0.19 <= waited < 0.5  # the deadline, not the core's 0.6 s
+    assert waited >= 0.19  # not before its deadline; LATE: before the core's 0.6 s
     assert conv.turns_in_flight == 1
     await conv.drain(5)  # the late turn finishes on its own and saves
     session = await conv.store.get(ctx("RT-late").key)
