@@ -68,15 +68,35 @@ def truncate_text(text: str, max_chars: int) -> str:
     return text[:room] + ELLIPSIS
 
 
+_ESCAPED_WIDTH = {"&": 5, "<": 4, ">": 4}
+"""Characters :func:`xml.sax.saxutils.escape` replaces, and the length of their entity."""
+
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+"""Characters XML 1.0 does not allow in a document (section 2.2, ``Char``), even escaped:
+C0 controls but tab, line feed and carriage return; surrogates; U+FFFE and U+FFFF."""
+
+
+def xml_text(text: str) -> str:
+    """``text`` as SSML character data: ``&``, ``<``, ``>`` escaped and the characters XML
+    does not allow (:data:`_NOT_XML`, a bell ``\\x07`` say) removed, so the document a
+    platform parses stays well-formed."""
+    return escape(_NOT_XML.sub("", text))
+
+
 def _truncate_escaped(text: str, budget: int) -> str:
-    """The escaped form of ``text`` cut (sensibly, before escaping) to fit ``budget`` chars."""
-    limit = budget
-    while limit > 0:
-        escaped = escape(truncate_text(text, limit))
-        if len(escaped) <= budget:
-            return escaped
-        limit -= max(1, len(escaped) - budget)
-    return ""
+    """``text`` as SSML character data (:func:`xml_text`) of at most ``budget`` characters:
+    cut (sensibly, by :func:`truncate_text`) before escaping, at the longest prefix whose
+    escaped form fits, so text full of ``&`` or ``<`` is cut where it must be, not dropped."""
+    text = _NOT_XML.sub("", text)
+    fits = used = 0
+    for char in text:
+        used += _ESCAPED_WIDTH.get(char, 1)
+        if used > budget:
+            break
+        fits += 1
+    # truncate_text keeps a prefix of text[:fits], its ellipsis (1 character) standing
+    # for at least one cut character: its escaped form is no longer than text[:fits]'s
+    return escape(truncate_text(text, fits))
 
 
 # ---------------------------------------------------------------------- SSML
@@ -116,7 +136,7 @@ def item_ssml(item: ResponseItem, *, audio_https_only: bool = True) -> str:
     if item.ssml and ssml_to_text(item.ssml) is not None:
         parts.append(_strip_speak(item.ssml).strip())
     elif item.text and not _is_command(item):
-        parts.append(escape(item.text.strip()))
+        parts.append(xml_text(item.text.strip()))
     if item.audio and (item.audio.startswith("https://") or not audio_https_only):
         parts.append(f"<audio src={quoteattr(item.audio)}/>")
     return " ".join(p for p in parts if p)

@@ -589,8 +589,11 @@ def _wire_bytes(envelope: AlexaResponseEnvelope) -> bytes:
 def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES) -> bytes:
     """The JSON bytes of ``envelope``, made to fit in ``max_bytes`` (24 KB).
 
-    When too large: the card text is dropped, then the reprompt, then the speech
-    is cut (at a sentence/word boundary, SSML kept well-formed) until it fits.
+    When too large: the card text is dropped, then the whole card (its image URLs), then
+    the reprompt, then the speech is cut (at a sentence/word boundary, SSML kept
+    well-formed) until it fits. When even that does not fit (the session id itself
+    is too large), the answer says nothing and ends the session, as Alexa requires of
+    an empty in-session response.
     """
     data = _wire_bytes(envelope)
     if len(data) <= max_bytes:
@@ -600,6 +603,9 @@ def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES)
     if body.card is not None:
         body.card.text = None
         data = _wire_bytes(env)
+        if len(data) > max_bytes:
+            body.card = None
+            data = _wire_bytes(env)
     if len(data) > max_bytes and body.reprompt is not None:
         body.reprompt = None
         data = _wire_bytes(env)
@@ -615,6 +621,6 @@ def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES)
         else:
             speech.ssml = spoken
         data = _wire_bytes(env)
-    if len(data) > max_bytes:  # nothing left to cut: say nothing rather than break
-        data = _wire_bytes(empty_response(session_id=None, end=body.should_end_session))
+    if len(data) > max_bytes:  # nothing left to cut: say nothing (and end) rather than break
+        data = _wire_bytes(empty_response(session_id=None, end=True))
     return data

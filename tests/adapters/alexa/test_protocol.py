@@ -312,6 +312,49 @@ def test_a_long_ssml_item_is_cut_and_stays_well_formed() -> None:
     assert well_formed(speech).startswith("Intro. Part 0 of the story.")
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["<" * 3000, "AT&T & P&G " * 900, "Tom & Jerry & Co " * 600, "a > b " * 2000],
+    ids=["lt", "companies", "names", "gt"],
+)
+def test_text_full_of_escaped_characters_is_cut_to_the_budget_not_dropped(text: str) -> None:
+    speech = speech_ssml([ResponseItem(text=text)], MAX_SPEECH_CHARS)
+    assert speech is not None  # before: None, and the answer ended the session silently
+    assert MAX_SPEECH_CHARS - 8 <= len(speech) <= MAX_SPEECH_CHARS  # cut where it must be
+    said = well_formed(speech)
+    assert text.startswith(said.removesuffix("…").rstrip(" ,;:-&"))
+    answer = parsed(
+        encode(turn_response(Response(items=[ResponseItem(text=text)]), session_id="S"))
+    )
+    assert answer.response.should_end_session is False
+
+
+def test_characters_xml_forbids_are_left_out_of_the_speech() -> None:
+    items = [
+        ResponseItem(text="Bell \x07 here\x00, \ufffe done."),
+        ResponseItem(text="\x1b" * 9000),
+    ]
+    speech = speech_ssml(items, MAX_SPEECH_CHARS)
+    assert speech is not None
+    assert well_formed(speech) == "Bell  here,  done."
+
+
+def test_an_oversized_card_goes_before_the_speech_and_a_hopeless_answer_ends() -> None:
+    image = "https://img.example/x.png?sig=" + "a" * 25_000
+    items = [ResponseItem(text="Hello there.", image=image)]
+    answer = parsed(encode(turn_response(Response(items=items), session_id="S1")))
+    assert answer.response.card is None  # its image URL alone is over 24 KB
+    assert answer.response.output_speech.ssml == "<speak>Hello there.</speak>"
+    assert answer.session_attributes == {"gatewaySessionId": "S1"}
+    assert answer.response.should_end_session is False
+    # a session id over the limit: nothing can be said, and Alexa needs the empty answer
+    # of a session to end it
+    hopeless = turn_response(Response(items=[ResponseItem(text="Hi.")]), session_id="S" * 30_000)
+    closed = parsed(encode(hopeless))
+    assert closed.response.output_speech is None
+    assert closed.response.should_end_session is True
+
+
 def test_truncate_text_boundaries() -> None:
     assert truncate_text("short", 10) == "short"
     assert truncate_text("One. Two three four five six", 12) == "One. Two…"
