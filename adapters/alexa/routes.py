@@ -141,6 +141,10 @@ class AlexaWebhook(WebhookChannel[Planned, AlexaResponseEnvelope]):
         """:func:`adapters.alexa.protocol.answer_response`."""
         return answer_response(planned[1], response)
 
+    def ends_anyway(self, planned: Planned) -> bool:
+        """AMAZON.StopIntent and CancelIntent end the session whatever the core does."""
+        return planned[1].end_session
+
     def fallback(self, planned: Planned, text: str, end: bool) -> AlexaResponseEnvelope:
         """:func:`adapters.alexa.protocol.fallback_response`."""
         return fallback_response(planned[1], text, end)

@@ -104,6 +104,11 @@ class _Webhook(WebhookChannel[Plan, dict[str, Any]]):
         """:func:`adapters.google.protocol.answer_json`."""
         return answer_json(planned, response)
 
+    def ends_anyway(self, planned: Plan) -> bool:
+        """Cancel and the final no-input and no-match intents end the conversation whatever
+        the core does."""
+        return planned.end_session
+
     def fallback(self, planned: Plan, text: str, end: bool) -> dict[str, Any]:
         """:func:`adapters.google.protocol.fallback_json`."""
         return fallback_json(planned, text, end)

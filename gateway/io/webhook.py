@@ -21,7 +21,11 @@ I/O, the same for all:
    conversation the gateway ends its session too, :func:`end_session`); LATE, BUSY,
    REFUSED and FAILED through the channel's pure table ``fallbacks`` (TurnEnd ->
    Fallback, e.g. :data:`gateway.turn.VOICE_FALLBACKS`) into
-   :meth:`~WebhookChannel.fallback` with the prompt's text from the settings.
+   :meth:`~WebhookChannel.fallback` with the prompt's text from the settings; but a
+   request that closes the conversation whatever the core says
+   (:meth:`~WebhookChannel.ends_anyway`: the user said stop or cancel) is answered as
+   an empty Response that ends the session would be, and the gateway's session ends
+   (after a late turn, in the background).
 
 A late turn is not cancelled: it runs in its own task (gateway/conversation.py),
 finishes and saves the session, and the platform hears "still working" instead of
@@ -150,6 +154,11 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     def fallback(self, planned: _PlanT, text: str, end: bool) -> _AnswerT:
         """An answer saying the gateway's own ``text``; ``end`` closes the conversation."""
 
+    def ends_anyway(self, planned: _PlanT) -> bool:
+        """Whether ``planned`` closes the conversation whatever the turn gives (the user
+        said stop or cancel): False by default."""
+        return False
+
     @abstractmethod
     def encode(self, answer: _AnswerT) -> HTTPResponse:
         """The HTTP answer (200, the platform's JSON) carrying ``answer``."""
@@ -188,6 +197,8 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     async def _turn(
         self, planned: _PlanT, ctx: TurnContext, input: Input, deadline_s: float
     ) -> _AnswerT:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         outcome = await run_turn(self.gw.conversation, ctx, input, deadline_s)
         end = outcome.end
         if end is TurnEnd.ANSWERED:
@@ -195,6 +206,17 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             answer, closes = self.answer(planned, outcome.response)
             if closes and not outcome.session_ended:  # the platform closes it: so does the gateway
                 await self.end(ctx, max(deadline_s - END_MARGIN_S, END_MARGIN_S))
+            return answer
+        if self.ends_anyway(planned):  # stop means stop, whether the core answered or not
+            self.log.info(
+                "turn of %s %s; the user closed the conversation: closed without an answer",
+                session_ref(ctx.key),
+                end.value,
+            )
+            answer, _ = self.answer(planned, Response(session_ended=True))
+            # a late turn holds the session: its end waits for it in the background
+            left = deadline_s - (loop.time() - started)
+            await self.end(ctx, max(left - END_MARGIN_S, 0.0))
             return answer
         if end is TurnEnd.LATE:
             self.log.info(

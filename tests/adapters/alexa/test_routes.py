@@ -470,15 +470,19 @@ async def test_bad_input_is_400_and_never_500(caplog: pytest.LogCaptureFixture) 
 
 def make_core(delay_s: float) -> FastAPI:
     """A small core: 'slow' sleeps ``delay_s`` s then sets an attribute; 'fail' answers
-    HTTP 500; 'long' answers 20,000+ characters; anything else reports the turn number
-    and that attribute."""
+    HTTP 500; 'long' answers 20,000+ characters; 'stop' is taken as ``core.state.on_stop``
+    when set ('slow' or 'fail'); anything else reports the turn number and that
+    attribute."""
     core = FastAPI()
     core.state.finished = asyncio.Event()
+    core.state.on_stop = None
 
     @core.post("/turn")
     async def turn(request: Request) -> JSONResponse:
         body = await request.json()
         text = body["input"]["transcript"]["text"]
+        if text == "stop" and core.state.on_stop:
+            text = core.state.on_stop
         if text == "slow":
             await asyncio.sleep(delay_s)
             core.state.finished.set()
@@ -561,3 +565,30 @@ async def test_a_failing_core_is_apologised_for_and_the_session_kept() -> None:
         assert failed.response.should_end_session is False
         after = await say(client, envelope("S-fail", text="next"))
         assert spoken(after) == "turn 1 slowDone None"  # the failed turn did not advance it
+
+
+@pytest.mark.parametrize(
+    ("intent", "trouble"), [("AMAZON.StopIntent", "fail"), ("AMAZON.CancelIntent", "slow")]
+)
+async def test_stop_and_cancel_end_the_session_when_the_core_fails_or_is_late(
+    intent: str, trouble: str
+) -> None:
+    core = make_core(delay_s=1.5)
+    core.state.on_stop = trouble
+    async with (
+        serve(core) as core_url,
+        gateway(alexa_deadline_s=0.5, pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        sid = f"S-{trouble}-stop"
+        assert spoken(await say(client, envelope(sid, text="hello"))) == "turn 1 slowDone None"
+        stopped = await say(client, envelope(sid, intent=intent))
+        # stop means stop: Alexa closes the session, quietly, whatever the core did
+        assert stopped.response.should_end_session is True
+        assert spoken(stopped) == ""
+        assert stopped.response.reprompt is None
+        if trouble == "slow":  # the late turn saves, then the pending end deletes
+            await asyncio.wait_for(core.state.finished.wait(), 5)
+            await asyncio.sleep(0.3)
+        again = await say(client, envelope(sid, text="next"))
+        assert spoken(again) == "turn 1 slowDone None"  # the gateway's session ended too

@@ -553,3 +553,29 @@ async def test_a_slow_or_failing_core_gets_a_spoken_answer() -> None:
         failed = ok(await client.post("/google", json=v3("fails", "FreeText", "fail")))
         assert check_v3(v3("fails", "x"), failed) == Settings().voice_error_text
         assert "scene" not in failed  # the conversation goes on
+
+
+async def test_cancel_ends_the_conversation_when_the_core_fails() -> None:
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        if body["input"]["transcript"]["text"] == "stop":
+            return JSONResponse({"detail": "the core tripped"}, status_code=500)
+        return JSONResponse({"items": [{"text": f"turn {body['turn']}"}]})
+
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", google_deadline_s=0.4, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        sid = "cancel-fails"
+        said = check_v3(v3(sid, "x"), ok(await client.post("/google", json=v3(sid, "Free", "hi"))))
+        assert said == "turn 1"
+        bye = ok(await client.post("/google", json=v3(sid, "actions.intent.CANCEL", "cancel")))
+        # the user closed the conversation: it ends, with nothing said, whatever the core did
+        assert bye["scene"]["next"] == {"name": END}
+        assert "firstSimple" not in bye["prompt"]
+        again = ok(await client.post("/google", json=v3(sid, "Free", "hi")))
+        assert check_v3(v3(sid, "x"), again) == "turn 1"  # the gateway's session ended too
