@@ -45,7 +45,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -591,26 +591,22 @@ class RedisSessionStore:
         txn = SessionTxn(key, session, token=token, pushes_pending=pending, raw=data or None)
         # the renewer starts only when the transaction outlives a third of its lease:
         # a timer costs far less than a task per turn, and most turns end before it
-        keeper: list[asyncio.Task[None]] = []
+        keeper: list[_Keeper] = []
         timer = asyncio.get_running_loop().call_later(
             lease_ms / 3000,
-            lambda: keeper.append(
-                asyncio.create_task(
-                    self._keep(txn, lock_key, lease_ms, acquired), name=f"lease {key}"
-                )
-            ),
+            lambda: keeper.append(_Keeper(self._keep, txn, lock_key, lease_ms, acquired)),
         )
         try:
             yield txn
         except BaseException:
             timer.cancel()
             if keeper:
-                await _stop(keeper[0])
+                await keeper[0].stop()
             await self._finish(txn, lock_key, data_key, applied=False)
             raise
         timer.cancel()
         if keeper:
-            await _stop(keeper[0])
+            await keeper[0].stop()
         await self._finish(txn, lock_key, data_key, applied=True)
 
     def _orphaned_take(self, lock_key: str, data_key: str, token: str, reply: Any) -> None:
@@ -625,16 +621,21 @@ class RedisSessionStore:
         release = self._batch.call(self._release, [lock_key, data_key], [token, "keep", "", 0])
         release.add_done_callback(_retrieved)
 
-    async def _keep(self, txn: SessionTxn, lock_key: str, lease_ms: int, acquired: float) -> None:
-        """Renew the lease now and every third of it while ``txn`` is open; mark it lost
-        when gone. Started a third of a lease after ``acquired``.
+    async def _keep(
+        self, txn: SessionTxn, lock_key: str, lease_ms: int, acquired: float, done: asyncio.Event
+    ) -> None:
+        """Renew the lease now and every third of it until ``done`` is set (``txn`` was
+        closed); mark ``txn`` lost when the lock is gone. Started a third of a lease after
+        ``acquired``.
 
         A Redis error is retried at the next period; once a whole lease has passed
-        since the last renewal that succeeded, the lock is counted as lost.
+        since the last renewal that succeeded, the lock is counted as lost. ``done`` is
+        checked after every renewal, so the loop ends even when the cancellation meant
+        to stop it is lost (see :class:`_Keeper`).
         """
         period = lease_ms / 3000
         renewed = acquired
-        while True:
+        while not done.is_set():
             sent = time.monotonic()
             try:
                 with metrics.labelled(metrics.REDIS_SECONDS, "renew").time():
@@ -655,7 +656,9 @@ class RedisSessionStore:
                     )
                     return
                 renewed = sent
-            await asyncio.sleep(period)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period):
+                    await done.wait()
 
     async def _finish(
         self, txn: SessionTxn, lock_key: str, data_key: str, *, applied: bool
@@ -739,11 +742,39 @@ def _ref(key: str) -> str:
     return session_ref(key)
 
 
-async def _stop(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait for it (a renewal in flight ends first)."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+class _Keeper:
+    """The lease renewer of one open transaction (:meth:`RedisSessionStore._keep` in a
+    task of its own) and the event that ends it.
+
+    Cancelling the task alone is not enough: redis-py sends each command under
+    ``asyncio.wait_for``, which on Python 3.11 swallows a cancellation that arrives as
+    the command completes; the renewer then went on renewing the lock forever, its
+    turn waiting for it, the session locked for good. :meth:`stop` sets the event,
+    which the loop checks after every renewal, and cancels the task too, so a sleeping
+    renewer ends at once.
+    """
+
+    def __init__(
+        self,
+        keep: Callable[[SessionTxn, str, int, float, asyncio.Event], Coroutine[Any, Any, None]],
+        txn: SessionTxn,
+        lock_key: str,
+        lease_ms: int,
+        acquired: float,
+    ) -> None:
+        self.done = asyncio.Event()
+        self.task: asyncio.Task[None] = asyncio.create_task(
+            keep(txn, lock_key, lease_ms, acquired, self.done), name="lease renewer"
+        )
+
+    async def stop(self) -> None:
+        """End the renewer and wait for it (a renewal in flight ends first). A
+        cancellation of the caller while it waits is not swallowed."""
+        self.done.set()
+        self.task.cancel()
+        await asyncio.wait([self.task])
+        if not self.task.cancelled() and (exc := self.task.exception()) is not None:
+            log.warning("the lease renewer failed: %r", exc)
 
 
 def redis_client(url: str, *, max_connections: int = 64) -> RedisClient:

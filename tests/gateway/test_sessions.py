@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -223,6 +225,41 @@ async def test_redis_renewal_that_finds_the_lock_gone_fences_the_holder(
             await store.redis.delete(f"{redis_prefix}:{{c:gone2}}:lock")
             await asyncio.sleep(0.3)
             assert txn.lost
+    finally:
+        await store.aclose()
+
+
+async def test_redis_renewer_ends_even_when_a_renewal_swallows_its_cancellation(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py sends a command under asyncio.wait_for, which on Python 3.11 can swallow a
+    cancellation arriving as the command completes. A renewal in flight when the
+    transaction closed did that (here: every time), and the renewer went on renewing:
+    the turn waited for it forever, and its session stayed locked."""
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    renew = store._renew
+    in_flight = asyncio.Event()
+
+    async def swallowing(**kwargs: Any) -> Any:
+        result = await renew(**kwargs)
+        if not in_flight.is_set():  # the first renewal: the transaction closes during it
+            in_flight.set()
+            with contextlib.suppress(asyncio.CancelledError):  # as wait_for may
+                await asyncio.sleep(0.1)
+        return result
+
+    monkeypatch.setattr(store, "_renew", swallowing)
+    try:
+        async with asyncio.timeout(5) as guard:  # before the fix: forever
+            async with store.open("c:swallow", lease_s=0.6, wait_s=1) as txn:
+                await in_flight.wait()
+                txn.save(stored("c:swallow", turn_count=4), ttl_s=60)
+        assert not guard.expired()  # the renewer stopped, the transaction closed
+        lock = await store.redis.pttl(f"{redis_prefix}:{{c:swallow}}:lock")
+        assert lock == -2  # released
+        loaded = await store.get("c:swallow")
+        assert loaded is not None
+        assert loaded.turn_count == 4
     finally:
         await store.aclose()
 
