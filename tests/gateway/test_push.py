@@ -208,6 +208,38 @@ async def test_a_client_without_init_session_gets_its_queue_with_its_next_turn(
             assert [i["text"] for i in queued["response"]["items"]] == ["Queued."]
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_v1_resume_of_another_applications_session_gets_nothing_of_it(
+    shared: dict[str, Any], store: str
+) -> None:
+    """Init with the sessionId of another application key's session: an Error frame of
+    source session, and neither the session's past answers nor its pushes (before the
+    fix the whole outbox was replayed to the other key, and pushes followed)."""
+    settings = shared if store == "redis" else {"admin_keys": shared["admin_keys"]}
+    async with served(**settings) as a, httpx.AsyncClient(timeout=10) as http:
+        async with connect(ws_url(a)) as owner:
+            await send_json(owner, init_frame("shop"))
+            assert await recv_json(owner) == {"type": "Ready"}
+            frames = await turn(owner, request_frame("my name is Alice", "victim-1"))
+            assert frames[-1]["response"]["items"][0]["text"] == "Nice to meet you, Alice."
+        async with connect(ws_url(a)) as other:
+            await send_json(other, {**init_frame("evil"), "sessionId": "victim-1", "lastSeq": 0})
+            assert await recv_json(other) == {"type": "Ready"}
+            refused = await recv_json(other)
+            assert refused == {
+                "type": "Error",
+                "text": "Session victim-1 belongs to another application.",
+                "source": "session",
+            }
+            assert (await push(http, a, {"sessionId": "victim-1"}, "Secret.")).status_code == 202
+            frames = await turn(other, request_frame("what is my name"))
+            assert frames[-1]["type"] == "Error"  # its turns are refused too
+            assert frames[-1]["source"] == "session"
+            with pytest.raises(TimeoutError):  # and nothing of the session follows
+                async with asyncio.timeout(0.5):
+                    await recv_json(other)
+
+
 # ---------------------------------------------------------------- Flowstorm V2
 
 V2 = "/client?key=test-key&tts=None"

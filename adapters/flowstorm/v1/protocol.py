@@ -233,12 +233,19 @@ class StoreLogs:
 
 @dataclass(frozen=True)
 class Follow:
-    """Follow the outbox of session ``key`` (gateway/outbox.py): hand what lies above
-    ``after`` (None: above its delivered mark), and what is appended later, to
-    :meth:`V1Connection.deliver` whenever :attr:`V1Connection.can_deliver`."""
+    """Follow the outbox of the session of ``ctx`` (gateway/outbox.py): hand what lies
+    above ``after`` (None: above its delivered mark), and what is appended later, to
+    :meth:`V1Connection.deliver` whenever :attr:`V1Connection.can_deliver`. Only a
+    session that exists and is the connection's application key's is followed (the
+    runner checks: another application's is an Error frame of source ``session``)."""
 
-    key: str
+    ctx: TurnContext
     after: int | None
+
+    @property
+    def key(self) -> str:
+        """The session's store key."""
+        return self.ctx.key
 
 
 @dataclass(frozen=True)
@@ -796,7 +803,7 @@ class V1Connection:
         if resumed is None:
             return [ready]
         self.session_id = resumed  # the next turn continues it; what it missed comes now
-        return [ready, Follow(f"{NAMESPACE}:{resumed}", event.last_seq)]
+        return [ready, Follow(self._context(resumed), event.last_seq)]
 
     def _on_input(self, event: RequestEvent | InputEvent) -> list[Action]:
         self.machine.check(event.type)  # out of order: nothing changes

@@ -63,7 +63,7 @@ from gateway.protocol.actions import (
     StartListening,
     StartTurn,
 )
-from gateway.sessions import StoreError
+from gateway.sessions import StoreError, StoreUnavailable
 from gateway.speech.audio import AudioFormatError
 from gateway.speech.stage import SpeechStage
 from gateway.speech.stt import RecognitionError, RecognizerBusy
@@ -234,7 +234,24 @@ class _Socket(WebSocketDriver[Action]):
         if isinstance(action, StoreLogs):
             self.spawn(self._store_logs(action), "logs", background=True)
         elif isinstance(action, Follow) and self.following is not None:
-            self.following.follow(action.key, action.after)
+            await self._resume(action, self.following)
+
+    async def _resume(self, action: Follow, following: Following) -> None:
+        """Follow the outbox of the session an Init resumes, when it exists and is the
+        connection's application key's. Another application's session is refused with
+        an Error frame of source ``session`` (its answers and pushes are not the
+        client's to read); an unknown one is not followed (the turn that creates it
+        adopts it); a store failure is an Error frame of source ``gateway``."""
+        try:
+            found = await self.gw.conversation.find(action.ctx)
+        except StoreUnavailable:
+            await self.run([error_frame("The session store is unavailable.", "gateway")])
+            return
+        if found == "foreign":
+            text = f"Session {action.ctx.session_id} belongs to another application."
+            await self.run([error_frame(text, "session")])
+        elif found == "found":
+            following.follow(action.key, action.after)
 
     async def shutdown(self) -> None:
         await super().shutdown()
