@@ -669,10 +669,25 @@ class Conversation:
         session.client_state = ClientState.PROCESSING
 
     def _append_logs(self, session: Session, entries: Sequence[LogEntry]) -> None:
-        session.logs.extend(entries)
+        """Keep ``entries`` with ``session``: at most GATEWAY_MAX_LOG_ENTRIES entries and
+        GATEWAY_MAX_LOG_CHARS characters of text, the oldest dropped first (an entry
+        longer than that alone is cut), so a client cannot grow its session, and the
+        time every turn takes to load and save it, without bound."""
+        limit = self.settings.max_log_chars
+        session.logs.extend(
+            e if len(e.text) <= limit else e.model_copy(update={"text": e.text[:limit]})
+            for e in entries
+        )
         overflow = len(session.logs) - self.settings.max_log_entries
         if overflow > 0:
             del session.logs[:overflow]
+        total = sum(len(e.text) for e in session.logs)
+        drop = 0
+        while total > limit:
+            total -= len(session.logs[drop].text)
+            drop += 1
+        if drop:
+            del session.logs[:drop]
 
     async def _process(
         self,
@@ -829,19 +844,25 @@ class Conversation:
             return "not-found"
         return "found" if session.app_key == ctx.app_key else "foreign"
 
-    async def log(self, ctx: TurnContext, entries: Sequence[LogEntry]) -> bool:
-        """Store client log entries with ``ctx``'s session; False when it does not exist.
+    async def log(
+        self, ctx: TurnContext, entries: Sequence[LogEntry]
+    ) -> Literal["stored", "not-found", "foreign"]:
+        """Store client log entries with ``ctx``'s session: ``stored``; ``not-found`` when
+        it does not exist (or expired), ``foreign`` when it is another application key's
+        (nothing stored).
 
         Raises SessionBusy or StoreUnavailable like a turn does.
         """
         async with self.store.open(
             ctx.key, lease_s=self._lease_s(), wait_s=self.settings.lock_wait_s
         ) as txn:
-            if txn.session is None or txn.session.app_key != ctx.app_key:
-                return False
+            if txn.session is None:
+                return "not-found"
+            if txn.session.app_key != ctx.app_key:
+                return "foreign"
             self._append_logs(txn.session, entries)
             txn.save(txn.session, txn.session.timeout_s)
-            return True
+            return "stored"
 
     async def end(self, ctx: TurnContext) -> bool:
         """End ``ctx``'s session without a turn (the platform closed it); True if it existed."""

@@ -200,6 +200,12 @@ class Settings(BaseSettings):
         default=1_048_576, gt=0, description="Largest text/JSON request body or WebSocket text."
     )
     max_log_entries: int = Field(default=500, gt=0, description="Client log entries kept.")
+    max_log_chars: int = Field(
+        default=100_000,
+        gt=0,
+        description="Characters of client log text kept with a session, all entries "
+        "together (the oldest go first; a longer entry is cut).",
+    )
     shutdown_timeout_s: int = Field(
         default=30,
         gt=0,

@@ -105,14 +105,33 @@ async def test_namespaces_keep_channels_apart() -> None:
 
 async def test_logs_are_stored_with_the_session_and_bounded() -> None:
     conv = engine(max_log_entries=3)
-    assert await conv.log(ctx(), [LogEntry(text="early")]) is False  # no session yet
+    assert await conv.log(ctx(), [LogEntry(text="early")]) == "not-found"  # no session yet
     await conv.turn(
         ctx(logs=[LogEntry(text="a"), LogEntry(text="b")]), Input.of("#intro")
     ).collect()
-    assert await conv.log(ctx(), [LogEntry(text="c"), LogEntry(text="d")]) is True
+    assert await conv.log(ctx(), [LogEntry(text="c"), LogEntry(text="d")]) == "stored"
+    foreign = TurnContext(channel="test", session_id="s1", app_key="other")
+    assert await conv.log(foreign, [LogEntry(text="e")]) == "foreign"
     session = await conv.store.get(ctx().key)
     assert session is not None
     assert [e.text for e in session.logs] == ["b", "c", "d"]
+
+
+async def test_logs_are_bounded_in_characters_too() -> None:
+    """500 entries of 1 MB each made a session of 500 MB, loaded and saved by every
+    turn: the text kept is bounded as a whole, the oldest going first."""
+    conv = engine(max_log_chars=1000)
+    await conv.turn(ctx(), Input.of("#intro")).collect()
+    assert await conv.log(ctx(), [LogEntry(text="x" * 1_000_000, level="ERROR")]) == "stored"
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert [(e.level, len(e.text)) for e in session.logs] == [("ERROR", 1000)]  # cut
+    await conv.log(ctx(), [LogEntry(text="a" * 400), LogEntry(text="b" * 400)])
+    await conv.turn(ctx(logs=[LogEntry(text="c" * 300)]), Input.of("hello")).collect()
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert [e.text[0] for e in session.logs] == ["b", "c"]  # 700 characters: x, a dropped
+    assert sum(len(e.text) for e in session.logs) <= 1000
 
 
 async def test_turns_of_one_session_run_one_at_a_time(redis_url: str, redis_prefix: str) -> None:

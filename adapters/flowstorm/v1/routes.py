@@ -356,7 +356,7 @@ class _Socket(WebSocketDriver[Action]):
 
     async def _store_logs(self, action: StoreLogs) -> None:
         try:
-            stored = await self.conversation.log(action.ctx, action.entries)
+            stored = await self.conversation.log(action.ctx, action.entries) == "stored"
         except StoreError as exc:
             log.warning(
                 "client logs of session %s not stored: %s", session_ref(action.ctx.key), exc

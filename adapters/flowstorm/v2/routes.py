@@ -511,7 +511,12 @@ async def _store_logs(gw: Gateway, ctx: TurnContext, *, plain: bool) -> HTTPResp
     except StoreUnavailable:
         error = ErrorEvent(text="The session store is unavailable.", source="gateway")
         return _answer(503, error, plain=plain)
-    if not stored:
+    if stored == "foreign":
+        error = ErrorEvent(
+            text=f"Session {ctx.session_id} belongs to another application.", source="session"
+        )
+        return _answer(403, error, plain=plain)
+    if stored == "not-found":
         error = ErrorEvent(
             text=f"Session {ctx.session_id} is unknown or has expired.", source="session"
         )

@@ -141,6 +141,15 @@ async def test_logs_alone_are_stored_with_the_session() -> None:
         session_id = client.cookies["flowstorm-session-id"]
         session = await app.state.gateway.store.get(f"flowstorm:{session_id}")
         assert [e.text for e in session.logs] == ["mic muted"]
+        # another application's key with the session's cookie: 403, as for a turn
+        foreign = await client.put(
+            "/client?key=another-app", headers=JSON,
+            content='{"type":"Log","entries":[{"text":"not mine"}]}',
+        )  # fmt: skip
+        assert foreign.status_code == 403
+        assert foreign.json()["text"] == f"Session {session_id} belongs to another application."
+        session = await app.state.gateway.store.get(f"flowstorm:{session_id}")
+        assert [e.text for e in session.logs] == ["mic muted"]
 
 
 @pytest.mark.parametrize(
