@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -87,6 +88,25 @@ async def require_admin(request: Request) -> None:
             exc.detail,
         )
         raise
+
+
+ADMIN_CHECKS: set[Callable[..., Any]] = {require_admin}
+"""The FastAPI dependencies that check the admin key (:func:`require_admin` and the admin
+API's own, gateway/push.py): a route depending on one is an admin route."""
+
+
+def admin_route(request: Request) -> bool:
+    """Whether the route ``request`` matched checks the admin key (:data:`ADMIN_CHECKS`).
+
+    FastAPI parses a JSON body before it solves the route's dependencies, so a
+    malformed body would be answered 400 before the key is looked at; the app's
+    handler of invalid requests asks this first and refuses a request without a valid
+    key as :func:`check_admin_key` would.
+    """
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None:
+        return False
+    return any(d.call in ADMIN_CHECKS for d in dependant.dependencies)
 
 
 async def admin_refused_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -33,6 +33,7 @@ from adapters.twilio.routes import router as twilio_router
 from adapters.voiceflow.routes import mount as mount_voiceflow
 from adapters.vonage.routes import router as vonage_router
 from gateway import apidoc, console
+from gateway.admin import AdminRefused, admin_refused_handler, admin_route, check_admin_key
 from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.calls import mount as mount_calls
 from gateway.conversation import Conversation
@@ -298,6 +299,11 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if admin_route(request):  # the body was parsed before the key was checked
+            try:
+                check_admin_key(settings.admin_keys, request.headers.get("authorization"))
+            except AdminRefused as refused:
+                return await admin_refused_handler(request, refused)
         return problem(400, "Bad request", "The request is not valid.", errors=_errors(exc))
 
     quiet_aborts(log, logging.getLogger("uvicorn.error"))  # a cut-off streamed body

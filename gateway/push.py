@@ -43,7 +43,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import Field, model_validator
 
-from gateway.admin import check_admin_key
+from gateway.admin import ADMIN_CHECKS, check_admin_key
 from gateway.admin import install as install_admin
 from gateway.bus import BusUnavailable
 from gateway.deps import gateway_of
@@ -314,6 +314,9 @@ def _admin(
     scheme in the OpenAPI document."""
     keys = gateway_of(request).settings.admin_keys
     check_admin_key(keys, request.headers.get("authorization"))
+
+
+ADMIN_CHECKS.add(_admin)
 
 
 def install(app: Any) -> None:

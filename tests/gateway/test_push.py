@@ -373,6 +373,19 @@ async def test_unknown_targets_a_full_outbox_and_bad_keys_are_refused(
         assert (await http.get(f"{a}/v1/sessions/nobody", headers=AUTH)).status_code == 404
         bad = await http.post(f"{a}/v1/push", json={"target": {}, "items": []}, headers=AUTH)
         assert bad.status_code == 400
+        # a body that is not even JSON: the key is checked first all the same
+        for headers, status in (({}, 401), ({"Authorization": "Bearer nope"}, 403)):
+            garbled = await http.post(
+                f"{a}/v1/push",
+                content=b"{bad",
+                headers={"Content-Type": "application/json", **headers},
+            )
+            assert garbled.status_code == status
+            assert garbled.headers["content-type"] == "application/problem+json"
+        garbled = await http.post(
+            f"{a}/v1/push", content=b"{bad", headers={"Content-Type": "application/json", **AUTH}
+        )
+        assert garbled.status_code == 400  # with the key: what is wrong with the body
     async with served() as off, httpx.AsyncClient(timeout=10) as http:  # no keys configured
         answer = await push(http, off, {"sessionId": "x"}, "Hi.")
         assert answer.status_code == 403
