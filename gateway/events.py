@@ -120,7 +120,8 @@ class Input(Frozen):
     ``transcript.text`` beginning with ``#`` is an action (``#intro``,
     ``#silence``, ``#error``); ``action`` names it. Either may be given on the
     wire: an ``action`` alone gets it as transcript text, a ``#`` transcript
-    alone gets its first word as ``action``. ``attributes`` are this turn's
+    alone gets its first word as ``action``; ``action`` ``""`` says the text is
+    no action whatever it begins with (:meth:`said`). ``attributes`` are this turn's
     (for channels with NLU of their own, such as Alexa or Dialogflow, the
     intent and slots); client attributes kept across turns travel in the
     TurnContext.
@@ -150,6 +151,16 @@ class Input(Frozen):
     def of(cls, text: str, **fields: Any) -> Input:
         """An input whose transcript is ``text`` with confidence 1.0."""
         return cls(transcript=Transcript(text=text), **fields)
+
+    @classmethod
+    def said(cls, text: str, **fields: Any) -> Input:
+        """An input of the user's own words ``text`` (typed, or recognised by a platform):
+        never an action, even when it begins with ``#`` ("#1 priority is speed"), so
+        its ``action`` is ``""`` then (an action only a protocol's ``#`` convention, as
+        Flowstorm's, may make). Channels whose user text has no such convention (Alexa,
+        Google, Dialogflow) use it."""
+        literal = "" if text.strip().startswith(ACTION_PREFIX) else None
+        return cls(transcript=Transcript(text=text), action=literal, **fields)
 
     @property
     def text(self) -> str:

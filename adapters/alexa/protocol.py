@@ -351,7 +351,8 @@ def plan(envelope: AlexaEnvelope, config: AlexaConfig) -> Plan:
     if request.intent is None:
         raise ProtocolError("An IntentRequest must carry request.intent.")
     text, ends = _intent_text(request.intent, config)
-    input_ = Input.of(
+    said = request.intent.name == config.catch_all_intent and text != FALLBACK
+    input_ = (Input.said if said else Input.of)(
         text,
         locale=request.locale,
         classes=[InputClass(type="Intent", name=request.intent.name)],

@@ -333,6 +333,9 @@ V3_INTENTS: dict[str, Rule] = {
 """Actions Builder system intents. A user intent gives its ``query`` (the user's
 words); other system intents, or an intent without a query, give ``#<name>``."""
 
+_V2_WORDS = frozenset({"actions.intent.TEXT", "actions.intent.OPTION"})
+"""Actions SDK v2 intents whose text is the user's (typed or said, or the option chosen)."""
+
 V2_INTENTS: dict[str, Rule] = {
     "actions.intent.MAIN": Rule(INTRO),
     "actions.intent.CANCEL": Rule("stop", ends=True),
@@ -373,10 +376,20 @@ class Plan:
     google_payload: bool = False
 
 
-def _input(text: str, locale: str | None, intent: str | None, detail: Mapping[str, Any]) -> Input:
+def _input(
+    text: str,
+    locale: str | None,
+    intent: str | None,
+    detail: Mapping[str, Any],
+    *,
+    said: bool = False,
+) -> Input:
+    """The turn's Input; ``said``: ``text`` is the user's own words, never an action even
+    when it begins with ``#`` (:meth:`Input.said`)."""
     classes = [InputClass(type="Intent", name=intent)] if intent else []
     attributes = {"intent": {"name": intent, **detail}} if intent else {}
-    return Input.of(text, locale=locale or None, classes=classes, attributes=attributes)
+    make = Input.said if said else Input.of
+    return make(text, locale=locale or None, classes=classes, attributes=attributes)
 
 
 def google_plan(data: Mapping[str, Any]) -> Plan:
@@ -415,10 +428,11 @@ def _v3_plan(request: V3Request) -> Plan:
     intent = request.intent or V3Intent()
     query = (intent.query or "").strip()
     rule = V3_INTENTS.get(intent.name)
+    said = False
     if rule is not None:
         text, ends = rule.text, rule.ends
     elif query and intent.name and not intent.name.startswith("actions."):
-        text, ends = query, False
+        text, ends, said = query, False, True
     elif intent.name:
         text, ends = f"#{intent.name}", False
     elif request.handler.name:
@@ -428,7 +442,7 @@ def _v3_plan(request: V3Request) -> Plan:
     detail = {"params": intent.params or {}, "query": intent.query}
     return Plan(
         Format.ACTIONS_BUILDER,
-        input=_input(text, locale, intent.name or None, detail),
+        input=_input(text, locale, intent.name or None, detail, said=said),
         end_session=ends,
         **base,
     )
@@ -451,11 +465,12 @@ def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Fo
         text, ends = (args["OPTION"].text_value or FALLBACK), False
     else:
         text, ends = f"#{first.intent}", False
+    said = rule is None and first.intent in _V2_WORDS and text != FALLBACK
     detail = {"arguments": [a.model_dump(mode="json", by_alias=True) for a in first.arguments]}
     return Plan(
         fmt,
         session_id=session_id,
-        input=_input(text, locale, first.intent, detail),
+        input=_input(text, locale, first.intent, detail, said=said),
         end_session=ends,
         locale=locale,
     )
@@ -527,7 +542,7 @@ def _es_plan(request: EsRequest) -> Plan:
     return Plan(
         Format.DIALOGFLOW_ES,
         session_id=request.session,
-        input=_input(text, locale, intent, detail),
+        input=_input(text, locale, intent, detail, said=text == query),
         locale=locale,
         app_key=app_key,
         google_payload=from_google,
@@ -542,6 +557,7 @@ def _cx_plan(request: CxRequest) -> Plan:
     detail = {"parameters": (info.parameters if info else None) or {}}
     given = (request.text, request.transcript, request.dtmf_digits)
     text = next((t.strip() for t in given if t and t.strip()), "")
+    said = bool(text)
     if not text and request.trigger_event:
         rule = next((r for p, r in CX_EVENTS if p.search(request.trigger_event)), None)
         text = rule.text if rule else f"#{request.trigger_event}"
@@ -560,7 +576,7 @@ def _cx_plan(request: CxRequest) -> Plan:
     return Plan(
         Format.DIALOGFLOW_CX,
         session_id=session,
-        input=_input(text, locale, intent, detail),
+        input=_input(text, locale, intent, detail, said=said),
         locale=locale,
         app_key=agent_of(session) or session,
         end_page=end_page,

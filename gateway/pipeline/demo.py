@@ -94,7 +94,7 @@ class DemoPipeline:
             sorry = "Sorry, I could not put you through. How else can I help?"
             yield Response(items=[ResponseItem(text=sorry)])
             return
-        if action is not None:
+        if action:  # "" is no action: words that begin with "#" (Input.said)
             yield Response(items=[ResponseItem(text=f"I do not know the action {action}.")])
             return
         if is_farewell(text):

@@ -99,6 +99,20 @@ def test_catch_all_slot_is_the_text() -> None:
     assert not planned.end_session
 
 
+def test_catch_all_words_beginning_with_hash_are_no_action() -> None:
+    said = plan(
+        parse_envelope(intent_request("CatchAllIntent", {"query": "#1 on my list"})), CONFIG
+    )
+    assert said.input is not None
+    assert (said.input.text, said.input.action) == ("#1 on my list", "")
+    other = plan(parse_envelope(intent_request("OrderPizza", {"size": "large"})), CONFIG)
+    assert other.input is not None
+    assert other.input.action == "#OrderPizza"  # an intent of the skill's own: an action
+    empty = plan(parse_envelope(intent_request("CatchAllIntent", {"query": None})), CONFIG)
+    assert empty.input is not None
+    assert empty.input.action == "#fallback"
+
+
 def test_catch_all_name_and_slot_are_configurable() -> None:
     config = AlexaConfig(catch_all_intent="FreeText", catch_all_slot="utterance")
     planned = plan(parse_envelope(intent_request("FreeText", {"utterance": "hello"})), config)

@@ -170,6 +170,27 @@ def test_dialogflow_cx(fields: dict[str, Any], text: str) -> None:
     }
 
 
+def test_user_words_beginning_with_hash_are_no_action() -> None:
+    """A user's text is never a gateway action, whatever it begins with; the platform's
+    own events and intents stay actions."""
+    v3 = fixture("actions-builder/IntentRequest.json")
+    v3["intent"] = {"name": "FreeText", "params": {}, "query": "#1 priority is speed"}
+    cx = {"sessionInfo": {"session": CX_SESSION}, "text": "#intro"}
+    es = fixture("dialogflow/HelpIntent.json")
+    es["queryResult"]["queryText"] = "#error"
+    for planned in (google_plan(v3), dialogflow_plan(cx), dialogflow_plan(es)):
+        assert planned.input is not None
+        assert planned.input.text.startswith("#")
+        assert planned.input.action == ""  # explicitly none: no inference from the "#"
+    event = dialogflow_plan({"sessionInfo": {"session": CX_SESSION}, "triggerEvent": "custom"})
+    assert event.input is not None
+    assert event.input.action == "#custom"
+    v3["intent"] = {"name": "actions.intent.NO_INPUT_1", "params": {}, "query": ""}
+    silence = google_plan(v3)
+    assert silence.input is not None
+    assert silence.input.action == "#silence"
+
+
 def test_agent_of() -> None:
     assert agent_of("projects/abc/agent/environments/__aog-2/users/-/sessions/X") == "projects/abc"
     assert agent_of(CX_SESSION) == "projects/p1/locations/global/agents/a1"

@@ -579,3 +579,17 @@ async def test_cancel_ends_the_conversation_when_the_core_fails() -> None:
         assert "firstSimple" not in bye["prompt"]
         again = ok(await client.post("/google", json=v3(sid, "Free", "hi")))
         assert check_v3(v3(sid, "x"), again) == "turn 1"  # the gateway's session ended too
+
+
+async def test_words_beginning_with_hash_are_answered_as_words() -> None:
+    async with gateway(**OFF) as url, httpx.AsyncClient(base_url=url) as client:
+        cx_session = "projects/p/locations/global/agents/a/sessions/hash"
+        for text in ("#1 priority is speed", "#intro"):
+            body = {"sessionInfo": {"session": cx_session}, "text": text}
+            answer = ok(await client.post("/dialogflow", json=body))
+            said = answer["fulfillmentResponse"]["messages"][0]["text"]["text"][0]
+            assert said == f"You said: {text}"  # before: an unknown action, or the welcome
+        v3_said = check_v3(
+            v3("hash", "x"), ok(await client.post("/google", json=v3("hash", "Free", "#error")))
+        )
+        assert v3_said == "You said: #error"
