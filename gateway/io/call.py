@@ -168,9 +168,12 @@ class CallTokens:
     def check(self, token: str, now: float) -> CallGrant:
         """The grant of an authentic, unexpired ``token``.
 
-        Raises VerificationRefused (403): malformed, forged or expired."""
+        Raises VerificationRefused (403): malformed (longer than 512 characters, not
+        ASCII, no MAC), forged or expired."""
         text, _, mac = token.partition(".")
-        if len(token) > 512 or not mac or not hmac.compare_digest(mac, self._sign(text)):
+        if len(token) > 512 or not token.isascii() or not mac:
+            raise VerificationRefused("the stream token is malformed")
+        if not hmac.compare_digest(mac, self._sign(text)):  # ASCII str: no TypeError
             raise VerificationRefused("the stream token is malformed or forged")
         try:
             body = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()

@@ -22,6 +22,10 @@ from tests.adapters.carrier_harness import CarrierHarness
 from tests.adapters.twilio.helpers import Served, twilio_gateway, until
 from tests.calls.carrier_api import Captured, CarrierApi, carrier_api
 
+NOT_ASCII = ("abc.%C3%A9", "%C3%A9.0000")
+"""Stream tokens as a URL carries them (percent-encoded UTF-8) with a character that is
+not ASCII: in the MAC, in the body. Refused like a forged token (403)."""
+
 
 @dataclass(frozen=True)
 class Transfer:

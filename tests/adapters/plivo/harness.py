@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from adapters.plivo.verify import signature
 from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw
 from tests.adapters.carrier_harness import CarrierHarness, Outbound
-from tests.adapters.carriers import Carrier, upgrade_status
+from tests.adapters.carriers import NOT_ASCII, Carrier, upgrade_status
 from tests.adapters.twilio.helpers import PUBLIC, Served
 
 AUTH_ID = "MAXXXXXXXXXXXXXXXXXX"
@@ -172,7 +172,7 @@ class PlivoHarness(CarrierHarness):
 
 async def refusals(gw: Served) -> None:
     """An unsigned Answer URL request: 401 (a problem); a forged one: 403; a stream URL
-    used twice or forged: 403."""
+    used twice, forged or with a token that is not ASCII: 403."""
     call_uuid = str(uuid.uuid4())
     unsigned = await ask_answer(gw.url, PUBLIC, call_uuid, token=None)
     assert unsigned.status_code == 401
@@ -187,6 +187,8 @@ async def refusals(gw: Served) -> None:
     assert await upgrade_status(local + path) == 101
     for bad in (path, "/plivo/stream/forged.0000"):  # used once; forged
         assert await upgrade_status(local + bad) == 403
+    for token in NOT_ASCII:
+        assert await upgrade_status(f"{local}/plivo/stream/{token}") == 403
     assert not gw.core.turns
 
 

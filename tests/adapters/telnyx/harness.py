@@ -24,7 +24,7 @@ from pydantic import SecretStr
 
 from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw
 from tests.adapters.carrier_harness import CarrierHarness, Outbound
-from tests.adapters.carriers import Carrier, Transfer, upgrade_status
+from tests.adapters.carriers import NOT_ASCII, Carrier, Transfer, upgrade_status
 from tests.adapters.twilio.helpers import Served
 from tests.calls.carrier_api import Captured
 
@@ -197,7 +197,7 @@ ADMIN = "admin-key-telnyx"
 
 async def refusals(gw: Served) -> None:
     """An unsigned TeXML webhook: 401; a forged one: 403; a stream upgrade without a
-    token, with a forged one, or with one in the query: 403."""
+    token, with a forged one, or with one in the query that is forged or not ASCII: 403."""
     ccid = "v3:" + uuid.uuid4().hex
     assert (await ask_texml(gw.url, ccid, key=None)).status_code == 401
     assert (await ask_texml(gw.url, ccid, key=Ed25519PrivateKey.generate())).status_code == 403
@@ -205,6 +205,8 @@ async def refusals(gw: Served) -> None:
     for headers in ({}, {"Authorization": "Bearer forged.0000"}):
         assert await upgrade_status(base, headers) == 403
     assert await upgrade_status(base + "?token=abc.def") == 403
+    for token in NOT_ASCII:
+        assert await upgrade_status(f"{base}?token={token}") == 403
     assert not gw.core.turns
 
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import SecretStr
 
 from tests.adapters.carrier_harness import CarrierHarness, Outbound
-from tests.adapters.carriers import Carrier, Transfer, upgrade_status
+from tests.adapters.carriers import NOT_ASCII, Carrier, Transfer, upgrade_status
 from tests.adapters.twilio.helpers import Served
 from tests.calls.carrier_api import Captured
 
@@ -121,7 +121,7 @@ class VonageHarness(CarrierHarness):
 
 async def refusals(gw: Served) -> None:
     """An unsigned answer webhook: 401 (a problem); a forged one: 403; a stream URL used
-    twice or with a forged token: 403."""
+    twice, with a forged token or with one that is not ASCII: 403."""
     unsigned = await ask_ncco(gw.url, str(uuid.uuid4()), secret=None)
     assert unsigned.status_code == 401
     assert unsigned.headers["content-type"] == "application/problem+json"
@@ -134,6 +134,8 @@ async def refusals(gw: Served) -> None:
     assert await upgrade_status(local + path) == 403  # used once
     forged_path = path[:-4] + ("0000" if not path.endswith("0000") else "1111")
     assert await upgrade_status(local + forged_path) == 403
+    for token in NOT_ASCII:
+        assert await upgrade_status(f"{local}/vonage/stream/{token}") == 403
     assert not gw.core.turns
 
 
