@@ -65,11 +65,19 @@ def media_format(encoding: str, sample_rate: int) -> MediaFormat:
     return MediaFormat(wire, sample_rate, big_endian=wire == "L16")
 
 
+BIDIRECTIONAL: Final = media_format("PCMU", 8000)
+"""The bidirectional codec the gateway's answers ask Telnyx for (:func:`texml`'s
+``bidirectionalCodec``/``bidirectionalSamplingRate``, :func:`stream_fields`'
+``stream_bidirectional_codec``/``_sampling_rate``): the format the gateway's audio goes
+out in (:class:`TelnyxCodec`'s ``outbound``), whatever the start's ``media_format``."""
+
+
 class TelnyxCodec(JsonCarrierCodec):
     """One Telnyx stream (see the module doc); a :class:`~gateway.callcodec.CarrierCodec`.
 
     ``outbound``: the bidirectional codec the answer asked for
-    (``bidirectionalCodec``/``bidirectionalSamplingRate``); None: the inbound format.
+    (``bidirectionalCodec``/``bidirectionalSamplingRate``: the gateway's answers ask for
+    :data:`BIDIRECTIONAL`); None: the inbound format.
     ``frame_ms``: audio per outbound ``media`` message (20 ms, as RTP).
     """
 
@@ -172,8 +180,8 @@ def texml(
     stream_url: str,
     *,
     codec: str | None = None,
-    bidirectional_codec: str = "PCMU",
-    bidirectional_sampling_rate: int = 8000,
+    bidirectional_codec: str = BIDIRECTIONAL.encoding,
+    bidirectional_sampling_rate: int = BIDIRECTIONAL.sample_rate,
 ) -> str:
     """The TeXML answer that connects the call to the gateway's stream::
 
@@ -181,8 +189,9 @@ def texml(
         <Response><Connect><Stream url="wss://…" bidirectionalMode="rtp"
             bidirectionalCodec="PCMU" bidirectionalSamplingRate="8000"/></Connect></Response>
 
-    ``codec`` sets the inbound codec (Telnyx's default when None).
-    Raises UnsupportedMediaFormat for a bidirectional codec the gateway cannot send.
+    ``codec`` sets the inbound codec (Telnyx's default when None); the bidirectional
+    one is :data:`BIDIRECTIONAL` by default. Raises UnsupportedMediaFormat for a
+    bidirectional codec the gateway cannot send.
     """
     media_format(bidirectional_codec, bidirectional_sampling_rate)  # raises if unsupported
     if codec is not None:
@@ -202,14 +211,15 @@ def texml(
 def stream_fields(
     stream_url: str,
     *,
-    codec: str = "PCMU",
-    sampling_rate: int = 8000,
+    codec: str = BIDIRECTIONAL.encoding,
+    sampling_rate: int = BIDIRECTIONAL.sample_rate,
     auth_token: str | None = None,
 ) -> dict[str, Any]:
     """The Call Control ``answer``/``streaming_start`` fields that open the stream
     (CARRIERS.md "Enable"): ``stream_url``, ``stream_track`` ``inbound_track``,
     ``stream_bidirectional_mode`` ``rtp``, its codec and sampling rate, and
-    ``stream_auth_token`` when given. Raises UnsupportedMediaFormat as :func:`texml`."""
+    ``stream_auth_token`` when given; the codec is :data:`BIDIRECTIONAL` by default.
+    Raises UnsupportedMediaFormat as :func:`texml`."""
     media_format(codec, sampling_rate)
     fields: dict[str, Any] = {
         "stream_url": stream_url,

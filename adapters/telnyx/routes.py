@@ -51,7 +51,7 @@ from fastapi.responses import JSONResponse, Response
 
 from adapters.telnyx import control as telnyx
 from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_TEXML
-from adapters.telnyx.protocol import TelnyxCodec, texml
+from adapters.telnyx.protocol import BIDIRECTIONAL, TelnyxCodec, texml
 from adapters.telnyx.verify import TelnyxVerifier
 from gateway.callcodec import VerificationRefused, load_frame
 from gateway.callcontrol import (
@@ -220,13 +220,16 @@ async def telnyx_texml(request: Request) -> Response:
 
 class TelnyxCall(CallRunner):
     """A Telnyx stream on the shared engine: ``client_state`` read at the start, machine
-    answers routed in, the hangup/transfer commands sent at the end."""
+    answers routed in, the hangup/transfer commands sent at the end. The audio goes out
+    in the bidirectional codec the TeXML answer and the dial asked for
+    (:data:`~adapters.telnyx.protocol.BIDIRECTIONAL`, PCMU 8 kHz), whatever the start's
+    ``media_format``."""
 
     def __init__(self, ws: WebSocket, gw: Gateway, app_key: str | None) -> None:
         super().__init__(
             ws,
             gw,
-            TelnyxCodec(),
+            TelnyxCodec(outbound=BIDIRECTIONAL),
             call_config(gw.settings, CHANNEL),
             hang_up=_hang_up,
             transfer=_transfer,

@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import SecretStr
 
-from gateway.speech.audio import Pcm, mulaw_to_pcm, pcm_to_mulaw
+from gateway.callcodec import MediaFormat, WireEncoding
+from gateway.speech.audio import Pcm, mulaw_to_pcm
 from tests.adapters.carrier_harness import CarrierHarness, Outbound
 from tests.adapters.carriers import NOT_ASCII, Carrier, Transfer, upgrade_status
 from tests.adapters.twilio.helpers import Served
@@ -65,15 +66,27 @@ def local(base_url: str, public_ws_url: str) -> str:
 
 
 class TelnyxHarness(CarrierHarness):
-    """Telnyx's WebSocket (module doc)."""
+    """Telnyx's WebSocket (module doc). ``encoding`` and ``sample_rate``: the start's
+    ``media_format``, the caller's audio (L16 big-endian); the gateway's audio is taken
+    as the answer's bidirectional codec only, μ-law 8 kHz (:attr:`rate`, 20 ms: 160 bytes)."""
 
     rate = 8000
 
-    def __init__(self, ws: Any, ccid: str, client_state: str | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        ws: Any,
+        ccid: str,
+        client_state: str | None = None,
+        *,
+        encoding: WireEncoding = "PCMU",
+        sample_rate: int = 8000,
+        **options: Any,
+    ) -> None:
         super().__init__(ws, **options)
         self.ccid = self.call_id = ccid
         self.stream_id = str(uuid.uuid4())
         self.client_state = client_state
+        self.inbound = MediaFormat(encoding, sample_rate, big_endian=encoding == "L16")
         self._seq = 0
 
     def _next(self) -> str:
@@ -88,7 +101,11 @@ class TelnyxHarness(CarrierHarness):
             "call_session_id": str(uuid.uuid4()),
             "from": "+15550100",
             "to": "+15550199",
-            "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1},
+            "media_format": {
+                "encoding": self.inbound.encoding,
+                "sample_rate": self.inbound.sample_rate,
+                "channels": 1,
+            },
         }
         if self.client_state is not None:
             start["client_state"] = self.client_state
@@ -103,7 +120,7 @@ class TelnyxHarness(CarrierHarness):
         self.start_mic()
 
     def audio_frame(self, pcm: bytes) -> str:
-        payload = pcm_to_mulaw(Pcm(pcm, 8000))
+        payload = self.inbound.encode(Pcm(pcm, self.rate))
         seq = self._next()
         return json.dumps(
             {

@@ -6,10 +6,13 @@ token and client_state -> the answering-machine webhook as the core's next input
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import httpx
+import pytest
 
 from adapters.telnyx.control import read_client_state
+from gateway.callcodec import WireEncoding
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import session_of, upgrade_status
 from tests.adapters.telnyx.harness import ADMIN, CARRIER, TelnyxHarness, local, signed
@@ -63,3 +66,25 @@ async def test_an_outbound_call_streams_with_its_token_client_state_and_machine_
             assert gw.core.turns[1][0] == "#machine"
         # the token was used once
         assert await upgrade_status(url, {"Authorization": f"Bearer {token}"}) == 403
+
+
+@pytest.mark.parametrize(("encoding", "rate"), [("PCMA", 8000), ("L16", 16000)])
+async def test_the_bot_speaks_the_answer_s_pcmu_whatever_format_the_start_says(
+    speech: SpeechService, encoding: WireEncoding, rate: int
+) -> None:
+    """The TeXML answer asks for bidirectionalCodec PCMU at 8000 Hz, what Telnyx plays:
+    the intro goes out as μ-law 8 kHz (20 ms: 160 bytes; the quiet between words 0xFF,
+    μ-law's silence, not A-law's 0xD5) though the start's media_format, the caller's
+    audio, is A-law or 16 kHz L16."""
+    async with (
+        CARRIER.gateway(speech) as (gw, _),
+        TelnyxHarness.dial(gw.url, mic_speed=4.0, encoding=encoding, sample_rate=rate) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        assert call.closed_at is None
+    payloads = [frame.payload for frame in call.media_frames()]
+    assert len(payloads) > 50  # seconds of speech
+    assert {len(p) for p in payloads} == {160}
+    audio = b"".join(payloads)
+    assert Counter(audio).most_common(1)[0][0] == 0xFF
+    assert audio.count(0xD5) < len(audio) // 100
