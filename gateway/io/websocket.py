@@ -354,13 +354,15 @@ class WebSocketDriver(Generic[A]):
             await self._sending(self.ws.send_bytes, data)
 
     async def close(self, code: int, reason: str) -> None:
-        """Close with ``code`` and ``reason`` (cut to 120 characters: at most 123 bytes)."""
+        """Close with ``code`` and ``reason`` (cut to the 123 bytes of UTF-8 a close frame
+        holds, on a character's boundary: a longer one is no close frame at all)."""
         if not self.open:
             return
         self.open = False
+        cut = reason.encode("utf-8", "replace")[:123].decode("utf-8", "ignore")
         async with self._send_lock:
             with contextlib.suppress(*SEND_ERRORS):
-                await self.ws.close(code, reason[:120])
+                await self.ws.close(code, cut)
 
     # ------------------------------------------------------------ receive loop
 

@@ -13,7 +13,10 @@ full; :data:`TRANSITIONS` is the same state machine):
 
 1. ``connected`` then the codec's :class:`~gateway.callcodec.Started` -> the ``#intro``
    turn [bot]; the start must name the call its token was issued for (when the
-   carrier names it) and an allowed application key (``appKey`` parameter).
+   carrier names it) and an allowed application key (``appKey`` parameter). A start
+   in a media format the gateway cannot take (the codec's
+   :class:`~gateway.callcodec.UnsupportedMediaFormat`) closes the stream at once with
+   :data:`CLOSE_UNSUPPORTED`, its reason the codec's text.
 2. Each response item's speech goes out through ``codec.audio`` followed by
    ``codec.mark``: :class:`Play`; the floor passes to the caller when the turn is
    over and every mark (:class:`~gateway.callcodec.Played`) has come back. Speech is
@@ -74,6 +77,7 @@ from gateway.callcodec import (
     Played,
     Started,
     Stopped,
+    UnsupportedMediaFormat,
     WireFrame,
 )
 from gateway.events import (
@@ -772,10 +776,21 @@ class CarrierCall:
         Raises ProtocolError (the codec's: malformed, unknown, invalid, out of order):
         the state is then unchanged and the frame should be dropped (and logged).
         A start for another call than the admitted one, or for an application key
-        not allowed, returns ``[Close(...)]``.
+        not allowed, returns ``[Close(CLOSE_POLICY, ...)]``; one in a media format
+        the gateway cannot take (UnsupportedMediaFormat) ``[Close(CLOSE_UNSUPPORTED,
+        <the codec's text>)]``, or, once the stream started, raises it (a second start).
         """
         codec = self.codec
-        event = codec.receive_text(frame) if isinstance(frame, str) else codec.receive_binary(frame)
+        try:
+            if isinstance(frame, str):
+                event = codec.receive_text(frame)
+            else:
+                event = codec.receive_binary(frame)
+        except UnsupportedMediaFormat as exc:
+            if not self.machine.allows("start"):
+                raise
+            self.machine.advance(DISCONNECT)
+            return [Close(CLOSE_UNSUPPORTED, exc.text)]
         return self.event(event)
 
     def event(self, event: CallEvent) -> list[CallAction]:

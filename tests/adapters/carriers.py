@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.events import Input, Response, ResponseItem
 from gateway.sessions import Session
@@ -109,6 +109,27 @@ async def upgrade_status(url: str, headers: dict[str, str] | None = None) -> int
             return 101
     except InvalidStatus as refused:
         return refused.response.status_code
+
+
+async def closed_with(
+    url: str,
+    frames: Sequence[str | bytes],
+    headers: dict[str, str] | None = None,
+    within_s: float = 30.0,
+) -> tuple[int, str]:
+    """Open a stream at ``url`` (with ``headers`` on the upgrade), send ``frames`` and
+    read until the gateway closes it: the close frame's code and reason (AssertionError:
+    the connection ended without one; TimeoutError: not closed within ``within_s``)."""
+    async with connect(url, additional_headers=headers or {}) as ws:
+        async with asyncio.timeout(within_s):
+            with contextlib.suppress(ConnectionClosed):
+                for frame in frames:
+                    await ws.send(frame)
+                while True:
+                    await ws.recv()
+        close = ws.protocol.close_rcvd
+        assert close is not None, "the connection ended without a close frame"
+        return close.code, close.reason
 
 
 class Scripted:

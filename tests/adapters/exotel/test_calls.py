@@ -1,14 +1,17 @@
-"""Exotel's own refusal (the behaviours every carrier shares, calls and refusals, are in
+"""Exotel's own refusals (the behaviours every carrier shares, calls and refusals, are in
 tests/adapters/test_carrier_calls.py): with no credentials configured every stream is
-refused."""
+refused; a start in a format the gateway cannot take is closed."""
 
 from __future__ import annotations
 
+import json
 from urllib.parse import urlsplit
 
+import pytest
+
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import upgrade_status
-from tests.adapters.exotel.harness import basic
+from tests.adapters.carriers import closed_with, upgrade_status
+from tests.adapters.exotel.harness import CARRIER, basic
 from tests.adapters.twilio.helpers import twilio_gateway
 
 
@@ -18,3 +21,35 @@ async def test_without_credentials_configured_every_stream_is_refused(
     async with twilio_gateway(speech) as gw:
         url = f"ws://{urlsplit(gw.url).netloc}/exotel/stream"
         assert await upgrade_status(url, basic()) == 403
+
+
+@pytest.mark.parametrize(
+    ("media_format", "named"),
+    [
+        ({"encoding": "audio/x-alaw", "sample_rate": "8000"}, "Unsupported Exotel encoding"),
+        ({"encoding": "audio/x-raw", "sample_rate": "8000", "bit_rate": "8"}, "8-bit samples"),
+        ({"encoding": "audio/x-raw", "sample_rate": "7000"}, "Unsupported sample rate 7000"),
+    ],
+    ids=["alaw", "8-bit", "7000"],
+)
+async def test_a_start_in_a_format_the_gateway_cannot_take_is_closed_1003(
+    speech: SpeechService, media_format: dict[str, str], named: str
+) -> None:
+    """A start whose media_format the gateway cannot take is closed at once with 1003
+    (unsupported data), the reason saying what; no turn is run."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        url = f"ws://{urlsplit(gw.url).netloc}/exotel/stream?sample-rate=8000"
+        start = {
+            "stream_sid": "stream-1",
+            "call_sid": "call-1",
+            "custom_parameters": {"appKey": "exotel"},
+            "media_format": media_format,
+        }
+        frames = [
+            json.dumps({"event": "connected"}),
+            json.dumps({"event": "start", "sequence_number": "1", "start": start}),
+        ]
+        code, reason = await closed_with(url, frames, basic())
+        assert code == 1003
+        assert named in reason
+        assert not gw.core.turns

@@ -1,11 +1,15 @@
-"""An outbound Telnyx call over a real WebSocket on a real uvicorn server (the behaviours
-every carrier shares are in tests/adapters/test_carrier_calls.py): POST /v1/calls -> the
-dial captured by a local stand-in for the Call Control API -> the stream with its one-time
-token and client_state -> the answering-machine webhook as the core's next input."""
+"""Telnyx's own calls over a real WebSocket on a real uvicorn server (the behaviours every
+carrier shares are in tests/adapters/test_carrier_calls.py): an outbound call (POST
+/v1/calls -> the dial captured by a local stand-in for the Call Control API -> the stream
+with its one-time token and client_state -> the answering-machine webhook as the core's
+next input); the bot's audio in the answer's PCMU whatever the start's media_format; a
+start in a format the gateway cannot take closed with 1003."""
 
 from __future__ import annotations
 
 import json
+import uuid
+import xml.etree.ElementTree as ET
 from collections import Counter
 
 import httpx
@@ -14,8 +18,15 @@ import pytest
 from adapters.telnyx.control import read_client_state
 from gateway.callcodec import WireEncoding
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import session_of, upgrade_status
-from tests.adapters.telnyx.harness import ADMIN, CARRIER, TelnyxHarness, local, signed
+from tests.adapters.carriers import closed_with, session_of, upgrade_status
+from tests.adapters.telnyx.harness import (
+    ADMIN,
+    CARRIER,
+    TelnyxHarness,
+    ask_texml,
+    local,
+    signed,
+)
 
 
 async def test_an_outbound_call_streams_with_its_token_client_state_and_machine_answer(
@@ -88,3 +99,47 @@ async def test_the_bot_speaks_the_answer_s_pcmu_whatever_format_the_start_says(
     audio = b"".join(payloads)
     assert Counter(audio).most_common(1)[0][0] == 0xFF
     assert audio.count(0xD5) < len(audio) // 100
+
+
+@pytest.mark.parametrize(
+    ("encoding", "rate", "named"),
+    [
+        ("G722", 16000, "Unsupported Telnyx encoding 'G722'"),
+        ("OPUS", 16000, "Unsupported Telnyx encoding 'OPUS'"),
+        ("PCMU", 7000, "Unsupported sample rate 7000 Hz"),
+        ("é" * 200, 8000, "Unsupported Telnyx encoding 'éé"),  # a reason cut to 123 bytes
+    ],
+    ids=["G722", "OPUS", "7000", "long"],
+)
+async def test_a_start_in_a_format_the_gateway_cannot_take_is_closed_1003(
+    speech: SpeechService, encoding: str, rate: int, named: str
+) -> None:
+    """A start whose media_format the gateway cannot take is closed at once with 1003
+    (unsupported data), the reason saying what; no turn is run for it, and another call
+    goes on."""
+    async with (
+        CARRIER.gateway(speech) as (gw, _),
+        TelnyxHarness.dial(gw.url, mic_speed=4.0) as other,
+    ):
+        await gw.wait_answers(other, 1)
+        answer = await ask_texml(gw.url, "v3:" + uuid.uuid4().hex)
+        stream = ET.fromstring(answer.text).find("./Connect/Stream")
+        assert stream is not None
+        start = {
+            "call_control_id": "v3:" + uuid.uuid4().hex,
+            "media_format": {"encoding": encoding, "sample_rate": rate, "channels": 1},
+        }
+        frames = [
+            json.dumps({"event": "connected", "version": "1.0.0"}),
+            json.dumps(
+                {"event": "start", "sequence_number": "1", "stream_id": "s-1", "start": start}
+            ),
+        ]
+        code, reason = await closed_with(local(gw.url, stream.attrib["url"]), frames)
+        assert code == 1003
+        assert reason.startswith(named)
+        assert len(reason.encode()) <= 123
+        await other.dtmf("5")
+        await gw.wait_turns(2)
+        assert gw.core.inputs() == ["#intro", "5"]  # the other call's; none of the refused
+        assert other.closed_at is None

@@ -1,16 +1,20 @@
 """Vonage's own refusals (the behaviours every carrier shares, calls and refusals, are in
 tests/adapters/test_carrier_calls.py): no signature secret configured, an old JWT, a JWT
-whose payload_hash is of another body."""
+whose payload_hash is of another body, a stream in a format the gateway cannot take."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
+import pytest
 
 from gateway.speech.service import SpeechService
+from tests.adapters.carriers import closed_with
 from tests.adapters.twilio.helpers import twilio_gateway
 from tests.adapters.vonage.harness import CARRIER, SECRET, ask_ncco, signed
 
@@ -31,3 +35,28 @@ async def test_an_old_or_body_mismatched_token_is_refused(speech: SpeechService)
         auth = signed(SECRET, b'{"uuid":"other"}')
         r = await client.post("/vonage/answer", content=body, headers={"Authorization": auth})
         assert r.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("content_type", "named"),
+    [
+        ("audio/l16;rate=44100", "Unsupported Vonage rate 44100"),
+        ("audio/pcmu;rate=8000", "Unsupported Vonage content-type 'audio/pcmu;rate=8000'"),
+    ],
+)
+async def test_a_stream_in_a_format_the_gateway_cannot_take_is_closed_1003(
+    speech: SpeechService, content_type: str, named: str
+) -> None:
+    """A websocket:connected whose content-type the gateway cannot take is closed at once
+    with 1003 (unsupported data), the reason saying what; no turn is run."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        answer = await ask_ncco(gw.url, str(uuid.uuid4()))
+        assert answer.status_code == 200
+        (endpoint,) = answer.json()[0]["endpoint"]
+        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit(endpoint['uri']).path}"
+        connected = {"event": "websocket:connected", **endpoint["headers"]}
+        connected["content-type"] = content_type
+        code, reason = await closed_with(url, [json.dumps(connected), bytes(640)])
+        assert code == 1003
+        assert reason.startswith(named)
+        assert not gw.core.turns
