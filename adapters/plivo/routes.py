@@ -8,7 +8,9 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
   no auth token is configured. The answer is ``<Response><Stream bidirectional="true"
   keepCallAlive="true" contentType="audio/x-mulaw;rate=8000" extraHeaders="…">
   wss://<public>/plivo/stream/<one-time token></Stream></Response>``; ``?appKey=``
-  names the application (passed on in ``extraHeaders`` with ``from`` and ``to``).
+  names the application (passed on in ``extraHeaders`` with ``from`` and ``to``). A
+  ``CallUUID`` that is missing, longer than 128 characters or holding ``|`` (no call
+  id a stream token carries): 400 problem.
 - ``/plivo/stream/{token}`` — the stream (``start``, ``media``, ``dtmf``,
   ``playedStream``, ``clearedAudio``, ``stop``), served by
   :class:`gateway.io.call.CallRunner` with :class:`~adapters.plivo.protocol.PlivoCodec`
@@ -48,7 +50,14 @@ from gateway.calls import public_url, transfer_unavailable
 from gateway.calls import transfer as record_transfer
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body
-from gateway.io.call import CallRunner, CallTokens, admit, call_config, use_token
+from gateway.io.call import (
+    MAX_CALL_ID_CHARS,
+    CallRunner,
+    CallTokens,
+    admit,
+    call_config,
+    use_token,
+)
 from gateway.protocol import ProtocolError
 from gateway.protocol.call import Transfer
 
@@ -64,7 +73,7 @@ POST_PLIVO_ANSWER: dict[str, Any] = dict(
     "</Stream></Response>`.",
     responses={
         200: {"description": "Plivo XML", "content": {"application/xml": {"schema": {}}}},
-        400: {"description": "Bad body or no CallUUID", "content": _PROBLEM},
+        400: {"description": "Bad body, or no CallUUID or an invalid one", "content": _PROBLEM},
         401: {"description": "Unsigned", "content": _PROBLEM},
         403: {"description": "Bad signature, or no auth token set", "content": _PROBLEM},
         413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
@@ -148,7 +157,15 @@ async def answer(request: Request) -> Response:
     call_uuid = params.get("CallUUID", "")
     if not call_uuid:
         return problem(400, "Bad Request", "The answer webhook has no CallUUID.")
-    token = channel.tokens.issue(call_uuid, time.time())
+    try:
+        token = channel.tokens.issue(call_uuid, time.time())
+    except ValueError:
+        return problem(
+            400,
+            "Bad Request",
+            f"The answer webhook's CallUUID is not a call id (at most {MAX_CALL_ID_CHARS} "
+            "characters, no '|').",
+        )
     base = gw.settings.public_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
     stream_url = public_url(base, f"/plivo/stream/{token}")
     extra = {"from": params.get("From", ""), "to": params.get("To", "")}

@@ -13,7 +13,7 @@ VONAGE_ANSWER: dict[str, Any] = dict(
     '[{"type":"websocket","uri":"wss://…/vonage/stream/<token>",…}]}]`.',
     responses={
         200: {"description": "NCCO", "content": {"application/json": {"schema": {}}}},
-        400: {"description": "No call uuid", "content": _PROBLEM},
+        400: {"description": "No call uuid, or an invalid one", "content": _PROBLEM},
         401: {"description": "Unsigned", "content": _PROBLEM},
         403: {"description": "Forged, stale or no secret set", "content": _PROBLEM},
         413: {"description": "Body too large", "content": _PROBLEM},

@@ -9,6 +9,8 @@ Spec: shared/specs/CARRIERS.md "Vonage Voice API WebSocket (linear16)".
   NCCO connecting the call to ``wss://<public>/vonage/stream/<token>`` (a one-time
   per-call token) with ``content-type`` ``audio/l16;rate=16000`` and the headers
   ``call_uuid`` (the call's ``uuid``), ``from``, ``to`` and ``appKey`` (the query's).
+  A ``uuid`` that is missing, not a string, longer than 128 characters or holding
+  ``|`` (no call id a stream token carries): 400 problem.
 - ``/vonage/stream/{token}`` — the stream: first the text ``websocket:connected``, then
   binary 16-bit PCM; served by :class:`gateway.io.call.CallRunner` with
   :class:`~adapters.vonage.protocol.VonageCodec`. A forged, expired or used token is
@@ -43,7 +45,14 @@ from gateway.calls import public_url, transfer_unavailable
 from gateway.calls import transfer as record_transfer
 from gateway.deps import gateway_of
 from gateway.httputil import problem
-from gateway.io.call import CallRunner, CallTokens, admit, call_config, use_token
+from gateway.io.call import (
+    MAX_CALL_ID_CHARS,
+    CallRunner,
+    CallTokens,
+    admit,
+    call_config,
+    use_token,
+)
 from gateway.protocol.call import Transfer
 
 log = logging.getLogger("gateway.vonage")
@@ -118,10 +127,20 @@ async def answer(request: Request) -> Response:
             data = await request.json()
             if isinstance(data, dict):
                 params.update(data)
-    uuid = str(params.get("uuid") or "")
+    uuid = params.get("uuid")
     if not uuid:
         return problem(400, "Bad Request", "The answer webhook has no call uuid.")
-    token = channel.tokens.issue(uuid, time.time())
+    if not isinstance(uuid, str):
+        return problem(400, "Bad Request", "The answer webhook's call uuid is not a string.")
+    try:
+        token = channel.tokens.issue(uuid, time.time())
+    except ValueError:
+        return problem(
+            400,
+            "Bad Request",
+            f"The answer webhook's call uuid is not a call id (at most {MAX_CALL_ID_CHARS} "
+            "characters, no '|').",
+        )
     uri = _ws_url(public_url(gw.settings.public_url, f"/vonage/stream/{token}"))
     headers = {
         key: str(params[key])[:128]

@@ -93,6 +93,8 @@ LISTEN_BATCH_MS: Final = 60
 UNPACED_AHEAD_MS: Final = 3_600_000
 """Send-ahead of a carrier that buffers (``realtime`` False): no pacing."""
 TOKEN_TTL_S: Final = 300
+MAX_CALL_ID_CHARS: Final = 128
+"""The longest call id a stream token carries (and it holds no ``|``)."""
 MACHINE_RETAIN_S: Final = 120.0
 """How long an answering-machine result waits on the bus for its call's stream (s)."""
 
@@ -153,10 +155,11 @@ class CallTokens:
         self.ttl_s = ttl_s
 
     def issue(self, call_id: str, now: float) -> str:
-        """A fresh token for ``call_id`` (up to 128 characters, no ``|``).
+        """A fresh token for ``call_id`` (up to :data:`MAX_CALL_ID_CHARS` characters, no
+        ``|``).
 
         Raises ValueError for a call id that is empty, too long or holds ``|``."""
-        if not call_id or len(call_id) > 128 or "|" in call_id:
+        if not call_id or len(call_id) > MAX_CALL_ID_CHARS or "|" in call_id:
             raise ValueError(f"invalid call id {call_id!r}")
         body = f"{call_id}|{int(now) + self.ttl_s}|{secrets.token_hex(8)}".encode()
         text = base64.urlsafe_b64encode(body).decode().rstrip("=")

@@ -60,3 +60,29 @@ async def test_a_stream_in_a_format_the_gateway_cannot_take_is_closed_1003(
         assert code == 1003
         assert reason.startswith(named)
         assert not gw.core.turns
+
+
+async def test_an_answer_for_a_uuid_no_call_id_can_be_is_a_400_problem(
+    speech: SpeechService,
+) -> None:
+    """A signed answer whose uuid a stream token cannot carry (longer than 128 characters,
+    holding ``|``) or that is not a string at all is refused with a 400 problem, as one
+    without a uuid; the longest a token carries is answered."""
+    async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        for value in ("x" * 200, "a|b"):
+            r = await client.get(
+                "/vonage/answer", params={"uuid": value}, headers={"Authorization": signed(SECRET)}
+            )
+            assert r.status_code == 400, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["detail"].startswith("The answer webhook's call uuid is not a call id")
+        for uuid_value in ({"a": 1}, ["u1"], 42):
+            body = json.dumps({"uuid": uuid_value}).encode()
+            headers = {"Authorization": signed(SECRET, body), "Content-Type": "application/json"}
+            r = await client.post("/vonage/answer", content=body, headers=headers)
+            assert r.status_code == 400, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["detail"] == "The answer webhook's call uuid is not a string."
+        longest = await ask_ncco(gw.url, "x" * 128)
+        assert longest.status_code == 200
+        assert longest.json()[0]["endpoint"][0]["headers"]["call_uuid"] == "x" * 128
