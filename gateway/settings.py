@@ -6,7 +6,7 @@ memory sessions, the demo pipeline, no network and no keys.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -15,6 +15,9 @@ from gateway.speech.endofturn import BACKCHANNELS
 
 Carrier = Literal["twilio", "telnyx", "vonage", "plivo", "exotel"]
 """The phone carriers whose calls run on the shared call engine."""
+VONAGE_SAMPLE_RATES: Final = (8000, 16000, 24000)
+"""The rates (Hz) a Vonage answer's ``audio/l16;rate=`` may ask for (adapters/vonage/
+protocol.py RATES): GATEWAY_VONAGE_SAMPLE_RATE must be one."""
 
 
 class CallOverride(BaseModel):
@@ -646,7 +649,8 @@ class Settings(BaseSettings):
         "webhooks (the answer URL) are verified with it (HS256 JWT); unset: refused.",
     )
     vonage_sample_rate: int = Field(
-        default=16000, description="The rate of the Vonage WebSocket's linear PCM (8000/16000)."
+        default=16000,
+        description="The rate of the Vonage WebSocket's linear PCM (Hz): 16000, 8000 or 24000.",
     )
     plivo_auth_id: str | None = Field(default=None, description="Plivo Auth ID (Basic auth user).")
     plivo_auth_token: SecretStr | None = Field(
@@ -788,6 +792,16 @@ class Settings(BaseSettings):
             from gateway.redisconn import parse_redis_url
 
             parse_redis_url(value)
+        return value
+
+    @field_validator("vonage_sample_rate", mode="after")
+    @classmethod
+    def _check_vonage_sample_rate(cls, value: int) -> int:
+        """A rate the Vonage answer cannot ask for stops the gateway at startup (else
+        every answer would fail)."""
+        if value not in VONAGE_SAMPLE_RATES:
+            rates = ", ".join(map(str, VONAGE_SAMPLE_RATES[:-1]))
+            raise ValueError(f"must be {rates} or {VONAGE_SAMPLE_RATES[-1]} (Hz), not {value}")
         return value
 
     @field_validator("app_keys", "admin_keys", mode="before")
