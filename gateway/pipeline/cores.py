@@ -11,7 +11,10 @@ who says (or a client that sends) a button's name sends that button's request.
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
+import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -84,15 +87,46 @@ async def bounded_lines(
     """The lines of ``answer`` as they arrive (blank ones only with ``blank``, as SSE
     needs), at most ``max_bytes`` in all.
 
-    Raises PipelineError past ``max_bytes``.
+    Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` (the ends of lines of NDJSON and of an
+    event stream; removed), the last one at the end of the body; the body is decoded as
+    ``answer.encoding`` (UTF-8 unless its Content-Type says otherwise), bad bytes
+    replaced. The bound is on the bytes received (after content decoding), counted as
+    each chunk comes, so a line that never ends is not buffered past ``max_bytes`` (and
+    the chunk that passed it).
+
+    Raises PipelineError (naming ``core``) as soon as the answer passes ``max_bytes``.
     """
+    decode = codecs.getincrementaldecoder(answer.encoding or "utf-8")(errors="replace").decode
     size = 0
-    async for line in answer.aiter_lines():
-        size += len(line) + 1
+    pending = io.StringIO()  # the line not ended yet (no list of pieces: tiny chunks)
+    after_cr = False  # the text so far ended in \r: a \n next ends no other line
+    async for chunk in answer.aiter_bytes():
+        size += len(chunk)
         if size > max_bytes:
             raise PipelineError(f"{core}'s answer is larger than {max_bytes} bytes")
-        if blank or line.strip():
-            yield line
+        text = decode(chunk)
+        if after_cr and text:
+            after_cr = False
+            text = text.removeprefix("\n")
+        if not text:
+            continue
+        after_cr = text.endswith("\r")
+        *ended, rest = _LINE_END.split(text)
+        for piece in ended:
+            if pending.tell():
+                pending.write(piece)
+                piece = pending.getvalue()
+                pending.seek(0)
+                pending.truncate()
+            if blank or piece.strip():
+                yield piece
+        pending.write(rest)
+    last = pending.getvalue() + decode(b"", True)
+    if last and (blank or last.strip()):
+        yield last
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def button(name: str, request: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -107,6 +108,50 @@ def make_core() -> FastAPI:
     async def huge(request: Request) -> JSONResponse:
         await body(request)
         return JSONResponse({"items": [{"text": "x" * 2_000_000}]})
+
+    @app.post("/endless-line{rest:path}")
+    async def endless_line(request: Request) -> StreamingResponse:
+        """A streamed answer of one line that never ends, at any path under it (a Rasa
+        webhook, chat completions): 32 MB in 64 KB chunks, no newline. ``app.state.sent``
+        counts the bytes handed to the server; ``app.state.line_stopped`` is set when the
+        stream stops, ``app.state.line_whole`` only when it was all sent."""
+        await body(request)
+        app.state.sent, app.state.line_whole = 0, False
+        app.state.line_stopped = asyncio.Event()
+        chunk = b"x" * 65_536
+        count = 32 * 16
+
+        async def line() -> AsyncIterator[bytes]:
+            try:
+                for _ in range(count):
+                    yield chunk
+                    app.state.sent += len(chunk)
+                    await asyncio.sleep(0)  # a disconnect can cancel the stream here
+                app.state.line_whole = True
+            finally:
+                app.state.line_stopped.set()
+
+        return StreamingResponse(line(), media_type="application/x-ndjson")
+
+    @app.post("/stream-split")
+    async def stream_split(request: Request) -> StreamingResponse:
+        """NDJSON lines ended by CRLF, written in pieces cut anywhere (inside a line,
+        between CR and LF, inside a UTF-8 character), a raw U+2028 in one text."""
+        await body(request)
+        data = (
+            '{"type":"ResponseItem","responseItem":{"text":"one\u2028two"}}\r\n'
+            '{"type":"ResponseItem","responseItem":{"text":"žluťoučký"}}\r\n'
+            '\r\n{"type":"Response","response":{"items":[]}}'
+        ).encode()
+        marks = ("\u2028".encode(), b"\r\n", "ž".encode(), b"\r\n\r\n", b"\n{")
+        cuts = sorted({0, len(data), *(data.index(mark) + 1 for mark in marks)})
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for start, end in itertools.pairwise(cuts):
+                yield data[start:end]
+                await asyncio.sleep(0.01)  # each piece its own chunk (most likely)
+
+        return StreamingResponse(pieces(), media_type="application/x-ndjson")
 
     @app.post("/stream-no-response")
     async def stream_no_response(request: Request) -> Response:

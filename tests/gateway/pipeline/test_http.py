@@ -3,6 +3,8 @@ every kind of core failure as a pipeline error, and the request id it forwards."
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -71,6 +73,47 @@ async def test_core_failures_become_pipeline_errors(
     conv = engine(pipeline=f"{url}/{path}", turn_timeout_s=0.5)
     await pipeline_error(conv, words)
     await failed_session(conv, 0)  # the session survives, marked Failed, not advanced
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    ("spec", "options"),
+    [
+        ("{url}/endless-line", {}),
+        ("rasa+{url}/endless-line", {"rasa_stream": True}),
+        ("openai+{url}/endless-line/v1", {"openai_model": "m"}),
+    ],
+    ids=["http", "rasa", "openai"],
+)
+async def test_a_line_past_the_bound_fails_the_turn_before_the_core_sent_it_all(
+    core: tuple[str, FastAPI], spec: str, options: dict[str, object]
+) -> None:
+    """GATEWAY_PIPELINE_MAX_RESPONSE_BYTES bounds the bytes read, not only whole lines,
+    for every core that reads its answer by lines: a 32 MB line without a newline fails
+    the turn once 1 MB came, and the gateway stops reading (the core's stream is cut
+    long before its end)."""
+    url, app = core
+    conv = engine(pipeline=spec.format(url=url), pipeline_max_response_bytes=1_048_576, **options)
+    await pipeline_error(conv, "larger than 1048576 bytes")
+    await failed_session(conv, 0)
+    async with asyncio.timeout(15):  # a safety net, not a bound on the time taken
+        await app.state.line_stopped.wait()
+    assert not app.state.line_whole
+    assert app.state.sent < 16 * 1_048_576  # the bound, what socket buffers hold, and slack
+    await conv.pipeline.aclose()
+
+
+async def test_streamed_lines_are_whole_however_the_bytes_are_cut(
+    core: tuple[str, FastAPI],
+) -> None:
+    """Lines ended by CRLF, cut on the wire inside a line, between CR and LF and inside a
+    UTF-8 character, come whole; a raw U+2028 (a line separator for str.splitlines, a
+    character like any other in JSON) stays in its string."""
+    url, _ = core
+    conv = engine(pipeline=f"{url}/stream-split")
+    events = await conv.turn(ctx(), Input.of("hi")).collect()
+    assert texts(events) == ["one\u2028two", "žluťoučký"]
+    assert isinstance(events[-1], ResponseEvent)
     await conv.pipeline.aclose()
 
 
