@@ -208,11 +208,19 @@ class LogEntry(Frozen):
     text: str = ""
 
 
+MAX_TIMEOUT_S = 31_536_000
+"""The longest ``sleepTimeout``/``sessionTimeout`` a Response may give, and the longest
+GATEWAY_SESSION_TIMEOUT_S: 365 days (s). The specs set no bound; this one keeps every
+session store's time to live in range (Redis refuses an expiry past 64-bit
+milliseconds) and is far beyond any pause in a conversation."""
+
+
 class Response(Frozen):
     """The end of a turn: all items, and whether/how the session ends.
 
-    ``sleep_timeout`` and ``session_timeout`` are seconds; ``session_ended``
-    with both zero means the session is over and its id must be discarded.
+    ``sleep_timeout`` and ``session_timeout`` are seconds, 0 to :data:`MAX_TIMEOUT_S`
+    (anything else does not validate); ``session_ended`` with both zero means the
+    session is over and its id must be discarded.
     """
 
     locale: str | None = None
@@ -221,8 +229,8 @@ class Response(Frozen):
     stt_mode: str | None = None
     logs: list[LogEntry] = Field(default_factory=list)
     session_ended: bool = False
-    sleep_timeout: int = 0
-    session_timeout: int = 0
+    sleep_timeout: int = Field(default=0, ge=0, le=MAX_TIMEOUT_S)
+    session_timeout: int = Field(default=0, ge=0, le=MAX_TIMEOUT_S)
 
 
 # ----------------------------------------------------------------- shared events

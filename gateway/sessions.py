@@ -58,7 +58,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gateway import metrics, redisconn
-from gateway.events import LogEntry
+from gateway.events import MAX_TIMEOUT_S, LogEntry
 from gateway.redisconn import RedisClient, script_batch
 
 log = logging.getLogger(__name__)
@@ -153,10 +153,15 @@ class SessionTxn:
     trip (see :meth:`RedisSessionStore.takes_side_writes`), whatever the outcome."""
 
     def save(self, session: Session, ttl_s: int) -> None:
-        """Write ``session`` with a time to live of ``ttl_s`` seconds on exit."""
+        """Write ``session`` with a time to live of ``ttl_s`` seconds on exit, at most
+        :data:`gateway.events.MAX_TIMEOUT_S` (a longer one, kept by a session stored
+        before times were bounded, is cut to it: every store takes it).
+
+        Raises ValueError when ``ttl_s`` is not positive.
+        """
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
-        self.outcome, self.to_save, self.ttl_s = "save", session, ttl_s
+        self.outcome, self.to_save, self.ttl_s = "save", session, min(ttl_s, MAX_TIMEOUT_S)
 
     def delete(self) -> None:
         """Remove the session on exit."""

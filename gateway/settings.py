@@ -11,6 +11,7 @@ from typing import Annotated, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gateway.events import MAX_TIMEOUT_S
 from gateway.speech.endofturn import BACKCHANNELS
 
 Carrier = Literal["twilio", "telnyx", "vonage", "plivo", "exotel"]
@@ -184,7 +185,10 @@ class Settings(BaseSettings):
 
     turn_timeout_s: float = Field(default=10.0, gt=0, description="Pipeline time per turn.")
     session_timeout_s: int = Field(
-        default=1800, gt=0, description="Idle time after which a session expires."
+        default=1800,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="Idle time after which a session expires (at most 365 days).",
     )
     lock_wait_s: float = Field(
         default=15.0, gt=0, description="How long a turn waits for the session lock."

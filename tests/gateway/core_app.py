@@ -66,6 +66,29 @@ def make_core() -> FastAPI:
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+    @app.post("/timeouts")
+    async def timeouts(request: Request) -> Response:
+        """A text ``<field>=<n>`` (``sessionTimeout=-5``) is answered with an item and that
+        field (``sleepTimeout`` with ``sessionEnded``); prefixed ``stream ``, as NDJSON (the
+        item's line, then the Response's). Other texts get ``core heard <text>``."""
+        turn = await body(request)
+        text = turn["input"]["transcript"]["text"]
+        stream = text.startswith("stream ")
+        field, sep, value = text.removeprefix("stream ").partition("=")
+        if not sep:
+            return JSONResponse({"items": [{"text": f"core heard {text}"}]})
+        item = {"text": "set the time"}
+        answer = {field: int(value), "sessionEnded": field == "sleepTimeout"}
+        if not stream:
+            return JSONResponse({"items": [item], **answer})
+        lines = [
+            {"type": "ResponseItem", "responseItem": item},
+            {"type": "Response", "response": {"items": [], **answer}},
+        ]
+        return Response(
+            "".join(json.dumps(line) + "\n" for line in lines), media_type="application/x-ndjson"
+        )
+
     @app.post("/slow")
     async def slow(request: Request) -> JSONResponse:
         await body(request)

@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 from fastapi import FastAPI
+from pydantic import ValidationError
+from redis.asyncio import Redis
 
 from gateway.conversation import Conversation, TurnContext, TurnRejected
 from gateway.events import (
+    MAX_TIMEOUT_S,
     ErrorEvent,
     Input,
     LogEntry,
@@ -29,7 +32,15 @@ from gateway.sessions import (
     SessionStore,
 )
 from gateway.settings import Settings
-from tests.gateway.turns import ctx, engine, texts
+from tests.gateway.turns import (
+    ctx,
+    engine,
+    failed_session,
+    fails_then_recovers,
+    pipeline_error,
+    stored,
+    texts,
+)
 
 
 async def test_demo_conversation_start_to_end() -> None:
@@ -184,6 +195,69 @@ async def test_sleep_timeout_keeps_the_session(core: tuple[str, FastAPI]) -> Non
     assert session.client_state == ClientState.SLEEPING
     assert session.timeout_s == 30
     await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+@pytest.mark.parametrize(
+    "said",
+    [
+        "sessionTimeout=-5",
+        f"sessionTimeout={10**19}",
+        f"sessionTimeout={2**62}",
+        f"sessionTimeout={MAX_TIMEOUT_S + 1}",
+        "sleepTimeout=-5",
+        f"sleepTimeout={2**62}",
+        "stream sessionTimeout=-5",
+        f"stream sleepTimeout={10**19}",
+    ],
+)
+async def test_a_time_out_of_range_is_the_cores_error_and_the_session_goes_on(
+    core: tuple[str, FastAPI], kind: str, said: str, redis_url: str, redis_prefix: str
+) -> None:
+    """A sessionTimeout/sleepTimeout below 0 or past MAX_TIMEOUT_S is an invalid Response:
+    a pipeline error before the Response's items went out (a streamed item before it has
+    gone, as for any bad line), the session kept, Failed, not advanced, and unlocked (the
+    lock wait is shorter than the lease: a lock left held would refuse the next turn)."""
+    url, _ = core
+    store: SessionStore = (
+        MemorySessionStore()
+        if kind == "memory"
+        else RedisSessionStore(redis_url, prefix=redis_prefix)
+    )
+    conv = engine(store, pipeline=f"{url}/timeouts", lock_lease_s=30, lock_wait_s=0.5)
+    try:
+        field = said.removeprefix("stream ").partition("=")[0]
+        assert await fails_then_recovers(conv, field, said) == ["core heard again"]
+        events = await pipeline_error(conv, field, said)
+        assert texts(events) == (["set the time"] if said.startswith("stream ") else [])
+        session = await failed_session(conv, 2)
+        assert session.timeout_s == Settings().session_timeout_s
+    finally:
+        await conv.pipeline.aclose()
+        await store.aclose()
+
+
+async def test_the_longest_time_is_kept_and_no_longer_one_is_saved(
+    redis_url: str, redis_prefix: str, aredis: Redis
+) -> None:
+    """The bounds hold where the times come from (GATEWAY_SESSION_TIMEOUT_S, a Response),
+    and the store takes no longer time to live (one a session stored before the bounds
+    may hold): Redis keeps such a session MAX_TIMEOUT_S."""
+    with pytest.raises(ValidationError):
+        Settings(session_timeout_s=MAX_TIMEOUT_S + 1)
+    with pytest.raises(ValidationError):
+        Response(sleep_timeout=-1)
+    assert Response(session_timeout=MAX_TIMEOUT_S).session_timeout == MAX_TIMEOUT_S
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    try:
+        async with store.open("c:s1", lease_s=5, wait_s=1) as txn:
+            txn.save(stored(timeout_s=2**62), 2**62)
+        ttl = await aredis.ttl(f"{redis_prefix}:{{c:s1}}:s")
+        assert MAX_TIMEOUT_S - 60 < ttl <= MAX_TIMEOUT_S
+        session = await store.get("c:s1")
+        assert session is not None
+    finally:
+        await store.aclose()
 
 
 async def test_error_turn_answers_when_enabled(core: tuple[str, FastAPI]) -> None:
