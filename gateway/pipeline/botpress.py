@@ -73,6 +73,7 @@ from gateway.pipeline.cores import (
     chosen,
     command_item,
     core_client,
+    core_json,
     is_url,
     read_json,
 )
@@ -238,7 +239,7 @@ class BotpressPipeline:
             if not sse.data:
                 continue
             try:
-                signal = json.loads(sse.data)
+                signal = core_json(sse.data)
             except ValueError as exc:
                 raise PipelineError(f"Botpress sent an invalid signal: {exc}") from exc
             if not isinstance(signal, dict) or not isinstance(signal.get("data"), dict):

@@ -22,6 +22,7 @@ import httpx
 
 from gateway.events import ResponseItem
 from gateway.pipeline.base import PipelineError
+from gateway.protocol import ProtocolError, load_json
 from gateway.settings import Settings
 
 
@@ -43,14 +44,28 @@ def core_client(settings: Settings, **options: Any) -> httpx.AsyncClient:
     return pooled_client(settings.pipeline_connect_timeout_s, **options)
 
 
+def core_json(data: str | bytes) -> Any:
+    """The value of JSON text (or UTF-8 bytes) a core sent, read by
+    :func:`gateway.protocol.load_json`: nested at most 64 levels deep, numbers of at most
+    100 characters, no ``NaN``/``Infinity``, no lone surrogate.
+
+    Raises ValueError saying what is wrong; never RecursionError (a deeply nested text
+    is refused before the parser runs).
+    """
+    try:
+        return load_json(data, what="the JSON")
+    except ProtocolError as exc:
+        raise ValueError(exc.text) from None
+
+
 async def read_json(answer: httpx.Response, max_bytes: int, core: str) -> Any:
-    """The JSON body of ``answer``, read up to ``max_bytes``.
+    """The JSON body of ``answer``, read up to ``max_bytes`` (by :func:`core_json`).
 
     Raises PipelineError for a non-2xx status, a larger body or invalid JSON.
     """
     check_status(answer, core)
     try:
-        return json.loads(await read_body(answer, max_bytes, core))
+        return core_json(await read_body(answer, max_bytes, core))
     except ValueError as exc:
         raise PipelineError(f"{core} answered invalid JSON: {str(exc)[:120]}") from exc
 

@@ -58,8 +58,9 @@ from google.oauth2 import service_account
 
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
-from gateway.pipeline.cores import pooled_client, read_body, read_some
+from gateway.pipeline.cores import core_json, pooled_client, read_body, read_some
 from gateway.pipeline.openai import iter_sse
+from gateway.protocol import MAX_JSON_DEPTH, json_depth
 from gateway.sessions import Session
 from gateway.settings import Settings
 from gateway.ssml import ssml_to_text
@@ -73,6 +74,7 @@ PHONE_CHANNELS = frozenset({"twilio", "vonage", "telnyx", "plivo", "sip"})
 _AGENT = re.compile(r"projects/([^/\s]+)/locations/([^/\s]+)/agents/([^/\s]+)")
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,36}")
 _DTMF = re.compile(r"[0-9*#]+")
+_TOO_DEEP = f"the core streamed an element nested deeper than {MAX_JSON_DEPTH} levels"
 
 
 class DialogflowCxPipeline:
@@ -359,9 +361,16 @@ class DialogflowCxPipeline:
                     break
                 try:
                     value, end = decoder.raw_decode(buffer)
+                except RecursionError:  # nested past the parser's own limit
+                    raise PipelineError(_TOO_DEEP) from None
                 except ValueError:
                     break  # incomplete: wait for more
-                buffer = buffer[end:]
+                element, buffer = buffer[:end], buffer[end:]
+                # core_json's bound (the parser takes up to the interpreter's recursion limit)
+                if element.count("[") + element.count("{") > MAX_JSON_DEPTH and (
+                    json_depth(element) > MAX_JSON_DEPTH
+                ):
+                    raise PipelineError(_TOO_DEEP)
                 if not isinstance(value, dict):
                     raise PipelineError("the core streamed an element that is not an object")
                 yield _checked(value)
@@ -420,7 +429,7 @@ def _checked(answer: dict[str, Any]) -> dict[str, Any]:
 
 def _object(data: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(data)
+        value = core_json(data)
     except ValueError as exc:
         raise PipelineError("the core answered something that is not JSON") from exc
     if not isinstance(value, dict):
@@ -431,7 +440,7 @@ def _object(data: bytes) -> dict[str, Any]:
 def _google_error(data: bytes) -> str:
     """``: <error.message>`` of a Google API error body, or nothing."""
     try:
-        message = json.loads(data)["error"]["message"]
+        message = core_json(data)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return ""
     return f": {' '.join(str(message).split())[:200]}" if message else ""

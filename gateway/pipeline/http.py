@@ -19,7 +19,6 @@ Contract (also in README.md and in the OpenAPI document under ``webhooks``):
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Self
@@ -30,7 +29,13 @@ from pydantic import Field, ValidationError
 
 from gateway.events import Input, Response, ResponseItem, Wire
 from gateway.pipeline.base import REQUEST_ID, PipelineConfigError, PipelineError, PipelineOutput
-from gateway.pipeline.cores import bounded_lines, check_status, pooled_client, read_body
+from gateway.pipeline.cores import (
+    bounded_lines,
+    check_status,
+    core_json,
+    pooled_client,
+    read_body,
+)
 from gateway.sessions import Session
 from gateway.settings import Settings
 
@@ -151,7 +156,7 @@ class HttpPipeline:
     ) -> AsyncIterator[PipelineOutput]:
         async for line in bounded_lines(answer, self._max, "the core"):
             try:
-                raw = json.loads(line)
+                raw = core_json(line)
                 kind = raw.get("type") if isinstance(raw, dict) else None
                 if kind in ("ResponseItem", "ResponseItemEvent"):
                     yield PipelineItemLine.model_validate(raw).response_item

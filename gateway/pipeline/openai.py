@@ -38,7 +38,6 @@ turn succeeds.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -50,7 +49,7 @@ import httpx
 
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
-from gateway.pipeline.cores import bounded_lines, pooled_client, read_body, read_some
+from gateway.pipeline.cores import bounded_lines, core_json, pooled_client, read_body, read_some
 from gateway.pipeline.sentences import SentenceSplitter
 from gateway.sessions import Session
 from gateway.settings import Settings
@@ -310,7 +309,7 @@ class OpenAIPipeline:
             turn.done = True
             return []
         try:
-            chunk = json.loads(data)
+            chunk = core_json(data)
         except ValueError as exc:
             raise PipelineError("the core streamed a chunk that is not JSON") from exc
         if not isinstance(chunk, dict):
@@ -341,7 +340,7 @@ class OpenAIPipeline:
     def _whole(self, turn: _Turn, data: bytes) -> list[ResponseItem]:
         """A non-streamed chat completion (a server that ignored ``stream``)."""
         try:
-            whole = json.loads(data)
+            whole = core_json(data)
             if whole.get("error") is not None:
                 raise PipelineError(f"the core answered an error: {_error_text(data.decode())}")
             message = whole["choices"][0]["message"]
@@ -432,7 +431,7 @@ def _add_tool_delta(turn: _Turn, call: Any) -> None:
 
 def _reason(arguments: str) -> str | None:
     try:
-        reason = json.loads(arguments or "{}").get("reason")
+        reason = core_json(arguments or "{}").get("reason")
     except (ValueError, AttributeError):
         return None
     return reason if isinstance(reason, str) and reason else None
@@ -441,7 +440,7 @@ def _reason(arguments: str) -> str | None:
 def _error_text(data: str) -> str:
     """The ``error.message`` of an OpenAI error body, else its first 200 characters."""
     try:
-        body = json.loads(data)
+        body = core_json(data)
         error = body.get("error", body) if isinstance(body, dict) else body
         message = error.get("message") if isinstance(error, dict) else error
         if isinstance(message, str) and message:

@@ -50,6 +50,7 @@ from gateway.pipeline.cores import (
     chosen,
     command_item,
     core_client,
+    core_json,
     is_url,
     read_json,
 )
@@ -159,7 +160,7 @@ class RasaPipeline:
         if kind in _STREAM_TYPES:
             async for line in bounded_lines(answer, self._max, "Rasa"):
                 try:
-                    yield json.loads(line)
+                    yield core_json(line)
                 except ValueError as exc:
                     raise PipelineError(f"Rasa streamed an invalid line: {exc}") from exc
             return

@@ -60,6 +60,7 @@ from gateway.pipeline.cores import (
     chosen,
     command_item,
     core_client,
+    core_json,
     is_url,
     read_json,
 )
@@ -182,7 +183,7 @@ class VoiceflowPipeline:
                 if event.event != "trace":
                     continue
                 try:
-                    yield json.loads(event.data)
+                    yield core_json(event.data)
                 except ValueError as exc:
                     raise PipelineError(f"Voiceflow streamed an invalid trace: {exc}") from exc
         except SSEError as exc:
@@ -280,7 +281,7 @@ def _custom_action(kind: str, payload: Any) -> ResponseItem:
     value = payload
     if isinstance(payload, str):
         try:
-            value = json.loads(payload)
+            value = core_json(payload)
         except ValueError:
             value = payload
     if kind in ("transfer", "handoff"):

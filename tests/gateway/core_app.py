@@ -19,6 +19,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+DEEP = "[" * 50_000 + "]" * 50_000
+"""JSON nested 50,000 levels deep: past any bound, and past the recursion limit of the
+standard library's parser (a RecursionError where nothing bounds it first)."""
+
 
 def make_core() -> FastAPI:
     """The test core; ``app.state.release`` lets a test hold the streaming answer open."""
@@ -175,6 +179,11 @@ def make_core() -> FastAPI:
                 await asyncio.sleep(0.01)  # each piece its own chunk (most likely)
 
         return StreamingResponse(pieces(), media_type="application/x-ndjson")
+
+    @app.post("/stream-deep")
+    async def stream_deep(request: Request) -> Response:
+        await body(request)
+        return Response(DEEP + "\n", media_type="application/x-ndjson")
 
     @app.post("/stream-no-response")
     async def stream_no_response(request: Request) -> Response:

@@ -15,7 +15,9 @@ Contract: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   each session's page and parameters (:func:`agent`). The streaming method answers a
   JSON array written element by element (server-sent events with ``?alt=sse`` or
   ``app.state.sse``): a PARTIAL DetectIntentResponse with the first message, then (after
-  ``app.state.gap_s``) the FINAL one with all messages.
+  ``app.state.gap_s``) the FINAL one with all messages. The texts ``deep`` and
+  ``deep100`` are answered a DetectIntentResponse whose parameters nest 50,000 and 100
+  levels deep, in the method's form.
 
 ``app.state.requests`` holds ``(path, body)`` of each detectIntent, ``app.state.tokens``
 the tokens issued.
@@ -160,8 +162,12 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
         kinds = [k for k in ("text", "intent", "audio", "event", "dtmf") if k in query]
         if len(kinds) != 1 or not query.get("languageCode"):
             return google_error(400, "INVALID_ARGUMENT", "queryInput needs one input and a language.")  # fmt: skip
-        if (query.get("text") or {}).get("text") == "slow":
+        said = (query.get("text") or {}).get("text")
+        if said == "slow":
             await asyncio.sleep(app.state.slow_s)
+        if said in ("deep", "deep100"):
+            sse = app.state.sse or request.query_params.get("alt") == "sse"
+            return _deep(50_000 if said == "deep" else 100, method, sse)
         path = f"projects/{project}/locations/{location}/agents/{agent_id}/sessions/{session_id}"
         state = app.state.sessions.setdefault(path, {})
         messages = agent(state, query)
@@ -198,6 +204,18 @@ def _answer(
         },
         "responseType": kind,
     }
+
+
+def _deep(depth: int, method: str, sse: bool) -> Response:
+    """A DetectIntentResponse whose parameters nest ``depth`` levels, as ``method``
+    answers it (in SSE form when ``sse``)."""
+    nested = "[" * depth + "]" * depth
+    answer = f'{{"queryResult":{{"responseMessages":[],"parameters":{{"p":{nested}}}}}}}'
+    if method == "detectIntent":
+        return Response(answer, media_type="application/json")
+    if sse:
+        return Response(f"data: {answer}\r\n\r\n", media_type="text/event-stream")
+    return Response(f"[{answer}]", media_type="application/json")
 
 
 async def _stream(

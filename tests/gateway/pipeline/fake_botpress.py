@@ -15,8 +15,9 @@ The bot: the event ``intro`` -> a text and a ``choice``; the option ``yes``; ``m
 X`` / ``what is my name``; ``rich`` -> a card, an image, an audio, a markdown and a bloc;
 ``agent`` -> a text and the event ``{type: "transfer", target, reason}``; ``bye`` -> a text
 and the event ``{type: "end"}``; another event -> nothing. Failures: ``boom`` (500 on the
-message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON), ``weird``
-(a message without a payload type), ``hangup`` (the listen stream closes without a word).
+message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON), ``deep``
+(a signal nested 50,000 levels deep), ``weird`` (a message without a payload type),
+``hangup`` (the listen stream closes without a word).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import Any
 import jwt
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tests.gateway.core_app import DEEP
 
 WEBHOOK_ID = "wh-5c1d2e"
 GAP_S = 0.05
@@ -148,6 +151,9 @@ def make_botpress() -> FastAPI:
             replies = [("text", "late")]
         elif said == "garbage":
             publish(conversation_id, "raw", "{not json")
+            return
+        elif said == "deep":
+            publish(conversation_id, "raw", DEEP)
             return
         elif said == "weird":
             replies = [("weird", {"text": "no type"})]

@@ -13,7 +13,8 @@ The bot: ``/greet`` greets with two buttons; ``/mood_great``; ``my name is X`` a
 ``what is my name`` (a slot); ``picture`` (text + image); ``agent`` (a custom transfer);
 ``bye`` (two texts then ``custom {"end_session": true}``); ``stream`` (one message, then
 waits for ``app.state.release`` before the next); failures: ``boom`` (500), ``slow``
-(2 s), ``garbage`` (not JSON), ``object`` (not an array), ``badline`` (a broken NDJSON line).
+(2 s), ``garbage`` (not JSON), ``object`` (not an array), ``badline`` (a broken NDJSON line),
+``deep`` (JSON nested 50,000 levels deep, as the body or as a line).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tests.gateway.core_app import DEEP
 
 
 def make_rasa() -> FastAPI:
@@ -56,6 +59,8 @@ def make_rasa() -> FastAPI:
         if text == "object":
             return JSONResponse({"text": "not an array"})
         stream = request.query_params.get("stream", "").lower() == "true"
+        if text == "deep":
+            return Response(DEEP + "\n", media_type="text/event-stream" if stream else None)
         if stream and text == "badline":
             return Response(
                 '{"recipient_id": "x", "text": "ok"}\n{broken\n', media_type="text/event-stream"

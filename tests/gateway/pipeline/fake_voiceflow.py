@@ -14,7 +14,8 @@ The agent: ``launch`` -> a text (slate + message), a ``speak`` with an audio URL
 stored size; ``agent`` -> the custom action trace ``transfer``; ``bye`` -> a text and
 ``end``; ``no-reply`` -> "Still there?"; ``stream`` -> one text, then waits for
 ``app.state.release``, then another. Failures: ``boom`` (500), ``slow`` (2 s),
-``garbage`` (not JSON), ``object`` (not a list), ``cut`` (the stream ends without ``end``).
+``garbage`` (not JSON), ``object`` (not a list), ``cut`` (the stream ends without ``end``),
+``deep`` (JSON nested 50,000 levels deep, as the body or a trace's data).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tests.gateway.core_app import DEEP
 
 API_KEY = "VF.DM.6651f0.testkey"
 
@@ -71,6 +74,8 @@ def make_voiceflow() -> FastAPI:
             return Response("[{not json", media_type="application/json")
         if said.get("payload") == "object":
             return JSONResponse({"traces": "none"})
+        if said.get("payload") == "deep":
+            return Response(DEEP, media_type="application/json")
         traces = [t for t in agent(app, user_id, said) if t != "WAIT"]
         if request.query_params.get("verbose") == "true":
             return JSONResponse({"state": {}, "trace": traces, "action": said})
@@ -90,6 +95,8 @@ def make_voiceflow() -> FastAPI:
             if said.get("payload") == "slow":
                 await asyncio.sleep(2)
             n = 0
+            if said.get("payload") == "deep":
+                yield f"event: trace\nid: 1\ndata: {DEEP}\n\n"
             for t in agent(app, user_id, said):
                 if t == "WAIT":
                     await app.state.release.wait()

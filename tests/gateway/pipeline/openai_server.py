@@ -11,7 +11,8 @@ comment first, ``data:`` without its space (llama.cpp style), the usage chunk wi
 Its "model" is scripted on the last user message (see :func:`reply`); the ``<mode>``
 path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
 ``error-data``, ``slow``, ``garbage``, ``truncated``, ``json`` (ignores ``stream``),
-``empty``. ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
+``empty``, ``deep`` (a chunk nested 50,000 levels deep), ``deep-json`` (such a
+non-streamed body). ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
 pause after the first sentence (the model "thinking" on), cut short when the
 ``asyncio.Event`` ``app.state.release`` (None: no event) is set, so a test can hold the
 answer until it has seen what it waits for, however slow the machine;
@@ -30,6 +31,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tests.gateway.core_app import DEEP
 
 KEY = "sk-test-0123456789"
 
@@ -84,6 +87,8 @@ def make_openai_server() -> FastAPI:
             return _error(code, "Rate limit reached" if code == 429 else "Server error", "x")
         if mode == "slow":
             await asyncio.sleep(1.5)
+        if mode == "deep-json":
+            return Response(DEEP, media_type="application/json")
         content, tools = reply(body["messages"])
         if mode == "json" or not body.get("stream"):
             return JSONResponse(_completion(content, tools, body["model"]))
@@ -138,6 +143,9 @@ async def _stream(
     yield data(_chunk(model, {"role": "assistant", "content": ""}))
     if mode == "garbage":
         yield b"data: {not json\n\n"
+        return
+    if mode == "deep":
+        yield data(DEEP)
         return
     if mode == "empty":
         yield data(_chunk(model, {}, "stop"))

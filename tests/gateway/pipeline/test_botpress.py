@@ -164,6 +164,7 @@ async def test_manual_mode_user_key_is_a_jwt(botpress: tuple[str, FastAPI]) -> N
         ("boom", "Botpress answered HTTP 500"),
         ("slow", "did not answer within 1 s"),
         ("garbage", "invalid signal"),
+        ("deep", "invalid signal: the JSON is nested deeper than 64 levels"),
         ("weird", "without a payload type"),
         ("hangup", "closed the listen stream"),
     ],

@@ -236,6 +236,29 @@ async def test_core_failures_become_pipeline_errors(
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize(
+    ("streaming", "sse", "text", "words"),
+    [
+        (False, False, "deep", "not JSON"),
+        (False, False, "deep100", "not JSON"),
+        (True, True, "deep", "not JSON"),
+        (True, False, "deep", "nested deeper than 64 levels"),  # past the parser's limit
+        (True, False, "deep100", "nested deeper than 64 levels"),  # within it
+    ],
+)
+async def test_an_answer_nested_too_deep_is_a_pipeline_error(
+    cx: tuple[Settings, FastAPI], streaming: bool, sse: bool, text: str, words: str
+) -> None:
+    """An answer nested deeper than any answer needs is the core's error, whatever the
+    method and form: never a RecursionError, nor a session the store could not save."""
+    settings, app = cx
+    app.state.sse = sse
+    conv = engine(settings, dialogflow_cx_streaming=streaming)
+    await pipeline_error(conv, words, text)
+    await failed_session(conv, 0)
+    await conv.pipeline.aclose()
+
+
 async def test_a_key_the_token_endpoint_rejects_is_a_pipeline_error(
     cx: tuple[Settings, FastAPI], tmp_path: Path
 ) -> None:

@@ -63,6 +63,7 @@ async def test_http_core_stream_is_forwarded_as_it_arrives(core: tuple[str, Fast
         ("huge", "larger than"),
         ("stream-no-response", "without a Response"),
         ("stream-unknown", "unknown event type"),
+        ("stream-deep", "nested deeper than 64 levels"),
         ("slow?s=1.5", "did not answer within"),
     ],
 )

@@ -222,6 +222,8 @@ async def test_first_sentence_is_forwarded_before_the_answer_is_complete(
         ("event-error", "streamed an error: The model is overloaded"),
         ("error-data", "streamed an error: context length exceeded"),
         ("garbage", "not JSON"),
+        ("deep", "streamed a chunk that is not JSON"),
+        ("deep-json", "answered no chat completion"),
         ("truncated", "without a finish_reason"),
         ("empty", "neither content nor a tool call"),
         ("slow", "did not answer within"),

@@ -108,6 +108,8 @@ async def test_stream_items_are_forwarded_as_they_arrive(rasa: tuple[str, FastAP
         ("garbage", False, "Rasa answered invalid JSON"),
         ("object", False, "something else than an array"),
         ("badline", True, "Rasa streamed an invalid line"),
+        ("deep", False, "Rasa answered invalid JSON: the JSON is nested deeper than 64 levels"),
+        ("deep", True, "Rasa streamed an invalid line: the JSON is nested deeper than 64 levels"),
     ],
 )
 async def test_core_failures_are_pipeline_errors_and_the_session_is_kept(

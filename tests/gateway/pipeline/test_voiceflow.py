@@ -123,6 +123,8 @@ async def test_stream_traces_are_forwarded_as_they_arrive(voiceflow: tuple[str, 
         ("garbage", False, "Voiceflow answered invalid JSON"),
         ("object", False, "something else than a list of traces"),
         ("cut", True, "ended without its end event"),
+        ("deep", False, "Voiceflow answered invalid JSON: the JSON is nested deeper than 64"),
+        ("deep", True, "Voiceflow streamed an invalid trace: the JSON is nested deeper than 64"),
     ],
 )
 async def test_core_failures_are_pipeline_errors(
