@@ -19,7 +19,8 @@ Operations:
   be an array starting with its name). A packet that does not decode gets ``error
   {code: "invalid-payload"}`` on a connected socket (a CONNECT that does not decode
   ends that Engine.IO session) and a WARNING, never an ERROR traceback of engineio's;
-  other connections are untouched.
+  other connections are untouched. An event named ``connect``, ``disconnect`` or ``*``
+  (the names of python-socketio's own handlers) is an unknown event like any other.
 - **Secret.** sessionKeys are signed with GATEWAY_VOICEFLOW_SECRET when it is set,
   else with the gateway's key of purpose ``voiceflow-session-key``
   (:mod:`gateway.secrets`: derived from GATEWAY_SECRET_KEY, or from the key every
@@ -157,7 +158,8 @@ class BoundedPacket(socketio.packet.Packet):  # type: ignore[misc]
 
 
 class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
-    """python-socketio's AsyncServer whose packet decoding failures are the client's error.
+    """python-socketio's AsyncServer whose packet decoding failures are the client's error,
+    and whose own handlers no client event reaches.
 
     python-socketio lets a packet that does not decode (malformed JSON, and with
     :class:`BoundedPacket` JSON out of bounds or of the wrong shape) escape to
@@ -165,7 +167,36 @@ class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
     Engine.IO message hook) the connection gets an ``error {code: "invalid-payload"}``
     event and a WARNING is logged; a client not yet connected to the namespace is
     disconnected. The connection and every other one go on.
+
+    python-socketio also dispatches a client's event by its name alone, so an event
+    named ``connect`` or ``disconnect`` (the handlers it calls itself when a client
+    comes and goes) or ``*`` (the catch-all) would reach that handler: see
+    :meth:`_handle_event_internal`.
     """
+
+    CLIENT_RESERVED = frozenset(("connect", "disconnect", "*"))
+    """Event names a client's event must not be dispatched by: python-socketio's
+    ``reserved_events`` and its catch-all."""
+
+    async def _handle_event_internal(
+        self, server: Any, sid: str, eio_sid: str, data: list[Any], namespace: str, id: Any
+    ) -> None:
+        """python-socketio's dispatch of one client event, except that an event named in
+        :data:`CLIENT_RESERVED` goes to the catch-all handler with its name, as any event
+        no handler is registered for: the connection gets ``error {code:
+        "unknown-event"}``, its state (and every other connection) untouched. An
+        acknowledgement asked for is sent as python-socketio sends it for a handled event.
+        """
+        name = data[0]
+        if name not in self.CLIENT_RESERVED and name not in self.reserved_events:
+            await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+            return
+        catch_all = self.handlers.get(namespace, {}).get("*")
+        if catch_all is not None:
+            await catch_all(name, sid, *data[1:])
+        if id is not None:
+            ack = self.packet_class(socketio.packet.ACK, namespace=namespace, id=id, data=[])
+            await self._send_packet(eio_sid, ack)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         try:

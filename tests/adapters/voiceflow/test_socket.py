@@ -14,6 +14,7 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect as ws_connect
 
 from adapters.voiceflow.protocol import PATH, SessionKeys
+from gateway.metrics import REGISTRY
 from tests.adapters.voiceflow.helpers import (
     PROJECT,
     SECRET,
@@ -219,6 +220,48 @@ async def test_bad_input_gets_its_status_or_error_and_the_connection_stays_usabl
         # ... and a valid action completes
         assert await vf.say("my name is Ada") == ["Nice to meet you, Ada."]
         await vf.nothing_more()
+
+
+def connections() -> float:
+    """The gateway_connections gauge of the Voiceflow channel (this process's servers)."""
+    return REGISTRY.get_sample_value("gateway_connections", {"channel": "voiceflow"}) or 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("disconnect", None),
+        ("disconnect", "client namespace disconnect"),
+        ("connect", None),
+        ("connect", {"token": "x"}),
+        ("*", "OTHER"),
+        ("*", None),
+    ],
+)
+async def test_events_named_like_the_servers_own_handlers_are_unknown_events(
+    name: str, data: Any
+) -> None:
+    """A client's event named ``connect``, ``disconnect`` or ``*`` is an unknown event like
+    any other: the sender gets ``error unknown-event`` and keeps its state (its session
+    answers the next action), no ERROR is logged, the connections gauge counts each
+    connection once, and another connection (whose sid ``*`` was given) hears nothing."""
+    before = connections()
+    async with served() as url, client(url) as vf, client(url) as other:
+        await vf.handshake()
+        assert await vf.say("my name is Ada") == ["Nice to meet you, Ada."]
+        await other.handshake()
+        await vf.emit(name, other.sio.get_sid("/") if data == "OTHER" else data)
+        refused = await vf.expect("error")
+        assert refused["code"] == "unknown-event", refused
+        assert repr(name) in refused["error"], refused
+        assert await vf.say("what is my name") == ["Your name is Ada."]
+        assert connections() == before + 2
+        await other.nothing_more()
+    for _ in range(250):  # up to 5 s, a safety net: the server counts the goodbyes
+        if connections() == before:
+            break
+        await asyncio.sleep(0.02)
+    assert connections() == before  # no connection counted twice
 
 
 async def test_a_second_action_while_one_runs_is_rejected() -> None:
