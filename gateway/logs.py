@@ -196,11 +196,17 @@ class _TextFormatter(logging.Formatter):
         return f"{self._text},{int(record.msecs):03d}"
 
 
+QUIET_LIBRARIES = ("httpx", "httpcore")
+"""Loggers kept at WARNING whatever GATEWAY_LOG_LEVEL says: their request lines carry the
+URLs of the gateway's calls to cores and carriers, with credentials in them."""
+
+
 def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") -> None:
     """Route the root logger (and uvicorn's) to stderr in ``fmt`` at ``level``.
 
     Access log lines go through :class:`RedactQuery`, every line through
-    :class:`RedactFields` (see the module doc). Records do not look up the caller's
+    :class:`RedactFields` (see the module doc); :data:`QUIET_LIBRARIES` log only
+    warnings. Records do not look up the caller's
     file, line, thread or process (none of the formats shows them): the logging
     HOWTO's "Optimization" settings, which take a line per turn and uvicorn's access
     line from about 40 to 16 µs each.
@@ -225,3 +231,7 @@ def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text"
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactQuery) for f in access.filters):
         access.addFilter(RedactQuery())
+    # httpx and httpcore log every request at INFO (DEBUG) with its whole URL: a core's
+    # token in the query (Rasa's ``token``), a session id (a credential) in the path
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -15,8 +15,17 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+from fastapi import FastAPI
 
-from gateway.logs import JsonFormatter, RedactQuery, redact_query, session_ref, set_hash_key
+from gateway.logs import (
+    JsonFormatter,
+    RedactQuery,
+    configure_logging,
+    redact_query,
+    session_ref,
+    set_hash_key,
+)
 from tests.conftest import ROOT, free_port
 
 APP_KEY = "app-key-that-is-a-secret"
@@ -118,3 +127,33 @@ def test_a_served_turn_logs_neither_the_session_id_nor_the_key(tmp_path: Path) -
     assert [e["session"] for e in turns] == [expected, expected]
     assert session not in logged
     assert APP_KEY not in logged
+
+
+async def test_the_http_clients_request_lines_with_credentials_are_not_logged(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """httpx logs each request's whole URL at INFO: a Rasa core's ``?token=``, a session
+    id in a Voiceflow or Dialogflow CX path. Under configure_logging at INFO (the
+    default) they are not written."""
+    app = FastAPI()
+
+    @app.post("/webhooks/rest/webhook")
+    async def rasa() -> list[dict[str, str]]:
+        return [{"text": "hi"}]
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("httpx").level)
+    try:
+        configure_logging("INFO")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://core") as client:
+            answer = await client.post("/webhooks/rest/webhook?token=RASA-SECRET-1", json={})
+        assert answer.json() == [{"text": "hi"}]
+        logging.getLogger("gateway.test").warning("a line that is written")
+    finally:
+        root.handlers[:], level, httpx_level = saved
+        root.setLevel(level)
+        logging.getLogger("httpx").setLevel(httpx_level)
+    written = capfd.readouterr().err
+    assert "a line that is written" in written
+    assert "RASA-SECRET-1" not in written
