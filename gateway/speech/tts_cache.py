@@ -366,20 +366,22 @@ class FileEncoder:
         μ-law; WAV: none, its header is written at :meth:`finish`)."""
         if self.sample_rate is None:
             self.sample_rate = pcm.sample_rate
-            if self.fmt == "mp3":
-                self._mp3 = lameenc.Encoder()
-                self._mp3.set_bit_rate(MP3_BITRATE_KBPS)
-                self._mp3.set_in_sample_rate(pcm.sample_rate)
-                self._mp3.set_channels(1)
-                self._mp3.set_quality(5)
-            elif self.fmt == "mulaw":
+            if self.fmt == "mulaw":
                 self._rate = MULAW_RATE
             elif self.fmt in PCM_RATES:
                 self._rate = PCM_RATES[self.fmt]
         elif pcm.sample_rate != self.sample_rate:
             raise ValueError(f"a piece at {pcm.sample_rate} Hz in a {self.sample_rate} Hz file")
-        if not pcm.data:
+        if not pcm.data:  # a piece that says nothing ("...", an empty SSML break)
             return b""
+        if self.fmt == "mp3" and self._mp3 is None:
+            # made with the first samples: LAME's flush fails ("Not currently encoding")
+            # on an encoder that never encoded, and finish makes an empty file without it
+            self._mp3 = lameenc.Encoder()
+            self._mp3.set_bit_rate(MP3_BITRATE_KBPS)
+            self._mp3.set_in_sample_rate(pcm.sample_rate)
+            self._mp3.set_channels(1)
+            self._mp3.set_quality(5)
         if self._mp3 is not None:
             added = bytes(self._mp3.encode(pcm.data))
         elif self._rate is not None:

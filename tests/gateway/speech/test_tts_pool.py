@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import struct
 import time
+from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.conversation import Conversation, TurnContext
@@ -33,7 +36,7 @@ from gateway.speech.tts import (
 )
 from gateway.speech.tts_cache import PCM_RATES, FileEncoder, MemoryTtsCache, TtsSpec, encode_file
 from gateway.speech.tts_pool import TtsOverloaded, TtsPool
-from tests.conftest import serve
+from tests.conftest import serve, served_app
 from tests.gateway.speech.test_tts import CountingSynth
 
 LONG = " ".join(f"This is sentence number {i} of a long answer." for i in range(40))
@@ -133,6 +136,51 @@ async def test_piper_pieces_make_the_same_audio_as_a_whole(piper: PiperSynthesiz
     for pcm in pieces:
         mulaw.feed(pcm)
     assert abs(len(mulaw.finish()) / 8000 - whole.duration_s) < 0.05
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "wav", "mulaw"])
+def test_pieces_that_say_nothing_make_an_empty_file_not_a_failure(fmt: str) -> None:
+    """Piper gives no samples for "..." or "—": an MP3 encoder made for such a first
+    piece never encoded, and LAME's flush failed ("Not currently encoding")."""
+    silent = FileEncoder(fmt)  # type: ignore[arg-type]
+    assert silent.feed(Pcm(b"", 22050)) == b""
+    empty = silent.finish()
+    if fmt == "mp3":
+        assert decode_mp3(empty).duration_s < 0.1
+    elif fmt == "wav":
+        assert decode_wav(empty).data == b""
+    else:
+        assert empty == b""
+    then = FileEncoder(fmt)  # type: ignore[arg-type]
+    then.feed(Pcm(b"", 22050))
+    then.feed(tone(440, 0.5))
+    whole = then.finish()
+    if fmt == "mp3":
+        assert abs(decode_mp3(whole).duration_s - 0.5) < 0.1
+
+
+async def test_an_item_that_says_nothing_is_served_as_an_empty_file() -> None:
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn() -> dict[str, Any]:
+        return {"items": [{"text": "..."}]}
+
+    async with (
+        serve(core) as core_url,
+        served_app(create_app(Settings(pipeline=f"{core_url}/turn"))) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await client.put(
+            "/client?key=k", headers={"Content-Type": "text/plain"}, content="hi"
+        )
+        assert answer.status_code == 200, answer.text
+        path = re.findall(r"audio=http://localhost:8080(/file/tts/[0-9a-f]{64}\.mp3)", answer.text)
+        assert len(path) == 1, answer.text
+        for _ in range(2):  # synthesized (streamed), then from the cache
+            file = await client.get(path[0])
+            assert file.status_code == 200  # before: 500, and an ERROR traceback
+            assert decode_mp3(file.content).duration_s < 0.1
 
 
 def tone(freq: float, seconds: float, rate: int = 22050, fade_s: float = 0.005) -> Pcm:
