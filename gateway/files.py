@@ -56,7 +56,8 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
     The first GET of a link synthesizes it from the spec registered when the link
     was issued (concurrent GETs of one id share one synthesis); later GETs come
     from the cache. The id is an HMAC the gateway made: anything not shaped like
-    one is a 404 before the cache is asked, and an id never issued is a 404 too.
+    one is a 404 before the cache is asked, and an id never issued is a 404 too, as
+    is an id with another extension than its link's (the file is its id and format).
     When the TTS pool is full the answer is 503 with ``Retry-After``. A client that
     goes away cancels the synthesis if nobody else waits for it. Files are
     immutable, so clients may cache them.
@@ -76,7 +77,7 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
     if not is_tts_id(file_id):
         return _not_found(file_id, ext)
     chunks: AsyncIterator[bytes] | None = None
-    render = asyncio.ensure_future(_first(gw.speech.file_source(file_id)))
+    render = asyncio.ensure_future(_first(gw.speech.file_source(file_id, ext)))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({render, gone}, return_when=asyncio.FIRST_COMPLETED)

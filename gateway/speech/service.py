@@ -245,20 +245,26 @@ class SpeechService:
         async for chunk in self.pool.stream(file_id, spec):
             yield chunk
 
-    async def file_source(self, file_id: str) -> bytes | AsyncIterator[bytes] | None:
+    async def file_source(
+        self, file_id: str, fmt: str | None = None
+    ) -> bytes | AsyncIterator[bytes] | None:
         """The file behind a link: its bytes when cached, else its chunks as they are
         synthesized from the registered spec (:meth:`TtsPool.stream`, shared with
         other requests for it; nothing starts before the first ``__anext__``).
-        None: unknown or expired id.
+        None: unknown or expired id, or (``fmt``, the link's extension, given) a file
+        registered in another format: ``<id>.wav`` of an MP3 link is no file, not the
+        MP3's bytes under a WAV media type.
 
         Raises:
             OSError, redis.RedisError: the cache failed.
             (from the iterator) TtsOverloaded, SynthesisError, ValueError as :meth:`file`.
         """
-        data = await self.cache.get(file_id)
+        spec = await self.cache.spec(file_id)
+        if spec is not None and fmt is not None and spec.fmt != fmt:
+            return None
+        data = await self.cache.get(file_id)  # (cached past its spec's expiry: served)
         if data is not None:
             return data
-        spec = await self.cache.spec(file_id)
         if spec is None:
             return None
         return self.pool.stream(file_id, spec)

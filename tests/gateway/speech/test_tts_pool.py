@@ -183,6 +183,30 @@ async def test_an_item_that_says_nothing_is_served_as_an_empty_file() -> None:
             assert decode_mp3(file.content).duration_s < 0.1
 
 
+async def test_a_link_is_its_id_and_its_format() -> None:
+    """An MP3 link asked for as .wav or .mulaw is no file (before: the MP3's bytes under
+    audio/wav, cached as immutable), before and after it was synthesized."""
+    async with (
+        served_app(create_app(Settings())) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await client.put(
+            "/client?key=k", headers={"Content-Type": "text/plain"}, content="hi"
+        )
+        (path,) = re.findall(
+            r"audio=http://localhost:8080(/file/tts/[0-9a-f]{64})\.mp3", answer.text
+        )
+        for _ in range(2):  # before the first GET of the .mp3, then once it is cached
+            for ext in ("wav", "mulaw"):
+                other = await client.get(f"{path}.{ext}")
+                assert other.status_code == 404
+                assert other.headers["content-type"] == "application/problem+json"
+            mp3 = await client.get(f"{path}.mp3")
+            assert mp3.status_code == 200
+            assert mp3.headers["content-type"] == "audio/mpeg"
+            assert decode_mp3(mp3.content).duration_s > 0.3
+
+
 def tone(freq: float, seconds: float, rate: int = 22050, fade_s: float = 0.005) -> Pcm:
     """A sine of amplitude 12000 as 16-bit PCM, faded in and out over ``fade_s``
     (as a piece of speech starts and ends quietly: no click at its edges)."""
