@@ -386,6 +386,15 @@ class TurnStream:
             events.append(item)  # type: ignore[arg-type]
 
 
+def _core_fault(exc: Exception) -> PipelineError:
+    """The PipelineError for an unexpected exception of a core client (a TypeError of its
+    parser on an answer of a shape it did not expect, a pydantic ValidationError): the
+    core's answer is at fault, the session is kept (an Error of source ``pipeline``), and
+    the client's gap is logged at ERROR with its traceback."""
+    log.error("the core's answer could not be read", exc_info=exc)
+    return PipelineError(f"the core's answer could not be read ({type(exc).__name__})")
+
+
 def _speech_error(exc: BaseException) -> ErrorEvent:
     if isinstance(exc, TtsOverloaded):
         log.warning("speech refused: the TTS pool is full")
@@ -730,7 +739,15 @@ class Conversation:
         outputs = self.pipeline.process(session, input)
         try:
             async with asyncio.timeout(self.settings.turn_timeout_s):
-                async for produced in outputs:
+                while True:
+                    try:
+                        produced = await anext(outputs)
+                    except StopAsyncIteration:
+                        break
+                    except PipelineError:
+                        raise
+                    except Exception as exc:  # a core client's parser met an answer it missed
+                        raise _core_fault(exc) from exc
                     if isinstance(produced, ResponseItem):
                         items.append(await self._emit(produced, out, tts, session.channel))
                     elif isinstance(produced, Response):

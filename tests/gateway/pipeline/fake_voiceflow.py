@@ -15,7 +15,8 @@ stored size; ``agent`` -> the custom action trace ``transfer``; ``bye`` -> a tex
 ``end``; ``no-reply`` -> "Still there?"; ``stream`` -> one text, then waits for
 ``app.state.release``, then another. Failures: ``boom`` (500), ``slow`` (2 s),
 ``garbage`` (not JSON), ``object`` (not a list), ``cut`` (the stream ends without ``end``),
-``deep`` (JSON nested 50,000 levels deep, as the body or a trace's data).
+``deep`` (JSON nested 50,000 levels deep, as the body or a trace's data), ``overflow``
+(a no-reply timeout of 1e308 s, which the client's parser does not expect).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def make_voiceflow() -> FastAPI:
             return JSONResponse({"traces": "none"})
         if said.get("payload") == "deep":
             return Response(DEEP, media_type="application/json")
+        if said.get("payload") == "overflow":  # valid JSON: 1e308 s is no int of ms
+            no_reply = '[{"type": "no-reply", "payload": {"timeout": 1e308}}]'
+            return Response(no_reply, media_type="application/json")
         traces = [t for t in agent(app, user_id, said) if t != "WAIT"]
         if request.query_params.get("verbose") == "true":
             return JSONResponse({"state": {}, "trace": traces, "action": said})
