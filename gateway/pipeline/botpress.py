@@ -63,11 +63,12 @@ from urllib.parse import quote
 
 import httpx
 import jwt
-from httpx_sse import EventSource, ServerSentEvent, SSEError
+from httpx_sse import ServerSentEvent, SSEError
 
 from gateway.events import Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    bounded_sse,
     button,
     buttons_item,
     chosen,
@@ -212,7 +213,7 @@ class BotpressPipeline:
         self, listen: httpx.Response, user_id: str, quiet_ok: bool
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """``("message", Message)`` and ``("event", Event)`` of the bot, until it is idle."""
-        events = EventSource(listen).aiter_sse()
+        events = bounded_sse(listen, self._max, "Botpress")
         heard = False
         size = 0
         while True:

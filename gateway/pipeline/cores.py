@@ -15,10 +15,11 @@ import codecs
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any, cast
 
 import httpx
+from httpx_sse import EventSource, ServerSentEvent
 
 from gateway.events import ResponseItem
 from gateway.pipeline.base import PipelineError
@@ -142,6 +143,48 @@ async def bounded_lines(
 
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+class _CountedAnswer:
+    """What httpx-sse's :class:`~httpx_sse.EventSource` reads of a response (``headers``
+    and ``aiter_text``), the bytes counted as they come: PipelineError past
+    ``max_bytes``, so httpx-sse never buffers an endless line past the bound."""
+
+    def __init__(self, answer: httpx.Response, max_bytes: int, core: str) -> None:
+        self._answer = answer
+        self._max = max_bytes
+        self._core = core
+
+    @property
+    def headers(self) -> httpx.Headers:
+        """The response's headers (httpx-sse checks the Content-Type)."""
+        return self._answer.headers
+
+    async def aiter_text(self) -> AsyncIterator[str]:
+        """The body as text (``answer.encoding``, UTF-8 by default; bad bytes replaced),
+        chunk by chunk. Raises PipelineError as soon as it passes ``max_bytes``."""
+        decode = codecs.getincrementaldecoder(self._answer.encoding or "utf-8")(
+            errors="replace"
+        ).decode
+        size = 0
+        async for chunk in self._answer.aiter_bytes():
+            size += len(chunk)
+            if size > self._max:
+                raise PipelineError(f"{self._core}'s answer is larger than {self._max} bytes")
+            if text := decode(chunk):
+                yield text
+        if tail := decode(b"", True):
+            yield tail
+
+
+def bounded_sse(
+    answer: httpx.Response, max_bytes: int, core: str
+) -> AsyncGenerator[ServerSentEvent, None]:
+    """httpx-sse's events of the event stream ``answer``, its body bounded: PipelineError
+    (naming ``core``) as soon as more than ``max_bytes`` bytes came, whatever their lines
+    (httpx-sse alone buffers a line that never ends without limit). Raises SSEError
+    (httpx-sse's) when ``answer`` is not ``text/event-stream``."""
+    return EventSource(cast(httpx.Response, _CountedAnswer(answer, max_bytes, core))).aiter_sse()
 
 
 def button(name: str, request: dict[str, Any]) -> dict[str, Any]:

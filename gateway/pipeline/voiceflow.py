@@ -50,11 +50,12 @@ from typing import Any, Self
 from urllib.parse import quote
 
 import httpx
-from httpx_sse import EventSource, SSEError
+from httpx_sse import SSEError
 
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    bounded_sse,
     buttons_item,
     check_status,
     chosen,
@@ -174,7 +175,7 @@ class VoiceflowPipeline:
         """The traces of an interact stream, as they arrive, until ``event: end``."""
         size = 0
         try:
-            async for event in EventSource(answer).aiter_sse():
+            async for event in bounded_sse(answer, self._max, "Voiceflow"):
                 size += len(event.data)
                 if size > self._max:
                     raise PipelineError(f"Voiceflow's answer is larger than {self._max} bytes")

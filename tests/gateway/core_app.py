@@ -24,6 +24,30 @@ DEEP = "[" * 50_000 + "]" * 50_000
 standard library's parser (a RecursionError where nothing bounds it first)."""
 
 
+def endless_body(app: FastAPI, prefix: bytes = b"") -> AsyncIterator[bytes]:
+    """A streamed body of ``prefix`` then one line that never ends: 32 MB in 64 KB chunks,
+    no newline. ``app.state.sent`` counts the bytes handed to the server,
+    ``app.state.line_stopped`` is set when the stream stops, ``app.state.line_whole``
+    only when it was all sent."""
+    app.state.sent, app.state.line_whole = 0, False
+    app.state.line_stopped = asyncio.Event()
+    chunk = b"x" * 65_536
+
+    async def line() -> AsyncIterator[bytes]:
+        try:
+            if prefix:  # (an empty chunk would end a chunked body)
+                yield prefix
+            for _ in range(32 * 16):
+                yield chunk
+                app.state.sent += len(chunk)
+                await asyncio.sleep(0)  # a disconnect can cancel the stream here
+            app.state.line_whole = True
+        finally:
+            app.state.line_stopped.set()
+
+    return line()
+
+
 def make_core() -> FastAPI:
     """The test core; ``app.state.release`` lets a test hold the streaming answer open."""
     app = FastAPI()
@@ -143,22 +167,7 @@ def make_core() -> FastAPI:
         counts the bytes handed to the server; ``app.state.line_stopped`` is set when the
         stream stops, ``app.state.line_whole`` only when it was all sent."""
         await body(request)
-        app.state.sent, app.state.line_whole = 0, False
-        app.state.line_stopped = asyncio.Event()
-        chunk = b"x" * 65_536
-        count = 32 * 16
-
-        async def line() -> AsyncIterator[bytes]:
-            try:
-                for _ in range(count):
-                    yield chunk
-                    app.state.sent += len(chunk)
-                    await asyncio.sleep(0)  # a disconnect can cancel the stream here
-                app.state.line_whole = True
-            finally:
-                app.state.line_stopped.set()
-
-        return StreamingResponse(line(), media_type="application/x-ndjson")
+        return StreamingResponse(endless_body(app), media_type="application/x-ndjson")
 
     @app.post("/stream-split")
     async def stream_split(request: Request) -> StreamingResponse:

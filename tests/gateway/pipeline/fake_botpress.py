@@ -17,7 +17,8 @@ X`` / ``what is my name``; ``rich`` -> a card, an image, an audio, a markdown an
 and the event ``{type: "end"}``; another event -> nothing. Failures: ``boom`` (500 on the
 message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON), ``deep``
 (a signal nested 50,000 levels deep), ``weird`` (a message without a payload type),
-``hangup`` (the listen stream closes without a word).
+``hangup`` (the listen stream closes without a word), ``endless`` (the listen stream goes
+on with one line of 32 MB that never ends, see tests.gateway.core_app.endless_body).
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ import jwt
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tests.gateway.core_app import DEEP
+from tests.gateway.core_app import DEEP, endless_body
 
 WEBHOOK_ID = "wh-5c1d2e"
 GAP_S = 0.05
 """Time between two messages of the bot (s)."""
+
+
+ENDLESS = "<endless>"
+"""Published to the listen streams: the stream goes on with an endless line."""
 
 
 def make_botpress() -> FastAPI:
@@ -160,6 +165,9 @@ def make_botpress() -> FastAPI:
         elif said == "hangup":
             publish(conversation_id, "raw", None)
             return
+        elif said == "endless":
+            publish(conversation_id, "raw", ENDLESS)
+            return
         else:
             replies = [("text", f"You said: {said}")]
         for kind, value in replies:
@@ -224,6 +232,10 @@ def make_botpress() -> FastAPI:
                 yield f"data: {json.dumps({'type': 'init', 'data': {}})}\n\n"
                 yield ": keepalive\n\n"  # an SSE comment, as proxies and the API send
                 while (data := await queue.get()) is not None:
+                    if data == ENDLESS:  # a line of 32 MB that never ends
+                        async for chunk in endless_body(app, b"data: "):
+                            yield chunk
+                        return
                     yield f"data: {data}\n\n"
             finally:
                 listeners.remove(queue)

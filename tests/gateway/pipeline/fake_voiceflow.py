@@ -16,7 +16,8 @@ stored size; ``agent`` -> the custom action trace ``transfer``; ``bye`` -> a tex
 ``app.state.release``, then another. Failures: ``boom`` (500), ``slow`` (2 s),
 ``garbage`` (not JSON), ``object`` (not a list), ``cut`` (the stream ends without ``end``),
 ``deep`` (JSON nested 50,000 levels deep, as the body or a trace's data), ``overflow``
-(a no-reply timeout of 1e308 s, which the client's parser does not expect).
+(a no-reply timeout of 1e308 s, which the client's parser does not expect), ``endless``
+(streaming: one line of 32 MB that never ends, see tests.gateway.core_app.endless_body).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tests.gateway.core_app import DEEP
+from tests.gateway.core_app import DEEP, endless_body
 
 API_KEY = "VF.DM.6651f0.testkey"
 
@@ -94,6 +95,9 @@ def make_voiceflow() -> FastAPI:
         said = body.get("action", {})
         if said.get("payload") == "boom":
             return JSONResponse({"message": "internal"}, status_code=500)
+
+        if said.get("payload") == "endless":  # one line of 32 MB that never ends
+            return StreamingResponse(endless_body(app, b"data: "), media_type="text/event-stream")
 
         async def events() -> AsyncIterator[str]:
             if said.get("payload") == "slow":

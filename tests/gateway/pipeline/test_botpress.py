@@ -5,6 +5,7 @@ and a whole Flowstorm V2 conversation."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -175,6 +176,21 @@ async def test_core_failures_are_pipeline_errors(
     url, _ = botpress
     conv = bp_engine(url)
     assert (await fails_then_recovers(conv, words, said))[-1] == "You said: again"
+    await conv.pipeline.aclose()
+
+
+async def test_an_endless_line_on_the_listen_stream_is_cut_at_the_bound(
+    botpress: tuple[str, FastAPI],
+) -> None:
+    """httpx-sse buffers a line until it ends: the listen stream's bytes are counted as
+    they come (GATEWAY_PIPELINE_MAX_RESPONSE_BYTES), and the gateway stops reading."""
+    url, app = botpress
+    conv = bp_engine(url, pipeline_max_response_bytes=1_048_576, turn_timeout_s=20)
+    await pipeline_error(conv, "Botpress's answer is larger than 1048576 bytes", "endless")
+    async with asyncio.timeout(15):  # a safety net, not a bound on the time taken
+        await app.state.line_stopped.wait()
+    assert not app.state.line_whole
+    assert app.state.sent < 16 * 1_048_576
     await conv.pipeline.aclose()
 
 

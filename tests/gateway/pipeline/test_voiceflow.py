@@ -4,6 +4,7 @@ interact stream: state, traces mapped to items, the end, failures, a V2 conversa
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -135,6 +136,21 @@ async def test_core_failures_are_pipeline_errors(
     url, _ = voiceflow
     conv = vf_engine(url, stream, turn_timeout_s=0.5)
     assert await fails_then_recovers(conv, words, said) == ["You said: again"]
+    await conv.pipeline.aclose()
+
+
+async def test_an_endless_line_of_the_stream_is_cut_at_the_bound(
+    voiceflow: tuple[str, FastAPI],
+) -> None:
+    """httpx-sse buffers a line until it ends: the stream's bytes are counted as they come
+    (GATEWAY_PIPELINE_MAX_RESPONSE_BYTES), and the gateway stops reading."""
+    url, app = voiceflow
+    conv = vf_engine(url, True, pipeline_max_response_bytes=1_048_576, turn_timeout_s=20)
+    await pipeline_error(conv, "Voiceflow's answer is larger than 1048576 bytes", "endless")
+    async with asyncio.timeout(15):  # a safety net, not a bound on the time taken
+        await app.state.line_stopped.wait()
+    assert not app.state.line_whole
+    assert app.state.sent < 16 * 1_048_576
     await conv.pipeline.aclose()
 
 
