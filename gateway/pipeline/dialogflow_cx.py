@@ -77,6 +77,35 @@ _DTMF = re.compile(r"[0-9*#]+")
 _TOO_DEEP = f"the core streamed an element nested deeper than {MAX_JSON_DEPTH} levels"
 
 
+TOKEN_TIMEOUT_S = 10.0
+"""Longest wait (s) for Google's token endpoint in one refresh (google-auth's default: 120)."""
+
+
+class _TimedAuthRequest(AuthRequest):
+    """google-auth's requests transport whose calls wait at most :data:`TOKEN_TIMEOUT_S`
+    (a service account's refresh passes no timeout of its own)."""
+
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: Any = None,
+        headers: Any = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return super().__call__(  # type: ignore[no-untyped-call]
+            url, method, body, headers, timeout=TOKEN_TIMEOUT_S, **kwargs
+        )
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """A refresh nobody waits for any more: its error is read (and dropped; the next turn
+    refreshes again and reports its own)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class DialogflowCxPipeline:
     """A Dialogflow CX agent as the core (see the module doc).
 
@@ -117,7 +146,7 @@ class DialogflowCxPipeline:
         self.streaming = streaming
         self._credentials = credentials
         self._auth_session = requests.Session()
-        self._auth_lock = asyncio.Lock()
+        self._refreshing: asyncio.Future[None] | None = None
         self._max = max_response_bytes
         self._client = client or pooled_client(connect_timeout_s)
 
@@ -194,16 +223,29 @@ class DialogflowCxPipeline:
         return {**query, "languageCode": language}
 
     async def _token(self) -> str:
-        async with self._auth_lock:
-            if not self._credentials.valid:
-                request = AuthRequest(self._auth_session)
-                try:
-                    await asyncio.to_thread(self._credentials.refresh, request)
-                except google.auth.exceptions.GoogleAuthError as exc:
-                    raise PipelineError(
-                        f"no access token for Dialogflow CX: {type(exc).__name__}: {str(exc)[:160]}"
-                    ) from exc
+        """A valid access token. One refresh runs at a time, in a thread (google-auth is
+        blocking), for every turn that needs it; a turn that gives up waiting (its time
+        is over) does not stop it, and the next turn waits for the same refresh rather
+        than start another: a token endpoint that hangs holds one thread, for at most
+        :data:`TOKEN_TIMEOUT_S`, not one per turn (the threads of the default executor
+        also decode audio and encode speech)."""
+        if self._credentials.valid:
             return str(self._credentials.token)
+        refreshing = self._refreshing
+        if refreshing is None or refreshing.done():
+            request = _TimedAuthRequest(self._auth_session)
+            refreshing = asyncio.ensure_future(
+                asyncio.to_thread(self._credentials.refresh, request)
+            )
+            refreshing.add_done_callback(_retrieved)
+            self._refreshing = refreshing
+        try:
+            await asyncio.shield(refreshing)
+        except google.auth.exceptions.GoogleAuthError as exc:
+            raise PipelineError(
+                f"no access token for Dialogflow CX: {type(exc).__name__}: {str(exc)[:160]}"
+            ) from exc
+        return str(self._credentials.token)
 
     async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
         path = self.session_path(session)

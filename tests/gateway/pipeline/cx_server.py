@@ -20,7 +20,8 @@ Contract: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   levels deep, in the method's form.
 
 ``app.state.requests`` holds ``(path, body)`` of each detectIntent, ``app.state.tokens``
-the tokens issued.
+the tokens issued, ``app.state.token_requests`` counts the token requests; while
+``app.state.token_hold`` is an unset event, the token endpoint waits for it.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
     app = FastAPI()
     app.state.requests = []
     app.state.tokens = set()
+    app.state.token_requests = 0
+    app.state.token_hold = None
     app.state.sessions = {}
     app.state.gap_s = 0.0
     app.state.sse = False
@@ -120,6 +123,9 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
 
     @app.post("/token")
     async def token(request: Request) -> Response:
+        app.state.token_requests += 1
+        if app.state.token_hold is not None:  # a token endpoint that hangs until set
+            await app.state.token_hold.wait()
         form = dict(parse_qsl((await request.body()).decode()))  # form-urlencoded
         if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
             return JSONResponse({"error": "unsupported_grant_type"}, status_code=400)

@@ -341,6 +341,30 @@ async def test_concurrent_first_turns_share_one_token(cx: tuple[Settings, FastAP
     await conv.pipeline.aclose()
 
 
+async def test_a_token_endpoint_that_hangs_holds_one_refresh_not_one_per_turn(
+    cx: tuple[Settings, FastAPI],
+) -> None:
+    """Each turn gave up at its timeout and released the lock while its refresh thread
+    went on (google-auth waits 120 s); the next turn started another: threads of the
+    default executor (audio decoding, speech encoding) filled with hung refreshes. The
+    refresh is now shared and outlives the turns that wait for it."""
+    settings, app = cx
+    app.state.token_hold = asyncio.Event()
+    conv = engine(settings, turn_timeout_s=0.3)
+    for n in range(4):
+        await pipeline_error(conv, "did not answer within", "pizza", ctx(f"h{n}"))
+    assert app.state.token_requests == 1
+    app.state.token_hold.set()  # the refresh that hung completes, and is used
+    answers = []
+    for n in range(20):  # (a turn that comes before it is done still times out)
+        answers = texts(await conv.turn(ctx(f"r{n}"), Input.of("pizza")).collect())
+        if answers:
+            break
+    assert answers == ["What size?"]
+    assert app.state.token_requests == 1
+    await conv.pipeline.aclose()
+
+
 async def test_a_flowstorm_v2_text_conversation_through_dialogflow_cx(
     cx: tuple[Settings, FastAPI],
 ) -> None:
