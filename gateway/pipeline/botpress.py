@@ -216,10 +216,15 @@ class BotpressPipeline:
         events = bounded_sse(listen, self._max, "Botpress")
         heard = False
         size = 0
+        loop = asyncio.get_running_loop()
+        # deadlines, not a wait per signal: signals the bot's answer is not made of
+        # (participants, the user's own message, pings) do not put them off
+        deadline = loop.time() + self._reply_timeout_s
         while True:
-            wait = self._idle_s if heard else self._reply_timeout_s
             try:
-                sse: ServerSentEvent = await asyncio.wait_for(anext(events), wait)
+                sse: ServerSentEvent = await asyncio.wait_for(
+                    anext(events), max(0.0, deadline - loop.time())
+                )
             except TimeoutError:
                 if heard or quiet_ok:
                     return
@@ -256,6 +261,7 @@ class BotpressPipeline:
             yield kind, data
             if _final(kind, data.get("payload")):
                 return
+            deadline = loop.time() + self._idle_s  # the bot is idle this long after its last
 
     async def aclose(self) -> None:
         """Close the connection pool."""

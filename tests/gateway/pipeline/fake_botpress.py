@@ -17,7 +17,8 @@ X`` / ``what is my name``; ``rich`` -> a card, an image, an audio, a markdown an
 and the event ``{type: "end"}``; another event -> nothing. Failures: ``boom`` (500 on the
 message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON), ``deep``
 (a signal nested 50,000 levels deep), ``weird`` (a message without a payload type),
-``hangup`` (the listen stream closes without a word), ``endless`` (the listen stream goes
+``hangup`` (the listen stream closes without a word), ``chatty`` (a participant signal
+every 0.2 s for 3 s, then ``state.chatter_done`` set, and no answer), ``endless`` (the listen stream goes
 on with one line of 32 MB that never ends, see tests.gateway.core_app.endless_body).
 """
 
@@ -167,6 +168,13 @@ def make_botpress() -> FastAPI:
             return
         elif said == "endless":
             publish(conversation_id, "raw", ENDLESS)
+            return
+        elif said == "chatty":  # signals the answer is not made of, for 3 s, and no answer
+            state.chatter_done = asyncio.Event()
+            for _ in range(15):
+                await asyncio.sleep(0.2)
+                publish(conversation_id, "participant_added", {"userId": "someone"})
+            state.chatter_done.set()
             return
         else:
             replies = [("text", f"You said: {said}")]

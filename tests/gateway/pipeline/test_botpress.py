@@ -194,6 +194,19 @@ async def test_an_endless_line_on_the_listen_stream_is_cut_at_the_bound(
     await conv.pipeline.aclose()
 
 
+async def test_signals_that_are_no_answer_do_not_put_off_the_reply_timeout(
+    botpress: tuple[str, FastAPI],
+) -> None:
+    """GATEWAY_BOTPRESS_REPLY_TIMEOUT_S counts from the message sent: a listen stream busy
+    with other signals (every 0.2 s for 3 s here) restarted a wait per signal, and the
+    turn failed only after the chatter had stopped."""
+    url, app = botpress
+    conv = bp_engine(url, botpress_reply_timeout_s=1.0, turn_timeout_s=20)
+    await pipeline_error(conv, "did not answer within 1 s", "chatty")
+    assert not app.state.chatter_done.is_set()  # before: only after the 3 s of chatter
+    await conv.pipeline.aclose()
+
+
 async def test_a_slow_bot_is_bounded_by_the_turn_timeout(botpress: tuple[str, FastAPI]) -> None:
     url, _ = botpress
     conv = bp_engine(url, botpress_reply_timeout_s=8.0, turn_timeout_s=0.5)
