@@ -31,7 +31,6 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -50,14 +49,7 @@ from gateway.calls import public_url, transfer_unavailable
 from gateway.calls import transfer as record_transfer
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body
-from gateway.io.call import (
-    MAX_CALL_ID_CHARS,
-    CallRunner,
-    CallTokens,
-    admit,
-    call_config,
-    use_token,
-)
+from gateway.io.call import CallRunner, CallTokens, admit, answer_token, call_config, use_token
 from gateway.protocol import ProtocolError
 from gateway.protocol.call import Transfer
 
@@ -154,18 +146,9 @@ async def answer(request: Request) -> Response:
     params = await _signed_form(request, "/plivo/answer")
     if isinstance(params, Response):
         return params
-    call_uuid = params.get("CallUUID", "")
-    if not call_uuid:
-        return problem(400, "Bad Request", "The answer webhook has no CallUUID.")
-    try:
-        token = channel.tokens.issue(call_uuid, time.time())
-    except ValueError:
-        return problem(
-            400,
-            "Bad Request",
-            f"The answer webhook's CallUUID is not a call id (at most {MAX_CALL_ID_CHARS} "
-            "characters, no '|').",
-        )
+    token = answer_token(channel.tokens, params.get("CallUUID", ""), "CallUUID")
+    if not isinstance(token, str):
+        return token
     base = gw.settings.public_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
     stream_url = public_url(base, f"/plivo/stream/{token}")
     extra = {"from": params.get("From", ""), "to": params.get("To", "")}

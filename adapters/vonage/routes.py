@@ -45,14 +45,7 @@ from gateway.calls import public_url, transfer_unavailable
 from gateway.calls import transfer as record_transfer
 from gateway.deps import gateway_of
 from gateway.httputil import problem
-from gateway.io.call import (
-    MAX_CALL_ID_CHARS,
-    CallRunner,
-    CallTokens,
-    admit,
-    call_config,
-    use_token,
-)
+from gateway.io.call import CallRunner, CallTokens, admit, answer_token, call_config, use_token
 from gateway.protocol.call import Transfer
 
 log = logging.getLogger("gateway.vonage")
@@ -128,19 +121,9 @@ async def answer(request: Request) -> Response:
             if isinstance(data, dict):
                 params.update(data)
     uuid = params.get("uuid")
-    if not uuid:
-        return problem(400, "Bad Request", "The answer webhook has no call uuid.")
-    if not isinstance(uuid, str):
-        return problem(400, "Bad Request", "The answer webhook's call uuid is not a string.")
-    try:
-        token = channel.tokens.issue(uuid, time.time())
-    except ValueError:
-        return problem(
-            400,
-            "Bad Request",
-            f"The answer webhook's call uuid is not a call id (at most {MAX_CALL_ID_CHARS} "
-            "characters, no '|').",
-        )
+    token = answer_token(channel.tokens, uuid, "call uuid")
+    if not isinstance(token, str):
+        return token
     uri = _ws_url(public_url(gw.settings.public_url, f"/vonage/stream/{token}"))
     headers = {
         key: str(params[key])[:128]
@@ -148,7 +131,7 @@ async def answer(request: Request) -> Response:
         if isinstance(params.get(key), str | int)
     }
     document = ncco(
-        uri, sample_rate=gw.settings.vonage_sample_rate, call_uuid=uuid, headers=headers
+        uri, sample_rate=gw.settings.vonage_sample_rate, call_uuid=str(uuid), headers=headers
     )
     return JSONResponse(document)
 

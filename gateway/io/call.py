@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
 from gateway import metrics
@@ -48,6 +49,7 @@ from gateway.callcodec import CarrierCodec, VerificationRefused, WireFrame
 from gateway.callcontrol import TransferResult
 from gateway.deps import Gateway
 from gateway.events import ResponseItem
+from gateway.httputil import problem
 from gateway.io.websocket import SEND_ERRORS, PacedSender, WebSocketDriver
 from gateway.protocol import ProtocolError
 from gateway.protocol.actions import (
@@ -187,6 +189,26 @@ class CallTokens:
         if grant.expires < now:
             raise VerificationRefused(f"the stream token of call {call_id} has expired")
         return grant
+
+
+def answer_token(tokens: CallTokens, call_id: object, what: str) -> str | JSONResponse:
+    """The stream token an answer webhook puts in its stream URL for the call id
+    ``call_id`` (the webhook's field, named ``what`` in the problem: "CallUUID"), or the
+    400 problem to answer instead: no call id, not a string, or none a token can carry
+    (:meth:`CallTokens.issue`: longer than :data:`MAX_CALL_ID_CHARS` or holding ``|``)."""
+    if not call_id:
+        return problem(400, "Bad Request", f"The answer webhook has no {what}.")
+    if not isinstance(call_id, str):
+        return problem(400, "Bad Request", f"The answer webhook's {what} is not a string.")
+    try:
+        return tokens.issue(call_id, time.time())
+    except ValueError:
+        return problem(
+            400,
+            "Bad Request",
+            f"The answer webhook's {what} is not a call id (at most {MAX_CALL_ID_CHARS} "
+            "characters, no '|').",
+        )
 
 
 async def use_token(gw: Gateway, tokens: CallTokens, carrier: str, token: str) -> CallGrant:
