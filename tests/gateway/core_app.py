@@ -48,6 +48,15 @@ def endless_body(app: FastAPI, prefix: bytes = b"") -> AsyncIterator[bytes]:
     return line()
 
 
+async def cut_early(app: FastAPI) -> None:
+    """Assert that the gateway stopped reading an :func:`endless_body` long before its end
+    (it cut the connection: the bound, what socket buffers hold, and slack)."""
+    async with asyncio.timeout(15):  # a safety net, not a bound on the time taken
+        await app.state.line_stopped.wait()
+    assert not app.state.line_whole
+    assert app.state.sent < 16 * 1_048_576
+
+
 def make_core() -> FastAPI:
     """The test core; ``app.state.release`` lets a test hold the streaming answer open."""
     app = FastAPI()
