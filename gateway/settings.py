@@ -324,7 +324,10 @@ class Settings(BaseSettings):
         "espeak-ng: a voice name (default en-us).",
     )
     tts_cache_ttl_s: int = Field(
-        default=86_400, gt=0, description="Life of a TTS link's spec and file in Redis."
+        default=86_400,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="Life of a TTS link's spec and file in Redis (at most 365 days).",
     )
     tts_max_chars: int = Field(
         default=1500,
@@ -681,6 +684,7 @@ class Settings(BaseSettings):
     outbox_ttl_s: int = Field(
         default=3600,
         gt=0,
+        le=MAX_TIMEOUT_S,
         description="Time an outbox (queued pushes, events kept for resume) lives after its "
         "last change.",
     )
@@ -701,6 +705,7 @@ class Settings(BaseSettings):
     voiceflow_session_key_ttl_s: int = Field(
         default=86_400,
         gt=0,
+        le=MAX_TIMEOUT_S,
         description="Lifetime of a Voiceflow sessionKey: how long a client can come back to "
         "its session (which also ends after GATEWAY_SESSION_TIMEOUT_S idle).",
     )
