@@ -18,13 +18,14 @@ Answering-machine results travel to their call's stream over the bus
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from gateway.protocol import ProtocolError, load_json
 
 log = logging.getLogger("gateway.callcontrol")
 
@@ -65,6 +66,11 @@ class TransferResult:
     error: str | None = None
 
 
+MAX_ANSWER_BYTES = 65_536
+"""The most of a carrier API's answer that is read (bytes); a longer one is kept cut, as
+text, never parsed."""
+
+
 class CallControlError(Exception):
     """The carrier's API could not be reached (network error, timeout)."""
 
@@ -79,25 +85,34 @@ class CallControl:
         )
 
     async def send(self, request: RestRequest) -> RestAnswer:
-        """Send ``request``; the answer whatever its status.
+        """Send ``request``; the answer whatever its status: its JSON (read by
+        :func:`gateway.protocol.load_json`: no NaN, bounded depth) when it says it is
+        JSON and parses, else its text; at most :data:`MAX_ANSWER_BYTES` of it are read
+        (a longer answer is that much text).
 
         Raises CallControlError when the API cannot be reached or does not answer in time.
         """
         try:
-            response = await self.client.request(
+            async with self.client.stream(
                 request.method,
                 request.url,
                 headers=dict(request.headers),
                 data=dict(request.form) if request.form is not None else None,
                 json=request.json,
-            )
+            ) as response:
+                kept = bytearray()
+                async for chunk in response.aiter_bytes():  # the rest is not read
+                    kept += chunk[: MAX_ANSWER_BYTES + 1 - len(kept)]
+                    if len(kept) > MAX_ANSWER_BYTES:
+                        break
         except httpx.HTTPError as exc:
             raise CallControlError(f"{request.method} {request.url}: {exc!r}") from exc
-        text = response.text
+        whole = len(kept) <= MAX_ANSWER_BYTES
+        text = bytes(kept[:MAX_ANSWER_BYTES]).decode(response.encoding or "utf-8", "replace")
         body: Any = text
-        if text and "json" in response.headers.get("content-type", ""):
-            with contextlib.suppress(ValueError):
-                body = json.loads(text)
+        if whole and text and "json" in response.headers.get("content-type", ""):
+            with contextlib.suppress(ProtocolError):  # bounded: no NaN, no 100,000 levels
+                body = load_json(text, what="The carrier's answer")
         return RestAnswer(response.status_code, body)
 
     async def aclose(self) -> None:

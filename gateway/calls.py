@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from gateway.callcontrol import (
 from gateway.calls_openapi import POST_CALLS
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, load_json
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.calls")
@@ -61,7 +62,10 @@ CONTROL_ONLY_CARRIERS: Final = ("vonage", "plivo")
 """Carriers with transfer/hang-up here but no outbound calls (501)."""
 MAX_ATTRIBUTES_CHARS: Final = 2000
 """Longest JSON of a request's ``attributes`` (it travels in a URL or a client_state)."""
-_PHONE_CHARS: Final = frozenset("+0123456789")
+_E164: Final = re.compile(r"\+[1-9][0-9]{6,14}")
+"""A phone number in E.164: ``+``, a country code not starting with 0, 7 to 15 digits."""
+_SIP_URI: Final = re.compile(r"sips?:[^\s\x00-\x1f\x7f]+", re.IGNORECASE)
+"""A SIP URI as the carriers take it: the scheme, then no whitespace or control character."""
 
 
 @asynccontextmanager
@@ -159,9 +163,11 @@ def _phone(body: Mapping[str, Any], name: str) -> str:
         raise CallRefused(400, "Bad Request", detail)
     value = value.strip()
     if value.lower().startswith(("sip:", "sips:")):
+        if not _SIP_URI.fullmatch(value):  # no spaces, no control characters (CR, LF)
+            raise CallRefused(400, "Bad Request", f"`{name}` {value!r} is not a SIP URI.")
         return value
     number = value.removeprefix("tel:")
-    if not (number.startswith("+") and 8 <= len(number) <= 16 and set(number) <= _PHONE_CHARS):
+    if not _E164.fullmatch(number):
         detail = f"`{name}` {value!r} is not an E.164 number or SIP URI."
         raise CallRefused(400, "Bad Request", detail)
     return number
@@ -215,10 +221,7 @@ async def place_call(request: Request) -> Response:
     assert control is not None
     try:
         raw = await read_body(request, settings.max_body_bytes)
-        try:
-            body = json.loads(raw or b"null")
-        except ValueError:
-            raise CallRefused(400, "Bad Request", "The body is not JSON.") from None
+        body = load_json(raw or b"null", what="The body")  # bounded: ProtocolError, a 400
         dialers: Mapping[str, Dialer] = request.app.state.dialers
         call = _outbound_request(settings, body, dialers)
         dialer = dialers[call.carrier]
@@ -236,7 +239,10 @@ async def place_call(request: Request) -> Response:
     call_id = dialer.call_id(answer) if answer.ok else None
     if call_id is None:
         log.warning(
-            "Outbound %s call refused by the carrier: %s %s", carrier, answer.status, answer.body
+            "Outbound %s call refused by the carrier: %s %.200s",
+            carrier,
+            answer.status,
+            answer.body,
         )
         return problem(
             502,

@@ -196,9 +196,10 @@ class _TextFormatter(logging.Formatter):
         return f"{self._text},{int(record.msecs):03d}"
 
 
-QUIET_LIBRARIES = ("httpx", "httpcore")
+QUIET_LIBRARIES = ("httpx", "httpcore", "twilio.http_client")
 """Loggers kept at WARNING whatever GATEWAY_LOG_LEVEL says: their request lines carry the
-URLs of the gateway's calls to cores and carriers, with credentials in them."""
+URLs of the gateway's calls to cores and carriers, with credentials in them (twilio's
+client logs nine INFO lines a request)."""
 
 
 def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") -> None:

@@ -74,7 +74,7 @@ from gateway.io.call import (
     call_config,
     use_token,
 )
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.call import CallAction, Transfer
 from gateway.settings import Settings
 
@@ -157,9 +157,9 @@ async def telnyx_outbound(request: Request) -> Response:
     if isinstance(body, Response):
         return body
     try:
-        event = json.loads(body)
-    except ValueError:
-        return problem(400, "Bad Request", "The body is not JSON.")
+        event = load_json(body, what="The body")  # bounded, as every JSON a client sends
+    except ProtocolError as exc:
+        return problem(400, "Bad Request", exc.text)
     found = telnyx.machine_input(event)
     if found is not None:
         call_id, machine = found

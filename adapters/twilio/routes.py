@@ -230,7 +230,12 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
             settings.public_url,
         )
     channel.rest = (
-        TwilioRest(settings.twilio_account_sid, token, settings.twilio_api_base_url)
+        TwilioRest(
+            settings.twilio_account_sid,
+            token,
+            settings.twilio_api_base_url,
+            timeout_s=settings.calls_timeout_s,
+        )
         if settings.twilio_account_sid and token
         else None
     )

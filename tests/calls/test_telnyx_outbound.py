@@ -8,9 +8,10 @@ import time
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from adapters.telnyx.control import read_client_state
+from gateway.callcontrol import MAX_ANSWER_BYTES
 from gateway.io.call import control_topic
 from tests.adapters.telnyx.harness import ADMIN, CARRIER, KEY, signed
 from tests.adapters.twilio.helpers import PUBLIC
@@ -122,3 +123,34 @@ async def test_a_carrier_refusal_is_a_bad_gateway_problem() -> None:
         # no public key configured: webhooks refused
         refused = await client.post("/telnyx/outbound", content=b"{}")
         assert refused.status_code == 403
+
+
+async def test_a_garbled_or_huge_carrier_answer_is_a_bad_gateway_problem_too() -> None:
+    """A 2xx with NaN, a refusal nested 100,000 levels deep (both: 500 before) and a 1 MB
+    refusal (read, logged and echoed whole before) are 502 problems, what is kept of the
+    answer bounded (MAX_ANSWER_BYTES); a deeply nested signed webhook is a 400."""
+    async with (
+        CARRIER.gateway(None) as (gw, api),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        body = {"carrier": "telnyx", "to": "+15550100", "from": "+15550199"}
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        garbled = [
+            (201, '{"data": {"call_control_id": NaN}}'),
+            (400, "[" * 100_000 + "]" * 100_000),
+            (400, '{"errors": "' + "x" * 1_000_000 + '"}'),
+        ]
+        for status, text in garbled:
+            api.answers[("POST", "/v2/calls")] = Response(
+                text, status_code=status, media_type="application/json"
+            )
+            answer = await client.post("/v1/calls", json=body, headers=auth)
+            assert answer.status_code == 502, answer.text[:200]
+            problem = answer.json()
+            assert problem["carrierStatus"] == status
+            assert isinstance(problem["carrierBody"], str)  # not JSON that parses
+            assert len(problem["carrierBody"]) <= MAX_ANSWER_BYTES
+        deep = b'{"data":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        webhook = await client.post("/telnyx/outbound", content=deep, headers=signed(deep))
+        assert webhook.status_code == 400
+        assert "nested deeper" in webhook.json()["detail"]

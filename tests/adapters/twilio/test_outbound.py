@@ -135,7 +135,11 @@ async def test_post_v1_calls_refusals() -> None:
             ({**body, "to": "12345"}, auth, 400, "E.164"),
             ({**body, "attributes": [1]}, auth, 400, "attributes"),
             ({**body, "appKey": 5}, auth, 400, "application key"),
-            (b"{not json", auth, 400, "not JSON"),
+            (b"{not json", auth, 400, "Malformed JSON"),
+            (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", auth, 400, "nested deeper"),
+            ({**body, "to": "++++++++"}, auth, 400, "E.164"),
+            ({**body, "to": "+05550100"}, auth, 400, "E.164"),
+            ({**body, "from": "sip:a\r\nb@example.com"}, auth, 400, "SIP URI"),
             (body, auth, 503, "GATEWAY_TWILIO_ACCOUNT_SID"),  # no account SID configured
             ({**body, "carrier": "telnyx"}, auth, 503, "GATEWAY_TELNYX_API_KEY"),
         ]
