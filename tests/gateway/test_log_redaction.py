@@ -150,10 +150,13 @@ async def test_the_http_clients_request_lines_with_credentials_are_not_logged(
             answer = await client.post("/webhooks/rest/webhook?token=RASA-SECRET-1", json={})
         assert answer.json() == [{"text": "hi"}]
         logging.getLogger("gateway.test").warning("a line that is written")
+        # the twilio library's client (REST hang-ups) logs each request's URL at INFO too
+        assert not logging.getLogger("twilio.http_client").isEnabledFor(logging.INFO)
     finally:
         root.handlers[:], level, httpx_level = saved
         root.setLevel(level)
         logging.getLogger("httpx").setLevel(httpx_level)
+        logging.getLogger("twilio.http_client").setLevel(logging.NOTSET)
     written = capfd.readouterr().err
     assert "a line that is written" in written
     assert "RASA-SECRET-1" not in written
