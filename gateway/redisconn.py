@@ -12,9 +12,10 @@ URL forms (:func:`parse_redis_url`):
 - ``redis+cluster://[[user]:password@]host:port[,host:port...]`` — a Redis Cluster,
   found through these startup nodes (more are discovered); only db 0 exists there.
 
-Every client fails fast: connecting times out after 3 s, a command after 5 s, and
-connection errors are retried twice within ~0.1 s, so an outage answers 503 at once
-instead of stalling every turn. Per process (per node for a cluster) at most
+Every client fails fast: connecting times out after 3 s, a command after 5 s (not
+retried: a Redis that hangs answers 503 after 5 s, not three timeouts), and connection
+errors are retried twice within ~0.1 s, so an outage answers 503 at once instead of
+stalling every turn. Per process (per node for a cluster) at most
 ``max_connections`` connections; with one server or Sentinel a caller waits up to 5 s
 for a free one rather than failing under load.
 
@@ -141,11 +142,17 @@ def _node(text: str, scheme: str) -> tuple[str, int]:
 
 def _fast_failure() -> dict[str, Any]:
     """Timeouts and retries shared by every kind of client (see module doc)."""
+    # a timeout is not retried: a Redis that hangs (stopped, swapping, a blocked script)
+    # would make each command wait three timeouts (15 s), every turn with it
     return {
         "socket_connect_timeout": 3,
         "socket_timeout": 5,
-        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
-        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "retry": Retry(
+            ExponentialBackoff(cap=0.2, base=0.02),
+            retries=2,
+            supported_errors=(RedisConnectionError,),
+        ),
+        "retry_on_error": [RedisConnectionError],
     }
 
 

@@ -27,7 +27,7 @@ from redis.asyncio.cluster import RedisCluster
 from gateway import redisconn
 from gateway.bus import RedisBus
 from gateway.redisconn import RedisTarget, SocketIoRedisManager, parse_redis_url
-from gateway.sessions import redis_client
+from gateway.sessions import RedisSessionStore, StoreUnavailable, redis_client
 from tests.adapters.flowstorm.v2.helpers import check_link
 from tests.conftest import gateway, serve, served, topology_url
 from tests.redis_topologies import SentinelSetup
@@ -360,3 +360,28 @@ async def test_sentinel_failover_mid_conversation_loses_no_session(
     print(
         f"failover: {during} turns during the switch, refused {refused}, {made} answered, {session['turn_count']} saved"
     )
+
+
+async def test_a_redis_that_hangs_is_one_timeout_not_three() -> None:
+    """A Redis that accepts and never answers (stopped with SIGSTOP, say): the command
+    times out once (5 s) and the turn is refused; timeouts were retried twice, on new
+    connections, so every turn waited 15 s. Connection errors are still retried."""
+    connections = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read()  # reads, never answers, until the client goes
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisSessionStore(f"redis://127.0.0.1:{port}/0", prefix="hung")
+    try:
+        with pytest.raises(StoreUnavailable, match="Timeout"):
+            async with store.open("c:hung", lease_s=3, wait_s=1):
+                pass
+        assert connections == 1  # before: 3, one per try
+    finally:
+        await store.aclose()
+        server.close()
