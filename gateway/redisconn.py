@@ -50,6 +50,7 @@ import redis.asyncio as aioredis
 import socketio
 from hiredis import pack_command
 from redis.asyncio.cluster import ClusterNode, ClusterPubSub, RedisCluster
+from redis.asyncio.connection import parse_url as redis_parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
@@ -92,13 +93,17 @@ def parse_redis_url(url: str) -> RedisTarget:
     """Parse GATEWAY_REDIS_URL (forms in the module doc).
 
     Raises ValueError naming the problem: an unknown scheme, a sentinel URL
-    without a service name, a node without a port, a non-numeric port or db, a
-    cluster URL with a db other than 0, or query parameters on a sentinel or
-    cluster URL (not supported).
+    without a service name, a node without a port, a non-numeric or out-of-range
+    port, a non-numeric db, a query parameter redis-py cannot read
+    (``socket_timeout=abc``), a unix:// URL without a path, a cluster URL with a db
+    other than 0, or query parameters on a sentinel or cluster URL (not supported).
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in ("redis", "rediss", "unix"):
+        _check_server_url(url, parts.path if scheme != "unix" else "", scheme)
+        if scheme == "unix" and not parts.path:
+            raise ValueError("a unix:// URL names its socket: unix:///path/to/redis.sock")
         return RedisTarget("server", url)
     if scheme not in (SENTINEL_SCHEME, CLUSTER_SCHEME):
         raise ValueError(
@@ -131,6 +136,21 @@ def parse_redis_url(url: str) -> RedisTarget:
     return RedisTarget(
         "sentinel", url, nodes, unquote(service), int(db), username=username, password=password
     )
+
+
+def _check_server_url(url: str, path: str, scheme: str) -> None:
+    """Check a redis://, rediss:// or unix:// URL as redis-py will read it (its port, its
+    query parameters such as ``socket_timeout``), and that its db, which redis-py would
+    drop silently when it is not a number (and use db 0), is one. Raises ValueError."""
+    try:
+        options = redis_parse_url(url)
+    except ValueError as exc:
+        raise ValueError(f"{scheme}:// URL: {exc}") from None
+    if options.get("port") == 0:
+        raise ValueError(f"{scheme}:// URL: port 0")
+    db = path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"the db of a {scheme}:// URL must be a number, not {db!r}")
 
 
 def _node(text: str, scheme: str) -> tuple[str, int]:

@@ -102,6 +102,14 @@ def test_url_forms(url: str, target: RedisTarget) -> None:
         ("redis+cluster://n1:7000/1", "only db 0"),
         ("redis+cluster://n1:7000?ssl=true", "no query"),
         ("rediss+sentinel://s1:26379/0/m", "unsupported Redis URL scheme"),
+        # one server: redis-py would crash at startup without naming the setting, or
+        # silently use db 0, or answer "does not answer" for ever
+        ("redis://localhost:notaport", "Port could not be cast"),
+        ("redis://localhost:99999", "Port out of range"),
+        ("redis://127.0.0.1:6379?socket_timeout=abc", "socket_timeout"),
+        ("redis://127.0.0.1:6379/abc", "must be a number"),
+        ("rediss://h:6380/x", "must be a number"),
+        ("unix://", "names its socket"),
     ],
 )
 def test_malformed_urls_are_refused_with_the_reason(url: str, problem: str) -> None:
@@ -116,6 +124,10 @@ def test_the_gateway_refuses_to_start_on_a_malformed_url() -> None:
 
     with pytest.raises(ValueError, match="names the master"):
         Settings(redis_url="redis+sentinel://127.0.0.1:26379")
+    with pytest.raises(ValueError, match="Port could not be cast"):
+        Settings(redis_url="redis://localhost:notaport")
+    for good in ("redis://127.0.0.1:6379/3", "unix:///run/redis.sock?db=2", "rediss://:pw@h/0"):
+        assert Settings(redis_url=good).redis_url == good
 
 
 def test_clients_of_each_kind() -> None:
