@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
+
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from gateway.logs import configure_logging
 from gateway.settings import Settings
@@ -30,12 +34,20 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.app import create_app
         from gateway.server import auto_max_connections, describe, open_file_limit, uvicorn_options
 
-        settings = Settings()
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        try:
+            settings = Settings(**overrides)
+        except ValidationError as exc:
+            for line in setting_errors(exc):
+                print(f"gateway: {line}", file=sys.stderr)
+            return 2
+        except SettingsError as exc:  # a complex setting's value that is not JSON
+            text = re.sub(r'field "(\w+)"', lambda m: f"GATEWAY_{m[1].upper()}", str(exc))
+            print(f"gateway: {text}", file=sys.stderr)
+            return 2
         if (problem := check_pipelines(settings)) is not None:
             print(f"gateway: {problem}", file=sys.stderr)
             return 2
-        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
-        settings = settings.model_copy(update=overrides)
         level = (args.log_level or settings.log_level).lower()
         configure_logging(level, settings.log_format)
         server_log = logging.getLogger("gateway.server")
@@ -70,6 +82,22 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(text, encoding="utf-8")
         return 0
     return 2
+
+
+def setting_errors(exc: ValidationError) -> list[str]:
+    """One line per invalid setting of ``exc`` (pydantic's, from Settings()), naming it by
+    its environment variable: ``GATEWAY_TURN_TIMEOUT_S: Input should be greater than
+    0 (got '-1')``."""
+    lines = []
+    for error in exc.errors():
+        where = [str(part) for part in error["loc"]]
+        name = f"GATEWAY_{where[0].upper()}" if where else "the settings"
+        inner = f" [{'.'.join(where[1:])}]" if len(where) > 1 else ""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        given = error.get("input")
+        shown = f" (got {given!r:.80})" if isinstance(given, str | int | float) else ""
+        lines.append(f"{name}{inner}: {message}{shown}")
+    return lines
 
 
 def check_pipelines(settings: Settings) -> str | None:

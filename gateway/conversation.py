@@ -388,11 +388,11 @@ class TurnStream:
 
 def _core_fault(exc: Exception) -> PipelineError:
     """The PipelineError for an unexpected exception of a core client (a TypeError of its
-    parser on an answer of a shape it did not expect, a pydantic ValidationError): the
-    core's answer is at fault, the session is kept (an Error of source ``pipeline``), and
-    the client's gap is logged at ERROR with its traceback."""
-    log.error("the core's answer could not be read", exc_info=exc)
-    return PipelineError(f"the core's answer could not be read ({type(exc).__name__})")
+    parser on an answer of a shape it did not expect, a pydantic ValidationError, an
+    httpx InvalidURL): the core's part of the turn failed, the session is kept (an Error
+    of source ``pipeline``), and the client's gap is logged at ERROR with its traceback."""
+    log.error("the core pipeline failed unexpectedly", exc_info=exc)
+    return PipelineError(f"the core pipeline failed unexpectedly ({type(exc).__name__})")
 
 
 def _speech_error(exc: BaseException) -> ErrorEvent:

@@ -7,8 +7,9 @@ memory sessions, the demo pipeline, no network and no keys.
 from __future__ import annotations
 
 from typing import Annotated, Final, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.events import MAX_TIMEOUT_S
@@ -57,7 +58,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
 
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = Field(default=8080, ge=0, le=65535)
 
     redis_url: str | None = Field(
         default=None,
@@ -803,6 +804,16 @@ class Settings(BaseSettings):
             parse_redis_url(value)
         return value
 
+    @field_validator("public_url", mode="after")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        """An http(s):// URL with a host: links and stream URLs are made from it (without a
+        scheme they were relative links, and Twilio got ``ws:///host/...``)."""
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
     @field_validator("vonage_sample_rate", mode="after")
     @classmethod
     def _check_vonage_sample_rate(cls, value: int) -> int:
@@ -815,9 +826,14 @@ class Settings(BaseSettings):
 
     @field_validator("app_keys", "admin_keys", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_keys(cls, value: object, info: ValidationInfo) -> object:
+        """Comma-separated keys. GATEWAY_APP_KEYS that names none (``" , "``) is refused:
+        an empty allow-list would allow every key."""
         if isinstance(value, str):
-            return frozenset(k.strip() for k in value.split(",") if k.strip())
+            keys = frozenset(k.strip() for k in value.split(",") if k.strip())
+            if value.strip() and not keys and info.field_name == "app_keys":
+                raise ValueError("names no key: list the keys, or unset it to allow any key")
+            return keys
         return value
 
     def call_behaviour(self, carrier: str) -> CallBehaviour:

@@ -104,10 +104,18 @@ class HttpPipeline:
     def from_url(cls, spec: str, settings: Settings) -> Self:
         """The webhook at ``spec`` (an http(s):// URL), with the GATEWAY_PIPELINE_* limits.
 
-        Raises PipelineConfigError when the URL has no host.
+        Raises PipelineConfigError when the URL has no host, or a port that is not a
+        number from 1 to 65535.
         """
-        if not urlsplit(spec).hostname:
+        parts = urlsplit(spec)
+        if not parts.hostname:
             raise PipelineConfigError("the webhook URL has no host")
+        try:
+            port = parts.port
+        except ValueError as exc:  # not a number, or past 65535
+            raise PipelineConfigError(f"the webhook URL's port: {exc}") from None
+        if port == 0:
+            raise PipelineConfigError("the webhook URL's port is 0")
         return cls(
             spec,
             connect_timeout_s=settings.pipeline_connect_timeout_s,

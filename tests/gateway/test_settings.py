@@ -46,3 +46,35 @@ def test_a_time_to_live_past_365_days_stops_the_start(
         Settings()
     monkeypatch.setenv(name, str(MAX_TIMEOUT_S))
     assert getattr(Settings(), name.removeprefix("GATEWAY_").lower()) == MAX_TIMEOUT_S
+
+
+def test_an_app_key_list_that_names_no_key_is_refused_not_open_to_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GATEWAY_APP_KEYS=" , " made an empty allow-list, which allows any key."""
+    monkeypatch.setenv("GATEWAY_APP_KEYS", " , ")
+    with pytest.raises(ValidationError, match="names no key"):
+        Settings()
+    monkeypatch.setenv("GATEWAY_APP_KEYS", "shop, faq ,")
+    assert Settings().app_keys == frozenset({"shop", "faq"})
+    monkeypatch.setenv("GATEWAY_ADMIN_KEYS", " , ")  # no admin key: the admin API is off
+    assert Settings().admin_keys == frozenset()
+
+
+@pytest.mark.parametrize("url", ["gateway.example.com", "not a url", "ftp://h", "https://"])
+def test_a_public_url_without_a_scheme_or_host_is_refused(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """Links and stream URLs are made from it: without a scheme they were relative links,
+    and Twilio got ws:///host/..."""
+    monkeypatch.setenv("GATEWAY_PUBLIC_URL", url)
+    with pytest.raises(ValidationError, match="public_url"):
+        Settings()
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_refused(monkeypatch: pytest.MonkeyPatch, port: str) -> None:
+    """70000 was bound as 4464 (uvicorn took it modulo 65536)."""
+    monkeypatch.setenv("GATEWAY_PORT", port)
+    with pytest.raises(ValidationError, match="port"):
+        Settings()

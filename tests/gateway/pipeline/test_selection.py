@@ -119,6 +119,15 @@ async def test_pipelines_from_toml_share_a_core_per_spec(tmp_path: Path) -> None
         ({"GATEWAY_PIPELINE": "watson:abc"}, "GATEWAY_PIPELINE: unknown core"),
         ({"GATEWAY_PIPELINE": "voiceflow:"}, "GATEWAY_VOICEFLOW_API_KEY"),
         ({"GATEWAY_PIPELINES": '{"a": "botpress:"}'}, "GATEWAY_BOTPRESS_WEBHOOK_ID"),
+        ({"GATEWAY_PIPELINE": "http://127.0.0.1:abc/turn"}, "port"),
+        ({"GATEWAY_PIPELINE": "http://127.0.0.1:99999/turn"}, "port"),
+        # any invalid setting: one line naming it, not pydantic's traceback (exit 1)
+        ({"GATEWAY_TURN_TIMEOUT_S": "-1"}, "GATEWAY_TURN_TIMEOUT_S: Input should be greater"),
+        ({"GATEWAY_ERROR_TURN": "maybe"}, "GATEWAY_ERROR_TURN: Input should be a valid boolean"),
+        ({"GATEWAY_APP_KEYS": " , "}, "GATEWAY_APP_KEYS: names no key"),
+        ({"GATEWAY_PUBLIC_URL": "gateway.example.com"}, "GATEWAY_PUBLIC_URL: must be an http"),
+        ({"GATEWAY_REDIS_URL": "redis://h:notaport"}, "GATEWAY_REDIS_URL: redis:// URL: Port"),
+        ({"GATEWAY_CALL_OVERRIDES": "{bad"}, "GATEWAY_CALL_OVERRIDES"),
     ],
 )
 def test_gateway_serve_refuses_to_start(env: dict[str, str], words: str) -> None:

@@ -127,7 +127,7 @@ async def test_stream_traces_are_forwarded_as_they_arrive(voiceflow: tuple[str, 
         ("deep", False, "Voiceflow answered invalid JSON: the JSON is nested deeper than 64"),
         ("deep", True, "Voiceflow streamed an invalid trace: the JSON is nested deeper than 64"),
         # a shape the client's parser did not expect (OverflowError): still the core's
-        ("overflow", False, "the core's answer could not be read (OverflowError)"),
+        ("overflow", False, "the core pipeline failed unexpectedly (OverflowError)"),
     ],
 )
 async def test_core_failures_are_pipeline_errors(
