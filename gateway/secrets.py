@@ -63,6 +63,9 @@ MIN_SECRET_CHARS: Final = 32
 REDIS_KEY_SUFFIX: Final = "secret-key"
 """The Redis key of the shared master key is ``{prefix}:secret-key``."""
 
+SHARED_KEY_CHECK_S: Final = 30.0
+"""How often (s) an instance checks that Redis still holds the shared key it signs with."""
+
 Source = Literal["setting", "redis", "process"]
 
 
@@ -87,8 +90,8 @@ class SecretKeys:
 
     ``source`` is ``setting`` (GATEWAY_SECRET_KEY), ``redis`` (shared through
     Redis) or ``process`` (random, this process only). The master may be
-    replaced once (:meth:`adopt`) when Redis answers after a failed startup
-    read, so read :meth:`key` when a key is needed.
+    replaced (:meth:`adopt`) when Redis answers after a failed startup read, or holds
+    another key later (:func:`_keep_shared`), so read :meth:`key` when a key is needed.
     """
 
     master: bytes
@@ -127,14 +130,18 @@ class SecretKeys:
             self._retry = None
 
 
-async def shared_master_key(redis: RedisClient, prefix: str) -> bytes:
-    """The master key under ``{prefix}:secret-key``, created (random, NX) if absent.
+async def shared_master_key(
+    redis: RedisClient, prefix: str, candidate: bytes | None = None
+) -> bytes:
+    """The master key under ``{prefix}:secret-key``, created (NX) if absent: ``candidate``
+    (a master key already in use) or a fresh random one.
 
-    Two round trips: ``SET NX`` of a fresh random value, then ``GET`` (whoever
-    won the race, every caller reads the same value). Raises RedisError.
+    Two round trips: ``SET NX``, then ``GET`` (whoever won the race, every caller reads
+    the same value). Raises RedisError.
     """
     name = f"{prefix}:{REDIS_KEY_SUFFIX}"
-    await redis.set(name, secrets.token_hex(KEY_BYTES), nx=True)
+    fresh = candidate.decode() if candidate else secrets.token_hex(KEY_BYTES)
+    await redis.set(name, fresh, nx=True)
     value = await redis.get(name)
     if not value:  # deleted between the two commands: try once more
         await redis.set(name, secrets.token_hex(KEY_BYTES), nx=True)
@@ -151,14 +158,16 @@ async def load_secret_keys(
     prefix: str = "gw",
     timeout_s: float = 5.0,
     retry_max_s: float = 5.0,
+    check_s: float = SHARED_KEY_CHECK_S,
 ) -> SecretKeys:
     """The process's SecretKeys, from the setting, Redis or chance (see the module doc).
 
     ``secret_key`` is GATEWAY_SECRET_KEY (already checked to be >= 32 characters).
     With ``redis`` and no ``secret_key`` the shared key is read within ``timeout_s``;
     when Redis fails, a random key is used, a WARNING logged, and a background task
-    retries (1 s doubling up to ``retry_max_s``) until it adopts the shared key.
-    Never raises for a Redis failure; call :meth:`SecretKeys.aclose` at shutdown.
+    retries (1 s doubling up to ``retry_max_s``) until it adopts the shared key. Then
+    the task checks it every ``check_s`` s (see :func:`_keep_shared`). Never raises for
+    a Redis failure; call :meth:`SecretKeys.aclose` at shutdown.
     """
     if secret_key:
         return SecretKeys(secret_key.encode("utf-8"), "setting")
@@ -172,21 +181,29 @@ async def load_secret_keys(
         return SecretKeys.random()
     try:
         async with asyncio.timeout(timeout_s):
-            return SecretKeys(await shared_master_key(redis, prefix), "redis")
+            keys = SecretKeys(await shared_master_key(redis, prefix), "redis")
     except (RedisError, OSError, TimeoutError) as exc:
         log.warning(
             "the shared secret key could not be read from Redis (%s): signing with a random "
             "per-process key until Redis answers",
             exc or type(exc).__name__,
         )
-    keys = SecretKeys.random()
-    keys._retry = asyncio.create_task(_adopt_when_ready(keys, redis, prefix, retry_max_s))
+        keys = SecretKeys.random()
+    keys._retry = asyncio.create_task(_keep_shared(keys, redis, prefix, retry_max_s, check_s))
     return keys
 
 
-async def _adopt_when_ready(keys: SecretKeys, redis: RedisClient, prefix: str, cap: float) -> None:
+async def _keep_shared(
+    keys: SecretKeys, redis: RedisClient, prefix: str, cap: float, check_s: float
+) -> None:
+    """Read the shared key until Redis answers (1 s doubling up to ``cap``), then check it
+    every ``check_s``: a Redis that lost its data (restarted without persistence) no
+    longer holds it, and an instance started since stored a new one, which it signed
+    with while this one kept the old: their tokens and sessionKeys failed each other,
+    and nothing said so. This instance puts its key back when it is gone (NX: the
+    first to do so wins) and adopts the one Redis holds when it differs."""
     delay = 1.0
-    while True:
+    while keys.source != "redis":
         await asyncio.sleep(delay)
         try:
             master = await shared_master_key(redis, prefix)
@@ -196,4 +213,17 @@ async def _adopt_when_ready(keys: SecretKeys, redis: RedisClient, prefix: str, c
             continue
         keys.adopt(master, "redis")
         log.info("the shared secret key was read from Redis; it is used from now on")
-        return
+    while True:
+        await asyncio.sleep(check_s)
+        try:
+            master = await shared_master_key(redis, prefix, keys.master)
+        except (RedisError, OSError) as exc:
+            log.debug("shared secret key not checked: %s", exc)
+            continue
+        if master != keys.master:
+            keys.adopt(master, "redis")
+            log.warning(
+                "the shared secret key in Redis is not the one this instance used (Redis "
+                "lost its data?): adopted; what was signed with the old one (stream "
+                "tokens, Voiceflow sessionKeys) no longer verifies"
+            )

@@ -128,6 +128,41 @@ async def test_redis_down_at_startup_then_up_the_shared_key_is_adopted(
             await server.wait()
 
 
+async def test_instances_converge_again_when_redis_loses_the_shared_key(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis restarted without its data: an instance started since stored a new key, the
+    running ones kept the old, and their stream tokens failed each other, silently. Each
+    instance now puts its key back when it is gone and adopts the key Redis holds."""
+    client = redis_client(redis_url)
+    name = f"{redis_prefix}:secret-key"
+    a = await load_secret_keys(None, client, prefix=redis_prefix, check_s=0.05)
+    b = await load_secret_keys(None, client, prefix=redis_prefix, check_s=0.05)
+    try:
+        assert a.master == b.master
+        old = a.master
+        await client.delete(name)  # the data is lost: one of them puts its key back
+        for _ in range(100):
+            if await client.get(name) == old:
+                break
+            await asyncio.sleep(0.02)
+        assert await client.get(name) == old
+        assert (a.master, b.master) == (old, old)  # nothing changed for anybody
+        await client.set(name, "f" * 64)  # an instance started meanwhile stored its own
+        for _ in range(100):
+            if a.master == b.master == b"f" * 64:
+                break
+            await asyncio.sleep(0.02)
+        assert a.master == b.master == b"f" * 64
+        assert a.key(TTS_ID) == derive_key(b"f" * 64, TTS_ID)
+        assert any("lost its data" in r.getMessage() for r in caplog.records)
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await client.delete(name)
+        await client.aclose()
+
+
 async def test_the_retry_stops_at_shutdown() -> None:
     client: aioredis.Redis = redis_client("redis://127.0.0.1:1/0")  # nothing listens
     keys = await load_secret_keys(None, client)
