@@ -221,6 +221,8 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
             "streams still need their one-time token%s. Use this only for local development.",
             ""
             if shared
+            else ", signed with a random per-process key until Redis answers"
+            if settings.redis_url  # Redis did not answer at startup: the key comes later
             else ", signed with a random per-process key (one instance only; "
             "GATEWAY_REDIS_URL or GATEWAY_SECRET_KEY shares it)",
         )

@@ -279,11 +279,18 @@ class VoiceflowServer:
         """Take the gateway's parts, wrap the signal handlers; warn when keys are not shared."""
         self._gateway = gw
         if self.settings.voiceflow_secret is None and not gw.secret_keys.shared:
-            log.warning(
-                "Voiceflow sessionKeys are signed with a random per-process key (no "
-                "GATEWAY_SECRET_KEY, GATEWAY_REDIS_URL or GATEWAY_VOICEFLOW_SECRET): they stop "
-                "working when this process restarts and are not accepted by other instances"
-            )
+            if self.settings.redis_url:  # Redis did not answer at startup: adopted later
+                log.warning(
+                    "Voiceflow sessionKeys are signed with a random per-process key until "
+                    "Redis answers and the shared key is read from it"
+                )
+            else:
+                log.warning(
+                    "Voiceflow sessionKeys are signed with a random per-process key (no "
+                    "GATEWAY_SECRET_KEY, GATEWAY_REDIS_URL or GATEWAY_VOICEFLOW_SECRET): they "
+                    "stop working when this process restarts and are not accepted by other "
+                    "instances"
+                )
         self._install_signal_hooks()
 
     def session_keys(self) -> SessionKeys:

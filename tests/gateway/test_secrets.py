@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import ValidationError
 
+from gateway.app import create_app
 from gateway.secrets import (
     TTS_ID,
     TWILIO_STREAM_TOKEN,
@@ -25,7 +26,7 @@ from gateway.secrets import (
 )
 from gateway.sessions import redis_client
 from gateway.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import free_port, serve
 
 MASTER = "m" * 40
 
@@ -177,3 +178,18 @@ async def test_the_retry_stops_at_shutdown() -> None:
 
 def test_random_keys_differ() -> None:
     assert SecretKeys.random().master != SecretKeys.random().master
+
+
+async def test_startup_warnings_with_redis_down_do_not_say_it_is_unset(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With GATEWAY_REDIS_URL set and Redis not answering at startup, the Voiceflow and
+    Twilio warnings said 'no GATEWAY_REDIS_URL' and pointed at the wrong setting."""
+    settings = Settings(redis_url="redis://127.0.0.1:1/0")  # nothing listens
+    with caplog.at_level(logging.WARNING):
+        async with serve(create_app(settings)):
+            pass
+    random_key = [r.getMessage() for r in caplog.records if "per-process key" in r.getMessage()]
+    assert len(random_key) >= 2  # Voiceflow's and Twilio's (and the key's own)
+    assert all("until Redis answers" in text for text in random_key), random_key
+    assert not any("GATEWAY_REDIS_URL" in text for text in random_key), random_key
