@@ -66,6 +66,9 @@ class TransferResult:
     error: str | None = None
 
 
+MAX_CONNECTIONS_PER_API = 50
+"""Connections open at once to one carrier API (a pool per scheme, host and port)."""
+
 MAX_ANSWER_BYTES = 65_536
 """The most of a carrier API's answer that is read (bytes); a longer one is kept cut, as
 text, never parsed."""
@@ -80,9 +83,26 @@ class CallControl:
     with :meth:`aclose`."""
 
     def __init__(self, timeout_s: float = 10.0, *, client: httpx.AsyncClient | None = None) -> None:
-        self.client = client or httpx.AsyncClient(
-            timeout=timeout_s, limits=httpx.Limits(max_connections=50)
-        )
+        self._timeout_s = timeout_s
+        self._given = client
+        self._clients: dict[tuple[str, str, int | None], httpx.AsyncClient] = {}
+
+    def _client(self, url: str) -> httpx.AsyncClient:
+        """The pooled client of ``url``'s API (scheme, host, port): one pool of
+        :data:`MAX_CONNECTIONS_PER_API` per carrier API, so a carrier that hangs does not
+        hold the connections another carrier's calls and transfers need (or the client
+        given to the constructor, for everything)."""
+        if self._given is not None:
+            return self._given
+        parsed = httpx.URL(url)
+        origin = (parsed.scheme, parsed.host, parsed.port)
+        client = self._clients.get(origin)
+        if client is None:
+            client = self._clients[origin] = httpx.AsyncClient(
+                timeout=self._timeout_s,
+                limits=httpx.Limits(max_connections=MAX_CONNECTIONS_PER_API),
+            )
+        return client
 
     async def send(self, request: RestRequest) -> RestAnswer:
         """Send ``request``; the answer whatever its status: its JSON (read by
@@ -93,7 +113,7 @@ class CallControl:
         Raises CallControlError when the API cannot be reached or does not answer in time.
         """
         try:
-            async with self.client.stream(
+            async with self._client(request.url).stream(
                 request.method,
                 request.url,
                 headers=dict(request.headers),
@@ -116,8 +136,10 @@ class CallControl:
         return RestAnswer(response.status_code, body)
 
     async def aclose(self) -> None:
-        """Close the pooled client."""
-        await self.client.aclose()
+        """Close the pooled clients."""
+        for client in [*self._clients.values(), *([self._given] if self._given else [])]:
+            await client.aclose()
+        self._clients.clear()
 
 
 def log_transfer(
