@@ -3,9 +3,9 @@
 The requests themselves are built, pure, by each adapter's ``control.py``
 (:mod:`adapters.twilio.control`, :mod:`adapters.telnyx.control`,
 :mod:`adapters.vonage.control`, :mod:`adapters.plivo.control`) as
-:class:`RestRequest` values; :class:`CallControl` sends them with one pooled
-``httpx.AsyncClient`` (GATEWAY_CALLS_TIMEOUT_S per request) and hands back a
-:class:`RestAnswer`. Base URLs come from settings (GATEWAY_TWILIO_API_BASE_URL,
+:class:`RestRequest` values; :class:`CallControl` sends them with a pooled
+``httpx.AsyncClient`` per carrier API (GATEWAY_CALLS_TIMEOUT_S per request) and hands
+back a :class:`RestAnswer`. Base URLs come from settings (GATEWAY_TWILIO_API_BASE_URL,
 GATEWAY_TELNYX_API_BASE_URL, GATEWAY_VONAGE_API_BASE_URL, GATEWAY_PLIVO_API_BASE_URL),
 so tests point them at a local server.
 
