@@ -624,7 +624,7 @@ class RedisSessionStore:
         if not reply[0] or self._batch is None:
             return
         release = self._batch.call(self._release, [lock_key, data_key], [token, "keep", "", 0])
-        release.add_done_callback(_retrieved)
+        release.add_done_callback(retrieved)
 
     async def _keep(
         self, txn: SessionTxn, lock_key: str, lease_ms: int, acquired: float, done: asyncio.Event
@@ -712,7 +712,7 @@ class RedisSessionStore:
         await redisconn.aclose(self._redis)
 
 
-def _retrieved(future: asyncio.Future[Any]) -> None:
+def retrieved(future: asyncio.Future[Any]) -> None:
     """Done callback of a future nobody awaits: its error is read (so asyncio does not
     log it as never retrieved) and dropped."""
     if not future.cancelled():

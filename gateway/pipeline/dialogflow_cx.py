@@ -61,7 +61,7 @@ from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOu
 from gateway.pipeline.cores import core_json, pooled_client, read_body, read_some
 from gateway.pipeline.openai import iter_sse
 from gateway.protocol import MAX_JSON_DEPTH, json_depth
-from gateway.sessions import Session
+from gateway.sessions import Session, retrieved
 from gateway.settings import Settings
 from gateway.ssml import ssml_to_text
 
@@ -97,13 +97,6 @@ class _TimedAuthRequest(AuthRequest):
         return super().__call__(  # type: ignore[no-untyped-call]
             url, method, body, headers, timeout=TOKEN_TIMEOUT_S, **kwargs
         )
-
-
-def _retrieved(future: asyncio.Future[None]) -> None:
-    """A refresh nobody waits for any more: its error is read (and dropped; the next turn
-    refreshes again and reports its own)."""
-    if not future.cancelled():
-        future.exception()
 
 
 class DialogflowCxPipeline:
@@ -237,7 +230,8 @@ class DialogflowCxPipeline:
             refreshing = asyncio.ensure_future(
                 asyncio.to_thread(self._credentials.refresh, request)
             )
-            refreshing.add_done_callback(_retrieved)
+            # read by a waiter, or dropped (the next turn refreshes and reports its own)
+            refreshing.add_done_callback(retrieved)
             self._refreshing = refreshing
         try:
             await asyncio.shield(refreshing)
