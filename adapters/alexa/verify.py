@@ -65,6 +65,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from starlette.datastructures import Headers
 
 from gateway.protocol import ProtocolError, load_json, parse_timestamp
 
@@ -605,17 +606,17 @@ class AlexaVerifier:
 
     async def _verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         now = _as_utc(self._clock())
-        lowered = {name.lower(): value for name, value in headers.items()}
+        header = _header_lookup(headers)
 
         # Headers and URL (no I/O).
-        cert_url = lowered.get("signaturecertchainurl", "").strip()
+        cert_url = header("signaturecertchainurl", "").strip()
         if not cert_url:
             raise AlexaVerificationError(
                 AlexaReason.MISSING_CERT_URL, "missing SignatureCertChainUrl header"
             )
-        signature_b64 = lowered.get("signature-256", "").strip()
+        signature_b64 = header("signature-256", "").strip()
         if not signature_b64:
-            if lowered.get("signature", "").strip():
+            if header("signature", "").strip():
                 raise AlexaVerificationError(
                     AlexaReason.LEGACY_SIGNATURE_ONLY,
                     "only the legacy SHA-1 Signature header; Signature-256 is required",
@@ -637,7 +638,7 @@ class AlexaVerifier:
         self._check_application_id(envelope)
 
         # Chain (cached I/O) and signature.
-        chain = await self._chain(canonical_url, now)
+        chain = self._cached(canonical_url, now) or await self._chain(canonical_url, now)
         try:
             chain.public_key.verify(signature, body, _PKCS1V15, _SHA256)
         except InvalidSignature:
@@ -681,13 +682,20 @@ class AlexaVerifier:
                 AlexaReason.UNKNOWN_APPLICATION_ID, f"unknown applicationId {unknown[0]!r}"
             )
 
-    async def _chain(self, url: str, now: datetime) -> VerifiedChain:
+    def _cached(self, url: str, now: datetime) -> VerifiedChain | None:
+        """The cached chain of ``url`` while valid at ``now`` (an expired one is dropped)."""
         cached = self._cache.get(url)
         if cached is not None:
             if cached.valid_at(now):
                 self._cache.move_to_end(url)
                 return cached
             del self._cache[url]
+        return None
+
+    async def _chain(self, url: str, now: datetime) -> VerifiedChain:
+        cached = self._cached(url, now)
+        if cached is not None:
+            return cached
         failed = self._failures.get(url)
         if failed is not None:
             until, error = failed
@@ -744,6 +752,15 @@ class AlexaVerifier:
                 f"{url}: {exc}",
             ) from None
         return verify_cert_chain(pem, now, self._store)
+
+
+def _header_lookup(headers: Mapping[str, str]) -> Callable[[str, str], str]:
+    """A lookup of ``headers`` by lower-case name, with a default: Starlette's Headers
+    already are case-insensitive (no copy); any other mapping is copied with its names
+    lower-cased."""
+    if isinstance(headers, Headers):
+        return headers.get
+    return {name.lower(): value for name, value in headers.items()}.get
 
 
 _PKCS1V15: Final = padding.PKCS1v15()
