@@ -915,4 +915,6 @@ class Settings(BaseSettings):
             return None
         if len(value.get_secret_value()) < 32:
             raise ValueError("must have at least 32 characters")
+        if len("".join(value.get_secret_value().split())) < 32:  # spaces are no secret
+            raise ValueError("must have at least 32 characters that are not whitespace")
         return value

@@ -110,8 +110,9 @@ def core_class(spec: str, setting: str = "GATEWAY_PIPELINE") -> CoreFactory:
 def pipeline_specs(settings: Settings) -> dict[str, str]:
     """Application key -> core spec from GATEWAY_PIPELINES (a JSON object or a TOML file).
 
-    A value starting with ``{`` is JSON; anything else is the path of a TOML file whose
-    top-level ``key = "spec"`` pairs (or those of its ``[pipelines]`` table) are the map.
+    A value starting with ``{`` or ``[`` is JSON (an array is refused as not a map);
+    anything else is the path of a TOML file whose top-level ``key = "spec"`` pairs (or
+    those of its ``[pipelines]`` table) are the map.
     Raises PipelineConfigError naming GATEWAY_PIPELINES when it cannot be read or is not
     a map of non-empty strings.
     """
@@ -119,7 +120,7 @@ def pipeline_specs(settings: Settings) -> dict[str, str]:
     if not raw:
         return {}
     data: Any
-    if raw.startswith("{"):
+    if raw[0] in "{[":
         try:
             data = json.loads(raw)
         except ValueError as exc:

@@ -50,6 +50,9 @@ def test_each_purpose_has_its_own_stable_key() -> None:
 def test_the_setting_needs_32_characters() -> None:
     with pytest.raises(ValidationError, match="at least 32 characters"):
         Settings(secret_key="short")
+    for blank in (" " * 40, "\t\n " * 20, " x" * 31):
+        with pytest.raises(ValidationError, match="not whitespace"):
+            Settings(secret_key=blank)
     assert Settings(secret_key="").secret_key is None
     assert Settings(secret_key=MASTER).secret_key is not None
 

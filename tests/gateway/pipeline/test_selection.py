@@ -86,6 +86,8 @@ async def test_each_scheme_makes_its_core() -> None:
         ({"pipeline": "https:///turn"}, "the webhook URL has no host"),
         ({"pipelines": "{nope"}, "GATEWAY_PIPELINES is not valid JSON"),
         ({"pipelines": '{"shop": 5}'}, "GATEWAY_PIPELINES must map application keys"),
+        ({"pipelines": "[]"}, "GATEWAY_PIPELINES must map application keys"),
+        ({"pipelines": '["shop"'}, "GATEWAY_PIPELINES is not valid JSON"),
         ({"pipelines": '{"shop": "voiceflow:"}'}, "GATEWAY_PIPELINES['shop']='voiceflow:'"),
         ({"pipelines": '{"shop": "ftp://x"}'}, "GATEWAY_PIPELINES['shop']: unknown core"),
         ({"pipelines": "/nonexistent/cores.toml"}, "cannot read the TOML file"),
