@@ -492,11 +492,28 @@ class CallRunner(WebSocketDriver[CallAction]):
                     message = await messages.get(1.0)
                     answered_by = message.get("answeredBy") if message else None
                     if message and message.get("type") == "machine" and answered_by:
-                        log.info("%s: answered by %s", self.name, answered_by)
-                        await self.run(self.call.machine_answered(str(answered_by)))
+                        await self._machine_answered(str(answered_by))
                         await self.gw.bus.clear(topic)  # taken: not kept for anyone else
         except BusUnavailable as exc:
             log.warning("%s: call control from other instances is lost: %s", self.name, exc)
+
+    async def _machine_answered(self, answered_by: str) -> None:
+        """An answering-machine result for this call (from any instance, through the bus):
+        the first becomes ``#machine``; a later one is a carrier's redelivery of its
+        webhook (at least once) and is ignored, logged at INFO
+        (:meth:`CarrierCall.machine_answered`). The webhook was answered with success
+        either way, so the carrier stops retrying."""
+        heard = self.call.machine_heard
+        if heard is not None:
+            log.info(
+                "%s: answered by %s again (a redelivered result; %s was taken): ignored",
+                self.name,
+                answered_by,
+                heard,
+            )
+            return
+        log.info("%s: answered by %s", self.name, answered_by)
+        await self.run(self.call.machine_answered(answered_by))
 
     def done(self) -> bool:
         call = self.call

@@ -707,6 +707,10 @@ class CarrierCall:
         """``(target, reason)`` of the turn's transfer item: carried out at the final mark."""
         self.answered_by: str | None = None
         """Who answered an outbound call (``human``, ``machine``...), when known."""
+        self.machine_heard: str | None = None
+        """The answering-machine result (:meth:`machine_answered`) the call has taken (in
+        the ``#intro`` attributes or as ``#machine``), None before one; later results of
+        the call (a carrier's redelivery of its webhook) are ignored."""
         self._input_attributes: dict[str, dict[str, Any]] = {}
         self.playout = Playout()
         """What of the bot's speech the caller heard (from the marks)."""
@@ -886,11 +890,20 @@ class CarrierCall:
         """An answering machine (or fax) took the call (``AnsweredBy``, asynchronous AMD):
         the bot falls silent and ``#machine`` (attributes ``answeredBy``) is the next
         input, for the core to leave a message or hang up. Before ``start`` it only goes
-        into the ``#intro`` attributes; once the call is ending it is ignored."""
-        self.answered_by = answered_by
-        state = self.state
-        if self.info is None or state in (State.ENDING, State.TRANSFERRING, State.CLOSED):
+        into the ``#intro`` attributes; once the call is ending it is ignored.
+
+        Only the call's first result is taken (:attr:`machine_heard`): carriers deliver
+        webhooks at least once (Telnyx's retries, Twilio's on a timeout), so a second
+        result is a redelivery and gives no actions (one ``#machine`` per call)."""
+        if self.machine_heard is not None:
             return []
+        state = self.state
+        if state in (State.ENDING, State.TRANSFERRING, State.CLOSED):
+            return []
+        self.answered_by = answered_by
+        self.machine_heard = answered_by
+        if self.info is None:
+            return []  # into the #intro attributes
         self._input_attributes[MACHINE] = {"answeredBy": answered_by}
         actions: list[CallAction] = []
         if state is State.HEARING:

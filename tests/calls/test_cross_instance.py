@@ -7,8 +7,10 @@ becomes the ``#machine`` input of the call served on B (through the Redis bus)."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
@@ -17,6 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -188,6 +191,88 @@ async def test_a_telnyx_machine_webhook_on_one_instance_reaches_the_call_on_anot
         async with TelnyxHarness.connect(local(b.url, stream.attrib["url"]), ccid) as call:
             await b.wait_turns(2)
             assert b.core.inputs()[:2] == ["#intro", "#machine"]
+            assert a.core.turns == []
+            await call.stop()
+
+
+async def taken(redis_url: str, redis_prefix: str, carrier: str, call_id: str) -> None:
+    """Wait until the stream's instance took the answering-machine result published for
+    the call (it clears the topic's retained value, gateway/io/call.py ``_follow``)."""
+    key = f"{redis_prefix}:{{call:{carrier}:{call_id}}}:retained"
+    client = aioredis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 20
+        while await client.exists(key):
+            assert time.monotonic() < deadline, f"{key} was not taken"
+            await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
+
+
+async def test_a_twilio_amd_result_delivered_twice_is_one_machine_input(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    """Twilio retries a callback that timed out: the same result posted again (here to
+    the other instance) is answered 204 and ignored; the core hears ``#machine`` once."""
+    async with two_instances(speech, redis_url, redis_prefix) as (a, b):
+        sid = call_sid()
+        answer = await ask_twiml(a.url, PUBLIC, sid, auth_token=AUTH)
+        twiml = parse_twiml(answer.text)
+        async with TwilioHarness.stream(b.url, twiml, sid, auth_token=AUTH) as call:
+            await b.wait_turns(1)
+            amd = {"CallSid": sid, "AccountSid": "AC" + "0" * 32, "AnsweredBy": "machine_end_beep"}
+            headers = {"X-Twilio-Signature": sign(AUTH, f"{PUBLIC}/twilio/amd?key=twilio", amd)}
+            for gw in (a, b):
+                async with httpx.AsyncClient(base_url=gw.url) as client:
+                    posted = await client.post("/twilio/amd?key=twilio", data=amd, headers=headers)
+                assert posted.status_code == 204
+                await taken(redis_url, redis_prefix, "twilio", sid)
+                await b.wait_answers(call, 2)  # #intro and #machine heard: the caller's floor
+            await call.dtmf("5")  # the next input: after any second #machine
+            await b.wait_turns(3)
+            assert b.core.inputs() == ["#intro", "#machine", "5"]
+            assert a.core.turns == []
+            await call.stop()
+        await b.wait_no_calls()
+
+
+async def test_a_telnyx_machine_webhook_delivered_twice_is_one_machine_input(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    """Telnyx delivers webhooks at least once: the same ``call.machine.detection.ended``
+    again, once before the stream starts and once during the call, on either instance,
+    is answered 200 and ignored; the core hears ``#machine`` once."""
+    async with two_instances(speech, redis_url, redis_prefix) as (a, b):
+        ccid = "v3:" + uuid.uuid4().hex
+        event = json.dumps(
+            {
+                "data": {
+                    "event_type": "call.machine.detection.ended",
+                    "payload": {"call_control_id": ccid, "result": "machine"},
+                }
+            }
+        ).encode()
+
+        async def deliver(gw: Served) -> None:
+            async with httpx.AsyncClient(base_url=gw.url) as client:
+                hook = await client.post("/telnyx/outbound", content=event, headers=signed(event))
+            assert hook.status_code == 200
+
+        await deliver(a)
+        await deliver(b)  # before the stream: the retained result is replaced, taken once
+        answer = await ask_texml(a.url, ccid)
+        stream = ET.fromstring(answer.text).find("./Connect/Stream")
+        assert stream is not None
+        async with TelnyxHarness.connect(local(b.url, stream.attrib["url"]), ccid) as call:
+            await b.wait_turns(2)
+            assert b.core.inputs()[:2] == ["#intro", "#machine"]
+            await taken(redis_url, redis_prefix, "telnyx", ccid)
+            await b.wait_answers(call, 2)
+            await deliver(a)  # during the call
+            await taken(redis_url, redis_prefix, "telnyx", ccid)
+            await call.dtmf("5")
+            await b.wait_turns(3)
+            assert b.core.inputs() == ["#intro", "#machine", "5"]
             assert a.core.turns == []
             await call.stop()
 

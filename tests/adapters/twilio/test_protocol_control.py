@@ -103,13 +103,50 @@ def test_a_machine_answer_silences_the_bot_and_is_the_next_input() -> None:
     assert isinstance(turn, StartTurn)
     assert (turn.input.text, turn.input.action) == (MACHINE, MACHINE)
     assert turn.input.attributes == {"answeredBy": "machine_end_beep"}
-    # on the caller's floor it starts at once
     call.turn_event(ResponseEvent(response=Response()))
     call.turn_finished()
     assert call.state is State.CALLER
-    (again,) = call.machine_answered("machine_start")
-    assert isinstance(again, StartTurn)
-    assert again.input.attributes == {"answeredBy": "machine_start"}
+
+
+def test_a_machine_answer_on_the_caller_s_floor_starts_at_once() -> None:
+    call = new_call()
+    call.receive(start(appKey="app", direction="outbound"))
+    call.turn_event(ResponseEvent(response=Response()))
+    call.turn_finished()
+    assert call.state is State.CALLER
+    (turn,) = call.machine_answered("machine_start")
+    assert isinstance(turn, StartTurn)
+    assert turn.input.attributes == {"answeredBy": "machine_start"}
+
+
+def test_a_redelivered_machine_answer_is_no_second_machine_input() -> None:
+    """Carriers deliver webhooks at least once: the same AMD result (or another) for a
+    call that took one already gives no actions, whatever the call's state."""
+    call = new_call()
+    call.receive(start(appKey="app", direction="outbound"))
+    call.turn_event(ResponseEvent(response=Response()))
+    call.turn_finished()
+    (turn,) = call.machine_answered("machine_end_beep")
+    assert isinstance(turn, StartTurn)
+    assert call.machine_answered("machine_end_beep") == []  # the turn runs
+    call.turn_event(ResponseEvent(response=Response()))
+    assert call.turn_finished() == []
+    assert call.state is State.CALLER
+    assert call.machine_answered("machine_end_beep") == []  # the caller's floor
+    assert call.machine_answered("fax") == []
+    assert call.state is State.CALLER
+    assert call.machine_heard == "machine_end_beep"
+
+
+def test_a_machine_answer_taken_into_the_intro_is_not_a_machine_input_again() -> None:
+    call = new_call()
+    assert call.machine_answered("machine_start") == []
+    (turn,) = call.receive(start(appKey="app", direction="outbound"))
+    assert isinstance(turn, StartTurn)
+    assert turn.input.attributes["answeredBy"] == "machine_start"
+    call.turn_event(ResponseEvent(response=Response()))
+    call.turn_finished()
+    assert call.machine_answered("machine_start") == []
 
 
 def test_a_machine_answer_before_start_goes_into_the_intro() -> None:
