@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.redisconn import RedisClient
 from gateway.sessions import StoreUnavailable
@@ -125,7 +125,8 @@ class RedisNonceStore:
             won = await self._use_once(
                 keys=[f"{self.prefix}:nonce:{key}"], args=[use, max(1, round(ttl_s * 1000))]
             )
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
+            # an unreachable Cluster raises RedisClusterUnreachableError, no RedisError
             raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
         return bool(won)
 

@@ -97,6 +97,12 @@ UNPACED_AHEAD_MS: Final = 3_600_000
 TOKEN_TTL_S: Final = 300
 MAX_CALL_ID_CHARS: Final = 128
 """The longest call id a stream token carries (and it holds no ``|``)."""
+RETRY_AFTER_S: Final = 1
+"""``Retry-After`` (s) of a stream refused because the one-time token store is down."""
+CLOSE_TRY_AGAIN_LATER: Final = 1013
+"""Close code of a stream refused for a dependency's outage (RFC 6455 section 7.4.1)."""
+CLOSE_INTERNAL: Final = 1011
+"""Close code of a stream refused for an unexpected error."""
 MACHINE_RETAIN_S: Final = 120.0
 """How long an answering-machine result waits on the bus for its call's stream (s)."""
 
@@ -214,15 +220,11 @@ def answer_token(tokens: CallTokens, call_id: object, what: str) -> str | JSONRe
 async def use_token(gw: Gateway, tokens: CallTokens, carrier: str, token: str) -> CallGrant:
     """The grant of a good, unused ``token`` (marked used on every instance).
 
-    Raises VerificationRefused (forged, expired, used, or the store is down)."""
+    Raises VerificationRefused (forged, expired, used) or StoreUnavailable (the one-time
+    token store, the gateway's Redis, does not answer: :func:`admit` answers 503)."""
     now = time.time()
     grant = tokens.check(token, now)
-    try:
-        fresh = await gw.nonces.use_once(
-            f"{carrier}:stream:{grant.nonce}", max(grant.expires - now, 1)
-        )
-    except StoreUnavailable as exc:
-        raise VerificationRefused("the one-time token store is unavailable") from exc
+    fresh = await gw.nonces.use_once(f"{carrier}:stream:{grant.nonce}", max(grant.expires - now, 1))
     if not fresh:
         raise VerificationRefused(f"the stream token of call {grant.call_id} was used already")
     return grant
@@ -232,9 +234,19 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
     """Admit a carrier's stream: await the route's ``check`` of the upgrade (a token,
     credentials), then accept the WebSocket; ``check``'s value (a :class:`CallGrant`).
 
-    None when ``check`` raised VerificationRefused (logged, naming ``carrier``; the
-    upgrade is closed with 1008 before the accept, which the client sees as HTTP 403)
-    or the peer left before the accept. A ``check`` with nothing to grant returns True.
+    None when the stream is refused or the peer left before the accept. A ``check`` with
+    nothing to grant returns True. Refusals, each before the accept:
+
+    - VerificationRefused: logged at WARNING naming ``carrier``; closed with 1008,
+      which the client sees as HTTP 403;
+    - StoreUnavailable (the one-time token store, the gateway's Redis, is down: an
+      outage of a dependency, not the peer's fault): logged at WARNING naming the
+      component (``nonce-store``), no traceback; HTTP 503 with ``Retry-After``
+      (RFC 9110 section 15.6.4) and an RFC 9457 problem body, as the gateway's HTTP
+      routes answer a store outage (where the server cannot answer an upgrade with a
+      response: a close with 1013, "try again later", RFC 6455 section 7.4.1);
+    - any other exception (a bug): logged at ERROR with its traceback; the peer gets a
+      bare HTTP 500 problem (else a close with 1011), never the traceback.
     """
     try:
         granted = await check
@@ -243,11 +255,41 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
         with contextlib.suppress(*SEND_ERRORS):
             await websocket.close(code=CLOSE_POLICY)  # before accept: HTTP 403
         return None
+    except StoreUnavailable as exc:
+        log.warning(
+            "%s stream refused (503): the one-time token store is unavailable "
+            "(component: nonce-store): %s",
+            carrier,
+            exc,
+        )
+        detail = "The one-time token store is unavailable; try again later."
+        await _deny(websocket, 503, "Service Unavailable", detail, CLOSE_TRY_AGAIN_LATER)
+        return None
+    except Exception:
+        log.exception("%s stream refused (500): its check failed", carrier)
+        detail = "The stream could not be checked."
+        await _deny(websocket, 500, "Internal Server Error", detail, CLOSE_INTERNAL)
+        return None
     try:
         await websocket.accept()
     except SEND_ERRORS:
         return None
     return granted
+
+
+async def _deny(websocket: WebSocket, status: int, title: str, detail: str, code: int) -> None:
+    """Refuse an upgrade before its accept with an HTTP ``status`` problem (``Retry-After``
+    on a 503), or a close with ``code`` where the server has no denial responses (the
+    ASGI ``websocket.http.response`` extension); never raises for a peer that left."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        response = problem(status, title, detail)
+        if status == 503:
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        with contextlib.suppress(*SEND_ERRORS):
+            await websocket.send_denial_response(response)
+        return
+    with contextlib.suppress(*SEND_ERRORS):
+        await websocket.close(code=code, reason=detail)
 
 
 # ------------------------------------------------------------------ call control

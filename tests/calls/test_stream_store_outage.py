@@ -1,0 +1,75 @@
+"""A carrier stream whose one-time token cannot be checked because the gateway's Redis
+(the nonce store) is down: the upgrade is refused before the accept with HTTP 503,
+``Retry-After`` and a problem body (an outage of a dependency, not the carrier's bad
+credentials: no 403, no 500), logged at WARNING naming the component, no traceback
+(gateway/io/call.py ``admit``). A Redis server and a Redis Cluster alike: nothing
+listens on the port GATEWAY_REDIS_URL names (an unreachable Cluster raises
+redis-py's RedisClusterUnreachableError, which is no RedisError)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from pydantic import SecretStr
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.adapters.vonage.harness import SECRET, ask_ncco
+from tests.conftest import free_port, served
+from tests.redis_topologies import start_cluster
+
+
+async def refused_while_down(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A Vonage call answered by the gateway at ``url`` whose token store is down: its
+    stream's upgrade is refused 503, logged at WARNING without a traceback."""
+    answer = await ask_ncco(url, str(uuid.uuid4()))
+    assert answer.status_code == 200, answer.text
+    (endpoint,) = answer.json()[0]["endpoint"]
+    stream = f"ws://{urlsplit(url).netloc}{urlsplit(endpoint['uri']).path}"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(stream):
+                pass
+    response = refused.value.response
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.headers["Content-Type"] == "application/problem+json"
+    body = json.loads(response.body or b"")
+    assert body["status"] == 503
+    assert "token store is unavailable" in body["detail"]
+    (record,) = [r for r in caplog.records if "stream refused" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert "Vonage" in record.getMessage()
+    assert "component: nonce-store" in record.getMessage()
+    assert record.exc_info is None
+
+
+async def test_a_stream_is_refused_503_while_the_redis_server_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    async with served(redis_url=down, vonage_signature_secret=SecretStr(SECRET)) as url:
+        await refused_while_down(url, caplog)
+
+
+async def test_a_stream_is_refused_503_while_the_redis_cluster_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A private Cluster, its nodes shut down once the gateway has started (a Cluster
+    that does not answer at startup stops the gateway)."""
+    with start_cluster() as cluster:
+        async with served(redis_url=cluster, vonage_signature_secret=SecretStr(SECRET)) as url:
+            first = redis.Redis.from_url("redis://" + urlsplit(cluster).netloc.split(",")[0])
+            for node in list(first.cluster("nodes")):
+                host, _, port = node.partition("@")[0].rpartition(":")
+                with contextlib.suppress(redis.ConnectionError):  # it is gone
+                    redis.Redis(host=host, port=int(port)).shutdown(nosave=True)
+            first.close()
+            await refused_while_down(url, caplog)
