@@ -10,12 +10,18 @@ speaks 4x faster than real time.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
 
 from adapters.twilio.protocol import MULAW_8K
+from gateway.events import Input, Response, ResponseItem
+from gateway.sessions import Session
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from gateway.speech.stage import ListenOptions
@@ -47,6 +53,62 @@ async def session_exists(app: FastAPI, call_sid: str) -> bool:
     gw = app.state.gateway
     async with gw.store.open(f"twilio:{call_sid}", lease_s=5, wait_s=5) as txn:
         return txn.session is not None
+
+
+class Goodbye:
+    """A core that says goodbye and ends the session at the ``#intro``."""
+
+    name = "goodbye"
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        yield ResponseItem(text="Goodbye.")
+        yield Response(session_ended=True)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_rest_hang_up_that_is_never_answered_gives_up_after_the_calls_timeout(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twilio's REST hang-up waits GATEWAY_CALLS_TIMEOUT_S for the API (0.5 s here), not
+    a fixed 5 s: against an API that takes the request and never answers, the failure is
+    logged at WARNING and the stream closed about 0.5 s after the request came."""
+    asked: list[float] = []
+    done = asyncio.Event()
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await reader.readuntil(b"\r\n\r\n"):  # the request's head: no answer, ever
+            asked.append(time.monotonic())
+        await done.wait()
+        writer.close()
+
+    api = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = api.sockets[0].getsockname()[1]
+    try:
+        async with twilio_gateway(
+            speech, **rest_api(f"http://127.0.0.1:{port}"), calls_timeout_s=0.5
+        ) as gw:
+            gw.app.state.gateway.conversation.pipeline = Goodbye()
+            caplog.set_level(logging.INFO, "adapters.twilio")
+            async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+                await call.wait_for(lambda: call.closed_at is not None, 30)
+                assert call.close_code == 1000
+            await gw.wait_no_calls()
+        (at,) = asked
+        assert call.closed_at is not None
+        waited = call.closed_at - at
+        # gave up after the 0.5 s timeout (a generous guard: before, it took 5 s)
+        assert 0.4 <= waited < 3.0, waited
+        failed = [r for r in caplog.records if "REST hang-up failed" in r.getMessage()]
+        assert [r.levelno for r in failed] == [logging.WARNING]
+        assert call.call_sid in failed[0].getMessage()
+        assert "timed out" in failed[0].getMessage()
+        assert not [r for r in caplog.records if "hung up" in r.getMessage()]
+    finally:
+        done.set()
+        api.close()
+        await api.wait_closed()
 
 
 async def test_hang_up_through_the_rest_api_after_the_final_mark(
