@@ -33,10 +33,9 @@ async def refused_while_down(url: str, caplog: pytest.LogCaptureFixture) -> None
     (endpoint,) = answer.json()[0]["endpoint"]
     stream = f"ws://{urlsplit(url).netloc}{urlsplit(endpoint['uri']).path}"
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="gateway"):
-        with pytest.raises(InvalidStatus) as refused:
-            async with connect(stream):
-                pass
+    with caplog.at_level(logging.INFO, logger="gateway"), pytest.raises(InvalidStatus) as refused:
+        async with connect(stream):
+            pass
     response = refused.value.response
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"
