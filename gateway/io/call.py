@@ -11,8 +11,9 @@ echo (or its grace running out) hangs up through the adapter's ``hang_up`` (else
 socket is closed).
 
 :func:`admit` runs a route's check of a stream's upgrade, refusing (1008 before the
-accept: HTTP 403) or accepting it. :class:`CallTokens` issues and checks the per-call
-tokens a carrier's answer puts in the stream URL (``/vonage/stream/{token}``):
+accept: HTTP 403; HTTP 503 when the one-time token store is down) or accepting it.
+:class:`CallTokens` issues and checks the per-call tokens a carrier's answer puts in the
+stream URL (``/vonage/stream/{token}``):
 HMAC-SHA256 over ``call id`` and expiry, used once (the gateway's NonceStore, shared
 through Redis).
 
@@ -23,6 +24,8 @@ gateway's bus (Redis pub/sub with GATEWAY_REDIS_URL, else in-process) under
 :func:`control_topic`, retained for :data:`MACHINE_RETAIN_S` (a stream that starts
 later still gets it), and every runner follows its call's topic from the stream's
 start, so the result becomes the ``#machine`` input wherever the stream is served.
+Every delivery reaches that one runner, so a redelivered result (carriers send webhooks
+at least once) is dropped there: the call's engine takes its first result only.
 """
 
 from __future__ import annotations
