@@ -23,8 +23,10 @@ Thin I/O around :mod:`adapters.twilio.protocol` (the call, sans I/O) and
   256), answered 204.
 - ``WebSocket /twilio/stream/{token}`` — the call's media stream. The signature
   (the exact ``wss://`` URL, no parameters) and the one-time token are checked
-  **before** the socket is accepted; a refused stream is closed with 1008 before
-  the handshake completes (the client sees HTTP 403) and logged at WARNING.
+  **before** the socket is accepted (:func:`gateway.io.call.admit`): a refused stream
+  is closed with 1008 before the handshake completes (the client sees HTTP 403) and
+  logged at WARNING; one whose token cannot be checked because the one-time token
+  store is down gets HTTP 503 with ``Retry-After``.
 
 A call holds a recognizer only while the caller speaks (one stream per utterance,
 waiting in the recognizer's bounded queue when all are busy). An utterance of an
@@ -86,7 +88,6 @@ from adapters.twilio.openapi import POST_STATUS, POST_TWILIO_AMD, POST_VOICE, ST
 from adapters.twilio.protocol import (
     CHANNEL,
     CLOSE_NORMAL,
-    CLOSE_POLICY,
     NAMESPACE,
     CallConfig,
     Transfer,
@@ -106,15 +107,15 @@ from adapters.twilio.verify import (
     stream_url,
 )
 from gateway import metrics
+from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import TransferResult
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
-from gateway.io.call import CallRunner, announce_machine, call_config
-from gateway.io.websocket import SEND_ERRORS
+from gateway.io.call import CallRunner, admit, announce_machine, call_config
 from gateway.protocol import ProtocolError
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
-from gateway.sessions import StoreError, StoreUnavailable
+from gateway.sessions import StoreError
 from gateway.settings import Settings
 
 log = logging.getLogger("adapters.twilio")
@@ -468,22 +469,25 @@ async def _dial(runner: CallRunner, action: Transfer) -> TransferResult:
     return await transfer_twilio(runner.ws.app, action.call_id, action.target, action.reason)
 
 
-async def _admit(ws: WebSocket, gw: Gateway, channel: TwilioChannel, token: str) -> StreamGrant:
-    """The grant of a stream whose signature and one-time token are good; else
-    TwilioVerificationError (see verify.py)."""
+async def _check(ws: WebSocket, gw: Gateway, channel: TwilioChannel, token: str) -> StreamGrant:
+    """The grant of a stream whose signature and one-time token are good.
+
+    Raises VerificationRefused (a bad signature, a forged, expired or used token: see
+    verify.py) or StoreUnavailable (the one-time token store does not answer), which
+    :func:`gateway.io.call.admit` answers with 1008 (HTTP 403) and HTTP 503.
+    """
+    peer = ws.client.host if ws.client else "?"
     url = stream_url(gw.settings.public_url, token)
-    channel.verifier.check(url, None, ws.headers.get(SIGNATURE_HEADER))
-    now = time.time()
-    grant = channel.tokens.check(token, now)
     try:
-        fresh = await gw.nonces.use_once(
-            f"twilio:stream:{grant.nonce}", max(grant.expires - now, 1)
+        channel.verifier.check(url, None, ws.headers.get(SIGNATURE_HEADER))
+        now = time.time()
+        grant = channel.tokens.check(token, now)
+    except TwilioVerificationError as exc:
+        raise VerificationRefused(f"from {peer}: {exc.reason}") from None
+    if not await gw.nonces.use_once(f"twilio:stream:{grant.nonce}", max(grant.expires - now, 1)):
+        raise VerificationRefused(
+            f"from {peer}: the stream token of call {grant.call_sid} was used already"
         )
-    except StoreUnavailable as exc:
-        log.error("Twilio stream tokens cannot be checked: %s", exc)
-        raise TwilioVerificationError("the one-time token store is unavailable") from exc
-    if not fresh:
-        raise TwilioVerificationError(f"the stream token of call {grant.call_sid} was used already")
     return grant
 
 
@@ -492,19 +496,9 @@ async def stream(websocket: WebSocket, token: str) -> None:
     """A call's media stream (Twilio Media Streams); see the module doc."""
     gw = gateway_of(websocket)
     channel = channel_of(websocket)
-    try:
-        grant = await _admit(websocket, gw, channel, token)
-    except TwilioVerificationError as exc:
-        peer = websocket.client.host if websocket.client else "?"
-        log.warning("Twilio stream refused (1008) from %s: %s", peer, exc.reason)
-        with contextlib.suppress(*SEND_ERRORS):
-            await websocket.close(code=CLOSE_POLICY)  # before accept: HTTP 403
-        return
-    try:
-        await websocket.accept()
-    except SEND_ERRORS:
-        return
-    await _Call(websocket, gw, channel, grant).serve()
+    grant = await admit(websocket, "Twilio", _check(websocket, gw, channel, token))
+    if grant is not None:
+        await _Call(websocket, gw, channel, grant).serve()
 
 
 @router.post("/twilio/amd", status_code=204, response_class=Response, **POST_TWILIO_AMD)

@@ -24,6 +24,7 @@ from tests.adapters.twilio.harness import (
     sign,
 )
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway
+from tests.conftest import free_port
 
 
 @pytest.fixture
@@ -214,6 +215,33 @@ async def test_a_badly_signed_stream_is_refused_before_accept(
     [record] = [r for r in caplog.records if "stream refused" in r.getMessage()]
     assert record.levelno == logging.WARNING
     assert not gw.channel.calls
+
+
+async def test_a_stream_is_refused_503_while_the_token_store_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The one-time token cannot be checked (the gateway's Redis is down): an outage of a
+    dependency, not Twilio's bad credentials: 503 with Retry-After, no 403, logged at
+    WARNING naming the component (gateway/io/call.py ``admit``), no traceback."""
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    async with twilio_gateway(redis_url=down) as gw:
+        url = await stream_url_of(gw)
+        caplog.clear()
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(
+                local_ws_url(gw.url, url),
+                additional_headers={"X-Twilio-Signature": sign(AUTH, url)},
+            ):
+                pass
+    response = refused.value.response
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    [record] = [r for r in caplog.records if "stream refused" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert "Twilio" in record.getMessage()
+    assert "nonce-store" in record.getMessage()
+    assert record.exc_info is None
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
 
 
 async def test_a_call_token_is_used_once(gw: Served) -> None:
