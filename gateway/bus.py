@@ -30,9 +30,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
-from gateway.redisconn import RedisClient
+from gateway.redisconn import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +165,13 @@ class RedisBus:
                 else:
                     pipe.publish(self._channel(topic), data)
                 await pipe.execute()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
 
     async def clear(self, topic: str) -> None:
         try:
             await self._redis.delete(self._retained_key(topic))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
 
     @contextlib.asynccontextmanager
@@ -193,7 +192,7 @@ class RedisBus:
                     self._reader = asyncio.create_task(self._read(), name="bus reader")
             # read the retained value after subscribing: nothing published between is lost
             retained = await self._redis.get(self._retained_key(topic))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             await self._leave(channel, sub)
             raise BusUnavailable(f"Redis: {exc}") from exc
         if retained:
@@ -211,7 +210,7 @@ class RedisBus:
             subs.discard(sub)
             if not subs:
                 del self._subs[channel]
-                with contextlib.suppress(RedisError):
+                with contextlib.suppress(*REDIS_ERRORS):
                     if self._sharded:
                         await self._pubsub.sunsubscribe(channel)
                     else:
@@ -229,7 +228,7 @@ class RedisBus:
                     )
                 else:
                     message = await self._pubsub.get_message(timeout=1.0)
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("bus reader: %s", exc)
                 await asyncio.sleep(0.5)
                 continue

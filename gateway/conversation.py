@@ -56,8 +56,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from redis.exceptions import RedisError
-
 from gateway import metrics
 from gateway.events import (
     ERROR,
@@ -76,6 +74,7 @@ from gateway.events import (
 from gateway.logs import SessionRef, session_ref
 from gateway.outbox import Journal, OutboxError
 from gateway.pipeline.base import Pipeline, PipelineError
+from gateway.redisconn import REDIS_ERRORS
 from gateway.sessions import (
     ClientState,
     LockLost,
@@ -401,7 +400,7 @@ def _speech_error(exc: BaseException) -> ErrorEvent:
         return ErrorEvent(text=exc.text, source="tts")
     if isinstance(exc, asyncio.CancelledError):
         log.warning("speech synthesis was stopped (the gateway is shutting down)")
-    elif isinstance(exc, SynthesisError | ValueError | OSError | RedisError):
+    elif isinstance(exc, (SynthesisError, ValueError, OSError, *REDIS_ERRORS)):
         log.warning("speech synthesis failed: %s", exc)
     else:
         log.error("speech synthesis failed unexpectedly", exc_info=exc)
@@ -801,7 +800,7 @@ class Conversation:
                 return item
             try:
                 item = await speech.link_item(item, tts.file_type)
-            except (OSError, RedisError) as exc:
+            except (OSError, *REDIS_ERRORS) as exc:
                 log.warning("TTS link not registered, item sent without audio: %s", exc)
             await self._put(out, ResponseItemEvent(response_item=item))
             return item

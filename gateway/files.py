@@ -9,11 +9,11 @@ from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.responses import Response, StreamingResponse
-from redis.exceptions import RedisError
 from starlette.requests import Request
 
 from gateway.deps import gateway_of
 from gateway.httputil import ResponseAborted, problem
+from gateway.redisconn import REDIS_ERRORS
 from gateway.speech.tts import SynthesisError
 from gateway.speech.tts_cache import MEDIA_TYPES, is_tts_id
 from gateway.speech.tts_pool import TtsOverloaded
@@ -96,7 +96,7 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
     except (SynthesisError, ValueError) as exc:
         log.warning("synthesis of %s failed: %s", file_id, exc)
         return problem(500, "Internal Server Error", "Speech synthesis failed.")
-    except (OSError, RedisError) as exc:
+    except (OSError, *REDIS_ERRORS) as exc:
         log.warning("TTS cache failed serving %s: %s", file_id, exc)
         answer = problem(503, "Service Unavailable", "The speech file store is unavailable.")
         answer.headers["Retry-After"] = "5"
@@ -140,8 +140,8 @@ async def _rest(file_id: str, first: bytes, chunks: AsyncIterator[bytes]) -> Asy
         yield first
         async for chunk in chunks:
             yield chunk
-    except (TtsOverloaded, SynthesisError, ValueError, OSError, RedisError) as exc:
-        component = "tts-cache" if isinstance(exc, OSError | RedisError) else "tts"
+    except (TtsOverloaded, SynthesisError, ValueError, OSError, *REDIS_ERRORS) as exc:
+        component = "tts-cache" if isinstance(exc, (OSError, *REDIS_ERRORS)) else "tts"
         log.warning(
             "synthesis of %s failed while it was streamed, its response is cut off "
             "(component: %s): %s",

@@ -22,9 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from redis.exceptions import RedisClusterException, RedisError
-
-from gateway.redisconn import RedisClient
+from gateway.redisconn import REDIS_ERRORS, RedisClient
 from gateway.sessions import StoreUnavailable
 
 __all__ = ["MemoryNonceStore", "NonceStore", "RedisNonceStore"]
@@ -125,8 +123,7 @@ class RedisNonceStore:
             won = await self._use_once(
                 keys=[f"{self.prefix}:nonce:{key}"], args=[use, max(1, round(ttl_s * 1000))]
             )
-        except (RedisError, RedisClusterException) as exc:
-            # an unreachable Cluster raises RedisClusterUnreachableError, no RedisError
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
         return bool(won)
 

@@ -44,10 +44,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
-from redis.exceptions import RedisError
 
 from gateway.bus import Bus, BusUnavailable, Subscription
-from gateway.redisconn import RedisClient
+from gateway.redisconn import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +322,7 @@ class RedisOutbox:
         args = [-1 if limit is None else limit, self._keep, self._ttl_s, kind, append_id, *data]
         try:
             first = int(await self._append(keys=list(self._keys(key)), args=args))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise OutboxError(f"Redis: {exc}") from exc
         if first < 0:
             return None
@@ -336,14 +335,14 @@ class RedisOutbox:
                 mark = await self._redis.hget(meta_key, "mark")
                 after = int(mark or 0)
             raw = await self._redis.zrangebyscore(entries_key, f"({after}", "+inf")
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise OutboxError(f"Redis: {exc}") from exc
         return [Entry.model_validate_json(r) for r in raw if isinstance(r, str | bytes)]
 
     async def mark(self, key: str, seq: int) -> int:
         try:
             return int(await self._mark(keys=[self._keys(key)[1]], args=[seq, self._ttl_s]))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise OutboxError(f"Redis: {exc}") from exc
 
     async def state(self, key: str) -> OutboxState:
@@ -351,7 +350,7 @@ class RedisOutbox:
         try:
             seq, mark = await self._redis.hmget(meta_key, ["seq", "mark"])
             pending = await self._redis.zcount(entries_key, f"({int(mark or 0)}", "+inf")
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise OutboxError(f"Redis: {exc}") from exc
         return OutboxState(int(seq or 0), int(mark or 0), int(pending))
 
@@ -361,13 +360,13 @@ class RedisOutbox:
     async def bind(self, app_key: str, device_id: str, key: str, ttl_s: int) -> None:
         try:
             await self._redis.set(self._device_key(app_key, device_id), key, ex=max(1, ttl_s))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise OutboxError(f"Redis: {exc}") from exc
 
     async def device(self, app_key: str, device_id: str) -> str | None:
         try:
             found = await self._redis.get(self._device_key(app_key, device_id))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise OutboxError(f"Redis: {exc}") from exc
         if found is None:
             return None

@@ -43,7 +43,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -55,7 +55,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,12 @@ log = logging.getLogger(__name__)
 RedisClient = aioredis.Redis | RedisCluster
 """What the gateway's stores, bus and caches are given: a plain (also Sentinel-managed)
 client or a cluster client. Both take the same single-key commands and scripts."""
+
+REDIS_ERRORS: Final = (RedisError, RedisClusterException)
+"""What a command of a :data:`RedisClient` raises when Redis fails (catch these, not
+RedisError alone): redis-py's RedisError, and its RedisClusterException family, which a
+Redis Cluster client raises when no node answers (RedisClusterUnreachableError) or a
+slot has no node (SlotNotCoveredError): those are no RedisError."""
 
 Kind = Literal["server", "sentinel", "cluster"]
 

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from redis.exceptions import RedisError
 
-from gateway.redisconn import RedisClient
+from gateway.redisconn import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ async def load_secret_keys(
     try:
         async with asyncio.timeout(timeout_s):
             keys = SecretKeys(await shared_master_key(redis, prefix), "redis")
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (*REDIS_ERRORS, OSError, TimeoutError) as exc:
         log.warning(
             "the shared secret key could not be read from Redis (%s): signing with a random "
             "per-process key until Redis answers",
@@ -207,7 +207,7 @@ async def _keep_shared(
         await asyncio.sleep(delay)
         try:
             master = await shared_master_key(redis, prefix)
-        except (RedisError, OSError) as exc:
+        except (*REDIS_ERRORS, OSError) as exc:
             log.debug("shared secret key still unavailable: %s", exc)
             delay = min(delay * 2, cap)
             continue
@@ -217,7 +217,7 @@ async def _keep_shared(
         await asyncio.sleep(check_s)
         try:
             master = await shared_master_key(redis, prefix, keys.master)
-        except (RedisError, OSError) as exc:
+        except (*REDIS_ERRORS, OSError) as exc:
             log.debug("shared secret key not checked: %s", exc)
             continue
         if master != keys.master:

@@ -55,11 +55,10 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from gateway import metrics, redisconn
 from gateway.events import MAX_TIMEOUT_S, LogEntry
-from gateway.redisconn import RedisClient, script_batch
+from gateway.redisconn import REDIS_ERRORS, RedisClient, script_batch
 
 log = logging.getLogger(__name__)
 
@@ -578,7 +577,7 @@ class RedisSessionStore:
                     raise SessionBusy(f"session {key} is busy")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.05)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis: {exc}") from exc
         except asyncio.CancelledError:
             # the take's reply was read before the cancellation reached this task (else
@@ -645,7 +644,7 @@ class RedisSessionStore:
             try:
                 with metrics.labelled(metrics.REDIS_SECONDS, "renew").time():
                     ok = await self._renew(keys=[lock_key], args=[txn.token, lease_ms])
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 if time.monotonic() - renewed >= lease_ms / 1000:
                     txn.lost = True
                     log.warning(
@@ -683,7 +682,7 @@ class RedisSessionStore:
                     ok, failed = await asyncio.shield(self._release(keys=keys, args=args))
                 else:
                     ok, failed = await self._batch.call(self._release, keys, args)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             if applied:
                 raise StoreUnavailable(f"Redis: {exc}") from exc
             log.warning("could not release lock of %s: %s", _ref(txn.key), exc)
@@ -696,14 +695,14 @@ class RedisSessionStore:
     async def get(self, key: str) -> Session | None:
         try:
             data = await self._redis.get(self._keys(key)[1])
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis: {exc}") from exc
         return Session.model_validate_json(data) if data else None
 
     async def ping(self) -> None:
         try:
             await self._redis.ping()
-        except (RedisError, OSError) as exc:
+        except (*REDIS_ERRORS, OSError) as exc:
             raise StoreUnavailable(f"Redis: {exc}") from exc
 
     async def aclose(self) -> None:

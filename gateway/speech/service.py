@@ -17,10 +17,8 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
-from redis.exceptions import RedisError
-
 from gateway.events import ResponseItem
-from gateway.redisconn import RedisClient
+from gateway.redisconn import REDIS_ERRORS, RedisClient
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat
 from gateway.speech.stage import ListenOptions, SpeechStage
@@ -299,7 +297,7 @@ class SpeechService:
             if request.mode == "links":
                 return await self.link_item(item, request.file_type), None
             return item, await self.audio(item, request.file_type)
-        except (TtsOverloaded, SynthesisError, OSError, ValueError, RedisError) as exc:
+        except (TtsOverloaded, SynthesisError, OSError, ValueError, *REDIS_ERRORS) as exc:
             log.warning("speech for an item failed, sent without audio: %s", exc)
             return item, None
 

@@ -14,6 +14,7 @@ import logging
 import uuid
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import redis
 from pydantic import SecretStr
@@ -62,7 +63,11 @@ async def test_a_stream_is_refused_503_while_the_redis_cluster_is_down(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A private Cluster, its nodes shut down once the gateway has started (a Cluster
-    that does not answer at startup stops the gateway)."""
+    that does not answer at startup stops the gateway). The rest of the gateway reports
+    the same outage as for a server (redis-py's cluster errors are caught with its
+    RedisError: gateway/redisconn.py ``REDIS_ERRORS``): a V2 turn is a 503 of the
+    session store, not an internal gateway error, and /readyz says the store does not
+    answer."""
     with start_cluster() as cluster:
         async with served(redis_url=cluster, vonage_signature_secret=SecretStr(SECRET)) as url:
             first = redis.Redis.from_url("redis://" + urlsplit(cluster).netloc.split(",")[0])
@@ -72,3 +77,14 @@ async def test_a_stream_is_refused_503_while_the_redis_cluster_is_down(
                     redis.Redis(host=host, port=int(port)).shutdown(nosave=True)
             first.close()
             await refused_while_down(url, caplog)
+            caplog.clear()
+            async with httpx.AsyncClient(base_url=url) as client:
+                turn = await client.put(
+                    "/client?key=cluster", headers={"Content-Type": "text/plain"}, content="hi"
+                )
+                ready = await client.get("/readyz")
+    assert turn.status_code == 503
+    assert turn.text == "! gateway: The session store is unavailable.\n"
+    assert ready.status_code == 503
+    assert ready.json()["detail"] == "The session store does not answer."
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
