@@ -1,6 +1,10 @@
 """What the connectors to third-party cores share: their HTTP client, bounded reads,
 quick replies as items and the button a user's words pick.
 
+A core's error answer (non-2xx) is not shown to the client: :func:`refused` gives the
+fixed text naming the core and the status, and logs the detail (cut to
+:data:`DETAIL_CHARS`, bearer tokens, ``sk-`` keys and the configured secrets hidden).
+
 Quick replies (Rasa ``buttons``, Voiceflow ``choice``, Botpress ``choice``) become an
 item's ``code`` as the JSON object ``{"buttons": [{"name", "request": {"type", "payload"}}]}``,
 the form the Voiceflow socket adapter already turns into a ``choice`` trace (README,
@@ -14,6 +18,7 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, cast
@@ -25,6 +30,11 @@ from gateway.events import ResponseItem
 from gateway.pipeline.base import PipelineError
 from gateway.protocol import ProtocolError, load_json
 from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DETAIL_CHARS = 300
+"""Most characters of a core's error detail that go to the log."""
 
 
 def pooled_client(connect_timeout_s: float, **options: Any) -> httpx.AsyncClient:
@@ -89,6 +99,54 @@ async def read_some(answer: httpx.Response, limit: int = 4096) -> bytes:
         if len(data) >= limit:
             break
     return bytes(data[:limit])
+
+
+_TOKENS = re.compile(
+    r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=-]+"  # Authorization: Bearer abc...
+    r"|\b(?:sk|pk|rk)-[A-Za-z0-9_-]{6,}"  # OpenAI-style keys: sk-..., sk-proj-...
+    r"|\bVF\.DM\.[A-Za-z0-9._-]+"  # Voiceflow Dialog Manager keys
+    r"|\bAIza[A-Za-z0-9_-]{20,}"  # Google API keys
+    r"|\bya29\.[A-Za-z0-9._-]+"  # Google OAuth access tokens
+)
+
+
+def redacted(text: str, secrets: Sequence[str | None] = ()) -> str:
+    """``text`` with what looks like a credential replaced by ``***``: each of ``secrets``
+    (the core's configured key, token, ...; 4 characters or more), ``Bearer``/``Basic``/
+    ``token`` credentials, ``sk-``/``pk-``/``rk-`` keys, Voiceflow ``VF.DM.`` keys, Google
+    API keys and access tokens, and credential query parameters
+    (:func:`gateway.logs.redact_query`)."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    text = _TOKENS.sub(lambda m: f"{m[1]}{m[2]}***" if m[1] else "***", text)
+    from gateway.logs import redact_query  # gateway.logs imports gateway.pipeline
+
+    return redact_query(text)
+
+
+def refused(
+    kind: str, status: int, detail: str | bytes = "", secrets: Sequence[str | None] = ()
+) -> PipelineError:
+    """The PipelineError of a core's non-2xx answer: ``the <kind> core answered HTTP
+    <status>``, the body's ``detail`` only logged (see :func:`core_failed`)."""
+    return core_failed(kind, f"answered HTTP {status}", detail, secrets)
+
+
+def core_failed(
+    kind: str, what: str, detail: str | bytes = "", secrets: Sequence[str | None] = ()
+) -> PipelineError:
+    """The PipelineError of an error a core reported: the fixed text ``the <kind> core
+    <what>`` (what the client sees: the core's own message may echo a key or internal
+    details of a proxy in front of it), the core's ``detail`` logged at WARNING
+    instead, with the same text, on one line, :func:`redacted` (``secrets`` hidden),
+    then cut to :data:`DETAIL_CHARS`."""
+    if isinstance(detail, bytes):
+        detail = detail.decode("utf-8", "replace")
+    # redacted before the cut, so a cut never leaves half a key unrecognised
+    text = " ".join(redacted(detail, secrets).split())[:DETAIL_CHARS]
+    log.warning("the %s core %s: %s", kind, what, text or "(no detail)")
+    return PipelineError(f"the {kind} core {what}")
 
 
 def check_status(answer: httpx.Response, core: str) -> None:

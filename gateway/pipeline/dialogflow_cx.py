@@ -35,9 +35,10 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   element, Google's REST streaming form; or server-sent events with ``alt=sse``):
   the messages of each PARTIAL response are forwarded as they arrive; the FINAL
   response's messages are forwarded except those equal to one already forwarded.
-- Failures (PipelineError): no token, the API unreachable, non-2xx (the Google error
-  ``message`` in the text), an answer that is not a DetectIntentResponse or over
-  GATEWAY_PIPELINE_MAX_RESPONSE_BYTES.
+- Failures (PipelineError): no token, the API unreachable, non-2xx (the fixed text
+  ``the Dialogflow CX core answered HTTP <status>``; the Google error ``message`` goes
+  only to the log, redacted: :func:`gateway.pipeline.cores.core_failed`), an answer
+  that is not a DetectIntentResponse or over GATEWAY_PIPELINE_MAX_RESPONSE_BYTES.
 """
 
 from __future__ import annotations
@@ -58,13 +59,15 @@ from google.oauth2 import service_account
 
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
-from gateway.pipeline.cores import core_json, pooled_client, read_body, read_some
+from gateway.pipeline.cores import core_json, pooled_client, read_body, read_some, refused
 from gateway.pipeline.openai import iter_sse
 from gateway.protocol import MAX_JSON_DEPTH, json_depth
 from gateway.sessions import Session, retrieved
 from gateway.settings import Settings
 from gateway.ssml import ssml_to_text
 
+KIND = "Dialogflow CX"
+"""How errors name this core (``the Dialogflow CX core answered HTTP 403``)."""
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 MAX_TEXT = 256
 """``TextInput.text`` limit of detectIntent, characters."""
@@ -259,7 +262,7 @@ class DialogflowCxPipeline:
             async with self._client.stream("POST", url, json=body, headers=headers) as answer:
                 if not 200 <= answer.status_code < 300:
                     detail = _google_error(await read_some(answer))
-                    raise PipelineError(f"the core answered HTTP {answer.status_code}{detail}")
+                    raise refused(KIND, answer.status_code, detail, [self._credentials.token])
                 if self.streaming:
                     async for part in self._parts(answer):
                         answers.append(part)
@@ -474,9 +477,9 @@ def _object(data: bytes) -> dict[str, Any]:
 
 
 def _google_error(data: bytes) -> str:
-    """``: <error.message>`` of a Google API error body, or nothing."""
+    """The ``error.message`` of a Google API error body, else the body (for the log)."""
     try:
         message = core_json(data)["error"]["message"]
     except (ValueError, KeyError, TypeError):
-        return ""
-    return f": {' '.join(str(message).split())[:200]}" if message else ""
+        return data.decode("utf-8", "replace")
+    return str(message)

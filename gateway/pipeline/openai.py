@@ -19,7 +19,13 @@ Each turn is ``POST <base>/chat/completions`` with ``Authorization: Bearer <key>
   ``choices``; ``:`` comment (keepalive) lines; ``data:`` without the space; a
   server that ignores ``stream`` and answers one ``application/json`` completion.
 - ``data: [DONE]`` ends the stream; ``event: error``, or a data object with an
-  ``error`` key, is a PipelineError (the server's message in it).
+  ``error`` key, is a PipelineError.
+
+Errors the server reports (a non-2xx status, an error in the stream or body) are
+PipelineErrors whose text is fixed (``the OpenAI-compatible core answered HTTP 401``,
+``... streamed an error``): the server's own message, which a proxy in front of the
+model may fill with the API key or internal details, goes only to the log (WARNING,
+redacted, cut; :func:`gateway.pipeline.cores.core_failed`).
 
 Tools (sent when GATEWAY_OPENAI_TOOLS is on): ``end_session`` (no arguments) ends the
 session after the answer (``Response.session_ended``); ``transfer`` (``{"reason"}``),
@@ -49,10 +55,21 @@ import httpx
 
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
-from gateway.pipeline.cores import bounded_lines, core_json, pooled_client, read_body, read_some
+from gateway.pipeline.cores import (
+    bounded_lines,
+    core_failed,
+    core_json,
+    pooled_client,
+    read_body,
+    read_some,
+    refused,
+)
 from gateway.pipeline.sentences import SentenceSplitter
 from gateway.sessions import Session
 from gateway.settings import Settings
+
+KIND = "OpenAI-compatible"
+"""How errors name this core (``the OpenAI-compatible core answered HTTP 401``)."""
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +197,7 @@ class OpenAIPipeline:
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        self._secrets = (api_key,)  # hidden in the logged detail of the server's errors
         self._max = max_response_bytes
         self._client = client or pooled_client(connect_timeout_s)
 
@@ -263,10 +281,8 @@ class OpenAIPipeline:
                 "POST", self.url, json=body, headers=self._headers
             ) as answer:
                 if not 200 <= answer.status_code < 300:
-                    raise PipelineError(
-                        f"the core answered HTTP {answer.status_code}"
-                        + _error_detail((await read_some(answer)).decode("utf-8", "replace"))
-                    )
+                    detail = _error_text((await read_some(answer)).decode("utf-8", "replace"))
+                    raise refused(KIND, answer.status_code, detail, self._secrets)
                 kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind == "application/json":
                     data = await read_body(answer, self._max, "the core")
@@ -304,7 +320,7 @@ class OpenAIPipeline:
     def _event(self, turn: _Turn, event: SseEvent) -> list[ResponseItem]:
         data = event.data.strip()
         if event.event == "error":
-            raise PipelineError(f"the core streamed an error: {_error_text(data)}")
+            raise core_failed(KIND, "streamed an error", _error_text(data), self._secrets)
         if data.startswith("[DONE]"):
             turn.done = True
             return []
@@ -315,7 +331,7 @@ class OpenAIPipeline:
         if not isinstance(chunk, dict):
             raise PipelineError("the core streamed a chunk that is not a JSON object")
         if chunk.get("error") is not None:
-            raise PipelineError(f"the core streamed an error: {_error_text(data)}")
+            raise core_failed(KIND, "streamed an error", _error_text(data), self._secrets)
         choices = chunk.get("choices") or []  # null / [] / absent in the usage chunk
         if not isinstance(choices, list):
             raise PipelineError("the core streamed a chunk whose choices is not a list")
@@ -342,7 +358,9 @@ class OpenAIPipeline:
         try:
             whole = core_json(data)
             if whole.get("error") is not None:
-                raise PipelineError(f"the core answered an error: {_error_text(data.decode())}")
+                raise core_failed(
+                    KIND, "answered an error", _error_text(data.decode()), self._secrets
+                )
             message = whole["choices"][0]["message"]
             content = message.get("content") or ""
             calls = message.get("tool_calls") or []
@@ -438,7 +456,8 @@ def _reason(arguments: str) -> str | None:
 
 
 def _error_text(data: str) -> str:
-    """The ``error.message`` of an OpenAI error body, else its first 200 characters."""
+    """The ``error.message`` of an OpenAI error body, else the body, on one line (for
+    the log: :func:`gateway.pipeline.cores.core_failed` redacts and cuts it)."""
     try:
         body = core_json(data)
         error = body.get("error", body) if isinstance(body, dict) else body
@@ -447,12 +466,8 @@ def _error_text(data: str) -> str:
             return _one_line(message)
     except ValueError:
         pass
-    return _one_line(data) or "(no detail)"
-
-
-def _error_detail(body: str) -> str:
-    return f": {_error_text(body)}" if body.strip() else ""
+    return _one_line(data)
 
 
 def _one_line(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()[:200]
+    return re.sub(r"\s+", " ", text).strip()

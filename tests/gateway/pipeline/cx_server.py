@@ -17,7 +17,8 @@ Contract: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   ``app.state.sse``): a PARTIAL DetectIntentResponse with the first message, then (after
   ``app.state.gap_s``) the FINAL one with all messages. The texts ``deep`` and
   ``deep100`` are answered a DetectIntentResponse whose parameters nest 50,000 and 100
-  levels deep, in the method's form.
+  levels deep, in the method's form. The text ``leak`` is answered 403 with a message
+that echoes the request's bearer token (as a careless proxy might).
 
 ``app.state.requests`` holds ``(path, body)`` of each detectIntent, ``app.state.tokens``
 the tokens issued, ``app.state.token_requests`` counts the token requests; while
@@ -169,6 +170,13 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
         if len(kinds) != 1 or not query.get("languageCode"):
             return google_error(400, "INVALID_ARGUMENT", "queryInput needs one input and a language.")  # fmt: skip
         said = (query.get("text") or {}).get("text")
+        if said == "leak":  # a proxy that tells all it knows in its error message
+            return google_error(
+                403,
+                "PERMISSION_DENIED",
+                f"Permission denied on resource (Authorization: Bearer {bearer}, "
+                "upstream 10.0.0.7:8443).",
+            )
         if said == "slow":
             await asyncio.sleep(app.state.slow_s)
         if said in ("deep", "deep100"):

@@ -12,7 +12,8 @@ Its "model" is scripted on the last user message (see :func:`reply`); the ``<mod
 path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
 ``error-data``, ``slow``, ``garbage``, ``truncated``, ``json`` (ignores ``stream``),
 ``empty``, ``deep`` (a chunk nested 50,000 levels deep), ``deep-json`` (such a
-non-streamed body). ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
+non-streamed body), ``echo-401`` (401 with a message echoing the Authorization header
+and the key, as a careless proxy might). ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
 pause after the first sentence (the model "thinking" on), cut short when the
 ``asyncio.Event`` ``app.state.release`` (None: no event) is set, so a test can hold the
 answer until it has seen what it waits for, however slow the machine;
@@ -76,6 +77,9 @@ def make_openai_server() -> FastAPI:
 
     @app.post("/{mode}/v1/chat/completions")
     async def completions(mode: str, request: Request) -> Response:
+        if mode == "echo-401":  # a proxy that tells all it knows in its error message
+            said = request.headers.get("authorization")
+            return _error(401, f"Upstream refused {said} (key {KEY}) at 10.0.0.7", "auth")
         if request.headers.get("authorization") != f"Bearer {KEY}":
             return _error(401, "Incorrect API key provided.", "invalid_request_error")
         body = await request.json()

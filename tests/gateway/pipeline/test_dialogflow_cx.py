@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from fastapi import FastAPI
 
 from gateway.conversation import Conversation, TurnContext
 from gateway.events import (
+    ErrorEvent,
     Input,
     ResponseEvent,
     ResponseItem,
@@ -218,8 +220,8 @@ async def _drain(pipe: DialogflowCxPipeline, session: Session, text: str) -> Non
 @pytest.mark.parametrize(
     ("text", "words"),
     [
-        ("boom", "HTTP 500: Internal error encountered."),
-        ("quota", "HTTP 429: Quota exceeded for detectIntent."),
+        ("boom", "the Dialogflow CX core answered HTTP 500"),
+        ("quota", "the Dialogflow CX core answered HTTP 429"),
         ("garbage", "not JSON"),
         ("shape", "responseMessages that are not a list"),
         ("slow", "did not answer within"),
@@ -256,6 +258,28 @@ async def test_an_answer_nested_too_deep_is_a_pipeline_error(
     conv = engine(settings, dialogflow_cx_streaming=streaming)
     await pipeline_error(conv, words, text)
     await failed_session(conv, 0)
+    await conv.pipeline.aclose()
+
+
+async def test_an_error_answer_that_echoes_the_token_reaches_only_the_log_redacted(
+    cx: tuple[Settings, FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 403 whose Google error message holds the request's bearer token: the client sees
+    the fixed text; the log has the status and the message, the token hidden."""
+    settings, app = cx
+    conv = engine(settings)
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        events = await pipeline_error(conv, "the Dialogflow CX core answered HTTP 403", "leak")
+    (token,) = app.state.tokens
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.text == "the Dialogflow CX core answered HTTP 403"
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.cores"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("the Dialogflow CX core answered HTTP 403: Permission denied")
+    assert "Bearer ***" in lines[0]
+    assert "10.0.0.7" in lines[0]
+    assert all(token not in r.getMessage() for r in caplog.records)
     await conv.pipeline.aclose()
 
 

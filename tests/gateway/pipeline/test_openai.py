@@ -5,6 +5,7 @@ server variations and every kind of failure as a pipeline error."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from pydantic import SecretStr
 
 from gateway.conversation import Conversation
 from gateway.events import (
+    ErrorEvent,
     Input,
     ResponseEvent,
     ResponseItem,
@@ -217,10 +219,10 @@ async def test_first_sentence_is_forwarded_before_the_answer_is_complete(
 @pytest.mark.parametrize(
     ("mode", "words"),
     [
-        ("status-500", "HTTP 500: Server error"),
-        ("status-429", "HTTP 429: Rate limit reached"),
-        ("event-error", "streamed an error: The model is overloaded"),
-        ("error-data", "streamed an error: context length exceeded"),
+        ("status-500", "the OpenAI-compatible core answered HTTP 500"),
+        ("status-429", "the OpenAI-compatible core answered HTTP 429"),
+        ("event-error", "the OpenAI-compatible core streamed an error"),
+        ("error-data", "the OpenAI-compatible core streamed an error"),
         ("garbage", "not JSON"),
         ("deep", "streamed a chunk that is not JSON"),
         ("deep-json", "answered no chat completion"),
@@ -245,11 +247,36 @@ async def test_wrong_key_and_unreachable_server_are_pipeline_errors(
 ) -> None:
     url, _ = llm
     wrong = OpenAIPipeline(f"{url}/chat/v1", model="m", api_key="sk-wrong")
-    await pipeline_error(engine(wrong), "HTTP 401: Incorrect API key provided.", "hi")
+    await pipeline_error(engine(wrong), "the OpenAI-compatible core answered HTTP 401", "hi")
     await wrong.aclose()
     gone = OpenAIPipeline("http://127.0.0.1:1/v1", model="m")
     await pipeline_error(engine(gone), "could not be reached", "hi")
     await gone.aclose()
+
+
+async def test_an_error_answer_that_echoes_the_key_reaches_only_the_log_redacted(
+    llm: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 401 whose message holds the API key (as a proxy in front of the model may
+    write it): the client sees the fixed text; the log has the status and the detail,
+    the key hidden."""
+    url, _ = llm
+    conv = engine(pipeline(url, "echo-401"))
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        events = await pipeline_error(conv, "the OpenAI-compatible core answered HTTP 401")
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.text == "the OpenAI-compatible core answered HTTP 401"
+    for secret in (KEY, "Bearer", "10.0.0.7"):
+        assert secret not in error.text
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.cores"]
+    assert len(lines) == 1, lines
+    assert "the OpenAI-compatible core answered HTTP 401: Upstream refused Bearer ***" in lines[0]
+    assert "10.0.0.7" in lines[0]  # the detail is there, for the operator
+    assert all(
+        KEY not in r.getMessage() and "sk-test" not in r.getMessage() for r in caplog.records
+    )
+    await conv.pipeline.aclose()
 
 
 # ------------------------------------------------------------------ from_url
