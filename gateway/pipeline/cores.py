@@ -1,6 +1,15 @@
 """What the connectors to third-party cores share: their HTTP client, bounded reads,
 quick replies as items and the button a user's words pick.
 
+Bodies are read only through :func:`body_chunks`: the bytes as the core sent them
+(``aiter_raw``), inflated here, not by httpx, when their ``Content-Encoding`` is
+``gzip`` or ``deflate`` (the only codings the cores' clients ask for, as
+``Accept-Encoding: gzip, deflate``), at most :data:`INFLATE_STEP` bytes at a time, so
+the bound GATEWAY_PIPELINE_MAX_RESPONSE_BYTES applies to the inflated body as it is
+produced: a small compressed answer that inflates to gigabytes is refused after a
+little more than the bound, never held. Another coding (``br``, ``zstd``, ...) is
+refused: the gateway cannot bound what it cannot inflate itself.
+
 A core's error answer (non-2xx) is not shown to the client: :func:`refused` gives the
 fixed text naming the core and the status, and logs the detail (cut to
 :data:`DETAIL_CHARS`, bearer tokens, ``sk-`` keys and the configured secrets hidden).
@@ -16,10 +25,12 @@ who says (or a client that sends) a button's name sends that button's request.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import io
 import json
 import logging
 import re
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -33,6 +44,12 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
+ACCEPT_ENCODING = "gzip, deflate"
+"""The codings a core's answer may use (:func:`body_chunks` inflates them, bounded)."""
+
+INFLATE_STEP = 65_536
+"""Most bytes one inflating step produces (the bound is checked after each)."""
+
 DETAIL_CHARS = 300
 """Most characters of a core's error detail that go to the log."""
 
@@ -42,12 +59,16 @@ def pooled_client(connect_timeout_s: float, **options: Any) -> httpx.AsyncClient
 
     Connecting is bounded by ``connect_timeout_s`` (s); reads are not (the turn engine
     bounds the whole turn by GATEWAY_TURN_TIMEOUT_S). ``options`` go to httpx.AsyncClient.
+    Requests say ``Accept-Encoding: gzip, deflate`` (:data:`ACCEPT_ENCODING`): the codings
+    :func:`body_chunks` inflates within the bound.
     """
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         timeout=httpx.Timeout(None, connect=connect_timeout_s),
         limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
         **options,
     )
+    client.headers["Accept-Encoding"] = ACCEPT_ENCODING
+    return client
 
 
 def core_client(settings: Settings, **options: Any) -> httpx.AsyncClient:
@@ -82,23 +103,98 @@ async def read_json(answer: httpx.Response, max_bytes: int, core: str) -> Any:
 
 
 async def read_body(answer: httpx.Response, max_bytes: int, core: str) -> bytes:
-    """The whole body of ``answer``; PipelineError (naming ``core``) past ``max_bytes``."""
+    """The whole body of ``answer`` (inflated by :func:`body_chunks`); PipelineError
+    (naming ``core``) past ``max_bytes``."""
     data = bytearray()
-    async for chunk in answer.aiter_bytes():
+    async for chunk in body_chunks(answer, max_bytes, core):
         data += chunk
-        if len(data) > max_bytes:
-            raise PipelineError(f"{core}'s answer is larger than {max_bytes} bytes")
     return bytes(data)
 
 
 async def read_some(answer: httpx.Response, limit: int = 4096) -> bytes:
-    """At most the first ``limit`` bytes of ``answer`` (an error body's detail)."""
+    """At most the first ``limit`` bytes of ``answer`` (an error body's detail; inflated
+    by :func:`body_chunks`, at most :data:`INFLATE_STEP` bytes past ``limit``); nothing
+    when its Content-Encoding is one the gateway does not read."""
     data = bytearray()
-    async for chunk in answer.aiter_bytes():
-        data += chunk
-        if len(data) >= limit:
-            break
+    try:
+        async with contextlib.aclosing(body_chunks(answer, None, "the core")) as chunks:
+            async for chunk in chunks:
+                data += chunk
+                if len(data) >= limit:
+                    break
+    except (PipelineError, httpx.DecodingError):
+        pass
     return bytes(data[:limit])
+
+
+async def body_chunks(
+    answer: httpx.Response, max_bytes: int | None, core: str
+) -> AsyncGenerator[bytes, None]:
+    """The body of ``answer`` as it arrives, inflated (``Content-Encoding`` ``gzip``,
+    ``x-gzip`` or ``deflate``, several applied in turn, or none / ``identity``) at most
+    :data:`INFLATE_STEP` bytes at a time, at most ``max_bytes`` (None: unbounded) in all.
+
+    Reads the raw stream (``aiter_raw``), so httpx never inflates a chunk whole: the
+    body held is at most ``max_bytes`` plus one step, whatever the compression ratio.
+
+    Raises PipelineError (naming ``core``) as soon as the inflated body passes
+    ``max_bytes``, or for a coding the gateway does not read (``br``, ``zstd``, ...:
+    it could not bound them); httpx.DecodingError for a body that is not valid
+    gzip/deflate (as httpx itself would).
+    """
+    codings = [
+        c.strip().lower()
+        for c in answer.headers.get_list("content-encoding", split_commas=True)
+        if c.strip().lower() not in ("", "identity")
+    ]
+    chunks: AsyncIterator[bytes] = answer.aiter_raw()
+    for coding in reversed(codings):  # listed in the order they were applied
+        if coding in ("gzip", "x-gzip"):
+            chunks = _inflated(chunks, zlib.MAX_WBITS | 16, coding)
+        elif coding == "deflate":
+            chunks = _inflated(chunks, zlib.MAX_WBITS, coding)
+        else:
+            raise PipelineError(
+                f"{core} answered with Content-Encoding {coding[:40]!r}, which the gateway "
+                f"does not read (it asks for {ACCEPT_ENCODING})"
+            )
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise PipelineError(f"{core}'s answer is larger than {max_bytes} bytes")
+        if chunk:
+            yield chunk
+
+
+async def _inflated(chunks: AsyncIterator[bytes], wbits: int, coding: str) -> AsyncIterator[bytes]:
+    """``chunks`` inflated (zlib ``wbits``), at most :data:`INFLATE_STEP` bytes per piece;
+    ``deflate`` is the zlib format or, failing that at its start, raw deflate (as httpx
+    reads it). Raises httpx.DecodingError for bad data."""
+    inflater = zlib.decompressobj(wbits)
+    started = False
+    async for data in chunks:
+        out = b""
+        while data or len(out) == INFLATE_STEP:  # a full step may leave output pending
+            try:
+                out = inflater.decompress(data, INFLATE_STEP)
+            except zlib.error as exc:
+                if coding == "deflate" and not started and wbits > 0:
+                    inflater, wbits = zlib.decompressobj(-zlib.MAX_WBITS), -zlib.MAX_WBITS
+                    continue
+                raise httpx.DecodingError(f"the {coding} body is invalid: {exc}") from exc
+            started = True
+            data = inflater.unconsumed_tail
+            if out:
+                yield out
+            if inflater.eof:
+                break
+    try:
+        tail = inflater.flush()
+    except zlib.error as exc:
+        raise httpx.DecodingError(f"the {coding} body is invalid: {exc}") from exc
+    if tail:
+        yield tail
 
 
 _TOKENS = re.compile(
@@ -171,13 +267,9 @@ async def bounded_lines(
     Raises PipelineError (naming ``core``) as soon as the answer passes ``max_bytes``.
     """
     decode = codecs.getincrementaldecoder(answer.encoding or "utf-8")(errors="replace").decode
-    size = 0
     pending = io.StringIO()  # the line not ended yet (no list of pieces: tiny chunks)
     after_cr = False  # the text so far ended in \r: a \n next ends no other line
-    async for chunk in answer.aiter_bytes():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PipelineError(f"{core}'s answer is larger than {max_bytes} bytes")
+    async for chunk in body_chunks(answer, max_bytes, core):
         text = decode(chunk)
         if after_cr and text:
             after_cr = False
@@ -224,11 +316,7 @@ class _CountedAnswer:
         decode = codecs.getincrementaldecoder(self._answer.encoding or "utf-8")(
             errors="replace"
         ).decode
-        size = 0
-        async for chunk in self._answer.aiter_bytes():
-            size += len(chunk)
-            if size > self._max:
-                raise PipelineError(f"{self._core}'s answer is larger than {self._max} bytes")
+        async for chunk in body_chunks(self._answer, self._max, self._core):
             if text := decode(chunk):
                 yield text
         if tail := decode(b"", True):

@@ -44,6 +44,7 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import json
 import re
@@ -59,7 +60,14 @@ from google.oauth2 import service_account
 
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
-from gateway.pipeline.cores import core_json, pooled_client, read_body, read_some, refused
+from gateway.pipeline.cores import (
+    body_chunks,
+    core_json,
+    pooled_client,
+    read_body,
+    read_some,
+    refused,
+)
 from gateway.pipeline.openai import iter_sse
 from gateway.protocol import MAX_JSON_DEPTH, json_depth
 from gateway.sessions import Session, retrieved
@@ -353,15 +361,14 @@ class DialogflowCxPipeline:
 
     async def _parts(self, answer: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         """The DetectIntentResponses of a streamed answer (JSON array or SSE)."""
-        size = 0
 
         async def chunks() -> AsyncIterator[str]:
-            nonlocal size
-            async for text in answer.aiter_text():
-                size += len(text)
-                if size > self._max:
-                    raise PipelineError(f"the core's answer is larger than {self._max} bytes")
-                yield text
+            decode = codecs.getincrementaldecoder(answer.encoding or "utf-8")("replace").decode
+            async for data in body_chunks(answer, self._max, "the core"):
+                if text := decode(data):
+                    yield text
+            if tail := decode(b"", True):
+                yield tail
 
         kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "text/event-stream":

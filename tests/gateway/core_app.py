@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +24,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 DEEP = "[" * 50_000 + "]" * 50_000
 """JSON nested 50,000 levels deep: past any bound, and past the recursion limit of the
 standard library's parser (a RecursionError where nothing bounds it first)."""
+
+
+BOMB_BYTES = 100 * 1024 * 1024
+"""What :func:`gzip_bomb` inflates to: 100 MB of spaces."""
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """:data:`BOMB_BYTES` spaces, gzip-compressed (about 100 KB), made 1 MB at a time."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    space = b" " * 1_048_576
+    packed = [packer.compress(space) for _ in range(BOMB_BYTES // len(space))]
+    return b"".join([*packed, packer.flush()])
 
 
 def endless_body(app: FastAPI, prefix: bytes = b"") -> AsyncIterator[bytes]:
@@ -168,6 +183,38 @@ def make_core() -> FastAPI:
     async def huge(request: Request) -> JSONResponse:
         await body(request)
         return JSONResponse({"items": [{"text": "x" * 2_000_000}]})
+
+    @app.post("/gzip-bomb-{kind}{rest:path}")
+    async def bomb(kind: str, request: Request) -> Response:
+        """:func:`gzip_bomb` with ``Content-Encoding: gzip``, at any path under it, as
+        ``json``, ``ndjson`` or ``sse`` (its Content-Type)."""
+        await body(request)
+        media = {"json": "application/json", "ndjson": "application/x-ndjson"}
+        return Response(
+            gzip_bomb(),
+            media_type=media.get(kind, "text/event-stream"),
+            headers={"Content-Encoding": "gzip"},
+        )
+
+    @app.post("/packed-{coding}")
+    async def packed(coding: str, request: Request) -> Response:
+        """A valid answer of one 300 KB item (``"squeezed "`` repeated) sent with
+        ``Content-Encoding`` ``gzip``, ``deflate`` (zlib format), or ``deflate`` as raw
+        deflate (``raw``, as some servers send it), or ``gzip, deflate`` (``both``)."""
+        await body(request)
+        data = json.dumps({"items": [{"text": "squeezed " * 33_333}]}).encode()
+        gzip_, zlib_, raw = zlib.MAX_WBITS | 16, zlib.MAX_WBITS, -zlib.MAX_WBITS
+
+        def pack(data: bytes, wbits: int) -> bytes:
+            packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
+            return packer.compress(data) + packer.flush()
+
+        if coding == "both":
+            data, name = pack(pack(data, gzip_), zlib_), "gzip, deflate"
+        else:
+            wbits = {"gzip": gzip_, "deflate": zlib_, "raw": raw}[coding]
+            data, name = pack(data, wbits), "gzip" if coding == "gzip" else "deflate"
+        return Response(data, media_type="application/json", headers={"Content-Encoding": name})
 
     @app.post("/endless-line{rest:path}")
     async def endless_line(request: Request) -> StreamingResponse:

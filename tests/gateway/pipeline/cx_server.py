@@ -18,7 +18,8 @@ Contract: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   ``app.state.gap_s``) the FINAL one with all messages. The texts ``deep`` and
   ``deep100`` are answered a DetectIntentResponse whose parameters nest 50,000 and 100
   levels deep, in the method's form. The text ``leak`` is answered 403 with a message
-that echoes the request's bearer token (as a careless proxy might).
+that echoes the request's bearer token (as a careless proxy might); ``bomb`` with a gzip
+answer inflating to 100 MB (``tests.gateway.core_app.gzip_bomb``).
 
 ``app.state.requests`` holds ``(path, body)`` of each detectIntent, ``app.state.tokens``
 the tokens issued, ``app.state.token_requests`` counts the token requests; while
@@ -38,6 +39,8 @@ from urllib.parse import parse_qsl
 import jwt
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from tests.gateway.core_app import gzip_bomb
 
 AGENT = "projects/demo-project/locations/europe-west3/agents/a1b2c3"
 EMAIL = "gateway@demo-project.iam.gserviceaccount.com"
@@ -176,6 +179,10 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
                 "PERMISSION_DENIED",
                 f"Permission denied on resource (Authorization: Bearer {bearer}, "
                 "upstream 10.0.0.7:8443).",
+            )
+        if said == "bomb":  # 100 MB of spaces in about 100 KB of gzip
+            return Response(
+                gzip_bomb(), media_type="application/json", headers={"Content-Encoding": "gzip"}
             )
         if said == "slow":
             await asyncio.sleep(app.state.slow_s)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,25 @@ async def test_an_error_answer_that_echoes_the_token_reaches_only_the_log_redact
     assert "Bearer ***" in lines[0]
     assert "10.0.0.7" in lines[0]
     assert all(token not in r.getMessage() for r in caplog.records)
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_compressed_answer_is_bounded_as_it_inflates(
+    cx: tuple[Settings, FastAPI], streaming: bool
+) -> None:
+    """A gzip answer inflating to 100 MB fails the turn at the bound, both methods, and
+    the gateway never holds much more than the bound of it (tracemalloc's peak)."""
+    settings, _ = cx
+    conv = engine(settings, dialogflow_cx_streaming=streaming)
+    assert texts(await conv.turn(ctx(), Input.of("hello")).collect())  # the token, untraced
+    tracemalloc.start()
+    try:
+        await pipeline_error(conv, "larger than 1048576 bytes", "bomb")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1_048_576, f"{peak / 1_048_576:.1f} MB held"
     await conv.pipeline.aclose()
 
 

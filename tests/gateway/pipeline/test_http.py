@@ -3,9 +3,13 @@ every kind of core failure as a pipeline error, and the request id it forwards."
 
 from __future__ import annotations
 
+import tracemalloc
+from typing import Any
+
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import Response
 
 from gateway.events import (
     Input,
@@ -14,7 +18,7 @@ from gateway.events import (
     SessionEndedEvent,
 )
 from tests.conftest import gateway
-from tests.gateway.core_app import cut_early
+from tests.gateway.core_app import BOMB_BYTES, cut_early, gzip_bomb
 from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, streamed, texts
 
 
@@ -97,6 +101,67 @@ async def test_a_line_past_the_bound_fails_the_turn_before_the_core_sent_it_all(
     await pipeline_error(conv, "larger than 1048576 bytes")
     await failed_session(conv, 0)
     await cut_early(app)
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    ("spec", "options"),
+    [
+        ("{url}/gzip-bomb-json", {}),
+        ("{url}/gzip-bomb-ndjson", {}),
+        ("rasa+{url}/gzip-bomb-json", {}),
+        ("rasa+{url}/gzip-bomb-ndjson", {"rasa_stream": True}),
+        ("openai+{url}/gzip-bomb-sse/v1", {"openai_model": "m"}),
+    ],
+    ids=["http", "http-stream", "rasa", "rasa-stream", "openai"],
+)
+async def test_a_compressed_answer_is_bounded_as_it_inflates(
+    core: tuple[str, FastAPI], spec: str, options: dict[str, Any]
+) -> None:
+    """A gzip answer of about 100 KB that inflates to 100 MB fails the turn once the
+    inflated body passes GATEWAY_PIPELINE_MAX_RESPONSE_BYTES, and the gateway never holds
+    more than about that much of it: the peak of the memory Python allocated during the
+    turn (tracemalloc, the test server's part included) stays far below one inflated
+    64 KB chunk (64 MB), which is what httpx's own decoding would hold at once."""
+    url, _ = core
+    assert len(gzip_bomb()) * 500 < BOMB_BYTES  # made before tracing: a bomb indeed
+    conv = engine(pipeline=spec.format(url=url), pipeline_max_response_bytes=1_048_576, **options)
+    tracemalloc.start()
+    try:
+        await pipeline_error(conv, "larger than 1048576 bytes")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1_048_576, f"{peak / 1_048_576:.1f} MB held"
+    await failed_session(conv, 0)
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw", "both"])
+async def test_a_compressed_answer_is_read_whole(core: tuple[str, FastAPI], coding: str) -> None:
+    """gzip, deflate (zlib or raw) and both in turn: inflated step by step, the answer
+    (300 KB, several steps) is read whole; the core was asked for gzip and deflate only."""
+    url, app = core
+    conv = engine(pipeline=f"{url}/packed-{coding}")
+    events = await conv.turn(ctx(), Input.of("hi")).collect()
+    assert texts(events) == ["squeezed " * 33_333]
+    assert app.state.requests[-1]["_headers"]["accept-encoding"] == "gzip, deflate"
+    await conv.pipeline.aclose()
+
+
+async def test_an_answer_in_a_coding_the_gateway_cannot_bound_is_refused(
+    core: tuple[str, FastAPI],
+) -> None:
+    """``Content-Encoding: br`` (or any coding but gzip/deflate) is refused with the
+    pipeline's error, not read as if it were plain."""
+    url, app = core
+
+    @app.post("/brotli")
+    async def brotli() -> Response:
+        return Response(b"\x1b\x00", media_type="application/json", headers={"Content-Encoding": "br"})  # fmt: skip
+
+    conv = engine(pipeline=f"{url}/brotli")
+    await pipeline_error(conv, "Content-Encoding 'br', which the gateway does not read")
     await conv.pipeline.aclose()
 
 
