@@ -34,7 +34,9 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   answer is a stream of DetectIntentResponses (a JSON array written element by
   element, Google's REST streaming form; or server-sent events with ``alt=sse``):
   the messages of each PARTIAL response are forwarded as they arrive; the FINAL
-  response's messages are forwarded except those equal to one already forwarded.
+  response's messages are forwarded except those equal to one already forwarded. The
+  array is read by :class:`JsonArrayReader`, in time linear in the answer however
+  small the pieces it comes in.
 - Failures (PipelineError): no token, the API unreachable, non-2xx (the fixed text
   ``the Dialogflow CX core answered HTTP <status>``; the Google error ``message`` goes
   only to the log, redacted: :func:`gateway.pipeline.cores.core_failed`), an answer
@@ -48,7 +50,7 @@ import codecs
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
 from urllib.parse import quote
 
@@ -62,6 +64,7 @@ from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transf
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
     body_chunks,
+    bounded_lines,
     core_json,
     pooled_client,
     read_body,
@@ -360,73 +363,237 @@ class DialogflowCxPipeline:
         return Response(session_ended=ended, locale=language if isinstance(language, str) else None)
 
     async def _parts(self, answer: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-        """The DetectIntentResponses of a streamed answer (JSON array or SSE)."""
-
-        async def chunks() -> AsyncIterator[str]:
-            decode = codecs.getincrementaldecoder(answer.encoding or "utf-8")("replace").decode
-            async for data in body_chunks(answer, self._max, "the core"):
-                if text := decode(data):
-                    yield text
-            if tail := decode(b"", True):
-                yield tail
-
+        """The DetectIntentResponses of a streamed answer (JSON array or SSE), each as
+        soon as it is complete, read in linear time however the answer is cut."""
         kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "text/event-stream":
-
-            async def lines() -> AsyncIterator[str]:
-                rest = ""
-                async for text in chunks():
-                    rest += text
-                    *whole, rest = rest.split("\n")
-                    for line in whole:
-                        yield line.rstrip("\r")
-                if rest:
-                    yield rest
-
-            async for event in iter_sse(lines()):
+            async for event in iter_sse(bounded_lines(answer, self._max, "the core", blank=True)):
                 yield _object(event.data.encode())
             return
-        decoder = json.JSONDecoder()
-        buffer, opened, closed = "", False, False
-        async for text in chunks():
-            buffer += text
-            while True:
-                buffer = buffer.lstrip()
-                if not opened:
-                    if not buffer:
-                        break
-                    if buffer[0] != "[":
-                        raise PipelineError("the core's stream is not a JSON array")
-                    opened, buffer = True, buffer[1:]
-                    continue
-                if buffer.startswith(","):
-                    buffer = buffer[1:]
-                    continue
-                if buffer.startswith("]"):
-                    closed, buffer = True, buffer[1:]
-                    break
-                try:
-                    value, end = decoder.raw_decode(buffer)
-                except RecursionError:  # nested past the parser's own limit
-                    raise PipelineError(_TOO_DEEP) from None
-                except ValueError:
-                    break  # incomplete: wait for more
-                element, buffer = buffer[:end], buffer[end:]
-                # core_json's bound (the parser takes up to the interpreter's recursion limit)
-                if element.count("[") + element.count("{") > MAX_JSON_DEPTH and (
-                    json_depth(element) > MAX_JSON_DEPTH
-                ):
-                    raise PipelineError(_TOO_DEEP)
-                if not isinstance(value, dict):
-                    raise PipelineError("the core streamed an element that is not an object")
-                yield _checked(value)
-        if not closed or buffer.strip():
-            raise PipelineError("the core's stream is not a complete JSON array")
+        decode = codecs.getincrementaldecoder(answer.encoding or "utf-8")("replace").decode
+        reader = JsonArrayReader()
+        async for data in body_chunks(answer, self._max, "the core"):
+            for value in reader.feed(decode(data)):
+                yield _element(value)
+        for value in reader.feed(decode(b"", True)):
+            yield _element(value)
+        reader.finish()
 
     async def aclose(self) -> None:
         """Close the pooled connections (the API's and the token endpoint's)."""
         await self._client.aclose()
         self._auth_session.close()
+
+
+_NON_SPACE = re.compile(r"\S")
+_NEXT = re.compile(r"[^\s,]")  # between elements: the next one, the array's end or garbage
+_OUTSIDE = re.compile(r'[\[\]{}"]')  # what the scanner heeds outside strings
+_INSIDE = re.compile(r'["\\]')  # and inside them
+_STRING_REST = re.compile(r'(?:[^"\\]++|\\.)*+"', re.DOTALL)  # a string's rest and its end
+_SCALAR = 9
+"""Characters of the longest JSON value that is neither an object, an array nor a string
+(``-Infinity``): a scalar element is decided on at most that many."""
+_INCOMPLETE = "the core's stream is not a complete JSON array"
+
+
+class JsonArrayReader:
+    """One JSON array streamed in pieces (Google's REST streaming form of
+    serverStreamingDetectIntent: ``[`` element ``,`` element ... ``]``), read
+    incrementally: :meth:`feed` gives the values of the elements each piece of text
+    completes, :meth:`finish` checks the array was closed.
+
+    Linear in the text however it is cut: an element that begins in a piece is first
+    decoded from there directly (a whole element in one piece costs one parse); one
+    that piece does not complete is scanned on, each character once (C regex searches
+    for the brackets and quotes that matter, the nesting depth and string state kept
+    across pieces), and decoded once when its closing bracket or quote came. So each
+    character is handed to the JSON decoder at most twice; ``decoded`` counts them
+    (``parses`` the decoder's runs), ``read`` the characters fed.
+
+    Between elements, whitespace and commas are skipped. Raises PipelineError: text
+    before the ``[`` (``the core's stream is not a JSON array``); an element nested
+    deeper than :data:`gateway.protocol.MAX_JSON_DEPTH` (the bound of :func:`core_json`,
+    checked before the parser could recurse past it); an element that is not JSON,
+    anything but whitespace after the ``]``, or (:meth:`finish`) no ``]``
+    (``... not a complete JSON array``). Elements that are not objects are given as
+    they are: the caller decides.
+    """
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.decoded = 0
+        self.parses = 0
+        self._decoder = json.JSONDecoder()
+        self._opened = False
+        self._closed = False
+        self._pending: list[str] | None = None  # the element begun and not ended yet
+        self._scalar = False  # ... a number or literal (decided on its first characters)
+        self._depth = 0  # brackets open in it
+        self._deepest = 0
+        self._in_string = False
+        self._escaped = False
+
+    def feed(self, text: str) -> Iterator[Any]:
+        """The values of the elements ``text`` (the next piece of the stream) completes,
+        each given before the next is read (so an error after it comes after it)."""
+        self.read += len(text)
+        i, n = 0, len(text)
+        while i < n:
+            if self._pending is None:
+                found = (_NEXT if self._opened and not self._closed else _NON_SPACE).search(text, i)
+                if found is None:
+                    break
+                i = found.start()
+                if self._closed:
+                    raise PipelineError(_INCOMPLETE)
+                if not self._opened:
+                    if text[i] != "[":
+                        raise PipelineError("the core's stream is not a JSON array")
+                    self._opened, i = True, i + 1
+                    continue
+                if text[i] == "]":
+                    self._closed, i = True, i + 1
+                    continue
+                value, end = self._whole(text, i)
+                if end >= 0:
+                    yield value
+                    i = end
+                    continue
+                self._begin(text[i])
+                start = i
+            else:
+                start = 0
+            if self._scalar:
+                value, end = self._scalar_value(text, start)
+                if end < 0:
+                    break
+                yield value
+                i = end
+                continue
+            pending = self._pending
+            assert pending is not None  # begun above or in an earlier piece
+            end = self._scan(text, start)
+            if end < 0:
+                pending.append(text[start:])
+                break
+            pending.append(text[start:end])
+            self._pending = None
+            yield self._decode("".join(pending))
+            i = end
+
+    def finish(self) -> None:
+        """Raises PipelineError unless the array was closed (with no element pending)."""
+        if not self._closed or self._pending is not None:
+            raise PipelineError(_INCOMPLETE)
+
+    def _whole(self, text: str, start: int) -> tuple[Any, int]:
+        """The element at ``text[start]`` and its end, when ``text`` holds all of it; else
+        (None, -1). An element deeper than the bound is refused here."""
+        first = text[start]
+        if first not in "{[":
+            return None, -1
+        self.parses += 1
+        try:
+            value, end = self._decoder.raw_decode(text, start)
+        except RecursionError:  # nested past the parser's own limit
+            raise PipelineError(_TOO_DEEP) from None
+        except ValueError:
+            self.decoded += len(text) - start
+            return None, -1  # not complete in this piece (or not JSON: the scan will tell)
+        self.decoded += end - start
+        # core_json's bound (the parser takes up to the interpreter's recursion limit)
+        if text.count("[", start, end) + text.count("{", start, end) > MAX_JSON_DEPTH and (
+            json_depth(text[start:end]) > MAX_JSON_DEPTH
+        ):
+            raise PipelineError(_TOO_DEEP)
+        return value, end
+
+    def _begin(self, first: str) -> None:
+        self._pending = []
+        self._scalar = first not in '{["'
+        self._depth = self._deepest = 0
+        self._in_string = self._escaped = False
+
+    def _scan(self, text: str, i: int) -> int:
+        """Scans the pending object, array or string on through ``text`` from ``i``: the
+        index just past its end, or -1 when ``text`` ends first (the state kept)."""
+        n = len(text)
+        while i < n:
+            if self._in_string:
+                if self._escaped:
+                    self._escaped, i = False, i + 1
+                    continue
+                found = _INSIDE.search(text, i)
+                if found is None:
+                    return -1
+                i = found.end()
+                if found[0] == "\\":
+                    self._escaped = True
+                    continue
+                self._in_string = False
+                if self._depth == 0:
+                    return i  # the element was a string
+                continue
+            found = _OUTSIDE.search(text, i)
+            if found is None:
+                return -1
+            i = found.end()
+            mark = found[0]
+            if mark == '"':
+                string = _STRING_REST.match(text, i)  # the whole string at once, if here
+                if string is None:
+                    self._in_string = True
+                elif self._depth == 0:
+                    return string.end()  # the element was a string
+                else:
+                    i = string.end()
+            elif mark in "[{":
+                self._depth += 1
+                self._deepest = max(self._deepest, self._depth)
+            else:
+                self._depth -= 1
+                if self._depth <= 0:
+                    return i
+        return -1
+
+    def _scalar_value(self, text: str, start: int) -> tuple[Any, int]:
+        """The pending number or literal, when its first :data:`_SCALAR` characters
+        decide it, and its end in ``text``; (None, -1) while they have not all come."""
+        assert self._pending is not None
+        before = sum(map(len, self._pending))
+        head = "".join(self._pending) + text[start : start + _SCALAR - before]
+        self.parses += 1
+        self.decoded += len(head)
+        try:
+            value, end = self._decoder.raw_decode(head)
+        except ValueError:
+            if len(head) >= _SCALAR:
+                raise PipelineError(_INCOMPLETE) from None
+            self._pending = [head]
+            return None, -1
+        self._pending = None
+        return value, start + end - before
+
+    def _decode(self, element: str) -> Any:
+        """The value of a whole element the scan delimited."""
+        if self._deepest > MAX_JSON_DEPTH:
+            raise PipelineError(_TOO_DEEP)
+        self.parses += 1
+        self.decoded += len(element)
+        try:
+            value, end = self._decoder.raw_decode(element)
+        except (ValueError, RecursionError):
+            raise PipelineError(_INCOMPLETE) from None
+        if end != len(element):
+            raise PipelineError(_INCOMPLETE)
+        return value
+
+
+def _element(value: Any) -> dict[str, Any]:
+    """A streamed element as a DetectIntentResponse; PipelineError otherwise."""
+    if not isinstance(value, dict):
+        raise PipelineError("the core streamed an element that is not an object")
+    return _checked(value)
 
 
 def cx_session_id(session_id: str) -> str:

@@ -21,6 +21,8 @@ Contract: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
 that echoes the request's bearer token (as a careless proxy might); ``bomb`` with a gzip
 answer inflating to 100 MB (``tests.gateway.core_app.gzip_bomb``).
 
+``app.state.piece`` (bytes; 0: not cut) cuts the FINAL response in pieces of that
+size; the text ``long`` is answered "Here it comes." then 2,000 texts in one message.
 ``app.state.requests`` holds ``(path, body)`` of each detectIntent, ``app.state.tokens``
 the tokens issued, ``app.state.token_requests`` counts the token requests; while
 ``app.state.token_hold`` is an unset event, the token endpoint waits for it.
@@ -102,6 +104,8 @@ def agent(state: dict[str, Any], query: dict[str, Any]) -> list[dict[str, Any]] 
     if text == "bye":
         state["page"] = "End Session"
         return [say("Goodbye."), {"endInteraction": {}}]
+    if text == "long":
+        return [say("Here it comes."), say(*(f"line {n} " + "y" * 30 for n in range(2_000)))]
     if text == "boom":
         return google_error(500, "INTERNAL", "Internal error encountered.")
     if text == "quota":
@@ -124,6 +128,7 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
     app.state.gap_s = 0.0
     app.state.sse = False
     app.state.slow_s = 1.5
+    app.state.piece = 0
 
     @app.post("/token")
     async def token(request: Request) -> Response:
@@ -247,8 +252,13 @@ async def _stream(
     yield b"[" + json.dumps(partial, indent=2).encode()
     await asyncio.sleep(app.state.gap_s)
     app.state.final_at = time.monotonic()
-    yield b"\n,\n" + json.dumps(final, indent=2).encode()[:20]
-    yield json.dumps(final, indent=2).encode()[20:] + b"\n]"
+    if not app.state.piece:
+        yield b"\n,\n" + json.dumps(final, indent=2).encode()[:20]
+        yield json.dumps(final, indent=2).encode()[20:] + b"\n]"
+        return
+    rest = b"\n,\n" + json.dumps(final, indent=2).encode() + b"\n]"
+    for at in range(0, len(rest), app.state.piece):
+        yield rest[at : at + app.state.piece]
 
 
 async def _sse(
@@ -262,4 +272,7 @@ async def _sse(
     )
     await asyncio.sleep(app.state.gap_s)
     app.state.final_at = time.monotonic()
-    yield b"data: " + json.dumps(_answer(state, query, messages, "FINAL")).encode() + b"\r\n\r\n"
+    rest = b"data: " + json.dumps(_answer(state, query, messages, "FINAL")).encode() + b"\r\n\r\n"
+    size = app.state.piece or len(rest)
+    for at in range(0, len(rest), size):
+        yield rest[at : at + size]

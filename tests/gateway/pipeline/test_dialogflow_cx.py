@@ -29,8 +29,8 @@ from gateway.events import (
     SessionEndedEvent,
     transfer_target,
 )
-from gateway.pipeline.base import PipelineConfigError
-from gateway.pipeline.dialogflow_cx import DialogflowCxPipeline, cx_session_id
+from gateway.pipeline.base import PipelineConfigError, PipelineError
+from gateway.pipeline.dialogflow_cx import DialogflowCxPipeline, JsonArrayReader, cx_session_id
 from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
 from tests.conftest import gateway, serve
@@ -322,6 +322,97 @@ async def test_unreachable_api_is_a_pipeline_error(cx: tuple[Settings, FastAPI])
     settings, _ = cx
     conv = engine(settings, dialogflow_cx_endpoint="http://127.0.0.1:1")
     await pipeline_error(conv, "could not be reached", "pizza")
+    await conv.pipeline.aclose()
+
+
+# ------------------------------------------------------------------ the streamed array
+
+TRICKY = [
+    {"queryResult": {"responseMessages": [{"text": {"text": ['a "quoted" ], } [{ text\\']}}]}},
+    {"q": [[], {}, [[{"a": "\\\\"}]]], "n": -1.5e3, "t": True, "z": None, "s": "\u017e\n"},
+    {},
+]
+
+
+def _read(pieces: list[str]) -> tuple[list[object], JsonArrayReader]:
+    reader = JsonArrayReader()
+    values = [v for piece in pieces for v in reader.feed(piece)]
+    reader.finish()
+    return values, reader
+
+
+def _cut(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def test_the_array_reader_gives_the_elements_however_the_text_is_cut() -> None:
+    """Strings holding brackets, quotes and escaped backslashes, nested arrays, every
+    JSON value: the same elements whole, cut at every place, and character by character."""
+    text = " [\n" + " ,\n".join(json.dumps(e, indent=1) for e in TRICKY) + "\n] \n"
+    assert _read([text])[0] == TRICKY
+    for at in range(len(text) + 1):
+        assert _read([text[:at], text[at:]])[0] == TRICKY, at
+    assert _read(list(text))[0] == TRICKY
+
+
+def test_the_array_reader_is_linear_however_small_the_pieces() -> None:
+    """A 1 MB answer in 16-character pieces (many elements, then one large element): each
+    character is handed to the JSON decoder at most twice (the old reader re-parsed its
+    whole buffer on every piece: about 60,000 times for the large element), and each
+    element is decoded whole once."""
+    message = {"text": {"text": ["x" * 90]}}
+    many = [{"queryResult": {"responseMessages": [message] * 3}} for _ in range(2_000)]
+    large = {"queryResult": {"responseMessages": [message] * 3_000}}
+    for elements in (many, [large]):
+        text = json.dumps(elements)
+        values, reader = _read(_cut(text, 16))
+        assert values == elements
+        assert reader.read == len(text)
+        assert reader.decoded <= 2 * reader.read
+        assert reader.parses <= len(elements) + len(text) // 16 + 1
+    whole = json.dumps(many)
+    values, reader = _read([whole])  # in one piece: one parse per element, nothing scanned
+    assert (reader.parses, reader.decoded) == (len(many), sum(len(json.dumps(e)) for e in many))
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('{"a": 1}', "not a JSON array"),
+        ("[{}", "not a complete JSON array"),
+        ('[{"a": }]', "not a complete JSON array"),
+        ("[{}] {}", "not a complete JSON array"),
+        ("[{}] ,", "not a complete JSON array"),
+        ("[nope]", "not a complete JSON array"),
+        ("[" + "[" * 65 + "]" * 65 + "]", "nested deeper than 64 levels"),
+        ("[" + "[" * 50_000 + "]" * 50_000 + "]", "nested deeper than 64 levels"),
+    ],
+)
+def test_the_array_reader_refuses_what_is_not_a_json_array(text: str, words: str) -> None:
+    for size in (len(text), 3):  # whole and in pieces
+        with pytest.raises(PipelineError, match=words):
+            _read(_cut(text, size))
+
+
+def test_the_array_reader_gives_scalars_for_the_caller_to_refuse() -> None:
+    for pieces in (["[1, {}]"], ["[-", "1"], ["[tr", "ue"], ['["a\\"', 'b"]']):
+        reader = JsonArrayReader()
+        first = next(v for piece in pieces for v in reader.feed(piece))
+        assert not isinstance(first, dict)
+
+
+@pytest.mark.parametrize("streaming_sse", [False, True])
+async def test_a_large_streamed_answer_in_tiny_pieces_is_read_whole(
+    cx: tuple[Settings, FastAPI], streaming_sse: bool
+) -> None:
+    """A FINAL response of 2,000 texts (about 100 KB) written 64 bytes at a time, as
+    a JSON array and as server-sent events: every message arrives, in order."""
+    settings, app = cx
+    app.state.sse = streaming_sse
+    app.state.piece = 64
+    conv = engine(settings, dialogflow_cx_streaming=True)
+    events = await conv.turn(ctx(), Input.of("long")).collect()
+    assert texts(events) == ["Here it comes."] + [f"line {n} " + "y" * 30 for n in range(2_000)]
     await conv.pipeline.aclose()
 
 
