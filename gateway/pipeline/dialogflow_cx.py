@@ -65,6 +65,7 @@ from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOu
 from gateway.pipeline.cores import (
     body_chunks,
     bounded_lines,
+    core_failed,
     core_json,
     pooled_client,
     read_body,
@@ -249,9 +250,9 @@ class DialogflowCxPipeline:
             self._refreshing = refreshing
         try:
             await asyncio.shield(refreshing)
-        except google.auth.exceptions.GoogleAuthError as exc:
-            raise PipelineError(
-                f"no access token for Dialogflow CX: {type(exc).__name__}: {str(exc)[:160]}"
+        except google.auth.exceptions.GoogleAuthError as exc:  # the token endpoint's words:
+            raise core_failed(  # logged only (they may quote the assertion or a proxy's)
+                KIND, "has no access token", f"{type(exc).__name__}: {exc}"
             ) from exc
         return str(self._credentials.token)
 

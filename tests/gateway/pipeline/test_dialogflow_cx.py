@@ -304,7 +304,7 @@ async def test_a_compressed_answer_is_bounded_as_it_inflates(
 
 
 async def test_a_key_the_token_endpoint_rejects_is_a_pipeline_error(
-    cx: tuple[Settings, FastAPI], tmp_path: Path
+    cx: tuple[Settings, FastAPI], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings, app = cx
     stranger, _ = _key()  # signs the assertion with a key the server does not know
@@ -312,7 +312,11 @@ async def test_a_key_the_token_endpoint_rejects_is_a_pipeline_error(
     other = tmp_path / "other"
     other.mkdir()
     conv = engine(settings, dialogflow_cx_credentials=key_file(other, stranger, token_uri))
-    await pipeline_error(conv, "no access token for Dialogflow CX", "pizza")
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        events = await pipeline_error(conv, "the Dialogflow CX core has no access token", "pizza")
+    # the token endpoint's own words go to the log only
+    assert "invalid_grant" not in str(events[-1])
+    assert any("invalid_grant" in r.getMessage() for r in caplog.records)
     assert not app.state.tokens
     assert not app.state.requests
     await conv.pipeline.aclose()
