@@ -303,7 +303,9 @@ class TurnStream:
                     current = None
                     continue
                 if speech_error is not None and isinstance(item, ResponseEvent):
-                    yield speech_error
+                    # in the Response's place, with its number: a client that resumes
+                    # after it is not sent the Response it stands for
+                    yield speech_error.model_copy(update={"seq": item.seq})
                     continue
                 yield item  # type: ignore[misc]
         finally:

@@ -1,0 +1,84 @@
+"""Flowstorm Socket V1 with ``tts=RequiredStreaming`` when speech synthesis fails: the
+turn's items go out, then one Error of source ``tts`` in place of the Response, and
+nothing after it. For a client that numbers events (Init ``lastSeq``) the Error carries
+the number of the Response it stands for, so a reconnect that resumes after it gets
+no late Response of that turn (gateway/conversation.py ``TurnStream``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from gateway.speech.service import SpeechService
+from gateway.speech.stage import ListenOptions
+from gateway.speech.stt import PocketsphinxRecognizer
+from gateway.speech.tts import EspeakSynthesizer
+from gateway.speech.tts_cache import MemoryTtsCache
+from tests.adapters.flowstorm.v1.helpers import (
+    frames_until_response,
+    init_frame,
+    input_frame,
+    recv_any,
+    recv_json,
+    request_frame,
+    send_json,
+    ws_url,
+)
+from tests.conftest import served_app
+
+CONFIG: dict[str, Any] = {"tts": "RequiredStreaming", "sendResponseItems": True}
+
+
+async def nothing_more(ws: ClientConnection) -> None:
+    """Nothing arrives within 1.5 s."""
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.5):
+            extra = await recv_any(ws)
+            pytest.fail(f"then came {extra!r}")
+
+
+async def test_a_failed_synthesis_is_one_tts_error_and_no_late_response(
+    recognizer: PocketsphinxRecognizer,
+) -> None:
+    settings = Settings(public_url="http://gw.test")
+    app = create_app(settings)
+    async with served_app(app, settings) as url:
+        gw = app.state.gateway
+        gw.speech = gw.conversation.speech = SpeechService(
+            recognizer_factory=lambda: recognizer,
+            synthesizer=EspeakSynthesizer(executable="/nonexistent/espeak-ng"),
+            cache=MemoryTtsCache(),
+            public_url="http://gw.test/",
+            listen_defaults=ListenOptions(),
+        )
+        async with connect(ws_url(url)) as ws:
+            await send_json(ws, {**init_frame(**CONFIG), "lastSeq": 0})  # events numbered
+            assert await recv_json(ws) == {"type": "Ready"}
+            await send_json(ws, request_frame("hello", "speechless-1"))
+            frames = await frames_until_response(ws)
+            assert [f["type"] for f in frames if isinstance(f, dict)] == [
+                "SessionStarted",
+                "ResponseItem",
+                "Error",
+            ]
+            assert not any(isinstance(f, bytes) for f in frames)  # no audio was made
+            error = frames[-1]
+            assert isinstance(error, dict)
+            assert error["source"] == "tts"
+            item = frames[1]
+            assert isinstance(item, dict)
+            assert error["seq"] == item["seq"] + 1  # the number of the Response it replaced
+            await nothing_more(ws)
+        async with connect(ws_url(url)) as ws:  # back, resuming after the last number seen
+            frame = {**init_frame(**CONFIG), "sessionId": "speechless-1", "lastSeq": error["seq"]}
+            await send_json(ws, frame)
+            assert await recv_json(ws) == {"type": "Ready"}
+            await nothing_more(ws)  # no late Response of the failed turn
+            await send_json(ws, input_frame("my name is Ada"))  # the session goes on
+            again = await frames_until_response(ws)
+            assert [f["type"] for f in again if isinstance(f, dict)] == ["ResponseItem", "Error"]
