@@ -226,25 +226,40 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     # the admin API: proactive push and the session view (gateway/push.py)
     install_admin(app)
 
-    @app.get(
-        "/metrics",
-        tags=["operations"],
-        summary="Prometheus metrics of this process",
-        response_class=PlainTextResponse,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
-    )
+    # GET and HEAD (RFC 9110 section 9.3.2: the same answer without its body, as load
+    # balancers and uptime checkers ask): one route each, so each has its own operationId
+    # in the OpenAPI document (one route of both methods would give both the same id)
+    metrics_route: dict[str, Any] = {
+        "tags": ["operations"],
+        "response_class": PlainTextResponse,
+        "responses": {200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    }
+
+    @app.head("/metrics", summary="The headers of GET /metrics, no body", **metrics_route)
+    @app.get("/metrics", summary="Prometheus metrics of this process", **metrics_route)
     async def prometheus_metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    @app.head("/healthz", tags=["operations"], summary="The process is up (headers only)")
     @app.get("/healthz", tags=["operations"], summary="The process is up")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    readyz_responses: dict[int | str, dict[str, Any]] = {
+        503: {"description": "The session store does not answer"}
+    }
+
+    @app.head(
+        "/readyz",
+        tags=["operations"],
+        summary="The session store is reachable (headers only)",
+        responses=readyz_responses,
+    )
     @app.get(
         "/readyz",
         tags=["operations"],
         summary="The session store is reachable",
-        responses={503: {"description": "The session store does not answer"}},
+        responses=readyz_responses,
     )
     async def readyz(request: Request) -> JSONResponse:
         try:

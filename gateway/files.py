@@ -1,4 +1,5 @@
-"""``GET /file/tts/{id}.{ext}``: synthesized speech, as linked from response items."""
+"""``GET /file/tts/{id}.{ext}``: synthesized speech, as linked from response items (and
+``HEAD``, which answers from the cache without synthesizing)."""
 
 from __future__ import annotations
 
@@ -152,6 +153,65 @@ async def _rest(file_id: str, first: bytes, chunks: AsyncIterator[bytes]) -> Asy
         raise ResponseAborted(f"speech file {file_id}: {exc}") from exc
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
+
+
+@router.head(
+    "/file/tts/{file_id}.{ext}",
+    summary="The headers a GET of a synthesized speech file would have, without synthesizing it",
+    responses={
+        200: {
+            "description": "The file is known. Cached: its `Content-Type`, "
+            "`Content-Length` and caching headers; not synthesized yet: its "
+            "`Content-Type` and `Cache-Control: no-cache`, no `Content-Length`",
+            "content": {media: {} for media in MEDIA_TYPES.values()},
+        },
+        404: {"description": "Unknown or expired file"},
+        503: {
+            "description": "The speech file store is unavailable; retry after `Retry-After` "
+            "seconds",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        },
+    },
+    response_class=Response,
+)
+async def tts_file_head(
+    file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: Request
+) -> Response:
+    """Answer HEAD like GET without the body (RFC 9110 section 9.3.2), never synthesizing.
+
+    A GET synthesizes a registered link the first time (seconds of a TTS worker), so a
+    HEAD answers from what the cache knows (:meth:`SpeechService.file_known`): a cached
+    file is 200 with the GET's ``Content-Type``, ``Content-Length`` and
+    ``Cache-Control``; a link registered but not synthesized yet (or being synthesized)
+    is 200 with the ``Content-Type`` and ``Cache-Control: no-cache`` of the streamed
+    GET it would get, and no ``Content-Length``: that GET is chunked and its length is
+    not known before the synthesis, so none is claimed (``Content-Length: 0`` would
+    say the file is empty). An id not shaped like one, unknown, expired or of another
+    extension is 404 as for GET (an extension not in the enum is 400 as for GET); a
+    cache failure is 503 with ``Retry-After``. No 503 for a full TTS pool: nothing is
+    queued.
+    """
+    gw = gateway_of(request)
+    if not is_tts_id(file_id):
+        return _not_found(file_id, ext)
+    try:
+        known = await gw.speech.file_known(file_id, ext)
+    except (OSError, RedisError) as exc:
+        log.warning("TTS cache failed serving %s: %s", file_id, exc)
+        answer = problem(503, "Service Unavailable", "The speech file store is unavailable.")
+        answer.headers["Retry-After"] = "5"
+        return answer
+    if known is None:
+        return _not_found(file_id, ext)
+    if isinstance(known, bytes):  # the GET's answer; Starlette sends only its headers
+        return Response(
+            known,
+            media_type=MEDIA_TYPES[ext],
+            headers={"Cache-Control": "public, max-age=86400, immutable"},
+        )
+    pending = Response(media_type=MEDIA_TYPES[ext], headers={"Cache-Control": "no-cache"})
+    del pending.headers["content-length"]  # unknown until synthesized, not 0
+    return pending
 
 
 def _not_found(file_id: str, ext: str) -> Response:

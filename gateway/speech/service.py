@@ -267,6 +267,23 @@ class SpeechService:
             return None
         return self.pool.stream(file_id, spec)
 
+    async def file_known(self, file_id: str, fmt: str) -> bytes | TtsSpec | None:
+        """What is known of a link without synthesizing anything (``HEAD /file/tts``):
+        the file's bytes when cached, else its registered spec (not synthesized yet, or
+        being synthesized now), else None for what :meth:`file_source` calls no file
+        (unknown or expired id, or ``fmt``, the link's extension, not the spec's).
+
+        Raises:
+            OSError, redis.RedisError: the cache failed.
+        """
+        spec = await self.cache.spec(file_id)
+        if spec is not None and spec.fmt != fmt:
+            return None
+        data = await self.cache.get(file_id)  # (cached past its spec's expiry: served)
+        if data is not None:
+            return data
+        return spec
+
     async def file(self, file_id: str) -> bytes | None:
         """The file behind a link: from the cache, or synthesized now from its registered
         spec (on any instance sharing the cache). None: unknown or expired id.
