@@ -116,13 +116,23 @@ class VerificationRefused(Exception):
 
     ``reason`` says why (for the log, and the problem body's ``detail``); ``status``
     is the HTTP status to answer with: 401 when the credentials are missing
-    (unsigned), 403 when they are present but wrong, forged or expired.
+    (unsigned), 403 when they are present but wrong, forged or expired. ``challenge``
+    is the ``WWW-Authenticate`` value a 401 answer carries (RFC 9110 section 11.6.1
+    requires one on every 401): the scheme of the credentials the carrier sends.
     """
 
-    def __init__(self, reason: str, *, status: int = 403) -> None:
+    def __init__(self, reason: str, *, status: int = 403, challenge: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.challenge = challenge
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers of the answer: ``WWW-Authenticate`` on a 401, else none."""
+        if self.status == 401 and self.challenge is not None:
+            return {"WWW-Authenticate": self.challenge}
+        return {}
 
 
 # ------------------------------------------------------------------ media format

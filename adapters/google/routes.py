@@ -137,7 +137,13 @@ class GoogleWebhook(_Webhook):
         try:
             claims = await self.verifier.verify(headers)
         except GoogleVerificationError as exc:  # already logged by the verifier
-            raise WebhookRefused(401, exc.reason.value, exc.message, logged=True) from None
+            raise WebhookRefused(
+                401,
+                exc.reason.value,
+                exc.message,
+                headers={"WWW-Authenticate": exc.challenge},
+                logged=True,
+            ) from None
         audience = claims.get("aud")
         candidates = audience if isinstance(audience, list) else [audience]
         ids = self.verifier.project_ids
@@ -167,7 +173,7 @@ class DialogflowWebhook(_Webhook):
                 401,
                 reason,
                 "The request lacks the credentials configured in GATEWAY_DIALOGFLOW_AUTH.",
-                headers={"WWW-Authenticate": self.auth.challenge},
+                headers={"WWW-Authenticate": self.auth.challenge(headers.get("authorization"))},
             )
         return None
 

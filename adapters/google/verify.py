@@ -114,6 +114,15 @@ class GoogleVerificationError(Exception):
     def __repr__(self) -> str:
         return f"GoogleVerificationError({self.reason.value!r}, {self.message!r})"
 
+    @property
+    def challenge(self) -> str:
+        """The ``WWW-Authenticate`` value of the 401 (RFC 9110 section 11.6.1; the token
+        is a bearer JWT, RFC 6750 section 3): ``Bearer realm="google"`` when no token
+        was presented, with ``error="invalid_token"`` when one was but failed."""
+        if self.reason is GoogleReason.MISSING_TOKEN:
+            return 'Bearer realm="google"'
+        return 'Bearer realm="google", error="invalid_token"'
+
 
 class GoogleCertSource(Protocol):
     """Supplies the current signing certificates as ``{kid: PEM X.509 certificate}``.
@@ -461,7 +470,14 @@ class DialogflowAuth:
         ok_scheme = scheme.lower() == self.scheme
         return hmac.compare_digest(given.strip().encode(), self.secret.encode()) and ok_scheme
 
-    @property
-    def challenge(self) -> str:
-        """The WWW-Authenticate value of a 401."""
-        return 'Basic realm="dialogflow"' if self.scheme == "basic" else "Bearer"
+    def challenge(self, header: str | None) -> str:
+        """The ``WWW-Authenticate`` value of the 401 refusing the Authorization ``header``
+        (RFC 9110 section 11.6.1): ``Basic realm="dialogflow"`` (RFC 7617), or
+        ``Bearer realm="dialogflow"`` with ``error="invalid_token"`` when a bearer
+        token was presented but is not the configured one (RFC 6750 section 3)."""
+        if self.scheme == "basic":
+            return 'Basic realm="dialogflow"'
+        scheme, _, given = (header or "").strip().partition(" ")
+        if scheme.lower() == "bearer" and given.strip():
+            return 'Bearer realm="dialogflow", error="invalid_token"'
+        return 'Bearer realm="dialogflow"'

@@ -134,7 +134,10 @@ async def _signed_form(request: Request, path: str) -> dict[str, str] | Response
         )
     except VerificationRefused as exc:
         log.warning("Plivo %s refused: %s", path, exc.reason)
-        return problem(exc.status, "Forbidden" if exc.status == 403 else "Unauthorized", exc.reason)
+        title = "Forbidden" if exc.status == 403 else "Unauthorized"
+        refused = problem(exc.status, title, exc.reason)
+        refused.headers.update(exc.headers)  # WWW-Authenticate on a 401
+        return refused
     return params
 
 

@@ -34,6 +34,10 @@ from gateway.callcodec import VerificationRefused
 
 SIGNATURE_HEADER: Final = "X-Plivo-Signature-V3"
 NONCE_HEADER: Final = "X-Plivo-Signature-V3-Nonce"
+CHALLENGE: Final = f'{SIGNATURE_HEADER} realm="plivo"'
+"""The ``WWW-Authenticate`` of the 401 for an unsigned request (RFC 9110 section 11.6.1
+requires a challenge on every 401; Plivo's signature has no registered scheme, so the
+challenge names the header it goes in)."""
 
 Params = Mapping[str, str | Sequence[str]]
 """Request parameters: one value or several per name."""
@@ -120,11 +124,12 @@ class PlivoVerifier:
 
         ``url`` is the public URL Plivo requested (query included); ``params`` the
         POST form parameters, or the GET callback's. Raises VerificationRefused: 401
-        when a header is missing; 403 for a wrong signature or another method.
+        when a header is missing (challenge :data:`CHALLENGE`); 403 for a wrong
+        signature or another method.
         """
         if not signature_header or not nonce:
             missing = SIGNATURE_HEADER if not signature_header else NONCE_HEADER
-            raise VerificationRefused(f"no {missing} header", status=401)
+            raise VerificationRefused(f"no {missing} header", status=401, challenge=CHALLENGE)
         try:
             expected = signature(self._token, method, url, params, nonce).encode("ascii")
         except ValueError as exc:

@@ -193,7 +193,9 @@ def _verified(settings: Settings, body: bytes, request: Request) -> Response | N
     except VerificationRefused as exc:
         log.warning("Telnyx webhook refused (%d): %s", exc.status, exc.reason)
         title = "Unauthorized" if exc.status == 401 else "Forbidden"
-        return problem(exc.status, title, exc.reason)
+        refused = problem(exc.status, title, exc.reason)
+        refused.headers.update(exc.headers)  # WWW-Authenticate on a 401
+        return refused
     return None
 
 

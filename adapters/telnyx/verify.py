@@ -23,6 +23,10 @@ from gateway.callcodec import VerificationRefused
 
 SIGNATURE_HEADER: Final = "telnyx-signature-ed25519"
 TIMESTAMP_HEADER: Final = "telnyx-timestamp"
+CHALLENGE: Final = 'Telnyx-Signature-Ed25519 realm="telnyx"'
+"""The ``WWW-Authenticate`` of the 401 for an unsigned webhook (RFC 9110 section 11.6.1
+requires a challenge on every 401; Telnyx's signature has no registered scheme, so the
+challenge names the header it goes in)."""
 TOLERANCE_S: Final = 300
 """Default seconds a webhook's timestamp may be off now (Telnyx's SDKs use 300)."""
 
@@ -53,12 +57,13 @@ class TelnyxVerifier:
         """Return if ``signature`` signs ``timestamp|body`` and ``timestamp`` is within the
         tolerance of ``now`` (Unix seconds).
 
-        Raises VerificationRefused: 401 when a header is missing; 403 for a malformed
-        or wrong signature, a malformed timestamp, or one out of the window.
+        Raises VerificationRefused: 401 when a header is missing (challenge
+        :data:`CHALLENGE`); 403 for a malformed or wrong signature, a malformed
+        timestamp, or one out of the window.
         """
         if not signature or not timestamp:
             missing = SIGNATURE_HEADER if not signature else TIMESTAMP_HEADER
-            raise VerificationRefused(f"no {missing} header", status=401)
+            raise VerificationRefused(f"no {missing} header", status=401, challenge=CHALLENGE)
         stamp = timestamp.strip()
         if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
             raise VerificationRefused(f"malformed {TIMESTAMP_HEADER}: expected Unix seconds")

@@ -113,7 +113,10 @@ async def answer(request: Request) -> Response:
         channel.verifier.check(request.headers.get("authorization"), body, time.time())
     except VerificationRefused as exc:
         log.warning("Vonage answer refused: %s", exc.reason)
-        return problem(exc.status, "Forbidden" if exc.status == 403 else "Unauthorized", exc.reason)
+        title = "Forbidden" if exc.status == 403 else "Unauthorized"
+        refused = problem(exc.status, title, exc.reason)
+        refused.headers.update(exc.headers)  # WWW-Authenticate on a 401
+        return refused
     params: dict[str, Any] = dict(request.query_params)
     if body:
         with contextlib.suppress(ValueError):

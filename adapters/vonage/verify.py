@@ -28,6 +28,10 @@ LEEWAY_S: Final = 30
 """Seconds of clock skew allowed for ``iat`` in the future and ``exp``."""
 _MAX_TOKEN: Final = 8192
 
+CHALLENGE: Final = 'Bearer realm="vonage"'
+"""The ``WWW-Authenticate`` of the 401 for a request without a token (RFC 6750 section 3:
+no error code when no token was presented)."""
+
 
 class VonageVerifier:
     """Checks the JWT of a signed Vonage webhook with ``signature_secret``.
@@ -55,7 +59,8 @@ class VonageVerifier:
         """The token's claims if ``authorization`` (``Bearer <JWT>``) is a valid signed
         webhook token for ``body`` at ``now`` (Unix seconds).
 
-        Raises VerificationRefused: 401 without a Bearer token; 403 for a malformed
+        Raises VerificationRefused: 401 without a Bearer token (challenge
+        :data:`CHALLENGE`); 403 for a malformed
         token, another algorithm, a wrong signature, no or a bad ``iat``, an expired
         or future token, a ``payload_hash`` that is not the body's, or another
         application.
@@ -63,7 +68,9 @@ class VonageVerifier:
         scheme, _, token = (authorization or "").strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise VerificationRefused("no Bearer token in Authorization", status=401)
+            raise VerificationRefused(
+                "no Bearer token in Authorization", status=401, challenge=CHALLENGE
+            )
         if len(token) > _MAX_TOKEN:
             raise VerificationRefused("the webhook token is too long")
         try:

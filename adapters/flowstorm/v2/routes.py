@@ -252,10 +252,18 @@ def _client_error(exc: ProtocolError, *, plain: bool) -> HTTPResponse:
     return _answer(exc.status, ErrorEvent(text=exc.text, source="client"), plain=plain)
 
 
+KEY_CHALLENGE: Final = 'X-Key realm="flowstorm"'
+"""The ``WWW-Authenticate`` of the 401 for a request without an application key (RFC 9110
+section 11.6.1 requires a challenge on every 401; the key has no registered scheme, so
+the challenge names the header it goes in)."""
+
+
 def _check_key(gw: Gateway, config: ClientConfig, *, plain: bool) -> HTTPResponse | None:
     if not config.key:
         error = ErrorEvent(text="The application key is missing (X-Key or key).", source="client")
-        return _answer(401, error, plain=plain)
+        refused = _answer(401, error, plain=plain)
+        refused.headers["WWW-Authenticate"] = KEY_CHALLENGE
+        return refused
     if not gw.settings.key_allowed(config.key):
         error = ErrorEvent(text=f"Unknown application key {config.key!r}.", source="client")
         return _answer(403, error, plain=plain)

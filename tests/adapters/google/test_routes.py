@@ -359,6 +359,11 @@ async def test_verification_failures_are_401_with_the_reason_logged(
                 )
             assert answer.status_code == 401, reason
             assert answer.headers["content-type"] == "application/problem+json"
+            # RFC 9110 11.6.1 and RFC 6750 3: an error code only when a token was presented
+            challenge = 'Bearer realm="google"'
+            if reason != "missing_token":
+                challenge += ', error="invalid_token"'
+            assert answer.headers["www-authenticate"] == challenge, reason
             assert answer.json()["reason"] == reason
             assert any(
                 reason in r.getMessage() for r in caplog.records if r.name == "adapters.google"
@@ -399,19 +404,24 @@ async def test_verification_off_is_a_startup_warning(caplog: pytest.LogCaptureFi
 # ------------------------------------------------------------------ Dialogflow auth
 
 
+BASIC = 'Basic realm="dialogflow"'
+BEARER = 'Bearer realm="dialogflow"'
+
+
 @pytest.mark.parametrize(
-    ("setting", "good", "challenge"),
+    ("setting", "good", "challenges"),
     [
         (
             "basic:dialogflow:s3cret:pw",
             "Basic " + base64.b64encode(b"dialogflow:s3cret:pw").decode(),
-            "Basic",
+            [BASIC, BASIC, BASIC],
         ),
-        ("bearer:tok-123", "Bearer tok-123", "Bearer"),
+        # RFC 6750 section 3: invalid_token only when a bearer token was presented
+        ("bearer:tok-123", "Bearer tok-123", [BEARER, f'{BEARER}, error="invalid_token"', BEARER]),
     ],
 )
 async def test_dialogflow_credentials(
-    setting: str, good: str, challenge: str, caplog: pytest.LogCaptureFixture
+    setting: str, good: str, challenges: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     body = es("projects/p/agent/sessions/auth", "hello")
     auth = Settings(dialogflow_auth=setting).dialogflow_auth  # validated, as from the environment
@@ -419,11 +429,12 @@ async def test_dialogflow_credentials(
         gateway(dialogflow_auth=auth, **OFF) as url,
         httpx.AsyncClient(base_url=url) as client,
     ):
-        for headers in ({}, {"Authorization": good + "x"}, {"Authorization": "Digest abc"}):
+        tried = ({}, {"Authorization": good + "x"}, {"Authorization": "Digest abc"})
+        for headers, challenge in zip(tried, challenges, strict=True):
             with caplog.at_level(logging.WARNING, logger="adapters.google"):
                 answer = await client.post("/dialogflow", json=body, headers=headers)
             assert answer.status_code == 401
-            assert answer.headers["www-authenticate"].startswith(challenge)
+            assert answer.headers["www-authenticate"] == challenge, headers
             assert answer.headers["content-type"] == "application/problem+json"
         assert any("credentials" in r.getMessage() for r in caplog.records)
         answer = await client.post("/dialogflow", json=body, headers={"Authorization": good})

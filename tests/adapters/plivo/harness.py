@@ -177,6 +177,7 @@ async def refusals(gw: Served) -> None:
     unsigned = await ask_answer(gw.url, PUBLIC, call_uuid, token=None)
     assert unsigned.status_code == 401
     assert unsigned.headers["content-type"] == "application/problem+json"
+    assert unsigned.headers["www-authenticate"] == 'X-Plivo-Signature-V3 realm="plivo"'
     forged = await ask_answer(gw.url, PUBLIC, call_uuid, token="not-the-auth-token")
     assert forged.status_code == 403
     good = await ask_answer(gw.url, PUBLIC, call_uuid)

@@ -216,7 +216,9 @@ async def refusals(gw: Served) -> None:
     """An unsigned TeXML webhook: 401; a forged one: 403; a stream upgrade without a
     token, with a forged one, or with one in the query that is forged or not ASCII: 403."""
     ccid = "v3:" + uuid.uuid4().hex
-    assert (await ask_texml(gw.url, ccid, key=None)).status_code == 401
+    unsigned = await ask_texml(gw.url, ccid, key=None)
+    assert unsigned.status_code == 401
+    assert unsigned.headers["www-authenticate"] == 'Telnyx-Signature-Ed25519 realm="telnyx"'
     assert (await ask_texml(gw.url, ccid, key=Ed25519PrivateKey.generate())).status_code == 403
     base = local(gw.url, "wss://x/telnyx/stream")
     for headers in ({}, {"Authorization": "Bearer forged.0000"}):

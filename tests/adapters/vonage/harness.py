@@ -125,6 +125,7 @@ async def refusals(gw: Served) -> None:
     unsigned = await ask_ncco(gw.url, str(uuid.uuid4()), secret=None)
     assert unsigned.status_code == 401
     assert unsigned.headers["content-type"] == "application/problem+json"
+    assert unsigned.headers["www-authenticate"] == 'Bearer realm="vonage"'  # RFC 6750 3
     forged = await ask_ncco(gw.url, str(uuid.uuid4()), secret="not-the-secret-" * 3)
     assert forged.status_code == 403
     answer = await ask_ncco(gw.url, str(uuid.uuid4()))

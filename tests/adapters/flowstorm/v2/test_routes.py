@@ -226,6 +226,7 @@ async def test_bad_text_requests_get_bang_lines(base: str) -> None:
     async with httpx.AsyncClient(base_url=base) as client:
         missing = await client.put("/client", headers=TEXT, content="hello")
         assert missing.status_code == 401
+        assert missing.headers["www-authenticate"] == 'X-Key realm="flowstorm"'
         assert missing.text == "! client: The application key is missing (X-Key or key).\n"
         empty = await client.put(f"/client?key={KEY}", headers=TEXT, content="  ")
         assert empty.status_code == 400
@@ -357,6 +358,7 @@ async def test_get_client_checks_key_and_ends_at_once_without_a_cookie(base: str
     async with httpx.AsyncClient(base_url=base) as client:
         refused = await client.get("/client")
         assert refused.status_code == 401
+        assert refused.headers["www-authenticate"] == 'X-Key realm="flowstorm"'
         empty = await client.get(f"/client?key={KEY}", headers={"Accept": "text/plain"})
         assert empty.status_code == 200
         assert empty.text == ""
