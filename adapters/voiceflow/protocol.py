@@ -98,8 +98,11 @@ Actions -> Input (:data:`ACTIONS`, and :data:`PATH_PREFIX` for choice paths): se
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import re
+import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -1098,3 +1101,59 @@ def _key_in(given: str | None, keys: frozenset[str]) -> bool:
         return False
     raw = given.encode()
     return any(hmac.compare_digest(raw, key.encode()) for key in keys)
+
+
+# ------------------------------------------------------------------ Engine.IO packets
+
+ENGINE_IO_TYPES = frozenset("0123456")
+"""The Engine.IO v4 packet types (open, close, ping, pong, message, upgrade, noop), as
+the first character of a text packet (Engine.IO protocol, "Packet encoding")."""
+
+
+def engine_io_fault(packet: str | bytes) -> str | None:
+    """Why one Engine.IO packet (a WebSocket frame's text, or bytes) is malformed, or None.
+
+    A binary frame is a binary message. A text packet is a type digit of
+    :data:`ENGINE_IO_TYPES` and its data, or ``b`` and base64 (a binary message, in a
+    polling payload). The checks are those python-engineio's decoder and socket loop
+    fail on with an exception (an empty packet, a type that is not a digit or no
+    type of Engine.IO's, base64 that does not decode); the data itself is not
+    checked here (socket.io checks its own packets).
+    """
+    if isinstance(packet, bytes):
+        return None
+    if not packet:
+        return "an empty Engine.IO packet"
+    kind = packet[0]
+    if kind == "b":
+        try:
+            base64.b64decode(packet[1:])
+        except (binascii.Error, ValueError):
+            return "an Engine.IO binary packet whose base64 does not decode"
+        return None
+    if kind not in ENGINE_IO_TYPES:
+        return f"an Engine.IO packet of unknown type {kind[:1]!r}"
+    return None
+
+
+def engine_io_payload_fault(body: bytes, max_packets: int) -> str | None:
+    """Why an HTTP long-polling POST body (an Engine.IO payload: packets separated by
+    the record separator ``\\x1e``, UTF-8; a JSONP body ``d=<payload>``) is malformed,
+    or None. ``max_packets`` is the most packets one payload may carry (python-engineio's
+    ``Payload.max_decode_packets``). An empty body carries no packet and is no fault.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "an Engine.IO payload that is not UTF-8"
+    if not text:
+        return None
+    if text.startswith("d="):
+        found = urllib.parse.parse_qs(text).get("d")
+        if not found:
+            return "a JSONP Engine.IO payload without its d parameter"
+        text = found[0]
+    packets = text.split("\x1e")
+    if len(packets) > max_packets:
+        return f"an Engine.IO payload of more than {max_packets} packets"
+    return next((fault for fault in map(engine_io_fault, packets) if fault), None)

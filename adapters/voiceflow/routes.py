@@ -57,6 +57,7 @@ import logging
 import signal
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -64,9 +65,11 @@ from types import FrameType
 from typing import Any
 
 import engineio.packet
+import engineio.payload
 import socketio
 import socketio.packet
 from fastapi import APIRouter, FastAPI
+from starlette.types import Message, Receive, Scope, Send
 
 from adapters.voiceflow.protocol import (
     CHANNEL,
@@ -77,6 +80,8 @@ from adapters.voiceflow.protocol import (
     SessionKeys,
     State,
     VoiceflowConnection,
+    engine_io_fault,
+    engine_io_payload_fault,
     error,
 )
 from gateway import metrics, redisconn
@@ -216,6 +221,138 @@ class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
                     await self.eio.disconnect(eio_sid)
 
 
+CLOSE_PROTOCOL_ERROR = 1002
+"""The WebSocket close code of a malformed Engine.IO packet (RFC 6455 section 7.4.1)."""
+
+
+class EngineIoGuard:
+    """An ASGI app in front of python-socketio's: Engine.IO packets that do not parse are
+    the peer's error, not the server's.
+
+    python-engineio decodes an Engine.IO packet outside its error handling: a packet
+    of no Engine.IO type (``x``, ``9``), an empty one or bad base64 escapes its socket
+    loop as an ERROR traceback (an ``Exception in ASGI application`` and a WebSocket
+    dropped without a close frame; by long polling a ``post request handler error``
+    answered 200). Here each packet is checked first
+    (:func:`adapters.voiceflow.protocol.engine_io_fault`, the checks the decoder
+    fails on) and a malformed one is logged at WARNING, naming the peer and the
+    fault, without a traceback:
+
+    - on the WebSocket transport the connection is closed with a close frame of code
+      1002 (protocol error, RFC 6455 section 7.4.1) and python-engineio sees the
+      peer leave (its Engine.IO session ends as on any disconnect);
+    - a long-polling POST (:func:`~adapters.voiceflow.protocol.engine_io_payload_fault`)
+      is answered 400 ``text/plain`` and none of its packets is delivered. The
+      Engine.IO session is left as it was: a socket.io client closes its transport
+      on the error, and a session nobody polls ends at the ping timeout. (Closing it
+      here would not help: python-engineio logs an ERROR for the next request of a
+      closed or removed session.)
+
+    Other sessions are untouched. Everything else goes to ``app`` unchanged (a POST
+    body is read here and handed on whole).
+    """
+
+    def __init__(self, app: Any, sio: socketio.AsyncServer) -> None:
+        self.app = app
+        self.sio = sio
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self.app(scope, self._frames(scope, receive, send), send)
+        elif scope["type"] == "http" and scope.get("method") == "POST":
+            await self._post(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _frames(self, scope: Scope, receive: Receive, send: Send) -> Receive:
+        """``receive`` that checks each WebSocket message: a malformed packet closes the
+        connection (1002) and is handed on as the peer's disconnect."""
+
+        async def checked() -> Message:
+            message = await receive()
+            if message["type"] != "websocket.receive":
+                return message
+            data = message.get("bytes")
+            fault = None if data is not None else engine_io_fault(message.get("text") or "")
+            if fault is None:
+                return message
+            log.warning("Voiceflow Engine.IO packet refused (%s): %s", _peer(scope), fault)
+            with contextlib.suppress(Exception):  # (the peer may have gone already)
+                await send(
+                    {
+                        "type": "websocket.close",
+                        "code": CLOSE_PROTOCOL_ERROR,
+                        "reason": "malformed Engine.IO packet",
+                    }
+                )
+            return {"type": "websocket.disconnect", "code": CLOSE_PROTOCOL_ERROR}
+
+        return checked
+
+    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A long-polling POST: its body checked before python-engineio decodes it."""
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: engineio sees it
+                await self.app(scope, _replay([message], receive), send)
+                return
+            body += message.get("body", b"")
+            if len(body) > self.sio.eio.max_http_buffer_size:  # engineio refuses it (413)
+                rest = {"type": "http.request", "body": bytes(body), "more_body": True}
+                await self.app(scope, _replay([rest], receive), send)
+                return
+            if not message.get("more_body"):
+                break
+        fault = engine_io_payload_fault(
+            bytes(body[: _content_length(scope)]), engineio.payload.Payload.max_decode_packets
+        )
+        if fault is None:
+            whole = {"type": "http.request", "body": bytes(body), "more_body": False}
+            await self.app(scope, _replay([whole], receive), send)
+            return
+        sid = _query(scope, "sid")
+        log.warning("Voiceflow Engine.IO packet refused (%s): %s", _peer(scope, sid), fault)
+        text = f"Bad Request: {fault}".encode()
+        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(text)).encode())]
+        await send({"type": "http.response.start", "status": 400, "headers": headers})
+        await send({"type": "http.response.body", "body": text})
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """``receive`` giving ``messages`` first, then what ``receive`` gives."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
+def _query(scope: Scope, name: str) -> str | None:
+    """The first value of query parameter ``name``, or None."""
+    raw = scope.get("query_string", b"").decode("latin-1")
+    values = urllib.parse.parse_qs(raw).get(name)
+    return values[0] if values else None
+
+
+def _content_length(scope: Scope) -> int:
+    """The request's Content-Length (what python-engineio reads of a POST), 0 if none."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length":
+            with contextlib.suppress(ValueError):
+                return max(int(value), 0)
+    return 0
+
+
+def _peer(scope: Scope, sid: str | None = None) -> str:
+    """``host:port`` of the peer, and the Engine.IO session id when known, for the log."""
+    client = scope.get("client")
+    peer = f"{client[0]}:{client[1]}" if client else "unknown peer"
+    sid = sid if sid is not None else _query(scope, "sid")
+    return f"{peer}, Engine.IO session {sid}" if sid else peer
+
+
 @dataclass
 class _Client:
     """One connected socket.io client: its protocol state and turn forwarders."""
@@ -253,7 +390,7 @@ class VoiceflowServer:
             logger=False,
             engineio_logger=False,
         )
-        self.asgi = socketio.ASGIApp(self.sio, socketio_path=PATH)
+        self.asgi: Any = EngineIoGuard(socketio.ASGIApp(self.sio, socketio_path=PATH), self.sio)
         self.sio.on("connect", self._connect)
         self.sio.on("disconnect", self._disconnect)
         self.sio.on("*", self._event)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosedError
 
 from adapters.voiceflow.protocol import PATH
 from tests.adapters.alexa.test_routes import CERT_URL, SKILL_ID, envelope, parsed, spoken
@@ -301,3 +303,73 @@ async def test_voiceflow_hostile_connect_packets_end_only_that_engine_io_session
             # Engine.IO CLOSE ("1"), never a socket.io CONNECT answer ("40...")
             assert await asyncio.wait_for(ws.recv(), 5) == "1"
         assert await other.say("still here") == ["You said: still here"]
+
+
+ENGINE_IO_PACKETS = {
+    "not-a-type": "x",
+    "unknown-type": "9",
+    "empty": "",
+    "bad-base64": "bA",
+    "non-ascii-digit": "\u0664hello",  # int() takes an Arabic-Indic 4, Engine.IO does not
+}
+"""Engine.IO packets python-engineio's decoder or socket loop fails on (below socket.io)."""
+
+
+def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    """No ERROR record, and no record with a traceback, from the server's loggers."""
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, [(r.name, r.levelname, r.getMessage()) for r in bad]
+
+
+@pytest.mark.parametrize("packet", ENGINE_IO_PACKETS.values(), ids=ENGINE_IO_PACKETS.keys())
+async def test_voiceflow_malformed_engine_io_packets_close_the_websocket_with_1002(
+    packet: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with served() as url, client(url) as other:  # served: fails on a logged ERROR
+        await other.handshake()
+        ws_url = url.replace("http", "ws", 1) + PATH + "/?EIO=4&transport=websocket"
+        async with ws_connect(ws_url) as ws:
+            opened = await asyncio.wait_for(ws.recv(), 5)
+            assert isinstance(opened, str)
+            assert opened.startswith("0{")
+            await ws.send("40")
+            assert str(await asyncio.wait_for(ws.recv(), 5)).startswith("40{")
+            await ws.send(packet)
+            with pytest.raises(ConnectionClosedError):
+                while True:  # (a PING may come first)
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert ws.protocol.close_rcvd is not None  # a close frame, not a dropped TCP
+            assert ws.protocol.close_rcvd.code == 1002  # protocol error (RFC 6455 7.4.1)
+        assert await other.say("still here") == ["You said: still here"]
+    refused = [r for r in caplog.records if "Engine.IO packet refused" in r.getMessage()]
+    assert [(r.name, r.levelname) for r in refused] == [("adapters.voiceflow.routes", "WARNING")]
+    _no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("packet", ENGINE_IO_PACKETS.values(), ids=ENGINE_IO_PACKETS.keys())
+async def test_voiceflow_malformed_engine_io_packets_by_polling_are_400(
+    packet: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with (
+        served() as url,
+        client(url) as other,
+        httpx.AsyncClient(base_url=url + PATH + "/") as http,
+    ):
+        await other.handshake()
+        opened = await http.get("", params={"EIO": "4", "transport": "polling"})
+        assert opened.text.startswith("0{")
+        params = {"EIO": "4", "transport": "polling", "sid": json.loads(opened.text[1:])["sid"]}
+        assert (await http.post("", params=params, content="40")).text == "OK"
+        assert (await http.get("", params=params)).text.startswith("40{")
+        bad = await http.post("", params=params, content=packet.encode() or b"4\x1e")
+        assert bad.status_code == 400, bad.text
+        assert "Engine.IO" in bad.text
+        # nothing of it was delivered; the session takes well-formed packets as before
+        assert (await http.post("", params=params, content="3")).text == "OK"  # a PONG
+        assert (await http.post("", params=params, content="1")).text == "OK"  # CLOSE
+        assert await other.say("still here") == ["You said: still here"]
+    refused = [r for r in caplog.records if "Engine.IO packet refused" in r.getMessage()]
+    assert [(r.name, r.levelname) for r in refused] == [("adapters.voiceflow.routes", "WARNING")]
+    _no_tracebacks(caplog)
