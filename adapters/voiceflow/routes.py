@@ -19,7 +19,9 @@ Operations:
   be an array starting with its name). A packet that does not decode gets ``error
   {code: "invalid-payload"}`` on a connected socket (a CONNECT that does not decode
   ends that Engine.IO session) and a WARNING, never an ERROR traceback of engineio's;
-  other connections are untouched. An event named ``connect``, ``disconnect`` or ``*``
+  other connections are untouched. Below socket.io, an Engine.IO packet that does not
+  parse (:class:`EngineIoGuard`) closes its WebSocket with 1002 or answers its polling
+  POST 400, with a WARNING. An event named ``connect``, ``disconnect`` or ``*``
   (the names of python-socketio's own handlers) is an unknown event like any other.
 - **Secret.** sessionKeys are signed with GATEWAY_VOICEFLOW_SECRET when it is set,
   else with the gateway's key of purpose ``voiceflow-session-key``
