@@ -196,7 +196,7 @@ async def tts_file_head(
         return _not_found(file_id, ext)
     try:
         known = await gw.speech.file_known(file_id, ext)
-    except (OSError, RedisError) as exc:
+    except (OSError, *REDIS_ERRORS) as exc:
         log.warning("TTS cache failed serving %s: %s", file_id, exc)
         answer = problem(503, "Service Unavailable", "The speech file store is unavailable.")
         answer.headers["Retry-After"] = "5"
