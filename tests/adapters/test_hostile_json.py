@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosedError
 
@@ -288,17 +290,25 @@ CONNECT_PACKETS = {
 }
 
 
+@contextlib.asynccontextmanager
+async def engine_io_socket(url: str) -> AsyncIterator[ClientConnection]:
+    """A raw Engine.IO v4 WebSocket to the Voiceflow socket of the gateway at ``url``,
+    its OPEN packet (``0{...}``) received."""
+    address = url.replace("http", "ws", 1) + PATH + "/?EIO=4&transport=websocket"
+    async with ws_connect(address) as ws:
+        opened = await asyncio.wait_for(ws.recv(), 5)
+        assert isinstance(opened, str)
+        assert opened.startswith("0{")
+        yield ws
+
+
 @pytest.mark.parametrize("packet", CONNECT_PACKETS.values(), ids=CONNECT_PACKETS.keys())
 async def test_voiceflow_hostile_connect_packets_end_only_that_engine_io_session(
     packet: str,
 ) -> None:
     async with served() as url, client(url) as other:
         await other.handshake()
-        ws_url = url.replace("http", "ws", 1) + PATH + "/?EIO=4&transport=websocket"
-        async with ws_connect(ws_url) as ws:
-            opened = await asyncio.wait_for(ws.recv(), 5)
-            assert isinstance(opened, str)
-            assert opened.startswith("0{")
+        async with engine_io_socket(url) as ws:
             await ws.send(packet)
             # Engine.IO CLOSE ("1"), never a socket.io CONNECT answer ("40...")
             assert await asyncio.wait_for(ws.recv(), 5) == "1"
@@ -328,11 +338,7 @@ async def test_voiceflow_malformed_engine_io_packets_close_the_websocket_with_10
     caplog.set_level(logging.INFO)
     async with served() as url, client(url) as other:  # served: fails on a logged ERROR
         await other.handshake()
-        ws_url = url.replace("http", "ws", 1) + PATH + "/?EIO=4&transport=websocket"
-        async with ws_connect(ws_url) as ws:
-            opened = await asyncio.wait_for(ws.recv(), 5)
-            assert isinstance(opened, str)
-            assert opened.startswith("0{")
+        async with engine_io_socket(url) as ws:
             await ws.send("40")
             assert str(await asyncio.wait_for(ws.recv(), 5)).startswith("40{")
             await ws.send(packet)

@@ -58,6 +58,16 @@ async def refused(url: str, headers: dict[str, str] | None = None) -> int:
     return exc.value.response.status_code
 
 
+def machine_detected(ccid: str) -> bytes:
+    """Telnyx's ``call.machine.detection.ended`` webhook body (result ``machine``) of
+    the call ``ccid``."""
+    event = {
+        "event_type": "call.machine.detection.ended",
+        "payload": {"call_control_id": ccid, "result": "machine"},
+    }
+    return json.dumps({"data": event}).encode()
+
+
 def forge(path: str) -> str:
     """``path`` with the token's MAC changed."""
     return path[:-4] + ("0000" if not path.endswith("0000") else "1111")
@@ -174,14 +184,7 @@ async def test_a_telnyx_machine_webhook_on_one_instance_reaches_the_call_on_anot
     async with two_instances(speech, redis_url, redis_prefix) as (a, b):
         ccid = "v3:" + uuid.uuid4().hex
         # the webhook comes first (kept on the bus), the stream starts afterwards on B
-        event = json.dumps(
-            {
-                "data": {
-                    "event_type": "call.machine.detection.ended",
-                    "payload": {"call_control_id": ccid, "result": "machine"},
-                }
-            }
-        ).encode()
+        event = machine_detected(ccid)
         async with httpx.AsyncClient(base_url=a.url) as client:
             hook = await client.post("/telnyx/outbound", content=event, headers=signed(event))
             assert hook.status_code == 200
@@ -244,14 +247,7 @@ async def test_a_telnyx_machine_webhook_delivered_twice_is_one_machine_input(
     is answered 200 and ignored; the core hears ``#machine`` once."""
     async with two_instances(speech, redis_url, redis_prefix) as (a, b):
         ccid = "v3:" + uuid.uuid4().hex
-        event = json.dumps(
-            {
-                "data": {
-                    "event_type": "call.machine.detection.ended",
-                    "payload": {"call_control_id": ccid, "result": "machine"},
-                }
-            }
-        ).encode()
+        event = machine_detected(ccid)
 
         async def deliver(gw: Served) -> None:
             async with httpx.AsyncClient(base_url=gw.url) as client:

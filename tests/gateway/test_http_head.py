@@ -9,26 +9,9 @@ import httpx
 from gateway.app import create_app
 from gateway.events import ResponseItem
 from gateway.settings import Settings
-from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
-from gateway.speech.tts import Synthesizer
 from tests.conftest import served, served_app
-
-
-class CountingSynthesizer:
-    """The app's real synthesizer, counting the syntheses started."""
-
-    def __init__(self, inner: Synthesizer) -> None:
-        self.inner = inner
-        self.calls = 0
-
-    @property
-    def voice(self) -> str:
-        return self.inner.voice
-
-    async def synthesize(self, text: str, *, ssml: bool = False) -> Pcm:
-        self.calls += 1
-        return await self.inner.synthesize(text, ssml=ssml)
+from tests.gateway.speech.test_tts import CountingSynth
 
 
 async def test_head_on_the_operations_routes_answers_as_get_without_a_body(
@@ -54,7 +37,7 @@ async def test_head_of_a_tts_link_answers_from_the_cache_without_synthesizing() 
     app = create_app(settings)
     async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
         speech: SpeechService = app.state.gateway.speech
-        counter = CountingSynthesizer(speech.pool.synthesizer)
+        counter = CountingSynth(speech.pool.synthesizer)
         speech.pool.synthesizer = counter
         item = await speech.link_item(ResponseItem(text="Testing one two."), "mp3")
         assert item.audio is not None
