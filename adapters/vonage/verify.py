@@ -60,10 +60,9 @@ class VonageVerifier:
         webhook token for ``body`` at ``now`` (Unix seconds).
 
         Raises VerificationRefused: 401 without a Bearer token (challenge
-        :data:`CHALLENGE`); 403 for a malformed
-        token, another algorithm, a wrong signature, no or a bad ``iat``, an expired
-        or future token, a ``payload_hash`` that is not the body's, or another
-        application.
+        :data:`CHALLENGE`); 403 for a malformed token, another algorithm, a wrong
+        signature, no or a bad ``iat``, an expired or future token, a ``payload_hash``
+        that is not the body's, or another application.
         """
         scheme, _, token = (authorization or "").strip().partition(" ")
         token = token.strip()
