@@ -55,6 +55,21 @@ def free_port() -> int:
         return port
 
 
+_HELD: list[socket.socket] = []  # the sockets holding the ports of refused_port
+
+
+def refused_port() -> int:
+    """A TCP port on 127.0.0.1 where a connection is refused for the rest of the run: a
+    socket of this process stays bound to it without listening, so no server of the
+    tests (whose ports come from :func:`free_port`) can take it meanwhile, as one could
+    a port that was merely free a moment ago."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _HELD.append(held)
+    port: int = held.getsockname()[1]
+    return port
+
+
 def _answers(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())

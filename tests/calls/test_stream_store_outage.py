@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from tests.adapters.vonage.harness import SECRET, ask_ncco
-from tests.conftest import free_port, served
+from tests.conftest import refused_port, served
 from tests.redis_topologies import start_cluster
 
 
@@ -54,7 +54,7 @@ async def refused_while_down(url: str, caplog: pytest.LogCaptureFixture) -> None
 async def test_a_stream_is_refused_503_while_the_redis_server_is_down(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    down = f"redis://127.0.0.1:{refused_port()}/0"  # nothing listens there
     async with served(redis_url=down, vonage_signature_secret=SecretStr(SECRET)) as url:
         await refused_while_down(url, caplog)
 

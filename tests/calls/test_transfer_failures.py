@@ -31,7 +31,7 @@ from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway, 
 from tests.adapters.twilio.test_outbound import SID
 from tests.adapters.vonage.harness import CARRIER as VONAGE
 from tests.calls.carrier_api import Captured, carrier_api, logged_transfers
-from tests.conftest import free_port
+from tests.conftest import refused_port
 
 TARGET = "+15550123"
 
@@ -182,7 +182,7 @@ async def test_a_refused_twilio_transfer_keeps_the_call_and_tells_the_core(
 async def test_a_transfer_whose_api_cannot_be_reached_keeps_the_call(
     speech: SpeechService, caplog: pytest.LogCaptureFixture
 ) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    dead = f"http://127.0.0.1:{refused_port()}"  # nothing listens: connection refused
     async with twilio_gateway(
         speech, twilio_account_sid=SID, twilio_api_base_url=dead, calls_timeout_s=2.0
     ) as gw:

@@ -12,7 +12,7 @@ import pytest
 from gateway import redisconn
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
 from gateway.sessions import StoreUnavailable, redis_client
-from tests.conftest import TOPOLOGIES, free_port, topology_url
+from tests.conftest import TOPOLOGIES, refused_port, topology_url
 from tests.gateway.redis_proxy import ReplyDropper
 
 
@@ -65,7 +65,7 @@ async def test_ttl_must_be_positive(stores: tuple[NonceStore, NonceStore]) -> No
 
 
 async def test_redis_down_is_store_unavailable() -> None:
-    client = redis_client(f"redis://127.0.0.1:{free_port()}/0")
+    client = redis_client(f"redis://127.0.0.1:{refused_port()}/0")
     store = RedisNonceStore(client, prefix="down")
     with pytest.raises(StoreUnavailable):
         await store.use_once("k", 10)

@@ -24,7 +24,7 @@ from tests.adapters.twilio.harness import (
     sign,
 )
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway
-from tests.conftest import free_port
+from tests.conftest import refused_port
 
 
 @pytest.fixture
@@ -223,7 +223,7 @@ async def test_a_stream_is_refused_503_while_the_token_store_is_down(
     """The one-time token cannot be checked (the gateway's Redis is down): an outage of a
     dependency, not Twilio's bad credentials: 503 with Retry-After, no 403, logged at
     WARNING naming the component (gateway/io/call.py ``admit``), no traceback."""
-    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    down = f"redis://127.0.0.1:{refused_port()}/0"  # nothing listens there
     async with twilio_gateway(redis_url=down) as gw:
         url = await stream_url_of(gw)
         caplog.clear()

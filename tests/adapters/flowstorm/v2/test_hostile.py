@@ -299,7 +299,7 @@ async def test_a_wrong_method_lists_every_method_of_the_path() -> None:
             assert answer.headers["content-type"] == "application/problem+json"
             assert answer.headers["allow"] == "GET, PUT"
         health = await client.post("/healthz")
-        assert health.headers["allow"] == "GET"
+        assert health.headers["allow"] == "GET, HEAD"
 
 
 async def test_pool_exhausted_mid_turn_ends_the_streaming_answer_with_the_error(
