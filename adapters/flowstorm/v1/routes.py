@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from fastapi import APIRouter, WebSocket
-from redis.exceptions import RedisError
 
 from adapters.flowstorm.v1.protocol import (
     CLOSE_INTERNAL,
@@ -63,6 +62,7 @@ from gateway.protocol.actions import (
     StartListening,
     StartTurn,
 )
+from gateway.redisconn import REDIS_ERRORS
 from gateway.sessions import StoreError, StoreUnavailable
 from gateway.speech.audio import AudioFormatError
 from gateway.speech.stage import SpeechStage
@@ -348,7 +348,7 @@ class _Socket(WebSocketDriver[Action]):
                 item if item.audio else await self.gw.speech.link_item(item, tts.file_type)
                 for item in event.response.items
             ]
-        except (ValueError, OSError, RedisError) as exc:
+        except (ValueError, OSError, *REDIS_ERRORS) as exc:
             log.warning("pushed items sent without TTS links: %s", exc)
             return entry.event
         response = event.response.model_copy(update={"items": items})

@@ -116,7 +116,6 @@ from typing import Any, Final, Literal
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response as HTTPResponse
 from fastapi.responses import StreamingResponse
-from redis.exceptions import RedisError
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
@@ -177,6 +176,7 @@ from gateway.protocol.actions import (
     StartListening,
 )
 from gateway.ratelimit import TokenBuckets
+from gateway.redisconn import REDIS_ERRORS
 from gateway.sessions import SessionBusy, StoreUnavailable
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat, AudioFormatError
@@ -671,7 +671,7 @@ async def _spoken(gw: Gateway, config: ClientConfig, event: ResponseEvent) -> Re
             item if item.audio else await gw.speech.link_item(item, config.tts_file_type)
             for item in event.response.items
         ]
-    except (ValueError, OSError, RedisError) as exc:
+    except (ValueError, OSError, *REDIS_ERRORS) as exc:
         log.warning("pushed items sent without TTS links: %s", exc)
         return event
     return event.model_copy(update={"response": event.response.model_copy(update={"items": items})})
