@@ -3,6 +3,7 @@ every kind of core failure as a pipeline error, and the request id it forwards."
 
 from __future__ import annotations
 
+import logging
 import tracemalloc
 from typing import Any
 
@@ -162,6 +163,25 @@ async def test_an_answer_in_a_coding_the_gateway_cannot_bound_is_refused(
 
     conv = engine(pipeline=f"{url}/brotli")
     await pipeline_error(conv, "Content-Encoding 'br', which the gateway does not read")
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_a_garbled_compressed_answer_is_the_cores_error(
+    core: tuple[str, FastAPI], coding: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body that says it is gzip or deflate but is not (cut, or garbage) is the core's
+    error (source pipeline, logged at WARNING at most), never the gateway's."""
+    url, app = core
+
+    @app.post("/garbled-{name}")
+    async def garbled(name: str) -> Response:
+        body = b"\x1f\x8b\x08\x00garbage, not a deflate stream" if name == "gzip" else b"nope"
+        return Response(body, media_type="application/json", headers={"Content-Encoding": name})
+
+    conv = engine(pipeline=f"{url}/garbled-{coding}")
+    await pipeline_error(conv, "the core")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     await conv.pipeline.aclose()
 
 
