@@ -317,13 +317,25 @@ class CarrierHarness:
     # ---------------------------------------------------------------- queries
 
     async def wait_for(self, predicate: Callable[[], bool], within_s: float = 20.0) -> None:
-        """Wait until ``predicate`` holds (checked on every message); TimeoutError else."""
+        """Wait until ``predicate`` holds (checked on every message); TimeoutError else.
+
+        A background task of the harness that failed (an assertion in :meth:`decode` on
+        a frame the gateway sent, say) is raised here at once, not seen as a timeout."""
         async with asyncio.timeout(within_s):
             while not predicate():
+                self.raise_failure()
                 async with self._changed:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.05):
                             await self._changed.wait()
+
+    def raise_failure(self) -> None:
+        """Raise the exception a finished background task (listener, player, mic) died of."""
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise AssertionError(f"the harness's {task.get_coro().__qualname__} failed") from (
+                    task.exception()
+                )
 
     def media_frames(self, since: float = 0.0) -> list[Received]:
         """The audio frames received at or after ``since`` (monotonic s)."""
