@@ -15,8 +15,10 @@ import contextlib
 import json
 import re
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -25,11 +27,13 @@ import socketio
 from redis.asyncio.cluster import RedisCluster
 
 from gateway import redisconn
+from gateway.app import create_app
 from gateway.bus import RedisBus
 from gateway.redisconn import RedisTarget, SocketIoRedisManager, parse_redis_url
 from gateway.sessions import RedisSessionStore, StoreUnavailable, redis_client
+from gateway.settings import Settings
 from tests.adapters.flowstorm.v2.helpers import check_link
-from tests.conftest import gateway, serve, served, topology_url
+from tests.conftest import gateway, serve, served, served_app, topology_url
 from tests.redis_topologies import SentinelSetup
 
 KEY = "redis-topology-test"
@@ -397,3 +401,71 @@ async def test_a_redis_that_hangs_is_one_timeout_not_three() -> None:
     finally:
         await store.aclose()
         server.close()
+
+
+# ----------------------------------------------- a Cluster down at startup
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("topology", ["cluster"], indirect=True)
+async def test_a_cluster_down_at_startup_is_an_outage_until_it_answers(
+    topology: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway's one startup node refuses connections (a port bound, not listening):
+    redis-py's cluster client cannot fetch the slot map, yet the app starts, with a
+    random secret key meanwhile (a WARNING); /readyz and a V2 turn answer 503 of the
+    session store, as with one server down. Then the port forwards to a node of the
+    session's real Cluster: the next turn learns the slot map and is answered, without
+    a restart, and the shared secret key is adopted. No ERROR is logged (``served_app``)."""
+    url, prefix = topology
+    node = urlsplit(url).netloc.split(",")[0]
+    host, _, port = node.rpartition(":")
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))  # refused until it listens
+    down = f"redis+cluster://127.0.0.1:{held.getsockname()[1]}"
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        to_reader, to_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(_pipe(reader, to_writer), _pipe(to_reader, writer))
+
+    settings = Settings(redis_url=down, redis_prefix=prefix)
+    app = create_app(settings)
+    proxy: asyncio.Server | None = None
+    try:
+        async with served_app(app, settings) as gw, httpx.AsyncClient() as client:
+            ready = await client.get(f"{gw}/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["detail"] == "The session store does not answer."
+            turn = await client.put(f"{gw}/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+            assert turn.status_code == 503
+            assert turn.text == "! gateway: The session store is unavailable.\n"
+            assert "the shared secret key could not be read from Redis" in caplog.text
+            held.listen()
+            proxy = await asyncio.start_server(forward, sock=held)
+            assert await say(client, gw, "my name is Alan") == "< Nice to meet you, Alan.\n"
+            assert await say(client, gw, "what is my name") == "< Your name is Alan.\n"
+            assert (await client.get(f"{gw}/readyz")).status_code == 200
+            # the shared secret key is read again (1 s after startup) and adopted
+            keys = app.state.gateway.secret_keys
+            for _ in range(100):  # the retry comes 1 s after startup, then 2 s later
+                if keys.source == "redis":
+                    break
+                await asyncio.sleep(0.05)
+            assert keys.source == "redis"
+            cluster = redis_client(url)
+            assert await cluster.get(f"{prefix}:secret-key") == keys.master
+            await redisconn.aclose(cluster)
+    finally:
+        if proxy is not None:
+            proxy.close()
+        held.close()
