@@ -32,7 +32,11 @@ and not yet replicated, can still be lost.
 **Cluster.** ``redis.asyncio.cluster.RedisCluster``; every multi-key script and
 command of the gateway keeps its keys in one slot (the session's hash tag
 ``{key}``); the bus uses sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis >= 7), see
-gateway/bus.py.
+gateway/bus.py. The slot map is fetched by the first command, not at startup: a
+Cluster that does not answer then does not stop the gateway (as one server does
+not); each command tries the startup nodes again until one answers (redis-py keeps
+a failed first ``initialize()`` pending) and raises RedisClusterUnreachableError
+meanwhile (:data:`REDIS_ERRORS`: a store outage, 503).
 """
 
 from __future__ import annotations

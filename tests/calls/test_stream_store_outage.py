@@ -62,12 +62,12 @@ async def test_a_stream_is_refused_503_while_the_redis_server_is_down(
 async def test_a_stream_is_refused_503_while_the_redis_cluster_is_down(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A private Cluster, its nodes shut down once the gateway has started (a Cluster
-    that does not answer at startup stops the gateway). The rest of the gateway reports
-    the same outage as for a server (redis-py's cluster errors are caught with its
-    RedisError: gateway/redisconn.py ``REDIS_ERRORS``): a V2 turn is a 503 of the
-    session store, not an internal gateway error, and /readyz says the store does not
-    answer."""
+    """A private Cluster, its nodes shut down once the gateway has started (one down
+    at startup: tests/adapters/flowstorm/v2/test_routes.py and
+    tests/gateway/test_redis_topologies.py). The rest of the gateway reports the same
+    outage as for a server (redis-py's cluster errors are caught with its RedisError:
+    gateway/redisconn.py ``REDIS_ERRORS``): a V2 turn is a 503 of the session store,
+    not an internal gateway error, and /readyz says the store does not answer."""
     with start_cluster() as cluster:
         async with served(redis_url=cluster, vonage_signature_secret=SecretStr(SECRET)) as url:
             first = redis.Redis.from_url("redis://" + urlsplit(cluster).netloc.split(",")[0])
