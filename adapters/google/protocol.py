@@ -35,7 +35,9 @@ words when a turn gives none, by the table :data:`FALLBACKS`) write the answer t
 session in ``conversationToken``; ES ``fulfillmentText`` + ``fulfillmentMessages``
 (+ ``payload.google`` for Actions on Google requests); CX
 ``fulfillmentResponse.messages`` + ``sessionInfo.parameters`` and, at the end,
-``targetPage`` = the flow's ``END_SESSION`` page.
+``targetPage`` = the flow's ``END_SESSION`` page. The v2 rich responses (also in
+``payload.google``) always begin with a simple response, a silent one
+(:data:`SILENT_SSML`) when the answer says nothing.
 """
 
 from __future__ import annotations
@@ -682,15 +684,32 @@ def _v3_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[st
     return out
 
 
+SILENT_SSML = '<speak><break time="1ms"/></speak>'
+"""The speech of an Actions SDK v2 rich response that says nothing (:func:`_rich_response`).
+
+A RichResponse's ``items`` must begin with a SimpleResponse (actions-on-google
+``GoogleActionsV2RichResponse``: "The first item must be a SimpleResponse") whose
+``textToSpeech`` or ``ssml`` is set (an empty one is refused as an empty speech
+response), and a ``finalResponse`` is required when ``expectUserResponse`` is false: a
+conversation cannot end with no items. A pause of 1 ms is speech that says nothing, as
+Alexa's silent end (no ``outputSpeech``) does."""
+
+
 def _rich_response(answer: Answer) -> dict[str, Any]:
-    items: list[dict[str, Any]] = []
+    """The Actions SDK v2 ``RichResponse`` of ``answer``: its items always begin with a
+    SimpleResponse (:data:`SILENT_SSML` when the answer says and shows no text)."""
     speech = _speech(answer.items)
     text = display_text(answer.items, MAX_DISPLAY_CHARS)
-    if speech is not None or text:
-        simple: dict[str, Any] = {"ssml": speech} if speech else {"textToSpeech": text}
-        if text:
-            simple["displayText"] = text
-        items.append({"simpleResponse": simple})
+    simple: dict[str, Any]
+    if speech:
+        simple = {"ssml": speech}
+    elif text:
+        simple = {"textToSpeech": text}
+    else:
+        simple = {"ssml": SILENT_SSML}
+    if text:
+        simple["displayText"] = text
+    items: list[dict[str, Any]] = [{"simpleResponse": simple}]
     if image := _image(answer.items):
         items.append({"basicCard": {"image": {"url": image, "accessibilityText": text or "image"}}})
     return {"items": items}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from typing import Any
 
 import pytest
 
 from adapters.google.protocol import (
+    SILENT_SSML,
     Answer,
     Format,
     agent_of,
@@ -307,3 +309,43 @@ def test_display_text_is_cut_to_640() -> None:
     assert len(simple["text"]) <= 640
     assert simple["text"].endswith("goes on.")
     assert len(simple["speech"]) > 640
+
+
+def first_simple(rich: dict[str, Any]) -> dict[str, Any]:
+    """The first item of an Actions SDK v2 RichResponse, which must be a simple response
+    with speech (actions-on-google ``GoogleActionsV2RichResponse``: "The first item must
+    be a SimpleResponse"; the platform refuses an empty ``textToSpeech`` / ``ssml``)."""
+    assert rich["items"], rich
+    simple: dict[str, Any] = rich["items"][0]["simpleResponse"]
+    assert simple.get("ssml") or simple.get("textToSpeech"), simple
+    return simple
+
+
+def test_a_silent_answer_still_begins_with_a_simple_response() -> None:
+    """An end without words (the core said nothing; a cancel whose turn failed) and an
+    image without words: before, ``items`` was ``[]`` / began with the card."""
+    v2 = google_plan(
+        fixture("actions-sdk-v2-via-dialogflow/Cancel.json")["originalDetectIntentRequest"][
+            "payload"
+        ]
+    )
+    es = dialogflow_plan(fixture("actions-sdk-v2-via-dialogflow/Cancel.json"))
+    assert es.google_payload
+    image = (ResponseItem(image="https://cdn.example/cat.png"),)
+    for items, end in [((), True), ((), False), (image, True)]:
+        answer = Answer(items, end=end)
+        body = render(v2, answer, "G")
+        if end:
+            assert body["expectUserResponse"] is False
+            rich = body["finalResponse"]["richResponse"]
+        else:
+            rich = body["expectedInputs"][0]["inputPrompt"]["richInitialPrompt"]
+        google = render(es, answer, "G")["payload"]["google"]
+        assert google["expectUserResponse"] is not end
+        for said in (rich, google["richResponse"]):
+            simple = first_simple(said)
+            assert simple == {"ssml": SILENT_SSML}  # says nothing, shows nothing
+            root = ET.fromstring(simple["ssml"])
+            assert root.tag == "speak"
+            assert "".join(root.itertext()).strip() == ""
+            assert [next(iter(i)) for i in said["items"][1:]] == (["basicCard"] if items else [])

@@ -21,6 +21,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from adapters.google.protocol import SILENT_SSML
 from adapters.google.verify import GoogleVerifier, StaticCertSource
 from gateway.app import create_app
 from gateway.settings import Settings
@@ -590,6 +591,46 @@ async def test_cancel_ends_the_conversation_when_the_core_fails() -> None:
         assert "firstSimple" not in bye["prompt"]
         again = ok(await client.post("/google", json=v3(sid, "Free", "hi")))
         assert check_v3(v3(sid, "x"), again) == "turn 1"  # the gateway's session ended too
+
+
+def check_silent_rich(rich: dict[str, Any]) -> None:
+    """A v2 RichResponse that says nothing, yet valid: its items begin with a simple response
+    with speech (the platform refuses an empty item list or an empty speech)."""
+    (item,) = rich["items"]
+    assert item == {"simpleResponse": {"ssml": SILENT_SSML}}
+    assert speech_text(SILENT_SSML) == ""
+
+
+async def test_a_silent_end_is_a_valid_v2_final_response() -> None:
+    """The core ends the conversation without a word, or fails on a cancel: v2 and the
+    ``payload.google`` of Dialogflow ES answer a final simple response that says nothing
+    (before: ``finalResponse.richResponse.items`` was empty, which Google refuses)."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        if body["input"]["transcript"]["text"] == "stop":
+            return JSONResponse({"detail": "the core tripped"}, status_code=500)
+        return JSONResponse({"items": [], "sessionEnded": True})
+
+    cancel = json.loads((GOOGLE / "actions-sdk-v2-via-dialogflow" / "Cancel.json").read_text())
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        quiet = ok(await client.post("/google", json=v2("silent", "actions.intent.TEXT", "bye")))
+        bye = ok(await client.post("/google", json=v2("cancel", "actions.intent.CANCEL", "stop")))
+        via_es = ok(await client.post("/dialogflow", json=cancel))
+        for data in (quiet, bye):  # an AppResponse
+            assert data["expectUserResponse"] is False
+            assert "expectedInputs" not in data
+            check_silent_rich(data["finalResponse"]["richResponse"])
+        google = via_es["payload"]["google"]  # Dialogflow's payload for Actions on Google
+        assert google["expectUserResponse"] is False
+        check_silent_rich(google["richResponse"])
+        assert via_es["fulfillmentText"] == ""
 
 
 async def test_words_beginning_with_hash_are_answered_as_words() -> None:
