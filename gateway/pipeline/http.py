@@ -14,7 +14,9 @@ Contract (also in README.md and in the OpenAPI document under ``webhooks``):
 - ``response.attributes`` are merged into the session's attributes; ``state``,
   when present, replaces the pipeline's stored state and comes back in the next
   request. Any other status than 2xx, a body over GATEWAY_PIPELINE_MAX_RESPONSE_BYTES,
-  invalid JSON or a stream without a Response is a PipelineError.
+  invalid JSON (also JSON nested deeper than :data:`gateway.protocol.MAX_JSON_DEPTH`, read
+  by :func:`~gateway.pipeline.cores.core_json` whether whole or streamed) or a stream
+  without a Response is a PipelineError.
 """
 
 from __future__ import annotations
@@ -153,9 +155,9 @@ class HttpPipeline:
                 data = await read_body(answer, self._max, "the core")
         except httpx.HTTPError as exc:
             raise PipelineError(f"the core could not be reached: {type(exc).__name__}") from exc
-        try:
-            whole = PipelineResponse.model_validate_json(data)
-        except ValidationError as exc:
+        try:  # bounded as every core's JSON (core_json), then validated: as a streamed line
+            whole = PipelineResponse.model_validate(core_json(data))
+        except (ValueError, ValidationError) as exc:
             raise PipelineError(f"the core answered an invalid Response: {_first(exc)}") from exc
         yield self._apply(session, whole, whole.state)
 

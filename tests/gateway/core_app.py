@@ -250,6 +250,19 @@ def make_core() -> FastAPI:
         await body(request)
         return Response(DEEP + "\n", media_type="application/x-ndjson")
 
+    @app.post("/nested/{depth}")
+    async def nested(depth: int, request: Request, stream: bool = False) -> Response:
+        """A valid answer whose attribute ``deep`` is ``depth`` arrays one in another, whole
+        (JSON nested ``depth + 2`` levels: the body, ``attributes``) or, with ``?stream=1``,
+        as the Response line of an NDJSON answer (``depth + 3`` levels: the line too)."""
+        await body(request)
+        deep = "[" * depth + "]" * depth
+        answer = '{"items":[{"text":"deep"}],"attributes":{"deep":' + deep + "}}"
+        if stream:
+            line = '{"type":"Response","response":' + answer + "}\n"
+            return Response(line, media_type="application/x-ndjson")
+        return Response(answer, media_type="application/json")
+
     @app.post("/stream-no-response")
     async def stream_no_response(request: Request) -> Response:
         await body(request)

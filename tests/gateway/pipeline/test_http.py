@@ -81,6 +81,32 @@ async def test_core_failures_become_pipeline_errors(
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_an_answer_nested_too_deep_fails_whole_or_streamed(
+    core: tuple[str, FastAPI], stream: bool
+) -> None:
+    """A core's JSON is read within the depth bound of every core (core_json: 64 levels)
+    whether it comes whole or as NDJSON lines: an attribute 100 arrays deep fails the
+    turn naming the depth (before, a whole answer went to pydantic, whose own limit is
+    about 200: accepted there, refused streamed); 60 deep (62 and 63 levels with the
+    body, the line) is kept in the session's attributes."""
+    url, _ = core
+    query = "?stream=1" if stream else ""
+    conv = engine(pipeline=f"{url}/nested/100{query}")
+    await pipeline_error(conv, "the JSON is nested deeper than 64 levels")
+    await failed_session(conv, 0)
+    await conv.pipeline.aclose()
+    conv = engine(pipeline=f"{url}/nested/60{query}")
+    assert texts(await conv.turn(ctx(), Input.of("hello")).collect()) == ["deep"]
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    deep, depth = session.attributes["deep"], 1
+    while deep:
+        (deep,), depth = deep, depth + 1
+    assert (deep, depth) == ([], 60)
+    await conv.pipeline.aclose()
+
+
 @pytest.mark.parametrize(
     ("spec", "options"),
     [
