@@ -104,7 +104,7 @@ import hmac
 import re
 import urllib.parse
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, TypeVar
@@ -1157,3 +1157,90 @@ def engine_io_payload_fault(body: bytes, max_packets: int) -> str | None:
     if len(packets) > max_packets:
         return f"an Engine.IO payload of more than {max_packets} packets"
     return next((fault for fault in map(engine_io_fault, packets) if fault), None)
+
+
+EngineIoOrigins = str | Sequence[str] | None
+"""python-engineio's ``cors_allowed_origins`` as the gateway configures it: ``"*"`` (or a
+list holding it) any origin, a string or list of origins those, ``[]`` no CORS handling
+at all, None the server's own origin only (what the request's Host names)."""
+
+
+def engine_io_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """An HTTP request's headers (ASGI's ``(name, value)`` bytes pairs) as python-engineio
+    (4.x, ASGI) reads them: UTF-8 (a pair that is not is skipped), names lower-case with
+    ``_`` read as ``-``, a repeated header's values joined by ``,``."""
+    out: dict[str, str] = {}
+    for raw_name, raw_value in raw:
+        try:
+            name = raw_name.decode("utf-8").lower().replace("_", "-")
+            value = raw_value.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        out[name] = f"{out[name]},{value}" if name in out else value
+    return out
+
+
+def engine_io_origins(configured: EngineIoOrigins, headers: Mapping[str, str]) -> list[str] | None:
+    """The origins python-engineio (4.x) accepts for a request: None for any, else a list.
+
+    ``headers`` are the request's as :func:`engine_io_headers` gives them. With
+    ``configured`` None the allowed origin is ``<scheme>://<Host>`` where the scheme is
+    X-Forwarded-Proto (whole), else ``http`` (what python-engineio's ASGI driver
+    takes, whatever the connection's), and also the first X-Forwarded-Proto and
+    X-Forwarded-Host values when either is sent.
+    """
+    if configured is None:
+        host = headers.get("host")
+        if host is None:
+            return []
+        scheme = headers.get("x-forwarded-proto", "http")
+        origins = [f"{scheme}://{host}"]
+        if "x-forwarded-proto" in headers or "x-forwarded-host" in headers:
+            first_scheme = scheme.split(",")[0].strip()
+            first_host = headers.get("x-forwarded-host", host).split(",")[0].strip()
+            origins.append(f"{first_scheme}://{first_host}")
+        return origins
+    if isinstance(configured, str):
+        return None if configured == "*" else [configured]
+    return None if "*" in configured else list(configured)
+
+
+def engine_io_origin_refused(configured: EngineIoOrigins, headers: Mapping[str, str]) -> bool:
+    """Whether python-engineio refuses the request for its Origin (it answers 400 before
+    looking at anything else): an Origin is sent and is not one of
+    :func:`engine_io_origins`. ``headers`` as there."""
+    if configured == []:
+        return False
+    origin = headers.get("origin")
+    if not origin:
+        return False
+    allowed = engine_io_origins(configured, headers)
+    return allowed is not None and origin not in allowed
+
+
+def engine_io_cors_headers(
+    configured: EngineIoOrigins, credentials: bool, method: str, headers: Mapping[str, str]
+) -> list[tuple[str, str]]:
+    """The CORS headers python-engineio (4.x) adds to each of its answers, in its order:
+    Access-Control-Allow-Origin (the Origin, when allowed), -Allow-Methods (OPTIONS),
+    -Allow-Headers (the Access-Control-Request-Headers asked for), -Allow-Credentials
+    (``credentials``, python-engineio's ``cors_credentials``). ``headers`` as in
+    :func:`engine_io_origins`; ``method`` the request's. None at all with ``configured``
+    ``[]``.
+    """
+    if configured == []:
+        return []
+    out: list[tuple[str, str]] = []
+    origin = headers.get("origin")
+    if origin is not None:
+        allowed = engine_io_origins(configured, headers)
+        if allowed is None or origin in allowed:
+            out.append(("Access-Control-Allow-Origin", origin))
+    if method == "OPTIONS":
+        out.append(("Access-Control-Allow-Methods", "OPTIONS, GET, POST"))
+    asked = headers.get("access-control-request-headers")
+    if asked is not None:
+        out.append(("Access-Control-Allow-Headers", asked))
+    if credentials:
+        out.append(("Access-Control-Allow-Credentials", "true"))
+    return out

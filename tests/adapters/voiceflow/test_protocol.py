@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import engineio
+import engineio.async_drivers.asgi as asgi_driver
 import pytest
 
 from adapters.voiceflow.protocol import (
@@ -23,6 +25,9 @@ from adapters.voiceflow.protocol import (
     TraceWriter,
     VoiceflowConnection,
     action_input,
+    engine_io_cors_headers,
+    engine_io_headers,
+    engine_io_origin_refused,
     parse_client_start,
     slate,
 )
@@ -567,3 +572,91 @@ def test_refusals_keep_the_connection_usable() -> None:
     assert conn.state is State.READY
     conn.connection_lost()
     assert conn.state is State.CLOSED
+
+
+# ------------------------------------------------------------ Engine.IO CORS
+
+CORS_CONFIGS: list[Any] = [
+    "*",
+    ["https://a.example", "*"],
+    "https://a.example",
+    ["https://a.example", "https://b.example"],
+    None,
+    [],
+]
+"""python-engineio ``cors_allowed_origins`` values (the gateway's: ``*``, a list, None)."""
+
+CORS_REQUESTS: list[tuple[str, list[tuple[bytes, bytes]]]] = [
+    ("GET", [(b"host", b"h.example")]),
+    ("POST", [(b"host", b"h.example"), (b"origin", b"https://a.example")]),
+    ("POST", [(b"host", b"h.example"), (b"origin", b"https://evil.example")]),
+    ("POST", [(b"host", b"h.example"), (b"origin", b"")]),
+    ("POST", [(b"origin", b"http://h.example")]),  # no Host
+    (
+        "OPTIONS",
+        [
+            (b"host", b"h.example"),
+            (b"origin", b"https://b.example"),
+            (b"access-control-request-headers", b"content-type"),
+        ],
+    ),
+    ("GET", [(b"host", b"h.example:8080"), (b"origin", b"http://h.example:8080")]),
+    ("GET", [(b"host", b"h.example"), (b"origin", b"https://h.example")]),
+    (
+        "POST",
+        [
+            (b"host", b"h.example"),
+            (b"origin", b"https://gw.example"),
+            (b"x-forwarded-proto", b"https"),
+            (b"x-forwarded-host", b"gw.example, proxy.internal"),
+        ],
+    ),
+    (
+        "GET",
+        [
+            (b"host", b"h.example"),
+            (b"origin", b"https://h.example"),
+            (b"x-forwarded-proto", b"https"),
+            (b"x-forwarded-proto", b"http"),  # repeated: joined with ","
+        ],
+    ),
+    (
+        "GET",
+        [
+            (b"host", b"h.example"),
+            (b"origin", b"https://gw.example"),
+            (b"x_forwarded_host", b"gw.example"),
+            (b"x-forwarded-proto", b"https"),
+        ],
+    ),
+    ("POST", [(b"host", b"h.example"), (b"origin", b"https://a.example"), (b"origin", b"x")]),
+    ("POST", [(b"host", b"h.example"), (b"origin", b"https://a.\xffexample")]),  # not UTF-8
+]
+"""Requests (method, ASGI headers) for the CORS comparison."""
+
+
+@pytest.mark.parametrize("configured", CORS_CONFIGS)
+@pytest.mark.parametrize("credentials", [True, False])
+async def test_engine_io_cors_is_python_engineios(configured: Any, credentials: bool) -> None:
+    """engine_io_cors_headers and engine_io_origin_refused agree with python-engineio's own
+    CORS code (its ASGI environ of the same request, its private helpers) on every request."""
+    eio = engineio.AsyncServer(
+        async_mode="asgi", cors_allowed_origins=configured, cors_credentials=credentials
+    )
+    for method, raw in CORS_REQUESTS:
+        scope = {"type": "http", "method": method, "path": "/", "query_string": b"", "headers": raw}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        environ = await asgi_driver.translate_request(scope, receive, None)
+        origin = environ.get("HTTP_ORIGIN")
+        allowed = eio._cors_allowed_origins(environ)
+        refused = bool(
+            configured != [] and origin and allowed is not None and origin not in allowed
+        )
+        headers = engine_io_headers(raw)
+        assert engine_io_origin_refused(configured, headers) is refused, (method, raw)
+        assert engine_io_cors_headers(configured, credentials, method, headers) == (
+            eio._cors_headers(environ)
+        ), (method, raw)
