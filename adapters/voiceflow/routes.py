@@ -20,8 +20,9 @@ Operations:
   {code: "invalid-payload"}`` on a connected socket (a CONNECT that does not decode
   ends that Engine.IO session) and a WARNING, never an ERROR traceback of engineio's;
   other connections are untouched. Below socket.io, an Engine.IO packet that does not
-  parse (:class:`EngineIoGuard`) closes its WebSocket with 1002 or answers its polling
-  POST 400, with a WARNING. An event named ``connect``, ``disconnect`` or ``*``
+  parse (:class:`EngineIoGuard`) closes its WebSocket with 1002, or answers its polling
+  POST 400 (with python-engineio's CORS headers) and ends that Engine.IO session, with
+  a WARNING. An event named ``connect``, ``disconnect`` or ``*``
   (the names of python-socketio's own handlers) is an unknown event like any other.
 - **Secret.** sessionKeys are signed with GATEWAY_VOICEFLOW_SECRET when it is set,
   else with the gateway's key of purpose ``voiceflow-session-key``
@@ -82,7 +83,10 @@ from adapters.voiceflow.protocol import (
     SessionKeys,
     State,
     VoiceflowConnection,
+    engine_io_cors_headers,
     engine_io_fault,
+    engine_io_headers,
+    engine_io_origin_refused,
     engine_io_payload_fault,
     error,
 )
@@ -244,25 +248,48 @@ class EngineIoGuard:
       1002 (protocol error, RFC 6455 section 7.4.1) and python-engineio sees the
       peer leave (its Engine.IO session ends as on any disconnect);
     - a long-polling POST (:func:`~adapters.voiceflow.protocol.engine_io_payload_fault`)
-      is answered 400 ``text/plain`` and none of its packets is delivered. The
-      Engine.IO session is left as it was: a socket.io client closes its transport
-      on the error, and a session nobody polls ends at the ping timeout. (Closing it
-      here would not help: python-engineio logs an ERROR for the next request of a
-      closed or removed session.)
+      is answered 400 ``text/plain``, none of its packets is delivered and its
+      Engine.IO session ends as python-engineio ends one on a protocol error
+      (:meth:`_end_session`): its disconnect handlers run (socket.io's and the
+      gateway's), a GET waiting for packets gets Engine.IO CLOSE, and a later request
+      of the session gets python-engineio's answer for a session it does not have
+      (400 ``"Invalid session <sid>"``), given here (:meth:`_ended_session`) so that
+      python-engineio logs no ERROR for it. A session upgraded to WebSocket is not
+      ended by a stray POST (python-engineio refuses HTTP requests for it).
+
+    The guard's answers carry the CORS headers python-engineio would add under its
+    ``cors_allowed_origins`` (:func:`~adapters.voiceflow.protocol.engine_io_cors_headers`),
+    so a browser can read them; a request python-engineio refuses for its Origin goes
+    to it unchanged (it refuses it before reading it or touching the session).
 
     Other sessions are untouched. Everything else goes to ``app`` unchanged (a POST
     body is read here and handed on whole).
     """
 
+    ENDED_KEPT = 4096
+    """The most sessions ended here that are remembered at once (the oldest go first)."""
+
     def __init__(self, app: Any, sio: socketio.AsyncServer) -> None:
         self.app = app
         self.sio = sio
+        self._ended: dict[str, float] = {}  # Engine.IO sid -> monotonic time it is kept until
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = engine_io_headers(scope.get("headers", ()))
+        if engine_io_origin_refused(self.sio.eio.cors_allowed_origins, headers):
+            await self.app(scope, receive, send)  # python-engineio refuses it before all else
+            return
+        method = scope.get("method", "GET")  # (a WebSocket's is a GET)
+        sid = _query(scope, "sid")
+        if sid is not None and method in ("GET", "POST") and self._was_ended(sid):
+            await self._ended_session(scope, receive, send, sid, headers)
+        elif scope["type"] == "websocket":
             await self.app(scope, self._frames(scope, receive, send), send)
-        elif scope["type"] == "http" and scope.get("method") == "POST":
-            await self._post(scope, receive, send)
+        elif method == "POST":
+            await self._post(scope, receive, send, headers)
         else:
             await self.app(scope, receive, send)
 
@@ -291,7 +318,9 @@ class EngineIoGuard:
 
         return checked
 
-    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _post(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
+    ) -> None:
         """A long-polling POST: its body checked before python-engineio decodes it."""
         body = bytearray()
         while True:
@@ -314,10 +343,85 @@ class EngineIoGuard:
             await self.app(scope, _replay([whole], receive), send)
             return
         sid = _query(scope, "sid")
-        log.warning("Voiceflow Engine.IO packet refused (%s): %s", _peer(scope, sid), fault)
-        text = f"Bad Request: {fault}".encode()
-        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(text)).encode())]
-        await send({"type": "http.response.start", "status": 400, "headers": headers})
+        ended = await self._end_session(sid)
+        log.warning(
+            "Voiceflow Engine.IO packet refused (%s): %s%s",
+            _peer(scope, sid),
+            fault,
+            "; the session is ended" if ended else "",
+        )
+        await self._answer(scope, send, headers, f"Bad Request: {fault}".encode())
+
+    async def _end_session(self, sid: str | None) -> bool:
+        """End the long-polling Engine.IO session ``sid`` (after a malformed packet) as
+        python-engineio ends a session on a protocol error; False when there is none.
+
+        Its socket is closed (python-engineio's ``disconnect`` handlers run: socket.io's
+        and so the gateway's for its connection; Engine.IO CLOSE goes to a GET waiting
+        for packets) and removed from the server; the session is remembered for
+        :meth:`_ended_session`. Not ``eio.disconnect()``: it waits until a GET has taken
+        the CLOSE packet. A session not connected by polling (upgraded to WebSocket, or
+        a WebSocket one) is left alone.
+        """
+        eio = self.sio.eio
+        socket = eio.sockets.get(sid) if sid else None
+        if socket is None or not socket.connected or socket.upgraded:
+            return False
+        assert sid is not None
+        self._remember(sid)
+        try:
+            if not (socket.closing or socket.closed):
+                await socket.close(wait=False, reason=eio.reason.SERVER_DISCONNECT)
+        finally:
+            if eio.sockets.get(sid) is socket:
+                del eio.sockets[sid]
+        return True
+
+    def _remember(self, sid: str) -> None:
+        """Keep ``sid`` as ended for ping interval + timeout (while its client may still
+        use it; python-engineio's own wait for a GET), at most :attr:`ENDED_KEPT` sids."""
+        now = time.monotonic()
+        ended = self._ended
+        while ended:  # oldest first (all are kept alike long)
+            oldest = next(iter(ended))
+            if ended[oldest] > now and len(ended) < self.ENDED_KEPT:
+                break
+            del ended[oldest]
+        ended[sid] = now + self.sio.eio.ping_interval + self.sio.eio.ping_timeout
+
+    def _was_ended(self, sid: str) -> bool:
+        """Whether ``sid`` is a session ended here not long ago."""
+        until = self._ended.get(sid)
+        if until is None:
+            return False
+        if until <= time.monotonic():
+            del self._ended[sid]
+            return False
+        return True
+
+    async def _ended_session(
+        self, scope: Scope, receive: Receive, send: Send, sid: str, headers: dict[str, str]
+    ) -> None:
+        """python-engineio's answer to a GET or POST of a session it does not have (its
+        ``Invalid session`` 400, JSON text; a WebSocket closed before it is accepted),
+        for a session ended here: python-engineio itself would log it at ERROR level."""
+        log.info("Voiceflow Engine.IO request of a session ended before (%s)", _peer(scope, sid))
+        text = json.dumps(f"Invalid session {sid}")
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "reason": text})
+            return
+        await self._answer(scope, send, headers, text.encode())
+
+    async def _answer(self, scope: Scope, send: Send, headers: dict[str, str], text: bytes) -> None:
+        """A 400 ``text/plain`` answer with python-engineio's CORS headers for the request."""
+        eio = self.sio.eio
+        cors = engine_io_cors_headers(
+            eio.cors_allowed_origins, eio.cors_credentials, scope.get("method", "GET"), headers
+        )
+        out = [(b"content-type", b"text/plain"), (b"content-length", str(len(text)).encode())]
+        out += [(name.encode(), value.encode()) for name, value in cors]
+        await send({"type": "http.response.start", "status": 400, "headers": out})
         await send({"type": "http.response.body", "body": text})
 
 

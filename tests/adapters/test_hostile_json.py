@@ -22,9 +22,11 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosedError
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from adapters.voiceflow.protocol import PATH
+from gateway.app import create_app
+from gateway.settings import Settings
 from tests.adapters.alexa.test_routes import CERT_URL, SKILL_ID, envelope, parsed, spoken
 from tests.adapters.flowstorm.v1.helpers import (
     assert_serving,
@@ -37,7 +39,7 @@ from tests.adapters.flowstorm.v1.helpers import (
 from tests.adapters.google.requests import es, v3
 from tests.adapters.google.test_routes import check_v3, ok
 from tests.adapters.voiceflow.helpers import PROJECT, USER, client
-from tests.conftest import served
+from tests.conftest import gateway, served, served_app
 
 DEEP = 5000
 """Nesting depth of the deep cases: past the interpreter's recursion limit (1000)."""
@@ -354,28 +356,116 @@ async def test_voiceflow_malformed_engine_io_packets_close_the_websocket_with_10
 
 
 @pytest.mark.parametrize("packet", ENGINE_IO_PACKETS.values(), ids=ENGINE_IO_PACKETS.keys())
-async def test_voiceflow_malformed_engine_io_packets_by_polling_are_400(
+async def test_voiceflow_malformed_engine_io_packets_by_polling_are_400_and_end_the_session(
     packet: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
+    app = create_app(Settings())
+    clients = app.state.voiceflow._clients  # the gateway's per-connection state
     async with (
-        served() as url,
+        served_app(app) as url,  # served: fails on a logged ERROR
         client(url) as other,
+        client(url, "polling") as polling,
         httpx.AsyncClient(base_url=url + PATH + "/") as http,
     ):
         await other.handshake()
+        await polling.handshake()
         opened = await http.get("", params={"EIO": "4", "transport": "polling"})
         assert opened.text.startswith("0{")
-        params = {"EIO": "4", "transport": "polling", "sid": json.loads(opened.text[1:])["sid"]}
+        eio_sid = json.loads(opened.text[1:])["sid"]
+        params = {"EIO": "4", "transport": "polling", "sid": eio_sid}
         assert (await http.post("", params=params, content="40")).text == "OK"
-        assert (await http.get("", params=params)).text.startswith("40{")
+        connected = await http.get("", params=params)
+        assert connected.text.startswith("40{")
+        sid = json.loads(connected.text[2:])["sid"]  # the socket.io connection's
+        assert sid in clients
+        waiting = asyncio.create_task(http.get("", params=params))  # a long poll
+        await asyncio.sleep(0.1)
         bad = await http.post("", params=params, content=packet.encode() or b"4\x1e")
         assert bad.status_code == 400, bad.text
         assert "Engine.IO" in bad.text
-        # nothing of it was delivered; the session takes well-formed packets as before
-        assert (await http.post("", params=params, content="3")).text == "OK"  # a PONG
-        assert (await http.post("", params=params, content="1")).text == "OK"  # CLOSE
+        # the session ends: the long poll gets Engine.IO CLOSE, the connection is let go
+        closed = await asyncio.wait_for(waiting, 5)
+        assert (closed.status_code, closed.text) == (200, "1")
+        assert sid not in clients
+        # later requests of it get python-engineio's answer for a session it does not have
+        for later in (http.get("", params=params), http.post("", params=params, content="3")):
+            gone = await later
+            assert (gone.status_code, gone.json()) == (400, f"Invalid session {eio_sid}")
+        address = url.replace("http", "ws", 1) + PATH + f"/?EIO=4&transport=websocket&sid={eio_sid}"
+        with pytest.raises(InvalidStatus):
+            async with ws_connect(address):
+                pass
+        # other sessions, on either transport, go on
         assert await other.say("still here") == ["You said: still here"]
+        assert await polling.say("me too") == ["You said: me too"]
     refused = [r for r in caplog.records if "Engine.IO packet refused" in r.getMessage()]
     assert [(r.name, r.levelname) for r in refused] == [("adapters.voiceflow.routes", "WARNING")]
     _no_tracebacks(caplog)
+
+
+def _cors(answer: httpx.Response) -> dict[str, str]:
+    """An answer's CORS headers (Access-Control-*), names lower-case."""
+    return {k: v for k, v in answer.headers.items() if k.startswith("access-control-")}
+
+
+CORS_CASES: dict[str, tuple[tuple[str, ...], str | None, dict[str, str]]] = {
+    # GATEWAY_VOICEFLOW_CORS_ORIGINS, the Origin sent (None: the server's own), more headers
+    "any": (("*",), "https://app.example", {"Access-Control-Request-Headers": "x-trace"}),
+    "listed": (("https://other.example", "https://shop.example"), "https://shop.example", {}),
+    "same-origin": ((), None, {}),
+    "same-origin-forwarded": (
+        (),
+        "https://gw.example",
+        {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "gw.example, proxy.internal"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CORS_CASES.values(), ids=CORS_CASES.keys())
+async def test_voiceflow_polling_refusals_carry_engine_io_cors_headers(
+    case: tuple[tuple[str, ...], str | None, dict[str, str]],
+) -> None:
+    """The guard's 400 for a malformed POST, and its answer to a later request of the
+    session it ended, have the CORS headers python-engineio gives a valid request from
+    the same Origin (so a browser client can read them)."""
+    origins, origin, extra = case
+    async with served(voiceflow_cors_origins=origins) as url:
+        headers = {"Origin": origin or url, **extra}
+        async with httpx.AsyncClient(base_url=url + PATH + "/", headers=headers) as http:
+            opened = await http.get("", params={"EIO": "4", "transport": "polling"})
+            assert opened.status_code == 200, opened.text
+            params = {"EIO": "4", "transport": "polling", "sid": json.loads(opened.text[1:])["sid"]}
+            valid = await http.post("", params=params, content="40")  # engineio's answer
+            assert valid.text == "OK"
+            expected = _cors(valid)
+            assert expected["access-control-allow-origin"] == headers["Origin"]
+            assert _cors(opened) == expected
+            bad = await http.post("", params=params, content="x")
+            assert bad.status_code == 400, bad.text
+            assert _cors(bad) == expected
+            later = await http.get("", params=params)
+            assert later.status_code == 400, later.text
+            assert _cors(later) == expected
+
+
+async def test_voiceflow_malformed_polling_post_from_a_refused_origin_is_engine_ios() -> None:
+    """python-engineio refuses a request for its Origin before anything else: so is a
+    malformed POST from there, and the session (of an allowed origin) goes on."""
+    # not `served`: engineio logs the refused origin at ERROR level (once)
+    allowed = {"Origin": "https://shop.example"}
+    async with (
+        gateway(voiceflow_cors_origins=("https://shop.example",)) as url,
+        httpx.AsyncClient(base_url=url + PATH + "/", headers=allowed) as http,
+    ):
+        opened = await http.get("", params={"EIO": "4", "transport": "polling"})
+        params = {"EIO": "4", "transport": "polling", "sid": json.loads(opened.text[1:])["sid"]}
+        assert (await http.post("", params=params, content="40")).text == "OK"
+        assert (await http.get("", params=params)).text.startswith("40{")
+        evil = {"Origin": "https://evil.example"}
+        refused = await http.post("", params=params, content="x", headers=evil)
+        assert refused.status_code == 400
+        assert refused.json() == "https://evil.example is not an accepted origin."
+        assert "access-control-allow-origin" not in refused.headers
+        assert (await http.post("", params=params, content="3")).text == "OK"  # it goes on
+        assert (await http.post("", params=params, content="1")).text == "OK"  # CLOSE
