@@ -116,9 +116,12 @@ class VerificationRefused(Exception):
 
     ``reason`` says why (for the log, and the problem body's ``detail``); ``status``
     is the HTTP status to answer with: 401 when the credentials are missing
-    (unsigned), 403 when they are present but wrong, forged or expired. ``challenge``
-    is the ``WWW-Authenticate`` value a 401 answer carries (RFC 9110 section 11.6.1
-    requires one on every 401): the scheme of the credentials the carrier sends.
+    (unsigned) or, for a bearer token, invalid (RFC 6750 section 3.1); 403 when they
+    are present but wrong, forged or expired (a carrier's own signature scheme), or
+    valid but not for this resource. ``challenge`` is the ``WWW-Authenticate`` value
+    the answer carries: required on every 401 (RFC 9110 section 11.6.1), the scheme
+    of the credentials the carrier sends; on a 403 only where the scheme defines one
+    (RFC 6750 ``error="insufficient_scope"``).
     """
 
     def __init__(self, reason: str, *, status: int = 403, challenge: str | None = None) -> None:
@@ -129,8 +132,8 @@ class VerificationRefused(Exception):
 
     @property
     def headers(self) -> dict[str, str]:
-        """The headers of the answer: ``WWW-Authenticate`` on a 401, else none."""
-        if self.status == 401 and self.challenge is not None:
+        """The headers of the answer: ``WWW-Authenticate`` when there is a ``challenge``."""
+        if self.challenge is not None:
             return {"WWW-Authenticate": self.challenge}
         return {}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 _PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+_CHALLENGE = {"WWW-Authenticate": {"schema": {"type": "string"}}}
 
 VONAGE_ANSWER: dict[str, Any] = dict(
     summary="Vonage answer URL: the NCCO connecting the call to the gateway's WebSocket",
@@ -14,8 +15,13 @@ VONAGE_ANSWER: dict[str, Any] = dict(
     responses={
         200: {"description": "NCCO", "content": {"application/json": {"schema": {}}}},
         400: {"description": "No call uuid, or an invalid one", "content": _PROBLEM},
-        401: {"description": "Unsigned", "content": _PROBLEM},
-        403: {"description": "Forged, stale or no secret set", "content": _PROBLEM},
+        401: {
+            "description": "No Bearer token, or an invalid one (forged, malformed, stale, "
+            'or for another body): `WWW-Authenticate: Bearer` (with `error="invalid_token"`)',
+            "headers": _CHALLENGE,
+            "content": _PROBLEM,
+        },
+        403: {"description": "No signature secret set", "content": _PROBLEM},
         413: {"description": "Body too large", "content": _PROBLEM},
     },
 )

@@ -4,8 +4,13 @@ Spec: shared/specs/CARRIERS.md "Vonage Voice API WebSocket (linear16)".
 
 - ``GET|POST /vonage/answer`` — the application's answer URL. Signed webhooks
   (``Authorization: Bearer <JWT>``, HS256 with the account's signature secret,
-  GATEWAY_VONAGE_SIGNATURE_SECRET) are checked by :class:`~adapters.vonage.verify.VonageVerifier`:
-  401/403 problem otherwise (and 403 when no secret is configured). The answer is the
+  GATEWAY_VONAGE_SIGNATURE_SECRET) are checked by :class:`~adapters.vonage.verify.VonageVerifier`,
+  refusals being problems per RFC 6750 section 3.1: no token, 401 with
+  ``WWW-Authenticate: Bearer realm="vonage"``; an invalid one (forged, malformed,
+  stale, not this body's), 401 with ``error="invalid_token"``. (The verifier is not
+  given an application id here, so its 403 ``insufficient_scope`` for another
+  application's token does not arise.) No secret configured: 403 for every request,
+  without a challenge (no token could pass; the caller is not at fault). The answer is the
   NCCO connecting the call to ``wss://<public>/vonage/stream/<token>`` (a one-time
   per-call token) with ``content-type`` ``audio/l16;rate=16000`` and the headers
   ``call_uuid`` (the call's ``uuid``), ``from``, ``to`` and ``appKey`` (the query's).
@@ -101,7 +106,8 @@ def _ws_url(http_url: str) -> str:
 @router.post("/vonage/answer", response_model=None, operation_id="vonage_answer", **VONAGE_ANSWER)
 async def answer(request: Request) -> Response:
     """Vonage's answer webhook (module doc): the NCCO connecting the call to the stream,
-    or a 401/403 problem for an unsigned or forged request."""
+    or a 401 problem for a missing or invalid token (with its ``WWW-Authenticate``),
+    403 when no signature secret is configured."""
     channel: VonageChannel = request.app.state.vonage
     gw = gateway_of(request)
     body = await request.body()
@@ -115,7 +121,7 @@ async def answer(request: Request) -> Response:
         log.warning("Vonage answer refused: %s", exc.reason)
         title = "Forbidden" if exc.status == 403 else "Unauthorized"
         refused = problem(exc.status, title, exc.reason)
-        refused.headers.update(exc.headers)  # WWW-Authenticate on a 401
+        refused.headers.update(exc.headers)  # WWW-Authenticate (RFC 6750 section 3)
         return refused
     params: dict[str, Any] = dict(request.query_params)
     if body:

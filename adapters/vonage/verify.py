@@ -31,6 +31,17 @@ _MAX_TOKEN: Final = 8192
 CHALLENGE: Final = 'Bearer realm="vonage"'
 """The ``WWW-Authenticate`` of the 401 for a request without a token (RFC 6750 section 3:
 no error code when no token was presented)."""
+INVALID_TOKEN: Final = 'Bearer realm="vonage", error="invalid_token"'
+"""The ``WWW-Authenticate`` of the 401 for a token that is malformed, forged, expired or
+not for this request (RFC 6750 section 3.1 ``invalid_token``)."""
+INSUFFICIENT_SCOPE: Final = 'Bearer realm="vonage", error="insufficient_scope"'
+"""The ``WWW-Authenticate`` of the 403 for a valid token of another Vonage application
+(RFC 6750 section 3.1 ``insufficient_scope``: the token is genuine, just not for us)."""
+
+
+def _invalid(reason: str) -> VerificationRefused:
+    """A 401 ``invalid_token`` refusal saying ``reason``."""
+    return VerificationRefused(reason, status=401, challenge=INVALID_TOKEN)
 
 
 class VonageVerifier:
@@ -59,10 +70,17 @@ class VonageVerifier:
         """The token's claims if ``authorization`` (``Bearer <JWT>``) is a valid signed
         webhook token for ``body`` at ``now`` (Unix seconds).
 
-        Raises VerificationRefused: 401 without a Bearer token (challenge
-        :data:`CHALLENGE`); 403 for a malformed token, another algorithm, a wrong
-        signature, no or a bad ``iat``, an expired or future token, a ``payload_hash``
-        that is not the body's, or another application.
+        Raises VerificationRefused, following RFC 6750 section 3.1:
+
+        - 401 without a Bearer token (challenge :data:`CHALLENGE`, no error code);
+        - 401 ``invalid_token`` (challenge :data:`INVALID_TOKEN`) for a token that does
+          not authenticate this request: too long, malformed, another algorithm, a wrong
+          signature, no or a bad ``iat``, issued in the future, older than
+          ``max_age_s``, ``exp`` passed, a ``payload_hash`` that is not the body's, or
+          none for a request with a body (the token is then not this request's);
+        - 403 ``insufficient_scope`` (challenge :data:`INSUFFICIENT_SCOPE`) for a
+          genuine, current token of this request whose ``application_id`` is not
+          ``application_id``: valid, but not allowed here.
         """
         scheme, _, token = (authorization or "").strip().partition(" ")
         token = token.strip()
@@ -71,7 +89,7 @@ class VonageVerifier:
                 "no Bearer token in Authorization", status=401, challenge=CHALLENGE
             )
         if len(token) > _MAX_TOKEN:
-            raise VerificationRefused("the webhook token is too long")
+            raise _invalid("the webhook token is too long")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -80,7 +98,7 @@ class VonageVerifier:
                 options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
             )
         except jwt.InvalidTokenError as exc:
-            raise VerificationRefused(f"invalid webhook token: {exc}") from None
+            raise _invalid(f"invalid webhook token: {exc}") from None
         self._check_time(claims, now)
         expected = claims.get("payload_hash")
         if expected is not None:
@@ -88,24 +106,28 @@ class VonageVerifier:
             if not isinstance(expected, str) or not hmac.compare_digest(
                 expected.lower().encode("ascii", "replace"), actual.encode("ascii")
             ):
-                raise VerificationRefused("payload_hash is not the SHA-256 of the body")
+                raise _invalid("payload_hash is not the SHA-256 of the body")
         elif body:
-            raise VerificationRefused("the token has no payload_hash for a request with a body")
+            raise _invalid("the token has no payload_hash for a request with a body")
         if self.application_id is not None and claims.get("application_id") != self.application_id:
-            raise VerificationRefused("the webhook token is for another application")
+            raise VerificationRefused(
+                "the webhook token is for another application",
+                status=403,
+                challenge=INSUFFICIENT_SCOPE,
+            )
         return claims
 
     def _check_time(self, claims: dict[str, Any], now: float) -> None:
         iat = claims.get("iat")
         if isinstance(iat, bool) or not isinstance(iat, int | float):
-            raise VerificationRefused("the webhook token has no iat (issued at)")
+            raise _invalid("the webhook token has no iat (issued at)")
         if iat > now + self.leeway_s:
-            raise VerificationRefused("the webhook token is issued in the future")
+            raise _invalid("the webhook token is issued in the future")
         if now - iat > self.max_age_s:
-            raise VerificationRefused(f"the webhook token is older than {self.max_age_s} s")
+            raise _invalid(f"the webhook token is older than {self.max_age_s} s")
         exp = claims.get("exp")
         if exp is not None:
             if isinstance(exp, bool) or not isinstance(exp, int | float):
-                raise VerificationRefused("the webhook token's exp is not a number")
+                raise _invalid("the webhook token's exp is not a number")
             if now > exp + self.leeway_s:
-                raise VerificationRefused("the webhook token has expired")
+                raise _invalid("the webhook token has expired")

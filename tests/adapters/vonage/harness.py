@@ -120,14 +120,18 @@ class VonageHarness(CarrierHarness):
 
 
 async def refusals(gw: Served) -> None:
-    """An unsigned answer webhook: 401 (a problem); a forged one: 403; a stream URL used
-    twice, with a forged token or with one that is not ASCII: 403."""
+    """An unsigned answer webhook: 401 (a problem, a bare Bearer challenge); a forged one:
+    401 with ``error="invalid_token"`` (RFC 6750 section 3.1); a stream URL used twice,
+    with a forged token or with one that is not ASCII: 403."""
     unsigned = await ask_ncco(gw.url, str(uuid.uuid4()), secret=None)
     assert unsigned.status_code == 401
     assert unsigned.headers["content-type"] == "application/problem+json"
     assert unsigned.headers["www-authenticate"] == 'Bearer realm="vonage"'  # RFC 6750 3
     forged = await ask_ncco(gw.url, str(uuid.uuid4()), secret="not-the-secret-" * 3)
-    assert forged.status_code == 403
+    assert forged.status_code == 401
+    assert forged.headers["content-type"] == "application/problem+json"
+    assert forged.headers["www-authenticate"] == 'Bearer realm="vonage", error="invalid_token"'
+    assert forged.json()["title"] == "Unauthorized"
     answer = await ask_ncco(gw.url, str(uuid.uuid4()))
     path = urlsplit(answer.json()[0]["endpoint"][0]["uri"]).path
     local = f"ws://{urlsplit(gw.url).netloc}"

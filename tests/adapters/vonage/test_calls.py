@@ -20,21 +20,42 @@ from tests.adapters.vonage.harness import CARRIER, SECRET, ask_ncco, signed
 
 
 async def test_without_a_signature_secret_every_answer_is_refused(speech: SpeechService) -> None:
+    """No secret configured: 403 without a challenge (no token could pass; a good one
+    is refused all the same)."""
     async with twilio_gateway(speech) as gw:
-        assert (await ask_ncco(gw.url, str(uuid.uuid4()))).status_code == 403
+        refused = await ask_ncco(gw.url, str(uuid.uuid4()))
+        assert refused.status_code == 403
+        assert "www-authenticate" not in refused.headers
 
 
-async def test_an_old_or_body_mismatched_token_is_refused(speech: SpeechService) -> None:
+INVALID_TOKEN = 'Bearer realm="vonage", error="invalid_token"'
+
+
+async def test_an_old_or_body_mismatched_token_is_401_invalid_token(
+    speech: SpeechService,
+) -> None:
+    """RFC 6750 section 3.1: an expired token, or one whose payload_hash is another
+    body's, is an invalid token: 401 with ``error="invalid_token"``, not 403."""
     async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
         old = "Bearer " + jwt.encode({"iat": int(time.time()) - 3600}, SECRET, algorithm="HS256")
         r = await client.get(
             "/vonage/answer", params={"uuid": "u1"}, headers={"Authorization": old}
         )
-        assert r.status_code == 403
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == INVALID_TOKEN
+        assert r.headers["content-type"] == "application/problem+json"
+        assert "older than" in r.json()["detail"]
         body = b'{"uuid":"u2"}'
         auth = signed(SECRET, b'{"uuid":"other"}')
         r = await client.post("/vonage/answer", content=body, headers={"Authorization": auth})
-        assert r.status_code == 403
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == INVALID_TOKEN
+        assert r.json()["detail"] == "payload_hash is not the SHA-256 of the body"
+        r = await client.get(
+            "/vonage/answer", params={"uuid": "u3"}, headers={"Authorization": "Bearer x.y.z"}
+        )
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == INVALID_TOKEN
 
 
 @pytest.mark.parametrize(

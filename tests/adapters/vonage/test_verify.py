@@ -8,7 +8,7 @@ from typing import Any
 import jwt
 import pytest
 
-from adapters.vonage.verify import VonageVerifier
+from adapters.vonage.verify import CHALLENGE, VonageVerifier
 from gateway.callcodec import VerificationRefused
 
 SECRET = "b2f1a8c3d4e5f60718293a4b5c6d7e8f" * 2
@@ -49,6 +49,9 @@ def test_unsigned_requests_are_401(authorization: str | None) -> None:
     with pytest.raises(VerificationRefused, match="no Bearer token") as caught:
         check(authorization)
     assert caught.value.status == 401
+    # RFC 6750 section 3: no error code when no token was presented
+    assert caught.value.headers == {"WWW-Authenticate": CHALLENGE}
+    assert CHALLENGE == 'Bearer realm="vonage"'
 
 
 @pytest.mark.parametrize(
@@ -64,20 +67,39 @@ def test_unsigned_requests_are_401(authorization: str | None) -> None:
         (f"Bearer {token(iat=NOW - 301)}", BODY, "older than 300 s"),
         (f"Bearer {token(iat=NOW + 120)}", BODY, "in the future"),
         (f"Bearer {token(exp=NOW - 100)}", BODY, "expired"),
-        (f"Bearer {token(application_id='other')}", BODY, "another application"),
+        (f"Bearer {token(exp='soon')}", BODY, "exp is not a number"),
         ("Bearer " + "a" * 9000, BODY, "too long"),
     ],
 )
-def test_forged_expired_and_malformed_are_403(authorization: str, body: bytes, text: str) -> None:
+def test_forged_expired_and_malformed_tokens_are_401_invalid_token(
+    authorization: str, body: bytes, text: str
+) -> None:
+    """RFC 6750 section 3.1: an invalid, expired or malformed access token is 401 with
+    ``error="invalid_token"`` (a token not of this request's body included), not 403."""
     with pytest.raises(VerificationRefused, match=text) as caught:
         check(authorization, body)
+    assert caught.value.status == 401
+    assert caught.value.headers == {
+        "WWW-Authenticate": 'Bearer realm="vonage", error="invalid_token"'
+    }
+
+
+def test_a_valid_token_of_another_application_is_403_insufficient_scope() -> None:
+    """A genuine, current token of this body, but for another application: valid yet not
+    allowed here, so 403 with ``error="insufficient_scope"`` (RFC 6750 section 3.1)."""
+    with pytest.raises(VerificationRefused, match="another application") as caught:
+        check(f"Bearer {token(application_id='other')}")
     assert caught.value.status == 403
+    assert caught.value.headers == {
+        "WWW-Authenticate": 'Bearer realm="vonage", error="insufficient_scope"'
+    }
 
 
 def test_alg_none_is_refused() -> None:
     unsigned = jwt.encode({"iat": NOW}, "", algorithm="none")
-    with pytest.raises(VerificationRefused, match="invalid webhook token"):
+    with pytest.raises(VerificationRefused, match="invalid webhook token") as caught:
         check(f"Bearer {unsigned}", body=b"")
+    assert caught.value.status == 401
 
 
 def test_an_empty_secret_is_a_configuration_error() -> None:
