@@ -10,9 +10,15 @@ Refusals are RFC 9457 problem bodies (``application/problem+json``), raised as
 :class:`AdminRefused` and answered by :func:`admin_refused_handler` (installed by
 :func:`install`):
 
-- 401 with ``WWW-Authenticate: Bearer`` — no ``Authorization: Bearer`` header;
-- 403 — a key that is not one of GATEWAY_ADMIN_KEYS, or no admin keys configured
-  (then every admin request is refused, whatever it carries).
+- 401 with ``WWW-Authenticate: Bearer realm="gateway-admin"`` — no
+  ``Authorization: Bearer`` header (RFC 6750 section 3: no error code then);
+- 401 with ``WWW-Authenticate: Bearer realm="gateway-admin", error="invalid_token"``
+  — a key that is not one of GATEWAY_ADMIN_KEYS (RFC 6750 section 3.1: an invalid
+  access token is 401, not 403; every admin key grants the whole admin API, so there
+  is no ``insufficient_scope`` case);
+- 403 without a challenge — a key sent while no admin keys are configured: the admin
+  API is off, every admin request is refused whatever it carries, and no other key
+  would do (RFC 9110 section 15.5.4).
 
 Keys are compared in constant time (``hmac.compare_digest``).
 """
@@ -33,13 +39,24 @@ from gateway.httputil import problem
 log = logging.getLogger("gateway.admin")
 
 
-class AdminRefused(Exception):
-    """An admin request refused: ``status`` 401 or 403, ``detail`` for the problem body."""
+REALM = "gateway-admin"
+"""The realm of the admin API's Bearer challenges."""
+CHALLENGE = f'Bearer realm="{REALM}"'
+"""``WWW-Authenticate`` of the 401 for a request without a bearer token."""
+INVALID_TOKEN = f'Bearer realm="{REALM}", error="invalid_token"'
+"""``WWW-Authenticate`` of the 401 for a key that is not an admin key (RFC 6750 section 3.1)."""
 
-    def __init__(self, status: int, detail: str) -> None:
+
+class AdminRefused(Exception):
+    """An admin request refused: ``status`` 401 or 403, ``detail`` for the problem body,
+    ``challenge`` the ``WWW-Authenticate`` value of the answer (every 401 has one) or
+    None."""
+
+    def __init__(self, status: int, detail: str, challenge: str | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.challenge = challenge
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -60,20 +77,23 @@ def key_valid(sent: str | None, keys: Collection[str]) -> bool:
 
 def check_admin_key(keys: frozenset[str], authorization: str | None) -> None:
     """Return if ``authorization`` carries one of ``keys``; else raise AdminRefused
-    (401: no bearer token; 403: a wrong key, or ``keys`` empty)."""
+    (see the module doc): 401 with :data:`CHALLENGE` for no bearer token, 401 with
+    :data:`INVALID_TOKEN` for a wrong key (compared in constant time), 403 without a
+    challenge when ``keys`` is empty."""
     token = bearer_token(authorization)
     if token is None:
-        raise AdminRefused(401, "Expected `Authorization: Bearer <admin key>`.")
+        raise AdminRefused(401, "Expected `Authorization: Bearer <admin key>`.", CHALLENGE)
     if not keys:
         raise AdminRefused(403, "No admin keys are configured (GATEWAY_ADMIN_KEYS).")
     if not key_valid(token, keys):
-        raise AdminRefused(403, "The admin key is not valid.")
+        raise AdminRefused(401, "The admin key is not valid.", INVALID_TOKEN)
 
 
 async def require_admin(request: Request) -> None:
     """FastAPI dependency: the request carries an admin key (see the module doc).
 
-    Raises AdminRefused (answered 401/403 by :func:`admin_refused_handler`).
+    Raises AdminRefused (answered 401/403 by :func:`admin_refused_handler`; see
+    :func:`check_admin_key`).
     """
     keys = gateway_of(request).settings.admin_keys
     try:
@@ -110,12 +130,14 @@ def admin_route(request: Request) -> bool:
 
 
 async def admin_refused_handler(request: Request, exc: Exception) -> JSONResponse:
-    """The problem body of an AdminRefused (401 also says ``WWW-Authenticate: Bearer``)."""
+    """The problem body of an AdminRefused, with its ``WWW-Authenticate`` challenge (on
+    every 401: ``Bearer realm="gateway-admin"``, plus ``error="invalid_token"`` for a
+    wrong key)."""
     assert isinstance(exc, AdminRefused)
     title = "Unauthorized" if exc.status == 401 else "Forbidden"
     response = problem(exc.status, title, exc.detail)
-    if exc.status == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="gateway-admin"'
+    if exc.challenge is not None:
+        response.headers["WWW-Authenticate"] = exc.challenge
     return response
 
 

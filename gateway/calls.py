@@ -11,11 +11,12 @@ from its pure ``control.py`` so that the answered call connects back to the gate
 media stream with the ``#intro`` attributes ``direction`` ``outbound``, ``to``, ``from``,
 ``answeredBy`` (when known) and the request's ``attributes``.
 
-Refusals, all RFC 9457 problem bodies: 401/403 (admin key), 400 (a body that is not the
-JSON above, an unknown carrier, an application key not allowed), 501 (a carrier with
-transfer/hang-up here but no outbound calls: vonage, plivo), 503 (the carrier's
-credentials are not configured), 502 (the carrier's API refused or could not be
-reached; ``carrierStatus`` and ``carrierBody`` say what it answered).
+Refusals, all RFC 9457 problem bodies: 401 (no or a wrong admin key), 403 (no admin
+keys configured), 400 (a body that is not the JSON above, an unknown carrier, an
+application key not allowed), 501 (a carrier with transfer/hang-up here but no outbound
+calls: vonage, plivo), 503 (the carrier's credentials are not configured), 502 (the
+carrier's API refused or could not be reached; ``carrierStatus`` and ``carrierBody`` say
+what it answered).
 
 Transfers: :func:`transfer` sends a carrier adapter's transfer request (its
 ``control.transfer``) and logs how it went (:func:`~gateway.callcontrol.log_transfer`,

@@ -41,8 +41,12 @@ POST_CALLS: dict[str, Any] = dict(
             "content": {"application/json": {"schema": {"type": "object"}}},
         },
         400: {"description": "Not a valid call request", "content": _PROBLEM},
-        401: {"description": "No bearer admin key", "content": _PROBLEM},
-        403: {"description": "A wrong admin key, or none configured", "content": _PROBLEM},
+        401: {
+            "description": "No bearer admin key, or a wrong one "
+            '(`WWW-Authenticate: Bearer error="invalid_token"`)',
+            "content": _PROBLEM,
+        },
+        403: {"description": "No admin keys are configured", "content": _PROBLEM},
         413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
         501: {"description": "A carrier without outbound calls here", "content": _PROBLEM},
         502: {"description": "The carrier refused or was unreachable", "content": _PROBLEM},

@@ -25,7 +25,8 @@ which V1 turns fill). A Voiceflow client gets the items as
 ``action.trace`` events under a messageID of their own (no ``action.status``).
 
 Authentication: ``Authorization: Bearer KEY`` with a key of GATEWAY_ADMIN_KEYS; none
-sent: 401 (``WWW-Authenticate: Bearer``); a wrong one, or no keys configured: 403. All
+sent: 401 (``WWW-Authenticate: Bearer``); a wrong one: 401 (``WWW-Authenticate: Bearer``
+with ``error="invalid_token"``, RFC 6750 section 3.1); no keys configured: 403. All
 refusals are RFC 9457 problem bodies. The pure parts (models, :func:`gateway.admin.key_valid`,
 :func:`push_event`, :func:`wake`) do no I/O.
 """
@@ -296,8 +297,11 @@ def _problem_doc(description: str) -> dict[str, Any]:
 
 _REFUSALS: dict[int | str, dict[str, Any]] = {
     400: _problem_doc("The request is not valid"),
-    401: _problem_doc("No admin key was sent (`Authorization: Bearer KEY`)"),
-    403: _problem_doc("The key is not one of GATEWAY_ADMIN_KEYS (or none are configured)"),
+    401: _problem_doc(
+        "No admin key was sent (`Authorization: Bearer KEY`), or the key is not one of "
+        'GATEWAY_ADMIN_KEYS (`WWW-Authenticate: Bearer error="invalid_token"`)'
+    ),
+    403: _problem_doc("No admin keys are configured (GATEWAY_ADMIN_KEYS unset)"),
     503: _problem_doc("The session store or the bus does not answer"),
 }
 

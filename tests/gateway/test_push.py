@@ -365,22 +365,33 @@ async def test_unknown_targets_a_full_outbox_and_bad_keys_are_refused(
 
         missing = await http.post(f"{a}/v1/push", json={"target": {"sessionId": "full-1"}})
         assert missing.status_code == 401
-        assert missing.headers["www-authenticate"].startswith("Bearer")
+        assert missing.headers["www-authenticate"] == 'Bearer realm="gateway-admin"'
+        # RFC 6750 section 3.1: a wrong key is an invalid token, 401 (not 403)
+        invalid = 'Bearer realm="gateway-admin", error="invalid_token"'
         wrong = await push(http, a, {"sessionId": "full-1"}, "x", Authorization="Bearer nope")
-        assert wrong.status_code == 403
-        assert wrong.json()["title"] == "Forbidden"
+        assert wrong.status_code == 401
+        assert wrong.headers["www-authenticate"] == invalid
+        assert wrong.headers["content-type"] == "application/problem+json"
+        assert wrong.json()["title"] == "Unauthorized"
         assert (await http.get(f"{a}/v1/sessions/full-1")).status_code == 401
+        viewed = await http.get(f"{a}/v1/sessions/full-1", headers={"Authorization": "Bearer no"})
+        assert viewed.status_code == 401
+        assert viewed.headers["www-authenticate"] == invalid
         assert (await http.get(f"{a}/v1/sessions/nobody", headers=AUTH)).status_code == 404
         bad = await http.post(f"{a}/v1/push", json={"target": {}, "items": []}, headers=AUTH)
         assert bad.status_code == 400
         # a body that is not even JSON: the key is checked first all the same
-        for headers, status in (({}, 401), ({"Authorization": "Bearer nope"}, 403)):
+        for headers, challenge in (
+            ({}, 'Bearer realm="gateway-admin"'),
+            ({"Authorization": "Bearer nope"}, invalid),
+        ):
             garbled = await http.post(
                 f"{a}/v1/push",
                 content=b"{bad",
                 headers={"Content-Type": "application/json", **headers},
             )
-            assert garbled.status_code == status
+            assert garbled.status_code == 401
+            assert garbled.headers["www-authenticate"] == challenge
             assert garbled.headers["content-type"] == "application/problem+json"
         garbled = await http.post(
             f"{a}/v1/push", content=b"{bad", headers={"Content-Type": "application/json", **AUTH}
@@ -389,6 +400,7 @@ async def test_unknown_targets_a_full_outbox_and_bad_keys_are_refused(
     async with served() as off, httpx.AsyncClient(timeout=10) as http:  # no keys configured
         answer = await push(http, off, {"sessionId": "x"}, "Hi.")
         assert answer.status_code == 403
+        assert "www-authenticate" not in answer.headers
         assert "GATEWAY_ADMIN_KEYS" in answer.json()["detail"]
 
 

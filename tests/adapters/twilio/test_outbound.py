@@ -129,7 +129,7 @@ async def test_post_v1_calls_refusals() -> None:
         cases: list[tuple[Any, dict[str, str], int, str]] = [
             (body, {}, 401, "Bearer"),
             (body, {"Authorization": "Basic eDp5"}, 401, "Bearer"),
-            (body, {"Authorization": "Bearer wrong"}, 403, "not valid"),
+            (body, {"Authorization": "Bearer wrong"}, 401, "not valid"),
             ({**body, "carrier": "acme"}, auth, 400, "Unknown carrier"),
             ({**body, "carrier": "vonage"}, auth, 501, "vonage"),
             ({**body, "to": "12345"}, auth, 400, "E.164"),
@@ -148,8 +148,11 @@ async def test_post_v1_calls_refusals() -> None:
             assert answer.status_code == status, (payload, headers, answer.text)
             assert answer.headers["content-type"] == "application/problem+json"
             assert detail in answer.json()["detail"], answer.json()
-            if status == 401:
-                assert answer.headers["www-authenticate"].startswith("Bearer")
+            if status == 401:  # RFC 6750 section 3.1: an error code only for a sent token
+                challenge = 'Bearer realm="gateway-admin"'
+                if headers.get("Authorization", "").startswith("Bearer"):
+                    challenge += ', error="invalid_token"'
+                assert answer.headers["www-authenticate"] == challenge, headers
     # no admin keys configured: every admin request is refused
     async with (
         twilio_gateway() as gw,
