@@ -154,7 +154,10 @@ POST_GOOGLE: dict[str, Any] = dict(
         401: {"description": "The JWT failed verification (reason logged)", "content": _PROBLEM},
         413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
         503: {
-            "description": "Verification is on but GATEWAY_GOOGLE_PROJECT_IDS is empty",
+            "description": "Verification is on but GATEWAY_GOOGLE_PROJECT_IDS is empty; or "
+            "Google's signing certificates cannot be fetched (reason `certs_unavailable`, "
+            "with `Retry-After`)",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
             "content": _PROBLEM,
         },
     },

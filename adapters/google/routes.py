@@ -28,7 +28,9 @@ GATEWAY_VOICE_STILL_WORKING_TEXT while the turn finishes and saves its session);
 400 malformed body; 401 failed verification / authentication (reason logged at
 WARNING); 403 an agent not in GATEWAY_APP_KEYS; 413 body over
 GATEWAY_MAX_BODY_BYTES; 503 /google with verification on and no project ids,
-/dialogflow without credentials configured.
+/dialogflow without credentials configured, and /google with ``Retry-After`` while
+Google's signing certificates cannot be fetched (reason ``certs_unavailable``, logged
+at WARNING without a traceback: our outage, not the caller's fault).
 
 Per-app state is made when the app starts (this router's lifespan); the Google
 verifier by ``app.state.google_verifier_factory`` when set (a
@@ -131,17 +133,22 @@ class GoogleWebhook(_Webhook):
         self.verifier = verifier
 
     async def authenticate(self, headers: Headers) -> str | None:
-        """The project id the request's JWT is for, when verification is on."""
+        """The project id the request's JWT is for, when verification is on.
+
+        Raises WebhookRefused with the verifier's status and headers: 401 with a Bearer
+        challenge for a missing or failing token, 503 with ``Retry-After`` when Google's
+        certificates are unavailable (:class:`~adapters.google.verify.GoogleVerificationError`).
+        """
         if self.verifier is None:
             return None
         try:
             claims = await self.verifier.verify(headers)
         except GoogleVerificationError as exc:  # already logged by the verifier
             raise WebhookRefused(
-                401,
+                exc.status,
                 exc.reason.value,
                 exc.message,
-                headers={"WWW-Authenticate": exc.challenge},
+                headers=exc.headers,
                 logged=True,
             ) from None
         audience = claims.get("aud")

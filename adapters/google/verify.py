@@ -46,6 +46,7 @@ from google.auth import crypt, jwt
 from google.auth import exceptions as google_exceptions
 
 __all__ = [
+    "CERTS_RETRY_AFTER_S",
     "GOOGLE_CERTS_URL",
     "GOOGLE_ISSUERS",
     "DialogflowAuth",
@@ -68,6 +69,9 @@ DEFAULT_TIMEOUT_S = 3.0
 DEFAULT_LEEWAY_S = 30.0
 DEFAULT_MAX_CERTS_BYTES = 256 * 1024
 DEFAULT_MAX_AGE_S = 300.0
+CERTS_RETRY_AFTER_S = 5
+"""``Retry-After`` seconds of the 503 answering a request while Google's certificates
+cannot be fetched (a failed download is not cached: the next request tries again)."""
 
 
 class GoogleReason(StrEnum):
@@ -96,7 +100,14 @@ class GoogleReason(StrEnum):
 
 
 class GoogleVerificationError(Exception):
-    """A Google webhook request failed verification; answer it with HTTP 401.
+    """A Google webhook request failed verification; answer it with :attr:`status`
+    and :attr:`headers`.
+
+    The answer is 401 with a Bearer challenge (:attr:`challenge`) when the request's
+    token is missing or fails a check: the caller's fault. It is 503 with
+    ``Retry-After`` (:data:`CERTS_RETRY_AFTER_S`) for ``certs_unavailable``: Google's
+    certificates could not be had, so the token was never judged and the caller is
+    not to blame (RFC 9110 section 15.6.4).
 
     Attributes:
         reason: which check failed (:class:`GoogleReason`, a ``str``).
@@ -115,6 +126,11 @@ class GoogleVerificationError(Exception):
         return f"GoogleVerificationError({self.reason.value!r}, {self.message!r})"
 
     @property
+    def status(self) -> int:
+        """The HTTP status of the answer: 503 for ``certs_unavailable``, else 401."""
+        return 503 if self.reason is GoogleReason.CERTS_UNAVAILABLE else 401
+
+    @property
     def challenge(self) -> str:
         """The ``WWW-Authenticate`` value of the 401 (RFC 9110 section 11.6.1; the token
         is a bearer JWT, RFC 6750 section 3): ``Bearer realm="google"`` when no token
@@ -122,6 +138,14 @@ class GoogleVerificationError(Exception):
         if self.reason is GoogleReason.MISSING_TOKEN:
             return 'Bearer realm="google"'
         return 'Bearer realm="google", error="invalid_token"'
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers of the answer: ``Retry-After`` on the 503, else
+        ``WWW-Authenticate`` (:attr:`challenge`)."""
+        if self.status == 503:
+            return {"Retry-After": str(CERTS_RETRY_AFTER_S)}
+        return {"WWW-Authenticate": self.challenge}
 
 
 class GoogleCertSource(Protocol):
@@ -326,9 +350,10 @@ class GoogleVerifier:
             tokens also carry user claims).
 
         Raises:
-            GoogleVerificationError: any check failed; ``reason`` says which
+            GoogleVerificationError: any check failed, or Google's certificates
+                could not be obtained (``certs_unavailable``); ``reason`` says which
                 (:class:`GoogleReason`). Each refusal is logged at WARNING on the
-                ``adapters.google`` logger.
+                ``adapters.google`` logger, without a traceback.
         """
         try:
             return await self._verify(headers)
@@ -379,7 +404,9 @@ class GoogleVerifier:
             verifier = crypt.RSAVerifier.from_string(cert)  # type: ignore[no-untyped-call]
         except (ValueError, TypeError) as exc:
             raise GoogleVerificationError(
-                GoogleReason.CERTS_UNAVAILABLE, f"certificate for kid {kid!r} unreadable", str(exc)
+                GoogleReason.CERTS_UNAVAILABLE,
+                f"Google's certificate for kid {kid!r} is unavailable (unreadable)",
+                str(exc),
             ) from None
         if not verifier.verify(signed_section.encode("ascii"), signature):
             raise GoogleVerificationError(

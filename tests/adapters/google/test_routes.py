@@ -376,6 +376,50 @@ async def test_verification_failures_are_401_with_the_reason_logged(
         assert check_v3(v3("refused", "x"), answer) == "You said: hello"
 
 
+class Unreachable:
+    """A certificate source whose every fetch fails, as Google's endpoint down would."""
+
+    async def get_certs(self) -> dict[str, str]:
+        raise ConnectionRefusedError("[Errno 111] Connect call failed ('142.250.0.1', 443)")
+
+
+async def test_certs_unavailable_is_503_with_retry_after_not_401(
+    key: Key, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When Google's certificates cannot be fetched the token was never judged: the
+    gateway's outage is 503 with ``Retry-After`` and a problem body saying so, no Bearer
+    challenge (a 401 would blame the caller), logged at WARNING without a traceback.
+    /dialogflow checks no Google certificate and is unaffected."""
+    app = create_app(Settings(google_project_ids=frozenset({PROJECT}), dialogflow_verify=False))
+    app.state.google_verifier_factory = lambda s: GoogleVerifier(
+        s.google_project_ids, Unreachable()
+    )
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        with caplog.at_level(logging.WARNING):
+            answer = await client.post(
+                "/google",
+                json=v3("outage", "FreeText", "hello"),
+                headers={"Google-Assistant-Signature": token(key)},
+            )
+        dialogflow = await client.post("/dialogflow", json=es("projects/p/agent/sessions/x", "hi"))
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "5"
+    assert "www-authenticate" not in answer.headers
+    assert answer.headers["content-type"] == "application/problem+json"
+    problem = answer.json()
+    assert problem["reason"] == "certs_unavailable"
+    assert problem["title"] == "Service Unavailable"
+    assert problem["detail"] == "Google's certificates are unavailable"
+    assert "142.250.0.1" not in answer.text  # how it failed is for the log only
+    (record,) = [r for r in caplog.records if "certs_unavailable" in r.getMessage()]
+    assert record.name == "adapters.google"
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None
+    assert record.exc_text is None
+    assert "142.250.0.1" in record.getMessage()
+    assert dialogflow.status_code == 200
+
+
 async def test_verification_on_without_project_ids_refuses_with_503(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -463,6 +463,18 @@ async def test_unreachable_endpoint(key: Key) -> None:
     assert caught.value.message == "Google's certificates are unavailable"
     assert str(port) not in caught.value.message
     assert caught.value.detail is not None
+    # our outage, not the caller's fault: 503 with Retry-After, no Bearer challenge
+    assert caught.value.status == 503
+    assert caught.value.headers == {"Retry-After": "5"}
+
+
+async def test_a_failing_check_is_401_with_a_challenge(key: Key) -> None:
+    """Every reason but certs_unavailable is the token's fault: 401 with its challenge."""
+    for headers in ({}, {"Authorization": key.token(aud="x")}):
+        with pytest.raises(GoogleVerificationError) as caught:
+            await make_verifier(key).verify(headers)
+        assert caught.value.status == 401
+        assert caught.value.headers == {"WWW-Authenticate": caught.value.challenge}
 
 
 async def test_silent_endpoint_fails_within_its_timeout(
