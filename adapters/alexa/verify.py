@@ -578,8 +578,6 @@ class AlexaVerifier:
         self._failure_cache_size = failure_cache_size
         self._failures: OrderedDict[str, tuple[datetime, AlexaVerificationError]] = OrderedDict()
         self._max_fetches = max_fetches
-        self.fetches = 0
-        """How many chain downloads were started (for tests and metrics)."""
 
     async def verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         """Verify one request; return its parsed JSON envelope.
@@ -710,7 +708,6 @@ class AlexaVerifier:
                     "the certificate chain could not be fetched",
                     f"{self._max_fetches} downloads already running; {url} not fetched",
                 )
-            self.fetches += 1
             task = asyncio.create_task(self._fetch_and_verify(url, now))
             self._inflight[url] = task
             task.add_done_callback(lambda done: self._finished(url, now, done))
