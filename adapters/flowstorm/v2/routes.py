@@ -221,27 +221,34 @@ _REJECT_STATUS = {
 class _Refused(Exception):
     """A request answered with one ErrorEvent, an HTTP status and (503) ``Retry-After`` s."""
 
-    def __init__(self, status: int, error: ErrorEvent, retry_after_s: int | None = None) -> None:
-        super().__init__(error.text)
+    def __init__(
+        self, status: int, text: str, source: str, retry_after_s: int | None = None
+    ) -> None:
+        super().__init__(text)
         self.status = status
-        self.error = error
+        self.error = ErrorEvent(text=text, source=source)
         self.retry_after_s = retry_after_s
 
     def answer(self) -> HTTPResponse:
         """The refusal as an NDJSON ErrorEvent answer (audio requests never get plain text)."""
-        return _answer(self.status, self.error, plain=False, retry_after_s=self.retry_after_s)
+        error = self.error
+        return _answer(
+            self.status, error.text, error.source, plain=False, retry_after_s=self.retry_after_s
+        )
 
     @classmethod
     def client(cls, exc: ProtocolError) -> _Refused:
-        return cls(exc.status, ErrorEvent(text=exc.text, source="client"))
+        return cls(exc.status, exc.text, "client")
 
 
 def _answer(
-    status: int, error: ErrorEvent, *, plain: bool, retry_after_s: int | None = None
+    status: int, text: str, source: str, *, plain: bool, retry_after_s: int | None = None
 ) -> HTTPResponse:
+    """An error answer: one ErrorEvent of ``text`` and ``source`` (a ``!`` line when
+    ``plain``, else NDJSON) with HTTP ``status`` and, when given, ``Retry-After``."""
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
     return HTTPResponse(
-        error_body(error, plain=plain),
+        error_body(ErrorEvent(text=text, source=source), plain=plain),
         status_code=status,
         media_type=TEXT if plain else NDJSON,
         headers=headers,
@@ -249,7 +256,7 @@ def _answer(
 
 
 def _client_error(exc: ProtocolError, *, plain: bool) -> HTTPResponse:
-    return _answer(exc.status, ErrorEvent(text=exc.text, source="client"), plain=plain)
+    return _answer(exc.status, exc.text, "client", plain=plain)
 
 
 KEY_CHALLENGE: Final = 'X-Key realm="flowstorm"'
@@ -260,13 +267,13 @@ the challenge names the header it goes in)."""
 
 def _check_key(gw: Gateway, config: ClientConfig, *, plain: bool) -> HTTPResponse | None:
     if not config.key:
-        error = ErrorEvent(text="The application key is missing (X-Key or key).", source="client")
-        refused = _answer(401, error, plain=plain)
+        refused = _answer(
+            401, "The application key is missing (X-Key or key).", "client", plain=plain
+        )
         refused.headers["WWW-Authenticate"] = KEY_CHALLENGE
         return refused
     if not gw.settings.key_allowed(config.key):
-        error = ErrorEvent(text=f"Unknown application key {config.key!r}.", source="client")
-        return _answer(403, error, plain=plain)
+        return _answer(403, f"Unknown application key {config.key!r}.", "client", plain=plain)
     return None
 
 
@@ -310,30 +317,41 @@ def _client_ip(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _guesses(request: Request) -> TokenBuckets:
+def _guessed(request: Request) -> None:
+    """Take a token from the client's allowance of "unknown session" answers."""
     limiter: TokenBuckets = request.app.state.v2_guesses
-    return limiter
+    limiter.take(_client_ip(request))
 
 
 def _too_many(request: Request, *, plain: bool) -> HTTPResponse | None:
     """429 when this client's allowance of "unknown session" answers is used up."""
-    limiter, ip = _guesses(request), _client_ip(request)
+    limiter: TokenBuckets = request.app.state.v2_guesses
+    ip = _client_ip(request)
     if limiter.allowed(ip):
         return None
     retry = limiter.retry_after_s(ip)
-    error = ErrorEvent(
-        text=f"Too many requests for unknown sessions: retry after {retry} s.", source="client"
-    )
-    answer = _answer(429, error, plain=plain)
-    answer.headers["Retry-After"] = str(retry)
-    return answer
+    text = f"Too many requests for unknown sessions: retry after {retry} s."
+    return _answer(429, text, "client", plain=plain, retry_after_s=retry)
+
+
+_SESSION_REFUSALS: Final[Mapping[str, tuple[int, str]]] = {
+    "foreign": (403, "Session {} belongs to another application."),
+    "not-found": (404, "Session {} is unknown or has expired."),
+}
+"""HTTP status and ErrorEvent text (source ``session``) of a session that the store
+finds another application's or does not find (``Conversation.find`` / ``log``)."""
+
+
+def _session_refused(found: str, session_id: str, *, plain: bool) -> HTTPResponse:
+    """The 403 / 404 answer of :data:`_SESSION_REFUSALS` for ``found``."""
+    status, text = _SESSION_REFUSALS[found]
+    return _answer(status, text.format(session_id), "session", plain=plain)
 
 
 def _not_found(request: Request, session_id: str, *, plain: bool) -> HTTPResponse:
     """404 for an unknown session; takes a token from the client's allowance."""
-    _guesses(request).take(_client_ip(request))
-    error = ErrorEvent(text=f"Session {session_id} is unknown or has expired.", source="session")
-    answer = _answer(404, error, plain=plain)
+    _guessed(request)
+    answer = _session_refused("not-found", session_id, plain=plain)
     answer.delete_cookie(SESSION_COOKIE, path="/")
     return answer
 
@@ -372,22 +390,14 @@ def _speech_errors() -> Iterator[None]:
     except RecognizerBusy as exc:
         log.info("audio turn refused: %s", exc.text)
         metrics.ERRORS.labels(CHANNEL, "stt").inc()
-        raise _Refused(
-            503, ErrorEvent(text=f"{exc.text}.", source="stt"), exc.retry_after_s
-        ) from None
+        raise _Refused(503, f"{exc.text}.", "stt", exc.retry_after_s) from None
     except AudioLimitExceeded as exc:
-        raise _Refused(
-            413, ErrorEvent(text=f"The audio is too long: {exc}.", source="client")
-        ) from None
+        raise _Refused(413, f"The audio is too long: {exc}.", "client") from None
     except AudioFormatError as exc:
-        raise _Refused(
-            400, ErrorEvent(text=f"The audio is not valid: {exc}.", source="client")
-        ) from None
+        raise _Refused(400, f"The audio is not valid: {exc}.", "client") from None
     except RecognitionError as exc:
         log.error("speech recognition failed: %s", exc)
-        raise _Refused(
-            503, ErrorEvent(text="Speech recognition is unavailable.", source="gateway")
-        ) from None
+        raise _Refused(503, "Speech recognition is unavailable.", "gateway") from None
 
 
 @router.put("/client", **PUT_CLIENT)
@@ -404,18 +414,14 @@ async def put_client(request: Request) -> HTTPResponse:
         return refused
     container = AUDIO_CONTAINERS.get(kind)
     if not plain and kind not in JSON_TYPES and container is None:
-        error = ErrorEvent(
-            text=f"Unsupported Content-Type {kind or '(none)'!r}: use {ACCEPTED_TYPES}.",
-            source="client",
-        )
-        return _answer(415, error, plain=False)
+        text = f"Unsupported Content-Type {kind or '(none)'!r}: use {ACCEPTED_TYPES}."
+        return _answer(415, text, "client", plain=False)
     if config.realtime and container == "mp3":
-        error = ErrorEvent(
-            text="realtime=1 streams audio/basic, audio/wav or application/json BinaryEvents; "
-            "send audio/mpeg as a whole file (without realtime).",
-            source="client",
+        text = (
+            "realtime=1 streams audio/basic, audio/wav or application/json BinaryEvents; "
+            "send audio/mpeg as a whole file (without realtime)."
         )
-        return _answer(415, error, plain=False)
+        return _answer(415, text, "client", plain=False)
 
     cookie = request.cookies.get(SESSION_COOKIE) or None
     if cookie and (limited := _too_many(request, plain=plain)):
@@ -445,7 +451,7 @@ async def put_client(request: Request) -> HTTPResponse:
         else:
             answer = await _stream_turn(request, gw, ctx, config, container)
         if answer.status_code == 404:
-            _guesses(request).take(_client_ip(request))
+            _guessed(request)
         return answer
     except ClientDisconnect:  # the client went away while sending: nobody reads an answer
         return HTTPResponse(status_code=400)
@@ -514,21 +520,12 @@ async def _store_logs(gw: Gateway, ctx: TurnContext, *, plain: bool) -> HTTPResp
     try:
         stored = await gw.conversation.log(ctx, ctx.logs)
     except SessionBusy:
-        error = ErrorEvent(text="Another turn of this session is still running.", source="session")
-        return _answer(409, error, plain=plain)
+        text = "Another turn of this session is still running."
+        return _answer(409, text, "session", plain=plain)
     except StoreUnavailable:
-        error = ErrorEvent(text="The session store is unavailable.", source="gateway")
-        return _answer(503, error, plain=plain)
-    if stored == "foreign":
-        error = ErrorEvent(
-            text=f"Session {ctx.session_id} belongs to another application.", source="session"
-        )
-        return _answer(403, error, plain=plain)
-    if stored == "not-found":
-        error = ErrorEvent(
-            text=f"Session {ctx.session_id} is unknown or has expired.", source="session"
-        )
-        return _answer(404, error, plain=plain)
+        return _answer(503, "The session store is unavailable.", "gateway", plain=plain)
+    if stored != "stored":
+        return _session_refused(stored, ctx.session_id, plain=plain)
     return HTTPResponse(status_code=204)
 
 
@@ -554,9 +551,7 @@ async def _turn(
     except TurnRejected as exc:
         if on_end is not None:
             await on_end()
-        answer = _answer(
-            _REJECT_STATUS[exc.reason], ErrorEvent(text=exc.text, source=exc.source), plain=plain
-        )
+        answer = _answer(_REJECT_STATUS[exc.reason], exc.text, exc.source, plain=plain)
         if exc.reason == "session-not-found":
             answer.delete_cookie(SESSION_COOKIE, path="/")
         return answer
@@ -866,7 +861,7 @@ class _Hearing:
             if not self._bus_warned:
                 self._bus_warned = True
                 log.warning(
-                    "recognition results of %s not published: %s", _topic_ref(self.topic), exc
+                    "recognition results of %s not published: %s", session_ref(self.topic), exc
                 )
 
     async def release(self) -> None:
@@ -882,16 +877,11 @@ class _Hearing:
                 await self.gw.bus.clear(self.topic)
             except BusUnavailable as exc:
                 log.warning(
-                    "retained recognition of %s not cleared: %s", _topic_ref(self.topic), exc
+                    "retained recognition of %s not cleared: %s", session_ref(self.topic), exc
                 )
 
 
 # ---------------------------------------------------------------- GET
-
-
-def _topic_ref(topic: str) -> str:
-    """A bus topic (the session's store key, ``flowstorm:<session id>``) as logs name it."""
-    return session_ref(topic)
 
 
 @router.get("/client", **GET_CLIENT)
@@ -923,15 +913,11 @@ async def get_client(request: Request) -> HTTPResponse:
     try:
         found = await gw.conversation.find(ctx)
     except StoreUnavailable:
-        error = ErrorEvent(text="The session store is unavailable.", source="gateway")
-        return _answer(503, error, plain=plain)
+        return _answer(503, "The session store is unavailable.", "gateway", plain=plain)
     if found == "not-found":
         return _not_found(request, cookie, plain=plain)
     if found == "foreign":
-        error = ErrorEvent(
-            text=f"Session {cookie} belongs to another application.", source="session"
-        )
-        return _answer(403, error, plain=plain)
+        return _session_refused(found, cookie, plain=plain)
     topic = ctx.key  # the bus topic of a session's recognition is its store key
     return StreamingResponse(
         _follow(gw, topic, config, plain=plain),
@@ -1011,6 +997,6 @@ async def _recognition(gw: Gateway, topic: str, *, plain: bool) -> AsyncIterator
                 for event in follower.feed(message):
                     yield (text_lines(event) if plain else event.wire_json() + "\n").encode()
     except BusUnavailable as exc:
-        log.warning("GET /client cannot follow %s: %s", _topic_ref(topic), exc)
+        log.warning("GET /client cannot follow %s: %s", session_ref(topic), exc)
         error = ErrorEvent(text="Recognition results are unavailable.", source="gateway")
         yield error_body(error, plain=plain).encode()
