@@ -129,9 +129,9 @@ SAMPLE_RATE: Final = 8000
 BYTES_PER_MS: Final = SAMPLE_RATE // 1000
 """μ-law bytes per millisecond of audio (one byte per sample)."""
 ENCODING: Final = "audio/x-mulaw"
+"""``start.mediaFormat.encoding`` of a bidirectional stream."""
 MULAW_8K: Final = AudioFormat("MULAW", 8000)
 """The format of the caller's audio: headerless G.711 μ-law, 8 kHz mono."""
-"""``start.mediaFormat.encoding`` of a bidirectional stream."""
 
 CLOSE_NORMAL: Final = 1000
 """Close code when the call ends (the stream is closed to hang up)."""
@@ -164,6 +164,13 @@ class _Message(BaseModel):
     )
 
 
+class _StreamMessage(_Message):
+    """The fields every message after ``connected`` carries."""
+
+    sequence_number: int | None = None
+    stream_sid: str | None = None
+
+
 class Connected(_Message):
     """``connected``: the first message of a stream (``protocol`` "Call")."""
 
@@ -191,12 +198,10 @@ class StartInfo(_Message):
     media_format: MediaFormat
 
 
-class Start(_Message):
+class Start(_StreamMessage):
     """``start``: the call's metadata; sent once, after ``connected``."""
 
     event: Literal["start"]
-    sequence_number: int | None = None
-    stream_sid: str | None = None
     start: StartInfo
 
 
@@ -214,12 +219,10 @@ class DtmfInfo(_Message):
         return value
 
 
-class Dtmf(_Message):
+class Dtmf(_StreamMessage):
     """``dtmf``: the caller pressed a key."""
 
     event: Literal["dtmf"]
-    sequence_number: int | None = None
-    stream_sid: str | None = None
     dtmf: DtmfInfo
 
 
@@ -229,12 +232,10 @@ class MarkInfo(_Message):
     name: str
 
 
-class Mark(_Message):
+class Mark(_StreamMessage):
     """``mark``: the audio before a mark the gateway sent has played (or was cleared)."""
 
     event: Literal["mark"]
-    sequence_number: int | None = None
-    stream_sid: str | None = None
     mark: MarkInfo
 
 
@@ -245,12 +246,10 @@ class StopInfo(_Message):
     call_sid: str = ""
 
 
-class Stop(_Message):
+class Stop(_StreamMessage):
     """``stop``: the stream ended (the call hung up, or the stream was stopped)."""
 
     event: Literal["stop"]
-    sequence_number: int | None = None
-    stream_sid: str | None = None
     stop: StopInfo = Field(default_factory=StopInfo)
 
 
