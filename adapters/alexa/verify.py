@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import cache, lru_cache
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import certifi
@@ -287,6 +287,24 @@ class VerifiedChain:
         return self.valid_from <= now <= self.valid_until
 
 
+_Ext = TypeVar("_Ext", bound=x509.ExtensionType)
+
+
+def _leaf_extension(leaf: x509.Certificate, kind: type[_Ext]) -> _Ext | None:
+    """The leaf's extension of ``kind``; None when it has none.
+
+    Raises AlexaVerificationError (``cert_malformed``) when its extensions are unreadable.
+    """
+    try:
+        return leaf.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:
+        raise AlexaVerificationError(
+            AlexaReason.CERT_MALFORMED, "signing certificate extensions unreadable", str(exc)
+        ) from None
+
+
 def verify_cert_chain(pem: bytes, now: datetime, trust_store: Store) -> VerifiedChain:
     """Verify an Amazon signing chain (PEM, leaf first, then intermediates).
 
@@ -333,28 +351,14 @@ def verify_cert_chain(pem: bytes, now: datetime, trust_store: Store) -> Verified
             AlexaReason.CERT_NOT_YET_VALID,
             f"signing certificate is valid only from {leaf.not_valid_before_utc.isoformat()}",
         )
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns_names = [name.lower() for name in san.get_values_for_type(x509.DNSName)]
-    except x509.ExtensionNotFound:
-        dns_names = []
-    except ValueError as exc:
-        raise AlexaVerificationError(
-            AlexaReason.CERT_MALFORMED, "signing certificate extensions unreadable", str(exc)
-        ) from None
+    san = _leaf_extension(leaf, x509.SubjectAlternativeName)
+    dns_names = [name.lower() for name in san.get_values_for_type(x509.DNSName)] if san else []
     if ALEXA_SIGNING_SAN not in dns_names:
         raise AlexaVerificationError(
             AlexaReason.CERT_SAN_MISMATCH,
             f"signing certificate SAN {dns_names} lacks {ALEXA_SIGNING_SAN}",
         )
-    try:
-        usages = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-    except x509.ExtensionNotFound:
-        usages = []
-    except ValueError as exc:
-        raise AlexaVerificationError(
-            AlexaReason.CERT_MALFORMED, "signing certificate extensions unreadable", str(exc)
-        ) from None
+    usages = list(_leaf_extension(leaf, x509.ExtendedKeyUsage) or [])
     if ExtendedKeyUsageOID.SERVER_AUTH not in usages:
         raise AlexaVerificationError(
             AlexaReason.CERT_USAGE,
