@@ -226,6 +226,8 @@ class GoogleCertsFetcher:
         self._certs: dict[str, str] | None = None
         self._expires = 0.0
         self._inflight: asyncio.Task[dict[str, str]] | None = None
+        self.fetches = 0
+        """How many downloads were started (for metrics and tests)."""
 
     async def get_certs(self) -> Mapping[str, str]:
         """Return the cached mapping, downloading it first when stale.
@@ -250,6 +252,7 @@ class GoogleCertsFetcher:
             task.exception()  # mark retrieved: a failure is raised to the waiters
 
     async def _download(self) -> dict[str, str]:
+        self.fetches += 1
         async with (
             asyncio.timeout(self._timeout_s),
             httpx.AsyncClient(
