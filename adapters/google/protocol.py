@@ -478,7 +478,7 @@ def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Fo
     )
 
 
-_PROJECT = re.compile(r"^(projects/[^/]+)(?:/locations/([^/]+)/agents/([^/]+))?/")
+_AGENT = re.compile(r"^(projects/[^/]+(?:/locations/[^/]+/agents/[^/]+)?)/")
 
 
 def agent_of(session_path: str) -> str | None:
@@ -488,12 +488,8 @@ def agent_of(session_path: str) -> str | None:
     ``projects/P/locations/L/agents/A/sessions/S`` (CX) ->
     ``projects/P/locations/L/agents/A``; None when the path has neither form.
     """
-    match = _PROJECT.match(session_path)
-    if match is None:
-        return None
-    if match.group(2):
-        return f"{match.group(1)}/locations/{match.group(2)}/agents/{match.group(3)}"
-    return match.group(1)
+    match = _AGENT.match(session_path)
+    return match.group(1) if match else None
 
 
 def dialogflow_plan(data: Mapping[str, Any]) -> Plan:
