@@ -80,10 +80,10 @@ def _server(row: str, port: int, folder: Path, redis_url: str) -> tuple[list[str
     uvicorn = [sys.executable, "-m", "uvicorn", "--no-access-log"]
     if row == "bare":
         return [*uvicorn, "bench.baseline_app:app", "--port", str(port)], {}
-    if row.startswith("alexa"):
-        app = ["--factory", "bench.voice_assistants:gateway_app", "--port", str(port)]
+    if row.startswith("alexa"):  # gateway serve with the local keys (bench/pki_serve.py)
+        serve = [sys.executable, str(ROOT / "bench" / "pki_serve.py"), "--port", str(port)]
         env = {"BENCH_PKI_DIR": str(folder), "GATEWAY_ALEXA_SKILL_IDS": SKILL_ID}
-        return [*uvicorn, *app], {**env, **(redis if row == "alexa" else {})}
+        return serve, {**env, **(redis if row == "alexa" else {})}
     serve = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
     return serve, redis if row.startswith("redis") else {}
 

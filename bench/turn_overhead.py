@@ -1,10 +1,10 @@
 """What the gateway adds to a turn: wrk against a bare FastAPI endpoint and the gateway, one run.
 
 Every server runs as its own process pinned to core 0 (``taskset -c 0``) with its
-default settings (log level INFO to /dev/null: the gateway's line per turn; no access
-log, as ``gateway serve`` has none unless GATEWAY_ACCESS_LOG=true, and the uvicorn
-commands of the bare endpoint and the Alexa row say ``--no-access-log``); wrk runs on
-core 1 (``-t1 -c32``, keep-alive, ``--latency``).
+default settings: the gateway rows are ``gateway serve`` (its logging at INFO to
+/dev/null, one line per turn; its protocol classes; no access log unless
+GATEWAY_ACCESS_LOG=true), the bare endpoint is uvicorn's CLI with ``--no-access-log``;
+wrk runs on core 1 (``-t1 -c32``, keep-alive, ``--latency``).
 Rows, in this order, each a fresh server:
 
 1. ``bare`` (three rows: new sessions, 5 turns a session, Alexa) —
@@ -15,11 +15,12 @@ Rows, in this order, each a fresh server:
    TTS links on: every answer carries an MP3 link), a different sentence per request.
 3. ``V2 text, tts=None`` — the same with ``tts=None`` (no links).
 4. ``V2 text, Redis, defaults`` / ``..., tts=None`` — only ``GATEWAY_REDIS_URL`` set.
-5. ``/alexa`` — the gateway (uvicorn's CLI, ``--no-access-log`` as ``gateway serve``'s
-   default) with Redis, verification on (a local CA made here, the
-   signing chain fetched once and cached, as Amazon's is), every request signed and
-   new (LaunchRequest-free IntentRequests with their own session), so each costs the
-   signature check, the turn, and two Redis round trips.
+5. ``/alexa`` — the gateway as ``gateway serve`` runs it (bench/pki_serve.py: the same
+   serve function, its app given the local keys) with Redis, verification on (a local
+   CA made here, the signing chain fetched once and cached, as Amazon's is), every
+   request signed and new (LaunchRequest-free IntentRequests with their own session),
+   so each costs the signature check, the turn, its log line and two Redis round
+   trips.
    ``/alexa, Redis, verification OFF`` is the same with GATEWAY_ALEXA_VERIFY=false:
    what the signature check costs (a setting for local development only).
 
@@ -269,15 +270,8 @@ def main() -> None:
     alexa_off = {**alexa_env, "GATEWAY_ALEXA_VERIFY": "false"}
     uvicorn = [sys.executable, "-m", "uvicorn"]
     bare_cmd = [*uvicorn, "--no-access-log", "bench.baseline_app:app", "--port"]
-    # uvicorn's CLI logs every request unless told not to; `gateway serve` only with
-    # GATEWAY_ACCESS_LOG=true: no access log on any row
-    gateway_cmd = [
-        *uvicorn,
-        "--no-access-log",
-        "--factory",
-        "bench.voice_assistants:gateway_app",
-        "--port",
-    ]
+    # `gateway serve` with the local keys injected (bench/pki_serve.py): what users run
+    gateway_cmd = [sys.executable, str(Path(__file__).with_name("pki_serve.py")), "--port"]
     serve_cmd = [sys.executable, "-m", "gateway", "serve", "--port"]
     rows: list[tuple[str, list[str], dict[str, str], str]] = [
         ("bare endpoint, PUT /client", bare_cmd, {}, "tts_none"),

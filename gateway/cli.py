@@ -8,6 +8,7 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -15,25 +16,23 @@ from pydantic_settings import SettingsError
 from gateway.logs import configure_logging
 from gateway.settings import Settings
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gateway (settings from GATEWAY_* env)")
-    serve.add_argument("--host", help="address to bind (default GATEWAY_HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default GATEWAY_PORT or 8080)")
-    serve.add_argument("--log-level", help="default GATEWAY_LOG_LEVEL or info")
+    server = commands.add_parser("serve", help="run the gateway (settings from GATEWAY_* env)")
+    server.add_argument("--host", help="address to bind (default GATEWAY_HOST or 127.0.0.1)")
+    server.add_argument("--port", type=int, help="port (default GATEWAY_PORT or 8080)")
+    server.add_argument("--log-level", help="default GATEWAY_LOG_LEVEL or info")
     spec = commands.add_parser("openapi", help="write the OpenAPI document")
     spec.add_argument("--out", default="openapi/openapi.json", help="file, or - for stdout")
     args = parser.parse_args(argv)
 
     if args.command == "serve":
-        import uvicorn
-
-        from gateway.app import create_app
-        from gateway.server import auto_max_connections, describe, open_file_limit, uvicorn_options
-
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         try:
             settings = Settings(**overrides)
@@ -48,30 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if (problem := check_pipelines(settings)) is not None:
             print(f"gateway: {problem}", file=sys.stderr)
             return 2
-        level = (args.log_level or settings.log_level).lower()
-        configure_logging(level, settings.log_format)
-        server_log = logging.getLogger("gateway.server")
-        server_log.info(describe(settings))
-        room = auto_max_connections(open_file_limit(), settings.redis_max_connections)
-        if settings.max_connections and settings.max_connections > room:
-            server_log.warning(
-                "GATEWAY_MAX_CONNECTIONS=%d is more than the open-file limit %d leaves (%d): "
-                "past that, connections fail unanswered; raise the limit (ulimit -n, nofile)",
-                settings.max_connections,
-                open_file_limit(),
-                room,
-            )
-        uvicorn.run(
-            create_app(settings, freeze_gc=True),
-            host=settings.host,
-            port=settings.port,
-            log_level=level,
-            log_config=None,  # keep the handlers configure_logging set
-            access_log=settings.access_log,
-            timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-            # deadlines, connection cap, send deadline, ws_max_size (gateway/server.py)
-            **uvicorn_options(settings),
-        )
+        serve(settings, log_level=args.log_level)
         return 0
     if args.command == "openapi":
         text = openapi_json()
@@ -82,6 +58,49 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(text, encoding="utf-8")
         return 0
     return 2
+
+
+def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | None = None) -> None:
+    """Run the gateway as ``gateway serve`` does, until it is stopped (SIGINT/SIGTERM).
+
+    Logging goes to stderr at ``log_level`` (default GATEWAY_LOG_LEVEL) in
+    GATEWAY_LOG_FORMAT; one line states the connection limits (a WARNING when
+    GATEWAY_MAX_CONNECTIONS exceeds what the open-file limit leaves); uvicorn serves
+    ``app`` (default ``create_app(settings, freeze_gc=True)``) on GATEWAY_HOST:PORT with
+    the gateway's protocol classes (deadlines, connection cap, send deadline:
+    :func:`gateway.server.uvicorn_options`) and GATEWAY_SHUTDOWN_TIMEOUT_S for a
+    graceful stop. ``app`` lets a benchmark serve an app it prepared (local
+    certificates injected) exactly as users run the gateway.
+    """
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.server import auto_max_connections, describe, open_file_limit, uvicorn_options
+
+    level = (log_level or settings.log_level).lower()
+    configure_logging(level, settings.log_format)
+    server_log = logging.getLogger("gateway.server")
+    server_log.info(describe(settings))
+    room = auto_max_connections(open_file_limit(), settings.redis_max_connections)
+    if settings.max_connections and settings.max_connections > room:
+        server_log.warning(
+            "GATEWAY_MAX_CONNECTIONS=%d is more than the open-file limit %d leaves (%d): "
+            "past that, connections fail unanswered; raise the limit (ulimit -n, nofile)",
+            settings.max_connections,
+            open_file_limit(),
+            room,
+        )
+    uvicorn.run(
+        app if app is not None else create_app(settings, freeze_gc=True),
+        host=settings.host,
+        port=settings.port,
+        log_level=level,
+        log_config=None,  # keep the handlers configure_logging set
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        # deadlines, connection cap, send deadline, ws_max_size (gateway/server.py)
+        **uvicorn_options(settings),
+    )
 
 
 def setting_errors(exc: ValidationError) -> list[str]:
