@@ -23,7 +23,9 @@ Every IntentRequest also puts the intent into the Input: a class
 {slot: value}, "resolvedSlots": {slot: {"name", "id"}}}`` (entity resolution
 matches only).
 
-Responses. :func:`turn_response` builds the answer to a turn: SSML from the items
+Responses. :func:`turn_wire` writes the answer to a turn as its wire dict
+(:func:`turn_response` makes it the envelope model; the webhook's
+:func:`answer_response` encodes the dict itself): SSML from the items
 (:func:`gateway.ssml.speech_ssml`), a reprompt repeating the last thing said
 while the session stays open, a Standard card when an item has an image,
 ``sessionAttributes`` carrying the gateway session id, ``shouldEndSession =
@@ -41,6 +43,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import Field, StrictBool, TypeAdapter
+from pydantic_core import to_json
 
 from gateway.events import (
     FALLBACK,
@@ -510,11 +513,20 @@ def fallback_response(plan: Plan, text: str, end: bool) -> AlexaResponseEnvelope
     return speak_response(text, session_id=plan.session_id, end=end)
 
 
-def answer_response(plan: Plan, response: Response) -> tuple[AlexaResponseEnvelope, bool]:
-    """The answer to a turn's Response in ``plan``'s session, and whether it ends the session
-    (the response says so, ``plan.end_session`` forces it, or it says nothing)."""
-    answer = turn_response(response, session_id=plan.session_id, force_end=plan.end_session)
-    return answer, bool(answer.response.should_end_session)
+def answer_response(plan: Plan, response: Response) -> tuple[bytes, bool]:
+    """The encoded answer to a turn's Response in ``plan``'s session (the bytes
+    ``encode(turn_response(...))`` gives), and whether it ends the session (the
+    response says so, ``plan.end_session`` forces it, or it says nothing).
+
+    The webhook's path: the answer goes from its wire dict (:func:`turn_wire`)
+    straight to JSON, without the response models; only an answer over
+    :data:`MAX_RESPONSE_BYTES` is made into them, for :func:`encode` to shrink.
+    """
+    wire = turn_wire(response, session_id=plan.session_id, force_end=plan.end_session)
+    data = to_json(wire)
+    if len(data) > MAX_RESPONSE_BYTES:
+        data = encode(AlexaResponseEnvelope.model_validate(wire))
+    return data, wire["response"]["shouldEndSession"]
 
 
 def turn_response(
@@ -525,7 +537,30 @@ def turn_response(
     reprompt: bool = True,
     max_speech_chars: int = MAX_SPEECH_CHARS,
 ) -> AlexaResponseEnvelope:
-    """The Alexa answer to a turn's Response (issue section "Response").
+    """The Alexa answer to a turn's Response (issue section "Response"), as the
+    envelope model of :func:`turn_wire`'s dict (same arguments, same rules)."""
+    wire = turn_wire(
+        response,
+        session_id=session_id,
+        force_end=force_end,
+        reprompt=reprompt,
+        max_speech_chars=max_speech_chars,
+    )
+    return AlexaResponseEnvelope.model_validate(wire)
+
+
+def turn_wire(
+    response: Response,
+    *,
+    session_id: str | None,
+    force_end: bool = False,
+    reprompt: bool = True,
+    max_speech_chars: int = MAX_SPEECH_CHARS,
+) -> dict[str, Any]:
+    """The wire dict of the Alexa answer to a turn's Response (issue section "Response").
+
+    What :meth:`AlexaResponseEnvelope.wire` of the answer gives (camelCase names,
+    ``None`` left out, keys in the models' order), made without the models:
 
     - ``outputSpeech``: SSML of the items (ssml when present, text escaped
       otherwise, https audio as ``<audio src>``), at most ``max_speech_chars``;
@@ -533,29 +568,36 @@ def turn_response(
       open (and ``reprompt`` is True);
     - ``card``: Standard, with the items' text and the first https image, when
       an item has an image;
-    - ``shouldEndSession``: ``sessionEnded and sleepTimeout == 0``, or True with
-      ``force_end``; a response that says nothing ends the session.
+    - ``shouldEndSession`` (always present, a bool): ``sessionEnded and
+      sleepTimeout == 0``, or True with ``force_end``; a response that says nothing
+      ends the session.
     """
     items = response.items
     end = force_end or (response.session_ended and response.sleep_timeout == 0)
     speech = speech_ssml(items, max_speech_chars)
     should_end = end or speech is None
-    again = None
-    if speech is not None and reprompt and not should_end:
-        again = _reprompt_ssml(items, speech, max_speech_chars)
+    body: dict[str, Any] = {}
+    if speech is not None:
+        body["outputSpeech"] = {"type": "SSML", "ssml": speech}
+        again = None
+        if reprompt and not should_end:
+            again = _reprompt_ssml(items, speech, max_speech_chars)
+        if again:
+            body["reprompt"] = {"outputSpeech": {"type": "SSML", "ssml": again}}
     image = next((i.image for i in items if i.image and i.image.startswith("https://")), None)
-    body = AlexaResponseBody(
-        output_speech=OutputSpeech(ssml=speech) if speech is not None else None,
-        reprompt=Reprompt(output_speech=OutputSpeech(ssml=again)) if again else None,
-        card=Card(
-            text=display_text(items, MAX_CARD_CHARS) or None,
-            image=CardImage(small_image_url=image, large_image_url=image),
-        )
-        if image
-        else None,
-        should_end_session=should_end,
-    )
-    return AlexaResponseEnvelope(session_attributes=session_attributes(session_id), response=body)
+    if image:
+        card: dict[str, Any] = {"type": "Standard"}
+        text = display_text(items, MAX_CARD_CHARS)
+        if text:
+            card["text"] = text
+        card["image"] = {"smallImageUrl": image, "largeImageUrl": image}
+        body["card"] = card
+    body["shouldEndSession"] = should_end
+    wire: dict[str, Any] = {"version": VERSION}
+    if session_id:
+        wire["sessionAttributes"] = {SESSION_ATTRIBUTE: session_id}
+    wire["response"] = body
+    return wire
 
 
 def _reprompt_ssml(items: Sequence[ResponseItem], speech: str, max_chars: int) -> str | None:

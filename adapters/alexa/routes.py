@@ -70,8 +70,12 @@ def default_verifier_factory(settings: Settings) -> AlexaVerifier:
     return AlexaVerifier(settings.alexa_skill_ids)
 
 
-class AlexaWebhook(WebhookChannel[Planned, AlexaResponseEnvelope]):
+class AlexaWebhook(WebhookChannel[Planned, bytes]):
     """The /alexa endpoint's per-app state and particulars, made at startup.
+
+    Its answers are the encoded response envelopes (:func:`adapters.alexa.protocol.encode`'s
+    JSON bytes): a turn's is written straight from its wire dict
+    (:func:`adapters.alexa.protocol.answer_response`).
 
     ``verifier`` is None when verification is off; ``refusal`` says why every
     request is refused (verification on, no skill id configured). Every unusable
@@ -109,8 +113,11 @@ class AlexaWebhook(WebhookChannel[Planned, AlexaResponseEnvelope]):
             return None
         return turn_context(decided), decided.input
 
-    async def other(self, planned: Planned) -> AlexaResponseEnvelope:
+    async def other(self, planned: Planned) -> bytes:
         """Session ends, CanFulfillIntent, exceptions and any other type: no turn."""
+        return encode(await self._other(planned))
+
+    async def _other(self, planned: Planned) -> AlexaResponseEnvelope:
         envelope, decided = planned
         if decided.handling is Handling.CAN_FULFILL:
             return can_fulfill_response(envelope)
@@ -137,7 +144,7 @@ class AlexaWebhook(WebhookChannel[Planned, AlexaResponseEnvelope]):
             log.debug("Alexa session %s ended: %s", session_ref(decided.session_id or ""), reason)
         await self.end(turn_context(decided))
 
-    def answer(self, planned: Planned, response: Response) -> tuple[AlexaResponseEnvelope, bool]:
+    def answer(self, planned: Planned, response: Response) -> tuple[bytes, bool]:
         """:func:`adapters.alexa.protocol.answer_response`."""
         return answer_response(planned[1], response)
 
@@ -145,13 +152,13 @@ class AlexaWebhook(WebhookChannel[Planned, AlexaResponseEnvelope]):
         """AMAZON.StopIntent and CancelIntent end the session whatever the core does."""
         return planned[1].end_session
 
-    def fallback(self, planned: Planned, text: str, end: bool) -> AlexaResponseEnvelope:
-        """:func:`adapters.alexa.protocol.fallback_response`."""
-        return fallback_response(planned[1], text, end)
+    def fallback(self, planned: Planned, text: str, end: bool) -> bytes:
+        """:func:`adapters.alexa.protocol.fallback_response`, encoded."""
+        return encode(fallback_response(planned[1], text, end))
 
-    def encode(self, answer: AlexaResponseEnvelope) -> HTTPResponse:
-        """The envelope within Alexa's size limits (:func:`adapters.alexa.protocol.encode`)."""
-        return HTTPResponse(encode(answer), media_type="application/json")
+    def encode(self, answer: bytes) -> HTTPResponse:
+        """The encoded envelope (within Alexa's size limits) as the HTTP answer."""
+        return HTTPResponse(answer, media_type="application/json")
 
 
 def make_channel(gw: Gateway, factory: AlexaVerifierFactory | None = None) -> AlexaWebhook:

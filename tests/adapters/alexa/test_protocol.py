@@ -25,7 +25,9 @@ from adapters.alexa.protocol import (
     CardImage,
     Handling,
     OutputSpeech,
+    Plan,
     Reprompt,
+    answer_response,
     can_fulfill_response,
     empty_response,
     encode,
@@ -490,6 +492,29 @@ def test_answers_are_byte_identical_to_the_earlier_code() -> None:
     assert checked > 1000
     for answer in (empty_response(), can_fulfill_response(parse_envelope(fixture_bytes()))):
         assert encode(answer) == answer.wire_json().encode()
+
+
+def test_answer_response_is_the_encoded_turn_response() -> None:
+    """answer_response (the webhook's answer, written from the wire dict without the
+    models) gives the bytes encode gives of the earlier code's envelope, and its
+    shouldEndSession, for every fixture's session and shape of response, forced end
+    or not (the answers over 24 KB go through encode's shrinking)."""
+    sessions: set[str | None] = {None}
+    for path in sorted(Path(ALEXA).rglob("*.json")):
+        sessions.add(plan(parse_envelope(path.read_bytes()), CONFIG).session_id)
+    checked = shrunk = 0
+    for session_id in sorted(sessions, key=str):
+        for response in _responses():
+            for force_end in (False, True):
+                decided = Plan(Handling.TURN, session_id=session_id, end_session=force_end)
+                data, ends = answer_response(decided, response)
+                old = _old_turn_response(response, session_id=session_id, force_end=force_end)
+                assert data == encode(old)
+                assert ends is old.response.should_end_session
+                shrunk += len(old.wire_json().encode()) > MAX_RESPONSE_BYTES
+                checked += 1
+    assert checked > 500
+    assert shrunk > 0
 
 
 def fixture_bytes() -> bytes:
