@@ -150,7 +150,8 @@ class Input(Frozen):
     @classmethod
     def of(cls, text: str, **fields: Any) -> Input:
         """An input whose transcript is ``text`` with confidence 1.0."""
-        return cls(transcript=Transcript(text=text), **fields)
+        # the transcript as data: validated with the input in one call, not a model first
+        return cls(transcript={"text": text}, **fields)
 
     @classmethod
     def said(cls, text: str, **fields: Any) -> Input:
@@ -160,7 +161,7 @@ class Input(Frozen):
         Flowstorm's, may make). Channels whose user text has no such convention (Alexa,
         Google, Dialogflow) use it."""
         literal = "" if text.strip().startswith(ACTION_PREFIX) else None
-        return cls(transcript=Transcript(text=text), action=literal, **fields)
+        return cls(transcript={"text": text}, action=literal, **fields)
 
     @property
     def text(self) -> str:
