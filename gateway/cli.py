@@ -75,21 +75,14 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.server import auto_max_connections, describe, open_file_limit, uvicorn_options
+    from gateway.server import describe, open_file_limit, uvicorn_options
 
     level = (log_level or settings.log_level).lower()
     configure_logging(level, settings.log_format)
     server_log = logging.getLogger("gateway.server")
     server_log.info(describe(settings))
-    room = auto_max_connections(open_file_limit(), settings.redis_max_connections)
-    if settings.max_connections and settings.max_connections > room:
-        server_log.warning(
-            "GATEWAY_MAX_CONNECTIONS=%d is more than the open-file limit %d leaves (%d): "
-            "past that, connections fail unanswered; raise the limit (ulimit -n, nofile)",
-            settings.max_connections,
-            open_file_limit(),
-            room,
-        )
+    for warning in startup_warnings(settings, open_file_limit()):
+        server_log.warning(warning)
     uvicorn.run(
         app if app is not None else create_app(settings, freeze_gc=True),
         host=settings.host,
@@ -101,6 +94,38 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
         # deadlines, connection cap, send deadline, ws_max_size (gateway/server.py)
         **uvicorn_options(settings),
     )
+
+
+def startup_warnings(settings: Settings, file_limit: int) -> list[str]:
+    """What ``gateway serve`` warns of at startup for ``settings`` (with ``file_limit``
+    open files, ``ulimit -n``): settings that work but fail some clients.
+
+    - GATEWAY_MAX_CONNECTIONS over what the open-file limit leaves
+      (:func:`gateway.server.auto_max_connections`): past that, connections fail
+      unanswered.
+    - GATEWAY_SHUTDOWN_TIMEOUT_S not longer than GATEWAY_TURN_TIMEOUT_S: on SIGTERM a
+      turn may still run when uvicorn stops waiting and cancels its request; its
+      client gets a 500 though the turn goes on and its session is saved (the
+      lifespan waits for it), so a retry says the same thing twice.
+    """
+    from gateway.server import auto_max_connections
+
+    warnings = []
+    room = auto_max_connections(file_limit, settings.redis_max_connections)
+    if settings.max_connections and settings.max_connections > room:
+        warnings.append(
+            f"GATEWAY_MAX_CONNECTIONS={settings.max_connections} is more than the open-file "
+            f"limit {file_limit} leaves ({room}): past that, connections fail unanswered; "
+            "raise the limit (ulimit -n, nofile)"
+        )
+    if settings.shutdown_timeout_s <= settings.turn_timeout_s:
+        warnings.append(
+            f"GATEWAY_SHUTDOWN_TIMEOUT_S={settings.shutdown_timeout_s} is not longer than "
+            f"GATEWAY_TURN_TIMEOUT_S={settings.turn_timeout_s:g}: on SIGTERM a turn still "
+            "running when the wait ends is answered 500 though it goes on and is saved (a "
+            "retry repeats it); give the shutdown more time than a turn"
+        )
+    return warnings
 
 
 def setting_errors(exc: ValidationError) -> list[str]:

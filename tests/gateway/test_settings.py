@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from adapters.vonage.protocol import RATES
+from gateway.cli import startup_warnings
 from gateway.events import MAX_TIMEOUT_S
 from gateway.settings import Settings
 
@@ -78,3 +79,20 @@ def test_a_port_out_of_range_is_refused(monkeypatch: pytest.MonkeyPatch, port: s
     monkeypatch.setenv("GATEWAY_PORT", port)
     with pytest.raises(ValidationError, match="port"):
         Settings()
+
+
+def test_settings_that_fail_some_clients_are_warned_of_at_startup() -> None:
+    """``gateway serve``'s startup warnings: none for the defaults; a shutdown wait no
+    longer than a turn (its clients would get a 500 for a turn that is saved), and more
+    connections than the open-file limit leaves, each named with its values."""
+    assert startup_warnings(Settings(), 65536) == []
+    short = startup_warnings(Settings(shutdown_timeout_s=10, turn_timeout_s=10), 65536)
+    assert short == [
+        "GATEWAY_SHUTDOWN_TIMEOUT_S=10 is not longer than GATEWAY_TURN_TIMEOUT_S=10: on "
+        "SIGTERM a turn still running when the wait ends is answered 500 though it goes on "
+        "and is saved (a retry repeats it); give the shutdown more time than a turn"
+    ]
+    assert startup_warnings(Settings(shutdown_timeout_s=11, turn_timeout_s=10), 65536) == []
+    crowded = startup_warnings(Settings(max_connections=1000), 256)
+    assert len(crowded) == 1
+    assert crowded[0].startswith("GATEWAY_MAX_CONNECTIONS=1000 is more than the open-file limit")
