@@ -1,4 +1,5 @@
-"""A TCP proxy in front of the test Redis that can lose one reply (see ReplyDropper).
+"""A TCP proxy in front of the test Redis that can lose one reply (see ReplyDropper), or
+cut Redis off altogether for a while (:meth:`ReplyDropper.cut`, an outage).
 
 The gateway's Redis client retries a command whose connection dropped (gateway/
 redisconn.py, ``_fast_failure``), also when Redis had run it and only its reply was
@@ -14,12 +15,17 @@ import asyncio
 class ReplyDropper:
     """A TCP proxy to Redis that loses one reply when ``armed``: the connection carrying
     the next bytes Redis sends is cut (both ways) and those bytes are dropped, so the
-    command ran on Redis and its client sees only a closed connection."""
+    command ran on Redis and its client sees only a closed connection.
+
+    :meth:`cut` makes Redis unreachable through the proxy (an outage): every connection
+    is cut and new ones are closed as soon as they are accepted, until :meth:`restore`."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.armed = False
         self.dropped = 0
+        self.cut_off = False
+        self._open: set[asyncio.StreamWriter] = set()  # both ends of every connection
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[object]] = set()
 
@@ -35,8 +41,23 @@ class ReplyDropper:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def cut(self) -> None:
+        """Redis is gone: cut every connection; new ones are closed until :meth:`restore`."""
+        self.cut_off = True
+        for writer in list(self._open):
+            writer.transport.abort()
+
+    def restore(self) -> None:
+        """Redis is back: new connections reach it again."""
+        self.cut_off = False
+
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.cut_off:
+            client_w.transport.abort()
+            return
         redis_r, redis_w = await asyncio.open_connection(self.host, self.port)
+        ends = (client_w, redis_w)
+        self._open.update(ends)
 
         async def upstream() -> None:
             while data := await client_r.read(65536):
@@ -60,3 +81,4 @@ class ReplyDropper:
         self._tasks.update(pumps)
         await asyncio.gather(*pumps, return_exceptions=True)
         self._tasks.difference_update(pumps)
+        self._open.difference_update(ends)
