@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
@@ -457,6 +458,48 @@ async def aclose(client: RedisClient) -> None:
                 await sentinel.aclose()
 
 
+SOCKETIO_REDIS_COMPONENT: Final = "socket.io-redis"
+"""The component a Redis outage of the socket.io manager's lines name (as the gateway's
+other outage lines name theirs, ``nonce-store``, ``tts-cache``)."""
+
+_SOCKETIO_REDIS_OUTAGE = re.compile(
+    r"Cannot receive from redis\.\.\. retrying in \d+ secs"
+    r"|Cannot publish to redis\.\.\. (?:retrying|giving up)"
+)
+
+
+class SocketIoRedisOutage(logging.Filter):
+    """Makes python-socketio's Redis outage lines WARNINGs of the component
+    :data:`SOCKETIO_REDIS_COMPONENT`, as the gateway logs any other store outage.
+
+    python-socketio 5 (socketio/async_redis_manager.py) logs at ERROR, with the
+    exception's text as the field ``redis_exception``: ``Cannot receive from redis...
+    retrying in N secs`` once per retry of its subscription (N = 1, 2, 4, ... 60 s) and
+    ``Cannot publish to redis... retrying`` / ``... giving up`` when a PUBLISH fails
+    (the second try drops that message). Those records, matched on the logger
+    ``name`` (a logging.Filter's own test), the level, the exact text and that field,
+    become WARNING ``<text> (component: socket.io-redis): <exception>``; every other
+    record of the logger (a handler's exception, an error unrelated to Redis) passes
+    unchanged. Nothing is dropped: still one line per retry step. When Redis is back
+    python-socketio subscribes again without a line of its own.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        cause = record.__dict__.get("redis_exception")
+        if (
+            cause is not None
+            and record.levelno == logging.ERROR
+            and not record.args
+            and isinstance(record.msg, str)
+            and _SOCKETIO_REDIS_OUTAGE.fullmatch(record.msg)
+            and super().filter(record)
+        ):
+            record.levelno = logging.WARNING
+            record.levelname = logging.getLevelName(logging.WARNING)
+            record.msg = f"{record.msg} (component: {SOCKETIO_REDIS_COMPONENT}): {cause}"
+        return True
+
+
 class SocketIoRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     """python-socketio's AsyncRedisManager on the gateway's own client for ``url``.
 
@@ -468,7 +511,7 @@ class SocketIoRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     a classic PUBLISH reaches subscribers on every node, so the subscription sits
     on the node of the channel's slot (redis-py ClusterPubSub), and when that node
     fails python-socketio's own retry loop connects again and finds the slot's new
-    owner.
+    owner. Its Redis outage lines are WARNINGs (:class:`SocketIoRedisOutage`).
     """
 
     def __init__(self, url: str, *, channel: str, max_connections: int = 8) -> None:
@@ -476,6 +519,15 @@ class SocketIoRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         super().__init__(url, channel=channel)
         self._max_connections = max_connections
         self._closing: set[asyncio.Task[None]] = set()
+
+    def set_server(self, server: Any) -> None:
+        """python-socketio's hook (the server's ``__init__`` calls it, before anything is
+        logged): also puts :class:`SocketIoRedisOutage` on the logger the manager logs
+        to (the server's, ``socketio.server``, unless the manager was given one)."""
+        super().set_server(server)
+        logger = self._get_logger()
+        if not any(isinstance(f, SocketIoRedisOutage) for f in logger.filters):
+            logger.addFilter(SocketIoRedisOutage(logger.name))
 
     def _redis_connect(self) -> None:
         old: RedisClient | None = getattr(self, "redis", None)

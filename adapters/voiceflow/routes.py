@@ -36,9 +36,11 @@ Operations:
   Sentinel or Cluster; gateway.redisconn.SocketIoRedisManager),
   so emits to rooms or to clients of other instances (and ``disconnect`` of them)
   reach them. The gateway's own emits always go to a connection of this process and
-  skip the queue (``ignore_queue``): one Redis PUBLISH less per trace. Sessions are
-  in the turn engine's store, so a client that reconnects (with its sessionKey)
-  anywhere continues its conversation. Long polling needs **sticky sessions** at
+  skip the queue (``ignore_queue``): one Redis PUBLISH less per trace. A Redis
+  outage is a WARNING of the manager (component ``socket.io-redis``, see
+  gateway.redisconn.SocketIoRedisOutage), which subscribes again when Redis is back.
+  Sessions are in the turn engine's store, so a client that reconnects (with its
+  sessionKey) anywhere continues its conversation. Long polling needs **sticky sessions** at
   the load balancer (every request of one Engine.IO session must reach the
   process that holds it); WebSocket connections do not.
 - **Graceful shutdown.** ``server.restart`` goes to every client connected to this

@@ -1,0 +1,114 @@
+"""The Voiceflow socket.io server through a Redis outage: python-socketio's Redis manager
+(gateway.redisconn.SocketIoRedisManager) logs it as the gateway logs a store outage, at
+WARNING naming the component, and its subscription comes back with Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import pytest
+import redis.asyncio as aioredis
+import socketio
+
+from gateway.redisconn import SOCKETIO_REDIS_COMPONENT, SocketIoRedisManager
+from tests.adapters.voiceflow.helpers import client, served
+from tests.gateway.redis_proxy import ReplyDropper
+
+WAIT_S = 5.0
+"""Safety net for each wait below (not an assertion: they take about a second)."""
+
+
+@pytest.fixture
+async def redis_proxy(redis_url: str) -> AsyncIterator[tuple[ReplyDropper, str]]:
+    """A proxy in front of the test Redis that the test can cut, and the URL through it."""
+    target = urlsplit(redis_url)
+    proxy = ReplyDropper(target.hostname or "127.0.0.1", target.port or 6379)
+    port = await proxy.start()
+    yield proxy, f"redis://127.0.0.1:{port}{target.path or '/0'}"
+    await proxy.close()
+
+
+async def _until_logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not any(text in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, f"not logged: {text}"
+        await asyncio.sleep(0.02)
+
+
+async def _until_subscribed(redis: aioredis.Redis, channel: str) -> None:
+    """Wait until ``channel`` has one subscriber (the manager's listener)."""
+    deadline = time.monotonic() + WAIT_S
+    while (count := (await redis.pubsub_numsub(channel))[0][1]) != 1:
+        assert time.monotonic() < deadline, f"{count} subscribers of {channel}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_redis_outage_is_a_warning_and_the_socketio_manager_recovers(
+    redis_proxy: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy, redis_url = redis_proxy
+    channel = f"{redis_prefix}:voiceflow:socket.io"
+    caplog.set_level(logging.INFO)
+    # served(): also fails the test on an ERROR record of the server's loggers
+    async with served(redis_url=redis_url, redis_prefix=redis_prefix) as url, client(url) as vf:
+        # python-socketio starts its Redis listener with the first connection
+        await _until_subscribed(aredis, channel)
+
+        proxy.cut()
+        retrying = "Cannot receive from redis... retrying in 1 secs"
+        await _until_logged(caplog, retrying)
+        proxy.restore()
+        # python-socketio subscribes again after its first retry wait (1 s)
+        await _until_subscribed(aredis, channel)
+
+        # an emit of another process through Redis reaches the connected client
+        emitter = socketio.AsyncRedisManager(redis_url, channel=channel, write_only=True)
+        await emitter.emit("outage.over", {"ok": True}, namespace="/")
+        assert await vf.expect("outage.over") == {"ok": True}
+        await emitter.redis.aclose()
+        # and the store answers the spec's handshake again
+        assert await vf.handshake()
+
+    errors = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    outage = [r for r in caplog.records if retrying in r.getMessage()]
+    assert outage[0].levelno == logging.WARNING
+    assert outage[0].name == "socketio.server"
+    assert f"(component: {SOCKETIO_REDIS_COMPONENT})" in outage[0].getMessage()
+    assert len(outage) == 1  # one line per retry step; Redis came back after the first
+
+
+async def test_a_failed_publish_is_a_warning_and_other_errors_stay_errors(
+    redis_proxy: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy, redis_url = redis_proxy
+    manager = SocketIoRedisManager(redis_url, channel=f"{redis_prefix}:voiceflow:socket.io")
+    server = socketio.AsyncServer(async_mode="asgi", client_manager=manager)
+    caplog.set_level(logging.INFO)
+    proxy.cut()
+    await server.emit("to.everyone", {}, namespace="/")  # published for other instances
+    assert [(r.levelno, r.getMessage().partition(" (")[0]) for r in caplog.records] == [
+        (logging.WARNING, "Cannot publish to redis... retrying"),
+        (logging.WARNING, "Cannot publish to redis... giving up"),
+    ]
+    assert all(
+        f"(component: {SOCKETIO_REDIS_COMPONENT}): " in r.getMessage() for r in caplog.records
+    )
+    await manager.redis.aclose()
+
+    # the same logger's other errors, even with the same words, stay errors
+    caplog.clear()
+    server.logger.exception("Handler error in pubsub listening thread")
+    server.logger.error("Cannot publish to redis... giving up")  # no redis_exception field
+    server.logger.error("Cannot publish to redis... giving up now", extra={"redis_exception": "x"})
+    assert [r.levelno for r in caplog.records] == [logging.ERROR] * 3
+    assert "component" not in caplog.text
