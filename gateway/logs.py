@@ -202,12 +202,44 @@ URLs of the gateway's calls to cores and carriers, with credentials in them (twi
 client logs nine INFO lines a request)."""
 
 
+SOCKETIO_LOGGERS = ("socketio.server", "engineio.server")
+"""The server loggers of python-socketio and python-engineio (the Voiceflow socket.io
+endpoint): they log ERROR and above only (:func:`socketio_logger`)."""
+
+
+def socketio_logger(name: str) -> logging.Logger:
+    """The logger ``name`` (one of :data:`SOCKETIO_LOGGERS`) made the gateway's: no
+    handler of its own, its records propagate to the root logger's handler (the format
+    and redaction filters of :func:`configure_logging`), level ERROR (or the root's
+    level when that is higher).
+
+    Given to python-socketio's server as ``logger=``/``engineio_logger=``: with
+    ``False`` instead, python-socketio and python-engineio (``base_server.py``) set the
+    logger, when its level is unset, to ERROR and attach a bare stderr StreamHandler of
+    their own, so each of their lines was written twice, once not in the gateway's
+    format and unredacted. Handlers already attached (a server made earlier in the
+    process with ``False``) are removed. ERROR is the level python-socketio gives it
+    for ``False``, kept: its INFO lines carry each packet's data (sessionKeys, API
+    keys), and its WARNINGs are each about one request of a peer (an unsupported
+    method, an emit to a client that left, an event for a namespace it did not join),
+    lines a client can repeat at will, naming Engine.IO sids; the gateway logs the
+    peer faults it cares about itself. Called by both :func:`configure_logging` and
+    the server's constructor, so the order of the two does not matter.
+    """
+    logger = logging.getLogger(name)
+    logger.handlers[:] = []
+    logger.propagate = True
+    logger.setLevel(max(logging.ERROR, logging.getLogger().getEffectiveLevel()))
+    return logger
+
+
 def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") -> None:
     """Route the root logger (and uvicorn's) to stderr in ``fmt`` at ``level``.
 
     Access log lines go through :class:`RedactQuery`, every line through
     :class:`RedactFields` (see the module doc); :data:`QUIET_LIBRARIES` log only
-    warnings. Records do not look up the caller's
+    warnings, :data:`SOCKETIO_LOGGERS` only errors, through the root's handler alone
+    (:func:`socketio_logger`). Records do not look up the caller's
     file, line, thread or process (none of the formats shows them): the logging
     HOWTO's "Optimization" settings, which take a line per turn and uvicorn's access
     line from about 40 to 16 µs each.
@@ -236,3 +268,5 @@ def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text"
     # token in the query (Rasa's ``token``), a session id (a credential) in the path
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in SOCKETIO_LOGGERS:  # the app (its socket.io server) may be made before
+        socketio_logger(name)

@@ -96,6 +96,7 @@ from gateway import metrics, redisconn
 from gateway.deps import Gateway
 from gateway.events import ResponseEvent
 from gateway.io.websocket import forward_turn
+from gateway.logs import socketio_logger
 from gateway.outbox import Entry, Following
 from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.actions import StartTurn
@@ -495,8 +496,10 @@ class VoiceflowServer:
             cors_allowed_origins="*" if "*" in origins else (origins or None),
             transports=["polling", "websocket"],
             max_http_buffer_size=settings.max_body_bytes,
-            logger=False,
-            engineio_logger=False,
+            # the gateway's loggers (ERROR, through the root handler): with False each
+            # library adds its own bare stderr handler and every line is written twice
+            logger=socketio_logger("socketio.server"),
+            engineio_logger=socketio_logger("engineio.server"),
         )
         self.asgi: Any = EngineIoGuard(socketio.ASGIApp(self.sio, socketio_path=PATH), self.sio)
         self.sio.on("connect", self._connect)

@@ -16,9 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import socketio
 from fastapi import FastAPI
 
+from adapters.voiceflow.protocol import PATH as VOICEFLOW_PATH
+from adapters.voiceflow.routes import VoiceflowServer
 from gateway.logs import (
+    QUIET_LIBRARIES,
+    SOCKETIO_LOGGERS,
     JsonFormatter,
     RedactQuery,
     configure_logging,
@@ -26,7 +31,8 @@ from gateway.logs import (
     session_ref,
     set_hash_key,
 )
-from tests.conftest import ROOT, free_port
+from gateway.settings import Settings
+from tests.conftest import ROOT, GatewayProcess, free_port
 
 APP_KEY = "app-key-that-is-a-secret"
 HASH_KEY = "log-hash-key-for-this-test"
@@ -160,3 +166,58 @@ async def test_the_http_clients_request_lines_with_credentials_are_not_logged(
     written = capfd.readouterr().err
     assert "a line that is written" in written
     assert "RASA-SECRET-1" not in written
+
+
+def test_socketio_lines_are_written_once_in_the_gateways_format(tmp_path: Path) -> None:
+    """python-engineio's ERROR for a request of an unknown Engine.IO session is one JSON
+    line of the root handler, not also a bare line of a handler of its own (which
+    python-engineio adds for ``engineio_logger=False``)."""
+    log_file = tmp_path / "gateway.log"
+    env = {"GATEWAY_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT)}
+    with log_file.open("wb") as sink:
+        gw = GatewayProcess(env, stderr=sink)
+        try:
+            gw.start()
+            answer = httpx.get(f"{gw.url}{VOICEFLOW_PATH}/?EIO=4&transport=polling&sid=nosuch")
+            assert answer.status_code == 400
+        finally:
+            gw.stop()
+    lines = [line for line in log_file.read_text().splitlines() if line.strip()]
+    assert [line for line in lines if not line.startswith("{")] == []
+    entries = [json.loads(line) for line in lines]  # every line: one JSON object
+    assert all(isinstance(entry, dict) for entry in entries)
+    assert len(set(lines)) == len(lines)
+    engineio = [e for e in entries if e["logger"] == "engineio.server"]
+    assert [(e["level"], e["message"].partition(" (")[0]) for e in engineio] == [
+        ("ERROR", "Invalid session nosuch")
+    ]
+
+
+@pytest.mark.parametrize("configured_first", [True, False])
+def test_socketio_loggers_propagate_only_whatever_the_order(configured_first: bool) -> None:
+    """Whether configure_logging runs before or after the socket.io server is made (tests
+    make apps without it), python-socketio's and python-engineio's loggers have no
+    handler of their own (not even one a server made with ``logger=False`` added
+    earlier) and pass ERRORs only to the root's handler."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    loggers = [logging.getLogger(name) for name in SOCKETIO_LOGGERS]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.NOTSET)  # as in a fresh process
+        socketio.AsyncServer(async_mode="asgi", logger=False, engineio_logger=False)
+        assert all(logger.handlers for logger in loggers)  # python-socketio's own handlers
+        if configured_first:
+            configure_logging("DEBUG", "json")
+            VoiceflowServer(Settings(redis_url=None))
+        else:
+            VoiceflowServer(Settings(redis_url=None))
+            configure_logging("DEBUG", "json")
+        for logger in loggers:
+            assert (logger.handlers, logger.propagate) == ([], True)
+            assert logger.getEffectiveLevel() == logging.ERROR
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        for name in QUIET_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.NOTSET)
