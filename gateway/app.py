@@ -53,6 +53,7 @@ from gateway.secrets import LOG_SESSION_REF, TTS_ID, load_secret_keys
 from gateway.sessions import (
     MemorySessionStore,
     RedisSessionStore,
+    StoreCircuitOpen,
     StoreUnavailable,
     make_store,
 )
@@ -265,7 +266,12 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         try:
             await gateway_of(request).store.ping()
         except StoreUnavailable as exc:  # the how goes to the log, the body says what
-            log.warning("not ready: %s", exc)
+            # refused by the store's open breaker (503 at once): the breaker logged it
+            log.log(
+                logging.DEBUG if isinstance(exc, StoreCircuitOpen) else logging.WARNING,
+                "not ready: %s",
+                exc,
+            )
             return problem(503, "Not ready", "The session store does not answer.")
         return JSONResponse({"status": "ready"})
 

@@ -83,6 +83,7 @@ from gateway.sessions import (
     SessionBusy,
     SessionStore,
     SessionTxn,
+    StoreCircuitOpen,
     StoreUnavailable,
 )
 from gateway.settings import Settings
@@ -469,8 +470,14 @@ class Conversation:
             outcome.reject(rejected)
             out.put_nowait(rejected)
         except StoreUnavailable as exc:
-            # an outage of a dependency, reported by /readyz and the metrics: not a bug
-            log.warning("session store unavailable in a turn of %s: %s", session_ref(ctx.key), exc)
+            # an outage of a dependency, reported by /readyz and the metrics: not a bug;
+            # a call refused by the store's open breaker: the breaker logged the outage
+            log.log(
+                logging.DEBUG if isinstance(exc, StoreCircuitOpen) else logging.WARNING,
+                "session store unavailable in a turn of %s: %s",
+                session_ref(ctx.key),
+                exc,
+            )
             if out.sent:  # the answer has begun: the turn ends with an Error event
                 outcome.error = "gateway"
                 out.put_nowait(

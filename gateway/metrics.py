@@ -35,6 +35,9 @@ Names and labels:
   (PipelineError, timeouts).
 - ``gateway_redis_seconds{op}``: Redis round trips of the session store
   (``acquire``, ``release``).
+- ``gateway_redis_breaker_open``: 1 while the session store's circuit breaker is open
+  (Redis did not answer; calls are refused at once, gateway/breaker.py), else 0;
+  ``gateway_redis_refused_total``: calls it refused meanwhile.
 
 All live in one registry per process (:data:`REGISTRY`), so several apps in one
 process (tests) share them; values are per process, as Prometheus expects.
@@ -133,6 +136,17 @@ CORE_ERRORS = Counter(
 )
 REDIS_SECONDS = Histogram(
     "gateway_redis_seconds", "Redis round trips (s).", ["op"], buckets=_FAST, registry=REGISTRY
+)
+
+REDIS_BREAKER_OPEN = Gauge(
+    "gateway_redis_breaker_open",
+    "1 while the session store's circuit breaker is open (Redis did not answer).",
+    registry=REGISTRY,
+)
+REDIS_REFUSED = Counter(
+    "gateway_redis_refused",
+    "Session store calls refused at once by its open circuit breaker.",
+    registry=REGISTRY,
 )
 
 

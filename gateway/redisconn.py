@@ -60,7 +60,15 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    MaxConnectionsError,
+    NoScriptError,
+    RedisClusterException,
+    RedisClusterUnreachableError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -74,6 +82,37 @@ REDIS_ERRORS: Final = (RedisError, RedisClusterException)
 RedisError alone): redis-py's RedisError, and its RedisClusterException family, which a
 Redis Cluster client raises when no node answers (RedisClusterUnreachableError) or a
 slot has no node (SlotNotCoveredError): those are no RedisError."""
+
+UNANSWERED_ERRORS: Final = (
+    RedisTimeoutError,
+    RedisConnectionError,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+    OSError,
+)
+"""What a command raises when Redis did not answer in time or could not be reached, of
+every kind of client: redis-py's TimeoutError (a read or connect deadline, also
+:class:`ScriptBatch`'s), its ConnectionError family (refused, reset, the Sentinel's
+MasterNotFoundError, authentication at connect), a Cluster client's
+RedisClusterUnreachableError (no startup node answers) and SlotNotCoveredError (no node
+for the slot), and a bare OSError (builtin TimeoutError included). Error replies
+(ResponseError: a script error, WRONGTYPE, NOSCRIPT, CLUSTERDOWN...) are answers, not
+in here. See :func:`unanswered`, which also leaves out a full connection pool."""
+
+
+def unanswered(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a command, means Redis did not answer in time or could
+    not be reached (:data:`UNANSWERED_ERRORS`); False for an error reply and for a pool
+    of this process that had no free connection in time (redis-py's
+    ``ConnectionError("No connection available.")`` of a blocking pool,
+    MaxConnectionsError of a Cluster node's): that is this process's load, and the
+    commands holding the connections report Redis's own state."""
+    if not isinstance(exc, UNANSWERED_ERRORS) or isinstance(exc, MaxConnectionsError):
+        return False
+    return not (
+        isinstance(exc.__cause__, TimeoutError) and str(exc).startswith("No connection available")
+    )
+
 
 Kind = Literal["server", "sentinel", "cluster"]
 

@@ -50,13 +50,14 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from gateway import metrics, redisconn
+from gateway.breaker import CircuitBreaker, CircuitOpen
 from gateway.events import MAX_TIMEOUT_S, LogEntry
 from gateway.redisconn import REDIS_ERRORS, RedisClient, script_batch
 
@@ -117,6 +118,22 @@ class SessionBusy(StoreError):
 
 class StoreUnavailable(StoreError):
     """The store (Redis) cannot be reached or failed."""
+
+
+class StoreCircuitOpen(StoreUnavailable):
+    """Refused at once, Redis not asked: it did not answer lately and the store's circuit
+    breaker is open (:class:`gateway.breaker.CircuitBreaker`); the message says when it
+    will be asked again. The breaker logged the outage once: callers need not log each."""
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    """The StoreUnavailable of a Redis error ``exc`` (its text, or the breaker's)."""
+    if isinstance(exc, CircuitOpen):
+        return StoreCircuitOpen(str(exc))
+    return StoreUnavailable(f"Redis: {exc}")
+
+
+_T = TypeVar("_T")
 
 
 class LockLost(StoreError):
@@ -491,6 +508,15 @@ class RedisSessionStore:
     renewal of the lease (``lease_s``) per third of it that the transaction stays
     open; a contended lock is polled with backoff from 2 ms up to 50 ms until
     ``wait_s``.
+
+    Every call to Redis goes through :attr:`breaker` (``breaker``, default a
+    :class:`~gateway.breaker.CircuitBreaker` with its defaults: 1 s cool-down doubling
+    up to 5 s): once a call finds Redis not answering (a timeout, a connection error),
+    the lock's take, :meth:`get` and :meth:`ping` (so turns, client logs and /readyz)
+    raise :class:`StoreCircuitOpen` at once, Redis not asked, until one probe gets an
+    answer. A transaction already open is let finish: its lease renewals and its
+    release still go to Redis (a release that fails leaves the lock to its lease, as
+    any failed release does).
     """
 
     def __init__(
@@ -500,8 +526,11 @@ class RedisSessionStore:
         prefix: str = "gw",
         max_connections: int = 64,
         client: RedisClient | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._redis = client or redis_client(url, max_connections=max_connections)
+        self.breaker = breaker or CircuitBreaker()
+        """Of every Redis call of this store (see the class doc)."""
         self._prefix = prefix
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
@@ -523,6 +552,20 @@ class RedisSessionStore:
         if self._batch is None:
             return script(keys=keys, args=args)
         return self._batch.call(script, keys, args, orphaned=orphaned)
+
+    async def _guarded(self, call: Callable[[], Awaitable[_T]], *, always: bool = False) -> _T:
+        """``call()`` awaited under :attr:`breaker`: raises CircuitOpen at once (``call``
+        not made) while it is open, unless ``always`` (let through, see the class doc);
+        the call's answer or error is recorded."""
+        breaker = self.breaker
+        ticket = breaker.pass_through() if always else breaker.admit()
+        try:
+            result = await call()
+        except BaseException as exc:
+            breaker.record(ticket, exc)
+            raise
+        breaker.record(ticket, None)
+        return result
 
     def peek_outbox(self, keys_of: Callable[[str], tuple[str, str]]) -> None:
         """Count a session's undelivered outbox entries when its lock is taken, in the
@@ -557,27 +600,26 @@ class RedisSessionStore:
         # a take whose caller left (cancelled) before its reply: released once it came
         orphaned = functools.partial(self._orphaned_take, lock_key, data_key, token)
         take: Awaitable[Any] | None = None
+        if self._outbox_keys is None:
+            script, keys = self._acquire, [lock_key, data_key]
+        else:
+            script, keys = self._acquire_peek, [lock_key, data_key, *self._outbox_keys(key)]
+        breaker = self.breaker
         try:
             while True:
+                ticket = breaker.admit()  # before the call: refused, Redis is not asked
                 sent = time.perf_counter()
                 try:
-                    if self._outbox_keys is None:
-                        take = self._call(
-                            self._acquire, [lock_key, data_key], [token, lease_ms], orphaned
-                        )
-                        got, data = await take
-                        pending = None
-                    else:
-                        take = self._call(
-                            self._acquire_peek,
-                            [lock_key, data_key, *self._outbox_keys(key)],
-                            [token, lease_ms],
-                            orphaned,
-                        )
-                        got, data, count = await take
-                        pending = bool(count)
+                    take = self._call(script, keys, [token, lease_ms], orphaned)
+                    reply = await take
+                except BaseException as exc:
+                    breaker.record(ticket, exc)
+                    raise
                 finally:  # timed inline: a histogram's .time() makes a Timer per use
                     _ACQUIRE_SECONDS.observe(time.perf_counter() - sent)
+                breaker.record(ticket, None)
+                got, data = reply[0], reply[1]
+                pending = None if self._outbox_keys is None else bool(reply[2])
                 if got:
                     break
                 if time.monotonic() + delay > deadline:
@@ -585,7 +627,7 @@ class RedisSessionStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.05)
         except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"Redis: {exc}") from exc
+            raise _unavailable(exc) from exc
         except asyncio.CancelledError:
             # the take's reply was read before the cancellation reached this task (else
             # the batch hands the reply to ``orphaned``, which does the same)
@@ -650,7 +692,10 @@ class RedisSessionStore:
             sent = time.monotonic()
             try:
                 with metrics.labelled(metrics.REDIS_SECONDS, "renew").time():
-                    ok = await self._renew(keys=[lock_key], args=[txn.token, lease_ms])
+                    ok = await self._guarded(
+                        lambda: self._renew(keys=[lock_key], args=[txn.token, lease_ms]),
+                        always=True,  # the transaction runs: its lock is kept if Redis answers
+                    )
             except REDIS_ERRORS as exc:
                 if time.monotonic() - renewed >= lease_ms / 1000:
                     txn.lost = True
@@ -681,20 +726,26 @@ class RedisSessionStore:
         for write_key, value, ttl_s in txn.side_writes:  # in the script (see _RELEASE)
             keys.append(write_key)
             args += (value, ttl_s)
+        batch = self._batch
         try:
             # a cancelled caller must still release the lock it holds: the batch runs
-            # in a task of its own (shielded alone on a cluster)
+            # in a task of its own (shielded alone on a cluster); an open breaker lets
+            # releases through (the lock would otherwise wait for its lease)
             sent = time.perf_counter()
             try:
-                if self._batch is None:
-                    ok, failed = await asyncio.shield(self._release(keys=keys, args=args))
+                if batch is None:
+                    ok, failed = await self._guarded(
+                        lambda: asyncio.shield(self._release(keys=keys, args=args)), always=True
+                    )
                 else:
-                    ok, failed = await self._batch.call(self._release, keys, args)
+                    ok, failed = await self._guarded(
+                        lambda: batch.call(self._release, keys, args), always=True
+                    )
             finally:
                 _RELEASE_SECONDS.observe(time.perf_counter() - sent)
         except REDIS_ERRORS as exc:
             if applied:
-                raise StoreUnavailable(f"Redis: {exc}") from exc
+                raise _unavailable(exc) from exc
             log.warning("could not release lock of %s: %s", _ref(txn.key), exc)
             return
         if failed:  # the session's fate is the fence's: only say so
@@ -703,17 +754,18 @@ class RedisSessionStore:
             raise LockLost(f"lock of session {txn.key} expired before its {txn.outcome}")
 
     async def get(self, key: str) -> Session | None:
+        data_key = self._keys(key)[1]
         try:
-            data = await self._redis.get(self._keys(key)[1])
+            data = await self._guarded(lambda: self._redis.get(data_key))
         except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"Redis: {exc}") from exc
+            raise _unavailable(exc) from exc
         return Session.model_validate_json(data) if data else None
 
     async def ping(self) -> None:
         try:
-            await self._redis.ping()
+            await self._guarded(self._redis.ping)
         except (*REDIS_ERRORS, OSError) as exc:
-            raise StoreUnavailable(f"Redis: {exc}") from exc
+            raise _unavailable(exc) from exc
 
     async def aclose(self) -> None:
         if self._batch is not None:

@@ -1,10 +1,13 @@
-"""A TCP proxy in front of the test Redis that can lose one reply (see ReplyDropper), or
-cut Redis off altogether for a while (:meth:`ReplyDropper.cut`, an outage).
+"""A TCP proxy in front of the test Redis that can lose one reply, hang (see
+ReplyDropper), or cut Redis off altogether for a while (:meth:`ReplyDropper.cut`, an
+outage).
 
 The gateway's Redis client retries a command whose connection dropped (gateway/
 redisconn.py, ``_fast_failure``), also when Redis had run it and only its reply was
 lost: the command then runs twice. Tests of what a command run twice does go through
-this proxy (the ``reply_dropper`` fixture of tests/gateway/conftest.py).
+this proxy (the ``reply_dropper`` fixture of tests/gateway/conftest.py); so do the
+tests of a Redis that hangs and then answers again (the session store's circuit
+breaker, tests/gateway/test_breaker.py) and of one that is cut off and comes back.
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ class ReplyDropper:
     the next bytes Redis sends is cut (both ways) and those bytes are dropped, so the
     command ran on Redis and its client sees only a closed connection.
 
+    While ``hung`` (a stopped Redis, a partition) it accepts connections and reads what
+    clients send, and neither forwards it nor answers; a connection that lost bytes so
+    is cut when it is used after the hang (its replies would be out of step).
+    ``connections`` counts the connections accepted, ``received`` the reads of client
+    bytes (about one per command or pipelined batch): what Redis was asked.
+
     :meth:`cut` makes Redis unreachable through the proxy (an outage): every connection
     is cut and new ones are closed as soon as they are accepted, until :meth:`restore`."""
 
@@ -24,6 +33,9 @@ class ReplyDropper:
         self.host, self.port = host, port
         self.armed = False
         self.dropped = 0
+        self.hung = False
+        self.connections = 0
+        self.received = 0
         self.cut_off = False
         self._open: set[asyncio.StreamWriter] = set()  # both ends of every connection
         self._server: asyncio.Server | None = None
@@ -52,21 +64,40 @@ class ReplyDropper:
         self.cut_off = False
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self.connections += 1
         if self.cut_off:
             client_w.transport.abort()
             return
         redis_r, redis_w = await asyncio.open_connection(self.host, self.port)
         ends = (client_w, redis_w)
         self._open.update(ends)
+        lost = False  # bytes went nowhere during a hang
+
+        def cut() -> None:
+            client_w.transport.abort()
+            redis_w.transport.abort()
 
         async def upstream() -> None:
+            nonlocal lost
             while data := await client_r.read(65536):
+                self.received += 1
+                if self.hung:
+                    lost = True
+                    continue
+                if lost:
+                    return cut()
                 redis_w.write(data)
                 await redis_w.drain()
             redis_w.close()
 
         async def downstream() -> None:
+            nonlocal lost
             while data := await redis_r.read(65536):
+                if self.hung:  # a reply lost in the hang: the client waits for it
+                    lost = True
+                    continue
+                if lost:
+                    return cut()
                 if self.armed:  # the command ran; its reply is lost with the connection
                     self.armed = False
                     self.dropped += 1

@@ -1,0 +1,213 @@
+"""A circuit breaker for the session store's Redis: a Redis that hangs costs one timeout,
+not one per turn.
+
+A Redis that stops answering (stopped with SIGSTOP, a network partition, a blackholed
+route) makes every command wait for the client's timeout (gateway/redisconn.py: 3 s to
+connect, 5 s to read). Without a breaker every turn meanwhile waits those seconds before
+its 503, and the connection pool fills with waiting calls. With it, the first call that
+finds Redis not answering (:func:`gateway.redisconn.unanswered`: a timeout or a
+connection error, not an error reply) *opens* the breaker: for a cool-down every call
+is refused at once (:class:`CircuitOpen`) without touching Redis. When the cool-down
+ends, the next call goes through alone as a *probe* (half-open; the others are still
+refused): an answer (also an error reply) *closes* the breaker, no answer opens it again
+for twice the cool-down, up to ``max_cool_down_s``. Calls already on their way when it
+opens finish as they would have (their failures do not count again).
+
+Pure bookkeeping, no I/O and no task: the store asks :meth:`CircuitBreaker.admit` before
+a call and reports its end to :meth:`CircuitBreaker.record`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from redis.exceptions import RedisError, ResponseError
+
+from gateway import metrics
+from gateway.redisconn import unanswered
+
+log = logging.getLogger(__name__)
+
+BreakerState = Literal["closed", "open", "half-open"]
+
+_NO_TICKET = -1
+"""The ticket of a call let through while the breaker is not closed (:meth:`CircuitBreaker.
+pass_through`): its end changes nothing."""
+
+
+class CircuitOpen(RedisError):
+    """A call refused by an open :class:`CircuitBreaker` without asking Redis; the message
+    says why and when Redis will be asked again (``retry_in_s`` seconds from now, 0 while
+    the probe is on its way)."""
+
+    def __init__(self, message: str, retry_in_s: float) -> None:
+        super().__init__(message)
+        self.retry_in_s = retry_in_s
+
+
+class CircuitBreaker:
+    """The breaker of one Redis client's callers (see the module doc).
+
+    ``cool_down_s`` (default 1 s): how long it stays open after it opens; each probe that
+    finds Redis still not answering doubles it, up to ``max_cool_down_s`` (default 5 s);
+    it starts again from ``cool_down_s`` once the breaker closes. ``clock`` gives
+    monotonic seconds. ``name`` names Redis in the messages and logs.
+
+    Logs one WARNING when it opens and one when it closes (with the calls refused
+    meanwhile), an INFO per failed probe; ``gateway_redis_breaker_open`` is 1 while it is
+    open or half-open and ``gateway_redis_refused_total`` counts the refused calls
+    (gateway/metrics.py, per process).
+
+    Raises ValueError when a cool-down is not positive or the maximum is below the start.
+    """
+
+    def __init__(
+        self,
+        *,
+        cool_down_s: float = 1.0,
+        max_cool_down_s: float = 5.0,
+        name: str = "Redis",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if cool_down_s <= 0 or max_cool_down_s < cool_down_s:
+            raise ValueError("the cool-downs must be positive, the maximum at least the start")
+        self.cool_down_s = cool_down_s
+        self.max_cool_down_s = max_cool_down_s
+        self.name = name
+        self._clock = clock
+        self._state: BreakerState = "closed"
+        self._epoch = 0  # changes with every state change: a call's ticket is its epoch
+        self._until = 0.0  # clock time the cool-down ends (open)
+        self._cool_down = cool_down_s  # the current cool-down
+        self._cause = ""  # why it opened (the error's text)
+        self._opened_at = 0.0
+        self.opened = 0
+        """How many times it opened from closed (failed probes not counted)."""
+        self.probes = 0
+        """How many probes it let through."""
+        self.refused = 0
+        """Calls refused at once while it was open or a probe was on its way."""
+        self._refused_since_open = 0
+
+    @property
+    def state(self) -> BreakerState:
+        """``closed`` (calls go through), ``open`` (refused; the next call after the
+        cool-down becomes the probe) or ``half-open`` (the probe is on its way; the
+        others are refused)."""
+        return self._state
+
+    @property
+    def cool_down(self) -> float:
+        """The current cool-down (s): ``cool_down_s`` doubled per failed probe, capped."""
+        return self._cool_down
+
+    def retry_in(self) -> float:
+        """Seconds until the next call goes through as the probe: 0 when closed, or when
+        open and the cool-down is over, or while the probe is on its way."""
+        if self._state != "open":
+            return 0.0
+        return max(0.0, self._until - self._clock())
+
+    def admit(self) -> int:
+        """A call may go to Redis: returns its ticket for :meth:`record`. When the breaker
+        is open and its cool-down is over this call is the probe (the breaker is
+        half-open until it is recorded).
+
+        Raises CircuitOpen (at once, Redis not asked) while the breaker is open or the
+        probe is on its way.
+        """
+        if self._state == "closed":
+            return self._epoch
+        if self._state == "open":
+            now = self._clock()
+            if now >= self._until:
+                self._state = "half-open"
+                self._epoch += 1
+                self.probes += 1
+                return self._epoch
+            message = (
+                f"{self.name} did not answer ({self._cause}); "
+                f"it will be asked again in {self._until - now:.1f} s"
+            )
+            retry_in = self._until - now
+        else:
+            message = f"{self.name} did not answer ({self._cause}); it is being asked again now"
+            retry_in = 0.0
+        self.refused += 1
+        self._refused_since_open += 1
+        metrics.REDIS_REFUSED.inc()
+        raise CircuitOpen(message, retry_in)
+
+    def pass_through(self) -> int:
+        """A call that goes to Redis even while the breaker is open (a lock's release,
+        a renewal: what keeps already running transactions whole). Its ticket for
+        :meth:`record`: its failure opens a closed breaker, it is never the probe."""
+        return self._epoch if self._state == "closed" else _NO_TICKET
+
+    def record(self, ticket: int, error: BaseException | None) -> None:
+        """The call of ``ticket`` ended: answered (``error`` None), or with ``error``.
+
+        A call that Redis did not answer (:func:`gateway.redisconn.unanswered`) opens a
+        closed breaker; the probe's opens it again with twice the cool-down. The probe
+        answered (also an error reply: Redis answers) closes it. A probe that ended
+        otherwise (cancelled, the pool of this process full) proves nothing: the next
+        call becomes the probe. Calls admitted before the last change of state change
+        nothing.
+        """
+        if ticket != self._epoch:
+            return
+        if error is not None and unanswered(error):
+            if self._state == "closed":
+                self._open(self.cool_down_s, error)
+            else:
+                self._open(min(2 * self._cool_down, self.max_cool_down_s), error)
+        elif self._state == "half-open":
+            if error is None or isinstance(error, ResponseError):
+                self._close()
+            else:  # not a verdict: the cool-down is over, the next call probes
+                self._state = "open"
+                self._epoch += 1
+                self._until = self._clock()
+
+    def _open(self, cool_down: float, error: BaseException) -> None:
+        probe_failed = self._state == "half-open"
+        self._state = "open"
+        self._epoch += 1
+        self._cool_down = cool_down
+        self._until = self._clock() + cool_down
+        self._cause = str(error) or type(error).__name__
+        metrics.REDIS_BREAKER_OPEN.set(1)
+        if probe_failed:
+            log.info(
+                "%s still does not answer (%s): asked again in %.1f s",
+                self.name,
+                self._cause,
+                cool_down,
+            )
+            return
+        self.opened += 1
+        self._opened_at = self._clock()
+        self._refused_since_open = 0
+        log.warning(
+            "%s did not answer (%s): its calls are refused for %.1f s, then one asks again "
+            "(up to every %.1f s while it does not answer)",
+            self.name,
+            self._cause,
+            cool_down,
+            self.max_cool_down_s,
+        )
+
+    def _close(self) -> None:
+        self._state = "closed"
+        self._epoch += 1
+        self._cool_down = self.cool_down_s
+        metrics.REDIS_BREAKER_OPEN.set(0)
+        log.warning(
+            "%s answers again after %.1f s: %d call(s) were refused meanwhile",
+            self.name,
+            self._clock() - self._opened_at,
+            self._refused_since_open,
+        )

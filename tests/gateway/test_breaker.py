@@ -1,0 +1,304 @@
+"""The session store's circuit breaker (gateway/breaker.py) on a Redis that hangs.
+
+A proxy in front of the test Redis (tests/gateway/redis_proxy.py) stops answering:
+the first call waits its (short) timeout and opens the breaker; the calls after it are
+refused at once, Redis not asked; after the cool-down one probe goes through and an
+answer closes the breaker, no answer doubles the cool-down. Error replies are answers:
+they never open it. Timeouts are shortened by the URL (``?socket_timeout=``) and the
+cool-downs by the breaker's constructor (or its attributes, for an app's store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from redis.asyncio.sentinel import MasterNotFoundError
+from redis.exceptions import (
+    ClusterDownError,
+    MaxConnectionsError,
+    NoScriptError,
+    RedisClusterUnreachableError,
+    ResponseError,
+    SlotNotCoveredError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.app import create_app
+from gateway.breaker import CircuitBreaker, CircuitOpen
+from gateway.metrics import REGISTRY
+from gateway.redisconn import unanswered
+from gateway.sessions import RedisSessionStore, StoreCircuitOpen, StoreUnavailable
+from gateway.settings import Settings
+from tests.conftest import served_app
+from tests.gateway.redis_proxy import ReplyDropper
+from tests.gateway.turns import stored
+
+TEXT = {"Content-Type": "text/plain"}
+TIMEOUT_S = 0.3  # the client's socket timeout through the proxy
+
+
+def _sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def _breaker_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "gateway.breaker" and r.levelno >= logging.WARNING
+    ]
+
+
+@pytest.fixture
+async def through(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> AsyncIterator[tuple[ReplyDropper, RedisSessionStore]]:
+    """The proxy and a store on it whose commands time out after TIMEOUT_S (default
+    breaker), its scripts loaded and a connection made before the test hangs it."""
+    proxy, url = reply_dropper
+    store = RedisSessionStore(f"{url}?socket_timeout={TIMEOUT_S}", prefix=redis_prefix)
+    async with store.open("c:warm", lease_s=3, wait_s=1) as txn:
+        txn.save(stored("c:warm"), ttl_s=60)
+    try:
+        yield proxy, store
+    finally:
+        proxy.hung = False
+        await store.aclose()
+
+
+async def refused_turn(store: RedisSessionStore, key: str) -> tuple[float, StoreUnavailable]:
+    """A turn's take of ``key`` that fails: (seconds it took, its error)."""
+    started = time.perf_counter()
+    with pytest.raises(StoreUnavailable) as failed:
+        async with store.open(key, lease_s=3, wait_s=1):
+            pass
+    return time.perf_counter() - started, failed.value
+
+
+async def test_a_hung_redis_costs_one_timeout_then_calls_are_refused_at_once(
+    through: tuple[ReplyDropper, RedisSessionStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first turn waits the timeout; 20 concurrent turns right after, a read and a
+    readiness ping fail at once, Redis not asked (no new connection, no command); one
+    WARNING says so, not one per refused call."""
+    caplog.set_level(logging.DEBUG, "gateway.breaker")
+    proxy, store = through
+    refused_before = _sample("gateway_redis_refused_total")
+    proxy.hung = True
+    waited, error = await refused_turn(store, "c:first")
+    assert waited >= TIMEOUT_S * 0.9
+    assert "Timeout" in str(error)
+    connections, received = proxy.connections, proxy.received
+    results = await asyncio.gather(*(refused_turn(store, f"c:{i}") for i in range(20)))
+    slowest = max(took for took, _ in results)
+    assert slowest < TIMEOUT_S / 4, slowest  # before: each waited the timeout
+    for _, refused in results:
+        assert isinstance(refused, StoreCircuitOpen)
+        assert "Redis did not answer (Timeout" in str(refused)
+        assert "it will be asked again in" in str(refused)
+    started = time.perf_counter()
+    with pytest.raises(StoreCircuitOpen):
+        await store.get("c:warm")
+    with pytest.raises(StoreCircuitOpen):
+        await store.ping()  # /readyz
+    assert time.perf_counter() - started < TIMEOUT_S / 4
+    assert (proxy.connections, proxy.received) == (connections, received)  # not asked
+    assert store.breaker.state == "open"
+    assert store.breaker.refused == 22
+    assert _sample("gateway_redis_refused_total") - refused_before == 22
+    assert _sample("gateway_redis_breaker_open") == 1
+    warnings = _breaker_warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert "Redis did not answer" in warnings[0]
+
+
+async def test_redis_answering_again_is_found_by_one_probe_and_turns_are_served(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the V2 route of a served gateway: a hang answers 503 once after the
+    timeout, then 503 at once (/readyz too); Redis back, after the cool-down the next
+    turn is the probe, it is served with the session intact, and the breaker closes."""
+    caplog.set_level(logging.DEBUG, "gateway.breaker")
+    proxy, url = reply_dropper
+    settings = Settings(redis_url=f"{url}?socket_timeout={TIMEOUT_S}", redis_prefix=redis_prefix)
+    app = create_app(settings)
+    async with served_app(app, settings) as gw, httpx.AsyncClient(base_url=gw) as client:
+
+        async def say(text: str) -> httpx.Response:
+            return await client.put("/client?key=breaker&tts=None", headers=TEXT, content=text)
+
+        assert (await say("my name is Alan")).text == "< Nice to meet you, Alan.\n"
+        breaker = app.state.gateway.store.breaker
+        assert isinstance(breaker, CircuitBreaker)
+        breaker.cool_down_s = 0.3  # the app's store: its default is 1 s
+        proxy.hung = True
+        down = await say("what is my name")
+        assert down.status_code == 503
+        assert down.text == "! gateway: The session store is unavailable.\n"
+        received = proxy.received
+        for _ in range(3):
+            started = time.perf_counter()
+            refused, ready = await say("what is my name"), await client.get("/readyz")
+            assert time.perf_counter() - started < TIMEOUT_S, "not refused at once"
+            assert refused.status_code == 503
+            assert refused.text == "! gateway: The session store is unavailable.\n"
+            assert ready.status_code == 503
+            assert ready.json()["detail"] == "The session store does not answer."
+        assert proxy.received == received
+        assert _sample("gateway_redis_breaker_open") == 1
+        proxy.hung = False
+        await asyncio.sleep(breaker.retry_in())
+        assert breaker.state == "open"  # nobody asked yet
+        answer = await say("what is my name")
+        assert answer.status_code == 200
+        assert answer.text == "< Your name is Alan.\n"
+        assert (breaker.state, breaker.probes, breaker.opened) == ("closed", 1, 1)
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
+        assert (await say("what is my name")).text == "< Your name is Alan.\n"
+        assert _sample("gateway_redis_breaker_open") == 0
+    warnings = _breaker_warnings(caplog)
+    assert len(warnings) == 2, warnings
+    assert "Redis answers again" in warnings[1]
+    assert "6 call(s) were refused" in warnings[1]
+
+
+async def test_a_failed_probe_doubles_the_cool_down_up_to_its_maximum(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """Each probe that finds Redis still hung opens the breaker again for twice the
+    cool-down (0.1, 0.2, then the 0.25 s maximum); while a probe is on its way the other
+    calls are refused; an answer closes it and the cool-down starts over."""
+    proxy, url = reply_dropper
+    breaker = CircuitBreaker(cool_down_s=0.1, max_cool_down_s=0.25)
+    store = RedisSessionStore(f"{url}?socket_timeout=0.15", prefix=redis_prefix, breaker=breaker)
+    try:
+        await store.ping()
+        proxy.hung = True
+        with pytest.raises(StoreUnavailable, match="Timeout"):
+            await store.get("c:x")
+        assert (breaker.state, breaker.cool_down, breaker.opened) == ("open", 0.1, 1)
+        cool_downs = []
+        for _ in range(3):
+            await asyncio.sleep(breaker.retry_in())
+            probe = asyncio.create_task(store.ping())
+            await asyncio.sleep(0)  # the probe is on its way
+            assert breaker.state == "half-open"
+            with pytest.raises(StoreCircuitOpen, match="it is being asked again now"):
+                await store.get("c:x")
+            with pytest.raises(StoreUnavailable, match="Timeout"):
+                await probe
+            assert breaker.state == "open"
+            cool_downs.append(breaker.cool_down)
+            with pytest.raises(StoreCircuitOpen, match=r"asked again in 0\.[12]"):
+                await store.get("c:x")
+        assert cool_downs == [0.2, 0.25, 0.25]
+        assert (breaker.opened, breaker.probes, breaker.refused) == (1, 3, 6)
+        proxy.hung = False
+        await asyncio.sleep(breaker.retry_in())
+        await store.ping()  # the probe, answered
+        assert (breaker.state, breaker.cool_down) == ("closed", 0.1)
+        assert await store.get("c:x") is None
+    finally:
+        proxy.hung = False
+        await store.aclose()
+
+
+async def test_error_replies_do_not_open_the_breaker(redis_url: str, redis_prefix: str) -> None:
+    """WRONGTYPE in the lock's script and in a read, and a script Redis lost (NOSCRIPT,
+    loaded again), are Redis answering: the breaker stays closed, nothing is refused."""
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    try:
+        for i in range(3):  # a key each: the script took its lock before the error
+            _lock, data = store._keys(f"c:wrongtype{i}")
+            await store.redis.hset(data, "not", "a string")
+            with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+                async with store.open(f"c:wrongtype{i}", lease_s=3, wait_s=1):
+                    pass
+            with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+                await store.get(f"c:wrongtype{i}")
+        await store.redis.script_flush()
+        async with store.open("c:fine", lease_s=3, wait_s=1) as txn:
+            txn.save(stored("c:fine"), ttl_s=60)
+        assert (store.breaker.state, store.breaker.opened, store.breaker.refused) == (
+            "closed",
+            0,
+            0,
+        )
+        assert await store.get("c:fine") is not None
+    finally:
+        await store.aclose()
+
+
+# ------------------------------------------------------------------ the breaker alone
+
+
+def test_what_opens_the_breaker_for_every_kind_of_client() -> None:
+    """Timeouts and connection failures of a server, a Sentinel or a Cluster client
+    open it; error replies and a full pool of this process do not."""
+    no_connection = RedisConnectionError("No connection available.")
+    no_connection.__cause__ = TimeoutError()
+    for error in (
+        RedisTimeoutError("Timeout reading from socket"),
+        RedisConnectionError("Connection refused"),
+        MasterNotFoundError("No master found for 'mymaster'"),
+        RedisClusterUnreachableError("no node answers"),
+        SlotNotCoveredError("slot 3 is not covered"),
+        TimeoutError(),
+        ConnectionResetError(),
+    ):
+        assert unanswered(error), error
+    for error in (
+        ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        NoScriptError("NOSCRIPT No matching script"),
+        ClusterDownError("CLUSTERDOWN The cluster is down"),
+        no_connection,
+        MaxConnectionsError("Too many connections"),
+        CircuitOpen("refused", 1.0),
+        ValueError("not Redis"),
+    ):
+        assert not unanswered(error), error
+
+
+def test_only_the_current_probe_changes_the_state() -> None:
+    """On a fake clock: calls on their way when it opened change nothing when they end;
+    a cancelled probe hands the probe to the next call; a pass-through call (a lock's
+    release) is not refused and is never the probe; an error reply of the probe closes."""
+    now = [0.0]
+    breaker = CircuitBreaker(cool_down_s=1.0, max_cool_down_s=5.0, clock=lambda: now[0])
+    early, late = breaker.admit(), breaker.admit()
+    breaker.record(early, RedisTimeoutError("Timeout"))
+    assert breaker.state == "open"
+    breaker.record(late, RedisTimeoutError("Timeout"))  # on its way: no doubling
+    assert breaker.cool_down == 1.0
+    release = breaker.pass_through()
+    with pytest.raises(CircuitOpen, match=r"asked again in 1\.0 s"):
+        breaker.admit()
+    now[0] = 1.0
+    probe = breaker.admit()
+    assert breaker.state == "half-open"
+    breaker.record(release, None)  # a release's answer is not the probe's
+    assert breaker.state == "half-open"
+    breaker.record(probe, asyncio.CancelledError())  # no verdict: the next call probes
+    assert (breaker.state, breaker.retry_in()) == ("open", 0.0)
+    probe = breaker.admit()
+    breaker.record(probe, RedisConnectionError("Connection refused"))
+    assert (breaker.state, breaker.cool_down, breaker.retry_in()) == ("open", 2.0, 2.0)
+    now[0] = 3.0
+    probe = breaker.admit()
+    breaker.record(probe, ResponseError("ERR a script error"))  # Redis answered
+    assert (breaker.state, breaker.cool_down, breaker.opened, breaker.probes) == (
+        "closed",
+        1.0,
+        1,
+        3,
+    )
+    breaker.record(late, RedisTimeoutError("Timeout"))  # stale: still closed
+    assert breaker.state == "closed"
+    with pytest.raises(ValueError, match="cool-downs"):
+        CircuitBreaker(cool_down_s=2.0, max_cool_down_s=1.0)
