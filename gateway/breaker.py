@@ -5,13 +5,16 @@ A Redis that stops answering (stopped with SIGSTOP, a network partition, a black
 route) makes every command wait for the client's timeout (gateway/redisconn.py: 3 s to
 connect, 5 s to read). Without a breaker every turn meanwhile waits those seconds before
 its 503, and the connection pool fills with waiting calls. With it, the first call that
-finds Redis not answering (:func:`gateway.redisconn.unanswered`: a timeout or a
-connection error, not an error reply) *opens* the breaker: for a cool-down every call
+*hangs* (Redis did not answer, :func:`gateway.redisconn.unanswered`, and the call timed
+out or took ``slow_s`` or more to fail) *opens* the breaker: for a cool-down every call
 is refused at once (:class:`CircuitOpen`) without touching Redis. When the cool-down
 ends, the next call goes through alone as a *probe* (half-open; the others are still
-refused): an answer (also an error reply) *closes* the breaker, no answer opens it again
-for twice the cool-down, up to ``max_cool_down_s``. Calls already on their way when it
-opens finish as they would have (their failures do not count again).
+refused): an answer (also an error reply), or a failure that comes at once (Redis down
+and refusing: calls fail fast without the breaker) *closes* the breaker; a probe that
+hangs opens it again for twice the cool-down, up to ``max_cool_down_s``. Calls already
+on their way when it opens finish as they would have (their failures do not count
+again). A Redis that refuses connections (restarting, down) never opens it: each call
+fails at once on its own, and the first call after Redis is back is served.
 
 Pure bookkeeping, no I/O and no task: the store asks :meth:`CircuitBreaker.admit` before
 a call and reports its end to :meth:`CircuitBreaker.record`.
@@ -25,6 +28,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import metrics
 from gateway.redisconn import unanswered
@@ -32,6 +36,9 @@ from gateway.redisconn import unanswered
 log = logging.getLogger(__name__)
 
 BreakerState = Literal["closed", "open", "half-open"]
+
+_TIMEOUTS = (RedisTimeoutError, TimeoutError)
+"""A call that ended with one of these waited its whole deadline: it hung."""
 
 _NO_TICKET = -1
 """The ticket of a call let through while the breaker is not closed (:meth:`CircuitBreaker.
@@ -52,9 +59,10 @@ class CircuitBreaker:
     """The breaker of one Redis client's callers (see the module doc).
 
     ``cool_down_s`` (default 1 s): how long it stays open after it opens; each probe that
-    finds Redis still not answering doubles it, up to ``max_cool_down_s`` (default 5 s);
-    it starts again from ``cool_down_s`` once the breaker closes. ``clock`` gives
-    monotonic seconds. ``name`` names Redis in the messages and logs.
+    finds Redis still hanging doubles it, up to ``max_cool_down_s`` (default 5 s); it
+    starts again from ``cool_down_s`` once the breaker closes. ``slow_s`` (default 1 s):
+    a call that Redis did not answer hung when it timed out or took this long to fail.
+    ``clock`` gives monotonic seconds. ``name`` names Redis in the messages and logs.
 
     Logs one WARNING when it opens and one when it closes (with the calls refused
     meanwhile), an INFO per failed probe; ``gateway_redis_breaker_open`` is 1 while it is
@@ -69,13 +77,17 @@ class CircuitBreaker:
         *,
         cool_down_s: float = 1.0,
         max_cool_down_s: float = 5.0,
+        slow_s: float = 1.0,
         name: str = "Redis",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if cool_down_s <= 0 or max_cool_down_s < cool_down_s:
-            raise ValueError("the cool-downs must be positive, the maximum at least the start")
+        if cool_down_s <= 0 or max_cool_down_s < cool_down_s or slow_s <= 0:
+            raise ValueError(
+                "the cool-downs and slow_s must be positive, the maximum at least the start"
+            )
         self.cool_down_s = cool_down_s
         self.max_cool_down_s = max_cool_down_s
+        self.slow_s = slow_s
         self.name = name
         self._clock = clock
         self._state: BreakerState = "closed"
@@ -147,26 +159,32 @@ class CircuitBreaker:
         :meth:`record`: its failure opens a closed breaker, it is never the probe."""
         return self._epoch if self._state == "closed" else _NO_TICKET
 
-    def record(self, ticket: int, error: BaseException | None) -> None:
-        """The call of ``ticket`` ended: answered (``error`` None), or with ``error``.
+    def record(self, ticket: int, error: BaseException | None, elapsed_s: float = 0.0) -> None:
+        """The call of ``ticket`` ended after ``elapsed_s`` seconds: answered (``error``
+        None), or with ``error``.
 
-        A call that Redis did not answer (:func:`gateway.redisconn.unanswered`) opens a
-        closed breaker; the probe's opens it again with twice the cool-down. The probe
-        answered (also an error reply: Redis answers) closes it. A probe that ended
-        otherwise (cancelled, the pool of this process full) proves nothing: the next
-        call becomes the probe. Calls admitted before the last change of state change
-        nothing.
+        A call that hung (Redis did not answer, :func:`gateway.redisconn.unanswered`, and
+        it timed out or took ``slow_s`` or more) opens a closed breaker; a probe that hung
+        opens it again with twice the cool-down. A probe that Redis answered (also an
+        error reply) or that failed at once (Redis refuses: calls fail fast on their
+        own) closes it. A probe that ended otherwise (cancelled, the pool of this
+        process full) proves nothing: the next call becomes the probe. Calls admitted
+        before the last change of state change nothing.
         """
         if ticket != self._epoch:
             return
-        if error is not None and unanswered(error):
+        failed = error is not None and unanswered(error)
+        if failed and (isinstance(error, _TIMEOUTS) or elapsed_s >= self.slow_s):
+            assert error is not None
             if self._state == "closed":
                 self._open(self.cool_down_s, error)
             else:
                 self._open(min(2 * self._cool_down, self.max_cool_down_s), error)
         elif self._state == "half-open":
             if error is None or isinstance(error, ResponseError):
-                self._close()
+                self._close("it answered")
+            elif failed:
+                self._close(f"it fails at once now: {error}")
             else:  # not a verdict: the cool-down is over, the next call probes
                 self._state = "open"
                 self._epoch += 1
@@ -193,21 +211,22 @@ class CircuitBreaker:
         self._refused_since_open = 0
         log.warning(
             "%s did not answer (%s): its calls are refused for %.1f s, then one asks again "
-            "(up to every %.1f s while it does not answer)",
+            "(up to every %.1f s while it hangs)",
             self.name,
             self._cause,
             cool_down,
             self.max_cool_down_s,
         )
 
-    def _close(self) -> None:
+    def _close(self, why: str) -> None:
         self._state = "closed"
         self._epoch += 1
         self._cool_down = self.cool_down_s
         metrics.REDIS_BREAKER_OPEN.set(0)
         log.warning(
-            "%s answers again after %.1f s: %d call(s) were refused meanwhile",
+            "%s is asked again after %.1f s (%s): %d call(s) were refused meanwhile",
             self.name,
             self._clock() - self._opened_at,
+            why,
             self._refused_since_open,
         )

@@ -559,10 +559,11 @@ class RedisSessionStore:
         the call's answer or error is recorded."""
         breaker = self.breaker
         ticket = breaker.pass_through() if always else breaker.admit()
+        sent = time.monotonic()
         try:
             result = await call()
         except BaseException as exc:
-            breaker.record(ticket, exc)
+            breaker.record(ticket, exc, time.monotonic() - sent)
             raise
         breaker.record(ticket, None)
         return result
@@ -613,7 +614,7 @@ class RedisSessionStore:
                     take = self._call(script, keys, [token, lease_ms], orphaned)
                     reply = await take
                 except BaseException as exc:
-                    breaker.record(ticket, exc)
+                    breaker.record(ticket, exc, time.perf_counter() - sent)
                     raise
                 finally:  # timed inline: a histogram's .time() makes a Timer per use
                     _ACQUIRE_SECONDS.observe(time.perf_counter() - sent)

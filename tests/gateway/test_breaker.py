@@ -164,7 +164,8 @@ async def test_redis_answering_again_is_found_by_one_probe_and_turns_are_served(
         assert _sample("gateway_redis_breaker_open") == 0
     warnings = _breaker_warnings(caplog)
     assert len(warnings) == 2, warnings
-    assert "Redis answers again" in warnings[1]
+    assert "Redis is asked again after" in warnings[1]
+    assert "(it answered)" in warnings[1]
     assert "6 call(s) were refused" in warnings[1]
 
 
@@ -287,7 +288,7 @@ def test_only_the_current_probe_changes_the_state() -> None:
     breaker.record(probe, asyncio.CancelledError())  # no verdict: the next call probes
     assert (breaker.state, breaker.retry_in()) == ("open", 0.0)
     probe = breaker.admit()
-    breaker.record(probe, RedisConnectionError("Connection refused"))
+    breaker.record(probe, RedisConnectionError("Connection reset"), elapsed_s=1.5)  # slow
     assert (breaker.state, breaker.cool_down, breaker.retry_in()) == ("open", 2.0, 2.0)
     now[0] = 3.0
     probe = breaker.admit()
@@ -302,3 +303,22 @@ def test_only_the_current_probe_changes_the_state() -> None:
     assert breaker.state == "closed"
     with pytest.raises(ValueError, match="cool-downs"):
         CircuitBreaker(cool_down_s=2.0, max_cool_down_s=1.0)
+
+
+def test_a_redis_that_refuses_at_once_never_opens_it() -> None:
+    """On a fake clock: a refused connection that fails at once (Redis restarting or
+    down: every call fails fast without the breaker) leaves it closed, so the first call
+    after Redis is back is served; the same error after ``slow_s`` opens it; a probe
+    that fails at once closes it again (the calls no longer hang)."""
+    now = [0.0]
+    breaker = CircuitBreaker(cool_down_s=1.0, slow_s=0.5, clock=lambda: now[0])
+    for _ in range(3):
+        breaker.record(breaker.admit(), RedisConnectionError("Connection refused"), 0.001)
+    assert (breaker.state, breaker.opened) == ("closed", 0)
+    breaker.record(breaker.admit(), RedisConnectionError("Connection reset"), elapsed_s=0.6)
+    assert breaker.state == "open"
+    now[0] = 1.0
+    probe = breaker.admit()
+    breaker.record(probe, RedisConnectionError("Connection refused"), elapsed_s=0.001)
+    assert (breaker.state, breaker.cool_down) == ("closed", 1.0)
+    breaker.admit()  # not refused
