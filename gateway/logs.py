@@ -128,6 +128,7 @@ CREDENTIAL_PARAMETERS = (
     "sessionkey",
     "session_id",
     "sessionid",
+    "sid",
 )
 """Query parameters (case-insensitive) whose values :class:`RedactQuery` hides."""
 
@@ -230,11 +231,43 @@ def socketio_logger(name: str) -> logging.Logger:
     logger.handlers[:] = []
     logger.propagate = True
     logger.setLevel(max(logging.ERROR, logging.getLogger().getEffectiveLevel()))
+    if not any(isinstance(f, _RedactEngineIoSids) for f in logger.filters):
+        logger.addFilter(_RedactEngineIoSids())
     return logger
 
 
+ENGINE_IO_NAMESPACE = "engine.io"
+"""The namespace of an Engine.IO session id's reference in the log
+(:func:`engine_io_ref`)."""
+
+
+def engine_io_ref(sid: str) -> str:
+    """An Engine.IO session id as the log names it: ``engine.io:h-<16 hex>``
+    (:func:`session_ref`). A long-polling client's sid is its credential: whoever has
+    it can poll that session's packets and post packets into it (python-engineio
+    binds it to nothing else), so it is never written as it is."""
+    return session_ref(f"{ENGINE_IO_NAMESPACE}:{sid}")
+
+
+_INVALID_SESSION = re.compile(r"Invalid session (\S+)")
+
+
+class _RedactEngineIoSids(logging.Filter):
+    """python-engineio's ``Invalid session <sid>`` (an ERROR once a process, then INFO;
+    the sid the client sent, maybe a live session of another instance) with the sid's
+    :func:`engine_io_ref` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "Invalid session " in record.msg:
+            record.msg = _INVALID_SESSION.sub(
+                lambda m: f"Invalid session {engine_io_ref(m[1])}", record.msg
+            )
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") -> None:
-    """Route the root logger (and uvicorn's) to stderr in ``fmt`` at ``level``.
+    """Route the root logger (and uvicorn's) to stderr in ``fmt`` at ``level``: no record
+    below ``level`` is written, whatever logger it comes from.
 
     Access log lines go through :class:`RedactQuery`, every line through
     :class:`RedactFields` (see the module doc); :data:`QUIET_LIBRARIES` log only
@@ -249,6 +282,9 @@ def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text"
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = logging.StreamHandler()
+    # the level holds for every logger's records, also those of loggers with a level
+    # of their own (QUIET_LIBRARIES at WARNING, a filter that changes a record's level)
+    handler.setLevel(level.upper())
     handler.addFilter(RedactFields())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

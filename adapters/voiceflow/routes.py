@@ -96,7 +96,7 @@ from gateway import metrics, redisconn
 from gateway.deps import Gateway
 from gateway.events import ResponseEvent
 from gateway.io.websocket import forward_turn
-from gateway.logs import socketio_logger
+from gateway.logs import engine_io_ref, socketio_logger
 from gateway.outbox import Entry, Following
 from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.actions import StartTurn
@@ -218,7 +218,8 @@ class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
         except (ProtocolError, ValueError) as exc:  # socketio's own decoder raises ValueError
             text = exc.text if isinstance(exc, ProtocolError) else f"Invalid packet: {exc}"
             sid = self.manager.sid_from_eio_sid(eio_sid, NAMESPACE)
-            log.warning("Voiceflow socket.io packet refused (%s): %s", sid or eio_sid, text)
+            who = sid or f"Engine.IO session {engine_io_ref(eio_sid)}"
+            log.warning("Voiceflow socket.io packet refused (%s): %s", who, text)
             if sid is not None:
                 refusal = error("invalid-payload", text)
                 with contextlib.suppress(Exception):
@@ -455,11 +456,13 @@ def _content_length(scope: Scope) -> int:
 
 
 def _peer(scope: Scope, sid: str | None = None) -> str:
-    """``host:port`` of the peer, and the Engine.IO session id when known, for the log."""
+    """``host:port`` of the peer, and the Engine.IO session when known (its reference,
+    :func:`gateway.logs.engine_io_ref`: a polling client's sid is its credential), for
+    the log."""
     client = scope.get("client")
     peer = f"{client[0]}:{client[1]}" if client else "unknown peer"
     sid = sid if sid is not None else _query(scope, "sid")
-    return f"{peer}, Engine.IO session {sid}" if sid else peer
+    return f"{peer}, Engine.IO session {engine_io_ref(sid)}" if sid else peer
 
 
 @dataclass

@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from adapters.voiceflow.protocol import PATH
 from gateway.app import create_app
+from gateway.logs import engine_io_ref
 from gateway.settings import Settings
 from tests.adapters.alexa.test_routes import CERT_URL, SKILL_ID, envelope, parsed, spoken
 from tests.adapters.flowstorm.v1.helpers import (
@@ -401,6 +402,10 @@ async def test_voiceflow_malformed_engine_io_packets_by_polling_are_400_and_end_
         assert await polling.say("me too") == ["You said: me too"]
     refused = [r for r in caplog.records if "Engine.IO packet refused" in r.getMessage()]
     assert [(r.name, r.levelname) for r in refused] == [("adapters.voiceflow.routes", "WARNING")]
+    # the session is named by its reference: a polling client's sid is its credential
+    assert f"Engine.IO session {engine_io_ref(eio_sid)}" in refused[0].getMessage()
+    gateway_lines = [r.getMessage() for r in caplog.records if r.name != "httpx"]  # not ours
+    assert not [line for line in gateway_lines if eio_sid in line]
     _no_tracebacks(caplog)
 
 

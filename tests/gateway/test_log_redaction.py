@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from gateway.logs import (
     session_ref,
     set_hash_key,
 )
+from gateway.redisconn import SocketIoRedisOutage
 from gateway.settings import Settings
 from tests.conftest import ROOT, GatewayProcess, free_port
 
@@ -171,7 +173,9 @@ async def test_the_http_clients_request_lines_with_credentials_are_not_logged(
 def test_socketio_lines_are_written_once_in_the_gateways_format(tmp_path: Path) -> None:
     """python-engineio's ERROR for a request of an unknown Engine.IO session is one JSON
     line of the root handler, not also a bare line of a handler of its own (which
-    python-engineio adds for ``engineio_logger=False``)."""
+    python-engineio adds for ``engineio_logger=False``); the sid it names (a polling
+    client's credential, maybe a live session of another instance) is written as its
+    reference, and an access line hides it too."""
     log_file = tmp_path / "gateway.log"
     env = {"GATEWAY_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT)}
     with log_file.open("wb") as sink:
@@ -188,9 +192,14 @@ def test_socketio_lines_are_written_once_in_the_gateways_format(tmp_path: Path) 
     assert all(isinstance(entry, dict) for entry in entries)
     assert len(set(lines)) == len(lines)
     engineio = [e for e in entries if e["logger"] == "engineio.server"]
-    assert [(e["level"], e["message"].partition(" (")[0]) for e in engineio] == [
-        ("ERROR", "Invalid session nosuch")
-    ]
+    assert [e["level"] for e in engineio] == ["ERROR"]
+    assert re.fullmatch(
+        r"Invalid session engine\.io:h-[0-9a-f]{16}", engineio[0]["message"].partition(" (")[0]
+    )
+    assert "nosuch" not in log_file.read_text()
+    # an access line (GATEWAY_ACCESS_LOG=true, at INFO) of a polling request hides the sid
+    polled = f'"GET {VOICEFLOW_PATH}/?EIO=4&transport=polling&sid=nosuch HTTP/1.1" 400'
+    assert redact_query(polled) == polled.replace("sid=nosuch", "sid=***")
 
 
 @pytest.mark.parametrize("configured_first", [True, False])
@@ -221,3 +230,36 @@ def test_socketio_loggers_propagate_only_whatever_the_order(configured_first: bo
         root.setLevel(level)
         for name in QUIET_LIBRARIES:
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+@pytest.mark.parametrize("level", ["ERROR", "CRITICAL"])
+def test_no_line_below_the_configured_level_is_written(
+    capfd: pytest.CaptureFixture[str], level: str
+) -> None:
+    """GATEWAY_LOG_LEVEL holds for every logger: the quiet libraries' own WARNING level
+    (httpx, twilio) and a WARNING that a filter made of an ERROR (python-socketio's Redis
+    outage lines) write nothing under ``error``/``critical``; a CRITICAL line is written."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    outage = logging.getLogger("socketio.server")
+    lowered = SocketIoRedisOutage(outage.name)
+    try:
+        configure_logging(level)
+        logging.getLogger("httpx").warning("an httpx warning")
+        logging.getLogger("twilio.http_client").warning("a twilio warning")
+        outage.addFilter(lowered)
+        outage.error(
+            "Cannot receive from redis... retrying in 1 secs",
+            extra={"redis_exception": "Connection refused"},
+        )
+        logging.getLogger("gateway.test").critical("a critical line")
+    finally:
+        root.handlers[:], restored = saved
+        root.setLevel(restored)
+        for name in QUIET_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        outage.removeFilter(lowered)
+    written = capfd.readouterr().err
+    assert "a critical line" in written
+    assert "warning" not in written
+    assert "Cannot receive from redis" not in written
