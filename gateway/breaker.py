@@ -1,5 +1,5 @@
-"""A circuit breaker for the session store's Redis: a Redis that hangs costs one timeout,
-not one per turn.
+"""A circuit breaker per Redis client: a Redis that hangs costs one timeout, not one per
+turn, phone call or speech link.
 
 A Redis that stops answering (stopped with SIGSTOP, a network partition, a blackholed
 route) makes every command wait for the client's timeout (gateway/redisconn.py: 3 s to
@@ -16,16 +16,26 @@ on their way when it opens finish as they would have (their failures do not coun
 again). A Redis that refuses connections (restarting, down) never opens it: each call
 fails at once on its own, and the first call after Redis is back is served.
 
-Pure bookkeeping, no I/O and no task: the store asks :meth:`CircuitBreaker.admit` before
-a call and reports its end to :meth:`CircuitBreaker.record`.
+One breaker per client object (so per gateway process and GATEWAY_REDIS_URL), kept on
+the client itself (:func:`breaker_of`) and shared by every user of that client: the
+session store, the outbox/journal, the bus's publishes, the one-time nonces and the TTS
+link cache (so ``GET /file/tts``). Once a call of any of them hangs, every user's calls
+are refused at once until the probe, whoever makes it, gets an answer. Left outside:
+the background loops, which wait and retry on their own schedule (the bus's
+subscription reader, the secret-key refresh, python-socketio's manager, which has a
+client of its own), and the startup's secret-key load.
+
+Pure bookkeeping, no I/O and no task: a caller asks :meth:`CircuitBreaker.admit` before
+a call and reports its end to :meth:`CircuitBreaker.record`, or has
+:meth:`CircuitBreaker.guard` do both around the call.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Awaitable, Callable
+from typing import Literal, TypeVar
 
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -36,6 +46,8 @@ from gateway.redisconn import unanswered
 log = logging.getLogger(__name__)
 
 BreakerState = Literal["closed", "open", "half-open"]
+
+_T = TypeVar("_T")
 
 _TIMEOUTS = (RedisTimeoutError, TimeoutError)
 """A call that ended with one of these waited its whole deadline: it hung."""
@@ -190,6 +202,24 @@ class CircuitBreaker:
                 self._epoch += 1
                 self._until = self._clock()
 
+    async def guard(self, call: Callable[[], Awaitable[_T]], *, always: bool = False) -> _T:
+        """``call()`` awaited under this breaker: its result, or what it raised, which is
+        recorded (:meth:`record`, with the time it took).
+
+        Raises CircuitOpen at once, ``call`` not made, while the breaker is open or the
+        probe is on its way (:meth:`admit`), unless ``always``: then the call goes
+        through as :meth:`pass_through` says (a lock's release or renewal).
+        """
+        ticket = self.pass_through() if always else self.admit()
+        sent = time.monotonic()
+        try:
+            result = await call()
+        except BaseException as exc:
+            self.record(ticket, exc, time.monotonic() - sent)
+            raise
+        self.record(ticket, None)
+        return result
+
     def _open(self, cool_down: float, error: BaseException) -> None:
         probe_failed = self._state == "half-open"
         self._state = "open"
@@ -230,3 +260,54 @@ class CircuitBreaker:
             why,
             self._refused_since_open,
         )
+
+
+_ATTRIBUTE = "_gateway_breaker"
+"""The attribute of a Redis client object that holds its breaker (:func:`breaker_of`)."""
+
+
+def breaker_of(client: object) -> CircuitBreaker:
+    """The :class:`CircuitBreaker` of Redis client ``client``, shared by every user of it
+    (the session store, outbox, bus, nonces, TTS cache of one gateway process): kept on
+    the client object, made with the defaults the first time it is asked for (or set by
+    :func:`share_breaker`). A client made by another part of the program (a test's, the
+    socket.io manager's) has a breaker of its own."""
+    breaker = getattr(client, _ATTRIBUTE, None)
+    if not isinstance(breaker, CircuitBreaker):
+        breaker = CircuitBreaker()
+        setattr(client, _ATTRIBUTE, breaker)
+    return breaker
+
+
+def share_breaker(client: object, breaker: CircuitBreaker) -> CircuitBreaker:
+    """Make ``breaker`` the one of ``client`` (:func:`breaker_of`), before any user asked
+    for it; returns it.
+
+    Raises ValueError when ``client`` already has another breaker (its users would go on
+    with that one)."""
+    current = getattr(client, _ATTRIBUTE, None)
+    if current is not None and current is not breaker:
+        raise ValueError("this Redis client has a circuit breaker already")
+    setattr(client, _ATTRIBUTE, breaker)
+    return breaker
+
+
+def refused_by_breaker(exc: BaseException) -> bool:
+    """Whether ``exc`` is a :class:`CircuitOpen`, or an error raised from one (a store's
+    own outage error, ``raise ... from exc``): the call was refused by an open breaker,
+    which logged the outage once. Callers log such refusals at DEBUG, not one WARNING
+    each (see :func:`outage_level`)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short chain; bounded against a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, CircuitOpen):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def outage_level(exc: BaseException) -> int:
+    """The level to log a Redis outage ``exc`` at: DEBUG when an open breaker refused the
+    call (:func:`refused_by_breaker`: it logged the outage), else WARNING."""
+    return logging.DEBUG if refused_by_breaker(exc) else logging.WARNING

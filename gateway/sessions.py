@@ -50,14 +50,14 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from gateway import metrics, redisconn
-from gateway.breaker import CircuitBreaker, CircuitOpen
+from gateway.breaker import CircuitBreaker, CircuitOpen, breaker_of, share_breaker
 from gateway.events import MAX_TIMEOUT_S, LogEntry
 from gateway.redisconn import REDIS_ERRORS, RedisClient, script_batch
 
@@ -121,7 +121,7 @@ class StoreUnavailable(StoreError):
 
 
 class StoreCircuitOpen(StoreUnavailable):
-    """Refused at once, Redis not asked: it did not answer lately and the store's circuit
+    """Refused at once, Redis not asked: it did not answer lately and its client's circuit
     breaker is open (:class:`gateway.breaker.CircuitBreaker`); the message says when it
     will be asked again. The breaker logged the outage once: callers need not log each."""
 
@@ -131,9 +131,6 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
     if isinstance(exc, CircuitOpen):
         return StoreCircuitOpen(str(exc))
     return StoreUnavailable(f"Redis: {exc}")
-
-
-_T = TypeVar("_T")
 
 
 class LockLost(StoreError):
@@ -509,9 +506,11 @@ class RedisSessionStore:
     open; a contended lock is polled with backoff from 2 ms up to 50 ms until
     ``wait_s``.
 
-    Every call to Redis goes through :attr:`breaker` (``breaker``, default a
+    Every call to Redis goes through :attr:`breaker`, the client's, shared with the
+    client's other users (:func:`gateway.breaker.breaker_of`; ``breaker`` given: made
+    the client's, ValueError when it has another already; by default a
     :class:`~gateway.breaker.CircuitBreaker` with its defaults: 1 s cool-down doubling
-    up to 5 s): once a call finds Redis not answering (a timeout, a connection error),
+    up to 5 s): once a call finds Redis hanging (a timeout, a slow connection error),
     the lock's take, :meth:`get` and :meth:`ping` (so turns, client logs and /readyz)
     raise :class:`StoreCircuitOpen` at once, Redis not asked, until one probe gets an
     answer. A transaction already open is let finish: its lease renewals and its
@@ -529,8 +528,10 @@ class RedisSessionStore:
         breaker: CircuitBreaker | None = None,
     ) -> None:
         self._redis = client or redis_client(url, max_connections=max_connections)
-        self.breaker = breaker or CircuitBreaker()
-        """Of every Redis call of this store (see the class doc)."""
+        self.breaker = (
+            breaker_of(self._redis) if breaker is None else share_breaker(self._redis, breaker)
+        )
+        """Of every Redis call of this store and of the client's other users (class doc)."""
         self._prefix = prefix
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
@@ -552,21 +553,6 @@ class RedisSessionStore:
         if self._batch is None:
             return script(keys=keys, args=args)
         return self._batch.call(script, keys, args, orphaned=orphaned)
-
-    async def _guarded(self, call: Callable[[], Awaitable[_T]], *, always: bool = False) -> _T:
-        """``call()`` awaited under :attr:`breaker`: raises CircuitOpen at once (``call``
-        not made) while it is open, unless ``always`` (let through, see the class doc);
-        the call's answer or error is recorded."""
-        breaker = self.breaker
-        ticket = breaker.pass_through() if always else breaker.admit()
-        sent = time.monotonic()
-        try:
-            result = await call()
-        except BaseException as exc:
-            breaker.record(ticket, exc, time.monotonic() - sent)
-            raise
-        breaker.record(ticket, None)
-        return result
 
     def peek_outbox(self, keys_of: Callable[[str], tuple[str, str]]) -> None:
         """Count a session's undelivered outbox entries when its lock is taken, in the
@@ -693,7 +679,7 @@ class RedisSessionStore:
             sent = time.monotonic()
             try:
                 with metrics.labelled(metrics.REDIS_SECONDS, "renew").time():
-                    ok = await self._guarded(
+                    ok = await self.breaker.guard(
                         lambda: self._renew(keys=[lock_key], args=[txn.token, lease_ms]),
                         always=True,  # the transaction runs: its lock is kept if Redis answers
                     )
@@ -735,11 +721,11 @@ class RedisSessionStore:
             sent = time.perf_counter()
             try:
                 if batch is None:
-                    ok, failed = await self._guarded(
+                    ok, failed = await self.breaker.guard(
                         lambda: asyncio.shield(self._release(keys=keys, args=args)), always=True
                     )
                 else:
-                    ok, failed = await self._guarded(
+                    ok, failed = await self.breaker.guard(
                         lambda: batch.call(self._release, keys, args), always=True
                     )
             finally:
@@ -757,14 +743,14 @@ class RedisSessionStore:
     async def get(self, key: str) -> Session | None:
         data_key = self._keys(key)[1]
         try:
-            data = await self._guarded(lambda: self._redis.get(data_key))
+            data = await self.breaker.guard(lambda: self._redis.get(data_key))
         except REDIS_ERRORS as exc:
             raise _unavailable(exc) from exc
         return Session.model_validate_json(data) if data else None
 
     async def ping(self) -> None:
         try:
-            await self._guarded(self._redis.ping)
+            await self.breaker.guard(self._redis.ping)
         except (*REDIS_ERRORS, OSError) as exc:
             raise _unavailable(exc) from exc
 
