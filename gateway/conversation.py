@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from gateway import metrics
+from gateway.breaker import outage_level
 from gateway.events import (
     ERROR,
     BinaryEvent,
@@ -404,7 +405,7 @@ def _speech_error(exc: BaseException) -> ErrorEvent:
     if isinstance(exc, asyncio.CancelledError):
         log.warning("speech synthesis was stopped (the gateway is shutting down)")
     elif isinstance(exc, (SynthesisError, ValueError, OSError, *REDIS_ERRORS)):
-        log.warning("speech synthesis failed: %s", exc)
+        log.log(outage_level(exc), "speech synthesis failed: %s", exc)
     else:
         log.error("speech synthesis failed unexpectedly", exc_info=exc)
     return ErrorEvent(text="Speech synthesis failed.", source="tts")
@@ -558,7 +559,9 @@ class Conversation:
                     ctx.app_key, ctx.device_id, ctx.key, self.settings.session_timeout_s
                 )
             except OutboxError as exc:
-                log.warning("device of %s not indexed: %s", session_ref(ctx.key), exc)
+                log.log(
+                    outage_level(exc), "device of %s not indexed: %s", session_ref(ctx.key), exc
+                )
 
     def _link_batch(self, txn: SessionTxn, tts: TtsRequest | None, out: _TurnQueue) -> None:
         """Set ``out.batch`` when the final items' links can ride in the release (see
@@ -810,7 +813,10 @@ class Conversation:
             try:
                 item = await speech.link_item(item, tts.file_type)
             except (OSError, *REDIS_ERRORS) as exc:
-                log.warning("TTS link not registered, item sent without audio: %s", exc)
+                # refused by the Redis client's open breaker: it logged the outage once
+                log.log(
+                    outage_level(exc), "TTS link not registered, item sent without audio: %s", exc
+                )
             await self._put(out, ResponseItemEvent(response_item=item))
             return item
         await self._put(out, ResponseItemEvent(response_item=item))
@@ -835,7 +841,7 @@ class Conversation:
         try:
             seqs = await journal.append(key, [e.wire() for e in events], "turn")
         except OutboxError as exc:
-            log.warning("turn events of %s not journaled: %s", session_ref(key), exc)
+            log.log(outage_level(exc), "turn events of %s not journaled: %s", session_ref(key), exc)
             return events
         if not seqs:
             return events

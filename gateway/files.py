@@ -12,6 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import Request
 
+from gateway.breaker import outage_level
 from gateway.deps import gateway_of
 from gateway.httputil import ResponseAborted, problem
 from gateway.redisconn import REDIS_ERRORS
@@ -98,7 +99,8 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
         log.warning("synthesis of %s failed: %s", file_id, exc)
         return problem(500, "Internal Server Error", "Speech synthesis failed.")
     except (OSError, *REDIS_ERRORS) as exc:
-        log.warning("TTS cache failed serving %s: %s", file_id, exc)
+        # refused by the Redis client's open breaker: it logged the outage once
+        log.log(outage_level(exc), "TTS cache failed serving %s: %s", file_id, exc)
         answer = problem(503, "Service Unavailable", "The speech file store is unavailable.")
         answer.headers["Retry-After"] = "5"
         return answer
@@ -143,7 +145,8 @@ async def _rest(file_id: str, first: bytes, chunks: AsyncIterator[bytes]) -> Asy
             yield chunk
     except (TtsOverloaded, SynthesisError, ValueError, OSError, *REDIS_ERRORS) as exc:
         component = "tts-cache" if isinstance(exc, (OSError, *REDIS_ERRORS)) else "tts"
-        log.warning(
+        log.log(
+            outage_level(exc),
             "synthesis of %s failed while it was streamed, its response is cut off "
             "(component: %s): %s",
             file_id,
@@ -197,7 +200,8 @@ async def tts_file_head(
     try:
         known = await gw.speech.file_known(file_id, ext)
     except (OSError, *REDIS_ERRORS) as exc:
-        log.warning("TTS cache failed serving %s: %s", file_id, exc)
+        # refused by the Redis client's open breaker: it logged the outage once
+        log.log(outage_level(exc), "TTS cache failed serving %s: %s", file_id, exc)
         answer = problem(503, "Service Unavailable", "The speech file store is unavailable.")
         answer.headers["Retry-After"] = "5"
         return answer

@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from gateway.breaker import CircuitOpen, breaker_of
 from gateway.redisconn import REDIS_ERRORS, RedisClient
-from gateway.sessions import StoreUnavailable
+from gateway.sessions import StoreCircuitOpen, StoreUnavailable
 
 __all__ = ["MemoryNonceStore", "NonceStore", "RedisNonceStore"]
 
@@ -106,23 +107,29 @@ class RedisNonceStore:
     that redis-py sent again is not refused as its own replay.
 
     ``redis`` (one server, Sentinel or Cluster: a single-key script) is shared
-    with the session store (gateway/app.py); this store does not close it.
+    with the session store (gateway/app.py); this store does not close it. Its calls go
+    through the client's circuit breaker (:func:`gateway.breaker.breaker_of`): while a
+    hung Redis opened it, :meth:`use_once` raises StoreCircuitOpen at once.
     """
 
     def __init__(self, redis: RedisClient, *, prefix: str) -> None:
         self.redis = redis
         self.prefix = prefix
         self._use_once = redis.register_script(_USE_ONCE)
+        self._breaker = breaker_of(redis)
 
     async def use_once(self, key: str, ttl_s: float) -> bool:
-        """See :meth:`NonceStore.use_once`; ValueError for ``ttl_s`` <= 0."""
+        """See :meth:`NonceStore.use_once`; ValueError for ``ttl_s`` <= 0; StoreCircuitOpen
+        (a StoreUnavailable) at once, Redis not asked, while the client's breaker is open."""
         if ttl_s <= 0:
             raise ValueError("ttl_s must be > 0")
         use = secrets.token_hex(8)
+        keys = [f"{self.prefix}:nonce:{key}"]
+        args: list[str | int] = [use, max(1, round(ttl_s * 1000))]
         try:
-            won = await self._use_once(
-                keys=[f"{self.prefix}:nonce:{key}"], args=[use, max(1, round(ttl_s * 1000))]
-            )
+            won = await self._breaker.guard(lambda: self._use_once(keys=keys, args=args))
+        except CircuitOpen as exc:
+            raise StoreCircuitOpen(str(exc)) from exc
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
         return bool(won)

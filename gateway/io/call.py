@@ -47,6 +47,7 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
 from gateway import metrics
+from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.callcodec import CarrierCodec, VerificationRefused, WireFrame
 from gateway.callcontrol import TransferResult
@@ -244,7 +245,8 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
       which the client sees as HTTP 403;
     - StoreUnavailable (the one-time token store, the gateway's Redis, is down: an
       outage of a dependency, not the peer's fault): logged at WARNING naming the
-      component (``nonce-store``), no traceback; HTTP 503 with ``Retry-After``
+      component (``nonce-store``), no traceback (at DEBUG when the Redis client's open
+      circuit breaker refused it: the breaker logged the outage once); HTTP 503 with ``Retry-After``
       (RFC 9110 section 15.6.4) and an RFC 9457 problem body, as the gateway's HTTP
       routes answer a store outage (where the server cannot answer an upgrade with a
       response: a close with 1013, "try again later", RFC 6455 section 7.4.1);
@@ -259,7 +261,8 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
             await websocket.close(code=CLOSE_POLICY)  # before accept: HTTP 403
         return None
     except StoreUnavailable as exc:
-        log.warning(
+        log.log(  # refused by the Redis client's open breaker: it logged the outage once
+            outage_level(exc),
             "%s stream refused (503): the one-time token store is unavailable "
             "(component: nonce-store): %s",
             carrier,

@@ -17,6 +17,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
+from gateway.breaker import outage_level
 from gateway.events import ResponseItem
 from gateway.redisconn import REDIS_ERRORS, RedisClient
 from gateway.settings import Settings
@@ -315,7 +316,7 @@ class SpeechService:
                 return await self.link_item(item, request.file_type), None
             return item, await self.audio(item, request.file_type)
         except (TtsOverloaded, SynthesisError, OSError, ValueError, *REDIS_ERRORS) as exc:
-            log.warning("speech for an item failed, sent without audio: %s", exc)
+            log.log(outage_level(exc), "speech for an item failed, sent without audio: %s", exc)
             return item, None
 
     async def warm_up(self) -> None:

@@ -37,6 +37,7 @@ from typing import Final, Protocol, runtime_checkable
 
 import lameenc  # type: ignore[import-not-found]  # C extension without stubs
 
+from gateway.breaker import breaker_of
 from gateway.redisconn import RedisClient
 from gateway.speech.audio import (
     Pcm,
@@ -278,7 +279,10 @@ class RedisTtsCache:
     """Cache in Redis (``redis.asyncio``): file bytes at ``<prefix><id>``, the spec as
     JSON at ``<prefix>spec:<id>``, each expiring ``ttl_s`` seconds after it was stored.
 
-    The client must return bytes (``decode_responses=False``, the default).
+    The client must return bytes (``decode_responses=False``, the default). Every call
+    goes through the client's circuit breaker (:func:`gateway.breaker.breaker_of`),
+    shared with the session store: while a hung Redis opened it, each method raises
+    :class:`gateway.breaker.CircuitOpen` (a RedisError) at once, Redis not asked.
 
     Args:
         redis: a ``redis.asyncio`` client, plain or cluster (the caller owns and closes it).
@@ -292,6 +296,7 @@ class RedisTtsCache:
         self.redis = redis
         self.prefix = prefix
         self.ttl_s = ttl_s
+        self._breaker = breaker_of(redis)
 
     def key(self, id: str) -> str:
         """The Redis key of an id's file."""
@@ -303,7 +308,8 @@ class RedisTtsCache:
 
     async def get(self, id: str) -> bytes | None:
         """The file's bytes, or None if absent or expired."""
-        value = await self.redis.get(self.key(id))
+        key = self.key(id)
+        value = await self._breaker.guard(lambda: self.redis.get(key))
         if value is None:
             return None
         if isinstance(value, str):
@@ -312,11 +318,13 @@ class RedisTtsCache:
 
     async def put(self, id: str, data: bytes) -> None:
         """Store a file with the cache's TTL."""
-        await self.redis.set(self.key(id), bytes(data), ex=self.ttl_s)
+        key, value = self.key(id), bytes(data)
+        await self._breaker.guard(lambda: self.redis.set(key, value, ex=self.ttl_s))
 
     async def register(self, id: str, spec: TtsSpec) -> None:
         """Store (or refresh) a spec with the cache's TTL."""
-        await self.redis.set(self.spec_key(id), *self.spec_write(id, spec)[1:])
+        key, value, ttl_s = self.spec_write(id, spec)
+        await self._breaker.guard(lambda: self.redis.set(key, value, ex=ttl_s))
 
     def spec_write(self, id: str, spec: TtsSpec) -> tuple[str, bytes, int]:
         """What :meth:`register` writes, as ``(key, value, ttl_s)``, for a caller that
@@ -325,7 +333,8 @@ class RedisTtsCache:
 
     async def spec(self, id: str) -> TtsSpec | None:
         """The registered spec, or None (also for an unreadable entry)."""
-        value = await self.redis.get(self.spec_key(id))
+        key = self.spec_key(id)
+        value = await self._breaker.guard(lambda: self.redis.get(key))
         if value is None:
             return None
         try:
