@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from redis.asyncio.cluster import RedisCluster
 
+from gateway.breaker import breaker_of
 from gateway.redisconn import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
@@ -136,11 +137,15 @@ class RedisBus:
     """Topics shared by every gateway process on one Redis (see module doc).
 
     ``client`` is a plain or Sentinel client (classic pub/sub) or a RedisCluster
-    (sharded pub/sub); the bus does not close it.
+    (sharded pub/sub); the bus does not close it. :meth:`publish` and :meth:`clear` go
+    through the client's circuit breaker (:func:`gateway.breaker.breaker_of`: refused at
+    once, BusUnavailable, while a hung Redis opened it); the subscriptions and their
+    reader task, which wait on a connection of their own, do not.
     """
 
     def __init__(self, client: RedisClient, *, prefix: str = "gw") -> None:
         self._redis = client
+        self._breaker = breaker_of(client)
         self._sharded = isinstance(client, RedisCluster)
         self._prefix = prefix
         self._subs: dict[str, set[Subscription]] = {}
@@ -156,7 +161,8 @@ class RedisBus:
 
     async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> None:
         data = json.dumps(message, separators=(",", ":"))
-        try:
+
+        async def send() -> None:
             async with self._redis.pipeline(transaction=False) as pipe:
                 if retain_s is not None:
                     pipe.set(self._retained_key(topic), data, px=max(1, int(retain_s * 1000)))
@@ -165,12 +171,16 @@ class RedisBus:
                 else:
                     pipe.publish(self._channel(topic), data)
                 await pipe.execute()
+
+        try:
+            await self._breaker.guard(send)
         except REDIS_ERRORS as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
 
     async def clear(self, topic: str) -> None:
         try:
-            await self._redis.delete(self._retained_key(topic))
+            retained = self._retained_key(topic)
+            await self._breaker.guard(lambda: self._redis.delete(retained))
         except REDIS_ERRORS as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
 

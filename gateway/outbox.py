@@ -45,6 +45,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
+from gateway.breaker import breaker_of, outage_level
 from gateway.bus import Bus, BusUnavailable, Subscription
 from gateway.redisconn import REDIS_ERRORS, RedisClient
 
@@ -290,7 +291,10 @@ class RedisOutbox:
     Both scripts may run twice (a reply lost on a dropped connection, the command sent
     again): a mark is idempotent, and an append carries an id the script remembers, so
     its events are numbered and kept once.
-    ``client`` is the session store's client; the outbox does not close it.
+    ``client`` is the session store's client; the outbox does not close it. Every call
+    goes through the client's circuit breaker (:func:`gateway.breaker.breaker_of`): while
+    a hung Redis opened it, the methods raise OutboxError at once (from a
+    :class:`~gateway.breaker.CircuitOpen`), Redis not asked.
     """
 
     def __init__(
@@ -302,6 +306,7 @@ class RedisOutbox:
         self._ttl_s = ttl_s
         self._append = client.register_script(_APPEND)
         self._mark = client.register_script(_MARK)
+        self._guard = breaker_of(client).guard
 
     def _keys(self, key: str) -> tuple[str, str]:
         base = f"{self._prefix}:{{{key}}}"
@@ -321,7 +326,8 @@ class RedisOutbox:
         append_id = secrets.token_hex(8)  # the same in a retry of this append (see _APPEND)
         args = [-1 if limit is None else limit, self._keep, self._ttl_s, kind, append_id, *data]
         try:
-            first = int(await self._append(keys=list(self._keys(key)), args=args))
+            keys = list(self._keys(key))
+            first = int(await self._guard(lambda: self._append(keys=keys, args=args)))
         except REDIS_ERRORS as exc:
             raise OutboxError(f"Redis: {exc}") from exc
         if first < 0:
@@ -330,26 +336,31 @@ class RedisOutbox:
 
     async def since(self, key: str, after: int | None) -> list[Entry]:
         entries_key, meta_key = self._keys(key)
+        redis = self._redis
         try:
             if after is None:
-                mark = await self._redis.hget(meta_key, "mark")
+                mark = await self._guard(lambda: redis.hget(meta_key, "mark"))
                 after = int(mark or 0)
-            raw = await self._redis.zrangebyscore(entries_key, f"({after}", "+inf")
+            low = f"({after}"
+            raw = await self._guard(lambda: redis.zrangebyscore(entries_key, low, "+inf"))
         except REDIS_ERRORS as exc:
             raise OutboxError(f"Redis: {exc}") from exc
         return [Entry.model_validate_json(r) for r in raw if isinstance(r, str | bytes)]
 
     async def mark(self, key: str, seq: int) -> int:
         try:
-            return int(await self._mark(keys=[self._keys(key)[1]], args=[seq, self._ttl_s]))
+            keys, args = [self._keys(key)[1]], [seq, self._ttl_s]
+            return int(await self._guard(lambda: self._mark(keys=keys, args=args)))
         except REDIS_ERRORS as exc:
             raise OutboxError(f"Redis: {exc}") from exc
 
     async def state(self, key: str) -> OutboxState:
         entries_key, meta_key = self._keys(key)
         try:
-            seq, mark = await self._redis.hmget(meta_key, ["seq", "mark"])
-            pending = await self._redis.zcount(entries_key, f"({int(mark or 0)}", "+inf")
+            redis = self._redis
+            seq, mark = await self._guard(lambda: redis.hmget(meta_key, ["seq", "mark"]))
+            low = f"({int(mark or 0)}"
+            pending = await self._guard(lambda: redis.zcount(entries_key, low, "+inf"))
         except REDIS_ERRORS as exc:
             raise OutboxError(f"Redis: {exc}") from exc
         return OutboxState(int(seq or 0), int(mark or 0), int(pending))
@@ -359,13 +370,15 @@ class RedisOutbox:
 
     async def bind(self, app_key: str, device_id: str, key: str, ttl_s: int) -> None:
         try:
-            await self._redis.set(self._device_key(app_key, device_id), key, ex=max(1, ttl_s))
+            device_key, ex = self._device_key(app_key, device_id), max(1, ttl_s)
+            await self._guard(lambda: self._redis.set(device_key, key, ex=ex))
         except REDIS_ERRORS as exc:
             raise OutboxError(f"Redis: {exc}") from exc
 
     async def device(self, app_key: str, device_id: str) -> str | None:
         try:
-            found = await self._redis.get(self._device_key(app_key, device_id))
+            device_key = self._device_key(app_key, device_id)
+            found = await self._guard(lambda: self._redis.get(device_key))
         except REDIS_ERRORS as exc:
             raise OutboxError(f"Redis: {exc}") from exc
         if found is None:
@@ -421,7 +434,7 @@ class Follower:
         try:
             return await self.journal.outbox.since(self.key, self.floor)
         except OutboxError as exc:
-            log.warning("outbox not read: %s", exc)
+            log.log(outage_level(exc), "outbox not read: %s", exc)
             return []
 
     async def advance(self, seq: int) -> None:
@@ -433,12 +446,12 @@ class Follower:
             try:
                 await self.journal.outbox.mark(self.key, seq)
             except OutboxError as exc:
-                log.warning("outbox mark not saved: %s", exc)
+                log.log(outage_level(exc), "outbox mark not saved: %s", exc)
         for token in acks:
             try:
                 await self.journal.bus.publish(ack_topic(token), {"seq": self.floor})
             except BusUnavailable as exc:
-                log.warning("push not confirmed: %s", exc)
+                log.log(outage_level(exc), "push not confirmed: %s", exc)
 
 
 class Journal:
@@ -468,7 +481,7 @@ class Journal:
             try:
                 await self.bus.publish(topic(key), message)
             except BusUnavailable as exc:
-                log.warning("outbox append not announced: %s", exc)
+                log.log(outage_level(exc), "outbox append not announced: %s", exc)
         return seqs
 
     @asynccontextmanager
@@ -546,7 +559,7 @@ class Following:
                     # the loop condition ends it then
                     await follower.wait(self._idle_s)
         except (BusUnavailable, OutboxError) as exc:
-            log.warning("outbox not followed: %s", exc)
+            log.log(outage_level(exc), "outbox not followed: %s", exc)
         finally:
             ready.set()
 
@@ -603,7 +616,7 @@ class Following:
             try:
                 top = follower.floor if follower else (await self.journal.outbox.state(key)).mark
             except OutboxError as exc:
-                log.warning("outbox mark not saved: %s", exc)
+                log.log(outage_level(exc), "outbox mark not saved: %s", exc)
                 return
             while top + 1 in sent:  # only over what it sent without a gap
                 top += 1
@@ -613,7 +626,7 @@ class Following:
             try:
                 await self.journal.outbox.mark(key, top)
             except OutboxError as exc:
-                log.warning("outbox mark not saved: %s", exc)
+                log.log(outage_level(exc), "outbox mark not saved: %s", exc)
 
     @contextlib.asynccontextmanager
     async def claim(self, key: str, seq: int | None) -> AsyncIterator[bool]:

@@ -46,6 +46,7 @@ from pydantic import Field, model_validator
 
 from gateway.admin import ADMIN_CHECKS, check_admin_key
 from gateway.admin import install as install_admin
+from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.deps import gateway_of
 from gateway.events import Response, ResponseEvent, ResponseItem, Wire
@@ -360,7 +361,7 @@ async def push(request: Request, body: PushRequest) -> JSONResponse:
     except PushRefused as exc:
         return problem(_STATUS[exc.delivery], "Not delivered", exc.text, delivery=exc.delivery)
     except (StoreUnavailable, OutboxError, BusUnavailable) as exc:
-        log.warning("push failed: %s", exc)
+        log.log(outage_level(exc), "push failed: %s", exc)
         return problem(503, "Unavailable", "The session store or the bus does not answer.")
     return JSONResponse(result.wire(), status_code=200 if result.delivery == "live" else 202)
 
@@ -378,7 +379,7 @@ async def session_view(request: Request, session_id: str) -> JSONResponse:
     try:
         view = await _pusher(request).view(session_id)
     except (StoreUnavailable, OutboxError) as exc:
-        log.warning("session view failed: %s", exc)
+        log.log(outage_level(exc), "session view failed: %s", exc)
         return problem(503, "Unavailable", "The session store does not answer.")
     if view is None:
         return problem(404, "Not found", "No session has this id.")
