@@ -1,11 +1,13 @@
-"""The session store's circuit breaker (gateway/breaker.py) on a Redis that hangs.
+"""The circuit breaker of the gateway's Redis client (gateway/breaker.py) on a Redis that hangs.
 
 A proxy in front of the test Redis (tests/gateway/redis_proxy.py) stops answering:
 the first call waits its (short) timeout and opens the breaker; the calls after it are
 refused at once, Redis not asked; after the cool-down one probe goes through and an
 answer closes the breaker, no answer doubles the cool-down. Error replies are answers:
 they never open it. Timeouts are shortened by the URL (``?socket_timeout=``) and the
-cool-downs by the breaker's constructor (or its attributes, for an app's store).
+cool-downs by the breaker's constructor (or its attributes, for an app's store). The
+breaker is the client's: the nonce store and the TTS link cache on the same client are
+refused with the session store.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from pydantic import SecretStr
+from redis.asyncio import Redis
 from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import (
     ClusterDownError,
@@ -28,13 +34,25 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from gateway.app import create_app
-from gateway.breaker import CircuitBreaker, CircuitOpen
+from gateway.breaker import (
+    CircuitBreaker,
+    CircuitOpen,
+    breaker_of,
+    outage_level,
+    refused_by_breaker,
+)
+from gateway.events import ResponseItem
 from gateway.metrics import REGISTRY
 from gateway.redisconn import unanswered
 from gateway.sessions import RedisSessionStore, StoreCircuitOpen, StoreUnavailable
 from gateway.settings import Settings
+from gateway.speech.types import TtsRequest
+from tests.adapters.vonage.harness import SECRET as VONAGE_SECRET
+from tests.adapters.vonage.harness import ask_ncco
 from tests.conftest import served_app
 from tests.gateway.redis_proxy import ReplyDropper
 from tests.gateway.turns import stored
@@ -236,6 +254,121 @@ async def test_error_replies_do_not_open_the_breaker(redis_url: str, redis_prefi
         await store.aclose()
 
 
+# ------------------------------------------------- the client's other users share it
+
+AT_ONCE_S = 0.075  # a refusal by the open breaker, Redis not asked (before: TIMEOUT_S)
+
+
+def _outage_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if text in r.getMessage()]
+
+
+async def test_a_hung_redis_refuses_stream_tokens_at_once_until_the_probe(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The nonce store shares the session store's breaker (one per Redis client): once a
+    turn timed out, a phone call's stream upgrade (its one-time token's use) is refused
+    503 at once, Redis not asked, logged at DEBUG (the breaker logged the outage);
+    Redis back, after the cool-down the next call's token check is the probe and its
+    stream is accepted."""
+    caplog.set_level(logging.DEBUG, "gateway")
+    proxy, url = reply_dropper
+    settings = Settings(
+        redis_url=f"{url}?socket_timeout={TIMEOUT_S}",
+        redis_prefix=redis_prefix,
+        vonage_signature_secret=SecretStr(VONAGE_SECRET),
+    )
+    app = create_app(settings)
+    async with served_app(app, settings) as gw, httpx.AsyncClient(base_url=gw) as client:
+        streams = []
+        for _ in range(2):
+            answer = await ask_ncco(gw, str(uuid.uuid4()))
+            (endpoint,) = answer.json()[0]["endpoint"]
+            streams.append(f"ws://{urlsplit(gw).netloc}{urlsplit(endpoint['uri']).path}")
+        gateway = app.state.gateway
+        breaker = gateway.store.breaker
+        assert breaker_of(gateway.nonces.redis) is breaker
+        breaker.cool_down_s = 0.3
+        assert (await client.get("/readyz")).status_code == 200  # a connection is made
+        proxy.hung = True
+        turn = await client.put("/client?key=breaker-calls&tts=None", headers=TEXT, content="hi")
+        assert turn.status_code == 503  # after the timeout: the breaker opens
+        assert breaker.state == "open"
+        received = proxy.received
+        started = time.perf_counter()
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(streams[0]):
+                pass
+        assert time.perf_counter() - started < AT_ONCE_S  # before: the timeout
+        assert refused.value.response.status_code == 503
+        assert "token store is unavailable" in (refused.value.response.body or b"").decode()
+        assert proxy.received == received  # Redis not asked
+        (line,) = _outage_lines(caplog, "stream refused (503)")
+        assert line.levelno == logging.DEBUG
+        assert "component: nonce-store" in line.getMessage()
+        proxy.hung = False
+        await asyncio.sleep(breaker.retry_in())
+        async with connect(streams[1]):  # its token's use is the probe: answered
+            assert breaker.state == "closed"
+        assert breaker.opened == 1
+
+
+async def test_a_hung_redis_refuses_tts_links_and_files_at_once_until_the_probe(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The TTS link cache shares the client's breaker: once a GET /file/tts timed out,
+    registering a link (a turn's links) and GET /file/tts of a registered id fail at
+    once (a RedisError: the item goes without audio; 503 + Retry-After), Redis not
+    asked, and GET logs at DEBUG; Redis back, the next GET after the cool-down is the
+    probe and serves the file, and links are registered again."""
+    caplog.set_level(logging.DEBUG, "gateway")
+    proxy, url = reply_dropper
+    settings = Settings(redis_url=f"{url}?socket_timeout={TIMEOUT_S}", redis_prefix=redis_prefix)
+    app = create_app(settings)
+    async with served_app(app, settings) as gw, httpx.AsyncClient(base_url=gw) as client:
+        gateway = app.state.gateway
+        speech, breaker = gateway.speech, gateway.store.breaker
+        assert breaker_of(speech.cache.redis) is breaker
+        breaker.cool_down_s = 0.3
+        linked = await speech.link_item(ResponseItem(text="hello there"), "mp3")
+        assert linked.audio is not None
+        path = urlsplit(linked.audio).path
+        file_id = path.rsplit("/", 1)[1].split(".")[0]
+        await speech.cache.put(file_id, b"an mp3 file")  # served from the cache
+        assert (await client.get(path)).content == b"an mp3 file"
+        proxy.hung = True
+        first = await client.get(path)
+        assert first.status_code == 503  # after the timeout: the breaker opens
+        assert breaker.state == "open"
+        received = proxy.received
+        caplog.clear()
+        started = time.perf_counter()
+        with pytest.raises(CircuitOpen):  # a RedisError: the turn sends it without audio
+            await speech.link_item(ResponseItem(text="how are you"), "mp3")
+        assert time.perf_counter() - started < AT_ONCE_S
+        item, audio = await speech.voice_item(
+            ResponseItem(text="how are you"), TtsRequest(mode="links", file_type="mp3")
+        )
+        assert (item.audio, audio) == (None, None)
+        started = time.perf_counter()
+        refused = await client.get(path)
+        assert time.perf_counter() - started < AT_ONCE_S  # before: the timeout
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "5"
+        assert refused.json()["detail"] == "The speech file store is unavailable."
+        assert proxy.received == received  # Redis not asked
+        (line,) = _outage_lines(caplog, "TTS cache failed serving")
+        assert line.levelno == logging.DEBUG
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        proxy.hung = False
+        await asyncio.sleep(breaker.retry_in())
+        served = await client.get(path)  # the probe, answered
+        assert (served.status_code, served.content) == (200, b"an mp3 file")
+        assert breaker.state == "closed"
+        again = await speech.link_item(ResponseItem(text="how are you"), "mp3")
+        assert again.audio is not None
+
+
 # ------------------------------------------------------------------ the breaker alone
 
 
@@ -322,3 +455,28 @@ def test_a_redis_that_refuses_at_once_never_opens_it() -> None:
     breaker.record(probe, RedisConnectionError("Connection refused"), elapsed_s=0.001)
     assert (breaker.state, breaker.cool_down) == ("closed", 1.0)
     breaker.admit()  # not refused
+
+
+def test_one_breaker_per_client_and_refusals_are_known_by_their_cause() -> None:
+    """:func:`breaker_of` gives every user of a client the same breaker (another client,
+    another one); a breaker given to a store becomes its client's, unless the client
+    has one already. An outage error raised from a refusal logs at DEBUG."""
+    client, other = Redis(), Redis()
+    assert breaker_of(client) is breaker_of(client)
+    assert breaker_of(other) is not breaker_of(client)
+    mine = CircuitBreaker(cool_down_s=0.5)
+    fresh = Redis()
+    store = RedisSessionStore("redis://unused", client=fresh, breaker=mine)
+    assert store.breaker is mine
+    assert breaker_of(fresh) is mine
+    with pytest.raises(ValueError, match="has a circuit breaker already"):
+        RedisSessionStore("redis://unused", client=client, breaker=CircuitBreaker())
+    assert RedisSessionStore("redis://unused", client=client).breaker is breaker_of(client)
+    refused = CircuitOpen("Redis did not answer", 1.0)
+    try:
+        raise StoreUnavailable("Redis is unavailable") from refused
+    except StoreUnavailable as exc:
+        wrapped = exc
+    assert (refused_by_breaker(refused), refused_by_breaker(wrapped)) == (True, True)
+    assert outage_level(wrapped) == logging.DEBUG
+    assert outage_level(RedisTimeoutError("Timeout")) == logging.WARNING
