@@ -35,8 +35,9 @@ Names and labels:
   (PipelineError, timeouts).
 - ``gateway_redis_seconds{op}``: Redis round trips of the session store
   (``acquire``, ``release``).
-- ``gateway_redis_breaker_open``: 1 while the session store's circuit breaker is open
-  (Redis did not answer; calls are refused at once, gateway/breaker.py), else 0;
+- ``gateway_redis_breaker_open``: 1 while the Redis client's circuit breaker is open
+  (Redis did not answer; the calls of the session store, outbox, bus, nonces and TTS
+  cache are refused at once, gateway/breaker.py), else 0;
   ``gateway_redis_refused_total``: calls it refused meanwhile.
 
 All live in one registry per process (:data:`REGISTRY`), so several apps in one
@@ -140,12 +141,12 @@ REDIS_SECONDS = Histogram(
 
 REDIS_BREAKER_OPEN = Gauge(
     "gateway_redis_breaker_open",
-    "1 while the session store's circuit breaker is open (Redis did not answer).",
+    "1 while the Redis client's circuit breaker is open (Redis did not answer).",
     registry=REGISTRY,
 )
 REDIS_REFUSED = Counter(
     "gateway_redis_refused",
-    "Session store calls refused at once by its open circuit breaker.",
+    "Redis calls refused at once by the client's open circuit breaker.",
     registry=REGISTRY,
 )
 

@@ -13,8 +13,8 @@ URL forms (:func:`parse_redis_url`):
   found through these startup nodes (more are discovered); only db 0 exists there.
 
 Every client fails fast: connecting times out after 3 s, a command after 5 s (not
-retried: a Redis that hangs answers 503 after 5 s, not three timeouts; the session
-store's circuit breaker, gateway/breaker.py, then refuses the turns after it at once),
+retried: a Redis that hangs answers 503 after 5 s, not three timeouts; the client's
+circuit breaker, gateway/breaker.py, then refuses the calls of all its users at once),
 and connection errors are retried twice within ~0.1 s, so an outage answers 503 at
 once instead of stalling every turn. Per process (per node for a cluster) at most
 ``max_connections`` connections; with one server or Sentinel a caller waits up to 5 s
