@@ -266,7 +266,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         try:
             await gateway_of(request).store.ping()
         except StoreUnavailable as exc:  # the how goes to the log, the body says what
-            # refused by the store's open breaker (503 at once): the breaker logged it
+            # refused by the Redis client's open breaker (503 at once): the breaker logged it
             log.log(
                 logging.DEBUG if isinstance(exc, StoreCircuitOpen) else logging.WARNING,
                 "not ready: %s",

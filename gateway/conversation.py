@@ -472,7 +472,7 @@ class Conversation:
             out.put_nowait(rejected)
         except StoreUnavailable as exc:
             # an outage of a dependency, reported by /readyz and the metrics: not a bug;
-            # a call refused by the store's open breaker: the breaker logged the outage
+            # a call refused by the Redis client's open breaker: the breaker logged the outage
             log.log(
                 logging.DEBUG if isinstance(exc, StoreCircuitOpen) else logging.WARNING,
                 "session store unavailable in a turn of %s: %s",
