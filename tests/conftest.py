@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -40,6 +41,7 @@ from gateway.settings import Settings
 from gateway.speech.audio import Pcm
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
+from tests.gateway.redis_proxy import ReplyDropper
 from tests.redis_topologies import SentinelSetup, start_cluster, start_sentinel
 from tests.speech import SENTENCES
 
@@ -105,6 +107,17 @@ def redis_url() -> Iterator[str]:
     yield url
     proc.terminate()
     proc.wait(5)
+
+
+@pytest.fixture
+async def reply_dropper(redis_url: str) -> AsyncIterator[tuple[ReplyDropper, str]]:
+    """A proxy in front of the test Redis (tests/gateway/redis_proxy.py: it can lose a
+    reply, hang, or cut Redis off), and the Redis URL through it."""
+    target = urlsplit(redis_url)
+    proxy = ReplyDropper(target.hostname or "127.0.0.1", target.port or 6379)
+    port = await proxy.start()
+    yield proxy, f"redis://127.0.0.1:{port}{target.path or '/0'}"
+    await proxy.close()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from fastapi import FastAPI
@@ -17,7 +16,6 @@ from tests.gateway.pipeline.fake_botpress import make_botpress
 from tests.gateway.pipeline.fake_rasa import make_rasa
 from tests.gateway.pipeline.fake_voiceflow import make_voiceflow
 from tests.gateway.pipeline.openai_server import make_openai_server
-from tests.gateway.redis_proxy import ReplyDropper
 
 
 def served(make: Callable[[], FastAPI], doc: str) -> Any:
@@ -37,13 +35,3 @@ botpress = served(make_botpress, "The fake Botpress Chat API.")
 voiceflow = served(make_voiceflow, "The fake Voiceflow runtime.")
 rasa = served(make_rasa, "The fake Rasa REST channel.")
 llm = served(make_openai_server, "The OpenAI-compatible chat completions server.")
-
-
-@pytest.fixture
-async def reply_dropper(redis_url: str) -> AsyncIterator[tuple[ReplyDropper, str]]:
-    """The proxy in front of the test Redis, and the Redis URL through it."""
-    target = urlsplit(redis_url)
-    proxy = ReplyDropper(target.hostname or "127.0.0.1", target.port or 6379)
-    port = await proxy.start()
-    yield proxy, f"redis://127.0.0.1:{port}{target.path or '/0'}"
-    await proxy.close()

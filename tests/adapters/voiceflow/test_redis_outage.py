@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,16 +18,6 @@ from tests.gateway.redis_proxy import ReplyDropper
 
 WAIT_S = 5.0
 """Safety net for each wait below (not an assertion: they take about a second)."""
-
-
-@pytest.fixture
-async def redis_proxy(redis_url: str) -> AsyncIterator[tuple[ReplyDropper, str]]:
-    """A proxy in front of the test Redis that the test can cut, and the URL through it."""
-    target = urlsplit(redis_url)
-    proxy = ReplyDropper(target.hostname or "127.0.0.1", target.port or 6379)
-    port = await proxy.start()
-    yield proxy, f"redis://127.0.0.1:{port}{target.path or '/0'}"
-    await proxy.close()
 
 
 async def _until_logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
@@ -48,12 +36,12 @@ async def _until_subscribed(redis: aioredis.Redis, channel: str) -> None:
 
 
 async def test_a_redis_outage_is_a_warning_and_the_socketio_manager_recovers(
-    redis_proxy: tuple[ReplyDropper, str],
+    reply_dropper: tuple[ReplyDropper, str],
     redis_prefix: str,
     aredis: aioredis.Redis,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    proxy, redis_url = redis_proxy
+    proxy, redis_url = reply_dropper
     channel = f"{redis_prefix}:voiceflow:socket.io"
     caplog.set_level(logging.INFO)
     # served(): also fails the test on an ERROR record of the server's loggers
@@ -86,11 +74,11 @@ async def test_a_redis_outage_is_a_warning_and_the_socketio_manager_recovers(
 
 
 async def test_a_failed_publish_is_a_warning_and_other_errors_stay_errors(
-    redis_proxy: tuple[ReplyDropper, str],
+    reply_dropper: tuple[ReplyDropper, str],
     redis_prefix: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    proxy, redis_url = redis_proxy
+    proxy, redis_url = reply_dropper
     manager = SocketIoRedisManager(redis_url, channel=f"{redis_prefix}:voiceflow:socket.io")
     server = socketio.AsyncServer(async_mode="asgi", client_manager=manager)
     caplog.set_level(logging.INFO)
