@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ask_sdk_model import ResponseEnvelope
+from ask_sdk_model.response import Response as AskResponse
+from ask_sdk_model.response_envelope import ResponseEnvelope
+from ask_sdk_model.ui.ssml_output_speech import SsmlOutputSpeech
+from ask_sdk_model.ui.standard_card import StandardCard
 from ask_sdk_model_runtime.serializer import DefaultSerializer
 
 from adapters.alexa.protocol import (
@@ -56,6 +59,19 @@ def parsed(data: bytes) -> ResponseEnvelope:
     envelope = SERIALIZER.deserialize(data.decode(), "ask_sdk_model.ResponseEnvelope")
     assert isinstance(envelope, ResponseEnvelope)
     return envelope
+
+
+def body(envelope: ResponseEnvelope) -> AskResponse:
+    """The envelope's response (optional in Amazon's model; every answer here has one)."""
+    assert envelope.response is not None
+    return envelope.response
+
+
+def ssml_of(speech: object) -> str:
+    """The SSML of an output speech (fails when it is absent or plain text)."""
+    assert isinstance(speech, SsmlOutputSpeech)
+    assert speech.ssml is not None
+    return speech.ssml
 
 
 def well_formed(ssml: str) -> str:
@@ -222,9 +238,11 @@ def test_speech_reprompt_and_session_attributes() -> None:
     answer = parsed(encode(turn_response(response, session_id="S1")))
     assert answer.version == "1.0"
     assert answer.session_attributes == {"gatewaySessionId": "S1"}
-    assert answer.response.output_speech.ssml == "<speak>Hello. What's up?</speak>"
-    assert answer.response.reprompt.output_speech.ssml == "<speak>What's up?</speak>"
-    assert answer.response.should_end_session is False
+    assert ssml_of(body(answer).output_speech) == "<speak>Hello. What's up?</speak>"
+    reprompt = body(answer).reprompt
+    assert reprompt is not None
+    assert ssml_of(reprompt.output_speech) == "<speak>What's up?</speak>"
+    assert body(answer).should_end_session is False
 
 
 def test_text_is_escaped_ssml_is_kept_audio_becomes_audio_tags() -> None:
@@ -253,8 +271,8 @@ def test_text_is_escaped_ssml_is_kept_audio_becomes_audio_tags() -> None:
 def test_should_end_session_formula(ended: bool, sleep: int, should_end: bool) -> None:
     response = Response(items=[ResponseItem(text="x")], session_ended=ended, sleep_timeout=sleep)
     answer = parsed(encode(turn_response(response, session_id="S")))
-    assert answer.response.should_end_session is should_end
-    assert (answer.response.reprompt is None) is should_end
+    assert body(answer).should_end_session is should_end
+    assert (body(answer).reprompt is None) is should_end
 
 
 def test_forced_end_and_silent_answers_end_the_session() -> None:
@@ -271,25 +289,34 @@ def test_images_make_a_standard_card() -> None:
         ResponseItem(image="http://insecure.example/no.png"),
         ResponseItem(image="https://cdn.example/cat.png"),
     ]
-    card = parsed(encode(turn_response(Response(items=items), session_id="S"))).response.card
+    card = body(parsed(encode(turn_response(Response(items=items), session_id="S")))).card
+    assert card is not None
     assert card.object_type == "Standard"
+    assert isinstance(card, StandardCard)
     assert card.text == "Look at this."
+    assert card.image is not None
     assert card.image.small_image_url == card.image.large_image_url == "https://cdn.example/cat.png"
 
 
 def test_empty_and_can_fulfill_answers_parse() -> None:
-    assert parsed(encode(empty_response())).response.should_end_session is None
+    assert body(parsed(encode(empty_response()))).should_end_session is None
     closed = parsed(encode(empty_response(session_id="S", end=True)))
-    assert closed.response.should_end_session is True
+    assert body(closed).should_end_session is True
     answer = parsed(
         encode(
             can_fulfill_response(parse_envelope(fixture("jovo-v3/CanFulfillIntentRequest.json")))
         )
     )
-    assert answer.response.can_fulfill_intent.can_fulfill.value == "MAYBE"
-    slot = answer.response.can_fulfill_intent.slots["name"]
+    intent = body(answer).can_fulfill_intent
+    assert intent is not None
+    assert intent.can_fulfill is not None
+    assert intent.can_fulfill.value == "MAYBE"
+    assert intent.slots is not None
+    slot = intent.slots["name"]
+    assert slot.can_understand is not None
+    assert slot.can_fulfill is not None
     assert (slot.can_understand.value, slot.can_fulfill.value) == ("MAYBE", "YES")
-    assert answer.response.output_speech is None
+    assert body(answer).output_speech is None
 
 
 # ----------------------------------------------------------------------- limits
@@ -302,7 +329,7 @@ def test_long_speech_is_cut_at_a_sentence_end() -> None:
     answer = turn_response(Response(items=[ResponseItem(text=text)]), session_id="S")
     data = encode(answer)
     assert len(data) <= MAX_RESPONSE_BYTES
-    speech = parsed(data).response.output_speech.ssml
+    speech = ssml_of(body(parsed(data)).output_speech)
     assert len(speech) <= MAX_SPEECH_CHARS
     assert speech.endswith("lazy dog.</speak>")
     assert len(well_formed(speech)) > MAX_SPEECH_CHARS * 0.9
@@ -313,10 +340,10 @@ def test_long_multibyte_speech_fits_24_kb() -> None:
     data = encode(turn_response(Response(items=[ResponseItem(text=text)]), session_id="S"))
     assert len(data) <= MAX_RESPONSE_BYTES
     answer = parsed(data)
-    speech = answer.response.output_speech.ssml
+    speech = ssml_of(body(answer).output_speech)
     well_formed(speech)
     assert speech.endswith("ódy.</speak>")
-    assert answer.response.should_end_session is False
+    assert body(answer).should_end_session is False
 
 
 def test_a_long_ssml_item_is_cut_and_stays_well_formed() -> None:
@@ -342,7 +369,7 @@ def test_text_full_of_escaped_characters_is_cut_to_the_budget_not_dropped(text: 
     answer = parsed(
         encode(turn_response(Response(items=[ResponseItem(text=text)]), session_id="S"))
     )
-    assert answer.response.should_end_session is False
+    assert body(answer).should_end_session is False
 
 
 def test_characters_xml_forbids_are_left_out_of_the_speech() -> None:
@@ -359,16 +386,16 @@ def test_an_oversized_card_goes_before_the_speech_and_a_hopeless_answer_ends() -
     image = "https://img.example/x.png?sig=" + "a" * 25_000
     items = [ResponseItem(text="Hello there.", image=image)]
     answer = parsed(encode(turn_response(Response(items=items), session_id="S1")))
-    assert answer.response.card is None  # its image URL alone is over 24 KB
-    assert answer.response.output_speech.ssml == "<speak>Hello there.</speak>"
+    assert body(answer).card is None  # its image URL alone is over 24 KB
+    assert ssml_of(body(answer).output_speech) == "<speak>Hello there.</speak>"
     assert answer.session_attributes == {"gatewaySessionId": "S1"}
-    assert answer.response.should_end_session is False
+    assert body(answer).should_end_session is False
     # a session id over the limit: nothing can be said, and Alexa needs the empty answer
     # of a session to end it
     hopeless = turn_response(Response(items=[ResponseItem(text="Hi.")]), session_id="S" * 30_000)
     closed = parsed(encode(hopeless))
-    assert closed.response.output_speech is None
-    assert closed.response.should_end_session is True
+    assert body(closed).output_speech is None
+    assert body(closed).should_end_session is True
 
 
 def test_truncate_text_boundaries() -> None:

@@ -21,7 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
-from ask_sdk_model import ResponseEnvelope
+from ask_sdk_model.response import Response as AskResponse
+from ask_sdk_model.response_envelope import ResponseEnvelope
+from ask_sdk_model.ui.ssml_output_speech import SsmlOutputSpeech
 from ask_sdk_model_runtime.serializer import DefaultSerializer
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
@@ -53,12 +55,20 @@ def parsed(answer: httpx.Response) -> ResponseEnvelope:
     return envelope
 
 
+def reply(envelope: ResponseEnvelope) -> AskResponse:
+    """The envelope's response (optional in Amazon's model; every answer here has one)."""
+    assert envelope.response is not None
+    return envelope.response
+
+
 def spoken(envelope: ResponseEnvelope) -> str:
     """The text of the answer's SSML speech ('' when silent); fails on malformed SSML."""
-    speech = envelope.response.output_speech
+    speech = reply(envelope).output_speech
     if speech is None:
         return ""
     assert speech.object_type == "SSML"
+    assert isinstance(speech, SsmlOutputSpeech)
+    assert speech.ssml is not None
     assert len(speech.ssml) <= 8000
     root = ET.fromstring(speech.ssml)
     assert root.tag == "speak"
@@ -123,7 +133,7 @@ async def test_every_fixture_is_answered_validly(base: str) -> None:
             kind = data["request"]["type"]
             answer = await say(client, data)
             text = spoken(answer)
-            body = answer.response
+            body = reply(answer)
             if kind in ("LaunchRequest", "IntentRequest"):
                 assert text, name
                 session_id = data["session"]["sessionId"]
@@ -131,6 +141,8 @@ async def test_every_fixture_is_answered_validly(base: str) -> None:
                 assert body.should_end_session is False, name
                 assert body.reprompt is not None, name
             elif kind == "CanFulfillIntentRequest":
+                assert body.can_fulfill_intent is not None
+                assert body.can_fulfill_intent.can_fulfill is not None
                 assert body.can_fulfill_intent.can_fulfill.value == "MAYBE"
                 assert text == ""
                 assert body.should_end_session is None
@@ -173,8 +185,8 @@ async def conversation(url: str, session_id: str) -> None:
         assert spoken(fallback) == "Sorry, I did not get that. Say it again."
         stop = await say(client, envelope(session_id, intent="AMAZON.StopIntent"))
         assert spoken(stop) == "Goodbye, Ada!"
-        assert stop.response.should_end_session is True
-        assert stop.response.reprompt is None
+        assert reply(stop).should_end_session is True
+        assert reply(stop).reprompt is None
         # the session is gone: the same id starts afresh
         again = await say(client, envelope(session_id, text="what is my name"))
         assert spoken(again) == "I do not know your name yet."
@@ -211,11 +223,11 @@ async def test_cancel_and_session_ended_request_end_the_session(base: str) -> No
             await say(client, envelope(sid, text="my name is Linus"))
             if ender:
                 answer = await say(client, envelope(sid, intent=ender))
-                assert answer.response.should_end_session is True
+                assert reply(answer).should_end_session is True
             else:
                 answer = await say(client, envelope(sid, kind="SessionEndedRequest"))
                 assert spoken(answer) == ""
-                assert answer.response.should_end_session is None
+                assert reply(answer).should_end_session is None
             again = await say(client, envelope(sid, text="what is my name"))
             assert spoken(again) == "I do not know your name yet."
 
@@ -513,8 +525,8 @@ async def test_a_slow_core_gets_a_still_working_answer_and_its_session_is_saved(
         elapsed = time.monotonic() - started
         assert elapsed < 1.2  # within the deadline (plus HTTP), not the core's 1.5 s
         assert spoken(answer) == Settings().voice_still_working_text
-        assert answer.response.should_end_session is False
-        assert answer.response.reprompt is not None
+        assert reply(answer).should_end_session is False
+        assert reply(answer).reprompt is not None
         await asyncio.wait_for(core.state.finished.wait(), 5)
         await asyncio.sleep(0.2)  # the engine saves the session right after the core answers
         after = await say(client, envelope("S-slow", text="next"))
@@ -562,7 +574,7 @@ async def test_a_failing_core_is_apologised_for_and_the_session_kept() -> None:
     ):
         failed = await say(client, envelope("S-fail", text="fail"))
         assert spoken(failed) == Settings().voice_error_text
-        assert failed.response.should_end_session is False
+        assert reply(failed).should_end_session is False
         after = await say(client, envelope("S-fail", text="next"))
         assert spoken(after) == "turn 1 slowDone None"  # the failed turn did not advance it
 
@@ -584,9 +596,9 @@ async def test_stop_and_cancel_end_the_session_when_the_core_fails_or_is_late(
         assert spoken(await say(client, envelope(sid, text="hello"))) == "turn 1 slowDone None"
         stopped = await say(client, envelope(sid, intent=intent))
         # stop means stop: Alexa closes the session, quietly, whatever the core did
-        assert stopped.response.should_end_session is True
+        assert reply(stopped).should_end_session is True
         assert spoken(stopped) == ""
-        assert stopped.response.reprompt is None
+        assert reply(stopped).reprompt is None
         if trouble == "slow":  # the late turn saves, then the pending end deletes
             await asyncio.wait_for(core.state.finished.wait(), 5)
             await asyncio.sleep(0.3)
