@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -47,6 +47,25 @@ from tests.speech import SENTENCES
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+S_co = TypeVar("S_co", covariant=True)
+
+
+class Stateful(Protocol[S_co]):
+    """Anything with a ``state`` (a protocol machine's State, a breaker's state name)."""
+
+    @property
+    def state(self) -> S_co: ...
+
+
+def state_of(machine: Stateful[S_co]) -> S_co:
+    """``machine.state``, typed as declared rather than as an earlier assert narrowed it.
+
+    mypy keeps ``assert call.state is State.BOT`` narrowing ``call.state`` across the
+    method calls that change it, and calls a later ``assert call.state is State.CALLER``
+    a non-overlapping check; reading the state through this function checks the same.
+    """
+    return machine.state
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ from gateway.events import (
 )
 from gateway.protocol.actions import EndSession, StartTurn
 from gateway.protocol.call import CallConfig, Play, State, Transfer
+from tests.conftest import state_of
 
 CALL = "CA" + "e" * 32
 STREAM = "MZ" + "f" * 32
@@ -88,7 +89,7 @@ def test_a_refused_transfer_gives_the_core_transfer_failed_and_the_call_goes_on(
     call.turn_event(ResponseEvent(response=Response()))
     assert call.turn_finished() == []
     call.receive(frame("mark", mark={"name": json.loads(play.mark)["mark"]["name"]}))
-    assert call.state is State.CALLER
+    assert state_of(call) is State.CALLER
     assert not call.session_over
     # a late answer of the carrier changes nothing
     assert call.transfer_finished(True) == []

@@ -39,6 +39,7 @@ from gateway.protocol.call import (
 from gateway.settings import Settings
 from gateway.speech.endofturn import content_words
 from tests.adapters.twilio.test_protocol import CALL, CONNECTED, START, dtmf, mark, media
+from tests.conftest import state_of
 
 SILENCE = b"\xff" * 160
 SECOND = b"\x00" * 8000  # one second of μ-law answer
@@ -115,7 +116,7 @@ def test_backchannels_and_noise_pause_and_resume_the_bot(interim: str, final: st
     call.turn_event(ResponseEvent(response=Response()))
     assert call.turn_finished() == []
     assert call.receive(mark("1")) == []
-    assert call.state is State.CALLER
+    assert state_of(call) is State.CALLER
 
 
 def test_a_partial_behind_the_speech_does_not_resume_the_bot() -> None:

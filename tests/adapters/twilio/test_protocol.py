@@ -53,6 +53,7 @@ from gateway.speech.audio import AudioFormat, Pcm
 from gateway.speech.stage import ListenOptions, SpeechStage
 from gateway.speech.stt import PocketsphinxRecognizer
 from tests.adapters.twilio.helpers import phone
+from tests.conftest import state_of
 
 CALL = "CA" + "a" * 32
 STREAM = "MZ" + "b" * 32
@@ -377,7 +378,7 @@ def test_each_items_audio_is_played_and_marked_then_the_caller_has_the_floor() -
     assert play.audio_ms == 140
     assert call.state is State.BOT  # its audio still plays
     assert call.receive(mark("1")) == []
-    assert call.state is State.CALLER
+    assert state_of(call) is State.CALLER
 
 
 def test_frames_of_40_ms() -> None:
@@ -412,7 +413,7 @@ def test_speech_on_the_callers_floor_is_heard_and_becomes_the_input(
     [turn] = call.heard("final", "play some music please")
     assert isinstance(turn, StartTurn)
     assert turn.input.text == "play some music please"
-    assert call.state is State.BOT
+    assert state_of(call) is State.BOT
 
 
 def test_noise_on_the_callers_floor_is_ignored() -> None:

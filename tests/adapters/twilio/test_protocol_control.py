@@ -25,6 +25,7 @@ from gateway.events import (
     ResponseItemEvent,
     transfer_item,
 )
+from tests.conftest import state_of
 
 CALL = "CA" + "c" * 32
 STREAM = "MZ" + "d" * 32
@@ -177,7 +178,7 @@ def test_a_transfer_waits_for_the_final_mark_after_the_audio_before_it() -> None
     assert call.receive(mark(spoken_mark)) == []  # the sentence played; the end not yet
     (transfer,) = call.receive(mark(final_mark))
     assert transfer == Transfer(CALL, "sip:agent@pbx.example.com", "billing")
-    assert call.state is State.TRANSFERRING
+    assert state_of(call) is State.TRANSFERRING
     (end,) = call.transfer_finished(True)
     assert isinstance(end, EndSession)  # the core did not end it: the transfer does
     assert call.closed

@@ -45,6 +45,7 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError
 from gateway.speech.service import TtsRequest
+from tests.conftest import state_of
 
 SECRET = "protocol-test-secret-0123456789abcdef"
 NOW = 1_750_000_000.0
@@ -465,14 +466,14 @@ def test_a_whole_conversation() -> None:
     assert emitted(conn.turn_finished()) == [
         ("action.status", {"status": "completed", "messageID": "m1"})
     ]
-    assert conn.state is State.READY
+    assert state_of(conn) is State.READY
 
     # the session exists now: a later text action does not create one
     assert send(conn, {"type": "text", "payload": "bye"}, "m2").ctx.create is False
     traces = emitted(conn.turn_event(ResponseEvent(response=Response(session_ended=True))))
     assert [d["trace"]["type"] for _, d in traces] == ["end"]
     assert conn.turn_event(SessionEndedEvent()) == []
-    assert conn.state is State.ENDING
+    assert state_of(conn) is State.ENDING
     assert emitted(conn.turn_finished()) == [
         ("action.status", {"status": "completed", "messageID": "m2"}),
         ("session.ended", {"reason": "end_of_diagram"}),
@@ -569,9 +570,9 @@ def test_refusals_keep_the_connection_usable() -> None:
     [(_, data)] = emitted(conn.receive(CLIENT_START, [{"userID": USER, "projectID": PROJECT}]))
     assert data["code"] == "action-running"
     conn.turn_finished()
-    assert conn.state is State.READY
+    assert state_of(conn) is State.READY
     conn.connection_lost()
-    assert conn.state is State.CLOSED
+    assert state_of(conn) is State.CLOSED
 
 
 # ------------------------------------------------------------ Engine.IO CORS

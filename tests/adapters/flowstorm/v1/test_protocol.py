@@ -63,6 +63,7 @@ from tests.adapters.flowstorm.v1.helpers import (
     request_frame,
     spec_examples,
 )
+from tests.conftest import state_of
 
 
 def _ids() -> Any:
@@ -885,7 +886,7 @@ def test_outbox_entries_wait_for_a_running_answer() -> None:
     assert [f["type"] for f in frames(conn.deliver([pushed], before_turn=True))] == ["Response"]
     assert conn.state is State.TURN
     conn.turn_event(ResponseEvent(response=Response(items=[ResponseItem(text="Hello")])))
-    assert conn.state is State.TURN_ENDING  # the answer is out: nothing may come between
+    assert state_of(conn) is State.TURN_ENDING  # the answer is out: nothing may come between
     assert not conn.can_deliver(before_turn=True)
     assert conn.deliver([pushed], before_turn=True) == []
     conn.turn_finished()
@@ -893,4 +894,4 @@ def test_outbox_entries_wait_for_a_running_answer() -> None:
     assert frame["type"] == "Response"
     assert [item["text"] for item in frame["response"]["items"]] == ["Hi"]
     assert frame["response"].get("sessionEnded") in (None, False)
-    assert conn.state is State.IDLE
+    assert state_of(conn) is State.IDLE
