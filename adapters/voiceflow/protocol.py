@@ -131,7 +131,7 @@ from gateway.protocol import (
     load_json,
     validate,
 )
-from gateway.protocol.actions import StartTurn
+from gateway.protocol.actions import StartTurn as StartTurn
 from gateway.speech.types import TtsFileFormat, TtsRequest
 from gateway.turn import TurnContext, TurnRejected, new_session_id
 

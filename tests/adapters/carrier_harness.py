@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import time
+import types
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -333,9 +334,9 @@ class CarrierHarness:
         """Raise the exception a finished background task (listener, player, mic) died of."""
         for task in self._tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
-                raise AssertionError(f"the harness's {task.get_coro().__qualname__} failed") from (
-                    task.exception()
-                )
+                coro = task.get_coro()
+                name = coro.__qualname__ if isinstance(coro, types.CoroutineType) else repr(coro)
+                raise AssertionError(f"the harness's {name} failed") from task.exception()
 
     def media_frames(self, since: float = 0.0) -> list[Received]:
         """The audio frames received at or after ``since`` (monotonic s)."""

@@ -26,6 +26,7 @@ from gateway.events import ResponseItem, transfer_item
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from gateway.speech.tts import PiperSynthesizer
+from tests.adapters.carrier_harness import Received
 from tests.adapters.carriers import Carrier, Scripted
 from tests.adapters.exotel.harness import CARRIER as EXOTEL
 from tests.adapters.plivo.harness import CARRIER as PLIVO
@@ -64,7 +65,7 @@ async def test_a_whole_call_intro_speech_dtmf_and_stop(
         assert call.received[-1].event == "mark"
         intro_s = call.seconds(call.media_frames())
         assert 3.0 < intro_s < 9.0, intro_s  # two sentences of speech
-        pieces = [[]]  # the audio frames before each mark
+        pieces: list[list[Received]] = [[]]  # the audio frames before each mark
         for r in call.received:
             if r.event == "mark":
                 pieces.append([])

@@ -31,7 +31,7 @@ def logged_transfers(records: list[logging.LogRecord]) -> list[Transfer]:
     gives its line."""
     fields = ("channel", "call_id", "transfer_target", "transfer_reason", "transfer_ok")
     return [
-        tuple(getattr(r, name) for name in fields)  # type: ignore[misc]
+        tuple(getattr(r, name) for name in fields)
         for r in records
         if r.name == "gateway.callcontrol" and hasattr(r, "transfer_ok")
     ]

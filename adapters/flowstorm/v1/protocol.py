@@ -160,16 +160,14 @@ from gateway.protocol import (
     text,
     validate_event,
 )
-from gateway.protocol.actions import (
-    CancelListening,
-    Close,
-    FeedAudio,
-    FinishListening,
-    Send,
-    SendBytes,
-    StartListening,
-    StartTurn,
-)
+from gateway.protocol.actions import CancelListening as CancelListening
+from gateway.protocol.actions import Close as Close
+from gateway.protocol.actions import FeedAudio as FeedAudio
+from gateway.protocol.actions import FinishListening as FinishListening
+from gateway.protocol.actions import Send as Send
+from gateway.protocol.actions import SendBytes as SendBytes
+from gateway.protocol.actions import StartListening as StartListening
+from gateway.protocol.actions import StartTurn as StartTurn
 from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.types import Heard, SpeechBusy, TtsFileFormat, TtsRequest
 from gateway.turn import TurnContext, TurnRejected, new_session_id

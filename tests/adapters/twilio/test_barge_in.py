@@ -414,6 +414,7 @@ def test_heard_counts_whole_items_whose_marks_came_back() -> None:
     assert isinstance(call.heard("final", "what")[0], Interrupt)
     call.turn_event(ResponseEvent(response=Response()))
     [turn] = call.turn_finished()
+    assert isinstance(turn, StartTurn)
     assert turn.input.attributes == {
         INTERRUPTED: True,
         HEARD: "First sentence.",

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -272,7 +273,7 @@ async def test_without_an_auth_token_the_token_is_still_required(
 
 
 async def test_the_token_works_across_instances_once(redis_url: str, redis_prefix: str) -> None:
-    shared = {
+    shared: dict[str, Any] = {
         "redis_url": redis_url,
         "redis_prefix": redis_prefix,
         "twilio_auth_token": SecretStr(AUTH),
