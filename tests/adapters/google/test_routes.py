@@ -370,10 +370,10 @@ async def test_verification_failures_are_401_with_the_reason_logged(
                 reason in r.getMessage() for r in caplog.records if r.name == "adapters.google"
             )
         good = {"Google-Assistant-Signature": token(key)}
-        answer = ok(
+        data = ok(
             await client.post("/google", json=v3("refused", "FreeText", "hello"), headers=good)
         )
-        assert check_v3(v3("refused", "x"), answer) == "You said: hello"
+        assert check_v3(v3("refused", "x"), data) == "You said: hello"
 
 
 class Unreachable:
@@ -474,7 +474,11 @@ async def test_dialogflow_credentials(
         gateway(dialogflow_auth=auth, **OFF) as url,
         httpx.AsyncClient(base_url=url) as client,
     ):
-        tried = ({}, {"Authorization": good + "x"}, {"Authorization": "Digest abc"})
+        tried: tuple[dict[str, str], ...] = (
+            {},
+            {"Authorization": good + "x"},
+            {"Authorization": "Digest abc"},
+        )
         for headers, challenge in zip(tried, challenges, strict=True):
             with caplog.at_level(logging.WARNING, logger="adapters.google"):
                 answer = await client.post("/dialogflow", json=body, headers=headers)
@@ -591,7 +595,7 @@ async def test_a_slow_or_failing_core_gets_a_spoken_answer() -> None:
             return JSONResponse({"items": [{"text": "finally"}], "attributes": {"slowDone": True}})
         return JSONResponse({"items": [{"text": f"slowDone {body['attributes'].get('slowDone')}"}]})
 
-    settings = {"dialogflow_deadline_s": 0.4, "google_deadline_s": 0.4}
+    settings: dict[str, Any] = {"dialogflow_deadline_s": 0.4, "google_deadline_s": 0.4}
     async with (
         serve(core) as core_url,
         gateway(pipeline=f"{core_url}/turn", **settings, **OFF) as url,

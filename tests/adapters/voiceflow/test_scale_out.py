@@ -44,7 +44,7 @@ async def test_a_session_key_continues_the_session_on_another_instance(
     b = GatewayProcess(env(redis_url, redis_prefix, secret)).start()
     gateway_processes.append(b)
     shared = await aredis.get(f"{redis_prefix}:secret-key")
-    assert shared is not None  # made by the first instance, read by the second
+    assert isinstance(shared, bytes)  # made by the first instance, read by the second
     async with client(a.url) as on_a:
         key = await on_a.handshake()
         await on_a.act({"type": "launch"})

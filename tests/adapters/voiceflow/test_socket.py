@@ -206,14 +206,14 @@ async def test_bad_input_gets_its_status_or_error_and_the_connection_stays_usabl
             ),
             ({"action": {"type": "dance", "payload": {}}, "messageID": 42}, "unknown-action-type"),
         ]
-        for payload, reason in bad:
-            await vf.emit("action.send", payload)
+        for sent, reason in bad:
+            await vf.emit("action.send", sent)
             rejected = await vf.expect("action.status")
-            assert rejected["status"] == "rejected", payload
-            assert rejected["reason"] == reason, (payload, rejected)
+            assert rejected["status"] == "rejected", sent
+            assert rejected["reason"] == reason, (sent, rejected)
             assert rejected["detail"]
-            if isinstance(payload, dict) and "messageID" in payload:
-                assert rejected["messageID"] == str(payload["messageID"])
+            if isinstance(sent, dict) and "messageID" in sent:
+                assert rejected["messageID"] == str(sent["messageID"])
             else:
                 assert uuid.UUID(rejected["messageID"])
 
@@ -397,7 +397,7 @@ async def test_actions_reach_the_core_and_items_become_traces() -> None:
             "entities": [{"name": "size", "value": "large"}],
             "confidence": 0.9,
         }
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"type": "intent", "payload": intent}, "#order_pizza"),
             ({"type": "intent", "payload": {**intent, "query": "a large one"}}, "a large one"),
             ({"type": "event", "payload": {"event": {"name": "page_opened"}}}, "#page_opened"),

@@ -211,7 +211,7 @@ async def test_a_session_of_another_key_is_refused_and_the_socket_serves_on() ->
 
 
 async def test_client_logs_are_stored_with_the_session(redis_url: str, redis_prefix: str) -> None:
-    settings = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    settings: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
     async with served(**settings) as url, connect(ws_url(url)) as ws:
         await init(ws)
         entry = {"time": 1700000000000, "relativeTime": 0.5, "level": "INFO"}

@@ -14,6 +14,7 @@ from adapters.flowstorm.events import (
     InputStreamCloseEvent,
     LogEvent,
     RecognizedInputEvent,
+    V2ClientEvent,
 )
 from adapters.flowstorm.v2.protocol import (
     TRANSITIONS,
@@ -137,7 +138,7 @@ def test_bad_json_bodies_are_protocol_errors(body: bytes, words: str) -> None:
 
 
 def test_order_table_accepts_the_documented_sequences() -> None:
-    audio = [
+    audio: list[V2ClientEvent] = [
         BinaryEvent(data=b"\x00\x01"),
         BinaryEvent(data=b"\x02\x03"),
         InputStreamCloseEvent(),
@@ -469,12 +470,14 @@ def test_follower_turns_bus_messages_into_the_get_answer() -> None:
     assert follower.following == "r1"
     [first] = follower.feed(interim_message("r1", "tell me", 0.5))
     assert first.type == "RecognizedInput"
+    assert isinstance(first, RecognizedInputEvent)
     assert first.is_final is False
     assert first.input.text == "tell me"
     assert follower.feed(interim_message("r1", "tell me", 0.6)) == []  # unchanged text
     assert follower.feed(interim_message("other", "noise", 0.6)) == []  # another recognition
     assert follower.feed(recognizing_message("r1")) == []  # heartbeat
     [final] = follower.feed(done_message("r1", "final", text="tell me more", confidence=0.9))
+    assert isinstance(final, RecognizedInputEvent)
     assert final.is_final is True
     assert final.input.transcript.confidence == 0.9
     assert follower.done
@@ -484,7 +487,7 @@ def test_follower_turns_bus_messages_into_the_get_answer() -> None:
 def test_follower_ends_without_output_on_silence_and_text_and_reports_errors() -> None:
     for result in ("silence", "text", "cancelled"):
         follower = RecognitionFollower()
-        assert follower.feed(done_message("r", result)) == []  # type: ignore[arg-type]
+        assert follower.feed(done_message("r", result)) == []
         assert follower.done
     follower = RecognitionFollower()
     follower.feed(recognizing_message("r"))
