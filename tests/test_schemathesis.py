@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 import schemathesis
@@ -21,6 +22,9 @@ from hypothesis import HealthCheck, settings
 
 from gateway.app import create_app
 from gateway.settings import Settings
+
+if TYPE_CHECKING:  # schemathesis defines this alias for type checkers only
+    from schemathesis.specs.openapi.schemas import OpenApiCase
 
 CASES: list[str] = []
 
@@ -66,6 +70,6 @@ schema = schemathesis.pytest.from_fixture("api_schema")
     derandomize=True,  # the same cases every run: no flaky findings
     suppress_health_check=list(HealthCheck),
 )
-def test_no_operation_answers_a_server_error(case: schemathesis.Case) -> None:
+def test_no_operation_answers_a_server_error(case: OpenApiCase) -> None:
     CASES.append(f"{case.method} {case.path}")
     case.call_and_validate(timeout=30)  # every check schemathesis has

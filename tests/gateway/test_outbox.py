@@ -180,6 +180,7 @@ async def test_a_sent_answer_is_marked_delivered_when_the_client_left_before_it_
     following = Following(journal, deliver)
     following.follow(key, None, replay=False)
     seqs = await journal.append(key, [ev("item"), ev("response")], "turn")
+    assert seqs is not None
     for seq in seqs:
         async with following.claim(key, seq) as fresh:
             assert fresh

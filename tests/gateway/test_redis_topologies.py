@@ -18,12 +18,14 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import redis
 import socketio
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from gateway import redisconn
@@ -137,6 +139,7 @@ def test_the_gateway_refuses_to_start_on_a_malformed_url() -> None:
 def test_clients_of_each_kind() -> None:
     assert isinstance(redis_client("redis+cluster://127.0.0.1:7000"), RedisCluster)
     sentinel = redis_client("redis+sentinel://127.0.0.1:26379/0/mymaster")
+    assert isinstance(sentinel, Redis)
     assert isinstance(sentinel.connection_pool, redisconn.WatchedSentinelPool)
     assert sentinel.connection_pool.service_name == "mymaster"
 
@@ -145,6 +148,7 @@ async def test_sentinel_pool_follows_the_sentinels_events() -> None:
     """The pool's reaction to each sentinel event (no server needed: while a promotion
     is announced the pool names the replica without asking a sentinel)."""
     client = redis_client("redis+sentinel://127.0.0.1:1/0/mymaster")
+    assert isinstance(client, Redis)
     pool = client.connection_pool
     assert isinstance(pool, redisconn.WatchedSentinelPool)
     promoting = "slave 10.0.0.2:6380 10.0.0.2 6380 @ mymaster 10.0.0.1 6379"
@@ -177,6 +181,7 @@ async def test_pool_of_one_server_waits_for_a_free_connection(redis_url: str) ->
     (first come, first served) instead of failing, and one that waits longer than the
     pool's timeout gets redis-py's ConnectionError."""
     client = redisconn.connect(redis_url, max_connections=2)
+    assert isinstance(client, Redis)
     pool = client.connection_pool
     assert isinstance(pool, redisconn.QuickBlockingPool)
     key = f"pool-test-{secrets.token_hex(4)}"
@@ -198,7 +203,11 @@ async def test_pool_of_one_server_waits_for_a_free_connection(redis_url: str) ->
     assert not pool._in_use_connections
     # a caller that cannot get a connection within the pool's timeout fails
     pool.timeout = 0.05
-    holders = [asyncio.create_task(client.blpop([f"{key}:h{n}"], timeout=0.3)) for n in range(2)]
+
+    async def hold(n: int) -> None:
+        await client.blpop([f"{key}:h{n}"], timeout=0.3)
+
+    holders = [asyncio.create_task(hold(n)) for n in range(2)]
     await asyncio.sleep(0.02)
     with pytest.raises(redis.exceptions.ConnectionError, match="No connection available"):
         await client.ping()
@@ -234,7 +243,7 @@ async def test_v2_conversation_across_two_gateways(topology: tuple[str, str]) ->
     """Turns alternate between two gateways sharing the topology; a TTS link made by
     one is served by the other (the TTS cache); a locked session answers 409."""
     url, prefix = topology
-    settings = {"redis_url": url, "redis_prefix": prefix}
+    settings: dict[str, Any] = {"redis_url": url, "redis_prefix": prefix}
     async with (
         served(**settings) as a,
         served(**settings) as b,
@@ -322,7 +331,7 @@ async def test_sentinel_failover_mid_conversation_loses_no_session(
         before = 2
         old = redis_sentinel.master_port()
         switching = asyncio.create_task(asyncio.to_thread(redis_sentinel.failover))
-        refused: list[int] = []
+        refused: list[int | str] = []
         during = after = 0
         deadline = time.monotonic() + 60
         while after < 3:

@@ -235,7 +235,7 @@ def make_botpress() -> FastAPI:
         listeners = state.conversations[conversation_id]["listeners"]
         listeners.append(queue)
 
-        async def signals() -> AsyncIterator[str]:
+        async def signals() -> AsyncIterator[str | bytes]:  # StreamingResponse takes either
             try:
                 yield f"data: {json.dumps({'type': 'init', 'data': {}})}\n\n"
                 yield ": keepalive\n\n"  # an SSE comment, as proxies and the API send
@@ -257,7 +257,7 @@ def make_botpress() -> FastAPI:
         if (refused := refuse(webhook_id, user)) is not None:
             return refused
         conversation_id, payload = body.get("conversationId"), body.get("payload") or {}
-        if conversation_id not in state.conversations:
+        if not isinstance(conversation_id, str) or conversation_id not in state.conversations:
             return JSONResponse({"message": "conversation not found"}, status_code=404)
         if kind == "message" and payload.get("text") == "boom":
             return JSONResponse({"message": "internal error"}, status_code=500)

@@ -509,7 +509,7 @@ async def test_a_flowstorm_v2_text_conversation_through_dialogflow_cx(
 ) -> None:
     """A whole conversation through a channel: V2 text PUTs, one CX session, state kept by CX."""
     settings, app = cx
-    overrides = {
+    overrides: dict[str, Any] = {
         "pipeline": settings.pipeline,
         "dialogflow_cx_credentials": settings.dialogflow_cx_credentials,
         "dialogflow_cx_endpoint": settings.dialogflow_cx_endpoint,

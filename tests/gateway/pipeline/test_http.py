@@ -117,7 +117,7 @@ async def test_an_answer_nested_too_deep_fails_whole_or_streamed(
     ids=["http", "rasa", "openai"],
 )
 async def test_a_line_past_the_bound_fails_the_turn_before_the_core_sent_it_all(
-    core: tuple[str, FastAPI], spec: str, options: dict[str, object]
+    core: tuple[str, FastAPI], spec: str, options: dict[str, Any]
 ) -> None:
     """GATEWAY_PIPELINE_MAX_RESPONSE_BYTES bounds the bytes read, not only whole lines,
     for every core that reads its answer by lines: a 32 MB line without a newline fails

@@ -27,6 +27,7 @@ from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import EspeakSynthesizer, PiperSynthesizer, SynthesisError, Synthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
+from gateway.speech.types import TtsFileFormat
 from tests.conftest import serve, served_app
 
 PUBLIC = "https://gateway.example.com"
@@ -148,7 +149,12 @@ async def app_url() -> AsyncIterator[tuple[str, object]]:
 async def test_file_route_serves_linked_audio(app_url: tuple[str, object]) -> None:
     url, app = app_url
     speech: SpeechService = app.state.gateway.speech  # type: ignore[attr-defined]
-    for file_type, media in (("mp3", "audio/mpeg"), ("wav", "audio/wav"), ("mulaw", "audio/basic")):
+    formats: list[tuple[TtsFileFormat, str]] = [
+        ("mp3", "audio/mpeg"),
+        ("wav", "audio/wav"),
+        ("mulaw", "audio/basic"),
+    ]
+    for file_type, media in formats:
         item, _ = await speech.voice_item(
             ResponseItem(text="Testing one two."), TtsRequest("links", file_type)
         )

@@ -360,7 +360,7 @@ async def test_streamed_speech_overload_is_a_tts_error_outside_the_lock(
 async def test_a_client_that_goes_away_cancels_its_synthesis() -> None:
     app = create_app(Settings(tts_max_chars=5000))
     async with serve(app) as url:
-        speech: SpeechService = app.state.gateway.speech  # type: ignore[attr-defined]
+        speech: SpeechService = app.state.gateway.speech
         item = await speech.link_item(ResponseItem(text=LONG), "mp3")
         assert item.audio is not None
         path = httpx.URL(item.audio).path
