@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -615,7 +615,9 @@ async def test_a_slow_or_failing_core_gets_a_spoken_answer() -> None:
         assert "scene" not in failed  # the conversation goes on
 
 
-async def test_cancel_ends_the_conversation_when_the_core_fails() -> None:
+def _failing_on_stop(answer: Callable[[dict[str, Any]], dict[str, Any]]) -> FastAPI:
+    """A core (``POST /turn``) that fails with 500 when the user says "stop" and otherwise
+    answers ``answer(request body)``."""
     core = FastAPI()
 
     @core.post("/turn")
@@ -623,7 +625,13 @@ async def test_cancel_ends_the_conversation_when_the_core_fails() -> None:
         body = await request.json()
         if body["input"]["transcript"]["text"] == "stop":
             return JSONResponse({"detail": "the core tripped"}, status_code=500)
-        return JSONResponse({"items": [{"text": f"turn {body['turn']}"}]})
+        return JSONResponse(answer(body))
+
+    return core
+
+
+async def test_cancel_ends_the_conversation_when_the_core_fails() -> None:
+    core = _failing_on_stop(lambda body: {"items": [{"text": f"turn {body['turn']}"}]})
 
     async with (
         serve(core) as core_url,
@@ -653,14 +661,7 @@ async def test_a_silent_end_is_a_valid_v2_final_response() -> None:
     """The core ends the conversation without a word, or fails on a cancel: v2 and the
     ``payload.google`` of Dialogflow ES answer a final simple response that says nothing
     (before: ``finalResponse.richResponse.items`` was empty, which Google refuses)."""
-    core = FastAPI()
-
-    @core.post("/turn")
-    async def turn(request: Request) -> JSONResponse:
-        body = await request.json()
-        if body["input"]["transcript"]["text"] == "stop":
-            return JSONResponse({"detail": "the core tripped"}, status_code=500)
-        return JSONResponse({"items": [], "sessionEnded": True})
+    core = _failing_on_stop(lambda body: {"items": [], "sessionEnded": True})
 
     cancel = json.loads((GOOGLE / "actions-sdk-v2-via-dialogflow" / "Cancel.json").read_text())
     async with (
