@@ -236,6 +236,23 @@ def socketio_logger(name: str) -> logging.Logger:
     return logger
 
 
+def masked_number(number: str) -> str:
+    """A caller's or callee's phone number as the log shows it: its last 4 digits, every
+    digit before them ``*`` (``+15550100`` -> ``+****0100``; anything else kept as it is,
+    so ``client:alice`` or ``sip:...`` stays readable). A phone number is personal
+    data: the log names the call by its id, the digits only help tell calls apart."""
+    digits = sum(ch.isdigit() for ch in number)
+    hidden = digits - 4
+    out = []
+    for ch in number:
+        if ch.isdigit() and hidden > 0:
+            out.append("*")
+            hidden -= 1
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 ENGINE_IO_NAMESPACE = "engine.io"
 """The namespace of an Engine.IO session id's reference in the log
 (:func:`engine_io_ref`)."""

@@ -113,6 +113,7 @@ from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
 from gateway.io.call import CallRunner, admit, announce_machine, call_config
+from gateway.logs import masked_number
 from gateway.protocol import ProtocolError
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
 from gateway.sessions import StoreError
@@ -351,7 +352,8 @@ async def voice(request: Request) -> Response:
         public_url(settings.public_url, "/twilio/status", urlencode({"key": key})),
         {name: value for name, value in parameters.items() if value},
     )
-    log.info("Twilio call %s from %s: stream issued", call_sid, parameters["from"] or "?")
+    caller = masked_number(parameters["from"]) or "?"  # personal data: its last 4 digits
+    log.info("Twilio call %s from %s: stream issued", call_sid, caller)
     return Response(xml, media_type="application/xml")
 
 

@@ -28,6 +28,7 @@ from gateway.logs import (
     JsonFormatter,
     RedactQuery,
     configure_logging,
+    masked_number,
     redact_query,
     session_ref,
     set_hash_key,
@@ -263,3 +264,18 @@ def test_no_line_below_the_configured_level_is_written(
     assert "a critical line" in written
     assert "warning" not in written
     assert "Cannot receive from redis" not in written
+
+
+@pytest.mark.parametrize(
+    ("number", "shown"),
+    [
+        ("+15550100", "+****0100"),
+        ("+44 20 7946 0958", "+** ** **** 0958"),
+        ("0100", "0100"),
+        ("client:alice", "client:alice"),
+        ("", ""),
+    ],
+)
+def test_a_phone_number_is_logged_by_its_last_four_digits(number: str, shown: str) -> None:
+    """Only a number's last 4 digits reach the log; text without digits stays as it is."""
+    assert masked_number(number) == shown

@@ -34,7 +34,10 @@ async def gw() -> AsyncIterator[Served]:
         yield served
 
 
-async def test_the_voice_webhook_answers_twiml_with_a_one_time_stream(gw: Served) -> None:
+async def test_the_voice_webhook_answers_twiml_with_a_one_time_stream(
+    gw: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "adapters.twilio")
     sid = call_sid()
     answer = await ask_twiml(gw.url, PUBLIC, sid, auth_token=AUTH)
     assert answer.status_code == 200
@@ -49,6 +52,10 @@ async def test_the_voice_webhook_answers_twiml_with_a_one_time_stream(gw: Served
     assert "<Hangup />" in answer.text or "<Hangup/>" in answer.text
     again = parse_twiml((await ask_twiml(gw.url, PUBLIC, sid, auth_token=AUTH)).text)
     assert again.stream_url != twiml.stream_url  # a fresh token for every webhook
+    # the caller's number is personal data: the log line shows its last 4 digits
+    issued = [r.getMessage() for r in caplog.records if "stream issued" in r.getMessage()]
+    assert issued == [f"Twilio call {sid} from +****0100: stream issued"] * 2
+    assert "+15550100" not in caplog.text
 
 
 async def test_the_webhook_query_names_the_app_and_locale(gw: Served) -> None:
