@@ -40,7 +40,11 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
 - Failures (PipelineError): no token, the API unreachable, non-2xx (the fixed text
   ``the Dialogflow CX core answered HTTP <status>``; the Google error ``message`` goes
   only to the log, redacted: :func:`gateway.pipeline.cores.core_failed`), an answer
-  that is not a DetectIntentResponse or over GATEWAY_PIPELINE_MAX_RESPONSE_BYTES.
+  that is not a DetectIntentResponse or over GATEWAY_PIPELINE_MAX_RESPONSE_BYTES, and
+  JSON that :func:`gateway.pipeline.cores.core_json` refuses (too deep, a number of more
+  than 100 characters, ``NaN``/``Infinity``, a lone surrogate): ``the core answered
+  something that is not JSON: <what is wrong>``, the same for the whole answer, a
+  streamed element and an event's data.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import asyncio
 import codecs
 import hashlib
 import json
+import math
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
@@ -73,7 +78,7 @@ from gateway.pipeline.cores import (
     refused,
 )
 from gateway.pipeline.openai import iter_sse
-from gateway.protocol import MAX_JSON_DEPTH, json_depth
+from gateway.protocol import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, json_depth
 from gateway.sessions import Session, retrieved
 from gateway.settings import Settings
 from gateway.ssml import ssml_to_text
@@ -395,6 +400,31 @@ _SCALAR = 9
 """Characters of the longest JSON value that is neither an object, an array nor a string
 (``-Infinity``): a scalar element is decided on at most that many."""
 _INCOMPLETE = "the core's stream is not a complete JSON array"
+# a \uD800-\uDFFF escape: the element may hold a lone surrogate (a literal prefix: fast)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class _Refused(Exception):
+    """The reader's decoder met a number or constant :func:`core_json` refuses (more than
+    :data:`~gateway.protocol.MAX_NUMBER_CHARS` characters, not finite, ``NaN``); the
+    element is then decoded by core_json, whose error says what is wrong."""
+
+
+def _int(literal: str) -> int:
+    if len(literal) > MAX_NUMBER_CHARS:
+        raise _Refused
+    return int(literal)
+
+
+def _float(literal: str) -> float:
+    value = float(literal)
+    if len(literal) > MAX_NUMBER_CHARS or not math.isfinite(value):
+        raise _Refused
+    return value
+
+
+def _constant(name: str) -> Any:
+    raise _Refused
 
 
 class JsonArrayReader:
@@ -414,17 +444,27 @@ class JsonArrayReader:
     Between elements, whitespace and commas are skipped. Raises PipelineError: text
     before the ``[`` (``the core's stream is not a JSON array``); an element nested
     deeper than :data:`gateway.protocol.MAX_JSON_DEPTH` (the bound of :func:`core_json`,
-    checked before the parser could recurse past it); an element that is not JSON,
-    anything but whitespace after the ``]``, or (:meth:`finish`) no ``]``
-    (``... not a complete JSON array``). Elements that are not objects are given as
-    they are: the caller decides.
+    checked before the parser could recurse past it); an element that is JSON but that
+    :func:`core_json` refuses (a number of more than 100 characters, ``NaN`` or
+    ``Infinity``, a lone surrogate: the error of :func:`_not_json`, as for a whole
+    answer); an element that is not JSON, anything but whitespace after the ``]``, or
+    (:meth:`finish`) no ``]`` (``... not a complete JSON array``). Elements that are not
+    objects are given as they are: the caller decides.
+
+    The decoder refuses what core_json refuses as it parses (hooks on numbers and
+    constants), so a good element still costs one parse; one it refuses, or one that
+    may hold a lone surrogate, is decoded again by core_json for the verdict.
     """
 
     def __init__(self) -> None:
         self.read = 0
         self.decoded = 0
         self.parses = 0
-        self._decoder = json.JSONDecoder()
+        self._decoder = json.JSONDecoder(
+            parse_int=_int, parse_float=_float, parse_constant=_constant
+        )
+        self._scalars = json.JSONDecoder()  # a scalar element goes to the caller as it is
+        self._raw_surrogate = False  # a piece held a surrogate character (not from UTF-8)
         self._opened = False
         self._closed = False
         self._pending: list[str] | None = None  # the element begun and not ended yet
@@ -438,6 +478,11 @@ class JsonArrayReader:
         """The values of the elements ``text`` (the next piece of the stream) completes,
         each given before the next is read (so an error after it comes after it)."""
         self.read += len(text)
+        if not (self._raw_surrogate or text.isascii()):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                self._raw_surrogate = True  # from here each element is left to core_json
         i, n = 0, len(text)
         while i < n:
             if self._pending is None:
@@ -498,15 +543,18 @@ class JsonArrayReader:
             value, end = self._decoder.raw_decode(text, start)
         except RecursionError:  # nested past the parser's own limit
             raise PipelineError(_TOO_DEEP) from None
-        except ValueError:
+        except (ValueError, _Refused):
             self.decoded += len(text) - start
-            return None, -1  # not complete in this piece (or not JSON: the scan will tell)
+            # not complete in this piece (or not JSON, or refused: _decode will tell)
+            return None, -1
         self.decoded += end - start
         # core_json's bound (the parser takes up to the interpreter's recursion limit)
         if text.count("[", start, end) + text.count("{", start, end) > MAX_JSON_DEPTH and (
             json_depth(text[start:end]) > MAX_JSON_DEPTH
         ):
             raise PipelineError(_TOO_DEEP)
+        if self._raw_surrogate or _SURROGATE_ESCAPE.search(text, start, end):
+            return _core_json(text[start:end]), end
         return value, end
 
     def _begin(self, first: str) -> None:
@@ -566,7 +614,7 @@ class JsonArrayReader:
         self.parses += 1
         self.decoded += len(head)
         try:
-            value, end = self._decoder.raw_decode(head)
+            value, end = self._scalars.raw_decode(head)
         except ValueError:
             if len(head) >= _SCALAR:
                 raise PipelineError(_INCOMPLETE) from None
@@ -583,11 +631,29 @@ class JsonArrayReader:
         self.decoded += len(element)
         try:
             value, end = self._decoder.raw_decode(element)
+        except _Refused:
+            return _core_json(element)  # raises the error naming what is wrong
         except (ValueError, RecursionError):
             raise PipelineError(_INCOMPLETE) from None
         if end != len(element):
             raise PipelineError(_INCOMPLETE)
+        if self._raw_surrogate or _SURROGATE_ESCAPE.search(element):
+            return _core_json(element)
         return value
+
+
+def _core_json(element: str) -> Any:
+    """:func:`core_json` of a streamed element; its ValueError as :func:`_not_json`."""
+    try:
+        return core_json(element)
+    except ValueError as exc:
+        raise _not_json(exc) from exc
+
+
+def _not_json(exc: ValueError) -> PipelineError:
+    """The error of an answer, or a streamed element, that :func:`core_json` refused
+    with ``exc`` (whose text says what is wrong)."""
+    return PipelineError(f"the core answered something that is not JSON: {exc}")
 
 
 def _element(value: Any) -> dict[str, Any]:
@@ -645,7 +711,7 @@ def _object(data: bytes) -> dict[str, Any]:
     try:
         value = core_json(data)
     except ValueError as exc:
-        raise PipelineError("the core answered something that is not JSON") from exc
+        raise _not_json(exc) from exc
     if not isinstance(value, dict):
         raise PipelineError("the core answered JSON that is not an object")
     return _checked(value)

@@ -17,7 +17,8 @@ Contract: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   ``app.state.sse``): a PARTIAL DetectIntentResponse with the first message, then (after
   ``app.state.gap_s``) the FINAL one with all messages. The texts ``deep`` and
   ``deep100`` are answered a DetectIntentResponse whose parameters nest 50,000 and 100
-  levels deep, in the method's form. The text ``leak`` is answered 403 with a message
+  levels deep, in the method's form; ``digits`` and ``nan`` one whose parameters hold a
+  number of 5,000 digits and ``NaN`` (JSON the gateway refuses). The text ``leak`` is answered 403 with a message
 that echoes the request's bearer token (as a careless proxy might); ``bomb`` with a gzip
 answer inflating to 100 MB (``tests.gateway.core_app.gzip_bomb``).
 
@@ -194,6 +195,9 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
         if said in ("deep", "deep100"):
             sse = app.state.sse or request.query_params.get("alt") == "sse"
             return _deep(50_000 if said == "deep" else 100, method, sse)
+        if said in ("digits", "nan"):
+            sse = app.state.sse or request.query_params.get("alt") == "sse"
+            return _raw(_holding("1" * 5_000 if said == "digits" else "NaN"), method, sse)
         path = f"projects/{project}/locations/{location}/agents/{agent_id}/sessions/{session_id}"
         state = app.state.sessions.setdefault(path, {})
         messages = agent(state, query)
@@ -235,8 +239,17 @@ def _answer(
 def _deep(depth: int, method: str, sse: bool) -> Response:
     """A DetectIntentResponse whose parameters nest ``depth`` levels, as ``method``
     answers it (in SSE form when ``sse``)."""
-    nested = "[" * depth + "]" * depth
-    answer = f'{{"queryResult":{{"responseMessages":[],"parameters":{{"p":{nested}}}}}}}'
+    return _raw(_holding("[" * depth + "]" * depth), method, sse)
+
+
+def _holding(value: str) -> str:
+    """A DetectIntentResponse (JSON text) whose parameter ``p`` is the JSON text ``value``."""
+    return f'{{"queryResult":{{"responseMessages":[],"parameters":{{"p":{value}}}}}}}'
+
+
+def _raw(answer: str, method: str, sse: bool) -> Response:
+    """The DetectIntentResponse ``answer`` (JSON text, sent as it is) as ``method``
+    answers it: the body, a one-element array, or one event when ``sse``."""
     if method == "detectIntent":
         return Response(answer, media_type="application/json")
     if sse:

@@ -30,6 +30,7 @@ from gateway.events import (
     transfer_target,
 )
 from gateway.pipeline.base import PipelineConfigError, PipelineError
+from gateway.pipeline.cores import core_json
 from gateway.pipeline.dialogflow_cx import DialogflowCxPipeline, JsonArrayReader, cx_session_id
 from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
@@ -262,6 +263,37 @@ async def test_an_answer_nested_too_deep_is_a_pipeline_error(
     await conv.pipeline.aclose()
 
 
+REFUSED = {
+    "digits": "the core answered something that is not JSON: "
+    "the JSON holds a number longer than 100 characters.",
+    "nan": "the core answered something that is not JSON: the JSON holds NaN, which is not JSON.",
+}
+
+
+@pytest.mark.parametrize("said", ["digits", "nan"])
+async def test_json_every_core_refuses_fails_the_turn_streamed_or_whole(
+    cx: tuple[Settings, FastAPI], said: str
+) -> None:
+    """An answer holding a number of 5,000 digits or NaN (JSON core_json refuses) fails the
+    turn with the same error whole, as a streamed array's element and as an event's data;
+    a normal stream on the same pipeline still works."""
+    settings, app = cx
+    errors: list[str] = []
+    for streaming, sse in ((False, False), (True, False), (True, True)):
+        app.state.sse = sse
+        conv = engine(settings, dialogflow_cx_streaming=streaming)
+        events = await pipeline_error(conv, "not JSON", said, ctx(f"{said}-{streaming}-{sse}"))
+        error = events[-1]
+        assert isinstance(error, ErrorEvent)
+        errors.append(error.text)
+        if streaming:
+            normal = await conv.turn(ctx(f"ok-{sse}"), Input.of("pizza")).collect()
+            assert texts(normal) == ["What size?"]
+        await conv.pipeline.aclose()
+    assert errors == [errors[0]] * 3  # whole, streamed array, event stream
+    assert errors[0] == REFUSED[said]  # naming what is wrong
+
+
 async def test_an_error_answer_that_echoes_the_token_reaches_only_the_log_redacted(
     cx: tuple[Settings, FastAPI], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -396,6 +428,53 @@ def test_the_array_reader_refuses_what_is_not_a_json_array(text: str, words: str
     for size in (len(text), 3):  # whole and in pieces
         with pytest.raises(PipelineError, match=words):
             _read(_cut(text, size))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1" * 5_000,
+        "1" * 101,
+        "-0." + "5" * 100,
+        "NaN",
+        "-Infinity",
+        "1e999",
+        '"\\ud800"',
+        '["\\udfff", "]"]',
+        '"\ud800"',  # the character itself (a stream whose charset is not UTF-8)
+    ],
+    ids=["digits5000", "digits101", "float102", "nan", "-inf", "1e999", "lone", "lone2", "raw"],
+)
+def test_the_array_reader_refuses_what_core_json_refuses_as_a_whole_answer(value: str) -> None:
+    """An element core_json refuses (a number longer than 100 characters, NaN, Infinity, a
+    number out of range, a lone surrogate, escaped or not) fails with the error of the same JSON as a
+    whole answer, whole and however it is cut; the elements before it are given."""
+    element = '{"queryResult": {"responseMessages": []}, "p": ' + value + "}"
+    with pytest.raises(ValueError, match="the JSON holds") as whole:
+        core_json(element)
+    expected = f"the core answered something that is not JSON: {whole.value}"
+    text = "[{}, " + element + ", {}]"
+    for size in (len(text), 7, 1):
+        reader = JsonArrayReader()
+        given: list[object] = []
+        with pytest.raises(PipelineError) as streamed:
+            for piece in _cut(text, size):
+                given += reader.feed(piece)
+        assert str(streamed.value) == expected, size
+        assert given == [{}], size
+
+
+def test_the_array_reader_takes_what_core_json_takes() -> None:
+    """Numbers of 100 characters, a surrogate pair, escapes: the values core_json gives."""
+    elements = [
+        '{"n": ' + "9" * 100 + ', "f": -1.5e300, "z": -0.0}',
+        '{"s": "\\ud83d\\ude00 \\u00e9 \\u003c"}',
+        '["\\ud800\\udc00"]',
+    ]
+    text = "[" + ",".join(elements) + "]"
+    expected = [core_json(e) for e in elements]
+    for size in (len(text), 5, 1):
+        assert _read(_cut(text, size))[0] == expected, size
 
 
 def test_the_array_reader_gives_scalars_for_the_caller_to_refuse() -> None:
