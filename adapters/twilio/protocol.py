@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import binascii
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,8 +91,9 @@ from gateway.callcodec import Media as WireMedia
 from gateway.callcodec import MediaFormat as WireFormat
 from gateway.protocol import (
     MAX_JSON_DEPTH,
-    MAX_NUMBER_CHARS,
     ProtocolError,
+    UnsafeValue,
+    guarded_decoder,
     integer,
     load_json,
     validate,
@@ -315,33 +315,11 @@ def _parse_media(value: Mapping[str, Any]) -> Media:
     )
 
 
-class _Unsafe(Exception):
-    """A value the fast path leaves to :func:`gateway.protocol.load_json`'s checks."""
-
-
-def _short_int(text: str) -> int:
-    if len(text) > MAX_NUMBER_CHARS:
-        raise _Unsafe
-    return int(text)
-
-
-def _short_float(text: str) -> float:
-    value = float(text)
-    if len(text) > MAX_NUMBER_CHARS or not math.isfinite(value):
-        raise _Unsafe
-    return value
-
-
-def _no_constant(text: str) -> Any:
-    raise _Unsafe
-
-
 _FAST_MAX_CHARS: Final = 1024
 """Frames up to this long may take the media fast path (Twilio's are about 350)."""
-_FAST_DECODER: Final = json.JSONDecoder(
-    parse_int=_short_int, parse_float=_short_float, parse_constant=_no_constant
-)
-"""The fast path's decoder, made once (``json.loads`` with hooks builds one per call)."""
+_FAST_DECODER: Final = guarded_decoder()
+"""The fast path's decoder, made once (``json.loads`` with hooks builds one per call): it
+raises UnsafeValue where load_json's checks are needed."""
 _FAST_SCAN: Final = _FAST_DECODER.raw_decode
 """Its ``(text) -> (value, end)``, without ``decode``'s whitespace checks (the fast path takes
 no whitespace around the object)."""
@@ -362,7 +340,7 @@ def _fast_value(text: str) -> dict[str, Any] | None:
         return None
     try:
         value, end = _FAST_SCAN(text)
-    except (ValueError, _Unsafe):
+    except (ValueError, UnsafeValue):
         return None
     if end != len(text) or not isinstance(value, dict) or value.get("event") != "media":
         return None

@@ -53,7 +53,6 @@ import asyncio
 import codecs
 import hashlib
 import json
-import math
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
@@ -78,7 +77,7 @@ from gateway.pipeline.cores import (
     refused,
 )
 from gateway.pipeline.openai import iter_sse
-from gateway.protocol import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, json_depth
+from gateway.protocol import MAX_JSON_DEPTH, UnsafeValue, guarded_decoder, json_depth
 from gateway.sessions import Session, retrieved
 from gateway.settings import Settings
 from gateway.ssml import ssml_to_text
@@ -404,29 +403,6 @@ _INCOMPLETE = "the core's stream is not a complete JSON array"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-class _Refused(Exception):
-    """The reader's decoder met a number or constant :func:`core_json` refuses (more than
-    :data:`~gateway.protocol.MAX_NUMBER_CHARS` characters, not finite, ``NaN``); the
-    element is then decoded by core_json, whose error says what is wrong."""
-
-
-def _int(literal: str) -> int:
-    if len(literal) > MAX_NUMBER_CHARS:
-        raise _Refused
-    return int(literal)
-
-
-def _float(literal: str) -> float:
-    value = float(literal)
-    if len(literal) > MAX_NUMBER_CHARS or not math.isfinite(value):
-        raise _Refused
-    return value
-
-
-def _constant(name: str) -> Any:
-    raise _Refused
-
-
 class JsonArrayReader:
     """One JSON array streamed in pieces (Google's REST streaming form of
     serverStreamingDetectIntent: ``[`` element ``,`` element ... ``]``), read
@@ -460,9 +436,7 @@ class JsonArrayReader:
         self.read = 0
         self.decoded = 0
         self.parses = 0
-        self._decoder = json.JSONDecoder(
-            parse_int=_int, parse_float=_float, parse_constant=_constant
-        )
+        self._decoder = guarded_decoder()  # UnsafeValue: left to core_json
         self._scalars = json.JSONDecoder()  # a scalar element goes to the caller as it is
         self._raw_surrogate = False  # a piece held a surrogate character (not from UTF-8)
         self._opened = False
@@ -543,7 +517,7 @@ class JsonArrayReader:
             value, end = self._decoder.raw_decode(text, start)
         except RecursionError:  # nested past the parser's own limit
             raise PipelineError(_TOO_DEEP) from None
-        except (ValueError, _Refused):
+        except (ValueError, UnsafeValue):
             self.decoded += len(text) - start
             # not complete in this piece (or not JSON, or refused: _decode will tell)
             return None, -1
@@ -631,7 +605,7 @@ class JsonArrayReader:
         self.decoded += len(element)
         try:
             value, end = self._decoder.raw_decode(element)
-        except _Refused:
+        except UnsafeValue:
             return _core_json(element)  # raises the error naming what is wrong
         except (ValueError, RecursionError):
             raise PipelineError(_INCOMPLETE) from None

@@ -187,6 +187,40 @@ def _constant(name: str) -> Any:
     raise _NotJson(f"%s holds {name}, which is not JSON.")
 
 
+class UnsafeValue(Exception):
+    """Raised by a :func:`guarded_decoder`'s decoder (no arguments) at a number or constant
+    that :func:`load_json` would refuse or check first: the text is then left to it."""
+
+
+def _short_int(literal: str) -> int:
+    if len(literal) > MAX_NUMBER_CHARS:
+        raise UnsafeValue
+    return int(literal)
+
+
+def _short_float(literal: str) -> float:
+    value = float(literal)
+    if len(literal) > MAX_NUMBER_CHARS or not math.isfinite(value):
+        raise UnsafeValue
+    return value
+
+
+def _unsafe_constant(name: str) -> Any:
+    raise UnsafeValue
+
+
+def guarded_decoder() -> json.JSONDecoder:
+    """A ``json.JSONDecoder`` (the standard library's C scanner) that raises UnsafeValue
+    at a number of more than :data:`MAX_NUMBER_CHARS` characters, one that is not
+    finite (``1e999``) and ``NaN``/``Infinity``: for fast paths that decode trusted-size
+    text with one parse and leave anything :func:`load_json` refuses to it (which
+    then gives the error). Depth, strings and surrogates are not its business: its
+    callers bound those first."""
+    return json.JSONDecoder(
+        parse_int=_short_int, parse_float=_short_float, parse_constant=_unsafe_constant
+    )
+
+
 _DECODER: Final = json.JSONDecoder(parse_float=_real, parse_constant=_constant)
 """One decoder for every load (``json.loads`` with arguments builds a new one per call)."""
 
