@@ -31,6 +31,16 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def _store_unavailable(file_id: str, exc: BaseException) -> Response:
+    """503 with ``Retry-After: 5`` (RFC 9457 problem) for a TTS cache that failed while
+    serving ``file_id``, logged at WARNING (DEBUG when the Redis client's open breaker
+    refused the call: it logged the outage once)."""
+    log.log(outage_level(exc), "TTS cache failed serving %s: %s", file_id, exc)
+    answer = problem(503, "Service Unavailable", "The speech file store is unavailable.")
+    answer.headers["Retry-After"] = "5"
+    return answer
+
+
 @router.get(
     "/file/tts/{file_id}.{ext}",
     summary="A synthesized speech file linked from a response item's `audio`",
@@ -99,11 +109,7 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
         log.warning("synthesis of %s failed: %s", file_id, exc)
         return problem(500, "Internal Server Error", "Speech synthesis failed.")
     except (OSError, *REDIS_ERRORS) as exc:
-        # refused by the Redis client's open breaker: it logged the outage once
-        log.log(outage_level(exc), "TTS cache failed serving %s: %s", file_id, exc)
-        answer = problem(503, "Service Unavailable", "The speech file store is unavailable.")
-        answer.headers["Retry-After"] = "5"
-        return answer
+        return _store_unavailable(file_id, exc)
     if data is None:
         return _not_found(file_id, ext)
     if chunks is not None:
@@ -200,11 +206,7 @@ async def tts_file_head(
     try:
         known = await gw.speech.file_known(file_id, ext)
     except (OSError, *REDIS_ERRORS) as exc:
-        # refused by the Redis client's open breaker: it logged the outage once
-        log.log(outage_level(exc), "TTS cache failed serving %s: %s", file_id, exc)
-        answer = problem(503, "Service Unavailable", "The speech file store is unavailable.")
-        answer.headers["Retry-After"] = "5"
-        return answer
+        return _store_unavailable(file_id, exc)
     if known is None:
         return _not_found(file_id, ext)
     if isinstance(known, bytes):  # the GET's answer; Starlette sends only its headers
