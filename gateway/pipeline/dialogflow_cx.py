@@ -8,7 +8,9 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   google-auth (``service_account.Credentials``, scope ``cloud-platform``): a JWT
   assertion signed with the key is exchanged at the key's ``token_uri`` for an access
   token, sent as ``Authorization: Bearer``. The refresh (blocking I/O in google-auth)
-  runs in a worker thread, one at a time, only when the token is missing or expiring.
+  runs in a worker thread, one at a time, only when the token is missing or expiring,
+  or when CX refused it (HTTP 401: the token is dropped and the request sent once more
+  with a fresh one; CX did not run it).
 - Endpoint: ``https://<location>-dialogflow.googleapis.com`` (``dialogflow.googleapis.com``
   for ``global``), or GATEWAY_DIALOGFLOW_CX_ENDPOINT. ``POST /v3/<agent>[/environments/
   <env>]/sessions/<id>:detectIntent``. The CX session id is the gateway session id when
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import hashlib
 import json
 import re
@@ -260,6 +263,37 @@ class DialogflowCxPipeline:
             ) from exc
         return str(self._credentials.token)
 
+    async def _send(self, url: str, body: dict[str, Any]) -> httpx.Response:
+        """The API's answer to ``body`` POSTed at ``url``, its body not read yet (the
+        caller closes it), sent with a valid access token.
+
+        An answer 401 means the token was refused before it expired (revoked, or this
+        host's clock is behind): the token is dropped and the request sent once more with
+        a fresh one, as google-auth's own transports do. CX refused the request without
+        running it, so this repeats no turn; without it the refused token would be sent
+        on every turn until its expiry (up to an hour). A second 401 is the answer.
+        """
+        token = await self._token()
+        answer = await self._post(url, body, token)
+        if answer.status_code != 401:
+            return answer
+        await answer.aclose()
+        if self._credentials.token == token:  # not replaced by another turn's refresh
+            self._credentials.token = None
+        return await self._post(url, body, await self._token())
+
+    async def _post(self, url: str, body: dict[str, Any], token: str) -> httpx.Response:
+        request = self._client.build_request(
+            "POST",
+            url,
+            json=body,
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/json; charset=utf-8",
+            },
+        )
+        return await self._client.send(request, stream=True)
+
     async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
         path = self.session_path(session)
         method = "serverStreamingDetectIntent" if self.streaming else "detectIntent"
@@ -268,14 +302,11 @@ class DialogflowCxPipeline:
             "queryInput": self.query_input(session, input),
             "queryParams": {"timeZone": input.zone_id or session.time_zone},
         }
-        headers = {
-            "Authorization": f"Bearer {await self._token()}",
-            "Content-Type": "application/json; charset=utf-8",
-        }
         answers: list[dict[str, Any]] = []
         sent: list[str] = []
         try:
-            async with self._client.stream("POST", url, json=body, headers=headers) as answer:
+            answer = await self._send(url, body)
+            async with contextlib.aclosing(answer):
                 if not 200 <= answer.status_code < 300:
                     detail = _google_error(await read_some(answer))
                     raise refused(KIND, answer.status_code, detail, [self._credentials.token])

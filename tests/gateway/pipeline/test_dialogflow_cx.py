@@ -354,6 +354,54 @@ async def test_a_key_the_token_endpoint_rejects_is_a_pipeline_error(
     await conv.pipeline.aclose()
 
 
+async def test_a_token_refused_before_its_expiry_is_replaced_once(
+    cx: tuple[Settings, FastAPI],
+) -> None:
+    """CX answers 401 to a token it no longer takes (revoked, or this host's clock is
+    behind): the gateway drops it, fetches a fresh one and sends the turn once more (CX
+    did not run it: it runs once). Before, the refused token was kept, and every turn
+    failed with HTTP 401 until the token's expiry (up to an hour)."""
+    settings, app = cx
+    conv = engine(settings)
+    assert texts(await conv.turn(ctx(), Input.of("pizza")).collect()) == ["What size?"]
+    app.state.tokens.clear()  # CX no longer takes the token the gateway holds
+    large = texts(await conv.turn(ctx(), Input.of("large")).collect())
+    assert large[:2] == ["A large pizza.", "Anything else?"]
+    assert app.state.token_requests == 2
+    assert [body["queryInput"]["text"]["text"] for _, body in app.state.requests] == [
+        "pizza",
+        "large",
+    ]  # each turn ran once at CX
+    again = texts(await conv.turn(ctx(), Input.of("what did I order")).collect())
+    assert again == ["A large pizza."]
+    assert app.state.token_requests == 2  # the fresh token is kept
+    await conv.pipeline.aclose()
+
+
+class _Unaccepted(set[str]):
+    """Tokens the token endpoint issues and CX never takes (a key of another project)."""
+
+    def add(self, token: str) -> None:
+        pass
+
+
+async def test_a_token_cx_never_takes_is_one_refresh_per_turn_not_a_loop(
+    cx: tuple[Settings, FastAPI],
+) -> None:
+    """Every token refused: each turn fails with the 401 after one fresh token, the
+    session kept, and the next turn tries one fresh token again."""
+    settings, app = cx
+    app.state.tokens = _Unaccepted()
+    conv = engine(settings)
+    await pipeline_error(conv, "the Dialogflow CX core answered HTTP 401", "pizza")
+    await failed_session(conv, 0)
+    assert app.state.token_requests == 2
+    await pipeline_error(conv, "the Dialogflow CX core answered HTTP 401", "pizza")
+    assert app.state.token_requests == 3
+    assert not app.state.requests
+    await conv.pipeline.aclose()
+
+
 async def test_unreachable_api_is_a_pipeline_error(cx: tuple[Settings, FastAPI]) -> None:
     settings, _ = cx
     conv = engine(settings, dialogflow_cx_endpoint="http://127.0.0.1:1")
