@@ -24,6 +24,8 @@ Traces -> items:
 - ``text`` -> ``payload.message`` (else the slate's text); ``speak`` -> its ``message``
   as text, with ``src`` as the item's ``audio`` when an http(s) URL (``data:`` TTS is
   left to the gateway's own speech); a ``speak`` of type ``audio`` -> an audio item;
+  ``stream`` (the audio player step) -> its http(s) ``src`` as an audio item (none for
+  its ``PAUSE``/``END`` actions);
 - ``visual`` (image) -> ``image``; ``cardV2`` -> title/description text, ``imageUrl``
   and its buttons; ``carousel`` -> one such item per card;
 - ``choice`` -> the quick replies in the item's ``code`` (gateway/pipeline/cores.py),
@@ -214,6 +216,10 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
         if not isinstance(message, str) or not message:
             return []
         return [ResponseItem(text=message, audio=src if is_url(src) else None)]
+    if kind == "stream":  # the audio player step: play ``src`` (not its PAUSE/END)
+        src = body.get("src")
+        playing = body.get("action") not in ("PAUSE", "END")
+        return [ResponseItem(audio=src)] if playing and is_url(src) else []
     if kind == "visual":
         image = body.get("image")
         return [ResponseItem(image=image)] if is_url(image) else []

@@ -12,7 +12,8 @@ The agent: ``launch`` -> a text (slate + message), a ``speak`` with an audio URL
 ``choice`` of two path buttons, a ``debug`` trace and ``no-reply {timeout: 7}``; the path
 ``path-large``/``path-small`` -> a text and a ``visual`` image; ``what size`` answers the
 stored size; ``agent`` -> the custom action trace ``transfer``; ``bye`` -> a text and
-``end``; ``no-reply`` -> "Still there?"; ``stream`` -> one text, then waits for
+``end``; ``music`` -> a text and a ``stream`` trace (an audio player step's song);
+``no-reply`` -> "Still there?"; ``stream`` -> one text, then waits for
 ``app.state.release``, then another. Failures: ``boom`` (500), ``slow`` (2 s),
 ``garbage`` (not JSON), ``object`` (not a list), ``cut`` (the stream ends without ``end``),
 ``deep`` (JSON nested 50,000 levels deep, as the body or a trace's data), ``overflow``
@@ -184,6 +185,9 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
             text("Transferring."),
             trace("transfer", target, paths=[{"event": {"type": "done"}}], defaultPath=0),
         ]
+    if payload == "music":  # an audio player step: Voiceflow's ``stream`` trace
+        song = {"src": "https://cdn.example.com/song.mp3", "action": "PLAY", "token": "t1"}
+        return [text("Here is a song."), trace("stream", {**song, "loop": False})]
     if payload == "bye":
         return [text("Goodbye."), trace("end", None)]
     if payload == "stream":

@@ -106,6 +106,22 @@ async def test_custom_action_transfer_and_end(voiceflow: tuple[str, FastAPI], st
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_audio_player_stream_trace_is_an_audio_item(
+    voiceflow: tuple[str, FastAPI], stream: bool
+) -> None:
+    """A ``stream`` trace (the audio player step) gives its ``src`` as an audio item
+    (CORES.md, the mapping's audio URL: ``stream.src``); it was dropped, the song lost."""
+    url, _ = voiceflow
+    conv = vf_engine(url, stream)
+    got = items(await conv.turn(ctx(), Input.of("music")).collect())
+    assert [(i.text, i.audio) for i in got] == [
+        ("Here is a song.", None),
+        (None, "https://cdn.example.com/song.mp3"),
+    ]
+    await conv.pipeline.aclose()
+
+
 async def test_stream_traces_are_forwarded_as_they_arrive(voiceflow: tuple[str, FastAPI]) -> None:
     url, app = voiceflow
     conv = vf_engine(url, stream=True)
