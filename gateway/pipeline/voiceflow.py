@@ -11,7 +11,8 @@ The user id is the gateway session's id. Each turn is either
   item as it arrives;
 
 with ``Authorization: <GATEWAY_VOICEFLOW_API_KEY>`` (no ``Bearer``), ``versionID`` (the
-spec's, else GATEWAY_VOICEFLOW_VERSION_ID) and the body
+spec's, else GATEWAY_VOICEFLOW_VERSION_ID; the stream endpoint takes it as its
+``?environment=`` query parameter, whose default is ``development``) and the body
 ``{"action": ..., "config": {"tts": GATEWAY_VOICEFLOW_TTS, "stripSSML": true}}``.
 
 Input -> action: ``#intro`` -> ``{"type": "launch"}``; ``#silence`` -> ``{"type":
@@ -103,6 +104,7 @@ class VoiceflowPipeline:
         self._base = runtime_url.rstrip("/")
         self._project = project_id
         self._headers = {"Authorization": api_key, "versionID": version_id}
+        self._environment = {"environment": version_id}  # the interact stream's choice
         self._config = {"tts": tts, "stripSSML": True}
         self._max = max_response_bytes
         self._client = client
@@ -148,7 +150,11 @@ class VoiceflowPipeline:
                 url = f"{self._base}/v2/project/{quote(self._project, safe='')}/user/{user}"
                 headers = {**self._headers, "Accept": "text/event-stream"}
                 async with self._client.stream(
-                    "POST", f"{url}/interact/stream", json=body, headers=headers
+                    "POST",
+                    f"{url}/interact/stream",
+                    params=self._environment,
+                    json=body,
+                    headers=headers,
                 ) as answer:
                     check_status(answer, "Voiceflow")
                     async for trace in self._stream(answer):

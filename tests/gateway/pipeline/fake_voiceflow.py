@@ -6,7 +6,8 @@ interact stream) with a small pizza agent behind it.
 ``{state, trace, action}``); ``POST /v2/project/{projectID}/user/{userID}/interact/stream``
 answers the same traces as SSE (``event: trace``, ``id``, ``data``), then ``event: end``,
 each written when the agent reaches it. Both need ``Authorization`` = :data:`API_KEY` (no
-Bearer; else 401) and read the ``versionID`` header. The agent's variables are per userID.
+Bearer; else 401); the state endpoint reads the ``versionID`` header, the stream endpoint
+the ``environment`` query parameter (``development`` when absent, as Voiceflow's). The agent's variables are per userID.
 
 The agent: ``launch`` -> a text (slate + message), a ``speak`` with an audio URL, a
 ``choice`` of two path buttons, a ``debug`` trace and ``no-reply {timeout: 7}``; the path
@@ -93,6 +94,11 @@ def make_voiceflow() -> FastAPI:
         if (refused := record(request, user_id, body)) is not None:
             return refused
         app.state.requests[-1]["_project"] = project_id
+        # this endpoint's environment is its query parameter (Voiceflow's API reference,
+        # "Interact (stream)": default development); it takes no versionID header
+        app.state.requests[-1]["_environment"] = request.query_params.get(
+            "environment", "development"
+        )
         said = body.get("action", {})
         if said.get("payload") == "boom":
             return JSONResponse({"message": "internal"}, status_code=500)

@@ -122,6 +122,24 @@ async def test_an_audio_player_stream_trace_is_an_audio_item(
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize(
+    ("spec", "version"), [("voiceflow:", "production"), ("voiceflow:development", "development")]
+)
+async def test_the_interact_stream_runs_the_configured_environment(
+    voiceflow: tuple[str, FastAPI], spec: str, version: str
+) -> None:
+    """The interact stream picks its environment by the ``environment`` query parameter
+    (default ``development``), not by the ``versionID`` header: the gateway sent only the
+    header, so with GATEWAY_VOICEFLOW_PROJECT_ID set every turn ran the development
+    (draft) agent, whatever ``voiceflow:<versionID>`` or GATEWAY_VOICEFLOW_VERSION_ID said."""
+    url, app = voiceflow
+    conv = vf_engine(url, True, spec=spec)
+    assert texts(await conv.turn(ctx(), Input.of("hi")).collect()) == ["You said: hi"]
+    (sent,) = app.state.requests
+    assert (sent["_environment"], sent["_version"]) == (version, version)
+    await conv.pipeline.aclose()
+
+
 async def test_stream_traces_are_forwarded_as_they_arrive(voiceflow: tuple[str, FastAPI]) -> None:
     url, app = voiceflow
     conv = vf_engine(url, stream=True)
