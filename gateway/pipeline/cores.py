@@ -245,6 +245,21 @@ def core_failed(
     return PipelineError(f"the {kind} core {what}")
 
 
+def transport_failed(core: str, exc: httpx.HTTPError, answered: bool) -> PipelineError:
+    """The PipelineError of an httpx error ``exc`` while asking ``core`` (``Voiceflow``,
+    ``the core``, ...): ``<core> could not be reached: <error type>`` before its answer
+    came (connecting, sending, no status line); ``<core>'s answer broke off: <error
+    type>`` once it had (``answered``: the connection dropped mid-body); ``<core>'s answer
+    is not valid gzip`` (or ``deflate``) for a body that does not inflate
+    (httpx.DecodingError, :func:`body_chunks`)."""
+    if isinstance(exc, httpx.DecodingError):
+        coding = "deflate" if str(exc).startswith("the deflate") else "gzip"
+        return PipelineError(f"{core}'s answer is not valid {coding}")
+    if answered:
+        return PipelineError(f"{core}'s answer broke off: {type(exc).__name__}")
+    return PipelineError(f"{core} could not be reached: {type(exc).__name__}")
+
+
 def check_status(answer: httpx.Response, core: str) -> None:
     """Raises PipelineError unless ``answer``'s status is 2xx."""
     if not 200 <= answer.status_code < 300:

@@ -78,6 +78,7 @@ from gateway.pipeline.cores import (
     read_body,
     read_some,
     refused,
+    transport_failed,
 )
 from gateway.pipeline.openai import iter_sse
 from gateway.protocol import MAX_JSON_DEPTH, UnsafeValue, guarded_decoder, json_depth
@@ -304,8 +305,10 @@ class DialogflowCxPipeline:
         }
         answers: list[dict[str, Any]] = []
         sent: list[str] = []
+        answered = False
         try:
             answer = await self._send(url, body)
+            answered = True
             async with contextlib.aclosing(answer):
                 if not 200 <= answer.status_code < 300:
                     detail = _google_error(await read_some(answer))
@@ -322,7 +325,7 @@ class DialogflowCxPipeline:
                     for item in self._items(whole, sent, True):
                         yield item
         except httpx.HTTPError as exc:
-            raise PipelineError(f"the core could not be reached: {type(exc).__name__}") from exc
+            raise transport_failed("the core", exc, answered) from exc
         if not answers:
             raise PipelineError("the core's stream held no DetectIntentResponse")
         yield self._response(session, path, answers)

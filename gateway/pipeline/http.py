@@ -37,6 +37,7 @@ from gateway.pipeline.cores import (
     core_json,
     pooled_client,
     read_body,
+    transport_failed,
 )
 from gateway.sessions import Session
 from gateway.settings import Settings
@@ -142,10 +143,12 @@ class HttpPipeline:
             "Accept": "application/x-ndjson, application/json",
             "X-Request-Id": REQUEST_ID.get() or uuid.uuid4().hex,
         }
+        answered = False
         try:
             async with self._client.stream(
                 "POST", self.url, content=body, headers=headers
             ) as answer:
+                answered = True
                 check_status(answer, "the core")
                 kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
@@ -154,7 +157,7 @@ class HttpPipeline:
                     return
                 data = await read_body(answer, self._max, "the core")
         except httpx.HTTPError as exc:
-            raise PipelineError(f"the core could not be reached: {type(exc).__name__}") from exc
+            raise transport_failed("the core", exc, answered) from exc
         try:  # bounded as every core's JSON (core_json), then validated: as a streamed line
             whole = PipelineResponse.model_validate(core_json(data))
         except (ValueError, ValidationError) as exc:

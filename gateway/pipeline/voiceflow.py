@@ -67,6 +67,7 @@ from gateway.pipeline.cores import (
     core_json,
     is_url,
     read_json,
+    transport_failed,
 )
 from gateway.sessions import Session
 from gateway.settings import Settings
@@ -145,6 +146,7 @@ class VoiceflowPipeline:
         body = {"action": self.action(session, input), "config": self._config}
         user = quote(session.id, safe="")
         turn = _Turn()
+        answered = False
         try:
             if self._project:
                 url = f"{self._base}/v2/project/{quote(self._project, safe='')}/user/{user}"
@@ -156,6 +158,7 @@ class VoiceflowPipeline:
                     json=body,
                     headers=headers,
                 ) as answer:
+                    answered = True
                     check_status(answer, "Voiceflow")
                     async for trace in self._stream(answer):
                         for item in _items(trace, turn):
@@ -165,6 +168,7 @@ class VoiceflowPipeline:
                 async with self._client.stream(
                     "POST", url, json=body, headers=self._headers
                 ) as answer:
+                    answered = True
                     traces = await read_json(answer, self._max, "Voiceflow")
                 if isinstance(traces, dict) and isinstance(traces.get("trace"), list):
                     traces = traces["trace"]  # verbose=true
@@ -174,7 +178,7 @@ class VoiceflowPipeline:
                     for item in _items(trace, turn):
                         yield item
         except httpx.HTTPError as exc:
-            raise PipelineError(f"Voiceflow could not be reached: {type(exc).__name__}") from exc
+            raise transport_failed("Voiceflow", exc, answered) from exc
         session.pipeline_state["buttons"] = turn.buttons
         attributes = {"noReplyTimeoutMs": turn.no_reply_ms} if turn.no_reply_ms else {}
         yield Response(session_ended=turn.ended, attributes=attributes)

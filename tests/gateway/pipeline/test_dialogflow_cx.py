@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 
 from gateway.conversation import Conversation, TurnContext
 from gateway.events import (
@@ -399,6 +400,33 @@ async def test_a_token_cx_never_takes_is_one_refresh_per_turn_not_a_loop(
     await pipeline_error(conv, "the Dialogflow CX core answered HTTP 401", "pizza")
     assert app.state.token_requests == 3
     assert not app.state.requests
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_an_answer_that_breaks_off_is_not_called_unreachable(
+    cx: tuple[Settings, FastAPI], streaming: bool
+) -> None:
+    """An API that answered and dropped the connection mid-body: "the core's answer broke
+    off" (a PARTIAL response's message before it still forwarded), not "could not be
+    reached"."""
+    settings, app = cx
+    partial = {"queryResult": {"responseMessages": [{"text": {"text": ["first"]}}]}}
+
+    @app.post("/broken/v3/{rest:path}")
+    async def broken(rest: str) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield (b"[" if streaming else b"") + json.dumps(partial).encode()[:-1]
+            if streaming:
+                yield b', "responseType": "PARTIAL"}, {"queryResult": '
+            raise ConnectionAbortedError("the API died mid-answer")  # uvicorn drops it
+
+        return StreamingResponse(body(), media_type="application/json")
+
+    endpoint = f"{settings.dialogflow_cx_endpoint}/broken"
+    conv = engine(settings, dialogflow_cx_endpoint=endpoint, dialogflow_cx_streaming=streaming)
+    events = await pipeline_error(conv, "the core's answer broke off: RemoteProtocolError")
+    assert texts(events) == (["first"] if streaming else [])
     await conv.pipeline.aclose()
 
 

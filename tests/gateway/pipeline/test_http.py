@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import tracemalloc
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from gateway.events import (
     Input,
@@ -222,6 +223,48 @@ async def test_streamed_lines_are_whole_however_the_bytes_are_cut(
     events = await conv.turn(ctx(), Input.of("hi")).collect()
     assert texts(events) == ["one\u2028two", "žluťoučký"]
     assert isinstance(events[-1], ResponseEvent)
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_an_answer_that_breaks_off_is_not_called_unreachable(
+    core: tuple[str, FastAPI], stream: bool
+) -> None:
+    """A core that answered and then dropped the connection mid-body fails the turn with
+    "the core's answer broke off" (a streamed line before it still forwarded), not "the
+    core could not be reached", which sent operators to look at the network."""
+    url, app = core
+
+    @app.post("/breaks-off")
+    async def breaks_off() -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b'{"type":"ResponseItem","responseItem":{"text":"first"}}\n'
+            raise ConnectionAbortedError("the core died mid-answer")  # uvicorn drops it
+
+        kind = "application/x-ndjson" if stream else "application/json"
+        return StreamingResponse(body(), media_type=kind)
+
+    conv = engine(pipeline=f"{url}/breaks-off")
+    events = await pipeline_error(conv, "the core's answer broke off: RemoteProtocolError")
+    assert texts(events) == (["first"] if stream else [])
+    await failed_session(conv, 0)
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_inflate_says_so(core: tuple[str, FastAPI], coding: str) -> None:
+    """A body that is not the gzip/deflate its Content-Encoding says: the error names the
+    coding, not "could not be reached" (the core was reached, and answered)."""
+    url, app = core
+
+    @app.post("/bad-{name}")
+    async def bad(name: str) -> Response:
+        body = b"\x1f\x8b\x08\x00garbage, not a deflate stream" if name == "gzip" else b"nope"
+        return Response(body, media_type="application/json", headers={"Content-Encoding": name})
+
+    conv = engine(pipeline=f"{url}/bad-{coding}")
+    events = await pipeline_error(conv, f"the core's answer is not valid {coding}")
+    assert "could not be reached" not in str(events[-1])
     await conv.pipeline.aclose()
 
 

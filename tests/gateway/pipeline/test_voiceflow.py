@@ -5,11 +5,13 @@ interact stream: state, traces mapped to items, the end, failures, a V2 conversa
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from pydantic import SecretStr
 
 from gateway.conversation import Conversation
@@ -172,6 +174,32 @@ async def test_core_failures_are_pipeline_errors(
     # loaded machine
     conv = vf_engine(url, stream, turn_timeout_s=1.5)
     assert await fails_then_recovers(conv, words, said) == ["You said: again"]
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_that_breaks_off_is_not_called_unreachable(
+    voiceflow: tuple[str, FastAPI], stream: bool
+) -> None:
+    """A runtime that answered and dropped the connection mid-body: "Voiceflow's answer
+    broke off" (a streamed trace before it still forwarded), not "could not be reached"."""
+    url, app = voiceflow
+
+    @app.post("/broken/{rest:path}")
+    async def broken(rest: str) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            if rest.endswith("/stream"):
+                yield b'event: trace\ndata: {"type": "text", "payload": {"message": "first"}}\n\n'
+            else:
+                yield b'[{"type": "text", "payload": {"message": "first"}}'
+            raise ConnectionAbortedError("the runtime died mid-answer")  # uvicorn drops it
+
+        kind = "text/event-stream" if rest.endswith("/stream") else "application/json"
+        return StreamingResponse(body(), media_type=kind)
+
+    conv = vf_engine(f"{url}/broken", stream)
+    events = await pipeline_error(conv, "Voiceflow's answer broke off: RemoteProtocolError")
+    assert texts(events) == (["first"] if stream else [])
     await conv.pipeline.aclose()
 
 
