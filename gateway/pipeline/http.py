@@ -8,7 +8,8 @@ Contract (also in README.md and in the OpenAPI document under ``webhooks``):
 - Answer, either
   - ``application/json``: one :class:`PipelineResponse` (a Flowstorm Response,
     plus an optional ``state`` object), or
-  - ``application/x-ndjson``: one JSON event per line, any number of
+  - ``application/x-ndjson`` (also ``application/jsonl``, or ``application/json-seq``
+    whose records begin with RS, RFC 7464): one JSON event per line, any number of
     ``{"type":"ResponseItem","responseItem":{...}}`` (forwarded to the client as
     each line arrives), then ``{"type":"Response","response":{...},"state":{...}}``.
 - ``response.attributes`` are merged into the session's attributes; ``state``,
@@ -152,7 +153,7 @@ class HttpPipeline:
                 check_status(answer, "the core")
                 kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
-                    async for out in self._stream(session, answer):
+                    async for out in self._stream(session, answer, kind):
                         yield out
                     return
                 data = await read_body(answer, self._max, "the core")
@@ -165,11 +166,13 @@ class HttpPipeline:
         yield self._apply(session, whole, whole.state)
 
     async def _stream(
-        self, session: Session, answer: httpx.Response
+        self, session: Session, answer: httpx.Response, media: str
     ) -> AsyncIterator[PipelineOutput]:
+        # application/json-seq (RFC 7464): each record is RS (U+001E), JSON text, LF
+        separator = "\x1e" if media == "application/json-seq" else ""
         async for line in bounded_lines(answer, self._max, "the core"):
             try:
-                raw = core_json(line)
+                raw = core_json(line.lstrip(separator) if separator else line)
                 kind = raw.get("type") if isinstance(raw, dict) else None
                 if kind in ("ResponseItem", "ResponseItemEvent"):
                     yield PipelineItemLine.model_validate(raw).response_item

@@ -3,6 +3,7 @@ every kind of core failure as a pipeline error, and the request id it forwards."
 
 from __future__ import annotations
 
+import json
 import logging
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -265,6 +266,31 @@ async def test_a_body_that_does_not_inflate_says_so(core: tuple[str, FastAPI], c
     conv = engine(pipeline=f"{url}/bad-{coding}")
     events = await pipeline_error(conv, f"the core's answer is not valid {coding}")
     assert "could not be reached" not in str(events[-1])
+    await conv.pipeline.aclose()
+
+
+async def test_a_json_seq_stream_is_read(core: tuple[str, FastAPI]) -> None:
+    """``application/json-seq`` (RFC 7464: each record is RS, JSON text, LF), which the
+    core accepts as a stream, is read record by record; every record failed as "an
+    invalid line" (the RS is no JSON whitespace)."""
+    url, app = core
+
+    @app.post("/json-seq")
+    async def json_seq() -> Response:
+        records = [
+            {"type": "ResponseItem", "responseItem": {"text": "first"}},
+            {"type": "Response", "response": {"items": []}, "state": {"seq": True}},
+        ]
+        body = "".join(f"\x1e{json.dumps(r)}\n" for r in records)
+        return Response(body, media_type="application/json-seq")
+
+    conv = engine(pipeline=f"{url}/json-seq")
+    events = await conv.turn(ctx(), Input.of("hi")).collect()
+    assert texts(events) == ["first"]
+    assert isinstance(events[-1], ResponseEvent)
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.pipeline_state == {"seq": True}
     await conv.pipeline.aclose()
 
 
