@@ -56,6 +56,7 @@ import codecs
 import contextlib
 import hashlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
@@ -85,6 +86,8 @@ from gateway.protocol import MAX_JSON_DEPTH, UnsafeValue, guarded_decoder, json_
 from gateway.sessions import Session, retrieved
 from gateway.settings import Settings
 from gateway.ssml import ssml_to_text
+
+log = logging.getLogger(__name__)
 
 KIND = "Dialogflow CX"
 """How errors name this core (``the Dialogflow CX core answered HTTP 403``)."""
@@ -281,6 +284,7 @@ class DialogflowCxPipeline:
         await answer.aclose()
         if self._credentials.token == token:  # not replaced by another turn's refresh
             self._credentials.token = None
+            log.warning("the %s core refused its access token (HTTP 401): fetching another", KIND)
         return await self._post(url, body, await self._token())
 
     async def _post(self, url: str, body: dict[str, Any], token: str) -> httpx.Response:

@@ -356,7 +356,7 @@ async def test_a_key_the_token_endpoint_rejects_is_a_pipeline_error(
 
 
 async def test_a_token_refused_before_its_expiry_is_replaced_once(
-    cx: tuple[Settings, FastAPI],
+    cx: tuple[Settings, FastAPI], caplog: pytest.LogCaptureFixture
 ) -> None:
     """CX answers 401 to a token it no longer takes (revoked, or this host's clock is
     behind): the gateway drops it, fetches a fresh one and sends the turn once more (CX
@@ -366,7 +366,11 @@ async def test_a_token_refused_before_its_expiry_is_replaced_once(
     conv = engine(settings)
     assert texts(await conv.turn(ctx(), Input.of("pizza")).collect()) == ["What size?"]
     app.state.tokens.clear()  # CX no longer takes the token the gateway holds
-    large = texts(await conv.turn(ctx(), Input.of("large")).collect())
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        large = texts(await conv.turn(ctx(), Input.of("large")).collect())
+    assert [r.getMessage() for r in caplog.records if "401" in r.getMessage()] == [
+        "the Dialogflow CX core refused its access token (HTTP 401): fetching another"
+    ]
     assert large[:2] == ["A large pizza.", "Anything else?"]
     assert app.state.token_requests == 2
     assert [body["queryInput"]["text"]["text"] for _, body in app.state.requests] == [
