@@ -64,6 +64,9 @@ Decisions where the spec is silent:
   ``sessionId`` of ``InputAudioStreamOpen`` (sent by clients that reconnect,
   PROTOCOL-NOTES.md) is proposed the same way: the utterance's turn runs in
   that session and the connection adopts it when the engine accepts the turn.
+  The turn that gives a connection without a session its session is announced
+  with ``SessionStarted`` even when the session existed (a reconnect, another
+  device), as Flowstorm's server did on the first Request of a connection.
 - ``Request.appKey``, when given, must equal the key of ``Init``.
 - A proposed ``sessionId`` must be 1..256 printable characters without
   whitespace; an empty one counts as none.
@@ -981,18 +984,30 @@ class V1Connection:
         Response carries empty ``items`` (each item is shown once; without it
         the Response carries all items); a BinaryEvent (an item's speech with
         ``tts=RequiredStreaming``) as a binary frame. The first event makes the
-        turn's session the connection's; SessionEnded forgets it. Raises
+        turn's session the connection's; SessionEnded forgets it. When the
+        connection had no session (its first turn, or the first after
+        SessionEnded) and the engine sent no SessionStarted (the session existed:
+        the client reconnected or moved from another device), a SessionStarted of
+        the turn's session goes out before that first event's frames, as
+        Flowstorm's server sent it on the first Request of every connection (spec
+        "Communication Flow": "in both cases it will send SessionStarted"). Raises
         LocalProtocolError when no turn runs or the engine broke its order (a gateway bug).
         """
         kind = RESPONSE_AUDIO if isinstance(event, BinaryEvent) else event.type
         self.machine.advance(kind)
         turn = self._turn
+        announce: list[Action] = []
         if turn is not None and not turn.accepted:  # the engine took the turn on
             turn.accepted = True
+            if self.session_id is None and not isinstance(event, SessionStartedEvent):
+                # the connection's first session is one that exists already (a client
+                # that reconnected, or moved from another device): announced all the same
+                started = SessionStartedEvent(session_id=turn.session_id)
+                announce.append(Send(format_event(started)))
             self.session_id = turn.session_id
         if isinstance(event, BinaryEvent):
-            return [SendBytes(event.data)]
-        return self._frames(event, push=False)
+            return [*announce, SendBytes(event.data)]
+        return [*announce, *self._frames(event, push=False)]
 
     def _frames(self, event: TurnEvent, *, push: bool) -> list[Action]:
         """The frames of one server event of the session (a turn's, or an outbox entry)."""

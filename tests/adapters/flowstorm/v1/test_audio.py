@@ -291,7 +291,9 @@ async def test_a_reconnecting_client_continues_its_session_by_audio(
         await open_stream(second, session_id)
         async with speaking(second, pcm_at(corpus[MUSIC], 16000), 16000):
             frames = await frames_until_response(second)
-        assert kinds(frames) == ["Recognized", "Response"]  # no SessionStarted: it exists
+        # it exists, and is announced to the new connection (Flowstorm's server did so)
+        assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
+        assert json_frames(frames)[1] == {"type": "SessionStarted", "sessionId": session_id}
         # the connection now talks in that session
         [answer] = await turn(second, input_frame("what is my name"))
         assert texts(answer) == ["Your name is Bob."]

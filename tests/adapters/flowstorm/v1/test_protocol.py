@@ -174,6 +174,7 @@ def test_spec_response_is_sent_as_on_the_wire(golden: str) -> None:
     conn = connection()
     conn.receive_text(SPEC_INIT)
     conn.receive_text(SPEC_REQUEST)
+    conn.turn_event(SessionStartedEvent(session_id=SPEC_SESSION_ID))  # a new session
     event = ResponseEvent.model_validate_json(golden)
     [sent] = frames(conn.turn_event(event))
 
@@ -254,14 +255,57 @@ def test_a_proposed_session_id_switches_the_connections_session() -> None:
     assert start(conn, request_frame("again")).ctx.session_id == "other"
 
 
+def test_a_connections_first_session_is_announced_even_when_it_exists() -> None:
+    # flowstorm-socket-v1.md "Communication Flow": the server accepts the proposed
+    # sessionId or sets another, "in both cases it will send BotEvent.SessionStarted";
+    # Flowstorm's server sent it on the first Request of every connection, so a client
+    # that reconnects (or moves from another device) into its session gets it too
+    conn = ready(connection(), tts="RequiredStreaming")
+    start(conn, request_frame("#intro", "kept"))
+    assert finish_turn(conn, Response()) == [
+        {"type": "SessionStarted", "sessionId": "kept"},
+        {
+            "type": "Response",
+            "response": {
+                "items": [],
+                "attributes": {},
+                "logs": [],
+                "sessionEnded": False,
+                "sleepTimeout": 0,
+                "sessionTimeout": 0,
+            },
+        },
+    ]
+    # the connection's later turns in it are not announced again
+    start(conn, input_frame("hello"))
+    sent = finish_turn(conn, Response(session_ended=True))
+    assert [f["type"] for f in sent] == ["Response", "SessionEnded"]
+    # after SessionEnded the connection has no session: the next one is announced,
+    # before the first frame of its turn (here the speech of an item)
+    start(conn, request_frame("#intro", "spoken"))
+    assert conn.turn_event(ResponseItemEvent(response_item=ResponseItem(text="hi"))) == [
+        Send('{"type":"SessionStarted","sessionId":"spoken"}')
+    ]
+    assert conn.turn_event(BinaryEvent(data=b"ID3")) == [SendBytes(b"ID3")]
+    # a new session's SessionStarted (the engine's) goes out once
+    start_again = ready(connection())
+    start(start_again, request_frame("#intro", "new"))
+    assert [f["type"] for f in finish_turn(start_again, Response(), new="new")] == [
+        "SessionStarted",
+        "Response",
+    ]
+
+
 def test_response_items_go_out_only_with_send_response_items() -> None:
     item = ResponseItemEvent(response_item=ResponseItem(text="one"))
     quiet = ready(connection())
     start(quiet, request_frame("#intro"))
+    quiet.turn_event(SessionStartedEvent(session_id="generated-1"))
     assert quiet.turn_event(item) == []
 
     chatty = ready(connection(), sendResponseItems=True)
     start(chatty, request_frame("#intro"))
+    chatty.turn_event(SessionStartedEvent(session_id="generated-1"))
     assert frames(chatty.turn_event(item)) == [
         {
             "type": "ResponseItem",
@@ -310,6 +354,7 @@ def test_the_engine_rejecting_a_turn_answers_an_error_and_keeps_the_session() ->
 def test_an_engine_error_ends_the_turn() -> None:
     conn = ready(connection())
     start(conn, request_frame("hi", "s"))
+    conn.turn_event(SessionStartedEvent(session_id="s"))
     [error] = frames(conn.turn_event(ErrorEvent(text="core down", source="pipeline")))
     assert error == {"type": "Error", "text": "core down", "source": "pipeline"}
     assert conn.turn_over
@@ -824,6 +869,7 @@ def test_an_invalid_tts_config_refuses_init(config: dict[str, Any], words: list[
 def test_streamed_speech_goes_out_as_binary_frames() -> None:
     conn = ready(tts="RequiredStreaming")
     start(conn, request_frame("#intro"))
+    conn.turn_event(SessionStartedEvent(session_id="generated-1"))
     assert conn.turn_event(ResponseItemEvent(response_item=ResponseItem(text="hi"))) == []
     assert conn.turn_event(BinaryEvent(data=b"ID3 mp3")) == [SendBytes(b"ID3 mp3")]
     assert state(conn) is State.TURN
