@@ -853,15 +853,15 @@ class Conversation:
         session.updated_at = time.time()
         if response.logs:
             self._append_logs(session, response.logs)
+        keep_s = response.kept_s(self.settings.session_timeout_s)
         if response.session_ended:
-            keep_s = max(response.sleep_timeout, response.session_timeout)
             if keep_s <= 0:
                 return True
             session.client_state = ClientState.SLEEPING
             session.timeout_s = keep_s
             return False
         session.client_state = ClientState.LISTENING
-        session.timeout_s = response.session_timeout or self.settings.session_timeout_s
+        session.timeout_s = keep_s
         return False
 
     async def find(self, ctx: TurnContext) -> Literal["found", "not-found", "foreign"]:

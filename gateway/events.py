@@ -233,6 +233,16 @@ class Response(Frozen):
     sleep_timeout: int = Field(default=0, ge=0, le=MAX_TIMEOUT_S)
     session_timeout: int = Field(default=0, ge=0, le=MAX_TIMEOUT_S)
 
+    def kept_s(self, default_s: int) -> int:
+        """How long (s) the session is kept after this Response: with ``session_ended``
+        the longer of ``sleep_timeout`` and ``session_timeout`` (0: the session is over
+        and deleted), else ``session_timeout``, or ``default_s`` (GATEWAY_SESSION_TIMEOUT_S)
+        when that is 0. The turn engine keeps sessions so; a channel whose client holds
+        the session id (V2's cookie) tells it the same time."""
+        if self.session_ended:
+            return max(self.sleep_timeout, self.session_timeout)
+        return self.session_timeout or default_s
+
 
 # ----------------------------------------------------------------- shared events
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Final, Literal
 
@@ -50,6 +50,7 @@ from gateway.events import (
     ResponseEvent,
     ResponseItem,
     ResponseItemEvent,
+    SessionEndedEvent,
     Transcript,
     TurnEvent,
 )
@@ -852,6 +853,23 @@ def pushed_lines(event: ResponseEvent, *, plain: bool, send_items: bool) -> byte
     if plain:
         return "".join(text_lines(e) for e in events).encode()
     return b"".join(json_lines(e, send_items=send_items) for e in events)
+
+
+def cookie_max_age(events: Sequence[TurnEvent], default_s: int) -> int | None:
+    """The ``Max-Age`` (s) of the ``flowstorm-session-id`` cookie of a turn answered whole
+    (``events``: all of its events), so the client keeps the id as long as the session is
+    kept (spec "Session ID"): None when the turn ended the session (its SessionEnded: the
+    session is deleted, the cookie is to be cleared), else the time the turn's Response
+    keeps it (:meth:`gateway.events.Response.kept_s`: its ``sessionTimeout``, or the
+    ``sleepTimeout``/``sessionTimeout`` of an ended session kept asleep, or ``default_s``,
+    GATEWAY_SESSION_TIMEOUT_S), and ``default_s`` after an Error."""
+    max_age = default_s
+    for event in events:
+        if isinstance(event, SessionEndedEvent):
+            return None
+        if isinstance(event, ResponseEvent):
+            max_age = event.response.kept_s(default_s)
+    return max_age
 
 
 def error_body(error: ErrorEvent, *, plain: bool) -> str:

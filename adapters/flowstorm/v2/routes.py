@@ -145,6 +145,7 @@ from adapters.flowstorm.v2.protocol import (
     ClientConfig,
     RecognitionFollower,
     audio_chunks,
+    cookie_max_age,
     decode_audio_file,
     error_body,
     json_lines,
@@ -277,7 +278,7 @@ def _check_key(gw: Gateway, config: ClientConfig, *, plain: bool) -> HTTPRespons
     return None
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # Max-Age comes from the core's timeouts: bounded
 def _cookie_attributes(max_age: int, secure: bool) -> str:
     """What follows ``name=value`` in the session cookie (as Starlette's set_cookie writes it)."""
     return f"; HttpOnly; Max-Age={max_age}; Path=/; SameSite=lax" + ("; Secure" if secure else "")
@@ -356,24 +357,28 @@ def _not_found(request: Request, session_id: str, *, plain: bool) -> HTTPRespons
     return answer
 
 
-def _set_cookie(answer: HTTPResponse, gw: Gateway, session_id: str) -> None:
-    """Set the session cookie: HttpOnly, SameSite=lax, Secure behind https, Max-Age the
-    session timeout (the header Starlette's ``set_cookie`` writes, made without it for
-    the usual id of token characters)."""
+def _set_cookie(
+    answer: HTTPResponse, gw: Gateway, session_id: str, max_age: int | None = None
+) -> None:
+    """Set the session cookie: HttpOnly, SameSite=lax, Secure behind https, Max-Age
+    ``max_age`` s (default: the session timeout, GATEWAY_SESSION_TIMEOUT_S) (the header
+    Starlette's ``set_cookie`` writes, made without it for the usual id of token
+    characters)."""
     settings = gw.settings
     secure = settings.public_url.startswith("https://")
+    age = settings.session_timeout_s if max_age is None else max_age
     if _COOKIE_SAFE.fullmatch(session_id) is None:  # e.g. a V1-proposed id: let Starlette quote
         answer.set_cookie(
             SESSION_COOKIE,
             session_id,
-            max_age=settings.session_timeout_s,
+            max_age=age,
             path="/",
             httponly=True,
             samesite="lax",
             secure=secure,
         )
         return
-    attributes = _cookie_attributes(settings.session_timeout_s, secure)
+    attributes = _cookie_attributes(age, secure)
     cookie = f"{SESSION_COOKIE}={session_id}{attributes}"
     answer.raw_headers.append((b"set-cookie", cookie.encode()))
 
@@ -581,7 +586,13 @@ async def _turn(
             await on_end()
         whole = pushed + b"".join(line(event) for event in (*prefix, first, *rest))
         whole_answer = HTTPResponse(whole, media_type=media, headers={"Cache-Control": "no-store"})
-        _set_cookie(whole_answer, gw, ctx.session_id)
+        # the turn's end is known: the cookie lives as long as the session now does, and
+        # a session the turn ended (deleted) is forgotten by the client's cookie jar too
+        max_age = cookie_max_age((first, *rest), gw.settings.session_timeout_s)
+        if max_age is None:
+            whole_answer.delete_cookie(SESSION_COOKIE, path="/")
+        else:
+            _set_cookie(whole_answer, gw, ctx.session_id, max_age)
         return whole_answer
 
     async def body() -> AsyncIterator[bytes]:

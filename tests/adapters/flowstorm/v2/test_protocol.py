@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,7 @@ from adapters.flowstorm.v2.protocol import (
     StreamState,
     WavStreamReader,
     audio_chunks,
+    cookie_max_age,
     decode_audio_file,
     done_message,
     interim_message,
@@ -42,7 +44,9 @@ from gateway.events import (
     ResponseEvent,
     ResponseItem,
     ResponseItemEvent,
+    SessionEndedEvent,
     TtsConfig,
+    TurnEvent,
 )
 from gateway.protocol import ProtocolError
 from gateway.speech.audio import AudioFormat, Pcm, encode_mp3, encode_wav, pcm_to_mulaw, silence
@@ -528,3 +532,14 @@ def test_a_pushed_response_is_written_as_a_turn_writes_its_items() -> None:
     assert [i["text"] for i in whole["response"]["items"]] == ["One.", "Two."]
     assert whole["seq"] == 7
     assert pushed_lines(pushed, plain=True, send_items=True) == b"< One.\n< Two.\n"
+
+
+def test_cookie_max_age_follows_what_the_turn_did_with_the_session() -> None:
+    def answered(**fields: Any) -> list[TurnEvent]:
+        return [ResponseEvent(response=Response(**fields))]
+
+    assert cookie_max_age(answered(), 1800) == 1800
+    assert cookie_max_age(answered(session_timeout=60), 1800) == 60
+    assert cookie_max_age(answered(session_ended=True, sleep_timeout=90), 1800) == 90
+    assert cookie_max_age([*answered(session_ended=True), SessionEndedEvent()], 1800) is None
+    assert cookie_max_age([ErrorEvent(text="core down", source="pipeline")], 1800) == 1800

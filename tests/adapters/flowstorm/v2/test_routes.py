@@ -326,6 +326,55 @@ async def test_cookie_of_unknown_or_expired_session(base: str) -> None:
     await ok_turn(base)
 
 
+def cookie_header(answer: httpx.Response) -> str:
+    """The one Set-Cookie header of ``answer`` (the session cookie's)."""
+    [header] = answer.headers.get_list("set-cookie")
+    assert header.startswith("flowstorm-session-id="), header
+    return header
+
+
+async def test_the_session_cookie_lives_as_long_as_the_session() -> None:
+    """flowstorm-socket-v2.md "Session ID": the client keeps the cookie's id until the
+    session ends (sessionEnded, no timeout) or its sessionTimeout passes; the cookie's
+    Max-Age is the time the gateway keeps the session, and the answer of a turn that
+    ended it clears it, so a cookie jar's next request starts a new conversation instead
+    of a 404 for the deleted session (which counted against the client's allowance)."""
+    core = make_core()
+    plain = f"/client?key={KEY}&tts=None"
+    async with serve(core) as core_url:
+        async with (
+            gateway(pipeline=f"{core_url}/timeouts", session_timeout_s=1800) as url,
+            httpx.AsyncClient(base_url=url) as client,
+        ):
+            first = await client.put(plain, headers=TEXT, content="hello")
+            assert "Max-Age=1800;" in cookie_header(first)  # GATEWAY_SESSION_TIMEOUT_S
+            longer = await client.put(plain, headers=TEXT, content="sessionTimeout=7200")
+            assert longer.text == "< set the time\n"
+            assert "Max-Age=7200;" in cookie_header(longer)
+            asleep = await client.put(plain, headers=TEXT, content="sleepTimeout=600")
+            assert asleep.text == "< set the time\n.\n"  # ended, kept asleep for 600 s
+            assert "Max-Age=600;" in cookie_header(asleep)
+            woken = await client.put(plain, headers=TEXT, content="again")
+            assert woken.text == "< core heard again\n"  # the same session goes on
+            assert "Max-Age=1800;" in cookie_header(woken)
+        async with (
+            gateway(pipeline=f"{core_url}/json") as url,
+            httpx.AsyncClient(base_url=url) as client,
+        ):
+            await client.put(plain, headers=TEXT, content="hello")
+            ended = client.cookies["flowstorm-session-id"]
+            bye = await client.put(plain, headers=TEXT, content="bye")
+            assert bye.text == "< core heard bye\n.\n"
+            assert "Max-Age=0;" in cookie_header(bye)  # cleared
+            assert "flowstorm-session-id" not in client.cookies
+            after = await client.put(plain, headers=TEXT, content="hello again")
+            assert after.status_code == 200  # a new conversation, not a 404
+            assert after.text == "< core heard hello again\n"
+            assert client.cookies["flowstorm-session-id"] != ended
+            # the core saw a new session: its first turn
+            assert [r["turn"] for r in core.state.requests[-3:]] == [1, 2, 1]
+
+
 async def test_core_timeout_and_garbage_answer_in_protocol_form() -> None:
     core = make_core()
     async with serve(core) as core_url:
