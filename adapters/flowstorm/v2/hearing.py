@@ -271,6 +271,10 @@ class StreamedBody:
             cancel: list[Action] = [CancelListening(STREAM)] if self.listening else []
             return [*cancel, *self._done("text")]
         elif isinstance(event, InputEvent):
+            if not event.input.text.strip():  # as V1's Input and a text/plain body
+                raise ProtocolError(
+                    "input.transcript.text is empty: send the user's text or #intro."
+                )
             self._switched = self._switched or now
             self.typed = event.input
             return self._done("text")

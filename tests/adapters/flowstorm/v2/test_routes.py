@@ -158,6 +158,10 @@ async def test_logs_alone_are_stored_with_the_session() -> None:
         (JSON, f"key={KEY}", b'{"type":"Input","input":', 400, "Malformed JSON"),
         (JSON, f"key={KEY}", b'{"type":"Teleport"}', 400, "got 'Teleport'"),
         (JSON, f"key={KEY}", b'{"type":"Input","input":{"transcript":"hi"}}', 400, "Invalid Input"),
+        # an Input with no text is refused as V1's Input and an empty text/plain body are,
+        # not a turn on nothing
+        (JSON, f"key={KEY}", input_event(" ").encode(), 400, "input.transcript.text is empty"),
+        (JSON, f"key={KEY}", b'{"type":"Input","input":{}}', 400, "input.transcript.text is empty"),
         (
             JSON,
             f"key={KEY}",
