@@ -253,10 +253,16 @@ def media_type(content_type: str | None) -> str:
 # ------------------------------------------------------------- request bodies
 
 
+_BOM: Final = b"\xef\xbb\xbf"
+"""The UTF-8 byte order mark some writers put first (Windows editors, PowerShell): no
+text, ignored at the start of a body (RFC 8259 section 8.1 allows it of a JSON reader)."""
+
+
 def text_input(body: bytes) -> Input:
-    """The Input of a ``text/plain`` body (UTF-8); ProtocolError when not text or empty."""
+    """The Input of a ``text/plain`` body (UTF-8, a leading byte order mark ignored);
+    ProtocolError when not text or empty."""
     try:
-        text = body.decode("utf-8").strip()
+        text = body.removeprefix(_BOM).decode("utf-8").strip()
     except UnicodeDecodeError:
         raise ProtocolError("The text/plain body is not UTF-8 text.") from None
     if not text:
@@ -273,10 +279,10 @@ class JsonEventReader:
     """Reads V2 client events off a JSON body as its bytes arrive (bytes in, events out).
 
     The body is JSON objects one per line (NDJSON), written back to back, or
-    inside top-level arrays (``[{...},{...}]``); whitespace between them is
-    ignored. :meth:`feed` returns every event completed by the bytes given;
-    :meth:`close` says the body ended. Memory stays bounded: at most one
-    unfinished event is kept.
+    inside top-level arrays (``[{...},{...}]``); whitespace between them, and a
+    UTF-8 byte order mark at the body's start, are ignored. :meth:`feed` returns
+    every event completed by the bytes given; :meth:`close` says the body ended.
+    Memory stays bounded: at most one unfinished event is kept.
 
     Bounds (bytes of JSON text; None: unbounded): ``max_event_bytes`` for any one
     event, ``max_text_bytes`` for all events but ``Binary`` together (Binary
@@ -306,12 +312,20 @@ class JsonEventReader:
         self._depth = 0
         self._in_string = False
         self._in_array = False
+        self._bom_checked = False
 
     def feed(self, data: bytes) -> list[V2ClientEvent]:
         """Take the next bytes of the body; the events they complete, in order."""
         self._buf += data
         out: list[V2ClientEvent] = []
         buf = self._buf
+        if not self._bom_checked:  # the body's first bytes: a byte order mark is no value
+            if len(buf) < len(_BOM) and _BOM.startswith(buf):
+                return out  # the rest of it (or of the first value) has not arrived
+            self._bom_checked = True
+            if buf.startswith(_BOM):
+                del buf[: len(_BOM)]
+                self._base = len(_BOM)
         while True:
             if self._start is None and not self._value_start():
                 break

@@ -237,6 +237,8 @@ def test_json_lines_with_and_without_response_items() -> None:
 
 def test_text_input_rules() -> None:
     assert text_input(b"  hello \n").text == "hello"
+    # a leading byte order mark is no text: the action is still an action
+    assert text_input(b"\xef\xbb\xbf#intro\n").action == "#intro"
     with pytest.raises(ProtocolError):
         text_input(b"   ")
     with pytest.raises(ProtocolError):
@@ -308,6 +310,25 @@ def test_json_reader_gives_the_same_events_however_the_bytes_are_split(step: int
     assert isinstance(events[4], InputEvent)
     assert events[4].input.text == "naïve café \\ done"
     assert reader.events == 5
+
+
+@pytest.mark.parametrize("step", [1, 2, 4, 4096])
+def test_json_reader_ignores_a_byte_order_mark_at_the_start(step: int) -> None:
+    # what Windows editors and PowerShell write first (RFC 8259 section 8.1: a reader
+    # may ignore it); before, it was "The JSON body is not UTF-8", which it is
+    body = b"\xef\xbb\xbf" + STREAM
+    reader = JsonEventReader()
+    events = []
+    for start in range(0, len(body), step):
+        events += reader.feed(body[start : start + step])
+    reader.close()
+    assert [e.type for e in events] == ["Log", "Binary", "Binary", "InputStreamClose", "Input"]
+    # offsets in error texts still count the body's bytes; a mark anywhere else is an error
+    with pytest.raises(ProtocolError) as err:
+        JsonEventReader().feed(b"\xef\xbb\xbf{]")
+    assert "at byte 4" in err.value.text
+    with pytest.raises(ProtocolError):
+        JsonEventReader().feed(b'{"type":"Log"}\xef\xbb\xbf{"type":"Log"}')
 
 
 def test_json_reader_returns_each_event_as_soon_as_it_is_complete() -> None:

@@ -226,6 +226,27 @@ async def test_bad_json_requests_get_error_events(
     await ok_turn(base)
 
 
+async def test_a_byte_order_mark_before_the_body_is_ignored(base: str) -> None:
+    """A UTF-8 byte order mark (Windows editors, PowerShell) before a text/plain body was
+    sent to the core as text ("\ufeff#intro", no action), and before a JSON body was
+    refused as "not UTF-8"."""
+    bom = b"\xef\xbb\xbf"
+    async with httpx.AsyncClient(base_url=base) as client:
+        intro = await client.put(
+            f"/client?key={KEY}&tts=None", headers=TEXT, content=bom + b"#intro"
+        )
+        assert intro.status_code == 200
+        assert intro.text == (
+            "< Hello, I am the gateway demo bot.\n"
+            "< Tell me your name, or say anything, and I will answer.\n"
+        )
+        named = await client.put(
+            f"/client?key={KEY}", headers=JSON, content=bom + input_event("my name is Ada").encode()
+        )
+        assert named.status_code == 200
+        assert events(named)[0]["responseItem"]["text"] == "Nice to meet you, Ada."
+
+
 async def test_bad_text_requests_get_bang_lines(base: str) -> None:
     async with httpx.AsyncClient(base_url=base) as client:
         missing = await client.put("/client", headers=TEXT, content="hello")
