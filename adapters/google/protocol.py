@@ -22,7 +22,8 @@ after it, or a health check answered without a turn. Platform intents map by
 the tables :data:`V3_INTENTS`, :data:`V2_INTENTS` and :data:`CX_EVENTS`:
 ``actions.intent.MAIN`` and welcome events -> ``#intro``; free text -> the
 text; ``actions.intent.CANCEL`` -> ``stop`` and the session ends; no-input ->
-``#silence``; no-match -> ``#fallback``; other platform intents and events ->
+``#silence`` (the final one, v3 ``NO_INPUT_FINAL`` or v2 ``IS_FINAL_REPROMPT``, ends
+the session); no-match -> ``#fallback``; other platform intents and events ->
 the action ``#<name>``. The intent and its parameters also go into the Input
 (a class ``{type: "Intent", name}`` and ``attributes["intent"]``).
 
@@ -345,7 +346,14 @@ V2_INTENTS: dict[str, Rule] = {
 }
 """Actions SDK v2 intents with a fixed meaning; ``actions.intent.TEXT`` and
 ``actions.intent.OPTION`` give the user's text / chosen option key; others
-``#<intent>``."""
+``#<intent>``. An ``actions.intent.NO_INPUT`` whose ``IS_FINAL_REPROMPT`` argument is
+true is :data:`V2_FINAL_NO_INPUT`."""
+
+V2_FINAL_NO_INPUT = Rule(SILENCE, ends=True)
+"""The last no-input reprompt (``actions.intent.NO_INPUT`` with the argument
+``IS_FINAL_REPROMPT`` true; ``REPROMPT_COUNT`` counts the earlier ones): Google closes
+the microphone after it, so the answer ends the conversation (``expectUserResponse:
+false``), as the Actions Builder's ``actions.intent.NO_INPUT_FINAL`` does."""
 
 CX_EVENTS: tuple[tuple[re.Pattern[str], Rule], ...] = (
     (re.compile(r"^(?:WELCOME|GOOGLE_ASSISTANT_WELCOME|TELEPHONY_WELCOME)$", re.I), Rule(INTRO)),
@@ -450,14 +458,24 @@ def _v3_plan(request: V3Request) -> Plan:
     )
 
 
+def _true(argument: V2Argument | None) -> bool:
+    """Whether a v2 boolean argument is given and true (``boolValue``, or ``textValue`` "1"
+    / "true" as Google also writes it)."""
+    if argument is None:
+        return False
+    return bool(argument.bool_value) or (argument.text_value or "").lower() in ("1", "true")
+
+
 def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Format) -> Plan:
     first = request.inputs[0]
     args = {a.name: a for a in first.arguments if a.name}
-    health = args.get("is_health_check")
-    if health is not None and (health.bool_value or health.text_value == "1"):
+    if _true(args.get("is_health_check")):
         return Plan(fmt, session_id=session_id, input=None, health_check=True, locale=locale)
     query = next((r.query.strip() for r in first.raw_inputs if r.query and r.query.strip()), "")
     rule = V2_INTENTS.get(first.intent)
+    final = args.get("IS_FINAL_REPROMPT")
+    if rule is not None and first.intent == "actions.intent.NO_INPUT" and _true(final):
+        rule = V2_FINAL_NO_INPUT
     if rule is not None:
         text, ends = rule.text, rule.ends
     elif first.intent == "actions.intent.TEXT":

@@ -349,3 +349,36 @@ def test_a_silent_answer_still_begins_with_a_simple_response() -> None:
             assert root.tag == "speak"
             assert "".join(root.itertext()).strip() == ""
             assert [next(iter(i)) for i in said["items"][1:]] == (["basicCard"] if items else [])
+
+
+def no_input(count: int, final: bool) -> dict[str, Any]:
+    """An Actions SDK v2 no-input reprompt as Google sends it (``REPROMPT_COUNT``,
+    ``IS_FINAL_REPROMPT``)."""
+    arguments: list[dict[str, Any]] = [{"name": "REPROMPT_COUNT", "intValue": str(count)}]
+    if final:
+        arguments.append({"name": "IS_FINAL_REPROMPT", "boolValue": True})
+    return {
+        "user": {"locale": "en-US"},
+        "conversation": {"conversationId": "c-quiet", "type": "ACTIVE"},
+        "inputs": [
+            {
+                "intent": "actions.intent.NO_INPUT",
+                "rawInputs": [{"inputType": "VOICE"}],
+                "arguments": arguments,
+            }
+        ],
+    }
+
+
+def test_v2_final_no_input_ends_the_conversation() -> None:
+    """Google closes the microphone after the final reprompt: the answer must end the
+    conversation (as v3's NO_INPUT_FINAL does). Before, it asked again
+    (``expectUserResponse: true``) and the gateway's session stayed open."""
+    es = fixture("actions-sdk-v2-via-dialogflow/HelpIntent.json")
+    for count, final in ((0, False), (1, False), (2, True)):
+        payload = no_input(count, final)
+        es["originalDetectIntentRequest"]["payload"] = payload
+        for planned in (google_plan(payload), dialogflow_plan(es)):
+            assert planned.input is not None
+            assert planned.input.action == "#silence"
+            assert planned.end_session is final, (count, planned.format)

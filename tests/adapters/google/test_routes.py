@@ -694,3 +694,44 @@ async def test_words_beginning_with_hash_are_answered_as_words() -> None:
             v3("hash", "x"), ok(await client.post("/google", json=v3("hash", "Free", "#error")))
         )
         assert v3_said == "You said: #error"
+
+
+async def test_the_final_v2_reprompt_ends_the_conversation(base: str) -> None:
+    """Actions SDK v2 ``actions.intent.NO_INPUT`` with ``IS_FINAL_REPROMPT``: Google closes
+    the microphone after it, so the answer is a ``finalResponse`` and the gateway's session
+    ends too (before: ``expectUserResponse: true`` and the session lived on)."""
+
+    def quiet(final: bool) -> dict[str, Any]:
+        request = v2("v2-quiet", "actions.intent.NO_INPUT")
+        arguments: list[dict[str, Any]] = [{"name": "REPROMPT_COUNT", "intValue": "2"}]
+        if final:
+            arguments.append({"name": "IS_FINAL_REPROMPT", "boolValue": True})
+        request["inputs"][0] = {
+            "intent": "actions.intent.NO_INPUT",
+            "rawInputs": [{"inputType": "VOICE"}],
+            "arguments": arguments,
+        }
+        return request
+
+    async with httpx.AsyncClient(base_url=base) as client:
+        check_v2(
+            ok(
+                await client.post(
+                    "/google", json=v2("v2-quiet", "actions.intent.TEXT", "my name is Ada")
+                )
+            )
+        )
+        _, expect = check_v2(ok(await client.post("/google", json=quiet(final=False))))
+        assert expect is True  # an earlier reprompt: the conversation goes on
+        data = ok(await client.post("/google", json=quiet(final=True)))
+        _, expect = check_v2(data)
+        assert expect is False
+        assert "finalResponse" in data
+        said, _ = check_v2(
+            ok(
+                await client.post(
+                    "/google", json=v2("v2-quiet", "actions.intent.TEXT", "what is my name")
+                )
+            )
+        )
+        assert said == "I do not know your name yet."  # the gateway's session ended too
