@@ -11,9 +11,11 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -735,3 +737,26 @@ async def test_the_final_v2_reprompt_ends_the_conversation(base: str) -> None:
             )
         )
         assert said == "I do not know your name yet."  # the gateway's session ended too
+
+
+async def test_the_documented_agent_key_is_the_one_app_keys_takes() -> None:
+    """README names the application key of a Dialogflow ES agent; with that key in
+    GATEWAY_APP_KEYS the agent's requests pass (before, README said ``projects/P/agent``
+    while the gateway keys ES agents by ``projects/P``: 403 for every request)."""
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    documented = re.search(r"The agent \(ES `([^`]+)`, CX `([^`]+)`\)", readme)
+    assert documented is not None
+    es_key = documented[1].replace("P", "documented-agent")
+    cx_key = documented[2].replace("P", "p").replace("L", "global").replace("A", "a1")
+    auth = Settings(dialogflow_auth="bearer:tok").dialogflow_auth
+    async with (
+        served(dialogflow_auth=auth, app_keys=frozenset({es_key, cx_key}), **OFF) as url,
+        httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer tok"}) as client,
+    ):
+        session = "projects/documented-agent/agent/sessions/s1"
+        assert check_es(ok(await client.post("/dialogflow", json=es(session, "hi"))), google=False)
+        cx_session = "projects/p/locations/global/agents/a1/sessions/s1"
+        said = check_cx(
+            cx(cx_session), ok(await client.post("/dialogflow", json=cx(cx_session, "hi")))
+        )
+        assert said == "You said: hi"
