@@ -17,7 +17,7 @@ _PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
 
 _GOOGLE_REQUEST = {
     "handler": {"name": "gateway"},
-    "intent": {"name": "actions.intent.TEXT", "params": {}, "query": "my name is Ada"},
+    "intent": {"name": "FreeText", "params": {}, "query": "my name is Ada"},
     "scene": {"name": "Conversation"},
     "session": {"id": "ABwppHE_0000", "params": {}, "languageCode": ""},
     "user": {"locale": "en-US"},
