@@ -38,7 +38,9 @@ session in ``conversationToken``; ES ``fulfillmentText`` + ``fulfillmentMessages
 ``fulfillmentResponse.messages`` + ``sessionInfo.parameters`` and, at the end,
 ``targetPage`` = the flow's ``END_SESSION`` page. The v2 rich responses (also in
 ``payload.google``) always begin with a simple response, a silent one
-(:data:`SILENT_SSML`) when the answer says nothing.
+(:data:`SILENT_SSML`) when the answer says nothing; the answer to a conversation exit
+(v2 ``actions.intent.CANCEL``) is that simple response alone, its text cut to
+:data:`MAX_EXIT_CHARS`.
 """
 
 from __future__ import annotations
@@ -370,8 +372,9 @@ class Plan:
     ``health_check`` requests are answered without a turn (``input`` None).
     ``app_key`` is the agent for Dialogflow (``projects/<p>`` for ES,
     ``projects/<p>/locations/<l>/agents/<a>`` for CX) and None for /google (the
-    route takes it from the verified token). ``scene`` (v3), ``end_page`` (CX)
-    and ``google_payload`` (ES from Actions on Google) shape the answer.
+    route takes it from the verified token). ``scene`` (v3), ``end_page`` (CX),
+    ``google_payload`` (ES from Actions on Google) and ``exit`` (an Actions SDK v2
+    conversation exit, :data:`MAX_EXIT_CHARS`) shape the answer.
     """
 
     format: Format
@@ -384,6 +387,7 @@ class Plan:
     scene: str | None = None
     end_page: str | None = None
     google_payload: bool = False
+    exit: bool = False
 
 
 def _input(
@@ -493,6 +497,7 @@ def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Fo
         input=_input(text, locale, first.intent, detail, said=said),
         end_session=ends,
         locale=locale,
+        exit=first.intent == "actions.intent.CANCEL",
     )
 
 
@@ -655,7 +660,7 @@ def render(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any
     if plan.format is Format.ACTIONS_BUILDER:
         return _v3_response(plan, answer, gateway_session_id)
     if plan.format is Format.ACTIONS_SDK_V2:
-        return _v2_body(answer, gateway_session_id)
+        return _v2_body(answer, gateway_session_id, exit=plan.exit)
     if plan.format is Format.DIALOGFLOW_ES:
         return _es_response(plan, answer)
     return _cx_response(plan, answer, gateway_session_id)
@@ -709,9 +714,29 @@ conversation cannot end with no items. A pause of 1 ms is speech that says nothi
 Alexa's silent end (no ``outputSpeech``) does."""
 
 
-def _rich_response(answer: Answer) -> dict[str, Any]:
+MAX_EXIT_CHARS = 60
+"""Google's limit on the answer to a conversation exit (Actions SDK v2
+``actions.intent.CANCEL``, also through Dialogflow): "a single simple response with a
+60-character limit on its textToSpeech and displayText values"; any other answer (longer,
+SSML-only, or with a card) fails and Google ends with its earcon instead (Actions on
+Google "Conversation exits")."""
+
+
+def _exit_response(answer: Answer) -> dict[str, Any]:
+    """The RichResponse answering a conversation exit: one SimpleResponse whose
+    ``textToSpeech`` and ``displayText`` are the answer's text cut to
+    :data:`MAX_EXIT_CHARS` (:data:`SILENT_SSML` when it says nothing); no card."""
+    text = display_text(answer.items, MAX_EXIT_CHARS)
+    simple = {"textToSpeech": text, "displayText": text} if text else {"ssml": SILENT_SSML}
+    return {"items": [{"simpleResponse": simple}]}
+
+
+def _rich_response(answer: Answer, *, exit: bool = False) -> dict[str, Any]:
     """The Actions SDK v2 ``RichResponse`` of ``answer``: its items always begin with a
-    SimpleResponse (:data:`SILENT_SSML` when the answer says and shows no text)."""
+    SimpleResponse (:data:`SILENT_SSML` when the answer says and shows no text); the
+    answer to a conversation exit (``exit``) is :func:`_exit_response`."""
+    if exit:
+        return _exit_response(answer)
     speech = _speech(answer.items)
     text = display_text(answer.items, MAX_DISPLAY_CHARS)
     simple: dict[str, Any]
@@ -729,8 +754,8 @@ def _rich_response(answer: Answer) -> dict[str, Any]:
     return {"items": items}
 
 
-def _v2_body(answer: Answer, gateway_session_id: str) -> dict[str, Any]:
-    rich = _rich_response(answer)
+def _v2_body(answer: Answer, gateway_session_id: str, *, exit: bool = False) -> dict[str, Any]:
+    rich = _rich_response(answer, exit=exit)
     if answer.end:
         return {"expectUserResponse": False, "finalResponse": {"richResponse": rich}}
     return {
@@ -762,7 +787,7 @@ def _es_response(plan: Plan, answer: Answer) -> dict[str, Any]:
         "fulfillmentMessages": _messages(answer.items),
     }
     if plan.google_payload:
-        rich = _rich_response(answer)
+        rich = _rich_response(answer, exit=plan.exit)
         out["payload"] = {"google": {"expectUserResponse": not answer.end, "richResponse": rich}}
     return out
 

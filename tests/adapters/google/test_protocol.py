@@ -323,32 +323,33 @@ def first_simple(rich: dict[str, Any]) -> dict[str, Any]:
 
 def test_a_silent_answer_still_begins_with_a_simple_response() -> None:
     """An end without words (the core said nothing; a cancel whose turn failed) and an
-    image without words: before, ``items`` was ``[]`` / began with the card."""
-    v2 = google_plan(
-        fixture("actions-sdk-v2-via-dialogflow/Cancel.json")["originalDetectIntentRequest"][
-            "payload"
-        ]
-    )
-    es = dialogflow_plan(fixture("actions-sdk-v2-via-dialogflow/Cancel.json"))
-    assert es.google_payload
-    image = (ResponseItem(image="https://cdn.example/cat.png"),)
-    for items, end in [((), True), ((), False), (image, True)]:
-        answer = Answer(items, end=end)
-        body = render(v2, answer, "G")
-        if end:
-            assert body["expectUserResponse"] is False
-            rich = body["finalResponse"]["richResponse"]
-        else:
-            rich = body["expectedInputs"][0]["inputPrompt"]["richInitialPrompt"]
-        google = render(es, answer, "G")["payload"]["google"]
-        assert google["expectUserResponse"] is not end
-        for said in (rich, google["richResponse"]):
-            simple = first_simple(said)
-            assert simple == {"ssml": SILENT_SSML}  # says nothing, shows nothing
-            root = ET.fromstring(simple["ssml"])
-            assert root.tag == "speak"
-            assert "".join(root.itertext()).strip() == ""
-            assert [next(iter(i)) for i in said["items"][1:]] == (["basicCard"] if items else [])
+    image without words: before, ``items`` was ``[]`` / began with the card. The answer
+    to a conversation exit (Cancel) never has a card (MAX_EXIT_CHARS)."""
+    for name in ("Cancel.json", "HelpIntent.json"):
+        request = fixture(f"actions-sdk-v2-via-dialogflow/{name}")
+        v2 = google_plan(request["originalDetectIntentRequest"]["payload"])
+        es = dialogflow_plan(request)
+        assert es.google_payload
+        assert v2.exit is es.exit is (name == "Cancel.json")
+        image = (ResponseItem(image="https://cdn.example/cat.png"),)
+        for items, end in [((), True), ((), False), (image, True)]:
+            answer = Answer(items, end=end)
+            body = render(v2, answer, "G")
+            if end:
+                assert body["expectUserResponse"] is False
+                rich = body["finalResponse"]["richResponse"]
+            else:
+                rich = body["expectedInputs"][0]["inputPrompt"]["richInitialPrompt"]
+            google = render(es, answer, "G")["payload"]["google"]
+            assert google["expectUserResponse"] is not end
+            card = ["basicCard"] if items and not v2.exit else []
+            for said in (rich, google["richResponse"]):
+                simple = first_simple(said)
+                assert simple == {"ssml": SILENT_SSML}  # says nothing, shows nothing
+                root = ET.fromstring(simple["ssml"])
+                assert root.tag == "speak"
+                assert "".join(root.itertext()).strip() == ""
+                assert [next(iter(i)) for i in said["items"][1:]] == card
 
 
 def no_input(count: int, final: bool) -> dict[str, Any]:
@@ -382,3 +383,36 @@ def test_v2_final_no_input_ends_the_conversation() -> None:
             assert planned.input is not None
             assert planned.input.action == "#silence"
             assert planned.end_session is final, (count, planned.format)
+
+
+def test_the_answer_to_a_v2_conversation_exit_is_one_short_simple_response() -> None:
+    """Actions on Google "Conversation exits": the answer to actions.intent.CANCEL must be
+    a single simple response of at most 60 characters (textToSpeech and displayText), else
+    Google drops it and plays its earcon. Before, a long goodbye was sent whole and an
+    image added a basic card. Other final answers keep their full shape."""
+    long_bye = (
+        ResponseItem(text="Goodbye! It was lovely talking to you. Come back soon, please."),
+        ResponseItem(image="https://cdn.example/wave.png"),
+    )
+    cancel = fixture("actions-sdk-v2-via-dialogflow/Cancel.json")
+    for planned in (
+        google_plan(cancel["originalDetectIntentRequest"]["payload"]),
+        dialogflow_plan(cancel),
+    ):
+        body = render(planned, Answer(long_bye, end=True), "G")
+        google = body["payload"]["google"] if planned.format is Format.DIALOGFLOW_ES else body
+        assert google["expectUserResponse"] is False
+        rich = google.get("finalResponse", {}).get("richResponse") or google["richResponse"]
+        (item,) = rich["items"]
+        simple = item["simpleResponse"]
+        bye = "Goodbye! It was lovely talking to you."  # cut at a sentence end, <= 60
+        assert simple == {"textToSpeech": bye, "displayText": bye}
+        silent = render(planned, Answer((), end=True), "G")
+        google = silent["payload"]["google"] if planned.format is Format.DIALOGFLOW_ES else silent
+        rich = google.get("finalResponse", {}).get("richResponse") or google["richResponse"]
+        assert rich["items"] == [{"simpleResponse": {"ssml": SILENT_SSML}}]
+    help_ = fixture("actions-sdk-v2-via-dialogflow/HelpIntent.json")["originalDetectIntentRequest"]
+    final = render(google_plan(help_["payload"]), Answer(long_bye, end=True), "G")
+    items = final["finalResponse"]["richResponse"]["items"]
+    assert [next(iter(i)) for i in items] == ["simpleResponse", "basicCard"]  # not an exit
+    assert items[0]["simpleResponse"]["displayText"] == long_bye[0].text

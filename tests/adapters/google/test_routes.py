@@ -75,6 +75,9 @@ def check_rich(rich: dict[str, Any]) -> str:
     simple = item["simpleResponse"]
     assert set(simple) <= {"ssml", "textToSpeech", "displayText"}
     assert len(simple["displayText"]) <= 640
+    if "textToSpeech" in simple:  # the answer to a conversation exit: plain and short
+        assert len(simple["textToSpeech"]) <= 60
+        return str(simple["textToSpeech"])
     return speech_text(simple["ssml"])
 
 
@@ -775,3 +778,45 @@ async def test_the_documented_examples_are_what_the_gateway_answers() -> None:
             request = post["requestBody"]["content"]["application/json"]["example"]
             documented = post["responses"]["200"]["content"]["application/json"]["example"]
             assert ok(await client.post(path, json=request)) == documented, path
+
+
+async def test_a_v2_conversation_exit_gets_one_short_simple_response() -> None:
+    """The core says a long goodbye with an image when the user cancels: the Actions SDK
+    v2 answer (and Dialogflow's payload.google) is one simple response of at most 60
+    characters, as Google requires of an exit answer (before: the whole goodbye and a
+    basic card, which Google drops for its earcon)."""
+    core = FastAPI()
+    bye = "Goodbye, and thank you for the lovely chat! See you again very soon."
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "items": [{"text": bye}, {"image": "https://cdn.example/wave.png"}],
+                "sessionEnded": True,
+            }
+        )
+
+    cancel = json.loads((GOOGLE / "actions-sdk-v2-via-dialogflow" / "Cancel.json").read_text())
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        direct = ok(await client.post("/google", json=v2("exit", "actions.intent.CANCEL", "stop")))
+        via_es = ok(await client.post("/dialogflow", json=cancel))
+    google = via_es["payload"]["google"]
+    for expect, rich in (
+        (direct["expectUserResponse"], direct["finalResponse"]["richResponse"]),
+        (google["expectUserResponse"], google["richResponse"]),
+    ):
+        assert expect is False
+        (item,) = rich["items"]
+        simple = item["simpleResponse"]
+        assert set(simple) == {"textToSpeech", "displayText"}
+        assert (
+            simple["textToSpeech"]
+            == simple["displayText"]
+            == "Goodbye, and thank you for the lovely chat!"
+        )
+        assert len(simple["textToSpeech"]) <= 60
