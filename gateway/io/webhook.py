@@ -67,8 +67,9 @@ __all__ = ["WebhookChannel", "WebhookRefused", "end_session", "refusal_at_startu
 log = logging.getLogger(__name__)
 
 END_MARGIN_S = 0.5
-"""After an answer that closes the conversation, ending the session may take the turn's
-deadline less this (at least this), so the answer still beats the platform's deadline."""
+"""After an answer that closes the conversation, ending the session may take what is left
+of the turn's deadline less this (nothing when less is left: the end then goes on in the
+background), so the answer still beats the platform's deadline."""
 
 _PlanT = TypeVar("_PlanT")
 _AnswerT = TypeVar("_AnswerT")
@@ -205,7 +206,8 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             assert outcome.response is not None
             answer, closes = self.answer(planned, outcome.response)
             if closes and not outcome.session_ended:  # the platform closes it: so does the gateway
-                await self.end(ctx, max(deadline_s - END_MARGIN_S, END_MARGIN_S))
+                left = deadline_s - (loop.time() - started)
+                await self.end(ctx, max(left - END_MARGIN_S, 0.0))
             return answer
         if self.ends_anyway(planned):  # stop means stop, whether the core answered or not
             self.log.info(

@@ -180,6 +180,25 @@ async def test_an_answer_that_closes_the_conversation_ends_the_gateway_session()
         assert fresh["say"] == "turn 1 slowDone None"  # ended, so a new session
 
 
+async def test_ending_the_session_after_a_closing_answer_stays_within_the_deadline() -> None:
+    """A closing answer ends the gateway's session in what is left of the deadline, not in
+    the whole deadline again. Here the end waits for the session's lock, held by the next
+    request's turn: before, the answer to a 1.5 s turn came after ~3 s (the 2 s deadline
+    less the margin spent again on the end), past the platform's deadline."""
+    async with echo(alexa_deadline_s=2.0) as (client, _):
+        await say(client, "S-close", "hello")
+        started = time.monotonic()
+        closing = asyncio.create_task(say(client, "S-close", "slow", end=True))
+        await asyncio.sleep(0.3)  # the closing turn holds the lock; the next one queues
+        queued = asyncio.create_task(say(client, "S-close", "slow"))
+        assert await closing == {"say": "finally", "end": True}
+        assert time.monotonic() - started < 2.0  # within the 2 s deadline
+        await queued
+        await asyncio.sleep(0.3)  # the end went on in the background, after the queued turn
+        fresh = await say(client, "S-close", "hello")
+        assert fresh["say"] == "turn 1 slowDone None"  # the session did end
+
+
 async def test_a_request_that_is_no_turn_is_answered_by_the_channel() -> None:
     async with echo() as (client, _):
         answer = await client.post("/echo", json={"ping": True})
