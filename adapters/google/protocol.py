@@ -40,7 +40,8 @@ session in ``conversationToken``; ES ``fulfillmentText`` + ``fulfillmentMessages
 ``payload.google``) always begin with a simple response, a silent one
 (:data:`SILENT_SSML`) when the answer says nothing; the answer to a conversation exit
 (v2 ``actions.intent.CANCEL``) is that simple response alone, its text cut to
-:data:`MAX_EXIT_CHARS`.
+:data:`MAX_EXIT_CHARS`. An image becomes a card (v3 ``prompt.content.image``, v2
+``basicCard``) only for a device that shows one (:data:`V3_SCREEN`, :data:`V2_SCREEN`).
 """
 
 from __future__ import annotations
@@ -139,6 +140,13 @@ class V3User(Wire):
     locale: str | None = None
 
 
+class V3Device(Wire):
+    """``device``: its ``capabilities`` (``SPEECH``, ``RICH_RESPONSE``, ``LONG_FORM_AUDIO``,
+    ``INTERACTIVE_CANVAS``, ...)."""
+
+    capabilities: list[str] = Field(default_factory=list)
+
+
 class V3Request(Wire):
     """An Actions Builder / Actions SDK conversation webhook request."""
 
@@ -147,6 +155,7 @@ class V3Request(Wire):
     scene: V3Scene | None = None
     session: V3Session
     user: V3User | None = None
+    device: V3Device | None = None
 
 
 class V2RawInput(Wire):
@@ -191,12 +200,25 @@ class V2User(Wire):
     locale: str | None = None
 
 
+class V2Capability(Wire):
+    """``surface.capabilities[]``: ``{name}`` (``actions.capability.SCREEN_OUTPUT``, ...)."""
+
+    name: str | None = None
+
+
+class V2Surface(Wire):
+    """``surface``: what the user's device can do."""
+
+    capabilities: list[V2Capability] = Field(default_factory=list)
+
+
 class V2AppRequest(Wire):
     """An Actions SDK v2 AppRequest (also the Google payload of Dialogflow ES requests)."""
 
     user: V2User | None = None
     conversation: V2Conversation
     inputs: list[V2Input] = Field(min_length=1)
+    surface: V2Surface | None = None
 
 
 class EsIntent(Wire):
@@ -373,8 +395,9 @@ class Plan:
     ``app_key`` is the agent for Dialogflow (``projects/<p>`` for ES,
     ``projects/<p>/locations/<l>/agents/<a>`` for CX) and None for /google (the
     route takes it from the verified token). ``scene`` (v3), ``end_page`` (CX),
-    ``google_payload`` (ES from Actions on Google) and ``exit`` (an Actions SDK v2
-    conversation exit, :data:`MAX_EXIT_CHARS`) shape the answer.
+    ``google_payload`` (ES from Actions on Google), ``exit`` (an Actions SDK v2
+    conversation exit, :data:`MAX_EXIT_CHARS`) and ``screen`` (the Assistant device
+    shows cards: :data:`V3_SCREEN` / :data:`V2_SCREEN`) shape the answer.
     """
 
     format: Format
@@ -388,6 +411,18 @@ class Plan:
     end_page: str | None = None
     google_payload: bool = False
     exit: bool = False
+    screen: bool = False
+
+
+V3_SCREEN = "RICH_RESPONSE"
+"""The Actions Builder ``device.capabilities`` entry of a device that shows rich responses:
+only then does the answer carry ``prompt.content`` (Google: "use a candidate with the
+RICH_RESPONSE surface capability so that Google Assistant only returns the rich response
+on supported devices")."""
+V2_SCREEN = "actions.capability.SCREEN_OUTPUT"
+"""The Actions SDK v2 ``surface.capabilities`` name of a device with a screen: only then
+does the RichResponse carry a ``basicCard`` (Google: rich responses and basic cards are
+"supported on surfaces with the actions.capability.SCREEN_OUTPUT capability")."""
 
 
 def _input(
@@ -436,6 +471,7 @@ def _v3_plan(request: V3Request) -> Plan:
         "session_id": request.session.id,
         "locale": locale or None,
         "scene": scene,
+        "screen": bool(request.device and V3_SCREEN in request.device.capabilities),
     }
     if request.handler.name == HEALTH_CHECK_HANDLER:
         return Plan(Format.ACTIONS_BUILDER, input=None, health_check=True, **base)
@@ -473,8 +509,12 @@ def _true(argument: V2Argument | None) -> bool:
 def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Format) -> Plan:
     first = request.inputs[0]
     args = {a.name: a for a in first.arguments if a.name}
+    capabilities = request.surface.capabilities if request.surface else []
+    screen = any(c.name == V2_SCREEN for c in capabilities)
     if _true(args.get("is_health_check")):
-        return Plan(fmt, session_id=session_id, input=None, health_check=True, locale=locale)
+        return Plan(
+            fmt, session_id=session_id, input=None, health_check=True, locale=locale, screen=screen
+        )
     query = next((r.query.strip() for r in first.raw_inputs if r.query and r.query.strip()), "")
     rule = V2_INTENTS.get(first.intent)
     final = args.get("IS_FINAL_REPROMPT")
@@ -498,6 +538,7 @@ def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Fo
         end_session=ends,
         locale=locale,
         exit=first.intent == "actions.intent.CANCEL",
+        screen=screen,
     )
 
 
@@ -660,7 +701,7 @@ def render(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any
     if plan.format is Format.ACTIONS_BUILDER:
         return _v3_response(plan, answer, gateway_session_id)
     if plan.format is Format.ACTIONS_SDK_V2:
-        return _v2_body(answer, gateway_session_id, exit=plan.exit)
+        return _v2_body(plan, answer, gateway_session_id)
     if plan.format is Format.DIALOGFLOW_ES:
         return _es_response(plan, answer)
     return _cx_response(plan, answer, gateway_session_id)
@@ -692,7 +733,7 @@ def _v3_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[st
         if text:
             simple["text"] = text
         prompt["firstSimple"] = simple
-    if image := _image(answer.items):
+    if plan.screen and (image := _image(answer.items)):
         prompt["content"] = {"image": {"url": image, "alt": text or "image"}}
     out["prompt"] = prompt
     if answer.end:
@@ -731,10 +772,11 @@ def _exit_response(answer: Answer) -> dict[str, Any]:
     return {"items": [{"simpleResponse": simple}]}
 
 
-def _rich_response(answer: Answer, *, exit: bool = False) -> dict[str, Any]:
+def _rich_response(answer: Answer, *, exit: bool = False, screen: bool = False) -> dict[str, Any]:
     """The Actions SDK v2 ``RichResponse`` of ``answer``: its items always begin with a
-    SimpleResponse (:data:`SILENT_SSML` when the answer says and shows no text); the
-    answer to a conversation exit (``exit``) is :func:`_exit_response`."""
+    SimpleResponse (:data:`SILENT_SSML` when the answer says and shows no text), then a
+    ``basicCard`` with the first image when the device has a ``screen``; the answer to a
+    conversation exit (``exit``) is :func:`_exit_response`."""
     if exit:
         return _exit_response(answer)
     speech = _speech(answer.items)
@@ -749,13 +791,13 @@ def _rich_response(answer: Answer, *, exit: bool = False) -> dict[str, Any]:
     if text:
         simple["displayText"] = text
     items: list[dict[str, Any]] = [{"simpleResponse": simple}]
-    if image := _image(answer.items):
+    if screen and (image := _image(answer.items)):
         items.append({"basicCard": {"image": {"url": image, "accessibilityText": text or "image"}}})
     return {"items": items}
 
 
-def _v2_body(answer: Answer, gateway_session_id: str, *, exit: bool = False) -> dict[str, Any]:
-    rich = _rich_response(answer, exit=exit)
+def _v2_body(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
+    rich = _rich_response(answer, exit=plan.exit, screen=plan.screen)
     if answer.end:
         return {"expectUserResponse": False, "finalResponse": {"richResponse": rich}}
     return {
@@ -787,7 +829,7 @@ def _es_response(plan: Plan, answer: Answer) -> dict[str, Any]:
         "fulfillmentMessages": _messages(answer.items),
     }
     if plan.google_payload:
-        rich = _rich_response(answer, exit=plan.exit)
+        rich = _rich_response(answer, exit=plan.exit, screen=plan.screen)
         out["payload"] = {"google": {"expectUserResponse": not answer.end, "richResponse": rich}}
     return out
 

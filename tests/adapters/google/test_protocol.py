@@ -32,6 +32,19 @@ def fixture(name: str) -> dict[str, Any]:
     return data
 
 
+def with_screen(name: str) -> dict[str, Any]:
+    """Fixture ``name`` from a device with a screen: v3 ``device.capabilities`` gets
+    RICH_RESPONSE, a v2 payload's (or Dialogflow's Google payload's) ``surface`` gets
+    actions.capability.SCREEN_OUTPUT."""
+    data = fixture(name)
+    if "device" in data:
+        data["device"]["capabilities"].append("RICH_RESPONSE")
+    else:
+        surface = data["originalDetectIntentRequest"]["payload"]["surface"]
+        surface["capabilities"].append({"name": "actions.capability.SCREEN_OUTPUT"})
+    return data
+
+
 @pytest.mark.parametrize(
     ("name", "fmt"),
     [
@@ -245,7 +258,7 @@ ITEMS = (
 
 
 def test_render_v3() -> None:
-    planned = google_plan(fixture("actions-builder/IntentRequest.json"))
+    planned = google_plan(with_screen("actions-builder/IntentRequest.json"))
     going = render(planned, Answer(ITEMS, end=False), "G1")
     assert going["prompt"]["firstSimple"] == {
         "speech": "<speak>Tom &amp; Jerry.</speak>",
@@ -265,7 +278,7 @@ def test_render_v3() -> None:
 
 def test_render_v2_es_cx() -> None:
     v2 = google_plan(
-        fixture("actions-sdk-v2-via-dialogflow/HelpIntent.json")["originalDetectIntentRequest"][
+        with_screen("actions-sdk-v2-via-dialogflow/HelpIntent.json")["originalDetectIntentRequest"][
             "payload"
         ]
     )
@@ -326,7 +339,7 @@ def test_a_silent_answer_still_begins_with_a_simple_response() -> None:
     image without words: before, ``items`` was ``[]`` / began with the card. The answer
     to a conversation exit (Cancel) never has a card (MAX_EXIT_CHARS)."""
     for name in ("Cancel.json", "HelpIntent.json"):
-        request = fixture(f"actions-sdk-v2-via-dialogflow/{name}")
+        request = with_screen(f"actions-sdk-v2-via-dialogflow/{name}")
         v2 = google_plan(request["originalDetectIntentRequest"]["payload"])
         es = dialogflow_plan(request)
         assert es.google_payload
@@ -394,7 +407,7 @@ def test_the_answer_to_a_v2_conversation_exit_is_one_short_simple_response() -> 
         ResponseItem(text="Goodbye! It was lovely talking to you. Come back soon, please."),
         ResponseItem(image="https://cdn.example/wave.png"),
     )
-    cancel = fixture("actions-sdk-v2-via-dialogflow/Cancel.json")
+    cancel = with_screen("actions-sdk-v2-via-dialogflow/Cancel.json")
     for planned in (
         google_plan(cancel["originalDetectIntentRequest"]["payload"]),
         dialogflow_plan(cancel),
@@ -411,8 +424,36 @@ def test_the_answer_to_a_v2_conversation_exit_is_one_short_simple_response() -> 
         google = silent["payload"]["google"] if planned.format is Format.DIALOGFLOW_ES else silent
         rich = google.get("finalResponse", {}).get("richResponse") or google["richResponse"]
         assert rich["items"] == [{"simpleResponse": {"ssml": SILENT_SSML}}]
-    help_ = fixture("actions-sdk-v2-via-dialogflow/HelpIntent.json")["originalDetectIntentRequest"]
+    help_ = with_screen("actions-sdk-v2-via-dialogflow/HelpIntent.json")[
+        "originalDetectIntentRequest"
+    ]
     final = render(google_plan(help_["payload"]), Answer(long_bye, end=True), "G")
     items = final["finalResponse"]["richResponse"]["items"]
     assert [next(iter(i)) for i in items] == ["simpleResponse", "basicCard"]  # not an exit
     assert items[0]["simpleResponse"]["displayText"] == long_bye[0].text
+
+
+def test_cards_go_only_to_devices_with_a_screen() -> None:
+    """Google shows rich responses only on devices that can: v2 basic cards need
+    actions.capability.SCREEN_OUTPUT, v3 ``prompt.content`` the RICH_RESPONSE capability.
+    Before, a smart speaker (the fixtures' own devices) got the card too."""
+    image = (ResponseItem(text="A cat."), ResponseItem(image="https://cdn.example/cat.png"))
+    for name in ("actions-builder/IntentRequest.json", "actions-builder/LAUNCH.json"):
+        for data, shown in ((fixture(name), False), (with_screen(name), True)):
+            prompt = render(google_plan(data), Answer(image), "G")["prompt"]
+            assert prompt["firstSimple"]["text"] == "A cat."
+            assert ("content" in prompt) is shown, (name, shown)
+    for name in ("HelpIntent.json", "DefaultWelcomeIntent.json"):
+        path = f"actions-sdk-v2-via-dialogflow/{name}"
+        for data, shown in ((fixture(path), False), (with_screen(path), True)):
+            payload = data["originalDetectIntentRequest"]["payload"]
+            for planned in (google_plan(payload), dialogflow_plan(data)):
+                body = render(planned, Answer(image), "G")
+                google = body["payload"]["google"] if "payload" in body else body
+                rich = (
+                    google["richResponse"]
+                    if "richResponse" in google
+                    else google["expectedInputs"][0]["inputPrompt"]["richInitialPrompt"]
+                )
+                kinds = [next(iter(i)) for i in rich["items"]]
+                assert kinds == (["simpleResponse", "basicCard"] if shown else ["simpleResponse"])

@@ -820,3 +820,41 @@ async def test_a_v2_conversation_exit_gets_one_short_simple_response() -> None:
             == "Goodbye, and thank you for the lovely chat!"
         )
         assert len(simple["textToSpeech"]) <= 60
+
+
+async def test_a_speaker_gets_no_card_and_a_screen_does() -> None:
+    """An answer with an image: the fixtures' smart speakers (v3 device without
+    RICH_RESPONSE, v2 surface without SCREEN_OUTPUT) get the words only; the same request
+    from a device with a screen gets the card too (before: every device got it)."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        return JSONResponse({"items": [{"text": "A cat."}, {"image": "https://cdn.example/c.png"}]})
+
+    v3_speaker = json.loads((GOOGLE / "actions-builder" / "IntentRequest.json").read_text())
+    v3_screen = json.loads(json.dumps(v3_speaker))
+    v3_screen["device"]["capabilities"].append("RICH_RESPONSE")
+    es_speaker = json.loads(
+        (GOOGLE / "actions-sdk-v2-via-dialogflow" / "HelpIntent.json").read_text()
+    )
+    v2_speaker = es_speaker["originalDetectIntentRequest"]["payload"]
+    v2_screen = json.loads(json.dumps(v2_speaker))
+    v2_screen["surface"]["capabilities"].append({"name": "actions.capability.SCREEN_OUTPUT"})
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        assert "content" not in ok(await client.post("/google", json=v3_speaker))["prompt"]
+        shown = ok(await client.post("/google", json=v3_screen))["prompt"]["content"]
+        assert shown == {"image": {"url": "https://cdn.example/c.png", "alt": "A cat."}}
+        for request, kinds in (
+            (v2_speaker, ["simpleResponse"]),
+            (v2_screen, ["simpleResponse", "basicCard"]),
+        ):
+            data = ok(await client.post("/google", json=request))
+            rich = data["expectedInputs"][0]["inputPrompt"]["richInitialPrompt"]
+            assert [next(iter(i)) for i in rich["items"]] == kinds
+        google = ok(await client.post("/dialogflow", json=es_speaker))["payload"]["google"]
+        assert [next(iter(i)) for i in google["richResponse"]["items"]] == ["simpleResponse"]
