@@ -393,7 +393,8 @@ class Plan:
 
     ``health_check`` requests are answered without a turn (``input`` None).
     ``app_key`` is the agent for Dialogflow (``projects/<p>`` for ES,
-    ``projects/<p>/locations/<l>/agents/<a>`` for CX) and None for /google (the
+    ``projects/<p>/locations/<l>/agents/<a>`` for CX; None when the session is no
+    such path, and the route names it ``dialogflow``) and None for /google (the
     route takes it from the verified token). ``scene`` (v3), ``end_page`` (CX),
     ``google_payload`` (ES from Actions on Google), ``exit`` (an Actions SDK v2
     conversation exit, :data:`MAX_EXIT_CHARS`) and ``screen`` (the Assistant device
@@ -580,7 +581,7 @@ def dialogflow_plan(data: Mapping[str, Any]) -> Plan:
 def _es_plan(request: EsRequest) -> Plan:
     result = request.query_result
     locale = result.language_code or None
-    app_key = agent_of(request.session) or request.session
+    app_key = agent_of(request.session)
     original = request.original_detect_intent_request
     payload = original.payload if original else None
     from_google = bool(original and original.source == "google")
@@ -640,7 +641,7 @@ def _cx_plan(request: CxRequest) -> Plan:
         session_id=session,
         input=_input(text, locale, intent, detail, said=said),
         locale=locale,
-        app_key=agent_of(session) or session,
+        app_key=agent_of(session),
         end_page=end_page,
     )
 

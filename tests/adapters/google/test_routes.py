@@ -858,3 +858,23 @@ async def test_a_speaker_gets_no_card_and_a_screen_does() -> None:
             assert [next(iter(i)) for i in rich["items"]] == kinds
         google = ok(await client.post("/dialogflow", json=es_speaker))["payload"]["google"]
         assert [next(iter(i)) for i in google["richResponse"]["items"]] == ["simpleResponse"]
+
+
+async def test_a_session_that_is_no_agent_path_belongs_to_the_dialogflow_key() -> None:
+    """routes.py: the application key is ``dialogflow`` when the session path names no
+    agent, so GATEWAY_APP_KEYS=dialogflow admits such clients (emulators, tests). Before,
+    each such session was its own application key: refused with 403, whatever was set."""
+    auth = Settings(dialogflow_auth="bearer:tok").dialogflow_auth
+    async with (
+        served(dialogflow_auth=auth, app_keys=frozenset({"dialogflow"}), **OFF) as url,
+        httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer tok"}) as client,
+    ):
+        said = check_es(
+            ok(await client.post("/dialogflow", json=es("plain-1", "hi"))), google=False
+        )
+        assert said == "You said: hi"
+        body = {"sessionInfo": {"session": "plain-2"}, "text": "hi"}
+        answer = ok(await client.post("/dialogflow", json=body))
+        assert answer["fulfillmentResponse"]["messages"][0]["text"]["text"] == ["You said: hi"]
+        agent = await client.post("/dialogflow", json=es("projects/p/agent/sessions/s", "hi"))
+        assert agent.status_code == 403  # a real agent still needs its own key
