@@ -564,7 +564,15 @@ class JsonCarrierCodec:
         raise ProtocolError(f"{self.title} sends text frames only, got a binary frame")
 
     def begin(self, started: Started) -> Started:
-        """Record ``started``'s format, call and stream; returns it."""
+        """Record ``started``'s format, call and stream; returns it.
+
+        Raises ProtocolError when the stream has started already (a second start): the
+        first start's format, call and stream are kept, so the call's audio goes on
+        being decoded as the first start said (the call engine drops the frame)."""
+        if self._format is not None:
+            raise ProtocolError(
+                f"Unexpected {self.title} start", expected="one start", got="a second one"
+            )
         self._format, self.call_id = started.media_format, started.call_id
         self.stream_id = started.stream_id
         return started

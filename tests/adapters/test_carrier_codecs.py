@@ -2,7 +2,8 @@
 of its BAD_FRAMES (tests/adapters/<carrier>/test_protocol.py) is a ProtocolError naming
 the fault; media before ``start`` and binary frames are ProtocolErrors; audio, a mark or
 a clear asked of a codec whose stream has not started (Vonage: not connected) is a
-LocalProtocolError, and so is none of them once it has."""
+LocalProtocolError, and so is none of them once it has; a second start is a ProtocolError
+that leaves the first start's format, call and stream as they were."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from types import ModuleType
 import pytest
 
 from adapters.vonage.protocol import VonageCodec
+from gateway.callcodec import Media
 from gateway.protocol import LocalProtocolError, ProtocolError
 from tests.adapters.carrier_audio import tone
 from tests.adapters.exotel import test_protocol as exotel
@@ -21,6 +23,12 @@ from tests.adapters.vonage import test_protocol as vonage
 
 CODECS = {"telnyx": telnyx, "plivo": plivo, "exotel": exotel}
 MEDIA = {"telnyx": b"\xff" * 160, "plivo": b"\xff" * 160, "exotel": b"\0" * 320}
+SECOND_START = {
+    "telnyx": lambda: telnyx.start("L16", 16000),
+    "plivo": lambda: plivo.start("audio/x-l16", 16000),
+    "exotel": lambda: exotel.start("16000"),
+}
+"""Each codec's start in another format than its ``started()``'s."""
 
 
 @pytest.mark.parametrize(
@@ -51,6 +59,22 @@ def test_order_errors(name: str) -> None:
     assert started.audio(tone(440, 20, 8000))
     assert started.mark("1")
     assert started.clear()
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_a_second_start_changes_nothing(name: str) -> None:
+    """A second start (here in another format) is refused before the codec takes any of
+    it: the stream's audio is still decoded as the first start said, so a call whose
+    engine drops the frame goes on hearing its caller."""
+    golden = CODECS[name]
+    codec = golden.started()
+    before = (codec.media_format, codec.outbound_format, codec.call_id, codec.stream_id)
+    with pytest.raises(ProtocolError, match="expected one start, got a second one"):
+        codec.receive_text(SECOND_START[name]())
+    assert (codec.media_format, codec.outbound_format, codec.call_id, codec.stream_id) == before
+    heard = codec.receive_text(golden.media(MEDIA[name]))
+    assert isinstance(heard, Media)
+    assert heard.pcm.sample_rate == 8000
 
 
 def test_vonage_outbound_before_connected() -> None:

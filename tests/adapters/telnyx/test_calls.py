@@ -8,6 +8,7 @@ start in a format the gateway cannot take closed with 1003."""
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -17,6 +18,7 @@ import pytest
 
 from adapters.telnyx.control import read_client_state
 from gateway.callcodec import WireEncoding
+from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import closed_with, session_of, upgrade_status
 from tests.adapters.telnyx.harness import (
@@ -27,6 +29,9 @@ from tests.adapters.telnyx.harness import (
     local,
     signed,
 )
+from tests.speech import normalise, wer
+
+SENTENCE = "tell me about this place"
 
 
 async def test_an_outbound_call_streams_with_its_token_client_state_and_machine_answer(
@@ -143,3 +148,33 @@ async def test_a_start_in_a_format_the_gateway_cannot_take_is_closed_1003(
         await gw.wait_turns(2)
         assert gw.core.inputs() == ["#intro", "5"]  # the other call's; none of the refused
         assert other.closed_at is None
+
+
+async def test_a_second_start_is_dropped_and_the_caller_is_still_heard(
+    speech: SpeechService, corpus: dict[str, Pcm], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second start mid-call (here L16 at 16 kHz, another call and stream) is a dropped
+    frame, logged as such; the call keeps the first start's PCMU at 8 kHz, so the
+    caller's next sentence is still heard and answered (the second start's format used
+    to be taken by the codec before the frame was refused: the call went deaf)."""
+    async with (
+        CARRIER.gateway(speech) as (gw, _),
+        TelnyxHarness.dial(gw.url, mic_speed=4.0) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        second = {
+            "call_control_id": "v3:" + uuid.uuid4().hex,
+            "media_format": {"encoding": "L16", "sample_rate": 16000, "channels": 1},
+        }
+        with caplog.at_level(logging.WARNING, logger="gateway.call"):
+            await call.send(
+                {"event": "start", "sequence_number": "99", "stream_id": "s-2", "start": second}
+            )
+            call.say(corpus[SENTENCE])
+            await gw.wait_turns(2)
+        heard, answer = gw.core.turns[1]
+        assert wer([(SENTENCE, normalise(heard))]) <= 0.34, heard
+        assert answer == [f"You said: {heard}"]
+        assert call.closed_at is None
+    dropped = [r.getMessage() for r in caplog.records if "frame dropped" in r.getMessage()]
+    assert any("expected one start, got a second one" in m for m in dropped), dropped
