@@ -15,7 +15,9 @@ Spec: shared/specs/CARRIERS.md "Vonage Voice API WebSocket (linear16)".
   per-call token) with ``content-type`` ``audio/l16;rate=16000`` and the headers
   ``call_uuid`` (the call's ``uuid``), ``from``, ``to`` and ``appKey`` (the query's).
   A ``uuid`` that is missing, not a string, longer than 128 characters or holding
-  ``|`` (no call id a stream token carries): 400 problem.
+  ``|`` (no call id a stream token carries): 400 problem. A body over 64 KiB
+  (:data:`MAX_BODY`): 413 problem, refused before the signature check and without
+  reading more of it than the limit.
 - ``/vonage/stream/{token}`` — the stream: first the text ``websocket:connected``, then
   binary 16-bit PCM; served by :class:`gateway.io.call.CallRunner` with
   :class:`~adapters.vonage.protocol.VonageCodec`. A forged, expired or used token is
@@ -49,8 +51,9 @@ from gateway.callcontrol import CallControl, TransferResult
 from gateway.calls import public_url, transfer_unavailable
 from gateway.calls import transfer as record_transfer
 from gateway.deps import gateway_of
-from gateway.httputil import problem
+from gateway.httputil import problem, read_body
 from gateway.io.call import CallRunner, CallTokens, admit, answer_token, call_config, use_token
+from gateway.protocol import ProtocolError
 from gateway.protocol.call import Transfer
 
 log = logging.getLogger("gateway.vonage")
@@ -58,6 +61,8 @@ log = logging.getLogger("gateway.vonage")
 CHANNEL: Final = "vonage"
 STREAM_TOKEN: Final = "vonage-stream-token"
 MAX_BODY: Final = 64 * 1024
+"""The largest answer webhook body read (bytes); a larger one is refused with 413 before
+it is read (a declared Content-Length) or as soon as it passes the limit."""
 
 
 @dataclass
@@ -110,9 +115,11 @@ async def answer(request: Request) -> Response:
     403 when no signature secret is configured."""
     channel: VonageChannel = request.app.state.vonage
     gw = gateway_of(request)
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        return problem(413, "Payload Too Large", "The answer webhook body is too large.")
+    try:  # bounded as it arrives: nothing past MAX_BODY is read before the check
+        body = await read_body(request, MAX_BODY)
+    except ProtocolError as exc:  # 413 (declared or read past the limit), 400 (went away)
+        title = "Payload Too Large" if exc.status == 413 else "Bad Request"
+        return problem(exc.status, title, exc.text)
     try:
         if channel.verifier is None:
             raise VerificationRefused("no signature secret is configured")

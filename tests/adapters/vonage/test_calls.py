@@ -1,9 +1,11 @@
 """Vonage's own refusals (the behaviours every carrier shares, calls and refusals, are in
 tests/adapters/test_carrier_calls.py): no signature secret configured, an old JWT, a JWT
-whose payload_hash is of another body, a stream in a format the gateway cannot take."""
+whose payload_hash is of another body, a stream in a format the gateway cannot take, an
+oversized answer body."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -13,6 +15,7 @@ import httpx
 import jwt
 import pytest
 
+from adapters.vonage.routes import MAX_BODY
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import closed_with
 from tests.adapters.twilio.helpers import twilio_gateway
@@ -107,3 +110,45 @@ async def test_an_answer_for_a_uuid_no_call_id_can_be_is_a_400_problem(
         longest = await ask_ncco(gw.url, "x" * 128)
         assert longest.status_code == 200
         assert longest.json()[0]["endpoint"][0]["headers"]["call_uuid"] == "x" * 128
+
+
+async def _answer_status(url: str, head: bytes, body: bytes, within_s: float = 5.0) -> bytes:
+    """Send ``head`` and ``body`` to ``/vonage/answer`` on a raw socket without finishing
+    the body; the status line and headers the gateway answers with within ``within_s``."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        writer.write(b"POST /vonage/answer HTTP/1.1\r\nHost: gw\r\n" + head + b"\r\n" + body)
+        await writer.drain()
+        async with asyncio.timeout(within_s):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+
+
+async def test_an_oversized_answer_body_is_413_before_it_is_read(speech: SpeechService) -> None:
+    """An answer webhook body over 64 KiB is refused with a 413 problem at once, however
+    much more the client says it will send (Content-Length) or keeps sending (chunked):
+    the gateway does not buffer it before the signature check (it used to read the
+    whole body first, waiting for all of a declared gigabyte)."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        declared = await _answer_status(
+            gw.url, b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n", b"x" * 1000
+        )
+        chunk = b"4000\r\n" + b"x" * 0x4000 + b"\r\n"  # 16 KiB chunks, never the last one
+        streamed = await _answer_status(
+            gw.url, b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n", chunk * 5
+        )
+        for answer in (declared, streamed):
+            assert answer.startswith(b"HTTP/1.1 413 "), answer
+            assert b"content-type: application/problem+json" in answer.lower()
+        # a signed body of exactly the limit is answered
+        body = json.dumps({"uuid": str(uuid.uuid4()), "pad": ""}).encode()
+        body = body.replace(b'"pad": ""', b'"pad": "' + b"x" * (MAX_BODY - len(body)) + b'"')
+        assert len(body) == MAX_BODY
+        headers = {"Authorization": signed(SECRET, body), "Content-Type": "application/json"}
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/vonage/answer", content=body, headers=headers)
+        assert r.status_code == 200, r.text
