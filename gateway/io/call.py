@@ -49,7 +49,7 @@ from starlette.websockets import WebSocket
 from gateway import metrics
 from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
-from gateway.callcodec import CarrierCodec, VerificationRefused, WireFrame
+from gateway.callcodec import CarrierCodec, CarrierError, VerificationRefused, WireFrame
 from gateway.callcontrol import TransferResult
 from gateway.deps import Gateway
 from gateway.events import ResponseItem
@@ -513,11 +513,14 @@ class CallRunner(WebSocketDriver[CallAction]):
 
     def received(self, frame: str | bytes) -> list[CallAction]:
         had_info = self.call.info is not None
+        errors = self.call.error_count
         try:
             actions = self.call.receive(frame)
         except ProtocolError as exc:
             self._bad_frame(exc.text)
             return []
+        if self.call.error_count != errors:
+            self._carrier_error(self.call.errors[-1])
         info = self.call.info
         if not had_info and info is not None:
             self.spawn(self._follow(info.call_id), "call control")
@@ -566,6 +569,21 @@ class CallRunner(WebSocketDriver[CallAction]):
     def done(self) -> bool:
         call = self.call
         return call.stopped or (call.closed and self._hangup is None)
+
+    def _carrier_error(self, error: CarrierError) -> None:
+        """Log an error the carrier reported on the stream (Telnyx ``error``: often about
+        the frames the gateway sent): at WARNING for the call's first
+        :data:`LOGGED_BAD_FRAMES`, then at DEBUG. The call goes on."""
+        count = self.call.error_count
+        level = logging.WARNING if count <= LOGGED_BAD_FRAMES else logging.DEBUG
+        log.log(
+            level,
+            "%s: the carrier reported an error: code %r, title %r, detail %r",
+            self.name,
+            error.code,
+            error.title,
+            error.detail,
+        )
 
     def _bad_frame(self, why: str) -> None:
         self.bad_frames += 1

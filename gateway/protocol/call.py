@@ -145,6 +145,8 @@ _MARK_END: Final = "end"
 MACHINE: Final = "#machine"
 """The input of an answering-machine answer (:meth:`CarrierCall.machine_answered`)."""
 MAX_ATTRIBUTES_CHARS: Final = 4000
+KEPT_ERRORS: Final = 20
+"""How many of the errors a carrier reported a call keeps (:attr:`CarrierCall.errors`)."""
 """Longest JSON ``attributes`` parameter of an outbound call that is read."""
 
 
@@ -695,8 +697,11 @@ class CarrierCall:
         self.session_over = False
         self.stopped = False
         """Whether the carrier stopped the stream (nothing more comes)."""
-        self.errors: list[CarrierError] = []
-        """Errors the carrier reported (the call goes on)."""
+        self.errors: deque[CarrierError] = deque(maxlen=KEPT_ERRORS)
+        """The latest errors the carrier reported (the call goes on), at most
+        :data:`KEPT_ERRORS`: a carrier repeating one does not grow the call."""
+        self.error_count = 0
+        """How many errors the carrier reported (the runner logs each new one)."""
         self._silence_at: int | None = None
         self._bot_since = 0
         self._interrupted = False
@@ -818,6 +823,7 @@ class CarrierCall:
             return []
         if isinstance(event, CarrierError):
             self.errors.append(event)
+            self.error_count += 1
             return []
         assert isinstance(event, Stopped)
         was = self.state

@@ -178,3 +178,32 @@ async def test_a_second_start_is_dropped_and_the_caller_is_still_heard(
         assert call.closed_at is None
     dropped = [r.getMessage() for r in caplog.records if "frame dropped" in r.getMessage()]
     assert any("expected one start, got a second one" in m for m in dropped), dropped
+
+
+async def test_telnyx_error_events_are_logged_and_the_call_goes_on(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Telnyx's ``error`` events (what it says of the frames the gateway sent) are logged
+    at WARNING naming the code, title and detail (the call's first five; the rest at
+    DEBUG), and the call goes on; they used to be kept silently, every one of them."""
+    async with (
+        CARRIER.gateway(speech) as (gw, _),
+        TelnyxHarness.dial(gw.url, mic_speed=4.0) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        with caplog.at_level(logging.DEBUG, logger="gateway.call"):
+            for i in range(30):
+                payload = {"code": 100003, "title": "Malformed frame", "detail": f"frame {i}"}
+                await call.send({"event": "error", "stream_id": call.stream_id, "payload": payload})
+            await call.dtmf("5")
+            await gw.wait_turns(2)
+        assert gw.core.inputs() == ["#intro", "5"]
+        assert call.closed_at is None
+    reported = [r for r in caplog.records if "the carrier reported an error" in r.getMessage()]
+    assert [r.levelno for r in reported] == [logging.WARNING] * 5 + [logging.DEBUG] * 25
+    assert (
+        reported[0]
+        .getMessage()
+        .endswith("code '100003', title 'Malformed frame', detail 'frame 0'")
+    )
+    assert f"telnyx call {call.ccid}:" in reported[0].getMessage()

@@ -30,6 +30,7 @@ from gateway.callcodec import (
     UnsupportedMediaFormat,
 )
 from gateway.protocol import ProtocolError
+from gateway.protocol.call import KEPT_ERRORS, CallConfig, CarrierCall
 from gateway.speech.audio import Pcm
 from tests.adapters.carrier_audio import correlation, peak_hz, rms, tone
 
@@ -212,3 +213,18 @@ def test_unsupported_codecs_and_sizes() -> None:
         started("L16", 16000).receive_text(media(b"\x00" * 641))
     with pytest.raises(ProtocolError, match="more than 2000 ms"):
         started().receive_text(media(b"\xff" * 20_000))
+
+
+def test_a_call_keeps_only_the_latest_carrier_errors() -> None:
+    """The call engine counts every ``error`` a carrier reports but keeps only the latest
+    KEPT_ERRORS: a carrier repeating one does not grow the call without bound."""
+    config = CallConfig(key_allowed=lambda key: True, channel="telnyx")
+    call = CarrierCall(TelnyxCodec(), None, config)
+    call.receive(START)
+    for i in range(KEPT_ERRORS * 5):
+        frame = {"event": "error", "payload": {"code": 100003, "title": "t", "detail": str(i)}}
+        assert call.receive(json.dumps(frame)) == []
+    assert call.error_count == KEPT_ERRORS * 5
+    assert [e.detail for e in call.errors] == [
+        str(i) for i in range(KEPT_ERRORS * 4, KEPT_ERRORS * 5)
+    ]
