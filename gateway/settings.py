@@ -6,6 +6,8 @@ memory sessions, the demo pipeline, no network and no keys.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
@@ -813,6 +815,22 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("telnyx_public_key", mode="after")
+    @classmethod
+    def _check_telnyx_public_key(cls, value: str | None) -> str | None:
+        """A key that is not base64 of 32 raw Ed25519 bytes (as the Mission Control
+        portal shows it) stops the gateway at startup (else every Telnyx webhook failed
+        with a 500). Unset or empty: Telnyx webhooks are refused (403)."""
+        if not value:
+            return value
+        try:
+            raw = base64.b64decode(value.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError("must be base64 of the 32 raw bytes of an Ed25519 public key")
         return value
 
     @field_validator("vonage_sample_rate", mode="after")

@@ -4,6 +4,8 @@ use them later."""
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from pydantic import ValidationError
 
@@ -96,3 +98,21 @@ def test_settings_that_fail_some_clients_are_warned_of_at_startup() -> None:
     crowded = startup_warnings(Settings(max_connections=1000), 256)
     assert len(crowded) == 1
     assert crowded[0].startswith("GATEWAY_MAX_CONNECTIONS=1000 is more than the open-file limit")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["not-a-key", "c2hvcnQ=", base64.b64encode(bytes(64)).decode(), "-----BEGIN PUBLIC KEY-----"],
+)
+def test_a_telnyx_public_key_that_is_no_key_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """Every Telnyx webhook would fail with a 500 (the verifier cannot be made): the
+    gateway does not start; base64 of 32 raw bytes, as the portal shows it, starts it."""
+    monkeypatch.setenv("GATEWAY_TELNYX_PUBLIC_KEY", value)
+    with pytest.raises(ValidationError, match="telnyx_public_key") as refused:
+        Settings()
+    assert "must be base64 of the 32 raw bytes of an Ed25519 public key" in str(refused.value)
+    key = base64.b64encode(bytes(range(32))).decode()
+    monkeypatch.setenv("GATEWAY_TELNYX_PUBLIC_KEY", key)
+    assert Settings().telnyx_public_key == key
