@@ -179,19 +179,21 @@ CLEAR: Final = '{"event":"clear"}'
 def texml(
     stream_url: str,
     *,
-    codec: str | None = None,
+    codec: str | None = BIDIRECTIONAL.encoding,
     bidirectional_codec: str = BIDIRECTIONAL.encoding,
     bidirectional_sampling_rate: int = BIDIRECTIONAL.sample_rate,
 ) -> str:
     """The TeXML answer that connects the call to the gateway's stream::
 
         <?xml version="1.0" encoding="UTF-8"?>
-        <Response><Connect><Stream url="wss://…" bidirectionalMode="rtp"
+        <Response><Connect><Stream url="wss://…" codec="PCMU" bidirectionalMode="rtp"
             bidirectionalCodec="PCMU" bidirectionalSamplingRate="8000"/></Connect></Response>
 
-    ``codec`` sets the inbound codec (Telnyx's default when None); the bidirectional
-    one is :data:`BIDIRECTIONAL` by default. Raises UnsupportedMediaFormat for a
-    bidirectional codec the gateway cannot send.
+    ``codec`` sets the inbound codec, PCMU by default: without it Telnyx streams the
+    call's own codec (``default``), which for an HD SIP or WebRTC caller is G722, OPUS
+    or AMR-WB, a start the gateway refuses (1003). None leaves it out. The
+    bidirectional codec is :data:`BIDIRECTIONAL` by default. Raises
+    UnsupportedMediaFormat for either codec the gateway cannot take.
     """
     media_format(bidirectional_codec, bidirectional_sampling_rate)  # raises if unsupported
     if codec is not None:

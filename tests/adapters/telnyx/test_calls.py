@@ -207,3 +207,17 @@ async def test_telnyx_error_events_are_logged_and_the_call_goes_on(
         .endswith("code '100003', title 'Malformed frame', detail 'frame 0'")
     )
     assert f"telnyx call {call.ccid}:" in reported[0].getMessage()
+
+
+async def test_the_texml_answer_asks_for_the_caller_s_audio_in_pcmu() -> None:
+    """The TeXML answer pins the inbound codec (``codec="PCMU"``) as well as the
+    bidirectional one: left out, Telnyx streams the call's own codec, and a caller on
+    G722, OPUS or AMR-WB (HD SIP, WebRTC) got a start the gateway refuses with 1003."""
+    async with CARRIER.gateway(None) as (gw, _):
+        answer = await ask_texml(gw.url, "v3:" + uuid.uuid4().hex)
+    assert answer.status_code == 200, answer.text
+    stream = ET.fromstring(answer.text).find("./Connect/Stream")
+    assert stream is not None
+    assert stream.attrib["codec"] == "PCMU"
+    assert stream.attrib["bidirectionalCodec"] == "PCMU"
+    assert stream.attrib["bidirectionalSamplingRate"] == "8000"

@@ -167,6 +167,7 @@ def test_texml_answer() -> None:
     assert stream is not None
     assert stream.attrib == {
         "url": "wss://gw.example/telnyx/stream/tok?a=1&b=2",
+        "codec": "PCMU",  # the caller's audio: not the call's own codec (G722, OPUS...)
         "bidirectionalMode": "rtp",
         "bidirectionalCodec": "PCMU",
         "bidirectionalSamplingRate": "8000",
@@ -174,6 +175,9 @@ def test_texml_answer() -> None:
     assert "&amp;" in doc
     with pytest.raises(UnsupportedMediaFormat):
         texml("wss://x", bidirectional_codec="OPUS")
+    with pytest.raises(UnsupportedMediaFormat):
+        texml("wss://x", codec="G722")
+    assert 'codec="' not in texml("wss://x", codec=None).replace("bidirectionalCodec", "")
 
 
 def test_call_control_stream_fields() -> None:
