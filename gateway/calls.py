@@ -18,6 +18,9 @@ calls: vonage, plivo), 503 (the carrier's credentials are not configured), 502 (
 carrier's API refused or could not be reached; ``carrierStatus`` and ``carrierBody`` say
 what it answered).
 
+The log names a call's dialled number by its last 4 digits only
+(:func:`gateway.logs.masked_number`: personal data).
+
 Transfers: :func:`transfer` sends a carrier adapter's transfer request (its
 ``control.transfer``) and logs how it went (:func:`~gateway.callcontrol.log_transfer`,
 the only record of it); the carrier
@@ -54,6 +57,7 @@ from gateway.callcontrol import (
 from gateway.calls_openapi import POST_CALLS
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body
+from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, load_json
 from gateway.settings import Settings
 
@@ -235,7 +239,7 @@ async def place_call(request: Request) -> Response:
     try:
         answer = await control.send(rest)
     except CallControlError as exc:
-        log.warning("Outbound %s call to %s failed: %s", carrier, call.to, exc)
+        log.warning("Outbound %s call to %s failed: %s", carrier, masked_number(call.to), exc)
         return problem(502, "Bad Gateway", f"The {carrier} API could not be reached.")
     call_id = dialer.call_id(answer) if answer.ok else None
     if call_id is None:
@@ -252,7 +256,7 @@ async def place_call(request: Request) -> Response:
             carrierStatus=answer.status,
             carrierBody=answer.body,
         )
-    log.info("Outbound %s call %s to %s placed", carrier, call_id, call.to)
+    log.info("Outbound %s call %s to %s placed", carrier, call_id, masked_number(call.to))
     return JSONResponse(
         {
             "carrier": carrier,

@@ -4,9 +4,11 @@ stand-in for Telnyx's API) and the Ed25519-signed answering-machine webhook."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import httpx
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.responses import JSONResponse, Response
 
@@ -154,3 +156,32 @@ async def test_a_garbled_or_huge_carrier_answer_is_a_bad_gateway_problem_too() -
         webhook = await client.post("/telnyx/outbound", content=deep, headers=signed(deep))
         assert webhook.status_code == 400
         assert "nested deeper" in webhook.json()["detail"]
+
+
+async def test_the_log_shows_the_called_number_s_last_4_digits_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A callee's phone number is personal data (README "Logs"): the 'placed' line and the
+    'failed' line of an unreachable API name it as ``+*******0100``, never in full."""
+    with caplog.at_level(logging.INFO, logger="gateway.calls"):
+        async with CARRIER.gateway(None) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+            placed = await client.post(
+                "/v1/calls",
+                json={"carrier": "telnyx", "to": "+15557770100", "from": "+15550199"},
+                headers={"Authorization": f"Bearer {ADMIN}"},
+            )
+            assert placed.status_code == 201, placed.text
+        async with (
+            CARRIER.gateway(None, telnyx_api_base_url="http://127.0.0.1:9") as (gw, _),
+            httpx.AsyncClient(base_url=gw.url) as client,
+        ):
+            failed = await client.post(
+                "/v1/calls",
+                json={"carrier": "telnyx", "to": "+15557770100", "from": "+15550199"},
+                headers={"Authorization": f"Bearer {ADMIN}"},
+            )
+            assert failed.status_code == 502, failed.text
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.calls"]
+    assert any(line.endswith("to +*******0100 placed") for line in lines), lines
+    assert any("call to +*******0100 failed" in line for line in lines), lines
+    assert not any("5557770100" in line for line in lines), lines
