@@ -17,6 +17,7 @@ Answering-machine results travel to their call's stream over the bus
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -110,23 +111,31 @@ class CallControl:
         JSON and parses, else its text; at most :data:`MAX_ANSWER_BYTES` of it are read
         (a longer answer is that much text).
 
-        Raises CallControlError when the API cannot be reached or does not answer in time.
+        Raises CallControlError when the API cannot be reached or has not answered in
+        full within the timeout: the whole request (connecting, sending, the answer's
+        headers and body) gets that long, not each step of it (httpx's own timeouts,
+        which an answer trickling in byte by byte never runs into).
         """
         try:
-            async with self._client(request.url).stream(
-                request.method,
-                request.url,
-                headers=dict(request.headers),
-                data=dict(request.form) if request.form is not None else None,
-                json=request.json,
-            ) as response:
-                kept = bytearray()
-                async for chunk in response.aiter_bytes():  # the rest is not read
-                    kept += chunk[: MAX_ANSWER_BYTES + 1 - len(kept)]
-                    if len(kept) > MAX_ANSWER_BYTES:
-                        break
+            async with asyncio.timeout(self._timeout_s):
+                async with self._client(request.url).stream(
+                    request.method,
+                    request.url,
+                    headers=dict(request.headers),
+                    data=dict(request.form) if request.form is not None else None,
+                    json=request.json,
+                ) as response:
+                    kept = bytearray()
+                    async for chunk in response.aiter_bytes():  # the rest is not read
+                        kept += chunk[: MAX_ANSWER_BYTES + 1 - len(kept)]
+                        if len(kept) > MAX_ANSWER_BYTES:
+                            break
         except httpx.HTTPError as exc:
             raise CallControlError(f"{request.method} {request.url}: {exc!r}") from exc
+        except TimeoutError:
+            raise CallControlError(
+                f"{request.method} {request.url}: no whole answer within {self._timeout_s} s"
+            ) from None
         whole = len(kept) <= MAX_ANSWER_BYTES
         text = bytes(kept[:MAX_ANSWER_BYTES]).decode(response.encoding or "utf-8", "replace")
         body: Any = text

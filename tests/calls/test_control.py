@@ -7,13 +7,14 @@ import asyncio
 import base64
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.plivo import control as plivo
 from adapters.telnyx import control as telnyx
@@ -273,6 +274,36 @@ async def test_an_unreachable_api_is_a_call_control_error() -> None:
             await control.send(RestRequest("POST", "http://127.0.0.1:9/v2/calls", json={}))
     finally:
         await control.aclose()
+
+
+async def test_an_answer_that_trickles_in_is_cut_off_at_the_request_timeout() -> None:
+    """GATEWAY_CALLS_TIMEOUT_S is the whole request's time: an API that sends its headers
+    and then a byte every 0.2 s (each read well inside httpx's per-read timeout) is a
+    CallControlError after 1 s, not an answer after 6 s (a hang-up or transfer that
+    long leaves the caller in silence; README: a transfer not answered within the
+    timeout fails)."""
+    trickle = FastAPI()
+
+    @trickle.post("/v2/calls/{ccid}/actions/hangup")
+    async def slow() -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(30):
+                await asyncio.sleep(0.2)
+                yield b" "
+
+        return StreamingResponse(body(), media_type="application/json")
+
+    control = CallControl(1.0)
+    async with serve(trickle) as url:
+        try:
+            auth = telnyx.TelnyxAuth("KEY", url)
+            began = time.monotonic()
+            async with asyncio.timeout(4):  # before: the whole 6 s answer was awaited
+                with pytest.raises(CallControlError, match=r"no whole answer within 1\.0 s"):
+                    await control.send(telnyx.hang_up(auth, "v3:abc"))
+            assert time.monotonic() - began < 2.0
+        finally:
+            await control.aclose()
 
 
 async def test_a_carrier_api_that_hangs_does_not_hold_another_carriers_requests() -> None:
