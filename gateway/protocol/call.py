@@ -145,9 +145,9 @@ _MARK_END: Final = "end"
 MACHINE: Final = "#machine"
 """The input of an answering-machine answer (:meth:`CarrierCall.machine_answered`)."""
 MAX_ATTRIBUTES_CHARS: Final = 4000
+"""Longest JSON ``attributes`` parameter of an outbound call that is read."""
 KEPT_ERRORS: Final = 20
 """How many of the errors a carrier reported a call keeps (:attr:`CarrierCall.errors`)."""
-"""Longest JSON ``attributes`` parameter of an outbound call that is read."""
 
 
 # ------------------------------------------------------------------ state machine
