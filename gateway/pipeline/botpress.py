@@ -26,7 +26,8 @@ Bot message payloads -> items: ``text``, ``markdown`` -> text; ``image``, ``audi
 ``video`` -> those media URLs; ``card`` -> title and subtitle, ``imageUrl``, its
 ``actions`` as buttons (``postback``/``say`` send their ``value`` as text, ``url`` opens
 it); ``carousel`` -> one item per card; ``choice``/``dropdown`` -> text with the options
-as quick replies (gateway/pipeline/cores.py); ``bloc`` -> its items; ``file``,
+as quick replies (gateway/pipeline/cores.py); ``bloc`` -> its items (flat ``{type,
+text}`` as the Chat API sends them, or ``{type, payload}``); ``file``,
 ``location`` and others -> the command item ``#<type>``. A bot's ``event_created`` whose
 payload is ``{type: "transfer"|"handoff", target, reason?}`` is the transfer action
 (:func:`gateway.events.transfer_item`); ``{type: "end"}`` ends the session.
@@ -293,10 +294,16 @@ def _items(payload: Any, offered: list[dict[str, Any]]) -> list[ResponseItem]:
         text = payload.get("text")
         return [buttons_item(buttons, text if isinstance(text, str) and text else None)]
     if kind == "bloc":
+        # the Chat API sends a bloc's items flat, {type, text} (chat-api models/message.ts;
+        # the Chat integration spreads each item's payload); a bot's SDK form nests them,
+        # {type, payload: {text}}: both are read
         out: list[ResponseItem] = []
         for part in payload.get("items") or []:
-            if isinstance(part, dict) and isinstance(part.get("payload"), dict):
-                out.extend(_items({"type": part.get("type"), **part["payload"]}, offered))
+            if not isinstance(part, dict):
+                continue
+            inner = part.get("payload")
+            fields = inner if isinstance(inner, dict) else part
+            out.extend(_items({**fields, "type": part.get("type")}, offered))
         return out
     return [command_item(kind, payload)]
 

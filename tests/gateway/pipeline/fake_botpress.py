@@ -12,7 +12,9 @@ a known ``x-user-key`` (else 401). The bot answers after the 201, message by mes
 (:data:`GAP_S` apart), with no end-of-turn marker; its memory is per conversation.
 
 The bot: the event ``intro`` -> a text and a ``choice``; the option ``yes``; ``my name is
-X`` / ``what is my name``; ``rich`` -> a card, an image, an audio, a markdown and a bloc;
+X`` / ``what is my name``; ``rich`` -> a card, an image, an audio, a markdown and a bloc
+(its items flat, ``{type, text}``, as the Chat API sends them); ``bloc`` -> a bloc of a
+text, an image, a location (flat) and a markdown (``{type, payload}``, a bot SDK's form);
 ``agent`` -> a text and the event ``{type: "transfer", target, reason}``; ``bye`` -> a text
 and the event ``{type: "end"}``; another event -> nothing. Failures: ``boom`` (500 on the
 message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON), ``deep``
@@ -143,8 +145,16 @@ def make_botpress() -> FastAPI:
                 ("image", {"imageUrl": "https://cdn.example.com/i.png"}),
                 ("audio", {"audioUrl": "https://cdn.example.com/a.mp3"}),
                 ("markdown", {"markdown": "**bold**"}),
-                ("bloc", {"items": [{"type": "text", "payload": {"text": "in a bloc"}}]}),
+                ("bloc", {"items": [{"type": "text", "text": "in a bloc"}]}),
             ]
+        elif said == "bloc":  # the Chat API's flat items, then one in a bot SDK's form
+            items = [
+                {"type": "text", "text": "Our shop:"},
+                {"type": "image", "imageUrl": "https://cdn.example.com/shop.png"},
+                {"type": "location", "latitude": 50.08, "longitude": 14.42, "title": "Shop"},
+                {"type": "markdown", "payload": {"markdown": "*Open* daily"}},
+            ]
+            replies = [("bloc", {"items": items})]
         elif said == "agent":
             replies = [
                 ("text", "One moment."),

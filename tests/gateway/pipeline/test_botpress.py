@@ -116,6 +116,28 @@ async def test_rich_items_transfer_and_end(botpress: tuple[str, FastAPI]) -> Non
     await conv.pipeline.aclose()
 
 
+async def test_a_bloc_gives_the_items_of_its_parts(botpress: tuple[str, FastAPI]) -> None:
+    """The Chat API sends a bloc's items flat (``{"type": "text", "text"}``: the Chat
+    integration spreads each item's payload); they were read only as ``{type, payload}``
+    (a bot SDK's form), so every part of a real bloc was dropped without a word."""
+    url, _ = botpress
+    conv = bp_engine(url)
+    got = items(await conv.turn(ctx(), Input.of("bloc")).collect())
+    assert [(i.text, i.image) for i in got] == [
+        ("Our shop:", None),
+        (None, "https://cdn.example.com/shop.png"),
+        ("#location", None),
+        ("*Open* daily", None),
+    ]
+    assert json.loads(got[2].code or "") == {
+        "type": "location",
+        "latitude": 50.08,
+        "longitude": 14.42,
+        "title": "Shop",
+    }
+    await conv.pipeline.aclose()
+
+
 async def test_messages_are_forwarded_before_the_turn_ends(botpress: tuple[str, FastAPI]) -> None:
     url, _ = botpress
     conv = bp_engine(url)
