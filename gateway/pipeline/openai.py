@@ -285,28 +285,30 @@ class OpenAIPipeline:
                     raise refused(KIND, answer.status_code, detail, self._secrets)
                 kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind == "application/json":
-                    data = await read_body(answer, self._max, "the core")
+                    data = await read_body(answer, self._max, f"the {KIND} core")
                     for item in self._whole(turn, data):
                         yield item
                 else:
                     async for item in self._stream(turn, answer):
                         yield item
         except httpx.HTTPError as exc:
-            raise PipelineError(f"the core could not be reached: {type(exc).__name__}") from exc
+            raise PipelineError(
+                f"the {KIND} core could not be reached: {type(exc).__name__}"
+            ) from exc
         tail = turn.splitter.flush()
         if tail:
             yield ResponseItem(text=tail)
         yield self._finish(session, history, user, turn)
 
     async def _stream(self, turn: _Turn, answer: httpx.Response) -> AsyncIterator[ResponseItem]:
-        events = iter_sse(bounded_lines(answer, self._max, "the core", blank=True))
+        events = iter_sse(bounded_lines(answer, self._max, f"the {KIND} core", blank=True))
         async for event in events:
             for item in self._event(turn, event):
                 yield item
             if turn.done or turn.finish_reason is not None:
                 break
         if not turn.done and turn.finish_reason is None:
-            raise PipelineError("the core's stream ended without a finish_reason or [DONE]")
+            raise PipelineError(f"the {KIND} core's stream ended without a finish_reason or [DONE]")
         tail = turn.splitter.flush()
         if tail:
             yield ResponseItem(text=tail)  # the last sentence is not kept waiting for [DONE]
@@ -327,21 +329,23 @@ class OpenAIPipeline:
         try:
             chunk = core_json(data)
         except ValueError as exc:
-            raise PipelineError("the core streamed a chunk that is not JSON") from exc
+            raise PipelineError(f"the {KIND} core streamed a chunk that is not JSON") from exc
         if not isinstance(chunk, dict):
-            raise PipelineError("the core streamed a chunk that is not a JSON object")
+            raise PipelineError(f"the {KIND} core streamed a chunk that is not a JSON object")
         if chunk.get("error") is not None:
             raise core_failed(KIND, "streamed an error", _error_text(data), self._secrets)
         choices = chunk.get("choices") or []  # null / [] / absent in the usage chunk
         if not isinstance(choices, list):
-            raise PipelineError("the core streamed a chunk whose choices is not a list")
+            raise PipelineError(f"the {KIND} core streamed a chunk whose choices is not a list")
         items: list[ResponseItem] = []
         for choice in choices:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
             if not isinstance(delta, dict):
-                raise PipelineError("the core streamed a choice whose delta is not an object")
+                raise PipelineError(
+                    f"the {KIND} core streamed a choice whose delta is not an object"
+                )
             content = delta.get("content")
             if isinstance(content, str) and content:
                 turn.text.append(content)
@@ -364,10 +368,14 @@ class OpenAIPipeline:
             message = whole["choices"][0]["message"]
             content = message.get("content") or ""
             calls = message.get("tool_calls") or []
-            if not isinstance(content, str) or not isinstance(calls, list):
+            if (
+                not isinstance(content, str)
+                or not isinstance(calls, list)
+                or not all(isinstance(call, dict) for call in calls)
+            ):
                 raise TypeError("content or tool_calls of the wrong type")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise PipelineError("the core answered no chat completion") from exc
+            raise PipelineError(f"the {KIND} core answered no chat completion") from exc
         for index, call in enumerate(calls):
             _add_tool_delta(turn, {"index": index, **call})
         turn.text.append(content)
@@ -389,10 +397,10 @@ class OpenAIPipeline:
             elif call.name == "transfer" and self.transfer_target:
                 items.append(transfer_item(self.transfer_target, reason=_reason(call.arguments)))
             else:
-                log.warning("the core called an unknown tool %r; ignored", call.name[:60])
+                log.warning("the %s core called an unknown tool %r; ignored", KIND, call.name[:60])
         said = "".join(turn.text).strip()
         if not said and not turn.tools:
-            raise PipelineError("the core's answer has neither content nor a tool call")
+            raise PipelineError(f"the {KIND} core's answer has neither content nor a tool call")
         messages = [*history, {"role": "user", "content": user}]
         if said:
             messages.append({"role": "assistant", "content": said})
@@ -433,14 +441,14 @@ def _history(state: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _add_tool_delta(turn: _Turn, call: Any) -> None:
     if not isinstance(call, dict):
-        raise PipelineError("the core streamed a tool call that is not an object")
+        raise PipelineError(f"the {KIND} core streamed a tool call that is not an object")
     index = call.get("index", 0)
     if not isinstance(index, int):
-        raise PipelineError("the core streamed a tool call without an integer index")
+        raise PipelineError(f"the {KIND} core streamed a tool call without an integer index")
     acc = turn.tools.setdefault(index, _ToolCall())
     function = call.get("function") or {}
     if not isinstance(function, dict):
-        raise PipelineError("the core streamed a tool call whose function is not an object")
+        raise PipelineError(f"the {KIND} core streamed a tool call whose function is not an object")
     if isinstance(function.get("name"), str):
         acc.name += function["name"]
     if isinstance(function.get("arguments"), str):

@@ -12,7 +12,7 @@ Its "model" is scripted on the last user message (see :func:`reply`); the ``<mod
 path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
 ``error-data``, ``slow``, ``garbage``, ``truncated``, ``json`` (ignores ``stream``),
 ``empty``, ``deep`` (a chunk nested 50,000 levels deep), ``deep-json`` (such a
-non-streamed body), ``echo-401`` (401 with a message echoing the Authorization header
+non-streamed body), ``bad-tools`` (a completion whose ``tool_calls`` are strings), ``echo-401`` (401 with a message echoing the Authorization header
 and the key, as a careless proxy might). ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
 pause after the first sentence (the model "thinking" on), cut short when the
 ``asyncio.Event`` ``app.state.release`` (None: no event) is set, so a test can hold the
@@ -93,6 +93,10 @@ def make_openai_server() -> FastAPI:
             await asyncio.sleep(1.5)
         if mode == "deep-json":
             return Response(DEEP, media_type="application/json")
+        if mode == "bad-tools":  # a completion whose tool_calls are not objects
+            bad = _completion("Hello.", [], body["model"])
+            bad["choices"][0]["message"]["tool_calls"] = ["end_session"]
+            return JSONResponse(bad)
         content, tools = reply(body["messages"])
         if mode == "json" or not body.get("stream"):
             return JSONResponse(_completion(content, tools, body["model"]))

@@ -223,11 +223,12 @@ async def test_first_sentence_is_forwarded_before_the_answer_is_complete(
         ("status-429", "the OpenAI-compatible core answered HTTP 429"),
         ("event-error", "the OpenAI-compatible core streamed an error"),
         ("error-data", "the OpenAI-compatible core streamed an error"),
-        ("garbage", "not JSON"),
-        ("deep", "streamed a chunk that is not JSON"),
-        ("deep-json", "answered no chat completion"),
-        ("truncated", "without a finish_reason"),
-        ("empty", "neither content nor a tool call"),
+        ("garbage", "the OpenAI-compatible core streamed a chunk that is not JSON"),
+        ("deep", "the OpenAI-compatible core streamed a chunk that is not JSON"),
+        ("deep-json", "the OpenAI-compatible core answered no chat completion"),
+        ("bad-tools", "the OpenAI-compatible core answered no chat completion"),
+        ("truncated", "the OpenAI-compatible core's stream ended without a finish_reason"),
+        ("empty", "the OpenAI-compatible core's answer has neither content nor a tool call"),
         ("slow", "did not answer within"),
     ],
 )
@@ -250,8 +251,20 @@ async def test_wrong_key_and_unreachable_server_are_pipeline_errors(
     await pipeline_error(engine(wrong), "the OpenAI-compatible core answered HTTP 401", "hi")
     await wrong.aclose()
     gone = OpenAIPipeline("http://127.0.0.1:1/v1", model="m")
-    await pipeline_error(engine(gone), "could not be reached", "hi")
+    await pipeline_error(engine(gone), "the OpenAI-compatible core could not be reached", "hi")
     await gone.aclose()
+
+
+@pytest.mark.parametrize("mode", ["chat", "json"])
+async def test_an_answer_over_the_bound_names_the_core(llm: tuple[str, FastAPI], mode: str) -> None:
+    """The errors of this core name it, as the other cores' do ("Rasa answered ...",
+    "Botpress ..."): with several cores (GATEWAY_PIPELINES) "the core's answer is larger"
+    or "the core could not be reached" did not say which one failed."""
+    url, _ = llm
+    conv = engine(pipeline(url, mode, max_response_bytes=200))
+    await pipeline_error(conv, "the OpenAI-compatible core's answer is larger than 200 bytes")
+    await failed_session(conv, 0)
+    await conv.pipeline.aclose()
 
 
 async def test_an_error_answer_that_echoes_the_key_reaches_only_the_log_redacted(
