@@ -18,7 +18,9 @@ Message -> items (in Rasa's own order):
 - ``text`` -> an item with the text (Rasa already splits on blank lines);
 - ``buttons: [{title, payload}]`` -> the quick replies in the item's ``code``
   (gateway/pipeline/cores.py: ``{"buttons": [{"name": title, "request": {"type":
-  "text", "payload": payload}}]}``), on the text's item when both came together;
+  "text", "payload": payload}}]}``), on the text's item when both came together; an
+  empty list (an ``elements`` card without buttons, sent as ``title : subtitle``) gives
+  the text alone;
 - ``image`` -> an item with ``image``;
 - ``attachment``: ``{type: image|audio|video, payload: {url|src}}`` or an http(s) URL
   (audio) -> that media field; anything else -> the command item ``#attachment``;
@@ -180,14 +182,16 @@ class RasaPipeline:
         if text is not None and not isinstance(text, str):
             raise PipelineError("Rasa sent a message whose text is not a string")
         buttons = message.get("buttons")
-        if buttons is not None:
-            if not isinstance(buttons, list):
-                raise PipelineError("Rasa sent buttons that are not an array")
-            mapped = [
-                button(str(b.get("title", b.get("payload", ""))), _request(b))
-                for b in buttons
-                if isinstance(b, dict)
-            ]
+        if buttons is not None and not isinstance(buttons, list):
+            raise PipelineError("Rasa sent buttons that are not an array")
+        # an element of a carousel without buttons comes as "buttons": [] (Rasa's
+        # send_elements): no quick replies, only its text
+        mapped = [
+            button(str(b.get("title", b.get("payload", ""))), _request(b))
+            for b in buttons or []
+            if isinstance(b, dict)
+        ]
+        if mapped:
             offered.extend(mapped)
             out.append(buttons_item(mapped, text))
         elif text:

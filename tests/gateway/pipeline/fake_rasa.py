@@ -4,14 +4,16 @@ shared/specs/CORES.md ("Rasa REST channel") with a small bot behind it.
 As Rasa's ``rest.py``/``CollectingOutputChannel``: ``GET /webhooks/rest/`` is
 ``{"status": "ok"}``; ``POST /webhooks/rest/webhook`` answers a JSON array of
 ``{"recipient_id", "text"?, "image"?, "buttons"?, "custom"?}`` (None values left out,
-text split on blank lines, buttons on the text's message, then custom, then image);
+text split on blank lines, buttons on the text's message, then custom, then image, then
+each of ``elements`` as ``title : subtitle`` with its ``buttons``, ``[]`` when it has none);
 with ``?stream=true`` the same messages as NDJSON lines under the content type
 ``text/event-stream`` with no ``data:`` prefix, each written as the bot utters it.
 The tracker (slots) is per ``sender``. ``app.state.token`` set: ``?token=`` required.
 
 The bot: ``/greet`` greets with two buttons; ``/mood_great``; ``my name is X`` and
 ``what is my name`` (a slot); ``picture`` (text + image); ``agent`` (a custom transfer);
-``bye`` (two texts then ``custom {"end_session": true}``); ``stream`` (one message, then
+``carousel`` (two elements, the second without buttons); ``bye`` (two texts then
+``custom {"end_session": true}``); ``stream`` (one message, then
 waits for ``app.state.release`` before the next); failures: ``boom`` (500), ``slow``
 (2 s), ``garbage`` (not JSON), ``object`` (not an array), ``badline`` (a broken NDJSON line),
 ``deep`` (JSON nested 50,000 levels deep, as the body or as a line).
@@ -110,6 +112,19 @@ def bot(app: FastAPI, sender: str, text: str) -> list[Any]:
             {"text": "Connecting you."},
             {"custom": {"transfer": {"target": "+15551234567", "reason": "asked for a person"}}},
         ]
+    if lowered == "carousel":
+        return [
+            {
+                "elements": [
+                    {
+                        "title": "Margherita",
+                        "subtitle": "tomato",
+                        "buttons": [{"title": "Order", "payload": "/order"}],
+                    },
+                    {"title": "Funghi", "subtitle": "mushrooms"},
+                ]
+            }
+        ]
     if lowered == "bye":
         return [{"text": "Bye!\n\nSee you soon."}, {"custom": {"end_session": True}}]
     if lowered == "stream":
@@ -131,4 +146,8 @@ def messages(sender: str, utterance: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"recipient_id": sender, "custom": utterance["custom"]})
     if "image" in utterance:
         out.append({"recipient_id": sender, "image": utterance["image"]})
+    for element in utterance.get("elements", []):  # OutputChannel.send_elements
+        text = f"{element.get('title', '')} : {element.get('subtitle', '')}"
+        buttons = element.get("buttons", [])
+        out.append({"recipient_id": sender, "text": text, "buttons": buttons})
     return [{k: v for k, v in m.items() if v is not None} for m in out]

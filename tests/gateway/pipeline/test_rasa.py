@@ -25,6 +25,7 @@ from tests.gateway.turns import (
     ctx,
     engine,
     failed_session,
+    items,
     pipeline_error,
     said,
     streamed,
@@ -88,6 +89,27 @@ async def test_rich_items_transfer_and_end_of_conversation(rasa: tuple[str, Fast
     assert final.response.session_ended is True
     assert isinstance(bye[-1], SessionEndedEvent)
     assert await conv.store.get(ctx().key) is None
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_carousel_elements_without_buttons_are_plain_text(
+    rasa: tuple[str, FastAPI], stream: bool
+) -> None:
+    """Rasa sends each element of a carousel as ``title : subtitle`` with its buttons, an
+    element without any as ``"buttons": []``: that item offered the empty quick replies
+    ``{"buttons": []}`` as its code; now it is the text alone."""
+    url, app = rasa
+    conv = engine(pipeline=f"rasa+{url}", rasa_stream=stream)
+    got = items(await conv.turn(ctx(), Input.of("carousel")).collect())
+    assert [i.text for i in got] == ["Margherita : tomato", "Funghi : mushrooms"]
+    assert json.loads(got[0].code or "") == {
+        "buttons": [{"name": "Order", "request": {"type": "text", "payload": "/order"}}]
+    }
+    assert got[1].code is None
+    # the element's button can still be said
+    assert texts(await conv.turn(ctx(), Input.of("order")).collect()) == ["intent order"]
+    assert app.state.requests[-1]["message"] == "/order"
     await conv.pipeline.aclose()
 
 
