@@ -29,15 +29,33 @@ ABBREVIATIONS = frozenset(
 """Words (lower case, without their final point) after which a point ends no sentence."""
 
 _END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s)|\n+")
-_WORD_BEFORE = re.compile(r"([\w.]+)$")
+_OPEN_END = re.compile(r"[.!?…]+[\"'”’)\]]*\Z")
+"""Points (and closing quotes) at the very end: a boundary once white space follows."""
+_NOT_SPACE = re.compile(r"\S")
+_LONGEST = max(len(word) for word in ABBREVIATIONS)
 
 
-def _is_abbreviation(before: str) -> bool:
-    """Whether the text ``before`` a point ends in an abbreviation or an initial."""
-    match = _WORD_BEFORE.search(before)
-    if match is None:
+def _is_abbreviation(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]``, the text before a point, ends in an abbreviation or
+    an initial: its last word (letters, digits, ``_`` and points), without the points
+    around it. Reads back no further than that word, and stops as soon as the word is
+    longer than any abbreviation."""
+    first = last = -1  # the word's first and last characters that are not points
+    i = end
+    while i > start:
+        char = text[i - 1]
+        if char != ".":
+            if not (char.isalnum() or char == "_"):
+                break
+            if last < 0:
+                last = i - 1
+            first = i - 1
+            if last - first >= _LONGEST:
+                return False
+        i -= 1
+    if last < 0:
         return False
-    word = match.group(1).strip(".")
+    word = text[first : last + 1]
     if len(word) == 1 and word.isalpha() and word.isupper():
         return True  # an initial: "J. Smith"
     return word.lower() in ABBREVIATIONS
@@ -48,42 +66,56 @@ class SentenceSplitter:
 
     ``feed(delta) -> list[str]`` returns the sentences completed so far (stripped,
     never empty); ``flush() -> str | None`` returns what is left at the end.
+
+    Each feed reads only what it has not decided yet (from :attr:`_scan`): the time
+    is linear in the whole text however it is cut, also when no sentence ends for
+    a long while (a lower-case answer, a long list); rescanning the whole pending text
+    at every delta made a long answer cost seconds of the event loop.
     """
 
     def __init__(self) -> None:
         self._buffer = ""
+        self._scan = 0  # where the boundaries not decided yet may start
 
     def feed(self, delta: str) -> list[str]:
         """Add ``delta``; the sentences it completed, in order."""
-        self._buffer += delta
+        buffer = self._buffer = self._buffer + delta
         out: list[str] = []
         start = 0
-        for match in _END.finditer(self._buffer):
+        waiting: int | None = None  # the start of a boundary still undecided
+        for match in _END.finditer(buffer, self._scan):
             end = match.end()
             if match.group().startswith("\n"):
-                piece = self._buffer[start:end].strip()
+                piece = buffer[start:end].strip()
                 if piece:
                     out.append(piece)
                 start = end
                 continue
-            rest = self._buffer[end:]
-            following = rest.lstrip()
-            if not following:
+            following = _NOT_SPACE.search(buffer, end)
+            if following is None:
+                waiting = match.start()
                 break  # the character after the space decides: wait for it
-            if following[0].islower():
+            if following.group().islower():
                 continue  # "3 p.m. today", "e.g. paris": the sentence goes on
-            text = self._buffer[start : match.start()]
             single_point = len(match.group().rstrip("\"'”’)]")) == 1
-            if match.group()[0] == "." and single_point and _is_abbreviation(text):
+            if (
+                match.group()[0] == "."
+                and single_point
+                and _is_abbreviation(buffer, start, match.start())
+            ):
                 continue
-            piece = self._buffer[start:end].strip()
+            piece = buffer[start:end].strip()
             if piece:
                 out.append(piece)
             start = end
-        self._buffer = self._buffer[start:]
+        if waiting is None:
+            open_end = _OPEN_END.search(buffer, max(start, self._scan))
+            waiting = open_end.start() if open_end else len(buffer)
+        self._buffer = buffer[start:]
+        self._scan = max(waiting - start, 0)
         return out
 
     def flush(self) -> str | None:
         """The rest of the text (stripped), or None when only white space is left."""
-        rest, self._buffer = self._buffer.strip(), ""
+        rest, self._buffer, self._scan = self._buffer.strip(), "", 0
         return rest or None

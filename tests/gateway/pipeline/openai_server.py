@@ -36,6 +36,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tests.gateway.core_app import DEEP
 
 KEY = "sk-test-0123456789"
+LOWER_CASE = "sure. i can do that. " * 500
+"""The answer to a message asking for one ``in lower case`` (10,500 characters)."""
 
 
 def reply(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
@@ -55,6 +57,8 @@ def reply(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
         return "Let me connect you.", [_tool("transfer", {"reason": "caller asked for a person"})]
     if "silent tool" in last.lower():
         return "", [_tool("end_session", {})]
+    if "in lower case" in last.lower():  # no sentence ends: a point, then lower case
+        return LOWER_CASE, []
     return (
         f"You said {last}. The price is 3.5 dollars, e.g. cheap. Is there anything else?",
         [],

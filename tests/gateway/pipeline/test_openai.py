@@ -28,7 +28,7 @@ from gateway.pipeline.openai import OpenAIPipeline
 from gateway.pipeline.sentences import SentenceSplitter
 from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
-from tests.gateway.pipeline.openai_server import KEY
+from tests.gateway.pipeline.openai_server import KEY, LOWER_CASE
 from tests.gateway.turns import ctx, failed_session, pipeline_error, texts
 
 
@@ -73,6 +73,24 @@ def test_sentences_whole_and_streamed_character_by_character(
         got = [sentence for piece in pieces for sentence in splitter.feed(piece)]
         tail = splitter.flush()
         assert [*got, *([tail] if tail else [])] == sentences
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "so. then. " * 1500,  # no sentence ends: each point is followed by lower case
+        "one, two, three " * 1000,  # no point at all
+        "x" * 16_000,  # one long word
+    ],
+)
+def test_splitting_a_long_answer_takes_linear_time(text: str) -> None:
+    """Each delta rescanned the whole pending text (and copied its rest at every point):
+    16 KB in deltas of 4 characters took seconds to tens of seconds of the event loop."""
+    splitter = SentenceSplitter()
+    started = time.perf_counter()
+    got = [s for i in range(0, len(text), 4) for s in splitter.feed(text[i : i + 4])]
+    assert [*got, splitter.flush()] == [text.strip()]
+    assert time.perf_counter() - started < 1.0
 
 
 def test_a_sentence_is_given_once_the_next_one_has_begun() -> None:
@@ -178,6 +196,20 @@ async def test_tool_call_alone_is_an_answer_and_tools_can_be_off(
     assert isinstance(events[-1], SessionEndedEvent)
     await conv.pipeline.aclose()
     await conv2.pipeline.aclose()
+
+
+async def test_a_long_answer_without_sentence_ends_is_not_held_up(
+    llm: tuple[str, FastAPI],
+) -> None:
+    """A model answering in lower case (10 KB streamed in deltas of 4 characters): the
+    sentence splitter rescanned all that was pending at every delta, so the turn burned
+    the event loop for seconds and failed on the turn timeout."""
+    url, _ = llm
+    conv = engine(pipeline(url), turn_timeout_s=5)
+    events = await conv.turn(ctx(), Input.of("please answer in lower case")).collect()
+    assert texts(events) == [LOWER_CASE.strip()]
+    assert isinstance(events[-1], ResponseEvent)
+    await conv.pipeline.aclose()
 
 
 @pytest.mark.parametrize("mode", ["vllm", "json"])
