@@ -50,7 +50,8 @@ Response (the end of the turn, the next listening), not the first words; where a
 is known to answer in one quick message, GATEWAY_BOTPRESS_IDLE_S can be lowered.
 
 A non-2xx status, invalid JSON, a listen stream that ends before the bot's answer or a
-message without a payload type is a PipelineError.
+message without a payload type is a PipelineError. The stream's keepalive (``data:
+ping``, :data:`KEEPALIVE`) is no signal and is skipped.
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ from gateway.pipeline.cores import (
 )
 from gateway.sessions import Session
 from gateway.settings import Settings
+
+KEEPALIVE = "ping"
+"""The ``data`` of the listen stream's keepalive (``event: message``), which the Chat
+integration has its stream proxy send after 30 s without a signal (its
+``listenConversation``: ``Grip-Keep-Alive``); not a signal, skipped (Botpress's own
+chat client reads it as an unknown signal and ignores it)."""
 
 
 class BotpressPipeline:
@@ -243,7 +250,7 @@ class BotpressPipeline:
             size += len(sse.data)
             if size > self._max:
                 raise PipelineError(f"Botpress's answer is larger than {self._max} bytes")
-            if not sse.data:
+            if not sse.data or sse.data == KEEPALIVE:
                 continue
             try:
                 signal = core_json(sse.data)

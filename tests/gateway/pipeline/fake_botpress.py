@@ -21,7 +21,8 @@ message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON),
 (a signal nested 50,000 levels deep), ``weird`` (a message without a payload type),
 ``hangup`` (the listen stream closes without a word), ``chatty`` (a participant signal
 every 0.2 s for 3 s, then ``state.chatter_done`` set, and no answer), ``endless`` (the listen stream goes
-on with one line of 32 MB that never ends, see tests.gateway.core_app.endless_body).
+on with one line of 32 MB that never ends, see tests.gateway.core_app.endless_body);
+``take your time`` (the listen stream's keepalive, ``data: ping``, then a text).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ GAP_S = 0.05
 
 ENDLESS = "<endless>"
 """Published to the listen streams: the stream goes on with an endless line."""
+
+KEEPALIVE = "<keepalive>"
+"""Published to the listen streams: the keepalive the Chat integration's stream proxy
+sends after 30 s without a signal, ``event: message`` / ``data: ping``."""
 
 
 def make_botpress() -> FastAPI:
@@ -179,6 +184,10 @@ def make_botpress() -> FastAPI:
         elif said == "endless":
             publish(conversation_id, "raw", ENDLESS)
             return
+        elif said == "take your time":  # the stream's keepalive comes before the answer
+            await asyncio.sleep(GAP_S)
+            publish(conversation_id, "raw", KEEPALIVE)
+            replies = [("text", "Done thinking.")]
         elif said == "chatty":  # signals the answer is not made of, for 3 s, and no answer
             state.chatter_done = asyncio.Event()
             for _ in range(15):
@@ -250,6 +259,9 @@ def make_botpress() -> FastAPI:
                 yield f"data: {json.dumps({'type': 'init', 'data': {}})}\n\n"
                 yield ": keepalive\n\n"  # an SSE comment, as proxies and the API send
                 while (data := await queue.get()) is not None:
+                    if data == KEEPALIVE:
+                        yield "event: message\ndata: ping\n\n"
+                        continue
                     if data == ENDLESS:  # a line of 32 MB that never ends
                         async for chunk in endless_body(app, b"data: "):
                             yield chunk

@@ -201,6 +201,16 @@ async def test_core_failures_are_pipeline_errors(
     await conv.pipeline.aclose()
 
 
+async def test_the_listen_streams_keepalive_is_no_signal(botpress: tuple[str, FastAPI]) -> None:
+    """The Chat API's listen stream sends ``event: message`` / ``data: ping`` after 30 s
+    without a signal (a bot that thinks long): it failed the turn as an invalid signal
+    (not JSON); it is skipped, and the bot's answer after it is the turn's."""
+    url, _ = botpress
+    conv = bp_engine(url)
+    assert texts(await conv.turn(ctx(), Input.of("take your time")).collect()) == ["Done thinking."]
+    await conv.pipeline.aclose()
+
+
 async def test_an_endless_line_on_the_listen_stream_is_cut_at_the_bound(
     botpress: tuple[str, FastAPI],
 ) -> None:
