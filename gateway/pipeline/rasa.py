@@ -96,11 +96,19 @@ class RasaPipeline:
         """The Rasa server at ``spec`` (``rasa+http(s)://host:port[/prefix]``).
 
         The REST webhook path is appended unless the spec ends with it. Raises
-        PipelineConfigError for a spec without a host.
+        PipelineConfigError for a spec without a host, or with a query or fragment (the
+        path would be appended after it: every turn a 404; the REST channel's
+        ``?token=`` is GATEWAY_RASA_TOKEN).
         """
         url = spec.strip().removeprefix("rasa+")
-        if not urlsplit(url).hostname:
+        parts = urlsplit(url)
+        if not parts.hostname:
             raise PipelineConfigError("no host; use rasa+http://host:5005")
+        if parts.query or parts.fragment or url.endswith(("?", "#")):
+            raise PipelineConfigError(
+                "the Rasa URL takes no query or fragment (use rasa+http://host:5005[/prefix]); "
+                "the REST channel's token goes in GATEWAY_RASA_TOKEN"
+            )
         url = url.rstrip("/")
         if not url.endswith(WEBHOOK_PATH):
             url += WEBHOOK_PATH

@@ -83,6 +83,9 @@ async def test_each_scheme_makes_its_core() -> None:
         ),
         ({"pipeline": "botpress:"}, "GATEWAY_BOTPRESS_WEBHOOK_ID"),
         ({"pipeline": "rasa+http://"}, "GATEWAY_PIPELINE='rasa+http://': no host"),
+        # the webhook path went after the query: every turn a 404 from Rasa
+        ({"pipeline": "rasa+http://rasa:5005?token=s3cret"}, "GATEWAY_RASA_TOKEN"),
+        ({"pipelines": '{"shop": "rasa+http://rasa:5005/#x"}'}, "takes no query or fragment"),
         ({"pipeline": "https:///turn"}, "the webhook URL has no host"),
         ({"pipelines": "{nope"}, "GATEWAY_PIPELINES is not valid JSON"),
         ({"pipelines": '{"shop": 5}'}, "GATEWAY_PIPELINES must map application keys"),
