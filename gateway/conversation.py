@@ -389,6 +389,16 @@ class TurnStream:
             events.append(item)  # type: ignore[arg-type]
 
 
+def _core_name(pipeline: Pipeline, app_key: str) -> str | None:
+    """The name of the core serving ``app_key`` (``rasa``, ``openai``, ...: the
+    CoreRouter's core for it, else the pipeline's own), None when it has none: the
+    timeout's error says which core of several did not answer."""
+    core_for = getattr(pipeline, "core_for", None)
+    core = core_for(app_key) if callable(core_for) else pipeline
+    name = getattr(core, "name", None)
+    return name if isinstance(name, str) and name else None
+
+
 def _core_fault(exc: Exception) -> PipelineError:
     """The PipelineError for an unexpected exception of a core client (a TypeError of its
     parser on an answer of a shape it did not expect, a pydantic ValidationError, an
@@ -727,7 +737,11 @@ class Conversation:
         except PipelineError as exc:
             failure = str(exc)
         except TimeoutError:
-            failure = f"The core pipeline did not answer within {self.settings.turn_timeout_s:g} s."
+            core = _core_name(self.pipeline, session.app_key)
+            failure = (
+                f"The core pipeline{f' ({core})' if core else ''} did not answer within "
+                f"{self.settings.turn_timeout_s:g} s."
+            )
         log.warning("pipeline failed in session %s: %s", session_ref(session.key), failure)
         if self.settings.error_turn and input.action != ERROR:
             try:

@@ -261,7 +261,7 @@ async def test_first_sentence_is_forwarded_before_the_answer_is_complete(
         ("bad-tools", "the OpenAI-compatible core answered no chat completion"),
         ("truncated", "the OpenAI-compatible core's stream ended without a finish_reason"),
         ("empty", "the OpenAI-compatible core's answer has neither content nor a tool call"),
-        ("slow", "did not answer within"),
+        ("slow", "The core pipeline (openai) did not answer within 0.5 s."),
     ],
 )
 async def test_core_failures_become_pipeline_errors(
