@@ -75,6 +75,7 @@ from gateway.pipeline.cores import (
     buttons_item,
     chosen,
     command_item,
+    connection_failed,
     core_client,
     core_json,
     is_url,
@@ -201,7 +202,7 @@ class BotpressPipeline:
                     elif event == "end":
                         ended = True
         except httpx.HTTPError as exc:
-            raise PipelineError(f"Botpress could not be reached: {type(exc).__name__}") from exc
+            raise connection_failed("Botpress", exc) from exc
         session.pipeline_state["buttons"] = offered
         yield Response(session_ended=ended)
 

@@ -245,19 +245,29 @@ def core_failed(
     return PipelineError(f"the {kind} core {what}")
 
 
-def transport_failed(core: str, exc: httpx.HTTPError, answered: bool) -> PipelineError:
-    """The PipelineError of an httpx error ``exc`` while asking ``core`` (``Voiceflow``,
-    ``the core``, ...): ``<core> could not be reached: <error type>`` before its answer
-    came (connecting, sending, no status line); ``<core>'s answer broke off: <error
-    type>`` once it had (``answered``: the connection dropped mid-body); ``<core>'s answer
-    is not valid gzip`` (or ``deflate``) for a body that does not inflate
-    (httpx.DecodingError, :func:`body_chunks`)."""
+_NOT_CONNECTED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)
+"""httpx's errors of a request that reached no server (``core`` could not be reached)."""
+
+
+def connection_failed(core: str, exc: httpx.HTTPError) -> PipelineError:
+    """The PipelineError of an HTTP failure while talking to ``core`` (``Rasa``,
+    ``Voiceflow``, ``the core``, ``the OpenAI-compatible core``...):
+
+    - ``<core> could not be reached: ConnectError`` when no connection was made
+      (:data:`_NOT_CONNECTED`);
+    - ``<core> answered a body that is not valid gzip`` (or ``deflate``) for a compressed
+      body that does not inflate (httpx.DecodingError, :func:`body_chunks`);
+    - else ``the connection to <core> failed: RemoteProtocolError`` (a connection broken
+      while the request was sent or the answer read: the core was reached, and may have
+      crashed mid-answer).
+    """
+    kind = type(exc).__name__
+    if isinstance(exc, _NOT_CONNECTED):
+        return PipelineError(f"{core} could not be reached: {kind}")
     if isinstance(exc, httpx.DecodingError):
         coding = "deflate" if str(exc).startswith("the deflate") else "gzip"
-        return PipelineError(f"{core}'s answer is not valid {coding}")
-    if answered:
-        return PipelineError(f"{core}'s answer broke off: {type(exc).__name__}")
-    return PipelineError(f"{core} could not be reached: {type(exc).__name__}")
+        return PipelineError(f"{core} answered a body that is not valid {coding}")
+    return PipelineError(f"the connection to {core} failed: {kind}")
 
 
 def check_status(answer: httpx.Response, core: str) -> None:

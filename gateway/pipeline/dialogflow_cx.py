@@ -73,13 +73,13 @@ from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOu
 from gateway.pipeline.cores import (
     body_chunks,
     bounded_lines,
+    connection_failed,
     core_failed,
     core_json,
     pooled_client,
     read_body,
     read_some,
     refused,
-    transport_failed,
 )
 from gateway.pipeline.openai import iter_sse
 from gateway.protocol import MAX_JSON_DEPTH, UnsafeValue, guarded_decoder, json_depth
@@ -309,10 +309,8 @@ class DialogflowCxPipeline:
         }
         answers: list[dict[str, Any]] = []
         sent: list[str] = []
-        answered = False
         try:
             answer = await self._send(url, body)
-            answered = True
             async with contextlib.aclosing(answer):
                 if not 200 <= answer.status_code < 300:
                     detail = _google_error(await read_some(answer))
@@ -329,7 +327,7 @@ class DialogflowCxPipeline:
                     for item in self._items(whole, sent, True):
                         yield item
         except httpx.HTTPError as exc:
-            raise transport_failed("the core", exc, answered) from exc
+            raise connection_failed(f"the {KIND} core", exc) from exc
         if not answers:
             raise PipelineError("the core's stream held no DetectIntentResponse")
         yield self._response(session, path, answers)

@@ -35,10 +35,10 @@ from gateway.pipeline.base import REQUEST_ID, PipelineConfigError, PipelineError
 from gateway.pipeline.cores import (
     bounded_lines,
     check_status,
+    connection_failed,
     core_json,
     pooled_client,
     read_body,
-    transport_failed,
 )
 from gateway.sessions import Session
 from gateway.settings import Settings
@@ -144,12 +144,10 @@ class HttpPipeline:
             "Accept": "application/x-ndjson, application/json",
             "X-Request-Id": REQUEST_ID.get() or uuid.uuid4().hex,
         }
-        answered = False
         try:
             async with self._client.stream(
                 "POST", self.url, content=body, headers=headers
             ) as answer:
-                answered = True
                 check_status(answer, "the core")
                 kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
@@ -158,7 +156,7 @@ class HttpPipeline:
                     return
                 data = await read_body(answer, self._max, "the core")
         except httpx.HTTPError as exc:
-            raise transport_failed("the core", exc, answered) from exc
+            raise connection_failed("the core", exc) from exc
         try:  # bounded as every core's JSON (core_json), then validated: as a streamed line
             whole = PipelineResponse.model_validate(core_json(data))
         except (ValueError, ValidationError) as exc:

@@ -57,6 +57,7 @@ from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transf
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
     bounded_lines,
+    connection_failed,
     core_failed,
     core_json,
     pooled_client,
@@ -292,9 +293,7 @@ class OpenAIPipeline:
                     async for item in self._stream(turn, answer):
                         yield item
         except httpx.HTTPError as exc:
-            raise PipelineError(
-                f"the {KIND} core could not be reached: {type(exc).__name__}"
-            ) from exc
+            raise connection_failed(f"the {KIND} core", exc) from exc
         tail = turn.splitter.flush()
         if tail:
             yield ResponseItem(text=tail)

@@ -51,6 +51,7 @@ from gateway.pipeline.cores import (
     check_status,
     chosen,
     command_item,
+    connection_failed,
     core_client,
     core_json,
     is_url,
@@ -159,7 +160,7 @@ class RasaPipeline:
                         else:
                             yield item
         except httpx.HTTPError as exc:
-            raise PipelineError(f"Rasa could not be reached: {type(exc).__name__}") from exc
+            raise connection_failed("Rasa", exc) from exc
         session.pipeline_state["buttons"] = offered
         yield Response(session_ended=ended)
 

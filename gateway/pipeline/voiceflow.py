@@ -63,11 +63,11 @@ from gateway.pipeline.cores import (
     check_status,
     chosen,
     command_item,
+    connection_failed,
     core_client,
     core_json,
     is_url,
     read_json,
-    transport_failed,
 )
 from gateway.sessions import Session
 from gateway.settings import Settings
@@ -146,7 +146,6 @@ class VoiceflowPipeline:
         body = {"action": self.action(session, input), "config": self._config}
         user = quote(session.id, safe="")
         turn = _Turn()
-        answered = False
         try:
             if self._project:
                 url = f"{self._base}/v2/project/{quote(self._project, safe='')}/user/{user}"
@@ -158,7 +157,6 @@ class VoiceflowPipeline:
                     json=body,
                     headers=headers,
                 ) as answer:
-                    answered = True
                     check_status(answer, "Voiceflow")
                     async for trace in self._stream(answer):
                         for item in _items(trace, turn):
@@ -168,7 +166,6 @@ class VoiceflowPipeline:
                 async with self._client.stream(
                     "POST", url, json=body, headers=self._headers
                 ) as answer:
-                    answered = True
                     traces = await read_json(answer, self._max, "Voiceflow")
                 if isinstance(traces, dict) and isinstance(traces.get("trace"), list):
                     traces = traces["trace"]  # verbose=true
@@ -178,7 +175,7 @@ class VoiceflowPipeline:
                     for item in _items(trace, turn):
                         yield item
         except httpx.HTTPError as exc:
-            raise transport_failed("Voiceflow", exc, answered) from exc
+            raise connection_failed("Voiceflow", exc) from exc
         session.pipeline_state["buttons"] = turn.buttons
         attributes = {"noReplyTimeoutMs": turn.no_reply_ms} if turn.no_reply_ms else {}
         yield Response(session_ended=turn.ended, attributes=attributes)

@@ -196,6 +196,16 @@ def make_core() -> FastAPI:
             headers={"Content-Encoding": "gzip"},
         )
 
+    @app.post("/not-gzip{rest:path}")
+    async def not_gzip(request: Request) -> Response:
+        """A body that says ``Content-Encoding: gzip`` but is not gzip, at any path under it."""
+        await body(request)
+        return Response(
+            b"[not gzip at all]",
+            media_type="application/json",
+            headers={"Content-Encoding": "gzip"},
+        )
+
     @app.post("/packed-{coding}")
     async def packed(coding: str, request: Request) -> Response:
         """A valid answer of one 300 KB item (``"squeezed "`` repeated) sent with

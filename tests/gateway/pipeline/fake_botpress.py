@@ -22,7 +22,8 @@ message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON),
 ``hangup`` (the listen stream closes without a word), ``chatty`` (a participant signal
 every 0.2 s for 3 s, then ``state.chatter_done`` set, and no answer), ``endless`` (the listen stream goes
 on with one line of 32 MB that never ends, see tests.gateway.core_app.endless_body);
-``take your time`` (the listen stream's keepalive, ``data: ping``, then a text).
+``take your time`` (the listen stream's keepalive, ``data: ping``, then a text);
+``crash`` (the listen stream's connection dropped without the end of its body).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ GAP_S = 0.05
 
 ENDLESS = "<endless>"
 """Published to the listen streams: the stream goes on with an endless line."""
+
+CRASH = "<crash>"
+"""Published to the listen streams: the connection is dropped, the body not ended."""
 
 KEEPALIVE = "<keepalive>"
 """Published to the listen streams: the keepalive the Chat integration's stream proxy
@@ -184,6 +188,9 @@ def make_botpress() -> FastAPI:
         elif said == "endless":
             publish(conversation_id, "raw", ENDLESS)
             return
+        elif said == "crash":
+            publish(conversation_id, "raw", CRASH)
+            return
         elif said == "take your time":  # the stream's keepalive comes before the answer
             await asyncio.sleep(GAP_S)
             publish(conversation_id, "raw", KEEPALIVE)
@@ -259,6 +266,8 @@ def make_botpress() -> FastAPI:
                 yield f"data: {json.dumps({'type': 'init', 'data': {}})}\n\n"
                 yield ": keepalive\n\n"  # an SSE comment, as proxies and the API send
                 while (data := await queue.get()) is not None:
+                    if data == CRASH:
+                        raise RuntimeError("the Chat API crashed")
                     if data == KEEPALIVE:
                         yield "event: message\ndata: ping\n\n"
                         continue

@@ -16,7 +16,8 @@ The bot: ``/greet`` greets with two buttons; ``/mood_great``; ``my name is X`` a
 ``custom {"end_session": true}``); ``stream`` (one message, then
 waits for ``app.state.release`` before the next); failures: ``boom`` (500), ``slow``
 (2 s), ``garbage`` (not JSON), ``object`` (not an array), ``badline`` (a broken NDJSON line),
-``deep`` (JSON nested 50,000 levels deep, as the body or as a line).
+``deep`` (JSON nested 50,000 levels deep, as the body or as a line), ``crash`` (streamed:
+one line, then the connection is dropped without the end of the body).
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def make_rasa() -> FastAPI:
             return JSONResponse([m for u in utterances for m in messages(sender, u)])
 
         async def lines() -> AsyncIterator[str]:
+            if text == "crash":  # the server dies in the middle of its answer
+                yield json.dumps({"recipient_id": sender, "text": "Let me"}) + "\n"
+                raise RuntimeError("the bot server crashed")
             for utterance in utterances:
                 if utterance == "WAIT":
                     await app.state.release.wait()

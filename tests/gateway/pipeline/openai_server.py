@@ -12,7 +12,8 @@ Its "model" is scripted on the last user message (see :func:`reply`); the ``<mod
 path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
 ``error-data``, ``slow``, ``garbage``, ``truncated``, ``json`` (ignores ``stream``),
 ``empty``, ``deep`` (a chunk nested 50,000 levels deep), ``deep-json`` (such a
-non-streamed body), ``bad-tools`` (a completion whose ``tool_calls`` are strings), ``echo-401`` (401 with a message echoing the Authorization header
+non-streamed body), ``bad-tools`` (a completion whose ``tool_calls`` are strings), ``crash`` (the
+connection dropped mid-stream), ``echo-401`` (401 with a message echoing the Authorization header
 and the key, as a careless proxy might). ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
 pause after the first sentence (the model "thinking" on), cut short when the
 ``asyncio.Event`` ``app.state.release`` (None: no event) is set, so a test can hold the
@@ -178,6 +179,8 @@ async def _stream(
             return
         if mode == "truncated" and n == 3:
             return
+        if mode == "crash" and n == 3:  # the connection dropped, the body not ended
+            raise RuntimeError("the model server crashed")
         if written - len(piece) < pause_at <= written:
             release: asyncio.Event | None = app.state.release
             with contextlib.suppress(TimeoutError):  # the model keeps "thinking"

@@ -190,6 +190,7 @@ async def test_manual_mode_user_key_is_a_jwt(botpress: tuple[str, FastAPI]) -> N
         ("deep", "invalid signal: the JSON is nested deeper than 64 levels"),
         ("weird", "without a payload type"),
         ("hangup", "closed the listen stream"),
+        ("crash", "the connection to Botpress failed: RemoteProtocolError"),
     ],
 )
 async def test_core_failures_are_pipeline_errors(

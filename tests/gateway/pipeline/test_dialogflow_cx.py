@@ -429,7 +429,9 @@ async def test_an_answer_that_breaks_off_is_not_called_unreachable(
 
     endpoint = f"{settings.dialogflow_cx_endpoint}/broken"
     conv = engine(settings, dialogflow_cx_endpoint=endpoint, dialogflow_cx_streaming=streaming)
-    events = await pipeline_error(conv, "the core's answer broke off: RemoteProtocolError")
+    events = await pipeline_error(
+        conv, "the connection to the Dialogflow CX core failed: RemoteProtocolError"
+    )
     assert texts(events) == (["first"] if streaming else [])
     await conv.pipeline.aclose()
 

@@ -166,6 +166,30 @@ async def test_a_compressed_answer_is_bounded_as_it_inflates(
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize(
+    ("spec", "options", "words"),
+    [
+        ("rasa+{url}/not-gzip", {}, "Rasa answered a body that is not valid gzip"),
+        (
+            "openai+{url}/not-gzip/v1",
+            {"openai_model": "m"},
+            "the OpenAI-compatible core answered a body that is not valid gzip",
+        ),
+    ],
+    ids=["rasa", "openai"],
+)
+async def test_a_body_that_does_not_inflate_is_the_cores_bad_answer(
+    core: tuple[str, FastAPI], spec: str, options: dict[str, Any], words: str
+) -> None:
+    """A body that says gzip but is not: the core answered, it was not "could not be
+    reached: DecodingError"."""
+    url, _ = core
+    conv = engine(pipeline=spec.format(url=url), **options)
+    await pipeline_error(conv, words)
+    await failed_session(conv, 0)
+    await conv.pipeline.aclose()
+
+
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "raw", "both"])
 async def test_a_compressed_answer_is_read_whole(core: tuple[str, FastAPI], coding: str) -> None:
     """gzip, deflate (zlib or raw) and both in turn: inflated step by step, the answer
@@ -232,7 +256,7 @@ async def test_an_answer_that_breaks_off_is_not_called_unreachable(
     core: tuple[str, FastAPI], stream: bool
 ) -> None:
     """A core that answered and then dropped the connection mid-body fails the turn with
-    "the core's answer broke off" (a streamed line before it still forwarded), not "the
+    "the connection to the core failed" (a streamed line before it still forwarded), not "the
     core could not be reached", which sent operators to look at the network."""
     url, app = core
 
@@ -246,7 +270,7 @@ async def test_an_answer_that_breaks_off_is_not_called_unreachable(
         return StreamingResponse(body(), media_type=kind)
 
     conv = engine(pipeline=f"{url}/breaks-off")
-    events = await pipeline_error(conv, "the core's answer broke off: RemoteProtocolError")
+    events = await pipeline_error(conv, "the connection to the core failed: RemoteProtocolError")
     assert texts(events) == (["first"] if stream else [])
     await failed_session(conv, 0)
     await conv.pipeline.aclose()
@@ -264,7 +288,7 @@ async def test_a_body_that_does_not_inflate_says_so(core: tuple[str, FastAPI], c
         return Response(body, media_type="application/json", headers={"Content-Encoding": name})
 
     conv = engine(pipeline=f"{url}/bad-{coding}")
-    events = await pipeline_error(conv, f"the core's answer is not valid {coding}")
+    events = await pipeline_error(conv, f"the core answered a body that is not valid {coding}")
     assert "could not be reached" not in str(events[-1])
     await conv.pipeline.aclose()
 

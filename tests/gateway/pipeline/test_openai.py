@@ -260,6 +260,7 @@ async def test_first_sentence_is_forwarded_before_the_answer_is_complete(
         ("deep-json", "the OpenAI-compatible core answered no chat completion"),
         ("bad-tools", "the OpenAI-compatible core answered no chat completion"),
         ("truncated", "the OpenAI-compatible core's stream ended without a finish_reason"),
+        ("crash", "the connection to the OpenAI-compatible core failed: RemoteProtocolError"),
         ("empty", "the OpenAI-compatible core's answer has neither content nor a tool call"),
         ("slow", "The core pipeline (openai) did not answer within 0.5 s."),
     ],

@@ -127,6 +127,8 @@ async def test_stream_items_are_forwarded_as_they_arrive(rasa: tuple[str, FastAP
     [
         ("boom", True, "Rasa answered HTTP 500"),
         ("slow", True, "The core pipeline (rasa) did not answer within 0.5 s."),
+        # reached, then dropped mid-answer: not "could not be reached"
+        ("crash", True, "the connection to Rasa failed: RemoteProtocolError"),
         ("garbage", False, "Rasa answered invalid JSON"),
         ("object", False, "something else than an array"),
         ("badline", True, "Rasa streamed an invalid line"),

@@ -181,8 +181,9 @@ async def test_core_failures_are_pipeline_errors(
 async def test_an_answer_that_breaks_off_is_not_called_unreachable(
     voiceflow: tuple[str, FastAPI], stream: bool
 ) -> None:
-    """A runtime that answered and dropped the connection mid-body: "Voiceflow's answer
-    broke off" (a streamed trace before it still forwarded), not "could not be reached"."""
+    """A runtime that answered and dropped the connection mid-body: "the connection to
+    Voiceflow failed" (a streamed trace before it still forwarded), not "could not be
+    reached"."""
     url, app = voiceflow
 
     @app.post("/broken/{rest:path}")
@@ -198,7 +199,7 @@ async def test_an_answer_that_breaks_off_is_not_called_unreachable(
         return StreamingResponse(body(), media_type=kind)
 
     conv = vf_engine(f"{url}/broken", stream)
-    events = await pipeline_error(conv, "Voiceflow's answer broke off: RemoteProtocolError")
+    events = await pipeline_error(conv, "the connection to Voiceflow failed: RemoteProtocolError")
     assert texts(events) == (["first"] if stream else [])
     await conv.pipeline.aclose()
 
