@@ -475,6 +475,9 @@ class CallRunner(WebSocketDriver[CallAction]):
             self.send_frame, codec.frame_ms or config.frame_ms, ahead
         )
         self._started = 0.0
+        self._played_until = 0.0
+        """Loop time (s) when the carrier will have played every Play sent so far: audio
+        plays in order from when it is sent (a buffering carrier holds all of it)."""
         self._hangup: asyncio.Task[None] | None = None
         self._final_watch: asyncio.Task[None] | None = None
 
@@ -595,12 +598,18 @@ class CallRunner(WebSocketDriver[CallAction]):
     async def other(self, action: CallAction) -> None:
         if isinstance(action, Play):
             self.sender.play(action.messages, action.mark)
+            now = asyncio.get_running_loop().time()
+            self._played_until = max(self._played_until, now) + action.audio_ms / 1000
             if action.final:
-                wait_s = self.sender.queued_ms / 1000 + FINAL_MARK_GRACE_S
+                # the audio still to play: queued here (a paced carrier), or sent and held
+                # by the carrier (one that buffers, as Plivo and Exotel, is sent it at once)
+                playing_s = max(self.sender.queued_ms / 1000, self._played_until - now)
+                wait_s = playing_s + FINAL_MARK_GRACE_S
                 self._stop_final_watch()
                 self._final_watch = self.spawn(self._final_mark_watch(wait_s), "final mark")
         elif isinstance(action, Interrupt):
             await self.sender.interrupt(action.clear)
+            self._played_until = 0.0  # the carrier drops what it holds
             log.debug("%s: barge-in", self.name)
         elif isinstance(action, PausePlayback):
             self.sender.pause()

@@ -19,10 +19,13 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from gateway.events import ResponseItem, transfer_item
+from gateway.events import Input, Response, ResponseItem, transfer_item
+from gateway.sessions import Session
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from gateway.speech.tts import PiperSynthesizer
@@ -319,3 +322,45 @@ async def test_a_long_answer_streams_in_the_carrier_s_encoding(
             STREAMED_FORMATS[carrier.name],  # type: ignore[arg-type]
             carrier.name,
         )
+
+
+class _LongFarewell:
+    """A core whose intro is a farewell of ~15 s of speech that ends the session."""
+
+    name = "long-farewell"
+    TEXT = (
+        "Thank you for calling. Our offices are closed for the holidays until the "
+        "second of January. For urgent matters please write to us, and someone will "
+        "get back to you within two working days. We wish you a very happy new year, "
+        "and we look forward to hearing from you again soon. Good bye."
+    )
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        yield ResponseItem(text=self.TEXT)
+        yield Response(session_ended=True)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@each([PLIVO, EXOTEL])
+async def test_a_buffering_carrier_is_hung_up_only_after_a_long_farewell_played(
+    carrier: Carrier, speech: SpeechService
+) -> None:
+    """A carrier that buffers the audio it is sent (Plivo, Exotel: sent at once, not
+    paced) still plays a long farewell after the final mark was sent: the call is not
+    hung up (the socket closed, the REST hang-up sent) while the phone plays it, though
+    the final mark's grace (5 s) runs from when the final mark was sent."""
+    async with carrier.gateway(speech) as (gw, api):
+        gw.app.state.gateway.conversation.pipeline = _LongFarewell()
+        async with carrier.dial(gw.url, play_speed=1.0) as call:
+            await call.wait_for(lambda: call.closed_at is not None, within_s=60)
+            frames = call.media_frames()
+            played_until = max(r.until for r in frames)
+            assert call.seconds(frames) > 10.0  # the farewell is long
+            assert call.closed_at is not None
+            # closed once the phone played it all and echoed the final mark, not before
+            assert call.closed_at >= played_until - 0.2, played_until - call.closed_at
+            assert any(name.startswith("end-") for name in call.echoed), call.echoed
+            if carrier.hangup is not None:
+                assert [(r.method, r.path) for r in api.requests] == [carrier.hangup(call)]
