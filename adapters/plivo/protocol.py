@@ -78,8 +78,10 @@ def content_type(fmt: MediaFormat) -> str:
 
 
 def extra_headers(value: Any) -> dict[str, str]:
-    """``extra_headers`` of ``start``: a JSON object encoded as a string (or an object,
-    or ``k1=v1,k2=v2`` as the XML's ``extraHeaders`` attribute sets them).
+    """``extra_headers`` of ``start``: a JSON object encoded as a string (as the Plivo
+    stream SDK types it), an object, or the XML's ``extraHeaders`` pairs: ``k1=v1;k2=v2``
+    (as Plivo's Audio Streaming reference shows them in ``start``) or ``k1=v1,k2=v2``
+    (as the attribute sets them).
 
     Raises ProtocolError for anything else.
     """
@@ -90,7 +92,8 @@ def extra_headers(value: Any) -> dict[str, str]:
         text = value.strip()
         if text.startswith("{"):
             return get_params(load_json(text, what="extra_headers"), where)
-        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+        items = text.replace(";", ",").split(",")
+        pairs = [item.split("=", 1) for item in items if item.strip()]
         if all(len(pair) == 2 for pair in pairs):
             return {key.strip(): val.strip() for key, val in pairs}
         raise ProtocolError(f"Invalid {where}: expected a JSON object or k=v pairs")
@@ -188,7 +191,7 @@ def answer_xml(
           keepCallAlive="true" contentType="audio/x-mulaw;rate=8000">wss://…</Stream></Response>
 
     ``extra`` becomes ``extraHeaders="k1=v1,k2=v2"`` (echoed in ``start.extra_headers``);
-    keys and values must not hold ``,`` or ``=`` (ValueError).
+    keys and values must not hold ``,``, ``;`` or ``=`` (ValueError).
     """
     response = ET.Element("Response")
     stream = ET.SubElement(response, "Stream")
@@ -197,8 +200,8 @@ def answer_xml(
     stream.set("contentType", content_type)
     if extra:
         for key, value in extra.items():
-            if any(c in key + value for c in ",="):
-                raise ValueError(f"extraHeaders cannot carry ',' or '=': {key!r}")
+            if any(c in key + value for c in ",;="):
+                raise ValueError(f"extraHeaders cannot carry ',', ';' or '=': {key!r}")
         stream.set("extraHeaders", ",".join(f"{k}={v}" for k, v in extra.items()))
     if status_callback_url:
         stream.set("statusCallbackUrl", status_callback_url)

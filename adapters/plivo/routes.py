@@ -107,8 +107,9 @@ router = APIRouter(tags=["Plivo"], lifespan=_lifespan)
 
 
 def _header_value(value: Any) -> str:
-    """A value fit for ``extraHeaders`` (no ``,`` or ``=``), at most 64 characters."""
-    return "".join(c for c in str(value) if c not in ",=")[:64]
+    """A value fit for ``extraHeaders`` (no ``,``, ``;`` or ``=``: Plivo hands the pairs
+    back as ``k1=v1;k2=v2``), at most 64 characters."""
+    return "".join(c for c in str(value) if c not in ",;=")[:64]
 
 
 async def _signed_form(request: Request, path: str) -> dict[str, str] | Response:

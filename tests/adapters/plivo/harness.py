@@ -13,7 +13,7 @@ import json
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import httpx
@@ -59,6 +59,10 @@ class PlivoHarness(CarrierHarness):
     """Plivo's Audio Stream (module doc)."""
 
     rate = 8000
+    extra_headers_form = "json"
+    """How ``start.extra_headers`` carries the answer's ``extraHeaders``: ``json`` (a JSON
+    object as a string, as the Plivo stream SDK types it) or ``pairs`` (``k1=v1;k2=v2``,
+    as Plivo's Audio Streaming reference shows it)."""
 
     def __init__(self, ws: Any, call_uuid: str, extra: str, **options: Any) -> None:
         super().__init__(ws, **options)
@@ -73,6 +77,10 @@ class PlivoHarness(CarrierHarness):
 
     async def begin(self) -> None:
         headers = dict(item.split("=", 1) for item in self.extra.split(",") if item)
+        if self.extra_headers_form == "json":
+            extra_headers = json.dumps(headers)
+        else:
+            extra_headers = ";".join(f"{key}={value}" for key, value in headers.items())
         await self.send(
             {
                 "event": "start",
@@ -84,7 +92,7 @@ class PlivoHarness(CarrierHarness):
                     "tracks": ["inbound"],
                     "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000},
                 },
-                "extra_headers": json.dumps(headers),
+                "extra_headers": extra_headers,
             }
         )
         self.start_mic()
@@ -153,10 +161,12 @@ class PlivoHarness(CarrierHarness):
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def dial(cls, base_url: str, public: str, **options: Any) -> AsyncIterator[PlivoHarness]:
-        """Ask the Answer URL, connect its ``<Stream>`` and begin the call."""
+    async def dial(
+        cls, base_url: str, public: str, *, query: str = "appKey=plivo", **options: Any
+    ) -> AsyncIterator[Self]:
+        """Ask the Answer URL (with ``query``), connect its ``<Stream>`` and begin the call."""
         call_uuid = str(uuid.uuid4())
-        answer = await ask_answer(base_url, public, call_uuid)
+        answer = await ask_answer(base_url, public, call_uuid, query=query)
         assert answer.status_code == 200, answer.text
         root = ET.fromstring(answer.text)
         stream = root.find("./Stream")

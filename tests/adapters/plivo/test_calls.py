@@ -6,7 +6,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 from gateway.speech.service import SpeechService
-from tests.adapters.plivo.harness import CARRIER, ask_answer
+from tests.adapters.carriers import session_of
+from tests.adapters.plivo.harness import CARRIER, PlivoHarness, ask_answer
 from tests.adapters.twilio.helpers import PUBLIC
 
 
@@ -27,3 +28,29 @@ async def test_an_answer_for_a_call_uuid_no_call_id_can_be_is_a_400_problem(
         stream = ET.fromstring(longest.text).find("./Stream")
         assert stream is not None
         assert (stream.text or "").strip().startswith("wss://")
+
+
+class _PairsHarness(PlivoHarness):
+    """Plivo's ``start`` with ``extra_headers`` as its Audio Streaming reference shows it:
+    ``k1=v1;k2=v2``."""
+
+    extra_headers_form = "pairs"
+
+
+async def test_extra_headers_as_semicolon_pairs_carry_the_app_key_and_numbers(
+    speech: SpeechService,
+) -> None:
+    """The answer's ``extraHeaders`` (``from``, ``to``, ``appKey``) come back in the
+    stream's ``start`` as ``from=…;to=…;appKey=…`` (Plivo's documented form): the call
+    opens a session of that application key, the caller's number its device."""
+    async with (
+        CARRIER.gateway(speech, app_keys=frozenset({"sales"})) as (gw, _),
+        _PairsHarness.dial(gw.url, PUBLIC, query="appKey=sales") as call,
+    ):
+        await gw.wait_answers(call, 1)
+        assert call.close_code is None
+        assert gw.core.turns[0][0] == "#intro"
+        session = await session_of(gw, f"plivo:{call.call_id}")
+        assert session is not None
+        assert session.app_key == "sales"
+        assert session.device_id == "14155550100"

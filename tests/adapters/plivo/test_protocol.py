@@ -174,6 +174,16 @@ def test_extra_headers_forms() -> None:
     assert extra_headers("a=1,b=2") == {"a": "1", "b": "2"}
     assert extra_headers({"a": "1"}) == {"a": "1"}
     assert extra_headers("") == {}
+    # Plivo's Audio Streaming reference: the attribute's pairs, separated by ';'
+    assert extra_headers("userId=12345;sessionId=abc-xyz") == {
+        "userId": "12345",
+        "sessionId": "abc-xyz",
+    }
+    assert extra_headers("from=14155550100;to=14155550199;appKey=demo") == {
+        "from": "14155550100",
+        "to": "14155550199",
+        "appKey": "demo",
+    }
     with pytest.raises(ProtocolError, match="extra_headers"):
         extra_headers("a,b")
     with pytest.raises(ProtocolError, match="Malformed JSON"):
