@@ -12,7 +12,9 @@ Exotel -> gateway (text frames, JSON)::
      "call_sid","account_sid","from","to","custom_parameters":{…},
      "media_format":{"encoding":"audio/x-raw","sample_rate":"8000","bit_rate":"16"}}}
     {"event":"media","sequence_number":"3","stream_sid":"…","media":{"chunk":"2",
-     "timestamp":"200","payload":"<base64 PCM16LE>"}}
+     "timestamp":"200","payload":"<base64 PCM16LE>"}}   (with the extension guide's
+     ``both`` tracks, ``media.track`` says ``inbound`` or ``outbound``: the bot's own
+     voice, not heard; no track: ``inbound``)
     {"event":"dtmf",…,"dtmf":{"digit":"5","duration":"100"}}
     {"event":"mark",…,"mark":{"name":…}}    {"event":"stop",…}
 
@@ -113,7 +115,7 @@ class ExotelCodec(JsonCarrierCodec):
         return {
             "connected": lambda f: Connected(),
             "start": self._start,
-            "media": lambda f: self.media_event(f, "sequence_number", track=False),
+            "media": lambda f: self.media_event(f, "sequence_number"),
             "dtmf": lambda f: self.dtmf_event(f, duration=True),
             "mark": self.mark_event,
             "stop": self.stop_event,

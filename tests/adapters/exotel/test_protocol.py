@@ -29,6 +29,8 @@ from gateway.callcodec import (
     UnsupportedMediaFormat,
 )
 from gateway.protocol import ProtocolError
+from gateway.protocol.actions import FeedAudio
+from gateway.protocol.call import CallConfig, CarrierCall
 from gateway.speech.audio import Pcm
 from tests.adapters.carrier_audio import correlation, peak_hz, rms, tone
 
@@ -209,3 +211,23 @@ def test_format_errors() -> None:
         codec.receive_text(start(encoding="audio/ogg"))
     with pytest.raises(ProtocolError, match="not a whole number of 16-bit samples"):
         started().receive_text(media(b"\0" * 321))
+
+
+def test_the_outbound_track_is_not_the_caller() -> None:
+    """The extension guide's ``both`` tracks: each media message says its ``track``. The
+    bot's own voice (``outbound``) is not heard as the caller: no FeedAudio for it; the
+    caller's (``inbound``, or no track as the base applet sends) is."""
+    call = CarrierCall(ExotelCodec(), None, CallConfig(key_allowed=lambda key: True))
+    call.receive(START)
+    voice = tone(440, 100, 8000).data
+    outbound = json.loads(media(voice))
+    outbound["media"]["track"] = "outbound"
+    heard = started().receive_text(json.dumps(outbound))
+    assert isinstance(heard, Media)
+    assert heard.track == "outbound"
+    assert not [a for a in call.receive(json.dumps(outbound)) if isinstance(a, FeedAudio)]
+    inbound = json.loads(media(voice))
+    inbound["media"]["track"] = "inbound"
+    for frame in (inbound, json.loads(media(voice))):
+        fed = [a for a in call.receive(json.dumps(frame)) if isinstance(a, FeedAudio)]
+        assert [a.data for a in fed] == [voice]
