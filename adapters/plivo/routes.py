@@ -5,8 +5,11 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
 - ``POST /plivo/answer`` — the application's Answer URL. Checked with Plivo's V3
   signature (:class:`~adapters.plivo.verify.PlivoVerifier`, keyed by
   GATEWAY_PLIVO_AUTH_TOKEN, over the public URL): 401/403 problem otherwise, 403 when
-  no auth token is configured. The answer is ``<Response><Stream bidirectional="true"
-  keepCallAlive="true" contentType="audio/x-mulaw;rate=8000" extraHeaders="…">
+  no auth token is configured, and 403 for a request whose
+  ``X-Plivo-Signature-V3-Nonce`` was used already (a replay; nonces are remembered
+  :data:`NONCE_TTL_S` in the gateway's one-time key store, shared through Redis: 503
+  with ``Retry-After`` while it does not answer). The answer is ``<Response><Stream
+  bidirectional="true" keepCallAlive="true" contentType="audio/x-mulaw;rate=8000" extraHeaders="…">
   wss://<public>/plivo/stream/<one-time token></Stream></Response>``; ``?appKey=``
   names the application (passed on in ``extraHeaders`` with ``from`` and ``to``). A
   ``CallUUID`` that is missing, longer than 128 characters or holding ``|`` (no call
@@ -25,11 +28,12 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
 - ``POST /plivo/transfer?to=<target>`` — what the transferred call runs next:
   ``<Response><Dial><Number>…</Number></Dial></Response>`` (``<User>`` for a SIP URI,
   :func:`adapters.plivo.control.dial_xml`); V3-signed like the answer URL (401/403
-  otherwise), 400 without a target.
+  otherwise, 403 replayed, 503 key store down), 400 without a target.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,20 +47,34 @@ from fastapi.responses import Response
 from adapters.plivo import control as plivo
 from adapters.plivo.protocol import PlivoCodec, answer_xml
 from adapters.plivo.verify import NONCE_HEADER, SIGNATURE_HEADER, PlivoVerifier
+from gateway.breaker import outage_level
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import CallControl, CallControlError, TransferResult
 from gateway.calls import public_url, transfer_unavailable
 from gateway.calls import transfer as record_transfer
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body
-from gateway.io.call import CallRunner, CallTokens, admit, answer_token, call_config, use_token
+from gateway.io.call import (
+    RETRY_AFTER_S,
+    CallRunner,
+    CallTokens,
+    admit,
+    answer_token,
+    call_config,
+    use_token,
+)
 from gateway.protocol import ProtocolError
 from gateway.protocol.call import Transfer
+from gateway.sessions import StoreUnavailable
 
 log = logging.getLogger("gateway.plivo")
 
 CHANNEL: Final = "plivo"
 STREAM_TOKEN: Final = "plivo-stream-token"
+NONCE_TTL_S: Final = 86_400
+"""How long a signed request's ``X-Plivo-Signature-V3-Nonce`` is remembered (s): the
+same nonce again within it is a replay (403). Plivo's signature carries no time, so a
+request captured earlier than this is not told from a fresh one."""
 _PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
 POST_PLIVO_ANSWER: dict[str, Any] = dict(
     summary="Plivo Answer URL: stream the call both ways to the gateway",
@@ -67,8 +85,15 @@ POST_PLIVO_ANSWER: dict[str, Any] = dict(
         200: {"description": "Plivo XML", "content": {"application/xml": {"schema": {}}}},
         400: {"description": "Bad body, or no CallUUID or an invalid one", "content": _PROBLEM},
         401: {"description": "Unsigned", "content": _PROBLEM},
-        403: {"description": "Bad signature, or no auth token set", "content": _PROBLEM},
+        403: {
+            "description": "Bad signature, a replayed nonce, or no auth token set",
+            "content": _PROBLEM,
+        },
         413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        503: {
+            "description": "The one-time key store (replayed nonces) does not answer",
+            "content": _PROBLEM,
+        },
     },
 )
 
@@ -139,6 +164,26 @@ async def _signed_form(request: Request, path: str) -> dict[str, str] | Response
         refused = problem(exc.status, title, exc.reason)
         refused.headers.update(exc.headers)  # WWW-Authenticate on a 401
         return refused
+    nonce = request.headers.get(NONCE_HEADER, "")
+    key = "plivo:v3-nonce:" + hashlib.sha256(nonce.encode("utf-8", "replace")).hexdigest()
+    try:
+        fresh = await gw.nonces.use_once(key, NONCE_TTL_S)
+    except StoreUnavailable as exc:
+        log.log(
+            outage_level(exc),
+            "Plivo %s refused (503): the one-time key store is unavailable "
+            "(component: nonce-store): %s",
+            path,
+            exc,
+        )
+        detail = "The one-time key store is unavailable; try again later."
+        unavailable = problem(503, "Service Unavailable", detail)
+        unavailable.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return unavailable
+    if not fresh:
+        reason = f"the request was replayed: its {NONCE_HEADER} was used already"
+        log.warning("Plivo %s refused: %s", path, reason)
+        return problem(403, "Forbidden", reason)
     return params
 
 
@@ -217,8 +262,15 @@ POST_PLIVO_TRANSFER: dict[str, Any] = dict(
         200: {"description": "Plivo XML", "content": {"application/xml": {"schema": {}}}},
         400: {"description": "No target", "content": _PROBLEM},
         401: {"description": "Unsigned", "content": _PROBLEM},
-        403: {"description": "Bad signature, or no auth token set", "content": _PROBLEM},
+        403: {
+            "description": "Bad signature, a replayed nonce, or no auth token set",
+            "content": _PROBLEM,
+        },
         413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        503: {
+            "description": "The one-time key store (replayed nonces) does not answer",
+            "content": _PROBLEM,
+        },
     },
 )
 

@@ -21,6 +21,10 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from tests.adapters.plivo.harness import AUTH_ID as PLIVO_AUTH_ID
+from tests.adapters.plivo.harness import AUTH_TOKEN as PLIVO_AUTH_TOKEN
+from tests.adapters.plivo.harness import ask_answer
+from tests.adapters.twilio.helpers import PUBLIC
 from tests.adapters.vonage.harness import SECRET, ask_ncco
 from tests.conftest import refused_port, served
 from tests.redis_topologies import start_cluster
@@ -88,3 +92,30 @@ async def test_a_stream_is_refused_503_while_the_redis_cluster_is_down(
     assert ready.status_code == 503
     assert ready.json()["detail"] == "The session store does not answer."
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_plivo_answer_is_refused_503_while_the_redis_server_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A V3-signed Plivo answer whose nonce cannot be checked for a replay (the one-time
+    key store, the gateway's Redis, is down): 503 with ``Retry-After`` and a problem
+    body, logged at WARNING naming the component; no stream URL is minted."""
+    down = f"redis://127.0.0.1:{refused_port()}/0"  # nothing listens there
+    settings = {
+        "redis_url": down,
+        "public_url": PUBLIC,
+        "plivo_auth_id": PLIVO_AUTH_ID,
+        "plivo_auth_token": SecretStr(PLIVO_AUTH_TOKEN),
+    }
+    async with served(**settings) as url:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            answer = await ask_answer(url, PUBLIC, str(uuid.uuid4()))
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["Retry-After"] == "1"
+        assert answer.headers["Content-Type"] == "application/problem+json"
+        assert "key store is unavailable" in answer.json()["detail"]
+        (record,) = [r for r in caplog.records if "/plivo/answer refused" in r.getMessage()]
+        assert record.levelno == logging.WARNING
+        assert "component: nonce-store" in record.getMessage()
+        assert record.exc_info is None

@@ -36,8 +36,10 @@ async def ask_answer(
     *,
     token: str | None = AUTH_TOKEN,
     query: str = "appKey=plivo",
+    nonce: str | None = None,
 ) -> httpx.Response:
-    """POST the Answer URL as Plivo does (V3-signed with ``token`` when given)."""
+    """POST the Answer URL as Plivo does (V3-signed with ``token`` when given, with
+    ``nonce`` or a fresh one)."""
     form = {
         "CallUUID": call_uuid,
         "From": "14155550100",
@@ -48,7 +50,7 @@ async def ask_answer(
     path = "/plivo/answer" + (f"?{query}" if query else "")
     headers: dict[str, str] = {}
     if token:
-        nonce = uuid.uuid4().hex[:20]
+        nonce = nonce or uuid.uuid4().hex[:20]
         headers["X-Plivo-Signature-V3"] = signature(token, "POST", public + path, form, nonce)
         headers["X-Plivo-Signature-V3-Nonce"] = nonce
     async with httpx.AsyncClient(base_url=base_url) as client:

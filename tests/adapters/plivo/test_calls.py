@@ -3,6 +3,7 @@ tests/adapters/test_carrier_calls.py): an answer for a CallUUID no call id can b
 
 from __future__ import annotations
 
+import uuid
 import xml.etree.ElementTree as ET
 
 from gateway.speech.service import SpeechService
@@ -54,3 +55,21 @@ async def test_extra_headers_as_semicolon_pairs_carry_the_app_key_and_numbers(
         assert session is not None
         assert session.app_key == "sales"
         assert session.device_id == "14155550100"
+
+
+async def test_a_replayed_answer_request_is_refused(speech: SpeechService) -> None:
+    """A V3-signed answer request sent again with its nonce (a replay: Plivo signs each
+    request it makes with a nonce of its own) is refused with a 403 problem, and mints
+    no stream URL for the call; the same call's request with a fresh nonce is answered."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        call_uuid = str(uuid.uuid4())
+        nonce = "31627761595286130198"
+        first = await ask_answer(gw.url, PUBLIC, call_uuid, nonce=nonce)
+        assert first.status_code == 200, first.text
+        replayed = await ask_answer(gw.url, PUBLIC, call_uuid, nonce=nonce)
+        assert replayed.status_code == 403, replayed.text
+        assert replayed.headers["content-type"] == "application/problem+json"
+        assert "replayed" in replayed.json()["detail"]
+        assert "<Stream" not in replayed.text
+        again = await ask_answer(gw.url, PUBLIC, call_uuid)  # another request: its own nonce
+        assert again.status_code == 200, again.text
