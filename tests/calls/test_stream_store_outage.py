@@ -101,13 +101,10 @@ async def test_a_plivo_answer_is_refused_503_while_the_redis_server_is_down(
     key store, the gateway's Redis, is down): 503 with ``Retry-After`` and a problem
     body, logged at WARNING naming the component; no stream URL is minted."""
     down = f"redis://127.0.0.1:{refused_port()}/0"  # nothing listens there
-    settings = {
-        "redis_url": down,
-        "public_url": PUBLIC,
-        "plivo_auth_id": PLIVO_AUTH_ID,
-        "plivo_auth_token": SecretStr(PLIVO_AUTH_TOKEN),
-    }
-    async with served(**settings) as url:
+    token = SecretStr(PLIVO_AUTH_TOKEN)
+    async with served(
+        redis_url=down, public_url=PUBLIC, plivo_auth_id=PLIVO_AUTH_ID, plivo_auth_token=token
+    ) as url:
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="gateway"):
             answer = await ask_answer(url, PUBLIC, str(uuid.uuid4()))
