@@ -77,6 +77,7 @@ __all__ = [
     "Connected",
     "Digit",
     "EventHandler",
+    "InvalidStart",
     "JsonCarrierCodec",
     "Media",
     "MediaFormat",
@@ -109,6 +110,12 @@ class UnsupportedMediaFormat(ProtocolError):
 
     The call engine closes the stream with 1003 (unsupported data) for it.
     """
+
+
+class InvalidStart(ProtocolError):
+    """The message that would start the stream (``start``; Vonage's
+    ``websocket:connected``) cannot be read: no call can be served on the stream. The
+    call engine closes it with 1008 at once, the reason this text."""
 
 
 class VerificationRefused(Exception):
@@ -515,6 +522,9 @@ class JsonCarrierCodec:
     title: str = ""
     realtime: bool = True
     max_queued: int | None = None
+    start_event: str = "start"
+    """The ``event`` whose handler starts the stream (its :class:`Started`): a
+    ProtocolError of it before the stream started is an :class:`InvalidStart`."""
 
     def __init__(self, outbound: MediaFormat | None = None, frame_ms: int = 20) -> None:
         self.frame_ms = frame_ms
@@ -549,7 +559,8 @@ class JsonCarrierCodec:
     def receive_text(self, text: str) -> CallEvent:
         """The event of one text frame, by its ``event``'s handler. Raises ProtocolError
         (malformed, unknown event, invalid field, media before the start);
-        UnsupportedMediaFormat at the start."""
+        UnsupportedMediaFormat at the start, InvalidStart for a start (the
+        :attr:`start_event`) that cannot be read."""
         frame = load_frame(text, self.title)
         event = frame.get("event")
         handler = self._handlers.get(event) if isinstance(event, str) else None
@@ -557,7 +568,14 @@ class JsonCarrierCodec:
             raise ProtocolError(
                 f"Unknown {self.title} event", expected=self.events, got=repr(event)
             )
-        return handler(frame)
+        try:
+            return handler(frame)
+        except UnsupportedMediaFormat:
+            raise
+        except ProtocolError as exc:
+            if event == self.start_event and self._format is None:
+                raise InvalidStart(exc.text) from None
+            raise
 
     def receive_binary(self, data: bytes) -> CallEvent:
         """Binary frames are not the carrier's: ProtocolError (Vonage overrides)."""

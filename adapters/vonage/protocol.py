@@ -94,6 +94,7 @@ class VonageCodec(JsonCarrierCodec):
     title: str = "Vonage"
     realtime: bool = True
     max_queued: int | None = MAX_QUEUED
+    start_event: str = "websocket:connected"
 
     def __init__(self, frame_ms: int = 20) -> None:
         super().__init__(frame_ms=frame_ms)

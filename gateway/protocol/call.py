@@ -16,7 +16,8 @@ full; :data:`TRANSITIONS` is the same state machine):
    carrier names it) and an allowed application key (``appKey`` parameter). A start
    in a media format the gateway cannot take (the codec's
    :class:`~gateway.callcodec.UnsupportedMediaFormat`) closes the stream at once with
-   :data:`CLOSE_UNSUPPORTED`, its reason the codec's text.
+   :data:`CLOSE_UNSUPPORTED`, its reason the codec's text; one the codec cannot read
+   (:class:`~gateway.callcodec.InvalidStart`) with :data:`CLOSE_POLICY`, likewise.
 2. Each response item's speech goes out through ``codec.audio`` followed by
    ``codec.mark``: :class:`Play`; the floor passes to the caller when the turn is
    over and every mark (:class:`~gateway.callcodec.Played`) has come back. Speech is
@@ -72,6 +73,7 @@ from gateway.callcodec import (
     Cleared,
     Connected,
     Digit,
+    InvalidStart,
     Media,
     MediaFormat,
     Played,
@@ -787,7 +789,9 @@ class CarrierCall:
         A start for another call than the admitted one, or for an application key
         not allowed, returns ``[Close(CLOSE_POLICY, ...)]``; one in a media format
         the gateway cannot take (UnsupportedMediaFormat) ``[Close(CLOSE_UNSUPPORTED,
-        <the codec's text>)]``, or, once the stream started, raises it (a second start).
+        <the codec's text>)]``, one the codec cannot read (InvalidStart: a field missing,
+        empty or invalid) ``[Close(CLOSE_POLICY, <the codec's text>)]``; once the stream
+        started, either is raised (a second start).
         """
         codec = self.codec
         try:
@@ -800,6 +804,11 @@ class CarrierCall:
                 raise
             self.machine.advance(DISCONNECT)
             return [Close(CLOSE_UNSUPPORTED, exc.text)]
+        except InvalidStart as exc:
+            if not self.machine.allows("start"):
+                raise
+            self.machine.advance(DISCONNECT)
+            return [Close(CLOSE_POLICY, exc.text)]
         return self.event(event)
 
     def event(self, event: CallEvent) -> list[CallAction]:

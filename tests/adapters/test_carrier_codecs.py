@@ -13,8 +13,10 @@ from types import ModuleType
 import pytest
 
 from adapters.vonage.protocol import VonageCodec
-from gateway.callcodec import Media
+from gateway.callcodec import InvalidStart, Media
 from gateway.protocol import LocalProtocolError, ProtocolError
+from gateway.protocol.actions import Close
+from gateway.protocol.call import CallConfig, CarrierCall
 from tests.adapters.carrier_audio import tone
 from tests.adapters.exotel import test_protocol as exotel
 from tests.adapters.plivo import test_protocol as plivo
@@ -86,3 +88,34 @@ def test_vonage_outbound_before_connected() -> None:
     started = vonage.connected()
     assert json.loads(started.mark("1")) == {"action": "notify", "payload": {"name": "1"}}
     assert json.loads(started.clear()) == {"action": "clear"}
+
+
+UNREADABLE_STARTS = [
+    pytest.param(name, frame, text, id=f"{name}-{i}")
+    for name, module in CODECS.items()
+    for i, (frame, text) in enumerate(module.BAD_FRAMES)
+    if frame.startswith('{"event":"start"')
+] + [
+    pytest.param(
+        "vonage",
+        '{"event":"websocket:connected","from":"447700900000"}',
+        "content-type: field required",
+        id="vonage",
+    )
+]
+
+
+@pytest.mark.parametrize(("name", "frame", "text"), UNREADABLE_STARTS)
+def test_a_start_that_cannot_be_read_closes_the_call_1008(name: str, frame: str, text: str) -> None:
+    """A start the codec cannot read (a field missing or invalid) before the stream
+    started is an InvalidStart: the call engine closes at once with 1008 naming the fault
+    (no call can be served on the stream; waiting for another start only delays it)."""
+    codec = VonageCodec() if name == "vonage" else CODECS[name].started().__class__()
+    call = CarrierCall(codec, None, CallConfig(key_allowed=lambda key: True, channel=name))
+    with pytest.raises(InvalidStart, match=text):
+        codec.receive_text(frame)
+    (close,) = call.receive(frame)
+    assert isinstance(close, Close)
+    assert close.code == 1008
+    assert text in close.reason
+    assert call.closed

@@ -5,6 +5,7 @@ refused; a start in a format the gateway cannot take is closed."""
 from __future__ import annotations
 
 import json
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -52,4 +53,27 @@ async def test_a_start_in_a_format_the_gateway_cannot_take_is_closed_1003(
         code, reason = await closed_with(url, frames, basic())
         assert code == 1003
         assert named in reason
+        assert not gw.core.turns
+
+
+async def test_an_invalid_start_is_closed_at_once_naming_the_fault(speech: SpeechService) -> None:
+    """A start the gateway cannot read (an empty call_sid) is no call: the stream is
+    closed at once with 1008, the reason naming the fault (not after the start timeout,
+    as if no start had come); no turn is run."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        url = f"ws://{urlsplit(gw.url).netloc}/exotel/stream?sample-rate=8000"
+        start = {
+            "stream_sid": "stream-1",
+            "call_sid": "",
+            "media_format": {"encoding": "audio/x-raw", "sample_rate": "8000"},
+        }
+        frames = [
+            json.dumps({"event": "connected"}),
+            json.dumps({"event": "start", "sequence_number": "1", "start": start}),
+        ]
+        began = time.monotonic()
+        code, reason = await closed_with(url, frames, basic(), within_s=5)
+        assert time.monotonic() - began < 3
+        assert code == 1008
+        assert "call_sid and stream_sid must not be empty" in reason
         assert not gw.core.turns
