@@ -4,7 +4,8 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
 
 - ``POST /plivo/answer`` — the application's Answer URL. Checked with Plivo's V3
   signature (:class:`~adapters.plivo.verify.PlivoVerifier`, keyed by
-  GATEWAY_PLIVO_AUTH_TOKEN, over the public URL): 401/403 problem otherwise, 403 when
+  GATEWAY_PLIVO_AUTH_TOKEN, over the public URL; ``X-Plivo-Signature-Ma-V3`` too, for a
+  token of the main account and an application of a subaccount): 401/403 problem otherwise, 403 when
   no auth token is configured, and 403 for a request whose
   ``X-Plivo-Signature-V3-Nonce`` was used already (a replay; nonces are remembered
   :data:`NONCE_TTL_S` in the gateway's one-time key store, shared through Redis: 503
@@ -46,7 +47,12 @@ from fastapi.responses import Response
 
 from adapters.plivo import control as plivo
 from adapters.plivo.protocol import PlivoCodec, answer_xml
-from adapters.plivo.verify import NONCE_HEADER, SIGNATURE_HEADER, PlivoVerifier
+from adapters.plivo.verify import (
+    MAIN_SIGNATURE_HEADER,
+    NONCE_HEADER,
+    SIGNATURE_HEADER,
+    PlivoVerifier,
+)
 from gateway.breaker import outage_level
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import CallControl, CallControlError, TransferResult
@@ -78,7 +84,8 @@ request captured earlier than this is not told from a fresh one."""
 _PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
 POST_PLIVO_ANSWER: dict[str, Any] = dict(
     summary="Plivo Answer URL: stream the call both ways to the gateway",
-    description="Plivo V3 signature (X-Plivo-Signature-V3, GATEWAY_PLIVO_AUTH_TOKEN). "
+    description="Plivo V3 signature (X-Plivo-Signature-V3, or X-Plivo-Signature-Ma-V3 when "
+    "GATEWAY_PLIVO_AUTH_TOKEN is the main account's). "
     'Answers `<Response><Stream bidirectional="true" …>wss://…/plivo/stream/<token>'
     "</Stream></Response>`.",
     responses={
@@ -157,6 +164,7 @@ async def _signed_form(request: Request, path: str) -> dict[str, str] | Response
             params,
             request.headers.get(SIGNATURE_HEADER),
             request.headers.get(NONCE_HEADER),
+            main_signature_header=request.headers.get(MAIN_SIGNATURE_HEADER),
         )
     except VerificationRefused as exc:
         log.warning("Plivo %s refused: %s", path, exc.reason)

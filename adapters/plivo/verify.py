@@ -6,7 +6,10 @@ against the test vectors of plivo-go (tests/adapters/plivo/test_verify.py):
 
 - headers ``X-Plivo-Signature-V3`` (base64 HMAC-SHA256; several, comma-separated,
   when the account has more than one auth token) and ``X-Plivo-Signature-V3-Nonce``;
-- the key is the (sub)account's auth token;
+  ``X-Plivo-Signature-Ma-V3`` is the same signature made with the main account's
+  token (Plivo's "Validation" reference: either header may be checked), so a gateway
+  keyed by the main account's token takes its subaccounts' requests;
+- the key is the (sub)account's auth token (the main account's for ``-Ma-V3``);
 - the signed string is ``<base URL>.<nonce>``, where the base URL is the URL Plivo
   requested without its query (``scheme://host/path``), then:
 
@@ -33,6 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 from gateway.callcodec import VerificationRefused
 
 SIGNATURE_HEADER: Final = "X-Plivo-Signature-V3"
+MAIN_SIGNATURE_HEADER: Final = "X-Plivo-Signature-Ma-V3"
 NONCE_HEADER: Final = "X-Plivo-Signature-V3-Nonce"
 CHALLENGE: Final = f'{SIGNATURE_HEADER} realm="plivo"'
 """The ``WWW-Authenticate`` of the 401 for an unsigned request (RFC 9110 section 11.6.1
@@ -119,21 +123,27 @@ class PlivoVerifier:
         params: Params | None,
         signature_header: str | None,
         nonce: str | None,
+        *,
+        main_signature_header: str | None = None,
     ) -> None:
-        """Return if one of the signatures in ``signature_header`` signs the request.
+        """Return if one of the signatures in ``signature_header`` (or in
+        ``main_signature_header``, :data:`MAIN_SIGNATURE_HEADER`'s) signs the request.
 
         ``url`` is the public URL Plivo requested (query included); ``params`` the
         POST form parameters, or the GET callback's. Raises VerificationRefused: 401
-        when a header is missing (challenge :data:`CHALLENGE`); 403 for a wrong
-        signature or another method.
+        when the signature headers or the nonce are missing (challenge
+        :data:`CHALLENGE`); 403 for a wrong signature or another method.
         """
-        if not signature_header or not nonce:
-            missing = SIGNATURE_HEADER if not signature_header else NONCE_HEADER
+        signed = bool(signature_header or main_signature_header)
+        if not signed or not nonce:
+            missing = NONCE_HEADER if signed else SIGNATURE_HEADER
             raise VerificationRefused(f"no {missing} header", status=401, challenge=CHALLENGE)
         try:
             expected = signature(self._token, method, url, params, nonce).encode("ascii")
         except ValueError as exc:
             raise VerificationRefused(str(exc)) from None
-        candidates = [s.strip().encode("utf-8", "replace") for s in signature_header.split(",")]
-        if not any(hmac.compare_digest(expected, c) for c in candidates[:8]):
-            raise VerificationRefused(f"{SIGNATURE_HEADER} does not sign {url}")
+        for header in (signature_header, main_signature_header):
+            candidates = [s.strip().encode("utf-8", "replace") for s in (header or "").split(",")]
+            if any(hmac.compare_digest(expected, c) for c in candidates[:8]):
+                return
+        raise VerificationRefused(f"{SIGNATURE_HEADER} does not sign {url}")

@@ -6,9 +6,12 @@ from __future__ import annotations
 import uuid
 import xml.etree.ElementTree as ET
 
+import httpx
+
+from adapters.plivo.verify import signature
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import session_of
-from tests.adapters.plivo.harness import CARRIER, PlivoHarness, ask_answer
+from tests.adapters.plivo.harness import AUTH_TOKEN, CARRIER, PlivoHarness, ask_answer
 from tests.adapters.twilio.helpers import PUBLIC
 
 
@@ -73,3 +76,24 @@ async def test_a_replayed_answer_request_is_refused(speech: SpeechService) -> No
         assert "<Stream" not in replayed.text
         again = await ask_answer(gw.url, PUBLIC, call_uuid)  # another request: its own nonce
         assert again.status_code == 200, again.text
+
+
+async def test_an_answer_signed_for_the_main_account_is_taken(speech: SpeechService) -> None:
+    """GATEWAY_PLIVO_AUTH_TOKEN is the main account's, the application a subaccount's:
+    Plivo signs X-Plivo-Signature-V3 with the subaccount's token and
+    X-Plivo-Signature-Ma-V3 with the main account's; the answer is given. Neither
+    signing with the configured token: 403."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        form = {"CallUUID": str(uuid.uuid4()), "From": "14155550100", "To": "14155550199"}
+        url = f"{PUBLIC}/plivo/answer?appKey=plivo"
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            for main_token, status in (("not-the-token", 403), (AUTH_TOKEN, 200)):
+                nonce = uuid.uuid4().hex[:20]
+                headers = {
+                    "X-Plivo-Signature-V3": signature("subaccount", "POST", url, form, nonce),
+                    "X-Plivo-Signature-Ma-V3": signature(main_token, "POST", url, form, nonce),
+                    "X-Plivo-Signature-V3-Nonce": nonce,
+                }
+                r = await client.post("/plivo/answer?appKey=plivo", data=form, headers=headers)
+                assert r.status_code == status, r.text
+        assert ET.fromstring(r.text).find("./Stream") is not None

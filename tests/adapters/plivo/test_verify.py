@@ -103,3 +103,17 @@ def test_forgeries_are_403() -> None:
 def test_an_empty_token_is_a_configuration_error() -> None:
     with pytest.raises(ValueError, match="must not be empty"):
         PlivoVerifier("")
+
+
+def test_the_main_account_signature_suffices() -> None:
+    """``X-Plivo-Signature-Ma-V3`` is signed with the main account's token: a gateway
+    keyed by it takes a request of a subaccount's application, whose
+    ``X-Plivo-Signature-V3`` is signed with the subaccount's token; a forged one fails."""
+    method, url, good = VECTORS[0]
+    sub = signature("the-subaccount-token", method, url, PARAMS, NONCE)
+    verifier = PlivoVerifier(TOKEN)
+    verifier.check(method, url, PARAMS, sub, NONCE, main_signature_header=good)
+    verifier.check(method, url, PARAMS, None, NONCE, main_signature_header=good)
+    with pytest.raises(VerificationRefused) as caught:
+        verifier.check(method, url, PARAMS, sub, NONCE, main_signature_header=sub)
+    assert caught.value.status == 403
