@@ -13,9 +13,10 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   with a fresh one; CX did not run it).
 - Endpoint: ``https://<location>-dialogflow.googleapis.com`` (``dialogflow.googleapis.com``
   for ``global``), or GATEWAY_DIALOGFLOW_CX_ENDPOINT. ``POST /v3/<agent>[/environments/
-  <env>]/sessions/<id>:detectIntent``. The CX session id is the gateway session id when
-  it is at most 36 characters of ``[A-Za-z0-9_-]``, else the first 36 hex digits of its
-  SHA-256, so one gateway session is one CX session (CX keeps the conversation state).
+  <env>]/sessions/<id>:detectIntent``. The CX session id is the first 36 hex digits of
+  the SHA-256 of the gateway session's key (``<channel>:<session id>``), so one gateway
+  session is one CX session (CX keeps the conversation state) and a session id one
+  channel's client proposed never reaches another channel's CX session.
 - ``queryInput`` (with ``languageCode``: GATEWAY_DIALOGFLOW_CX_LANGUAGE or the locale):
   ``#intro`` -> ``event`` GATEWAY_DIALOGFLOW_CX_WELCOME_EVENT (``WELCOME``);
   ``#silence`` -> ``event`` GATEWAY_DIALOGFLOW_CX_NO_INPUT_EVENT
@@ -98,7 +99,6 @@ PHONE_CHANNELS = frozenset({"twilio", "vonage", "telnyx", "plivo", "sip"})
 """Channels whose digit-only inputs are key presses (sent as ``dtmf``)."""
 
 _AGENT = re.compile(r"projects/([^/\s]+)/locations/([^/\s]+)/agents/([^/\s]+)")
-_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,36}")
 _DTMF = re.compile(r"[0-9*#]+")
 _TOO_DEEP = f"the core streamed an element nested deeper than {MAX_JSON_DEPTH} levels"
 
@@ -219,7 +219,7 @@ class DialogflowCxPipeline:
         base = self.agent
         if self.environment:
             base += f"/environments/{quote(self.environment, safe='')}"
-        return f"{base}/sessions/{cx_session_id(session.id)}"
+        return f"{base}/sessions/{cx_session_id(session.key)}"
 
     def query_input(self, session: Session, input: Input) -> dict[str, Any]:
         """The ``queryInput`` of a turn (see the module doc)."""
@@ -673,12 +673,10 @@ def _element(value: Any) -> dict[str, Any]:
     return _checked(value)
 
 
-def cx_session_id(session_id: str) -> str:
-    """The CX session id of a gateway session id: itself when it is at most 36 characters
-    of ``[A-Za-z0-9_-]``, else the first 36 hex digits of its SHA-256."""
-    if _SESSION_ID.fullmatch(session_id):
-        return session_id
-    return hashlib.sha256(session_id.encode()).hexdigest()[:36]
+def cx_session_id(key: str) -> str:
+    """The CX session id of a gateway session key (``<channel>:<session id>``): the first
+    36 hex digits of its SHA-256 (CX takes at most 36 characters of ``[A-Za-z0-9_-]``)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:36]
 
 
 def _regional(location: str) -> str:

@@ -2,7 +2,9 @@
 
 Spec: shared/specs/CORES.md, "Rasa REST channel". Each turn is
 ``POST {base}/webhooks/rest/webhook[?stream=true][&token=...]`` with
-``{"sender": <session id>, "message": <text>, "metadata": {...}}``; the answer is a
+``{"sender": <session key>, "message": <text>, "metadata": {...}}`` (the key,
+``<channel>:<session id>``, not the id: a session id one channel's client proposed never
+reaches another channel's conversation in Rasa's tracker); the answer is a
 JSON array of bot messages, or with ``?stream=true`` NDJSON (one message per line,
 sent as ``text/event-stream`` but with no ``data:`` prefix), each message forwarded as
 an item as its line arrives. A Rasa that ignores ``stream`` and answers one array is
@@ -137,7 +139,7 @@ class RasaPipeline:
     async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
         """Send the turn to Rasa; yield its messages' items, then the Response."""
         body = {
-            "sender": session.id,
+            "sender": session.key,
             "message": self.message(session, input),
             "metadata": {
                 "channel": session.channel,

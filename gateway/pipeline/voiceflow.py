@@ -1,7 +1,9 @@
 """The Voiceflow core: its Dialog Manager API (``GATEWAY_PIPELINE=voiceflow:[versionID]``).
 
 Spec: shared/specs/CORES.md, "Voiceflow Dialog Manager / Conversations API", (a) and (b).
-The user id is the gateway session's id. Each turn is either
+The user id is the gateway session's key (``<channel>:<session id>``, URL-quoted: a session
+id one channel's client proposed never reaches another channel's conversation in
+Voiceflow). Each turn is either
 
 - ``POST {GATEWAY_VOICEFLOW_RUNTIME_URL}/state/user/{userID}/interact`` (the state
   interact endpoint; answer: a JSON array of traces, or ``{trace: [...]}`` with
@@ -144,7 +146,7 @@ class VoiceflowPipeline:
     async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
         """Send the turn to Voiceflow; yield the traces' items, then the Response."""
         body = {"action": self.action(session, input), "config": self._config}
-        user = quote(session.id, safe="")
+        user = quote(session.key, safe="")
         turn = _Turn()
         try:
             if self._project:

@@ -6,8 +6,10 @@ every kind of failure as a pipeline error."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import re
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -116,7 +118,7 @@ async def test_a_conversation_with_state_and_rich_messages(cx: tuple[Settings, F
     assert texts(again) == ["A large pizza."]  # CX kept the session's parameters
 
     paths = [path for path, _ in app.state.requests]
-    assert set(paths) == {f"/v3/{AGENT}/sessions/s1:detectIntent"}
+    assert set(paths) == {f"/v3/{AGENT}/sessions/{cx_session_id('test:s1')}:detectIntent"}
     first = app.state.requests[0][1]
     assert first["queryInput"] == {"event": {"event": "WELCOME"}, "languageCode": "en-US"}
     assert first["queryParams"] == {"timeZone": "Europe/Prague"}
@@ -126,7 +128,7 @@ async def test_a_conversation_with_state_and_rich_messages(cx: tuple[Settings, F
     assert session is not None
     assert session.pipeline_state["currentPage"] == "Confirm"
     assert session.pipeline_state["parameters"] == {"item": "pizza", "size": "large"}
-    assert session.pipeline_state["session"] == "s1"
+    assert session.pipeline_state["session"] == cx_session_id("test:s1")
     await conv.pipeline.aclose()
 
 
@@ -176,16 +178,29 @@ async def test_handoff_and_telephony_transfer_are_the_transfer_action(
     await no_target.pipeline.aclose()
 
 
-async def test_long_session_ids_become_36_characters(cx: tuple[Settings, FastAPI]) -> None:
+async def test_a_cx_session_id_is_36_hex_digits_of_the_session_key(
+    cx: tuple[Settings, FastAPI],
+) -> None:
+    """The CX session id is 36 hex digits of the SHA-256 of the session's key, whatever
+    the length of its id, and one session id on two channels is two CX sessions: a client
+    of another channel that proposes the same id never gets the first one's parameters."""
     settings, app = cx
     conv = engine(settings)
     long_id = "flowstorm-" + "x" * 60
     events = await conv.turn(ctx(long_id), Input.of("pizza")).collect()
     assert texts(events) == ["What size?"]
-    cx_id = cx_session_id(long_id)
-    assert len(cx_id) == 36
+    cx_id = cx_session_id(f"test:{long_id}")
+    assert re.fullmatch(r"[0-9a-f]{36}", cx_id)
+    assert cx_id == hashlib.sha256(f"test:{long_id}".encode()).hexdigest()[:36]
     assert app.state.requests[0][0] == f"/v3/{AGENT}/sessions/{cx_id}:detectIntent"
-    assert cx_session_id("s1") == "s1"
+    await conv.turn(ctx(), Input.of("pizza")).collect()
+    await conv.turn(ctx(), Input.of("large")).collect()
+    other = TurnContext(channel="other", session_id="s1", app_key="app")
+    asked = await conv.turn(other, Input.of("what did I order")).collect()
+    assert texts(asked) == ["A regular nothing."]
+    again = await conv.turn(ctx(), Input.of("what did I order")).collect()
+    assert texts(again) == ["A large pizza."]
+    assert cx_session_id("other:s1") != cx_session_id("test:s1")
     await conv.pipeline.aclose()
 
 
@@ -211,7 +226,9 @@ async def test_streaming_forwards_partial_messages_as_they_arrive(
     assert [getattr(o, "text", None) for o in rest[:2]] == ["Anything else?", None]
     assert len(rest) == 5  # the partial message is not repeated; 3 more items; the Response
     assert session.pipeline_state["currentPage"] == "Confirm"
-    assert app.state.requests[-1][0].endswith("/sessions/s2:serverStreamingDetectIntent")
+    assert app.state.requests[-1][0].endswith(
+        f"/sessions/{cx_session_id('test:s2')}:serverStreamingDetectIntent"
+    )
     await pipe.aclose()
 
 
@@ -590,7 +607,9 @@ async def test_from_url_endpoints_by_location(keys: tuple[bytes, bytes], tmp_pat
     regional = DialogflowCxPipeline.from_url(f"dialogflow-cx:{AGENT}", settings)
     assert regional.endpoint == "https://europe-west3-dialogflow.googleapis.com"
     session = Session(id="s1", key="k", channel="test", app_key="app")
-    assert regional.session_path(session) == f"{AGENT}/environments/prod/sessions/s1"
+    assert regional.session_path(session) == (
+        f"{AGENT}/environments/prod/sessions/{cx_session_id('k')}"
+    )
     world = DialogflowCxPipeline.from_url(
         "dialogflow-cx:projects/p/locations/global/agents/a", settings
     )

@@ -20,6 +20,7 @@ from gateway.events import (
     transfer_target,
 )
 from gateway.metrics import REGISTRY
+from gateway.turn import TurnContext
 from tests.conftest import gateway
 from tests.gateway.turns import (
     ctx,
@@ -32,6 +33,24 @@ from tests.gateway.turns import (
     texts,
     v2_put,
 )
+
+
+async def test_one_session_id_on_two_channels_is_two_rasa_conversations(
+    rasa: tuple[str, FastAPI],
+) -> None:
+    """The sender is the session's key (``<channel>:<id>``): a client of another channel
+    that proposes the same session id (a Flowstorm V1 client chooses its own) gets its
+    own tracker, and never reads the slots of the first channel's conversation."""
+    url, app = rasa
+    conv = engine(pipeline=f"rasa+{url}")
+    await conv.turn(ctx(), Input.of("my name is ada")).collect()
+    other = TurnContext(channel="other", session_id="s1", app_key="app")
+    assert texts(await conv.turn(other, Input.of("what is my name")).collect()) == [
+        "You are a stranger."
+    ]
+    assert texts(await conv.turn(ctx(), Input.of("what is my name")).collect()) == ["You are Ada."]
+    assert [r["sender"] for r in app.state.requests] == ["test:s1", "other:s1", "test:s1"]
+    await conv.pipeline.aclose()
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -61,7 +80,7 @@ async def test_multi_turn_conversation_with_state_and_buttons(
         "my name is ada",
         "what is my name",
     ]
-    assert {r["sender"] for r in sent} == {"s1"}  # the session id is the sender
+    assert {r["sender"] for r in sent} == {"test:s1"}  # the session key is the sender
     assert len({r["_peer"] for r in sent}) == 1  # one kept-alive connection for every turn
     assert sent[0]["metadata"] == {"channel": "test", "appKey": "app", "locale": "en-US", "turn": 1}
     assert sent[3]["metadata"]["turn"] == 4

@@ -21,6 +21,7 @@ from gateway.events import (
     SessionEndedEvent,
     transfer_target,
 )
+from gateway.turn import TurnContext
 from tests.conftest import gateway
 from tests.gateway.core_app import cut_early
 from tests.gateway.pipeline.fake_voiceflow import API_KEY
@@ -84,11 +85,37 @@ async def test_conversation_state_and_traces_mapped(
         {"type": "text", "payload": "what size"},
         {"type": "no-reply"},
     ]
-    assert {r["_user"] for r in sent} == {"s1"}
+    assert {r["_user"] for r in sent} == {"test:s1"}  # the session key, URL-quoted
     assert {r["_version"] for r in sent} == {"development"}
     assert sent[0]["config"] == {"tts": False, "stripSSML": True}
     if stream:
         assert {r["_project"] for r in sent} == {"proj1"}
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_one_session_id_on_two_channels_is_two_voiceflow_users(
+    voiceflow: tuple[str, FastAPI], stream: bool
+) -> None:
+    """The user id is the session's key (``<channel>:<id>``): a client of another channel
+    that proposes the same session id gets its own Voiceflow state, never the variables
+    of the first channel's conversation."""
+    url, app = voiceflow
+    conv = vf_engine(url, stream)
+    await conv.turn(ctx(), Input.of("#intro")).collect()
+    await conv.turn(ctx(), Input.of("large")).collect()
+    other = TurnContext(channel="other", session_id="s1", app_key="app")
+    asked = await conv.turn(other, Input.of("what size")).collect()
+    assert texts(asked) == ["You ordered a no pizza."]
+    assert texts(await conv.turn(ctx(), Input.of("what size")).collect()) == [
+        "You ordered a large pizza."
+    ]
+    assert [r["_user"] for r in app.state.requests] == [
+        "test:s1",
+        "test:s1",
+        "other:s1",
+        "test:s1",
+    ]
     await conv.pipeline.aclose()
 
 
