@@ -97,8 +97,11 @@ async def test_200_concurrent_conversations_of_5_turns(
                 f"{server.url}/client?key={KEY}&tts=None", headers=headers, content=text
             )
             assert answer.status_code == 200, answer.text
-            headers["Cookie"] = f"flowstorm-session-id={answer.cookies['flowstorm-session-id']}"
             answers.append(answer.text)
+            if text == "bye":  # the session ended: its cookie is cleared
+                assert 'flowstorm-session-id=""' in answer.headers["set-cookie"]
+                break
+            headers["Cookie"] = f"flowstorm-session-id={answer.cookies['flowstorm-session-id']}"
         return headers["Cookie"], answers
 
     async with httpx.AsyncClient(limits=limits, timeout=60) as pool:
