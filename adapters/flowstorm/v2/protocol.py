@@ -9,7 +9,8 @@ also accepts objects written back to back, and event types are the short names.
 - :class:`JsonEventReader` splits an ``application/json`` body into V2 client
   events as its bytes arrive (bounded per event); :class:`RequestStream` checks
   their order with the table :data:`TRANSITIONS`.
-- :func:`text_input` reads a ``text/plain`` body; :func:`text_lines` and
+- :func:`text_input` reads a ``text/plain`` body (in the charset :func:`text_charset`
+  finds declared); :func:`text_lines` and
   :func:`json_lines` write turn events in the plain-text line format
   (``<``, ``#``, ``!``, ``.``, ``~``) or as NDJSON.
 - Audio (spec "Audio/Video formats"): :func:`decode_audio_file` turns a whole
@@ -33,6 +34,7 @@ Decisions where the spec is silent:
 
 from __future__ import annotations
 
+import codecs
 import re
 import struct
 from collections.abc import Mapping, Sequence
@@ -258,13 +260,57 @@ _BOM: Final = b"\xef\xbb\xbf"
 text, ignored at the start of a body (RFC 8259 section 8.1 allows it of a JSON reader)."""
 
 
-def text_input(body: bytes) -> Input:
-    """The Input of a ``text/plain`` body (UTF-8, a leading byte order mark ignored);
-    ProtocolError when not text or empty."""
+def _text_codec(charset: str) -> str | None:
+    """The Python codec name of ``charset`` when it is a text encoding, else None
+    (unknown names, ``base64``/``zlib`` and the like, the ``undefined`` codec)."""
     try:
-        text = body.removeprefix(_BOM).decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ProtocolError("The text/plain body is not UTF-8 text.") from None
+        name = codecs.lookup(charset).name
+    except (LookupError, ValueError):
+        return None
+    try:  # a codec that is no text encoding is refused before it runs (LookupError)
+        b"\0\0\0\0".decode(name)
+    except LookupError:
+        return None
+    except ValueError:
+        pass  # a text encoding these bytes are not valid in
+    return None if name == "undefined" else name
+
+
+def text_charset(content_type: str | None) -> str:
+    """The charset a ``text/plain`` body is decoded with: the ``charset`` parameter of its
+    Content-Type (RFC 9110 section 8.3; case-insensitive, quoted or not), ``utf-8`` when
+    none is declared. The name is returned as declared.
+
+    Raises ProtocolError with status 415 naming a charset that is no text encoding known
+    here (``charset=klingon``; ``base64`` and the like are no text encodings either).
+    """
+    for param in (content_type or "").split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() != "charset":
+            continue
+        charset = value.strip().strip('"').strip()
+        if _text_codec(charset) is None:
+            raise ProtocolError(
+                f"Unsupported charset {charset!r} of the text/plain body: send UTF-8, or "
+                "declare a charset known here (e.g. iso-8859-1, windows-1252).",
+                status=415,
+            )
+        return charset
+    return "utf-8"
+
+
+def text_input(body: bytes, charset: str = "utf-8") -> Input:
+    """The Input of a ``text/plain`` body in ``charset`` (as :func:`text_charset` gives it;
+    a leading byte order mark ignored). ProtocolError: status 415 when ``charset`` is no
+    text encoding known here, 400 when the body is not text in it or is empty."""
+    codec = _text_codec(charset)
+    if codec is None:
+        raise ProtocolError(f"Unsupported charset {charset!r} of the text/plain body.", status=415)
+    try:
+        text = body.decode(codec).removeprefix("\ufeff").strip()
+    except UnicodeError:
+        shown = "UTF-8" if codec == "utf-8" else charset
+        raise ProtocolError(f"The text/plain body is not {shown} text.") from None
     if not text:
         raise ProtocolError("The text/plain body is empty: send the user's text.")
     return Input.of(text)

@@ -24,7 +24,8 @@ ErrorEvent / ``!`` line of source ``client``) before the session is looked up.
 Requests without a cookie (new sessions) are not limited. Behind a proxy, run
 uvicorn with ``--forwarded-allow-ips`` so the client IP is the real one.
 
-**PUT with text** (``text/plain``, or ``application/json`` holding an InputEvent):
+**PUT with text** (``text/plain`` in its declared ``charset``, UTF-8 when none; or
+``application/json`` holding an InputEvent):
 one turn; the answer streams the items and the Response (NDJSON, or the plain
 text lines for text/plain). Every turn's items with text carry an absolute TTS
 link ``audio`` (``GATEWAY_PUBLIC_URL/file/tts/<id>.<ttsFileType>``) unless the
@@ -153,6 +154,7 @@ from adapters.flowstorm.v2.protocol import (
     parse_config,
     pushed_lines,
     recognizing_message,
+    text_charset,
     text_input,
     text_lines,
 )
@@ -447,7 +449,8 @@ async def put_client(request: Request) -> HTTPResponse:
     try:
         if plain:
             try:
-                input_ = text_input(await read_body(request, gw.settings.max_body_bytes))
+                charset = text_charset(request.headers.get("content-type"))
+                input_ = text_input(await read_body(request, gw.settings.max_body_bytes), charset)
             except ProtocolError as exc:
                 return _client_error(exc, plain=True)
             answer = await _turn(gw, ctx, input_, config, plain=True)

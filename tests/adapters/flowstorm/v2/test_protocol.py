@@ -33,6 +33,7 @@ from adapters.flowstorm.v2.protocol import (
     parse_config,
     pushed_lines,
     recognizing_message,
+    text_charset,
     text_input,
     text_lines,
 )
@@ -243,6 +244,49 @@ def test_text_input_rules() -> None:
         text_input(b"   ")
     with pytest.raises(ProtocolError):
         text_input(b"\xc3\x28")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "text"),
+    [
+        ("text/plain", "café".encode(), "café"),
+        ("text/plain; charset=utf-8", "café".encode(), "café"),
+        ("text/plain; charset=iso-8859-1", "café".encode("latin-1"), "café"),
+        ('Text/Plain;Charset="ISO-8859-1"', "Zoë".encode("latin-1"), "Zoë"),
+        (
+            "text/plain; format=flowed; charset=windows-1252",
+            "€ 5 – ok".encode("cp1252"),
+            "€ 5 – ok",
+        ),
+        ("text/plain; charset=utf-16", "#intro".encode("utf-16"), "#intro"),
+    ],
+)
+def test_a_text_body_is_read_in_its_declared_charset(
+    content_type: str, body: bytes, text: str
+) -> None:
+    """RFC 9110 section 8.3: the charset parameter says how the text is encoded. Before,
+    every body was decoded as UTF-8: a latin-1 "café" was refused as "not UTF-8"."""
+    read = text_input(body, text_charset(content_type))
+    assert (read.action or read.text) == text
+
+
+@pytest.mark.parametrize("charset", ["klingon", "base64", "zlib", '""', "undefined"])
+def test_a_charset_that_is_no_text_encoding_is_refused_415(charset: str) -> None:
+    with pytest.raises(ProtocolError) as err:
+        text_charset(f"text/plain; charset={charset}")
+    assert err.value.status == 415
+    assert "Unsupported charset" in err.value.text
+    with pytest.raises(ProtocolError) as err:
+        text_input(b"hi", charset)
+    assert err.value.status == 415
+
+
+def test_a_body_that_is_not_text_in_its_charset_is_named() -> None:
+    with pytest.raises(ProtocolError, match="not UTF-8 text") as err:
+        text_input(b"caf\xe9")
+    assert err.value.status == 400
+    with pytest.raises(ProtocolError, match="not us-ascii text"):
+        text_input("café".encode(), text_charset("text/plain; charset=us-ascii"))
 
 
 def test_only_values_the_gateway_serves_are_accepted_in_any_case() -> None:

@@ -438,6 +438,39 @@ async def test_get_client_checks_key_and_ends_at_once_without_a_cookie(base: str
         assert empty.text == ""
 
 
+async def test_a_text_body_is_read_in_its_declared_charset(base: str) -> None:
+    """A text/plain body in the charset its Content-Type declares (RFC 9110 section 8.3)
+    was decoded as UTF-8 whatever the declaration: a latin-1 or windows-1252 body got a
+    400 "not UTF-8". A charset the gateway does not know is a 415, a ``!`` line."""
+    plain = f"/client?key={KEY}&tts=None"
+    async with httpx.AsyncClient(base_url=base) as client:
+        latin = await client.put(
+            plain,
+            headers={"Content-Type": "text/plain; charset=iso-8859-1"},
+            content="café".encode("latin-1"),
+        )
+        assert latin.status_code == 200
+        assert latin.text == "< You said: café\n"
+        windows = await client.put(
+            plain,
+            headers={"Content-Type": 'text/plain;charset="Windows-1252"'},
+            content="5 € – Zoë".encode("cp1252"),
+        )
+        assert windows.status_code == 200
+        assert windows.text == "< You said: 5 € – Zoë\n"
+        utf8 = await client.put(plain, headers=TEXT, content="café".encode())
+        assert utf8.text == "< You said: café\n"  # none declared: UTF-8
+        unknown = await client.put(
+            plain, headers={"Content-Type": "text/plain; charset=klingon"}, content=b"hi"
+        )
+        assert unknown.status_code == 415
+        assert unknown.text.startswith("! client: Unsupported charset 'klingon'")
+        assert "flowstorm-session-id" not in unknown.cookies
+        wrong = await client.put(plain, headers=TEXT, content="café".encode("latin-1"))
+        assert wrong.status_code == 400
+        assert wrong.text == "! client: The text/plain body is not UTF-8 text.\n"
+
+
 async def test_tts_none_turns_the_links_off(base: str) -> None:
     async with httpx.AsyncClient(base_url=base) as client:
         quiet = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
