@@ -162,7 +162,13 @@ CONFIG_SOURCES: tuple[tuple[str, str | None, str | None], ...] = (
 )
 
 _BOOLEAN_FIELDS = frozenset({"send_response_items", "video_file", "realtime"})
-_TTS_VALUES = {"requiredlinks": "RequiredLinks", "none": "None"}
+_CANONICAL_VALUES: Final[Mapping[str, Mapping[str, str]]] = {
+    "tts": {"requiredlinks": "RequiredLinks", "none": "None"},
+    "stt_encoding": {"linear16": "LINEAR16", "mulaw": "MULAW"},
+    "tts_file_type": {"mp3": "mp3", "wav": "wav"},
+}
+"""Configuration values read in any case (as V1 reads them), by field: lower-case value ->
+the spelling stored and used. Others are left as sent (and refused by the model)."""
 _ONLY_VALUE: Final[Mapping[str, tuple[str | bool, str]]] = {
     "stt_mode": ("SingleUtterance", "the gateway recognises one utterance per request"),
     "stt_model": ("General", "the offline recognizer has one general model"),
@@ -181,8 +187,10 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
     Raises ProtocolError (400) naming the first invalid value (for example
     ``sttSampleRate=abc``), and naming the accepted value when ``sttMode``,
     ``sttModel`` or ``videoFile`` asks for what the gateway cannot do (only
-    ``SingleUtterance``, ``General`` and false are served). A missing key is
-    not an error here: the route decides (it answers 401).
+    ``SingleUtterance``, ``General`` and false are served). ``sttMode``,
+    ``sttModel``, ``sttEncoding``, ``ttsFileType`` and ``tts`` are read in any case and
+    kept in the spec's spelling (``mulaw`` -> ``MULAW``, ``WAV`` -> ``wav``).
+    A missing key is not an error here: the route decides (it answers 401).
     """
     found: dict[str, str] = {}
     language = ""
@@ -205,8 +213,8 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
                 param = _PARAM_OF_FIELD[name]
                 raise ProtocolError(f"{param} must be one of 1/yes/true or 0/no/false, not {raw!r}")
             values[name] = value
-        elif name == "tts":
-            values[name] = _TTS_VALUES.get(raw.strip().lower(), raw.strip())
+        elif name in _CANONICAL_VALUES:
+            values[name] = _CANONICAL_VALUES[name].get(raw.strip().lower(), raw.strip())
         else:
             values[name] = raw.strip()
         values[name] = _check_only_value(name, raw, values[name])

@@ -289,6 +289,19 @@ def test_a_body_that_is_not_text_in_its_charset_is_named() -> None:
         text_input("café".encode(), text_charset("text/plain; charset=us-ascii"))
 
 
+def test_encoding_and_file_type_are_read_in_any_case() -> None:
+    """sttEncoding and ttsFileType were matched exactly (``mulaw``, ``WAV`` refused with a
+    400) while sttMode and tts took any case and V1 reads ttsFileType in any case; the
+    value kept is the spec's spelling."""
+    config = parse_config({"X-SttEncoding": "mulaw", "X-TtsFileType": "WAV"}, {"key": "k"})
+    assert (config.stt_encoding, config.tts_file_type) == ("MULAW", "wav")
+    config = parse_config({}, {"key": "k", "sttEncoding": " Linear16 ", "ttsFileType": "Mp3"})
+    assert (config.stt_encoding, config.tts_file_type) == ("LINEAR16", "mp3")
+    assert config.session_config()["sttEncoding"] == "LINEAR16"
+    with pytest.raises(ProtocolError, match="ttsFileType"):
+        parse_config({}, {"key": "k", "ttsFileType": "OGG"})
+
+
 def test_only_values_the_gateway_serves_are_accepted_in_any_case() -> None:
     headers = {"X-SttMode": "singleutterance", "X-SttModel": "GENERAL", "X-VideoFile": "0"}
     config = parse_config(headers, {"key": "k"})

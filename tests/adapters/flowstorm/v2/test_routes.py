@@ -471,6 +471,26 @@ async def test_a_text_body_is_read_in_its_declared_charset(base: str) -> None:
         assert wrong.text == "! client: The text/plain body is not UTF-8 text.\n"
 
 
+async def test_encoding_and_file_type_are_read_in_any_case(base: str) -> None:
+    """``ttsFileType=WAV`` and ``X-SttEncoding: mulaw`` got a 400 (sttMode, tts and V1's
+    ttsFileType take any case); now the turn runs with the spec's spelling."""
+    async with httpx.AsyncClient(base_url=base) as client:
+        wav = await client.put(
+            f"/client?key={KEY}&ttsFileType=WAV",
+            headers={**TEXT, "X-SttEncoding": "mulaw"},
+            content="hi",
+        )
+        assert wav.status_code == 200, wav.text
+        assert re.search(r"/file/tts/[0-9a-f]{64}\.wav\)", wav.text)
+        mp3 = await client.put(
+            f"/client?key={KEY}",
+            headers={**JSON, "X-TtsFileType": "MP3"},
+            content=input_event("hi"),
+        )
+        assert mp3.status_code == 200, mp3.text
+        assert events(mp3)[0]["responseItem"]["audio"].endswith(".mp3")
+
+
 async def test_tts_none_turns_the_links_off(base: str) -> None:
     async with httpx.AsyncClient(base_url=base) as client:
         quiet = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
