@@ -189,7 +189,8 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
     ``sttModel`` or ``videoFile`` asks for what the gateway cannot do (only
     ``SingleUtterance``, ``General`` and false are served). ``sttMode``,
     ``sttModel``, ``sttEncoding``, ``ttsFileType`` and ``tts`` are read in any case and
-    kept in the spec's spelling (``mulaw`` -> ``MULAW``, ``WAV`` -> ``wav``).
+    kept in the spec's spelling (``mulaw`` -> ``MULAW``, ``WAV`` -> ``wav``). The locale
+    is the Accept-Language tag of the highest weight (see :func:`_preferred_language`).
     A missing key is not an error here: the route decides (it answers 401).
     """
     found: dict[str, str] = {}
@@ -218,7 +219,7 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
         else:
             values[name] = raw.strip()
         values[name] = _check_only_value(name, raw, values[name])
-    if language and (locale := _first_language(language)):
+    if language and (locale := _preferred_language(language)):
         values["locale"] = locale
     try:
         return ClientConfig.model_validate(values)
@@ -246,13 +247,30 @@ def _check_only_value(name: str, raw: str, value: Any) -> Any:
     raise ProtocolError(f"{param}={raw!r} is not supported: {why} (accepted: {shown}).")
 
 
-def _first_language(header: str) -> str | None:
-    """The first language tag of an Accept-Language header (``*`` ignored)."""
+_QVALUE: Final = re.compile(r"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)")
+"""A weight's value (RFC 9110 section 12.4.2): 0 to 1, at most three decimals."""
+
+
+def _preferred_language(header: str) -> str | None:
+    """The language tag of an Accept-Language header with the highest weight (RFC 9110
+    sections 12.4.2 and 12.5.4; ``q`` 1 when absent), the first of equal ones.
+
+    ``*`` and tags of ``q=0`` (not acceptable) are never chosen; an element whose ``q`` is
+    not a valid weight (``q=high``, ``q=2``) is skipped. None when no tag remains.
+    """
+    best: tuple[float, str] | None = None
     for part in header.split(","):
-        tag = part.split(";")[0].strip()
-        if tag and tag != "*":
-            return tag
-    return None
+        tag, *params = part.split(";")
+        tag = tag.strip()
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                value = value.strip()
+                weight = float(value) if _QVALUE.fullmatch(value) else -1.0
+        if tag and tag != "*" and weight > 0 and (best is None or weight > best[0]):
+            best = (weight, tag)
+    return best[1] if best else None
 
 
 def media_type(content_type: str | None) -> str:

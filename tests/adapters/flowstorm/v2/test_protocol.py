@@ -302,6 +302,29 @@ def test_encoding_and_file_type_are_read_in_any_case() -> None:
         parse_config({}, {"key": "k", "ttsFileType": "OGG"})
 
 
+@pytest.mark.parametrize(
+    ("header", "locale"),
+    [
+        ("cs-CZ,cs;q=0.9,en;q=0.8", "cs-CZ"),
+        ("en;q=0.3, cs-CZ;q=0.9, de", "de"),  # no q is q=1
+        ("en;q=0.3, cs-CZ;q=0.9", "cs-CZ"),
+        ("fr;q=0.5, de;q=0.5", "fr"),  # ties: the first
+        ("*, en-GB;q=0.5", "en-GB"),  # * is no tag
+        ("de;q=0, en-GB;q=0.1", "en-GB"),  # q=0: not acceptable
+        ("de;q=0.000", "en-US"),  # nothing acceptable: the default
+        ("de; Q=0.7 , fr ;q=0.8", "fr"),
+        ("de;q=high, fr;q=0.2", "fr"),  # a malformed weight: that tag skipped
+        ("de;q=2, fr;q=1.0001", "en-US"),
+        ("de;q=, fr;q=1.", "fr"),
+        (",,;q=1,", "en-US"),
+    ],
+)
+def test_accept_language_takes_the_tag_of_the_highest_weight(header: str, locale: str) -> None:
+    """RFC 9110 section 12.5.4: the weights rank the tags. Before, the first tag won
+    whatever its q (``en;q=0.3, cs-CZ;q=0.9`` gave ``en``; ``de;q=0`` gave ``de``)."""
+    assert parse_config({"Accept-Language": header}, {"key": "k"}).locale == locale
+
+
 def test_only_values_the_gateway_serves_are_accepted_in_any_case() -> None:
     headers = {"X-SttMode": "singleutterance", "X-SttModel": "GENERAL", "X-VideoFile": "0"}
     config = parse_config(headers, {"key": "k"})

@@ -491,6 +491,31 @@ async def test_encoding_and_file_type_are_read_in_any_case(base: str) -> None:
         assert events(mp3)[0]["responseItem"]["audio"].endswith(".mp3")
 
 
+async def test_the_locale_is_the_accept_language_tag_of_the_highest_weight() -> None:
+    """Accept-Language weights rank its tags (RFC 9110 section 12.5.4): the core got the
+    first tag whatever its weight (``en`` for ``en;q=0.3, cs-CZ;q=0.9``, ``de`` for a
+    ``de;q=0`` the client refuses)."""
+    core = make_core()
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/json") as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for header, locale in [
+            ("en;q=0.3, cs-CZ;q=0.9, fr;q=0.5", "cs-CZ"),
+            ("de;q=0, en-GB;q=0.2", "en-GB"),
+            ("de;q=high, *", "en-US"),
+        ]:
+            answer = await client.put(
+                f"/client?key={KEY}&tts=None",
+                headers={**TEXT, "Accept-Language": header},
+                content="hello",
+            )
+            assert answer.text == "< core heard hello\n"
+            assert core.state.requests[-1]["locale"] == locale
+            client.cookies.clear()
+
+
 async def test_tts_none_turns_the_links_off(base: str) -> None:
     async with httpx.AsyncClient(base_url=base) as client:
         quiet = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
