@@ -28,7 +28,8 @@ How a call goes (states of :data:`TRANSITIONS` in brackets):
 
 1. ``connected`` [await-start], ``start`` -> the ``#intro`` turn [bot]. The start's
    ``callSid`` must be the one the stream token was issued for; its media format
-   must be ``audio/x-mulaw`` at 8000 Hz, mono.
+   must be ``audio/x-mulaw`` at 8000 Hz, mono. A start that cannot be read closes the
+   stream at once (1008, naming the fault), as one of another call does.
 2. The bot has the floor while its turn runs or its audio plays [bot]: each
    response item's audio goes out as μ-law frames of GATEWAY_CALL_FRAME_MS
    followed by a ``mark``; the floor passes to the caller when the turn is over
@@ -80,6 +81,7 @@ from twilio.twiml.voice_response import Connect, Stream, VoiceResponse  # type: 
 from gateway.callcodec import (
     CallEvent,
     Digit,
+    InvalidStart,
     Played,
     Started,
     Stopped,
@@ -138,7 +140,8 @@ CLOSE_NORMAL: Final = 1000
 CLOSE_UNSUPPORTED: Final = 1003
 """Close code for a media format other than μ-law 8 kHz mono."""
 CLOSE_POLICY: Final = 1008
-"""Close code for a stream that is not the call its token was issued for (or no start)."""
+"""Close code for a stream that is not the call its token was issued for (or no start, or a
+start that cannot be read)."""
 CLOSE_INTERNAL: Final = 1011
 """Close code when the gateway itself failed."""
 
@@ -379,7 +382,9 @@ def parse_message(text: str) -> Message:
     Raises ProtocolError for malformed JSON or JSON out of
     :func:`gateway.protocol.load_json`'s bounds, a value that is not an object, an
     unknown ``event`` (naming it and the known ones), and an invalid message
-    (naming the field), e.g. a ``media.payload`` that is not base64. Unknown
+    (naming the field), e.g. a ``media.payload`` that is not base64; for a ``start``
+    that cannot be read (``callSid`` or ``streamSid`` missing or empty, ``mediaFormat``
+    missing, a field of the wrong type) that error is an InvalidStart. Unknown
     properties are ignored.
     """
     if (media := _fast_media(text)) is not None:
@@ -392,7 +397,12 @@ def parse_message(text: str) -> Message:
         return _parse_media(value)
     if event not in ("connected", "start", "dtmf", "mark", "stop"):
         raise ProtocolError("Unknown event", expected=_EVENTS, got=repr(event))
-    return validate(_OTHER, value, what=f"{event} message", skip=1, empty="event")
+    try:
+        return validate(_OTHER, value, what=f"{event} message", skip=1, empty="event")
+    except ProtocolError as exc:
+        if event == "start":
+            raise InvalidStart(exc.text) from None
+        raise
 
 
 # ------------------------------------------------------------------ outbound messages
@@ -524,8 +534,9 @@ class TwilioCodec:
     def receive_text(self, text: str) -> CallEvent:
         """A text frame as an engine event (spec: "WebSocket Messages"); ``media`` as PCM.
 
-        Raises ProtocolError (malformed, unknown, invalid or ``media`` before ``start``)
-        or UnsupportedMediaFormat (a start not in μ-law)."""
+        Raises ProtocolError (malformed, unknown, invalid or ``media`` before ``start``;
+        InvalidStart for a start that cannot be read) or UnsupportedMediaFormat (a start
+        not in μ-law)."""
         message = parse_message(text)
         if isinstance(message, Media):
             if self._format is None:
@@ -628,14 +639,23 @@ class TwilioCall(CarrierCall):
         of order (``media`` before ``start``): the state is then unchanged and the
         frame should be dropped (and logged). A ``start`` for another call than the
         token's, for another media format, or for an application key not allowed,
-        returns ``[Close(...)]``.
+        returns ``[Close(...)]``; so does a first ``start`` that cannot be read
+        (parse_message's InvalidStart): ``[Close(CLOSE_POLICY, <its text>)]`` at once,
+        as the other carriers' (no call can be served on the stream). A second
+        ``start`` of either kind raises.
         """
         if not isinstance(frame, str):
             raise ProtocolError("Twilio sends text frames only")
         if (audio := media_audio(frame)) is not None:  # the hot path: 50 frames a second
             track, payload = audio  # μ-law as is: one byte per sample
             return self._feed(track, payload, len(payload))
-        message = parse_message(frame)
+        try:
+            message = parse_message(frame)
+        except InvalidStart as exc:
+            if not self.machine.allows("start"):
+                raise
+            self.machine.advance(DISCONNECT)
+            return [Close(CLOSE_POLICY, exc.text)]
         if isinstance(message, Media):
             payload = message.payload  # μ-law as is: one byte per sample
             return self._feed(message.track, payload, len(payload))

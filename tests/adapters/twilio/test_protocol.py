@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,7 @@ from adapters.twilio.protocol import (
     parse_message,
     twiml,
 )
+from gateway.callcodec import InvalidStart
 from gateway.events import (
     BinaryEvent,
     ErrorEvent,
@@ -364,6 +366,49 @@ def test_a_start_that_does_not_fit_closes_the_stream(change: dict[str, Any], cod
     assert isinstance(close, Close)
     assert close.code == code
     assert call.closed
+
+
+UNREADABLE_STARTS = [
+    pytest.param({"callSid": ""}, "start.callSid", id="empty-callSid"),
+    pytest.param({"callSid": None}, "start.callSid", id="null-callSid"),
+    pytest.param({"streamSid": ""}, "start.streamSid", id="empty-streamSid"),
+    pytest.param({"streamSid": ["MZ1"]}, "start.streamSid", id="list-streamSid"),
+    pytest.param({"mediaFormat": None}, "start.mediaFormat", id="null-mediaFormat"),
+    pytest.param({"mediaFormat": {"encoding": "audio/x-mulaw"}}, "sampleRate", id="no-rate"),
+    pytest.param({"customParameters": {"appKey": ["app"]}}, "customParameters", id="params"),
+]
+
+
+@pytest.mark.parametrize(("change", "named"), UNREADABLE_STARTS)
+def test_a_start_that_cannot_be_read_closes_the_stream_1008(
+    change: dict[str, Any], named: str
+) -> None:
+    """A first start the gateway cannot read is no call: closed at once with 1008 naming
+    the field, as the other carriers' (CarrierCall's InvalidStart). Before, it was dropped
+    as a bad frame and the stream waited for the start timeout."""
+    message = json.loads(START)
+    message["start"].update(change)
+    with pytest.raises(InvalidStart, match=re.escape(named)):
+        parse_message(json.dumps(message))
+    call = TwilioCall(CALL, CallConfig(key_allowed=lambda key: True))
+    assert call.receive(CONNECTED) == []
+    [close] = call.receive(json.dumps(message))
+    assert isinstance(close, Close)
+    assert close.code == 1008
+    assert named in close.reason
+    assert call.closed
+
+
+def test_an_unreadable_second_start_is_a_dropped_frame() -> None:
+    """Once the stream started, a bad start is a bad frame (raised, the call goes on)."""
+    call = TwilioCall(CALL, CallConfig(key_allowed=lambda key: True))
+    call.receive(START)
+    message = json.loads(START)
+    message["start"]["callSid"] = ""
+    with pytest.raises(ProtocolError, match=r"start\.callSid"):
+        call.receive(json.dumps(message))
+    assert call.state is State.BOT
+    assert not call.closed
 
 
 def test_each_items_audio_is_played_and_marked_then_the_caller_has_the_floor() -> None:

@@ -4,7 +4,9 @@ signatures made with the twilio library's RequestValidator, refusals before acce
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
@@ -306,3 +308,41 @@ async def test_a_stream_that_never_starts_is_closed() -> None:
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 1008
         assert not gw.channel.calls
+
+
+async def test_a_start_that_cannot_be_read_is_closed_at_once_naming_the_fault() -> None:
+    """A start with an empty callSid is no call: the stream is closed at once with 1008,
+    the reason naming the field, as the other carriers do. Before, it was dropped as a bad
+    frame: the stream sat in dead air for GATEWAY_TWILIO_START_TIMEOUT_S (10 s) and was
+    closed "Expected the stream's start.", as if no start had come."""
+    async with twilio_gateway() as gw:
+        url = await stream_url_of(gw)
+        sid = url.rsplit("/", 1)[1].split(".")[0]
+        start = {
+            "event": "start",
+            "sequenceNumber": "1",
+            "streamSid": "MZ" + "1" * 32,
+            "start": {
+                "accountSid": "AC" + "0" * 32,
+                "streamSid": "MZ" + "1" * 32,
+                "callSid": "",
+                "tracks": ["inbound"],
+                "customParameters": {"appKey": "twilio"},
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            },
+        }
+        began = time.monotonic()
+        async with connect(
+            local_ws_url(gw.url, url), additional_headers={"X-Twilio-Signature": sign(AUTH, url)}
+        ) as ws:
+            await ws.send('{"event": "connected", "protocol": "Call", "version": "1.0.0"}')
+            await ws.send(json.dumps(start))
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(5):
+                    await ws.recv()
+        assert time.monotonic() - began < 3
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1008
+        assert closed.value.rcvd.reason.startswith("Invalid start message: start.callSid")
+        assert sid not in gw.channel.calls
+        assert not gw.core.turns
