@@ -38,7 +38,7 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
         "description": "Body larger than GATEWAY_MAX_BODY_BYTES (text, JSON) or "
         "GATEWAY_MAX_AUDIO_BYTES (audio), or more than GATEWAY_MAX_AUDIO_S of audio"
     },
-    415: {"description": "Content type not supported"},
+    415: {"description": "Content type not supported, or a text/plain charset not known"},
     503: {
         "description": "The session store or the speech recognizer is unavailable, or all "
         "recognizers are busy (an audio request: ErrorEvent source `stt`, `Retry-After` s)",
