@@ -286,9 +286,18 @@ _BOM: Final = b"\xef\xbb\xbf"
 text, ignored at the start of a body (RFC 8259 section 8.1 allows it of a JSON reader)."""
 
 
+_NO_CHARSETS: Final = frozenset(
+    {"undefined", "unicode-escape", "raw-unicode-escape", "idna", "punycode"}
+)
+"""Python text codecs that are no charset of a body: ``undefined`` refuses everything, the
+escape codecs turn backslashes into other characters, IDNA and Punycode are host names."""
+
+
 def _text_codec(charset: str) -> str | None:
     """The Python codec name of ``charset`` when it is a text encoding, else None
-    (unknown names, ``base64``/``zlib`` and the like, the ``undefined`` codec)."""
+    (unknown names, ``base64``/``zlib`` and the like, :data:`_NO_CHARSETS`)."""
+    if charset == "utf-8":  # the usual case: no lookup
+        return charset
     try:
         name = codecs.lookup(charset).name
     except (LookupError, ValueError):
@@ -299,7 +308,7 @@ def _text_codec(charset: str) -> str | None:
         return None
     except ValueError:
         pass  # a text encoding these bytes are not valid in
-    return None if name == "undefined" else name
+    return None if name in _NO_CHARSETS else name
 
 
 def text_charset(content_type: str | None) -> str:
