@@ -29,10 +29,13 @@ Message -> items (in Rasa's own order):
 - ``custom`` -> ``{"transfer": "<target>"}`` or ``{"transfer": {target, reason}}`` is
   the transfer action (:func:`gateway.events.transfer_item`); ``{"end_session": true}``
   ends the session (Rasa has no end of its own); ``{"ssml": ...}``, ``{"audio": url}``
-  give such an item; any other object is the command item ``#custom`` with it as code.
+  give such an item (``text``, the SSML's spoken text, a string or absent); any other
+  object is the command item ``#custom`` with it as code.
 
-A non-2xx status, invalid JSON, an answer that is not an array of objects, or one over
-GATEWAY_PIPELINE_MAX_RESPONSE_BYTES is a PipelineError.
+A non-2xx status, invalid JSON, an answer that is not an array of objects, a message whose
+``text`` (or a ``custom`` ``ssml``'s ``text``) is not a string, buttons that are not an
+array, or an answer over GATEWAY_PIPELINE_MAX_RESPONSE_BYTES is a PipelineError naming
+Rasa.
 """
 
 from __future__ import annotations
@@ -239,7 +242,10 @@ def _custom(custom: Any) -> list[ResponseItem | None]:
             return [transfer_item(target, reason=reason if isinstance(reason, str) else None)]
     out: list[ResponseItem | None] = []
     if isinstance(custom.get("ssml"), str):
-        out.append(ResponseItem(ssml=custom["ssml"], text=custom.get("text")))
+        spoken = custom.get("text")
+        if spoken is not None and not isinstance(spoken, str):
+            raise PipelineError("Rasa sent a custom ssml whose text is not a string")
+        out.append(ResponseItem(ssml=custom["ssml"], text=spoken))
     if is_url(custom.get("audio")):
         out.append(ResponseItem(audio=custom["audio"]))
     if custom.get("end_session") is True:

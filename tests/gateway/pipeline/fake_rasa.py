@@ -13,7 +13,8 @@ The tracker (slots) is per ``sender``. ``app.state.token`` set: ``?token=`` requ
 The bot: ``/greet`` greets with two buttons; ``/mood_great``; ``my name is X`` and
 ``what is my name`` (a slot); ``picture`` (text + image); ``agent`` (a custom transfer);
 ``carousel`` (two elements, the second without buttons); ``bye`` (two texts then
-``custom {"end_session": true}``); ``stream`` (one message, then
+``custom {"end_session": true}``); ``spoken`` (a text, then ``custom {"ssml", "text"}``);
+``badssml`` (a text, then ``custom {"ssml"}`` whose ``text`` is a number: malformed); ``stream`` (one message, then
 waits for ``app.state.release`` before the next); failures: ``boom`` (500), ``slow``
 (2 s), ``garbage`` (not JSON), ``object`` (not an array), ``badline`` (a broken NDJSON line),
 ``deep`` (JSON nested 50,000 levels deep, as the body or as a line), ``crash`` (streamed:
@@ -131,6 +132,10 @@ def bot(app: FastAPI, sender: str, text: str) -> list[Any]:
         ]
     if lowered == "bye":
         return [{"text": "Bye!\n\nSee you soon."}, {"custom": {"end_session": True}}]
+    if lowered == "spoken":
+        return [{"text": "Listen."}, {"custom": {"ssml": "<speak>Hi!</speak>", "text": "Hi!"}}]
+    if lowered == "badssml":
+        return [{"text": "Listen."}, {"custom": {"ssml": "<speak>Hi!</speak>", "text": 5}}]
     if lowered == "stream":
         return [{"text": "first"}, "WAIT", {"text": "second"}]
     if text.startswith("/"):

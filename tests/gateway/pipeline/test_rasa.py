@@ -5,6 +5,7 @@ the end of a conversation, failures, and a whole Flowstorm V2 conversation."""
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import pytest
@@ -169,6 +170,27 @@ async def test_core_failures_are_pipeline_errors_and_the_session_is_kept(
     # the next turn goes on, and is no failure
     assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
     assert REGISTRY.get_sample_value("gateway_core_errors_total", {"core": "rasa"}) == failures + 1
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_custom_ssml_whose_text_is_not_a_string_is_rasas_error(
+    rasa: tuple[str, FastAPI], stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``custom {"ssml", "text": 5}`` failed the item's validation inside the parser: the
+    turn ended as "the core pipeline failed unexpectedly (ValidationError)" with an ERROR
+    traceback. It is a malformed answer of Rasa's: a PipelineError naming Rasa, logged at
+    WARNING, and the session goes on. A well-formed one is an item with both."""
+    url, _ = rasa
+    conv = engine(pipeline=f"rasa+{url}", rasa_stream=stream)
+    got = items(await conv.turn(ctx(), Input.of("spoken")).collect())
+    assert [(i.text, i.ssml) for i in got] == [("Listen.", None), ("Hi!", "<speak>Hi!</speak>")]
+    caplog.set_level(logging.WARNING)
+    caplog.clear()
+    await pipeline_error(conv, "Rasa sent a custom ssml whose text is not a string", "badssml")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    await failed_session(conv, 1)
+    assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
     await conv.pipeline.aclose()
 
 
