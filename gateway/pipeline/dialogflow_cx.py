@@ -171,14 +171,15 @@ class DialogflowCxPipeline:
 
     @classmethod
     def from_url(cls, spec: str, settings: Settings) -> Self:
-        """The pipeline of ``GATEWAY_PIPELINE=dialogflow-cx:projects/P/locations/L/agents/A``.
+        """The pipeline of ``GATEWAY_PIPELINE=dialogflow-cx:projects/P/locations/L/agents/A``
+        (the scheme in any case, as RFC 3986 section 3.1 has it).
 
         Raises PipelineConfigError naming the setting: a malformed spec
         (GATEWAY_PIPELINE); GATEWAY_DIALOGFLOW_CX_CREDENTIALS unset, unreadable or not a
         service-account key.
         """
         scheme, _, agent = spec.strip().partition(":")
-        if scheme != "dialogflow-cx" or _AGENT.fullmatch(agent.strip("/")) is None:
+        if scheme.lower() != "dialogflow-cx" or _AGENT.fullmatch(agent.strip("/")) is None:
             raise PipelineConfigError(
                 f"GATEWAY_PIPELINE {spec!r} is not a Dialogflow CX agent: expected "
                 "dialogflow-cx:projects/PROJECT/locations/LOCATION/agents/AGENT"

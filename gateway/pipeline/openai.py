@@ -204,7 +204,8 @@ class OpenAIPipeline:
 
     @classmethod
     def from_url(cls, spec: str, settings: Settings) -> Self:
-        """The pipeline of ``GATEWAY_PIPELINE=openai+https://host/v1`` (or ``openai+http://``).
+        """The pipeline of ``GATEWAY_PIPELINE=openai+https://host/v1`` (or ``openai+http://``;
+        the scheme in any case, as RFC 3986 section 3.1 has it).
 
         Raises PipelineConfigError naming the setting: a malformed spec
         (GATEWAY_PIPELINE), no GATEWAY_OPENAI_MODEL, or no GATEWAY_OPENAI_API_KEY
@@ -212,9 +213,10 @@ class OpenAIPipeline:
         """
         scheme, sep, rest = spec.strip().partition("+")
         url = rest.strip()
-        parts = urlsplit(url)
+        parts = urlsplit(url)  # its scheme lower-cased: schemes are case-insensitive
+        url = parts.scheme + url[len(parts.scheme) :]
         if (
-            scheme != "openai"
+            scheme.lower() != "openai"
             or not sep
             or parts.scheme not in ("http", "https")
             or not parts.hostname

@@ -99,17 +99,21 @@ class RasaPipeline:
 
     @classmethod
     def from_url(cls, spec: str, settings: Settings) -> Self:
-        """The Rasa server at ``spec`` (``rasa+http(s)://host:port[/prefix]``).
+        """The Rasa server at ``spec`` (``rasa+http(s)://host:port[/prefix]``; the scheme
+        in any case, ``RASA+HTTP://`` too, as RFC 3986 section 3.1 has it).
 
         The REST webhook path is appended unless the spec ends with it. Raises
-        PipelineConfigError for a spec without a host, or with a query or fragment (the
-        path would be appended after it: every turn a 404; the REST channel's
-        ``?token=`` is GATEWAY_RASA_TOKEN).
+        PipelineConfigError for a spec that is not ``rasa+<URL>``, without a host, or
+        with a query or fragment (the path would be appended after it: every turn a 404;
+        the REST channel's ``?token=`` is GATEWAY_RASA_TOKEN).
         """
-        url = spec.strip().removeprefix("rasa+")
+        prefix, plus, url = spec.strip().partition("+")
+        if not plus or prefix.lower() != "rasa":
+            raise PipelineConfigError("not a Rasa URL; use rasa+http://host:5005")
         parts = urlsplit(url)
         if not parts.hostname:
             raise PipelineConfigError("no host; use rasa+http://host:5005")
+        url = parts.scheme + url[len(parts.scheme) :]  # urlsplit gives the scheme lower-cased
         if parts.query or parts.fragment or url.endswith(("?", "#")):
             raise PipelineConfigError(
                 "the Rasa URL takes no query or fragment (use rasa+http://host:5005[/prefix]); "

@@ -618,6 +618,16 @@ async def test_from_url_endpoints_by_location(keys: tuple[bytes, bytes], tmp_pat
     await world.aclose()
 
 
+async def test_a_scheme_in_upper_case_is_the_same_core(cx: tuple[Settings, FastAPI]) -> None:
+    """Schemes are case-insensitive (RFC 3986 section 3.1), and GATEWAY_PIPELINE's is read
+    so when the core is chosen: ``DIALOGFLOW-CX:projects/...`` was then refused as no
+    Dialogflow CX agent. It is that agent, and it answers."""
+    settings, _ = cx
+    conv = engine(settings, pipeline=f"DialogFlow-CX:{AGENT}")
+    assert texts(await conv.turn(ctx(), Input.of("pizza")).collect()) == ["What size?"]
+    await conv.pipeline.aclose()
+
+
 @pytest.mark.parametrize(
     ("spec", "credentials", "setting"),
     [

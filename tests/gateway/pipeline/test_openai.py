@@ -351,6 +351,22 @@ async def test_from_url_reads_the_settings() -> None:
     await local.aclose()
 
 
+@pytest.mark.parametrize("scheme", ["OPENAI+http", "OpenAI+HTTP"])
+async def test_a_scheme_in_upper_case_is_the_same_core(
+    llm: tuple[str, FastAPI], scheme: str
+) -> None:
+    """Schemes are case-insensitive (RFC 3986 section 3.1), and GATEWAY_PIPELINE's is read
+    so when the core is chosen: ``OPENAI+http://`` was then refused as no OpenAI-compatible
+    server. It is that core, and it answers."""
+    url, _ = llm
+    spec = f"{scheme}{url.removeprefix('http')}/chat/v1"
+    pipe = OpenAIPipeline.from_url(spec, Settings(openai_model="m", openai_api_key=SecretStr(KEY)))
+    assert pipe.url == f"{url}/chat/v1/chat/completions"
+    conv = engine(pipe)
+    assert texts(await conv.turn(ctx(), Input.of("hello")).collect())[0] == "You said hello."
+    await pipe.aclose()
+
+
 @pytest.mark.parametrize(
     ("spec", "settings", "setting"),
     [

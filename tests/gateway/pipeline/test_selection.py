@@ -73,6 +73,38 @@ async def test_each_scheme_makes_its_core() -> None:
 
 
 @pytest.mark.parametrize(
+    ("scheme", "core"),
+    [
+        ("RASA+http", "rasa"),
+        ("Rasa+HTTP", "rasa"),
+        ("VOICEFLOW", "voiceflow"),
+        ("BotPress", "botpress"),
+    ],
+)
+async def test_a_scheme_in_upper_case_names_the_same_core(
+    three_cores: dict[str, tuple[str, FastAPI]], scheme: str, core: str
+) -> None:
+    """Schemes are case-insensitive (RFC 3986 section 3.1), and core_class reads them so:
+    ``RASA+http://host:5005`` passed startup, then every turn failed (httpx: the URL's
+    scheme ``rasa+http`` is no protocol it speaks). Each core answers its turns."""
+    url, _ = three_cores[core]
+    spec = {
+        "rasa": f"{scheme}{url.removeprefix('http')}",
+        "voiceflow": f"{scheme}:",
+        "botpress": f"{scheme}:{WEBHOOK_ID}",
+    }[core]
+    conv = engine(
+        pipeline=spec,
+        voiceflow_api_key=SecretStr(API_KEY),
+        voiceflow_runtime_url=three_cores["voiceflow"][0],
+        botpress_url=three_cores["botpress"][0],
+        botpress_idle_s=0.2,
+    )
+    assert texts(await conv.turn(ctx(), Input.of("hello")).collect()) == ["You said: hello"]
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
     ("overrides", "words"),
     [
         ({"pipeline": "watson:abc"}, "GATEWAY_PIPELINE: unknown core 'watson:abc'"),
