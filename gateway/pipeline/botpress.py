@@ -12,10 +12,10 @@ A turn: open ``GET /conversations/{id}/listen`` (SSE, each ``data`` a JSON ``{ty
 data}``), then send the input, then forward each ``message_created`` with ``isBot: true``
 as items as it arrives. The Chat API has no end-of-turn marker: the turn is over
 GATEWAY_BOTPRESS_IDLE_S after the bot's last message, or at once after a signal nothing
-of the bot's follows (:func:`_final`: a ``choice``/``dropdown``, which waits for the
-user's pick, or the ``transfer``/``handoff``/``end`` event). The first message must come within
-GATEWAY_BOTPRESS_REPLY_TIMEOUT_S after text (else a PipelineError: the bot did not
-answer); after an action none may come (an empty answer).
+of the bot's follows (:func:`_final`: a ``choice``/``dropdown`` with options, which
+waits for the user's pick, or the ``transfer``/``handoff``/``end`` event). The first
+message must come within GATEWAY_BOTPRESS_REPLY_TIMEOUT_S after text (else a
+PipelineError: the bot did not answer); after an action none may come (an empty answer).
 
 Input: text -> ``POST /messages {conversationId, payload: {type: "text", text}}`` (the
 name of a choice option of the last turn sends that option's ``value``); an action
@@ -26,7 +26,8 @@ Bot message payloads -> items: ``text``, ``markdown`` -> text; ``image``, ``audi
 ``video`` -> those media URLs; ``card`` -> title and subtitle, ``imageUrl``, its
 ``actions`` as buttons (``postback``/``say`` send their ``value`` as text, ``url`` opens
 it); ``carousel`` -> one item per card; ``choice``/``dropdown`` -> text with the options
-as quick replies (gateway/pipeline/cores.py); ``bloc`` -> its items (flat ``{type,
+as quick replies (gateway/pipeline/cores.py), without options its text alone (and no
+end of the turn); ``bloc`` -> its items (flat ``{type,
 text}`` as the Chat API sends them, or ``{type, payload}``); ``file``,
 ``location`` and others -> the command item ``#<type>``. A bot's ``event_created`` whose
 payload is ``{type: "transfer"|"handoff", target, reason?}`` is the transfer action
@@ -293,14 +294,16 @@ def _items(payload: Any, offered: list[dict[str, Any]]) -> list[ResponseItem]:
     if kind == "carousel":
         return [_card(c, offered) for c in payload.get("items") or [] if isinstance(c, dict)]
     if kind in ("choice", "dropdown"):
-        options = [o for o in payload.get("options") or [] if isinstance(o, dict)]
         buttons = [
             button(str(o.get("label", "")), {"type": "text", "payload": str(o.get("value", ""))})
-            for o in options
+            for o in _options(payload)
         ]
         offered.extend(buttons)
         text = payload.get("text")
-        return [buttons_item(buttons, text if isinstance(text, str) and text else None)]
+        text = text if isinstance(text, str) and text else None
+        if not buttons:  # nothing to pick: the text alone, as a text message
+            return [ResponseItem(text=text)] if text else []
+        return [buttons_item(buttons, text)]
     if kind == "bloc":
         # the Chat API sends a bloc's items flat, {type, text} (chat-api models/message.ts;
         # the Chat integration spreads each item's payload); a bot's SDK form nests them,
@@ -337,18 +340,25 @@ def _card(card: dict[str, Any], offered: list[dict[str, Any]]) -> ResponseItem:
     return ResponseItem(text=text or None, image=image if is_url(image) else None, code=code)
 
 
+def _options(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The options (objects) of a ``choice``/``dropdown`` payload."""
+    return [o for o in payload.get("options") or [] if isinstance(o, dict)]
+
+
 def _final(kind: str, payload: Any) -> bool:
     """Whether the bot's turn is over with this signal, without waiting for the idle gap.
 
     ``kind`` is ``"message"`` or ``"event"``; ``payload`` its payload. A Botpress flow
-    stops after a choice (``choice``/``dropdown``) until the user picks, and says nothing
-    after it hands the conversation over or ends it (the ``transfer``/``handoff``/``end``
-    event).
+    stops after a choice (``choice``/``dropdown`` with options) until the user picks, and
+    says nothing after it hands the conversation over or ends it (the
+    ``transfer``/``handoff``/``end`` event). A choice without options offers nothing to
+    pick: it is a text, and the turn waits for the idle gap.
     """
     if not isinstance(payload, dict):
         return False
-    finals = ("choice", "dropdown") if kind == "message" else ("transfer", "handoff", "end")
-    return payload.get("type") in finals
+    if kind == "message":
+        return payload.get("type") in ("choice", "dropdown") and bool(_options(payload))
+    return payload.get("type") in ("transfer", "handoff", "end")
 
 
 def _event(payload: Any) -> ResponseItem | str | None:

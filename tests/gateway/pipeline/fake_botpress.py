@@ -15,6 +15,7 @@ The bot: the event ``intro`` -> a text and a ``choice``; the option ``yes``; ``m
 X`` / ``what is my name``; ``rich`` -> a card, an image, an audio, a markdown and a bloc
 (its items flat, ``{type, text}``, as the Chat API sends them); ``bloc`` -> a bloc of a
 text, an image, a location (flat) and a markdown (``{type, payload}``, a bot SDK's form);
+``empty choice`` / ``empty dropdown`` -> a choice (dropdown) with no options, then a text;
 ``agent`` -> a text and the event ``{type: "transfer", target, reason}``; ``bye`` -> a text
 and the event ``{type: "end"}``; another event -> nothing. Failures: ``boom`` (500 on the
 message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON), ``deep``
@@ -164,6 +165,11 @@ def make_botpress() -> FastAPI:
                 {"type": "markdown", "payload": {"markdown": "*Open* daily"}},
             ]
             replies = [("bloc", {"items": items})]
+        elif said in ("empty choice", "empty dropdown"):
+            replies = [
+                (said.split()[1], {"text": "Pick one:", "options": []}),
+                ("text", "Or just say it."),
+            ]
         elif said == "agent":
             replies = [
                 ("text", "One moment."),

@@ -170,6 +170,25 @@ async def test_a_choice_transfer_or_end_ends_the_turn_without_the_idle_gap(
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("kind", ["choice", "dropdown"])
+async def test_a_choice_without_options_is_its_text_alone(
+    botpress: tuple[str, FastAPI], kind: str
+) -> None:
+    """A ``choice`` (or ``dropdown``) with no options gave an item offering the empty quick
+    replies ``{"buttons": []}`` and ended the turn at once (as a choice waiting for the
+    user's pick): the bot's next message was lost. It is its text alone, and the turn
+    waits for the idle gap, as after a text."""
+    url, _ = botpress
+    conv = bp_engine(url)
+    got = items(await conv.turn(ctx(), Input.of(f"empty {kind}")).collect())
+    assert [(i.text, i.code) for i in got] == [("Pick one:", None), ("Or just say it.", None)]
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.pipeline_state["buttons"] == []
+    assert texts(await conv.turn(ctx(), Input.of("hello")).collect()) == ["You said: hello"]
+    await conv.pipeline.aclose()
+
+
 async def test_manual_mode_user_key_is_a_jwt(botpress: tuple[str, FastAPI]) -> None:
     url, app = botpress
     app.state.encryption_key = "integration-encryption-key-0123456789"
