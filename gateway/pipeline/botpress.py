@@ -50,8 +50,9 @@ the next turn. Items are forwarded as they arrive, so the wait delays only the
 Response (the end of the turn, the next listening), not the first words; where a bot
 is known to answer in one quick message, GATEWAY_BOTPRESS_IDLE_S can be lowered.
 
-A non-2xx status, invalid JSON, a listen stream that ends before the bot's answer or a
-message without a payload type is a PipelineError. The stream's keepalive (``data:
+A non-2xx status, invalid JSON, a listen stream that ends before the bot's answer, a
+message without a payload type or whose ``options``/``items``/``actions`` are not an
+array is a PipelineError. The stream's keepalive (``data:
 ping``, :data:`KEEPALIVE`) is no signal and is skipped.
 """
 
@@ -292,7 +293,7 @@ def _items(payload: Any, offered: list[dict[str, Any]]) -> list[ResponseItem]:
     if kind == "card":
         return [_card(payload, offered)]
     if kind == "carousel":
-        return [_card(c, offered) for c in payload.get("items") or [] if isinstance(c, dict)]
+        return [_card(c, offered) for c in _array(payload, "items") if isinstance(c, dict)]
     if kind in ("choice", "dropdown"):
         buttons = [
             button(str(o.get("label", "")), {"type": "text", "payload": str(o.get("value", ""))})
@@ -309,7 +310,7 @@ def _items(payload: Any, offered: list[dict[str, Any]]) -> list[ResponseItem]:
         # the Chat integration spreads each item's payload); a bot's SDK form nests them,
         # {type, payload: {text}}: both are read
         out: list[ResponseItem] = []
-        for part in payload.get("items") or []:
+        for part in _array(payload, "items"):
             if not isinstance(part, dict):
                 continue
             inner = part.get("payload")
@@ -324,7 +325,7 @@ def _card(card: dict[str, Any], offered: list[dict[str, Any]]) -> ResponseItem:
         t for t in (card.get("title"), card.get("subtitle")) if isinstance(t, str) and t
     )
     buttons = []
-    for action in card.get("actions") or []:
+    for action in _array(card, "actions"):
         if not isinstance(action, dict):
             continue
         kind = "url" if action.get("action") == "url" else "text"
@@ -342,7 +343,20 @@ def _card(card: dict[str, Any], offered: list[dict[str, Any]]) -> ResponseItem:
 
 def _options(payload: dict[str, Any]) -> list[dict[str, Any]]:
     """The options (objects) of a ``choice``/``dropdown`` payload."""
-    return [o for o in payload.get("options") or [] if isinstance(o, dict)]
+    return [o for o in _array(payload, "options") if isinstance(o, dict)]
+
+
+def _array(payload: dict[str, Any], field: str) -> list[Any]:
+    """The array ``payload[field]`` (empty when absent or null); PipelineError naming
+    Botpress when it is something else (a number iterated as a list failed the turn as
+    the gateway's own fault)."""
+    value = payload.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        kind = payload["type"] if isinstance(payload.get("type"), str) else "card"
+        raise PipelineError(f"Botpress sent a {kind} whose {field} are not an array")
+    return value
 
 
 def _final(kind: str, payload: Any) -> bool:

@@ -19,7 +19,9 @@ text, an image, a location (flat) and a markdown (``{type, payload}``, a bot SDK
 ``agent`` -> a text and the event ``{type: "transfer", target, reason}``; ``bye`` -> a text
 and the event ``{type: "end"}``; another event -> nothing. Failures: ``boom`` (500 on the
 message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON), ``deep``
-(a signal nested 50,000 levels deep), ``weird`` (a message without a payload type),
+(a signal nested 50,000 levels deep), ``weird`` (a message without a payload type), ``bad options`` / ``bad carousel`` /
+``bad bloc`` / ``bad card`` (a choice's options, a carousel's or bloc's items, a card's
+actions that are a number),
 ``hangup`` (the listen stream closes without a word), ``chatty`` (a participant signal
 every 0.2 s for 3 s, then ``state.chatter_done`` set, and no answer), ``endless`` (the listen stream goes
 on with one line of 32 MB that never ends, see tests.gateway.core_app.endless_body);
@@ -186,6 +188,14 @@ def make_botpress() -> FastAPI:
         elif said == "deep":
             publish(conversation_id, "raw", DEEP)
             return
+        elif said == "bad options":
+            replies = [("choice", {"text": "Pick one:", "options": 5})]
+        elif said == "bad carousel":
+            replies = [("carousel", {"items": 5})]
+        elif said == "bad bloc":
+            replies = [("bloc", {"items": 5})]
+        elif said == "bad card":
+            replies = [("card", {"title": "Pizza", "actions": 5})]
         elif said == "weird":
             replies = [("weird", {"text": "no type"})]
         elif said == "hangup":

@@ -208,6 +208,11 @@ async def test_manual_mode_user_key_is_a_jwt(botpress: tuple[str, FastAPI]) -> N
         ("garbage", "invalid signal"),
         ("deep", "invalid signal: the JSON is nested deeper than 64 levels"),
         ("weird", "without a payload type"),
+        # a number for a list: a TypeError in the parser, "failed unexpectedly" at ERROR
+        ("bad options", "Botpress sent a choice whose options are not an array"),
+        ("bad carousel", "Botpress sent a carousel whose items are not an array"),
+        ("bad bloc", "Botpress sent a bloc whose items are not an array"),
+        ("bad card", "Botpress sent a card whose actions are not an array"),
         ("hangup", "closed the listen stream"),
         ("crash", "the connection to Botpress failed: RemoteProtocolError"),
     ],
