@@ -5,8 +5,17 @@ Spec: shared/specs/CORES.md, "Botpress Chat API". Base URL
 ``pipeline_state``: a Chat user (``POST /users`` -> ``{user, key}``; with
 GATEWAY_BOTPRESS_ENCRYPTION_KEY the manual mode: the key is the HS256 JWT of
 ``{"id": <user id>}`` and ``POST /users/get-or-create``) as ``userId``/``userKey``, and one
-conversation (``POST /conversations``) as ``conversationId``. Every request but
-``POST /users`` carries ``x-user-key``.
+conversation (``POST /conversations``; in manual mode ``POST /conversations/get-or-create``
+with an id derived from the session, :func:`conversation_id`) as ``conversationId``.
+Every request but ``POST /users`` carries ``x-user-key``.
+
+The turn engine discards a failed turn's ``pipeline_state``. In manual mode nothing is
+lost: the user's and the conversation's ids are derived from the session, so the next
+turn (or the ``#error`` turn) of a session whose first turn failed finds the same user
+and conversation, with the first message and the bot's context. In default mode the
+user key exists only in the answer of ``POST /users`` (the Chat API gives it once; a
+user id given again is refused as existing): after a failed first turn the next one
+creates another user and conversation, and the first ones are left in Botpress.
 
 A turn: open ``GET /conversations/{id}/listen`` (SSE, each ``data`` a JSON ``{type,
 data}``), then send the input, then forward each ``message_created`` with ``isBot: true``
@@ -155,7 +164,7 @@ class BotpressPipeline:
         if isinstance(state.get("userKey"), str) and isinstance(state.get("userId"), str):
             return state["userId"], state["userKey"]
         if self._encryption_key:
-            user_id = "gw-" + hashlib.sha256(session.key.encode()).hexdigest()[:32]
+            user_id = _derived(session.key)
             key = jwt.encode({"id": user_id}, self._encryption_key, algorithm="HS256")
             await self._call("POST", "/users/get-or-create", key, {})
         else:
@@ -168,11 +177,20 @@ class BotpressPipeline:
         return user_id, key
 
     async def _conversation(self, session: Session, key: str) -> str:
-        """The session's conversation id, created on its first turn."""
+        """The session's conversation id, created on its first turn: in manual mode
+        ``POST /conversations/get-or-create`` with the id :func:`conversation_id` derives
+        from the session, so every attempt at the first turn (the engine discards a
+        failed turn's state) finds the same conversation; else ``POST /conversations``."""
         state = session.pipeline_state
         if isinstance(state.get("conversationId"), str):
             return str(state["conversationId"])
-        made = (await self._call("POST", "/conversations", key, {})).get("conversation")
+        if self._encryption_key:
+            body = {"id": conversation_id(session)}
+            made = (await self._call("POST", "/conversations/get-or-create", key, body)).get(
+                "conversation"
+            )
+        else:
+            made = (await self._call("POST", "/conversations", key, {})).get("conversation")
         if not isinstance(made, dict) or not isinstance(made.get("id"), str):
             raise PipelineError("Botpress created a conversation without an id")
         state["conversationId"] = made["id"]
@@ -277,6 +295,20 @@ class BotpressPipeline:
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
+
+
+def conversation_id(session: Session) -> str:
+    """The id of ``session``'s conversation in manual mode: ``gw-`` and 32 hex digits of
+    the SHA-256 of its key and creation time (epoch s): the same for every turn of the
+    session, failed ones too, and another for a new session under the same key (a new
+    conversation, as in default mode). Within the Chat API's ids (at most 70 characters
+    of ``[a-zA-Z0-9_-\\/]``)."""
+    return _derived(f"{session.key}\n{session.created_at!r}")
+
+
+def _derived(text: str) -> str:
+    """A Chat API id derived from ``text``: ``gw-`` and 32 hex digits of its SHA-256."""
+    return "gw-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _items(payload: Any, offered: list[dict[str, Any]]) -> list[ResponseItem]:

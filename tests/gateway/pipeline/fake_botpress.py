@@ -4,7 +4,8 @@ shared/specs/CORES.md ("Botpress Chat API") with a small bot behind it.
 Under ``/{webhookId}`` (:data:`WEBHOOK_ID`; another id is 404): ``POST /users`` -> 201
 ``{user, key}``; ``POST /users/get-or-create`` with ``x-user-key`` the HS256 JWT of
 ``{"id"}`` signed with ``app.state.encryption_key`` (manual mode); ``POST /conversations``
--> 201 ``{conversation}``; ``GET /conversations/{id}/listen`` -> SSE whose ``data`` is a
+-> 201 ``{conversation}``; ``POST /conversations/get-or-create {id}`` -> 201
+``{conversation}``, the one of that id (403 when another user owns it) or a new one; ``GET /conversations/{id}/listen`` -> SSE whose ``data`` is a
 JSON ``{type, data}`` signal (``init`` first, then ``message_created`` with ``isBot`` and
 ``event_created``, for the user's own messages and events too); ``POST /messages`` and
 ``POST /events`` -> 201 ``{message}`` / ``{event}``. Every call but ``POST /users`` needs
@@ -12,7 +13,8 @@ a known ``x-user-key`` (else 401). The bot answers after the 201, message by mes
 (:data:`GAP_S` apart), with no end-of-turn marker; its memory is per conversation.
 
 The bot: the event ``intro`` -> a text and a ``choice``; the option ``yes``; ``my name is
-X`` / ``what is my name``; ``rich`` -> a card, an image, an audio, a markdown and a bloc
+X`` / ``what is my name`` (``my name is X...``: the name is remembered at once, the answer
+comes after 2 s); ``rich`` -> a card, an image, an audio, a markdown and a bloc
 (its items flat, ``{type, text}``, as the Chat API sends them); ``bloc`` -> a bloc of a
 text, an image, a location (flat) and a markdown (``{type, payload}``, a bot SDK's form);
 ``empty choice`` / ``empty dropdown`` -> a choice (dropdown) with no options, then a text;
@@ -136,7 +138,9 @@ def make_botpress() -> FastAPI:
         elif said == "yes":
             replies = [("text", "Let us start.")]
         elif said and said.lower().startswith("my name is "):
-            memory["name"] = said[11:].strip().title()
+            memory["name"] = said[11:].strip(" .").title()
+            if said.endswith("..."):
+                await asyncio.sleep(2)
             replies = [("text", f"Hello {memory['name']}.")]
         elif said == "what is my name":
             replies = [("text", f"You are {memory.get('name', 'unknown')}.")]
@@ -258,7 +262,24 @@ def make_botpress() -> FastAPI:
         if (refused := refuse(webhook_id, user)) is not None:
             return refused
         conversation_id = body.get("id") or f"conv-{uuid.uuid4().hex[:8]}"
-        state.conversations[conversation_id] = {"memory": {}, "listeners": []}
+        return made(conversation_id, user)
+
+    @app.post("/{webhook_id}/conversations/get-or-create")
+    async def get_or_create_conversation(webhook_id: str, request: Request) -> Response:
+        body, user = await call(request, webhook_id)
+        if (refused := refuse(webhook_id, user)) is not None:
+            return refused
+        conversation_id = body.get("id")
+        if not isinstance(conversation_id, str) or not conversation_id:
+            return JSONResponse({"message": "id is required"}, status_code=400)
+        known = state.conversations.get(conversation_id)
+        if known is not None and known["owner"] != user:
+            return JSONResponse({"message": "You are not the owner"}, status_code=403)
+        return made(conversation_id, user, known is None)
+
+    def made(conversation_id: str, user: str | None, new: bool = True) -> Response:
+        if new:
+            state.conversations[conversation_id] = {"memory": {}, "listeners": [], "owner": user}
         conversation = {
             "id": conversation_id,
             "createdAt": "2026-01-01T00:00:00Z",

@@ -16,6 +16,7 @@ from pydantic import SecretStr
 
 from gateway.conversation import Conversation
 from gateway.events import (
+    ErrorEvent,
     Input,
     ResponseEvent,
     ResponseItemEvent,
@@ -197,6 +198,48 @@ async def test_manual_mode_user_key_is_a_jwt(botpress: tuple[str, FastAPI]) -> N
     paths = [p for _, p, _ in app.state.calls]
     assert "/users/get-or-create" in paths
     assert "/users" not in paths
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("error_turn", [False, True])
+async def test_manual_mode_a_failed_first_turn_keeps_its_conversation(
+    botpress: tuple[str, FastAPI], error_turn: bool
+) -> None:
+    """The engine discards a failed turn's pipeline state: the conversation a failed
+    first turn had created was forgotten, and the next turn (or the ``#error`` turn)
+    created another: the first message and what the bot made of it were lost, and
+    orphan conversations piled up in Botpress. In manual mode the conversation's id is
+    derived from the session (``POST /conversations/get-or-create``), as the user's is:
+    every turn of the session finds the same one."""
+    url, app = botpress
+    app.state.encryption_key = "integration-encryption-key-0123456789"
+    conv = bp_engine(
+        url,
+        botpress_encryption_key=SecretStr(app.state.encryption_key),
+        botpress_reply_timeout_s=0.3,
+        error_turn=error_turn,
+    )
+    # the bot takes the name in, then is slow to answer: the first turn fails
+    first = await conv.turn(ctx(), Input.of("my name is ada...")).collect()
+    if error_turn:  # the #error event had no answer: an empty one
+        assert isinstance(first[-1], ResponseEvent)
+        assert texts(first) == []
+    else:
+        assert isinstance(first[-1], ErrorEvent)
+        assert "did not answer within 0.3 s" in first[-1].text
+    assert texts(await conv.turn(ctx(), Input.of("what is my name")).collect()) == ["You are Ada."]
+    assert len(app.state.conversations) == 1
+    sent = [
+        (p, b["conversationId"]) for _, p, b in app.state.calls if p in ("/messages", "/events")
+    ]
+    assert [p for p, _ in sent] == ["/messages", *(["/events"] if error_turn else []), "/messages"]
+    assert len({c for _, c in sent}) == 1
+    assert ("POST", "/conversations") not in [(m, p) for m, p, _ in app.state.calls]
+    # another session is another conversation
+    assert texts(await conv.turn(ctx("s2"), Input.of("what is my name")).collect()) == [
+        "You are unknown."
+    ]
+    assert len(app.state.conversations) == 2
     await conv.pipeline.aclose()
 
 
