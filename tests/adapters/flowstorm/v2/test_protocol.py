@@ -270,7 +270,9 @@ def test_a_text_body_is_read_in_its_declared_charset(
     assert (read.action or read.text) == text
 
 
-@pytest.mark.parametrize("charset", ["klingon", "base64", "zlib", '""', "undefined", "unicode_escape", "idna"])
+@pytest.mark.parametrize(
+    "charset", ["klingon", "base64", "zlib", '""', "undefined", "unicode_escape", "idna"]
+)
 def test_a_charset_that_is_no_text_encoding_is_refused_415(charset: str) -> None:
     with pytest.raises(ProtocolError) as err:
         text_charset(f"text/plain; charset={charset}")
