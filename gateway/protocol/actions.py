@@ -102,6 +102,14 @@ class StartListening:
     onset the stage's endpointer noticed). With ``idle_timeout_ms`` set, the peer
     sending no audio for that long (wall clock, from this action or the latest
     FeedAudio until FinishListening) is reported once to the protocol object.
+    With ``continuous`` the utterance is one of a stream that stays open across
+    utterances (a Flowstorm V1 ``sttMode: Duplex`` stream): the stream's speech stage
+    is kept from one such utterance to the next (made by the first, dropped by a
+    CancelListening of the latest), it hears every FeedAudio of the latest number
+    between utterances too (VAD only, a bounded window of kept audio), and
+    recognition (and so a recognizer) is taken only from the next voice onset on,
+    with the audio just before it; FinishListening before that onset ends the
+    utterance as ``silence``.
     """
 
     stream: int
@@ -110,6 +118,7 @@ class StartListening:
     silence_timeout_ms: int | None = None
     idle_timeout_ms: int | None = None
     from_ms: int | None = None
+    continuous: bool = False
 
 
 @dataclass(frozen=True)

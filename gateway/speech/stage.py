@@ -203,11 +203,17 @@ class SpeechStage:
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._open = False
+        self._generation = 0
+        """Counts :meth:`listen` calls: a :meth:`run` serves the utterance it started on."""
+        self._onset_preroll_ms: int | None = None
+        """While an utterance waits for a voice onset (``listen(at_onset=...)``): the audio
+        before the onset it is given (ms); None: it is being recognised."""
         self._origin_ms = 0
         """Stream time (ms) of the first audio fed to the open utterance (its preroll)."""
         self._reset_utterance()
 
     def _reset_utterance(self) -> None:
+        self._onset_preroll_ms = None
         self._queue: deque[_Item] = deque()
         self._pending = 0
         self._room.set()
@@ -334,6 +340,13 @@ class SpeechStage:
         return self.result is not None or self.cancelled
 
     @property
+    def taking(self) -> bool:
+        """Whether :meth:`put` queues audio for an open utterance now: one is open and
+        neither finishing, stopped nor done (else it drops the chunk unheard; a stream
+        heard between utterances is given to :meth:`hear` instead)."""
+        return self._open and not self._finishing and not self._stopped and not self.done
+
+    @property
     def recognised_ms(self) -> int:
         """Audio of the utterance given to the recognizer so far, in ms: :attr:`audio_ms`
         less the silence held back or dropped (``silence_tail_ms``, the tentative end)."""
@@ -385,7 +398,15 @@ class SpeechStage:
                 else:
                     decisions.append(("timeout", event.at_ms))
         if self._open and not self._finishing and not self._stopped and not self.done:
+            self._last_audio = time.monotonic()
             endpointer = self._endpointer
+            if self._onset_preroll_ms is not None:  # the utterance waits for a voice onset
+                started = [at_ms for kind, at_ms in decisions if kind == "started"]
+                if not started:
+                    return onsets  # heard (VAD and kept audio) only
+                chunk = self.recent(max(started[-1] - self._onset_preroll_ms, 0))
+                self._onset_preroll_ms = None
+                self._origin_ms = self.now_ms - int(self.fmt.duration_ms(len(chunk)))
             if endpointer is None:
                 self._enqueue(_Item(chunk, tuple(decisions)))
             else:
@@ -393,7 +414,6 @@ class SpeechStage:
                     chunk, tuple(decisions), False, endpointer.in_speech, endpointer.last_voiced_ms
                 )
                 self._enqueue(item)
-            self._last_audio = time.monotonic()
         return onsets
 
     def recent(self, from_ms: int) -> bytes:
@@ -403,17 +423,30 @@ class SpeechStage:
 
     # -------------------------------------------------------------- the utterance
 
-    def listen(self, preroll_from_ms: int | None = None) -> None:
+    def listen(self, preroll_from_ms: int | None = None, *, at_onset: int | None = None) -> None:
         """Open an utterance: what is heard from now on is recognised, after the kept audio
         from ``preroll_from_ms`` (None: none). Speech going on now counts as its start.
 
-        A stream has one utterance open at a time; the previous one must be over
-        (its result reported, or cancelled, or stopped and its :meth:`run` returned).
+        With ``at_onset`` (ms; endpointing, ``keep_ms`` of at least that) the utterance is
+        recognised only from the next voice onset on, with the ``at_onset`` ms of audio
+        before it (from that before the speech going on now, if any): until then the stream
+        is only heard (no recognition stream is opened, nothing is queued, the idle guard
+        does not run), so a quiet stream holds no recognizer and never times out.
+
+        A stream has one utterance open at a time; the previous one must be over (its
+        result reported, or cancelled, or stopped). A :meth:`run` still reporting the
+        previous one's result returns without touching this one.
         """
         self._reset_utterance()
+        self._generation += 1
         self._open = True
         self.speaking = self.onset_ms is not None
         self._origin_ms = self.now_ms
+        if at_onset is not None and self._endpointer is not None:
+            if self.onset_ms is None:
+                self._onset_preroll_ms = at_onset
+                return
+            preroll_from_ms = max(self.onset_ms - at_onset, 0)
         if preroll_from_ms is not None and (preroll := self.recent(preroll_from_ms)):
             self._origin_ms -= int(self.fmt.duration_ms(len(preroll)))
             endpointer = self._endpointer
@@ -499,19 +532,23 @@ class SpeechStage:
         RecognitionError. The recognition stream is cancelled on every way out
         without a result.
         """
+        generation = self._generation
         try:
-            await self.start()
-            while not self.done and not self._stopped:
+            if self._onset_preroll_ms is None:
+                await self.start()
+            while not self.done and not self._stopped and generation == self._generation:
                 item = await self._next()
                 if item is None:
                     return
                 if isinstance(item, Heard):
                     await report(item)
                     continue
+                if not item.finish:
+                    await self.start()  # (opened already, or at the voice onset)
                 for heard in await self._process(item):
                     await report(heard)
         finally:
-            if not self.done:
+            if not self.done and generation == self._generation:
                 await asyncio.shield(self.cancel())
 
     async def _next(self) -> _Item | Heard | None:
@@ -523,7 +560,9 @@ class SpeechStage:
             if self.done or self._stopped:
                 return None
             timeout: float | None = None
-            if self._idle_s is not None and not self._finishing and not self._idle_told:
+            waiting = self._onset_preroll_ms is not None  # for a voice onset: no idle guard
+            guarded = not self._finishing and not self._idle_told and not waiting
+            if self._idle_s is not None and guarded:
                 timeout = self._last_audio + self._idle_s - time.monotonic()
                 if timeout <= 0:
                     self._idle_told = True

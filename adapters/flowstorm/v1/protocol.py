@@ -18,7 +18,8 @@ the I/O layer to carry out, in order:
 - :class:`StartListening` / :class:`FeedAudio` / :class:`FinishListening` /
   :class:`CancelListening` — one utterance of audio input: make a
   ``gateway.speech.stage.SpeechStage`` for a format, feed it the client's audio
-  in order, end it, or drop it. The I/O layer reports what the listener heard
+  in order, end it, or drop it (the utterances of a Duplex stream share one
+  stage: ``continuous``). The I/O layer reports what the listener heard
   with :meth:`V1Connection.heard`, a failure with :meth:`V1Connection.audio_failed`
   and a client that stopped sending with :meth:`V1Connection.audio_timeout`.
 
@@ -40,6 +41,9 @@ sending for ``silenceTimeout`` + :data:`AUDIO_IDLE_MARGIN_MS`) gives the final
 text and the recognizer's confidence). No speech within ``silenceTimeout`` ms
 of audio gives ``Recognized {text: "#silence"}`` and a ``#silence`` turn.
 ``InputAudioStreamCancel`` drops the utterance: no Recognized, no turn.
+That is one utterance per stream (``sttMode`` ``Default`` and
+``SingleUtterance``); a ``Duplex`` stream carries one utterance after another
+and has no ``#silence`` (see the decisions below).
 
 Bad audio — an unsupported ``sttSampleRate`` (at InputAudioStreamOpen; no
 stream is opened), odd-length LINEAR16 at the end of an utterance, more than
@@ -53,7 +57,8 @@ Decisions where the spec is silent:
   with an Error ("a turn is still running"), not queued: a V1 client is in its
   ``Processing`` state then and must wait for the Response; queueing would hide
   client bugs and let a client pile up unbounded work. ``InputAudioStreamOpen``
-  while a turn runs is refused the same way.
+  while a turn runs is refused the same way (unless it is of a Duplex stream
+  that is open: see below).
 - The ``Response`` and what follows it (``SessionEnded``) are held back by the
   I/O layer until the turn's event stream ends (see :attr:`V1Connection.turn_over`),
   so a client that answers a Response at once always finds the connection idle
@@ -88,11 +93,40 @@ Decisions where the spec is silent:
   client with odd audio settings is never refused: ``sttSampleRate`` (default
   16000) must be one of :data:`STT_SAMPLE_RATES` Hz; ``silenceTimeout``
   (default GATEWAY_SILENCE_TIMEOUT_MS) must be 1..:data:`MAX_SILENCE_TIMEOUT_MS`
-  ms; ``sttMode`` must be ``Default``, ``SingleUtterance`` or ``Duplex`` and
-  all three are served as one utterance per stream (a Duplex client opens the
-  stream again for its next utterance). ``stt``, ``voice`` and ``returnSsml``
+  ms; ``sttMode`` must be ``Default``, ``SingleUtterance`` or ``Duplex``
+  (any case): the first two are served as one utterance per stream, ``Duplex``
+  as one stream of many utterances (below). ``stt``, ``voice`` and ``returnSsml``
   are accepted and ignored (Flowstorm's server ignores ``stt`` as well).
-- Each ``InputAudioStreamOpen`` is one utterance. After its final result the
+- ``sttMode: Duplex`` is served as Flowstorm's server served it. Its reference
+  client (``BotClient.kt`` in flowstorm/core) opens the stream once, when the
+  first answer starts playing, streams the microphone while the bot speaks, and
+  neither closes nor reopens the stream after a ``Recognized``; its server
+  (``AbstractBotSocketAdapter.kt``) kept one recognition stream open across
+  utterances and applied no silence timeout in Duplex. So one
+  ``InputAudioStreamOpen`` opens a stream (state ``duplex``) that stays open
+  until ``InputAudioStreamClose``/``Cancel``, an audio error, ``SessionEnded``
+  or the end of the connection. Each utterance on it gives a final
+  ``Recognized`` and its turn; the next utterance is listened for as soon as
+  that turn has ended. There is no ``#silence`` turn: an utterance with nothing
+  recognised is dropped without a frame and listening goes on. Recognition (and
+  so a recognizer of the bounded pool) is taken only from a voice onset on
+  (StartListening ``continuous``), so a quiet stream holds none and the bot's
+  answer playing is never taken for silence. While a turn runs the stream's
+  audio is classified by the endpointer only, within a bounded window of kept
+  audio: speech still going on when the turn ends is recognised from its onset
+  (as far back as the window holds); speech that began and ended during the
+  turn is dropped (nothing piles up). GATEWAY_MAX_AUDIO_S and the wall-clock
+  guard apply per utterance. ``InputAudioStreamClose`` finishes the utterance
+  being spoken (its ``Recognized`` and turn when anything was said) and ends
+  the stream; ``InputAudioStreamOpen`` while it is open is acknowledged again
+  and changes nothing but, with a ``sessionId``, the session of the next
+  utterances: the reference client forgets its stream without
+  ``InputAudioStreamClose`` at any ``Error`` and at ``SessionEnded`` and opens it
+  again at its next ``Response``, which Flowstorm's server accepted.
+  ``SessionEnded`` ends the stream (Flowstorm's server closed it then), and so
+  does an audio error (with its ``Error``); audio after the end is ignored as
+  with no stream open.
+- Each ``InputAudioStreamOpen`` (not Duplex) is one utterance. After its final result the
   client's stream still counts as open until ``InputAudioStreamClose`` /
   ``InputAudioStreamCancel`` (or the next ``InputAudioStreamOpen``): audio that
   the client sent before it saw ``Recognized`` is dropped silently. Binary
@@ -108,7 +142,7 @@ Decisions where the spec is silent:
   the Response carries all items.
 - ``InputAudioStreamClose``/``Cancel`` with no stream open are accepted and do
   nothing (closing is idempotent); ``InputAudioStreamOpen`` while a stream is
-  open is an Error.
+  open is an Error (of a Duplex stream: acknowledged again, see above).
 - A ``Request``/``Input`` while an utterance is being recognised drops the
   utterance (the user typed instead of speaking) and runs the text turn.
 - ``#silence`` is announced as ``Recognized {text: "#silence"}`` before its
@@ -303,6 +337,14 @@ class State(StrEnum):
     """The turn's Response or Error is known; its stream has not ended yet."""
     TURN_ENDING_DRAINING = "turn-ending-draining"
     """TURN_ENDING with the client's audio stream still open."""
+    DUPLEX = "duplex"
+    """No turn running; the client's ``sttMode: Duplex`` stream is open and its next
+    utterance is being recognised (client states Listening and Responding: the
+    reference client streams while the bot speaks)."""
+    DUPLEX_TURN = "duplex-turn"
+    """A turn runs; the client's Duplex stream stays open (heard for voice onsets only)."""
+    DUPLEX_TURN_ENDING = "duplex-turn-ending"
+    """DUPLEX_TURN once the turn's Response or Error is known."""
     CLOSED = "closed"
     """The connection is being closed (unknown key, oversized frame, client gone)."""
 
@@ -330,6 +372,10 @@ OUTBOX = "Outbox"
 OPEN = "InputAudioStreamOpen"
 CLOSE = "InputAudioStreamClose"
 CANCEL = "InputAudioStreamCancel"
+OPEN_DUPLEX = "InputAudioStreamOpen (Duplex)"
+"""InputAudioStreamOpen of a client with ``sttMode: Duplex`` (one stream, many utterances)."""
+DUPLEX_SILENCE = "Silence (Duplex)"
+"""An utterance of a Duplex stream ended with nothing recognised: no ``#silence`` turn."""
 
 _HEARD_EVENTS: Final[dict[str, str]] = {
     "speech_started": SPEECH_STARTED,
@@ -375,6 +421,31 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         (s.FINISHING, AUDIO_FAILED): s.IDLE,
         (s.FINISHING, AUDIO_TIMEOUT): s.FINISHING,
     }
+    # sttMode Duplex: one stream, an utterance after another, until Close or Cancel
+    table.update(
+        {
+            (s.IDLE, OPEN_DUPLEX): s.DUPLEX,
+            (s.DRAINING, OPEN_DUPLEX): s.DUPLEX,  # after an audio error: the stream again
+            (s.DUPLEX, OPEN_DUPLEX): s.DUPLEX,  # acknowledged again; the stream goes on
+            (s.DUPLEX, BINARY): s.DUPLEX,  # FeedAudio
+            (s.DUPLEX, CLOSE): s.FINISHING,  # FinishListening: the last utterance
+            (s.DUPLEX, CANCEL): s.IDLE,  # CancelListening
+            (s.DUPLEX, "Request"): s.DUPLEX_TURN,  # CancelListening, the text turn
+            (s.DUPLEX, "Input"): s.DUPLEX_TURN,
+            (s.DUPLEX, SPEECH_STARTED): s.DUPLEX,
+            (s.DUPLEX, INTERIM): s.DUPLEX,
+            (s.DUPLEX, FINAL): s.DUPLEX_TURN,
+            (s.DUPLEX, DUPLEX_SILENCE): s.DUPLEX,  # StartListening: the next utterance
+            (s.DUPLEX, AUDIO_FAILED): s.DRAINING,  # the stream ends with the Error
+            (s.DUPLEX, AUDIO_TIMEOUT): s.DUPLEX,  # FinishListening
+            (s.FINISHING, DUPLEX_SILENCE): s.IDLE,
+        }
+    )
+    for turn, plain in ((s.DUPLEX_TURN, s.TURN), (s.DUPLEX_TURN_ENDING, s.TURN_ENDING)):
+        table[(turn, BINARY)] = turn  # FeedAudio: heard for onsets, not recognised
+        table[(turn, OPEN_DUPLEX)] = turn  # acknowledged again
+        table[(turn, CLOSE)] = plain  # CancelListening: the stream ends
+        table[(turn, CANCEL)] = plain
     # the client's stream after its utterance: audio is dropped until it is closed
     for draining, plain in (
         (s.DRAINING, s.IDLE),
@@ -390,6 +461,7 @@ def _build_transitions() -> dict[tuple[State, str], State]:
     for turn, ending, idle in (
         (s.TURN, s.TURN_ENDING, s.IDLE),
         (s.TURN_DRAINING, s.TURN_ENDING_DRAINING, s.DRAINING),
+        (s.DUPLEX_TURN, s.DUPLEX_TURN_ENDING, s.DUPLEX),  # StartListening after the turn
     ):
         table[(turn, TURN_REJECTED)] = idle
         table[(turn, "SessionStarted")] = turn
@@ -400,8 +472,20 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         table[(turn, TURN_FINISHED)] = idle  # a stream without an end event
         table[(ending, "SessionEnded")] = ending
         table[(ending, TURN_FINISHED)] = idle
+    # the session ended: so does a Duplex stream (Flowstorm's server closed it; its
+    # client forgets it without InputAudioStreamClose and opens it again later)
+    table[(s.DUPLEX_TURN_ENDING, "SessionEnded")] = s.TURN_ENDING
     # the session's outbox: between turns, or before the answer of the turn just started
-    for state in (s.IDLE, s.LISTENING, s.FINISHING, s.DRAINING, s.TURN, s.TURN_DRAINING):
+    for state in (
+        s.IDLE,
+        s.LISTENING,
+        s.FINISHING,
+        s.DRAINING,
+        s.DUPLEX,
+        s.TURN,
+        s.TURN_DRAINING,
+        s.DUPLEX_TURN,
+    ):
         table[(state, OUTBOX)] = state
     for state in State:
         if state not in (s.AWAIT_INIT, s.CLOSED):
@@ -416,10 +500,12 @@ TRANSITIONS: dict[tuple[State, str], State] = _build_transitions()
 """(state, event type) -> next state for every legal message of a V1 connection.
 
 Event types are the client's (``Init``, ``Request``, ``Input``, ``Log``,
-``InputAudioStreamOpen/Close/Cancel``, ``Binary`` for a binary frame), the
+``InputAudioStreamOpen/Close/Cancel``, ``InputAudioStreamOpen (Duplex)`` for the
+Open of a client with ``sttMode: Duplex``, ``Binary`` for a binary frame), the
 turn engine's (``SessionStarted``, ``ResponseItem``, ``ResponseAudio`` for its
 BinaryEvent, ``Response``, ``Error``, ``SessionEnded``), the listener's
-(``SpeechStarted``, ``Interim``, ``Final``, ``Silence``, ``AudioFailed``,
+(``SpeechStarted``, ``Interim``, ``Final``, ``Silence``, ``Silence (Duplex)``
+for an utterance of a Duplex stream that recognised nothing, ``AudioFailed``,
 ``AudioTimeout``) and the connection's own (``Init (refused key)``,
 ``Oversized``, ``TurnRejected``, ``TurnFinished``, ``ConnectionLost``,
 ``Outbox`` for entries of the session's outbox going out: between turns, or in
@@ -431,6 +517,8 @@ _RUNNING = Expected(
     "A turn of this connection is still running",
     "its Response before the next Request, Input or InputAudioStreamOpen (Log is allowed)",
 )
+_DUPLEX_STATES: Final = frozenset({State.DUPLEX, State.DUPLEX_TURN, State.DUPLEX_TURN_ENDING})
+"""States in which the client's Duplex stream is open."""
 _EXPECTED: dict[State, Expected] = {
     State.AWAIT_INIT: Expected("The connection is not initialised", "Init"),
     State.IDLE: Expected("Event out of order", "Request, Input, Log or InputAudioStreamOpen"),
@@ -450,11 +538,19 @@ _EXPECTED: dict[State, Expected] = {
     State.TURN_DRAINING: _RUNNING,
     State.TURN_ENDING: _RUNNING,
     State.TURN_ENDING_DRAINING: _RUNNING,
+    State.DUPLEX: Expected(
+        "An audio input stream (sttMode Duplex) is open",
+        "audio, InputAudioStreamOpen/Close/Cancel, Request, Input or Log",
+    ),
+    State.DUPLEX_TURN: _RUNNING,
+    State.DUPLEX_TURN_ENDING: _RUNNING,
     State.CLOSED: Expected("The connection is closing", "nothing more"),
 }
 
 
-_NO_TURN: Final = frozenset({State.IDLE, State.LISTENING, State.FINISHING, State.DRAINING})
+_NO_TURN: Final = frozenset(
+    {State.IDLE, State.LISTENING, State.FINISHING, State.DRAINING, State.DUPLEX}
+)
 """States after Init in which no turn of the connection runs."""
 
 
@@ -541,12 +637,14 @@ class ListenConfig:
     """How the utterances of a connection are heard, from its Init ``config``.
 
     ``fmt`` is LINEAR16 at ``sttSampleRate`` Hz; ``interim`` is
-    ``sttInterimResults``; ``silence_timeout_ms`` is ``silenceTimeout`` (ms).
+    ``sttInterimResults``; ``silence_timeout_ms`` is ``silenceTimeout`` (ms);
+    ``duplex`` is ``sttMode: Duplex`` (one stream for many utterances).
     """
 
     fmt: AudioFormat
     interim: bool
     silence_timeout_ms: int
+    duplex: bool = False
 
 
 def listen_config(config: Mapping[str, Any], default_silence_timeout_ms: int) -> ListenConfig:
@@ -581,6 +679,7 @@ def listen_config(config: Mapping[str, Any], default_silence_timeout_ms: int) ->
         AudioFormat("LINEAR16", rate),
         interim=flag(config.get("sttInterimResults")),
         silence_timeout_ms=timeout,
+        duplex=isinstance(mode, str) and mode.strip().lower() == "duplex",
     )
 
 
@@ -631,11 +730,23 @@ class _Turn:
 
 @dataclass(frozen=True)
 class _Utterance:
-    """The utterance being recognised: its stream number, session and interim flag."""
+    """The utterance being recognised: its stream number, session and interim flag, and
+    whether it is one of the client's Duplex stream."""
 
     stream: int
     session_id: str
     interim: bool
+    duplex: bool = False
+
+
+@dataclass
+class _Duplex:
+    """The client's open Duplex stream: its settings, the session its utterances' turns
+    run in, and the number of its latest utterance (what its audio is fed to)."""
+
+    listen: ListenConfig
+    session_id: str
+    stream: int = 0
 
 
 class V1Connection:
@@ -676,6 +787,7 @@ class V1Connection:
         """The speech every turn asks for (Init ``config.tts``/``ttsFileType``)."""
         self._turn: _Turn | None = None
         self._utterance: _Utterance | None = None
+        self._duplex: _Duplex | None = None
         self._streams = itertools.count(1)
         self._logs: deque[LogEntry] = deque(maxlen=log_buffer)
         self.numbered = False
@@ -701,7 +813,11 @@ class V1Connection:
         stream has ended and :meth:`turn_finished` was called, so the client
         never sees a Response while its connection still counts a turn running.
         """
-        return self.state in (State.TURN_ENDING, State.TURN_ENDING_DRAINING)
+        return self.state in (
+            State.TURN_ENDING,
+            State.TURN_ENDING_DRAINING,
+            State.DUPLEX_TURN_ENDING,
+        )
 
     @property
     def stream(self) -> int | None:
@@ -744,8 +860,9 @@ class V1Connection:
     def receive_bytes(self, data: bytes) -> list[Action]:
         """Handle one binary frame: audio (spec "Audio Input for Speech-To-Text").
 
-        While an utterance is recognised -> ``[FeedAudio]``; after its end,
-        while the client's stream is still open -> ``[]`` (dropped); with no
+        While an utterance is recognised, and while a Duplex stream is open (also
+        while its utterance's turn runs) -> ``[FeedAudio]``; after the utterance's
+        end, while the client's (not Duplex) stream is still open -> ``[]`` (dropped); with no
         stream open -> ``[]`` (ignored, no Error: the 2022 web client's ping
         is an empty binary frame every 10 s, see the module doc); an empty
         frame -> ``[]`` in every state (a ping is no audio); over
@@ -760,6 +877,8 @@ class V1Connection:
         self.machine.feed(BINARY)
         if self.state is State.LISTENING and self._utterance is not None:
             return [FeedAudio(self._utterance.stream, data)]
+        if self._duplex is not None:  # the stream is heard between utterances too
+            return [FeedAudio(self._duplex.stream, data)]
         return []
 
     def _oversized(self, size: int) -> list[Action]:
@@ -889,10 +1008,22 @@ class V1Connection:
     # ------------------------------------------------------------ audio input
 
     def _on_audio_open(self, event: InputAudioStreamOpenEvent) -> list[Action]:
+        ack = Send(InputAudioStreamOpenEvent().wire_json())
+        duplex = self._duplex
+        if duplex is not None:  # open already: the client lost track of it (module doc)
+            self.machine.check(OPEN_DUPLEX)
+            if event.session_id:
+                duplex.session_id = check_session_id(event.session_id)  # invalid: Error
+            self.machine.feed(OPEN_DUPLEX)
+            return [ack]
         self.machine.check(OPEN)  # a turn runs, or a stream is open: nothing changes
         assert self.init is not None
         listen = listen_config(self.init.config, self._silence_timeout_ms)  # unsupported: Error
         session_id = self._proposed(event.session_id)  # invalid: Error
+        if listen.duplex:
+            self.machine.feed(OPEN_DUPLEX)
+            self._duplex = _Duplex(listen, session_id)
+            return [*self._listen_next(), ack]
         self.machine.feed(OPEN)
         utterance = _Utterance(next(self._streams), session_id, listen.interim)
         self._utterance = utterance
@@ -903,19 +1034,53 @@ class V1Connection:
             silence_timeout_ms=listen.silence_timeout_ms,
             idle_timeout_ms=listen.silence_timeout_ms + AUDIO_IDLE_MARGIN_MS,
         )
-        return [start, Send(InputAudioStreamOpenEvent().wire_json())]
+        return [start, ack]
+
+    def _listen_next(self) -> list[Action]:
+        """StartListening for the next utterance of the open Duplex stream: no silence
+        timeout (the stage recognises from the next voice onset on), the wall-clock guard
+        for a client that stops sending mid-utterance."""
+        duplex = self._duplex
+        assert duplex is not None
+        listen = duplex.listen
+        utterance = _Utterance(next(self._streams), duplex.session_id, listen.interim, True)
+        self._utterance = utterance
+        duplex.stream = utterance.stream
+        start = StartListening(
+            utterance.stream,
+            listen.fmt,
+            interim=listen.interim,
+            idle_timeout_ms=listen.silence_timeout_ms + AUDIO_IDLE_MARGIN_MS,
+            continuous=True,
+        )
+        return [start]
+
+    def _end_duplex(self) -> list[Action]:
+        """The Duplex stream is over: CancelListening of its latest utterance (its stage is
+        dropped); ``[]`` when none is open."""
+        duplex, self._duplex = self._duplex, None
+        return [CancelListening(duplex.stream)] if duplex is not None else []
 
     def _on_audio_close(self) -> list[Action]:
-        listening = self.state is State.LISTENING
+        state = self.state
         self.machine.feed(CLOSE)
-        if listening and self._utterance is not None:
-            return [FinishListening(self._utterance.stream)]
+        utterance = self._utterance
+        if state is State.DUPLEX and utterance is not None:
+            self._duplex = None  # its last utterance is finished; then the stream is over
+            return [FinishListening(utterance.stream)]
+        if state in _DUPLEX_STATES:  # between utterances (a turn runs)
+            return self._end_duplex()
+        if state is State.LISTENING and utterance is not None:
+            return [FinishListening(utterance.stream)]
         return []
 
     def _on_audio_cancel(self, event: InputAudioStreamCancelEvent) -> list[Action]:
         self.machine.feed(event.type)
         utterance, self._utterance = self._utterance, None
-        return [CancelListening(utterance.stream)] if utterance is not None else []
+        duplex = self._end_duplex()
+        if utterance is not None:
+            return [CancelListening(utterance.stream)]
+        return duplex
 
     def _current(self, stream: int) -> _Utterance | None:
         """The utterance ``stream`` when it is the one being recognised (else a stale report)."""
@@ -931,12 +1096,20 @@ class V1Connection:
         isFinal=false)]`` with ``sttInterimResults``, else ``[]``; ``final`` ->
         ``[Send(Recognized), StartTurn]`` (the transcript with its confidence);
         ``silence`` -> ``[Send(Recognized "#silence"), StartTurn("#silence")]``.
-        Reports of an utterance that was cancelled or has ended are ``[]``.
+        An utterance of a Duplex stream that recognised nothing gives no
+        ``#silence`` turn: ``[StartListening]`` of the stream's next utterance (or,
+        after InputAudioStreamClose, ``[CancelListening]``: the stream is over);
+        its final result after InputAudioStreamClose comes with that
+        CancelListening first. Reports of an utterance that was cancelled or has
+        ended are ``[]``.
         """
         utterance = self._current(stream)
         if utterance is None:
             return []
-        self.machine.advance(_HEARD_EVENTS[heard.kind])
+        said = heard.kind == "final" and bool(heard.text)
+        nothing = heard.kind in ("final", "silence") and not said
+        event = DUPLEX_SILENCE if utterance.duplex and nothing else _HEARD_EVENTS[heard.kind]
+        self.machine.advance(event)
         if heard.kind == "speech_started":
             return []
         if heard.kind == "interim":
@@ -944,22 +1117,36 @@ class V1Connection:
                 return []
             return [Send(RecognizedEvent(text=heard.text, is_final=False).wire_json())]
         self._utterance = None
-        if heard.kind == "final" and heard.text:
+        # the stream's last utterance (InputAudioStreamClose came): its stage is dropped
+        ended: list[Action] = []
+        if utterance.duplex and self._duplex is None:
+            ended = [CancelListening(stream)]
+        if event == DUPLEX_SILENCE:
+            return ended if self._duplex is None else self._listen_next()
+        if said:
             transcript = Transcript(text=heard.text, confidence=heard.confidence)
         else:
             transcript = Transcript(text=SILENCE)
         recognized = Send(RecognizedEvent(text=transcript.text).wire_json())
-        return [recognized, self._start_turn(utterance.session_id, Input(transcript=transcript))]
+        turn = self._start_turn(utterance.session_id, Input(transcript=transcript))
+        return [*ended, recognized, turn]
 
     def audio_failed(self, stream: int, error: Exception) -> list[Action]:
         """The listener of utterance ``stream`` failed: ``[Send(Error)]``, the utterance is dropped.
 
-        See :func:`audio_error_frame` for the source. Stale reports are ``[]``.
+        An utterance of a Duplex stream ends the stream with it (as the reference
+        client does at an Error): ``[Send(Error), CancelListening]``; the client
+        opens it again with InputAudioStreamOpen. See :func:`audio_error_frame`
+        for the source. Stale reports are ``[]``.
         """
-        if self._current(stream) is None:
+        utterance = self._current(stream)
+        if utterance is None:
             return []
         self.machine.advance(AUDIO_FAILED)
         self._utterance = None
+        if utterance.duplex:
+            self._duplex = None
+            return [audio_error_frame(error), CancelListening(stream)]
         return [audio_error_frame(error)]
 
     def audio_timeout(self, stream: int) -> list[Action]:
@@ -970,7 +1157,7 @@ class V1Connection:
         utterance = self._current(stream)
         if utterance is None:
             return []
-        listening = self.state is State.LISTENING
+        listening = self.state in (State.LISTENING, State.DUPLEX)
         self.machine.advance(AUDIO_TIMEOUT)
         return [FinishListening(stream)] if listening else []
 
@@ -990,11 +1177,18 @@ class V1Connection:
         the client reconnected or moved from another device), a SessionStarted of
         the turn's session goes out before that first event's frames, as
         Flowstorm's server sent it on the first Request of every connection (spec
-        "Communication Flow": "in both cases it will send SessionStarted"). Raises
+        "Communication Flow": "in both cases it will send SessionStarted"). The
+        session a turn adopts is also that of the open Duplex stream's next
+        utterances; SessionEnded ends that stream (``CancelListening`` after its
+        frame), as Flowstorm's server closed it. Raises
         LocalProtocolError when no turn runs or the engine broke its order (a gateway bug).
         """
         kind = RESPONSE_AUDIO if isinstance(event, BinaryEvent) else event.type
+        before = self.state
         self.machine.advance(kind)
+        ended: list[Action] = []
+        if before is State.DUPLEX_TURN_ENDING and self.state is State.TURN_ENDING:
+            ended = self._end_duplex()  # SessionEnded: the Duplex stream ends with it
         turn = self._turn
         announce: list[Action] = []
         if turn is not None and not turn.accepted:  # the engine took the turn on
@@ -1007,7 +1201,10 @@ class V1Connection:
             self.session_id = turn.session_id
         if isinstance(event, BinaryEvent):
             return [*announce, SendBytes(event.data)]
-        return [*announce, *self._frames(event, push=False)]
+        frames = self._frames(event, push=False)
+        if self._duplex is not None and self.session_id is not None:
+            self._duplex.session_id = self.session_id  # the stream's next utterances talk in it
+        return [*announce, *frames, *ended]
 
     def _frames(self, event: TurnEvent, *, push: bool) -> list[Action]:
         """The frames of one server event of the session (a turn's, or an outbox entry)."""
@@ -1072,28 +1269,33 @@ class V1Connection:
     def turn_rejected(self, exc: TurnRejected) -> list[Action]:
         """The engine refused the turn (session foreign/busy, store down): an Error frame.
 
-        The connection goes back to idle and keeps its previous session id.
+        The connection goes back to idle and keeps its previous session id; an open
+        Duplex stream goes on with its next utterance (``StartListening`` after the Error).
         """
         self.machine.advance(TURN_REJECTED)
         self._turn = None
-        return [error_frame(exc.text, exc.source)]
+        error = error_frame(exc.text, exc.source)
+        return [error, *self._listen_next()] if self.state is State.DUPLEX else [error]
 
     def turn_finished(self) -> list[Action]:
         """The running turn's event stream has ended; the connection is idle again.
 
         Returns a StoreLogs for entries that arrived during the turn when the
-        session still exists.
+        session still exists, and with an open Duplex stream the StartListening of
+        its next utterance.
         """
         self.machine.advance(TURN_FINISHED)
         self._turn = None
-        return self._flush_logs()
+        listen = self._listen_next() if self.state is State.DUPLEX else []
+        return [*self._flush_logs(), *listen]
 
     def connection_lost(self) -> list[Action]:
         """The socket is gone: CancelListening for an utterance being recognised, and a
         last StoreLogs for buffered entries when a session exists."""
         self.machine.advance(CONNECTION_LOST)
         utterance, self._utterance = self._utterance, None
-        cancel: list[Action] = [CancelListening(utterance.stream)] if utterance else []
+        duplex = self._end_duplex()
+        cancel: list[Action] = [CancelListening(utterance.stream)] if utterance else duplex
         return [*cancel, *self._flush_logs()]
 
     def _flush_logs(self) -> list[Action]:

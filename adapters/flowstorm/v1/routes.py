@@ -22,6 +22,11 @@ stops reading until the stage caught up (backpressure: TCP slows the client
 down; no frame is dropped). The stage also keeps the wall-clock guard for
 clients that stop sending (StartListening.idle_timeout_ms).
 
+A Duplex stream (``sttMode: Duplex``; StartListening.continuous) keeps one stage
+for all its utterances: between them (while a turn runs) the stage's endpointer
+hears its audio, keeping the last :data:`DUPLEX_KEEP_MS`; each utterance takes a
+recognizer only at the next voice onset, from :data:`PREROLL_MS` before it.
+
 Close codes: 1008 unknown or missing application key (after an Error frame),
 1009 a frame larger than GATEWAY_MAX_BODY_BYTES, 1011 an unexpected failure of
 the gateway. Every other problem is an Error frame and the connection stays open.
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -77,21 +82,35 @@ router = APIRouter(tags=["Flowstorm Socket V1"])
 MAX_PENDING_AUDIO_MS: Final = 10_000
 """Audio (ms) an utterance may have queued, not yet fed to its listener, before the
 receive loop waits for the listener to catch up."""
+DUPLEX_KEEP_MS: Final = 3000
+"""Audio a Duplex stream's stage keeps (ms): speech still going on when a turn ends is
+recognised from its onset, as far back as this."""
+PREROLL_MS: Final = 300
+"""Audio before a voice onset given to a Duplex stream's utterance (word beginnings are soft)."""
 
 
 @dataclass
 class _Utterance:
-    """Utterance ``stream`` of the connection: its speech stage and the task that runs it."""
+    """Utterance ``stream`` of the connection: its speech stage and the task that runs it;
+    ``continuous``: one of a Duplex stream (StartListening.continuous), whose stage hears
+    the stream between utterances too."""
 
     stream: int
     stage: SpeechStage
     task: asyncio.Task[None] | None = None
+    continuous: bool = False
 
 
 class _Listening:
     """The speech side of one V1 socket (the driver's :class:`Listening`): one utterance at
     a time, its speech stage (queued mode) and the task that runs it, which reports to the
-    protocol."""
+    protocol.
+
+    The utterances of a Duplex stream (StartListening.continuous) share one stage,
+    kept until a CancelListening of the latest: between them it hears the stream (one
+    VAD pass per frame, :data:`DUPLEX_KEEP_MS` kept), and each utterance is recognised
+    from the next voice onset on (with :data:`PREROLL_MS` before it), so a quiet stream
+    holds no recognizer. A FinishListening before that onset is reported as silence."""
 
     def __init__(
         self, gw: Gateway, conn: V1Connection, run: Callable[[Sequence[Action]], Awaitable[None]]
@@ -100,10 +119,16 @@ class _Listening:
         self.conn = conn
         self._run = run
         self._utterance: _Utterance | None = None
+        self._duplex: SpeechStage | None = None
+        """The stage of the open Duplex stream (None: none is open)."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, start: StartListening) -> None:
         previous = self._utterance
+        if start.continuous:
+            await self._start_continuous(start, previous)
+            return
+        self._duplex = None
         if previous is not None:
             # the protocol is done with it (a result or failure was reported); its worker
             # may still be sending that report's frames: let it, but take no more audio
@@ -120,11 +145,35 @@ class _Listening:
         )
         stage.listen()
         utterance = _Utterance(start.stream, stage)
+        self._spawn(utterance, self._listen(utterance))
+
+    def _spawn(self, utterance: _Utterance, work: Coroutine[Any, Any, None]) -> None:
         self._utterance = utterance
-        task = asyncio.create_task(self._listen(utterance), name=f"listen {start.stream}")
+        task = asyncio.create_task(work, name=f"listen {utterance.stream}")
         utterance.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _start_continuous(self, start: StartListening, previous: _Utterance | None) -> None:
+        """The next utterance of the Duplex stream (its first makes the stream's stage),
+        recognised from the next voice onset on (SpeechStage.listen ``at_onset``)."""
+        stage = self._duplex
+        if stage is None:
+            stage = self._duplex = self.gw.speech.stage(
+                start.fmt,
+                interim=start.interim,
+                silence_timeout_ms=None,  # a Duplex stream has no #silence
+                keep_ms=DUPLEX_KEEP_MS,
+                max_pending_ms=MAX_PENDING_AUDIO_MS,
+                idle_timeout_ms=start.idle_timeout_ms,
+            )
+        if previous is not None and previous.stage is not stage:
+            previous.stage.stop()
+        # the previous utterance's run may still be reporting its result: it returns
+        # without touching this one (SpeechStage.listen)
+        stage.listen(at_onset=PREROLL_MS)
+        utterance = _Utterance(start.stream, stage, continuous=True)
+        self._spawn(utterance, self._listen(utterance))
 
     def _current(self, stream: int) -> _Utterance | None:
         utterance = self._utterance
@@ -132,13 +181,19 @@ class _Listening:
 
     async def feed(self, action: FeedAudio) -> None:
         utterance = self._current(action.stream)
-        if utterance is not None:
-            await utterance.stage.put(action.data)
+        if utterance is None:
+            return
+        stage = utterance.stage
+        if not utterance.continuous or stage.taking:
+            await stage.put(action.data)
+        else:
+            stage.hear(action.data)  # a Duplex stream between utterances: heard only
 
     async def finish(self, action: FinishListening) -> None:
         utterance = self._current(action.stream)
-        if utterance is not None:
-            utterance.stage.finish_soon()
+        if utterance is None:
+            return
+        utterance.stage.finish_soon()  # before a Duplex utterance's onset: silence
 
     async def cancel(self, action: CancelListening) -> None:
         utterance = self._current(action.stream)
@@ -146,8 +201,11 @@ class _Listening:
             return
         self._utterance = None
         utterance.stage.stop()
-        if utterance.task is not None:
-            utterance.task.cancel()  # its recognition is cancelled on the way out
+        if utterance.stage is self._duplex:
+            self._duplex = None  # the Duplex stream is over
+        task = utterance.task
+        if task is not None and task is not asyncio.current_task():  # (not its own report)
+            task.cancel()  # its recognition is cancelled on the way out
 
     async def close(self) -> None:
         utterance = self._utterance
@@ -185,9 +243,11 @@ class _Listening:
             log.exception("listening to utterance %d failed", stream)
             await report(conn.audio_failed(stream, exc))
         finally:
-            utterance.stage.stop()
-            if self._utterance is utterance:
-                self._utterance = None
+            if not utterance.continuous:
+                utterance.stage.stop()
+                if self._utterance is utterance:
+                    self._utterance = None
+            # a Duplex stream's stage goes on hearing the stream until a CancelListening
 
 
 class _Socket(WebSocketDriver[Action]):

@@ -461,3 +461,68 @@ async def test_required_streaming_sends_a_long_items_first_audio_before_it_is_sy
         assert first < last / 2, (first, last)  # the first sound long before the last
         speech = decode_mp3(b"".join(f for _, f in audio))  # the chunks are one MP3 stream
         assert speech.duration_s > 8
+
+
+# ------------------------------------------------------------------ sttMode Duplex
+# Flowstorm's reference client (BotClient.kt) opens its stream once in Duplex and never
+# reopens it after a Recognized; Flowstorm's server recognised continuously, with no
+# silence timeout (protocol.py module doc).
+
+
+async def test_a_duplex_stream_opened_once_hears_every_utterance(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    async with connect(ws_url(server)) as ws:
+        # a silence timeout shorter than the quiet before the first sentence: no #silence
+        await init(ws, init_frame(sttMode="Duplex", silenceTimeout=1000))
+        await open_stream(ws)  # once
+        quiet = silence(2500, 16000).data  # the bot's answer playing, say
+        async with speaking(ws, quiet + pcm_at(corpus[PLACE], 16000), 16000, close=False):
+            frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
+        first = final_text(frames)
+        assert close_to(PLACE, first), first
+        assert texts(json_frames(frames)[-1]) == [f"You said: {first}"]
+
+        # the same stream, not opened again: the next sentence is heard too
+        async with speaking(ws, quiet + pcm_at(corpus[WEATHER], 16000), 16000, close=False):
+            frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "Response"]
+        second = final_text(frames)
+        assert close_to(WEATHER, second), second
+        assert texts(json_frames(frames)[-1]) == [f"You said: {second}"]
+
+        # opened again while open (the reference client does so after an Error): acknowledged
+        await open_stream(ws)
+        # quiet on the stream gives nothing, however long: no #silence turn
+        await send_audio(ws, silence(3000, 16000).data, 16000)
+        assert await recv_nothing(ws, 1.5)
+
+        # Close ends the stream: audio after it is ignored, text turns go on
+        await send_json(ws, {"type": "InputAudioStreamClose"})
+        await send_audio(ws, pcm_at(corpus[MUSIC], 16000), 16000)
+        assert await recv_nothing(ws, 1.5)
+        [answer] = await turn(ws, request_frame("hello"))
+        assert texts(answer) == ["You said: hello"]
+
+
+async def test_a_duplex_stream_limits_each_utterance_not_the_stream(
+    corpus: dict[str, Pcm],
+) -> None:
+    async with served(max_audio_s=5) as url, connect(ws_url(url)) as ws:
+        await init(ws, init_frame(sttMode="Duplex"))
+        await open_stream(ws)
+        heard = []
+        for sentence in (MUSIC, PLACE, WEATHER):  # more than 5 s of audio on one stream
+            speech = silence(3000, 16000).data + pcm_at(corpus[sentence], 16000)
+            async with speaking(ws, speech, 16000, close=False):
+                frames = await frames_until_response(ws)
+            assert kinds(frames)[-1] == "Response", frames
+            heard.append(final_text(frames))
+        assert all(close_to(s, h) for s, h in zip((MUSIC, PLACE, WEATHER), heard, strict=True))
+        # a stream ended while an utterance is spoken gives that utterance's answer
+        async with speaking(ws, pcm_at(corpus[MUSIC], 16000, after_ms=0), 16000):
+            frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "Response"]
+        assert close_to(MUSIC, final_text(frames))
+        await assert_serving(url)

@@ -619,7 +619,9 @@ def test_an_audio_stream_starts_listening_with_the_init_config() -> None:
     assert (start.interim, start.silence_timeout_ms) == (False, 4000)  # the gateway's default
     assert start.idle_timeout_ms == 4000 + AUDIO_IDLE_MARGIN_MS
 
-    conn = ready(sttSampleRate=44100, sttInterimResults=True, silenceTimeout=1500, sttMode="Duplex")
+    conn = ready(
+        sttSampleRate=44100, sttInterimResults=True, silenceTimeout=1500, sttMode="singleUtterance"
+    )
     start = opened(conn)
     assert start.fmt == AudioFormat("LINEAR16", 44100)
     assert (start.interim, start.silence_timeout_ms) == (True, 1500)
@@ -882,6 +884,177 @@ def test_a_lost_connection_cancels_the_utterance() -> None:
     assert conn.heard(stream, Heard("final", "late", 1.0)) == []
 
 
+# --------------------------------------------------------------- sttMode Duplex
+
+
+def duplex_opened(conn: V1Connection, **frame: Any) -> StartListening:
+    """Feed InputAudioStreamOpen of a Duplex client; its StartListening (the ack follows)."""
+    start, ack = send(conn, {"type": "InputAudioStreamOpen", **frame})
+    assert isinstance(start, StartListening), start
+    assert frames([ack]) == [{"type": "InputAudioStreamOpen"}]
+    assert state(conn) is State.DUPLEX
+    return start
+
+
+def said(conn: V1Connection, stream: int, text: str) -> StartTurn:
+    """The final result ``text`` of utterance ``stream``: its Recognized and turn."""
+    recognized, turn = conn.heard(stream, Heard("final", text, 0.9))
+    assert frames([recognized]) == [{"type": "Recognized", "text": text, "isFinal": True}]
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == text
+    return turn
+
+
+def answered(conn: V1Connection, response: Response, *, new: str | None = None) -> list[Action]:
+    """Feed one successful turn's events (as finish_turn); all actions, not only frames."""
+    sent: list[Action] = []
+    if new:
+        sent += conn.turn_event(SessionStartedEvent(session_id=new))
+    sent += conn.turn_event(ResponseEvent(response=response))
+    if response.session_ended:
+        sent += conn.turn_event(SessionEndedEvent())
+    return sent + conn.turn_finished()
+
+
+def test_a_duplex_stream_carries_one_utterance_after_another() -> None:
+    conn = ready(sttMode="Duplex", silenceTimeout=1500, sttInterimResults=True)
+    first = duplex_opened(conn, sessionId="spoken")
+    assert first.continuous
+    assert first.interim
+    assert first.silence_timeout_ms is None  # no #silence in Duplex
+    assert first.idle_timeout_ms == 1500 + AUDIO_IDLE_MARGIN_MS
+    audio = b"\x01\x02" * 160
+    assert conn.receive_bytes(audio) == [FeedAudio(first.stream, audio)]
+    turn = said(conn, first.stream, "tell me about this place")
+    assert turn.ctx.session_id == "spoken"
+    assert state(conn) is State.DUPLEX_TURN
+    # the stream stays open while the turn runs: its audio is heard (for onsets)
+    assert conn.receive_bytes(audio) == [FeedAudio(first.stream, audio)]
+    *sent, second = answered(conn, Response(items=[ResponseItem(text="Hi")]), new="spoken")
+    assert [f["type"] for f in frames(sent)] == ["SessionStarted", "Response"]
+    assert isinstance(second, StartListening)  # the next utterance, on the same stream
+    assert second.continuous
+    assert second.stream != first.stream
+    assert state(conn) is State.DUPLEX
+    assert conn.receive_bytes(audio) == [FeedAudio(second.stream, audio)]
+    assert said(conn, second.stream, "and the weather").ctx.session_id == "spoken"
+    [third] = answered(conn, Response())[-1:]
+    assert isinstance(third, StartListening)
+    # nothing recognised: no #silence turn, no frame; the next utterance is listened for
+    [fourth] = conn.heard(third.stream, Heard("silence", at_ms=5000))
+    assert isinstance(fourth, StartListening)
+    assert fourth.continuous
+    [fifth] = conn.heard(fourth.stream, Heard("final", "", 0.0))
+    assert isinstance(fifth, StartListening)
+    assert state(conn) is State.DUPLEX
+    # the wall-clock guard still finishes an utterance whose client stopped sending
+    assert conn.audio_timeout(fifth.stream) == [FinishListening(fifth.stream)]
+
+
+def test_closing_a_duplex_stream_finishes_its_last_utterance() -> None:
+    conn = ready(sttMode="duplex")
+    stream = duplex_opened(conn).stream
+    assert send(conn, {"type": "InputAudioStreamClose"}) == [FinishListening(stream)]
+    assert state(conn) is State.FINISHING
+    assert conn.receive_bytes(b"\x00\x00") == []  # audio after Close: ignored
+    cancel, *rest = conn.heard(stream, Heard("final", "goodbye", 0.9))
+    assert cancel == CancelListening(stream)  # the stream's stage is dropped
+    assert [type(a) for a in rest] == [Send, StartTurn]
+    assert state(conn) is State.TURN
+    assert [f["type"] for f in frames(answered(conn, Response()))] == ["SessionStarted", "Response"]
+    assert state(conn) is State.IDLE  # no next utterance
+
+    # closed with nothing said: no Recognized, no turn
+    stream = duplex_opened(conn).stream
+    send(conn, {"type": "InputAudioStreamClose"})
+    assert conn.heard(stream, Heard("silence")) == [CancelListening(stream)]
+    assert state(conn) is State.IDLE
+
+    # closed while an utterance's turn runs: the turn goes on, the stream is over
+    stream = duplex_opened(conn).stream
+    said(conn, stream, "one")
+    assert send(conn, {"type": "InputAudioStreamClose"}) == [CancelListening(stream)]
+    assert state(conn) is State.TURN
+    assert conn.receive_bytes(b"\x00\x00") == []
+    assert [type(a) for a in answered(conn, Response())] == [Send]
+    assert state(conn) is State.IDLE
+
+
+def test_cancelling_a_duplex_stream_drops_it() -> None:
+    conn = ready(sttMode="Duplex")
+    stream = duplex_opened(conn).stream
+    assert send(conn, {"type": "InputAudioStreamCancel"}) == [CancelListening(stream)]
+    assert state(conn) is State.IDLE
+    assert conn.heard(stream, Heard("final", "too late", 0.9)) == []
+    assert conn.receive_bytes(b"\x00\x00") == []
+    # during a turn
+    stream = duplex_opened(conn).stream
+    said(conn, stream, "one")
+    assert send(conn, {"type": "InputAudioStreamCancel"}) == [CancelListening(stream)]
+    assert state(conn) is State.TURN
+
+
+def test_opening_an_open_duplex_stream_again_is_acknowledged() -> None:
+    """The reference client forgets its Duplex stream without InputAudioStreamClose at any
+    Error and opens it again at its next Response; Flowstorm's server kept its stream."""
+    conn = ready(sttMode="Duplex")
+    stream = duplex_opened(conn).stream
+    again = send(conn, {"type": "InputAudioStreamOpen"})
+    assert frames(again) == [{"type": "InputAudioStreamOpen"}]
+    assert state(conn) is State.DUPLEX
+    assert conn.receive_bytes(b"\x00\x00") == [FeedAudio(stream, b"\x00\x00")]  # the same one
+    one_error(send(conn, {"type": "InputAudioStreamOpen", "sessionId": "x" * 300}), "sessionId")
+    said(conn, stream, "one")
+    moved = send(conn, {"type": "InputAudioStreamOpen", "sessionId": "moved"})
+    assert frames(moved) == [{"type": "InputAudioStreamOpen"}]
+    assert state(conn) is State.DUPLEX_TURN
+    [following] = answered(conn, Response(), new="first")[-1:]
+    assert isinstance(following, StartListening)
+    # a turn adopted "first"; the proposed "moved" came before: the turn's session wins
+    assert said(conn, following.stream, "two").ctx.session_id == "first"
+    # a Request is still refused while the turn runs
+    one_error(send(conn, request_frame("typed")), "still running")
+
+
+def test_typing_on_a_duplex_stream_runs_the_text_and_listens_again() -> None:
+    conn = ready(sttMode="Duplex")
+    stream = duplex_opened(conn).stream
+    cancel, turn = send(conn, input_frame("typed"))
+    assert cancel == CancelListening(stream)
+    assert isinstance(turn, StartTurn)
+    assert state(conn) is State.DUPLEX_TURN
+    [listen] = answered(conn, Response())[-1:]
+    assert isinstance(listen, StartListening)
+    assert listen.continuous
+    # a rejected turn: its Error, and the stream goes on
+    said(conn, listen.stream, "spoken")
+    error, again = conn.turn_rejected(TurnRejected("session-busy", "The session is busy."))
+    assert frames([error])[0]["type"] == "Error"
+    assert isinstance(again, StartListening)
+    assert again.continuous
+    assert state(conn) is State.DUPLEX
+
+
+def test_session_ended_and_audio_errors_end_a_duplex_stream() -> None:
+    conn = ready(sttMode="Duplex")
+    stream = duplex_opened(conn).stream
+    said(conn, stream, "goodbye")
+    sent = answered(conn, Response(session_ended=True), new="s")
+    assert [type(a) for a in sent] == [Send, Send, Send, CancelListening]
+    assert [f["type"] for f in frames(sent[:3])] == ["SessionStarted", "Response", "SessionEnded"]
+    assert sent[-1] == CancelListening(stream)
+    assert state(conn) is State.IDLE
+    assert conn.receive_bytes(b"\x00\x00") == []  # the stream is over: ignored
+    stream = duplex_opened(conn).stream  # the client opens it again
+    error, cancel = conn.audio_failed(stream, AudioLimitExceeded("expected at most 5 s"))
+    assert frames([error])[0]["source"] == "client"
+    assert cancel == CancelListening(stream)
+    assert state(conn) is State.DRAINING
+    assert conn.receive_bytes(b"\x00\x00") == []
+    stream = duplex_opened(conn).stream
+    assert conn.connection_lost() == [CancelListening(stream)]
+
+
 def test_the_table_covers_the_audio_states() -> None:
     # every state after Init takes Log; every state can lose its connection
     for state in State:
@@ -895,14 +1068,39 @@ def test_the_table_covers_the_audio_states() -> None:
         State.DRAINING,
         State.TURN_DRAINING,
         State.TURN_ENDING_DRAINING,
+        State.DUPLEX,
+        State.DUPLEX_TURN,
+        State.DUPLEX_TURN_ENDING,
     }
     # a stream opens only when no turn runs and no utterance is being heard
     opens = {state for (state, event) in TRANSITIONS if event == "InputAudioStreamOpen"}
     assert opens == {State.IDLE, State.DRAINING}
+    # ... and a Duplex stream also again while it is open (acknowledged, nothing changes)
+    duplex = {
+        state: TRANSITIONS[(state, event)]
+        for (state, event) in TRANSITIONS
+        if event == "InputAudioStreamOpen (Duplex)"
+    }
+    assert duplex == {
+        State.IDLE: State.DUPLEX,
+        State.DRAINING: State.DUPLEX,
+        State.DUPLEX: State.DUPLEX,
+        State.DUPLEX_TURN: State.DUPLEX_TURN,
+        State.DUPLEX_TURN_ENDING: State.DUPLEX_TURN_ENDING,
+    }
     # a result ends an utterance in a turn
-    for state in (State.LISTENING, State.FINISHING):
+    for state in (State.LISTENING, State.FINISHING, State.DUPLEX):
         for event in ("Final", "Silence"):
-            assert TRANSITIONS[(state, event)] in (State.TURN, State.TURN_DRAINING)
+            if (state, event) in TRANSITIONS:
+                assert TRANSITIONS[(state, event)] in (
+                    State.TURN,
+                    State.TURN_DRAINING,
+                    State.DUPLEX_TURN,
+                )
+    # ... except a Duplex one that heard nothing: no turn, the stream goes on (or ends)
+    assert TRANSITIONS[(State.DUPLEX, "Silence (Duplex)")] is State.DUPLEX
+    assert TRANSITIONS[(State.FINISHING, "Silence (Duplex)")] is State.IDLE
+    assert (State.DUPLEX, "Silence") not in TRANSITIONS
 
 
 # ------------------------------------------------------------------ outbox
@@ -915,8 +1113,10 @@ def test_the_table_lets_the_outbox_out_between_turns_and_before_an_answer() -> N
         State.LISTENING,
         State.FINISHING,
         State.DRAINING,
+        State.DUPLEX,
         State.TURN,
         State.TURN_DRAINING,
+        State.DUPLEX_TURN,
     }
     for state in outbox:
         assert TRANSITIONS[(state, "Outbox")] is state
