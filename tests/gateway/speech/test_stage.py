@@ -177,3 +177,56 @@ async def test_stop_ends_the_run_without_a_result_and_frees_the_recognizer(
     assert stage.cancelled  # the recognition stream was released
     await stage.put(speech[:3200])  # stopped: taken no more
     assert stage.done
+
+
+async def test_an_utterance_listening_at_onset_is_recognised_from_the_next_voice_on(
+    recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
+) -> None:
+    """A Duplex stream's utterances (Flowstorm V1): opened before anyone speaks, fed only
+    from the onset on (quiet holds no recognizer and never times out), and the next one
+    opened from the report of the previous one's result."""
+    stage = call_stage(recognizer)
+    texts = ["tell me about this place", "what is the weather like today"]
+    finals: list[str] = []
+    runs: list[asyncio.Task[None]] = []
+    ended = asyncio.Event()
+
+    async def report(heard: Heard) -> None:
+        if heard.kind == "final":
+            finals.append(normalise(heard.text))
+            ended.set()
+            stage.listen(at_onset=300)  # the next utterance, while this run still reports
+            runs.append(asyncio.create_task(stage.run(report)))
+
+    stage.listen(at_onset=300)
+    runs.append(asyncio.create_task(stage.run(report)))
+    for text in texts:
+        for _ in range(150):  # 3 s of quiet: nothing is recognised, nothing times out
+            stage.hear(QUIET)
+            await asyncio.sleep(0)
+        assert stage.audio_ms == 0
+        assert not stage.done
+        audio = phone(padded(corpus[text], 0, 1200))
+        for i in range(0, len(audio), FRAME):
+            stage.hear(audio[i : i + FRAME])
+            await asyncio.sleep(0)
+        await asyncio.wait_for(ended.wait(), 30)
+        ended.clear()
+    await asyncio.wait_for(asyncio.gather(*runs[:-1]), 10)  # each run served its utterance
+    assert wer(list(zip(texts, finals, strict=True))) <= 0.34
+    assert not runs[-1].done()  # the third utterance waits for an onset
+    stage.stop()
+    await asyncio.wait_for(runs[-1], 10)
+
+    # opened while someone speaks: recognised from the onset, with the audio kept
+    speech = phone(padded(corpus["play some music please"], 0, 1200))
+    for i in range(0, FRAME * 40, FRAME):  # the first 800 ms
+        stage.hear(speech[i : i + FRAME])
+    assert stage.onset_ms is not None
+    stage.listen(at_onset=300)
+    run = asyncio.create_task(stage.run(_nothing))
+    for i in range(FRAME * 40, len(speech), FRAME):
+        await stage.put(speech[i : i + FRAME])
+    await asyncio.wait_for(run, 30)
+    assert stage.result is not None
+    assert wer([("play some music please", normalise(stage.result.text))]) <= 0.34
