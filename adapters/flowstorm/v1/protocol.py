@@ -119,8 +119,9 @@ Decisions where the spec is silent:
   guard apply per utterance. ``InputAudioStreamClose`` finishes the utterance
   being spoken (its ``Recognized`` and turn when anything was said) and ends
   the stream; ``InputAudioStreamOpen`` while it is open is acknowledged again
-  and changes nothing but, with a ``sessionId``, the session of the next
-  utterances: the reference client forgets its stream without
+  and changes nothing but, with a ``sessionId``, the session of the stream's
+  utterances from then on (as the session a turn adopts, and a new one after a
+  pushed ``SessionEnded``): the reference client forgets its stream without
   ``InputAudioStreamClose`` at any ``Error`` and at ``SessionEnded`` and opens it
   again at its next ``Response``, which Flowstorm's server accepted.
   ``SessionEnded`` ends the stream (Flowstorm's server closed it then), and so
@@ -1128,7 +1129,9 @@ class V1Connection:
         else:
             transcript = Transcript(text=SILENCE)
         recognized = Send(RecognizedEvent(text=transcript.text).wire_json())
-        turn = self._start_turn(utterance.session_id, Input(transcript=transcript))
+        duplex = self._duplex
+        session_id = duplex.session_id if utterance.duplex and duplex else utterance.session_id
+        turn = self._start_turn(session_id, Input(transcript=transcript))
         return [*ended, recognized, turn]
 
     def audio_failed(self, stream: int, error: Exception) -> list[Action]:
@@ -1214,6 +1217,8 @@ class V1Connection:
             self.session_id = event.session_id
         elif isinstance(event, SessionEndedEvent):
             self.session_id = None
+            if self._duplex is not None:  # a pushed end: the stream's next utterance
+                self._duplex.session_id = self._new_id()  # starts a new session
         elif isinstance(event, ResponseItemEvent) and not self.send_items:
             return []
         elif isinstance(event, ResponseEvent) and self.send_items and event.response.items:
@@ -1238,7 +1243,7 @@ class V1Connection:
             return False
         if self.state in _NO_TURN:
             return True
-        turn = self._turn  # turn / turn-draining: only before the turn's first event
+        turn = self._turn  # turn / turn-draining / duplex-turn: before the turn's first event
         return before_turn and turn is not None and not turn.accepted
 
     def deliver(self, missed: Sequence[Missed], *, before_turn: bool = False) -> list[Action]:

@@ -1122,6 +1122,18 @@ def test_the_table_lets_the_outbox_out_between_turns_and_before_an_answer() -> N
         assert TRANSITIONS[(state, "Outbox")] is state
 
 
+def test_a_pushed_session_end_gives_a_duplex_streams_next_utterances_a_new_session() -> None:
+    conn = ready(sttMode="Duplex")
+    stream = duplex_opened(conn, sessionId="old").stream
+    said(conn, stream, "hello")
+    [listen] = answered(conn, Response(), new="old")[-1:]
+    assert isinstance(listen, StartListening)
+    ended = Missed(4, True, {"type": "SessionEnded"})
+    assert frames(conn.deliver([ended])) == [{"type": "SessionEnded"}]
+    assert state(conn) is State.DUPLEX  # the stream goes on ...
+    assert said(conn, listen.stream, "again").ctx.session_id == "generated-1"  # ... anew
+
+
 def test_outbox_entries_wait_for_a_running_answer() -> None:
     pushed = Missed(3, True, {"type": "Response", "response": {"items": [{"text": "Hi"}]}})
     conn = ready()
