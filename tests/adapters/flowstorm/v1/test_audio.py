@@ -506,6 +506,27 @@ async def test_a_duplex_stream_opened_once_hears_every_utterance(
         assert texts(answer) == ["You said: hello"]
 
 
+@pytest.mark.parametrize("mode", ["SingleUtterance", "Default"])
+async def test_other_stt_modes_still_hear_one_utterance_per_open(
+    server: str, corpus: dict[str, Pcm], mode: str
+) -> None:
+    async with connect(ws_url(server)) as ws:
+        await init(ws, init_frame(sttMode=mode, silenceTimeout=1000))
+        await open_stream(ws)
+        async with speaking(ws, pcm_at(corpus[PLACE], 16000), 16000, close=False):
+            frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
+        assert close_to(PLACE, final_text(frames))
+        # the stream is not closed, but its utterance is over: more audio is dropped
+        await send_audio(ws, pcm_at(corpus[WEATHER], 16000), 16000)
+        assert await recv_nothing(ws, 1.5)
+        await send_json(ws, {"type": "InputAudioStreamClose"})
+        await open_stream(ws)  # the next utterance needs the stream opened again
+        async with speaking(ws, silence(2000, 16000).data, 16000, close=False):
+            frames = await frames_until_response(ws)  # and quiet is #silence, as before
+        assert json_frames(frames)[0] == {"type": "Recognized", "text": "#silence", "isFinal": True}
+
+
 async def test_a_duplex_stream_limits_each_utterance_not_the_stream(
     corpus: dict[str, Pcm],
 ) -> None:
