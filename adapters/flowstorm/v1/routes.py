@@ -203,9 +203,11 @@ class _Listening:
         utterance.stage.stop()
         if utterance.stage is self._duplex:
             self._duplex = None  # the Duplex stream is over
-        task = utterance.task
-        if task is not None and task is not asyncio.current_task():  # (not its own report)
-            task.cancel()  # its recognition is cancelled on the way out
+        if utterance.task is not None:
+            # its recognition is cancelled on the way out; a CancelListening in one of its
+            # own reports (a Duplex stream's end) cancels only the wait for that report,
+            # whose frames go out whole (shielded, see _listen)
+            utterance.task.cancel()
 
     async def close(self) -> None:
         utterance = self._utterance
