@@ -116,7 +116,9 @@ Decisions where the spec is silent:
   audio: speech still going on when the turn ends is recognised from its onset
   (as far back as the window holds); speech that began and ended during the
   turn is dropped (nothing piles up). GATEWAY_MAX_AUDIO_S and the wall-clock
-  guard apply per utterance. ``InputAudioStreamClose`` finishes the utterance
+  guard apply per utterance. A ``Request``/``Input`` on it drops the utterance
+  being spoken and runs the text turn; the stream stays open (its audio is
+  dropped until that turn ends). ``InputAudioStreamClose`` finishes the utterance
   being spoken (its ``Recognized`` and turn when anything was said) and ends
   the stream; ``InputAudioStreamOpen`` while it is open is acknowledged again
   and changes nothing but, with a ``sessionId``, the session of the stream's
