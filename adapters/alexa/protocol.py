@@ -240,6 +240,10 @@ class Handling(StrEnum):
     """Answer canFulfillIntent without a turn and without touching the session."""
     EXCEPTION = "exception"
     """Alexa reports our previous answer failed: log it, answer empty."""
+    PLAYBACK = "playback"
+    """AudioPlayer.* and PlaybackController.*: an empty response with no
+    shouldEndSession (Alexa refuses outputSpeech, card, reprompt and shouldEndSession
+    in answers to them), the session left alone, even when the request names one."""
     IGNORE = "ignore"
     """Any other type: a valid empty response."""
 
@@ -251,8 +255,21 @@ REQUEST_TABLE: dict[str, Handling] = {
     "CanFulfillIntentRequest": Handling.CAN_FULFILL,
     "System.ExceptionEncountered": Handling.EXCEPTION,
 }
-"""Request type -> handling; types not listed (AudioPlayer.*, PlaybackController.*,
-AlexaSkillEvent.*, Display.ElementSelected, Connections.Response, ...) are IGNORE."""
+"""Request type -> handling; types not listed are PLAYBACK when they begin with one of
+:data:`PLAYBACK_PREFIXES`, else IGNORE (AlexaSkillEvent.*, Display.ElementSelected,
+Connections.Response, ...)."""
+
+PLAYBACK_PREFIXES: tuple[str, ...] = ("AudioPlayer.", "PlaybackController.")
+"""Request types of the audio player: answered by :attr:`Handling.PLAYBACK`."""
+
+
+def handling_of(request_type: str) -> Handling:
+    """The :class:`Handling` of a request ``type`` (:data:`REQUEST_TABLE`, then
+    :data:`PLAYBACK_PREFIXES`, else IGNORE)."""
+    handling = REQUEST_TABLE.get(request_type)
+    if handling is not None:
+        return handling
+    return Handling.PLAYBACK if request_type.startswith(PLAYBACK_PREFIXES) else Handling.IGNORE
 
 
 @dataclass(frozen=True)
@@ -333,7 +350,7 @@ def plan(envelope: AlexaEnvelope, config: AlexaConfig) -> Plan:
     IntentRequest, the ``intent``.
     """
     request = envelope.request
-    handling = REQUEST_TABLE.get(request.type, Handling.IGNORE)
+    handling = handling_of(request.type)
     session = envelope.session
     base: dict[str, Any] = {
         "session_id": session.session_id if session else None,

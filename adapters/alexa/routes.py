@@ -114,13 +114,16 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
         return turn_context(decided), decided.input
 
     async def other(self, planned: Planned) -> bytes:
-        """Session ends, CanFulfillIntent, exceptions and any other type: no turn."""
+        """Session ends, CanFulfillIntent, exceptions, audio player requests and any
+        other type: no turn."""
         return encode(await self._other(planned))
 
     async def _other(self, planned: Planned) -> AlexaResponseEnvelope:
         envelope, decided = planned
         if decided.handling is Handling.CAN_FULFILL:
             return can_fulfill_response(envelope)
+        if decided.handling is Handling.PLAYBACK:  # no speech, no shouldEndSession, ever
+            return empty_response()
         if decided.handling is Handling.EXCEPTION:
             log.warning(
                 "Alexa reports an error with a previous response: %s",

@@ -195,8 +195,8 @@ def test_unmatched_resolutions_are_left_out() -> None:
         ("jovo-v3/CanFulfillIntentRequest.json", Handling.CAN_FULFILL),
         ("jovo-v3/System.ExceptionEncountered.json", Handling.EXCEPTION),
         ("alexa-app/unknown_type_request.json", Handling.IGNORE),
-        ("jovo-v3/AudioPlayer.PlaybackStarted.json", Handling.IGNORE),
-        ("alexa-app/playback_controller_play_command.json", Handling.IGNORE),
+        ("jovo-v3/AudioPlayer.PlaybackStarted.json", Handling.PLAYBACK),
+        ("alexa-app/playback_controller_play_command.json", Handling.PLAYBACK),
     ],
 )
 def test_request_table(name: str, handling: Handling) -> None:
@@ -413,12 +413,16 @@ def test_every_fixture_plans_as_its_request_type_says() -> None:
         "SessionEndedRequest": Handling.END,
         "CanFulfillIntentRequest": Handling.CAN_FULFILL,
         "System.ExceptionEncountered": Handling.EXCEPTION,
-    }  # every other type (AudioPlayer.*, Display.*, UnknownRequest...) is ignored
+    }  # AudioPlayer.* and PlaybackController.* are PLAYBACK; every other type
+    # (Display.*, UnknownRequest...) is ignored
     met: set[Handling] = set()
     for path in sorted(Path(ALEXA).rglob("*.json")):
         raw = json.loads(path.read_bytes())
         planned = plan(parse_envelope(path.read_bytes()), CONFIG)
-        assert planned.handling is expected.get(raw["request"]["type"], Handling.IGNORE), path
+        kind = raw["request"]["type"]
+        playback = kind.startswith(("AudioPlayer.", "PlaybackController."))
+        other = Handling.PLAYBACK if playback else Handling.IGNORE
+        assert planned.handling is expected.get(kind, other), path
         met.add(planned.handling)
         if planned.handling in (Handling.TURN, Handling.END):
             assert planned.session_id == raw["session"]["sessionId"], path

@@ -167,6 +167,33 @@ async def test_launch_fixtures_greet(base: str) -> None:
             assert text.startswith("Hello, I am the gateway demo bot.")
 
 
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "AudioPlayer.PlaybackStarted",
+        "AudioPlayer.PlaybackNearlyFinished",
+        "PlaybackController.NextCommandIssued",
+    ],
+)
+async def test_audio_player_requests_naming_a_session_get_no_should_end_session(
+    base: str, kind: str
+) -> None:
+    # Alexa refuses outputSpeech, card, reprompt and shouldEndSession in the answer to
+    # an AudioPlayer or PlaybackController request, session or not; and playback
+    # events are no reason to end the conversation
+    sid = f"amzn1.echo-api.session.audio-{kind}"
+    async with httpx.AsyncClient(base_url=base) as client:
+        await say(client, envelope(sid, text="my name is Ada"))
+        data = envelope(sid, kind=kind)
+        data["request"]["token"] = "track-1"
+        data["request"]["offsetInMilliseconds"] = 0
+        answer = await client.post("/alexa", content=json.dumps(data).encode())
+        assert answer.status_code == 200
+        assert answer.json() == {"version": "1.0", "response": {}}
+        asked = await say(client, envelope(sid, text="what is my name"))
+        assert spoken(asked) == "Your name is Ada."
+
+
 # ---------------------------------------------------------------- conversations
 
 
