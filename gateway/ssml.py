@@ -35,6 +35,8 @@ ELLIPSIS = "…"
 
 _SPEAK_OPEN = "<speak>"
 _SPEAK_CLOSE = "</speak>"
+_AUDIO_TAG = "<audio"
+"""How an ``<audio>`` element begins in a fragment (text is escaped, so only a tag can)."""
 
 
 # ---------------------------------------------------------------- truncation
@@ -143,20 +145,34 @@ def item_ssml(item: ResponseItem, *, audio_https_only: bool = True) -> str:
 
 
 def speech_ssml(
-    items: Sequence[ResponseItem], max_chars: int, *, audio_https_only: bool = True
+    items: Sequence[ResponseItem],
+    max_chars: int,
+    *,
+    audio_https_only: bool = True,
+    max_audio: int | None = None,
 ) -> str | None:
     """The items' speech as one ``<speak>`` document of at most ``max_chars`` characters.
 
     Items are joined in order (see :func:`item_ssml`). When the next fragment
     does not fit, its spoken text is cut at a sentence/word boundary
     (:func:`truncate_text`) and escaped, and nothing after it is said, so the
-    document is always well-formed. Returns None when no item says anything.
+    document is always well-formed. With ``max_audio`` (Alexa allows 5 ``<audio>``
+    tags in one output speech), an item whose ``<audio>`` tags (its ``audio`` URL and
+    those in its ``ssml``) would pass that count says only its spoken text, and the
+    items after it are still said. Returns None when no item says anything.
     """
     budget = max_chars - len(_SPEAK_OPEN) - len(_SPEAK_CLOSE)
     out: list[str] = []
     used = 0
+    audio_left = max_audio
     for item in items:
         fragment = item_ssml(item, audio_https_only=audio_https_only)
+        if audio_left is not None and _AUDIO_TAG in fragment:
+            tags = fragment.count(_AUDIO_TAG)
+            if tags > audio_left:  # over the platform's count: its words only
+                fragment = xml_text(ssml_to_text(fragment) or "")
+            else:
+                audio_left -= tags
         if not fragment:
             continue
         sep = 1 if out else 0

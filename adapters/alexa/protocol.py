@@ -64,6 +64,8 @@ NAMESPACE = "alexa"
 VERSION = "1.0"
 MAX_SPEECH_CHARS = 8000
 """Alexa's limit on ``outputSpeech`` (and reprompt) text, SSML tags included."""
+MAX_AUDIO_TAGS = 5
+"""Alexa's limit on ``<audio>`` tags in one output speech (SSML reference, ``audio``)."""
 MAX_CARD_CHARS = 8000
 """Alexa's limit on a card's title + text."""
 MAX_RESPONSE_BYTES = 24 * 1024
@@ -580,7 +582,8 @@ def turn_wire(
     ``None`` left out, keys in the models' order), made without the models:
 
     - ``outputSpeech``: SSML of the items (ssml when present, text escaped
-      otherwise, https audio as ``<audio src>``), at most ``max_speech_chars``;
+      otherwise, https audio as ``<audio src>``), at most ``max_speech_chars`` and
+      :data:`MAX_AUDIO_TAGS` ``<audio>`` tags (an item past them says its words only);
     - ``reprompt``: the last item that says something, while the session stays
       open (and ``reprompt`` is True);
     - ``card``: Standard, with the items' text and the first https image, when
@@ -591,7 +594,7 @@ def turn_wire(
     """
     items = response.items
     end = force_end or (response.session_ended and response.sleep_timeout == 0)
-    speech = speech_ssml(items, max_speech_chars)
+    speech = speech_ssml(items, max_speech_chars, max_audio=MAX_AUDIO_TAGS)
     should_end = end or speech is None
     body: dict[str, Any] = {}
     if speech is not None:
@@ -628,14 +631,19 @@ def _reprompt_ssml(items: Sequence[ResponseItem], speech: str, max_chars: int) -
         # the one item says something (speech is not None): its SSML with the same
         # budget is speech; under another budget it is first tested with the default
         # one, as below
-        if max_chars == MAX_SPEECH_CHARS or speech_ssml(items, MAX_SPEECH_CHARS):
+        if max_chars == MAX_SPEECH_CHARS or _speech(items, MAX_SPEECH_CHARS):
             return speech
         return None
     for item in reversed(items):
-        rendered = speech_ssml([item], MAX_SPEECH_CHARS)
+        rendered = _speech([item], MAX_SPEECH_CHARS)
         if rendered:
-            return rendered if max_chars == MAX_SPEECH_CHARS else speech_ssml([item], max_chars)
+            return rendered if max_chars == MAX_SPEECH_CHARS else _speech([item], max_chars)
     return None
+
+
+def _speech(items: Sequence[ResponseItem], max_chars: int) -> str | None:
+    """:func:`gateway.ssml.speech_ssml` within Alexa's :data:`MAX_AUDIO_TAGS`."""
+    return speech_ssml(items, max_chars, max_audio=MAX_AUDIO_TAGS)
 
 
 _ENVELOPE: TypeAdapter[AlexaResponseEnvelope] = TypeAdapter(AlexaResponseEnvelope)

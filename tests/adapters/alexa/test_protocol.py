@@ -372,6 +372,19 @@ def test_text_full_of_escaped_characters_is_cut_to_the_budget_not_dropped(text: 
     assert body(answer).should_end_session is False
 
 
+def test_audio_tags_in_items_ssml_count_towards_alexas_five() -> None:
+    clip = '<audio src="https://example.com/a.mp3"/>'
+    items = [
+        ResponseItem(ssml=f"<speak>One {clip}{clip}{clip}</speak>"),
+        ResponseItem(ssml=f"<speak>Two {clip}{clip}{clip}</speak>"),  # 6 would be too many
+        ResponseItem(text="Three.", audio="https://example.com/b.mp3"),
+    ]
+    answer = parsed(encode(turn_response(Response(items=items), session_id="S")))
+    speech = ssml_of(body(answer).output_speech)
+    assert speech.count("<audio") == 4  # item two says its words only; item three fits
+    assert " ".join(well_formed(speech).split()) == "One Two Three."
+
+
 def test_characters_xml_forbids_are_left_out_of_the_speech() -> None:
     items = [
         ResponseItem(text="Bell \x07 here\x00, \ufffe done."),

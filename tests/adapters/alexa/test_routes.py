@@ -531,6 +531,11 @@ def make_core(delay_s: float) -> FastAPI:
         if text == "long":
             sentence = "This sentence is one of very many in a long answer. "
             return JSONResponse({"items": [{"text": sentence * 420}, {"text": "The end."}]})
+        if text == "sounds":
+            clips = [
+                {"text": f"Clip {i}.", "audio": f"https://example.com/{i}.mp3"} for i in range(7)
+            ]
+            return JSONResponse({"items": clips})
         if text == "long unicode":
             sentence = "Příliš žluťoučký kůň úpěl ďábelské ódy, řekl Šimon. "
             return JSONResponse({"items": [{"text": sentence * 400}]})
@@ -572,6 +577,27 @@ async def test_long_answers_are_cut_to_alexas_limits(text: str) -> None:
         speech = spoken(parsed(answer))
         assert 4000 < len(speech) <= 8000
         assert speech.endswith(".")  # cut at a sentence end
+
+
+async def test_more_than_five_audio_clips_are_cut_to_alexas_five_audio_tags() -> None:
+    # Alexa refuses an output speech with more than five <audio> tags (the user hears
+    # "there was a problem with the requested skill's response" and the skill exits)
+    async with (
+        serve(make_core(0)) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await say(client, envelope("S-sounds", text="sounds"))
+    speech = reply(answer).output_speech
+    assert isinstance(speech, SsmlOutputSpeech)
+    assert speech.ssml is not None
+    assert speech.ssml.count("<audio") == 5
+    words = " ".join(spoken(answer).split())
+    assert words == " ".join(f"Clip {i}." for i in range(7))  # every clip's words
+    reprompt = reply(answer).reprompt
+    assert reprompt is not None
+    assert isinstance(reprompt.output_speech, SsmlOutputSpeech)
+    assert (reprompt.output_speech.ssml or "").count("<audio") <= 5
 
 
 async def test_session_ended_during_a_late_turn_answers_at_once_and_ends_it_after() -> None:
