@@ -859,13 +859,16 @@ class CarrierCall:
         caller = params.get("from") or info.caller
         callee = params.get("to") or info.callee
         outbound = params.get("direction") == "outbound"
+        # the session's device is the person's phone: the callee of a call the gateway
+        # placed (its caller is the gateway's own number, the same for every such call)
+        person = callee if outbound else caller
         channel = self.config.channel
         self.ctx = TurnContext(
             channel=channel,
             namespace=channel,
             session_id=call_id,
             app_key=app_key,
-            device_id=caller or None,
+            device_id=person or None,
             locale=params.get("locale") or None,
             create=True,
             config={

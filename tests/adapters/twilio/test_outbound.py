@@ -86,6 +86,10 @@ async def test_outbound_call_intro_knows_it_and_a_machine_answer_is_an_input(
                 "from": CALLER_ID,
             }
             await call.wait_for(lambda: len(call.echoed) >= 1, 20)
+            # the session's device is the callee's phone, not the gateway's caller ID
+            session = await gw.app.state.gateway.store.get(f"twilio:{call_sid}")
+            assert session is not None
+            assert session.device_id == CALLEE
             # Twilio's async AMD result: a forged one is refused, a signed one is an input
             amd = {"CallSid": call_sid, "AccountSid": SID, "AnsweredBy": "machine_end_beep"}
             amd_url = f"{PUBLIC}/twilio/amd?key=twilio"

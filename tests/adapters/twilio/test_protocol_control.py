@@ -83,11 +83,23 @@ def test_an_outbound_calls_intro_carries_direction_to_from_and_the_requests_attr
     assert turn.ctx.config["direction"] == "outbound"
 
 
+def test_an_outbound_calls_device_is_the_callee_not_the_gateways_own_number() -> None:
+    """The session's device (``deviceId`` of the core's request) is the person's phone. On
+    a call the gateway placed, Twilio's ``From`` is the gateway's own caller ID, the same
+    for every call it places: before, every callee was that one device to the core."""
+    outbound = {"from": "+15550199", "to": "+15550100", "appKey": "app", "direction": "outbound"}
+    (turn,) = new_call().receive(start(**outbound))
+    assert isinstance(turn, StartTurn)
+    assert turn.ctx.device_id == "+15550100"
+    assert (turn.ctx.config["from"], turn.ctx.config["to"]) == ("+15550199", "+15550100")
+
+
 def test_an_inbound_calls_intro_is_unchanged() -> None:
     (turn,) = new_call().receive(start(**{"from": "+15550100", "appKey": "app"}))
     assert isinstance(turn, StartTurn)
     assert turn.input.attributes == {}
     assert "direction" not in turn.ctx.config
+    assert turn.ctx.device_id == "+15550100"  # the caller's phone
 
 
 def test_a_machine_answer_silences_the_bot_and_is_the_next_input() -> None:
