@@ -52,9 +52,11 @@ awaited; the session is ended (``Conversation.end``) unless the core ended it;
 a turn still running in the engine finishes and saves first.
 
 Hanging up (the final mark came back): with GATEWAY_TWILIO_ACCOUNT_SID and the
-auth token, ``Calls/{callSid}`` is updated with ``Status=completed`` through the
-twilio library's REST client (in a thread, off the event loop), then the stream is
-closed; without them the stream is closed and the TwiML's ``<Hangup/>`` ends the call.
+auth token, ``Calls/{callSid}`` is updated with ``Status=completed`` (adapters/twilio/
+control.py) through the gateway's asynchronous call-control client
+(gateway/callcontrol.py, GATEWAY_CALLS_TIMEOUT_S; a slow API holds no thread), then the
+stream is closed; without them the stream is closed and the TwiML's ``<Hangup/>`` ends
+the call.
 
 Transfer (a ``#transfer`` item, gateway/events.py ``transfer_item``): the audio before
 it plays, then the call is updated with ``<Dial>`` to the target (adapters/twilio/calls.py;
@@ -83,7 +85,7 @@ from starlette.datastructures import ImmutableMultiDict
 from starlette.requests import HTTPConnection, Request
 
 from adapters.twilio import control as twilio_control
-from adapters.twilio.calls import transfer_twilio
+from adapters.twilio.calls import transfer_twilio, twilio_auth
 from adapters.twilio.openapi import POST_STATUS, POST_TWILIO_AMD, POST_VOICE, STATUS_FIELDS
 from adapters.twilio.protocol import (
     CHANNEL,
@@ -108,7 +110,8 @@ from adapters.twilio.verify import (
 )
 from gateway import metrics
 from gateway.callcodec import VerificationRefused
-from gateway.callcontrol import TransferResult
+from gateway.callcontrol import CallControlError, TransferResult
+from gateway.calls import callcontrol_of
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
@@ -129,40 +132,15 @@ STATUS_EVENTS_KEPT: Final = 256
 # ------------------------------------------------------------------ per-app state
 
 
-class TwilioRest:
-    """Hangs calls up through the REST API with the twilio library's Client.
-
-    ``base_url`` is GATEWAY_TWILIO_API_BASE_URL (``https://api.twilio.com``).
-    :meth:`hang_up` blocks (the library uses ``requests``): run it in a thread.
-    """
-
-    def __init__(
-        self, account_sid: str, auth_token: str, base_url: str, timeout_s: float = 5.0
-    ) -> None:
-        from twilio.http.http_client import TwilioHttpClient  # type: ignore[import-untyped]
-        from twilio.rest import Client  # type: ignore[import-untyped]
-
-        self._client = Client(
-            account_sid, auth_token, http_client=TwilioHttpClient(timeout=timeout_s)
-        )
-        self._client.api.base_url = base_url.rstrip("/")
-
-    def hang_up(self, call_sid: str) -> None:
-        """``POST /2010-04-01/Accounts/{AccountSid}/Calls/{call_sid}.json`` ``Status=completed``.
-
-        Raises twilio's TwilioRestException (an error answer) or a ``requests``
-        error (network).
-        """
-        self._client.api.v2010.account.calls(call_sid).update(status="completed")
-
-
 @dataclass
 class TwilioChannel:
     """The Twilio channel's per-app state, made at startup (this router's lifespan)."""
 
     settings: Settings
     verifier: SignatureVerifier
-    rest: TwilioRest | None
+    rest: twilio_control.TwilioAuth | None
+    """The account's REST credentials (GATEWAY_TWILIO_ACCOUNT_SID and the auth token):
+    calls are hung up through the REST API; None: by closing the stream."""
     config: CallConfig
     secret_keys: SecretKeys = field(default_factory=SecretKeys.random)
     """The gateway's keys; the stream token key is read from them when needed."""
@@ -233,16 +211,7 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
             "GATEWAY_PUBLIC_URL %s is not https: Twilio connects media streams to wss:// only",
             settings.public_url,
         )
-    channel.rest = (
-        TwilioRest(
-            settings.twilio_account_sid,
-            token,
-            settings.twilio_api_base_url,
-            timeout_s=settings.calls_timeout_s,
-        )
-        if settings.twilio_account_sid and token
-        else None
-    )
+    channel.rest = twilio_auth(settings)
     return channel
 
 
@@ -436,17 +405,29 @@ class _Call(CallRunner):
             await self._transfer(transfer)
 
     async def _hang_up(self, call_sid: str) -> None:
-        rest = self.channel.rest
-        if rest is not None:
+        """``Calls/{callSid}`` ``Status=completed`` through the gateway's asynchronous
+        call-control client (GATEWAY_CALLS_TIMEOUT_S), never a thread of the event
+        loop's default executor, which every call's speech encoding uses; then close."""
+        auth = self.channel.rest
+        control = callcontrol_of(self.ws.app)
+        if auth is not None and control is not None:
             try:
-                await asyncio.to_thread(rest.hang_up, call_sid)
-            except Exception as exc:  # twilio's TwilioRestException, requests' errors
+                answer = await control.send(twilio_control.hang_up(auth, call_sid))
+            except CallControlError as exc:
                 log.warning("Twilio call %s: REST hang-up failed (%s); closing", call_sid, exc)
             else:
-                log.info("Twilio call %s: hung up", call_sid)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(HANGUP_GRACE_S):
-                        await self._received_all.wait()  # Twilio stops the stream
+                if answer.ok:
+                    log.info("Twilio call %s: hung up", call_sid)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(HANGUP_GRACE_S):
+                            await self._received_all.wait()  # Twilio stops the stream
+                else:
+                    log.warning(
+                        "Twilio call %s: REST hang-up refused (HTTP %d: %.200s); closing",
+                        call_sid,
+                        answer.status,
+                        answer.body,
+                    )
         await self.close(CLOSE_NORMAL, "The call ended.")
 
     async def _transfer(self, action: Transfer) -> None:
