@@ -183,7 +183,7 @@ REJECT_REASONS: dict[str, str] = {
     "not-started": "action.send before client.start",
     "no-session": "action.send before session.create (or after the session ended)",
     "malformed-action": "action.send whose action does not validate",
-    "unknown-action-type": "an action type this server does not know",
+    "unknown-action-type": "an action type that cannot name a path (whitespace, too long)",
     "action-running": "an action of this connection or session is still running",
     "session-not-found": "the store no longer has the session (session.ended follows)",
     "session-busy": "another instance held the session for longer than GATEWAY_LOCK_WAIT_S",
@@ -306,7 +306,8 @@ class EventPayload(_Payload):
 
 
 class LabelPayload(_Payload):
-    """Payload of a choice path (``path-...``) or general ``action`` request: ``{label?}``."""
+    """Payload of a choice path (``path-...``), ``action`` or other general request:
+    ``{label?}``."""
 
     label: str | None = None
 
@@ -441,7 +442,8 @@ def _no_reply(action: ActionBody) -> Input:
 
 
 def _labelled(action: ActionBody) -> Input:
-    """A choice path (``path-...``) or general ``action`` request: its label, else ``#<type>``."""
+    """A choice path (``path-...``), ``action`` or other general request: its label, else
+    ``#<type>``."""
     payload = action.payload
     label = _model(LabelPayload, action).label if isinstance(payload, dict) else None
     text = (label or "").strip() or f"#{action.type}"
@@ -488,6 +490,11 @@ def action_input(action: ActionBody) -> Input:
     ``no-reply``     ``#silence``
     ``path-...``     ``payload.label`` when given, else ``#<type>`` (choice buttons)
     ``action``       ``payload.label`` when given, else ``#action``
+    any other type   ``payload.label`` when given, else ``#<type>``: Voiceflow's
+                     general request (``GeneralRequestDTO`` of npm
+                     ``@voiceflow/dtos-interact``: any type that is not one of its
+                     own), what a client sends to take a custom action's path
+                     ``{type: "<path name>"}`` or press a button of such a type
     ===============  ===========================================================
 
     A ``text`` payload starting with ``#`` reaches the core as an action, by the
@@ -497,19 +504,27 @@ def action_input(action: ActionBody) -> Input:
     ``{type}``) and ``attributes.intent`` (``None`` but for intents), so the core can
     see the action as it came and no intent outlives its turn.
 
-    Raises ProtocolError (``unknown-action-type`` when ``.got`` is set, else a
+    Raises ProtocolError (``unknown-action-type`` when ``.got`` is set: a type that
+    cannot name a path, with whitespace or longer than :data:`MAX_NAME`; else a
     malformed payload).
     """
     handler = ACTIONS.get(action.type)
-    if handler is None and action.type.startswith(PATH_PREFIX) and len(action.type) > 5:
+    if handler is None and _GENERAL_TYPE.fullmatch(action.type) and len(action.type) <= MAX_NAME:
         handler = _labelled
     if handler is None:
         raise ProtocolError(
             "Unknown action type",
-            expected=f"one of {', '.join(ACTIONS)} or {PATH_PREFIX}<id>",
+            expected=(
+                f"one of {', '.join(ACTIONS)}, or a path name ({PATH_PREFIX}<id>, a custom "
+                f"action's path) of at most {MAX_NAME} characters without whitespace"
+            ),
             got=repr(action.type),
         )
     return handler(action)
+
+
+_GENERAL_TYPE = re.compile(r"\S+")
+"""A general request's type: a path name, which the core gets as ``#<type>``."""
 
 
 # -------------------------------------------------------- turn events -> traces

@@ -225,6 +225,10 @@ def test_session_keys() -> None:
             "Open",
         ),
         ({"type": "action"}, "#action"),
+        # general requests (any other type): a custom action's path, a button of such a type
+        ({"type": "done"}, "#done"),
+        ({"type": "6580a1b2c3", "payload": {"label": "Pay now"}}, "Pay now"),
+        ({"type": "path-", "payload": {}}, "#path-"),
     ],
 )
 def test_action_table(action: dict[str, Any], text: str) -> None:
@@ -272,9 +276,10 @@ def test_intent_classes_and_entities() -> None:
         ({"type": "intent", "payload": {"intent": {"name": "two words"}}}, False),
         ({"type": "intent", "payload": {"intent": {"name": "x"}, "confidence": 3}}, False),
         ({"type": "event", "payload": {}}, False),
-        ({"type": "path-", "payload": {}}, True),
         ({"type": "path-x", "payload": {"label": 7}}, False),
-        ({"type": "dance"}, True),
+        ({"type": "done", "payload": {"label": ["x"]}}, False),
+        ({"type": "two words"}, True),
+        ({"type": "x" * 129}, True),
     ],
 )
 def test_invalid_actions(action: dict[str, Any], unknown: bool) -> None:
@@ -558,7 +563,7 @@ def test_refusals_keep_the_connection_usable() -> None:
     # messageIDs: echoed (numbers as text) even from a malformed payload
     [(_, data)] = emitted(conn.receive(ACTION_SEND, [{"messageID": 7, "action": "launch"}]))
     assert (data["messageID"], data["reason"]) == ("7", "malformed-action")
-    [(_, data)] = emitted(conn.receive(ACTION_SEND, [{"action": {"type": "fly"}}]))
+    [(_, data)] = emitted(conn.receive(ACTION_SEND, [{"action": {"type": "fly away"}}]))
     assert (data["messageID"], data["reason"]) == ("generated-1", "unknown-action-type")
     busy.add("voiceflow:session-1")  # another connection runs an action of this session
     [(_, data)] = emitted(conn.receive(ACTION_SEND, [{"action": {"type": "launch"}}]))

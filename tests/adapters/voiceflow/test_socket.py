@@ -204,7 +204,10 @@ async def test_bad_input_gets_its_status_or_error_and_the_connection_stays_usabl
                 {"action": {"type": "event", "payload": {"event": {"name": "a b"}}}},
                 "malformed-action",
             ),
-            ({"action": {"type": "dance", "payload": {}}, "messageID": 42}, "unknown-action-type"),
+            (
+                {"action": {"type": "dance party", "payload": {}}, "messageID": 42},
+                "unknown-action-type",
+            ),
         ]
         for sent, reason in bad:
             await vf.emit("action.send", sent)
@@ -409,6 +412,39 @@ async def test_actions_reach_the_core_and_items_become_traces() -> None:
             await vf.act(action)
             turn = await core.next_request()
             assert turn["input"]["transcript"]["text"] == text, action
+
+
+async def test_general_requests_take_custom_action_paths_and_press_buttons() -> None:
+    """Voiceflow's general requests (any type that is not one of its own, npm
+    ``@voiceflow/dtos-interact`` GeneralRequestDTO) are actions: the path a client takes
+    after a custom action trace (``{type: "<path name>"}``) reaches the core as
+    ``#<path name>``, a button of such a type as its label. A type that cannot name a
+    path is still refused, naming it."""
+    core = RecordingCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake()
+        await vf.act({"type": "launch"})
+        await core.next_request()
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"type": "done"}, "#done"),
+            ({"type": "payment_failed", "payload": {"reason": "card"}}, "#payment_failed"),
+            ({"type": "6580a1b2c3", "payload": {"label": "Pay now", "actions": []}}, "Pay now"),
+        ]
+        for action, text in cases:
+            _, traces, last = await vf.act(action, "m-" + action["type"])
+            assert last["status"] == "completed", (action, last)
+            assert messages(traces) == [f"core heard {text}"]
+            turn = await core.next_request()
+            assert turn["input"]["transcript"]["text"] == text, action
+            assert turn["input"]["attributes"]["voiceflowAction"] == {
+                "type": action["type"],
+                "payload": action.get("payload"),
+            }
+        await vf.send({"type": "take path"}, "spaced")
+        refused = await vf.expect("action.status")
+        assert (refused["status"], refused["reason"]) == ("rejected", "unknown-action-type")
+        assert "'take path'" in refused["detail"]
+        await vf.nothing_more()
 
 
 async def test_intent_classes_and_attributes_reach_the_core() -> None:
