@@ -92,6 +92,11 @@ Response items -> traces (:class:`TraceWriter`), in this order per item:
   JSON>}``.
 - ``video`` has no Voiceflow trace and is not sent.
 
+A Response that does not end the session and whose ``attributes.noReplyTimeoutMs``
+(the core's no-reply timeout, ms: the Voiceflow core sets it) is a positive number
+adds ``no-reply {timeout}`` (seconds) after its traces, as Voiceflow's runtime ends
+such a turn: the client sends ``no-reply`` when the user says nothing for that long.
+
 Actions -> Input (:data:`ACTIONS`, and :data:`PATH_PREFIX` for choice paths): see
 :func:`action_input`.
 """
@@ -635,6 +640,24 @@ class TraceWriter:
         return out
 
 
+NO_REPLY_ATTRIBUTE = "noReplyTimeoutMs"
+"""The Response attribute holding the core's no-reply timeout in ms (the Voiceflow core,
+gateway/pipeline/voiceflow.py, sets it from its runtime's ``no-reply`` trace)."""
+
+
+def no_reply_timeout(attributes: Mapping[str, Any]) -> int | float | None:
+    """The ``no-reply`` trace's ``timeout`` (seconds, Voiceflow's unit) for a Response's
+    ``attributes``: :data:`NO_REPLY_ATTRIBUTE` (ms, a positive finite number) / 1000, a
+    whole number of seconds as an int; None when there is no such timeout."""
+    value = attributes.get(NO_REPLY_ATTRIBUTE)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not 0 < value < float("inf"):
+        return None
+    seconds = value / 1000
+    return int(seconds) if seconds.is_integer() else seconds
+
+
 def _message(item: ResponseItem) -> str | None:
     """The text an item says: its text, else its SSML without tags; None for ``#commands``."""
     text = (item.text or "").strip()
@@ -1013,7 +1036,9 @@ class VoiceflowConnection:
         """Format one event of the running turn (spec "action.trace").
 
         ResponseItem -> ``action.trace`` per trace; Response -> the open completion's
-        end and, when it ends the conversation, the ``end`` trace; Error -> ``error
+        end and, when it ends the conversation, the ``end`` trace, else the ``no-reply
+        {timeout}`` trace when the core set a no-reply timeout
+        (:func:`no_reply_timeout`); Error -> ``error
         {code: pipeline-error|gateway-error, error, messageID}``; SessionStarted,
         Binary and SessionEnded -> nothing now (see :meth:`turn_finished`). Raises
         LocalProtocolError when no action runs or the engine broke its order (a gateway bug).
@@ -1028,6 +1053,10 @@ class VoiceflowConnection:
             traces = running.writer.close()
             if event.response.session_ended:
                 traces.append(trace("end", None, self._now_ms()))
+            else:
+                timeout = no_reply_timeout(event.response.attributes)
+                if timeout is not None:
+                    traces.append(trace("no-reply", {"timeout": timeout}, self._now_ms()))
             return self._traces(running, traces)
         if isinstance(event, ErrorEvent):
             running.failed = True

@@ -526,6 +526,36 @@ def test_engine_rejections() -> None:
     assert (conn.state, conn.session_id) == (State.STARTED, None)
 
 
+@pytest.mark.parametrize(
+    ("attributes", "ended", "timeout"),
+    [
+        ({"noReplyTimeoutMs": 7000}, False, 7),
+        ({"noReplyTimeoutMs": 2500}, False, 2.5),
+        ({"noReplyTimeoutMs": 7000}, True, None),  # the end trace instead
+        ({}, False, None),
+        ({"noReplyTimeoutMs": 0}, False, None),
+        ({"noReplyTimeoutMs": "7000"}, False, None),
+        ({"noReplyTimeoutMs": True}, False, None),
+    ],
+)
+def test_a_no_reply_timeout_of_the_core_is_the_no_reply_trace(
+    attributes: dict[str, Any], ended: bool, timeout: float | None
+) -> None:
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "launch"}, "m1")
+    response = Response(attributes=attributes, session_ended=ended)
+    out = [d["trace"] for _, d in emitted(conn.turn_event(ResponseEvent(response=response)))]
+    expected = [{"type": "end", "time": int(NOW * 1000)}] if ended else []
+    if timeout is not None:
+        expected.append(
+            {"type": "no-reply", "payload": {"timeout": timeout}, "time": int(NOW * 1000)}
+        )
+    assert out == expected
+    if timeout is not None:
+        assert type(out[0]["payload"]["timeout"]) is type(timeout)
+
+
 def test_a_failed_turn() -> None:
     conn = connection()
     ready(conn, config={"completionEvents": True})

@@ -27,6 +27,7 @@ from tests.adapters.voiceflow.helpers import (
 )
 from tests.conftest import gateway, serve
 from tests.gateway.core_app import make_core
+from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
 
 TRANSPORTS = ["websocket", "polling"]
 
@@ -444,6 +445,30 @@ async def test_general_requests_take_custom_action_paths_and_press_buttons() -> 
         refused = await vf.expect("action.status")
         assert (refused["status"], refused["reason"]) == ("rejected", "unknown-action-type")
         assert "'take path'" in refused["detail"]
+        await vf.nothing_more()
+
+
+async def test_a_voiceflow_cores_no_reply_timeout_reaches_the_client() -> None:
+    """A Voiceflow core (its runtime: tests/gateway/pipeline/fake_voiceflow.py) that asks
+    for a no-reply after 7 s: the socket client gets the ``no-reply {timeout: 7}`` trace at
+    the end of the turn, as from Voiceflow's runtime, and its ``no-reply`` action when
+    the time is up gets the core's reprompt. A turn without one gets no such trace."""
+    async with (
+        serve(make_voiceflow()) as runtime,
+        served(
+            pipeline="voiceflow:",
+            voiceflow_api_key=SecretStr(API_KEY),
+            voiceflow_runtime_url=runtime,
+        ) as url,
+        client(url) as vf,
+    ):
+        await vf.handshake()
+        _, traces, last = await vf.act({"type": "launch"}, "launch")
+        assert last == {"status": "completed", "messageID": "launch"}
+        assert [t["type"] for t in traces] == ["text", "text", "choice", "no-reply"]
+        assert traces[-1]["payload"] == {"timeout": 7}
+        _, traces, _ = await vf.act({"type": "no-reply"})
+        assert [(t["type"], t["payload"]["message"]) for t in traces] == [("text", "Still there?")]
         await vf.nothing_more()
 
 

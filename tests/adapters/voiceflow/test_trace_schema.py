@@ -66,7 +66,8 @@ def every_kind_core() -> FastAPI:
                 },
                 {"text": "#open_url", "code": json.dumps({"url": "https://example.org"})},
                 {"text": "That is all."},
-            ]
+            ],
+            "attributes": {"noReplyTimeoutMs": 7000},  # -> no-reply {timeout: 7}
         }
 
     return app
@@ -121,7 +122,17 @@ async def test_every_trace_passes_voiceflows_published_schemas() -> None:
 
     # the conversation covered every kind of trace the adapter produces
     kinds = {t["type"] for t in traces}
-    assert kinds == {"text", "visual", "speak", "choice", "cardV2", "open_url", "completion", "end"}
+    assert kinds == {
+        "text",
+        "visual",
+        "speak",
+        "choice",
+        "cardV2",
+        "open_url",
+        "completion",
+        "no-reply",
+        "end",
+    }
     speak_types = {t["payload"]["type"] for t in traces if t["type"] == "speak"}
     assert speak_types == {"message", "audio"}
     assert {t["payload"]["state"] for t in traces if t["type"] == "completion"} == {
@@ -147,6 +158,7 @@ async def test_every_trace_passes_voiceflows_published_schemas() -> None:
         "choice": "ChoiceTraceDTO",
         "cardV2": "CardTraceDTO",
         "end": "ExitTraceDTO",
+        "no-reply": "NoReplyTraceDTO",
         # no schema in the package for these: BaseTraceDTO's common fields only
         "completion": NO_SCHEMA,
         "open_url": NO_SCHEMA,
