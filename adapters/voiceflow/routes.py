@@ -20,7 +20,8 @@ Operations:
   {code: "invalid-payload"}`` on a connected socket (a CONNECT that does not decode
   ends that Engine.IO session) and a WARNING, never an ERROR traceback of engineio's;
   other connections are untouched. Below socket.io, an Engine.IO packet that does not
-  parse (:class:`EngineIoGuard`) closes its WebSocket with 1002, or answers its polling
+  parse (:class:`EngineIoGuard`) closes its WebSocket with 1002 (one over
+  GATEWAY_MAX_BODY_BYTES with 1009), or answers its polling
   POST 400 (with python-engineio's CORS headers) and ends that Engine.IO session, with
   a WARNING. An event named ``connect``, ``disconnect`` or ``*``
   (the names of python-socketio's own handlers) is an unknown event like any other.
@@ -233,6 +234,8 @@ class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
 
 CLOSE_PROTOCOL_ERROR = 1002
 """The WebSocket close code of a malformed Engine.IO packet (RFC 6455 section 7.4.1)."""
+CLOSE_TOO_BIG = 1009
+"""The WebSocket close code of an Engine.IO packet over the size limit (RFC 6455 7.4.1)."""
 
 
 class EngineIoGuard:
@@ -298,27 +301,36 @@ class EngineIoGuard:
             await self.app(scope, receive, send)
 
     def _frames(self, scope: Scope, receive: Receive, send: Send) -> Receive:
-        """``receive`` that checks each WebSocket message: a malformed packet closes the
-        connection (1002) and is handed on as the peer's disconnect."""
+        """``receive`` that checks each WebSocket message and hands a refused one on as
+        the peer's disconnect: a malformed packet closes the connection with 1002, one
+        longer than python-engineio's ``max_http_buffer_size`` (GATEWAY_MAX_BODY_BYTES;
+        its own measure: characters of a text, bytes of a binary message) with 1009.
+        python-engineio itself would end the session on the too long one with a normal
+        close (1000) and nothing logged, which a client takes for a goodbye. (uvicorn's
+        ``ws_max_size``, at least 64 KiB, closes with 1009 before: with a larger limit
+        a message this long never comes here.)"""
 
         async def checked() -> Message:
             message = await receive()
             if message["type"] != "websocket.receive":
                 return message
             data = message.get("bytes")
-            fault = None if data is not None else engine_io_fault(message.get("text") or "")
+            text = message.get("text") or ""
+            limit = self.sio.eio.max_http_buffer_size
+            size = len(data) if data is not None else len(text)
+            fault: str | None
+            if size > limit:
+                fault = f"an Engine.IO packet of {size} characters or bytes (at most {limit})"
+                code, reason = CLOSE_TOO_BIG, "Engine.IO packet too long"
+            else:
+                fault = None if data is not None else engine_io_fault(text)
+                code, reason = CLOSE_PROTOCOL_ERROR, "malformed Engine.IO packet"
             if fault is None:
                 return message
             log.warning("Voiceflow Engine.IO packet refused (%s): %s", _peer(scope), fault)
             with contextlib.suppress(Exception):  # (the peer may have gone already)
-                await send(
-                    {
-                        "type": "websocket.close",
-                        "code": CLOSE_PROTOCOL_ERROR,
-                        "reason": "malformed Engine.IO packet",
-                    }
-                )
-            return {"type": "websocket.disconnect", "code": CLOSE_PROTOCOL_ERROR}
+                await send({"type": "websocket.close", "code": code, "reason": reason})
+            return {"type": "websocket.disconnect", "code": code}
 
         return checked
 

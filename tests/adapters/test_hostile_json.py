@@ -356,6 +356,44 @@ async def test_voiceflow_malformed_engine_io_packets_close_the_websocket_with_10
     _no_tracebacks(caplog)
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+async def test_voiceflow_an_engine_io_packet_over_the_limit_closes_the_websocket_with_1009(
+    binary: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With GATEWAY_MAX_BODY_BYTES under uvicorn's 64 KiB floor of ``ws_max_size``, a
+    message over it reaches python-engineio, which closed the socket with 1000 (a normal
+    goodbye) and logged nothing; now it is closed with 1009 (message too big) and a
+    WARNING, and other connections go on. A message at the limit is served."""
+    caplog.set_level(logging.INFO)
+    limit = 4096
+    async with served(max_body_bytes=limit) as url, client(url) as other:
+        await other.handshake()
+        async with engine_io_socket(url) as ws:
+            await ws.send("40")
+            assert str(await asyncio.wait_for(ws.recv(), 5)).startswith("40{")
+            head = '42["unknown.event","'
+            fits = head + "x" * (limit - len(head) - 2) + '"]'
+            assert len(fits) == limit
+            await ws.send(fits)
+            refused = str(await asyncio.wait_for(ws.recv(), 5))
+            assert refused.startswith('42["error",')
+            assert "unknown-event" in refused
+            too_long = fits + " "
+            await ws.send(too_long.encode() if binary else too_long)
+            with pytest.raises(ConnectionClosedError):
+                while True:  # (a PING may come first)
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert ws.protocol.close_rcvd is not None
+            assert ws.protocol.close_rcvd.code == 1009  # message too big (RFC 6455 7.4.1)
+        assert await other.say("still here") == ["You said: still here"]
+    refused_logs = [r for r in caplog.records if "Engine.IO packet refused" in r.getMessage()]
+    assert [(r.name, r.levelname) for r in refused_logs] == [
+        ("adapters.voiceflow.routes", "WARNING")
+    ]
+    assert f"at most {limit}" in refused_logs[0].getMessage()
+    _no_tracebacks(caplog)
+
+
 @pytest.mark.parametrize("packet", ENGINE_IO_PACKETS.values(), ids=ENGINE_IO_PACKETS.keys())
 async def test_voiceflow_malformed_engine_io_packets_by_polling_are_400_and_end_the_session(
     packet: str, caplog: pytest.LogCaptureFixture
