@@ -89,7 +89,8 @@ Response items -> traces (:class:`TraceWriter`), in this order per item:
   carousels, custom actions);
 - an item whose text is ``#name`` (a client command) and whose code is anything
   else -> the custom action trace ``{type: "name", payload: <code, parsed when
-  JSON>}``.
+  JSON>}`` (any JSON value: ``'"main"'``, what a core's command item carries for the
+  string ``main``, is ``"main"``; JSON ``null`` leaves the payload out).
 - ``video`` has no Voiceflow trace and is not sent.
 
 A Response that does not end the session and whose ``attributes.noReplyTimeoutMs``
@@ -635,7 +636,11 @@ class TraceWriter:
             return out
         command = (item.text or "").strip()
         if command.startswith("#") and len(command) > 1:
-            payload = value if value is not None else item.code
+            # the code as JSON when it is JSON (a command item's code is the JSON of its
+            # value: a string payload comes as '"main"'), else the code as it is
+            payload = _json(item.code, scalars=True)
+            if payload is _NOT_JSON:
+                payload = item.code
             out.append(trace(command[1:].split()[0], payload, now))
         return out
 
@@ -668,14 +673,20 @@ def _message(item: ResponseItem) -> str | None:
     return text or None
 
 
-def _json(code: str) -> Any:
+_NOT_JSON: Any = object()
+
+
+def _json(code: str, *, scalars: bool = False) -> Any:
+    """An item's code parsed as JSON: an object or array (any JSON value with
+    ``scalars``); otherwise None, or :data:`_NOT_JSON` with ``scalars`` (JSON ``null``
+    is None then)."""
     text = code.strip()
-    if not text.startswith(("{", "[")):
+    if not scalars and not text.startswith(("{", "[")):
         return None
     try:
         return load_json(text, what="The item's code")
     except ProtocolError:
-        return None
+        return _NOT_JSON if scalars else None
 
 
 def _list(value: Any) -> list[Any]:

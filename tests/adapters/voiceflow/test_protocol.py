@@ -396,6 +396,12 @@ def test_code_carries_buttons_traces_and_custom_actions() -> None:
         ("open_url", {"url": "https://x"})
     ]
     assert shapes(plain.item(ResponseItem(text="#beep", code="loud"))) == [("beep", "loud")]
+    # a command item's code is the JSON of its value (gateway.pipeline.cores.command_item)
+    assert shapes(plain.item(ResponseItem(text="#open_menu", code='"main"'))) == [
+        ("open_menu", "main")
+    ]
+    assert shapes(plain.item(ResponseItem(text="#count", code="3"))) == [("count", 3)]
+    assert shapes(plain.item(ResponseItem(text="#ping", code="null"))) == [("ping", None)]
     assert plain.item(ResponseItem(text="#nothing")) == []
     assert plain.item(ResponseItem(text="Hi", code="not for voiceflow")) == [
         {"type": "text", "payload": text("Hi"), "time": 1000}

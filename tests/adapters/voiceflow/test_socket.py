@@ -472,6 +472,33 @@ async def test_a_voiceflow_cores_no_reply_timeout_reaches_the_client() -> None:
         await vf.nothing_more()
 
 
+async def test_a_voiceflow_cores_custom_action_round_trip() -> None:
+    """A Voiceflow core's custom action (its runtime: fake_voiceflow.py, text ``menu``)
+    with a plain text payload reaches the socket client as the trace ``{type:
+    "open_menu", payload: "main"}`` (the payload as Voiceflow's runtime gives it, not
+    JSON-quoted), and the path the client takes, ``{type: "done"}``, reaches the
+    runtime as that request."""
+    runtime_app = make_voiceflow()
+    async with (
+        serve(runtime_app) as runtime,
+        served(
+            pipeline="voiceflow:",
+            voiceflow_api_key=SecretStr(API_KEY),
+            voiceflow_runtime_url=runtime,
+        ) as url,
+        client(url) as vf,
+    ):
+        await vf.handshake()
+        await vf.act({"type": "launch"})
+        _, traces, _ = await vf.act({"type": "text", "payload": "menu"})
+        assert [(t["type"], t.get("payload")) for t in traces[1:]] == [("open_menu", "main")]
+        assert messages(traces) == ["Opening the menu."]
+        _, traces, last = await vf.act({"type": "done"}, "path")
+        assert last == {"status": "completed", "messageID": "path"}
+        assert messages(traces) == ["Back from the menu."]
+        assert runtime_app.state.requests[-1]["action"] == {"type": "done"}
+
+
 async def test_intent_classes_and_attributes_reach_the_core() -> None:
     core = RecordingCore()
     async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:

@@ -14,7 +14,9 @@ The agent: ``launch`` -> a text (slate + message), a ``speak`` with an audio URL
 ``path-large``/``path-small`` -> a text and a ``visual`` image; ``what size`` answers the
 stored size; ``agent`` -> the custom action trace ``transfer``; ``bye`` -> a text and
 ``end``; ``music`` -> a text and a ``stream`` trace (an audio player step's song);
-``no-reply`` -> "Still there?"; ``stream`` -> one text, then waits for
+``no-reply`` -> "Still there?"; ``menu`` -> a text and the custom action trace
+``open_menu`` with the plain text payload ``main``, whose path ``done`` answers "Back
+from the menu."; ``stream`` -> one text, then waits for
 ``app.state.release``, then another. Failures: ``boom`` (500), ``slow`` (2 s),
 ``garbage`` (not JSON), ``object`` (not a list), ``cut`` (the stream ends without ``end``),
 ``deep`` (JSON nested 50,000 levels deep, as the body or a trace's data), ``overflow``
@@ -181,6 +183,8 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
         ]
     if kind == "no-reply":
         return [text("Still there?")]
+    if kind == "done":  # the path of the menu's custom action
+        return [text("Back from the menu.")]
     if kind != "text":
         return [text(f"unhandled {kind}")]
     if payload == "what size":
@@ -190,6 +194,11 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
         return [
             text("Transferring."),
             trace("transfer", target, paths=[{"event": {"type": "done"}}], defaultPath=0),
+        ]
+    if payload == "menu":  # a custom action whose payload is plain text, not JSON
+        return [
+            text("Opening the menu."),
+            trace("open_menu", "main", paths=[{"event": {"type": "done"}}], defaultPath=0),
         ]
     if payload == "music":  # an audio player step: Voiceflow's ``stream`` trace
         song = {"src": "https://cdn.example.com/song.mp3", "action": "PLAY", "token": "t1"}
