@@ -69,7 +69,8 @@ Decisions where the spec is silent:
 
 Response items -> traces (:class:`TraceWriter`), in this order per item:
 
-- text (not a ``#command``; SSML tags stripped when there is only SSML) ->
+- text (not a ``#command``; when there is only SSML, its tags stripped and its
+  character references such as ``&amp;`` decoded) ->
   ``speak {type: "message", message, src?, voice?}`` when ``config.audioEvents``
   (``src`` is the TTS audio link), else ``completion`` chunks when
   ``config.completionEvents`` (``{state: "start"}``, ``{state: "content",
@@ -107,6 +108,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import html
 import re
 import urllib.parse
 import uuid
@@ -664,12 +666,13 @@ def no_reply_timeout(attributes: Mapping[str, Any]) -> int | float | None:
 
 
 def _message(item: ResponseItem) -> str | None:
-    """The text an item says: its text, else its SSML without tags; None for ``#commands``."""
+    """The text an item says: its text, else its SSML without tags and with its character
+    references decoded; None for ``#commands``."""
     text = (item.text or "").strip()
     if text.startswith("#"):
         return None
-    if not text and item.ssml:
-        text = " ".join(_TAG.sub(" ", item.ssml).split())
+    if not text and item.ssml:  # its text: tags out, then entities (&amp; -> &) decoded
+        text = " ".join(html.unescape(_TAG.sub(" ", item.ssml)).split())
     return text or None
 
 

@@ -26,7 +26,7 @@ from tests.adapters.voiceflow.helpers import (
     served,
 )
 from tests.conftest import gateway, serve
-from tests.gateway.core_app import make_core
+from tests.gateway.core_app import WebhookCore, make_core
 from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
 
 TRANSPORTS = ["websocket", "polling"]
@@ -497,6 +497,40 @@ async def test_a_voiceflow_cores_custom_action_round_trip() -> None:
         assert last == {"status": "completed", "messageID": "path"}
         assert messages(traces) == ["Back from the menu."]
         assert runtime_app.state.requests[-1]["action"] == {"type": "done"}
+
+
+class SsmlCore(WebhookCore):
+    """A core that answers SSML alone, with XML character references in it."""
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        return {
+            "items": [
+                {"ssml": "<speak>Fish &amp; chips <break/> for &lt;3 &#8364;</speak>"},
+                {"ssml": "Say <emphasis>yes</emphasis> &quot;now&quot; or &apos;no&apos;."},
+            ]
+        }
+
+
+@pytest.mark.parametrize("config", [{}, {"completionEvents": True}])
+async def test_ssml_only_items_are_their_text_with_character_references_decoded(
+    config: dict[str, Any],
+) -> None:
+    """An item with SSML alone is shown as its text: without tags, and with ``&amp;``,
+    ``&lt;``, ``&quot;``, ``&#8364;`` ... as the characters they stand for, never as the
+    escapes themselves."""
+    core = SsmlCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake(config=config)
+        _, traces, _ = await vf.act({"type": "launch"})
+        said = ["Fish & chips for <3 \u20ac", "Say yes \"now\" or 'no'."]
+        if config:
+            chunks = [t["payload"].get("content") for t in traces]
+            assert chunks == [None, said[0], " " + said[1], None]
+        else:
+            assert messages(traces) == said
+            assert [
+                t["payload"]["slate"]["content"][0]["children"][0]["text"] for t in traces
+            ] == said
 
 
 async def test_intent_classes_and_attributes_reach_the_core() -> None:
