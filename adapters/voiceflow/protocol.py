@@ -430,7 +430,11 @@ def _intent(action: ActionBody) -> Input:
     return Input.of(
         query or f"#{name}",
         classes=[
-            InputClass(type="Intent", name=name, score=payload.confidence or 1.0),
+            InputClass(
+                type="Intent",
+                name=name,
+                score=1.0 if payload.confidence is None else payload.confidence,
+            ),
             *(InputClass(type="Entity", name=e.name) for e in payload.entities),
         ],
         attributes={

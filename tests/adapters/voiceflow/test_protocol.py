@@ -246,6 +246,17 @@ def test_action_table(action: dict[str, Any], text: str) -> None:
         assert input_.classes == []
 
 
+@pytest.mark.parametrize(("confidence", "score"), [(None, 1.0), (0, 0.0), (0.4, 0.4)])
+def test_an_intents_confidence_is_its_score(confidence: float | None, score: float) -> None:
+    """The Intent class's score is the action's confidence, also when it is 0 (no
+    confidence at all); 1.0 only when none is given."""
+    payload: dict[str, Any] = {"intent": {"name": "order"}}
+    if confidence is not None:
+        payload["confidence"] = confidence
+    input_ = action_input(ActionBody(type="intent", payload=payload))
+    assert [(c.type, c.score) for c in input_.classes] == [("Intent", score)]
+
+
 def test_intent_classes_and_entities() -> None:
     body = ActionBody(
         type="intent",
