@@ -43,7 +43,8 @@ Decisions where the spec is silent:
   another project or user means ``newSessionRequired: true``; nothing else is said,
   so a client cannot probe keys.
 - Sessions live in the turn engine's store and are created by their first turn:
-  ``launch`` and the first action after ``session.create`` may create the session;
+  ``launch`` and ``event`` (the spec's two ways to start a conversation, "Conversation
+  Lifecycle") and the first action after ``session.create`` may create the session;
   any other action on a session the store no longer has (it expired, or it never
   had a turn) is rejected with ``session-not-found`` and followed by
   ``session.ended {reason: "session_expired"}``: the client makes a new one.
@@ -484,6 +485,11 @@ ACTIONS: dict[str, Callable[[ActionBody], Input]] = {
     "action": _labelled,
 }
 """Voiceflow request type -> its Input (see :func:`action_input`)."""
+
+STARTING_ACTIONS = frozenset(("launch", "event"))
+"""Action types that start a conversation (spec "Conversation Lifecycle", "Start"): they
+create the session when the store does not have it (a valid sessionKey of an expired
+session); any other action then gets ``session-not-found``."""
 
 PATH_PREFIX = "path-"
 """Choice path request types (``path-<id>``, a button's ``request.type``) start with this."""
@@ -1019,7 +1025,7 @@ class VoiceflowConnection:
             return [status("rejected", message_id, "action-running", text)]
         machine.feed(ACTION_SEND)
         self._running = _Running(message_id, TraceWriter(self.start.config, self._now_ms))
-        ctx = self._context(create=self._fresh or body.type == "launch")
+        ctx = self._context(create=self._fresh or body.type in STARTING_ACTIONS)
         return [status("accepted", message_id), StartTurn(ctx, input_, message_id)]
 
     def _context(self, *, create: bool) -> TurnContext:

@@ -344,6 +344,35 @@ async def test_a_valid_key_of_a_session_the_store_no_longer_has_ends_it() -> Non
         assert await vf.say("hello") == ["You said: hello"]
 
 
+@pytest.mark.parametrize(
+    ("action", "heard"),
+    [
+        ({"type": "launch"}, "#intro"),
+        ({"type": "event", "payload": {"event": {"name": "page_opened"}}}, "#page_opened"),
+    ],
+)
+async def test_launch_or_event_starts_over_in_a_session_the_store_no_longer_has(
+    action: dict[str, Any], heard: str
+) -> None:
+    """The spec's two ways to start a conversation ("Conversation Lifecycle", "Start"),
+    ``launch`` and ``event``, work with a valid sessionKey whose session the store no
+    longer has (it expired): the conversation starts again in that session."""
+    core = RecordingCore()
+    keys = SessionKeys(SECRET, ttl_s=3600)
+    key = keys.issue(session_id="gone", project_id=PROJECT, user_id=USER, now=time.time())
+    async with (
+        core.running() as core_url,
+        served(pipeline=core_url, voiceflow_secret=SecretStr(SECRET)) as url,
+        client(url) as vf,
+    ):
+        assert await vf.start(key) is False
+        _, _, last = await vf.act(action, "start")
+        assert last == {"status": "completed", "messageID": "start"}
+        assert (await core.next_request())["input"]["transcript"]["text"] == heard
+        assert await vf.say("hello") == ["core heard hello"]  # the session exists now
+        await vf.nothing_more()
+
+
 async def test_authorization_and_project_are_checked_when_configured() -> None:
     async with (
         served(voiceflow_api_keys=frozenset({"VF.DM.good"}), app_keys=frozenset({PROJECT})) as url,
