@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from gateway.logs import configure_logging
-from gateway.settings import Settings
+from gateway.settings import LOG_LEVELS, Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -27,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     server = commands.add_parser("serve", help="run the gateway (settings from GATEWAY_* env)")
     server.add_argument("--host", help="address to bind (default GATEWAY_HOST or 127.0.0.1)")
     server.add_argument("--port", type=int, help="port (default GATEWAY_PORT or 8080)")
-    server.add_argument("--log-level", help="default GATEWAY_LOG_LEVEL or info")
+    server.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="default GATEWAY_LOG_LEVEL or INFO (any case)",
+    )
     spec = commands.add_parser("openapi", help="write the OpenAPI document")
     spec.add_argument("--out", default="openapi/openapi.json", help="file, or - for stdout")
     args = parser.parse_args(argv)

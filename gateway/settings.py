@@ -24,6 +24,11 @@ VONAGE_SAMPLE_RATES: Final = (8000, 16000, 24000)
 protocol.py RATES): GATEWAY_VONAGE_SAMPLE_RATE must be one."""
 
 
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""The values of GATEWAY_LOG_LEVEL (and ``gateway serve --log-level``), any case: the
+levels both logging and uvicorn know."""
+
+
 class CallOverride(BaseModel):
     """One carrier's own call behaviour (a value of GATEWAY_CALL_OVERRIDES); a field left
     unset is the generic GATEWAY_CALL_* setting. Times are ms of audio."""
@@ -262,7 +267,11 @@ class Settings(BaseSettings):
         gt=0,
         description="An idle kept-alive HTTP connection is closed after this time.",
     )
-    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_level: str = Field(
+        default="INFO",
+        description="DEBUG, INFO, WARNING, ERROR or CRITICAL (any case); another value stops "
+        "the gateway at startup.",
+    )
     access_log: bool = Field(
         default=False,
         description="Log a line per HTTP request (uvicorn's access log, credential query "
@@ -796,6 +805,16 @@ class Settings(BaseSettings):
         description="Where the model's `transfer` tool hands the conversation (E.164 number "
         "or SIP URI); unset: the tool is not offered.",
     )
+
+    @field_validator("log_level", mode="after")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        """One of :data:`LOG_LEVELS` (any case), upper-cased: another value stopped
+        ``gateway serve`` with logging's traceback (``Unknown level``)."""
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("redis_url", mode="after")
     @classmethod

@@ -5,6 +5,10 @@ use them later."""
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -13,6 +17,9 @@ from adapters.vonage.protocol import RATES
 from gateway.cli import startup_warnings
 from gateway.events import MAX_TIMEOUT_S
 from gateway.settings import Settings
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("value", ["44100", "11025", "0", "-16000"])
@@ -116,3 +123,37 @@ def test_a_telnyx_public_key_that_is_no_key_stops_the_start(
     key = base64.b64encode(bytes(range(32))).decode()
     monkeypatch.setenv("GATEWAY_TELNYX_PUBLIC_KEY", key)
     assert Settings().telnyx_public_key == key
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "words"),
+    [
+        ([], {"GATEWAY_LOG_LEVEL": "verbose"}, "gateway: GATEWAY_LOG_LEVEL: must be one of"),
+        ([], {"GATEWAY_LOG_LEVEL": "warn"}, "gateway: GATEWAY_LOG_LEVEL: must be one of"),
+        (["--log-level", "loud"], {}, "argument --log-level: invalid choice: 'LOUD'"),
+    ],
+)
+def test_an_unknown_log_level_stops_serve_with_one_line_naming_it(
+    args: list[str], env: dict[str, str], words: str
+) -> None:
+    """GATEWAY_LOG_LEVEL and ``--log-level`` were not checked: ``gateway serve`` died in
+    configure_logging with logging's traceback (``ValueError: Unknown level``), exit 1.
+    Now: exit 2 and one line naming the setting or the option and the levels."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(free_port()), *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert words in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_log_levels_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``info``, `` Warning `` and ``DEBUG`` are the levels logging and uvicorn know."""
+    for given, level in (("info", "INFO"), (" Warning ", "WARNING"), ("DEBUG", "DEBUG")):
+        monkeypatch.setenv("GATEWAY_LOG_LEVEL", given)
+        assert Settings().log_level == level
