@@ -218,6 +218,18 @@ def _outbound_request(settings: Settings, body: Any, dialers: Mapping[str, Diale
     )
 
 
+def _masked_answer(body: Any, call: OutboundCall) -> str:
+    """A carrier's answer ``body`` (JSON or text) as the log shows it: the call's numbers
+    in it (``to``, ``from``; also without their ``+``) written as
+    :func:`gateway.logs.masked_number` does. Carriers echo them in refusals (Twilio:
+    ``Invalid 'To' Phone Number: +15550100``)."""
+    text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, default=str)
+    numbers = {call.to, call.from_, call.to.removeprefix("+"), call.from_.removeprefix("+")}
+    for number in sorted((n for n in numbers if n), key=len, reverse=True):
+        text = text.replace(number, masked_number(number))
+    return text
+
+
 @router.post("/v1/calls", status_code=201, dependencies=[Depends(require_admin)], **POST_CALLS)
 async def place_call(request: Request) -> Response:
     """Place an outbound call (see the module doc)."""
@@ -244,10 +256,11 @@ async def place_call(request: Request) -> Response:
     call_id = dialer.call_id(answer) if answer.ok else None
     if call_id is None:
         log.warning(
-            "Outbound %s call refused by the carrier: %s %.200s",
+            "Outbound %s call to %s refused by the carrier: %s %.200s",
             carrier,
+            masked_number(call.to),
             answer.status,
-            answer.body,
+            _masked_answer(answer.body, call),
         )
         return problem(
             502,

@@ -127,6 +127,34 @@ async def test_a_carrier_refusal_is_a_bad_gateway_problem() -> None:
         assert refused.status_code == 403
 
 
+async def test_a_carrier_refusal_is_logged_without_the_dialled_numbers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Carriers echo the numbers in a refusal (Twilio: ``Invalid 'To' Phone Number:
+    +15550100``); the WARNING logged the answer as it came, so the callee's and the
+    caller id's whole numbers reached the log (the module masks them everywhere else).
+    The admin's problem body still carries the carrier's answer unchanged."""
+    caplog.set_level(logging.INFO, logger="gateway.calls")
+    async with (
+        CARRIER.gateway(None) as (gw, api),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        echoed = {"errors": [{"code": "10016", "detail": "+15550100 (from 15550199) refused"}]}
+        api.answers[("POST", "/v2/calls")] = JSONResponse(echoed, 422)
+        answer = await client.post(
+            "/v1/calls",
+            json={"carrier": "telnyx", "to": "+15550100", "from": "+15550199"},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
+        assert answer.status_code == 502
+        assert answer.json()["carrierBody"] == echoed
+    (line,) = [r.getMessage() for r in caplog.records if "refused by the carrier" in r.getMessage()]
+    assert "5550100" not in line, line
+    assert "5550199" not in line, line
+    assert "+****0100 (from ****0199) refused" in line
+    assert "10016" in line
+
+
 async def test_a_garbled_or_huge_carrier_answer_is_a_bad_gateway_problem_too() -> None:
     """A 2xx with NaN, a refusal nested 100,000 levels deep (both: 500 before) and a 1 MB
     refusal (read, logged and echoed whole before) are 502 problems, what is kept of the
