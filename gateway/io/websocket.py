@@ -189,7 +189,10 @@ async def forward_turn(
                 else:
                     await run(actions)
         except TurnRejected as exc:
-            log.info("%s: turn refused: %s", name, exc.text)
+            # the reason, not exc.text: that names the session id (a client's credential)
+            log.info(
+                "%s: turn of session %s refused: %s", name, session_ref(start.ctx.key), exc.reason
+            )
             if gone():
                 return
             await run([*held, *protocol.turn_rejected(exc)])

@@ -370,7 +370,13 @@ class _Socket(WebSocketDriver[Action]):
                             following.follow(adopted, None, replay=False)
                         await self._send_turn(actions, held)
             except TurnRejected as exc:
-                log.info("%s: turn refused: %s", self.name, exc.text)
+                # the reason, not exc.text: that names the session id (the credential)
+                log.info(
+                    "%s: turn of session %s refused: %s",
+                    self.name,
+                    session_ref(start.ctx.key),
+                    exc.reason,
+                )
                 held.extend(conn.turn_rejected(exc))
             else:
                 held.extend(conn.turn_finished())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Any
@@ -371,6 +372,30 @@ async def test_launch_or_event_starts_over_in_a_session_the_store_no_longer_has(
         assert (await core.next_request())["input"]["transcript"]["text"] == heard
         assert await vf.say("hello") == ["core heard hello"]  # the session exists now
         await vf.nothing_more()
+
+
+async def test_a_refused_turn_is_logged_without_the_session_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The forwarder logged a refused turn with the refusal's text, which names the
+    session id (``turn refused: Session <id> is unknown or has expired.``); session ids
+    never reach the log (gateway/logs.py). The line names the session by its reference
+    and the reason."""
+    caplog.set_level(logging.INFO)
+    secret_id = "vf-s3cret-session-4711"
+    keys = SessionKeys(SECRET, ttl_s=3600)
+    key = keys.issue(session_id=secret_id, project_id=PROJECT, user_id=USER, now=time.time())
+    async with served(voiceflow_secret=SecretStr(SECRET)) as url, client(url) as vf:
+        assert await vf.start(key) is False
+        await vf.send({"type": "text", "payload": "hello"}, "m")
+        assert (await vf.expect("action.status"))["status"] == "accepted"
+        rejected = await vf.expect("action.status")
+        assert rejected["reason"] == "session-not-found"
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if secret_id in line]
+    refused = [line for line in lines if "refused" in line]
+    assert refused
+    assert refused[0].endswith("refused: session-not-found"), refused
 
 
 async def test_authorization_and_project_are_checked_when_configured() -> None:

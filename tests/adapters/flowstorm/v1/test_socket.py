@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +13,7 @@ import redis
 from websockets.asyncio.client import connect
 
 from adapters.flowstorm.v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG
+from gateway.logs import session_ref
 from tests.adapters.flowstorm.v1.helpers import (
     SPEC_INIT,
     SPEC_REQUEST,
@@ -212,6 +214,32 @@ async def test_a_session_of_another_key_is_refused_and_the_socket_serves_on() ->
             assert "another application" in error["text"]
             frames = await turn(other, request_frame("#intro", "own-one"))
             assert frames[0] == {"type": "SessionStarted", "sessionId": "own-one"}
+
+
+async def test_a_refused_turn_is_logged_without_the_session_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A session id is a V1 client's credential (gateway/logs.py): the refusal of a turn
+    on another key's session was logged with the refusal's text, which names the id
+    (``turn refused: Session <id> belongs to another application.``). The line now
+    names the session by its reference and the reason."""
+    caplog.set_level(logging.INFO)
+    secret_id = "s3cret-session-id-4711"
+    async with served() as url:
+        async with connect(ws_url(url)) as owner:
+            await init(owner, init_frame("key-a"))
+            await turn(owner, request_frame("#intro", secret_id))
+        async with connect(ws_url(url)) as other:
+            await init(other, init_frame("key-b"))
+            [error] = await turn(other, request_frame("#intro", secret_id))
+            assert error["source"] == "session"
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if secret_id in line]
+    refused = [line for line in lines if "refused" in line]
+    assert refused
+    assert refused[0].endswith(
+        f"turn of session {session_ref('flowstorm:' + secret_id)} refused: session-foreign"
+    ), refused
 
 
 async def test_client_logs_are_stored_with_the_session(redis_url: str, redis_prefix: str) -> None:
