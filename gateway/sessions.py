@@ -384,7 +384,7 @@ class _MemoryTxn:
                     async with asyncio.timeout(self._wait_s):
                         await lock.acquire()
                 except TimeoutError:
-                    raise SessionBusy(f"session {key} is busy") from None
+                    raise SessionBusy(f"session {_ref(key)} is busy") from None
             else:
                 await lock.acquire()
         except BaseException:
@@ -610,7 +610,7 @@ class RedisSessionStore:
                 if got:
                     break
                 if time.monotonic() + delay > deadline:
-                    raise SessionBusy(f"session {key} is busy")
+                    raise SessionBusy(f"session {_ref(key)} is busy")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.05)
         except REDIS_ERRORS as exc:
@@ -738,7 +738,7 @@ class RedisSessionStore:
         if failed:  # the session's fate is the fence's: only say so
             log.warning("%d side write(s) with the release of a session failed", failed)
         if applied and txn.outcome != "keep" and (txn.lost or not ok):
-            raise LockLost(f"lock of session {txn.key} expired before its {txn.outcome}")
+            raise LockLost(f"lock of session {_ref(txn.key)} expired before its {txn.outcome}")
 
     async def get(self, key: str) -> Session | None:
         data_key = self._keys(key)[1]

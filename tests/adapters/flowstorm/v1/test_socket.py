@@ -13,7 +13,9 @@ import redis
 from websockets.asyncio.client import connect
 
 from adapters.flowstorm.v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG
+from gateway.app import create_app
 from gateway.logs import session_ref
+from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import (
     SPEC_INIT,
     SPEC_REQUEST,
@@ -34,7 +36,7 @@ from tests.adapters.flowstorm.v1.helpers import (
     turn_frames,
     ws_url,
 )
-from tests.conftest import gateway, no_server_errors
+from tests.conftest import gateway, no_server_errors, served_app
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -356,6 +358,35 @@ async def test_a_request_while_a_turn_runs_is_an_error() -> None:
         assert texts(answer) == ["slow answer"]
         assert (await core.next_request())["input"]["transcript"]["text"] == "fourth"
         assert core.requests.empty()
+
+
+async def test_client_logs_refused_by_a_busy_session_are_logged_without_its_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Client logs that wait for the session lock longer than GATEWAY_LOCK_WAIT_S are
+    not stored; the WARNING named the session by its reference, then added the store's
+    error text, ``session flowstorm:<id> is busy``: the id (a V1 client's credential)
+    in the log after all. The store's errors name the session by its reference too."""
+    caplog.set_level(logging.INFO)
+    secret_id = "s3cret-busy-session-4711"
+    settings = Settings(lock_wait_s=0.2)
+    app = create_app(settings)
+    async with served_app(app, settings) as url, connect(ws_url(url)) as ws:
+        await init(ws)
+        await turn(ws, request_frame("#intro", secret_id))
+        store = app.state.gateway.store
+        # another instance's turn holds the session's lock
+        async with store.open(f"flowstorm:{secret_id}", lease_s=5, wait_s=1):
+            entry = {"time": 1700000000000, "relativeTime": 0.5, "level": "INFO", "text": "x"}
+            await send_json(ws, {"type": "Log", "entries": [entry]})
+            for _ in range(100):
+                if any("not stored" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records]
+    (not_stored,) = [line for line in lines if "not stored" in line]
+    assert session_ref(f"flowstorm:{secret_id}") in not_stored
+    assert not [line for line in lines if secret_id in line]
 
 
 async def test_a_client_that_leaves_mid_turn_does_not_lose_the_turn(
