@@ -27,8 +27,9 @@ which V1 turns fill). A Voiceflow client gets the items as
 Authentication: ``Authorization: Bearer KEY`` with a key of GATEWAY_ADMIN_KEYS; none
 sent: 401 (``WWW-Authenticate: Bearer``); a wrong one: 401 (``WWW-Authenticate: Bearer``
 with ``error="invalid_token"``, RFC 6750 section 3.1); no keys configured: 403. All
-refusals are RFC 9457 problem bodies. The pure parts (models, :func:`gateway.admin.key_valid`,
-:func:`push_event`, :func:`wake`) do no I/O.
+refusals are RFC 9457 problem bodies. The key is checked before the body is read; a
+body over GATEWAY_MAX_BODY_BYTES is 413 (:class:`_AdminRoute`). The pure parts (models,
+:func:`gateway.admin.key_valid`, :func:`push_event`, :func:`wake`) do no I/O.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from fastapi.responses import Response as HTTPResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import Field, model_validator
 
@@ -50,9 +53,10 @@ from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.deps import gateway_of
 from gateway.events import Response, ResponseEvent, ResponseItem, Wire
-from gateway.httputil import problem
+from gateway.httputil import problem, read_body
 from gateway.logs import session_ref
 from gateway.outbox import Journal, OutboxError, ack_topic
+from gateway.protocol import ProtocolError
 from gateway.sessions import (
     ClientState,
     Session,
@@ -306,7 +310,38 @@ _REFUSALS: dict[int | str, dict[str, Any]] = {
     503: _problem_doc("The session store or the bus does not answer"),
 }
 
-router = APIRouter(prefix="/v1", tags=["admin"])
+
+class _AdminRoute(APIRoute):
+    """An admin route that checks the admin key, and reads a body of at most
+    GATEWAY_MAX_BODY_BYTES, before FastAPI reads and parses the body.
+
+    FastAPI reads a route's whole JSON body (no size limit) and parses it before it
+    solves the route's dependencies, so a client without a key could make the gateway
+    read and parse a body of any size before its 401. Here the key comes first (401/403,
+    AdminRefused), then the body, read up to the limit (413 problem body; a declared
+    Content-Length over it refused before reading anything) and left cached on the
+    request for FastAPI's parser.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, HTTPResponse]]:
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def guarded(request: Request) -> HTTPResponse:
+            settings = gateway_of(request).settings
+            check_admin_key(settings.admin_keys, request.headers.get("authorization"))
+            try:
+                await read_body(request, settings.max_body_bytes)
+            except ProtocolError as exc:
+                title = "Content Too Large" if exc.status == 413 else "Bad Request"
+                return problem(exc.status, title, exc.text)
+            return await handler(request)
+
+        return guarded
+
+
+router = APIRouter(prefix="/v1", tags=["admin"], route_class=_AdminRoute)
 _bearer = HTTPBearer(auto_error=False, description="A key of GATEWAY_ADMIN_KEYS.")
 
 
@@ -350,6 +385,7 @@ _STATUS: dict[str, int] = {"unknown-target": 404, "outbox-full": 409, "session-b
         202: {"description": "Queued in the session's outbox", "model": PushResult},
         404: _problem_doc("`unknown-target`: no such session, or the device has none"),
         409: _problem_doc("`outbox-full` or `session-busy`"),
+        413: _problem_doc("The body is larger than GATEWAY_MAX_BODY_BYTES"),
         **_REFUSALS,
     },
 )

@@ -404,6 +404,52 @@ async def test_unknown_targets_a_full_outbox_and_bad_keys_are_refused(
         assert "GATEWAY_ADMIN_KEYS" in answer.json()["detail"]
 
 
+async def _head_only(url: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """POST ``path`` with ``headers`` (a Content-Length included) and none of the body:
+    the status and body of the answer, which must come within 3 s."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + b'{"target":')
+    await writer.drain()
+    try:
+        async with asyncio.timeout(3):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+    finally:
+        writer.close()
+    return int(head.split(b" ")[1]), body
+
+
+async def test_a_push_body_is_not_read_before_the_key_nor_past_the_body_limit() -> None:
+    """FastAPI reads and parses a route's whole JSON body before it checks its
+    dependencies: a client without a key could make the gateway take a body of any size
+    (here it waited for 10**9 bytes, until the body deadline) before its 401. Now the key
+    is checked first, and a body over GATEWAY_MAX_BODY_BYTES is refused (413) from its
+    Content-Length, each answered at once."""
+    async with served(admin_keys=frozenset({ADMIN}), max_body_bytes=1000) as url:
+        huge = {"Content-Length": str(10**9)}
+        status, body = await _head_only(url, "/v1/push", huge)
+        assert status == 401
+        assert json.loads(body)["title"] == "Unauthorized"
+        status, body = await _head_only(url, "/v1/push", {**huge, **AUTH})
+        assert status == 413
+        assert json.loads(body)["detail"] == "The request body is larger than 1000 bytes."
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:  # within the limit
+            answer = await push(http, url, {"sessionId": "nobody"}, "Hi.")
+            assert answer.status_code == 404
+            assert answer.json()["delivery"] == "unknown-target"
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield b'{"target": {"sessionId": "x"}, "items": ['
+                yield b'{"text": "y"},' * 100
+
+            chunked = await http.post("/v1/push", content=chunks(), headers=AUTH)
+            assert chunked.status_code == 413  # no Content-Length: counted as it comes
+
+
 # ---------------------------------------------------------------- resume
 
 
