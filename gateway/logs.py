@@ -17,7 +17,9 @@ Credentials never reach the log:
   ``session_id`` is replaced by ``session`` (its reference) in both formats.
 - The access log (uvicorn.access) is filtered by :class:`RedactQuery`: the values
   of credential query parameters (``key``, ``token``, ``secret``, ``password``,
-  ``authorization``, ``signature``, ``sessionKey``, ...) are written as ``***``.
+  ``authorization``, ``signature``, ``sessionKey``, ...) are written as ``***``, and so
+  is the session id in the path of the admin API's session view
+  (``/v1/sessions/***``).
 """
 
 from __future__ import annotations
@@ -135,8 +137,20 @@ CREDENTIAL_PARAMETERS = (
 _CREDENTIAL = re.compile(r"(?i)([?&;](?:" + "|".join(CREDENTIAL_PARAMETERS) + r")=)[^&;#\s\"]*")
 
 
+CREDENTIAL_PATHS = ("/v1/sessions/",)
+"""Paths whose next segment is a session id (the admin API's session view): written as
+``***`` by :func:`redact_query`."""
+
+_CREDENTIAL_PATH = re.compile(
+    "(" + "|".join(re.escape(p) for p in CREDENTIAL_PATHS) + r")[^/?#;\s\"]+"
+)
+
+
 def redact_query(text: str) -> str:
-    """``text`` with the values of credential query parameters replaced by ``***``."""
+    """``text`` with the values of credential query parameters, and the session id of a
+    :data:`CREDENTIAL_PATHS` path, replaced by ``***``."""
+    if "/v1/sessions/" in text:
+        text = _CREDENTIAL_PATH.sub(r"\1***", text)
     if "=" not in text:  # no parameter at all (most arguments of an access line)
         return text
     return _CREDENTIAL.sub(r"\1***", text)

@@ -48,6 +48,7 @@ def test_redact_query_hides_credential_values_only() -> None:
     )
     assert redact_query("/twilio/voice?Key=K1;secret=x") == "/twilio/voice?Key=***;secret=***"
     assert redact_query("/healthz") == "/healthz"
+    assert redact_query("/v1/sessions/0b7c-secret?x=1") == "/v1/sessions/***?x=1"
 
 
 def test_access_record_args_are_redacted() -> None:
@@ -90,6 +91,7 @@ def test_a_served_turn_logs_neither_the_session_id_nor_the_key(tmp_path: Path) -
         "GATEWAY_LOG_HASH_KEY": HASH_KEY,
         "GATEWAY_TTS_PROVIDER": "espeak-ng",
         "GATEWAY_ACCESS_LOG": "true",  # off by default; its lines must be redacted too
+        "GATEWAY_ADMIN_KEYS": "admin-key-of-this-test",
         "PYTHONPATH": str(ROOT),
     }
     env.pop("GATEWAY_REDIS_URL", None)
@@ -120,6 +122,9 @@ def test_a_served_turn_logs_neither_the_session_id_nor_the_key(tmp_path: Path) -
                 second = client.put(f"/client?key={APP_KEY}&tts=None", headers=text, content="x")
                 assert (first.status_code, second.status_code) == (200, 200)
                 client.get(f"/client?key={APP_KEY}")
+                # the admin API's session view: the id in the path (access log)
+                admin = {"Authorization": "Bearer admin-key-of-this-test"}
+                assert client.get(f"/v1/sessions/{session}", headers=admin).status_code == 200
         finally:
             proc.terminate()
             proc.wait(15)
@@ -136,6 +141,7 @@ def test_a_served_turn_logs_neither_the_session_id_nor_the_key(tmp_path: Path) -
     assert [e["session"] for e in turns] == [expected, expected]
     assert session not in logged
     assert APP_KEY not in logged
+    assert any(e["message"].endswith('"GET /v1/sessions/*** HTTP/1.1" 200') for e in lines)
 
 
 async def test_the_http_clients_request_lines_with_credentials_are_not_logged(
