@@ -38,7 +38,13 @@ from typing import Any, Literal
 
 from gateway.pipeline.base import REQUEST_ID
 
-_STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+# and uvicorn's ``color_message``: its message template with ANSI colour codes, for its
+# own coloured console formatter; the JSON line has the message already
+_STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 _random_key = secrets.token_bytes(32)
 _hash_key: Callable[[], bytes] = lambda: _random_key  # noqa: E731

@@ -80,6 +80,20 @@ def test_json_log_lines_carry_structured_fields() -> None:
     assert entry["time"].endswith("+00:00")
 
 
+def test_json_log_lines_carry_no_ansi_colour_template() -> None:
+    """uvicorn's records carry ``color_message`` (the message template with ANSI colour
+    codes, for its console formatter): the JSON line had it as a field
+    (``"color_message": "Started server process [\\u001b[36m%d\\u001b[0m]"``)."""
+    record = logging.LogRecord(
+        "uvicorn.error", logging.INFO, __file__, 1, "Started server process [%d]", (42,), None
+    )
+    record.color_message = "Started server process [\x1b[36m%d\x1b[0m]"
+    line = JsonFormatter().format(record)
+    assert "\\u001b" not in line
+    assert json.loads(line)["message"] == "Started server process [42]"
+    assert "color_message" not in json.loads(line)
+
+
 async def test_connections_gauge_counts_open_v1_sockets() -> None:
     from websockets.asyncio.client import connect
 
