@@ -133,17 +133,36 @@ def startup_warnings(settings: Settings, file_limit: int) -> list[str]:
     return warnings
 
 
+_SECRET_NAME = re.compile(r"(key|keys|token|secret|auth|password)$")
+"""Settings named like a credential (GATEWAY_ADMIN_KEYS, GATEWAY_EXOTEL_API_KEY, ...)."""
+
+
+_URL_PASSWORD = re.compile(r"(//[^/:@\s]*:)[^/@\s]*@")
+"""The password of a URL's userinfo (``scheme://user:PASSWORD@host``)."""
+
+
+def secret_setting(name: str) -> bool:
+    """Whether the setting ``name`` (a Settings field) holds a credential: a SecretStr, or
+    named like one. :func:`setting_errors` never shows such a value."""
+    field = Settings.model_fields.get(name)
+    annotation = repr(field.annotation) if field is not None else ""
+    return "SecretStr" in annotation or bool(_SECRET_NAME.search(name))
+
+
 def setting_errors(exc: ValidationError) -> list[str]:
     """One line per invalid setting of ``exc`` (pydantic's, from Settings()), naming it by
     its environment variable: ``GATEWAY_TURN_TIMEOUT_S: Input should be greater than
-    0 (got '-1')``."""
+    0 (got '-1')``. The value of a credential (:func:`secret_setting`) is not shown: the
+    line goes to stderr, the container's log."""
     lines = []
     for error in exc.errors():
         where = [str(part) for part in error["loc"]]
         name = f"GATEWAY_{where[0].upper()}" if where else "the settings"
         inner = f" [{'.'.join(where[1:])}]" if len(where) > 1 else ""
         message = str(error["msg"]).removeprefix("Value error, ")
-        given = error.get("input")
+        given = None if where and secret_setting(where[0]) else error.get("input")
+        if isinstance(given, str):  # a URL's password (GATEWAY_REDIS_URL=redis://:pw@h)
+            given = _URL_PASSWORD.sub(r"\1***@", given)
         shown = f" (got {given!r:.80})" if isinstance(given, str | int | float) else ""
         lines.append(f"{name}{inner}: {message}{shown}")
     return lines

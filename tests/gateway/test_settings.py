@@ -157,3 +157,43 @@ def test_log_levels_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> No
     for given, level in (("info", "INFO"), (" Warning ", "WARNING"), ("DEBUG", "DEBUG")):
         monkeypatch.setenv("GATEWAY_LOG_LEVEL", given)
         assert Settings().log_level == level
+
+
+@pytest.mark.parametrize(
+    ("env", "words", "secret"),
+    [
+        (
+            {"GATEWAY_SECRET_KEY": "short-but-real-secret"},
+            "GATEWAY_SECRET_KEY: must have at least 32 characters",
+            "short-but-real-secret",
+        ),
+        (
+            {"GATEWAY_DIALOGFLOW_AUTH": "basic:agent-pass-typo"},
+            "GATEWAY_DIALOGFLOW_AUTH: must be basic:USER:PASSWORD or bearer:TOKEN",
+            "agent-pass-typo",
+        ),
+        (
+            {"GATEWAY_REDIS_URL": "redis://:hunter2-redis-pw@h:notaport"},
+            "GATEWAY_REDIS_URL: redis:// URL: Port",
+            "hunter2-redis-pw",
+        ),
+    ],
+)
+def test_a_refused_credential_is_named_but_not_shown(
+    env: dict[str, str], words: str, secret: str
+) -> None:
+    """``gateway serve``'s line for an invalid setting showed the value it got, a
+    credential too (``GATEWAY_SECRET_KEY: must have at least 32 characters (got
+    '<the key>')``, a Redis URL's password) on stderr, the container's log. Credentials
+    are named without their value; a URL is shown with its password as ``***``."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(free_port())],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert words in done.stderr
+    assert secret not in done.stderr
