@@ -24,6 +24,9 @@ VONAGE_SAMPLE_RATES: Final = (8000, 16000, 24000)
 protocol.py RATES): GATEWAY_VONAGE_SAMPLE_RATE must be one."""
 
 
+PLACEHOLDER: Final = "CHANGE-ME"
+"""The marker of the values in deploy/ (.env.example, kubernetes/secret.yaml) that must be
+replaced before use: a setting holding it is refused."""
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 """The values of GATEWAY_LOG_LEVEL (and ``gateway serve --log-level``), any case: the
 levels both logging and uvicorn know."""
@@ -805,6 +808,19 @@ class Settings(BaseSettings):
         description="Where the model's `transfer` tool hands the conversation (E.164 number "
         "or SIP URI); unset: the tool is not offered.",
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_placeholder(cls, value: object) -> object:
+        """A value still holding deploy/'s placeholder marker (:data:`PLACEHOLDER`) stops
+        the gateway at startup: the examples' ``CHANGE-ME-...`` master key is long enough
+        to pass as one, and a key everybody can read signs nothing."""
+        if isinstance(value, str) and PLACEHOLDER in value:
+            raise ValueError(
+                f"is a placeholder of deploy/'s examples ({PLACEHOLDER}): replace it with "
+                "your own value, or unset it"
+            )
+        return value
 
     @field_validator("log_level", mode="after")
     @classmethod

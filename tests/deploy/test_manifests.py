@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no types (types-PyYAML is not a dev tool here)
+from pydantic import ValidationError
 
-from gateway.settings import Settings
+from gateway.settings import PLACEHOLDER, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -224,11 +225,35 @@ def test_pods_get_config_and_secret_and_they_are_valid_settings(
     for key in list(os.environ):
         if key.startswith("GATEWAY_"):
             monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    for key, value in env.items():  # the placeholders as an operator replaces them
+        monkeypatch.setenv(key, value.replace(PLACEHOLDER, "x" * 16))
     settings = Settings()  # raises on an invalid value
     assert settings.redis_url
     assert settings.secret_key is not None  # every replica derives the same signing keys
+
+
+def test_placeholders_left_in_the_examples_stop_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """secret.yaml's and .env.example's CHANGE-ME master key has 32 characters and more,
+    so a deployment that kept it started with a master key anybody can read (Voiceflow
+    sessionKeys, Twilio stream tokens and TTS file ids forgeable). A placeholder left in
+    any setting now stops the start, naming the setting."""
+    for key in list(os.environ):
+        if key.startswith("GATEWAY_"):
+            monkeypatch.delenv(key)
+    example = (DEPLOY / ".env.example").read_text(encoding="utf-8")
+    for env in (
+        SECRET,
+        dict(line.split("=", 1) for line in example.splitlines() if "=" in line and line[0] != "#"),
+    ):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(ValidationError, match="placeholder") as refused:
+            Settings()
+        assert "secret_key" in str(refused.value)
+        for key in env:
+            monkeypatch.delenv(key)
 
 
 def test_secret_placeholders_are_marked() -> None:
