@@ -27,9 +27,10 @@ protocol.py RATES): GATEWAY_VONAGE_SAMPLE_RATE must be one."""
 PLACEHOLDER: Final = "CHANGE-ME"
 """The marker of the values in deploy/ (.env.example, kubernetes/secret.yaml) that must be
 replaced before use: a setting holding it is refused."""
-LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS: Final = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 """The values of GATEWAY_LOG_LEVEL (and ``gateway serve --log-level``), any case: the
-levels both logging and uvicorn know."""
+levels uvicorn knows (TRACE, below DEBUG, is uvicorn's: it names it in logging when
+``gateway serve`` imports it)."""
 
 
 class CallOverride(BaseModel):
@@ -272,8 +273,8 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(
         default="INFO",
-        description="DEBUG, INFO, WARNING, ERROR or CRITICAL (any case); another value stops "
-        "the gateway at startup.",
+        description="TRACE, DEBUG, INFO, WARNING, ERROR or CRITICAL (any case); another value "
+        "stops the gateway at startup.",
     )
     access_log: bool = Field(
         default=False,

@@ -153,8 +153,8 @@ def test_an_unknown_log_level_stops_serve_with_one_line_naming_it(
 
 
 def test_log_levels_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``info``, `` Warning `` and ``DEBUG`` are the levels logging and uvicorn know."""
-    for given, level in (("info", "INFO"), (" Warning ", "WARNING"), ("DEBUG", "DEBUG")):
+    """``info``, `` Warning `` and ``trace`` (uvicorn's) are levels uvicorn knows."""
+    for given, level in (("info", "INFO"), (" Warning ", "WARNING"), ("trace", "TRACE")):
         monkeypatch.setenv("GATEWAY_LOG_LEVEL", given)
         assert Settings().log_level == level
 
