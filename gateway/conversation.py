@@ -910,14 +910,18 @@ class Conversation:
             return "stored"
 
     async def end(self, ctx: TurnContext) -> bool:
-        """End ``ctx``'s session without a turn (the platform closed it); True if it existed."""
+        """End ``ctx``'s session without a turn (the platform closed it); True if it existed.
+
+        Counted in ``gateway_sessions_ended_total{channel}`` like a session a turn ends
+        (a call hung up, Alexa's SessionEndedRequest, ...), once the delete is saved."""
         async with self.store.open(
             ctx.key, lease_s=self._lease_s(), wait_s=self.settings.lock_wait_s
         ) as txn:
             if txn.session is None or txn.session.app_key != ctx.app_key:
                 return False
             txn.delete()
-            return True
+        metrics.labelled(metrics.SESSIONS_ENDED, ctx.channel).inc()
+        return True
 
     async def drain(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` s for running turns; returns how many were still running."""

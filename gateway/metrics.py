@@ -9,7 +9,9 @@ Names and labels:
   calls refused because every recognizer was busy.
 - ``gateway_turn_seconds{channel}``: turn latency, input to Response/Error.
 - ``gateway_turns_in_flight``: turns running in this process.
-- ``gateway_sessions_started_total{channel}``, ``gateway_sessions_ended_total{channel}``.
+- ``gateway_sessions_started_total{channel}``, ``gateway_sessions_ended_total{channel}``
+  (ended by a turn's Response or by the platform: a call hung up, Alexa's
+  SessionEndedRequest; sessions that expire idle are not counted).
 - ``gateway_connections{channel}``: open socket connections (V1, Twilio, socket.io).
 - ``gateway_open_connections``: open client connections of the server (HTTP and
   WebSocket); ``gateway_max_connections``: their cap (GATEWAY_MAX_CONNECTIONS).

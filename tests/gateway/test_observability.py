@@ -10,6 +10,7 @@ import httpx
 
 from gateway.logs import JsonFormatter, session_ref
 from gateway.pipeline.base import REQUEST_ID
+from tests.adapters.alexa.test_routes import envelope
 from tests.conftest import gateway
 
 
@@ -50,6 +51,34 @@ async def test_metrics_count_turns_errors_and_redis(redis_url: str, redis_prefix
     assert grew("gateway_redis_seconds_count", op="acquire") >= 2
     assert grew("gateway_redis_seconds_count", op="release") >= 2
     assert sample(body, "gateway_turns_in_flight") == 0
+
+
+async def test_a_session_the_platform_ends_is_counted_as_ended() -> None:
+    """gateway_sessions_ended_total counted only sessions a turn's Response ended; one the
+    platform ended (Alexa's SessionEndedRequest, a call hung up: Conversation.end) was
+    never counted, so for calls the counter hardly moved. It is counted once; ending
+    it again (it is gone) counts nothing."""
+    sid = "amzn1.echo-api.session.metrics-ended"
+    async with (
+        gateway(alexa_verify=False) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        before = (await client.get("/metrics")).text
+        assert (await client.post("/alexa", json=envelope(sid, text="hi"))).status_code == 200
+        for _ in range(2):
+            ended = await client.post("/alexa", json=envelope(sid, kind="SessionEndedRequest"))
+            assert ended.status_code == 200
+        for _ in range(100):  # the end may finish after the answer
+            after = (await client.get("/metrics")).text
+            name = "gateway_sessions_ended_total"
+            if sample(after, name, channel="alexa") > sample(before, name, channel="alexa"):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        after = (await client.get("/metrics")).text
+    for name in ("gateway_sessions_started_total", "gateway_sessions_ended_total"):
+        grew = sample(after, name, channel="alexa") - sample(before, name, channel="alexa")
+        assert grew == 1, name
 
 
 def test_json_log_lines_carry_structured_fields() -> None:
