@@ -15,11 +15,14 @@ Credentials never reach the log:
   reference on every line (and on every instance sharing the key), but the
   reference cannot be turned back into the id. A record field named
   ``session_id`` is replaced by ``session`` (its reference) in both formats.
-- The access log (uvicorn.access) is filtered by :class:`RedactQuery`: the values
+- The access log (uvicorn.access), and uvicorn's lines of WebSocket requests
+  (uvicorn.error, at INFO whether the access log is on or not), are filtered by
+  :class:`RedactQuery`: the values
   of credential query parameters (``key``, ``token``, ``secret``, ``password``,
   ``authorization``, ``signature``, ``sessionKey``, ...) are written as ``***``, and so
-  is the session id in the path of the admin API's session view
-  (``/v1/sessions/***``).
+  are the session id in the path of the admin API's session view
+  (``/v1/sessions/***``) and the stream token in a carrier's stream path
+  (``/twilio/stream/***``).
 """
 
 from __future__ import annotations
@@ -143,9 +146,9 @@ CREDENTIAL_PARAMETERS = (
 _CREDENTIAL = re.compile(r"(?i)([?&;](?:" + "|".join(CREDENTIAL_PARAMETERS) + r")=)[^&;#\s\"]*")
 
 
-CREDENTIAL_PATHS = ("/v1/sessions/",)
-"""Paths whose next segment is a session id (the admin API's session view): written as
-``***`` by :func:`redact_query`."""
+CREDENTIAL_PATHS = ("/v1/sessions/", "/twilio/stream/", "/vonage/stream/", "/plivo/stream/")
+"""Paths whose next segment is a credential (the admin API's session view: a session id;
+the carriers' media streams: a stream token): written as ``***`` by :func:`redact_query`."""
 
 _CREDENTIAL_PATH = re.compile(
     "(" + "|".join(re.escape(p) for p in CREDENTIAL_PATHS) + r")[^/?#;\s\"]+"
@@ -155,7 +158,7 @@ _CREDENTIAL_PATH = re.compile(
 def redact_query(text: str) -> str:
     """``text`` with the values of credential query parameters, and the session id of a
     :data:`CREDENTIAL_PATHS` path, replaced by ``***``."""
-    if "/v1/sessions/" in text:
+    if "/v1/sessions/" in text or "/stream/" in text:
         text = _CREDENTIAL_PATH.sub(r"\1***", text)
     if "=" not in text:  # no parameter at all (most arguments of an access line)
         return text
@@ -163,7 +166,8 @@ def redact_query(text: str) -> str:
 
 
 class RedactQuery(logging.Filter):
-    """Hides credential query values in uvicorn access log records (see module doc).
+    """Hides credential query values (and :data:`CREDENTIAL_PATHS` segments) in uvicorn's
+    access and WebSocket request records (see module doc).
 
     uvicorn.access records carry ``(client, method, path with query, http version,
     status)`` as ``args``; the path (and any string argument) is redacted.
@@ -306,7 +310,8 @@ def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text"
     """Route the root logger (and uvicorn's) to stderr in ``fmt`` at ``level``: no record
     below ``level`` is written, whatever logger it comes from.
 
-    Access log lines go through :class:`RedactQuery`, every line through
+    Access log lines and uvicorn's WebSocket request lines go through
+    :class:`RedactQuery`, every line through
     :class:`RedactFields` (see the module doc); :data:`QUIET_LIBRARIES` log only
     warnings, :data:`SOCKETIO_LOGGERS` only errors, through the root's handler alone
     (:func:`socketio_logger`). Records do not look up the caller's
@@ -334,9 +339,12 @@ def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text"
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
-    access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, RedactQuery) for f in access.filters):
-        access.addFilter(RedactQuery())
+    # uvicorn.error too: uvicorn logs each WebSocket request there at INFO, access log on
+    # or off ('"WebSocket /socket?key=..." [accepted]', '/twilio/stream/<token>')
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactQuery) for f in logger.filters):
+            logger.addFilter(RedactQuery())
     # httpx and httpcore log every request at INFO (DEBUG) with its whole URL: a core's
     # token in the query (Rasa's ``token``), a session id (a credential) in the path
     for name in QUIET_LIBRARIES:

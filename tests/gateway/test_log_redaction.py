@@ -19,6 +19,8 @@ import httpx
 import pytest
 import socketio
 from fastapi import FastAPI
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from adapters.voiceflow.protocol import PATH as VOICEFLOW_PATH
 from adapters.voiceflow.routes import VoiceflowServer
@@ -39,6 +41,7 @@ from tests.conftest import ROOT, GatewayProcess, free_port
 
 APP_KEY = "app-key-that-is-a-secret"
 HASH_KEY = "log-hash-key-for-this-test"
+STREAM_TOKEN = "stream-token-that-is-a-secret"
 
 
 def test_redact_query_hides_credential_values_only() -> None:
@@ -49,6 +52,7 @@ def test_redact_query_hides_credential_values_only() -> None:
     assert redact_query("/twilio/voice?Key=K1;secret=x") == "/twilio/voice?Key=***;secret=***"
     assert redact_query("/healthz") == "/healthz"
     assert redact_query("/v1/sessions/0b7c-secret?x=1") == "/v1/sessions/***?x=1"
+    assert redact_query("/vonage/stream/tok.en-1") == "/vonage/stream/***"
 
 
 def test_access_record_args_are_redacted() -> None:
@@ -125,6 +129,13 @@ def test_a_served_turn_logs_neither_the_session_id_nor_the_key(tmp_path: Path) -
                 # the admin API's session view: the id in the path (access log)
                 admin = {"Authorization": "Bearer admin-key-of-this-test"}
                 assert client.get(f"/v1/sessions/{session}", headers=admin).status_code == 200
+            # uvicorn logs every WebSocket request at INFO (uvicorn.error), access log or not
+            for path in (f"/socket?key={APP_KEY}", f"/twilio/stream/{STREAM_TOKEN}"):
+                try:
+                    with ws_connect(f"ws://127.0.0.1:{port}{path}", open_timeout=10):
+                        pass
+                except InvalidStatus:  # the stream token is refused: logged all the same
+                    pass
         finally:
             proc.terminate()
             proc.wait(15)
@@ -141,6 +152,9 @@ def test_a_served_turn_logs_neither_the_session_id_nor_the_key(tmp_path: Path) -
     assert [e["session"] for e in turns] == [expected, expected]
     assert session not in logged
     assert APP_KEY not in logged
+    assert STREAM_TOKEN not in logged
+    assert any('"WebSocket /socket?key=***" [accepted]' in e["message"] for e in lines)
+    assert any('"WebSocket /twilio/stream/***" 403' in e["message"] for e in lines)
     assert any(e["message"].endswith('"GET /v1/sessions/*** HTTP/1.1" 200') for e in lines)
 
 
