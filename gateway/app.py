@@ -40,7 +40,7 @@ from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
 from gateway.files import router as files_router
 from gateway.httputil import problem, quiet_aborts
-from gateway.logs import set_hash_key
+from gateway.logs import redact_query, set_hash_key
 from gateway.metrics import REGISTRY
 from gateway.middleware import RequestIdMiddleware
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
@@ -331,7 +331,9 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error serving %s %s", request.method, request.url.path)
+        # the path may carry a credential (/v1/sessions/<id>): redacted as the access log is
+        path = redact_query(request.url.path)
+        log.exception("unhandled error serving %s %s", request.method, path)
         return problem(500, "Internal Server Error", "The gateway failed; see its log.")
 
     @app.exception_handler(StarletteHTTPException)

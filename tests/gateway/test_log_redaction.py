@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 import socketio
 from fastapi import FastAPI
 from websockets.exceptions import InvalidStatus
@@ -37,7 +38,7 @@ from gateway.logs import (
 )
 from gateway.redisconn import SocketIoRedisOutage
 from gateway.settings import Settings
-from tests.conftest import ROOT, GatewayProcess, free_port
+from tests.conftest import ROOT, GatewayProcess, free_port, gateway
 
 APP_KEY = "app-key-that-is-a-secret"
 HASH_KEY = "log-hash-key-for-this-test"
@@ -299,3 +300,27 @@ def test_no_line_below_the_configured_level_is_written(
 def test_a_phone_number_is_logged_by_its_last_four_digits(number: str, shown: str) -> None:
     """Only a number's last 4 digits reach the log; text without digits stays as it is."""
     assert masked_number(number) == shown
+
+
+async def test_an_unhandled_error_is_logged_without_the_session_id_of_its_path(
+    redis_url: str, redis_prefix: str, aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session the store cannot read (its JSON corrupted in Redis) fails the admin
+    API's session view with a 500; the line of the unhandled error named the path with
+    the session id in it (``unhandled error serving GET /v1/sessions/<id>``). The path
+    is redacted as in the access log."""
+    secret_id = "view-s3cret-session-4711"
+    await aredis.set(f"{redis_prefix}:{{flowstorm:{secret_id}}}:s", b"{not json")
+    async with (
+        gateway(redis_url=redis_url, redis_prefix=redis_prefix, admin_keys=frozenset({"k"})) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await client.get(
+            f"/v1/sessions/{secret_id}", headers={"Authorization": "Bearer k"}
+        )
+    assert answer.status_code == 500
+    server = [r for r in caplog.records if r.name.startswith(("gateway", "uvicorn"))]
+    assert [r.getMessage() for r in server if r.levelno >= logging.ERROR] == [
+        "unhandled error serving GET /v1/sessions/***"
+    ]
+    assert not [r for r in server if secret_id in r.getMessage()]
