@@ -20,7 +20,9 @@ spec's, else GATEWAY_VOICEFLOW_VERSION_ID; the stream endpoint takes it as its
 Input -> action: ``#intro`` -> ``{"type": "launch"}``; ``#silence`` -> ``{"type":
 "no-reply"}``; another action ``#name`` -> ``{"type": "name"}`` (a custom action's path);
 the name of a ``choice`` button of the last turn -> that button's ``request``; text ->
-``{"type": "text", "payload": text}``.
+``{"type": "text", "payload": text}``. An ``intent`` or ``event`` request of a Voiceflow
+socket client (channel ``voiceflow``) is sent as it came (:data:`PASSED_ON`), with its
+entities and confidence.
 
 Traces -> items:
 
@@ -51,7 +53,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any, Self
+from typing import Any, Final, Self
 from urllib.parse import quote
 
 import httpx
@@ -135,6 +137,9 @@ class VoiceflowPipeline:
 
     def action(self, session: Session, input: Input) -> dict[str, Any]:
         """The Dialog Manager action for ``input`` (see the module doc)."""
+        request = _socket_request(session, input)
+        if request is not None:
+            return request
         if input.action == INTRO:
             return {"type": "launch"}
         if input.action == SILENCE:
@@ -205,6 +210,25 @@ class VoiceflowPipeline:
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
+
+
+PASSED_ON: Final = frozenset({"intent", "event"})
+"""Request types of a Voiceflow socket client (``attributes.voiceflowAction``, set by
+adapters/voiceflow) that the Dialog Manager is sent as they came: their payload (an
+intent's name, entities and confidence; an event's name) is what the agent acts on."""
+
+
+def _socket_request(session: Session, input: Input) -> dict[str, Any] | None:
+    """The request a Voiceflow socket client sent, when it is one of :data:`PASSED_ON`
+    (its payload checked by the adapter, adapters/voiceflow/protocol.py); None otherwise,
+    and on any other channel (whose clients' attributes are theirs to name)."""
+    if session.channel != "voiceflow":
+        return None
+    raw = input.attributes.get("voiceflowAction")
+    if not isinstance(raw, dict) or raw.get("type") not in PASSED_ON:
+        return None
+    payload = raw.get("payload")
+    return {"type": raw["type"], "payload": payload} if isinstance(payload, dict) else None
 
 
 def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:

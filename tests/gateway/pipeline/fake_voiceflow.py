@@ -185,6 +185,12 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
         return [text("Still there?")]
     if kind == "done":  # the path of the menu's custom action
         return [text("Back from the menu.")]
+    if kind == "intent" and isinstance(payload, dict):  # an intent request, NLU skipped
+        name = (payload.get("intent") or {}).get("name")
+        entities = {e.get("name"): e.get("value") for e in payload.get("entities") or []}
+        return [text(f"Intent {name} with {entities}.")]
+    if kind == "event" and isinstance(payload, dict):
+        return [text(f"Event {(payload.get('event') or {}).get('name')}.")]
     if kind != "text":
         return [text(f"unhandled {kind}")]
     if payload == "what size":

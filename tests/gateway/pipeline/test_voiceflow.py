@@ -120,6 +120,40 @@ async def test_one_session_id_on_two_channels_is_two_voiceflow_users(
 
 
 @pytest.mark.parametrize("stream", [False, True])
+async def test_a_socket_clients_intent_and_event_reach_the_agent_as_they_came(
+    voiceflow: tuple[str, FastAPI], stream: bool
+) -> None:
+    """An ``intent`` (with its entities) or ``event`` request of a Voiceflow socket client
+    is sent to the Dialog Manager as it came; it was sent as ``{type: "<intent name>"}``,
+    a general request that no agent step matches. On another channel the same attributes
+    are not honoured."""
+    url, app = voiceflow
+    conv = vf_engine(url, stream)
+    socket = TurnContext(channel="voiceflow", session_id="s1", app_key="app")
+    intent = {
+        "type": "intent",
+        "payload": {
+            "intent": {"name": "order_pizza"},
+            "entities": [{"name": "size", "value": "large"}],
+            "confidence": 0.8,
+        },
+    }
+    said = Input.of("#order_pizza", attributes={"voiceflowAction": intent})
+    assert texts(await conv.turn(socket, said).collect()) == [
+        "Intent order_pizza with {'size': 'large'}."
+    ]
+    event = {"type": "event", "payload": {"event": {"name": "wake"}}}
+    woke = Input.of("#wake", attributes={"voiceflowAction": event})
+    assert texts(await conv.turn(socket, woke).collect()) == ["Event wake."]
+    other = await conv.turn(
+        ctx(), Input.of("#order_pizza", attributes={"voiceflowAction": intent})
+    ).collect()
+    assert texts(other) == ["unhandled order_pizza"]
+    assert [r["action"] for r in app.state.requests] == [intent, event, {"type": "order_pizza"}]
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True])
 async def test_custom_action_transfer_and_end(voiceflow: tuple[str, FastAPI], stream: bool) -> None:
     url, _ = voiceflow
     conv = vf_engine(url, stream)
