@@ -76,6 +76,22 @@ def free_port() -> int:
         return port
 
 
+def serve_refused(env: dict[str, str], *args: str) -> str:
+    """Run ``gateway serve`` (this tree first on PYTHONPATH) with ``env`` added to the
+    environment and ``args`` after its own; assert it refuses to start (exit 2) and
+    return what it wrote to stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(free_port()), *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    return done.stderr
+
+
 _HELD: list[socket.socket] = []  # the sockets holding the ports of refused_port
 
 

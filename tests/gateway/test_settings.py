@@ -5,9 +5,6 @@ use them later."""
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from adapters.vonage.protocol import RATES
 from gateway.cli import startup_warnings
 from gateway.events import MAX_TIMEOUT_S
 from gateway.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import serve_refused
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,17 +136,9 @@ def test_an_unknown_log_level_stops_serve_with_one_line_naming_it(
     """GATEWAY_LOG_LEVEL and ``--log-level`` were not checked: ``gateway serve`` died in
     configure_logging with logging's traceback (``ValueError: Unknown level``), exit 1.
     Now: exit 2 and one line naming the setting or the option and the levels."""
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(free_port()), *args],
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert words in done.stderr
-    assert "Traceback" not in done.stderr
+    stderr = serve_refused(env, *args)
+    assert words in stderr
+    assert "Traceback" not in stderr
 
 
 def test_log_levels_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,14 +175,6 @@ def test_a_refused_credential_is_named_but_not_shown(
     credential too (``GATEWAY_SECRET_KEY: must have at least 32 characters (got
     '<the key>')``, a Redis URL's password) on stderr, the container's log. Credentials
     are named without their value; a URL is shown with its password as ``***``."""
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(free_port())],
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert words in done.stderr
-    assert secret not in done.stderr
+    stderr = serve_refused(env)
+    assert words in stderr
+    assert secret not in stderr

@@ -5,9 +5,6 @@ serving two application keys from two different cores."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ from gateway.pipeline.botpress import BotpressPipeline
 from gateway.pipeline.rasa import RasaPipeline
 from gateway.pipeline.voiceflow import VoiceflowPipeline
 from gateway.settings import Settings
-from tests.conftest import free_port, gateway, serve
+from tests.conftest import gateway, serve, serve_refused
 from tests.gateway.pipeline.fake_botpress import WEBHOOK_ID, make_botpress
 from tests.gateway.pipeline.fake_rasa import make_rasa
 from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
@@ -168,18 +165,9 @@ async def test_pipelines_from_toml_share_a_core_per_spec(tmp_path: Path) -> None
     ],
 )
 def test_gateway_serve_refuses_to_start(env: dict[str, str], words: str) -> None:
-    port = free_port()
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert words in done.stderr
-    assert done.stderr.startswith("gateway: ")
+    stderr = serve_refused(env)
+    assert words in stderr
+    assert stderr.startswith("gateway: ")
 
 
 @pytest.fixture
