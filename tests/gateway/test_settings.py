@@ -5,7 +5,6 @@ use them later."""
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -15,8 +14,6 @@ from gateway.cli import startup_warnings
 from gateway.events import MAX_TIMEOUT_S
 from gateway.settings import Settings
 from tests.conftest import serve_refused
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("value", ["44100", "11025", "0", "-16000"])

@@ -33,8 +33,6 @@ from tests.gateway.pipeline.fake_rasa import make_rasa
 from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
 from tests.gateway.turns import ctx, engine, said, texts, v2_put
 
-ROOT = Path(__file__).resolve().parents[3]
-
 
 def settings(**overrides: Any) -> Settings:
     return Settings().model_copy(update=overrides)
