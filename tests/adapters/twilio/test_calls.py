@@ -10,6 +10,7 @@ speaks 4x faster than real time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import xml.etree.ElementTree as ET
@@ -69,12 +70,10 @@ class Goodbye:
         pass
 
 
-async def test_a_rest_hang_up_that_is_never_answered_gives_up_after_the_calls_timeout(
-    speech: SpeechService, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Twilio's REST hang-up waits GATEWAY_CALLS_TIMEOUT_S for the API (0.5 s here), not
-    a fixed 5 s: against an API that takes the request and never answers, the failure is
-    logged at WARNING and the stream closed about 0.5 s after the request came."""
+@contextlib.asynccontextmanager
+async def silent_api() -> AsyncIterator[tuple[str, list[float]]]:
+    """An HTTP API that reads each request's head and never answers (an API incident):
+    its base URL, and the times (monotonic, s) its requests came."""
     asked: list[float] = []
     done = asyncio.Event()
 
@@ -85,11 +84,22 @@ async def test_a_rest_hang_up_that_is_never_answered_gives_up_after_the_calls_ti
         writer.close()
 
     api = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    port = api.sockets[0].getsockname()[1]
     try:
-        async with twilio_gateway(
-            speech, **rest_api(f"http://127.0.0.1:{port}"), calls_timeout_s=0.5
-        ) as gw:
+        yield f"http://127.0.0.1:{api.sockets[0].getsockname()[1]}", asked
+    finally:
+        done.set()
+        api.close()
+        await api.wait_closed()
+
+
+async def test_a_rest_hang_up_that_is_never_answered_gives_up_after_the_calls_timeout(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twilio's REST hang-up waits GATEWAY_CALLS_TIMEOUT_S for the API (0.5 s here), not
+    a fixed 5 s: against an API that takes the request and never answers, the failure is
+    logged at WARNING and the stream closed about 0.5 s after the request came."""
+    async with silent_api() as (api_url, asked):
+        async with twilio_gateway(speech, **rest_api(api_url), calls_timeout_s=0.5) as gw:
             gw.app.state.gateway.conversation.pipeline = Goodbye()
             caplog.set_level(logging.INFO, "adapters.twilio")
             async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
@@ -107,10 +117,6 @@ async def test_a_rest_hang_up_that_is_never_answered_gives_up_after_the_calls_ti
         assert call.call_sid in failed[0].getMessage()
         assert "no whole answer within 0.5 s" in failed[0].getMessage()
         assert not [r for r in caplog.records if "hung up" in r.getMessage()]
-    finally:
-        done.set()
-        api.close()
-        await api.wait_closed()
 
 
 class Hello:
@@ -135,42 +141,27 @@ async def test_rest_hang_ups_to_a_slow_api_do_not_hold_up_another_calls_speech(
     ``requests`` client) for GATEWAY_CALLS_TIMEOUT_S, and every call's speech is encoded on
     that executor (gateway/speech/tts_cache.py): with its threads taken (two here; six on a
     two-core machine), the other calls on the process fell silent until the API timed out."""
-    asked: list[float] = []
-    done = asyncio.Event()
-
-    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if await reader.readuntil(b"\r\n\r\n"):  # the request's head: no answer, ever
-            asked.append(time.monotonic())
-        await done.wait()
-        writer.close()
-
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
-    api = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    port = api.sockets[0].getsockname()[1]
-    try:
-        async with twilio_gateway(
-            speech, **rest_api(f"http://127.0.0.1:{port}"), calls_timeout_s=8.0
-        ) as gw:
-            gw.app.state.gateway.conversation.pipeline = Goodbye()
-            async with (
-                TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as first,
-                TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as second,
-            ):
-                assert await until(lambda: len(asked) >= 2, 20)  # both hang-ups wait
-                gw.app.state.gateway.conversation.pipeline = Hello()
-                began = time.monotonic()
-                async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as third:
-                    await third.wait_for(lambda: bool(third.media_frames()), 20)
-                    waited = time.monotonic() - began
-                    hanging_up = first.closed_at is None and second.closed_at is None
-                    await third.stop()
-                assert waited < 4.0, waited  # before: until the API timed out (8 s)
-                assert hanging_up  # the other two still wait for the API meanwhile
-            await gw.wait_no_calls()
-    finally:
-        done.set()
-        api.close()
-        await api.wait_closed()
+    async with (
+        silent_api() as (api_url, asked),
+        twilio_gateway(speech, **rest_api(api_url), calls_timeout_s=8.0) as gw,
+    ):
+        gw.app.state.gateway.conversation.pipeline = Goodbye()
+        async with (
+            TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as first,
+            TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as second,
+        ):
+            assert await until(lambda: len(asked) >= 2, 20)  # both hang-ups wait
+            gw.app.state.gateway.conversation.pipeline = Hello()
+            began = time.monotonic()
+            async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as third:
+                await third.wait_for(lambda: bool(third.media_frames()), 20)
+                waited = time.monotonic() - began
+                hanging_up = first.closed_at is None and second.closed_at is None
+                await third.stop()
+            assert waited < 4.0, waited  # before: until the API timed out (8 s)
+            assert hanging_up  # the other two still wait for the API meanwhile
+        await gw.wait_no_calls()
 
 
 async def test_hang_up_through_the_rest_api_after_the_final_mark(

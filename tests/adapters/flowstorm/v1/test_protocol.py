@@ -119,16 +119,21 @@ def ready(conn: V1Connection | None = None, **config: Any) -> V1Connection:
     return conn
 
 
-def finish_turn(conn: V1Connection, response: Response, *, new: str | None = None) -> list[Any]:
-    """Feed the engine's events of one successful turn; the frames sent."""
+def answered(conn: V1Connection, response: Response, *, new: str | None = None) -> list[Action]:
+    """Feed one successful turn's events (SessionStarted when ``new``, Response,
+    SessionEnded when it ends the session, the turn's end); all actions, not only frames."""
     sent: list[Action] = []
     if new:
         sent += conn.turn_event(SessionStartedEvent(session_id=new))
     sent += conn.turn_event(ResponseEvent(response=response))
     if response.session_ended:
         sent += conn.turn_event(SessionEndedEvent())
-    sent += conn.turn_finished()
-    return frames(sent)
+    return sent + conn.turn_finished()
+
+
+def finish_turn(conn: V1Connection, response: Response, *, new: str | None = None) -> list[Any]:
+    """Feed the engine's events of one successful turn (:func:`answered`); the frames sent."""
+    return frames(answered(conn, response, new=new))
 
 
 # ------------------------------------------------------------------- golden
@@ -903,17 +908,6 @@ def said(conn: V1Connection, stream: int, text: str) -> StartTurn:
     assert isinstance(turn, StartTurn)
     assert turn.input.text == text
     return turn
-
-
-def answered(conn: V1Connection, response: Response, *, new: str | None = None) -> list[Action]:
-    """Feed one successful turn's events (as finish_turn); all actions, not only frames."""
-    sent: list[Action] = []
-    if new:
-        sent += conn.turn_event(SessionStartedEvent(session_id=new))
-    sent += conn.turn_event(ResponseEvent(response=response))
-    if response.session_ended:
-        sent += conn.turn_event(SessionEndedEvent())
-    return sent + conn.turn_finished()
 
 
 def test_a_duplex_stream_carries_one_utterance_after_another() -> None:
