@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlparse
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from pydantic import SecretStr
 from websockets.asyncio.client import connect as ws_connect
 
@@ -502,13 +505,12 @@ async def test_general_requests_take_custom_action_paths_and_press_buttons() -> 
         await vf.nothing_more()
 
 
-async def test_a_voiceflow_cores_no_reply_timeout_reaches_the_client() -> None:
-    """A Voiceflow core (its runtime: tests/gateway/pipeline/fake_voiceflow.py) that asks
-    for a no-reply after 7 s: the socket client gets the ``no-reply {timeout: 7}`` trace at
-    the end of the turn, as from Voiceflow's runtime, and its ``no-reply`` action when
-    the time is up gets the core's reprompt. A turn without one gets no such trace."""
+@contextlib.asynccontextmanager
+async def voiceflow_core(runtime_app: FastAPI) -> AsyncIterator[VoiceflowClient]:
+    """A socket client of a served gateway whose core is the Voiceflow runtime
+    ``runtime_app`` (tests/gateway/pipeline/fake_voiceflow.py), served on a free port."""
     async with (
-        serve(make_voiceflow()) as runtime,
+        serve(runtime_app) as runtime,
         served(
             pipeline="voiceflow:",
             voiceflow_api_key=SecretStr(API_KEY),
@@ -516,6 +518,15 @@ async def test_a_voiceflow_cores_no_reply_timeout_reaches_the_client() -> None:
         ) as url,
         client(url) as vf,
     ):
+        yield vf
+
+
+async def test_a_voiceflow_cores_no_reply_timeout_reaches_the_client() -> None:
+    """A Voiceflow core (its runtime: tests/gateway/pipeline/fake_voiceflow.py) that asks
+    for a no-reply after 7 s: the socket client gets the ``no-reply {timeout: 7}`` trace at
+    the end of the turn, as from Voiceflow's runtime, and its ``no-reply`` action when
+    the time is up gets the core's reprompt. A turn without one gets no such trace."""
+    async with voiceflow_core(make_voiceflow()) as vf:
         await vf.handshake()
         _, traces, last = await vf.act({"type": "launch"}, "launch")
         assert last == {"status": "completed", "messageID": "launch"}
@@ -533,15 +544,7 @@ async def test_a_voiceflow_cores_custom_action_round_trip() -> None:
     JSON-quoted), and the path the client takes, ``{type: "done"}``, reaches the
     runtime as that request."""
     runtime_app = make_voiceflow()
-    async with (
-        serve(runtime_app) as runtime,
-        served(
-            pipeline="voiceflow:",
-            voiceflow_api_key=SecretStr(API_KEY),
-            voiceflow_runtime_url=runtime,
-        ) as url,
-        client(url) as vf,
-    ):
+    async with voiceflow_core(runtime_app) as vf:
         await vf.handshake()
         await vf.act({"type": "launch"})
         _, traces, _ = await vf.act({"type": "text", "payload": "menu"})
