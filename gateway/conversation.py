@@ -399,6 +399,30 @@ def _core_name(pipeline: Pipeline, app_key: str) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
+def _durable_state(pipeline: Pipeline, app_key: str) -> tuple[str, ...]:
+    """The ``pipeline_state`` keys a failed turn keeps, for the core serving ``app_key``
+    (its ``durable_state``, see :class:`~gateway.pipeline.base.Pipeline`): none by default."""
+    core_for = getattr(pipeline, "core_for", None)
+    core = core_for(app_key) if callable(core_for) else pipeline
+    return tuple(getattr(core, "durable_state", ()))
+
+
+def _keeping(
+    snapshot: Callable[[], Session], live: Session, keys: tuple[str, ...]
+) -> Callable[[], Session]:
+    """``snapshot`` that also carries ``live``'s ``pipeline_state`` values of ``keys``
+    (when the failed turn had them): what the core made during the failed turn and
+    cannot make again survives it, the rest of the turn's changes do not."""
+
+    def restored() -> Session:
+        session = snapshot()
+        state = live.pipeline_state
+        session.pipeline_state.update({key: state[key] for key in keys if key in state})
+        return session
+
+    return restored
+
+
 def _core_fault(exc: Exception) -> PipelineError:
     """The PipelineError for an unexpected exception of a core client (a TypeError of its
     parser on an answer of a shape it did not expect, a pydantic ValidationError, an
@@ -627,6 +651,7 @@ class Conversation:
             # one made again; else the JSON it was loaded from, updated again (a JSON
             # snapshot, several times cheaper than a deep copy, and the store's: nothing
             # dumped), only a failed turn paying for turning it back into the session
+            snapshot: Callable[[], Session]
             if started:
                 snapshot = functools.partial(
                     self._new_updated_session, ctx, input, session.created_at, session.updated_at
@@ -635,6 +660,9 @@ class Conversation:
                 snapshot = functools.partial(self._reloaded_session, ctx, input, txn.raw)
             else:
                 snapshot = functools.partial(Session.model_validate_json, session.model_dump_json())
+            durable = _durable_state(self.pipeline, session.app_key)
+            if durable:
+                snapshot = _keeping(snapshot, session, durable)
             result = await self._process(session, snapshot, input, out, ctx.tts)
             out.saving = True  # the rest is the store's: see TurnStream.saving
             if isinstance(result, ErrorEvent):

@@ -35,7 +35,10 @@ class Pipeline(Protocol):
 
     ``process`` runs one turn. It may read and change ``session.attributes`` and
     ``session.pipeline_state``; the turn engine saves them when the turn
-    succeeds and discards them when it fails. It yields ResponseItems as soon as
+    succeeds and discards them when it fails, but for the ``pipeline_state`` keys
+    the core names in an optional ``durable_state`` attribute (a collection of key
+    names: what the core made on its side and cannot get again, a Chat API user
+    key, say), which a failed turn keeps. It yields ResponseItems as soon as
     they are known (channels that stream forward each at once), then one
     Response whose ``items`` may hold further items. Failures raise
     PipelineError; the engine bounds the whole turn by GATEWAY_TURN_TIMEOUT_S.

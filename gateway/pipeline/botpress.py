@@ -9,13 +9,14 @@ conversation (``POST /conversations``; in manual mode ``POST /conversations/get-
 with an id derived from the session, :func:`conversation_id`) as ``conversationId``.
 Every request but ``POST /users`` carries ``x-user-key``.
 
-The turn engine discards a failed turn's ``pipeline_state``. In manual mode nothing is
-lost: the user's and the conversation's ids are derived from the session, so the next
-turn (or the ``#error`` turn) of a session whose first turn failed finds the same user
-and conversation, with the first message and the bot's context. In default mode the
-user key exists only in the answer of ``POST /users`` (the Chat API gives it once; a
-user id given again is refused as existing): after a failed first turn the next one
-creates another user and conversation, and the first ones are left in Botpress.
+The turn engine discards a failed turn's ``pipeline_state`` but for the keys a core
+names durable (:attr:`BotpressPipeline.durable_state`): ``userId``, ``userKey`` and
+``conversationId`` survive a failed turn, so the next turn (or the ``#error`` turn) of a
+session whose first turn failed finds the same user and conversation, with the first
+message and the bot's context. In default mode this is the only way: the user key
+exists only in the answer of ``POST /users`` (the Chat API gives it once; a user id
+given again is refused as existing). In manual mode the ids are also derived from the
+session, so even a state lost with the session store finds them again.
 
 A turn: open ``GET /conversations/{id}/listen`` (SSE, each ``data`` a JSON ``{type,
 data}``), then send the input, then forward each ``message_created`` with ``isBot: true``
@@ -106,6 +107,10 @@ class BotpressPipeline:
     """A Botpress bot through its Chat integration's Chat API (see the module doc)."""
 
     name = "botpress"
+    durable_state = ("userId", "userKey", "conversationId")
+    """The ``pipeline_state`` keys a failed turn keeps (see
+    :class:`~gateway.pipeline.base.Pipeline`): the Chat user and conversation made on
+    Botpress's side."""
 
     def __init__(
         self,

@@ -335,6 +335,46 @@ class _Spoiler:
         return None
 
 
+class _Maker(_Spoiler):
+    """A :class:`_Spoiler` that also counts, in ``pipeline_state["made"]``, what it made
+    on its side, which it names durable."""
+
+    name = "maker"
+    durable_state = ("made",)
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
+        session.pipeline_state["made"] = session.pipeline_state.get("made", 0) + 1
+        async for out in super().process(session, input):
+            yield out
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_failed_turn_keeps_the_cores_durable_state(
+    kind: str, redis_url: str, redis_prefix: str
+) -> None:
+    """The ``pipeline_state`` keys a core names in ``durable_state`` (what it made on its
+    side and cannot get again: a Chat API user key) survive a failed turn, its first
+    included (a new session); the rest of what the core changed is rolled back."""
+    store: SessionStore = (
+        MemorySessionStore()
+        if kind == "memory"
+        else RedisSessionStore(redis_url, prefix=redis_prefix)
+    )
+    conv = Conversation(store, _Maker(), Settings().model_copy(update={"error_turn": False}))
+    try:
+        assert isinstance((await conv.turn(ctx(), Input.of("spoil")).collect())[-1], ErrorEvent)
+        session = await failed_session(conv, 0)
+        assert session.pipeline_state == {"made": 1}
+        assert "touched" not in session.attributes
+        assert texts(await conv.turn(ctx(), Input.of("first")).collect()) == ["ok"]
+        assert isinstance((await conv.turn(ctx(), Input.of("spoil")).collect())[-1], ErrorEvent)
+        session = await failed_session(conv, 1)
+        assert session.pipeline_state == {"made": 3, "node": "first"}
+        assert session.attributes["touched"] == "first"
+    finally:
+        await store.aclose()
+
+
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 async def test_failed_turn_keeps_the_loaded_session_as_updated(
     kind: str, redis_url: str, redis_prefix: str

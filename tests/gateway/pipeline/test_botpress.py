@@ -243,6 +243,38 @@ async def test_manual_mode_a_failed_first_turn_keeps_its_conversation(
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("error_turn", [False, True])
+async def test_default_mode_a_failed_first_turn_keeps_its_user_and_conversation(
+    botpress: tuple[str, FastAPI], error_turn: bool
+) -> None:
+    """In default mode the Chat API gives a user's key once (``POST /users``): the engine
+    discarded the failed first turn's pipeline state with it, and the next turn made
+    another user and conversation, the first message and what the bot made of it lost.
+    Botpress's ``durable_state`` keys now survive a failed turn (and reach the
+    ``#error`` turn), the rest of the turn's changes do not."""
+    url, app = botpress
+    conv = bp_engine(url, botpress_reply_timeout_s=0.3, error_turn=error_turn)
+    # the bot takes the name in, then is slow to answer: the first turn fails
+    first = await conv.turn(ctx(), Input.of("my name is ada...")).collect()
+    if error_turn:
+        assert isinstance(first[-1], ResponseEvent)
+    else:
+        assert isinstance(first[-1], ErrorEvent)
+        assert "did not answer within 0.3 s" in first[-1].text
+    assert texts(await conv.turn(ctx(), Input.of("what is my name")).collect()) == ["You are Ada."]
+    calls = [(m, p) for m, p, _ in app.state.calls]
+    assert calls.count(("POST", "/users")) == 1
+    assert calls.count(("POST", "/conversations")) == 1
+    assert len(app.state.users) == 1
+    assert len(app.state.conversations) == 1
+    sent = [p for _, p, _ in app.state.calls if p in ("/messages", "/events")]
+    assert sent == ["/messages", *(["/events"] if error_turn else []), "/messages"]
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert set(session.pipeline_state) >= {"userId", "userKey", "conversationId"}
+    await conv.pipeline.aclose()
+
+
 @pytest.mark.parametrize(
     ("said", "words"),
     [
