@@ -52,7 +52,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
@@ -106,6 +106,29 @@ class Session(BaseModel):
     updated_at: float = Field(default_factory=time.time)
     timeout_s: int = 1800
     logs: list[LogEntry] = Field(default_factory=list)
+
+
+def stored_session(data: str | bytes, key: str) -> Session | None:
+    """The Session stored as the JSON ``data`` under ``key``, or None when it is unreadable.
+
+    Unreadable: not JSON, or not a Session of this version (edited by hand, written by
+    a gateway of another version during a rolling upgrade). It is logged at ERROR (the
+    first field that failed, never the stored values) and taken as absent: the next turn
+    starts a new session in its place, where every turn of that conversation would fail
+    until the session expired, and a lock taken for it is released as usual.
+    """
+    try:
+        return Session.model_validate_json(data)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in error["loc"])
+        log.error(
+            "session %s in the store is unreadable (%s%s), so it is taken as absent",
+            _ref(key),
+            f"{where}: " if where else "",
+            error["msg"],
+        )
+        return None
 
 
 class StoreError(Exception):
@@ -627,8 +650,9 @@ class RedisSessionStore:
                 orphaned(take.result())
             raise
         acquired = time.monotonic()
-        session = Session.model_validate_json(data) if data else None
-        txn = SessionTxn(key, session, token=token, pushes_pending=pending, raw=data or None)
+        session = stored_session(data, key) if data else None
+        raw = data if session is not None else None
+        txn = SessionTxn(key, session, token=token, pushes_pending=pending, raw=raw)
         # the renewer starts only when the transaction outlives a third of its lease:
         # a timer costs far less than a task per turn, and most turns end before it
         keeper: list[_Keeper] = []
@@ -746,7 +770,7 @@ class RedisSessionStore:
             data = await self.breaker.guard(lambda: self._redis.get(data_key))
         except REDIS_ERRORS as exc:
             raise _unavailable(exc) from exc
-        return Session.model_validate_json(data) if data else None
+        return stored_session(data, key) if data else None
 
     async def ping(self) -> None:
         try:

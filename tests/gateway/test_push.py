@@ -20,14 +20,19 @@ import jwt
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from gateway.app import create_app
+from gateway.server import uvicorn_options
+from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import (
     init_frame,
     recv_json,
     request_frame,
     send_json,
+    texts,
     turn,
     turn_frames,
     ws_url,
@@ -87,6 +92,46 @@ async def view_when_pending(
         if view["outbox"]["length"] == pending or asyncio.get_running_loop().time() > deadline:
             return view
         await asyncio.sleep(0.02)
+
+
+async def test_an_unreadable_stored_session_is_taken_as_absent(
+    shared: dict[str, Any], redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session in Redis that is not a Session of this version (edited by hand, written
+    by another version in a rolling upgrade) made every turn of its conversation fail
+    ("Internal gateway error") with its lock held until the lease ran out, and the
+    session view answer 500. It is now logged at ERROR and taken as absent: the view
+    answers 404 and the next turn starts a new session in its place."""
+    settings = Settings().model_copy(update=shared)
+    # its ERROR lines are the point: served() would fail the test on them
+    async with (
+        serve(create_app(settings), **uvicorn_options(settings)) as a,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        async with connect(ws_url(a)) as ws:
+            await hello(ws, "unreadable-1")
+        redis = Redis.from_url(redis_url)
+        try:
+            [key] = [k async for k in redis.scan_iter(match=f"{redis_prefix}:*unreadable-1}}:s")]
+            await redis.set(key, b'{"id": "unreadable-1", "turn_count": "many"}', ex=60)
+            viewed = await http.get(f"{a}/v1/sessions/unreadable-1", headers=AUTH)
+            assert viewed.status_code == 404, viewed.text
+            async with connect(ws_url(a)) as ws:
+                await hello(ws, "unreadable-1")
+                frames = await turn(ws, request_frame("my name is ada"))
+                assert texts(frames[-1]) == ["Nice to meet you, Ada."]
+            view = (await http.get(f"{a}/v1/sessions/unreadable-1", headers=AUTH)).json()
+            assert view["turnCount"] == 2
+            await redis.set(key, b"not json", ex=60)
+            async with connect(ws_url(a)) as ws:
+                await hello(ws, "unreadable-1")
+        finally:
+            await redis.aclose()
+    unreadable = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert [r.levelname for r in unreadable] == ["ERROR"] * 3
+    assert "(key: Field required)" in unreadable[0].getMessage()
+    assert "many" not in unreadable[0].getMessage()  # never the stored values
+    assert "Invalid JSON" in unreadable[-1].getMessage()
 
 
 async def test_a_push_reaches_a_live_client_on_another_instance(shared: dict[str, Any]) -> None:
