@@ -267,9 +267,12 @@ class Settings(BaseSettings):
         "at most 10000.",
     )
     keep_alive_timeout_s: int = Field(
-        default=5,
+        default=75,
         gt=0,
-        description="An idle kept-alive HTTP connection is closed after this time.",
+        description="An idle kept-alive HTTP connection is closed after this time. Longer "
+        "than the idle timeout of the proxy or load balancer in front (60 s for ingress-nginx "
+        "upstreams and AWS ALB): a proxy that reuses a connection the gateway has just closed "
+        "answers its client 502 (a POST, such as a platform's webhook, is not retried).",
     )
     log_level: str = Field(
         default="INFO",

@@ -127,6 +127,23 @@ async def test_headers_that_do_not_arrive_in_time_get_408(caplog: pytest.LogCapt
     assert any("reason=header_timeout" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_connection_idle_for_longer_than_uvicorns_keep_alive_is_still_served() -> None:
+    """The default keep-alive was uvicorn's 5 s. A proxy in front keeps its upstream
+    connections idle longer (ingress-nginx and AWS ALB: 60 s) and reuses one the gateway
+    has just closed: its client gets 502, and a platform's webhook POST is not retried.
+    With the default settings a connection idle for 6 s is now served."""
+    assert Settings().keep_alive_timeout_s > 60
+    async with served() as url:
+        reader, writer = await connect(url)
+        for wait_s in (6, 0):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            async with asyncio.timeout(LIMIT_S):
+                answer = await reader.readuntil(b'{"status":"ok"}')
+            assert answer.startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(wait_s)
+        writer.close()
+
+
 async def test_bytes_that_begin_no_request_on_a_kept_alive_connection_do_not_hold_it() -> None:
     """uvicorn cancels the keep-alive timer on any data; a CRLF begins no request (llhttp
     passes over it), so nothing closed the connection any more: the headers deadline does."""

@@ -82,7 +82,7 @@ async def test_200_conversations_on_two_instances_with_tts_links(
         return answers
 
     start = time.perf_counter()
-    # no keep-alive: a connection idle past uvicorn's 5 s keep-alive on a loaded machine
+    # no keep-alive: a connection idle past the server's keep-alive on a loaded machine
     # may be closed by the server just as the client reuses it (a client-side race)
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:

@@ -83,7 +83,7 @@ async def test_200_concurrent_conversations_of_5_turns(
     server = GatewayProcess(env(redis_url, redis_prefix)).start()
     gateway_processes.append(server)
     # a kept-alive connection is reused only within 1 s of its last answer, well inside
-    # the server's keep-alive (GATEWAY_KEEP_ALIVE_TIMEOUT_S, 5 s): httpx's default expiry
+    # the server's keep-alive (GATEWAY_KEEP_ALIVE_TIMEOUT_S, 75 s): httpx's default expiry
     # is 5 s too, counted from when the client read the answer (later than the server's
     # timer started), so a PUT could go out on a connection the server was closing just
     # then (HTTP/1.1's race of an idle close and a new request; a PUT is not retried)
