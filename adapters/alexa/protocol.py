@@ -21,7 +21,9 @@ tables:
 Every IntentRequest also puts the intent into the Input: a class
 ``{type: "Intent", name}`` and ``attributes["intent"] = {"name", "slots":
 {slot: value}, "resolvedSlots": {slot: {"name", "id"}}}`` (entity resolution
-matches only).
+matches only; a multiple-value slot gives lists), with the intent's and slots'
+``confirmationStatus`` and the ``dialogState`` when a dialog model sends them
+(:func:`intent_attribute`).
 
 Responses. :func:`turn_wire` writes the answer to a turn as its wire dict
 (:func:`turn_response` makes it the envelope model; the webhook's
@@ -151,21 +153,57 @@ class AlexaResolutions(Wire):
     resolutions_per_authority: list[AlexaResolution] = Field(default_factory=list)
 
 
+def _first_match(resolutions: AlexaResolutions | None) -> AlexaResolutionValue | None:
+    """The first ER_SUCCESS_MATCH value of ``resolutions``, if any."""
+    for authority in resolutions.resolutions_per_authority if resolutions else []:
+        if authority.status and authority.status.code == "ER_SUCCESS_MATCH":
+            for wrapper in authority.values:
+                return wrapper.value
+    return None
+
+
+class AlexaSlotValue(Wire):
+    """``slot.slotValue``: ``type`` ``Simple`` (a ``value`` and its ``resolutions``, as
+    the slot's own) or ``List``, a multiple-value slot ("Collect Multiple Values in a
+    Slot"): its ``values``, each a Simple one, and no ``value`` of the slot itself."""
+
+    type: str | None = None
+    value: str | None = None
+    resolutions: AlexaResolutions | None = None
+    values: list[AlexaSlotValue] | None = None
+
+
 class AlexaSlot(Wire):
-    """``intent.slots[name]``: the raw ``value`` and its entity resolutions."""
+    """``intent.slots[name]``: the raw ``value``, its entity resolutions, its
+    ``confirmationStatus`` and its ``slotValue`` (multiple values come only there)."""
 
     name: str | None = None
     value: str | None = None
     resolutions: AlexaResolutions | None = None
     confirmation_status: str | None = None
+    slot_value: AlexaSlotValue | None = None
+
+    @property
+    def values(self) -> list[AlexaSlotValue] | None:
+        """The values of a multiple-value slot (``slotValue.type`` ``List``), else None."""
+        slot_value = self.slot_value
+        if slot_value is None or slot_value.type != "List":
+            return None
+        return slot_value.values or []
+
+    @property
+    def text(self) -> str | None:
+        """The slot's value: ``value``, else ``slotValue.value``; None when it has none
+        (unfilled, or a multiple-value slot)."""
+        if self.value is not None:
+            return self.value
+        return self.slot_value.value if self.slot_value is not None else None
 
     def resolved(self) -> AlexaResolutionValue | None:
         """The first ER_SUCCESS_MATCH value, if any."""
-        for authority in self.resolutions.resolutions_per_authority if self.resolutions else []:
-            if authority.status and authority.status.code == "ER_SUCCESS_MATCH":
-                for wrapper in authority.values:
-                    return wrapper.value
-        return None
+        if self.resolutions is None and self.slot_value is not None:
+            return _first_match(self.slot_value.resolutions)
+        return _first_match(self.resolutions)
 
 
 class AlexaIntent(Wire):
@@ -378,7 +416,7 @@ def plan(envelope: AlexaEnvelope, config: AlexaConfig) -> Plan:
         text,
         locale=request.locale,
         classes=[InputClass(type="Intent", name=request.intent.name)],
-        attributes={"intent": intent_attribute(request.intent)},
+        attributes={"intent": intent_attribute(request.intent, request.dialog_state)},
     )
     return Plan(handling, input=input_, end_session=ends, **base)
 
@@ -386,7 +424,7 @@ def plan(envelope: AlexaEnvelope, config: AlexaConfig) -> Plan:
 def _intent_text(intent: AlexaIntent, config: AlexaConfig) -> tuple[str, bool]:
     if intent.name == config.catch_all_intent:
         slot = (intent.slots or {}).get(config.catch_all_slot)
-        text = (slot.value or "").strip() if slot else ""
+        text = (slot.text or "").strip() if slot else ""
         return (text or FALLBACK), False
     rule = INTENT_TABLE.get(intent.name)
     if rule is not None:
@@ -394,16 +432,45 @@ def _intent_text(intent: AlexaIntent, config: AlexaConfig) -> tuple[str, bool]:
     return f"#{intent.name}", False
 
 
-def intent_attribute(intent: AlexaIntent) -> dict[str, Any]:
-    """``{"name", "slots": {slot: value}, "resolvedSlots": {slot: {"name", "id"}}}``."""
-    slots: dict[str, str | None] = {}
-    resolved: dict[str, dict[str, str | None]] = {}
+def intent_attribute(intent: AlexaIntent, dialog_state: str | None = None) -> dict[str, Any]:
+    """``{"name", "slots": {slot: value}, "resolvedSlots": {slot: {"name", "id"}}}``, and
+    what a dialog model adds when Alexa sends it.
+
+    A multiple-value slot's value is the list of its values, and its ``resolvedSlots``
+    entry the list of their matches (``null`` for a value without one). When present,
+    ``confirmationStatus`` is the intent's (``CONFIRMED`` or ``DENIED``: the user's
+    answer to the intent's confirmation prompt; ``NONE`` is left out),
+    ``slotConfirmations`` the same of each slot, and ``dialogState`` the request's
+    (``STARTED``, ``IN_PROGRESS``, ``COMPLETED``). A core that acts on an intent whose
+    confirmation the user denied must look at ``confirmationStatus``.
+    """
+    slots: dict[str, str | list[str | None] | None] = {}
+    resolved: dict[str, Any] = {}
+    confirmations: dict[str, str] = {}
     for key, slot in (intent.slots or {}).items():
-        slots[key] = slot.value
-        match = slot.resolved()
-        if match is not None:
-            resolved[key] = {"name": match.name, "id": match.id}
-    return {"name": intent.name, "slots": slots, "resolvedSlots": resolved}
+        values = slot.values
+        if values is None:
+            slots[key] = slot.text
+            match = slot.resolved()
+            if match is not None:
+                resolved[key] = {"name": match.name, "id": match.id}
+        else:
+            slots[key] = [value.value for value in values]
+            matches = [_first_match(value.resolutions) for value in values]
+            if any(matches):
+                resolved[key] = [
+                    {"name": match.name, "id": match.id} if match else None for match in matches
+                ]
+        if slot.confirmation_status and slot.confirmation_status != "NONE":
+            confirmations[key] = slot.confirmation_status
+    attribute: dict[str, Any] = {"name": intent.name, "slots": slots, "resolvedSlots": resolved}
+    if intent.confirmation_status and intent.confirmation_status != "NONE":
+        attribute["confirmationStatus"] = intent.confirmation_status
+    if confirmations:
+        attribute["slotConfirmations"] = confirmations
+    if dialog_state:
+        attribute["dialogState"] = dialog_state
+    return attribute
 
 
 # ----------------------------------------------------------------- response models

@@ -181,6 +181,101 @@ def test_other_intents_carry_name_and_slots() -> None:
     }
 
 
+def test_a_multiple_value_slot_gives_its_values() -> None:
+    """A multiple-value slot ("Collect Multiple Values in a Slot") has no ``value`` of its
+    own, only ``slotValue {type: List, values}``: the core got ``None`` for it. It now
+    gets the list of values, and their entity-resolution matches (None for a value
+    without one)."""
+
+    def match(name: str, id_: str) -> dict[str, Any]:
+        return {
+            "resolutionsPerAuthority": [
+                {
+                    "authority": "amzn1.er-authority.echo-sdk.skill.activity",
+                    "status": {"code": "ER_SUCCESS_MATCH"},
+                    "values": [{"value": {"name": name, "id": id_}}],
+                }
+            ]
+        }
+
+    data = intent_request("PlanTripIntent")
+    data["request"]["intent"]["slots"] = {
+        "activity": {
+            "name": "activity",
+            "confirmationStatus": "NONE",
+            "source": "USER",
+            "slotValue": {
+                "type": "List",
+                "values": [
+                    {"type": "Simple", "value": "hiking", "resolutions": match("Hiking", "H")},
+                    {"type": "Simple", "value": "camping", "resolutions": {}},
+                    {"type": "Simple", "value": "fishing", "resolutions": match("Fishing", "F")},
+                ],
+            },
+        },
+        "city": {
+            "name": "city",
+            "value": "Brno",
+            "confirmationStatus": "NONE",
+            "slotValue": {"type": "Simple", "value": "Brno", "resolutions": match("Brno", "B")},
+        },
+    }
+    planned = plan(parse_envelope(data), CONFIG)
+    assert planned.input is not None
+    assert planned.input.attributes["intent"] == {
+        "name": "PlanTripIntent",
+        "slots": {"activity": ["hiking", "camping", "fishing"], "city": "Brno"},
+        "resolvedSlots": {
+            "activity": [
+                {"name": "Hiking", "id": "H"},
+                None,
+                {"name": "Fishing", "id": "F"},
+            ],
+            "city": {"name": "Brno", "id": "B"},
+        },
+        "dialogState": "COMPLETED",  # the jovo-v4 IntentRequest's
+    }
+
+
+def test_the_catch_all_text_may_come_in_slot_value_alone() -> None:
+    data = intent_request(CONFIG.catch_all_intent)
+    data["request"]["intent"]["slots"] = {
+        "query": {"name": "query", "slotValue": {"type": "Simple", "value": "my name is ada"}}
+    }
+    planned = plan(parse_envelope(data), CONFIG)
+    assert planned.input is not None
+    assert planned.input.text == "my name is ada"
+
+
+@pytest.mark.parametrize("status", ["CONFIRMED", "DENIED"])
+def test_a_dialog_models_confirmation_and_state_reach_the_core(status: str) -> None:
+    """With a dialog model Alexa asks the intent's confirmation prompt itself and sends
+    the answer in ``confirmationStatus`` (and each slot's in its own), with the
+    ``dialogState``: the core could not tell an order the user confirmed from one the
+    user refused."""
+    data = fixture("alexa-app/intent_request_food_delivery_dialog_completed.json")
+    data["request"]["intent"]["confirmationStatus"] = status
+    data["request"]["intent"]["slots"]["genre"]["confirmationStatus"] = status
+    planned = plan(parse_envelope(data), CONFIG)
+    assert planned.input is not None
+    assert planned.input.attributes["intent"] == {
+        "name": "deliveryCreationRequest",
+        "slots": {"genre": "chinese"},
+        "resolvedSlots": {},
+        "confirmationStatus": status,
+        "slotConfirmations": {"genre": status},
+        "dialogState": "COMPLETED",
+    }
+    started = plan(parse_envelope(fixture("jovo-v3/DialogDelegateRequest.json")), CONFIG)
+    assert started.input is not None
+    assert started.input.attributes["intent"] == {
+        "name": "TestDelegateIntent",
+        "slots": {"key": None},
+        "resolvedSlots": {},
+        "dialogState": "STARTED",
+    }
+
+
 def test_unmatched_resolutions_are_left_out() -> None:
     data = fixture("alexa-app/intent_request_airport_info_resolutions_not_found.json")
     planned = plan(parse_envelope(data), CONFIG)
