@@ -47,10 +47,10 @@ from adapters.alexa.protocol import (
     plan,
     turn_context,
 )
-from adapters.alexa.verify import AlexaVerificationError, AlexaVerifier
+from adapters.alexa.verify import AlexaVerifier
 from gateway.deps import Gateway
 from gateway.events import Input, Response
-from gateway.io.webhook import WebhookChannel, WebhookRefused, refusal_at_startup
+from gateway.io.webhook import WebhookChannel, refusal_at_startup
 from gateway.logs import session_ref
 from gateway.protocol import ProtocolError
 from gateway.settings import Settings
@@ -99,11 +99,8 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
         if self.verifier is None:
             envelope = parse_envelope(body)
             _check_skill_id(self.gw.settings, envelope)
-        else:
-            try:
-                envelope = parse_envelope(await self.verifier.verify(headers, body))
-            except AlexaVerificationError as exc:  # already logged by the verifier
-                raise WebhookRefused(400, exc.reason.value, exc.message, logged=True) from None
+        else:  # an AlexaVerificationError is answered by the driver (400, its reason)
+            envelope = parse_envelope(await self.verifier.verify(headers, body))
         return envelope, plan(envelope, self.config)
 
     def turn(self, planned: Planned) -> tuple[TurnContext, Input] | None:

@@ -68,6 +68,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from starlette.datastructures import Headers
 
 from gateway.protocol import ProtocolError, load_json, parse_timestamp
+from gateway.protocol.errors import RequestVerificationError
 
 __all__ = [
     "ALEXA_CERT_HOST",
@@ -162,8 +163,8 @@ class AlexaReason(StrEnum):
     """``Signature-256`` does not match the body and the leaf's key."""
 
 
-class AlexaVerificationError(Exception):
-    """An Alexa request failed verification; answer it with HTTP 400.
+class AlexaVerificationError(RequestVerificationError):
+    """An Alexa request failed verification; answer it with HTTP 400 (:attr:`status`).
 
     Attributes:
         reason: which rule failed (:class:`AlexaReason`, a ``str``).
@@ -173,14 +174,10 @@ class AlexaVerificationError(Exception):
         detail: the underlying error (network, TLS, parser), for the log only; or None.
     """
 
-    def __init__(self, reason: AlexaReason, message: str, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.detail = detail
+    reason: AlexaReason
 
-    def __repr__(self) -> str:
-        return f"AlexaVerificationError({self.reason.value!r}, {self.message!r})"
+    def __init__(self, reason: AlexaReason, message: str, detail: str | None = None) -> None:
+        super().__init__(reason, message, detail)
 
 
 class CertFetchError(Exception):

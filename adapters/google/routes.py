@@ -67,7 +67,7 @@ from adapters.google.protocol import (
     load_json,
     turn_context,
 )
-from adapters.google.verify import DialogflowAuth, GoogleVerificationError, GoogleVerifier
+from adapters.google.verify import DialogflowAuth, GoogleVerifier
 from gateway.deps import Gateway
 from gateway.events import Input, Response
 from gateway.io.webhook import WebhookChannel, WebhookRefused, refusal_at_startup
@@ -135,22 +135,14 @@ class GoogleWebhook(_Webhook):
     async def authenticate(self, headers: Headers) -> str | None:
         """The project id the request's JWT is for, when verification is on.
 
-        Raises WebhookRefused with the verifier's status and headers: 401 with a Bearer
+        Raises :class:`~adapters.google.verify.GoogleVerificationError` (logged by the
+        verifier), answered by the driver with its status and headers: 401 with a Bearer
         challenge for a missing or failing token, 503 with ``Retry-After`` when Google's
-        certificates are unavailable (:class:`~adapters.google.verify.GoogleVerificationError`).
+        certificates are unavailable.
         """
         if self.verifier is None:
             return None
-        try:
-            claims = await self.verifier.verify(headers)
-        except GoogleVerificationError as exc:  # already logged by the verifier
-            raise WebhookRefused(
-                exc.status,
-                exc.reason.value,
-                exc.message,
-                headers=exc.headers,
-                logged=True,
-            ) from None
+        claims = await self.verifier.verify(headers)
         audience = claims.get("aud")
         candidates = audience if isinstance(audience, list) else [audience]
         ids = self.verifier.project_ids

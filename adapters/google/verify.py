@@ -45,6 +45,8 @@ import httpx
 from google.auth import crypt, jwt
 from google.auth import exceptions as google_exceptions
 
+from gateway.protocol.errors import RequestVerificationError
+
 __all__ = [
     "CERTS_RETRY_AFTER_S",
     "GOOGLE_CERTS_URL",
@@ -99,7 +101,7 @@ class GoogleReason(StrEnum):
     """``iat`` or ``nbf`` (minus leeway) is after now."""
 
 
-class GoogleVerificationError(Exception):
+class GoogleVerificationError(RequestVerificationError):
     """A Google webhook request failed verification; answer it with :attr:`status`
     and :attr:`headers`.
 
@@ -116,14 +118,10 @@ class GoogleVerificationError(Exception):
         detail: the underlying error (network, TLS, parser), for the log only; or None.
     """
 
-    def __init__(self, reason: GoogleReason, message: str, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.detail = detail
+    reason: GoogleReason
 
-    def __repr__(self) -> str:
-        return f"GoogleVerificationError({self.reason.value!r}, {self.message!r})"
+    def __init__(self, reason: GoogleReason, message: str, detail: str | None = None) -> None:
+        super().__init__(reason, message, detail)
 
     @property
     def status(self) -> int:

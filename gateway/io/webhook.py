@@ -31,7 +31,9 @@ A late turn is not cancelled: it runs in its own task (gateway/conversation.py),
 finishes and saves the session, and the platform hears "still working" instead of
 timing out. Refusals (:class:`WebhookRefused`; a ProtocolError from reading or parsing,
 reason ``malformed_request``) are answered with an RFC 9457 problem body and logged at
-WARNING on the channel's logger with their reason; nothing is ever a 500.
+WARNING on the channel's logger with their reason; nothing is ever a 500. A verifier's
+:class:`~gateway.protocol.errors.RequestVerificationError` (already logged by the
+verifier) is answered the same way, with its status, reason, message and headers.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from gateway.events import (
 from gateway.httputil import problem, read_body
 from gateway.logs import session_ref
 from gateway.protocol import ProtocolError
+from gateway.protocol.errors import RequestVerificationError
 from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd, TurnOutcome, TurnRejected
 
 __all__ = ["WebhookChannel", "WebhookRefused", "end_session", "refusal_at_startup", "run_turn"]
@@ -128,7 +131,8 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         """Verify what the headers alone prove, before the body is read.
 
         Returns the verified principal (an application key) or None when the
-        channel names none; raises WebhookRefused. The default accepts everything.
+        channel names none; raises WebhookRefused or RequestVerificationError. The
+        default accepts everything.
         """
         return None
 
@@ -136,7 +140,8 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     async def plan(self, headers: Headers, body: bytes, principal: str | None) -> _PlanT:
         """What to do with the request (verify a signed body, parse, decide).
 
-        Raises WebhookRefused, or ProtocolError for a malformed request (its status).
+        Raises WebhookRefused, RequestVerificationError (logged by the verifier), or
+        ProtocolError for a malformed request (its status).
         """
 
     @abstractmethod
@@ -178,6 +183,10 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             planned = await self.plan(request.headers, body, principal)
         except WebhookRefused as exc:
             return self.refuse(exc)
+        except RequestVerificationError as exc:  # already logged by the verifier
+            reason, headers = exc.reason.value, exc.headers
+            refused = WebhookRefused(exc.status, reason, exc.message, headers=headers, logged=True)
+            return self.refuse(refused)
         except ProtocolError as exc:
             return self.refuse(WebhookRefused(exc.status, "malformed_request", exc.text))
         turn = self.turn(planned)

@@ -2,7 +2,8 @@
 
 - :mod:`~gateway.protocol.errors` — :class:`RemoteProtocolError` (alias
   :data:`ProtocolError`: the peer's mistake) and :class:`LocalProtocolError` (ours),
-  as in h11's ``_util.py``;
+  as in h11's ``_util.py``; :class:`~gateway.protocol.errors.RequestVerificationError` (a
+  request that failed a channel's verification) is imported from there;
 - :mod:`~gateway.protocol.load` — :func:`load_json` (bounded JSON), :func:`validate`
   and :func:`validate_event` (JSON -> a protocol's models, one ProtocolError);
 - :mod:`~gateway.protocol.values` — dates, time zones, and the flag/int/text

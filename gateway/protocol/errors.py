@@ -5,11 +5,17 @@ raises) is the peer's mistake and is answered in the protocol's own form;
 :class:`LocalProtocolError` is ours (a state the code should never reach, an action
 asked of a protocol object in the wrong state) and is not caught as the peer's, so
 it surfaces as a server error (HTTP 500, WebSocket close 1011) and is logged.
+:class:`RequestVerificationError` is a request that failed a channel's verification (a
+signature, a token, a certificate): the base of each verifier's own error, answered
+by the webhook driver (gateway/io/webhook.py) with its ``status`` and ``headers``.
 """
 
 from __future__ import annotations
 
-__all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
+from collections.abc import Mapping
+from enum import StrEnum
+
+__all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError", "RequestVerificationError"]
 
 
 def _naming(text: str, expected: str | None, got: str | None) -> str:
@@ -63,3 +69,33 @@ class LocalProtocolError(Exception):
         self.text = text
         self.expected = expected
         self.got = got
+
+
+class RequestVerificationError(Exception):
+    """A request failed a channel's verification (its verifier raises a subclass).
+
+    ``reason`` is which check failed (the verifier's own StrEnum; its value is the
+    problem body's ``reason``), ``message`` the explanation fit for the client (also
+    ``str(exc)``), ``detail`` the underlying error (network, TLS, parser) for the log
+    only, or None. The answer is :attr:`status` with :attr:`headers`: 400 and none
+    unless a subclass says otherwise.
+    """
+
+    def __init__(self, reason: StrEnum, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.detail = detail
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reason.value!r}, {self.message!r})"
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of the answer: 400 here."""
+        return 400
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The headers of the answer (``WWW-Authenticate``, ``Retry-After``): none here."""
+        return {}
