@@ -3,7 +3,9 @@
 Adapters whose bodies are pydantic models (:class:`gateway.events.Wire`) register
 them with :func:`component`; the app adds every registered schema (and the
 models it refers to) to ``components.schemas``, so the document describes
-exactly what the route validates.
+exactly what the route validates. :func:`has` writes the rules a model cannot
+express (a path the body must have), :func:`json_body` a route's required JSON body
+and :data:`PROBLEM` the content of its refusals.
 """
 
 from __future__ import annotations
@@ -29,3 +31,31 @@ def component(model: type[BaseModel], **extra: Any) -> dict[str, str]:
         SCHEMAS.setdefault(name, definition)
     SCHEMAS[model.__name__] = schema | extra
     return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+PROBLEM: dict[str, Any] = {"application/problem+json": {"schema": {"type": "object"}}}
+"""The ``content`` of a refusal in a route's ``responses``: an RFC 9457 problem body."""
+
+
+def has(*path: str, leaf: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema: the object has ``path`` (each step required, an object), ending in ``leaf``."""
+    schema = leaf
+    for name in reversed(path):
+        schema = {"type": "object", "required": [name], "properties": {name: schema}}
+    return schema
+
+
+def json_body(schema: dict[str, Any], description: str, example: Any) -> dict[str, Any]:
+    """A route's ``openapi_extra``: a required JSON request body of ``schema`` (given
+    ``description``), with ``example``."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {**schema, "description": description},
+                    "example": example,
+                }
+            },
+        }
+    }

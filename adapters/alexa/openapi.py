@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from adapters.alexa.protocol import REQUEST_TABLE, AlexaEnvelope, Handling
-from gateway.apidoc import component
+from gateway.apidoc import PROBLEM, component, has, json_body
 
 _EXAMPLE_REQUEST = {
     "version": "1.0",
@@ -44,23 +44,13 @@ _EXAMPLE_RESPONSE = {
         "shouldEndSession": False,
     },
 }
-_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
-
-
-def _has(*path: str, leaf: dict[str, Any]) -> dict[str, Any]:
-    """JSON Schema: the object has ``path`` (each step required, an object), ending in ``leaf``."""
-    schema = leaf
-    for name in reversed(path):
-        schema = {"type": "object", "required": [name], "properties": {name: schema}}
-    return schema
-
 
 _SESSION_HANDLING = (Handling.TURN, Handling.END)
 _APP_ID = {"type": "string", "minLength": 1}
 
 
 def _type_is(*types: str) -> dict[str, Any]:
-    return _has("request", "type", leaf={"enum": list(types)})
+    return has("request", "type", leaf={"enum": list(types)})
 
 
 _ENVELOPE = component(
@@ -71,11 +61,11 @@ _ENVELOPE = component(
             "if": _type_is(*(t for t, h in REQUEST_TABLE.items() if h in _SESSION_HANDLING)),
             "then": {
                 "allOf": [
-                    _has("session", leaf={"type": "object"}),
+                    has("session", leaf={"type": "object"}),
                     {
                         "anyOf": [
-                            _has("session", "application", "applicationId", leaf=_APP_ID),
-                            _has("context", "System", "application", "applicationId", leaf=_APP_ID),
+                            has("session", "application", "applicationId", leaf=_APP_ID),
+                            has("context", "System", "application", "applicationId", leaf=_APP_ID),
                         ]
                     },
                 ]
@@ -83,7 +73,7 @@ _ENVELOPE = component(
         },
         {
             "if": _type_is("IntentRequest"),
-            "then": _has("request", "intent", leaf={"type": "object"}),
+            "then": has("request", "intent", leaf={"type": "object"}),
         },
     ],
 )
@@ -98,11 +88,11 @@ _DOC: dict[int | str, dict[str, Any]] = {
         "description": "Verification failed (signature, certificate chain or URL, "
         "timestamp, skill id), the envelope is malformed, or the body is larger than "
         "GATEWAY_MAX_BODY_BYTES; the reason is logged.",
-        "content": _PROBLEM,
+        "content": PROBLEM,
     },
     503: {
         "description": "Verification is on but GATEWAY_ALEXA_SKILL_IDS is empty",
-        "content": _PROBLEM,
+        "content": PROBLEM,
     },
 }
 
@@ -120,16 +110,6 @@ POST_ALEXA: dict[str, Any] = dict(
         "with a 'still working' prompt; the turn finishes and its session is saved."
     ),
     responses=_DOC,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {**_ENVELOPE, "description": "Alexa request envelope"},
-                    "example": _EXAMPLE_REQUEST,
-                }
-            },
-        }
-    },
+    openapi_extra=json_body(_ENVELOPE, "Alexa request envelope", _EXAMPLE_REQUEST),
 )
 """Keyword arguments of the ``POST /alexa`` route: summary, description, answers, body."""

@@ -11,9 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from adapters.google.protocol import CxRequest, EsRequest, V2AppRequest, V3Request
-from gateway.apidoc import component
-
-_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+from gateway.apidoc import PROBLEM, component, has, json_body
 
 _GOOGLE_REQUEST = {
     "handler": {"name": "gateway"},
@@ -48,19 +46,11 @@ _DIALOGFLOW_RESPONSE = {
 }
 
 
-def _has(*path: str, leaf: dict[str, Any]) -> dict[str, Any]:
-    """JSON Schema: the object has ``path`` (each step required, an object), ending in ``leaf``."""
-    schema = leaf
-    for name in reversed(path):
-        schema = {"type": "object", "required": [name], "properties": {name: schema}}
-    return schema
-
-
 _DIALOGFLOW_SHAPE = ("queryResult", "sessionInfo", "fulfillmentInfo", "detectIntentResponseId")
 _TEXT = {"type": "string", "pattern": "\\S"}
 _NAME = {"type": "string", "minLength": 1}
 _DIALOGFLOW_KEYS = {"anyOf": [{"required": [k]} for k in _DIALOGFLOW_SHAPE]}
-_ANY_INTENT = {"anyOf": [_has("intent", "name", leaf=_NAME), _has("handler", "name", leaf=_NAME)]}
+_ANY_INTENT = {"anyOf": [has("intent", "name", leaf=_NAME), has("handler", "name", leaf=_NAME)]}
 # what google_plan / dialogflow_plan require beyond the models (adapters/google/protocol.py)
 _GOOGLE_BODY = {
     "anyOf": [
@@ -74,7 +64,7 @@ _GOOGLE_BODY = {
         {"allOf": [component(V2AppRequest), {"not": _DIALOGFLOW_KEYS}]},
     ]
 }
-_FROM_GOOGLE = _has(
+_FROM_GOOGLE = has(
     "originalDetectIntentRequest",
     leaf={
         "type": "object",
@@ -85,7 +75,7 @@ _FROM_GOOGLE = _has(
         },
     },
 )
-_PAYLOAD_IS_APP_REQUEST = _has(
+_PAYLOAD_IS_APP_REQUEST = has(
     "originalDetectIntentRequest", "payload", leaf=component(V2AppRequest)
 )
 _DIALOGFLOW_BODY = {
@@ -105,31 +95,17 @@ _DIALOGFLOW_BODY = {
                 {"not": {"required": ["queryResult"]}},
                 {
                     "anyOf": [
-                        _has("text", leaf=_TEXT),
-                        _has("transcript", leaf=_TEXT),
-                        _has("dtmfDigits", leaf=_TEXT),
-                        _has("triggerEvent", leaf=_NAME),
-                        _has("fulfillmentInfo", "tag", leaf=_NAME),
+                        has("text", leaf=_TEXT),
+                        has("transcript", leaf=_TEXT),
+                        has("dtmfDigits", leaf=_TEXT),
+                        has("triggerEvent", leaf=_NAME),
+                        has("fulfillmentInfo", "tag", leaf=_NAME),
                     ]
                 },
             ]
         },
     ]
 }
-
-
-def _body_doc(example: dict[str, Any], description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {**schema, "description": description},
-                    "example": example,
-                }
-            },
-        }
-    }
 
 
 POST_GOOGLE: dict[str, Any] = dict(
@@ -150,19 +126,19 @@ POST_GOOGLE: dict[str, Any] = dict(
             "description": "The webhook response in the request's format.",
             "content": {"application/json": {"example": _GOOGLE_RESPONSE}},
         },
-        400: {"description": "Malformed request", "content": _PROBLEM},
-        401: {"description": "The JWT failed verification (reason logged)", "content": _PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        400: {"description": "Malformed request", "content": PROBLEM},
+        401: {"description": "The JWT failed verification (reason logged)", "content": PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": PROBLEM},
         503: {
             "description": "Verification is on but GATEWAY_GOOGLE_PROJECT_IDS is empty; or "
             "Google's signing certificates cannot be fetched (reason `certs_unavailable`, "
             "with `Retry-After`)",
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-            "content": _PROBLEM,
+            "content": PROBLEM,
         },
     },
-    openapi_extra=_body_doc(
-        _GOOGLE_REQUEST, "Actions Builder request or v2 AppRequest", _GOOGLE_BODY
+    openapi_extra=json_body(
+        _GOOGLE_BODY, "Actions Builder request or v2 AppRequest", _GOOGLE_REQUEST
     ),
 )
 """Keyword arguments of the ``POST /google`` route: tags, summary, description, answers, body."""
@@ -185,21 +161,21 @@ POST_DIALOGFLOW: dict[str, Any] = dict(
             "description": "The fulfillment response in the request's format (ES or CX).",
             "content": {"application/json": {"example": _DIALOGFLOW_RESPONSE}},
         },
-        400: {"description": "Malformed request", "content": _PROBLEM},
+        400: {"description": "Malformed request", "content": PROBLEM},
         401: {
             "description": "Missing or wrong credentials (GATEWAY_DIALOGFLOW_AUTH)",
-            "content": _PROBLEM,
+            "content": PROBLEM,
         },
-        403: {"description": "The agent is not in GATEWAY_APP_KEYS", "content": _PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        403: {"description": "The agent is not in GATEWAY_APP_KEYS", "content": PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": PROBLEM},
         503: {
             "description": "GATEWAY_DIALOGFLOW_AUTH is unset (and GATEWAY_DIALOGFLOW_VERIFY "
             "is not false)",
-            "content": _PROBLEM,
+            "content": PROBLEM,
         },
     },
-    openapi_extra=_body_doc(
-        _DIALOGFLOW_REQUEST, "Dialogflow ES or CX WebhookRequest", _DIALOGFLOW_BODY
+    openapi_extra=json_body(
+        _DIALOGFLOW_BODY, "Dialogflow ES or CX WebhookRequest", _DIALOGFLOW_REQUEST
     ),
 )
 """Keyword arguments of the ``POST /dialogflow`` route: tags, summary, description, answers,
