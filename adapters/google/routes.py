@@ -142,11 +142,7 @@ class GoogleWebhook(_Webhook):
         """
         if self.verifier is None:
             return None
-        claims = await self.verifier.verify(headers)
-        audience = claims.get("aud")
-        candidates = audience if isinstance(audience, list) else [audience]
-        ids = self.verifier.project_ids
-        return next((a for a in candidates if isinstance(a, str) and a in ids), None)
+        return self.verifier.project_of(await self.verifier.verify(headers))
 
     async def plan(self, headers: Headers, body: bytes, principal: str | None) -> Plan:
         """:func:`adapters.google.protocol.google_plan`, keyed by the verified project."""

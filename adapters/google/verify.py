@@ -414,6 +414,13 @@ class GoogleVerifier:
         self._check_claims(claims)
         return claims
 
+    def project_of(self, claims: Mapping[str, Any]) -> str | None:
+        """The configured project id the token's ``aud`` names (a string, or one of a
+        list of them), or None when it names none."""
+        audience = claims.get("aud")
+        candidates = audience if isinstance(audience, list) else [audience]
+        return next((a for a in candidates if isinstance(a, str) and a in self.project_ids), None)
+
     def _check_claims(self, claims: Mapping[str, Any]) -> None:
         issuer = claims.get("iss")
         if issuer not in GOOGLE_ISSUERS:
@@ -421,14 +428,7 @@ class GoogleVerifier:
                 GoogleReason.WRONG_ISSUER, f"issuer {str(issuer)[:80]!r} is not Google"
             )
         audience = claims.get("aud")
-        audiences = (
-            [audience]
-            if isinstance(audience, str)
-            else [a for a in audience if isinstance(a, str)]
-            if isinstance(audience, list)
-            else []
-        )
-        if not any(a in self.project_ids for a in audiences):
+        if self.project_of(claims) is None:
             raise GoogleVerificationError(
                 GoogleReason.WRONG_AUDIENCE,
                 f"audience {str(audience)[:80]!r} is not a configured project id",
