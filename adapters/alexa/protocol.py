@@ -583,20 +583,11 @@ def can_fulfill_response(envelope: AlexaEnvelope) -> AlexaResponseEnvelope:
     )
 
 
-def speak_response(
-    text: str, *, session_id: str | None, end: bool, reprompt: bool = True
-) -> AlexaResponseEnvelope:
-    """A response saying one plain ``text`` (the gateway's own words: still working, errors)."""
-    return turn_response(
-        Response(items=[ResponseItem(text=text)], session_ended=end),
-        session_id=session_id,
-        reprompt=reprompt,
-    )
-
-
 def fallback_response(plan: Plan, text: str, end: bool) -> AlexaResponseEnvelope:
-    """The answer saying the gateway's own ``text`` in ``plan``'s session (:data:`FALLBACKS`)."""
-    return speak_response(text, session_id=plan.session_id, end=end)
+    """The answer saying the gateway's own ``text`` (still working, errors) in ``plan``'s
+    session (:data:`FALLBACKS`): a turn's answer to one plain item."""
+    response = Response(items=[ResponseItem(text=text)], session_ended=end)
+    return turn_response(response, session_id=plan.session_id)
 
 
 def answer_response(plan: Plan, response: Response) -> tuple[bytes, bool]:
