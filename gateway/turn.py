@@ -2,8 +2,9 @@
 
 Pure (standard library, the core event models and the speech stage's value types):
 sans-I/O ``protocol.py`` modules build a :class:`TurnContext`, answer a
-:class:`TurnRejected`, propose ids with :func:`new_session_id` and map a
-:class:`TurnOutcome` through a fallback table (:data:`VOICE_FALLBACKS`) without loading
+:class:`TurnRejected`, propose ids with :func:`new_session_id`, map a platform's
+intents to turns (:class:`IntentRule`) and a :class:`TurnOutcome` through a fallback
+table (:data:`VOICE_FALLBACKS`) without loading
 the turn engine, its stores or the speech service (DESIGN.md, "Rules of the house").
 :mod:`gateway.conversation`, which runs turns, re-exports the first three;
 :mod:`gateway.io.webhook`, which waits for a turn within a platform's deadline, makes
@@ -24,6 +25,7 @@ from gateway.speech.types import TtsRequest
 __all__ = [
     "VOICE_FALLBACKS",
     "Fallback",
+    "IntentRule",
     "Prompt",
     "RejectReason",
     "TurnContext",
@@ -178,3 +180,13 @@ VOICE_FALLBACKS: Mapping[TurnEnd, Fallback] = {
 is "still working" and the conversation goes on (the late turn saves its session); a
 failed turn apologises and keeps the session (it did not advance); a turn that could not
 start apologises and ends the conversation. Every TurnEnd but ANSWERED has a row."""
+
+
+@dataclass(frozen=True)
+class IntentRule:
+    """What a voice platform's built-in intent or event means (the adapters' intent
+    tables): the turn's ``text`` (the words a user would have said, or an action such as
+    ``#intro``), and whether the conversation ``ends`` after the turn."""
+
+    text: str
+    ends: bool = False

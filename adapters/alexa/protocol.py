@@ -58,7 +58,7 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError, load_json, validate
 from gateway.ssml import display_text, speech_ssml
-from gateway.turn import VOICE_FALLBACKS, Fallback, TurnContext, TurnEnd
+from gateway.turn import VOICE_FALLBACKS, Fallback, IntentRule, TurnContext, TurnEnd
 
 NAMESPACE = "alexa"
 """Session-key namespace of Alexa sessions (ids are Alexa's ``session.sessionId``)."""
@@ -310,14 +310,6 @@ def handling_of(request_type: str) -> Handling:
     if handling is not None:
         return handling
     return Handling.PLAYBACK if request_type.startswith(PLAYBACK_PREFIXES) else Handling.IGNORE
-
-
-@dataclass(frozen=True)
-class IntentRule:
-    """What a built-in intent means: the turn's ``text``, and whether the session ``ends``."""
-
-    text: str
-    ends: bool = False
 
 
 INTENT_TABLE: dict[str, IntentRule] = {

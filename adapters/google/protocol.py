@@ -69,7 +69,7 @@ from gateway.events import (
 from gateway.protocol import ProtocolError, validate
 from gateway.protocol import load_json as load_any_json
 from gateway.ssml import display_text, speech_ssml
-from gateway.turn import VOICE_FALLBACKS, Fallback, TurnContext, TurnEnd
+from gateway.turn import VOICE_FALLBACKS, Fallback, IntentRule, TurnContext, TurnEnd
 
 GOOGLE_NAMESPACE = "google"
 """Session-key namespace of /google sessions (v3 session.id, v2 conversationId)."""
@@ -339,23 +339,15 @@ def detect(data: Mapping[str, Any]) -> Format | None:
 # ------------------------------------------------------------------------- plans
 
 
-@dataclass(frozen=True)
-class Rule:
-    """What a platform intent or event means: the turn's ``text``; whether it ``ends``."""
-
-    text: str
-    ends: bool = False
-
-
-V3_INTENTS: dict[str, Rule] = {
-    "actions.intent.MAIN": Rule(INTRO),
-    "actions.intent.CANCEL": Rule("stop", ends=True),
-    "actions.intent.NO_INPUT_1": Rule(SILENCE),
-    "actions.intent.NO_INPUT_2": Rule(SILENCE),
-    "actions.intent.NO_INPUT_FINAL": Rule(SILENCE, ends=True),
-    "actions.intent.NO_MATCH_1": Rule(FALLBACK),
-    "actions.intent.NO_MATCH_2": Rule(FALLBACK),
-    "actions.intent.NO_MATCH_FINAL": Rule(FALLBACK, ends=True),
+V3_INTENTS: dict[str, IntentRule] = {
+    "actions.intent.MAIN": IntentRule(INTRO),
+    "actions.intent.CANCEL": IntentRule("stop", ends=True),
+    "actions.intent.NO_INPUT_1": IntentRule(SILENCE),
+    "actions.intent.NO_INPUT_2": IntentRule(SILENCE),
+    "actions.intent.NO_INPUT_FINAL": IntentRule(SILENCE, ends=True),
+    "actions.intent.NO_MATCH_1": IntentRule(FALLBACK),
+    "actions.intent.NO_MATCH_2": IntentRule(FALLBACK),
+    "actions.intent.NO_MATCH_FINAL": IntentRule(FALLBACK, ends=True),
 }
 """Actions Builder system intents. A user intent gives its ``query`` (the user's
 words); other system intents, or an intent without a query, give ``#<name>``."""
@@ -363,26 +355,26 @@ words); other system intents, or an intent without a query, give ``#<name>``."""
 _V2_WORDS = frozenset({"actions.intent.TEXT", "actions.intent.OPTION"})
 """Actions SDK v2 intents whose text is the user's (typed or said, or the option chosen)."""
 
-V2_INTENTS: dict[str, Rule] = {
-    "actions.intent.MAIN": Rule(INTRO),
-    "actions.intent.CANCEL": Rule("stop", ends=True),
-    "actions.intent.NO_INPUT": Rule(SILENCE),
+V2_INTENTS: dict[str, IntentRule] = {
+    "actions.intent.MAIN": IntentRule(INTRO),
+    "actions.intent.CANCEL": IntentRule("stop", ends=True),
+    "actions.intent.NO_INPUT": IntentRule(SILENCE),
 }
 """Actions SDK v2 intents with a fixed meaning; ``actions.intent.TEXT`` and
 ``actions.intent.OPTION`` give the user's text / chosen option key; others
 ``#<intent>``. An ``actions.intent.NO_INPUT`` whose ``IS_FINAL_REPROMPT`` argument is
 true is :data:`V2_FINAL_NO_INPUT`."""
 
-V2_FINAL_NO_INPUT = Rule(SILENCE, ends=True)
+V2_FINAL_NO_INPUT = IntentRule(SILENCE, ends=True)
 """The last no-input reprompt (``actions.intent.NO_INPUT`` with the argument
 ``IS_FINAL_REPROMPT`` true; ``REPROMPT_COUNT`` counts the earlier ones): Google closes
 the microphone after it, so the answer ends the conversation (``expectUserResponse:
 false``), as the Actions Builder's ``actions.intent.NO_INPUT_FINAL`` does."""
 
-CX_EVENTS: tuple[tuple[re.Pattern[str], Rule], ...] = (
-    (re.compile(r"^(?:WELCOME|GOOGLE_ASSISTANT_WELCOME|TELEPHONY_WELCOME)$", re.I), Rule(INTRO)),
-    (re.compile(r"^sys\.no-input"), Rule(SILENCE)),
-    (re.compile(r"^sys\.no-match"), Rule(FALLBACK)),
+CX_EVENTS: tuple[tuple[re.Pattern[str], IntentRule], ...] = (
+    (re.compile(f"^(?:{'|'.join(sorted(WELCOME_EVENTS))})$", re.I), IntentRule(INTRO)),
+    (re.compile(r"^sys\.no-input"), IntentRule(SILENCE)),
+    (re.compile(r"^sys\.no-match"), IntentRule(FALLBACK)),
 )
 """Dialogflow CX ``triggerEvent`` patterns; other events give ``#<event>``."""
 
