@@ -163,7 +163,7 @@ class AlexaReason(StrEnum):
     """``Signature-256`` does not match the body and the leaf's key."""
 
 
-class AlexaVerificationError(RequestVerificationError):
+class AlexaVerificationError(RequestVerificationError[AlexaReason]):
     """An Alexa request failed verification; answer it with HTTP 400 (:attr:`status`).
 
     Attributes:
@@ -173,11 +173,6 @@ class AlexaVerificationError(RequestVerificationError):
             errors.
         detail: the underlying error (network, TLS, parser), for the log only; or None.
     """
-
-    reason: AlexaReason
-
-    def __init__(self, reason: AlexaReason, message: str, detail: str | None = None) -> None:
-        super().__init__(reason, message, detail)
 
 
 class CertFetchError(Exception):

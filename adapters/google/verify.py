@@ -101,7 +101,7 @@ class GoogleReason(StrEnum):
     """``iat`` or ``nbf`` (minus leeway) is after now."""
 
 
-class GoogleVerificationError(RequestVerificationError):
+class GoogleVerificationError(RequestVerificationError[GoogleReason]):
     """A Google webhook request failed verification; answer it with :attr:`status`
     and :attr:`headers`.
 
@@ -117,11 +117,6 @@ class GoogleVerificationError(RequestVerificationError):
             client: never the token, never internal errors.
         detail: the underlying error (network, TLS, parser), for the log only; or None.
     """
-
-    reason: GoogleReason
-
-    def __init__(self, reason: GoogleReason, message: str, detail: str | None = None) -> None:
-        super().__init__(reason, message, detail)
 
     @property
     def status(self) -> int:

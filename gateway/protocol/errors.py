@@ -12,8 +12,8 @@ by the webhook driver (gateway/io/webhook.py) with its ``status`` and ``headers`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from enum import StrEnum
+from typing import Generic, TypeVar
 
 __all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError", "RequestVerificationError"]
 
@@ -71,17 +71,20 @@ class LocalProtocolError(Exception):
         self.got = got
 
 
-class RequestVerificationError(Exception):
+_ReasonT = TypeVar("_ReasonT", bound=StrEnum)
+
+
+class RequestVerificationError(Exception, Generic[_ReasonT]):
     """A request failed a channel's verification (its verifier raises a subclass).
 
-    ``reason`` is which check failed (the verifier's own StrEnum; its value is the
-    problem body's ``reason``), ``message`` the explanation fit for the client (also
+    ``reason`` is which check failed (``_ReasonT``, the verifier's own StrEnum; its
+    value is the problem body's ``reason``), ``message`` the explanation fit for the client (also
     ``str(exc)``), ``detail`` the underlying error (network, TLS, parser) for the log
     only, or None. The answer is :attr:`status` with :attr:`headers`: 400 and none
     unless a subclass says otherwise.
     """
 
-    def __init__(self, reason: StrEnum, message: str, detail: str | None = None) -> None:
+    def __init__(self, reason: _ReasonT, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
@@ -96,6 +99,6 @@ class RequestVerificationError(Exception):
         return 400
 
     @property
-    def headers(self) -> Mapping[str, str]:
+    def headers(self) -> dict[str, str]:
         """The headers of the answer (``WWW-Authenticate``, ``Retry-After``): none here."""
         return {}
