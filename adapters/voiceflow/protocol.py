@@ -323,9 +323,15 @@ class LabelPayload(_Payload):
 
 def parse_client_start(value: Any) -> ClientStart:
     """The ``client.start`` payload; ProtocolError naming the first invalid field."""
+    return _parse(ClientStart, value, CLIENT_START)
+
+
+def _parse(model: type[_M], value: Any, event: str) -> _M:
+    """The object payload of client ``event`` as ``model``: ProtocolError for a non-object
+    (``<event> needs an object payload, not <kind>.``) or the first invalid field."""
     if not isinstance(value, dict):
-        raise ProtocolError(f"client.start needs an object payload, not {_kind(value)}.")
-    return validate(ClientStart, value, what="client.start")
+        raise ProtocolError(f"{event} needs an object payload, not {_kind(value)}.")
+    return validate(model, value, what=event)
 
 
 def _kind(value: Any) -> str:
@@ -550,13 +556,15 @@ _GENERAL_TYPE = re.compile(r"\S+")
 _TAG = re.compile(r"<[^>]+>")
 
 
+def _fields(**values: Any) -> dict[str, Any]:
+    """A wire object of ``values`` in their order, those that are None left out (the
+    optional fields: ``messageID?``, ``reason?``, ``payload?`` ...)."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
 def trace(type_: str, payload: Any, time_ms: int) -> dict[str, Any]:
     """One trace: ``{type, payload, time}`` (``payload`` left out when ``None``)."""
-    out: dict[str, Any] = {"type": type_}
-    if payload is not None:
-        out["payload"] = payload
-    out["time"] = time_ms
-    return out
+    return _fields(type=type_, payload=payload, time=time_ms)
 
 
 def slate(text: str, slate_id: str) -> dict[str, Any]:
@@ -597,11 +605,10 @@ class TraceWriter:
         text = _message(item)
         if text is not None:
             if self.config.audio_events:
-                speak: dict[str, Any] = {"type": "message", "message": text}
-                if item.audio:
-                    speak["src"] = item.audio
-                if item.tts_config is not None and item.tts_config.name:
-                    speak["voice"] = item.tts_config.name
+                voice = item.tts_config.name if item.tts_config is not None else None
+                speak = _fields(
+                    type="message", message=text, src=item.audio or None, voice=voice or None
+                )
                 out.append(trace("speak", speak, now))
             elif self.config.completion_events:
                 if not self._open:
@@ -741,10 +748,7 @@ Action = Emit | StartTurn
 
 def error(code: str, text: str, message_id: str | None = None) -> Emit:
     """``error {code, error, messageID?}`` (codes: :data:`ERROR_CODES`)."""
-    data: dict[str, Any] = {"code": code, "error": text}
-    if message_id is not None:
-        data["messageID"] = message_id
-    return Emit(ERROR, data)
+    return Emit(ERROR, _fields(code=code, error=text, messageID=message_id))
 
 
 def status(
@@ -754,11 +758,7 @@ def status(
     detail: str | None = None,
 ) -> Emit:
     """``action.status {status, messageID, reason?, detail?}``."""
-    data: dict[str, Any] = {"status": state, "messageID": message_id}
-    if reason is not None:
-        data["reason"] = reason
-    if detail is not None:
-        data["detail"] = detail
+    data = _fields(status=state, messageID=message_id, reason=reason, detail=detail)
     return Emit(ACTION_STATUS, data)
 
 
@@ -801,18 +801,15 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         # actions (spec "Action Lifecycle")
         (State.READY, ACTION_SEND): State.RUNNING,
         (State.READY, ACTION_REFUSED): State.READY,
-        # the turn's events, in the engine's order
-        (State.RUNNING, "SessionStarted"): State.RUNNING,
-        (State.RUNNING, "ResponseItem"): State.RUNNING,
-        (State.RUNNING, "Binary"): State.RUNNING,
-        (State.RUNNING, "Response"): State.RUNNING,
-        (State.RUNNING, "Error"): State.RUNNING,
+        # the turn's events, in the engine's order (those that keep it running: below)
         (State.RUNNING, "SessionEnded"): State.ENDING,
         (State.RUNNING, TURN_REJECTED): State.READY,
         (State.RUNNING, TURN_REJECTED_GONE): State.STARTED,
         (State.RUNNING, TURN_FINISHED): State.READY,
         (State.ENDING, TURN_FINISHED): State.STARTED,
     }
+    for event in ("SessionStarted", "ResponseItem", "Binary", "Response", "Error"):
+        table[(State.RUNNING, event)] = State.RUNNING
     for state in (State.CONNECTED, State.STARTED, State.READY):
         table[(state, CLIENT_START)] = State.STARTED
         table[(state, START_RESUMED)] = State.READY
@@ -1008,9 +1005,7 @@ class VoiceflowConnection:
             reason, refused = machine.refusal(ACTION_SEND)
             return [status("rejected", message_id, reason, refused.text)]
         try:
-            if not isinstance(payload, dict):
-                raise ProtocolError(f"action.send needs an object payload, not {_kind(payload)}.")
-            body = validate(ActionSend, payload, what="action.send").action
+            body = _parse(ActionSend, payload, ACTION_SEND).action
             input_ = action_input(body)
         except ProtocolError as exc:
             machine.feed(ACTION_REFUSED)
@@ -1033,15 +1028,15 @@ class VoiceflowConnection:
         assert start is not None
         assert self.session_id is not None
         config = start.config
-        stored: dict[str, Any] = {
-            "userID": start.user_id,
-            "projectID": start.project_id,
-            "environmentID": start.environment_id,
-            "completionEvents": config.completion_events,
-            "audioEvents": config.audio_events,
-            "audioEncoding": config.audio_encoding,
-            "userTimezone": config.user_timezone,
-        }
+        stored = _fields(
+            userID=start.user_id,
+            projectID=start.project_id,
+            environmentID=start.environment_id,
+            completionEvents=config.completion_events,
+            audioEvents=config.audio_events,
+            audioEncoding=config.audio_encoding,
+            userTimezone=config.user_timezone,
+        )
         return TurnContext(
             channel=CHANNEL,
             namespace=NAMESPACE,
@@ -1050,7 +1045,7 @@ class VoiceflowConnection:
             device_id=start.user_id,
             time_zone=config.user_timezone,
             create=create,
-            config={k: v for k, v in stored.items() if v is not None},
+            config=stored,
             tts=config.tts(),
         )
 
@@ -1072,7 +1067,7 @@ class VoiceflowConnection:
         assert running is not None
         self._fresh = False  # the engine took the turn on: the session exists now
         if isinstance(event, ResponseItemEvent):
-            return self._traces(running, running.writer.item(event.response_item))
+            return _trace_emits(running.message_id, running.writer.item(event.response_item))
         if isinstance(event, ResponseEvent):
             traces = running.writer.close()
             if event.response.session_ended:
@@ -1081,11 +1076,11 @@ class VoiceflowConnection:
                 timeout = no_reply_timeout(event.response.attributes)
                 if timeout is not None:
                     traces.append(trace("no-reply", {"timeout": timeout}, self._now_ms()))
-            return self._traces(running, traces)
+            return _trace_emits(running.message_id, traces)
         if isinstance(event, ErrorEvent):
             running.failed = True
             code = "pipeline-error" if event.source == "pipeline" else "gateway-error"
-            out = self._traces(running, running.writer.close())
+            out = _trace_emits(running.message_id, running.writer.close())
             return [*out, error(code, event.text, running.message_id)]
         return []
 
@@ -1100,10 +1095,7 @@ class VoiceflowConnection:
         writer = TraceWriter(self.start.config, self._now_ms)
         traces = [t for item in items for t in writer.item(item)]
         traces.extend(writer.close())
-        return [Emit(ACTION_TRACE, {"trace": t, "messageID": message_id}) for t in traces]
-
-    def _traces(self, running: _Running, traces: list[dict[str, Any]]) -> list[Action]:
-        return [Emit(ACTION_TRACE, {"trace": t, "messageID": running.message_id}) for t in traces]
+        return _trace_emits(message_id, traces)
 
     def turn_rejected(self, exc: TurnRejected) -> list[Action]:
         """The engine refused the turn: ``action.status rejected`` with its reason
@@ -1116,9 +1108,7 @@ class VoiceflowConnection:
         self._running = None
         out: list[Action] = [status("rejected", running.message_id, exc.reason, exc.text)]
         if gone:
-            self.session_id = None
-            self._fresh = False
-            out.append(Emit(SESSION_ENDED, {"reason": ENDED_EXPIRED}))
+            out.append(self._session_ended(ENDED_EXPIRED))
         return out
 
     def turn_finished(self) -> list[Action]:
@@ -1129,13 +1119,18 @@ class VoiceflowConnection:
         assert running is not None
         ended = self.machine.advance(TURN_FINISHED) is State.STARTED
         self._running = None
-        out: list[Action] = self._traces(running, running.writer.close())
+        out = _trace_emits(running.message_id, running.writer.close())
         out.append(status("completed", running.message_id, "error" if running.failed else None))
         if ended:
-            self.session_id = None
-            self._fresh = False
-            out.append(Emit(SESSION_ENDED, {"reason": ENDED_BY_CORE}))
+            out.append(self._session_ended(ENDED_BY_CORE))
         return out
+
+    def _session_ended(self, reason: str) -> Emit:
+        """The session is gone: forget it (the connection needs a new one) and say
+        ``session.ended {reason}``."""
+        self.session_id = None
+        self._fresh = False
+        return Emit(SESSION_ENDED, {"reason": reason})
 
     def connection_lost(self) -> None:
         """The socket.io connection is gone; nothing more is accepted."""
@@ -1149,6 +1144,11 @@ _EVENTS: dict[str, Callable[[VoiceflowConnection, Any], list[Action]]] = {
 }
 """Client event -> its handler (spec "Client events")."""
 _KNOWN = ", ".join(_EVENTS)
+
+
+def _trace_emits(message_id: str, traces: Iterable[dict[str, Any]]) -> list[Action]:
+    """``action.trace {trace, messageID}`` for each of ``traces``."""
+    return [Emit(ACTION_TRACE, {"trace": t, "messageID": message_id}) for t in traces]
 
 
 def _message_id_of(payload: Any) -> str | None:
