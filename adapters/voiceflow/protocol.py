@@ -119,7 +119,7 @@ from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
 import jwt
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.events import (
     INTRO,
@@ -273,16 +273,21 @@ class ActionBody(_Payload):
     payload: Any = None
 
 
-class ActionSend(_Payload):
-    """``action.send {action, messageID?}``; a number messageID is taken as its text."""
+class _MessageId(_Payload):
+    """``{messageID?}`` of an ``action.send``; a number messageID is taken as its text."""
 
-    action: ActionBody
     message_id: str | None = Field(default=None, alias="messageID", min_length=1, max_length=MAX_ID)
 
     @field_validator("message_id", mode="before")
     @classmethod
     def _message_id(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class ActionSend(_MessageId):
+    """``action.send {action, messageID?}``; a number messageID is taken as its text."""
+
+    action: ActionBody
 
 
 class IntentName(_Payload):
@@ -419,8 +424,9 @@ class SessionKeys:
 # ------------------------------------------------------------- actions -> Input
 
 
-def _launch(action: ActionBody) -> Input:
-    return Input.of(INTRO, attributes=_attributes(action))
+def _said(text: str) -> Callable[[ActionBody], Input]:
+    """The handler of an action type that always means ``text`` (``launch``: #intro)."""
+    return lambda action: Input.of(text, attributes=_attributes(action))
 
 
 def _text(action: ActionBody) -> Input:
@@ -456,10 +462,6 @@ def _event(action: ActionBody) -> Input:
     return Input.of(f"#{payload.event.name}", attributes=_attributes(action))
 
 
-def _no_reply(action: ActionBody) -> Input:
-    return Input.of(SILENCE, attributes=_attributes(action))
-
-
 def _labelled(action: ActionBody) -> Input:
     """A choice path (``path-...``), ``action`` or other general request: its label, else
     ``#<type>``."""
@@ -483,11 +485,11 @@ def _attributes(action: ActionBody, *, raw: bool = True) -> dict[str, Any]:
 
 
 ACTIONS: dict[str, Callable[[ActionBody], Input]] = {
-    "launch": _launch,
+    "launch": _said(INTRO),
     "text": _text,
     "intent": _intent,
     "event": _event,
-    "no-reply": _no_reply,
+    "no-reply": _said(SILENCE),
     "action": _labelled,
 }
 """Voiceflow request type -> its Input (see :func:`action_input`)."""
@@ -1152,15 +1154,12 @@ def _trace_emits(message_id: str, traces: Iterable[dict[str, Any]]) -> list[Acti
 
 
 def _message_id_of(payload: Any) -> str | None:
-    """The client's messageID when it is usable, whatever else is wrong with the payload."""
-    if not isinstance(payload, Mapping):
+    """The client's messageID when it is usable (:class:`_MessageId`), whatever else is
+    wrong with the payload."""
+    try:
+        return _MessageId.model_validate(payload).message_id
+    except ValidationError:
         return None
-    value = payload.get("messageID")
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if isinstance(value, str) and 0 < len(value) <= MAX_ID:
-        return value
-    return None
 
 
 def _key_in(given: str | None, keys: frozenset[str]) -> bool:
@@ -1248,42 +1247,41 @@ def engine_io_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     return out
 
 
-def engine_io_origins(configured: EngineIoOrigins, headers: Mapping[str, str]) -> list[str] | None:
-    """The origins python-engineio (4.x) accepts for a request: None for any, else a list.
+def engine_io_origin_allowed(
+    configured: EngineIoOrigins, headers: Mapping[str, str], origin: str
+) -> bool:
+    """Whether python-engineio (4.x) accepts ``origin`` for a request.
 
     ``headers`` are the request's as :func:`engine_io_headers` gives them. With
     ``configured`` None the allowed origin is ``<scheme>://<Host>`` where the scheme is
     X-Forwarded-Proto (whole), else ``http`` (what python-engineio's ASGI driver
     takes, whatever the connection's), and also the first X-Forwarded-Proto and
-    X-Forwarded-Host values when either is sent.
+    X-Forwarded-Host values when either is sent; none without a Host.
     """
     if configured is None:
         host = headers.get("host")
         if host is None:
-            return []
+            return False
         scheme = headers.get("x-forwarded-proto", "http")
         origins = [f"{scheme}://{host}"]
         if "x-forwarded-proto" in headers or "x-forwarded-host" in headers:
             first_scheme = scheme.split(",")[0].strip()
             first_host = headers.get("x-forwarded-host", host).split(",")[0].strip()
             origins.append(f"{first_scheme}://{first_host}")
-        return origins
+        return origin in origins
     if isinstance(configured, str):
-        return None if configured == "*" else [configured]
-    return None if "*" in configured else list(configured)
+        return configured in ("*", origin)
+    return "*" in configured or origin in configured
 
 
 def engine_io_origin_refused(configured: EngineIoOrigins, headers: Mapping[str, str]) -> bool:
     """Whether python-engineio refuses the request for its Origin (it answers 400 before
-    looking at anything else): an Origin is sent and is not one of
-    :func:`engine_io_origins`. ``headers`` as there."""
-    if configured == []:
-        return False
+    looking at anything else): an Origin is sent and is not
+    :func:`engine_io_origin_allowed`. ``headers`` as there."""
     origin = headers.get("origin")
-    if not origin:
+    if configured == [] or not origin:
         return False
-    allowed = engine_io_origins(configured, headers)
-    return allowed is not None and origin not in allowed
+    return not engine_io_origin_allowed(configured, headers, origin)
 
 
 def engine_io_cors_headers(
@@ -1293,17 +1291,15 @@ def engine_io_cors_headers(
     Access-Control-Allow-Origin (the Origin, when allowed), -Allow-Methods (OPTIONS),
     -Allow-Headers (the Access-Control-Request-Headers asked for), -Allow-Credentials
     (``credentials``, python-engineio's ``cors_credentials``). ``headers`` as in
-    :func:`engine_io_origins`; ``method`` the request's. None at all with ``configured``
+    :func:`engine_io_origin_allowed`; ``method`` the request's. None at all with ``configured``
     ``[]``.
     """
     if configured == []:
         return []
     out: list[tuple[str, str]] = []
     origin = headers.get("origin")
-    if origin is not None:
-        allowed = engine_io_origins(configured, headers)
-        if allowed is None or origin in allowed:
-            out.append(("Access-Control-Allow-Origin", origin))
+    if origin is not None and engine_io_origin_allowed(configured, headers, origin):
+        out.append(("Access-Control-Allow-Origin", origin))
     if method == "OPTIONS":
         out.append(("Access-Control-Allow-Methods", "OPTIONS, GET, POST"))
     asked = headers.get("access-control-request-headers")
