@@ -20,14 +20,13 @@ Refusals are RFC 9457 problem bodies (``application/problem+json``), raised as
   API is off, every admin request is refused whatever it carries, and no other key
   would do (RFC 9110 section 15.5.4).
 
-Keys are compared in constant time (``hmac.compare_digest``).
+Keys are compared in constant time (:func:`gateway.protocol.key_valid`).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,6 +34,7 @@ from fastapi.responses import JSONResponse
 
 from gateway.deps import gateway_of
 from gateway.httputil import problem
+from gateway.protocol import key_valid
 
 log = logging.getLogger("gateway.admin")
 
@@ -66,13 +66,6 @@ def bearer_token(authorization: str | None) -> str | None:
     scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
-
-
-def key_valid(sent: str | None, keys: Collection[str]) -> bool:
-    """Whether ``sent`` is one of ``keys`` (compared in constant time; never with no keys)."""
-    if not sent or not keys:
-        return False
-    return any(hmac.compare_digest(sent.encode(), key.encode()) for key in keys)
 
 
 def check_admin_key(keys: frozenset[str], authorization: str | None) -> None:

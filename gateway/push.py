@@ -29,7 +29,7 @@ sent: 401 (``WWW-Authenticate: Bearer``); a wrong one: 401 (``WWW-Authenticate: 
 with ``error="invalid_token"``, RFC 6750 section 3.1); no keys configured: 403. All
 refusals are RFC 9457 problem bodies. The key is checked before the body is read; a
 body over GATEWAY_MAX_BODY_BYTES is 413 (:class:`_AdminRoute`). The pure parts (models,
-:func:`gateway.admin.key_valid`, :func:`push_event`, :func:`wake`) do no I/O.
+:func:`gateway.protocol.key_valid`, :func:`push_event`, :func:`wake`) do no I/O.
 """
 
 from __future__ import annotations

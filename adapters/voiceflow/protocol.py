@@ -108,7 +108,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import html
 import re
 import urllib.parse
@@ -137,6 +136,7 @@ from gateway.protocol import (
     ProtocolError,
     StateMachine,
     check_time_zone,
+    key_valid,
     load_json,
     validate,
 )
@@ -955,7 +955,7 @@ class VoiceflowConnection:
         except ProtocolError as exc:
             machine.feed(START_REFUSED)
             return [error("invalid-payload", exc.text)]
-        if self._api_keys and not _key_in(start.authorization, self._api_keys):
+        if self._api_keys and not key_valid(start.authorization, self._api_keys):
             machine.feed(START_REFUSED)
             text = "client.start.authorization is missing or is not an API key of this gateway."
             return [error("unauthorized", text)]
@@ -1160,14 +1160,6 @@ def _message_id_of(payload: Any) -> str | None:
         return _MessageId.model_validate(payload).message_id
     except ValidationError:
         return None
-
-
-def _key_in(given: str | None, keys: frozenset[str]) -> bool:
-    """Whether ``given`` is one of ``keys`` (constant time per comparison)."""
-    if not given:
-        return False
-    raw = given.encode()
-    return any(hmac.compare_digest(raw, key.encode()) for key in keys)
 
 
 # ------------------------------------------------------------------ Engine.IO packets

@@ -6,8 +6,8 @@
   request that failed a channel's verification) is imported from there;
 - :mod:`~gateway.protocol.load` — :func:`load_json` (bounded JSON), :func:`validate`
   and :func:`validate_event` (JSON -> a protocol's models, one ProtocolError);
-- :mod:`~gateway.protocol.values` — dates, time zones, and the flag/int/text
-  coercion of loosely typed configuration values;
+- :mod:`~gateway.protocol.values` — dates, time zones, the flag/int/text
+  coercion of loosely typed configuration values, and key checks;
 - :mod:`~gateway.protocol.state` — :class:`StateMachine`, one transition table per
   protocol (h11's ``_state.py``);
 - :mod:`~gateway.protocol.actions` — the shared action vocabulary (Send, Close,
@@ -39,6 +39,7 @@ from gateway.protocol.values import (
     check_time_zone,
     flag,
     integer,
+    key_valid,
     parse_timestamp,
     strict_flag,
     text,
@@ -63,6 +64,7 @@ __all__ = [
     "integer",
     "invalid",
     "json_depth",
+    "key_valid",
     "load_json",
     "parse_timestamp",
     "strict_flag",

@@ -4,13 +4,15 @@
 as input to validate (ProtocolError). :func:`flag`, :func:`strict_flag`,
 :func:`integer` and :func:`text` read loosely typed configuration values (a
 Flowstorm ``config`` object, query parameters, Twilio's stringly numbers) and never
-raise.
+raise; :func:`key_valid` checks a key a client sends.
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
 import zoneinfo
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Final
 
@@ -65,6 +67,14 @@ def integer(value: object) -> int | None:
 def text(value: object) -> str | None:
     """A non-empty string as is, anything else None."""
     return value if isinstance(value, str) and value else None
+
+
+def key_valid(sent: str | None, keys: Collection[str]) -> bool:
+    """Whether ``sent`` is one of ``keys`` (an API or admin key; compared in constant
+    time, ``hmac.compare_digest``); never for no key sent or no keys at all."""
+    if not sent or not keys:
+        return False
+    return any(hmac.compare_digest(sent.encode(), key.encode()) for key in keys)
 
 
 def parse_timestamp(raw: object, *, what: str = "timestamp") -> datetime:

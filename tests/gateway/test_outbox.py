@@ -12,7 +12,6 @@ import pytest
 from pydantic import ValidationError
 
 from gateway import redisconn
-from gateway.admin import key_valid
 from gateway.bus import MemoryBus, Subscription
 from gateway.events import ResponseItem
 from gateway.outbox import (
@@ -25,6 +24,7 @@ from gateway.outbox import (
     OutboxState,
     RedisOutbox,
 )
+from gateway.protocol import key_valid
 from gateway.push import PushRequest, push_event, wake
 from gateway.sessions import ClientState, Session, redis_client
 from gateway.settings import Settings
