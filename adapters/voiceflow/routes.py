@@ -58,13 +58,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import FrameType
@@ -222,14 +223,19 @@ class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
             who = sid or f"Engine.IO session {engine_io_ref(eio_sid)}"
             log.warning("Voiceflow socket.io packet refused (%s): %s", who, text)
             if sid is not None:
-                refusal = error("invalid-payload", text)
-                with contextlib.suppress(Exception):
-                    await self.emit(
-                        refusal.event, refusal.data, to=sid, namespace=NAMESPACE, ignore_queue=True
-                    )
+                await _emit(self, sid, error("invalid-payload", text))
             else:
                 with contextlib.suppress(Exception):
                     await self.eio.disconnect(eio_sid)
+
+
+async def _emit(sio: socketio.AsyncServer, sid: str, action: Emit) -> None:
+    """Emit ``action`` to connection ``sid`` of this process (no Redis queue); a client
+    that has gone is nothing to tell (logged at DEBUG)."""
+    try:
+        await sio.emit(action.event, action.data, to=sid, namespace=NAMESPACE, ignore_queue=True)
+    except Exception as exc:
+        log.debug("emit %s to %s failed: %s", action.event, sid, exc)
 
 
 CLOSE_PROTOCOL_ERROR = 1002
@@ -622,7 +628,7 @@ class VoiceflowServer:
         once a GET has taken it. Either way the client reconnects.
         """
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
-        await self._emit(sid, Emit(SERVER_RESTART, {}))
+        await _emit(self.sio, sid, Emit(SERVER_RESTART, {}))
         socket = self.sio.eio.sockets.get(eio_sid) if eio_sid else None
         if socket is None:
             return
@@ -747,27 +753,16 @@ class VoiceflowServer:
             await self._follow(client)
         except Exception:
             log.exception("Voiceflow event %r failed", event)
-            await self._emit(sid, error("gateway-error", "Internal gateway error."))
+            await _emit(self.sio, sid, error("gateway-error", "Internal gateway error."))
 
     async def _do(self, client: _Client, actions: Sequence[Action]) -> None:
         for action in actions:
             if isinstance(action, Emit):
-                await self._emit(client.sid, action)
+                await _emit(self.sio, client.sid, action)
             else:
-                self._spawn(client, self._forward(client, action))
-
-    def _spawn(self, client: _Client, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        client.tasks.add(task)
-        task.add_done_callback(client.tasks.discard)
-
-    async def _emit(self, sid: str, action: Emit) -> None:
-        try:
-            await self.sio.emit(
-                action.event, action.data, to=sid, namespace=NAMESPACE, ignore_queue=True
-            )
-        except Exception as exc:  # the client has gone: nothing to tell it
-            log.debug("emit %s to %s failed: %s", action.event, sid, exc)
+                task = asyncio.create_task(self._forward(client, action))
+                client.tasks.add(task)
+                task.add_done_callback(client.tasks.discard)
 
     async def _forward(self, client: _Client, start: StartTurn) -> None:
         """Emit one turn's traces; ``completed`` (and ``session.ended``) after its stream ends.
@@ -780,12 +775,11 @@ class VoiceflowServer:
         assert gw is not None
         conn = client.conn
 
-        async def run(actions: Sequence[Action]) -> None:
-            await self._do(client, actions)
-
         async def failed() -> None:
-            await self._emit(
-                client.sid, error("gateway-error", "Internal gateway error.", start.message_id)
+            await _emit(
+                self.sio,
+                client.sid,
+                error("gateway-error", "Internal gateway error.", start.message_id),
             )
             with contextlib.suppress(Exception):
                 await self.sio.disconnect(client.sid, namespace=NAMESPACE, ignore_queue=True)
@@ -795,7 +789,7 @@ class VoiceflowServer:
                 gw.conversation,
                 start,
                 conn,
-                run,
+                functools.partial(self._do, client),
                 failed=failed,
                 gone=lambda: conn.machine.state is State.CLOSED,
                 log=log,
