@@ -645,7 +645,9 @@ class TraceWriter:
     def _code_traces(self, item: ResponseItem, now: int) -> list[dict[str, Any]]:
         if not item.code:
             return []
-        value = _json(item.code)
+        # the code as JSON when it is JSON (a command item's code is the JSON of its value:
+        # a string payload comes as '"main"'), else the code as it is
+        value = _json(item.code, item.code)
         out: list[dict[str, Any]] = []
         if isinstance(value, dict) and ("buttons" in value or "traces" in value):
             buttons = [b for b in map(_button, _list(value.get("buttons"))) if b is not None]
@@ -657,12 +659,7 @@ class TraceWriter:
             return out
         command = (item.text or "").strip()
         if command.startswith("#") and len(command) > 1:
-            # the code as JSON when it is JSON (a command item's code is the JSON of its
-            # value: a string payload comes as '"main"'), else the code as it is
-            payload = _json(item.code, scalars=True)
-            if payload is _NOT_JSON:
-                payload = item.code
-            out.append(trace(command[1:].split()[0], payload, now))
+            out.append(trace(command[1:].split()[0], value, now))
         return out
 
 
@@ -695,20 +692,12 @@ def _message(item: ResponseItem) -> str | None:
     return text or None
 
 
-_NOT_JSON: Any = object()
-
-
-def _json(code: str, *, scalars: bool = False) -> Any:
-    """An item's code parsed as JSON: an object or array (any JSON value with
-    ``scalars``); otherwise None, or :data:`_NOT_JSON` with ``scalars`` (JSON ``null``
-    is None then)."""
-    text = code.strip()
-    if not scalars and not text.startswith(("{", "[")):
-        return None
+def _json(code: str, default: Any) -> Any:
+    """An item's code parsed as JSON (any JSON value; ``null`` is None), else ``default``."""
     try:
-        return load_json(text, what="The item's code")
+        return load_json(code.strip(), what="The item's code")
     except ProtocolError:
-        return _NOT_JSON if scalars else None
+        return default
 
 
 def _list(value: Any) -> list[Any]:
