@@ -31,9 +31,29 @@ Wire shapes (server -> client)::
     error            {code: str, error: str, messageID?}
     server.restart   {}                         (sent by the I/O layer on shutdown)
 
-Error ``code`` values (:data:`ERROR_CODES`) and rejection ``reason`` values
-(:data:`REJECT_REASONS`) are stable kebab-case names; ``error``/``detail`` are
-human-readable text.
+Error ``code`` values and rejection ``reason`` values are stable kebab-case names;
+``error``/``detail`` are human-readable text. ``error.code`` -> when it is sent:
+
+- ``not-started``: an event that needs client.start came before it;
+- ``invalid-payload``: a payload that does not validate;
+- ``unknown-event``: an event this server does not know;
+- ``unauthorized``: client.start.authorization is missing or not a configured API key;
+- ``forbidden-project``: client.start.projectID is not an allowed application key;
+- ``action-running``: client.start or session.create while an action runs;
+- ``pipeline-error``: the core failed or timed out on an action (with messageID);
+- ``gateway-error``: the gateway failed on an action (with messageID).
+
+``action.status.reason`` of a rejection -> when it is sent:
+
+- ``not-started``: action.send before client.start;
+- ``no-session``: action.send before session.create (or after the session ended);
+- ``malformed-action``: action.send whose action does not validate;
+- ``unknown-action-type``: an action type that cannot name a path (whitespace, too long);
+- ``action-running``: an action of this connection or session is still running;
+- ``session-not-found``: the store no longer has the session (session.ended follows);
+- ``session-busy``: another instance held the session for longer than GATEWAY_LOCK_WAIT_S;
+- ``session-foreign``: the session belongs to another project;
+- ``store-unavailable``: the session store is down.
 
 Decisions where the spec is silent:
 
@@ -175,31 +195,6 @@ ENDED_BY_CORE = "end_of_diagram"
 """session.ended reason when the core ended the conversation (Voiceflow's name)."""
 ENDED_EXPIRED = "session_expired"
 """session.ended reason when the store no longer has the session."""
-
-ERROR_CODES: dict[str, str] = {
-    "not-started": "an event that needs client.start came before it",
-    "invalid-payload": "a payload that does not validate",
-    "unknown-event": "an event this server does not know",
-    "unauthorized": "client.start.authorization is missing or not a configured API key",
-    "forbidden-project": "client.start.projectID is not an allowed application key",
-    "action-running": "client.start or session.create while an action runs",
-    "pipeline-error": "the core failed or timed out on an action (with messageID)",
-    "gateway-error": "the gateway failed on an action (with messageID)",
-}
-"""``error.code`` -> when it is sent."""
-
-REJECT_REASONS: dict[str, str] = {
-    "not-started": "action.send before client.start",
-    "no-session": "action.send before session.create (or after the session ended)",
-    "malformed-action": "action.send whose action does not validate",
-    "unknown-action-type": "an action type that cannot name a path (whitespace, too long)",
-    "action-running": "an action of this connection or session is still running",
-    "session-not-found": "the store no longer has the session (session.ended follows)",
-    "session-busy": "another instance held the session for longer than GATEWAY_LOCK_WAIT_S",
-    "session-foreign": "the session belongs to another project",
-    "store-unavailable": "the session store is down",
-}
-"""``action.status.reason`` of a rejection -> when it is sent."""
 
 
 # ------------------------------------------------------------------ payloads
@@ -738,7 +733,7 @@ Action = Emit | StartTurn
 
 
 def error(code: str, text: str, message_id: str | None = None) -> Emit:
-    """``error {code, error, messageID?}`` (codes: :data:`ERROR_CODES`)."""
+    """``error {code, error, messageID?}`` (codes: the module doc)."""
     return Emit(ERROR, _fields(code=code, error=text, messageID=message_id))
 
 
@@ -1090,7 +1085,7 @@ class VoiceflowConnection:
 
     def turn_rejected(self, exc: TurnRejected) -> list[Action]:
         """The engine refused the turn: ``action.status rejected`` with its reason
-        (:data:`REJECT_REASONS`); for ``session-not-found`` also ``session.ended
+        (the module doc's reasons); for ``session-not-found`` also ``session.ended
         {reason: "session_expired"}`` and the connection needs a new session."""
         running = self._running
         assert running is not None
