@@ -607,22 +607,19 @@ class TraceWriter:
                     type="message", message=text, src=item.audio or None, voice=voice or None
                 )
                 out.append(trace("speak", speak, now))
-            elif self.config.completion_events:
+            elif self.config.completion_events:  # stays open for the next text item
                 if not self._open:
-                    self._open = True
                     out.append(trace("completion", {"state": "start"}, now))
-                    content = text
-                else:
-                    content = " " + text
+                content = " " + text if self._open else text
+                self._open = True
                 out.append(trace("completion", {"state": "content", "content": content}, now))
-                text = None  # the completion stays open for the next text item
             else:
                 payload = {"slate": slate(text, self._new_id()), "message": text}
                 out.append(trace("text", payload, now))
         others: list[dict[str, Any]] = []
         if item.image:
             others.append(trace("visual", {"visualType": "image", "image": item.image}, now))
-        if item.audio and _message(item) is None:
+        if item.audio and text is None:
             others.append(trace("speak", {"type": "audio", "message": "", "src": item.audio}, now))
         others.extend(self._code_traces(item, now))
         if others:
@@ -954,13 +951,10 @@ class VoiceflowConnection:
         )
         self.start = start
         self._fresh = False
-        if check.session_id is not None:
-            machine.feed(START_RESUMED)
-            self.session_id = check.session_id
-            return [Emit(CLIENT_STARTED, {"newSessionRequired": False})]
-        machine.feed(CLIENT_START)
-        self.session_id = None
-        return [Emit(CLIENT_STARTED, {"newSessionRequired": True})]
+        resumed = check.session_id is not None
+        machine.feed(START_RESUMED if resumed else CLIENT_START)
+        self.session_id = check.session_id
+        return [Emit(CLIENT_STARTED, {"newSessionRequired": not resumed})]
 
     def _on_session_create(self, payload: Any) -> list[Action]:
         if not self.machine.allows(SESSION_CREATE):
