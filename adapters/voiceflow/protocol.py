@@ -138,7 +138,7 @@ from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
 import jwt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.events import (
     INTRO,
@@ -268,21 +268,16 @@ class ActionBody(_Payload):
     payload: Any = None
 
 
-class _MessageId(_Payload):
-    """``{messageID?}`` of an ``action.send``; a number messageID is taken as its text."""
+class ActionSend(_Payload):
+    """``action.send {action, messageID?}``; a number messageID is taken as its text."""
 
+    action: ActionBody
     message_id: str | None = Field(default=None, alias="messageID", min_length=1, max_length=MAX_ID)
 
     @field_validator("message_id", mode="before")
     @classmethod
     def _message_id(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-class ActionSend(_MessageId):
-    """``action.send {action, messageID?}``; a number messageID is taken as its text."""
-
-    action: ActionBody
 
 
 class IntentName(_Payload):
@@ -1132,12 +1127,15 @@ def _trace_emits(message_id: str, traces: Iterable[dict[str, Any]]) -> list[Acti
 
 
 def _message_id_of(payload: Any) -> str | None:
-    """The client's messageID when it is usable (:class:`_MessageId`), whatever else is
-    wrong with the payload."""
-    try:
-        return _MessageId.model_validate(payload).message_id
-    except ValidationError:
+    """The client's messageID when it is usable, whatever else is wrong with the payload."""
+    if not isinstance(payload, Mapping):
         return None
+    value = payload.get("messageID")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID:
+        return value
+    return None
 
 
 # ------------------------------------------------------------------ Engine.IO packets
