@@ -776,11 +776,8 @@ class VoiceflowServer:
         conn = client.conn
 
         async def failed() -> None:
-            await _emit(
-                self.sio,
-                client.sid,
-                error("gateway-error", "Internal gateway error.", start.message_id),
-            )
+            answer = error("gateway-error", "Internal gateway error.", start.message_id)
+            await _emit(self.sio, client.sid, answer)
             with contextlib.suppress(Exception):
                 await self.sio.disconnect(client.sid, namespace=NAMESPACE, ignore_queue=True)
 
