@@ -593,7 +593,8 @@ def _es_plan(request: EsRequest) -> Plan:
             return replace(plan, input=heard, app_key=app_key, google_payload=True)
         return replace(plan, app_key=app_key, google_payload=True)
     query = (result.query_text or "").strip()
-    text = INTRO if query.upper() in WELCOME_EVENTS else (query or FALLBACK)
+    # an event's name as it is (upper case): a user who types "welcome" said a word
+    text = INTRO if query in WELCOME_EVENTS else (query or FALLBACK)
     return Plan(
         Format.DIALOGFLOW_ES,
         session_id=request.session,

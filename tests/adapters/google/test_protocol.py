@@ -139,7 +139,16 @@ def test_v2_and_dialogflow_google_payload(
 
 
 @pytest.mark.parametrize(
-    ("query", "text"), [("WELCOME", "#intro"), ("help", "help"), ("", "#fallback")]
+    ("query", "text"),
+    [
+        ("WELCOME", "#intro"),
+        ("GOOGLE_ASSISTANT_WELCOME", "#intro"),
+        # ES sends an event's name as the queryText: a user who types the word is no event
+        ("welcome", "welcome"),
+        ("Welcome", "Welcome"),
+        ("help", "help"),
+        ("", "#fallback"),
+    ],
 )
 def test_dialogflow_es(query: str, text: str) -> None:
     data = fixture("dialogflow/HelpIntent.json")
