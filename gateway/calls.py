@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -46,6 +46,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.admin import install as install_admin
 from gateway.admin import require_admin
+from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import (
     CallControl,
     CallControlError,
@@ -59,6 +60,7 @@ from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, load_json
+from gateway.protocol.call import Transfer
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.calls")
@@ -323,3 +325,46 @@ def transfer_unavailable(
     error = f"{channel} REST is not configured (no credentials to call the {channel} API)"
     log_transfer(channel, call_id, target, reason, error)
     return TransferResult(False, error)
+
+
+async def send_transfer(
+    control: CallControl | None, channel: str, action: Transfer, request: RestRequest | None
+) -> TransferResult:
+    """A carrier adapter's transfer hook made of its transfer ``request`` for ``action``:
+    :func:`transfer` it, or, with no ``request`` (the carrier's REST credentials are not
+    configured) or no ``control`` (the call-control router is not mounted),
+    :func:`transfer_unavailable`."""
+    if control is None or request is None:
+        return transfer_unavailable(control, channel, action.call_id, action.target, action.reason)
+    return await transfer(control, channel, action.call_id, action.target, action.reason, request)
+
+
+async def hang_up(
+    control: CallControl,
+    log: logging.Logger,
+    title: str,
+    call_id: str,
+    request: RestRequest,
+    already_ended: Callable[[RestAnswer], bool],
+) -> None:
+    """Send a carrier's REST hang-up ``request`` of call ``call_id``; never raises. On
+    ``log`` at WARNING, naming the carrier by ``title`` (``"Plivo"``): the API could not
+    be reached, or it refused other than by saying the call was over (``already_ended``:
+    the carrier's answer for that, as Plivo's 404)."""
+    try:
+        answer = await control.send(request)
+    except CallControlError as exc:
+        log.warning("%s call %s: hang-up failed: %s", title, call_id, exc)
+        return
+    if not answer.ok and not already_ended(answer):
+        log.warning("%s call %s: hang-up refused: HTTP %d", title, call_id, answer.status)
+
+
+def refusal(exc: VerificationRefused) -> Response:
+    """The problem answer of a carrier webhook refused by its verifier: ``exc``'s status
+    (401 Unauthorized, 403 Forbidden) and reason, with its ``WWW-Authenticate`` (on a 401,
+    RFC 9110 section 11.6.1; RFC 6750 section 3)."""
+    title = "Unauthorized" if exc.status == 401 else "Forbidden"
+    refused = problem(exc.status, title, exc.reason)
+    refused.headers.update(exc.headers)
+    return refused

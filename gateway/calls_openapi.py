@@ -3,9 +3,20 @@ keyword arguments of its ``@router.post``, kept out of calls.py, which is I/O.""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Final
 
-_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+PROBLEM: Final = {"application/problem+json": {"schema": {"type": "object"}}}
+"""The ``content`` of an RFC 9457 problem answer."""
+
+
+def problems(descriptions: Mapping[int, str]) -> dict[int, dict[str, Any]]:
+    """OpenAPI ``responses`` of problem answers (:data:`PROBLEM`), status -> description,
+    in the order given."""
+    return {
+        status: {"description": text, "content": PROBLEM} for status, text in descriptions.items()
+    }
+
 
 _CALL_REQUEST = {
     "type": "object",
@@ -40,17 +51,17 @@ POST_CALLS: dict[str, Any] = dict(
             "description": "Placed: `{carrier, callId, to, from, appKey, machineDetection}`",
             "content": {"application/json": {"schema": {"type": "object"}}},
         },
-        400: {"description": "Not a valid call request", "content": _PROBLEM},
+        400: {"description": "Not a valid call request", "content": PROBLEM},
         401: {
             "description": "No bearer admin key, or a wrong one "
             '(`WWW-Authenticate: Bearer error="invalid_token"`)',
-            "content": _PROBLEM,
+            "content": PROBLEM,
         },
-        403: {"description": "No admin keys are configured", "content": _PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
-        501: {"description": "A carrier without outbound calls here", "content": _PROBLEM},
-        502: {"description": "The carrier refused or was unreachable", "content": _PROBLEM},
-        503: {"description": "The carrier's credentials are not set", "content": _PROBLEM},
+        403: {"description": "No admin keys are configured", "content": PROBLEM},
+        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": PROBLEM},
+        501: {"description": "A carrier without outbound calls here", "content": PROBLEM},
+        502: {"description": "The carrier refused or was unreachable", "content": PROBLEM},
+        503: {"description": "The carrier's credentials are not set", "content": PROBLEM},
     },
     openapi_extra={
         "requestBody": {

@@ -55,9 +55,10 @@ from adapters.plivo.verify import (
 )
 from gateway.breaker import outage_level
 from gateway.callcodec import VerificationRefused
-from gateway.callcontrol import CallControl, CallControlError, TransferResult
-from gateway.calls import public_url, transfer_unavailable
-from gateway.calls import transfer as record_transfer
+from gateway.callcontrol import CallControl, TransferResult
+from gateway.calls import hang_up as rest_hang_up
+from gateway.calls import public_url, refusal, send_transfer, wss_url
+from gateway.calls_openapi import problems
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body
 from gateway.io.call import (
@@ -81,7 +82,13 @@ NONCE_TTL_S: Final = 86_400
 """How long a signed request's ``X-Plivo-Signature-V3-Nonce`` is remembered (s): the
 same nonce again within it is a replay (403). Plivo's signature carries no time, so a
 request captured earlier than this is not told from a fresh one."""
-_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+_SIGNED_REFUSALS: Final = {
+    401: "Unsigned",
+    403: "Bad signature, a replayed nonce, or no auth token set",
+    413: "Body larger than GATEWAY_MAX_BODY_BYTES",
+    503: "The one-time key store (replayed nonces) does not answer",
+}
+"""The refusals of a V3-signed route (:func:`_signed_form`): status -> description."""
 POST_PLIVO_ANSWER: dict[str, Any] = dict(
     summary="Plivo Answer URL: stream the call both ways to the gateway",
     description="Plivo V3 signature (X-Plivo-Signature-V3, or X-Plivo-Signature-Ma-V3 when "
@@ -90,17 +97,7 @@ POST_PLIVO_ANSWER: dict[str, Any] = dict(
     "</Stream></Response>`.",
     responses={
         200: {"description": "Plivo XML", "content": {"application/xml": {"schema": {}}}},
-        400: {"description": "Bad body, or no CallUUID or an invalid one", "content": _PROBLEM},
-        401: {"description": "Unsigned", "content": _PROBLEM},
-        403: {
-            "description": "Bad signature, a replayed nonce, or no auth token set",
-            "content": _PROBLEM,
-        },
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
-        503: {
-            "description": "The one-time key store (replayed nonces) does not answer",
-            "content": _PROBLEM,
-        },
+        **problems({400: "Bad body, or no CallUUID or an invalid one", **_SIGNED_REFUSALS}),
     },
 )
 
@@ -168,10 +165,7 @@ async def _signed_form(request: Request, path: str) -> dict[str, str] | Response
         )
     except VerificationRefused as exc:
         log.warning("Plivo %s refused: %s", path, exc.reason)
-        title = "Forbidden" if exc.status == 403 else "Unauthorized"
-        refused = problem(exc.status, title, exc.reason)
-        refused.headers.update(exc.headers)  # WWW-Authenticate on a 401
-        return refused
+        return refusal(exc)  # WWW-Authenticate on a 401
     nonce = request.headers.get(NONCE_HEADER, "")
     key = "plivo:v3-nonce:" + hashlib.sha256(nonce.encode("utf-8", "replace")).hexdigest()
     try:
@@ -206,8 +200,7 @@ async def answer(request: Request) -> Response:
     token = answer_token(channel.tokens, params.get("CallUUID", ""), "CallUUID")
     if not isinstance(token, str):
         return token
-    base = gw.settings.public_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
-    stream_url = public_url(base, f"/plivo/stream/{token}")
+    stream_url = wss_url(gw.settings.public_url, f"/plivo/stream/{token}")
     extra = {"from": params.get("From", ""), "to": params.get("To", "")}
     app_key = request.query_params.get("appKey")
     if app_key:
@@ -227,26 +220,17 @@ async def stream(websocket: WebSocket, token: str) -> None:
     control: CallControl = websocket.app.state.callcontrol
 
     async def hang_up(runner: CallRunner, call_id: str) -> None:
-        if channel.auth is None:
-            return
-        try:
-            answer = await control.send(plivo.hang_up(channel.auth, call_id))
-        except CallControlError as exc:
-            log.warning("Plivo call %s: hang-up failed: %s", call_id, exc)
-            return
-        if not answer.ok and not plivo.already_ended(answer):
-            log.warning("Plivo call %s: hang-up refused: HTTP %d", call_id, answer.status)
+        if channel.auth is not None:
+            request = plivo.hang_up(channel.auth, call_id)
+            await rest_hang_up(control, log, "Plivo", call_id, request, plivo.already_ended)
 
     async def transfer(runner: CallRunner, action: Transfer) -> TransferResult:
-        if channel.auth is None:
-            return transfer_unavailable(
-                control, CHANNEL, action.call_id, action.target, action.reason
-            )
-        aleg_url = public_url(gw.settings.public_url, "/plivo/transfer", {"to": action.target})
-        request = plivo.transfer(channel.auth, action.call_id, aleg_url)
-        return await record_transfer(
-            control, CHANNEL, action.call_id, action.target, action.reason, request
-        )
+        request = None
+        if channel.auth is not None:
+            to = {"to": action.target}
+            aleg_url = public_url(gw.settings.public_url, "/plivo/transfer", to)
+            request = plivo.transfer(channel.auth, action.call_id, aleg_url)
+        return await send_transfer(control, CHANNEL, action, request)
 
     config = call_config(gw.settings, CHANNEL)
     runner = CallRunner(
@@ -268,17 +252,7 @@ POST_PLIVO_TRANSFER: dict[str, Any] = dict(
     "asked for: `<Response><Dial><Number>…</Number></Dial></Response>`.",
     responses={
         200: {"description": "Plivo XML", "content": {"application/xml": {"schema": {}}}},
-        400: {"description": "No target", "content": _PROBLEM},
-        401: {"description": "Unsigned", "content": _PROBLEM},
-        403: {
-            "description": "Bad signature, a replayed nonce, or no auth token set",
-            "content": _PROBLEM,
-        },
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
-        503: {
-            "description": "The one-time key store (replayed nonces) does not answer",
-            "content": _PROBLEM,
-        },
+        **problems({400: "No target", **_SIGNED_REFUSALS}),
     },
 )
 

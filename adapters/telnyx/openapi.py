@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+from gateway.calls_openapi import problems
+
+_SIGNED_REFUSALS = {
+    401: "Unsigned",
+    403: "Bad or stale signature, or no key set",
+    413: "Body larger than GATEWAY_MAX_BODY_BYTES",
+}
+"""The refusals of an Ed25519-signed Telnyx webhook (routes.py ``_signed_body``)."""
 
 POST_TELNYX_OUTBOUND: dict[str, Any] = dict(
     summary="Telnyx Call Control webhooks of calls placed by POST /v1/calls",
@@ -13,10 +20,7 @@ POST_TELNYX_OUTBOUND: dict[str, Any] = dict(
     "becomes the call's input `#machine`.",
     responses={
         200: {"description": "Taken", "content": {"application/json": {"schema": {}}}},
-        400: {"description": "Not JSON", "content": _PROBLEM},
-        401: {"description": "Unsigned", "content": _PROBLEM},
-        403: {"description": "Bad or stale signature, or no key set", "content": _PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
+        **problems({400: "Not JSON", **_SIGNED_REFUSALS}),
     },
     openapi_extra={
         "requestBody": {
@@ -34,11 +38,7 @@ POST_TELNYX_TEXML: dict[str, Any] = dict(
     'bidirectionalMode="rtp" …/></Connect></Response>`; `?appKey=` names the application.',
     responses={
         200: {"description": "TeXML", "content": {"application/xml": {"schema": {}}}},
-        400: {"description": "Bad body", "content": _PROBLEM},
-        401: {"description": "Unsigned", "content": _PROBLEM},
-        403: {"description": "Bad or stale signature, or no key set", "content": _PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
-        503: {"description": "GATEWAY_TELNYX_API_KEY unset", "content": _PROBLEM},
+        **problems({400: "Bad body", **_SIGNED_REFUSALS, 503: "GATEWAY_TELNYX_API_KEY unset"}),
     },
 )
 """Documenting keyword arguments of ``POST /telnyx/texml``."""

@@ -54,15 +54,16 @@ from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_TEXML
 from adapters.telnyx.protocol import BIDIRECTIONAL, TelnyxCodec, texml
 from adapters.telnyx.verify import TelnyxVerifier
 from gateway.callcodec import VerificationRefused, load_frame
-from gateway.callcontrol import (
-    CallControl,
-    CallControlError,
-    RestAnswer,
-    RestRequest,
-    TransferResult,
+from gateway.callcontrol import CallControl, RestAnswer, RestRequest, TransferResult
+from gateway.calls import (
+    CallRefused,
+    OutboundCall,
+    public_url,
+    refusal,
+    send_transfer,
+    wss_url,
 )
-from gateway.calls import CallRefused, OutboundCall, public_url, transfer_unavailable, wss_url
-from gateway.calls import transfer as record_transfer
+from gateway.calls import hang_up as rest_hang_up
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
 from gateway.io.call import (
@@ -192,10 +193,7 @@ def _verified(settings: Settings, body: bytes, request: Request) -> Response | N
         TelnyxVerifier(settings.telnyx_public_key).check_headers(body, request.headers, time.time())
     except VerificationRefused as exc:
         log.warning("Telnyx webhook refused (%d): %s", exc.status, exc.reason)
-        title = "Unauthorized" if exc.status == 401 else "Forbidden"
-        refused = problem(exc.status, title, exc.reason)
-        refused.headers.update(exc.headers)  # WWW-Authenticate on a 401
-        return refused
+        return refusal(exc)  # WWW-Authenticate on a 401
     return None
 
 
@@ -267,28 +265,18 @@ class TelnyxCall(CallRunner):
 async def _hang_up(runner: CallRunner, call_id: str) -> None:
     """The ``hangup`` command (422/90018: already over, fine)."""
     assert isinstance(runner, TelnyxCall)
-    if runner.auth is None:
-        return
-    try:
-        answer = await runner.control.send(telnyx.hang_up(runner.auth, call_id))
-    except CallControlError as exc:
-        log.warning("Telnyx call %s: hang-up failed: %s", call_id, exc)
-        return
-    if not answer.ok and not telnyx.already_ended(answer):
-        log.warning("Telnyx call %s: hang-up refused: HTTP %d", call_id, answer.status)
+    if runner.auth is not None:
+        request = telnyx.hang_up(runner.auth, call_id)
+        await rest_hang_up(runner.control, log, "Telnyx", call_id, request, telnyx.already_ended)
 
 
 async def _transfer(runner: CallRunner, action: Transfer) -> TransferResult:
     """The ``transfer`` command, recorded (gateway/calls.py)."""
     assert isinstance(runner, TelnyxCall)
-    if runner.auth is None:
-        return transfer_unavailable(
-            runner.control, CHANNEL, action.call_id, action.target, action.reason
-        )
-    request = telnyx.transfer(runner.auth, action.call_id, action.target)
-    return await record_transfer(
-        runner.control, CHANNEL, action.call_id, action.target, action.reason, request
-    )
+    request = None
+    if runner.auth is not None:
+        request = telnyx.transfer(runner.auth, action.call_id, action.target)
+    return await send_transfer(runner.control, CHANNEL, action, request)
 
 
 def _stream_token(websocket: WebSocket) -> str:

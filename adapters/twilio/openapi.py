@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.calls_openapi import problems
+
 _FORM_FIELDS = {
     "CallSid": "The call's SID (CA + 32 hex digits): the session id.",
     "AccountSid": "The account's SID.",
@@ -17,29 +19,34 @@ _FORM_FIELDS = {
     "CallStatus": "ringing, in-progress, ...",
     "Direction": "inbound, outbound-api, ...",
 }
-_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+_SIGNED_FORM_REFUSALS = {
+    403: "Bad signature",
+    413: "Body larger than GATEWAY_MAX_BODY_BYTES",
+    415: "Not a form body",
+}
+"""The refusals of every signed Twilio webhook form (routes.py ``_verified_form``)."""
 
 
 def _form_body(
-    fields: dict[str, str], required: list[str], patterns: dict[str, str] | None = None
+    fields: dict[str, str], required: list[str] | None, patterns: dict[str, str] | None = None
 ) -> dict[str, Any]:
+    """``openapi_extra`` of a form body of string ``fields`` (name -> meaning), the
+    ``required`` ones (None: no ``required`` list) and ``patterns`` by name."""
     patterns = patterns or {}
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {
+            name: {"type": "string", "description": text}
+            | ({"pattern": patterns[name]} if name in patterns else {})
+            for name, text in fields.items()
+        },
+    }
+    if required is not None:
+        schema["required"] = required
     return {
         "requestBody": {
             "required": True,
-            "content": {
-                "application/x-www-form-urlencoded": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            name: {"type": "string", "description": text}
-                            | ({"pattern": patterns[name]} if name in patterns else {})
-                            for name, text in fields.items()
-                        },
-                        "required": required,
-                    }
-                }
-            },
+            "content": {"application/x-www-form-urlencoded": {"schema": schema}},
         }
     }
 
@@ -79,10 +86,13 @@ POST_VOICE: dict[str, Any] = dict(
             "while speech recognition is saturated <Say>GATEWAY_TWILIO_BUSY_TEXT</Say><Hangup/>",
             "content": {"application/xml": {"example": _TWIML_EXAMPLE}},
         },
-        400: {"description": "No valid CallSid", "content": _PROBLEM},
-        403: {"description": "Bad signature or unknown application key", "content": _PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
-        415: {"description": "Not a form body", "content": _PROBLEM},
+        **problems(
+            {
+                400: "No valid CallSid",
+                **_SIGNED_FORM_REFUSALS,
+                403: "Bad signature or unknown application key",
+            }
+        ),
     },
     openapi_extra=_form_body(_FORM_FIELDS, ["CallSid"], {"CallSid": "^CA[0-9a-fA-F]{32}$"}),
 )
@@ -92,9 +102,7 @@ POST_STATUS: dict[str, Any] = dict(
     summary="Stream status callback: record stream-started/-stopped/-error",
     responses={
         204: {"description": "Recorded"},
-        403: {"description": "Bad signature", "content": _PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
-        415: {"description": "Not a form body", "content": _PROBLEM},
+        **problems(_SIGNED_FORM_REFUSALS),
     },
     # Twilio always sends StreamEvent; a callback without one is recorded (as "status")
     openapi_extra=_form_body(STATUS_FIELDS, []),
@@ -117,26 +125,8 @@ POST_TWILIO_AMD: dict[str, Any] = dict(
     "its stream (through the bus).",
     responses={
         204: {"description": "Taken"},
-        400: {"description": "A machine answer without a valid CallSid", "content": _PROBLEM},
-        403: {"description": "Bad signature", "content": _PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": _PROBLEM},
-        415: {"description": "Not a form body", "content": _PROBLEM},
+        **problems({400: "A machine answer without a valid CallSid", **_SIGNED_FORM_REFUSALS}),
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/x-www-form-urlencoded": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            name: {"type": "string", "description": text}
-                            for name, text in _AMD_FIELDS.items()
-                        },
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=_form_body(_AMD_FIELDS, None),
 )
 """Documenting keyword arguments of ``POST /twilio/amd``."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-_PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
+from gateway.calls_openapi import PROBLEM, problems
+
 _CHALLENGE = {"WWW-Authenticate": {"schema": {"type": "string"}}}
 
 VONAGE_ANSWER: dict[str, Any] = dict(
@@ -14,15 +15,14 @@ VONAGE_ANSWER: dict[str, Any] = dict(
     '[{"type":"websocket","uri":"wss://…/vonage/stream/<token>",…}]}]`.',
     responses={
         200: {"description": "NCCO", "content": {"application/json": {"schema": {}}}},
-        400: {"description": "No call uuid, or an invalid one", "content": _PROBLEM},
+        **problems({400: "No call uuid, or an invalid one"}),
         401: {
             "description": "No Bearer token, or an invalid one (forged, malformed, stale, "
             'or for another body): `WWW-Authenticate: Bearer` (with `error="invalid_token"`)',
             "headers": _CHALLENGE,
-            "content": _PROBLEM,
+            "content": PROBLEM,
         },
-        403: {"description": "No signature secret set", "content": _PROBLEM},
-        413: {"description": "Body too large", "content": _PROBLEM},
+        **problems({403: "No signature secret set", 413: "Body too large"}),
     },
 )
 """Documenting keyword arguments of ``GET|POST /vonage/answer``."""

@@ -37,7 +37,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
@@ -48,8 +47,7 @@ from adapters.vonage.protocol import VonageCodec, ncco
 from adapters.vonage.verify import VonageVerifier
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import CallControl, TransferResult
-from gateway.calls import public_url, transfer_unavailable
-from gateway.calls import transfer as record_transfer
+from gateway.calls import refusal, send_transfer, wss_url
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body
 from gateway.io.call import CallRunner, CallTokens, admit, answer_token, call_config, use_token
@@ -99,12 +97,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(tags=["Vonage"], lifespan=_lifespan)
 
 
-def _ws_url(http_url: str) -> str:
-    parts = urlsplit(http_url)
-    scheme = "wss" if parts.scheme == "https" else "ws"
-    return urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
-
-
 @router.get(
     "/vonage/answer", response_model=None, operation_id="vonage_answer_get", **VONAGE_ANSWER
 )
@@ -126,10 +118,7 @@ async def answer(request: Request) -> Response:
         channel.verifier.check(request.headers.get("authorization"), body, time.time())
     except VerificationRefused as exc:
         log.warning("Vonage answer refused: %s", exc.reason)
-        title = "Forbidden" if exc.status == 403 else "Unauthorized"
-        refused = problem(exc.status, title, exc.reason)
-        refused.headers.update(exc.headers)  # WWW-Authenticate (RFC 6750 section 3)
-        return refused
+        return refusal(exc)  # WWW-Authenticate (RFC 6750 section 3)
     params: dict[str, Any] = dict(request.query_params)
     if body:
         with contextlib.suppress(ValueError):
@@ -140,7 +129,7 @@ async def answer(request: Request) -> Response:
     token = answer_token(channel.tokens, uuid, "call uuid")
     if not isinstance(token, str):
         return token
-    uri = _ws_url(public_url(gw.settings.public_url, f"/vonage/stream/{token}"))
+    uri = wss_url(gw.settings.public_url, f"/vonage/stream/{token}")
     headers = {
         key: str(params[key])[:128]
         for key in ("from", "to", "appKey")
@@ -164,14 +153,10 @@ async def stream(websocket: WebSocket, token: str) -> None:
 
     async def transfer(runner: CallRunner, action: Transfer) -> TransferResult:
         control: CallControl = websocket.app.state.callcontrol
-        if channel.auth is None:
-            return transfer_unavailable(
-                control, CHANNEL, action.call_id, action.target, action.reason
-            )
-        request = vonage.transfer(channel.auth, action.call_id, action.target, time.time())
-        return await record_transfer(
-            control, CHANNEL, action.call_id, action.target, action.reason, request
-        )
+        request = None
+        if channel.auth is not None:
+            request = vonage.transfer(channel.auth, action.call_id, action.target, time.time())
+        return await send_transfer(control, CHANNEL, action, request)
 
     runner = CallRunner(
         websocket,
