@@ -1,5 +1,5 @@
 """Twilio's part of the call control (gateway/calls.py): outbound calls through the Calls
-API, and the transfer of a call with ``<Dial>`` once its preceding audio has played.
+API, and the REST credentials (the ``<Dial>`` transfer is routes.py ``_dial``).
 
 Outbound: ``Url`` = ``<GATEWAY_PUBLIC_URL>/twilio/voice?key=<appKey>&direction=outbound
 &attributes=<JSON>``, whose TwiML opens ``/twilio/stream/<one-time token>``; with
@@ -10,15 +10,10 @@ GATEWAY_TWILIO_MACHINE_DETECTION, ``AsyncAmd=true``, ``AsyncAmdStatusCallback`` 
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
 from adapters.twilio import control as twilio
-from gateway.callcontrol import CallControl, RestAnswer, RestRequest, TransferResult
-from gateway.calls import CallRefused, OutboundCall, public_url, transfer, transfer_unavailable
+from gateway.callcontrol import RestAnswer, RestRequest
+from gateway.calls import CallRefused, OutboundCall, public_url
 from gateway.settings import Settings
-
-log = logging.getLogger("adapters.twilio")
 
 
 def twilio_auth(settings: Settings) -> twilio.TwilioAuth | None:
@@ -64,19 +59,3 @@ class TwilioDialer:
         """The new call's ``sid``."""
         sid = answer.body.get("sid") if isinstance(answer.body, dict) else None
         return sid if isinstance(sid, str) else None
-
-
-async def transfer_twilio(
-    app: Any, call_sid: str, target: str, reason: str | None
-) -> TransferResult:
-    """Update Twilio call ``call_sid`` with ``<Dial>`` to ``target``; whether Twilio
-    accepted it (else what failed). Logged (``log_transfer``); without
-    credentials (or this router) nothing is sent and a failure is returned (logged)."""
-    control: CallControl | None = getattr(app.state, "callcontrol", None)
-    settings: Settings = app.state.gateway.settings
-    auth = twilio_auth(settings)
-    if control is None or auth is None:
-        return transfer_unavailable(control, "twilio", call_sid, target, reason)
-    return await transfer(
-        control, "twilio", call_sid, target, reason, twilio.transfer(auth, call_sid, target)
-    )

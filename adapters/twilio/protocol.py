@@ -104,14 +104,11 @@ from gateway.protocol.actions import Close as Close
 from gateway.protocol.actions import EndSession as EndSession
 from gateway.protocol.actions import StartTurn as StartTurn
 from gateway.protocol.call import DISCONNECT, CallAction, CarrierCall
-from gateway.protocol.call import INBOUND as INBOUND
 from gateway.protocol.call import MACHINE as MACHINE
 from gateway.protocol.call import TRANSITIONS as TRANSITIONS
 from gateway.protocol.call import CallConfig as CallConfig
-from gateway.protocol.call import CallInfo as CallInfo
 from gateway.protocol.call import CallStateMachine as CallStateMachine
 from gateway.protocol.call import DtmfCollector as DtmfCollector
-from gateway.protocol.call import DtmfMode as DtmfMode
 from gateway.protocol.call import HangUp as HangUp
 from gateway.protocol.call import Interrupt as Interrupt
 from gateway.protocol.call import MarkBook as MarkBook
@@ -128,8 +125,6 @@ NAMESPACE: Final = "twilio"
 
 SAMPLE_RATE: Final = 8000
 """Hz of Twilio's μ-law audio, both ways."""
-BYTES_PER_MS: Final = SAMPLE_RATE // 1000
-"""μ-law bytes per millisecond of audio (one byte per sample)."""
 ENCODING: Final = "audio/x-mulaw"
 """``start.mediaFormat.encoding`` of a bidirectional stream."""
 MULAW_8K: Final = AudioFormat("MULAW", 8000)
@@ -531,6 +526,19 @@ class TwilioCodec:
         self._format = WireFormat("PCMU", SAMPLE_RATE)
         self._media_prefix = _media_prefix(stream_sid)
 
+    def start(self, info: StartInfo) -> Started:
+        """The engine event of ``start`` (μ-law 8 kHz, checked by the caller), after
+        :meth:`started`."""
+        self.started(info.stream_sid)
+        assert self._format is not None
+        return Started(
+            info.call_sid,
+            info.stream_sid,
+            self._format,
+            parameters=dict(info.custom_parameters),
+            account_id=info.account_sid,
+        )
+
     def receive_text(self, text: str) -> CallEvent:
         """A text frame as an engine event (spec: "WebSocket Messages"); ``media`` as PCM.
 
@@ -543,18 +551,9 @@ class TwilioCodec:
                 raise ProtocolError("media before start")
             return WireMedia(self._format.decode(message.payload), message.track)
         if isinstance(message, Start):
-            info = message.start
-            if info.media_format.encoding != ENCODING:
-                raise UnsupportedMediaFormat(info.media_format.encoding)
-            self.started(info.stream_sid)
-            assert self._format is not None
-            return Started(
-                info.call_sid,
-                info.stream_sid,
-                self._format,
-                parameters=dict(info.custom_parameters),
-                account_id=info.account_sid,
-            )
+            if message.start.media_format.encoding != ENCODING:
+                raise UnsupportedMediaFormat(message.start.media_format.encoding)
+            return self.start(message.start)
         return _event_of(message)
 
     def receive_binary(self, data: bytes) -> CallEvent:
@@ -681,16 +680,7 @@ class TwilioCall(CarrierCall):
                     f"{fmt.sample_rate} Hz x{fmt.channels}",
                 )
             ]
-        self.twilio.started(info.stream_sid)
-        assert self.twilio.media_format is not None
-        started = Started(
-            info.call_sid,
-            info.stream_sid,
-            self.twilio.media_format,
-            parameters=dict(info.custom_parameters),
-            account_id=info.account_sid,
-        )
-        return self._start(started)
+        return self._start(self.twilio.start(info))
 
     def speech_request(self) -> TtsRequest:
         """Twilio's speech: 8 kHz μ-law (:data:`TTS`), streamed a piece at a time."""

@@ -59,7 +59,7 @@ stream is closed; without them the stream is closed and the TwiML's ``<Hangup/>`
 the call.
 
 Transfer (a ``#transfer`` item, gateway/events.py ``transfer_item``): the audio before
-it plays, then the call is updated with ``<Dial>`` to the target (adapters/twilio/calls.py;
+it plays, then the call is updated with ``<Dial>`` to the target (adapters/twilio/control.py;
 a refused or unreachable update keeps the call: the core gets ``#transfer-failed``);
 outbound calls (``POST /v1/calls``) come back through ``/twilio/voice?direction=outbound``
 and their ``#intro`` carries ``direction``, ``to``, ``from``, ``answeredBy`` and the
@@ -85,7 +85,7 @@ from starlette.datastructures import ImmutableMultiDict
 from starlette.requests import HTTPConnection, Request
 
 from adapters.twilio import control as twilio_control
-from adapters.twilio.calls import transfer_twilio, twilio_auth
+from adapters.twilio.calls import twilio_auth
 from adapters.twilio.openapi import POST_STATUS, POST_TWILIO_AMD, POST_VOICE, STATUS_FIELDS
 from adapters.twilio.protocol import (
     CHANNEL,
@@ -111,7 +111,7 @@ from adapters.twilio.verify import (
 from gateway import metrics
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import TransferResult
-from gateway.calls import callcontrol_of
+from gateway.calls import callcontrol_of, send_transfer
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
@@ -431,7 +431,7 @@ class _Call(CallRunner):
         await self.close(CLOSE_NORMAL, "The call ended.")
 
     async def _transfer(self, action: Transfer) -> None:
-        """Update the call with ``<Dial>`` (adapters/twilio/calls.py), then close once
+        """Update the call with ``<Dial>`` (:func:`_dial`), then close once
         Twilio stopped the stream; a refused update keeps the call (``#transfer-failed``,
         gateway/io/call.py ``CallRunner.transferred``)."""
         if not await self.transferred(action):
@@ -448,8 +448,16 @@ class _Call(CallRunner):
 
 
 async def _dial(runner: CallRunner, action: Transfer) -> TransferResult:
-    """The ``<Dial>`` update of the call (adapters/twilio/calls.py)."""
-    return await transfer_twilio(runner.ws.app, action.call_id, action.target, action.reason)
+    """Update Twilio call ``action.call_id`` with ``<Dial>`` to the target
+    (adapters/twilio/control.py); whether Twilio accepted it, else what failed (logged:
+    gateway/calls.py ``send_transfer``). Without credentials (or the call-control
+    router) nothing is sent."""
+    control = callcontrol_of(runner.ws.app)
+    auth = twilio_auth(runner.gw.settings)
+    request = None
+    if control is not None and auth is not None:
+        request = twilio_control.transfer(auth, action.call_id, action.target)
+    return await send_transfer(control, CHANNEL, action, request)
 
 
 async def _check(ws: WebSocket, gw: Gateway, channel: TwilioChannel, token: str) -> StreamGrant:
