@@ -652,6 +652,13 @@ class JsonCarrierCodec:
 
     # -------------------------------------------------------------- outbound
 
+    def started_format(self, what: str) -> MediaFormat:
+        """The inbound format, for an outbound ``what``; LocalProtocolError (our bug)
+        before the start (the guard of carriers whose frames carry no stream id)."""
+        if self._format is None:
+            raise not_started(self.carrier, what)
+        return self._format
+
     def started_stream(self, what: str) -> str:
         """The stream's id for an outbound ``what``; LocalProtocolError before the start."""
         if not self.stream_id:

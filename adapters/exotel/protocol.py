@@ -45,7 +45,6 @@ from gateway.callcodec import (
     get_int,
     get_object,
     get_str,
-    not_started,
 )
 from gateway.protocol import ProtocolError
 from gateway.speech.audio import Pcm
@@ -124,9 +123,8 @@ class ExotelCodec(JsonCarrierCodec):
     @property
     def chunk_bytes(self) -> int:
         """Bytes per outbound chunk: :attr:`chunk_ms` of the format, by the chunk rule."""
-        if self._format is None:
-            raise not_started(CARRIER, "chunk size")
-        size = self._format.bytes_for_ms(self.chunk_ms) // CHUNK_UNIT * CHUNK_UNIT
+        size = self.started_format("chunk size").bytes_for_ms(self.chunk_ms)
+        size = size // CHUNK_UNIT * CHUNK_UNIT
         return min(max(size, MIN_CHUNK), MAX_CHUNK // CHUNK_UNIT * CHUNK_UNIT)
 
     def _start(self, frame: dict[str, Any]) -> Started:
@@ -150,9 +148,7 @@ class ExotelCodec(JsonCarrierCodec):
 
     def audio(self, pcm: Pcm) -> list[WireFrame]:
         """``pcm`` as ``media`` messages by Exotel's chunk rule (the stream's format)."""
-        fmt = self._format
-        if fmt is None:
-            raise not_started(CARRIER, "audio")
+        fmt = self.started_format("audio")
         return [
             self.audio_frame(fmt, chunk)
             for chunk in chunks(fmt.encode(pcm), self.chunk_bytes, fmt.silence)

@@ -43,7 +43,6 @@ from gateway.callcodec import (
     get_int,
     get_object,
     get_str,
-    not_started,
 )
 from gateway.protocol import ProtocolError
 
@@ -128,20 +127,15 @@ class TelnyxCodec(JsonCarrierCodec):
         return media_message(payload)
 
     def mark(self, name: str) -> WireFrame:
-        """``{"event":"mark","mark":{"name":…}}``. LocalProtocolError before the start."""
-        self._started("mark")
+        """``{"event":"mark","mark":{"name":…}}``. LocalProtocolError before the start
+        (the frames carry no stream id, which may be empty: the format tells)."""
+        self.started_format("mark")
         return mark_message(name)
 
     def clear(self) -> WireFrame:
         """``{"event":"clear"}``. LocalProtocolError before the start."""
-        self._started("clear")
+        self.started_format("clear")
         return CLEAR
-
-    def _started(self, what: str) -> None:
-        """LocalProtocolError (our bug) when ``what`` is asked for before ``start``: the
-        frames carry no stream id (it may be empty), so the format tells."""
-        if self.media_format is None:
-            raise not_started(CARRIER, what)
 
 
 def _error(frame: dict[str, Any]) -> CarrierError:

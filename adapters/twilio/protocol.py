@@ -103,9 +103,9 @@ from gateway.protocol import (
 from gateway.protocol.actions import Close as Close
 from gateway.protocol.actions import EndSession as EndSession
 from gateway.protocol.actions import StartTurn as StartTurn
-from gateway.protocol.call import DISCONNECT, CallAction, CarrierCall
 from gateway.protocol.call import MACHINE as MACHINE
 from gateway.protocol.call import TRANSITIONS as TRANSITIONS
+from gateway.protocol.call import CallAction, CarrierCall
 from gateway.protocol.call import CallConfig as CallConfig
 from gateway.protocol.call import CallStateMachine as CallStateMachine
 from gateway.protocol.call import DtmfCollector as DtmfCollector
@@ -651,10 +651,7 @@ class TwilioCall(CarrierCall):
         try:
             message = parse_message(frame)
         except InvalidStart as exc:
-            if not self.machine.allows("start"):
-                raise
-            self.machine.advance(DISCONNECT)
-            return [Close(CLOSE_POLICY, exc.text)]
+            return self._refuse_start(CLOSE_POLICY, exc)
         if isinstance(message, Media):
             payload = message.payload  # μ-law as is: one byte per sample
             return self._feed(message.track, payload, len(payload))
@@ -672,14 +669,11 @@ class TwilioCall(CarrierCall):
         if info.call_sid == self.expected_call_id and (
             (fmt.encoding, fmt.sample_rate, fmt.channels) != (ENCODING, SAMPLE_RATE, 1)
         ):
-            self.machine.advance(DISCONNECT)
-            return [
-                Close(
-                    CLOSE_UNSUPPORTED,
-                    f"expected {ENCODING} at {SAMPLE_RATE} Hz mono, got {fmt.encoding} at "
-                    f"{fmt.sample_rate} Hz x{fmt.channels}",
-                )
-            ]
+            return self._disconnect(
+                CLOSE_UNSUPPORTED,
+                f"expected {ENCODING} at {SAMPLE_RATE} Hz mono, got {fmt.encoding} at "
+                f"{fmt.sample_rate} Hz x{fmt.channels}",
+            )
         return self._start(self.twilio.start(info))
 
     def speech_request(self) -> TtsRequest:

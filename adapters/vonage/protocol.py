@@ -44,7 +44,6 @@ from gateway.callcodec import (
     get_digit,
     get_object,
     get_str,
-    not_started,
 )
 from gateway.protocol import ProtocolError
 
@@ -146,14 +145,12 @@ class VonageCodec(JsonCarrierCodec):
     def mark(self, name: str) -> WireFrame:
         """``{"action":"notify","payload":{"name":…}}``: echoed as ``websocket:notify``.
         LocalProtocolError before ``websocket:connected``."""
-        if self.media_format is None:
-            raise not_started(CARRIER, "notify")
+        self.started_format("notify")
         return notify_message(name)
 
     def clear(self) -> WireFrame:
         """``{"action":"clear"}``. LocalProtocolError before ``websocket:connected``."""
-        if self.media_format is None:
-            raise not_started(CARRIER, "clear")
+        self.started_format("clear")
         return CLEAR
 
 

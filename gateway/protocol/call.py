@@ -98,7 +98,7 @@ from gateway.events import (
     TurnEvent,
     transfer_target,
 )
-from gateway.protocol import Expected, StateMachine
+from gateway.protocol import Expected, ProtocolError, StateMachine
 from gateway.protocol.actions import (
     CancelListening,
     Close,
@@ -800,16 +800,23 @@ class CarrierCall:
             else:
                 event = codec.receive_binary(frame)
         except UnsupportedMediaFormat as exc:
-            if not self.machine.allows("start"):
-                raise
-            self.machine.advance(DISCONNECT)
-            return [Close(CLOSE_UNSUPPORTED, exc.text)]
+            return self._refuse_start(CLOSE_UNSUPPORTED, exc)
         except InvalidStart as exc:
-            if not self.machine.allows("start"):
-                raise
-            self.machine.advance(DISCONNECT)
-            return [Close(CLOSE_POLICY, exc.text)]
+            return self._refuse_start(CLOSE_POLICY, exc)
         return self.event(event)
+
+    def _refuse_start(self, code: int, exc: ProtocolError) -> list[CallAction]:
+        """A start the stream cannot be served with (``exc``: its format, or unreadable):
+        ``[Close(code, <exc's text>)]`` before the stream started; raises ``exc`` after
+        (a second start)."""
+        if not self.machine.allows("start"):
+            raise exc
+        return self._disconnect(code, exc.text)
+
+    def _disconnect(self, code: int, reason: str) -> list[CallAction]:
+        """End the call at its start: ``[Close(code, reason)]``, nothing else."""
+        self.machine.advance(DISCONNECT)
+        return [Close(code, reason)]
 
     def event(self, event: CallEvent) -> list[CallAction]:
         """Handle one decoded event (see :meth:`receive`)."""
@@ -844,13 +851,11 @@ class CarrierCall:
         if not self.machine.allows("start"):
             self.machine.feed("start")  # raises: a second start
         if self.expected_call_id is not None and info.call_id != self.expected_call_id:
-            self.machine.advance(DISCONNECT)
-            return [Close(CLOSE_POLICY, self.other_call_reason)]
+            return self._disconnect(CLOSE_POLICY, self.other_call_reason)
         params = {**self.extra_parameters, **info.parameters}
         app_key = params.get("appKey") or self.config.default_app_key
         if not self.config.key_allowed(app_key):
-            self.machine.advance(DISCONNECT)
-            return [Close(CLOSE_POLICY, "Unknown application key.")]
+            return self._disconnect(CLOSE_POLICY, "Unknown application key.")
         self.machine.feed("start")
         call_id = info.call_id or self.expected_call_id or info.stream_id
         self.rate = info.media_format.sample_rate
