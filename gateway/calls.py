@@ -21,7 +21,7 @@ what it answered).
 The log names a call's dialled number by its last 4 digits only
 (:func:`gateway.logs.masked_number`: personal data).
 
-Transfers: :func:`transfer` sends a carrier adapter's transfer request (its
+Transfers: :func:`send_transfer` sends a carrier adapter's transfer request (its
 ``control.transfer``) and logs how it went (:func:`~gateway.callcontrol.log_transfer`,
 the only record of it); the carrier
 adapters call it when the transfer item's preceding audio has played. Its
@@ -288,20 +288,22 @@ async def place_call(request: Request) -> Response:
 # ------------------------------------------------------------------ transfers
 
 
-async def transfer(
-    control: CallControl,
-    channel: str,
-    call_id: str,
-    target: str,
-    reason: str | None,
-    request: RestRequest,
+async def send_transfer(
+    control: CallControl | None, channel: str, action: Transfer, request: RestRequest | None
 ) -> TransferResult:
-    """Send a carrier's transfer ``request`` (its adapter's ``control.transfer``); whether
-    the carrier accepted it (2xx), else what failed. It is logged
-    (:func:`~gateway.callcontrol.log_transfer`), a failure (an error status, no answer in
-    GATEWAY_CALLS_TIMEOUT_S, a network error) at WARNING naming the carrier's API as the
-    failing component (``component: <channel>-api``).
+    """Send a carrier's transfer ``request`` of ``action`` (its adapter's
+    ``control.transfer``); whether the carrier accepted it (2xx), else what failed. It is
+    logged (:func:`~gateway.callcontrol.log_transfer`), a failure (an error status, no
+    answer in GATEWAY_CALLS_TIMEOUT_S, a network error) at WARNING naming the carrier's
+    API as the failing component (``component: <channel>-api``). With no ``request`` (the
+    carrier's REST credentials are not configured) or no ``control`` (the call-control
+    router is not mounted) nothing is sent: a failure, logged at WARNING.
     """
+    call_id, target, reason = action.call_id, action.target, action.reason
+    if control is None or request is None:
+        missing = f"{channel} REST is not configured (no credentials to call the {channel} API)"
+        log_transfer(channel, call_id, target, reason, missing)
+        return TransferResult(False, missing)
     try:
         answer = await control.send(request)
     except CallControlError as exc:
@@ -315,28 +317,6 @@ async def transfer(
     error = None if result.ok else f"{result.error}{detail}"
     log_transfer(channel, call_id, target, reason, error, f"{channel}-api")
     return result
-
-
-def transfer_unavailable(
-    control: CallControl | None, channel: str, call_id: str, target: str, reason: str | None
-) -> TransferResult:
-    """The result (logged at WARNING, :func:`~gateway.callcontrol.log_transfer`) of a
-    transfer that cannot be asked for: the carrier's REST credentials are not configured."""
-    error = f"{channel} REST is not configured (no credentials to call the {channel} API)"
-    log_transfer(channel, call_id, target, reason, error)
-    return TransferResult(False, error)
-
-
-async def send_transfer(
-    control: CallControl | None, channel: str, action: Transfer, request: RestRequest | None
-) -> TransferResult:
-    """A carrier adapter's transfer hook made of its transfer ``request`` for ``action``:
-    :func:`transfer` it, or, with no ``request`` (the carrier's REST credentials are not
-    configured) or no ``control`` (the call-control router is not mounted),
-    :func:`transfer_unavailable`."""
-    if control is None or request is None:
-        return transfer_unavailable(control, channel, action.call_id, action.target, action.reason)
-    return await transfer(control, channel, action.call_id, action.target, action.reason, request)
 
 
 async def hang_up(

@@ -113,7 +113,7 @@ MACHINE_RETAIN_S: Final = 120.0
 HangUpHook = Callable[["CallRunner", str], Awaitable[None]]
 """An adapter's hang-up: ``(runner, call id)``; the runner closes the socket after it."""
 TransferHook = Callable[["CallRunner", Transfer], Awaitable[TransferResult]]
-"""An adapter's transfer: whether the carrier took it (gateway.calls.transfer's result).
+"""An adapter's transfer: whether the carrier took it (gateway.calls.send_transfer's result).
 The runner closes the socket after one that was taken; after a refusal the call goes
 on (:meth:`CarrierCall.transfer_finished`)."""
 T = TypeVar("T")
