@@ -201,11 +201,8 @@ async def answer(request: Request) -> Response:
     if not isinstance(token, str):
         return token
     stream_url = wss_url(gw.settings.public_url, f"/plivo/stream/{token}")
-    extra = {
-        "from": params.get("From", ""),
-        "to": params.get("To", ""),
-        "appKey": request.query_params.get("appKey", ""),
-    }
+    app_key = request.query_params.get("appKey", "")
+    extra = {"from": params.get("From", ""), "to": params.get("To", ""), "appKey": app_key}
     extra = {key: _header_value(value) for key, value in extra.items() if value}
     return Response(answer_xml(stream_url, extra=extra), media_type="application/xml")
 

@@ -180,12 +180,6 @@ async def _signed_body(settings: Settings, request: Request) -> bytes | Response
         body = await read_body(request, settings.max_body_bytes)
     except ProtocolError as exc:
         return problem(exc.status, "Bad Request", exc.text)
-    refused = _verified(settings, body, request)
-    return body if refused is None else refused
-
-
-def _verified(settings: Settings, body: bytes, request: Request) -> Response | None:
-    """None when the webhook's Ed25519 signature is good; else the problem to answer."""
     if not settings.telnyx_public_key:
         log.warning("Telnyx webhook refused: GATEWAY_TELNYX_PUBLIC_KEY is not set")
         return problem(403, "Forbidden", "Telnyx webhooks are not accepted (no public key).")
@@ -194,7 +188,7 @@ def _verified(settings: Settings, body: bytes, request: Request) -> Response | N
     except VerificationRefused as exc:
         log.warning("Telnyx webhook refused (%d): %s", exc.status, exc.reason)
         return refusal(exc)  # WWW-Authenticate on a 401
-    return None
+    return body
 
 
 @router.post("/telnyx/texml", response_model=None, **POST_TELNYX_TEXML)

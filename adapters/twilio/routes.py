@@ -189,7 +189,7 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
     channel = TwilioChannel(
         settings=settings,
         verifier=SignatureVerifier(token),
-        rest=None,
+        rest=twilio_auth(settings),
         config=_call_config(settings),
         secret_keys=secret_keys or SecretKeys.random(),
     )
@@ -211,7 +211,6 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
             "GATEWAY_PUBLIC_URL %s is not https: Twilio connects media streams to wss:// only",
             settings.public_url,
         )
-    channel.rest = twilio_auth(settings)
     return channel
 
 
