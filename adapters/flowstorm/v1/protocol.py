@@ -160,7 +160,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from pydantic import ValidationError
 
@@ -209,7 +209,7 @@ from gateway.protocol.actions import SendBytes as SendBytes
 from gateway.protocol.actions import StartListening as StartListening
 from gateway.protocol.actions import StartTurn as StartTurn
 from gateway.speech.audio import AudioFormat, AudioFormatError
-from gateway.speech.types import Heard, SpeechBusy, TtsFileFormat, TtsRequest
+from gateway.speech.types import Heard, SpeechBusy, TtsFileFormat, TtsMode, TtsRequest
 from gateway.turn import TurnContext, TurnRejected, new_session_id
 
 CHANNEL = "flowstorm_v1"
@@ -242,14 +242,17 @@ AUDIO_IDLE_MARGIN_MS: Final = 1000
 + this many ms is finished (final result, or ``#silence``) — for clients that
 stop sending instead of sending silence."""
 
-STT_MODES: Final = frozenset({"default", "singleutterance", "duplex"})
-TTS_MODES: Final[dict[str, str | None]] = {
+STT_MODES: Final[dict[str, bool]] = {"default": False, "singleutterance": False, "duplex": True}
+"""``config.sttMode`` (lower case) -> whether it is Duplex (one stream, many utterances)."""
+TTS_MODES: Final[dict[str, TtsMode | None]] = {
     "none": None,
     "requiredlinks": "links",
     "requiredstreaming": "audio",
 }
 """``config.tts`` (lower case) -> TtsRequest mode (None: no speech)."""
 TTS_FILE_TYPES: Final[tuple[TtsFileFormat, ...]] = ("mp3", "wav", "mulaw")
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ actions
@@ -393,15 +396,6 @@ def _build_transitions() -> dict[tuple[State, str], State]:
     table: dict[tuple[State, str], State] = {
         (s.AWAIT_INIT, "Init"): s.IDLE,
         (s.AWAIT_INIT, REFUSED_INIT): s.CLOSED,
-        # text input starts a turn; an utterance being recognised is dropped
-        (s.IDLE, "Request"): s.TURN,
-        (s.IDLE, "Input"): s.TURN,
-        (s.FINISHING, "Request"): s.TURN,
-        (s.FINISHING, "Input"): s.TURN,
-        (s.LISTENING, "Request"): s.TURN_DRAINING,
-        (s.LISTENING, "Input"): s.TURN_DRAINING,
-        (s.DRAINING, "Request"): s.TURN_DRAINING,
-        (s.DRAINING, "Input"): s.TURN_DRAINING,
         # audio input: one utterance per InputAudioStreamOpen
         (s.IDLE, OPEN): s.LISTENING,
         (s.DRAINING, OPEN): s.LISTENING,  # the previous stream ends implicitly
@@ -410,20 +404,31 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         (s.LISTENING, CANCEL): s.IDLE,  # CancelListening
         (s.FINISHING, CLOSE): s.FINISHING,
         (s.FINISHING, CANCEL): s.IDLE,  # CancelListening
-        # what the listener reports
-        (s.LISTENING, SPEECH_STARTED): s.LISTENING,
-        (s.LISTENING, INTERIM): s.LISTENING,
-        (s.LISTENING, FINAL): s.TURN_DRAINING,
         (s.LISTENING, SILENCE_HEARD): s.TURN_DRAINING,
-        (s.LISTENING, AUDIO_FAILED): s.DRAINING,
-        (s.LISTENING, AUDIO_TIMEOUT): s.LISTENING,  # FinishListening
-        (s.FINISHING, SPEECH_STARTED): s.FINISHING,
-        (s.FINISHING, INTERIM): s.FINISHING,
-        (s.FINISHING, FINAL): s.TURN,
         (s.FINISHING, SILENCE_HEARD): s.TURN,
-        (s.FINISHING, AUDIO_FAILED): s.IDLE,
-        (s.FINISHING, AUDIO_TIMEOUT): s.FINISHING,
     }
+    # text input starts a turn; an utterance being recognised is dropped (Duplex:
+    # CancelListening, the text turn)
+    for state, turn in (
+        (s.IDLE, s.TURN),
+        (s.FINISHING, s.TURN),
+        (s.LISTENING, s.TURN_DRAINING),
+        (s.DRAINING, s.TURN_DRAINING),
+        (s.DUPLEX, s.DUPLEX_TURN),
+    ):
+        table[(state, "Request")] = turn
+        table[(state, "Input")] = turn
+    # what the listener reports: (state, after the final result, after a failure)
+    for state, heard, failed in (
+        (s.LISTENING, s.TURN_DRAINING, s.DRAINING),
+        (s.FINISHING, s.TURN, s.IDLE),
+        (s.DUPLEX, s.DUPLEX_TURN, s.DRAINING),  # a failure ends the stream with the Error
+    ):
+        table[(state, SPEECH_STARTED)] = state
+        table[(state, INTERIM)] = state
+        table[(state, FINAL)] = heard
+        table[(state, AUDIO_FAILED)] = failed
+        table[(state, AUDIO_TIMEOUT)] = state  # FinishListening
     # sttMode Duplex: one stream, an utterance after another, until Close or Cancel
     table.update(
         {
@@ -433,14 +438,7 @@ def _build_transitions() -> dict[tuple[State, str], State]:
             (s.DUPLEX, BINARY): s.DUPLEX,  # FeedAudio
             (s.DUPLEX, CLOSE): s.FINISHING,  # FinishListening: the last utterance
             (s.DUPLEX, CANCEL): s.IDLE,  # CancelListening
-            (s.DUPLEX, "Request"): s.DUPLEX_TURN,  # CancelListening, the text turn
-            (s.DUPLEX, "Input"): s.DUPLEX_TURN,
-            (s.DUPLEX, SPEECH_STARTED): s.DUPLEX,
-            (s.DUPLEX, INTERIM): s.DUPLEX,
-            (s.DUPLEX, FINAL): s.DUPLEX_TURN,
             (s.DUPLEX, DUPLEX_SILENCE): s.DUPLEX,  # StartListening: the next utterance
-            (s.DUPLEX, AUDIO_FAILED): s.DRAINING,  # the stream ends with the Error
-            (s.DUPLEX, AUDIO_TIMEOUT): s.DUPLEX,  # FinishListening
             (s.FINISHING, DUPLEX_SILENCE): s.IDLE,
         }
     )
@@ -602,6 +600,28 @@ def check_session_id(session_id: str) -> str:
     return session_id
 
 
+def _choice(
+    config: Mapping[str, Any],
+    name: str,
+    choices: Mapping[str, T],
+    default: str,
+    *,
+    problem: str,
+    expected: str,
+) -> T:
+    """``config[name]`` read as a key of ``choices`` (lower case; the value stripped and
+    read in any case), the ``default`` key when it is not set (missing or JSON null).
+
+    Raises ProtocolError ``<problem>: config.<name>`` naming ``expected`` and what came.
+    """
+    raw = config.get(name)
+    if raw is None:
+        return choices[default]
+    if isinstance(raw, str) and raw.strip().lower() in choices:
+        return choices[raw.strip().lower()]
+    raise ProtocolError(f"{problem}: config.{name}", expected=expected, got=repr(raw))
+
+
 def tts_request(config: Mapping[str, Any]) -> TtsRequest | None:
     """The speech every turn asks for, from Init ``config.tts`` and ``config.ttsFileType``.
 
@@ -610,29 +630,23 @@ def tts_request(config: Mapping[str, Any]) -> TtsRequest | None:
     (default), ``wav`` or ``mulaw``. Both case-insensitive; JSON null counts as
     not set. Raises ProtocolError for anything else.
     """
-    tts = config.get("tts")
-    file_type = config.get("ttsFileType")
-    if file_type is None:
-        file_type = "mp3"
-    if not isinstance(file_type, str) or file_type.strip().lower() not in TTS_FILE_TYPES:
-        raise ProtocolError(
-            "Invalid Init event: config.ttsFileType",
-            expected="mp3, wav or mulaw",
-            got=repr(file_type),
-        )
-    if tts is None:
-        return None
-    mode = TTS_MODES.get(tts.strip().lower(), "?") if isinstance(tts, str) else "?"
-    if mode == "?":
-        raise ProtocolError(
-            "Invalid Init event: config.tts",
-            expected="None, RequiredLinks or RequiredStreaming",
-            got=repr(tts),
-        )
-    if mode is None:
-        return None
-    kind: TtsFileFormat = next(t for t in TTS_FILE_TYPES if t == file_type.strip().lower())
-    return TtsRequest("links" if mode == "links" else "audio", kind)
+    file_type = _choice(
+        config,
+        "ttsFileType",
+        {kind: kind for kind in TTS_FILE_TYPES},
+        "mp3",
+        problem="Invalid Init event",
+        expected="mp3, wav or mulaw",
+    )
+    mode = _choice(
+        config,
+        "tts",
+        TTS_MODES,
+        "none",
+        problem="Invalid Init event",
+        expected="None, RequiredLinks or RequiredStreaming",
+    )
+    return None if mode is None else TtsRequest(mode, file_type)
 
 
 @dataclass(frozen=True)
@@ -655,35 +669,57 @@ def listen_config(config: Mapping[str, Any], default_silence_timeout_ms: int) ->
 
     Raises ProtocolError naming the setting, what is accepted and what came.
     """
-    raw_rate = config.get("sttSampleRate")
-    rate = DEFAULT_SAMPLE_RATE if raw_rate is None else integer(raw_rate)
-    if rate not in STT_SAMPLE_RATES:
-        raise ProtocolError(
-            "Unsupported audio input: config.sttSampleRate",
-            expected=", ".join(str(r) for r in STT_SAMPLE_RATES) + " (Hz)",
-            got=repr(raw_rate),
-        )
-    raw_timeout = config.get("silenceTimeout")
-    timeout = default_silence_timeout_ms if raw_timeout is None else integer(raw_timeout)
-    if timeout is None or not 0 < timeout <= MAX_SILENCE_TIMEOUT_MS:
-        raise ProtocolError(
-            "Unsupported audio input: config.silenceTimeout",
-            expected=f"1..{MAX_SILENCE_TIMEOUT_MS} (ms)",
-            got=repr(raw_timeout),
-        )
-    mode = config.get("sttMode")
-    if mode is not None and (not isinstance(mode, str) or mode.strip().lower() not in STT_MODES):
-        raise ProtocolError(
-            "Unsupported audio input: config.sttMode",
-            expected="Default, SingleUtterance or Duplex",
-            got=repr(mode),
-        )
+    rate = _number(
+        config,
+        "sttSampleRate",
+        DEFAULT_SAMPLE_RATE,
+        lambda rate: rate in STT_SAMPLE_RATES,
+        expected=", ".join(str(r) for r in STT_SAMPLE_RATES) + " (Hz)",
+    )
+    timeout = _number(
+        config,
+        "silenceTimeout",
+        default_silence_timeout_ms,
+        lambda timeout: 0 < timeout <= MAX_SILENCE_TIMEOUT_MS,
+        expected=f"1..{MAX_SILENCE_TIMEOUT_MS} (ms)",
+    )
+    duplex = _choice(
+        config,
+        "sttMode",
+        STT_MODES,
+        "default",
+        problem="Unsupported audio input",
+        expected="Default, SingleUtterance or Duplex",
+    )
     return ListenConfig(
         AudioFormat("LINEAR16", rate),
         interim=flag(config.get("sttInterimResults")),
         silence_timeout_ms=timeout,
-        duplex=isinstance(mode, str) and mode.strip().lower() == "duplex",
+        duplex=duplex,
     )
+
+
+def _number(
+    config: Mapping[str, Any],
+    name: str,
+    default: int,
+    accepted: Callable[[int], bool],
+    *,
+    expected: str,
+) -> int:
+    """``config[name]`` as an integer (:func:`gateway.protocol.integer`), ``default`` when
+    it is not set (missing or JSON null).
+
+    Raises ProtocolError ``Unsupported audio input: config.<name>`` naming ``expected``
+    and what came when it is no integer or not ``accepted``.
+    """
+    raw = config.get(name)
+    value = default if raw is None else integer(raw)
+    if value is None or not accepted(value):
+        raise ProtocolError(
+            f"Unsupported audio input: config.{name}", expected=expected, got=repr(raw)
+        )
+    return value
 
 
 def error_frame(text: str, source: str = "client") -> Send:
