@@ -157,10 +157,10 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from pydantic import ValidationError
 
@@ -251,8 +251,6 @@ TTS_MODES: Final[dict[str, TtsMode | None]] = {
 }
 """``config.tts`` (lower case) -> TtsRequest mode (None: no speech)."""
 TTS_FILE_TYPES: Final[tuple[TtsFileFormat, ...]] = ("mp3", "wav", "mulaw")
-
-T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ actions
@@ -600,26 +598,26 @@ def check_session_id(session_id: str) -> str:
     return session_id
 
 
-def _choice(
-    config: Mapping[str, Any],
-    name: str,
-    choices: Mapping[str, T],
-    default: str,
-    *,
-    problem: str,
-    expected: str,
-) -> T:
-    """``config[name]`` read as a key of ``choices`` (lower case; the value stripped and
-    read in any case), the ``default`` key when it is not set (missing or JSON null).
+_CHOICES: Final[dict[str, tuple[str, Mapping[str, Any], str]]] = {
+    "ttsFileType": ("Invalid Init event", {t: t for t in TTS_FILE_TYPES}, "mp3, wav or mulaw"),
+    "tts": ("Invalid Init event", TTS_MODES, "None, RequiredLinks or RequiredStreaming"),
+    "sttMode": ("Unsupported audio input", STT_MODES, "Default, SingleUtterance or Duplex"),
+}
+"""The ``config`` settings that take a word, read in any case: name -> (what a value out
+of it is, lower-case value -> what it means, the values accepted as the Error names them)."""
 
-    Raises ProtocolError ``<problem>: config.<name>`` naming ``expected`` and what came.
-    """
+
+def _choice(config: Mapping[str, Any], name: str, default: str) -> Any:
+    """What ``config[name]`` means by :data:`_CHOICES` (the value stripped, in any case),
+    or what its ``default`` (lower-case value) means when it is not set (missing or JSON
+    null). Raises ProtocolError ``<problem>: config.<name>`` naming the values accepted
+    and what came."""
+    problem, meanings, expected = _CHOICES[name]
     raw = config.get(name)
-    if raw is None:
-        return choices[default]
-    if isinstance(raw, str) and raw.strip().lower() in choices:
-        return choices[raw.strip().lower()]
-    raise ProtocolError(f"{problem}: config.{name}", expected=expected, got=repr(raw))
+    word = default if raw is None else raw
+    if not isinstance(word, str) or word.strip().lower() not in meanings:
+        raise ProtocolError(f"{problem}: config.{name}", expected=expected, got=repr(raw))
+    return meanings[word.strip().lower()]
 
 
 def tts_request(config: Mapping[str, Any]) -> TtsRequest | None:
@@ -630,22 +628,8 @@ def tts_request(config: Mapping[str, Any]) -> TtsRequest | None:
     (default), ``wav`` or ``mulaw``. Both case-insensitive; JSON null counts as
     not set. Raises ProtocolError for anything else.
     """
-    file_type = _choice(
-        config,
-        "ttsFileType",
-        {kind: kind for kind in TTS_FILE_TYPES},
-        "mp3",
-        problem="Invalid Init event",
-        expected="mp3, wav or mulaw",
-    )
-    mode = _choice(
-        config,
-        "tts",
-        TTS_MODES,
-        "none",
-        problem="Invalid Init event",
-        expected="None, RequiredLinks or RequiredStreaming",
-    )
+    file_type: TtsFileFormat = _choice(config, "ttsFileType", "mp3")
+    mode: TtsMode | None = _choice(config, "tts", "none")
     return None if mode is None else TtsRequest(mode, file_type)
 
 
@@ -669,53 +653,28 @@ def listen_config(config: Mapping[str, Any], default_silence_timeout_ms: int) ->
 
     Raises ProtocolError naming the setting, what is accepted and what came.
     """
-    rate = _number(
-        config,
-        "sttSampleRate",
-        DEFAULT_SAMPLE_RATE,
-        lambda rate: rate in STT_SAMPLE_RATES,
-        expected=", ".join(str(r) for r in STT_SAMPLE_RATES) + " (Hz)",
-    )
-    timeout = _number(
-        config,
-        "silenceTimeout",
-        default_silence_timeout_ms,
-        lambda timeout: 0 < timeout <= MAX_SILENCE_TIMEOUT_MS,
-        expected=f"1..{MAX_SILENCE_TIMEOUT_MS} (ms)",
-    )
-    duplex = _choice(
-        config,
-        "sttMode",
-        STT_MODES,
-        "default",
-        problem="Unsupported audio input",
-        expected="Default, SingleUtterance or Duplex",
-    )
+    rates = ", ".join(str(r) for r in STT_SAMPLE_RATES) + " (Hz)"
+    rate = _number(config, "sttSampleRate", DEFAULT_SAMPLE_RATE, STT_SAMPLE_RATES, rates)
+    timeouts = range(1, MAX_SILENCE_TIMEOUT_MS + 1)
+    limits = f"1..{MAX_SILENCE_TIMEOUT_MS} (ms)"
+    timeout = _number(config, "silenceTimeout", default_silence_timeout_ms, timeouts, limits)
     return ListenConfig(
         AudioFormat("LINEAR16", rate),
         interim=flag(config.get("sttInterimResults")),
         silence_timeout_ms=timeout,
-        duplex=duplex,
+        duplex=_choice(config, "sttMode", "default"),
     )
 
 
 def _number(
-    config: Mapping[str, Any],
-    name: str,
-    default: int,
-    accepted: Callable[[int], bool],
-    *,
-    expected: str,
+    config: Mapping[str, Any], name: str, default: int, accepted: Container[int], expected: str
 ) -> int:
     """``config[name]`` as an integer (:func:`gateway.protocol.integer`), ``default`` when
-    it is not set (missing or JSON null).
-
-    Raises ProtocolError ``Unsupported audio input: config.<name>`` naming ``expected``
-    and what came when it is no integer or not ``accepted``.
-    """
+    it is not set (missing or JSON null). Raises ProtocolError ``Unsupported audio input:
+    config.<name>`` naming ``expected`` and what came when it is none of ``accepted``."""
     raw = config.get(name)
     value = default if raw is None else integer(raw)
-    if value is None or not accepted(value):
+    if value is None or value not in accepted:
         raise ProtocolError(
             f"Unsupported audio input: config.{name}", expected=expected, got=repr(raw)
         )
