@@ -712,11 +712,6 @@ _ENTRY_EVENTS: Final[
 """The events an outbox entry may hold (:meth:`V1Connection.deliver`)."""
 
 
-def format_event(event: TurnEvent) -> str:
-    """A turn event as V1 wire JSON text (``{"type":"Response","response":{...}}`` ...)."""
-    return event.wire_json()
-
-
 # --------------------------------------------------------------- connection
 
 
@@ -1023,34 +1018,32 @@ class V1Connection:
             self._duplex = _Duplex(listen, session_id)
             return [*self._listen_next(), ack]
         self.machine.feed(OPEN)
-        utterance = _Utterance(next(self._streams), session_id, listen.interim)
+        return [self._listen(listen, session_id), ack]
+
+    def _listen(
+        self, listen: ListenConfig, session_id: str, *, duplex: bool = False
+    ) -> StartListening:
+        """StartListening of a new utterance, now the one being recognised, with the
+        wall-clock guard for a client that stops sending mid-utterance. One of the Duplex
+        stream (``duplex``, StartListening ``continuous``) has no silence timeout: the
+        stage recognises from the next voice onset on."""
+        utterance = _Utterance(next(self._streams), session_id, listen.interim, duplex)
         self._utterance = utterance
-        start = StartListening(
+        return StartListening(
             utterance.stream,
             listen.fmt,
             interim=listen.interim,
-            silence_timeout_ms=listen.silence_timeout_ms,
+            silence_timeout_ms=None if duplex else listen.silence_timeout_ms,
             idle_timeout_ms=listen.silence_timeout_ms + AUDIO_IDLE_MARGIN_MS,
+            continuous=duplex,
         )
-        return [start, ack]
 
     def _listen_next(self) -> list[Action]:
-        """StartListening for the next utterance of the open Duplex stream: no silence
-        timeout (the stage recognises from the next voice onset on), the wall-clock guard
-        for a client that stops sending mid-utterance."""
+        """StartListening for the next utterance of the open Duplex stream."""
         duplex = self._duplex
         assert duplex is not None
-        listen = duplex.listen
-        utterance = _Utterance(next(self._streams), duplex.session_id, listen.interim, True)
-        self._utterance = utterance
-        duplex.stream = utterance.stream
-        start = StartListening(
-            utterance.stream,
-            listen.fmt,
-            interim=listen.interim,
-            idle_timeout_ms=listen.silence_timeout_ms + AUDIO_IDLE_MARGIN_MS,
-            continuous=True,
-        )
+        start = self._listen(duplex.listen, duplex.session_id, duplex=True)
+        duplex.stream = start.stream
         return [start]
 
     def _end_duplex(self) -> list[Action]:
@@ -1197,7 +1190,7 @@ class V1Connection:
                 # the connection's first session is one that exists already (a client
                 # that reconnected, or moved from another device): announced all the same
                 started = SessionStartedEvent(session_id=turn.session_id)
-                announce.append(Send(format_event(started)))
+                announce.append(Send(started.wire_json()))
             self.session_id = turn.session_id
         if isinstance(event, BinaryEvent):
             return [*announce, SendBytes(event.data)]
@@ -1220,12 +1213,12 @@ class V1Connection:
             return []
         elif isinstance(event, ResponseEvent) and self.send_items and event.response.items:
             items = [
-                Send(format_event(ResponseItemEvent(response_item=item)))
+                Send(ResponseItemEvent(response_item=item).wire_json())
                 for item in (event.response.items if push else ())
             ]
             response = event.response.model_copy(update={"items": []})
-            return [*items, Send(format_event(event.model_copy(update={"response": response})))]
-        return [Send(format_event(event))]
+            return [*items, Send(event.model_copy(update={"response": response}).wire_json())]
+        return [Send(event.wire_json())]
 
     @property
     def session_key(self) -> str | None:
