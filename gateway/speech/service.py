@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 from gateway.breaker import outage_level
-from gateway.events import ResponseItem
+from gateway.events import ResponseEvent, ResponseItem
 from gateway.redisconn import REDIS_ERRORS, RedisClient
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat
@@ -185,6 +185,24 @@ class SpeechService:
         if self.prefetch:
             self.pool.prefetch(file_id, spec)
         return item.model_copy(update={"audio": self.link(file_id, file_type)})
+
+    async def link_pushed(
+        self, event: ResponseEvent, file_type: TtsFileFormat
+    ) -> ResponseEvent | None:
+        """A pushed Response (gateway/push.py) with a link on each item that has no audio,
+        as :meth:`link_item` gives a turn's items; None, logged, when a link could not be
+        registered (the push then goes out without links)."""
+        try:
+            items = [
+                item if item.audio else await self.link_item(item, file_type)
+                for item in event.response.items
+            ]
+        except (ValueError, OSError, *REDIS_ERRORS) as exc:
+            log.warning("pushed items sent without TTS links: %s", exc)
+            return None
+        return event.model_copy(
+            update={"response": event.response.model_copy(update={"items": items})}
+        )
 
     def link_unregistered(
         self, item: ResponseItem, file_type: TtsFileFormat

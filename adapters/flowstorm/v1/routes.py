@@ -67,7 +67,6 @@ from gateway.protocol.actions import (
     StartListening,
     StartTurn,
 )
-from gateway.redisconn import REDIS_ERRORS
 from gateway.sessions import StoreError, StoreUnavailable
 from gateway.speech.audio import AudioFormatError
 from gateway.speech.stage import SpeechStage
@@ -412,15 +411,11 @@ class _Socket(WebSocketDriver[Action]):
             return entry.event
         try:
             event = ResponseEvent.model_validate(entry.event)
-            items = [
-                item if item.audio else await self.gw.speech.link_item(item, tts.file_type)
-                for item in event.response.items
-            ]
-        except (ValueError, OSError, *REDIS_ERRORS) as exc:
+        except ValueError as exc:
             log.warning("pushed items sent without TTS links: %s", exc)
             return entry.event
-        response = event.response.model_copy(update={"items": items})
-        return event.model_copy(update={"response": response}).wire()
+        linked = await self.gw.speech.link_pushed(event, tts.file_type)
+        return entry.event if linked is None else linked.wire()
 
     async def _store_logs(self, action: StoreLogs) -> None:
         try:

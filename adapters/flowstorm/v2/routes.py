@@ -179,7 +179,6 @@ from gateway.protocol.actions import (
     StartListening,
 )
 from gateway.ratelimit import TokenBuckets
-from gateway.redisconn import REDIS_ERRORS
 from gateway.sessions import SessionBusy, StoreUnavailable
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat, AudioFormatError
@@ -199,14 +198,11 @@ LOST_S = 5.0
 """Retention of the marker, and how long a following GET waits for any message (s)."""
 
 
-def make_guess_limiter(settings: Settings) -> TokenBuckets:
-    """The per-client-IP limiter of "unknown session" answers (see the module doc)."""
-    return TokenBuckets(settings.not_found_burst, settings.not_found_per_s)
-
-
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.v2_guesses = make_guess_limiter(app.state.gateway.settings)
+    settings: Settings = app.state.gateway.settings
+    # the per-client-IP limiter of "unknown session" answers (see the module doc)
+    app.state.v2_guesses = TokenBuckets(settings.not_found_burst, settings.not_found_per_s)
     yield
 
 
@@ -537,6 +533,10 @@ async def _store_logs(gw: Gateway, ctx: TurnContext, *, plain: bool) -> HTTPResp
     return HTTPResponse(status_code=204)
 
 
+async def _nothing() -> None:
+    """Nothing to do (the default ``on_end`` of :func:`_turn`)."""
+
+
 async def _turn(
     gw: Gateway,
     ctx: TurnContext,
@@ -545,7 +545,7 @@ async def _turn(
     *,
     plain: bool,
     prefix: Sequence[RecognizedInputEvent] = (),
-    on_end: Callable[[], Awaitable[None]] | None = None,
+    on_end: Callable[[], Awaitable[None]] = _nothing,
 ) -> HTTPResponse:
     """Run the turn and stream its answer: ``prefix`` first, then the turn's events.
 
@@ -557,8 +557,7 @@ async def _turn(
     try:
         first = await anext(events)
     except TurnRejected as exc:
-        if on_end is not None:
-            await on_end()
+        await on_end()
         answer = _answer(_REJECT_STATUS[exc.reason], exc.text, exc.source, plain=plain)
         if exc.reason == "session-not-found":
             answer.delete_cookie(SESSION_COOKIE, path="/")
@@ -585,8 +584,7 @@ async def _turn(
         # closed here (nothing is left in it), not by the event loop's async-generator
         # finalizer, which would schedule a task to close it
         await events.aclose()
-        if on_end is not None:
-            await on_end()
+        await on_end()
         whole = pushed + b"".join(line(event) for event in (*prefix, first, *rest))
         whole_answer = HTTPResponse(whole, media_type=media, headers={"Cache-Control": "no-store"})
         # the turn's end is known: the cookie lives as long as the session now does, and
@@ -599,7 +597,7 @@ async def _turn(
         return whole_answer
 
     async def body() -> AsyncIterator[bytes]:
-        ended = on_end is None
+        ended = False
         try:
             if pushed:
                 yield pushed
@@ -609,7 +607,6 @@ async def _turn(
             while event is not None:
                 if not ended and isinstance(event, ResponseEvent | ErrorEvent):
                     ended = True
-                    assert on_end is not None
                     await on_end()
                 if chunk := line(event):
                     yield chunk
@@ -617,7 +614,6 @@ async def _turn(
         finally:
             await events.aclose()  # (exhausted unless the client went: then it stops now)
             if not ended:
-                assert on_end is not None
                 await on_end()
 
     answer = _TurnBody(body(), media_type=media, headers={"Cache-Control": "no-store"})
@@ -666,24 +662,10 @@ async def _claim_pushes(
             event = ResponseEvent.model_validate({**entry.event, "seq": entry.seq})
         except ValueError:
             continue
-        event = await _spoken(gw, config, event)
+        if config.speech_links:  # as a turn's items get them
+            event = await gw.speech.link_pushed(event, config.tts_file_type) or event
         lines.append(pushed_lines(event, plain=plain, send_items=config.send_response_items))
     return b"".join(lines)
-
-
-async def _spoken(gw: Gateway, config: ClientConfig, event: ResponseEvent) -> ResponseEvent:
-    """A pushed Response with TTS links on its items when the request asks for links."""
-    if not config.speech_links:
-        return event
-    try:
-        items = [
-            item if item.audio else await gw.speech.link_item(item, config.tts_file_type)
-            for item in event.response.items
-        ]
-    except (ValueError, OSError, *REDIS_ERRORS) as exc:
-        log.warning("pushed items sent without TTS links: %s", exc)
-        return event
-    return event.model_copy(update={"response": event.response.model_copy(update={"items": items})})
 
 
 class _TurnBody(StreamingResponse):
