@@ -19,6 +19,7 @@ from typing import Literal
 
 from gateway.breaker import outage_level
 from gateway.events import ResponseEvent, ResponseItem
+from gateway.protocol.actions import StartListening
 from gateway.redisconn import REDIS_ERRORS, RedisClient
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat
@@ -146,6 +147,21 @@ class SpeechService:
             batch_ms=batch_ms,
             max_pending_ms=max_pending_ms,
             idle_timeout_ms=idle_timeout_ms,
+        )
+
+    def listener(self, start: StartListening, *, max_pending_ms: int | None = None) -> SpeechStage:
+        """The speech stage of the kit's :class:`StartListening` (gateway/protocol/actions.py):
+        its format, interim results, idle timeout and silence timeout (None: the service's
+        default, GATEWAY_SILENCE_TIMEOUT_MS); ``max_pending_ms`` as :meth:`stage` takes it."""
+        silence: int | Literal["default"] = (
+            "default" if start.silence_timeout_ms is None else start.silence_timeout_ms
+        )
+        return self.stage(
+            start.fmt,
+            interim=start.interim,
+            silence_timeout_ms=silence,
+            max_pending_ms=max_pending_ms,
+            idle_timeout_ms=start.idle_timeout_ms,
         )
 
     def link(self, file_id: str, file_type: TtsFileFormat) -> str:

@@ -389,6 +389,12 @@ _HEARD_EVENTS: Final[dict[str, str]] = {
 }
 
 
+_NO_TURN: Final = frozenset(
+    {State.IDLE, State.LISTENING, State.FINISHING, State.DRAINING, State.DUPLEX}
+)
+"""States after Init in which no turn of the connection runs."""
+
+
 def _build_transitions() -> dict[tuple[State, str], State]:
     s = State
     table: dict[tuple[State, str], State] = {
@@ -475,16 +481,7 @@ def _build_transitions() -> dict[tuple[State, str], State]:
     # client forgets it without InputAudioStreamClose and opens it again later)
     table[(s.DUPLEX_TURN_ENDING, "SessionEnded")] = s.TURN_ENDING
     # the session's outbox: between turns, or before the answer of the turn just started
-    for state in (
-        s.IDLE,
-        s.LISTENING,
-        s.FINISHING,
-        s.DRAINING,
-        s.DUPLEX,
-        s.TURN,
-        s.TURN_DRAINING,
-        s.DUPLEX_TURN,
-    ):
+    for state in (*_NO_TURN, s.TURN, s.TURN_DRAINING, s.DUPLEX_TURN):
         table[(state, OUTBOX)] = state
     for state in State:
         if state not in (s.AWAIT_INIT, s.CLOSED):
@@ -545,12 +542,6 @@ _EXPECTED: dict[State, Expected] = {
     State.DUPLEX_TURN_ENDING: _RUNNING,
     State.CLOSED: Expected("The connection is closing", "nothing more"),
 }
-
-
-_NO_TURN: Final = frozenset(
-    {State.IDLE, State.LISTENING, State.FINISHING, State.DRAINING, State.DUPLEX}
-)
-"""States after Init in which no turn of the connection runs."""
 
 
 class ConnectionStateMachine(StateMachine[State, str]):

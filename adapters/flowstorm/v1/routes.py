@@ -38,7 +38,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from fastapi import APIRouter, WebSocket
 
@@ -132,16 +132,7 @@ class _Listening:
             # the protocol is done with it (a result or failure was reported); its worker
             # may still be sending that report's frames: let it, but take no more audio
             previous.stage.stop()
-        silence: int | Literal["default"] = (  # None: the service's default (the kit's doc)
-            "default" if start.silence_timeout_ms is None else start.silence_timeout_ms
-        )
-        stage = self.gw.speech.stage(
-            start.fmt,
-            interim=start.interim,
-            silence_timeout_ms=silence,
-            max_pending_ms=MAX_PENDING_AUDIO_MS,
-            idle_timeout_ms=start.idle_timeout_ms,
-        )
+        stage = self.gw.speech.listener(start, max_pending_ms=MAX_PENDING_AUDIO_MS)
         stage.listen()
         utterance = _Utterance(start.stream, stage)
         self._spawn(utterance, self._listen(utterance))

@@ -877,15 +877,13 @@ def json_lines(event: TurnEvent | RecognizedInputEvent, *, send_items: bool) -> 
     the Response goes out, with all items. SessionStarted/SessionEnded are not
     V2 events (the cookie carries the session).
     """
-    if isinstance(event, ResponseItemEvent):
-        return (event.wire_json() + "\n").encode() if send_items else b""
-    if isinstance(event, ResponseEvent):
-        if send_items:
-            event = ResponseEvent(
-                response=event.response.model_copy(update={"items": []}), seq=event.seq
-            )
-        return (event.wire_json() + "\n").encode()
-    if isinstance(event, ErrorEvent | RecognizedInputEvent):
+    if isinstance(event, ResponseItemEvent) and not send_items:
+        return b""
+    if isinstance(event, ResponseEvent) and send_items:
+        event = ResponseEvent(
+            response=event.response.model_copy(update={"items": []}), seq=event.seq
+        )
+    if isinstance(event, ResponseItemEvent | ResponseEvent | ErrorEvent | RecognizedInputEvent):
         return (event.wire_json() + "\n").encode()
     return b""
 

@@ -112,7 +112,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response as HTTPResponse
@@ -787,12 +787,7 @@ class _Hearing:
         body = self.body
         for action in actions:
             if isinstance(action, StartListening):
-                silence: int | Literal["default"] = (
-                    "default" if action.silence_timeout_ms is None else action.silence_timeout_ms
-                )
-                self.stage = self.gw.speech.stage(
-                    action.fmt, endpointing=True, interim=action.interim, silence_timeout_ms=silence
-                )
+                self.stage = self.gw.speech.listener(action)
             elif isinstance(action, FeedAudio):
                 assert self.stage is not None  # StartListening came first
                 for heard in await self.stage.feed(action.data):
