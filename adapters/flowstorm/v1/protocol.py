@@ -1058,6 +1058,11 @@ class V1Connection:
 
     def _on_audio_cancel(self, event: InputAudioStreamCancelEvent) -> list[Action]:
         self.machine.feed(event.type)
+        return self._stop_listening()
+
+    def _stop_listening(self) -> list[Action]:
+        """Forget the utterance being recognised and the Duplex stream: CancelListening of
+        the utterance, else of the stream's latest (:meth:`_end_duplex`); ``[]`` with neither."""
         utterance, self._utterance = self._utterance, None
         duplex = self._end_duplex()
         if utterance is not None:
@@ -1279,10 +1284,7 @@ class V1Connection:
         """The socket is gone: CancelListening for an utterance being recognised, and a
         last StoreLogs for buffered entries when a session exists."""
         self.machine.advance(CONNECTION_LOST)
-        utterance, self._utterance = self._utterance, None
-        duplex = self._end_duplex()
-        cancel: list[Action] = [CancelListening(utterance.stream)] if utterance else duplex
-        return [*cancel, *self._flush_logs()]
+        return [*self._stop_listening(), *self._flush_logs()]
 
     def _flush_logs(self) -> list[Action]:
         if not self._logs or self.session_id is None or self.init is None:

@@ -56,24 +56,6 @@ from gateway.protocol.actions import CancelListening, FeedAudio, FinishListening
 from gateway.speech.audio import AudioFormat
 from gateway.speech.types import Heard
 
-__all__ = [
-    "NO_SPEECH_GRACE_S",
-    "STALL_S",
-    "STREAM",
-    "TEXT_WAIT_S",
-    "TOTAL_GRACE_S",
-    "Action",
-    "CancelListening",
-    "FeedAudio",
-    "FinishListening",
-    "Outcome",
-    "Publish",
-    "RecognizeFile",
-    "StartListening",
-    "StreamedBody",
-    "heard_input",
-]
-
 NO_SPEECH_GRACE_S: Final = 1.0
 """Wall time past the silence timeout after which a realtime PUT gives ``#silence`` (s)."""
 STALL_S: Final = 2.0

@@ -824,9 +824,8 @@ class _Hearing:
                     )
                 self._queue.put_nowait(chunk)
             self._queue.put_nowait(_END)
-        except (
-            Exception
-        ) as exc:  # ProtocolError, ClientDisconnect, or a failure: the loop raises it
+        except Exception as exc:
+            # ProtocolError, ClientDisconnect, or a failure: the loop raises it
             self._queue.put_nowait(exc)
 
     async def _stop_reading(self) -> None:
