@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -134,12 +134,12 @@ class _Listening:
             previous.stage.stop()
         stage = self.gw.speech.listener(start, max_pending_ms=MAX_PENDING_AUDIO_MS)
         stage.listen()
-        utterance = _Utterance(start.stream, stage)
-        self._spawn(utterance, self._listen(utterance))
+        self._spawn(_Utterance(start.stream, stage))
 
-    def _spawn(self, utterance: _Utterance, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, utterance: _Utterance) -> None:
+        """Make ``utterance`` the one being heard and start the task that runs it (_listen)."""
         self._utterance = utterance
-        task = asyncio.create_task(work, name=f"listen {utterance.stream}")
+        task = asyncio.create_task(self._listen(utterance), name=f"listen {utterance.stream}")
         utterance.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -162,8 +162,7 @@ class _Listening:
         # the previous utterance's run may still be reporting its result: it returns
         # without touching this one (SpeechStage.listen)
         stage.listen(at_onset=PREROLL_MS)
-        utterance = _Utterance(start.stream, stage, continuous=True)
-        self._spawn(utterance, self._listen(utterance))
+        self._spawn(_Utterance(start.stream, stage, continuous=True))
 
     def _current(self, stream: int) -> _Utterance | None:
         utterance = self._utterance

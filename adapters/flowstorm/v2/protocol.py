@@ -509,7 +509,12 @@ class JsonEventReader:
 
     def _events(self, raw: bytes, offset: int) -> list[V2ClientEvent]:
         value = load_json(raw, what="The JSON body", offset=offset)
-        event = _event(value)
+        event = validate_event(
+            V2_CLIENT_EVENT,
+            value,
+            expected="Input, Log, Binary or InputStreamClose",
+            what="Each event",
+        )
         self.events += 1
         if not isinstance(event, BinaryEvent):
             self.text_bytes += len(raw)
@@ -518,15 +523,6 @@ class JsonEventReader:
                     f"The JSON events are larger than {self.max_text_bytes} bytes.", status=413
                 )
         return [event]
-
-
-def _event(value: Any) -> V2ClientEvent:
-    return validate_event(
-        V2_CLIENT_EVENT,
-        value,
-        expected="Input, Log, Binary or InputStreamClose",
-        what="Each event",
-    )
 
 
 class StreamState(StrEnum):
@@ -539,15 +535,12 @@ class StreamState(StrEnum):
 
 
 TRANSITIONS: dict[tuple[StreamState, str], StreamState] = {
-    (StreamState.START, "Log"): StreamState.START,
+    **{(state, "Log"): state for state in StreamState},  # Logs anywhere
     (StreamState.START, "Input"): StreamState.DONE,
     (StreamState.START, "Binary"): StreamState.AUDIO,
     (StreamState.AUDIO, "Binary"): StreamState.AUDIO,
-    (StreamState.AUDIO, "Log"): StreamState.AUDIO,
     (StreamState.AUDIO, "InputStreamClose"): StreamState.AUDIO_CLOSED,
-    (StreamState.AUDIO_CLOSED, "Log"): StreamState.AUDIO_CLOSED,
     (StreamState.AUDIO_CLOSED, "Input"): StreamState.DONE,
-    (StreamState.DONE, "Log"): StreamState.DONE,
 }
 """The order of events in one PUT body: ``Log* (Input | Binary+ (InputStreamClose Log* Input)?)``
 with Logs anywhere after. The body may end in START (Logs only), AUDIO (the audio
@@ -827,6 +820,7 @@ class RecognitionFollower:
     def feed(self, message: BusMessage) -> list[RecognizedInputEvent | ErrorEvent]:
         """The events to send for one bus message (see the class doc)."""
         kind, rid = message.get("type"), message.get("id")
+        text = str(message.get("text") or "").strip()
         if self.done or not isinstance(rid, str):
             return []
         if kind == "recognizing":
@@ -837,7 +831,6 @@ class RecognitionFollower:
         elif rid != self.following:
             return []
         if kind == "interim":
-            text = str(message.get("text") or "").strip()
             if not text or text == self._last:
                 return []
             self._last = text
@@ -846,10 +839,8 @@ class RecognitionFollower:
             return []
         self.done = True
         result = message.get("result")
-        if result == "final" and str(message.get("text") or "").strip():
-            return [
-                recognized_event(str(message["text"]).strip(), _confidence(message), final=True)
-            ]
+        if result == "final" and text:
+            return [recognized_event(text, _confidence(message), final=True)]
         error = message.get("error")
         if result == "error" and isinstance(error, dict):
             return [
