@@ -148,10 +148,7 @@ GET_CLIENT: dict[str, Any] = dict(
             "content": {NDJSON: {}, "text/plain": {}},
         },
         400: {"description": "Malformed configuration (ErrorEvent / `!` line)"},
-        401: {"description": "No application key"},
-        403: {"description": "Unknown application key, or the session is another application's"},
-        404: {"description": "The flowstorm-session-id cookie names an unknown or expired session"},
-        429: _TURN_DOC[429],
+        **{status: _TURN_DOC[status] for status in (401, 403, 404, 429)},  # as PUT's
         503: {"description": "The session store is unavailable"},
     },
     openapi_extra={
