@@ -220,8 +220,6 @@ CLOSE_POLICY = 1008
 """WebSocket close code after an unknown or missing application key (policy violation)."""
 CLOSE_TOO_BIG = 1009
 """WebSocket close code after a frame larger than GATEWAY_MAX_BODY_BYTES."""
-CLOSE_INTERNAL = 1011
-"""WebSocket close code when the gateway itself failed (used by the routes)."""
 
 LOG_BUFFER = 100
 """Client log entries kept on a connection until a session exists to store them in."""

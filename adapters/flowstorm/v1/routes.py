@@ -43,7 +43,6 @@ from typing import Any, Final
 from fastapi import APIRouter, WebSocket
 
 from adapters.flowstorm.v1.protocol import (
-    CLOSE_INTERNAL,
     Action,
     Follow,
     Missed,
@@ -60,7 +59,6 @@ from gateway.logs import session_ref
 from gateway.outbox import Entry, Following
 from gateway.protocol.actions import (
     CancelListening,
-    Close,
     FeedAudio,
     FinishListening,
     Send,
@@ -275,8 +273,8 @@ class _Socket(WebSocketDriver[Action]):
         return self.conn.turn_over
 
     def failure(self) -> list[Action]:
-        error = error_frame("Internal gateway error.", "gateway")
-        return [error, Close(CLOSE_INTERNAL, "Internal gateway error.")]
+        """An Error frame of source ``gateway``, then the driver's close 1011."""
+        return [error_frame("Internal gateway error.", "gateway"), *super().failure()]
 
     def lost(self) -> list[Action]:
         return self.conn.connection_lost()
