@@ -46,7 +46,7 @@ from gateway.callcodec import (
     get_object,
     get_str,
 )
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, media_type
 from gateway.speech.audio import Pcm
 
 CARRIER: Final = "exotel"
@@ -66,7 +66,7 @@ def media_format(encoding: str, sample_rate: int) -> MediaFormat:
     ``audio/x-raw`` (slin) is 16-bit little-endian; ``audio/x-mulaw`` G.711 μ-law.
     Raises UnsupportedMediaFormat for another encoding or rate.
     """
-    kind = encoding.split(";", 1)[0].strip().lower()
+    kind = media_type(encoding)
     if kind in _RAW:
         return MediaFormat("L16", sample_rate)
     if kind == "audio/x-mulaw":

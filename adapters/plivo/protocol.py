@@ -45,7 +45,7 @@ from gateway.callcodec import (
     get_params,
     get_str,
 )
-from gateway.protocol import ProtocolError, load_json
+from gateway.protocol import ProtocolError, load_json, media_type
 
 CARRIER: Final = "plivo"
 MULAW: Final = "audio/x-mulaw"
@@ -58,7 +58,7 @@ def media_format(content_type: str, sample_rate: int) -> MediaFormat:
     A ``;rate=`` suffix is ignored (``sample_rate`` rules). Raises
     UnsupportedMediaFormat for another type or rate.
     """
-    kind = content_type.split(";", 1)[0].strip().lower()
+    kind = media_type(content_type)
     if kind == MULAW:
         return MediaFormat("PCMU", sample_rate)
     if kind == L16:

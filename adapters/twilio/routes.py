@@ -117,7 +117,7 @@ from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body
 from gateway.io.call import CallRunner, admit, announce_machine, call_config
 from gateway.logs import masked_number
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, media_type
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
 from gateway.sessions import StoreError
 from gateway.settings import Settings
@@ -240,8 +240,7 @@ router = APIRouter(tags=["Twilio"], lifespan=_lifespan)
 
 async def _form(request: Request, limit: int) -> ImmutableMultiDict[str, str]:
     """The form parameters of a webhook; ProtocolError (400/413/415) for a bad body."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/x-www-form-urlencoded":
+    if media_type(request.headers.get("content-type")) != "application/x-www-form-urlencoded":
         raise ProtocolError(
             "Expected an application/x-www-form-urlencoded body (Twilio's webhook form).",
             status=415,

@@ -83,7 +83,7 @@ from gateway.pipeline.cores import (
     refused,
 )
 from gateway.pipeline.openai import iter_sse
-from gateway.protocol import MAX_JSON_DEPTH, UnsafeValue, guarded_decoder, json_depth
+from gateway.protocol import MAX_JSON_DEPTH, UnsafeValue, guarded_decoder, json_depth, media_type
 from gateway.sessions import Session, retrieved
 from gateway.settings import Settings
 from gateway.ssml import ssml_to_text
@@ -407,7 +407,7 @@ class DialogflowCxPipeline:
     async def _parts(self, answer: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         """The DetectIntentResponses of a streamed answer (JSON array or SSE), each as
         soon as it is complete, read in linear time however the answer is cut."""
-        kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+        kind = media_type(answer.headers.get("content-type"))
         if kind == "text/event-stream":
             async for event in iter_sse(bounded_lines(answer, self._max, "the core", blank=True)):
                 yield _object(event.data.encode())

@@ -40,6 +40,7 @@ from gateway.pipeline.cores import (
     pooled_client,
     read_body,
 )
+from gateway.protocol import media_type
 from gateway.sessions import Session
 from gateway.settings import Settings
 
@@ -149,7 +150,7 @@ class HttpPipeline:
                 "POST", self.url, content=body, headers=headers
             ) as answer:
                 check_status(answer, "the core")
-                kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+                kind = media_type(answer.headers.get("content-type"))
                 if kind in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
                     async for out in self._stream(session, answer, kind):
                         yield out

@@ -66,6 +66,7 @@ from gateway.pipeline.cores import (
     refused,
 )
 from gateway.pipeline.sentences import SentenceSplitter
+from gateway.protocol import media_type
 from gateway.sessions import Session
 from gateway.settings import Settings
 
@@ -286,7 +287,7 @@ class OpenAIPipeline:
                 if not 200 <= answer.status_code < 300:
                     detail = _error_text((await read_some(answer)).decode("utf-8", "replace"))
                     raise refused(KIND, answer.status_code, detail, self._secrets)
-                kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+                kind = media_type(answer.headers.get("content-type"))
                 if kind == "application/json":
                     data = await read_body(answer, self._max, f"the {KIND} core")
                     for item in self._whole(turn, data):

@@ -62,6 +62,7 @@ from gateway.pipeline.cores import (
     is_url,
     read_json,
 )
+from gateway.protocol import media_type
 from gateway.sessions import Session
 from gateway.settings import Settings
 
@@ -176,7 +177,7 @@ class RasaPipeline:
     async def _messages(self, answer: httpx.Response) -> AsyncIterator[Any]:
         """Rasa's messages as they arrive: one per line of a stream, else the JSON array's."""
         check_status(answer, "Rasa")
-        kind = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+        kind = media_type(answer.headers.get("content-type"))
         if kind in _STREAM_TYPES:
             async for line in bounded_lines(answer, self._max, "Rasa"):
                 try:

@@ -7,7 +7,7 @@
 - :mod:`~gateway.protocol.load` — :func:`load_json` (bounded JSON), :func:`validate`
   and :func:`validate_event` (JSON -> a protocol's models, one ProtocolError);
 - :mod:`~gateway.protocol.values` — dates, time zones, the flag/int/text
-  coercion of loosely typed configuration values, and key checks;
+  coercion of loosely typed configuration values, key checks and media types;
 - :mod:`~gateway.protocol.state` — :class:`StateMachine`, one transition table per
   protocol (h11's ``_state.py``);
 - :mod:`~gateway.protocol.actions` — the shared action vocabulary (Send, Close,
@@ -40,6 +40,7 @@ from gateway.protocol.values import (
     flag,
     integer,
     key_valid,
+    media_type,
     parse_timestamp,
     strict_flag,
     text,
@@ -66,6 +67,7 @@ __all__ = [
     "json_depth",
     "key_valid",
     "load_json",
+    "media_type",
     "parse_timestamp",
     "strict_flag",
     "text",

@@ -4,7 +4,8 @@
 as input to validate (ProtocolError). :func:`flag`, :func:`strict_flag`,
 :func:`integer` and :func:`text` read loosely typed configuration values (a
 Flowstorm ``config`` object, query parameters, Twilio's stringly numbers) and never
-raise; :func:`key_valid` checks a key a client sends.
+raise; :func:`key_valid` checks a key a client sends; :func:`media_type` reads the
+media type of a Content-Type (a request's, a core's answer's, a carrier's encoding).
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ def integer(value: object) -> int | None:
 def text(value: object) -> str | None:
     """A non-empty string as is, anything else None."""
     return value if isinstance(value, str) and value else None
+
+
+def media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type value without its parameters, lower case and
+    stripped (``"Text/Plain; charset=UTF-8"`` -> ``"text/plain"``; RFC 9110 section
+    8.3.1); ``""`` for None or an empty value. Never raises."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
 
 
 def key_valid(sent: str | None, keys: Collection[str]) -> bool:

@@ -7,7 +7,15 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, TypeAdapter
 
-from gateway.protocol import ProtocolError, flag, integer, strict_flag, text, validate
+from gateway.protocol import (
+    ProtocolError,
+    flag,
+    integer,
+    media_type,
+    strict_flag,
+    text,
+    validate,
+)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +74,20 @@ def test_text() -> None:
 class Point(BaseModel):
     x: int
     y: int
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("application/json", "application/json"),
+        (" Text/Plain ; charset=UTF-8", "text/plain"),
+        ("audio/x-l16;rate=16000", "audio/x-l16"),
+        ("", ""),
+        (None, ""),
+    ],
+)
+def test_media_type(value: str | None, expected: str) -> None:
+    assert media_type(value) == expected
 
 
 def test_validate_a_model_and_name_the_field() -> None:
