@@ -72,20 +72,6 @@ def read_client_state(value: str | None) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
-def intro_attributes(state: dict[str, Any]) -> dict[str, Any]:
-    """The ``#intro`` attributes of a call placed by POST /v1/calls, from its
-    ``client_state`` (:func:`read_client_state`): the request's ``attributes`` under
-    ``direction``, ``to`` and ``from`` (the same shape as Twilio's outbound ``#intro``);
-    an empty dict for a call not placed that way."""
-    if state.get("direction") != "outbound":
-        return {}
-    given = state.get("attributes")
-    attributes: dict[str, Any] = dict(given) if isinstance(given, dict) else {}
-    attributes.update(direction="outbound", to=state.get("to", ""))
-    attributes["from"] = state.get("from", "")
-    return attributes
-
-
 def dial(
     auth: TelnyxAuth,
     *,

@@ -31,8 +31,8 @@ Outbound (:class:`TelnyxDialer`): ``POST /v2/calls`` with ``connection_id``
 GATEWAY_TELNYX_CONNECTION_ID, ``stream_url`` = ``wss://<public host>/telnyx/stream?token=<a
 one-time stream token>``, ``stream_auth_token`` (the same token), ``client_state``
 = base64 JSON ``{"direction": "outbound", "appKey", "to", "from", "attributes"}`` (Telnyx
-echoes it on the call's webhooks; :func:`adapters.telnyx.control.read_client_state` and
-``intro_attributes`` read it), ``answering_machine_detection`` ``detect`` and
+echoes it on the call's webhooks; :func:`adapters.telnyx.control.read_client_state` reads
+it), ``answering_machine_detection`` ``detect`` and
 ``webhook_url`` = ``<public>/telnyx/outbound``.
 """
 

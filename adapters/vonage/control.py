@@ -1,12 +1,13 @@
-"""Vonage Voice API call control, pure: transfer (NCCO ``connect`` to a phone) and hang-up.
+"""Vonage Voice API call control, pure: transfer (NCCO ``connect`` to a phone or SIP URI).
 
 From Vonage's Voice API reference ("Modify an in progress call",
 https://developer.vonage.com/en/api/voice#updateCall; the curl snippet
 ``voice/voice-api/transfer-a-call.sh`` of Vonage/vonage-curl-code-snippets):
 ``PUT /v1/calls/{uuid}`` JSON ``{"action": "transfer", "destination": {"type": "ncco",
-"ncco": [...]}}`` (inline NCCO; ``url`` instead names one) or ``{"action": "hangup"}``;
-the NCCO ``connect`` action's endpoint is ``{"type": "phone", "number": "<digits>"}``
-(E.164 without ``+``) or ``{"type": "sip", "uri": "sip:…"}``.
+"ncco": [...]}}`` (inline NCCO; ``url`` instead names one); the NCCO ``connect``
+action's endpoint is ``{"type": "phone", "number": "<digits>"}`` (E.164 without ``+``)
+or ``{"type": "sip", "uri": "sip:…"}``. No REST hang-up: the gateway ends a Vonage call
+by closing its WebSocket (the NCCO has nothing after the ``connect``).
 
 Auth: ``Authorization: Bearer <JWT>``, an RS256 JWT signed with the application's
 private key with the claims ``application_id``, ``iat``, ``exp`` and ``jti``
@@ -67,9 +68,3 @@ def transfer(auth: VonageAuth, call_uuid: str, target: str, now: float) -> RestR
     body = {"action": "transfer", "destination": {"type": "ncco", "ncco": connect_ncco(target)}}
     url = f"{auth.base_url.rstrip('/')}/v1/calls/{call_uuid}"
     return RestRequest("PUT", url, auth.headers(now), json=body)
-
-
-def hang_up(auth: VonageAuth, call_uuid: str, now: float) -> RestRequest:
-    """Hang the call up (``{"action": "hangup"}``)."""
-    url = f"{auth.base_url.rstrip('/')}/v1/calls/{call_uuid}"
-    return RestRequest("PUT", url, auth.headers(now), json={"action": "hangup"})
