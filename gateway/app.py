@@ -39,7 +39,7 @@ from gateway.calls import mount as mount_calls
 from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
 from gateway.files import router as files_router
-from gateway.httputil import problem, quiet_aborts
+from gateway.httputil import problem, quiet_aborts, status_phrase
 from gateway.logs import redact_query, set_hash_key
 from gateway.metrics import REGISTRY
 from gateway.middleware import RequestIdMiddleware
@@ -338,7 +338,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        answer = problem(exc.status_code, _title(exc.status_code), str(exc.detail))
+        answer = problem(exc.status_code, status_phrase(exc.status_code), str(exc.detail))
         answer.headers.update(exc.headers or {})  # e.g. Allow on 405 (RFC 9110)
         if exc.status_code == 405:  # every method of the path, not only its first route's
             answer.headers["Allow"] = _allowed_methods(request)
@@ -387,12 +387,3 @@ def _allowed_methods(request: Request) -> str:
         )
     ]
     return ", ".join(allowed)
-
-
-def _title(status: int) -> str:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"

@@ -57,7 +57,7 @@ from gateway.callcontrol import (
 )
 from gateway.calls_openapi import POST_CALLS
 from gateway.deps import gateway_of
-from gateway.httputil import problem, read_body
+from gateway.httputil import problem, read_body, refused_request
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.call import Transfer
@@ -246,7 +246,7 @@ async def place_call(request: Request) -> Response:
         dialer = dialers[call.carrier]
         rest = dialer.request(settings, call)
     except ProtocolError as exc:
-        return problem(exc.status, "Bad Request", exc.text)
+        return refused_request(exc)
     except CallRefused as exc:
         return exc.response
     carrier = call.carrier

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -74,3 +75,20 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
     """An RFC 9457 problem body (``application/problem+json``)."""
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
     return JSONResponse(body, status_code=status, media_type="application/problem+json")
+
+
+def status_phrase(status: int) -> str:
+    """The standard reason phrase of an HTTP ``status`` (:class:`http.HTTPStatus`, e.g.
+    400 "Bad Request", 413 the phrase of Python's table), the title of its problem
+    body; "Error" for a status that table does not know."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def refused_request(exc: ProtocolError) -> JSONResponse:
+    """The problem answer to a request the client got wrong (a body over the limit: 413,
+    one that never arrived or is malformed: 400, a wrong media type: 415): ``exc``'s
+    status, its :func:`status_phrase` as title and its text as detail."""
+    return problem(exc.status, status_phrase(exc.status), exc.text)

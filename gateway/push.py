@@ -53,7 +53,7 @@ from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.deps import gateway_of
 from gateway.events import Response, ResponseEvent, ResponseItem, Wire
-from gateway.httputil import problem, read_body
+from gateway.httputil import problem, read_body, refused_request
 from gateway.logs import session_ref
 from gateway.outbox import Journal, OutboxError, ack_topic
 from gateway.protocol import ProtocolError
@@ -334,8 +334,7 @@ class _AdminRoute(APIRoute):
             try:
                 await read_body(request, settings.max_body_bytes)
             except ProtocolError as exc:
-                title = "Content Too Large" if exc.status == 413 else "Bad Request"
-                return problem(exc.status, title, exc.text)
+                return refused_request(exc)
             return await handler(request)
 
         return guarded

@@ -60,7 +60,7 @@ from gateway.calls import hang_up as rest_hang_up
 from gateway.calls import public_url, refusal, send_transfer, wss_url
 from gateway.calls_openapi import problems
 from gateway.deps import gateway_of
-from gateway.httputil import problem, read_body
+from gateway.httputil import problem, read_body, refused_request
 from gateway.io.call import (
     RETRY_AFTER_S,
     CallRunner,
@@ -148,7 +148,7 @@ async def _signed_form(request: Request, path: str) -> dict[str, str] | Response
     try:
         body = await read_body(request, gw.settings.max_body_bytes)
     except ProtocolError as exc:
-        return problem(exc.status, "Bad Request", exc.text)
+        return refused_request(exc)
     params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
     query = request.url.query
     url = public_url(gw.settings.public_url, path) + (f"?{query}" if query else "")

@@ -65,7 +65,7 @@ from gateway.calls import (
 )
 from gateway.calls import hang_up as rest_hang_up
 from gateway.deps import Gateway, gateway_of
-from gateway.httputil import problem, read_body
+from gateway.httputil import problem, read_body, refused_request
 from gateway.io.call import (
     CallGrant,
     CallRunner,
@@ -179,7 +179,7 @@ async def _signed_body(settings: Settings, request: Request) -> bytes | Response
     try:
         body = await read_body(request, settings.max_body_bytes)
     except ProtocolError as exc:
-        return problem(exc.status, "Bad Request", exc.text)
+        return refused_request(exc)
     if not settings.telnyx_public_key:
         log.warning("Telnyx webhook refused: GATEWAY_TELNYX_PUBLIC_KEY is not set")
         return problem(403, "Forbidden", "Telnyx webhooks are not accepted (no public key).")

@@ -114,7 +114,7 @@ from gateway.callcontrol import TransferResult
 from gateway.calls import callcontrol_of, send_transfer
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
-from gateway.httputil import problem, read_body
+from gateway.httputil import problem, read_body, refused_request
 from gateway.io.call import CallRunner, admit, announce_machine, call_config
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, media_type
@@ -262,7 +262,7 @@ async def _verified_form(
     try:
         params = await _form(request, settings.max_body_bytes)
     except ProtocolError as exc:
-        return ImmutableMultiDict(), problem(exc.status, _TITLES[exc.status], exc.text)
+        return ImmutableMultiDict(), refused_request(exc)
     url = public_url(settings.public_url, path, request.url.query)
     try:
         channel.verifier.check(url, params, request.headers.get(SIGNATURE_HEADER))
@@ -272,14 +272,6 @@ async def _verified_form(
             403, "Forbidden", f"The request's {SIGNATURE_HEADER} is missing or does not match."
         )
     return params, None
-
-
-_TITLES = {
-    400: "Bad Request",
-    403: "Forbidden",
-    413: "Content Too Large",
-    415: "Unsupported Media Type",
-}
 
 
 @router.post("/twilio/voice", response_class=Response, **POST_VOICE)

@@ -49,7 +49,7 @@ from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import CallControl, TransferResult
 from gateway.calls import refusal, send_transfer, wss_url
 from gateway.deps import gateway_of
-from gateway.httputil import problem, read_body
+from gateway.httputil import read_body, refused_request
 from gateway.io.call import CallRunner, CallTokens, admit, answer_token, call_config, use_token
 from gateway.protocol import ProtocolError
 from gateway.protocol.call import Transfer
@@ -110,8 +110,7 @@ async def answer(request: Request) -> Response:
     try:  # bounded as it arrives: nothing past MAX_BODY is read before the check
         body = await read_body(request, MAX_BODY)
     except ProtocolError as exc:  # 413 (declared or read past the limit), 400 (went away)
-        title = "Payload Too Large" if exc.status == 413 else "Bad Request"
-        return problem(exc.status, title, exc.text)
+        return refused_request(exc)
     try:
         if channel.verifier is None:
             raise VerificationRefused("no signature secret is configured")

@@ -42,7 +42,6 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from http import HTTPStatus
 from typing import ClassVar, Generic, TypeVar
 
 from fastapi.responses import Response as HTTPResponse
@@ -59,7 +58,7 @@ from gateway.events import (
     SessionEndedEvent,
     SessionStartedEvent,
 )
-from gateway.httputil import problem, read_body
+from gateway.httputil import problem, read_body, status_phrase
 from gateway.logs import session_ref
 from gateway.protocol import ProtocolError
 from gateway.protocol.errors import RequestVerificationError
@@ -255,8 +254,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         """The problem answer to ``exc``, logged at WARNING unless it already was."""
         if not exc.logged:
             self.log.warning("%s request refused: %s: %s", self.platform, exc.reason, exc.detail)
-        title = HTTPStatus(exc.status).phrase
-        answer = problem(exc.status, title, exc.detail, reason=exc.reason)
+        answer = problem(exc.status, status_phrase(exc.status), exc.detail, reason=exc.reason)
         answer.headers.update(exc.headers)
         return answer
 
