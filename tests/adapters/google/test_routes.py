@@ -582,6 +582,29 @@ async def test_bad_input_is_400_or_413_never_500(caplog: pytest.LogCaptureFixtur
         assert said == "You said: hi"
 
 
+@pytest.mark.parametrize("path", ["/google", "/dialogflow"])
+async def test_a_declared_content_length_over_the_limit_is_413_before_the_body(path: str) -> None:
+    """Only the request head is sent, with a Content-Length of 10**9: the webhook driver
+    refuses it from the header (gateway.httputil.read_body), answering at once instead
+    of waiting for a body that never comes."""
+    async with served(max_body_bytes=4000, **OFF) as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        writer.write(f"{head}Content-Length: {10**9}\r\n\r\n".encode() + b'{"session":')
+        await writer.drain()
+        try:
+            async with asyncio.timeout(3):
+                answer = await reader.readuntil(b"\r\n\r\n")
+                length = int(answer.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                body = json.loads(await reader.readexactly(length))
+        finally:
+            writer.close()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert b"content-type: application/problem+json" in answer.lower()
+    assert body["detail"] == "The request body is larger than 4000 bytes."
+
+
 # ---------------------------------------------------------------------- slow core
 
 
