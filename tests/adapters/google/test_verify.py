@@ -449,6 +449,27 @@ async def test_bad_cert_responses_make_certs_unavailable(
     assert certs_server.requests == 2
 
 
+async def test_the_fetcher_follows_no_redirect_and_caps_the_body(
+    key: Key, certs_server: CertsServer
+) -> None:
+    certs_server.serve(key)
+    fetcher = GoogleCertsFetcher(
+        certs_server.url, max_bytes=len(certs_server.body), trust_env=False
+    )
+    assert set(await fetcher.get_certs()) == {key.kid}  # exactly the limit: taken
+    small = GoogleCertsFetcher(
+        certs_server.url, max_bytes=len(certs_server.body) - 1, trust_env=False
+    )
+    with pytest.raises(ValueError, match=f"sent more than {len(certs_server.body) - 1} B"):
+        await small.get_certs()
+    certs_server.status = 302
+    certs_server.headers["Location"] = certs_server.url
+    moved = GoogleCertsFetcher(certs_server.url, trust_env=False)
+    with pytest.raises(ValueError, match="returned HTTP 302"):
+        await moved.get_certs()
+    assert certs_server.requests == 3
+
+
 async def test_unreachable_endpoint(key: Key) -> None:
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
