@@ -77,10 +77,23 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type="application/problem+json")
 
 
+_RFC_9110_PHRASES = {
+    413: "Content Too Large",
+    414: "URI Too Long",
+    416: "Range Not Satisfiable",
+    422: "Unprocessable Content",
+}
+"""RFC 9110's reason phrases where Python before 3.13 has the older ones (413 "Request
+Entity Too Large", ...): a title does not change with the Python the gateway runs on."""
+
+
 def status_phrase(status: int) -> str:
-    """The standard reason phrase of an HTTP ``status`` (:class:`http.HTTPStatus`, e.g.
-    400 "Bad Request", 413 the phrase of Python's table), the title of its problem
-    body; "Error" for a status that table does not know."""
+    """The reason phrase of an HTTP ``status`` as RFC 9110 section 15 names it (400 "Bad
+    Request", 413 "Content Too Large"), the title of its problem body; "Error" for a
+    status :class:`http.HTTPStatus` does not know."""
+    phrase = _RFC_9110_PHRASES.get(status)
+    if phrase is not None:
+        return phrase
     try:
         return HTTPStatus(status).phrase
     except ValueError:

@@ -77,13 +77,13 @@ import time
 from asyncio import TimerHandle
 from collections.abc import Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway import metrics
+from gateway.httputil import status_phrase
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class Limits:
 
 def _problem(status: int, detail: str, *headers: str) -> bytes:
     """A whole HTTP/1.1 answer with an RFC 9457 problem body and ``Connection: close``."""
-    phrase = HTTPStatus(status).phrase
+    phrase = status_phrase(status)
     body = json.dumps(
         {"type": "about:blank", "title": phrase, "status": status, "detail": detail}
     ).encode()
