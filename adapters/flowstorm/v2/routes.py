@@ -117,6 +117,7 @@ from typing import Any, Final
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response as HTTPResponse
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
@@ -644,7 +645,14 @@ async def _claim_pushes(
     """The lines of the pushes among ``entries`` (gateway/outbox.py) that this request
     claims: the delivered mark is raised over them first, and only those above the mark
     it had go out (another request that claimed them sends them). Pushed items get TTS
-    links when the request asks for links, as a turn's items do. b"" on outbox failure."""
+    links when the request asks for links, as a turn's items do. b"" on outbox failure.
+
+    A claimed push whose event is not a Response of this version (written by another
+    version, edited by hand) is dropped with a WARNING naming the session by its ref and
+    the first field that failed, never the content. It is claimed before it is read on
+    purpose: the mark is the claim (of two requests, only one sends a push), and such an
+    event never becomes valid, so left under the mark it would be read again by every
+    later request of the session and keep its outbox pending for good."""
     assert gw.journal is not None
     pushes = [e for e in entries if e.kind == "push"]
     if not pushes:
@@ -660,7 +668,16 @@ async def _claim_pushes(
             continue
         try:
             event = ResponseEvent.model_validate({**entry.event, "seq": entry.seq})
-        except ValueError:
+        except ValidationError as exc:
+            error = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(part) for part in error["loc"])
+            log.warning(
+                "push %d of %s dropped: its event is not a Response (%s%s)",
+                entry.seq,
+                session_ref(key),
+                f"{where}: " if where else "",
+                error["msg"],
+            )
             continue
         if config.speech_links:  # as a turn's items get them
             event = await gw.speech.link_pushed(event, config.tts_file_type) or event

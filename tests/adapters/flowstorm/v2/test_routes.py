@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -19,6 +20,9 @@ import httpx
 import pytest
 
 from gateway.app import create_app
+from gateway.events import ResponseItem
+from gateway.logs import session_ref
+from gateway.push import push_event
 from gateway.settings import Settings
 from tests.adapters.flowstorm_shapes import check_v2
 from tests.conftest import gateway, refused_port, serve, served
@@ -150,6 +154,37 @@ async def test_logs_alone_are_stored_with_the_session() -> None:
         assert foreign.json()["text"] == f"Session {session_id} belongs to another application."
         session = await app.state.gateway.store.get(f"flowstorm:{session_id}")
         assert [e.text for e in session.logs] == ["mic muted"]
+
+
+async def test_a_queued_push_that_is_not_a_response_is_dropped_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A claimed push whose event does not validate (another version wrote it, or a hand)
+    was dropped without a word, after the delivered mark was raised over it. It is still
+    dropped (it never becomes valid; left unclaimed, every request would read it again),
+    now with a WARNING naming the session by its ref and the field, never the content."""
+    app = create_app(Settings(tts_provider="espeak-ng"))
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="#intro")
+        key = f"flowstorm:{client.cookies['flowstorm-session-id']}"
+        journal = app.state.gateway.journal
+        bad = {
+            "type": "Response",
+            "response": {"items": [{"text": "Top secret."}], "sessionEnded": "?"},
+        }
+        good = push_event([ResponseItem(text="Your parcel has arrived.")], None).wire()
+        [bad_seq, _] = await journal.append(key, [bad, good], "push")
+        with caplog.at_level(logging.WARNING, logger="adapters.flowstorm.v2.routes"):
+            turn = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hello")
+        assert turn.text == "< Your parcel has arrived.\n< You said: hello\n"
+        assert (await journal.outbox.state(key)).pending == 0  # both claimed
+    [dropped] = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert dropped.levelname == "WARNING"
+    assert dropped.getMessage() == (
+        f"push {bad_seq} of {session_ref(key)} dropped: its event is not a Response "
+        "(response.sessionEnded: Input should be a valid boolean, unable to interpret input)"
+    )
+    assert "secret" not in dropped.getMessage()
 
 
 @pytest.mark.parametrize(
