@@ -882,7 +882,6 @@ class V1Connection:
 
     def _on_init(self, event: InitEvent) -> list[Action]:
         self.machine.check("Init")  # a second Init is out of order
-        resumed = check_session_id(event.session_id) if event.session_id else None
         allowed = (
             self._key_allowed(event.key)
             if callable(self._key_allowed)
@@ -896,6 +895,8 @@ class V1Connection:
                 else f"Unknown application key {event.key!r}."
             )
             return [error_frame(text), Close(CLOSE_POLICY, text)]
+        # the key first: an unknown one is closed 1008 whatever else the Init holds
+        resumed = check_session_id(event.session_id) if event.session_id else None
         tts = tts_request(event.config)  # invalid: an Error, Init may be sent again
         self.machine.feed("Init")
         self.init = event

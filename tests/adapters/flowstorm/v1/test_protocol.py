@@ -377,6 +377,9 @@ def test_an_engine_error_ends_the_turn() -> None:
         (init_frame("wrong"), ["unknown application key", "wrong"]),
         ({"type": "Init", "config": {}}, ["missing"]),
         (init_frame(""), ["missing"]),
+        # the key is checked first: an invalid sessionId does not make it an Error alone
+        ({**init_frame("wrong"), "sessionId": "has space"}, ["unknown application key"]),
+        ({"type": "Init", "config": {}, "sessionId": "x" * 300}, ["missing"]),
     ],
 )
 def test_an_unknown_or_missing_key_is_an_error_then_close_1008(

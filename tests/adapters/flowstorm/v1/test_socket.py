@@ -270,13 +270,20 @@ async def test_client_logs_are_stored_with_the_session(redis_url: str, redis_pre
 # --------------------------------------------------------------- bad input
 
 
+@pytest.mark.parametrize("session_id", [None, "has space"])
 @pytest.mark.parametrize("key", ["unknown", None])
-async def test_an_unknown_or_missing_key_is_an_error_then_close_1008(key: str | None) -> None:
+async def test_an_unknown_or_missing_key_is_an_error_then_close_1008(
+    key: str | None, session_id: str | None
+) -> None:
+    """Also with an invalid sessionId to resume: the key is checked first (before, that
+    was an Error frame alone, and the socket of an unknown key stayed open)."""
     async with served(app_keys=frozenset({"good"})) as url:
         async with connect(ws_url(url)) as ws:
             frame: dict[str, Any] = {"type": "Init", "config": {}}
             if key:
                 frame["key"] = key
+            if session_id:
+                frame["sessionId"] = session_id
             await send_json(ws, frame)
             await expect_error(ws, "unknown application key" if key else "missing")
             assert await expect_close(ws) == CLOSE_POLICY
