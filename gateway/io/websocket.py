@@ -49,6 +49,7 @@ import math
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -77,6 +78,7 @@ __all__ = [
     "CLOSE_POLICY",
     "PACE_TICK_MS",
     "SEND_ERRORS",
+    "Claim",
     "FrameClock",
     "Listening",
     "PacedSender",
@@ -152,6 +154,14 @@ def _never() -> bool:
     return False
 
 
+Claim = Callable[[TurnEvent], AbstractAsyncContextManager[bool]]
+"""Around the handling of one turn event by :func:`forward_turn`: yields whether the
+event is still to be sent (False: the peer has it already, e.g. from the session's
+outbox: ``gateway.outbox.Following.claim``)."""
+
+_FRESH: Final = contextlib.nullcontext(True)
+
+
 async def forward_turn(
     conversation: Conversation,
     start: StartTurn,
@@ -164,49 +174,61 @@ async def forward_turn(
     holding: Callable[[], bool] = _never,
     gone: Callable[[], bool] = _never,
     finish_after_reject: bool = False,
-) -> None:
+    claim: Claim | None = None,
+) -> bool:
     """The turn forwarder: run ``start``'s turn and carry out (``run``) what ``protocol``
     makes of its events, for any transport (a WebSocket, a socket.io connection).
 
     The actions of an event that come while ``holding()`` is true wait until the
     turn's stream has ended, then go out with ``turn_finished``'s (or
     ``turn_rejected``'s, then ``turn_finished``'s when ``finish_after_reject``).
-    Once ``gone()`` (the peer has left) nothing more is handed to the protocol:
-    the forwarding stops quietly, the engine's turn goes on and saves its session.
-    A failure of the gateway (the engine broke its order, the protocol object
-    refused an event with LocalProtocolError) is logged and answered by
-    ``failed()``: never a silent hang. Cancelling it cancels the forwarding only.
+    With ``claim``, each event is handed to the protocol and its actions carried out
+    (or held) inside ``claim(event)``; one it says the peer has already gets its
+    actions without their Sends. Once ``gone()`` (the peer has left) nothing more
+    is handed to the protocol: the forwarding stops quietly, the engine's turn goes
+    on and saves its session. A failure of the gateway (the engine broke its order,
+    the protocol object refused an event with LocalProtocolError, carrying out an
+    action failed, the held ones too) is logged and answered by ``failed()``: never
+    a silent hang. Cancelling it cancels the forwarding only.
+
+    Returns True when the turn's last actions were carried out; False when the peer
+    left or the gateway failed.
     """
     held: list[A] = []
     try:
         try:
             async for event in conversation.turn(start.ctx, start.input):
                 if gone():
-                    return
-                actions = protocol.turn_event(event)
-                if holding():
-                    held.extend(actions)
-                else:
-                    await run(actions)
+                    return False
+                async with _FRESH if claim is None else claim(event) as fresh:
+                    actions = protocol.turn_event(event)
+                    if not fresh:  # the peer has it: only what it changes besides
+                        actions = [a for a in actions if not isinstance(a, Send)]
+                    if holding():
+                        held.extend(actions)
+                    else:
+                        await run(actions)
         except TurnRejected as exc:
             # the reason, not exc.text: that names the session id (a client's credential)
             log.info(
                 "%s: turn of session %s refused: %s", name, session_ref(start.ctx.key), exc.reason
             )
             if gone():
-                return
+                return False
             await run([*held, *protocol.turn_rejected(exc)])
-            held = []
             if finish_after_reject:
                 await run(protocol.turn_finished())
         else:
-            if not gone():
-                await run([*held, *protocol.turn_finished()])
+            if gone():
+                return False
+            await run([*held, *protocol.turn_finished()])
     except Exception:
         log.exception(
             "%s: forwarding a turn of session %s failed", name, session_ref(start.ctx.key)
         )
         await failed()
+        return False
+    return True
 
 
 class Watchdog:
@@ -485,12 +507,18 @@ class WebSocketDriver(Generic[A]):
 
     async def forward(self, start: StartTurn) -> None:
         """Run one turn and carry out what the protocol makes of its events
-        (:func:`forward_turn`, holding back while :meth:`holding`)."""
+        (:meth:`forward_claimed` without a claim)."""
+        await self.forward_claimed(start)
+
+    async def forward_claimed(self, start: StartTurn, claim: Claim | None = None) -> bool:
+        """:func:`forward_turn` on this socket, holding back while :meth:`holding`, a
+        failure answered by :meth:`failure`, each event inside ``claim`` (None: none);
+        True when the turn's last actions were carried out."""
 
         async def failed() -> None:
             await self.run(self.failure())
 
-        await forward_turn(
+        return await forward_turn(
             self.conversation,
             start,
             self.protocol,
@@ -500,6 +528,7 @@ class WebSocketDriver(Generic[A]):
             failed=failed,
             log=self.log,
             name=self.name,
+            claim=claim,
         )
 
     def holding(self) -> bool:

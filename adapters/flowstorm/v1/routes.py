@@ -35,8 +35,10 @@ the gateway. Every other problem is an Error frame and the connection stays open
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -51,9 +53,8 @@ from adapters.flowstorm.v1.protocol import (
     error_frame,
 )
 from gateway import metrics
-from gateway.conversation import TurnRejected
 from gateway.deps import Gateway, gateway_of
-from gateway.events import ResponseEvent
+from gateway.events import ResponseEvent, TurnEvent
 from gateway.io.websocket import SEND_ERRORS, WebSocketDriver
 from gateway.logs import session_ref
 from gateway.outbox import Entry, Following
@@ -61,7 +62,6 @@ from gateway.protocol.actions import (
     CancelListening,
     FeedAudio,
     FinishListening,
-    Send,
     StartListening,
     StartTurn,
 )
@@ -323,10 +323,10 @@ class _Socket(WebSocketDriver[Action]):
     async def forward(self, start: StartTurn) -> None:
         """Send one turn's frames; the Response and what follows go out after its stream ends.
 
-        Without an outbox this is the driver's forwarder. With one, each event numbered
-        in the session's outbox is sent inside ``following.claim``: once per connection,
-        even when the outbox delivered it first. Outbox entries wait while the turn
-        answers (``_answering``) and are caught up afterwards.
+        Without an outbox this is the driver's forwarder. With one, each event is handled
+        inside :meth:`_claim`: its frames go out once per connection, even when the
+        outbox delivered it first. Outbox entries wait while the turn answers
+        (``_answering``) and are caught up afterwards.
         """
         following = self.following
         if following is None:
@@ -334,52 +334,25 @@ class _Socket(WebSocketDriver[Action]):
             return
         key = start.ctx.key
         try:
-            answered = await self._answer(start, following)
+            answered = await self.forward_claimed(
+                start, functools.partial(self._claim, following, key)
+            )
         finally:
             self._answering -= 1
-        if answered and following is not None and self.open and following.key == key:
+        if answered and self.open and following.key == key:
             await asyncio.shield(following.settle(key))  # even when the client leaves now
             await following.catch_up()  # what came while the turn answered
 
-    async def _answer(self, start: StartTurn, following: Following) -> bool:
-        """The frames of one turn (see :meth:`forward`); False after a gateway bug."""
-        conn, key = self.conn, start.ctx.key
-        held: list[Action] = []
-        try:
-            try:
-                async for event in self.conversation.turn(start.ctx, start.input):
-                    async with following.claim(key, event.seq) as fresh:
-                        actions = conn.turn_event(event)
-                        if not fresh:  # the outbox delivered it already
-                            actions = [a for a in actions if not isinstance(a, Send)]
-                        adopted = conn.session_key
-                        if adopted is not None and adopted != following.key:  # a new session
-                            following.follow(adopted, None, replay=False)
-                        await self._send_turn(actions, held)
-            except TurnRejected as exc:
-                # the reason, not exc.text: that names the session id (the credential)
-                log.info(
-                    "%s: turn of session %s refused: %s",
-                    self.name,
-                    session_ref(start.ctx.key),
-                    exc.reason,
-                )
-                held.extend(conn.turn_rejected(exc))
-            else:
-                held.extend(conn.turn_finished())
-        except Exception:  # a gateway bug (the engine broke its order): never a silent hang
-            log.exception("%s: forwarding a turn of session %s failed", self.name, session_ref(key))
-            await self.run(self.failure())
-            return False
-        await self.run(held)
-        return True
-
-    async def _send_turn(self, actions: list[Action], held: list[Action]) -> None:
-        """Carry out a turn event's actions; from its Response on, hold them (see forward)."""
-        if self.holding():
-            held.extend(actions)
-        else:
-            await self.run(actions)
+    @contextlib.asynccontextmanager
+    async def _claim(self, following: Following, key: str, event: TurnEvent) -> AsyncIterator[bool]:
+        """Around one event of a turn of session ``key`` (Following.claim: whether the
+        outbox has not delivered it yet); a session the turn adopts (a new one) is
+        followed from then on."""
+        async with following.claim(key, event.seq) as fresh:
+            yield fresh
+            adopted = self.conn.session_key
+            if adopted is not None and adopted != following.key:
+                following.follow(adopted, None, replay=False)
 
     async def _deliver(self, entries: list[Entry], before_turn: bool) -> bool:
         """Send outbox entries (see gateway.outbox.Following); False when it cannot now."""
