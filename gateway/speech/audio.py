@@ -49,6 +49,7 @@ import numpy as np
 import soxr  # type: ignore[import-untyped]
 
 __all__ = [
+    "STREAMING_WAV_SIZE",
     "SUPPORTED_RATES",
     "AudioFormat",
     "AudioFormatError",
@@ -95,9 +96,11 @@ SUPPORTED_RATES: Final[tuple[int, ...]] = (
 """Sample rates (Hz) accepted anywhere in this package."""
 
 _ENCODINGS: Final = ("LINEAR16", "MULAW")
-_STREAMING_WAV_SIZE: Final = 0x7FFF0000
-"""A WAV ``data`` size at least this large is a placeholder written by a
-streaming producer (``espeak-ng --stdout`` writes 0x7FFFF000): read to the end."""
+STREAMING_WAV_SIZE: Final = 0x7FFF0000
+"""A WAV ``data`` size (bytes) at least this large is a placeholder written by a
+streaming producer that does not know the length (``espeak-ng --stdout`` writes
+0x7FFFF000; recorders such as ``arecord`` do likewise): the audio runs to the end of
+the file or body (:func:`decode_wav`, and Flowstorm V2's streamed WAV reader)."""
 
 
 class AudioFormatError(ValueError):
@@ -396,7 +399,7 @@ def decode_wav(data: bytes) -> Pcm:
     if width == 0 or channels == 0:
         raise AudioFormatError(f"expected {what}: invalid header (zero sample width or channels)")
     block = width * channels
-    streaming = declared * block >= _STREAMING_WAV_SIZE
+    streaming = declared * block >= STREAMING_WAV_SIZE
     if not streaming and len(raw) < declared * block:
         raise AudioFormatError(
             f"expected {what}: truncated: header declares {declared} frames, "

@@ -65,7 +65,14 @@ from gateway.protocol import (
     strict_flag,
     validate_event,
 )
-from gateway.speech.audio import AudioFormat, AudioFormatError, Pcm, decode_mp3, decode_wav
+from gateway.speech.audio import (
+    STREAMING_WAV_SIZE,
+    AudioFormat,
+    AudioFormatError,
+    Pcm,
+    decode_mp3,
+    decode_wav,
+)
 
 SESSION_COOKIE = "flowstorm-session-id"
 NDJSON = "application/x-ndjson"
@@ -649,7 +656,6 @@ _WAV_PCM = 1
 _WAV_MULAW = 7
 _WAV_EXTENSIBLE = 0xFFFE
 _WAV_MAX_HEADER = 64 * 1024
-_WAV_UNBOUNDED = 0x7FFF0000  # a data size this large is a streaming placeholder
 
 
 class WavStreamReader:
@@ -712,7 +718,7 @@ class WavStreamReader:
                     raise self._fail("the data chunk comes before the fmt chunk")
                 del buf[:8]
                 self._in_data = True
-                self._data_left = None if size == 0 or size >= _WAV_UNBOUNDED else size
+                self._data_left = None if size == 0 or size >= STREAMING_WAV_SIZE else size
                 rest = bytes(buf)
                 buf.clear()
                 return self._audio(rest)
