@@ -24,7 +24,7 @@ protocol (Twilio's paced ``Play`` and ``Interrupt``, socket.io's ``Emit``, V1's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from gateway.events import Input
 from gateway.turn import TurnContext
@@ -94,28 +94,30 @@ class StartListening:
     """Start recognising utterance ``stream`` of raw audio in ``fmt``.
 
     Open an utterance on the stream's speech stage
-    (:class:`gateway.speech.stage.SpeechStage`, from ``SpeechService.stage(fmt,
-    interim=interim, silence_timeout_ms=silence_timeout_ms)``; None keeps the
-    service's default) and recognise the audio of the FeedAudio actions of this
-    ``stream``, in order. With ``from_ms`` set, the utterance first gets the audio
-    the stage kept from that audio time (ms of the stream; the preroll before an
-    onset the stage's endpointer noticed). With ``idle_timeout_ms`` set, the peer
-    sending no audio for that long (wall clock, from this action or the latest
-    FeedAudio until FinishListening) is reported once to the protocol object.
+    (:class:`gateway.speech.stage.SpeechStage`, from ``SpeechService.listener``:
+    ``SpeechService.stage(fmt, interim=interim, silence_timeout_ms=silence_timeout_ms)``)
+    and recognise the audio of the FeedAudio actions of this ``stream``, in order.
+    ``silence_timeout_ms`` is the no-speech timeout (ms) as ``stage`` takes it:
+    ``"default"`` is the service's (GATEWAY_SILENCE_TIMEOUT_MS), None is none at all.
+    With ``from_ms`` set, the utterance first gets the audio the stage kept from that
+    audio time (ms of the stream; the preroll before an onset the stage's endpointer
+    noticed). With ``idle_timeout_ms`` set, the peer sending no audio for that long
+    (wall clock, from this action or the latest FeedAudio until FinishListening) is
+    reported once to the protocol object.
     With ``continuous`` the utterance is one of a stream that stays open across
-    utterances (a Flowstorm V1 ``sttMode: Duplex`` stream): the stream's speech stage
-    is kept from one such utterance to the next (made by the first, dropped by a
-    CancelListening of the latest), it hears every FeedAudio of the latest number
-    between utterances too (VAD only, a bounded window of kept audio), and
-    recognition (and so a recognizer) is taken only from the next voice onset on,
-    with the audio just before it; FinishListening before that onset ends the
-    utterance as ``silence``.
+    utterances (a Flowstorm V1 ``sttMode: Duplex`` stream, whose utterances have no
+    silence timeout: None): the stream's speech stage is kept from one such utterance
+    to the next (made by the first, dropped by a CancelListening of the latest), it
+    hears every FeedAudio of the latest number between utterances too (VAD only, a
+    bounded window of kept audio), and recognition (and so a recognizer) is taken only
+    from the next voice onset on, with the audio just before it; FinishListening
+    before that onset ends the utterance as ``silence``.
     """
 
     stream: int
     fmt: AudioFormat
     interim: bool = False
-    silence_timeout_ms: int | None = None
+    silence_timeout_ms: int | Literal["default"] | None = "default"
     idle_timeout_ms: int | None = None
     from_ms: int | None = None
     continuous: bool = False

@@ -149,17 +149,18 @@ class SpeechService:
             idle_timeout_ms=idle_timeout_ms,
         )
 
-    def listener(self, start: StartListening, *, max_pending_ms: int | None = None) -> SpeechStage:
+    def listener(
+        self, start: StartListening, *, max_pending_ms: int | None = None, keep_ms: int = 0
+    ) -> SpeechStage:
         """The speech stage of the kit's :class:`StartListening` (gateway/protocol/actions.py):
-        its format, interim results, idle timeout and silence timeout (None: the service's
-        default, GATEWAY_SILENCE_TIMEOUT_MS); ``max_pending_ms`` as :meth:`stage` takes it."""
-        silence: int | Literal["default"] = (
-            "default" if start.silence_timeout_ms is None else start.silence_timeout_ms
-        )
+        its format, interim results, idle timeout and silence timeout (``default``: the
+        service's, GATEWAY_SILENCE_TIMEOUT_MS; None: none); ``max_pending_ms`` and
+        ``keep_ms`` as :meth:`stage` takes them."""
         return self.stage(
             start.fmt,
             interim=start.interim,
-            silence_timeout_ms=silence,
+            silence_timeout_ms=start.silence_timeout_ms,
+            keep_ms=keep_ms,
             max_pending_ms=max_pending_ms,
             idle_timeout_ms=start.idle_timeout_ms,
         )

@@ -146,14 +146,9 @@ class _Listening:
         """The next utterance of the Duplex stream (its first makes the stream's stage),
         recognised from the next voice onset on (SpeechStage.listen ``at_onset``)."""
         stage = self._duplex
-        if stage is None:
-            stage = self._duplex = self.gw.speech.stage(
-                start.fmt,
-                interim=start.interim,
-                silence_timeout_ms=None,  # a Duplex stream has no #silence
-                keep_ms=DUPLEX_KEEP_MS,
-                max_pending_ms=MAX_PENDING_AUDIO_MS,
-                idle_timeout_ms=start.idle_timeout_ms,
+        if stage is None:  # (its utterances have no silence timeout: no #silence)
+            stage = self._duplex = self.gw.speech.listener(
+                start, keep_ms=DUPLEX_KEEP_MS, max_pending_ms=MAX_PENDING_AUDIO_MS
             )
         if previous is not None and previous.stage is not stage:
             previous.stage.stop()

@@ -3,11 +3,17 @@ Piper audio -> VAD endpointing -> pocketsphinx."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 
+from gateway.protocol.actions import StartListening
 from gateway.speech.audio import AudioFormat, AudioFormatError, Pcm, pcm_to_mulaw, resample, silence
+from gateway.speech.service import SpeechService
 from gateway.speech.stage import AudioLimitExceeded, ListenOptions, SpeechStage
 from gateway.speech.stt import PocketsphinxRecognizer
+from gateway.speech.tts import EspeakSynthesizer
+from gateway.speech.tts_cache import MemoryTtsCache
 from gateway.speech.types import Heard
 from tests.speech import normalise, padded, wer
 
@@ -63,6 +69,28 @@ async def test_no_speech_gives_silence_after_the_timeout(
     assert [h.kind for h in heard] == ["silence"]
     assert 990 <= heard[0].at_ms <= 1040
     assert listener.audio_ms <= 1100  # it stopped listening there
+
+
+@pytest.mark.parametrize(("timeout_ms", "kinds"), [("default", ["silence"]), (None, [])])
+async def test_start_listening_gives_the_stage_its_silence_timeout(
+    recognizer: PocketsphinxRecognizer,
+    timeout_ms: int | Literal["default"] | None,
+    kinds: list[str],
+) -> None:
+    """SpeechService.listener gives a StartListening's ``silence_timeout_ms`` to its stage
+    as the action's docstring says: ``default`` is the service's, None is none at all.
+    None was taken as the default, so a Duplex utterance (V1's None: no #silence) would
+    have timed out, had V1 not made its stage by hand past the action's value."""
+    speech = SpeechService(
+        recognizer_factory=lambda: recognizer,
+        synthesizer=EspeakSynthesizer(),
+        cache=MemoryTtsCache(),
+        public_url="http://gw.test/",
+        listen_defaults=ListenOptions(silence_timeout_ms=1000),
+    )
+    listener = speech.listener(StartListening(1, PCM16, silence_timeout_ms=timeout_ms))
+    heard = await listen(listener, silence(3000, 16000).data, PCM16.bytes_for_ms(100))
+    assert [h.kind for h in heard] == kinds
 
 
 async def test_whole_file_without_endpointing(
