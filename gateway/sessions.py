@@ -120,13 +120,12 @@ def stored_session(data: str | bytes, key: str) -> Session | None:
     try:
         return Session.model_validate_json(data)
     except ValidationError as exc:
-        error = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(part) for part in error["loc"])
+        from gateway.logs import invalid_field  # gateway.logs imports this module's users
+
         log.error(
-            "session %s in the store is unreadable (%s%s), so it is taken as absent",
+            "session %s in the store is unreadable (%s), so it is taken as absent",
             _ref(key),
-            f"{where}: " if where else "",
-            error["msg"],
+            invalid_field(exc),
         )
         return None
 

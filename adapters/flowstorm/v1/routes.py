@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from fastapi import APIRouter, WebSocket
+from pydantic import ValidationError
 
 from adapters.flowstorm.v1.protocol import (
     Action,
@@ -56,7 +57,7 @@ from gateway import metrics
 from gateway.deps import Gateway, gateway_of
 from gateway.events import ResponseEvent, TurnEvent
 from gateway.io.websocket import SEND_ERRORS, WebSocketDriver
-from gateway.logs import session_ref
+from gateway.logs import invalid_field, session_ref
 from gateway.outbox import Entry, Following
 from gateway.protocol.actions import (
     CancelListening,
@@ -355,20 +356,36 @@ class _Socket(WebSocketDriver[Action]):
             return False
         if self._answering and not before_turn:  # a turn's Response is still to go out
             return False
-        missed = [Missed(e.seq, e.kind == "push", await self._spoken(e)) for e in entries]
+        missed = [
+            Missed(e.seq, e.kind == "push", event)
+            for e in entries
+            if (event := await self._spoken(e)) is not None
+        ]
         await self.run(self.conn.deliver(missed, before_turn=before_turn))
         return self.open
 
-    async def _spoken(self, entry: Entry) -> Mapping[str, Any]:
+    async def _spoken(self, entry: Entry) -> Mapping[str, Any] | None:
         """A pushed Response's event with TTS links on its items (``tts=RequiredLinks``),
-        as a turn's items get them; other entries as they are."""
-        tts = self.conn.tts
-        if entry.kind != "push" or tts is None or tts.mode != "links":
+        as a turn's items get them; other entries as they are.
+
+        None for a push that is not a Response of this version (written by another
+        version, edited by hand): it is dropped with a WARNING naming the session by its
+        ref and the field that failed, never the content. It counts as delivered, so the
+        mark is raised over it (it never becomes valid; V2 does the same)."""
+        if entry.kind != "push":
             return entry.event
         try:
             event = ResponseEvent.model_validate(entry.event)
-        except ValueError as exc:
-            log.warning("pushed items sent without TTS links: %s", exc)
+        except ValidationError as exc:
+            log.warning(
+                "push %d of %s dropped: its event is not a Response (%s)",
+                entry.seq,
+                session_ref(self.conn.session_key or ""),
+                invalid_field(exc),
+            )
+            return None
+        tts = self.conn.tts
+        if tts is None or tts.mode != "links":
             return entry.event
         linked = await self.gw.speech.link_pushed(event, tts.file_type)
         return entry.event if linked is None else linked.wire()

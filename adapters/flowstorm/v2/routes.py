@@ -170,7 +170,7 @@ from gateway.events import (
     TurnEvent,
 )
 from gateway.httputil import read_body
-from gateway.logs import session_ref
+from gateway.logs import invalid_field, session_ref
 from gateway.outbox import Entry, Following, OutboxError
 from gateway.protocol import ProtocolError
 from gateway.protocol.actions import (
@@ -669,14 +669,11 @@ async def _claim_pushes(
         try:
             event = ResponseEvent.model_validate({**entry.event, "seq": entry.seq})
         except ValidationError as exc:
-            error = exc.errors(include_url=False, include_input=False)[0]
-            where = ".".join(str(part) for part in error["loc"])
             log.warning(
-                "push %d of %s dropped: its event is not a Response (%s%s)",
+                "push %d of %s dropped: its event is not a Response (%s)",
                 entry.seq,
                 session_ref(key),
-                f"{where}: " if where else "",
-                error["msg"],
+                invalid_field(exc),
             )
             continue
         if config.speech_links:  # as a turn's items get them

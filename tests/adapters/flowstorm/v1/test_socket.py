@@ -14,7 +14,9 @@ from websockets.asyncio.client import connect
 
 from adapters.flowstorm.v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG
 from gateway.app import create_app
+from gateway.events import ResponseItem
 from gateway.logs import session_ref
+from gateway.push import push_event
 from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import (
     SPEC_INIT,
@@ -420,3 +422,33 @@ async def test_a_client_that_leaves_mid_turn_does_not_lose_the_turn(
         assert second["turn"] == 2  # the first turn was saved
         assert second["attributes"]["answered1"] == "hello"
         await assert_serving(url)
+
+
+@pytest.mark.parametrize("tts", ["RequiredLinks", "None"])
+async def test_a_pushed_event_that_is_not_a_response_is_dropped_with_a_warning(
+    caplog: pytest.LogCaptureFixture, tts: str
+) -> None:
+    """A push in the session's outbox that is not a Response of this version (another
+    version wrote it, or a hand) was dropped without a word by the protocol's deliver,
+    after the mark was raised over it; with TTS links, a WARNING first said it was
+    "sent without TTS links" and held pydantic's whole error text, the pushed values
+    included. It is still dropped (as V2 drops it: it never becomes valid), now with a
+    WARNING naming the session by its ref and the field that failed, never the content."""
+    app = create_app(Settings())
+    async with served_app(app) as url, connect(ws_url(url)) as ws:
+        await init(ws, init_frame(tts=tts))
+        await turn(ws, request_frame("#intro", "odd-push-1"))  # followed from now on
+        key = "flowstorm:odd-push-1"
+        bad_items = [{"text": {"secret": "Top secret."}}]
+        bad = {"type": "Response", "response": {"items": bad_items, "sessionEnded": False}}
+        good = push_event([ResponseItem(text="Your parcel has arrived.")], None).wire()
+        with caplog.at_level(logging.WARNING, logger="adapters.flowstorm.v1.routes"):
+            [bad_seq, _] = await app.state.gateway.journal.append(key, [bad, good], "push")
+            pushed = await recv_json(ws)
+        assert texts(pushed) == ["Your parcel has arrived."]  # the next frame: the good one
+    [line] = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert line.levelname == "WARNING"
+    assert line.getMessage() == (
+        f"push {bad_seq} of {session_ref(key)} dropped: its event is not a Response "
+        "(response.items.0.text: Input should be a valid string)"
+    )
