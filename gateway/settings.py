@@ -926,7 +926,9 @@ class Settings(BaseSettings):
             return False
         return not self.app_keys or key in self.app_keys
 
-    @field_validator("alexa_skill_ids", "google_project_ids", "admin_keys", mode="before")
+    @field_validator(
+        "alexa_skill_ids", "google_project_ids", "admin_keys", "voiceflow_api_keys", mode="before"
+    )
     @classmethod
     def _split_ids(cls, value: object) -> object:
         if isinstance(value, str):
@@ -944,13 +946,6 @@ class Settings(BaseSettings):
         if scheme.lower() == "bearer" and rest:
             return value
         raise ValueError("must be basic:USER:PASSWORD or bearer:TOKEN")
-
-    @field_validator("voiceflow_api_keys", mode="before")
-    @classmethod
-    def _split_voiceflow_keys(cls, value: object) -> object:
-        if isinstance(value, str):
-            return frozenset(k.strip() for k in value.split(",") if k.strip())
-        return value
 
     @field_validator("barge_in_backchannels", mode="before")
     @classmethod
