@@ -58,8 +58,6 @@ LOG_SESSION_REF: Final = "log-session-ref"
 
 KEY_BYTES: Final = 32
 """Length of a derived key (bytes) and of a generated master key (random bytes)."""
-MIN_SECRET_CHARS: Final = 32
-"""Shortest GATEWAY_SECRET_KEY accepted (characters)."""
 REDIS_KEY_SUFFIX: Final = "secret-key"
 """The Redis key of the shared master key is ``{prefix}:secret-key``."""
 

@@ -38,7 +38,6 @@ __all__ = [
     "EndSession",
     "FeedAudio",
     "FinishListening",
-    "ListeningAction",
     "Send",
     "SendBytes",
     "StartListening",
@@ -151,7 +150,3 @@ class CancelListening:
     nothing."""
 
     stream: int
-
-
-ListeningAction = StartListening | FeedAudio | FinishListening | CancelListening
-"""The actions of one utterance of audio input: the speech side's narrow interface."""
