@@ -7,7 +7,7 @@ request always maps to the same file, and nobody without the key can tell
 whether a sentence was ever said by asking for its id. The link's
 :class:`TtsSpec` (what to synthesize) is registered under the id in the cache
 (:meth:`TtsCache.register`); the first ``GET`` of the link on any instance
-sharing the store synthesizes it (:func:`render_file`) and stores the file
+sharing the store synthesizes it (:func:`render_chunks`) and stores the file
 (:meth:`TtsCache.put`). :func:`is_tts_id` lets an HTTP route reject anything
 else before it touches a store.
 
@@ -60,11 +60,8 @@ __all__ = [
     "TtsCache",
     "TtsFileFormat",
     "TtsSpec",
-    "encode_file",
     "is_tts_id",
     "render_chunks",
-    "render_file",
-    "synthesize_to_file",
     "tts_id",
 ]
 
@@ -422,28 +419,10 @@ class FileEncoder:
         return bytes(self._out)
 
 
-def encode_file(pcm: Pcm, fmt: TtsFileFormat) -> bytes:
-    """Encode PCM as a TTS file: MP3 or WAV at ``pcm.sample_rate``, μ-law at 8000 Hz,
-    ``pcm8k``/``pcm16k`` as headerless 16-bit PCM at 8000/16000 Hz.
-
-    Raises:
-        ValueError: unknown format.
-    """
-    if fmt == "mp3":
-        return encode_mp3(pcm, MP3_BITRATE_KBPS)
-    if fmt == "wav":
-        return encode_wav(pcm)
-    if fmt == "mulaw":
-        return pcm_to_mulaw(resample(pcm, MULAW_RATE, band_limited=True))
-    if fmt in PCM_RATES:
-        return resample(pcm, PCM_RATES[fmt], band_limited=True).data
-    raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav, mulaw, pcm8k or pcm16k)")
-
-
 async def render_chunks(synth: Synthesizer, spec: TtsSpec) -> AsyncIterator[bytes]:
-    """Synthesize ``spec`` piece by piece (as :func:`render_file`) and yield the encoded
-    file as it is made: each piece's bytes as soon as the piece is synthesized and
-    encoded. The chunks concatenate to exactly :func:`render_file`'s file.
+    """Synthesize ``spec`` piece by piece and yield the encoded file as it is made:
+    each piece's bytes as soon as the piece is synthesized and encoded. The chunks
+    concatenate to exactly the whole file (:meth:`FileEncoder.finish` of every piece).
 
     MP3: LAME's output per piece (whole frames, which concatenate), and the
     encoder's flush as a last, small chunk. μ-law, ``pcm8k``, ``pcm16k``: each piece's
@@ -468,53 +447,3 @@ async def render_chunks(synth: Synthesizer, spec: TtsSpec) -> AsyncIterator[byte
     tail = whole[sent:]  # WAV: the whole file; MP3: LAME's flush; μ-law, PCM: nothing
     if tail or not sent:
         yield tail
-
-
-async def render_file(
-    synth: Synthesizer,
-    spec: TtsSpec,
-) -> bytes:
-    """Synthesize ``spec`` with ``synth`` piece by piece (sentences, phrases of at most
-    :data:`~gateway.speech.tts.PIECE_CHARS` characters) and encode each piece as it
-    comes, off the event loop; the whole file in ``spec.fmt``.
-
-    Memory stays bounded by one piece's synthesis plus the encoded file. Cancelling
-    the task stops after the piece being synthesized. The synthesizer's own voice
-    is used even when ``spec.voice`` names another.
-
-    Raises:
-        ValueError: unknown format or text too long.
-        SynthesisError: the engine failed.
-    """
-    encoder = FileEncoder(spec.fmt)
-    async for pcm in synthesize_pieces(synth, spec.text, ssml=spec.ssml):
-        await asyncio.to_thread(encoder.feed, pcm)
-    return await asyncio.to_thread(encoder.finish)
-
-
-async def synthesize_to_file(
-    synth: Synthesizer,
-    cache: TtsCache,
-    text: str,
-    fmt: TtsFileFormat,
-    *,
-    key: bytes,
-    ssml: bool = False,
-) -> str:
-    """Make sure the file for ``text`` in ``fmt`` is in ``cache`` now; return its id.
-
-    Synthesizes (:func:`render_file`) only on a cache miss. For links issued
-    without waiting, the gateway registers the spec instead (see SpeechService).
-
-    Raises:
-        ValueError: unknown format or text too long.
-        SynthesisError: the engine failed.
-    """
-    spec = TtsSpec(text, bool(ssml), synth.voice, fmt)
-    file_id = spec_id(spec, key)
-    if await cache.get(file_id) is not None:
-        return file_id
-    data = await render_file(synth, spec)
-    await cache.register(file_id, spec)
-    await cache.put(file_id, data)
-    return file_id

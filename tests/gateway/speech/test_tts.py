@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hashlib
 import hmac
@@ -30,16 +31,21 @@ from gateway.speech.tts import (
     make_synthesizer,
     parse_ssml,
     ssml_to_text,
+    synthesize_pieces,
 )
 from gateway.speech.tts_cache import (
     MEDIA_TYPES,
+    MP3_BITRATE_KBPS,
+    MULAW_RATE,
+    PCM_RATES,
+    FileEncoder,
     MemoryTtsCache,
     RedisTtsCache,
     TtsCache,
     TtsFileFormat,
     TtsSpec,
     is_tts_id,
-    synthesize_to_file,
+    spec_id,
     tts_id,
 )
 
@@ -224,6 +230,66 @@ class CountingSynth:
 
 
 KEY = b"k" * 32
+
+
+def encode_file(pcm: Pcm, fmt: TtsFileFormat) -> bytes:
+    """Encode PCM as a TTS file in one go: MP3 or WAV at ``pcm.sample_rate``, μ-law at
+    8000 Hz, ``pcm8k``/``pcm16k`` as headerless 16-bit PCM at 8000/16000 Hz (the
+    reference :class:`FileEncoder`'s piece by piece encoding must give).
+
+    Raises:
+        ValueError: unknown format.
+    """
+    if fmt == "mp3":
+        return audio.encode_mp3(pcm, MP3_BITRATE_KBPS)
+    if fmt == "wav":
+        return audio.encode_wav(pcm)
+    if fmt == "mulaw":
+        return audio.pcm_to_mulaw(audio.resample(pcm, MULAW_RATE, band_limited=True))
+    if fmt in PCM_RATES:
+        return audio.resample(pcm, PCM_RATES[fmt], band_limited=True).data
+    raise ValueError(f"unknown TTS file format {fmt!r} (mp3, wav, mulaw, pcm8k or pcm16k)")
+
+
+async def render_file(synth: Synthesizer, spec: TtsSpec) -> bytes:
+    """Synthesize ``spec`` with ``synth`` piece by piece and encode each piece as it comes,
+    off the event loop; the whole file in ``spec.fmt`` (the reference the streamed
+    :func:`~gateway.speech.tts_cache.render_chunks` must concatenate to).
+
+    Raises:
+        ValueError: unknown format or text too long.
+        SynthesisError: the engine failed.
+    """
+    encoder = FileEncoder(spec.fmt)
+    async for pcm in synthesize_pieces(synth, spec.text, ssml=spec.ssml):
+        await asyncio.to_thread(encoder.feed, pcm)
+    return await asyncio.to_thread(encoder.finish)
+
+
+async def synthesize_to_file(
+    synth: Synthesizer,
+    cache: TtsCache,
+    text: str,
+    fmt: TtsFileFormat,
+    *,
+    key: bytes,
+    ssml: bool = False,
+) -> str:
+    """Make sure the file for ``text`` in ``fmt`` is in ``cache`` now (:func:`render_file`
+    only on a cache miss, the spec registered); return its id.
+
+    Raises:
+        ValueError: unknown format or text too long.
+        SynthesisError: the engine failed.
+    """
+    spec = TtsSpec(text, bool(ssml), synth.voice, fmt)
+    file_id = spec_id(spec, key)
+    if await cache.get(file_id) is not None:
+        return file_id
+    data = await render_file(synth, spec)
+    await cache.register(file_id, spec)
+    await cache.put(file_id, data)
+    return file_id
 
 
 def test_tts_id_depends_on_every_part_and_the_key() -> None:

@@ -34,10 +34,10 @@ from gateway.speech.tts import (
     phoneme_runs,
     split_pieces,
 )
-from gateway.speech.tts_cache import PCM_RATES, FileEncoder, MemoryTtsCache, TtsSpec, encode_file
+from gateway.speech.tts_cache import PCM_RATES, FileEncoder, MemoryTtsCache, TtsSpec
 from gateway.speech.tts_pool import TtsOverloaded, TtsPool
 from tests.conftest import serve, served_app
-from tests.gateway.speech.test_tts import CountingSynth
+from tests.gateway.speech.test_tts import CountingSynth, encode_file
 
 LONG = " ".join(f"This is sentence number {i} of a long answer." for i in range(40))
 

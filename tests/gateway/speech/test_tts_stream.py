@@ -26,10 +26,11 @@ from gateway.speech.service import SpeechService, TtsRequest
 from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer, SynthesisError
-from gateway.speech.tts_cache import MemoryTtsCache, TtsSpec, render_file
+from gateway.speech.tts_cache import MemoryTtsCache, TtsSpec
 from gateway.speech.tts_pool import TtsPool
 from tests.conftest import serve, served_app
 from tests.gateway.pipeline.openai_server import KEY, make_openai_server
+from tests.gateway.speech.test_tts import render_file
 
 ANSWER = (
     "Thank you for calling. Your order was shipped this morning. "
