@@ -85,25 +85,20 @@ class SentenceSplitter:
         waiting: int | None = None  # the start of a boundary still undecided
         for match in _END.finditer(buffer, self._scan):
             end = match.end()
-            if match.group().startswith("\n"):
-                piece = buffer[start:end].strip()
-                if piece:
-                    out.append(piece)
-                start = end
-                continue
-            following = _NOT_SPACE.search(buffer, end)
-            if following is None:
-                waiting = match.start()
-                break  # the character after the space decides: wait for it
-            if following.group().islower():
-                continue  # "3 p.m. today", "e.g. paris": the sentence goes on
-            single_point = len(match.group().rstrip("\"'”’)]")) == 1
-            if (
-                match.group()[0] == "."
-                and single_point
-                and _is_abbreviation(buffer, start, match.start())
-            ):
-                continue
+            if not match.group().startswith("\n"):  # a line break always ends a sentence
+                following = _NOT_SPACE.search(buffer, end)
+                if following is None:
+                    waiting = match.start()
+                    break  # the character after the space decides: wait for it
+                if following.group().islower():
+                    continue  # "3 p.m. today", "e.g. paris": the sentence goes on
+                single_point = len(match.group().rstrip("\"'”’)]")) == 1
+                if (
+                    match.group()[0] == "."
+                    and single_point
+                    and _is_abbreviation(buffer, start, match.start())
+                ):
+                    continue
             piece = buffer[start:end].strip()
             if piece:
                 out.append(piece)
