@@ -52,21 +52,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import sys
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
 from gateway.protocol import LocalProtocolError, ProtocolError, load_json
-from gateway.speech.audio import SUPPORTED_RATES, AudioFormatError, Pcm, resample
-
-if sys.version_info >= (3, 13):  # pragma: no cover - provided by the audioop-lts package
-    import audioop
-else:  # pragma: no cover - stdlib module, deprecated since 3.11
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import audioop
+from gateway.speech.audio import SUPPORTED_RATES, AudioFormatError, Pcm, audioop, resample
 
 __all__ = [
     "DTMF_DIGITS",

@@ -36,12 +36,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
+# ``audioop`` for the whole gateway (gateway.callcodec imports it from here):
 if sys.version_info >= (3, 13):  # pragma: no cover - provided by the audioop-lts package
-    import audioop
+    import audioop as audioop
 else:  # pragma: no cover - stdlib module, deprecated since 3.11
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        import audioop
+        import audioop as audioop
 
 import lameenc  # type: ignore[import-not-found]  # C extension without stubs
 import miniaudio  # type: ignore[import-untyped]
