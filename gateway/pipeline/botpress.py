@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from collections.abc import AsyncIterator
 from typing import Any, Self
 from urllib.parse import quote
@@ -85,6 +84,7 @@ from gateway.pipeline.cores import (
     bounded_sse,
     button,
     buttons_item,
+    card_item,
     chosen,
     command_item,
     connection_failed,
@@ -373,9 +373,7 @@ def _card(card: dict[str, Any], offered: list[dict[str, Any]]) -> ResponseItem:
             )
         )
     offered.extend(b for b in buttons if b["request"]["type"] == "text")
-    image = card.get("imageUrl")
-    code = json.dumps({"buttons": buttons}, separators=(",", ":")) if buttons else None
-    return ResponseItem(text=text or None, image=image if is_url(image) else None, code=code)
+    return card_item(text, card.get("imageUrl"), buttons)
 
 
 def _options(payload: dict[str, Any]) -> list[dict[str, Any]]:

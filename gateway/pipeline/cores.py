@@ -369,6 +369,13 @@ def buttons_item(buttons: Sequence[dict[str, Any]], text: str | None = None) -> 
     return ResponseItem(text=text, code=code)
 
 
+def card_item(text: str, image: Any, buttons: Sequence[dict[str, Any]]) -> ResponseItem:
+    """A card's item: ``text`` (none when empty), ``image`` when it is an http(s) URL
+    (:func:`is_url`) and the card's ``buttons``, if any, as :func:`buttons_item`'s ``code``."""
+    code = json.dumps({"buttons": list(buttons)}, separators=(",", ":")) if buttons else None
+    return ResponseItem(text=text or None, image=image if is_url(image) else None, code=code)
+
+
 def command_item(name: str, value: Any) -> ResponseItem:
     """A client command item: text ``#name``, ``code`` the JSON of ``value``, not repeatable."""
     return ResponseItem(

@@ -51,7 +51,6 @@ breaks off is a PipelineError.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any, Final, Self
 from urllib.parse import quote
@@ -64,6 +63,7 @@ from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOu
 from gateway.pipeline.cores import (
     bounded_sse,
     buttons_item,
+    card_item,
     check_status,
     chosen,
     command_item,
@@ -312,9 +312,7 @@ def _card(card: dict[str, Any], turn: _Turn) -> ResponseItem:
     text = ". ".join(t for t in (card.get("title"), description) if isinstance(t, str) and t)
     buttons = [_button(b) for b in card.get("buttons") or [] if isinstance(b, dict)]
     turn.buttons.extend(buttons)
-    image = card.get("imageUrl")
-    code = json.dumps({"buttons": buttons}, separators=(",", ":")) if buttons else None
-    return ResponseItem(text=text or None, image=image if is_url(image) else None, code=code)
+    return card_item(text, card.get("imageUrl"), buttons)
 
 
 def _custom_action(kind: str, payload: Any) -> ResponseItem:
