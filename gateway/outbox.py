@@ -38,7 +38,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -75,6 +75,15 @@ class OutboxState:
 
 class OutboxError(Exception):
     """The outbox (Redis) cannot be reached."""
+
+
+@contextlib.contextmanager
+def _redis_errors() -> Iterator[None]:
+    """Redis's errors (REDIS_ERRORS) in the block raised as OutboxError ``Redis: <error>``."""
+    try:
+        yield
+    except REDIS_ERRORS as exc:
+        raise OutboxError(f"Redis: {exc}") from exc
 
 
 class Outbox(Protocol):
@@ -325,11 +334,9 @@ class RedisOutbox:
         data = [json.dumps(e, separators=(",", ":")) for e in events]
         append_id = secrets.token_hex(8)  # the same in a retry of this append (see _APPEND)
         args = [-1 if limit is None else limit, self._keep, self._ttl_s, kind, append_id, *data]
-        try:
+        with _redis_errors():
             keys = list(self._keys(key))
             first = int(await self._guard(lambda: self._append(keys=keys, args=args)))
-        except REDIS_ERRORS as exc:
-            raise OutboxError(f"Redis: {exc}") from exc
         if first < 0:
             return None
         return list(range(first, first + len(events)))
@@ -337,50 +344,40 @@ class RedisOutbox:
     async def since(self, key: str, after: int | None) -> list[Entry]:
         entries_key, meta_key = self._keys(key)
         redis = self._redis
-        try:
+        with _redis_errors():
             if after is None:
                 mark = await self._guard(lambda: redis.hget(meta_key, "mark"))
                 after = int(mark or 0)
             low = f"({after}"
             raw = await self._guard(lambda: redis.zrangebyscore(entries_key, low, "+inf"))
-        except REDIS_ERRORS as exc:
-            raise OutboxError(f"Redis: {exc}") from exc
         return [Entry.model_validate_json(r) for r in raw if isinstance(r, str | bytes)]
 
     async def mark(self, key: str, seq: int) -> int:
-        try:
+        with _redis_errors():
             keys, args = [self._keys(key)[1]], [seq, self._ttl_s]
             return int(await self._guard(lambda: self._mark(keys=keys, args=args)))
-        except REDIS_ERRORS as exc:
-            raise OutboxError(f"Redis: {exc}") from exc
 
     async def state(self, key: str) -> OutboxState:
         entries_key, meta_key = self._keys(key)
-        try:
+        with _redis_errors():
             redis = self._redis
             seq, mark = await self._guard(lambda: redis.hmget(meta_key, ["seq", "mark"]))
             low = f"({int(mark or 0)}"
             pending = await self._guard(lambda: redis.zcount(entries_key, low, "+inf"))
-        except REDIS_ERRORS as exc:
-            raise OutboxError(f"Redis: {exc}") from exc
         return OutboxState(int(seq or 0), int(mark or 0), int(pending))
 
     def _device_key(self, app_key: str, device_id: str) -> str:
         return f"{self._prefix}:dev:{{{app_key}}}:{device_id}"
 
     async def bind(self, app_key: str, device_id: str, key: str, ttl_s: int) -> None:
-        try:
+        with _redis_errors():
             device_key, ex = self._device_key(app_key, device_id), max(1, ttl_s)
             await self._guard(lambda: self._redis.set(device_key, key, ex=ex))
-        except REDIS_ERRORS as exc:
-            raise OutboxError(f"Redis: {exc}") from exc
 
     async def device(self, app_key: str, device_id: str) -> str | None:
-        try:
+        with _redis_errors():
             device_key = self._device_key(app_key, device_id)
             found = await self._guard(lambda: self._redis.get(device_key))
-        except REDIS_ERRORS as exc:
-            raise OutboxError(f"Redis: {exc}") from exc
         if found is None:
             return None
         return found.decode() if isinstance(found, bytes) else str(found)

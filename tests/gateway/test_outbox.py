@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from pydantic import ValidationError
@@ -21,6 +21,7 @@ from gateway.outbox import (
     Journal,
     MemoryOutbox,
     Outbox,
+    OutboxError,
     OutboxState,
     RedisOutbox,
 )
@@ -91,6 +92,27 @@ async def test_the_device_index(outbox: Outbox) -> None:
     await outbox.bind("app", "dev", "flowstorm:s2", 60)
     assert await outbox.device("app", "dev") == "flowstorm:s2"
     assert await outbox.device("other-app", "dev") is None
+
+
+async def test_every_redis_outbox_call_says_outbox_error_when_redis_is_down() -> None:
+    """A Redis failure of any call is an OutboxError ``Redis: <error>`` (chained to it)."""
+    client = redis_client("redis://127.0.0.1:1/0")  # nothing listens on port 1
+    box = RedisOutbox(client, prefix="test-down", ttl_s=60)
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: box.append("k", [ev("a")], "turn", limit=None),
+        lambda: box.since("k", None),
+        lambda: box.mark("k", 1),
+        lambda: box.state("k"),
+        lambda: box.bind("app", "dev", "k", 60),
+        lambda: box.device("app", "dev"),
+    ]
+    try:
+        for call in calls:
+            with pytest.raises(OutboxError, match=r"^Redis: ") as caught:
+                await call()
+            assert isinstance(caught.value.__cause__, redisconn.REDIS_ERRORS)
+    finally:
+        await redisconn.aclose(client)
 
 
 async def test_an_append_sent_again_after_its_reply_was_lost_is_kept_once(
