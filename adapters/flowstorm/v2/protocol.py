@@ -280,11 +280,6 @@ def _preferred_language(header: str) -> str | None:
     return best[1] if best else None
 
 
-def media_type(content_type: str | None) -> str:
-    """The lower-case media type of a Content-Type header, without parameters."""
-    return (content_type or "").split(";")[0].strip().lower()
-
-
 # ------------------------------------------------------------- request bodies
 
 

@@ -151,7 +151,6 @@ from adapters.flowstorm.v2.protocol import (
     decode_audio_file,
     error_body,
     json_lines,
-    media_type,
     parse_config,
     pushed_lines,
     recognizing_message,
@@ -172,7 +171,7 @@ from gateway.events import (
 from gateway.httputil import read_body
 from gateway.logs import invalid_field, session_ref
 from gateway.outbox import Entry, Following, OutboxError
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, media_type
 from gateway.protocol.actions import (
     CancelListening,
     FeedAudio,
