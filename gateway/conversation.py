@@ -407,20 +407,18 @@ def _durable_state(pipeline: Pipeline, app_key: str) -> tuple[str, ...]:
     return tuple(getattr(core, "durable_state", ()))
 
 
-def _keeping(
-    snapshot: Callable[[], Session], live: Session, keys: tuple[str, ...]
-) -> Callable[[], Session]:
-    """``snapshot`` that also carries ``live``'s ``pipeline_state`` values of ``keys``
-    (when the failed turn had them): what the core made during the failed turn and
-    cannot make again survives it, the rest of the turn's changes do not."""
-
-    def restored() -> Session:
-        session = snapshot()
+def _restored(pipeline: Pipeline, snapshot: Callable[[], Session], live: Session) -> Session:
+    """The session as it was before a failed turn (``snapshot()``), with ``live``'s
+    ``pipeline_state`` values of the core's durable keys (:func:`_durable_state`) when the
+    failed turn had them: what the core made during the failed turn and cannot make
+    again survives it, the rest of the turn's changes do not. Only a failed turn pays
+    for the lookup."""
+    session = snapshot()
+    keys = _durable_state(pipeline, live.app_key)
+    if keys:
         state = live.pipeline_state
         session.pipeline_state.update({key: state[key] for key in keys if key in state})
-        return session
-
-    return restored
+    return session
 
 
 def _core_fault(exc: Exception) -> PipelineError:
@@ -660,13 +658,10 @@ class Conversation:
                 snapshot = functools.partial(self._reloaded_session, ctx, input, txn.raw)
             else:
                 snapshot = functools.partial(Session.model_validate_json, session.model_dump_json())
-            durable = _durable_state(self.pipeline, session.app_key)
-            if durable:
-                snapshot = _keeping(snapshot, session, durable)
             result = await self._process(session, snapshot, input, out, ctx.tts)
             out.saving = True  # the rest is the store's: see TurnStream.saving
             if isinstance(result, ErrorEvent):
-                session = snapshot()
+                session = _restored(self.pipeline, snapshot, session)
                 session.client_state = ClientState.FAILED
                 txn.save(session, session.timeout_s)
                 ended = False
@@ -758,7 +753,8 @@ class Conversation:
         """Run the pipeline on ``session``: the session and Response, or an ErrorEvent.
 
         The pipeline may change ``session`` even when it fails; ``snapshot()`` (the
-        session as it was before the turn) gives the #error turn a clean copy.
+        session as it was before the turn, with the core's durable state: :func:`_restored`)
+        gives the #error turn a clean copy.
         """
         try:
             return await self._pipeline_turn(session, input, out, tts)
@@ -773,7 +769,8 @@ class Conversation:
         log.warning("pipeline failed in session %s: %s", session_ref(session.key), failure)
         if self.settings.error_turn and input.action != ERROR:
             try:
-                return await self._pipeline_turn(snapshot(), Input.of(ERROR), out, tts)
+                restored = _restored(self.pipeline, snapshot, session)
+                return await self._pipeline_turn(restored, Input.of(ERROR), out, tts)
             except (PipelineError, TimeoutError) as exc:
                 log.warning(
                     "the #error turn failed too in session %s: %s", session_ref(session.key), exc
