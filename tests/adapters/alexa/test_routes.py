@@ -504,6 +504,39 @@ async def test_bad_input_is_400_and_never_500(caplog: pytest.LogCaptureFixture) 
         assert spoken(await say(client, good)) == "You said: hello"
 
 
+@pytest.mark.parametrize(
+    ("slot_value", "field"),
+    [
+        ("hiking", "slotValue"),
+        ({"type": "List", "values": "hiking"}, "slotValue.values"),
+        ({"type": "List", "values": [{"type": "Simple", "value": 7}]}, "slotValue.values.0.value"),
+        ({"type": ["List"]}, "slotValue.type"),
+        # nested past the JSON bound (64 levels): refused before it is parsed
+        (json.loads('{"values": [' * 40 + "]}" * 40), "nested deeper"),
+    ],
+)
+async def test_a_malformed_slot_value_is_400_naming_the_field(
+    slot_value: Any, field: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``slotValue`` (multiple-value slots) is validated like the rest of the envelope:
+    a wrong type is a 400 problem naming the field, never a 500 or a turn, and the
+    same session still gets its turn afterwards."""
+    data = envelope("S-slot-value", intent="PlanTripIntent")
+    data["request"]["intent"]["slots"] = {"activity": {"name": "activity", "slotValue": slot_value}}
+    async with (
+        gateway(**OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        with caplog.at_level(logging.WARNING, logger="adapters.alexa"):
+            answer = await client.post("/alexa", content=json.dumps(data).encode())
+        assert answer.status_code == 400, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert field in answer.json()["detail"]
+        assert spoken(await say(client, envelope("S-slot-value", text="hello"))) == (
+            "You said: hello"
+        )
+
+
 # ------------------------------------------------------------ slow and long cores
 
 
