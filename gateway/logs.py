@@ -39,8 +39,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
 from gateway.pipeline.base import REQUEST_ID
 
 # and uvicorn's ``color_message``: its message template with ANSI colour codes, for its
@@ -80,15 +78,6 @@ def session_ref(key: str) -> str:
     outer = outer.copy()
     outer.update(inner.digest())
     return f"{namespace}{sep}h-{outer.digest()[:8].hex()}"
-
-
-def invalid_field(exc: ValidationError) -> str:
-    """Why data did not validate, for a log line: the first field that failed and the
-    reason (``response.sessionEnded: Input should be a valid boolean``), never the
-    values (stored or pushed data is a client's content)."""
-    error = exc.errors(include_url=False, include_input=False)[0]
-    where = ".".join(str(part) for part in error["loc"])
-    return f"{where}: {error['msg']}" if where else error["msg"]
 
 
 class SessionRef:

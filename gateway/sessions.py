@@ -59,6 +59,7 @@ from redis.commands.core import AsyncScript
 from gateway import metrics, redisconn
 from gateway.breaker import CircuitBreaker, CircuitOpen, breaker_of, share_breaker
 from gateway.events import MAX_TIMEOUT_S, LogEntry
+from gateway.protocol import invalid_field
 from gateway.redisconn import REDIS_ERRORS, RedisClient, script_batch
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,6 @@ def stored_session(data: str | bytes, key: str) -> Session | None:
     try:
         return Session.model_validate_json(data)
     except ValidationError as exc:
-        from gateway.logs import invalid_field  # gateway.logs imports this module's users
-
         log.error(
             "session %s in the store is unreadable (%s), so it is taken as absent",
             _ref(key),

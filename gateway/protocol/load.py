@@ -38,12 +38,25 @@ def invalid(
     ``empty`` stands for an empty location (``body``); with neither the text is
     ``Invalid <what>: <msg>``.
     """
-    err = exc.errors()[0]
-    where = ".".join(str(part) for part in err["loc"][skip:])
+    where, msg = _first_error(exc, skip)
     where = f"{prefix}.{where}" if prefix and where else prefix or where or empty
-    return ProtocolError(
-        f"Invalid {what}: {where}: {err['msg']}" if where else f"Invalid {what}: {err['msg']}"
-    )
+    return ProtocolError(f"Invalid {what}: {where}: {msg}" if where else f"Invalid {what}: {msg}")
+
+
+def invalid_field(exc: ValidationError) -> str:
+    """Why data did not validate, for a log line: the first field that failed and the
+    reason (``response.sessionEnded: Input should be a valid boolean``; the reason alone
+    for the data as a whole), never the values (stored or pushed data is a client's
+    content)."""
+    where, msg = _first_error(exc, 0)
+    return f"{where}: {msg}" if where else msg
+
+
+def _first_error(exc: ValidationError, skip: int) -> tuple[str, str]:
+    """The location (joined with dots, its first ``skip`` parts left out) and message of
+    ``exc``'s first error, without its input."""
+    err = exc.errors(include_url=False, include_input=False)[0]
+    return ".".join(str(part) for part in err["loc"][skip:]), err["msg"]
 
 
 @overload

@@ -57,8 +57,9 @@ from gateway import metrics
 from gateway.deps import Gateway, gateway_of
 from gateway.events import ResponseEvent, TurnEvent
 from gateway.io.websocket import SEND_ERRORS, WebSocketDriver
-from gateway.logs import invalid_field, session_ref
+from gateway.logs import session_ref
 from gateway.outbox import Entry, Following
+from gateway.protocol import invalid_field
 from gateway.protocol.actions import (
     CancelListening,
     FeedAudio,

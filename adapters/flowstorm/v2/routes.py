@@ -169,9 +169,9 @@ from gateway.events import (
     TurnEvent,
 )
 from gateway.httputil import read_body
-from gateway.logs import invalid_field, session_ref
+from gateway.logs import session_ref
 from gateway.outbox import Entry, Following, OutboxError
-from gateway.protocol import ProtocolError, media_type
+from gateway.protocol import ProtocolError, invalid_field, media_type
 from gateway.protocol.actions import (
     CancelListening,
     FeedAudio,
