@@ -150,11 +150,15 @@ async def test_busy_session_raises_after_wait(store: SessionStore) -> None:
 
 
 async def test_a_turn_longer_than_its_lease_keeps_the_lock(store: SessionStore) -> None:
-    """The holder renews its short lease: others wait, and its write is applied."""
-    async with store.open("c:long", lease_s=0.3, wait_s=1) as txn:
-        await asyncio.sleep(1.0)  # more than three leases
+    """The holder renews its short lease: others wait, and its write is applied.
+
+    The lease is 1 s (a renewal every third of it): with 0.3 s, an event loop held up
+    for 0.2 s by a loaded machine (the whole suite on two cores) let the lease run out
+    between two renewals, and the test failed for the machine, not the store."""
+    async with store.open("c:long", lease_s=1.0, wait_s=1) as txn:
+        await asyncio.sleep(3.5)  # more than three leases
         with pytest.raises(SessionBusy):
-            async with store.open("c:long", lease_s=0.3, wait_s=0.2):
+            async with store.open("c:long", lease_s=1.0, wait_s=0.2):
                 pass
         txn.save(stored("c:long", turn_count=3), ttl_s=60)
     loaded = await store.get("c:long")
