@@ -196,20 +196,56 @@ class JsonFormatter(logging.Formatter):
         }
         if request_id := REQUEST_ID.get():
             entry["request_id"] = request_id
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_") and value is not None:
-                entry[key] = value
+        entry.update(_fields(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields of ``record``: what a caller passed in ``extra`` (not None),
+    without logging's own attributes."""
+    return {
+        key: value
+        for key, value in vars(record).items()
+        if key not in _STANDARD and not key.startswith("_") and value is not None
+    }
+
+
+_BARE_VALUE = re.compile(r"[^\s\"=\\]+")
+
+
+def logfmt(fields: dict[str, Any]) -> str:
+    """``fields`` as logfmt pairs: `` channel=alexa session=default:1f2e... turn=3``
+    (a leading space before each pair; a value with a space, ``"``, ``=`` or a
+    backslash, or an empty one, in double quotes with ``"`` and ``\\`` escaped, and a
+    line break written ``\\n``, so one record stays one line)."""
+    pairs = []
+    for key, value in fields.items():
+        text = str(value)
+        if not _BARE_VALUE.fullmatch(text):
+            escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+            text = '"' + escaped.replace("\n", "\\n").replace("\r", "\\r") + '"'
+        pairs.append(f" {key}={text}")
+    return "".join(pairs)
+
+
 class _TextFormatter(logging.Formatter):
     """logging's Formatter, its default ``asctime`` (``2026-01-31 12:00:00,123``, local
-    time) formatted once a second instead of once a line."""
+    time) formatted once a second instead of once a line; the record's structured
+    fields (those the JSON format has as keys: a turn's ``channel``, ``session``,
+    ``turn``, ``latency_ms``, ``outcome``, ``error_source``) and the ``request_id``
+    follow the message as logfmt pairs (:func:`logfmt`), before a traceback."""
 
     _second = -1
     _text = ""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        fields = _fields(record)
+        if request_id := REQUEST_ID.get():
+            fields["request_id"] = request_id
+        return line + logfmt(fields) if fields else line
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:

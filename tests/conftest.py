@@ -335,15 +335,18 @@ class GatewayProcess:
         *,
         open_files: int | None = None,
         stderr: Any = None,
+        log_level: str = "warning",
     ) -> None:
         """``open_files``: the child's RLIMIT_NOFILE (soft and hard); ``stderr``: where its
         log goes (a file; default a temporary file, copied to this process's stderr when
-        the process stops, and its tail put in the error when it does not start)."""
+        the process stops, and its tail put in the error when it does not start);
+        ``log_level``: its ``--log-level``."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.open_files = open_files
         self.stderr = stderr
+        self.log_level = log_level
         self._log: Any = None  # the temporary file of its stderr (no ``stderr`` given)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -369,7 +372,7 @@ class GatewayProcess:
                 "--port",
                 str(self.port),
                 "--log-level",
-                "warning",
+                self.log_level,
             ],
             env=self.env,
             cwd=ROOT,

@@ -31,6 +31,7 @@ from gateway.logs import (
     JsonFormatter,
     RedactQuery,
     configure_logging,
+    logfmt,
     masked_number,
     redact_query,
     session_ref,
@@ -223,6 +224,51 @@ def test_socketio_lines_are_written_once_in_the_gateways_format(tmp_path: Path) 
     # an access line (GATEWAY_ACCESS_LOG=true, at INFO) of a polling request hides the sid
     polled = f'"GET {VOICEFLOW_PATH}/?EIO=4&transport=polling&sid=nosuch HTTP/1.1" 400'
     assert redact_query(polled) == polled.replace("sid=nosuch", "sid=***")
+
+
+def test_text_log_lines_carry_the_turns_fields(tmp_path: Path) -> None:
+    """The default text format wrote a turn as ``INFO gateway.conversation turn ok``: no
+    channel, session, turn number or latency (only the JSON format had them). Its line
+    now ends with them as logfmt pairs (a value with a space quoted), the session by
+    its reference, never its id; the request id follows."""
+    log_file = tmp_path / "gateway.log"
+    with log_file.open("wb") as sink:
+        gw = GatewayProcess({"PYTHONPATH": str(ROOT)}, stderr=sink, log_level="info")
+        try:
+            gw.start()
+            with httpx.Client(base_url=gw.url) as client:
+                for text in ("my name is Ada", "what is my name"):
+                    answer = client.put(
+                        "/client?key=log-app&deviceId=d-1&tts=None",
+                        content=text,
+                        headers={"Content-Type": "text/plain"},
+                    )
+                    assert answer.status_code == 200
+                cookies = list(client.cookies.values())
+        finally:
+            gw.stop()
+    written = log_file.read_text()
+    turns = [line for line in written.splitlines() if " gateway.conversation turn " in line]
+    assert len(turns) == 2, written
+    pairs = [
+        dict(re.findall(r' (\w+)=("[^"]*"|\S+)', line.partition(" turn ok")[2])) for line in turns
+    ]
+    for number, fields in enumerate(pairs, start=1):
+        assert fields["channel"] == "flowstorm_v2"
+        assert fields["turn"] == str(number)
+        assert fields["outcome"] == "ok"
+        assert float(fields["latency_ms"]) > 0
+        assert re.fullmatch(r"[0-9a-f]{32}", fields["request_id"]), fields
+    assert pairs[0]["session"] == pairs[1]["session"]
+    assert re.fullmatch(r"flowstorm:h-[0-9a-f]{16}", pairs[0]["session"])
+    assert cookies  # the session id (a bearer credential) is never written
+    assert all(value not in written for value in cookies)
+
+
+def test_logfmt_quotes_what_would_break_a_pair() -> None:
+    assert logfmt({"channel": "alexa", "turn": 3}) == " channel=alexa turn=3"
+    assert logfmt({"reason": 'a "b" c=d', "empty": ""}) == ' reason="a \\"b\\" c=d" empty=""'
+    assert logfmt({"text": "one\ntwo \\ three"}) == ' text="one\\ntwo \\\\ three"'
 
 
 @pytest.mark.parametrize("configured_first", [True, False])
