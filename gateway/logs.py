@@ -223,7 +223,7 @@ def logfmt(fields: dict[str, Any]) -> str:
     pairs = []
     for key, value in fields.items():
         text = str(value)
-        if not _BARE_VALUE.fullmatch(text):
+        if type(value) not in (int, float) and not _BARE_VALUE.fullmatch(text):
             escaped = text.replace("\\", "\\\\").replace('"', '\\"')
             text = '"' + escaped.replace("\n", "\\n").replace("\r", "\\r") + '"'
         pairs.append(f" {key}={text}")
