@@ -21,6 +21,16 @@ Implementations: :class:`MemoryOutbox` (the embedded default, one process) and
 mark), plus ``{prefix}:dev:{{app_key}}:{device_id}`` (the device index: the session key
 the device talked in last).
 
+A ``seq`` or ``mark`` in Redis that is no number (not a decimal integer of at most 15
+digits: edited by hand, written by another version) is read as the safe number, never
+raised: an unreadable ``mark`` as 0 (every kept entry counts as undelivered, so pushes
+are delivered again rather than lost: a client knows them by their ``seq``), an
+unreadable ``seq`` as the highest ``seq`` kept (0 when none, so new entries are numbered
+above every kept one and a client's ``lastSeq`` never skips them). A read
+(:meth:`RedisOutbox.state`, :meth:`RedisOutbox.since`) logs it at ERROR, naming the
+session by its ref and the field, never the stored value; the scripts read the same
+way, and an append or a mark writes a number over what it read.
+
 :class:`Journal` puts the outbox and the bus together: an append also tells the
 session's followers (a live connection on any instance, topic ``outbox:{key}``) to look
 at the outbox; :meth:`Journal.follow` is how a connection listens.
@@ -36,6 +46,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -250,17 +261,59 @@ class MemoryOutbox:
 
 # ------------------------------------------------------------------- redis
 
+_COUNT = re.compile(r"[0-9]{1,15}")
+"""A readable ``seq`` or ``mark`` of an outbox's meta hash (the scripts' ``count``)."""
+
+
+def _count(raw: bytes | str | None) -> int | None:
+    """A stored ``seq`` or ``mark`` as a number: 0 when absent, None when unreadable."""
+    if raw is None:
+        return 0
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    return int(text) if _COUNT.fullmatch(text) else None
+
+
+def _unreadable(key: str, fields: Sequence[str]) -> None:
+    """Log at ERROR that ``fields`` of ``key``'s outbox meta hash are no numbers (the
+    session by its ref, never the stored values)."""
+    from gateway.logs import session_ref  # gateway.logs imports this module's users
+
+    log.error(
+        "outbox of session %s: stored %s unreadable, so read as the safe number "
+        "(mark: 0, seq: the highest kept)",
+        session_ref(key),
+        " and ".join(fields),
+    )
+
+
+# count(v): a stored seq or mark (HGET's reply) as a number: 0 when absent, nil when it
+# is no number (see _COUNT and the module doc); top(k): the highest seq kept in the
+# entries ``k``, 0 when none (an unreadable seq is read as it).
+_READ = """
+local function count(v)
+  if not v then return 0 end
+  if #v <= 15 and string.match(v, '^%d+$') then return tonumber(v) end
+  return nil
+end
+local function top(k)
+  local last = redis.call('ZRANGE', k, -1, -1, 'WITHSCORES')
+  return tonumber(last[2]) or 0
+end
+"""
+
 # ARGV[5] is the append's own id: the meta hash keeps the last append's id and first
 # seq, so an append that ran before and whose reply was lost (the connection dropped
 # after the command was sent, and the client's retry policy sent it again) answers its
 # first seq again instead of numbering and keeping its events twice. Appends to one
 # outbox come one at a time (under the session's lock), so the last one is enough.
-_APPEND = """
+_APPEND = (
+    _READ
+    + """
 if redis.call('HGET', KEYS[2], 'last') == ARGV[5] then
   return tonumber(redis.call('HGET', KEYS[2], 'lastfirst'))
 end
-local seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
-local mark = tonumber(redis.call('HGET', KEYS[2], 'mark') or '0')
+local seq = count(redis.call('HGET', KEYS[2], 'seq')) or top(KEYS[1])
+local mark = count(redis.call('HGET', KEYS[2], 'mark')) or 0
 local limit = tonumber(ARGV[1])
 local keep = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
@@ -282,15 +335,21 @@ redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 return first
 """
+)
 
-_MARK = """
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-local mark = tonumber(redis.call('HGET', KEYS[1], 'mark') or '0')
+# KEYS: the meta hash, the entries. An unreadable mark is read as 0 and written over.
+_MARK = (
+    _READ
+    + """
+local seq = count(redis.call('HGET', KEYS[1], 'seq')) or top(KEYS[2])
+local stored = count(redis.call('HGET', KEYS[1], 'mark'))
+local mark = stored or 0
 local want = math.min(tonumber(ARGV[1]), seq)
-if want > mark then redis.call('HSET', KEYS[1], 'mark', want) end
+if want > mark or not stored then redis.call('HSET', KEYS[1], 'mark', math.max(want, mark)) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return mark
 """
+)
 
 
 class RedisOutbox:
@@ -346,25 +405,37 @@ class RedisOutbox:
         redis = self._redis
         with _redis_errors():
             if after is None:
-                mark = await self._guard(lambda: redis.hget(meta_key, "mark"))
-                after = int(mark or 0)
+                after = _count(await self._guard(lambda: redis.hget(meta_key, "mark")))
+                if after is None:
+                    _unreadable(key, ["mark"])
+                    after = 0
             low = f"({after}"
             raw = await self._guard(lambda: redis.zrangebyscore(entries_key, low, "+inf"))
         return [Entry.model_validate_json(r) for r in raw if isinstance(r, str | bytes)]
 
     async def mark(self, key: str, seq: int) -> int:
         with _redis_errors():
-            keys, args = [self._keys(key)[1]], [seq, self._ttl_s]
+            entries_key, meta_key = self._keys(key)
+            keys, args = [meta_key, entries_key], [seq, self._ttl_s]
             return int(await self._guard(lambda: self._mark(keys=keys, args=args)))
 
     async def state(self, key: str) -> OutboxState:
+        """Numbers of ``key``'s outbox; a stored ``seq`` or ``mark`` that is no number is
+        logged and read as the safe number (module doc). Raises OutboxError."""
         entries_key, meta_key = self._keys(key)
         with _redis_errors():
             redis = self._redis
-            seq, mark = await self._guard(lambda: redis.hmget(meta_key, ["seq", "mark"]))
-            low = f"({int(mark or 0)}"
+            stored = await self._guard(lambda: redis.hmget(meta_key, ["seq", "mark"]))
+            seq, mark = (_count(v) for v in stored)
+            if seq is None or mark is None:
+                _unreadable(key, [f for f, v in (("seq", seq), ("mark", mark)) if v is None])
+            if seq is None:
+                top = await self._guard(lambda: redis.zrange(entries_key, -1, -1, withscores=True))
+                seq = int(top[0][1]) if top else 0
+            mark = mark or 0
+            low = f"({mark}"
             pending = await self._guard(lambda: redis.zcount(entries_key, low, "+inf"))
-        return OutboxState(int(seq or 0), int(mark or 0), int(pending))
+        return OutboxState(seq, mark, int(pending))
 
     def _device_key(self, app_key: str, device_id: str) -> str:
         return f"{self._prefix}:dev:{{{app_key}}}:{device_id}"

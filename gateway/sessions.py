@@ -465,11 +465,14 @@ return {0, false}
 """
 )
 
+# KEYS[3], KEYS[4]: the outbox's entries and meta hash; a mark that is no number
+# (gateway/outbox.py's module doc) is read as 0: every kept entry counts as pending.
 _ACQUIRE_PEEK = (
     _TAKE
     + """
 if taken then
-  local mark = redis.call('HGET', KEYS[4], 'mark') or '0'
+  local mark = redis.call('HGET', KEYS[4], 'mark')
+  if not (mark and #mark <= 15 and string.match(mark, '^%d+$')) then mark = '0' end
   return {1, redis.call('GET', KEYS[2]), redis.call('ZCOUNT', KEYS[3], '(' .. mark, '+inf')}
 end
 return {0, false, 0}

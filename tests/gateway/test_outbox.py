@@ -143,6 +143,51 @@ async def test_an_append_sent_again_after_its_reply_was_lost_is_kept_once(
         await redisconn.aclose(client)
 
 
+async def test_a_stored_seq_or_mark_that_is_no_number_is_read_as_the_safe_number(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``mark`` or ``seq`` in Redis that is no number (edited by hand, written by
+    another version) raised ValueError from state() and since() (the session view
+    answered 500) and failed every append and mark (a Lua error): now an unreadable
+    mark reads as 0 (kept entries count as undelivered: delivered again, not lost), an
+    unreadable seq as the highest kept (new entries are numbered above every kept one),
+    each read logs one ERROR naming the field (never the value), and an append or a
+    mark writes a number over it. Other outboxes are untouched."""
+    client = redis_client(redis_url)
+    box = RedisOutbox(client, prefix=redis_prefix, keep=10, ttl_s=60)
+    _, meta = box.keys("k")
+    try:
+        assert await box.append("k", [ev("a"), ev("b")], "turn", limit=None) == [1, 2]
+        assert await box.append("other", [ev("x")], "turn", limit=None) == [1]
+        assert await box.mark("k", 2) == 0
+        await client.hset(meta, "mark", "garbage")
+        caplog.clear()
+        assert await box.state("k") == OutboxState(2, 0, 2)
+        assert [e.seq for e in await box.since("k", None)] == [1, 2]
+        assert await box.append("k", [ev("c")], "push", limit=5) == [3]
+        assert await box.mark("k", 1) == 0  # the mark it read: 0; 1 is written over it
+        assert await box.state("k") == OutboxState(3, 1, 2)
+        await client.hset(meta, mapping={"seq": "1.5", "mark": "-1"})
+        assert await box.state("k") == OutboxState(3, 0, 3)
+        assert await box.append("k", [ev("d")], "turn", limit=None) == [4]  # above 3, kept
+        await client.hset(meta, "seq", "9" * 16)  # past what a Lua number holds exactly
+        assert await box.mark("k", 4) == 0  # (a mark writes over the mark only)
+        assert await box.state("k") == OutboxState(4, 4, 0)
+        assert await box.state("other") == OutboxState(1, 0, 1)
+    finally:
+        await redisconn.aclose(client)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage().split(": stored ")[1].split(" unreadable")[0] for r in errors] == [
+        "mark",
+        "mark",
+        "seq and mark",
+        "seq",
+    ]
+    for record in errors:
+        assert "garbage" not in record.getMessage()
+        assert "outbox of session h-" in record.getMessage()  # its ref, not its key
+
+
 async def test_a_journal_append_is_announced_to_followers() -> None:
     journal = Journal(MemoryOutbox(), MemoryBus(), limit=1)
     async with journal.follow("k", None) as follower:

@@ -134,6 +134,58 @@ async def test_an_unreadable_stored_session_is_taken_as_absent(
     assert "Invalid JSON" in unreadable[-1].getMessage()
 
 
+async def test_an_unreadable_outbox_number_is_read_as_the_safe_one(
+    shared: dict[str, Any], redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outbox ``mark`` or ``seq`` in Redis that is no number (edited by hand, written
+    by another version) made the session view answer 500 (ValueError) and every turn of
+    the session fail (the lock's script counted pending entries above it: a Redis
+    error, with the lock left taken). It is now logged at ERROR (the field, never the
+    value) and read as the safe number (gateway/outbox.py): the view answers, the next
+    turn is served and numbered above what is kept; other sessions are untouched."""
+    settings = Settings().model_copy(update=shared)
+    # its ERROR lines are the point: served() would fail the test on them
+    async with (
+        serve(create_app(settings), **uvicorn_options(settings)) as a,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        async with connect(ws_url(a)) as ws:
+            seq = await hello(ws, "bad-outbox-1")
+        async with connect(ws_url(a)) as ws:
+            other_seq = await hello(ws, "bad-outbox-2")
+        before = await view_when_pending(http, a, "bad-outbox-1", 0)
+        assert before["outbox"] == {"length": 0, "lastSeq": seq, "delivered": seq}
+        redis = Redis.from_url(redis_url)
+        try:
+            [meta] = [k async for k in redis.scan_iter(match=f"{redis_prefix}:*bad-outbox-1}}:obm")]
+            await redis.hset(meta, "mark", "garbage")
+            viewed = await http.get(f"{a}/v1/sessions/bad-outbox-1", headers=AUTH)
+            assert viewed.status_code == 200, viewed.text
+            # every kept entry counts as undelivered (delivered again, never lost)
+            assert viewed.json()["outbox"] == {"length": seq, "lastSeq": seq, "delivered": 0}
+            await redis.hset(meta, "seq", "garbage")
+            viewed = await http.get(f"{a}/v1/sessions/bad-outbox-1", headers=AUTH)
+            assert viewed.status_code == 200, viewed.text
+            assert viewed.json()["outbox"]["lastSeq"] == seq  # the highest kept
+            async with connect(ws_url(a)) as ws:
+                again = await hello(ws, "bad-outbox-1", last_seq=seq)
+                assert again > seq  # numbered above what is kept
+                frames = await turn(ws, request_frame("my name is ada"))
+                assert texts(frames[-1]) == ["Nice to meet you, Ada."]
+            other = await view_when_pending(http, a, "bad-outbox-2", 0)
+            assert other["outbox"] == {"length": 0, "lastSeq": other_seq, "delivered": other_seq}
+        finally:
+            await redis.aclose()
+    unreadable = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert unreadable
+    assert {r.levelname for r in unreadable} == {"ERROR"}
+    assert "stored mark unreadable" in unreadable[0].getMessage()
+    assert "stored seq and mark unreadable" in unreadable[1].getMessage()
+    for record in unreadable:
+        assert "garbage" not in record.getMessage()  # never the stored values
+        assert "bad-outbox" not in record.getMessage()  # nor the session id
+
+
 async def test_a_push_reaches_a_live_client_on_another_instance(shared: dict[str, Any]) -> None:
     async with (
         served(**shared) as a,
