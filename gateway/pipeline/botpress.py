@@ -76,11 +76,12 @@ from urllib.parse import quote
 
 import httpx
 import jwt
-from httpx_sse import ServerSentEvent, SSEError
+from httpx_sse import SSEError
 
 from gateway.events import Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    SseEvent,
     bounded_sse,
     button,
     buttons_item,
@@ -256,7 +257,7 @@ class BotpressPipeline:
         deadline = loop.time() + self._reply_timeout_s
         while True:
             try:
-                sse: ServerSentEvent = await asyncio.wait_for(
+                sse: SseEvent = await asyncio.wait_for(
                     anext(events), max(0.0, deadline - loop.time())
                 )
             except TimeoutError:

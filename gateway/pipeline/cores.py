@@ -32,14 +32,15 @@ import logging
 import re
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
-from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse import SSEError
 
 from gateway.events import ResponseItem
 from gateway.pipeline.base import PipelineError
-from gateway.protocol import ProtocolError, load_json
+from gateway.protocol import ProtocolError, load_json, media_type
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -320,42 +321,49 @@ async def bounded_lines(
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
-class _CountedAnswer:
-    """What httpx-sse's :class:`~httpx_sse.EventSource` reads of a response (``headers``
-    and ``aiter_text``), the bytes counted as they come: PipelineError past
-    ``max_bytes``, so httpx-sse never buffers an endless line past the bound."""
+@dataclass(frozen=True)
+class SseEvent:
+    """One server-sent event: its ``event`` type (``message`` by default) and ``data``."""
 
-    def __init__(self, answer: httpx.Response, max_bytes: int, core: str) -> None:
-        self._answer = answer
-        self._max = max_bytes
-        self._core = core
-
-    @property
-    def headers(self) -> httpx.Headers:
-        """The response's headers (httpx-sse checks the Content-Type)."""
-        return self._answer.headers
-
-    async def aiter_text(self) -> AsyncIterator[str]:
-        """The body as text (``answer.encoding``, UTF-8 by default; bad bytes replaced),
-        chunk by chunk. Raises PipelineError as soon as it passes ``max_bytes``."""
-        decode = codecs.getincrementaldecoder(self._answer.encoding or "utf-8")(
-            errors="replace"
-        ).decode
-        async for chunk in body_chunks(self._answer, self._max, self._core):
-            if text := decode(chunk):
-                yield text
-        if tail := decode(b"", True):
-            yield tail
+    event: str
+    data: str
 
 
-def bounded_sse(
-    answer: httpx.Response, max_bytes: int, core: str
-) -> AsyncGenerator[ServerSentEvent, None]:
-    """httpx-sse's events of the event stream ``answer``, its body bounded: PipelineError
-    (naming ``core``) as soon as more than ``max_bytes`` bytes came, whatever their lines
-    (httpx-sse alone buffers a line that never ends without limit). Raises SSEError
-    (httpx-sse's) when ``answer`` is not ``text/event-stream``."""
-    return EventSource(cast(httpx.Response, _CountedAnswer(answer, max_bytes, core))).aiter_sse()
+async def iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
+    """The server-sent events of an event stream's ``lines`` (:func:`bounded_lines` with
+    ``blank``): WHATWG HTML, "Server-sent events", "Event stream interpretation", the
+    fields ``event`` and ``data`` (``:`` comment lines and other fields ignored).
+
+    An event is dispatched at the blank line that ends it, when it has data or, unlike
+    the spec, an ``event`` type without data (Voiceflow ends its stream with ``event:
+    end`` and no data line). At the end of the stream an event with no blank line after
+    it is incomplete: discarded, as the spec says (a core cut off mid-event does not
+    hand over half of it)."""
+    name, data = "", list[str]()
+    async for line in lines:
+        if not line:
+            if data or name:
+                yield SseEvent(name or "message", "\n".join(data))
+            name, data = "", []
+        elif not line.startswith(":"):  # a comment: keepalive
+            key, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if key == "data":
+                data.append(value)
+            elif key == "event":
+                name = value
+
+
+async def bounded_sse(answer: httpx.Response, max_bytes: int, core: str) -> AsyncIterator[SseEvent]:
+    """The events (:func:`iter_sse`) of the event stream ``answer``, its body bounded:
+    PipelineError (naming ``core``) as soon as more than ``max_bytes`` bytes came,
+    whatever their lines. Raises SSEError (httpx-sse's) when ``answer`` is not
+    ``text/event-stream``."""
+    kind = media_type(answer.headers.get("content-type"))
+    if "text/event-stream" not in kind:
+        raise SSEError(f"its Content-Type is {kind!r}, not text/event-stream")
+    async for event in iter_sse(bounded_lines(answer, max_bytes, core, blank=True)):
+        yield event
 
 
 def button(name: str, request: dict[str, Any]) -> dict[str, Any]:

@@ -77,12 +77,12 @@ from gateway.pipeline.cores import (
     connection_failed,
     core_failed,
     core_json,
+    iter_sse,
     pooled_client,
     read_body,
     read_some,
     refused,
 )
-from gateway.pipeline.openai import iter_sse
 from gateway.protocol import MAX_JSON_DEPTH, UnsafeValue, guarded_decoder, json_depth, media_type
 from gateway.sessions import Session, retrieved
 from gateway.settings import Settings
@@ -410,7 +410,8 @@ class DialogflowCxPipeline:
         kind = media_type(answer.headers.get("content-type"))
         if kind == "text/event-stream":
             async for event in iter_sse(bounded_lines(answer, self._max, "the core", blank=True)):
-                yield _object(event.data.encode())
+                if event.data:  # (an event with a type and no data: iter_sse)
+                    yield _object(event.data.encode())
             return
         decode = codecs.getincrementaldecoder(answer.encoding or "utf-8")("replace").decode
         reader = JsonArrayReader()

@@ -56,10 +56,12 @@ import httpx
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    SseEvent,
     bounded_lines,
     connection_failed,
     core_failed,
     core_json,
+    iter_sse,
     pooled_client,
     read_body,
     read_some,
@@ -124,37 +126,6 @@ class _Turn:
     tools: dict[int, _ToolCall] = field(default_factory=dict)
     finish_reason: str | None = None
     done: bool = False
-
-
-@dataclass
-class SseEvent:
-    """One server-sent event: its ``event`` name (``message`` by default) and ``data``."""
-
-    event: str
-    data: str
-
-
-async def iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
-    """Server-sent events of a text stream (WHATWG "event stream" parsing, the fields
-    ``event`` and ``data``; ``:`` comment lines and other fields ignored). An event is
-    dispatched at a blank line or at the end of the stream."""
-    name, data = "", list[str]()
-    async for line in lines:
-        if not line:
-            if data:
-                yield SseEvent(name or "message", "\n".join(data))
-            name, data = "", []
-            continue
-        if line.startswith(":"):
-            continue  # a comment: keepalive
-        key, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if key == "data":
-            data.append(value)
-        elif key == "event":
-            name = value
-    if data:
-        yield SseEvent(name or "message", "\n".join(data))
 
 
 class OpenAIPipeline:
@@ -328,6 +299,8 @@ class OpenAIPipeline:
         if data.startswith("[DONE]"):
             turn.done = True
             return []
+        if not data:
+            return []  # an event with a type and no data (iter_sse)
         try:
             chunk = core_json(data)
         except ValueError as exc:

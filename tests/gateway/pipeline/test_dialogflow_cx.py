@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from gateway.conversation import Conversation, TurnContext
 from gateway.events import (
@@ -450,6 +450,29 @@ async def test_an_answer_that_breaks_off_is_not_called_unreachable(
         conv, "the connection to the Dialogflow CX core failed: RemoteProtocolError"
     )
     assert texts(events) == (["first"] if streaming else [])
+    await conv.pipeline.aclose()
+
+
+async def test_a_streamed_event_cut_off_by_the_end_of_the_stream_is_discarded(
+    cx: tuple[Settings, FastAPI],
+) -> None:
+    """An SSE event with no blank line after it when the stream ends is incomplete and
+    discarded (WHATWG HTML, "Event stream interpretation"; gateway/pipeline/cores.py
+    ``iter_sse``, the reader of every core): it was read as a whole DetectIntentResponse.
+    Whole, the same event is the answer (tests/gateway/pipeline/test_sse.py: the others)."""
+    settings, app = cx
+    final = {"queryResult": {"responseMessages": [{"text": {"text": ["Cut off."]}}]}}
+    app.state.cut_body = f"data: {json.dumps(final)}\n"
+
+    @app.post("/cut/v3/{rest:path}")
+    async def cut(rest: str) -> Response:
+        return Response(app.state.cut_body, media_type="text/event-stream")
+
+    endpoint = f"{settings.dialogflow_cx_endpoint}/cut"
+    conv = engine(settings, dialogflow_cx_endpoint=endpoint, dialogflow_cx_streaming=True)
+    await pipeline_error(conv, "the core's stream held no DetectIntentResponse")
+    app.state.cut_body += "\n"
+    assert texts(await conv.turn(ctx(), Input.of("hello")).collect()) == ["Cut off."]
     await conv.pipeline.aclose()
 
 

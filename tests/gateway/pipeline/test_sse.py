@@ -1,0 +1,103 @@
+"""The one server-sent events reader of the cores (gateway/pipeline/cores.py ``iter_sse``,
+``bounded_sse``) and its callers, over a real HTTP server: an event with no blank line
+after it when the stream ends is incomplete and discarded (WHATWG HTML, "Server-sent
+events", "Event stream interpretation"). The OpenAI-compatible and Dialogflow CX cores
+read such an event as a whole one before, the Voiceflow and Botpress cores (httpx-sse)
+did not. The Dialogflow CX caller is tested in test_dialogflow_cx.py (its server needs
+its credentials); Botpress reads through ``bounded_sse``, as Voiceflow does."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request, Response
+
+from gateway.events import Input
+from gateway.pipeline.cores import SseEvent, bounded_lines, bounded_sse, iter_sse
+from tests.conftest import serve
+from tests.gateway.pipeline.test_openai import engine as openai_engine
+from tests.gateway.pipeline.test_openai import pipeline as openai_pipeline
+from tests.gateway.pipeline.test_voiceflow import vf_engine
+from tests.gateway.turns import ctx, pipeline_error, texts
+
+WHOLE = ": keepalive\n\nevent: a\ndata: one\ndata: two\n\nid: 7\n\nevent: end\nid: 8\n\n"
+"""Two whole events (the second with a type and no data, as Voiceflow ends its stream)
+and one with neither (not dispatched, as the spec says; httpx-sse gave it as an empty
+``message``, which its callers passed over)."""
+
+CUT = ["data: cut off", "data: cut off\n", "event: b\r\ndata: cut off\r\n", "event: end"]
+"""Endings of a stream whose last event has no blank line after it."""
+
+
+@pytest.fixture
+async def core() -> AsyncIterator[tuple[str, FastAPI]]:
+    """A server answering every request with ``app.state.body`` as an event stream."""
+    app = FastAPI()
+    app.state.body = ""
+
+    @app.api_route("/{rest:path}", methods=["GET", "POST"])
+    async def answer(rest: str, request: Request) -> Response:
+        return Response(app.state.body, media_type="text/event-stream")
+
+    async with serve(app) as url:
+        yield url, app
+
+
+def lines_reader(answer: httpx.Response) -> AsyncIterator[SseEvent]:
+    return iter_sse(bounded_lines(answer, 10_000, "the core", blank=True))
+
+
+def stream_reader(answer: httpx.Response) -> AsyncIterator[SseEvent]:
+    return bounded_sse(answer, 10_000, "the core")
+
+
+@pytest.mark.parametrize("cut", CUT)
+@pytest.mark.parametrize("reader", [lines_reader, stream_reader])
+async def test_an_event_cut_off_by_the_end_of_the_stream_is_discarded(
+    core: tuple[str, FastAPI],
+    reader: Callable[[httpx.Response], AsyncIterator[SseEvent]],
+    cut: str,
+) -> None:
+    url, app = core
+    app.state.body = WHOLE + cut
+    async with httpx.AsyncClient() as client, client.stream("GET", url) as answer:
+        events = [(e.event, e.data) async for e in reader(answer)]
+    assert events == [("a", "one\ntwo"), ("end", "")]
+
+
+async def test_the_openai_core_does_not_take_a_cut_off_chunk_for_its_end(
+    core: tuple[str, FastAPI],
+) -> None:
+    """The chunk with the finish_reason came without its blank line: the stream did not
+    end as a completion ends (it was read as the end before)."""
+    url, app = core
+
+    def chunk(content: str, finish: str | None) -> str:
+        choice = {"index": 0, "delta": {"content": content}, "finish_reason": finish}
+        return "data: " + json.dumps({"choices": [choice]})
+
+    app.state.body = f"{chunk('Hello there. ', None)}\n\n{chunk('Cut', 'stop')}\n"
+    conv = openai_engine(openai_pipeline(url))
+    events = await pipeline_error(conv, "stream ended without a finish_reason or [DONE]")
+    assert texts(events) == []  # (a sentence waits for the next one to begin)
+    app.state.body += "\n"  # whole, it is the end
+    served = await conv.turn(ctx(), Input.of("hi")).collect()
+    assert texts(served) == ["Hello there.", "Cut"]
+    await conv.pipeline.aclose()
+
+
+async def test_the_voiceflow_core_does_not_take_a_cut_off_end_event_for_its_end(
+    core: tuple[str, FastAPI],
+) -> None:
+    url, app = core
+    trace = 'event: trace\ndata: {"type": "text", "payload": {"message": "first"}}\n\n'
+    app.state.body = trace + "event: end"
+    conv = vf_engine(url, True)
+    events = await pipeline_error(conv, "Voiceflow's stream ended without its end event")
+    assert texts(events) == ["first"]
+    app.state.body += "\n\n"
+    assert texts(await conv.turn(ctx(), Input.of("hi")).collect()) == ["first"]
+    await conv.pipeline.aclose()
