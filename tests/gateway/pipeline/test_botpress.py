@@ -314,8 +314,9 @@ async def test_the_listen_streams_keepalive_is_no_signal(botpress: tuple[str, Fa
 async def test_an_endless_line_on_the_listen_stream_is_cut_at_the_bound(
     botpress: tuple[str, FastAPI],
 ) -> None:
-    """httpx-sse buffers a line until it ends: the listen stream's bytes are counted as
-    they come (GATEWAY_PIPELINE_MAX_RESPONSE_BYTES), and the gateway stops reading."""
+    """An event stream's reader buffers a line until it ends: the listen stream's bytes
+    are counted as they come (GATEWAY_PIPELINE_MAX_RESPONSE_BYTES), and the gateway stops
+    reading."""
     url, app = botpress
     conv = bp_engine(url, pipeline_max_response_bytes=1_048_576, turn_timeout_s=20)
     await pipeline_error(conv, "Botpress's answer is larger than 1048576 bytes", "endless")

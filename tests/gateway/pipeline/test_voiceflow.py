@@ -268,8 +268,9 @@ async def test_an_answer_that_breaks_off_is_not_called_unreachable(
 async def test_an_endless_line_of_the_stream_is_cut_at_the_bound(
     voiceflow: tuple[str, FastAPI],
 ) -> None:
-    """httpx-sse buffers a line until it ends: the stream's bytes are counted as they come
-    (GATEWAY_PIPELINE_MAX_RESPONSE_BYTES), and the gateway stops reading."""
+    """An event stream's reader buffers a line until it ends: the stream's bytes are
+    counted as they come (GATEWAY_PIPELINE_MAX_RESPONSE_BYTES), and the gateway stops
+    reading."""
     url, app = voiceflow
     conv = vf_engine(url, True, pipeline_max_response_bytes=1_048_576, turn_timeout_s=20)
     await pipeline_error(conv, "Voiceflow's answer is larger than 1048576 bytes", "endless")
