@@ -8,11 +8,14 @@ the same validators outside pytest.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import yaml  # type: ignore[import-untyped]  # PyYAML ships no types (types-PyYA
 from pydantic import ValidationError
 
 from gateway.settings import PLACEHOLDER, Settings
+from tests.conftest import free_port, start_timeout_s
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -528,12 +532,71 @@ def test_dockerfile_runtime_is_non_root_with_healthcheck_espeak_and_the_serve_co
     runs = " ".join(rest for keyword, rest in final if keyword == "RUN")
     assert re.search(r"apt-get install [^&]*\bespeak-ng\b", runs)
     (healthcheck,) = [rest for keyword, rest in final if keyword == "HEALTHCHECK"]
-    assert f"http://127.0.0.1:{PORT}/healthz" in healthcheck
+    assert "/healthz" in healthcheck
     assert [rest for keyword, rest in final if keyword == "EXPOSE"] == [str(PORT)]
-    (cmd,) = [rest for keyword, rest in final if keyword == "CMD"]
-    assert cmd == '["gateway", "serve", "--host", "0.0.0.0", "--port", "8080"]'
     env = " ".join(rest for keyword, rest in final if keyword == "ENV")
     assert "ORT_DISABLE_TELEMETRY=1" in env
+    assert f"GATEWAY_PORT={PORT}" in env
+
+
+def _image_env() -> dict[str, str]:
+    """The ``ENV`` variables of the Dockerfile's runtime stage."""
+    env: dict[str, str] = {}
+    for keyword, rest in _final_stage():
+        if keyword == "ENV":
+            env.update(pair.split("=", 1) for pair in shlex.split(rest))
+    return env
+
+
+def _exec_form(rest: str) -> list[str]:
+    """The argument list of an exec-form instruction (``["gateway", "serve"]``)."""
+    value = json.loads(rest)
+    assert isinstance(value, list), rest
+    assert all(isinstance(arg, str) for arg in value), rest
+    return value
+
+
+def test_the_images_command_and_healthcheck_follow_gateway_port() -> None:
+    """The image ran ``gateway serve --host 0.0.0.0 --port 8080`` and asked
+    ``127.0.0.1:8080/healthz``: ``docker run -e GATEWAY_PORT=9000`` changed neither, so
+    the setting did nothing and, with the port moved another way, the healthcheck
+    failed. Here the image's CMD and HEALTHCHECK commands run as the image would run
+    them, with its ENV and GATEWAY_PORT set to another port: the gateway listens there
+    and the healthcheck passes; pointed at a port nobody serves, it fails."""
+    final = _final_stage()
+    (cmd,) = [_exec_form(rest) for keyword, rest in final if keyword == "CMD"]
+    (check,) = [rest for keyword, rest in final if keyword == "HEALTHCHECK"]
+    probe = _exec_form(check.partition(" CMD ")[2])
+    assert probe[0] == "python"
+    port = free_port()
+    env = {
+        **os.environ,
+        **_image_env(),
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_HOST": "127.0.0.1",  # the image binds 0.0.0.0; a test binds loopback
+        "GATEWAY_LOG_FORMAT": "text",
+        "GATEWAY_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+    }
+    assert cmd[0] == "gateway"
+    server = subprocess.Popen(  # `gateway` is this package's console script
+        [sys.executable, "-m", "gateway", *cmd[1:]],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        probe_cmd = [sys.executable, *probe[1:]]
+        deadline = time.monotonic() + start_timeout_s()
+        while subprocess.run(probe_cmd, env=env, capture_output=True).returncode != 0:
+            assert server.poll() is None, "the image's command did not start the gateway"
+            assert time.monotonic() < deadline, f"no healthy gateway on port {port}"
+            time.sleep(0.3)
+        nobody = {**env, "GATEWAY_PORT": str(free_port())}
+        assert subprocess.run(probe_cmd, env=nobody, capture_output=True).returncode != 0
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def test_dockerignore_keeps_the_context_to_the_package() -> None:
