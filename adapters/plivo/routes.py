@@ -53,7 +53,6 @@ from adapters.plivo.verify import (
     SIGNATURE_HEADER,
     PlivoVerifier,
 )
-from gateway.breaker import outage_level
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import CallControl, TransferResult
 from gateway.calls import hang_up as rest_hang_up
@@ -62,12 +61,12 @@ from gateway.calls_openapi import problems
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body, refused_request
 from gateway.io.call import (
-    RETRY_AFTER_S,
     CallRunner,
     CallTokens,
     admit,
     answer_token,
     call_config,
+    nonce_store_unavailable,
     use_token,
 )
 from gateway.protocol import ProtocolError
@@ -171,17 +170,7 @@ async def _signed_form(request: Request, path: str) -> dict[str, str] | Response
     try:
         fresh = await gw.nonces.use_once(key, NONCE_TTL_S)
     except StoreUnavailable as exc:
-        log.log(
-            outage_level(exc),
-            "Plivo %s refused (503): the one-time key store is unavailable "
-            "(component: nonce-store): %s",
-            path,
-            exc,
-        )
-        detail = "The one-time key store is unavailable; try again later."
-        unavailable = problem(503, "Service Unavailable", detail)
-        unavailable.headers["Retry-After"] = str(RETRY_AFTER_S)
-        return unavailable
+        return nonce_store_unavailable(log, f"Plivo {path}", exc)
     if not fresh:
         reason = f"the request was replayed: its {NONCE_HEADER} was used already"
         log.warning("Plivo %s refused: %s", path, reason)

@@ -15,7 +15,9 @@ accept: HTTP 403; HTTP 503 when the one-time token store is down) or accepting i
 :class:`CallTokens` issues and checks the per-call tokens a carrier's answer puts in the
 stream URL (``/vonage/stream/{token}``):
 HMAC-SHA256 over ``call id`` and expiry, used once (the gateway's NonceStore, shared
-through Redis).
+through Redis). :func:`use_signature_once` uses a signed webhook's signature (its replay
+key) once the same way, so a captured webhook replayed within its signature's time window
+is refused; :func:`nonce_store_unavailable` is the 503 while the store does not answer.
 
 Call control that arrives by webhook (an answering-machine result: Twilio's
 ``/twilio/amd``, Telnyx's ``call.machine.detection.ended``) may reach another instance
@@ -232,6 +234,39 @@ async def use_token(gw: Gateway, tokens: CallTokens, carrier: str, token: str) -
     if not fresh:
         raise VerificationRefused(f"the stream token of call {grant.call_id} was used already")
     return grant
+
+
+async def use_signature_once(
+    gw: Gateway, key: str, ttl_s: float, replayed: VerificationRefused
+) -> None:
+    """Use a signed webhook's replay ``key`` (carrier-prefixed: a signature's digest, a
+    token id) once among every instance (the gateway's one-time key store), for ``ttl_s``
+    seconds (> 0: as long as the signature could pass its verifier again).
+
+    Returns for the first use; raises ``replayed`` (the carrier's refusal, answered as a
+    forged signature is) for a later one, and StoreUnavailable when the store does not
+    answer (:func:`nonce_store_unavailable` is then the answer). Call it only after the
+    signature passed, so that forged requests use no keys."""
+    if not await gw.nonces.use_once(key, ttl_s):
+        raise replayed
+
+
+def nonce_store_unavailable(log: logging.Logger, what: str, exc: StoreUnavailable) -> JSONResponse:
+    """The answer to a signed webhook (``what``: "Plivo /plivo/answer") whose replay check
+    could not be made, the one-time key store (the gateway's Redis) not answering ``exc``:
+    logged at WARNING naming the component (``nonce-store``), no traceback (DEBUG when the
+    Redis client's open circuit breaker refused it: the breaker logged the outage once);
+    503 problem with ``Retry-After`` :data:`RETRY_AFTER_S` (RFC 9110 section 15.6.4)."""
+    log.log(
+        outage_level(exc),
+        "%s refused (503): the one-time key store is unavailable (component: nonce-store): %s",
+        what,
+        exc,
+    )
+    detail = "The one-time key store is unavailable; try again later."
+    unavailable = problem(503, "Service Unavailable", detail)
+    unavailable.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return unavailable
 
 
 async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | None:
