@@ -8,8 +8,9 @@ from gateway.calls_openapi import problems
 
 _SIGNED_REFUSALS = {
     401: "Unsigned",
-    403: "Bad or stale signature, or no key set",
+    403: "Bad, stale or replayed signature, or no key set",
     413: "Body larger than GATEWAY_MAX_BODY_BYTES",
+    503: "The one-time key store (replayed signatures) does not answer",
 }
 """The refusals of an Ed25519-signed Telnyx webhook (routes.py ``_signed_body``)."""
 
@@ -31,6 +32,8 @@ POST_TELNYX_OUTBOUND: dict[str, Any] = dict(
 )
 """Documenting keyword arguments of ``POST /telnyx/outbound``."""
 
+_TEXML_UNAVAILABLE = "GATEWAY_TELNYX_API_KEY unset, or the one-time key store does not answer"
+
 POST_TELNYX_TEXML: dict[str, Any] = dict(
     summary="Telnyx TeXML answer of an inbound call: connect its media stream",
     description="Verified like the Call Control webhooks (Ed25519). Answers "
@@ -38,7 +41,7 @@ POST_TELNYX_TEXML: dict[str, Any] = dict(
     'bidirectionalMode="rtp" …/></Connect></Response>`; `?appKey=` names the application.',
     responses={
         200: {"description": "TeXML", "content": {"application/xml": {"schema": {}}}},
-        **problems({400: "Bad body", **_SIGNED_REFUSALS, 503: "GATEWAY_TELNYX_API_KEY unset"}),
+        **problems({400: "Bad body", **_SIGNED_REFUSALS, 503: _TEXML_UNAVAILABLE}),
     },
 )
 """Documenting keyword arguments of ``POST /telnyx/texml``."""

@@ -2,7 +2,10 @@
 part of the call control (gateway/calls.py).
 
 ``POST /telnyx/outbound`` — Ed25519-verified (:mod:`adapters.telnyx.verify`,
-GATEWAY_TELNYX_PUBLIC_KEY; 401/403 problem, 403 when no key is configured).
+GATEWAY_TELNYX_PUBLIC_KEY; 401/403 problem, 403 when no key is configured, and 403 for a
+replay: a signature is used once, on every instance, through the gateway's one-time key
+store while its timestamp could pass, 503 with ``Retry-After`` while that store does not
+answer).
 ``call.machine.detection.ended`` (and the premium variant) with a machine result is handed
 as ``#machine`` (attributes ``answeredBy``) to the call's stream on whichever instance
 serves it, through the bus (gateway/io/call.py ``announce_machine``, under its
@@ -52,7 +55,7 @@ from fastapi.responses import JSONResponse, Response
 from adapters.telnyx import control as telnyx
 from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_TEXML
 from adapters.telnyx.protocol import BIDIRECTIONAL, TelnyxCodec, texml
-from adapters.telnyx.verify import TelnyxVerifier
+from adapters.telnyx.verify import TelnyxVerifier, replayed
 from gateway.callcodec import VerificationRefused, load_frame
 from gateway.callcontrol import CallControl, RestAnswer, RestRequest, TransferResult
 from gateway.calls import (
@@ -73,10 +76,13 @@ from gateway.io.call import (
     admit,
     announce_machine,
     call_config,
+    nonce_store_unavailable,
+    use_signature_once,
     use_token,
 )
 from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.call import CallAction, Transfer
+from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
 
 log = logging.getLogger("adapters.telnyx")
@@ -153,8 +159,7 @@ class TelnyxDialer:
 @router.post("/telnyx/outbound", **POST_TELNYX_OUTBOUND)
 async def telnyx_outbound(request: Request) -> Response:
     """Call Control webhooks of calls placed here (see the module doc)."""
-    settings = gateway_of(request).settings
-    body = await _signed_body(settings, request)
+    body = await _signed_body(gateway_of(request), request)
     if isinstance(body, Response):
         return body
     try:
@@ -173,9 +178,13 @@ async def telnyx_outbound(request: Request) -> Response:
 # ------------------------------------------------------------------ inbound TeXML
 
 
-async def _signed_body(settings: Settings, request: Request) -> bytes | Response:
+async def _signed_body(gw: Gateway, request: Request) -> bytes | Response:
     """A Telnyx webhook's body (at most GATEWAY_MAX_BODY_BYTES) when its Ed25519
-    signature is good; else the problem to answer (400, 401 or 403)."""
+    signature is good and was not used before; else the problem to answer (400, 401 or
+    403; 403 too for a replay: the signature is remembered, on every instance, for as
+    long as its timestamp could pass; 503 with ``Retry-After`` while the one-time key
+    store does not answer)."""
+    settings = gw.settings
     try:
         body = await read_body(request, settings.max_body_bytes)
     except ProtocolError as exc:
@@ -183,11 +192,17 @@ async def _signed_body(settings: Settings, request: Request) -> bytes | Response
     if not settings.telnyx_public_key:
         log.warning("Telnyx webhook refused: GATEWAY_TELNYX_PUBLIC_KEY is not set")
         return problem(403, "Forbidden", "Telnyx webhooks are not accepted (no public key).")
+    verifier = TelnyxVerifier(settings.telnyx_public_key)
     try:
-        TelnyxVerifier(settings.telnyx_public_key).check_headers(body, request.headers, time.time())
+        key = verifier.check_headers(body, request.headers, time.time())
+        await use_signature_once(
+            gw, f"telnyx:signature:{key}", verifier.replay_window_s, replayed()
+        )
     except VerificationRefused as exc:
         log.warning("Telnyx webhook refused (%d): %s", exc.status, exc.reason)
         return refusal(exc)  # WWW-Authenticate on a 401
+    except StoreUnavailable as exc:
+        return nonce_store_unavailable(log, "Telnyx webhook", exc)
     return body
 
 
@@ -195,7 +210,7 @@ async def _signed_body(settings: Settings, request: Request) -> bytes | Response
 async def telnyx_texml(request: Request) -> Response:
     """An inbound call's TeXML answer (module doc); ``?appKey=`` names the application."""
     settings = gateway_of(request).settings
-    body = await _signed_body(settings, request)
+    body = await _signed_body(gateway_of(request), request)
     if isinstance(body, Response):
         return body
     tokens = stream_tokens(settings)

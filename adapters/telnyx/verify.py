@@ -7,12 +7,19 @@ carries ``telnyx-signature-ed25519`` (base64 of the 64-byte Ed25519 signature) a
 ``<timestamp>|<raw body>``, verified with the account's public key (base64 of the
 32 raw key bytes, from the Mission Control portal). A timestamp more than
 ``tolerance_s`` away from now is refused (a replayed request).
+
+Within that window a captured webhook would pass again: :meth:`TelnyxVerifier.check`
+returns the signature's replay key (the hex SHA-256 of its 64 raw bytes) for the route to
+use once, for :attr:`TelnyxVerifier.replay_window_s`, in the gateway's one-time key store;
+a signature seen already is refused as a forged one is (:func:`replayed`, 403). This
+module only computes; the store is the route's I/O.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from collections.abc import Mapping
 from typing import Final
 
@@ -29,6 +36,12 @@ requires a challenge on every 401; Telnyx's signature has no registered scheme, 
 challenge names the header it goes in)."""
 TOLERANCE_S: Final = 300
 """Default seconds a webhook's timestamp may be off now (Telnyx's SDKs use 300)."""
+
+
+def replayed() -> VerificationRefused:
+    """The refusal of a webhook whose signature was used already (a replay): 403, as a
+    forged signature's."""
+    return VerificationRefused(f"{SIGNATURE_HEADER} was used already: the request was replayed")
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -53,9 +66,17 @@ class TelnyxVerifier:
             raise ValueError("a Telnyx public key is base64 of 32 raw Ed25519 bytes") from exc
         self.tolerance_s = tolerance_s
 
-    def check(self, body: bytes, signature: str | None, timestamp: str | None, now: float) -> None:
-        """Return if ``signature`` signs ``timestamp|body`` and ``timestamp`` is within the
-        tolerance of ``now`` (Unix seconds).
+    @property
+    def replay_window_s(self) -> int:
+        """How long (s) a signature that passes now can pass again: a timestamp up to
+        ``tolerance_s`` ahead of now stays within the tolerance for ``2 × tolerance_s``."""
+        return 2 * self.tolerance_s
+
+    def check(self, body: bytes, signature: str | None, timestamp: str | None, now: float) -> str:
+        """The replay key of the request if ``signature`` signs ``timestamp|body`` and
+        ``timestamp`` is within the tolerance of ``now`` (Unix seconds): the hex SHA-256
+        of the 64 signature bytes (so another base64 spelling of the same signature has
+        the same key; Ed25519 verification rejects a malleated S, RFC 8032 section 5.1.7).
 
         Raises VerificationRefused: 401 when a header is missing (challenge
         :data:`CHALLENGE`); 403 for a malformed or wrong signature, a malformed
@@ -81,9 +102,10 @@ class TelnyxVerifier:
             raise VerificationRefused(
                 f"{TIMESTAMP_HEADER} is more than {self.tolerance_s} s from now (replayed?)"
             )
+        return hashlib.sha256(raw).hexdigest()
 
-    def check_headers(self, body: bytes, headers: Mapping[str, str], now: float) -> None:
+    def check_headers(self, body: bytes, headers: Mapping[str, str], now: float) -> str:
         """:meth:`check` with the two headers looked up (case-insensitively) in ``headers``."""
-        self.check(
+        return self.check(
             body, _header(headers, SIGNATURE_HEADER), _header(headers, TIMESTAMP_HEADER), now
         )

@@ -18,11 +18,18 @@ VONAGE_ANSWER: dict[str, Any] = dict(
         **problems({400: "No call uuid, or an invalid one"}),
         401: {
             "description": "No Bearer token, or an invalid one (forged, malformed, stale, "
-            'or for another body): `WWW-Authenticate: Bearer` (with `error="invalid_token"`)',
+            "replayed, or for another body): `WWW-Authenticate: Bearer` (with "
+            '`error="invalid_token"`)',
             "headers": _CHALLENGE,
             "content": PROBLEM,
         },
-        **problems({403: "No signature secret set", 413: "Body too large"}),
+        **problems(
+            {
+                403: "No signature secret set",
+                413: "Body too large",
+                503: "The one-time key store (replayed tokens) does not answer",
+            }
+        ),
     },
 )
 """Documenting keyword arguments of ``GET|POST /vonage/answer``."""

@@ -7,7 +7,10 @@ Spec: shared/specs/CARRIERS.md "Vonage Voice API WebSocket (linear16)".
   GATEWAY_VONAGE_SIGNATURE_SECRET) are checked by :class:`~adapters.vonage.verify.VonageVerifier`,
   refusals being problems per RFC 6750 section 3.1: no token, 401 with
   ``WWW-Authenticate: Bearer realm="vonage"``; an invalid one (forged, malformed,
-  stale, not this body's), 401 with ``error="invalid_token"``. (The verifier is not
+  stale, not this body's, or replayed: a token's ``jti``, else its signature, is used
+  once, on every instance, through the gateway's one-time key store while its ``iat``
+  could pass), 401 with ``error="invalid_token"``; 503 with ``Retry-After`` while that
+  store does not answer. (The verifier is not
   given an application id here, so its 403 ``insufficient_scope`` for another
   application's token does not arise.) No secret configured: 403 for every request,
   without a challenge (no token could pass; the caller is not at fault). The answer is the
@@ -44,15 +47,25 @@ from fastapi.responses import JSONResponse, Response
 from adapters.vonage import control as vonage
 from adapters.vonage.openapi import VONAGE_ANSWER
 from adapters.vonage.protocol import VonageCodec, ncco
-from adapters.vonage.verify import VonageVerifier
+from adapters.vonage.verify import VonageVerifier, replay_key, replayed
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import CallControl, TransferResult
 from gateway.calls import refusal, send_transfer, wss_url
 from gateway.deps import gateway_of
 from gateway.httputil import read_body, refused_request
-from gateway.io.call import CallRunner, CallTokens, admit, answer_token, call_config, use_token
+from gateway.io.call import (
+    CallRunner,
+    CallTokens,
+    admit,
+    answer_token,
+    call_config,
+    nonce_store_unavailable,
+    use_signature_once,
+    use_token,
+)
 from gateway.protocol import ProtocolError
 from gateway.protocol.call import Transfer
+from gateway.sessions import StoreUnavailable
 
 log = logging.getLogger("gateway.vonage")
 
@@ -111,13 +124,18 @@ async def answer(request: Request) -> Response:
         body = await read_body(request, MAX_BODY)
     except ProtocolError as exc:  # 413 (declared or read past the limit), 400 (went away)
         return refused_request(exc)
+    authorization = request.headers.get("authorization")
     try:
         if channel.verifier is None:
             raise VerificationRefused("no signature secret is configured")
-        channel.verifier.check(request.headers.get("authorization"), body, time.time())
+        claims = channel.verifier.check(authorization, body, time.time())
+        key = f"vonage:token:{replay_key(authorization, claims)}"
+        await use_signature_once(gw, key, channel.verifier.replay_window_s, replayed())
     except VerificationRefused as exc:
         log.warning("Vonage answer refused: %s", exc.reason)
         return refusal(exc)  # WWW-Authenticate (RFC 6750 section 3)
+    except StoreUnavailable as exc:
+        return nonce_store_unavailable(log, "Vonage answer", exc)
     params: dict[str, Any] = dict(request.query_params)
     if body:
         with contextlib.suppress(ValueError):

@@ -10,12 +10,21 @@ signature secret; its claims include ``iat`` (issued at, Unix seconds), ``jti``,
 The JWT is checked with PyJWT (already a dependency for Voiceflow's session keys).
 Token age is checked against ``now`` handed in (pure, testable): ``iat`` older than
 ``max_age_s`` or in the future beyond ``leeway_s`` is refused, as is an ``exp`` passed.
+
+Within that window a captured token would pass again: :func:`replay_key` names a passed
+token (its ``jti``, else its signature) for the route to use once, for
+:attr:`VonageVerifier.replay_window_s`, in the gateway's one-time key store; a token seen
+already is refused as a forged one is (:func:`replayed`, 401 ``invalid_token``). This
+module only computes; the store is the route's I/O.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+from collections.abc import Mapping
 from typing import Any, Final
 
 import jwt
@@ -44,6 +53,29 @@ def _invalid(reason: str) -> VerificationRefused:
     return VerificationRefused(reason, status=401, challenge=INVALID_TOKEN)
 
 
+def replayed() -> VerificationRefused:
+    """The refusal of a token used already (a replay): 401 ``invalid_token``, as a forged
+    token's (RFC 6750 section 3.1: "revoked ... or invalid for other reasons")."""
+    return _invalid("the webhook token was used already: the request was replayed")
+
+
+def replay_key(authorization: str | None, claims: Mapping[str, Any]) -> str:
+    """The replay key of a token that passed :meth:`VonageVerifier.check` (its
+    ``authorization`` header and ``claims``): ``jti:<hex SHA-256 of the jti>`` for a
+    non-empty string ``jti`` (Vonage's unique token id), else ``sig:<hex SHA-256 of the
+    signature bytes>`` (HS256 is deterministic: one signature per signed token; decoded,
+    so another base64url spelling of it has the same key)."""
+    jti = claims.get("jti")
+    if isinstance(jti, str) and jti:
+        return "jti:" + hashlib.sha256(jti.encode("utf-8", "replace")).hexdigest()
+    segment = (authorization or "").strip().rpartition(".")[2]
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):  # not after check(): PyJWT decoded it
+        raw = segment.encode("ascii", "replace")
+    return "sig:" + hashlib.sha256(raw).hexdigest()
+
+
 class VonageVerifier:
     """Checks the JWT of a signed Vonage webhook with ``signature_secret``.
 
@@ -65,6 +97,12 @@ class VonageVerifier:
         self.application_id = application_id
         self.max_age_s = max_age_s
         self.leeway_s = leeway_s
+
+    @property
+    def replay_window_s(self) -> int:
+        """How long (s) a token that passes now can pass again: from ``leeway_s`` before
+        its ``iat`` to ``max_age_s`` after it."""
+        return self.max_age_s + self.leeway_s
 
     def check(self, authorization: str | None, body: bytes, now: float) -> dict[str, Any]:
         """The token's claims if ``authorization`` (``Bearer <JWT>``) is a valid signed

@@ -1,7 +1,8 @@
 """Calls across two gateway instances sharing one real Redis (GATEWAY_REDIS_URL and the
 carriers' auth settings, nothing else shared): the webhook answered by instance A issues
 the stream token, the carrier's media stream reaches instance B and is accepted there; a
-token used once (on any instance) or forged is refused (HTTP 403). An answering-machine
+token used once (on any instance) or forged is refused (HTTP 403), and so is a signed
+webhook replayed to the other instance. An answering-machine
 result posted to A (Twilio ``/twilio/amd``, Telnyx ``call.machine.detection.ended``)
 becomes the ``#machine`` input of the call served on B (through the Redis bus)."""
 
@@ -30,6 +31,7 @@ from tests.adapters.telnyx.harness import PUBLIC_KEY, TelnyxHarness, ask_texml, 
 from tests.adapters.twilio.harness import TwilioHarness, ask_twiml, call_sid, parse_twiml, sign
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway
 from tests.adapters.vonage.harness import SECRET, VonageHarness, ask_ncco
+from tests.adapters.vonage.harness import signed as vonage_signed
 
 
 @contextlib.asynccontextmanager
@@ -244,14 +246,18 @@ async def test_a_telnyx_machine_webhook_delivered_twice_is_one_machine_input(
 ) -> None:
     """Telnyx delivers webhooks at least once: the same ``call.machine.detection.ended``
     again, once before the stream starts and once during the call, on either instance,
-    is answered 200 and ignored; the core hears ``#machine`` once."""
+    is answered 200 and ignored; the core hears ``#machine`` once. (Each delivery is
+    signed as it is sent: its own timestamp, so its own signature; the same signature
+    again is a replay, refused.)"""
     async with two_instances(speech, redis_url, redis_prefix) as (a, b):
         ccid = "v3:" + uuid.uuid4().hex
         event = machine_detected(ccid)
+        sent = iter(range(int(time.time()), 0, -1))  # a second of its own for each
 
         async def deliver(gw: Served) -> None:
+            headers = signed(event, at=next(sent))
             async with httpx.AsyncClient(base_url=gw.url) as client:
-                hook = await client.post("/telnyx/outbound", content=event, headers=signed(event))
+                hook = await client.post("/telnyx/outbound", content=event, headers=headers)
             assert hook.status_code == 200
 
         await deliver(a)
@@ -300,3 +306,35 @@ async def test_plivo_and_vonage_tokens_follow_a_master_key_adopted_after_startup
         for path in (plivo_path, vonage_path):
             async with connect(b_base + path):
                 pass
+
+
+# ------------------------------------------------------------------ replayed webhooks
+
+
+async def test_a_signed_webhook_answered_by_one_instance_is_refused_as_a_replay_by_another(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    """A captured Telnyx TeXML answer or Vonage answer webhook, answered by A, replayed
+    to B within its signature's window: refused as a forged one (Telnyx 403, Vonage 401
+    ``invalid_token``), "replayed" (the signatures used are shared through Redis); a
+    new signed request is still answered there."""
+    async with two_instances(speech, redis_url, redis_prefix) as (a, b):
+        body = json.dumps({"CallSid": "v3:" + uuid.uuid4().hex, "From": "+1", "To": "+2"})
+        headers = signed(body.encode())
+        vonage = {"Authorization": vonage_signed(SECRET)}
+        query = {"uuid": str(uuid.uuid4())}
+        async with httpx.AsyncClient(base_url=a.url) as client:
+            assert (await client.post("/telnyx/texml", content=body, headers=headers)).is_success
+            assert (await client.get("/vonage/answer", params=query, headers=vonage)).is_success
+        async with httpx.AsyncClient(base_url=b.url) as client:
+            replayed = await client.post("/telnyx/texml", content=body, headers=headers)
+            assert replayed.status_code == 403, replayed.text
+            assert "replayed" in replayed.json()["detail"]
+            replayed = await client.get("/vonage/answer", params=query, headers=vonage)
+            assert replayed.status_code == 401, replayed.text
+            assert 'error="invalid_token"' in replayed.headers["www-authenticate"]
+            assert "replayed" in replayed.json()["detail"]
+            resigned = signed(body.encode(), at=int(headers["telnyx-timestamp"]) - 1)
+            assert (await client.post("/telnyx/texml", content=body, headers=resigned)).is_success
+            fresh = {"Authorization": vonage_signed(SECRET)}
+            assert (await client.get("/vonage/answer", params=query, headers=fresh)).is_success

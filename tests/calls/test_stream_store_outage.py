@@ -2,16 +2,19 @@
 (the nonce store) is down: the upgrade is refused before the accept with HTTP 503,
 ``Retry-After`` and a problem body (an outage of a dependency, not the carrier's bad
 credentials: no 403, no 500), logged at WARNING naming the component, no traceback
-(gateway/io/call.py ``admit``). A Redis server and a Redis Cluster alike: nothing
-listens on the port GATEWAY_REDIS_URL names (an unreachable Cluster raises
-redis-py's RedisClusterUnreachableError, which is no RedisError)."""
+(gateway/io/call.py ``admit``). The Vonage answer webhook that would issue the token is
+refused 503 too (its token cannot be checked for a replay). A Redis server and a Redis
+Cluster alike: nothing listens on the port GATEWAY_REDIS_URL names (an unreachable
+Cluster raises redis-py's RedisClusterUnreachableError, which is no RedisError)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import time
 import uuid
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -21,22 +24,44 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from gateway.app import create_app
+from gateway.settings import Settings
 from tests.adapters.plivo.harness import AUTH_ID as PLIVO_AUTH_ID
 from tests.adapters.plivo.harness import AUTH_TOKEN as PLIVO_AUTH_TOKEN
 from tests.adapters.plivo.harness import ask_answer
+from tests.adapters.telnyx.harness import PUBLIC_KEY, ask_texml
 from tests.adapters.twilio.helpers import PUBLIC
 from tests.adapters.vonage.harness import SECRET, ask_ncco
-from tests.conftest import refused_port, served
+from tests.conftest import refused_port, served, served_app
 from tests.redis_topologies import start_cluster
 
 
-async def refused_while_down(url: str, caplog: pytest.LogCaptureFixture) -> None:
-    """A Vonage call answered by the gateway at ``url`` whose token store is down: its
-    stream's upgrade is refused 503, logged at WARNING without a traceback."""
-    answer = await ask_ncco(url, str(uuid.uuid4()))
-    assert answer.status_code == 200, answer.text
-    (endpoint,) = answer.json()[0]["endpoint"]
-    stream = f"ws://{urlsplit(url).netloc}{urlsplit(endpoint['uri']).path}"
+def vonage_down(redis_url: str) -> tuple[Any, Settings]:
+    """A gateway app taking Vonage calls, its Redis at ``redis_url``, and its settings."""
+    update = {"redis_url": redis_url, "vonage_signature_secret": SecretStr(SECRET)}
+    settings = Settings().model_copy(update=update)
+    return create_app(settings), settings
+
+
+async def refused_while_down(url: str, app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A Vonage call to the gateway ``app`` at ``url`` whose one-time key store is down:
+    its signed answer webhook is refused 503 (its token cannot be checked for a replay),
+    and a stream with the token the answer would carry (issued here as the answer issues
+    it) is refused 503 at the upgrade; both logged at WARNING without a traceback."""
+    call_uuid = str(uuid.uuid4())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        answer = await ask_ncco(url, call_uuid)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["Retry-After"] == "1"
+    assert answer.headers["Content-Type"] == "application/problem+json"
+    assert "key store is unavailable" in answer.json()["detail"]
+    (record,) = [r for r in caplog.records if "Vonage answer refused" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert "component: nonce-store" in record.getMessage()
+    assert record.exc_info is None
+    token = app.state.vonage.tokens.issue(call_uuid, time.time())
+    stream = f"ws://{urlsplit(url).netloc}/vonage/stream/{token}"
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="gateway"), pytest.raises(InvalidStatus) as refused:
         async with connect(stream):
@@ -58,9 +83,9 @@ async def refused_while_down(url: str, caplog: pytest.LogCaptureFixture) -> None
 async def test_a_stream_is_refused_503_while_the_redis_server_is_down(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    down = f"redis://127.0.0.1:{refused_port()}/0"  # nothing listens there
-    async with served(redis_url=down, vonage_signature_secret=SecretStr(SECRET)) as url:
-        await refused_while_down(url, caplog)
+    app, settings = vonage_down(f"redis://127.0.0.1:{refused_port()}/0")  # nothing listens
+    async with served_app(app, settings) as url:
+        await refused_while_down(url, app, caplog)
 
 
 async def test_a_stream_is_refused_503_while_the_redis_cluster_is_down(
@@ -73,14 +98,15 @@ async def test_a_stream_is_refused_503_while_the_redis_cluster_is_down(
     gateway/redisconn.py ``REDIS_ERRORS``): a V2 turn is a 503 of the session store,
     not an internal gateway error, and /readyz says the store does not answer."""
     with start_cluster() as cluster:
-        async with served(redis_url=cluster, vonage_signature_secret=SecretStr(SECRET)) as url:
+        app, settings = vonage_down(cluster)
+        async with served_app(app, settings) as url:
             first = redis.Redis.from_url("redis://" + urlsplit(cluster).netloc.split(",")[0])
             for node in list(first.cluster("nodes")):
                 host, _, port = node.partition("@")[0].rpartition(":")
                 with contextlib.suppress(redis.ConnectionError):  # it is gone
                     redis.Redis(host=host, port=int(port)).shutdown(nosave=True)
             first.close()
-            await refused_while_down(url, caplog)
+            await refused_while_down(url, app, caplog)
             caplog.clear()
             async with httpx.AsyncClient(base_url=url) as client:
                 turn = await client.put(
@@ -113,6 +139,28 @@ async def test_a_plivo_answer_is_refused_503_while_the_redis_server_is_down(
         assert answer.headers["Content-Type"] == "application/problem+json"
         assert "key store is unavailable" in answer.json()["detail"]
         (record,) = [r for r in caplog.records if "/plivo/answer refused" in r.getMessage()]
+        assert record.levelno == logging.WARNING
+        assert "component: nonce-store" in record.getMessage()
+        assert record.exc_info is None
+
+
+async def test_a_telnyx_webhook_is_refused_503_while_the_redis_server_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A signed Telnyx TeXML answer whose signature cannot be checked for a replay (the
+    one-time key store, the gateway's Redis, is down): 503 with ``Retry-After`` and a
+    problem body, logged at WARNING naming the component; no stream URL is minted."""
+    down = f"redis://127.0.0.1:{refused_port()}/0"  # nothing listens there
+    key = SecretStr("KEY-T")
+    async with served(redis_url=down, telnyx_api_key=key, telnyx_public_key=PUBLIC_KEY) as url:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="adapters.telnyx"):
+            answer = await ask_texml(url, "v3:" + uuid.uuid4().hex)
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["Retry-After"] == "1"
+        assert answer.headers["Content-Type"] == "application/problem+json"
+        assert "key store is unavailable" in answer.json()["detail"]
+        (record,) = [r for r in caplog.records if "Telnyx webhook refused" in r.getMessage()]
         assert record.levelno == logging.WARNING
         assert "component: nonce-store" in record.getMessage()
         assert record.exc_info is None

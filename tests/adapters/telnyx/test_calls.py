@@ -7,6 +7,7 @@ start in a format the gateway cannot take closed with 1003."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import uuid
@@ -17,6 +18,7 @@ import httpx
 import pytest
 
 from adapters.telnyx.control import read_client_state
+from adapters.telnyx.verify import SIGNATURE_HEADER as SIG
 from gateway.callcodec import WireEncoding
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
@@ -221,3 +223,55 @@ async def test_the_texml_answer_asks_for_the_caller_s_audio_in_pcmu() -> None:
     assert stream.attrib["codec"] == "PCMU"
     assert stream.attrib["bidirectionalCodec"] == "PCMU"
     assert stream.attrib["bidirectionalSamplingRate"] == "8000"
+
+
+def respelled(signature: str) -> str:
+    """``signature`` (base64 of 64 bytes, ``…X==``) in another base64 spelling of the same
+    bytes: the last character's unused low bit set (decoders ignore those bits)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    assert signature.endswith("==")
+    last = alphabet[alphabet.index(signature[-3]) ^ 1]
+    assert base64.b64decode(signature[:-3] + last + "==") == base64.b64decode(signature)
+    return signature[:-3] + last + "=="
+
+
+async def test_a_replayed_webhook_is_refused_as_a_forged_one(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signed webhook sent again as it was (captured, replayed within the 300 s its
+    timestamp passes) is refused as a forged signature is: 403 problem, logged the same
+    way, "replayed"; a TeXML answer mints no second stream URL, and another spelling of
+    the same signature's base64 is the same signature. The first is served; the same
+    call's webhook signed at another second (a new request) and a Call Control webhook
+    are served, each once."""
+    async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        ccid = "v3:" + uuid.uuid4().hex
+        body = json.dumps({"CallSid": ccid, "From": "+15550100", "To": "+15550199"}).encode()
+        headers = signed(body)
+        first = await client.post("/telnyx/texml", content=body, headers=headers)
+        assert first.status_code == 200, first.text
+        assert ET.fromstring(first.text).find("./Connect/Stream") is not None
+        respelling = {**headers, "telnyx-signature-ed25519": respelled(headers[SIG])}
+        for again in (headers, respelling):
+            with caplog.at_level(logging.WARNING, logger="adapters.telnyx"):
+                replayed = await client.post("/telnyx/texml", content=body, headers=again)
+            assert replayed.status_code == 403, replayed.text
+            assert replayed.headers["content-type"] == "application/problem+json"
+            assert "replayed" in replayed.json()["detail"]
+            assert "<Stream" not in replayed.text
+        refused = [r.getMessage() for r in caplog.records if r.name == "adapters.telnyx"]
+        assert (
+            refused
+            == [f"Telnyx webhook refused (403): {SIG} was used already: the request was replayed"]
+            * 2
+        )
+        resigned = signed(body, at=int(headers["telnyx-timestamp"]) - 1)
+        other = await client.post("/telnyx/texml", content=body, headers=resigned)
+        assert other.status_code == 200, other.text
+        event = json.dumps({"data": {"event_type": "call.answered", "id": str(uuid.uuid4())}})
+        hook_headers = signed(event.encode())
+        hook = await client.post("/telnyx/outbound", content=event, headers=hook_headers)
+        assert hook.status_code == 200, hook.text
+        hook = await client.post("/telnyx/outbound", content=event, headers=hook_headers)
+        assert hook.status_code == 403, hook.text
+        assert "replayed" in hook.json()["detail"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -83,3 +84,26 @@ def test_old_and_future_timestamps_are_refused(key: Ed25519PrivateKey) -> None:
 def test_a_bad_public_key_is_a_configuration_error() -> None:
     with pytest.raises(ValueError, match="32 raw Ed25519 bytes"):
         TelnyxVerifier("c2hvcnQ=")
+
+
+def test_a_passed_signature_names_its_replay_key_for_its_whole_window(
+    key: Ed25519PrivateKey,
+) -> None:
+    """check returns the hex SHA-256 of the signature's 64 bytes (the route uses it once):
+    the same for another base64 spelling of the same bytes, another for another signature.
+    A signature passes for 2 × tolerance_s (a timestamp that far ahead, then behind)."""
+    verifier = TelnyxVerifier(public_b64(key), tolerance_s=300)
+    good = sign(key, str(NOW), BODY)
+    replay_key = verifier.check(BODY, good, str(NOW), NOW)
+    assert replay_key == hashlib.sha256(base64.b64decode(good)).hexdigest()
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    respelled = good[:-3] + alphabet[alphabet.index(good[-3]) ^ 1] + "=="
+    assert respelled != good
+    assert verifier.check(BODY, respelled, str(NOW), NOW) == replay_key
+    other = sign(key, str(NOW + 1), BODY)
+    assert verifier.check_headers(
+        BODY, {SIGNATURE_HEADER: other, TIMESTAMP_HEADER: str(NOW + 1)}, NOW
+    ) not in ("", replay_key)
+    assert verifier.replay_window_s == 600
+    verifier.check(BODY, good, str(NOW), NOW - 300)  # first seen here...
+    verifier.check(BODY, good, str(NOW), NOW + 300)  # ...still passing 600 s later

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -152,3 +153,41 @@ async def test_an_oversized_answer_body_is_413_before_it_is_read(speech: SpeechS
         async with httpx.AsyncClient(base_url=gw.url) as client:
             r = await client.post("/vonage/answer", content=body, headers=headers)
         assert r.status_code == 200, r.text
+
+
+async def test_a_replayed_token_is_refused_as_a_forged_one(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signed answer webhook sent again with its token (captured, replayed within the
+    300 s its iat passes) is refused as a forged token is: 401 ``invalid_token`` problem,
+    logged the same way, "replayed"; it mints no second stream URL. A token is known by its
+    ``jti``, else by its signature. The first is served, and so is the same call's answer
+    with a token of its own."""
+    query = {"uuid": str(uuid.uuid4()), "from": "447700900000", "to": "447700900001"}
+    no_jti = "Bearer " + jwt.encode({"iat": int(time.time())}, SECRET, algorithm="HS256")
+    async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        with_jti = signed(SECRET)
+        for token in (with_jti, no_jti):
+            first = await client.get(
+                "/vonage/answer", params=query, headers={"Authorization": token}
+            )
+            assert first.status_code == 200, first.text
+            assert first.json()[0]["endpoint"][0]["uri"].startswith("ws")
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="gateway.vonage"):
+                r = await client.get(
+                    "/vonage/answer", params=query, headers={"Authorization": token}
+                )
+            assert r.status_code == 401, r.text
+            assert r.headers["www-authenticate"] == INVALID_TOKEN
+            assert r.headers["content-type"] == "application/problem+json"
+            assert "replayed" in r.json()["detail"]
+            assert "endpoint" not in r.text
+            assert [m.getMessage() for m in caplog.records if m.name == "gateway.vonage"] == [
+                "Vonage answer refused: the webhook token was used already: "
+                "the request was replayed"
+            ]
+        fresh = await client.get(
+            "/vonage/answer", params=query, headers={"Authorization": signed(SECRET)}
+        )
+        assert fresh.status_code == 200, fresh.text

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from typing import Any
 
 import jwt
 import pytest
 
-from adapters.vonage.verify import CHALLENGE, VonageVerifier
+from adapters.vonage.verify import CHALLENGE, VonageVerifier, replay_key
 from gateway.callcodec import VerificationRefused
 
 SECRET = "b2f1a8c3d4e5f60718293a4b5c6d7e8f" * 2
@@ -105,3 +106,24 @@ def test_alg_none_is_refused() -> None:
 def test_an_empty_secret_is_a_configuration_error() -> None:
     with pytest.raises(ValueError, match="must not be empty"):
         VonageVerifier("")
+
+
+def test_a_passed_token_is_named_by_its_jti_else_its_signature() -> None:
+    """replay_key: the jti's digest when the token has one (whatever else it holds), else
+    the digest of the signature's bytes; the key is used for max_age_s + leeway_s, the
+    time a token can pass (from leeway_s before its iat to max_age_s after)."""
+    with_jti = f"Bearer {token()}"
+    key = replay_key(with_jti, check(with_jti))
+    jti = "c5ae0b5c-1c3a-4b0c-9b2c-1b1f8f1d4a11"
+    assert key == "jti:" + hashlib.sha256(jti.encode()).hexdigest()
+    same_jti = f"Bearer {token(iat=NOW - 1)}"
+    assert replay_key(same_jti, check(same_jti)) == key
+    no_jti = f"Bearer {token(jti=None)}"
+    signature = base64.urlsafe_b64decode(no_jti.rpartition(".")[2] + "=")
+    assert replay_key(no_jti, check(no_jti)) == "sig:" + hashlib.sha256(signature).hexdigest()
+    other = f"Bearer {token(jti=None, iat=NOW - 1)}"
+    assert replay_key(other, check(other)) != replay_key(no_jti, check(no_jti))
+    verifier = VonageVerifier(SECRET, max_age_s=300, leeway_s=30)
+    assert verifier.replay_window_s == 330
+    verifier.check(with_jti, BODY, NOW - 30)  # first seen here...
+    verifier.check(with_jti, BODY, NOW + 300)  # ...still passing 330 s later
