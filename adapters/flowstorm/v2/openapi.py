@@ -51,46 +51,39 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
     },
 }
 
+
+def _enum(*values: str | bool) -> dict[str, Any]:
+    """The schema of a configuration value that takes one of ``values``, the first the default."""
+    kind = "boolean" if isinstance(values[0], bool) else "string"
+    return {"type": kind, "enum": list(values), "default": values[0]}
+
+
 _CONFIG_PARAMETERS = [
-    {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "schema": schema,
-        "description": description,
-    }
-    for name, schema, description in (
+    {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+    for name, schema, text in (
         ("key", {"type": "string"}, "Application key (or header X-Key)"),
         ("deviceId", {"type": "string"}, "Client device id (or X-DeviceId)"),
         (
             "sttMode",
-            {"type": "string", "enum": ["SingleUtterance"], "default": "SingleUtterance"},
+            _enum("SingleUtterance"),
             "One utterance per request; any other value is refused (400)",
         ),
         (
             "sttModel",
-            {"type": "string", "enum": ["General"], "default": "General"},
+            _enum("General"),
             "The recognizer's one model; any other value is refused (400)",
         ),
-        (
-            "videoFile",
-            {"type": "boolean", "enum": [False], "default": False},
-            "No video is made: true is refused (400)",
-        ),
+        ("videoFile", _enum(False), "No video is made: true is refused (400)"),
         ("sttSampleRate", {"type": "integer", "default": 16000}, "Hz of raw audio"),
         (
             "sttEncoding",
-            {"type": "string", "enum": ["LINEAR16", "MULAW"], "default": "LINEAR16"},
+            _enum("LINEAR16", "MULAW"),
             "Encoding of raw audio (audio/basic, BinaryEvents)",
         ),
-        (
-            "ttsFileType",
-            {"type": "string", "enum": ["mp3", "wav"], "default": "mp3"},
-            "Format of the items' TTS links",
-        ),
+        ("ttsFileType", _enum("mp3", "wav"), "Format of the items' TTS links"),
         (
             "tts",
-            {"type": "string", "enum": ["RequiredLinks", "None"], "default": "RequiredLinks"},
+            _enum("RequiredLinks", "None"),
             "`None`: items get no TTS links (gateway extension, V1's name)",
         ),
         (
