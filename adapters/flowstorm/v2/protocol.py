@@ -783,13 +783,7 @@ def done_message(
     """Recognition ``rid`` ended: ``final`` (with ``text``), ``silence``, ``text`` (the
     client switched to typing), ``error`` (with the ErrorEvent the PUT answers) or
     ``cancelled`` (the client went away)."""
-    message: BusMessage = {
-        "type": "done",
-        "id": rid,
-        "result": result,
-        "text": text,
-        "confidence": confidence,
-    }
+    message: BusMessage = dict(type="done", id=rid, result=result, text=text, confidence=confidence)
     if error is not None:
         message["error"] = {"text": error.text, "source": error.source}
     return message
@@ -884,20 +878,14 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+_ITEM_PROPS: Final = ("audio", "video", "image", "code", "background")
+"""The ResponseItem fields a ``#`` line shows, in this order."""
+
+
 def item_lines(item: ResponseItem) -> str:
     """The ``#`` and ``<`` lines of one response item (spec "Plain text")."""
     out = []
-    props = [
-        f"{name}={value}"
-        for name, value in (
-            ("audio", item.audio),
-            ("video", item.video),
-            ("image", item.image),
-            ("code", item.code),
-            ("background", item.background),
-        )
-        if value
-    ]
+    props = [f"{name}={value}" for name in _ITEM_PROPS if (value := getattr(item, name))]
     if props:
         out.append(f"# ({', '.join(_one_line(p) for p in props)})\n")
     text = _one_line(item.text or "")
