@@ -122,9 +122,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
-from adapters.flowstorm.events import (
-    RecognizedInputEvent,
-)
+from adapters.flowstorm.events import RecognizedInputEvent
 from adapters.flowstorm.v2.hearing import Action as HearingAction
 from adapters.flowstorm.v2.hearing import (
     Outcome,
@@ -162,12 +160,7 @@ from gateway import metrics
 from gateway.bus import BusUnavailable
 from gateway.conversation import TurnContext, TurnRejected, TurnStream, new_session_id
 from gateway.deps import Gateway, gateway_of
-from gateway.events import (
-    ErrorEvent,
-    Input,
-    ResponseEvent,
-    TurnEvent,
-)
+from gateway.events import ErrorEvent, Input, ResponseEvent, TurnEvent
 from gateway.httputil import read_body
 from gateway.logs import session_ref
 from gateway.outbox import Entry, Following, OutboxError
@@ -366,15 +359,8 @@ def _set_cookie(
     secure = settings.public_url.startswith("https://")
     age = settings.session_timeout_s if max_age is None else max_age
     if _COOKIE_SAFE.fullmatch(session_id) is None:  # e.g. a V1-proposed id: let Starlette quote
-        answer.set_cookie(
-            SESSION_COOKIE,
-            session_id,
-            max_age=age,
-            path="/",
-            httponly=True,
-            samesite="lax",
-            secure=secure,
-        )
+        # (Path=/ and SameSite=lax are Starlette's defaults)
+        answer.set_cookie(SESSION_COOKIE, session_id, age, httponly=True, secure=secure)
         return
     attributes = _cookie_attributes(age, secure)
     cookie = f"{SESSION_COOKIE}={session_id}{attributes}"
@@ -725,8 +711,7 @@ class _Hearing:
         self.gw = gw
         self.realtime = config.realtime
         self.topic = topic
-        loop = asyncio.get_running_loop()
-        self._now = loop.time
+        self._now = asyncio.get_running_loop().time
         self.body = StreamedBody(
             config,
             container,
