@@ -295,18 +295,8 @@ class Missed:
     event: Mapping[str, Any]
 
 
-Action = (
-    Send
-    | SendBytes
-    | Close
-    | StartTurn
-    | StoreLogs
-    | StartListening
-    | FeedAudio
-    | FinishListening
-    | CancelListening
-    | Follow
-)
+_Listen = StartListening | FeedAudio | FinishListening | CancelListening
+Action = Send | SendBytes | Close | StartTurn | StoreLogs | _Listen | Follow
 
 
 # ------------------------------------------------------------ state machine
@@ -514,6 +504,8 @@ _RUNNING = Expected(
 _DUPLEX_STATES: Final = frozenset({State.DUPLEX, State.DUPLEX_TURN, State.DUPLEX_TURN_ENDING})
 """States in which the client's Duplex stream is open."""
 _EXPECTED: dict[State, Expected] = {
+    # every state in which a turn of the connection runs (the turn, its end, Duplex or not)
+    **dict.fromkeys(set(State) - _NO_TURN - {State.AWAIT_INIT, State.CLOSED}, _RUNNING),
     State.AWAIT_INIT: Expected("The connection is not initialised", "Init"),
     State.IDLE: Expected("Event out of order", "Request, Input, Log or InputAudioStreamOpen"),
     State.LISTENING: Expected(
@@ -528,16 +520,10 @@ _EXPECTED: dict[State, Expected] = {
         "Event out of order",
         "Request, Input, Log or InputAudioStreamOpen/Close/Cancel",
     ),
-    State.TURN: _RUNNING,
-    State.TURN_DRAINING: _RUNNING,
-    State.TURN_ENDING: _RUNNING,
-    State.TURN_ENDING_DRAINING: _RUNNING,
     State.DUPLEX: Expected(
         "An audio input stream (sttMode Duplex) is open",
         "audio, InputAudioStreamOpen/Close/Cancel, Request, Input or Log",
     ),
-    State.DUPLEX_TURN: _RUNNING,
-    State.DUPLEX_TURN_ENDING: _RUNNING,
     State.CLOSED: Expected("The connection is closing", "nothing more"),
 }
 
