@@ -167,14 +167,9 @@ class StreamedBody:
         self.config = config
         self.realtime = config.realtime
         self.rid = rid
-        self.json = (
-            JsonEventReader(
-                max_event_bytes=max_audio_bytes * 4 // 3 + max_body_bytes,
-                max_text_bytes=max_body_bytes,
-            )
-            if container is None
-            else None
-        )
+        json_bytes = max_audio_bytes * 4 // 3 + max_body_bytes  # an event: base64 audio and more
+        reader = JsonEventReader(max_event_bytes=json_bytes, max_text_bytes=max_body_bytes)
+        self.json = reader if container is None else None
         self.wav = WavStreamReader() if container == "wav" else None
         self.order = RequestStream()
         self.logs: list[LogEntry] = []
@@ -191,9 +186,7 @@ class StreamedBody:
         self.silence_timeout_s = silence_timeout_ms / 1000
         self.done_retain_s = done_retain_s
         self.body_limit = (
-            max_audio_bytes * 4 // 3 + 2 * max_body_bytes
-            if container is None
-            else max_audio_bytes + 65536
+            json_bytes + max_body_bytes if container is None else max_audio_bytes + 65536
         )
         """Bytes the body may have (more: 413)."""
         self.no_speech_grace_s = no_speech_grace_s
