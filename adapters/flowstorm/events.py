@@ -128,8 +128,7 @@ class RecognizedEvent(Event):
 # ------------------------------------------------------------------- unions
 
 V2ClientEvent = Annotated[
-    InputEvent | BinaryEvent | InputStreamCloseEvent | LogEvent,
-    Field(discriminator="type"),
+    InputEvent | BinaryEvent | InputStreamCloseEvent | LogEvent, Field(discriminator="type")
 ]
 """Events a V2 client writes in an ``application/json`` PUT body."""
 

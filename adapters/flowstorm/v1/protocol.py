@@ -517,8 +517,7 @@ _EXPECTED: dict[State, Expected] = {
         "its Recognized (InputAudioStreamCancel, Request, Input or Log are allowed)",
     ),
     State.DRAINING: Expected(
-        "Event out of order",
-        "Request, Input, Log or InputAudioStreamOpen/Close/Cancel",
+        "Event out of order", "Request, Input, Log or InputAudioStreamOpen/Close/Cancel"
     ),
     State.DUPLEX: Expected(
         "An audio input stream (sttMode Duplex) is open",

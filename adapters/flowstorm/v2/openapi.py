@@ -147,7 +147,7 @@ GET_CLIENT: dict[str, Any] = dict(
     openapi_extra={
         "parameters": [
             p for p in _CONFIG_PARAMETERS if p["name"] in ("key", "deviceId", "tts", "ttsFileType")
-        ],
+        ]
     },
 )
 """Keyword arguments of the ``GET /client`` route: summary, answers, parameters."""

@@ -124,12 +124,7 @@ from starlette.types import Receive, Scope, Send
 
 from adapters.flowstorm.events import RecognizedInputEvent
 from adapters.flowstorm.v2.hearing import Action as HearingAction
-from adapters.flowstorm.v2.hearing import (
-    Outcome,
-    RecognizeFile,
-    StreamedBody,
-    heard_input,
-)
+from adapters.flowstorm.v2.hearing import Outcome, RecognizeFile, StreamedBody, heard_input
 from adapters.flowstorm.v2.openapi import GET_CLIENT, PUT_CLIENT
 from adapters.flowstorm.v2.protocol import (
     ACCEPTED_TYPES,
@@ -165,12 +160,7 @@ from gateway.httputil import read_body
 from gateway.logs import session_ref
 from gateway.outbox import Entry, Following, OutboxError
 from gateway.protocol import ProtocolError, invalid_field, media_type
-from gateway.protocol.actions import (
-    CancelListening,
-    FeedAudio,
-    FinishListening,
-    StartListening,
-)
+from gateway.protocol.actions import CancelListening, FeedAudio, FinishListening, StartListening
 from gateway.ratelimit import TokenBuckets
 from gateway.sessions import SessionBusy, StoreUnavailable
 from gateway.settings import Settings
