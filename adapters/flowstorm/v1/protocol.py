@@ -220,6 +220,7 @@ CLOSE_POLICY = 1008
 """WebSocket close code after an unknown or missing application key (policy violation)."""
 CLOSE_TOO_BIG = 1009
 """WebSocket close code after a frame larger than GATEWAY_MAX_BODY_BYTES."""
+_MISSING_KEY: Final = "The application key is missing: send it as Init.key."
 
 LOG_BUFFER = 100
 """Client log entries kept on a connection until a session exists to store them in."""
@@ -377,6 +378,9 @@ _HEARD_EVENTS: Final[dict[str, str]] = {
 }
 
 
+_SILENT: Final = Transcript(text=SILENCE)
+"""The transcript of an utterance in which nothing was said (the ``#silence`` turn's)."""
+
 _NO_TURN: Final = frozenset(
     {State.IDLE, State.LISTENING, State.FINISHING, State.DRAINING, State.DUPLEX}
 )
@@ -422,18 +426,14 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         table[(state, AUDIO_FAILED)] = failed
         table[(state, AUDIO_TIMEOUT)] = state  # FinishListening
     # sttMode Duplex: one stream, an utterance after another, until Close or Cancel
-    table.update(
-        {
-            (s.IDLE, OPEN_DUPLEX): s.DUPLEX,
-            (s.DRAINING, OPEN_DUPLEX): s.DUPLEX,  # after an audio error: the stream again
-            (s.DUPLEX, OPEN_DUPLEX): s.DUPLEX,  # acknowledged again; the stream goes on
-            (s.DUPLEX, BINARY): s.DUPLEX,  # FeedAudio
-            (s.DUPLEX, CLOSE): s.FINISHING,  # FinishListening: the last utterance
-            (s.DUPLEX, CANCEL): s.IDLE,  # CancelListening
-            (s.DUPLEX, DUPLEX_SILENCE): s.DUPLEX,  # StartListening: the next utterance
-            (s.FINISHING, DUPLEX_SILENCE): s.IDLE,
-        }
-    )
+    table[(s.IDLE, OPEN_DUPLEX)] = s.DUPLEX
+    table[(s.DRAINING, OPEN_DUPLEX)] = s.DUPLEX  # after an audio error: the stream again
+    table[(s.DUPLEX, OPEN_DUPLEX)] = s.DUPLEX  # acknowledged again; the stream goes on
+    table[(s.DUPLEX, BINARY)] = s.DUPLEX  # FeedAudio
+    table[(s.DUPLEX, CLOSE)] = s.FINISHING  # FinishListening: the last utterance
+    table[(s.DUPLEX, CANCEL)] = s.IDLE  # CancelListening
+    table[(s.DUPLEX, DUPLEX_SILENCE)] = s.DUPLEX  # StartListening: the next utterance
+    table[(s.FINISHING, DUPLEX_SILENCE)] = s.IDLE
     for turn, plain in ((s.DUPLEX_TURN, s.TURN), (s.DUPLEX_TURN_ENDING, s.TURN_ENDING)):
         table[(turn, BINARY)] = turn  # FeedAudio: heard for onsets, not recognised
         table[(turn, OPEN_DUPLEX)] = turn  # acknowledged again
@@ -675,9 +675,7 @@ def audio_error_frame(error: Exception) -> Send:
     return error_frame(f"Speech recognition failed, the utterance was dropped: {error}.", "stt")
 
 
-_ENTRY_EVENTS: Final[
-    dict[str, type[ResponseItemEvent | ResponseEvent | ErrorEvent | SessionEndedEvent]]
-] = {
+_ENTRY_EVENTS: Final[dict[str, type[TurnEvent]]] = {
     "ResponseItem": ResponseItemEvent,
     "Response": ResponseEvent,
     "Error": ErrorEvent,
@@ -867,18 +865,10 @@ class V1Connection:
 
     def _on_init(self, event: InitEvent) -> list[Action]:
         self.machine.check("Init")  # a second Init is out of order
-        allowed = (
-            self._key_allowed(event.key)
-            if callable(self._key_allowed)
-            else self._key_allowed and bool(event.key)
-        )
-        if not allowed:
+        key, allowed = event.key, self._key_allowed
+        if not (allowed(key) if callable(allowed) else allowed and bool(key)):
             self.machine.feed(REFUSED_INIT)
-            text = (
-                "The application key is missing: send it as Init.key."
-                if not event.key
-                else f"Unknown application key {event.key!r}."
-            )
+            text = f"Unknown application key {key!r}." if key else _MISSING_KEY
             return [error_frame(text), Close(CLOSE_POLICY, text)]
         # the key first: an unknown one is closed 1008 whatever else the Init holds
         resumed = check_session_id(event.session_id) if event.session_id else None
@@ -1094,10 +1084,7 @@ class V1Connection:
             ended = [CancelListening(stream)]
         if event == DUPLEX_SILENCE:
             return ended if self._duplex is None else self._listen_next()
-        if said:
-            transcript = Transcript(text=heard.text, confidence=heard.confidence)
-        else:
-            transcript = Transcript(text=SILENCE)
+        transcript = Transcript(text=heard.text, confidence=heard.confidence) if said else _SILENT
         recognized = Send(RecognizedEvent(text=transcript.text).wire_json())
         duplex = self._duplex
         session_id = duplex.session_id if utterance.duplex and duplex else utterance.session_id
