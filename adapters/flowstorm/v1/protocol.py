@@ -501,6 +501,10 @@ _RUNNING = Expected(
     "A turn of this connection is still running",
     "its Response before the next Request, Input or InputAudioStreamOpen (Log is allowed)",
 )
+_TURN_OVER: Final = frozenset(
+    {State.TURN_ENDING, State.TURN_ENDING_DRAINING, State.DUPLEX_TURN_ENDING}
+)
+"""States in which the running turn's Response or Error is known (V1Connection.turn_over)."""
 _DUPLEX_STATES: Final = frozenset({State.DUPLEX, State.DUPLEX_TURN, State.DUPLEX_TURN_ENDING})
 """States in which the client's Duplex stream is open."""
 _EXPECTED: dict[State, Expected] = {
@@ -778,11 +782,7 @@ class V1Connection:
         stream has ended and :meth:`turn_finished` was called, so the client
         never sees a Response while its connection still counts a turn running.
         """
-        return self.state in (
-            State.TURN_ENDING,
-            State.TURN_ENDING_DRAINING,
-            State.DUPLEX_TURN_ENDING,
-        )
+        return self.state in _TURN_OVER
 
     @property
     def stream(self) -> int | None:

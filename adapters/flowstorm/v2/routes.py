@@ -201,44 +201,34 @@ _REJECT_STATUS = {
 
 
 class _Refused(Exception):
-    """A request answered with one ErrorEvent, an HTTP status and (503) ``Retry-After`` s."""
+    """A request answered with one ErrorEvent, an HTTP status and (429, 503) ``Retry-After`` s."""
 
     def __init__(
         self, status: int, text: str, source: str, retry_after_s: int | None = None
     ) -> None:
         super().__init__(text)
-        self.status = status
+        self.status, self.retry_after_s = status, retry_after_s
         self.error = ErrorEvent(text=text, source=source)
-        self.retry_after_s = retry_after_s
 
-    def answer(self) -> HTTPResponse:
-        """The refusal as an NDJSON ErrorEvent answer (audio requests never get plain text)."""
-        error = self.error
-        return _answer(
-            self.status, error.text, error.source, plain=False, retry_after_s=self.retry_after_s
-        )
+    def answer(self, *, plain: bool = False) -> HTTPResponse:
+        """The refusal as an answer: its ErrorEvent as a ``!`` line when ``plain``, else NDJSON
+        (audio requests never get plain text), with ``Retry-After`` when it has one."""
+        retry = self.retry_after_s
+        headers = {"Retry-After": str(retry)} if retry is not None else None
+        body, media = error_body(self.error, plain=plain), TEXT if plain else NDJSON
+        return HTTPResponse(body, status_code=self.status, headers=headers, media_type=media)
 
     @classmethod
     def client(cls, exc: ProtocolError) -> _Refused:
+        """A client's mistake: the ProtocolError's status and text, source ``client``."""
         return cls(exc.status, exc.text, "client")
 
 
 def _answer(
     status: int, text: str, source: str, *, plain: bool, retry_after_s: int | None = None
 ) -> HTTPResponse:
-    """An error answer: one ErrorEvent of ``text`` and ``source`` (a ``!`` line when
-    ``plain``, else NDJSON) with HTTP ``status`` and, when given, ``Retry-After``."""
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    return HTTPResponse(
-        error_body(ErrorEvent(text=text, source=source), plain=plain),
-        status_code=status,
-        media_type=TEXT if plain else NDJSON,
-        headers=headers,
-    )
-
-
-def _client_error(exc: ProtocolError, *, plain: bool) -> HTTPResponse:
-    return _answer(exc.status, exc.text, "client", plain=plain)
+    """An error answer: :meth:`_Refused.answer` of these."""
+    return _Refused(status, text, source, retry_after_s).answer(plain=plain)
 
 
 KEY_CHALLENGE: Final = 'X-Key realm="flowstorm"'
@@ -388,7 +378,7 @@ async def put_client(request: Request) -> HTTPResponse:
     try:
         config, session_config = _client_config(request.scope)
     except ProtocolError as exc:
-        return _client_error(exc, plain=plain)
+        return _Refused.client(exc).answer(plain=plain)
     if refused := _check_key(gw, config, plain=plain):
         return refused
     container = AUDIO_CONTAINERS.get(kind)
@@ -424,7 +414,7 @@ async def put_client(request: Request) -> HTTPResponse:
                 charset = text_charset(request.headers.get("content-type"))
                 input_ = text_input(await read_body(request, gw.settings.max_body_bytes), charset)
             except ProtocolError as exc:
-                return _client_error(exc, plain=True)
+                return _Refused.client(exc).answer(plain=True)
             answer = await _turn(gw, ctx, input_, config, plain=True)
         elif container is not None and not config.realtime:
             answer = await _file_turn(request, gw, ctx, config, kind)
@@ -876,7 +866,7 @@ async def get_client(request: Request) -> HTTPResponse:
     try:
         config, _ = _client_config(request.scope)
     except ProtocolError as exc:
-        return _client_error(exc, plain=plain)
+        return _Refused.client(exc).answer(plain=plain)
     if refused := _check_key(gw, config, plain=plain):
         return refused
     media = TEXT if plain else NDJSON
