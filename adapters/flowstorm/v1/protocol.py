@@ -167,7 +167,6 @@ from pydantic import ValidationError
 from adapters.flowstorm.events import (
     V1_CLIENT_EVENT,
     InitEvent,
-    InputAudioStreamCancelEvent,
     InputAudioStreamCloseEvent,
     InputAudioStreamOpenEvent,
     InputEvent,
@@ -817,8 +816,7 @@ class V1Connection:
         if size > self._max:
             return self._oversized(size)
         try:
-            event = parse_event(text)
-            return self._handle(event)
+            return self._handle(parse_event(text))
         except ProtocolError as exc:
             return [error_frame(exc.text)]
 
@@ -861,7 +859,8 @@ class V1Connection:
             return self._on_audio_open(event)
         if isinstance(event, InputAudioStreamCloseEvent):
             return self._on_audio_close()
-        return self._on_audio_cancel(event)
+        self.machine.feed(event.type)  # InputAudioStreamCancel
+        return self._stop_listening()
 
     def _on_init(self, event: InitEvent) -> list[Action]:
         self.machine.check("Init")  # a second Init is out of order
@@ -887,11 +886,9 @@ class V1Connection:
         self.machine.check(event.type)  # out of order: nothing changes
         session_id, ctx_args, input_ = self._read_input(event)  # invalid: nothing changes
         self.machine.feed(event.type)
-        actions: list[Action] = []
-        if self._utterance is not None:  # the user typed instead of speaking
-            actions.append(CancelListening(self._utterance.stream))
-            self._utterance = None
-        return [*actions, self._start_turn(session_id, input_, **ctx_args)]
+        utterance, self._utterance = self._utterance, None  # the user typed instead of speaking
+        cancel: list[Action] = [CancelListening(utterance.stream)] if utterance is not None else []
+        return [*cancel, self._start_turn(session_id, input_, **ctx_args)]
 
     def _start_turn(self, session_id: str, input_: Input, **ctx_args: Any) -> StartTurn:
         logs = tuple(self._logs)
@@ -959,9 +956,7 @@ class V1Connection:
 
     def logs_not_stored(self, entries: Sequence[LogEntry]) -> None:
         """Keep ``entries`` of a failed StoreLogs for the next turn (bounded, newest kept)."""
-        pending = list(self._logs)
-        self._logs.clear()
-        self._logs.extend([*entries, *pending])
+        self._logs = deque([*entries, *self._logs], maxlen=self._logs.maxlen)
 
     # ------------------------------------------------------------ audio input
 
@@ -1030,25 +1025,18 @@ class V1Connection:
             return [FinishListening(utterance.stream)]
         return []
 
-    def _on_audio_cancel(self, event: InputAudioStreamCancelEvent) -> list[Action]:
-        self.machine.feed(event.type)
-        return self._stop_listening()
-
     def _stop_listening(self) -> list[Action]:
         """Forget the utterance being recognised and the Duplex stream: CancelListening of
         the utterance, else of the stream's latest (:meth:`_end_duplex`); ``[]`` with neither."""
         utterance, self._utterance = self._utterance, None
         duplex = self._end_duplex()
-        if utterance is not None:
-            return [CancelListening(utterance.stream)]
-        return duplex
+        return [CancelListening(utterance.stream)] if utterance is not None else duplex
 
     def _current(self, stream: int) -> _Utterance | None:
         """The utterance ``stream`` when it is the one being recognised (else a stale report)."""
         utterance = self._utterance
-        if utterance is None or utterance.stream != stream or self.state is State.CLOSED:
-            return None
-        return utterance
+        stale = utterance is None or utterance.stream != stream or self.state is State.CLOSED
+        return None if stale else utterance
 
     def heard(self, stream: int, heard: Heard) -> list[Action]:
         """What the listener of utterance ``stream`` heard (spec "Audio Input for Speech-To-Text").
@@ -1074,14 +1062,12 @@ class V1Connection:
         if heard.kind == "speech_started":
             return []
         if heard.kind == "interim":
-            if not utterance.interim:
-                return []
-            return [Send(RecognizedEvent(text=heard.text, is_final=False).wire_json())]
+            interim = RecognizedEvent(text=heard.text, is_final=False)
+            return [Send(interim.wire_json())] if utterance.interim else []
         self._utterance = None
         # the stream's last utterance (InputAudioStreamClose came): its stage is dropped
-        ended: list[Action] = []
-        if utterance.duplex and self._duplex is None:
-            ended = [CancelListening(stream)]
+        last = utterance.duplex and self._duplex is None
+        ended: list[Action] = [CancelListening(stream)] if last else []
         if event == DUPLEX_SILENCE:
             return ended if self._duplex is None else self._listen_next()
         transcript = Transcript(text=heard.text, confidence=heard.confidence) if said else _SILENT
