@@ -14,20 +14,21 @@ flowstorm-socket-v1.md and -v2.md (payload shapes), PROTOCOL-NOTES.md (field lis
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import AliasChoices, Field, TypeAdapter
 
 from gateway.events import BinaryEvent, Event, Input, LogEntry, Wire
+
+_DEVICE_ID: Final = AliasChoices("deviceId", "device_id", "sender")
+"""The names of a client's device id: ``deviceId``, alias ``sender`` (PROTOCOL-NOTES.md)."""
 
 
 class Request(Wire):
     """The 2021 V1 ``Request`` payload: an input plus the client's identity."""
 
     app_key: str | None = None
-    device_id: str | None = Field(
-        default=None, validation_alias=AliasChoices("deviceId", "device_id", "sender")
-    )
+    device_id: str | None = Field(default=None, validation_alias=_DEVICE_ID)
     token: str | None = None
     session_id: str | None = None
     initiation_id: str | None = None
@@ -71,9 +72,7 @@ class InitEvent(Event):
 
     type: Literal["Init", "InitEvent"] = "Init"
     key: str | None = None
-    device_id: str | None = Field(
-        default=None, validation_alias=AliasChoices("deviceId", "device_id", "sender")
-    )
+    device_id: str | None = Field(default=None, validation_alias=_DEVICE_ID)
     token: str | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     session_id: str | None = None
@@ -132,15 +131,9 @@ V2ClientEvent = Annotated[
 ]
 """Events a V2 client writes in an ``application/json`` PUT body."""
 
+_V1Audio = InputAudioStreamOpenEvent | InputAudioStreamCloseEvent | InputAudioStreamCancelEvent
 V1ClientEvent = Annotated[
-    InitEvent
-    | RequestEvent
-    | InputEvent
-    | InputAudioStreamOpenEvent
-    | InputAudioStreamCloseEvent
-    | InputAudioStreamCancelEvent
-    | LogEvent,
-    Field(discriminator="type"),
+    InitEvent | RequestEvent | InputEvent | _V1Audio | LogEvent, Field(discriminator="type")
 ]
 """Events a V1 client sends as WebSocket text frames."""
 
