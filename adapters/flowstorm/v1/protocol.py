@@ -544,6 +544,10 @@ class ConnectionStateMachine(StateMachine[State, str]):
 # ------------------------------------------------------------------ parsing
 
 
+_EVENT_TYPES: Final = "Init, Request, Input, Log or InputAudioStreamOpen/Close/Cancel"
+"""The V1 client events, as an Error names them."""
+
+
 def parse_event(text: str) -> V1ClientEvent:
     """The V1 client event of one text frame (a JSON object with ``type``).
 
@@ -554,12 +558,7 @@ def parse_event(text: str) -> V1ClientEvent:
     ignored (PROTOCOL-NOTES.md).
     """
     value = load_json(text, what="The frame")
-    return validate_event(
-        V1_CLIENT_EVENT,
-        value,
-        expected="Init, Request, Input, Log or InputAudioStreamOpen/Close/Cancel",
-        what="A frame",
-    )
+    return validate_event(V1_CLIENT_EVENT, value, expected=_EVENT_TYPES, what="A frame")
 
 
 def check_session_id(session_id: str) -> str:

@@ -353,6 +353,8 @@ def text_input(body: bytes, charset: str = "utf-8") -> Input:
     return Input.of(text)
 
 
+_EVENT_TYPES: Final = "Input, Log, Binary or InputStreamClose"
+"""The V2 client events a JSON body may hold, as an Error names them."""
 _WHITESPACE: Final = frozenset(b" \t\r\n")
 _STRUCTURE: Final = re.compile(rb'["\\{}\[\]]')
 _IN_STRING: Final = re.compile(rb'["\\]')
@@ -420,14 +422,9 @@ class JsonEventReader:
             self._start = None
             out.extend(self._events(raw, offset))
         self._compact()
-        if (
-            self._start is not None
-            and self.max_event_bytes is not None
-            and len(self._buf) - self._start > self.max_event_bytes
-        ):
-            raise ProtocolError(
-                f"A JSON event is larger than {self.max_event_bytes} bytes.", status=413
-            )
+        limit, start = self.max_event_bytes, self._start
+        if start is not None and limit is not None and len(self._buf) - start > limit:
+            raise ProtocolError(f"A JSON event is larger than {limit} bytes.", status=413)
         return out
 
     def close(self) -> None:
@@ -511,19 +508,13 @@ class JsonEventReader:
 
     def _events(self, raw: bytes, offset: int) -> list[V2ClientEvent]:
         value = load_json(raw, what="The JSON body", offset=offset)
-        event = validate_event(
-            V2_CLIENT_EVENT,
-            value,
-            expected="Input, Log, Binary or InputStreamClose",
-            what="Each event",
-        )
+        event = validate_event(V2_CLIENT_EVENT, value, expected=_EVENT_TYPES, what="Each event")
         self.events += 1
         if not isinstance(event, BinaryEvent):
             self.text_bytes += len(raw)
-            if self.max_text_bytes is not None and self.text_bytes > self.max_text_bytes:
-                raise ProtocolError(
-                    f"The JSON events are larger than {self.max_text_bytes} bytes.", status=413
-                )
+            limit = self.max_text_bytes
+            if limit is not None and self.text_bytes > limit:
+                raise ProtocolError(f"The JSON events are larger than {limit} bytes.", status=413)
         return [event]
 
 
@@ -838,12 +829,9 @@ class RecognitionFollower:
             return [recognized_event(text, _confidence(message), final=True)]
         error = message.get("error")
         if result == "error" and isinstance(error, dict):
-            return [
-                ErrorEvent(
-                    text=str(error.get("text") or "Recognition failed."),
-                    source=str(error.get("source") or "gateway"),
-                )
-            ]
+            why = error.get("text") or "Recognition failed."
+            source = error.get("source") or "gateway"
+            return [ErrorEvent(text=str(why), source=str(source))]
         return []
 
 
