@@ -553,9 +553,7 @@ class RequestStream:
     StateMachine, fed the events' ``type``)."""
 
     def __init__(self) -> None:
-        self.machine: StateMachine[StreamState, str] = StateMachine(
-            TRANSITIONS, StreamState.START, _EXPECTED
-        )
+        self.machine = StateMachine(TRANSITIONS, StreamState.START, _EXPECTED)
 
     @property
     def state(self) -> StreamState:
@@ -638,8 +636,11 @@ def audio_chunks(fmt: AudioFormat, data: bytes, ms: int = FILE_CHUNK_MS) -> list
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
-_WAV_PCM = 1
-_WAV_MULAW = 7
+_WAV_ENCODINGS: Final[Mapping[tuple[int, int], Literal["LINEAR16", "MULAW"]]] = {
+    (1, 16): "LINEAR16",  # WAVE_FORMAT_PCM, 16-bit samples
+    (7, 8): "MULAW",  # WAVE_FORMAT_MULAW, 8-bit samples
+}
+"""(WAV format tag, bits a sample) -> the encoding of the samples, for those read here."""
 _WAV_EXTENSIBLE = 0xFFFE
 _WAV_MAX_HEADER = 64 * 1024
 
@@ -735,11 +736,8 @@ class WavStreamReader:
             tag = struct.unpack_from("<H", chunk, 24)[0]
         if channels != 1:
             raise self._fail(f"{channels} channels")
-        if tag == _WAV_PCM and bits == 16:
-            encoding: Literal["LINEAR16", "MULAW"] = "LINEAR16"
-        elif tag == _WAV_MULAW and bits == 8:
-            encoding = "MULAW"
-        else:
+        encoding = _WAV_ENCODINGS.get((tag, bits))
+        if encoding is None:
             raise self._fail(f"sample format {tag} with {bits}-bit samples")
         try:
             return AudioFormat(encoding, rate)
