@@ -330,10 +330,9 @@ class _Socket(WebSocketDriver[Action]):
             await super().forward(start)
             return
         key = start.ctx.key
+        claim = functools.partial(self._claim, following, key)
         try:
-            answered = await self.forward_claimed(
-                start, functools.partial(self._claim, following, key)
-            )
+            answered = await self.forward_claimed(start, claim)
         finally:
             self._answering -= 1
         if answered and self.open and following.key == key:
@@ -392,15 +391,14 @@ class _Socket(WebSocketDriver[Action]):
         return entry.event if linked is None else linked.wire()
 
     async def _store_logs(self, action: StoreLogs) -> None:
+        ref = session_ref(action.ctx.key)
         try:
             stored = await self.conversation.log(action.ctx, action.entries) == "stored"
         except StoreError as exc:
-            log.warning(
-                "client logs of session %s not stored: %s", session_ref(action.ctx.key), exc
-            )
+            log.warning("client logs of session %s not stored: %s", ref, exc)
             stored = False
         except Exception:
-            log.exception("storing client logs of session %s failed", session_ref(action.ctx.key))
+            log.exception("storing client logs of session %s failed", ref)
             return
         if not stored and self.open:
             self.conn.logs_not_stored(action.entries)

@@ -886,12 +886,8 @@ async def get_client(request: Request) -> HTTPResponse:
         return _not_found(request, cookie, plain=plain)
     if found == "foreign":
         return _session_refused(found, cookie, plain=plain)
-    topic = ctx.key  # the bus topic of a session's recognition is its store key
-    return StreamingResponse(
-        _follow(gw, topic, config, plain=plain),
-        media_type=media,
-        headers={"Cache-Control": "no-store"},
-    )
+    body = _follow(gw, ctx.key, config, plain=plain)  # a session's recognition topic: its key
+    return StreamingResponse(body, media_type=media, headers={"Cache-Control": "no-store"})
 
 
 async def _follow(
