@@ -301,10 +301,8 @@ class StreamedBody:
         if self._switched is not None:  # InputStreamClose or Input: waiting for the text / end
             return max(0.0, self._switched + self.text_wait_s - now)
         latest = self._started + self.max_audio_s + self.total_grace_s
-        if self.speaking:
-            deadline = min(self._last_chunk + self.stall_s, latest)
-        else:
-            deadline = min(self._started + self.silence_timeout_s + self.no_speech_grace_s, latest)
+        quiet = self._started + self.silence_timeout_s + self.no_speech_grace_s  # no speech yet
+        deadline = min(self._last_chunk + self.stall_s if self.speaking else quiet, latest)
         return max(0.0, deadline - now)
 
     def timed_out(self) -> list[Action]:
