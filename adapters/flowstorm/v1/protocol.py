@@ -1051,8 +1051,7 @@ class V1Connection:
         CancelListening first. Reports of an utterance that was cancelled or has
         ended are ``[]``.
         """
-        utterance = self._current(stream)
-        if utterance is None:
+        if (utterance := self._current(stream)) is None:
             return []
         said = heard.kind == "final" and bool(heard.text)
         nothing = heard.kind in ("final", "silence") and not said
@@ -1084,8 +1083,7 @@ class V1Connection:
         opens it again with InputAudioStreamOpen. See :func:`audio_error_frame`
         for the source. Stale reports are ``[]``.
         """
-        utterance = self._current(stream)
-        if utterance is None:
+        if (utterance := self._current(stream)) is None:
             return []
         self.machine.advance(AUDIO_FAILED)
         self._utterance = None
@@ -1099,8 +1097,7 @@ class V1Connection:
 
         ``[]`` when the client already closed the stream or the report is stale.
         """
-        utterance = self._current(stream)
-        if utterance is None:
+        if self._current(stream) is None:
             return []
         listening = self.state in (State.LISTENING, State.DUPLEX)
         self.machine.advance(AUDIO_TIMEOUT)

@@ -164,8 +164,7 @@ class _Listening:
         return utterance if utterance is not None and utterance.stream == stream else None
 
     async def feed(self, action: FeedAudio) -> None:
-        utterance = self._current(action.stream)
-        if utterance is None:
+        if (utterance := self._current(action.stream)) is None:
             return
         stage = utterance.stage
         if not utterance.continuous or stage.taking:
@@ -174,14 +173,12 @@ class _Listening:
             stage.hear(action.data)  # a Duplex stream between utterances: heard only
 
     async def finish(self, action: FinishListening) -> None:
-        utterance = self._current(action.stream)
-        if utterance is None:
+        if (utterance := self._current(action.stream)) is None:
             return
         utterance.stage.finish_soon()  # before a Duplex utterance's onset: silence
 
     async def cancel(self, action: CancelListening) -> None:
-        utterance = self._current(action.stream)
-        if utterance is None:
+        if (utterance := self._current(action.stream)) is None:
             return
         self._utterance = None
         utterance.stage.stop()
