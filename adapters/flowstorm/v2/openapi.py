@@ -129,6 +129,9 @@ PUT_CLIENT: dict[str, Any] = dict(
 )
 """Keyword arguments of the ``PUT /client`` route: summary, answers, parameters, body."""
 
+_GET_PARAMETERS = ("key", "deviceId", "tts", "ttsFileType")
+"""The configuration a GET reads: the key and device, and how pushed items are linked."""
+
 GET_CLIENT: dict[str, Any] = dict(
     summary="Recognition results of a streaming turn (Flowstorm Socket V2)",
     responses={
@@ -144,10 +147,6 @@ GET_CLIENT: dict[str, Any] = dict(
         **{status: _TURN_DOC[status] for status in (401, 403, 404, 429)},  # as PUT's
         503: {"description": "The session store is unavailable"},
     },
-    openapi_extra={
-        "parameters": [
-            p for p in _CONFIG_PARAMETERS if p["name"] in ("key", "deviceId", "tts", "ttsFileType")
-        ]
-    },
+    openapi_extra={"parameters": [p for p in _CONFIG_PARAMETERS if p["name"] in _GET_PARAMETERS]},
 )
 """Keyword arguments of the ``GET /client`` route: summary, answers, parameters."""
