@@ -157,7 +157,7 @@ from gateway.conversation import TurnContext, TurnRejected, TurnStream, new_sess
 from gateway.deps import Gateway, gateway_of
 from gateway.events import ErrorEvent, Input, ResponseEvent, TurnEvent
 from gateway.httputil import read_body
-from gateway.logs import session_ref
+from gateway.logs import SessionRef, session_ref
 from gateway.outbox import Entry, Following, OutboxError
 from gateway.protocol import ProtocolError, invalid_field, media_type
 from gateway.protocol.actions import CancelListening, FeedAudio, FinishListening, StartListening
@@ -691,6 +691,7 @@ class _Hearing:
         self.gw = gw
         self.realtime = config.realtime
         self.topic = topic
+        self.ref = SessionRef(topic)  # how logs name the session (made when one does)
         self._now = asyncio.get_running_loop().time
         self.body = StreamedBody(
             config,
@@ -828,9 +829,7 @@ class _Hearing:
         except BusUnavailable as exc:  # the PUT goes on; only a GET misses the results
             if not self._bus_warned:
                 self._bus_warned = True
-                log.warning(
-                    "recognition results of %s not published: %s", session_ref(self.topic), exc
-                )
+                log.warning("recognition results of %s not published: %s", self.ref, exc)
 
     async def release(self) -> None:
         """Forget the retained ``done`` (the PUT's answer is on its way); idempotent."""
@@ -844,9 +843,7 @@ class _Hearing:
             try:
                 await self.gw.bus.clear(self.topic)
             except BusUnavailable as exc:
-                log.warning(
-                    "retained recognition of %s not cleared: %s", session_ref(self.topic), exc
-                )
+                log.warning("retained recognition of %s not cleared: %s", self.ref, exc)
 
 
 # ---------------------------------------------------------------- GET
