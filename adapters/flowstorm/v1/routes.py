@@ -173,9 +173,8 @@ class _Listening:
             stage.hear(action.data)  # a Duplex stream between utterances: heard only
 
     async def finish(self, action: FinishListening) -> None:
-        if (utterance := self._current(action.stream)) is None:
-            return
-        utterance.stage.finish_soon()  # before a Duplex utterance's onset: silence
+        if (utterance := self._current(action.stream)) is not None:
+            utterance.stage.finish_soon()  # before a Duplex utterance's onset: silence
 
     async def cancel(self, action: CancelListening) -> None:
         if (utterance := self._current(action.stream)) is None:
@@ -191,8 +190,7 @@ class _Listening:
             utterance.task.cancel()
 
     async def close(self) -> None:
-        utterance = self._utterance
-        if utterance is not None:
+        if (utterance := self._utterance) is not None:
             await self.cancel(CancelListening(utterance.stream))
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -259,9 +257,8 @@ class _Socket(WebSocketDriver[Action]):
         """Turns whose answer is not all sent yet (outbox entries wait for them)."""
 
     def received(self, frame: str | bytes) -> list[Action]:
-        if isinstance(frame, str):
-            return self.conn.receive_text(frame)
-        return self.conn.receive_bytes(frame)
+        conn = self.conn
+        return conn.receive_text(frame) if isinstance(frame, str) else conn.receive_bytes(frame)
 
     def holding(self) -> bool:
         return self.conn.turn_over

@@ -537,11 +537,9 @@ async def _turn(
     # pushes queued for the session go out first (the turn was accepted: it answers)
     # (none when the store saw the outbox empty as the turn took the lock: a push after
     # that stays queued for the next request, as one after this read would)
-    pushed = (
-        b""
-        if ctx.create or stream.pushes_pending is False
-        else await _queued_pushes(gw, ctx.key, config, plain=plain)
-    )
+    pushed = b""
+    if not ctx.create and stream.pushes_pending is not False:
+        pushed = await _queued_pushes(gw, ctx.key, config, plain=plain)
     media = TEXT if plain else NDJSON
     rest = stream.rest_if_done()
     if rest is None and stream.saving:  # the pipeline has answered; the session is being
