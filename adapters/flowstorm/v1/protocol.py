@@ -903,12 +903,10 @@ class V1Connection:
             request = event.request
             if request.app_key and request.app_key != self.init.key:
                 raise ProtocolError("request.appKey differs from the key of the connection's Init.")
-            proposed = request.session_id
+            proposed, input_ = request.session_id, request.input
             ctx_args = {"device_id": request.device_id, "attributes": request.attributes}
-            input_ = request.input
         else:
-            proposed = event.session_id
-            input_ = event.input
+            proposed, input_ = event.session_id, event.input
         if not input_.text.strip():
             raise ProtocolError("input.transcript.text is empty: send the user's text or #intro.")
         return self._proposed(proposed), ctx_args, input_
