@@ -839,9 +839,8 @@ class V1Connection:
         self.machine.feed(BINARY)
         if self.state is State.LISTENING and self._utterance is not None:
             return [FeedAudio(self._utterance.stream, data)]
-        if self._duplex is not None:  # the stream is heard between utterances too
-            return [FeedAudio(self._duplex.stream, data)]
-        return []
+        # a Duplex stream is heard between utterances too
+        return [FeedAudio(self._duplex.stream, data)] if self._duplex is not None else []
 
     def _oversized(self, size: int) -> list[Action]:
         self.machine.feed(OVERSIZED)

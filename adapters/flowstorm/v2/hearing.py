@@ -233,9 +233,7 @@ class StreamedBody:
         if self.decided or not self._pending:
             return None
         unit = self._pending.popleft()
-        if isinstance(unit, bytes):
-            return self._audio(unit)
-        return self._event(unit, now)
+        return self._audio(unit) if isinstance(unit, bytes) else self._event(unit, now)
 
     def _event(self, event: V2ClientEvent, now: float) -> list[Action]:
         self.order.feed(event)
