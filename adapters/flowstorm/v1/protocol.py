@@ -1125,9 +1125,9 @@ class V1Connection:
         kind = RESPONSE_AUDIO if isinstance(event, BinaryEvent) else event.type
         before = self.state
         self.machine.advance(kind)
-        ended: list[Action] = []
-        if before is State.DUPLEX_TURN_ENDING and self.state is State.TURN_ENDING:
-            ended = self._end_duplex()  # SessionEnded: the Duplex stream ends with it
+        # SessionEnded of a turn on a Duplex stream: the stream ends with it
+        stream_over = before is State.DUPLEX_TURN_ENDING and self.state is State.TURN_ENDING
+        ended = self._end_duplex() if stream_over else []
         turn = self._turn
         announce: list[Action] = []
         if turn is not None and not turn.accepted:  # the engine took the turn on

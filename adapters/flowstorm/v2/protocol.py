@@ -221,10 +221,8 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
                 param = _PARAM_OF_FIELD[name]
                 raise ProtocolError(f"{param} must be one of 1/yes/true or 0/no/false, not {raw!r}")
             values[name] = value
-        elif name in _CANONICAL_VALUES:
-            values[name] = _CANONICAL_VALUES[name].get(raw.strip().lower(), raw.strip())
-        else:
-            values[name] = raw.strip()
+        else:  # a value of _CANONICAL_VALUES in its spelling, others as sent
+            values[name] = _CANONICAL_VALUES.get(name, {}).get(raw.strip().lower(), raw.strip())
         values[name] = _check_only_value(name, raw, values[name])
     if language and (locale := _preferred_language(language)):
         values["locale"] = locale
