@@ -269,10 +269,8 @@ class StreamedBody:
             return []
         fmt = self.wav.format if self.wav is not None else self.config.raw_format()
         assert fmt is not None  # the WAV reader returns audio only after its header
-        start: list[Action] = []
-        if not self.listening:
-            self.listening = True
-            start.append(StartListening(STREAM, fmt, interim=True))
+        start: list[Action] = [] if self.listening else [StartListening(STREAM, fmt, interim=True)]
+        self.listening = True
         return [*start, FeedAudio(STREAM, data)]
 
     def heard(self, heard: Heard) -> list[Action]:
@@ -340,8 +338,7 @@ class StreamedBody:
         if not self.audio:  # JSON of Log events only
             self._outcome = Outcome(None, [], self.logs)
             return []
-        fmt = self.config.raw_format()
-        data = bytes(self.audio)
+        fmt, data = self.config.raw_format(), bytes(self.audio)
         check_raw_audio(fmt, data, what="BinaryEvent", max_audio_s=self.max_audio_s)
         return [RecognizeFile(data, fmt)]
 

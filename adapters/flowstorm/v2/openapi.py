@@ -13,6 +13,8 @@ from adapters.flowstorm.events import InputEvent
 from adapters.flowstorm.v2.protocol import NDJSON
 from gateway.apidoc import component
 
+_RETRY_AFTER = "Seconds to wait before trying again (recognizers busy)"
+
 _TURN_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The turn's events: NDJSON (RecognizedInput for audio, ResponseItem..., "
@@ -42,12 +44,7 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
     503: {
         "description": "The session store or the speech recognizer is unavailable, or all "
         "recognizers are busy (an audio request: ErrorEvent source `stt`, `Retry-After` s)",
-        "headers": {
-            "Retry-After": {
-                "description": "Seconds to wait before trying again (recognizers busy)",
-                "schema": {"type": "integer"},
-            }
-        },
+        "headers": {"Retry-After": {"description": _RETRY_AFTER, "schema": {"type": "integer"}}},
     },
 }
 
