@@ -279,11 +279,6 @@ class Follow:
     ctx: TurnContext
     after: int | None
 
-    @property
-    def key(self) -> str:
-        """The session's store key."""
-        return self.ctx.key
-
 
 @dataclass(frozen=True)
 class Missed:
@@ -958,8 +953,9 @@ class V1Connection:
 
     def _on_audio_open(self, event: InputAudioStreamOpenEvent) -> list[Action]:
         ack = Send(InputAudioStreamOpenEvent().wire_json())
-        duplex = self._duplex
-        if duplex is not None:  # open already: the client lost track of it (module doc)
+        if (
+            duplex := self._duplex
+        ) is not None:  # open already: the client lost track of it (module doc)
             self.machine.check(OPEN_DUPLEX)
             if event.session_id:
                 duplex.session_id = check_session_id(event.session_id)  # invalid: Error
@@ -1012,14 +1008,11 @@ class V1Connection:
         state = self.state
         self.machine.feed(CLOSE)
         utterance = self._utterance
-        if state is State.DUPLEX and utterance is not None:
-            self._duplex = None  # its last utterance is finished; then the stream is over
+        if state in (State.DUPLEX, State.LISTENING) and utterance is not None:
+            if state is State.DUPLEX:  # its last utterance is finished; then the stream is over
+                self._duplex = None
             return [FinishListening(utterance.stream)]
-        if state in _DUPLEX_STATES:  # between utterances (a turn runs)
-            return self._end_duplex()
-        if state is State.LISTENING and utterance is not None:
-            return [FinishListening(utterance.stream)]
-        return []
+        return self._end_duplex() if state in _DUPLEX_STATES else []  # (between utterances)
 
     def _stop_listening(self) -> list[Action]:
         """Forget the utterance being recognised and the Duplex stream: CancelListening of

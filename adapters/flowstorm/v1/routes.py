@@ -291,7 +291,7 @@ class _Socket(WebSocketDriver[Action]):
             text = f"Session {action.ctx.session_id} belongs to another application."
             await self.run([error_frame(text, "session")])
         elif found == "found":
-            following.follow(action.key, action.after)
+            following.follow(action.ctx.key, action.after)
 
     async def shutdown(self) -> None:
         await super().shutdown()
@@ -346,9 +346,8 @@ class _Socket(WebSocketDriver[Action]):
 
     async def _deliver(self, entries: list[Entry], before_turn: bool) -> bool:
         """Send outbox entries (see gateway.outbox.Following); False when it cannot now."""
-        if not self.open or not self.conn.can_deliver(before_turn=before_turn):
-            return False
-        if self._answering and not before_turn:  # a turn's Response is still to go out
+        waiting = self._answering and not before_turn  # a turn's Response is still to go out
+        if waiting or not self.open or not self.conn.can_deliver(before_turn=before_turn):
             return False
         missed = [
             Missed(e.seq, e.kind == "push", event)

@@ -338,8 +338,7 @@ def text_input(body: bytes, charset: str = "utf-8") -> Input:
     """The Input of a ``text/plain`` body in ``charset`` (as :func:`text_charset` gives it;
     a leading byte order mark ignored). ProtocolError: status 415 when ``charset`` is no
     text encoding known here, 400 when the body is not text in it or is empty."""
-    codec = _text_codec(charset)
-    if codec is None:
+    if (codec := _text_codec(charset)) is None:
         raise ProtocolError(f"Unsupported charset {charset!r} of the text/plain body.", status=415)
     try:
         text = body.decode(codec).removeprefix("\ufeff").strip()
