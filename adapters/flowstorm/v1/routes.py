@@ -209,19 +209,16 @@ class _Listening:
                 await asyncio.shield(self._run(actions))
 
         async def heard(event: Heard) -> None:
-            if event.kind == "idle":  # the client stopped sending
-                await report(conn.audio_timeout(stream))
-            else:
-                await report(conn.heard(stream, event))
+            idle = event.kind == "idle"  # the client stopped sending
+            await report(conn.audio_timeout(stream) if idle else conn.heard(stream, event))
 
         try:
             await utterance.stage.run(heard)
-        except (AudioFormatError, RecognitionError) as exc:
+        except Exception as exc:
             if isinstance(exc, RecognizerBusy):
                 metrics.ERRORS.labels("flowstorm_v1", "stt").inc()
-            await report(conn.audio_failed(stream, exc))
-        except Exception as exc:
-            log.exception("listening to utterance %d failed", stream)
+            elif not isinstance(exc, AudioFormatError | RecognitionError):  # not the audio's
+                log.exception("listening to utterance %d failed", stream)
             await report(conn.audio_failed(stream, exc))
         finally:
             if not utterance.continuous:

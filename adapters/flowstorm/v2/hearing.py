@@ -50,7 +50,7 @@ from adapters.flowstorm.v2.protocol import (
     interim_message,
     recognized_event,
 )
-from gateway.events import SILENCE, BinaryEvent, ErrorEvent, Input, LogEntry, Transcript
+from gateway.events import SILENCE, BinaryEvent, ErrorEvent, Input, LogEntry
 from gateway.protocol import ProtocolError
 from gateway.protocol.actions import CancelListening as CancelListening
 from gateway.protocol.actions import FeedAudio as FeedAudio
@@ -115,10 +115,9 @@ class Outcome:
 def heard_input(heard: Heard) -> tuple[Input, list[RecognizedInputEvent]]:
     """The turn's input for a recognition result, and the RecognizedInput to send first:
     a final text with its confidence, else ``#silence`` (and no RecognizedInput)."""
-    if heard.kind == "final" and heard.text.strip():
-        text = heard.text.strip()
-        input_ = Input(transcript=Transcript(text=text, confidence=heard.confidence))
-        return input_, [recognized_event(text, heard.confidence, final=True)]
+    if heard.kind == "final" and (text := heard.text.strip()):
+        recognized = recognized_event(text, heard.confidence, final=True)
+        return recognized.input, [recognized]
     return Input.of(SILENCE), []
 
 
@@ -212,8 +211,7 @@ class StreamedBody:
         if self._outcome is not None:
             return self._outcome
         assert self.heard_result is not None
-        input_, prefix = heard_input(self.heard_result)
-        return Outcome(input_, prefix, self.logs)
+        return Outcome(*heard_input(self.heard_result), self.logs)
 
     # -------------------------------------------------------------- the body
 

@@ -849,9 +849,8 @@ def json_lines(event: TurnEvent | RecognizedInputEvent, *, send_items: bool) -> 
     if isinstance(event, ResponseItemEvent) and not send_items:
         return b""
     if isinstance(event, ResponseEvent) and send_items:
-        event = ResponseEvent(
-            response=event.response.model_copy(update={"items": []}), seq=event.seq
-        )
+        response = event.response.model_copy(update={"items": []})
+        event = ResponseEvent(response=response, seq=event.seq)
     if isinstance(event, ResponseItemEvent | ResponseEvent | ErrorEvent | RecognizedInputEvent):
         return (event.wire_json() + "\n").encode()
     return b""

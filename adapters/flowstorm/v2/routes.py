@@ -231,6 +231,7 @@ def _answer(
     return _Refused(status, text, source, retry_after_s).answer(plain=plain)
 
 
+_NO_KEY: Final = "The application key is missing (X-Key or key)."
 KEY_CHALLENGE: Final = 'X-Key realm="flowstorm"'
 """The ``WWW-Authenticate`` of the 401 for a request without an application key (RFC 9110
 section 11.6.1 requires a challenge on every 401; the key has no registered scheme, so
@@ -239,9 +240,7 @@ the challenge names the header it goes in)."""
 
 def _check_key(gw: Gateway, config: ClientConfig, *, plain: bool) -> HTTPResponse | None:
     if not config.key:
-        refused = _answer(
-            401, "The application key is missing (X-Key or key).", "client", plain=plain
-        )
+        refused = _answer(401, _NO_KEY, "client", plain=plain)
         refused.headers["WWW-Authenticate"] = KEY_CHALLENGE
         return refused
     if not gw.settings.key_allowed(config.key):
@@ -291,8 +290,7 @@ def _client_ip(request: Request) -> str:
 
 def _guessed(request: Request) -> None:
     """Take a token from the client's allowance of "unknown session" answers."""
-    limiter: TokenBuckets = request.app.state.v2_guesses
-    limiter.take(_client_ip(request))
+    request.app.state.v2_guesses.take(_client_ip(request))
 
 
 def _too_many(request: Request, *, plain: bool) -> HTTPResponse | None:
@@ -626,9 +624,7 @@ async def _claim_pushes(
         log.warning("pushes of %s not claimed: %s", session_ref(key), exc)
         return b""
     lines = []
-    for entry in pushes:
-        if entry.seq <= before:
-            continue
+    for entry in [e for e in pushes if e.seq > before]:  # (those at or below: another's claim)
         try:
             event = ResponseEvent.model_validate({**entry.event, "seq": entry.seq})
         except ValidationError as exc:
