@@ -31,6 +31,15 @@ above every kept one and a client's ``lastSeq`` never skips them). A read
 session by its ref and the field, never the stored value; the scripts read the same
 way, and an append or a mark writes a number over what it read.
 
+An entry in Redis that is unreadable (not JSON, or JSON of another shape: edited by
+hand, written by another version in a rolling upgrade) is skipped by
+:meth:`RedisOutbox.since`, never raised: it is logged at ERROR (the session by its
+ref, the entry by its seq, the first field that failed; never the stored content),
+and every readable entry is still read. It stays counted as pending (and is logged
+again at each read) until a delivery of a later entry raises the delivered mark over
+it, or it is trimmed (``keep``) or expires with the outbox. A :class:`MemoryOutbox`
+keeps validated entries, so it has none.
+
 :class:`Journal` puts the outbox and the bus together: an append also tells the
 session's followers (a live connection on any instance, topic ``outbox:{key}``) to look
 at the outbox; :meth:`Journal.follow` is how a connection listens.
@@ -52,12 +61,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from gateway.breaker import breaker_of, outage_level
 from gateway.bus import Bus, BusUnavailable, Subscription
+from gateway.protocol import invalid_field
 from gateway.redisconn import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
@@ -112,7 +122,8 @@ class Outbox(Protocol):
 
     async def since(self, key: str, after: int | None) -> list[Entry]:
         """Kept entries with ``seq > after`` (``after`` None: above the delivered mark),
-        oldest first. Raises OutboxError."""
+        oldest first; an unreadable stored entry is logged and left out (module doc).
+        Raises OutboxError."""
         ...
 
     async def mark(self, key: str, seq: int) -> int:
@@ -286,6 +297,24 @@ def _unreadable(key: str, fields: Sequence[str]) -> None:
     )
 
 
+def _entry(key: str, data: bytes | str, score: float) -> Entry | None:
+    """The entry stored as ``data`` (its JSON) at ``score`` (its seq) in ``key``'s outbox,
+    or None when it is unreadable (module doc): logged at ERROR, the session by its
+    ref, the entry by its seq, and the first field that failed (never the content)."""
+    try:
+        return Entry.model_validate_json(data)
+    except ValidationError as exc:
+        from gateway.logs import session_ref  # gateway.logs imports this module's users
+
+        log.error(
+            "outbox of session %s: stored entry %d unreadable (%s), so it is skipped",
+            session_ref(key),
+            int(score),
+            invalid_field(exc),
+        )
+        return None
+
+
 # count(v): a stored seq or mark (HGET's reply) as a number: 0 when absent, nil when it
 # is no number (see _COUNT and the module doc); top(k): the highest seq kept in the
 # entries ``k``, 0 when none (an unreadable seq is read as it).
@@ -410,8 +439,11 @@ class RedisOutbox:
                     _unreadable(key, ["mark"])
                     after = 0
             low = f"({after}"
-            raw = await self._guard(lambda: redis.zrangebyscore(entries_key, low, "+inf"))
-        return [Entry.model_validate_json(r) for r in raw if isinstance(r, str | bytes)]
+            raw = await self._guard(
+                lambda: redis.zrangebyscore(entries_key, low, "+inf", withscores=True)
+            )
+        pairs = cast("list[tuple[bytes | str, float]]", raw)  # (member, score) with scores
+        return [e for data, score in pairs if (e := _entry(key, data, score)) is not None]
 
     async def mark(self, key: str, seq: int) -> int:
         with _redis_errors():

@@ -188,6 +188,41 @@ async def test_a_stored_seq_or_mark_that_is_no_number_is_read_as_the_safe_number
         assert "outbox of session h-" in record.getMessage()  # its ref, not its key
 
 
+async def test_an_unreadable_stored_entry_is_skipped_and_logged(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stored entry that is no JSON, or JSON of another shape (edited by hand, written
+    by another version), made since() raise ValidationError: now it is left out with one
+    ERROR (the session's ref, the entry's seq, the field; never the content), and the
+    readable entries around it are read. Other outboxes are untouched."""
+    client = redis_client(redis_url)
+    box = RedisOutbox(client, prefix=redis_prefix, keep=10, ttl_s=60)
+    entries, _ = box.keys("k")
+    try:
+        assert await box.append("k", [ev("a"), ev("b"), ev("c"), ev("d")], "turn", limit=None)
+        assert await box.append("other", [ev("x")], "push", limit=None) == [1]
+        await client.zremrangebyscore(entries, 2, 3)
+        await client.zadd(entries, {b"secret, not json": 2, b'{"seq": 3, "kind": 7}': 3})
+        caplog.clear()
+        assert [e.seq for e in await box.since("k", None)] == [1, 4]
+        assert [e.seq for e in await box.since("k", 2)] == [4]
+        assert [e.event for e in await box.since("other", 0)] == [ev("x")]
+        assert await box.state("k") == OutboxState(4, 0, 4)  # counted still: it is kept
+    finally:
+        await redisconn.aclose(client)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert [m.split(" unreadable")[0].split(": ")[1] for m in errors] == [
+        "stored entry 2",
+        "stored entry 3",
+        "stored entry 3",
+    ]
+    assert "(Invalid JSON: " in errors[0]
+    assert "(kind: " in errors[1]
+    for message in errors:
+        assert message.startswith("outbox of session h-")  # its ref, not its key
+        assert "secret" not in message
+
+
 async def test_a_journal_append_is_announced_to_followers() -> None:
     journal = Journal(MemoryOutbox(), MemoryBus(), limit=1)
     async with journal.follow("k", None) as follower:

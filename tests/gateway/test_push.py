@@ -186,6 +186,98 @@ async def test_an_unreadable_outbox_number_is_read_as_the_safe_one(
         assert "bad-outbox" not in record.getMessage()  # nor the session id
 
 
+async def corrupt_entries(
+    redis_url: str, redis_prefix: str, session_id: str, stored: dict[int, bytes]
+) -> None:
+    """Write ``stored`` (seq: raw bytes) over those entries of ``session_id``'s outbox in
+    Redis, as another version (or a hand) could have written them."""
+    redis = Redis.from_url(redis_url)
+    try:
+        [key] = [k async for k in redis.scan_iter(match=f"{redis_prefix}:*{session_id}}}:ob")]
+        for seq, raw in stored.items():
+            assert await redis.zremrangebyscore(key, seq, seq) == 1
+            await redis.zadd(key, {raw: seq})
+    finally:
+        await redis.aclose()
+
+
+UNREADABLE_ENTRIES = (b"not json", b'{"seq": 0, "kind": "later", "event": ["secret"]}')
+"""An entry that is no JSON, and one of another shape (another version's; ``secret`` is
+content no log may show)."""
+
+
+async def test_an_unreadable_outbox_entry_is_skipped_and_the_rest_delivered(
+    shared: dict[str, Any], redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stored outbox entry that is not JSON, or JSON of another shape (edited by hand,
+    written by another version in a rolling upgrade), raised a ValidationError from the
+    outbox's read: a V1 client resuming with ``lastSeq`` got none of its queued pushes
+    (the connection's outbox follower died), and a V2 turn with queued pushes answered
+    500. It is now skipped with an ERROR naming the session by its ref, the entry's seq
+    and the field (never the content); every readable entry is delivered, and other
+    sessions are untouched."""
+    settings = Settings().model_copy(update=shared)
+    # its ERROR lines are the point: served() would fail the test on them
+    async with (
+        serve(create_app(settings), **uvicorn_options(settings)) as a,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        async with connect(ws_url(a)) as ws:
+            seq = await hello(ws, "bad-entry-1")
+        async with connect(ws_url(a)) as ws:
+            other_seq = await hello(ws, "bad-entry-2")
+        for text in ("One.", "Two.", "Three."):
+            answer = await push(http, a, {"sessionId": "bad-entry-1"}, text)
+            assert answer.json()["delivery"] == "queued", answer.text
+        assert (await push(http, a, {"sessionId": "bad-entry-2"}, "Fine.")).status_code == 202
+        await view_when_pending(http, a, "bad-entry-1", 3)
+        stored = dict(zip((seq + 1, seq + 2), UNREADABLE_ENTRIES, strict=True))
+        await corrupt_entries(redis_url, redis_prefix, "bad-entry-1", stored)
+        async with connect(ws_url(a)) as ws:  # back: what it missed, the readable part
+            frame = {**init_frame(), "sessionId": "bad-entry-1", "lastSeq": seq}
+            await send_json(ws, frame)
+            assert await recv_json(ws) == {"type": "Ready"}
+            pushed = await recv_json(ws)
+            assert pushed["seq"] == seq + 3
+            assert [i["text"] for i in pushed["response"]["items"]] == ["Three."]
+            frames = await turn(ws, request_frame("my name is ada"))  # the session goes on
+            assert texts(frames[-1]) == ["Nice to meet you, Ada."]
+        async with connect(ws_url(a)) as ws:  # another session: as it was
+            frame = {**init_frame(), "sessionId": "bad-entry-2", "lastSeq": other_seq}
+            await send_json(ws, frame)
+            assert await recv_json(ws) == {"type": "Ready"}
+            pushed = await recv_json(ws)
+            assert (pushed["seq"], texts(pushed)) == (other_seq + 1, ["Fine."])
+
+        session_id = await v2_intro(http, a)  # V2: queued pushes head the next turn
+        cookie = {"Cookie": f"flowstorm-session-id={session_id}"}
+        for text in ("Four.", "Five.", "Six."):
+            answer = await push(http, a, {"sessionId": session_id}, text)
+            assert answer.json()["delivery"] == "queued", answer.text
+        first = answer.json()["seq"] - 2
+        stored = dict(zip((first, first + 2), UNREADABLE_ENTRIES, strict=True))
+        await corrupt_entries(redis_url, redis_prefix, session_id, stored)
+        text_turn = {"Content-Type": "text/plain", **cookie}
+        answered = await http.put(f"{a}{V2}", headers=text_turn, content="my name is Ada")
+        assert answered.status_code == 200, answered.text
+        assert answered.text.splitlines() == ["< Five.", "< Nice to meet you, Ada."]
+    unreadable = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert {r.levelname for r in unreadable} == {"ERROR"}
+    said = {r.getMessage().split(" unreadable")[0].split("stored entry ")[1] for r in unreadable}
+    assert said == {str(s) for s in (seq + 1, seq + 2, first, first + 2)}
+    for record in unreadable:
+        message = record.getMessage()
+        assert "outbox of session flowstorm" in message
+        assert ":h-" in message  # by its ref ...
+        assert "bad-entry" not in message
+        assert session_id not in message
+        assert "secret" not in message
+        assert "not json" not in message
+    reasons = {r.getMessage().split("(")[1].split(")")[0] for r in unreadable}
+    assert any(reason.startswith("Invalid JSON") for reason in reasons)
+    assert any(reason.startswith("kind:") for reason in reasons)
+
+
 async def test_a_push_reaches_a_live_client_on_another_instance(shared: dict[str, Any]) -> None:
     async with (
         served(**shared) as a,
