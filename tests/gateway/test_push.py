@@ -278,6 +278,41 @@ async def test_an_unreadable_outbox_entry_is_skipped_and_the_rest_delivered(
     assert any(reason.startswith("kind:") for reason in reasons)
 
 
+async def test_a_replayed_turn_entry_that_does_not_validate_is_logged_and_skipped(
+    shared: dict[str, Any], redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A turn's outbox entry replayed to a V1 client resuming with ``lastSeq`` whose event
+    is not one this version delivers (written by another version, edited by hand) was
+    skipped without a word, where such a push is logged: it is now dropped with a
+    WARNING naming the session by its ref, the entry's seq and the field (never the
+    content), and what follows it is delivered."""
+    async with served(**shared) as a, httpx.AsyncClient(timeout=10) as http:
+        async with connect(ws_url(a)) as ws:
+            seq = await hello(ws, "bad-turn-1")
+        answer = await push(http, a, {"sessionId": "bad-turn-1"}, "After.")
+        assert answer.json()["delivery"] == "queued", answer.text
+        wrong = {"seq": seq, "kind": "turn", "event": {"type": "Response", "response": "secret"}}
+        await corrupt_entries(
+            redis_url, redis_prefix, "bad-turn-1", {seq: json.dumps(wrong).encode()}
+        )
+        caplog.clear()
+        async with connect(ws_url(a)) as ws:
+            frame = {**init_frame(), "sessionId": "bad-turn-1", "lastSeq": seq - 1}
+            await send_json(ws, frame)
+            assert await recv_json(ws) == {"type": "Ready"}
+            pushed = await recv_json(ws)  # the turn's Response is not replayed; the push is
+            assert (pushed["seq"], texts(pushed)) == (seq + 1, ["After."])
+            frames = await turn(ws, request_frame("my name is ada"))
+            assert texts(frames[-1]) == ["Nice to meet you, Ada."]
+    [dropped] = [r for r in caplog.records if "not replayed" in r.getMessage()]
+    assert dropped.levelname == "WARNING"
+    message = dropped.getMessage()
+    assert message.startswith(f"turn entry {seq} of flowstorm:h-")  # the session by its ref
+    assert "(response: " in message  # the field that failed
+    assert "secret" not in message
+    assert "bad-turn" not in message
+
+
 async def test_a_push_reaches_a_live_client_on_another_instance(shared: dict[str, Any]) -> None:
     async with (
         served(**shared) as a,

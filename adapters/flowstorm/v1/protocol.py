@@ -195,6 +195,7 @@ from gateway.protocol import (
     StateMachine,
     flag,
     integer,
+    invalid_field,
     load_json,
     text,
     validate_event,
@@ -679,6 +680,24 @@ _ENTRY_EVENTS: Final[dict[str, type[TurnEvent]]] = {
     "SessionEnded": SessionEndedEvent,
 }
 """The events an outbox entry may hold (:meth:`V1Connection.deliver`)."""
+
+
+def missed_event(
+    entry: Missed,
+) -> ResponseItemEvent | ResponseEvent | ErrorEvent | SessionEndedEvent:
+    """The core event of outbox entry ``entry``, with its ``seq``.
+
+    Raises ValueError when the entry's event is none this version delivers (written by
+    another version, edited by hand): its message is the field that failed and why
+    (``type: ...`` for a type an outbox entry does not hold), never the values.
+    """
+    kind = _ENTRY_EVENTS.get(str(entry.event.get("type")))
+    if kind is None:
+        raise ValueError(f"type: not one of {', '.join(_ENTRY_EVENTS)}")
+    try:
+        return kind.model_validate({**entry.event, "seq": entry.seq})
+    except ValidationError as exc:
+        raise ValueError(invalid_field(exc)) from None
 
 
 # --------------------------------------------------------------- connection
@@ -1181,7 +1200,8 @@ class V1Connection:
         ``Response {items}`` (with ``sendResponseItems``: its ResponseItem frames, then
         the Response with empty items), which wakes a Sleeping client
         (flowstorm-socket-v1.md); a replayed turn's events go out as they did in the
-        turn. Entries whose event the connection does not know are skipped. ``[]``
+        turn. Entries whose event the connection does not know are skipped
+        (:func:`missed_event`; the routes log them before they come here). ``[]``
         unless :meth:`can_deliver` (``before_turn``: what the session missed goes out
         before the answer of the turn just started). Never raises.
         """
@@ -1190,12 +1210,9 @@ class V1Connection:
         self.machine.advance(OUTBOX)
         actions: list[Action] = []
         for entry in missed:
-            kind = _ENTRY_EVENTS.get(str(entry.event.get("type")))
-            if kind is None:
-                continue
             try:
-                event = kind.model_validate({**entry.event, "seq": entry.seq})
-            except ValidationError:
+                event = missed_event(entry)
+            except ValueError:
                 continue
             actions.extend(self._frames(event, push=entry.push))
         return actions

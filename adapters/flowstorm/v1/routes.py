@@ -52,6 +52,7 @@ from adapters.flowstorm.v1.protocol import (
     StoreLogs,
     V1Connection,
     error_frame,
+    missed_event,
 )
 from gateway import metrics
 from gateway.deps import Gateway, gateway_of
@@ -358,11 +359,24 @@ class _Socket(WebSocketDriver[Action]):
         """A pushed Response's event with TTS links on its items (``tts=RequiredLinks``),
         as a turn's items get them; other entries as they are.
 
-        None for a push that is not a Response of this version (written by another
-        version, edited by hand): it is dropped with a WARNING naming the session by its
-        ref and the field that failed, never the content. It counts as delivered, so the
-        mark is raised over it (it never becomes valid; V2 does the same)."""
+        None for a push that is not a Response of this version, or a turn's entry
+        replayed whose event this version does not deliver (:func:`missed_event`;
+        written by another version, edited by hand): it is dropped with a WARNING naming
+        the session by its ref, the entry's seq and the field that failed, never the
+        content. It counts as delivered, so the mark is raised over it (it never becomes
+        valid; V2 does the same with pushes)."""
         if entry.kind != "push":
+            try:
+                missed_event(Missed(entry.seq, False, entry.event))
+            except ValueError as exc:
+                log.warning(
+                    "turn entry %d of %s not replayed: its event is not one this version "
+                    "delivers (%s)",
+                    entry.seq,
+                    session_ref(self.conn.session_key or ""),
+                    exc,
+                )
+                return None
             return entry.event
         try:
             event = ResponseEvent.model_validate(entry.event)

@@ -29,6 +29,7 @@ from adapters.flowstorm.v1.protocol import (
     State,
     StoreLogs,
     V1Connection,
+    missed_event,
     parse_event,
 )
 from gateway.conversation import TurnRejected
@@ -1129,6 +1130,22 @@ def test_a_pushed_session_end_gives_a_duplex_streams_next_utterances_a_new_sessi
     assert frames(conn.deliver([ended])) == [{"type": "SessionEnded"}]
     assert state(conn) is State.DUPLEX  # the stream goes on ...
     assert said(conn, listen.stream, "again").ctx.session_id == "generated-1"  # ... anew
+
+
+def test_an_outbox_entry_this_version_does_not_deliver_names_its_field() -> None:
+    """missed_event: a readable entry's event with its seq; else ValueError naming the
+    field that failed (never the content), and deliver skips it."""
+    event = missed_event(Missed(2, False, {"type": "Error", "text": "t", "source": "s"}))
+    assert isinstance(event, ErrorEvent)
+    assert event.seq == 2
+    with pytest.raises(ValueError, match=r"^type: not one of ResponseItem, Response, ") as exc:
+        missed_event(Missed(3, False, {"type": "Secret"}))
+    assert "Secret" not in str(exc.value)
+    wrong = Missed(4, False, {"type": "Response", "response": "secret"})
+    with pytest.raises(ValueError, match=r"^response: ") as exc:
+        missed_event(wrong)
+    assert "secret" not in str(exc.value)
+    assert ready().deliver([wrong]) == []
 
 
 def test_outbox_entries_wait_for_a_running_answer() -> None:
