@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.events import MAX_TIMEOUT_S
 from gateway.speech.endofturn import BACKCHANNELS
+from gateway.speech.tts import FIRST_CLAUSE_CHARS
 
 Carrier = Literal["twilio", "telnyx", "vonage", "plivo", "exotel"]
 """The phone carriers whose calls run on the shared call engine."""
@@ -372,7 +373,7 @@ class Settings(BaseSettings):
         default=1, gt=0, description="ONNX Runtime threads of one Piper synthesis."
     )
     tts_first_clause_chars: int = Field(
-        default=4,
+        default=FIRST_CLAUSE_CHARS,
         ge=0,
         description="Piper: an item's first piece ends at its first clause end (a comma "
         "too) once it holds this many characters, or before a phrase when its first clause "
