@@ -544,7 +544,9 @@ def _image_env() -> dict[str, str]:
     env: dict[str, str] = {}
     for keyword, rest in _final_stage():
         if keyword == "ENV":
-            env.update(pair.split("=", 1) for pair in shlex.split(rest))
+            for pair in shlex.split(rest):
+                name, _, value = pair.partition("=")
+                env[name] = value
     return env
 
 

@@ -673,7 +673,8 @@ def audio_error_frame(error: Exception) -> Send:
     return error_frame(f"Speech recognition failed, the utterance was dropped: {error}.", "stt")
 
 
-_ENTRY_EVENTS: Final[dict[str, type[TurnEvent]]] = {
+_EntryEvent = ResponseItemEvent | ResponseEvent | ErrorEvent | SessionEndedEvent
+_ENTRY_EVENTS: Final[dict[str, type[_EntryEvent]]] = {
     "ResponseItem": ResponseItemEvent,
     "Response": ResponseEvent,
     "Error": ErrorEvent,
@@ -682,9 +683,7 @@ _ENTRY_EVENTS: Final[dict[str, type[TurnEvent]]] = {
 """The events an outbox entry may hold (:meth:`V1Connection.deliver`)."""
 
 
-def missed_event(
-    entry: Missed,
-) -> ResponseItemEvent | ResponseEvent | ErrorEvent | SessionEndedEvent:
+def missed_event(entry: Missed) -> _EntryEvent:
     """The core event of outbox entry ``entry``, with its ``seq``.
 
     Raises ValueError when the entry's event is none this version delivers (written by
