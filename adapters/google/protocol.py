@@ -510,8 +510,7 @@ def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Fo
         )
     query = next((r.query.strip() for r in first.raw_inputs if r.query and r.query.strip()), "")
     rule = V2_INTENTS.get(first.intent)
-    final = args.get("IS_FINAL_REPROMPT")
-    if rule is not None and first.intent == "actions.intent.NO_INPUT" and _true(final):
+    if first.intent == "actions.intent.NO_INPUT" and _true(args.get("IS_FINAL_REPROMPT")):
         rule = V2_FINAL_NO_INPUT
     if rule is not None:
         text, ends = rule.text, rule.ends
@@ -625,10 +624,9 @@ def _cx_plan(request: CxRequest) -> Plan:
             "triggerEvent or fulfillmentInfo.tag."
         )
     page = request.page_info.current_page if request.page_info else None
-    end_page = None
-    if page and "/flows/" in page:
-        flow = page.split("/pages/")[0]
-        end_page = f"{flow}/pages/END_SESSION"
+    end_page = (
+        f"{page.split('/pages/')[0]}/pages/END_SESSION" if page and "/flows/" in page else None
+    )
     return Plan(
         Format.DIALOGFLOW_CX,
         session_id=session,
@@ -720,12 +718,8 @@ def _v3_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[st
         "session": {"id": plan.session_id, "params": {SESSION_PARAM: gateway_session_id}},
     }
     prompt: dict[str, Any] = {"override": False}
-    if speech is not None or text:
-        simple: dict[str, Any] = {}
-        if speech is not None:
-            simple["speech"] = speech
-        if text:
-            simple["text"] = text
+    simple = {k: v for k, v in (("speech", speech), ("text", text or None)) if v is not None}
+    if simple:
         prompt["firstSimple"] = simple
     if plan.screen and (image := _image(answer.items)):
         prompt["content"] = {"image": {"url": image, "alt": text or "image"}}
@@ -775,13 +769,7 @@ def _rich_response(answer: Answer, *, exit: bool = False, screen: bool = False) 
         return _exit_response(answer)
     speech = _speech(answer.items)
     text = display_text(answer.items, MAX_DISPLAY_CHARS)
-    simple: dict[str, Any]
-    if speech:
-        simple = {"ssml": speech}
-    elif text:
-        simple = {"textToSpeech": text}
-    else:
-        simple = {"ssml": SILENT_SSML}
+    simple = {"textToSpeech": text} if text and not speech else {"ssml": speech or SILENT_SSML}
     if text:
         simple["displayText"] = text
     items: list[dict[str, Any]] = [{"simpleResponse": simple}]

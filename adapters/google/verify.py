@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hmac
 import json
 import logging
@@ -323,9 +322,7 @@ class GoogleVerifier:
         if not project_ids:
             raise ValueError("GoogleVerifier needs at least one project id")
         self.project_ids = frozenset(project_ids)
-        self._source: GoogleCertSource = cert_source or GoogleCertsFetcher(
-            timeout_s=certs_timeout_s
-        )
+        self._source = cert_source or GoogleCertsFetcher(timeout_s=certs_timeout_s)
         self._clock = clock
         self._leeway_s = leeway_s
         self._certs_timeout_s = certs_timeout_s
@@ -364,13 +361,8 @@ class GoogleVerifier:
             claims = dict(jwt.decode(token, verify=False))  # type: ignore[no-untyped-call]
             signed_section, _, signature_b64 = token.rpartition(".")
             signature = _b64url_decode(signature_b64)
-        except (
-            ValueError,
-            TypeError,
-            RecursionError,  # a JSON segment nested thousands deep
-            binascii.Error,
-            google_exceptions.GoogleAuthError,
-        ):
+        except (ValueError, TypeError, RecursionError, google_exceptions.GoogleAuthError):
+            # RecursionError: a JSON segment nested thousands deep; bad base64 is a ValueError
             raise GoogleVerificationError(
                 GoogleReason.MALFORMED_TOKEN, "the token is not a JWT"
             ) from None
