@@ -127,7 +127,6 @@ Actions -> Input (:data:`ACTIONS`, and :data:`PATH_PREFIX` for choice paths): se
 from __future__ import annotations
 
 import base64
-import binascii
 import html
 import re
 import urllib.parse
@@ -277,7 +276,12 @@ class ActionSend(_Payload):
     @field_validator("message_id", mode="before")
     @classmethod
     def _message_id(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        return _number_text(value)
+
+
+def _number_text(value: Any) -> Any:
+    """A messageID as the client meant it: an integer (not a bool) as its text, else as is."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class IntentName(_Payload):
@@ -430,14 +434,11 @@ def _intent(action: ActionBody) -> Input:
     payload = _model(IntentPayload, action)
     name = payload.intent.name
     query = (payload.query or "").strip()
+    score = 1.0 if payload.confidence is None else payload.confidence
     return Input.of(
         query or f"#{name}",
         classes=[
-            InputClass(
-                type="Intent",
-                name=name,
-                score=1.0 if payload.confidence is None else payload.confidence,
-            ),
+            InputClass(type="Intent", name=name, score=score),
             *(InputClass(type="Entity", name=e.name) for e in payload.entities),
         ],
         attributes={
@@ -455,8 +456,7 @@ def _event(action: ActionBody) -> Input:
 def _labelled(action: ActionBody) -> Input:
     """A choice path (``path-...``), ``action`` or other general request: its label, else
     ``#<type>``."""
-    payload = action.payload
-    label = _model(LabelPayload, action).label if isinstance(payload, dict) else None
+    label = _model(LabelPayload, action).label if isinstance(action.payload, dict) else None
     text = (label or "").strip() or f"#{action.type}"
     return Input.of(text, attributes=_attributes(action))
 
@@ -634,7 +634,10 @@ class TraceWriter:
             return []
         # the code as JSON when it is JSON (a command item's code is the JSON of its value:
         # a string payload comes as '"main"'), else the code as it is
-        value = _json(item.code, item.code)
+        try:
+            value = load_json(item.code.strip(), what="The item's code")
+        except ProtocolError:
+            value = item.code
         out: list[dict[str, Any]] = []
         if isinstance(value, dict) and ("buttons" in value or "traces" in value):
             buttons = [b for b in map(_button, _list(value.get("buttons"))) if b is not None]
@@ -677,14 +680,6 @@ def _message(item: ResponseItem) -> str | None:
     if not text and item.ssml:  # its text: tags out, then entities (&amp; -> &) decoded
         text = " ".join(html.unescape(_TAG.sub(" ", item.ssml)).split())
     return text or None
-
-
-def _json(code: str, default: Any) -> Any:
-    """An item's code parsed as JSON (any JSON value; ``null`` is None), else ``default``."""
-    try:
-        return load_json(code.strip(), what="The item's code")
-    except ProtocolError:
-        return default
 
 
 def _list(value: Any) -> list[Any]:
@@ -1047,10 +1042,8 @@ class VoiceflowConnection:
             traces = running.writer.close()
             if event.response.session_ended:
                 traces.append(trace("end", None, self._now_ms()))
-            else:
-                timeout = no_reply_timeout(event.response.attributes)
-                if timeout is not None:
-                    traces.append(trace("no-reply", {"timeout": timeout}, self._now_ms()))
+            elif (timeout := no_reply_timeout(event.response.attributes)) is not None:
+                traces.append(trace("no-reply", {"timeout": timeout}, self._now_ms()))
             return _trace_emits(running.message_id, traces)
         if isinstance(event, ErrorEvent):
             running.failed = True
@@ -1128,14 +1121,8 @@ def _trace_emits(message_id: str, traces: Iterable[dict[str, Any]]) -> list[Acti
 
 def _message_id_of(payload: Any) -> str | None:
     """The client's messageID when it is usable, whatever else is wrong with the payload."""
-    if not isinstance(payload, Mapping):
-        return None
-    value = payload.get("messageID")
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if isinstance(value, str) and 0 < len(value) <= MAX_ID:
-        return value
-    return None
+    value = _number_text(payload.get("messageID")) if isinstance(payload, Mapping) else None
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_ID else None
 
 
 # ------------------------------------------------------------------ Engine.IO packets
@@ -1163,7 +1150,7 @@ def engine_io_fault(packet: str | bytes) -> str | None:
     if kind == "b":
         try:
             base64.b64decode(packet[1:])
-        except (binascii.Error, ValueError):
+        except ValueError:  # (binascii.Error is one)
             return "an Engine.IO binary packet whose base64 does not decode"
         return None
     if kind not in ENGINE_IO_TYPES:
