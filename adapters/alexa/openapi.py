@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from adapters.alexa.protocol import REQUEST_TABLE, AlexaEnvelope, Handling
-from gateway.apidoc import PROBLEM, component, has, json_body
+from gateway.apidoc import component, has, json_body
+from gateway.calls_openapi import problems
 
 _EXAMPLE_REQUEST = {
     "version": "1.0",
@@ -78,22 +79,20 @@ _ENVELOPE = component(
     ],
 )
 
-_DOC: dict[int | str, dict[str, Any]] = {
+_DOC: dict[int, dict[str, Any]] = {
     200: {
         "description": "An Alexa response envelope (outputSpeech SSML, reprompt, card, "
         "sessionAttributes, shouldEndSession; or canFulfillIntent; or an empty response).",
         "content": {"application/json": {"example": _EXAMPLE_RESPONSE}},
     },
-    400: {
-        "description": "Verification failed (signature, certificate chain or URL, "
-        "timestamp, skill id), the envelope is malformed, or the body is larger than "
-        "GATEWAY_MAX_BODY_BYTES; the reason is logged.",
-        "content": PROBLEM,
-    },
-    503: {
-        "description": "Verification is on but GATEWAY_ALEXA_SKILL_IDS is empty",
-        "content": PROBLEM,
-    },
+    **problems(
+        {
+            400: "Verification failed (signature, certificate chain or URL, timestamp, skill "
+            "id), the envelope is malformed, or the body is larger than "
+            "GATEWAY_MAX_BODY_BYTES; the reason is logged.",
+            503: "Verification is on but GATEWAY_ALEXA_SKILL_IDS is empty",
+        }
+    ),
 }
 
 

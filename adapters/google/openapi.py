@@ -12,6 +12,7 @@ from typing import Any
 
 from adapters.google.protocol import CxRequest, EsRequest, V2AppRequest, V3Request
 from gateway.apidoc import PROBLEM, component, has, json_body
+from gateway.calls_openapi import problems
 
 _GOOGLE_REQUEST = {
     "handler": {"name": "gateway"},
@@ -78,35 +79,23 @@ _FROM_GOOGLE = has(
 _PAYLOAD_IS_APP_REQUEST = has(
     "originalDetectIntentRequest", "payload", leaf=component(V2AppRequest)
 )
+_CX_INPUT = [has(name, leaf=_TEXT) for name in ("text", "transcript", "dtmfDigits")]
+_CX_INPUT += [has("triggerEvent", leaf=_NAME), has("fulfillmentInfo", "tag", leaf=_NAME)]
 _DIALOGFLOW_BODY = {
     "anyOf": [
-        {
-            "allOf": [
-                component(EsRequest),
-                {
-                    "if": _FROM_GOOGLE,
-                    "then": _PAYLOAD_IS_APP_REQUEST,
-                },
-            ]
-        },
+        {"allOf": [component(EsRequest), {"if": _FROM_GOOGLE, "then": _PAYLOAD_IS_APP_REQUEST}]},
         {
             "allOf": [
                 component(CxRequest),
                 {"not": {"required": ["queryResult"]}},
-                {
-                    "anyOf": [
-                        has("text", leaf=_TEXT),
-                        has("transcript", leaf=_TEXT),
-                        has("dtmfDigits", leaf=_TEXT),
-                        has("triggerEvent", leaf=_NAME),
-                        has("fulfillmentInfo", "tag", leaf=_NAME),
-                    ]
-                },
+                {"anyOf": _CX_INPUT},
             ]
         },
     ]
 }
 
+_MALFORMED = "Malformed request"
+_TOO_LARGE = "Body larger than GATEWAY_MAX_BODY_BYTES"
 
 POST_GOOGLE: dict[str, Any] = dict(
     tags=["Google Assistant"],
@@ -126,9 +115,8 @@ POST_GOOGLE: dict[str, Any] = dict(
             "description": "The webhook response in the request's format.",
             "content": {"application/json": {"example": _GOOGLE_RESPONSE}},
         },
-        400: {"description": "Malformed request", "content": PROBLEM},
-        401: {"description": "The JWT failed verification (reason logged)", "content": PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": PROBLEM},
+        **problems({400: _MALFORMED, 401: "The JWT failed verification (reason logged)"}),
+        **problems({413: _TOO_LARGE}),
         503: {
             "description": "Verification is on but GATEWAY_GOOGLE_PROJECT_IDS is empty; or "
             "Google's signing certificates cannot be fetched (reason `certs_unavailable`, "
@@ -161,18 +149,16 @@ POST_DIALOGFLOW: dict[str, Any] = dict(
             "description": "The fulfillment response in the request's format (ES or CX).",
             "content": {"application/json": {"example": _DIALOGFLOW_RESPONSE}},
         },
-        400: {"description": "Malformed request", "content": PROBLEM},
-        401: {
-            "description": "Missing or wrong credentials (GATEWAY_DIALOGFLOW_AUTH)",
-            "content": PROBLEM,
-        },
-        403: {"description": "The agent is not in GATEWAY_APP_KEYS", "content": PROBLEM},
-        413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": PROBLEM},
-        503: {
-            "description": "GATEWAY_DIALOGFLOW_AUTH is unset (and GATEWAY_DIALOGFLOW_VERIFY "
-            "is not false)",
-            "content": PROBLEM,
-        },
+        **problems(
+            {
+                400: _MALFORMED,
+                401: "Missing or wrong credentials (GATEWAY_DIALOGFLOW_AUTH)",
+                403: "The agent is not in GATEWAY_APP_KEYS",
+                413: _TOO_LARGE,
+                503: "GATEWAY_DIALOGFLOW_AUTH is unset (and GATEWAY_DIALOGFLOW_VERIFY is not "
+                "false)",
+            }
+        ),
     },
     openapi_extra=json_body(
         _DIALOGFLOW_BODY, "Dialogflow ES or CX WebhookRequest", _DIALOGFLOW_REQUEST
