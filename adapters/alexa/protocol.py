@@ -47,15 +47,7 @@ from typing import Any, Literal
 from pydantic import Field, StrictBool, TypeAdapter
 from pydantic_core import to_json
 
-from gateway.events import (
-    FALLBACK,
-    INTRO,
-    Input,
-    InputClass,
-    Response,
-    ResponseItem,
-    Wire,
-)
+from gateway.events import FALLBACK, INTRO, Input, InputClass, Response, ResponseItem, Wire
 from gateway.protocol import ProtocolError, load_json, validate
 from gateway.ssml import display_text, speech_ssml
 from gateway.turn import VOICE_FALLBACKS, Fallback, IntentRule, TurnContext, TurnEnd

@@ -56,16 +56,7 @@ from typing import Any, TypeVar
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from pydantic.alias_generators import to_camel
 
-from gateway.events import (
-    FALLBACK,
-    INTRO,
-    SILENCE,
-    Input,
-    InputClass,
-    Response,
-    ResponseItem,
-    Wire,
-)
+from gateway.events import FALLBACK, INTRO, SILENCE, Input, InputClass, Response, ResponseItem, Wire
 from gateway.protocol import ProtocolError, validate
 from gateway.protocol import load_json as load_any_json
 from gateway.ssml import display_text, speech_ssml

@@ -934,10 +934,7 @@ class VoiceflowConnection:
             machine.feed(START_REFUSED)
             return [error("forbidden-project", f"Unknown projectID {start.project_id!r}.")]
         check = self._keys.verify(
-            start.session_key,
-            project_id=start.project_id,
-            user_id=start.user_id,
-            now=self._clock(),
+            start.session_key, project_id=start.project_id, user_id=start.user_id, now=self._clock()
         )
         self.start = start
         self._fresh = False
