@@ -162,14 +162,12 @@ class DialogflowWebhook(_Webhook):
 
     async def authenticate(self, headers: Headers) -> str | None:
         """Check the configured credentials (401 with a challenge when they are not sent)."""
-        if self.auth is not None and not self.auth.accepts(headers.get("authorization")):
-            reason = "bad_credentials" if "authorization" in headers else "missing_credentials"
-            raise WebhookRefused(
-                401,
-                reason,
-                "The request lacks the credentials configured in GATEWAY_DIALOGFLOW_AUTH.",
-                headers={"WWW-Authenticate": self.auth.challenge(headers.get("authorization"))},
-            )
+        sent = headers.get("authorization")
+        if self.auth is not None and not self.auth.accepts(sent):
+            reason = "bad_credentials" if sent is not None else "missing_credentials"
+            text = "The request lacks the credentials configured in GATEWAY_DIALOGFLOW_AUTH."
+            challenge = {"WWW-Authenticate": self.auth.challenge(sent)}
+            raise WebhookRefused(401, reason, text, headers=challenge)
         return None
 
     async def plan(self, headers: Headers, body: bytes, principal: str | None) -> Plan:

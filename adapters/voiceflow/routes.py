@@ -366,12 +366,8 @@ class EngineIoGuard:
             return
         sid = _query(scope, "sid")
         ended = await self._end_session(sid)
-        log.warning(
-            "Voiceflow Engine.IO packet refused (%s): %s%s",
-            _peer(scope, sid),
-            fault,
-            "; the session is ended" if ended else "",
-        )
+        note = "; the session is ended" if ended else ""
+        log.warning("Voiceflow Engine.IO packet refused (%s): %s%s", _peer(scope, sid), fault, note)
         await self._answer(scope, send, headers, f"Bad Request: {fault}".encode())
 
     async def _end_session(self, sid: str | None) -> bool:
@@ -414,12 +410,10 @@ class EngineIoGuard:
     def _was_ended(self, sid: str) -> bool:
         """Whether ``sid`` is a session ended here not long ago."""
         until = self._ended.get(sid)
-        if until is None:
-            return False
-        if until <= time.monotonic():
+        if until is not None and until <= time.monotonic():
             del self._ended[sid]
             return False
-        return True
+        return until is not None
 
     async def _ended_session(
         self, scope: Scope, receive: Receive, send: Send, sid: str, headers: dict[str, str]
@@ -673,9 +667,8 @@ class VoiceflowServer:
         gw = self._gateway
         if gw is None:
             return False  # not started (or stopping): the client retries
-        keys = self.session_keys()
         conn = VoiceflowConnection(
-            keys=keys,
+            keys=self.session_keys(),
             project_allowed=gw.settings.key_allowed,
             api_keys=gw.settings.voiceflow_api_keys,
             clock=time.time,
