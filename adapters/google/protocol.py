@@ -495,10 +495,9 @@ def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Fo
     args = {a.name: a for a in first.arguments if a.name}
     capabilities = request.surface.capabilities if request.surface else []
     screen = any(c.name == V2_SCREEN for c in capabilities)
+    base: dict[str, Any] = {"session_id": session_id, "locale": locale, "screen": screen}
     if _true(args.get("is_health_check")):
-        return Plan(
-            fmt, session_id=session_id, input=None, health_check=True, locale=locale, screen=screen
-        )
+        return Plan(fmt, input=None, health_check=True, **base)
     query = next((r.query.strip() for r in first.raw_inputs if r.query and r.query.strip()), "")
     rule = V2_INTENTS.get(first.intent)
     if first.intent == "actions.intent.NO_INPUT" and _true(args.get("IS_FINAL_REPROMPT")):
@@ -514,15 +513,9 @@ def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Fo
         text, ends = f"#{first.intent}", False
     said = rule is None and first.intent in _V2_WORDS and text != FALLBACK
     detail = {"arguments": [a.model_dump(mode="json", by_alias=True) for a in first.arguments]}
-    return Plan(
-        fmt,
-        session_id=session_id,
-        input=_input(text, locale, first.intent, detail, said=said),
-        end_session=ends,
-        locale=locale,
-        exit=first.intent == "actions.intent.CANCEL",
-        screen=screen,
-    )
+    heard = _input(text, locale, first.intent, detail, said=said)
+    cancel = first.intent == "actions.intent.CANCEL"
+    return Plan(fmt, input=heard, end_session=ends, exit=cancel, **base)
 
 
 _AGENT = re.compile(r"^(projects/[^/]+(?:/locations/[^/]+/agents/[^/]+)?)/")
@@ -572,16 +565,15 @@ def _es_plan(request: EsRequest) -> Plan:
     if from_google and payload and "inputs" in payload and "conversation" in payload:
         app_request = _validate(V2AppRequest, payload, "Actions on Google payload of the")
         plan = _v2_plan(app_request, request.session, locale, Format.DIALOGFLOW_ES)
-        if plan.input is not None:  # the v2 intent decides; Dialogflow's intent goes along
-            heard = plan.input
+        heard = plan.input
+        if heard is not None:  # the v2 intent decides; Dialogflow's intent goes along
             if heard.text == FALLBACK and result.query_text:
                 transcript = heard.transcript.model_copy(update={"text": result.query_text})
                 heard = heard.model_copy(update={"transcript": transcript})
             heard.attributes["intent"] = {"name": intent, **detail}
             if intent:
                 heard.classes.insert(0, InputClass(type="Intent", name=intent))
-            return replace(plan, input=heard, app_key=app_key, google_payload=True)
-        return replace(plan, app_key=app_key, google_payload=True)
+        return replace(plan, input=heard, app_key=app_key, google_payload=True)
     query = (result.query_text or "").strip()
     # an event's name as it is (upper case): a user who types "welcome" said a word
     text = INTRO if query in WELCOME_EVENTS else (query or FALLBACK)
@@ -742,29 +734,21 @@ SSML-only, or with a card) fails and Google ends with its earcon instead (Action
 Google "Conversation exits")."""
 
 
-def _exit_response(answer: Answer) -> dict[str, Any]:
-    """The RichResponse answering a conversation exit: one SimpleResponse whose
-    ``textToSpeech`` and ``displayText`` are the answer's text cut to
-    :data:`MAX_EXIT_CHARS` (:data:`SILENT_SSML` when it says nothing); no card."""
-    text = display_text(answer.items, MAX_EXIT_CHARS)
-    simple = {"textToSpeech": text, "displayText": text} if text else {"ssml": SILENT_SSML}
-    return {"items": [{"simpleResponse": simple}]}
-
-
 def _rich_response(answer: Answer, *, exit: bool = False, screen: bool = False) -> dict[str, Any]:
     """The Actions SDK v2 ``RichResponse`` of ``answer``: its items always begin with a
     SimpleResponse (:data:`SILENT_SSML` when the answer says and shows no text), then a
-    ``basicCard`` with the first image when the device has a ``screen``; the answer to a
-    conversation exit (``exit``) is :func:`_exit_response`."""
-    if exit:
-        return _exit_response(answer)
-    speech = _speech(answer.items)
-    text = display_text(answer.items, MAX_DISPLAY_CHARS)
+    ``basicCard`` with the first image when the device has a ``screen``.
+
+    The answer to a conversation exit (``exit``) is that SimpleResponse alone, its
+    ``textToSpeech`` and ``displayText`` the answer's text cut to :data:`MAX_EXIT_CHARS`
+    (no SSML, no card)."""
+    speech = None if exit else _speech(answer.items)
+    text = display_text(answer.items, MAX_EXIT_CHARS if exit else MAX_DISPLAY_CHARS)
     simple = {"textToSpeech": text} if text and not speech else {"ssml": speech or SILENT_SSML}
     if text:
         simple["displayText"] = text
     items: list[dict[str, Any]] = [{"simpleResponse": simple}]
-    if screen and (image := _image(answer.items)):
+    if screen and not exit and (image := _image(answer.items)):
         items.append({"basicCard": {"image": {"url": image, "accessibilityText": text or "image"}}})
     return {"items": items}
 
