@@ -556,15 +556,10 @@ def can_fulfill_response(envelope: AlexaEnvelope) -> AlexaResponseEnvelope:
     with each slot ``canUnderstand: MAYBE, canFulfill: YES``.
     """
     intent = envelope.request.intent
-    slots = {
-        name: SlotFulfillment(can_understand="MAYBE", can_fulfill="YES")
-        for name in ((intent.slots or {}) if intent else {})
-    }
-    return AlexaResponseEnvelope(
-        response=AlexaResponseBody(
-            can_fulfill_intent=CanFulfillIntent(can_fulfill="MAYBE", slots=slots or None)
-        )
-    )
+    maybe = SlotFulfillment(can_understand="MAYBE", can_fulfill="YES")
+    slots = dict.fromkeys((intent.slots or {}) if intent else {}, maybe)
+    can = CanFulfillIntent(can_fulfill="MAYBE", slots=slots or None)
+    return AlexaResponseEnvelope(response=AlexaResponseBody(can_fulfill_intent=can))
 
 
 def fallback_response(plan: Plan, text: str, end: bool) -> AlexaResponseEnvelope:

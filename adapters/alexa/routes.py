@@ -90,9 +90,8 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
     def __init__(self, gw: Gateway, verifier: AlexaVerifier | None, refusal: str | None) -> None:
         super().__init__(gw, gw.settings.alexa_deadline_s, refusal)
         self.verifier = verifier
-        self.config = AlexaConfig(
-            gw.settings.alexa_catch_all_intent, gw.settings.alexa_catch_all_slot
-        )
+        settings = gw.settings
+        self.config = AlexaConfig(settings.alexa_catch_all_intent, settings.alexa_catch_all_slot)
 
     async def plan(self, headers: Headers, body: bytes, principal: str | None) -> Planned:
         """Verify (when on) and parse ``body``; with verification off, check the skill id."""

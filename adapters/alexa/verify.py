@@ -561,9 +561,7 @@ class AlexaVerifier:
             raise ValueError("cache_size, failure_cache_size and max_fetches must be >= 1")
         self.skill_ids = frozenset(skill_ids)
         self._store = trust_store if trust_store is not None else certifi_trust_store()
-        self._fetcher: CertChainFetcher = fetcher or HttpxCertChainFetcher(
-            timeout_s=fetch_timeout_s
-        )
+        self._fetcher = fetcher or HttpxCertChainFetcher(timeout_s=fetch_timeout_s)
         self._clock = clock
         self._fetch_timeout_s = fetch_timeout_s
         self._max_skew = max_skew

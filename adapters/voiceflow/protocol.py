@@ -1143,15 +1143,13 @@ def engine_io_fault(packet: str | bytes) -> str | None:
         return None
     if not packet:
         return "an empty Engine.IO packet"
-    kind = packet[0]
-    if kind == "b":
+    if packet[0] == "b":
         try:
             base64.b64decode(packet[1:])
         except ValueError:  # (binascii.Error is one)
             return "an Engine.IO binary packet whose base64 does not decode"
-        return None
-    if kind not in ENGINE_IO_TYPES:
-        return f"an Engine.IO packet of unknown type {kind[:1]!r}"
+    elif packet[0] not in ENGINE_IO_TYPES:
+        return f"an Engine.IO packet of unknown type {packet[0]!r}"
     return None
 
 
