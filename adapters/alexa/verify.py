@@ -353,15 +353,10 @@ def verify_cert_chain(pem: bytes, now: datetime, trust_store: Store) -> Verified
     usages = list(_leaf_extension(leaf, x509.ExtendedKeyUsage) or [])
     if ExtendedKeyUsageOID.SERVER_AUTH not in usages:
         raise AlexaVerificationError(
-            AlexaReason.CERT_USAGE,
-            "signing certificate lacks the serverAuth extended key usage",
+            AlexaReason.CERT_USAGE, "signing certificate lacks the serverAuth extended key usage"
         )
-    verifier = (
-        PolicyBuilder()
-        .store(trust_store)
-        .time(now)
-        .build_server_verifier(x509.DNSName(ALEXA_SIGNING_SAN))
-    )
+    policy = PolicyBuilder().store(trust_store).time(now)
+    verifier = policy.build_server_verifier(x509.DNSName(ALEXA_SIGNING_SAN))
     try:
         path = verifier.verify(leaf, intermediates)
     except VerificationError as exc:
@@ -371,8 +366,7 @@ def verify_cert_chain(pem: bytes, now: datetime, trust_store: Store) -> Verified
     public_key = leaf.public_key()
     if not isinstance(public_key, rsa.RSAPublicKey):
         raise AlexaVerificationError(
-            AlexaReason.CERT_KEY_UNSUPPORTED,
-            f"signing key is {type(public_key).__name__}, not RSA",
+            AlexaReason.CERT_KEY_UNSUPPORTED, f"signing key is {type(public_key).__name__}, not RSA"
         )
     return VerifiedChain(
         leaf=leaf,

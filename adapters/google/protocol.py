@@ -437,8 +437,7 @@ def google_plan(data: Mapping[str, Any]) -> Plan:
     if kind is Format.ACTIONS_SDK_V2:
         request = _validate(V2AppRequest, data, "Actions SDK v2")
         locale = request.user.locale if request.user else None
-        session_id = request.conversation.conversation_id
-        return _v2_plan(request, session_id, locale, Format.ACTIONS_SDK_V2)
+        return _v2_plan(request, request.conversation.conversation_id, locale, kind)
     if kind in (Format.DIALOGFLOW_ES, Format.DIALOGFLOW_CX):
         raise ProtocolError("This is a Dialogflow fulfillment request: POST it to /dialogflow.")
     raise ProtocolError(

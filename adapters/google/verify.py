@@ -264,9 +264,7 @@ class GoogleCertsFetcher:
                     raise ValueError(f"{self.url} sent more than {self._max_bytes} B")
             ttl = _cache_seconds(response.headers, self._default_max_age_s)
         data = json.loads(body)
-        if not isinstance(data, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
-        ):
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
             raise ValueError(f"{self.url} did not return a {{kid: PEM}} object")
         self._certs = data
         self._expires = self._monotonic() + ttl
