@@ -721,8 +721,7 @@ def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES)
         target = max(0, len(speech.ssml) - over - 64)
         spoken = speech_ssml([ResponseItem(ssml=speech.ssml)], target)
         if spoken is None:
-            body.output_speech = None
-            speech = None
+            body.output_speech = speech = None
         else:
             speech.ssml = spoken
         data = _wire_bytes(env)

@@ -54,7 +54,6 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
-from pydantic.alias_generators import to_camel
 
 from gateway.events import FALLBACK, INTRO, SILENCE, Input, InputClass, Response, ResponseItem, Wire
 from gateway.protocol import ProtocolError, validate
@@ -159,9 +158,7 @@ class V2RawInput(Wire):
 class V2Argument(Wire):
     """``inputs[].arguments[]``; ``extension`` and others are kept as given."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="allow", serialize_by_alias=True
-    )
+    model_config = ConfigDict(extra="allow")  # merged with Wire's (camelCase aliases ...)
 
     name: str | None = None
     text_value: str | None = None

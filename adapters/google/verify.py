@@ -442,9 +442,7 @@ _BEARER = re.compile(r"^bearer(?:\s+|$)", re.IGNORECASE)
 def _token_from(headers: Mapping[str, str]) -> str:
     lowered = {name.lower(): value for name, value in headers.items()}
     raw = lowered.get("google-assistant-signature", "").strip()
-    if not raw:
-        raw = lowered.get("authorization", "").strip()
-    raw = _BEARER.sub("", raw, count=1).strip()
+    raw = _BEARER.sub("", raw or lowered.get("authorization", "").strip(), count=1).strip()
     if not raw:
         raise GoogleVerificationError(
             GoogleReason.MISSING_TOKEN,

@@ -688,16 +688,14 @@ def _list(value: Any) -> list[Any]:
 
 def _button(raw: Any) -> dict[str, Any] | None:
     """A choice button ``{name, request: {type, payload}}`` from the core's shorthand or form."""
-    if isinstance(raw, str) and raw.strip():
-        return {"name": raw, "request": {"type": "text", "payload": raw}}
-    if not isinstance(raw, dict):
-        return None
-    name = raw.get("name")
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    name = raw.get("name") if isinstance(raw, dict) else None
     if not isinstance(name, str) or not name.strip():
         return None
     request = raw.get("request")
-    if not isinstance(request, dict):
-        return {"name": name, "request": {"type": "text", "payload": name}}
+    if not isinstance(request, dict):  # a text button: pressing it says its name
+        request = {"type": "text", "payload": name}
     kind = request.get("type")
     if not isinstance(kind, str) or not kind:
         return None

@@ -321,17 +321,15 @@ class EngineIoGuard:
             if message["type"] != "websocket.receive":
                 return message
             data = message.get("bytes")
-            text = message.get("text") or ""
-            limit = self.sio.eio.max_http_buffer_size
-            size = len(data) if data is not None else len(text)
+            packet = data if data is not None else message.get("text") or ""
+            size, limit = len(packet), self.sio.eio.max_http_buffer_size
             fault: str | None
             if size > limit:
                 fault = f"an Engine.IO packet of {size} characters or bytes (at most {limit})"
                 code, reason = CLOSE_TOO_BIG, "Engine.IO packet too long"
-            else:
-                fault = None if data is not None else engine_io_fault(text)
+            elif (fault := engine_io_fault(packet)) is not None:  # (a binary one: none)
                 code, reason = CLOSE_PROTOCOL_ERROR, "malformed Engine.IO packet"
-            if fault is None:
+            else:
                 return message
             log.warning("Voiceflow Engine.IO packet refused (%s): %s", _peer(scope), fault)
             with contextlib.suppress(Exception):  # (the peer may have gone already)
