@@ -446,11 +446,10 @@ def google_plan(data: Mapping[str, Any]) -> Plan:
 
 def _v3_plan(request: V3Request) -> Plan:
     locale = (request.user.locale if request.user else None) or request.session.language_code
-    scene = request.scene.name if request.scene else None
     base: dict[str, Any] = {
         "session_id": request.session.id,
         "locale": locale or None,
-        "scene": scene,
+        "scene": request.scene.name if request.scene else None,
         "screen": bool(request.device and V3_SCREEN in request.device.capabilities),
     }
     if request.handler.name == HEALTH_CHECK_HANDLER:
@@ -470,12 +469,8 @@ def _v3_plan(request: V3Request) -> Plan:
     else:
         raise ProtocolError("The request names neither an intent nor a handler.")
     detail = {"params": intent.params or {}, "query": intent.query}
-    return Plan(
-        Format.ACTIONS_BUILDER,
-        input=_input(text, locale, intent.name or None, detail, said=said),
-        end_session=ends,
-        **base,
-    )
+    heard = _input(text, locale, intent.name or None, detail, said=said)
+    return Plan(Format.ACTIONS_BUILDER, input=heard, end_session=ends, **base)
 
 
 def _true(argument: V2Argument | None) -> bool:

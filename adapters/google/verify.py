@@ -412,11 +412,10 @@ class GoogleVerifier:
             raise GoogleVerificationError(
                 GoogleReason.WRONG_ISSUER, f"issuer {str(issuer)[:80]!r} is not Google"
             )
-        audience = claims.get("aud")
         if self.project_of(claims) is None:
             raise GoogleVerificationError(
                 GoogleReason.WRONG_AUDIENCE,
-                f"audience {str(audience)[:80]!r} is not a configured project id",
+                f"audience {str(claims.get('aud'))[:80]!r} is not a configured project id",
             )
         exp, iat = _seconds(claims.get("exp")), _seconds(claims.get("iat"))
         nbf = _seconds(claims.get("nbf")) if "nbf" in claims else iat

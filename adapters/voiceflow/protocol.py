@@ -1054,11 +1054,9 @@ class VoiceflowConnection:
         running (the caller tries again after the action)."""
         if self.state is not State.READY or self._running is not None or self.start is None:
             return []
-        message_id = self._new_message_id()
         writer = TraceWriter(self.start.config, self._now_ms)
-        traces = [t for item in items for t in writer.item(item)]
-        traces.extend(writer.close())
-        return _trace_emits(message_id, traces)
+        traces = [t for item in items for t in writer.item(item)] + writer.close()
+        return _trace_emits(self._new_message_id(), traces)
 
     def turn_rejected(self, exc: TurnRejected) -> list[Action]:
         """The engine refused the turn: ``action.status rejected`` with its reason
