@@ -116,24 +116,19 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
 
     async def _other(self, planned: Planned) -> AlexaResponseEnvelope:
         envelope, decided = planned
-        if decided.handling is Handling.CAN_FULFILL:
+        handling = decided.handling
+        if handling is Handling.CAN_FULFILL:
             return can_fulfill_response(envelope)
-        if decided.handling is Handling.PLAYBACK:  # no speech, no shouldEndSession, ever
-            return empty_response()
-        if decided.handling is Handling.EXCEPTION:
-            log.warning(
-                "Alexa reports an error with a previous response: %s",
-                envelope.request.error or "(no details)",
-            )
-            return empty_response()
-        if decided.handling is Handling.END:
+        if handling is Handling.EXCEPTION:
+            error = envelope.request.error or "(no details)"
+            log.warning("Alexa reports an error with a previous response: %s", error)
+        elif handling is Handling.END:
             await self._end(envelope, decided)
-            return empty_response()
         # Any other request type: a valid empty response. Inside a session it must end it.
-        if decided.session_id is None:
-            return empty_response()
-        await self._end(envelope, decided)
-        return empty_response(session_id=decided.session_id, end=True)
+        elif handling is not Handling.PLAYBACK and decided.session_id is not None:
+            await self._end(envelope, decided)
+            return empty_response(session_id=decided.session_id, end=True)
+        return empty_response()  # (PLAYBACK's: no speech, no shouldEndSession, ever)
 
     async def _end(self, envelope: AlexaEnvelope, decided: Plan) -> None:
         if envelope.request.type == "SessionEndedRequest":

@@ -449,8 +449,7 @@ def _intent(action: ActionBody) -> Input:
 
 
 def _event(action: ActionBody) -> Input:
-    payload = _model(EventPayload, action)
-    return Input.of(f"#{payload.event.name}", attributes=_attributes(action))
+    return Input.of(f"#{_model(EventPayload, action).event.name}", attributes=_attributes(action))
 
 
 def _labelled(action: ActionBody) -> Input:
