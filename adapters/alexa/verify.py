@@ -98,11 +98,6 @@ ALEXA_SIGNING_SAN = "echo-api.amazon.com"
 
 DEFAULT_MAX_SKEW = timedelta(seconds=150)
 DEFAULT_FETCH_TIMEOUT_S = 3.0
-DEFAULT_MAX_CHAIN_BYTES = 64 * 1024
-DEFAULT_CACHE_SIZE = 16
-DEFAULT_FAILURE_TTL_S = 30.0
-DEFAULT_FAILURE_CACHE_SIZE = 1024
-DEFAULT_MAX_FETCHES = 4
 
 
 class AlexaReason(StrEnum):
@@ -446,7 +441,7 @@ class HttpxCertChainFetcher:
         self,
         *,
         timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
-        max_bytes: int = DEFAULT_MAX_CHAIN_BYTES,
+        max_bytes: int = 64 * 1024,
         ssl_context: ssl.SSLContext | None = None,
         trust_env: bool = True,
     ) -> None:
@@ -546,10 +541,10 @@ class AlexaVerifier:
         clock: Callable[[], datetime] = _utc_now,
         fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
         max_skew: timedelta = DEFAULT_MAX_SKEW,
-        cache_size: int = DEFAULT_CACHE_SIZE,
-        failure_ttl_s: float = DEFAULT_FAILURE_TTL_S,
-        failure_cache_size: int = DEFAULT_FAILURE_CACHE_SIZE,
-        max_fetches: int = DEFAULT_MAX_FETCHES,
+        cache_size: int = 16,
+        failure_ttl_s: float = 30.0,
+        failure_cache_size: int = 1024,
+        max_fetches: int = 4,
     ) -> None:
         if cache_size < 1 or failure_cache_size < 1 or max_fetches < 1:
             raise ValueError("cache_size, failure_cache_size and max_fetches must be >= 1")

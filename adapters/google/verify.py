@@ -67,9 +67,6 @@ GOOGLE_ISSUERS = frozenset({"https://accounts.google.com", "accounts.google.com"
 """Accepted ``iss`` claims."""
 
 DEFAULT_TIMEOUT_S = 3.0
-DEFAULT_LEEWAY_S = 30.0
-DEFAULT_MAX_CERTS_BYTES = 256 * 1024
-DEFAULT_MAX_AGE_S = 300.0
 CERTS_RETRY_AFTER_S = 5
 """``Retry-After`` seconds of the 503 answering a request while Google's certificates
 cannot be fetched (a failed download is not cached: the next request tries again)."""
@@ -202,8 +199,8 @@ class GoogleCertsFetcher:
         url: str = GOOGLE_CERTS_URL,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        max_bytes: int = DEFAULT_MAX_CERTS_BYTES,
-        default_max_age_s: float = DEFAULT_MAX_AGE_S,
+        max_bytes: int = 256 * 1024,
+        default_max_age_s: float = 300.0,
         ssl_context: ssl.SSLContext | None = None,
         trust_env: bool = True,
         monotonic: Callable[[], float] = time.monotonic,
@@ -314,7 +311,7 @@ class GoogleVerifier:
         cert_source: GoogleCertSource | None = None,
         *,
         clock: Callable[[], datetime] = _utc_now,
-        leeway_s: float = DEFAULT_LEEWAY_S,
+        leeway_s: float = 30.0,
         certs_timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if not project_ids:
@@ -444,8 +441,7 @@ def _token_from(headers: Mapping[str, str]) -> str:
     raw = _BEARER.sub("", raw or lowered.get("authorization", "").strip(), count=1).strip()
     if not raw:
         raise GoogleVerificationError(
-            GoogleReason.MISSING_TOKEN,
-            "missing Google-Assistant-Signature or Authorization header",
+            GoogleReason.MISSING_TOKEN, "missing Google-Assistant-Signature or Authorization header"
         )
     if not raw.isascii():
         raise GoogleVerificationError(GoogleReason.MALFORMED_TOKEN, "the token is not ASCII")
