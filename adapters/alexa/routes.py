@@ -96,8 +96,10 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
     async def plan(self, headers: Headers, body: bytes, principal: str | None) -> Planned:
         """Verify (when on) and parse ``body``; with verification off, check the skill id."""
         if self.verifier is None:
-            envelope = parse_envelope(body)
-            _check_skill_id(self.gw.settings, envelope)
+            envelope = parse_envelope(body)  # configured skill ids are still enforced
+            app_id, skill_ids = envelope.application_id, self.gw.settings.alexa_skill_ids
+            if skill_ids and app_id is not None and app_id not in skill_ids:
+                raise ProtocolError(f"Unknown applicationId {app_id!r}.")
         else:  # an AlexaVerificationError is answered by the driver (400, its reason)
             envelope = parse_envelope(await self.verifier.verify(headers, body))
         return envelope, plan(envelope, self.config)
@@ -176,13 +178,6 @@ def make_channel(gw: Gateway, factory: AlexaVerifierFactory | None = None) -> Al
     verifying = settings.alexa_verify and refusal is None
     verifier = (factory or default_verifier_factory)(settings) if verifying else None
     return AlexaWebhook(gw, verifier, refusal)
-
-
-def _check_skill_id(settings: Settings, envelope: AlexaEnvelope) -> None:
-    """With verification off, configured skill ids are still enforced (no crypto needed)."""
-    app_id = envelope.application_id
-    if settings.alexa_skill_ids and app_id is not None and app_id not in settings.alexa_skill_ids:
-        raise ProtocolError(f"Unknown applicationId {app_id!r}.")
 
 
 @asynccontextmanager
