@@ -128,6 +128,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import re
 import urllib.parse
 import uuid
@@ -596,10 +597,8 @@ class TraceWriter:
         text = _message(item)
         if text is not None:
             if self.config.audio_events:
-                voice = item.tts_config.name if item.tts_config is not None else None
-                speak = _fields(
-                    type="message", message=text, src=item.audio or None, voice=voice or None
-                )
+                voice = (item.tts_config.name or None) if item.tts_config is not None else None
+                speak = _fields(type="message", message=text, src=item.audio or None, voice=voice)
                 out.append(trace("speak", speak, now))
             elif self.config.completion_events:  # stays open for the next text item
                 if not self._open:
@@ -662,9 +661,7 @@ def no_reply_timeout(attributes: Mapping[str, Any]) -> int | float | None:
     ``attributes``: :data:`NO_REPLY_ATTRIBUTE` (ms, a positive finite number) / 1000, a
     whole number of seconds as an int; None when there is no such timeout."""
     value = attributes.get(NO_REPLY_ATTRIBUTE)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if not 0 < value < float("inf"):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
         return None
     seconds = value / 1000
     return int(seconds) if seconds.is_integer() else seconds

@@ -160,8 +160,7 @@ class BoundedPacket(socketio.packet.Packet):  # type: ignore[misc]
 
     def decode(self, encoded_packet: Any) -> int:
         count: int = super().decode(encoded_packet)
-        data = self.data
-        kind = self.packet_type
+        data, kind = self.data, self.packet_type
         if kind in (socketio.packet.EVENT, socketio.packet.BINARY_EVENT):
             if not (isinstance(data, list) and data and isinstance(data[0], str)):
                 raise ProtocolError("A socket.io event must be an array starting with its name.")
