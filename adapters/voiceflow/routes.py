@@ -494,11 +494,8 @@ class VoiceflowServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        manager = None
-        if settings.redis_url:
-            manager = SocketIoRedisManager(
-                settings.redis_url, channel=f"{settings.redis_prefix}:voiceflow:socket.io"
-            )
+        url, channel = settings.redis_url, f"{settings.redis_prefix}:voiceflow:socket.io"
+        manager = SocketIoRedisManager(url, channel=channel) if url else None
         origins = list(settings.voiceflow_cors_origins)
         self.sio = _GuardedServer(
             async_mode="asgi",
