@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import Literal
+from typing import Final, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import Request
+from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
 
 from gateway.breaker import outage_level
 from gateway.deps import gateway_of
@@ -23,6 +25,9 @@ from gateway.speech.tts_pool import TtsOverloaded
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["files"])
+
+CACHED: Final = "public, max-age=86400, immutable"
+"""``Cache-Control`` of a cached (whole, immutable) file."""
 
 
 async def _disconnected(request: Request) -> None:
@@ -49,10 +54,23 @@ def _store_unavailable(file_id: str, exc: BaseException) -> Response:
             "description": "The audio (MP3, WAV, or headerless 8 kHz μ-law). While it is "
             "being synthesized it is streamed (chunked, `Cache-Control: no-cache`); a "
             "synthesis failure then closes the connection before the body's end (an "
-            "incomplete body, not a short file)",
+            "incomplete body, not a short file). Cached: `Content-Length`, `ETag`, "
+            "`Accept-Ranges: bytes` and `Cache-Control: public, max-age=86400, immutable`",
             "content": {media: {} for media in MEDIA_TYPES.values()},
         },
+        206: {
+            "description": "One byte range of the file (a `Range` request, RFC 9110 "
+            "section 14; one not yet synthesized is waited for), with `Content-Range`",
+            "headers": {"Content-Range": {"schema": {"type": "string"}}},
+            "content": {media: {} for media in MEDIA_TYPES.values()},
+        },
+        304: {"description": "`If-None-Match` holds the file's `ETag`: not modified"},
         404: {"description": "Unknown or expired file (problem body)"},
+        416: {
+            "description": "The range starts past the file's end; `Content-Range: "
+            "bytes */size` (problem body)",
+            "headers": {"Content-Range": {"schema": {"type": "string"}}},
+        },
         500: {"description": "Speech synthesis failed (problem body)"},
         503: {
             "description": "Speech synthesis is saturated; retry after `Retry-After` seconds "
@@ -74,6 +92,14 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
     goes away cancels the synthesis if nobody else waits for it. Files are
     immutable, so clients may cache them.
 
+    A cached file comes whole with its ``Content-Length``, an ``ETag`` (a hash of its
+    bytes) and ``Accept-Ranges: bytes``; ``If-None-Match``, ``Range`` and ``If-Range``
+    are answered as :func:`_cached` says (304; 206 with ``Content-Range``; 416).
+    A GET with a ``Range`` is never streamed: a file not cached yet is synthesized
+    to its end first (a media player, Safari's or AVPlayer's, opens audio with
+    ``Range: bytes=0-1``, needs a 206 with the file's length, and hangs up after two
+    bytes: it would cancel a streamed synthesis and never get its file).
+
     A GET while the file is being synthesized (the first, and any that come before
     it is done) is streamed as it is made (chunked transfer, no ``Content-Length``):
     headers go out with the first chunk (one sentence or clause), so a client
@@ -89,7 +115,8 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
     if not is_tts_id(file_id):
         return _not_found(file_id, ext)
     chunks: AsyncIterator[bytes] | None = None
-    render = asyncio.ensure_future(_first(gw.speech.file_source(file_id, ext)))
+    whole = "range" in request.headers  # a byte range needs the file's length
+    render = asyncio.ensure_future(_first(gw.speech.file_source(file_id, ext), whole=whole))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({render, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -118,28 +145,74 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
             media_type=MEDIA_TYPES[ext],
             headers={"Cache-Control": "no-cache"},
         )
-    return Response(
-        data,
-        media_type=MEDIA_TYPES[ext],
-        headers={"Cache-Control": "public, max-age=86400, immutable"},
-    )
+    return _cached(request, data, ext)
 
 
 async def _first(
-    source: Awaitable[bytes | AsyncIterator[bytes] | None],
+    source: Awaitable[bytes | AsyncIterator[bytes] | None], *, whole: bool = False
 ) -> tuple[bytes | None, AsyncIterator[bytes] | None]:
     """The file (cached: its bytes and no iterator), or its first chunk and the iterator
-    of the rest (being synthesized), or (None, None) for an unknown id. Raises what
-    :meth:`SpeechService.file_source` and its iterator raise before the first chunk."""
+    of the rest (being synthesized), or (None, None) for an unknown id; ``whole``: the
+    file's bytes and no iterator in every case (a synthesis is waited for to its end).
+    Raises what :meth:`SpeechService.file_source` and its iterator raise before the
+    first chunk (``whole``: before the end)."""
     found = await source
     if found is None or isinstance(found, bytes):
         return found, None
     try:
+        if whole:
+            return b"".join([chunk async for chunk in found]), None
         first = await anext(found, b"")
     except BaseException:
         await found.aclose()  # type: ignore[attr-defined]
         raise
     return first, found
+
+
+def _etag(data: bytes) -> str:
+    """A strong entity tag (RFC 9110 section 8.8.3) of a file: a hash of its bytes, not
+    its id, as a file synthesized again after it expired may differ in its bytes."""
+    return f'"{hashlib.blake2b(data, digest_size=16).hexdigest()}"'
+
+
+def _cached(request: Request, data: bytes, ext: str) -> Response:
+    """The answer to a GET or HEAD of a cached file ``data`` (RFC 9110 sections 13 and 14),
+    with ``Cache-Control`` :data:`CACHED`, ``Accept-Ranges: bytes`` and an ``ETag``:
+
+    * 304, no body, when ``If-None-Match`` holds its ETag or ``*`` (weak comparison);
+    * GET with one satisfiable byte ``Range`` (parsed by Starlette's FileResponse), and
+      an ``If-Range`` absent or its ETag: 206 with that slice and ``Content-Range:
+      bytes first-last/size``; a range that starts past the end: 416 with
+      ``Content-Range: bytes */size`` (problem body);
+    * else 200 with the whole file: also for several ranges, a malformed ``Range``, an
+      ``If-Range`` that does not match, or HEAD (section 14.2 lets a server ignore
+      Range, and defines it for GET only).
+    """
+    size, etag = len(data), _etag(data)
+    headers = {"Cache-Control": CACHED, "Accept-Ranges": "bytes", "ETag": etag}
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None and any(
+        tag.strip().removeprefix("W/") in ("*", etag) for tag in if_none_match.split(",")
+    ):
+        return Response(status_code=304, headers=headers)
+    http_range = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    if request.method == "GET" and http_range is not None and if_range in (None, etag):
+        try:
+            ranges = FileResponse._parse_range_header(http_range, size)
+        except MalformedRangeHeader:
+            ranges = []
+        except RangeNotSatisfiable:
+            refused = problem(416, "Range Not Satisfiable", f"The file has {size} bytes.")
+            refused.headers.update({"Accept-Ranges": "bytes", "Content-Range": f"bytes */{size}"})
+            return refused
+        if len(ranges) == 1:
+            start, end = ranges[0]
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+            return Response(
+                data[start:end], status_code=206, media_type=MEDIA_TYPES[ext], headers=headers
+            )
+    return Response(data, media_type=MEDIA_TYPES[ext], headers=headers)
 
 
 async def _rest(file_id: str, first: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -170,10 +243,12 @@ async def _rest(file_id: str, first: bytes, chunks: AsyncIterator[bytes]) -> Asy
     responses={
         200: {
             "description": "The file is known. Cached: its `Content-Type`, "
-            "`Content-Length` and caching headers; not synthesized yet: its "
+            "`Content-Length`, `ETag`, `Accept-Ranges` and caching headers (`Range` is "
+            "ignored); not synthesized yet: its "
             "`Content-Type` and `Cache-Control: no-cache`, no `Content-Length`",
             "content": {media: {} for media in MEDIA_TYPES.values()},
         },
+        304: {"description": "`If-None-Match` holds the cached file's `ETag`: not modified"},
         404: {"description": "Unknown or expired file"},
         503: {
             "description": "The speech file store is unavailable; retry after `Retry-After` "
@@ -190,14 +265,16 @@ async def tts_file_head(
 
     A GET synthesizes a registered link the first time (seconds of a TTS worker), so a
     HEAD answers from what the cache knows (:meth:`SpeechService.file_known`): a cached
-    file is 200 with the GET's ``Content-Type``, ``Content-Length`` and
-    ``Cache-Control``; a link registered but not synthesized yet (or being synthesized)
-    is 200 with the ``Content-Type`` and ``Cache-Control: no-cache`` of the streamed
-    GET it would get, and no ``Content-Length``: that GET is chunked and its length is
-    not known before the synthesis, so none is claimed (``Content-Length: 0`` would
-    say the file is empty). An id not shaped like one, unknown, expired or of another
-    extension is 404 as for GET (an extension not in the enum is 400 as for GET); a
-    cache failure is 503 with ``Retry-After``. No 503 for a full TTS pool: nothing is
+    file is 200 with the GET's ``Content-Type``, ``Content-Length``, ``ETag``,
+    ``Accept-Ranges`` and ``Cache-Control`` (304 for a matching ``If-None-Match``; a
+    ``Range`` is ignored, RFC 9110 section 14.2 defines it for GET only); a link
+    registered but not synthesized yet (or being synthesized) is 200 with the
+    ``Content-Type`` and ``Cache-Control: no-cache`` of the streamed GET it would get,
+    and no ``Content-Length``: that GET is chunked and its length is not known before
+    the synthesis, so none is claimed (``Content-Length: 0`` would say the file is
+    empty). An id not shaped like one, unknown, expired or of another extension is 404
+    as for GET (an extension not in the enum is 400 as for GET); a cache failure is 503
+    with ``Retry-After``. No 503 for a full TTS pool: nothing is
     queued.
     """
     gw = gateway_of(request)
@@ -210,11 +287,7 @@ async def tts_file_head(
     if known is None:
         return _not_found(file_id, ext)
     if isinstance(known, bytes):  # the GET's answer; Starlette sends only its headers
-        return Response(
-            known,
-            media_type=MEDIA_TYPES[ext],
-            headers={"Cache-Control": "public, max-age=86400, immutable"},
-        )
+        return _cached(request, known, ext)
     pending = Response(media_type=MEDIA_TYPES[ext], headers={"Cache-Control": "no-cache"})
     del pending.headers["content-length"]  # unknown until synthesized, not 0
     return pending

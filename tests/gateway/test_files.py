@@ -1,0 +1,136 @@
+"""``GET``/``HEAD /file/tts/{id}.{ext}`` as media players and caches use it: byte ranges
+(RFC 9110 section 14; Safari and iOS AVPlayer open audio with ``Range: bytes=0-1`` and
+need a 206) and validators (section 13: ``ETag``, ``If-None-Match``, ``If-Range``).
+Real uvicorn, real espeak-ng."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from gateway.app import create_app
+from gateway.events import ResponseItem
+from gateway.settings import Settings
+from gateway.speech.service import SpeechService
+from tests.conftest import served_app
+from tests.gateway.speech.test_tts import CountingSynth
+
+TEXT = "Testing one two three, four five six. This file is long enough to cut in pieces."
+
+
+async def test_a_byte_range_of_a_tts_file_is_a_206_from_its_first_get() -> None:
+    settings = Settings(tts_provider="espeak-ng", public_url="http://gw.test")
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        speech: SpeechService = app.state.gateway.speech
+        counter = CountingSynth(speech.pool.synthesizer)
+        speech.pool.synthesizer = counter
+        item = await speech.link_item(ResponseItem(text=TEXT), "mp3")
+        assert item.audio is not None
+        path = item.audio.removeprefix("http://gw.test")
+        file_id = path.rsplit("/", 1)[1].removesuffix(".mp3")
+
+        # a player's first request, before anything is synthesized, beside a plain GET
+        # of the same link (streamed): one synthesis, a 206 of the same bytes
+        streamed, probe = await asyncio.gather(
+            client.get(path), client.get(path, headers={"Range": "bytes=0-1"})
+        )
+        assert streamed.status_code == 200
+        body = streamed.content
+        size = len(body)
+        assert size > 1000
+        assert probe.status_code == 206, (probe.status_code, probe.headers)
+        assert probe.headers["content-range"] == f"bytes 0-1/{size}"
+        assert probe.headers["content-length"] == "2"
+        assert probe.headers["content-type"] == "audio/mpeg"
+        assert probe.headers["accept-ranges"] == "bytes"
+        assert probe.content == body[:2]
+        assert counter.calls == 1
+        assert await speech.cache.get(file_id) == body
+
+        # alone: the player asks for two bytes and hangs up; the file is made all the same
+        other = await speech.link_item(ResponseItem(text="Another file, for a player."), "mp3")
+        assert other.audio is not None
+        other_path = other.audio.removeprefix("http://gw.test")
+        first = await client.get(other_path, headers={"Range": "bytes=0-1"})
+        assert first.status_code == 206
+        assert counter.calls == 2
+        whole = await client.get(other_path)
+        assert whole.status_code == 200
+        assert whole.headers["content-length"] == str(len(whole.content))
+        assert first.content == whole.content[:2]
+        assert first.headers["content-range"] == f"bytes 0-1/{len(whole.content)}"
+        assert counter.calls == 2
+
+        # cached: the ranges players and download managers send
+        got = await client.get(path)
+        assert got.status_code == 200
+        assert got.headers["accept-ranges"] == "bytes"
+        assert got.content == body
+        for asked, start, end in (
+            ("bytes=100-199", 100, 199),
+            (f"bytes={size - 5}-", size - 5, size - 1),
+            ("bytes=-10", size - 10, size - 1),
+            ("bytes=10-99999999", 10, size - 1),
+            ("bytes=0-", 0, size - 1),
+        ):
+            part = await client.get(path, headers={"Range": asked})
+            assert part.status_code == 206, asked
+            assert part.headers["content-range"] == f"bytes {start}-{end}/{size}", asked
+            assert part.content == body[start : end + 1], asked
+            assert part.headers["content-length"] == str(end + 1 - start), asked
+
+        # past the end: 416 with the size; not bytes: ignored (the whole file)
+        refused = await client.get(path, headers={"Range": f"bytes={size}-"})
+        assert refused.status_code == 416
+        assert refused.headers["content-range"] == f"bytes */{size}"
+        for ignored in ("items=0-1", "bytes=abc"):
+            answer = await client.get(path, headers={"Range": ignored})
+            assert answer.status_code == 200, ignored
+            assert answer.content == body, ignored
+
+        # If-Range: the ETag of this file gets the range; another validator the whole file
+        etag = got.headers["etag"]
+        part = await client.get(path, headers={"Range": "bytes=0-9", "If-Range": etag})
+        assert part.status_code == 206
+        assert part.content == body[:10]
+        stale = await client.get(path, headers={"Range": "bytes=0-9", "If-Range": '"other"'})
+        assert stale.status_code == 200
+        assert stale.content == body
+
+        # HEAD: Range is for GET only (section 14.2); the whole file's headers
+        head = await client.head(path, headers={"Range": "bytes=0-1"})
+        assert head.status_code == 200
+        assert head.headers["content-length"] == str(size)
+        assert head.headers["accept-ranges"] == "bytes"
+        assert counter.calls == 2
+
+
+async def test_a_cached_tts_file_has_an_etag_and_a_matching_if_none_match_is_304() -> None:
+    settings = Settings(tts_provider="espeak-ng", public_url="http://gw.test")
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        speech: SpeechService = app.state.gateway.speech
+        item = await speech.link_item(ResponseItem(text="Cache me, please."), "wav")
+        assert item.audio is not None
+        path = item.audio.removeprefix("http://gw.test")
+        await client.get(path)  # synthesized (streamed, no validator yet)
+
+        got = await client.get(path)
+        etag = got.headers["etag"]
+        assert etag[0] == etag[-1] == '"'
+        assert len(etag) > 10
+        assert (await client.get(path)).headers["etag"] == etag
+        assert (await client.head(path)).headers["etag"] == etag
+
+        for method in ("GET", "HEAD"):
+            for tags in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+                again = await client.request(method, path, headers={"If-None-Match": tags})
+                assert again.status_code == 304, (method, tags)
+                assert again.content == b""
+                assert again.headers["etag"] == etag
+                assert again.headers["cache-control"] == "public, max-age=86400, immutable"
+        changed = await client.get(path, headers={"If-None-Match": '"other"'})
+        assert changed.status_code == 200
+        assert changed.content == got.content
