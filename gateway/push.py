@@ -56,7 +56,7 @@ from gateway.events import Response, ResponseEvent, ResponseItem, Wire
 from gateway.httputil import problem, read_body, refused_request
 from gateway.logs import session_ref
 from gateway.outbox import Journal, OutboxError, ack_topic
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, load_json
 from gateway.sessions import (
     ClientState,
     Session,
@@ -319,8 +319,10 @@ class _AdminRoute(APIRoute):
     solves the route's dependencies, so a client without a key could make the gateway
     read and parse a body of any size before its 401. Here the key comes first (401/403,
     AdminRefused), then the body, read up to the limit (413 problem body; a declared
-    Content-Length over it refused before reading anything) and left cached on the
-    request for FastAPI's parser.
+    Content-Length over it refused before reading anything) and parsed as client JSON
+    (:func:`gateway.protocol.load_json`: 400 problem body for a body that is not JSON,
+    nested too deep, or holding a number that is not finite or a lone UTF-16 surrogate),
+    its value left cached on the request for FastAPI's model validation.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, HTTPResponse]]:
@@ -332,7 +334,12 @@ class _AdminRoute(APIRoute):
             settings = gateway_of(request).settings
             check_admin_key(settings.admin_keys, request.headers.get("authorization"))
             try:
-                await read_body(request, settings.max_body_bytes)
+                raw = await read_body(request, settings.max_body_bytes)
+                # bounded client JSON: the standard parser takes NaN, Infinity, 1e999 and
+                # lone surrogates ("\ud800"), which a client's JSON cannot carry and
+                # the outbox cannot read back; FastAPI's parser gets the value from
+                # Starlette's cache of Request.json()
+                request._json = load_json(raw, what="The body")
             except ProtocolError as exc:
                 return refused_request(exc)
             return await handler(request)

@@ -628,6 +628,42 @@ async def test_unknown_targets_a_full_outbox_and_bad_keys_are_refused(
         assert "GATEWAY_ADMIN_KEYS" in answer.json()["detail"]
 
 
+async def test_a_push_of_json_a_client_cannot_read_is_refused_and_the_session_goes_on(
+    shared: dict[str, Any],
+) -> None:
+    """FastAPI's parser (the standard library's) takes ``NaN``, ``1e999`` and lone
+    surrogates (``"\\ud800"``): such a push was answered 202 ``queued`` and written to the
+    outbox, where its entry could not be read back; the live connection closed 1011 and
+    the session's later pushes never reached its client. The body is now parsed as
+    client JSON (gateway.protocol.load_json): 400 problem bodies, nothing queued, and the
+    connected client gets the next push."""
+    async with (
+        served(**shared) as a,
+        httpx.AsyncClient(timeout=10) as http,
+        connect(ws_url(a)) as ws,
+    ):
+        await hello(ws, "unreadable-push")
+        before = (await http.get(f"{a}/v1/sessions/unreadable-push", headers=AUTH)).json()
+        head = b'{"target": {"sessionId": "unreadable-push"}, "items": [{"text": "x'
+        for raw, detail in (
+            (head + b'\\ud800"}]}', "The body holds a lone UTF-16 surrogate."),
+            (head + b'", "confidence": NaN}]}', "The body holds NaN, which is not JSON."),
+            (head + b'", "confidence": 1e999}]}', "The body holds a number out of range: 1e999."),
+        ):
+            answer = await http.post(
+                f"{a}/v1/push", content=raw, headers={**AUTH, "Content-Type": "application/json"}
+            )
+            assert answer.status_code == 400, answer.text
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["detail"] == detail
+        after = (await http.get(f"{a}/v1/sessions/unreadable-push", headers=AUTH)).json()
+        assert after["outbox"] == before["outbox"]  # nothing queued
+        answer = await push(http, a, {"sessionId": "unreadable-push"}, "Still here.")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["delivery"] == "live"
+        assert texts(await recv_json(ws)) == ["Still here."]
+
+
 async def _head_only(url: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
     """POST ``path`` with ``headers`` (a Content-Length included) and none of the body:
     the status and body of the answer, which must come within 3 s."""
