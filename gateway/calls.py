@@ -13,10 +13,11 @@ media stream with the ``#intro`` attributes ``direction`` ``outbound``, ``to``, 
 
 Refusals, all RFC 9457 problem bodies: 401 (no or a wrong admin key), 403 (no admin
 keys configured), 400 (a body that is not the JSON above, an unknown carrier, an
-application key not allowed), 501 (a carrier with transfer/hang-up here but no outbound
-calls: vonage, plivo), 503 (the carrier's credentials are not configured), 502 (the
-carrier's API refused or could not be reached; ``carrierStatus`` and ``carrierBody`` say
-what it answered).
+application key not allowed; ``appKey`` and ``attributes`` may be absent or null, not of
+another type; a SIP URI longer than :data:`MAX_SIP_URI_CHARS`), 501 (a carrier with
+transfer/hang-up here but no outbound calls: vonage, plivo), 503 (the carrier's
+credentials are not configured), 502 (the carrier's API refused or could not be reached;
+``carrierStatus`` and ``carrierBody`` say what it answered).
 
 The log names a call's dialled number by its last 4 digits only
 (:func:`gateway.logs.masked_number`: personal data).
@@ -69,6 +70,9 @@ CONTROL_ONLY_CARRIERS: Final = ("vonage", "plivo")
 """Carriers with transfer/hang-up here but no outbound calls (501)."""
 MAX_ATTRIBUTES_CHARS: Final = 2000
 """Longest JSON of a request's ``attributes`` (it travels in a URL or a client_state)."""
+MAX_SIP_URI_CHARS: Final = 1024
+"""Longest ``to``/``from`` SIP URI: the carrier is sent it and echoes it in its answer, of
+which only the first 64 KB are read, and the log names the call by it."""
 _E164: Final = re.compile(r"\+[1-9][0-9]{6,14}")
 """A phone number in E.164: ``+``, a country code not starting with 0, 7 to 15 digits."""
 _SIP_URI: Final = re.compile(r"sips?:[^\s\x00-\x1f\x7f]+", re.IGNORECASE)
@@ -170,6 +174,9 @@ def _phone(body: Mapping[str, Any], name: str) -> str:
         raise CallRefused(400, "Bad Request", detail)
     value = value.strip()
     if value.lower().startswith(("sip:", "sips:")):
+        if len(value) > MAX_SIP_URI_CHARS:
+            detail = f"`{name}` is longer than {MAX_SIP_URI_CHARS} characters."
+            raise CallRefused(400, "Bad Request", detail)
         if not _SIP_URI.fullmatch(value):  # no spaces, no control characters (CR, LF)
             raise CallRefused(400, "Bad Request", f"`{name}` {value!r} is not a SIP URI.")
         return value
@@ -195,10 +202,15 @@ def _outbound_request(settings: Settings, body: Any, dialers: Mapping[str, Diale
             "Bad Request",
             f"Unknown carrier {carrier!r}: expected one of {', '.join(sorted(dialers))}.",
         )
-    app_key = body.get("appKey") or dialers[carrier].default_app_key(settings)
+    # absent or null: the default; any other value is a key or refused (0, [] included)
+    app_key = body.get("appKey")
+    if app_key is None:
+        app_key = dialers[carrier].default_app_key(settings)
     if not isinstance(app_key, str) or not settings.key_allowed(app_key):
         raise CallRefused(400, "Bad Request", f"Unknown application key {app_key!r}.")
-    attributes = body.get("attributes") or {}
+    attributes = body.get("attributes")
+    if attributes is None:
+        attributes = {}
     if not isinstance(attributes, dict):
         raise CallRefused(400, "Bad Request", "`attributes` must be a JSON object.")
     attributes_json = json.dumps(attributes, separators=(",", ":"))

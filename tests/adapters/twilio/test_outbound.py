@@ -144,6 +144,15 @@ async def test_post_v1_calls_refusals() -> None:
             ({**body, "to": "++++++++"}, auth, 400, "E.164"),
             ({**body, "to": "+05550100"}, auth, 400, "E.164"),
             ({**body, "from": "sip:a\r\nb@example.com"}, auth, 400, "SIP URI"),
+            # a SIP URI of any length went to the carrier and into the log; a wrong type
+            # of appKey or attributes that is falsy was taken as left out
+            ({**body, "to": "sip:" + "a" * 1021}, auth, 400, "longer than 1024 characters"),
+            ({**body, "appKey": []}, auth, 400, "application key"),
+            ({**body, "appKey": 0}, auth, 400, "application key"),
+            ({**body, "appKey": ""}, auth, 400, "application key"),
+            ({**body, "attributes": []}, auth, 400, "attributes"),
+            ({**body, "attributes": ""}, auth, 400, "attributes"),
+            ({**body, "attributes": False}, auth, 400, "attributes"),
             (body, auth, 503, "GATEWAY_TWILIO_ACCOUNT_SID"),  # no account SID configured
             ({**body, "carrier": "telnyx"}, auth, 503, "GATEWAY_TELNYX_API_KEY"),
         ]
