@@ -28,7 +28,9 @@ Authentication: ``Authorization: Bearer KEY`` with a key of GATEWAY_ADMIN_KEYS; 
 sent: 401 (``WWW-Authenticate: Bearer``); a wrong one: 401 (``WWW-Authenticate: Bearer``
 with ``error="invalid_token"``, RFC 6750 section 3.1); no keys configured: 403. All
 refusals are RFC 9457 problem bodies. The key is checked before the body is read; a
-body over GATEWAY_MAX_BODY_BYTES is 413 (:class:`_AdminRoute`). The pure parts (models,
+body over GATEWAY_MAX_BODY_BYTES is 413, one that is not ``application/json`` 415, and
+one that is not client JSON (:func:`gateway.protocol.load_json`: malformed, nested too
+deep, ``NaN``, a lone surrogate) 400 (:class:`_AdminRoute`). The pure parts (models,
 :func:`gateway.protocol.key_valid`, :func:`push_event`, :func:`wake`) do no I/O.
 """
 
@@ -56,7 +58,7 @@ from gateway.events import Response, ResponseEvent, ResponseItem, Wire
 from gateway.httputil import problem, read_body, refused_request
 from gateway.logs import session_ref
 from gateway.outbox import Journal, OutboxError, ack_topic
-from gateway.protocol import ProtocolError, load_json
+from gateway.protocol import ProtocolError, load_json, media_type
 from gateway.sessions import (
     ClientState,
     Session,
@@ -319,7 +321,8 @@ class _AdminRoute(APIRoute):
     solves the route's dependencies, so a client without a key could make the gateway
     read and parse a body of any size before its 401. Here the key comes first (401/403,
     AdminRefused), then the body, read up to the limit (413 problem body; a declared
-    Content-Length over it refused before reading anything) and parsed as client JSON
+    Content-Length over it refused before reading anything), its media type checked
+    (415 problem body unless ``application/json`` or ``+json``) and parsed as client JSON
     (:func:`gateway.protocol.load_json`: 400 problem body for a body that is not JSON,
     nested too deep, or holding a number that is not finite or a lone UTF-16 surrogate),
     its value left cached on the request for FastAPI's model validation.
@@ -335,6 +338,12 @@ class _AdminRoute(APIRoute):
             check_admin_key(settings.admin_keys, request.headers.get("authorization"))
             try:
                 raw = await read_body(request, settings.max_body_bytes)
+                kind = media_type(request.headers.get("content-type"))
+                if kind != "application/json" and not kind.endswith("+json"):
+                    # FastAPI would validate the bytes: "Input should be a valid dictionary"
+                    raise ProtocolError(
+                        "Expected a JSON body (Content-Type: application/json).", status=415
+                    )
                 # bounded client JSON: the standard parser takes NaN, Infinity, 1e999 and
                 # lone surrogates ("\ud800"), which a client's JSON cannot carry and
                 # the outbox cannot read back; FastAPI's parser gets the value from
@@ -392,6 +401,7 @@ _STATUS: dict[str, int] = {"unknown-target": 404, "outbox-full": 409, "session-b
         404: _problem_doc("`unknown-target`: no such session, or the device has none"),
         409: _problem_doc("`outbox-full` or `session-busy`"),
         413: _problem_doc("The body is larger than GATEWAY_MAX_BODY_BYTES"),
+        415: _problem_doc("The body is not `application/json`"),
         **_REFUSALS,
     },
 )

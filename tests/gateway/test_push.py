@@ -621,6 +621,17 @@ async def test_unknown_targets_a_full_outbox_and_bad_keys_are_refused(
             f"{a}/v1/push", content=b"{bad", headers={"Content-Type": "application/json", **AUTH}
         )
         assert garbled.status_code == 400  # with the key: what is wrong with the body
+        # not JSON by its media type (curl -d without -H): 415, not FastAPI's 400 "Input
+        # should be a valid dictionary or object to extract fields from"
+        push_json = json.dumps({"target": {"sessionId": "full-1"}, "items": [{"text": "x"}]})
+        for content_type in ({"Content-Type": "application/x-www-form-urlencoded"}, {}):
+            form = await http.post(
+                f"{a}/v1/push", content=push_json.encode(), headers={**content_type, **AUTH}
+            )
+            assert form.status_code == 415, form.text
+            assert form.headers["content-type"] == "application/problem+json"
+            assert form.json()["title"] == "Unsupported Media Type"
+            assert "application/json" in form.json()["detail"]
     async with served() as off, httpx.AsyncClient(timeout=10) as http:  # no keys configured
         answer = await push(http, off, {"sessionId": "x"}, "Hi.")
         assert answer.status_code == 403
