@@ -61,6 +61,7 @@ from gateway.outbox import Journal, OutboxError, ack_topic
 from gateway.protocol import ProtocolError, load_json, media_type
 from gateway.sessions import (
     ClientState,
+    LockLost,
     Session,
     SessionBusy,
     SessionStore,
@@ -221,7 +222,12 @@ class Pusher:
 
     async def push(self, request: PushRequest) -> PushResult:
         """Deliver or queue ``request``'s items (module doc). Raises PushRefused,
-        StoreUnavailable, OutboxError or BusUnavailable."""
+        StoreUnavailable, OutboxError or BusUnavailable.
+
+        A lock whose lease ran out before the woken session was saved (LockLost: Redis
+        stalled longer than GATEWAY_LOCK_LEASE_S) drops that save only: the items are in
+        the outbox already, so the push is answered as any other (logged at WARNING).
+        """
         key = await self._target_key(request.target)
         token = secrets.token_hex(12)
         async with self.journal.bus.subscribe(ack_topic(token)) as acks:
@@ -246,17 +252,25 @@ class Pusher:
                             "outbox-full",
                             f"{self.journal.limit} events already wait for this session's client.",
                         )
+                    seq, session_id = seqs[-1], session.id
                     if wake(session, self.settings):
                         txn.save(session, session.timeout_s)
             except SessionBusy:
                 raise PushRefused(
                     "session-busy", "A turn of this session is still running."
                 ) from None
-            seq = seqs[-1]
+            except LockLost:
+                # raised only for the wake's save (the one write here), after the append:
+                # the items are kept and go out as any push; the session stays Sleeping
+                log.warning(
+                    "push to %s: the session's lock ran out before it was woken; "
+                    "the items are kept, the session was not saved",
+                    session_ref(key),
+                )
             confirmed = await acks.get(self.settings.push_ack_ms / 1000)
         delivery: Literal["live", "queued"] = "live" if confirmed is not None else "queued"
         log.info("push %s to %s", delivery, session_ref(key))
-        return PushResult(delivery=delivery, session_id=session.id, seq=seq)
+        return PushResult(delivery=delivery, session_id=session_id, seq=seq)
 
     async def view(self, session_id: str) -> SessionView | None:
         """The session view of ``session_id`` (None when no namespace has it).

@@ -27,7 +27,12 @@ class ReplyDropper:
     bytes (about one per command or pipelined batch): what Redis was asked.
 
     :meth:`cut` makes Redis unreachable through the proxy (an outage): every connection
-    is cut and new ones are closed as soon as they are accepted, until :meth:`restore`."""
+    is cut and new ones are closed as soon as they are accepted, until :meth:`restore`.
+
+    :meth:`stall_after` makes Redis slow without losing anything: once client bytes
+    holding a marker went to Redis, every client byte after them (on any connection)
+    reaches Redis only after a pause, as a Redis that stalls (a long script, a fork)
+    runs the commands late but runs them."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -37,6 +42,9 @@ class ReplyDropper:
         self.connections = 0
         self.received = 0
         self.cut_off = False
+        self._stall_marker: bytes | None = None
+        self._stall_s = 0.0
+        self._stalled_until = 0.0  # loop time
         self._open: set[asyncio.StreamWriter] = set()  # both ends of every connection
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[object]] = set()
@@ -63,6 +71,11 @@ class ReplyDropper:
         """Redis is back: new connections reach it again."""
         self.cut_off = False
 
+    def stall_after(self, marker: bytes, seconds: float) -> None:
+        """Once client bytes holding ``marker`` went to Redis (the next time only), hold
+        every later client byte for ``seconds`` before it goes on (nothing is lost)."""
+        self._stall_marker, self._stall_s = marker, seconds
+
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.connections += 1
         if self.cut_off:
@@ -86,8 +99,14 @@ class ReplyDropper:
                     continue
                 if lost:
                     return cut()
+                pause = self._stalled_until - asyncio.get_running_loop().time()
+                if pause > 0:
+                    await asyncio.sleep(pause)
                 redis_w.write(data)
                 await redis_w.drain()
+                if self._stall_marker is not None and self._stall_marker in data:
+                    self._stall_marker = None
+                    self._stalled_until = asyncio.get_running_loop().time() + self._stall_s
             redis_w.close()
 
         async def downstream() -> None:

@@ -14,6 +14,7 @@ import json
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -41,6 +42,7 @@ from tests.adapters.flowstorm_shapes import check_v2
 from tests.adapters.voiceflow.helpers import client as voiceflow_client
 from tests.adapters.voiceflow.test_trace_schema import validate as validate_traces
 from tests.conftest import GatewayProcess, serve, served, start_all
+from tests.gateway.redis_proxy import ReplyDropper
 
 ADMIN = "admin-key-for-tests"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -778,6 +780,53 @@ async def test_a_push_wakes_a_sleeping_client(shared: dict[str, Any]) -> None:
         assert view["clientState"] == "Listening"
         frames = await turn(ws, request_frame("#intro"))  # and the conversation goes on
         assert frames[-1]["type"] == "Response"
+
+
+async def test_a_push_that_wakes_a_session_whose_lock_ran_out_is_still_answered(
+    shared: dict[str, Any], redis_url: str
+) -> None:
+    """A push to a Sleeping session saves the woken session under the session's lock.
+    When Redis stalled longer than the lock's lease after the lock was taken (the
+    renewal came too late), the save was refused (LockLost) after the items were
+    already in the outbox, and the push answered 500. The items are kept, so the push
+    answers as any other (here ``queued``); the session stays Sleeping (its save was
+    refused) and the next push wakes it."""
+    core = StreamingCore()
+    target = urlsplit(redis_url)
+    proxy = ReplyDropper(target.hostname or "127.0.0.1", target.port or 6379)
+    port = await proxy.start()
+    settings = {
+        **shared,
+        "redis_url": f"redis://127.0.0.1:{port}{target.path or '/0'}",
+        "lock_lease_s": 0.3,
+    }
+    try:
+        async with (
+            serve(core.app) as core_url,
+            served(pipeline=f"{core_url}/turn", **settings) as a,
+            httpx.AsyncClient(timeout=10) as http,
+        ):
+            async with connect(ws_url(a)) as ws:
+                await hello(ws, "stalled-1")
+                await turn(ws, request_frame("sleep"))
+            view = (await http.get(f"{a}/v1/sessions/stalled-1", headers=AUTH)).json()
+            assert view["clientState"] == "Sleeping"
+            # the push's take of the lock runs; what follows reaches Redis 0.6 s later,
+            # past the 0.3 s lease
+            proxy.stall_after(b"{flowstorm:stalled-1}:lock", 0.6)
+            answer = await push(http, a, {"sessionId": "stalled-1"}, "Wake up.")
+            assert answer.status_code == 202, answer.text
+            assert answer.json()["delivery"] == "queued"
+            view = (await http.get(f"{a}/v1/sessions/stalled-1", headers=AUTH)).json()
+            assert view["outbox"]["length"] == 1
+            assert view["clientState"] == "Sleeping"
+            answer = await push(http, a, {"sessionId": "stalled-1"}, "Wake up now.")
+            assert answer.status_code == 202, answer.text
+            view = (await http.get(f"{a}/v1/sessions/stalled-1", headers=AUTH)).json()
+            assert view["outbox"]["length"] == 2
+            assert view["clientState"] == "Listening"
+    finally:
+        await proxy.close()
 
 
 def item(text: str) -> str:
