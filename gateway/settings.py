@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+from collections.abc import Iterable
 from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
@@ -28,6 +30,9 @@ protocol.py RATES): GATEWAY_VONAGE_SAMPLE_RATE must be one."""
 PLACEHOLDER: Final = "CHANGE-ME"
 """The marker of the values in deploy/ (.env.example, kubernetes/secret.yaml) that must be
 replaced before use: a setting holding it is refused."""
+_B64TOKEN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+"""RFC 6750 section 2.1's ``b64token``: what ``Authorization: Bearer`` carries (an admin
+key with a space, a comma or a non-ASCII letter could never be sent as one)."""
 LOG_LEVELS: Final = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 """The values of GATEWAY_LOG_LEVEL (and ``gateway serve --log-level``), any case: the
 levels uvicorn knows (TRACE, below DEBUG, is uvicorn's: it names it in logging when
@@ -633,7 +638,8 @@ class Settings(BaseSettings):
     admin_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),
         description="Comma-separated keys of the admin API (`POST /v1/push`, "
-        "`GET /v1/sessions/{id}`, `POST /v1/calls`), sent as `Authorization: Bearer KEY`; "
+        "`GET /v1/sessions/{id}`, `POST /v1/calls`), sent as `Authorization: Bearer KEY`, "
+        "each an RFC 6750 bearer token (letters, digits, `-._~+/`, then any `=`); "
         "unset: the admin API refuses every request (403).",
     )
     calls_timeout_s: float = Field(
@@ -892,7 +898,16 @@ class Settings(BaseSettings):
             keys = frozenset(k.strip() for k in value.split(",") if k.strip())
             if value.strip() and not keys and info.field_name == "app_keys":
                 raise ValueError("names no key: list the keys, or unset it to allow any key")
-            return keys
+            value = keys
+        if info.field_name == "admin_keys" and isinstance(value, Iterable):
+            for key in value:
+                if isinstance(key, str) and not _B64TOKEN.fullmatch(key):
+                    # never the key itself: it is a credential, and this goes to the log
+                    raise ValueError(
+                        "holds a key that is no bearer token (RFC 6750 section 2.1: letters, "
+                        "digits and -._~+/, then any '='): it could never match an "
+                        "Authorization header"
+                    )
         return value
 
     def call_behaviour(self, carrier: str) -> CallBehaviour:

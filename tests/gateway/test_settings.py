@@ -163,6 +163,17 @@ def test_log_levels_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> No
             "GATEWAY_REDIS_URL: redis:// URL: Port",
             "hunter2-redis-pw",
         ),
+        (  # a key no Authorization header can carry (Starlette reads headers as latin-1,
+            # the key was compared as UTF-8: it never matched, every request was a 401)
+            {"GATEWAY_ADMIN_KEYS": "ops-key-1,clé-secrète-admin"},
+            "GATEWAY_ADMIN_KEYS: holds a key that is no bearer token (RFC 6750",
+            "secrète",
+        ),
+        (
+            {"GATEWAY_ADMIN_KEYS": "ops key with spaces"},
+            "GATEWAY_ADMIN_KEYS: holds a key that is no bearer token (RFC 6750",
+            "ops key with spaces",
+        ),
     ],
 )
 def test_a_refused_credential_is_named_but_not_shown(
@@ -175,3 +186,10 @@ def test_a_refused_credential_is_named_but_not_shown(
     stderr = serve_refused(env)
     assert words in stderr
     assert secret not in stderr
+
+
+def test_admin_keys_take_every_bearer_token() -> None:
+    """RFC 6750's b64token: letters, digits, ``-._~+/`` and trailing ``=`` (a base64 or
+    base64url key as it is)."""
+    keys = Settings(admin_keys=" a+b/C9== , x-y_z~1.2 ").admin_keys
+    assert keys == frozenset({"a+b/C9==", "x-y_z~1.2"})
