@@ -341,6 +341,41 @@ async def test_a_push_reaches_a_live_client_on_another_instance(shared: dict[str
         assert frames[-1]["seq"] > seq + 2
 
 
+async def test_a_v1_push_with_response_items_is_numbered_and_resumed_whole(
+    shared: dict[str, Any],
+) -> None:
+    """With ``sendResponseItems`` a push's items go out as ResponseItem frames before its
+    Response, all of them with the push's ``seq`` (they went out without it: a client cut
+    off after an item could not tell whose it was, and resuming from the last ``seq`` it
+    saw got it again). A resume below that seq gets the whole push again, one at it none."""
+    async with (
+        served(**shared) as a,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        async with connect(ws_url(a)) as ws:
+            await send_json(ws, {**init_frame(sendResponseItems=True), "lastSeq": 0})
+            assert await recv_json(ws) == {"type": "Ready"}
+            before = (await turn(ws, request_frame("#intro", "items-1")))[-1]["seq"]
+            answer = await push(http, a, {"sessionId": "items-1"}, "One.", "Two.")
+            assert answer.json()["delivery"] == "live"
+            seq = answer.json()["seq"]
+            pushed = [await recv_json(ws) for _ in range(3)]
+            assert [(f["type"], f["seq"]) for f in pushed] == [
+                ("ResponseItem", seq),
+                ("ResponseItem", seq),
+                ("Response", seq),
+            ]
+        for last, replayed in ((before, pushed), (seq, [])):
+            async with connect(ws_url(a)) as ws:
+                frame = {**init_frame(sendResponseItems=True), "sessionId": "items-1"}
+                await send_json(ws, {**frame, "lastSeq": last})
+                assert await recv_json(ws) == {"type": "Ready"}
+                assert [await recv_json(ws) for _ in replayed] == replayed  # whole, or none
+                frames = await turn(ws, request_frame("what is my name"))
+                assert [f["type"] for f in frames][-1] == "Response"  # the turn's own answer
+                assert all(f["seq"] > seq for f in frames)
+
+
 async def test_a_push_reaches_a_voiceflow_socketio_client(shared: dict[str, Any]) -> None:
     async with (
         served(**shared) as a,

@@ -1169,8 +1169,8 @@ class V1Connection:
         elif isinstance(event, ResponseItemEvent) and not self.send_items:
             return []
         elif isinstance(event, ResponseEvent) and self.send_items and event.response.items:
-            items = [
-                Send(ResponseItemEvent(response_item=item).wire_json())
+            items = [  # a push's items carry its seq (V2's too): they are of its entry
+                Send(ResponseItemEvent(response_item=item, seq=event.seq).wire_json())
                 for item in (event.response.items if push else ())
             ]
             response = event.response.model_copy(update={"items": []})
@@ -1197,7 +1197,10 @@ class V1Connection:
         """Frames of outbox entries (pushes, the rest of an answer a dropped socket missed),
         in order; ``[]`` unless :attr:`can_deliver`. A pushed Response is
         ``Response {items}`` (with ``sendResponseItems``: its ResponseItem frames, then
-        the Response with empty items), which wakes a Sleeping client
+        the Response with empty items, every frame with the push's ``seq`` when the
+        client asked for it: they are one outbox entry, so a client that resumes with
+        ``lastSeq`` below it gets the whole push again and one at or above it none of
+        it, as V2 numbers them), which wakes a Sleeping client
         (flowstorm-socket-v1.md); a replayed turn's events go out as they did in the
         turn. Entries whose event the connection does not know are skipped
         (:func:`missed_event`; the routes log them before they come here). ``[]``

@@ -1132,6 +1132,34 @@ def test_a_pushed_session_end_gives_a_duplex_streams_next_utterances_a_new_sessi
     assert said(conn, listen.stream, "again").ctx.session_id == "generated-1"  # ... anew
 
 
+def test_a_pushed_responses_items_carry_the_push_seq() -> None:
+    """A push is one outbox entry (gateway/push.py): with ``sendResponseItems`` its items
+    go out as ResponseItem frames before the Response, and each carries the push's
+    ``seq`` as V2's do. They went out without it: a client that lost its socket after
+    some of them could not tell they were of that entry, and resuming from the last
+    ``seq`` it saw got them again (shown twice)."""
+    conn = connection()
+    assert frames(send(conn, {**init_frame(sendResponseItems=True), "lastSeq": 0})) == [
+        {"type": "Ready"}
+    ]
+    items = [{"text": "One."}, {"text": "Two."}]
+    pushed = Missed(7, True, {"type": "Response", "response": {"items": items}})
+    sent = frames(conn.deliver([pushed]))
+    assert [(f["type"], f["seq"]) for f in sent] == [
+        ("ResponseItem", 7),
+        ("ResponseItem", 7),
+        ("Response", 7),
+    ]
+    assert [f["responseItem"]["text"] for f in sent[:2]] == ["One.", "Two."]
+    assert sent[-1]["response"]["items"] == []  # each item shown once
+    # a replayed turn's item is its own entry, with its own seq
+    replayed = Missed(8, False, {"type": "ResponseItem", "responseItem": {"text": "Hi"}})
+    assert [f["seq"] for f in frames(conn.deliver([replayed]))] == [8]
+    # a client that did not ask for seq (no lastSeq) gets none, on any frame
+    plain = ready(sendResponseItems=True)
+    assert all("seq" not in f for f in frames(plain.deliver([pushed])))
+
+
 def test_an_outbox_entry_this_version_does_not_deliver_names_its_field() -> None:
     """missed_event: a readable entry's event with its seq; else ValueError naming the
     field that failed (never the content), and deliver skips it."""
