@@ -106,11 +106,11 @@ class StartListening:
     With ``continuous`` the utterance is one of a stream that stays open across
     utterances (a Flowstorm V1 ``sttMode: Duplex`` stream, whose utterances have no
     silence timeout: None): the stream's speech stage is kept from one such utterance
-    to the next (made by the first, dropped by a CancelListening of the latest), it
-    hears every FeedAudio of the latest number between utterances too (VAD only, a
-    bounded window of kept audio), and recognition (and so a recognizer) is taken only
-    from the next voice onset on, with the audio just before it; FinishListening
-    before that onset ends the utterance as ``silence``.
+    to the next (made by the first, dropped by a CancelListening of the latest
+    without ``hear_on``), it hears every FeedAudio of the latest number between
+    utterances too (VAD only, a bounded window of kept audio), and recognition (and
+    so a recognizer) is taken only from the next voice onset on, with the audio just
+    before it; FinishListening before that onset ends the utterance as ``silence``.
     """
 
     stream: int
@@ -147,6 +147,14 @@ class FinishListening:
 @dataclass(frozen=True)
 class CancelListening:
     """Drop utterance ``stream``: discard its queued audio, cancel its recognition, report
-    nothing."""
+    nothing.
+
+    With ``hear_on`` (an utterance of a continuous stream, StartListening ``continuous``)
+    only the utterance is dropped: the stream's speech stage stays, and hears the
+    FeedAudio of ``stream`` as between utterances (VAD only, its window of kept audio)
+    until the stream's next StartListening or a CancelListening without ``hear_on``.
+    Without it a continuous stream's stage is dropped with the utterance.
+    """
 
     stream: int
+    hear_on: bool = False

@@ -116,9 +116,12 @@ Decisions where the spec is silent:
   audio: speech still going on when the turn ends is recognised from its onset
   (as far back as the window holds); speech that began and ended during the
   turn is dropped (nothing piles up). GATEWAY_MAX_AUDIO_S and the wall-clock
-  guard apply per utterance. A ``Request``/``Input`` on it drops the utterance
-  being spoken and runs the text turn; the stream stays open (its audio is
-  dropped until that turn ends). ``InputAudioStreamClose`` finishes the utterance
+  guard apply per utterance. A ``Request``/``Input`` on it is a turn: it drops
+  the utterance being spoken (no ``Recognized``, its recognizer released;
+  ``CancelListening`` ``hear_on``) and runs the text turn, and the stream stays
+  open and is heard through that turn as through any turn (by the same stage,
+  for voice onsets only): its next utterance is listened for when the turn
+  ends, from an onset still going on then. ``InputAudioStreamClose`` finishes the utterance
   being spoken (its ``Recognized`` and turn when anything was said) and ends
   the stream; ``InputAudioStreamOpen`` while it is open is acknowledged again
   and changes nothing but, with a ``sessionId``, the session of the stream's
@@ -813,7 +816,8 @@ class V1Connection:
         ``Init`` -> ``[Send(Ready)]``, or ``[Send(Error), Close(1008)]`` for an
         unknown or missing key, or ``[Send(Error)]`` for an invalid tts config;
         ``Request``/``Input`` -> ``[StartTurn]`` (``[CancelListening, StartTurn]``
-        while an utterance is recognised); ``Log`` -> ``[StoreLogs]`` or ``[]``
+        while an utterance is recognised; of an open Duplex stream with ``hear_on``:
+        the stream's stage goes on hearing it); ``Log`` -> ``[StoreLogs]`` or ``[]``
         (buffered); ``InputAudioStreamOpen`` -> ``[StartListening,
         Send(InputAudioStreamOpen)]``; ``InputAudioStreamClose`` ->
         ``[FinishListening]`` or ``[]``; ``InputAudioStreamCancel`` ->
@@ -898,7 +902,11 @@ class V1Connection:
         session_id, ctx_args, input_ = self._read_input(event)  # invalid: nothing changes
         self.machine.feed(event.type)
         utterance, self._utterance = self._utterance, None  # the user typed instead of speaking
-        cancel: list[Action] = [CancelListening(utterance.stream)] if utterance is not None else []
+        # an open Duplex stream stays heard through the text turn, as through any turn
+        hear_on = self._duplex is not None
+        cancel: list[Action] = (
+            [] if utterance is None else [CancelListening(utterance.stream, hear_on=hear_on)]
+        )
         return [*cancel, self._start_turn(session_id, input_, **ctx_args)]
 
     def _start_turn(self, session_id: str, input_: Input, **ctx_args: Any) -> StartTurn:

@@ -107,7 +107,8 @@ class _Listening:
     protocol.
 
     The utterances of a Duplex stream (StartListening.continuous) share one stage,
-    kept until a CancelListening of the latest: between them it hears the stream (one
+    kept until a CancelListening of the latest (one with ``hear_on``, typed input, drops
+    only the utterance): between them it hears the stream (one
     VAD pass per frame, :data:`DUPLEX_KEEP_MS` kept), and each utterance is recognised
     from the next voice onset on (with :data:`PREROLL_MS` before it), so a quiet stream
     holds no recognizer. A FinishListening before that onset is reported as silence."""
@@ -180,15 +181,26 @@ class _Listening:
     async def cancel(self, action: CancelListening) -> None:
         if (utterance := self._current(action.stream)) is None:
             return
+        task = utterance.task
+        if action.hear_on and utterance.stage is self._duplex:
+            # only the utterance is dropped (typed input): the stream's stage goes on
+            # hearing it (feed: stage.hear), as between utterances. Its recognition is
+            # released before the stream's next utterance opens on the stage (SpeechStage.run
+            # releases only the utterance it serves)
+            utterance.stage.stop()
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            return
         self._utterance = None
         utterance.stage.stop()
         if utterance.stage is self._duplex:
             self._duplex = None  # the Duplex stream is over
-        if utterance.task is not None:
+        if task is not None:
             # its recognition is cancelled on the way out; a CancelListening in one of its
             # own reports (a Duplex stream's end) cancels only the wait for that report,
             # whose frames go out whole (shielded, see _listen)
-            utterance.task.cancel()
+            task.cancel()
 
     async def close(self) -> None:
         if (utterance := self._utterance) is not None:

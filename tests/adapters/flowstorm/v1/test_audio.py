@@ -23,6 +23,7 @@ from websockets.asyncio.client import connect
 
 from gateway.speech.audio import Pcm, decode_mp3, decode_wav, silence
 from tests.adapters.flowstorm.v1.helpers import (
+    SlowCore,
     assert_serving,
     expect_error,
     frames_until_response,
@@ -44,6 +45,7 @@ from tests.adapters.flowstorm.v1.helpers import (
     turn,
     ws_url,
 )
+from tests.adapters.test_speech_saturation import metric, until_metric
 from tests.speech import normalise, wer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -504,6 +506,64 @@ async def test_a_duplex_stream_opened_once_hears_every_utterance(
         assert await recv_nothing(ws, 1.5)
         [answer] = await turn(ws, request_frame("hello"))
         assert texts(answer) == ["You said: hello"]
+
+
+async def test_typing_on_a_duplex_stream_keeps_it_heard_through_the_text_turn(
+    corpus: dict[str, Pcm],
+) -> None:
+    """Typed input on an open Duplex stream is a turn; the stream stays open and is heard
+    through that turn as through a spoken one, so a sentence begun while it runs and
+    still going on when it ends is recognised from its start. The typed input dropped the
+    stream's speech stage with its utterance: the stream's audio went unheard until the
+    turn ended, and the sentence was recognised from the middle (a fresh stage)."""
+    core = SlowCore()
+    async with (
+        core.running() as core_url,
+        served(pipeline=core_url) as url,
+        connect(ws_url(url)) as ws,
+    ):
+        await init(ws, init_frame(sttMode="Duplex"))
+        await open_stream(ws)
+        await send_audio(ws, silence(1000, 16000).data, 16000)  # the stream is quiet
+        await send_json(ws, input_frame("hello", "typing-1"))
+        assert (await core.next_request())["input"]["transcript"]["text"] == "hello"
+        speech = pcm_at(corpus[WEATHER], 16000)
+        half = len(speech) // 2 & ~1  # in the middle of the sentence (16-bit samples)
+        await send_audio(ws, speech[:half], 16000)  # begun while the text turn runs
+        await asyncio.sleep(0.5)  # (every frame of it received before the turn ends)
+        core.release.set()
+        frames = await frames_until_response(ws)
+        assert kinds(frames) == ["SessionStarted", "Response"]
+        assert texts(json_frames(frames)[-1]) == ["slow answer"]
+        async with speaking(ws, speech[half:], 16000, close=False):  # and goes on after it
+            frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "Response"]
+        heard = final_text(frames)
+        assert close_to(WEATHER, heard), heard
+        assert (await core.next_request())["input"]["transcript"]["text"] == heard
+
+        # typed while a sentence is recognised: its recognizer is released at once (the
+        # text turn runs without it); the sentence, still going on when that turn ends,
+        # is the stream's next utterance, heard from its onset (the stage kept it)
+        streams = await metric(url, "gateway_stt_streams")
+        core.release.clear()
+        speech = pcm_at(corpus[PLACE], 16000)
+        half = len(speech) // 2 & ~1
+        await send_audio(ws, speech[:half], 16000)
+        await until_metric(url, "gateway_stt_streams", streams + 1)  # recognised
+        await send_json(ws, input_frame("hi"))
+        assert (await core.next_request())["input"]["transcript"]["text"] == "hi"
+        await until_metric(url, "gateway_stt_streams", streams)  # released, none left
+        core.release.set()
+        frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Response"]  # no Recognized of the dropped utterance
+        async with speaking(ws, speech[half:], 16000, close=False):
+            frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "Response"]
+        assert close_to(PLACE, final_text(frames)), final_text(frames)
+        await send_json(ws, {"type": "InputAudioStreamClose"})  # the stream (and stage) ends
+        await until_metric(url, "gateway_stt_streams", streams)
+        await assert_serving(url)
 
 
 @pytest.mark.parametrize("mode", ["SingleUtterance", "Default"])

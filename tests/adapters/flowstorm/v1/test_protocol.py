@@ -1015,15 +1015,21 @@ def test_opening_an_open_duplex_stream_again_is_acknowledged() -> None:
 
 
 def test_typing_on_a_duplex_stream_runs_the_text_and_listens_again() -> None:
+    """Typed input drops the utterance being spoken, not the stream's stage: the stream
+    stays open and is heard through the text turn, as through a spoken one (its stage
+    was dropped with the utterance, and its audio with it until the turn ended)."""
     conn = ready(sttMode="Duplex")
     stream = duplex_opened(conn).stream
     cancel, turn = send(conn, input_frame("typed"))
-    assert cancel == CancelListening(stream)
+    assert cancel == CancelListening(stream, hear_on=True)
     assert isinstance(turn, StartTurn)
     assert state(conn) is State.DUPLEX_TURN
+    assert conn.receive_bytes(b"\0\0") == [FeedAudio(stream, b"\0\0")]  # heard
     [listen] = answered(conn, Response())[-1:]
     assert isinstance(listen, StartListening)
     assert listen.continuous
+    assert listen.stream != stream
+    assert conn.receive_bytes(b"\0\0") == [FeedAudio(listen.stream, b"\0\0")]
     # a rejected turn: its Error, and the stream goes on
     said(conn, listen.stream, "spoken")
     error, again = conn.turn_rejected(TurnRejected("session-busy", "The session is busy."))
@@ -1031,6 +1037,23 @@ def test_typing_on_a_duplex_stream_runs_the_text_and_listens_again() -> None:
     assert isinstance(again, StartListening)
     assert again.continuous
     assert state(conn) is State.DUPLEX
+
+
+def test_a_duplex_stream_ended_around_a_text_turn_drops_its_stage() -> None:
+    # closed during a text turn: the stream's stage is dropped (no hear_on), no next utterance
+    conn = ready(sttMode="Duplex")
+    stream = duplex_opened(conn).stream
+    send(conn, input_frame("typed"))
+    assert send(conn, {"type": "InputAudioStreamClose"}) == [CancelListening(stream)]
+    assert conn.receive_bytes(b"\0\0") == []
+    assert not any(isinstance(a, StartListening) for a in answered(conn, Response()))
+    assert state(conn) is State.IDLE
+    # typed once the stream is closed, while its last utterance is finished: all dropped
+    conn = ready(sttMode="Duplex")
+    stream = duplex_opened(conn).stream
+    assert send(conn, {"type": "InputAudioStreamClose"}) == [FinishListening(stream)]
+    cancel, _ = send(conn, input_frame("typed"))
+    assert cancel == CancelListening(stream)
 
 
 def test_session_ended_and_audio_errors_end_a_duplex_stream() -> None:
