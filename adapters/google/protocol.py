@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -58,7 +58,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from gateway.events import FALLBACK, INTRO, SILENCE, Input, InputClass, Response, ResponseItem, Wire
 from gateway.protocol import ProtocolError, validate
 from gateway.protocol import load_json as load_any_json
-from gateway.ssml import display_text, speech_ssml
+from gateway.ssml import display_text, speech_ssml, truncate_text
 from gateway.turn import VOICE_FALLBACKS, Fallback, IntentRule, TurnContext, TurnEnd
 
 GOOGLE_NAMESPACE = "google"
@@ -72,7 +72,13 @@ HEALTH_CHECK_HANDLER = "actions.handler.HEALTH_CHECK"
 MAX_DISPLAY_CHARS = 640
 """Google's limit on a simple response's display text (chat bubble)."""
 MAX_SPEECH_CHARS = 8000
-"""The gateway's cap on speech SSML (same as Alexa's; Google documents none)."""
+"""The gateway's cap on speech SSML (same as Alexa's; Google documents none), and on the
+text of all the messages of a Dialogflow answer together."""
+MAX_DIALOGFLOW_BYTES = 64 * 1024
+"""Dialogflow's limit on a webhook response, ES and CX alike ("The response must be less
+than or equal to 64 KiB in size"; a larger one fails the webhook call, and the user hears
+the agent's fallback instead of the answer): :func:`render` cuts the text until the JSON
+(as encoded, UTF-8) fits."""
 WELCOME_EVENTS = frozenset({"WELCOME", "GOOGLE_ASSISTANT_WELCOME", "TELEPHONY_WELCOME"})
 """Dialogflow event names (ES ``queryText`` / CX ``triggerEvent``) that start a conversation."""
 
@@ -654,8 +660,8 @@ def fallback_json(plan: Plan, text: str, end: bool) -> dict[str, Any]:
     return render(plan, Answer((ResponseItem(text=text),), end=end), plan.session_id)
 
 
-def _speech(items: Sequence[ResponseItem]) -> str | None:
-    return speech_ssml(items, MAX_SPEECH_CHARS)
+def _speech(items: Sequence[ResponseItem], max_chars: int = MAX_SPEECH_CHARS) -> str | None:
+    return speech_ssml(items, max_chars)
 
 
 def _image(items: Sequence[ResponseItem]) -> str | None:
@@ -669,8 +675,26 @@ def render(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any
     if plan.format is Format.ACTIONS_SDK_V2:
         return _v2_body(plan, answer, gateway_session_id)
     if plan.format is Format.DIALOGFLOW_ES:
-        return _es_response(plan, answer)
-    return _cx_response(plan, answer, gateway_session_id)
+        return _fit(lambda budget: _es_response(plan, answer, budget))
+    return _fit(lambda budget: _cx_response(plan, answer, gateway_session_id, budget))
+
+
+def _json_bytes(data: Mapping[str, Any]) -> int:
+    """The size in bytes of ``data`` as the route encodes it (compact UTF-8 JSON)."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _fit(make: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+    """The Dialogflow answer ``make(max_chars)`` (its texts cut to ``max_chars`` characters)
+    with the largest budget, from :data:`MAX_SPEECH_CHARS` down by halves, whose JSON fits in
+    :data:`MAX_DIALOGFLOW_BYTES`; with a budget of 0 (says nothing) when none fits."""
+    budget = MAX_SPEECH_CHARS
+    while True:
+        answer = make(budget)
+        if budget == 0 or _json_bytes(answer) <= MAX_DIALOGFLOW_BYTES:
+            return answer
+        budget //= 2
 
 
 def health_response(plan: Plan) -> dict[str, Any]:
@@ -725,16 +749,20 @@ SSML-only, or with a card) fails and Google ends with its earcon instead (Action
 Google "Conversation exits")."""
 
 
-def _rich_response(answer: Answer, *, exit: bool = False, screen: bool = False) -> dict[str, Any]:
+def _rich_response(
+    answer: Answer, *, exit: bool = False, screen: bool = False, max_chars: int = MAX_SPEECH_CHARS
+) -> dict[str, Any]:
     """The Actions SDK v2 ``RichResponse`` of ``answer``: its items always begin with a
     SimpleResponse (:data:`SILENT_SSML` when the answer says and shows no text), then a
     ``basicCard`` with the first image when the device has a ``screen``.
 
     The answer to a conversation exit (``exit``) is that SimpleResponse alone, its
     ``textToSpeech`` and ``displayText`` the answer's text cut to :data:`MAX_EXIT_CHARS`
-    (no SSML, no card)."""
-    speech = None if exit else _speech(answer.items)
-    text = display_text(answer.items, MAX_EXIT_CHARS if exit else MAX_DISPLAY_CHARS)
+    (no SSML, no card). ``max_chars`` bounds the speech and the text (a Dialogflow answer
+    that must fit, :func:`_fit`)."""
+    speech = None if exit else _speech(answer.items, max_chars)
+    limit = MAX_EXIT_CHARS if exit else MAX_DISPLAY_CHARS
+    text = display_text(answer.items, min(limit, max_chars))
     simple = {"textToSpeech": text} if text and not speech else {"ssml": speech or SILENT_SSML}
     if text:
         simple["displayText"] = text
@@ -760,32 +788,43 @@ def _v2_body(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, A
     }
 
 
-def _messages(items: Sequence[ResponseItem]) -> list[dict[str, Any]]:
+def _messages(items: Sequence[ResponseItem], max_chars: int) -> list[dict[str, Any]]:
+    """One Dialogflow message per item's text and per https image, in order; their texts
+    and image URLs together at most ``max_chars`` characters: the text that passes it is cut
+    at a sentence or word boundary and nothing after it is said."""
     messages: list[dict[str, Any]] = []
+    left = max_chars
     for item in items:
-        text = display_text([item], MAX_SPEECH_CHARS)
+        whole = display_text([item], MAX_SPEECH_CHARS)
+        text = truncate_text(whole, left)
         if text:
             messages.append({"text": {"text": [text]}})
-        if item.image and item.image.startswith("https://"):
+            left -= len(text) + 1  # as if joined by spaces, as fulfillmentText is
+        if item.image and item.image.startswith("https://") and len(item.image) <= left:
             messages.append({"image": {"imageUri": item.image}})
+            left -= len(item.image)
+        if text != whole or left <= 0:
+            break
     return messages
 
 
-def _es_response(plan: Plan, answer: Answer) -> dict[str, Any]:
+def _es_response(plan: Plan, answer: Answer, max_chars: int) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "fulfillmentText": display_text(answer.items, MAX_SPEECH_CHARS),
-        "fulfillmentMessages": _messages(answer.items),
+        "fulfillmentText": display_text(answer.items, max_chars),
+        "fulfillmentMessages": _messages(answer.items, max_chars),
     }
     if plan.google_payload:
-        rich = _rich_response(answer, exit=plan.exit, screen=plan.screen)
+        rich = _rich_response(answer, exit=plan.exit, screen=plan.screen, max_chars=max_chars)
         out["payload"] = {"google": {"expectUserResponse": not answer.end, "richResponse": rich}}
     return out
 
 
-def _cx_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
+def _cx_response(
+    plan: Plan, answer: Answer, gateway_session_id: str, max_chars: int
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "fulfillmentResponse": {
-            "messages": [m for m in _messages(answer.items) if "text" in m],
+            "messages": [m for m in _messages(answer.items, max_chars) if "text" in m],
             "mergeBehavior": "REPLACE",
         },
         "sessionInfo": {"parameters": {SESSION_PARAM: gateway_session_id}},

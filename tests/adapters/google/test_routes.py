@@ -710,6 +710,60 @@ async def test_a_silent_end_is_a_valid_v2_final_response() -> None:
         assert via_es["fulfillmentText"] == ""
 
 
+LONG_ANSWERS: dict[str, list[str]] = {
+    "many": [("word " * 1500) + f"end {i}." for i in range(100)],  # 100 items of 7.5 KB
+    "emoji": ["\U0001f600" * 8000] * 3,  # 4 bytes each in UTF-8
+    "control": ["\x01" * 8000] * 3,  # 6 bytes each as JSON (\u0001)
+}
+
+
+async def test_dialogflow_answers_fit_in_64_kib() -> None:
+    """Dialogflow ES and CX refuse a webhook response over 64 KiB (the user then hears the
+    agent's fallback, not the answer). A core that says a lot gets its words cut until the
+    answer fits, the first words kept (before: every item went out whole, 760 KB for 100
+    items of 7.5 KB; 8000 emoji were 32 KB in fulfillmentText and again in each message)."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        texts = LONG_ANSWERS[body["input"]["transcript"]["text"]]
+        return JSONResponse({"items": [{"text": t} for t in texts]})
+
+    google = json.loads((GOOGLE / "actions-sdk-v2-via-dialogflow" / "HelpIntent.json").read_text())
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for kind, texts in LONG_ANSWERS.items():
+            start = texts[0][:20]
+            es_answer = await client.post(
+                "/dialogflow", json=es(f"projects/p/agent/sessions/long-{kind}", kind)
+            )
+            cx_answer = await client.post(
+                "/dialogflow", json=cx(f"projects/p/locations/l/agents/a/sessions/{kind}", kind)
+            )
+            (raw,) = google["originalDetectIntentRequest"]["payload"]["inputs"][0]["rawInputs"]
+            raw["query"] = kind
+            google["originalDetectIntentRequest"]["payload"]["inputs"][0]["arguments"] = []
+            google["queryResult"]["queryText"] = kind
+            google_answer = await client.post("/dialogflow", json=google)
+            for answer in (es_answer, cx_answer, google_answer):
+                assert len(ok(answer).keys()) > 0
+                assert len(answer.content) <= 64 * 1024, (kind, len(answer.content))
+            data = es_answer.json()
+            assert data["fulfillmentText"].startswith(start), kind
+            assert data["fulfillmentMessages"][0]["text"]["text"][0].startswith(start), kind
+            messages = cx_answer.json()["fulfillmentResponse"]["messages"]
+            assert messages[0]["text"]["text"][0].startswith(start), kind
+            payload = google_answer.json()["payload"]["google"]
+            simple = payload["richResponse"]["items"][0]["simpleResponse"]
+            # text that SSML cannot hold (control characters) goes as textToSpeech
+            said = speech_text(simple["ssml"]) if "ssml" in simple else simple["textToSpeech"]
+            assert said.startswith(start), kind
+
+
 async def test_words_beginning_with_hash_are_answered_as_words() -> None:
     async with gateway(**OFF) as url, httpx.AsyncClient(base_url=url) as client:
         cx_session = "projects/p/locations/global/agents/a/sessions/hash"
