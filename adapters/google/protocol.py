@@ -79,8 +79,11 @@ MAX_DIALOGFLOW_BYTES = 64 * 1024
 than or equal to 64 KiB in size"; a larger one fails the webhook call, and the user hears
 the agent's fallback instead of the answer): :func:`render` cuts the text until the JSON
 (as encoded, UTF-8) fits."""
-WELCOME_EVENTS = frozenset({"WELCOME", "GOOGLE_ASSISTANT_WELCOME", "TELEPHONY_WELCOME"})
-"""Dialogflow event names (ES ``queryText`` / CX ``triggerEvent``) that start a conversation."""
+WELCOME_EVENT = re.compile(r"(?:[A-Z0-9]+_)*WELCOME")
+"""Dialogflow event names (ES ``queryText`` / CX ``triggerEvent``, the whole name) that start
+a conversation: the generic ``WELCOME`` and each integration's own platform welcome event
+(``GOOGLE_ASSISTANT_WELCOME``, ``TELEPHONY_WELCOME``, ``FACEBOOK_WELCOME``,
+``TELEGRAM_WELCOME``, ``LINE_WELCOME``, ...; Dialogflow ES "Platform events")."""
 
 
 class Format(StrEnum):
@@ -366,7 +369,7 @@ the microphone after it, so the answer ends the conversation (``expectUserRespon
 false``), as the Actions Builder's ``actions.intent.NO_INPUT_FINAL`` does."""
 
 CX_EVENTS: tuple[tuple[re.Pattern[str], IntentRule], ...] = (
-    (re.compile(f"^(?:{'|'.join(sorted(WELCOME_EVENTS))})$", re.I), IntentRule(INTRO)),
+    (re.compile(f"^{WELCOME_EVENT.pattern}$", re.I), IntentRule(INTRO)),
     (re.compile(r"^sys\.no-input"), IntentRule(SILENCE)),
     (re.compile(r"^sys\.no-match"), IntentRule(FALLBACK)),
 )
@@ -573,7 +576,7 @@ def _es_plan(request: EsRequest) -> Plan:
         return replace(plan, input=heard, app_key=app_key, google_payload=True)
     query = (result.query_text or "").strip()
     # an event's name as it is (upper case): a user who types "welcome" said a word
-    text = INTRO if query in WELCOME_EVENTS else (query or FALLBACK)
+    text = INTRO if WELCOME_EVENT.fullmatch(query) else (query or FALLBACK)
     return Plan(
         Format.DIALOGFLOW_ES,
         session_id=request.session,

@@ -143,6 +143,12 @@ def test_v2_and_dialogflow_google_payload(
     [
         ("WELCOME", "#intro"),
         ("GOOGLE_ASSISTANT_WELCOME", "#intro"),
+        # each integration's own welcome event (Telegram's /start, Messenger's Get started)
+        ("TELEGRAM_WELCOME", "#intro"),
+        ("FACEBOOK_WELCOME", "#intro"),
+        ("LINE_WELCOME", "#intro"),
+        ("telegram_welcome", "telegram_welcome"),
+        ("WELCOME BACK", "WELCOME BACK"),
         # ES sends an event's name as the queryText: a user who types the word is no event
         ("welcome", "welcome"),
         ("Welcome", "Welcome"),
@@ -170,6 +176,7 @@ CX_SESSION = "projects/p1/locations/global/agents/a1/sessions/s1"
         ({"transcript": "spoken words"}, "spoken words"),
         ({"dtmfDigits": "42"}, "42"),
         ({"triggerEvent": "WELCOME"}, "#intro"),
+        ({"triggerEvent": "FACEBOOK_WELCOME"}, "#intro"),
         ({"triggerEvent": "sys.no-input-default"}, "#silence"),
         ({"triggerEvent": "sys.no-match-1"}, "#fallback"),
         ({"triggerEvent": "custom-event"}, "#custom-event"),

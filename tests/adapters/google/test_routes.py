@@ -764,6 +764,22 @@ async def test_dialogflow_answers_fit_in_64_kib() -> None:
             assert said.startswith(start), kind
 
 
+async def test_a_platform_welcome_event_starts_the_conversation(base: str) -> None:
+    """Dialogflow ES integrations start a conversation with their own welcome event, sent as
+    the queryText (Telegram's /start: ``TELEGRAM_WELCOME``; Messenger's Get started:
+    ``FACEBOOK_WELCOME``): the core hears ``#intro`` (before: the event's name as the user's
+    words, "You said: TELEGRAM_WELCOME")."""
+    for source, event in (("telegram", "TELEGRAM_WELCOME"), ("facebook", "FACEBOOK_WELCOME")):
+        request = es(f"projects/p/agent/sessions/{source}-start", event)
+        request["originalDetectIntentRequest"] = {
+            "source": source,
+            "payload": {"data": {"message": {"text": "/start"}}},
+        }
+        async with httpx.AsyncClient(base_url=base) as client:
+            said = check_es(ok(await client.post("/dialogflow", json=request)), google=False)
+        assert said.startswith("Hello, I am the gateway demo bot."), source
+
+
 async def test_words_beginning_with_hash_are_answered_as_words() -> None:
     async with gateway(**OFF) as url, httpx.AsyncClient(base_url=url) as client:
         cx_session = "projects/p/locations/global/agents/a/sessions/hash"
