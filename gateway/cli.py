@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +19,11 @@ from gateway.settings import LOG_LEVELS, Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""The signals uvicorn stops gracefully on (uvicorn.server.HANDLED_SIGNALS, POSIX)."""
+_STARTUP_FAILURE = 3
+"""The exit status of a server that did not start (uvicorn.main.STARTUP_FAILURE)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +80,11 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
     ``app`` (default ``create_app(settings, freeze_gc=True)``) on GATEWAY_HOST:PORT with
     the gateway's protocol classes (deadlines, connection cap, send deadline:
     :func:`gateway.server.uvicorn_options`) and GATEWAY_SHUTDOWN_TIMEOUT_S for a
-    graceful stop. ``app`` lets a benchmark serve an app it prepared (local
-    certificates injected) exactly as users run the gateway.
+    graceful stop, after which it returns (``gateway serve`` exits 0, a second SIGTERM
+    changing nothing). Raises SystemExit(3) when the server did not start (its
+    lifespan failed, the port was taken), as ``uvicorn.run`` does. ``app`` lets a
+    benchmark serve an app it prepared (local certificates injected) exactly as users
+    run the gateway.
     """
     import uvicorn
 
@@ -88,7 +97,7 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
     server_log.info(describe(settings))
     for warning in startup_warnings(settings, open_file_limit()):
         server_log.warning(warning)
-    uvicorn.run(
+    config = uvicorn.Config(
         app if app is not None else create_app(settings, freeze_gc=True),
         host=settings.host,
         port=settings.port,
@@ -99,6 +108,21 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
         # deadlines, connection cap, send deadline, ws_max_size (gateway/server.py)
         **uvicorn_options(settings),
     )
+    server = uvicorn.Server(config)
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
+    # handler it found when it started; Python's default for SIGTERM kills the process,
+    # so a clean stop ended "killed by SIGTERM" (status -15; 143 in a container, an
+    # Error to Kubernetes and to Docker's on-failure restart policy). Its own handler,
+    # installed first, makes that second delivery a no-op: the stop exits 0. A signal
+    # before uvicorn takes over (none is lost) stops it as soon as it has started.
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in _STOP_SIGNALS}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:  # as uvicorn.run: the app's startup failed, or the bind
+        raise SystemExit(_STARTUP_FAILURE)
 
 
 def startup_warnings(settings: Settings, file_limit: int) -> list[str]:
