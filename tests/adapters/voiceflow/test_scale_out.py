@@ -90,7 +90,7 @@ async def test_graceful_shutdown_sends_server_restart(
         async with asyncio.timeout(10):
             await stopping
         assert first.proc is not None
-        assert first.proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+        assert first.proc.returncode == 0  # a graceful stop (gateway/cli.py: serve)
     finally:
         for vf in clients:
             await vf.close()
