@@ -536,6 +536,10 @@ class Conversation:
             log.exception("turn of %s failed", session_ref(ctx.key))
             outcome.error = "gateway"
             out.put_nowait(ErrorEvent(text="Internal gateway error.", source="gateway"))
+        except asyncio.CancelledError:  # cut (a forced stop): no answer, not an ok turn
+            log.warning("turn of %s was cancelled before its end", session_ref(ctx.key))
+            outcome.error = "gateway"
+            raise
         finally:
             out.put_nowait(_END)
             metrics.TURNS_IN_FLIGHT.dec()

@@ -319,6 +319,36 @@ async def test_drain_waits_for_running_turns(core: tuple[str, FastAPI]) -> None:
     await conv.pipeline.aclose()
 
 
+async def test_a_cancelled_turn_is_counted_and_logged_as_cut(
+    core: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A turn cancelled mid-way (a forced stop: a second Ctrl+C, a shutdown past its
+    wait) was counted ``outcome="ok"`` and logged ``turn ok`` with turn 0: the
+    cancellation skipped the turn's error handling. It is an error of the gateway, and
+    one WARNING says it was cut."""
+    from gateway import metrics
+
+    url, _ = core
+    conv = engine(pipeline=f"{url}/slow?s=5")
+    turns = metrics.labelled(metrics.TURNS, "test", "error")
+    errors = metrics.labelled(metrics.ERRORS, "test", "gateway")
+    before = (turns._value.get(), errors._value.get())
+    caplog.set_level("INFO", logger="gateway.conversation")
+    stream = conv.turn(ctx(), Input.of("hello"))  # channel "test"
+    events = aiter(stream)
+    assert isinstance(await anext(events), SessionStartedEvent)
+    stream.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stream.task
+    assert (turns._value.get(), errors._value.get()) == (before[0] + 1, before[1] + 1)
+    lines = [r for r in caplog.records if r.name == "gateway.conversation"]
+    assert [r.levelname for r in lines if "cancelled" in r.getMessage()] == ["WARNING"]
+    (line,) = [r for r in lines if r.getMessage().startswith("turn ") and r.levelname == "INFO"]
+    assert line.getMessage() == "turn error"
+    assert line.__dict__["error_source"] == "gateway"
+    await conv.pipeline.aclose()
+
+
 class _Spoiler:
     """A core that changes the session, then fails (PipelineError) on ``spoil``."""
 
