@@ -12,7 +12,9 @@ implementation is ask-sdk-webservice-support ``verifier.py``) are:
 3. ``Signature-256`` is the base64 RSA PKCS#1 v1.5 signature over the SHA-256 of the
    exact raw body, made with the leaf's key. The legacy SHA-1 ``Signature`` header
    alone is refused.
-4. ``request.timestamp`` is within 150 seconds of now (either direction).
+4. ``request.timestamp`` is within 150 seconds of now (either direction); a skill
+   event (``AlexaSkillEvent.*``) may be up to an hour old, as Amazon delivers and
+   retries those late ("Skill Events in Alexa Skills", delivery of events).
 5. The skill id (``applicationId``) is one of ours.
 
 :class:`AlexaVerifier` runs all of them; every failure raises
@@ -97,6 +99,11 @@ ALEXA_SIGNING_SAN = "echo-api.amazon.com"
 """DNS name the signing certificate's SubjectAlternativeName must contain."""
 
 DEFAULT_MAX_SKEW = timedelta(seconds=150)
+SKILL_EVENT_MAX_AGE = timedelta(hours=1)
+"""How old a skill event's ``request.timestamp`` may be: Amazon delivers
+``AlexaSkillEvent.*`` requests up to an hour after the event (ask-sdk's verifiers
+allow the same)."""
+SKILL_EVENT_PREFIX = "AlexaSkillEvent."
 DEFAULT_FETCH_TIMEOUT_S = 3.0
 
 
@@ -129,7 +136,8 @@ class AlexaReason(StrEnum):
     BAD_TIMESTAMP = "bad_timestamp"
     """``request.timestamp`` is missing or not ISO 8601."""
     TIMESTAMP_TOO_OLD = "timestamp_too_old"
-    """``request.timestamp`` is more than the allowed skew before now."""
+    """``request.timestamp`` is more than the allowed skew before now (more than
+    :data:`SKILL_EVENT_MAX_AGE` for a skill event)."""
     TIMESTAMP_IN_FUTURE = "timestamp_in_future"
     """``request.timestamp`` is more than the allowed skew after now."""
     MISSING_APPLICATION_ID = "missing_application_id"
@@ -523,7 +531,8 @@ class AlexaVerifier:
         fetch_timeout_s: seconds one chain download may take, in total (applies on
             top of any fetcher's own limit).
         max_skew: largest allowed distance between ``request.timestamp`` and now
-            (150 s per Amazon).
+            (150 s per Amazon); a skill event may be older, up to the larger of this
+            and :data:`SKILL_EVENT_MAX_AGE`.
         cache_size: how many chain URLs are kept (least recently used dropped).
         failure_ttl_s: how long (s, on ``clock``) a URL whose fetch or chain failed
             is answered with that failure without another download.
@@ -638,7 +647,7 @@ class AlexaVerifier:
             stamp = parse_timestamp(raw, what="request.timestamp")
         except ProtocolError as exc:  # not ISO 8601, or not a moment UTC can hold
             raise AlexaVerificationError(AlexaReason.BAD_TIMESTAMP, exc.text) from None
-        if stamp < now - self._max_skew:
+        if stamp < now - self._max_skew and not self._late_skill_event(envelope, stamp, now):
             raise AlexaVerificationError(
                 AlexaReason.TIMESTAMP_TOO_OLD,
                 f"request.timestamp {raw} is {(now - stamp).total_seconds():.0f} s old",
@@ -648,6 +657,14 @@ class AlexaVerifier:
                 AlexaReason.TIMESTAMP_IN_FUTURE,
                 f"request.timestamp {raw} is {(stamp - now).total_seconds():.0f} s ahead",
             )
+
+    def _late_skill_event(self, envelope: dict[str, Any], stamp: datetime, now: datetime) -> bool:
+        """Whether a request older than the skew is a skill event within its hour
+        (:data:`SKILL_EVENT_MAX_AGE`); asked only of requests already too old."""
+        kind = envelope["request"].get("type")
+        if not isinstance(kind, str) or not kind.startswith(SKILL_EVENT_PREFIX):
+            return False
+        return stamp >= now - max(self._max_skew, SKILL_EVENT_MAX_AGE)
 
     def _check_application_id(self, envelope: dict[str, Any]) -> None:
         if not self.skill_ids:

@@ -549,6 +549,35 @@ async def test_timestamp_out_of_range(
     assert fetcher.calls == []  # refused before any download
 
 
+async def test_skill_events_may_be_up_to_an_hour_old(pki: Pki, good_chain: bytes) -> None:
+    # Amazon delivers (and retries) AlexaSkillEvent.* requests up to an hour after the
+    # event: refusing them at 150 s made Amazon retry an event the skill never got
+    verifier, _ = make_verifier(pki, good_chain)
+
+    def event(age: timedelta, kind: str = "AlexaSkillEvent.SkillDisabled") -> dict[str, Any]:
+        data = envelope(NOW - age)
+        del data["session"]
+        data["request"] = {
+            "type": kind,
+            "requestId": "amzn1.echo-api.request.1",
+            "timestamp": data["request"]["timestamp"],
+            "eventCreationTime": data["request"]["timestamp"],
+        }
+        return data
+
+    for age in (timedelta(seconds=151), timedelta(minutes=30), timedelta(hours=1)):
+        headers, body = signed(pki, event(age))
+        assert (await verifier.verify(headers, body))["request"]["type"].startswith("Alexa")
+    for data in (
+        event(timedelta(hours=1, seconds=1)),  # past the hour
+        event(timedelta(seconds=151), kind="IntentRequest"),  # other requests: 150 s
+        event(timedelta(seconds=151), kind="AlexaSkillEventX"),
+    ):
+        assert await refused(verifier, *signed(pki, data)) == "timestamp_too_old"
+    future = event(timedelta(seconds=-151))  # late delivery never explains a future stamp
+    assert await refused(verifier, *signed(pki, future)) == "timestamp_in_future"
+
+
 @pytest.mark.parametrize("stamp", ["yesterday", "", "2024-13-01T00:00:00Z"])
 async def test_unreadable_timestamp(pki: Pki, good_chain: bytes, stamp: str) -> None:
     verifier, _ = make_verifier(pki, good_chain)
