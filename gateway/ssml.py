@@ -132,15 +132,22 @@ def item_ssml(item: ResponseItem, *, audio_https_only: bool = True) -> str:
 
     The item's ``ssml`` when it is well-formed, else its ``text`` escaped;
     ``#command`` items say nothing; an ``audio`` URL becomes ``<audio src="..."/>``
-    (only https URLs when ``audio_https_only``, as Alexa requires).
+    (only https URLs when ``audio_https_only``, as Alexa requires; never one holding a
+    character XML does not allow, :data:`_NOT_XML`, which no escape can carry: the
+    platform would refuse the whole speech, so that clip is left out).
     """
     parts: list[str] = []
     if item.ssml and ssml_to_text(item.ssml) is not None:
         parts.append(_strip_speak(item.ssml).strip())
     elif item.text and not _is_command(item):
         parts.append(xml_text(item.text.strip()))
-    if item.audio and (item.audio.startswith("https://") or not audio_https_only):
-        parts.append(f"<audio src={quoteattr(item.audio)}/>")
+    audio = item.audio
+    if (
+        audio
+        and (audio.startswith("https://") or not audio_https_only)
+        and not _NOT_XML.search(audio)
+    ):
+        parts.append(f"<audio src={quoteattr(audio)}/>")
     return " ".join(p for p in parts if p)
 
 

@@ -359,6 +359,20 @@ def test_text_is_escaped_ssml_is_kept_audio_becomes_audio_tags() -> None:
     )
 
 
+@pytest.mark.parametrize("audio", ["https://cdn.example/a\x01b.mp3", "https://cdn.example/\ufffe"])
+def test_an_audio_url_xml_cannot_carry_is_left_out_and_the_speech_stays_well_formed(
+    audio: str,
+) -> None:
+    # a control character (or U+FFFE) in the core's audio URL went into <audio src>:
+    # no XML escape can carry it, Alexa refused the speech and the skill exited
+    items = [ResponseItem(text="Listen.", audio=audio), ResponseItem(text="Next?")]
+    data, _ = answer_response(Plan(Handling.TURN, session_id="S"), Response(items=items))
+    answer = json.loads(data)["response"]
+    for speech in (answer["outputSpeech"], answer["reprompt"]["outputSpeech"]):
+        well_formed(speech["ssml"])
+    assert answer["outputSpeech"]["ssml"] == "<speak>Listen. Next?</speak>"
+
+
 @pytest.mark.parametrize(
     ("ended", "sleep", "should_end"),
     [(False, 0, False), (True, 0, True), (True, 30, False), (False, 30, False)],
