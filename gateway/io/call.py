@@ -84,6 +84,7 @@ from gateway.speech.audio import AudioFormatError
 from gateway.speech.stage import SpeechStage
 from gateway.speech.stt import RecognitionError, RecognizerBusy
 from gateway.speech.types import Heard
+from gateway.turn import TurnContext
 
 log = logging.getLogger("gateway.call")
 
@@ -719,6 +720,16 @@ class CallRunner(WebSocketDriver[CallAction]):
 
     def lost(self) -> list[CallAction]:
         return self.call.connection_lost()
+
+    async def end_session(self, ctx: TurnContext) -> None:
+        """End the call's session after the turns it asked for (up to GATEWAY_LOCK_WAIT_S,
+        :meth:`Conversation.settled`), so that none takes the session's lock after the end
+        and makes the session anew, left behind the call. A turn asked for just before (a
+        key pressed as the caller hangs up: StartTurn, then ``stop``) has its forwarding
+        task spawned but not yet run: one turn of the event loop lets it start the turn."""
+        await asyncio.sleep(0)
+        await self.gw.conversation.settled(ctx.key, self.gw.settings.lock_wait_s)
+        await super().end_session(ctx)
 
     async def shutdown(self) -> None:
         await super().shutdown()

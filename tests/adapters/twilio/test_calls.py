@@ -303,3 +303,44 @@ async def test_busy_recognizers_give_new_calls_a_busy_line_and_a_call_s_utteranc
         await gw.wait_no_calls()
     finally:
         await recognizer.aclose()
+
+
+class Counting:
+    """A core that counts its turns in the session's attributes (``turns``) and answers
+    each at once."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.inputs: list[str] = []
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        self.inputs.append(input.text)
+        session.attributes["turns"] = session.attributes.get("turns", 0) + 1
+        yield ResponseItem(text="Okay.")
+        yield Response()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_key_pressed_as_the_caller_hangs_up_leaves_no_session_behind(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    # the key's turn and the stop come in one read: the turn is asked for, then the
+    # session ended; the end waits for the turn (it used to take the session's lock
+    # first, and the turn then made the session anew: a session left behind the call)
+    async with twilio_gateway(speech, redis_url=redis_url, redis_prefix=redis_prefix) as gw:
+        core = Counting()
+        gw.app.state.gateway.conversation.pipeline = core
+        with no_server_errors():
+            for _ in range(3):
+                async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+                    await call.wait_for(lambda: "1" in call.echoed)  # the intro was heard
+                    await call.send(call.dtmf_frame("5"))
+                    await call.send(call.stop_frame())
+                    await call.wait_for(lambda: call.closed_at is not None)
+                await gw.wait_no_calls()
+                assert await until(lambda: not gw.app.state.gateway.conversation.turns_in_flight, 5)
+                assert core.inputs[-1] == "5"  # the key's turn ran, before the end
+                assert not await session_exists(gw.app, call.call_sid)
