@@ -1153,10 +1153,13 @@ class CarrierCall:
             actions += self._stop_judging()
             actions += self._silence_the_bot()
             self.machine.advance(INTERRUPT)
-        self._silence_at = None
         done = self.dtmf.press(digit, self.now_ms)
         if done is not None:
             actions += self._digits(done)
+        elif self.state is State.CALLER:
+            # no input yet (keys collected: the timeout waits for them, _silence_due), or
+            # none at all ('#' alone): the silence timeout runs again from the key
+            self._silence_at = self.now_ms + self.config.silence_timeout_ms
         return actions
 
     def _digits(self, text: str) -> list[CallAction]:

@@ -573,3 +573,19 @@ def test_a_lost_connection_ends_the_session() -> None:
     [end] = call.connection_lost()
     assert isinstance(end, EndSession)
     assert end.ctx.key == f"twilio:{CALL}"
+
+
+@pytest.mark.parametrize("playing", [False, True], ids=["caller's floor", "over the bot"])
+def test_a_hash_alone_in_collect_mode_leaves_the_silence_timeout_running(playing: bool) -> None:
+    # '#' with no keys before it is no input; it used to stop the silence timeout for good
+    # (the call sat in dead air until the caller spoke or hung up: Twilio streams silence)
+    call = started(dtmf_mode="collect", silence_timeout_ms=1000)
+    answer(call)
+    if not playing:
+        assert call.receive(mark("1")) == []  # the caller's floor
+    pressed = call.receive(dtmf("#"))
+    assert [type(a) for a in pressed] == ([Interrupt] if playing else [])  # no input
+    assert call.state is State.CALLER
+    actions = speak(call, SILENCE * 60)
+    turns = [(i, a.input.text) for i, a in actions if isinstance(a, StartTurn)]
+    assert turns == [(49, "#silence")]  # 1000 ms of audio after the key
