@@ -468,26 +468,11 @@ class Conversation:
         self.speech = speech
         self.journal = journal
         self._tasks: set[asyncio.Task[None]] = set()
-        self._running: dict[str, set[asyncio.Task[None]]] = {}
-        """The running turns' tasks by session key (:meth:`settled`)."""
 
     @property
     def turns_in_flight(self) -> int:
         """How many turns are running now."""
         return len(self._tasks)
-
-    async def settled(self, key: str, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` s for the turns of session ``key`` running in this
-        process now (started, their lock taken or not); whether none is left running.
-
-        For an end that must come after them (:meth:`end` takes the session's lock, and a
-        turn that has not taken it yet could take it after the end, making the session
-        anew)."""
-        running = self._running.get(key)
-        if not running:
-            return True
-        _, pending = await asyncio.wait(set(running), timeout=timeout_s)
-        return not pending
 
     def _lease_s(self) -> float:
         # short, and renewed by the store while the turn runs: a turn of a killed
@@ -500,17 +485,7 @@ class Conversation:
         task = asyncio.create_task(self._run(ctx, input, queue), name="turn")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        running = self._running.setdefault(ctx.key, set())
-        running.add(task)
-        task.add_done_callback(functools.partial(self._turn_done, ctx.key))
         return TurnStream(queue, task)
-
-    def _turn_done(self, key: str, task: asyncio.Task[None]) -> None:
-        running = self._running.get(key)
-        if running is not None:
-            running.discard(task)
-            if not running:
-                del self._running[key]
 
     async def _run(self, ctx: TurnContext, input: Input, out: _TurnQueue) -> None:
         start = time.perf_counter()

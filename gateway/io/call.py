@@ -722,13 +722,14 @@ class CallRunner(WebSocketDriver[CallAction]):
         return self.call.connection_lost()
 
     async def end_session(self, ctx: TurnContext) -> None:
-        """End the call's session after the turns it asked for (up to GATEWAY_LOCK_WAIT_S,
-        :meth:`Conversation.settled`), so that none takes the session's lock after the end
-        and makes the session anew, left behind the call. A turn asked for just before (a
-        key pressed as the caller hangs up: StartTurn, then ``stop``) has its forwarding
-        task spawned but not yet run: one turn of the event loop lets it start the turn."""
-        await asyncio.sleep(0)
-        await self.gw.conversation.settled(ctx.key, self.gw.settings.lock_wait_s)
+        """End the call's session after the turns it asked for (their forwarding tasks,
+        :attr:`turns`, up to GATEWAY_LOCK_WAIT_S), so that none takes the session's lock
+        after the end and makes the session anew, left behind the call (a key pressed as
+        the caller hangs up: StartTurn, then ``stop``)."""
+        current = asyncio.current_task()
+        turns = [turn for turn in self.turns if turn is not current]
+        if turns:
+            await asyncio.wait(turns, timeout=self.gw.settings.lock_wait_s)
         await super().end_session(ctx)
 
     async def shutdown(self) -> None:

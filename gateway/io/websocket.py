@@ -349,6 +349,8 @@ class WebSocketDriver(Generic[A]):
         self._receive_dog = Watchdog()
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self.turns: set[asyncio.Task[None]] = set()
+        """The tasks forwarding this connection's turns (each a StartTurn's), while they run."""
 
     # ------------------------------------------------------------ guarded sends
 
@@ -462,7 +464,9 @@ class WebSocketDriver(Generic[A]):
             elif isinstance(action, SendBytes):
                 await self.send_bytes(action.data)
             elif isinstance(action, StartTurn):
-                self.spawn(self.forward(action), "turn")
+                turn = self.spawn(self.forward(action), "turn")
+                self.turns.add(turn)
+                turn.add_done_callback(self.turns.discard)
             elif isinstance(action, StartListening):
                 if self.listening is not None:
                     await self.listening.start(action)
