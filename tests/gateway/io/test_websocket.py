@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -18,8 +20,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.conversation import Conversation, TurnRejected
-from gateway.events import Input, TurnEvent
-from gateway.io.websocket import CLOSE_GOING_AWAY, WebSocketDriver
+from gateway.events import ErrorEvent, Input, ResponseEvent, TurnEvent
+from gateway.io.websocket import CLOSE_GOING_AWAY, CLOSE_INTERNAL, WebSocketDriver
+from gateway.logs import session_ref
 from gateway.protocol.actions import (
     CancelListening,
     Close,
@@ -39,14 +42,23 @@ from tests.gateway.turns import ctx, engine
 log = logging.getLogger("tests.websocket")
 
 
+@dataclass(frozen=True)
+class Unplayable:
+    """An action of the toy protocol that fails as it is carried out (EchoDriver.other)."""
+
+    what: str
+
+
 class Echo:
     """A toy protocol object: ``turn <text>`` starts a turn, ``listen``/``audio``/``done``/
     ``drop`` drive utterance 1, ``close`` closes 4000, ``end`` ends the session, other text
     is echoed upper-cased, bytes reversed. Turn events are sent by their type."""
 
-    def __init__(self, record: list[str]) -> None:
+    def __init__(self, record: list[str], *, unplayable_response: bool = False) -> None:
         self.record = record
         self.ctx = ctx("ws-1")
+        self.unplayable_response = unplayable_response
+        """Whether a Response comes with an :class:`Unplayable` after its Send."""
 
     def receive(self, frame: str | bytes) -> list[object]:
         if isinstance(frame, bytes):
@@ -74,6 +86,8 @@ class Echo:
         return [Send(frame.upper())]
 
     def turn_event(self, event: TurnEvent) -> list[object]:
+        if self.unplayable_response and isinstance(event, ResponseEvent):
+            return [Send(event.type), Unplayable("the answer's last part")]
         return [Send(event.type)]
 
     def turn_rejected(self, exc: TurnRejected) -> list[object]:
@@ -114,9 +128,10 @@ class EchoDriver(WebSocketDriver[object]):
     def __init__(
         self, ws: WebSocket, conversation: Conversation, record: list[str], **options: Any
     ) -> None:
-        self.echo = Echo(record)
+        self.echo = Echo(record, unplayable_response=options.pop("unplayable_response", False))
         self.hold_after: str | None = options.pop("hold_after", None)
         self.idle_s: float | None = options.pop("idle_s", None)
+        self.claims: bool = options.pop("claims", False)
         self._holding = False
         super().__init__(
             ws, self.echo, conversation, listening=Ears(record), log=log, name="echo", **options
@@ -141,6 +156,34 @@ class EchoDriver(WebSocketDriver[object]):
 
     def lost(self) -> Sequence[object]:
         return self.echo.connection_lost()
+
+    async def other(self, action: object) -> None:
+        if isinstance(action, Unplayable):
+            self.echo.record.append(f"unplayable {action.what}")
+            raise RuntimeError(f"{action.what} cannot be carried out")
+        await super().other(action)
+
+    def failure(self) -> Sequence[object]:
+        """As Flowstorm V1 answers a failure of the gateway: an Error frame of source
+        ``gateway``, then the driver's close 1011."""
+        error = ErrorEvent(text="Internal gateway error.", source="gateway")
+        return [Send(error.wire_json()), *super().failure()]
+
+    async def forward(self, start: StartTurn) -> None:
+        """With ``claims``, each event inside a claim that records its way in and out."""
+        if not self.claims:
+            await super().forward(start)
+            return
+
+        @contextlib.asynccontextmanager
+        async def claim(event: TurnEvent) -> AsyncIterator[bool]:
+            self.echo.record.append(f"claim {event.type}")
+            try:
+                yield True
+            finally:
+                self.echo.record.append(f"claimed {event.type}")
+
+        await self.forward_claimed(start, claim)
 
 
 def app(
@@ -256,3 +299,60 @@ async def test_end_session_ends_it_in_the_engine() -> None:
         assert await ws.recv() == "SessionStarted"  # a new session: the old one ended
         while await ws.recv() != "finished":
             pass
+
+
+@pytest.mark.parametrize("claims", [False, True], ids=["unclaimed", "claimed"])
+async def test_held_actions_that_fail_are_an_error_then_close_1011(
+    claims: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The actions held until the turn's stream ended failing as they are carried out
+    (forward_turn's failure path): the client gets what went out before the failure (the
+    held Response), then the driver's ``failure()`` (an Error of source ``gateway``, as
+    V1's) and the close 1011, and nothing after them. The failure is logged once, the
+    turn's session was saved, every claim was left, and the connection ends as any does
+    (the speech side closed, ``lost``, the endpoint returns)."""
+    record: list[str] = []
+    engines: dict[str, Conversation] = {}
+    options = {"hold_after": "SessionStarted", "unplayable_response": True, "claims": claims}
+    with caplog.at_level(logging.INFO, logger=log.name):
+        async with client(record, engines, **options) as ws:
+            await ws.send("turn #intro")
+            got: list[str | bytes] = []
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(10):  # a failure never answered: a hang
+                    while True:
+                        got.append(await ws.recv())
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == CLOSE_INTERNAL
+            assert closed.value.rcvd.reason == "Internal gateway error."
+    assert got[0] == "SessionStarted"
+    assert got[-2] == "Response"  # held, sent before the action that failed
+    assert json.loads(got[-1]) == {
+        "type": "Error",
+        "text": "Internal gateway error.",
+        "source": "gateway",
+    }
+    assert "finished" not in got  # turn_finished's actions came after the failed one
+    # the held actions ran after the turn's stream ended, in order, up to the failure
+    held = record.index("turn_finished")
+    assert record[held : held + 3] == [
+        "turn_finished",
+        "sent Response",
+        "unplayable the answer's last part",
+    ]
+    assert record[-4:] == ["ears closed", "lost", "open=False", "sent after the end"]
+    if claims:  # each event's claim was left before the held actions ran
+        claims_made = [r for r in record if r.startswith("claim")]
+        ins, outs = claims_made[0::2], claims_made[1::2]
+        assert [r.replace("claim ", "claimed ") for r in ins] == outs  # each left in turn
+        assert outs[-1] == "claimed Response"
+        assert record.index("claimed Response") < held
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in failed] == [
+        f"echo: forwarding a turn of session {session_ref(ctx('ws-1').key)} failed"
+    ]
+    assert failed[0].exc_info is not None
+    assert "the answer's last part cannot be carried out" in str(failed[0].exc_info[1])
+    session = await engines["engine"].store.get(ctx("ws-1").key)
+    assert session is not None
+    assert session.turn_count == 1  # the turn was saved
