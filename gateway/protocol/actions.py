@@ -130,6 +130,12 @@ class FeedAudio:
     onsets for barge-in), every inbound chunk is a FeedAudio of the latest
     utterance's number, open or not; the stage recognises it only while that
     utterance is open.
+
+    Of a continuous stream (StartListening ``continuous``) the number is that of the
+    utterance the protocol asked for last, whose StartListening may not be carried out
+    yet (it can wait behind other actions: a turn's held Response); a FeedAudio of a
+    number later than the stream's latest StartListening carried out is heard by the
+    stream's stage as between utterances, not dropped.
     """
 
     stream: int

@@ -107,7 +107,9 @@ Decisions where the spec is silent:
   until ``InputAudioStreamClose``/``Cancel``, an audio error, ``SessionEnded``
   or the end of the connection. Each utterance on it gives a final
   ``Recognized`` and its turn; the next utterance is listened for as soon as
-  that turn has ended. There is no ``#silence`` turn: an utterance with nothing
+  that turn has ended (its audio is numbered for it from then on, also while its
+  StartListening waits behind the turn's held Response: the speech side hears
+  it meanwhile, see FeedAudio). There is no ``#silence`` turn: an utterance with nothing
   recognised is dropped without a frame and listening goes on. Recognition (and
   so a recognizer of the bounded pool) is taken only from a voice onset on
   (StartListening ``continuous``), so a quiet stream holds none and the bot's

@@ -111,7 +111,9 @@ class _Listening:
     only the utterance): between them it hears the stream (one
     VAD pass per frame, :data:`DUPLEX_KEEP_MS` kept), and each utterance is recognised
     from the next voice onset on (with :data:`PREROLL_MS` before it), so a quiet stream
-    holds no recognizer. A FinishListening before that onset is reported as silence."""
+    holds no recognizer. A FinishListening before that onset is reported as silence.
+    Audio of the stream's next utterance that comes before its StartListening is
+    carried out (FeedAudio of a later number) is heard by the stage too."""
 
     def __init__(
         self, gw: Gateway, conn: V1Connection, run: Callable[[Sequence[Action]], Awaitable[None]]
@@ -166,9 +168,19 @@ class _Listening:
         return utterance if utterance is not None and utterance.stream == stream else None
 
     async def feed(self, action: FeedAudio) -> None:
-        if (utterance := self._current(action.stream)) is None:
+        utterance = self._utterance
+        if utterance is None:
             return
         stage = utterance.stage
+        if utterance.stream != action.stream:
+            # the Duplex stream's next utterance, numbered by the protocol when it asked
+            # for it (a turn's end, a report), while its StartListening waits behind the
+            # actions before it (a turn's held Response, sent only as fast as the client
+            # reads): the stream's stage hears it meanwhile, as between utterances
+            later = action.stream > utterance.stream
+            if later and utterance.continuous and stage is self._duplex and not stage.taking:
+                stage.hear(action.data)
+            return
         if not utterance.continuous or stage.taking:
             await stage.put(action.data)
         else:

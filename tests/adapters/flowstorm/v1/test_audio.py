@@ -11,6 +11,7 @@ load once).
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import pytest_asyncio
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.speech.audio import Pcm, decode_mp3, decode_wav, silence
 from tests.adapters.flowstorm.v1.helpers import (
@@ -46,6 +47,7 @@ from tests.adapters.flowstorm.v1.helpers import (
     ws_url,
 )
 from tests.adapters.test_speech_saturation import metric, until_metric
+from tests.gateway.core_app import WebhookCore
 from tests.speech import normalise, wer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -564,6 +566,84 @@ async def test_typing_on_a_duplex_stream_keeps_it_heard_through_the_text_turn(
         await send_json(ws, {"type": "InputAudioStreamClose"})  # the stream (and stage) ends
         await until_metric(url, "gateway_stt_streams", streams)
         await assert_serving(url)
+
+
+class LongAnswerCore(WebhookCore):
+    """A real core webhook whose every answer is a short item, then one of
+    :attr:`LONG_CHARS` characters."""
+
+    LONG_CHARS = 8_000_000
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        return {"items": [{"text": "Here it comes."}, {"text": "a" * self.LONG_CHARS}]}
+
+
+async def small_window_client(url: str) -> ClientConnection:
+    """A client connected to ``url`` on a socket with a small fixed receive buffer (no
+    autotuning) and without permessage-deflate: while it does not read its socket, what
+    the server sends stays in the server's buffers."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    address = urlsplit(url)
+    await asyncio.get_running_loop().sock_connect(sock, (address.hostname, address.port))
+    return await connect(url, sock=sock, max_size=None, compression=None)
+
+
+async def test_a_duplex_stream_is_heard_while_a_turns_held_response_waits_for_the_client(
+    corpus: dict[str, Pcm],
+) -> None:
+    """At a turn's end on a Duplex stream the Response held until then goes out, then the
+    stream's next utterance is listened for. A client that reads slowly (a slow link, a
+    long answer still arriving) makes that send wait; the stream's audio meanwhile is
+    heard, so a sentence begun then and going on after is recognised from its start. The
+    protocol numbered that audio for the next utterance as the turn ended, while the
+    speech side listened for it only after the Response was sent: it was dropped, and
+    the sentence recognised from the middle. Here the client streams its microphone in
+    real time throughout and stops reading its socket from the turn's start until half
+    the sentence is sent: the answer's long item fills the buffers, and the held
+    Response waits."""
+    core = LongAnswerCore()
+    async with (
+        core.running() as core_url,
+        served(pipeline=core_url, pipeline_max_response_bytes=10_000_000) as url,
+        await small_window_client(ws_url(url)) as ws,
+    ):
+        await init(ws, init_frame(sttMode="Duplex", tts="None", sendResponseItems=True))
+        await open_stream(ws)
+        lead = silence(1500, 16000).data  # the stream is quiet while the turn runs and ends
+        speech = pcm_at(corpus[PLACE], 16000)
+        audio = lead + speech
+        half_sent = asyncio.Event()
+        step = 16000 * 100 // 1000 * 2  # 100 ms frames
+
+        async def microphone() -> None:  # real time, without a pause
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for n, at in enumerate(range(0, len(audio), step)):
+                await ws.send(audio[at : at + step])
+                if at >= len(lead) + len(speech) // 2:
+                    half_sent.set()
+                await asyncio.sleep(max(start + (n + 1) * 0.1 - loop.time(), 0))
+
+        ws.transport.pause_reading()  # the client stops reading (a slow link)
+        await send_json(ws, input_frame("hello", "held-gap-1"))
+        talking = asyncio.create_task(microphone())
+        try:
+            async with asyncio.timeout(30):
+                await half_sent.wait()
+            ws.transport.resume_reading()  # and reads again half way through the sentence
+            frames = await frames_until_response(ws)
+            assert kinds(frames) == ["SessionStarted", "ResponseItem", "ResponseItem", "Response"]
+            frames = await frames_until_response(ws)  # the sentence, spoken across the end
+            assert kinds(frames) == ["Recognized", "ResponseItem", "ResponseItem", "Response"]
+            heard = final_text(frames)
+            assert close_to(PLACE, heard), heard
+        finally:
+            async with asyncio.timeout(30):
+                await talking
+        assert (await core.next_request())["input"]["transcript"]["text"] == "hello"
+        assert (await core.next_request())["input"]["transcript"]["text"] == heard
 
 
 @pytest.mark.parametrize("mode", ["SingleUtterance", "Default"])
