@@ -47,7 +47,8 @@ Error ``code`` values and rejection ``reason`` values are stable kebab-case name
 
 - ``not-started``: action.send before client.start;
 - ``no-session``: action.send before session.create (or after the session ended);
-- ``malformed-action``: action.send whose action does not validate;
+- ``malformed-action``: action.send whose action does not validate (also one carrying a
+  socket.io binary attachment: actions are JSON only, as the core's input is);
 - ``unknown-action-type``: an action type that cannot name a path (whitespace, too long);
 - ``action-running``: an action of this connection or session is still running;
 - ``session-not-found``: the store no longer has the session (session.ended follows);
@@ -266,6 +267,29 @@ class ActionBody(_Payload):
 
     type: str = Field(min_length=1, max_length=MAX_ID)
     payload: Any = None
+
+    @field_validator("payload")
+    @classmethod
+    def _json_only(cls, value: Any) -> Any:
+        if _holds_bytes(value):
+            raise ValueError("a binary attachment is not accepted (the payload is JSON only)")
+        return value
+
+
+def _holds_bytes(value: Any) -> bool:
+    """Whether ``value`` (a decoded socket.io payload: JSON values, and ``bytes`` where the
+    client sent a binary attachment) holds bytes anywhere. Iterative: no depth bound needed
+    (the packet's JSON is already bounded)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, bytes | bytearray | memoryview):
+            return True
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return False
 
 
 class ActionSend(_Payload):

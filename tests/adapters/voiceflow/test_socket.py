@@ -230,6 +230,39 @@ async def test_bad_input_gets_its_status_or_error_and_the_connection_stays_usabl
         await vf.nothing_more()
 
 
+async def test_a_binary_attachment_in_an_action_is_a_malformed_action() -> None:
+    """socket.io carries bytes as binary attachments; an action holding one (anywhere in
+    its payload) is rejected ``malformed-action`` and never reaches the core (it failed
+    there: the core's JSON request could not hold the bytes, a pipeline-error and an
+    ERROR logged for the client's input)."""
+    core = RecordingCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake()
+        sent: list[dict[str, Any]] = [
+            {"type": "launch", "payload": b"\xff\xfe\x00"},
+            {
+                "type": "intent",
+                "payload": {
+                    "intent": {"name": "order"},
+                    "entities": [{"name": "e", "value": b"x"}],
+                },
+            },
+            {"type": "path-yes", "payload": {"label": "Yes", "extra": [b"\x00"]}},
+        ]
+        for number, action in enumerate(sent):
+            await vf.send(action, f"bin-{number}")
+            rejected = await vf.expect("action.status")
+            assert (rejected["status"], rejected["reason"], rejected["messageID"]) == (
+                "rejected",
+                "malformed-action",
+                f"bin-{number}",
+            )
+            assert "binary" in rejected["detail"]
+        await vf.nothing_more()
+        assert await vf.say("still here") == ["core heard still here"]
+        assert core.requests.qsize() == 1  # only the text action reached the core
+
+
 def connections() -> float:
     """The gateway_connections gauge of the Voiceflow channel (this process's servers)."""
     return REGISTRY.get_sample_value("gateway_connections", {"channel": "voiceflow"}) or 0.0
