@@ -107,7 +107,9 @@ Response items -> traces (:class:`TraceWriter`), in this order per item:
   ``speak {type: "audio", message: "", src}``;
 - ``code`` holding a JSON object: ``"buttons"`` -> ``choice {buttons: [{name,
   request: {type, payload}}]}`` (a plain string button ``"Yes"`` becomes ``{name:
-  "Yes", request: {type: "text", payload: "Yes"}}``, so pressing it sends the text);
+  "Yes", request: {type: "text", payload: "Yes"}}``, so pressing it sends the text; so
+  does a ``text`` request without a text payload; a button whose request type cannot be
+  sent back as an action, with whitespace or too long, is left out);
   ``"traces"`` -> each ``{type, payload}`` passed through as it is (cards,
   carousels, custom actions);
 - an item whose text is ``#name`` (a client command) and whose code is anything
@@ -707,7 +709,10 @@ def _list(value: Any) -> list[Any]:
 
 
 def _button(raw: Any) -> dict[str, Any] | None:
-    """A choice button ``{name, request: {type, payload}}`` from the core's shorthand or form."""
+    """A choice button ``{name, request: {type, payload}}`` from the core's shorthand or form,
+    or None when it has no name or pressing it (the client sends its ``request`` as the
+    action) could not work: a type :func:`action_input` refuses. A ``text`` request without
+    a non-blank string payload says the button's name, as a plain string button does."""
     if isinstance(raw, str):
         raw = {"name": raw}
     name = raw.get("name") if isinstance(raw, dict) else None
@@ -716,10 +721,18 @@ def _button(raw: Any) -> dict[str, Any] | None:
     request = raw.get("request")
     if not isinstance(request, dict):  # a text button: pressing it says its name
         request = {"type": "text", "payload": name}
-    kind = request.get("type")
-    if not isinstance(kind, str) or not kind:
-        return None
-    return {"name": name, "request": {"type": kind, "payload": request.get("payload")}}
+    kind, payload = request.get("type"), request.get("payload")
+    if not isinstance(kind, str) or not _pressable(kind):
+        return None  # pressing it would send an action type action_input refuses
+    if kind == "text" and not (isinstance(payload, str) and payload.strip()):
+        payload = name  # a text request needs its text: the button's name, as for "Yes"
+    return {"name": name, "request": {"type": kind, "payload": payload}}
+
+
+def _pressable(kind: str) -> bool:
+    """Whether an action of type ``kind`` can be sent back (:func:`action_input` knows it, or
+    it is a path name: no whitespace, at most :data:`MAX_NAME` characters)."""
+    return kind in ACTIONS or (_GENERAL_TYPE.fullmatch(kind) is not None and len(kind) <= MAX_NAME)
 
 
 # ------------------------------------------------------------------ actions out

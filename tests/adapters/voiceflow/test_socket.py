@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import httpx
@@ -536,6 +537,45 @@ async def test_general_requests_take_custom_action_paths_and_press_buttons() -> 
         assert (refused["status"], refused["reason"]) == ("rejected", "unknown-action-type")
         assert "'take path'" in refused["detail"]
         await vf.nothing_more()
+
+
+class ButtonsCore(RecordingCore):
+    """A core whose ``#intro`` answers choice buttons of every form a core may write."""
+
+    BUTTONS: ClassVar[list[Any]] = [
+        "Plain",
+        {"name": "Typed", "request": {"type": "text"}},  # a text request without its text
+        {"name": "Blank", "request": {"type": "text", "payload": "  "}},
+        {"name": "Path", "request": {"type": "path-p1", "payload": {"label": "Path"}}},
+        {"name": "Spaced", "request": {"type": "take path"}},  # no action can have it
+        {"name": "Long", "request": {"type": "p" * 200}},
+    ]
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        if body["input"]["transcript"]["text"] == "#intro":
+            return {"items": [{"text": "#buttons", "code": json.dumps({"buttons": self.BUTTONS})}]}
+        return await super().answer(body)
+
+
+async def test_every_button_of_a_choice_can_be_pressed() -> None:
+    """The client presses a button by sending its ``request`` as the action (Voiceflow's
+    choice trace): each button the gateway sends is accepted and reaches the core. A text
+    request without a text says the button's name (before: ``payload: null``, rejected
+    ``malformed-action`` when pressed); a request type no action can have is left out
+    (before: sent, and rejected ``unknown-action-type`` when pressed)."""
+    core = ButtonsCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake()
+        _, traces, _ = await vf.act({"type": "launch"})
+        await core.next_request()
+        [choice] = [t for t in traces if t["type"] == "choice"]
+        buttons = choice["payload"]["buttons"]
+        assert [b["name"] for b in buttons] == ["Plain", "Typed", "Blank", "Path"]
+        for button in buttons:
+            _, _, last = await vf.act(button["request"])
+            assert last["status"] == "completed", (button, last)
+            turn = await core.next_request()
+            assert turn["input"]["transcript"]["text"] == button["name"], button
 
 
 @contextlib.asynccontextmanager
