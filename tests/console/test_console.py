@@ -10,6 +10,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.webdriver.common.keys import Keys
 
 from gateway.app import create_app
 from gateway.settings import Settings
@@ -150,6 +151,44 @@ def test_a_dropped_connection_reconnects_into_the_same_session(
     assert len(started) == 2, started
     assert all(f'"sessionId":"{session_id}"' in e for e in started), started
     assert page.session_id == session_id
+    page.assert_no_failures()
+
+
+def test_the_keyboard_alone_holds_a_conversation(
+    console_gateway: ThreadedGateway, browser: webdriver.Chrome
+) -> None:
+    page = Console(browser, console_gateway.url)
+    page.connect()
+    field = browser.find_element("id", "text")
+    field.click()
+
+    def focused() -> str:
+        return str(page.js("return document.activeElement.id"))
+
+    field.send_keys("My name is Barbara" + Keys.ENTER)  # Enter sends
+    page.wait_for(lambda: page.state == "Responding")
+    # while the bot answers, the focus stays in the field and the next message can be
+    # typed; Enter does not send it before the answer is over, nor loses it
+    assert focused() == "text"
+    field.send_keys("What is my name?" + Keys.ENTER)
+    assert page.js("return document.getElementById('text').value") == "What is my name?"
+    page.wait_for(lambda: page.state == "Listening")
+    assert page.bot_texts() == ["Nice to meet you, Barbara."]
+    assert focused() == "text"
+    page.screenshot("keyboard")
+    browser.switch_to.active_element.send_keys(Keys.ENTER)  # no click: the focus is there
+    page.wait_for(lambda: page.bot_texts()[-1:] == ["Your name is Barbara."])
+    page.wait_for(lambda: page.state == "Listening")
+    assert [text for kind, text in page.chat() if kind == "user"] == [
+        "My name is Barbara",
+        "What is my name?",
+    ]
+    assert focused() == "text"
+    # a dropped connection disables the field; it has the focus again once reconnected
+    assert console_gateway.drop_websockets() == 1
+    page.wait_for(lambda: page.state == "Failed")
+    page.wait_for(lambda: page.state == "Sleeping")
+    assert focused() == "text"
     page.assert_no_failures()
 
 

@@ -35,6 +35,7 @@
   let playing = null;       // the <audio> playing now
   let mic = null;           // {stream, ctx, acked, pending} while the microphone streams
   let userBubble = null;    // the bubble that shows what the recognizer heard so far
+  let refocusText = false;  // the message field had the focus when it was disabled
 
   // --------------------------------------------------------------- the page
 
@@ -59,7 +60,14 @@
     const connected = ['Open', 'Sleeping', 'Listening', 'Processing', 'Responding'].includes(next);
     $('connect').textContent = connected || wanted ? 'Disconnect' : 'Connect';
     const idle = next === 'Sleeping' || next === 'Listening';
-    for (const id of ['send', 'start', 'text']) $(id).disabled = !idle;
+    for (const id of ['send', 'start']) $(id).disabled = !idle;
+    // the message field stays usable while the bot answers (the next message can be typed;
+    // Enter sends only when Send is enabled), so the keyboard's focus stays in it; when the
+    // connection drops it is disabled, and it gets the focus back once connected again
+    const typing = idle || next === 'Processing' || next === 'Responding';
+    if (!typing && document.activeElement === $('text')) refocusText = true;
+    $('text').disabled = !typing;
+    if (typing && refocusText) { refocusText = false; $('text').focus(); }
     $('mic').disabled = !(idle || mic);
     $('key').disabled = $('locale').disabled = connected || wanted;
   }
@@ -356,6 +364,7 @@
   };
   $('composer').onsubmit = (event) => {
     event.preventDefault();
+    if (state !== 'Sleeping' && state !== 'Listening') return; // typed ahead: kept for later
     const text = $('text').value.trim();
     $('text').value = '';
     sendText(text);
