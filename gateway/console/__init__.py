@@ -5,6 +5,11 @@ The page (``static/``: index.html, console.css, console.js, capture-worklet.js) 
 plain HTML, CSS and JavaScript: no build step, no bundler, nothing fetched from
 elsewhere. It is served by Starlette's StaticFiles; ``/console`` redirects to
 ``/console/``. GATEWAY_CONSOLE_ENABLED=false leaves it out (404).
+
+Each file goes out with :data:`SECURITY_HEADERS`: a Content-Security-Policy that lets the
+page run its own files only (no inline or injected script, no framing by another
+site: the page holds a microphone) while answers' images and TTS audio may come from
+anywhere (GATEWAY_PUBLIC_URL or the core's own links), and ``nosniff``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from pathlib import Path
 from typing import Final
 
 from fastapi import FastAPI
+from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 STATIC: Final = Path(__file__).parent / "static"
 """The folder of the console's files."""
@@ -22,6 +29,39 @@ PATH: Final = "/console"
 """Where the console is served."""
 
 
+CONTENT_SECURITY_POLICY: Final = "; ".join(
+    (
+        "default-src 'self'",  # console.js, console.css, capture-worklet.js
+        "connect-src 'self'",  # the WebSocket /socket/ of the page's own host
+        "img-src * data: blob:",  # answers' images: the core's links
+        "media-src * data: blob:",  # TTS links (GATEWAY_PUBLIC_URL, or the core's)
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'none'",  # the forms are handled by console.js, never submitted
+        "frame-ancestors 'none'",
+    )
+)
+"""The console's Content-Security-Policy (W3C CSP Level 3)."""
+
+SECURITY_HEADERS: Final = {
+    "content-security-policy": CONTENT_SECURITY_POLICY,
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",  # ?key=... of the page's address stays here
+}
+"""Headers of every file of the console (name: value)."""
+
+
+class ConsoleFiles(StaticFiles):
+    """StaticFiles whose answers carry :data:`SECURITY_HEADERS`."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        """The file at ``path`` (StaticFiles' answer: 200, 304, redirect) with the
+        security headers; a missing file raises StaticFiles' 404 as before."""
+        response = await super().get_response(path, scope)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+
 def mount(app: FastAPI) -> None:
     """Serve the console's files under :data:`PATH` (index.html at ``/console/``)."""
-    app.mount(PATH, StaticFiles(directory=STATIC, html=True), name="console")
+    app.mount(PATH, ConsoleFiles(directory=STATIC, html=True), name="console")

@@ -13,6 +13,7 @@ from selenium import webdriver
 from selenium.webdriver.common.keys import Keys
 
 from gateway.app import create_app
+from gateway.console import CONTENT_SECURITY_POLICY
 from gateway.settings import Settings
 from tests.conftest import served_app
 from tests.console.conftest import SPOKEN, Console, ThreadedGateway
@@ -192,6 +193,45 @@ def test_the_keyboard_alone_holds_a_conversation(
     page.assert_no_failures()
 
 
+def test_the_console_runs_under_its_content_security_policy(
+    console_gateway: ThreadedGateway, browser: webdriver.Chrome
+) -> None:
+    page_headers = httpx.get(f"{console_gateway.url}/console/").headers
+    script_headers = httpx.get(f"{console_gateway.url}/console/console.js").headers
+    for headers in (page_headers, script_headers):
+        assert headers["x-content-type-options"] == "nosniff"
+        assert "script-src" not in headers["content-security-policy"]  # default-src 'self'
+        assert "default-src 'self'" in headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    # every violation the page meets is recorded, from before its own script runs
+    watch = (
+        "window.violations = [];"
+        "document.addEventListener('securitypolicyviolation',"
+        " (e) => window.violations.push(e.violatedDirective + ' ' + e.blockedURI));"
+    )
+    added = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": watch})
+    try:
+        page = Console(browser, console_gateway.url)
+        page.connect()
+        page.say("My name is Ada")  # the WebSocket, and the answer's TTS audio, allowed
+        assert page.bot_texts() == ["Nice to meet you, Ada."]
+        page.assert_no_failures()
+        assert page.js("return window.violations") == []
+        # a script that found its way into the page (an XSS) does not run
+        page.js(
+            "const s = document.createElement('script');"
+            "s.textContent = 'window.injected = 1'; document.body.append(s);"
+        )
+        page.wait_for(lambda: page.js("return window.violations.length"))
+        assert page.js("return window.injected") is None
+        [violation] = page.js("return window.violations")
+        assert violation.startswith("script-src"), violation
+    finally:
+        browser.execute_cdp_cmd(
+            "Page.removeScriptToEvaluateOnNewDocument", {"identifier": added["identifier"]}
+        )
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 async def test_the_console_is_served_unless_turned_off(enabled: bool) -> None:
     settings = Settings(console_enabled=enabled)
@@ -206,6 +246,8 @@ async def test_the_console_is_served_unless_turned_off(enabled: bool) -> None:
     assert str(page.url) == f"{url}/console/"
     assert page.headers["content-type"].startswith("text/html")
     assert "console.js" in page.text
+    assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert script.headers["x-content-type-options"] == "nosniff"
     assert script.status_code == 200
     assert "javascript" in script.headers["content-type"]
     assert missing.status_code == 404
