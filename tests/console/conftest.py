@@ -49,11 +49,15 @@ WAIT_S = 20.0
 
 
 class ThreadedGateway:
-    """A gateway served by uvicorn in a thread; ``url`` is its base URL."""
+    """A gateway served by uvicorn in a thread; ``url`` is its base URL.
 
-    def __init__(self, **overrides: Any) -> None:
+    ``port``: the port to listen on (0: any free one; a stopped gateway's port brings
+    it back at the same address); ``overrides``: Settings fields."""
+
+    def __init__(self, port: int = 0, **overrides: Any) -> None:
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart's port
+        self.sock.bind(("127.0.0.1", port))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.settings = Settings(public_url=self.url, **overrides)
         config = uvicorn.Config(
@@ -233,12 +237,16 @@ class Console:
 
     def connect(self, key: str = "console-test", locale: str = "en") -> None:
         """Fill in the key and locale, connect, and wait for Sleeping (Ready)."""
+        self.connect_clicked(key, locale)
+        self.wait_for(lambda: self.state == "Sleeping")
+
+    def connect_clicked(self, key: str = "console-test", locale: str = "en") -> None:
+        """Fill in the key and locale and click Connect (no wait)."""
         for element_id, value in (("key", key), ("locale", locale)):
             field = self.driver.find_element("id", element_id)
             field.clear()
             field.send_keys(value)
         self.click("connect")
-        self.wait_for(lambda: self.state == "Sleeping")
 
     def say(self, text: str, *, shot: str | None = None) -> None:
         """Type ``text`` and send it; waits until the bot answered it and is Listening or

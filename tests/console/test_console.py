@@ -7,15 +7,21 @@ TTS links). Screenshots of the states named go to test-artifacts/console/.
 
 from __future__ import annotations
 
+import contextlib
+import re
+import time
+
 import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.keys import Keys
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from gateway.app import create_app
 from gateway.console import CONTENT_SECURITY_POLICY
 from gateway.settings import Settings
-from tests.conftest import served_app
+from tests.conftest import no_server_errors, served_app
 from tests.console.conftest import SPOKEN, Console, ThreadedGateway
 from tests.speech import normalise, wer
 
@@ -153,6 +159,99 @@ def test_a_dropped_connection_reconnects_into_the_same_session(
     assert all(f'"sessionId":"{session_id}"' in e for e in started), started
     assert page.session_id == session_id
     page.assert_no_failures()
+
+
+def outage_notes(page: Console) -> list[str]:
+    """The chat's notes about the connection (lost, not connected, again)."""
+    return [text for kind, text in page.chat() if kind.startswith("note") and "onnect" in text]
+
+
+def test_the_gateway_going_away_and_coming_back_is_one_clear_note(
+    browser: webdriver.Chrome,
+) -> None:
+    gateway = ThreadedGateway().start()
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with no_server_errors():
+        page = Console(browser, gateway.url)
+        page.connect()
+        page.say("My name is Ada")
+        session_id = page.session_id
+        gateway.stop()  # uvicorn closes the WebSocket with 1012 (service restart)
+    page.wait_for(lambda: page.state == "Failed")
+    # retried every second: each attempt updates the one note, it adds none
+    page.wait_for(lambda: any("(3 attempts)" in note for note in outage_notes(page)))
+    assert outage_notes(page) == [
+        "Connection lost (1012: the gateway restarts). Not connected again (3 attempts): "
+        "the gateway does not answer. Trying again in 1 s."
+    ]
+    page.screenshot("gateway-away")
+    gateway = ThreadedGateway(port=port).start()  # back, at the same address
+    try:
+        with no_server_errors():
+            page.wait_for(lambda: page.state == "Sleeping")
+            assert page.session_id == session_id
+            assert outage_notes(page)[1:] == ["Connected again; the session goes on."]
+            page.say("What is my name?")  # the memory store did not outlive the restart
+            assert page.bot_texts()[-1] == "I do not know your name yet."
+            page.assert_no_failures()
+            page.screenshot("gateway-back")
+    finally:
+        gateway.stop()
+
+
+def test_a_gateway_at_its_connection_cap_is_named_as_the_reason(
+    browser: webdriver.Chrome,
+) -> None:
+    gateway = ThreadedGateway(max_connections=1).start()
+    try:
+        with no_server_errors(), contextlib.ExitStack() as held:
+            page = Console(browser, gateway.url)
+            time.sleep(1)  # the page's idle connections may be closed to make room
+            ws_url = gateway.url.replace("http", "ws", 1) + "/socket/"
+            with pytest.raises(InvalidStatus) as refused:  # every connection a WebSocket
+                for _ in range(20):
+                    held.enter_context(connect(ws_url))
+            assert refused.value.response.status_code == 503
+            page.connect_clicked()
+            page.wait_for(lambda: page.state == "Failed")
+            page.wait_for(lambda: outage_notes(page))
+            [note] = outage_notes(page)
+            assert re.fullmatch(  # (a second attempt may have come meanwhile)
+                r"Could not connect( \(\d attempts\))?: the gateway answered 503: "
+                r"The gateway has too many open connections; try again shortly\. "
+                r"Trying again in 1 s\.",
+                note,
+            ), note
+            page.screenshot("gateway-full")
+            held.close()
+            page.wait_for(lambda: page.state == "Sleeping")  # room again: retried, Ready
+            page.say("hello")
+            assert page.bot_texts() == ["You said: hello"]
+            page.assert_no_failures()
+    finally:
+        gateway.stop()
+
+
+def test_a_refused_app_key_is_one_note_with_the_gateways_words(
+    browser: webdriver.Chrome,
+) -> None:
+    gateway = ThreadedGateway(app_keys="right-key").start()
+    try:
+        with no_server_errors():
+            page = Console(browser, gateway.url)
+            page.connect_clicked(key="wrong-key")
+            page.wait_for(lambda: any("(3 attempts)" in n for n in outage_notes(page)))
+            [note] = [text for kind, text in page.chat() if kind.startswith("note")]
+            assert note == (  # the gateway's Error text, and the close code
+                "Could not connect (3 attempts): Unknown application key 'wrong-key' (1008). "
+                "Trying again in 1 s."
+            )
+            assert page.state == "Failed"
+            page.screenshot("refused-key")
+            page.click("connect")  # Disconnect: no more attempts
+            page.wait_for(lambda: page.state == "Closed")
+    finally:
+        gateway.stop()
 
 
 def test_the_keyboard_alone_holds_a_conversation(

@@ -6,6 +6,7 @@
 // Client states: shared/specs/flowstorm-client-states.md, driven as that spec says:
 //   Closed  at start and after Disconnect;   Open  when the socket is up (Init sent);
 //   Failed  on an Error before Ready or a dropped socket (retried every 10 s);
+//           one chat note per outage says why, updated by each failed attempt;
 //   Sleeping  on Ready, and when a turn ends its session;
 //   Listening  when a turn's output has played (session goes on), or the input audio
 //              stream is open;
@@ -27,6 +28,9 @@
   let wanted = false;       // the user asked to be connected (retry when it drops)
   let readyBefore = false;  // a Ready came before (this is a reconnect)
   let retryTimer = null;
+  let outage = null;        // {lost, attempts, note} while the connection is down
+  let ready = false;        // the current socket had its Ready
+  let refusal = '';         // the text of an Error that refused Init on the current socket
   let state = null;
   let sessionId = null;     // the conversation's id, proposed by us, confirmed by SessionStarted
   let sessionTimer = null;  // forgets sessionId when a sleepTimeout expires
@@ -100,7 +104,11 @@
     localStorage.setItem('console.locale', $('locale').value);
     const socket = ws = new WebSocket(SOCKET_URL);
     socket.binaryType = 'arraybuffer';
+    let opened = false;
+    ready = false;
+    refusal = '';
     socket.onopen = () => {
+      opened = true;
       setState('Open');
       send({
         type: 'Init', key: $('key').value, deviceId,
@@ -123,17 +131,59 @@
       stopAudio();
       turn = null;
       if (wanted) { // dropped, or refused: Failed, and try again
-        say('note error', `Connection lost (${close.code}); trying again in ${RETRY_MS / 1000} s.`);
         setState('Failed');
         retryTimer = setTimeout(connect, RETRY_MS);
+        if (ready) { // one note per outage, updated by the attempts that follow
+          outage = {lost: `Connection lost (${closeMeaning(close)})`, attempts: 0, note: null};
+          showOutage('');
+        } else { // an attempt that failed: refused (Error, close), or not opened at all
+          if (!outage) outage = {lost: '', attempts: 0, note: null};
+          outage.attempts++;
+          if (opened) {
+            // (the close reason repeats the Error's text: the code alone then)
+            showOutage(refusal ? `${refusal.replace(/\.$/, '')} (${close.code})` : `closed (${closeMeaning(close)})`);
+          } else {
+            const attempt = outage, count = outage.attempts; // unless a later one said more
+            whyRefused().then((why) => { if (outage === attempt && attempt.attempts === count) showOutage(why); });
+          }
+        }
       } else {
         setState('Closed');
       }
     };
   }
 
+  function closeMeaning(close) { // a close code (RFC 6455 section 7.4.1), and what it says
+    const meaning = close.reason || {
+      1001: 'the gateway went away', 1006: 'no close frame', 1008: 'refused',
+      1011: 'a failure of the gateway', 1012: 'the gateway restarts', 1013: 'try again later',
+    }[close.code];
+    return meaning ? `${close.code}: ${meaning}` : String(close.code);
+  }
+
+  async function whyRefused() { // a browser does not tell why a WebSocket was not opened
+    try {
+      const answer = await fetch('/healthz', {cache: 'no-store', signal: AbortSignal.timeout(5000)});
+      if (answer.ok) return 'the gateway answers, but refused the WebSocket';
+      let detail = '';
+      try { detail = (await answer.json()).detail || ''; } catch (error) { /* not JSON */ }
+      return `the gateway answered ${answer.status}${detail ? ': ' + detail : ''}`;
+    } catch (error) {
+      return 'the gateway does not answer';
+    }
+  }
+
+  function showOutage(why) { // the outage's note: what happened, the attempts, the next try
+    const {lost, attempts} = outage;
+    const tries = attempts > 1 ? ` (${attempts} attempts)` : '';
+    const failed = attempts ? `${lost ? lost + '. Not connected again' : 'Could not connect'}${tries}: ${why}` : lost;
+    const text = `${failed.replace(/\.$/, '')}. Trying again in ${RETRY_MS / 1000} s.`;
+    if (outage.note) outage.note.textContent = text; else outage.note = say('note error', text);
+  }
+
   function disconnect() {
     wanted = false;
+    outage = null;
     clearTimeout(retryTimer);
     if (ws) ws.close(1000); else setState('Closed');
   }
@@ -151,6 +201,8 @@
     logEvent('←', event);
     switch (event.type) {
       case 'Ready':
+        outage = null;
+        ready = true;
         if (readyBefore) say('note', sessionId ? 'Connected again; the session goes on.' : 'Connected again.');
         readyBefore = true;
         setState('Sleeping');
@@ -186,8 +238,12 @@
         break;
       }
       case 'Error':
+        if (state === 'Open') { // Init refused: the socket closes; the outage note says why
+          refusal = event.text || 'Error';
+          setState('Failed');
+          break;
+        }
         say('note error', event.text || 'Error');
-        if (state === 'Open') { setState('Failed'); break; } // Init refused: the socket closes
         stopMic(false);
         if (state === 'Processing' || state === 'Listening') setState(sessionId ? 'Listening' : 'Sleeping');
         break;
