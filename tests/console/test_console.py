@@ -20,6 +20,7 @@ from websockets.sync.client import connect
 
 from gateway.app import create_app
 from gateway.console import CONTENT_SECURITY_POLICY
+from gateway.server import GatewayWebSocketProtocol
 from gateway.settings import Settings
 from tests.conftest import no_server_errors, served_app
 from tests.console.conftest import SPOKEN, Console, ThreadedGateway
@@ -159,6 +160,32 @@ def test_a_dropped_connection_reconnects_into_the_same_session(
     assert all(f'"sessionId":"{session_id}"' in e for e in started), started
     assert page.session_id == session_id
     page.assert_no_failures()
+
+
+def test_a_page_left_closes_its_socket_and_goes_on_when_shown_again(
+    console_gateway: ThreadedGateway, browser: webdriver.Chrome
+) -> None:
+    def open_sockets() -> int:
+        connections = console_gateway.server.server_state.connections
+        return sum(isinstance(c, GatewayWebSocketProtocol) for c in connections)
+
+    page = Console(browser, console_gateway.url, retry_s=60)
+    page.connect()
+    page.say("My name is Grace")
+    session_id = page.session_id
+    assert open_sockets() == 1
+    # another page: Chromium keeps this one in its back/forward cache; its WebSocket,
+    # left open, would take answers and pushes nobody sees
+    browser.get("about:blank")
+    page.wait_for(lambda: open_sockets() == 0, timeout=5)
+    browser.back()  # shown again from the cache: connected at once, not after `retry`
+    page.wait_for(lambda: page.state == "Sleeping", timeout=5)
+    assert page.session_id == session_id
+    page.say("What is my name?")
+    assert page.bot_texts()[-2:] == ["Nice to meet you, Grace.", "Your name is Grace."]
+    assert open_sockets() == 1
+    page.assert_no_failures()
+    page.screenshot("shown-again")
 
 
 def outage_notes(page: Console) -> list[str]:

@@ -429,6 +429,28 @@
   $('mic').onclick = () => { if (mic) stopMic(true); else startMic(); };
   $('skip').onclick = () => { stopAudio(); afterOutput(); };
 
+  // Leaving the page (a link, the Back button) may keep it in the back/forward cache, its
+  // WebSocket open: the gateway would deliver answers and pushes to a page nobody sees.
+  // So the socket closes when the page is hidden, and a page shown again from the cache
+  // connects again at once, in the same session.
+  let resume = false;
+  window.addEventListener('pagehide', () => {
+    resume = wanted;
+    wanted = false;
+    clearTimeout(retryTimer);
+    const socket = ws;
+    ws = null;
+    stopMic(false);
+    stopAudio();
+    turn = null;
+    outage = null;
+    if (socket) { socket.onclose = null; socket.close(1000, 'page hidden'); }
+    setState('Closed');
+  });
+  window.addEventListener('pageshow', (event) => {
+    if (event.persisted && resume) { resume = false; connect(); }
+  });
+
   showSession();
   setState('Closed');
 })();
