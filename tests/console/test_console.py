@@ -8,8 +8,12 @@ TTS links). Screenshots of the states named go to test-artifacts/console/.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
+import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,6 +26,7 @@ from gateway.app import create_app
 from gateway.console import CONTENT_SECURITY_POLICY
 from gateway.server import GatewayWebSocketProtocol
 from gateway.settings import Settings
+from gateway.speech.audio import Pcm, encode_wav
 from tests.conftest import no_server_errors, served_app
 from tests.console.conftest import SPOKEN, Console, ThreadedGateway
 from tests.speech import normalise, wer
@@ -186,6 +191,45 @@ def test_a_page_left_closes_its_socket_and_goes_on_when_shown_again(
     assert open_sockets() == 1
     page.assert_no_failures()
     page.screenshot("shown-again")
+
+
+def test_a_long_answers_audio_plays_to_its_end(browser: webdriver.Chrome, tmp_path: Path) -> None:
+    # 40 s of speech-length audio (silence), served by a plain HTTP server as a core's
+    # audio link would be: the console's guard against stalled links (30 s) must not
+    # take an answer that plays on for one that hangs
+    (tmp_path / "long.wav").write_bytes(encode_wav(Pcm(bytes(40 * 8000 * 2), 8000)))
+    files = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    )
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    gateway = ThreadedGateway(admin_keys="admin-key").start()
+    try:
+        with no_server_errors():
+            page = Console(browser, gateway.url)
+            page.connect()
+            page.say("hello")
+            audio = f"http://127.0.0.1:{files.server_address[1]}/long.wav"
+            pushed = httpx.post(
+                f"{gateway.url}/v1/push",
+                headers={"Authorization": "Bearer admin-key"},
+                json={
+                    "target": {"sessionId": page.session_id},
+                    "items": [{"text": "A long story.", "audio": audio}],
+                },
+            )
+            assert pushed.json()["delivery"] == "live"
+            page.wait_for(lambda: page.state == "Responding")
+            started = time.monotonic()
+            time.sleep(33)  # past the guard's 30 s, still playing
+            assert page.state == "Responding", time.monotonic() - started
+            page.screenshot("long-answer-playing")
+            page.click("skip")
+            page.wait_for(lambda: page.state == "Listening")
+            page.assert_no_failures()
+    finally:
+        gateway.stop()
+        files.shutdown()
+        files.server_close()
 
 
 def outage_notes(page: Console) -> list[str]:

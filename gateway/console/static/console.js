@@ -382,12 +382,15 @@
       playNext();
       afterOutput();
     };
-    // a link that never ends (no audio device, a stalled download) must not hang the client
-    const guard = setTimeout(next, 30000);
     const failed = (error) => { // (not when the user skipped it)
       if (playing === audio) logEvent('!', `audio not played: ${audio.src} ${error || ''}`);
       next();
     };
+    // a link that never ends (no audio device, a stalled download) must not hang the client:
+    // 30 s without progress end it; a long answer that plays on is not cut short
+    const stalled = () => { audio.pause(); failed('(no progress for 30 s)'); };
+    let guard = setTimeout(stalled, 30000);
+    audio.ontimeupdate = () => { clearTimeout(guard); guard = setTimeout(stalled, 30000); };
     audio.onended = next;
     audio.onerror = () => failed(audio.error && audio.error.message);
     audio.play().catch(failed);
@@ -395,7 +398,11 @@
 
   function stopAudio() {
     audioQueue.length = 0;
-    if (playing) { playing.pause(); playing.onended = playing.onerror = null; playing = null; }
+    if (playing) {
+      playing.pause();
+      playing.onended = playing.onerror = playing.ontimeupdate = null;
+      playing = null;
+    }
   }
 
   function afterOutput() { // the answer is over once the Response came and its audio played
