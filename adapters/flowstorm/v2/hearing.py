@@ -326,6 +326,8 @@ class StreamedBody:
                 raise ProtocolError(
                     "Event out of order", expected="Input or Log", got="the end of the body"
                 )
+        if self.wav is not None:
+            self.wav.close()
         if self.typed is not None:
             self._outcome = Outcome(self.typed, [], self.logs)
             return []

@@ -654,7 +654,8 @@ class WavStreamReader:
 
     Raises ProtocolError (400) naming the expected format: not RIFF/WAVE, another
     sample format, more than one channel, an unsupported rate, no ``fmt `` chunk
-    before ``data``, or a header longer than 64 KiB.
+    before ``data``, a header longer than 64 KiB, or (:meth:`close`) a body that ended
+    inside its header.
     """
 
     EXPECTED: Final = "a mono 16-bit PCM or 8-bit u-law WAV stream (RIFF/WAVE)"
@@ -717,6 +718,14 @@ class WavStreamReader:
         if self._header > _WAV_MAX_HEADER:
             raise self._fail(f"no audio data in the first {_WAV_MAX_HEADER} bytes")
         return b""
+
+    def close(self) -> None:
+        """The body ended. Raises ProtocolError (400) when it ended inside the header: some
+        bytes came but no ``data`` chunk began (a truncated WAV). An empty body is no
+        error here (a realtime body that sent nothing is silence, as a raw one)."""
+        if self._header and not self._in_data:
+            why = "no RIFF/WAVE header" if not self._riff else "no data chunk"
+            raise self._fail(f"truncated header: the body ended after {self._header} bytes, {why}")
 
     def _audio(self, data: bytes) -> bytes:
         if self._data_left is None:

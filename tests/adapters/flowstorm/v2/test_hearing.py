@@ -134,3 +134,33 @@ def test_too_much_audio_is_a_413() -> None:
     with pytest.raises(ProtocolError) as caught:
         run(streamed, b"\x00" * 64_002, 100.0)
     assert caught.value.status == 413
+
+
+@pytest.mark.parametrize(
+    ("head", "why"),
+    [
+        (b"RIFF\x24\x7d", "after 6 bytes, no RIFF/WAVE header"),
+        (b"RIFF\x24\x7d\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00", "after 22 bytes, no data chunk"),
+    ],
+)
+def test_a_realtime_wav_body_that_ends_inside_its_header_is_a_400(head: bytes, why: str) -> None:
+    streamed = body(realtime=True, container="wav")
+    assert run(streamed, head, 100.1) == []
+    with pytest.raises(ProtocolError) as err:
+        streamed.ended()
+    assert err.value.status == 400
+    assert err.value.text == (
+        "The audio/wav stream is not valid audio: expected a mono 16-bit PCM or 8-bit u-law "
+        f"WAV stream (RIFF/WAVE): truncated header: the body ended {why}."
+    )
+    assert not streamed.decided  # no #silence turn on a broken body
+
+
+def test_an_empty_realtime_wav_body_is_silence_as_a_raw_one() -> None:
+    streamed = body(realtime=True, container="wav")
+    [done] = streamed.ended()
+    assert isinstance(done, Publish)
+    assert done.message["result"] == "silence"
+    heard = streamed.outcome().input
+    assert heard is not None
+    assert heard.text == "#silence"

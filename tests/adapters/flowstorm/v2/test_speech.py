@@ -299,6 +299,7 @@ async def test_bad_audio_gets_error_events_and_the_session_goes_on(
         ("audio/basic", "", b"\x00" * (MAX_AUDIO_BYTES + 2), 413, f"larger than {MAX_AUDIO_BYTES} bytes"),
         ("audio/basic", "&sttSampleRate=9000", speech.data, 400, "invalid sttSampleRate"),
         ("audio/wav", "&realtime=1", wav[:12] + b"fmt \x10\x00\x00\x00\x01\x00\x02\x00" + wav[24:], 400, "expected a mono 16-bit PCM or 8-bit u-law WAV stream (RIFF/WAVE): 2 channels"),
+        ("audio/wav", "&realtime=1", wav[:30], 400, "WAV stream (RIFF/WAVE): truncated header: the body ended after 30 bytes, no data chunk"),
         ("application/json", "&realtime=1", binary_line(speech.data[:3200]).encode() + b'{"type":"Binary","data":"@@"}', 400, "Invalid Binary event"),
     ]  # fmt: skip
     async with httpx.AsyncClient(base_url=server, timeout=60) as client:
