@@ -61,6 +61,7 @@ from gateway.protocol import (
     Expected,
     ProtocolError,
     StateMachine,
+    check_time_zone,
     load_json,
     strict_flag,
     validate_event,
@@ -194,7 +195,8 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
     Raises ProtocolError (400) naming the first invalid value (for example
     ``sttSampleRate=abc``), and naming the accepted value when ``sttMode``,
     ``sttModel`` or ``videoFile`` asks for what the gateway cannot do (only
-    ``SingleUtterance``, ``General`` and false are served). ``sttMode``,
+    ``SingleUtterance``, ``General`` and false are served), and naming a ``timeZone``
+    that is no key of the IANA time zone database. ``sttMode``,
     ``sttModel``, ``sttEncoding``, ``ttsFileType`` and ``tts`` are read in any case and
     kept in the spec's spelling (``mulaw`` -> ``MULAW``, ``WAV`` -> ``wav``). The locale
     is the Accept-Language tag of the highest weight (see :func:`_preferred_language`).
@@ -224,6 +226,8 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
         else:  # a value of _CANONICAL_VALUES in its spelling, others as sent
             values[name] = _CANONICAL_VALUES.get(name, {}).get(raw.strip().lower(), raw.strip())
         values[name] = _check_only_value(name, raw, values[name])
+    if "time_zone" in values:  # the session's zone, handed to the core: an IANA key
+        values["time_zone"] = check_time_zone(values["time_zone"], what="invalid timeZone")
     if language and (locale := _preferred_language(language)):
         values["locale"] = locale
     try:

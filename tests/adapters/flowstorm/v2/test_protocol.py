@@ -102,6 +102,9 @@ def test_config_headers_win_over_query_and_booleans_parse() -> None:
         ({"sttModel": "Enhanced"}, "(accepted: General)"),
         ({"videoFile": "yes"}, "videoFile='yes' is not supported"),
         ({"videoFile": "true"}, "(accepted: false)"),
+        ({"timeZone": "Mars/Olympus"}, "invalid timeZone: unknown IANA time zone 'Mars/Olympus'."),
+        ({"timeZone": "../../etc/passwd"}, "unknown IANA time zone '../../etc/passwd'"),
+        ({"timeZone": "America"}, "unknown IANA time zone 'America'"),
     ],
 )
 def test_invalid_config_values_are_named(query: dict[str, str], words: str) -> None:

@@ -221,6 +221,13 @@ async def test_a_queued_push_that_is_not_a_response_is_dropped_with_a_warning(
             400,
             "videoFile='true' is not supported",
         ),
+        (
+            {**JSON, "X-TimeZone": "Europe/Prage"},  # a typo: the core would get it
+            f"key={KEY}",
+            input_event("hello").encode(),
+            400,
+            "invalid timeZone: unknown IANA time zone 'Europe/Prage'.",
+        ),
         ({"Content-Type": "audio/wav"}, f"key={KEY}", b"RIFF....", 400, "expected WAV"),
         ({"Content-Type": "image/png"}, f"key={KEY}", b"\x89PNG", 415, "Unsupported Content-Type"),
         ({"Content-Type": "audio/ogg"}, f"key={KEY}", b"OggS", 415, "audio/basic (raw sttEncoding"),
