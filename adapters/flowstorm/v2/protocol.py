@@ -282,6 +282,39 @@ def _preferred_language(header: str) -> str | None:
     return best[1] if best else None
 
 
+_JSON_RANGES: Final = frozenset({"application/json", "application/x-ndjson", "application/*"})
+"""Accept media ranges that ask for the NDJSON answer."""
+
+
+def plain_accepted(accept: str | None) -> bool:
+    """Whether a ``GET /client`` answers in the plain-text line format: its Accept header
+    (RFC 9110 section 12.5.1) names ``text/plain`` with a weight above 0 and ranks it
+    before every JSON range (``application/json``, ``application/x-ndjson``,
+    ``application/*``): a higher ``q``, or an equal one and listed first. Else NDJSON,
+    the default (no header, ``*/*``, ``text/*``; the ``application/json, text/plain,
+    */*`` of axios and browsers' fetch wrappers). A ``q`` that is no valid weight
+    counts as 0."""
+    plain: tuple[float, int] | None = None
+    json_best: tuple[float, int] | None = None
+    for index, part in enumerate((accept or "").split(",")):
+        media, *params = part.split(";")
+        media = media.strip().lower()
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                value = value.strip()
+                weight = float(value) if _QVALUE.fullmatch(value) else 0.0
+        rank = (weight, -index)
+        if media == "text/plain":
+            plain = rank if plain is None or rank > plain else plain
+        elif media in _JSON_RANGES:
+            json_best = rank if json_best is None or rank > json_best else json_best
+    if plain is None or plain[0] <= 0:
+        return False
+    return json_best is None or plain > json_best
+
+
 # ------------------------------------------------------------- request bodies
 
 

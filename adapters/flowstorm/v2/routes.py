@@ -77,7 +77,8 @@ the client does not learn when to stop writing and the answer waits in the
 socket until it does. Clients should start with a text turn (``#intro``, as the
 Flowstorm client does) and stream audio from the second turn on.
 
-**GET /client** (same cookie; ``Accept: text/plain`` for ``~`` lines: the
+**GET /client** (same cookie; an Accept that ranks ``text/plain`` before the JSON
+types, :func:`~adapters.flowstorm.v2.protocol.plain_accepted`, for ``~`` lines: the
 interim texts, then the final one; else NDJSON RecognizedInput events with
 isFinal false, then one with isFinal true; an ErrorEvent / ``!`` line when the
 PUT's audio was refused): the cookie's session must exist (404 otherwise) and be
@@ -145,6 +146,7 @@ from adapters.flowstorm.v2.protocol import (
     error_body,
     json_lines,
     parse_config,
+    plain_accepted,
     pushed_lines,
     recognizing_message,
     text_charset,
@@ -853,7 +855,7 @@ async def get_client(request: Request) -> HTTPResponse:
     unknown sessions; 429 when that is used up) and belong to ``key`` (403).
     """
     gw = gateway_of(request)
-    plain = "text/plain" in request.headers.get("accept", "")
+    plain = plain_accepted(request.headers.get("accept"))
     try:
         config, _ = _client_config(request.scope)
     except ProtocolError as exc:

@@ -31,6 +31,7 @@ from adapters.flowstorm.v2.protocol import (
     interim_message,
     json_lines,
     parse_config,
+    plain_accepted,
     pushed_lines,
     recognizing_message,
     text_charset,
@@ -649,3 +650,22 @@ def test_cookie_max_age_follows_what_the_turn_did_with_the_session() -> None:
     assert cookie_max_age(answered(session_ended=True, sleep_timeout=90), 1800) == 90
     assert cookie_max_age([*answered(session_ended=True), SessionEndedEvent()], 1800) is None
     assert cookie_max_age([ErrorEvent(text="core down", source="pipeline")], 1800) == 1800
+
+
+@pytest.mark.parametrize(
+    ("accept", "plain"),
+    [
+        (None, False),
+        ("", False),
+        ("TEXT/PLAIN; charset=utf-8", True),
+        ("text/*", False),
+        ("application/json;q=0.9, text/plain;q=0.95", True),
+        ("application/*, text/plain", False),
+        ("text/plain;q=high", False),  # no valid weight: 0
+        ("text/plain;q=0.000", False),
+    ],
+)
+def test_plain_accepted_ranks_text_plain_against_the_json_types(
+    accept: str | None, plain: bool
+) -> None:
+    assert plain_accepted(accept) is plain

@@ -480,6 +480,38 @@ async def test_get_client_checks_key_and_ends_at_once_without_a_cookie(base: str
         assert empty.text == ""
 
 
+@pytest.mark.parametrize(
+    ("accept", "plain"),
+    [
+        ("text/plain", True),
+        ("text/plain, application/json", True),
+        ("application/x-ndjson;q=0.5, text/plain", True),
+        ("application/json, text/plain, */*", False),  # axios' default
+        ("application/x-ndjson, text/plain;q=0.5", False),
+        ("text/plain;q=0, application/x-ndjson", False),  # text/plain refused
+        ("*/*", False),
+    ],
+)
+async def test_get_answers_in_the_format_the_accept_header_ranks_first(
+    base: str, accept: str, plain: bool
+) -> None:
+    """A GET's Accept header decides its format by weight and order (RFC 9110 section
+    12.5.1): plain-text lines were sent whenever ``text/plain`` appeared anywhere in it,
+    so a JSON client with axios' default ``application/json, text/plain, */*`` got ``!``
+    and ``~`` lines it cannot read, and ``text/plain;q=0`` (not acceptable) got them too."""
+    forged = {"Cookie": "flowstorm-session-id=00000000-0000-4000-8000-000000000000"}
+    async with httpx.AsyncClient(base_url=base) as client:
+        answer = await client.get(f"/client?key={KEY}", headers={**forged, "Accept": accept})
+    assert answer.status_code == 404
+    if plain:
+        assert answer.headers["content-type"] == "text/plain; charset=utf-8"
+        assert answer.text.startswith("! session: Session 00000000-")
+    else:
+        assert answer.headers["content-type"] == "application/x-ndjson"
+        [error] = events(answer)
+        assert (error["type"], error["source"]) == ("Error", "session")
+
+
 async def test_a_text_body_is_read_in_its_declared_charset(base: str) -> None:
     """A text/plain body in the charset its Content-Type declares (RFC 9110 section 8.3)
     was decoded as UTF-8 whatever the declaration: a latin-1 or windows-1252 body got a
