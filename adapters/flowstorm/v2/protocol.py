@@ -35,6 +35,7 @@ Decisions where the spec is silent:
 from __future__ import annotations
 
 import codecs
+import json
 import re
 import struct
 from collections.abc import Mapping, Sequence
@@ -412,7 +413,9 @@ class JsonEventReader:
     (naming the byte offset in the body), JSON out of
     :func:`gateway.protocol.load_json`'s bounds (an event nested deeper than
     MAX_JSON_DEPTH is refused as soon as its bytes say so), unknown or invalid
-    events, and for a body that ends inside an event.
+    events, and for a body that ends inside an event. A line that is no JSON (an
+    unfinished event whose lines so far are no JSON prefix) is refused as soon as the
+    following lines show it (:meth:`_check_lines`), not at the body's end.
     """
 
     def __init__(
@@ -432,6 +435,7 @@ class JsonEventReader:
         self._in_string = False
         self._in_array = False
         self._bom_checked = False
+        self._checked = 0  # bytes of the unfinished event when its lines were last checked
 
     def feed(self, data: bytes) -> list[V2ClientEvent]:
         """Take the next bytes of the body; the events they complete, in order."""
@@ -454,12 +458,45 @@ class JsonEventReader:
             raw = bytes(buf[self._start : self._pos])
             offset = self._base + self._start
             self._start = None
+            self._checked = 0
             out.extend(self._events(raw, offset))
         self._compact()
         limit, start = self.max_event_bytes, self._start
         if start is not None and limit is not None and len(self._buf) - start > limit:
             raise ProtocolError(f"A JSON event is larger than {limit} bytes.", status=413)
+        if start is not None and b"\n" in data and len(self._buf) - start >= 2 * self._checked:
+            self._check_lines()
         return out
+
+    def _check_lines(self) -> None:
+        """Raise ProtocolError when the unfinished event's lines so far are no JSON prefix.
+
+        A line of an NDJSON body that is not JSON (``{bad``, a string cut by its
+        newline) leaves an event that never ends: the events after it would go into it
+        unseen (a realtime stream's audio lost until a timeout took the turn as
+        silence). Its complete lines are parsed (tokens other than strings end at a
+        line's end; a raw newline is no string character), and a syntax error before
+        their end is raised at once, as :func:`load_json` names it. Done when the
+        event has doubled in size since its last check: linear in all.
+        """
+        assert self._start is not None
+        pending = self._buf[self._start :]
+        self._checked = len(pending)
+        lines = bytes(pending[: pending.rfind(b"\n") + 1])
+        try:
+            text = lines.decode("utf-8")
+        except UnicodeDecodeError:
+            return  # named when the event ends (load_json)
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            cut = exc.msg.startswith("Invalid control character")  # a raw newline in a string
+            if cut or exc.pos < len(text.rstrip()):
+                where = self._base + self._start + len(text[: exc.pos].encode("utf-8"))
+                why = "Invalid control character in a string" if cut else exc.msg
+                raise ProtocolError(f"Malformed JSON at byte {where}: {why}.") from None
+        except ValueError:
+            return  # a bound load_json names when the event ends
 
     def close(self) -> None:
         """The body ended; ProtocolError when it ended inside an event."""

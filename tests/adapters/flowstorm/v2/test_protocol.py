@@ -669,3 +669,44 @@ def test_plain_accepted_ranks_text_plain_against_the_json_types(
     accept: str | None, plain: bool
 ) -> None:
     assert plain_accepted(accept) is plain
+
+
+@pytest.mark.parametrize(
+    ("bad", "at", "words"),
+    [
+        (b"{bad\n", 1, "Expecting property name enclosed in double quotes"),
+        (b'{"type":"Binary","data":"AAAA\n', 29, "Invalid control character in a string"),
+        # valid so far: a pretty-printed event's start; the line after it is its value,
+        # the one after that has no place
+        (b'{"type":"Binary","data":\n', 25 + 32, "Expecting ',' delimiter"),
+    ],
+)
+def test_a_broken_ndjson_line_is_named_within_a_few_lines(bad: bytes, at: int, words: str) -> None:
+    """A line that is no JSON leaves an event that never ends; the lines after it went
+    into it unseen (a realtime stream's audio lost) until the body's end."""
+    line = b'{"type":"Binary","data":"AAAA"}\n'
+    reader = JsonEventReader()
+    assert len(reader.feed(line)) == 1
+    with pytest.raises(ProtocolError) as err:
+        for chunk in (bad, line, line, line):
+            assert reader.feed(chunk) == []
+    assert err.value.text == f"Malformed JSON at byte {len(line) + at}: {words}."
+
+
+def test_pretty_printed_events_are_read_byte_by_byte() -> None:
+    pretty = json.dumps(
+        {
+            "type": "Input",
+            "input": {
+                "transcript": {"text": "hi"},
+                "attributes": {"a": [1, True, None, -1.5e3, "x\\n"]},
+            },
+        },
+        indent=2,
+    ).encode()
+    reader = JsonEventReader()
+    events = [event for i in range(len(pretty)) for event in reader.feed(pretty[i : i + 1])]
+    reader.close()
+    [event] = events
+    assert isinstance(event, InputEvent)
+    assert event.input.attributes == {"a": [1, True, None, -1500.0, "x\\n"]}

@@ -350,6 +350,39 @@ async def test_bad_stream_ends_the_get_with_the_error(server: str, corpus: dict[
         assert again.text == "< You said: hi\n"
 
 
+async def test_a_broken_line_mid_stream_ends_the_turn_at_once_with_the_error(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    """A realtime NDJSON stream whose line is cut (a string broken by its newline) is a
+    400 naming the byte as soon as the next line comes. The events after such a line
+    went into it unseen (its object never ended): the speech after it was never heard,
+    and the turn ended as the audio before it (here: silence) with a 200, the broken
+    body never named."""
+    lines = [
+        binary_line(c).encode() for c in pcm_chunks(at(corpus["tell me about this place"], 16000))
+    ]
+    cut = b'{"type":"Binary","data":"AAAA\n'
+    at_byte = sum(len(line) for line in lines[:2]) + len(cut) - 1  # the newline
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        await intro(client)
+        turn = await realtime_turn(
+            client, "", "application/json", [*lines[:2], cut, *lines[2:]], accept="text/plain"
+        )
+        assert turn.put.status_code == 400
+        error = (
+            f"! client: Malformed JSON at byte {at_byte}: Invalid control character in a string."
+        )
+        assert turn.get_lines[-1] == error
+        assert [json.loads(line) for line in turn.put.text.splitlines()] == [
+            {"type": "Error", "text": error.removeprefix("! client: "), "source": "client"}
+        ]
+        assert turn.get_ended < 2.0  # at the next line, not when a timeout passed
+        again = await client.put(
+            f"/client?key={KEY}&tts=None", headers={"Content-Type": "text/plain"}, content="hi"
+        )
+        assert again.text == "< You said: hi\n"
+
+
 async def test_client_that_aborts_its_stream_leaves_the_session_usable(
     server: str, corpus: dict[str, Pcm]
 ) -> None:
