@@ -37,7 +37,8 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   answer is a stream of DetectIntentResponses (a JSON array written element by
   element, Google's REST streaming form; or server-sent events with ``alt=sse``):
   the messages of each PARTIAL response are forwarded as they arrive; the FINAL
-  response's messages are forwarded except those equal to one already forwarded. The
+  response's messages are forwarded except those equal to one already forwarded; a
+  stream that ends before its FINAL response (its last one PARTIAL) is a PipelineError. The
   array is read by :class:`JsonArrayReader`, in time linear in the answer however
   small the pieces it comes in.
 - Failures (PipelineError): no token, the API unreachable, non-2xx (the fixed text
@@ -331,6 +332,11 @@ class DialogflowCxPipeline:
             raise connection_failed(f"the {KIND} core", exc) from exc
         if not answers:
             raise PipelineError("the core's stream held no DetectIntentResponse")
+        if answers[-1].get("responseType") == "PARTIAL":
+            # the stream's last response is its FINAL one; an event stream has no other end
+            # marker, so a body ended after a PARTIAL (a server or proxy that gave up) would
+            # pass for the whole answer, the half answer's page and parameters kept
+            raise PipelineError(f"the {KIND} core's stream ended before its FINAL response")
         yield self._response(session, path, answers)
 
     def _items(self, answer: dict[str, Any], sent: list[str], final: bool) -> list[ResponseItem]:

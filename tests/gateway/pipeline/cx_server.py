@@ -23,7 +23,9 @@ that echoes the request's bearer token (as a careless proxy might); ``bomb`` wit
 answer inflating to 100 MB (``tests.gateway.core_app.gzip_bomb``).
 
 ``app.state.piece`` (bytes; 0: not cut) cuts the FINAL response in pieces of that
-size; the text ``long`` is answered "Here it comes." then 2,000 texts in one message.
+size; ``app.state.no_final`` set, the stream ends cleanly after the PARTIAL response
+(as a server or proxy that stops mid-answer: the SSE form has no end marker but the
+FINAL, the array form is then left unclosed unless ``app.state.close_array``); the text ``long`` is answered "Here it comes." then 2,000 texts in one message.
 ``app.state.requests`` holds ``(path, body)`` of each detectIntent, ``app.state.tokens``
 the tokens issued, ``app.state.token_requests`` counts the token requests; while
 ``app.state.token_hold`` is an unset event, the token endpoint waits for it.
@@ -130,6 +132,8 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
     app.state.sse = False
     app.state.slow_s = 1.5
     app.state.piece = 0
+    app.state.no_final = False
+    app.state.close_array = False
 
     @app.post("/token")
     async def token(request: Request) -> Response:
@@ -263,6 +267,10 @@ async def _stream(
     partial = _answer(state, query, messages[:1], "PARTIAL")
     final = _answer(state, query, messages, "FINAL")
     yield b"[" + json.dumps(partial, indent=2).encode()
+    if app.state.no_final:
+        if app.state.close_array:
+            yield b"]"
+        return
     await asyncio.sleep(app.state.gap_s)
     app.state.final_at = time.monotonic()
     if not app.state.piece:
@@ -283,6 +291,8 @@ async def _sse(
         + json.dumps(_answer(state, query, messages[:1], "PARTIAL")).encode()
         + b"\r\n\r\n"
     )
+    if app.state.no_final:
+        return
     await asyncio.sleep(app.state.gap_s)
     app.state.final_at = time.monotonic()
     rest = b"data: " + json.dumps(_answer(state, query, messages, "FINAL")).encode() + b"\r\n\r\n"

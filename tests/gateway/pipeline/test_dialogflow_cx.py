@@ -232,6 +232,33 @@ async def test_streaming_forwards_partial_messages_as_they_arrive(
     await pipe.aclose()
 
 
+@pytest.mark.parametrize(
+    ("sse", "close_array", "words"),
+    [
+        (True, False, "stream ended before its FINAL response"),
+        (False, True, "stream ended before its FINAL response"),
+        (False, False, "not a complete JSON array"),
+    ],
+)
+async def test_a_stream_that_ends_before_its_final_response_fails_the_turn(
+    cx: tuple[Settings, FastAPI], sse: bool, close_array: bool, words: str
+) -> None:
+    """A serverStreamingDetectIntent answer that stops after a PARTIAL response (the
+    server or a proxy in front of it ended the body cleanly: an event stream has no end
+    marker but the FINAL response) is the core's error, in every form: the session is
+    kept, its page and parameters as before, not those of the half answer."""
+    settings, app = cx
+    app.state.sse = sse
+    app.state.no_final = True
+    app.state.close_array = close_array
+    conv = engine(settings, dialogflow_cx_streaming=True)
+    events = await pipeline_error(conv, words, "pizza")
+    assert texts(events) == ["What size?"]  # the PARTIAL's message went out as it came
+    session = await failed_session(conv, 0)
+    assert "currentPage" not in session.pipeline_state
+    await conv.pipeline.aclose()
+
+
 async def _drain(pipe: DialogflowCxPipeline, session: Session, text: str) -> None:
     async for _ in pipe.process(session, Input.of(text)):
         pass
