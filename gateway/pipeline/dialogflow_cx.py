@@ -110,7 +110,10 @@ TOKEN_TIMEOUT_S = 10.0
 
 class _TimedAuthRequest(AuthRequest):
     """google-auth's requests transport whose calls wait at most :data:`TOKEN_TIMEOUT_S`
-    (a service account's refresh passes no timeout of its own)."""
+    (a service account's refresh passes no timeout of its own) and follow no redirect:
+    the token request's body is the signed assertion, a credential that requests would
+    POST again to whatever host a 307/308 names; a redirect is the token endpoint's
+    refusal instead (a TransportError naming its status: "has no access token")."""
 
     def __call__(
         self,
@@ -121,9 +124,15 @@ class _TimedAuthRequest(AuthRequest):
         timeout: float | None = None,
         **kwargs: Any,
     ) -> Any:
-        return super().__call__(  # type: ignore[no-untyped-call]
+        kwargs["allow_redirects"] = False
+        answer = super().__call__(  # type: ignore[no-untyped-call]
             url, method, body, headers, timeout=TOKEN_TIMEOUT_S, **kwargs
         )
+        if 300 <= answer.status < 400:
+            raise google.auth.exceptions.TransportError(  # type: ignore[no-untyped-call]
+                f"a redirect (HTTP {answer.status}) from the token_uri, not followed"
+            )
+        return answer
 
 
 class DialogflowCxPipeline:

@@ -27,7 +27,8 @@ size; ``app.state.no_final`` set, the stream ends cleanly after the PARTIAL resp
 (as a server or proxy that stops mid-answer: the SSE form has no end marker but the
 FINAL, the array form is then left unclosed unless ``app.state.close_array``); the text ``long`` is answered "Here it comes." then 2,000 texts in one message.
 ``app.state.requests`` holds ``(path, body)`` of each detectIntent, ``app.state.tokens``
-the tokens issued, ``app.state.token_requests`` counts the token requests; while
+the tokens issued (``app.state.token_redirect`` set: the token endpoint answers 307 to
+that URL), ``app.state.token_requests`` counts the token requests; while
 ``app.state.token_hold`` is an unset event, the token endpoint waits for it.
 """
 
@@ -134,10 +135,13 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
     app.state.piece = 0
     app.state.no_final = False
     app.state.close_array = False
+    app.state.token_redirect = None
 
     @app.post("/token")
     async def token(request: Request) -> Response:
         app.state.token_requests += 1
+        if app.state.token_redirect:  # a token endpoint (or a proxy) that sends it on
+            return Response(status_code=307, headers={"Location": app.state.token_redirect})
         if app.state.token_hold is not None:  # a token endpoint that hangs until set
             await app.state.token_hold.wait()
         form = dict(parse_qsl((await request.body()).decode()))  # form-urlencoded

@@ -399,6 +399,31 @@ async def test_a_key_the_token_endpoint_rejects_is_a_pipeline_error(
     await conv.pipeline.aclose()
 
 
+async def test_a_token_endpoint_redirect_is_not_followed_with_the_assertion(
+    cx: tuple[Settings, FastAPI], keys: tuple[bytes, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token endpoint that answers 307 to another host does not get the signed
+    assertion (a credential, good for an access token for up to an hour) re-sent there:
+    the turn is the core's error ("has no access token"), the session kept."""
+    settings, app = cx
+    elsewhere = make_cx_server(keys[1])
+    async with serve(elsewhere) as other:
+        app.state.token_redirect = f"{other.replace('127.0.0.1', 'localhost')}/token"
+        conv = engine(settings)
+        with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+            events = await pipeline_error(
+                conv, "the Dialogflow CX core has no access token", "pizza"
+            )
+        assert "localhost" not in str(events[-1])
+        assert any("redirect (HTTP 307)" in r.getMessage() for r in caplog.records)
+        assert elsewhere.state.token_requests == 0
+        assert not elsewhere.state.tokens
+        await failed_session(conv, 0)
+        await conv.pipeline.aclose()
+    assert app.state.token_requests == 1
+    assert not app.state.requests
+
+
 async def test_a_token_refused_before_its_expiry_is_replaced_once(
     cx: tuple[Settings, FastAPI], caplog: pytest.LogCaptureFixture
 ) -> None:
