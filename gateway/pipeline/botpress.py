@@ -16,7 +16,11 @@ session whose first turn failed finds the same user and conversation, with the f
 message and the bot's context. In default mode this is the only way: the user key
 exists only in the answer of ``POST /users`` (the Chat API gives it once; a user id
 given again is refused as existing). In manual mode the ids are also derived from the
-session, so even a state lost with the session store finds them again.
+session, so even a state lost with the session store finds them again. Kept ids that
+Botpress no longer knows (``listen`` answers 401 for the user key, 404 for the
+conversation: deleted, the integration reinstalled) are dropped and made anew in the
+same turn, once, before the input is sent (:data:`STALE`, logged at WARNING); kept,
+they would fail every later turn of the session.
 
 A turn: open ``GET /conversations/{id}/listen`` (SSE, each ``data`` a JSON ``{type,
 data}``), then send the input, then forward each ``message_created`` with ``isBot: true``
@@ -70,6 +74,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, Self
 from urllib.parse import quote
@@ -96,6 +101,8 @@ from gateway.pipeline.cores import (
 )
 from gateway.sessions import Session
 from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
 
 KEEPALIVE = "ping"
 """The ``data`` of the listen stream's keepalive (``event: message``), which the Chat
@@ -208,25 +215,32 @@ class BotpressPipeline:
         offered: list[dict[str, Any]] = []
         ended = False
         try:
-            user_id, key = await self._user(session)
-            conversation = await self._conversation(session, key)
-            listen_url = f"{self.base_url}/conversations/{quote(conversation, safe='')}/listen"
-            headers = {"x-user-key": key, "Accept": "text/event-stream"}
-            async with self._client.stream("GET", listen_url, headers=headers) as listen:
-                if not 200 <= listen.status_code < 300:
-                    raise PipelineError(f"Botpress answered listen with HTTP {listen.status_code}")
-                # the stream is open (its headers came): nothing the bot says is missed
-                await self._send(session, input, conversation, key)
-                async for kind, data in self._bot_signals(listen, user_id, bool(input.action)):
-                    if kind == "message":
-                        for item in _items(data.get("payload"), offered):
-                            yield item
-                        continue
-                    event = _event(data.get("payload"))
-                    if isinstance(event, ResponseItem):
-                        yield event
-                    elif event == "end":
-                        ended = True
+            for retry in (True, False):
+                kept = isinstance(session.pipeline_state.get("conversationId"), str)
+                user_id, key = await self._user(session)
+                conversation = await self._conversation(session, key)
+                listen_url = f"{self.base_url}/conversations/{quote(conversation, safe='')}/listen"
+                headers = {"x-user-key": key, "Accept": "text/event-stream"}
+                async with self._client.stream("GET", listen_url, headers=headers) as listen:
+                    status = listen.status_code
+                    if retry and kept and status in STALE:
+                        _forget(session, status)
+                        continue  # nothing was sent yet: the turn runs once, on new ids
+                    if not 200 <= status < 300:
+                        raise PipelineError(f"Botpress answered listen with HTTP {status}")
+                    # the stream is open (its headers came): nothing the bot says is missed
+                    await self._send(session, input, conversation, key)
+                    async for kind, data in self._bot_signals(listen, user_id, bool(input.action)):
+                        if kind == "message":
+                            for item in _items(data.get("payload"), offered):
+                                yield item
+                            continue
+                        event = _event(data.get("payload"))
+                        if isinstance(event, ResponseItem):
+                            yield event
+                        elif event == "end":
+                            ended = True
+                    break
         except httpx.HTTPError as exc:
             raise connection_failed("Botpress", exc) from exc
         session.pipeline_state["buttons"] = offered
@@ -301,6 +315,23 @@ class BotpressPipeline:
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
+
+
+STALE = {401: ("userId", "userKey", "conversationId"), 404: ("conversationId",)}
+"""Statuses of ``listen`` on a session's kept ids that say Botpress no longer knows them
+-> the ``pipeline_state`` keys dropped, to be made anew: 401 the user key (the user was
+deleted, the integration reinstalled), 404 the conversation."""
+
+
+def _forget(session: Session, status: int) -> None:
+    """Drop the ids Botpress refused with ``status`` (:data:`STALE`), logged at WARNING."""
+    dropped = STALE[status]
+    for name in dropped:
+        session.pipeline_state.pop(name, None)
+    what = "user and conversation" if len(dropped) > 1 else "conversation"
+    log.warning(
+        "Botpress answered listen with HTTP %d for the session's kept %s: made anew", status, what
+    )
 
 
 def conversation_id(session: Session) -> str:

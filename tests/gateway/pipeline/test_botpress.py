@@ -6,6 +6,7 @@ and a whole Flowstorm V2 conversation."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -371,3 +372,27 @@ async def test_a_flowstorm_v2_text_conversation_through_botpress(
         ):
             body = (await v2_put(client, "bp", text)).text
             assert [line for line in body.splitlines() if line[:2] in ("< ", ".")] == lines
+
+
+@pytest.mark.parametrize("lost", ["conversation", "user"])
+async def test_a_user_or_conversation_botpress_no_longer_knows_is_made_anew(
+    botpress: tuple[str, FastAPI], lost: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session's Chat conversation (404 at listen) or user key (401) that Botpress
+    dropped (deleted, the integration reinstalled) is made anew in the same turn, once,
+    with a WARNING: the turn is answered and the session goes on. Before, the stale ids,
+    kept by every failed turn (durable state), failed each of the session's turns."""
+    url, app = botpress
+    conv = bp_engine(url)
+    assert texts(await conv.turn(ctx(), Input.of("yes")).collect()) == ["Let us start."]
+    app.state.conversations.clear()
+    if lost == "user":
+        app.state.users.clear()
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        assert texts(await conv.turn(ctx(), Input.of("yes")).collect()) == ["Let us start."]
+    assert any("made anew" in r.getMessage() for r in caplog.records)
+    assert texts(await conv.turn(ctx(), Input.of("yes")).collect()) == ["Let us start."]
+    calls = [(m, p) for m, p, _ in app.state.calls]
+    assert calls.count(("POST", "/conversations")) == 2
+    assert calls.count(("POST", "/users")) == (2 if lost == "user" else 1)
+    await conv.pipeline.aclose()
