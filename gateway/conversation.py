@@ -770,7 +770,13 @@ class Conversation:
                 f"The core pipeline{f' ({core})' if core else ''} did not answer within "
                 f"{self.settings.turn_timeout_s:g} s."
             )
-        log.warning("pipeline failed in session %s: %s", session_ref(session.key), failure)
+        # the core named: of several (GATEWAY_PIPELINES), "the core answered HTTP 500" is whose?
+        log.warning(
+            "pipeline failed in session %s (core %s): %s",
+            session_ref(session.key),
+            _core_name(self.pipeline, session.app_key) or "?",
+            failure,
+        )
         if self.settings.error_turn and input.action != ERROR:
             try:
                 restored = _restored(self.pipeline, snapshot, session)

@@ -5,6 +5,7 @@ serving two application keys from two different cores."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,11 @@ from gateway.pipeline.botpress import BotpressPipeline
 from gateway.pipeline.rasa import RasaPipeline
 from gateway.pipeline.voiceflow import VoiceflowPipeline
 from gateway.settings import Settings
-from tests.conftest import gateway, serve, serve_refused
+from tests.conftest import free_port, gateway, serve, serve_refused
 from tests.gateway.pipeline.fake_botpress import WEBHOOK_ID, make_botpress
 from tests.gateway.pipeline.fake_rasa import make_rasa
 from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
-from tests.gateway.turns import ctx, engine, said, texts, v2_put
+from tests.gateway.turns import ctx, engine, pipeline_error, said, texts, v2_put
 
 
 def settings(**overrides: Any) -> Settings:
@@ -221,4 +222,20 @@ async def test_the_engine_picks_the_core_by_the_sessions_app_key(
     rasa, _ = three_cores["rasa"]
     conv = engine(pipeline="demo", pipelines=json.dumps({"app": f"rasa+{rasa}"}))
     assert texts(await conv.turn(ctx(), Input.of("#intro")).collect()) == ["Hey! How are you?"]
+    await conv.pipeline.aclose()
+
+
+async def test_the_log_line_of_a_failed_turn_names_its_core(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Of several cores, the one that failed is named in the turn's WARNING (its error,
+    "the core could not be reached", names none); the client's Error is unchanged."""
+    port = free_port()  # nothing listens there: the connection is refused
+    conv = engine(pipeline="demo", pipelines=json.dumps({"app": f"http://127.0.0.1:{port}/"}))
+    with caplog.at_level(logging.WARNING, logger="gateway.conversation"):
+        events = await pipeline_error(conv, "the core could not be reached: ConnectError")
+    assert "(core http)" not in str(events[-1])
+    lines = [r.getMessage() for r in caplog.records if "pipeline failed" in r.getMessage()]
+    assert len(lines) == 1
+    assert "(core http): the core could not be reached: ConnectError" in lines[0]
     await conv.pipeline.aclose()
