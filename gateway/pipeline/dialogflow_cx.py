@@ -276,6 +276,15 @@ class DialogflowCxPipeline:
             raise core_failed(  # logged only (they may quote the assertion or a proxy's)
                 KIND, "has no access token", f"{type(exc).__name__}: {exc}"
             ) from exc
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # google-auth's parser on a 200 that is no token response (a proxy's page, a
+            # list, an expires_in that is no number): the endpoint's fault, not the gateway's
+            raise core_failed(
+                KIND,
+                "has no access token",
+                "the token_uri answered without a usable access_token "
+                f"({type(exc).__name__}: {exc})",
+            ) from exc
         return str(self._credentials.token)
 
     async def _send(self, url: str, body: dict[str, Any]) -> httpx.Response:

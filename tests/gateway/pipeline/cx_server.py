@@ -28,7 +28,7 @@ size; ``app.state.no_final`` set, the stream ends cleanly after the PARTIAL resp
 FINAL, the array form is then left unclosed unless ``app.state.close_array``); the text ``long`` is answered "Here it comes." then 2,000 texts in one message.
 ``app.state.requests`` holds ``(path, body)`` of each detectIntent, ``app.state.tokens``
 the tokens issued (``app.state.token_redirect`` set: the token endpoint answers 307 to
-that URL), ``app.state.token_requests`` counts the token requests; while
+that URL; ``app.state.token_body`` set: it answers 200 with that body), ``app.state.token_requests`` counts the token requests; while
 ``app.state.token_hold`` is an unset event, the token endpoint waits for it.
 """
 
@@ -136,12 +136,15 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
     app.state.no_final = False
     app.state.close_array = False
     app.state.token_redirect = None
+    app.state.token_body = None
 
     @app.post("/token")
     async def token(request: Request) -> Response:
         app.state.token_requests += 1
         if app.state.token_redirect:  # a token endpoint (or a proxy) that sends it on
             return Response(status_code=307, headers={"Location": app.state.token_redirect})
+        if app.state.token_body is not None:  # 200 with no OAuth token response (a proxy's)
+            return Response(app.state.token_body, media_type="application/json")
         if app.state.token_hold is not None:  # a token endpoint that hangs until set
             await app.state.token_hold.wait()
         form = dict(parse_qsl((await request.body()).decode()))  # form-urlencoded

@@ -424,6 +424,35 @@ async def test_a_token_endpoint_redirect_is_not_followed_with_the_assertion(
     assert not app.state.requests
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<html>Sign in to the proxy</html>",
+        "[1, 2]",
+        '{"access_token": "ya29.half", "expires_in": "soon"}',
+        '{"access_token": "ya29.half", "expires_in": [3600]}',
+    ],
+)
+async def test_a_token_endpoint_answering_no_oauth_token_is_the_cores_error(
+    cx: tuple[Settings, FastAPI], caplog: pytest.LogCaptureFixture, body: str
+) -> None:
+    """A token endpoint (or a proxy in front of it) answering 200 with something that is
+    no OAuth token response: "has no access token", one WARNING naming it, no ERROR with
+    a traceback blaming the gateway ("failed unexpectedly (TypeError)", as before)."""
+    settings, app = cx
+    app.state.token_body = body
+    conv = engine(settings)
+    with caplog.at_level(logging.WARNING):
+        await pipeline_error(conv, "the Dialogflow CX core has no access token", "pizza")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.cores"]
+    assert len(lines) == 1
+    assert "no access token: the token_uri answered without a usable access_token" in lines[0]
+    assert not app.state.requests
+    await failed_session(conv, 0)
+    await conv.pipeline.aclose()
+
+
 async def test_a_token_refused_before_its_expiry_is_replaced_once(
     cx: tuple[Settings, FastAPI], caplog: pytest.LogCaptureFixture
 ) -> None:
