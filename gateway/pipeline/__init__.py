@@ -33,7 +33,13 @@ from typing import Any, Protocol, cast
 
 from gateway import metrics
 from gateway.events import Input, Response
-from gateway.pipeline.base import Pipeline, PipelineConfigError, PipelineError, PipelineOutput
+from gateway.pipeline.base import (
+    Pipeline,
+    PipelineConfigError,
+    PipelineError,
+    PipelineOutput,
+    shown_spec,
+)
 from gateway.pipeline.demo import DemoPipeline
 from gateway.pipeline.http import HttpPipeline
 from gateway.sessions import Session
@@ -93,7 +99,7 @@ def core_class(spec: str, setting: str = "GATEWAY_PIPELINE") -> CoreFactory:
     if target is None:
         known = ", ".join(f"{s}:" if s != "demo" else s for s in CORES)
         raise PipelineConfigError(
-            f"{setting}: unknown core {spec.strip()!r}; use one of the schemes {known}"
+            f"{setting}: unknown core {shown_spec(spec)!r}; use one of the schemes {known}"
         )
     module_name, _, class_name = target.partition(":")
     try:
@@ -212,7 +218,7 @@ def make_pipeline(settings: Settings) -> CoreRouter:
             try:
                 made[spec] = factory.from_url(spec, settings)
             except PipelineConfigError as exc:
-                raise PipelineConfigError(f"{setting}={spec!r}: {exc}") from exc
+                raise PipelineConfigError(f"{setting}={shown_spec(spec)!r}: {exc}") from exc
         return made[spec]
 
     # on a failure the cores made so far are dropped: nothing has connected yet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Protocol
@@ -27,7 +28,18 @@ class PipelineError(Exception):
 class PipelineConfigError(ValueError):
     """A core cannot be set up from the settings: an unknown GATEWAY_PIPELINE scheme,
     a missing credential or a malformed URL. Raised at startup (``make_pipeline``),
-    with a message naming the setting to fix."""
+    with a message naming the setting to fix (quoting the spec only as :func:`shown_spec`
+    gives it: the message goes to stderr and the logs)."""
+
+
+_URL_SECRETS = re.compile(r"(?<=//)[^/?#@\s]*@|(?<=[?&;])([^=&;#\s]*=)[^&;#\s]*")
+
+
+def shown_spec(spec: str) -> str:
+    """``spec`` (a core spec, stripped) as an error message may quote it: a URL's userinfo
+    (``user:password@``) and the values of its query parameters (a webhook's
+    ``?token=``) replaced by ``***``."""
+    return _URL_SECRETS.sub(lambda m: f"{m[1]}***" if m[1] else "***@", spec.strip())
 
 
 class Pipeline(Protocol):

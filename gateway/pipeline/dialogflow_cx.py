@@ -71,7 +71,7 @@ from google.auth.transport.requests import Request as AuthRequest
 from google.oauth2 import service_account
 
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
-from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
+from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput, shown_spec
 from gateway.pipeline.cores import (
     body_chunks,
     bounded_lines,
@@ -191,7 +191,7 @@ class DialogflowCxPipeline:
         scheme, _, agent = spec.strip().partition(":")
         if scheme.lower() != "dialogflow-cx" or _AGENT.fullmatch(agent.strip("/")) is None:
             raise PipelineConfigError(
-                f"GATEWAY_PIPELINE {spec!r} is not a Dialogflow CX agent: expected "
+                f"GATEWAY_PIPELINE {shown_spec(spec)!r} is not a Dialogflow CX agent: expected "
                 "dialogflow-cx:projects/PROJECT/locations/LOCATION/agents/AGENT"
             )
         path = settings.dialogflow_cx_credentials

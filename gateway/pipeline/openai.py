@@ -54,7 +54,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
-from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
+from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput, shown_spec
 from gateway.pipeline.cores import (
     SseEvent,
     bounded_lines,
@@ -196,8 +196,8 @@ class OpenAIPipeline:
             or parts.fragment
         ):
             raise PipelineConfigError(
-                f"GATEWAY_PIPELINE {spec!r} is not an OpenAI-compatible server: expected "
-                "openai+https://host/v1 or openai+http://host:port/v1"
+                f"GATEWAY_PIPELINE {shown_spec(spec)!r} is not an OpenAI-compatible server: "
+                "expected openai+https://host/v1 or openai+http://host:port/v1"
             )
         if not settings.openai_model:
             raise PipelineConfigError(

@@ -130,6 +130,36 @@ def test_configuration_errors_name_the_setting(overrides: dict[str, Any], words:
     assert words in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (
+            {"pipeline": "https://gw:pa55word@core.example:99999/turn?token=s3cret"},
+            "GATEWAY_PIPELINE='https://***@core.example:99999/turn?token=***': the webhook URL",
+        ),
+        ({"pipeline": "rasa+http://rasa:5005?token=s3cret"}, "rasa:5005?token=***'"),
+        (
+            {"pipelines": '{"shop": "htps://gw:pa55word@core.example/?token=s3cret"}'},
+            "unknown core 'htps://***@core.example/?token=***'",
+        ),
+        (
+            {"pipeline": "openai+https://gw:pa55word@llm.example/v1?key=s3cret"},
+            "'openai+https://***@llm.example/v1?key=***' is not an OpenAI-compatible server",
+        ),
+    ],
+)
+def test_configuration_errors_quote_no_credential_of_the_spec(
+    overrides: dict[str, Any], words: str
+) -> None:
+    """A spec's URL password and query values (a webhook's ``?token=``) are not in the
+    startup error, which goes to stderr and the logs: the rest of the spec is."""
+    with pytest.raises(PipelineConfigError) as raised:
+        make_pipeline(settings(**overrides))
+    assert words in str(raised.value)
+    assert "pa55word" not in str(raised.value)
+    assert "s3cret" not in str(raised.value)
+
+
 async def test_pipelines_from_toml_share_a_core_per_spec(tmp_path: Path) -> None:
     toml = tmp_path / "cores.toml"
     toml.write_text('shop = "rasa+http://rasa:5005"\nbar = "rasa+http://rasa:5005"\nfaq = "demo"\n')
