@@ -12,7 +12,8 @@ Each turn is ``POST <base>/chat/completions`` with ``Authorization: Bearer <key>
 - ``data: {chunk}``: ``choices[0].delta.content`` is accumulated and cut into items at
   sentence boundaries (:mod:`gateway.pipeline.sentences`), each forwarded as soon as it
   is complete, so a phone call speaks the first sentence while the model still writes;
-  ``delta.tool_calls`` are accumulated by ``index``; a non-null ``finish_reason`` ends
+  ``delta.tool_calls`` are accumulated by ``index`` (a name sent whole again in a
+  later delta, as some servers do, is not appended); a non-null ``finish_reason`` ends
   the turn: the last sentence is forwarded at once, then the rest of the stream (usage
   chunk, ``[DONE]``) is read for at most :data:`DRAIN_S`, so the connection is reused.
 - tolerated variations: a usage chunk with ``choices: []``, ``choices: null`` or no
@@ -424,8 +425,11 @@ def _add_tool_delta(turn: _Turn, call: Any) -> None:
     function = call.get("function") or {}
     if not isinstance(function, dict):
         raise PipelineError(f"the {KIND} core streamed a tool call whose function is not an object")
-    if isinstance(function.get("name"), str):
-        acc.name += function["name"]
+    name = function.get("name")
+    if isinstance(name, str) and name != acc.name:
+        # the name comes in the first delta (or split over a few); some servers (MiniMax
+        # via NVIDIA NIM, proxies) send it whole again in every delta: not appended twice
+        acc.name += name
     if isinstance(function.get("arguments"), str):
         acc.arguments += function["arguments"]
 

@@ -13,7 +13,8 @@ path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
 ``error-data``, ``slow``, ``garbage``, ``truncated``, ``json`` (ignores ``stream``),
 ``empty``, ``deep`` (a chunk nested 50,000 levels deep), ``deep-json`` (such a
 non-streamed body), ``bad-tools`` (a completion whose ``tool_calls`` are strings), ``crash`` (the
-connection dropped mid-stream), ``echo-401`` (401 with a message echoing the Authorization header
+connection dropped mid-stream), ``names-again`` (a tool call's whole name repeated in each of
+its deltas, as some servers send it), ``echo-401`` (401 with a message echoing the Authorization header
 and the key, as a careless proxy might). ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
 pause after the first sentence (the model "thinking" on), cut short when the
 ``asyncio.Event`` ``app.state.release`` (None: no event) is set, so a test can hold the
@@ -195,7 +196,10 @@ async def _stream(
         head = {"index": index, "id": call["id"], "type": "function"}
         yield data(_chunk(model, {"tool_calls": [{**head, "function": {"name": call["function"]["name"], "arguments": ""}}]}))  # fmt: skip
         for i in range(0, len(args), 5):
-            yield data(_chunk(model, {"tool_calls": [{"index": index, "function": {"arguments": args[i : i + 5]}}]}))  # fmt: skip
+            function = {"arguments": args[i : i + 5]}
+            if mode == "names-again":  # the whole name again in every delta (MiniMax via NIM)
+                function = {"name": call["function"]["name"], **function}
+            yield data(_chunk(model, {"tool_calls": [{"index": index, "function": function}]}))
     yield data(_chunk(model, {}, "tool_calls" if tools else "stop"))
     if (body.get("stream_options") or {}).get("include_usage"):
         usage = {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}

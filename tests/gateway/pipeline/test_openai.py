@@ -170,6 +170,23 @@ async def test_end_session_tool_ends_the_session(llm: tuple[str, FastAPI]) -> No
     await conv.pipeline.aclose()
 
 
+async def test_a_tool_name_sent_again_in_each_delta_is_the_tool(
+    llm: tuple[str, FastAPI],
+) -> None:
+    """A server that repeats a tool call's whole name in each of its deltas (MiniMax via
+    NVIDIA NIM, some proxies) still calls that tool: the name was appended each time
+    ("end_sessionend_session...", an unknown tool ignored), so the session never ended
+    and no transfer happened."""
+    url, _ = llm
+    conv = engine(pipeline(url, "names-again", transfer_target="+15551234567"))
+    bye = await conv.turn(ctx(), Input.of("ok bye")).collect()
+    assert isinstance(bye[-1], SessionEndedEvent)
+    events = await conv.turn(ctx("s2"), Input.of("a person please")).collect()
+    item = [e for e in events if isinstance(e, ResponseItemEvent)][-1].response_item
+    assert transfer_target(item) == ("+15551234567", "caller asked for a person")
+    await conv.pipeline.aclose()
+
+
 async def test_transfer_tool_is_the_transfer_action(llm: tuple[str, FastAPI]) -> None:
     url, app = llm
     conv = engine(pipeline(url, transfer_target="+15551234567"))
