@@ -58,7 +58,15 @@ from urllib.parse import quote
 import httpx
 from httpx_sse import SSEError
 
-from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
+from gateway.events import (
+    INTRO,
+    MAX_TIMEOUT_S,
+    SILENCE,
+    Input,
+    Response,
+    ResponseItem,
+    transfer_item,
+)
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
     bounded_sse,
@@ -270,6 +278,10 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
     if kind == "no-reply":
         timeout = body.get("timeout")
         if isinstance(timeout, int | float) and timeout > 0:
+            if not timeout <= MAX_TIMEOUT_S:  # 1e308 s: no int of ms (NaN too)
+                raise PipelineError(
+                    f"Voiceflow's no-reply timeout is out of range (over {MAX_TIMEOUT_S} s)"
+                )
             turn.no_reply_ms = int(timeout * 1000)
         return []
     if kind in ("completion", "completion-start", "completion-continue", "completion-end"):
