@@ -213,6 +213,27 @@ async def test_barge_in_clears_playback_within_300_ms_and_is_answered(
 
 
 @each(ALL)
+async def test_a_key_pressed_as_the_caller_hangs_up_leaves_no_session(
+    carrier: Carrier, speech: SpeechService, redis_url: str
+) -> None:
+    """The caller presses a key and hangs up at once (the carrier's stop, or Vonage's
+    close, right behind the dtmf): the call's session is gone from Redis and no call
+    runs. Before, on the carriers with a stop message, the stop ended the session while
+    the key's turn was only starting; that turn then ran after the end and made the
+    session anew (turn 1, left in Redis for its 30 minutes)."""
+    async with (
+        carrier.gateway(speech, redis_url=redis_url) as (gw, _),
+        carrier.dial(gw.url, mic_speed=4.0) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        await call.send(call.dtmf_frame("5"))
+        await call.stop()
+        await call.wait_for(lambda: call.closed_at is not None)
+        await asyncio.sleep(0.5)  # a turn made after the end would have saved by now
+        await carrier.ended(gw, call, within_s=2.0)
+
+
+@each(ALL)
 async def test_goodbye_ends_the_call_only_after_the_last_audio_played(
     carrier: Carrier, speech: SpeechService, piper: PiperSynthesizer
 ) -> None:
