@@ -277,7 +277,10 @@ class Handling(StrEnum):
     shouldEndSession (Alexa refuses outputSpeech, card, reprompt and shouldEndSession
     in answers to them), the session left alone, even when the request names one."""
     IGNORE = "ignore"
-    """Any other type: a valid empty response."""
+    """Any other type (a screen touch, a type Amazon adds later): a valid empty response
+    without shouldEndSession, the session left alone (``true`` would close a session the
+    user is in the middle of; without it Alexa keeps a screen device's session open and
+    ends a headless one's, as the "Manage the Skill Session" lifecycle says)."""
 
 
 REQUEST_TABLE: dict[str, Handling] = {
@@ -539,7 +542,8 @@ def empty_response(
     For requests outside a session (AudioPlayer.*, PlaybackController.*, skill
     events, System.ExceptionEncountered) pass no ``session_id`` and no ``end``:
     those responses may carry no speech and no shouldEndSession. Inside a
-    session, ``end=True`` closes it (an empty in-session response must).
+    session, ``session_id`` keeps its ``sessionAttributes``; ``end=True`` closes it,
+    ``end=None`` (no shouldEndSession) leaves it to Alexa (:attr:`Handling.IGNORE`).
     """
     return AlexaResponseEnvelope(
         session_attributes=session_attributes(session_id),

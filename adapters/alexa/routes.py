@@ -126,10 +126,11 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
             log.warning("Alexa reports an error with a previous response: %s", error)
         elif handling is Handling.END:
             await self._end(envelope, decided)
-        # Any other request type: a valid empty response. Inside a session it must end it.
-        elif handling is not Handling.PLAYBACK and decided.session_id is not None:
-            await self._end(envelope, decided)
-            return empty_response(session_id=decided.session_id, end=True)
+        # Any other request type (Display.ElementSelected, Alexa.Presentation.APL.UserEvent,
+        # a type Amazon adds later): a valid empty response that leaves the session as it
+        # is, on Alexa's side (no shouldEndSession: Alexa decides by device) and ours
+        elif handling is Handling.IGNORE and decided.session_id is not None:
+            return empty_response(session_id=decided.session_id)
         return empty_response()  # (PLAYBACK's: no speech, no shouldEndSession, ever)
 
     async def _end(self, envelope: AlexaEnvelope, decided: Plan) -> None:

@@ -149,9 +149,11 @@ async def test_every_fixture_is_answered_validly(base: str) -> None:
             elif "session" in data and kind not in (
                 "SessionEndedRequest",
                 "System.ExceptionEncountered",
-            ):  # unknown types inside a session: a valid empty answer that closes it
+            ):  # other types inside a session: a valid empty answer that leaves it open
                 assert text == "", name
-                assert body.should_end_session is True, name
+                assert body.should_end_session is None, name
+                session_id = data["session"]["sessionId"]
+                assert answer.session_attributes == {"gatewaySessionId": session_id}, name
             else:  # SessionEnded, exceptions, AudioPlayer/PlaybackController/skill events
                 assert text == "", name
                 assert body.should_end_session is None, name
@@ -192,6 +194,33 @@ async def test_audio_player_requests_naming_a_session_get_no_should_end_session(
         assert answer.json() == {"version": "1.0", "response": {}}
         asked = await say(client, envelope(sid, text="what is my name"))
         assert spoken(asked) == "Your name is Ada."
+
+
+@pytest.mark.parametrize(
+    "kind", ["Foo.Bar", "Alexa.Presentation.APL.UserEvent", "Display.ElementSelected"]
+)
+async def test_other_request_types_in_a_session_leave_it_open(
+    redis_url: str, redis_prefix: str, kind: str
+) -> None:
+    # a type the gateway does not know (a screen touch, one Amazon adds later) is answered
+    # harmlessly: no speech and no shouldEndSession (true would close the session the user
+    # is in), and the gateway's session (in Redis) goes on
+    sid = f"amzn1.echo-api.session.other-{kind}"
+    async with (
+        gateway(redis_url=redis_url, redis_prefix=redis_prefix, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        await say(client, envelope(sid, text="my name is Ada"))
+        answer = await client.post("/alexa", content=json.dumps(envelope(sid, kind=kind)))
+        assert answer.status_code == 200
+        assert answer.json() == {
+            "version": "1.0",
+            "sessionAttributes": {"gatewaySessionId": sid},
+            "response": {},
+        }
+        asked = await say(client, envelope(sid, text="what is my name"))
+        assert spoken(asked) == "Your name is Ada."
+        assert reply(asked).should_end_session is False
 
 
 # ---------------------------------------------------------------- conversations
