@@ -114,8 +114,18 @@ def ssml_to_text(ssml: str) -> str | None:
     return " ".join("".join(root.itertext()).split())
 
 
+_XML_DECLARATION = re.compile(r"<\?xml\s[^<>]*\?>\s*")
+"""An XML declaration (``<?xml version="1.0" encoding="UTF-8"?>``, XML 1.0 section 2.8):
+allowed only at a document's very start, so it is dropped before the items are joined
+into one ``<speak>``."""
+
+
 def _strip_speak(ssml: str) -> str:
+    """The content of an SSML document's ``<speak>`` (its XML declaration dropped), or the
+    fragment itself."""
     text = ssml.strip()
+    if text.startswith("<?xml") and (declaration := _XML_DECLARATION.match(text)):
+        text = text[declaration.end() :]
     if text.startswith("<speak") and text.endswith(_SPEAK_CLOSE):
         start = text.find(">")
         if start != -1:

@@ -359,6 +359,26 @@ def test_text_is_escaped_ssml_is_kept_audio_becomes_audio_tags() -> None:
     )
 
 
+DECLARED = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    '<speak version="1.1" xmlns="http://www.w3.org/2001/10/synthesis" xml:lang="en-US">'
+    'Hello <break time="1s"/> there.</speak>'
+)
+"""A core's SSML document with an XML declaration, as SSML 1.1's own examples begin."""
+
+
+def test_ssml_with_an_xml_declaration_is_spoken() -> None:
+    # the declaration may only begin a document: joined into one <speak> it would not
+    # parse, and the item said nothing (an SSML-only answer was silent and ended the session)
+    items = [ResponseItem(text="First."), ResponseItem(ssml=DECLARED)]
+    answer = parsed(encode(turn_response(Response(items=items), session_id="S")))
+    speech = ssml_of(body(answer).output_speech)
+    assert speech == '<speak>First. Hello <break time="1s"/> there.</speak>'
+    assert well_formed(speech) == "First. Hello  there."
+    assert body(answer).should_end_session is False
+    assert display_text([ResponseItem(ssml=DECLARED)], 100) == "Hello there."
+
+
 @pytest.mark.parametrize("audio", ["https://cdn.example/a\x01b.mp3", "https://cdn.example/\ufffe"])
 def test_an_audio_url_xml_cannot_carry_is_left_out_and_the_speech_stays_well_formed(
     audio: str,

@@ -292,6 +292,17 @@ def test_render_v3() -> None:
     }
 
 
+def test_ssml_with_an_xml_declaration_is_spoken() -> None:
+    # the declaration may only begin a document: kept, the item said nothing
+    declared = '<?xml version="1.0"?><speak>Hello <break time="1s"/> there.</speak>'
+    planned = google_plan(fixture("actions-builder/IntentRequest.json"))
+    going = render(planned, Answer((ResponseItem(ssml=declared),)), "G1")
+    assert going["prompt"]["firstSimple"] == {
+        "speech": '<speak>Hello <break time="1s"/> there.</speak>',
+        "text": "Hello there.",
+    }
+
+
 def test_render_v2_es_cx() -> None:
     v2 = google_plan(
         with_screen("actions-sdk-v2-via-dialogflow/HelpIntent.json")["originalDetectIntentRequest"][
