@@ -28,6 +28,7 @@ __all__ = [
     "speech_ssml",
     "ssml_to_text",
     "truncate_text",
+    "utf16_len",
 ]
 
 ELLIPSIS = "…"
@@ -85,14 +86,23 @@ def xml_text(text: str) -> str:
     return escape(_NOT_XML.sub("", text))
 
 
-def _truncate_escaped(text: str, budget: int) -> str:
-    """``text`` as SSML character data (:func:`xml_text`) of at most ``budget`` characters:
-    cut (sensibly, by :func:`truncate_text`) before escaping, at the longest prefix whose
-    escaped form fits, so text full of ``&`` or ``<`` is cut where it must be, not dropped."""
+def utf16_len(text: str) -> int:
+    """The length of ``text`` in UTF-16 code units, as Java's ``String.length()`` counts
+    characters: one per code point, two for one past U+FFFF (an emoji, say)."""
+    if text.isascii():  # O(1) in CPython
+        return len(text)
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def _truncate_escaped(text: str, budget: int, *, utf16: bool = False) -> str:
+    """``text`` as SSML character data (:func:`xml_text`) of at most ``budget`` characters
+    (UTF-16 code units with ``utf16``): cut (sensibly, by :func:`truncate_text`) before
+    escaping, at the longest prefix whose escaped form fits, so text full of ``&`` or ``<``
+    is cut where it must be, not dropped."""
     text = _NOT_XML.sub("", text)
     fits = used = 0
     for char in text:
-        used += _ESCAPED_WIDTH.get(char, 1)
+        used += _ESCAPED_WIDTH.get(char, 1) + (utf16 and char > "\uffff")
         if used > budget:
             break
         fits += 1
@@ -167,8 +177,10 @@ def speech_ssml(
     *,
     audio_https_only: bool = True,
     max_audio: int | None = None,
+    utf16: bool = False,
 ) -> str | None:
-    """The items' speech as one ``<speak>`` document of at most ``max_chars`` characters.
+    """The items' speech as one ``<speak>`` document of at most ``max_chars`` characters
+    (code points; UTF-16 code units with ``utf16``, :func:`utf16_len`, as Alexa counts).
 
     Items are joined in order (see :func:`item_ssml`). When the next fragment
     does not fit, its spoken text is cut at a sentence/word boundary
@@ -193,12 +205,13 @@ def speech_ssml(
         if not fragment:
             continue
         sep = 1 if out else 0
-        if used + sep + len(fragment) <= budget:
+        size = utf16_len(fragment) if utf16 else len(fragment)
+        if used + sep + size <= budget:
             out.append(fragment)
-            used += sep + len(fragment)
+            used += sep + size
             continue
         spoken = ssml_to_text(fragment) or ""
-        cut = _truncate_escaped(spoken, budget - used - sep)
+        cut = _truncate_escaped(spoken, budget - used - sep, utf16=utf16)
         if cut:
             out.append(cut)
         break

@@ -57,7 +57,10 @@ NAMESPACE = "alexa"
 
 VERSION = "1.0"
 MAX_SPEECH_CHARS = 8000
-"""Alexa's limit on ``outputSpeech`` (and reprompt) text, SSML tags included."""
+"""Alexa's limit on ``outputSpeech`` (and reprompt) text, SSML tags included, in UTF-16 code
+units (Java's ``String.length()``; Amazon says "characters" and refuses "Speech ... length
+9503 exceeds allowed size of 8000 characters"): an emoji counts two
+(:func:`gateway.ssml.utf16_len`)."""
 MAX_AUDIO_TAGS = 5
 """Alexa's limit on ``<audio>`` tags in one output speech (SSML reference, ``audio``)."""
 MAX_CARD_CHARS = 8000
@@ -635,7 +638,7 @@ def turn_wire(
     """
     items = response.items
     end = force_end or (response.session_ended and response.sleep_timeout == 0)
-    speech = speech_ssml(items, max_speech_chars, max_audio=MAX_AUDIO_TAGS)
+    speech = speech_ssml(items, max_speech_chars, max_audio=MAX_AUDIO_TAGS, utf16=True)
     should_end = end or speech is None
     body: dict[str, Any] = {}
     if speech is not None:
@@ -684,7 +687,7 @@ def _reprompt_ssml(items: Sequence[ResponseItem], speech: str, max_chars: int) -
 
 def _speech(items: Sequence[ResponseItem], max_chars: int) -> str | None:
     """:func:`gateway.ssml.speech_ssml` within Alexa's :data:`MAX_AUDIO_TAGS`."""
-    return speech_ssml(items, max_chars, max_audio=MAX_AUDIO_TAGS)
+    return speech_ssml(items, max_chars, max_audio=MAX_AUDIO_TAGS, utf16=True)
 
 
 _ENVELOPE: TypeAdapter[AlexaResponseEnvelope] = TypeAdapter(AlexaResponseEnvelope)
@@ -723,7 +726,7 @@ def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES)
         over = len(data) - max_bytes
         # Non-ASCII characters take up to 4 bytes (and \\u escapes 6): cut generously.
         target = max(0, len(speech.ssml) - over - 64)
-        spoken = speech_ssml([ResponseItem(ssml=speech.ssml)], target)
+        spoken = speech_ssml([ResponseItem(ssml=speech.ssml)], target, utf16=True)
         if spoken is None:
             body.output_speech = speech = None
         else:

@@ -464,6 +464,35 @@ def test_long_speech_is_cut_at_a_sentence_end() -> None:
     assert len(well_formed(speech)) > MAX_SPEECH_CHARS * 0.9
 
 
+def utf16_units(text: str) -> int:
+    """What Java's String.length() (Alexa's count of characters) gives for ``text``."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [ResponseItem(text="Good 😀 news. " * 600)],  # 7,800 code points, 8,400 UTF-16 units
+        [
+            ResponseItem(text="Hello there."),
+            ResponseItem(ssml="<speak>" + "🎉" * 4000 + "</speak>"),
+        ],
+        [ResponseItem(text="𝄞" * 7000)],  # one huge word: a hard cut
+    ],
+)
+def test_speech_fits_8000_utf16_units_as_alexa_counts(items: list[ResponseItem]) -> None:
+    # Alexa's 8,000-character limit counts UTF-16 code units (Java): within 8,000 code
+    # points, speech full of emoji was still too long for Alexa, and the answer refused
+    answer = parsed(encode(turn_response(Response(items=items), session_id="S")))
+    speech = ssml_of(body(answer).output_speech)
+    assert utf16_units(speech) <= MAX_SPEECH_CHARS
+    assert utf16_units(speech) > MAX_SPEECH_CHARS * 0.9
+    assert len(well_formed(speech)) > MAX_SPEECH_CHARS * 0.4
+    reprompt = body(answer).reprompt  # (dropped when both do not fit in 24 KB of UTF-8)
+    if reprompt is not None:
+        assert utf16_units(ssml_of(reprompt.output_speech)) <= MAX_SPEECH_CHARS
+
+
 def test_long_multibyte_speech_fits_24_kb() -> None:
     text = "Příliš žluťoučký kůň úpěl ďábelské ódy. " * 400
     data = encode(turn_response(Response(items=[ResponseItem(text=text)]), session_id="S"))
