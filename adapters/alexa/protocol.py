@@ -57,10 +57,11 @@ NAMESPACE = "alexa"
 
 VERSION = "1.0"
 MAX_SPEECH_CHARS = 8000
-"""Alexa's limit on ``outputSpeech`` (and reprompt) text, SSML tags included, in UTF-16 code
-units (Java's ``String.length()``; Amazon says "characters" and refuses "Speech ... length
-9503 exceeds allowed size of 8000 characters"): an emoji counts two
-(:func:`gateway.ssml.utf16_len`)."""
+"""Alexa's limit on ``outputSpeech`` (and reprompt) text, SSML tags included, counted here in
+UTF-16 code units (:func:`gateway.ssml.utf16_len`: an emoji counts two). Amazon says
+"characters" without saying how it counts; its refusal ("Speech ... length 9503 exceeds
+allowed size of 8000 characters") reads like Java's ``String.length()``, and UTF-16 units
+are the stricter measure either way."""
 MAX_AUDIO_TAGS = 5
 """Alexa's limit on ``<audio>`` tags in one output speech (SSML reference, ``audio``)."""
 MAX_CARD_CHARS = 8000
