@@ -84,6 +84,13 @@ WELCOME_EVENT = re.compile(r"(?:[A-Z0-9]+_)*WELCOME")
 a conversation: the generic ``WELCOME`` and each integration's own platform welcome event
 (``GOOGLE_ASSISTANT_WELCOME``, ``TELEPHONY_WELCOME``, ``FACEBOOK_WELCOME``,
 ``TELEGRAM_WELCOME``, ``LINE_WELCOME``, ...; Dialogflow ES "Platform events")."""
+PLATFORM_EVENT = re.compile(
+    r"(?:FACEBOOK|TELEGRAM|SLACK|KIK|SKYPE|LINE|VIBER|TWITTER|TWILIO|TELEPHONY"
+    r"|GOOGLE_ASSISTANT|ALEXA)_[A-Z0-9_]+"
+)
+"""The other Dialogflow ES platform events (the whole ``queryText``, upper case as the
+integration sends it: ``FACEBOOK_LOCATION``, ``FACEBOOK_MEDIA``, ...): the action
+``#<EVENT>``, as a CX event that starts nothing is, not words the user typed."""
 
 
 class Format(StrEnum):
@@ -576,7 +583,12 @@ def _es_plan(request: EsRequest) -> Plan:
         return replace(plan, input=heard, app_key=app_key, google_payload=True)
     query = (result.query_text or "").strip()
     # an event's name as it is (upper case): a user who types "welcome" said a word
-    text = INTRO if WELCOME_EVENT.fullmatch(query) else (query or FALLBACK)
+    if WELCOME_EVENT.fullmatch(query):
+        text = INTRO
+    elif PLATFORM_EVENT.fullmatch(query):
+        text = f"#{query}"
+    else:
+        text = query or FALLBACK
     return Plan(
         Format.DIALOGFLOW_ES,
         session_id=request.session,

@@ -148,6 +148,11 @@ def test_v2_and_dialogflow_google_payload(
         ("FACEBOOK_WELCOME", "#intro"),
         ("LINE_WELCOME", "#intro"),
         ("telegram_welcome", "telegram_welcome"),
+        # the other platform events: an action, not the user's words
+        ("FACEBOOK_LOCATION", "#FACEBOOK_LOCATION"),
+        ("FACEBOOK_MEDIA", "#FACEBOOK_MEDIA"),
+        ("facebook_media", "facebook_media"),
+        ("ORDER_1234", "ORDER_1234"),
         ("WELCOME BACK", "WELCOME BACK"),
         # ES sends an event's name as the queryText: a user who types the word is no event
         ("welcome", "welcome"),
@@ -162,6 +167,7 @@ def test_dialogflow_es(query: str, text: str) -> None:
     planned = dialogflow_plan(data)
     assert planned.input is not None
     assert planned.input.text == text
+    assert bool(planned.input.action) is text.startswith("#")
     assert planned.app_key == "projects/newagent-904be"
     assert not planned.google_payload
 

@@ -780,6 +780,19 @@ async def test_a_platform_welcome_event_starts_the_conversation(base: str) -> No
         assert said.startswith("Hello, I am the gateway demo bot."), source
 
 
+async def test_another_platform_event_reaches_the_core_as_an_action(base: str) -> None:
+    """A Dialogflow ES platform event that starts nothing (Messenger's ``FACEBOOK_LOCATION``
+    when the user shares a location, ``FACEBOOK_MEDIA`` for an attachment) is the action
+    ``#<EVENT>``, as a CX event is (before: the event's name as the user's words, "You said:
+    FACEBOOK_LOCATION")."""
+    async with httpx.AsyncClient(base_url=base) as client:
+        for event in ("FACEBOOK_LOCATION", "FACEBOOK_MEDIA"):
+            request = es(f"projects/p/agent/sessions/fb-{event}", event)
+            request["originalDetectIntentRequest"] = {"source": "facebook", "payload": {}}
+            said = check_es(ok(await client.post("/dialogflow", json=request)), google=False)
+            assert said == f"I do not know the action #{event}."
+
+
 async def test_words_beginning_with_hash_are_answered_as_words() -> None:
     async with gateway(**OFF) as url, httpx.AsyncClient(base_url=url) as client:
         cx_session = "projects/p/locations/global/agents/a/sessions/hash"
