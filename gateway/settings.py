@@ -531,7 +531,8 @@ class Settings(BaseSettings):
     )
     call_dtmf_mode: Literal["digit", "collect"] = Field(
         default="digit",
-        description="`digit`: each key is an input; `collect`: keys until `#` or a pause.",
+        description="`digit`: each key is an input; `collect`: keys until `#`, a pause or "
+        "64 keys (gateway/protocol/call.py MAX_DTMF_DIGITS).",
     )
     call_dtmf_timeout_ms: int = Field(
         default=2000, gt=0, description="`collect` mode: a pause this long ends the digits."

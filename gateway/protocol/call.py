@@ -280,20 +280,27 @@ class CallStateMachine(StateMachine[State, str]):
 
 
 DtmfMode = Literal["digit", "collect"]
+MAX_DTMF_DIGITS: Final = 64
+"""``collect`` mode: the most keys one input collects; the key that reaches it ends the
+input as ``#`` would (it is included). A stream sending endless keys without ``#`` or a
+pause (time is the caller's audio: a stream that sends none never pauses) does not grow
+the call, and the core gets inputs of at most this many characters."""
 
 
 class DtmfCollector:
     """Key presses -> input text.
 
     ``digit`` mode: every key is an input of its own. ``collect`` mode: keys
-    accumulate until ``#`` (which ends them and is not included) or until
-    ``timeout_ms`` of audio pass after the last key. ``#`` alone is no input.
+    accumulate until ``#`` (which ends them and is not included), until
+    ``timeout_ms`` of audio pass after the last key, or until ``max_digits``
+    (:data:`MAX_DTMF_DIGITS`) are collected. ``#`` alone is no input.
     Times are audio ms (see the module doc).
     """
 
-    def __init__(self, mode: DtmfMode, timeout_ms: int) -> None:
+    def __init__(self, mode: DtmfMode, timeout_ms: int, max_digits: int = MAX_DTMF_DIGITS) -> None:
         self.mode = mode
         self.timeout_ms = timeout_ms
+        self.max_digits = max_digits
         self._digits = ""
         self._last_ms = 0
 
@@ -311,6 +318,9 @@ class DtmfCollector:
             return done or None
         self._digits += digit
         self._last_ms = now_ms
+        if len(self._digits) >= self.max_digits:
+            done, self._digits = self._digits, ""
+            return done
         return None
 
     def poll(self, now_ms: int) -> str | None:

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 
 from adapters.twilio.protocol import MULAW_8K
 from gateway.events import Input, Response, ResponseItem
+from gateway.protocol.call import MAX_DTMF_DIGITS
 from gateway.sessions import Session
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
@@ -255,6 +256,27 @@ async def test_collected_digits_end_with_hash_or_a_pause(speech: SpeechService, 
             await call.dtmf(digit)
         await gw.wait_turns(3)  # after 1 s of the caller's audio (0.25 s at 4x)
         assert gw.core.turns[2] == ("17", ["You said: 17"])
+        await call.stop()
+
+
+async def test_collected_digits_are_bounded_the_key_at_the_cap_ends_the_input(
+    speech: SpeechService,
+) -> None:
+    """A stream sending keys without ``#`` or a pause does not grow the call: the key that
+    reaches MAX_DTMF_DIGITS ends the input (included), the next keys start a new one."""
+    keys = ("0123456789" * 7)[: MAX_DTMF_DIGITS + 3]
+    async with (
+        twilio_gateway(speech, twilio_dtmf_mode="collect", twilio_dtmf_timeout_ms=600_000) as gw,
+        TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        for digit in keys:
+            await call.dtmf(digit)
+        await gw.wait_turns(2)
+        assert gw.core.turns[1][0] == keys[:MAX_DTMF_DIGITS]
+        await call.dtmf("#")
+        await gw.wait_turns(3)
+        assert gw.core.turns[2][0] == keys[MAX_DTMF_DIGITS:]
         await call.stop()
 
 

@@ -235,6 +235,9 @@ def test_dtmf_digits_and_collection() -> None:
     assert collect.poll(4999) is None
     assert collect.poll(5000) == "7"  # 2 s of audio after the last key
     assert not collect.collecting
+    capped = DtmfCollector("collect", 2000, max_digits=3)
+    assert [capped.press(d, 0) for d in "1234"] == [None, None, "123", None]
+    assert capped.press("#", 0) == "4"
 
 
 def test_marks_settle_in_order_and_are_forgotten_at_a_clear() -> None:
