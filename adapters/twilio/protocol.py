@@ -143,6 +143,8 @@ CLOSE_INTERNAL: Final = 1011
 DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 MAX_MEDIA_BYTES: Final = 16_000
 """Largest inbound media payload accepted (2 s of audio; Twilio sends 160 bytes)."""
+_MAX_MEDIA_CHARS: Final = -(-MAX_MEDIA_BYTES // 3) * 4
+"""The base64 of :data:`MAX_MEDIA_BYTES` (strict base64: 4 characters per 3 bytes begun)."""
 PREROLL_MS: Final = 300
 """Audio before a voice onset handed to the listener (word beginnings are soft)."""
 TTS: Final = TtsRequest("audio", "mulaw")
@@ -289,12 +291,15 @@ def _media_audio(value: Mapping[str, Any]) -> tuple[str, bytes]:
     payload = media.get("payload")
     if not isinstance(payload, str):
         raise ProtocolError("Invalid media message: media.payload: expected a base64 string")
-    if len(payload) > MAX_MEDIA_BYTES * 4 // 3 + 4:
-        raise ProtocolError(f"Invalid media message: more than {MAX_MEDIA_BYTES} bytes of audio")
+    too_long = f"Invalid media message: more than {MAX_MEDIA_BYTES} bytes of audio"
+    if len(payload) > _MAX_MEDIA_CHARS:  # before decoding: no large decode for nothing
+        raise ProtocolError(too_long)
     try:
         data = binascii.a2b_base64(payload, strict_mode=True)  # b64decode(validate=True)
     except (binascii.Error, ValueError):
         raise ProtocolError("Invalid media message: media.payload is not base64") from None
+    if len(data) > MAX_MEDIA_BYTES:  # _MAX_MEDIA_CHARS holds up to 2 bytes more
+        raise ProtocolError(too_long)
     track = media.get("track", "inbound")
     return track if isinstance(track, str) else "inbound", data
 

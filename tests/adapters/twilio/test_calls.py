@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from adapters.twilio.protocol import MULAW_8K
+from adapters.twilio.protocol import MAX_MEDIA_BYTES, MULAW_8K
 from gateway.events import Input, Response, ResponseItem
 from gateway.protocol.call import MAX_DTMF_DIGITS
 from gateway.sessions import Session
@@ -238,6 +238,31 @@ async def test_bad_input_is_dropped_and_does_not_disturb_another_call(
                 assert not good.clears()
                 await good.stop()
             await gw.wait_no_calls()
+
+
+async def test_media_payload_bound_is_exact(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MAX_MEDIA_BYTES of audio in one ``media`` frame pass; one or two bytes more (their
+    base64 is as long as the limit's) are dropped as invalid, logged, and the call goes on."""
+    async with (
+        twilio_gateway(speech) as gw,
+        TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        runner = gw.channel.calls[call.call_sid]
+        with caplog.at_level(logging.WARNING, logger="gateway.call"):
+            await call.send(call.media(b"\xff" * MAX_MEDIA_BYTES))
+            await call.send(call.media(b"\xff" * (MAX_MEDIA_BYTES + 1)))
+            await call.send(call.media(b"\xff" * (MAX_MEDIA_BYTES + 2)))
+            await call.dtmf("7")  # after the frames above: the call goes on
+            await gw.wait_turns(2)
+        assert gw.core.turns[1] == ("7", ["You said: 7"])
+        assert runner.bad_frames == 2
+        dropped = [r.getMessage() for r in caplog.records if "frame dropped" in r.getMessage()]
+        assert len(dropped) == 2
+        assert all(f"more than {MAX_MEDIA_BYTES} bytes" in m for m in dropped)
+        await call.stop()
 
 
 @pytest.mark.parametrize("mode", ["collect"])

@@ -43,6 +43,8 @@ BAD = [
     frame("a string"),
     frame([1, 2]),
     json.dumps({"event": "media", "streamSid": SID}),  # no media
+    frame({"payload": base64.b64encode(b"\xff" * (MAX_MEDIA_BYTES + 1)).decode()}),
+    frame({"payload": base64.b64encode(b"\xff" * (MAX_MEDIA_BYTES + 2)).decode()}),
     frame({"payload": base64.b64encode(b"\xff" * (MAX_MEDIA_BYTES + 3)).decode()}),
     frame({"payload": B64}) + "garbage",  # trailing data
     frame({"payload": B64}) + frame({"payload": B64}),  # two objects
