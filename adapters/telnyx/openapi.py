@@ -21,7 +21,14 @@ POST_TELNYX_OUTBOUND: dict[str, Any] = dict(
     "becomes the call's input `#machine`.",
     responses={
         200: {"description": "Taken", "content": {"application/json": {"schema": {}}}},
-        **problems({400: "Not JSON", **_SIGNED_REFUSALS}),
+        **problems(
+            {
+                400: "Not JSON",
+                **_SIGNED_REFUSALS,
+                503: "The one-time key store does not answer, or a machine result could not "
+                "be handed on (the bus, the gateway's Redis, is down)",
+            }
+        ),
     },
     openapi_extra={
         "requestBody": {

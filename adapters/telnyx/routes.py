@@ -9,7 +9,8 @@ answer).
 ``call.machine.detection.ended`` (and the premium variant) with a machine result is handed
 as ``#machine`` (attributes ``answeredBy``) to the call's stream on whichever instance
 serves it, through the bus (gateway/io/call.py ``announce_machine``, under its
-``call_control_id``). 200 ``{}``.
+``call_control_id``). 200 ``{}``; 503 problem with ``Retry-After`` when a machine result
+could not be handed on (the bus, the gateway's Redis, is down: Telnyx delivers it again).
 
 ``/telnyx/stream`` — the call's media stream (Telnyx Media Streaming, bidirectional RTP)
 on the shared call engine (:class:`gateway.io.call.CallRunner` with
@@ -76,6 +77,7 @@ from gateway.io.call import (
     admit,
     announce_machine,
     call_config,
+    machine_answer_undelivered,
     nonce_store_unavailable,
     use_signature_once,
     use_token,
@@ -171,7 +173,8 @@ async def telnyx_outbound(request: Request) -> Response:
         call_id, machine = found
         answered_by = str(machine.attributes["answeredBy"])
         log.info("Telnyx call %s answered by %s", call_id, answered_by)
-        await announce_machine(gateway_of(request), CHANNEL, call_id, answered_by)
+        if not await announce_machine(gateway_of(request), CHANNEL, call_id, answered_by):
+            return machine_answer_undelivered()
     return JSONResponse({})
 
 

@@ -125,7 +125,13 @@ POST_TWILIO_AMD: dict[str, Any] = dict(
     "its stream (through the bus).",
     responses={
         204: {"description": "Taken"},
-        **problems({400: "A machine answer without a valid CallSid", **_SIGNED_FORM_REFUSALS}),
+        **problems(
+            {
+                400: "A machine answer without a valid CallSid",
+                **_SIGNED_FORM_REFUSALS,
+                503: "A machine answer not handed on: the bus (the gateway's Redis) is down",
+            }
+        ),
     },
     openapi_extra=_form_body(_AMD_FIELDS, None),
 )

@@ -115,7 +115,13 @@ from gateway.calls import callcontrol_of, send_transfer
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body, refused_request
-from gateway.io.call import CallRunner, admit, announce_machine, call_config
+from gateway.io.call import (
+    CallRunner,
+    admit,
+    announce_machine,
+    call_config,
+    machine_answer_undelivered,
+)
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, media_type
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
@@ -491,7 +497,8 @@ async def twilio_amd(request: Request) -> Response:
     the call served on this instance (the bot falls silent; the core answers it: leave
     a message, or end the session to hang up) on whichever instance serves its stream
     (through the bus, gateway/io/call.py ``announce_machine``); ``human`` and
-    ``unknown`` are logged only. 204."""
+    ``unknown`` are logged only. 204; 503 problem with ``Retry-After`` when a machine
+    answer could not be handed on (the bus, the gateway's Redis, is down)."""
     params, refused = await _verified_form(request, "/twilio/amd")
     if refused is not None:
         return refused
@@ -501,5 +508,6 @@ async def twilio_amd(request: Request) -> Response:
         return Response(status_code=204)
     if not CALL_SID.fullmatch(call_sid):
         return problem(400, "Bad Request", "Expected a CallSid (CA + 32 hex digits).")
-    await announce_machine(gateway_of(request), CHANNEL, call_sid, answered_by)
+    if not await announce_machine(gateway_of(request), CHANNEL, call_sid, answered_by):
+        return machine_answer_undelivered()
     return Response(status_code=204)

@@ -355,6 +355,18 @@ async def announce_machine(gw: Gateway, carrier: str, call_id: str, answered_by:
     return True
 
 
+def machine_answer_undelivered() -> JSONResponse:
+    """The answer to an answering-machine webhook whose result :func:`announce_machine`
+    could not hand on (the bus, the gateway's Redis, is down; it logged that): 503 problem
+    with ``Retry-After`` :data:`RETRY_AFTER_S`, so that the carrier, which takes a 2xx as
+    delivered, sees the failure and may deliver it again (the call's engine takes a
+    result once: a redelivery after all is ignored)."""
+    detail = "The answer could not be handed to the call (the gateway's bus is down); try again."
+    unavailable = problem(503, "Service Unavailable", detail)
+    unavailable.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return unavailable
+
+
 # ------------------------------------------------------------------ listening
 
 

@@ -1,0 +1,85 @@
+"""An answering-machine webhook whose result cannot be handed to the call because the bus
+(the gateway's Redis) is down: Twilio's ``/twilio/amd`` and Telnyx's ``/telnyx/outbound``
+answer 503 with ``Retry-After`` and a problem body (gateway/io/call.py
+``machine_answer_undelivered``), not the success that tells the carrier the result was
+taken; the loss is logged at WARNING, no traceback. Nothing listens on the port
+GATEWAY_REDIS_URL names."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from gateway.app import create_app
+from gateway.nonces import MemoryNonceStore
+from gateway.settings import Settings
+from tests.adapters.telnyx.harness import PUBLIC_KEY, signed
+from tests.adapters.twilio.harness import sign
+from tests.adapters.twilio.helpers import AUTH, PUBLIC
+from tests.conftest import refused_port, served_app
+
+
+def _down(**update: object) -> tuple[object, Settings]:
+    settings = Settings().model_copy(
+        update={
+            "redis_url": f"redis://127.0.0.1:{refused_port()}/0",
+            "public_url": PUBLIC,
+            **update,
+        }
+    )
+    return create_app(settings), settings
+
+
+def _undelivered(answer: httpx.Response, caplog: pytest.LogCaptureFixture) -> None:
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["Retry-After"] == "1"
+    assert answer.headers["Content-Type"] == "application/problem+json"
+    assert "bus is down" in answer.json()["detail"]
+    (record,) = [r for r in caplog.records if "machine answer lost" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None
+
+
+async def test_twilio_amd_is_503_while_the_bus_is_down(caplog: pytest.LogCaptureFixture) -> None:
+    app, settings = _down(twilio_auth_token=SecretStr(AUTH))
+    call_sid = "CA" + uuid.uuid4().hex
+    amd = {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, "AnsweredBy": "machine_end_beep"}
+    signature = sign(AUTH, f"{PUBLIC}/twilio/amd?key=twilio", amd)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            answer = await client.post(
+                "/twilio/amd?key=twilio", data=amd, headers={"X-Twilio-Signature": signature}
+            )
+        _undelivered(answer, caplog)
+        # a person's answer is only logged: nothing to hand on, 204 all the same
+        human = {**amd, "AnsweredBy": "human"}
+        signature = sign(AUTH, f"{PUBLIC}/twilio/amd?key=twilio", human)
+        answered = await client.post(
+            "/twilio/amd?key=twilio", data=human, headers={"X-Twilio-Signature": signature}
+        )
+        assert answered.status_code == 204
+
+
+async def test_telnyx_machine_webhook_is_503_while_the_bus_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The replay check answers (the embedded one-time key store in place of the Redis
+    one), the bus does not: the machine result is not taken, so Telnyx is told so."""
+    app, settings = _down(telnyx_public_key=PUBLIC_KEY)
+    event = {
+        "data": {
+            "event_type": "call.machine.detection.ended",
+            "payload": {"call_control_id": "v3:" + uuid.uuid4().hex, "result": "machine"},
+        }
+    }
+    raw = json.dumps(event).encode()
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        app.state.gateway.nonces = MemoryNonceStore()  # type: ignore[attr-defined]
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            answer = await client.post("/telnyx/outbound", content=raw, headers=signed(raw))
+        _undelivered(answer, caplog)
