@@ -60,6 +60,7 @@ from gateway.io.websocket import SEND_ERRORS, PacedSender, WebSocketDriver
 from gateway.protocol import ProtocolError
 from gateway.protocol.actions import (
     CancelListening,
+    Close,
     FeedAudio,
     FinishListening,
     StartListening,
@@ -95,7 +96,8 @@ START_TIMEOUT_S: Final = 10.0
 FINAL_MARK_GRACE_S: Final = 5.0
 """After the last audio's expected end, how long its mark may take before hanging up anyway."""
 MAX_BAD_FRAMES: Final = 500
-"""Invalid frames one stream may send before it is closed (1008)."""
+"""Invalid frames (malformed, unknown events, out of order) one stream may send: the last
+closes it (1008 "Too many invalid messages."), a bound against a peer sending junk."""
 LOGGED_BAD_FRAMES: Final = 5
 LISTEN_BATCH_MS: Final = 60
 """Audio goes to the recognizer in batches of at least this many ms."""
@@ -568,8 +570,7 @@ class CallRunner(WebSocketDriver[CallAction]):
         try:
             actions = self.call.receive(frame)
         except ProtocolError as exc:
-            self._bad_frame(exc.text)
-            return []
+            return self._bad_frame(exc.text)
         if self.call.error_count != errors:
             self._carrier_error(self.call.errors[-1])
         info = self.call.info
@@ -636,12 +637,17 @@ class CallRunner(WebSocketDriver[CallAction]):
             error.detail,
         )
 
-    def _bad_frame(self, why: str) -> None:
+    def _bad_frame(self, why: str) -> list[CallAction]:
+        """Drop an invalid frame (``why``: the ProtocolError's text), logged at WARNING for
+        the stream's first :data:`LOGGED_BAD_FRAMES`, then at DEBUG. The
+        :data:`MAX_BAD_FRAMES` th closes the stream: ``[Close(1008, "Too many invalid
+        messages.")]``, carried out (and logged once at WARNING) before another frame is read."""
         self.bad_frames += 1
         level = logging.WARNING if self.bad_frames <= LOGGED_BAD_FRAMES else logging.DEBUG
         log.log(level, "%s: frame dropped: %s", self.name, why)
-        if self.bad_frames >= MAX_BAD_FRAMES and self.open:
-            self.spawn(self.close(CLOSE_POLICY, "Too many invalid messages."), "close")
+        if self.bad_frames >= MAX_BAD_FRAMES:
+            return [Close(CLOSE_POLICY, "Too many invalid messages.")]
+        return []
 
     async def other(self, action: CallAction) -> None:
         if isinstance(action, Play):

@@ -20,9 +20,11 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from websockets.exceptions import ConnectionClosed
 
 from adapters.twilio.protocol import MAX_MEDIA_BYTES, MULAW_8K
 from gateway.events import Input, Response, ResponseItem
+from gateway.io.call import LOGGED_BAD_FRAMES, MAX_BAD_FRAMES
 from gateway.protocol.call import MAX_DTMF_DIGITS
 from gateway.sessions import Session
 from gateway.speech.audio import Pcm
@@ -263,6 +265,36 @@ async def test_media_payload_bound_is_exact(
         assert len(dropped) == 2
         assert all(f"more than {MAX_MEDIA_BYTES} bytes" in m for m in dropped)
         await call.stop()
+
+
+async def test_a_stream_of_junk_is_closed_once_with_1008_and_logged_once(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MAX_BAD_FRAMES invalid frames (unknown events) close the stream with 1008 "Too many
+    invalid messages." (a bound against junk): the first LOGGED_BAD_FRAMES drops are
+    logged at WARNING, the rest at DEBUG, and the close once at WARNING; the call's
+    session is ended."""
+    async with (
+        twilio_gateway(speech) as gw,
+        TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        with caplog.at_level(logging.DEBUG, logger="gateway.call"):
+            for n in range(MAX_BAD_FRAMES + 20):
+                try:
+                    await call.send({"event": "hello", "streamSid": call.stream_sid, "n": n})
+                except ConnectionClosed:
+                    break
+            await call.wait_for(lambda: call.closed_at is not None, 10)
+            await gw.wait_no_calls()
+        assert call.close_code == 1008
+        assert call.ws.close_reason == "Too many invalid messages."
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len([m for m in warned if "frame dropped" in m]) == LOGGED_BAD_FRAMES
+        assert len([m for m in warned if "Too many invalid messages" in m]) == 1
+        dropped = [r for r in caplog.records if "frame dropped" in r.getMessage()]
+        assert len(dropped) == MAX_BAD_FRAMES  # nothing read after the last one
+        assert not await session_exists(gw.app, call.call_sid)
 
 
 @pytest.mark.parametrize("mode", ["collect"])
