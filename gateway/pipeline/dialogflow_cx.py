@@ -108,12 +108,23 @@ TOKEN_TIMEOUT_S = 10.0
 """Longest wait (s) for Google's token endpoint in one refresh (google-auth's default: 120)."""
 
 
+TOKEN_READ_STEP = 1024
+"""Bytes of the token endpoint's answer read (as sent) per step: inflated, at most about a
+MB (gzip's and deflate's largest ratio is about 1:1032), checked against the bound after each."""
+
+
 class _TimedAuthRequest(AuthRequest):
     """google-auth's requests transport whose calls wait at most :data:`TOKEN_TIMEOUT_S`
-    (a service account's refresh passes no timeout of its own) and follow no redirect:
-    the token request's body is the signed assertion, a credential that requests would
+    (a service account's refresh passes no timeout of its own), follow no redirect (the
+    token request's body is the signed assertion, a credential that requests would
     POST again to whatever host a 307/308 names; a redirect is the token endpoint's
-    refusal instead (a TransportError naming its status: "has no access token")."""
+    refusal instead: a TransportError naming its status, "has no access token") and read
+    at most ``max_bytes`` of an answer, inflated step by step (:meth:`_bounded`), as
+    every core's answer is (:func:`gateway.pipeline.cores.body_chunks`)."""
+
+    def __init__(self, session: requests.Session, max_bytes: int) -> None:
+        super().__init__(session)
+        self.max_bytes = max_bytes
 
     def __call__(
         self,
@@ -125,6 +136,8 @@ class _TimedAuthRequest(AuthRequest):
         **kwargs: Any,
     ) -> Any:
         kwargs["allow_redirects"] = False
+        kwargs["stream"] = True  # the body is read by the hook, bounded
+        kwargs["hooks"] = {"response": self._bounded}
         answer = super().__call__(  # type: ignore[no-untyped-call]
             url, method, body, headers, timeout=TOKEN_TIMEOUT_S, **kwargs
         )
@@ -133,6 +146,22 @@ class _TimedAuthRequest(AuthRequest):
                 f"a redirect (HTTP {answer.status}) from the token_uri, not followed"
             )
         return answer
+
+    def _bounded(self, answer: requests.Response, *args: Any, **kwargs: Any) -> None:
+        """Reads ``answer``'s body (a requests response hook, before google-auth sees it)
+        :data:`TOKEN_READ_STEP` bytes at a time, as its content. Raises TransportError
+        (GoogleAuthError: "has no access token") past ``max_bytes``; requests' own errors
+        of a body cut off or not valid gzip/deflate (google-auth makes them a
+        TransportError)."""
+        data = bytearray()
+        with contextlib.closing(answer):  # released whole, or closed
+            for chunk in answer.iter_content(TOKEN_READ_STEP):
+                data += chunk
+                if len(data) > self.max_bytes:
+                    raise google.auth.exceptions.TransportError(  # type: ignore[no-untyped-call]
+                        f"the token_uri's answer is larger than {self.max_bytes} bytes"
+                    )
+        answer._content = bytes(data)  # what .content gives (requests' own attribute)
 
 
 class DialogflowCxPipeline:
@@ -263,7 +292,7 @@ class DialogflowCxPipeline:
             return str(self._credentials.token)
         refreshing = self._refreshing
         if refreshing is None or refreshing.done():
-            request = _TimedAuthRequest(self._auth_session)
+            request = _TimedAuthRequest(self._auth_session, self._max)
             refreshing = asyncio.ensure_future(
                 asyncio.to_thread(self._credentials.refresh, request)
             )

@@ -28,13 +28,16 @@ size; ``app.state.no_final`` set, the stream ends cleanly after the PARTIAL resp
 FINAL, the array form is then left unclosed unless ``app.state.close_array``); the text ``long`` is answered "Here it comes." then 2,000 texts in one message.
 ``app.state.requests`` holds ``(path, body)`` of each detectIntent, ``app.state.tokens``
 the tokens issued (``app.state.token_redirect`` set: the token endpoint answers 307 to
-that URL; ``app.state.token_body`` set: it answers 200 with that body), ``app.state.token_requests`` counts the token requests; while
+that URL; ``app.state.token_body`` set: it answers 200 with that body; ``app.state.token_padding``
+``"spaces"`` / ``"gzip"``: it issues the token in an answer of the token JSON then 2 MB of
+spaces / gzip-compressed, then 100 MB of spaces), ``app.state.token_requests`` counts the token requests; while
 ``app.state.token_hold`` is an unset event, the token endpoint waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import secrets
 import time
@@ -137,6 +140,7 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
     app.state.close_array = False
     app.state.token_redirect = None
     app.state.token_body = None
+    app.state.token_padding = None
 
     @app.post("/token")
     async def token(request: Request) -> Response:
@@ -167,7 +171,14 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
             return JSONResponse({"error": "invalid_scope"}, status_code=400)
         issued = "ya29." + secrets.token_urlsafe(24)
         app.state.tokens.add(issued)
-        return JSONResponse({"access_token": issued, "expires_in": 3599, "token_type": "Bearer"})
+        answer = {"access_token": issued, "expires_in": 3599, "token_type": "Bearer"}
+        if app.state.token_padding == "spaces":  # valid JSON, whitespace after it
+            return Response(json.dumps(answer).encode() + b" " * 2_097_152, media_type="application/json")  # fmt: skip
+        if app.state.token_padding == "gzip":  # two gzip members: the JSON, 100 MB of spaces
+            body = gzip.compress(json.dumps(answer).encode()) + gzip_bomb()
+            headers = {"Content-Encoding": "gzip"}
+            return Response(body, media_type="application/json", headers=headers)
+        return JSONResponse(answer)
 
     @app.post("/v3/projects/{project}/locations/{location}/agents/{agent_id}/sessions/{rest}")
     async def detect_intent(

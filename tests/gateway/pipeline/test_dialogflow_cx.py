@@ -453,6 +453,32 @@ async def test_a_token_endpoint_answering_no_oauth_token_is_the_cores_error(
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("padding", ["spaces", "gzip"])
+async def test_the_token_endpoints_answer_is_bounded_as_every_cores(
+    cx: tuple[Settings, FastAPI], caplog: pytest.LogCaptureFixture, padding: str
+) -> None:
+    """The token endpoint's answer is read up to GATEWAY_PIPELINE_MAX_RESPONSE_BYTES, a
+    gzip one as it inflates, as every answer of a core: a token padded past the bound
+    (2 MB of spaces; 100 MB of them in about 100 KB of gzip) is "has no access token",
+    the bound named in the log, and the gateway held little of it (tracemalloc's peak).
+    Before, requests read (and inflated) the whole body, and the padded token was taken."""
+    settings, app = cx
+    app.state.token_padding = padding
+    conv = engine(settings)
+    tracemalloc.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+            await pipeline_error(conv, "the Dialogflow CX core has no access token", "pizza")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert any("larger than 1048576 bytes" in r.getMessage() for r in caplog.records)
+    assert peak < 8 * 1_048_576, f"{peak / 1_048_576:.1f} MB held"
+    assert not app.state.requests
+    await failed_session(conv, 0)
+    await conv.pipeline.aclose()
+
+
 async def test_a_token_refused_before_its_expiry_is_replaced_once(
     cx: tuple[Settings, FastAPI], caplog: pytest.LogCaptureFixture
 ) -> None:
