@@ -338,9 +338,13 @@ async def iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
     the spec, an ``event`` type without data (Voiceflow ends its stream with ``event:
     end`` and no data line). At the end of the stream an event with no blank line after
     it is incomplete: discarded, as the spec says (a core cut off mid-event does not
-    hand over half of it)."""
+    hand over half of it). A U+FEFF (byte order mark) that begins the stream is stripped
+    before its first field name, as the spec says (only there)."""
     name, data = "", list[str]()
+    first = True
     async for line in lines:
+        if first:
+            line, first = line.removeprefix("\ufeff"), False
         if not line:
             if data or name:
                 yield SseEvent(name or "message", "\n".join(data))

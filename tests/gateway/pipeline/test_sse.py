@@ -101,3 +101,22 @@ async def test_the_voiceflow_core_does_not_take_a_cut_off_end_event_for_its_end(
     app.state.body += "\n\n"
     assert texts(await conv.turn(ctx(), Input.of("hi")).collect()) == ["first"]
     await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("reader", [lines_reader, stream_reader])
+async def test_a_byte_order_mark_that_begins_the_stream_is_no_part_of_its_first_field(
+    core: tuple[str, FastAPI], reader: Callable[[httpx.Response], AsyncIterator[SseEvent]]
+) -> None:
+    """A stream beginning with a UTF-8 BOM: the BOM is stripped before the first field
+    name, only there (WHATWG HTML, "Event stream interpretation": one leading U+FEFF is
+    ignored; a later one is part of the line). Before, the first field was read as
+    ``\\ufeffevent`` (unknown, ignored): its event lost its type, or its data."""
+    url, app = core
+    bom = "\ufeff"
+    app.state.body = f"{bom}event: a\ndata: one\n\n{bom}data: lost\n\ndata: two\n\n".encode()
+    async with httpx.AsyncClient() as client, client.stream("GET", url) as answer:
+        events = [(e.event, e.data) async for e in reader(answer)]
+    assert events == [("a", "one"), ("message", "two")]
+    app.state.body = f"{bom}data: first\n\n".encode()
+    async with httpx.AsyncClient() as client, client.stream("GET", url) as answer:
+        assert [(e.event, e.data) async for e in reader(answer)] == [("message", "first")]
