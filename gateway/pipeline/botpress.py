@@ -97,7 +97,9 @@ from gateway.pipeline.cores import (
     core_client,
     core_json,
     is_url,
+    log_detail,
     read_json,
+    read_some,
 )
 from gateway.sessions import Session
 from gateway.settings import Settings
@@ -166,7 +168,7 @@ class BotpressPipeline:
         async with self._client.stream(
             method, f"{self.base_url}{path}", json=body, headers=headers
         ) as answer:
-            data = await read_json(answer, self._max, "Botpress")
+            data = await read_json(answer, self._max, "Botpress", (key, self._encryption_key))
         if not isinstance(data, dict):
             raise PipelineError(f"Botpress answered {path} with something else than an object")
         return data
@@ -227,7 +229,9 @@ class BotpressPipeline:
                         _forget(session, status)
                         continue  # nothing was sent yet: the turn runs once, on new ids
                     if not 200 <= status < 300:
-                        raise PipelineError(f"Botpress answered listen with HTTP {status}")
+                        what = f"Botpress answered listen with HTTP {status}"
+                        log_detail(what, await read_some(listen), (key, self._encryption_key))
+                        raise PipelineError(what)
                     # the stream is open (its headers came): nothing the bot says is missed
                     await self._send(session, input, conversation, key)
                     async for kind, data in self._bot_signals(listen, user_id, bool(input.action)):

@@ -10,8 +10,8 @@ produced: a small compressed answer that inflates to gigabytes is refused after 
 little more than the bound, never held. Another coding (``br``, ``zstd``, ...) is
 refused: the gateway cannot bound what it cannot inflate itself.
 
-A core's error answer (non-2xx) is not shown to the client: :func:`refused` gives the
-fixed text naming the core and the status, and logs the detail (cut to
+A core's error answer (non-2xx) is not shown to the client: :func:`refused` and
+:func:`check_status` give the fixed text naming the core and the status, and log the detail (cut to
 :data:`DETAIL_CHARS`, bearer tokens, ``sk-`` keys and the configured secrets hidden).
 
 Quick replies (Rasa ``buttons``, Voiceflow ``choice``, Botpress ``choice``) become an
@@ -91,12 +91,15 @@ def core_json(data: str | bytes) -> Any:
         raise ValueError(exc.text) from None
 
 
-async def read_json(answer: httpx.Response, max_bytes: int, core: str) -> Any:
+async def read_json(
+    answer: httpx.Response, max_bytes: int, core: str, secrets: Sequence[str | None] = ()
+) -> Any:
     """The JSON body of ``answer``, read up to ``max_bytes`` (by :func:`core_json`).
 
-    Raises PipelineError for a non-2xx status, a larger body or invalid JSON.
+    Raises PipelineError for a non-2xx status (:func:`check_status`, ``secrets`` hidden
+    in the logged body), a larger body or invalid JSON.
     """
-    check_status(answer, core)
+    await check_status(answer, core, secrets)
     try:
         return core_json(await read_body(answer, max_bytes, core))
     except ValueError as exc:
@@ -236,14 +239,20 @@ def core_failed(
     """The PipelineError of an error a core reported: the fixed text ``the <kind> core
     <what>`` (what the client sees: the core's own message may echo a key or internal
     details of a proxy in front of it), the core's ``detail`` logged at WARNING
-    instead, with the same text, on one line, :func:`redacted` (``secrets`` hidden),
-    then cut to :data:`DETAIL_CHARS`."""
+    instead, with the same text (:func:`log_detail`)."""
+    log_detail(f"the {kind} core {what}", detail, secrets)
+    return PipelineError(f"the {kind} core {what}")
+
+
+def log_detail(what: str, detail: str | bytes, secrets: Sequence[str | None] = ()) -> None:
+    """Logs ``<what>: <detail>`` at WARNING, ``detail`` (a core's error body or message;
+    bytes decoded as UTF-8, bad ones replaced) on one line, :func:`redacted` (``secrets``
+    hidden), then cut to :data:`DETAIL_CHARS`; ``(no detail)`` when empty."""
     if isinstance(detail, bytes):
         detail = detail.decode("utf-8", "replace")
     # redacted before the cut, so a cut never leaves half a key unrecognised
     text = " ".join(redacted(detail, secrets).split())[:DETAIL_CHARS]
-    log.warning("the %s core %s: %s", kind, what, text or "(no detail)")
-    return PipelineError(f"the {kind} core {what}")
+    log.warning("%s: %s", what, text or "(no detail)")
 
 
 _NOT_CONNECTED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)
@@ -271,10 +280,16 @@ def connection_failed(core: str, exc: httpx.HTTPError) -> PipelineError:
     return PipelineError(f"the connection to {core} failed: {kind}")
 
 
-def check_status(answer: httpx.Response, core: str) -> None:
-    """Raises PipelineError unless ``answer``'s status is 2xx."""
+async def check_status(
+    answer: httpx.Response, core: str, secrets: Sequence[str | None] = ()
+) -> None:
+    """Raises PipelineError ``<core> answered HTTP <status>`` unless ``answer``'s status
+    is 2xx; the start of its body (:func:`read_some`, why the core refused) is logged with
+    that text at WARNING by :func:`log_detail` (``secrets`` hidden, cut, one line)."""
     if not 200 <= answer.status_code < 300:
-        raise PipelineError(f"{core} answered HTTP {answer.status_code}")
+        what = f"{core} answered HTTP {answer.status_code}"
+        log_detail(what, await read_some(answer), secrets)
+        raise PipelineError(what)
 
 
 async def bounded_lines(

@@ -149,7 +149,7 @@ class HttpPipeline:
             async with self._client.stream(
                 "POST", self.url, content=body, headers=headers
             ) as answer:
-                check_status(answer, "the core")
+                await check_status(answer, "the core")
                 kind = media_type(answer.headers.get("content-type"))
                 if kind in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
                     async for out in self._stream(session, answer, kind):

@@ -94,6 +94,7 @@ class RasaPipeline:
         self._params = {"stream": "true"} if stream else {}
         if token:
             self._params["token"] = token
+        self._secrets = (token,)  # hidden in the logged body of an error answer
         self._intro = intro_message
         self._max = max_response_bytes
         self._client = client
@@ -176,7 +177,7 @@ class RasaPipeline:
 
     async def _messages(self, answer: httpx.Response) -> AsyncIterator[Any]:
         """Rasa's messages as they arrive: one per line of a stream, else the JSON array's."""
-        check_status(answer, "Rasa")
+        await check_status(answer, "Rasa", self._secrets)
         kind = media_type(answer.headers.get("content-type"))
         if kind in _STREAM_TYPES:
             async for line in bounded_lines(answer, self._max, "Rasa"):
@@ -185,7 +186,7 @@ class RasaPipeline:
                 except ValueError as exc:
                     raise PipelineError(f"Rasa streamed an invalid line: {exc}") from exc
             return
-        messages = await read_json(answer, self._max, "Rasa")
+        messages = await read_json(answer, self._max, "Rasa", self._secrets)
         if not isinstance(messages, list):
             raise PipelineError("Rasa answered something else than an array")
         for message in messages:

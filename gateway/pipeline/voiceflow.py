@@ -117,6 +117,7 @@ class VoiceflowPipeline:
         self._base = runtime_url.rstrip("/")
         self._project = project_id
         self._headers = {"Authorization": api_key, "versionID": version_id}
+        self._secrets = (api_key,)  # hidden in the logged body of an error answer
         self._environment = {"environment": version_id}  # the interact stream's choice
         self._config = {"tts": tts, "stripSSML": True}
         self._max = max_response_bytes
@@ -172,7 +173,7 @@ class VoiceflowPipeline:
                     json=body,
                     headers=headers,
                 ) as answer:
-                    check_status(answer, "Voiceflow")
+                    await check_status(answer, "Voiceflow", self._secrets)
                     async for trace in self._stream(answer):
                         for item in _items(trace, turn):
                             yield item
@@ -181,7 +182,7 @@ class VoiceflowPipeline:
                 async with self._client.stream(
                     "POST", url, json=body, headers=self._headers
                 ) as answer:
-                    traces = await read_json(answer, self._max, "Voiceflow")
+                    traces = await read_json(answer, self._max, "Voiceflow", self._secrets)
                 if isinstance(traces, dict) and isinstance(traces.get("trace"), list):
                     traces = traces["trace"]  # verbose=true
                 if not isinstance(traces, list):

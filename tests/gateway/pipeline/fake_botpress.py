@@ -28,7 +28,9 @@ actions that are a number),
 every 0.2 s for 3 s, then ``state.chatter_done`` set, and no answer), ``endless`` (the listen stream goes
 on with one line of 32 MB that never ends, see tests.gateway.core_app.endless_body);
 ``take your time`` (the listen stream's keepalive, ``data: ping``, then a text);
-``crash`` (the listen stream's connection dropped without the end of its body).
+``crash`` (the listen stream's connection dropped without the end of its body);
+``state.listen_refusal`` set (a status): listen answers it, with a message quoting the
+request's ``x-user-key`` (as a careless proxy might).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def make_botpress() -> FastAPI:
     state.conversations = {}  # id -> {"memory": {}, "listeners": [queues]}
     state.encryption_key = None
     state.tasks = set()
+    state.listen_refusal = None
 
     def user_of(request: Request) -> str | None:
         key = request.headers.get("x-user-key", "")
@@ -294,6 +297,10 @@ def make_botpress() -> FastAPI:
             return refused
         if conversation_id not in state.conversations:
             return JSONResponse({"message": "conversation not found"}, status_code=404)
+        if state.listen_refusal:
+            key = request.headers.get("x-user-key")
+            message = f"listen is down for maintenance (x-user-key {key})"
+            return JSONResponse({"message": message}, status_code=state.listen_refusal)
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         listeners = state.conversations[conversation_id]["listeners"]
         listeners.append(queue)

@@ -15,7 +15,8 @@ The bot: ``/greet`` greets with two buttons; ``/mood_great``; ``my name is X`` a
 ``carousel`` (two elements, the second without buttons); ``bye`` (two texts then
 ``custom {"end_session": true}``); ``spoken`` (a text, then ``custom {"ssml", "text"}``);
 ``badssml`` (a text, then ``custom {"ssml"}`` whose ``text`` is a number: malformed); ``stream`` (one message, then
-waits for ``app.state.release`` before the next); failures: ``boom`` (500), ``slow``
+waits for ``app.state.release`` before the next); failures: ``boom`` (500), ``leak`` (403, its body the
+query's token then 5,000 characters), ``slow``
 (2 s), ``garbage`` (not JSON), ``object`` (not an array), ``badline`` (a broken NDJSON line),
 ``deep`` (JSON nested 50,000 levels deep, as the body or as a line), ``crash`` (streamed:
 one line, then the connection is dropped without the end of the body).
@@ -29,7 +30,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from tests.gateway.core_app import DEEP
 
@@ -56,6 +57,9 @@ def make_rasa() -> FastAPI:
         sender, text = body["sender"], body.get("message", "")
         if text == "boom":
             return JSONResponse({"error": "internal"}, status_code=500)
+        if text == "leak":  # a proxy telling all: the token, and a long dump
+            token = request.query_params.get("token")
+            return PlainTextResponse(f"denied token={token}\n" + "x" * 5000, 403)
         if text == "slow":
             await asyncio.sleep(2)
         if text == "garbage":

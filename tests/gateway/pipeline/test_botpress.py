@@ -403,3 +403,25 @@ async def test_a_user_or_conversation_botpress_no_longer_knows_is_made_anew(
         assert calls.count(("POST", "/conversations")) == 2
         assert calls.count(("POST", "/users")) == (2 if lost == "user" else 1)
     await conv.pipeline.aclose()
+
+
+async def test_why_botpress_refused_goes_to_the_log_its_key_hidden(
+    botpress: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A non-2xx answer to a call or to listen: the fixed text for the client, the same
+    with the body's start in the log (WARNING), the session's x-user-key hidden. Before,
+    the body was not read: nothing told the operator why."""
+    url, app = botpress
+    conv = bp_engine(url)
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        events = await pipeline_error(conv, "Botpress answered HTTP 500", "boom")
+        app.state.listen_refusal = 503
+        await pipeline_error(conv, "Botpress answered listen with HTTP 503", "hi")
+    assert "internal error" not in str(events[-1])
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.cores"]
+    assert lines == [
+        'Botpress answered HTTP 500: {"message":"internal error"}',
+        'Botpress answered listen with HTTP 503: {"message":"listen is down for '
+        'maintenance (x-user-key ***)"}',
+    ]
+    await conv.pipeline.aclose()

@@ -326,3 +326,17 @@ async def test_request_id_reaches_the_core(core: tuple[str, FastAPI]) -> None:
         "req-42",
         made.headers["x-request-id"],
     ]
+
+
+async def test_why_the_core_refused_goes_to_the_log(
+    core: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A non-2xx answer: "the core answered HTTP 404" for the client, the same with the
+    body's start in the log (WARNING). Before, the body was not read."""
+    url, _ = core
+    conv = engine(pipeline=f"{url}/status/404")
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        await pipeline_error(conv, "the core answered HTTP 404")
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.cores"]
+    assert lines == ['the core answered HTTP 404: {"detail":"no"}']
+    await conv.pipeline.aclose()

@@ -234,3 +234,25 @@ def core_turns(metrics: str, core: str) -> float:
     return sum(
         float(line[len(prefix) :]) for line in metrics.splitlines() if line.startswith(prefix)
     )
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_why_rasa_refused_goes_to_the_log_bounded_and_redacted(
+    rasa: tuple[str, FastAPI], stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A non-2xx answer: the client gets the fixed "Rasa answered HTTP <status>", the
+    log (WARNING) the same with the start of the body, on one line, cut, the token
+    hidden. Before, the body was not read at all: nothing told the operator why."""
+    url, app = rasa
+    app.state.token = "s3cret-token"
+    conv = engine(pipeline=f"rasa+{url}", rasa_stream=stream, rasa_token=SecretStr("s3cret-token"))
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        events = await pipeline_error(conv, "Rasa answered HTTP 500", "boom")
+        await pipeline_error(conv, "Rasa answered HTTP 403", "leak")
+    assert "internal" not in str(events[-1])
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.cores"]
+    assert lines[0] == 'Rasa answered HTTP 500: {"error":"internal"}'
+    assert lines[1].startswith("Rasa answered HTTP 403: denied token=*** xxx")
+    assert "s3cret" not in lines[1]
+    assert len(lines[1]) < 400
+    await conv.pipeline.aclose()

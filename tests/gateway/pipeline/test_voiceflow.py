@@ -5,6 +5,7 @@ interact stream: state, traces mapped to items, the end, failures, a V2 conversa
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -314,3 +315,19 @@ async def test_a_flowstorm_v2_json_conversation_through_voiceflow(
         assert small[0]["responseItem"]["text"] == "A small pizza."
         bye = await put("bye")
         assert bye[-1]["response"]["sessionEnded"] is True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_why_voiceflow_refused_goes_to_the_log(
+    voiceflow: tuple[str, FastAPI], stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A non-2xx answer, streamed or not: "Voiceflow answered HTTP 500" for the client,
+    the same with the body's start in the log (WARNING). Before, the body was not read."""
+    url, _ = voiceflow
+    conv = vf_engine(url, stream)
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        events = await pipeline_error(conv, "Voiceflow answered HTTP 500", "boom")
+    assert "internal" not in str(events[-1])
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.cores"]
+    assert lines == ['Voiceflow answered HTTP 500: {"message":"internal"}']
+    await conv.pipeline.aclose()
