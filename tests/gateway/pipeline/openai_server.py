@@ -14,7 +14,8 @@ path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
 ``empty``, ``deep`` (a chunk nested 50,000 levels deep), ``deep-json`` (such a
 non-streamed body), ``bad-tools`` (a completion whose ``tool_calls`` are strings), ``crash`` (the
 connection dropped mid-stream), ``names-again`` (a tool call's whole name repeated in each of
-its deltas, as some servers send it), ``echo-401`` (401 with a message echoing the Authorization header
+its deltas, as some servers send it), ``interleaved`` (the deltas of parallel tool calls
+interleaved, told apart by their ``index`` only), ``echo-401`` (401 with a message echoing the Authorization header
 and the key, as a careless proxy might). ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
 pause after the first sentence (the model "thinking" on), cut short when the
 ``asyncio.Event`` ``app.state.release`` (None: no event) is set, so a test can hold the
@@ -30,6 +31,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from itertools import zip_longest
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -53,6 +55,11 @@ def reply(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     if "what did i say" in last.lower():
         before = users[-2] if len(users) > 1 else "nothing"
         return f"You said: {before}. Anything else?", []
+    if "hand me over and bye" in last.lower():  # two tool calls in one answer
+        return "Connecting you. Goodbye.", [
+            _tool("transfer", {"reason": "caller asked for a person"}),
+            _tool("end_session", {}),
+        ]
     if "bye" in last.lower():
         return "Goodbye, have a nice day.", [_tool("end_session", {})]
     if "person" in last.lower():
@@ -191,15 +198,22 @@ async def _stream(
                 )
         await asyncio.sleep(0)
     app.state.sent_all_at = time.monotonic()
+    calls: list[list[dict[str, Any]]] = []  # each call's deltas
     for index, call in enumerate(tools):
         args = call["function"]["arguments"]
         head = {"index": index, "id": call["id"], "type": "function"}
-        yield data(_chunk(model, {"tool_calls": [{**head, "function": {"name": call["function"]["name"], "arguments": ""}}]}))  # fmt: skip
+        deltas = [{**head, "function": {"name": call["function"]["name"], "arguments": ""}}]
         for i in range(0, len(args), 5):
             function = {"arguments": args[i : i + 5]}
             if mode == "names-again":  # the whole name again in every delta (MiniMax via NIM)
                 function = {"name": call["function"]["name"], **function}
-            yield data(_chunk(model, {"tool_calls": [{"index": index, "function": function}]}))
+            deltas.append({"index": index, "function": function})
+        calls.append(deltas)
+    if mode == "interleaved":  # one delta of each call in turn
+        calls = [[d for turn in zip_longest(*calls) for d in turn if d is not None]]
+    for deltas in calls:
+        for delta in deltas:
+            yield data(_chunk(model, {"tool_calls": [delta]}))
     yield data(_chunk(model, {}, "tool_calls" if tools else "stop"))
     if (body.get("stream_options") or {}).get("include_usage"):
         usage = {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}

@@ -187,6 +187,21 @@ async def test_a_tool_name_sent_again_in_each_delta_is_the_tool(
     await conv.pipeline.aclose()
 
 
+async def test_parallel_tool_calls_streamed_interleaved_are_told_apart_by_index(
+    llm: tuple[str, FastAPI],
+) -> None:
+    """Two tool calls in one streamed answer, their argument fragments interleaved (as
+    the OpenAI streaming format allows: each delta names its call by ``index``): each
+    call gets its own arguments, the transfer's reason whole, and the session ends."""
+    url, _ = llm
+    conv = engine(pipeline(url, "interleaved", transfer_target="+15551234567"))
+    events = await conv.turn(ctx(), Input.of("hand me over and bye")).collect()
+    item = [e for e in events if isinstance(e, ResponseItemEvent)][-1].response_item
+    assert transfer_target(item) == ("+15551234567", "caller asked for a person")
+    assert isinstance(events[-1], SessionEndedEvent)
+    await conv.pipeline.aclose()
+
+
 async def test_transfer_tool_is_the_transfer_action(llm: tuple[str, FastAPI]) -> None:
     url, app = llm
     conv = engine(pipeline(url, transfer_target="+15551234567"))
