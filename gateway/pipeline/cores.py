@@ -293,7 +293,12 @@ async def check_status(
 
 
 async def bounded_lines(
-    answer: httpx.Response, max_bytes: int, core: str, *, blank: bool = False
+    answer: httpx.Response,
+    max_bytes: int,
+    core: str,
+    *,
+    blank: bool = False,
+    terminated: bool = False,
 ) -> AsyncIterator[str]:
     """The lines of ``answer`` as they arrive (blank ones only with ``blank``, as SSE
     needs), at most ``max_bytes`` in all.
@@ -305,7 +310,9 @@ async def bounded_lines(
     each chunk comes, so a line that never ends is not buffered past ``max_bytes`` (and
     the chunk that passed it).
 
-    Raises PipelineError (naming ``core``) as soon as the answer passes ``max_bytes``.
+    Raises PipelineError (naming ``core``) as soon as the answer passes ``max_bytes``;
+    with ``terminated`` (a format whose every line ends, as Rasa's NDJSON), when the body ends
+    in a line without its end (``<core>'s stream ended inside a line (cut off)``).
     """
     decode = codecs.getincrementaldecoder(answer.encoding or "utf-8")(errors="replace").decode
     pending = io.StringIO()  # the line not ended yet (no list of pieces: tiny chunks)
@@ -330,6 +337,8 @@ async def bounded_lines(
         pending.write(rest)
     last = pending.getvalue() + decode(b"", True)
     if last and (blank or last.strip()):
+        if terminated:
+            raise PipelineError(f"{core}'s stream ended inside a line (cut off)")
         yield last
 
 

@@ -7,8 +7,9 @@ Spec: shared/specs/CORES.md, "Rasa REST channel". Each turn is
 reaches another channel's conversation in Rasa's tracker); the answer is a
 JSON array of bot messages, or with ``?stream=true`` NDJSON (one message per line,
 sent as ``text/event-stream`` but with no ``data:`` prefix), each message forwarded as
-an item as its line arrives. A Rasa that ignores ``stream`` and answers one array is
-read as such.
+an item as its line arrives; a last line without its line end (Rasa ends every one) was
+cut off: a PipelineError (a stream cut between lines cannot be told from a whole one).
+A Rasa that ignores ``stream`` and answers one array is read as such.
 
 Input -> ``message``: text as it is; ``#intro`` -> GATEWAY_RASA_INTRO_MESSAGE
 (``/greet``); another action ``#name`` -> the intent ``/name``; the name of a button of
@@ -180,7 +181,9 @@ class RasaPipeline:
         await check_status(answer, "Rasa", self._secrets)
         kind = media_type(answer.headers.get("content-type"))
         if kind in _STREAM_TYPES:
-            async for line in bounded_lines(answer, self._max, "Rasa"):
+            # Rasa ends each line (json.dumps(message) + "\n"): a last one without its end
+            # was cut off (there is no end marker: a cut between lines cannot be told)
+            async for line in bounded_lines(answer, self._max, "Rasa", terminated=True):
                 try:
                     yield core_json(line)
                 except ValueError as exc:

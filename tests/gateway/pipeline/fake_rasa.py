@@ -18,6 +18,7 @@ The bot: ``/greet`` greets with two buttons; ``/mood_great``; ``my name is X`` a
 waits for ``app.state.release`` before the next); failures: ``boom`` (500), ``leak`` (403, its body the
 query's token then 5,000 characters), ``slow``
 (2 s), ``garbage`` (not JSON), ``object`` (not an array), ``badline`` (a broken NDJSON line),
+``unended`` (streamed: two lines, the last without its line end),
 ``deep`` (JSON nested 50,000 levels deep, as the body or as a line), ``crash`` (streamed:
 one line, then the connection is dropped without the end of the body).
 """
@@ -69,6 +70,11 @@ def make_rasa() -> FastAPI:
         stream = request.query_params.get("stream", "").lower() == "true"
         if text == "deep":
             return Response(DEEP + "\n", media_type="text/event-stream" if stream else None)
+        if stream and text == "unended":  # cut just before the last line's end
+            return Response(
+                '{"recipient_id": "x", "text": "ok"}\n{"recipient_id": "x", "text": "and"}',
+                media_type="text/event-stream",
+            )
         if stream and text == "badline":
             return Response(
                 '{"recipient_id": "x", "text": "ok"}\n{broken\n', media_type="text/event-stream"

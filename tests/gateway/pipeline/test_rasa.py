@@ -152,6 +152,8 @@ async def test_stream_items_are_forwarded_as_they_arrive(rasa: tuple[str, FastAP
         ("garbage", False, "Rasa answered invalid JSON"),
         ("object", False, "something else than an array"),
         ("badline", True, "Rasa streamed an invalid line"),
+        # Rasa ends every line: one without its end was cut off (it was taken as whole)
+        ("unended", True, "Rasa's stream ended inside a line (cut off)"),
         ("deep", False, "Rasa answered invalid JSON: the JSON is nested deeper than 64 levels"),
         ("deep", True, "Rasa streamed an invalid line: the JSON is nested deeper than 64 levels"),
     ],
