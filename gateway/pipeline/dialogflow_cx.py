@@ -7,10 +7,11 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
 - Auth: the service-account JSON key of GATEWAY_DIALOGFLOW_CX_CREDENTIALS through
   google-auth (``service_account.Credentials``, scope ``cloud-platform``): a JWT
   assertion signed with the key is exchanged at the key's ``token_uri`` for an access
-  token, sent as ``Authorization: Bearer``. The refresh (blocking I/O in google-auth)
-  runs in a worker thread, one at a time, only when the token is missing or expiring,
-  or when CX refused it (HTTP 401: the token is dropped and the request sent once more
-  with a fresh one; CX did not run it).
+  token, sent as ``Authorization: Bearer`` (the token endpoint's answer read within
+  GATEWAY_PIPELINE_MAX_RESPONSE_BYTES, as the API's: :class:`_TimedAuthRequest`). The
+  refresh (blocking I/O in google-auth) runs in a worker thread, one at a time, only
+  when the token is missing or expiring, or when CX refused it (HTTP 401: the token is
+  dropped and the request sent once more with a fresh one; CX did not run it).
 - Endpoint: ``https://<location>-dialogflow.googleapis.com`` (``dialogflow.googleapis.com``
   for ``global``), or GATEWAY_DIALOGFLOW_CX_ENDPOINT. ``POST /v3/<agent>[/environments/
   <env>]/sessions/<id>:detectIntent``. The CX session id is the first 36 hex digits of
