@@ -56,7 +56,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
-from gateway.protocol import LocalProtocolError, ProtocolError, load_json
+from gateway.protocol import LocalProtocolError, ProtocolError, clipped, load_json
 from gateway.speech.audio import SUPPORTED_RATES, AudioFormatError, Pcm, audioop, resample
 
 __all__ = [
@@ -157,12 +157,12 @@ class MediaFormat:
     def __post_init__(self) -> None:
         if self.encoding not in _SILENCE:
             raise UnsupportedMediaFormat(
-                f"Unsupported audio encoding {self.encoding!r}: expected PCMU, PCMA or L16"
+                f"Unsupported audio encoding {clipped(self.encoding)}: expected PCMU, PCMA or L16"
             )
         rate = self.sample_rate
         if isinstance(rate, bool) or not isinstance(rate, int) or rate not in SUPPORTED_RATES:
             raise UnsupportedMediaFormat(
-                f"Unsupported sample rate {rate!r} Hz for {self.encoding}: expected one of "
+                f"Unsupported sample rate {clipped(rate)} Hz for {self.encoding}: expected one of "
                 + ", ".join(map(str, SUPPORTED_RATES))
             )
         if self.channels != 1:
@@ -557,7 +557,7 @@ class JsonCarrierCodec:
         handler = self._handlers.get(event) if isinstance(event, str) else None
         if handler is None:
             raise ProtocolError(
-                f"Unknown {self.title} event", expected=self.events, got=repr(event)
+                f"Unknown {self.title} event", expected=self.events, got=clipped(event)
             )
         try:
             return handler(frame)

@@ -17,7 +17,9 @@ application key not allowed; ``appKey`` and ``attributes`` may be absent or null
 another type; a SIP URI longer than :data:`MAX_SIP_URI_CHARS`), 501 (a carrier with
 transfer/hang-up here but no outbound calls: vonage, plivo), 503 (the carrier's
 credentials are not configured), 502 (the carrier's API refused or could not be reached;
-``carrierStatus`` and ``carrierBody`` say what it answered).
+``carrierStatus`` and ``carrierBody`` say what it answered). A client's value quoted in
+a refusal (a carrier, an application key, a number) is cut to 64 characters
+(:func:`gateway.protocol.clipped`).
 
 The log names a call's dialled number by its last 4 digits only
 (:func:`gateway.logs.masked_number`: personal data).
@@ -60,7 +62,7 @@ from gateway.calls_openapi import POST_CALLS
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body, refused_request
 from gateway.logs import masked_number
-from gateway.protocol import ProtocolError, load_json
+from gateway.protocol import ProtocolError, clipped, load_json
 from gateway.protocol.call import Transfer
 from gateway.settings import Settings
 
@@ -178,11 +180,11 @@ def _phone(body: Mapping[str, Any], name: str) -> str:
             detail = f"`{name}` is longer than {MAX_SIP_URI_CHARS} characters."
             raise CallRefused(400, "Bad Request", detail)
         if not _SIP_URI.fullmatch(value):  # no spaces, no control characters (CR, LF)
-            raise CallRefused(400, "Bad Request", f"`{name}` {value!r} is not a SIP URI.")
+            raise CallRefused(400, "Bad Request", f"`{name}` {clipped(value)} is not a SIP URI.")
         return value
     number = value.removeprefix("tel:")
     if not _E164.fullmatch(number):
-        detail = f"`{name}` {value!r} is not an E.164 number or SIP URI."
+        detail = f"`{name}` {clipped(value)} is not an E.164 number or SIP URI."
         raise CallRefused(400, "Bad Request", detail)
     return number
 
@@ -200,14 +202,14 @@ def _outbound_request(settings: Settings, body: Any, dialers: Mapping[str, Diale
         raise CallRefused(
             400,
             "Bad Request",
-            f"Unknown carrier {carrier!r}: expected one of {', '.join(sorted(dialers))}.",
+            f"Unknown carrier {clipped(carrier)}: expected one of {', '.join(sorted(dialers))}.",
         )
     # absent or null: the default; any other value is a key or refused (0, [] included)
     app_key = body.get("appKey")
     if app_key is None:
         app_key = dialers[carrier].default_app_key(settings)
     if not isinstance(app_key, str) or not settings.key_allowed(app_key):
-        raise CallRefused(400, "Bad Request", f"Unknown application key {app_key!r}.")
+        raise CallRefused(400, "Bad Request", f"Unknown application key {clipped(app_key)}.")
     attributes = body.get("attributes")
     if attributes is None:
         attributes = {}

@@ -75,6 +75,7 @@ from gateway.events import (
 from gateway.logs import SessionRef, session_ref
 from gateway.outbox import Journal, OutboxError
 from gateway.pipeline.base import Pipeline, PipelineError
+from gateway.protocol import clipped
 from gateway.redisconn import REDIS_ERRORS
 from gateway.sessions import (
     ClientState,
@@ -630,14 +631,15 @@ class Conversation:
             started = session is None
             if session is None:
                 if not ctx.create:
+                    shown = clipped(ctx.session_id, quote=False)  # a client's id: bounded
                     raise TurnRejected(
-                        "session-not-found",
-                        f"Session {ctx.session_id} is unknown or has expired.",
+                        "session-not-found", f"Session {shown} is unknown or has expired."
                     )
                 session = self._new_session(ctx)
             elif session.app_key != ctx.app_key:
+                shown = clipped(ctx.session_id, quote=False)  # a client's id: bounded
                 raise TurnRejected(
-                    "session-foreign", f"Session {ctx.session_id} belongs to another application."
+                    "session-foreign", f"Session {shown} belongs to another application."
                 )
             self._update(session, ctx, input)
             if started:

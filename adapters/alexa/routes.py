@@ -52,7 +52,7 @@ from gateway.deps import Gateway
 from gateway.events import Input, Response
 from gateway.io.webhook import WebhookChannel, refusal_at_startup
 from gateway.logs import session_ref
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, clipped
 from gateway.settings import Settings
 from gateway.turn import TurnContext
 
@@ -99,7 +99,7 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
             envelope = parse_envelope(body)  # configured skill ids are still enforced
             app_id, skill_ids = envelope.application_id, self.gw.settings.alexa_skill_ids
             if skill_ids and app_id is not None and app_id not in skill_ids:
-                raise ProtocolError(f"Unknown applicationId {app_id!r}.")
+                raise ProtocolError(f"Unknown applicationId {clipped(app_id)}.")
         else:  # an AlexaVerificationError is answered by the driver (400, its reason)
             envelope = parse_envelope(await self.verifier.verify(headers, body))
         return envelope, plan(envelope, self.config)

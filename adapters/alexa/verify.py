@@ -69,7 +69,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from starlette.datastructures import Headers
 
-from gateway.protocol import ProtocolError, load_json, parse_timestamp
+from gateway.protocol import ProtocolError, clipped, load_json, parse_timestamp
 from gateway.protocol.errors import RequestVerificationError
 
 __all__ = [
@@ -217,13 +217,13 @@ def check_cert_chain_url(url: str) -> str:
     if parts.scheme.lower() != "https":
         raise AlexaVerificationError(
             AlexaReason.CERT_URL_SCHEME,
-            f"SignatureCertChainUrl scheme must be https, got {parts.scheme!r}",
+            f"SignatureCertChainUrl scheme must be https, got {clipped(parts.scheme)}",
         )
     host = (parts.hostname or "").lower()
     if host != ALEXA_CERT_HOST:
         raise AlexaVerificationError(
             AlexaReason.CERT_URL_HOST,
-            f"SignatureCertChainUrl host must be {ALEXA_CERT_HOST}, got {host!r}",
+            f"SignatureCertChainUrl host must be {ALEXA_CERT_HOST}, got {clipped(host)}",
         )
     if parts.username is not None or parts.password is not None:
         raise AlexaVerificationError(
@@ -238,7 +238,7 @@ def check_cert_chain_url(url: str) -> str:
         raise AlexaVerificationError(
             AlexaReason.CERT_URL_PATH,
             f"SignatureCertChainUrl path must start with {ALEXA_CERT_PATH_PREFIX!r} "
-            f"after normalisation, got {parts.path!r}",
+            f"after normalisation, got {clipped(parts.path)}",
         )
     return f"https://{ALEXA_CERT_HOST}{path}"
 
@@ -677,7 +677,7 @@ class AlexaVerifier:
         unknown = [app_id for app_id in found if app_id not in self.skill_ids]
         if unknown:
             raise AlexaVerificationError(
-                AlexaReason.UNKNOWN_APPLICATION_ID, f"unknown applicationId {unknown[0]!r}"
+                AlexaReason.UNKNOWN_APPLICATION_ID, f"unknown applicationId {clipped(unknown[0])}"
             )
 
     def _cached(self, url: str, now: datetime) -> VerifiedChain | None:

@@ -71,6 +71,7 @@ from adapters.google.verify import DialogflowAuth, GoogleVerifier
 from gateway.deps import Gateway
 from gateway.events import Input, Response
 from gateway.io.webhook import WebhookChannel, WebhookRefused, refusal_at_startup
+from gateway.protocol import clipped
 from gateway.settings import Settings
 from gateway.turn import TurnContext
 
@@ -175,7 +176,7 @@ class DialogflowWebhook(_Webhook):
         planned = dialogflow_plan(load_json(body))
         app_key = planned.app_key or "dialogflow"
         if not planned.health_check and not self.gw.settings.key_allowed(app_key):
-            detail = f"The agent {app_key!r} is not in GATEWAY_APP_KEYS."
+            detail = f"The agent {clipped(app_key)} is not in GATEWAY_APP_KEYS."
             raise WebhookRefused(403, "unknown_agent", detail)
         return replace(planned, app_key=app_key)
 

@@ -44,7 +44,7 @@ from gateway.callcodec import (
     get_object,
     get_str,
 )
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, clipped
 
 CARRIER: Final = "telnyx"
 CODECS: Final[dict[str, WireEncoding]] = {"PCMU": "PCMU", "PCMA": "PCMA", "L16": "L16"}
@@ -59,7 +59,7 @@ def media_format(encoding: str, sample_rate: int) -> MediaFormat:
     wire = CODECS.get(encoding.upper())
     if wire is None:
         raise UnsupportedMediaFormat(
-            f"Unsupported Telnyx encoding {encoding!r}: expected PCMU, PCMA or L16"
+            f"Unsupported Telnyx encoding {clipped(encoding)}: expected PCMU, PCMA or L16"
         )
     return MediaFormat(wire, sample_rate, big_endian=wire == "L16")
 

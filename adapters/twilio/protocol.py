@@ -95,6 +95,7 @@ from gateway.protocol import (
     MAX_JSON_DEPTH,
     ProtocolError,
     UnsafeValue,
+    clipped,
     guarded_decoder,
     integer,
     load_json,
@@ -396,7 +397,7 @@ def parse_message(text: str) -> Message:
     if event == "media":
         return _parse_media(value)
     if event not in ("connected", "start", "dtmf", "mark", "stop"):
-        raise ProtocolError("Unknown event", expected=_EVENTS, got=repr(event))
+        raise ProtocolError("Unknown event", expected=_EVENTS, got=clipped(event))
     try:
         return validate(_OTHER, value, what=f"{event} message", skip=1, empty="event")
     except ProtocolError as exc:

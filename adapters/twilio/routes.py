@@ -123,7 +123,7 @@ from gateway.io.call import (
     machine_answer_undelivered,
 )
 from gateway.logs import masked_number
-from gateway.protocol import ProtocolError, media_type
+from gateway.protocol import ProtocolError, clipped, media_type
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
 from gateway.sessions import StoreError
 from gateway.settings import Settings
@@ -293,8 +293,8 @@ async def voice(request: Request) -> Response:
         return problem(400, "Bad Request", "Expected a CallSid (CA + 32 hex digits).")
     key = request.query_params.get("key") or settings.twilio_app_key
     if not settings.key_allowed(key):
-        log.warning("Twilio call %s refused: unknown application key %r", call_sid, key)
-        return problem(403, "Forbidden", f"Unknown application key {key!r}.")
+        log.warning("Twilio call %s refused: unknown application key %s", call_sid, clipped(key))
+        return problem(403, "Forbidden", f"Unknown application key {clipped(key)}.")
     if gateway_of(request).speech.recognition_saturated():
         # a call needs a recognizer for each utterance; with all busy and the queue full
         # its first words would be refused: a clear busy line now beats a mute bot later

@@ -159,6 +159,7 @@ from gateway.protocol import (
     ProtocolError,
     StateMachine,
     check_time_zone,
+    clipped,
     key_valid,
     load_json,
     validate,
@@ -230,7 +231,7 @@ class ClientConfig(_Payload):
         try:
             return check_time_zone(value)
         except ProtocolError:  # a directory ("America"), a path, a non-zone file, unknown
-            raise ValueError(f"unknown IANA time zone {value!r}") from None
+            raise ValueError(f"unknown IANA time zone {clipped(value)}") from None
 
     def tts(self) -> TtsRequest | None:
         """The TTS links asked for: ``audioEvents`` in the file type of ``audioEncoding``.
@@ -560,7 +561,7 @@ def action_input(action: ActionBody) -> Input:
                 f"one of {', '.join(ACTIONS)}, or a path name ({PATH_PREFIX}<id>, a custom "
                 f"action's path) of at most {MAX_NAME} characters without whitespace"
             ),
-            got=repr(action.type),
+            got=clipped(action.type),
         )
     return handler(action)
 
@@ -945,7 +946,7 @@ class VoiceflowConnection:
         payload = args[0] if args else None
         handler = _EVENTS.get(event)
         if handler is None:
-            return [error("unknown-event", f"Unknown event {event!r}: expected {_KNOWN}.")]
+            return [error("unknown-event", f"Unknown event {clipped(event)}: expected {_KNOWN}.")]
         return handler(self, payload)
 
     def _on_client_start(self, payload: Any) -> list[Action]:
@@ -963,7 +964,7 @@ class VoiceflowConnection:
             return [error("unauthorized", text)]
         if not self._project_allowed(start.project_id):
             machine.feed(START_REFUSED)
-            return [error("forbidden-project", f"Unknown projectID {start.project_id!r}.")]
+            return [error("forbidden-project", f"Unknown projectID {clipped(start.project_id)}.")]
         check = self._keys.verify(
             start.session_key, project_id=start.project_id, user_id=start.user_id, now=self._clock()
         )

@@ -7,7 +7,8 @@
 - :mod:`~gateway.protocol.load` — :func:`load_json` (bounded JSON), :func:`validate`
   and :func:`validate_event` (JSON -> a protocol's models, one ProtocolError);
 - :mod:`~gateway.protocol.values` — dates, time zones, the flag/int/text
-  coercion of loosely typed configuration values, key checks and media types;
+  coercion of loosely typed configuration values, key checks, media types and
+  :func:`clipped` (a client's value quoted in an error or a log line, bounded);
 - :mod:`~gateway.protocol.state` — :class:`StateMachine`, one transition table per
   protocol (h11's ``_state.py``);
 - :mod:`~gateway.protocol.actions` — the shared action vocabulary (Send, Close,
@@ -38,6 +39,7 @@ from gateway.protocol.values import (
     FALSE_WORDS,
     TRUE_WORDS,
     check_time_zone,
+    clipped,
     flag,
     integer,
     key_valid,
@@ -60,6 +62,7 @@ __all__ = [
     "Transitions",
     "UnsafeValue",
     "check_time_zone",
+    "clipped",
     "event_name",
     "flag",
     "guarded_decoder",

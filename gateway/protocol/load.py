@@ -23,6 +23,7 @@ from typing import Any, Final, TypeVar, overload
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from gateway.protocol.errors import ProtocolError
+from gateway.protocol.values import clipped
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -116,7 +117,8 @@ def validate_event(adapter: TypeAdapter[T], value: object, *, expected: str, wha
     except ValidationError as exc:
         err = exc.errors()[0]
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            raise ProtocolError("Unknown event type", expected=expected, got=repr(kind)) from None
+            got = clipped(kind)
+            raise ProtocolError("Unknown event type", expected=expected, got=got) from None
         raise invalid(exc, f"{kind} event", skip=1) from None
 
 

@@ -5,13 +5,15 @@ as input to validate (ProtocolError). :func:`flag`, :func:`strict_flag`,
 :func:`integer` and :func:`text` read loosely typed configuration values (a
 Flowstorm ``config`` object, query parameters, Twilio's stringly numbers) and never
 raise; :func:`key_valid` checks a key a client sends; :func:`media_type` reads the
-media type of a Content-Type (a request's, a core's answer's, a carrier's encoding).
+media type of a Content-Type (a request's, a core's answer's, a carrier's encoding);
+:func:`clipped` is how an error text or a log line quotes a value a client sent.
 """
 
 from __future__ import annotations
 
 import functools
 import hmac
+import reprlib
 import zoneinfo
 from collections.abc import Collection
 from datetime import UTC, datetime
@@ -23,6 +25,30 @@ TRUE_WORDS: Final = frozenset({"1", "yes", "true", "on"})
 """Words read as true (lower case, stripped)."""
 FALSE_WORDS: Final = frozenset({"0", "no", "false", "off"})
 """Words read as false by :func:`strict_flag`."""
+CLIPPED_CHARS: Final = 64
+"""How many characters of a client's value :func:`clipped` quotes."""
+
+_REPR: Final = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = CLIPPED_CHARS + 2  # bounded work for a container's repr
+
+
+def clipped(value: object, limit: int = CLIPPED_CHARS, *, quote: bool = True) -> str:
+    """``repr(value)`` for an error text or a log line, cut to ``limit`` characters of the
+    value with ``…`` after a cut: a client's value (an unknown event name, a session
+    id, a key) is quoted without being copied back whole (a 1 MB name gives a short
+    text). A string's first ``limit`` characters are quoted (``'abc'…``; escapes can
+    make the quote longer, at most 10 characters per character), or given as they are
+    with ``quote=False`` (``abc…``, for texts that name a value unquoted); any other
+    value's repr (:mod:`reprlib`: bounded work for a big container) is cut after
+    ``limit`` characters. Never raises."""
+    if isinstance(value, str):
+        cut = "…" if len(value) > limit else ""
+        return (repr(value[:limit]) if quote else value[:limit]) + cut
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # an int past sys.get_int_max_str_digits, a failing __repr__
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def flag(value: object) -> bool:

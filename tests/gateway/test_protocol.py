@@ -20,6 +20,7 @@ from gateway.protocol import (
     ProtocolError,
     RemoteProtocolError,
     check_time_zone,
+    clipped,
     json_depth,
     load_json,
     parse_timestamp,
@@ -216,3 +217,18 @@ def test_remote_and_local_protocol_errors_are_apart() -> None:
             raise local
         except ProtocolError:
             pytest.fail("a LocalProtocolError was taken for the peer's mistake")
+
+
+def test_clipped_quotes_a_client_s_value_cut_to_64_characters() -> None:
+    assert clipped("hello") == "'hello'"
+    assert clipped("x" * 64) == repr("x" * 64)  # no cut, no ellipsis
+    assert clipped("x" * 1_000_000) == repr("x" * 64) + "…"
+    assert clipped("x" * 100, 8) == "'xxxxxxxx'…"
+    assert clipped("ab\ncd" * 100, quote=False) == ("ab\ncd" * 100)[:64] + "…"
+    assert clipped("abc", quote=False) == "abc"
+    assert clipped(None) == "None"
+    assert clipped(7) == "7"
+    assert clipped(["y" * 1000] * 1000).endswith("…")
+    assert len(clipped(["y" * 1000] * 1000)) == 65
+    assert clipped({"k": 1}) == "{'k': 1}"
+    assert clipped(10**5000) == "<int>"  # past the int-to-str digit limit: never raises

@@ -198,6 +198,7 @@ from gateway.protocol import (
     Expected,
     ProtocolError,
     StateMachine,
+    clipped,
     flag,
     integer,
     invalid_field,
@@ -593,7 +594,7 @@ def _choice(config: Mapping[str, Any], name: str, default: str) -> Any:
     raw = config.get(name)
     word = default if raw is None else raw
     if not isinstance(word, str) or word.strip().lower() not in meanings:
-        raise ProtocolError(f"{problem}: config.{name}", expected=expected, got=repr(raw))
+        raise ProtocolError(f"{problem}: config.{name}", expected=expected, got=clipped(raw))
     return meanings[word.strip().lower()]
 
 
@@ -653,7 +654,7 @@ def _number(
     value = default if raw is None else integer(raw)
     if value is None or value not in accepted:
         raise ProtocolError(
-            f"Unsupported audio input: config.{name}", expected=expected, got=repr(raw)
+            f"Unsupported audio input: config.{name}", expected=expected, got=clipped(raw)
         )
     return value
 
@@ -884,7 +885,7 @@ class V1Connection:
         key, allowed = event.key, self._key_allowed
         if not (allowed(key) if callable(allowed) else allowed and bool(key)):
             self.machine.feed(REFUSED_INIT)
-            text = f"Unknown application key {key!r}." if key else _MISSING_KEY
+            text = f"Unknown application key {clipped(key)}." if key else _MISSING_KEY
             return [error_frame(text), Close(CLOSE_POLICY, text)]
         # the key first: an unknown one is closed 1008 whatever else the Init holds
         resumed = check_session_id(event.session_id) if event.session_id else None

@@ -63,6 +63,7 @@ from gateway.protocol import (
     ProtocolError,
     StateMachine,
     check_time_zone,
+    clipped,
     load_json,
     strict_flag,
     validate_event,
@@ -222,7 +223,9 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
             value = strict_flag(raw)
             if value is None:
                 param = _PARAM_OF_FIELD[name]
-                raise ProtocolError(f"{param} must be one of 1/yes/true or 0/no/false, not {raw!r}")
+                raise ProtocolError(
+                    f"{param} must be one of 1/yes/true or 0/no/false, not {clipped(raw)}"
+                )
             values[name] = value
         else:  # a value of _CANONICAL_VALUES in its spelling, others as sent
             values[name] = _CANONICAL_VALUES.get(name, {}).get(raw.strip().lower(), raw.strip())
@@ -254,7 +257,7 @@ def _check_only_value(name: str, raw: str, value: Any) -> Any:
         return accepted
     param = _PARAM_OF_FIELD[name]
     shown = str(accepted).lower() if isinstance(accepted, bool) else accepted
-    raise ProtocolError(f"{param}={raw!r} is not supported: {why} (accepted: {shown}).")
+    raise ProtocolError(f"{param}={clipped(raw)} is not supported: {why} (accepted: {shown}).")
 
 
 _QVALUE: Final = re.compile(r"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)")
@@ -364,7 +367,7 @@ def text_charset(content_type: str | None) -> str:
         charset = value.strip().strip('"').strip()
         if _text_codec(charset) is None:
             raise ProtocolError(
-                f"Unsupported charset {charset!r} of the text/plain body: send UTF-8, or "
+                f"Unsupported charset {clipped(charset)} of the text/plain body: send UTF-8, or "
                 "declare a charset known here (e.g. iso-8859-1, windows-1252).",
                 status=415,
             )
@@ -377,7 +380,9 @@ def text_input(body: bytes, charset: str = "utf-8") -> Input:
     a leading byte order mark ignored). ProtocolError: status 415 when ``charset`` is no
     text encoding known here, 400 when the body is not text in it or is empty."""
     if (codec := _text_codec(charset)) is None:
-        raise ProtocolError(f"Unsupported charset {charset!r} of the text/plain body.", status=415)
+        raise ProtocolError(
+            f"Unsupported charset {clipped(charset)} of the text/plain body.", status=415
+        )
     try:
         text = body.decode(codec).removeprefix("\ufeff").strip()
     except UnicodeError:
@@ -659,7 +664,7 @@ def decode_audio_file(
     """
     container = AUDIO_CONTAINERS.get(kind)
     if container is None:
-        raise ProtocolError(f"{kind!r} is not an audio content type.", status=415)
+        raise ProtocolError(f"{clipped(kind)} is not an audio content type.", status=415)
     if not body:
         raise ProtocolError(f"The {kind} body is empty: send the user's audio.")
     if container == "raw":

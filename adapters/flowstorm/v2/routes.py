@@ -161,7 +161,7 @@ from gateway.events import ErrorEvent, Input, ResponseEvent, TurnEvent
 from gateway.httputil import read_body
 from gateway.logs import SessionRef, session_ref
 from gateway.outbox import Entry, Following, OutboxError
-from gateway.protocol import ProtocolError, invalid_field, media_type
+from gateway.protocol import ProtocolError, clipped, invalid_field, media_type
 from gateway.protocol.actions import CancelListening, FeedAudio, FinishListening, StartListening
 from gateway.ratelimit import TokenBuckets
 from gateway.sessions import SessionBusy, StoreUnavailable
@@ -246,7 +246,8 @@ def _check_key(gw: Gateway, config: ClientConfig, *, plain: bool) -> HTTPRespons
         refused.headers["WWW-Authenticate"] = KEY_CHALLENGE
         return refused
     if not gw.settings.key_allowed(config.key):
-        return _answer(403, f"Unknown application key {config.key!r}.", "client", plain=plain)
+        text = f"Unknown application key {clipped(config.key)}."
+        return _answer(403, text, "client", plain=plain)
     return None
 
 
@@ -317,7 +318,7 @@ finds another application's or does not find (``Conversation.find`` / ``log``)."
 def _session_refused(found: str, session_id: str, *, plain: bool) -> HTTPResponse:
     """The 403 / 404 answer of :data:`_SESSION_REFUSALS` for ``found``."""
     status, text = _SESSION_REFUSALS[found]
-    return _answer(status, text.format(session_id), "session", plain=plain)
+    return _answer(status, text.format(clipped(session_id, quote=False)), "session", plain=plain)
 
 
 def _not_found(request: Request, session_id: str, *, plain: bool) -> HTTPResponse:
@@ -383,7 +384,7 @@ async def put_client(request: Request) -> HTTPResponse:
         return refused
     container = AUDIO_CONTAINERS.get(kind)
     if not plain and kind not in JSON_TYPES and container is None:
-        text = f"Unsupported Content-Type {kind or '(none)'!r}: use {ACCEPTED_TYPES}."
+        text = f"Unsupported Content-Type {clipped(kind or '(none)')}: use {ACCEPTED_TYPES}."
         return _answer(415, text, "client", plain=False)
     if config.realtime and container == "mp3":
         text = (

@@ -423,3 +423,27 @@ async def test_a_key_pressed_as_the_caller_hangs_up_leaves_no_session_behind(
                 assert await until(lambda: not gw.app.state.gateway.conversation.turns_in_flight, 5)
                 assert core.inputs[-1] == "5"  # the key's turn ran, before the end
                 assert not await session_exists(gw.app, call.call_sid)
+
+
+async def test_an_unknown_event_name_is_logged_cut_short(caplog: pytest.LogCaptureFixture) -> None:
+    """A frame of an unknown ``event`` is dropped with a WARNING naming the event: its whole
+    repr went into the log line, so a 100 KB name was a 100 KB log line (and the same for
+    every such frame up to the bad-frame limit). The name is now cut to 64 characters
+    (gateway.protocol.clipped)."""
+    async with (
+        twilio_gateway() as gw,
+        TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, start=False) as call,
+    ):
+        await call.send({"event": "e" * 100_000, "streamSid": call.stream_sid})
+
+        def dropped() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "frame dropped" in r.getMessage()]
+
+        assert await until(lambda: bool(dropped()), 5)
+        [line] = dropped()
+        assert line.levelname == "WARNING"
+        assert (
+            f"Unknown event: expected connected, start, media, dtmf, mark or stop, got {'e' * 64!r}…"
+            in line.getMessage()
+        )
+        assert len(line.getMessage()) < 300

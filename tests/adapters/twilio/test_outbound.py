@@ -176,3 +176,27 @@ async def test_post_v1_calls_refusals() -> None:
         )
         assert answer.status_code == 403
         assert "GATEWAY_ADMIN_KEYS" in answer.json()["detail"]
+
+
+async def test_post_v1_calls_quotes_a_client_s_values_cut_short() -> None:
+    """A refusal quoted the value it refused whole (the carrier, the application key, a
+    number): a 100 KB value came back in a 100 KB problem detail. Each is now cut to 64
+    characters (gateway.protocol.clipped)."""
+    async with (
+        twilio_gateway(admin_keys=frozenset({ADMIN}), app_keys=frozenset({"twilio"})) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        body = {"carrier": "twilio", "to": CALLEE, "from": CALLER_ID}
+        long = "9" * 100_000
+        for changed, start in (
+            ({"carrier": long}, f"Unknown carrier {'9' * 64!r}…: expected one of "),
+            ({"appKey": long}, f"Unknown application key {'9' * 64!r}…."),
+            ({"to": long}, f"`to` {'9' * 64!r}… is not an E.164 number or SIP URI."),
+            ({"from": "sip:" + "a" * 1000 + " b"}, f"`from` {'sip:' + 'a' * 60!r}… is not a"),
+        ):
+            answer = await client.post(
+                "/v1/calls", json={**body, **changed}, headers={"Authorization": f"Bearer {ADMIN}"}
+            )
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["detail"].startswith(start), answer.json()["detail"][:200]
+            assert len(answer.json()["detail"]) < 200

@@ -179,6 +179,12 @@ async def test_bad_input_gets_its_status_or_error_and_the_connection_stays_usabl
         unknown = await vf.expect("error")
         assert unknown["code"] == "unknown-event"
         assert "nonsense.event" in unknown["error"]
+        # a 100 KB event name was copied into the error whole; now its first 64 characters
+        await vf.emit("x" * 100_000, {})
+        long_unknown = await vf.expect("error")
+        assert long_unknown["code"] == "unknown-event"
+        assert long_unknown["error"].startswith(f"Unknown event {'x' * 64!r}…: expected ")
+        assert len(long_unknown["error"]) < 300
 
         # malformed client.start payloads
         for payload in ("hello", {"userID": USER}, {"userID": 7, "projectID": PROJECT}):

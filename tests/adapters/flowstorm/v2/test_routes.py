@@ -343,6 +343,23 @@ async def test_wrong_key_is_refused_when_keys_are_configured() -> None:
         assert right.status_code == 200
 
 
+async def test_a_long_session_id_is_not_echoed_whole(base: str) -> None:
+    """The 404 of an unknown session quoted the cookie's session id whole: a 20 KB cookie
+    came back as a 20 KB error text (a PUT's, a GET's, plain or NDJSON). The id is now
+    cut to 64 characters (gateway.protocol.clipped)."""
+    long_id = "s" * 20_000
+    async with httpx.AsyncClient(base_url=base) as client:
+        client.cookies.set("flowstorm-session-id", long_id)
+        put = await client.put(f"/client?key={KEY}", headers=JSON, content=input_event("hi"))
+        get = await client.get(f"/client?key={KEY}")
+        plain = await client.get(f"/client?key={KEY}", headers={"Accept": "text/plain"})
+    shown = f"Session {'s' * 64}… is unknown or has expired."
+    assert (put.status_code, get.status_code, plain.status_code) == (404, 404, 404)
+    assert events(put)[0] == {"type": "Error", "text": shown, "source": "session"}
+    assert events(get)[0] == {"type": "Error", "text": shown, "source": "session"}
+    assert plain.text == f"! session: {shown}\n"
+
+
 async def test_ten_megabyte_body_is_refused(base: str) -> None:
     big = b"x" * (10 * 1024 * 1024)
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
