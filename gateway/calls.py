@@ -12,14 +12,15 @@ media stream with the ``#intro`` attributes ``direction`` ``outbound``, ``to``, 
 ``answeredBy`` (when known) and the request's ``attributes``.
 
 Refusals, all RFC 9457 problem bodies: 401 (no or a wrong admin key), 403 (no admin
-keys configured), 400 (a body that is not the JSON above, an unknown carrier, an
-application key not allowed; ``appKey`` and ``attributes`` may be absent or null, not of
-another type; a SIP URI longer than :data:`MAX_SIP_URI_CHARS`), 501 (a carrier with
-transfer/hang-up here but no outbound calls: vonage, plivo), 503 (the carrier's
-credentials are not configured), 502 (the carrier's API refused or could not be reached;
-``carrierStatus`` and ``carrierBody`` say what it answered). A client's value quoted in
-a refusal (a carrier, an application key, a number) is cut to 64 characters
-(:func:`gateway.protocol.clipped`).
+keys configured), 413 (a body over GATEWAY_MAX_BODY_BYTES), 415 (a body whose
+Content-Type is not ``application/json`` or a ``+json`` type, as ``POST /v1/push``), 400
+(a body that is not the JSON above, an unknown carrier, an application key not allowed;
+``appKey`` and ``attributes`` may be absent or null, not of another type; a SIP URI
+longer than :data:`MAX_SIP_URI_CHARS`), 501 (a carrier with transfer/hang-up here but no
+outbound calls: vonage, plivo), 503 (the carrier's credentials are not configured), 502
+(the carrier's API refused or could not be reached; ``carrierStatus`` and
+``carrierBody`` say what it answered). A client's value quoted in a refusal (a carrier,
+an application key, a number) is cut to 64 characters (:func:`gateway.protocol.clipped`).
 
 The log names a call's dialled number by its last 4 digits only
 (:func:`gateway.logs.masked_number`: personal data).
@@ -60,7 +61,7 @@ from gateway.callcontrol import (
 )
 from gateway.calls_openapi import POST_CALLS
 from gateway.deps import gateway_of
-from gateway.httputil import problem, read_body, refused_request
+from gateway.httputil import check_json_type, problem, read_body, refused_request
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, clipped, load_json
 from gateway.protocol.call import Transfer
@@ -254,6 +255,7 @@ async def place_call(request: Request) -> Response:
     assert control is not None
     try:
         raw = await read_body(request, settings.max_body_bytes)
+        check_json_type(request)  # 415 unless application/json, as POST /v1/push
         body = load_json(raw or b"null", what="The body")  # bounded: ProtocolError, a 400
         dialers: Mapping[str, Dialer] = request.app.state.dialers
         call = _outbound_request(settings, body, dialers)

@@ -59,6 +59,7 @@ POST_CALLS: dict[str, Any] = dict(
         },
         403: {"description": "No admin keys are configured", "content": PROBLEM},
         413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": PROBLEM},
+        415: {"description": "The body is not `application/json`", "content": PROBLEM},
         501: {"description": "A carrier without outbound calls here", "content": PROBLEM},
         502: {"description": "The carrier refused or was unreachable", "content": PROBLEM},
         503: {"description": "The carrier's credentials are not set", "content": PROBLEM},

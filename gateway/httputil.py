@@ -1,4 +1,5 @@
-"""HTTP helpers shared by the HTTP-based adapters: bounded body reads, problem bodies."""
+"""HTTP helpers shared by the HTTP-based adapters: bounded body reads, the JSON media type
+check, problem bodies."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, media_type
 
 
 class ResponseAborted(Exception):
@@ -69,6 +70,17 @@ async def read_body(request: Request, limit: int) -> bytes:
             body = b"".join(chunks)  # one chunk: that chunk itself
             request._body = body  # Starlette's own cache of the body (Request.body())
             return body
+
+
+def check_json_type(request: Request) -> None:
+    """Return if the request's Content-Type is JSON (``application/json`` or a ``+json``
+    type, any parameters); else ProtocolError(status=415), answered by
+    :func:`refused_request` as ``415 Unsupported Media Type`` (RFC 9110 section 15.5.16):
+    a JSON endpoint does not guess what a form or a text body meant (curl ``-d`` without
+    ``-H 'Content-Type: application/json'`` sends a form)."""
+    kind = media_type(request.headers.get("content-type"))
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise ProtocolError("Expected a JSON body (Content-Type: application/json).", status=415)
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:

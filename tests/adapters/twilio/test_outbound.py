@@ -17,6 +17,7 @@ from tests.adapters.carriers import Scripted
 from tests.adapters.twilio.harness import ACCOUNT, TwilioHarness, ask_twiml, parse_twiml, sign
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, twilio_gateway, until
 from tests.calls.carrier_api import carrier_api
+from tests.conftest import refused_port
 
 SID = ACCOUNT
 ADMIN = "admin-key-1"
@@ -200,3 +201,42 @@ async def test_post_v1_calls_quotes_a_client_s_values_cut_short() -> None:
             assert answer.status_code == 400, answer.text
             assert answer.json()["detail"].startswith(start), answer.json()["detail"][:200]
             assert len(answer.json()["detail"]) < 200
+
+
+async def test_post_v1_calls_refuses_a_body_that_is_not_json_by_its_media_type() -> None:
+    """POST /v1/calls parsed any body as JSON whatever its Content-Type (a form, text,
+    none) while POST /v1/push answers 415: now both do (gateway.httputil.check_json_type),
+    after the key is checked."""
+    async with (
+        twilio_gateway(
+            admin_keys=frozenset({ADMIN}),
+            twilio_account_sid=SID,  # configured: a call would be placed, not refused 503
+            twilio_api_base_url=f"http://127.0.0.1:{refused_port()}",
+        ) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        body = json.dumps({"carrier": "twilio", "to": CALLEE, "from": CALLER_ID}).encode()
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        for content_type in (
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            {"Content-Type": "text/plain"},
+            {},
+        ):
+            answer = await client.post("/v1/calls", content=body, headers={**auth, **content_type})
+            assert answer.status_code == 415, answer.text
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["title"] == "Unsupported Media Type"
+            assert "application/json" in answer.json()["detail"]
+            pushed = await client.post("/v1/push", content=body, headers={**auth, **content_type})
+            assert (pushed.status_code, pushed.json()["detail"]) == (415, answer.json()["detail"])
+        # the key first: no key is a 401 whatever the body
+        keyless = await client.post(
+            "/v1/calls", content=body, headers={"Content-Type": "text/plain"}
+        )
+        assert keyless.status_code == 401
+        # JSON with a parameter, or a +json type, is JSON
+        for kind in ("application/json; charset=utf-8", "application/vnd.calls+json"):
+            answer = await client.post(
+                "/v1/calls", content=b"[]", headers={**auth, "Content-Type": kind}
+            )
+            assert (answer.status_code, answer.json()["detail"]) == (400, "Expected a JSON object.")
