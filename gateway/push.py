@@ -47,7 +47,7 @@ from fastapi.responses import JSONResponse
 from fastapi.responses import Response as HTTPResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gateway.admin import ADMIN_CHECKS, check_admin_key
 from gateway.admin import install as install_admin
@@ -75,6 +75,9 @@ Delivery = Literal["live", "queued", "unknown-target", "outbox-full", "session-b
 
 MAX_ITEMS = 50
 """Items one push may carry."""
+CONTENT_FIELDS = ("text", "ssml", "audio", "image", "video", "code", "background")
+"""The fields of a ResponseItem that give the client something to say, play or show: a
+pushed item needs one of them (not blank)."""
 
 
 # -------------------------------------------------------------------- pure
@@ -97,10 +100,23 @@ class PushTarget(Wire):
 
 class PushRequest(Wire):
     """Body of ``POST /v1/push``: a target and 1..50 response items (the core's
-    ResponseItem shape: text, ssml, image, video, audio, code, ...)."""
+    ResponseItem shape: text, ssml, image, video, audio, code, ...), each with at least
+    one of text, ssml, audio, image, video, code or background not blank (an empty item,
+    ``{}`` or only ``confidence``/``repeatable``/``ttsConfig``/``nodeId``, is a
+    validation error: 400)."""
 
     target: PushTarget
     items: list[ResponseItem] = Field(min_length=1, max_length=MAX_ITEMS)
+
+    @field_validator("items")
+    @classmethod
+    def _not_empty(cls, items: list[ResponseItem]) -> list[ResponseItem]:
+        for index, item in enumerate(items):
+            if not any((getattr(item, name) or "").strip() for name in CONTENT_FIELDS):
+                raise ValueError(
+                    f"items[{index}] is empty: give it one of {', '.join(CONTENT_FIELDS)}"
+                )
+        return items
 
 
 class PushResult(Wire):
@@ -418,7 +434,11 @@ _STATUS: dict[str, int] = {"unknown-target": 404, "outbox-full": 409, "session-b
 )
 async def push(request: Request, body: PushRequest) -> JSONResponse:
     """Deliver ``items`` to the target's client at once when it is connected (on any
-    instance), else queue them in the session's outbox; see gateway/push.py."""
+    instance), else queue them in the session's outbox; see gateway/push.py.
+
+    Each item needs something to say, play or show (one of `text`, `ssml`, `audio`,
+    `image`, `video`, `code`, `background`; 400 otherwise).
+    """
     try:
         result = await _pusher(request).push(body)
     except PushRefused as exc:

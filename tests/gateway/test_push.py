@@ -731,6 +731,43 @@ async def _head_only(url: str, path: str, headers: dict[str, str]) -> tuple[int,
     return int(head.split(b" ")[1]), body
 
 
+async def test_a_push_of_an_empty_item_is_refused(shared: dict[str, Any]) -> None:
+    """An item with nothing to say, play or show (``{}``, a blank text, only
+    ``repeatable``/``confidence``) was pushed (200 ``live``): the client got an empty
+    Response item. It is now a 400 problem naming the item; nothing is queued, and an
+    item with any one of the content fields (an image alone) is pushed."""
+    async with (
+        served(**shared) as a,
+        httpx.AsyncClient(timeout=10) as http,
+        connect(ws_url(a)) as ws,
+    ):
+        await hello(ws, "empty-push")
+        before = (await http.get(f"{a}/v1/sessions/empty-push", headers=AUTH)).json()
+        target = {"sessionId": "empty-push"}
+        for items, index in (
+            ([{}], 0),
+            ([{"text": ""}], 0),
+            ([{"text": "  ", "ssml": ""}], 0),
+            ([{"repeatable": False, "confidence": 0.5, "nodeId": 3}], 0),
+            ([{"text": "Fine."}, {}], 1),
+        ):
+            body: dict[str, Any] = {"target": target, "items": items}
+            answer = await http.post(f"{a}/v1/push", json=body, headers=AUTH)
+            assert answer.status_code == 400, (items, answer.text)
+            assert answer.headers["content-type"] == "application/problem+json"
+            [error] = answer.json()["errors"]
+            assert error["loc"] == "body.items", error
+            assert f"items[{index}] is empty: give it one of text, ssml, audio" in error["msg"]
+        after = (await http.get(f"{a}/v1/sessions/empty-push", headers=AUTH)).json()
+        assert after["outbox"] == before["outbox"]  # nothing queued
+        image = {"image": "https://example.com/bus.png"}
+        answer = await http.post(
+            f"{a}/v1/push", json={"target": target, "items": [image]}, headers=AUTH
+        )
+        assert answer.status_code == 200, answer.text
+        assert (await recv_json(ws))["response"]["items"][0]["image"] == image["image"]
+
+
 async def test_a_push_body_is_not_read_before_the_key_nor_past_the_body_limit() -> None:
     """FastAPI reads and parses a route's whole JSON body before it checks its
     dependencies: a client without a key could make the gateway take a body of any size
