@@ -6,8 +6,12 @@ session's outbox is announced on the bus, the connection sends it and confirms),
 queued in the session's outbox (gateway/outbox.py) until the client next connects or
 takes a turn. The answer's ``delivery`` says which: ``live``, ``queued``; or why not:
 ``unknown-target`` (no such session, or the device has none), ``outbox-full``
-(GATEWAY_OUTBOX_MAX events are already waiting), ``session-busy`` (a turn held the
-session longer than GATEWAY_LOCK_WAIT_S).
+(GATEWAY_OUTBOX_MAX events are already waiting), ``session-busy`` (a turn of the session
+held it for :data:`PUSH_LOCK_WAIT_S` after the push came; answered 409 with
+``Retry-After``). A push takes the session's lock (it may wake the session) but does not
+wait the GATEWAY_LOCK_WAIT_S a turn waits: most turns end within the second it waits,
+and behind a slow core an admin learns at once that the session is busy and when to
+try again, instead of an HTTP request held for up to 15 s.
 
 The pushed items travel as one ``Response {items, sessionEnded: false}`` event, the form
 flowstorm-socket-v1.md gives for a server that "actively send[s] BotEvent.Response when
@@ -75,6 +79,11 @@ Delivery = Literal["live", "queued", "unknown-target", "outbox-full", "session-b
 
 MAX_ITEMS = 50
 """Items one push may carry."""
+PUSH_LOCK_WAIT_S = 1.0
+"""How long a push waits for a running turn to release its session (s; GATEWAY_LOCK_WAIT_S
+when that is shorter) before it is refused ``session-busy``."""
+BUSY_RETRY_AFTER_S = 1
+"""The ``Retry-After`` (s) of a ``session-busy`` refusal."""
 CONTENT_FIELDS = ("text", "ssml", "audio", "image", "video", "code", "background")
 """The fields of a ResponseItem that give the client something to say, play or show: a
 pushed item needs one of them (not blank)."""
@@ -238,7 +247,8 @@ class Pusher:
 
     async def push(self, request: PushRequest) -> PushResult:
         """Deliver or queue ``request``'s items (module doc). Raises PushRefused,
-        StoreUnavailable, OutboxError or BusUnavailable.
+        StoreUnavailable, OutboxError or BusUnavailable. A turn holding the session for
+        :data:`PUSH_LOCK_WAIT_S` is PushRefused ``session-busy``.
 
         A lock whose lease ran out before the woken session was saved (LockLost: Redis
         stalled longer than GATEWAY_LOCK_LEASE_S) drops that save only: the items are in
@@ -248,8 +258,9 @@ class Pusher:
         token = secrets.token_hex(12)
         async with self.journal.bus.subscribe(ack_topic(token)) as acks:
             try:
+                wait_s = min(self.settings.lock_wait_s, PUSH_LOCK_WAIT_S)
                 async with self.store.open(
-                    key, lease_s=self.settings.lock_lease_s, wait_s=self.settings.lock_wait_s
+                    key, lease_s=self.settings.lock_lease_s, wait_s=wait_s
                 ) as txn:
                     session = txn.session
                     if session is None or (
@@ -426,7 +437,10 @@ _STATUS: dict[str, int] = {"unknown-target": 404, "outbox-full": 409, "session-b
     responses={
         202: {"description": "Queued in the session's outbox", "model": PushResult},
         404: _problem_doc("`unknown-target`: no such session, or the device has none"),
-        409: _problem_doc("`outbox-full` or `session-busy`"),
+        409: _problem_doc(
+            "`outbox-full`, or `session-busy` (with `Retry-After`: a turn of the session "
+            "held it for a second)"
+        ),
         413: _problem_doc("The body is larger than GATEWAY_MAX_BODY_BYTES"),
         415: _problem_doc("The body is not `application/json`"),
         **_REFUSALS,
@@ -437,12 +451,17 @@ async def push(request: Request, body: PushRequest) -> JSONResponse:
     instance), else queue them in the session's outbox; see gateway/push.py.
 
     Each item needs something to say, play or show (one of `text`, `ssml`, `audio`,
-    `image`, `video`, `code`, `background`; 400 otherwise).
+    `image`, `video`, `code`, `background`; 400 otherwise). While a turn of the session
+    runs, the push waits for it at most 1 s (GATEWAY_LOCK_WAIT_S when shorter); a turn
+    still running then is a 409 `session-busy` with `Retry-After: 1`, nothing queued.
     """
     try:
         result = await _pusher(request).push(body)
     except PushRefused as exc:
-        return problem(_STATUS[exc.delivery], "Not delivered", exc.text, delivery=exc.delivery)
+        refused = problem(_STATUS[exc.delivery], "Not delivered", exc.text, delivery=exc.delivery)
+        if exc.delivery == "session-busy":
+            refused.headers["Retry-After"] = str(BUSY_RETRY_AFTER_S)
+        return refused
     except (StoreUnavailable, OutboxError, BusUnavailable) as exc:
         log.log(outage_level(exc), "push failed: %s", exc)
         return problem(503, "Unavailable", "The session store or the bus does not answer.")

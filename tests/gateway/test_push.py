@@ -805,6 +805,7 @@ class StreamingCore:
 
     def __init__(self) -> None:
         self.go = asyncio.Event()
+        self.waiting = asyncio.Event()  # set while a ``long`` turn waits for :attr:`go`
         self.app = FastAPI()
 
         @self.app.post("/turn")
@@ -821,6 +822,7 @@ class StreamingCore:
                 if text == "long":
                     for name in ("a", "b"):
                         yield item(f"item {name}")
+                    self.waiting.set()
                     await self.go.wait()
                     for name in ("c", "d"):
                         yield item(f"item {name}")
@@ -903,6 +905,43 @@ async def test_a_push_that_wakes_a_session_whose_lock_ran_out_is_still_answered(
 
 def item(text: str) -> str:
     return json.dumps({"type": "ResponseItem", "responseItem": {"text": text}}) + "\n"
+
+
+async def test_a_push_to_a_session_whose_turn_runs_is_refused_within_a_second(
+    shared: dict[str, Any],
+) -> None:
+    """A push waits for the session's lock (it may wake the session), and it waited as
+    long as a turn does, GATEWAY_LOCK_WAIT_S (15 s), before its 409 ``session-busy``:
+    an admin's request hung 15 s behind a slow core. It now waits at most
+    PUSH_LOCK_WAIT_S (1 s) and is answered 409 with ``Retry-After: 1``, nothing queued;
+    once the turn is over the same push goes through."""
+    core = StreamingCore()
+    async with (
+        serve(core.app) as core_url,
+        served(pipeline=f"{core_url}/turn", **shared) as a,
+        httpx.AsyncClient(timeout=30) as http,
+        connect(ws_url(a)) as ws,
+    ):
+        await hello(ws, "busy-1")
+        await send_json(ws, request_frame("long"))
+        await asyncio.wait_for(core.waiting.wait(), 10)  # the turn holds the session
+        started = asyncio.get_running_loop().time()
+        busy = await push(http, a, {"sessionId": "busy-1"}, "Not now.")
+        took_s = asyncio.get_running_loop().time() - started
+        assert busy.status_code == 409, busy.text
+        assert busy.json()["delivery"] == "session-busy"
+        assert busy.headers["retry-after"] == "1"
+        assert busy.headers["content-type"] == "application/problem+json"
+        assert 0.9 <= took_s < 3, took_s  # it waited about a second for the turn, not 15
+        core.go.set()
+        while (frame := await recv_json(ws))["type"] != "Response":
+            pass
+        assert texts(frame) == ["item a", "item b", "item c", "item d"]  # nothing pushed in
+        view = (await http.get(f"{a}/v1/sessions/busy-1", headers=AUTH)).json()
+        assert view["outbox"]["length"] == 0  # the refused push was not queued
+        answer = await push(http, a, {"sessionId": "busy-1"}, "Now.")
+        assert answer.status_code == 200, answer.text
+        assert texts(await recv_json(ws)) == ["Now."]
 
 
 async def test_an_answer_cut_by_the_server_is_resumed_on_another_instance_exactly_once(
