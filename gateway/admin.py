@@ -21,20 +21,29 @@ Refusals are RFC 9457 problem bodies (``application/problem+json``), raised as
   would do (RFC 9110 section 15.5.4).
 
 Keys are compared in constant time (:func:`gateway.protocol.key_valid`).
+
+Every refusal is logged by :func:`admin_refused_handler` (the path, the peer, the
+status and why; never the key), at WARNING for the first :data:`LOGGED_REFUSALS_BURST`
+and then one per :data:`LOGGED_REFUSALS_EVERY_S` (that line counts the refusals logged
+at DEBUG since), the others at DEBUG: a client hammering the admin API with a wrong key
+does not flood the log (:class:`RefusalLog`, one per app).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from gateway.deps import gateway_of
 from gateway.httputil import problem
+from gateway.logs import redact_query
 from gateway.protocol import key_valid
+from gateway.ratelimit import TokenBuckets
 
 log = logging.getLogger("gateway.admin")
 
@@ -45,6 +54,36 @@ CHALLENGE = f'Bearer realm="{REALM}"'
 """``WWW-Authenticate`` of the 401 for a request without a bearer token."""
 INVALID_TOKEN = f'Bearer realm="{REALM}", error="invalid_token"'
 """``WWW-Authenticate`` of the 401 for a key that is not an admin key (RFC 6750 section 3.1)."""
+LOGGED_REFUSALS_BURST: Final = 5
+"""Admin refusals logged at WARNING in a row before :data:`LOGGED_REFUSALS_EVERY_S` applies."""
+LOGGED_REFUSALS_EVERY_S: Final = 60.0
+"""After the burst, one admin refusal per this many seconds is logged at WARNING (s)."""
+
+
+class RefusalLog:
+    """The log level of each admin refusal (one per app, all peers together, so the
+    WARNING lines are bounded however many addresses a flood comes from): WARNING while
+    a token bucket of ``burst`` tokens, refilled one per ``every_s`` s, has one, else
+    DEBUG. ``clock`` returns monotonic seconds."""
+
+    def __init__(
+        self,
+        burst: int = LOGGED_REFUSALS_BURST,
+        every_s: float = LOGGED_REFUSALS_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._bucket = TokenBuckets(burst, 1 / every_s, max_clients=1, clock=clock)
+        self._quiet = 0
+
+    def level(self) -> tuple[int, int]:
+        """The level of the next refusal's line, and how many refusals were logged at DEBUG
+        since the last WARNING line (0 on a DEBUG line)."""
+        if not self._bucket.allowed(""):
+            self._quiet += 1
+            return logging.DEBUG, 0
+        self._bucket.take("")
+        quiet, self._quiet = self._quiet, 0
+        return logging.WARNING, quiet
 
 
 class AdminRefused(Exception):
@@ -89,18 +128,7 @@ async def require_admin(request: Request) -> None:
     :func:`check_admin_key`).
     """
     keys = gateway_of(request).settings.admin_keys
-    try:
-        check_admin_key(keys, request.headers.get("authorization"))
-    except AdminRefused as exc:
-        peer = request.client.host if request.client else "?"
-        log.warning(
-            "Admin request %s from %s refused (%d): %s",
-            request.url.path,
-            peer,
-            exc.status,
-            exc.detail,
-        )
-        raise
+    check_admin_key(keys, request.headers.get("authorization"))
 
 
 ADMIN_CHECKS: set[Callable[..., Any]] = {require_admin}
@@ -125,8 +153,22 @@ def admin_route(request: Request) -> bool:
 async def admin_refused_handler(request: Request, exc: Exception) -> JSONResponse:
     """The problem body of an AdminRefused, with its ``WWW-Authenticate`` challenge (on
     every 401: ``Bearer realm="gateway-admin"``, plus ``error="invalid_token"`` for a
-    wrong key)."""
+    wrong key); logged at the level :class:`RefusalLog` gives (see the module doc)."""
     assert isinstance(exc, AdminRefused)
+    refusals: RefusalLog | None = getattr(request.app.state, "admin_refusals", None)
+    level, quiet = refusals.level() if refusals is not None else (logging.WARNING, 0)
+    if log.isEnabledFor(level):
+        peer = request.client.host if request.client else "?"
+        since = f" ({quiet} more refused since, logged at DEBUG)" if quiet else ""
+        log.log(
+            level,
+            "Admin request %s from %s refused (%d): %s%s",
+            redact_query(request.url.path),  # /v1/sessions/<id>: the id is a credential
+            peer,
+            exc.status,
+            exc.detail,
+            since,
+        )
     title = "Unauthorized" if exc.status == 401 else "Forbidden"
     response = problem(exc.status, title, exc.detail)
     if exc.challenge is not None:
@@ -135,5 +177,8 @@ async def admin_refused_handler(request: Request, exc: Exception) -> JSONRespons
 
 
 def install(app: FastAPI) -> None:
-    """Answer AdminRefused raised anywhere in ``app`` with its problem body."""
+    """Answer AdminRefused raised anywhere in ``app`` with its problem body (and log it:
+    the app's :class:`RefusalLog`)."""
+    if getattr(app.state, "admin_refusals", None) is None:
+        app.state.admin_refusals = RefusalLog()
     app.add_exception_handler(AdminRefused, admin_refused_handler)

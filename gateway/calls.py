@@ -21,6 +21,7 @@ outbound calls: vonage, plivo), 503 (the carrier's credentials are not configure
 (the carrier's API refused or could not be reached; ``carrierStatus`` and
 ``carrierBody`` say what it answered). A client's value quoted in a refusal (a carrier,
 an application key, a number) is cut to 64 characters (:func:`gateway.protocol.clipped`).
+The admin key refusals are logged as :mod:`gateway.admin` says (bounded WARNING lines).
 
 The log names a call's dialled number by its last 4 digits only
 (:func:`gateway.logs.masked_number`: personal data).

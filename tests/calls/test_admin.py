@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
+import httpx
 import pytest
 
-from gateway.admin import AdminRefused, bearer_token, check_admin_key
+from gateway.admin import (
+    LOGGED_REFUSALS_BURST,
+    AdminRefused,
+    RefusalLog,
+    bearer_token,
+    check_admin_key,
+)
 from gateway.settings import Settings
+from tests.conftest import served
 
 
 def test_bearer_tokens() -> None:
@@ -39,3 +49,49 @@ def test_admin_keys_are_checked_and_none_configured_refuses_all() -> None:
 def test_gateway_admin_keys_is_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_ADMIN_KEYS", " k1, k2 ,,")
     assert Settings().admin_keys == frozenset({"k1", "k2"})
+
+
+def test_refusals_are_logged_at_warning_in_a_burst_then_once_a_minute() -> None:
+    now = [0.0]
+    refusals = RefusalLog(burst=2, every_s=60, clock=lambda: now[0])
+    assert [refusals.level() for _ in range(4)] == [
+        (logging.WARNING, 0),
+        (logging.WARNING, 0),
+        (logging.DEBUG, 0),
+        (logging.DEBUG, 0),
+    ]
+    now[0] = 61.0  # a token again: the WARNING line counts those logged at DEBUG
+    assert refusals.level() == (logging.WARNING, 2)
+    assert refusals.level() == (logging.DEBUG, 0)
+
+
+async def test_a_client_hammering_the_admin_api_with_a_bad_key_does_not_flood_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every refused POST /v1/calls was a WARNING line: a client sending a wrong key in a
+    loop wrote one per request. POST /v1/push and GET /v1/sessions logged none. Now every
+    admin refusal is logged, the first LOGGED_REFUSALS_BURST at WARNING (the path, the
+    peer, why; never the key), the rest at DEBUG until a minute has passed."""
+    caplog.set_level(logging.DEBUG, logger="gateway.admin")
+    wrong = {"Authorization": "Bearer not-the-key", "Content-Type": "application/json"}
+    async with (
+        served(admin_keys=frozenset({"the-admin-key"})) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        for _ in range(20):
+            answer = await http.post("/v1/calls", json={"carrier": "twilio"}, headers=wrong)
+            assert answer.status_code == 401
+        assert (await http.post("/v1/push", json={}, headers=wrong)).status_code == 401
+        viewed = await http.get("/v1/sessions/secret-session-id", headers=wrong)
+        assert viewed.status_code == 401
+    lines = [r for r in caplog.records if r.name == "gateway.admin"]
+    assert len(lines) == 22  # each refusal, /v1/push's and /v1/sessions' included
+    warnings = [r for r in lines if r.levelno == logging.WARNING]
+    assert len(warnings) == LOGGED_REFUSALS_BURST
+    assert all(r.levelno == logging.DEBUG for r in lines[LOGGED_REFUSALS_BURST:])
+    first = warnings[0].getMessage()
+    assert first.startswith("Admin request /v1/calls from 127.0.0.1 refused (401): ")
+    assert "not-the-key" not in first
+    assert "secret-session-id" not in lines[-1].getMessage()
+    assert "/v1/push" in lines[-2].getMessage()
+    assert "/v1/sessions/*** " in lines[-1].getMessage()  # a session id is a credential
