@@ -76,6 +76,14 @@ class Bus(Protocol):
         """
         ...
 
+    async def claim(self, topic: str, message: Message, *, retain_s: float) -> bool:
+        """Publish ``message`` retained ``retain_s`` s only when the topic has no retained
+        value now (atomically: of two claims at once, one wins); True when it did.
+
+        Raises BusUnavailable when the bus cannot be reached.
+        """
+        ...
+
     async def clear(self, topic: str) -> None:
         """Forget the topic's retained value."""
         ...
@@ -106,6 +114,13 @@ class MemoryBus:
             self._retained[topic] = (self._clock() + retain_s, message)
         for sub in self._subs.get(topic, ()):
             sub.put(message)
+
+    async def claim(self, topic: str, message: Message, *, retain_s: float) -> bool:
+        retained = self._retained.get(topic)
+        if retained is not None and retained[0] > self._clock():
+            return False
+        await self.publish(topic, message, retain_s=retain_s)
+        return True
 
     async def clear(self, topic: str) -> None:
         self._retained.pop(topic, None)
@@ -176,6 +191,18 @@ class RedisBus:
             await self._breaker.guard(send)
         except REDIS_ERRORS as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
+
+    async def claim(self, topic: str, message: Message, *, retain_s: float) -> bool:
+        data = json.dumps(message, separators=(",", ":"))
+        key, px = self._retained_key(topic), max(1, int(retain_s * 1000))
+        try:
+            won = await self._breaker.guard(lambda: self._redis.set(key, data, px=px, nx=True))
+        except REDIS_ERRORS as exc:
+            raise BusUnavailable(f"Redis: {exc}") from exc
+        if not won:
+            return False
+        await self.publish(topic, message)  # the retained value is set: tell subscribers
+        return True
 
     async def clear(self, topic: str) -> None:
         try:

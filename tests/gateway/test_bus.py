@@ -73,6 +73,30 @@ async def test_retained_value_expires(buses: tuple[Bus, Bus]) -> None:
         assert await sub.get(0.2) is None
 
 
+async def test_claim_wins_only_on_a_topic_without_a_retained_value(
+    buses: tuple[Bus, Bus],
+) -> None:
+    """Of two claims at once one wins; the winner's value is retained and published; after
+    a clear (or expiry) the topic can be claimed again."""
+    pub, other = buses
+    async with other.subscribe("c") as sub:
+        won = await asyncio.gather(
+            pub.claim("c", {"id": "a"}, retain_s=5), other.claim("c", {"id": "b"}, retain_s=5)
+        )
+        assert sorted(won) == [False, True]
+        winner = {"id": "a"} if won[0] else {"id": "b"}
+        assert await sub.get(2) == winner
+        assert await sub.get(0.2) is None  # the loser published nothing
+    async with other.subscribe("c") as late:
+        assert await late.get(2) == winner
+    await pub.publish("c", {"id": "a", "beat": 2}, retain_s=5)  # the holder's heartbeat
+    assert await other.claim("c", {"id": "b"}, retain_s=5) is False
+    await pub.clear("c")
+    assert await other.claim("c", {"id": "b"}, retain_s=0.2) is True
+    await asyncio.sleep(0.4)
+    assert await pub.claim("c", {"id": "a"}, retain_s=5) is True
+
+
 async def test_nothing_arrives_after_unsubscribing(buses: tuple[Bus, Bus]) -> None:
     pub, sub_bus = buses
     async with sub_bus.subscribe("s") as sub:

@@ -48,7 +48,11 @@ cookie follows them; when recognition ends (final, silence, the switch to text,
 an error) the GET ends, which tells the client to stop writing, and the PUT
 answers at once, like a file turn, without waiting for the rest of the body
 (which is read and dropped). ``InputStreamClose`` + ``Input`` makes the turn a
-text turn. The bus messages (protocol.py, "recognition bus"):
+text turn. One recognition a session at a time (the spec's turns alternate): a
+realtime PUT takes the session's topic (:meth:`gateway.bus.Bus.claim` of its
+``recognizing`` marker) from its start until its answer ends; another realtime PUT of
+the session meanwhile is answered 409 (source ``session``) before it reads any audio.
+The bus messages (protocol.py, "recognition bus"):
 
 - ``recognizing {id}``: published retained when the PUT starts and again every
   HEARTBEAT_S (1 s) as a heartbeat, retained for LOST_S (5 s), so a GET that
@@ -468,6 +472,8 @@ async def _stream_turn(
 ) -> HTTPResponse:
     """A JSON body (any) or a realtime audio body: read as it streams, then the turn."""
     hearing = _Hearing(request, gw, config, container, ctx.key)  # the bus topic is the session key
+    if config.realtime and not await hearing.claim():
+        return _answer(409, _STREAMING, "session", plain=False)
     try:
         outcome = await hearing.run()
     except _Refused as exc:
@@ -483,6 +489,13 @@ async def _stream_turn(
     return await _turn(
         gw, ctx, outcome.input, config, plain=False, prefix=outcome.prefix, on_end=hearing.release
     )
+
+
+_STREAMING: Final = (
+    "Another realtime PUT of this session is still streaming, or its turn is running: "
+    "one recognition at a time."
+)
+"""The 409 text of a realtime PUT while another of its session holds the recognition."""
 
 
 async def _store_logs(gw: Gateway, ctx: TurnContext, *, plain: bool) -> HTTPResponse:
@@ -710,6 +723,21 @@ class _Hearing:
         self._bus_warned = False
 
     # ------------------------------------------------------------- running
+
+    async def claim(self) -> bool:
+        """Take the session's recognition topic for this realtime PUT: publish its
+        ``recognizing`` marker only when the topic holds none (another realtime PUT of the
+        session holds it from its start until its answer ends, :meth:`release`). False
+        when another holds it: answer 409 and do not :meth:`release` (it is the other's).
+        True when the bus is unavailable (logged; the PUT goes on without the guard)."""
+        try:
+            return await self.gw.bus.claim(
+                self.topic, recognizing_message(self.body.rid), retain_s=LOST_S
+            )
+        except BusUnavailable as exc:
+            self._bus_warned = True
+            log.warning("recognition of %s not claimed: %s", self.ref, exc)
+            return True
 
     async def run(self) -> Outcome:
         """Read the body to its outcome (see the class doc)."""

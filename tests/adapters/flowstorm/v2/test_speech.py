@@ -245,6 +245,44 @@ async def test_silence_after_the_silence_timeout(server: str) -> None:
         assert events(turn.put)[0]["responseItem"]["text"] == "Are you still there? Say something."
 
 
+async def test_a_second_realtime_put_of_the_session_is_refused_while_one_runs(
+    server: str,
+) -> None:
+    """Two realtime PUTs of one session at once: the second is answered 409 (an Error of
+    source ``session``) at once and recognises nothing, the first runs its turn as if
+    alone, and once its answer ended the next realtime PUT is taken."""
+    quiet = b"\x00" * (16000 * CHUNK_MS // 1000 * 2)
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        await intro(client)
+        first = asyncio.create_task(
+            realtime_turn(client, "&tts=None", "audio/basic", [], tail=quiet)
+        )
+        await asyncio.sleep(0.6)  # the first one streams
+        second = await client.put(
+            f"/client?key={KEY}&realtime=1&tts=None",
+            headers={"Content-Type": "audio/basic"},
+            content=quiet,
+        )
+        assert not first.done()
+        assert second.status_code == 409, second.text
+        assert events(second) == [
+            {
+                "type": "Error",
+                "text": "Another realtime PUT of this session is still streaming, or its "
+                "turn is running: one recognition at a time.",
+                "source": "session",
+            }
+        ]
+        turn = await first
+        assert turn.put.status_code == 200
+        assert [e["type"] for e in events(turn.put)] == ["ResponseItem", "Response"]
+        assert events(turn.put)[0]["responseItem"]["text"] == "Are you still there? Say something."
+        # the recognition was given back with the first answer: the next one is taken
+        again = await realtime_turn(client, "&tts=None", "audio/basic", [], tail=quiet)
+        assert again.put.status_code == 200, again.put.text
+        assert [e["type"] for e in events(again.put)] == ["ResponseItem", "Response"]
+
+
 async def test_input_stream_close_then_input_switches_to_text(
     server: str, corpus: dict[str, Pcm]
 ) -> None:
