@@ -38,6 +38,7 @@ from gateway.protocol.state import Expected, StateMachine, Transitions, event_na
 from gateway.protocol.values import (
     FALSE_WORDS,
     TRUE_WORDS,
+    check_language_tag,
     check_time_zone,
     clipped,
     flag,
@@ -61,6 +62,7 @@ __all__ = [
     "StateMachine",
     "Transitions",
     "UnsafeValue",
+    "check_language_tag",
     "check_time_zone",
     "clipped",
     "event_name",

@@ -1,18 +1,20 @@
 """Values a client sends that need a check or a coercion: dates, time zones, flags, numbers.
 
-:func:`parse_timestamp` and :func:`check_time_zone` treat dates and IANA zone names
-as input to validate (ProtocolError). :func:`flag`, :func:`strict_flag`,
-:func:`integer` and :func:`text` read loosely typed configuration values (a
-Flowstorm ``config`` object, query parameters, Twilio's stringly numbers) and never
-raise; :func:`key_valid` checks a key a client sends; :func:`media_type` reads the
-media type of a Content-Type (a request's, a core's answer's, a carrier's encoding);
-:func:`clipped` is how an error text or a log line quotes a value a client sent.
+:func:`parse_timestamp`, :func:`check_time_zone` and :func:`check_language_tag` treat
+dates, IANA zone names and language tags as input to validate (ProtocolError).
+:func:`flag`, :func:`strict_flag`, :func:`integer` and :func:`text` read loosely typed
+configuration values (a Flowstorm ``config`` object, query parameters, Twilio's
+stringly numbers) and never raise; :func:`key_valid` checks a key a client sends;
+:func:`media_type` reads the media type of a Content-Type (a request's, a core's
+answer's, a carrier's encoding); :func:`clipped` is how an error text or a log line quotes
+a value a client sent.
 """
 
 from __future__ import annotations
 
 import functools
 import hmac
+import re
 import reprlib
 import zoneinfo
 from collections.abc import Collection
@@ -135,6 +137,30 @@ def parse_timestamp(raw: object, *, what: str = "timestamp") -> datetime:
 @functools.cache
 def _zone_keys() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())
+
+
+MAX_LANGUAGE_TAG: Final = 64
+"""Characters a language tag may have (RFC 5646 section 4.4.1 bounds a tag without
+extensions at 35; this leaves room for a ``-u-``/``-x-`` extension or two)."""
+_LANGUAGE_TAG: Final = re.compile(r"(?:[A-Za-z]{2,8}|[iIxX](?=[-_]))(?:[-_][A-Za-z0-9]{1,8})*")
+"""A BCP 47 (RFC 5646) tag's syntax, loosely: a language of 2-8 letters (or ``i``/``x``
+before subtags), then subtags of 1-8 letters or digits. ``_`` separates too (Java's
+``Locale.toString()``: ``en_US``)."""
+
+
+def check_language_tag(tag: str, *, what: str = "locale") -> str:
+    """``tag`` when it is a language tag (``en``, ``en-US``, ``zh-Hant-TW``, ``en_US``; see
+    :data:`_LANGUAGE_TAG`) of at most :data:`MAX_LANGUAGE_TAG` characters.
+
+    Syntax only: the subtags are not looked up in the IANA registry. Raises
+    ProtocolError (400) naming ``what`` and (the first 64 characters of) ``tag``.
+    """
+    if len(tag) > MAX_LANGUAGE_TAG or not _LANGUAGE_TAG.fullmatch(tag):
+        raise ProtocolError(
+            f"{what} {tag[:64]!r} is not a language tag (BCP 47, e.g. en-US) of at most "
+            f"{MAX_LANGUAGE_TAG} characters."
+        )
+    return tag
 
 
 def check_time_zone(name: str, *, what: str = "time zone") -> str:

@@ -51,7 +51,7 @@ from adapters.flowstorm.v2.protocol import (
     recognized_event,
 )
 from gateway.events import SILENCE, BinaryEvent, ErrorEvent, Input, LogEntry
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, check_language_tag
 from gateway.protocol.actions import CancelListening as CancelListening
 from gateway.protocol.actions import FeedAudio as FeedAudio
 from gateway.protocol.actions import FinishListening as FinishListening
@@ -132,7 +132,8 @@ class StreamedBody:
     results), :meth:`timed_out` when :meth:`timeout` passed, :meth:`ended` at the
     body's end and :meth:`failed` when the request failed. :attr:`decided` says the
     outcome is known: answer with :meth:`outcome` without waiting for the body's end.
-    Every method raises ProtocolError (status 400, 408 or 413) for a bad body.
+    Every method raises ProtocolError (status 400, 408 or 413) for a bad body (an Input
+    whose text is empty or whose ``locale`` is no language tag: 400).
 
     Args:
         config: the request's configuration (``realtime``, the raw audio format).
@@ -249,6 +250,8 @@ class StreamedBody:
                 raise ProtocolError(
                     "input.transcript.text is empty: send the user's text or #intro."
                 )
+            if event.input.locale:  # the session's locale, handed to the core and echoed
+                check_language_tag(event.input.locale, what="input.locale")
             self._switched = self._switched or now
             self.typed = event.input
             return self._done("text")

@@ -62,6 +62,7 @@ from gateway.protocol import (
     Expected,
     ProtocolError,
     StateMachine,
+    check_language_tag,
     check_time_zone,
     clipped,
     load_json,
@@ -269,7 +270,8 @@ def _preferred_language(header: str) -> str | None:
     sections 12.4.2 and 12.5.4; ``q`` 1 when absent), the first of equal ones.
 
     ``*`` and tags of ``q=0`` (not acceptable) are never chosen; an element whose ``q`` is
-    not a valid weight (``q=high``, ``q=2``) is skipped. None when no tag remains.
+    not a valid weight (``q=high``, ``q=2``) or whose tag is no language tag
+    (:func:`gateway.protocol.check_language_tag`) is skipped. None when no tag remains.
     """
     best: tuple[float, str] | None = None
     for part in header.split(","):
@@ -282,7 +284,10 @@ def _preferred_language(header: str) -> str | None:
                 value = value.strip()
                 weight = float(value) if _QVALUE.fullmatch(value) else -1.0
         if tag and tag != "*" and weight > 0 and (best is None or weight > best[0]):
-            best = (weight, tag)
+            try:
+                best = (weight, check_language_tag(tag))
+            except ProtocolError:
+                continue
     return best[1] if best else None
 
 

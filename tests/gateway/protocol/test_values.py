@@ -9,6 +9,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from gateway.protocol import (
     ProtocolError,
+    check_language_tag,
     flag,
     integer,
     media_type,
@@ -16,6 +17,28 @@ from gateway.protocol import (
     text,
     validate,
 )
+
+
+@pytest.mark.parametrize(
+    "tag", ["en", "en-US", "en_US", "pt-BR", "zh-Hant-TW", "es-419", "x-klingon", "i-enochian"]
+)
+def test_language_tags(tag: str) -> None:
+    assert check_language_tag(tag) == tag
+
+
+@pytest.mark.parametrize(
+    "tag", ["", "e", "x", "-en", "en-", "en--US", "en US", "en-US\n", "<b>", "en-abcdefghi", "é"]
+)
+def test_no_language_tags(tag: str) -> None:
+    with pytest.raises(ProtocolError, match="is not a language tag"):
+        check_language_tag(tag, what="locale")
+
+
+def test_a_language_tag_is_bounded() -> None:
+    tag = "en" + "-abcdefgh" * 7  # valid subtags, 65 characters
+    with pytest.raises(ProtocolError, match="at most 64 characters"):
+        check_language_tag(tag)
+    assert check_language_tag(tag[:-1]) == tag[:-1]
 
 
 @pytest.mark.parametrize(

@@ -607,6 +607,62 @@ async def test_the_locale_is_the_accept_language_tag_of_the_highest_weight() -> 
             client.cookies.clear()
 
 
+async def test_an_input_locale_that_is_no_language_tag_is_refused() -> None:
+    """An Input event's ``locale`` was taken as sent (20,000 characters, markup, a newline)
+    and became the session's locale, handed to the core and echoed in every Response; now
+    it must be a language tag (BCP 47 syntax, ``_`` allowed, at most 64 characters), else
+    a 400 Error of source ``client``, no session made and nothing sent to the core. An
+    Accept-Language element that is no language tag is skipped."""
+    core = make_core()
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/json") as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+
+        def locale_input(locale: str) -> str:
+            body = {"type": "Input", "input": {"locale": locale, "transcript": {"text": "hi"}}}
+            return json.dumps(body)
+
+        for locale in ("pt-BR", "en_US", "zh-Hant-TW", "en-US-u-ca-gregory"):
+            answer = await client.put(
+                f"/client?key={KEY}&tts=None", headers=JSON, content=locale_input(locale)
+            )
+            assert answer.status_code == 200, answer.text
+            assert events(answer)[-1]["response"]["locale"] == locale
+            assert core.state.requests[-1]["locale"] == locale
+            client.cookies.clear()
+        asked = len(core.state.requests)
+        for locale in (
+            "x" * 20_000,
+            "<b>en</b>",
+            "en-US\n",
+            "en US",
+            "-en",
+            "e",
+            "en" + "-abcdefgh" * 7,
+        ):
+            answer = await client.put(
+                f"/client?key={KEY}&tts=None", headers=JSON, content=locale_input(locale)
+            )
+            assert answer.status_code == 400, locale[:20]
+            [error] = events(answer)
+            assert error["source"] == "client"
+            assert error["text"] == (
+                f"input.locale {locale[:64]!r} is not a language tag (BCP 47, e.g. en-US) of "
+                "at most 64 characters."
+            )
+            assert "flowstorm-session-id" not in answer.cookies
+        assert len(core.state.requests) == asked
+        junk = await client.put(
+            f"/client?key={KEY}&tts=None",
+            headers={**TEXT, "Accept-Language": "<b>;q=0.9, " + "x" * 100 + ", fr;q=0.5"},
+            content="hello",
+        )
+        assert junk.text == "< core heard hello\n"
+        assert core.state.requests[-1]["locale"] == "fr"
+
+
 async def test_tts_none_turns_the_links_off(base: str) -> None:
     async with httpx.AsyncClient(base_url=base) as client:
         quiet = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
