@@ -380,19 +380,44 @@ def text_charset(content_type: str | None) -> str:
     return "utf-8"
 
 
+_BYTE_ORDERED: Final[Mapping[str, tuple[bytes, ...]]] = {
+    "utf-16": (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE),
+    "utf-32": (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE),
+}
+"""Codecs whose byte order only a byte order mark tells, with their marks. Without one
+RFC 2781 section 4.3 says big-endian, Python decodes in the machine's order: either
+garbles the other's text, so such a body is refused (declare utf-16le/-be)."""
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+"""Control characters no user's text has (tab, line feed and carriage return aside): in a
+body decoded as UTF-8 or a single-byte charset, NUL is the sign of UTF-16 or UTF-32."""
+
+
 def text_input(body: bytes, charset: str = "utf-8") -> Input:
     """The Input of a ``text/plain`` body in ``charset`` (as :func:`text_charset` gives it;
     a leading byte order mark ignored). ProtocolError: status 415 when ``charset`` is no
-    text encoding known here, 400 when the body is not text in it or is empty."""
+    text encoding known here, 400 when the body is not text in it (also: ``utf-16`` or
+    ``utf-32`` without a byte order mark, :data:`_BYTE_ORDERED`; control characters other
+    than tab and line breaks, :data:`_CONTROL`, e.g. UTF-16 sent as UTF-8) or is empty."""
     if (codec := _text_codec(charset)) is None:
         raise ProtocolError(
             f"Unsupported charset {clipped(charset)} of the text/plain body.", status=415
         )
+    shown = "UTF-8" if codec == "utf-8" else clipped(charset, quote=False)
+    if (marks := _BYTE_ORDERED.get(codec)) and body and not body.startswith(marks):
+        raise ProtocolError(
+            f"The text/plain body in {shown} has no byte order mark: declare "
+            f"charset={codec}le or {codec}be, or begin the body with its byte order mark."
+        )
     try:
         text = body.decode(codec).removeprefix("\ufeff").strip()
     except UnicodeError:
-        shown = "UTF-8" if codec == "utf-8" else charset
         raise ProtocolError(f"The text/plain body is not {shown} text.") from None
+    if found := _CONTROL.search(text):
+        hint = " (UTF-16 or UTF-32? declare its charset)" if found.group() == "\0" else ""
+        raise ProtocolError(
+            f"The text/plain body is not {shown} text: it has the control character "
+            f"U+{ord(found.group()):04X}{hint}."
+        )
     if not text:
         raise ProtocolError("The text/plain body is empty: send the user's text.")
     return Input.of(text)

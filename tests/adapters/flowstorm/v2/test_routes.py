@@ -562,6 +562,45 @@ async def test_a_text_body_is_read_in_its_declared_charset(base: str) -> None:
         assert wrong.text == "! client: The text/plain body is not UTF-8 text.\n"
 
 
+async def test_a_utf16_body_without_its_byte_order_is_refused_not_garbled(base: str) -> None:
+    """UTF-16 without a byte order mark was a garbled turn: undeclared, it passed as UTF-8
+    ("h\\x00e\\x00l..." went to the core); declared ``charset=utf-16``, a big-endian body
+    became CJK ("栀攀氀氀漀"). Now both are a 400 ``!`` line; with a mark, or declared
+    ``utf-16le``/``utf-16be``, the text is read."""
+    plain = f"/client?key={KEY}&tts=None"
+    utf16 = {"Content-Type": "text/plain; charset=UTF-16"}
+    async with httpx.AsyncClient(base_url=base) as client:
+        for order in ("le", "be"):
+            sent = "hello there".encode(f"utf-16-{order}")
+            undeclared = await client.put(plain, headers=TEXT, content=sent)
+            assert undeclared.status_code == 400
+            assert undeclared.text == (
+                "! client: The text/plain body is not UTF-8 text: it has the control character "
+                "U+0000 (UTF-16 or UTF-32? declare its charset).\n"
+            )
+            unmarked = await client.put(plain, headers=utf16, content=sent)
+            assert unmarked.status_code == 400
+            assert unmarked.text == (
+                "! client: The text/plain body in UTF-16 has no byte order mark: declare "
+                "charset=utf-16le or utf-16be, or begin the body with its byte order mark.\n"
+            )
+            assert "flowstorm-session-id" not in unmarked.cookies
+            declared = await client.put(
+                plain, headers={"Content-Type": f"text/plain; charset=utf-16{order}"}, content=sent
+            )
+            assert declared.text == "< You said: hello there\n"
+            client.cookies.clear()
+        marked = await client.put(plain, headers=utf16, content="hello there".encode("utf-16"))
+        assert marked.text == "< You said: hello there\n"
+        control = await client.put(plain, headers=TEXT, content=b"hi\x1b[2J there")
+        assert control.status_code == 400
+        assert control.text == (
+            "! client: The text/plain body is not UTF-8 text: it has the control character U+001B.\n"
+        )
+        lines = await client.put(plain, headers=TEXT, content=b"hello\r\n\tthere")
+        assert lines.text == "< You said: hello there\n"
+
+
 async def test_encoding_and_file_type_are_read_in_any_case(base: str) -> None:
     """``ttsFileType=WAV`` and ``X-SttEncoding: mulaw`` got a 400 (sttMode, tts and V1's
     ttsFileType take any case); now the turn runs with the spec's spelling."""
