@@ -340,12 +340,19 @@ class EngineIoGuard:
     async def _post(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
     ) -> None:
-        """A long-polling POST: its body checked before python-engineio decodes it."""
+        """A long-polling POST: its body checked before python-engineio decodes it.
+
+        A body that never ends is cut by the server's body deadline (gateway/server.py:
+        GATEWAY_BODY_TIMEOUT_S, 408 and the connection closed), which the app sees as
+        ``http.disconnect``, as when the client leaves mid-body: nothing is delivered
+        and nothing answered (python-engineio, handed the disconnect, failed with an
+        ERROR traceback, ``KeyError: 'REQUEST_METHOD'``). The Engine.IO session is
+        left as it is (its ping timeout ends it if the client is gone)."""
         body = bytearray()
         while True:
             message = await receive()
-            if message["type"] != "http.request":  # the client left: engineio sees it
-                await self.app(scope, _replay([message], receive), send)
+            if message["type"] != "http.request":  # the client left, or its body was cut
+                log.info("Voiceflow polling POST ended before its body (%s)", _peer(scope))
                 return
             body += message.get("body", b"")
             if len(body) > self.sio.eio.max_http_buffer_size:  # engineio refuses it (413)

@@ -447,6 +447,47 @@ async def test_voiceflow_malformed_engine_io_packets_by_polling_are_400_and_end_
     _no_tracebacks(caplog)
 
 
+@pytest.mark.parametrize("how", ["stalls", "leaves"])
+async def test_voiceflow_a_polling_post_whose_body_never_comes_is_cut_quietly(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long-polling POST that sends its headers and part of its body, then stalls, is cut
+    by the body deadline (GATEWAY_BODY_TIMEOUT_S: 408, connection closed), and one whose
+    client leaves mid-body just ends; either way the session and the others go on.
+    python-engineio, handed the disconnect, failed with an ERROR traceback (``KeyError:
+    'REQUEST_METHOD'``, "Exception in ASGI application")."""
+    caplog.set_level(logging.INFO)
+    settings = Settings(body_timeout_s=1.0)
+    async with (
+        served_app(create_app(settings), settings) as url,  # served: fails on a logged ERROR
+        client(url, "polling") as other,
+        httpx.AsyncClient(base_url=url + PATH + "/") as http,
+    ):
+        await other.handshake()
+        opened = await http.get("", params={"EIO": "4", "transport": "polling"})
+        eio_sid = json.loads(opened.text[1:])["sid"]
+        params = {"EIO": "4", "transport": "polling", "sid": eio_sid}
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST {PATH}/?EIO=4&transport=polling&sid={eio_sid} HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: text/plain;charset=UTF-8\r\nContent-Length: 100\r\n\r\n40".encode()
+        )
+        await writer.drain()
+        if how == "stalls":
+            answer = await asyncio.wait_for(reader.read(), 10)  # to the connection's end
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+        else:
+            await asyncio.sleep(0.3)
+        writer.close()
+        await asyncio.sleep(0.3)  # the app sees the disconnect
+        # the Engine.IO session was not touched: its next POST is taken
+        assert (await http.post("", params=params, content="40")).text == "OK"
+        assert (await http.get("", params=params)).text.startswith("40{")
+        assert await other.say("still here") == ["You said: still here"]
+    _no_tracebacks(caplog)
+
+
 def _cors(answer: httpx.Response) -> dict[str, str]:
     """An answer's CORS headers (Access-Control-*), names lower-case."""
     return {k: v for k, v in answer.headers.items() if k.startswith("access-control-")}
