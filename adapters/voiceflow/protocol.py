@@ -85,6 +85,13 @@ Decisions where the spec is silent:
   conversation); the connection then needs ``session.create``. The ``end`` trace
   goes out with the Response that ends the conversation, also when the core keeps
   the session asleep (sleepTimeout), in which case no ``session.ended`` follows.
+- **Idle timeout** (spec "End": the session ending "can also occur because of
+  timeouts"): a ready connection whose session had no action for as long as the store
+  keeps it (:meth:`VoiceflowConnection.idle_timeout_s`: the last Response's
+  sessionTimeout, else GATEWAY_SESSION_TIMEOUT_S) gets ``session.ended {reason:
+  "inactivity_timeout"}`` (the spec's example reason) once the I/O layer found the
+  store no longer has it (:meth:`VoiceflowConnection.session_timed_out`); the
+  connection then needs ``session.create``. It was told only at its next action.
 - A failed turn (the core failed or timed out) gives ``error {code:
   "pipeline-error", error, messageID}`` and ``action.status completed`` with
   ``reason: "error"``.
@@ -199,6 +206,9 @@ ENDED_BY_CORE = "end_of_diagram"
 """session.ended reason when the core ended the conversation (Voiceflow's name)."""
 ENDED_EXPIRED = "session_expired"
 """session.ended reason when the store no longer has the session."""
+ENDED_IDLE = "inactivity_timeout"
+"""session.ended reason when the session expired while the connection was idle (the
+spec's example reason)."""
 
 
 # ------------------------------------------------------------------ payloads
@@ -795,6 +805,7 @@ ACTION_REFUSED = "action.send (refused)"
 TURN_REJECTED = "TurnRejected"
 TURN_REJECTED_GONE = "TurnRejected (session not found)"
 TURN_FINISHED = "TurnFinished"
+SESSION_TIMED_OUT = "SessionTimedOut"
 DISCONNECT = "Disconnect"
 
 
@@ -812,6 +823,8 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         (State.RUNNING, TURN_REJECTED_GONE): State.STARTED,
         (State.RUNNING, TURN_FINISHED): State.READY,
         (State.ENDING, TURN_FINISHED): State.STARTED,
+        # the session expired while the connection was idle
+        (State.READY, SESSION_TIMED_OUT): State.STARTED,
     }
     for event in ("SessionStarted", "ResponseItem", "Binary", "Response", "Error"):
         table[(State.RUNNING, event)] = State.RUNNING
@@ -831,7 +844,8 @@ Events are the client's (``client.start``, ``session.create``, ``action.send``),
 turn engine's (``SessionStarted``, ``ResponseItem``, ``Binary``, ``Response``,
 ``Error``, ``SessionEnded``) and the connection's own (:data:`START_RESUMED`,
 :data:`START_REFUSED`, :data:`ACTION_REFUSED`, :data:`TURN_REJECTED`,
-:data:`TURN_REJECTED_GONE`, :data:`TURN_FINISHED`, :data:`DISCONNECT`). Anything
+:data:`TURN_REJECTED_GONE`, :data:`TURN_FINISHED`, :data:`SESSION_TIMED_OUT`,
+:data:`DISCONNECT`). Anything
 else is a ProtocolError.
 """
 
@@ -879,7 +893,8 @@ class VoiceflowConnection:
     ``api_keys`` are the accepted ``authorization`` values (empty: not checked);
     ``clock`` gives epoch seconds (trace times, key expiry); ``session_busy`` tells
     whether another connection of this instance runs an action of a session (its
-    store key); ``new_id`` makes session ids and ``new_message_id`` messageIDs.
+    store key); ``new_id`` makes session ids and ``new_message_id`` messageIDs;
+    ``session_timeout_s`` is GATEWAY_SESSION_TIMEOUT_S (s, :meth:`idle_timeout_s`).
 
     Feed it with :meth:`receive` (client events) and :meth:`turn_event` /
     :meth:`turn_rejected` / :meth:`turn_finished` (the turn it asked for with
@@ -896,6 +911,7 @@ class VoiceflowConnection:
         session_busy: Callable[[str], bool] = lambda key: False,
         new_id: Callable[[], str] = new_session_id,
         new_message_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        session_timeout_s: int = 1800,
     ) -> None:
         self._keys = keys
         self._project_allowed = project_allowed
@@ -911,6 +927,8 @@ class VoiceflowConnection:
         """The session this connection talks in (None before one is known and after it ended)."""
         self._fresh = False  # made by session.create here and not yet taken on by the engine
         self._running: _Running | None = None
+        self._session_timeout_s = session_timeout_s
+        self._kept_s: int | None = None  # how long the last Response keeps the session (s)
 
     # -------------------------------------------------------------- queries
 
@@ -931,6 +949,32 @@ class VoiceflowConnection:
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
+
+    def idle_timeout_s(self) -> int | None:
+        """Seconds after which the session expires in the store when no action comes (the
+        last Response's :meth:`~gateway.events.Response.kept_s`, else the session timeout:
+        a session resumed by its sessionKey); None when there is nothing to expire: no
+        session, one not yet in the store (made by session.create, no action yet), or an
+        action running. The I/O layer waits this long from now (the end of the last action
+        or of the handshake), then asks the store and calls :meth:`session_timed_out`."""
+        if self.state is not State.READY or self._fresh or self.session_id is None:
+            return None
+        return self._kept_s if self._kept_s is not None else self._session_timeout_s
+
+    def idle_context(self) -> TurnContext | None:
+        """The TurnContext of the idle connection's session (to ask the store whether it
+        still has it), or None when :meth:`idle_timeout_s` is None."""
+        return None if self.idle_timeout_s() is None else self._context(create=False)
+
+    def session_timed_out(self) -> list[Action]:
+        """The store no longer has the session of this idle connection (spec "End": a
+        timeout): ``session.ended {reason: "inactivity_timeout"}``, and the connection needs
+        a new session. ``[]`` when the connection is no longer idle in that session (an
+        action started meanwhile: its turn finds out)."""
+        if self.idle_timeout_s() is None:
+            return []
+        self.machine.advance(SESSION_TIMED_OUT)
+        return [self._session_ended(ENDED_IDLE)]
 
     # ---------------------------------------------------------- client events
 
@@ -970,6 +1014,7 @@ class VoiceflowConnection:
         )
         self.start = start
         self._fresh = False
+        self._kept_s = None
         resumed = check.session_id is not None
         machine.feed(START_RESUMED if resumed else CLIENT_START)
         self.session_id = check.session_id
@@ -985,6 +1030,7 @@ class VoiceflowConnection:
         self.machine.feed(SESSION_CREATE)
         self.session_id = self._new_id()
         self._fresh = True
+        self._kept_s = None
         key = self._keys.issue(
             session_id=self.session_id,
             project_id=start.project_id,
@@ -1068,6 +1114,7 @@ class VoiceflowConnection:
         if isinstance(event, ResponseItemEvent):
             return _trace_emits(running.message_id, running.writer.item(event.response_item))
         if isinstance(event, ResponseEvent):
+            self._kept_s = event.response.kept_s(self._session_timeout_s)
             traces = running.writer.close()
             if event.response.session_ended:
                 traces.append(trace("end", None, self._now_ms()))
@@ -1125,6 +1172,7 @@ class VoiceflowConnection:
         ``session.ended {reason}``."""
         self.session_id = None
         self._fresh = False
+        self._kept_s = None
         return Emit(SESSION_ENDED, {"reason": reason})
 
     def connection_lost(self) -> None:

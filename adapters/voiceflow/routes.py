@@ -104,12 +104,17 @@ from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.actions import StartTurn
 from gateway.redisconn import SocketIoRedisManager
 from gateway.secrets import VOICEFLOW_SESSION_KEY
+from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "/"
 """The socket.io namespace served (Voiceflow clients use the default one)."""
+IDLE_MARGIN_S = 1.0
+"""Wait past a session's idle timeout before asking the store whether it let it go (s)."""
+IDLE_RETRY_S = 60.0
+"""When the store cannot say whether an idle session is gone, ask again after this (s)."""
 
 _SignalHandler = Callable[[int, FrameType | None], Any]
 
@@ -490,6 +495,8 @@ class _Client:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     following: Following | None = None
     """The session's outbox (pushes), once the connection has a session."""
+    idle: asyncio.Task[None] | None = None
+    """The wait for the session's idle timeout (:meth:`VoiceflowServer._watch_idle`)."""
 
 
 class VoiceflowServer:
@@ -674,6 +681,7 @@ class VoiceflowServer:
             api_keys=gw.settings.voiceflow_api_keys,
             clock=time.time,
             session_busy=self._running.__contains__,
+            session_timeout_s=gw.settings.session_timeout_s,
         )
         self._clients[sid] = _Client(sid, conn)
         metrics.CONNECTIONS.labels(CHANNEL).inc()
@@ -745,6 +753,7 @@ class VoiceflowServer:
                     self._running[action.ctx.key] = sid
             await self._do(client, actions)
             await self._follow(client)
+            self._arm_idle(client)
         except Exception:
             log.exception("Voiceflow event %r failed", event)
             await _emit(self.sio, sid, error("gateway-error", "Internal gateway error."))
@@ -790,6 +799,47 @@ class VoiceflowServer:
             if self._running.get(start.ctx.key) == client.sid:
                 del self._running[start.ctx.key]
         await self._follow(client)  # what was pushed while the action ran
+        self._arm_idle(client)
+
+    def _arm_idle(self, client: _Client) -> None:
+        """(Re)start the wait for the idle timeout of the client's session, from now: the
+        connection's :meth:`~adapters.voiceflow.protocol.VoiceflowConnection.idle_timeout_s`
+        (none: no wait), after each client event and each action's end."""
+        if client.idle is not None:
+            client.idle.cancel()
+            client.idle = None
+        wait_s = client.conn.idle_timeout_s()
+        if wait_s is None or client.sid not in self._clients:
+            return
+        task = asyncio.create_task(self._watch_idle(client, wait_s))
+        client.idle = task
+        client.tasks.add(task)  # cancelled with the connection
+        task.add_done_callback(client.tasks.discard)
+
+    async def _watch_idle(self, client: _Client, wait_s: float) -> None:
+        """Wait ``wait_s`` (+ :data:`IDLE_MARGIN_S`, so the store has let the session go),
+        then ask the store: when it no longer has the session, the client gets
+        ``session.ended {reason: "inactivity_timeout"}`` (spec "End"). When it does (another
+        connection or a push kept it), or the store cannot say, ask again after the
+        session timeout (GATEWAY_SESSION_TIMEOUT_S; :data:`IDLE_RETRY_S` at most when the
+        store is down)."""
+        gw, conn = self._gateway, client.conn
+        assert gw is not None
+        while True:
+            await asyncio.sleep(wait_s + IDLE_MARGIN_S)
+            if (ctx := conn.idle_context()) is None:
+                return
+            try:
+                found = await gw.conversation.find(ctx)
+            except StoreUnavailable:
+                wait_s = min(gw.settings.session_timeout_s, IDLE_RETRY_S)
+                continue
+            if found == "found":
+                wait_s = gw.settings.session_timeout_s
+                continue
+            client.idle = None
+            await self._do(client, conn.session_timed_out())
+            return
 
 
 class _SignalHook:

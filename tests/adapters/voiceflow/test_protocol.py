@@ -506,6 +506,42 @@ def test_a_whole_conversation() -> None:
     assert rejected[1]["messageID"] == "generated-1"
 
 
+def test_an_idle_session_that_expired_ends_with_inactivity_timeout() -> None:
+    """The spec's "End" (the session ending "can also occur because of timeouts"): the
+    connection says how long its idle session lives in the store, and when the store let
+    it go, ``session.ended {reason: "inactivity_timeout"}``; then it needs a new one."""
+    conn = connection(session_timeout_s=600)
+    assert conn.idle_timeout_s() is None  # no session
+    ready(conn)
+    assert conn.idle_timeout_s() is None  # made, not yet in the store: nothing to expire
+    assert conn.session_timed_out() == []
+    send(conn, {"type": "launch"}, "m1")
+    assert conn.idle_timeout_s() is None  # an action runs
+    assert conn.session_timed_out() == []
+    conn.turn_event(ResponseEvent(response=Response(session_timeout=90)))
+    conn.turn_finished()
+    assert conn.idle_timeout_s() == 90  # the core's sessionTimeout
+    assert conn.idle_context() is not None
+    assert conn.idle_context().key == "voiceflow:session-1"  # type: ignore[union-attr]
+    send(conn, {"type": "text", "payload": "hi"}, "m2")
+    conn.turn_event(ResponseEvent(response=Response()))
+    conn.turn_finished()
+    assert conn.idle_timeout_s() == 600  # else GATEWAY_SESSION_TIMEOUT_S
+    assert emitted(conn.session_timed_out()) == [
+        ("session.ended", {"reason": "inactivity_timeout"})
+    ]
+    assert state_of(conn) is State.STARTED
+    assert (conn.session_id, conn.idle_timeout_s(), conn.idle_context()) == (None, None, None)
+    [(_, rejected)] = emitted(conn.receive(ACTION_SEND, [{"action": {"type": "text"}}]))
+    assert rejected["reason"] == "no-session"
+    # a session resumed by its key: the store's timeout (its age is not known here)
+    key = SessionKeys(SECRET, 3600).issue(
+        session_id="old", project_id=PROJECT, user_id=USER, now=NOW - 10
+    )
+    conn.receive(CLIENT_START, [{"userID": USER, "projectID": PROJECT, "sessionKey": key}])
+    assert conn.idle_timeout_s() == 600
+
+
 def test_resuming_with_a_key_and_the_create_rule() -> None:
     key = SessionKeys(SECRET, 3600).issue(
         session_id="old", project_id=PROJECT, user_id=USER, now=NOW - 10

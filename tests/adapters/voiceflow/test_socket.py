@@ -388,6 +388,34 @@ async def test_a_valid_key_of_a_session_the_store_no_longer_has_ends_it() -> Non
         assert await vf.say("hello") == ["You said: hello"]
 
 
+async def test_an_idle_session_that_times_out_is_ended_with_inactivity_timeout() -> None:
+    """Spec "End": the session ending "can also occur because of timeouts". A client whose
+    session expired while it was idle was told nothing until its next action (rejected
+    ``session-not-found``, then ``session.ended {reason: "session_expired"}``); now it gets
+    ``session.ended {reason: "inactivity_timeout"}`` when the store lets the session go,
+    not while another connection of the session keeps it alive."""
+    async with (
+        served(session_timeout_s=2, voiceflow_secret=SecretStr(SECRET)) as url,
+        client(url) as idle,
+        client(url, "polling") as busy,
+    ):
+        key = await idle.handshake()
+        assert await idle.say("hello") == ["You said: hello"]
+        assert not await busy.start(key)  # the same session on a second connection
+        for word in ("one", "two", "three", "four"):  # it keeps the session alive ...
+            assert await busy.say(word) == [f"You said: {word}"]
+            await asyncio.sleep(0.8)
+        await idle.nothing_more()  # ... past the first connection's own idle timeout
+        ended = [await idle.next(), await busy.next()]  # then both are told
+        assert ended == [("session.ended", {"reason": "inactivity_timeout"})] * 2
+        await idle.send({"type": "text", "payload": "still there?"}, "m1")
+        rejected = await idle.expect("action.status")
+        assert (rejected["status"], rejected["reason"]) == ("rejected", "no-session")
+        await idle.create()  # a new session, as the spec's lifecycle says
+        assert await idle.say("hello again") == ["You said: hello again"]
+        await idle.nothing_more()
+
+
 @pytest.mark.parametrize(
     ("action", "heard"),
     [
