@@ -888,8 +888,9 @@ class _Running:
 class VoiceflowConnection:
     """One socket.io connection of the Voiceflow interact protocol, sans I/O.
 
-    ``keys`` makes and checks sessionKeys; ``project_allowed`` decides whether a
-    projectID may open sessions (``Settings.key_allowed``: GATEWAY_APP_KEYS);
+    ``keys`` makes and checks sessionKeys (or gives the signer to use at each key
+    made or checked, so a connection follows a rotated secret); ``project_allowed``
+    decides whether a projectID may open sessions (``Settings.key_allowed``: GATEWAY_APP_KEYS);
     ``api_keys`` are the accepted ``authorization`` values (empty: not checked);
     ``clock`` gives epoch seconds (trace times, key expiry); ``session_busy`` tells
     whether another connection of this instance runs an action of a session (its
@@ -904,7 +905,7 @@ class VoiceflowConnection:
     def __init__(
         self,
         *,
-        keys: SessionKeys,
+        keys: SessionKeys | Callable[[], SessionKeys],
         project_allowed: Callable[[str], bool],
         api_keys: frozenset[str] = frozenset(),
         clock: Callable[[], float],
@@ -913,7 +914,7 @@ class VoiceflowConnection:
         new_message_id: Callable[[], str] = lambda: str(uuid.uuid4()),
         session_timeout_s: int = 1800,
     ) -> None:
-        self._keys = keys
+        self._keys: Callable[[], SessionKeys] = keys if callable(keys) else lambda: keys
         self._project_allowed = project_allowed
         self._api_keys = api_keys
         self._clock = clock
@@ -1009,7 +1010,7 @@ class VoiceflowConnection:
         if not self._project_allowed(start.project_id):
             machine.feed(START_REFUSED)
             return [error("forbidden-project", f"Unknown projectID {clipped(start.project_id)}.")]
-        check = self._keys.verify(
+        check = self._keys().verify(
             start.session_key, project_id=start.project_id, user_id=start.user_id, now=self._clock()
         )
         self.start = start
@@ -1031,7 +1032,7 @@ class VoiceflowConnection:
         self.session_id = self._new_id()
         self._fresh = True
         self._kept_s = None
-        key = self._keys.issue(
+        key = self._keys().issue(
             session_id=self.session_id,
             project_id=start.project_id,
             user_id=start.user_id,

@@ -567,8 +567,10 @@ class VoiceflowServer:
     def session_keys(self) -> SessionKeys:
         """The sessionKey signer: GATEWAY_VOICEFLOW_SECRET, else the gateway's derived key.
 
-        Read when a client connects (the gateway's master key may be adopted from
-        Redis after startup). Raises RuntimeError before :meth:`start`.
+        Read each time a connection makes or checks a key (the gateway's master key may
+        be adopted from Redis after startup, or replaced by the one Redis holds,
+        gateway/secrets.py: a connection made before signed with the old key for as long
+        as it lasted). Raises RuntimeError before :meth:`start`.
         """
         if self._gateway is None:
             raise RuntimeError("the Voiceflow server is not started")
@@ -676,7 +678,7 @@ class VoiceflowServer:
         if gw is None:
             return False  # not started (or stopping): the client retries
         conn = VoiceflowConnection(
-            keys=self.session_keys(),
+            keys=self.session_keys,  # read at each key: the secret may change meanwhile
             project_allowed=gw.settings.key_allowed,
             api_keys=gw.settings.voiceflow_api_keys,
             clock=time.time,

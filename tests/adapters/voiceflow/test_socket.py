@@ -19,7 +19,9 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect as ws_connect
 
 from adapters.voiceflow.protocol import PATH, SessionKeys
+from gateway.app import create_app
 from gateway.metrics import REGISTRY
+from gateway.settings import Settings
 from tests.adapters.voiceflow.helpers import (
     PROJECT,
     SECRET,
@@ -30,7 +32,7 @@ from tests.adapters.voiceflow.helpers import (
     messages,
     served,
 )
-from tests.conftest import gateway, serve
+from tests.conftest import gateway, serve, served_app
 from tests.gateway.core_app import WebhookCore, make_core
 from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
 
@@ -123,6 +125,29 @@ async def test_reconnecting_with_the_session_key_continues_the_session(
             assert await second.say("what is my name") == ["Your name is Ada."]
             _, traces, _ = await second.act({"type": "launch"})
             assert messages(traces)[0] == "Welcome back, Ada."
+
+
+async def test_a_connection_signs_with_the_secret_the_gateway_has_now() -> None:
+    """The gateway's master key can change while it runs (gateway/secrets.py: the shared
+    key adopted once Redis answers after a failed startup read, or the one Redis holds
+    later). A connection kept the sessionKey signer of its connect time: the keys it made
+    afterwards failed on every new connection (newSessionRequired: the conversation
+    lost), and it refused keys made since. Now each key is made and checked with the
+    gateway's key of the moment."""
+    app = create_app(Settings())
+    async with served_app(app) as url, client(url) as early:
+        await early.handshake()
+        assert await early.say("my name is Ada") == ["Nice to meet you, Ada."]
+        app.state.gateway.secret_keys.adopt(b"k" * 32, "redis")  # the key changes
+        key = await early.create()  # a new session on the connection made before
+        assert await early.say("my name is Bob") == ["Nice to meet you, Bob."]
+        async with client(url, "polling") as later:
+            assert await later.start(key) is False  # the key verifies: no new session
+            assert await later.say("what is my name") == ["Your name is Bob."]
+            other = await later.create()
+            assert await later.say("my name is Cy") == ["Nice to meet you, Cy."]
+        assert await early.start(other) is False  # and the early one takes keys made since
+        assert await early.say("what is my name") == ["Your name is Cy."]
 
 
 async def test_paths_transports_and_cors() -> None:
