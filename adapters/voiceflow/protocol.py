@@ -118,7 +118,9 @@ Response items -> traces (:class:`TraceWriter`), in this order per item:
   does a ``text`` request without a text payload; a button whose request type cannot be
   sent back as an action, with whitespace or too long, is left out);
   ``"traces"`` -> each ``{type, payload}`` passed through as it is (cards,
-  carousels, custom actions);
+  carousels, custom actions) when its ``type`` is a trace name (no whitespace, at
+  most :data:`MAX_NAME` characters) and not one of :data:`OWN_TRACES`, which the
+  gateway writes itself from the items and the Response; others are left out;
 - an item whose text is ``#name`` (a client command) and whose code is anything
   else -> the custom action trace ``{type: "name", payload: <code, parsed when
   JSON>}`` (any JSON value: ``'"main"'``, what a core's command item carries for the
@@ -145,7 +147,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -679,7 +681,7 @@ class TraceWriter:
             if buttons:
                 out.append(trace("choice", {"buttons": buttons}, now))
             for raw in _list(value.get("traces")):
-                if isinstance(raw, dict) and isinstance(raw.get("type"), str) and raw["type"]:
+                if isinstance(raw, dict) and _passable(raw.get("type")):
                     out.append(trace(raw["type"], raw.get("payload"), now))
             return out
         command = (item.text or "").strip()
@@ -738,6 +740,27 @@ def _button(raw: Any) -> dict[str, Any] | None:
     if kind == "text" and not (isinstance(payload, str) and payload.strip()):
         payload = name  # a text request needs its text: the button's name, as for "Yes"
     return {"name": name, "request": {"type": kind, "payload": payload}}
+
+
+OWN_TRACES: Final = frozenset(
+    {"text", "speak", "visual", "choice", "end", "no-reply", "completion"}
+)
+"""Trace types only the gateway writes (:class:`TraceWriter`, from an item's text, audio,
+image and buttons, and the Response's ``sessionEnded`` and no-reply timeout), in the
+shapes Voiceflow's schemas require: a core's ``{"traces": [...]}`` does not pass them
+through (an ``end`` of its own told the client the conversation was over while the
+session went on; a ``text`` without ``slate`` breaks Voiceflow's ``TextTraceDTO``)."""
+
+
+def _passable(kind: Any) -> bool:
+    """Whether a core's trace of type ``kind`` goes to the client: a trace name (no
+    whitespace, 1 to :data:`MAX_NAME` characters) that is none of :data:`OWN_TRACES`."""
+    return (
+        isinstance(kind, str)
+        and _GENERAL_TYPE.fullmatch(kind) is not None
+        and len(kind) <= MAX_NAME
+        and kind not in OWN_TRACES
+    )
 
 
 def _pressable(kind: str) -> bool:

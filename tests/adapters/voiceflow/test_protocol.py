@@ -386,7 +386,14 @@ def test_code_carries_buttons_traces_and_custom_actions() -> None:
             {"name": "Broken", "request": {"type": ""}},
             42,
         ],
-        "traces": [{"type": "cardV2", "payload": {"title": "T"}}, {"payload": "no type"}],
+        "traces": [
+            {"type": "cardV2", "payload": {"title": "T"}},
+            {"payload": "no type"},
+            {"type": "end"},  # the gateway's own: from the Response only
+            {"type": "text", "payload": "no slate"},
+            {"type": "two words"},
+            {"type": "x" * 129},
+        ],
     }
     assert shapes(plain.item(ResponseItem(text="Pick", code=json.dumps(code)))) == [
         ("text", text("Pick")),

@@ -565,6 +565,53 @@ async def test_actions_reach_the_core_and_items_become_traces() -> None:
             assert turn["input"]["transcript"]["text"] == text, action
 
 
+async def test_traces_a_core_passes_through_are_trace_names_the_gateway_does_not_write() -> None:
+    """A core's ``{"traces": [...]}`` went to the client whatever the types: an ``end`` of
+    its own (the client took the conversation for over while the session went on), a
+    ``completion`` or a ``text`` without its ``slate`` (shapes Voiceflow's schemas refuse),
+    types with whitespace or of 3,000 characters. Now only trace names (no whitespace, at
+    most 128 characters) that the gateway does not write itself pass; the session goes on."""
+    traces = [
+        {"type": "end"},
+        {"type": "text", "payload": "junk"},
+        {"type": "completion", "payload": {"state": "start"}},
+        {"type": "no-reply", "payload": {"timeout": -1}},
+        {"type": "choice", "payload": {"buttons": "none"}},
+        {"type": "x y\n"},
+        {"type": "a" * 3000},
+        {"type": ""},
+        {"type": 7},
+        {"type": "cardV2", "payload": {"title": "T"}},
+        {"type": "carousel", "payload": {"cards": []}},
+        {"type": "open_url", "payload": "https://example.org"},
+        {"type": "a" * 128},
+    ]
+    app = FastAPI()
+
+    @app.post("/turn")
+    async def turn() -> dict[str, Any]:
+        code = json.dumps({"traces": traces})
+        return {"items": [{"text": "Hi."}, {"text": "#cards", "code": code}]}
+
+    async with (
+        serve(app) as core_url,
+        served(pipeline=f"{core_url}/turn") as url,
+        client(url) as vf,
+    ):
+        await vf.handshake()
+        for action in ({"type": "launch"}, {"type": "text", "payload": "again"}):
+            _, got, completed = await vf.act(action)
+            assert completed["status"] == "completed"
+            assert [(t["type"], t.get("payload")) for t in got[1:]] == [
+                ("cardV2", {"title": "T"}),
+                ("carousel", {"cards": []}),
+                ("open_url", "https://example.org"),
+                ("a" * 128, None),
+            ]
+            assert got[0]["type"] == "text"
+        await vf.nothing_more()  # no session.ended: the session goes on
+
+
 async def test_general_requests_take_custom_action_paths_and_press_buttons() -> None:
     """Voiceflow's general requests (any type that is not one of its own, npm
     ``@voiceflow/dtos-interact`` GeneralRequestDTO) are actions: the path a client takes
