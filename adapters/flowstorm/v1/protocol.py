@@ -631,25 +631,28 @@ def listen_config(config: Mapping[str, Any], default_silence_timeout_ms: int) ->
 
     Raises ProtocolError naming the setting, what is accepted and what came.
     """
-    rates = ", ".join(str(r) for r in STT_SAMPLE_RATES) + " (Hz)"
-    rate = _number(config, "sttSampleRate", DEFAULT_SAMPLE_RATE, STT_SAMPLE_RATES, rates)
-    timeouts = range(1, MAX_SILENCE_TIMEOUT_MS + 1)
-    limits = f"1..{MAX_SILENCE_TIMEOUT_MS} (ms)"
-    timeout = _number(config, "silenceTimeout", default_silence_timeout_ms, timeouts, limits)
     return ListenConfig(
-        AudioFormat("LINEAR16", rate),
+        AudioFormat("LINEAR16", _number(config, "sttSampleRate", DEFAULT_SAMPLE_RATE)),
         interim=flag(config.get("sttInterimResults")),
-        silence_timeout_ms=timeout,
+        silence_timeout_ms=_number(config, "silenceTimeout", default_silence_timeout_ms),
         duplex=_choice(config, "sttMode", "default"),
     )
 
 
-def _number(
-    config: Mapping[str, Any], name: str, default: int, accepted: Container[int], expected: str
-) -> int:
+_NUMBERS: Final[dict[str, tuple[Container[int], str]]] = {
+    "sttSampleRate": (STT_SAMPLE_RATES, ", ".join(map(str, STT_SAMPLE_RATES)) + " (Hz)"),
+    "silenceTimeout": (range(1, MAX_SILENCE_TIMEOUT_MS + 1), f"1..{MAX_SILENCE_TIMEOUT_MS} (ms)"),
+}
+"""The ``config`` settings that take a number: name -> (the values accepted, those values
+as the Error names them)."""
+
+
+def _number(config: Mapping[str, Any], name: str, default: int) -> int:
     """``config[name]`` as an integer (:func:`gateway.protocol.integer`), ``default`` when
     it is not set (missing or JSON null). Raises ProtocolError ``Unsupported audio input:
-    config.<name>`` naming ``expected`` and what came when it is none of ``accepted``."""
+    config.<name>`` naming the values accepted (:data:`_NUMBERS`) and what came when it is
+    none of them."""
+    accepted, expected = _NUMBERS[name]
     raw = config.get(name)
     value = default if raw is None else integer(raw)
     if value is None or value not in accepted:
@@ -802,11 +805,6 @@ class V1Connection:
         return self.state in _TURN_OVER
 
     @property
-    def stream(self) -> int | None:
-        """The number of the utterance being recognised (StartListening.stream), or None."""
-        return self._utterance.stream if self._utterance is not None else None
-
-    @property
     def buffered_logs(self) -> tuple[LogEntry, ...]:
         """Log entries waiting for a session (oldest first)."""
         return tuple(self._logs)
@@ -902,24 +900,7 @@ class V1Connection:
 
     def _on_input(self, event: RequestEvent | InputEvent) -> list[Action]:
         self.machine.check(event.type)  # out of order: nothing changes
-        session_id, ctx_args, input_ = self._read_input(event)  # invalid: nothing changes
-        self.machine.feed(event.type)
-        utterance, self._utterance = self._utterance, None  # the user typed instead of speaking
-        # an open Duplex stream stays heard through the text turn, as through any turn
-        hear_on = self._duplex is not None
-        cancel: list[Action] = (
-            [] if utterance is None else [CancelListening(utterance.stream, hear_on=hear_on)]
-        )
-        return [*cancel, self._start_turn(session_id, input_, **ctx_args)]
-
-    def _start_turn(self, session_id: str, input_: Input, **ctx_args: Any) -> StartTurn:
-        logs = tuple(self._logs)
-        self._logs.clear()
-        self._turn = _Turn(session_id)
-        return StartTurn(self._context(session_id, logs=logs, **ctx_args), input_)
-
-    def _read_input(self, event: RequestEvent | InputEvent) -> tuple[str, dict[str, Any], Input]:
-        """The session id, TurnContext fields and Input of a Request/Input; ProtocolError."""
+        # the session id, TurnContext fields and Input; invalid: ProtocolError, nothing changes
         assert self.init is not None  # the table allows input only after Init
         ctx_args: dict[str, Any] = {}
         if isinstance(event, RequestEvent):
@@ -932,7 +913,20 @@ class V1Connection:
             proposed, input_ = event.session_id, event.input
         if not input_.text.strip():
             raise ProtocolError("input.transcript.text is empty: send the user's text or #intro.")
-        return self._proposed(proposed), ctx_args, input_
+        session_id = self._proposed(proposed)
+        self.machine.feed(event.type)
+        utterance, self._utterance = self._utterance, None  # the user typed instead of speaking
+        turn = self._start_turn(session_id, input_, **ctx_args)
+        if utterance is None:
+            return [turn]
+        # an open Duplex stream stays heard through the text turn, as through any turn
+        return [CancelListening(utterance.stream, hear_on=self._duplex is not None), turn]
+
+    def _start_turn(self, session_id: str, input_: Input, **ctx_args: Any) -> StartTurn:
+        logs = tuple(self._logs)
+        self._logs.clear()
+        self._turn = _Turn(session_id)
+        return StartTurn(self._context(session_id, logs=logs, **ctx_args), input_)
 
     def _proposed(self, proposed: str | None) -> str:
         """The session id of a turn: the proposed one, the connection's, or a new one."""
@@ -982,9 +976,8 @@ class V1Connection:
 
     def _on_audio_open(self, event: InputAudioStreamOpenEvent) -> list[Action]:
         ack = Send(InputAudioStreamOpenEvent().wire_json())
-        if (
-            duplex := self._duplex
-        ) is not None:  # open already: the client lost track of it (module doc)
+        duplex = self._duplex
+        if duplex is not None:  # open already: the client lost track of it (module doc)
             self.machine.check(OPEN_DUPLEX)
             if event.session_id:
                 duplex.session_id = check_session_id(event.session_id)  # invalid: Error
@@ -1020,7 +1013,10 @@ class V1Connection:
         )
 
     def _listen_next(self) -> list[Action]:
-        """StartListening for the next utterance of the open Duplex stream."""
+        """StartListening for the next utterance of the open Duplex stream when no turn runs
+        (state ``duplex``), else ``[]``."""
+        if self.state is not State.DUPLEX:
+            return []
         duplex = self._duplex
         assert duplex is not None
         start = self._listen(duplex.listen, duplex.session_id, duplex=True)
@@ -1238,8 +1234,7 @@ class V1Connection:
         """
         self.machine.advance(TURN_REJECTED)
         self._turn = None
-        error = error_frame(exc.text, exc.source)
-        return [error, *self._listen_next()] if self.state is State.DUPLEX else [error]
+        return [error_frame(exc.text, exc.source), *self._listen_next()]
 
     def turn_finished(self) -> list[Action]:
         """The running turn's event stream has ended; the connection is idle again.
@@ -1250,8 +1245,7 @@ class V1Connection:
         """
         self.machine.advance(TURN_FINISHED)
         self._turn = None
-        listen = self._listen_next() if self.state is State.DUPLEX else []
-        return [*self._flush_logs(), *listen]
+        return [*self._flush_logs(), *self._listen_next()]
 
     def connection_lost(self) -> list[Action]:
         """The socket is gone: CancelListening for an utterance being recognised, and a
