@@ -1193,12 +1193,9 @@ class V1Connection:
         """Whether outbox entries may go out now: no turn of the connection runs, or
         (``before_turn``) the one just started has not begun to answer. A turn's frames
         are never interleaved with others."""
-        if not self.machine.allows(OUTBOX):
-            return False
-        if self.state in _NO_TURN:
-            return True
         turn = self._turn  # turn / turn-draining / duplex-turn: before the turn's first event
-        return before_turn and turn is not None and not turn.accepted
+        starting = before_turn and turn is not None and not turn.accepted
+        return self.machine.allows(OUTBOX) and (self.state in _NO_TURN or starting)
 
     def deliver(self, missed: Sequence[Missed], *, before_turn: bool = False) -> list[Action]:
         """Frames of outbox entries (pushes, the rest of an answer a dropped socket missed),
