@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -127,41 +126,30 @@ class _Listening:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, start: StartListening) -> None:
-        previous = self._utterance
-        if start.continuous:
-            await self._start_continuous(start, previous)
-            return
-        self._duplex = None
-        if previous is not None:
+        """Make utterance ``start.stream`` the one being heard, on a stage of its own, or
+        (``continuous``) on the Duplex stream's stage (its first utterance makes it),
+        recognised from the next voice onset on (SpeechStage.listen ``at_onset``); start
+        the task that runs it (:meth:`_listen`)."""
+        previous, continuous = self._utterance, start.continuous
+        stage = self._duplex if continuous else None
+        if previous is not None and previous.stage is not stage:
             # the protocol is done with it (a result or failure was reported); its worker
             # may still be sending that report's frames: let it, but take no more audio
             previous.stage.stop()
-        stage = self.gw.speech.listener(start, max_pending_ms=MAX_PENDING_AUDIO_MS)
-        stage.listen()
-        self._spawn(_Utterance(start.stream, stage))
-
-    def _spawn(self, utterance: _Utterance) -> None:
-        """Make ``utterance`` the one being heard and start the task that runs it (_listen)."""
-        self._utterance = utterance
-        task = asyncio.create_task(self._listen(utterance), name=f"listen {utterance.stream}")
+        if stage is None:  # (a Duplex stream's utterances have no silence timeout: no #silence)
+            keep_ms = DUPLEX_KEEP_MS if continuous else 0
+            stage = self.gw.speech.listener(
+                start, keep_ms=keep_ms, max_pending_ms=MAX_PENDING_AUDIO_MS
+            )
+        self._duplex = stage if continuous else None
+        # the previous utterance's run may still be reporting its result: it returns
+        # without touching this one (SpeechStage.listen)
+        stage.listen(at_onset=PREROLL_MS if continuous else None)
+        utterance = self._utterance = _Utterance(start.stream, stage, continuous=continuous)
+        task = asyncio.create_task(self._listen(utterance), name=f"listen {start.stream}")
         utterance.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _start_continuous(self, start: StartListening, previous: _Utterance | None) -> None:
-        """The next utterance of the Duplex stream (its first makes the stream's stage),
-        recognised from the next voice onset on (SpeechStage.listen ``at_onset``)."""
-        stage = self._duplex
-        if stage is None:  # (its utterances have no silence timeout: no #silence)
-            stage = self._duplex = self.gw.speech.listener(
-                start, keep_ms=DUPLEX_KEEP_MS, max_pending_ms=MAX_PENDING_AUDIO_MS
-            )
-        if previous is not None and previous.stage is not stage:
-            previous.stage.stop()
-        # the previous utterance's run may still be reporting its result: it returns
-        # without touching this one (SpeechStage.listen)
-        stage.listen(at_onset=PREROLL_MS)
-        self._spawn(_Utterance(start.stream, stage, continuous=True))
 
     def _current(self, stream: int) -> _Utterance | None:
         utterance = self._utterance
@@ -193,20 +181,19 @@ class _Listening:
     async def cancel(self, action: CancelListening) -> None:
         if (utterance := self._current(action.stream)) is None:
             return
-        task = utterance.task
-        if action.hear_on and utterance.stage is self._duplex:
+        task, stage = utterance.task, utterance.stage
+        stage.stop()
+        if action.hear_on and stage is self._duplex:
             # only the utterance is dropped (typed input): the stream's stage goes on
             # hearing it (feed: stage.hear), as between utterances. Its recognition is
             # released before the stream's next utterance opens on the stage (SpeechStage.run
             # releases only the utterance it serves)
-            utterance.stage.stop()
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
             return
         self._utterance = None
-        utterance.stage.stop()
-        if utterance.stage is self._duplex:
+        if stage is self._duplex:
             self._duplex = None  # the Duplex stream is over
         if task is not None:
             # its recognition is cancelled on the way out; a CancelListening in one of its
@@ -337,16 +324,25 @@ class _Socket(WebSocketDriver[Action]):
         """Send one turn's frames; the Response and what follows go out after its stream ends.
 
         Without an outbox this is the driver's forwarder. With one, each event is handled
-        inside :meth:`_claim`: its frames go out once per connection, even when the
-        outbox delivered it first. Outbox entries wait while the turn answers
-        (``_answering``) and are caught up afterwards.
+        inside ``claim`` (Following.claim: whether the outbox has not delivered it yet): its
+        frames go out once per connection, even when the outbox delivered it first, and a
+        session the turn adopts (a new one) is followed from then on. Outbox entries wait
+        while the turn answers (``_answering``) and are caught up afterwards.
         """
         following = self.following
         if following is None:
             await super().forward(start)
             return
         key = start.ctx.key
-        claim = functools.partial(self._claim, following, key)
+
+        @contextlib.asynccontextmanager
+        async def claim(event: TurnEvent) -> AsyncIterator[bool]:
+            async with following.claim(key, event.seq) as fresh:
+                yield fresh
+                adopted = self.conn.session_key
+                if adopted is not None and adopted != following.key:
+                    following.follow(adopted, None, replay=False)
+
         try:
             answered = await self.forward_claimed(start, claim)
         finally:
@@ -354,17 +350,6 @@ class _Socket(WebSocketDriver[Action]):
         if answered and self.open and following.key == key:
             await asyncio.shield(following.settle(key))  # even when the client leaves now
             await following.catch_up()  # what came while the turn answered
-
-    @contextlib.asynccontextmanager
-    async def _claim(self, following: Following, key: str, event: TurnEvent) -> AsyncIterator[bool]:
-        """Around one event of a turn of session ``key`` (Following.claim: whether the
-        outbox has not delivered it yet); a session the turn adopts (a new one) is
-        followed from then on."""
-        async with following.claim(key, event.seq) as fresh:
-            yield fresh
-            adopted = self.conn.session_key
-            if adopted is not None and adopted != following.key:
-                following.follow(adopted, None, replay=False)
 
     async def _deliver(self, entries: list[Entry], before_turn: bool) -> bool:
         """Send outbox entries (see gateway.outbox.Following); False when it cannot now."""
@@ -389,31 +374,24 @@ class _Socket(WebSocketDriver[Action]):
         the session by its ref, the entry's seq and the field that failed, never the
         content. It counts as delivered, so the mark is raised over it (it never becomes
         valid; V2 does the same with pushes)."""
-        if entry.kind != "push":
-            try:
-                missed_event(Missed(entry.seq, False, entry.event))
-            except ValueError as exc:
-                log.warning(
-                    "turn entry %d of %s not replayed: its event is not one this version "
-                    "delivers (%s)",
-                    entry.seq,
-                    session_ref(self.conn.session_key or ""),
-                    exc,
-                )
-                return None
-            return entry.event
+        push = entry.kind == "push"
         try:
-            event = ResponseEvent.model_validate(entry.event)
-        except ValidationError as exc:
-            log.warning(
-                "push %d of %s dropped: its event is not a Response (%s)",
-                entry.seq,
-                session_ref(self.conn.session_key or ""),
-                invalid_field(exc),
+            if push:
+                event = ResponseEvent.model_validate(entry.event)
+            else:
+                missed_event(Missed(entry.seq, False, entry.event))
+        except ValueError as exc:  # a push's ValidationError, or missed_event's ValueError
+            why = invalid_field(exc) if isinstance(exc, ValidationError) else exc
+            dropped = (
+                "push %d of %s dropped: its event is not a Response (%s)"
+                if push
+                else "turn entry %d of %s not replayed: its event is not one this version "
+                "delivers (%s)"
             )
+            log.warning(dropped, entry.seq, session_ref(self.conn.session_key or ""), why)
             return None
         tts = self.conn.tts
-        if tts is None or tts.mode != "links":
+        if not push or tts is None or tts.mode != "links":
             return entry.event
         linked = await self.gw.speech.link_pushed(event, tts.file_type)
         return entry.event if linked is None else linked.wire()
