@@ -33,12 +33,13 @@ way, and an append or a mark writes a number over what it read.
 
 An entry in Redis that is unreadable (not JSON, or JSON of another shape: edited by
 hand, written by another version in a rolling upgrade) is skipped by
-:meth:`RedisOutbox.since`, never raised: it is logged at ERROR (the session by its
-ref, the entry by its seq, the first field that failed; never the stored content),
-and every readable entry is still read. It stays counted as pending (and is logged
-again at each read) until a delivery of a later entry raises the delivered mark over
-it, or it is trimmed (``keep``) or expires with the outbox. A :class:`MemoryOutbox`
-keeps validated entries, so it has none.
+:meth:`RedisOutbox.since`, never raised, and removed from the outbox (it can never be
+delivered; kept, it counted as pending and was logged again at every read): logged
+once at ERROR, by the read whose ``ZREM`` removed it (the session by its ref, the
+entry by its seq, the first field that failed; never the stored content). Every
+readable entry is still read; a removal that fails (Redis went away) is logged as an
+outage and tried again at the next read. A :class:`MemoryOutbox` keeps validated
+entries, so it has none.
 
 :class:`Journal` puts the outbox and the bus together: an append also tells the
 session's followers (a live connection on any instance, topic ``outbox:{key}``) to look
@@ -122,7 +123,8 @@ class Outbox(Protocol):
 
     async def since(self, key: str, after: int | None) -> list[Entry]:
         """Kept entries with ``seq > after`` (``after`` None: above the delivered mark),
-        oldest first; an unreadable stored entry is logged and left out (module doc).
+        oldest first; an unreadable stored entry is left out, removed and logged once
+        (module doc).
         Raises OutboxError."""
         ...
 
@@ -297,22 +299,18 @@ def _unreadable(key: str, fields: Sequence[str]) -> None:
     )
 
 
-def _entry(key: str, data: bytes | str, score: float) -> Entry | None:
-    """The entry stored as ``data`` (its JSON) at ``score`` (its seq) in ``key``'s outbox,
-    or None when it is unreadable (module doc): logged at ERROR, the session by its
-    ref, the entry by its seq, and the first field that failed (never the content)."""
-    try:
-        return Entry.model_validate_json(data)
-    except ValidationError as exc:
-        from gateway.logs import session_ref  # gateway.logs imports this module's users
+def _unreadable_entry(key: str, score: float, exc: ValidationError) -> None:
+    """Log at ERROR that the entry at ``score`` (its seq) in ``key``'s outbox is
+    unreadable and was removed (module doc): the session by its ref, the entry by its
+    seq, and the first field that failed (never the content)."""
+    from gateway.logs import session_ref  # gateway.logs imports this module's users
 
-        log.error(
-            "outbox of session %s: stored entry %d unreadable (%s), so it is skipped",
-            session_ref(key),
-            int(score),
-            invalid_field(exc),
-        )
-        return None
+    log.error(
+        "outbox of session %s: stored entry %d unreadable (%s), so it was removed",
+        session_ref(key),
+        int(score),
+        invalid_field(exc),
+    )
 
 
 # count(v): a stored seq or mark (HGET's reply) as a number: 0 when absent, nil when it
@@ -443,7 +441,28 @@ class RedisOutbox:
                 lambda: redis.zrangebyscore(entries_key, low, "+inf", withscores=True)
             )
         pairs = cast("list[tuple[bytes | str, float]]", raw)  # (member, score) with scores
-        return [e for data, score in pairs if (e := _entry(key, data, score)) is not None]
+        entries: list[Entry] = []
+        for data, score in pairs:
+            try:
+                entries.append(Entry.model_validate_json(data))
+            except ValidationError as exc:
+                await self._remove_unreadable(key, entries_key, data, score, exc)
+        return entries
+
+    async def _remove_unreadable(
+        self, key: str, entries_key: str, data: bytes | str, score: float, exc: ValidationError
+    ) -> None:
+        """Remove the unreadable entry ``data`` (exactly that member) from ``key``'s outbox
+        and log it once (module doc): only the read that removed it logs it; one that
+        cannot remove it (Redis went away) logs the outage, a later read tries again."""
+        redis = self._redis
+        try:
+            removed = await self._guard(lambda: redis.zrem(entries_key, data))
+        except REDIS_ERRORS as error:
+            log.log(outage_level(error), "unreadable outbox entry not removed: Redis: %s", error)
+            return
+        if removed:
+            _unreadable_entry(key, score, exc)
 
     async def mark(self, key: str, seq: int) -> int:
         with _redis_errors():

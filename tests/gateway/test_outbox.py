@@ -188,13 +188,16 @@ async def test_a_stored_seq_or_mark_that_is_no_number_is_read_as_the_safe_number
         assert "outbox of session h-" in record.getMessage()  # its ref, not its key
 
 
-async def test_an_unreadable_stored_entry_is_skipped_and_logged(
+async def test_an_unreadable_stored_entry_is_removed_and_logged_once(
     redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A stored entry that is no JSON, or JSON of another shape (edited by hand, written
-    by another version), made since() raise ValidationError: now it is left out with one
-    ERROR (the session's ref, the entry's seq, the field; never the content), and the
-    readable entries around it are read. Other outboxes are untouched."""
+    by another version), is left out with one ERROR (the session's ref, the entry's
+    seq, the field; never the content), and the readable entries around it are read.
+    It was kept: counted as pending for good and logged again at every read (every
+    turn of the session read the outbox, an ERROR each time); now the read removes it,
+    and only the read that removed it logs it (two readers at once: one line). Other
+    outboxes are untouched."""
     client = redis_client(redis_url)
     box = RedisOutbox(client, prefix=redis_prefix, keep=10, ttl_s=60)
     entries, _ = box.keys("k")
@@ -204,22 +207,26 @@ async def test_an_unreadable_stored_entry_is_skipped_and_logged(
         await client.zremrangebyscore(entries, 2, 3)
         await client.zadd(entries, {b"secret, not json": 2, b'{"seq": 3, "kind": 7}': 3})
         caplog.clear()
-        assert [e.seq for e in await box.since("k", None)] == [1, 4]
+        both = await asyncio.gather(box.since("k", None), box.since("k", None))
+        assert [[e.seq for e in read] for read in both] == [[1, 4], [1, 4]]
         assert [e.seq for e in await box.since("k", 2)] == [4]
+        assert [e.seq for e in await box.since("k", None)] == [1, 4]
         assert [e.event for e in await box.since("other", 0)] == [ev("x")]
-        assert await box.state("k") == OutboxState(4, 0, 4)  # counted still: it is kept
+        assert await box.state("k") == OutboxState(4, 0, 2)  # pending: the readable ones
+        assert await client.zcard(entries) == 2
+        assert await box.append("k", [ev("e")], "push", limit=None) == [5]  # numbered on
     finally:
         await redisconn.aclose(client)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert [m.split(" unreadable")[0].split(": ")[1] for m in errors] == [
         "stored entry 2",
         "stored entry 3",
-        "stored entry 3",
     ]
     assert "(Invalid JSON: " in errors[0]
     assert "(kind: " in errors[1]
     for message in errors:
         assert message.startswith("outbox of session h-")  # its ref, not its key
+        assert message.endswith("so it was removed")
         assert "secret" not in message
 
 
