@@ -34,6 +34,7 @@ from adapters.voiceflow.routes import mount as mount_voiceflow
 from adapters.vonage.routes import router as vonage_router
 from gateway import apidoc, console
 from gateway.admin import AdminRefused, admin_refused_handler, admin_route, check_admin_key
+from gateway.breaker import outage_level
 from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.calls import mount as mount_calls
 from gateway.conversation import Conversation
@@ -53,7 +54,6 @@ from gateway.secrets import LOG_SESSION_REF, TTS_ID, load_secret_keys
 from gateway.sessions import (
     MemorySessionStore,
     RedisSessionStore,
-    StoreCircuitOpen,
     StoreUnavailable,
     make_store,
 )
@@ -266,12 +266,9 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         try:
             await gateway_of(request).store.ping()
         except StoreUnavailable as exc:  # the how goes to the log, the body says what
-            # refused by the Redis client's open breaker (503 at once): the breaker logged it
-            log.log(
-                logging.DEBUG if isinstance(exc, StoreCircuitOpen) else logging.WARNING,
-                "not ready: %s",
-                exc,
-            )
+            # refused by the Redis client's open breaker (503 at once), or one more failure
+            # of an outage: the breaker logged it (outage_level)
+            log.log(outage_level(exc), "not ready: %s", exc)
             return problem(503, "Not ready", "The session store does not answer.")
         return JSONResponse({"status": "ready"})
 

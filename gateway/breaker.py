@@ -14,7 +14,12 @@ and refusing: calls fail fast without the breaker) *closes* the breaker; a probe
 hangs opens it again for twice the cool-down, up to ``max_cool_down_s``. Calls already
 on their way when it opens finish as they would have (their failures do not count
 again). A Redis that refuses connections (restarting, down) never opens it: each call
-fails at once on its own, and the first call after Redis is back is served.
+fails at once on its own, and the first call after Redis is back is served. Such an
+outage is still logged once, not once per call: the first call that fails at once is
+logged by its caller as before, with one WARNING of the breaker (``... cannot be
+reached``); the callers of the calls that fail after it log them at DEBUG
+(:func:`outage_level`), and ``gateway_redis_unreachable_total`` counts them all; the
+first answer after it is one INFO (``... answers again``, with the count).
 
 One breaker per client object (so per gateway process and GATEWAY_REDIS_URL), kept on
 the client itself (:func:`breaker_of`) and shared by every user of that client: the
@@ -79,7 +84,9 @@ class CircuitBreaker:
     Logs one WARNING when it opens and one when it closes (with the calls refused
     meanwhile), an INFO per failed probe; ``gateway_redis_breaker_open`` is 1 while it is
     open or half-open and ``gateway_redis_refused_total`` counts the refused calls
-    (gateway/metrics.py, per process).
+    (gateway/metrics.py, per process). While closed, calls that fail at once because
+    Redis cannot be reached are one WARNING when the first fails and one INFO when a
+    call is answered again (module doc); ``gateway_redis_unreachable_total`` counts them.
 
     Raises ValueError when a cool-down is not positive or the maximum is below the start.
     """
@@ -115,6 +122,10 @@ class CircuitBreaker:
         self.refused = 0
         """Calls refused at once while it was open or a probe was on its way."""
         self._refused_since_open = 0
+        self._unreachable_since: float | None = None
+        """Clock time the first call failed at once (Redis cannot be reached), while
+        closed; None while calls are answered."""
+        self._unreachable_calls = 0
 
     @property
     def state(self) -> BreakerState:
@@ -180,8 +191,10 @@ class CircuitBreaker:
         opens it again with twice the cool-down. A probe that Redis answered (also an
         error reply) or that failed at once (Redis refuses: calls fail fast on their
         own) closes it. A probe that ended otherwise (cancelled, the pool of this
-        process full) proves nothing: the next call becomes the probe. Calls admitted
-        before the last change of state change nothing.
+        process full) proves nothing: the next call becomes the probe. While closed, a
+        call that failed at once (Redis cannot be reached) and the first answer after
+        such failures are logged once each (module doc). Calls admitted before the last
+        change of state change nothing.
         """
         if ticket != self._epoch:
             return
@@ -201,6 +214,13 @@ class CircuitBreaker:
                 self._state = "open"
                 self._epoch += 1
                 self._until = self._clock()
+        elif failed:  # closed (no other state has a current ticket): failed at once
+            assert error is not None
+            self._unreachable(error)
+        elif self._unreachable_since is not None and (
+            error is None or isinstance(error, ResponseError)
+        ):
+            self._reachable()
 
     async def guard(self, call: Callable[[], Awaitable[_T]], *, always: bool = False) -> _T:
         """``call()`` awaited under this breaker: its result, or what it raised, which is
@@ -219,6 +239,36 @@ class CircuitBreaker:
             raise
         self.record(ticket, None)
         return result
+
+    def _unreachable(self, error: BaseException) -> None:
+        """A call failed at once, Redis not reached, while closed: the first of an outage
+        logs one WARNING (its caller logs it as before); the others are marked for
+        :func:`outage_level` (their callers log them at DEBUG). Each is counted."""
+        metrics.REDIS_UNREACHABLE.inc()
+        self._unreachable_calls += 1
+        if self._unreachable_since is not None:
+            setattr(error, _LOGGED, True)
+            return
+        self._unreachable_since = self._clock()
+        log.warning(
+            "%s cannot be reached (%s): its calls fail at once; the next failures are "
+            "logged at DEBUG and counted in gateway_redis_unreachable_total until it "
+            "answers again",
+            self.name,
+            str(error) or type(error).__name__,
+        )
+
+    def _reachable(self) -> None:
+        """A call was answered after calls failed at once: one INFO with their count."""
+        assert self._unreachable_since is not None
+        log.info(
+            "%s answers again after %.1f s: %d call(s) failed meanwhile",
+            self.name,
+            self._clock() - self._unreachable_since,
+            self._unreachable_calls,
+        )
+        self._unreachable_since = None
+        self._unreachable_calls = 0
 
     def _open(self, cool_down: float, error: BaseException) -> None:
         probe_failed = self._state == "half-open"
@@ -252,6 +302,8 @@ class CircuitBreaker:
         self._state = "closed"
         self._epoch += 1
         self._cool_down = self.cool_down_s
+        self._unreachable_since = None  # this line says how it ended
+        self._unreachable_calls = 0
         metrics.REDIS_BREAKER_OPEN.set(0)
         log.warning(
             "%s is asked again after %.1f s (%s): %d call(s) were refused meanwhile",
@@ -261,6 +313,10 @@ class CircuitBreaker:
             self._refused_since_open,
         )
 
+
+_LOGGED = "_gateway_outage_logged"
+"""Set (True) on the error of a call that failed at once during an outage the breaker
+logged already (:meth:`CircuitBreaker._unreachable`; see :func:`refused_by_breaker`)."""
 
 _ATTRIBUTE = "_gateway_breaker"
 """The attribute of a Redis client object that holds its breaker (:func:`breaker_of`)."""
@@ -295,19 +351,22 @@ def share_breaker(client: object, breaker: CircuitBreaker) -> CircuitBreaker:
 def refused_by_breaker(exc: BaseException) -> bool:
     """Whether ``exc`` is a :class:`CircuitOpen`, or an error raised from one (a store's
     own outage error, ``raise ... from exc``): the call was refused by an open breaker,
-    which logged the outage once. Callers log such refusals at DEBUG, not one WARNING
-    each (see :func:`outage_level`)."""
+    which logged the outage once; or the same for the error of a call that failed at
+    once while Redis could not be reached, after the first such call (the breaker
+    logged that outage once). Callers log these at DEBUG, not one WARNING each (see
+    :func:`outage_level`)."""
     seen: BaseException | None = exc
     for _ in range(8):  # a short chain; bounded against a cycle
         if seen is None:
             return False
-        if isinstance(seen, CircuitOpen):
+        if isinstance(seen, CircuitOpen) or getattr(seen, _LOGGED, False):
             return True
         seen = seen.__cause__
     return False
 
 
 def outage_level(exc: BaseException) -> int:
-    """The level to log a Redis outage ``exc`` at: DEBUG when an open breaker refused the
-    call (:func:`refused_by_breaker`: it logged the outage), else WARNING."""
+    """The level to log a Redis outage ``exc`` at: DEBUG when the breaker logged the
+    outage already (:func:`refused_by_breaker`: an open breaker refused the call, or it
+    failed at once in an outage whose first failure was logged), else WARNING."""
     return logging.DEBUG if refused_by_breaker(exc) else logging.WARNING

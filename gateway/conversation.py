@@ -85,7 +85,6 @@ from gateway.sessions import (
     SessionBusy,
     SessionStore,
     SessionTxn,
-    StoreCircuitOpen,
     StoreUnavailable,
 )
 from gateway.settings import Settings
@@ -505,9 +504,10 @@ class Conversation:
             out.put_nowait(rejected)
         except StoreUnavailable as exc:
             # an outage of a dependency, reported by /readyz and the metrics: not a bug;
-            # a call refused by the Redis client's open breaker: the breaker logged the outage
+            # a call refused by the Redis client's open breaker, or one more failure of an
+            # outage: the breaker logged the outage (outage_level)
             log.log(
-                logging.DEBUG if isinstance(exc, StoreCircuitOpen) else logging.WARNING,
+                outage_level(exc),
                 "session store unavailable in a turn of %s: %s",
                 session_ref(ctx.key),
                 exc,

@@ -40,7 +40,10 @@ Names and labels:
 - ``gateway_redis_breaker_open``: 1 while the Redis client's circuit breaker is open
   (Redis did not answer; the calls of the session store, outbox, bus, nonces and TTS
   cache are refused at once, gateway/breaker.py), else 0;
-  ``gateway_redis_refused_total``: calls it refused meanwhile.
+  ``gateway_redis_refused_total``: calls it refused meanwhile;
+  ``gateway_redis_unreachable_total``: calls that failed at once because Redis could
+  not be reached (connection refused or reset: Redis down or restarting; the breaker
+  stays closed, one WARNING when the first fails, one INFO when Redis answers again).
 
 All live in one registry per process (:data:`REGISTRY`), so several apps in one
 process (tests) share them; values are per process, as Prometheus expects.
@@ -149,6 +152,11 @@ REDIS_BREAKER_OPEN = Gauge(
 REDIS_REFUSED = Counter(
     "gateway_redis_refused",
     "Redis calls refused at once by the client's open circuit breaker.",
+    registry=REGISTRY,
+)
+REDIS_UNREACHABLE = Counter(
+    "gateway_redis_unreachable",
+    "Redis calls that failed at once: Redis could not be reached (refused, reset).",
     registry=REGISTRY,
 )
 

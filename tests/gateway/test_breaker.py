@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -53,11 +55,12 @@ from gateway.settings import Settings
 from gateway.speech.types import TtsRequest
 from tests.adapters.vonage.harness import SECRET as VONAGE_SECRET
 from tests.adapters.vonage.harness import ask_ncco
-from tests.conftest import served_app, state_of
+from tests.conftest import free_port, served, served_app, state_of
 from tests.gateway.redis_proxy import ReplyDropper
 from tests.gateway.turns import stored
 
 TEXT = {"Content-Type": "text/plain"}
+KEY = "61f3f3270516dc6f15251ef2"
 TIMEOUT_S = 0.3  # the client's socket timeout through the proxy
 
 
@@ -478,3 +481,64 @@ def test_one_breaker_per_client_and_refusals_are_known_by_their_cause() -> None:
     assert (refused_by_breaker(refused), refused_by_breaker(wrapped)) == (True, True)
     assert outage_level(wrapped) == logging.DEBUG
     assert outage_level(RedisTimeoutError("Timeout")) == logging.WARNING
+
+
+async def test_a_redis_that_refuses_connections_is_one_warning_not_one_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While Redis refuses connections (down, restarting), every turn and every /readyz
+    probe logged its own WARNING: a log storm as long as the outage. Now the first
+    failure is logged as before (by its caller, and one WARNING of the breaker saying
+    the outage began), the others at DEBUG, counted in
+    ``gateway_redis_unreachable_total``; when Redis answers again one INFO says so (with
+    the count), and the next outage is one WARNING again. The clients' answers are as
+    before: 503 and the protocol's error."""
+    port = free_port()
+    down = f"redis://127.0.0.1:{port}/0"
+    failed_before = _sample("gateway_redis_unreachable_total")
+    async with served(redis_url=down) as url, httpx.AsyncClient(base_url=url) as client:
+        caplog.clear()
+        caplog.set_level(logging.DEBUG, "gateway")
+        for _ in range(5):
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["detail"] == "The session store does not answer."
+            turn = await client.put(f"/client?key={KEY}", headers=TEXT, content="hello")
+            assert turn.status_code == 503
+            assert turn.text == "! gateway: The session store is unavailable.\n"
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 2, [r.getMessage() for r in warnings]  # before: 10
+        began, first = warnings
+        assert first.getMessage().startswith("not ready: Redis: ")  # the first, as before
+        assert began.name == "gateway.breaker"
+        assert began.getMessage().startswith("Redis cannot be reached (")
+        assert _sample("gateway_redis_unreachable_total") - failed_before >= 10
+        quiet = [r for r in caplog.records if r.levelno == logging.DEBUG]
+        assert sum("session store unavailable in a turn" in r.getMessage() for r in quiet) == 5
+
+        redis_server = shutil.which("redis-server")
+        assert redis_server is not None
+        server = await asyncio.create_subprocess_exec(
+            *(redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            caplog.clear()
+            for _ in range(200):  # until it listens
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await client.get("/readyz")).status_code == 200
+            back = [r for r in caplog.records if r.name == "gateway.breaker"]
+            assert [r.levelno for r in back] == [logging.INFO]
+            assert back[0].getMessage().startswith("Redis answers again after ")
+            assert "call(s) failed meanwhile" in back[0].getMessage()
+        finally:
+            server.terminate()
+            await server.wait()
+        caplog.clear()
+        for _ in range(3):
+            assert (await client.get("/readyz")).status_code == 503
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [r.name for r in warnings] == ["gateway.breaker", "gateway.app"]
