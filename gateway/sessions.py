@@ -57,7 +57,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from gateway import metrics, redisconn
-from gateway.breaker import CircuitBreaker, CircuitOpen, breaker_of, share_breaker
+from gateway.breaker import CircuitBreaker, CircuitOpen, breaker_of, outage_level, share_breaker
 from gateway.events import MAX_TIMEOUT_S, LogEntry
 from gateway.protocol import invalid_field
 from gateway.redisconn import REDIS_ERRORS, RedisClient, script_batch
@@ -690,16 +690,20 @@ class RedisSessionStore:
         self, txn: SessionTxn, lock_key: str, lease_ms: int, acquired: float, done: asyncio.Event
     ) -> None:
         """Renew the lease now and every third of it until ``done`` is set (``txn`` was
-        closed); mark ``txn`` lost when the lock is gone. Started a third of a lease after
-        ``acquired``.
+        closed); mark ``txn`` lost when a renewal finds the lock gone. Started a third of
+        a lease after ``acquired``.
 
-        A Redis error is retried at the next period; once a whole lease has passed
-        since the last renewal that succeeded, the lock is counted as lost. ``done`` is
-        checked after every renewal, so the loop ends even when the cancellation meant
-        to stop it is lost (see :class:`_Keeper`).
+        A Redis error is no verdict (a renewal whose reply was lost may have run: the
+        lock is still ours): it is logged and the renewal tried again at the next period,
+        also once a whole lease has passed since the last renewal that succeeded (one
+        WARNING says the lock may be lost then). Only Redis tells: a later renewal that
+        finds the lock gone, or the release's fence. ``done`` is checked after every
+        renewal, so the loop ends even when the cancellation meant to stop it is lost
+        (see :class:`_Keeper`).
         """
         period = lease_ms / 3000
         renewed = acquired
+        warned = False
         while not done.is_set():
             sent = time.monotonic()
             try:
@@ -709,13 +713,18 @@ class RedisSessionStore:
                         always=True,  # the transaction runs: its lock is kept if Redis answers
                     )
             except REDIS_ERRORS as exc:
-                if time.monotonic() - renewed >= lease_ms / 1000:
-                    txn.lost = True
+                if not warned and time.monotonic() - renewed >= lease_ms / 1000:
+                    warned = True
                     log.warning(
-                        "lost the lock of %s: renewal failed for a lease: %s", _ref(txn.key), exc
+                        "the lock of %s was not renewed for a lease (%s): it may be lost; "
+                        "its renewals go on, and its release saves only if it is still held",
+                        _ref(txn.key),
+                        exc,
                     )
-                    return
-                log.warning("could not renew the lock of %s: %s", _ref(txn.key), exc)
+                else:
+                    log.log(
+                        outage_level(exc), "could not renew the lock of %s: %s", _ref(txn.key), exc
+                    )
             else:
                 if not ok:
                     txn.lost = True
@@ -723,7 +732,7 @@ class RedisSessionStore:
                         "the lock of %s was lost before its transaction ended", _ref(txn.key)
                     )
                     return
-                renewed = sent
+                renewed, warned = sent, False
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(period):
                     await done.wait()

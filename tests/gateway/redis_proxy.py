@@ -32,7 +32,11 @@ class ReplyDropper:
     :meth:`stall_after` makes Redis slow without losing anything: once client bytes
     holding a marker went to Redis, every client byte after them (on any connection)
     reaches Redis only after a pause, as a Redis that stalls (a long script, a fork)
-    runs the commands late but runs them."""
+    runs the commands late but runs them.
+
+    While ``drop_replies_to`` is set (bytes), the reply to client bytes holding it is
+    lost as an armed drop loses it (the command ran; its connection is cut), every
+    time: the other commands, a new connection's handshake, go through."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -42,6 +46,7 @@ class ReplyDropper:
         self.connections = 0
         self.received = 0
         self.cut_off = False
+        self.drop_replies_to: bytes | None = None
         self._stall_marker: bytes | None = None
         self._stall_s = 0.0
         self._stalled_until = 0.0  # loop time
@@ -85,13 +90,14 @@ class ReplyDropper:
         ends = (client_w, redis_w)
         self._open.update(ends)
         lost = False  # bytes went nowhere during a hang
+        last_sent = b""  # the client bytes that went to Redis last
 
         def cut() -> None:
             client_w.transport.abort()
             redis_w.transport.abort()
 
         async def upstream() -> None:
-            nonlocal lost
+            nonlocal lost, last_sent
             while data := await client_r.read(65536):
                 self.received += 1
                 if self.hung:
@@ -102,6 +108,7 @@ class ReplyDropper:
                 pause = self._stalled_until - asyncio.get_running_loop().time()
                 if pause > 0:
                     await asyncio.sleep(pause)
+                last_sent = data
                 redis_w.write(data)
                 await redis_w.drain()
                 if self._stall_marker is not None and self._stall_marker in data:
@@ -117,7 +124,9 @@ class ReplyDropper:
                     continue
                 if lost:
                     return cut()
-                if self.armed:  # the command ran; its reply is lost with the connection
+                marker = self.drop_replies_to
+                if self.armed or (marker is not None and marker in last_sent):
+                    # the command ran; its reply is lost with the connection
                     self.armed = False
                     self.dropped += 1
                     client_w.transport.abort()

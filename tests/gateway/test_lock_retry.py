@@ -14,12 +14,13 @@ the reply on.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
-from gateway.sessions import _ACQUIRE, _RELEASE, RedisSessionStore
+from gateway.sessions import _ACQUIRE, _RELEASE, _RENEW, RedisSessionStore
 from tests.gateway.redis_proxy import ReplyDropper
 from tests.gateway.turns import stored
 
@@ -112,3 +113,30 @@ async def test_a_repeated_take_or_release_of_another_token_is_still_fenced(
         assert await aredis.exists(data_key) == 1
     finally:
         await store.aclose()
+
+
+async def test_renewals_whose_replies_are_lost_for_a_lease_do_not_lose_a_lock_still_held(
+    through: tuple[ReplyDropper, RedisSessionStore], redis_prefix: str, aredis: Redis
+) -> None:
+    """Every renewal of a turn's lease runs on Redis, but its reply is lost (the
+    connection cut after it ran, and again on each retry) for longer than a lease: the
+    lock is extended all along, still the turn's. The renewer took a lease without a
+    confirmed renewal for a lost lock: it marked the turn lost, its save was dropped
+    although the release found the lock still its own, and the turn failed with
+    LockLost ("its lock was lost before the save"). Now only Redis says so: a renewal
+    that finds the lock gone, or the release's fence; here the save is applied."""
+    proxy, store = through
+    await aredis.script_load(_RENEW)  # a lost NOSCRIPT reply would not have run it
+    lock_key = f"{redis_prefix}:{{c:deaf}}:lock"
+    async with store.open("c:deaf", lease_s=0.6, wait_s=1) as txn:
+        proxy.drop_replies_to = store._renew.sha.encode()
+        await asyncio.sleep(1.2)  # two leases: renewals every 0.2 s, every reply lost
+        proxy.drop_replies_to = None
+        assert proxy.dropped >= 6  # the renewals ran (three tries each)
+        assert await aredis.get(lock_key) == txn.token.encode()  # never lost
+        assert not txn.lost
+        txn.save(stored("c:deaf", turn_count=5), ttl_s=60)
+    saved = await store.get("c:deaf")
+    assert saved is not None
+    assert saved.turn_count == 5
+    assert await aredis.exists(lock_key) == 0  # released
