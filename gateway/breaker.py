@@ -126,6 +126,9 @@ class CircuitBreaker:
         """Clock time the first call failed at once (Redis cannot be reached), while
         closed; None while calls are answered."""
         self._unreachable_calls = 0
+        self._attentive = False
+        """Whether an answer changes something (half-open, or calls failed at once):
+        one check on the path of every answered call (:meth:`record`)."""
 
     @property
     def state(self) -> BreakerState:
@@ -160,6 +163,7 @@ class CircuitBreaker:
             now = self._clock()
             if now >= self._until:
                 self._state = "half-open"
+                self._attentive = True
                 self._epoch += 1
                 self.probes += 1
                 return self._epoch
@@ -198,28 +202,36 @@ class CircuitBreaker:
         """
         if ticket != self._epoch:
             return
-        failed = error is not None and unanswered(error)
+        if error is None:  # the usual case: one check
+            if self._attentive:
+                self._answered()
+            return
+        failed = unanswered(error)
         if failed and (isinstance(error, _TIMEOUTS) or elapsed_s >= self.slow_s):
-            assert error is not None
             if self._state == "closed":
                 self._open(self.cool_down_s, error)
             else:
                 self._open(min(2 * self._cool_down, self.max_cool_down_s), error)
+        elif isinstance(error, ResponseError):  # an error reply is an answer
+            if self._attentive:
+                self._answered()
         elif self._state == "half-open":
-            if error is None or isinstance(error, ResponseError):
-                self._close("it answered")
-            elif failed:
+            if failed:
                 self._close(f"it fails at once now: {error}")
             else:  # not a verdict: the cool-down is over, the next call probes
                 self._state = "open"
+                self._attentive = self._unreachable_since is not None
                 self._epoch += 1
                 self._until = self._clock()
         elif failed:  # closed (no other state has a current ticket): failed at once
-            assert error is not None
             self._unreachable(error)
-        elif self._unreachable_since is not None and (
-            error is None or isinstance(error, ResponseError)
-        ):
+
+    def _answered(self) -> None:
+        """Redis answered a current call while half-open (the probe: close) or after
+        calls failed at once (say it is reachable again)."""
+        if self._state == "half-open":
+            self._close("it answered")
+        elif self._unreachable_since is not None:
             self._reachable()
 
     async def guard(self, call: Callable[[], Awaitable[_T]], *, always: bool = False) -> _T:
@@ -250,6 +262,7 @@ class CircuitBreaker:
             setattr(error, _LOGGED, True)
             return
         self._unreachable_since = self._clock()
+        self._attentive = True
         log.warning(
             "%s cannot be reached (%s): its calls fail at once; the next failures are "
             "logged at DEBUG and counted in gateway_redis_unreachable_total until it "
@@ -269,10 +282,12 @@ class CircuitBreaker:
         )
         self._unreachable_since = None
         self._unreachable_calls = 0
+        self._attentive = self._state == "half-open"
 
     def _open(self, cool_down: float, error: BaseException) -> None:
         probe_failed = self._state == "half-open"
         self._state = "open"
+        self._attentive = self._unreachable_since is not None
         self._epoch += 1
         self._cool_down = cool_down
         self._until = self._clock() + cool_down
@@ -304,6 +319,7 @@ class CircuitBreaker:
         self._cool_down = self.cool_down_s
         self._unreachable_since = None  # this line says how it ended
         self._unreachable_calls = 0
+        self._attentive = False
         metrics.REDIS_BREAKER_OPEN.set(0)
         log.warning(
             "%s is asked again after %.1f s (%s): %d call(s) were refused meanwhile",

@@ -542,3 +542,44 @@ async def test_a_redis_that_refuses_connections_is_one_warning_not_one_per_reque
             assert (await client.get("/readyz")).status_code == 503
         warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert [r.name for r in warnings] == ["gateway.breaker", "gateway.app"]
+
+
+def test_calls_failing_at_once_are_one_outage_until_an_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On a fake clock: calls that fail at once (Redis refusing) leave the breaker closed
+    and are one WARNING, the failures after the first marked for DEBUG (outage_level);
+    an error reply is an answer and ends it (one INFO with the count); a hang then opens
+    the breaker as before, and its close ends any such outage without a line of its
+    own; calls admitted before a change of state change nothing."""
+    caplog.set_level(logging.DEBUG, "gateway.breaker")
+    now = [0.0]
+    breaker = CircuitBreaker(cool_down_s=1.0, slow_s=0.5, clock=lambda: now[0])
+    errors = [RedisConnectionError("Connection refused") for _ in range(3)]
+    for error in errors:
+        breaker.record(breaker.admit(), error, 0.001)
+    assert state_of(breaker) == "closed"
+    assert [outage_level(e) for e in errors] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    now[0] = 2.5
+    breaker.record(breaker.admit(), None)  # an answer
+    breaker.record(breaker.admit(), None)  # nothing more to say
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == [logging.WARNING, logging.INFO]
+    assert lines[0][1].startswith("Redis cannot be reached (Connection refused)")
+    assert lines[1][1] == "Redis answers again after 2.5 s: 3 call(s) failed meanwhile"
+    caplog.clear()
+    breaker.record(breaker.admit(), RedisConnectionError("Connection refused"), 0.001)
+    breaker.record(breaker.admit(), ResponseError("WRONGTYPE"))  # an error reply answers
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]
+    caplog.clear()
+    stale = breaker.admit()
+    breaker.record(breaker.admit(), RedisConnectionError("Connection refused"), 0.001)
+    breaker.record(breaker.admit(), RedisTimeoutError("Timeout"), 0.6)  # a hang: opens
+    assert state_of(breaker) == "open"
+    breaker.record(stale, None)  # admitted before it opened: changes nothing
+    now[0] = 4.0
+    breaker.record(breaker.admit(), None)  # the probe answers: closed, outage over
+    breaker.record(breaker.admit(), None)
+    assert state_of(breaker) == "closed"
+    levels = [r.levelno for r in caplog.records]
+    assert levels == [logging.WARNING, logging.WARNING, logging.WARNING]  # began, open, close
