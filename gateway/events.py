@@ -329,6 +329,12 @@ class SessionStartedEvent(Event):
 
     type: Literal["SessionStarted", "SessionStartedEvent"] = "SessionStarted"
     session_id: str
+    resumed: bool | None = None
+    """True when the session existed before (a V1 connection's first turn in a session of
+    an earlier connection or another device); absent (None) when the turn created it. A
+    client that proposed the id of a session it talked in before and gets no ``resumed``
+    knows the gateway no longer had it (a restart with the memory store, or it expired).
+    An extension: Flowstorm's clients ignore properties they do not know."""
 
 
 class SessionEndedEvent(Event):

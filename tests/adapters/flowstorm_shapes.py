@@ -108,6 +108,9 @@ class Ready(_Event):
 class SessionStarted(_Event):
     type: Literal["SessionStarted"]
     sessionId: str = Field(min_length=1)
+    # an extension of the gateway's (clients ignore unknown properties, PROTOCOL-NOTES.md):
+    # true on the announcement of a session that existed before the connection
+    resumed: Literal[True] | None = None
 
 
 class SessionEnded(_Event):

@@ -141,6 +141,11 @@ def test_a_dropped_connection_reconnects_into_the_same_session(
     assert page.session_id == session_id
     page.say("What is my name?")
     assert page.bot_texts()[-1] == "Your name is Linus."
+    # the gateway still had the session (SessionStarted says `resumed`): no note says otherwise
+    assert [text for kind, text in page.chat() if kind.startswith("note")] == [
+        "Connection lost (1006: no close frame). Trying again in 2 s.",
+        "Connected again.",
+    ]
     assert page.session_id == session_id
     history = page.history()
     assert history[history.index("Failed") :] == [
@@ -261,9 +266,22 @@ def test_the_gateway_going_away_and_coming_back_is_one_clear_note(
         with no_server_errors():
             page.wait_for(lambda: page.state == "Sleeping")
             assert page.session_id == session_id
-            assert outage_notes(page)[1:] == ["Connected again; the session goes on."]
+            # (whether the session goes on, only its next turn can tell)
+            assert outage_notes(page)[1:] == ["Connected again."]
             page.say("What is my name?")  # the memory store did not outlive the restart
             assert page.bot_texts()[-1] == "I do not know your name yet."
+            # the gateway created the session anew (SessionStarted without `resumed`):
+            # the person is told, by the answer that shows it
+            assert page.chat()[-3:] == [
+                ("user", "What is my name?"),
+                (
+                    "note error",
+                    "The conversation started over: the gateway no longer had it "
+                    "(it restarted, or the session expired).",
+                ),
+                ("bot", "I do not know your name yet."),
+            ]
+            assert page.session_id == session_id
             page.assert_no_failures()
             page.screenshot("gateway-back")
     finally:

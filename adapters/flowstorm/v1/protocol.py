@@ -71,7 +71,10 @@ Decisions where the spec is silent:
   that session and the connection adopts it when the engine accepts the turn.
   The turn that gives a connection without a session its session is announced
   with ``SessionStarted`` even when the session existed (a reconnect, another
-  device), as Flowstorm's server did on the first Request of a connection.
+  device), as Flowstorm's server did on the first Request of a connection; that
+  announcement says ``"resumed": true`` (an extension; unknown properties are
+  ignored by Flowstorm's clients), so a client can tell a session it had from one
+  created anew (the gateway lost it: a restart with the memory store, or it expired).
 - ``Request.appKey``, when given, must equal the key of ``Init``.
 - A proposed ``sessionId`` must be 1..256 printable characters without
   whitespace; an empty one counts as none.
@@ -1132,9 +1135,10 @@ class V1Connection:
         connection had no session (its first turn, or the first after
         SessionEnded) and the engine sent no SessionStarted (the session existed:
         the client reconnected or moved from another device), a SessionStarted of
-        the turn's session goes out before that first event's frames, as
-        Flowstorm's server sent it on the first Request of every connection (spec
-        "Communication Flow": "in both cases it will send SessionStarted"). The
+        the turn's session goes out before that first event's frames, with
+        ``"resumed": true``, as Flowstorm's server sent it on the first Request of
+        every connection (spec "Communication Flow": "in both cases it will send
+        SessionStarted"). The
         session a turn adopts is also that of the open Duplex stream's next
         utterances; SessionEnded ends that stream (``CancelListening`` after its
         frame), as Flowstorm's server closed it. Raises
@@ -1153,7 +1157,7 @@ class V1Connection:
             if self.session_id is None and not isinstance(event, SessionStartedEvent):
                 # the connection's first session is one that exists already (a client
                 # that reconnected, or moved from another device): announced all the same
-                started = SessionStartedEvent(session_id=turn.session_id)
+                started = SessionStartedEvent(session_id=turn.session_id, resumed=True)
                 announce.append(Send(started.wire_json()))
             self.session_id = turn.session_id
         if isinstance(event, BinaryEvent):

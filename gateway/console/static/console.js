@@ -34,6 +34,7 @@
   let state = null;
   let sessionId = null;     // the conversation's id, proposed by us, confirmed by SessionStarted
   let sessionTimer = null;  // forgets sessionId when a sleepTimeout expires
+  let sessionKnown = false; // a SessionStarted confirmed sessionId (the gateway had it)
   let turn = null;          // {items, done, ended, sleepTimeout} of the answer being given
   const audioQueue = [];    // TTS links still to play for the current answer
   let playing = null;       // the <audio> playing now
@@ -203,12 +204,20 @@
       case 'Ready':
         outage = null;
         ready = true;
-        if (readyBefore) say('note', sessionId ? 'Connected again; the session goes on.' : 'Connected again.');
+        // (whether the gateway still has the session, the first turn's SessionStarted tells)
+        if (readyBefore) say('note', 'Connected again.');
         readyBefore = true;
         setState('Sleeping');
         break;
       case 'SessionStarted':
+        // a session we talked in before, announced without `resumed`, was created anew: the
+        // gateway lost it (a restart with the memory store, or it expired)
+        if (sessionKnown && event.sessionId === sessionId && !event.resumed) {
+          say('note error', 'The conversation started over: the gateway no longer had it ' +
+            '(it restarted, or the session expired).');
+        }
         keepSession(event.sessionId);
+        sessionKnown = true;
         break;
       case 'SessionEnded':
         forgetSession();
@@ -254,6 +263,7 @@
 
   function keepSession(id) {
     clearTimeout(sessionTimer);
+    if (id !== sessionId) sessionKnown = false;
     sessionId = id;
     showSession();
   }
@@ -261,6 +271,7 @@
   function forgetSession() {
     clearTimeout(sessionTimer);
     sessionId = null;
+    sessionKnown = false;
     showSession();
   }
 

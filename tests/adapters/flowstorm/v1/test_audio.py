@@ -297,7 +297,11 @@ async def test_a_reconnecting_client_continues_its_session_by_audio(
             frames = await frames_until_response(second)
         # it exists, and is announced to the new connection (Flowstorm's server did so)
         assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
-        assert json_frames(frames)[1] == {"type": "SessionStarted", "sessionId": session_id}
+        assert json_frames(frames)[1] == {
+            "type": "SessionStarted",
+            "sessionId": session_id,
+            "resumed": True,
+        }
         # the connection now talks in that session
         [answer] = await turn(second, input_frame("what is my name"))
         assert texts(answer) == ["Your name is Bob."]

@@ -265,11 +265,12 @@ def test_a_connections_first_session_is_announced_even_when_it_exists() -> None:
     # flowstorm-socket-v1.md "Communication Flow": the server accepts the proposed
     # sessionId or sets another, "in both cases it will send BotEvent.SessionStarted";
     # Flowstorm's server sent it on the first Request of every connection, so a client
-    # that reconnects (or moves from another device) into its session gets it too
+    # that reconnects (or moves from another device) into its session gets it too, and
+    # `resumed` tells it the gateway still had the session (no `resumed`: created anew)
     conn = ready(connection(), tts="RequiredStreaming")
     start(conn, request_frame("#intro", "kept"))
     assert finish_turn(conn, Response()) == [
-        {"type": "SessionStarted", "sessionId": "kept"},
+        {"type": "SessionStarted", "sessionId": "kept", "resumed": True},
         {
             "type": "Response",
             "response": {
@@ -290,16 +291,15 @@ def test_a_connections_first_session_is_announced_even_when_it_exists() -> None:
     # before the first frame of its turn (here the speech of an item)
     start(conn, request_frame("#intro", "spoken"))
     assert conn.turn_event(ResponseItemEvent(response_item=ResponseItem(text="hi"))) == [
-        Send('{"type":"SessionStarted","sessionId":"spoken"}')
+        Send('{"type":"SessionStarted","sessionId":"spoken","resumed":true}')
     ]
     assert conn.turn_event(BinaryEvent(data=b"ID3")) == [SendBytes(b"ID3")]
-    # a new session's SessionStarted (the engine's) goes out once
+    # a new session's SessionStarted (the engine's) goes out once, without `resumed`
     start_again = ready(connection())
     start(start_again, request_frame("#intro", "new"))
-    assert [f["type"] for f in finish_turn(start_again, Response(), new="new")] == [
-        "SessionStarted",
-        "Response",
-    ]
+    created = finish_turn(start_again, Response(), new="new")
+    assert [f["type"] for f in created] == ["SessionStarted", "Response"]
+    assert created[0] == {"type": "SessionStarted", "sessionId": "new"}
 
 
 def test_response_items_go_out_only_with_send_response_items() -> None:

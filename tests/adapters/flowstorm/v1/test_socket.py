@@ -199,7 +199,7 @@ async def test_a_second_connection_continues_the_session(store: dict[str, Any]) 
             # proposed sessionId and "in both cases it will send BotEvent.SessionStarted"
             # (flowstorm-socket-v1.md "Communication Flow"), as on any connection's first turn
             started, welcome = await turn(second, request_frame("#intro", session_id))
-            assert started == {"type": "SessionStarted", "sessionId": session_id}
+            assert started == {"type": "SessionStarted", "sessionId": session_id, "resumed": True}
             assert texts(welcome)[0] == "Welcome back, Tomas."
             [answer] = await turn(second, input_frame("what is my name"))
             assert texts(answer) == ["Your name is Tomas."]
@@ -415,7 +415,7 @@ async def test_a_client_that_leaves_mid_turn_does_not_lose_the_turn(
         async with connect(ws_url(url)) as ws:
             await init(ws)
             started, answer = await turn(ws, request_frame("again", session_id))
-            assert started == {"type": "SessionStarted", "sessionId": session_id}
+            assert started == {"type": "SessionStarted", "sessionId": session_id, "resumed": True}
             assert texts(answer) == ["slow answer"]
         second = await core.next_request()
         assert second["sessionId"] == session_id
