@@ -36,8 +36,9 @@
   let sessionTimer = null;  // forgets sessionId when a sleepTimeout expires
   let sessionKnown = false; // a SessionStarted confirmed sessionId (the gateway had it)
   let turn = null;          // {items, done, ended, sleepTimeout} of the answer being given
-  const audioQueue = [];    // TTS links still to play for the current answer
-  let playing = null;       // the <audio> playing now
+  const audioQueue = [];    // {src, li} of the TTS links still to play for the current answer
+  let playing = null;       // the <audio> of the answer playing now
+  let replaying = null;     // the <audio> of a replayed item (one stream at a time: see replay)
   let mic = null;           // {stream, ctx, acked, pending} while the microphone streams
   let userBubble = null;    // the bubble that shows what the recognizer heard so far
   let refocusText = false;  // the message field had the focus when it was disabled
@@ -370,11 +371,12 @@
       const li = say('bot', item.text);
       if (item.image) li.append(Object.assign(document.createElement('img'), {src: item.image, alt: ''}));
       if (item.audio) {
-        audioQueue.push(item.audio);
-        const replay = Object.assign(document.createElement('button'), {type: 'button', className: 'play', textContent: '▶'});
-        replay.title = 'Play again';
-        replay.onclick = () => new Audio(item.audio).play().catch(() => {});
-        li.append(replay);
+        audioQueue.push({src: item.audio, li});
+        const button = Object.assign(document.createElement('button'), {type: 'button', className: 'play', textContent: '▶'});
+        button.title = 'Play again';
+        button.setAttribute('aria-label', 'Play again');
+        button.onclick = () => replay(item.audio, li);
+        li.append(button);
       }
     }
     setState('Responding');
@@ -383,7 +385,9 @@
 
   function playNext() { // the answer's TTS links, one after another
     if (playing || !audioQueue.length) return;
-    const audio = playing = new Audio(audioQueue.shift());
+    stopReplay(); // the answer's audio is heard, not an old item's
+    const {src, li} = audioQueue.shift();
+    const audio = playing = new Audio(src);
     let finished = false;
     const next = () => {
       if (finished) return;
@@ -393,13 +397,14 @@
       playNext();
       afterOutput();
     };
-    const failed = (error) => { // (not when the user skipped it)
-      if (playing === audio) logEvent('!', `audio not played: ${audio.src} ${error || ''}`);
+    const failed = (error) => {
+      if (playing === audio) audioFailed(audio, li, error); // (not when the user skipped it)
+      release(audio);
       next();
     };
     // a link that never ends (no audio device, a stalled download) must not hang the client:
     // 30 s without progress end it; a long answer that plays on is not cut short
-    const stalled = () => { audio.pause(); failed('(no progress for 30 s)'); };
+    const stalled = () => failed('(no progress for 30 s)');
     let guard = setTimeout(stalled, 30000);
     audio.ontimeupdate = () => { clearTimeout(guard); guard = setTimeout(stalled, 30000); };
     audio.onended = next;
@@ -407,12 +412,55 @@
     audio.play().catch(failed);
   }
 
-  function stopAudio() {
+  function replay(src, li) { // an item's audio again: whatever plays stops first (the answer's is skipped)
+    stopAudio();
+    afterOutput();
+    const audio = replaying = new Audio(src);
+    audio.onended = () => { if (replaying === audio) replaying = null; };
+    audio.onplaying = () => { // it plays now: an earlier failure's note goes
+      const note = li.querySelector('.audio-failed');
+      if (note) { note.remove(); li.querySelector('button.play').removeAttribute('aria-describedby'); }
+    };
+    const failed = (error) => {
+      if (replaying !== audio) return; // stopped meanwhile (Skip, another replay, an answer)
+      replaying = null;
+      audioFailed(audio, li, error);
+      release(audio);
+    };
+    audio.onerror = () => failed(audio.error && audio.error.message);
+    audio.play().catch(failed);
+  }
+
+  function audioFailed(audio, li, error) { // logged, and said by the item whose audio it was
+    logEvent('!', `audio not played: ${audio.src} ${error || ''}`);
+    let note = li.querySelector('.audio-failed');
+    if (!note) { // (inside the chat's live region: read out as it appears)
+      note = Object.assign(document.createElement('span'), {className: 'audio-failed', id: 'audio-note-' + randomId()});
+      li.append(note);
+      const button = li.querySelector('button.play'); // its replay button is described by it
+      if (button) button.setAttribute('aria-describedby', note.id);
+    }
+    note.textContent = 'Audio could not be played.';
+  }
+
+  function release(audio) { // stop an <audio> for good: its pending download is aborted too
+    audio.onended = audio.onerror = audio.ontimeupdate = audio.onplaying = null;
+    audio.pause();
+    audio.removeAttribute('src');
+    audio.load(); // (with no src: the media element's fetch ends, the gateway's synthesis with it)
+  }
+
+  function stopReplay() {
+    if (replaying) { release(replaying); replaying = null; }
+  }
+
+  function stopAudio() { // the answer's audio and any replay: stopped, their downloads aborted
     audioQueue.length = 0;
+    stopReplay();
     if (playing) {
-      playing.pause();
-      playing.onended = playing.onerror = playing.ontimeupdate = null;
+      const audio = playing;
       playing = null;
+      release(audio);
     }
   }
 
