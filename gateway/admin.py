@@ -23,18 +23,18 @@ Refusals are RFC 9457 problem bodies (``application/problem+json``), raised as
 Keys are compared in constant time (:func:`gateway.protocol.key_valid`).
 
 Every refusal is logged by :func:`admin_refused_handler` (the path, the peer, the
-status and why; never the key), at WARNING for the first :data:`LOGGED_REFUSALS_BURST`
-and then one per :data:`LOGGED_REFUSALS_EVERY_S` (that line counts the refusals logged
+status and why; never the key), at WARNING for the first
+:data:`gateway.ratelimit.LOGGED_REFUSALS_BURST` and then one per
+:data:`~gateway.ratelimit.LOGGED_REFUSALS_EVERY_S` (that line counts the refusals logged
 at DEBUG since), the others at DEBUG: a client hammering the admin API with a wrong key
-does not flood the log (:class:`RefusalLog`, one per app).
+does not flood the log (:class:`gateway.ratelimit.RefusalLog`, one per app).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -43,7 +43,7 @@ from gateway.deps import gateway_of
 from gateway.httputil import problem
 from gateway.logs import redact_query
 from gateway.protocol import key_valid
-from gateway.ratelimit import TokenBuckets
+from gateway.ratelimit import RefusalLog
 
 log = logging.getLogger("gateway.admin")
 
@@ -54,36 +54,6 @@ CHALLENGE = f'Bearer realm="{REALM}"'
 """``WWW-Authenticate`` of the 401 for a request without a bearer token."""
 INVALID_TOKEN = f'Bearer realm="{REALM}", error="invalid_token"'
 """``WWW-Authenticate`` of the 401 for a key that is not an admin key (RFC 6750 section 3.1)."""
-LOGGED_REFUSALS_BURST: Final = 5
-"""Admin refusals logged at WARNING in a row before :data:`LOGGED_REFUSALS_EVERY_S` applies."""
-LOGGED_REFUSALS_EVERY_S: Final = 60.0
-"""After the burst, one admin refusal per this many seconds is logged at WARNING (s)."""
-
-
-class RefusalLog:
-    """The log level of each admin refusal (one per app, all peers together, so the
-    WARNING lines are bounded however many addresses a flood comes from): WARNING while
-    a token bucket of ``burst`` tokens, refilled one per ``every_s`` s, has one, else
-    DEBUG. ``clock`` returns monotonic seconds."""
-
-    def __init__(
-        self,
-        burst: int = LOGGED_REFUSALS_BURST,
-        every_s: float = LOGGED_REFUSALS_EVERY_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._bucket = TokenBuckets(burst, 1 / every_s, max_clients=1, clock=clock)
-        self._quiet = 0
-
-    def level(self) -> tuple[int, int]:
-        """The level of the next refusal's line, and how many refusals were logged at DEBUG
-        since the last WARNING line (0 on a DEBUG line)."""
-        if not self._bucket.allowed(""):
-            self._quiet += 1
-            return logging.DEBUG, 0
-        self._bucket.take("")
-        quiet, self._quiet = self._quiet, 0
-        return logging.WARNING, quiet
 
 
 class AdminRefused(Exception):

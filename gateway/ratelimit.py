@@ -10,14 +10,20 @@ instances behind a load balancer a client gets up to N times the allowance; that
 still caps guessing at a few per second per instance instead of hundreds, and it
 keeps the check free of I/O (a Redis round trip per refused guess would make
 the limiter itself a cost an attacker can impose).
+
+The same bucket bounds the log lines of refused requests (:class:`RefusalLog`): a
+client hammering an endpoint with a bad key or a forged signature gets its first
+refusals logged at WARNING, then one a minute, the rest at DEBUG.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any, Final
 
 
 class TokenBuckets:
@@ -84,3 +90,62 @@ class TokenBuckets:
             del self._buckets[client]
         while len(self._buckets) > self.max_clients:
             self._buckets.popitem(last=False)
+
+
+LOGGED_REFUSALS_BURST: Final = 5
+"""Refusals logged at WARNING in a row before :data:`LOGGED_REFUSALS_EVERY_S` applies."""
+LOGGED_REFUSALS_EVERY_S: Final = 60.0
+"""After the burst, one refusal per this many seconds is logged at WARNING (s)."""
+
+
+class RefusalLog:
+    """The log level of each refusal of one endpoint family (one per app and channel: the
+    admin API, a webhook channel, a carrier; all peers together, so the WARNING lines are
+    bounded however many addresses a flood comes from, and one channel's flood does not
+    use up another's): WARNING while a token bucket of ``burst`` tokens, refilled one per
+    ``every_s`` s, has one, else DEBUG. ``clock`` returns monotonic seconds."""
+
+    def __init__(
+        self,
+        burst: int = LOGGED_REFUSALS_BURST,
+        every_s: float = LOGGED_REFUSALS_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._bucket = TokenBuckets(burst, 1 / every_s, max_clients=1, clock=clock)
+        self._quiet = 0
+
+    def level(self) -> tuple[int, int]:
+        """The level of the next refusal's line, and how many refusals were logged at DEBUG
+        since the last WARNING line (0 on a DEBUG line)."""
+        if not self._bucket.allowed(""):
+            self._quiet += 1
+            return logging.DEBUG, 0
+        self._bucket.take("")
+        quiet, self._quiet = self._quiet, 0
+        return logging.WARNING, quiet
+
+    def log(self, logger: logging.Logger, msg: str, *args: object) -> None:
+        """Log one refusal on ``logger`` (``msg % args``) at the :meth:`level` it gets; a
+        WARNING line after some at DEBUG ends with ``(N more refused since, logged at
+        DEBUG)``."""
+        level, quiet = self.level()
+        if not logger.isEnabledFor(level):
+            return
+        if quiet:
+            msg += " (%d more refused since, logged at DEBUG)"
+            args = (*args, quiet)
+        logger.log(level, msg, *args, stacklevel=2)  # the caller's line, not this one
+
+
+def refusal_log(state: Any, name: str) -> RefusalLog:
+    """The :class:`RefusalLog` of the refusals ``name`` (a channel: ``Twilio``, ``Plivo``)
+    of one app, made on its first use; ``state`` is the app's ``app.state`` (they are
+    kept in its ``refusal_logs``, a dict name -> RefusalLog)."""
+    logs: dict[str, RefusalLog] | None = getattr(state, "refusal_logs", None)
+    if logs is None:
+        logs = {}
+        state.refusal_logs = logs
+    found = logs.get(name)
+    if found is None:
+        found = logs[name] = RefusalLog()
+    return found

@@ -10,8 +10,10 @@ Status codes: 200 with a response envelope for every request Alexa should act on
 (including a failing core: the user hears GATEWAY_VOICE_ERROR_TEXT); 400 with a
 problem body for a request that fails verification, is malformed or is larger
 than the limit (Amazon's certification expects 400 for every unusable request),
-each logged at WARNING with its reason; 503 when verification is on but GATEWAY_ALEXA_SKILL_IDS is
-empty (the channel is not configured; logged at startup).
+each logged with its reason (at WARNING in a bounded burst, then DEBUG:
+:class:`gateway.ratelimit.RefusalLog`, one for the app's /alexa); 503 when
+verification is on but GATEWAY_ALEXA_SKILL_IDS is empty (the channel is not
+configured; logged at startup).
 
 The verifier is made once per app when it starts (this router's lifespan) by
 ``app.state.alexa_verifier_factory`` when set (a ``Callable[[Settings],
@@ -90,6 +92,8 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
     def __init__(self, gw: Gateway, verifier: AlexaVerifier | None, refusal: str | None) -> None:
         super().__init__(gw, gw.settings.alexa_deadline_s, refusal)
         self.verifier = verifier
+        if verifier is not None:  # one RefusalLog for the channel: the verifier's lines too
+            self.refusals = verifier.refusals
         settings = gw.settings
         self.config = AlexaConfig(settings.alexa_catch_all_intent, settings.alexa_catch_all_slot)
 

@@ -71,6 +71,7 @@ from starlette.datastructures import Headers
 
 from gateway.protocol import ProtocolError, clipped, load_json, parse_timestamp
 from gateway.protocol.errors import RequestVerificationError
+from gateway.ratelimit import RefusalLog
 
 __all__ = [
     "ALEXA_CERT_HOST",
@@ -539,6 +540,10 @@ class AlexaVerifier:
         failure_cache_size: how many failed URLs are remembered (oldest dropped).
         max_fetches: most chain downloads running at once; a request that needs
             another is refused with ``cert_fetch_failed``.
+
+    ``refusals`` (a :class:`~gateway.ratelimit.RefusalLog`, one per verifier: one per
+    app) gives the level of each refusal's line: a flood of forged requests is logged
+    in a bounded burst at WARNING, the rest at DEBUG.
     """
 
     def __init__(
@@ -570,6 +575,7 @@ class AlexaVerifier:
         self._failure_cache_size = failure_cache_size
         self._failures: OrderedDict[str, tuple[datetime, AlexaVerificationError]] = OrderedDict()
         self._max_fetches = max_fetches
+        self.refusals = RefusalLog()
 
     async def verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         """Verify one request; return its parsed JSON envelope.
@@ -584,14 +590,16 @@ class AlexaVerifier:
 
         Raises:
             AlexaVerificationError: any rule failed; ``reason`` says which
-                (:class:`AlexaReason`). Each refusal is logged at WARNING on the
-                ``adapters.alexa`` logger.
+                (:class:`AlexaReason`). Each refusal is logged on the
+                ``adapters.alexa`` logger at the level ``refusals`` gives (WARNING
+                for the first few, then one a minute, else DEBUG).
         """
         try:
             return await self._verify(headers, body)
         except AlexaVerificationError as exc:
             detail = f" ({exc.detail})" if exc.detail else ""
-            logger.warning("Alexa request refused: %s: %s%s", exc.reason.value, exc.message, detail)
+            message = "Alexa request refused: %s: %s%s"
+            self.refusals.log(logger, message, exc.reason.value, exc.message, detail)
             raise
 
     async def _verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:

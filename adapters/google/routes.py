@@ -132,6 +132,8 @@ class GoogleWebhook(_Webhook):
     def __init__(self, gw: Gateway, verifier: GoogleVerifier | None, refusal: str | None) -> None:
         super().__init__(gw, gw.settings.google_deadline_s, refusal)
         self.verifier = verifier
+        if verifier is not None:  # one RefusalLog for the channel: the verifier's lines too
+            self.refusals = verifier.refusals
 
     async def authenticate(self, headers: Headers) -> str | None:
         """The project id the request's JWT is for, when verification is on.

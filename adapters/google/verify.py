@@ -45,6 +45,7 @@ from google.auth import crypt, jwt
 from google.auth import exceptions as google_exceptions
 
 from gateway.protocol.errors import RequestVerificationError
+from gateway.ratelimit import RefusalLog
 
 __all__ = [
     "CERTS_RETRY_AFTER_S",
@@ -301,6 +302,10 @@ class GoogleVerifier:
         leeway_s: clock skew allowed on ``exp``, ``iat`` and ``nbf``, seconds.
         certs_timeout_s: time limit for ``cert_source.get_certs()``, seconds.
 
+    ``refusals`` (a :class:`~gateway.ratelimit.RefusalLog`, one per verifier: one per
+    app) gives the level of each refusal's line: a flood of forged requests is logged
+    in a bounded burst at WARNING, the rest at DEBUG.
+
     Raises:
         ValueError: ``project_ids`` is empty.
     """
@@ -321,6 +326,7 @@ class GoogleVerifier:
         self._clock = clock
         self._leeway_s = leeway_s
         self._certs_timeout_s = certs_timeout_s
+        self.refusals = RefusalLog()
 
     async def verify(self, headers: Mapping[str, str]) -> dict[str, Any]:
         """Verify the request's token; return its claims.
@@ -337,16 +343,17 @@ class GoogleVerifier:
         Raises:
             GoogleVerificationError: any check failed, or Google's certificates
                 could not be obtained (``certs_unavailable``); ``reason`` says which
-                (:class:`GoogleReason`). Each refusal is logged at WARNING on the
-                ``adapters.google`` logger, without a traceback.
+                (:class:`GoogleReason`). Each refusal is logged on the
+                ``adapters.google`` logger, without a traceback, at the level
+                ``refusals`` gives (WARNING for the first few, then one a minute,
+                else DEBUG).
         """
         try:
             return await self._verify(headers)
         except GoogleVerificationError as exc:
             detail = f" ({exc.detail})" if exc.detail else ""
-            logger.warning(
-                "Google request refused: %s: %s%s", exc.reason.value, exc.message, detail
-            )
+            message = "Google request refused: %s: %s%s"
+            self.refusals.log(logger, message, exc.reason.value, exc.message, detail)
             raise
 
     async def _verify(self, headers: Mapping[str, str]) -> dict[str, Any]:

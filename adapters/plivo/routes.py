@@ -71,6 +71,7 @@ from gateway.io.call import (
 )
 from gateway.protocol import ProtocolError
 from gateway.protocol.call import Transfer
+from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
 
 log = logging.getLogger("gateway.plivo")
@@ -162,8 +163,8 @@ async def _signed_form(request: Request, path: str) -> dict[str, str] | Response
             request.headers.get(NONCE_HEADER),
             main_signature_header=request.headers.get(MAIN_SIGNATURE_HEADER),
         )
-    except VerificationRefused as exc:
-        log.warning("Plivo %s refused: %s", path, exc.reason)
+    except VerificationRefused as exc:  # logged in a bounded burst: forged requests flood
+        refusal_log(request.app.state, "Plivo").log(log, "Plivo %s refused: %s", path, exc.reason)
         return refusal(exc)  # WWW-Authenticate on a 401
     nonce = request.headers.get(NONCE_HEADER, "")
     key = "plivo:v3-nonce:" + hashlib.sha256(nonce.encode("utf-8", "replace")).hexdigest()
@@ -173,7 +174,7 @@ async def _signed_form(request: Request, path: str) -> dict[str, str] | Response
         return nonce_store_unavailable(log, f"Plivo {path}", exc)
     if not fresh:
         reason = f"the request was replayed: its {NONCE_HEADER} was used already"
-        log.warning("Plivo %s refused: %s", path, reason)
+        refusal_log(request.app.state, "Plivo").log(log, "Plivo %s refused: %s", path, reason)
         return problem(403, "Forbidden", reason)
     return params
 

@@ -84,6 +84,7 @@ from gateway.io.call import (
 )
 from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.call import CallAction, Transfer
+from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
 
@@ -192,8 +193,9 @@ async def _signed_body(gw: Gateway, request: Request) -> bytes | Response:
         body = await read_body(request, settings.max_body_bytes)
     except ProtocolError as exc:
         return refused_request(exc)
+    refusals = refusal_log(request.app.state, "Telnyx")  # bounded: forged requests flood
     if not settings.telnyx_public_key:
-        log.warning("Telnyx webhook refused: GATEWAY_TELNYX_PUBLIC_KEY is not set")
+        refusals.log(log, "Telnyx webhook refused: GATEWAY_TELNYX_PUBLIC_KEY is not set")
         return problem(403, "Forbidden", "Telnyx webhooks are not accepted (no public key).")
     verifier = TelnyxVerifier(settings.telnyx_public_key)
     try:
@@ -202,7 +204,7 @@ async def _signed_body(gw: Gateway, request: Request) -> bytes | Response:
             gw, f"telnyx:signature:{key}", verifier.replay_window_s, replayed()
         )
     except VerificationRefused as exc:
-        log.warning("Telnyx webhook refused (%d): %s", exc.status, exc.reason)
+        refusals.log(log, "Telnyx webhook refused (%d): %s", exc.status, exc.reason)
         return refusal(exc)  # WWW-Authenticate on a 401
     except StoreUnavailable as exc:
         return nonce_store_unavailable(log, "Telnyx webhook", exc)

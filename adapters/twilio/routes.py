@@ -124,6 +124,7 @@ from gateway.io.call import (
 )
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, clipped, media_type
+from gateway.ratelimit import refusal_log
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
 from gateway.sessions import StoreError
 from gateway.settings import Settings
@@ -273,7 +274,8 @@ async def _verified_form(
     try:
         channel.verifier.check(url, params, request.headers.get(SIGNATURE_HEADER))
     except TwilioVerificationError as exc:
-        log.warning("Twilio webhook %s refused (403): %s", path, exc.reason)
+        line = "Twilio webhook %s refused (403): %s"  # bounded: forged requests come in floods
+        refusal_log(request.app.state, "Twilio").log(log, line, path, exc.reason)
         return params, problem(
             403, "Forbidden", f"The request's {SIGNATURE_HEADER} is missing or does not match."
         )

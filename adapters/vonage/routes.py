@@ -65,6 +65,7 @@ from gateway.io.call import (
 )
 from gateway.protocol import ProtocolError
 from gateway.protocol.call import Transfer
+from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
 
 log = logging.getLogger("gateway.vonage")
@@ -132,7 +133,8 @@ async def answer(request: Request) -> Response:
         key = f"vonage:token:{replay_key(authorization, claims)}"
         await use_signature_once(gw, key, channel.verifier.replay_window_s, replayed())
     except VerificationRefused as exc:
-        log.warning("Vonage answer refused: %s", exc.reason)
+        # logged in a bounded burst: forged requests come in floods
+        refusal_log(request.app.state, "Vonage").log(log, "Vonage answer refused: %s", exc.reason)
         return refusal(exc)  # WWW-Authenticate (RFC 6750 section 3)
     except StoreUnavailable as exc:
         return nonce_store_unavailable(log, "Vonage answer", exc)

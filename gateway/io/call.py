@@ -79,6 +79,7 @@ from gateway.protocol.call import (
     Speak,
     Transfer,
 )
+from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormatError
@@ -279,8 +280,10 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
     None when the stream is refused or the peer left before the accept. A ``check`` with
     nothing to grant returns True. Refusals, each before the accept:
 
-    - VerificationRefused: logged at WARNING naming ``carrier``; closed with 1008,
-      which the client sees as HTTP 403;
+    - VerificationRefused: logged naming ``carrier`` (the carrier's
+      :func:`~gateway.ratelimit.refusal_log` of the app, the one its webhooks' refusals
+      use: WARNING in a bounded burst, then DEBUG); closed with 1008, which the client
+      sees as HTTP 403;
     - StoreUnavailable (the one-time token store, the gateway's Redis, is down: an
       outage of a dependency, not the peer's fault): logged at WARNING naming the
       component (``nonce-store``), no traceback (at DEBUG when the Redis client's open
@@ -294,7 +297,9 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
     try:
         granted = await check
     except VerificationRefused as exc:
-        log.warning("%s stream refused: %s", carrier, exc.reason)
+        refusal_log(websocket.app.state, carrier).log(
+            log, "%s stream refused: %s", carrier, exc.reason
+        )
         with contextlib.suppress(*SEND_ERRORS):
             await websocket.close(code=CLOSE_POLICY)  # before accept: HTTP 403
         return None

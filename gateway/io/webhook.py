@@ -30,10 +30,14 @@ I/O, the same for all:
 A late turn is not cancelled: it runs in its own task (gateway/conversation.py),
 finishes and saves the session, and the platform hears "still working" instead of
 timing out. Refusals (:class:`WebhookRefused`; a ProtocolError from reading or parsing,
-reason ``malformed_request``) are answered with an RFC 9457 problem body and logged at
-WARNING on the channel's logger with their reason; nothing is ever a 500. A verifier's
+reason ``malformed_request``) are answered with an RFC 9457 problem body and logged on
+the channel's logger with their reason, through the channel's
+:class:`~gateway.ratelimit.RefusalLog` (``refusals``: the first few at WARNING, then one
+a minute counting those in between, the rest at DEBUG, so a flood of forged or
+malformed requests does not flood the log); nothing is ever a 500. A verifier's
 :class:`~gateway.protocol.errors.RequestVerificationError` (already logged by the
-verifier) is answered the same way, with its status, reason, message and headers.
+verifier, through the same kind of RefusalLog) is answered the same way, with its
+status, reason, message and headers.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from gateway.httputil import problem, read_body, status_phrase
 from gateway.logs import session_ref
 from gateway.protocol import ProtocolError
 from gateway.protocol.errors import RequestVerificationError
+from gateway.ratelimit import RefusalLog
 from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd, TurnOutcome, TurnRejected
 
 __all__ = ["WebhookChannel", "WebhookRefused", "end_session", "refusal_at_startup", "run_turn"]
@@ -112,6 +117,8 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     table, a row for every TurnEnd but ANSWERED) and ``body_too_large_status``.
     ``deadline_s`` is the platform's answer deadline in seconds; ``refusal``, when
     set, is why every request is refused with 503 (the channel is not configured).
+    ``refusals`` bounds the WARNING lines of this endpoint's refusals (one per app and
+    endpoint; a subclass whose verifier logs its own refusals shares the verifier's).
     """
 
     platform: ClassVar[str]
@@ -123,6 +130,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         self.gw = gw
         self.deadline_s = deadline_s
         self.refusal = refusal
+        self.refusals = RefusalLog()
 
     # ------------------------------------------------------------------ the hooks
 
@@ -251,9 +259,12 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         await end_session(self.gw.conversation, ctx, wait)
 
     def refuse(self, exc: WebhookRefused) -> HTTPResponse:
-        """The problem answer to ``exc``, logged at WARNING unless it already was."""
+        """The problem answer to ``exc``, logged (at the level ``refusals`` gives) unless
+        it already was."""
         if not exc.logged:
-            self.log.warning("%s request refused: %s: %s", self.platform, exc.reason, exc.detail)
+            self.refusals.log(
+                self.log, "%s request refused: %s: %s", self.platform, exc.reason, exc.detail
+            )
         answer = problem(exc.status, status_phrase(exc.status), exc.detail, reason=exc.reason)
         answer.headers.update(exc.headers)
         return answer

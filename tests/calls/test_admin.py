@@ -7,13 +7,8 @@ import logging
 import httpx
 import pytest
 
-from gateway.admin import (
-    LOGGED_REFUSALS_BURST,
-    AdminRefused,
-    RefusalLog,
-    bearer_token,
-    check_admin_key,
-)
+from gateway.admin import AdminRefused, bearer_token, check_admin_key
+from gateway.ratelimit import LOGGED_REFUSALS_BURST, RefusalLog
 from gateway.settings import Settings
 from tests.conftest import served
 
