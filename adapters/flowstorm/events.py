@@ -6,7 +6,9 @@ ResponseItemEvent, ResponseEvent, ErrorEvent, BinaryEvent, SessionStartedEvent,
 SessionEndedEvent) live in :mod:`gateway.events`; these are the Flowstorm protocol's
 and are shared by :mod:`adapters.flowstorm.v1` and :mod:`adapters.flowstorm.v2`.
 ``type`` values are normalised to the short name on input (``InputEvent`` ->
-``Input``), as in :class:`gateway.events.Event`.
+``Input``), as in :class:`gateway.events.Event`. What a session id may be
+(:func:`check_session_id`: V1's proposed ``sessionId``, V2's ``flowstorm-session-id``
+cookie) is shared too.
 
 Spec: shared/specs/flowstorm-channel-events.md (the event table),
 flowstorm-socket-v1.md and -v2.md (payload shapes), PROTOCOL-NOTES.md (field lists).
@@ -19,6 +21,27 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AliasChoices, Field, TypeAdapter
 
 from gateway.events import BinaryEvent, Event, Input, LogEntry, Wire
+from gateway.protocol import ProtocolError
+
+MAX_SESSION_ID: Final = 256
+"""Longest session id a client may name (characters): V1's proposed ``sessionId``, V2's
+``flowstorm-session-id`` cookie."""
+
+
+def check_session_id(session_id: str, what: str = "sessionId") -> str:
+    """``session_id`` when it is usable as a session id, else ProtocolError (400) naming it
+    as ``what`` (``sessionId`` on V1, the cookie on V2).
+
+    Accepted: 1..MAX_SESSION_ID printable characters without whitespace (UUIDs
+    and Flowstorm's own ids pass).
+    """
+    if len(session_id) > MAX_SESSION_ID:
+        raise ProtocolError(f"{what} is longer than {MAX_SESSION_ID} characters.")
+    # isprintable() is False for every whitespace character but the ASCII space
+    if not session_id.isprintable() or " " in session_id:
+        raise ProtocolError(f"{what} must not contain whitespace or control characters.")
+    return session_id
+
 
 _DEVICE_ID: Final = AliasChoices("deviceId", "device_id", "sender")
 """The names of a client's device id: ``deviceId``, alias ``sender`` (PROTOCOL-NOTES.md)."""

@@ -172,6 +172,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
+from adapters.flowstorm.events import MAX_SESSION_ID as MAX_SESSION_ID
 from adapters.flowstorm.events import (
     V1_CLIENT_EVENT,
     InitEvent,
@@ -184,6 +185,7 @@ from adapters.flowstorm.events import (
     RequestEvent,
     V1ClientEvent,
 )
+from adapters.flowstorm.events import check_session_id as check_session_id
 from gateway.events import (
     SILENCE,
     BinaryEvent,
@@ -233,9 +235,6 @@ _MISSING_KEY: Final = "The application key is missing: send it as Init.key."
 
 LOG_BUFFER = 100
 """Client log entries kept on a connection until a session exists to store them in."""
-
-MAX_SESSION_ID = 256
-"""Longest client-proposed sessionId accepted (characters)."""
 
 STT_SAMPLE_RATES: Final[tuple[int, ...]] = (8000, 16000, 22050, 44100, 48000)
 """``config.sttSampleRate`` values accepted (Hz) for LINEAR16 audio input."""
@@ -564,19 +563,6 @@ def parse_event(text: str) -> V1ClientEvent:
     """
     value = load_json(text, what="The frame")
     return validate_event(V1_CLIENT_EVENT, value, expected=_EVENT_TYPES, what="A frame")
-
-
-def check_session_id(session_id: str) -> str:
-    """``session_id`` when it is usable as a session id, else ProtocolError.
-
-    Accepted: 1..MAX_SESSION_ID printable characters without whitespace (UUIDs
-    and Flowstorm's own ids pass).
-    """
-    if len(session_id) > MAX_SESSION_ID:
-        raise ProtocolError(f"sessionId is longer than {MAX_SESSION_ID} characters.")
-    if not session_id.isprintable() or any(c.isspace() for c in session_id):
-        raise ProtocolError("sessionId must not contain whitespace or control characters.")
-    return session_id
 
 
 _CHOICES: Final[dict[str, tuple[str, Mapping[str, Any], str]]] = {

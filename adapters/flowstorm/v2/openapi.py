@@ -25,7 +25,11 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
         "content": {NDJSON: {}, "text/plain": {}},
     },
     204: {"description": "A body of Log events only: stored with the session"},
-    400: {"description": "Malformed body, audio or configuration (ErrorEvent / `!` line)"},
+    400: {
+        "description": "Malformed body, audio or configuration, or a flowstorm-session-id "
+        "cookie that is no session id (over 256 characters, whitespace or control "
+        "characters: the cookie is cleared) (ErrorEvent / `!` line)"
+    },
     401: {"description": "No application key"},
     403: {"description": "Unknown application key, or the session is another application's"},
     404: {"description": "The flowstorm-session-id cookie names an unknown or expired session"},
@@ -140,7 +144,10 @@ GET_CLIENT: dict[str, Any] = dict(
             "with the push's `seq`; `<` lines in plain text)",
             "content": {NDJSON: {}, "text/plain": {}},
         },
-        400: {"description": "Malformed configuration (ErrorEvent / `!` line)"},
+        400: {
+            "description": "Malformed configuration, or a flowstorm-session-id cookie that "
+            "is no session id (the cookie is cleared) (ErrorEvent / `!` line)"
+        },
         **{status: _TURN_DOC[status] for status in (401, 403, 404, 429)},  # as PUT's
         503: {"description": "The session store is unavailable"},
     },

@@ -10,8 +10,11 @@ malformed, 401 no key, 403 unknown key or another application's session, 404
 unknown session, 408 a stream that stopped, 409 busy session, 413 too large or
 too long, 415 unsupported content type, 429 too many unknown sessions, 503 store
 or recognizer down, or all recognizers busy: then with ``Retry-After`` and an
-ErrorEvent of source ``stt``, see GATEWAY_STT_QUEUE). A refused request changes
-no session. A turn that fails
+ErrorEvent of source ``stt``, see GATEWAY_STT_QUEUE). A ``flowstorm-session-id``
+cookie that cannot be a session id (over 256 characters, whitespace or control
+characters: :func:`adapters.flowstorm.events.check_session_id`, as V1 checks its
+``sessionId``) is refused with 400 (source ``client``) and cleared, before any session
+is looked up. A refused request changes no session. A turn that fails
 after its answer began (the store fails when the session is saved) ends its
 200 answer with an Error event (``! gateway: ...``), never a cut-off body.
 
@@ -127,7 +130,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
-from adapters.flowstorm.events import RecognizedInputEvent
+from adapters.flowstorm.events import RecognizedInputEvent, check_session_id
 from adapters.flowstorm.v2.hearing import Action as HearingAction
 from adapters.flowstorm.v2.hearing import Outcome, RecognizeFile, StreamedBody, heard_input
 from adapters.flowstorm.v2.openapi import GET_CLIENT, PUT_CLIENT
@@ -325,6 +328,19 @@ def _session_refused(found: str, session_id: str, *, plain: bool) -> HTTPRespons
     return _answer(status, text.format(clipped(session_id, quote=False)), "session", plain=plain)
 
 
+def _bad_cookie(cookie: str, *, plain: bool) -> HTTPResponse | None:
+    """None when the session cookie's value can be a session id; else its 400 answer (an
+    ErrorEvent of source ``client`` naming the cookie; the cookie cleared), so that a
+    20 KB cookie never becomes a store key (:func:`check_session_id`, V1's rule)."""
+    try:
+        check_session_id(cookie, f"The {SESSION_COOKIE} cookie")
+    except ProtocolError as exc:
+        answer = _Refused.client(exc).answer(plain=plain)
+        answer.delete_cookie(SESSION_COOKIE, path="/")
+        return answer
+    return None
+
+
 def _not_found(request: Request, session_id: str, *, plain: bool) -> HTTPResponse:
     """404 for an unknown session; takes a token from the client's allowance."""
     _guessed(request)
@@ -398,6 +414,8 @@ async def put_client(request: Request) -> HTTPResponse:
         return _answer(415, text, "client", plain=False)
 
     cookie = request.cookies.get(SESSION_COOKIE) or None
+    if cookie and (refused := _bad_cookie(cookie, plain=plain)):
+        return refused
     if cookie and (limited := _too_many(request, plain=plain)):
         return limited
     session_id = cookie or new_session_id()
@@ -879,8 +897,9 @@ async def get_client(request: Request) -> HTTPResponse:
     """Follow the running recognition of the cookie's session; see the module doc.
 
     Without a ``flowstorm-session-id`` cookie there is nothing to follow: the
-    answer is empty and ends at once (recognition has "finished"). With one, the
-    session must exist (404, which counts against the client's allowance of
+    answer is empty and ends at once (recognition has "finished"). With one, it must
+    be a session id (400 otherwise, as for PUT) and the session must exist (404,
+    which counts against the client's allowance of
     unknown sessions; 429 when that is used up) and belong to ``key`` (403).
     """
     gw = gateway_of(request)
@@ -895,6 +914,8 @@ async def get_client(request: Request) -> HTTPResponse:
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
         return HTTPResponse(b"", media_type=media)
+    if refused := _bad_cookie(cookie, plain=plain):
+        return refused
     if limited := _too_many(request, plain=plain):
         return limited
     ctx = TurnContext(

@@ -346,8 +346,9 @@ async def test_wrong_key_is_refused_when_keys_are_configured() -> None:
 async def test_a_long_session_id_is_not_echoed_whole(base: str) -> None:
     """The 404 of an unknown session quoted the cookie's session id whole: a 20 KB cookie
     came back as a 20 KB error text (a PUT's, a GET's, plain or NDJSON). The id is now
-    cut to 64 characters (gateway.protocol.clipped)."""
-    long_id = "s" * 20_000
+    cut to 64 characters (gateway.protocol.clipped); the longest id a cookie may carry
+    is 256 characters (longer ones: test_a_cookie_that_is_no_session_id_is_refused)."""
+    long_id = "s" * 256
     async with httpx.AsyncClient(base_url=base) as client:
         client.cookies.set("flowstorm-session-id", long_id)
         put = await client.put(f"/client?key={KEY}", headers=JSON, content=input_event("hi"))
@@ -358,6 +359,44 @@ async def test_a_long_session_id_is_not_echoed_whole(base: str) -> None:
     assert events(put)[0] == {"type": "Error", "text": shown, "source": "session"}
     assert events(get)[0] == {"type": "Error", "text": shown, "source": "session"}
     assert plain.text == f"! session: {shown}\n"
+
+
+@pytest.mark.parametrize(
+    ("cookie", "why"),
+    [
+        ("s" * 20_000, "is longer than 256 characters."),
+        ("s" * 257, "is longer than 256 characters."),
+        ("two words", "must not contain whitespace or control characters."),
+        ("tab\tbed", "must not contain whitespace or control characters."),
+    ],
+    ids=["20-KB", "257", "space", "tab"],
+)
+async def test_a_cookie_that_is_no_session_id_is_refused(base: str, cookie: str, why: str) -> None:
+    """The flowstorm-session-id cookie was never checked: a 20 KB cookie became a 20 KB
+    store key (and a 404 that took a token of the client's guessing allowance). It is
+    now checked as V1 checks its sessionId (adapters.flowstorm.events.check_session_id):
+    400 in V2's error form (an Error event / a `!` line, source client), the cookie
+    cleared (flowstorm-socket-v2.md "Session ID": the client drops it on an Error), no
+    session looked up, PUT and GET alike."""
+    text = f"The flowstorm-session-id cookie {why}"
+    sent = {"Cookie": f"flowstorm-session-id={cookie}"}
+    async with httpx.AsyncClient(base_url=base) as client:
+        for _ in range(Settings().not_found_burst + 2):  # no 404: no 429 either
+            put = await client.put(
+                f"/client?key={KEY}", headers={**JSON, **sent}, content=input_event("hi")
+            )
+            assert put.status_code == 400, put.text
+            assert events(put) == [{"type": "Error", "text": text, "source": "client"}]
+            assert 'flowstorm-session-id=""' in put.headers["set-cookie"]  # cleared
+        plain = await client.put(f"/client?key={KEY}", headers={**TEXT, **sent}, content="hi")
+        assert (plain.status_code, plain.text) == (400, f"! client: {text}\n")
+        get = await client.get(f"/client?key={KEY}", headers=sent)
+        assert get.status_code == 400
+        assert events(get) == [{"type": "Error", "text": text, "source": "client"}]
+        assert 'flowstorm-session-id=""' in get.headers["set-cookie"]
+        get_plain = await client.get(f"/client?key={KEY}", headers={**sent, "Accept": "text/plain"})
+        assert (get_plain.status_code, get_plain.text) == (400, f"! client: {text}\n")
+    await ok_turn(base)
 
 
 async def test_ten_megabyte_body_is_refused(base: str) -> None:
