@@ -10,8 +10,8 @@ produced: a small compressed answer that inflates to gigabytes is refused after 
 little more than the bound, never held. Another coding (``br``, ``zstd``, ...) is
 refused: the gateway cannot bound what it cannot inflate itself.
 
-A core's error answer (non-2xx) is not shown to the client: :func:`refused` and
-:func:`check_status` give the fixed text naming the core and the status, and log the detail (cut to
+A core's error answer (non-2xx) is not shown to the client: :func:`check_status` gives
+the fixed text naming the core and the status, and logs the detail (cut to
 :data:`DETAIL_CHARS`, bearer tokens, ``sk-`` keys and the configured secrets hidden).
 
 Quick replies (Rasa ``buttons``, Voiceflow ``choice``, Botpress ``choice``) become an
@@ -31,7 +31,7 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,14 +225,6 @@ def redacted(text: str, secrets: Sequence[str | None] = ()) -> str:
     return redact_query(text)
 
 
-def refused(
-    kind: str, status: int, detail: str | bytes = "", secrets: Sequence[str | None] = ()
-) -> PipelineError:
-    """The PipelineError of a core's non-2xx answer: ``the <kind> core answered HTTP
-    <status>``, the body's ``detail`` only logged (see :func:`core_failed`)."""
-    return core_failed(kind, f"answered HTTP {status}", detail, secrets)
-
-
 def core_failed(
     kind: str, what: str, detail: str | bytes = "", secrets: Sequence[str | None] = ()
 ) -> PipelineError:
@@ -281,14 +273,19 @@ def connection_failed(core: str, exc: httpx.HTTPError) -> PipelineError:
 
 
 async def check_status(
-    answer: httpx.Response, core: str, secrets: Sequence[str | None] = ()
+    answer: httpx.Response,
+    core: str,
+    secrets: Sequence[str | None] = (),
+    detail: Callable[[bytes], str] | None = None,
 ) -> None:
     """Raises PipelineError ``<core> answered HTTP <status>`` unless ``answer``'s status
-    is 2xx; the start of its body (:func:`read_some`, why the core refused) is logged with
+    is 2xx; the start of its body (:func:`read_some`, why the core refused; given to
+    ``detail`` when set, which picks the core's own error message from it) is logged with
     that text at WARNING by :func:`log_detail` (``secrets`` hidden, cut, one line)."""
     if not 200 <= answer.status_code < 300:
         what = f"{core} answered HTTP {answer.status_code}"
-        log_detail(what, await read_some(answer), secrets)
+        body = await read_some(answer)
+        log_detail(what, detail(body) if detail else body, secrets)
         raise PipelineError(what)
 
 

@@ -76,14 +76,13 @@ from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOu
 from gateway.pipeline.cores import (
     body_chunks,
     bounded_lines,
+    check_status,
     connection_failed,
     core_failed,
     core_json,
     iter_sse,
     pooled_client,
     read_body,
-    read_some,
-    refused,
 )
 from gateway.protocol import MAX_JSON_DEPTH, UnsafeValue, guarded_decoder, json_depth, media_type
 from gateway.sessions import Session, retrieved
@@ -362,9 +361,8 @@ class DialogflowCxPipeline:
         try:
             answer = await self._send(url, body)
             async with contextlib.aclosing(answer):
-                if not 200 <= answer.status_code < 300:
-                    detail = _google_error(await read_some(answer))
-                    raise refused(KIND, answer.status_code, detail, [self._credentials.token])
+                secrets = [self._credentials.token]
+                await check_status(answer, f"the {KIND} core", secrets, _google_error)
                 if self.streaming:
                     async for part in self._parts(answer):
                         answers.append(part)

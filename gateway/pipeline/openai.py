@@ -59,14 +59,13 @@ from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOu
 from gateway.pipeline.cores import (
     SseEvent,
     bounded_lines,
+    check_status,
     connection_failed,
     core_failed,
     core_json,
     iter_sse,
     pooled_client,
     read_body,
-    read_some,
-    refused,
 )
 from gateway.pipeline.sentences import SentenceSplitter
 from gateway.protocol import media_type
@@ -256,9 +255,7 @@ class OpenAIPipeline:
             async with self._client.stream(
                 "POST", self.url, json=body, headers=self._headers
             ) as answer:
-                if not 200 <= answer.status_code < 300:
-                    detail = _error_text((await read_some(answer)).decode("utf-8", "replace"))
-                    raise refused(KIND, answer.status_code, detail, self._secrets)
+                await check_status(answer, f"the {KIND} core", self._secrets, _error_text)
                 kind = media_type(answer.headers.get("content-type"))
                 if kind == "application/json":
                     data = await read_body(answer, self._max, f"the {KIND} core")
@@ -359,11 +356,7 @@ class OpenAIPipeline:
         return [ResponseItem(text=s) for s in turn.splitter.feed(content)]
 
     def _finish(
-        self,
-        session: Session,
-        history: list[dict[str, Any]],
-        user: str,
-        turn: _Turn,
+        self, session: Session, history: list[dict[str, Any]], user: str, turn: _Turn
     ) -> Response:
         items: list[ResponseItem] = []
         ended = False
@@ -442,9 +435,12 @@ def _reason(arguments: str) -> str | None:
     return reason if isinstance(reason, str) and reason else None
 
 
-def _error_text(data: str) -> str:
-    """The ``error.message`` of an OpenAI error body, else the body, on one line (for
-    the log: :func:`gateway.pipeline.cores.core_failed` redacts and cuts it)."""
+def _error_text(data: str | bytes) -> str:
+    """The ``error.message`` of an OpenAI error body (bytes decoded as UTF-8, bad ones
+    replaced), else the body, on one line (for the log: :func:`gateway.pipeline.cores.log_detail`
+    redacts and cuts it)."""
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "replace")
     try:
         body = core_json(data)
         error = body.get("error", body) if isinstance(body, dict) else body
