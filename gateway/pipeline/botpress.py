@@ -83,7 +83,7 @@ import httpx
 import jwt
 from httpx_sse import SSEError
 
-from gateway.events import Input, Response, ResponseItem, transfer_item
+from gateway.events import Input, Response, ResponseItem
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
     SseEvent,
@@ -100,6 +100,7 @@ from gateway.pipeline.cores import (
     log_detail,
     read_json,
     read_some,
+    transfer_to,
 )
 from gateway.sessions import Session
 from gateway.settings import Settings
@@ -161,12 +162,11 @@ class BotpressPipeline:
             client=core_client(settings),
         )
 
-    async def _call(
-        self, method: str, path: str, key: str | None, body: dict[str, Any]
-    ) -> dict[str, Any]:
+    async def _call(self, path: str, key: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        """The JSON object Botpress answers ``POST <path>`` (``x-user-key: key`` when given)."""
         headers = {"x-user-key": key} if key else {}
         async with self._client.stream(
-            method, f"{self.base_url}{path}", json=body, headers=headers
+            "POST", f"{self.base_url}{path}", json=body, headers=headers
         ) as answer:
             data = await read_json(answer, self._max, "Botpress", (key, self._encryption_key))
         if not isinstance(data, dict):
@@ -181,9 +181,9 @@ class BotpressPipeline:
         if self._encryption_key:
             user_id = _derived(session.key)
             key = jwt.encode({"id": user_id}, self._encryption_key, algorithm="HS256")
-            await self._call("POST", "/users/get-or-create", key, {})
+            await self._call("/users/get-or-create", key, {})
         else:
-            made = await self._call("POST", "/users", None, {})
+            made = await self._call("/users", None, {})
             user, made_key = made.get("user"), made.get("key")
             if not isinstance(user, dict) or not isinstance(made_key, str) or not made_key:
                 raise PipelineError("Botpress created a user without an id or key")
@@ -200,12 +200,10 @@ class BotpressPipeline:
         if isinstance(state.get("conversationId"), str):
             return str(state["conversationId"])
         if self._encryption_key:
-            body = {"id": conversation_id(session)}
-            made = (await self._call("POST", "/conversations/get-or-create", key, body)).get(
-                "conversation"
-            )
+            path, body = "/conversations/get-or-create", {"id": conversation_id(session)}
         else:
-            made = (await self._call("POST", "/conversations", key, {})).get("conversation")
+            path, body = "/conversations", {}
+        made = (await self._call(path, key, body)).get("conversation")
         if not isinstance(made, dict) or not isinstance(made.get("id"), str):
             raise PipelineError("Botpress created a conversation without an id")
         state["conversationId"] = made["id"]
@@ -253,14 +251,12 @@ class BotpressPipeline:
     async def _send(self, session: Session, input: Input, conversation: str, key: str) -> None:
         if input.action:
             payload = {"type": input.action.removeprefix("#")}
-            await self._call(
-                "POST", "/events", key, {"payload": payload, "conversationId": conversation}
-            )
+            await self._call("/events", key, {"payload": payload, "conversationId": conversation})
             return
         request = chosen(session.pipeline_state, input.text)
         text = request.get("payload") if request else input.text
         body = {"conversationId": conversation, "payload": {"type": "text", "text": str(text)}}
-        await self._call("POST", "/messages", key, body)
+        await self._call("/messages", key, body)
 
     async def _bot_signals(
         self, listen: httpx.Response, user_id: str, quiet_ok: bool
@@ -399,15 +395,10 @@ def _card(card: dict[str, Any], offered: list[dict[str, Any]]) -> ResponseItem:
     )
     buttons = []
     for action in _array(card, "actions"):
-        if not isinstance(action, dict):
-            continue
-        kind = "url" if action.get("action") == "url" else "text"
-        buttons.append(
-            button(
-                str(action.get("label", "")),
-                {"type": kind, "payload": str(action.get("value", ""))},
-            )
-        )
+        if isinstance(action, dict):
+            kind = "url" if action.get("action") == "url" else "text"
+            request = {"type": kind, "payload": str(action.get("value", ""))}
+            buttons.append(button(str(action.get("label", "")), request))
     offered.extend(b for b in buttons if b["request"]["type"] == "text")
     return card_item(text, card.get("imageUrl"), buttons)
 
@@ -453,7 +444,4 @@ def _event(payload: Any) -> ResponseItem | str | None:
     kind = payload.get("type")
     if kind == "end":
         return "end"
-    target, reason = payload.get("target"), payload.get("reason")
-    if kind in ("transfer", "handoff") and isinstance(target, str) and target.strip():
-        return transfer_item(target, reason=reason if isinstance(reason, str) else None)
-    return None
+    return transfer_to(payload) if kind in ("transfer", "handoff") else None

@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError
 
-from gateway.events import ResponseItem
+from gateway.events import ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineError
 from gateway.protocol import ProtocolError, load_json, media_type
 from gateway.settings import Settings
@@ -414,6 +414,18 @@ def command_item(name: str, value: Any) -> ResponseItem:
     return ResponseItem(
         text=f"#{name}", code=json.dumps(value, separators=(",", ":")), repeatable=False
     )
+
+
+def transfer_to(target: Any, reason: Any = None) -> ResponseItem | None:
+    """The transfer action (:func:`gateway.events.transfer_item`) to ``target``: a string,
+    or an object ``{"target", "reason"}`` (whose ``reason`` is taken instead of the one
+    given); None when it names no target (no string, or a blank one). A ``reason`` that
+    is not a string is dropped."""
+    if isinstance(target, dict):
+        target, reason = target.get("target"), target.get("reason")
+    if not isinstance(target, str) or not target.strip():
+        return None
+    return transfer_item(target, reason=reason if isinstance(reason, str) else None)
 
 
 def chosen(state: dict[str, Any], text: str) -> dict[str, Any] | None:

@@ -48,7 +48,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from gateway.events import INTRO, Input, Response, ResponseItem, transfer_item
+from gateway.events import INTRO, Input, Response, ResponseItem
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
     bounded_lines,
@@ -62,6 +62,7 @@ from gateway.pipeline.cores import (
     core_json,
     is_url,
     read_json,
+    transfer_to,
 )
 from gateway.protocol import media_type
 from gateway.sessions import Session
@@ -243,12 +244,9 @@ def _request(b: dict[str, Any]) -> dict[str, Any]:
 def _custom(custom: Any) -> list[ResponseItem | None]:
     if not isinstance(custom, dict):
         return [command_item("custom", custom)]
-    transfer = custom.get("transfer")
+    transfer = transfer_to(custom.get("transfer"), custom.get("reason"))
     if transfer is not None:
-        target = transfer.get("target") if isinstance(transfer, dict) else transfer
-        reason = transfer.get("reason") if isinstance(transfer, dict) else custom.get("reason")
-        if isinstance(target, str) and target.strip():
-            return [transfer_item(target, reason=reason if isinstance(reason, str) else None)]
+        return [transfer]
     out: list[ResponseItem | None] = []
     if isinstance(custom.get("ssml"), str):
         spoken = custom.get("text")

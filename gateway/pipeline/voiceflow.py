@@ -65,7 +65,6 @@ from gateway.events import (
     Input,
     Response,
     ResponseItem,
-    transfer_item,
 )
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
@@ -80,6 +79,7 @@ from gateway.pipeline.cores import (
     core_json,
     is_url,
     read_json,
+    transfer_to,
 )
 from gateway.sessions import Session
 from gateway.settings import Settings
@@ -335,9 +335,5 @@ def _custom_action(kind: str, payload: Any) -> ResponseItem:
             value = core_json(payload)
         except ValueError:
             value = payload
-    if kind in ("transfer", "handoff"):
-        target = value.get("target") if isinstance(value, dict) else value
-        reason = value.get("reason") if isinstance(value, dict) else None
-        if isinstance(target, str) and target.strip():
-            return transfer_item(target, reason=reason if isinstance(reason, str) else None)
-    return command_item(kind, value)
+    transfer = transfer_to(value) if kind in ("transfer", "handoff") else None
+    return command_item(kind, value) if transfer is None else transfer
