@@ -48,6 +48,14 @@ def is_farewell(text: str) -> bool:
 
 _HELP = re.compile(r"^\W*help\W*$", re.IGNORECASE)
 
+_ACTION_REPLIES = {
+    SILENCE: "Are you still there? Say something.",
+    ERROR: "Sorry, something went wrong. Try again.",
+    FALLBACK: "Sorry, I did not get that. Say it again.",
+    TRANSFER_FAILED: "Sorry, I could not put you through. How else can I help?",
+}
+"""What the demo answers to the actions it knows (but ``#intro``, which greets)."""
+
 
 class DemoPipeline:
     """A small dialogue, the embedded default (GATEWAY_PIPELINE=demo).
@@ -81,46 +89,22 @@ class DemoPipeline:
                 items=[ResponseItem(text="Tell me your name, or say anything, and I will answer.")]
             )
             return
-        if action == SILENCE:
-            yield Response(items=[ResponseItem(text="Are you still there? Say something.")])
-            return
-        if action == ERROR:
-            yield Response(items=[ResponseItem(text="Sorry, something went wrong. Try again.")])
-            return
-        if action == FALLBACK:
-            yield Response(items=[ResponseItem(text="Sorry, I did not get that. Say it again.")])
-            return
-        if action == TRANSFER_FAILED:
-            sorry = "Sorry, I could not put you through. How else can I help?"
-            yield Response(items=[ResponseItem(text=sorry)])
-            return
+        ended = False
         if action:  # "" is no action: words that begin with "#" (Input.said)
-            yield Response(items=[ResponseItem(text=f"I do not know the action {action}.")])
-            return
-        if is_farewell(text):
-            farewell = f"Goodbye, {name}!" if name else "Goodbye!"
-            yield Response(items=[ResponseItem(text=farewell)], session_ended=True)
-            return
-        if match := _NAME_IS.search(text):
+            reply = _ACTION_REPLIES.get(action, f"I do not know the action {action}.")
+        elif is_farewell(text):
+            reply, ended = (f"Goodbye, {name}!" if name else "Goodbye!"), True
+        elif match := _NAME_IS.search(text):
             new_name = match["name"].strip(" .!?'").title()
             session.attributes["name"] = new_name
-            yield Response(items=[ResponseItem(text=f"Nice to meet you, {new_name}.")])
-            return
-        if _ASK_NAME.search(text):
-            answer = f"Your name is {name}." if name else "I do not know your name yet."
-            yield Response(items=[ResponseItem(text=answer)])
-            return
-        if _HELP.match(text):
-            yield Response(
-                items=[
-                    ResponseItem(
-                        text="Say 'my name is' and your name, ask 'what is my name', "
-                        "or say goodbye."
-                    )
-                ]
-            )
-            return
-        yield Response(items=[ResponseItem(text=f"You said: {text}")])
+            reply = f"Nice to meet you, {new_name}."
+        elif _ASK_NAME.search(text):
+            reply = f"Your name is {name}." if name else "I do not know your name yet."
+        elif _HELP.match(text):
+            reply = "Say 'my name is' and your name, ask 'what is my name', or say goodbye."
+        else:
+            reply = f"You said: {text}"
+        yield Response(items=[ResponseItem(text=reply)], session_ended=ended)
 
     async def aclose(self) -> None:
         return None
