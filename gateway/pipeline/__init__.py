@@ -195,11 +195,9 @@ class CoreRouter:
 
     async def aclose(self) -> None:
         """Close every core (each once)."""
-        seen: set[int] = set()
-        for core in [self.default, *self.by_app.values()]:
-            if id(core) not in seen:
-                seen.add(id(core))
-                await core.aclose()
+        unique = {id(core): core for core in [self.default, *self.by_app.values()]}
+        for core in unique.values():
+            await core.aclose()
 
 
 def make_pipeline(settings: Settings) -> CoreRouter:
