@@ -193,9 +193,9 @@ class DialogflowCxPipeline:
         match = _AGENT.fullmatch(agent)
         if match is None:
             raise ValueError(f"not a CX agent name: {agent!r}")
-        location = match.group(2)
+        regional = "" if match.group(2) == "global" else f"{match.group(2)}-"
         self.agent = agent
-        self.endpoint = (endpoint or _regional(location)).rstrip("/")
+        self.endpoint = (endpoint or f"https://{regional}dialogflow.googleapis.com").rstrip("/")
         self.environment = environment
         self.language = language
         self.welcome_event = welcome_event
@@ -512,7 +512,7 @@ class JsonArrayReader:
     deeper than :data:`gateway.protocol.MAX_JSON_DEPTH` (the bound of :func:`core_json`,
     checked before the parser could recurse past it); an element that is JSON but that
     :func:`core_json` refuses (a number of more than 100 characters, ``NaN`` or
-    ``Infinity``, a lone surrogate: the error of :func:`_not_json`, as for a whole
+    ``Infinity``, a lone surrogate: the error of :func:`_core_json`, as for a whole
     answer); an element that is not JSON, anything but whitespace after the ``]``, or
     (:meth:`finish`) no ``]`` (``... not a complete JSON array``). Elements that are not
     objects are given as they are: the caller decides.
@@ -706,18 +706,13 @@ class JsonArrayReader:
         return value
 
 
-def _core_json(element: str) -> Any:
-    """:func:`core_json` of a streamed element; its ValueError as :func:`_not_json`."""
+def _core_json(data: str | bytes) -> Any:
+    """:func:`core_json` of an answer or a streamed element; what it refuses is the
+    PipelineError ``the core answered something that is not JSON: <what is wrong>``."""
     try:
-        return core_json(element)
+        return core_json(data)
     except ValueError as exc:
-        raise _not_json(exc) from exc
-
-
-def _not_json(exc: ValueError) -> PipelineError:
-    """The error of an answer, or a streamed element, that :func:`core_json` refused
-    with ``exc`` (whose text says what is wrong)."""
-    return PipelineError(f"the core answered something that is not JSON: {exc}")
+        raise PipelineError(f"the core answered something that is not JSON: {exc}") from exc
 
 
 def _element(value: Any) -> dict[str, Any]:
@@ -731,12 +726,6 @@ def cx_session_id(key: str) -> str:
     """The CX session id of a gateway session key (``<channel>:<session id>``): the first
     36 hex digits of its SHA-256 (CX takes at most 36 characters of ``[A-Za-z0-9_-]``)."""
     return hashlib.sha256(key.encode()).hexdigest()[:36]
-
-
-def _regional(location: str) -> str:
-    if location == "global":
-        return "https://dialogflow.googleapis.com"
-    return f"https://{location}-dialogflow.googleapis.com"
 
 
 def _dtmf(keys: str) -> dict[str, str]:
@@ -770,10 +759,7 @@ def _checked(answer: dict[str, Any]) -> dict[str, Any]:
 
 
 def _object(data: bytes) -> dict[str, Any]:
-    try:
-        value = core_json(data)
-    except ValueError as exc:
-        raise _not_json(exc) from exc
+    value = _core_json(data)
     if not isinstance(value, dict):
         raise PipelineError("the core answered JSON that is not an object")
     return _checked(value)
