@@ -86,6 +86,7 @@ from httpx_sse import SSEError
 from gateway.events import Input, Response, ResponseItem
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    PooledCore,
     SseEvent,
     bounded_sse,
     button,
@@ -114,7 +115,7 @@ integration has its stream proxy send after 30 s without a signal (its
 chat client reads it as an unknown signal and ignores it)."""
 
 
-class BotpressPipeline:
+class BotpressPipeline(PooledCore):
     """A Botpress bot through its Chat integration's Chat API (see the module doc)."""
 
     name = "botpress"
@@ -311,10 +312,6 @@ class BotpressPipeline:
             if _final(kind, data.get("payload")):
                 return
             deadline = loop.time() + self._idle_s  # the bot is idle this long after its last
-
-    async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
 
 
 STALE = {401: ("userId", "userKey", "conversationId"), 404: ("conversationId",)}

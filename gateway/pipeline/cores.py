@@ -72,6 +72,17 @@ def pooled_client(connect_timeout_s: float, **options: Any) -> httpx.AsyncClient
     return client
 
 
+class PooledCore:
+    """What every core over HTTP shares: its pooled client (``_client``, from
+    :func:`pooled_client`), closed by :meth:`aclose`."""
+
+    _client: httpx.AsyncClient
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+
 def core_client(settings: Settings, **options: Any) -> httpx.AsyncClient:
     """:func:`pooled_client` with GATEWAY_PIPELINE_CONNECT_TIMEOUT_S."""
     return pooled_client(settings.pipeline_connect_timeout_s, **options)

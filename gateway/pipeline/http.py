@@ -33,6 +33,7 @@ from pydantic import Field, ValidationError
 from gateway.events import Input, Response, ResponseItem, Wire
 from gateway.pipeline.base import REQUEST_ID, PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    PooledCore,
     bounded_lines,
     check_status,
     connection_failed,
@@ -83,7 +84,7 @@ class PipelineResponseLine(Wire):
     state: dict[str, Any] | None = None
 
 
-class HttpPipeline:
+class HttpPipeline(PooledCore):
     """Forwards turns to a core webhook (GATEWAY_PIPELINE=http(s)://...).
 
     ``connect_timeout_s`` bounds connecting; the turn engine bounds the whole
@@ -191,9 +192,6 @@ class HttpPipeline:
         if state is not None:
             session.pipeline_state = state
         return Response.model_validate(response.model_dump())
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
 
 
 def _first(exc: Exception) -> str:

@@ -57,6 +57,7 @@ import httpx
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput, shown_spec
 from gateway.pipeline.cores import (
+    PooledCore,
     SseEvent,
     bounded_lines,
     check_status,
@@ -128,7 +129,7 @@ class _Turn:
     done: bool = False
 
 
-class OpenAIPipeline:
+class OpenAIPipeline(PooledCore):
     """An OpenAI-compatible chat completions server as the core (see the module doc).
 
     ``base_url`` is the API base (``https://api.openai.com/v1``); ``connect_timeout_s``
@@ -381,10 +382,6 @@ class OpenAIPipeline:
         while kept and kept[0].get("role") != "user":
             kept = kept[1:]
         return kept
-
-    async def aclose(self) -> None:
-        """Close the pooled connections."""
-        await self._client.aclose()
 
 
 def user_message(input: Input) -> str:

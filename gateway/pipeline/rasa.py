@@ -51,6 +51,7 @@ import httpx
 from gateway.events import INTRO, Input, Response, ResponseItem
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    PooledCore,
     bounded_lines,
     button,
     buttons_item,
@@ -73,7 +74,7 @@ WEBHOOK_PATH = "/webhooks/rest/webhook"
 _STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 
 
-class RasaPipeline:
+class RasaPipeline(PooledCore):
     """A Rasa bot's REST channel (see the module doc).
 
     ``url`` is the webhook URL; ``token`` goes in ``?token=``. Raises PipelineError as
@@ -230,10 +231,6 @@ class RasaPipeline:
         if attachment is not None:
             out.append(_attachment(attachment))
         return out
-
-    async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
 
 
 def _request(b: dict[str, Any]) -> dict[str, Any]:

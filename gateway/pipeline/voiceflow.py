@@ -68,6 +68,7 @@ from gateway.events import (
 )
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    PooledCore,
     bounded_sse,
     buttons_item,
     card_item,
@@ -98,7 +99,7 @@ class _Turn:
         self.completion: list[str] = []
 
 
-class VoiceflowPipeline:
+class VoiceflowPipeline(PooledCore):
     """A Voiceflow agent through the Dialog Manager API (see the module doc)."""
 
     name = "voiceflow"
@@ -215,10 +216,6 @@ class VoiceflowPipeline:
         except SSEError as exc:
             raise PipelineError(f"Voiceflow's stream is not an event stream: {exc}") from exc
         raise PipelineError("Voiceflow's stream ended without its end event")
-
-    async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
 
 
 PASSED_ON: Final = frozenset({"intent", "event"})
