@@ -92,15 +92,15 @@ from gateway.pipeline.cores import (
     button,
     buttons_item,
     card_item,
+    checked_json,
     chosen,
     command_item,
-    connection_failed,
     core_client,
-    core_json,
     is_url,
     log_detail,
     read_json,
     read_some,
+    talking_to,
     transfer_to,
 )
 from gateway.sessions import Session
@@ -215,7 +215,7 @@ class BotpressPipeline(PooledCore):
         Response."""
         offered: list[dict[str, Any]] = []
         ended = False
-        try:
+        with talking_to("Botpress"):
             for retry in (True, False):
                 kept = isinstance(session.pipeline_state.get("conversationId"), str)
                 user_id, key = await self._user(session)
@@ -244,8 +244,6 @@ class BotpressPipeline(PooledCore):
                         elif event == "end":
                             ended = True
                     break
-        except httpx.HTTPError as exc:
-            raise connection_failed("Botpress", exc) from exc
         session.pipeline_state["buttons"] = offered
         yield Response(session_ended=ended)
 
@@ -294,10 +292,7 @@ class BotpressPipeline(PooledCore):
                 raise PipelineError(f"Botpress's answer is larger than {self._max} bytes")
             if not sse.data or sse.data == KEEPALIVE:
                 continue
-            try:
-                signal = core_json(sse.data)
-            except ValueError as exc:
-                raise PipelineError(f"Botpress sent an invalid signal: {exc}") from exc
+            signal = checked_json(sse.data, "Botpress sent an invalid signal")
             if not isinstance(signal, dict) or not isinstance(signal.get("data"), dict):
                 raise PipelineError("Botpress sent a signal without data")
             data: dict[str, Any] = signal["data"]

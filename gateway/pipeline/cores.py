@@ -31,7 +31,7 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,15 @@ def core_json(data: str | bytes) -> Any:
         return load_json(data, what="the JSON")
     except ProtocolError as exc:
         raise ValueError(exc.text) from None
+
+
+def checked_json(data: str | bytes, what: str) -> Any:
+    """:func:`core_json` of ``data``; what it refuses is the PipelineError ``<what>: <what
+    is wrong>`` (``what`` saying what the core sent, e.g. ``Rasa streamed an invalid line``)."""
+    try:
+        return core_json(data)
+    except ValueError as exc:
+        raise PipelineError(f"{what}: {exc}") from exc
 
 
 async def read_json(
@@ -256,6 +265,16 @@ def log_detail(what: str, detail: str | bytes, secrets: Sequence[str | None] = (
     # redacted before the cut, so a cut never leaves half a key unrecognised
     text = " ".join(redacted(detail, secrets).split())[:DETAIL_CHARS]
     log.warning("%s: %s", what, text or "(no detail)")
+
+
+@contextlib.contextmanager
+def talking_to(core: str) -> Iterator[None]:
+    """A block that talks HTTP to ``core``: an httpx.HTTPError raised in it is raised
+    again as :func:`connection_failed`'s PipelineError (the cause kept)."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise connection_failed(core, exc) from exc
 
 
 _NOT_CONNECTED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)

@@ -77,12 +77,13 @@ from gateway.pipeline.cores import (
     body_chunks,
     bounded_lines,
     check_status,
-    connection_failed,
+    checked_json,
     core_failed,
     core_json,
     iter_sse,
     pooled_client,
     read_body,
+    talking_to,
 )
 from gateway.protocol import MAX_JSON_DEPTH, UnsafeValue, guarded_decoder, json_depth, media_type
 from gateway.sessions import Session, retrieved
@@ -358,7 +359,7 @@ class DialogflowCxPipeline:
         }
         answers: list[dict[str, Any]] = []
         sent: list[str] = []
-        try:
+        with talking_to(f"the {KIND} core"):
             answer = await self._send(url, body)
             async with contextlib.aclosing(answer):
                 secrets = [self._credentials.token]
@@ -374,8 +375,6 @@ class DialogflowCxPipeline:
                     answers.append(whole)
                     for item in self._items(whole, sent, True):
                         yield item
-        except httpx.HTTPError as exc:
-            raise connection_failed(f"the {KIND} core", exc) from exc
         if not answers:
             raise PipelineError("the core's stream held no DetectIntentResponse")
         if answers[-1].get("responseType") == "PARTIAL":
@@ -709,10 +708,7 @@ class JsonArrayReader:
 def _core_json(data: str | bytes) -> Any:
     """:func:`core_json` of an answer or a streamed element; what it refuses is the
     PipelineError ``the core answered something that is not JSON: <what is wrong>``."""
-    try:
-        return core_json(data)
-    except ValueError as exc:
-        raise PipelineError(f"the core answered something that is not JSON: {exc}") from exc
+    return checked_json(data, "the core answered something that is not JSON")
 
 
 def _element(value: Any) -> dict[str, Any]:

@@ -36,10 +36,10 @@ from gateway.pipeline.cores import (
     PooledCore,
     bounded_lines,
     check_status,
-    connection_failed,
     core_json,
     pooled_client,
     read_body,
+    talking_to,
 )
 from gateway.protocol import media_type
 from gateway.sessions import Session
@@ -146,7 +146,7 @@ class HttpPipeline(PooledCore):
             "Accept": "application/x-ndjson, application/json",
             "X-Request-Id": REQUEST_ID.get() or uuid.uuid4().hex,
         }
-        try:
+        with talking_to("the core"):
             async with self._client.stream(
                 "POST", self.url, content=body, headers=headers
             ) as answer:
@@ -157,8 +157,6 @@ class HttpPipeline(PooledCore):
                         yield out
                     return
                 data = await read_body(answer, self._max, "the core")
-        except httpx.HTTPError as exc:
-            raise connection_failed("the core", exc) from exc
         try:  # bounded as every core's JSON (core_json), then validated: as a streamed line
             whole = PipelineResponse.model_validate(core_json(data))
         except (ValueError, ValidationError) as exc:

@@ -56,13 +56,13 @@ from gateway.pipeline.cores import (
     button,
     buttons_item,
     check_status,
+    checked_json,
     chosen,
     command_item,
-    connection_failed,
     core_client,
-    core_json,
     is_url,
     read_json,
+    talking_to,
     transfer_to,
 )
 from gateway.protocol import media_type
@@ -163,7 +163,7 @@ class RasaPipeline(PooledCore):
         }
         offered: list[dict[str, Any]] = []
         ended = False
-        try:
+        with talking_to("Rasa"):
             async with self._client.stream(
                 "POST", self.url, params=self._params, json=body
             ) as answer:
@@ -173,8 +173,6 @@ class RasaPipeline(PooledCore):
                             ended = True
                         else:
                             yield item
-        except httpx.HTTPError as exc:
-            raise connection_failed("Rasa", exc) from exc
         session.pipeline_state["buttons"] = offered
         yield Response(session_ended=ended)
 
@@ -186,10 +184,7 @@ class RasaPipeline(PooledCore):
             # Rasa ends each line (json.dumps(message) + "\n"): a last one without its end
             # was cut off (there is no end marker: a cut between lines cannot be told)
             async for line in bounded_lines(answer, self._max, "Rasa", terminated=True):
-                try:
-                    yield core_json(line)
-                except ValueError as exc:
-                    raise PipelineError(f"Rasa streamed an invalid line: {exc}") from exc
+                yield checked_json(line, "Rasa streamed an invalid line")
             return
         messages = await read_json(answer, self._max, "Rasa", self._secrets)
         if not isinstance(messages, list):

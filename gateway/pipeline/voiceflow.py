@@ -73,13 +73,14 @@ from gateway.pipeline.cores import (
     buttons_item,
     card_item,
     check_status,
+    checked_json,
     chosen,
     command_item,
-    connection_failed,
     core_client,
     core_json,
     is_url,
     read_json,
+    talking_to,
     transfer_to,
 )
 from gateway.sessions import Session
@@ -163,16 +164,15 @@ class VoiceflowPipeline(PooledCore):
         body = {"action": self.action(session, input), "config": self._config}
         user = quote(session.key, safe="")
         turn = _Turn()
-        try:
+        with talking_to("Voiceflow"):
             if self._project:
-                url = f"{self._base}/v2/project/{quote(self._project, safe='')}/user/{user}"
-                headers = {**self._headers, "Accept": "text/event-stream"}
+                project = quote(self._project, safe="")
                 async with self._client.stream(
                     "POST",
-                    f"{url}/interact/stream",
+                    f"{self._base}/v2/project/{project}/user/{user}/interact/stream",
                     params=self._environment,
                     json=body,
-                    headers=headers,
+                    headers={**self._headers, "Accept": "text/event-stream"},
                 ) as answer:
                     await check_status(answer, "Voiceflow", self._secrets)
                     async for trace in self._stream(answer):
@@ -191,8 +191,6 @@ class VoiceflowPipeline(PooledCore):
                 for trace in traces:
                     for item in _items(trace, turn):
                         yield item
-        except httpx.HTTPError as exc:
-            raise connection_failed("Voiceflow", exc) from exc
         session.pipeline_state["buttons"] = turn.buttons
         attributes = {"noReplyTimeoutMs": turn.no_reply_ms} if turn.no_reply_ms else {}
         yield Response(session_ended=turn.ended, attributes=attributes)
@@ -209,10 +207,7 @@ class VoiceflowPipeline(PooledCore):
                     return
                 if event.event != "trace":
                     continue
-                try:
-                    yield core_json(event.data)
-                except ValueError as exc:
-                    raise PipelineError(f"Voiceflow streamed an invalid trace: {exc}") from exc
+                yield checked_json(event.data, "Voiceflow streamed an invalid trace")
         except SSEError as exc:
             raise PipelineError(f"Voiceflow's stream is not an event stream: {exc}") from exc
         raise PipelineError("Voiceflow's stream ended without its end event")
