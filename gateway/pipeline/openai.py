@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -61,12 +60,12 @@ from gateway.pipeline.cores import (
     SseEvent,
     bounded_lines,
     check_status,
-    connection_failed,
     core_failed,
     core_json,
     iter_sse,
     pooled_client,
     read_body,
+    talking_to,
 )
 from gateway.pipeline.sentences import SentenceSplitter
 from gateway.protocol import media_type
@@ -188,14 +187,8 @@ class OpenAIPipeline(PooledCore):
         url = rest.strip()
         parts = urlsplit(url)  # its scheme lower-cased: schemes are case-insensitive
         url = parts.scheme + url[len(parts.scheme) :]
-        if (
-            scheme.lower() != "openai"
-            or not sep
-            or parts.scheme not in ("http", "https")
-            or not parts.hostname
-            or parts.query
-            or parts.fragment
-        ):
+        ours = sep and scheme.lower() == "openai" and parts.scheme in ("http", "https")
+        if not ours or not parts.hostname or parts.query or parts.fragment:
             raise PipelineConfigError(
                 f"GATEWAY_PIPELINE {shown_spec(spec)!r} is not an OpenAI-compatible server: "
                 "expected openai+https://host/v1 or openai+http://host:port/v1"
@@ -252,7 +245,7 @@ class OpenAIPipeline(PooledCore):
         user = user_message(input)
         body = self.request_body(history, user)
         turn = _Turn()
-        try:
+        with talking_to(f"the {KIND} core"):
             async with self._client.stream(
                 "POST", self.url, json=body, headers=self._headers
             ) as answer:
@@ -265,11 +258,6 @@ class OpenAIPipeline(PooledCore):
                 else:
                     async for item in self._stream(turn, answer):
                         yield item
-        except httpx.HTTPError as exc:
-            raise connection_failed(f"the {KIND} core", exc) from exc
-        tail = turn.splitter.flush()
-        if tail:
-            yield ResponseItem(text=tail)
         yield self._finish(session, history, user, turn)
 
     async def _stream(self, turn: _Turn, answer: httpx.Response) -> AsyncIterator[ResponseItem]:
@@ -332,7 +320,8 @@ class OpenAIPipeline(PooledCore):
         return items
 
     def _whole(self, turn: _Turn, data: bytes) -> list[ResponseItem]:
-        """A non-streamed chat completion (a server that ignored ``stream``)."""
+        """The items of a non-streamed chat completion (a server that ignored ``stream``),
+        its last sentence included."""
         try:
             whole = core_json(data)
             if whole.get("error") is not None:
@@ -354,7 +343,8 @@ class OpenAIPipeline(PooledCore):
             _add_tool_delta(turn, {"index": index, **call})
         turn.text.append(content)
         turn.finish_reason = str(whole["choices"][0].get("finish_reason") or "stop")
-        return [ResponseItem(text=s) for s in turn.splitter.feed(content)]
+        sentences = [*turn.splitter.feed(content), turn.splitter.flush()]  # the last one too
+        return [ResponseItem(text=s) for s in sentences if s]
 
     def _finish(
         self, session: Session, history: list[dict[str, Any]], user: str, turn: _Turn
@@ -374,14 +364,11 @@ class OpenAIPipeline(PooledCore):
         messages = [*history, {"role": "user", "content": user}]
         if said:
             messages.append({"role": "assistant", "content": said})
-        session.pipeline_state = {**session.pipeline_state, "messages": self._bound(messages)}
-        return Response(items=items, session_ended=ended)
-
-    def _bound(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        kept = messages[-self.max_history :]
+        kept = messages[-self.max_history :]  # the newest, never starting with the assistant
         while kept and kept[0].get("role") != "user":
             kept = kept[1:]
-        return kept
+        session.pipeline_state = {**session.pipeline_state, "messages": kept}
+        return Response(items=items, session_ended=ended)
 
 
 def user_message(input: Input) -> str:
@@ -443,11 +430,7 @@ def _error_text(data: str | bytes) -> str:
         error = body.get("error", body) if isinstance(body, dict) else body
         message = error.get("message") if isinstance(error, dict) else error
         if isinstance(message, str) and message:
-            return _one_line(message)
+            return " ".join(message.split())
     except ValueError:
         pass
-    return _one_line(data)
-
-
-def _one_line(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
+    return " ".join(data.split())
