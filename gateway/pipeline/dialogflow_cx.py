@@ -364,16 +364,10 @@ class DialogflowCxPipeline:
             async with contextlib.aclosing(answer):
                 secrets = [self._credentials.token]
                 await check_status(answer, f"the {KIND} core", secrets, _google_error)
-                if self.streaming:
-                    async for part in self._parts(answer):
-                        answers.append(part)
-                        final = part.get("responseType") != "PARTIAL"
-                        for item in self._items(part, sent, final):
-                            yield item
-                else:
-                    whole = _object(await read_body(answer, self._max, "the core"))
-                    answers.append(whole)
-                    for item in self._items(whole, sent, True):
+                async for part in self._parts(answer):
+                    answers.append(part)
+                    final = part.get("responseType") != "PARTIAL"
+                    for item in self._items(part, sent, final):
                         yield item
         if not answers:
             raise PipelineError("the core's stream held no DetectIntentResponse")
@@ -456,8 +450,12 @@ class DialogflowCxPipeline:
         return Response(session_ended=ended, locale=language if isinstance(language, str) else None)
 
     async def _parts(self, answer: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-        """The DetectIntentResponses of a streamed answer (JSON array or SSE), each as
-        soon as it is complete, read in linear time however the answer is cut."""
+        """The DetectIntentResponses of ``answer``: detectIntent's one, or those of a
+        streamed answer (JSON array or SSE), each as soon as it is complete, read in
+        linear time however the answer is cut."""
+        if not self.streaming:
+            yield _object(await read_body(answer, self._max, "the core"))
+            return
         kind = media_type(answer.headers.get("content-type"))
         if kind == "text/event-stream":
             async for event in iter_sse(bounded_lines(answer, self._max, "the core", blank=True)):
