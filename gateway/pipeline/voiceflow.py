@@ -58,14 +58,7 @@ from urllib.parse import quote
 import httpx
 from httpx_sse import SSEError
 
-from gateway.events import (
-    INTRO,
-    MAX_TIMEOUT_S,
-    SILENCE,
-    Input,
-    Response,
-    ResponseItem,
-)
+from gateway.events import INTRO, MAX_TIMEOUT_S, SILENCE, Input, Response, ResponseItem
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
     PooledCore,
