@@ -220,14 +220,10 @@ class OpenAIPipeline(PooledCore):
 
     def request_body(self, history: list[dict[str, Any]], user: str) -> dict[str, Any]:
         """The chat completions request of a turn: system prompt, ``history``, ``user``."""
-        messages: list[dict[str, Any]] = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages += history
-        messages.append({"role": "user", "content": user})
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": messages,
+            "messages": [*system, *history, {"role": "user", "content": user}],
             "stream": True,
             "stream_options": {"include_usage": True},
         }

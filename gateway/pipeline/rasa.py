@@ -216,14 +216,11 @@ class RasaPipeline(PooledCore):
             out.append(buttons_item(mapped, text))
         elif text:
             out.append(ResponseItem(text=text))
-        custom = message.get("custom")
-        if custom is not None:
+        if (custom := message.get("custom")) is not None:
             out.extend(_custom(custom))
-        image = message.get("image")
-        if is_url(image):
+        if is_url(image := message.get("image")):
             out.append(ResponseItem(image=image))
-        attachment = message.get("attachment")
-        if attachment is not None:
+        if (attachment := message.get("attachment")) is not None:
             out.append(_attachment(attachment))
         return out
 
