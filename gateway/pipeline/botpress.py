@@ -92,14 +92,13 @@ from gateway.pipeline.cores import (
     button,
     buttons_item,
     card_item,
+    check_status,
     checked_json,
     chosen,
     command_item,
     core_client,
     is_url,
-    log_detail,
     read_json,
-    read_some,
     talking_to,
     transfer_to,
 )
@@ -227,10 +226,8 @@ class BotpressPipeline(PooledCore):
                     if retry and kept and status in STALE:
                         _forget(session, status)
                         continue  # nothing was sent yet: the turn runs once, on new ids
-                    if not 200 <= status < 300:
-                        what = f"Botpress answered listen with HTTP {status}"
-                        log_detail(what, await read_some(listen), (key, self._encryption_key))
-                        raise PipelineError(what)
+                    secrets = (key, self._encryption_key)
+                    await check_status(listen, "Botpress", secrets, call="listen")
                     # the stream is open (its headers came): nothing the bot says is missed
                     await self._send(session, input, conversation, key)
                     async for kind, data in self._bot_signals(listen, user_id, bool(input.action)):

@@ -307,13 +307,16 @@ async def check_status(
     core: str,
     secrets: Sequence[str | None] = (),
     detail: Callable[[bytes], str] | None = None,
+    call: str = "",
 ) -> None:
-    """Raises PipelineError ``<core> answered HTTP <status>`` unless ``answer``'s status
+    """Raises PipelineError ``<core> answered HTTP <status>`` (with ``call``, the request
+    named: ``<core> answered <call> with HTTP <status>``) unless ``answer``'s status
     is 2xx; the start of its body (:func:`read_some`, why the core refused; given to
     ``detail`` when set, which picks the core's own error message from it) is logged with
     that text at WARNING by :func:`log_detail` (``secrets`` hidden, cut, one line)."""
     if not 200 <= answer.status_code < 300:
-        what = f"{core} answered HTTP {answer.status_code}"
+        named = f"{call} with " if call else ""
+        what = f"{core} answered {named}HTTP {answer.status_code}"
         body = await read_some(answer)
         log_detail(what, detail(body) if detail else body, secrets)
         raise PipelineError(what)
