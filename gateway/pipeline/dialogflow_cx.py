@@ -136,9 +136,8 @@ class _TimedAuthRequest(AuthRequest):
         timeout: float | None = None,
         **kwargs: Any,
     ) -> Any:
-        kwargs["allow_redirects"] = False
-        kwargs["stream"] = True  # the body is read by the hook, bounded
-        kwargs["hooks"] = {"response": self._bounded}
+        # no redirect followed; the body streamed, to be read by the hook, bounded
+        kwargs.update(allow_redirects=False, stream=True, hooks={"response": self._bounded})
         answer = super().__call__(  # type: ignore[no-untyped-call]
             url, method, body, headers, timeout=TOKEN_TIMEOUT_S, **kwargs
         )
