@@ -269,12 +269,9 @@ class DialogflowCxPipeline:
         text = input.text.strip()
         if isinstance(dtmf, str) and _DTMF.fullmatch(dtmf):
             query = {"dtmf": _dtmf(dtmf)}
-        elif input.action == INTRO:
-            query = {"event": {"event": self.welcome_event}}
-        elif input.action == SILENCE:
-            query = {"event": {"event": self.no_input_event}}
         elif input.action and input.action != "#":
-            query = {"event": {"event": input.action.removeprefix("#")}}
+            events = {INTRO: self.welcome_event, SILENCE: self.no_input_event}
+            query = {"event": {"event": events.get(input.action, input.action.removeprefix("#"))}}
         elif session.channel in PHONE_CHANNELS and _DTMF.fullmatch(text):
             query = {"dtmf": _dtmf(text)}
         else:

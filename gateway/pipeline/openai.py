@@ -227,10 +227,8 @@ class OpenAIPipeline(PooledCore):
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
+        optional = {"temperature": self.temperature, "max_tokens": self.max_tokens}
+        body |= {key: value for key, value in optional.items() if value is not None}
         if self.tools:
             body["tools"] = self.tools
             body["tool_choice"] = "auto"
@@ -370,8 +368,7 @@ class OpenAIPipeline(PooledCore):
 def user_message(input: Input) -> str:
     """The user message of ``input``: its transcript, or the note of its ``#action``."""
     if input.action:
-        note = ACTION_MESSAGES.get(input.action)
-        return note or f"[Event: {input.action.removeprefix('#')}]"
+        return ACTION_MESSAGES.get(input.action, f"[Event: {input.action.removeprefix('#')}]")
     return input.text
 
 

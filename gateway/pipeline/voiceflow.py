@@ -83,6 +83,10 @@ _IGNORED = frozenset({"debug", "log", "flow", "block", "path", "goto", "entity-f
                       "channel-action", "knowledgeBase"})  # fmt: skip
 
 
+_ACTIONS = {INTRO: "launch", SILENCE: "no-reply"}
+"""The Dialog Manager action types of the gateway's actions; another ``#name`` is ``name``."""
+
+
 class _Turn:
     """What the traces of one turn left for its Response."""
 
@@ -144,12 +148,8 @@ class VoiceflowPipeline(PooledCore):
         request = _socket_request(session, input)
         if request is not None:
             return request
-        if input.action == INTRO:
-            return {"type": "launch"}
-        if input.action == SILENCE:
-            return {"type": "no-reply"}
         if input.action:
-            return {"type": input.action.removeprefix("#")}
+            return {"type": _ACTIONS.get(input.action, input.action.removeprefix("#"))}
         return chosen(session.pipeline_state, input.text) or {"type": "text", "payload": input.text}
 
     async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
