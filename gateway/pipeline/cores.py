@@ -173,15 +173,12 @@ async def body_chunks(
     ]
     chunks: AsyncIterator[bytes] = answer.aiter_raw()
     for coding in reversed(codings):  # listed in the order they were applied
-        if coding in ("gzip", "x-gzip"):
-            chunks = _inflated(chunks, zlib.MAX_WBITS | 16, coding)
-        elif coding == "deflate":
-            chunks = _inflated(chunks, zlib.MAX_WBITS, coding)
-        else:
+        if coding not in _WBITS:
             raise PipelineError(
                 f"{core} answered with Content-Encoding {coding[:40]!r}, which the gateway "
                 f"does not read (it asks for {ACCEPT_ENCODING})"
             )
+        chunks = _inflated(chunks, _WBITS[coding], coding)
     size = 0
     async for chunk in chunks:
         size += len(chunk)
@@ -189,6 +186,10 @@ async def body_chunks(
             raise PipelineError(f"{core}'s answer is larger than {max_bytes} bytes")
         if chunk:
             yield chunk
+
+
+_WBITS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
+"""The zlib ``wbits`` of each Content-Encoding :func:`body_chunks` inflates."""
 
 
 async def _inflated(chunks: AsyncIterator[bytes], wbits: int, coding: str) -> AsyncIterator[bytes]:
