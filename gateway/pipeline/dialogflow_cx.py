@@ -44,7 +44,7 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   small the pieces it comes in.
 - Failures (PipelineError): no token, the API unreachable, non-2xx (the fixed text
   ``the Dialogflow CX core answered HTTP <status>``; the Google error ``message`` goes
-  only to the log, redacted: :func:`gateway.pipeline.cores.core_failed`), an answer
+  only to the log, redacted: :func:`gateway.pipeline.cores.check_status`), an answer
   that is not a DetectIntentResponse or over GATEWAY_PIPELINE_MAX_RESPONSE_BYTES, and
   JSON that :func:`gateway.pipeline.cores.core_json` refuses (too deep, a number of more
   than 100 characters, ``NaN``/``Infinity``, a lone surrogate): ``the core answered

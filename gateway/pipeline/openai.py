@@ -26,7 +26,8 @@ Errors the server reports (a non-2xx status, an error in the stream or body) are
 PipelineErrors whose text is fixed (``the OpenAI-compatible core answered HTTP 401``,
 ``... streamed an error``): the server's own message, which a proxy in front of the
 model may fill with the API key or internal details, goes only to the log (WARNING,
-redacted, cut; :func:`gateway.pipeline.cores.core_failed`).
+redacted, cut; :func:`gateway.pipeline.cores.check_status`,
+:func:`~gateway.pipeline.cores.core_failed`).
 
 Tools (sent when GATEWAY_OPENAI_TOOLS is on): ``end_session`` (no arguments) ends the
 session after the answer (``Response.session_ended``); ``transfer`` (``{"reason"}``),
