@@ -203,6 +203,7 @@ from gateway.protocol import (
     Expected,
     ProtocolError,
     StateMachine,
+    check_language_tag,
     clipped,
     flag,
     integer,
@@ -902,6 +903,8 @@ class V1Connection:
             proposed, input_ = event.session_id, event.input
         if not input_.text.strip():
             raise ProtocolError("input.transcript.text is empty: send the user's text or #intro.")
+        if input_.locale:  # the session's locale, handed to the core and echoed (as V2's)
+            check_language_tag(input_.locale, what="input.locale")
         session_id = self._proposed(proposed)
         self.machine.feed(event.type)
         utterance, self._utterance = self._utterance, None  # the user typed instead of speaking

@@ -327,6 +327,40 @@ async def test_bad_frames_are_errors_and_the_socket_serves_on(
         await assert_serving(url)
 
 
+async def test_an_input_locale_that_is_no_language_tag_is_an_error_the_session_goes_on() -> None:
+    """An Input/Request ``input.locale`` was taken as sent (20,000 characters, markup, a
+    newline) and became the session's locale, handed to the core and echoed in every
+    Response; now it must be a language tag (BCP 47 syntax, ``_`` allowed, at most 64
+    characters, as V2's), else an Error of source ``client``: no turn runs, and the
+    session and the socket go on."""
+    async with served() as url:
+        async with connect(ws_url(url)) as ws:
+            await init(ws)
+            frame = request_frame("#intro", "localized")
+            frame["request"]["input"]["locale"] = "pt_BR"
+            started, greeting = await turn(ws, frame)
+            assert started["sessionId"] == "localized"
+            assert greeting["response"]["locale"] == "pt_BR"
+            for locale in ("x" * 20_000, "<b>en</b>", "en-US\n", "en US", "e"):
+                for bad in (input_frame("hello"), request_frame("hello")):
+                    inner = bad["input"] if bad["type"] == "Input" else bad["request"]["input"]
+                    inner["locale"] = locale
+                    await send_json(ws, bad)
+                    error = await expect_error(ws)
+                    assert error["text"] == (
+                        f"input.locale {locale[:64]!r} is not a language tag (BCP 47, e.g. "
+                        "en-US) of at most 64 characters."
+                    )
+            ok = input_frame("hello")
+            ok["input"]["locale"] = "zh-Hant-TW"
+            [answer] = await turn(ws, ok)  # the same session: no SessionStarted
+            assert answer["type"] == "Response"
+            assert answer["response"]["locale"] == "zh-Hant-TW"
+            [answer] = await turn(ws, input_frame("hello"))
+            assert answer["response"]["locale"] == "zh-Hant-TW"  # the session's, kept
+        await assert_serving(url)
+
+
 @pytest.mark.parametrize("size", [5000, 70_000])
 async def test_an_oversized_frame_closes_1009(size: int) -> None:
     """5000 bytes passes the server's frame limit and is refused by the adapter;
