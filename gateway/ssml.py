@@ -45,14 +45,28 @@ _AUDIO_TAG = "<audio"
 _SENTENCE_END = re.compile(r"[.!?…。！？](?:[\"')\]]*)(?=\s)")
 
 
-def truncate_text(text: str, max_chars: int) -> str:
+def truncate_text(text: str, max_chars: int, *, utf16: bool = False) -> str:
     """``text`` cut to at most ``max_chars`` characters at a sensible boundary.
 
-    Text that fits is returned unchanged. Otherwise the cut is at the last
+    Characters are code points; UTF-16 code units with ``utf16`` (:func:`utf16_len`, as
+    Alexa counts: an emoji counts two; ASCII text is not counted again). Text that fits
+    is returned unchanged. Otherwise the cut is at the last
     sentence end (``.``, ``!``, ``?``...) when that keeps at least half of the
     budget, else at the last word boundary followed by ``…``, else (one huge
     word) a hard cut followed by ``…``. Returns ``""`` for a budget under 1.
     """
+    if utf16 and not text.isascii():
+        if utf16_len(text) <= max_chars:
+            return text
+        # the code points whose UTF-16 form fits: any cut below is a prefix of those (the
+        # ellipsis, one unit, standing for at least one cut character), so it fits too
+        units = fits = 0
+        for char in text:
+            units += 1 + (char > "\uffff")
+            if units > max_chars:
+                break
+            fits += 1
+        max_chars = fits
     if len(text) <= max_chars:
         return text
     if max_chars < 1:
@@ -220,10 +234,11 @@ def speech_ssml(
     return _SPEAK_OPEN + " ".join(out) + _SPEAK_CLOSE
 
 
-def display_text(items: Sequence[ResponseItem], max_chars: int) -> str:
+def display_text(items: Sequence[ResponseItem], max_chars: int, *, utf16: bool = False) -> str:
     """The items' text for a screen or card: texts (or SSML's spoken text) joined by spaces.
 
-    ``#command`` items are skipped; the result is cut by :func:`truncate_text`.
+    ``#command`` items are skipped; the result is cut by :func:`truncate_text` to
+    ``max_chars`` code points (UTF-16 code units with ``utf16``).
     """
     parts: list[str] = []
     for item in items:
@@ -233,4 +248,4 @@ def display_text(items: Sequence[ResponseItem], max_chars: int) -> str:
             spoken = ssml_to_text(item.ssml)
             if spoken:
                 parts.append(spoken)
-    return truncate_text(" ".join(p for p in parts if p), max_chars)
+    return truncate_text(" ".join(p for p in parts if p), max_chars, utf16=utf16)

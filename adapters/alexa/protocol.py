@@ -65,7 +65,8 @@ are the stricter measure either way."""
 MAX_AUDIO_TAGS = 5
 """Alexa's limit on ``<audio>`` tags in one output speech (SSML reference, ``audio``)."""
 MAX_CARD_CHARS = 8000
-"""Alexa's limit on a card's title + text."""
+"""Alexa's limit on a card's title + text, counted as :data:`MAX_SPEECH_CHARS` is (UTF-16
+code units)."""
 MAX_RESPONSE_BYTES = 24 * 1024
 """Alexa's limit on the whole serialised response."""
 SESSION_ATTRIBUTE = "gatewaySessionId"
@@ -652,7 +653,7 @@ def turn_wire(
     image = next((i.image for i in items if i.image and i.image.startswith("https://")), None)
     if image:
         card: dict[str, Any] = {"type": "Standard"}
-        text = display_text(items, MAX_CARD_CHARS)
+        text = display_text(items, MAX_CARD_CHARS, utf16=True)
         if text:
             card["text"] = text
         card["image"] = {"smallImageUrl": image, "largeImageUrl": image}

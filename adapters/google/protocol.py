@@ -70,7 +70,10 @@ SESSION_PARAM = "gatewaySessionId"
 END_CONVERSATION = "actions.scene.END_CONVERSATION"
 HEALTH_CHECK_HANDLER = "actions.handler.HEALTH_CHECK"
 MAX_DISPLAY_CHARS = 640
-"""Google's limit on a simple response's display text (chat bubble)."""
+"""Google's limit on a simple response's display text (chat bubble): longer text is cut by
+Google at a word break. Google does not say how it counts; the gateway counts UTF-16 code
+units (:func:`gateway.ssml.utf16_len`, as Java and JavaScript count: an emoji counts two),
+the stricter measure either way, as it does :data:`MAX_EXIT_CHARS`."""
 MAX_SPEECH_CHARS = 8000
 """The gateway's cap on speech SSML (same as Alexa's; Google documents none), and on the
 text of all the messages of a Dialogflow answer together."""
@@ -726,7 +729,7 @@ def health_response(plan: Plan) -> dict[str, Any]:
 
 def _v3_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
     speech = _speech(answer.items)
-    text = display_text(answer.items, MAX_DISPLAY_CHARS)
+    text = display_text(answer.items, MAX_DISPLAY_CHARS, utf16=True)
     out: dict[str, Any] = {
         "session": {"id": plan.session_id, "params": {SESSION_PARAM: gateway_session_id}},
     }
@@ -761,7 +764,7 @@ MAX_EXIT_CHARS = 60
 ``actions.intent.CANCEL``, also through Dialogflow): "a single simple response with a
 60-character limit on its textToSpeech and displayText values"; any other answer (longer,
 SSML-only, or with a card) fails and Google ends with its earcon instead (Actions on
-Google "Conversation exits")."""
+Google "Conversation exits"). Counted in UTF-16 code units, as :data:`MAX_DISPLAY_CHARS`."""
 
 
 def _rich_response(
@@ -777,7 +780,7 @@ def _rich_response(
     that must fit, :func:`_fit`)."""
     speech = None if exit else _speech(answer.items, max_chars)
     limit = MAX_EXIT_CHARS if exit else MAX_DISPLAY_CHARS
-    text = display_text(answer.items, min(limit, max_chars))
+    text = display_text(answer.items, min(limit, max_chars), utf16=True)
     simple = {"textToSpeech": text} if text and not speech else {"ssml": speech or SILENT_SSML}
     if text:
         simple["displayText"] = text

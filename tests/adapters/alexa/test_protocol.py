@@ -493,6 +493,27 @@ def test_speech_fits_8000_utf16_units_as_alexa_counts(items: list[ResponseItem])
         assert utf16_units(ssml_of(reprompt.output_speech)) <= MAX_SPEECH_CHARS
 
 
+def test_the_card_text_fits_8000_utf16_units_as_alexa_counts() -> None:
+    # the card's limit is counted as the speech's (UTF-16 units, Java's String.length()):
+    # within 8,000 code points, a card full of emoji was still too long for Alexa
+    text = "Good 😀 news. " * 600  # 7,800 code points, 8,400 UTF-16 units
+    items = [ResponseItem(text=text), ResponseItem(image="https://cdn.example/cat.png")]
+    answer = parsed(
+        encode(turn_response(Response(items=items, session_ended=True), session_id="S"))
+    )
+    card = body(answer).card
+    assert isinstance(card, StandardCard)
+    assert card.text is not None
+    assert MAX_CARD_CHARS * 0.9 < utf16_units(card.text) <= MAX_CARD_CHARS
+    assert text.startswith(card.text)  # cut at the last sentence end
+    wide = [ResponseItem(text="𝄞" * 7000)]  # one huge word: a hard cut
+    cut = display_text(wide, MAX_CARD_CHARS, utf16=True)
+    assert utf16_units(cut) == MAX_CARD_CHARS - 1  # 3,999 of 4,000 that fit, and the ellipsis
+    assert cut == "𝄞" * 3999 + "…"
+    ascii_text = "Plain words. " * 700  # ASCII: counted once, cut as before
+    assert truncate_text(ascii_text, 8000, utf16=True) == truncate_text(ascii_text, 8000)
+
+
 def test_long_multibyte_speech_fits_24_kb() -> None:
     text = "Příliš žluťoučký kůň úpěl ďábelské ódy. " * 400
     data = encode(turn_response(Response(items=[ResponseItem(text=text)]), session_id="S"))

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from adapters.google.protocol import (
+    MAX_DISPLAY_CHARS,
+    MAX_EXIT_CHARS,
     SILENT_SSML,
     Answer,
     Format,
@@ -355,6 +357,37 @@ def test_display_text_is_cut_to_640() -> None:
     assert len(simple["text"]) <= 640
     assert simple["text"].endswith("goes on.")
     assert len(simple["speech"]) > 640
+
+
+def utf16_units(text: str) -> int:
+    """The length of ``text`` as Java's String.length() and JavaScript's ``length`` count."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def test_display_and_exit_texts_are_counted_in_utf16_units() -> None:
+    """Google does not say how it counts the 640 characters of a chat bubble and the 60 of a
+    conversation exit (over those, the exit answer is refused for an earcon). They were
+    counted in code points: 60 emoji were 120 UTF-16 units (Java's, JavaScript's count).
+    Now UTF-16 units, the stricter measure either way."""
+    planned = google_plan(fixture("actions-builder/IntentRequest.json"))
+    long = (ResponseItem(text="Good \U0001f600 news. " * 60),)  # 780 code points, 840 units
+    text = render(planned, Answer(long), "G")["prompt"]["firstSimple"]["text"]
+    assert MAX_DISPLAY_CHARS * 0.9 < utf16_units(text) <= MAX_DISPLAY_CHARS
+    assert text.endswith("news.")
+    # 80 code points, 112 UTF-16 units
+    bye = (ResponseItem(text="Bye \U0001f44b\U0001f44b\U0001f44b\U0001f44b. " * 8),)
+    cancel = with_screen("actions-sdk-v2-via-dialogflow/Cancel.json")
+    for exit_plan in (
+        google_plan(cancel["originalDetectIntentRequest"]["payload"]),
+        dialogflow_plan(cancel),
+    ):
+        body = render(exit_plan, Answer(bye, end=True), "G")
+        google = body["payload"]["google"] if exit_plan.format is Format.DIALOGFLOW_ES else body
+        rich = google.get("finalResponse", {}).get("richResponse") or google["richResponse"]
+        (item,) = rich["items"]
+        said = item["simpleResponse"]
+        assert said["textToSpeech"] == said["displayText"]
+        assert 0 < utf16_units(said["displayText"]) <= MAX_EXIT_CHARS
 
 
 def first_simple(rich: dict[str, Any]) -> dict[str, Any]:
