@@ -10,7 +10,7 @@ also accepts objects written back to back, and event types are the short names.
   events as its bytes arrive (bounded per event); :class:`RequestStream` checks
   their order with the table :data:`TRANSITIONS`.
 - :func:`text_input` reads a ``text/plain`` body (in the charset :func:`text_charset`
-  finds declared); :func:`text_lines` and
+  finds declared, else as its byte order mark says, else UTF-8); :func:`text_lines` and
   :func:`json_lines` write turn events in the plain-text line format
   (``<``, ``#``, ``!``, ``.``, ``~``) or as NDJSON.
 - Audio (spec "Audio/Video formats"): :func:`decode_audio_file` turns a whole
@@ -357,10 +357,11 @@ def _text_codec(charset: str) -> str | None:
     return None if name in _NO_CHARSETS else name
 
 
-def text_charset(content_type: str | None) -> str:
+def text_charset(content_type: str | None) -> str | None:
     """The charset a ``text/plain`` body is decoded with: the ``charset`` parameter of its
-    Content-Type (RFC 9110 section 8.3; case-insensitive, quoted or not), ``utf-8`` when
-    none is declared. The name is returned as declared.
+    Content-Type (RFC 9110 section 8.3; case-insensitive, quoted or not), None when none
+    is declared (:func:`text_input` then lets a byte order mark decide, else UTF-8). The
+    name is returned as declared.
 
     Raises ProtocolError with status 415 naming a charset that is no text encoding known
     here (``charset=klingon``; ``base64`` and the like are no text encodings either).
@@ -377,7 +378,7 @@ def text_charset(content_type: str | None) -> str:
                 status=415,
             )
         return charset
-    return "utf-8"
+    return None
 
 
 _BYTE_ORDERED: Final[Mapping[str, tuple[bytes, ...]]] = {
@@ -387,17 +388,28 @@ _BYTE_ORDERED: Final[Mapping[str, tuple[bytes, ...]]] = {
 """Codecs whose byte order only a byte order mark tells, with their marks. Without one
 RFC 2781 section 4.3 says big-endian, Python decodes in the machine's order: either
 garbles the other's text, so such a body is refused (declare utf-16le/-be)."""
+_SNIFFED: Final = (
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+"""The byte order marks that decide the encoding of a body that declares none, and that
+encoding (WHATWG Encoding, "BOM sniff" in "decode": UTF-8, UTF-16LE, UTF-16BE only)."""
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 """Control characters no user's text has (tab, line feed and carriage return aside): in a
 body decoded as UTF-8 or a single-byte charset, NUL is the sign of UTF-16 or UTF-32."""
 
 
-def text_input(body: bytes, charset: str = "utf-8") -> Input:
+def text_input(body: bytes, charset: str | None = None) -> Input:
     """The Input of a ``text/plain`` body in ``charset`` (as :func:`text_charset` gives it;
-    a leading byte order mark ignored). ProtocolError: status 415 when ``charset`` is no
+    a leading byte order mark ignored). With no charset declared (None) a byte order mark
+    decides (:data:`_SNIFFED`: UTF-8, UTF-16LE or UTF-16BE, as WHATWG Encoding's "decode"),
+    else the body is UTF-8. ProtocolError: status 415 when ``charset`` is no
     text encoding known here, 400 when the body is not text in it (also: ``utf-16`` or
     ``utf-32`` without a byte order mark, :data:`_BYTE_ORDERED`; control characters other
     than tab and line breaks, :data:`_CONTROL`, e.g. UTF-16 sent as UTF-8) or is empty."""
+    if charset is None:
+        charset = next((name for mark, name in _SNIFFED if body.startswith(mark)), "utf-8")
     if (codec := _text_codec(charset)) is None:
         raise ProtocolError(
             f"Unsupported charset {clipped(charset)} of the text/plain body.", status=415

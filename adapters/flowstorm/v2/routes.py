@@ -27,7 +27,8 @@ ErrorEvent / ``!`` line of source ``client``) before the session is looked up.
 Requests without a cookie (new sessions) are not limited. Behind a proxy, run
 uvicorn with ``--forwarded-allow-ips`` so the client IP is the real one.
 
-**PUT with text** (``text/plain`` in its declared ``charset``, UTF-8 when none; or
+**PUT with text** (``text/plain`` in its declared ``charset``; when none, as its byte
+order mark says, else UTF-8; or
 ``application/json`` holding an InputEvent):
 one turn; the answer streams the items and the Response (NDJSON, or the plain
 text lines for text/plain). Every turn's items with text carry an absolute TTS

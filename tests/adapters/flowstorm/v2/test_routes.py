@@ -7,6 +7,7 @@ voice for them (test_speech.py uses the default Piper voice).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import re
@@ -599,6 +600,38 @@ async def test_a_text_body_is_read_in_its_declared_charset(base: str) -> None:
         wrong = await client.put(plain, headers=TEXT, content="café".encode("latin-1"))
         assert wrong.status_code == 400
         assert wrong.text == "! client: The text/plain body is not UTF-8 text.\n"
+
+
+async def test_a_byte_order_mark_decides_an_undeclared_text_body(base: str) -> None:
+    """A text/plain body with no charset declared was read as UTF-8 whatever it began with:
+    UTF-16 with its byte order mark got 400 "not UTF-8 text". Now a UTF-8, UTF-16LE or
+    UTF-16BE byte order mark decides its encoding (WHATWG Encoding, "decode"); without one
+    it is UTF-8, and a declared charset is read as declared."""
+    plain = f"/client?key={KEY}&tts=None"
+    said = "Zoë says hi 👋"
+    async with httpx.AsyncClient(base_url=base) as client:
+        for body in (
+            codecs.BOM_UTF16_LE + said.encode("utf-16-le"),
+            codecs.BOM_UTF16_BE + said.encode("utf-16-be"),
+            codecs.BOM_UTF8 + said.encode(),
+        ):
+            for headers in (TEXT, {"Content-Type": "text/plain; format=flowed"}):
+                answer = await client.put(plain, headers=headers, content=body)
+                assert answer.status_code == 200, answer.text
+                assert answer.text == f"< You said: {said}\n"
+                client.cookies.clear()
+        intro = await client.put(plain, headers=TEXT, content="#intro".encode("utf-16"))
+        assert intro.text.startswith("< Hello, I am the gateway demo bot.\n")
+        client.cookies.clear()
+        # a declared charset is read as declared: the mark is the text's first character
+        latin = {"Content-Type": "text/plain; charset=iso-8859-1"}
+        declared = await client.put(plain, headers=latin, content="hi".encode("utf-16"))
+        assert declared.status_code == 400
+        assert "control character U+0000" in declared.text
+        odd = await client.put(plain, headers=TEXT, content=codecs.BOM_UTF16_LE + b"h\x00i")
+        assert odd.status_code == 400
+        assert odd.text == "! client: The text/plain body is not utf-16-le text.\n"
+        assert "flowstorm-session-id" not in odd.cookies
 
 
 async def test_a_utf16_body_without_its_byte_order_is_refused_not_garbled(base: str) -> None:
