@@ -116,6 +116,7 @@ TRANSFER_TOOL: dict[str, Any] = {
 class _ToolCall:
     name: str = ""
     arguments: str = ""
+    id: str = ""
 
 
 @dataclass
@@ -389,7 +390,9 @@ def _history(state: dict[str, Any]) -> list[dict[str, Any]]:
 def _add_tool_delta(turn: _Turn, call: Any) -> None:
     if not isinstance(call, dict):
         raise PipelineError(f"the {KIND} core streamed a tool call that is not an object")
-    index = call.get("index", 0)
+    index = call.get("index")
+    if index is None:  # left out (Ollama before 0.4.7): a delta of the latest call
+        index = next(reversed(turn.tools), 0)
     if not isinstance(index, int):
         raise PipelineError(f"the {KIND} core streamed a tool call without an integer index")
     acc = turn.tools.setdefault(index, _ToolCall())
@@ -397,6 +400,15 @@ def _add_tool_delta(turn: _Turn, call: Any) -> None:
     if not isinstance(function, dict):
         raise PipelineError(f"the {KIND} core streamed a tool call whose function is not an object")
     name = function.get("name")
+    call_id = call.get("id")
+    if isinstance(call_id, str) and call_id:
+        if acc.id and call_id != acc.id and isinstance(name, str) and name:
+            # another call's first delta (its id and name) where one is: a call of its own
+            # (Ollama sends parallel calls whole at index 0 or with none); a new id
+            # without a name continues the call (servers whose ids change mid-call)
+            index = min(0, *turn.tools) - 1  # a key no wire index takes
+            acc = turn.tools[index] = _ToolCall()
+        acc.id = acc.id or call_id
     if isinstance(name, str) and name != acc.name:
         # the name comes in the first delta (or split over a few); some servers (MiniMax
         # via NVIDIA NIM, proxies) send it whole again in every delta: not appended twice

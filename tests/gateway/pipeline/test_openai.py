@@ -202,6 +202,24 @@ async def test_parallel_tool_calls_streamed_interleaved_are_told_apart_by_index(
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("mode", ["no-index", "ollama"])
+async def test_parallel_tool_calls_without_their_own_index_are_told_apart_by_id(
+    llm: tuple[str, FastAPI], mode: str
+) -> None:
+    """Parallel tool calls streamed without an ``index`` (Ollama before 0.4.7) or all at
+    ``index`` 0 (Ollama since, ollama/ollama#15457) were merged into one call of index 0
+    ("transferend_session", an unknown tool ignored): no transfer, no end. A delta with
+    another call's id and a name starts a call of its own; deltas without an index
+    continue the latest call."""
+    url, _ = llm
+    conv = engine(pipeline(url, mode, transfer_target="+15551234567"))
+    events = await conv.turn(ctx(), Input.of("hand me over and bye")).collect()
+    item = [e for e in events if isinstance(e, ResponseItemEvent)][-1].response_item
+    assert transfer_target(item) == ("+15551234567", "caller asked for a person")
+    assert isinstance(events[-1], SessionEndedEvent)
+    await conv.pipeline.aclose()
+
+
 async def test_transfer_tool_is_the_transfer_action(llm: tuple[str, FastAPI]) -> None:
     url, app = llm
     conv = engine(pipeline(url, transfer_target="+15551234567"))
