@@ -204,6 +204,7 @@ from gateway.protocol import (
     ProtocolError,
     StateMachine,
     check_language_tag,
+    check_time_zone,
     clipped,
     flag,
     integer,
@@ -873,11 +874,16 @@ class V1Connection:
         key, allowed = event.key, self._key_allowed
         if not (allowed(key) if callable(allowed) else allowed and bool(key)):
             self.machine.feed(REFUSED_INIT)
-            text = f"Unknown application key {clipped(key)}." if key else _MISSING_KEY
-            return [error_frame(text), Close(CLOSE_POLICY, text)]
+            refusal = f"Unknown application key {clipped(key)}." if key else _MISSING_KEY
+            return [error_frame(refusal), Close(CLOSE_POLICY, refusal)]
         # the key first: an unknown one is closed 1008 whatever else the Init holds
         resumed = check_session_id(event.session_id) if event.session_id else None
         tts = tts_request(event.config)  # invalid: an Error, Init may be sent again
+        # the session's locale and time zone, handed to the core (checked as V2's)
+        if locale := text(event.config.get("locale")):
+            check_language_tag(locale, what="config.locale")
+        if zone := text(event.config.get("zoneId")):
+            check_time_zone(zone, what="Invalid Init event: config.zoneId")
         self.machine.feed("Init")
         self.init = event
         self.tts = tts

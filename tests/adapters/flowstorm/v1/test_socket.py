@@ -361,6 +361,33 @@ async def test_an_input_locale_that_is_no_language_tag_is_an_error_the_session_g
         await assert_serving(url)
 
 
+async def test_an_init_locale_or_zone_that_is_none_is_an_error_and_init_may_come_again() -> None:
+    """Init ``config.locale`` and ``config.zoneId`` were taken as sent (any string: 20,000
+    characters, markup, a path) and became the session's locale and time zone, handed to
+    the core; now they are checked as V2's (a language tag; a key of the IANA time zone
+    database): an Error of source ``client`` naming the setting, and Init may be sent
+    again (the connection serves on)."""
+    bad_inits = [
+        (init_frame(locale="x" * 20_000), ["config.locale", "is not a language tag"]),
+        (init_frame(locale="<b>en</b>"), ["config.locale", "is not a language tag"]),
+        (init_frame(zoneId="Mars/Olympus"), ["config.zoneId", "unknown IANA time zone"]),
+        (init_frame(zoneId="../../etc/passwd"), ["config.zoneId", "unknown IANA time zone"]),
+        (init_frame(zoneId="America"), ["config.zoneId", "unknown IANA time zone"]),
+    ]
+    async with served() as url:
+        async with connect(ws_url(url)) as ws:
+            for frame, words in bad_inits:
+                await send_json(ws, frame)
+                error = await expect_error(ws, *words)
+                assert error["source"] == "client"
+                assert len(error["text"]) < 200  # the value is not copied back whole
+            await init(ws, init_frame(locale="cs", zoneId="Europe/Prague"))
+            frames = await turn(ws, request_frame("#intro"))
+            assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
+            assert frames[-1]["response"]["locale"] == "cs"
+        await assert_serving(url)
+
+
 @pytest.mark.parametrize("size", [5000, 70_000])
 async def test_an_oversized_frame_closes_1009(size: int) -> None:
     """5000 bytes passes the server's frame limit and is refused by the adapter;
