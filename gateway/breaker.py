@@ -23,9 +23,10 @@ first answer after it is one INFO (``... answers again``, with the count).
 
 One breaker per client object (so per gateway process and GATEWAY_REDIS_URL), kept on
 the client itself (:func:`breaker_of`) and shared by every user of that client: the
-session store, the outbox/journal, the bus's publishes, the one-time nonces and the TTS
-link cache (so ``GET /file/tts``). Once a call of any of them hangs, every user's calls
-are refused at once until the probe, whoever makes it, gets an answer. Left outside:
+session store, the outbox/journal, the bus's publishes and subscribes, the one-time
+nonces and the TTS link cache (so ``GET /file/tts``). Once a call of any of them hangs,
+every user's calls are refused at once until the probe, whoever makes it, gets an
+answer. Left outside:
 the background loops, which wait and retry on their own schedule (the bus's
 subscription reader, the secret-key refresh, python-socketio's manager, which has a
 client of its own), and the startup's secret-key load.

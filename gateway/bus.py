@@ -152,10 +152,15 @@ class RedisBus:
     """Topics shared by every gateway process on one Redis (see module doc).
 
     ``client`` is a plain or Sentinel client (classic pub/sub) or a RedisCluster
-    (sharded pub/sub); the bus does not close it. :meth:`publish` and :meth:`clear` go
-    through the client's circuit breaker (:func:`gateway.breaker.breaker_of`: refused at
-    once, BusUnavailable, while a hung Redis opened it); the subscriptions and their
-    reader task, which wait on a connection of their own, do not.
+    (sharded pub/sub); the bus does not close it. :meth:`publish`, :meth:`claim`,
+    :meth:`clear` and the start of :meth:`subscribe` (its SUBSCRIBE and the read of the
+    retained value) go through the client's circuit breaker
+    (:func:`gateway.breaker.breaker_of`: refused at once, BusUnavailable, while a hung
+    Redis opened it; while Redis refuses connections their failures after the first are
+    for :func:`gateway.breaker.outage_level`); the reader task, which waits on the
+    subscriptions' connection of its own and retries every 0.5 s, does not: it logs one
+    WARNING when its reads start failing, DEBUG for the failures after, and one INFO
+    when it reads again.
     """
 
     def __init__(self, client: RedisClient, *, prefix: str = "gw") -> None:
@@ -215,7 +220,8 @@ class RedisBus:
     async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
         sub = Subscription()
         channel = self._channel(topic)
-        try:
+
+        async def join() -> Any:
             async with self._lock:
                 if self._pubsub is None:
                     self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
@@ -228,7 +234,10 @@ class RedisBus:
                 if self._reader is None or self._reader.done():
                     self._reader = asyncio.create_task(self._read(), name="bus reader")
             # read the retained value after subscribing: nothing published between is lost
-            retained = await self._redis.get(self._retained_key(topic))
+            return await self._redis.get(self._retained_key(topic))
+
+        try:
+            retained = await self._breaker.guard(join)
         except REDIS_ERRORS as exc:
             await self._leave(channel, sub)
             raise BusUnavailable(f"Redis: {exc}") from exc
@@ -255,6 +264,7 @@ class RedisBus:
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
+        failures = 0  # reads failed in a row: one WARNING for the first (see the class doc)
         while self._subs:
             started = loop.time()
             try:
@@ -266,9 +276,18 @@ class RedisBus:
                 else:
                     message = await self._pubsub.get_message(timeout=1.0)
             except REDIS_ERRORS as exc:
-                log.warning("bus reader: %s", exc)
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "bus reader: %s; retrying every 0.5 s, the next failures at DEBUG", exc
+                    )
+                else:
+                    log.debug("bus reader: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
+            if failures:
+                log.info("bus reader: reading again after %d failed read(s)", failures)
+                failures = 0
             if message is None and self._sharded and loop.time() - started < 0.01:
                 await asyncio.sleep(0.05)  # no node holds a subscription (yet): do not spin
             if message is None or message.get("type") not in ("message", "smessage"):

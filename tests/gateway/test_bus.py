@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import AsyncIterator
 
@@ -12,6 +13,7 @@ from gateway import redisconn
 from gateway.bus import Bus, BusUnavailable, MemoryBus, RedisBus, Subscription
 from gateway.sessions import redis_client
 from tests.conftest import TOPOLOGIES, topology_url
+from tests.gateway.redis_proxy import ReplyDropper
 
 
 @pytest.fixture(params=["memory", *TOPOLOGIES])
@@ -126,3 +128,40 @@ async def test_unreachable_redis_raises_bus_unavailable() -> None:
             pass
     await bus.aclose()
     await client.aclose()
+
+
+async def test_a_reader_cut_off_from_redis_is_one_warning_not_one_per_retry(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While Redis cannot be reached, the reader of a process with subscribers (a V2 GET
+    waiting for a recognition, a call's control topic) retries every 0.5 s: it logged a
+    WARNING each time, a storm as long as the outage. Now the first failure is one
+    WARNING, the others DEBUG, and one INFO says when it reads again; the subscription
+    then gets messages again."""
+    proxy, url = reply_dropper
+    client = redis_client(url)
+    bus = RedisBus(client, prefix=redis_prefix)
+    caplog.set_level(logging.DEBUG, "gateway.bus")
+    try:
+        async with bus.subscribe("s") as sub:
+            proxy.cut()
+            await asyncio.sleep(2.2)
+            lines = [r for r in caplog.records if r.name == "gateway.bus"]
+            (warning,) = [r for r in lines if r.levelno >= logging.WARNING]  # before: 4 or 5
+            assert warning.getMessage().startswith("bus reader: ")
+            assert sum(r.levelno == logging.DEBUG for r in lines) >= 2
+            caplog.clear()
+            proxy.restore()
+            got = None
+            for _ in range(40):  # until the reader has subscribed again
+                await bus.publish("s", {"n": 1})
+                if (got := await sub.get(0.25)) is not None:
+                    break
+            assert got == {"n": 1}
+            back = [r for r in caplog.records if r.name == "gateway.bus"]
+            (info,) = [r for r in back if r.levelno >= logging.INFO]
+            assert info.levelno == logging.INFO
+            assert info.getMessage().startswith("bus reader: reading again after ")
+    finally:
+        await bus.aclose()
+        await redisconn.aclose(client)

@@ -162,6 +162,7 @@ from adapters.flowstorm.v2.protocol import (
     text_lines,
 )
 from gateway import metrics
+from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.conversation import TurnContext, TurnRejected, TurnStream, new_session_id
 from gateway.deps import Gateway, gateway_of
@@ -630,7 +631,7 @@ async def _queued_pushes(gw: Gateway, key: str, config: ClientConfig, *, plain: 
     try:
         entries = await gw.journal.outbox.since(key, None)
     except OutboxError as exc:
-        log.warning("queued pushes of %s not read: %s", session_ref(key), exc)
+        log.log(outage_level(exc), "queued pushes of %s not read: %s", session_ref(key), exc)
         return b""
     return await _claim_pushes(gw, key, entries, config, plain=plain)
 
@@ -656,7 +657,7 @@ async def _claim_pushes(
     try:
         before = await gw.journal.outbox.mark(key, max(e.seq for e in pushes))
     except OutboxError as exc:
-        log.warning("pushes of %s not claimed: %s", session_ref(key), exc)
+        log.log(outage_level(exc), "pushes of %s not claimed: %s", session_ref(key), exc)
         return b""
     lines = []
     for entry in [e for e in pushes if e.seq > before]:  # (those at or below: another's claim)
@@ -755,7 +756,7 @@ class _Hearing:
             )
         except BusUnavailable as exc:
             self._bus_warned = True
-            log.warning("recognition of %s not claimed: %s", self.ref, exc)
+            log.log(outage_level(exc), "recognition of %s not claimed: %s", self.ref, exc)
             return True
 
     async def run(self) -> Outcome:
@@ -873,7 +874,9 @@ class _Hearing:
         except BusUnavailable as exc:  # the PUT goes on; only a GET misses the results
             if not self._bus_warned:
                 self._bus_warned = True
-                log.warning("recognition results of %s not published: %s", self.ref, exc)
+                log.log(
+                    outage_level(exc), "recognition results of %s not published: %s", self.ref, exc
+                )
 
     async def release(self) -> None:
         """Forget the retained ``done`` (the PUT's answer is on its way); idempotent."""
@@ -887,7 +890,9 @@ class _Hearing:
             try:
                 await self.gw.bus.clear(self.topic)
             except BusUnavailable as exc:
-                log.warning("retained recognition of %s not cleared: %s", self.ref, exc)
+                log.log(
+                    outage_level(exc), "retained recognition of %s not cleared: %s", self.ref, exc
+                )
 
 
 # ---------------------------------------------------------------- GET
@@ -1005,6 +1010,6 @@ async def _recognition(gw: Gateway, topic: str, *, plain: bool) -> AsyncIterator
                 for event in follower.feed(message):
                     yield (text_lines(event) if plain else event.wire_json() + "\n").encode()
     except BusUnavailable as exc:
-        log.warning("GET /client cannot follow %s: %s", session_ref(topic), exc)
+        log.log(outage_level(exc), "GET /client cannot follow %s: %s", session_ref(topic), exc)
         error = ErrorEvent(text="Recognition results are unavailable.", source="gateway")
         yield error_body(error, plain=plain).encode()
