@@ -370,8 +370,8 @@ def refused_by_breaker(exc: BaseException) -> bool:
     own outage error, ``raise ... from exc``): the call was refused by an open breaker,
     which logged the outage once; or the same for the error of a call that failed at
     once while Redis could not be reached, after the first such call (the breaker
-    logged that outage once). Callers log these at DEBUG, not one WARNING each (see
-    :func:`outage_level`)."""
+    logged that outage once), or marked by :func:`mark_logged`. Callers log these at
+    DEBUG, not one WARNING each (see :func:`outage_level`)."""
     seen: BaseException | None = exc
     for _ in range(8):  # a short chain; bounded against a cycle
         if seen is None:
@@ -380,6 +380,13 @@ def refused_by_breaker(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__
     return False
+
+
+def mark_logged(exc: BaseException) -> None:
+    """Mark ``exc`` as the error of an outage its raiser logged once already (as the
+    breaker marks the failures after an outage's first): :func:`outage_level` gives
+    DEBUG for it."""
+    setattr(exc, _LOGGED, True)
 
 
 def outage_level(exc: BaseException) -> int:

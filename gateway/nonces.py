@@ -17,16 +17,20 @@ Both pass the same contract tests (tests/gateway/test_nonces.py).
 
 from __future__ import annotations
 
+import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
 from typing import Protocol
 
-from gateway.breaker import CircuitOpen, breaker_of
+from gateway.breaker import CircuitOpen, breaker_of, mark_logged
 from gateway.redisconn import REDIS_ERRORS, RedisClient
 from gateway.sessions import StoreCircuitOpen, StoreUnavailable
 
 __all__ = ["MemoryNonceStore", "NonceStore", "RedisNonceStore"]
+
+log = logging.getLogger(__name__)
 
 
 class NonceStore(Protocol):
@@ -49,20 +53,32 @@ class NonceStore(Protocol):
 class MemoryNonceStore:
     """In-process one-time keys with expiry (the default without Redis).
 
-    At most ``max_keys`` keys are kept; expired keys are swept as new ones come.
-    When full of unexpired keys the oldest are forgotten first (a credential
-    that old has normally expired; the bound keeps memory finite under abuse).
+    At most ``max_keys`` keys (> 0) are kept. Once that many are kept, the expired ones
+    are swept before a new key is taken; when none has expired, the new key is refused
+    with StoreUnavailable (the caller answers 503, as when Redis is down) rather than a
+    used key forgotten: a forgotten key is a credential (a Telnyx or Vonage signature
+    still inside its replay window) that would pass again. Such a spell is one WARNING
+    when its first key is refused, its errors after that for
+    :func:`gateway.breaker.outage_level` (DEBUG), and one INFO when a key is taken again.
+    A refusal costs no sweep until the earliest kept key may have expired.
+
+    Raises ValueError when ``max_keys`` is not positive.
     """
 
     def __init__(
         self, *, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        if max_keys <= 0:
+            raise ValueError("max_keys must be > 0")
         self._keys: dict[str, float] = {}  # key -> expiry (clock seconds), insertion order
         self._max = max_keys
         self._clock = clock
+        self._earliest = math.inf  # at most the earliest expiry of a kept key
+        self._refused = 0  # keys refused since the store became full
 
     async def use_once(self, key: str, ttl_s: float) -> bool:
-        """See :meth:`NonceStore.use_once`; raises ValueError for ``ttl_s`` <= 0."""
+        """See :meth:`NonceStore.use_once`; raises ValueError for ``ttl_s`` <= 0 and
+        StoreUnavailable when ``max_keys`` unexpired keys are kept (class doc)."""
         if ttl_s <= 0:
             raise ValueError("ttl_s must be > 0")
         now = self._clock()
@@ -70,20 +86,43 @@ class MemoryNonceStore:
         if expiry is not None and expiry > now:
             return False
         self._keys.pop(key, None)
-        self._sweep(now)
+        if len(self._keys) >= self._max and now >= self._earliest:
+            self._sweep(now)
+        if len(self._keys) >= self._max:
+            raise self._full(now)
+        if self._refused:
+            log.info("one-time key store: keys taken again, %d were refused", self._refused)
+            self._refused = 0
         self._keys[key] = now + ttl_s
+        self._earliest = min(self._earliest, now + ttl_s)
         return True
 
     def _sweep(self, now: float) -> None:
-        if len(self._keys) < self._max:
-            return
+        """Forget the expired keys; the earliest expiry of those kept becomes exact."""
         for old in [k for k, exp in self._keys.items() if exp <= now]:
             del self._keys[old]
-        while len(self._keys) >= self._max:
-            del self._keys[next(iter(self._keys))]
+        self._earliest = min(self._keys.values(), default=math.inf)
+
+    def _full(self, now: float) -> StoreUnavailable:
+        """The error of a key refused because every kept key is unexpired (class doc)."""
+        self._refused += 1
+        error = StoreUnavailable(
+            f"the one-time key store is full ({self._max} unexpired keys); "
+            f"new keys are refused for {self._earliest - now:.0f} s or more"
+        )
+        if self._refused == 1:
+            log.warning(
+                "one-time key store full: %d keys, none expired; new keys are refused (503) "
+                "until one expires, the next refusals logged at DEBUG",
+                self._max,
+            )
+        else:
+            mark_logged(error)
+        return error
 
     async def aclose(self) -> None:
         self._keys.clear()
+        self._earliest = math.inf
 
 
 # The key is set to a value of this use alone; when it already holds that value, this

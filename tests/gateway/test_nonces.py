@@ -4,15 +4,25 @@ two gateway instances)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import secrets
+import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
+from pydantic import SecretStr
 
 from gateway import redisconn
+from gateway.app import create_app
+from gateway.breaker import outage_level
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
 from gateway.sessions import StoreUnavailable, redis_client
-from tests.conftest import TOPOLOGIES, refused_port, topology_url
+from gateway.settings import Settings
+from tests.adapters.telnyx.harness import PUBLIC_KEY as TELNYX_PUBLIC_KEY
+from tests.adapters.telnyx.harness import signed
+from tests.conftest import TOPOLOGIES, refused_port, served_app, topology_url
 from tests.gateway.redis_proxy import ReplyDropper
 
 
@@ -96,11 +106,61 @@ async def test_a_use_sent_again_after_its_reply_was_lost_is_still_the_first(
         await redisconn.aclose(client)
 
 
-async def test_memory_store_stays_bounded() -> None:
+async def test_a_full_memory_store_refuses_new_keys_and_forgets_no_used_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Full of unexpired keys, the store forgot its oldest to take a new one: a flood of
+    requests could push out a used key (a Telnyx or Vonage signature still inside its
+    replay window) and let it pass again. Now expired keys are swept first and, when none
+    has expired, the new key is refused (StoreUnavailable: the webhook answers 503); the
+    used ones are kept. One WARNING per spell of refusals (the others for outage_level:
+    DEBUG) and one INFO when a key is taken again."""
+    caplog.set_level(logging.DEBUG, "gateway.nonces")
     now = [0.0]
     store = MemoryNonceStore(max_keys=3, clock=lambda: now[0])
-    for key in "abcd":
-        assert await store.use_once(key, 100)
-    assert await store.use_once("d", 100) is False  # the newest are kept
+    assert await store.use_once("a", 100)
+    assert await store.use_once("b", 10)
+    assert await store.use_once("c", 100)
+    refusals = []
+    for key in ("d", "e"):
+        with pytest.raises(StoreUnavailable) as refused:  # before: True, "a" forgotten
+            await store.use_once(key, 100)
+        refusals.append(refused.value)
+    assert "one-time key store is full" in str(refusals[0])
+    assert [outage_level(e) for e in refusals] == [logging.WARNING, logging.DEBUG]
+    for key in "abc":
+        assert await store.use_once(key, 100) is False  # before: "a" passed again
+    now[0] = 20.0  # "b" expired: it goes, the others stay
+    assert await store.use_once("d", 100)
+    assert await store.use_once("a", 100) is False
+    assert await store.use_once("c", 100) is False
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "gateway.nonces"]
+    assert [level for level, _ in lines] == [logging.WARNING, logging.INFO]
+    assert lines[0][1].startswith("one-time key store full: 3 keys")
     now[0] = 200.0  # all expired: swept as new keys come
     assert await store.use_once("a", 100)
+    assert await store.use_once("e", 100)
+    with pytest.raises(ValueError, match="max_keys must be > 0"):
+        MemoryNonceStore(max_keys=0)
+
+
+async def test_a_webhook_is_refused_503_while_the_memory_store_is_full() -> None:
+    """The embedded store (no Redis) with room for two keys: two signed Telnyx webhooks
+    are taken, a third is refused 503 with ``Retry-After`` (before: taken, the first's
+    signature forgotten), and a replay of the first is still refused (before: taken)."""
+    update = {"telnyx_api_key": SecretStr("KEY-T"), "telnyx_public_key": TELNYX_PUBLIC_KEY}
+    settings = Settings().model_copy(update=update)
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        app.state.gateway.nonces = MemoryNonceStore(max_keys=2)
+        bodies = [json.dumps({"CallSid": f"v3:{uuid.uuid4().hex}"}).encode() for _ in range(3)]
+        headers = [signed(body) for body in bodies]
+        answers = [
+            await client.post("/telnyx/texml", content=body, headers=head)
+            for body, head in zip(bodies, headers, strict=True)
+        ]
+        assert [a.status_code for a in answers] == [200, 200, 503]
+        assert answers[2].headers["Retry-After"] == "1"
+        assert "key store is unavailable" in answers[2].json()["detail"]
+        replay = await client.post("/telnyx/texml", content=bodies[0], headers=headers[0])
+        assert replay.status_code == 403, replay.text
