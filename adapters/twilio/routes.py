@@ -109,6 +109,7 @@ from adapters.twilio.verify import (
     stream_url,
 )
 from gateway import metrics
+from gateway.breaker import outage_level
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import TransferResult
 from gateway.calls import callcontrol_of, send_transfer
@@ -356,7 +357,7 @@ async def status(request: Request) -> Response:
             if await gw.conversation.end(ctx):
                 log.info("Twilio call %s: session ended after %s", call_sid, event["StreamEvent"])
         except StoreError as exc:
-            log.warning("Twilio call %s: session not ended: %s", call_sid, exc)
+            log.log(outage_level(exc), "Twilio call %s: session not ended: %s", call_sid, exc)
     return Response(status_code=204)
 
 

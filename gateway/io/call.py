@@ -352,12 +352,19 @@ def control_topic(carrier: str, call_id: str) -> str:
 async def announce_machine(gw: Gateway, carrier: str, call_id: str, answered_by: str) -> bool:
     """Hand an answering-machine result (``answered_by``: the carrier's ``machine_start``,
     ``machine``...) to call ``call_id``'s stream on whichever instance serves it, or
-    will (module doc); False when the bus is down (logged at WARNING)."""
+    will (module doc); False when the bus is down (logged at WARNING, DEBUG after the
+    first failure of an outage: :func:`gateway.breaker.outage_level`)."""
     message = {"type": "machine", "answeredBy": answered_by}
     try:
         await gw.bus.publish(control_topic(carrier, call_id), message, retain_s=MACHINE_RETAIN_S)
     except BusUnavailable as exc:
-        log.warning("%s call %s: machine answer lost, the bus is down: %s", carrier, call_id, exc)
+        log.log(  # DEBUG after an outage's first failure: the breaker logged it once
+            outage_level(exc),
+            "%s call %s: machine answer lost, the bus is down: %s",
+            carrier,
+            call_id,
+            exc,
+        )
         return False
     return True
 

@@ -2,7 +2,8 @@
 (the gateway's Redis) is down: Twilio's ``/twilio/amd`` and Telnyx's ``/telnyx/outbound``
 answer 503 with ``Retry-After`` and a problem body (gateway/io/call.py
 ``machine_answer_undelivered``), not the success that tells the carrier the result was
-taken; the loss is logged at WARNING, no traceback. Nothing listens on the port
+taken; the loss is logged at WARNING, no traceback, once per outage (DEBUG after its
+first failure, as the other webhooks' Redis failures). Nothing listens on the port
 GATEWAY_REDIS_URL names."""
 
 from __future__ import annotations
@@ -83,3 +84,46 @@ async def test_telnyx_machine_webhook_is_503_while_the_bus_is_down(
         with caplog.at_level(logging.INFO, logger="gateway"):
             answer = await client.post("/telnyx/outbound", content=raw, headers=signed(raw))
         _undelivered(answer, caplog)
+
+
+async def test_twilio_webhooks_through_an_outage_are_one_warning_not_one_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every answering-machine webhook (``machine answer lost``) and every status callback
+    of a call served elsewhere (``session not ended``) logged its own WARNING while Redis
+    refused connections. Now the outage is the breaker's WARNING and the first webhook's;
+    the others are DEBUG. The answers are as before (503 and 204)."""
+    app, settings = _down(twilio_auth_token=SecretStr(AUTH))
+    amd_path, status_path = "/twilio/amd?key=twilio", "/twilio/status?key=twilio"
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        caplog.clear()
+        caplog.set_level(logging.DEBUG, "gateway")
+        caplog.set_level(logging.DEBUG, "adapters")
+        for _ in range(4):
+            call_sid = "CA" + uuid.uuid4().hex
+            amd = {
+                "CallSid": call_sid,
+                "AccountSid": "AC" + "0" * 32,
+                "AnsweredBy": "machine_end_beep",
+            }
+            signature = sign(AUTH, PUBLIC + amd_path, amd)
+            answer = await client.post(
+                amd_path, data=amd, headers={"X-Twilio-Signature": signature}
+            )
+            assert answer.status_code == 503
+            stopped = {"CallSid": call_sid, "StreamSid": "MZ" + "4" * 32}
+            stopped["StreamEvent"] = "stream-stopped"
+            signature = sign(AUTH, PUBLIC + status_path, stopped)
+            answer = await client.post(
+                status_path, data=stopped, headers={"X-Twilio-Signature": signature}
+            )
+            assert answer.status_code == 204
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in warnings] == ["gateway.breaker", "gateway.call"], [
+        r.getMessage() for r in warnings
+    ]  # before: also three more "machine answer lost" and four "session not ended"
+    assert "machine answer lost" in warnings[1].getMessage()
+    lost = [r for r in caplog.records if "machine answer lost" in r.getMessage()]
+    assert [r.levelno for r in lost[1:]] == [logging.DEBUG] * 3
+    not_ended = [r for r in caplog.records if "session not ended" in r.getMessage()]
+    assert [r.levelno for r in not_ended] == [logging.DEBUG] * 4
