@@ -54,6 +54,7 @@ from adapters.flowstorm.v1.protocol import (
     missed_event,
 )
 from gateway import metrics
+from gateway.breaker import outage_level
 from gateway.deps import Gateway, gateway_of
 from gateway.events import ResponseEvent, TurnEvent
 from gateway.io.websocket import SEND_ERRORS, WebSocketDriver
@@ -401,7 +402,7 @@ class _Socket(WebSocketDriver[Action]):
         try:
             stored = await self.conversation.log(action.ctx, action.entries) == "stored"
         except StoreError as exc:
-            log.warning("client logs of session %s not stored: %s", ref, exc)
+            log.log(outage_level(exc), "client logs of session %s not stored: %s", ref, exc)
             stored = False
         except Exception:
             log.exception("storing client logs of session %s failed", ref)
