@@ -52,6 +52,7 @@ from fastapi.responses import Response as HTTPResponse
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
+from gateway.breaker import outage_level
 from gateway.conversation import Conversation
 from gateway.deps import Gateway
 from gateway.events import (
@@ -340,7 +341,8 @@ async def end_session(conversation: Conversation, ctx: TurnContext, wait_s: floa
     """End ``ctx``'s session (the platform closed it), waiting at most ``wait_s`` seconds.
 
     Returns what :meth:`Conversation.end` returned (True if the session existed),
-    or None when it failed (logged at WARNING) or is still waiting for the session's
+    or None when it failed (logged at WARNING; DEBUG after the first failure of a Redis
+    outage, :func:`gateway.breaker.outage_level`) or is still waiting for the session's
     lock (a late turn holds it): then it goes on in the background and finishes on
     its own, so the platform's request never waits past its deadline and the store
     is never interrupted mid-write.
@@ -353,12 +355,13 @@ async def end_session(conversation: Conversation, ctx: TurnContext, wait_s: floa
             return await asyncio.shield(task)
     except TimeoutError:
         log.info("ending session %s goes on in the background", session_ref(ctx.key))
-    except Exception as exc:  # the store is down or the session busy: it expires anyway
-        log.warning("could not end session %s: %r", ctx.key, exc)
+    except Exception:  # the store is down or the session busy: it expires anyway
+        return None  # logged once, by _ended (as an end that failed past the wait is)
     return None
 
 
 def _ended(task: asyncio.Task[bool]) -> None:
     _ENDING.discard(task)
     if not task.cancelled() and (exc := task.exception()) is not None:
-        log.warning("could not end session %s: %r", task.get_name().removeprefix("end "), exc)
+        ref = task.get_name().removeprefix("end ")
+        log.log(outage_level(exc), "could not end session %s: %r", ref, exc)

@@ -35,7 +35,7 @@ from adapters.alexa.verify import AlexaVerifier
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.adapters.alexa.test_verify import Pki
-from tests.conftest import FIXTURES, gateway, serve, served_app
+from tests.conftest import FIXTURES, gateway, refused_port, serve, served_app
 
 ALEXA = FIXTURES / "alexa"
 FIXTURE_FILES = sorted(p.relative_to(ALEXA).as_posix() for p in ALEXA.rglob("*.json"))
@@ -721,3 +721,27 @@ async def test_stop_and_cancel_end_the_session_when_the_core_fails_or_is_late(
             await asyncio.sleep(0.3)
         again = await say(client, envelope(sid, text="next"))
         assert spoken(again) == "turn 1 slowDone None"  # the gateway's session ended too
+
+
+async def test_sessions_ended_through_a_redis_outage_are_one_warning_not_one_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each SessionEndedRequest whose session could not be ended while Redis refused
+    connections was a WARNING ``could not end session`` naming the session by its full
+    key; now the outage's first failure is one (with the breaker's ``cannot be reached``),
+    the others DEBUG, each naming the session by its ref. The answers are as before."""
+    down = f"redis://127.0.0.1:{refused_port()}/0"  # nothing listens there
+    async with gateway(**OFF, redis_url=down) as url, httpx.AsyncClient(base_url=url) as client:
+        caplog.clear()
+        caplog.set_level(logging.DEBUG, "gateway")
+        ids = [f"amzn1.echo-api.session.outage-{n}" for n in range(5)]
+        for session_id in ids:
+            answer = await say(client, envelope(session_id, kind="SessionEndedRequest"))
+            assert spoken(answer) == ""
+    lines = [r for r in caplog.records if "could not end session" in r.getMessage()]
+    assert [r.levelno for r in lines] == [logging.WARNING] + [logging.DEBUG] * 4
+    assert not any(session_id in r.getMessage() for r in lines for session_id in ids)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in warnings] == ["gateway.breaker", "gateway.io.webhook"], [
+        r.getMessage() for r in warnings
+    ]
