@@ -610,7 +610,12 @@ class CallRunner(WebSocketDriver[CallAction]):
                         await self._machine_answered(str(answered_by))
                         await self.gw.bus.clear(topic)  # taken: not kept for anyone else
         except BusUnavailable as exc:
-            log.warning("%s: call control from other instances is lost: %s", self.name, exc)
+            log.log(
+                outage_level(exc),
+                "%s: call control from other instances is lost: %s",
+                self.name,
+                exc,
+            )
 
     async def _machine_answered(self, answered_by: str) -> None:
         """An answering-machine result for this call (from any instance, through the bus):

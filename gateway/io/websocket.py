@@ -54,6 +54,7 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from gateway.breaker import outage_level
 from gateway.conversation import Conversation, TurnRejected
 from gateway.events import TurnEvent
 from gateway.logs import session_ref
@@ -501,11 +502,12 @@ class WebSocketDriver(Generic[A]):
         return task
 
     async def end_session(self, ctx: TurnContext) -> None:
-        """End ``ctx``'s session (``Conversation.end``); a store failure is logged."""
+        """End ``ctx``'s session (``Conversation.end``); a store failure is logged (at
+        :func:`gateway.breaker.outage_level`: DEBUG after a Redis outage's first failure)."""
         try:
             await self.conversation.end(ctx)
         except StoreError as exc:
-            self.log.warning("%s: the session was not ended: %s", self.name, exc)
+            self.log.log(outage_level(exc), "%s: the session was not ended: %s", self.name, exc)
 
     # ----------------------------------------------------------- turn forwarder
 

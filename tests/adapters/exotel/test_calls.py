@@ -4,16 +4,21 @@ refused; a start in a format the gateway cannot take is closed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
+import uuid
 from urllib.parse import urlsplit
 
 import pytest
+from pydantic import SecretStr
 
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import closed_with, upgrade_status
-from tests.adapters.exotel.harness import CARRIER, basic
+from tests.adapters.exotel.harness import CARRIER, KEY, TOKEN, basic
 from tests.adapters.twilio.helpers import twilio_gateway
+from tests.conftest import refused_port, served
 
 
 async def test_without_credentials_configured_every_stream_is_refused(
@@ -77,3 +82,48 @@ async def test_an_invalid_start_is_closed_at_once_naming_the_fault(speech: Speec
         assert code == 1008
         assert "call_sid and stream_sid must not be empty" in reason
         assert not gw.core.turns
+
+
+async def test_calls_through_a_redis_outage_are_one_warning_not_two_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Exotel streams are admitted by their credentials, so calls still come while the
+    gateway's Redis refuses connections (their turns are refused). Each call logged two
+    WARNINGs of its own (``call control from other instances is lost``, ``the session
+    was not ended``); now the outage is the breaker's WARNING and the first call's, the
+    rest DEBUG."""
+    down = f"redis://127.0.0.1:{refused_port()}/0"  # nothing listens there
+    media_format = {"encoding": "audio/x-raw", "sample_rate": "8000", "bit_rate": "16"}
+    async with served(redis_url=down, exotel_api_key=KEY, exotel_api_token=SecretStr(TOKEN)) as url:
+        caplog.clear()
+        caplog.set_level(logging.DEBUG, "gateway")
+        for _ in range(3):
+            sid = uuid.uuid4().hex
+            start = {"stream_sid": sid, "call_sid": sid, "custom_parameters": {"appKey": "exotel"}}
+            start["media_format"] = media_format
+            stop = {"call_sid": sid, "reason": "callended"}
+            frames = [
+                json.dumps({"event": "connected"}),
+                json.dumps(
+                    {"event": "start", "sequence_number": "1", "stream_sid": sid, "start": start}
+                ),
+                json.dumps(
+                    {"event": "stop", "sequence_number": "2", "stream_sid": sid, "stop": stop}
+                ),
+            ]
+            code, _ = await closed_with(
+                f"ws://{urlsplit(url).netloc}/exotel/stream", frames, basic()
+            )
+            assert code == 1000
+        for _ in range(100):  # the third call's end
+            if sum("was not ended" in r.getMessage() for r in caplog.records) == 3:
+                break
+            await asyncio.sleep(0.05)
+    lost = [r for r in caplog.records if "call control from other" in r.getMessage()]
+    not_ended = [r for r in caplog.records if "was not ended" in r.getMessage()]
+    assert [r.levelno for r in lost] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert [r.levelno for r in not_ended] == [logging.DEBUG] * 3  # the same outage
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in warnings] == ["gateway.breaker", "gateway.call"], [
+        r.getMessage() for r in warnings
+    ]  # before: 1 + 6
