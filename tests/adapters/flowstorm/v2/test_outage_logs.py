@@ -106,3 +106,46 @@ async def test_turns_that_cannot_read_queued_pushes_are_one_warning(
             assert [r.levelno for r in lines[1:]] == [logging.DEBUG] * 4
     finally:
         await redisconn.aclose(down)
+
+
+async def test_realtime_puts_while_the_bus_cannot_be_reached_are_one_warning(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A realtime PUT takes the session's recognition topic on the bus and clears it at
+    its end; while the bus refused connections each PUT logged two WARNINGs
+    (``recognition ... not claimed``, ``retained recognition ... not cleared``). Now the
+    outage's first is a WARNING (with the breaker's), the rest DEBUG; the PUTs are
+    answered as before (they go on without the bus)."""
+    settings = Settings().model_copy(update={"redis_url": redis_url, "redis_prefix": redis_prefix})
+    app = create_app(settings)
+    down = redis_client(f"redis://127.0.0.1:{refused_port()}/0")  # nothing listens there
+    bus = RedisBus(down, prefix=redis_prefix)
+    try:
+        async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+            intro = await client.put(f"/client?key={KEY}", headers=TEXT, content="hello")
+            assert intro.status_code == 200, intro.text
+            app.state.gateway.bus = bus  # the bus's Redis refuses; the store's answers
+            caplog.clear()
+            caplog.set_level(logging.DEBUG, "gateway")
+            caplog.set_level(logging.DEBUG, "adapters")
+            silence = b"\xff" * 8000  # 1 s of mu-law silence
+            for _ in range(3):
+                answer = await client.put(
+                    f"/client?key={KEY}&realtime=1",
+                    headers={"Content-Type": "audio/basic"},
+                    content=silence,
+                )
+                assert answer.status_code == 200, answer.text
+                assert '"type":"Response"' in answer.text
+            warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+            names = [r.name for r in warnings]
+            assert names == ["gateway.breaker", "adapters.flowstorm.v2.routes"], [
+                r.getMessage() for r in warnings
+            ]  # before: 6 of the routes'
+            claims = [r for r in caplog.records if "not claimed" in r.getMessage()]
+            clears = [r for r in caplog.records if "not cleared" in r.getMessage()]
+            assert [r.levelno for r in claims] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+            assert [r.levelno for r in clears] == [logging.DEBUG] * 3
+    finally:
+        await bus.aclose()
+        await redisconn.aclose(down)
