@@ -666,13 +666,29 @@ class RedisSessionStore:
         except BaseException:
             timer.cancel()
             if keeper:
-                await keeper[0].stop()
+                await self._stop_keeper(keeper[0], txn, lock_key, data_key, applied=False)
             await self._finish(txn, lock_key, data_key, applied=False)
             raise
         timer.cancel()
         if keeper:
-            await keeper[0].stop()
+            await self._stop_keeper(keeper[0], txn, lock_key, data_key, applied=True)
         await self._finish(txn, lock_key, data_key, applied=True)
+
+    async def _stop_keeper(
+        self, keeper: _Keeper, txn: SessionTxn, lock_key: str, data_key: str, *, applied: bool
+    ) -> None:
+        """Stop ``txn``'s renewer before its release. When the caller is cancelled while
+        it waits for that, the release is still sent (as :meth:`_finish` does for a
+        caller cancelled during the release: the outcome ``applied`` as it would have
+        been) before the cancellation goes on: else the lock stayed held for its lease.
+        A renewal still in flight then may come after the release; it finds the lock
+        gone, fenced as any renewal is, and the release is fenced by the token alike."""
+        try:
+            await keeper.stop()
+        except asyncio.CancelledError:
+            with contextlib.suppress(StoreError):  # the cancellation is what the caller gets
+                await self._finish(txn, lock_key, data_key, applied=applied)
+            raise
 
     def _orphaned_take(self, lock_key: str, data_key: str, token: str, reply: Any) -> None:
         """A take of the lock whose caller was cancelled has its ``reply``: when it took
@@ -727,6 +743,8 @@ class RedisSessionStore:
                     )
             else:
                 if not ok:
+                    if done.is_set():  # released meanwhile (see _stop_keeper): not lost
+                        return
                     txn.lost = True
                     log.warning(
                         "the lock of %s was lost before its transaction ended", _ref(txn.key)

@@ -268,6 +268,42 @@ async def test_redis_renewer_ends_even_when_a_renewal_swallows_its_cancellation(
         await store.aclose()
 
 
+async def test_redis_turn_cancelled_while_its_renewer_stops_still_releases_the_lock(
+    redis_url: str, redis_prefix: str, aredis: Any
+) -> None:
+    """A turn that outlived a third of its lease (its renewer runs) is cancelled as its
+    block ends, while it waits for the renewer to stop: its release still reaches Redis.
+    It was skipped: the session stayed locked for a lease (3 s by default), its next turn
+    waiting or refused as busy meanwhile. The outcome recorded is applied, as when the
+    cancellation comes a moment later, during the release (the batch's own task)."""
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    lock_key = f"{redis_prefix}:{{c:cut}}:lock"
+    ending = asyncio.Event()
+
+    async def turn() -> None:
+        async with store.open("c:cut", lease_s=3, wait_s=1) as txn:
+            await asyncio.sleep(1.1)  # past a third of the lease: the renewer runs
+            txn.save(stored("c:cut", turn_count=6), ttl_s=60)
+            ending.set()  # the block ends now: the turn waits for the renewer to stop
+
+    try:
+        task = asyncio.create_task(turn())
+        await ending.wait()
+        task.cancel()  # it is in the renewer's stop (nothing runs between)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):  # the release runs in the batch's task: a few ms
+            if not await aredis.exists(lock_key):
+                break
+            await asyncio.sleep(0.01)
+        assert await aredis.exists(lock_key) == 0  # before: held for the rest of its lease
+        async with store.open("c:cut", lease_s=3, wait_s=0.1) as txn:  # not busy
+            assert txn.session is not None
+            assert txn.session.turn_count == 6
+    finally:
+        await store.aclose()
+
+
 async def test_redis_lock_holds_across_clients(redis_url: str, redis_prefix: str) -> None:
     """Two stores with separate connections (as two processes have) exclude each other."""
     a = RedisSessionStore(redis_url, prefix=redis_prefix)
