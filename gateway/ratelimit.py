@@ -138,8 +138,9 @@ class RefusalLog:
 
 
 def refusal_log(state: Any, name: str) -> RefusalLog:
-    """The :class:`RefusalLog` of the refusals ``name`` (a channel: ``Twilio``, ``Plivo``)
-    of one app, made on its first use; ``state`` is the app's ``app.state`` (they are
+    """The :class:`RefusalLog` of the refusals ``name`` (a channel: ``Twilio``, ``Plivo``;
+    the admin API: ``admin``; a kind of refusal with a bucket of its own: ``Twilio
+    saturated``) of one app, made on its first use; ``state`` is the app's ``app.state`` (they are
     kept in its ``refusal_logs``, a dict name -> RefusalLog)."""
     logs: dict[str, RefusalLog] | None = getattr(state, "refusal_logs", None)
     if logs is None:

@@ -16,7 +16,10 @@ Thin I/O around :mod:`adapters.twilio.protocol` (the call, sans I/O) and
   ``<Say>`` GATEWAY_TWILIO_BUSY_TEXT ``</Say><Hangup/>`` (counted in
   ``gateway_errors_total{channel="twilio", source="stt"}``). 403 with a problem body for a bad
   signature or an unknown key, 400 for a request without a valid CallSid, 413
-  past GATEWAY_MAX_BODY_BYTES, 415 for a body that is not a form.
+  past GATEWAY_MAX_BODY_BYTES, 415 for a body that is not a form. Refusals for a bad
+  signature or an unknown key are logged through the app's Twilio
+  :func:`~gateway.ratelimit.refusal_log` (the first few at WARNING, then one a minute,
+  the rest at DEBUG), busy lines through one of their own (``Twilio saturated``).
 - ``POST /twilio/status`` — the stream's status callback (``stream-started``,
   ``stream-stopped``, ``stream-error``): verified the same way, logged (a
   ``stream-error`` at WARNING), kept in ``app.state.twilio.status_events`` (the last
@@ -296,13 +299,16 @@ async def voice(request: Request) -> Response:
         return problem(400, "Bad Request", "Expected a CallSid (CA + 32 hex digits).")
     key = request.query_params.get("key") or settings.twilio_app_key
     if not settings.key_allowed(key):
-        log.warning("Twilio call %s refused: unknown application key %s", call_sid, clipped(key))
+        line = "Twilio call %s refused: unknown application key %s"  # bounded, as forged ones
+        refusal_log(request.app.state, "Twilio").log(log, line, call_sid, clipped(key))
         return problem(403, "Forbidden", f"Unknown application key {clipped(key)}.")
     if gateway_of(request).speech.recognition_saturated():
         # a call needs a recognizer for each utterance; with all busy and the queue full
-        # its first words would be refused: a clear busy line now beats a mute bot later
-        log.warning("Twilio call %s refused: speech recognition is saturated", call_sid)
+        # its first words would be refused: a clear busy line now beats a mute bot later.
+        # Counted each; logged in a bounded burst (calls come in bursts while saturated)
         metrics.ERRORS.labels(CHANNEL, "stt").inc()
+        line = "Twilio call %s refused: speech recognition is saturated"
+        refusal_log(request.app.state, "Twilio saturated").log(log, line, call_sid)
         return Response(busy_twiml(settings.twilio_busy_text), media_type="application/xml")
     token = channel.tokens.issue(call_sid, time.time())
     parameters = {

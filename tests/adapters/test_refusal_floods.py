@@ -26,7 +26,7 @@ from gateway.ratelimit import LOGGED_REFUSALS_BURST, RefusalLog, refusal_log
 from gateway.settings import Settings
 from tests.adapters.carriers import upgrade_status
 from tests.adapters.telnyx.harness import PUBLIC_KEY, ask_texml
-from tests.adapters.twilio.harness import sign
+from tests.adapters.twilio.harness import ask_twiml, call_sid, sign
 from tests.adapters.twilio.helpers import AUTH, PUBLIC
 from tests.conftest import served_app
 
@@ -179,6 +179,63 @@ async def test_one_channels_flood_leaves_the_others_first_warnings(
     for _ in range(FLOOD):
         assert await upgrade_status(exotel, {"Authorization": f"Basic {wrong}"}) == 403
     bounded(lines(caplog, "gateway.call", "Exotel stream refused"), FLOOD)
+
+
+async def test_twilio_calls_of_an_unknown_key_or_while_saturated_are_logged_in_a_bounded_burst(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every call to /twilio/voice for an unknown application key (signed: the number's
+    webhook names a key the gateway does not serve) and every call refused with the busy
+    line while speech recognition is saturated was a WARNING line. Now each kind is logged
+    in a bounded burst of its own (the key refusals in the Twilio bucket, the busy lines
+    in one of their own, so neither silences the other); the answers and the busy count
+    (gateway_errors_total{channel="twilio",source="stt"}) are as before."""
+    caplog.set_level(logging.DEBUG, logger="adapters.twilio")
+    settings = Settings(
+        public_url=PUBLIC,
+        twilio_auth_token=SecretStr(AUTH),
+        app_keys=frozenset({"twilio"}),
+        stt_max_streams=1,
+        stt_queue=0,
+    )
+    app = create_app(settings)
+    async with served_app(app, settings) as url:
+        for _ in range(FLOOD):
+            refused = await ask_twiml(url, PUBLIC, call_sid(), auth_token=AUTH, query="key=nobody")
+            assert refused.status_code == 403
+            assert refused.json()["detail"] == "Unknown application key 'nobody'."
+        bounded(lines(caplog, "adapters.twilio", "refused: unknown application key"), FLOOD)
+
+        # saturated: the one recognizer held (as a caller's utterance holds it), no queue
+        gate = app.state.gateway.speech.recognizer._gate()  # the server's (this loop's)
+        await gate.acquire()
+        try:
+            busy = await metric(url, CHANNEL_STT)
+            for _ in range(FLOOD):
+                answer = await ask_twiml(url, PUBLIC, call_sid(), auth_token=AUTH)
+                assert answer.status_code == 200
+                assert "<Say>" in answer.text
+                assert "<Stream" not in answer.text
+            assert await metric(url, CHANNEL_STT) == busy + FLOOD
+        finally:
+            gate.release()
+        bounded(lines(caplog, "adapters.twilio", "speech recognition is saturated"), FLOOD)
+        taken = await ask_twiml(url, PUBLIC, call_sid(), auth_token=AUTH)  # room again
+        assert taken.status_code == 200
+        assert "<Stream" in taken.text
+
+
+CHANNEL_STT = 'gateway_errors_total{channel="twilio",source="stt"}'
+
+
+async def metric(url: str, sample: str) -> float:
+    """The value of one sample line of the gateway's GET /metrics (0 when absent)."""
+    async with httpx.AsyncClient(base_url=url) as client:
+        text = (await client.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_each_app_has_its_own_refusal_logs() -> None:
