@@ -18,12 +18,14 @@ Operations:
   (:func:`gateway.protocol.load_json`: bounded depth and number length; an event must
   be an array starting with its name). A packet that does not decode gets ``error
   {code: "invalid-payload"}`` on a connected socket (a CONNECT that does not decode
-  ends that Engine.IO session) and a WARNING, never an ERROR traceback of engineio's;
-  other connections are untouched. Below socket.io, an Engine.IO packet that does not
+  ends that Engine.IO session) and a WARNING (the app's Voiceflow
+  :func:`~gateway.ratelimit.refusal_log`: the first few, then one a minute, the rest
+  at DEBUG, so a client sending junk does not flood the log), never an ERROR traceback
+  of engineio's; other connections are untouched. Below socket.io, an Engine.IO packet that does not
   parse (:class:`EngineIoGuard`) closes its WebSocket with 1002 (one over
   GATEWAY_MAX_BODY_BYTES with 1009), or answers its polling
   POST 400 (with python-engineio's CORS headers) and ends that Engine.IO session, with
-  a WARNING. An event named ``connect``, ``disconnect`` or ``*``
+  a WARNING (the same bounded log). An event named ``connect``, ``disconnect`` or ``*``
   (the names of python-socketio's own handlers) is an unknown event like any other.
 - **Secret.** sessionKeys are signed with GATEWAY_VOICEFLOW_SECRET when it is set,
   else with the gateway's key of purpose ``voiceflow-session-key``
@@ -102,6 +104,7 @@ from gateway.logs import engine_io_ref, socketio_logger
 from gateway.outbox import Entry, Following
 from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.actions import StartTurn
+from gateway.ratelimit import RefusalLog, refusal_log
 from gateway.redisconn import SocketIoRedisManager
 from gateway.secrets import VOICEFLOW_SESSION_KEY
 from gateway.sessions import StoreUnavailable
@@ -185,14 +188,19 @@ class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
     :class:`BoundedPacket` JSON out of bounds or of the wrong shape) escape to
     python-engineio, which logs it as an ERROR traceback. Here (overriding its
     Engine.IO message hook) the connection gets an ``error {code: "invalid-payload"}``
-    event and a WARNING is logged; a client not yet connected to the namespace is
-    disconnected. The connection and every other one go on.
+    event and the refusal is logged through ``refusals`` (the app's Voiceflow
+    :class:`~gateway.ratelimit.RefusalLog`: WARNING in a bounded burst, then DEBUG); a
+    client not yet connected to the namespace is disconnected. The connection and every
+    other one go on.
 
     python-socketio also dispatches a client's event by its name alone, so an event
     named ``connect`` or ``disconnect`` (the handlers it calls itself when a client
     comes and goes) or ``*`` (the catch-all) would reach that handler: see
     :meth:`_handle_event_internal`.
     """
+
+    refusals: RefusalLog
+    """The RefusalLog of the Voiceflow refusals (set by :class:`VoiceflowServer`)."""
 
     CLIENT_RESERVED = frozenset(("connect", "disconnect", "*"))
     """Event names a client's event must not be dispatched by: python-socketio's
@@ -225,7 +233,7 @@ class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
             text = exc.text if isinstance(exc, ProtocolError) else f"Invalid packet: {exc}"
             sid = self.manager.sid_from_eio_sid(eio_sid, NAMESPACE)
             who = sid or f"Engine.IO session {engine_io_ref(eio_sid)}"
-            log.warning("Voiceflow socket.io packet refused (%s): %s", who, text)
+            self.refusals.log(log, "Voiceflow socket.io packet refused (%s): %s", who, text)
             if sid is not None:
                 await _emit(self, sid, error("invalid-payload", text))
             else:
@@ -258,8 +266,9 @@ class EngineIoGuard:
     dropped without a close frame; by long polling a ``post request handler error``
     answered 200). Here each packet is checked first
     (:func:`adapters.voiceflow.protocol.engine_io_fault`, the checks the decoder
-    fails on) and a malformed one is logged at WARNING, naming the peer and the
-    fault, without a traceback:
+    fails on) and a malformed one is logged, naming the peer and the fault, without a
+    traceback (through the server's ``refusals``, as socket.io packet refusals are:
+    WARNING in a bounded burst, then DEBUG):
 
     - on the WebSocket transport the connection is closed with a close frame of code
       1002 (protocol error, RFC 6455 section 7.4.1) and python-engineio sees the
@@ -335,7 +344,8 @@ class EngineIoGuard:
                 code, reason = CLOSE_PROTOCOL_ERROR, "malformed Engine.IO packet"
             else:
                 return message
-            log.warning("Voiceflow Engine.IO packet refused (%s): %s", _peer(scope), fault)
+            line = "Voiceflow Engine.IO packet refused (%s): %s"
+            self.sio.refusals.log(log, line, _peer(scope), fault)
             with contextlib.suppress(Exception):  # (the peer may have gone already)
                 await send({"type": "websocket.close", "code": code, "reason": reason})
             return {"type": "websocket.disconnect", "code": code}
@@ -376,7 +386,8 @@ class EngineIoGuard:
         sid = _query(scope, "sid")
         ended = await self._end_session(sid)
         note = "; the session is ended" if ended else ""
-        log.warning("Voiceflow Engine.IO packet refused (%s): %s%s", _peer(scope, sid), fault, note)
+        line = "Voiceflow Engine.IO packet refused (%s): %s%s"
+        self.sio.refusals.log(log, line, _peer(scope, sid), fault, note)
         await self._answer(scope, send, headers, f"Bad Request: {fault}".encode())
 
     async def _end_session(self, sid: str | None) -> bool:
@@ -503,10 +514,12 @@ class VoiceflowServer:
     """The socket.io server of one gateway app (see module doc).
 
     ``asgi`` is the ASGI app to mount (it answers ``PATH`` and below); ``sio`` the
-    python-socketio AsyncServer. :meth:`lifespan` starts and stops it with the app.
+    python-socketio AsyncServer; ``refusals`` logs the refusals of bad packets (the
+    app's Voiceflow :func:`~gateway.ratelimit.refusal_log` when mounted; a RefusalLog of
+    its own when not given). :meth:`lifespan` starts and stops it with the app.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, refusals: RefusalLog | None = None) -> None:
         self.settings = settings
         url, channel = settings.redis_url, f"{settings.redis_prefix}:voiceflow:socket.io"
         manager = SocketIoRedisManager(url, channel=channel) if url else None
@@ -524,6 +537,7 @@ class VoiceflowServer:
             logger=socketio_logger("socketio.server"),
             engineio_logger=socketio_logger("engineio.server"),
         )
+        self.sio.refusals = refusals or RefusalLog()
         self.asgi: Any = EngineIoGuard(socketio.ASGIApp(self.sio, socketio_path=PATH), self.sio)
         self.sio.on("connect", self._connect)
         self.sio.on("disconnect", self._disconnect)
@@ -887,7 +901,7 @@ def mount(app: FastAPI, settings: Settings) -> VoiceflowServer:
     """Serve the Voiceflow socket.io endpoint of ``settings`` in ``app`` at ``PATH``
     (with and without the trailing slash; both transports) and start/stop it with
     the app's lifespan. The server is also ``app.state.voiceflow``."""
-    server = VoiceflowServer(settings)
+    server = VoiceflowServer(settings, refusal_log(app.state, "Voiceflow"))
     app.include_router(APIRouter(lifespan=server.lifespan))
     app.mount(PATH, server.asgi)  # PATH/ and below (socket.io clients add the slash)
     app.router.add_route(PATH, server.asgi, include_in_schema=False)  # PATH itself: polling

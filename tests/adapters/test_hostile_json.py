@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from adapters.voiceflow.protocol import PATH
 from gateway.app import create_app
 from gateway.logs import engine_io_ref
+from gateway.ratelimit import LOGGED_REFUSALS_BURST
 from gateway.settings import Settings
 from tests.adapters.alexa.test_routes import CERT_URL, SKILL_ID, envelope, parsed, spoken
 from tests.adapters.flowstorm.v1.helpers import (
@@ -353,6 +354,39 @@ async def test_voiceflow_malformed_engine_io_packets_close_the_websocket_with_10
         assert await other.say("still here") == ["You said: still here"]
     refused = [r for r in caplog.records if "Engine.IO packet refused" in r.getMessage()]
     assert [(r.name, r.levelname) for r in refused] == [("adapters.voiceflow.routes", "WARNING")]
+    _no_tracebacks(caplog)
+
+
+async def test_voiceflow_a_client_sending_junk_packets_does_not_flood_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every refused socket.io packet was a WARNING line, and a connected client may send
+    them without end (each is answered with an error event, the connection goes on); each
+    refused Engine.IO packet too (one per connection, but a client may reconnect without
+    end). Now both are logged through the app's Voiceflow RefusalLog: the first
+    LOGGED_REFUSALS_BURST at WARNING, the rest at DEBUG. The answers are unchanged."""
+    caplog.set_level(logging.DEBUG, logger="adapters.voiceflow.routes")
+    flood = 12
+    async with served() as url, client(url) as vf:
+        await vf.handshake()
+        for _ in range(flood):
+            await vf.sio.eio.send('2["client.start",{')
+            refused = await vf.expect("error")
+            assert refused["code"] == "invalid-payload"
+        assert await vf.say("still here") == ["You said: still here"]
+        async with engine_io_socket(url) as ws:
+            await ws.send("x")
+            with pytest.raises(ConnectionClosedError):
+                while True:  # (a PING may come first)
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert ws.protocol.close_rcvd is not None
+            assert ws.protocol.close_rcvd.code == 1002
+    refused_logs = [r for r in caplog.records if "packet refused" in r.getMessage()]
+    assert len(refused_logs) == flood + 1
+    assert "Engine.IO packet refused" in refused_logs[-1].getMessage()
+    levels = [r.levelno for r in refused_logs]
+    quiet = flood + 1 - LOGGED_REFUSALS_BURST
+    assert levels == [logging.WARNING] * LOGGED_REFUSALS_BURST + [logging.DEBUG] * quiet
     _no_tracebacks(caplog)
 
 
