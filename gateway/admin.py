@@ -27,7 +27,8 @@ status and why; never the key), at WARNING for the first
 :data:`gateway.ratelimit.LOGGED_REFUSALS_BURST` and then one per
 :data:`~gateway.ratelimit.LOGGED_REFUSALS_EVERY_S` (that line counts the refusals logged
 at DEBUG since), the others at DEBUG: a client hammering the admin API with a wrong key
-does not flood the log (:class:`gateway.ratelimit.RefusalLog`, one per app).
+does not flood the log (:class:`gateway.ratelimit.RefusalLog`: the app's ``admin``
+:func:`~gateway.ratelimit.refusal_log`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from gateway.deps import gateway_of
 from gateway.httputil import problem
 from gateway.logs import redact_query
 from gateway.protocol import key_valid
-from gateway.ratelimit import RefusalLog
+from gateway.ratelimit import refusal_log
 
 log = logging.getLogger("gateway.admin")
 
@@ -123,22 +124,16 @@ def admin_route(request: Request) -> bool:
 async def admin_refused_handler(request: Request, exc: Exception) -> JSONResponse:
     """The problem body of an AdminRefused, with its ``WWW-Authenticate`` challenge (on
     every 401: ``Bearer realm="gateway-admin"``, plus ``error="invalid_token"`` for a
-    wrong key); logged at the level :class:`RefusalLog` gives (see the module doc)."""
+    wrong key); logged at the level the app's ``admin`` RefusalLog gives (module doc)."""
     assert isinstance(exc, AdminRefused)
-    refusals: RefusalLog | None = getattr(request.app.state, "admin_refusals", None)
-    level, quiet = refusals.level() if refusals is not None else (logging.WARNING, 0)
-    if log.isEnabledFor(level):
-        peer = request.client.host if request.client else "?"
-        since = f" ({quiet} more refused since, logged at DEBUG)" if quiet else ""
-        log.log(
-            level,
-            "Admin request %s from %s refused (%d): %s%s",
-            redact_query(request.url.path),  # /v1/sessions/<id>: the id is a credential
-            peer,
-            exc.status,
-            exc.detail,
-            since,
-        )
+    refusal_log(request.app.state, "admin").log(
+        log,
+        "Admin request %s from %s refused (%d): %s",
+        redact_query(request.url.path),  # /v1/sessions/<id>: the id is a credential
+        request.client.host if request.client else "?",
+        exc.status,
+        exc.detail,
+    )
     title = "Unauthorized" if exc.status == 401 else "Forbidden"
     response = problem(exc.status, title, exc.detail)
     if exc.challenge is not None:
@@ -148,7 +143,5 @@ async def admin_refused_handler(request: Request, exc: Exception) -> JSONRespons
 
 def install(app: FastAPI) -> None:
     """Answer AdminRefused raised anywhere in ``app`` with its problem body (and log it:
-    the app's :class:`RefusalLog`)."""
-    if getattr(app.state, "admin_refusals", None) is None:
-        app.state.admin_refusals = RefusalLog()
+    the app's ``admin`` :func:`~gateway.ratelimit.refusal_log`)."""
     app.add_exception_handler(AdminRefused, admin_refused_handler)

@@ -8,9 +8,10 @@ import httpx
 import pytest
 
 from gateway.admin import AdminRefused, bearer_token, check_admin_key
+from gateway.app import create_app
 from gateway.ratelimit import LOGGED_REFUSALS_BURST, RefusalLog
 from gateway.settings import Settings
-from tests.conftest import served
+from tests.conftest import served, served_app
 
 
 def test_bearer_tokens() -> None:
@@ -90,3 +91,28 @@ async def test_a_client_hammering_the_admin_api_with_a_bad_key_does_not_flood_th
     assert "secret-session-id" not in lines[-1].getMessage()
     assert "/v1/push" in lines[-2].getMessage()
     assert "/v1/sessions/*** " in lines[-1].getMessage()  # a session id is a credential
+
+
+async def test_the_first_admin_refusal_a_minute_later_counts_those_logged_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The admin refusals are the app's ``admin`` refusal_log: after a minute the next
+    refusal is a WARNING again, saying how many were logged at DEBUG since."""
+    caplog.set_level(logging.DEBUG, logger="gateway.admin")
+    now = [0.0]
+    settings = Settings(admin_keys=frozenset({"the-admin-key"}))
+    app = create_app(settings)
+    app.state.refusal_logs = {"admin": RefusalLog(clock=lambda: now[0])}
+    wrong = {"Authorization": "Bearer not-the-key"}
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as http:
+        for _ in range(LOGGED_REFUSALS_BURST + 3):
+            assert (await http.post("/v1/push", json={}, headers=wrong)).status_code == 401
+        now[0] += 61.0
+        caplog.clear()
+        assert (await http.post("/v1/push", json={}, headers=wrong)).status_code == 401
+    (line,) = [r for r in caplog.records if r.name == "gateway.admin"]
+    assert line.levelno == logging.WARNING
+    assert line.getMessage() == (
+        "Admin request /v1/push from 127.0.0.1 refused (401): The admin key is not valid."
+        " (3 more refused since, logged at DEBUG)"
+    )
