@@ -38,7 +38,9 @@ FUZZ = settings(
 
 @pytest.fixture(autouse=True)
 def _quiet() -> Iterator[None]:
-    """The verifiers log every refusal at WARNING: thousands of lines otherwise."""
+    """Quiet the Alexa and Google verifiers' refusal lines, none of them under test (their
+    RefusalLogs: the first few at WARNING, then one a minute, the rest, hundreds here, at
+    DEBUG)."""
     logging.disable(logging.WARNING)
     yield
     logging.disable(logging.NOTSET)
