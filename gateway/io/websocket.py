@@ -69,6 +69,7 @@ from gateway.protocol.actions import (
     StartListening,
     StartTurn,
 )
+from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreError
 from gateway.turn import TurnContext
 
@@ -97,6 +98,12 @@ CLOSE_POLICY: Final = 1008
 """Policy violation; also a peer that does not read within the send timeout."""
 CLOSE_INTERNAL: Final = 1011
 """The gateway itself failed."""
+PEER_CLOSES: Final = frozenset({1003, 1007, 1008, 1009})
+"""Close codes that refuse what the peer sent (unsupported data, invalid data, a policy
+violation such as an unknown key, a frame too big): their log lines go through the app's
+:func:`~gateway.ratelimit.refusal_log` of the driver's logger (a client reconnecting to
+be refused again does not flood the log); any other (1011: the gateway failed) is a
+WARNING each."""
 
 A = TypeVar("A")
 T = TypeVar("T")
@@ -479,12 +486,23 @@ class WebSocketDriver(Generic[A]):
                     await self.listening.cancel(action)
             elif isinstance(action, Close):
                 if self.open and action.code != CLOSE_NORMAL:
-                    self.log.warning("%s: closing (%d): %s", self.name, action.code, action.reason)
+                    self._log_close(action)
                 await self.close(action.code, action.reason)
             elif isinstance(action, EndSession):
                 await self.end_session(action.ctx)
             else:
                 await self.other(action)
+
+    def _log_close(self, action: Close) -> None:
+        """The line of a close that is not normal: a refusal of the peer's (:data:`PEER_CLOSES`)
+        through the app's RefusalLog of this driver's logger (bounded WARNING lines), any
+        other a WARNING."""
+        message, args = "%s: closing (%d): %s", (self.name, action.code, action.reason)
+        app = self.ws.scope.get("app")
+        if action.code in PEER_CLOSES and app is not None:
+            refusal_log(app.state, f"{self.log.name} closes").log(self.log, message, *args)
+        else:
+            self.log.warning(message, *args)
 
     async def other(self, action: A) -> None:
         """Carry out an action particular to the adapter's protocol."""

@@ -10,6 +10,7 @@ test moves, so "a minute later" takes no minute.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import SecretStr
 from starlette.datastructures import State
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from adapters.alexa.routes import AlexaWebhook
 from gateway.app import create_app
@@ -244,3 +247,30 @@ def test_each_app_has_its_own_refusal_logs() -> None:
     assert refusal_log(one, "Twilio") is refusal_log(one, "Twilio")
     assert refusal_log(one, "Twilio") is not refusal_log(one, "Plivo")
     assert refusal_log(one, "Twilio") is not refusal_log(other, "Twilio")
+
+
+async def test_v1_sockets_closed_for_an_unknown_key_are_logged_in_a_bounded_burst(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Flowstorm V1 Init with an unknown key is answered with an Error and a close 1008;
+    the WebSocket driver logged each such close at WARNING, so a client reconnecting
+    again and again (no credential needed) flooded the log. Refusing closes of the peer
+    (1003, 1007, 1008, 1009) now go through the app's RefusalLog of the driver's logger:
+    the first 5 at WARNING, the rest at DEBUG; each client still gets its Error and 1008."""
+    logger = "adapters.flowstorm.v1.routes"
+    caplog.set_level(logging.DEBUG, logger=logger)
+    settings = Settings(app_keys=frozenset({"the-only-key"}))
+    async with served_app(create_app(settings), settings) as url:
+        for _ in range(8):
+            async with connect(url.replace("http://", "ws://") + "/socket/") as ws:
+                await ws.send(json.dumps({"type": "Init", "key": "not-a-key", "config": {}}))
+                error = json.loads(await ws.recv())
+                assert error == {
+                    "type": "Error",
+                    "text": "Unknown application key 'not-a-key'.",
+                    "source": "client",
+                }
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+                assert ws.close_code == 1008
+    bounded(lines(caplog, logger, "closing (1008): Unknown application key"), 8)
