@@ -6,7 +6,11 @@ https://developer.vonage.com/en/api/voice#updateCall; the curl snippet
 ``PUT /v1/calls/{uuid}`` JSON ``{"action": "transfer", "destination": {"type": "ncco",
 "ncco": [...]}}`` (inline NCCO; ``url`` instead names one); the NCCO ``connect``
 action's endpoint is ``{"type": "phone", "number": "<digits>"}`` (E.164 without ``+``)
-or ``{"type": "sip", "uri": "sip:…"}``. No REST hang-up: the gateway ends a Vonage call
+or ``{"type": "sip", "uri": "sip:…"}``. The action's ``from`` is the caller ID the
+target sees; it "must be one of your Vonage virtual numbers, another value will result
+in the caller ID being unknown" (NCCO reference, ``connect``; Vonage's "Numbers" guide,
+"Outgoing Caller ID"), so a transfer sends the call's own Vonage number: the ``to`` of
+the inbound call's answer webhook. No REST hang-up: the gateway ends a Vonage call
 by closing its WebSocket (the NCCO has nothing after the ``connect``).
 
 Auth: ``Authorization: Bearer <JWT>``, an RS256 JWT signed with the application's
@@ -16,6 +20,7 @@ private key with the claims ``application_id``, ``iat``, ``exp`` and ``jti``
 
 from __future__ import annotations
 
+import re
 import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any, Final
@@ -25,6 +30,8 @@ import jwt
 from gateway.callcontrol import RestRequest
 
 JWT_TTL_S: Final = 300
+_NUMBER: Final = re.compile(r"[1-9][0-9]{6,14}")
+"""A phone number as Vonage writes it: E.164 without the ``+`` (7 to 15 digits)."""
 
 
 @dataclass(frozen=True)
@@ -50,9 +57,18 @@ class VonageAuth:
         return {"Authorization": f"Bearer {self.token(now)}"}
 
 
-def connect_ncco(target: str) -> list[dict[str, Any]]:
+def caller_id(number: str | None) -> str | None:
+    """``number`` as a connect action's ``from`` (E.164 digits, ``+`` and ``tel:``
+    dropped), or None when it is no phone number (absent, a SIP URI, an app user)."""
+    digits = (number or "").strip().removeprefix("tel:").removeprefix("+")
+    return digits if _NUMBER.fullmatch(digits) else None
+
+
+def connect_ncco(target: str, from_: str | None = None) -> list[dict[str, Any]]:
     """The NCCO that connects the call to ``target``: a phone number (E.164, ``+`` and
-    ``tel:`` dropped) or a SIP URI. Raises ValueError for an empty target."""
+    ``tel:`` dropped) or a SIP URI; ``from`` (the caller ID the target sees) is
+    ``from_`` when it is a phone number (:func:`caller_id`), else left out.
+    Raises ValueError for an empty target."""
     target = target.strip()
     if not target:
         raise ValueError("a transfer needs a target")
@@ -60,11 +76,20 @@ def connect_ncco(target: str) -> list[dict[str, Any]]:
         endpoint: dict[str, Any] = {"type": "sip", "uri": target}
     else:
         endpoint = {"type": "phone", "number": target.removeprefix("tel:").lstrip("+")}
-    return [{"action": "connect", "endpoint": [endpoint]}]
+    action: dict[str, Any] = {"action": "connect", "endpoint": [endpoint]}
+    number = caller_id(from_)
+    if number is not None:
+        action["from"] = number
+    return [action]
 
 
-def transfer(auth: VonageAuth, call_uuid: str, target: str, now: float) -> RestRequest:
-    """Transfer the call to ``target`` with an inline NCCO ``connect``."""
-    body = {"action": "transfer", "destination": {"type": "ncco", "ncco": connect_ncco(target)}}
+def transfer(
+    auth: VonageAuth, call_uuid: str, target: str, now: float, from_: str | None = None
+) -> RestRequest:
+    """Transfer the call to ``target`` with an inline NCCO ``connect`` whose ``from`` is
+    ``from_`` (the call's own Vonage number, the answer webhook's ``to``; see the
+    module doc)."""
+    ncco = connect_ncco(target, from_)
+    body = {"action": "transfer", "destination": {"type": "ncco", "ncco": ncco}}
     url = f"{auth.base_url.rstrip('/')}/v1/calls/{call_uuid}"
     return RestRequest("PUT", url, auth.headers(now), json=body)

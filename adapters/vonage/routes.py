@@ -28,7 +28,8 @@ Spec: shared/specs/CARRIERS.md "Vonage Voice API WebSocket (linear16)".
   NCCO has nothing after the ``connect``, so Vonage hangs up). A transfer item is
   carried out after the audio before it played, with ``PUT /v1/calls/{uuid}``
   (``transfer`` to an NCCO ``connect``; RS256 JWT of GATEWAY_VONAGE_APPLICATION_ID /
-  GATEWAY_VONAGE_PRIVATE_KEY), recorded like every carrier's transfer.
+  GATEWAY_VONAGE_PRIVATE_KEY), recorded like every carrier's transfer; its ``from``
+  (the caller ID the target sees) is the call's own number, the ``to`` header.
 """
 
 from __future__ import annotations
@@ -174,7 +175,10 @@ async def stream(websocket: WebSocket, token: str) -> None:
         control: CallControl = websocket.app.state.callcontrol
         request = None
         if channel.auth is not None:
-            request = vonage.transfer(channel.auth, action.call_id, action.target, time.time())
+            # caller ID: the call's own Vonage number (the answer webhook's `to`)
+            own = codec.headers.get("to")
+            now = time.time()
+            request = vonage.transfer(channel.auth, action.call_id, action.target, now, own)
         return await send_transfer(control, CHANNEL, action, request)
 
     runner = CallRunner(

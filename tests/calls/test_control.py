@@ -226,6 +226,34 @@ async def test_vonage_transfer_ncco_connect_with_an_rs256_jwt() -> None:
     assert jwt.get_unverified_header(token)["alg"] == "RS256"
 
 
+@pytest.mark.parametrize(
+    ("own", "caller_id"),
+    [
+        ("447700900001", "447700900001"),
+        ("+447700900001", "447700900001"),
+        ("tel:+447700900001", "447700900001"),
+        ("sip:bot@pbx.example.com", None),  # no number: Vonage would show it unknown
+        ("alice", None),  # an app user
+        ("", None),
+        (None, None),
+    ],
+)
+def test_vonage_transfer_shows_the_calls_own_number_as_caller_id(
+    own: str | None, caller_id: str | None
+) -> None:
+    """The NCCO ``connect`` of a transfer carries ``from``, the call's own Vonage number
+    (its answer webhook's ``to``): without it, or with a value that is not a Vonage
+    number, the target sees an unknown caller ID (NCCO reference, ``connect.from``). A
+    value that is no phone number is left out."""
+    pem, _ = rsa_pem()
+    auth = vonage.VonageAuth("app-123", pem, "https://api.example")
+    for target in ("+15550123", "sip:agent@pbx.example.com"):
+        request = vonage.transfer(auth, "uuid-1", target, time.time(), own)
+        (action,) = request.json["destination"]["ncco"]
+        assert action.get("from") == caller_id
+        assert ("from" in action) == (caller_id is not None)
+
+
 async def test_plivo_transfer_and_hang_up() -> None:
     async with carrier_api() as api:
         api.answers[("DELETE", r"/v1/Account/MA1/Call/gone/")] = Response(status_code=404)

@@ -27,6 +27,8 @@ from tests.adapters.twilio.helpers import Served
 from tests.calls.carrier_api import Captured
 
 SECRET = "vonage-signature-secret-0123456789abcdef"
+OWN_NUMBER = "447700900001"
+"""The application's Vonage number: the ``to`` of its inbound calls' answer webhooks."""
 
 
 def signed(secret: str, body: bytes = b"", **claims: Any) -> str:
@@ -47,7 +49,7 @@ async def ask_ncco(
         "uuid": call_uuid,
         "conversation_uuid": "CON-" + call_uuid,
         "from": "447700900000",
-        "to": "447700900001",
+        "to": OWN_NUMBER,
     }
     if app_key:
         query["appKey"] = app_key
@@ -165,8 +167,9 @@ def application(api_url: str) -> dict[str, Any]:
 
 
 def transferred(command: Captured, call: VonageHarness) -> None:
-    """The Voice API's PUT of the call: a transfer to an NCCO connecting 15550123, the
-    application's RS256 JWT."""
+    """The Voice API's PUT of the call: a transfer to an NCCO connecting 15550123 with
+    the call's own number (the answer webhook's ``to``) as caller ID (Vonage: another
+    ``from``, or none, leaves the caller ID unknown), the application's RS256 JWT."""
     assert (command.method, command.path) == ("PUT", f"/v1/calls/{call.call_uuid}")
     token = command.headers["authorization"].removeprefix("Bearer ")
     claims = jwt.decode(token, application_key().public_key(), algorithms=["RS256"])
@@ -175,7 +178,13 @@ def transferred(command: Captured, call: VonageHarness) -> None:
         "action": "transfer",
         "destination": {
             "type": "ncco",
-            "ncco": [{"action": "connect", "endpoint": [{"type": "phone", "number": "15550123"}]}],
+            "ncco": [
+                {
+                    "action": "connect",
+                    "from": OWN_NUMBER,
+                    "endpoint": [{"type": "phone", "number": "15550123"}],
+                }
+            ],
         },
     }
 
