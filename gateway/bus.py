@@ -68,8 +68,10 @@ class Subscription:
 class Bus(Protocol):
     """Per-topic pub/sub; every implementation passes tests/gateway/test_bus.py."""
 
-    async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> None:
-        """Send ``message`` to the topic's subscribers everywhere.
+    async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> int:
+        """Send ``message`` to the topic's subscribers everywhere; how many processes
+        subscribed to the topic got it (each counts once, however many subscribers it
+        has: 0 when nobody listens now).
 
         With ``retain_s`` it also becomes the topic's retained value for that
         many seconds. Raises BusUnavailable when the bus cannot be reached.
@@ -109,11 +111,13 @@ class MemoryBus:
         self._retained: dict[str, tuple[float, Message]] = {}
         self._clock = clock or (lambda: asyncio.get_running_loop().time())
 
-    async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> None:
+    async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> int:
         if retain_s is not None:
             self._retained[topic] = (self._clock() + retain_s, message)
-        for sub in self._subs.get(topic, ()):
+        subs = self._subs.get(topic, ())
+        for sub in subs:
             sub.put(message)
+        return 1 if subs else 0  # this one process
 
     async def claim(self, topic: str, message: Message, *, retain_s: float) -> bool:
         retained = self._retained.get(topic)
@@ -179,10 +183,10 @@ class RedisBus:
     def _retained_key(self, topic: str) -> str:
         return f"{self._prefix}:{{{topic}}}:retained"
 
-    async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> None:
+    async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> int:
         data = json.dumps(message, separators=(",", ":"))
 
-        async def send() -> None:
+        async def send() -> int:
             async with self._redis.pipeline(transaction=False) as pipe:
                 if retain_s is not None:
                     pipe.set(self._retained_key(topic), data, px=max(1, int(retain_s * 1000)))
@@ -190,10 +194,11 @@ class RedisBus:
                     pipe.spublish(self._channel(topic), data)
                 else:
                     pipe.publish(self._channel(topic), data)
-                await pipe.execute()
+                results = await pipe.execute()
+            return int(results[-1])  # PUBLISH's count: the processes subscribed (one each)
 
         try:
-            await self._breaker.guard(send)
+            return await self._breaker.guard(send)
         except REDIS_ERRORS as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
 

@@ -23,7 +23,9 @@ Thin I/O around :mod:`adapters.twilio.protocol` (the call, sans I/O) and
 - ``POST /twilio/status`` — the stream's status callback (``stream-started``,
   ``stream-stopped``, ``stream-error``): verified the same way, logged (a
   ``stream-error`` at WARNING), kept in ``app.state.twilio.status_events`` (the last
-  256), answered 204.
+  256), answered 204. A ``stream-stopped``/``stream-error`` of a call no instance
+  serves (none follows its control topic: gateway/io/call.py ``call_served``; its
+  instance died) ends the call's session; one served elsewhere is left to that instance.
 - ``WebSocket /twilio/stream/{token}`` — the call's media stream. The signature
   (the exact ``wss://`` URL, no parameters) and the one-time token are checked
   **before** the socket is accepted (:func:`gateway.io.call.admit`): a refused stream
@@ -124,6 +126,7 @@ from gateway.io.call import (
     admit,
     announce_machine,
     call_config,
+    call_served,
     machine_answer_undelivered,
 )
 from gateway.logs import masked_number
@@ -354,9 +357,13 @@ async def status(request: Request) -> Response:
         and CALL_SID.fullmatch(call_sid)
         and call_sid not in channel_of(request).calls
     ):
-        # the stream ended where this process did not serve it: most often the
-        # instance that did has died; end the call's session so it is not left open
+        # the stream ended where this process did not serve it. Served elsewhere (its
+        # runner follows the call's control topic), that instance ends it on its own
+        # ``stop``; else most often the instance that served it has died: end the
+        # call's session so it is not left open
         gw = gateway_of(request)
+        if await call_served(gw, CHANNEL, call_sid) is not False:
+            return Response(status_code=204)
         key = request.query_params.get("key") or gw.settings.twilio_app_key
         ctx = TurnContext(channel=CHANNEL, namespace=NAMESPACE, session_id=call_sid, app_key=key)
         try:

@@ -369,6 +369,19 @@ async def announce_machine(gw: Gateway, carrier: str, call_id: str, answered_by:
     return True
 
 
+async def call_served(gw: Gateway, carrier: str, call_id: str) -> bool | None:
+    """Whether some instance serves call ``call_id``'s stream now: a ``{"type": "ping"}``
+    (which runners ignore) on its :func:`control_topic`, which every runner follows while
+    its call runs, reached a subscriber. None when the bus is down (logged as
+    :func:`announce_machine` does): not known. For a carrier's callback saying a stream
+    ended, which may reach another instance than the one serving it."""
+    try:
+        return await gw.bus.publish(control_topic(carrier, call_id), {"type": "ping"}) > 0
+    except BusUnavailable as exc:
+        log.log(outage_level(exc), "%s call %s: not known who serves it: %s", carrier, call_id, exc)
+        return None
+
+
 def machine_answer_undelivered() -> JSONResponse:
     """The answer to an answering-machine webhook whose result :func:`announce_machine`
     could not hand on (the bus, the gateway's Redis, is down; it logged that): 503 problem

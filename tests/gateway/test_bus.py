@@ -165,3 +165,17 @@ async def test_a_reader_cut_off_from_redis_is_one_warning_not_one_per_retry(
     finally:
         await bus.aclose()
         await redisconn.aclose(client)
+
+
+async def test_publish_counts_the_processes_that_listen(buses: tuple[Bus, Bus]) -> None:
+    """publish returns how many processes subscribed to the topic got the message (a
+    call's status callback asks so whether any instance serves the call): 0 with nobody
+    listening, 1 for a process however many subscribers it has, 0 again after they left."""
+    pub, sub_bus = buses
+    assert await pub.publish("s", {"n": 1}) == 0
+    async with sub_bus.subscribe("s") as one, sub_bus.subscribe("s") as two:
+        assert await pub.publish("s", {"n": 2}) == 1
+        assert await one.get(2) == {"n": 2}
+        assert await two.get(2) == {"n": 2}
+        assert await pub.publish("other", {"n": 3}) == 0
+    assert await pub.publish("s", {"n": 4}) == 0

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as redis
 from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -20,6 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from gateway.conversation import TurnContext
 from gateway.events import Input
 from tests.adapters.twilio.harness import (
+    TwilioHarness,
     ask_twiml,
     call_sid,
     local_ws_url,
@@ -179,6 +181,56 @@ async def test_stream_ended_elsewhere_closes_the_calls_session(gw: Served) -> No
     signed = {"X-Twilio-Signature": sign(AUTH, url, event)}
     assert (await post_form(gw, path, event, signed)).status_code == 204
     assert await gateway.store.get(f"twilio:{sid}") is None
+
+
+@pytest.mark.parametrize("stream_event", ["stream-error", "stream-stopped"])
+async def test_a_stream_ended_callback_leaves_a_call_live_on_another_instance_alone(
+    redis_url: str, redis_prefix: str, stream_event: str
+) -> None:
+    """Two instances on one Redis; the call's stream runs on A, its status callback
+    reaches B. B used to end the session of any call it did not serve itself: A's next
+    turn then began a new session mid-call. B now asks the call's control topic whether
+    anyone serves it (A's runner follows it) and leaves the session to A."""
+    shared: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_prefix": redis_prefix,
+        "twilio_auth_token": SecretStr(AUTH),
+    }
+    async with (
+        twilio_gateway(**shared) as a,
+        twilio_gateway(**shared) as b,
+        TwilioHarness.dial(a.url, PUBLIC, auth_token=AUTH) as call,
+    ):
+        store = a.app.state.gateway.store
+        key = f"twilio:{call.call_sid}"
+        for _ in range(200):
+            if await store.get(key) is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert await store.get(key) is not None  # the intro's turn made the session
+        subscribers = redis.Redis.from_url(redis_url)
+        channel = f"{redis_prefix}:{{call:twilio:{call.call_sid}}}:bus"
+        try:  # A's runner follows the call's control topic
+            for _ in range(200):
+                [(_, count)] = await subscribers.pubsub_numsub(channel)
+                if count:
+                    break
+                await asyncio.sleep(0.05)
+            assert count == 1
+        finally:
+            await subscribers.aclose()
+        event = {
+            "CallSid": call.call_sid,
+            "StreamSid": call.stream_sid,
+            "StreamEvent": stream_event,
+        }
+        url = PUBLIC + "/twilio/status"
+        signed = {"X-Twilio-Signature": sign(AUTH, url, event)}
+        assert (await post_form(b, "/twilio/status", event, signed)).status_code == 204
+        assert [e["StreamEvent"] for e in b.channel.status_events] == [stream_event]
+        assert await store.get(key) is not None  # kept: A serves the call
+        assert call.close_code is None
+        assert call.call_sid in a.channel.calls
 
 
 # ------------------------------------------------------------------ the stream's handshake
