@@ -17,6 +17,8 @@ From Telnyx's API reference (https://developers.telnyx.com/api-reference/call-co
 The AMD result is the webhook ``call.machine.detection.ended`` (``payload.result``
 ``human`` | ``machine`` | ``not_sure``) or ``call.machine.premium.detection.ended``
 (``human_residence``, ``human_business``, ``machine``, ...): :func:`machine_input`.
+The call's end is the webhook ``call.hangup`` (``payload.call_control_id``,
+``payload.client_state``): :func:`hangup_of`.
 """
 
 from __future__ import annotations
@@ -137,6 +139,24 @@ def call_id(answer: RestAnswer) -> str | None:
     data = answer.body.get("data") if isinstance(answer.body, dict) else None
     value = data.get("call_control_id") if isinstance(data, dict) else None
     return value if isinstance(value, str) else None
+
+
+def hangup_of(event: Any) -> tuple[str, str | None] | None:
+    """``(call_control_id, appKey)`` when the webhook ``event`` (parsed JSON) is
+    ``call.hangup``: the call ended; ``appKey`` of the ``client_state`` the call was placed
+    with (None when it names none). None for any other event or one without a
+    ``call_control_id``."""
+    data = event.get("data") if isinstance(event, dict) else None
+    if not isinstance(data, dict) or data.get("event_type") != "call.hangup":
+        return None
+    payload = data.get("payload")
+    if not isinstance(payload, dict):
+        return None
+    ccid = payload.get("call_control_id")
+    if not isinstance(ccid, str) or not ccid:
+        return None
+    app_key = read_client_state(payload.get("client_state")).get("appKey")
+    return ccid, app_key if isinstance(app_key, str) and app_key else None
 
 
 def machine_input(event: Any) -> tuple[str, Input] | None:

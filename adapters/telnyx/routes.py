@@ -9,8 +9,10 @@ answer).
 ``call.machine.detection.ended`` (and the premium variant) with a machine result is handed
 as ``#machine`` (attributes ``answeredBy``) to the call's stream on whichever instance
 serves it, through the bus (gateway/io/call.py ``announce_machine``, under its
-``call_control_id``). 200 ``{}``; 503 problem with ``Retry-After`` when a machine result
-could not be handed on (the bus, the gateway's Redis, is down: Telnyx delivers it again).
+``call_control_id``). ``call.hangup`` of a call no instance serves (its instance died)
+ends the call's session (app key from its ``client_state``). 200 ``{}``; 503 problem with
+``Retry-After`` when a machine result could not be handed on (the bus, the gateway's
+Redis, is down: Telnyx delivers it again).
 
 ``/telnyx/stream`` — the call's media stream (Telnyx Media Streaming, bidirectional RTP)
 on the shared call engine (:class:`gateway.io.call.CallRunner` with
@@ -57,6 +59,7 @@ from adapters.telnyx import control as telnyx
 from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_TEXML
 from adapters.telnyx.protocol import BIDIRECTIONAL, TelnyxCodec, texml
 from adapters.telnyx.verify import TelnyxVerifier, replayed
+from gateway.breaker import outage_level
 from gateway.callcodec import VerificationRefused, load_frame
 from gateway.callcontrol import CallControl, RestAnswer, RestRequest, TransferResult
 from gateway.calls import (
@@ -68,6 +71,7 @@ from gateway.calls import (
     wss_url,
 )
 from gateway.calls import hang_up as rest_hang_up
+from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body, refused_request
 from gateway.io.call import (
@@ -77,6 +81,7 @@ from gateway.io.call import (
     admit,
     announce_machine,
     call_config,
+    call_served,
     machine_answer_undelivered,
     nonce_store_unavailable,
     use_signature_once,
@@ -85,7 +90,7 @@ from gateway.io.call import (
 from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.call import CallAction, Transfer
 from gateway.ratelimit import refusal_log
-from gateway.sessions import StoreUnavailable
+from gateway.sessions import StoreError, StoreUnavailable
 from gateway.settings import Settings
 
 log = logging.getLogger("adapters.telnyx")
@@ -176,7 +181,26 @@ async def telnyx_outbound(request: Request) -> Response:
         log.info("Telnyx call %s answered by %s", call_id, answered_by)
         if not await announce_machine(gateway_of(request), CHANNEL, call_id, answered_by):
             return machine_answer_undelivered()
+    ended = telnyx.hangup_of(event)
+    if ended is not None:
+        await _hung_up(gateway_of(request), *ended)
     return JSONResponse({})
+
+
+async def _hung_up(gw: Gateway, call_id: str, app_key: str | None) -> None:
+    """``call.hangup`` of call ``call_id``: when no instance serves its stream (none follows
+    its control topic, gateway/io/call.py ``call_served``: the one that did has died) end
+    the call's session rather than leave it open until it expires; a served call is left
+    to its instance (its stream stops). A store failure is logged."""
+    if await call_served(gw, CHANNEL, call_id) is not False:
+        return
+    key = app_key or TelnyxDialer().default_app_key(gw.settings)
+    ctx = TurnContext(channel=CHANNEL, namespace=CHANNEL, session_id=call_id, app_key=key)
+    try:
+        if await gw.conversation.end(ctx):
+            log.info("Telnyx call %s: session ended after call.hangup", call_id)
+    except StoreError as exc:
+        log.log(outage_level(exc), "Telnyx call %s: session not ended: %s", call_id, exc)
 
 
 # ------------------------------------------------------------------ inbound TeXML

@@ -16,10 +16,13 @@ from collections import Counter
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from adapters.telnyx.control import read_client_state
 from adapters.telnyx.verify import SIGNATURE_HEADER as SIG
 from gateway.callcodec import WireEncoding
+from gateway.conversation import TurnContext
+from gateway.events import Input
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import closed_with, session_of, upgrade_status
@@ -275,3 +278,56 @@ async def test_a_replayed_webhook_is_refused_as_a_forged_one(
         hook = await client.post("/telnyx/outbound", content=event, headers=hook_headers)
         assert hook.status_code == 403, hook.text
         assert "replayed" in hook.json()["detail"]
+
+
+def hangup_event(ccid: str, app_key: str | None = None) -> bytes:
+    """Telnyx's ``call.hangup`` webhook of call ``ccid`` (its ``client_state`` naming
+    ``app_key`` when given, as a call the gateway placed)."""
+    payload: dict[str, object] = {"call_control_id": ccid, "hangup_cause": "normal_clearing"}
+    if app_key is not None:
+        state = json.dumps({"direction": "outbound", "appKey": app_key}).encode()
+        payload["client_state"] = base64.b64encode(state).decode()
+    event = {"data": {"event_type": "call.hangup", "id": str(uuid.uuid4()), "payload": payload}}
+    return json.dumps(event).encode()
+
+
+async def test_a_hangup_ends_the_session_of_a_call_nobody_serves(speech: SpeechService) -> None:
+    """The instance serving a Telnyx call died: its session stayed until it expired (30
+    min), the ``call.hangup`` webhook answered ``{}`` and ignored. A signed ``call.hangup``
+    of a call no instance serves now ends its session (the app key of its client_state;
+    another application's session is kept); a forged one changes nothing; a call served
+    here is left to its stream."""
+    async with (
+        CARRIER.gateway(speech) as (gw, _),
+        httpx.AsyncClient(base_url=gw.url) as client,
+        TelnyxHarness.dial(gw.url, mic_speed=4.0) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        live = f"telnyx:{call.call_id}"
+        assert await session_of(gw, live) is not None
+        event = hangup_event(call.call_id)
+        hook = await client.post("/telnyx/outbound", content=event, headers=signed(event))
+        assert hook.status_code == 200, hook.text
+        assert hook.json() == {}
+        assert await session_of(gw, live) is not None  # served here: left to the stream
+        assert call.closed_at is None
+
+        ccid = "v3:" + uuid.uuid4().hex
+        conversation = gw.app.state.gateway.conversation
+        ctx = TurnContext(channel="telnyx", namespace="telnyx", session_id=ccid, app_key="sales")
+        await conversation.turn(ctx, Input.of("#intro")).collect()
+        orphan = f"telnyx:{ccid}"
+        assert await session_of(gw, orphan) is not None
+        event = hangup_event(ccid, "sales")
+        forged = signed(event, Ed25519PrivateKey.generate())
+        assert (
+            await client.post("/telnyx/outbound", content=event, headers=forged)
+        ).status_code == 403
+        other_app = hangup_event(ccid, "other-app")
+        hook = await client.post("/telnyx/outbound", content=other_app, headers=signed(other_app))
+        assert hook.status_code == 200
+        assert await session_of(gw, orphan) is not None  # another application's call: kept
+        hook = await client.post("/telnyx/outbound", content=event, headers=signed(event))
+        assert hook.status_code == 200, hook.text
+        assert await session_of(gw, orphan) is None
+        assert await session_of(gw, live) is not None
