@@ -37,6 +37,7 @@ handed over; a failure (logged naming the carrier's API) keeps the call
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -305,6 +306,10 @@ async def place_call(request: Request) -> Response:
 # ------------------------------------------------------------------ transfers
 
 
+_TRANSFERS: set[asyncio.Task[TransferResult]] = set()
+"""Transfer requests on their way (:func:`send_transfer`), held here while none awaits them."""
+
+
 async def send_transfer(
     control: CallControl | None, channel: str, action: Transfer, request: RestRequest | None
 ) -> TransferResult:
@@ -315,12 +320,29 @@ async def send_transfer(
     API as the failing component (``component: <channel>-api``). With no ``request`` (the
     carrier's REST credentials are not configured) or no ``control`` (the call-control
     router is not mounted) nothing is sent: a failure, logged at WARNING.
+
+    The request runs in a task of its own: when the caller is cancelled (the stream
+    stopped, as Telnyx and Vonage stop it once they take the call) it still gets its
+    answer, bounded by GATEWAY_CALLS_TIMEOUT_S, and is logged, the transfer's one record.
     """
     call_id, target, reason = action.call_id, action.target, action.reason
     if control is None or request is None:
         missing = f"{channel} REST is not configured (no credentials to call the {channel} API)"
         log_transfer(channel, call_id, target, reason, missing)
         return TransferResult(False, missing)
+    task = asyncio.create_task(
+        _send_transfer(control, channel, action, request), name=f"{channel} transfer {call_id}"
+    )
+    _TRANSFERS.add(task)
+    task.add_done_callback(_TRANSFERS.discard)
+    return await asyncio.shield(task)
+
+
+async def _send_transfer(
+    control: CallControl, channel: str, action: Transfer, request: RestRequest
+) -> TransferResult:
+    """:func:`send_transfer`'s request and its log line."""
+    call_id, target, reason = action.call_id, action.target, action.reason
     try:
         answer = await control.send(request)
     except CallControlError as exc:

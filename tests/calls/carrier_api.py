@@ -4,6 +4,7 @@ request it gets and answers as the carrier documents."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -65,6 +66,14 @@ class CarrierApi:
     url: str = ""
     requests: list[Captured] = field(default_factory=list)
     answers: dict[tuple[str, str], Response] = field(default_factory=dict)
+    delays: dict[tuple[str, str], float] = field(default_factory=dict)
+    """Seconds to hold the answer of a request, by (method, path regex): a slow API."""
+
+    def delay_s(self, request: Captured) -> float:
+        for (method, pattern), delay_s in self.delays.items():
+            if method == request.method and re.fullmatch(pattern, request.path):
+                return delay_s
+        return 0.0
 
     def answer(self, request: Captured) -> Response:
         for (method, pattern), response in self.answers.items():
@@ -100,6 +109,7 @@ async def carrier_api() -> AsyncIterator[CarrierApi]:
             request.method, request.url.path, dict(request.headers), await request.body()
         )
         api.requests.append(captured)
+        await asyncio.sleep(api.delay_s(captured))
         return api.answer(captured)
 
     app = Starlette(

@@ -382,3 +382,29 @@ async def test_after_a_failed_transfer_the_call_hangs_up_only_after_its_new_last
             assert loop.time() - held_at > 2.0
         hang_ups = [r for r in api.requests if r.form.get("Status") == "completed"]
         assert len(hang_ups) == 1
+
+
+@pytest.mark.parametrize("carrier", [TELNYX, VONAGE], ids=["telnyx", "vonage"])
+async def test_a_transfer_still_asked_when_the_stream_stops_is_logged(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture, carrier: Carrier
+) -> None:
+    """Telnyx and Vonage drop the stream when they take the call, which may be before
+    their API answers the transfer request: the stream's end cancelled the request, and
+    its log line, the transfer's one record, was lost. The request now runs to its
+    answer (bounded by GATEWAY_CALLS_TIMEOUT_S) and is logged."""
+    caplog.set_level(logging.INFO, "gateway.callcontrol")
+    transfer = carrier.transfer
+    assert transfer is not None
+    async with carrier.gateway(speech, more=transfer.settings) as (gw, api):
+        api.delays[("PUT" if carrier is VONAGE else "POST", r"/v\d/calls/.+")] = 1.0
+        core = scripted()
+        gw.app.state.gateway.conversation.pipeline = core
+        async with carrier.dial(gw.url) as call:
+            await call.wait_for(lambda: len(api.requests) >= 1, 20)  # the transfer is asked
+            await call.stop()  # the carrier took the call: the stream ends
+        assert await until(lambda: bool(logged_transfers(caplog.records)), 5)
+    (command,) = api.requests
+    transfer.check(command, call)
+    assert logged_transfers(caplog.records) == [
+        (carrier.name, call.call_id, TARGET, "asked for a person", True)
+    ]
