@@ -90,7 +90,7 @@ async def test_twilio_webhooks_through_an_outage_are_one_warning_not_one_each(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Every answering-machine webhook (``machine answer lost``) and every status callback
-    of a call served elsewhere (``session not ended``) logged its own WARNING while Redis
+    of a call served elsewhere (``session not ended``, now ``not known who serves it``) logged its own WARNING while Redis
     refused connections. Now the outage is the breaker's WARNING and the first webhook's;
     the others are DEBUG. The answers are as before (503 and 204)."""
     app, settings = _down(twilio_auth_token=SecretStr(AUTH))
@@ -125,5 +125,7 @@ async def test_twilio_webhooks_through_an_outage_are_one_warning_not_one_each(
     assert "machine answer lost" in warnings[1].getMessage()
     lost = [r for r in caplog.records if "machine answer lost" in r.getMessage()]
     assert [r.levelno for r in lost[1:]] == [logging.DEBUG] * 3
-    not_ended = [r for r in caplog.records if "session not ended" in r.getMessage()]
+    # a stream's end with the bus down: whether another instance serves the call is not
+    # known (gateway/io/call.py call_served), so its session is kept, logged at DEBUG
+    not_ended = [r for r in caplog.records if "not known who serves it" in r.getMessage()]
     assert [r.levelno for r in not_ended] == [logging.DEBUG] * 4
