@@ -126,6 +126,9 @@ class _Turn:
     splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
     text: list[str] = field(default_factory=list)
     tools: dict[int, _ToolCall] = field(default_factory=dict)
+    latest: dict[int, int] = field(default_factory=dict)
+    """A wire ``index`` -> the key in ``tools`` of the latest call that came at it (a call
+    split off by its id, :func:`_add_tool_delta`, takes a key no wire index takes)."""
     finish_reason: str | None = None
     done: bool = False
 
@@ -390,11 +393,13 @@ def _history(state: dict[str, Any]) -> list[dict[str, Any]]:
 def _add_tool_delta(turn: _Turn, call: Any) -> None:
     if not isinstance(call, dict):
         raise PipelineError(f"the {KIND} core streamed a tool call that is not an object")
-    index = call.get("index")
-    if index is None:  # left out (Ollama before 0.4.7): a delta of the latest call
+    wire = call.get("index")
+    if wire is None:  # left out (Ollama before 0.4.7): a delta of the latest call
         index = next(reversed(turn.tools), 0)
-    if not isinstance(index, int):
+    elif not isinstance(wire, int):
         raise PipelineError(f"the {KIND} core streamed a tool call without an integer index")
+    else:  # the latest call that came at this index (a later delta of a split-off call)
+        index = turn.latest.get(wire, wire)
     acc = turn.tools.setdefault(index, _ToolCall())
     function = call.get("function") or {}
     if not isinstance(function, dict):
@@ -408,6 +413,8 @@ def _add_tool_delta(turn: _Turn, call: Any) -> None:
             # without a name continues the call (servers whose ids change mid-call)
             index = min(0, *turn.tools) - 1  # a key no wire index takes
             acc = turn.tools[index] = _ToolCall()
+            if isinstance(wire, int):  # its next deltas at this index are its own
+                turn.latest[wire] = index
         acc.id = acc.id or call_id
     if isinstance(name, str) and name != acc.name:
         # the name comes in the first delta (or split over a few); some servers (MiniMax

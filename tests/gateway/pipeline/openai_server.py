@@ -16,7 +16,8 @@ non-streamed body), ``bad-tools`` (a completion whose ``tool_calls`` are strings
 connection dropped mid-stream), ``names-again`` (a tool call's whole name repeated in each of
 its deltas, as some servers send it), ``interleaved`` (the deltas of parallel tool calls
 interleaved, told apart by their ``index`` only), ``no-index`` (tool call deltas without
-``index``), ``ollama`` (each tool call whole in one delta, all at ``index`` 0), ``echo-401`` (401 with a message echoing the Authorization header
+``index``), ``index-0`` (as streamed, all at ``index`` 0), ``ollama`` (each tool call
+whole in one delta, all at ``index`` 0), ``echo-401`` (401 with a message echoing the Authorization header
 and the key, as a careless proxy might). ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
 pause after the first sentence (the model "thinking" on), cut short when the
 ``asyncio.Event`` ``app.state.release`` (None: no event) is set, so a test can hold the
@@ -214,6 +215,8 @@ async def _stream(
         calls = [[d for turn in zip_longest(*calls) for d in turn if d is not None]]
     if mode == "no-index":  # the deltas without their index
         calls = [[{k: v for k, v in d.items() if k != "index"} for d in ds] for ds in calls]
+    if mode == "index-0":  # the deltas of every call streamed in pieces, all at index 0
+        calls = [[{**d, "index": 0} for d in ds] for ds in calls]
     if mode == "ollama":  # each call whole in one delta, every one at index 0
         calls = [[{**call, "index": 0}] for call in tools]
     for deltas in calls:

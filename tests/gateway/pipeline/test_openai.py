@@ -202,7 +202,7 @@ async def test_parallel_tool_calls_streamed_interleaved_are_told_apart_by_index(
     await conv.pipeline.aclose()
 
 
-@pytest.mark.parametrize("mode", ["no-index", "ollama"])
+@pytest.mark.parametrize("mode", ["no-index", "ollama", "index-0"])
 async def test_parallel_tool_calls_without_their_own_index_are_told_apart_by_id(
     llm: tuple[str, FastAPI], mode: str
 ) -> None:
@@ -210,7 +210,9 @@ async def test_parallel_tool_calls_without_their_own_index_are_told_apart_by_id(
     ``index`` 0 (Ollama since, ollama/ollama#15457) were merged into one call of index 0
     ("transferend_session", an unknown tool ignored): no transfer, no end. A delta with
     another call's id and a name starts a call of its own; deltas without an index
-    continue the latest call."""
+    continue the latest call, and so do those at the index it came at (``index-0``: each
+    call streamed in pieces at index 0: the end_session's ``{}`` was appended to the
+    transfer's arguments, whose reason was then lost)."""
     url, _ = llm
     conv = engine(pipeline(url, mode, transfer_target="+15551234567"))
     events = await conv.turn(ctx(), Input.of("hand me over and bye")).collect()
