@@ -142,10 +142,13 @@ def _zone_keys() -> frozenset[str]:
 MAX_LANGUAGE_TAG: Final = 64
 """Characters a language tag may have (RFC 5646 section 4.4.1 bounds a tag without
 extensions at 35; this leaves room for a ``-u-``/``-x-`` extension or two)."""
-_LANGUAGE_TAG: Final = re.compile(r"(?:[A-Za-z]{2,8}|[iIxX](?=[-_]))(?:[-_][A-Za-z0-9]{1,8})*")
+_LANGUAGE_TAG: Final = re.compile(
+    r"(?:[A-Za-z]{2,8}|[iIxX](?=[-_]))(?:-[A-Za-z0-9]{1,8}|__?#?[A-Za-z0-9]{1,8})*"
+)
 """A BCP 47 (RFC 5646) tag's syntax, loosely: a language of 2-8 letters (or ``i``/``x``
-before subtags), then subtags of 1-8 letters or digits. ``_`` separates too (Java's
-``Locale.toString()``: ``en_US``)."""
+before subtags), then subtags of 1-8 letters or digits. ``_`` separates too, as Java's
+``Locale.toString()`` writes (``en_US``; ``zh_TW_#Hant`` with a script or an extension
+after ``_#``; ``en__POSIX``, ``__`` for an empty country)."""
 
 
 def check_language_tag(tag: str, *, what: str = "locale") -> str:

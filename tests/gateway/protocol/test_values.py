@@ -27,7 +27,35 @@ def test_language_tags(tag: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "tag", ["", "e", "x", "-en", "en-", "en--US", "en US", "en-US\n", "<b>", "en-abcdefghi", "é"]
+    "tag", ["zh_TW_#Hant", "sr_RS_#Latn", "zh__#Hant", "en__POSIX", "ja_JP_JP_#u-ca-japanese"]
+)
+def test_java_locale_strings_are_language_tags(tag: str) -> None:
+    """What Java's ``Locale.toString()`` (and so Jackson, a Kotlin Flowstorm client's
+    ``en_US``) writes for a locale with a script, a variant without a country or an
+    extension: ``_#`` before the script, ``__`` for an empty country. The ``_`` form is
+    accepted for Java's sake; these were refused (400 / an Error) as no language tag."""
+    assert check_language_tag(tag) == tag
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "",
+        "e",
+        "x",
+        "-en",
+        "en-",
+        "en--US",
+        "en_#",
+        "en#Latn",
+        "en-#Latn",
+        "en___US",
+        "en US",
+        "en-US\n",
+        "<b>",
+        "en-abcdefghi",
+        "é",
+    ],
 )
 def test_no_language_tags(tag: str) -> None:
     with pytest.raises(ProtocolError, match="is not a language tag"):
