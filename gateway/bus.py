@@ -246,6 +246,9 @@ class RedisBus:
         except REDIS_ERRORS as exc:
             await self._leave(channel, sub)
             raise BusUnavailable(f"Redis: {exc}") from exc
+        except BaseException:  # cancelled while starting (the client left): undone alike
+            await self._leave(channel, sub)
+            raise
         if retained:
             sub.put(json.loads(retained))
         try:

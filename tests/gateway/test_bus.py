@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -179,3 +180,39 @@ async def test_publish_counts_the_processes_that_listen(buses: tuple[Bus, Bus]) 
         assert await two.get(2) == {"n": 2}
         assert await pub.publish("other", {"n": 3}) == 0
     assert await pub.publish("s", {"n": 4}) == 0
+
+
+async def test_a_subscription_cancelled_while_it_starts_is_left(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A subscriber cancelled while its SUBSCRIBE or the read of the retained value is on
+    its way (a V2 GET /client whose client left: Starlette cancels its body) stayed among
+    the bus's subscribers for good: its channel subscribed, every message of the topic
+    queued to it, the reader running. Such a start is undone as a failed one is."""
+    client = redis_client(redis_url)
+    bus = RedisBus(client, prefix=redis_prefix)
+    entered = asyncio.Event()
+
+    async def follow() -> None:
+        async with bus.subscribe("s"):
+            entered.set()
+            await asyncio.sleep(30)
+
+    try:
+        task = asyncio.create_task(follow())
+        for _ in range(1000):  # until the subscriber is added; its SUBSCRIBE goes out now
+            if bus._subs:
+                break
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert not entered.is_set()
+        assert bus._subs == {}
+        async with bus.subscribe("s") as sub:  # the topic still works
+            await bus.publish("s", {"n": 1})
+            assert await sub.get(2) == {"n": 1}
+        assert bus._subs == {}
+    finally:
+        await bus.aclose()
+        await redisconn.aclose(client)
