@@ -17,6 +17,7 @@ Both pass the same contract tests (tests/gateway/test_nonces.py).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import secrets
@@ -53,14 +54,14 @@ class NonceStore(Protocol):
 class MemoryNonceStore:
     """In-process one-time keys with expiry (the default without Redis).
 
-    At most ``max_keys`` keys (> 0) are kept. Once that many are kept, the expired ones
-    are swept before a new key is taken; when none has expired, the new key is refused
+    At most ``max_keys`` keys (> 0) are kept. Expired keys are dropped as new keys come,
+    earliest expiry first from a heap of ``(expiry, key)``: O(log n) each, never a scan
+    of every kept key. When ``max_keys`` unexpired keys are kept, the new key is refused
     with StoreUnavailable (the caller answers 503, as when Redis is down) rather than a
     used key forgotten: a forgotten key is a credential (a Telnyx or Vonage signature
     still inside its replay window) that would pass again. Such a spell is one WARNING
     when its first key is refused, its errors after that for
     :func:`gateway.breaker.outage_level` (DEBUG), and one INFO when a key is taken again.
-    A refusal costs no sweep until the earliest kept key may have expired.
 
     Raises ValueError when ``max_keys`` is not positive.
     """
@@ -70,10 +71,11 @@ class MemoryNonceStore:
     ) -> None:
         if max_keys <= 0:
             raise ValueError("max_keys must be > 0")
-        self._keys: dict[str, float] = {}  # key -> expiry (clock seconds), insertion order
+        # key -> expiry (clock seconds); each kept key has exactly one heap entry
+        self._keys: dict[str, float] = {}
+        self._expiries: list[tuple[float, str]] = []  # heap of (expiry, key)
         self._max = max_keys
         self._clock = clock
-        self._earliest = math.inf  # at most the earliest expiry of a kept key
         self._refused = 0  # keys refused since the store became full
 
     async def use_once(self, key: str, ttl_s: float) -> bool:
@@ -82,33 +84,33 @@ class MemoryNonceStore:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be > 0")
         now = self._clock()
-        expiry = self._keys.get(key)
-        if expiry is not None and expiry > now:
+        self._drop_expired(now)
+        if key in self._keys:
             return False
-        self._keys.pop(key, None)
-        if len(self._keys) >= self._max and now >= self._earliest:
-            self._sweep(now)
         if len(self._keys) >= self._max:
             raise self._full(now)
         if self._refused:
             log.info("one-time key store: keys taken again, %d were refused", self._refused)
             self._refused = 0
         self._keys[key] = now + ttl_s
-        self._earliest = min(self._earliest, now + ttl_s)
+        heapq.heappush(self._expiries, (now + ttl_s, key))
         return True
 
-    def _sweep(self, now: float) -> None:
-        """Forget the expired keys; the earliest expiry of those kept becomes exact."""
-        for old in [k for k, exp in self._keys.items() if exp <= now]:
+    def _drop_expired(self, now: float) -> None:
+        """Forget the keys whose expiry is <= ``now`` (O(log n) each); the kept ones
+        are all unexpired then."""
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            _, old = heapq.heappop(heap)
             del self._keys[old]
-        self._earliest = min(self._keys.values(), default=math.inf)
 
     def _full(self, now: float) -> StoreUnavailable:
         """The error of a key refused because every kept key is unexpired (class doc)."""
         self._refused += 1
+        earliest = self._expiries[0][0] if self._expiries else math.inf
         error = StoreUnavailable(
             f"the one-time key store is full ({self._max} unexpired keys); "
-            f"new keys are refused for {self._earliest - now:.0f} s or more"
+            f"new keys are refused for {earliest - now:.0f} s or more"
         )
         if self._refused == 1:
             log.warning(
@@ -122,7 +124,7 @@ class MemoryNonceStore:
 
     async def aclose(self) -> None:
         self._keys.clear()
-        self._earliest = math.inf
+        self._expiries.clear()
 
 
 # The key is set to a value of this use alone; when it already holds that value, this

@@ -9,6 +9,7 @@ import logging
 import secrets
 import uuid
 from collections.abc import AsyncIterator
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -164,3 +165,60 @@ async def test_a_webhook_is_refused_503_while_the_memory_store_is_full() -> None
         assert "key store is unavailable" in answers[2].json()["detail"]
         replay = await client.post("/telnyx/texml", content=bodies[0], headers=headers[0])
         assert replay.status_code == 403, replay.text
+
+
+class _Instant(float):
+    """A clock reading (and the expiries computed from it) that counts its comparisons:
+    the work the store does to keep its keys, seen without touching the store's code."""
+
+    compared: ClassVar[list[int]] = [0]
+
+    def _count(self, other: object, result: bool) -> bool:
+        _Instant.compared[0] += 1
+        return result
+
+    def __lt__(self, other: float) -> bool:
+        return self._count(other, float(self) < float(other))
+
+    def __le__(self, other: float) -> bool:
+        return self._count(other, float(self) <= float(other))
+
+    def __gt__(self, other: float) -> bool:
+        return self._count(other, float(self) > float(other))
+
+    def __ge__(self, other: float) -> bool:
+        return self._count(other, float(self) >= float(other))
+
+    def __eq__(self, other: object) -> bool:
+        return self._count(other, isinstance(other, float) and float(self) == float(other))
+
+    __hash__ = float.__hash__
+
+    def __add__(self, other: float) -> _Instant:
+        return _Instant(float(self) + float(other))
+
+
+async def test_a_full_memory_store_takes_each_new_key_without_a_scan() -> None:
+    """Full, under a steady load whose keys expire one by one: each new key cost a sweep
+    of every kept key (O(n): up to 100,000 expiry checks per webhook). Now the expired
+    ones are dropped from a heap of expiries (O(log n) each): every new key is taken, the
+    unexpired ones stay used, the store holds no more than ``max_keys`` (full, a key is
+    refused), and the comparisons of expiries per key stay logarithmic."""
+    size = 2000
+    now = [_Instant(0.0)]
+    store = MemoryNonceStore(max_keys=size, clock=lambda: now[0])
+    for i in range(size):  # key i expires at size + i
+        now[0] = _Instant(float(i))
+        assert await store.use_once(f"k{i}", size)
+    worst = 0
+    for j in range(size):  # each step: k{j} expires, a new key comes
+        now[0] = _Instant(float(size + j))
+        _Instant.compared[0] = 0
+        assert await store.use_once(f"n{j}", size)
+        worst = max(worst, _Instant.compared[0])
+        if j + 1 < size:
+            assert await store.use_once(f"k{j + 1}", size) is False  # unexpired: kept
+    assert worst < 200, worst  # before: > 2000 per key
+    assert await store.use_once(f"n{size - 1}", size) is False
+    with pytest.raises(StoreUnavailable):  # full of unexpired keys: no more than max_keys
+        await store.use_once("one-too-many", size)
