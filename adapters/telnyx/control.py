@@ -18,13 +18,18 @@ The AMD result is the webhook ``call.machine.detection.ended`` (``payload.result
 ``human`` | ``machine`` | ``not_sure``) or ``call.machine.premium.detection.ended``
 (``human_residence``, ``human_business``, ``machine``, ...): :func:`machine_input`.
 The call's end is the webhook ``call.hangup`` (``payload.call_control_id``,
-``payload.client_state``): :func:`hangup_of`.
+``payload.client_state``): :func:`hangup_of`. A TeXML call's end is its status callback
+(the TeXML Application's "Call progress events URL", ``status_callback``: Ed25519-signed,
+form-urlencoded ``CallSid`` = the call_control_id, ``CallStatus`` ``completed`` ...;
+https://developers.telnyx.com/api-reference/callbacks/texml-call-completed):
+:func:`texml_call_ended`.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -38,6 +43,10 @@ ALREADY_ENDED_CODE: Final = "90018"
 AMD_EVENTS: Final = frozenset(
     {"call.machine.detection.ended", "call.machine.premium.detection.ended"}
 )
+TEXML_ENDED: Final = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+"""The ``CallStatus`` values of a TeXML status callback whose call is over."""
+MAX_CALL_ID: Final = 256
+"""The longest ``CallSid`` taken from a status callback (a call_control_id is ~60)."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,16 @@ def hangup_of(event: Any) -> tuple[str, str | None] | None:
         return None
     app_key = read_client_state(payload.get("client_state")).get("appKey")
     return ccid, app_key if isinstance(app_key, str) and app_key else None
+
+
+def texml_call_ended(form: Mapping[str, str]) -> str | None:
+    """The ``CallSid`` (the call's call_control_id) when the TeXML status callback ``form``
+    (its form fields) says the call is over (``CallStatus`` in :data:`TEXML_ENDED`); None
+    for another status, or a ``CallSid`` that is empty or longer than :data:`MAX_CALL_ID`."""
+    if form.get("CallStatus") not in TEXML_ENDED:
+        return None
+    call_sid = form.get("CallSid", "")
+    return call_sid if 0 < len(call_sid) <= MAX_CALL_ID else None
 
 
 def machine_input(event: Any) -> tuple[str, Input] | None:

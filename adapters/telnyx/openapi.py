@@ -52,3 +52,33 @@ POST_TELNYX_TEXML: dict[str, Any] = dict(
     },
 )
 """Documenting keyword arguments of ``POST /telnyx/texml``."""
+
+POST_TELNYX_STATUS: dict[str, Any] = dict(
+    summary="Telnyx TeXML status callback: a call over ends the session of a call no "
+    "instance serves",
+    description="The TeXML Application's call progress events URL (POST; `?appKey=` as the "
+    "Voice URL). Verified like the Call Control webhooks (Ed25519). A `CallStatus` of "
+    "`completed`, `busy`, `failed`, `no-answer` or `canceled` for a call no instance serves "
+    "(its instance died) ends the session of `CallSid`.",
+    responses={
+        204: {"description": "Taken"},
+        **problems({400: "Not a UTF-8 form", **_SIGNED_REFUSALS}),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "CallSid": {"type": "string"},
+                            "CallStatus": {"type": "string"},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+"""Documenting keyword arguments of ``POST /telnyx/status``."""

@@ -33,6 +33,15 @@ audio's mark (a ``transfer`` command for a transfer item).
 webhooks): ``<Connect><Stream url="wss://…/telnyx/stream?token=…" bidirectionalMode="rtp"
 …>``.
 
+``POST /telnyx/status`` — a TeXML call's status callback (the TeXML Application's "Call
+progress events URL", method POST, optionally with ``?appKey=`` as the Voice URL:
+form-urlencoded ``CallSid``, ``CallStatus``; Ed25519-verified like the webhooks). A
+``CallStatus`` that says the call is over (``completed``, ``busy``, ``failed``,
+``no-answer``, ``canceled``: :func:`adapters.telnyx.control.texml_call_ended`) of a call
+no instance serves (its instance died) ends the call's session (app key ``?appKey=``,
+else ``telnyx``), as ``call.hangup`` does for outbound calls; one served is left to its
+instance. 204; 400 problem for a body that is not UTF-8.
+
 Outbound (:class:`TelnyxDialer`): ``POST /v2/calls`` with ``connection_id``
 GATEWAY_TELNYX_CONNECTION_ID, ``stream_url`` = ``wss://<public host>/telnyx/stream?token=<a
 one-time stream token>``, ``stream_auth_token`` (the same token), ``client_state``
@@ -50,13 +59,13 @@ import json
 import logging
 import time
 from typing import Final
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
 from adapters.telnyx import control as telnyx
-from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_TEXML
+from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_STATUS, POST_TELNYX_TEXML
 from adapters.telnyx.protocol import BIDIRECTIONAL, TelnyxCodec, texml
 from adapters.telnyx.verify import TelnyxVerifier, replayed
 from gateway.breaker import outage_level
@@ -187,18 +196,21 @@ async def telnyx_outbound(request: Request) -> Response:
     return JSONResponse({})
 
 
-async def _hung_up(gw: Gateway, call_id: str, app_key: str | None) -> None:
-    """``call.hangup`` of call ``call_id``: when no instance serves its stream (none follows
-    its control topic, gateway/io/call.py ``call_served``: the one that did has died) end
-    the call's session rather than leave it open until it expires; a served call is left
-    to its instance (its stream stops). A store failure is logged."""
+async def _hung_up(
+    gw: Gateway, call_id: str, app_key: str | None, why: str = "call.hangup"
+) -> None:
+    """The end of call ``call_id`` (``call.hangup``, a TeXML status callback; ``why``, for
+    the log): when no instance serves its stream (none follows its control topic,
+    gateway/io/call.py ``call_served``: the one that did has died) end the call's session
+    rather than leave it open until it expires; a served call is left to its instance
+    (its stream stops). A store failure is logged."""
     if await call_served(gw, CHANNEL, call_id) is not False:
         return
     key = app_key or TelnyxDialer().default_app_key(gw.settings)
     ctx = TurnContext(channel=CHANNEL, namespace=CHANNEL, session_id=call_id, app_key=key)
     try:
         if await gw.conversation.end(ctx):
-            log.info("Telnyx call %s: session ended after call.hangup", call_id)
+            log.info("Telnyx call %s: session ended after %s", call_id, why)
     except StoreError as exc:
         log.log(outage_level(exc), "Telnyx call %s: session not ended: %s", call_id, exc)
 
@@ -251,6 +263,24 @@ async def telnyx_texml(request: Request) -> Response:
         query["appKey"] = app_key[:128]
     url = wss_url(settings.public_url, "/telnyx/stream") + "?" + urlencode(query)
     return Response(texml(url), media_type="application/xml")
+
+
+@router.post("/telnyx/status", status_code=204, response_class=Response, **POST_TELNYX_STATUS)
+async def telnyx_status(request: Request) -> Response:
+    """A TeXML call's status callback (module doc)."""
+    gw = gateway_of(request)
+    body = await _signed_body(gw, request)
+    if isinstance(body, Response):
+        return body
+    try:
+        form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+    except UnicodeDecodeError:
+        return problem(400, "Bad Request", "The form body is not UTF-8.")
+    call_id = telnyx.texml_call_ended(form)
+    if call_id is not None:
+        app_key = request.query_params.get("appKey", "")[:128] or None
+        await _hung_up(gw, call_id, app_key, f"TeXML status {form['CallStatus']}")
+    return Response(status_code=204)
 
 
 # ------------------------------------------------------------------ the stream

@@ -13,6 +13,8 @@ import logging
 import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter
+from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -331,3 +333,75 @@ async def test_a_hangup_ends_the_session_of_a_call_nobody_serves(speech: SpeechS
         assert hook.status_code == 200, hook.text
         assert await session_of(gw, orphan) is None
         assert await session_of(gw, live) is not None
+
+
+def texml_status(ccid: str, status: str) -> bytes:
+    """A TeXML status callback (call progress event) of call ``ccid``: Telnyx's form."""
+    form = {
+        "AccountSid": str(uuid.uuid4()),
+        "CallSid": ccid,
+        "CallStatus": status,
+        "CallbackSource": "call-progress-events",
+        "From": "+15550100",
+        "To": "+15550199",
+    }
+    return urlencode(form).encode()
+
+
+def form_signed(body: bytes, key: Ed25519PrivateKey | None = None) -> dict[str, str]:
+    """Telnyx's signature headers of a form body."""
+    headers = signed(body) if key is None else signed(body, key)
+    return {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+
+
+async def test_a_texml_status_callback_ends_the_session_of_a_call_nobody_serves(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    """Two instances on one Redis. An inbound (TeXML) call whose instance died kept its
+    session until it expired (30 min): no route took the TeXML status callback. A signed
+    ``completed`` (to ``/telnyx/status?appKey=…``, on any instance) of a call no instance
+    serves now ends its session; a call served on the other instance, another
+    application's session, a status that is not an end, and a forged callback leave the
+    session; a body that is not UTF-8 is a 400 problem."""
+    shared: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    async with (
+        CARRIER.gateway(speech, **shared) as (a, _),
+        CARRIER.gateway(None, **shared) as (b, _),
+        httpx.AsyncClient(base_url=b.url) as client,
+        TelnyxHarness.dial(a.url, mic_speed=4.0) as call,
+    ):
+        await a.wait_answers(call, 1)
+        live = f"telnyx:{call.call_id}"
+        assert await session_of(b, live) is not None
+        event = texml_status(call.call_id, "completed")
+        hook = await client.post("/telnyx/status", content=event, headers=form_signed(event))
+        assert hook.status_code == 204, hook.text
+        assert await session_of(b, live) is not None  # served on A: left to its stream
+        assert call.closed_at is None
+
+        ccid = "v3:" + uuid.uuid4().hex  # a call whose instance died: its session stays
+        conversation = a.app.state.gateway.conversation
+        ctx = TurnContext(channel="telnyx", namespace="telnyx", session_id=ccid, app_key="sales")
+        await conversation.turn(ctx, Input.of("#intro")).collect()
+        orphan = f"telnyx:{ccid}"
+        assert await session_of(b, orphan) is not None
+        event = texml_status(ccid, "completed")
+        forged = form_signed(event, Ed25519PrivateKey.generate())
+        path = "/telnyx/status?appKey=sales"
+        assert (await client.post(path, content=event, headers=forged)).status_code == 403
+        other_app = "/telnyx/status?appKey=other-app"
+        hook = await client.post(other_app, content=event, headers=form_signed(event))
+        assert hook.status_code == 204, hook.text
+        answered = texml_status(ccid, "in-progress")
+        hook = await client.post(path, content=answered, headers=form_signed(answered))
+        assert hook.status_code == 204, hook.text
+        bad = b"CallSid=\xff&CallStatus=completed"
+        hook = await client.post(path, content=bad, headers=form_signed(bad))
+        assert hook.status_code == 400, hook.text
+        assert hook.headers["content-type"] == "application/problem+json"
+        assert await session_of(a, orphan) is not None  # none of those ended it
+        event = texml_status(ccid, "completed")  # another callback (the last one's is used)
+        hook = await client.post(path, content=event, headers=form_signed(event))
+        assert hook.status_code == 204, hook.text  # before: 404, the session kept
+        assert await session_of(a, orphan) is None
+        assert await session_of(a, live) is not None
