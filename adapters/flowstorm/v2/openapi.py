@@ -15,6 +15,12 @@ from gateway.apidoc import component
 
 _RETRY_AFTER = "Seconds to wait before trying again (recognizers busy)"
 
+
+_NOT_CONTROL = "^\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f"
+_TEXT_PATTERN = f"^[{_NOT_CONTROL}]*[{_NOT_CONTROL}\\s][{_NOT_CONTROL}]*$"
+"""A text/plain turn's body: something not blank, and no control character but tab,
+line feed and carriage return (:func:`adapters.flowstorm.v2.protocol.text_input`)."""
+
 _TURN_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The turn's events: NDJSON (RecognizedInput for audio, ResponseItem..., "
@@ -105,7 +111,9 @@ PUT_CLIENT: dict[str, Any] = dict(
             "required": True,
             "content": {
                 "text/plain": {
-                    "schema": {"type": "string", "pattern": "\\S"},  # not empty, not blank
+                    # not blank; no control characters but tab and line breaks (protocol.py
+                    # _CONTROL: the sign of UTF-16 sent undeclared, a 400)
+                    "schema": {"type": "string", "pattern": _TEXT_PATTERN},
                     "example": "my name is Ada",
                 },
                 "application/json": {
