@@ -227,22 +227,25 @@ class RedisBus:
         channel = self._channel(topic)
 
         async def join() -> Any:
+            # the breaker times the Redis calls only, not the wait for the lock (held by
+            # another subscriber's SUBSCRIBE): a failure after a long wait is no hang
             async with self._lock:
                 if self._pubsub is None:
                     self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 first = channel not in self._subs
                 self._subs.setdefault(channel, set()).add(sub)
                 if first and self._sharded:
-                    await self._pubsub.ssubscribe(channel)
+                    await self._breaker.guard(lambda: self._pubsub.ssubscribe(channel))
                 elif first:
-                    await self._pubsub.subscribe(channel)
+                    await self._breaker.guard(lambda: self._pubsub.subscribe(channel))
                 if self._reader is None or self._reader.done():
                     self._reader = asyncio.create_task(self._read(), name="bus reader")
             # read the retained value after subscribing: nothing published between is lost
-            return await self._redis.get(self._retained_key(topic))
+            retained_key = self._retained_key(topic)
+            return await self._breaker.guard(lambda: self._redis.get(retained_key))
 
         try:
-            retained = await self._breaker.guard(join)
+            retained = await join()
         except REDIS_ERRORS as exc:
             await self._leave(channel, sub)
             raise BusUnavailable(f"Redis: {exc}") from exc

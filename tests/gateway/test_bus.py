@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway import redisconn
+from gateway.breaker import breaker_of
 from gateway.bus import Bus, BusUnavailable, MemoryBus, RedisBus, Subscription
 from gateway.sessions import redis_client
-from tests.conftest import TOPOLOGIES, topology_url
+from tests.conftest import TOPOLOGIES, refused_port, topology_url
 from tests.gateway.redis_proxy import ReplyDropper
 
 
@@ -212,6 +213,33 @@ async def test_a_subscription_cancelled_while_it_starts_is_left(
         async with bus.subscribe("s") as sub:  # the topic still works
             await bus.publish("s", {"n": 1})
             assert await sub.get(2) == {"n": 1}
+        assert bus._subs == {}
+    finally:
+        await bus.aclose()
+        await redisconn.aclose(client)
+
+
+async def test_a_subscription_failing_after_a_long_wait_for_the_lock_is_no_hang() -> None:
+    """The breaker timed a subscriber's wait for the bus's own lock (held while another
+    subscriber's SUBSCRIBE is on its way) with its Redis calls: a start that failed at once
+    after waiting 1.2 s for the lock counted as a call Redis left hanging (slow_s, 1 s) and
+    opened the breaker, refusing every user of the client. Only the Redis calls are timed."""
+    client = redis_client(f"redis://127.0.0.1:{refused_port()}/0")
+    bus = RedisBus(client, prefix="test-lock-wait")
+    breaker = breaker_of(client)
+    assert breaker.slow_s == 1.0
+
+    async def follow() -> None:
+        async with bus.subscribe("s"):
+            pass
+
+    try:
+        async with bus._lock:  # as another subscriber's SUBSCRIBE would hold it
+            task = asyncio.create_task(follow())
+            await asyncio.sleep(1.2)
+        with pytest.raises(BusUnavailable):
+            await task
+        assert breaker.state == "closed"
         assert bus._subs == {}
     finally:
         await bus.aclose()
