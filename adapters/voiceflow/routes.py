@@ -100,7 +100,7 @@ from gateway import metrics, redisconn
 from gateway.deps import Gateway
 from gateway.events import ResponseEvent
 from gateway.io.websocket import forward_turn
-from gateway.logs import engine_io_ref, socketio_logger
+from gateway.logs import engine_io_ref, session_ref, socketio_logger
 from gateway.outbox import Entry, Following
 from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.actions import StartTurn
@@ -838,7 +838,8 @@ class VoiceflowServer:
         ``session.ended {reason: "inactivity_timeout"}`` (spec "End"). When it does (another
         connection or a push kept it), or the store cannot say, ask again after the
         session timeout (GATEWAY_SESSION_TIMEOUT_S; :data:`IDLE_RETRY_S` at most when the
-        store is down)."""
+        store is down). Any other failure of the store is logged at ERROR and ends the
+        wait (the connection goes on; its next event starts a new one)."""
         gw, conn = self._gateway, client.conn
         assert gw is not None
         while True:
@@ -850,6 +851,10 @@ class VoiceflowServer:
             except StoreUnavailable:
                 wait_s = min(gw.settings.session_timeout_s, IDLE_RETRY_S)
                 continue
+            except Exception:  # a gap of the store: logged once, the connection goes on
+                log.exception("idle watch of %s ended: the store failed", session_ref(ctx.key))
+                client.idle = None
+                return
             if found == "found":
                 wait_s = gw.settings.session_timeout_s
                 continue

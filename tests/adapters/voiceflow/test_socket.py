@@ -21,6 +21,7 @@ from websockets.asyncio.client import connect as ws_connect
 from adapters.voiceflow.protocol import PATH, SessionKeys
 from gateway.app import create_app
 from gateway.metrics import REGISTRY
+from gateway.server import uvicorn_options
 from gateway.settings import Settings
 from tests.adapters.voiceflow.helpers import (
     PROJECT,
@@ -439,6 +440,32 @@ async def test_an_idle_session_that_times_out_is_ended_with_inactivity_timeout()
         await idle.create()  # a new session, as the spec's lifecycle says
         assert await idle.say("hello again") == ["You said: hello again"]
         await idle.nothing_more()
+
+
+async def test_a_store_failure_in_the_idle_watch_is_logged_and_the_connection_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The idle watch asks the store whether the session is gone; a failure of the store
+    other than StoreUnavailable (here: a stored entry that is no Session) ended the watch
+    silently, its exception left to asyncio ("Task exception was never retrieved").
+    It is logged once at ERROR; the connection goes on."""
+    settings = Settings(session_timeout_s=1, voiceflow_secret=SecretStr(SECRET))
+    app = create_app(settings)
+    async with serve(app, **uvicorn_options(settings)) as url, client(url) as vf:
+        await vf.handshake()
+        assert await vf.say("hello") == ["You said: hello"]
+        store = app.state.gateway.conversation.store
+        [(key, (expires, data))] = store._data.items()
+        store._data[key] = (expires + 60, "not a session")  # read when the watch asks
+        await asyncio.sleep(2.5)  # the idle timeout (1 s) + the margin (1 s) passed
+        failed = [r for r in caplog.records if "idle watch" in r.getMessage()]
+        assert [(r.levelno, r.name) for r in failed] == [
+            (logging.ERROR, "adapters.voiceflow.routes")
+        ]
+        assert "the store failed" in failed[0].getMessage()
+        assert failed[0].exc_info is not None
+        store._data[key] = (expires + 60, data)
+        assert await vf.say("again") == ["You said: again"]  # the connection goes on
 
 
 @pytest.mark.parametrize(
