@@ -369,7 +369,33 @@ async def hang_up(
     """Send a carrier's REST hang-up ``request`` of call ``call_id``; never raises. On
     ``log`` at WARNING, naming the carrier by ``title`` (``"Plivo"``): the API could not
     be reached, or it refused other than by saying the call was over (``already_ended``:
-    the carrier's answer for that, as Plivo's 404)."""
+    the carrier's answer for that, as Plivo's 404).
+
+    The request runs in a task of its own, as :func:`send_transfer`'s: when the caller is
+    cancelled (the stream stopped meanwhile) it still gets its answer, bounded by
+    GATEWAY_CALLS_TIMEOUT_S, and is logged."""
+    task = asyncio.create_task(
+        _hang_up(control, log, title, call_id, request, already_ended),
+        name=f"{title} hang-up {call_id}",
+    )
+    _HANG_UPS.add(task)
+    task.add_done_callback(_HANG_UPS.discard)
+    await asyncio.shield(task)
+
+
+_HANG_UPS: set[asyncio.Task[None]] = set()
+"""Hang-up requests on their way (:func:`hang_up`), held here while none awaits them."""
+
+
+async def _hang_up(
+    control: CallControl,
+    log: logging.Logger,
+    title: str,
+    call_id: str,
+    request: RestRequest,
+    already_ended: Callable[[RestAnswer], bool],
+) -> None:
+    """:func:`hang_up`'s request and its log line."""
     try:
         answer = await control.send(request)
     except CallControlError as exc:

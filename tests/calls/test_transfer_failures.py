@@ -11,6 +11,7 @@ import asyncio
 import logging
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -20,7 +21,8 @@ from pydantic import SecretStr
 from starlette.responses import JSONResponse
 
 from adapters.plivo.verify import signature
-from gateway.events import TRANSFER_FAILED, ResponseItem, transfer_item
+from gateway.events import TRANSFER_FAILED, Input, Response, ResponseItem, transfer_item
+from gateway.sessions import Session
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import Carrier, Scripted, Transfer
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness
@@ -408,3 +410,37 @@ async def test_a_transfer_still_asked_when_the_stream_stops_is_logged(
     assert logged_transfers(caplog.records) == [
         (carrier.name, call.call_id, TARGET, "asked for a person", True)
     ]
+
+
+class _Farewell:
+    """A core whose intro says good bye and ends the session: the call is hung up."""
+
+    name = "farewell"
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        yield ResponseItem(text="Good bye.")
+        yield Response(session_ended=True)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("carrier", [TELNYX, PLIVO], ids=["telnyx", "plivo"])
+async def test_a_hang_up_still_asked_when_the_stream_stops_is_logged(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture, carrier: Carrier
+) -> None:
+    """The call ended by the bot: its REST hang-up request was cancelled when the stream
+    stopped while the carrier's API had not answered it yet, and its log line (here: the
+    API refused it) was lost. The request now runs to its answer (bounded by
+    GATEWAY_CALLS_TIMEOUT_S) and is logged, as a transfer's is."""
+    async with carrier.gateway(speech) as (gw, api):
+        for method in ("POST", "DELETE"):  # Telnyx's hangup action, Plivo's Call DELETE
+            api.delays[(method, r"/v\d/.+")] = 1.0
+            api.answers[(method, r"/v\d/.+")] = JSONResponse({"error": "down"}, status_code=500)
+        gw.app.state.gateway.conversation.pipeline = _Farewell()
+        async with carrier.dial(gw.url) as call:
+            await call.wait_for(lambda: len(api.requests) >= 1, 20)  # the hang-up is asked
+            await call.stop()  # the stream ends while the API has not answered
+        refused = f"{carrier.name.capitalize()} call {call.call_id}: hang-up refused: HTTP 500"
+        assert await until(lambda: refused in caplog.text, 5), caplog.text
+    assert [(r.method, r.path) for r in api.requests] == [carrier.hangup(call)]
