@@ -443,4 +443,5 @@ async def test_a_hang_up_still_asked_when_the_stream_stops_is_logged(
             await call.stop()  # the stream ends while the API has not answered
         refused = f"{carrier.name.capitalize()} call {call.call_id}: hang-up refused: HTTP 500"
         assert await until(lambda: refused in caplog.text, 5), caplog.text
+    assert carrier.hangup is not None
     assert [(r.method, r.path) for r in api.requests] == [carrier.hangup(call)]
