@@ -518,6 +518,10 @@ _STREAMING: Final = (
 """The 409 text of a realtime PUT while another of its session holds the recognition."""
 
 
+_STOPPED: Final = "The turn was stopped before it answered."
+"""The 503 text of a turn cancelled before its first event (the gateway is stopping)."""
+
+
 async def _store_logs(gw: Gateway, ctx: TurnContext, *, plain: bool) -> HTTPResponse:
     if ctx.create:  # no session yet: nothing to attach the logs to
         return HTTPResponse(status_code=204)
@@ -550,7 +554,8 @@ async def _turn(
     """Run the turn and stream its answer: ``prefix`` first, then the turn's events.
 
     ``on_end`` runs once when the turn's end (Response or Error) is known, before
-    its line is written, or when the turn was rejected.
+    its line is written, or when the turn was rejected or stopped before its first event
+    (then the answer is a 503 Error of source ``gateway``).
     """
     stream: TurnStream = gw.conversation.turn(ctx, input_)
     events = aiter(stream)
@@ -562,6 +567,12 @@ async def _turn(
         if exc.reason == "session-not-found":
             answer.delete_cookie(SESSION_COOKIE, path="/")
         return answer
+    except StopAsyncIteration:  # the turn was cancelled before its first event (a forced stop)
+        await on_end()
+        return _answer(503, _STOPPED, "gateway", plain=plain)
+    except BaseException:  # this request was cancelled meanwhile: what it holds is given back
+        await on_end()
+        raise
 
     def line(event: TurnEvent | RecognizedInputEvent) -> bytes:
         if plain:
@@ -697,6 +708,9 @@ class _TurnBody(StreamingResponse):
 
 _END = object()
 
+_GIVING_BACK: set[asyncio.Future[Any]] = set()
+"""Claims of cancelled realtime PUTs on their way, and their releases (:meth:`_Hearing.claim`)."""
+
 
 class _Hearing:
     """Reads one streamed PUT body to its outcome: the I/O of
@@ -749,7 +763,27 @@ class _Hearing:
         ``recognizing`` marker only when the topic holds none (another realtime PUT of the
         session holds it from its start until its answer ends, :meth:`release`). False
         when another holds it: answer 409 and do not :meth:`release` (it is the other's).
-        True when the bus is unavailable (logged; the PUT goes on without the guard)."""
+        True when the bus is unavailable (logged; the PUT goes on without the guard).
+
+        The claim runs in a task of its own: when this request is cancelled while it is on
+        its way (its SET NX may be taken), it is given back once taken, not held LOST_S."""
+        claiming = asyncio.ensure_future(self._claim())
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            _GIVING_BACK.add(claiming)
+            claiming.add_done_callback(self._give_back)
+            raise
+
+    def _give_back(self, claiming: asyncio.Future[bool]) -> None:
+        """Done callback of a claim whose request was cancelled: release it if it won."""
+        _GIVING_BACK.discard(claiming)
+        if not claiming.cancelled() and claiming.exception() is None and claiming.result():
+            task = asyncio.ensure_future(self.release())
+            _GIVING_BACK.add(task)
+            task.add_done_callback(_GIVING_BACK.discard)
+
+    async def _claim(self) -> bool:
         try:
             return await self.gw.bus.claim(
                 self.topic, recognizing_message(self.body.rid), retain_s=LOST_S

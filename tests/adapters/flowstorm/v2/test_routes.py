@@ -19,15 +19,20 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from adapters.flowstorm.v2.protocol import ClientConfig
+from adapters.flowstorm.v2.routes import _Hearing
 from gateway.app import create_app
 from gateway.events import ResponseItem
 from gateway.logs import session_ref
 from gateway.push import push_event
+from gateway.server import uvicorn_options
 from gateway.settings import Settings
 from tests.adapters.flowstorm_shapes import check_v2
 from tests.conftest import gateway, refused_port, serve, served
 from tests.gateway.core_app import make_core
+from tests.gateway.redis_proxy import ReplyDropper
 
 KEY = "61f3f3270516dc6f15251ef2"
 JSON = {"Content-Type": "application/json"}
@@ -868,3 +873,81 @@ def test_client_config_is_shared_per_configuration() -> None:
     for _ in range(2):
         with pytest.raises(ProtocolError, match="sttSampleRate"):
             _client_config(scope([(b"x-sttsamplerate", b"abc")], b"key=k"))
+
+
+async def test_a_realtime_turn_stopped_before_its_first_event_answers_an_error_and_releases(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A realtime PUT whose turn was stopped before its first event (cancelled: a forced
+    stop) failed in the handler (its stream ended without an event: StopAsyncIteration, a
+    500 from the server) and never released the session's recognition topic: the retained
+    ``done`` held it for GATEWAY_TURN_TIMEOUT_S + GATEWAY_LOCK_WAIT_S + 5 s, so the
+    session's next realtime PUT was answered 409. It now answers the protocol's Error (503,
+    source ``gateway``) and gives the topic back."""
+    core = make_core()
+    typed = input_event("held").encode() + b"\n"
+    realtime = f"/client?key={KEY}&realtime=1&tts=None"
+    async with serve(core) as core_url:
+        settings = Settings(pipeline=f"{core_url}/hold-on?text=held")
+        app = create_app(settings)
+        async with (
+            serve(app, **uvicorn_options(settings)) as url,
+            httpx.AsyncClient(base_url=url, timeout=20) as client,
+        ):
+            intro = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+            assert intro.status_code == 200, intro.text
+            put = asyncio.create_task(client.put(realtime, headers=JSON, content=typed))
+            conversation = app.state.gateway.conversation
+            for _ in range(200):  # until the turn runs (held by the core)
+                if conversation.turns_in_flight:
+                    break
+                await asyncio.sleep(0.02)
+            [turn] = conversation._tasks
+            turn.cancel()
+            try:
+                answer = await put
+            finally:
+                core.state.release.set()
+            assert answer.status_code == 503, answer.text
+            assert events(answer) == [
+                {
+                    "type": "Error",
+                    "text": "The turn was stopped before it answered.",
+                    "source": "gateway",
+                }
+            ]
+            # the recognition topic was given back: the next realtime PUT is taken
+            again = await client.put(
+                realtime,
+                headers=JSON,
+                content=input_event("again").encode() + b"\n",
+            )
+            assert again.status_code == 200, again.text
+            assert [e["type"] for e in events(again)] == ["ResponseItem", "Response"]
+
+
+async def test_a_realtime_claim_whose_put_was_cancelled_meanwhile_is_given_back(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str, aredis: Redis
+) -> None:
+    """A realtime PUT cancelled while its claim of the session's recognition topic (a SET
+    NX on the bus's Redis) was on its way never released it: Redis ran the SET NX, and the
+    session's realtime PUTs were answered 409 until the marker expired (LOST_S, 5 s). The
+    claim now runs to its answer and is given back."""
+    proxy, url = reply_dropper
+    settings = Settings(redis_url=url, redis_prefix=redis_prefix)
+    app = create_app(settings)
+    async with serve(app, **uvicorn_options(settings)):
+        gw = app.state.gateway
+        config = ClientConfig(key=KEY, realtime=True)
+        hearing = _Hearing(None, gw, config, None, "flowstorm:claimed")  # type: ignore[arg-type]
+        retained = f"{redis_prefix}:{{flowstorm:claimed}}:retained"
+        proxy.stall_after(b"edges-stall", 1.0)  # what follows reaches Redis 1 s late
+        await gw.bus.publish("edges-stall", {})
+        claim = asyncio.create_task(hearing.claim())
+        await asyncio.sleep(0.3)  # the SET NX is on its way
+        claim.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await claim
+        await asyncio.sleep(1.5)  # Redis ran the SET NX; the claim is answered
+        assert not await aredis.exists(retained)  # given back, not held for LOST_S
+        assert await gw.bus.claim("flowstorm:claimed", {"type": "x"}, retain_s=5)
