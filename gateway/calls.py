@@ -41,10 +41,10 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -306,8 +306,21 @@ async def place_call(request: Request) -> Response:
 # ------------------------------------------------------------------ transfers
 
 
-_TRANSFERS: set[asyncio.Task[TransferResult]] = set()
-"""Transfer requests on their way (:func:`send_transfer`), held here while none awaits them."""
+_R = TypeVar("_R")
+
+_UNAWAITED: set[asyncio.Task[Any]] = set()
+"""Carrier API requests on their way (:func:`_outlasting`: transfers, hang-ups), held here
+while none awaits them."""
+
+
+async def _outlasting(request: Coroutine[Any, Any, _R], name: str) -> _R:
+    """Await ``request`` (a carrier API call and its log line) in a task of its own, which
+    goes on to its end (bounded by its own timeout) when the caller is cancelled: the
+    call's stream stopped meanwhile, and its answer and log line are not lost."""
+    task = asyncio.create_task(request, name=name)
+    _UNAWAITED.add(task)
+    task.add_done_callback(_UNAWAITED.discard)
+    return await asyncio.shield(task)
 
 
 async def send_transfer(
@@ -330,12 +343,8 @@ async def send_transfer(
         missing = f"{channel} REST is not configured (no credentials to call the {channel} API)"
         log_transfer(channel, call_id, target, reason, missing)
         return TransferResult(False, missing)
-    task = asyncio.create_task(
-        _send_transfer(control, channel, action, request), name=f"{channel} transfer {call_id}"
-    )
-    _TRANSFERS.add(task)
-    task.add_done_callback(_TRANSFERS.discard)
-    return await asyncio.shield(task)
+    sent = _send_transfer(control, channel, action, request)
+    return await _outlasting(sent, f"{channel} transfer {call_id}")
 
 
 async def _send_transfer(
@@ -374,17 +383,8 @@ async def hang_up(
     The request runs in a task of its own, as :func:`send_transfer`'s: when the caller is
     cancelled (the stream stopped meanwhile) it still gets its answer, bounded by
     GATEWAY_CALLS_TIMEOUT_S, and is logged."""
-    task = asyncio.create_task(
-        _hang_up(control, log, title, call_id, request, already_ended),
-        name=f"{title} hang-up {call_id}",
-    )
-    _HANG_UPS.add(task)
-    task.add_done_callback(_HANG_UPS.discard)
-    await asyncio.shield(task)
-
-
-_HANG_UPS: set[asyncio.Task[None]] = set()
-"""Hang-up requests on their way (:func:`hang_up`), held here while none awaits them."""
+    sent = _hang_up(control, log, title, call_id, request, already_ended)
+    await _outlasting(sent, f"{title} hang-up {call_id}")
 
 
 async def _hang_up(
