@@ -383,26 +383,17 @@ async def hang_up(
     The request runs in a task of its own, as :func:`send_transfer`'s: when the caller is
     cancelled (the stream stopped meanwhile) it still gets its answer, bounded by
     GATEWAY_CALLS_TIMEOUT_S, and is logged."""
-    sent = _hang_up(control, log, title, call_id, request, already_ended)
-    await _outlasting(sent, f"{title} hang-up {call_id}")
 
+    async def send() -> None:
+        try:
+            answer = await control.send(request)
+        except CallControlError as exc:
+            log.warning("%s call %s: hang-up failed: %s", title, call_id, exc)
+            return
+        if not answer.ok and not already_ended(answer):
+            log.warning("%s call %s: hang-up refused: HTTP %d", title, call_id, answer.status)
 
-async def _hang_up(
-    control: CallControl,
-    log: logging.Logger,
-    title: str,
-    call_id: str,
-    request: RestRequest,
-    already_ended: Callable[[RestAnswer], bool],
-) -> None:
-    """:func:`hang_up`'s request and its log line."""
-    try:
-        answer = await control.send(request)
-    except CallControlError as exc:
-        log.warning("%s call %s: hang-up failed: %s", title, call_id, exc)
-        return
-    if not answer.ok and not already_ended(answer):
-        log.warning("%s call %s: hang-up refused: HTTP %d", title, call_id, answer.status)
+    await _outlasting(send(), f"{title} hang-up {call_id}")
 
 
 def refusal(exc: VerificationRefused) -> Response:
