@@ -36,6 +36,7 @@ from tests.adapters.telnyx.harness import (
     local,
     signed,
 )
+from tests.adapters.twilio.helpers import Served
 from tests.speech import normalise, wer
 
 SENTENCE = "tell me about this place"
@@ -293,6 +294,15 @@ def hangup_event(ccid: str, app_key: str | None = None) -> bytes:
     return json.dumps(event).encode()
 
 
+async def orphan_call(gw: Served) -> tuple[str, str]:
+    """A Telnyx call of application ``sales`` whose instance died: its session (made by an
+    ``#intro`` turn on ``gw``) stays, no instance serves it. (call_control_id, store key)."""
+    ccid = "v3:" + uuid.uuid4().hex
+    ctx = TurnContext(channel="telnyx", namespace="telnyx", session_id=ccid, app_key="sales")
+    await gw.app.state.gateway.conversation.turn(ctx, Input.of("#intro")).collect()
+    return ccid, f"telnyx:{ccid}"
+
+
 async def test_a_hangup_ends_the_session_of_a_call_nobody_serves(speech: SpeechService) -> None:
     """The instance serving a Telnyx call died: its session stayed until it expired (30
     min), the ``call.hangup`` webhook answered ``{}`` and ignored. A signed ``call.hangup``
@@ -314,11 +324,7 @@ async def test_a_hangup_ends_the_session_of_a_call_nobody_serves(speech: SpeechS
         assert await session_of(gw, live) is not None  # served here: left to the stream
         assert call.closed_at is None
 
-        ccid = "v3:" + uuid.uuid4().hex
-        conversation = gw.app.state.gateway.conversation
-        ctx = TurnContext(channel="telnyx", namespace="telnyx", session_id=ccid, app_key="sales")
-        await conversation.turn(ctx, Input.of("#intro")).collect()
-        orphan = f"telnyx:{ccid}"
+        ccid, orphan = await orphan_call(gw)
         assert await session_of(gw, orphan) is not None
         event = hangup_event(ccid, "sales")
         forged = signed(event, Ed25519PrivateKey.generate())
@@ -379,11 +385,7 @@ async def test_a_texml_status_callback_ends_the_session_of_a_call_nobody_serves(
         assert await session_of(b, live) is not None  # served on A: left to its stream
         assert call.closed_at is None
 
-        ccid = "v3:" + uuid.uuid4().hex  # a call whose instance died: its session stays
-        conversation = a.app.state.gateway.conversation
-        ctx = TurnContext(channel="telnyx", namespace="telnyx", session_id=ccid, app_key="sales")
-        await conversation.turn(ctx, Input.of("#intro")).collect()
-        orphan = f"telnyx:{ccid}"
+        ccid, orphan = await orphan_call(a)
         assert await session_of(b, orphan) is not None
         event = texml_status(ccid, "completed")
         forged = form_signed(event, Ed25519PrivateKey.generate())
