@@ -176,11 +176,27 @@ class AlexaVerificationError(RequestVerificationError[AlexaReason]):
             client: it may quote header values, never the body, never internal
             errors.
         detail: the underlying error (network, TLS, parser), for the log only; or None.
+        outage: True when Amazon's certificate source failed (a fetch that timed out,
+            failed in transit or got a 5xx): our outage, not the request's fault; so
+            it is logged apart from the refusals (:attr:`AlexaVerifier.outages`).
     """
+
+    def __init__(
+        self, reason: AlexaReason, message: str, detail: str | None = None, *, outage: bool = False
+    ) -> None:
+        super().__init__(reason, message, detail)
+        self.outage = outage
 
 
 class CertFetchError(Exception):
-    """A certificate chain could not be downloaded (raised by fetchers)."""
+    """A certificate chain could not be downloaded (raised by fetchers). ``outage``
+    False when the source answered that the URL holds no usable chain (a 4xx, a body
+    too large): the URL's fault, which a forged request can cause; True (the default)
+    when the source itself failed."""
+
+    def __init__(self, message: str, *, outage: bool = True) -> None:
+        super().__init__(message)
+        self.outage = outage
 
 
 # ---------------------------------------------------------------------------
@@ -468,7 +484,7 @@ class HttpxCertChainFetcher:
             TimeoutError: the total time limit passed.
         """
         if urlsplit(url).scheme.lower() != "https":
-            raise CertFetchError(f"refusing to fetch a non-https URL: {url}")
+            raise CertFetchError(f"refusing to fetch a non-https URL: {url}", outage=False)
         # httpx's own (per-phase) limits fire first in the usual slow cases and close
         # the socket cleanly; the outer limit bounds the total (e.g. a server that
         # dribbles bytes). httpcore leaks the socket when cancelled mid-TLS-handshake,
@@ -484,17 +500,19 @@ class HttpxCertChainFetcher:
                     ) as client,
                     client.stream("GET", url) as response,
                 ):
-                    if response.status_code != 200:
-                        raise CertFetchError(f"GET {url} returned HTTP {response.status_code}")
+                    status = response.status_code
+                    if status != 200:
+                        failed = f"GET {url} returned HTTP {status}"
+                        raise CertFetchError(failed, outage=status >= 500)
                     too_large = f"chain at {url} is larger than {self._max_bytes} B"
                     declared = response.headers.get("content-length", "")
                     if declared.isdigit() and int(declared) > self._max_bytes:
-                        raise CertFetchError(too_large)
+                        raise CertFetchError(too_large, outage=False)
                     body = bytearray()
                     async for chunk in response.aiter_bytes():
                         body += chunk
                         if len(body) > self._max_bytes:
-                            raise CertFetchError(too_large)
+                            raise CertFetchError(too_large, outage=False)
                     return bytes(body)
             except httpx.TimeoutException as exc:
                 raise TimeoutError(f"GET {url} timed out") from exc
@@ -543,7 +561,10 @@ class AlexaVerifier:
 
     ``refusals`` (a :class:`~gateway.ratelimit.RefusalLog`, one per verifier: one per
     app) gives the level of each refusal's line: a flood of forged requests is logged
-    in a bounded burst at WARNING, the rest at DEBUG.
+    in a bounded burst at WARNING, the rest at DEBUG. Refusals because Amazon's
+    certificate source fails (``outage`` errors) have a log of their own, ``outages``:
+    the outage's first at WARNING naming the component, then one a minute while it
+    lasts; so forged requests cannot hide an outage, nor an outage the forgeries.
     """
 
     def __init__(
@@ -576,6 +597,7 @@ class AlexaVerifier:
         self._failures: OrderedDict[str, tuple[datetime, AlexaVerificationError]] = OrderedDict()
         self._max_fetches = max_fetches
         self.refusals = RefusalLog()
+        self.outages = RefusalLog(burst=1)
 
     async def verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         """Verify one request; return its parsed JSON envelope.
@@ -592,14 +614,19 @@ class AlexaVerifier:
             AlexaVerificationError: any rule failed; ``reason`` says which
                 (:class:`AlexaReason`). Each refusal is logged on the
                 ``adapters.alexa`` logger at the level ``refusals`` gives (WARNING
-                for the first few, then one a minute, else DEBUG).
+                for the first few, then one a minute, else DEBUG), or ``outages``
+                for an outage of Amazon's certificate source.
         """
         try:
             return await self._verify(headers, body)
         except AlexaVerificationError as exc:
             detail = f" ({exc.detail})" if exc.detail else ""
-            message = "Alexa request refused: %s: %s%s"
-            self.refusals.log(logger, message, exc.reason.value, exc.message, detail)
+            if exc.outage:
+                message = "Alexa request refused: %s: %s%s (component: Amazon's certificate source)"
+                self.outages.log(logger, message, exc.reason.value, exc.message, detail)
+            else:
+                message = "Alexa request refused: %s: %s%s"
+                self.refusals.log(logger, message, exc.reason.value, exc.message, detail)
             raise
 
     async def _verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
@@ -706,7 +733,9 @@ class AlexaVerifier:
         if failed is not None:
             until, error = failed
             if now < until:
-                raise AlexaVerificationError(error.reason, error.message, error.detail)
+                raise AlexaVerificationError(
+                    error.reason, error.message, error.detail, outage=error.outage
+                )
             del self._failures[url]
         task = self._inflight.get(url)
         if task is None:
@@ -749,12 +778,14 @@ class AlexaVerifier:
                 AlexaReason.CERT_FETCH_TIMEOUT,
                 f"fetching the certificate chain took longer than {self._fetch_timeout_s:g} s",
                 url,
+                outage=True,
             ) from None
         except Exception as exc:
             raise AlexaVerificationError(
                 AlexaReason.CERT_FETCH_FAILED,
                 "the certificate chain could not be fetched",
                 f"{url}: {exc}",
+                outage=not isinstance(exc, CertFetchError) or exc.outage,
             ) from None
         return verify_cert_chain(pem, now, self._store)
 

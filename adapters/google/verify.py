@@ -304,7 +304,10 @@ class GoogleVerifier:
 
     ``refusals`` (a :class:`~gateway.ratelimit.RefusalLog`, one per verifier: one per
     app) gives the level of each refusal's line: a flood of forged requests is logged
-    in a bounded burst at WARNING, the rest at DEBUG.
+    in a bounded burst at WARNING, the rest at DEBUG. ``certs_unavailable`` (our outage)
+    has a log of its own, ``outages``: the outage's first refusal at WARNING naming the
+    component, then one a minute while it lasts; so forged requests cannot hide an
+    outage, nor an outage the forgeries.
 
     Raises:
         ValueError: ``project_ids`` is empty.
@@ -327,6 +330,7 @@ class GoogleVerifier:
         self._leeway_s = leeway_s
         self._certs_timeout_s = certs_timeout_s
         self.refusals = RefusalLog()
+        self.outages = RefusalLog(burst=1)
 
     async def verify(self, headers: Mapping[str, str]) -> dict[str, Any]:
         """Verify the request's token; return its claims.
@@ -346,14 +350,18 @@ class GoogleVerifier:
                 (:class:`GoogleReason`). Each refusal is logged on the
                 ``adapters.google`` logger, without a traceback, at the level
                 ``refusals`` gives (WARNING for the first few, then one a minute,
-                else DEBUG).
+                else DEBUG), or ``outages`` for ``certs_unavailable``.
         """
         try:
             return await self._verify(headers)
         except GoogleVerificationError as exc:
             detail = f" ({exc.detail})" if exc.detail else ""
-            message = "Google request refused: %s: %s%s"
-            self.refusals.log(logger, message, exc.reason.value, exc.message, detail)
+            if exc.reason is GoogleReason.CERTS_UNAVAILABLE:
+                message = "Google request refused: %s: %s%s (component: Google's certificates)"
+                self.outages.log(logger, message, exc.reason.value, exc.message, detail)
+            else:
+                message = "Google request refused: %s: %s%s"
+                self.refusals.log(logger, message, exc.reason.value, exc.message, detail)
             raise
 
     async def _verify(self, headers: Mapping[str, str]) -> dict[str, Any]:

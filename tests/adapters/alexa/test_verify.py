@@ -829,11 +829,15 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
 
 
 class LocalHttpsServer:
-    """A tiny HTTPS/1.1 server: fixed bodies by path; paths in ``hang`` never answer."""
+    """A tiny HTTPS/1.1 server: fixed bodies by path; paths in ``hang`` never answer,
+    paths in ``broken`` answer 500."""
 
-    def __init__(self, routes: dict[str, bytes], hang: set[str] | None = None) -> None:
+    def __init__(
+        self, routes: dict[str, bytes], hang: set[str] | None = None, broken: set[str] | None = None
+    ) -> None:
         self.routes = routes
         self.hang = hang or set()
+        self.broken = broken or set()
         self.requests: list[str] = []
         self._stop = asyncio.Event()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -867,7 +871,9 @@ class LocalHttpsServer:
                 await self._stop.wait()
                 return
             body = self.routes.get(path)
-            if body is None:
+            if path in self.broken:
+                writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+            elif body is None:
                 writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
             else:
                 # No Content-Length: the body ends when the connection closes, so the
@@ -902,6 +908,7 @@ async def server(good_chain: bytes, tls: TlsMaterial) -> AsyncIterator[LocalHttp
             "/echo.api/huge.pem": good_chain * 100,
         },
         hang={"/echo.api/slow.pem"},
+        broken={"/echo.api/down.pem"},
     )
     await local.start(tls.server_context)
     yield local
@@ -949,6 +956,55 @@ async def test_real_https_fetch_failures(
     assert caught.value.message == "the certificate chain could not be fetched"
     assert caught.value.detail is not None
     assert detail in caught.value.detail
+
+
+def forged(pki: Pki) -> tuple[dict[str, str], bytes]:
+    """A request whose signature is not the body's (``bad_signature``)."""
+    headers, body = signed(pki)
+    headers["Signature-256"] = base64.b64encode(bytes(256)).decode()
+    return headers, body
+
+
+async def levels(
+    verifier: AlexaVerifier,
+    requests: list[tuple[dict[str, str], bytes]],
+    caplog: pytest.LogCaptureFixture,
+) -> list[tuple[int, str]]:
+    """The level and message of each refused request's line, in order."""
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="adapters.alexa"):
+        for headers, body in requests:
+            await refused(verifier, headers, body)
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "adapters.alexa"]
+
+
+async def test_a_certificate_source_outage_is_logged_apart_from_forgeries(
+    pki: Pki, tls: TlsMaterial, server: LocalHttpsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forged requests use up the refusals' WARNING burst; Amazon's certificate source
+    failing (HTTP 500) is still logged at WARNING, once, naming the component; a URL
+    the source does not hold (404: the request's fault) is a refusal like the others."""
+    verifier = local_verifier(pki, tls, server)
+    down = signed(pki, url="https://s3.amazonaws.com/echo.api/down.pem")
+    missing = signed(pki, url="https://s3.amazonaws.com/echo.api/missing.pem")
+    lines = await levels(verifier, [forged(pki)] * 6 + [down, down, missing], caplog)
+    assert [level for level, _ in lines] == [logging.WARNING] * 5 + [logging.DEBUG] + [
+        logging.WARNING,
+        logging.DEBUG,
+        logging.DEBUG,
+    ]
+    assert "bad_signature" in lines[0][1]
+    outage = lines[6][1]
+    assert "cert_fetch_failed" in outage
+    assert "HTTP 500" in outage
+    assert "component: Amazon's certificate source" in outage
+    assert "component" not in lines[8][1]  # the 404: not an outage
+    # and the other way round: an outage does not use up the forgeries' burst
+    verifier = local_verifier(pki, tls, server)
+    lines = await levels(verifier, [down] * 6 + [forged(pki)] * 5, caplog)
+    assert [level for level, _ in lines] == [logging.WARNING] + [logging.DEBUG] * 5 + [
+        logging.WARNING
+    ] * 5
 
 
 async def test_fetcher_refuses_plain_http_and_untrusted_tls(

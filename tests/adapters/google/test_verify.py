@@ -489,6 +489,35 @@ async def test_unreachable_endpoint(key: Key) -> None:
     assert caught.value.headers == {"Retry-After": "5"}
 
 
+async def test_a_certs_outage_is_logged_apart_from_forgeries(
+    key: Key, other_key: Key, certs_server: CertsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forged tokens use up the refusals' WARNING burst; Google's certificates becoming
+    unavailable is still logged at WARNING, once, naming the component; and an outage
+    does not use up the forgeries' burst."""
+    certs_server.headers = {"Cache-Control": "no-store"}
+    forged = {"Google-Assistant-Signature": other_key.token()}  # bad_signature
+    genuine = {"Google-Assistant-Signature": key.token()}
+
+    async def levels(verifier: GoogleVerifier, *steps: tuple[int, dict[str, str]]) -> list[int]:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="adapters.google"):
+            for status, headers in steps:
+                certs_server.status = status
+                await refused(verifier, headers)
+        return [r.levelno for r in caplog.records if r.name == "adapters.google"]
+
+    verifier, _ = fetching_verifier(certs_server)
+    got = await levels(verifier, *[(200, forged)] * 6, (500, genuine), (500, genuine))
+    assert got == [logging.WARNING] * 5 + [logging.DEBUG, logging.WARNING, logging.DEBUG]
+    outage = caplog.records[-2].getMessage()
+    assert "certs_unavailable" in outage
+    assert "component: Google's certificates" in outage
+    verifier, _ = fetching_verifier(certs_server)
+    got = await levels(verifier, *[(500, genuine)] * 6, *[(200, forged)] * 5)
+    assert got == [logging.WARNING] + [logging.DEBUG] * 5 + [logging.WARNING] * 5
+
+
 async def test_a_failing_check_is_401_with_a_challenge(key: Key) -> None:
     """Every reason but certs_unavailable is the token's fault: 401 with its challenge."""
     for headers in ({}, {"Authorization": key.token(aud="x")}):
