@@ -30,7 +30,8 @@ WARNING); 403 an agent not in GATEWAY_APP_KEYS; 413 body over
 GATEWAY_MAX_BODY_BYTES; 503 /google with verification on and no project ids,
 /dialogflow without credentials configured, and /google with ``Retry-After`` while
 Google's signing certificates cannot be fetched (reason ``certs_unavailable``, logged
-at WARNING without a traceback: our outage, not the caller's fault).
+at WARNING without a traceback, apart from the refusals: our outage, not the caller's
+fault; :attr:`adapters.google.verify.GoogleVerifier.outages`).
 
 Per-app state is made when the app starts (this router's lifespan); the Google
 verifier by ``app.state.google_verifier_factory`` when set (a
