@@ -260,7 +260,6 @@ class BotpressPipeline(PooledCore):
         """``("message", Message)`` and ``("event", Event)`` of the bot, until it is idle."""
         events = bounded_sse(listen, self._max, "Botpress")
         heard = False
-        size = 0
         loop = asyncio.get_running_loop()
         # deadlines, not a wait per signal: signals the bot's answer is not made of
         # (participants, the user's own message, pings) do not put them off
@@ -284,9 +283,6 @@ class BotpressPipeline(PooledCore):
                 raise PipelineError(
                     f"Botpress's listen stream is not an event stream: {exc}"
                 ) from exc
-            size += len(sse.data)
-            if size > self._max:
-                raise PipelineError(f"Botpress's answer is larger than {self._max} bytes")
             if not sse.data or sse.data == KEEPALIVE:
                 continue
             signal = checked_json(sse.data, "Botpress sent an invalid signal")

@@ -190,12 +190,8 @@ class VoiceflowPipeline(PooledCore):
 
     async def _stream(self, answer: httpx.Response) -> AsyncIterator[Any]:
         """The traces of an interact stream, as they arrive, until ``event: end``."""
-        size = 0
         try:
             async for event in bounded_sse(answer, self._max, "Voiceflow"):
-                size += len(event.data)
-                if size > self._max:
-                    raise PipelineError(f"Voiceflow's answer is larger than {self._max} bytes")
                 if event.event == "end":
                     return
                 if event.event != "trace":
