@@ -926,6 +926,16 @@ class Conversation:
             return "not-found"
         return "found" if session.app_key == ctx.app_key else "foreign"
 
+    async def expiry(self, ctx: TurnContext) -> float | None:
+        """When the store lets ``ctx``'s session go unless something touches it (epoch s:
+        its last update plus its timeout; a failed turn's save keeps the update before it,
+        so a time past may mean a session still kept), or None when :meth:`find` would not
+        say ``found``. Raises StoreUnavailable when the store fails."""
+        session = await self.store.get(ctx.key)
+        if session is None or session.app_key != ctx.app_key:
+            return None
+        return session.updated_at + session.timeout_s
+
     async def log(
         self, ctx: TurnContext, entries: Sequence[LogEntry]
     ) -> Literal["stored", "not-found", "foreign"]:

@@ -88,7 +88,8 @@ Decisions where the spec is silent:
 - **Idle timeout** (spec "End": the session ending "can also occur because of
   timeouts"): a ready connection whose session had no action for as long as the store
   keeps it (:meth:`VoiceflowConnection.idle_timeout_s`: the last Response's
-  sessionTimeout, else GATEWAY_SESSION_TIMEOUT_S) gets ``session.ended {reason:
+  sessionTimeout, else GATEWAY_SESSION_TIMEOUT_S, counted from the last action also
+  for a session resumed by its sessionKey) gets ``session.ended {reason:
   "inactivity_timeout"}`` (the spec's example reason) once the I/O layer found the
   store no longer has it (:meth:`VoiceflowConnection.session_timed_out`); the
   connection then needs ``session.create``. It was told only at its next action.
@@ -976,14 +977,15 @@ class VoiceflowConnection:
 
     def idle_timeout_s(self) -> int | None:
         """Seconds after which the session expires in the store when no action comes (the
-        last Response's :meth:`~gateway.events.Response.kept_s`, else the session timeout:
-        a session resumed by its sessionKey); None when there is nothing to expire: no
-        session, one not yet in the store (made by session.create, no action yet), or an
-        action running. The I/O layer waits this long from now (the end of the last action
-        or of the handshake), then asks the store and calls :meth:`session_timed_out`."""
+        last Response's :meth:`~gateway.events.Response.kept_s`; 0 for a session resumed by
+        its sessionKey, whose age only the store knows: ask it now); None when there is
+        nothing to expire: no session, one not yet in the store (made by session.create, no
+        action yet), or an action running. The I/O layer waits this long from now (the end
+        of the last action or of the handshake), then asks the store (which says when the
+        session expires, if it still has it) and calls :meth:`session_timed_out`."""
         if self.state is not State.READY or self._fresh or self.session_id is None:
             return None
-        return self._kept_s if self._kept_s is not None else self._session_timeout_s
+        return self._kept_s if self._kept_s is not None else 0
 
     def idle_context(self) -> TurnContext | None:
         """The TurnContext of the idle connection's session (to ask the store whether it

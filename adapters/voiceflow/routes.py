@@ -835,10 +835,11 @@ class VoiceflowServer:
     async def _watch_idle(self, client: _Client, wait_s: float) -> None:
         """Wait ``wait_s`` (+ :data:`IDLE_MARGIN_S`, so the store has let the session go),
         then ask the store: when it no longer has the session, the client gets
-        ``session.ended {reason: "inactivity_timeout"}`` (spec "End"). When it does (another
-        connection or a push kept it), or the store cannot say, ask again after the
-        session timeout (GATEWAY_SESSION_TIMEOUT_S; :data:`IDLE_RETRY_S` at most when the
-        store is down). Any other failure of the store is logged at ERROR and ends the
+        ``session.ended {reason: "inactivity_timeout"}`` (spec "End"). When it does (a
+        resumed session, or another connection or a push kept it), ask again when it
+        expires (:meth:`~gateway.conversation.Conversation.expiry`); when the store cannot
+        say, after the session timeout (GATEWAY_SESSION_TIMEOUT_S; :data:`IDLE_RETRY_S` at
+        most when the store is down). Any other failure of the store is logged at ERROR and ends the
         wait (the connection goes on; its next event starts a new one)."""
         gw, conn = self._gateway, client.conn
         assert gw is not None
@@ -847,7 +848,7 @@ class VoiceflowServer:
             if (ctx := conn.idle_context()) is None:
                 return
             try:
-                found = await gw.conversation.find(ctx)
+                expiry = await gw.conversation.expiry(ctx)
             except StoreUnavailable:
                 wait_s = min(gw.settings.session_timeout_s, IDLE_RETRY_S)
                 continue
@@ -855,8 +856,10 @@ class VoiceflowServer:
                 log.exception("idle watch of %s ended: the store failed", session_ref(ctx.key))
                 client.idle = None
                 return
-            if found == "found":
-                wait_s = gw.settings.session_timeout_s
+            if expiry is not None:  # kept (resumed, another connection, a push): until then
+                wait_s = expiry - time.time()
+                if wait_s <= 0:  # kept by a failed turn's save: its time is not known
+                    wait_s = gw.settings.session_timeout_s
                 continue
             client.idle = None
             await self._do(client, conn.session_timed_out())

@@ -442,6 +442,25 @@ async def test_an_idle_session_that_times_out_is_ended_with_inactivity_timeout()
         await idle.nothing_more()
 
 
+async def test_a_resumed_session_is_ended_when_the_store_lets_it_go() -> None:
+    """A client that resumes its session with its sessionKey (a reconnect) was told
+    ``session.ended {reason: "inactivity_timeout"}`` a whole session timeout after the
+    resume, late by the time the session had been idle before it (the store counts from
+    the last action): the idle watch asks the store at once when the session expires."""
+    async with served(session_timeout_s=2, voiceflow_secret=SecretStr(SECRET)) as url:
+        async with client(url) as first:
+            key = await first.handshake()
+            assert await first.say("hello") == ["You said: hello"]
+        said = time.monotonic()  # the store keeps the session until said + 2 s
+        await asyncio.sleep(1.5)
+        async with client(url) as again:
+            assert await again.start(key) is False  # resumed
+            assert await again.next() == ("session.ended", {"reason": "inactivity_timeout"})
+            # said + 2 s + the watch's margin (1 s), not resume + 2 s + 1 s (said + 4.5 s)
+            assert time.monotonic() - said < 3.8
+            await again.nothing_more()
+
+
 async def test_a_store_failure_in_the_idle_watch_is_logged_and_the_connection_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
