@@ -323,6 +323,18 @@ async def check_status(
         raise PipelineError(what)
 
 
+def text_decoder(answer: httpx.Response) -> codecs.IncrementalDecoder:
+    """The incremental decoder of ``answer``'s text: the charset of its
+    Content-Type when that names a text encoding, else UTF-8 (also for one of Python's
+    codecs that are none, bytes to bytes or str to str: ``hex``, ``base64``, ``rot13``,
+    whose decoder fails on the first chunk; httpx passes over only unknown names); bad
+    bytes replaced."""
+    name = answer.encoding or "utf-8"
+    if not codecs.lookup(name)._is_text_encoding:
+        name = "utf-8"
+    return codecs.getincrementaldecoder(name)(errors="replace")
+
+
 async def bounded_lines(
     answer: httpx.Response,
     max_bytes: int,
@@ -345,7 +357,7 @@ async def bounded_lines(
     with ``terminated`` (a format whose every line ends, as Rasa's NDJSON), when the body ends
     in a line without its end (``<core>'s stream ended inside a line (cut off)``).
     """
-    decode = codecs.getincrementaldecoder(answer.encoding or "utf-8")(errors="replace").decode
+    decode = text_decoder(answer).decode
     pending = io.StringIO()  # the line not ended yet (no list of pieces: tiny chunks)
     after_cr = False  # the text so far ended in \r: a \n next ends no other line
     async for chunk in body_chunks(answer, max_bytes, core):

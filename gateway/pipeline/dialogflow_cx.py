@@ -55,7 +55,6 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import hashlib
 import json
@@ -84,6 +83,7 @@ from gateway.pipeline.cores import (
     pooled_client,
     read_body,
     talking_to,
+    text_decoder,
 )
 from gateway.protocol import MAX_JSON_DEPTH, UnsafeValue, guarded_decoder, json_depth, media_type
 from gateway.sessions import Session, retrieved
@@ -458,7 +458,7 @@ class DialogflowCxPipeline:
                 if event.data:  # (an event with a type and no data: iter_sse)
                     yield _object(event.data.encode())
             return
-        decode = codecs.getincrementaldecoder(answer.encoding or "utf-8")("replace").decode
+        decode = text_decoder(answer).decode
         reader = JsonArrayReader()
         async for data in body_chunks(answer, self._max, "the core"):
             for value in reader.feed(decode(data)):

@@ -37,10 +37,11 @@ async def core() -> AsyncIterator[tuple[str, FastAPI]]:
     """A server answering every request with ``app.state.body`` as an event stream."""
     app = FastAPI()
     app.state.body = ""
+    app.state.media_type = "text/event-stream"
 
     @app.api_route("/{rest:path}", methods=["GET", "POST"])
     async def answer(rest: str, request: Request) -> Response:
-        return Response(app.state.body, media_type="text/event-stream")
+        return Response(app.state.body, media_type=app.state.media_type)
 
     async with serve(app) as url:
         yield url, app
@@ -120,3 +121,24 @@ async def test_a_byte_order_mark_that_begins_the_stream_is_no_part_of_its_first_
     app.state.body = f"{bom}data: first\n\n".encode()
     async with httpx.AsyncClient() as client, client.stream("GET", url) as answer:
         assert [(e.event, e.data) async for e in reader(answer)] == [("message", "first")]
+
+
+@pytest.mark.parametrize("charset", ["hex", "base64", "rot13", "uu"])
+@pytest.mark.parametrize("reader", [lines_reader, stream_reader])
+async def test_a_charset_that_names_no_text_encoding_is_read_as_utf_8(
+    core: tuple[str, FastAPI],
+    reader: Callable[[httpx.Response], AsyncIterator[SseEvent]],
+    charset: str,
+) -> None:
+    """A Content-Type charset naming one of Python's codecs that are no text encoding
+    (bytes to bytes, or str to str: ``hex``, ``base64``, ``rot13``) is passed over as an
+    unknown one is (httpx reads those as UTF-8); a text encoding's name is kept. Before,
+    its decoder was made and failed on the first chunk (``hex``: an AssertionError)."""
+    url, app = core
+    app.state.body = "data: caf\u00e9\n\n".encode()
+    app.state.media_type = f"text/event-stream; charset={charset}"
+    async with httpx.AsyncClient() as client, client.stream("GET", url) as answer:
+        assert [e.data async for e in reader(answer)] == ["caf\u00e9"]
+    app.state.media_type = "text/event-stream; charset=latin-1"
+    async with httpx.AsyncClient() as client, client.stream("GET", url) as answer:
+        assert [e.data async for e in reader(answer)] == ["caf\u00c3\u00a9"]
