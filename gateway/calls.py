@@ -373,27 +373,31 @@ async def hang_up(
     title: str,
     call_id: str,
     request: RestRequest,
-    already_ended: Callable[[RestAnswer], bool],
-) -> None:
-    """Send a carrier's REST hang-up ``request`` of call ``call_id``; never raises. On
-    ``log`` at WARNING, naming the carrier by ``title`` (``"Plivo"``): the API could not
-    be reached, or it refused other than by saying the call was over (``already_ended``:
-    the carrier's answer for that, as Plivo's 404).
+    already_ended: Callable[[RestAnswer], bool] = lambda answer: False,
+) -> bool:
+    """Send a carrier's REST hang-up ``request`` of call ``call_id``; whether the carrier
+    took it (2xx, logged on ``log`` at INFO); never raises. At WARNING, naming the
+    carrier by ``title`` (``"Plivo"``): the API could not be reached, or it refused
+    other than by saying the call was over (``already_ended``: the carrier's answer for
+    that, as Plivo's 404; by default none is).
 
     The request runs in a task of its own, as :func:`send_transfer`'s: when the caller is
     cancelled (the stream stopped meanwhile) it still gets its answer, bounded by
     GATEWAY_CALLS_TIMEOUT_S, and is logged."""
 
-    async def send() -> None:
+    async def send() -> bool:
         try:
             answer = await control.send(request)
         except CallControlError as exc:
             log.warning("%s call %s: hang-up failed: %s", title, call_id, exc)
-            return
-        if not answer.ok and not already_ended(answer):
+            return False
+        if answer.ok:
+            log.info("%s call %s: hung up", title, call_id)
+        elif not already_ended(answer):
             log.warning("%s call %s: hang-up refused: HTTP %d", title, call_id, answer.status)
+        return answer.ok
 
-    await _outlasting(send(), f"{title} hang-up {call_id}")
+    return await _outlasting(send(), f"{title} hang-up {call_id}")
 
 
 def refusal(exc: VerificationRefused) -> Response:

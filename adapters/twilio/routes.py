@@ -118,6 +118,7 @@ from gateway.breaker import outage_level
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import TransferResult
 from gateway.calls import callcontrol_of, send_transfer
+from gateway.calls import hang_up as rest_hang_up
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body, refused_request
@@ -417,29 +418,17 @@ class _Call(CallRunner):
             await self._transfer(transfer)
 
     async def _hang_up(self, call_sid: str) -> None:
-        """``Calls/{callSid}`` ``Status=completed`` through the gateway's asynchronous
-        call-control client (GATEWAY_CALLS_TIMEOUT_S), never a thread of the event
-        loop's default executor, which every call's speech encoding uses; then close."""
-        auth = self.channel.rest
-        control = callcontrol_of(self.ws.app)
+        """``Calls/{callSid}`` ``Status=completed`` (gateway/calls.py ``hang_up``: the
+        gateway's asynchronous call-control client, GATEWAY_CALLS_TIMEOUT_S; answered and
+        logged even when the stream stops meanwhile), then close once Twilio stopped the
+        stream (HANGUP_GRACE_S at most)."""
+        auth, control = self.channel.rest, callcontrol_of(self.ws.app)
         if auth is not None and control is not None:
-            try:
-                answer = await control.send(twilio_control.hang_up(auth, call_sid))
-            except Exception as exc:  # CallControlError: unreachable, timed out; else a bug
-                log.warning("Twilio call %s: REST hang-up failed (%s); closing", call_sid, exc)
-            else:
-                if answer.ok:
-                    log.info("Twilio call %s: hung up", call_sid)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(HANGUP_GRACE_S):
-                            await self._received_all.wait()  # Twilio stops the stream
-                else:
-                    log.warning(
-                        "Twilio call %s: REST hang-up refused (HTTP %d: %.200s); closing",
-                        call_sid,
-                        answer.status,
-                        answer.body,
-                    )
+            request = twilio_control.hang_up(auth, call_sid)
+            if await rest_hang_up(control, log, "Twilio", call_sid, request):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(HANGUP_GRACE_S):
+                        await self._received_all.wait()  # Twilio stops the stream
         await self.close(CLOSE_NORMAL, "The call ended.")
 
     async def _transfer(self, action: Transfer) -> None:

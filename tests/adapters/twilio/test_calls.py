@@ -115,7 +115,7 @@ async def test_a_rest_hang_up_that_is_never_answered_gives_up_after_the_calls_ti
         # gave up after the 0.5 s timeout, which the whole request (connecting too) gets
         # (a generous guard: before, it took 5 s)
         assert 0.25 <= waited < 3.0, waited
-        failed = [r for r in caplog.records if "REST hang-up failed" in r.getMessage()]
+        failed = [r for r in caplog.records if "hang-up failed" in r.getMessage()]
         assert [r.levelno for r in failed] == [logging.WARNING]
         assert call.call_sid in failed[0].getMessage()
         assert "no whole answer within 0.5 s" in failed[0].getMessage()
@@ -194,6 +194,27 @@ async def test_hang_up_through_the_rest_api_after_the_final_mark(
         await call.stop()  # Twilio stops the stream of a completed call
         await call.wait_for(lambda: call.closed_at is not None)
         await gw.wait_no_calls()
+
+
+async def test_a_rest_hang_up_still_answered_when_the_stream_stops_is_logged(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twilio stops the stream as soon as the call is completed, which may be before its
+    API answers the hang-up request: the stream's end cancelled the request and its log
+    line was lost. The request now runs to its answer (bounded by
+    GATEWAY_CALLS_TIMEOUT_S) and is logged, as Telnyx's and Plivo's are."""
+    caplog.set_level(logging.INFO, "adapters.twilio")
+    async with CARRIER.gateway(speech, more=rest_api) as (gw, api):
+        api.delays[("POST", r"/2010-04-01/Accounts/AC\w+/Calls/CA\w+\.json")] = 1.0
+        gw.app.state.gateway.conversation.pipeline = Goodbye()
+        async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+            await call.wait_for(lambda: bool(api.requests), 20)  # the hang-up is asked
+            await call.stop()  # the call completed: Twilio stops the stream
+        hung_up = f"Twilio call {call.call_sid}: hung up"
+        assert await until(lambda: hung_up in caplog.text, 5), caplog.text
+        await gw.wait_no_calls()
+    [update] = api.requests
+    assert update.form == {"Status": "completed"}
 
 
 async def test_bad_input_is_dropped_and_does_not_disturb_another_call(
