@@ -379,7 +379,7 @@ async def hang_up(
     took it (2xx, logged on ``log`` at INFO); never raises. At WARNING, naming the
     carrier by ``title`` (``"Plivo"``): the API could not be reached, or it refused
     other than by saying the call was over (``already_ended``: the carrier's answer for
-    that, as Plivo's 404; by default none is).
+    that, as Plivo's 404; by default none is), with the first 200 characters of its body.
 
     The request runs in a task of its own, as :func:`send_transfer`'s: when the caller is
     cancelled (the stream stopped meanwhile) it still gets its answer, bounded by
@@ -394,7 +394,8 @@ async def hang_up(
         if answer.ok:
             log.info("%s call %s: hung up", title, call_id)
         elif not already_ended(answer):
-            log.warning("%s call %s: hang-up refused: HTTP %d", title, call_id, answer.status)
+            refused = "%s call %s: hang-up refused: HTTP %d: %.200s"
+            log.warning(refused, title, call_id, answer.status, answer.body)
         return answer.ok
 
     return await _outlasting(send(), f"{title} hang-up {call_id}")

@@ -441,7 +441,10 @@ async def test_a_hang_up_still_asked_when_the_stream_stops_is_logged(
         async with carrier.dial(gw.url) as call:
             await call.wait_for(lambda: len(api.requests) >= 1, 20)  # the hang-up is asked
             await call.stop()  # the stream ends while the API has not answered
-        refused = f"{carrier.name.capitalize()} call {call.call_id}: hang-up refused: HTTP 500"
+        refused = (
+            f"{carrier.name.capitalize()} call {call.call_id}: hang-up refused: HTTP 500: "
+            "{'error': 'down'}"
+        )
         assert await until(lambda: refused in caplog.text, 5), caplog.text
     assert carrier.hangup is not None
     assert [(r.method, r.path) for r in api.requests] == [carrier.hangup(call)]
