@@ -13,7 +13,8 @@ Each turn is ``POST <base>/chat/completions`` with ``Authorization: Bearer <key>
   sentence boundaries (:mod:`gateway.pipeline.sentences`), each forwarded as soon as it
   is complete, so a phone call speaks the first sentence while the model still writes;
   ``delta.tool_calls`` are accumulated by ``index`` (a name sent whole again in a
-  later delta, as some servers do, is not appended); a non-null ``finish_reason`` ends
+  later delta, as some servers do, is not appended; nor does a fresh id sent with it
+  in every delta split the call: :func:`_another`); a non-null ``finish_reason`` ends
   the turn: the last sentence is forwarded at once, then the rest of the stream (usage
   chunk, ``[DONE]``) is read for at most :data:`DRAIN_S`, so the connection is reused.
 - tolerated variations: a usage chunk with ``choices: []``, ``choices: null`` or no
@@ -117,6 +118,9 @@ class _ToolCall:
     name: str = ""
     arguments: str = ""
     id: str = ""
+    deltas: int = 0
+    bare: bool = False
+    """A delta of it came without an id (so its server sends the id in the first only)."""
 
 
 @dataclass
@@ -407,7 +411,7 @@ def _add_tool_delta(turn: _Turn, call: Any) -> None:
     name = function.get("name")
     call_id = call.get("id")
     if isinstance(call_id, str) and call_id:
-        if acc.id and call_id != acc.id and isinstance(name, str) and name:
+        if acc.id and call_id != acc.id and isinstance(name, str) and name and _another(acc, name):
             # another call's first delta (its id and name) where one is: a call of its own
             # (Ollama sends parallel calls whole at index 0 or with none); a new id
             # without a name continues the call (servers whose ids change mid-call)
@@ -416,12 +420,34 @@ def _add_tool_delta(turn: _Turn, call: Any) -> None:
             if isinstance(wire, int):  # its next deltas at this index are its own
                 turn.latest[wire] = index
         acc.id = acc.id or call_id
+    else:
+        acc.bare = True
+    acc.deltas += 1
     if isinstance(name, str) and name != acc.name:
         # the name comes in the first delta (or split over a few); some servers (MiniMax
         # via NVIDIA NIM, proxies) send it whole again in every delta: not appended twice
         acc.name += name
     if isinstance(function.get("arguments"), str):
         acc.arguments += function["arguments"]
+
+
+def _another(acc: _ToolCall, name: str) -> bool:
+    """Whether a delta with another id than ``acc``'s and the tool ``name`` starts a call
+    of its own rather than continuing ``acc``: another tool; or ``acc``'s server sent a
+    delta without an id (ids only in first deltas: this is a new one); or ``acc`` came
+    whole in one delta (Ollama's parallel calls). Otherwise (every delta with an id, and
+    the same name) it is a server that makes a fresh id for every delta of one call (as
+    mlx-openai-server did before cubist38/mlx-openai-server#216): the call goes on.
+    Only a call's first delta's arguments are parsed: each character once at most."""
+    if name != acc.name or acc.bare:
+        return True
+    if acc.deltas > 1:
+        return False
+    try:
+        core_json(acc.arguments)
+    except ValueError:
+        return False
+    return True
 
 
 def _reason(arguments: str) -> str | None:

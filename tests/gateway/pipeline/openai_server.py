@@ -14,7 +14,8 @@ path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
 ``empty``, ``deep`` (a chunk nested 50,000 levels deep), ``deep-json`` (such a
 non-streamed body), ``bad-tools`` (a completion whose ``tool_calls`` are strings), ``crash`` (the
 connection dropped mid-stream), ``names-again`` (a tool call's whole name repeated in each of
-its deltas, as some servers send it), ``interleaved`` (the deltas of parallel tool calls
+its deltas, as some servers send it; ``ids-again`` with its id too, ``fresh-ids`` with a
+new id each time, ``fresh-ids-no-index`` and no ``index``), ``interleaved`` (the deltas of parallel tool calls
 interleaved, told apart by their ``index`` only), ``no-index`` (tool call deltas without
 ``index``), ``index-0`` (as streamed, all at ``index`` 0), ``ollama`` (each tool call
 whole in one delta, all at ``index`` 0), ``echo-401`` (401 with a message echoing the Authorization header
@@ -207,13 +208,19 @@ async def _stream(
         deltas = [{**head, "function": {"name": call["function"]["name"], "arguments": ""}}]
         for i in range(0, len(args), 5):
             function = {"arguments": args[i : i + 5]}
-            if mode == "names-again":  # the whole name again in every delta (MiniMax via NIM)
+            if mode in ("names-again", "ids-again") or mode.startswith("fresh-ids"):
+                # the whole name again in every delta (MiniMax via NIM), with the id too
                 function = {"name": call["function"]["name"], **function}
-            deltas.append({"index": index, "function": function})
+            delta: dict[str, Any] = {"index": index, "function": function}
+            if mode == "ids-again":  # the call's id again in every delta
+                delta["id"] = call["id"]
+            if mode.startswith("fresh-ids"):  # a fresh id in every delta (mlx-openai-server did)
+                delta["id"] = f"{call['id']}_{i}"
+            deltas.append(delta)
         calls.append(deltas)
     if mode == "interleaved":  # one delta of each call in turn
         calls = [[d for turn in zip_longest(*calls) for d in turn if d is not None]]
-    if mode == "no-index":  # the deltas without their index
+    if mode.endswith("no-index"):  # the deltas without their index
         calls = [[{k: v for k, v in d.items() if k != "index"} for d in ds] for ds in calls]
     if mode == "index-0":  # the deltas of every call streamed in pieces, all at index 0
         calls = [[{**d, "index": 0} for d in ds] for ds in calls]

@@ -24,7 +24,7 @@ from gateway.events import (
     transfer_target,
 )
 from gateway.pipeline.base import PipelineConfigError
-from gateway.pipeline.openai import OpenAIPipeline
+from gateway.pipeline.openai import OpenAIPipeline, _add_tool_delta, _Turn
 from gateway.pipeline.sentences import SentenceSplitter
 from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
@@ -220,6 +220,35 @@ async def test_parallel_tool_calls_without_their_own_index_are_told_apart_by_id(
     assert transfer_target(item) == ("+15551234567", "caller asked for a person")
     assert isinstance(events[-1], SessionEndedEvent)
     await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("mode", ["ids-again", "fresh-ids", "fresh-ids-no-index"])
+async def test_a_tool_calls_id_and_name_sent_again_in_each_delta_is_one_call(
+    llm: tuple[str, FastAPI], mode: str
+) -> None:
+    """A server that sends a call's id and name in each of its deltas, the same id or a
+    fresh one each time (as mlx-openai-server did), with or without ``index``: each call
+    is one call. A fresh id with the name split the call into one per delta, its
+    arguments in pieces: several transfers, none with its reason."""
+    url, _ = llm
+    conv = engine(pipeline(url, mode, transfer_target="+15551234567"))
+    events = await conv.turn(ctx(), Input.of("hand me over and bye")).collect()
+    items = [e.response_item for e in events if isinstance(e, ResponseItemEvent)]
+    transfers = [transfer_target(i) for i in items if transfer_target(i)]
+    assert transfers == [("+15551234567", "caller asked for a person")]
+    assert isinstance(events[-1], SessionEndedEvent)
+    await conv.pipeline.aclose()
+
+
+def test_parallel_calls_of_one_tool_each_whole_in_a_delta_stay_apart() -> None:
+    """Ollama's parallel calls, each whole in one delta at index 0: two calls of the same
+    tool (other ids) are two calls, not one of a server that sends a fresh id in every
+    delta (a first delta's arguments already whole)."""
+    turn = _Turn()
+    for n in (1, 2):
+        function = {"name": "transfer", "arguments": f'{{"reason": "r{n}"}}'}
+        _add_tool_delta(turn, {"index": 0, "id": f"call_{n}", "function": function})
+    assert [c.arguments for c in turn.tools.values()] == ['{"reason": "r1"}', '{"reason": "r2"}']
 
 
 async def test_transfer_tool_is_the_transfer_action(llm: tuple[str, FastAPI]) -> None:
