@@ -110,8 +110,10 @@ TOKEN_TIMEOUT_S = 10.0
 
 
 TOKEN_READ_STEP = 1024
-"""Bytes of the token endpoint's answer read (as sent) per step: inflated, at most about a
-MB (gzip's and deflate's largest ratio is about 1:1032), checked against the bound after each."""
+"""Bytes of the token endpoint's answer taken per step, inflated (requests asks for gzip and
+deflate), checked against the bound after each: urllib3 (2.7 and later, a dependency)
+inflates no more than a read asks for, whatever the ratio or the chain of codings (before
+2.6 it inflated each piece as sent whole: a KB of gzip'ed gzip, about a GB)."""
 
 
 class _TimedAuthRequest(AuthRequest):

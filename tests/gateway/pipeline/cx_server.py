@@ -30,7 +30,9 @@ FINAL, the array form is then left unclosed unless ``app.state.close_array``); t
 the tokens issued (``app.state.token_redirect`` set: the token endpoint answers 307 to
 that URL; ``app.state.token_body`` set: it answers 200 with that body; ``app.state.token_padding``
 ``"spaces"`` / ``"gzip"``: it issues the token in an answer of the token JSON then 2 MB of
-spaces / gzip-compressed, then 100 MB of spaces), ``app.state.token_requests`` counts the token requests; while
+spaces / gzip-compressed, then 100 MB of spaces; ``"gzip, gzip"``: that gzip answer
+compressed again; ``"gzip alone"``: the token JSON gzip-compressed, nothing after it),
+``app.state.token_requests`` counts the token requests; while
 ``app.state.token_hold`` is an unset event, the token endpoint waits for it.
 """
 
@@ -174,9 +176,14 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
         answer = {"access_token": issued, "expires_in": 3599, "token_type": "Bearer"}
         if app.state.token_padding == "spaces":  # valid JSON, whitespace after it
             return Response(json.dumps(answer).encode() + b" " * 2_097_152, media_type="application/json")  # fmt: skip
-        if app.state.token_padding == "gzip":  # two gzip members: the JSON, 100 MB of spaces
-            body = gzip.compress(json.dumps(answer).encode()) + gzip_bomb()
-            headers = {"Content-Encoding": "gzip"}
+        padding = app.state.token_padding
+        if padding in ("gzip", "gzip, gzip", "gzip alone"):
+            body = gzip.compress(json.dumps(answer).encode())
+            if padding != "gzip alone":  # a second gzip member: 100 MB of spaces
+                body += gzip_bomb()
+            if padding == "gzip, gzip":  # all that compressed again
+                body = gzip.compress(body)
+            headers = {"Content-Encoding": padding.removesuffix(" alone")}
             return Response(body, media_type="application/json", headers=headers)
         return JSONResponse(answer)
 
