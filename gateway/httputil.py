@@ -1,12 +1,18 @@
 """HTTP helpers shared by the HTTP-based adapters: bounded body reads, the JSON media type
-check, problem bodies."""
+check, problem bodies, bounded downloads."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import ssl
+from dataclasses import dataclass
+from functools import cache
 from http import HTTPStatus
 from typing import Any
 
+import certifi
+import httpx
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
@@ -117,3 +123,80 @@ def refused_request(exc: ProtocolError) -> JSONResponse:
     one that never arrived or is malformed: 400, a wrong media type: 415): ``exc``'s
     status, its :func:`status_phrase` as title and its text as detail."""
     return problem(exc.status, status_phrase(exc.status), exc.text)
+
+
+class DownloadError(ValueError):
+    """A :meth:`Download.get` failed: a transport error, a status other than 200, or a
+    body over the limit (the message says which and names the URL). ``outage`` False
+    when the source answered that the URL holds nothing usable (a 4xx, a body too
+    large: the URL's fault, which a forged request naming it can cause); True (the
+    default) when the source itself failed (unreachable, a 5xx)."""
+
+    def __init__(self, message: str, *, outage: bool = True) -> None:
+        super().__init__(message)
+        self.outage = outage
+
+
+@dataclass(frozen=True)
+class Download:
+    """GETs of one kind of document: each with a fresh client, redirects not followed.
+
+    The whole request (connect, TLS, headers, body) gets ``timeout_s`` seconds; a status
+    other than 200, or a body (declared or read) over ``max_bytes`` bytes, fails.
+    ``ssl_context`` defaults to certifi's roots; ``trust_env`` honours proxy environment
+    variables (``HTTPS_PROXY`` ...).
+    """
+
+    timeout_s: float
+    max_bytes: int
+    ssl_context: ssl.SSLContext | None = None
+    trust_env: bool = True
+
+    async def get(self, url: str) -> tuple[bytes, httpx.Headers]:
+        """The body and headers at ``url``.
+
+        Raises:
+            DownloadError: a transport error, a status other than 200, or a body too large.
+            TimeoutError: the time limit passed.
+        """
+        # httpx's own (per-phase) limits fire first in the usual slow cases and close the
+        # socket cleanly; the outer limit bounds the total (e.g. a server that dribbles
+        # bytes). httpcore leaks the socket when cancelled mid-TLS-handshake, hence the
+        # phase limits are set below the total.
+        limit = self.max_bytes
+        async with asyncio.timeout(self.timeout_s):
+            try:
+                async with (
+                    httpx.AsyncClient(
+                        verify=self.ssl_context or _certifi_context(),
+                        timeout=self.timeout_s * 0.8,
+                        follow_redirects=False,
+                        trust_env=self.trust_env,
+                    ) as client,
+                    client.stream("GET", url) as response,
+                ):
+                    if (status := response.status_code) != 200:
+                        failed = f"GET {url} returned HTTP {status}"
+                        raise DownloadError(failed, outage=status >= 500)
+                    too_large = (
+                        f"{url} is larger than {limit} B: it declared or sent more than {limit} B"
+                    )
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > limit:
+                        raise DownloadError(too_large, outage=False)
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > limit:
+                            raise DownloadError(too_large, outage=False)
+                    return bytes(body), response.headers
+            except httpx.TimeoutException as exc:
+                raise TimeoutError(f"GET {url} timed out") from exc
+            except httpx.HTTPError as exc:
+                raise DownloadError(f"GET {url} failed: {exc!r}") from exc
+
+
+@cache
+def _certifi_context() -> ssl.SSLContext:
+    """TLS settings that verify the server with certifi's roots (made once)."""
+    return ssl.create_default_context(cafile=certifi.where())

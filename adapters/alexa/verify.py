@@ -59,7 +59,6 @@ from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import certifi
-import httpx
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -69,6 +68,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from starlette.datastructures import Headers
 
+from gateway.httputil import Download, DownloadError
 from gateway.protocol import ProtocolError, clipped, load_json, parse_timestamp
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import RefusalLog
@@ -188,15 +188,8 @@ class AlexaVerificationError(RequestVerificationError[AlexaReason]):
         self.outage = outage
 
 
-class CertFetchError(Exception):
-    """A certificate chain could not be downloaded (raised by fetchers). ``outage``
-    False when the source answered that the URL holds no usable chain (a 4xx, a body
-    too large): the URL's fault, which a forged request can cause; True (the default)
-    when the source itself failed."""
-
-    def __init__(self, message: str, *, outage: bool = True) -> None:
-        super().__init__(message)
-        self.outage = outage
+CertFetchError = DownloadError
+"""A certificate chain could not be downloaded (raised by fetchers)."""
 
 
 # ---------------------------------------------------------------------------
@@ -448,7 +441,7 @@ class CertChainFetcher(Protocol):
 
 
 class HttpxCertChainFetcher:
-    """The default :class:`CertChainFetcher`: one async ``httpx`` GET per fetch.
+    """The default :class:`CertChainFetcher`: one :class:`gateway.httputil.Download` per fetch.
 
     Only ``https`` URLs are fetched; redirects are not followed; a status other
     than 200 or a body over ``max_bytes`` fails; the whole request (connect, TLS,
@@ -470,10 +463,7 @@ class HttpxCertChainFetcher:
         ssl_context: ssl.SSLContext | None = None,
         trust_env: bool = True,
     ) -> None:
-        self._timeout_s = timeout_s
-        self._max_bytes = max_bytes
-        self._ssl_context = ssl_context or ssl.create_default_context(cafile=certifi.where())
-        self._trust_env = trust_env
+        self._download = Download(timeout_s, max_bytes, ssl_context, trust_env)
 
     async def fetch(self, url: str) -> bytes:
         """GET ``url`` (https only) and return its body.
@@ -485,39 +475,7 @@ class HttpxCertChainFetcher:
         """
         if urlsplit(url).scheme.lower() != "https":
             raise CertFetchError(f"refusing to fetch a non-https URL: {url}", outage=False)
-        # httpx's own (per-phase) limits fire first in the usual slow cases and close
-        # the socket cleanly; the outer limit bounds the total (e.g. a server that
-        # dribbles bytes). httpcore leaks the socket when cancelled mid-TLS-handshake,
-        # hence the phase limits are set below the total.
-        async with asyncio.timeout(self._timeout_s):
-            try:
-                async with (
-                    httpx.AsyncClient(
-                        verify=self._ssl_context,
-                        timeout=self._timeout_s * 0.8,
-                        follow_redirects=False,
-                        trust_env=self._trust_env,
-                    ) as client,
-                    client.stream("GET", url) as response,
-                ):
-                    status = response.status_code
-                    if status != 200:
-                        failed = f"GET {url} returned HTTP {status}"
-                        raise CertFetchError(failed, outage=status >= 500)
-                    too_large = f"chain at {url} is larger than {self._max_bytes} B"
-                    declared = response.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > self._max_bytes:
-                        raise CertFetchError(too_large, outage=False)
-                    body = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > self._max_bytes:
-                            raise CertFetchError(too_large, outage=False)
-                    return bytes(body)
-            except httpx.TimeoutException as exc:
-                raise TimeoutError(f"GET {url} timed out") from exc
-            except httpx.HTTPError as exc:
-                raise CertFetchError(f"GET {url} failed: {exc!r}") from exc
+        return (await self._download.get(url))[0]
 
 
 # ---------------------------------------------------------------------------

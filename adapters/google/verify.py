@@ -39,11 +39,11 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-import certifi
 import httpx
 from google.auth import crypt, jwt
 from google.auth import exceptions as google_exceptions
 
+from gateway.httputil import Download
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import RefusalLog
 
@@ -207,11 +207,8 @@ class GoogleCertsFetcher:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
-        self._timeout_s = timeout_s
-        self._max_bytes = max_bytes
+        self._download = Download(timeout_s, max_bytes, ssl_context, trust_env)
         self._default_max_age_s = default_max_age_s
-        self._ssl_context = ssl_context or ssl.create_default_context(cafile=certifi.where())
-        self._trust_env = trust_env
         self._monotonic = monotonic
         self._certs: dict[str, str] | None = None
         self._expires = 0.0
@@ -225,13 +222,13 @@ class GoogleCertsFetcher:
         Raises:
             TimeoutError: the download took longer than ``timeout_s``.
             ValueError: the response is not a JSON object of strings, is too large,
-                or has a status other than 200.
-            httpx.HTTPError: a transport failure.
+                or has a status other than 200, or a transport failure
+                (:class:`gateway.httputil.DownloadError`).
         """
         if self._certs is not None and self._monotonic() < self._expires:
             return self._certs
         if self._inflight is None:
-            self._inflight = asyncio.create_task(self._download())
+            self._inflight = asyncio.create_task(self._fetch())
             self._inflight.add_done_callback(self._finished)
         return await asyncio.shield(self._inflight)
 
@@ -241,26 +238,10 @@ class GoogleCertsFetcher:
         if not task.cancelled():
             task.exception()  # mark retrieved: a failure is raised to the waiters
 
-    async def _download(self) -> dict[str, str]:
+    async def _fetch(self) -> dict[str, str]:
         self.fetches += 1
-        async with (
-            asyncio.timeout(self._timeout_s),
-            httpx.AsyncClient(
-                verify=self._ssl_context,
-                timeout=self._timeout_s * 0.8,  # per phase; fires before the total limit
-                follow_redirects=False,
-                trust_env=self._trust_env,
-            ) as client,
-            client.stream("GET", self.url) as response,
-        ):
-            if response.status_code != 200:
-                raise ValueError(f"GET {self.url} returned HTTP {response.status_code}")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > self._max_bytes:
-                    raise ValueError(f"{self.url} sent more than {self._max_bytes} B")
-            ttl = _cache_seconds(response.headers, self._default_max_age_s)
+        body, headers = await self._download.get(self.url)
+        ttl = _cache_seconds(headers, self._default_max_age_s)
         data = json.loads(body)
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
             raise ValueError(f"{self.url} did not return a {{kid: PEM}} object")
