@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.alexa.protocol import REQUEST_TABLE, AlexaEnvelope, Handling
+from adapters.alexa.protocol import REQUEST_TABLE, AlexaEnvelope, Handling, turn_wire
 from gateway.apidoc import component, has, json_body
 from gateway.calls_openapi import problems
+from gateway.events import Response, ResponseItem
 
 _EXAMPLE_REQUEST = {
     "version": "1.0",
@@ -34,17 +35,10 @@ _EXAMPLE_REQUEST = {
         },
     },
 }
-_EXAMPLE_RESPONSE = {
-    "version": "1.0",
-    "sessionAttributes": {"gatewaySessionId": "amzn1.echo-api.session.0000"},
-    "response": {
-        "outputSpeech": {"type": "SSML", "ssml": "<speak>Nice to meet you, Ada.</speak>"},
-        "reprompt": {
-            "outputSpeech": {"type": "SSML", "ssml": "<speak>Nice to meet you, Ada.</speak>"}
-        },
-        "shouldEndSession": False,
-    },
-}
+_EXAMPLE_RESPONSE = turn_wire(  # what the gateway answers when the core says this
+    Response(items=[ResponseItem(text="Nice to meet you, Ada.")]),
+    session_id="amzn1.echo-api.session.0000",
+)
 
 _SESSION_HANDLING = (Handling.TURN, Handling.END)
 _APP_ID = {"type": "string", "minLength": 1}

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from adapters.google import protocol
 from adapters.google.protocol import CxRequest, EsRequest, V2AppRequest, V3Request
 from gateway.apidoc import PROBLEM, component, has, json_body
 from gateway.calls_openapi import problems
+from gateway.events import Response, ResponseItem
 
 _GOOGLE_REQUEST = {
     "handler": {"name": "gateway"},
@@ -20,16 +22,6 @@ _GOOGLE_REQUEST = {
     "scene": {"name": "Conversation"},
     "session": {"id": "ABwppHE_0000", "params": {}, "languageCode": ""},
     "user": {"locale": "en-US"},
-}
-_GOOGLE_RESPONSE = {
-    "session": {"id": "ABwppHE_0000", "params": {"gatewaySessionId": "ABwppHE_0000"}},
-    "prompt": {
-        "override": False,
-        "firstSimple": {
-            "speech": "<speak>Nice to meet you, Ada.</speak>",
-            "text": "Nice to meet you, Ada.",
-        },
-    },
 }
 _DIALOGFLOW_REQUEST = {
     "responseId": "0000",
@@ -41,10 +33,10 @@ _DIALOGFLOW_REQUEST = {
         "languageCode": "en",
     },
 }
-_DIALOGFLOW_RESPONSE = {
-    "fulfillmentText": "Nice to meet you, Ada.",
-    "fulfillmentMessages": [{"text": {"text": ["Nice to meet you, Ada."]}}],
-}
+# what the gateway answers when the core says this
+_SAID = Response(items=[ResponseItem(text="Nice to meet you, Ada.")])
+_GOOGLE_RESPONSE = protocol.answer_json(protocol.google_plan(_GOOGLE_REQUEST), _SAID)[0]
+_DIALOGFLOW_RESPONSE = protocol.answer_json(protocol.dialogflow_plan(_DIALOGFLOW_REQUEST), _SAID)[0]
 
 
 _DIALOGFLOW_SHAPE = ("queryResult", "sessionInfo", "fulfillmentInfo", "detectIntentResponseId")
