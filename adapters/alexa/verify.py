@@ -224,32 +224,22 @@ def check_cert_chain_url(url: str) -> str:
         raise AlexaVerificationError(
             AlexaReason.CERT_URL_MALFORMED, f"SignatureCertChainUrl does not parse: {exc}"
         ) from None
-    if parts.scheme.lower() != "https":
-        raise AlexaVerificationError(
-            AlexaReason.CERT_URL_SCHEME,
-            f"SignatureCertChainUrl scheme must be https, got {clipped(parts.scheme)}",
-        )
-    host = (parts.hostname or "").lower()
-    if host != ALEXA_CERT_HOST:
-        raise AlexaVerificationError(
-            AlexaReason.CERT_URL_HOST,
-            f"SignatureCertChainUrl host must be {ALEXA_CERT_HOST}, got {clipped(host)}",
-        )
-    if parts.username is not None or parts.password is not None:
-        raise AlexaVerificationError(
-            AlexaReason.CERT_URL_MALFORMED, "SignatureCertChainUrl must not carry user info"
-        )
-    if port is not None and port != 443:
-        raise AlexaVerificationError(
-            AlexaReason.CERT_URL_PORT, f"SignatureCertChainUrl port must be 443, got {port}"
-        )
-    path = _normalise_path(parts.path)
-    if path is None or not path.startswith(ALEXA_CERT_PATH_PREFIX):
-        raise AlexaVerificationError(
-            AlexaReason.CERT_URL_PATH,
-            f"SignatureCertChainUrl path must start with {ALEXA_CERT_PATH_PREFIX!r} "
-            f"after normalisation, got {clipped(parts.path)}",
-        )
+    host, path = (parts.hostname or "").lower(), _normalise_path(parts.path)
+    rules = (  # in order: the first that fails is the reason
+        (parts.scheme.lower() == "https", AlexaReason.CERT_URL_SCHEME,
+         f"scheme must be https, got {clipped(parts.scheme)}"),
+        (host == ALEXA_CERT_HOST, AlexaReason.CERT_URL_HOST,
+         f"host must be {ALEXA_CERT_HOST}, got {clipped(host)}"),
+        (parts.username is None and parts.password is None, AlexaReason.CERT_URL_MALFORMED,
+         "must not carry user info"),
+        (port in (None, 443), AlexaReason.CERT_URL_PORT, f"port must be 443, got {port}"),
+        (path is not None and path.startswith(ALEXA_CERT_PATH_PREFIX), AlexaReason.CERT_URL_PATH,
+         f"path must start with {ALEXA_CERT_PATH_PREFIX!r} after normalisation, "
+         f"got {clipped(parts.path)}"),
+    )  # fmt: skip
+    for ok, reason, message in rules:
+        if not ok:
+            raise AlexaVerificationError(reason, f"SignatureCertChainUrl {message}")
     return f"https://{ALEXA_CERT_HOST}{path}"
 
 
