@@ -362,15 +362,14 @@ session ends, said by :func:`fallback_response`): the voice assistants' table.""
 
 
 def turn_context(plan: Plan) -> TurnContext:
-    """The turn engine's context for ``plan``'s session (channel and namespace ``alexa``)."""
+    """The turn engine's context for ``plan``'s session (channel and namespace ``alexa``;
+    a turn may start an unknown session)."""
     return TurnContext(
         channel=NAMESPACE,
-        namespace=NAMESPACE,
         session_id=plan.session_id or "",
         app_key=plan.app_key or "",
         device_id=plan.device_id,
         locale=plan.locale,
-        create=True,
     )
 
 
@@ -640,7 +639,7 @@ def turn_wire(
     """
     items = response.items
     end = force_end or (response.session_ended and response.sleep_timeout == 0)
-    speech = speech_ssml(items, max_speech_chars, max_audio=MAX_AUDIO_TAGS, utf16=True)
+    speech = _speech(items, max_speech_chars)
     should_end = end or speech is None
     body: dict[str, Any] = {}
     if speech is not None:
@@ -669,17 +668,12 @@ def turn_wire(
 def _reprompt_ssml(items: Sequence[ResponseItem], speech: str, max_chars: int) -> str | None:
     """The SSML of the last item that says something (within ``max_chars``), or None.
 
-    ``speech`` is the SSML of all ``items`` within ``max_chars``: with one item it is
-    that item's, not rendered again; with the default budget the test render of the
-    last speaking item is its SSML.
+    ``speech`` is the SSML of all ``items`` within ``max_chars``: with one item and the
+    default budget it is that item's, not rendered again; with the default budget the
+    test render of the last speaking item is its SSML.
     """
-    if len(items) == 1:
-        # the one item says something (speech is not None): its SSML with the same
-        # budget is speech; under another budget it is first tested with the default
-        # one, as below
-        if max_chars == MAX_SPEECH_CHARS or _speech(items, MAX_SPEECH_CHARS):
-            return speech
-        return None
+    if len(items) == 1 and max_chars == MAX_SPEECH_CHARS:
+        return speech
     for item in reversed(items):
         rendered = _speech([item], MAX_SPEECH_CHARS)
         if rendered:

@@ -674,9 +674,8 @@ class AlexaVerifier:
         return None
 
     async def _chain(self, url: str, now: datetime) -> VerifiedChain:
-        cached = self._cached(url, now)
-        if cached is not None:
-            return cached
+        """The chain of ``url`` when :meth:`_cached` has none: a recent failure again, or
+        the (shared) download and verification."""
         failed = self._failures.get(url)
         if failed is not None:
             until, error = failed

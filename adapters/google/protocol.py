@@ -654,14 +654,12 @@ conversation ends, said by :func:`fallback_json`): the voice assistants' table."
 def turn_context(plan: Plan, namespace: str) -> TurnContext:
     """The turn engine's context for ``plan``: channel and namespace ``namespace``
     (:data:`GOOGLE_NAMESPACE` or :data:`DIALOGFLOW_NAMESPACE`), application key
-    ``plan.app_key``."""
+    ``plan.app_key``; a turn may start an unknown session."""
     return TurnContext(
         channel=namespace,
-        namespace=namespace,
         session_id=plan.session_id,
         app_key=plan.app_key or "",
         locale=plan.locale,
-        create=True,
     )
 
 
