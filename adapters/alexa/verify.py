@@ -47,7 +47,6 @@ import binascii
 import logging
 import posixpath
 import re
-import ssl
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -430,12 +429,14 @@ class CertChainFetcher(Protocol):
         ...
 
 
-class HttpxCertChainFetcher:
-    """The default :class:`CertChainFetcher`: one :class:`gateway.httputil.Download` per fetch.
+@dataclass(frozen=True)
+class HttpxCertChainFetcher(Download):
+    """The default :class:`CertChainFetcher`: a :class:`gateway.httputil.Download` of
+    https URLs only.
 
-    Only ``https`` URLs are fetched; redirects are not followed; a status other
-    than 200 or a body over ``max_bytes`` fails; the whole request (connect, TLS,
-    headers, body) is bounded by ``timeout_s`` seconds.
+    Redirects are not followed; a status other than 200 or a body over ``max_bytes``
+    fails; the whole request (connect, TLS, headers, body) is bounded by ``timeout_s``
+    seconds.
 
     Args:
         timeout_s: total time limit in seconds.
@@ -445,15 +446,8 @@ class HttpxCertChainFetcher:
         trust_env: honour proxy environment variables (``HTTPS_PROXY`` ...).
     """
 
-    def __init__(
-        self,
-        *,
-        timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
-        max_bytes: int = 64 * 1024,
-        ssl_context: ssl.SSLContext | None = None,
-        trust_env: bool = True,
-    ) -> None:
-        self._download = Download(timeout_s, max_bytes, ssl_context, trust_env)
+    timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
+    max_bytes: int = 64 * 1024
 
     async def fetch(self, url: str) -> bytes:
         """GET ``url`` (https only) and return its body.
@@ -465,7 +459,7 @@ class HttpxCertChainFetcher:
         """
         if urlsplit(url).scheme.lower() != "https":
             raise CertFetchError(f"refusing to fetch a non-https URL: {url}", outage=False)
-        return (await self._download.get(url))[0]
+        return (await self.get(url))[0]
 
 
 # ---------------------------------------------------------------------------
