@@ -164,6 +164,7 @@ class Download:
         # bytes). httpcore leaks the socket when cancelled mid-TLS-handshake, hence the
         # phase limits are set below the total.
         limit = self.max_bytes
+        too_large = f"{url} is larger than {limit} B (declared or sent more than {limit} B)"
         async with asyncio.timeout(self.timeout_s):
             try:
                 async with (
@@ -178,9 +179,6 @@ class Download:
                     if (status := response.status_code) != 200:
                         failed = f"GET {url} returned HTTP {status}"
                         raise DownloadError(failed, outage=status >= 500)
-                    too_large = (
-                        f"{url} is larger than {limit} B: it declared or sent more than {limit} B"
-                    )
                     declared = response.headers.get("content-length", "")
                     if declared.isdigit() and int(declared) > limit:
                         raise DownloadError(too_large, outage=False)
