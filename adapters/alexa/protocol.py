@@ -444,14 +444,12 @@ def intent_attribute(intent: AlexaIntent, dialog_state: str | None = None) -> di
             slots[key] = slot.text
             match = slot.resolved()
             if match is not None:
-                resolved[key] = {"name": match.name, "id": match.id}
+                resolved[key] = match.model_dump()  # {"name", "id"}
         else:
             slots[key] = [value.value for value in values]
             matches = [_first_match(value.resolutions) for value in values]
             if any(matches):
-                resolved[key] = [
-                    {"name": match.name, "id": match.id} if match else None for match in matches
-                ]
+                resolved[key] = [match.model_dump() if match else None for match in matches]
         if slot.confirmation_status and slot.confirmation_status != "NONE":
             confirmations[key] = slot.confirmation_status
     attribute: dict[str, Any] = {"name": intent.name, "slots": slots, "resolvedSlots": resolved}
