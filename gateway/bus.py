@@ -90,6 +90,11 @@ class Bus(Protocol):
         """Forget the topic's retained value."""
         ...
 
+    async def retained(self, topic: str) -> Message | None:
+        """The topic's retained value now (None: it has none, or it expired), read
+        without subscribing. Raises BusUnavailable when the bus cannot be reached."""
+        ...
+
     def subscribe(self, topic: str) -> AbstractAsyncContextManager[Subscription]:
         """Receive the topic's messages while the context is open (retained value first)."""
         ...
@@ -104,16 +109,29 @@ class BusUnavailable(Exception):
 
 
 class MemoryBus:
-    """The embedded default: topics within this process only."""
+    """The embedded default: topics within this process only.
+
+    Expired retained values are dropped when their topic is read, and all at once
+    whenever the retained values have doubled in number since the last such sweep (at
+    least :data:`SWEEP_AT` of them): values nobody reads (a call's outcome, kept a day)
+    do not pile up.
+    """
+
+    SWEEP_AT = 1024
 
     def __init__(self, *, clock: Any = None) -> None:
         self._subs: dict[str, set[Subscription]] = {}
         self._retained: dict[str, tuple[float, Message]] = {}
         self._clock = clock or (lambda: asyncio.get_running_loop().time())
+        self._sweep_at = self.SWEEP_AT
 
     async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> int:
         if retain_s is not None:
-            self._retained[topic] = (self._clock() + retain_s, message)
+            now = self._clock()
+            if len(self._retained) >= self._sweep_at:
+                self._retained = {t: v for t, v in self._retained.items() if v[0] > now}
+                self._sweep_at = max(self.SWEEP_AT, 2 * len(self._retained))
+            self._retained[topic] = (now + retain_s, message)
         subs = self._subs.get(topic, ())
         for sub in subs:
             sub.put(message)
@@ -128,6 +146,13 @@ class MemoryBus:
 
     async def clear(self, topic: str) -> None:
         self._retained.pop(topic, None)
+
+    async def retained(self, topic: str) -> Message | None:
+        kept = self._retained.get(topic)
+        if kept is not None and kept[0] <= self._clock():
+            del self._retained[topic]
+            return None
+        return kept[1] if kept is not None else None
 
     @contextlib.asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
@@ -220,6 +245,15 @@ class RedisBus:
             await self._breaker.guard(lambda: self._redis.delete(retained))
         except REDIS_ERRORS as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
+
+    async def retained(self, topic: str) -> Message | None:
+        key = self._retained_key(topic)
+        try:
+            data = await self._breaker.guard(lambda: self._redis.get(key))
+        except REDIS_ERRORS as exc:
+            raise BusUnavailable(f"Redis: {exc}") from exc
+        message = json.loads(data) if data else None
+        return message if isinstance(message, dict) else None
 
     @contextlib.asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:

@@ -101,6 +101,35 @@ async def test_claim_wins_only_on_a_topic_without_a_retained_value(
     assert await pub.claim("c", {"id": "a"}, retain_s=5) is True
 
 
+async def test_the_retained_value_is_read_without_subscribing(buses: tuple[Bus, Bus]) -> None:
+    """A record kept on the bus (a call's outcome) is read on any instance: the value now,
+    None once cleared or expired."""
+    pub, other = buses
+    assert await other.retained("r") is None
+    await pub.publish("r", {"status": "ringing"}, retain_s=5)
+    await pub.publish("r", {"status": "busy"}, retain_s=0.3)
+    assert await other.retained("r") == {"status": "busy"}
+    await asyncio.sleep(0.5)
+    assert await other.retained("r") is None
+    await pub.publish("r", {"status": "busy"}, retain_s=5)
+    await pub.clear("r")
+    assert await other.retained("r") is None
+
+
+async def test_the_memory_bus_drops_expired_values_nobody_reads() -> None:
+    """Retained values were dropped only when their topic was read again: a day's call
+    outcomes nobody asked for were kept for good. Expired ones now go whenever the kept
+    values have doubled in number."""
+    now = [0.0]
+    bus = MemoryBus(clock=lambda: now[0])
+    for n in range(MemoryBus.SWEEP_AT):
+        await bus.publish(f"t{n}", {"n": n}, retain_s=10)
+    now[0] = 11.0
+    await bus.publish("fresh", {"n": -1}, retain_s=10)
+    assert len(bus._retained) == 1
+    assert await bus.retained("fresh") == {"n": -1}
+
+
 async def test_nothing_arrives_after_unsubscribing(buses: tuple[Bus, Bus]) -> None:
     pub, sub_bus = buses
     async with sub_bus.subscribe("s") as sub:
@@ -125,6 +154,8 @@ async def test_unreachable_redis_raises_bus_unavailable() -> None:
     bus = RedisBus(client)
     with pytest.raises(BusUnavailable):
         await bus.publish("s", {"n": 1})
+    with pytest.raises(BusUnavailable):
+        await bus.retained("s")
     with pytest.raises(BusUnavailable):
         async with bus.subscribe("s"):
             pass
