@@ -34,13 +34,13 @@ log = logging.getLogger("gateway.callcontrol")
 @dataclass(frozen=True)
 class RestRequest:
     """One call-control request: ``method``, absolute ``url``, ``headers`` (auth included)
-    and a body: ``form`` (application/x-www-form-urlencoded) or ``json`` (application/json),
-    or neither."""
+    and a body: ``form`` (application/x-www-form-urlencoded; a list is the name repeated,
+    one value each) or ``json`` (application/json), or neither."""
 
     method: str
     url: str
     headers: Mapping[str, str] = field(default_factory=dict)
-    form: Mapping[str, str] | None = None
+    form: Mapping[str, str | list[str]] | None = None
     json: Any = None
 
 

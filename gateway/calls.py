@@ -26,6 +26,19 @@ The admin key refusals are logged as :mod:`gateway.admin` says (bounded WARNING 
 The log names a call's dialled number by its last 4 digits only
 (:func:`gateway.logs.masked_number`: personal data).
 
+Outcomes: each placed call has a record ``{"carrier", "callId", "status", "answeredBy",
+"updatedAt"}`` (``status`` in Twilio's ``CallStatus`` vocabulary: ``queued`` when
+placed, then ``initiated``, ``ringing``, ``in-progress``, and one of the final
+``completed``, ``busy``, ``no-answer``, ``failed``, ``canceled``; ``answeredBy`` the
+carrier's answering-machine result or null; ``updatedAt`` epoch seconds), kept
+:data:`OUTCOME_TTL_S` as the retained value of the bus topic :func:`outcome_topic`
+(Redis with GATEWAY_REDIS_URL: every instance reads it) and answered by
+``GET /v1/calls/{callId}`` (admin key; 404 problem for an unknown id, 503 while the bus
+does not answer). The carrier adapters report what their webhooks say through
+:func:`record_outcome` (Twilio's call status callbacks on ``/twilio/status``, Telnyx's
+``call.answered``/``call.hangup`` on ``/telnyx/outbound``); a status never goes back
+(callbacks may come out of order), and a call not answered is logged at INFO.
+
 Transfers: :func:`send_transfer` sends a carrier adapter's transfer request (its
 ``control.transfer``) and logs how it went (:func:`~gateway.callcontrol.log_transfer`,
 the only record of it); the carrier
@@ -41,17 +54,20 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, TypeVar
+from typing import Annotated, Any, Final, Protocol, TypeVar
 from urllib.parse import urlencode, urlsplit
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.admin import install as install_admin
 from gateway.admin import require_admin
+from gateway.breaker import outage_level
+from gateway.bus import BusUnavailable
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import (
     CallControl,
@@ -61,8 +77,8 @@ from gateway.callcontrol import (
     TransferResult,
     log_transfer,
 )
-from gateway.calls_openapi import POST_CALLS
-from gateway.deps import gateway_of
+from gateway.calls_openapi import GET_CALL, POST_CALLS
+from gateway.deps import Gateway, gateway_of
 from gateway.httputil import check_json_type, problem, read_body, refused_request
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, clipped, load_json
@@ -290,6 +306,7 @@ async def place_call(request: Request) -> Response:
             carrierBody=answer.body,
         )
     log.info("Outbound %s call %s to %s placed", carrier, call_id, masked_number(call.to))
+    await record_outcome(gateway_of(request), carrier, call_id, status="queued")
     return JSONResponse(
         {
             "carrier": carrier,
@@ -301,6 +318,76 @@ async def place_call(request: Request) -> Response:
         },
         status_code=201,
     )
+
+
+# ------------------------------------------------------------------ outcomes
+
+
+OUTCOME_TTL_S: Final = 86_400.0
+"""How long the outcome record of a placed call is kept (s)."""
+UNANSWERED: Final = frozenset({"busy", "no-answer", "failed", "canceled"})
+"""The final statuses of a call nobody answered."""
+_PROGRESS: Final = {"queued": 0, "initiated": 1, "ringing": 2, "in-progress": 3}
+"""The order of the statuses before the final ones (any other status is final: 4)."""
+
+
+def _rank(status: str | None) -> int:
+    """Where ``status`` comes in a call's life: -1 for none, 4 for a final one."""
+    return -1 if status is None else _PROGRESS.get(status, 4)
+
+
+def outcome_topic(call_id: str) -> str:
+    """The bus topic whose retained value is the outcome record of call ``call_id``."""
+    return f"call-outcome:{call_id}"
+
+
+async def record_outcome(
+    gw: Gateway,
+    carrier: str,
+    call_id: str,
+    *,
+    status: str | None = None,
+    answered_by: str | None = None,
+    to: str = "",
+) -> None:
+    """Update the outcome record of ``carrier``'s call ``call_id`` (module doc) with
+    ``status`` (Twilio's ``CallStatus`` vocabulary; ignored when the record has a later
+    one already) and ``answered_by`` (kept when None); a call not answered
+    (:data:`UNANSWERED`) is logged at INFO, ``to`` (the callee) masked. Never raises:
+    a bus that does not answer is logged (WARNING, DEBUG for the same outage after)."""
+    topic = outcome_topic(call_id)
+    try:
+        record = await gw.bus.retained(topic) or {
+            "carrier": carrier,
+            "callId": call_id,
+            "status": None,
+            "answeredBy": None,
+        }
+        old = record["status"]
+        if status is not None and _rank(status) > _rank(old):
+            record["status"] = status
+        record["answeredBy"] = answered_by or record["answeredBy"]
+        record["updatedAt"] = time.time()
+        await gw.bus.publish(topic, record, retain_s=OUTCOME_TTL_S)
+    except BusUnavailable as exc:
+        log.log(outage_level(exc), "%s call %s: outcome not recorded: %s", carrier, call_id, exc)
+        return
+    if record["status"] != old and record["status"] in UNANSWERED:
+        callee = masked_number(to) or "?"
+        log.info("%s call %s to %s not answered: %s", carrier, call_id, callee, status)
+
+
+@router.get("/v1/calls/{callId}", dependencies=[Depends(require_admin)], **GET_CALL)
+async def call_outcome(request: Request, call_id: Annotated[str, Path(alias="callId")]) -> Response:
+    """The outcome record of a placed call (module doc); 404 problem for an unknown id."""
+    try:
+        record = await gateway_of(request).bus.retained(outcome_topic(call_id))
+    except BusUnavailable as exc:
+        log.log(outage_level(exc), "call %s: outcome not read: %s", clipped(call_id), exc)
+        return problem(503, "Service Unavailable", "The gateway's store does not answer.")
+    if record is None:
+        return problem(404, "Not Found", f"No call {clipped(call_id)} is known.")
+    return JSONResponse(record)
 
 
 # ------------------------------------------------------------------ transfers

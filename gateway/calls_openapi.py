@@ -72,3 +72,29 @@ POST_CALLS: dict[str, Any] = dict(
     },
 )
 """Documenting keyword arguments of ``POST /v1/calls``."""
+
+GET_CALL: dict[str, Any] = dict(
+    summary="The outcome of a call placed by POST /v1/calls (admin key)",
+    description=(
+        "`{carrier, callId, status, answeredBy, updatedAt}`, kept 24 h after its last "
+        "change on every instance: `status` in Twilio's CallStatus vocabulary (`queued`, "
+        "`initiated`, `ringing`, `in-progress`, `completed`, `busy`, `no-answer`, "
+        "`failed`, `canceled`; Telnyx's `hangup_cause` mapped as README says), "
+        "`answeredBy` the answering-machine result or null, `updatedAt` epoch seconds."
+    ),
+    responses={
+        200: {
+            "description": "The call's outcome record",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        **problems(
+            {
+                401: "No bearer admin key, or a wrong one",
+                403: "No admin keys are configured",
+                404: "No call with this id is known (never placed here, or over 24 h ago)",
+                503: "The gateway's store (Redis) does not answer",
+            }
+        ),
+    },
+)
+"""Documenting keyword arguments of ``GET /v1/calls/{callId}``."""

@@ -18,8 +18,11 @@ The AMD result is the webhook ``call.machine.detection.ended`` (``payload.result
 ``human`` | ``machine`` | ``not_sure``) or ``call.machine.premium.detection.ended``
 (``human_residence``, ``human_business``, ``machine``, ...): :func:`machine_input`.
 The call's end is the webhook ``call.hangup`` (``payload.call_control_id``,
-``payload.client_state``): :func:`hangup_of`. A TeXML call's end is its status callback
-(the TeXML Application's "Call progress events URL", ``status_callback``: Ed25519-signed,
+``payload.client_state``, ``payload.hangup_cause``): :func:`hangup_of`; with
+``call.answered`` and the AMD result it is the call's outcome (:func:`outcome_of`, its
+``hangup_cause`` as Twilio's ``CallStatus``: :data:`HANGUP_STATUS`). A TeXML call's end
+is its status callback (the TeXML Application's "Call progress events URL",
+``status_callback``: Ed25519-signed,
 form-urlencoded ``CallSid`` = the call_control_id, ``CallStatus`` ``completed`` ...;
 https://developers.telnyx.com/api-reference/callbacks/texml-call-completed):
 :func:`texml_call_ended`.
@@ -45,6 +48,18 @@ AMD_EVENTS: Final = frozenset(
 )
 TEXML_ENDED: Final = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 """The ``CallStatus`` values of a TeXML status callback whose call is over."""
+HANGUP_STATUS: Final = {
+    "normal_clearing": "completed",
+    "time_limit": "completed",
+    "user_busy": "busy",
+    "busy": "busy",
+    "call_rejected": "busy",  # the callee declined (SIP 603), as a busy line
+    "timeout": "no-answer",
+    "no_answer": "no-answer",
+    "originator_cancel": "canceled",
+}
+"""``call.hangup``'s ``hangup_cause`` as Twilio's ``CallStatus``; any other cause
+(``not_found``, ``unspecified``, ...) is ``failed``."""
 MAX_CALL_ID: Final = 256
 """The longest ``CallSid`` taken from a status callback (a call_control_id is ~60)."""
 
@@ -200,3 +215,38 @@ def machine_input(event: Any) -> tuple[str, Input] | None:
         "clientState": read_client_state(payload.get("client_state")),
     }
     return ccid, Input.of(MACHINE, attributes=attributes)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a webhook says of a call's outcome (gateway/calls.py ``record_outcome``):
+    its ``call_id`` (call_control_id), ``status`` (Twilio's vocabulary) or None,
+    ``answered_by`` (the AMD result) or None, ``to`` (the callee, "" unknown)."""
+
+    call_id: str
+    status: str | None
+    answered_by: str | None
+    to: str
+
+
+def outcome_of(event: Any) -> Outcome | None:
+    """The :class:`Outcome` of the webhook ``event`` (parsed JSON): ``call.answered``
+    (``in-progress``), ``call.hangup`` (its ``hangup_cause`` by :data:`HANGUP_STATUS`,
+    else ``failed``), an AMD result (``answered_by``); None for another event or one
+    without a ``call_control_id`` of at most :data:`MAX_CALL_ID` characters."""
+    data = event.get("data") if isinstance(event, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("payload"), dict):
+        return None
+    kind, payload = data.get("event_type"), data["payload"]
+    ccid, to, result = payload.get("call_control_id"), payload.get("to"), payload.get("result")
+    if not isinstance(ccid, str) or not 0 < len(ccid) <= MAX_CALL_ID:
+        return None
+    to = to if isinstance(to, str) else ""
+    if kind == "call.answered":
+        return Outcome(ccid, "in-progress", None, to)
+    if kind == "call.hangup":
+        status = HANGUP_STATUS.get(str(payload.get("hangup_cause")), "failed")
+        return Outcome(ccid, status, None, to)
+    if kind in AMD_EVENTS and isinstance(result, str) and result:
+        return Outcome(ccid, None, result[:64], to)
+    return None

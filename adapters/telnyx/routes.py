@@ -10,9 +10,11 @@ answer).
 as ``#machine`` (attributes ``answeredBy``) to the call's stream on whichever instance
 serves it, through the bus (gateway/io/call.py ``announce_machine``, under its
 ``call_control_id``). ``call.hangup`` of a call no instance serves (its instance died)
-ends the call's session (app key from its ``client_state``). 200 ``{}``; 503 problem with
-``Retry-After`` when a machine result could not be handed on (the bus, the gateway's
-Redis, is down: Telnyx delivers it again).
+ends the call's session (app key from its ``client_state``). ``call.answered``,
+``call.hangup`` and the AMD result are recorded as the call's outcome
+(:func:`adapters.telnyx.control.outcome_of`, gateway/calls.py ``record_outcome``).
+200 ``{}``; 503 problem with ``Retry-After`` when a machine result could not be handed on
+(the bus, the gateway's Redis, is down: Telnyx delivers it again).
 
 ``/telnyx/stream`` — the call's media stream (Telnyx Media Streaming, bidirectional RTP)
 on the shared call engine (:class:`gateway.io.call.CallRunner` with
@@ -75,6 +77,7 @@ from gateway.calls import (
     CallRefused,
     OutboundCall,
     public_url,
+    record_outcome,
     refusal,
     send_transfer,
     wss_url,
@@ -190,6 +193,16 @@ async def telnyx_outbound(request: Request) -> Response:
         log.info("Telnyx call %s answered by %s", call_id, answered_by)
         if not await announce_machine(gateway_of(request), CHANNEL, call_id, answered_by):
             return machine_answer_undelivered()
+    outcome = telnyx.outcome_of(event)
+    if outcome is not None:
+        await record_outcome(
+            gateway_of(request),
+            CHANNEL,
+            outcome.call_id,
+            status=outcome.status,
+            answered_by=outcome.answered_by,
+            to=outcome.to,
+        )
     ended = telnyx.hangup_of(event)
     if ended is not None:
         await _hung_up(gateway_of(request), *ended)

@@ -5,7 +5,10 @@ Outbound: ``Url`` = ``<GATEWAY_PUBLIC_URL>/twilio/voice?key=<appKey>&direction=o
 &attributes=<JSON>``, whose TwiML opens ``/twilio/stream/<one-time token>``; with
 ``machineDetection`` (default true): ``MachineDetection`` =
 GATEWAY_TWILIO_MACHINE_DETECTION, ``AsyncAmd=true``, ``AsyncAmdStatusCallback`` =
-``<public>/twilio/amd?key=<appKey>`` (served by adapters/twilio/routes.py).
+``<public>/twilio/amd?key=<appKey>`` (served by adapters/twilio/routes.py); the call's
+progress (``StatusCallbackEvent`` initiated, ringing, answered, completed) to
+``StatusCallback`` = ``<public>/twilio/status?key=<appKey>``, where routes.py records it
+(gateway/calls.py ``record_outcome``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class TwilioDialer:
             url=public_url(settings.public_url, "/twilio/voice", query),
             machine_detection=settings.twilio_machine_detection if call.machine_detection else None,
             amd_callback=public_url(settings.public_url, "/twilio/amd", {"key": call.app_key}),
+            status_callback=public_url(
+                settings.public_url, "/twilio/status", {"key": call.app_key}
+            ),
         )
 
     def call_id(self, answer: RestAnswer) -> str | None:

@@ -6,9 +6,14 @@ https://www.twilio.com/docs/voice/api/call-resource, "Answering Machine Detectio
 https://www.twilio.com/docs/voice/answering-machine-detection):
 
 - create: ``POST /2010-04-01/Accounts/{AccountSid}/Calls.json``, form-encoded
-  ``To``, ``From``, ``Url`` (+ ``Method``) or ``Twiml``, and for AMD
+  ``To``, ``From``, ``Url`` (+ ``Method``) or ``Twiml``, for AMD
   ``MachineDetection`` (``Enable`` | ``DetectMessageEnd``), ``AsyncAmd=true``,
-  ``AsyncAmdStatusCallback`` (+ ``AsyncAmdStatusCallbackMethod``);
+  ``AsyncAmdStatusCallback`` (+ ``AsyncAmdStatusCallbackMethod``), and for the call's
+  progress ``StatusCallback`` (+ ``StatusCallbackMethod``) with ``StatusCallbackEvent``
+  repeated for each of :data:`STATUS_EVENTS` (without it only ``completed`` is sent):
+  each callback's form carries ``CallSid``, ``CallStatus`` (``queued``, ``initiated``,
+  ``ringing``, ``in-progress``, ``completed``, ``busy``, ``no-answer``, ``failed``,
+  ``canceled``), ``To``, ``From``, and ``AnsweredBy`` when detection ran;
 - update: ``POST .../Calls/{CallSid}.json`` with ``Twiml`` (new instructions: the
   transfer's ``<Dial>``) or ``Status=completed`` (hang up);
 - auth: HTTP Basic ``AccountSid:AuthToken``.
@@ -32,6 +37,8 @@ MACHINE_ANSWERS: Final = frozenset(
     {"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"}
 )
 """``AnsweredBy`` values that are not a person."""
+STATUS_EVENTS: Final = ["initiated", "ringing", "answered", "completed"]
+"""The ``StatusCallbackEvent`` s a placed call reports to its ``StatusCallback``."""
 
 
 @dataclass(frozen=True)
@@ -62,20 +69,26 @@ def create_call(
     url: str,
     machine_detection: str | None = None,
     amd_callback: str | None = None,
+    status_callback: str | None = None,
 ) -> RestRequest:
     """Place a call whose answer fetches TwiML from ``url`` (POST).
 
     With ``machine_detection`` (``Enable`` | ``DetectMessageEnd``) detection runs
     asynchronously (``AsyncAmd=true``): the call connects at once and the result is
-    POSTed to ``amd_callback``.
+    POSTed to ``amd_callback``. With ``status_callback`` the call's progress
+    (:data:`STATUS_EVENTS`) is POSTed there.
     """
-    form = {"To": to, "From": from_, "Url": url, "Method": "POST"}
+    form: dict[str, str | list[str]] = {"To": to, "From": from_, "Url": url, "Method": "POST"}
     if machine_detection:
         form["MachineDetection"] = machine_detection
         form["AsyncAmd"] = "true"
         if amd_callback:
             form["AsyncAmdStatusCallback"] = amd_callback
             form["AsyncAmdStatusCallbackMethod"] = "POST"
+    if status_callback:
+        form["StatusCallback"] = status_callback
+        form["StatusCallbackMethod"] = "POST"
+        form["StatusCallbackEvent"] = STATUS_EVENTS
     return RestRequest("POST", auth.calls_url(), auth.headers, form=form)
 
 

@@ -98,14 +98,21 @@ POST_VOICE: dict[str, Any] = dict(
 )
 """Documenting keyword arguments of ``POST /twilio/voice``."""
 
+_CALL_STATUS_FIELDS = {
+    "CallStatus": "A placed call's progress: queued, initiated, ringing, in-progress, "
+    "completed, busy, no-answer, failed or canceled (recorded: GET /v1/calls/{callId}).",
+    "AnsweredBy": "The answering-machine result, when detection ran.",
+    "To": "The called number.",
+}
+
 POST_STATUS: dict[str, Any] = dict(
-    summary="Stream status callback: record stream-started/-stopped/-error",
+    summary="Status callback: record stream-started/-stopped/-error, or a placed call's CallStatus",
     responses={
         204: {"description": "Recorded"},
         **problems(_SIGNED_FORM_REFUSALS),
     },
     # Twilio always sends StreamEvent; a callback without one is recorded (as "status")
-    openapi_extra=_form_body(STATUS_FIELDS, []),
+    openapi_extra=_form_body({**STATUS_FIELDS, **_CALL_STATUS_FIELDS}, []),
 )
 """Documenting keyword arguments of ``POST /twilio/status``."""
 

@@ -23,7 +23,10 @@ Thin I/O around :mod:`adapters.twilio.protocol` (the call, sans I/O) and
 - ``POST /twilio/status`` — the stream's status callback (``stream-started``,
   ``stream-stopped``, ``stream-error``): verified the same way, logged (a
   ``stream-error`` at WARNING), kept in ``app.state.twilio.status_events`` (the last
-  256), answered 204. A ``stream-stopped``/``stream-error`` of a call no instance
+  256), answered 204. The call status callbacks of calls placed by POST /v1/calls
+  (``CallStatus`` and no ``StreamEvent``; adapters/twilio/calls.py) come here too: the
+  status and ``AnsweredBy`` are recorded as the call's outcome (gateway/calls.py
+  ``record_outcome``), 204. A ``stream-stopped``/``stream-error`` of a call no instance
   serves (none follows its control topic: gateway/io/call.py ``call_served``; its
   instance died) ends the call's session; one served elsewhere is left to that instance.
 - ``WebSocket /twilio/stream/{token}`` — the call's media stream. The signature
@@ -117,7 +120,7 @@ from gateway import metrics
 from gateway.breaker import outage_level
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import TransferResult
-from gateway.calls import callcontrol_of, send_transfer
+from gateway.calls import callcontrol_of, record_outcome, send_transfer
 from gateway.calls import hang_up as rest_hang_up
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
@@ -341,6 +344,20 @@ async def status(request: Request) -> Response:
     params, refused = await _verified_form(request, "/twilio/status")
     if refused is not None:
         return refused
+    call_sid, call_status = params.get("CallSid", ""), params.get("CallStatus", "")
+    if call_status and not params.get("StreamEvent") and CALL_SID.fullmatch(call_sid):
+        # the progress of a call placed by POST /v1/calls (adapters/twilio/calls.py)
+        answered_by = params.get("AnsweredBy") or None
+        to = params.get("To", "")
+        await record_outcome(
+            gateway_of(request),
+            CHANNEL,
+            call_sid,
+            status=call_status,
+            answered_by=answered_by,
+            to=to,
+        )
+        return Response(status_code=204)
     event = {name: params.get(name, "") for name in STATUS_FIELDS}
     channel_of(request).status_events.append(event)
     level = logging.WARNING if event["StreamEvent"] == "stream-error" else logging.INFO
@@ -509,10 +526,11 @@ async def twilio_amd(request: Request) -> Response:
         return refused
     call_sid, answered_by = params.get("CallSid", ""), params.get("AnsweredBy", "")
     log.info("Twilio call %s answered by %s", call_sid or "?", answered_by or "?")
-    if not twilio_control.is_machine(answered_by):
-        return Response(status_code=204)
-    if not CALL_SID.fullmatch(call_sid):
-        return problem(400, "Bad Request", "Expected a CallSid (CA + 32 hex digits).")
-    if not await announce_machine(gateway_of(request), CHANNEL, call_sid, answered_by):
-        return machine_answer_undelivered()
+    if twilio_control.is_machine(answered_by):
+        if not CALL_SID.fullmatch(call_sid):
+            return problem(400, "Bad Request", "Expected a CallSid (CA + 32 hex digits).")
+        if not await announce_machine(gateway_of(request), CHANNEL, call_sid, answered_by):
+            return machine_answer_undelivered()
+    if answered_by and CALL_SID.fullmatch(call_sid):
+        await record_outcome(gateway_of(request), CHANNEL, call_sid, answered_by=answered_by)
     return Response(status_code=204)

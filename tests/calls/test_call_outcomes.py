@@ -1,0 +1,203 @@
+"""The outcome of a call placed by POST /v1/calls, read back by GET /v1/calls/{callId}:
+a call nobody answered (busy, no answer) was reported nowhere. Twilio's signed status
+callbacks (``/twilio/status``) and Telnyx's Ed25519-signed webhooks
+(``/telnyx/outbound``) now update a record kept on the bus (Redis: any instance
+answers), and an unanswered call is logged at INFO with the callee's number masked."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.adapters.telnyx.harness import ADMIN, CARRIER, signed
+from tests.adapters.twilio.harness import ACCOUNT, sign
+from tests.adapters.twilio.helpers import AUTH, PUBLIC, twilio_gateway
+from tests.calls.carrier_api import carrier_api
+
+AUTHORIZED = {"Authorization": f"Bearer {ADMIN}"}
+STATUS_URL = f"{PUBLIC}/twilio/status?key=twilio"
+
+
+async def place(client: httpx.AsyncClient, carrier: str, to: str) -> str:
+    """Place a call through ``carrier`` to ``to``; its ``callId``."""
+    body = {"carrier": carrier, "to": to, "from": "+15550199", "appKey": carrier}
+    placed = await client.post("/v1/calls", json=body, headers=AUTHORIZED)
+    assert placed.status_code == 201, placed.text
+    call_id: str = placed.json()["callId"]
+    return call_id
+
+
+async def outcome(client: httpx.AsyncClient, call_id: str) -> dict[str, Any]:
+    """The call's record (GET /v1/calls/{callId}, 200)."""
+    answer = await client.get(f"/v1/calls/{call_id}", headers=AUTHORIZED)
+    assert answer.status_code == 200, answer.text
+    record: dict[str, Any] = answer.json()
+    return record
+
+
+async def twilio_status(
+    client: httpx.AsyncClient, sid: str, status: str, signature: str | None = None
+) -> int:
+    """Twilio's call status callback of call ``sid`` (signed unless ``signature``)."""
+    form = {
+        "CallSid": sid,
+        "AccountSid": ACCOUNT,
+        "CallStatus": status,
+        "To": "+15550100",
+        "From": "+15550199",
+        "CallbackSource": "call-progress-events",
+    }
+    headers = {"X-Twilio-Signature": signature or sign(AUTH, STATUS_URL, form)}
+    answer = await client.post("/twilio/status?key=twilio", data=form, headers=headers)
+    return answer.status_code
+
+
+def telnyx_event(kind: str, ccid: str, **payload: Any) -> bytes:
+    """A Telnyx Call Control webhook body of call ``ccid``."""
+    data = {"call_control_id": ccid, "to": "+15550100", "from": "+15550199", **payload}
+    return json.dumps({"data": {"event_type": kind, "payload": data}}).encode()
+
+
+async def telnyx_webhook(client: httpx.AsyncClient, body: bytes, **signing: Any) -> int:
+    answer = await client.post("/telnyx/outbound", content=body, headers=signed(body, **signing))
+    return answer.status_code
+
+
+def unanswered_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "not answered" in r.getMessage()]
+
+
+async def test_twilio_busy_and_no_answer_are_recorded_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with (
+        carrier_api() as api,
+        twilio_gateway(
+            twilio_account_sid=ACCOUNT, twilio_api_base_url=api.url, admin_keys={ADMIN}
+        ) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        busy = await place(client, "twilio", "+15550100")
+        # Calls.json asks for the call's progress on the signed /twilio/status
+        asked = parse_qs(api.requests[0].body.decode())
+        assert asked["StatusCallback"] == [STATUS_URL]
+        assert asked["StatusCallbackEvent"] == ["initiated", "ringing", "answered", "completed"]
+        record = await outcome(client, busy)
+        assert (record["carrier"], record["callId"], record["status"]) == ("twilio", busy, "queued")
+        for status in ("initiated", "ringing", "busy", "ringing"):  # the last one late
+            assert await twilio_status(client, busy, status) == 204
+        record = await outcome(client, busy)
+        assert (record["status"], record["answeredBy"]) == ("busy", None)
+        assert isinstance(record["updatedAt"], float)
+
+        unanswered = await place(client, "twilio", "+15550100")
+        assert await twilio_status(client, unanswered, "ringing") == 204
+        # a forged callback is refused and not recorded
+        assert await twilio_status(client, unanswered, "completed", signature="forged") == 403
+        assert (await outcome(client, unanswered))["status"] == "ringing"
+        assert await twilio_status(client, unanswered, "no-answer") == 204
+        assert (await outcome(client, unanswered))["status"] == "no-answer"
+    assert unanswered_lines(caplog) == [
+        f"twilio call {busy} to +****0100 not answered: busy",
+        f"twilio call {unanswered} to +****0100 not answered: no-answer",
+    ]
+    assert not any("5550100" in r.getMessage() for r in caplog.records)
+
+
+async def test_telnyx_busy_and_no_answer_are_recorded_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with (
+        CARRIER.gateway(None) as (gw, _),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        busy = await place(client, "telnyx", "+15550100")
+        assert (await outcome(client, busy))["status"] == "queued"
+        assert await telnyx_webhook(client, telnyx_event("call.initiated", busy)) == 200
+        hangup = telnyx_event("call.hangup", busy, hangup_cause="user_busy")
+        assert await telnyx_webhook(client, hangup) == 200
+        assert await telnyx_webhook(client, telnyx_event("call.answered", busy)) == 200  # late
+        record = await outcome(client, busy)
+        assert (record["carrier"], record["status"]) == ("telnyx", "busy")
+
+        unanswered = await place(client, "telnyx", "+15550100")
+        # a webhook signed with another key is refused and not recorded
+        forged = telnyx_event("call.hangup", unanswered, hangup_cause="normal_clearing")
+        assert await telnyx_webhook(client, forged, key=Ed25519PrivateKey.generate()) == 403
+        assert (await outcome(client, unanswered))["status"] == "queued"
+        timeout = telnyx_event("call.hangup", unanswered, hangup_cause="timeout")
+        assert await telnyx_webhook(client, timeout) == 200
+        assert (await outcome(client, unanswered))["status"] == "no-answer"
+
+        machine = await place(client, "telnyx", "+15550100")
+        for event in (
+            telnyx_event("call.answered", machine),
+            telnyx_event("call.machine.detection.ended", machine, result="machine"),
+            telnyx_event("call.hangup", machine, hangup_cause="normal_clearing"),
+        ):
+            assert await telnyx_webhook(client, event) == 200
+        record = await outcome(client, machine)
+        assert (record["status"], record["answeredBy"]) == ("completed", "machine")
+    assert unanswered_lines(caplog) == [
+        f"telnyx call {busy} to +****0100 not answered: busy",
+        f"telnyx call {unanswered} to +****0100 not answered: no-answer",
+    ]
+    assert not any("5550100" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_outcome_is_read_on_another_instance_sharing_redis(
+    redis_url: str, redis_prefix: str
+) -> None:
+    async with carrier_api() as api:
+        shared: dict[str, Any] = {
+            **CARRIER.settings(api.url),
+            "twilio_account_sid": ACCOUNT,
+            "twilio_api_base_url": api.url,
+            "redis_url": redis_url,
+            "redis_prefix": redis_prefix,
+        }
+        async with (
+            twilio_gateway(**shared) as a,
+            twilio_gateway(**shared) as b,
+            httpx.AsyncClient(base_url=a.url) as on_a,
+            httpx.AsyncClient(base_url=b.url) as on_b,
+        ):
+            sid = await place(on_a, "twilio", "+15550100")
+            assert await twilio_status(on_b, sid, "busy") == 204
+            ccid = await place(on_b, "telnyx", "+15550100")
+            hangup = telnyx_event("call.hangup", ccid, hangup_cause="timeout")
+            assert await telnyx_webhook(on_a, hangup) == 200
+            for client in (on_a, on_b):
+                assert (await outcome(client, sid))["status"] == "busy"
+                assert (await outcome(client, ccid))["status"] == "no-answer"
+
+
+async def test_get_v1_calls_refuses_an_unknown_id_and_a_bad_key() -> None:
+    async with (
+        twilio_gateway(admin_keys={ADMIN}) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        path = f"/v1/calls/CA{uuid.uuid4().hex}"
+        unknown = await client.get(path, headers=AUTHORIZED)
+        assert unknown.status_code == 404
+        assert unknown.headers["content-type"] == "application/problem+json"
+        for headers, challenge in (
+            ({}, 'Bearer realm="gateway-admin"'),
+            (
+                {"Authorization": "Bearer wrong"},
+                'Bearer realm="gateway-admin", error="invalid_token"',
+            ),
+        ):
+            refused = await client.get(path, headers=headers)
+            assert refused.status_code == 401
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert refused.headers["www-authenticate"] == challenge
