@@ -38,7 +38,7 @@ import codecs
 import json
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Final, Literal
 
@@ -265,6 +265,19 @@ _QVALUE: Final = re.compile(r"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)")
 """A weight's value (RFC 9110 section 12.4.2): 0 to 1, at most three decimals."""
 
 
+def _weighted(header: str) -> Iterator[tuple[str, float]]:
+    """The elements of a comma-separated list with weights (Accept, Accept-Language: RFC 9110
+    section 12.4.2), stripped, each with its ``q`` (1 when absent, 0 when not a valid weight)."""
+    for part in header.split(","):
+        element, *params = part.split(";")
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                weight = float(value) if _QVALUE.fullmatch(value := value.strip()) else 0.0
+        yield element.strip(), weight
+
+
 def _preferred_language(header: str) -> str | None:
     """The language tag of an Accept-Language header with the highest weight (RFC 9110
     sections 12.4.2 and 12.5.4; ``q`` 1 when absent), the first of equal ones.
@@ -274,15 +287,7 @@ def _preferred_language(header: str) -> str | None:
     (:func:`gateway.protocol.check_language_tag`) is skipped. None when no tag remains.
     """
     best: tuple[float, str] | None = None
-    for part in header.split(","):
-        tag, *params = part.split(";")
-        tag = tag.strip()
-        weight = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                value = value.strip()
-                weight = float(value) if _QVALUE.fullmatch(value) else -1.0
+    for tag, weight in _weighted(header):
         if tag and tag != "*" and weight > 0 and (best is None or weight > best[0]):
             try:
                 best = (weight, check_language_tag(tag))
@@ -303,25 +308,11 @@ def plain_accepted(accept: str | None) -> bool:
     the default (no header, ``*/*``, ``text/*``; the ``application/json, text/plain,
     */*`` of axios and browsers' fetch wrappers). A ``q`` that is no valid weight
     counts as 0."""
-    plain: tuple[float, int] | None = None
-    json_best: tuple[float, int] | None = None
-    for index, part in enumerate((accept or "").split(",")):
-        media, *params = part.split(";")
-        media = media.strip().lower()
-        weight = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                value = value.strip()
-                weight = float(value) if _QVALUE.fullmatch(value) else 0.0
-        rank = (weight, -index)
-        if media == "text/plain":
-            plain = rank if plain is None or rank > plain else plain
-        elif media in _JSON_RANGES:
-            json_best = rank if json_best is None or rank > json_best else json_best
-    if plain is None or plain[0] <= 0:
-        return False
-    return json_best is None or plain > json_best
+    weighted = enumerate(_weighted((accept or "").lower()))
+    ranks = [(weight, -index, media) for index, (media, weight) in weighted]
+    plain = max((rank[:2] for rank in ranks if rank[2] == "text/plain"), default=(0.0, 0))
+    json_best = max((rank[:2] for rank in ranks if rank[2] in _JSON_RANGES), default=(0.0, 0))
+    return plain[0] > 0 and plain > json_best
 
 
 # ------------------------------------------------------------- request bodies
