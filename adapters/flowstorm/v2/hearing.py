@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from adapters.flowstorm.events import (
     InputEvent,
@@ -52,10 +52,7 @@ from adapters.flowstorm.v2.protocol import (
 )
 from gateway.events import SILENCE, BinaryEvent, ErrorEvent, Input, LogEntry
 from gateway.protocol import ProtocolError, check_language_tag
-from gateway.protocol.actions import CancelListening as CancelListening
-from gateway.protocol.actions import FeedAudio as FeedAudio
-from gateway.protocol.actions import FinishListening as FinishListening
-from gateway.protocol.actions import StartListening as StartListening
+from gateway.protocol.actions import CancelListening, FeedAudio, FinishListening, StartListening
 from gateway.speech.audio import AudioFormat
 from gateway.speech.types import Heard
 
@@ -183,20 +180,17 @@ class StreamedBody:
         self.audio_bytes = 0
         self.max_audio_bytes = max_audio_bytes
         self.max_audio_s = max_audio_s
-        self.silence_timeout_s = silence_timeout_ms / 1000
         self.done_retain_s = done_retain_s
         self.body_limit = (
             json_bytes + max_body_bytes if container is None else max_audio_bytes + 65536
         )
         """Bytes the body may have (more: 413)."""
-        self.no_speech_grace_s = no_speech_grace_s
-        self.stall_s = stall_s
-        self.text_wait_s = text_wait_s
-        self.total_grace_s = total_grace_s
+        self.stall_s, self.text_wait_s = stall_s, text_wait_s
+        self._quiet = now + silence_timeout_ms / 1000 + no_speech_grace_s  # no speech by then
+        self._latest = now + max_audio_s + total_grace_s  # the utterance ends by then
         self._pending: deque[V2ClientEvent | bytes] = deque()
         self._outcome: Outcome | None = None
         self._published_done = False
-        self._started = now
         self._last_chunk = now
         self._switched: float | None = None
 
@@ -297,10 +291,8 @@ class StreamedBody:
             return None
         if self._switched is not None:  # InputStreamClose or Input: waiting for the text / end
             return max(0.0, self._switched + self.text_wait_s - now)
-        latest = self._started + self.max_audio_s + self.total_grace_s
-        quiet = self._started + self.silence_timeout_s + self.no_speech_grace_s  # no speech yet
-        deadline = min(self._last_chunk + self.stall_s if self.speaking else quiet, latest)
-        return max(0.0, deadline - now)
+        stalled = self._last_chunk + self.stall_s
+        return max(0.0, min(stalled if self.speaking else self._quiet, self._latest) - now)
 
     def timed_out(self) -> list[Action]:
         """A realtime wall-clock bound passed (see :meth:`timeout`): the utterance ends as
@@ -350,17 +342,11 @@ class StreamedBody:
         client went away (``cancelled``): tell a following GET."""
         return self._done(result, error=error)
 
-    def _done(
-        self,
-        result: DoneResult,
-        *,
-        text: str = "",
-        confidence: float = 0.0,
-        error: ErrorEvent | None = None,
-    ) -> list[Action]:
-        """Tell the GET that recognition ended (once; realtime only)."""
+    def _done(self, result: DoneResult, **details: Any) -> list[Action]:
+        """Tell the GET that recognition ended (once; realtime only): :func:`done_message`
+        of ``result`` and ``details`` (its ``text``, ``confidence``, ``error``)."""
         if not self.realtime or self._published_done:
             return []
         self._published_done = True
-        message = done_message(self.rid, result, text=text, confidence=confidence, error=error)
+        message = done_message(self.rid, result, **details)
         return [Publish(message, retain_s=self.done_retain_s, done=True)]
