@@ -212,34 +212,38 @@ _REJECT_STATUS = {
 
 
 class _Refused(Exception):
-    """A request answered with one ErrorEvent, an HTTP status and (429, 503) ``Retry-After`` s."""
+    """A request answered with one ErrorEvent and an HTTP status: with ``Retry-After`` when
+    it has ``retry_after_s`` (429, 503), the key's challenge when 401, and the session
+    cookie cleared when ``forget``."""
 
     def __init__(
-        self, status: int, text: str, source: str, retry_after_s: int | None = None
+        self,
+        status: int,
+        text: str,
+        source: str,
+        retry_after_s: int | None = None,
+        *,
+        forget: bool = False,
     ) -> None:
         super().__init__(text)
-        self.status, self.retry_after_s = status, retry_after_s
+        self.status, self.retry_after_s, self.forget = status, retry_after_s, forget
         self.error = ErrorEvent(text=text, source=source)
 
-    def answer(self, *, plain: bool = False) -> HTTPResponse:
+    def answer(self, request: Request, *, plain: bool) -> HTTPResponse:
         """The refusal as an answer: its ErrorEvent as a ``!`` line when ``plain``, else NDJSON
-        (audio requests never get plain text), with ``Retry-After`` when it has one."""
+        (audio requests never get plain text). A 404 (an unknown session) takes a token from
+        the client's allowance of "unknown session" answers (see the module doc)."""
+        if self.status == 404:
+            request.app.state.v2_guesses.take(_client_ip(request))
         retry = self.retry_after_s
-        headers = {"Retry-After": str(retry)} if retry is not None else None
+        headers = {"Retry-After": str(retry)} if retry is not None else {}
+        if self.status == 401:  # RFC 9110 section 11.6.1: every 401 carries a challenge
+            headers["WWW-Authenticate"] = KEY_CHALLENGE
         body, media = error_body(self.error, plain=plain), TEXT if plain else NDJSON
-        return HTTPResponse(body, status_code=self.status, headers=headers, media_type=media)
-
-    @classmethod
-    def client(cls, exc: ProtocolError) -> _Refused:
-        """A client's mistake: the ProtocolError's status and text, source ``client``."""
-        return cls(exc.status, exc.text, "client")
-
-
-def _answer(
-    status: int, text: str, source: str, *, plain: bool, retry_after_s: int | None = None
-) -> HTTPResponse:
-    """An error answer: :meth:`_Refused.answer` of these."""
-    return _Refused(status, text, source, retry_after_s).answer(plain=plain)
+        answer = HTTPResponse(body, status_code=self.status, headers=headers, media_type=media)
+        if self.forget:
+            answer.delete_cookie(SESSION_COOKIE, path="/")
+        return answer
 
 
 _NO_KEY: Final = "The application key is missing (X-Key or key)."
@@ -247,17 +251,21 @@ KEY_CHALLENGE: Final = 'X-Key realm="flowstorm"'
 """The ``WWW-Authenticate`` of the 401 for a request without an application key (RFC 9110
 section 11.6.1 requires a challenge on every 401; the key has no registered scheme, so
 the challenge names the header it goes in)."""
+_STORE_DOWN: Final = "The session store is unavailable."
 
 
-def _check_key(gw: Gateway, config: ClientConfig, *, plain: bool) -> HTTPResponse | None:
+def _admitted(request: Request, gw: Gateway) -> tuple[ClientConfig, Mapping[str, Any]]:
+    """The request's configuration (:func:`_client_config`), its key allowed.
+
+    Raises _Refused: 400 a bad configuration, 401 no key, 403 an unknown key.
+    """
+    with _refusals():
+        config, session_config = _client_config(request.scope)
     if not config.key:
-        refused = _answer(401, _NO_KEY, "client", plain=plain)
-        refused.headers["WWW-Authenticate"] = KEY_CHALLENGE
-        return refused
+        raise _Refused(401, _NO_KEY, "client")
     if not gw.settings.key_allowed(config.key):
-        text = f"Unknown application key {clipped(config.key)}."
-        return _answer(403, text, "client", plain=plain)
-    return None
+        raise _Refused(403, f"Unknown application key {clipped(config.key)}.", "client")
+    return config, session_config
 
 
 @functools.lru_cache(maxsize=64)  # Max-Age comes from the core's timeouts: bounded
@@ -300,20 +308,21 @@ def _client_ip(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _guessed(request: Request) -> None:
-    """Take a token from the client's allowance of "unknown session" answers."""
-    request.app.state.v2_guesses.take(_client_ip(request))
-
-
-def _too_many(request: Request, *, plain: bool) -> HTTPResponse | None:
-    """429 when this client's allowance of "unknown session" answers is used up."""
+def _check_cookie(request: Request, cookie: str) -> None:
+    """Raise _Refused when the session cookie's value cannot be a session id (400, source
+    ``client`` naming the cookie; the cookie cleared), so that a 20 KB cookie never becomes
+    a store key (:func:`check_session_id`, V1's rule); or when this client's allowance of
+    "unknown session" answers is used up (429 with ``Retry-After``)."""
+    try:
+        check_session_id(cookie, f"The {SESSION_COOKIE} cookie")
+    except ProtocolError as exc:
+        raise _Refused(exc.status, exc.text, "client", forget=True) from None
     limiter: TokenBuckets = request.app.state.v2_guesses
     ip = _client_ip(request)
-    if limiter.allowed(ip):
-        return None
-    retry = limiter.retry_after_s(ip)
-    text = f"Too many requests for unknown sessions: retry after {retry} s."
-    return _answer(429, text, "client", plain=plain, retry_after_s=retry)
+    if not limiter.allowed(ip):
+        retry = limiter.retry_after_s(ip)
+        text = f"Too many requests for unknown sessions: retry after {retry} s."
+        raise _Refused(429, text, "client", retry)
 
 
 _SESSION_REFUSALS: Final[Mapping[str, tuple[int, str]]] = {
@@ -324,43 +333,21 @@ _SESSION_REFUSALS: Final[Mapping[str, tuple[int, str]]] = {
 finds another application's or does not find (``Conversation.find`` / ``log``)."""
 
 
-def _session_refused(found: str, session_id: str, *, plain: bool) -> HTTPResponse:
-    """The 403 / 404 answer of :data:`_SESSION_REFUSALS` for ``found``."""
+def _session_refused(found: str, session_id: str, *, forget: bool = False) -> _Refused:
+    """The 403 / 404 refusal of :data:`_SESSION_REFUSALS` for ``found``."""
     status, text = _SESSION_REFUSALS[found]
-    return _answer(status, text.format(clipped(session_id, quote=False)), "session", plain=plain)
+    shown = clipped(session_id, quote=False)
+    return _Refused(status, text.format(shown), "session", forget=forget)
 
 
-def _bad_cookie(cookie: str, *, plain: bool) -> HTTPResponse | None:
-    """None when the session cookie's value can be a session id; else its 400 answer (an
-    ErrorEvent of source ``client`` naming the cookie; the cookie cleared), so that a
-    20 KB cookie never becomes a store key (:func:`check_session_id`, V1's rule)."""
-    try:
-        check_session_id(cookie, f"The {SESSION_COOKIE} cookie")
-    except ProtocolError as exc:
-        answer = _Refused.client(exc).answer(plain=plain)
+def _set_cookie(answer: HTTPResponse, gw: Gateway, session_id: str, age: int | None) -> None:
+    """Set the session cookie: HttpOnly, SameSite=lax, Secure behind https, Max-Age ``age``
+    s (the header Starlette's ``set_cookie`` writes, made without it for the usual id of
+    token characters); clear it when ``age`` is None (the session was deleted)."""
+    if age is None:
         answer.delete_cookie(SESSION_COOKIE, path="/")
-        return answer
-    return None
-
-
-def _not_found(request: Request, session_id: str, *, plain: bool) -> HTTPResponse:
-    """404 for an unknown session; takes a token from the client's allowance."""
-    _guessed(request)
-    answer = _session_refused("not-found", session_id, plain=plain)
-    answer.delete_cookie(SESSION_COOKIE, path="/")
-    return answer
-
-
-def _set_cookie(
-    answer: HTTPResponse, gw: Gateway, session_id: str, max_age: int | None = None
-) -> None:
-    """Set the session cookie: HttpOnly, SameSite=lax, Secure behind https, Max-Age
-    ``max_age`` s (default: the session timeout, GATEWAY_SESSION_TIMEOUT_S) (the header
-    Starlette's ``set_cookie`` writes, made without it for the usual id of token
-    characters)."""
-    settings = gw.settings
-    secure = settings.public_url.startswith("https://")
-    age = settings.session_timeout_s if max_age is None else max_age
+        return
+    secure = gw.settings.public_url.startswith("https://")
     if _COOKIE_SAFE.fullmatch(session_id) is None:  # e.g. a V1-proposed id: let Starlette quote
         # (Path=/ and SameSite=lax are Starlette's defaults)
         answer.set_cookie(SESSION_COOKIE, session_id, age, httponly=True, secure=secure)
@@ -374,9 +361,10 @@ _COOKIE_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,256}")
 
 
 @contextlib.contextmanager
-def _speech_errors() -> Iterator[None]:
-    """Speech stage errors as client errors (400 / 413), a busy recognizer (503 with
-    Retry-After, source ``stt``) or an unavailable one (503, source ``gateway``)."""
+def _refusals() -> Iterator[None]:
+    """A client's mistake (ProtocolError) and speech stage errors as _Refused: client errors
+    (400 / 413 / 415), a busy recognizer (503 with Retry-After, source ``stt``) or an
+    unavailable one (503, source ``gateway``)."""
     try:
         yield
     except RecognizerBusy as exc:
@@ -390,6 +378,8 @@ def _speech_errors() -> Iterator[None]:
     except RecognitionError as exc:
         log.error("speech recognition failed: %s", exc)
         raise _Refused(503, "Speech recognition is unavailable.", "gateway") from None
+    except ProtocolError as exc:  # a client's mistake
+        raise _Refused(exc.status, exc.text, "client") from None
 
 
 @router.put("/client", **PUT_CLIENT)
@@ -399,75 +389,62 @@ async def put_client(request: Request) -> HTTPResponse:
     kind = media_type(request.headers.get("content-type"))
     plain = kind in TEXT_TYPES
     try:
-        config, session_config = _client_config(request.scope)
-    except ProtocolError as exc:
-        return _Refused.client(exc).answer(plain=plain)
-    if refused := _check_key(gw, config, plain=plain):
-        return refused
-    container = AUDIO_CONTAINERS.get(kind)
-    if not plain and kind not in JSON_TYPES and container is None:
-        text = f"Unsupported Content-Type {clipped(kind or '(none)')}: use {ACCEPTED_TYPES}."
-        return _answer(415, text, "client", plain=False)
-    if config.realtime and container == "mp3":
-        text = (
-            "realtime=1 streams audio/basic, audio/wav or application/json BinaryEvents; "
-            "send audio/mpeg as a whole file (without realtime)."
+        config, session_config = _admitted(request, gw)
+        container = AUDIO_CONTAINERS.get(kind)
+        if not plain and kind not in JSON_TYPES and container is None:
+            text = f"Unsupported Content-Type {clipped(kind or '(none)')}: use {ACCEPTED_TYPES}."
+            raise _Refused(415, text, "client")
+        if config.realtime and container == "mp3":
+            raise _Refused(415, _NO_MP3_STREAM, "client")
+        cookie = request.cookies.get(SESSION_COOKIE) or None
+        if cookie:
+            _check_cookie(request, cookie)
+        ctx = TurnContext(
+            channel=CHANNEL,
+            namespace=NAMESPACE,
+            session_id=cookie or new_session_id(),
+            app_key=config.key or "",
+            device_id=config.device_id,
+            locale=config.locale,
+            time_zone=config.time_zone,
+            create=cookie is None,
+            config=session_config,
+            tts=TtsRequest("links", config.tts_file_type) if config.speech_links else None,
         )
-        return _answer(415, text, "client", plain=False)
-
-    cookie = request.cookies.get(SESSION_COOKIE) or None
-    if cookie and (refused := _bad_cookie(cookie, plain=plain)):
-        return refused
-    if cookie and (limited := _too_many(request, plain=plain)):
-        return limited
-    session_id = cookie or new_session_id()
-    ctx = TurnContext(
-        channel=CHANNEL,
-        namespace=NAMESPACE,
-        session_id=session_id,
-        app_key=config.key or "",
-        device_id=config.device_id,
-        locale=config.locale,
-        time_zone=config.time_zone,
-        create=cookie is None,
-        config=session_config,
-        tts=TtsRequest("links", config.tts_file_type) if config.speech_links else None,
-    )
-    try:
         if plain:
-            try:
+            with _refusals():
                 charset = text_charset(request.headers.get("content-type"))
                 input_ = text_input(await read_body(request, gw.settings.max_body_bytes), charset)
-            except ProtocolError as exc:
-                return _Refused.client(exc).answer(plain=True)
-            answer = await _turn(gw, ctx, input_, config, plain=True)
-        elif container is not None and not config.realtime:
-            answer = await _file_turn(request, gw, ctx, config, kind)
-        else:
-            answer = await _stream_turn(request, gw, ctx, config, container)
-        if answer.status_code == 404:
-            _guessed(request)
-        return answer
+            return await _turn(gw, ctx, input_, config, plain=True)
+        if container is not None and not config.realtime:
+            return await _file_turn(request, gw, ctx, config, kind)
+        return await _stream_turn(request, gw, ctx, config, container)
+    except _Refused as exc:
+        return exc.answer(request, plain=plain)
     except ClientDisconnect:  # the client went away while sending: nobody reads an answer
         return HTTPResponse(status_code=400)
+
+
+_NO_MP3_STREAM: Final = (
+    "realtime=1 streams audio/basic, audio/wav or application/json BinaryEvents; "
+    "send audio/mpeg as a whole file (without realtime)."
+)
+"""The 415 text of a realtime PUT of audio/mpeg."""
 
 
 async def _file_turn(
     request: Request, gw: Gateway, ctx: TurnContext, config: ClientConfig, kind: str
 ) -> HTTPResponse:
-    """A whole audio file: decode, recognise as one utterance, then the turn."""
-    try:
-        try:
-            body = await read_body(request, gw.settings.max_audio_bytes)
-            fmt, data = await asyncio.to_thread(
-                decode_audio_file, kind, body, config, max_audio_s=gw.settings.max_audio_s
-            )
-        except ProtocolError as exc:
-            raise _Refused.client(exc) from None
-        heard = await _recognise_file(gw, fmt, data)
-    except _Refused as exc:
-        return exc.answer()
-    input_, prefix = heard_input(heard)
+    """A whole audio file: decode, recognise as one utterance, then the turn.
+
+    Raises _Refused (400 bad audio, 413 past GATEWAY_MAX_AUDIO_S, 503 recognizer down).
+    """
+    with _refusals():
+        body = await read_body(request, gw.settings.max_audio_bytes)
+        fmt, data = await asyncio.to_thread(
+            decode_audio_file, kind, body, config, max_audio_s=gw.settings.max_audio_s
+        )
+    input_, prefix = heard_input(await _recognise_file(gw, fmt, data))
     return await _turn(gw, ctx, input_, config, plain=False, prefix=prefix)
 
 
@@ -476,7 +453,7 @@ async def _recognise_file(gw: Gateway, fmt: AudioFormat, data: bytes) -> Heard:
 
     Raises _Refused (400 bad audio, 413 past GATEWAY_MAX_AUDIO_S, 503 recognizer down).
     """
-    with _speech_errors():
+    with _refusals():
         async with gw.speech.stage(fmt, endpointing=False, interim=False) as listener:
             for chunk in audio_chunks(fmt, data):
                 await listener.feed(chunk)
@@ -490,22 +467,22 @@ async def _stream_turn(
     config: ClientConfig,
     container: AudioContainer | None,
 ) -> HTTPResponse:
-    """A JSON body (any) or a realtime audio body: read as it streams, then the turn."""
+    """A JSON body (any) or a realtime audio body: read as it streams, then the turn.
+
+    Raises _Refused (the body's refusal, or 409 while another realtime PUT of the session
+    holds its recognition) or ClientDisconnect."""
     hearing = _Hearing(request, gw, config, container, ctx.key)  # the bus topic is the session key
     if config.realtime and not await hearing.claim():
-        return _answer(409, _STREAMING, "session", plain=False)
+        raise _Refused(409, _STREAMING, "session")
     try:
         outcome = await hearing.run()
-    except _Refused as exc:
-        await hearing.release()
-        return exc.answer()
-    except BaseException:  # the client went away (ClientDisconnect), or a failure
+    except BaseException:  # refused (_Refused), the client went away, or a failure
         await hearing.release()
         raise
     ctx = dataclasses.replace(ctx, logs=outcome.logs)
     if outcome.input is None:
         await hearing.release()
-        return await _store_logs(gw, ctx, plain=False)
+        return await _store_logs(gw, ctx)
     return await _turn(
         gw, ctx, outcome.input, config, plain=False, prefix=outcome.prefix, on_end=hearing.release
     )
@@ -522,18 +499,19 @@ _STOPPED: Final = "The turn was stopped before it answered."
 """The 503 text of a turn cancelled before its first event (the gateway is stopping)."""
 
 
-async def _store_logs(gw: Gateway, ctx: TurnContext, *, plain: bool) -> HTTPResponse:
+async def _store_logs(gw: Gateway, ctx: TurnContext) -> HTTPResponse:
+    """Store a body's Log events with the session (204). Raises _Refused: 409 busy, 503 the
+    store down, 403 / 404 (:func:`_session_refused`)."""
     if ctx.create:  # no session yet: nothing to attach the logs to
         return HTTPResponse(status_code=204)
     try:
         stored = await gw.conversation.log(ctx, ctx.logs)
     except SessionBusy:
-        text = "Another turn of this session is still running."
-        return _answer(409, text, "session", plain=plain)
+        raise _Refused(409, "Another turn of this session is still running.", "session") from None
     except StoreUnavailable:
-        return _answer(503, "The session store is unavailable.", "gateway", plain=plain)
+        raise _Refused(503, _STORE_DOWN, "gateway") from None
     if stored != "stored":
-        return _session_refused(stored, ctx.session_id, plain=plain)
+        raise _session_refused(stored, ctx.session_id)
     return HTTPResponse(status_code=204)
 
 
@@ -554,8 +532,8 @@ async def _turn(
     """Run the turn and stream its answer: ``prefix`` first, then the turn's events.
 
     ``on_end`` runs once when the turn's end (Response or Error) is known, before
-    its line is written, or when the turn was rejected or stopped before its first event
-    (then the answer is a 503 Error of source ``gateway``).
+    its line is written, or when the turn was rejected or stopped before its first event:
+    then it raises _Refused (the rejection's status; 503 of source ``gateway`` when stopped).
     """
     stream: TurnStream = gw.conversation.turn(ctx, input_)
     events = aiter(stream)
@@ -563,13 +541,11 @@ async def _turn(
         first = await anext(events)
     except TurnRejected as exc:
         await on_end()
-        answer = _answer(_REJECT_STATUS[exc.reason], exc.text, exc.source, plain=plain)
-        if exc.reason == "session-not-found":
-            answer.delete_cookie(SESSION_COOKIE, path="/")
-        return answer
+        forget = exc.reason == "session-not-found"
+        raise _Refused(_REJECT_STATUS[exc.reason], exc.text, exc.source, forget=forget) from None
     except StopAsyncIteration:  # the turn was cancelled before its first event (a forced stop)
         await on_end()
-        return _answer(503, _STOPPED, "gateway", plain=plain)
+        raise _Refused(503, _STOPPED, "gateway") from None
     except BaseException:  # this request was cancelled meanwhile: what it holds is given back
         await on_end()
         raise
@@ -599,10 +575,7 @@ async def _turn(
         # the turn's end is known: the cookie lives as long as the session now does, and
         # a session the turn ended (deleted) is forgotten by the client's cookie jar too
         max_age = cookie_max_age((first, *rest), gw.settings.session_timeout_s)
-        if max_age is None:
-            whole_answer.delete_cookie(SESSION_COOKIE, path="/")
-        else:
-            _set_cookie(whole_answer, gw, ctx.session_id, max_age)
+        _set_cookie(whole_answer, gw, ctx.session_id, max_age)
         return whole_answer
 
     async def body() -> AsyncIterator[bytes]:
@@ -626,7 +599,7 @@ async def _turn(
                 await on_end()
 
     answer = _TurnBody(body(), media_type=media, headers={"Cache-Control": "no-store"})
-    _set_cookie(answer, gw, ctx.session_id)
+    _set_cookie(answer, gw, ctx.session_id, gw.settings.session_timeout_s)
     return answer
 
 
@@ -710,6 +683,10 @@ _END = object()
 
 _GIVING_BACK: set[asyncio.Future[Any]] = set()
 """Claims of cancelled realtime PUTs on their way, and their releases (:meth:`_Hearing.claim`)."""
+
+
+_FAILED: Final = ErrorEvent(text="Internal gateway error.", source="gateway")
+"""What a following GET is told of a realtime PUT that failed (not refused)."""
 
 
 class _Hearing:
@@ -799,20 +776,14 @@ class _Hearing:
         if self.realtime:
             self._heartbeat = asyncio.create_task(self._beat(), name="v2 recognition heartbeat")
         try:
-            with _speech_errors():
-                try:
-                    return await self._loop()
-                except ProtocolError as exc:
-                    raise _Refused.client(exc) from None
-        except _Refused as exc:
-            await self._do(self.body.failed("error", exc.error))
-            raise
-        except ClientDisconnect:
-            await self._do(self.body.failed("cancelled"))
-            raise
-        except Exception:
-            error = ErrorEvent(text="Internal gateway error.", source="gateway")
-            await self._do(self.body.failed("error", error))
+            with _refusals():
+                return await self._loop()
+        except Exception as exc:  # a following GET learns of it: refused, gone, or a failure
+            if isinstance(exc, ClientDisconnect):
+                await self._do(self.body.failed("cancelled"))
+            else:
+                error = exc.error if isinstance(exc, _Refused) else _FAILED
+                await self._do(self.body.failed("error", error))
             raise
         finally:
             self._stop_heartbeat.set()  # on every way out; the marker expires after LOST_S
@@ -942,31 +913,24 @@ async def get_client(request: Request) -> HTTPResponse:
     """
     gw = gateway_of(request)
     plain = plain_accepted(request.headers.get("accept"))
-    try:
-        config, _ = _client_config(request.scope)
-    except ProtocolError as exc:
-        return _Refused.client(exc).answer(plain=plain)
-    if refused := _check_key(gw, config, plain=plain):
-        return refused
     media = TEXT if plain else NDJSON
     cookie = request.cookies.get(SESSION_COOKIE)
-    if not cookie:
-        return HTTPResponse(b"", media_type=media)
-    if refused := _bad_cookie(cookie, plain=plain):
-        return refused
-    if limited := _too_many(request, plain=plain):
-        return limited
-    ctx = TurnContext(
-        channel=CHANNEL, namespace=NAMESPACE, session_id=cookie, app_key=config.key or ""
-    )
     try:
-        found = await gw.conversation.find(ctx)
-    except StoreUnavailable:
-        return _answer(503, "The session store is unavailable.", "gateway", plain=plain)
-    if found == "not-found":
-        return _not_found(request, cookie, plain=plain)
-    if found == "foreign":
-        return _session_refused(found, cookie, plain=plain)
+        config, _ = _admitted(request, gw)
+        if not cookie:
+            return HTTPResponse(b"", media_type=media)
+        _check_cookie(request, cookie)
+        ctx = TurnContext(
+            channel=CHANNEL, namespace=NAMESPACE, session_id=cookie, app_key=config.key or ""
+        )
+        try:
+            found = await gw.conversation.find(ctx)
+        except StoreUnavailable:
+            raise _Refused(503, _STORE_DOWN, "gateway") from None
+        if found != "found":
+            raise _session_refused(found, cookie, forget=found == "not-found")
+    except _Refused as exc:
+        return exc.answer(request, plain=plain)
     body = _follow(gw, ctx.key, config, plain=plain)  # a session's recognition topic: its key
     return StreamingResponse(body, media_type=media, headers={"Cache-Control": "no-store"})
 
