@@ -65,21 +65,14 @@ def _enum(*values: str | bool) -> dict[str, Any]:
     return {"type": kind, "enum": list(values), "default": values[0]}
 
 
+_ONLY = "; any other value is refused (400)"
 _CONFIG_PARAMETERS = [
     {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
     for name, schema, text in (
         ("key", {"type": "string"}, "Application key (or header X-Key)"),
         ("deviceId", {"type": "string"}, "Client device id (or X-DeviceId)"),
-        (
-            "sttMode",
-            _enum("SingleUtterance"),
-            "One utterance per request; any other value is refused (400)",
-        ),
-        (
-            "sttModel",
-            _enum("General"),
-            "The recognizer's one model; any other value is refused (400)",
-        ),
+        ("sttMode", _enum("SingleUtterance"), "One utterance per request" + _ONLY),
+        ("sttModel", _enum("General"), "The recognizer's one model" + _ONLY),
         ("videoFile", _enum(False), "No video is made: true is refused (400)"),
         ("sttSampleRate", {"type": "integer", "default": 16000}, "Hz of raw audio"),
         (
