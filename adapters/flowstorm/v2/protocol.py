@@ -221,12 +221,9 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
         if raw == "":
             continue
         if name in _BOOLEAN_FIELDS:
-            value = strict_flag(raw)
-            if value is None:
-                param = _PARAM_OF_FIELD[name]
-                raise ProtocolError(
-                    f"{param} must be one of 1/yes/true or 0/no/false, not {clipped(raw)}"
-                )
+            if (value := strict_flag(raw)) is None:
+                why = "must be one of 1/yes/true or 0/no/false"
+                raise ProtocolError(f"{_PARAM_OF_FIELD[name]} {why}, not {clipped(raw)}")
             values[name] = value
         else:  # a value of _CANONICAL_VALUES in its spelling, others as sent
             values[name] = _CANONICAL_VALUES.get(name, {}).get(raw.strip().lower(), raw.strip())
@@ -252,9 +249,8 @@ def _check_only_value(name: str, raw: str, value: Any) -> Any:
     if name not in _ONLY_VALUE:
         return value
     accepted, why = _ONLY_VALUE[name]
-    if isinstance(accepted, str) and str(value).lower() == accepted.lower():
-        return accepted
-    if value == accepted and type(value) is type(accepted):
+    same = value == accepted and type(value) is type(accepted)
+    if same or (isinstance(accepted, str) and str(value).lower() == accepted.lower()):
         return accepted
     param = _PARAM_OF_FIELD[name]
     shown = str(accepted).lower() if isinstance(accepted, bool) else accepted
