@@ -213,20 +213,14 @@ _REJECT_STATUS = {
 
 class _Refused(Exception):
     """A request answered with one ErrorEvent and an HTTP status: with ``Retry-After`` when
-    it has ``retry_after_s`` (429, 503), the key's challenge when 401, and the session
+    it has ``retry_s`` (429, 503), the key's challenge when 401, and the session
     cookie cleared when ``forget``."""
 
     def __init__(
-        self,
-        status: int,
-        text: str,
-        source: str,
-        retry_after_s: int | None = None,
-        *,
-        forget: bool = False,
+        self, status: int, text: str, source: str, retry_s: int | None = None, forget: bool = False
     ) -> None:
         super().__init__(text)
-        self.status, self.retry_after_s, self.forget = status, retry_after_s, forget
+        self.status, self.retry_after_s, self.forget = status, retry_s, forget
         self.error = ErrorEvent(text=text, source=source)
 
     def answer(self, request: Request, *, plain: bool) -> HTTPResponse:
