@@ -569,28 +569,20 @@ class JsonEventReader:
         """Advance through the value that started; True when it is complete."""
         buf = self._buf
         while True:
-            if self._in_string:
-                m = _IN_STRING.search(buf, self._pos)
-                if m is None:
-                    self._pos = len(buf)
-                    return False
-                if m.group() == b"\\":
-                    if m.end() >= len(buf):  # the escaped character has not arrived
-                        self._pos = m.start()
-                        return False
-                    self._pos = m.end() + 1
-                    continue
-                self._in_string = False
-                self._pos = m.end()
-                continue
-            m = _STRUCTURE.search(buf, self._pos)
+            m = (_IN_STRING if self._in_string else _STRUCTURE).search(buf, self._pos)
             if m is None:
                 self._pos = len(buf)
                 return False
-            self._pos = m.end()
             c = m.group()
-            if c == b'"':
-                self._in_string = True
+            if self._in_string and c == b"\\":
+                if m.end() >= len(buf):  # the escaped character has not arrived
+                    self._pos = m.start()
+                    return False
+                self._pos = m.end() + 1
+                continue
+            self._pos = m.end()
+            if c == b'"':  # a string's start or end
+                self._in_string = not self._in_string
             elif c in (b"{", b"["):
                 self._depth += 1
                 if self._depth > MAX_JSON_DEPTH:  # load_json's bound, told before the end
@@ -921,10 +913,7 @@ class RecognitionFollower:
         text = str(message.get("text") or "").strip()
         if self.done or not isinstance(rid, str):
             return []
-        if kind == "recognizing":
-            self.following = rid
-            return []
-        if self.following is None:
+        if kind == "recognizing" or self.following is None:  # a newer heartbeat takes over
             self.following = rid
         elif rid != self.following:
             return []
