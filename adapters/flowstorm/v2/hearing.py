@@ -52,7 +52,10 @@ from adapters.flowstorm.v2.protocol import (
 )
 from gateway.events import SILENCE, BinaryEvent, ErrorEvent, Input, LogEntry
 from gateway.protocol import ProtocolError, check_language_tag
-from gateway.protocol.actions import CancelListening, FeedAudio, FinishListening, StartListening
+from gateway.protocol.actions import CancelListening as CancelListening
+from gateway.protocol.actions import FeedAudio as FeedAudio
+from gateway.protocol.actions import FinishListening as FinishListening
+from gateway.protocol.actions import StartListening as StartListening
 from gateway.speech.audio import AudioFormat
 from gateway.speech.types import Heard
 
