@@ -35,6 +35,7 @@ Decisions where the spec is silent:
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import re
 import struct
@@ -285,10 +286,8 @@ def _preferred_language(header: str) -> str | None:
     best: tuple[float, str] | None = None
     for tag, weight in _weighted(header):
         if tag and tag != "*" and weight > 0 and (best is None or weight > best[0]):
-            try:
+            with contextlib.suppress(ProtocolError):  # no language tag: skipped
                 best = (weight, check_language_tag(tag))
-            except ProtocolError:
-                continue
     return best[1] if best else None
 
 

@@ -330,8 +330,7 @@ finds another application's or does not find (``Conversation.find`` / ``log``)."
 def _session_refused(found: str, session_id: str, *, forget: bool = False) -> _Refused:
     """The 403 / 404 refusal of :data:`_SESSION_REFUSALS` for ``found``."""
     status, text = _SESSION_REFUSALS[found]
-    shown = clipped(session_id, quote=False)
-    return _Refused(status, text.format(shown), "session", forget=forget)
+    return _Refused(status, text.format(clipped(session_id, quote=False)), "session", forget=forget)
 
 
 def _set_cookie(answer: HTTPResponse, gw: Gateway, session_id: str, age: int | None) -> None:
@@ -704,7 +703,6 @@ class _Hearing:
         settings = gw.settings
         self.request = request
         self.gw = gw
-        self.realtime = config.realtime
         self.topic = topic
         self.ref = SessionRef(topic)  # how logs name the session (made when one does)
         self._now = asyncio.get_running_loop().time
@@ -721,7 +719,6 @@ class _Hearing:
         )
         self.stage: SpeechStage | None = None
         self._queue: asyncio.Queue[object] = asyncio.Queue()
-        self._reader: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._stop_heartbeat = asyncio.Event()
         self._released = False
@@ -766,8 +763,8 @@ class _Hearing:
 
     async def run(self) -> Outcome:
         """Read the body to its outcome (see the class doc)."""
-        self._reader = asyncio.create_task(self._read(), name="v2 body reader")
-        if self.realtime:
+        reader = asyncio.create_task(self._read(), name="v2 body reader")
+        if self.body.realtime:
             self._heartbeat = asyncio.create_task(self._beat(), name="v2 recognition heartbeat")
         try:
             with _refusals():
@@ -781,7 +778,9 @@ class _Hearing:
             raise
         finally:
             self._stop_heartbeat.set()  # on every way out; the marker expires after LOST_S
-            await self._stop_reading()
+            reader.cancel()  # (a no-op once it ended: it raises nothing but its cancel)
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
             if self.stage is not None and not self.stage.done:
                 await self.stage.cancel()
 
@@ -851,12 +850,6 @@ class _Hearing:
             # ProtocolError, ClientDisconnect, or a failure: the loop raises it
             self._queue.put_nowait(exc)
 
-    async def _stop_reading(self) -> None:
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-
     # ------------------------------------------------------------- the bus
 
     async def _beat(self) -> None:
@@ -883,7 +876,7 @@ class _Hearing:
         self._stop_heartbeat.set()
         if self._heartbeat is not None:
             await self._heartbeat
-        if self.realtime:
+        if self.body.realtime:
             try:
                 await self.gw.bus.clear(self.topic)
             except BusUnavailable as exc:
@@ -992,11 +985,8 @@ async def _recognition(gw: Gateway, topic: str, *, plain: bool) -> AsyncIterator
             while not follower.done:
                 wait = marker_wait_s if follower.following is None else LOST_S
                 wait = min(wait, deadline - loop.time())
-                if wait <= 0:
-                    break
-                message = await subscription.get(wait)
-                if message is None:
-                    break
+                if wait <= 0 or (message := await subscription.get(wait)) is None:
+                    break  # past the deadline, or nothing came within the wait
                 for event in follower.feed(message):
                     yield (text_lines(event) if plain else event.wire_json() + "\n").encode()
     except BusUnavailable as exc:
