@@ -95,6 +95,15 @@ class Bus(Protocol):
         without subscribing. Raises BusUnavailable when the bus cannot be reached."""
         ...
 
+    async def replace(
+        self, topic: str, old: Message | None, new: Message, *, retain_s: float
+    ) -> bool:
+        """Make ``new`` the topic's retained value for ``retain_s`` s only when its retained
+        value is ``old`` now (None: it has none), atomically (a read-modify-write that
+        lost to another write is told, not applied); subscribers are not sent ``new``.
+        True when it did. Raises BusUnavailable when the bus cannot be reached."""
+        ...
+
     def subscribe(self, topic: str) -> AbstractAsyncContextManager[Subscription]:
         """Receive the topic's messages while the context is open (retained value first)."""
         ...
@@ -125,13 +134,16 @@ class MemoryBus:
         self._clock = clock or (lambda: asyncio.get_running_loop().time())
         self._sweep_at = self.SWEEP_AT
 
+    def _retain(self, topic: str, message: Message, retain_s: float) -> None:
+        now = self._clock()
+        if len(self._retained) >= self._sweep_at:
+            self._retained = {t: v for t, v in self._retained.items() if v[0] > now}
+            self._sweep_at = max(self.SWEEP_AT, 2 * len(self._retained))
+        self._retained[topic] = (now + retain_s, message)
+
     async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> int:
         if retain_s is not None:
-            now = self._clock()
-            if len(self._retained) >= self._sweep_at:
-                self._retained = {t: v for t, v in self._retained.items() if v[0] > now}
-                self._sweep_at = max(self.SWEEP_AT, 2 * len(self._retained))
-            self._retained[topic] = (now + retain_s, message)
+            self._retain(topic, message, retain_s)
         subs = self._subs.get(topic, ())
         for sub in subs:
             sub.put(message)
@@ -153,6 +165,14 @@ class MemoryBus:
             del self._retained[topic]
             return None
         return kept[1] if kept is not None else None
+
+    async def replace(
+        self, topic: str, old: Message | None, new: Message, *, retain_s: float
+    ) -> bool:
+        if await self.retained(topic) != old:
+            return False
+        self._retain(topic, new, retain_s)
+        return True
 
     @contextlib.asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
@@ -177,11 +197,22 @@ class MemoryBus:
         self._subs.clear()
 
 
+_REPLACE = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+"""RedisBus.replace: SET the retained key to ARGV[2] (PX ARGV[3]) when it holds ARGV[1]
+('' for none)."""
+
+
 class RedisBus:
     """Topics shared by every gateway process on one Redis (see module doc).
 
     ``client`` is a plain or Sentinel client (classic pub/sub) or a RedisCluster
-    (sharded pub/sub); the bus does not close it. :meth:`publish`, :meth:`claim`,
+    (sharded pub/sub); the bus does not close it. :meth:`publish`, :meth:`claim`, :meth:`replace`,
     :meth:`clear` and the start of :meth:`subscribe` (its SUBSCRIBE and the read of the
     retained value) go through the client's circuit breaker
     (:func:`gateway.breaker.breaker_of`: refused at once, BusUnavailable, while a hung
@@ -201,6 +232,7 @@ class RedisBus:
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._replace = client.register_script(_REPLACE)
 
     def _channel(self, topic: str) -> str:
         return f"{self._prefix}:{{{topic}}}:bus"
@@ -254,6 +286,20 @@ class RedisBus:
             raise BusUnavailable(f"Redis: {exc}") from exc
         message = json.loads(data) if data else None
         return message if isinstance(message, dict) else None
+
+    async def replace(
+        self, topic: str, old: Message | None, new: Message, *, retain_s: float
+    ) -> bool:
+        # the value read is compared as JSON text: a dict this bus wrote dumps back the same
+        was = "" if old is None else json.dumps(old, separators=(",", ":"))
+        args: list[str | int] = [was, json.dumps(new, separators=(",", ":"))]
+        args.append(max(1, int(retain_s * 1000)))
+        keys = [self._retained_key(topic)]
+        try:
+            done = await self._breaker.guard(lambda: self._replace(keys=keys, args=args))
+        except REDIS_ERRORS as exc:
+            raise BusUnavailable(f"Redis: {exc}") from exc
+        return bool(done)
 
     @contextlib.asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:

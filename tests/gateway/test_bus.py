@@ -116,6 +116,18 @@ async def test_the_retained_value_is_read_without_subscribing(buses: tuple[Bus, 
     assert await other.retained("r") is None
 
 
+async def test_replace_writes_only_over_the_value_read(buses: tuple[Bus, Bus]) -> None:
+    """A read-modify-write (a call's outcome) that another write overtook is refused."""
+    pub, other = buses
+    assert await pub.replace("o", None, {"status": "queued", "at": 1.5}, retain_s=5) is True
+    assert await other.replace("o", None, {"status": "ringing"}, retain_s=5) is False
+    read = await other.retained("o")
+    assert read == {"status": "queued", "at": 1.5}
+    assert await pub.replace("o", read, {"status": "completed"}, retain_s=5) is True
+    assert await other.replace("o", read, {"status": "ringing"}, retain_s=5) is False
+    assert await other.retained("o") == {"status": "completed"}
+
+
 async def test_the_memory_bus_drops_expired_values_nobody_reads() -> None:
     """Retained values were dropped only when their topic was read again: a day's call
     outcomes nobody asked for were kept for good. Expired ones now go whenever the kept
