@@ -37,7 +37,9 @@ carrier's answering-machine result or null; ``updatedAt`` epoch seconds), kept
 does not answer). The carrier adapters report what their webhooks say through
 :func:`record_outcome` (Twilio's call status callbacks on ``/twilio/status``, Telnyx's
 ``call.answered``/``call.hangup`` on ``/telnyx/outbound``); a status never goes back
-(callbacks may come out of order), and a call not answered is logged at INFO.
+(callbacks may come out of order; one answered ends ``completed``), and a call not
+answered is logged at INFO. Callbacks at once do not write over each other (the bus's
+``replace``).
 
 Transfers: :func:`send_transfer` sends a carrier adapter's transfer request (its
 ``control.transfer``) and logs how it went (:func:`~gateway.callcontrol.log_transfer`,
@@ -327,6 +329,8 @@ OUTCOME_TTL_S: Final = 86_400.0
 """How long the outcome record of a placed call is kept (s)."""
 UNANSWERED: Final = frozenset({"busy", "no-answer", "failed", "canceled"})
 """The final statuses of a call nobody answered."""
+OUTCOME_TRIES: Final = 8
+"""How many times :func:`record_outcome` reads and writes a record that others change."""
 _PROGRESS: Final = {"queued": 0, "initiated": 1, "ringing": 2, "in-progress": 3}
 """The order of the statuses before the final ones (any other status is final: 4)."""
 
@@ -352,23 +356,30 @@ async def record_outcome(
 ) -> None:
     """Update the outcome record of ``carrier``'s call ``call_id`` (module doc) with
     ``status`` (Twilio's ``CallStatus`` vocabulary; ignored when the record has a later
-    one already) and ``answered_by`` (kept when None); a call not answered
+    one already; an unanswered one of a call ``in-progress`` is ``completed``) and
+    ``answered_by`` (kept when None), only over the record it read (the bus's
+    ``replace``: callbacks at once do not write over each other); a call not answered
     (:data:`UNANSWERED`) is logged at INFO, ``to`` (the callee) masked. Never raises:
     a bus that does not answer is logged (WARNING, DEBUG for the same outage after)."""
     topic = outcome_topic(call_id)
     try:
-        record = await gw.bus.retained(topic) or {
-            "carrier": carrier,
-            "callId": call_id,
-            "status": None,
-            "answeredBy": None,
-        }
-        old = record["status"]
-        if status is not None and _rank(status) > _rank(old):
-            record["status"] = status
-        record["answeredBy"] = answered_by or record["answeredBy"]
-        record["updatedAt"] = time.time()
-        await gw.bus.publish(topic, record, retain_s=OUTCOME_TTL_S)
+        for _ in range(OUTCOME_TRIES):  # another callback's write in between: read again
+            kept = await gw.bus.retained(topic)
+            record = dict(kept or {"carrier": carrier, "callId": call_id, "status": None})
+            old = record["status"]
+            if old == "in-progress" and status in UNANSWERED:
+                status = "completed"  # an answered call's end, whatever the carrier's cause
+            if status is not None and _rank(status) > _rank(old):
+                record["status"] = status
+            record["answeredBy"] = answered_by or record.get("answeredBy")
+            if kept is not None and all(record[k] == kept.get(k) for k in record):
+                break  # nothing new (a late callback): left as it is
+            record["updatedAt"] = time.time()
+            if await gw.bus.replace(topic, kept, record, retain_s=OUTCOME_TTL_S):
+                break
+        else:
+            log.warning("%s call %s: outcome not recorded: changed meanwhile", carrier, call_id)
+            return
     except BusUnavailable as exc:
         log.log(outage_level(exc), "%s call %s: outcome not recorded: %s", carrier, call_id, exc)
         return

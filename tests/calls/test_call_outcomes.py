@@ -6,6 +6,7 @@ answers), and an unanswered call is logged at INFO with the callee's number mask
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -179,6 +180,50 @@ async def test_an_outcome_is_read_on_another_instance_sharing_redis(
             for client in (on_a, on_b):
                 assert (await outcome(client, sid))["status"] == "busy"
                 assert (await outcome(client, ccid))["status"] == "no-answer"
+
+
+async def test_callbacks_at_once_never_take_a_status_back(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Each callback read the record, then wrote its copy back: a late ``ringing`` handled
+    at the same time as ``completed`` wrote ``ringing`` over it (Redis, where the read and
+    the write wait on the network). The write now only replaces the record it read."""
+    async with (
+        carrier_api() as api,
+        twilio_gateway(
+            twilio_account_sid=ACCOUNT,
+            twilio_api_base_url=api.url,
+            admin_keys={ADMIN},
+            redis_url=redis_url,
+            redis_prefix=redis_prefix,
+        ) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        for _ in range(3):
+            sid = await place(client, "twilio", "+15550100")
+            statuses = ["ringing"] * 4 + ["completed"] + ["ringing"] * 4
+            sent = await asyncio.gather(*(twilio_status(client, sid, s) for s in statuses))
+            assert sent == [204] * len(statuses)
+            assert (await outcome(client, sid))["status"] == "completed"
+
+
+async def test_an_answered_call_that_ends_is_completed_whatever_the_cause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Telnyx's ``hangup_cause`` of an answered call mapped as for one never answered: a
+    cause such as ``unspecified`` made it ``failed`` and logged it as not answered.
+    Twilio's vocabulary has an answered call end ``completed``; it now does."""
+    caplog.set_level(logging.INFO)
+    async with (
+        CARRIER.gateway(None) as (gw, _),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        ccid = await place(client, "telnyx", "+15550100")
+        assert await telnyx_webhook(client, telnyx_event("call.answered", ccid)) == 200
+        hangup = telnyx_event("call.hangup", ccid, hangup_cause="unspecified")
+        assert await telnyx_webhook(client, hangup) == 200
+        assert (await outcome(client, ccid))["status"] == "completed"
+    assert unanswered_lines(caplog) == []
 
 
 async def test_get_v1_calls_refuses_an_unknown_id_and_a_bad_key() -> None:
