@@ -331,6 +331,8 @@ UNANSWERED: Final = frozenset({"busy", "no-answer", "failed", "canceled"})
 """The final statuses of a call nobody answered."""
 OUTCOME_TRIES: Final = 8
 """How many times :func:`record_outcome` reads and writes a record that others change."""
+FINAL: Final = UNANSWERED | {"completed"}
+"""The final statuses."""
 _PROGRESS: Final = {"queued": 0, "initiated": 1, "ringing": 2, "in-progress": 3}
 """The order of the statuses before the final ones (any other status is final: 4)."""
 
@@ -355,9 +357,9 @@ async def record_outcome(
     to: str = "",
 ) -> None:
     """Update the outcome record of ``carrier``'s call ``call_id`` (module doc) with
-    ``status`` (Twilio's ``CallStatus`` vocabulary; ignored when the record has a later
-    one already; an unanswered one of a call ``in-progress`` is ``completed``) and
-    ``answered_by`` (kept when None), only over the record it read (the bus's
+    ``status`` (Twilio's ``CallStatus`` vocabulary, another ignored; ignored when the
+    record has a later one already; an unanswered one of a call ``in-progress`` is
+    ``completed``) and ``answered_by`` (kept when None), only over the record it read (the bus's
     ``replace``: callbacks at once do not write over each other); a call not answered
     (:data:`UNANSWERED`) is logged at INFO, ``to`` (the callee) masked. Never raises:
     a bus that does not answer is logged (WARNING, DEBUG for the same outage after)."""
@@ -367,6 +369,8 @@ async def record_outcome(
             kept = await gw.bus.retained(topic)
             record = dict(kept or {"carrier": carrier, "callId": call_id, "status": None})
             old = record["status"]
+            if status not in _PROGRESS and status not in FINAL:
+                status = None  # none of Twilio's: not taken as the call's end
             if old == "in-progress" and status in UNANSWERED:
                 status = "completed"  # an answered call's end, whatever the carrier's cause
             if status is not None and _rank(status) > _rank(old):

@@ -226,6 +226,23 @@ async def test_an_answered_call_that_ends_is_completed_whatever_the_cause(
     assert unanswered_lines(caplog) == []
 
 
+async def test_a_status_outside_twilios_vocabulary_is_not_recorded() -> None:
+    """A ``CallStatus`` the gateway does not know was kept as it came, any length, and as a
+    final status (ranked after ``in-progress``): the real one never replaced it."""
+    async with (
+        carrier_api() as api,
+        twilio_gateway(
+            twilio_account_sid=ACCOUNT, twilio_api_base_url=api.url, admin_keys={ADMIN}
+        ) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        sid = await place(client, "twilio", "+15550100")
+        assert await twilio_status(client, sid, "x" * 5000) == 204
+        assert (await outcome(client, sid))["status"] == "queued"
+        assert await twilio_status(client, sid, "no-answer") == 204
+        assert (await outcome(client, sid))["status"] == "no-answer"
+
+
 async def test_get_v1_calls_refuses_an_unknown_id_and_a_bad_key() -> None:
     async with (
         twilio_gateway(admin_keys={ADMIN}) as gw,
