@@ -329,6 +329,8 @@ OUTCOME_TTL_S: Final = 86_400.0
 """How long the outcome record of a placed call is kept (s)."""
 UNANSWERED: Final = frozenset({"busy", "no-answer", "failed", "canceled"})
 """The final statuses of a call nobody answered."""
+MAX_ANSWERED_BY: Final = 64
+"""The most characters of an answering-machine result kept (Twilio's longest is 19)."""
 OUTCOME_TRIES: Final = 8
 """How many times :func:`record_outcome` reads and writes a record that others change."""
 FINAL: Final = UNANSWERED | {"completed"}
@@ -359,11 +361,13 @@ async def record_outcome(
     """Update the outcome record of ``carrier``'s call ``call_id`` (module doc) with
     ``status`` (Twilio's ``CallStatus`` vocabulary, another ignored; ignored when the
     record has a later one already; an unanswered one of a call ``in-progress`` is
-    ``completed``) and ``answered_by`` (kept when None), only over the record it read (the bus's
+    ``completed``) and ``answered_by`` (kept when None; its first :data:`MAX_ANSWERED_BY`
+    characters), only over the record it read (the bus's
     ``replace``: callbacks at once do not write over each other); a call not answered
     (:data:`UNANSWERED`) is logged at INFO, ``to`` (the callee) masked. Never raises:
     a bus that does not answer is logged (WARNING, DEBUG for the same outage after)."""
     topic = outcome_topic(call_id)
+    answered_by = answered_by[:MAX_ANSWERED_BY] if answered_by else None
     try:
         for _ in range(OUTCOME_TRIES):  # another callback's write in between: read again
             kept = await gw.bus.retained(topic)

@@ -101,6 +101,7 @@ POST_VOICE: dict[str, Any] = dict(
 _CALL_STATUS_FIELDS = {
     "CallStatus": "A placed call's progress: queued, initiated, ringing, in-progress, "
     "completed, busy, no-answer, failed or canceled (recorded: GET /v1/calls/{callId}).",
+    "Direction": "outbound-api for a placed call (recorded); another is not recorded.",
     "AnsweredBy": "The answering-machine result, when detection ran.",
     "To": "The called number.",
 }

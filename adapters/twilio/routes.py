@@ -24,7 +24,8 @@ Thin I/O around :mod:`adapters.twilio.protocol` (the call, sans I/O) and
   ``stream-stopped``, ``stream-error``): verified the same way, logged (a
   ``stream-error`` at WARNING), kept in ``app.state.twilio.status_events`` (the last
   256), answered 204. The call status callbacks of calls placed by POST /v1/calls
-  (``CallStatus`` and no ``StreamEvent``; adapters/twilio/calls.py) come here too: the
+  (``CallStatus``, ``Direction`` ``outbound-api`` and no ``StreamEvent``;
+  adapters/twilio/calls.py) come here too: the
   status and ``AnsweredBy`` are recorded as the call's outcome (gateway/calls.py
   ``record_outcome``), 204. A ``stream-stopped``/``stream-error`` of a call no instance
   serves (none follows its control topic: gateway/io/call.py ``call_served``; its
@@ -345,7 +346,8 @@ async def status(request: Request) -> Response:
     if refused is not None:
         return refused
     call_sid, call_status = params.get("CallSid", ""), params.get("CallStatus", "")
-    if call_status and not params.get("StreamEvent") and CALL_SID.fullmatch(call_sid):
+    placed = params.get("Direction") == "outbound-api"  # not an inbound call's, nor a leg's
+    if placed and call_status and not params.get("StreamEvent") and CALL_SID.fullmatch(call_sid):
         # the progress of a call placed by POST /v1/calls (adapters/twilio/calls.py)
         answered_by = params.get("AnsweredBy") or None
         to = params.get("To", "")

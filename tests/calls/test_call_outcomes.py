@@ -44,16 +44,23 @@ async def outcome(client: httpx.AsyncClient, call_id: str) -> dict[str, Any]:
 
 
 async def twilio_status(
-    client: httpx.AsyncClient, sid: str, status: str, signature: str | None = None
+    client: httpx.AsyncClient,
+    sid: str,
+    status: str,
+    signature: str | None = None,
+    direction: str = "outbound-api",
+    **more: str,
 ) -> int:
     """Twilio's call status callback of call ``sid`` (signed unless ``signature``)."""
     form = {
         "CallSid": sid,
         "AccountSid": ACCOUNT,
         "CallStatus": status,
+        "Direction": direction,
         "To": "+15550100",
         "From": "+15550199",
         "CallbackSource": "call-progress-events",
+        **more,
     }
     headers = {"X-Twilio-Signature": signature or sign(AUTH, STATUS_URL, form)}
     answer = await client.post("/twilio/status?key=twilio", data=form, headers=headers)
@@ -241,6 +248,29 @@ async def test_a_status_outside_twilios_vocabulary_is_not_recorded() -> None:
         assert (await outcome(client, sid))["status"] == "queued"
         assert await twilio_status(client, sid, "no-answer") == 204
         assert (await outcome(client, sid))["status"] == "no-answer"
+
+
+async def test_only_a_placed_calls_status_callbacks_make_a_record() -> None:
+    """A call status callback of an inbound call, or of a leg the call dialled (``Direction``
+    ``inbound``, ``outbound-dial``: a number whose status URL is /twilio/status) made a
+    record as if the gateway had placed that call; an ``AnsweredBy`` of any length was
+    kept whole."""
+    async with (
+        carrier_api() as api,
+        twilio_gateway(
+            twilio_account_sid=ACCOUNT, twilio_api_base_url=api.url, admin_keys={ADMIN}
+        ) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        for direction in ("inbound", "outbound-dial"):
+            sid = f"CA{uuid.uuid4().hex}"
+            assert await twilio_status(client, sid, "completed", direction=direction) == 204
+            answer = await client.get(f"/v1/calls/{sid}", headers=AUTHORIZED)
+            assert answer.status_code == 404, answer.text
+        sid = await place(client, "twilio", "+15550100")
+        assert await twilio_status(client, sid, "in-progress", AnsweredBy="m" * 5000) == 204
+        record = await outcome(client, sid)
+        assert (record["status"], record["answeredBy"]) == ("in-progress", "m" * 64)
 
 
 async def test_get_v1_calls_refuses_an_unknown_id_and_a_bad_key() -> None:
