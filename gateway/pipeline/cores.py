@@ -323,16 +323,28 @@ async def check_status(
         raise PipelineError(what)
 
 
-def text_decoder(answer: httpx.Response) -> codecs.IncrementalDecoder:
-    """The incremental decoder of ``answer``'s text: the charset of its
-    Content-Type when that names a text encoding, else UTF-8 (also for one of Python's
-    codecs that are none, bytes to bytes or str to str: ``hex``, ``base64``, ``rot13``,
-    whose decoder fails on the first chunk; httpx passes over only unknown names); bad
-    bytes replaced."""
+def text_decoder(answer: httpx.Response, core: str) -> Callable[..., str]:
+    """The incremental ``decode(data: bytes, final: bool = False) -> str`` of ``answer``'s
+    text: the charset of its Content-Type when that names a text encoding, else UTF-8
+    (also for one of Python's codecs that are none, bytes to bytes or str to str:
+    ``hex``, ``base64``, ``rot13``, whose decoder fails on the first chunk; httpx passes
+    over only unknown names); bad bytes replaced.
+
+    The decode raises PipelineError (naming ``core`` and the charset) where the decoder
+    refuses the text whatever its errors handler says: UTF-16 or UTF-32 without a byte
+    order mark, ``idna``, ``undefined``; before, its UnicodeError went up as a bug."""
     name = answer.encoding or "utf-8"
     if not codecs.lookup(name)._is_text_encoding:
         name = "utf-8"
-    return codecs.getincrementaldecoder(name)(errors="replace")
+    decoder = codecs.getincrementaldecoder(name)(errors="replace")
+
+    def decode(data: bytes, final: bool = False) -> str:
+        try:
+            return decoder.decode(data, final)
+        except UnicodeError as exc:
+            raise PipelineError(f"{core}'s answer is no {name} text ({exc})") from None
+
+    return decode
 
 
 async def bounded_lines(
@@ -357,7 +369,7 @@ async def bounded_lines(
     with ``terminated`` (a format whose every line ends, as Rasa's NDJSON), when the body ends
     in a line without its end (``<core>'s stream ended inside a line (cut off)``).
     """
-    decode = text_decoder(answer).decode
+    decode = text_decoder(answer, core)
     pending = io.StringIO()  # the line not ended yet (no list of pieces: tiny chunks)
     after_cr = False  # the text so far ended in \r: a \n next ends no other line
     async for chunk in body_chunks(answer, max_bytes, core):

@@ -460,7 +460,7 @@ class DialogflowCxPipeline:
                 if event.data:  # (an event with a type and no data: iter_sse)
                     yield _object(event.data.encode())
             return
-        decode = text_decoder(answer).decode
+        decode = text_decoder(answer, "the core")
         reader = JsonArrayReader()
         async for data in body_chunks(answer, self._max, "the core"):
             for value in reader.feed(decode(data)):

@@ -16,6 +16,7 @@ import pytest
 from fastapi import FastAPI, Request, Response
 
 from gateway.events import Input
+from gateway.pipeline.base import PipelineError
 from gateway.pipeline.cores import SseEvent, bounded_lines, bounded_sse, iter_sse
 from tests.conftest import serve
 from tests.gateway.pipeline.test_openai import engine as openai_engine
@@ -142,3 +143,22 @@ async def test_a_charset_that_names_no_text_encoding_is_read_as_utf_8(
     app.state.media_type = "text/event-stream; charset=latin-1"
     async with httpx.AsyncClient() as client, client.stream("GET", url) as answer:
         assert [e.data async for e in reader(answer)] == ["caf\u00c3\u00a9"]
+
+
+@pytest.mark.parametrize("charset", ["utf-16", "utf-32", "undefined", "idna"])
+@pytest.mark.parametrize("reader", [lines_reader, stream_reader])
+async def test_text_its_charset_cannot_decode_is_the_cores_error(
+    core: tuple[str, FastAPI],
+    reader: Callable[[httpx.Response], AsyncIterator[SseEvent]],
+    charset: str,
+) -> None:
+    """Text whose charset's decoder refuses it whatever its errors handler (UTF-16 and
+    UTF-32 without a byte order mark, ``undefined``, ``idna`` with bytes over 127) is a
+    PipelineError naming the core and the charset; before, the decoder's UnicodeError
+    went up as the gateway's own bug."""
+    url, app = core
+    app.state.body = "data: caf\u00e9\n\n".encode()
+    app.state.media_type = f"text/event-stream; charset={charset}"
+    async with httpx.AsyncClient() as client, client.stream("GET", url) as answer:
+        with pytest.raises(PipelineError, match=f"the core's answer is no {charset} text"):
+            [e.data async for e in reader(answer)]
