@@ -66,7 +66,9 @@ The bus messages (protocol.py, "recognition bus"):
 - ``done {id, result, text?, error?}``: retained until the PUT's answer ends
   (then cleared, before its last line is written, so the next turn's GET never
   sees it; retained at most GATEWAY_TURN_TIMEOUT_S + GATEWAY_LOCK_WAIT_S + 5 s
-  should the PUT die), so a GET that comes after recognition ended ends at once.
+  should the PUT die; a clear that found the bus down is tried again every
+  CLEAR_RETRY_S, 0.5 s, until it answers), so a GET that comes after recognition
+  ended ends at once.
 
 Wall-clock bounds of a realtime PUT (audio time is the speech stage's own; the body's
 protocol is adapters/flowstorm/v2/hearing.py, these are its defaults):
@@ -190,6 +192,8 @@ HEARTBEAT_S = 1.0
 """How often a realtime PUT republishes its ``recognizing`` marker (s)."""
 LOST_S = 5.0
 """Retention of the marker, and how long a following GET waits for any message (s)."""
+CLEAR_RETRY_S = 0.5
+"""How often a realtime PUT's release that found the bus down is tried again (s)."""
 
 
 @asynccontextmanager
@@ -197,7 +201,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.gateway.settings
     # the per-client-IP limiter of "unknown session" answers (see the module doc)
     app.state.v2_guesses = TokenBuckets(settings.not_found_burst, settings.not_found_per_s)
+    app.state.v2_clearing = clearing = set[asyncio.Task[None]]()  # _Hearing.release's retries
     yield
+    for task in clearing:
+        task.cancel()
+    await asyncio.gather(*clearing, return_exceptions=True)
 
 
 router = APIRouter(tags=["Flowstorm Socket V2"], lifespan=_lifespan)
@@ -869,7 +877,11 @@ class _Hearing:
                 log.warning("recognition results of %s not published: %s", self.ref, exc)
 
     async def release(self) -> None:
-        """Forget the retained ``done`` (the PUT's answer is on its way); idempotent."""
+        """Forget the retained ``done`` (the PUT's answer is on its way); idempotent.
+
+        When the bus cannot be reached, the clear is tried again in the background every
+        CLEAR_RETRY_S while the value may last (:meth:`_clear_later`), so the session's
+        next realtime PUT is taken once the bus is back, not 409 until ``done`` expires."""
         if self._released:
             return
         self._released = True
@@ -881,8 +893,28 @@ class _Hearing:
                 await self.gw.bus.clear(self.topic)
             except BusUnavailable as exc:
                 log.log(
-                    outage_level(exc), "retained recognition of %s not cleared: %s", self.ref, exc
+                    outage_level(exc),
+                    "retained recognition of %s not cleared (retried until the bus answers): %s",
+                    self.ref,
+                    exc,
                 )
+                clearing: set[asyncio.Task[None]] = self.request.app.state.v2_clearing
+                task = asyncio.create_task(self._clear_later(), name="v2 recognition release")
+                clearing.add(task)
+                task.add_done_callback(clearing.discard)
+
+    async def _clear_later(self) -> None:
+        """Clear the topic once the bus answers, tried every CLEAR_RETRY_S for at most
+        ``done_retain_s`` (then it expired anyway); only while its retained value is this
+        PUT's (its ``id``): another PUT may have taken the topic meanwhile."""
+        deadline = self._now() + self.body.done_retain_s
+        while self._now() < deadline:
+            await asyncio.sleep(CLEAR_RETRY_S)
+            with contextlib.suppress(BusUnavailable):
+                held = await self.gw.bus.retained(self.topic)
+                if held is not None and held.get("id") == self.body.rid:
+                    await self.gw.bus.clear(self.topic)
+                return  # the bus answered
 
 
 # ---------------------------------------------------------------- GET

@@ -23,11 +23,14 @@ from redis.asyncio import Redis
 
 from adapters.flowstorm.v2.protocol import ClientConfig
 from adapters.flowstorm.v2.routes import _Hearing
+from gateway import redisconn
 from gateway.app import create_app
+from gateway.bus import RedisBus
 from gateway.events import ResponseItem
 from gateway.logs import session_ref
 from gateway.push import push_event
 from gateway.server import uvicorn_options
+from gateway.sessions import redis_client
 from gateway.settings import Settings
 from tests.adapters.flowstorm_shapes import check_v2
 from tests.conftest import gateway, refused_port, serve, served
@@ -951,3 +954,56 @@ async def test_a_realtime_claim_whose_put_was_cancelled_meanwhile_is_given_back(
         await asyncio.sleep(1.5)  # Redis ran the SET NX; the claim is answered
         assert not await aredis.exists(retained)  # given back, not held for LOST_S
         assert await gw.bus.claim("flowstorm:claimed", {"type": "x"}, retain_s=5)
+
+
+async def test_a_realtime_release_that_found_the_bus_down_is_done_once_it_is_back(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_url: str,
+    redis_prefix: str,
+    aredis: Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A realtime PUT whose release (the clear of the session's recognition topic) found
+    the bus's Redis unreachable left its retained ``done`` in place, which holds the topic
+    GATEWAY_TURN_TIMEOUT_S + GATEWAY_LOCK_WAIT_S + 5 s (30 s by default): the session's
+    realtime PUTs were answered 409 that long after Redis came back. The release is now
+    tried again in the background until the bus answers: the topic is free at once."""
+    proxy, proxied = reply_dropper
+    core = make_core()
+    realtime = f"/client?key={KEY}&realtime=1&tts=None"
+    async with serve(core) as core_url:
+        settings = Settings(
+            redis_url=redis_url, redis_prefix=redis_prefix, pipeline=f"{core_url}/hold-on?text=held"
+        )
+        app = create_app(settings)
+        bus_redis = redis_client(proxied)
+        async with (
+            serve(app, **uvicorn_options(settings)) as url,
+            httpx.AsyncClient(base_url=url, timeout=20) as client,
+        ):
+            gw = app.state.gateway
+            gw.bus = RedisBus(bus_redis, prefix=redis_prefix)  # the bus's Redis can be cut
+            intro = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+            assert intro.status_code == 200, intro.text
+            retained = f"{redis_prefix}:{{flowstorm:{intro.cookies['flowstorm-session-id']}}}"
+            content = input_event("held").encode() + b"\n"
+            put = asyncio.create_task(client.put(realtime, headers=JSON, content=content))
+            for _ in range(200):  # until the turn runs (held by the core), its done retained
+                if gw.conversation.turns_in_flight:
+                    break
+                await asyncio.sleep(0.02)
+            assert await aredis.exists(f"{retained}:retained")
+            proxy.cut()  # the bus's Redis is gone when the turn ends and releases
+            core.state.release.set()
+            answer = await put
+            assert answer.status_code == 200, answer.text
+            assert "not cleared" in caplog.text
+            proxy.restore()
+            await asyncio.sleep(2.0)  # Redis is back (and the breaker's cool-down over)
+            again = await client.put(
+                realtime, headers=JSON, content=input_event("again").encode() + b"\n"
+            )
+            assert again.status_code == 200, again.text  # before: 409 for 30 s
+            assert [e["type"] for e in events(again)] == ["ResponseItem", "Response"]
+        await gw.bus.aclose()
+        await redisconn.aclose(bus_redis)
