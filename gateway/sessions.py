@@ -575,6 +575,7 @@ class RedisSessionStore:
         self._acquire_peek = self._redis.register_script(_ACQUIRE_PEEK)
         self._outbox_keys: Callable[[str], tuple[str, str]] | None = None
         self._batch = script_batch(self._redis)
+        self._alone: set[asyncio.Task[Any]] = set()  # a cluster's calls on their way
 
     def _call(
         self,
@@ -582,13 +583,33 @@ class RedisSessionStore:
         keys: list[str],
         args: list[Any],
         orphaned: Callable[[Any], None] | None = None,
-    ) -> Awaitable[Any]:
+    ) -> asyncio.Future[Any]:
         """``script`` auto-pipelined with the other calls of this loop iteration
         (:class:`~gateway.redisconn.ScriptBatch`; ``orphaned`` as there), or alone on a
-        cluster."""
-        if self._batch is None:
-            return script(keys=keys, args=args)
-        return self._batch.call(script, keys, args, orphaned=orphaned)
+        cluster, in a task of its own with the same contract: a caller cancelled while
+        the call is on its way cancels the future, not the call (that cut its connection
+        and lost a reply Redis may have run: a take held for nobody until its lease)."""
+        if self._batch is not None:
+            return self._batch.call(script, keys, args, orphaned=orphaned)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(script(keys=keys, args=args))
+        self._alone.add(task)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._alone.discard(task)
+            failed = task.cancelled() or task.exception() is not None
+            if future.done():  # its caller was cancelled
+                if orphaned is not None and not failed:
+                    orphaned(task.result())
+            elif task.cancelled():
+                future.cancel()
+            elif failed:
+                future.set_exception(task.exception())  # type: ignore[arg-type]
+            else:
+                future.set_result(task.result())
+
+        task.add_done_callback(done)
+        return future
 
     def peek_outbox(self, keys_of: Callable[[str], tuple[str, str]]) -> None:
         """Count a session's undelivered outbox entries when its lock is taken, in the
@@ -707,11 +728,10 @@ class RedisSessionStore:
         the lock (for nobody now), release ``token``'s hold, so a client that went away
         does not hold its session for a lease. The release is queued after the take's
         reply was read, so it cannot overtake the take (it would find nothing to
-        release, and the take would then hold the session for its lease). On a cluster
-        (no batch) the lease frees the session."""
-        if not reply[0] or self._batch is None:
+        release, and the take would then hold the session for its lease)."""
+        if not reply[0]:
             return
-        release = self._batch.call(self._release, [lock_key, data_key], [token, "keep", "", 0])
+        release = self._call(self._release, [lock_key, data_key], [token, "keep", "", 0])
         release.add_done_callback(retrieved)
 
     async def _keep(
@@ -821,6 +841,7 @@ class RedisSessionStore:
     async def aclose(self) -> None:
         if self._batch is not None:
             await self._batch.aclose()
+        await asyncio.gather(*self._alone, return_exceptions=True)
         await redisconn.aclose(self._redis)
 
 
