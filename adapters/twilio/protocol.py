@@ -138,16 +138,12 @@ CLOSE_UNSUPPORTED: Final = 1003
 CLOSE_POLICY: Final = 1008
 """Close code for a stream that is not the call its token was issued for (or no start, or a
 start that cannot be read)."""
-CLOSE_INTERNAL: Final = 1011
-"""Close code when the gateway itself failed."""
 
 DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 MAX_MEDIA_BYTES: Final = 16_000
 """Largest inbound media payload accepted (2 s of audio; Twilio sends 160 bytes)."""
 _MAX_MEDIA_CHARS: Final = -(-MAX_MEDIA_BYTES // 3) * 4
 """The base64 of :data:`MAX_MEDIA_BYTES` (strict base64: 4 characters per 3 bytes begun)."""
-PREROLL_MS: Final = 300
-"""Audio before a voice onset handed to the listener (word beginnings are soft)."""
 TTS: Final = TtsRequest("audio", "mulaw")
 """What a call asks of the turn engine: each item's speech as 8 kHz μ-law after it."""
 
@@ -351,17 +347,6 @@ def _fast_value(text: str) -> dict[str, Any] | None:
     return value
 
 
-def _fast_media(text: str) -> Media | None:
-    """A well-formed ``media`` frame by :func:`_fast_value`; None: the full path decides."""
-    value = _fast_value(text)
-    if value is None:
-        return None
-    try:
-        return _parse_media(value)
-    except ProtocolError:
-        return None
-
-
 def media_audio(text: str) -> tuple[str, bytes] | None:
     """The hot path of a call (50 frames a second): a well-formed ``media`` frame's track
     and μ-law bytes, validated as :func:`parse_message` validates them, without the
@@ -388,8 +373,6 @@ def parse_message(text: str) -> Message:
     missing, a field of the wrong type) that error is an InvalidStart. Unknown
     properties are ignored.
     """
-    if (media := _fast_media(text)) is not None:
-        return media
     value = load_json(text, what="The frame")
     if not isinstance(value, dict):
         raise ProtocolError(f"A frame must be a JSON object, not {type(value).__name__}.")
@@ -432,12 +415,6 @@ def clear_message(stream_sid: str) -> str:
     """``{"event":"clear","streamSid":...}``: Twilio drops the audio it holds and echoes
     the pending marks."""
     return json.dumps({"event": "clear", "streamSid": stream_sid})
-
-
-def audio_frames(audio: bytes, frame_ms: int) -> list[bytes]:
-    """``audio`` (8 kHz μ-law) cut into frames of ``frame_ms`` ms; the last one is padded
-    with μ-law silence (0xFF)."""
-    return list(frames(audio, SAMPLE_RATE, frame_ms, sample_width=1, pad=True))
 
 
 _NOT_XML: Final = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -513,34 +490,27 @@ class TwilioCodec:
     def __init__(self, frame_ms: int = 20) -> None:
         self.frame_ms = frame_ms
         self.stream_sid = ""
-        self._format: WireFormat | None = None
-        self._media_prefix = _media_prefix("")
-
-    @property
-    def media_format(self) -> WireFormat | None:
+        self.media_format: WireFormat | None = None
         """μ-law 8 kHz once ``start`` came (None before)."""
-        return self._format
-
-    @property
-    def outbound_format(self) -> WireFormat | None:
+        self.outbound_format: WireFormat | None = None
         """The same as :attr:`media_format` (Twilio's stream is μ-law both ways)."""
-        return self._format
+        self._media_prefix = _media_prefix("")
 
     def started(self, stream_sid: str) -> None:
         """``start`` named the stream ``stream_sid`` (μ-law 8 kHz, checked by the call)."""
         self.stream_sid = stream_sid
-        self._format = WireFormat("PCMU", SAMPLE_RATE)
+        self.media_format = self.outbound_format = WireFormat("PCMU", SAMPLE_RATE)
         self._media_prefix = _media_prefix(stream_sid)
 
     def start(self, info: StartInfo) -> Started:
         """The engine event of ``start`` (μ-law 8 kHz, checked by the caller), after
         :meth:`started`."""
         self.started(info.stream_sid)
-        assert self._format is not None
+        assert self.media_format is not None
         return Started(
             info.call_sid,
             info.stream_sid,
-            self._format,
+            self.media_format,
             parameters=dict(info.custom_parameters),
             account_id=info.account_sid,
         )
@@ -553,9 +523,9 @@ class TwilioCodec:
         not in μ-law)."""
         message = parse_message(text)
         if isinstance(message, Media):
-            if self._format is None:
+            if self.media_format is None:
                 raise ProtocolError("media before start")
-            return WireMedia(self._format.decode(message.payload), message.track)
+            return WireMedia(self.media_format.decode(message.payload), message.track)
         if isinstance(message, Start):
             if message.start.media_format.encoding != ENCODING:
                 raise UnsupportedMediaFormat(message.start.media_format.encoding)
@@ -568,16 +538,17 @@ class TwilioCodec:
 
     def audio(self, pcm: Pcm) -> list[WireFrame]:
         """16-bit PCM as μ-law ``media`` frames of :attr:`frame_ms`."""
-        assert self._format is not None
-        return self.mulaw_frames(self._format.encode(pcm))
+        assert self.media_format is not None
+        return self.mulaw_frames(self.media_format.encode(pcm))
 
     def mulaw_frames(self, mulaw: bytes) -> list[WireFrame]:
-        """μ-law 8 kHz as ``media`` frames of :attr:`frame_ms`."""
+        """μ-law 8 kHz as ``media`` frames of :attr:`frame_ms`, the last one padded with
+        μ-law silence (0xFF)."""
         prefix = self._media_prefix  # media_message's text, the stream's part made once
         encode = binascii.b2a_base64
         return [
             prefix + encode(chunk, newline=False).decode() + '"}}'
-            for chunk in audio_frames(mulaw, self.frame_ms)
+            for chunk in frames(mulaw, SAMPLE_RATE, self.frame_ms, sample_width=1, pad=True)
         ]
 
     def mark(self, name: str) -> WireFrame:
@@ -625,12 +596,6 @@ class TwilioCall(CarrierCall):
     def __init__(self, call_sid: str, config: CallConfig) -> None:
         self.twilio = TwilioCodec(config.frame_ms)
         super().__init__(self.twilio, call_sid, config)
-
-    @property
-    def stream_sid(self) -> str:
-        """The stream's SID (after ``start``)."""
-        assert self.info is not None
-        return self.info.stream_id
 
     @property
     def listen_format(self) -> AudioFormat:
@@ -681,10 +646,6 @@ class TwilioCall(CarrierCall):
                 f"{fmt.sample_rate} Hz x{fmt.channels}",
             )
         return self._start(self.twilio.start(info))
-
-    def speech_request(self) -> TtsRequest:
-        """Twilio's speech: 8 kHz μ-law (:data:`TTS`), streamed a piece at a time."""
-        return TTS
 
     def _frames(self, audio: bytes) -> tuple[tuple[WireFrame, ...], int]:
         """``audio`` (8 kHz μ-law, as :data:`TTS` asks) as ``media`` frames, and its ms."""
