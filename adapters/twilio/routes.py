@@ -168,7 +168,6 @@ class TwilioChannel:
     )
     calls: dict[str, _Call] = field(default_factory=dict)
     """The calls this instance serves now, by call SID."""
-    _tokens: tuple[bytes, StreamTokens] | None = field(default=None, repr=False)
 
     def token_secret(self) -> tuple[bytes, bool]:
         """The stream token key now and whether every instance shares it (derive_secret)."""
@@ -190,9 +189,7 @@ class TwilioChannel:
         startup (when Redis did not answer then).
         """
         secret, _ = self.token_secret()
-        if self._tokens is None or self._tokens[0] != secret:
-            self._tokens = (secret, StreamTokens(secret, self.settings.twilio_stream_token_ttl_s))
-        return self._tokens[1]
+        return StreamTokens(secret, self.settings.twilio_stream_token_ttl_s)
 
 
 def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> TwilioChannel:
@@ -430,36 +427,29 @@ class _Call(CallRunner):
     def started(self, call_id: str) -> None:
         self.name = f"Twilio call {call_id}"
 
-    async def _end(self, call_id: str, transfer: Transfer | None) -> None:
-        if transfer is None:
-            await self._hang_up(call_id)
+    async def _end(self, call_sid: str, transfer: Transfer | None) -> None:
+        """Hang up: ``Calls/{callSid}`` ``Status=completed`` (gateway/calls.py ``hang_up``:
+        the gateway's asynchronous call-control client, GATEWAY_CALLS_TIMEOUT_S; answered
+        and logged even when the stream stops meanwhile); or transfer: update the call
+        with ``<Dial>`` (:func:`_dial`; a refused update keeps the call:
+        ``#transfer-failed``, gateway/io/call.py ``CallRunner.transferred``). Then close
+        once Twilio stopped the stream (HANGUP_GRACE_S at most); at once when the REST
+        hang-up was not sent or not taken."""
+        if transfer is not None:
+            if not await self.transferred(transfer):
+                return
+            taken, reason = True, "The call was transferred."
         else:
-            await self._transfer(transfer)
-
-    async def _hang_up(self, call_sid: str) -> None:
-        """``Calls/{callSid}`` ``Status=completed`` (gateway/calls.py ``hang_up``: the
-        gateway's asynchronous call-control client, GATEWAY_CALLS_TIMEOUT_S; answered and
-        logged even when the stream stops meanwhile), then close once Twilio stopped the
-        stream (HANGUP_GRACE_S at most)."""
-        auth, control = self.channel.rest, callcontrol_of(self.ws.app)
-        if auth is not None and control is not None:
-            request = twilio_control.hang_up(auth, call_sid)
-            if await rest_hang_up(control, log, "Twilio", call_sid, request):
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(HANGUP_GRACE_S):
-                        await self._received_all.wait()  # Twilio stops the stream
-        await self.close(CLOSE_NORMAL, "The call ended.")
-
-    async def _transfer(self, action: Transfer) -> None:
-        """Update the call with ``<Dial>`` (:func:`_dial`), then close once
-        Twilio stopped the stream; a refused update keeps the call (``#transfer-failed``,
-        gateway/io/call.py ``CallRunner.transferred``)."""
-        if not await self.transferred(action):
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(HANGUP_GRACE_S):
-                await self._received_all.wait()  # Twilio stops the stream
-        await self.close(CLOSE_NORMAL, "The call was transferred.")
+            auth, control = self.channel.rest, callcontrol_of(self.ws.app)
+            taken, reason = False, "The call ended."
+            if auth is not None and control is not None:
+                request = twilio_control.hang_up(auth, call_sid)
+                taken = await rest_hang_up(control, log, "Twilio", call_sid, request)
+        if taken:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HANGUP_GRACE_S):
+                    await self._received_all.wait()  # Twilio stops the stream
+        await self.close(CLOSE_NORMAL, reason)
 
     async def shutdown(self) -> None:
         self._received_all.set()
