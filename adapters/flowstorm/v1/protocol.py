@@ -394,7 +394,13 @@ _NO_TURN: Final = frozenset(
 
 def _build_transitions() -> dict[tuple[State, str], State]:
     s = State
-    table: dict[tuple[State, str], State] = {
+    table: dict[tuple[State, str], State] = {}
+
+    def on(state: State, events: Sequence[str], to: State | None = None) -> None:
+        """``events`` take ``state`` to ``to`` (None: ``state`` stays)."""
+        table.update(dict.fromkeys(((state, event) for event in events), to or state))
+
+    table |= {
         (s.AWAIT_INIT, "Init"): s.IDLE,
         (s.AWAIT_INIT, REFUSED_INIT): s.CLOSED,
         # audio input: one utterance per InputAudioStreamOpen
@@ -417,19 +423,16 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         (s.DRAINING, s.TURN_DRAINING),
         (s.DUPLEX, s.DUPLEX_TURN),
     ):
-        table[(state, "Request")] = turn
-        table[(state, "Input")] = turn
+        on(state, ("Request", "Input"), turn)
     # what the listener reports: (state, after the final result, after a failure)
     for state, heard, failed in (
         (s.LISTENING, s.TURN_DRAINING, s.DRAINING),
         (s.FINISHING, s.TURN, s.IDLE),
         (s.DUPLEX, s.DUPLEX_TURN, s.DRAINING),  # a failure ends the stream with the Error
     ):
-        table[(state, SPEECH_STARTED)] = state
-        table[(state, INTERIM)] = state
+        on(state, (SPEECH_STARTED, INTERIM, AUDIO_TIMEOUT))  # AudioTimeout: FinishListening
         table[(state, FINAL)] = heard
         table[(state, AUDIO_FAILED)] = failed
-        table[(state, AUDIO_TIMEOUT)] = state  # FinishListening
     # sttMode Duplex: one stream, an utterance after another, until Close or Cancel
     table[(s.IDLE, OPEN_DUPLEX)] = s.DUPLEX
     table[(s.DRAINING, OPEN_DUPLEX)] = s.DUPLEX  # after an audio error: the stream again
@@ -440,10 +443,9 @@ def _build_transitions() -> dict[tuple[State, str], State]:
     table[(s.DUPLEX, DUPLEX_SILENCE)] = s.DUPLEX  # StartListening: the next utterance
     table[(s.FINISHING, DUPLEX_SILENCE)] = s.IDLE
     for turn, plain in ((s.DUPLEX_TURN, s.TURN), (s.DUPLEX_TURN_ENDING, s.TURN_ENDING)):
-        table[(turn, BINARY)] = turn  # FeedAudio: heard for onsets, not recognised
-        table[(turn, OPEN_DUPLEX)] = turn  # acknowledged again
-        table[(turn, CLOSE)] = plain  # CancelListening: the stream ends
-        table[(turn, CANCEL)] = plain
+        # Binary: FeedAudio, heard for onsets, not recognised; Open: acknowledged again
+        on(turn, (BINARY, OPEN_DUPLEX))
+        on(turn, (CLOSE, CANCEL), plain)  # CancelListening: the stream ends
     # the client's stream after its utterance: audio is dropped until it is closed
     for draining, plain in (
         (s.DRAINING, s.IDLE),
@@ -451,23 +453,17 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         (s.TURN_ENDING_DRAINING, s.TURN_ENDING),
     ):
         table[(draining, BINARY)] = draining
-        table[(draining, CLOSE)] = plain
-        table[(draining, CANCEL)] = plain
-        table[(plain, CLOSE)] = plain  # nothing open: closing is idempotent
-        table[(plain, CANCEL)] = plain
+        on(draining, (CLOSE, CANCEL), plain)
+        on(plain, (CLOSE, CANCEL))  # nothing open: closing is idempotent
     # the turn's events, in the engine's order; the client's stream stays as it is
     for turn, ending, idle in (
         (s.TURN, s.TURN_ENDING, s.IDLE),
         (s.TURN_DRAINING, s.TURN_ENDING_DRAINING, s.DRAINING),
         (s.DUPLEX_TURN, s.DUPLEX_TURN_ENDING, s.DUPLEX),  # StartListening after the turn
     ):
-        table[(turn, TURN_REJECTED)] = idle
-        table[(turn, "SessionStarted")] = turn
-        table[(turn, "ResponseItem")] = turn
-        table[(turn, RESPONSE_AUDIO)] = turn
-        table[(turn, "Response")] = ending
-        table[(turn, "Error")] = ending
-        table[(turn, TURN_FINISHED)] = idle  # a stream without an end event
+        on(turn, ("SessionStarted", "ResponseItem", RESPONSE_AUDIO))
+        on(turn, ("Response", "Error"), ending)
+        on(turn, (TURN_REJECTED, TURN_FINISHED), idle)  # TurnFinished: no end event came
         table[(ending, "SessionEnded")] = ending
         table[(ending, TURN_FINISHED)] = idle
     # the session ended: so does a Duplex stream (Flowstorm's server closed it; its
