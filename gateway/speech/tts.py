@@ -475,12 +475,10 @@ class PiperSynthesizer:
     arena so memory goes back after each run; SSML breaks become silence.
 
     Args:
-        model_path: a Piper ``.onnx`` voice; its config is ``<model>.onnx.json``
-            unless ``config_path`` is given. Default: the "joe" en_US voice.
-        length_scale: speaking-time factor (>1 slower); None = the voice's default.
+        model_path: a Piper ``.onnx`` voice; its config is ``<model>.onnx.json``.
+            Default: the "joe" en_US voice.
         noise_scale, noise_w_scale: variability of audio and phoneme durations;
             0 makes output deterministic. None = the voice's defaults.
-        sentence_silence_ms: silence inserted between sentences.
         threads: ONNX Runtime intra-op threads per inference run (1 leaves the other
             cores to the event loop and to recognition).
         first_clause_chars: an item's first piece ends at its first clause end once it
@@ -495,11 +493,8 @@ class PiperSynthesizer:
         self,
         model_path: str | Path | None = None,
         *,
-        config_path: str | Path | None = None,
-        length_scale: float | None = None,
         noise_scale: float | None = None,
         noise_w_scale: float | None = None,
-        sentence_silence_ms: int = 0,
         threads: int = 1,
         first_clause_chars: int = 0,
     ) -> None:
@@ -510,13 +505,9 @@ class PiperSynthesizer:
         self.threads = threads
         self.first_clause_chars = first_clause_chars
         self.model_path = Path(model_path) if model_path is not None else default_piper_model()
-        self.config_path = (
-            Path(config_path) if config_path is not None else Path(f"{self.model_path}.json")
-        )
-        self._length_scale = length_scale
+        self.config_path = Path(f"{self.model_path}.json")
         self._noise_scale = noise_scale
         self._noise_w_scale = noise_w_scale
-        self._sentence_silence_ms = sentence_silence_ms
         self._voice: PiperVoice | None = None
         self._syn_config: SynthesisConfig | None = None
         self._load_lock = threading.Lock()
@@ -525,10 +516,8 @@ class PiperSynthesizer:
         settings = [
             f"{key}={value}"
             for key, value in (
-                ("length", length_scale),
                 ("noise", noise_scale),
                 ("noise_w", noise_w_scale),
-                ("gap", sentence_silence_ms or None),
                 # an item split into other pieces sounds different at their seams
                 ("clause", first_clause_chars or None),
             )
@@ -571,7 +560,6 @@ class PiperSynthesizer:
                         f"cannot load Piper voice {self.model_path}: {exc}"
                     ) from exc
                 self._syn_config = SynthesisConfig(
-                    length_scale=self._length_scale,
                     noise_scale=self._noise_scale,
                     noise_w_scale=self._noise_w_scale,
                 )
@@ -604,8 +592,7 @@ class PiperSynthesizer:
         voice = self._load()
         config = self._syn_config
         rate = int(voice.config.sample_rate)
-        gap = silence(self._sentence_silence_ms, rate).data if self._sentence_silence_ms else b""
-        length_scale = (config.length_scale if config else None) or voice.config.length_scale
+        length_scale = voice.config.length_scale
         limit = max(16, int(PIECE_PHONEMES / max(1.0, float(length_scale or 1.0))))
         out = bytearray()
         with _PIPER_LOCK:
@@ -615,9 +602,7 @@ class PiperSynthesizer:
                     for sentence in voice.phonemize(text)
                     for run in phoneme_runs(sentence, limit)
                 ]
-                for i, run in enumerate(runs):
-                    if i and gap:
-                        out += gap
+                for run in runs:
                     result = voice.phoneme_ids_to_audio(voice.phonemes_to_ids(run), config)
                     audio = result[0] if isinstance(result, tuple) else result
                     peak = float(np.max(np.abs(audio))) if audio.size else 0.0
