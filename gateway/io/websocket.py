@@ -621,12 +621,11 @@ class FrameClock:
         self._timer_tick = 0
 
     @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop, tick_ms: int = PACE_TICK_MS) -> FrameClock:
-        """The clock of ``loop`` with ticks of ``tick_ms`` (made on first use)."""
-        clocks = _CLOCKS.setdefault(loop, {})
-        clock = clocks.get(tick_ms)
+    def of(cls, loop: asyncio.AbstractEventLoop) -> FrameClock:
+        """The clock of ``loop``, ticks of :data:`PACE_TICK_MS` (made on first use)."""
+        clock = _CLOCKS.get(loop)
         if clock is None:
-            clock = clocks[tick_ms] = cls(tick_ms)  # holds no reference to the loop
+            clock = _CLOCKS[loop] = cls()  # holds no reference to the loop
         return clock
 
     async def until(self, when: float, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -666,10 +665,10 @@ class FrameClock:
             self._timer = loop.call_at(ticks[0] * self.tick_s, self._fire)
 
 
-_CLOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, FrameClock]] = (
+_CLOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FrameClock] = (
     weakref.WeakKeyDictionary()
 )
-"""Each event loop's frame clocks, by tick (ms)."""
+"""Each event loop's frame clock."""
 
 
 class PacedSender(Generic[T]):

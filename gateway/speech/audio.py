@@ -455,19 +455,18 @@ def decode_mp3(data: bytes) -> Pcm:
     return Pcm(raw, decoded.sample_rate)
 
 
-def encode_mp3(pcm: Pcm, bitrate_kbps: int = 64, quality: int = 5) -> bytes:
-    """Encode PCM as mono constant-bitrate MP3 at ``pcm.sample_rate``.
+def encode_mp3(pcm: Pcm, bitrate_kbps: int = 64) -> bytes:
+    """Encode PCM as mono constant-bitrate MP3 at ``pcm.sample_rate`` (LAME quality 5).
 
     Args:
         pcm: mono 16-bit PCM at a rate MPEG audio allows (every supported rate).
         bitrate_kbps: CBR bitrate in kbit/s (e.g. 32, 64, 128).
-        quality: LAME quality, 2 (best, slow) to 7 (fast).
     """
     encoder = lameenc.Encoder()
     encoder.set_bit_rate(bitrate_kbps)
     encoder.set_in_sample_rate(pcm.sample_rate)
     encoder.set_channels(1)
-    encoder.set_quality(quality)
+    encoder.set_quality(5)
     out = bytes(encoder.encode(pcm.data)) + bytes(encoder.flush())
     return out
 

@@ -85,6 +85,9 @@ FORMATS: Final[frozenset[str]] = frozenset(MEDIA_TYPES) | frozenset(PCM_RATES)
 MP3_BITRATE_KBPS: Final = 64
 """Bitrate of ``mp3`` files (CBR, kbit/s)."""
 
+MAX_SPEC_BYTES: Final = 16 * 1024 * 1024
+"""Total size of the specs a :class:`MemoryTtsCache` keeps registered (bytes)."""
+
 _ID_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
@@ -226,17 +229,16 @@ class MemoryTtsCache:
     Args:
         max_bytes: total size of stored files; a single file larger than this
             is not stored.
-        max_spec_bytes: total size of registered specs (their JSON bytes + 64 each).
+
+    Registered specs are kept within :data:`MAX_SPEC_BYTES` (their JSON bytes + 64 each).
     """
 
-    def __init__(
-        self, max_bytes: int = 64 * 1024 * 1024, *, max_spec_bytes: int = 16 * 1024 * 1024
-    ) -> None:
-        if max_bytes <= 0 or max_spec_bytes <= 0:
-            raise ValueError("max_bytes and max_spec_bytes must be > 0")
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be > 0")
         self.max_bytes = max_bytes
         self._files = _Lru(max_bytes)
-        self._specs = _Lru(max_spec_bytes)
+        self._specs = _Lru(MAX_SPEC_BYTES)
 
     @property
     def size(self) -> int:
@@ -256,7 +258,7 @@ class MemoryTtsCache:
         self._files.put(id, bytes(data), len(data))
 
     async def register(self, id: str, spec: TtsSpec) -> None:
-        """Remember a spec (LRU within ``max_spec_bytes``: its JSON's bytes + 64 each).
+        """Remember a spec (LRU within :data:`MAX_SPEC_BYTES`: its JSON's bytes + 64 each).
 
         Kept as its JSON (:meth:`TtsSpec.to_json`), not as the object: bytes are not
         tracked by the cyclic garbage collector, whose full passes would otherwise walk
