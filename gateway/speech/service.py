@@ -291,7 +291,8 @@ class SpeechService:
 
         Raises:
             OSError, redis.RedisError: the cache failed.
-            (from the iterator) TtsOverloaded, SynthesisError, ValueError as :meth:`file`.
+            (from the iterator) TtsOverloaded: the pool is full; SynthesisError,
+            ValueError: the engine failed.
         """
         spec = await self.cache.spec(file_id)
         if spec is not None and fmt is not None and spec.fmt != fmt:
@@ -319,23 +320,6 @@ class SpeechService:
         if data is not None:
             return data
         return spec
-
-    async def file(self, file_id: str) -> bytes | None:
-        """The file behind a link: from the cache, or synthesized now from its registered
-        spec (on any instance sharing the cache). None: unknown or expired id.
-
-        Raises:
-            TtsOverloaded: the pool is full.
-            SynthesisError, ValueError: the engine failed.
-            OSError, redis.RedisError: the cache failed.
-        """
-        data = await self.cache.get(file_id)
-        if data is not None:
-            return data
-        spec = await self.cache.spec(file_id)
-        if spec is None:
-            return None
-        return await self.pool.render(file_id, spec)
 
     async def voice_item(
         self, item: ResponseItem, request: TtsRequest

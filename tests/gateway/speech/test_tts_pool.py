@@ -404,7 +404,7 @@ async def test_prefetch_synthesizes_a_link_in_the_background_when_there_is_room(
     while await speech.cache.get(file_id) is None:
         await asyncio.sleep(0.05)
         assert time.perf_counter() - start < 10
-    assert await speech.file(file_id) == await speech.cache.get(file_id)
+    assert await speech.file_source(file_id) == await speech.cache.get(file_id)
     assert synth.calls == 1
     # a full queue: no prefetch, and the turn is not delayed (the link is issued anyway)
     busy = asyncio.create_task(speech.pool.render("8" * 64, spec(LONG, synth)))
