@@ -32,9 +32,9 @@ worse than a delay, so the ambiguous spelling reads open.
 :class:`RuleEndOfTurn` is the default; any object with the :class:`EndOfTurn`
 method replaces it (a model, another language's rules).
 
-:func:`is_backchannel` tells whether a transcript is only a backchannel or filler
-("uh-huh", "yeah", "mm", "okay"): speech over the bot that must not stop it
-(GATEWAY_BACKCHANNELS).
+:func:`content_words` leaves out backchannels and fillers ("uh-huh", "yeah", "mm",
+"okay"): speech over the bot with no other words must not stop it
+(GATEWAY_BARGE_IN_BACKCHANNELS).
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ __all__ = [
     "EndOfTurn",
     "RuleEndOfTurn",
     "content_words",
-    "is_backchannel",
     "is_filler",
     "words",
 ]
@@ -147,7 +146,7 @@ BACKCHANNELS: Final[tuple[str, ...]] = (
     "alright",
     "all right",
 )
-"""Default GATEWAY_BACKCHANNELS: what a listener says to show they follow."""
+"""Default GATEWAY_BARGE_IN_BACKCHANNELS: what a listener says to show they follow."""
 
 
 def words(text: str) -> list[str]:
@@ -236,13 +235,6 @@ def _outside_phrases(said: list[str], backchannels: Iterable[str]) -> list[str]:
             rest.append(said[i])
             i += 1
     return rest
-
-
-def is_backchannel(text: str, backchannels: Iterable[str] = BACKCHANNELS) -> bool:
-    """Whether ``text`` consists only of backchannels and fillers ("uh-huh yeah", "mm
-    okay"); an empty text (noise: nothing recognised) counts too. Phrases of the list
-    may span words ("i see", "all right")."""
-    return all(word in FILLERS for word in _outside_phrases(words(text), backchannels))
 
 
 _FILLER_LIKE: Final = re.compile(r"[a-z]|[hm]*m[hm]*|h?u+[hm]*|a+h*|e+[rh]*m*|o+h+")
