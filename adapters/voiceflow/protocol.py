@@ -564,10 +564,7 @@ def action_input(action: ActionBody) -> Input:
     cannot name a path, with whitespace or longer than :data:`MAX_NAME`; else a
     malformed payload).
     """
-    handler = ACTIONS.get(action.type)
-    if handler is None and _GENERAL_TYPE.fullmatch(action.type) and len(action.type) <= MAX_NAME:
-        handler = _labelled
-    if handler is None:
+    if not _name(action.type):
         raise ProtocolError(
             "Unknown action type",
             expected=(
@@ -576,11 +573,17 @@ def action_input(action: ActionBody) -> Input:
             ),
             got=clipped(action.type),
         )
-    return handler(action)
+    return ACTIONS.get(action.type, _labelled)(action)
 
 
-_GENERAL_TYPE = re.compile(r"\S+")
-"""A general request's type: a path name, which the core gets as ``#<type>``."""
+_NAME = re.compile(rf"\S{{1,{MAX_NAME}}}")
+
+
+def _name(kind: Any) -> bool:
+    """Whether ``kind`` is a name an action or trace type may be: a string of 1 to
+    :data:`MAX_NAME` characters without whitespace (every type of :data:`ACTIONS` is
+    one; any other is a general request's, a path name the core gets as ``#<type>``)."""
+    return isinstance(kind, str) and _NAME.fullmatch(kind) is not None
 
 
 # -------------------------------------------------------- turn events -> traces
@@ -736,7 +739,7 @@ def _button(raw: Any) -> dict[str, Any] | None:
     if not isinstance(request, dict):  # a text button: pressing it says its name
         request = {"type": "text", "payload": name}
     kind, payload = request.get("type"), request.get("payload")
-    if not isinstance(kind, str) or not _pressable(kind):
+    if not _name(kind):
         return None  # pressing it would send an action type action_input refuses
     if kind == "text" and not (isinstance(payload, str) and payload.strip()):
         payload = name  # a text request needs its text: the button's name, as for "Yes"
@@ -756,18 +759,7 @@ session went on; a ``text`` without ``slate`` breaks Voiceflow's ``TextTraceDTO`
 def _passable(kind: Any) -> bool:
     """Whether a core's trace of type ``kind`` goes to the client: a trace name (no
     whitespace, 1 to :data:`MAX_NAME` characters) that is none of :data:`OWN_TRACES`."""
-    return (
-        isinstance(kind, str)
-        and _GENERAL_TYPE.fullmatch(kind) is not None
-        and len(kind) <= MAX_NAME
-        and kind not in OWN_TRACES
-    )
-
-
-def _pressable(kind: str) -> bool:
-    """Whether an action of type ``kind`` can be sent back (:func:`action_input` knows it, or
-    it is a path name: no whitespace, at most :data:`MAX_NAME` characters)."""
-    return kind in ACTIONS or (_GENERAL_TYPE.fullmatch(kind) is not None and len(kind) <= MAX_NAME)
+    return _name(kind) and kind not in OWN_TRACES
 
 
 # ------------------------------------------------------------------ actions out
@@ -1039,11 +1031,9 @@ class VoiceflowConnection:
             start.session_key, project_id=start.project_id, user_id=start.user_id, now=self._clock()
         )
         self.start = start
-        self._fresh = False
-        self._kept_s = None
         resumed = check.session_id is not None
         machine.feed(START_RESUMED if resumed else CLIENT_START)
-        self.session_id = check.session_id
+        self._talk_in(check.session_id)
         return [Emit(CLIENT_STARTED, {"newSessionRequired": not resumed})]
 
     def _on_session_create(self, payload: Any) -> list[Action]:
@@ -1054,9 +1044,7 @@ class VoiceflowConnection:
         start = self.start
         assert start is not None  # the table allows session.create only after client.start
         self.machine.feed(SESSION_CREATE)
-        self.session_id = self._new_id()
-        self._fresh = True
-        self._kept_s = None
+        self._talk_in(self._new_id(), fresh=True)
         key = self._keys().issue(
             session_id=self.session_id,
             project_id=start.project_id,
@@ -1196,10 +1184,15 @@ class VoiceflowConnection:
     def _session_ended(self, reason: str) -> Emit:
         """The session is gone: forget it (the connection needs a new one) and say
         ``session.ended {reason}``."""
-        self.session_id = None
-        self._fresh = False
-        self._kept_s = None
+        self._talk_in(None)
         return Emit(SESSION_ENDED, {"reason": reason})
+
+    def _talk_in(self, session_id: str | None, *, fresh: bool = False) -> None:
+        """Talk in session ``session_id`` from now (None: none), ``fresh`` when made here
+        by session.create: nothing is known yet of how long the store keeps it."""
+        self.session_id = session_id
+        self._fresh = fresh
+        self._kept_s = None
 
     def connection_lost(self) -> None:
         """The socket.io connection is gone; nothing more is accepted."""
