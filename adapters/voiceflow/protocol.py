@@ -146,7 +146,7 @@ import re
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Literal, TypeVar
 
@@ -613,6 +613,7 @@ def slate(text: str, slate_id: str) -> dict[str, Any]:
     return {"id": slate_id, "content": paragraphs}
 
 
+@dataclass
 class TraceWriter:
     """Response items of one turn -> Voiceflow traces (rules in the module doc).
 
@@ -622,21 +623,15 @@ class TraceWriter:
     (``{state: "end"}``) before any other trace and by :meth:`close`.
     """
 
-    def __init__(
-        self,
-        config: ClientConfig,
-        clock_ms: Callable[[], int],
-        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
-    ) -> None:
-        self.config = config
-        self._now = clock_ms
-        self._new_id = new_id
-        self._open = False
+    config: ClientConfig
+    clock_ms: Callable[[], int]
+    new_id: Callable[[], str] = lambda: uuid.uuid4().hex
+    _open: bool = field(default=False, init=False)
 
     def item(self, item: ResponseItem) -> list[dict[str, Any]]:
         """The traces of one response item, in order."""
         out: list[dict[str, Any]] = []
-        now = self._now()
+        now = self.clock_ms()
         text = _message(item)
         if text is not None:
             if self.config.audio_events:
@@ -650,7 +645,7 @@ class TraceWriter:
                 self._open = True
                 out.append(trace("completion", {"state": "content", "content": content}, now))
             else:
-                payload = {"slate": slate(text, self._new_id()), "message": text}
+                payload = {"slate": slate(text, self.new_id()), "message": text}
                 out.append(trace("text", payload, now))
         others: list[dict[str, Any]] = []
         if item.image:
@@ -668,7 +663,7 @@ class TraceWriter:
         if not self._open:
             return []
         self._open = False
-        return [trace("completion", {"state": "end"}, self._now())]
+        return [trace("completion", {"state": "end"}, self.clock_ms())]
 
     def _code_traces(self, item: ResponseItem, now: int) -> list[dict[str, Any]]:
         if not item.code:
@@ -1044,9 +1039,9 @@ class VoiceflowConnection:
         start = self.start
         assert start is not None  # the table allows session.create only after client.start
         self.machine.feed(SESSION_CREATE)
-        self._talk_in(self._new_id(), fresh=True)
+        self._talk_in(session_id := self._new_id(), fresh=True)
         key = self._keys().issue(
-            session_id=self.session_id,
+            session_id=session_id,
             project_id=start.project_id,
             user_id=start.user_id,
             now=self._clock(),

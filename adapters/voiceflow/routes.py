@@ -145,9 +145,6 @@ class BoundedJson:
             raise PacketRefused(exc.text) from None
 
 
-_UNSET: Any = object()
-
-
 class BoundedPacket(socketio.packet.Packet):  # type: ignore[misc]
     """A socket.io packet decoded by :func:`gateway.protocol.load_json` and checked for the
     shape python-socketio indexes without checking: an EVENT/ACK's data is a JSON array
@@ -155,16 +152,14 @@ class BoundedPacket(socketio.packet.Packet):  # type: ignore[misc]
 
     json = BoundedJson
 
-    def __init__(self, *args: Any, encoded_packet: Any = _UNSET, **kwargs: Any) -> None:
-        if encoded_packet is _UNSET:  # a packet to send
-            super().__init__(*args, **kwargs)
-            return
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         # python-socketio skips decoding a falsy message (an empty one, or Engine.IO
         # JSON null/false) and would index the data None; bytes outside an attachment
-        # break its text decoder.
-        if not isinstance(encoded_packet, str) or not encoded_packet:
+        # break its text decoder. (Without encoded_packet: a packet to send.)
+        encoded = kwargs.get("encoded_packet", "a packet to send")
+        if not isinstance(encoded, str) or not encoded:
             raise ProtocolError("A socket.io packet must be non-empty text.")
-        super().__init__(*args, encoded_packet=encoded_packet, **kwargs)
+        super().__init__(*args, **kwargs)
 
     def decode(self, encoded_packet: Any) -> int:
         count: int = super().decode(encoded_packet)
@@ -428,12 +423,9 @@ class EngineIoGuard:
         ended[sid] = now + self.sio.eio.ping_interval + self.sio.eio.ping_timeout
 
     def _was_ended(self, sid: str) -> bool:
-        """Whether ``sid`` is a session ended here not long ago."""
-        until = self._ended.get(sid)
-        if until is not None and until <= time.monotonic():
-            del self._ended[sid]
-            return False
-        return until is not None
+        """Whether ``sid`` is a session ended here not long ago (:meth:`_remember` forgets
+        it later)."""
+        return self._ended.get(sid, 0.0) > time.monotonic()
 
     async def _ended_session(
         self, scope: Scope, receive: Receive, send: Send, sid: str, headers: dict[str, str]
@@ -543,8 +535,10 @@ class VoiceflowServer:
         self.sio.on("disconnect", self._disconnect)
         self.sio.on("*", self._event)
         self._gateway: Gateway | None = None
-        self._keys: SessionKeys | None = None
-        self._keys_of: str | bytes = b""
+        # the signer of the last key (a new one when the key changed)
+        self._signer = functools.lru_cache(maxsize=1)(
+            functools.partial(SessionKeys, ttl_s=settings.voiceflow_session_key_ttl_s)
+        )
         self._clients: dict[str, _Client] = {}
         self._running: dict[str, str] = {}  # session store key -> sid running an action of it
         self._hooks: dict[int, _SignalHook] = {}
@@ -594,10 +588,7 @@ class VoiceflowServer:
             if secret is not None
             else self._gateway.secret_keys.key(VOICEFLOW_SESSION_KEY)
         )
-        if self._keys is None or self._keys_of != key:
-            self._keys = SessionKeys(key, self.settings.voiceflow_session_key_ttl_s)
-            self._keys_of = key
-        return self._keys
+        return self._signer(key)
 
     async def stop(self) -> None:
         """Tell remaining clients ``server.restart``, stop socket.io's background tasks."""
@@ -866,25 +857,23 @@ class VoiceflowServer:
             return
 
 
+@dataclass(eq=False)
 class _SignalHook:
     """Wraps a server's SIGTERM/SIGINT handler: the first signal tells the Voiceflow
     clients ``server.restart`` before the server (``previous``) hears of it; a second
-    signal meanwhile goes to it at once."""
+    signal meanwhile goes to it at once, as every signal once the hook is no longer
+    ``active`` (it fired, or was removed)."""
 
-    def __init__(
-        self, server: VoiceflowServer, previous: _SignalHandler, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self.server = server
-        self.previous = previous
-        self.loop = loop
-        self.active = True
-        self._fired = False
-        self._passed_on = False
-        self._task: asyncio.Task[None] | None = None
+    server: VoiceflowServer
+    previous: _SignalHandler
+    loop: asyncio.AbstractEventLoop
+    active: bool = True
+    _passed_on: bool = False
+    _task: asyncio.Task[None] | None = None
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if self.active and not self._fired:
-            self._fired = True
+        if self.active:
+            self.active = False
             self.loop.call_soon_threadsafe(self._begin, signum)
             return
         self._passed_on = True
