@@ -148,10 +148,11 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 from gateway.events import (
     INTRO,
@@ -277,52 +278,42 @@ class ClientStart(_Payload):
         return {} if value is None else value
 
 
+def _json_only(value: Any) -> Any:
+    """``value`` (a decoded socket.io payload: JSON values, and ``bytes`` where the client
+    sent a binary attachment) when it holds no bytes anywhere, else ValueError. Iterative:
+    no depth bound needed (the packet's JSON is already bounded)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, bytes | bytearray | memoryview):
+            raise ValueError("a binary attachment is not accepted (the payload is JSON only)")
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return value
+
+
 class ActionBody(_Payload):
     """``action.send.action {type, payload?}`` (Voiceflow's request: ``diagramID``,
     ``time`` ... are accepted and ignored)."""
 
     type: str = Field(min_length=1, max_length=MAX_ID)
-    payload: Any = None
-
-    @field_validator("payload")
-    @classmethod
-    def _json_only(cls, value: Any) -> Any:
-        if _holds_bytes(value):
-            raise ValueError("a binary attachment is not accepted (the payload is JSON only)")
-        return value
+    payload: Annotated[Any, AfterValidator(_json_only)] = None
 
 
-def _holds_bytes(value: Any) -> bool:
-    """Whether ``value`` (a decoded socket.io payload: JSON values, and ``bytes`` where the
-    client sent a binary attachment) holds bytes anywhere. Iterative: no depth bound needed
-    (the packet's JSON is already bounded)."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, bytes | bytearray | memoryview):
-            return True
-        if isinstance(item, dict):
-            pending.extend(item.values())
-        elif isinstance(item, list | tuple):
-            pending.extend(item)
-    return False
+def _number_text(value: Any) -> Any:
+    """A messageID as the client meant it: an integer (not a bool) as its text, else as is."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class ActionSend(_Payload):
     """``action.send {action, messageID?}``; a number messageID is taken as its text."""
 
     action: ActionBody
-    message_id: str | None = Field(default=None, alias="messageID", min_length=1, max_length=MAX_ID)
-
-    @field_validator("message_id", mode="before")
-    @classmethod
-    def _message_id(cls, value: Any) -> Any:
-        return _number_text(value)
-
-
-def _number_text(value: Any) -> Any:
-    """A messageID as the client meant it: an integer (not a bool) as its text, else as is."""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    message_id: Annotated[str | None, BeforeValidator(_number_text)] = Field(
+        default=None, alias="messageID", min_length=1, max_length=MAX_ID
+    )
 
 
 class IntentName(_Payload):
