@@ -887,6 +887,7 @@ class _Running:
     failed: bool = False
 
 
+@dataclass(eq=False, kw_only=True)
 class VoiceflowConnection:
     """One socket.io connection of the Voiceflow interact protocol, sans I/O.
 
@@ -904,34 +905,24 @@ class VoiceflowConnection:
     StartTurn); each returns a list of actions and none raises on client input.
     """
 
-    def __init__(
-        self,
-        *,
-        keys: SessionKeys | Callable[[], SessionKeys],
-        project_allowed: Callable[[str], bool],
-        api_keys: frozenset[str] = frozenset(),
-        clock: Callable[[], float],
-        session_busy: Callable[[str], bool] = lambda key: False,
-        new_id: Callable[[], str] = new_session_id,
-        new_message_id: Callable[[], str] = lambda: str(uuid.uuid4()),
-        session_timeout_s: int = 1800,
-    ) -> None:
-        self._keys: Callable[[], SessionKeys] = keys if callable(keys) else lambda: keys
-        self._project_allowed = project_allowed
-        self._api_keys = api_keys
-        self._clock = clock
-        self._session_busy = session_busy
-        self._new_id = new_id
-        self._new_message_id = new_message_id
-        self.machine = ConnectionStateMachine()
-        self.start: ClientStart | None = None
-        """The accepted client.start."""
-        self.session_id: str | None = None
-        """The session this connection talks in (None before one is known and after it ended)."""
-        self._fresh = False  # made by session.create here and not yet taken on by the engine
-        self._running: _Running | None = None
-        self._session_timeout_s = session_timeout_s
-        self._kept_s: int | None = None  # how long the last Response keeps the session (s)
+    keys: SessionKeys | Callable[[], SessionKeys]
+    project_allowed: Callable[[str], bool]
+    api_keys: frozenset[str] = frozenset()
+    clock: Callable[[], float]
+    session_busy: Callable[[str], bool] = lambda key: False
+    new_id: Callable[[], str] = new_session_id
+    new_message_id: Callable[[], str] = lambda: str(uuid.uuid4())
+    session_timeout_s: int = 1800
+    machine: ConnectionStateMachine = field(default_factory=ConnectionStateMachine, init=False)
+    start: ClientStart | None = field(default=None, init=False)
+    """The accepted client.start."""
+    session_id: str | None = field(default=None, init=False)
+    """The session this connection talks in (None before one is known and after it ended)."""
+    _fresh: bool = field(default=False, init=False)
+    """Made by session.create here and not yet taken on by the engine."""
+    _running: _Running | None = field(default=None, init=False)
+    _kept_s: int | None = field(default=None, init=False)
+    """How long the last Response keeps the session (s)."""
 
     # -------------------------------------------------------------- queries
 
@@ -951,7 +942,10 @@ class VoiceflowConnection:
         return self._running.message_id if self._running else None
 
     def _now_ms(self) -> int:
-        return int(self._clock() * 1000)
+        return int(self.clock() * 1000)
+
+    def _signer(self) -> SessionKeys:
+        return self.keys if isinstance(self.keys, SessionKeys) else self.keys()
 
     def idle_timeout_s(self) -> int | None:
         """Seconds after which the session expires in the store when no action comes (the
@@ -1006,15 +1000,15 @@ class VoiceflowConnection:
         except ProtocolError as exc:
             machine.feed(START_REFUSED)
             return [error("invalid-payload", exc.text)]
-        if self._api_keys and not key_valid(start.authorization, self._api_keys):
+        if self.api_keys and not key_valid(start.authorization, self.api_keys):
             machine.feed(START_REFUSED)
             text = "client.start.authorization is missing or is not an API key of this gateway."
             return [error("unauthorized", text)]
-        if not self._project_allowed(start.project_id):
+        if not self.project_allowed(start.project_id):
             machine.feed(START_REFUSED)
             return [error("forbidden-project", f"Unknown projectID {clipped(start.project_id)}.")]
-        check = self._keys().verify(
-            start.session_key, project_id=start.project_id, user_id=start.user_id, now=self._clock()
+        check = self._signer().verify(
+            start.session_key, project_id=start.project_id, user_id=start.user_id, now=self.clock()
         )
         self.start = start
         resumed = check.session_id is not None
@@ -1030,12 +1024,12 @@ class VoiceflowConnection:
         start = self.start
         assert start is not None  # the table allows session.create only after client.start
         self.machine.feed(SESSION_CREATE)
-        self._talk_in(session_id := self._new_id(), fresh=True)
-        key = self._keys().issue(
+        self._talk_in(session_id := self.new_id(), fresh=True)
+        key = self._signer().issue(
             session_id=session_id,
             project_id=start.project_id,
             user_id=start.user_id,
-            now=self._clock(),
+            now=self.clock(),
         )
         return [Emit(SESSION_CREATED, {"sessionKey": key})]
 
@@ -1044,7 +1038,7 @@ class VoiceflowConnection:
         return error(code, exc.text)
 
     def _on_action_send(self, payload: Any) -> list[Action]:
-        message_id = _message_id_of(payload) or self._new_message_id()
+        message_id = _message_id_of(payload) or self.new_message_id()
         machine = self.machine
         if not machine.allows(ACTION_SEND):
             reason, refused = machine.refusal(ACTION_SEND)
@@ -1059,7 +1053,7 @@ class VoiceflowConnection:
         session_key = self.session_key
         assert session_key is not None  # READY has a session and a client.start
         assert self.start is not None
-        if self._session_busy(session_key):
+        if self.session_busy(session_key):
             machine.feed(ACTION_REFUSED)
             text = "An action of this session is running on another connection."
             return [status("rejected", message_id, "action-running", text)]
@@ -1114,7 +1108,7 @@ class VoiceflowConnection:
         if isinstance(event, ResponseItemEvent):
             return _trace_emits(running.message_id, running.writer.item(event.response_item))
         if isinstance(event, ResponseEvent):
-            self._kept_s = event.response.kept_s(self._session_timeout_s)
+            self._kept_s = event.response.kept_s(self.session_timeout_s)
             traces = running.writer.close()
             if event.response.session_ended:
                 traces.append(trace("end", None, self._now_ms()))
@@ -1137,7 +1131,7 @@ class VoiceflowConnection:
             return []
         writer = TraceWriter(self.start.config, self._now_ms)
         traces = [t for item in items for t in writer.item(item)] + writer.close()
-        return _trace_emits(self._new_message_id(), traces)
+        return _trace_emits(self.new_message_id(), traces)
 
     def turn_rejected(self, exc: TurnRejected) -> list[Action]:
         """The engine refused the turn: ``action.status rejected`` with its reason
