@@ -989,12 +989,13 @@ class VoiceflowConnection:
         handler = _EVENTS.get(event)
         if handler is None:
             return [error("unknown-event", f"Unknown event {clipped(event)}: expected {_KNOWN}.")]
+        if event != ACTION_SEND and not self.machine.allows(event):  # (action.send: a status)
+            code, refused = self.machine.refusal(event)
+            return [error(code, refused.text)]
         return handler(self, payload)
 
     def _on_client_start(self, payload: Any) -> list[Action]:
         machine = self.machine
-        if not machine.allows(CLIENT_START):
-            return [self._refused_event(CLIENT_START)]
         try:
             start = parse_client_start(payload)
         except ProtocolError as exc:
@@ -1017,8 +1018,6 @@ class VoiceflowConnection:
         return [Emit(CLIENT_STARTED, {"newSessionRequired": not resumed})]
 
     def _on_session_create(self, payload: Any) -> list[Action]:
-        if not self.machine.allows(SESSION_CREATE):
-            return [self._refused_event(SESSION_CREATE)]
         if payload is not None and not isinstance(payload, dict):
             return [error("invalid-payload", f"session.create takes {{}}, not {_kind(payload)}.")]
         start = self.start
@@ -1032,10 +1031,6 @@ class VoiceflowConnection:
             now=self.clock(),
         )
         return [Emit(SESSION_CREATED, {"sessionKey": key})]
-
-    def _refused_event(self, event: str) -> Emit:
-        code, exc = self.machine.refusal(event)
-        return error(code, exc.text)
 
     def _on_action_send(self, payload: Any) -> list[Action]:
         message_id = _message_id_of(payload) or self.new_message_id()
