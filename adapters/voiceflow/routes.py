@@ -667,8 +667,7 @@ class VoiceflowServer:
             self._hooks[sig] = hook
 
     def _remove_signal_hooks(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
+        # (none outside the main thread: _install_signal_hooks made none there)
         for sig, hook in self._hooks.items():
             hook.active = False
             previous = hook.previous
