@@ -151,7 +151,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 import jwt
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 from gateway.events import (
@@ -227,25 +227,27 @@ class _Payload(BaseModel):
 _M = TypeVar("_M", bound=_Payload)
 
 
+def _time_zone(value: str | None) -> str | None:
+    """``userTimezone`` checked: an IANA zone name, else ValueError; None when blank."""
+    if not value:
+        return None
+    try:
+        return check_time_zone(value)
+    except ProtocolError:  # a directory ("America"), a path, a non-zone file, unknown
+        raise ValueError(f"unknown IANA time zone {clipped(value)}") from None
+
+
 class ClientConfig(_Payload):
     """``client.start.config`` (spec "client.start")."""
 
     completion_events: bool = Field(default=False, alias="completionEvents")
-    user_timezone: str | None = Field(default=None, alias="userTimezone", max_length=64)
+    user_timezone: Annotated[str | None, AfterValidator(_time_zone)] = Field(
+        default=None, alias="userTimezone", max_length=64
+    )
     audio_events: bool = Field(default=False, alias="audioEvents")
     audio_encoding: Literal["audio/x-mulaw", "audio/pcm", "audio/mp3", "audio/mpeg"] | None = Field(
         default=None, alias="audioEncoding"
     )
-
-    @field_validator("user_timezone")
-    @classmethod
-    def _zone(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        try:
-            return check_time_zone(value)
-        except ProtocolError:  # a directory ("America"), a path, a non-zone file, unknown
-            raise ValueError(f"unknown IANA time zone {clipped(value)}") from None
 
     def tts(self) -> TtsRequest | None:
         """The TTS links asked for: ``audioEvents`` in the file type of ``audioEncoding``.
@@ -270,12 +272,9 @@ class ClientStart(_Payload):
     environment_id: str | None = Field(default=None, alias="environmentID", max_length=MAX_ID)
     session_key: str | None = Field(default=None, alias="sessionKey", max_length=MAX_KEY)
     authorization: str | None = Field(default=None, max_length=MAX_KEY)
-    config: ClientConfig = Field(default_factory=ClientConfig)
-
-    @field_validator("config", mode="before")
-    @classmethod
-    def _config(cls, value: Any) -> Any:
-        return {} if value is None else value
+    config: Annotated[ClientConfig, BeforeValidator(lambda v: {} if v is None else v)] = Field(
+        default_factory=ClientConfig
+    )
 
 
 def _json_only(value: Any) -> Any:
