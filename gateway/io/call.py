@@ -115,6 +115,8 @@ CLOSE_INTERNAL: Final = 1011
 """Close code of a stream refused for an unexpected error."""
 MACHINE_RETAIN_S: Final = 120.0
 """How long an answering-machine result waits on the bus for its call's stream (s)."""
+FOLLOW_RETRY_S: Final = 1.0
+"""How often a call's stream tries again to follow its control topic while the bus is down (s)."""
 
 HangUpHook = Callable[["CallRunner", str], Awaitable[None]]
 """An adapter's hang-up: ``(runner, call id)``; the runner closes the socket after it."""
@@ -612,22 +614,49 @@ class CallRunner(WebSocketDriver[CallAction]):
 
     async def _follow(self, call_id: str) -> None:
         """Carry out the call control published for ``call_id`` (:func:`control_topic`)
-        until the call is over: an answering machine's result -> ``#machine``."""
+        until the call is over: an answering machine's result -> ``#machine``.
+
+        The bus down does not end it: a subscription that failed is made again every
+        :data:`FOLLOW_RETRY_S` s while the call is live (the failure logged once per
+        outage, at :func:`gateway.breaker.outage_level`), and a taken result that could
+        not be cleared is logged so and left to expire (a redelivery is ignored)."""
         topic = control_topic(self.carrier, call_id)
+        lost = False  # the subscription failed and is not made again yet: logged once
+        while True:
+            try:
+                async with self.gw.bus.subscribe(topic) as messages:
+                    if lost:
+                        log.info("%s: call control from other instances is back", self.name)
+                        lost = False
+                    while not self.call.closed:
+                        message = await messages.get(1.0)
+                        answered_by = message.get("answeredBy") if message else None
+                        if message and message.get("type") == "machine" and answered_by:
+                            await self._machine_answered(str(answered_by))
+                            await self._taken(topic)
+            except BusUnavailable as exc:
+                if not lost:
+                    log.log(
+                        outage_level(exc),
+                        "%s: call control from other instances is lost until the bus is "
+                        "back (tried every %s s): %s",
+                        self.name,
+                        FOLLOW_RETRY_S,
+                        exc,
+                    )
+                lost = True
+            if self.call.closed:
+                return
+            await asyncio.sleep(FOLLOW_RETRY_S)
+
+    async def _taken(self, topic: str) -> None:
+        """Clear ``topic``'s retained machine result, taken: not kept for anyone else. The
+        bus down: logged (:func:`gateway.breaker.outage_level`); it expires by itself."""
         try:
-            async with self.gw.bus.subscribe(topic) as messages:
-                while not self.call.closed:
-                    message = await messages.get(1.0)
-                    answered_by = message.get("answeredBy") if message else None
-                    if message and message.get("type") == "machine" and answered_by:
-                        await self._machine_answered(str(answered_by))
-                        await self.gw.bus.clear(topic)  # taken: not kept for anyone else
+            await self.gw.bus.clear(topic)
         except BusUnavailable as exc:
             log.log(
-                outage_level(exc),
-                "%s: call control from other instances is lost: %s",
-                self.name,
-                exc,
+                outage_level(exc), "%s: the machine result taken is not cleared: %s", self.name, exc
             )
 
     async def _machine_answered(self, answered_by: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -25,13 +26,18 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from gateway import redisconn
+from gateway.bus import RedisBus
+from gateway.io.call import call_served
+from gateway.sessions import redis_client
 from gateway.speech.service import SpeechService
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness, ask_answer
 from tests.adapters.telnyx.harness import PUBLIC_KEY, TelnyxHarness, ask_texml, local, signed
 from tests.adapters.twilio.harness import TwilioHarness, ask_twiml, call_sid, parse_twiml, sign
-from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway
+from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway, until
 from tests.adapters.vonage.harness import SECRET, VonageHarness, ask_ncco
 from tests.adapters.vonage.harness import signed as vonage_signed
+from tests.gateway.redis_proxy import ReplyDropper
 
 
 @contextlib.asynccontextmanager
@@ -277,6 +283,106 @@ async def test_a_telnyx_machine_webhook_delivered_twice_is_one_machine_input(
             assert b.core.inputs() == ["#intro", "#machine", "5"]
             assert a.core.turns == []
             await call.stop()
+
+
+@contextlib.asynccontextmanager
+async def bus_through(served: Served, url: str, redis_prefix: str) -> AsyncIterator[None]:
+    """``served``'s bus on the Redis at ``url`` (a proxy in front of the test Redis, which
+    a test can cut) while the context is open."""
+    gw = served.app.state.gateway
+    client = redis_client(url)
+    gw.bus = RedisBus(client, prefix=redis_prefix)
+    try:
+        yield
+    finally:
+        await gw.bus.aclose()
+        await redisconn.aclose(client)
+
+
+async def served_now(a: Served, sid: str, within_s: float = 10.0) -> bool:
+    """Whether instance ``a`` learns, within ``within_s`` s, that some instance serves
+    Twilio call ``sid`` (gateway/io/call.py ``call_served``)."""
+    deadline = time.monotonic() + within_s
+    while not await call_served(a.app.state.gateway, "twilio", sid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+async def post_amd(a: Served, sid: str) -> None:
+    """Twilio's ``/twilio/amd`` (``machine_start``) of call ``sid``, posted to ``a``."""
+    amd = {"CallSid": sid, "AccountSid": "AC" + "0" * 32, "AnsweredBy": "machine_start"}
+    headers = {"X-Twilio-Signature": sign(AUTH, f"{PUBLIC}/twilio/amd?key=twilio", amd)}
+    async with httpx.AsyncClient(base_url=a.url) as client:
+        posted = await client.post("/twilio/amd?key=twilio", data=amd, headers=headers)
+    assert posted.status_code == 204, posted.text
+
+
+async def test_a_call_started_while_its_bus_was_cut_follows_its_call_control_once_back(
+    speech: SpeechService,
+    redis_url: str,
+    redis_prefix: str,
+    reply_dropper: tuple[ReplyDropper, str],
+) -> None:
+    """The call's instance (B) cannot reach its bus's Redis when the call's stream starts
+    (so its subscription to the call's control topic fails) and for 1.5 s after: once
+    Redis is back, the call is served for the other instances (``call_served``) and an
+    answering-machine result posted to A becomes ``#machine``. Before, the failed
+    subscription was not made again: neither ever came. (A subscription that was made
+    outlives a cut: the bus's reader subscribes again when it reconnects.)"""
+    proxy, proxied = reply_dropper
+    async with (
+        two_instances(speech, redis_url, redis_prefix) as (a, b),
+        bus_through(b, proxied, redis_prefix),
+    ):
+        sid = call_sid()
+        twiml = parse_twiml((await ask_twiml(a.url, PUBLIC, sid, auth_token=AUTH)).text)
+        proxy.cut()
+        async with TwilioHarness.stream(b.url, twiml, sid, auth_token=AUTH) as call:
+            await b.wait_turns(1)
+            await asyncio.sleep(1.5)
+            proxy.restore()
+            assert await served_now(a, sid)  # before: False, nobody served the call
+            await post_amd(a, sid)
+            await b.wait_turns(2)
+            assert b.core.inputs()[:2] == ["#intro", "#machine"]
+            await call.stop()
+        await b.wait_no_calls()
+
+
+async def test_a_machine_answer_whose_clear_failed_leaves_the_call_followed(
+    speech: SpeechService,
+    redis_url: str,
+    redis_prefix: str,
+    reply_dropper: tuple[ReplyDropper, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The clear of a taken answering-machine result fails (its replies are lost, the bus
+    is unavailable): logged at WARNING, and the call's instance goes on following the
+    call (``call_served`` stays true). Before, its subscription ended there."""
+    proxy, proxied = reply_dropper
+    async with (
+        two_instances(speech, redis_url, redis_prefix) as (a, b),
+        bus_through(b, proxied, redis_prefix),
+    ):
+        sid = call_sid()
+        twiml = parse_twiml((await ask_twiml(a.url, PUBLIC, sid, auth_token=AUTH)).text)
+        async with TwilioHarness.stream(b.url, twiml, sid, auth_token=AUTH) as call:
+            await b.wait_turns(1)
+            assert await served_now(a, sid)
+            caplog.set_level(logging.DEBUG, "gateway.call")
+            proxy.drop_replies_to = b"\r\nDEL\r\n"  # the clear's, every time
+            await post_amd(a, sid)
+            await b.wait_turns(2)
+            assert b.core.inputs()[:2] == ["#intro", "#machine"]
+            assert await until(lambda: proxy.dropped > 0, 10)
+            await asyncio.sleep(1.0)  # the clear's retries (gateway/redisconn.py) fail too
+            proxy.drop_replies_to = None
+            assert await served_now(a, sid, 2.0)  # before: False, nobody served the call
+            assert "the machine result taken is not cleared" in caplog.text
+            await call.stop()
+        await b.wait_no_calls()
 
 
 async def test_plivo_and_vonage_tokens_follow_a_master_key_adopted_after_startup(
