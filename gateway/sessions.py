@@ -817,7 +817,7 @@ class RedisSessionStore:
         except REDIS_ERRORS as exc:
             if applied:
                 raise _unavailable(exc) from exc
-            log.warning("could not release lock of %s: %s", _ref(txn.key), exc)
+            log.log(outage_level(exc), "could not release lock of %s: %s", _ref(txn.key), exc)
             return
         if failed:  # the session's fate is the fence's: only say so
             log.warning("%d side write(s) with the release of a session failed", failed)

@@ -215,7 +215,7 @@ class SpeechService:
                 for item in event.response.items
             ]
         except (ValueError, OSError, *REDIS_ERRORS) as exc:
-            log.warning("pushed items sent without TTS links: %s", exc)
+            log.log(outage_level(exc), "pushed items sent without TTS links: %s", exc)
             return None
         return event.model_copy(
             update={"response": event.response.model_copy(update={"items": items})}

@@ -544,6 +544,45 @@ async def test_a_redis_that_refuses_connections_is_one_warning_not_one_per_reque
         assert [r.name for r in warnings] == ["gateway.breaker", "gateway.app"]
 
 
+async def test_locks_not_released_in_an_outage_are_one_warning_not_one_per_turn(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Turns holding their sessions' locks when Redis went away (cut) and ending without
+    a save (their body raised: a push whose outbox failed, a rejected turn, a cancel):
+    the release of each lock failed and each logged its own WARNING ``could not release
+    lock``, one per turn in flight. Now the outage is the breaker's WARNING and the first
+    release's, the others DEBUG (outage_level); the turns' own errors are unchanged."""
+    proxy, url = reply_dropper
+    store = RedisSessionStore(url, prefix=redis_prefix)
+    held, cut = asyncio.Event(), asyncio.Event()
+    holding = [0]
+
+    async def turn(n: int) -> None:
+        async with store.open(f"c:release{n}", lease_s=3, wait_s=1):
+            holding[0] += 1
+            if holding[0] == 4:
+                held.set()
+            await cut.wait()
+            raise LookupError("the turn failed")
+
+    try:
+        turns = asyncio.gather(*(turn(n) for n in range(4)), return_exceptions=True)
+        await held.wait()
+        caplog.clear()
+        caplog.set_level(logging.DEBUG, "gateway")
+        proxy.cut()
+        cut.set()
+        assert [type(e) for e in await turns] == [LookupError] * 4
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [r.name for r in warnings] == ["gateway.breaker", "gateway.sessions"], [
+            r.getMessage() for r in warnings
+        ]  # before: four of the store's
+        lines = [r for r in caplog.records if "could not release lock" in r.getMessage()]
+        assert [r.levelno for r in lines] == [logging.WARNING] + [logging.DEBUG] * 3
+    finally:
+        await store.aclose()
+
+
 def test_calls_failing_at_once_are_one_outage_until_an_answer(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

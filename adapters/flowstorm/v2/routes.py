@@ -642,7 +642,7 @@ async def _claim_pushes(
     try:
         before = await gw.journal.outbox.mark(key, max(e.seq for e in pushes))
     except OutboxError as exc:
-        log.warning("pushes of %s not claimed: %s", session_ref(key), exc)
+        log.log(outage_level(exc), "pushes of %s not claimed: %s", session_ref(key), exc)
         return b""
     lines = []
     for entry in [e for e in pushes if e.seq > before]:  # (those at or below: another's claim)
@@ -874,7 +874,9 @@ class _Hearing:
         except BusUnavailable as exc:  # the PUT goes on; only a GET misses the results
             if not self._bus_warned:
                 self._bus_warned = True
-                log.warning("recognition results of %s not published: %s", self.ref, exc)
+                log.log(
+                    outage_level(exc), "recognition results of %s not published: %s", self.ref, exc
+                )
 
     async def release(self) -> None:
         """Forget the retained ``done`` (the PUT's answer is on its way); idempotent.
