@@ -10,6 +10,8 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -20,10 +22,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tests.adapters.telnyx.harness import ADMIN, CARRIER, signed
 from tests.adapters.twilio.harness import ACCOUNT, sign
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, twilio_gateway
-from tests.calls.carrier_api import carrier_api
+from tests.calls.carrier_api import CarrierApi, carrier_api
 
 AUTHORIZED = {"Authorization": f"Bearer {ADMIN}"}
 STATUS_URL = f"{PUBLIC}/twilio/status?key=twilio"
+
+
+@asynccontextmanager
+async def twilio_placing(**settings: Any) -> AsyncIterator[tuple[httpx.AsyncClient, CarrierApi]]:
+    """A gateway (``settings`` added) placing Twilio calls through a local carrier API: a
+    client of the gateway, and the API."""
+    async with (
+        carrier_api() as api,
+        twilio_gateway(
+            twilio_account_sid=ACCOUNT, twilio_api_base_url=api.url, admin_keys={ADMIN}, **settings
+        ) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        yield client, api
 
 
 async def place(client: httpx.AsyncClient, carrier: str, to: str) -> str:
@@ -86,13 +102,7 @@ async def test_twilio_busy_and_no_answer_are_recorded_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with (
-        carrier_api() as api,
-        twilio_gateway(
-            twilio_account_sid=ACCOUNT, twilio_api_base_url=api.url, admin_keys={ADMIN}
-        ) as gw,
-        httpx.AsyncClient(base_url=gw.url) as client,
-    ):
+    async with twilio_placing() as (client, api):
         busy = await place(client, "twilio", "+15550100")
         # Calls.json asks for the call's progress on the signed /twilio/status
         asked = parse_qs(api.requests[0].body.decode())
@@ -195,17 +205,7 @@ async def test_callbacks_at_once_never_take_a_status_back(
     """Each callback read the record, then wrote its copy back: a late ``ringing`` handled
     at the same time as ``completed`` wrote ``ringing`` over it (Redis, where the read and
     the write wait on the network). The write now only replaces the record it read."""
-    async with (
-        carrier_api() as api,
-        twilio_gateway(
-            twilio_account_sid=ACCOUNT,
-            twilio_api_base_url=api.url,
-            admin_keys={ADMIN},
-            redis_url=redis_url,
-            redis_prefix=redis_prefix,
-        ) as gw,
-        httpx.AsyncClient(base_url=gw.url) as client,
-    ):
+    async with twilio_placing(redis_url=redis_url, redis_prefix=redis_prefix) as (client, _):
         for _ in range(3):
             sid = await place(client, "twilio", "+15550100")
             statuses = ["ringing"] * 4 + ["completed"] + ["ringing"] * 4
@@ -236,13 +236,7 @@ async def test_an_answered_call_that_ends_is_completed_whatever_the_cause(
 async def test_a_status_outside_twilios_vocabulary_is_not_recorded() -> None:
     """A ``CallStatus`` the gateway does not know was kept as it came, any length, and as a
     final status (ranked after ``in-progress``): the real one never replaced it."""
-    async with (
-        carrier_api() as api,
-        twilio_gateway(
-            twilio_account_sid=ACCOUNT, twilio_api_base_url=api.url, admin_keys={ADMIN}
-        ) as gw,
-        httpx.AsyncClient(base_url=gw.url) as client,
-    ):
+    async with twilio_placing() as (client, _):
         sid = await place(client, "twilio", "+15550100")
         assert await twilio_status(client, sid, "x" * 5000) == 204
         assert (await outcome(client, sid))["status"] == "queued"
@@ -255,13 +249,7 @@ async def test_only_a_placed_calls_status_callbacks_make_a_record() -> None:
     ``inbound``, ``outbound-dial``: a number whose status URL is /twilio/status) made a
     record as if the gateway had placed that call; an ``AnsweredBy`` of any length was
     kept whole."""
-    async with (
-        carrier_api() as api,
-        twilio_gateway(
-            twilio_account_sid=ACCOUNT, twilio_api_base_url=api.url, admin_keys={ADMIN}
-        ) as gw,
-        httpx.AsyncClient(base_url=gw.url) as client,
-    ):
+    async with twilio_placing() as (client, _):
         for direction in ("inbound", "outbound-dial"):
             sid = f"CA{uuid.uuid4().hex}"
             assert await twilio_status(client, sid, "completed", direction=direction) == 204
