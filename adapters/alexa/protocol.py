@@ -42,9 +42,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, Required, TypedDict, Unpack
 
-from pydantic import Field, StrictBool, TypeAdapter
+from pydantic import Field, StrictBool
 from pydantic_core import to_json
 
 from gateway.events import FALLBACK, INTRO, Input, InputClass, Response, ResponseItem, Wire
@@ -306,10 +306,8 @@ PLAYBACK_PREFIXES: tuple[str, ...] = ("AudioPlayer.", "PlaybackController.")
 def handling_of(request_type: str) -> Handling:
     """The :class:`Handling` of a request ``type`` (:data:`REQUEST_TABLE`, then
     :data:`PLAYBACK_PREFIXES`, else IGNORE)."""
-    handling = REQUEST_TABLE.get(request_type)
-    if handling is not None:
-        return handling
-    return Handling.PLAYBACK if request_type.startswith(PLAYBACK_PREFIXES) else Handling.IGNORE
+    playback = request_type.startswith(PLAYBACK_PREFIXES)
+    return REQUEST_TABLE.get(request_type, Handling.PLAYBACK if playback else Handling.IGNORE)
 
 
 INTENT_TABLE: dict[str, IntentRule] = {
@@ -591,24 +589,20 @@ def answer_response(plan: Plan, response: Response) -> tuple[bytes, bool]:
     return data, wire["response"]["shouldEndSession"]
 
 
-def turn_response(
-    response: Response,
-    *,
-    session_id: str | None,
-    force_end: bool = False,
-    reprompt: bool = True,
-    max_speech_chars: int = MAX_SPEECH_CHARS,
-) -> AlexaResponseEnvelope:
+class TurnOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`turn_wire` (and :func:`turn_response`): ``session_id``
+    (required), ``force_end``, ``reprompt`` and ``max_speech_chars``."""
+
+    session_id: Required[str | None]
+    force_end: bool
+    reprompt: bool
+    max_speech_chars: int
+
+
+def turn_response(response: Response, **options: Unpack[TurnOptions]) -> AlexaResponseEnvelope:
     """The Alexa answer to a turn's Response (issue section "Response"), as the
     envelope model of :func:`turn_wire`'s dict (same arguments, same rules)."""
-    wire = turn_wire(
-        response,
-        session_id=session_id,
-        force_end=force_end,
-        reprompt=reprompt,
-        max_speech_chars=max_speech_chars,
-    )
-    return AlexaResponseEnvelope.model_validate(wire)
+    return AlexaResponseEnvelope.model_validate(turn_wire(response, **options))
 
 
 def turn_wire(
@@ -684,12 +678,10 @@ def _speech(items: Sequence[ResponseItem], max_chars: int) -> str | None:
     return speech_ssml(items, max_chars, max_audio=MAX_AUDIO_TAGS, utf16=True)
 
 
-_ENVELOPE: TypeAdapter[AlexaResponseEnvelope] = TypeAdapter(AlexaResponseEnvelope)
-
-
 def _wire_bytes(envelope: AlexaResponseEnvelope) -> bytes:
-    """``envelope.wire_json().encode()``, serialised straight to UTF-8 bytes."""
-    return _ENVELOPE.dump_json(envelope, by_alias=True, exclude_none=True)
+    """``envelope.wire_json().encode()``, serialised straight to UTF-8 bytes (the model's
+    own serializer, through pydantic_core's ``to_json``)."""
+    return to_json(envelope, by_alias=True, exclude_none=True)
 
 
 def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES) -> bytes:
@@ -706,15 +698,10 @@ def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES)
         return data
     env = envelope.model_copy(deep=True)
     body = env.response
-    if body.card is not None:
-        body.card.text = None
-        data = _wire_bytes(env)
-        if len(data) > max_bytes:
-            body.card = None
+    for owner, name in ((body.card, "text"), (body, "card"), (body, "reprompt")):
+        if len(data) > max_bytes and owner is not None and getattr(owner, name) is not None:
+            setattr(owner, name, None)
             data = _wire_bytes(env)
-    if len(data) > max_bytes and body.reprompt is not None:
-        body.reprompt = None
-        data = _wire_bytes(env)
     speech = body.output_speech
     while len(data) > max_bytes and speech is not None and speech.ssml:
         over = len(data) - max_bytes
