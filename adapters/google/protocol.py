@@ -676,10 +676,6 @@ def fallback_json(plan: Plan, text: str, end: bool) -> dict[str, Any]:
     return render(plan, Answer((ResponseItem(text=text),), end=end), plan.session_id)
 
 
-def _speech(items: Sequence[ResponseItem], max_chars: int = MAX_SPEECH_CHARS) -> str | None:
-    return speech_ssml(items, max_chars)
-
-
 def _image(items: Sequence[ResponseItem]) -> str | None:
     return next((i.image for i in items if i.image and i.image.startswith("https://")), None)
 
@@ -720,13 +716,11 @@ def health_response(plan: Plan) -> dict[str, Any]:
     (or Dialogflow-wrapped) ``is_health_check`` MAIN request: a final response
     saying "OK", so the crawler sees a valid, finished conversation.
     """
-    if plan.format is Format.ACTIONS_BUILDER:
-        return {}
-    return render(plan, Answer(items=(ResponseItem(text="OK"),), end=True), plan.session_id)
+    return {} if plan.format is Format.ACTIONS_BUILDER else fallback_json(plan, "OK", True)
 
 
 def _v3_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
-    speech = _speech(answer.items)
+    speech = speech_ssml(answer.items, MAX_SPEECH_CHARS)
     text = display_text(answer.items, MAX_DISPLAY_CHARS, utf16=True)
     out: dict[str, Any] = {
         "session": {"id": plan.session_id, "params": {SESSION_PARAM: gateway_session_id}},
@@ -776,7 +770,7 @@ def _rich_response(
     ``textToSpeech`` and ``displayText`` the answer's text cut to :data:`MAX_EXIT_CHARS`
     (no SSML, no card). ``max_chars`` bounds the speech and the text (a Dialogflow answer
     that must fit, :func:`_fit`)."""
-    speech = None if exit else _speech(answer.items, max_chars)
+    speech = None if exit else speech_ssml(answer.items, max_chars)
     limit = MAX_EXIT_CHARS if exit else MAX_DISPLAY_CHARS
     text = display_text(answer.items, min(limit, max_chars), utf16=True)
     simple = {"textToSpeech": text} if text and not speech else {"ssml": speech or SILENT_SSML}
