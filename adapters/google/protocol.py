@@ -475,21 +475,15 @@ def _v3_plan(request: V3Request) -> Plan:
         return Plan(Format.ACTIONS_BUILDER, input=None, health_check=True, **base)
     intent = request.intent or V3Intent()
     query = (intent.query or "").strip()
-    rule = V3_INTENTS.get(intent.name)
-    said = False
-    if rule is not None:
-        text, ends = rule.text, rule.ends
-    elif query and intent.name and not intent.name.startswith("actions."):
-        text, ends, said = query, False, True
-    elif intent.name:
-        text, ends = f"#{intent.name}", False
-    elif request.handler.name:
-        text, ends = f"#{request.handler.name}", False  # a scene's webhook without intent
-    else:
+    name = intent.name or request.handler.name  # a scene's webhook without intent: handler's
+    if not name:
         raise ProtocolError("The request names neither an intent nor a handler.")
+    rule = V3_INTENTS.get(intent.name)
+    said = rule is None and bool(query and intent.name) and not name.startswith("actions.")
+    rule = rule or IntentRule(query if said else f"#{name}")
     detail = {"params": intent.params or {}, "query": intent.query}
-    heard = _input(text, locale, intent.name or None, detail, said=said)
-    return Plan(Format.ACTIONS_BUILDER, input=heard, end_session=ends, **base)
+    heard = _input(rule.text, locale, intent.name or None, detail, said=said)
+    return Plan(Format.ACTIONS_BUILDER, input=heard, end_session=rule.ends, **base)
 
 
 def _true(argument: V2Argument | None) -> bool:
