@@ -605,9 +605,8 @@ def _cx_plan(request: CxRequest) -> Plan:
     given = (request.text, request.transcript, request.dtmf_digits)
     text = next((t.strip() for t in given if t and t.strip()), "")
     said = bool(text)
-    if not text and request.trigger_event:
-        rule = next((r for p, r in CX_EVENTS if p.search(request.trigger_event)), None)
-        text = rule.text if rule else f"#{request.trigger_event}"
+    if not text and (event := request.trigger_event):
+        text = next((r.text for p, r in CX_EVENTS if p.search(event)), f"#{event}")
     if not text and request.fulfillment_info and request.fulfillment_info.tag:
         text = f"#{request.fulfillment_info.tag}"
     if not text:
@@ -753,31 +752,29 @@ SSML-only, or with a card) fails and Google ends with its earcon instead (Action
 Google "Conversation exits"). Counted in UTF-16 code units, as :data:`MAX_DISPLAY_CHARS`."""
 
 
-def _rich_response(
-    answer: Answer, *, exit: bool = False, screen: bool = False, max_chars: int = MAX_SPEECH_CHARS
-) -> dict[str, Any]:
+def _rich_response(plan: Plan, answer: Answer, max_chars: int = MAX_SPEECH_CHARS) -> dict[str, Any]:
     """The Actions SDK v2 ``RichResponse`` of ``answer``: its items always begin with a
     SimpleResponse (:data:`SILENT_SSML` when the answer says and shows no text), then a
-    ``basicCard`` with the first image when the device has a ``screen``.
+    ``basicCard`` with the first image when the device has a screen (``plan.screen``).
 
-    The answer to a conversation exit (``exit``) is that SimpleResponse alone, its
+    The answer to a conversation exit (``plan.exit``) is that SimpleResponse alone, its
     ``textToSpeech`` and ``displayText`` the answer's text cut to :data:`MAX_EXIT_CHARS`
     (no SSML, no card). ``max_chars`` bounds the speech and the text (a Dialogflow answer
     that must fit, :func:`_fit`)."""
-    speech = None if exit else speech_ssml(answer.items, max_chars)
-    limit = MAX_EXIT_CHARS if exit else MAX_DISPLAY_CHARS
+    speech = None if plan.exit else speech_ssml(answer.items, max_chars)
+    limit = MAX_EXIT_CHARS if plan.exit else MAX_DISPLAY_CHARS
     text = display_text(answer.items, min(limit, max_chars), utf16=True)
     simple = {"textToSpeech": text} if text and not speech else {"ssml": speech or SILENT_SSML}
     if text:
         simple["displayText"] = text
     items: list[dict[str, Any]] = [{"simpleResponse": simple}]
-    if screen and not exit and (image := _image(answer.items)):
+    if plan.screen and not plan.exit and (image := _image(answer.items)):
         items.append({"basicCard": {"image": {"url": image, "accessibilityText": text or "image"}}})
     return {"items": items}
 
 
 def _v2_body(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
-    rich = _rich_response(answer, exit=plan.exit, screen=plan.screen)
+    rich = _rich_response(plan, answer)
     if answer.end:
         return {"expectUserResponse": False, "finalResponse": {"richResponse": rich}}
     return {
@@ -818,7 +815,7 @@ def _es_response(plan: Plan, answer: Answer, max_chars: int) -> dict[str, Any]:
         "fulfillmentMessages": _messages(answer.items, max_chars),
     }
     if plan.google_payload:
-        rich = _rich_response(answer, exit=plan.exit, screen=plan.screen, max_chars=max_chars)
+        rich = _rich_response(plan, answer, max_chars)
         out["payload"] = {"google": {"expectUserResponse": not answer.end, "richResponse": rich}}
     return out
 
