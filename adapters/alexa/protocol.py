@@ -387,13 +387,12 @@ def plan(envelope: AlexaEnvelope, config: AlexaConfig) -> Plan:
         "locale": request.locale,
         "device_id": envelope.device_id,
     }
-    if handling not in (Handling.TURN, Handling.END):
-        return Plan(handling, **base)
-    if session is None:
+    in_session = handling in (Handling.TURN, Handling.END)
+    if in_session and session is None:
         raise ProtocolError(f"{request.type} must carry a session with a sessionId.")
-    if not base["app_key"]:
+    if in_session and not base["app_key"]:
         raise ProtocolError(f"{request.type} must name the skill (applicationId).")
-    if handling is Handling.END:
+    if handling is not Handling.TURN:
         return Plan(handling, **base)
     if request.type == "LaunchRequest":
         return Plan(handling, input=Input.of(INTRO, locale=request.locale), **base)
@@ -650,11 +649,8 @@ def turn_wire(
         card["image"] = {"smallImageUrl": image, "largeImageUrl": image}
         body["card"] = card
     body["shouldEndSession"] = should_end
-    wire: dict[str, Any] = {"version": VERSION}
-    if session_id:
-        wire["sessionAttributes"] = {SESSION_ATTRIBUTE: session_id}
-    wire["response"] = body
-    return wire
+    attributes = {"sessionAttributes": session_attributes(session_id)} if session_id else {}
+    return {"version": VERSION, **attributes, "response": body}
 
 
 def _reprompt_ssml(items: Sequence[ResponseItem], speech: str, max_chars: int) -> str | None:
