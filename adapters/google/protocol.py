@@ -506,20 +506,18 @@ def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Fo
     rule = V2_INTENTS.get(first.intent)
     if first.intent == "actions.intent.NO_INPUT" and _true(args.get("IS_FINAL_REPROMPT")):
         rule = V2_FINAL_NO_INPUT
-    if rule is not None:
-        text, ends = rule.text, rule.ends
-    elif first.intent == "actions.intent.TEXT":
-        text = (args["text"].text_value or "") if "text" in args else ""
-        text, ends = (text.strip() or query or FALLBACK), False
-    elif first.intent == "actions.intent.OPTION" and "OPTION" in args:
-        text, ends = (args["OPTION"].text_value or FALLBACK), False
-    else:
-        text, ends = f"#{first.intent}", False
-    said = rule is None and first.intent in _V2_WORDS and text != FALLBACK
+    words = rule is None and first.intent in _V2_WORDS  # the user's text or chosen option
+    if words and first.intent == "actions.intent.TEXT":
+        typed = args["text"].text_value if "text" in args else None
+        rule = IntentRule((typed or "").strip() or query or FALLBACK)
+    elif words and "OPTION" in args:
+        rule = IntentRule(args["OPTION"].text_value or FALLBACK)
+    rule = rule or IntentRule(f"#{first.intent}")
+    said = words and rule.text != FALLBACK
     detail = {"arguments": [a.model_dump(mode="json", by_alias=True) for a in first.arguments]}
-    heard = _input(text, locale, first.intent, detail, said=said)
+    heard = _input(rule.text, locale, first.intent, detail, said=said)
     cancel = first.intent == "actions.intent.CANCEL"
-    return Plan(fmt, input=heard, end_session=ends, exit=cancel, **base)
+    return Plan(fmt, input=heard, end_session=rule.ends, exit=cancel, **base)
 
 
 _AGENT = re.compile(r"^(projects/[^/]+(?:/locations/[^/]+/agents/[^/]+)?)/")
