@@ -153,9 +153,8 @@ class AlexaResolutions(Wire):
 def _first_match(resolutions: AlexaResolutions | None) -> AlexaResolutionValue | None:
     """The first ER_SUCCESS_MATCH value of ``resolutions``, if any."""
     for authority in resolutions.resolutions_per_authority if resolutions else []:
-        if authority.status and authority.status.code == "ER_SUCCESS_MATCH":
-            for wrapper in authority.values:
-                return wrapper.value
+        if authority.status and authority.status.code == "ER_SUCCESS_MATCH" and authority.values:
+            return authority.values[0].value
     return None
 
 
