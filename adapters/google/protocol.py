@@ -613,16 +613,14 @@ def _cx_plan(request: CxRequest) -> Plan:
             "triggerEvent or fulfillmentInfo.tag."
         )
     page = request.page_info.current_page if request.page_info else None
-    end_page = (
-        f"{page.split('/pages/')[0]}/pages/END_SESSION" if page and "/flows/" in page else None
-    )
+    flow = page.split("/pages/")[0] if page and "/flows/" in page else None
     return Plan(
         Format.DIALOGFLOW_CX,
         session_id=session,
         input=_input(text, locale, intent, detail, said=said),
         locale=locale,
         app_key=agent_of(session),
-        end_page=end_page,
+        end_page=f"{flow}/pages/END_SESSION" if flow else None,
     )
 
 
@@ -713,16 +711,14 @@ def health_response(plan: Plan) -> dict[str, Any]:
 def _v3_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
     speech = speech_ssml(answer.items, MAX_SPEECH_CHARS)
     text = display_text(answer.items, MAX_DISPLAY_CHARS, utf16=True)
-    out: dict[str, Any] = {
-        "session": {"id": plan.session_id, "params": {SESSION_PARAM: gateway_session_id}},
-    }
     prompt: dict[str, Any] = {"override": False}
     simple = {k: v for k, v in (("speech", speech), ("text", text or None)) if v is not None}
     if simple:
         prompt["firstSimple"] = simple
     if plan.screen and (image := _image(answer.items)):
         prompt["content"] = {"image": {"url": image, "alt": text or "image"}}
-    out["prompt"] = prompt
+    session = {"id": plan.session_id, "params": {SESSION_PARAM: gateway_session_id}}
+    out: dict[str, Any] = {"session": session, "prompt": prompt}
     if answer.end:
         scene: dict[str, Any] = {"next": {"name": END_CONVERSATION}}
         if plan.scene:
