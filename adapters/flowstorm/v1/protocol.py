@@ -172,7 +172,6 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from adapters.flowstorm.events import MAX_SESSION_ID as MAX_SESSION_ID
 from adapters.flowstorm.events import (
     V1_CLIENT_EVENT,
     InitEvent,
@@ -182,10 +181,11 @@ from adapters.flowstorm.events import (
     LogEvent,
     ReadyEvent,
     RecognizedEvent,
+    Request,
     RequestEvent,
     V1ClientEvent,
+    check_session_id,
 )
-from adapters.flowstorm.events import check_session_id as check_session_id
 from gateway.events import (
     SILENCE,
     BinaryEvent,
@@ -894,46 +894,40 @@ class V1Connection:
         self.machine.check(event.type)  # out of order: nothing changes
         # the session id, TurnContext fields and Input; invalid: ProtocolError, nothing changes
         assert self.init is not None  # the table allows input only after Init
-        ctx_args: dict[str, Any] = {}
-        if isinstance(event, RequestEvent):
-            request = event.request
-            if request.app_key and request.app_key != self.init.key:
-                raise ProtocolError("request.appKey differs from the key of the connection's Init.")
-            proposed, input_ = request.session_id, request.input
-            ctx_args = {"device_id": request.device_id, "attributes": request.attributes}
-        else:
-            proposed, input_ = event.session_id, event.input
+        said = event.request if isinstance(event, RequestEvent) else event  # Request | InputEvent
+        request = said if isinstance(said, Request) else None
+        if request is not None and request.app_key and request.app_key != self.init.key:
+            raise ProtocolError("request.appKey differs from the key of the connection's Init.")
+        input_ = said.input
         if not input_.text.strip():
             raise ProtocolError("input.transcript.text is empty: send the user's text or #intro.")
         if input_.locale:  # the session's locale, handed to the core and echoed (as V2's)
             check_language_tag(input_.locale, what="input.locale")
-        session_id = self._proposed(proposed)
+        session_id = self._proposed(said.session_id)
         self.machine.feed(event.type)
         utterance, self._utterance = self._utterance, None  # the user typed instead of speaking
-        turn = self._start_turn(session_id, input_, **ctx_args)
+        turn = self._start_turn(session_id, input_, request)
         if utterance is None:
             return [turn]
         # an open Duplex stream stays heard through the text turn, as through any turn
         return [CancelListening(utterance.stream, hear_on=self._duplex is not None), turn]
 
-    def _start_turn(self, session_id: str, input_: Input, **ctx_args: Any) -> StartTurn:
+    def _start_turn(self, session_id: str, input_: Input, request: Request | None) -> StartTurn:
         logs = tuple(self._logs)
         self._logs.clear()
         self._turn = _Turn(session_id)
-        return StartTurn(self._context(session_id, logs=logs, **ctx_args), input_)
+        return StartTurn(self._context(session_id, request, logs), input_)
 
     def _proposed(self, proposed: str | None) -> str:
         """The session id of a turn: the proposed one, the connection's, or a new one."""
         return check_session_id(proposed) if proposed else self.session_id or self._new_id()
 
     def _context(
-        self,
-        session_id: str,
-        *,
-        device_id: str | None = None,
-        attributes: Mapping[str, Any] | None = None,
-        logs: Sequence[LogEntry] = (),
+        self, session_id: str, request: Request | None = None, logs: Sequence[LogEntry] = ()
     ) -> TurnContext:
+        """The TurnContext of a turn in ``session_id`` (or of StoreLogs, Follow): the Init's
+        key, device, config, locale and time zone; a 2021 ``Request``'s device id (over
+        Init's) and attributes."""
         init = self.init
         assert init is not None
         config = init.config
@@ -942,12 +936,12 @@ class V1Connection:
             namespace=NAMESPACE,
             session_id=session_id,
             app_key=init.key or "",
-            device_id=device_id or init.device_id,
+            device_id=(request.device_id if request else None) or init.device_id,
             locale=text(config.get("locale")),
             time_zone=text(config.get("zoneId")),
             create=True,
             config=dict(config),
-            attributes=dict(attributes or {}),
+            attributes=dict(request.attributes) if request else {},
             logs=tuple(logs),
             tts=self.tts,
             outbox=True,  # numbered and kept: a client that lost its socket gets them back
@@ -1081,7 +1075,7 @@ class V1Connection:
         recognized = Send(RecognizedEvent(text=transcript.text).wire_json())
         duplex = self._duplex
         session_id = duplex.session_id if utterance.duplex and duplex else utterance.session_id
-        turn = self._start_turn(session_id, Input(transcript=transcript))
+        turn = self._start_turn(session_id, Input(transcript=transcript), None)
         return [*ended, recognized, turn]
 
     def audio_failed(self, stream: int, error: Exception) -> list[Action]:
