@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -115,12 +115,9 @@ class _Listening:
     Audio of the stream's next utterance that comes before its StartListening is
     carried out (FeedAudio of a later number) is heard by the stage too."""
 
-    def __init__(
-        self, gw: Gateway, conn: V1Connection, run: Callable[[Sequence[Action]], Awaitable[None]]
-    ) -> None:
-        self.gw = gw
-        self.conn = conn
-        self._run = run
+    def __init__(self, socket: _Socket) -> None:
+        self.socket = socket
+        """Whose protocol it reports to (``socket.conn``), through its runner (``socket.run``)."""
         self._utterance: _Utterance | None = None
         self._duplex: SpeechStage | None = None
         """The stage of the open Duplex stream (None: none is open)."""
@@ -139,7 +136,7 @@ class _Listening:
             previous.stage.stop()
         if stage is None:  # (a Duplex stream's utterances have no silence timeout: no #silence)
             keep_ms = DUPLEX_KEEP_MS if continuous else 0
-            stage = self.gw.speech.listener(
+            stage = self.socket.gw.speech.listener(
                 start, keep_ms=keep_ms, max_pending_ms=MAX_PENDING_AUDIO_MS
             )
         self._duplex = stage if continuous else None
@@ -215,11 +212,11 @@ class _Listening:
         Cancelled (CancelListening, disconnect) while it waits for audio or for the
         recognizer; the frames of a report go out whole (shielded from the cancel).
         """
-        conn, stream = self.conn, utterance.stream
+        conn, stream = self.socket.conn, utterance.stream
 
         async def report(actions: Sequence[Action]) -> None:
             if actions:
-                await asyncio.shield(self._run(actions))
+                await asyncio.shield(self.socket.run(actions))
 
         async def heard(event: Heard) -> None:
             idle = event.kind == "idle"  # the client stopped sending
@@ -255,7 +252,7 @@ class _Socket(WebSocketDriver[Action]):
             ws,
             conn,
             gw.conversation,
-            listening=_Listening(gw, conn, self.run),
+            listening=_Listening(self),
             send_timeout_s=gw.settings.send_timeout_s,
             log=log,
             name="Flowstorm V1 socket",
