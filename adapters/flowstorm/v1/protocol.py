@@ -563,26 +563,37 @@ def parse_event(text: str) -> V1ClientEvent:
     return validate_event(V1_CLIENT_EVENT, value, expected=_EVENT_TYPES, what="A frame")
 
 
-_CHOICES: Final[dict[str, tuple[str, Mapping[str, Any], str]]] = {
+_AUDIO: Final = "Unsupported audio input"
+_SILENCE_TIMEOUTS: Final = range(1, MAX_SILENCE_TIMEOUT_MS + 1)
+_SETTINGS: Final[dict[str, tuple[str, Container[Any], str]]] = {
     "ttsFileType": ("Invalid Init event", {t: t for t in TTS_FILE_TYPES}, "mp3, wav or mulaw"),
     "tts": ("Invalid Init event", TTS_MODES, "None, RequiredLinks or RequiredStreaming"),
-    "sttMode": ("Unsupported audio input", STT_MODES, "Default, SingleUtterance or Duplex"),
+    "sttMode": (_AUDIO, STT_MODES, "Default, SingleUtterance or Duplex"),
+    "sttSampleRate": (_AUDIO, STT_SAMPLE_RATES, ", ".join(map(str, STT_SAMPLE_RATES)) + " (Hz)"),
+    "silenceTimeout": (_AUDIO, _SILENCE_TIMEOUTS, f"1..{MAX_SILENCE_TIMEOUT_MS} (ms)"),
 }
-"""The ``config`` settings that take a word, read in any case: name -> (what a value out
-of it is, lower-case value -> what it means, the values accepted as the Error names them)."""
+"""The ``config`` settings :func:`_setting` reads: name -> (what a value out of it is, the
+values accepted, those values as the Error names them). A word's values are a mapping
+(lower-case value -> what it means); a number's a container of the accepted integers."""
 
 
-def _choice(config: Mapping[str, Any], name: str, default: str) -> Any:
-    """What ``config[name]`` means by :data:`_CHOICES` (the value stripped, in any case),
-    or what its ``default`` (lower-case value) means when it is not set (missing or JSON
-    null). Raises ProtocolError ``<problem>: config.<name>`` naming the values accepted
-    and what came."""
-    problem, meanings, expected = _CHOICES[name]
+def _setting(config: Mapping[str, Any], name: str, default: str | int) -> Any:
+    """``config[name]`` by :data:`_SETTINGS`, or its ``default`` when it is not set (missing
+    or JSON null): a setting with a word (``default`` a lower-case value) is read stripped,
+    in any case, and gives what it means; one with a number (``default`` an int) is read
+    as an integer (:func:`gateway.protocol.integer`) and gives it. Raises ProtocolError
+    ``<problem>: config.<name>`` naming the values accepted and what came when it is none
+    of them."""
+    problem, accepted, expected = _SETTINGS[name]
     raw = config.get(name)
-    word = default if raw is None else raw
-    if not isinstance(word, str) or word.strip().lower() not in meanings:
+    value = default if raw is None else raw
+    if isinstance(default, int):
+        key: int | str | None = integer(value)
+    else:
+        key = value.strip().lower() if isinstance(value, str) else None
+    if key is None or key not in accepted:
         raise ProtocolError(f"{problem}: config.{name}", expected=expected, got=clipped(raw))
-    return meanings[word.strip().lower()]
+    return accepted[key] if isinstance(accepted, Mapping) else key
 
 
 def tts_request(config: Mapping[str, Any]) -> TtsRequest | None:
@@ -593,8 +604,8 @@ def tts_request(config: Mapping[str, Any]) -> TtsRequest | None:
     (default), ``wav`` or ``mulaw``. Both case-insensitive; JSON null counts as
     not set. Raises ProtocolError for anything else.
     """
-    file_type: TtsFileFormat = _choice(config, "ttsFileType", "mp3")
-    mode: TtsMode | None = _choice(config, "tts", "none")
+    file_type: TtsFileFormat = _setting(config, "ttsFileType", "mp3")
+    mode: TtsMode | None = _setting(config, "tts", "none")
     return None if mode is None else TtsRequest(mode, file_type)
 
 
@@ -619,34 +630,11 @@ def listen_config(config: Mapping[str, Any], default_silence_timeout_ms: int) ->
     Raises ProtocolError naming the setting, what is accepted and what came.
     """
     return ListenConfig(
-        AudioFormat("LINEAR16", _number(config, "sttSampleRate", DEFAULT_SAMPLE_RATE)),
+        AudioFormat("LINEAR16", _setting(config, "sttSampleRate", DEFAULT_SAMPLE_RATE)),
         interim=flag(config.get("sttInterimResults")),
-        silence_timeout_ms=_number(config, "silenceTimeout", default_silence_timeout_ms),
-        duplex=_choice(config, "sttMode", "default"),
+        silence_timeout_ms=_setting(config, "silenceTimeout", default_silence_timeout_ms),
+        duplex=_setting(config, "sttMode", "default"),
     )
-
-
-_NUMBERS: Final[dict[str, tuple[Container[int], str]]] = {
-    "sttSampleRate": (STT_SAMPLE_RATES, ", ".join(map(str, STT_SAMPLE_RATES)) + " (Hz)"),
-    "silenceTimeout": (range(1, MAX_SILENCE_TIMEOUT_MS + 1), f"1..{MAX_SILENCE_TIMEOUT_MS} (ms)"),
-}
-"""The ``config`` settings that take a number: name -> (the values accepted, those values
-as the Error names them)."""
-
-
-def _number(config: Mapping[str, Any], name: str, default: int) -> int:
-    """``config[name]`` as an integer (:func:`gateway.protocol.integer`), ``default`` when
-    it is not set (missing or JSON null). Raises ProtocolError ``Unsupported audio input:
-    config.<name>`` naming the values accepted (:data:`_NUMBERS`) and what came when it is
-    none of them."""
-    accepted, expected = _NUMBERS[name]
-    raw = config.get(name)
-    value = default if raw is None else integer(raw)
-    if value is None or value not in accepted:
-        raise ProtocolError(
-            f"Unsupported audio input: config.{name}", expected=expected, got=clipped(raw)
-        )
-    return value
 
 
 def error_frame(text: str, source: str = "client") -> Send:
