@@ -937,9 +937,7 @@ class V1Connection:
 
     def _on_log(self, event: LogEvent) -> list[Action]:
         self.machine.feed("Log")
-        if not event.entries:
-            return []
-        if self.state in _NO_TURN and self.session_id is not None:
+        if event.entries and self.state in _NO_TURN and self.session_id is not None:
             return [StoreLogs(self._context(self.session_id), tuple(event.entries))]
         self._logs.extend(event.entries)  # stored with the next turn (or when this one ends)
         return []
