@@ -168,7 +168,7 @@ from collections import deque
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 from pydantic import ValidationError
 
@@ -659,12 +659,10 @@ def audio_error_frame(error: Exception) -> Send:
 
 _EntryEvent = ResponseItemEvent | ResponseEvent | ErrorEvent | SessionEndedEvent
 _ENTRY_EVENTS: Final[dict[str, type[_EntryEvent]]] = {
-    "ResponseItem": ResponseItemEvent,
-    "Response": ResponseEvent,
-    "Error": ErrorEvent,
-    "SessionEnded": SessionEndedEvent,
+    kind.__name__.removesuffix("Event"): kind for kind in get_args(_EntryEvent)
 }
-"""The events an outbox entry may hold (:meth:`V1Connection.deliver`)."""
+"""The events an outbox entry may hold (:meth:`V1Connection.deliver`), by their ``type``
+(the class name without ``Event``): ResponseItem, Response, Error, SessionEnded."""
 
 
 def missed_event(entry: Missed) -> _EntryEvent:
