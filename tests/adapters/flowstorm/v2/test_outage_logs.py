@@ -87,6 +87,38 @@ async def test_get_client_while_the_bus_cannot_be_reached_is_one_warning(
         await bus.aclose()
 
 
+async def _push(client: httpx.AsyncClient, text: str) -> None:
+    """Push one item with ``text`` to the client's session; it must be queued."""
+    target = {"sessionId": client.cookies["flowstorm-session-id"]}
+    pushed = await client.post(
+        "/v1/push",
+        json={"target": target, "items": [{"text": text}]},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert pushed.json()["delivery"] == "queued", pushed.text
+
+
+async def _five_turns_one_warning(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, marker: str, first: str
+) -> None:
+    """Five text turns, answered without the queued push "Queued."; the WARNINGs are the
+    breaker's and the routes' first line with ``marker`` (before: five of the routes'),
+    which begins ``first``; the other four lines with ``marker`` are DEBUG."""
+    caplog.clear()  # (the push's lines)
+    for _ in range(5):
+        answer = await client.put(f"/client?key={KEY}", headers=TEXT, content="hi")
+        assert answer.status_code == 200, answer.text
+        assert "Queued." not in answer.text
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    names = [r.name for r in warnings]
+    assert names == ["gateway.breaker", "adapters.flowstorm.v2.routes"], [
+        r.getMessage() for r in warnings
+    ]
+    lines = [r for r in caplog.records if marker in r.getMessage()]
+    assert lines[0].getMessage().startswith(first)
+    assert [r.levelno for r in lines[1:]] == [logging.DEBUG] * 4
+
+
 async def test_turns_that_cannot_read_queued_pushes_are_one_warning(
     redis_url: str, redis_prefix: str, down: RedisClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -97,29 +129,11 @@ async def test_turns_that_cannot_read_queued_pushes_are_one_warning(
     update = {"redis_url": redis_url, "redis_prefix": redis_prefix, "admin_keys": {ADMIN}}
     settings = Settings().model_copy(update=update)
     async with one_session(settings, caplog) as (app, client):
-        target = {"sessionId": client.cookies["flowstorm-session-id"]}
-        pushed = await client.post(
-            "/v1/push",
-            json={"target": target, "items": [{"text": "Queued."}]},
-            headers={"Authorization": f"Bearer {ADMIN}"},
-        )
-        assert pushed.json()["delivery"] == "queued", pushed.text
+        await _push(client, "Queued.")
         gw = app.state.gateway
         outbox = RedisOutbox(down, prefix=redis_prefix, keep=10, ttl_s=60)
         gw.journal = Journal(outbox, gw.bus, limit=5)  # the outbox's Redis refuses
-        caplog.clear()  # (the push's lines)
-        for _ in range(5):
-            answer = await client.put(f"/client?key={KEY}", headers=TEXT, content="hi")
-            assert answer.status_code == 200, answer.text
-            assert "Queued." not in answer.text
-        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-        names = [r.name for r in warnings]
-        assert names == ["gateway.breaker", "adapters.flowstorm.v2.routes"], [
-            r.getMessage() for r in warnings
-        ]  # before: five of the routes'
-        lines = [r for r in caplog.records if "not read" in r.getMessage()]
-        assert lines[0].getMessage().startswith("queued pushes of ")
-        assert [r.levelno for r in lines[1:]] == [logging.DEBUG] * 4
+        await _five_turns_one_warning(client, caplog, "not read", "queued pushes of ")
 
 
 async def test_realtime_puts_while_the_bus_cannot_be_reached_are_one_warning(
@@ -170,17 +184,6 @@ class _MarkRefused(RedisOutbox):
         return await self._down.mark(key, seq)
 
 
-async def _push(client: httpx.AsyncClient, text: str) -> None:
-    """Push one item with ``text`` to the client's session; it must be queued."""
-    target = {"sessionId": client.cookies["flowstorm-session-id"]}
-    pushed = await client.post(
-        "/v1/push",
-        json={"target": target, "items": [{"text": text}]},
-        headers={"Authorization": f"Bearer {ADMIN}"},
-    )
-    assert pushed.json()["delivery"] == "queued", pushed.text
-
-
 async def test_turns_that_cannot_claim_queued_pushes_are_one_warning(
     redis_url: str, redis_prefix: str, down: RedisClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -197,19 +200,7 @@ async def test_turns_that_cannot_claim_queued_pushes_are_one_warning(
             await _push(client, "Queued.")
             gw = app.state.gateway
             gw.journal = Journal(_MarkRefused(direct, down, redis_prefix), gw.bus)
-            caplog.clear()  # (the push's lines)
-            for _ in range(5):
-                answer = await client.put(f"/client?key={KEY}", headers=TEXT, content="hi")
-                assert answer.status_code == 200, answer.text
-                assert "Queued." not in answer.text
-            warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-            names = [r.name for r in warnings]
-            assert names == ["gateway.breaker", "adapters.flowstorm.v2.routes"], [
-                r.getMessage() for r in warnings
-            ]  # before: five of the routes'
-            lines = [r for r in caplog.records if "not claimed" in r.getMessage()]
-            assert lines[0].getMessage().startswith("pushes of ")
-            assert [r.levelno for r in lines[1:]] == [logging.DEBUG] * 4
+            await _five_turns_one_warning(client, caplog, "not claimed", "pushes of ")
     finally:
         await redisconn.aclose(direct)
 
