@@ -33,7 +33,14 @@ from gateway.sessions import redis_client
 from gateway.speech.service import SpeechService
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness, ask_answer
 from tests.adapters.telnyx.harness import PUBLIC_KEY, TelnyxHarness, ask_texml, local, signed
-from tests.adapters.twilio.harness import TwilioHarness, ask_twiml, call_sid, parse_twiml, sign
+from tests.adapters.twilio.harness import (
+    TwilioHarness,
+    TwiML,
+    ask_twiml,
+    call_sid,
+    parse_twiml,
+    sign,
+)
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway, until
 from tests.adapters.vonage.harness import SECRET, VonageHarness, ask_ncco
 from tests.adapters.vonage.harness import signed as vonage_signed
@@ -319,6 +326,21 @@ async def post_amd(a: Served, sid: str) -> None:
     assert posted.status_code == 204, posted.text
 
 
+@contextlib.asynccontextmanager
+async def proxied_b(
+    speech: SpeechService, redis_url: str, redis_prefix: str, proxied: str
+) -> AsyncIterator[tuple[Served, Served, str, TwiML]]:
+    """Two instances A and B, B's bus through the proxy at ``proxied``, and a call's SID
+    and the TwiML A answered for it: ``(a, b, sid, twiml)``."""
+    async with (
+        two_instances(speech, redis_url, redis_prefix) as (a, b),
+        bus_through(b, proxied, redis_prefix),
+    ):
+        sid = call_sid()
+        twiml = parse_twiml((await ask_twiml(a.url, PUBLIC, sid, auth_token=AUTH)).text)
+        yield a, b, sid, twiml
+
+
 async def test_a_call_started_while_its_bus_was_cut_follows_its_call_control_once_back(
     speech: SpeechService,
     redis_url: str,
@@ -332,12 +354,7 @@ async def test_a_call_started_while_its_bus_was_cut_follows_its_call_control_onc
     subscription was not made again: neither ever came. (A subscription that was made
     outlives a cut: the bus's reader subscribes again when it reconnects.)"""
     proxy, proxied = reply_dropper
-    async with (
-        two_instances(speech, redis_url, redis_prefix) as (a, b),
-        bus_through(b, proxied, redis_prefix),
-    ):
-        sid = call_sid()
-        twiml = parse_twiml((await ask_twiml(a.url, PUBLIC, sid, auth_token=AUTH)).text)
+    async with proxied_b(speech, redis_url, redis_prefix, proxied) as (a, b, sid, twiml):
         proxy.cut()
         async with TwilioHarness.stream(b.url, twiml, sid, auth_token=AUTH) as call:
             await b.wait_turns(1)
@@ -362,12 +379,7 @@ async def test_a_machine_answer_whose_clear_failed_leaves_the_call_followed(
     is unavailable): logged at WARNING, and the call's instance goes on following the
     call (``call_served`` stays true). Before, its subscription ended there."""
     proxy, proxied = reply_dropper
-    async with (
-        two_instances(speech, redis_url, redis_prefix) as (a, b),
-        bus_through(b, proxied, redis_prefix),
-    ):
-        sid = call_sid()
-        twiml = parse_twiml((await ask_twiml(a.url, PUBLIC, sid, auth_token=AUTH)).text)
+    async with proxied_b(speech, redis_url, redis_prefix, proxied) as (a, b, sid, twiml):
         async with TwilioHarness.stream(b.url, twiml, sid, auth_token=AUTH) as call:
             await b.wait_turns(1)
             assert await served_now(a, sid)
