@@ -86,8 +86,10 @@ class Bus(Protocol):
         """
         ...
 
-    async def clear(self, topic: str) -> None:
-        """Forget the topic's retained value."""
+    async def clear(self, topic: str, *, only: Message | None = None) -> bool:
+        """Forget the topic's retained value; with ``only``, only while it is ``only``
+        (atomically: a value written since it was read stays). True when one was forgotten.
+        Raises BusUnavailable when the bus cannot be reached."""
         ...
 
     async def retained(self, topic: str) -> Message | None:
@@ -156,8 +158,10 @@ class MemoryBus:
         await self.publish(topic, message, retain_s=retain_s)
         return True
 
-    async def clear(self, topic: str) -> None:
-        self._retained.pop(topic, None)
+    async def clear(self, topic: str, *, only: Message | None = None) -> bool:
+        if only is not None and await self.retained(topic) != only:
+            return False
+        return self._retained.pop(topic, None) is not None
 
     async def retained(self, topic: str) -> Message | None:
         kept = self._retained.get(topic)
@@ -207,6 +211,14 @@ return 1
 """RedisBus.replace: SET the retained key to ARGV[2] (PX ARGV[3]) when it holds ARGV[1]
 ('' for none)."""
 
+_CLEAR = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+return redis.call('DEL', KEYS[1])
+"""
+"""RedisBus.clear(only=...): DEL the retained key when it holds ARGV[1]."""
+
 
 class RedisBus:
     """Topics shared by every gateway process on one Redis (see module doc).
@@ -233,6 +245,7 @@ class RedisBus:
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._replace = client.register_script(_REPLACE)
+        self._clear = client.register_script(_CLEAR)
 
     def _channel(self, topic: str) -> str:
         return f"{self._prefix}:{{{topic}}}:bus"
@@ -271,12 +284,17 @@ class RedisBus:
         await self.publish(topic, message)  # the retained value is set: tell subscribers
         return True
 
-    async def clear(self, topic: str) -> None:
+    async def clear(self, topic: str, *, only: Message | None = None) -> bool:
+        keys = [self._retained_key(topic)]
+        args = [] if only is None else [json.dumps(only, separators=(",", ":"))]
         try:
-            retained = self._retained_key(topic)
-            await self._breaker.guard(lambda: self._redis.delete(retained))
+            if only is None:
+                done = await self._breaker.guard(lambda: self._redis.delete(*keys))
+            else:
+                done = await self._breaker.guard(lambda: self._clear(keys=keys, args=args))
         except REDIS_ERRORS as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
+        return bool(done)
 
     async def retained(self, topic: str) -> Message | None:
         key = self._retained_key(topic)

@@ -128,6 +128,20 @@ async def test_replace_writes_only_over_the_value_read(buses: tuple[Bus, Bus]) -
     assert await other.retained("o") == {"status": "completed"}
 
 
+async def test_clear_only_forgets_the_value_read(buses: tuple[Bus, Bus]) -> None:
+    """A release that read its own marker then cleared the topic also cleared a marker
+    another PUT published between the two: a clear ``only`` of the value read is atomic."""
+    pub, other = buses
+    await pub.publish("c", {"id": "a"}, retain_s=5)
+    read = await other.retained("c")
+    await pub.publish("c", {"id": "b"}, retain_s=5)
+    assert await other.clear("c", only=read) is False
+    assert await other.retained("c") == {"id": "b"}
+    assert await other.clear("c", only={"id": "b"}) is True
+    assert await pub.retained("c") is None
+    assert await other.clear("c", only={"id": "b"}) is False
+
+
 async def test_the_memory_bus_drops_expired_values_nobody_reads() -> None:
     """Retained values were dropped only when their topic was read again: a day's call
     outcomes nobody asked for were kept for good. Expired ones now go whenever the kept

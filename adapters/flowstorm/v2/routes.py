@@ -908,14 +908,15 @@ class _Hearing:
     async def _clear_later(self) -> None:
         """Clear the topic once the bus answers, tried every CLEAR_RETRY_S for at most
         ``done_retain_s`` (then it expired anyway); only while its retained value is this
-        PUT's (its ``id``): another PUT may have taken the topic meanwhile."""
+        PUT's (its ``id``; cleared atomically with that value): another PUT may have taken
+        the topic meanwhile."""
         deadline = self._now() + self.body.done_retain_s
         while self._now() < deadline:
             await asyncio.sleep(CLEAR_RETRY_S)
             with contextlib.suppress(BusUnavailable):
                 held = await self.gw.bus.retained(self.topic)
                 if held is not None and held.get("id") == self.body.rid:
-                    await self.gw.bus.clear(self.topic)
+                    await self.gw.bus.clear(self.topic, only=held)  # unless replaced since
                 return  # the bus answered
 
 
