@@ -203,9 +203,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.v2_guesses = TokenBuckets(settings.not_found_burst, settings.not_found_per_s)
     app.state.v2_clearing = clearing = set[asyncio.Task[None]]()  # _Hearing.release's retries
     yield
-    for task in clearing:
-        task.cancel()
-    await asyncio.gather(*clearing, return_exceptions=True)
+    while clearing:  # a release while these end may start another
+        for task in clearing:
+            task.cancel()
+        await asyncio.gather(*clearing, return_exceptions=True)
 
 
 router = APIRouter(tags=["Flowstorm Socket V2"], lifespan=_lifespan)
