@@ -512,8 +512,8 @@ def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Fo
         rule = IntentRule((typed or "").strip() or query or FALLBACK)
     elif words and "OPTION" in args:
         rule = IntentRule(args["OPTION"].text_value or FALLBACK)
+    said = words and rule is not None and rule.text != FALLBACK  # words given, not missing
     rule = rule or IntentRule(f"#{first.intent}")
-    said = words and rule.text != FALLBACK
     detail = {"arguments": [a.model_dump(mode="json", by_alias=True) for a in first.arguments]}
     heard = _input(rule.text, locale, first.intent, detail, said=said)
     cancel = first.intent == "actions.intent.CANCEL"
@@ -564,19 +564,18 @@ def _es_plan(request: EsRequest) -> Plan:
     from_google = bool(original and original.source == "google")
     intent = result.intent.display_name if result.intent else None
     detail = {"parameters": result.parameters or {}, "action": result.action}
+    query = (result.query_text or "").strip()
     if from_google and payload and "inputs" in payload and "conversation" in payload:
         app_request = _validate(V2AppRequest, payload, "Actions on Google payload of the")
         plan = _v2_plan(app_request, request.session, locale, Format.DIALOGFLOW_ES)
         heard = plan.input
         if heard is not None:  # the v2 intent decides; Dialogflow's intent goes along
-            if heard.text == FALLBACK and result.query_text:
-                transcript = heard.transcript.model_copy(update={"text": result.query_text})
-                heard = heard.model_copy(update={"transcript": transcript})
+            if heard.text == FALLBACK and query:  # no v2 words: Dialogflow's are the user's
+                heard = Input.said(query, locale=heard.locale, classes=heard.classes)
             heard.attributes["intent"] = {"name": intent, **detail}
             if intent:
                 heard.classes.insert(0, InputClass(type="Intent", name=intent))
         return replace(plan, input=heard, app_key=app_key, google_payload=True)
-    query = (result.query_text or "").strip()
     # an event's name as it is (upper case): a user who types "welcome" said a word
     if WELCOME_EVENT.fullmatch(query):
         text = INTRO

@@ -230,6 +230,50 @@ def test_user_words_beginning_with_hash_are_no_action() -> None:
     assert silence.input.action == "#silence"
 
 
+def v2_input(intent: str, arguments: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Dialogflow ES fixture of Actions on Google whose v2 payload has this one input
+    (no raw query)."""
+    es = fixture("actions-sdk-v2-via-dialogflow/HelpIntent.json")
+    inputs = [{"intent": intent, "rawInputs": [{"inputType": "VOICE"}], "arguments": arguments}]
+    es["originalDetectIntentRequest"]["payload"]["inputs"] = inputs
+    return es
+
+
+def test_v2_option_without_its_argument_is_an_action() -> None:
+    """actions.intent.OPTION without an ``OPTION`` argument names no chosen option: its
+    ``#actions.intent.OPTION`` is the platform's action, as other system intents' are.
+    Before, it was marked as the user's own words (``action`` "")."""
+    es = v2_input("actions.intent.OPTION", [])
+    for planned in (google_plan(es["originalDetectIntentRequest"]["payload"]), dialogflow_plan(es)):
+        assert planned.input is not None
+        assert planned.input.action == "#actions.intent.OPTION"
+    es = v2_input("actions.intent.OPTION", [{"name": "OPTION", "textValue": "#2"}])
+    chosen = google_plan(es["originalDetectIntentRequest"]["payload"])
+    assert chosen.input is not None
+    assert (chosen.input.text, chosen.input.action) == ("#2", "")
+
+
+def test_dialogflow_query_stands_for_missing_v2_words() -> None:
+    """A v2 text input without words through Dialogflow ES takes Dialogflow's queryText as
+    the user's words (the text ES requests give), not the action ``#fallback``. Before,
+    the text was the query but the action stayed ``#fallback``, so cores took the turn for
+    a no-match event and lost the words."""
+    es = v2_input("actions.intent.TEXT", [])
+    es["queryResult"]["queryText"] = "#1 help"
+    planned = dialogflow_plan(es)
+    assert planned.input is not None
+    assert (planned.input.text, planned.input.action) == ("#1 help", "")
+    assert planned.input.attributes["intent"]["name"] == "HelpIntent"
+    es["queryResult"]["queryText"] = "help"
+    planned = dialogflow_plan(es)
+    assert planned.input is not None
+    assert (planned.input.text, planned.input.action) == ("help", None)
+    es["queryResult"]["queryText"] = " "
+    planned = dialogflow_plan(es)
+    assert planned.input is not None
+    assert planned.input.action == "#fallback"
+
+
 def test_agent_of() -> None:
     assert agent_of("projects/abc/agent/environments/__aog-2/users/-/sessions/X") == "projects/abc"
     assert agent_of(CX_SESSION) == "projects/p1/locations/global/agents/a1"
