@@ -11,7 +11,6 @@ import asyncio
 import logging
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -21,8 +20,7 @@ from pydantic import SecretStr
 from starlette.responses import JSONResponse
 
 from adapters.plivo.verify import signature
-from gateway.events import TRANSFER_FAILED, Input, Response, ResponseItem, transfer_item
-from gateway.sessions import Session
+from gateway.events import TRANSFER_FAILED, Response, ResponseItem, transfer_item
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import Carrier, Scripted, Transfer
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness
@@ -30,6 +28,7 @@ from tests.adapters.plivo.harness import CARRIER as PLIVO
 from tests.adapters.telnyx.harness import CARRIER as TELNYX
 from tests.adapters.twilio.harness import TwilioHarness
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway, until
+from tests.adapters.twilio.test_calls import Goodbye
 from tests.adapters.twilio.test_outbound import SID
 from tests.adapters.vonage.harness import CARRIER as VONAGE
 from tests.calls.carrier_api import Captured, carrier_api, logged_transfers
@@ -333,7 +332,6 @@ class _SorryGoodbye:
         self.inputs: list[str] = []
 
     async def process(self, session: Any, input: Any) -> Any:
-        from gateway.events import Response
 
         self.inputs.append(input.text)
         if input.text == "#intro":
@@ -412,19 +410,6 @@ async def test_a_transfer_still_asked_when_the_stream_stops_is_logged(
     ]
 
 
-class _Farewell:
-    """A core whose intro says good bye and ends the session: the call is hung up."""
-
-    name = "farewell"
-
-    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
-        yield ResponseItem(text="Good bye.")
-        yield Response(session_ended=True)
-
-    async def aclose(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("carrier", [TELNYX, PLIVO], ids=["telnyx", "plivo"])
 async def test_a_hang_up_still_asked_when_the_stream_stops_is_logged(
     speech: SpeechService, caplog: pytest.LogCaptureFixture, carrier: Carrier
@@ -437,7 +422,7 @@ async def test_a_hang_up_still_asked_when_the_stream_stops_is_logged(
         for method in ("POST", "DELETE"):  # Telnyx's hangup action, Plivo's Call DELETE
             api.delays[(method, r"/v\d/.+")] = 1.0
             api.answers[(method, r"/v\d/.+")] = JSONResponse({"error": "down"}, status_code=500)
-        gw.app.state.gateway.conversation.pipeline = _Farewell()
+        gw.app.state.gateway.conversation.pipeline = Goodbye()
         async with carrier.dial(gw.url) as call:
             await call.wait_for(lambda: len(api.requests) >= 1, 20)  # the hang-up is asked
             await call.stop()  # the stream ends while the API has not answered
