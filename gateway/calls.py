@@ -36,7 +36,8 @@ carrier's answering-machine result or null; ``updatedAt`` epoch seconds), kept
 ``GET /v1/calls/{callId}`` (admin key; 404 problem for an unknown id, 503 while the bus
 does not answer). The carrier adapters report what their webhooks say through
 :func:`record_outcome` (Twilio's call status callbacks on ``/twilio/status``, Telnyx's
-``call.answered``/``call.hangup`` on ``/telnyx/outbound``); a status never goes back
+``call.answered``/``call.hangup`` on ``/telnyx/outbound``), which update the record of
+a call placed here and make none for another call; a status never goes back
 (callbacks may come out of order; one answered ends ``completed``), and a call not
 answered is logged at INFO. Callbacks at once do not write over each other (the bus's
 ``replace``).
@@ -308,7 +309,7 @@ async def place_call(request: Request) -> Response:
             carrierBody=answer.body,
         )
     log.info("Outbound %s call %s to %s placed", carrier, call_id, masked_number(call.to))
-    await record_outcome(gateway_of(request), carrier, call_id, status="queued")
+    await record_outcome(gateway_of(request), carrier, call_id, status="queued", placed=True)
     return JSONResponse(
         {
             "carrier": carrier,
@@ -357,6 +358,7 @@ async def record_outcome(
     status: str | None = None,
     answered_by: str | None = None,
     to: str = "",
+    placed: bool = False,
 ) -> None:
     """Update the outcome record of ``carrier``'s call ``call_id`` (module doc) with
     ``status`` (Twilio's ``CallStatus`` vocabulary, another ignored; ignored when the
@@ -365,12 +367,27 @@ async def record_outcome(
     characters), only over the record it read (the bus's
     ``replace``: callbacks at once do not write over each other); a call not answered
     (:data:`UNANSWERED`) is logged at INFO, ``to`` (the callee) masked. Never raises:
-    a bus that does not answer is logged (WARNING, DEBUG for the same outage after)."""
+    a bus that does not answer is logged (WARNING, DEBUG for the same outage after).
+
+    Only ``placed`` (POST /v1/calls, its ``queued`` status) makes a record; a carrier's
+    callback (``placed`` false) updates one that exists and is otherwise dropped
+    (DEBUG): it is of a call the gateway did not place (an inbound call, a transfer's
+    leg, a connection whose webhook URL points here by mistake), whatever the carrier's
+    payload says of its direction. The carrier answers POST /v1/calls before the
+    ``queued`` record is written, so a callback may come in between (its first,
+    ``initiated``, on a fast network): that one is dropped, and the next callback
+    (``ringing``, the call's end) updates the record as usual; only a call whose every
+    callback came that early would stay ``queued`` (until :data:`OUTCOME_TTL_S`). A
+    stored record that is not JSON is taken as none (the bus logs it): POST /v1/calls
+    writes over it, a callback drops its update."""
     topic = outcome_topic(call_id)
     answered_by = answered_by[:MAX_ANSWERED_BY] if answered_by else None
     try:
         for _ in range(OUTCOME_TRIES):  # another callback's write in between: read again
             kept = await gw.bus.retained(topic)
+            if kept is None and not placed:
+                log.debug("%s call %s: not placed here: outcome not recorded", carrier, call_id)
+                return
             record = dict(kept or {"carrier": carrier, "callId": call_id, "status": None})
             old = record["status"]
             if status not in _PROGRESS and status not in FINAL:

@@ -12,7 +12,9 @@ serves it, through the bus (gateway/io/call.py ``announce_machine``, under its
 ``call_control_id``). ``call.hangup`` of a call no instance serves (its instance died)
 ends the call's session (app key from its ``client_state``). ``call.answered``,
 ``call.hangup`` and the AMD result are recorded as the call's outcome
-(:func:`adapters.telnyx.control.outcome_of`, gateway/calls.py ``record_outcome``).
+(:func:`adapters.telnyx.control.outcome_of`, gateway/calls.py ``record_outcome``) when
+POST /v1/calls placed it (a record exists); those of another call (an inbound call, a
+transfer's leg) make no record.
 200 ``{}``; 503 problem with ``Retry-After`` when a machine result could not be handed on
 (the bus, the gateway's Redis, is down: Telnyx delivers it again).
 

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from starlette.responses import JSONResponse
 
 from tests.adapters.telnyx.harness import ADMIN, CARRIER, signed
 from tests.adapters.twilio.harness import ACCOUNT, sign
@@ -281,3 +282,48 @@ async def test_get_v1_calls_refuses_an_unknown_id_and_a_bad_key() -> None:
             assert refused.status_code == 401
             assert refused.headers["content-type"] == "application/problem+json"
             assert refused.headers["www-authenticate"] == challenge
+
+
+async def test_only_a_placed_calls_telnyx_webhooks_make_a_record() -> None:
+    """Telnyx's webhooks on /telnyx/outbound of a call the gateway did not place (a
+    transfer's leg, an inbound connection whose webhook URL points here by mistake) made
+    a record as if the gateway had placed that call: Telnyx's ``call.hangup`` says
+    nothing of the call's direction. A callback now only updates the record POST
+    /v1/calls wrote; so does Twilio's AMD callback and an ``outbound-api`` status of a
+    call placed elsewhere on the account."""
+    async with (
+        CARRIER.gateway(None) as (gw, _),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        ccid = f"v3:{uuid.uuid4().hex}"
+        for event in (
+            telnyx_event("call.answered", ccid),
+            telnyx_event("call.machine.detection.ended", ccid, result="human"),
+            telnyx_event("call.hangup", ccid, hangup_cause="normal_clearing"),
+        ):
+            assert await telnyx_webhook(client, event) == 200
+        sid = f"CA{uuid.uuid4().hex}"
+        assert await twilio_status(client, sid, "busy") == 204
+        form = {"CallSid": sid, "AccountSid": ACCOUNT, "AnsweredBy": "human"}
+        headers = {"X-Twilio-Signature": sign(AUTH, f"{PUBLIC}/twilio/amd?key=twilio", form)}
+        amd = await client.post("/twilio/amd?key=twilio", data=form, headers=headers)
+        assert amd.status_code == 204, amd.text
+        for call_id in (ccid, sid):
+            answer = await client.get(f"/v1/calls/{call_id}", headers=AUTHORIZED)
+            assert answer.status_code == 404, answer.text
+            assert answer.headers["content-type"] == "application/problem+json"
+
+
+async def test_a_callback_before_the_queued_record_is_dropped_and_a_later_one_counts() -> None:
+    """The carrier may call back before POST /v1/calls wrote its ``queued`` record: that
+    callback finds no record and is dropped; the next one updates the record."""
+    async with twilio_placing() as (client, api):
+        sid = f"CA{uuid.uuid4().hex}"
+        assert await twilio_status(client, sid, "initiated") == 204  # before the record
+        api.answers[("POST", r"/2010-04-01/Accounts/AC\w+/Calls\.json")] = JSONResponse(
+            {"sid": sid, "status": "queued"}, 201
+        )
+        assert await place(client, "twilio", "+15550100") == sid
+        assert (await outcome(client, sid))["status"] == "queued"
+        assert await twilio_status(client, sid, "ringing") == 204
+        assert (await outcome(client, sid))["status"] == "ringing"
