@@ -413,9 +413,19 @@ async def record_outcome(
         log.info("%s call %s to %s not answered: %s", carrier, call_id, callee, status)
 
 
+MAX_CALL_ID_CHARS: Final = 256
+"""The longest call id ``GET /v1/calls/{callId}`` looks up (Twilio's are 34 characters,
+Telnyx's ``call_control_id`` well under this; the carriers' callbacks with a longer one
+are not recorded, adapters/telnyx/control.py ``MAX_CALL_ID``): a longer one is unknown."""
+
+
 @router.get("/v1/calls/{callId}", dependencies=[Depends(require_admin)], **GET_CALL)
 async def call_outcome(request: Request, call_id: Annotated[str, Path(alias="callId")]) -> Response:
-    """The outcome record of a placed call (module doc); 404 problem for an unknown id."""
+    """The outcome record of a placed call (module doc); 404 problem for an unknown id,
+    at once (the store not asked) for one longer than :data:`MAX_CALL_ID_CHARS`. The id
+    quoted in the problem and the log is clipped (:func:`gateway.protocol.clipped`)."""
+    if len(call_id) > MAX_CALL_ID_CHARS:
+        return problem(404, "Not Found", f"No call {clipped(call_id)} is known.")
     try:
         record = await gateway_of(request).bus.retained(outcome_topic(call_id))
     except BusUnavailable as exc:

@@ -91,7 +91,10 @@ GET_CALL: dict[str, Any] = dict(
             {
                 401: "No bearer admin key, or a wrong one",
                 403: "No admin keys are configured",
-                404: "No call with this id is known (never placed here, or over 24 h ago)",
+                404: (
+                    "No call with this id is known (never placed here, over 24 h ago, or "
+                    "an id longer than 256 characters)"
+                ),
                 503: "The gateway's store (Redis) does not answer",
             }
         ),

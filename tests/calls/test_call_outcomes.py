@@ -20,10 +20,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.responses import JSONResponse
 
+from gateway.app import create_app
+from gateway.settings import Settings
 from tests.adapters.telnyx.harness import ADMIN, CARRIER, signed
 from tests.adapters.twilio.harness import ACCOUNT, sign
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, twilio_gateway
 from tests.calls.carrier_api import CarrierApi, carrier_api
+from tests.conftest import refused_port, served_app
 
 AUTHORIZED = {"Authorization": f"Bearer {ADMIN}"}
 STATUS_URL = f"{PUBLIC}/twilio/status?key=twilio"
@@ -327,3 +330,64 @@ async def test_a_callback_before_the_queued_record_is_dropped_and_a_later_one_co
         assert (await outcome(client, sid))["status"] == "queued"
         assert await twilio_status(client, sid, "ringing") == 204
         assert (await outcome(client, sid))["status"] == "ringing"
+
+
+ODD_IDS = [
+    "x" * 10_000,  # no call id is that long
+    "%00%0A%0D",  # NUL, LF, CR
+    "%FF%FE",  # not UTF-8
+    "%E2%98%83" * 300,  # a snowman, 300 times
+    "CA*",  # a glob: Redis GET takes the key as it is
+    "%25s%25d%7B%7D",  # format characters: %s%d{}
+    "..%5C..",  # ..\..
+]
+"""Ids of GET /v1/calls/{callId} as they go in the path (percent-encoded)."""
+
+
+async def test_get_v1_calls_answers_a_long_or_odd_id_with_a_clipped_404(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """No test asked for an id of 10,000 characters or with control characters, bytes
+    that are not UTF-8 or a glob: each is a 404 problem whose detail quotes the id cut to
+    64 characters, on a Redis store that holds a record the glob would match."""
+    async with twilio_placing(redis_url=redis_url, redis_prefix=redis_prefix) as (client, _):
+        sid = await place(client, "twilio", "+15550100")
+        for path_id in [*ODD_IDS, f"{sid[:-1]}?"]:
+            answer = await client.get(f"/v1/calls/{path_id}", headers=AUTHORIZED)
+            assert answer.status_code == 404, (path_id[:40], answer.text)
+            assert answer.headers["content-type"] == "application/problem+json"
+            body = answer.json()
+            assert (body["status"], body["title"]) == (404, "Not Found")
+            assert body["detail"].startswith("No call ")
+            assert len(body["detail"]) < 64 * 4 + 30  # the id clipped: 64 characters quoted
+        assert (await outcome(client, sid))["status"] == "queued"
+
+
+async def test_a_long_id_is_404_at_once_and_a_store_outage_log_clips_the_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An id longer than any call id is unknown without asking the store (it was looked
+    up: a 503 while Redis was down, the 10,000 characters sent to it); one that could be
+    a call's, asked while Redis is down, is a 503 problem whose log line quotes the id
+    clipped (escaped, one line)."""
+    settings = Settings().model_copy(
+        update={
+            "redis_url": f"redis://127.0.0.1:{refused_port()}/0",
+            "public_url": PUBLIC,
+            "admin_keys": frozenset({ADMIN}),
+        }
+    )
+    app = create_app(settings)
+    caplog.set_level(logging.DEBUG, "gateway.calls")
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        long = await client.get("/v1/calls/" + "x" * 10_000, headers=AUTHORIZED)
+        assert long.status_code == 404, long.text
+        assert long.headers["content-type"] == "application/problem+json"
+        assert not [r for r in caplog.records if r.name == "gateway.calls"]
+        odd = "%0A" + "y" * 200  # a line feed, then 200 characters: at most 256 in all
+        down = await client.get(f"/v1/calls/{odd}", headers=AUTHORIZED)
+        assert down.status_code == 503, down.text
+        assert down.headers["content-type"] == "application/problem+json"
+    (line,) = [r.getMessage() for r in caplog.records if "outcome not read" in r.getMessage()]
+    assert line.startswith("call '\\n" + "y" * 63 + "'…: outcome not read: ")
+    assert "\n" not in line
