@@ -27,11 +27,12 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.breaker import breaker_of
+from gateway.protocol import clipped
 from gateway.redisconn import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
@@ -93,15 +94,17 @@ class Bus(Protocol):
         ...
 
     async def retained(self, topic: str) -> Message | None:
-        """The topic's retained value now (None: it has none, or it expired), read
-        without subscribing. Raises BusUnavailable when the bus cannot be reached."""
+        """The topic's retained value now (None: it has none, it expired, or what is
+        kept is not a JSON object: corrupt, logged), read without subscribing.
+        Raises BusUnavailable when the bus cannot be reached."""
         ...
 
     async def replace(
         self, topic: str, old: Message | None, new: Message, *, retain_s: float
     ) -> bool:
         """Make ``new`` the topic's retained value for ``retain_s`` s only when its retained
-        value is ``old`` now (None: it has none), atomically (a read-modify-write that
+        value is ``old`` now (None: it has none, or one that is not a JSON object),
+        atomically (a read-modify-write that
         lost to another write is told, not applied); subscribers are not sent ``new``.
         True when it did. Raises BusUnavailable when the bus cannot be reached."""
         ...
@@ -202,14 +205,26 @@ class MemoryBus:
 
 
 _REPLACE = """
-if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
+local held = redis.call('GET', KEYS[1]) or ''
+if held ~= '' and held ~= ARGV[1] then
+  local ok, value = pcall(cjson.decode, held)
+  if not ok or type(value) ~= 'table' or string.sub(held, 1, 1) ~= '{' then
+    held = ''
+  end
+end
+if held ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
 """RedisBus.replace: SET the retained key to ARGV[2] (PX ARGV[3]) when it holds ARGV[1]
-('' for none)."""
+('' for none; a value that is not a JSON object counts as none, as
+:meth:`RedisBus.retained` reads it)."""
+
+CORRUPT_TOPICS_KEPT: Final = 1024
+"""How many topics a :class:`RedisBus` remembers having logged a corrupt retained value
+of (WARNING once each, DEBUG after); forgotten all at once when full."""
 
 _CLEAR = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -233,6 +248,12 @@ class RedisBus:
     subscriptions' connection of its own and retries every 0.5 s, does not: it logs one
     WARNING when its reads start failing, DEBUG for the failures after, and one INFO
     when it reads again.
+
+    A retained value that is not a JSON object (written by something else, cut short,
+    not UTF-8) is taken as none: :meth:`retained` answers None, :meth:`subscribe` gives
+    no retained value first, and :meth:`replace` with ``old`` None writes over it. It
+    is logged naming the topic, at WARNING the first time this bus finds it on that topic
+    (the last :data:`CORRUPT_TOPICS_KEPT` topics remembered), DEBUG after.
     """
 
     def __init__(self, client: RedisClient, *, prefix: str = "gw") -> None:
@@ -246,12 +267,40 @@ class RedisBus:
         self._lock = asyncio.Lock()
         self._replace = client.register_script(_REPLACE)
         self._clear = client.register_script(_CLEAR)
+        self._corrupt: set[str] = set()
 
     def _channel(self, topic: str) -> str:
         return f"{self._prefix}:{{{topic}}}:bus"
 
     def _retained_key(self, topic: str) -> str:
         return f"{self._prefix}:{{{topic}}}:retained"
+
+    def _decoded(self, topic: str, data: bytes | str | None) -> Message | None:
+        """The retained value ``data`` of ``topic`` as read from Redis: its JSON object,
+        None when there is none or it is not one (logged: see the class doc)."""
+        if not data:
+            return None
+        try:
+            message = json.loads(data)
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, too deep
+            why = f"not JSON ({type(exc).__name__})"
+        else:
+            if isinstance(message, dict):
+                return message
+            why = f"a JSON {type(message).__name__}, not an object"
+        first = topic not in self._corrupt
+        if first:
+            if len(self._corrupt) >= CORRUPT_TOPICS_KEPT:
+                self._corrupt.clear()
+            self._corrupt.add(topic)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "bus topic %s: the retained value (%d bytes) is %s: taken as none",
+            clipped(topic, 200),
+            len(data),
+            why,
+        )
+        return None
 
     async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> int:
         data = json.dumps(message, separators=(",", ":"))
@@ -302,8 +351,7 @@ class RedisBus:
             data = await self._breaker.guard(lambda: self._redis.get(key))
         except REDIS_ERRORS as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
-        message = json.loads(data) if data else None
-        return message if isinstance(message, dict) else None
+        return self._decoded(topic, data)
 
     async def replace(
         self, topic: str, old: Message | None, new: Message, *, retain_s: float
@@ -350,8 +398,9 @@ class RedisBus:
         except BaseException:  # cancelled while starting (the client left): undone alike
             await self._leave(channel, sub)
             raise
-        if retained:
-            sub.put(json.loads(retained))
+        message = self._decoded(topic, retained)
+        if message is not None:
+            sub.put(message)
         try:
             yield sub
         finally:

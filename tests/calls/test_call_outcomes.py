@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.responses import JSONResponse
 
@@ -391,3 +392,35 @@ async def test_a_long_id_is_404_at_once_and_a_store_outage_log_clips_the_id(
     (line,) = [r.getMessage() for r in caplog.records if "outcome not read" in r.getMessage()]
     assert line.startswith("call '\\n" + "y" * 63 + "'…: outcome not read: ")
     assert "\n" not in line
+
+
+async def test_a_corrupt_outcome_record_is_unknown_not_a_500(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outcome record in Redis that is not JSON (written by something else, cut short)
+    made GET /v1/calls/{callId} and every callback of the call a 500 (the bus's ValueError).
+    It is now no record: GET answers the 404 problem, a callback is dropped (204), and
+    POST /v1/calls placing the call writes its ``queued`` record over it; the bus logs
+    one WARNING naming the topic."""
+    caplog.set_level(logging.INFO)
+    sid = f"CA{uuid.uuid4().hex}"
+    async with (
+        twilio_placing(redis_url=redis_url, redis_prefix=redis_prefix) as (client, api),
+        aioredis.Redis.from_url(redis_url) as raw,
+    ):
+        await raw.set(f"{redis_prefix}:{{call-outcome:{sid}}}:retained", b"\x00garbage{", px=60_000)
+        answer = await client.get(f"/v1/calls/{sid}", headers=AUTHORIZED)
+        assert answer.status_code == 404, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert await twilio_status(client, sid, "ringing") == 204
+        assert (await client.get(f"/v1/calls/{sid}", headers=AUTHORIZED)).status_code == 404
+        api.answers[("POST", r"/2010-04-01/Accounts/AC\w+/Calls\.json")] = JSONResponse(
+            {"sid": sid, "status": "queued"}, 201
+        )
+        assert await place(client, "twilio", "+15550100") == sid
+        assert (await outcome(client, sid))["status"] == "queued"
+        assert await twilio_status(client, sid, "busy") == 204
+        assert (await outcome(client, sid))["status"] == "busy"
+    (warning,) = [r for r in caplog.records if r.name == "gateway.bus"]
+    assert warning.levelno == logging.WARNING
+    assert f"bus topic 'call-outcome:{sid}': the retained value" in warning.getMessage()

@@ -301,3 +301,40 @@ async def test_a_subscription_failing_after_a_long_wait_for_the_lock_is_no_hang(
     finally:
         await bus.aclose()
         await redisconn.aclose(client)
+
+
+@pytest.mark.parametrize("stored", [b"\xff{not json", b"{cut sh", b"[1, 2]", b'"text"'])
+async def test_a_retained_value_that_is_not_a_json_object_is_taken_as_none(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture, stored: bytes
+) -> None:
+    """A retained value written by something else (or cut short, or not UTF-8) made
+    ``retained`` and ``subscribe`` raise ValueError (a GET /v1/calls/{callId} of it was a
+    500), and ``replace`` could never write over it. It is now none: ``retained`` answers
+    None, a subscription starts without it, ``replace`` from None writes over it; one
+    WARNING names the topic, the reads after it are DEBUG."""
+    client = redis_client(redis_url)
+    bus = RedisBus(client, prefix=redis_prefix)
+    caplog.set_level(logging.DEBUG, "gateway.bus")
+    try:
+        await client.set(f"{redis_prefix}:{{call-outcome:CA1}}:retained", stored)
+        assert await bus.retained("call-outcome:CA1") is None
+        assert await bus.retained("call-outcome:CA1") is None
+        async with bus.subscribe("call-outcome:CA1") as sub:
+            assert await sub.get(0.2) is None
+            await bus.publish("call-outcome:CA1", {"n": 1})
+            assert await sub.get(5) == {"n": 1}
+        lines = [r for r in caplog.records if r.name == "gateway.bus"]
+        assert len(lines) == 3
+        first, *after = lines
+        assert first.levelno == logging.WARNING
+        assert first.getMessage().startswith(
+            f"bus topic 'call-outcome:CA1': the retained value ({len(stored)} bytes) is "
+        )
+        assert [r.levelno for r in after] == [logging.DEBUG, logging.DEBUG]
+        assert await bus.replace("call-outcome:CA1", {"n": 0}, {"n": 2}, retain_s=5) is False
+        assert await bus.replace("call-outcome:CA1", None, {"n": 2}, retain_s=5) is True
+        assert await bus.retained("call-outcome:CA1") == {"n": 2}
+        assert await bus.replace("call-outcome:CA1", None, {"n": 3}, retain_s=5) is False
+    finally:
+        await bus.aclose()
+        await redisconn.aclose(client)
