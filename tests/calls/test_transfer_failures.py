@@ -26,7 +26,10 @@ from tests.adapters.carriers import Carrier, Scripted, Transfer
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness
 from tests.adapters.plivo.harness import CARRIER as PLIVO
 from tests.adapters.telnyx.harness import CARRIER as TELNYX
+from tests.adapters.twilio.harness import ACCOUNT as TWILIO_ACCOUNT
+from tests.adapters.twilio.harness import CARRIER as TWILIO
 from tests.adapters.twilio.harness import TwilioHarness
+from tests.adapters.twilio.harness import rest_api as twilio_rest_api
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway, until
 from tests.adapters.twilio.test_calls import Goodbye
 from tests.adapters.twilio.test_outbound import SID
@@ -410,7 +413,16 @@ async def test_a_transfer_still_asked_when_the_stream_stops_is_logged(
     ]
 
 
-@pytest.mark.parametrize("carrier", [TELNYX, PLIVO], ids=["telnyx", "plivo"])
+def _twilio_hangup(call: Any) -> tuple[str, str]:
+    """Twilio's REST hang-up of ``call``: its Call resource updated (``Status=completed``)."""
+    return ("POST", f"/2010-04-01/Accounts/{TWILIO_ACCOUNT}/Calls/{call.call_sid}.json")
+
+
+TWILIO_REST = replace(TWILIO, hangup=_twilio_hangup, settings=twilio_rest_api)
+"""Twilio with its REST API configured (the local stand-in): it hangs up through it."""
+
+
+@pytest.mark.parametrize("carrier", [TELNYX, PLIVO, TWILIO_REST], ids=["telnyx", "plivo", "twilio"])
 async def test_a_hang_up_still_asked_when_the_stream_stops_is_logged(
     speech: SpeechService, caplog: pytest.LogCaptureFixture, carrier: Carrier
 ) -> None:
@@ -419,9 +431,12 @@ async def test_a_hang_up_still_asked_when_the_stream_stops_is_logged(
     API refused it) was lost. The request now runs to its answer (bounded by
     GATEWAY_CALLS_TIMEOUT_S) and is logged, as a transfer's is."""
     async with carrier.gateway(speech) as (gw, api):
-        for method in ("POST", "DELETE"):  # Telnyx's hangup action, Plivo's Call DELETE
-            api.delays[(method, r"/v\d/.+")] = 1.0
-            api.answers[(method, r"/v\d/.+")] = JSONResponse({"error": "down"}, status_code=500)
+        # Telnyx's hangup action, Plivo's Call DELETE, Twilio's Call update
+        for method in ("POST", "DELETE"):
+            api.delays[(method, r"/(v\d|2010-04-01)/.+")] = 1.0
+            api.answers[(method, r"/(v\d|2010-04-01)/.+")] = JSONResponse(
+                {"error": "down"}, status_code=500
+            )
         gw.app.state.gateway.conversation.pipeline = Goodbye()
         async with carrier.dial(gw.url) as call:
             await call.wait_for(lambda: len(api.requests) >= 1, 20)  # the hang-up is asked
