@@ -39,6 +39,7 @@ from typing import Any, Final
 from adapters.telnyx.protocol import stream_fields
 from gateway.callcontrol import RestAnswer, RestRequest
 from gateway.events import Input
+from gateway.protocol import ProtocolError, load_json
 
 MACHINE: Final = "#machine"
 """The input of an answering-machine answer (attributes ``answeredBy``)."""
@@ -88,12 +89,14 @@ def client_state(state: dict[str, Any]) -> str:
 
 
 def read_client_state(value: str | None) -> dict[str, Any]:
-    """The state of :func:`client_state` (an empty dict for none or a malformed one)."""
+    """The state of :func:`client_state` (an empty dict for none or a malformed one: not
+    base64, or JSON outside :func:`~gateway.protocol.load_json`'s bounds, e.g. nested
+    too deep)."""
     if not value:
         return {}
     try:
-        state = json.loads(base64.b64decode(value, validate=True))
-    except ValueError:
+        state = load_json(base64.b64decode(value, validate=True), what="The client_state")
+    except (ValueError, ProtocolError):
         return {}
     return state if isinstance(state, dict) else {}
 

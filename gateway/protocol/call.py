@@ -59,7 +59,6 @@ not depend on how fast a peer sends.
 from __future__ import annotations
 
 import itertools
-import json
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -98,7 +97,7 @@ from gateway.events import (
     TurnEvent,
     transfer_target,
 )
-from gateway.protocol import Expected, ProtocolError, StateMachine
+from gateway.protocol import Expected, ProtocolError, StateMachine, load_json
 from gateway.protocol.actions import (
     CancelListening,
     Close,
@@ -902,14 +901,15 @@ class CarrierCall:
 
     def _outbound_attributes(self, params: Mapping[str, str]) -> dict[str, Any]:
         """The ``#intro`` attributes of an outbound call: the request's ``attributes``
-        (a JSON object parameter) under ``direction`` ``outbound``, ``to``, ``from`` and
-        ``answeredBy`` (when known)."""
+        (a JSON object parameter, read within :func:`~gateway.protocol.load_json`'s
+        bounds: one malformed, too long or nested too deep is left out) under
+        ``direction`` ``outbound``, ``to``, ``from`` and ``answeredBy`` (when known)."""
         attributes: dict[str, Any] = {}
         raw = params.get("attributes", "")
         if raw and len(raw) <= MAX_ATTRIBUTES_CHARS:
             try:
-                given = json.loads(raw)
-            except ValueError:
+                given = load_json(raw, what="The attributes")
+            except ProtocolError:
                 given = None
             if isinstance(given, dict):
                 attributes.update(given)

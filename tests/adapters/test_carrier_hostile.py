@@ -1,0 +1,83 @@
+"""Hostile input on the phone carriers' streams (CARRIERS.md; DESIGN.md "Rules of the
+house": bad input gets the protocol's own way of saying no, never a 500, a hang or a
+lost session), over a real WebSocket on a real uvicorn server: what the start's
+parameters carry into the ``#intro`` (an outbound call's ``attributes``, Telnyx's
+``client_state``) is JSON too and bounded like every JSON a peer sends."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+from websockets.asyncio.client import connect
+
+from gateway.speech.service import SpeechService
+from tests.adapters.exotel.harness import CARRIER as EXOTEL
+from tests.adapters.exotel.harness import basic
+from tests.adapters.telnyx.harness import CARRIER as TELNYX
+from tests.adapters.telnyx.harness import ask_texml, local
+from tests.adapters.twilio.helpers import until
+
+DEEP = "[" * 1500 + "]" * 1500
+"""JSON nested deeper than Python's parser recurses (RecursionError, not ValueError)."""
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_exotel_outbound_attributes_nested_too_deep_are_ignored_and_the_call_goes_on(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A start whose custom parameters say ``direction`` ``outbound`` with ``attributes``
+    nested deeper than the parser recurses: the attributes are ignored as malformed ones
+    are, the call starts (``#intro``); it was a RecursionError: ERROR, closed 1011."""
+    caplog.set_level(logging.INFO)
+    async with EXOTEL.gateway(speech) as (gw, _):
+        url = f"ws://{urlsplit(gw.url).netloc}/exotel/stream"
+        sid = uuid.uuid4().hex
+        start = {
+            "stream_sid": sid,
+            "call_sid": sid,
+            "custom_parameters": {"direction": "outbound", "attributes": DEEP},
+            "media_format": {"encoding": "audio/x-raw", "sample_rate": "8000", "bit_rate": "16"},
+        }
+        async with connect(url, additional_headers=basic()) as ws:
+            await ws.send(json.dumps({"event": "connected"}))
+            await ws.send(json.dumps({"event": "start", "stream_sid": sid, "start": start}))
+            assert await until(lambda: gw.core.inputs() == ["#intro"], 10)
+            await asyncio.sleep(0.2)
+            assert ws.protocol.close_rcvd is None  # the call goes on
+    assert not _errors(caplog)
+
+
+async def test_telnyx_client_state_nested_too_deep_is_ignored_and_the_call_goes_on(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A start whose ``client_state`` is base64 of JSON nested deeper than the parser
+    recurses: read as no client_state (as a malformed one is), the call starts
+    (``#intro``); it was a RecursionError: ERROR, closed 1011."""
+    caplog.set_level(logging.INFO)
+    async with TELNYX.gateway(speech) as (gw, _):
+        ccid = "v3:" + uuid.uuid4().hex
+        answer = await ask_texml(gw.url, ccid)
+        assert answer.status_code == 200, answer.text
+        stream_url = answer.text.split('url="', 1)[1].split('"', 1)[0].replace("&amp;", "&")
+        state = base64.b64encode(DEEP.encode()).decode()
+        start = {
+            "call_control_id": ccid,
+            "client_state": state,
+            "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1},
+        }
+        async with connect(local(gw.url, stream_url)) as ws:
+            await ws.send(json.dumps({"event": "connected", "version": "1.0.0"}))
+            await ws.send(json.dumps({"event": "start", "stream_id": "s-1", "start": start}))
+            assert await until(lambda: gw.core.inputs() == ["#intro"], 10)
+            await asyncio.sleep(0.2)
+            assert ws.protocol.close_rcvd is None
+    assert not _errors(caplog)
