@@ -64,7 +64,7 @@ from gateway.io.call import (
     use_signature_once,
     use_token,
 )
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.call import Transfer
 from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
@@ -140,9 +140,9 @@ async def answer(request: Request) -> Response:
     except StoreUnavailable as exc:
         return nonce_store_unavailable(log, "Vonage answer", exc)
     params: dict[str, Any] = dict(request.query_params)
-    if body:
-        with contextlib.suppress(ValueError):
-            data = await request.json()
+    if body:  # read within load_json's bounds; a body that is not JSON is no parameters
+        with contextlib.suppress(ProtocolError):
+            data = load_json(body, what="The body")
             if isinstance(data, dict):
                 params.update(data)
     uuid = params.get("uuid")

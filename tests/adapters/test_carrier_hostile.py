@@ -13,6 +13,7 @@ import logging
 import uuid
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from websockets.asyncio.client import connect
 
@@ -22,6 +23,8 @@ from tests.adapters.exotel.harness import basic
 from tests.adapters.telnyx.harness import CARRIER as TELNYX
 from tests.adapters.telnyx.harness import ask_texml, local
 from tests.adapters.twilio.helpers import until
+from tests.adapters.vonage.harness import CARRIER as VONAGE
+from tests.adapters.vonage.harness import SECRET, signed
 
 DEEP = "[" * 1500 + "]" * 1500
 """JSON nested deeper than Python's parser recurses (RecursionError, not ValueError)."""
@@ -80,4 +83,21 @@ async def test_telnyx_client_state_nested_too_deep_is_ignored_and_the_call_goes_
             assert await until(lambda: gw.core.inputs() == ["#intro"], 10)
             await asyncio.sleep(0.2)
             assert ws.protocol.close_rcvd is None
+    assert not _errors(caplog)
+
+
+async def test_a_vonage_answer_body_nested_too_deep_is_a_400_problem(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signed answer webhook whose JSON body nests deeper than the parser recurses is
+    read as no body (as one that is not JSON): no call uuid, a 400 problem; it was a
+    RecursionError, a 500."""
+    caplog.set_level(logging.INFO)
+    async with VONAGE.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        body = ('{"uuid":"u1","deep":' + DEEP + "}").encode()
+        headers = {"Authorization": signed(SECRET, body), "Content-Type": "application/json"}
+        r = await client.post("/vonage/answer", content=body, headers=headers)
+        assert r.status_code == 400, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["detail"] == "The answer webhook has no call uuid."
     assert not _errors(caplog)
