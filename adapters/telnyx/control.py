@@ -88,11 +88,12 @@ def client_state(state: dict[str, Any]) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def read_client_state(value: str | None) -> dict[str, Any]:
-    """The state of :func:`client_state` (an empty dict for none or a malformed one: not
+def read_client_state(value: object) -> dict[str, Any]:
+    """The state of :func:`client_state` (``value``: the field as a webhook or the stream's
+    start carries it; an empty dict for none or a malformed one: not a string, not
     base64, or JSON outside :func:`~gateway.protocol.load_json`'s bounds, e.g. nested
     too deep)."""
-    if not value:
+    if not value or not isinstance(value, str):
         return {}
     try:
         state = load_json(base64.b64decode(value, validate=True), what="The client_state")

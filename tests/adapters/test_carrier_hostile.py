@@ -22,6 +22,7 @@ from tests.adapters.exotel.harness import CARRIER as EXOTEL
 from tests.adapters.exotel.harness import basic
 from tests.adapters.telnyx.harness import CARRIER as TELNYX
 from tests.adapters.telnyx.harness import ask_texml, local
+from tests.adapters.telnyx.harness import signed as telnyx_signed
 from tests.adapters.twilio.helpers import until
 from tests.adapters.vonage.harness import CARRIER as VONAGE
 from tests.adapters.vonage.harness import SECRET, signed
@@ -100,4 +101,28 @@ async def test_a_vonage_answer_body_nested_too_deep_is_a_400_problem(
         assert r.status_code == 400, r.text
         assert r.headers["content-type"] == "application/problem+json"
         assert r.json()["detail"] == "The answer webhook has no call uuid."
+    assert not _errors(caplog)
+
+
+@pytest.mark.parametrize("client_state", [42, {"appKey": "sales"}, ["x"], True], ids=repr)
+@pytest.mark.parametrize("kind", ["call.hangup", "call.machine.detection.ended"])
+async def test_a_telnyx_webhook_whose_client_state_is_not_a_string_is_read_without_one(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture, kind: str, client_state: object
+) -> None:
+    """A signed Call Control webhook whose ``client_state`` is not a string (Telnyx echoes
+    the base64 text the dial set): read as no client_state, as a malformed one is; 200
+    ``{}``. It was a TypeError out of the base64 decoder: a 500."""
+    caplog.set_level(logging.INFO)
+    async with TELNYX.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        payload = {
+            "call_control_id": "v3:" + uuid.uuid4().hex,
+            "hangup_cause": "normal_clearing",
+            "result": "machine",
+            "client_state": client_state,
+        }
+        event = {"data": {"event_type": kind, "id": str(uuid.uuid4()), "payload": payload}}
+        body = json.dumps(event).encode()
+        hook = await client.post("/telnyx/outbound", content=body, headers=telnyx_signed(body))
+        assert hook.status_code == 200, hook.text
+        assert hook.json() == {}
     assert not _errors(caplog)
