@@ -169,6 +169,12 @@ def call_id(answer: RestAnswer) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _event_type(data: Mapping[str, Any]) -> str:
+    """A webhook ``data``'s ``event_type``; "" when it is not a string (no event of ours)."""
+    kind = data.get("event_type")
+    return kind if isinstance(kind, str) else ""
+
+
 def hangup_of(event: Any) -> tuple[str, str | None] | None:
     """``(call_control_id, appKey)`` when the webhook ``event`` (parsed JSON) is
     ``call.hangup``: the call ended; ``appKey`` of the ``client_state`` the call was placed
@@ -205,7 +211,7 @@ def machine_input(event: Any) -> tuple[str, Input] | None:
     and the ``clientState`` the call was placed with.
     """
     data = event.get("data") if isinstance(event, dict) else None
-    if not isinstance(data, dict) or data.get("event_type") not in AMD_EVENTS:
+    if not isinstance(data, dict) or _event_type(data) not in AMD_EVENTS:
         return None
     payload = data.get("payload")
     if not isinstance(payload, dict):
@@ -241,7 +247,7 @@ def outcome_of(event: Any) -> Outcome | None:
     data = event.get("data") if isinstance(event, dict) else None
     if not isinstance(data, dict) or not isinstance(data.get("payload"), dict):
         return None
-    kind, payload = data.get("event_type"), data["payload"]
+    kind, payload = _event_type(data), data["payload"]
     ccid, to, result = payload.get("call_control_id"), payload.get("to"), payload.get("result")
     if not isinstance(ccid, str) or not 0 < len(ccid) <= MAX_CALL_ID:
         return None

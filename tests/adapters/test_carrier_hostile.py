@@ -126,3 +126,21 @@ async def test_a_telnyx_webhook_whose_client_state_is_not_a_string_is_read_witho
         assert hook.status_code == 200, hook.text
         assert hook.json() == {}
     assert not _errors(caplog)
+
+
+@pytest.mark.parametrize("event_type", [["call.hangup"], {"a": 1}], ids=repr)
+async def test_a_telnyx_webhook_whose_event_type_is_not_a_string_is_no_event_of_ours(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture, event_type: object
+) -> None:
+    """A signed Call Control webhook whose ``event_type`` is an array or an object is no
+    event the gateway acts on: 200 ``{}``. It was a TypeError (unhashable, looked up in
+    the set of AMD events): a 500."""
+    caplog.set_level(logging.INFO)
+    async with TELNYX.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        payload = {"call_control_id": "v3:" + uuid.uuid4().hex, "result": "machine"}
+        event = {"data": {"event_type": event_type, "id": str(uuid.uuid4()), "payload": payload}}
+        body = json.dumps(event).encode()
+        hook = await client.post("/telnyx/outbound", content=body, headers=telnyx_signed(body))
+        assert hook.status_code == 200, hook.text
+        assert hook.json() == {}
+    assert not _errors(caplog)
