@@ -132,9 +132,10 @@ class ExotelCodec(JsonCarrierCodec):
         start = get_object(frame, "start", where)
         fmt_obj = get_object(start, "media_format", where)
         bits = get_int(fmt_obj, "bit_rate", where)
+        rate = get_int(fmt_obj, "sample_rate", where)  # missing: 8000; 0 is unsupported
         fmt = media_format(
             get_str(fmt_obj, "encoding", where, default="audio/x-raw"),
-            get_int(fmt_obj, "sample_rate", where) or 8000,
+            8000 if rate is None else rate,
         )
         if fmt.encoding == "L16" and bits not in (None, 16):
             raise UnsupportedMediaFormat(f"Unsupported Exotel audio: {bits}-bit samples")

@@ -126,9 +126,8 @@ class PlivoCodec(JsonCarrierCodec):
         where = "start message"
         start = get_object(frame, "start", where)
         fmt_obj = get_object(start, "mediaFormat", where)
-        fmt = media_format(
-            get_str(fmt_obj, "encoding", where), get_int(fmt_obj, "sampleRate", where) or 8000
-        )
+        rate = get_int(fmt_obj, "sampleRate", where)  # missing: 8000; 0 is unsupported
+        fmt = media_format(get_str(fmt_obj, "encoding", where), 8000 if rate is None else rate)
         call_id = get_str(start, "callId", where)
         stream_id = get_str(start, "streamId", where)
         if not call_id or not stream_id:

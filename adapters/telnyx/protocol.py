@@ -107,10 +107,10 @@ class TelnyxCodec(JsonCarrierCodec):
         where = "start message"
         start = get_object(frame, "start", where)
         fmt_obj = get_object(start, "media_format", where)
-        rate = get_int(fmt_obj, "sample_rate", where)
-        fmt = media_format(get_str(fmt_obj, "encoding", where), rate or 8000)
-        channels = get_int(fmt_obj, "channels", where) or 1
-        if channels != 1:
+        rate = get_int(fmt_obj, "sample_rate", where)  # missing: 8000; 0 is unsupported
+        fmt = media_format(get_str(fmt_obj, "encoding", where), 8000 if rate is None else rate)
+        channels = get_int(fmt_obj, "channels", where)
+        if channels is not None and channels != 1:
             raise UnsupportedMediaFormat(f"Unsupported Telnyx audio: {channels} channels")
         stream_id = get_str(frame, "stream_id", where, default="") or get_str(
             start, "stream_id", where, default=""

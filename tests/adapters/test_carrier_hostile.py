@@ -11,6 +11,8 @@ import base64
 import json
 import logging
 import uuid
+import xml.etree.ElementTree as ET
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -18,12 +20,15 @@ import pytest
 from websockets.asyncio.client import connect
 
 from gateway.speech.service import SpeechService
+from tests.adapters.carriers import closed_with
 from tests.adapters.exotel.harness import CARRIER as EXOTEL
 from tests.adapters.exotel.harness import basic
+from tests.adapters.plivo.harness import CARRIER as PLIVO
+from tests.adapters.plivo.harness import ask_answer
 from tests.adapters.telnyx.harness import CARRIER as TELNYX
 from tests.adapters.telnyx.harness import ask_texml, local
 from tests.adapters.telnyx.harness import signed as telnyx_signed
-from tests.adapters.twilio.helpers import until
+from tests.adapters.twilio.helpers import PUBLIC, Served, until
 from tests.adapters.vonage.harness import CARRIER as VONAGE
 from tests.adapters.vonage.harness import SECRET, signed
 
@@ -144,3 +149,64 @@ async def test_a_telnyx_webhook_whose_event_type_is_not_a_string_is_no_event_of_
         assert hook.status_code == 200, hook.text
         assert hook.json() == {}
     assert not _errors(caplog)
+
+
+async def _telnyx_stream(gw: Served) -> str:
+    answer = await ask_texml(gw.url, "v3:" + uuid.uuid4().hex)
+    stream = ET.fromstring(answer.text).find("./Connect/Stream")
+    assert stream is not None
+    return local(gw.url, stream.attrib["url"])
+
+
+async def _plivo_stream(gw: Served, call_uuid: str) -> str:
+    answer = await ask_answer(gw.url, PUBLIC, call_uuid)
+    stream = ET.fromstring(answer.text).find("./Stream")
+    assert stream is not None
+    assert stream.text
+    return f"ws://{urlsplit(gw.url).netloc}{urlsplit(stream.text.strip()).path}"
+
+
+@pytest.mark.parametrize(
+    ("carrier", "fault", "named"),
+    [
+        ("telnyx", {"sample_rate": 0}, "Unsupported sample rate 0 Hz"),
+        ("telnyx", {"channels": 0}, "Unsupported Telnyx audio: 0 channels"),
+        ("plivo", {"sampleRate": 0}, "Unsupported sample rate 0 Hz"),
+        ("exotel", {"sample_rate": "0"}, "Unsupported sample rate 0 Hz"),
+    ],
+    ids=["telnyx-rate-0", "telnyx-channels-0", "plivo-rate-0", "exotel-rate-0"],
+)
+async def test_a_start_saying_zero_hz_or_zero_channels_is_closed_1003(
+    speech: SpeechService, carrier: str, fault: dict[str, object], named: str
+) -> None:
+    """A start whose media_format says 0 Hz (or, Telnyx, 0 channels) is a format the
+    gateway cannot take: closed at once with 1003, the reason saying what; no turn. It
+    was read as if the field were missing (8000 Hz, mono) and the call served."""
+    chosen = {"telnyx": TELNYX, "plivo": PLIVO, "exotel": EXOTEL}[carrier]
+    async with chosen.gateway(speech) as (gw, _):
+        call_id = str(uuid.uuid4())
+        headers: dict[str, str] = {}
+        frames: list[dict[str, Any]]
+        if carrier == "telnyx":
+            url = await _telnyx_stream(gw)
+            fmt = {"encoding": "PCMU", "sample_rate": 8000, "channels": 1, **fault}
+            start = {"call_control_id": call_id, "media_format": fmt}
+            frames = [
+                {"event": "connected", "version": "1.0.0"},
+                {"event": "start", "stream_id": "s-1", "start": start},
+            ]
+        elif carrier == "plivo":
+            url = await _plivo_stream(gw, call_id)
+            fmt = {"encoding": "audio/x-mulaw", "sampleRate": 8000, **fault}
+            start = {"callId": call_id, "streamId": "s-1", "mediaFormat": fmt}
+            frames = [{"event": "start", "sequenceNumber": 0, "start": start}]
+        else:
+            url = f"ws://{urlsplit(gw.url).netloc}/exotel/stream"
+            headers = basic()
+            fmt = {"encoding": "audio/x-raw", "sample_rate": "8000", "bit_rate": "16", **fault}
+            start = {"stream_sid": "s-1", "call_sid": call_id, "media_format": fmt}
+            frames = [{"event": "connected"}, {"event": "start", "start": start}]
+        code, reason = await closed_with(url, [json.dumps(f) for f in frames], headers, 10)
+        assert code == 1003, reason
+        assert reason.startswith(named), reason
+        assert not gw.core.turns
