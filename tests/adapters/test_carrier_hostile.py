@@ -1,8 +1,10 @@
-"""Hostile input on the phone carriers' streams (CARRIERS.md; DESIGN.md "Rules of the
-house": bad input gets the protocol's own way of saying no, never a 500, a hang or a
-lost session), over a real WebSocket on a real uvicorn server: what the start's
-parameters carry into the ``#intro`` (an outbound call's ``attributes``, Telnyx's
-``client_state``) is JSON too and bounded like every JSON a peer sends."""
+"""Hostile input to the phone carriers (CARRIERS.md; DESIGN.md "Rules of the house": bad
+input gets the protocol's own way of saying no, never a 500, a hang or a lost session),
+over a real WebSocket or HTTP on a real uvicorn server: what a start's parameters carry
+into the ``#intro`` (an outbound call's ``attributes``, Telnyx's ``client_state``) and a
+Vonage answer's body are JSON read within load_json's bounds; Telnyx webhooks whose
+``client_state`` or ``event_type`` have the wrong type are no events of ours; a start
+saying 0 Hz or 0 channels is a format the gateway cannot take (1003)."""
 
 from __future__ import annotations
 
