@@ -35,6 +35,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import quote
 
 from adapters.telnyx.protocol import stream_fields
 from gateway.callcontrol import RestAnswer, RestRequest
@@ -134,12 +135,19 @@ def dial(
     return RestRequest("POST", auth.url("/calls"), auth.headers, json=body)
 
 
+def _segment(call_control_id: str) -> str:
+    """``call_control_id`` as one path segment (percent-encoded but for ``:``): the id comes
+    from the stream's start, and a ``/`` or ``..`` in it must not make the command's URL
+    another endpoint of the API."""
+    return quote(call_control_id, safe=":")
+
+
 def transfer(auth: TelnyxAuth, call_control_id: str, target: str) -> RestRequest:
     """Transfer the call to ``target`` (E.164 number, ``tel:`` stripped, or SIP URI)."""
     to = target.strip().removeprefix("tel:")
     return RestRequest(
         "POST",
-        auth.url(f"/calls/{call_control_id}/actions/transfer"),
+        auth.url(f"/calls/{_segment(call_control_id)}/actions/transfer"),
         auth.headers,
         json={"to": to},
     )
@@ -148,7 +156,10 @@ def transfer(auth: TelnyxAuth, call_control_id: str, target: str) -> RestRequest
 def hang_up(auth: TelnyxAuth, call_control_id: str) -> RestRequest:
     """Hang the call up."""
     return RestRequest(
-        "POST", auth.url(f"/calls/{call_control_id}/actions/hangup"), auth.headers, json={}
+        "POST",
+        auth.url(f"/calls/{_segment(call_control_id)}/actions/hangup"),
+        auth.headers,
+        json={},
     )
 
 

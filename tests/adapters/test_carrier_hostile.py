@@ -14,6 +14,7 @@ import json
 import logging
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,6 +22,8 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from gateway.events import Input, Response, ResponseItem
+from gateway.sessions import Session
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import closed_with
 from tests.adapters.exotel.harness import CARRIER as EXOTEL
@@ -28,7 +31,7 @@ from tests.adapters.exotel.harness import basic
 from tests.adapters.plivo.harness import CARRIER as PLIVO
 from tests.adapters.plivo.harness import ask_answer
 from tests.adapters.telnyx.harness import CARRIER as TELNYX
-from tests.adapters.telnyx.harness import ask_texml, local
+from tests.adapters.telnyx.harness import TelnyxHarness, ask_texml, local
 from tests.adapters.telnyx.harness import signed as telnyx_signed
 from tests.adapters.twilio.helpers import PUBLIC, Served, until
 from tests.adapters.vonage.harness import CARRIER as VONAGE
@@ -212,3 +215,38 @@ async def test_a_start_saying_zero_hz_or_zero_channels_is_closed_1003(
         assert code == 1003, reason
         assert reason.startswith(named), reason
         assert not gw.core.turns
+
+
+class _ByeAtOnce:
+    """A core that says goodbye to ``#intro`` and ends the session."""
+
+    name = "bye"
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        yield ResponseItem(text="Bye.")
+        yield Response(session_ended=True)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_telnyx_call_control_id_holding_slashes_stays_one_path_segment(
+    speech: SpeechService,
+) -> None:
+    """The stream's start names the call (its ``call_control_id``; the stream token is not
+    tied to one): after the goodbye the hang-up goes to ``/v2/calls/<that id>/actions/
+    hangup`` with the id as one path segment, percent-encoded. It went into the URL as
+    is, so ``/`` and ``..`` in it made the request another endpoint of Telnyx's API (with
+    the gateway's API key): ``v3:x/../../numbers/1`` hung up ``/v2/numbers/1/...``."""
+    async with TELNYX.gateway(speech) as (gw, api):
+        gw.app.state.gateway.conversation.pipeline = _ByeAtOnce()
+        ccid = "v3:x/../../numbers/1"
+        answer = await ask_texml(gw.url, ccid)
+        stream = ET.fromstring(answer.text).find("./Connect/Stream")
+        assert stream is not None
+        async with TelnyxHarness.connect(local(gw.url, stream.attrib["url"]), ccid) as call:
+            await call.wait_for(lambda: call.closed_at is not None, within_s=15)
+        (hangup,) = api.requests
+        assert hangup.method == "POST"
+        assert hangup.path == f"/v2/calls/{ccid}/actions/hangup"  # decoded by the server
+        assert hangup.raw_path == b"/v2/calls/v3:x%2F..%2F..%2Fnumbers%2F1/actions/hangup"

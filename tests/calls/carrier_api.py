@@ -46,6 +46,8 @@ class Captured:
     path: str
     headers: dict[str, str]
     body: bytes
+    raw_path: bytes = b""
+    """The path as sent (percent-encoded); :attr:`path` is decoded."""
 
     @property
     def form(self) -> dict[str, str]:
@@ -106,7 +108,11 @@ async def carrier_api() -> AsyncIterator[CarrierApi]:
 
     async def endpoint(request: Request) -> Response:
         captured = Captured(
-            request.method, request.url.path, dict(request.headers), await request.body()
+            request.method,
+            request.url.path,
+            dict(request.headers),
+            await request.body(),
+            request.scope.get("raw_path", b""),
         )
         api.requests.append(captured)
         await asyncio.sleep(api.delay_s(captured))
