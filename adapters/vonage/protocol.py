@@ -76,7 +76,8 @@ def parse_content_type(value: str) -> MediaFormat:
     match = _CONTENT_TYPE.fullmatch(value)
     if match is None:
         raise UnsupportedMediaFormat(
-            f"Unsupported Vonage content-type {value[:80]!r}: expected audio/l16;rate=8000|16000"
+            f"Unsupported Vonage content-type {value[:80]!r}: expected audio/l16;rate="
+            + "|".join(map(str, RATES))
         )
     rate = int(match[1])
     content_type(rate)

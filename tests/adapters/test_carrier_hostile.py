@@ -35,7 +35,7 @@ from tests.adapters.telnyx.harness import TelnyxHarness, ask_texml, local
 from tests.adapters.telnyx.harness import signed as telnyx_signed
 from tests.adapters.twilio.helpers import PUBLIC, Served, until
 from tests.adapters.vonage.harness import CARRIER as VONAGE
-from tests.adapters.vonage.harness import SECRET, signed
+from tests.adapters.vonage.harness import SECRET, ask_ncco, signed
 
 DEEP = "[" * 1500 + "]" * 1500
 """JSON nested deeper than Python's parser recurses (RecursionError, not ValueError)."""
@@ -250,3 +250,18 @@ async def test_a_telnyx_call_control_id_holding_slashes_stays_one_path_segment(
         assert hangup.method == "POST"
         assert hangup.path == f"/v2/calls/{ccid}/actions/hangup"  # decoded by the server
         assert hangup.raw_path == b"/v2/calls/v3:x%2F..%2F..%2Fnumbers%2F1/actions/hangup"
+
+
+async def test_a_vonage_content_type_refusal_names_every_rate_taken(speech: SpeechService) -> None:
+    """A websocket:connected whose content-type is not linear PCM is closed 1003, the
+    reason naming what is taken: ``audio/l16`` at 8000, 16000 or 24000 Hz (24000 is
+    taken; the reason left it out)."""
+    async with VONAGE.gateway(speech) as (gw, _):
+        answer = await ask_ncco(gw.url, str(uuid.uuid4()))
+        (endpoint,) = answer.json()[0]["endpoint"]
+        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit(endpoint['uri']).path}"
+        connected = {"event": "websocket:connected", **endpoint["headers"]}
+        connected["content-type"] = "audio/pcmu;rate=8000"
+        code, reason = await closed_with(url, [json.dumps(connected)], within_s=10)
+        assert code == 1003
+        assert reason.endswith(": expected audio/l16;rate=8000|16000|24000"), reason
