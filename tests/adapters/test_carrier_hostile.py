@@ -4,7 +4,9 @@ over a real WebSocket or HTTP on a real uvicorn server: what a start's parameter
 into the ``#intro`` (an outbound call's ``attributes``, Telnyx's ``client_state``) and a
 Vonage answer's body are JSON read within load_json's bounds; Telnyx webhooks whose
 ``client_state`` or ``event_type`` have the wrong type are no events of ours; a start
-saying 0 Hz or 0 channels is a format the gateway cannot take (1003)."""
+saying 0 Hz or 0 channels is a format the gateway cannot take (1003); the Telnyx
+``call_control_id`` a start names stays one path segment of the hang-up's URL; the
+refusal of a Vonage content-type names every rate taken."""
 
 from __future__ import annotations
 
