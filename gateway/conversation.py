@@ -826,7 +826,7 @@ class Conversation:
             if aclose is not None:
                 await aclose()
         response = response.model_copy(
-            update={"items": items, "locale": response.locale or session.locale}
+            update={"items": tuple(items), "locale": response.locale or session.locale}
         )
         return session, response
 

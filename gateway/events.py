@@ -21,10 +21,13 @@ output always uses the short names.
 from __future__ import annotations
 
 import base64
+import copy
 import json
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -90,10 +93,57 @@ class Frozen(Wire):
     As h11's events are: a changed value is a new model (``model_copy(update=...)``),
     so an event handed to several consumers, or the pipeline's Response that the
     turn engine completes, is never changed under anyone. (Adapters' own wire models,
-    such as Alexa's response envelope, stay plain :class:`Wire` builders.)
+    such as Alexa's response envelope, stay plain :class:`Wire` builders.) Their
+    containers are immutable too (issue 12): sequences are tuples (JSON arrays on the
+    wire, any sequence in) and ``attributes`` are :class:`FrozenDict` (:data:`Attributes`).
     """
 
     model_config = ConfigDict(frozen=True)
+
+
+class FrozenDict(dict[str, Any]):
+    """A ``dict`` that refuses to change: the ``attributes`` of a :class:`Frozen` model.
+
+    A ``dict`` subclass, not a read-only view, so that everything that takes a dict
+    takes it as it is: pydantic's serializer, ``json.dumps`` (a core's request body),
+    ``isinstance(x, dict)`` checks, ``{**x}`` and ``x | y`` (which give plain dicts to
+    change). Every in-place change (``x[k] = v``, ``del x[k]``, ``update``, ``pop``,
+    ``popitem``, ``setdefault``, ``clear``, ``|=``) raises TypeError. Only the top level
+    is frozen: values that are themselves dicts or lists are the caller's to leave alone.
+    Copies (``copy.copy``, ``model_copy(deep=True)``, pickling) are FrozenDicts again.
+    """
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError(
+            "the attributes of an event are immutable: build a new value "
+            "(model_copy(update={'attributes': frozen({...})}))"
+        )
+
+    __setitem__ = __delitem__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+    __ior__ = _refuse
+
+    def __copy__(self) -> FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
+        return FrozenDict(copy.deepcopy(dict(self), memo))
+
+    def __reduce__(self) -> tuple[type[FrozenDict], tuple[dict[str, Any]]]:
+        return FrozenDict, (dict(self),)
+
+
+def frozen(value: Mapping[str, Any]) -> FrozenDict:
+    """``value`` as a :class:`FrozenDict` (itself when it is one already)."""
+    return value if isinstance(value, FrozenDict) else FrozenDict(value)
+
+
+Attributes = Annotated[Mapping[str, Any], AfterValidator(frozen)]
+"""The type of an event's ``attributes``: any mapping in (a JSON object on the wire), a
+:class:`FrozenDict` once validated. ``model_copy(update=...)`` does not validate: pass
+the new attributes through :func:`frozen` there."""
 
 
 # --------------------------------------------------------------------------- payloads
@@ -130,11 +180,11 @@ class Input(Frozen):
     locale: str | None = None
     zone_id: str | None = None
     transcript: Transcript = Field(default_factory=lambda: Transcript(text=""))
-    alternatives: list[Transcript] = Field(default_factory=list)
-    classes: list[InputClass] = Field(default_factory=list)
-    tokens: list[dict[str, Any]] = Field(default_factory=list)
+    alternatives: tuple[Transcript, ...] = Field(default_factory=tuple)
+    classes: tuple[InputClass, ...] = Field(default_factory=tuple)
+    tokens: tuple[dict[str, Any], ...] = Field(default_factory=tuple)
     action: str | None = None
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    attributes: Attributes = Field(default_factory=FrozenDict)
 
     @model_validator(mode="after")
     def _action(self) -> Input:
@@ -225,10 +275,10 @@ class Response(Frozen):
     """
 
     locale: str | None = None
-    items: list[ResponseItem] = Field(default_factory=list)
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    items: tuple[ResponseItem, ...] = Field(default_factory=tuple)
+    attributes: Attributes = Field(default_factory=FrozenDict)
     stt_mode: str | None = None
-    logs: list[LogEntry] = Field(default_factory=list)
+    logs: tuple[LogEntry, ...] = Field(default_factory=tuple)
     session_ended: bool = False
     sleep_timeout: int = Field(default=0, ge=0, le=MAX_TIMEOUT_S)
     session_timeout: int = Field(default=0, ge=0, le=MAX_TIMEOUT_S)

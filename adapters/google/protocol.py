@@ -55,7 +55,17 @@ from typing import Any, TypeVar
 
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from gateway.events import FALLBACK, INTRO, SILENCE, Input, InputClass, Response, ResponseItem, Wire
+from gateway.events import (
+    FALLBACK,
+    INTRO,
+    SILENCE,
+    Input,
+    InputClass,
+    Response,
+    ResponseItem,
+    Wire,
+    frozen,
+)
 from gateway.protocol import ProtocolError, validate
 from gateway.protocol import load_json as load_any_json
 from gateway.ssml import display_text, speech_ssml, truncate_text
@@ -572,9 +582,12 @@ def _es_plan(request: EsRequest) -> Plan:
         if heard is not None:  # the v2 intent decides; Dialogflow's intent goes along
             if heard.text == FALLBACK and query:  # no v2 words: Dialogflow's are the user's
                 heard = Input.said(query, locale=heard.locale, classes=heard.classes)
-            heard.attributes["intent"] = {"name": intent, **detail}
-            if intent:
-                heard.classes.insert(0, InputClass(type="Intent", name=intent))
+            named = (InputClass(type="Intent", name=intent),) if intent else ()
+            attributes = {**heard.attributes, "intent": {"name": intent, **detail}}
+            # a new Input: the plan's is the v2 request's, as _v2_plan made it (issue 12)
+            heard = heard.model_copy(
+                update={"attributes": frozen(attributes), "classes": (*named, *heard.classes)}
+            )
         return replace(plan, input=heard, app_key=app_key, google_payload=True)
     # an event's name as it is (upper case): a user who types "welcome" said a word
     if WELCOME_EVENT.fullmatch(query):

@@ -218,7 +218,7 @@ class SpeechService:
             log.log(outage_level(exc), "pushed items sent without TTS links: %s", exc)
             return None
         return event.model_copy(
-            update={"response": event.response.model_copy(update={"items": items})}
+            update={"response": event.response.model_copy(update={"items": tuple(items)})}
         )
 
     def link_unregistered(

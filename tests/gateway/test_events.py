@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import pickle
+from collections.abc import Callable
+from typing import Any, cast
+
 import pytest
 from pydantic import ValidationError
 
 from adapters.flowstorm.events import V1_CLIENT_EVENT, V2_CLIENT_EVENT
-from gateway.events import Input, Response, ResponseEvent, ResponseItem, TtsConfig
+from gateway.events import (
+    Input,
+    InputClass,
+    LogEntry,
+    Response,
+    ResponseEvent,
+    ResponseItem,
+    Transcript,
+    TtsConfig,
+)
 
 
 def test_action_and_transcript_fill_each_other() -> None:
@@ -76,3 +91,102 @@ def test_transfer_item_round_trips_and_refuses_what_is_not_one() -> None:
         assert transfer_target(ResponseItem(text=TRANSFER, code=code)) is None
     with pytest.raises(ValueError, match="needs a target"):
         transfer_item("  ")
+
+
+def _full_input() -> Input:
+    return Input.model_validate(
+        {
+            "transcript": {"text": "hello", "confidence": 0.9},
+            "alternatives": [{"text": "yellow", "confidence": 0.4}],
+            "classes": [{"type": "Intent", "name": "greet"}],
+            "tokens": [{"text": "hello"}],
+            "attributes": {"intent": {"name": "greet", "slots": {"who": "you"}}, "n": 1},
+        }
+    )
+
+
+def _full_response() -> Response:
+    return Response(
+        items=[ResponseItem(text="Hi.")],
+        attributes={"mood": "good"},
+        logs=[LogEntry(text="said hi")],
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "field", "element"),
+    [
+        (_full_input, "alternatives", Transcript(text="mellow")),
+        (_full_input, "classes", InputClass(type="Intent", name="other")),
+        (_full_input, "tokens", {"text": "other"}),
+        (_full_response, "items", ResponseItem(text="Bye.")),
+        (_full_response, "logs", LogEntry(text="said bye")),
+    ],
+)
+def test_event_sequences_cannot_be_changed_in_place(
+    make: Callable[[], Input | Response], field: str, element: object
+) -> None:
+    """Issue 12: events are immutable, their sequences too (tuples; JSON arrays on the
+    wire). Before, they were lists anyone holding the event could append to."""
+    event = make()
+    before = event.wire()
+    value: Any = getattr(event, field)
+    changes: tuple[Callable[[], object], ...] = (
+        lambda: value.append(element),
+        lambda: value.insert(0, element),
+        lambda: value.extend([element]),
+        lambda: value.pop(),
+        lambda: value.clear(),
+    )
+    for change in changes:
+        with pytest.raises(AttributeError):
+            change()
+    with pytest.raises(TypeError):
+        value[0] = element
+    with pytest.raises(TypeError):
+        del value[0]
+    assert event.wire() == before
+    assert isinstance(before[field], list)
+    assert len(before[field]) == 1
+    assert json.loads(event.wire_json())[field] == before[field]
+
+
+@pytest.mark.parametrize("make", [_full_input, _full_response])
+def test_event_attributes_cannot_be_changed_in_place(make: Callable[[], Input | Response]) -> None:
+    """Issue 12: an event's ``attributes`` refuse every in-place change (TypeError), yet
+    are a dict to whoever reads or serializes them; a changed copy is a plain dict."""
+    event = make()
+    before = event.wire()
+    attributes = cast(dict[str, Any], event.attributes)
+    key = next(iter(attributes))
+    for change in (
+        lambda: attributes.__setitem__("x", 1),
+        lambda: attributes.__delitem__(key),
+        lambda: attributes.update(x=1),
+        lambda: attributes.pop(key),
+        lambda: attributes.popitem(),
+        lambda: attributes.setdefault("x", 1),
+        lambda: attributes.clear(),
+        lambda: attributes.__ior__({"x": 1}),
+    ):
+        with pytest.raises(TypeError, match="immutable"):
+            change()
+    assert event.wire() == before
+    # read and serialized as the dict it was: a core's JSON body, the wire
+    assert isinstance(attributes, dict)
+    assert json.loads(json.dumps(attributes)) == before["attributes"]
+    assert json.loads(event.wire_json())["attributes"] == before["attributes"]
+    # a changed copy is the caller's own, mutable dict; copies of the event stay frozen
+    changed = {**attributes, "x": 1}
+    changed["y"] = 2
+    assert (attributes | {"x": 1})["x"] == 1
+    for copied in (
+        copy.copy(event),
+        copy.deepcopy(event),
+        event.model_copy(deep=True),
+        pickle.loads(pickle.dumps(event)),
+        type(event).model_validate(before),
+    ):
+        assert copied.wire() == before
+        with pytest.raises(TypeError):
+            cast(dict[str, Any], copied.attributes)["x"] = 1

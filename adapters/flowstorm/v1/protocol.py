@@ -1153,7 +1153,7 @@ class V1Connection:
                 Send(ResponseItemEvent(response_item=item, seq=event.seq).wire_json())
                 for item in (event.response.items if push else ())
             ]
-            response = event.response.model_copy(update={"items": []})
+            response = event.response.model_copy(update={"items": ()})
             return [*items, Send(event.model_copy(update={"response": response}).wire_json())]
         return [Send(event.wire_json())]
 

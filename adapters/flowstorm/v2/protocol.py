@@ -954,7 +954,7 @@ def json_lines(event: TurnEvent | RecognizedInputEvent, *, send_items: bool) -> 
     if isinstance(event, ResponseItemEvent) and not send_items:
         return b""
     if isinstance(event, ResponseEvent) and send_items:
-        response = event.response.model_copy(update={"items": []})
+        response = event.response.model_copy(update={"items": ()})
         event = ResponseEvent(response=response, seq=event.seq)
     if isinstance(event, ResponseItemEvent | ResponseEvent | ErrorEvent | RecognizedInputEvent):
         return (event.wire_json() + "\n").encode()

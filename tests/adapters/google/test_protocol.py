@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import xml.etree.ElementTree as ET
 from typing import Any
 
 import pytest
 
+import adapters.google.protocol as google_protocol
 from adapters.google.protocol import (
     MAX_DISPLAY_CHARS,
     MAX_EXIT_CHARS,
@@ -22,7 +24,7 @@ from adapters.google.protocol import (
     load_json,
     render,
 )
-from gateway.events import ResponseItem
+from gateway.events import Input, ResponseItem
 from gateway.protocol import ProtocolError
 from tests.conftest import FIXTURES
 
@@ -567,3 +569,50 @@ def test_cards_go_only_to_devices_with_a_screen() -> None:
                 )
                 kinds = [next(iter(i)) for i in rich["items"]]
                 assert kinds == (["simpleResponse", "basicCard"] if shown else ["simpleResponse"])
+
+
+def test_dialogflow_es_wrapping_leaves_the_v2_input_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 12: events are immutable. A Dialogflow ES request carrying an Actions on
+    Google v2 payload is planned from the v2 payload's Input, with Dialogflow's intent
+    put first among its classes and as its ``intent`` attribute: in a new Input. Before,
+    the v2 Input was changed in place (``attributes["intent"] = ...``,
+    ``classes.insert(0, ...)``), so whoever held it saw it change under them."""
+    started: list[tuple[Input, dict[str, Any]]] = []
+    real = google_protocol._v2_plan
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        # the real planner, run as it is: only the Input it made is noted, with its wire
+        plan = real(*args, **kwargs)
+        assert plan.input is not None
+        started.append((plan.input, copy.deepcopy(plan.input.wire())))
+        return plan
+
+    monkeypatch.setattr(google_protocol, "_v2_plan", recording)
+    data = fixture("actions-sdk-v2-via-dialogflow/HelpIntent.json")
+    data["queryResult"]["parameters"] = {"topic": "billing"}
+    data["queryResult"]["action"] = "help.billing"
+    planned = dialogflow_plan(data)
+    assert len(started) == 1
+    v2_input, v2_wire = started[0]
+    assert v2_input.wire() == v2_wire  # unchanged
+    assert [c.name for c in v2_input.classes] == ["actions.intent.TEXT"]
+    assert v2_input.attributes["intent"]["name"] == "actions.intent.TEXT"
+    # the plan's Input is another one: Dialogflow's intent first, and as the attribute
+    heard = planned.input
+    assert heard is not None
+    assert heard is not v2_input
+    assert [(c.type, c.name) for c in heard.classes] == [
+        ("Intent", "HelpIntent"),
+        ("Intent", "actions.intent.TEXT"),
+    ]
+    assert heard.attributes["intent"] == {
+        "name": "HelpIntent",
+        "parameters": {"topic": "billing"},
+        "action": "help.billing",
+    }
+    rest = {"classes", "attributes"}  # the rest of the Input is the v2 one's
+    assert {k: v for k, v in heard.wire().items() if k not in rest} == {
+        k: v for k, v in v2_wire.items() if k not in rest
+    }

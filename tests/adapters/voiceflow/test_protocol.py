@@ -243,7 +243,7 @@ def test_action_table(action: dict[str, Any], text: str) -> None:
         assert seen["payload"] == action.get("payload")
     if action["type"] != "intent":
         assert input_.attributes["intent"] is None
-        assert input_.classes == []
+        assert input_.classes == ()
 
 
 @pytest.mark.parametrize(("confidence", "score"), [(None, 1.0), (0, 0.0), (0.4, 0.4)])
