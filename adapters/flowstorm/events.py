@@ -20,7 +20,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import AliasChoices, Field, TypeAdapter
 
-from gateway.events import BinaryEvent, Event, Input, LogEntry, Wire
+from gateway.events import Attributes, BinaryEvent, Event, FrozenDict, Input, LogEntry, Wire
 from gateway.protocol import ProtocolError
 
 MAX_SESSION_ID: Final = 256
@@ -71,7 +71,7 @@ class LogEvent(Event):
     """Client -> server (V1, V2): log entries stored with the current session."""
 
     type: Literal["Log", "LogEvent"] = "Log"
-    entries: list[LogEntry] = Field(default_factory=list)
+    entries: tuple[LogEntry, ...] = Field(default_factory=tuple)
 
 
 class InputStreamCloseEvent(Event):
@@ -97,7 +97,7 @@ class InitEvent(Event):
     key: str | None = None
     device_id: str | None = Field(default=None, validation_alias=_DEVICE_ID)
     token: str | None = None
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: Attributes = Field(default_factory=FrozenDict)
     session_id: str | None = None
     """Gateway extension (resume): the session the client had before it reconnected."""
     last_seq: int | None = Field(default=None, ge=0)

@@ -11,8 +11,9 @@ from typing import Any, cast
 import pytest
 from pydantic import ValidationError
 
-from adapters.flowstorm.events import V1_CLIENT_EVENT, V2_CLIENT_EVENT
+from adapters.flowstorm.events import V1_CLIENT_EVENT, V2_CLIENT_EVENT, InitEvent, LogEvent
 from gateway.events import (
+    Frozen,
     Input,
     InputClass,
     LogEntry,
@@ -121,10 +122,11 @@ def _full_response() -> Response:
         (_full_input, "tokens", {"text": "other"}),
         (_full_response, "items", ResponseItem(text="Bye.")),
         (_full_response, "logs", LogEntry(text="said bye")),
+        (lambda: LogEvent(entries=[LogEntry(text="mic on")]), "entries", LogEntry(text="off")),
     ],
 )
 def test_event_sequences_cannot_be_changed_in_place(
-    make: Callable[[], Input | Response], field: str, element: object
+    make: Callable[[], Frozen], field: str, element: object
 ) -> None:
     """Issue 12: events are immutable, their sequences too (tuples; JSON arrays on the
     wire). Before, they were lists anyone holding the event could append to."""
@@ -151,13 +153,23 @@ def test_event_sequences_cannot_be_changed_in_place(
     assert json.loads(event.wire_json())[field] == before[field]
 
 
-@pytest.mark.parametrize("make", [_full_input, _full_response])
-def test_event_attributes_cannot_be_changed_in_place(make: Callable[[], Input | Response]) -> None:
-    """Issue 12: an event's ``attributes`` refuse every in-place change (TypeError), yet
-    are a dict to whoever reads or serializes them; a changed copy is a plain dict."""
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (_full_input, "attributes"),
+        (_full_response, "attributes"),
+        (lambda: InitEvent(key="k", config={"locale": "en-US"}), "config"),
+    ],
+)
+def test_event_attributes_cannot_be_changed_in_place(
+    make: Callable[[], Frozen], field: str
+) -> None:
+    """Issue 12: an event's ``attributes`` (and V1 Init's ``config``) refuse every in-place
+    change (TypeError), yet are a dict to whoever reads or serializes them; a changed copy
+    is a plain dict. Before, they were dicts anyone holding the event could change."""
     event = make()
     before = event.wire()
-    attributes = cast(dict[str, Any], event.attributes)
+    attributes = cast(dict[str, Any], getattr(event, field))
     key = next(iter(attributes))
     for change in (
         lambda: attributes.__setitem__("x", 1),
@@ -174,12 +186,14 @@ def test_event_attributes_cannot_be_changed_in_place(make: Callable[[], Input | 
     assert event.wire() == before
     # read and serialized as the dict it was: a core's JSON body, the wire
     assert isinstance(attributes, dict)
-    assert json.loads(json.dumps(attributes)) == before["attributes"]
-    assert json.loads(event.wire_json())["attributes"] == before["attributes"]
+    assert json.loads(json.dumps(attributes)) == before[field]
+    assert json.loads(event.wire_json())[field] == before[field]
     # a changed copy is the caller's own, mutable dict; copies of the event stay frozen
     changed = {**attributes, "x": 1}
     changed["y"] = 2
     assert (attributes | {"x": 1})["x"] == 1
+    assert "x" not in attributes
+    assert "y" not in attributes
     for copied in (
         copy.copy(event),
         copy.deepcopy(event),
@@ -189,4 +203,4 @@ def test_event_attributes_cannot_be_changed_in_place(make: Callable[[], Input | 
     ):
         assert copied.wire() == before
         with pytest.raises(TypeError):
-            cast(dict[str, Any], copied.attributes)["x"] = 1
+            cast(dict[str, Any], getattr(copied, field))["x"] = 1
