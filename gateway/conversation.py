@@ -669,6 +669,8 @@ class Conversation:
             if isinstance(result, ErrorEvent):
                 session = _restored(self.pipeline, snapshot, session)
                 session.client_state = ClientState.FAILED
+                # saved now: the store keeps it timeout_s from now (what expiry() tells)
+                session.updated_at = time.time()
                 txn.save(session, session.timeout_s)
                 ended = False
                 outcome.error = result.source
@@ -928,8 +930,8 @@ class Conversation:
 
     async def expiry(self, ctx: TurnContext) -> float | None:
         """When the store lets ``ctx``'s session go unless something touches it (epoch s:
-        its last update plus its timeout; a failed turn's save keeps the update before it,
-        so a time past may mean a session still kept), or None when :meth:`find` would not
+        its last save, a failed turn's too, plus its timeout; a time past may mean a session
+        still kept, by the clock of another instance), or None when :meth:`find` would not
         say ``found``. Raises StoreUnavailable when the store fails."""
         session = await self.store.get(ctx.key)
         if session is None or session.app_key != ctx.app_key:

@@ -848,7 +848,7 @@ class VoiceflowServer:
                 return
             if expiry is not None:  # kept (resumed, another connection, a push): until then
                 wait_s = expiry - time.time()
-                if wait_s <= 0:  # kept by a failed turn's save: its time is not known
+                if wait_s <= 0:  # kept past it (clocks of instances apart): not known
                     wait_s = gw.settings.session_timeout_s
                 continue
             client.idle = None

@@ -461,6 +461,36 @@ async def test_a_resumed_session_is_ended_when_the_store_lets_it_go() -> None:
             await again.nothing_more()
 
 
+async def test_a_resumed_session_kept_by_a_failed_turn_is_ended_when_the_store_lets_it_go() -> None:
+    """A failed turn saves the session again (the store keeps it a whole timeout from
+    then) but kept its old ``updated_at``: a connection that resumed the session took
+    the session's expiry (updated_at + timeout) for past and waited a whole further
+    GATEWAY_SESSION_TIMEOUT_S, so ``session.ended {reason: "inactivity_timeout"}`` came
+    late by nearly a timeout. The failed turn's save records its time."""
+    core = RecordingCore()
+    async with (
+        core.running() as core_url,
+        served(pipeline=core_url, session_timeout_s=4, voiceflow_secret=SecretStr(SECRET)) as url,
+    ):
+        async with client(url) as first:
+            key = await first.handshake()
+            assert await first.say("hello") == ["core heard hello"]
+            await asyncio.sleep(2)
+            _, _, last = await first.act({"type": "text", "payload": "fail"})
+            assert last == {
+                "status": "completed",
+                "messageID": last["messageID"],
+                "reason": "error",
+            }
+        failed = time.monotonic()  # the store keeps the session until failed + 4 s
+        async with client(url) as again:
+            assert await again.start(key) is False  # resumed
+            assert await again.next() == ("session.ended", {"reason": "inactivity_timeout"})
+            # failed + 4 s + the watch's margin (1 s), not hello + 4 s + 1 s + 4 s + 1 s
+            assert time.monotonic() - failed < 6.5
+            await again.nothing_more()
+
+
 async def test_a_store_failure_in_the_idle_watch_is_logged_and_the_connection_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
