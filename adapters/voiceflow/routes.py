@@ -752,14 +752,20 @@ class VoiceflowServer:
         client = self._clients.get(sid)
         if client is None:
             return
+        conn = client.conn
         try:
-            actions = client.conn.receive(event, args)
+            # what the idle watch waits for: a refused event (unknown, malformed, out of
+            # order) changes none of it and does not put the watch off (the store's
+            # timeout runs from the last action, whatever else the client sends)
+            idle = (conn.state, conn.session_id, conn.idle_timeout_s())
+            actions = conn.receive(event, args)
             for action in actions:  # claim the session before anything can interleave
                 if isinstance(action, StartTurn):
                     self._running[action.ctx.key] = sid
             await self._do(client, actions)
             await self._follow(client)
-            self._arm_idle(client)
+            if client.idle is None or idle != (conn.state, conn.session_id, conn.idle_timeout_s()):
+                self._arm_idle(client)
         except Exception:
             log.exception("Voiceflow event %r failed", event)
             await _emit(self.sio, sid, error("gateway-error", "Internal gateway error."))
@@ -810,7 +816,8 @@ class VoiceflowServer:
     def _arm_idle(self, client: _Client) -> None:
         """(Re)start the wait for the idle timeout of the client's session, from now: the
         connection's :meth:`~adapters.voiceflow.protocol.VoiceflowConnection.idle_timeout_s`
-        (none: no wait), after each client event and each action's end."""
+        (none: no wait), after each action's end and each client event that changed the
+        connection's state, session or idle timeout (or found no wait running)."""
         if client.idle is not None:
             client.idle.cancel()
             client.idle = None

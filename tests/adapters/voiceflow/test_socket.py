@@ -461,6 +461,37 @@ async def test_a_resumed_session_is_ended_when_the_store_lets_it_go() -> None:
             await again.nothing_more()
 
 
+async def test_refused_events_do_not_put_off_the_inactivity_timeout() -> None:
+    """The idle watch waited the session's timeout from the client's last event of any
+    kind, but only an action (or a handshake) keeps the session in the store: a client
+    sending events that are refused (an unknown event, a malformed action) more often than
+    the timeout was never told ``session.ended {reason: "inactivity_timeout"}``, though its
+    session had expired."""
+    async with (
+        served(session_timeout_s=2, voiceflow_secret=SecretStr(SECRET)) as url,
+        client(url) as vf,
+    ):
+        await vf.handshake()
+        assert await vf.say("hello") == ["You said: hello"]
+        said = time.monotonic()  # the store keeps the session until said + 2 s
+        seen: list[tuple[str, Any]] = []
+        while time.monotonic() - said < 5:
+            await vf.emit("typing", {})
+            await vf.send({"type": "intent", "payload": {}}, "bad")  # malformed, rejected
+            await asyncio.sleep(0.5)
+            while not vf.events.empty():
+                seen.append(vf.events.get_nowait())
+        ended = [data for event, data in seen if event == "session.ended"]
+        assert ended == [{"reason": "inactivity_timeout"}], seen
+        refusals = {(event, data.get("code") or data.get("reason")) for event, data in seen}
+        assert refusals == {
+            ("error", "unknown-event"),
+            ("action.status", "malformed-action"),
+            ("action.status", "no-session"),  # after the session ended
+            ("session.ended", "inactivity_timeout"),
+        }
+
+
 async def test_a_resumed_session_kept_by_a_failed_turn_is_ended_when_the_store_lets_it_go() -> None:
     """A failed turn saves the session again (the store keeps it a whole timeout from
     then) but kept its old ``updated_at``: a connection that resumed the session took
