@@ -889,6 +889,8 @@ class V1Connection:
             raise ProtocolError("input.transcript.text is empty: send the user's text or #intro.")
         if input_.locale:  # the session's locale, handed to the core and echoed (as V2's)
             check_language_tag(input_.locale, what="input.locale")
+        if input_.zone_id:  # the session's time zone, handed to the core (as Init's)
+            check_time_zone(input_.zone_id, what="input.zoneId")
         session_id = self._proposed(said.session_id)
         self.machine.feed(event.type)
         utterance, self._utterance = self._utterance, None  # the user typed instead of speaking

@@ -361,6 +361,36 @@ async def test_an_input_locale_that_is_no_language_tag_is_an_error_the_session_g
         await assert_serving(url)
 
 
+async def test_an_input_zone_that_is_no_time_zone_is_an_error_the_session_goes_on() -> None:
+    """An Input/Request ``input.zoneId`` was taken as sent (``Mars/Base``, a path, a
+    directory of the zone database, 300 characters) and became the session's time zone,
+    handed to the core on that turn and every later one (Dialogflow CX refuses it), while
+    the same value in Init's ``config.zoneId`` is refused; now it must be an IANA time zone
+    key, else an Error of source ``client``: no turn runs, and the session and the socket
+    go on."""
+    core = SlowCore()
+    core.release.set()  # it answers at once
+    async with core.running() as core_url, served(pipeline=core_url) as url:
+        async with connect(ws_url(url)) as ws:
+            await init(ws)
+            frame = request_frame("#intro", "zoned")
+            frame["request"]["input"]["zoneId"] = "America/New_York"
+            await turn(ws, frame)
+            assert (await core.next_request())["timeZone"] == "America/New_York"
+            for zone in ("Mars/Base", "../../etc/passwd", "America", "x" * 300):
+                for bad in (input_frame("hello"), request_frame("hello")):
+                    inner = bad["input"] if bad["type"] == "Input" else bad["request"]["input"]
+                    inner["zoneId"] = zone
+                    await send_json(ws, bad)
+                    error = await expect_error(ws)
+                    assert error["text"] == f"input.zoneId: unknown IANA time zone {zone[:64]!r}."
+            [answer] = await turn(ws, input_frame("hello"))  # the same session
+            assert answer["type"] == "Response"
+            assert (await core.next_request())["timeZone"] == "America/New_York"  # kept
+            assert core.requests.empty()  # the refused inputs never reached the core
+        await assert_serving(url)
+
+
 async def test_an_init_locale_or_zone_that_is_none_is_an_error_and_init_may_come_again() -> None:
     """Init ``config.locale`` and ``config.zoneId`` were taken as sent (any string: 20,000
     characters, markup, a path) and became the session's locale and time zone, handed to
