@@ -942,6 +942,13 @@ class V1Connection:
         self._logs.extend(event.entries)  # stored with the next turn (or when this one ends)
         return []
 
+    def resume_refused(self, session_id: str) -> None:
+        """The session an Init resumed (``sessionId``) is another application's: the
+        connection forgets it when it is still its session, so the next turn that
+        proposes none starts a new one (as on a connection without a session)."""
+        if self.session_id == session_id:
+            self.session_id = None
+
     def logs_not_stored(self, entries: Sequence[LogEntry]) -> None:
         """Keep ``entries`` of a failed StoreLogs for the next turn (bounded, newest kept)."""
         self._logs = deque([*entries, *self._logs], maxlen=self._logs.maxlen)

@@ -287,14 +287,16 @@ class _Socket(WebSocketDriver[Action]):
         """Follow the outbox of the session an Init resumes, when it exists and is the
         connection's application key's. Another application's session is refused with
         an Error frame of source ``session`` (its answers and pushes are not the
-        client's to read); an unknown one is not followed (the turn that creates it
-        adopts it); a store failure is an Error frame of source ``gateway``."""
+        client's to read) and forgotten by the connection (V1Connection.resume_refused);
+        an unknown one is not followed (the turn that creates it adopts it); a store
+        failure is an Error frame of source ``gateway``."""
         try:
             found = await self.gw.conversation.find(action.ctx)
         except StoreUnavailable:
             await self.run([error_frame("The session store is unavailable.", "gateway")])
             return
         if found == "foreign":
+            self.conn.resume_refused(action.ctx.session_id)
             text = f"Session {action.ctx.session_id} belongs to another application."
             await self.run([error_frame(text, "session")])
         elif found == "found":

@@ -220,6 +220,34 @@ async def test_a_session_of_another_key_is_refused_and_the_socket_serves_on() ->
             assert frames[0] == {"type": "SessionStarted", "sessionId": "own-one"}
 
 
+async def test_a_session_of_another_key_resumed_by_init_is_forgotten() -> None:
+    """An Init resuming (``sessionId``) a session of another application key is refused
+    with an Error of source ``session``, but the connection kept that session as its own:
+    every turn that proposed no sessionId was refused again ("belongs to another
+    application") and the socket never got a session. Now the refused session is
+    forgotten: the next turn starts a new one, announced with SessionStarted."""
+    async with served() as url:
+        async with connect(ws_url(url)) as owner:
+            await init(owner, init_frame("key-a"))
+            await turn(owner, request_frame("#intro", "owned"))
+        async with connect(ws_url(url)) as other:
+            frame = init_frame("key-b")
+            frame["sessionId"] = "owned"
+            await send_json(other, frame)
+            assert await recv_json(other) == {"type": "Ready"}
+            error = await recv_json(other)
+            assert (error["type"], error["source"]) == ("Error", "session")
+            assert "another application" in error["text"]
+            started, welcome = await turn(other, input_frame("#intro"))
+            assert started["type"] == "SessionStarted"
+            assert started["sessionId"] != "owned"
+            assert welcome["type"] == "Response"
+        async with connect(ws_url(url)) as owner:  # the owner's session is untouched
+            await init(owner, init_frame("key-a"))
+            started, _ = await turn(owner, request_frame("hello", "owned"))
+            assert started == {"type": "SessionStarted", "sessionId": "owned", "resumed": True}
+
+
 async def test_a_refused_turn_is_logged_without_the_session_id(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
