@@ -79,9 +79,10 @@ Decisions where the spec is silent:
 - A proposed ``sessionId`` must be 1..256 printable characters without
   whitespace; an empty one counts as none.
 - ``Log`` entries go to the session at once when the connection is idle in a
-  session; otherwise (no session yet, a turn running, or the write failed)
-  they wait on the connection (at most LOG_BUFFER, newest kept) and go with
-  the next turn (TurnContext.logs) or when the running turn ends.
+  session; otherwise (no session yet, a turn running, the write failed, or the
+  turn they went with was refused) they wait on the connection (at most
+  LOG_BUFFER, newest kept) and go with the next turn (TurnContext.logs) or when
+  the running turn ends.
 - ``config.tts`` defaults to ``None`` (no speech) and ``ttsFileType`` to
   ``mp3``, the defaults of Flowstorm's own client (``BotConfig.kt`` in
   flowstorm/core); both are read case-insensitively and an unknown value makes
@@ -687,6 +688,8 @@ def missed_event(entry: Missed) -> _EntryEvent:
 @dataclass
 class _Turn:
     session_id: str
+    logs: tuple[LogEntry, ...] = ()
+    """The client's log entries that went with the turn (TurnContext.logs)."""
     accepted: bool = False
 
 
@@ -903,7 +906,7 @@ class V1Connection:
     def _start_turn(self, session_id: str, input_: Input, request: Request | None) -> StartTurn:
         logs = tuple(self._logs)
         self._logs.clear()
-        self._turn = _Turn(session_id)
+        self._turn = _Turn(session_id, logs)
         return StartTurn(self._context(session_id, request, logs), input_)
 
     def _proposed(self, proposed: str | None) -> str:
@@ -1208,10 +1211,14 @@ class V1Connection:
     def turn_rejected(self, exc: TurnRejected) -> list[Action]:
         """The engine refused the turn (session foreign/busy, store down): an Error frame.
 
-        The connection goes back to idle and keeps its previous session id; an open
-        Duplex stream goes on with its next utterance (``StartListening`` after the Error).
+        The connection goes back to idle and keeps its previous session id; the log
+        entries that went with the turn wait for the next one (as :meth:`logs_not_stored`);
+        an open Duplex stream goes on with its next utterance (``StartListening`` after
+        the Error).
         """
         self.machine.advance(TURN_REJECTED)
+        if self._turn is not None:
+            self.logs_not_stored(self._turn.logs)
         self._turn = None
         return [error_frame(exc.text, exc.source), *self._listen_next()]
 

@@ -297,6 +297,38 @@ async def test_client_logs_are_stored_with_the_session(redis_url: str, redis_pre
     assert session["attributes"] == {}
 
 
+async def test_client_logs_of_a_refused_turn_go_with_the_next_one(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Log entries waiting on the connection go with its next turn; when the engine
+    refused that turn (another application's session here; a busy session or a store
+    outage alike) they were lost with it. They wait for the turn after it, as entries
+    whose own write failed do."""
+    settings: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    async with served(**settings) as url:
+        async with connect(ws_url(url)) as owner:
+            await init(owner, init_frame("key-a"))
+            await turn(owner, request_frame("#intro", "owned"))
+        async with connect(ws_url(url)) as ws:
+            await init(ws, init_frame("key-b"))
+            entry = {"time": 1700000000000, "relativeTime": 0.5, "level": "INFO"}
+            await send_json(ws, {"type": "Log", "entries": [{**entry, "text": "before"}]})
+            [error] = await turn(ws, request_frame("#intro", "owned"))
+            assert (error["type"], error["source"]) == ("Error", "session")
+            started, _ = await turn(ws, request_frame("#intro", "mine"))
+            assert started == {"type": "SessionStarted", "sessionId": "mine"}
+    client = redis.Redis.from_url(redis_url)
+    try:
+        mine = client.get(f"{redis_prefix}:{{flowstorm:mine}}:s")
+        owned = client.get(f"{redis_prefix}:{{flowstorm:owned}}:s")
+    finally:
+        client.close()
+    assert mine is not None
+    assert owned is not None
+    assert [e["text"] for e in json.loads(mine)["logs"]] == ["before"]
+    assert json.loads(owned)["logs"] == []  # nothing went to the other application's
+
+
 # --------------------------------------------------------------- bad input
 
 
