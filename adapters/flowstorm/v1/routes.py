@@ -4,9 +4,10 @@ Thin I/O around :class:`adapters.flowstorm.v1.protocol.V1Connection` (spec:
 shared/specs/flowstorm-socket-v1.md), served by the WebSocket driver
 (:mod:`gateway.io.websocket`: guarded sends with the send deadline, the receive
 loop, the action runner and the turn forwarder). What is V1's own: its frames go
-to ``receive_text``/``receive_bytes``, client logs are stored in the background,
-the Response is held back until the turn's stream ends, and a gateway failure is
-an Error frame of source ``gateway`` before the close 1011.
+to ``receive_text``/``receive_bytes``, client logs are stored in the background
+(one write at a time per connection; the entries that came meanwhile go together, at
+most LOG_BUFFER, the newest kept), the Response is held back until the turn's stream
+ends, and a gateway failure is an Error frame of source ``gateway`` before the close 1011.
 
 Audio input: each utterance (StartListening) gets a speech stage
 (``gateway.speech.stage.SpeechStage``, from ``gw.speech``) and a task that runs it:
@@ -37,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -45,6 +47,7 @@ from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 
 from adapters.flowstorm.v1.protocol import (
+    LOG_BUFFER,
     Action,
     Follow,
     Missed,
@@ -56,7 +59,7 @@ from adapters.flowstorm.v1.protocol import (
 from gateway import metrics
 from gateway.breaker import outage_level
 from gateway.deps import Gateway, gateway_of
-from gateway.events import ResponseEvent, TurnEvent
+from gateway.events import LogEntry, ResponseEvent, TurnEvent
 from gateway.io.websocket import SEND_ERRORS, WebSocketDriver
 from gateway.logs import session_ref
 from gateway.outbox import Entry, Following
@@ -73,6 +76,7 @@ from gateway.speech.audio import AudioFormatError
 from gateway.speech.stage import SpeechStage
 from gateway.speech.stt import RecognitionError, RecognizerBusy
 from gateway.speech.types import Heard
+from gateway.turn import TurnContext
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +266,10 @@ class _Socket(WebSocketDriver[Action]):
         self.following = Following(gw.journal, self._deliver) if gw.journal else None
         self._answering = 0
         """Turns whose answer is not all sent yet (outbox entries wait for them)."""
+        self._pending_logs: deque[tuple[TurnContext, LogEntry]] = deque(maxlen=LOG_BUFFER)
+        """Client log entries to store (StoreLogs), each with its session's context; at
+        most LOG_BUFFER, the newest kept (as the connection's own buffer)."""
+        self._log_writer: asyncio.Task[None] | None = None
 
     def received(self, frame: str | bytes) -> list[Action]:
         conn = self.conn
@@ -279,7 +287,11 @@ class _Socket(WebSocketDriver[Action]):
 
     async def other(self, action: Action) -> None:
         if isinstance(action, StoreLogs):
-            self.spawn(self._store_logs(action), "logs", background=True)
+            # one writer per connection: a flood of Log frames is not a task (and a wait
+            # for the session's lock) per frame
+            self._pending_logs.extend((action.ctx, entry) for entry in action.entries)
+            if self._log_writer is None or self._log_writer.done():
+                self._log_writer = self.spawn(self._write_logs(), "logs", background=True)
         elif isinstance(action, Follow) and self.following is not None:
             await self._resume(action, self.following)
 
@@ -395,6 +407,17 @@ class _Socket(WebSocketDriver[Action]):
             return entry.event
         linked = await self.gw.speech.link_pushed(event, tts.file_type)
         return entry.event if linked is None else linked.wire()
+
+    async def _write_logs(self) -> None:
+        """Store the pending log entries, one write at a time: those of one session that
+        came meanwhile go together (:meth:`_store_logs`), until none is left."""
+        pending = self._pending_logs
+        while pending:
+            ctx = pending[0][0]
+            entries: list[LogEntry] = []
+            while pending and pending[0][0].key == ctx.key and pending[0][0].app_key == ctx.app_key:
+                entries.append(pending.popleft()[1])
+            await self._store_logs(StoreLogs(ctx, tuple(entries)))
 
     async def _store_logs(self, action: StoreLogs) -> None:
         ref = session_ref(action.ctx.key)

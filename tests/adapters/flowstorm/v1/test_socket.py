@@ -12,7 +12,7 @@ import pytest
 import redis
 from websockets.asyncio.client import connect
 
-from adapters.flowstorm.v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG
+from adapters.flowstorm.v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG, LOG_BUFFER
 from gateway.app import create_app
 from gateway.events import ResponseItem
 from gateway.logs import session_ref
@@ -547,6 +547,44 @@ async def test_client_logs_refused_by_a_busy_session_are_logged_without_its_id(
     (not_stored,) = [line for line in lines if "not stored" in line]
     assert session_ref(f"flowstorm:{secret_id}") in not_stored
     assert not [line for line in lines if secret_id in line]
+
+
+async def test_a_flood_of_client_logs_is_written_by_one_task_at_a_time() -> None:
+    """Each Log frame of a connection idle in its session started a task of its own that
+    took the session's lock to store its entries: a client sending Log frames faster than
+    they are written (here while another instance's turn holds the lock) piled up one
+    task per frame, each waiting for the lock (a Redis poll loop each with the Redis
+    store), which other sessions felt and the server's shutdown waited for (3000 frames
+    sent in 50 ms: 15 s). One task per connection writes them now, the entries that came
+    meanwhile together (at most LOG_BUFFER, the newest kept, as the connection's buffer)."""
+    settings = Settings(lock_wait_s=5)
+    app = create_app(settings)
+    async with served_app(app, settings) as url, connect(ws_url(url)) as ws:
+        await init(ws)
+        await turn(ws, request_frame("#intro", "flooded"))
+        store = app.state.gateway.store
+        entry = {"time": 1700000000000, "relativeTime": 0.5, "level": "INFO"}
+        async with store.open("flowstorm:flooded", lease_s=10, wait_s=1):  # another's turn
+            for n in range(300):
+                await send_json(ws, {"type": "Log", "entries": [{**entry, "text": f"log {n}"}]})
+            await send_json(ws, {"type": "Vote"})  # its Error: every Log before it was read
+            await expect_error(ws, "unknown event type")
+            writers = [
+                task
+                for task in asyncio.all_tasks()
+                if task.get_name() == "Flowstorm V1 socket logs" and not task.done()
+            ]
+            assert len(writers) == 1
+        for _ in range(200):  # the lock is free: the entries are written
+            session = await store.get("flowstorm:flooded")
+            assert session is not None
+            if session.logs and session.logs[-1].text == "log 299":
+                break
+            await asyncio.sleep(0.02)
+        # in order, once each: the first write's (taken as it began), then the newest
+        numbers = [int(e.text.split()[1]) for e in session.logs]
+        assert numbers == sorted(set(numbers))
+        assert numbers[-LOG_BUFFER:] == list(range(300 - LOG_BUFFER, 300))
 
 
 async def test_a_client_that_leaves_mid_turn_does_not_lose_the_turn(
