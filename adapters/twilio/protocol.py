@@ -74,8 +74,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
-from pydantic.alias_generators import to_camel
+from pydantic import ConfigDict, Field, TypeAdapter, field_validator
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse  # type: ignore[import-untyped]
 
 from gateway.callcodec import (
@@ -91,6 +90,7 @@ from gateway.callcodec import (
 from gateway.callcodec import Connected as WireConnected
 from gateway.callcodec import Media as WireMedia
 from gateway.callcodec import MediaFormat as WireFormat
+from gateway.events import Wire
 from gateway.protocol import (
     MAX_JSON_DEPTH,
     ProtocolError,
@@ -151,14 +151,8 @@ TTS: Final = TtsRequest("audio", "mulaw")
 # ------------------------------------------------------------------ inbound messages
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        frozen=True,
-        coerce_numbers_to_str=True,
-    )
+class _Message(Wire):
+    model_config = ConfigDict(frozen=True, coerce_numbers_to_str=True)  # merged with Wire's
 
 
 class _StreamMessage(_Message):
