@@ -25,6 +25,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
+from gateway.protocol.errors import RequestVerificationError
+
 
 class TokenBuckets:
     """One token bucket per client key (an IP address).
@@ -135,6 +137,34 @@ class RefusalLog:
             msg += " (%d more refused since, logged at DEBUG)"
             args = (*args, quiet)
         logger.log(level, msg, *args, stacklevel=2)  # the caller's line, not this one
+
+
+class VerifierLogs:
+    """The refusal lines of one request verifier (one per app; the Alexa and Google
+    verifiers are one), on ``logger`` as ``<platform> request refused: ...``: ``refusals``
+    bounds those of requests that fail a check (a flood of forged ones in a bounded burst
+    at WARNING, the rest at DEBUG); ``outages`` those of requests refused because a
+    component the verifier needs fails (the outage's first at WARNING naming the
+    component, then one a minute while it lasts). So forged requests cannot hide an
+    outage, nor an outage the forgeries."""
+
+    def __init__(self, logger: logging.Logger, platform: str) -> None:
+        self.refusals = RefusalLog()
+        self.outages = RefusalLog(burst=1)
+        self._logger = logger
+        self._platform = platform
+
+    def log_refused(self, exc: RequestVerificationError[Any], component: str | None = None) -> None:
+        """Log ``exc`` without a traceback: ``<platform> request refused: <reason>: <message>
+        (<detail>)`` at the level ``refusals`` gives; with ``(component: <component>)`` at
+        the level ``outages`` gives when ``component`` (whose outage refused it) is named."""
+        detail = f" ({exc.detail})" if exc.detail else ""
+        line, args = "%s request refused: %s: %s%s", (exc.reason.value, exc.message, detail)
+        if component is None:
+            self.refusals.log(self._logger, line, self._platform, *args)
+        else:
+            line += " (component: %s)"
+            self.outages.log(self._logger, line, self._platform, *args, component)
 
 
 def refusal_log(state: Any, name: str) -> RefusalLog:

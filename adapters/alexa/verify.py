@@ -70,7 +70,7 @@ from starlette.datastructures import Headers
 from gateway.httputil import Download, DownloadError
 from gateway.protocol import ProtocolError, clipped, load_json, parse_timestamp
 from gateway.protocol.errors import RequestVerificationError
-from gateway.ratelimit import RefusalLog
+from gateway.ratelimit import VerifierLogs
 
 __all__ = [
     "ALEXA_CERT_HOST",
@@ -474,7 +474,7 @@ def _as_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-class AlexaVerifier:
+class AlexaVerifier(VerifierLogs):
     """Verifies Alexa requests (all five rules of the module docstring).
 
     Order of checks: headers and certificate URL, body, timestamp, skill id (all
@@ -538,8 +538,7 @@ class AlexaVerifier:
         self._failure_cache_size = failure_cache_size
         self._failures: OrderedDict[str, tuple[datetime, AlexaVerificationError]] = OrderedDict()
         self._max_fetches = max_fetches
-        self.refusals = RefusalLog()
-        self.outages = RefusalLog(burst=1)
+        super().__init__(logger, "Alexa")  # refusals, outages
 
     async def verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         """Verify one request; return its parsed JSON envelope.
@@ -562,13 +561,7 @@ class AlexaVerifier:
         try:
             return await self._verify(headers, body)
         except AlexaVerificationError as exc:
-            detail = f" ({exc.detail})" if exc.detail else ""
-            if exc.outage:
-                message = "Alexa request refused: %s: %s%s (component: Amazon's certificate source)"
-                self.outages.log(logger, message, exc.reason.value, exc.message, detail)
-            else:
-                message = "Alexa request refused: %s: %s%s"
-                self.refusals.log(logger, message, exc.reason.value, exc.message, detail)
+            self.log_refused(exc, "Amazon's certificate source" if exc.outage else None)
             raise
 
     async def _verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:

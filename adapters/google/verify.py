@@ -45,7 +45,7 @@ from google.auth import exceptions as google_exceptions
 
 from gateway.httputil import Download
 from gateway.protocol.errors import RequestVerificationError
-from gateway.ratelimit import RefusalLog
+from gateway.ratelimit import VerifierLogs
 
 __all__ = [
     "CERTS_RETRY_AFTER_S",
@@ -270,7 +270,7 @@ def _seconds(value: object) -> float | None:
     return seconds if math.isfinite(seconds) else None
 
 
-class GoogleVerifier:
+class GoogleVerifier(VerifierLogs):
     """Verifies the JWT Google attaches to conversation webhook calls.
 
     Args:
@@ -310,8 +310,7 @@ class GoogleVerifier:
         self._clock = clock
         self._leeway_s = leeway_s
         self._certs_timeout_s = certs_timeout_s
-        self.refusals = RefusalLog()
-        self.outages = RefusalLog(burst=1)
+        super().__init__(logger, "Google")  # refusals, outages
 
     async def verify(self, headers: Mapping[str, str]) -> dict[str, Any]:
         """Verify the request's token; return its claims.
@@ -336,13 +335,8 @@ class GoogleVerifier:
         try:
             return await self._verify(headers)
         except GoogleVerificationError as exc:
-            detail = f" ({exc.detail})" if exc.detail else ""
-            if exc.reason is GoogleReason.CERTS_UNAVAILABLE:
-                message = "Google request refused: %s: %s%s (component: Google's certificates)"
-                self.outages.log(logger, message, exc.reason.value, exc.message, detail)
-            else:
-                message = "Google request refused: %s: %s%s"
-                self.refusals.log(logger, message, exc.reason.value, exc.message, detail)
+            outage = exc.reason is GoogleReason.CERTS_UNAVAILABLE
+            self.log_refused(exc, "Google's certificates" if outage else None)
             raise
 
     async def _verify(self, headers: Mapping[str, str]) -> dict[str, Any]:
