@@ -37,7 +37,6 @@ from adapters.alexa.protocol import (
     FALLBACKS,
     AlexaConfig,
     AlexaEnvelope,
-    AlexaResponseEnvelope,
     Handling,
     Plan,
     answer_response,
@@ -118,13 +117,10 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
     async def other(self, planned: Planned) -> bytes:
         """Session ends, CanFulfillIntent, exceptions, audio player requests and any
         other type: no turn."""
-        return encode(await self._other(planned))
-
-    async def _other(self, planned: Planned) -> AlexaResponseEnvelope:
         envelope, decided = planned
         handling = decided.handling
         if handling is Handling.CAN_FULFILL:
-            return can_fulfill_response(envelope)
+            return encode(can_fulfill_response(envelope))
         if handling is Handling.EXCEPTION:
             error = envelope.request.error or "(no details)"
             log.warning("Alexa reports an error with a previous response: %s", error)
@@ -134,8 +130,8 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
         # a type Amazon adds later): a valid empty response that leaves the session as it
         # is, on Alexa's side (no shouldEndSession: Alexa decides by device) and ours
         elif handling is Handling.IGNORE and decided.session_id is not None:
-            return empty_response(session_id=decided.session_id)
-        return empty_response()  # (PLAYBACK's: no speech, no shouldEndSession, ever)
+            return encode(empty_response(session_id=decided.session_id))
+        return encode(empty_response())  # (PLAYBACK's: no speech, no shouldEndSession, ever)
 
     async def _end(self, envelope: AlexaEnvelope, decided: Plan) -> None:
         if envelope.request.type == "SessionEndedRequest":
