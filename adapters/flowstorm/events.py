@@ -21,7 +21,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AliasChoices, Field, TypeAdapter
 
 from gateway.events import Attributes, BinaryEvent, Event, FrozenDict, Input, LogEntry, Wire
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, check_language_tag
 
 MAX_SESSION_ID: Final = 256
 """Longest session id a client may name (characters): V1's proposed ``sessionId``, V2's
@@ -41,6 +41,17 @@ def check_session_id(session_id: str, what: str = "sessionId") -> str:
     if not session_id.isprintable() or " " in session_id:
         raise ProtocolError(f"{what} must not contain whitespace or control characters.")
     return session_id
+
+
+def check_input(input_: Input) -> Input:
+    """``input_`` when a client's turn may run on it (V1's Input and Request, V2's Input
+    event), else ProtocolError (400): its text is empty, or its ``locale`` (the session's,
+    handed to the core and echoed) is no language tag."""
+    if not input_.text.strip():
+        raise ProtocolError("input.transcript.text is empty: send the user's text or #intro.")
+    if input_.locale:
+        check_language_tag(input_.locale, what="input.locale")
+    return input_
 
 
 _DEVICE_ID: Final = AliasChoices("deviceId", "device_id", "sender")

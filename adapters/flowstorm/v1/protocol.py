@@ -185,6 +185,7 @@ from adapters.flowstorm.events import (
     Request,
     RequestEvent,
     V1ClientEvent,
+    check_input,
     check_session_id,
 )
 from gateway.events import (
@@ -887,11 +888,7 @@ class V1Connection:
         request = said if isinstance(said, Request) else None
         if request is not None and request.app_key and request.app_key != self.init.key:
             raise ProtocolError("request.appKey differs from the key of the connection's Init.")
-        input_ = said.input
-        if not input_.text.strip():
-            raise ProtocolError("input.transcript.text is empty: send the user's text or #intro.")
-        if input_.locale:  # the session's locale, handed to the core and echoed (as V2's)
-            check_language_tag(input_.locale, what="input.locale")
+        input_ = check_input(said.input)
         if input_.zone_id:  # the session's time zone, handed to the core (as Init's)
             check_time_zone(input_.zone_id, what="input.zoneId")
         session_id = self._proposed(said.session_id)

@@ -35,6 +35,7 @@ from adapters.flowstorm.events import (
     LogEvent,
     RecognizedInputEvent,
     V2ClientEvent,
+    check_input,
 )
 from adapters.flowstorm.v2.protocol import (
     AudioContainer,
@@ -51,7 +52,7 @@ from adapters.flowstorm.v2.protocol import (
     recognized_event,
 )
 from gateway.events import SILENCE, BinaryEvent, ErrorEvent, Input, LogEntry
-from gateway.protocol import ProtocolError, check_language_tag
+from gateway.protocol import ProtocolError
 from gateway.protocol.actions import CancelListening as CancelListening
 from gateway.protocol.actions import FeedAudio as FeedAudio
 from gateway.protocol.actions import FinishListening as FinishListening
@@ -243,14 +244,8 @@ class StreamedBody:
             cancel: list[Action] = [CancelListening(STREAM)] if self.listening else []
             return [*cancel, *self._done("text")]
         elif isinstance(event, InputEvent):
-            if not event.input.text.strip():  # as V1's Input and a text/plain body
-                raise ProtocolError(
-                    "input.transcript.text is empty: send the user's text or #intro."
-                )
-            if event.input.locale:  # the session's locale, handed to the core and echoed
-                check_language_tag(event.input.locale, what="input.locale")
+            self.typed = check_input(event.input)  # as V1's Input
             self._switched = self._switched or now
-            self.typed = event.input
             return self._done("text")
         return []
 
