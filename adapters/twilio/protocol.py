@@ -78,6 +78,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, field_validator
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse  # type: ignore[import-untyped]
 
 from gateway.callcodec import (
+    DTMF_DIGITS,
     CallEvent,
     Digit,
     InvalidStart,
@@ -104,9 +105,9 @@ from gateway.protocol import (
 from gateway.protocol.actions import Close as Close
 from gateway.protocol.actions import EndSession as EndSession
 from gateway.protocol.actions import StartTurn as StartTurn
+from gateway.protocol.call import CLOSE_POLICY, CLOSE_UNSUPPORTED, CallAction, CarrierCall
 from gateway.protocol.call import MACHINE as MACHINE
 from gateway.protocol.call import TRANSITIONS as TRANSITIONS
-from gateway.protocol.call import CallAction, CarrierCall
 from gateway.protocol.call import CallConfig as CallConfig
 from gateway.protocol.call import CallStateMachine as CallStateMachine
 from gateway.protocol.call import DtmfCollector as DtmfCollector
@@ -131,15 +132,10 @@ ENCODING: Final = "audio/x-mulaw"
 MULAW_8K: Final = AudioFormat("MULAW", 8000)
 """The format of the caller's audio: headerless G.711 μ-law, 8 kHz mono."""
 
-CLOSE_NORMAL: Final = 1000
-"""Close code when the call ends (the stream is closed to hang up)."""
-CLOSE_UNSUPPORTED: Final = 1003
-"""Close code for a media format other than μ-law 8 kHz mono."""
-CLOSE_POLICY: Final = 1008
-"""Close code for a stream that is not the call its token was issued for (or no start, or a
-start that cannot be read)."""
-
-DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
+# Close codes (the shared call engine's, gateway/protocol/call.py): CLOSE_NORMAL when the call
+# ends (the stream is closed to hang up), CLOSE_UNSUPPORTED for a media format other than
+# μ-law 8 kHz mono, CLOSE_POLICY for a stream that is not the call its token was issued for
+# (or no start, or a start that cannot be read). DTMF_DIGITS: the carriers' keys.
 MAX_MEDIA_BYTES: Final = 16_000
 """Largest inbound media payload accepted (2 s of audio; Twilio sends 160 bytes)."""
 _MAX_MEDIA_CHARS: Final = -(-MAX_MEDIA_BYTES // 3) * 4

@@ -98,7 +98,6 @@ from adapters.twilio.calls import twilio_auth
 from adapters.twilio.openapi import POST_STATUS, POST_TWILIO_AMD, POST_VOICE, STATUS_FIELDS
 from adapters.twilio.protocol import (
     CHANNEL,
-    CLOSE_NORMAL,
     NAMESPACE,
     CallConfig,
     Transfer,
@@ -136,6 +135,7 @@ from gateway.io.call import (
 )
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, clipped, media_type
+from gateway.protocol.call import CLOSE_NORMAL
 from gateway.ratelimit import refusal_log
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
 from gateway.sessions import StoreError
