@@ -206,7 +206,8 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
         settings=settings,
         verifier=SignatureVerifier(token),
         rest=twilio_auth(settings),
-        config=_call_config(settings),
+        # the shared call behaviour (gateway/io/call.py) under Twilio's app key
+        config=replace(call_config(settings, CHANNEL), default_app_key=settings.twilio_app_key),
         secret_keys=secret_keys or SecretKeys.random(),
     )
     _, shared = channel.token_secret()
@@ -228,11 +229,6 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
             settings.public_url,
         )
     return channel
-
-
-def _call_config(settings: Settings) -> CallConfig:
-    """Twilio's call behaviour: the shared one (gateway/io/call.py) under its app key."""
-    return replace(call_config(settings, CHANNEL), default_app_key=settings.twilio_app_key)
 
 
 @asynccontextmanager
@@ -368,8 +364,7 @@ async def status(request: Request) -> Response:
         event["StreamSid"] or "?",
         f": {event['StreamError']}" if event["StreamError"] else "",
     )
-    call_sid = event["CallSid"]
-    if (
+    if (  # (call_sid is event["CallSid"])
         event["StreamEvent"] in ("stream-stopped", "stream-error")
         and CALL_SID.fullmatch(call_sid)
         and call_sid not in channel_of(request).calls
