@@ -39,7 +39,7 @@ card, reprompt and then speech (at sentence/word boundaries) when needed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, Required, TypedDict, Unpack
@@ -50,7 +50,7 @@ from pydantic_core import to_json
 from gateway.events import FALLBACK, INTRO, Input, InputClass, Response, ResponseItem, Wire
 from gateway.protocol import ProtocolError, load_json, validate
 from gateway.ssml import display_text, speech_ssml
-from gateway.turn import VOICE_FALLBACKS, Fallback, IntentRule, TurnContext, TurnEnd
+from gateway.turn import IntentRule, TurnContext
 
 NAMESPACE = "alexa"
 """Session-key namespace of Alexa sessions (ids are Alexa's ``session.sessionId``)."""
@@ -353,9 +353,9 @@ class Plan:
     end_session: bool = False
 
 
-FALLBACKS: Mapping[TurnEnd, Fallback] = VOICE_FALLBACKS
-"""What Alexa hears when a turn gives no Response (TurnEnd -> prompt and whether the
-session ends, said by :func:`fallback_response`): the voice assistants' table."""
+# What Alexa hears when a turn gives no Response (TurnEnd -> prompt and whether the session
+# ends, said by fallback_response): the voice assistants' table, gateway.turn.VOICE_FALLBACKS
+# (the webhook driver's default, gateway/io/webhook.py).
 
 
 def turn_context(plan: Plan) -> TurnContext:
@@ -566,7 +566,7 @@ def can_fulfill_response(envelope: AlexaEnvelope) -> AlexaResponseEnvelope:
 
 def fallback_response(plan: Plan, text: str, end: bool) -> AlexaResponseEnvelope:
     """The answer saying the gateway's own ``text`` (still working, errors) in ``plan``'s
-    session (:data:`FALLBACKS`): a turn's answer to one plain item."""
+    session (:data:`gateway.turn.VOICE_FALLBACKS`): a turn's answer to one plain item."""
     response = Response(items=[ResponseItem(text=text)], session_ended=end)
     return turn_response(response, session_id=plan.session_id)
 

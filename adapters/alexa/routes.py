@@ -34,7 +34,6 @@ from starlette.requests import Request
 
 from adapters.alexa.openapi import POST_ALEXA
 from adapters.alexa.protocol import (
-    FALLBACKS,
     AlexaConfig,
     AlexaEnvelope,
     Handling,
@@ -85,7 +84,6 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
 
     platform = "Alexa"
     log = log
-    fallbacks = FALLBACKS
     body_too_large_status = 400
 
     def __init__(self, gw: Gateway, verifier: AlexaVerifier | None, refusal: str | None) -> None:

@@ -28,8 +28,8 @@ the action ``#<name>``. The intent and its parameters also go into the Input
 (a class ``{type: "Intent", name}`` and ``attributes["intent"]``).
 
 :func:`answer_json` (a turn's Response) and :func:`fallback_json` (the gateway's own
-words when a turn gives none, by the table :data:`FALLBACKS`) write the answer through
-:func:`render` (:class:`Answer`: items + end) in the request's format: v3
+words when a turn gives none, by the table :data:`gateway.turn.VOICE_FALLBACKS`) write the
+answer through :func:`render` (:class:`Answer`: items + end) in the request's format: v3
 ``prompt.firstSimple{speech, text}``, ``session.params`` with the gateway session id,
 ``scene.next.name = actions.scene.END_CONVERSATION`` at the end; v2
 ``expectUserResponse`` with ``expectedInputs`` or ``finalResponse`` and the gateway
@@ -69,7 +69,7 @@ from gateway.events import (
 from gateway.protocol import ProtocolError, validate
 from gateway.protocol import load_json as load_any_json
 from gateway.ssml import display_text, speech_ssml, truncate_text
-from gateway.turn import VOICE_FALLBACKS, Fallback, IntentRule, TurnContext, TurnEnd
+from gateway.turn import IntentRule, TurnContext
 
 GOOGLE_NAMESPACE = "google"
 """Session-key namespace of /google sessions (v3 session.id, v2 conversationId)."""
@@ -647,9 +647,9 @@ class Answer:
     end: bool = False
 
 
-FALLBACKS: Mapping[TurnEnd, Fallback] = VOICE_FALLBACKS
-"""What the user hears when a turn gives no Response (TurnEnd -> prompt and whether the
-conversation ends, said by :func:`fallback_json`): the voice assistants' table."""
+# What the user hears when a turn gives no Response (TurnEnd -> prompt and whether the
+# conversation ends, said by fallback_json): the voice assistants' table,
+# gateway.turn.VOICE_FALLBACKS (the webhook driver's default, gateway/io/webhook.py).
 
 
 def turn_context(plan: Plan, namespace: str) -> TurnContext:
@@ -673,7 +673,7 @@ def answer_json(plan: Plan, response: Response) -> tuple[dict[str, Any], bool]:
 
 
 def fallback_json(plan: Plan, text: str, end: bool) -> dict[str, Any]:
-    """The webhook JSON saying the gateway's own ``text`` (:data:`FALLBACKS`)."""
+    """The webhook JSON saying the gateway's own ``text`` (:data:`gateway.turn.VOICE_FALLBACKS`)."""
     return render(plan, Answer((ResponseItem(text=text),), end=end), plan.session_id)
 
 

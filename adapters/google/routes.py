@@ -57,7 +57,6 @@ from starlette.requests import Request
 from adapters.google.openapi import POST_DIALOGFLOW, POST_GOOGLE
 from adapters.google.protocol import (
     DIALOGFLOW_NAMESPACE,
-    FALLBACKS,
     GOOGLE_NAMESPACE,
     Plan,
     answer_json,
@@ -91,7 +90,6 @@ class _Webhook(WebhookChannel[Plan, dict[str, Any]]):
     """What /google and /dialogflow share: the answers (adapters.google.protocol)."""
 
     log = log
-    fallbacks = FALLBACKS
     namespace: str
 
     def turn(self, planned: Plan) -> tuple[TurnContext, Input] | None:

@@ -52,6 +52,7 @@ from fastapi.responses import Response as HTTPResponse
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
+from gateway import turn
 from gateway.breaker import outage_level
 from gateway.conversation import Conversation
 from gateway.deps import Gateway
@@ -115,7 +116,8 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     ``_PlanT`` is what the adapter's protocol makes of a request, ``_AnswerT`` its
     answer before encoding. Subclasses set ``platform`` (for log lines), ``log``
     (the adapter's logger), ``fallbacks`` (their protocol's pure TurnEnd -> Fallback
-    table, a row for every TurnEnd but ANSWERED) and ``body_too_large_status``.
+    table, a row for every TurnEnd but ANSWERED; by default the voice assistants',
+    :data:`gateway.turn.VOICE_FALLBACKS`) and ``body_too_large_status``.
     ``deadline_s`` is the platform's answer deadline in seconds; ``refusal``, when
     set, is why every request is refused with 503 (the channel is not configured).
     ``refusals`` bounds the WARNING lines of this endpoint's refusals (one per app and
@@ -124,7 +126,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
 
     platform: ClassVar[str]
     log: ClassVar[logging.Logger]
-    fallbacks: ClassVar[Mapping[TurnEnd, Fallback]]
+    fallbacks: ClassVar[Mapping[TurnEnd, Fallback]] = turn.VOICE_FALLBACKS
     body_too_large_status: ClassVar[int] = 413
 
     def __init__(self, gw: Gateway, deadline_s: float, refusal: str | None = None) -> None:
