@@ -40,6 +40,12 @@ async def down() -> AsyncIterator[RedisClient]:
     await redisconn.aclose(client)
 
 
+CLIENT_TIMEOUT_S = 30.0
+"""The test clients' read timeout (s): these tests check logs and answers, not latency;
+a realtime PUT starts a recognizer (about a second of CPU each, four at once), which
+went past httpx's default 5 s on a loaded machine."""
+
+
 @asynccontextmanager
 async def one_session(
     settings: Settings, caplog: pytest.LogCaptureFixture
@@ -47,7 +53,10 @@ async def one_session(
     """The app of ``settings`` served, with one V2 session started (its cookie in the
     client); ``caplog`` is cleared after that intro and records DEBUG and up."""
     app = create_app(settings)
-    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+    async with (
+        served_app(app, settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=CLIENT_TIMEOUT_S) as client,
+    ):
         intro = await client.put(f"/client?key={KEY}", headers=TEXT, content="hello")
         assert intro.status_code == 200, intro.text
         caplog.clear()
@@ -250,7 +259,7 @@ async def test_realtime_puts_whose_bus_is_cut_while_they_listen_are_one_warning(
         async with one_session(settings, caplog) as (app, client):
             app.state.gateway.bus = bus  # the bus through the proxy; the store direct
             for _ in range(3):
-                other = httpx.AsyncClient(base_url=client.base_url)
+                other = httpx.AsyncClient(base_url=client.base_url, timeout=CLIENT_TIMEOUT_S)
                 others.append(other)
                 intro = await other.put(f"/client?key={KEY}", headers=TEXT, content="hello")
                 assert intro.status_code == 200, intro.text
