@@ -6,7 +6,9 @@ back to, whether it was already used. They must not touch Redis themselves
 (shared/DESIGN.md), so this is the gateway's small facility for it:
 
 - :class:`NonceStore` — the protocol: ``use_once`` marks a key used for ``ttl_s``
-  seconds and answers True only to the first caller;
+  seconds and answers True only to the first caller; ``release`` forgets a key its
+  user did not use after all (a signed webhook answered with a retryable error, whose
+  redelivery must pass);
 - :class:`MemoryNonceStore` — the embedded default (one process);
 - :class:`RedisNonceStore` — production: one round trip (a script around ``SET key
   <use> NX PX ttl``), so exactly one caller among all instances wins. Keys are
@@ -46,6 +48,15 @@ class NonceStore(Protocol):
         """
         ...
 
+    async def release(self, key: str) -> None:
+        """Forget ``key`` (used by this caller's :meth:`use_once`): its next use is the
+        first again. For a use that did not happen after all (a signed webhook answered
+        with a retryable error: the carrier sends the same signature again). Only the
+        caller whose ``use_once`` won may release a key (while it lives, nobody else set
+        it). A key not kept is no error. Raises StoreUnavailable as ``use_once`` does.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Release connections (a store shared with others is left open)."""
         ...
@@ -71,7 +82,8 @@ class MemoryNonceStore:
     ) -> None:
         if max_keys <= 0:
             raise ValueError("max_keys must be > 0")
-        # key -> expiry (clock seconds); each kept key has exactly one heap entry
+        # key -> expiry (clock seconds); each kept key has a heap entry of that expiry
+        # (a released key's entry stays until it comes up, then is skipped)
         self._keys: dict[str, float] = {}
         self._expiries: list[tuple[float, str]] = []  # heap of (expiry, key)
         self._max = max_keys
@@ -96,13 +108,21 @@ class MemoryNonceStore:
         heapq.heappush(self._expiries, (now + ttl_s, key))
         return True
 
+    async def release(self, key: str) -> None:
+        """See :meth:`NonceStore.release` (never raises here). The key's heap entry
+        stays until its expiry comes up (skipped then: the key is not kept, or kept
+        again with another expiry), so released keys leave no scan behind."""
+        self._keys.pop(key, None)
+
     def _drop_expired(self, now: float) -> None:
         """Forget the keys whose expiry is <= ``now`` (O(log n) each); the kept ones
-        are all unexpired then."""
+        are all unexpired then. A heap entry whose key was released (and maybe used
+        again since, with another expiry) is dropped alone."""
         heap = self._expiries
         while heap and heap[0][0] <= now:
-            _, old = heapq.heappop(heap)
-            del self._keys[old]
+            expiry, old = heapq.heappop(heap)
+            if self._keys.get(old) == expiry:
+                del self._keys[old]
 
     def _full(self, now: float) -> StoreUnavailable:
         """The error of a key refused because every kept key is unexpired (class doc)."""
@@ -174,6 +194,18 @@ class RedisNonceStore:
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
         return bool(won)
+
+    async def release(self, key: str) -> None:
+        """See :meth:`NonceStore.release`: ``DEL {prefix}:nonce:{key}`` (one round trip,
+        through the client's circuit breaker). Raises StoreCircuitOpen at once while the
+        breaker is open, StoreUnavailable when Redis does not answer."""
+        name = f"{self.prefix}:nonce:{key}"
+        try:
+            await self._breaker.guard(lambda: self.redis.delete(name))
+        except CircuitOpen as exc:
+            raise StoreCircuitOpen(str(exc)) from exc
+        except REDIS_ERRORS as exc:
+            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
 
     async def aclose(self) -> None:
         return None

@@ -16,7 +16,8 @@ ends the call's session (app key from its ``client_state``). ``call.answered``,
 POST /v1/calls placed it (a record exists); those of another call (an inbound call, a
 transfer's leg) make no record.
 200 ``{}``; 503 problem with ``Retry-After`` when a machine result could not be handed on
-(the bus, the gateway's Redis, is down: Telnyx delivers it again).
+(the bus, the gateway's Redis, is down: Telnyx delivers it again, and the signature it
+used is released for that redelivery: :func:`gateway.io.call.answered_once`).
 
 ``/telnyx/stream`` — the call's media stream (Telnyx Media Streaming, bidirectional RTP)
 on the shared call engine (:class:`gateway.io.call.CallRunner` with
@@ -94,6 +95,7 @@ from gateway.io.call import (
     CallTokens,
     admit,
     announce_machine,
+    answered_once,
     call_config,
     call_served,
     machine_answer_undelivered,
@@ -181,9 +183,16 @@ class TelnyxDialer:
 @router.post("/telnyx/outbound", **POST_TELNYX_OUTBOUND)
 async def telnyx_outbound(request: Request) -> Response:
     """Call Control webhooks of calls placed here (see the module doc)."""
-    body = await _signed_body(gateway_of(request), request)
-    if isinstance(body, Response):
-        return body
+    gw = gateway_of(request)
+    signed = await _signed_body(gw, request)
+    if isinstance(signed, Response):
+        return signed
+    body, key = signed
+    return await answered_once(gw, key, _outbound(gw, body))
+
+
+async def _outbound(gw: Gateway, body: bytes) -> Response:
+    """The answer to the Call Control webhook ``body`` that passed its checks."""
     try:
         event = load_json(body, what="The body")  # bounded, as every JSON a client sends
     except ProtocolError as exc:
@@ -193,12 +202,12 @@ async def telnyx_outbound(request: Request) -> Response:
         call_id, machine = found
         answered_by = str(machine.attributes["answeredBy"])
         log.info("Telnyx call %s answered by %s", call_id, answered_by)
-        if not await announce_machine(gateway_of(request), CHANNEL, call_id, answered_by):
-            return machine_answer_undelivered()
+        if not await announce_machine(gw, CHANNEL, call_id, answered_by):
+            return machine_answer_undelivered()  # its replay key released: answered_once
     outcome = telnyx.outcome_of(event)
     if outcome is not None:
         await record_outcome(
-            gateway_of(request),
+            gw,
             CHANNEL,
             outcome.call_id,
             status=outcome.status,
@@ -207,7 +216,7 @@ async def telnyx_outbound(request: Request) -> Response:
         )
     ended = telnyx.hangup_of(event)
     if ended is not None:
-        await _hung_up(gateway_of(request), *ended)
+        await _hung_up(gw, *ended)
     return JSONResponse({})
 
 
@@ -233,12 +242,14 @@ async def _hung_up(
 # ------------------------------------------------------------------ inbound TeXML
 
 
-async def _signed_body(gw: Gateway, request: Request) -> bytes | Response:
-    """A Telnyx webhook's body (at most GATEWAY_MAX_BODY_BYTES) when its Ed25519
-    signature is good and was not used before; else the problem to answer (400, 401 or
-    403; 403 too for a replay: the signature is remembered, on every instance, for as
-    long as its timestamp could pass; 503 with ``Retry-After`` while the one-time key
-    store does not answer)."""
+async def _signed_body(gw: Gateway, request: Request) -> tuple[bytes, str] | Response:
+    """A Telnyx webhook's body (at most GATEWAY_MAX_BODY_BYTES) and the replay key its
+    signature used, when the Ed25519 signature is good and was not used before; else the
+    problem to answer (400, 401 or 403; 403 too for a replay: the signature is
+    remembered, on every instance, for as long as its timestamp could pass; 503 with
+    ``Retry-After`` while the one-time key store does not answer). The route answers
+    through :func:`gateway.io.call.answered_once` with the key, so that a webhook it
+    answers with a 5xx (Telnyx delivers it again) does not stay used."""
     settings = gw.settings
     try:
         body = await read_body(request, settings.max_body_bytes)
@@ -250,25 +261,29 @@ async def _signed_body(gw: Gateway, request: Request) -> bytes | Response:
         return problem(403, "Forbidden", "Telnyx webhooks are not accepted (no public key).")
     verifier = TelnyxVerifier(settings.telnyx_public_key)
     try:
-        key = verifier.check_headers(body, request.headers, time.time())
-        await use_signature_once(
-            gw, f"telnyx:signature:{key}", verifier.replay_window_s, replayed()
-        )
+        key = "telnyx:signature:" + verifier.check_headers(body, request.headers, time.time())
+        await use_signature_once(gw, key, verifier.replay_window_s, replayed())
     except VerificationRefused as exc:
         refusals.log(log, "Telnyx webhook refused (%d): %s", exc.status, exc.reason)
         return refusal(exc)  # WWW-Authenticate on a 401
     except StoreUnavailable as exc:
         return nonce_store_unavailable(log, "Telnyx webhook", exc)
-    return body
+    return body, key
 
 
 @router.post("/telnyx/texml", response_model=None, **POST_TELNYX_TEXML)
 async def telnyx_texml(request: Request) -> Response:
     """An inbound call's TeXML answer (module doc); ``?appKey=`` names the application."""
+    gw = gateway_of(request)
+    signed = await _signed_body(gw, request)
+    if isinstance(signed, Response):
+        return signed
+    return await answered_once(gw, signed[1], _texml(request))
+
+
+async def _texml(request: Request) -> Response:
+    """The TeXML answer to a webhook that passed its checks (module doc)."""
     settings = gateway_of(request).settings
-    body = await _signed_body(gateway_of(request), request)
-    if isinstance(body, Response):
-        return body
     tokens = stream_tokens(settings)
     if tokens is None:
         return problem(503, "Service Unavailable", "Set GATEWAY_TELNYX_API_KEY.")
@@ -284,9 +299,16 @@ async def telnyx_texml(request: Request) -> Response:
 async def telnyx_status(request: Request) -> Response:
     """A TeXML call's status callback (module doc)."""
     gw = gateway_of(request)
-    body = await _signed_body(gw, request)
-    if isinstance(body, Response):
-        return body
+    signed = await _signed_body(gw, request)
+    if isinstance(signed, Response):
+        return signed
+    body, key = signed
+    return await answered_once(gw, key, _status(request, body))
+
+
+async def _status(request: Request, body: bytes) -> Response:
+    """The answer to the status callback ``body`` that passed its checks (module doc)."""
+    gw = gateway_of(request)
     try:
         form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
     except UnicodeDecodeError:

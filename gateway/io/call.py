@@ -18,6 +18,9 @@ HMAC-SHA256 over ``call id`` and expiry, used once (the gateway's NonceStore, sh
 through Redis). :func:`use_signature_once` uses a signed webhook's signature (its replay
 key) once the same way, so a captured webhook replayed within its signature's time window
 is refused; :func:`nonce_store_unavailable` is the 503 while the store does not answer.
+:func:`answered_once` releases that key again when the webhook's answer asks the carrier
+to deliver it again (a 5xx: a machine result the bus could not hand on), so the
+redelivery (the same signature) is not refused as a replay.
 
 Call control that arrives by webhook (an answering-machine result: Twilio's
 ``/twilio/amd``, Telnyx's ``call.machine.detection.ended``) may reach another instance
@@ -45,7 +48,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
 from gateway import metrics
@@ -255,6 +258,40 @@ async def use_signature_once(
     signature passed, so that forged requests use no keys."""
     if not await gw.nonces.use_once(key, ttl_s):
         raise replayed
+
+
+async def answered_once(gw: Gateway, key: str, answer: Awaitable[Response]) -> Response:
+    """The answer to a signed webhook whose replay ``key`` :func:`use_signature_once`
+    used: ``answer`` (the route's handling of it) awaited. When that answer is a 5xx (a
+    503 with ``Retry-After``: the carrier delivers the same signed webhook again) or
+    raised (the server answers 500, which carriers retry too), the key is released
+    (NonceStore.release), so the redelivery passes the replay check instead of being
+    refused as a replay (403) and lost; a handled webhook (< 500) keeps its key used.
+    A release the store does not answer is logged (WARNING, DEBUG in an outage
+    already logged) and changes nothing else: the answer stands, the redelivery is
+    refused as it was. What ``answer`` raised is raised again."""
+    try:
+        response = await answer
+    except BaseException:
+        await _release(gw, key)
+        raise
+    if response.status_code >= 500:
+        await _release(gw, key)
+    return response
+
+
+async def _release(gw: Gateway, key: str) -> None:
+    """Release replay ``key`` (:func:`answered_once`); a store failure is logged."""
+    try:
+        await gw.nonces.release(key)
+    except StoreUnavailable as exc:
+        log.log(
+            outage_level(exc),
+            "replay key %s not released (component: nonce-store), the webhook's "
+            "redelivery will be refused as a replay: %s",
+            key,
+            exc,
+        )
 
 
 def nonce_store_unavailable(log: logging.Logger, what: str, exc: StoreUnavailable) -> JSONResponse:

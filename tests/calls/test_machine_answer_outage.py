@@ -16,8 +16,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from gateway import redisconn
 from gateway.app import create_app
-from gateway.nonces import MemoryNonceStore
+from gateway.bus import RedisBus
+from gateway.io.call import control_topic
+from gateway.nonces import MemoryNonceStore, RedisNonceStore
+from gateway.sessions import redis_client
 from gateway.settings import Settings
 from tests.adapters.telnyx.harness import PUBLIC_KEY, signed
 from tests.adapters.twilio.harness import sign
@@ -129,3 +133,51 @@ async def test_twilio_webhooks_through_an_outage_are_one_warning_not_one_each(
     # known (gateway/io/call.py call_served), so its session is kept, logged at DEBUG
     not_ended = [r for r in caplog.records if "not known who serves it" in r.getMessage()]
     assert [r.levelno for r in not_ended] == [logging.DEBUG] * 4
+
+
+async def test_a_telnyx_machine_webhook_answered_503_passes_when_telnyx_delivers_it_again(
+    caplog: pytest.LogCaptureFixture, redis_url: str, redis_prefix: str
+) -> None:
+    """The one-time key store (real Redis) took the webhook's signature, then the bus did
+    not answer: 503, and Telnyx delivers the same signed webhook again within its 300 s.
+    That redelivery was refused 403 "replayed" (the signature stayed used) and the result
+    was lost; now a 503 releases the signature, so the redelivery is handed on (200, the
+    result on the call's topic), and a delivery after that one is refused as a replay."""
+    settings = Settings().model_copy(
+        update={
+            "redis_url": redis_url,
+            "redis_prefix": redis_prefix,
+            "public_url": PUBLIC,
+            "telnyx_public_key": PUBLIC_KEY,
+        }
+    )
+    app = create_app(settings)
+    call_id = "v3:" + uuid.uuid4().hex
+    event = {
+        "data": {
+            "event_type": "call.machine.detection.ended",
+            "payload": {"call_control_id": call_id, "result": "machine"},
+        }
+    }
+    raw = json.dumps(event).encode()
+    headers = signed(raw)
+    down = redis_client(f"redis://127.0.0.1:{refused_port()}/0")
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        gw = app.state.gateway
+        assert isinstance(gw.nonces, RedisNonceStore)  # the replay check is Redis's
+        bus = gw.bus
+        gw.bus = RedisBus(down, prefix=redis_prefix)  # the bus is down (the store is not)
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            answer = await client.post("/telnyx/outbound", content=raw, headers=headers)
+        _undelivered(answer, caplog)
+        gw.bus = bus  # back: Telnyx delivers the same webhook again
+        again = await client.post("/telnyx/outbound", content=raw, headers=headers)
+        assert again.status_code == 200, again.text  # before: 403 replayed
+        assert await bus.retained(control_topic("telnyx", call_id)) == {
+            "type": "machine",
+            "answeredBy": "machine",
+        }
+        replayed = await client.post("/telnyx/outbound", content=raw, headers=headers)
+        assert replayed.status_code == 403, replayed.text  # handled: used for good
+        assert "replayed" in replayed.json()["detail"]
+    await redisconn.aclose(down)

@@ -70,6 +70,37 @@ async def test_a_key_is_forgotten_after_its_ttl(stores: tuple[NonceStore, NonceS
     assert await other.use_once(key, 0.2)
 
 
+async def test_a_released_key_can_be_used_again_once(
+    stores: tuple[NonceStore, NonceStore],
+) -> None:
+    """A key its user released (a signed webhook answered 503, which the carrier delivers
+    again) is taken once more, by any instance, and then is used as before; releasing a
+    key not kept is no error."""
+    one, other = stores
+    key = secrets.token_hex(8)
+    assert await one.use_once(key, 30) is True
+    await one.release(key)
+    assert await other.use_once(key, 30) is True
+    assert await one.use_once(key, 30) is False
+    assert await other.use_once(key, 30) is False
+    await other.release(secrets.token_hex(8))
+
+
+async def test_a_released_memory_key_used_again_outlives_its_first_expiry() -> None:
+    """The memory store's expiry heap keeps a released key's first entry: when that
+    expiry comes up, the key used again since (a later expiry) stays used."""
+    now = [0.0]
+    store = MemoryNonceStore(max_keys=10, clock=lambda: now[0])
+    assert await store.use_once("k", 10)
+    await store.release("k")
+    assert await store.use_once("k", 100)
+    now[0] = 20.0
+    assert await store.use_once("other", 100)  # sweeps the expired entries
+    assert await store.use_once("k", 100) is False
+    now[0] = 120.0
+    assert await store.use_once("k", 100) is True
+
+
 async def test_ttl_must_be_positive(stores: tuple[NonceStore, NonceStore]) -> None:
     with pytest.raises(ValueError, match="ttl_s"):
         await stores[0].use_once("k", 0)
