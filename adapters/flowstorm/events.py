@@ -8,7 +8,7 @@ and are shared by :mod:`adapters.flowstorm.v1` and :mod:`adapters.flowstorm.v2`.
 ``type`` values are normalised to the short name on input (``InputEvent`` ->
 ``Input``), as in :class:`gateway.events.Event`. What a session id may be
 (:func:`check_session_id`: V1's proposed ``sessionId``, V2's ``flowstorm-session-id``
-cookie) is shared too.
+cookie) is shared too, and so is what a client's input must hold (:func:`check_input`).
 
 Spec: shared/specs/flowstorm-channel-events.md (the event table),
 flowstorm-socket-v1.md and -v2.md (payload shapes), PROTOCOL-NOTES.md (field lists).
@@ -21,7 +21,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AliasChoices, Field, TypeAdapter
 
 from gateway.events import Attributes, BinaryEvent, Event, FrozenDict, Input, LogEntry, Wire
-from gateway.protocol import ProtocolError, check_language_tag
+from gateway.protocol import ProtocolError, check_language_tag, check_time_zone
 
 MAX_SESSION_ID: Final = 256
 """Longest session id a client may name (characters): V1's proposed ``sessionId``, V2's
@@ -44,13 +44,20 @@ def check_session_id(session_id: str, what: str = "sessionId") -> str:
 
 
 def check_input(input_: Input) -> Input:
-    """``input_`` when a client's turn may run on it (V1's Input and Request, V2's Input
-    event), else ProtocolError (400): its text is empty, or its ``locale`` (the session's,
-    handed to the core and echoed) is no language tag."""
+    """``input_``; raise ProtocolError (400, the protocol's error form: V1's Error event of source
+    ``client``, V2's Error answer) unless ``input_`` (an Input/Request's ``input``, V1 or
+    V2) may start a turn: ``transcript.text`` not blank (the user's text or ``#intro``);
+    ``locale``, when set, a language tag (:func:`gateway.protocol.check_language_tag`:
+    the session's locale, handed to the core and echoed); ``zoneId``, when set, a key of
+    the IANA time zone database (:func:`gateway.protocol.check_time_zone`, as V1's Init
+    ``config.zoneId`` and V2's ``timeZone``: the session's time zone, handed to the core
+    on this turn and every later one)."""
     if not input_.text.strip():
         raise ProtocolError("input.transcript.text is empty: send the user's text or #intro.")
     if input_.locale:
         check_language_tag(input_.locale, what="input.locale")
+    if input_.zone_id:
+        check_time_zone(input_.zone_id, what="input.zoneId")
     return input_
 
 

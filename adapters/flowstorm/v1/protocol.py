@@ -888,9 +888,7 @@ class V1Connection:
         request = said if isinstance(said, Request) else None
         if request is not None and request.app_key and request.app_key != self.init.key:
             raise ProtocolError("request.appKey differs from the key of the connection's Init.")
-        input_ = check_input(said.input)
-        if input_.zone_id:  # the session's time zone, handed to the core (as Init's)
-            check_time_zone(input_.zone_id, what="input.zoneId")
+        input_ = check_input(said.input)  # text, locale, zoneId: as V2's
         session_id = self._proposed(said.session_id)
         self.machine.feed(event.type)
         utterance, self._utterance = self._utterance, None  # the user typed instead of speaking

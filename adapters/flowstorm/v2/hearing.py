@@ -244,7 +244,7 @@ class StreamedBody:
             cancel: list[Action] = [CancelListening(STREAM)] if self.listening else []
             return [*cancel, *self._done("text")]
         elif isinstance(event, InputEvent):
-            self.typed = check_input(event.input)  # as V1's Input
+            self.typed = check_input(event.input)  # text, locale, zoneId: as V1's Input
             self._switched = self._switched or now
             return self._done("text")
         return []

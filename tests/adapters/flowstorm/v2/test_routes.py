@@ -782,6 +782,42 @@ async def test_an_input_locale_that_is_no_language_tag_is_refused() -> None:
         assert core.state.requests[-1]["locale"] == "fr"
 
 
+async def test_an_input_zone_that_is_no_time_zone_is_refused() -> None:
+    """An Input event's ``input.zoneId`` was taken as sent (``Mars/Base``, a path, a
+    directory of the zone database, 300 characters) and became the session's time zone,
+    handed to the core on that turn and every later one, while V1 and V2's own
+    ``timeZone`` refuse it; now it must be a key of the IANA time zone database, else a
+    400 Error of source ``client``: no session made, nothing sent to the core."""
+    core = make_core()
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/json") as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+
+        def zoned_input(zone: str) -> str:
+            body = {"type": "Input", "input": {"zoneId": zone, "transcript": {"text": "hi"}}}
+            return json.dumps(body)
+
+        answer = await client.put(
+            f"/client?key={KEY}&tts=None", headers=JSON, content=zoned_input("America/New_York")
+        )
+        assert answer.status_code == 200, answer.text
+        assert core.state.requests[-1]["timeZone"] == "America/New_York"
+        client.cookies.clear()
+        asked = len(core.state.requests)
+        for zone in ("Mars/Base", "../../etc/passwd", "America", "x" * 300):
+            answer = await client.put(
+                f"/client?key={KEY}&tts=None", headers=JSON, content=zoned_input(zone)
+            )
+            assert answer.status_code == 400, zone[:20]  # before: 200, the zone taken
+            [error] = events(answer)
+            assert error["source"] == "client"
+            assert error["text"] == f"input.zoneId: unknown IANA time zone {zone[:64]!r}."
+            assert "flowstorm-session-id" not in answer.cookies
+        assert len(core.state.requests) == asked
+
+
 async def test_tts_none_turns_the_links_off(base: str) -> None:
     async with httpx.AsyncClient(base_url=base) as client:
         quiet = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
