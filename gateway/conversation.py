@@ -637,10 +637,7 @@ class Conversation:
                     )
                 session = self._new_session(ctx)
             elif session.app_key != ctx.app_key:
-                shown = clipped(ctx.session_id, quote=False)  # a client's id: bounded
-                raise TurnRejected(
-                    "session-foreign", f"Session {shown} belongs to another application."
-                )
+                raise TurnRejected.foreign(ctx.session_id)
             self._update(session, ctx, input)
             if started:
                 out.session_started = True

@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from gateway.events import ErrorEvent, LogEntry, Response
+from gateway.protocol.values import clipped
 from gateway.speech.types import TtsRequest
 
 __all__ = [
@@ -58,6 +59,13 @@ class TurnRejected(Exception):
     def source(self) -> str:
         """The ErrorEvent source for this rejection."""
         return "gateway" if self.reason == "store-unavailable" else "session"
+
+    @classmethod
+    def foreign(cls, session_id: str) -> TurnRejected:
+        """The refusal (``session-foreign``) of a turn in ``session_id``, a session of
+        another application key; its text names the id clipped (a client's value)."""
+        shown = clipped(session_id, quote=False)
+        return cls("session-foreign", f"Session {shown} belongs to another application.")
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,9 @@ Decisions where the spec is silent:
   ``sessionId`` of ``InputAudioStreamOpen`` (sent by clients that reconnect,
   PROTOCOL-NOTES.md) is proposed the same way: the utterance's turn runs in
   that session and the connection adopts it when the engine accepts the turn.
+  One that is not the connection's session is looked up first (:class:`CheckSession`):
+  another application's is refused at the open, as its turn would be (an Error of
+  source ``session``), before a recognizer hears the utterance.
   The turn that gives a connection without a session its session is announced
   with ``SessionStarted`` even when the session existed (a reconnect, another
   device), as Flowstorm's server did on the first Request of a connection; that
@@ -303,8 +306,22 @@ class Missed:
     event: Mapping[str, Any]
 
 
+@dataclass(frozen=True)
+class CheckSession:
+    """Before the ``InputAudioStreamOpen`` ``event`` is taken: find out whether the session
+    it proposes (``sessionId``, the session of ``ctx``), which is not the connection's
+    own, is another application key's (a store read: the I/O's, ``Conversation.find``),
+    and hand the answer to :meth:`V1Connection.session_checked`. Only an open proposing
+    another session than the connection's asks this (a reconnecting client): the normal
+    path reads nothing. The I/O layer reads no frame meanwhile, so the connection is as
+    the open left it (idle, or its Duplex stream open)."""
+
+    ctx: TurnContext
+    event: InputAudioStreamOpenEvent
+
+
 _Listen = StartListening | FeedAudio | FinishListening | CancelListening
-Action = Send | SendBytes | Close | StartTurn | StoreLogs | _Listen | Follow
+Action = Send | SendBytes | Close | StartTurn | StoreLogs | _Listen | Follow | CheckSession
 
 
 # ------------------------------------------------------------ state machine
@@ -797,7 +814,9 @@ class V1Connection:
         while an utterance is recognised; of an open Duplex stream with ``hear_on``:
         the stream's stage goes on hearing it); ``Log`` -> ``[StoreLogs]`` or ``[]``
         (buffered); ``InputAudioStreamOpen`` -> ``[StartListening,
-        Send(InputAudioStreamOpen)]``; ``InputAudioStreamClose`` ->
+        Send(InputAudioStreamOpen)]`` (``[CheckSession]`` first when it proposes a
+        ``sessionId`` other than the connection's: :meth:`session_checked`);
+        ``InputAudioStreamClose`` ->
         ``[FinishListening]`` or ``[]``; ``InputAudioStreamCancel`` ->
         ``[CancelListening]`` or ``[]``; any malformed, unknown, invalid or
         out-of-order frame -> ``[Send(Error)]`` of source ``client``; a frame
@@ -953,25 +972,57 @@ class V1Connection:
 
     # ------------------------------------------------------------ audio input
 
-    def _on_audio_open(self, event: InputAudioStreamOpenEvent) -> list[Action]:
+    def _on_audio_open(
+        self, event: InputAudioStreamOpenEvent, *, checked: bool = False
+    ) -> list[Action]:
+        """The open (``checked``: its proposed session was found to be no other
+        application's, :meth:`session_checked`); a ``sessionId`` that is not the
+        connection's session (nor its Duplex stream's) is checked first: ``[CheckSession]``,
+        nothing changes yet."""
         ack = Send(InputAudioStreamOpenEvent().wire_json())
         duplex = self._duplex
         if duplex is not None:  # open already: the client lost track of it (module doc)
             self.machine.check(OPEN_DUPLEX)
             if event.session_id:
-                duplex.session_id = check_session_id(event.session_id)  # invalid: Error
+                proposed = check_session_id(event.session_id)  # invalid: Error
+                if not checked and proposed not in (duplex.session_id, self.session_id):
+                    return [CheckSession(self._context(proposed), event)]
+                duplex.session_id = proposed
             self.machine.feed(OPEN_DUPLEX)
             return [ack]
         self.machine.check(OPEN)  # a turn runs, or a stream is open: nothing changes
         assert self.init is not None
         listen = listen_config(self.init.config, self._silence_timeout_ms)  # unsupported: Error
         session_id = self._proposed(event.session_id)  # invalid: Error
+        if not checked and event.session_id and session_id != self.session_id:
+            return [CheckSession(self._context(session_id), event)]
         if listen.duplex:
             self.machine.feed(OPEN_DUPLEX)
             self._duplex = _Duplex(listen, session_id)
             return [*self._listen_next(), ack]
         self.machine.feed(OPEN)
         return [self._listen(listen, session_id), ack]
+
+    def session_checked(self, check: CheckSession, found: str | None) -> list[Action]:
+        """What the store said of the session a :class:`CheckSession` asked about:
+        ``found`` is ``found``, ``not-found`` (the utterance's turn creates it) or
+        ``foreign`` (another application key's), None when the store did not answer (not
+        known: the open goes on, and its turn meets the store's answer then).
+
+        Another application's session refuses the open before any recognition: ``[Send(Error)]``
+        of source ``session`` with the text of the turn's refusal (TurnRejected.foreign),
+        the connection as it was (no stream open: its audio is ignored; a Duplex stream
+        keeps its session). Else the open is taken (as :meth:`receive_text` takes it, an
+        invalid one an Error of source ``client``). After a close, ``[]``. Never raises."""
+        if self.state is State.CLOSED:
+            return []
+        if found == "foreign":
+            refused = TurnRejected.foreign(check.ctx.session_id)
+            return [error_frame(refused.text, refused.source)]
+        try:
+            return self._on_audio_open(check.event, checked=True)
+        except ProtocolError as exc:
+            return [error_frame(exc.text)]
 
     def _listen(
         self, listen: ListenConfig, session_id: str, *, duplex: bool = False

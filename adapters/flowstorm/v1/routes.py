@@ -49,6 +49,7 @@ from pydantic import ValidationError
 from adapters.flowstorm.v1.protocol import (
     LOG_BUFFER,
     Action,
+    CheckSession,
     Follow,
     Missed,
     StoreLogs,
@@ -294,6 +295,26 @@ class _Socket(WebSocketDriver[Action]):
                 self._log_writer = self.spawn(self._write_logs(), "logs", background=True)
         elif isinstance(action, Follow) and self.following is not None:
             await self._resume(action, self.following)
+        elif isinstance(action, CheckSession):
+            await self._check_session(action)
+
+    async def _check_session(self, action: CheckSession) -> None:
+        """Whether the session an InputAudioStreamOpen proposes is another application's
+        (Conversation.find, one store read), handed to V1Connection.session_checked and
+        its actions carried out (the open, or its refusal). The receive loop awaits this,
+        so no frame is read meanwhile. A store failure is not known (None): the open goes
+        on and its turn meets the store's answer."""
+        try:
+            found: str | None = await self.gw.conversation.find(action.ctx)
+        except StoreUnavailable:
+            found = None
+        if found == "foreign":
+            log.info(
+                "%s: audio stream of session %s refused: session-foreign",
+                self.name,
+                session_ref(action.ctx.key),
+            )
+        await self.run(self.conn.session_checked(action, found))
 
     async def _resume(self, action: Follow, following: Following) -> None:
         """Follow the outbox of the session an Init resumes, when it exists and is the

@@ -428,6 +428,74 @@ async def test_a_session_id_proposed_with_the_stream_is_checked(server: str) -> 
         assert await recv_nothing(ws)
 
 
+async def test_a_stream_proposing_another_applications_session_is_refused_at_the_open(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    """An InputAudioStreamOpen whose ``sessionId`` is another application key's session was
+    acknowledged, its utterance recognised (a recognizer busy for all of it) and only its
+    turn refused. Now the open itself is refused, in the form of that turn refusal (an
+    Error of source ``session``), before any recognition: no acknowledgement, its audio
+    ignored (no Recognized). The socket serves on: a stream without a sessionId is heard
+    in a session of its own; the owner's session is untouched."""
+    owned = "owned-by-key-a-audio"
+    async with connect(ws_url(server)) as owner:
+        await init(owner, init_frame("key-a"))
+        await turn(owner, request_frame("#intro", owned))
+    async with connect(ws_url(server)) as other:
+        await init(other, init_frame("key-b"))
+        await send_json(other, {"type": "InputAudioStreamOpen", "sessionId": owned})
+        error = await recv_json(other)  # before: {"type": "InputAudioStreamOpen"}, the ack
+        assert error == {
+            "type": "Error",
+            "source": "session",
+            "text": f"Session {owned} belongs to another application.",
+        }
+        await send_audio(other, pcm_at(corpus[MUSIC], 16000), 16000)
+        await send_json(other, {"type": "InputAudioStreamClose"})
+        assert await recv_nothing(other, 1.5)  # nothing was heard
+        await open_stream(other)
+        async with speaking(other, pcm_at(corpus[MUSIC], 16000), 16000):
+            frames = await frames_until_response(other)
+        assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
+        assert json_frames(frames)[1]["sessionId"] != owned
+    async with connect(ws_url(server)) as owner:  # the owner goes on in its session
+        await init(owner, init_frame("key-a"))
+        await open_stream(owner, owned)  # its own: taken
+        async with speaking(owner, pcm_at(corpus[PLACE], 16000), 16000):
+            frames = await frames_until_response(owner)
+        assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
+        assert json_frames(frames)[1] == {
+            "type": "SessionStarted",
+            "sessionId": owned,
+            "resumed": True,
+        }
+
+
+async def test_a_duplex_stream_keeps_its_session_when_reopened_for_another_applications(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    """InputAudioStreamOpen again on an open Duplex stream, proposing another application
+    key's session: refused (Error of source ``session``) before its utterances are heard;
+    the stream goes on in its own session (before: its next utterance was recognised and
+    its turn refused)."""
+    owned = "owned-by-key-a-duplex"
+    async with connect(ws_url(server)) as owner:
+        await init(owner, init_frame("key-a"))
+        await turn(owner, request_frame("#intro", owned))
+    async with connect(ws_url(server)) as ws:
+        await init(ws, init_frame("key-b", sttMode="Duplex", silenceTimeout=1000))
+        await open_stream(ws, "duplex-own-session")
+        await send_json(ws, {"type": "InputAudioStreamOpen", "sessionId": owned})
+        error = await recv_json(ws)  # before: the ack
+        assert (error["type"], error["source"]) == ("Error", "session")
+        assert "another application" in error["text"]
+        async with speaking(ws, pcm_at(corpus[PLACE], 16000), 16000, close=False):
+            frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
+        assert json_frames(frames)[1]["sessionId"] == "duplex-own-session"
+        await send_json(ws, {"type": "InputAudioStreamClose"})
+
+
 async def recv_nothing(ws: Any, wait_s: float = 0.2) -> bool:
     """True when no frame arrives within ``wait_s`` seconds."""
     try:

@@ -17,6 +17,7 @@ from adapters.flowstorm.v1.protocol import (
     TRANSITIONS,
     Action,
     CancelListening,
+    CheckSession,
     Close,
     ConnectionStateMachine,
     FeedAudio,
@@ -357,6 +358,35 @@ def test_the_engine_rejecting_a_turn_answers_an_error_and_keeps_the_session() ->
     one_error(conn.turn_rejected(busy), "unavailable", source="gateway")
 
 
+def test_a_stream_proposing_another_session_is_checked_before_it_is_heard() -> None:
+    """An InputAudioStreamOpen proposing a session other than the connection's asks the
+    I/O for its owner first ([CheckSession], nothing changed: no stream open); another
+    application's is refused as its turn would be, before any StartListening; one that is
+    no other's (or not known: the store did not answer) opens. The connection's own
+    session, or none proposed, opens at once (no store read on the normal path)."""
+    conn = ready(connection())
+    start(conn, request_frame("#intro", "mine"))
+    finish_turn(conn, Response(), new="mine")
+    [check] = send(conn, {"type": "InputAudioStreamOpen", "sessionId": "foreign"})
+    assert isinstance(check, CheckSession)
+    assert check.ctx.session_id == "foreign"
+    assert conn.state is State.IDLE
+    refused = conn.session_checked(check, "foreign")
+    text = one_error(refused, "another application", source="session")
+    assert text == TurnRejected.foreign("foreign").text
+    assert conn.state is State.IDLE
+    assert conn.receive_bytes(b"\0\0" * 160) == []  # its audio is ignored
+    for found in ("found", "not-found", None):
+        opened = conn.session_checked(check, found)
+        assert isinstance(opened[0], StartListening)
+        assert frames(opened[1:]) == [{"type": "InputAudioStreamOpen"}]
+        send(conn, {"type": "InputAudioStreamCancel"})
+    for own in ({"sessionId": "mine"}, {}):
+        opened = send(conn, {"type": "InputAudioStreamOpen", **own})
+        assert isinstance(opened[0], StartListening)
+        send(conn, {"type": "InputAudioStreamCancel"})
+
+
 def test_an_engine_error_ends_the_turn() -> None:
     conn = ready(connection())
     start(conn, request_frame("hi", "s"))
@@ -612,9 +642,18 @@ def state(conn: V1Connection) -> State:
     return conn.state
 
 
+def send_open(conn: V1Connection, **frame: Any) -> list[Action]:
+    """Feed InputAudioStreamOpen (with ``frame`` fields); its actions, a CheckSession of
+    the session it proposes answered ``found`` (the session is no other application's)."""
+    actions = send(conn, {"type": "InputAudioStreamOpen", **frame})
+    if len(actions) == 1 and isinstance(check := actions[0], CheckSession):
+        actions = conn.session_checked(check, "found")
+    return actions
+
+
 def opened(conn: V1Connection, **frame: Any) -> StartListening:
     """Feed InputAudioStreamOpen (with ``frame`` fields); its StartListening (the ack follows)."""
-    start, ack = send(conn, {"type": "InputAudioStreamOpen", **frame})
+    start, ack = send_open(conn, **frame)
     assert isinstance(start, StartListening), start
     assert frames([ack]) == [{"type": "InputAudioStreamOpen"}]
     assert state(conn) is State.LISTENING
@@ -898,7 +937,7 @@ def test_a_lost_connection_cancels_the_utterance() -> None:
 
 def duplex_opened(conn: V1Connection, **frame: Any) -> StartListening:
     """Feed InputAudioStreamOpen of a Duplex client; its StartListening (the ack follows)."""
-    start, ack = send(conn, {"type": "InputAudioStreamOpen", **frame})
+    start, ack = send_open(conn, **frame)
     assert isinstance(start, StartListening), start
     assert frames([ack]) == [{"type": "InputAudioStreamOpen"}]
     assert state(conn) is State.DUPLEX
@@ -1003,7 +1042,7 @@ def test_opening_an_open_duplex_stream_again_is_acknowledged() -> None:
     assert conn.receive_bytes(b"\x00\x00") == [FeedAudio(stream, b"\x00\x00")]  # the same one
     one_error(send(conn, {"type": "InputAudioStreamOpen", "sessionId": "x" * 300}), "sessionId")
     said(conn, stream, "one")
-    moved = send(conn, {"type": "InputAudioStreamOpen", "sessionId": "moved"})
+    moved = send_open(conn, sessionId="moved")
     assert frames(moved) == [{"type": "InputAudioStreamOpen"}]
     assert state(conn) is State.DUPLEX_TURN
     [following] = answered(conn, Response(), new="first")[-1:]
