@@ -6,16 +6,21 @@ shapes; Voiceflow's documentation of request (action) and trace types.
 
 :class:`VoiceflowConnection` is fed the socket.io events of one connection
 (:meth:`~VoiceflowConnection.receive`) and the events of the turns it started
-(:meth:`~VoiceflowConnection.turn_event`, ``turn_rejected``, ``turn_finished``); it
+(:meth:`~VoiceflowConnection.turn_event`, ``turn_rejected``, ``turn_finished``) and
+the store's answer to its lookups (:meth:`~VoiceflowConnection.session_checked`); it
 returns *actions* for the I/O layer, in order:
 
 - :class:`Emit` — emit one socket.io event (``client.started``, ``action.trace`` ...)
   to this connection;
-- :class:`StartTurn` — run ``Conversation.turn(ctx, input)`` and feed its events back.
+- :class:`StartTurn` — run ``Conversation.turn(ctx, input)`` and feed its events back;
+- :class:`CheckSession` — ask the store whether it has a session
+  (``Conversation.find(ctx)``) and feed the answer back
+  (:meth:`~VoiceflowConnection.session_checked`).
 
 It never raises on client input. The order of events is one table,
 :data:`TRANSITIONS` (connected -> ``client.start`` -> started [-> ``session.create``]
--> ready -> ``action.send`` -> running -> ready ...); :class:`ConnectionStateMachine`
+-> ready, or with a valid sessionKey -> starting -> ready (the store has the session) or
+started; ready -> ``action.send`` -> running -> ready ...); :class:`ConnectionStateMachine`
 raises the one ProtocolError (naming what was expected and what came) for anything
 else, and the connection answers it in the protocol's way: ``action.status
 {status: "rejected", reason}`` for an ``action.send``, ``error {code, error}`` for
@@ -40,8 +45,11 @@ Error ``code`` values and rejection ``reason`` values are stable kebab-case name
 - ``unauthorized``: client.start.authorization is missing or not a configured API key;
 - ``forbidden-project``: client.start.projectID is not an allowed application key;
 - ``action-running``: client.start or session.create while an action runs;
+- ``store-unavailable``: client.start with a valid sessionKey while the session store
+  is down (whether it still has the session cannot be told; send client.start again);
 - ``pipeline-error``: the core failed or timed out on an action (with messageID);
-- ``gateway-error``: the gateway failed on an action (with messageID).
+- ``gateway-error``: the gateway failed on an action (with messageID), or on the
+  store lookup of a client.start.
 
 ``action.status.reason`` of a rejection -> when it is sent:
 
@@ -63,11 +71,20 @@ Decisions where the spec is silent:
   userID, ``iat``/``exp``. A key that is forged, expired, malformed or made for
   another project or user means ``newSessionRequired: true``; nothing else is said,
   so a client cannot probe keys.
+- A valid sessionKey resumes its session only when the store still has it (it
+  expired, or it never had a turn: ``newSessionRequired: true``, and the client makes a
+  new one with ``session.create``, as the spec's client does, instead of being told
+  its session goes on and then that it ended; a session whose first action runs on
+  another connection of this instance goes on: that turn makes it). The connection
+  asks the I/O layer to look (:class:`CheckSession`; state ``starting`` meanwhile, in
+  which other events are refused ``not-started``) and answers ``client.started`` with
+  what it found (:meth:`VoiceflowConnection.session_checked`); when the store is down,
+  ``error {code: "store-unavailable"}`` instead: the client sends client.start again.
 - Sessions live in the turn engine's store and are created by their first turn:
   ``launch`` and ``event`` (the spec's two ways to start a conversation, "Conversation
   Lifecycle") and the first action after ``session.create`` may create the session;
-  any other action on a session the store no longer has (it expired, or it never
-  had a turn) is rejected with ``session-not-found`` and followed by
+  any other action on a session the store no longer has (it expired since
+  client.start) is rejected with ``session-not-found`` and followed by
   ``session.ended {reason: "session_expired"}``: the client makes a new one.
 - ``action.status accepted`` is sent at once when the connection may start the
   action; the turn engine can still refuse it afterwards (another instance runs a
@@ -516,8 +533,8 @@ ACTIONS: dict[str, Callable[[ActionBody], Input]] = {
 
 STARTING_ACTIONS = frozenset(("launch", "event"))
 """Action types that start a conversation (spec "Conversation Lifecycle", "Start"): they
-create the session when the store does not have it (a valid sessionKey of an expired
-session); any other action then gets ``session-not-found``."""
+create the session when the store does not have it (a resumed session that expired
+since client.start); any other action then gets ``session-not-found``."""
 
 PATH_PREFIX = "path-"
 """Choice path request types (``path-<id>``, a button's ``request.type``) start with this."""
@@ -758,8 +775,23 @@ class Emit:
     data: dict[str, Any]
 
 
-Action = Emit | StartTurn
-"""socket.io's own Emit and the kit's shared StartTurn (with the action's ``message_id``)."""
+@dataclass(frozen=True)
+class CheckSession:
+    """Ask the store whether it has ``ctx``'s session (``Conversation.find(ctx)``: ``found``,
+    ``not-found`` or ``foreign``) and hand the answer to
+    :meth:`VoiceflowConnection.session_checked` (``store-unavailable`` when the store is
+    down, ``gateway-error`` when the lookup failed otherwise)."""
+
+    ctx: TurnContext
+
+
+SessionCheck = Literal["found", "not-found", "foreign", "store-unavailable", "gateway-error"]
+"""What the I/O layer found for a :class:`CheckSession`: ``Conversation.find``'s answer, or
+the error code of why there is none."""
+
+Action = Emit | StartTurn | CheckSession
+"""socket.io's own Emit, the kit's shared StartTurn (with the action's ``message_id``) and
+the store lookup of a resumed session (CheckSession)."""
 
 
 def error(code: str, text: str, message_id: str | None = None) -> Emit:
@@ -786,6 +818,8 @@ class State(StrEnum):
 
     CONNECTED = "connected"
     """socket.io connected; no client.start accepted yet."""
+    STARTING = "starting"
+    """client.start with a valid sessionKey: the store is asked whether it has the session."""
     STARTED = "started"
     """client.started sent; no session (newSessionRequired, or the session ended)."""
     READY = "ready"
@@ -800,7 +834,10 @@ class State(StrEnum):
 
 # Pseudo-events besides the client's (client.start, session.create, action.send) and
 # the turn engine's (TurnEvent.type): what the connection itself decides or observes.
-START_RESUMED = "client.start (valid sessionKey)"
+START_CHECKING = "client.start (valid sessionKey)"
+SESSION_FOUND = "SessionFound"
+SESSION_MISSING = "SessionMissing"
+SESSION_CHECK_FAILED = "SessionCheckFailed"
 START_REFUSED = "client.start (refused)"
 ACTION_REFUSED = "action.send (refused)"
 TURN_REJECTED = "TurnRejected"
@@ -826,12 +863,17 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         (State.ENDING, TURN_FINISHED): State.STARTED,
         # the session expired while the connection was idle
         (State.READY, SESSION_TIMED_OUT): State.STARTED,
+        # the store's answer for a valid sessionKey: resumed, or a new session is needed
+        # (also when the store could not answer: client.start again)
+        (State.STARTING, SESSION_FOUND): State.READY,
+        (State.STARTING, SESSION_MISSING): State.STARTED,
+        (State.STARTING, SESSION_CHECK_FAILED): State.STARTED,
     }
     for event in ("SessionStarted", "ResponseItem", "Binary", "Response", "Error"):
         table[(State.RUNNING, event)] = State.RUNNING
     for state in (State.CONNECTED, State.STARTED, State.READY):
         table[(state, CLIENT_START)] = State.STARTED
-        table[(state, START_RESUMED)] = State.READY
+        table[(state, START_CHECKING)] = State.STARTING
         table[(state, START_REFUSED)] = state
     for state in State:
         table[(state, DISCONNECT)] = State.CLOSED
@@ -843,16 +885,18 @@ TRANSITIONS: dict[tuple[State, str], State] = _build_transitions()
 
 Events are the client's (``client.start``, ``session.create``, ``action.send``), the
 turn engine's (``SessionStarted``, ``ResponseItem``, ``Binary``, ``Response``,
-``Error``, ``SessionEnded``) and the connection's own (:data:`START_RESUMED`,
+``Error``, ``SessionEnded``) and the connection's own (:data:`START_CHECKING`,
 :data:`START_REFUSED`, :data:`ACTION_REFUSED`, :data:`TURN_REJECTED`,
 :data:`TURN_REJECTED_GONE`, :data:`TURN_FINISHED`, :data:`SESSION_TIMED_OUT`,
-:data:`DISCONNECT`). Anything
-else is a ProtocolError.
+:data:`DISCONNECT`) and the store's answer for a sessionKey (:data:`SESSION_FOUND`,
+:data:`SESSION_MISSING`, :data:`SESSION_CHECK_FAILED`). Anything else is a
+ProtocolError.
 """
 
 _REFUSALS: dict[State, tuple[str, str, str]] = {
     # state: (error code / reject reason, text, what was expected)
     State.CONNECTED: ("not-started", "The client has not started", "client.start"),
+    State.STARTING: ("not-started", "client.start is still being answered", "client.started"),
     State.STARTED: ("no-session", "There is no session", "session.create or client.start"),
     State.READY: ("unknown-event", "Event out of order", "action.send or session.create"),
     State.RUNNING: ("action-running", "An action is still running", "its action.status"),
@@ -979,7 +1023,8 @@ class VoiceflowConnection:
         """Handle one client event with its arguments (socket.io may carry several;
         the first is the payload). Never raises.
 
-        ``client.start`` -> ``[client.started]`` or ``[error]``; ``session.create`` ->
+        ``client.start`` -> ``[client.started]``, ``[error]`` or, with a valid sessionKey,
+        ``[CheckSession]`` (the answer: :meth:`session_checked`); ``session.create`` ->
         ``[session.created]`` or ``[error]``; ``action.send`` -> ``[action.status
         accepted, StartTurn]`` or ``[action.status rejected]``; anything else ->
         ``[error unknown-event]``.
@@ -1011,10 +1056,38 @@ class VoiceflowConnection:
             start.session_key, project_id=start.project_id, user_id=start.user_id, now=self.clock()
         )
         self.start = start
-        resumed = check.session_id is not None
-        machine.feed(START_RESUMED if resumed else CLIENT_START)
         self._talk_in(check.session_id)
-        return [Emit(CLIENT_STARTED, {"newSessionRequired": not resumed})]
+        if check.session_id is None:
+            machine.feed(CLIENT_START)
+            return [Emit(CLIENT_STARTED, {"newSessionRequired": True})]
+        machine.feed(START_CHECKING)  # the store says whether the session goes on
+        return [CheckSession(self._context(create=False))]
+
+    def session_checked(self, found: SessionCheck) -> list[Action]:
+        """The I/O layer's answer to the connection's :class:`CheckSession` (client.start
+        with a valid sessionKey): ``found`` -> ``client.started {newSessionRequired:
+        false}``, the session goes on (also ``not-found`` while another connection of this
+        instance runs an action of it, :attr:`session_busy`: its first turn, which makes
+        it); ``not-found`` (it expired, or never had a turn) or ``foreign`` (another
+        project's) -> ``client.started {newSessionRequired: true}``;
+        ``store-unavailable`` / ``gateway-error`` -> ``error {code, error}`` (the client
+        sends client.start again). ``[]`` when no check is pending (the connection closed
+        meanwhile)."""
+        if self.state is not State.STARTING:
+            return []
+        key = self.session_key
+        if found == "found" or (found == "not-found" and key and self.session_busy(key)):
+            self.machine.advance(SESSION_FOUND)
+            return [Emit(CLIENT_STARTED, {"newSessionRequired": False})]
+        self._talk_in(None)
+        if found in ("not-found", "foreign"):
+            self.machine.advance(SESSION_MISSING)
+            return [Emit(CLIENT_STARTED, {"newSessionRequired": True})]
+        self.machine.advance(SESSION_CHECK_FAILED)
+        if found == "store-unavailable":
+            text = "The session store is unavailable: send client.start again."
+            return [error("store-unavailable", text)]
+        return [error("gateway-error", "Internal gateway error: send client.start again.")]
 
     def _on_session_create(self, payload: Any) -> list[Action]:
         if payload is not None and not isinstance(payload, dict):

@@ -85,7 +85,9 @@ from adapters.voiceflow.protocol import (
     PATH,
     SERVER_RESTART,
     Action,
+    CheckSession,
     Emit,
+    SessionCheck,
     SessionKeys,
     State,
     VoiceflowConnection,
@@ -774,10 +776,30 @@ class VoiceflowServer:
         for action in actions:
             if isinstance(action, Emit):
                 await _emit(self.sio, client.sid, action)
+            elif isinstance(action, CheckSession):
+                await self._do(client, client.conn.session_checked(await self._find(action)))
             else:
                 task = asyncio.create_task(self._forward(client, action))
                 client.tasks.add(task)
                 task.add_done_callback(client.tasks.discard)
+
+    async def _find(self, check: CheckSession) -> SessionCheck:
+        """Whether the store has the session a client.start's sessionKey names
+        (:meth:`~gateway.conversation.Conversation.find`): ``store-unavailable`` when the
+        store is down (logged at INFO, as a turn the store refuses: the outage itself is
+        the store's to log), ``gateway-error`` when it failed otherwise (an ERROR with its
+        traceback), so the connection answers either way."""
+        gw = self._gateway
+        assert gw is not None
+        ref = session_ref(check.ctx.key)
+        try:
+            return await gw.conversation.find(check.ctx)
+        except StoreUnavailable:
+            log.info("client.start of session %s refused: store-unavailable", ref)
+            return "store-unavailable"
+        except Exception:
+            log.exception("client.start of session %s: the session store failed", ref)
+            return "gateway-error"
 
     async def _forward(self, client: _Client, start: StartTurn) -> None:
         """Emit one turn's traces; ``completed`` (and ``session.ended``) after its stream ends.

@@ -16,9 +16,11 @@ from adapters.voiceflow.protocol import (
     SESSION_CREATE,
     TRANSITIONS,
     ActionBody,
+    CheckSession,
     ClientConfig,
     ConnectionStateMachine,
     Emit,
+    SessionCheck,
     SessionKeys,
     StartTurn,
     State,
@@ -546,7 +548,9 @@ def test_an_idle_session_that_expired_ends_with_inactivity_timeout() -> None:
         session_id="old", project_id=PROJECT, user_id=USER, now=NOW - 10
     )
     conn.receive(CLIENT_START, [{"userID": USER, "projectID": PROJECT, "sessionKey": key}])
-    assert conn.idle_timeout_s() == 0
+    assert conn.idle_timeout_s() is None  # the store is asked whether it has it ...
+    conn.session_checked("found")
+    assert conn.idle_timeout_s() == 0  # ... and when it does, when it lets it go
 
 
 def test_resuming_with_a_key_and_the_create_rule() -> None:
@@ -554,9 +558,14 @@ def test_resuming_with_a_key_and_the_create_rule() -> None:
         session_id="old", project_id=PROJECT, user_id=USER, now=NOW - 10
     )
     conn = connection()
-    assert emitted(
-        conn.receive(CLIENT_START, [{"userID": USER, "projectID": PROJECT, "sessionKey": key}])
-    ) == [("client.started", {"newSessionRequired": False})]
+    [check] = conn.receive(
+        CLIENT_START, [{"userID": USER, "projectID": PROJECT, "sessionKey": key}]
+    )
+    assert isinstance(check, CheckSession)  # the store is asked whether the session goes on
+    assert (check.ctx.key, check.ctx.app_key, check.ctx.create) == ("voiceflow:old", PROJECT, False)
+    assert emitted(conn.session_checked("found")) == [
+        ("client.started", {"newSessionRequired": False})
+    ]
     assert conn.session_id == "old"
     start = send(conn, {"type": "text", "payload": "hi"})
     assert start.ctx.create is False  # a resumed session must exist ...
@@ -566,6 +575,87 @@ def test_resuming_with_a_key_and_the_create_rule() -> None:
     assert emitted(
         expired.receive(CLIENT_START, [{"userID": USER, "projectID": PROJECT, "sessionKey": key}])
     ) == [("client.started", {"newSessionRequired": True})]
+
+
+START_WITH_KEY = {"userID": USER, "projectID": PROJECT}
+
+
+@pytest.mark.parametrize("found", ["not-found", "foreign"])
+def test_a_valid_key_of_a_session_the_store_does_not_have_requires_a_new_session(
+    found: SessionCheck,
+) -> None:
+    """A valid sessionKey of a session the store does not have (it expired, or it never
+    had a turn) answered ``newSessionRequired: false``, and the client was told
+    ``session.ended`` soon after: now the connection asks the store first and a new
+    session is required, which session.create makes."""
+    key = SessionKeys(SECRET, 3600).issue(
+        session_id="old", project_id=PROJECT, user_id=USER, now=NOW - 10
+    )
+    conn = connection()
+    [check] = conn.receive(CLIENT_START, [{**START_WITH_KEY, "sessionKey": key}])
+    assert isinstance(check, CheckSession)
+    assert conn.state is State.STARTING
+    # nothing else is taken until client.started is sent
+    [(_, rejected)] = emitted(conn.receive(ACTION_SEND, [{"action": {"type": "launch"}}]))
+    assert rejected["reason"] == "not-started"
+    [(event, data)] = emitted(conn.receive(SESSION_CREATE, [{}]))
+    assert (event, data["code"]) == ("error", "not-started")
+    assert emitted(conn.session_checked(found)) == [
+        ("client.started", {"newSessionRequired": True})
+    ]
+    assert (conn.state, conn.session_id, conn.idle_timeout_s()) == (State.STARTED, None, None)
+    [(_, rejected)] = emitted(conn.receive(ACTION_SEND, [{"action": {"type": "launch"}}]))
+    assert rejected["reason"] == "no-session"
+    [(event, data)] = emitted(conn.receive(SESSION_CREATE, [{}]))
+    assert event == "session.created"
+    assert data["sessionKey"] != key
+    assert conn.session_id == "session-1"
+    assert send(conn, {"type": "text", "payload": "hi"}).ctx.create is True
+
+
+def test_a_session_whose_first_action_runs_here_goes_on() -> None:
+    """The store has no session before its first turn saves it: a second connection of
+    this instance resuming it while that turn runs (``session_busy``) is told it goes on."""
+    key = SessionKeys(SECRET, 3600).issue(
+        session_id="first", project_id=PROJECT, user_id=USER, now=NOW - 10
+    )
+    busy = {"voiceflow:first"}
+    conn = connection(session_busy=busy.__contains__)
+    conn.receive(CLIENT_START, [{**START_WITH_KEY, "sessionKey": key}])
+    assert emitted(conn.session_checked("not-found")) == [
+        ("client.started", {"newSessionRequired": False})
+    ]
+    busy.clear()
+    conn.receive(CLIENT_START, [{**START_WITH_KEY, "sessionKey": key}])
+    assert emitted(conn.session_checked("not-found")) == [
+        ("client.started", {"newSessionRequired": True})
+    ]
+
+
+@pytest.mark.parametrize("failure", ["store-unavailable", "gateway-error"])
+def test_a_store_that_cannot_answer_for_a_key_is_an_error_and_client_start_again_works(
+    failure: SessionCheck,
+) -> None:
+    key = SessionKeys(SECRET, 3600).issue(
+        session_id="old", project_id=PROJECT, user_id=USER, now=NOW - 10
+    )
+    conn = connection()
+    conn.receive(CLIENT_START, [{**START_WITH_KEY, "sessionKey": key}])
+    [(event, data)] = emitted(conn.session_checked(failure))
+    assert (event, data["code"]) == ("error", failure)
+    assert "client.start again" in data["error"]
+    assert (conn.state, conn.session_id) == (State.STARTED, None)
+    [check] = conn.receive(CLIENT_START, [{**START_WITH_KEY, "sessionKey": key}])
+    assert isinstance(check, CheckSession)
+    assert emitted(conn.session_checked("found")) == [
+        ("client.started", {"newSessionRequired": False})
+    ]
+    assert conn.session_id == "old"
+    # an answer that comes after the connection closed is nothing to say
+    conn.receive(CLIENT_START, [{**START_WITH_KEY, "sessionKey": key}])
+    conn.connection_lost()
+    assert conn.session_checked("found") == []
+    assert conn.state is State.CLOSED
 
 
 def test_engine_rejections() -> None:

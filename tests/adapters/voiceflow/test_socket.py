@@ -22,6 +22,7 @@ from adapters.voiceflow.protocol import PATH, SessionKeys
 from gateway.app import create_app
 from gateway.metrics import REGISTRY
 from gateway.server import uvicorn_options
+from gateway.sessions import SessionStore
 from gateway.settings import Settings
 from tests.adapters.voiceflow.helpers import (
     PROJECT,
@@ -36,6 +37,7 @@ from tests.adapters.voiceflow.helpers import (
 from tests.conftest import gateway, serve, served_app
 from tests.gateway.core_app import WebhookCore, make_core
 from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
+from tests.gateway.redis_proxy import ReplyDropper
 
 TRANSPORTS = ["websocket", "polling"]
 
@@ -400,18 +402,153 @@ async def test_a_forged_or_expired_session_key_requires_a_new_session(problem: s
         assert await vf.say("what is my name") == ["Your name is Ada."]
 
 
-async def test_a_valid_key_of_a_session_the_store_no_longer_has_ends_it() -> None:
-    keys = SessionKeys(SECRET, ttl_s=3600)
-    key = keys.issue(session_id="gone", project_id=PROJECT, user_id=USER, now=time.time())
-    async with served(voiceflow_secret=SecretStr(SECRET)) as url, client(url) as vf:
-        assert await vf.start(key) is False  # the key is fine ...
-        await vf.send({"type": "text", "payload": "hello"}, "m")
-        assert (await vf.expect("action.status"))["status"] == "accepted"
-        rejected = await vf.expect("action.status")  # ... the session is not
-        assert (rejected["status"], rejected["reason"]) == ("rejected", "session-not-found")
-        assert await vf.expect("session.ended") == {"reason": "session_expired"}
-        await vf.create()
-        assert await vf.say("hello") == ["You said: hello"]
+@contextlib.asynccontextmanager
+async def served_with_store(**overrides: Any) -> AsyncIterator[tuple[str, SessionStore]]:
+    """:func:`served` with GATEWAY_VOICEFLOW_SECRET (and ``overrides``); its base URL and
+    the app's session store."""
+    settings = Settings(voiceflow_secret=SecretStr(SECRET)).model_copy(update=overrides)
+    app = create_app(settings)
+    async with served_app(app, settings) as url:
+        yield url, app.state.gateway.conversation.store
+
+
+async def forget(store: SessionStore, key: str) -> str:
+    """Delete the session sessionKey ``key`` names from ``store`` (as when it expires right
+    after a client resumed it); its session id."""
+    check = SessionKeys(SECRET, ttl_s=3600).verify(
+        key, project_id=PROJECT, user_id=USER, now=time.time()
+    )
+    assert check.session_id is not None
+    async with store.open(f"voiceflow:{check.session_id}", lease_s=5, wait_s=5) as txn:
+        assert txn.session is not None
+        txn.delete()
+    return check.session_id
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_valid_key_of_a_session_the_store_does_not_have_requires_a_new_session(
+    transport: str, store: dict[str, Any]
+) -> None:
+    """A client reconnecting with a valid sessionKey whose session the store does not
+    have (it expired, it never had a turn, it was never made) got ``newSessionRequired:
+    false`` and, a second later, ``session.ended {reason: "inactivity_timeout"}``: it was
+    told its session went on when it did not. The store is asked at client.start: a new
+    session is required, and session.create makes one (with a new key)."""
+    never = SessionKeys(SECRET, ttl_s=3600).issue(
+        session_id="never-made", project_id=PROJECT, user_id=USER, now=time.time()
+    )
+    async with served(voiceflow_secret=SecretStr(SECRET), session_timeout_s=1, **store) as url:
+        async with client(url, transport) as first:
+            unused = await first.handshake()  # made, but no action: not in the store
+            expired = await first.create()
+            assert await first.say("hello") == ["You said: hello"]
+        await asyncio.sleep(1.5)  # the store lets the session go (1 s)
+        async with client(url, transport) as vf:
+            for key in (expired, unused, never):
+                assert await vf.start(key) is True, key  # a new session is required
+                await vf.send({"type": "launch"}, "m")
+                rejected = await vf.expect("action.status")
+                assert (rejected["status"], rejected["reason"]) == ("rejected", "no-session")
+            new = await vf.create()
+            assert new not in (expired, unused, never)
+            assert await vf.say("hello again") == ["You said: hello again"]
+            assert await vf.start(new) is False  # a live session goes on
+            assert await vf.say("still here") == ["You said: still here"]
+            await vf.nothing_more(0.5)  # no session.ended: the session lives
+
+
+async def test_a_valid_key_of_a_session_the_store_let_go_after_client_start_ends_it() -> None:
+    """A session that the store lets go after its client resumed it: the next action is
+    rejected ``session-not-found`` and ``session.ended {reason: "session_expired"}``
+    follows; a new session then works."""
+    async with served_with_store() as (url, store):
+        async with client(url) as first:
+            key = await first.handshake()
+            assert await first.say("hello") == ["You said: hello"]
+        async with client(url) as vf:
+            assert await vf.start(key) is False  # the store has it ...
+            await forget(store, key)  # ... and lets it go
+            await vf.send({"type": "text", "payload": "hello"}, "m")
+            assert (await vf.expect("action.status"))["status"] == "accepted"
+            rejected = await vf.expect("action.status")
+            assert (rejected["status"], rejected["reason"]) == ("rejected", "session-not-found")
+            assert await vf.expect("session.ended") == {"reason": "session_expired"}
+            await vf.create()
+            assert await vf.say("hello") == ["You said: hello"]
+
+
+async def test_a_store_failure_at_client_start_is_a_gateway_error_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store failure other than an outage (here: a stored entry that is no Session) when
+    client.start's key is looked up: ``error {code: "gateway-error"}`` and an ERROR with
+    the traceback, not a connection left waiting; client.start again works once the
+    store is sound."""
+    settings = Settings(voiceflow_secret=SecretStr(SECRET))
+    app = create_app(settings)
+    async with serve(app, **uvicorn_options(settings)) as url:
+        async with client(url) as first:
+            key = await first.handshake()
+            assert await first.say("hello") == ["You said: hello"]
+        store = app.state.gateway.conversation.store
+        [(stored, (expires, data))] = store._data.items()
+        store._data[stored] = (expires, "not a session")
+        async with client(url, "polling") as vf:
+            await vf.emit("client.start", {"userID": USER, "projectID": PROJECT, "sessionKey": key})
+            event, answer = await vf.next()
+            assert (event, answer["code"]) == ("error", "gateway-error"), (event, answer)
+            store._data[stored] = (expires, data)
+            assert await vf.start(key) is False
+            assert await vf.say("again") == ["You said: again"]
+    failed = [r for r in caplog.records if "client.start of session" in r.getMessage()]
+    assert [(r.levelno, r.name) for r in failed] == [(logging.ERROR, "adapters.voiceflow.routes")]
+    assert failed[0].exc_info is not None
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_store_outage_at_client_start_is_a_store_unavailable_error(
+    transport: str,
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the store is down, whether a sessionKey's session goes on cannot be told:
+    ``error {code: "store-unavailable"}`` answers client.start at once (no client.started,
+    which would either lose the session or promise it); client.start again once the
+    store is back resumes the session."""
+    proxy, redis_url = reply_dropper
+    caplog.set_level(logging.INFO)
+    async with served(
+        voiceflow_secret=SecretStr(SECRET), redis_url=redis_url, redis_prefix=redis_prefix
+    ) as url:
+        async with client(url, transport) as first:
+            key = await first.handshake()
+            assert await first.say("my name is Ada") == ["Nice to meet you, Ada."]
+        async with client(url, transport) as vf:
+            proxy.cut()
+            began = time.monotonic()
+            await vf.emit("client.start", {"userID": USER, "projectID": PROJECT, "sessionKey": key})
+            event, data = await vf.next()
+            assert (event, data["code"]) == ("error", "store-unavailable"), (event, data)
+            assert "client.start again" in data["error"]
+            assert time.monotonic() - began < 10
+            proxy.restore()
+            deadline = time.monotonic() + 10
+            while True:  # (the store's circuit breaker may refuse a while longer)
+                await vf.emit(
+                    "client.start", {"userID": USER, "projectID": PROJECT, "sessionKey": key}
+                )
+                event, data = await vf.next()
+                if event == "client.started":
+                    break
+                assert data["code"] == "store-unavailable", (event, data)
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.5)
+            assert data == {"newSessionRequired": False}
+            assert await vf.say("what is my name") == ["Your name is Ada."]
+    refused = [r for r in caplog.records if "client.start of session" in r.getMessage()]
+    assert refused
+    assert all(r.levelno == logging.INFO for r in refused)
 
 
 async def test_an_idle_session_that_times_out_is_ended_with_inactivity_timeout() -> None:
@@ -559,17 +696,19 @@ async def test_launch_or_event_starts_over_in_a_session_the_store_no_longer_has(
     action: dict[str, Any], heard: str
 ) -> None:
     """The spec's two ways to start a conversation ("Conversation Lifecycle", "Start"),
-    ``launch`` and ``event``, work with a valid sessionKey whose session the store no
-    longer has (it expired): the conversation starts again in that session."""
+    ``launch`` and ``event``, work in a resumed session the store let go after
+    client.start (it expired): the conversation starts again in that session."""
     core = RecordingCore()
-    keys = SessionKeys(SECRET, ttl_s=3600)
-    key = keys.issue(session_id="gone", project_id=PROJECT, user_id=USER, now=time.time())
     async with (
         core.running() as core_url,
-        served(pipeline=core_url, voiceflow_secret=SecretStr(SECRET)) as url,
+        served_with_store(pipeline=core_url) as (url, store),
         client(url) as vf,
     ):
+        key = await vf.handshake()
+        assert await vf.say("hello") == ["core heard hello"]
+        await core.next_request()
         assert await vf.start(key) is False
+        await forget(store, key)
         _, _, last = await vf.act(action, "start")
         assert last == {"status": "completed", "messageID": "start"}
         assert (await core.next_request())["input"]["transcript"]["text"] == heard
@@ -585,11 +724,10 @@ async def test_a_refused_turn_is_logged_without_the_session_id(
     never reach the log (gateway/logs.py). The line names the session by its reference
     and the reason."""
     caplog.set_level(logging.INFO)
-    secret_id = "vf-s3cret-session-4711"
-    keys = SessionKeys(SECRET, ttl_s=3600)
-    key = keys.issue(session_id=secret_id, project_id=PROJECT, user_id=USER, now=time.time())
-    async with served(voiceflow_secret=SecretStr(SECRET)) as url, client(url) as vf:
-        assert await vf.start(key) is False
+    async with served_with_store() as (url, store), client(url) as vf:
+        key = await vf.handshake()
+        assert await vf.say("hello") == ["You said: hello"]
+        secret_id = await forget(store, key)  # the store lets it go: the turn is refused
         await vf.send({"type": "text", "payload": "hello"}, "m")
         assert (await vf.expect("action.status"))["status"] == "accepted"
         rejected = await vf.expect("action.status")
