@@ -200,10 +200,11 @@ def test_a_page_left_closes_its_socket_and_goes_on_when_shown_again(
 
 
 def test_a_long_answers_audio_plays_to_its_end(browser: webdriver.Chrome, tmp_path: Path) -> None:
-    # 40 s of speech-length audio (silence), served by a plain HTTP server as a core's
-    # audio link would be: the console's guard against stalled links (30 s) must not
-    # take an answer that plays on for one that hangs
-    (tmp_path / "long.wav").write_bytes(encode_wav(Pcm(bytes(40 * 8000 * 2), 8000)))
+    # 12 s of speech-length audio (silence), served by a plain HTTP server as a core's
+    # audio link would be: the console's guard against stalled links (30 s; ?stall=4 here,
+    # the same code path) must not take an answer that plays on for one that hangs
+    stall_s = 4
+    (tmp_path / "long.wav").write_bytes(encode_wav(Pcm(bytes(12 * 8000 * 2), 8000)))
     files = ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
     )
@@ -211,7 +212,7 @@ def test_a_long_answers_audio_plays_to_its_end(browser: webdriver.Chrome, tmp_pa
     gateway = ThreadedGateway(admin_keys="admin-key").start()
     try:
         with no_server_errors():
-            page = Console(browser, gateway.url)
+            page = Console(browser, gateway.url, stall_s=stall_s)
             page.connect()
             page.say("hello")
             audio = f"http://127.0.0.1:{files.server_address[1]}/long.wav"
@@ -226,7 +227,7 @@ def test_a_long_answers_audio_plays_to_its_end(browser: webdriver.Chrome, tmp_pa
             assert pushed.json()["delivery"] == "live"
             page.wait_for(lambda: page.state == "Responding")
             started = time.monotonic()
-            time.sleep(33)  # past the guard's 30 s, still playing
+            time.sleep(stall_s * 1.5 + 1)  # well past the guard, still playing
             assert page.state == "Responding", time.monotonic() - started
             page.screenshot("long-answer-playing")
             page.click("skip")

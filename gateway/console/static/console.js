@@ -21,6 +21,8 @@
   const params = new URLSearchParams(location.search);
   // ?retry=SECONDS overrides the 10 s retry period of the spec (Failed state)
   const RETRY_MS = 1000 * (Number(params.get('retry')) || 10);
+  // ?stall=SECONDS overrides the 30 s an answer's audio may go without progress (see playNext)
+  const STALL_S = Number(params.get('stall')) || 30;
   const STT_RATE = 16000; // sttSampleRate sent in Init; the microphone is resampled to it
   const SOCKET_URL = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/socket/';
 
@@ -403,10 +405,10 @@
       next();
     };
     // a link that never ends (no audio device, a stalled download) must not hang the client:
-    // 30 s without progress end it; a long answer that plays on is not cut short
-    const stalled = () => failed('(no progress for 30 s)');
-    let guard = setTimeout(stalled, 30000);
-    audio.ontimeupdate = () => { clearTimeout(guard); guard = setTimeout(stalled, 30000); };
+    // STALL_S (30 s) without progress end it; a long answer that plays on is not cut short
+    const stalled = () => failed(`(no progress for ${STALL_S} s)`);
+    let guard = setTimeout(stalled, STALL_S * 1000);
+    audio.ontimeupdate = () => { clearTimeout(guard); guard = setTimeout(stalled, STALL_S * 1000); };
     audio.onended = next;
     audio.onerror = () => failed(audio.error && audio.error.message);
     audio.play().catch(failed);
