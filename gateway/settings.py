@@ -544,6 +544,13 @@ class Settings(BaseSettings):
         description="Outbound audio per frame (ms) on carriers whose frames may vary "
         "(Twilio, Plivo); Telnyx and Vonage take 20 ms, Exotel its own chunks.",
     )
+    call_final_mark_grace_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="After the expected end of a call's last audio (the final mark sent "
+        "after it), how long the mark may take to come back before the call is hung up "
+        "(or transferred) anyway.",
+    )
     call_overrides: dict[Carrier, CallOverride] = Field(
         default_factory=dict,
         description="Per-carrier call behaviour over the GATEWAY_CALL_* settings, JSON: "

@@ -97,8 +97,6 @@ IDLE_TIMEOUT_S: Final = 30.0
 """A started stream that sends nothing for this long is closed (carriers stream silence)."""
 START_TIMEOUT_S: Final = 10.0
 """Seconds a new stream gets to send its start."""
-FINAL_MARK_GRACE_S: Final = 5.0
-"""After the last audio's expected end, how long its mark may take before hanging up anyway."""
 MAX_BAD_FRAMES: Final = 500
 """Invalid frames (malformed, unknown events, out of order) one stream may send: the last
 closes it (1008 "Too many invalid messages."), a bound against a peer sending junk."""
@@ -754,7 +752,7 @@ class CallRunner(WebSocketDriver[CallAction]):
                 # the audio still to play: queued here (a paced carrier), or sent and held
                 # by the carrier (one that buffers, as Plivo and Exotel, is sent it at once)
                 playing_s = max(self.sender.queued_ms / 1000, self._played_until - now)
-                wait_s = playing_s + FINAL_MARK_GRACE_S
+                wait_s = playing_s + self.gw.settings.call_final_mark_grace_s
                 self._stop_final_watch()
                 self._final_watch = self.spawn(self._final_mark_watch(wait_s), "final mark")
         elif isinstance(action, Interrupt):
