@@ -19,7 +19,7 @@ from tests.adapters.voiceflow.helpers import (
     client,
     messages,
 )
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, start_all
 
 
 def env(redis_url: str, prefix: str, secret: str | None = SECRET, **more: str) -> dict[str, str]:
@@ -39,12 +39,12 @@ async def test_a_session_key_continues_the_session_on_another_instance(
 ) -> None:
     """With nothing but a Redis URL the instances share the signing key (created once in
     Redis); with GATEWAY_VOICEFLOW_SECRET that secret signs, as before."""
-    a = GatewayProcess(env(redis_url, redis_prefix, secret)).start()
-    gateway_processes.append(a)
-    b = GatewayProcess(env(redis_url, redis_prefix, secret)).start()
-    gateway_processes.append(b)
+    a = GatewayProcess(env(redis_url, redis_prefix, secret))
+    b = GatewayProcess(env(redis_url, redis_prefix, secret))
+    gateway_processes += [a, b]
+    await asyncio.to_thread(start_all, a, b)  # at once: the first to start makes the key
     shared = await aredis.get(f"{redis_prefix}:secret-key")
-    assert isinstance(shared, bytes)  # made by the first instance, read by the second
+    assert isinstance(shared, bytes)  # made by one instance (SET NX), read by the other
     async with client(a.url) as on_a:
         unused = await on_a.handshake()  # a session made on A that never has a turn
         key = await on_a.create()
