@@ -341,7 +341,7 @@ class _SorryGoodbye:
             yield ResponseItem(text="Let me put you through to a colleague.")
             yield transfer_item(TARGET)
             yield Response()
-        else:  # about 7 s of speech: longer than the transfer's final-mark wait
+        else:  # 6.5 s of speech: longer than the transfer's final-mark wait (4.2 s)
             yield ResponseItem(
                 text="Sorry, nobody can take your call right now. Please call again "
                 "tomorrow morning, when our office is open. Goodbye."
@@ -379,7 +379,7 @@ async def test_after_a_failed_transfer_the_call_hangs_up_only_after_its_new_last
             await call.wait_for(lambda: len(call.held) == 1, 30)
             loop = asyncio.get_running_loop()
             held_at = loop.time()
-            # the transfer's own final-mark wait (its audio, about 2.5 s, + the grace)
+            # the transfer's own final-mark wait (its audio, 1.7 s, + the grace)
             # ran out while the goodbye played (it is longer than that); the goodbye's
             # own wait (its audio + the grace) has not
             assert loop.time() - call.received[0].at > 2.5 + grace_s + 2.0
