@@ -48,7 +48,13 @@ POST_TELNYX_TEXML: dict[str, Any] = dict(
     'bidirectionalMode="rtp" …/></Connect></Response>`; `?appKey=` names the application.',
     responses={
         200: {"description": "TeXML", "content": {"application/xml": {"schema": {}}}},
-        **problems({400: "Bad body", **_SIGNED_REFUSALS, 503: _TEXML_UNAVAILABLE}),
+        **problems(
+            {
+                400: "Bad body, or no CallSid or an invalid one",
+                **_SIGNED_REFUSALS,
+                503: _TEXML_UNAVAILABLE,
+            }
+        ),
     },
 )
 """Documenting keyword arguments of ``POST /telnyx/texml``."""

@@ -28,7 +28,12 @@ to that URL, while how it presents the dial's ``stream_auth_token`` (set to the 
 token) is not documented (CARRIERS.md), so an ``Authorization`` header is not read.
 Without a good, unused token the upgrade is refused (HTTP 403). Tokens are keyed by
 GATEWAY_TELNYX_API_KEY (every instance with the same key checks them; used once through
-the nonce store). The start's ``client_state``
+the nonce store). A token is bound to its call where the gateway knew the call when it
+minted it: a TeXML answer's carries the webhook's ``CallSid`` (the call_control_id), and
+a start naming another ``call_control_id`` is refused (closed 1008 "The stream was
+admitted for another call.", logged; the token stays used). A dial's token is minted
+before Telnyx names the call (:data:`OUTBOUND_CALL`) and admits a start of any call.
+The start's ``client_state``
 (:func:`adapters.telnyx.control.read_client_state`) gives an outbound call's app key and
 ``#intro`` attributes; the stream follows its ``call_control_id``'s call control on
 the bus. The call ends with the ``hangup`` command after the last
@@ -36,7 +41,9 @@ audio's mark (a ``transfer`` command for a transfer item).
 
 ``POST /telnyx/texml`` — an inbound call's TeXML answer (Ed25519-verified like the
 webhooks): ``<Connect><Stream url="wss://…/telnyx/stream?token=…" bidirectionalMode="rtp"
-…>``.
+…>``, the token bound to the webhook's ``CallSid`` (form-urlencoded as Telnyx sends it, or
+a JSON object). A ``CallSid`` that is missing, not a string, longer than 128 characters or
+holding ``|`` (none a token can carry): 400 problem.
 
 ``POST /telnyx/status`` — a TeXML call's status callback (the TeXML Application's "Call
 progress events URL", method POST, optionally with ``?appKey=`` as the Voice URL:
@@ -95,6 +102,7 @@ from gateway.io.call import (
     CallTokens,
     admit,
     announce_machine,
+    answer_token,
     answered_once,
     call_config,
     call_served,
@@ -122,7 +130,10 @@ def telnyx_auth(settings: Settings) -> telnyx.TelnyxAuth | None:
 
 CHANNEL: Final = "telnyx"
 OUTBOUND_CALL: Final = "outbound"
-"""The call id of a dial's stream token (the call_control_id is not known before the dial)."""
+"""The call id of a dial's stream token: the call_control_id is not known before the dial
+(it is in the dial's answer, after its ``stream_url`` was sent), so such a token admits a
+stream whose start names any call. A TeXML answer's token carries the webhook's
+``CallSid`` (the call's call_control_id) and admits only a start naming that call."""
 
 
 def stream_tokens(settings: Settings) -> CallTokens | None:
@@ -278,16 +289,37 @@ async def telnyx_texml(request: Request) -> Response:
     signed = await _signed_body(gw, request)
     if isinstance(signed, Response):
         return signed
-    return await answered_once(gw, signed[1], _texml(request))
+    body, key = signed
+    return await answered_once(gw, key, _texml(request, body))
 
 
-async def _texml(request: Request) -> Response:
-    """The TeXML answer to a webhook that passed its checks (module doc)."""
+def _texml_call_sid(body: bytes) -> object:
+    """The ``CallSid`` (the call's call_control_id) of a TeXML answer webhook's ``body``:
+    form-urlencoded as Telnyx sends it, or a JSON object; None when it has none (or the
+    body is neither)."""
+    if body.lstrip().startswith(b"{"):
+        try:
+            data = load_json(body, what="The body")
+        except ProtocolError:
+            return None
+        return data.get("CallSid") if isinstance(data, dict) else None
+    try:
+        form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+    except UnicodeDecodeError:
+        return None
+    return form.get("CallSid")
+
+
+async def _texml(request: Request, body: bytes) -> Response:
+    """The TeXML answer to the webhook ``body`` that passed its checks (module doc)."""
     settings = gateway_of(request).settings
     tokens = stream_tokens(settings)
     if tokens is None:
         return problem(503, "Service Unavailable", "Set GATEWAY_TELNYX_API_KEY.")
-    query = {"token": tokens.issue(OUTBOUND_CALL, time.time())}
+    token = answer_token(tokens, _texml_call_sid(body), "CallSid")
+    if not isinstance(token, str):
+        return token  # 400: no CallSid, or none a token can carry
+    query = {"token": token}
     app_key = request.query_params.get("appKey")
     if app_key:
         query["appKey"] = app_key[:128]
@@ -330,12 +362,15 @@ class TelnyxCall(CallRunner):
     (:data:`~adapters.telnyx.protocol.BIDIRECTIONAL`, PCMU 8 kHz), whatever the start's
     ``media_format``."""
 
-    def __init__(self, ws: WebSocket, gw: Gateway, app_key: str | None) -> None:
+    def __init__(
+        self, ws: WebSocket, gw: Gateway, app_key: str | None, call_id: str | None = None
+    ) -> None:
         super().__init__(
             ws,
             gw,
             TelnyxCodec(outbound=BIDIRECTIONAL),
             call_config(gw.settings, CHANNEL),
+            call_id=call_id,
             hang_up=_hang_up,
             transfer=_transfer,
         )
@@ -403,6 +438,10 @@ async def telnyx_stream(websocket: WebSocket) -> None:
             raise VerificationRefused("no stream token", status=401)
         return await use_token(gw, tokens, CHANNEL, token)
 
-    if await admit(websocket, "Telnyx", check()) is None:
+    grant = await admit(websocket, "Telnyx", check())
+    if grant is None:
         return
-    await TelnyxCall(websocket, gw, websocket.query_params.get("appKey")).serve()
+    # a TeXML answer's token admits only its call's start (another: closed 1008); a
+    # dial's, minted before Telnyx named the call, any call's (OUTBOUND_CALL)
+    call_id = None if grant.call_id == OUTBOUND_CALL else grant.call_id
+    await TelnyxCall(websocket, gw, websocket.query_params.get("appKey"), call_id).serve()

@@ -158,8 +158,8 @@ async def test_a_telnyx_webhook_whose_event_type_is_not_a_string_is_no_event_of_
     assert not _errors(caplog)
 
 
-async def _telnyx_stream(gw: Served) -> str:
-    answer = await ask_texml(gw.url, "v3:" + uuid.uuid4().hex)
+async def _telnyx_stream(gw: Served, ccid: str) -> str:
+    answer = await ask_texml(gw.url, ccid)
     stream = ET.fromstring(answer.text).find("./Connect/Stream")
     assert stream is not None
     return local(gw.url, stream.attrib["url"])
@@ -195,7 +195,7 @@ async def test_a_start_saying_zero_hz_or_zero_channels_is_closed_1003(
         headers: dict[str, str] = {}
         frames: list[dict[str, Any]]
         if carrier == "telnyx":
-            url = await _telnyx_stream(gw)
+            url = await _telnyx_stream(gw, call_id)
             fmt = {"encoding": "PCMU", "sample_rate": 8000, "channels": 1, **fault}
             start = {"call_control_id": call_id, "media_format": fmt}
             frames = [
@@ -235,8 +235,8 @@ class _ByeAtOnce:
 async def test_a_telnyx_call_control_id_holding_slashes_stays_one_path_segment(
     speech: SpeechService,
 ) -> None:
-    """The stream's start names the call (its ``call_control_id``; the stream token is not
-    tied to one): after the goodbye the hang-up goes to ``/v2/calls/<that id>/actions/
+    """The stream's start names the call (its ``call_control_id``, the one its TeXML
+    token was issued for; a dial's token is tied to none): after the goodbye the hang-up goes to ``/v2/calls/<that id>/actions/
     hangup`` with the id as one path segment, percent-encoded. It went into the URL as
     is, so ``/`` and ``..`` in it made the request another endpoint of Telnyx's API (with
     the gateway's API key): ``v3:x/../../numbers/1`` hung up ``/v2/numbers/1/...``."""
