@@ -27,7 +27,7 @@ from websockets.asyncio.client import connect
 from gateway.events import Input, Response, ResponseItem
 from gateway.sessions import Session
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import closed_with
+from tests.adapters.carriers import closed_with, upgrade_status
 from tests.adapters.exotel.harness import CARRIER as EXOTEL
 from tests.adapters.exotel.harness import basic
 from tests.adapters.plivo.harness import CARRIER as PLIVO
@@ -267,3 +267,39 @@ async def test_a_vonage_content_type_refusal_names_every_rate_taken(speech: Spee
         code, reason = await closed_with(url, [json.dumps(connected)], within_s=10)
         assert code == 1003
         assert reason.endswith(": expected audio/l16;rate=8000|16000|24000"), reason
+
+
+@pytest.mark.parametrize("carrier", ["plivo", "vonage"])
+async def test_a_plivo_or_vonage_token_admits_only_a_start_naming_its_call(
+    speech: SpeechService, carrier: str
+) -> None:
+    """The answer webhook's token is bound to the call it named (Plivo ``CallUUID``,
+    Vonage ``uuid``): a stream opened with it whose start names another call (Plivo
+    ``start.callId``, Vonage's ``call_uuid`` header in ``websocket:connected``) is closed
+    at once with 1008 "The stream was admitted for another call.", no turn run, and the
+    token stays used (a second upgrade with it: 403). As Telnyx's TeXML token and
+    Twilio's."""
+    chosen = {"plivo": PLIVO, "vonage": VONAGE}[carrier]
+    async with chosen.gateway(speech) as (gw, _):
+        mine, other = str(uuid.uuid4()), str(uuid.uuid4())
+        if carrier == "plivo":
+            url = await _plivo_stream(gw, mine)
+            fmt = {"encoding": "audio/x-mulaw", "sampleRate": 8000}
+            start = {"callId": other, "streamId": "s-1", "mediaFormat": fmt}
+            frames = [json.dumps({"event": "start", "sequenceNumber": 0, "start": start})]
+        else:
+            answer = await ask_ncco(gw.url, mine)
+            (endpoint,) = answer.json()[0]["endpoint"]
+            url = f"ws://{urlsplit(gw.url).netloc}{urlsplit(endpoint['uri']).path}"
+            connected = {
+                "event": "websocket:connected",
+                "content-type": endpoint["content-type"],
+                **endpoint["headers"],
+            }
+            assert connected["call_uuid"] == mine
+            connected["call_uuid"] = other
+            frames = [json.dumps(connected)]
+        code, reason = await closed_with(url, frames, within_s=10)
+        assert (code, reason) == (1008, "The stream was admitted for another call.")
+        assert not gw.core.turns
+        assert await upgrade_status(url) == 403
