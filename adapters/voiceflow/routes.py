@@ -758,7 +758,9 @@ class VoiceflowServer:
         try:
             # what the idle watch waits for: a refused event (unknown, malformed, out of
             # order) changes none of it and does not put the watch off (the store's
-            # timeout runs from the last action, whatever else the client sends)
+            # timeout runs from the last action, whatever else the client sends). A watch
+            # that ended meanwhile (it woke while a client.start was answered, state
+            # starting: no idle session then) is armed again, the state back as it was.
             idle = (conn.state, conn.session_id, conn.idle_timeout_s())
             actions = conn.receive(event, args)
             for action in actions:  # claim the session before anything can interleave
@@ -766,7 +768,8 @@ class VoiceflowServer:
                     self._running[action.ctx.key] = sid
             await self._do(client, actions)
             await self._follow(client)
-            if client.idle is None or idle != (conn.state, conn.session_id, conn.idle_timeout_s()):
+            watching = client.idle is not None and not client.idle.done()
+            if not watching or idle != (conn.state, conn.session_id, conn.idle_timeout_s()):
                 self._arm_idle(client)
         except Exception:
             log.exception("Voiceflow event %r failed", event)
@@ -839,7 +842,8 @@ class VoiceflowServer:
         """(Re)start the wait for the idle timeout of the client's session, from now: the
         connection's :meth:`~adapters.voiceflow.protocol.VoiceflowConnection.idle_timeout_s`
         (none: no wait), after each action's end and each client event that changed the
-        connection's state, session or idle timeout (or found no wait running)."""
+        connection's state, session or idle timeout (or found no wait running, or one
+        that ended)."""
         if client.idle is not None:
             client.idle.cancel()
             client.idle = None

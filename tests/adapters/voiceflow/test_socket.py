@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from fastapi import FastAPI
 from pydantic import SecretStr
 from websockets.asyncio.client import connect as ws_connect
@@ -596,6 +597,41 @@ async def test_a_resumed_session_is_ended_when_the_store_lets_it_go() -> None:
             # said + 2 s + the watch's margin (1 s), not resume + 2 s + 1 s (said + 4.5 s)
             assert time.monotonic() - said < 3.8
             await again.nothing_more()
+
+
+async def test_a_client_start_during_the_idle_watchs_wake_keeps_the_watch(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """client.start with the sessionKey of the session the connection is idle in: while the
+    store is asked (state ``starting``) the idle watch may wake, find no idle session and
+    end. The connection came back to the same state, session and idle timeout, so the watch
+    was not armed again (only a change re-arms it): the session expired and the client was
+    never told ``session.ended {reason: "inactivity_timeout"}``."""
+    proxy, redis_url = reply_dropper
+    async with served(
+        session_timeout_s=3,
+        voiceflow_secret=SecretStr(SECRET),
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+    ) as url:
+        async with client(url) as first:
+            key = await first.handshake()
+            assert await first.say("hello") == ["You said: hello"]
+        said = time.monotonic()  # the store keeps the session until said + 3 s
+        async with client(url) as vf:
+            assert await vf.start(key) is False  # resumed: the watch wakes after 1 s (margin)
+            await asyncio.sleep(0.5)
+            redis = aioredis.Redis.from_url(redis_url)
+            try:  # Redis stalls 1 s from now: the lookup of the next client.start waits
+                proxy.stall_after(b"stall-the-lookup", 1.0)
+                await redis.echo("stall-the-lookup")
+            finally:
+                await redis.aclose()
+            assert await vf.start(key) is False  # answered after the watch woke
+            event = await vf.next()
+            assert event == ("session.ended", {"reason": "inactivity_timeout"})
+            assert time.monotonic() - said < 7  # said + 3 s + the margin, and some
+            await vf.nothing_more()
 
 
 async def test_refused_events_do_not_put_off_the_inactivity_timeout() -> None:
