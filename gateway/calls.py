@@ -378,17 +378,19 @@ async def record_outcome(
     ``initiated``, on a fast network): that one is dropped, and the next callback
     (``ringing``, the call's end) updates the record as usual; only a call whose every
     callback came that early would stay ``queued`` (until :data:`OUTCOME_TTL_S`). A
-    stored record that is not JSON is taken as none (the bus logs it): POST /v1/calls
-    writes over it, a callback drops its update."""
+    stored record that is not JSON is taken as none (the bus logs it), and so is a JSON
+    object that is no record (:func:`_is_record`): POST /v1/calls writes over it, a
+    callback drops its update."""
     topic = outcome_topic(call_id)
     answered_by = answered_by[:MAX_ANSWERED_BY] if answered_by else None
     try:
         for _ in range(OUTCOME_TRIES):  # another callback's write in between: read again
             kept = await gw.bus.retained(topic)
-            if kept is None and not placed:
+            known = kept if kept is not None and _is_record(kept) else None
+            if known is None and not placed:
                 log.debug("%s call %s: not placed here: outcome not recorded", carrier, call_id)
                 return
-            record = dict(kept or {"carrier": carrier, "callId": call_id, "status": None})
+            record = dict(known or {"carrier": carrier, "callId": call_id, "status": None})
             old = record["status"]
             if status not in _PROGRESS and status not in FINAL:
                 status = None  # none of Twilio's: not taken as the call's end
@@ -397,7 +399,7 @@ async def record_outcome(
             if status is not None and _rank(status) > _rank(old):
                 record["status"] = status
             record["answeredBy"] = answered_by or record.get("answeredBy")
-            if kept is not None and all(record[k] == kept.get(k) for k in record):
+            if known is not None and all(record[k] == known.get(k) for k in record):
                 break  # nothing new (a late callback): left as it is
             record["updatedAt"] = time.time()
             if await gw.bus.replace(topic, kept, record, retain_s=OUTCOME_TTL_S):
@@ -411,6 +413,13 @@ async def record_outcome(
     if record["status"] != old and record["status"] in UNANSWERED:
         callee = masked_number(to) or "?"
         log.info("%s call %s to %s not answered: %s", carrier, call_id, callee, status)
+
+
+def _is_record(kept: dict[str, Any]) -> bool:
+    """Whether ``kept`` (a call outcome topic's retained JSON object) is an outcome
+    record :func:`record_outcome` can update: its ``status`` is there, a string or null
+    (another object, written by something else, is none: its status cannot be ranked)."""
+    return "status" in kept and (kept["status"] is None or isinstance(kept["status"], str))
 
 
 MAX_CALL_ID_CHARS: Final = 256

@@ -424,3 +424,33 @@ async def test_a_corrupt_outcome_record_is_unknown_not_a_500(
     (warning,) = [r for r in caplog.records if r.name == "gateway.bus"]
     assert warning.levelno == logging.WARNING
     assert f"bus topic 'call-outcome:{sid}': the retained value" in warning.getMessage()
+
+
+@pytest.mark.parametrize("kept", [b'{"note":"not a record"}', b'{"status":["busy"]}'])
+async def test_an_outcome_record_of_another_shape_is_no_500_of_a_callback(
+    kept: bytes, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kept outcome that is a JSON object but not a record (no ``status``, or one that
+    is not a string: written by something else) made every status callback of the call a
+    500 (KeyError, TypeError: record_outcome, which never raises, raised); for a Telnyx
+    webhook the 500 also released its replay key, and the redelivery announced its
+    machine result again. It is no record now, as one that is not JSON: the callback is
+    dropped (204), and POST /v1/calls placing the call writes its record over it."""
+    caplog.set_level(logging.INFO)
+    sid = f"CA{uuid.uuid4().hex}"
+    retained = f"{redis_prefix}:{{call-outcome:{sid}}}:retained"
+    async with (
+        twilio_placing(redis_url=redis_url, redis_prefix=redis_prefix) as (client, api),
+        aioredis.Redis.from_url(redis_url) as raw,
+    ):
+        await raw.set(retained, kept, px=60_000)
+        assert await twilio_status(client, sid, "busy") == 204
+        assert await raw.get(retained) == kept
+        api.answers[("POST", r"/2010-04-01/Accounts/AC\w+/Calls\.json")] = JSONResponse(
+            {"sid": sid, "status": "queued"}, 201
+        )
+        assert await place(client, "twilio", "+15550100") == sid  # its record written over
+        assert (await outcome(client, sid))["status"] == "queued"
+        assert await twilio_status(client, sid, "busy") == 204
+        assert (await outcome(client, sid))["status"] == "busy"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
