@@ -927,9 +927,9 @@ class Conversation:
 
     async def expiry(self, ctx: TurnContext) -> float | None:
         """When the store lets ``ctx``'s session go unless something touches it (epoch s:
-        its last save, a failed turn's too, plus its timeout; a time past may mean a session
-        still kept, by the clock of another instance), or None when :meth:`find` would not
-        say ``found``. Raises StoreUnavailable when the store fails."""
+        its last save, a failed turn's or a client log's too, plus its timeout; a time past
+        may mean a session still kept, by the clock of another instance), or None when
+        :meth:`find` would not say ``found``. Raises StoreUnavailable when the store fails."""
         session = await self.store.get(ctx.key)
         if session is None or session.app_key != ctx.app_key:
             return None
@@ -940,7 +940,8 @@ class Conversation:
     ) -> Literal["stored", "not-found", "foreign"]:
         """Store client log entries with ``ctx``'s session: ``stored``; ``not-found`` when
         it does not exist (or expired), ``foreign`` when it is another application key's
-        (nothing stored).
+        (nothing stored). A stored entry saves the session again, so it records the time
+        (``updated_at``): the store keeps the session ``timeout_s`` from then.
 
         Raises SessionBusy or StoreUnavailable like a turn does.
         """
@@ -952,6 +953,8 @@ class Conversation:
             if txn.session.app_key != ctx.app_key:
                 return "foreign"
             self._append_logs(txn.session, entries)
+            # saved now: the store keeps it timeout_s from now (what expiry() tells)
+            txn.session.updated_at = time.time()
             txn.save(txn.session, txn.session.timeout_s)
             return "stored"
 

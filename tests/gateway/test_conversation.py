@@ -146,6 +146,41 @@ async def test_logs_are_bounded_in_characters_too() -> None:
     assert sum(len(e.text) for e in session.logs) <= 1000
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_stored_log_records_the_time_of_its_save(
+    kind: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Storing client log entries saves the session again, so the store keeps it
+    ``timeout_s`` from then; it kept its old ``updated_at``, so :meth:`Conversation.expiry`
+    (what Voiceflow's idle watch reads) told a time up to a whole timeout too early."""
+    store: SessionStore = (
+        MemorySessionStore()
+        if kind == "memory"
+        else RedisSessionStore(redis_url, prefix=redis_prefix)
+    )
+    conv = engine(store, session_timeout_s=60)
+    try:
+        await conv.turn(ctx(), Input.of("#intro")).collect()
+        turned = await conv.expiry(ctx())
+        assert turned is not None
+        await asyncio.sleep(1.2)
+        assert await conv.log(ctx(), [LogEntry(text="later")]) == "stored"
+        logged = time.time()
+        expiry = await conv.expiry(ctx())
+        assert expiry is not None
+        assert expiry >= turned + 1.0  # moved on by the log's save
+        assert logged - 0.5 <= expiry - 60 <= logged
+        if isinstance(store, RedisSessionStore):  # what Redis itself keeps: the same
+            client = Redis.from_url(redis_url)
+            try:
+                ttl_ms = await client.pttl(f"{redis_prefix}:{{{ctx().key}}}:s")
+            finally:
+                await client.aclose()
+            assert abs((logged + ttl_ms / 1000) - expiry) < 0.5
+    finally:
+        await store.aclose()
+
+
 async def test_turns_of_one_session_run_one_at_a_time(redis_url: str, redis_prefix: str) -> None:
     store = RedisSessionStore(redis_url, prefix=redis_prefix)
     conv = engine(store)
