@@ -9,10 +9,11 @@ Spec: shared/specs/CARRIERS.md "Vonage Voice API WebSocket (linear16)".
   ``WWW-Authenticate: Bearer realm="vonage"``; an invalid one (forged, malformed,
   stale, not this body's, or replayed: a token's ``jti``, else its signature, is used
   once, on every instance, through the gateway's one-time key store while its ``iat``
-  could pass), 401 with ``error="invalid_token"``; 503 with ``Retry-After`` while that
-  store does not answer. (The verifier is not
-  given an application id here, so its 403 ``insufficient_scope`` for another
-  application's token does not arise.) No secret configured: 403 for every request,
+  could pass; a webhook answered with a 5xx, or whose handling raised, gives its key
+  back for Vonage's redelivery: :func:`gateway.io.call.answered_once`), 401 with
+  ``error="invalid_token"``; 503 with ``Retry-After`` while that store does not answer.
+  (The verifier is not given an application id here, so its 403 ``insufficient_scope``
+  for another application's token does not arise.) No secret configured: 403 for every request,
   without a challenge (no token could pass; the caller is not at fault). The answer is the
   NCCO connecting the call to ``wss://<public>/vonage/stream/<token>`` (a one-time
   per-call token) with ``content-type`` ``audio/l16;rate=16000`` and the headers
@@ -59,6 +60,7 @@ from gateway.io.call import (
     CallTokens,
     admit,
     answer_token,
+    answered_once,
     call_config,
     nonce_store_unavailable,
     use_signature_once,
@@ -139,6 +141,14 @@ async def answer(request: Request) -> Response:
         return refusal(exc)  # WWW-Authenticate (RFC 6750 section 3)
     except StoreUnavailable as exc:
         return nonce_store_unavailable(log, "Vonage answer", exc)
+    # a 5xx (or a raise) gives the replay key back, so Vonage's redelivery is not a replay
+    return await answered_once(gw, key, _answer(request, channel, body))
+
+
+async def _answer(request: Request, channel: VonageChannel, body: bytes) -> Response:
+    """The answer to the answer webhook ``body`` that passed its checks (the NCCO; 400
+    for a call ``uuid`` no stream token can carry)."""
+    gw = gateway_of(request)
     params: dict[str, Any] = dict(request.query_params)
     if body:  # read within load_json's bounds; a body that is not JSON is no parameters
         with contextlib.suppress(ProtocolError):

@@ -92,15 +92,22 @@ async def test_an_answer_for_a_uuid_no_call_id_can_be_is_a_400_problem(
 ) -> None:
     """A signed answer whose uuid a stream token cannot carry (longer than 128 characters,
     holding ``|``) or that is not a string at all is refused with a 400 problem, as one
-    without a uuid; the longest a token carries is answered."""
+    without a uuid; the longest a token carries is answered. A 400 is an answer (not a
+    5xx: gateway.io.call.answered_once): its token stays used, sent again it is a replay."""
     async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
         for value in ("x" * 200, "a|b"):
+            token = signed(SECRET)
             r = await client.get(
-                "/vonage/answer", params={"uuid": value}, headers={"Authorization": signed(SECRET)}
+                "/vonage/answer", params={"uuid": value}, headers={"Authorization": token}
             )
             assert r.status_code == 400, r.text
             assert r.headers["content-type"] == "application/problem+json"
             assert r.json()["detail"].startswith("The answer webhook's call uuid is not a call id")
+            again = await client.get(
+                "/vonage/answer", params={"uuid": value}, headers={"Authorization": token}
+            )
+            assert again.status_code == 401, again.text
+            assert "replayed" in again.json()["detail"]
         for uuid_value in ({"a": 1}, ["u1"], 42):
             body = json.dumps({"uuid": uuid_value}).encode()
             headers = {"Authorization": signed(SECRET, body), "Content-Type": "application/json"}
