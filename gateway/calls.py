@@ -190,6 +190,12 @@ class Dialer(Protocol):
         """The carrier's id of the call it accepted (None: not an acceptance)."""
         ...
 
+    async def placed(self, gw: Gateway, request: RestRequest, call_id: str) -> None:
+        """The carrier accepted ``request`` as its call ``call_id``: record what the call's
+        stream needs to know of it (Telnyx: the call its stream token was minted for),
+        before POST /v1/calls answers. Never raises: a failure is logged."""
+        ...
+
 
 def _phone(body: Mapping[str, Any], name: str) -> str:
     value = body.get(name)
@@ -309,6 +315,7 @@ async def place_call(request: Request) -> Response:
             carrierBody=answer.body,
         )
     log.info("Outbound %s call %s to %s placed", carrier, call_id, masked_number(call.to))
+    await dialer.placed(gateway_of(request), rest, call_id)
     await record_outcome(gateway_of(request), carrier, call_id, status="queued", placed=True)
     return JSONResponse(
         {

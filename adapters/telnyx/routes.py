@@ -28,12 +28,17 @@ to that URL, while how it presents the dial's ``stream_auth_token`` (set to the 
 token) is not documented (CARRIERS.md), so an ``Authorization`` header is not read.
 Without a good, unused token the upgrade is refused (HTTP 403). Tokens are keyed by
 GATEWAY_TELNYX_API_KEY (every instance with the same key checks them; used once through
-the nonce store). A token is bound to its call where the gateway knew the call when it
-minted it: a TeXML answer's carries the webhook's ``CallSid`` (the call_control_id), and
-a start naming another ``call_control_id`` is refused (closed 1008 "The stream was
-admitted for another call.", logged; the token stays used). A dial's token is minted
-before Telnyx names the call (:data:`OUTBOUND_CALL`) and admits a start of any call.
-The start's ``client_state``
+the nonce store). A token is bound to its call, and a start naming another
+``call_control_id`` is refused (closed 1008 "The stream was admitted for another call.",
+logged; the token stays used). A TeXML answer's token carries the webhook's ``CallSid``
+(the call_control_id). A dial's token is minted before Telnyx names the call
+(:data:`OUTBOUND_CALL`): once the dial's answer names it, POST /v1/calls binds the token
+to it on the bus (:meth:`TelnyxDialer.placed`: a retained value, in Redis with
+GATEWAY_REDIS_URL, so every instance reads it), and the stream's upgrade reads that
+binding (:func:`dial_call`), waiting up to :data:`DIAL_CALL_WAIT_S` (2 s) for it when
+Telnyx opened the stream first; no binding by then: refused (HTTP 403, logged); the bus
+failing or not answering within the wait: 503 with ``Retry-After``. Either way the
+token stays used. The start's ``client_state``
 (:func:`adapters.telnyx.control.read_client_state`) gives an outbound call's app key and
 ``#intro`` attributes; the stream follows its ``call_control_id``'s call control on
 the bus. The call ends with the ``hangup`` command after the last
@@ -65,6 +70,7 @@ it), ``answering_machine_detection`` ``detect`` and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -81,6 +87,7 @@ from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_STATUS, PO
 from adapters.telnyx.protocol import BIDIRECTIONAL, TelnyxCodec, texml
 from adapters.telnyx.verify import TelnyxVerifier, replayed
 from gateway.breaker import outage_level
+from gateway.bus import BusUnavailable
 from gateway.callcodec import VerificationRefused, load_frame
 from gateway.callcontrol import CallControl, RestAnswer, RestRequest, TransferResult
 from gateway.calls import (
@@ -130,10 +137,21 @@ def telnyx_auth(settings: Settings) -> telnyx.TelnyxAuth | None:
 
 CHANNEL: Final = "telnyx"
 OUTBOUND_CALL: Final = "outbound"
-"""The call id of a dial's stream token: the call_control_id is not known before the dial
-(it is in the dial's answer, after its ``stream_url`` was sent), so such a token admits a
-stream whose start names any call. A TeXML answer's token carries the webhook's
-``CallSid`` (the call's call_control_id) and admits only a start naming that call."""
+"""The call id a dial's stream token carries: the call_control_id is not known before the
+dial (it is in the dial's answer, after its ``stream_url`` was sent), so the token is
+bound to its call afterwards, on the bus (:func:`dial_topic`, :meth:`TelnyxDialer.placed`),
+and its stream admits only a start naming that call (:func:`dial_call`). A TeXML answer's
+token carries the webhook's ``CallSid`` (the call's call_control_id) itself."""
+DIAL_CALL_WAIT_S: Final = 2.0
+"""How long a dial's stream, before its upgrade is accepted, waits for the binding of its
+token to the call (s): Telnyx may open the stream before POST /v1/calls has the dial's
+answer back and wrote the binding."""
+
+
+def dial_topic(nonce: str) -> str:
+    """The bus topic whose retained value ``{"callId": <call_control_id>}`` binds the dial
+    stream token of nonce ``nonce`` (:class:`~gateway.io.call.CallGrant`) to its call."""
+    return f"telnyx-dial:{nonce}"
 
 
 def stream_tokens(settings: Settings) -> CallTokens | None:
@@ -189,6 +207,66 @@ class TelnyxDialer:
     def call_id(self, answer: RestAnswer) -> str | None:
         """The new call's ``call_control_id``."""
         return telnyx.call_id(answer)
+
+    async def placed(self, gw: Gateway, request: RestRequest, call_id: str) -> None:
+        """Bind the dial's stream token (``request``'s ``stream_auth_token``) to the call
+        Telnyx named ``call_id``: the retained value of :func:`dial_topic` for the rest of
+        the token's life, written once (the bus's ``claim``; through Redis with
+        GATEWAY_REDIS_URL, so the instance the stream reaches reads it; a stream waiting
+        for it is told at once). A bus that does not answer is logged (WARNING, DEBUG in
+        an outage already logged): the call's stream will be refused, as one of a token
+        bound to nothing (:func:`dial_call`)."""
+        tokens = stream_tokens(gw.settings)
+        token = request.json.get("stream_auth_token") if isinstance(request.json, dict) else None
+        if tokens is None or not isinstance(token, str):  # request() made both: not reached
+            log.warning("Telnyx call %s: the dial carried no stream token to bind", call_id)
+            return
+        try:
+            grant = tokens.check(token, time.time())
+        except VerificationRefused as exc:  # expired: the dial's answer took minutes
+            log.warning("Telnyx call %s: its stream token is not bound: %s", call_id, exc.reason)
+            return
+        topic, binding = dial_topic(grant.nonce), {"callId": call_id}
+        try:
+            if not await gw.bus.claim(topic, binding, retain_s=max(grant.expires - time.time(), 1)):
+                log.warning("Telnyx call %s: its stream token was bound already", call_id)
+        except BusUnavailable as exc:
+            log.log(
+                outage_level(exc),
+                "Telnyx call %s: its stream token is not bound to it (its stream will be "
+                "refused): %s",
+                call_id,
+                exc,
+            )
+
+
+async def dial_call(gw: Gateway, grant: CallGrant) -> str:
+    """The call_control_id a dial's stream token (``grant``, its call id
+    :data:`OUTBOUND_CALL`) was bound to after the dial (:meth:`TelnyxDialer.placed`), read
+    from the bus; when it is not there yet (Telnyx opened the stream before POST /v1/calls
+    had the dial's answer) waiting for it up to :data:`DIAL_CALL_WAIT_S` s (a subscription:
+    the binding's write wakes it), never longer.
+
+    Raises VerificationRefused (HTTP 403, logged as a refusal) when no call is bound to
+    the token within the wait (the dial's answer came later, never, or its binding could
+    not be written); BusUnavailable (HTTP 503) when the bus fails, or does not answer the
+    subscription within the wait (a hung Redis)."""
+    joined = False
+    try:
+        async with asyncio.timeout(DIAL_CALL_WAIT_S):
+            async with gw.bus.subscribe(dial_topic(grant.nonce)) as binding:
+                joined = True
+                while True:  # the retained value first, then what is published
+                    message = await binding.get(DIAL_CALL_WAIT_S)
+                    call_id = message.get("callId") if message is not None else None
+                    if isinstance(call_id, str) and call_id:
+                        return call_id
+    except TimeoutError:
+        if not joined:
+            raise BusUnavailable(f"Redis did not answer within {DIAL_CALL_WAIT_S:g} s") from None
+        raise VerificationRefused(
+            f"the dial of the stream token named no call within {DIAL_CALL_WAIT_S:g} s"
+        ) from None
 
 
 @router.post("/telnyx/outbound", **POST_TELNYX_OUTBOUND)
@@ -430,18 +508,20 @@ async def telnyx_stream(websocket: WebSocket) -> None:
     gw = gateway_of(websocket)
     tokens = stream_tokens(gw.settings)
 
-    async def check() -> CallGrant:
+    async def check() -> str:
+        """The call the stream is admitted for (the token used, then: it stays used)."""
         if tokens is None:
             raise VerificationRefused("GATEWAY_TELNYX_API_KEY is not set")
         token = _stream_token(websocket)
         if not token:
             raise VerificationRefused("no stream token", status=401)
-        return await use_token(gw, tokens, CHANNEL, token)
+        grant = await use_token(gw, tokens, CHANNEL, token)
+        if grant.call_id == OUTBOUND_CALL:  # a dial's: the call bound to it after the dial
+            return await dial_call(gw, grant)
+        return grant.call_id  # a TeXML answer's: the webhook's CallSid
 
-    grant = await admit(websocket, "Telnyx", check())
-    if grant is None:
+    call_id = await admit(websocket, "Telnyx", check())
+    if call_id is None:
         return
-    # a TeXML answer's token admits only its call's start (another: closed 1008); a
-    # dial's, minted before Telnyx named the call, any call's (OUTBOUND_CALL)
-    call_id = None if grant.call_id == OUTBOUND_CALL else grant.call_id
+    # the token admits only a start naming its call (another: closed 1008)
     await TelnyxCall(websocket, gw, websocket.query_params.get("appKey"), call_id).serve()

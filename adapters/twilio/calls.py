@@ -16,6 +16,7 @@ from __future__ import annotations
 from adapters.twilio import control as twilio
 from gateway.callcontrol import RestAnswer, RestRequest
 from gateway.calls import CallRefused, OutboundCall, public_url
+from gateway.deps import Gateway
 from gateway.settings import Settings
 
 
@@ -35,6 +36,10 @@ class TwilioDialer:
     def default_app_key(self, settings: Settings) -> str:
         """GATEWAY_TWILIO_APP_KEY, the key of inbound calls too."""
         return settings.twilio_app_key
+
+    async def placed(self, gw: Gateway, request: RestRequest, call_id: str) -> None:
+        """Nothing: the stream token is minted by the answer webhook (``/twilio/voice``),
+        which names the call."""
 
     def request(self, settings: Settings, call: OutboundCall) -> RestRequest:
         """``POST /2010-04-01/Accounts/{sid}/Calls.json`` (see the module doc)."""

@@ -328,6 +328,9 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
       (RFC 9110 section 15.6.4) and an RFC 9457 problem body, as the gateway's HTTP
       routes answer a store outage (where the server cannot answer an upgrade with a
       response: a close with 1013, "try again later", RFC 6455 section 7.4.1);
+    - BusUnavailable (the bus, the gateway's Redis, is down or does not answer: a check
+      that reads what another instance recorded, a Telnyx dial's call): logged and
+      answered alike, naming the component ``bus``;
     - any other exception (a bug): logged at ERROR with its traceback; the peer gets a
       bare HTTP 500 problem (else a close with 1011), never the traceback.
     """
@@ -349,6 +352,16 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
             exc,
         )
         detail = "The one-time token store is unavailable; try again later."
+        await _deny(websocket, 503, "Service Unavailable", detail, CLOSE_TRY_AGAIN_LATER)
+        return None
+    except BusUnavailable as exc:
+        log.log(
+            outage_level(exc),
+            "%s stream refused (503): the bus is unavailable (component: bus): %s",
+            carrier,
+            exc,
+        )
+        detail = "The gateway's bus is unavailable; try again later."
         await _deny(websocket, 503, "Service Unavailable", detail, CLOSE_TRY_AGAIN_LATER)
         return None
     except Exception:

@@ -236,8 +236,8 @@ async def test_a_telnyx_call_control_id_holding_slashes_stays_one_path_segment(
     speech: SpeechService,
 ) -> None:
     """The stream's start names the call (its ``call_control_id``, the one its TeXML
-    token was issued for; a dial's token is tied to none): after the goodbye the hang-up goes to ``/v2/calls/<that id>/actions/
-    hangup`` with the id as one path segment, percent-encoded. It went into the URL as
+    token was issued for): after the goodbye the hang-up goes to ``/v2/calls/<that
+    id>/actions/hangup`` with the id as one path segment, percent-encoded. It went into the URL as
     is, so ``/`` and ``..`` in it made the request another endpoint of Telnyx's API (with
     the gateway's API key): ``v3:x/../../numbers/1`` hung up ``/v2/numbers/1/...``."""
     async with TELNYX.gateway(speech) as (gw, api):

@@ -2,28 +2,37 @@
 ``stream_url`` Telnyx connects to (and sends it as ``stream_auth_token``); the stream is
 admitted by that URL's ``token`` only: a token in an ``Authorization`` header alone
 (how Telnyx presents ``stream_auth_token`` is not documented), a forged, a missing or a
-used token is refused before the upgrade (HTTP 403). A TeXML answer's token is bound to
-its call: a start naming another call is closed 1008."""
+used token is refused before the upgrade (HTTP 403). A token is bound to its call (a
+TeXML answer's to its CallSid; a dial's, after the dial's answer, to its call_control_id,
+through the bus): a start naming another call is closed 1008. A dial's stream opened
+before the binding is written waits for it up to 2 s (then 403; 503 when the bus, Redis,
+fails or does not answer)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
 from pydantic import SecretStr
+from starlette.responses import JSONResponse
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.speech.service import SpeechService
 from tests.adapters.telnyx.harness import PUBLIC_KEY, TelnyxHarness, local, signed
-from tests.adapters.twilio.helpers import twilio_gateway
-from tests.calls.carrier_api import carrier_api
+from tests.adapters.twilio.helpers import Served, twilio_gateway, until
+from tests.calls.carrier_api import CarrierApi, carrier_api
+from tests.gateway.redis_proxy import ReplyDropper
 
 ADMIN = "admin-key-token"
 
@@ -160,3 +169,218 @@ async def test_a_texml_webhook_without_a_call_sid_mints_no_token(speech: SpeechS
             assert answer.status_code == 400, answer.text
             assert "CallSid" in answer.json()["detail"]
             assert "<Stream" not in answer.text
+
+
+@contextlib.asynccontextmanager
+async def _dialing(
+    speech: SpeechService, **overrides: Any
+) -> AsyncIterator[tuple[CarrierApi, Served, httpx.AsyncClient]]:
+    """Telnyx's API (the fake), a gateway placing calls through it, and a client of it."""
+    async with (
+        carrier_api() as api,
+        twilio_gateway(
+            speech,
+            admin_keys=frozenset({ADMIN}),
+            telnyx_api_key=SecretStr("KEY-T"),
+            telnyx_connection_id="conn-1",
+            telnyx_api_base_url=api.url,
+            telnyx_public_key=PUBLIC_KEY,
+            **overrides,
+        ) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
+    ):
+        yield api, gw, client
+
+
+async def _place(client: httpx.AsyncClient) -> httpx.Response:
+    """POST /v1/calls of a Telnyx call."""
+    return await client.post(
+        "/v1/calls",
+        json={"carrier": "telnyx", "to": "+15550100", "from": "+15550199"},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+
+
+async def _closed_by(url: str, start: str) -> tuple[int, str]:
+    """Open the stream ``url``, send Telnyx's ``connected`` and ``start``: the close's
+    code and reason."""
+    async with connect(url) as ws:
+        await ws.send('{"event":"connected","version":"1.0.0"}')
+        await ws.send(start)
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(5):
+                while True:
+                    await ws.recv()
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code, closed.value.rcvd.reason
+
+
+async def test_a_dial_token_admits_only_a_start_naming_its_call(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dial's token, minted before Telnyx named the call, is bound to the
+    call_control_id of the dial's answer (POST /v1/calls writes it): a stream opened with
+    it whose start names another call is closed 1008 "The stream was admitted for
+    another call.", logged, no turn run, the token used. Before, it admitted any call:
+    its holder could speak as another call."""
+    async with _dialing(speech) as (api, gw, client):
+        placed = await _place(client)
+        assert placed.status_code == 201, placed.text
+        ccid = placed.json()["callId"]
+        url = local(gw.url, api.requests[0].json["stream_url"])
+        victim = "v3:" + uuid.uuid4().hex
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            closed = await _closed_by(url, _start(victim))
+        assert closed == (1008, "The stream was admitted for another call.")
+        assert [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "another call" in r.getMessage()
+        ] == [f"telnyx call {ccid}: closing (1008): The stream was admitted for another call."]
+        assert not gw.core.turns
+        assert await refused(url) == 403  # the token stays used
+
+
+async def test_a_dial_stream_opened_before_the_dial_is_answered_waits_for_its_call(
+    speech: SpeechService,
+) -> None:
+    """Telnyx may open the stream before POST /v1/calls has the dial's answer back (so
+    before the token is bound to the call): the upgrade waits for the binding (up to
+    2 s) and the stream is then served as its call's, and a start of another call is
+    still closed 1008."""
+    async with _dialing(speech) as (api, gw, client):
+        for named_right in (True, False):
+            ccid = "v3:" + uuid.uuid4().hex
+            api.answers[("POST", "/v2/calls")] = JSONResponse(
+                {"data": {"call_control_id": ccid, "record_type": "call"}}
+            )
+            api.delays[("POST", "/v2/calls")] = 1.0
+            api.requests.clear()
+            placing = asyncio.create_task(_place(client))
+            assert await until(lambda: bool(api.requests), 5)  # the dial is sent
+            url = local(gw.url, api.requests[0].json["stream_url"])
+            if named_right:
+                opened = time.monotonic()
+                async with TelnyxHarness.connect(url, ccid, mic_speed=4.0) as call:
+                    # the upgrade waited for the dial's answer (1 s after the dial)
+                    assert time.monotonic() - opened >= 0.8
+                    await gw.wait_turns(1)
+                    assert gw.core.inputs() == ["#intro"]
+                    await call.wait_for(lambda: len(call.media_frames()) > 0, 20)
+            else:
+                closed = await _closed_by(url, _start("v3:" + uuid.uuid4().hex))
+                assert closed == (1008, "The stream was admitted for another call.")
+            placed = await placing
+            assert placed.status_code == 201, placed.text
+            assert placed.json()["callId"] == ccid
+
+
+async def test_a_dial_stream_whose_call_is_not_named_within_2_s_is_refused(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dial's stream whose token is bound to no call within 2 s (the dial's answer is
+    later still, or never comes) is refused before the upgrade (HTTP 403, logged), the
+    token used; it does not wait for the answer however long it takes."""
+    async with _dialing(speech) as (api, gw, client):
+        api.delays[("POST", "/v2/calls")] = 4.0
+        placing = asyncio.create_task(_place(client))
+        assert await until(lambda: bool(api.requests), 5)  # the dial is sent
+        url = local(gw.url, api.requests[0].json["stream_url"])
+        began = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            assert await refused(url) == 403
+        assert 1.8 <= time.monotonic() - began < 3.5
+        assert not placing.done()
+        assert [r.getMessage() for r in caplog.records if "stream refused" in r.getMessage()] == [
+            "Telnyx stream refused: the dial of the stream token named no call within 2 s"
+        ]
+        assert (await placing).status_code == 201
+        assert await refused(url) == 403  # bound now, but used
+        assert not gw.core.turns
+
+
+async def test_a_dial_token_is_bound_for_every_instance_through_redis(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    """With GATEWAY_REDIS_URL the binding is Redis's: a dial placed on instance A, whose
+    stream Telnyx opens on B before A has the dial's answer, is served on B as its call
+    once A binds the token (B's wait is woken through Redis); a start naming another
+    call is closed 1008 there too."""
+    shared: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    async with (
+        _dialing(speech, **shared) as (api, a, client),
+        twilio_gateway(
+            speech, telnyx_api_key=SecretStr("KEY-T"), telnyx_public_key=PUBLIC_KEY, **shared
+        ) as b,
+    ):
+        for named_right in (True, False):
+            ccid = "v3:" + uuid.uuid4().hex
+            api.answers[("POST", "/v2/calls")] = JSONResponse(
+                {"data": {"call_control_id": ccid, "record_type": "call"}}
+            )
+            api.delays[("POST", "/v2/calls")] = 1.0
+            api.requests.clear()
+            placing = asyncio.create_task(_place(client))
+            assert await until(lambda: bool(api.requests), 5)  # the dial is sent
+            url = local(b.url, api.requests[0].json["stream_url"])
+            if named_right:
+                async with TelnyxHarness.connect(url, ccid, mic_speed=4.0) as call:
+                    await b.wait_turns(1)
+                    assert b.core.inputs() == ["#intro"]
+                    await call.wait_for(lambda: len(call.media_frames()) > 0, 20)
+            else:
+                closed = await _closed_by(url, _start("v3:" + uuid.uuid4().hex))
+                assert closed == (1008, "The stream was admitted for another call.")
+            assert (await placing).status_code == 201
+        assert not a.core.turns
+
+
+async def test_a_dial_stream_whose_binding_redis_fails_to_read_is_refused_503(
+    speech: SpeechService,
+    redis_prefix: str,
+    reply_dropper: tuple[ReplyDropper, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis failing when a dial's stream reads its binding (the nonce store still
+    answers: the token is used) is refused at once, 503 with ``Retry-After`` and a
+    WARNING naming ``component: bus``, not a 403 and not a hang; the token stays used.
+    A Redis that does not answer that read is refused 503 alike after the 2 s wait."""
+    proxy, proxied = reply_dropper
+    async with _dialing(speech, redis_url=proxied, redis_prefix=redis_prefix) as (api, gw, client):
+        assert (await _place(client)).status_code == 201
+        assert (await _place(client)).status_code == 201
+        url, hung = (local(gw.url, r.json["stream_url"]) for r in api.requests)
+        proxy.drop_replies_to = b"telnyx-dial:"  # the subscription's, every time
+        began = time.monotonic()
+        with (
+            caplog.at_level(logging.WARNING, logger="gateway"),
+            pytest.raises(InvalidStatus) as exc,
+        ):
+            async with connect(url):
+                pass
+        assert time.monotonic() - began < 3.0
+        assert exc.value.response.status_code == 503
+        assert exc.value.response.headers["Retry-After"] == "1"
+        assert proxy.dropped > 0
+        assert any(
+            "Telnyx stream refused (503): the bus is unavailable (component: bus)" in r.getMessage()
+            for r in caplog.records
+        ), caplog.text
+        proxy.drop_replies_to = None
+        assert await refused(url) == 403  # the token stays used
+        caplog.clear()
+        proxy.stall_after(b"telnyx-dial:", 4.0)  # the read after the SUBSCRIBE: 4 s late
+        began = time.monotonic()
+        with (
+            caplog.at_level(logging.WARNING, logger="gateway"),
+            pytest.raises(InvalidStatus) as exc,
+        ):
+            async with connect(hung):
+                pass
+        assert 1.8 <= time.monotonic() - began < 3.0
+        assert exc.value.response.status_code == 503
+        assert [r.getMessage() for r in caplog.records if "stream refused" in r.getMessage()] == [
+            "Telnyx stream refused (503): the bus is unavailable (component: bus): "
+            "Redis did not answer within 2 s"
+        ]
+        assert not gw.core.turns
