@@ -76,6 +76,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Final
 from urllib.parse import parse_qsl, urlencode
 
@@ -272,12 +273,7 @@ async def dial_call(gw: Gateway, grant: CallGrant) -> str:
 @router.post("/telnyx/outbound", **POST_TELNYX_OUTBOUND)
 async def telnyx_outbound(request: Request) -> Response:
     """Call Control webhooks of calls placed here (see the module doc)."""
-    gw = gateway_of(request)
-    signed = await _signed_body(gw, request)
-    if isinstance(signed, Response):
-        return signed
-    body, key = signed
-    return await answered_once(gw, key, _outbound(gw, body))
+    return await _answered_once(request, lambda gw, body: _outbound(gw, body))
 
 
 async def _outbound(gw: Gateway, body: bytes) -> Response:
@@ -331,6 +327,19 @@ async def _hung_up(
 # ------------------------------------------------------------------ inbound TeXML
 
 
+async def _answered_once(
+    request: Request, handle: Callable[[Gateway, bytes], Awaitable[Response]]
+) -> Response:
+    """A signed webhook's answer: :func:`_signed_body`'s refusal, or ``handle(gw, body)``
+    through :func:`gateway.io.call.answered_once` (a 5xx gives the replay key back)."""
+    gw = gateway_of(request)
+    signed = await _signed_body(gw, request)
+    if isinstance(signed, Response):
+        return signed
+    body, key = signed
+    return await answered_once(gw, key, handle(gw, body))
+
+
 async def _signed_body(gw: Gateway, request: Request) -> tuple[bytes, str] | Response:
     """A Telnyx webhook's body (at most GATEWAY_MAX_BODY_BYTES) and the replay key its
     signature used, when the Ed25519 signature is good and was not used before; else the
@@ -363,12 +372,7 @@ async def _signed_body(gw: Gateway, request: Request) -> tuple[bytes, str] | Res
 @router.post("/telnyx/texml", response_model=None, **POST_TELNYX_TEXML)
 async def telnyx_texml(request: Request) -> Response:
     """An inbound call's TeXML answer (module doc); ``?appKey=`` names the application."""
-    gw = gateway_of(request)
-    signed = await _signed_body(gw, request)
-    if isinstance(signed, Response):
-        return signed
-    body, key = signed
-    return await answered_once(gw, key, _texml(request, body))
+    return await _answered_once(request, lambda gw, body: _texml(request, body))
 
 
 def _texml_call_sid(body: bytes) -> object:
@@ -408,12 +412,7 @@ async def _texml(request: Request, body: bytes) -> Response:
 @router.post("/telnyx/status", status_code=204, response_class=Response, **POST_TELNYX_STATUS)
 async def telnyx_status(request: Request) -> Response:
     """A TeXML call's status callback (module doc)."""
-    gw = gateway_of(request)
-    signed = await _signed_body(gw, request)
-    if isinstance(signed, Response):
-        return signed
-    body, key = signed
-    return await answered_once(gw, key, _status(request, body))
+    return await _answered_once(request, lambda gw, body: _status(request, body))
 
 
 async def _status(request: Request, body: bytes) -> Response:

@@ -310,6 +310,18 @@ def nonce_store_unavailable(log: logging.Logger, what: str, exc: StoreUnavailabl
     return unavailable
 
 
+_OUTAGES: Final = (
+    (
+        "the one-time token store",
+        "nonce-store",
+        "The one-time token store is unavailable; try again later.",
+    ),
+    ("the bus", "bus", "The gateway's bus is unavailable; try again later."),
+)
+"""What :func:`admit` says of an outage, indexed by whether it is the bus's: (the log's
+name of the component, its ``component:`` tag, the problem's detail)."""
+
+
 async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | None:
     """Admit a carrier's stream: await the route's ``check`` of the upgrade (a token,
     credentials), then accept the WebSocket; ``check``'s value (a :class:`CallGrant`).
@@ -343,25 +355,16 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
         with contextlib.suppress(*SEND_ERRORS):
             await websocket.close(code=CLOSE_POLICY)  # before accept: HTTP 403
         return None
-    except StoreUnavailable as exc:
-        log.log(  # refused by the Redis client's open breaker: it logged the outage once
-            outage_level(exc),
-            "%s stream refused (503): the one-time token store is unavailable "
-            "(component: nonce-store): %s",
-            carrier,
-            exc,
-        )
-        detail = "The one-time token store is unavailable; try again later."
-        await _deny(websocket, 503, "Service Unavailable", detail, CLOSE_TRY_AGAIN_LATER)
-        return None
-    except BusUnavailable as exc:
+    except (StoreUnavailable, BusUnavailable) as exc:  # the Redis client's breaker logged it
+        what, component, detail = _OUTAGES[type(exc) is BusUnavailable]
         log.log(
             outage_level(exc),
-            "%s stream refused (503): the bus is unavailable (component: bus): %s",
+            "%s stream refused (503): %s is unavailable (component: %s): %s",
             carrier,
+            what,
+            component,
             exc,
         )
-        detail = "The gateway's bus is unavailable; try again later."
         await _deny(websocket, 503, "Service Unavailable", detail, CLOSE_TRY_AGAIN_LATER)
         return None
     except Exception:
