@@ -13,7 +13,15 @@ from collections.abc import Iterable
 from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.events import MAX_TIMEOUT_S
@@ -193,7 +201,8 @@ class Settings(BaseSettings):
     )
     public_url: str = Field(
         default="http://localhost:8080",
-        description="Base URL under which clients and platforms reach this gateway.",
+        description="Base URL under which clients and platforms reach this gateway; unset: "
+        "http://localhost:{port} (GATEWAY_PORT or --port).",
     )
 
     console_enabled: bool = Field(
@@ -870,6 +879,16 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
         return value
+
+    @model_validator(mode="after")
+    def _public_url_on_port(self) -> Settings:
+        """GATEWAY_PUBLIC_URL unset: ``http://localhost:{port}``, so that the links of a
+        gateway served on another port than 8080 (``gateway serve --port 9000``) lead
+        back to it (before, they named port 8080 whatever the port). Port 0 (the OS
+        picks one) keeps ``http://localhost:8080``: no URL can name it in advance."""
+        if "public_url" not in self.model_fields_set and self.port:
+            self.public_url = f"http://localhost:{self.port}"
+        return self
 
     @field_validator("telnyx_public_key", mode="after")
     @classmethod

@@ -5,7 +5,9 @@ use them later."""
 from __future__ import annotations
 
 import base64
+import re
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
@@ -13,7 +15,7 @@ from adapters.vonage.protocol import RATES
 from gateway.cli import startup_warnings
 from gateway.events import MAX_TIMEOUT_S
 from gateway.settings import Settings
-from tests.conftest import serve_refused
+from tests.conftest import GatewayProcess, serve_refused
 
 
 @pytest.mark.parametrize("value", ["44100", "11025", "0", "-16000"])
@@ -74,6 +76,49 @@ def test_a_public_url_without_a_scheme_or_host_is_refused(
     monkeypatch.setenv("GATEWAY_PUBLIC_URL", url)
     with pytest.raises(ValidationError, match="public_url"):
         Settings()
+
+
+def test_an_unset_public_url_names_the_port_the_gateway_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GATEWAY_PUBLIC_URL unset: http://localhost:{port}; set, it is kept as given."""
+    monkeypatch.delenv("GATEWAY_PUBLIC_URL", raising=False)
+    monkeypatch.delenv("GATEWAY_PORT", raising=False)
+    assert Settings().public_url == "http://localhost:8080"
+    assert Settings(port=9000).public_url == "http://localhost:9000"
+    assert Settings(port=0).public_url == "http://localhost:8080"  # no URL names port 0
+    monkeypatch.setenv("GATEWAY_PORT", "9100")
+    assert Settings().public_url == "http://localhost:9100"
+    monkeypatch.setenv("GATEWAY_PUBLIC_URL", "https://gateway.example.com")
+    assert Settings().public_url == "https://gateway.example.com"
+    assert Settings(port=9000).public_url == "https://gateway.example.com"
+
+
+def test_the_tts_links_of_a_gateway_served_on_another_port_lead_back_to_it() -> None:
+    """``gateway serve --port P`` with nothing else set (the README's first command on
+    another port): every V2 answer's audio link named port 8080, where nothing answered;
+    it names P and returns the audio."""
+    gateway = GatewayProcess({})
+    gateway.env.pop("GATEWAY_PUBLIC_URL", None)
+    gateway.env.pop("GATEWAY_REDIS_URL", None)
+    gateway.start()
+    try:
+        answer = httpx.put(
+            f"{gateway.url}/client?key=demo",
+            content="hello there",
+            headers={"content-type": "text/plain"},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        links = re.findall(r"audio=(\S+?)\)", answer.text)
+        assert links, answer.text
+        assert links[0].startswith(f"http://localhost:{gateway.port}/file/tts/"), links
+        audio = httpx.get(links[0], timeout=60)
+        assert audio.status_code == 200
+        assert audio.headers["content-type"] == "audio/mpeg"
+        assert len(audio.content) > 1000
+    finally:
+        gateway.stop()
 
 
 @pytest.mark.parametrize("port", ["70000", "-1"])

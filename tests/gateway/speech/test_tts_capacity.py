@@ -20,7 +20,7 @@ from tests.conftest import GatewayProcess
 
 KEY = "tts-test"
 TEXT = {"Content-Type": "text/plain"}
-LINK = re.compile(r"^# \(audio=http://localhost:8080(/file/tts/[0-9a-f]{64}\.mp3)\)$", re.M)
+LINK = re.compile(r"^# \(audio=http://localhost:\d+(/file/tts/[0-9a-f]{64}\.mp3)\)$", re.M)
 
 
 def links(answer: str) -> list[str]:
