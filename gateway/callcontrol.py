@@ -7,7 +7,8 @@ The requests themselves are built, pure, by each adapter's ``control.py``
 ``httpx.AsyncClient`` per carrier API (GATEWAY_CALLS_TIMEOUT_S per request) and hands
 back a :class:`RestAnswer`. Base URLs come from settings (GATEWAY_TWILIO_API_BASE_URL,
 GATEWAY_TELNYX_API_BASE_URL, GATEWAY_VONAGE_API_BASE_URL, GATEWAY_PLIVO_API_BASE_URL),
-so tests point them at a local server.
+so tests point them at a local server. A call id goes into a request's URL as one path
+segment, whatever it holds (:func:`path_segment`).
 
 :func:`log_transfer` writes the one record of a transfer: a log line with its fields
 (no store keeps them; nothing but the log read the in-memory list there was).
@@ -23,12 +24,27 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from gateway.protocol import ProtocolError, load_json
 
 log = logging.getLogger("gateway.callcontrol")
+
+
+def path_segment(call_id: str) -> str:
+    """``call_id`` (a carrier's call id, non-empty: a Telnyx ``call_control_id``, a Plivo
+    ``CallUUID``, a Vonage ``uuid``) as one path segment of a carrier API's URL:
+    percent-encoded (RFC 3986 section 2.1) but for the unreserved characters and ``:``
+    (Telnyx's ``v3:…`` ids go as Telnyx writes them), and a segment of dots alone
+    (``.``, ``..``) with its dots encoded too (``%2E``), since a client removes
+    dot-segments from a URL's path (RFC 3986 section 5.2.4; httpx does). So a ``/``,
+    ``..``, ``?``, ``#`` or ``%`` in the id (which comes from a stream's start or a
+    webhook) never makes the command's URL another endpoint of the API, a query or a
+    fragment: ``a/../b`` is ``a%2F..%2Fb``, ``..`` is ``%2E%2E``."""
+    segment = quote(call_id, safe=":")
+    return segment.replace(".", "%2E") if not segment.strip(".") else segment
 
 
 @dataclass(frozen=True)

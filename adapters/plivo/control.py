@@ -9,6 +9,11 @@ From Plivo's API reference ("Transfer a call", "Hang up a call"; plivo-python
 - hang-up: ``DELETE /v1/Account/{auth_id}/Call/{call_uuid}/``: 204 OK, 404 the call
   had already ended (CARRIERS.md "Plivo");
 - auth: HTTP Basic ``auth_id:auth_token``.
+
+The call's UUID is one path segment of the URL, percent-encoded
+(:func:`gateway.callcontrol.path_segment`): it comes from the stream's start, and a
+``/``, ``..``, ``?`` or ``#`` in it must not make the request another endpoint of
+Plivo's API (with the account's credentials).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import base64
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from gateway.callcontrol import RestAnswer, RestRequest
+from gateway.callcontrol import RestAnswer, RestRequest, path_segment
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,10 @@ class PlivoAuth:
     base_url: str = "https://api.plivo.com"
 
     def call_url(self, call_uuid: str) -> str:
-        """``<base>/v1/Account/{auth_id}/Call/{call_uuid}/``."""
-        return f"{self.base_url.rstrip('/')}/v1/Account/{self.auth_id}/Call/{call_uuid}/"
+        """``<base>/v1/Account/{auth_id}/Call/{call_uuid}/``, ``call_uuid`` one path
+        segment (:func:`gateway.callcontrol.path_segment`)."""
+        base = f"{self.base_url.rstrip('/')}/v1/Account/{self.auth_id}"
+        return f"{base}/Call/{path_segment(call_uuid)}/"
 
     @property
     def headers(self) -> dict[str, str]:

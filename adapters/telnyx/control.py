@@ -9,7 +9,8 @@ From Telnyx's API reference (https://developers.telnyx.com/api-reference/call-co
   ``webhook_url`` and the stream fields ``stream_url``, ``stream_track``,
   ``stream_bidirectional_mode``, ``stream_bidirectional_codec``,
   ``stream_bidirectional_sampling_rate`` (CARRIERS.md "Telnyx", "Enable");
-- transfer: ``POST /v2/calls/{call_control_id}/actions/transfer`` JSON ``to``;
+- transfer: ``POST /v2/calls/{call_control_id}/actions/transfer`` JSON ``to``
+  (the id one path segment, percent-encoded: :func:`gateway.callcontrol.path_segment`);
 - hang-up: ``POST /v2/calls/{call_control_id}/actions/hangup`` JSON ``{}``;
   HTTP 422 with error code ``90018`` means the call had already ended (CARRIERS.md);
 - auth: ``Authorization: Bearer <API key>``.
@@ -35,10 +36,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import quote
 
 from adapters.telnyx.protocol import stream_fields
-from gateway.callcontrol import RestAnswer, RestRequest
+from gateway.callcontrol import RestAnswer, RestRequest, path_segment
 from gateway.events import Input
 from gateway.protocol import ProtocolError, load_json
 
@@ -135,19 +135,12 @@ def dial(
     return RestRequest("POST", auth.url("/calls"), auth.headers, json=body)
 
 
-def _segment(call_control_id: str) -> str:
-    """``call_control_id`` as one path segment (percent-encoded but for ``:``): the id comes
-    from the stream's start, and a ``/`` or ``..`` in it must not make the command's URL
-    another endpoint of the API."""
-    return quote(call_control_id, safe=":")
-
-
 def transfer(auth: TelnyxAuth, call_control_id: str, target: str) -> RestRequest:
     """Transfer the call to ``target`` (E.164 number, ``tel:`` stripped, or SIP URI)."""
     to = target.strip().removeprefix("tel:")
     return RestRequest(
         "POST",
-        auth.url(f"/calls/{_segment(call_control_id)}/actions/transfer"),
+        auth.url(f"/calls/{path_segment(call_control_id)}/actions/transfer"),
         auth.headers,
         json={"to": to},
     )
@@ -157,7 +150,7 @@ def hang_up(auth: TelnyxAuth, call_control_id: str) -> RestRequest:
     """Hang the call up."""
     return RestRequest(
         "POST",
-        auth.url(f"/calls/{_segment(call_control_id)}/actions/hangup"),
+        auth.url(f"/calls/{path_segment(call_control_id)}/actions/hangup"),
         auth.headers,
         json={},
     )

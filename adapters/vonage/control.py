@@ -13,6 +13,11 @@ in the caller ID being unknown" (NCCO reference, ``connect``; Vonage's "Numbers"
 the inbound call's answer webhook. No REST hang-up: the gateway ends a Vonage call
 by closing its WebSocket (the NCCO has nothing after the ``connect``).
 
+The call's uuid is one path segment of the URL, percent-encoded
+(:func:`gateway.callcontrol.path_segment`): it comes from the stream, and a ``/``,
+``..``, ``?`` or ``#`` in it must not make the request another endpoint of the API
+(with the application's JWT).
+
 Auth: ``Authorization: Bearer <JWT>``, an RS256 JWT signed with the application's
 private key with the claims ``application_id``, ``iat``, ``exp`` and ``jti``
 (Vonage's "Authentication: JWTs"), made with PyJWT.
@@ -27,7 +32,7 @@ from typing import Any, Final
 
 import jwt
 
-from gateway.callcontrol import RestRequest
+from gateway.callcontrol import RestRequest, path_segment
 
 JWT_TTL_S: Final = 300
 _NUMBER: Final = re.compile(r"[1-9][0-9]{6,14}")
@@ -91,5 +96,5 @@ def transfer(
     module doc)."""
     ncco = connect_ncco(target, from_)
     body = {"action": "transfer", "destination": {"type": "ncco", "ncco": ncco}}
-    url = f"{auth.base_url.rstrip('/')}/v1/calls/{call_uuid}"
+    url = f"{auth.base_url.rstrip('/')}/v1/calls/{path_segment(call_uuid)}"
     return RestRequest("PUT", url, auth.headers(now), json=body)

@@ -5,7 +5,8 @@ into the ``#intro`` (an outbound call's ``attributes``, Telnyx's ``client_state`
 Vonage answer's body are JSON read within load_json's bounds; Telnyx webhooks whose
 ``client_state`` or ``event_type`` have the wrong type are no events of ours; a start
 saying 0 Hz or 0 channels is a format the gateway cannot take (1003); the Telnyx
-``call_control_id`` a start names stays one path segment of the hang-up's URL; the
+``call_control_id`` (Plivo: ``callId``) a start names stays one path segment of the
+hang-up's URL; the
 refusal of a Vonage content-type names every rate taken."""
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from gateway.speech.service import SpeechService
 from tests.adapters.carriers import closed_with, upgrade_status
 from tests.adapters.exotel.harness import CARRIER as EXOTEL
 from tests.adapters.exotel.harness import basic
+from tests.adapters.plivo.harness import AUTH_ID as PLIVO_AUTH_ID
 from tests.adapters.plivo.harness import CARRIER as PLIVO
-from tests.adapters.plivo.harness import ask_answer
+from tests.adapters.plivo.harness import PlivoHarness, ask_answer
 from tests.adapters.telnyx.harness import CARRIER as TELNYX
 from tests.adapters.telnyx.harness import TelnyxHarness, ask_texml, local
 from tests.adapters.telnyx.harness import signed as telnyx_signed
@@ -252,6 +254,26 @@ async def test_a_telnyx_call_control_id_holding_slashes_stays_one_path_segment(
         assert hangup.method == "POST"
         assert hangup.path == f"/v2/calls/{ccid}/actions/hangup"  # decoded by the server
         assert hangup.raw_path == b"/v2/calls/v3:x%2F..%2F..%2Fnumbers%2F1/actions/hangup"
+
+
+async def test_a_plivo_call_uuid_holding_slashes_stays_one_path_segment(
+    speech: SpeechService,
+) -> None:
+    """As Telnyx's: a Plivo stream's start names the call (its ``callId``, the
+    ``CallUUID`` its token was issued for), and after the goodbye the hang-up goes to
+    ``/v1/Account/<id>/Call/<that id>/`` with the id one percent-encoded path segment. It
+    went into the URL as is: ``x/../../../Account/MA2/Call/y?z#`` hung up another
+    account's call (with this account's credentials), ``?`` and ``#`` cut the URL."""
+    async with PLIVO.gateway(speech) as (gw, api):
+        gw.app.state.gateway.conversation.pipeline = _ByeAtOnce()
+        call_uuid = "x/../../../Account/MA2/Call/y?z#"
+        url = await _plivo_stream(gw, call_uuid)
+        async with PlivoHarness.opened(url, call_uuid, "") as call:
+            await call.wait_for(lambda: call.closed_at is not None, within_s=15)
+        (hangup,) = api.requests
+        assert hangup.method == "DELETE"
+        segment = "x%2F..%2F..%2F..%2FAccount%2FMA2%2FCall%2Fy%3Fz%23"
+        assert hangup.raw_path == f"/v1/Account/{PLIVO_AUTH_ID}/Call/{segment}/".encode()
 
 
 async def test_a_vonage_content_type_refusal_names_every_rate_taken(speech: SpeechService) -> None:

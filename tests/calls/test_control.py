@@ -8,6 +8,7 @@ import base64
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
+from urllib.parse import unquote
 
 import jwt
 import pytest
@@ -290,6 +291,62 @@ async def test_plivo_transfer_and_hang_up() -> None:
     user = ET.fromstring(plivo.dial_xml("sip:a@b.example")).find("./Dial/User")
     assert user is not None
     assert user.text == "sip:a@b.example"
+
+
+ODD_CALL_IDS = [
+    ("a/b", "a%2Fb"),
+    ("x/../../numbers/1", "x%2F..%2F..%2Fnumbers%2F1"),
+    ("..", "%2E%2E"),
+    (".", "%2E"),
+    ("a?b=c&d", "a%3Fb%3Dc%26d"),
+    ("a#b", "a%23b"),
+    ("100%", "100%25"),
+    ("%2F..%2F", "%252F..%252F"),
+    ("v3:Ab-_.~9", "v3:Ab-_.~9"),
+]
+"""Call ids as a stream's start or a webhook may name them, and the one path segment each
+is in a command's URL (percent-encoded; ``:`` and the unreserved characters as they are;
+a segment of dots alone encoded too: a client removes dot-segments)."""
+
+
+@pytest.mark.parametrize(("call_id", "segment"), ODD_CALL_IDS, ids=[c for c, _ in ODD_CALL_IDS])
+async def test_a_call_id_is_one_path_segment_of_every_carriers_command(
+    call_id: str, segment: str
+) -> None:
+    """Plivo's and Vonage's URLs took the call id as it was, and Telnyx's left a segment
+    of dots alone as it was: ``/``, ``..``, ``?``, ``#`` or ``%`` in it made the command
+    (with the account's credentials) another endpoint of the API, a query or a
+    fragment (``..`` hung up ``/v2/actions/hangup``, ``a?b`` PUT ``/v1/calls/a``). Each
+    command now reaches the call's own URL, the id one percent-encoded segment, as the
+    carrier's server sees it (the raw path), which decodes to the id."""
+    pem, _ = rsa_pem()
+    async with carrier_api() as api:
+        control = CallControl(5.0)
+        tauth = telnyx.TelnyxAuth("KEY", api.url)
+        pauth = plivo.PlivoAuth("MA1", "ptoken", api.url)
+        vauth = vonage.VonageAuth("app-1", pem, api.url)
+        sent = [
+            (telnyx.hang_up(tauth, call_id), "/v2/calls/", "/actions/hangup"),
+            (telnyx.transfer(tauth, call_id, "+15550123"), "/v2/calls/", "/actions/transfer"),
+            (plivo.hang_up(pauth, call_id), "/v1/Account/MA1/Call/", "/"),
+            (
+                plivo.transfer(pauth, call_id, "https://gw.example.com/x"),
+                "/v1/Account/MA1/Call/",
+                "/",
+            ),
+            (vonage.transfer(vauth, call_id, "+15550123", time.time()), "/v1/calls/", ""),
+        ]
+        try:
+            for request, _, _ in sent:
+                await control.send(request)
+        finally:
+            await control.aclose()
+    assert len(api.requests) == len(sent)
+    for (request, before, after), got in zip(sent, api.requests, strict=True):
+        assert got.method == request.method
+        assert got.raw_path == f"{before}{segment}{after}".encode(), request.url
+        assert not set(segment) & set("/?#")
+        assert unquote(segment) == call_id  # decoded: the id, whole
 
 
 async def test_an_unreachable_api_is_a_call_control_error() -> None:
