@@ -63,7 +63,10 @@ HANGUP_STATUS: Final = {
 """``call.hangup``'s ``hangup_cause`` as Twilio's ``CallStatus``; any other cause
 (``not_found``, ``unspecified``, ...) is ``failed``."""
 MAX_CALL_ID: Final = 256
-"""The longest ``CallSid`` taken from a status callback (a call_control_id is ~60)."""
+"""The longest call_control_id taken from a webhook (``call.hangup``, an AMD result,
+``call.answered``) or a TeXML status callback's ``CallSid`` (a call_control_id is ~60
+characters), as ``GET /v1/calls/{callId}`` (gateway/calls.py ``MAX_CALL_ID_CHARS``): a
+longer one is no call of the gateway's, its webhook ignored (:func:`overlong_call_id`)."""
 
 
 @dataclass(frozen=True)
@@ -179,19 +182,39 @@ def _event_type(data: Mapping[str, Any]) -> str:
     return kind if isinstance(kind, str) else ""
 
 
+def _call_id(payload: Mapping[str, Any]) -> str | None:
+    """A webhook payload's ``call_control_id`` when it is one the gateway takes: a string
+    of 1 to :data:`MAX_CALL_ID` characters (the longest ``GET /v1/calls/{callId}`` and the
+    outcome records take); None otherwise."""
+    ccid = payload.get("call_control_id")
+    return ccid if isinstance(ccid, str) and 0 < len(ccid) <= MAX_CALL_ID else None
+
+
+def overlong_call_id(event: Any) -> str | None:
+    """The ``call_control_id`` of the webhook ``event`` (parsed JSON) when it is a string
+    longer than :data:`MAX_CALL_ID`: no call the gateway placed or serves has such an id
+    (its outcome could not be recorded or read, its stream's token could not carry it),
+    so the webhook is no event the gateway acts on (:func:`hangup_of`,
+    :func:`machine_input`, :func:`outcome_of` read none); None for any other webhook."""
+    data = event.get("data") if isinstance(event, dict) else None
+    payload = data.get("payload") if isinstance(data, dict) else None
+    ccid = payload.get("call_control_id") if isinstance(payload, dict) else None
+    return ccid if isinstance(ccid, str) and len(ccid) > MAX_CALL_ID else None
+
+
 def hangup_of(event: Any) -> tuple[str, str | None] | None:
     """``(call_control_id, appKey)`` when the webhook ``event`` (parsed JSON) is
     ``call.hangup``: the call ended; ``appKey`` of the ``client_state`` the call was placed
     with (None when it names none). None for any other event or one without a
-    ``call_control_id``."""
+    ``call_control_id`` of 1 to :data:`MAX_CALL_ID` characters (:func:`overlong_call_id`)."""
     data = event.get("data") if isinstance(event, dict) else None
     if not isinstance(data, dict) or data.get("event_type") != "call.hangup":
         return None
     payload = data.get("payload")
     if not isinstance(payload, dict):
         return None
-    ccid = payload.get("call_control_id")
-    if not isinstance(ccid, str) or not ccid:
+    ccid = _call_id(payload)
+    if ccid is None:
         return None
     app_key = read_client_state(payload.get("client_state")).get("appKey")
     return ccid, app_key if isinstance(app_key, str) and app_key else None
@@ -209,7 +232,8 @@ def texml_call_ended(form: Mapping[str, str]) -> str | None:
 
 def machine_input(event: Any) -> tuple[str, Input] | None:
     """``(call_control_id, #machine input)`` when the webhook ``event`` (parsed JSON) says
-    a machine answered; None for any other event or a person.
+    a machine answered; None for any other event, a person, or a ``call_control_id`` that
+    is not 1 to :data:`MAX_CALL_ID` characters (:func:`overlong_call_id`).
 
     The input's attributes: ``answeredBy`` (Telnyx's ``result``), ``callControlId``
     and the ``clientState`` the call was placed with.
@@ -220,8 +244,8 @@ def machine_input(event: Any) -> tuple[str, Input] | None:
     payload = data.get("payload")
     if not isinstance(payload, dict):
         return None
-    result, ccid = payload.get("result"), payload.get("call_control_id")
-    if not isinstance(result, str) or not isinstance(ccid, str) or "machine" not in result:
+    result, ccid = payload.get("result"), _call_id(payload)
+    if not isinstance(result, str) or ccid is None or "machine" not in result:
         return None
     attributes = {
         "answeredBy": result,
@@ -252,8 +276,8 @@ def outcome_of(event: Any) -> Outcome | None:
     if not isinstance(data, dict) or not isinstance(data.get("payload"), dict):
         return None
     kind, payload = _event_type(data), data["payload"]
-    ccid, to, result = payload.get("call_control_id"), payload.get("to"), payload.get("result")
-    if not isinstance(ccid, str) or not 0 < len(ccid) <= MAX_CALL_ID:
+    ccid, to, result = _call_id(payload), payload.get("to"), payload.get("result")
+    if ccid is None:
         return None
     to = to if isinstance(to, str) else ""
     if kind == "call.answered":

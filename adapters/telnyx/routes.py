@@ -14,7 +14,11 @@ ends the call's session (app key from its ``client_state``). ``call.answered``,
 ``call.hangup`` and the AMD result are recorded as the call's outcome
 (:func:`adapters.telnyx.control.outcome_of`, gateway/calls.py ``record_outcome``) when
 POST /v1/calls placed it (a record exists); those of another call (an inbound call, a
-transfer's leg) make no record.
+transfer's leg) make no record. A webhook whose ``call_control_id`` is longer than
+:data:`~adapters.telnyx.control.MAX_CALL_ID` (256) characters names no call of the
+gateway's (``GET /v1/calls/{callId}`` takes no longer id, a stream token carries none):
+it is ignored, whatever its event (logged at WARNING, the id clipped), and answered as
+other webhooks the gateway does not act on.
 200 ``{}``; 503 problem with ``Retry-After`` when a machine result could not be handed on
 (the bus, the gateway's Redis, is down: Telnyx delivers it again, and the signature it
 used is released for that redelivery: :func:`gateway.io.call.answered_once`).
@@ -57,7 +61,8 @@ form-urlencoded ``CallSid``, ``CallStatus``; Ed25519-verified like the webhooks)
 ``no-answer``, ``canceled``: :func:`adapters.telnyx.control.texml_call_ended`) of a call
 no instance serves (its instance died) ends the call's session (app key ``?appKey=``,
 else ``telnyx``), as ``call.hangup`` does for outbound calls; one served is left to its
-instance. 204; 400 problem for a body that is not UTF-8.
+instance. A ``CallSid`` longer than 256 characters is ignored as on ``/telnyx/outbound``
+(WARNING). 204; 400 problem for a body that is not UTF-8.
 
 Outbound (:class:`TelnyxDialer`): ``POST /v2/calls`` with ``connection_id``
 GATEWAY_TELNYX_CONNECTION_ID, ``stream_url`` = ``wss://<public host>/telnyx/stream?token=<a
@@ -119,7 +124,7 @@ from gateway.io.call import (
     use_signature_once,
     use_token,
 )
-from gateway.protocol import ProtocolError, load_json
+from gateway.protocol import ProtocolError, clipped, load_json
 from gateway.protocol.call import CallAction, Transfer
 from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreError, StoreUnavailable
@@ -282,6 +287,10 @@ async def _outbound(gw: Gateway, body: bytes) -> Response:
         event = load_json(body, what="The body")  # bounded, as every JSON a client sends
     except ProtocolError as exc:
         return problem(400, "Bad Request", exc.text)
+    overlong = telnyx.overlong_call_id(event)
+    if overlong is not None:
+        _ignored("webhook", overlong)
+        return JSONResponse({})
     found = telnyx.machine_input(event)
     if found is not None:
         call_id, machine = found
@@ -303,6 +312,22 @@ async def _outbound(gw: Gateway, body: bytes) -> Response:
     if ended is not None:
         await _hung_up(gw, *ended)
     return JSONResponse({})
+
+
+def _ignored(what: str, call_id: str) -> None:
+    """Log (WARNING) that a signed Telnyx ``what`` (``webhook``, ``status callback``) was
+    ignored, its call id (``call_id``, quoted clipped) being longer than any call id the
+    gateway takes (:data:`adapters.telnyx.control.MAX_CALL_ID`): no call of the gateway's,
+    its outcome not recordable (``GET /v1/calls/{callId}`` takes no longer id). It is
+    answered as other webhooks the gateway does not act on (Telnyx signed it: no flood
+    of forged requests reaches this line)."""
+    log.warning(
+        "Telnyx %s ignored: its call id %s has %d characters, more than %d",
+        what,
+        clipped(call_id),
+        len(call_id),
+        telnyx.MAX_CALL_ID,
+    )
 
 
 async def _hung_up(
@@ -422,6 +447,10 @@ async def _status(request: Request, body: bytes) -> Response:
         form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
     except UnicodeDecodeError:
         return problem(400, "Bad Request", "The form body is not UTF-8.")
+    call_sid = form.get("CallSid", "")
+    if len(call_sid) > telnyx.MAX_CALL_ID:
+        _ignored("status callback", call_sid)
+        return Response(status_code=204)
     call_id = telnyx.texml_call_ended(form)
     if call_id is not None:
         app_key = request.query_params.get("appKey", "")[:128] or None

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import httpx
 import pytest
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.responses import JSONResponse
 
 from gateway.app import create_app
+from gateway.io.call import control_topic
 from gateway.settings import Settings
 from tests.adapters.telnyx.harness import ADMIN, CARRIER, signed
 from tests.adapters.twilio.harness import ACCOUNT, sign
@@ -454,3 +455,54 @@ async def test_an_outcome_record_of_another_shape_is_no_500_of_a_callback(
         assert await twilio_status(client, sid, "busy") == 204
         assert (await outcome(client, sid))["status"] == "busy"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_telnyx_webhook_naming_a_call_id_over_256_characters_is_ignored_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``GET /v1/calls/{callId}`` and the outcome records take call ids of at most 256
+    characters, but ``call.hangup`` and the AMD result of a longer ``call_control_id``
+    were acted on: the hang-up asked the bus who serves that call (and would end its
+    session), the machine result was published, kept 120 s, for a stream no token can
+    admit. Each webhook (and a TeXML status callback) naming such an id is now ignored
+    as other webhooks the gateway does not act on (200 ``{}``, 204), at WARNING with the
+    id clipped; an id of 256 characters is still a call's."""
+    long = "v3:" + "x" * 254  # 257 characters
+    edge = "v3:" + "y" * 253  # 256
+    caplog.set_level(logging.INFO)
+    async with (
+        CARRIER.gateway(None) as (gw, api),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        api.answers[("POST", "/v2/calls")] = JSONResponse(
+            {"data": {"call_control_id": edge, "record_type": "call"}}
+        )
+        assert await place(client, "telnyx", "+15550100") == edge
+        assert await telnyx_webhook(client, telnyx_event("call.answered", edge)) == 200
+        assert (await outcome(client, edge))["status"] == "in-progress"
+        bus = gw.app.state.gateway.bus
+        async with bus.subscribe(control_topic("telnyx", long)) as followed:
+            for event in (
+                telnyx_event("call.answered", long),
+                telnyx_event("call.machine.detection.ended", long, result="machine"),
+                telnyx_event("call.hangup", long, hangup_cause="normal_clearing"),
+            ):
+                answer = await client.post("/telnyx/outbound", content=event, headers=signed(event))
+                assert answer.status_code == 200, answer.text
+                assert answer.json() == {}
+            assert await followed.get(0.3) is None  # no ping, no machine result
+        assert await bus.retained(control_topic("telnyx", long)) is None
+        form = urlencode({"CallSid": long, "CallStatus": "completed"}).encode()
+        headers = {**signed(form), "Content-Type": "application/x-www-form-urlencoded"}
+        status = await client.post("/telnyx/status", content=form, headers=headers)
+        assert status.status_code == 204, status.text
+        hangup = telnyx_event("call.hangup", edge, hangup_cause="normal_clearing")
+        assert await telnyx_webhook(client, hangup) == 200
+        assert (await outcome(client, edge))["status"] == "completed"
+    line = f"ignored: its call id {long[:64]!r}… has 257 characters, more than 256"
+    ignored = [r for r in caplog.records if r.name == "adapters.telnyx"]
+    assert [(r.levelno, r.getMessage()) for r in ignored if "ignored" in r.getMessage()] == [
+        *[(logging.WARNING, f"Telnyx webhook {line}")] * 3,
+        (logging.WARNING, f"Telnyx status callback {line}"),
+    ]
+    assert not any("answered by" in r.getMessage() for r in caplog.records)
