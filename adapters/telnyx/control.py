@@ -21,10 +21,11 @@ The AMD result is the webhook ``call.machine.detection.ended`` (``payload.result
 The call's end is the webhook ``call.hangup`` (``payload.call_control_id``,
 ``payload.client_state``, ``payload.hangup_cause``): :func:`hangup_of`; with
 ``call.answered`` and the AMD result it is the call's outcome (:func:`outcome_of`, its
-``hangup_cause`` as Twilio's ``CallStatus``: :data:`HANGUP_STATUS`). A TeXML call's end
-is its status callback (the TeXML Application's "Call progress events URL",
-``status_callback``: Ed25519-signed,
-form-urlencoded ``CallSid`` = the call_control_id, ``CallStatus`` ``completed`` ...;
+``hangup_cause`` as Twilio's ``CallStatus``: :func:`hangup_status`; a call answered ends
+``completed`` whatever the cause, as gateway/calls.py ``record_outcome`` keeps it). A
+TeXML call's end is its status callback (the TeXML Application's "Call progress events
+URL", ``status_callback``: Ed25519-signed, form-urlencoded ``CallSid`` = the
+call_control_id, ``CallStatus`` ``completed`` ...;
 https://developers.telnyx.com/api-reference/callbacks/texml-call-completed):
 :func:`texml_call_ended`.
 """
@@ -51,7 +52,6 @@ AMD_EVENTS: Final = frozenset(
 TEXML_ENDED: Final = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 """The ``CallStatus`` values of a TeXML status callback whose call is over."""
 HANGUP_STATUS: Final = {
-    "normal_clearing": "completed",
     "time_limit": "completed",
     "user_busy": "busy",
     "busy": "busy",
@@ -60,8 +60,9 @@ HANGUP_STATUS: Final = {
     "no_answer": "no-answer",
     "originator_cancel": "canceled",
 }
-"""``call.hangup``'s ``hangup_cause`` as Twilio's ``CallStatus``; any other cause
-(``not_found``, ``unspecified``, ...) is ``failed``."""
+"""``call.hangup``'s ``hangup_cause`` as Twilio's ``CallStatus``; ``normal_clearing``
+is :func:`hangup_status`'s own case; any other cause (``not_found``, ``unspecified``,
+...) is ``failed``."""
 MAX_CALL_ID: Final = 256
 """The longest call_control_id taken from a webhook (``call.hangup``, an AMD result,
 ``call.answered``) or a TeXML status callback's ``CallSid`` (a call_control_id is ~60
@@ -267,11 +268,33 @@ class Outcome:
     to: str
 
 
+def hangup_status(payload: Mapping[str, Any]) -> str:
+    """The ``CallStatus`` (Twilio's vocabulary) of a call that ended unanswered, by the
+    ``call.hangup`` ``payload``: its ``hangup_cause`` by :data:`HANGUP_STATUS`, else
+    ``failed``; ``normal_clearing`` (the call was cleared, no fault) ``canceled`` when
+    the ``hangup_source`` is ``caller`` (for a dial, the gateway's side: a ``hangup``
+    command before the callee answered, Twilio's "canceled via the REST API while
+    ringing"), else ``no-answer`` (the callee's side, or ``unknown``).
+
+    Telnyx's ``call.hangup`` does not say whether the call was answered (no answer time;
+    ``start_time`` is the call's start, ``call_quality_stats`` counts early media too):
+    ``call.answered`` does, and Telnyx sends it before the ``call.hangup``. So this is
+    the status of a call never answered, and gateway/calls.py ``record_outcome`` makes
+    any unanswered status of a call it recorded ``in-progress`` (answered) ``completed``.
+    A ``normal_clearing`` was taken as ``completed`` whatever came before: a dial
+    cancelled while ringing read as a call that took place."""
+    cause = str(payload.get("hangup_cause"))
+    if cause == "normal_clearing":
+        return "canceled" if payload.get("hangup_source") == "caller" else "no-answer"
+    return HANGUP_STATUS.get(cause, "failed")
+
+
 def outcome_of(event: Any) -> Outcome | None:
     """The :class:`Outcome` of the webhook ``event`` (parsed JSON): ``call.answered``
-    (``in-progress``), ``call.hangup`` (its ``hangup_cause`` by :data:`HANGUP_STATUS`,
-    else ``failed``), an AMD result (``answered_by``); None for another event or one
-    without a ``call_control_id`` of at most :data:`MAX_CALL_ID` characters."""
+    (``in-progress``), ``call.hangup`` (:func:`hangup_status`: the status of a call never
+    answered, which ``record_outcome`` makes ``completed`` for one answered), an AMD
+    result (``answered_by``); None for another event or one without a
+    ``call_control_id`` of at most :data:`MAX_CALL_ID` characters."""
     data = event.get("data") if isinstance(event, dict) else None
     if not isinstance(data, dict) or not isinstance(data.get("payload"), dict):
         return None
@@ -283,8 +306,7 @@ def outcome_of(event: Any) -> Outcome | None:
     if kind == "call.answered":
         return Outcome(ccid, "in-progress", None, to)
     if kind == "call.hangup":
-        status = HANGUP_STATUS.get(str(payload.get("hangup_cause")), "failed")
-        return Outcome(ccid, status, None, to)
+        return Outcome(ccid, hangup_status(payload), None, to)
     if kind in AMD_EVENTS and isinstance(result, str) and result:
         return Outcome(ccid, None, result[:64], to)
     return None

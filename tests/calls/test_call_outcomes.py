@@ -506,3 +506,47 @@ async def test_a_telnyx_webhook_naming_a_call_id_over_256_characters_is_ignored_
         (logging.WARNING, f"Telnyx status callback {line}"),
     ]
     assert not any("answered by" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_telnyx_call_cleared_normally_before_an_answer_is_not_completed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``call.hangup``'s ``normal_clearing`` was ``completed`` whatever came before it: a
+    dial that rang out or was hung up while ringing read as a call that took place, and
+    was not logged as unanswered. Telnyx says a call was answered with ``call.answered``
+    (sent before its ``call.hangup``); without it a normal clearing is ``no-answer`` (the
+    callee's side, or unknown, ended it) or ``canceled`` (``hangup_source`` ``caller``:
+    the gateway's side hung up while it rang), each logged as not answered; an answered
+    call cleared normally stays ``completed``."""
+    caplog.set_level(logging.INFO)
+    async with (
+        CARRIER.gateway(None) as (gw, _),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        ends: dict[tuple[str, bool], tuple[str, str]] = {}
+        for source, answered in (("callee", False), ("caller", False), ("caller", True)):
+            ccid = await place(client, "telnyx", "+15550100")
+            events = [telnyx_event("call.initiated", ccid, state="bridging")]
+            if answered:
+                events.append(telnyx_event("call.answered", ccid))
+            events.append(
+                telnyx_event(
+                    "call.hangup",
+                    ccid,
+                    hangup_cause="normal_clearing",
+                    hangup_source=source,
+                    sip_hangup_cause="487" if not answered else "200",
+                    start_time="2026-12-06T04:00:00.000000Z",
+                )
+            )
+            for event in events:
+                assert await telnyx_webhook(client, event) == 200
+            ends[source, answered] = ccid, (await outcome(client, ccid))["status"]
+    rang, cancelled = ends["callee", False], ends["caller", False]
+    assert rang[1] == "no-answer"
+    assert cancelled[1] == "canceled"
+    assert ends["caller", True][1] == "completed"
+    assert unanswered_lines(caplog) == [
+        f"telnyx call {rang[0]} to +****0100 not answered: no-answer",
+        f"telnyx call {cancelled[0]} to +****0100 not answered: canceled",
+    ]
