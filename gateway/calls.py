@@ -19,8 +19,12 @@ Content-Type is not ``application/json`` or a ``+json`` type, as ``POST /v1/push
 longer than :data:`MAX_SIP_URI_CHARS`), 501 (a carrier with transfer/hang-up here but no
 outbound calls: vonage, plivo), 503 (the carrier's credentials are not configured), 502
 (the carrier's API refused or could not be reached; ``carrierStatus`` and
-``carrierBody`` say what it answered). A client's value quoted in a refusal (a carrier,
-an application key, a number) is cut to 64 characters (:func:`gateway.protocol.clipped`).
+``carrierBody`` say what it answered). A call the carrier placed whose stream could not
+be served (Telnyx: the binding of its stream token to the call could not be written, the
+bus being down; :meth:`Dialer.placed`) is hung up and answered 503 with ``Retry-After``
+instead of 201, the problem naming the bus and the ``callId``; it has no outcome record.
+A client's value quoted in a refusal (a carrier, an application key, a number) is cut to
+64 characters (:func:`gateway.protocol.clipped`).
 The admin key refusals are logged as :mod:`gateway.admin` says (bounded WARNING lines).
 
 The log names a call's dialled number by its last 4 digits only
@@ -150,14 +154,27 @@ def public_url(base: str, path: str, query: Mapping[str, str] | None = None) -> 
 
 
 class CallRefused(Exception):
-    """A POST /v1/calls that will not be placed: answered as a problem body.
+    """A POST /v1/calls that will not be placed (or was undone): answered as a problem
+    body.
 
-    ``status`` 400/501/503 (see the module doc), ``title`` its reason phrase.
+    ``status`` 400/501/503 (see the module doc), ``title`` its reason phrase, ``extra``
+    more members of the problem; ``retry_after_s`` the ``Retry-After`` header (s, RFC 9110
+    section 10.2.3) when given.
     """
 
-    def __init__(self, status: int, title: str, detail: str, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        retry_after_s: int | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(detail)
         self.response = problem(status, title, detail, **extra)
+        if retry_after_s is not None:
+            self.response.headers["Retry-After"] = str(retry_after_s)
 
 
 @dataclass(frozen=True)
@@ -190,10 +207,15 @@ class Dialer(Protocol):
         """The carrier's id of the call it accepted (None: not an acceptance)."""
         ...
 
-    async def placed(self, gw: Gateway, request: RestRequest, call_id: str) -> None:
+    async def placed(
+        self, gw: Gateway, control: CallControl, request: RestRequest, call_id: str
+    ) -> None:
         """The carrier accepted ``request`` as its call ``call_id``: record what the call's
         stream needs to know of it (Telnyx: the call its stream token was minted for),
-        before POST /v1/calls answers. Never raises: a failure is logged."""
+        before POST /v1/calls answers. Raises CallRefused when that could not be recorded,
+        so the call's stream would be refused: the dialer has hung the call up (through
+        ``control``, best effort, logged) and POST /v1/calls answers the refusal (a 503
+        with ``Retry-After``) instead of 201. Anything else that fails is logged."""
         ...
 
 
@@ -315,7 +337,10 @@ async def place_call(request: Request) -> Response:
             carrierBody=answer.body,
         )
     log.info("Outbound %s call %s to %s placed", carrier, call_id, masked_number(call.to))
-    await dialer.placed(gateway_of(request), rest, call_id)
+    try:
+        await dialer.placed(gateway_of(request), control, rest, call_id)
+    except CallRefused as exc:  # hung up: its stream could not be served
+        return exc.response
     await record_outcome(gateway_of(request), carrier, call_id, status="queued", placed=True)
     return JSONResponse(
         {

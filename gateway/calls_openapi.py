@@ -62,7 +62,13 @@ POST_CALLS: dict[str, Any] = dict(
         415: {"description": "The body is not `application/json`", "content": PROBLEM},
         501: {"description": "A carrier without outbound calls here", "content": PROBLEM},
         502: {"description": "The carrier refused or was unreachable", "content": PROBLEM},
-        503: {"description": "The carrier's credentials are not set", "content": PROBLEM},
+        503: {
+            "description": "The carrier's credentials are not set; or (Telnyx) the call was "
+            "placed but could not be bound to its stream, the gateway's bus being down: it "
+            "was hung up (`Retry-After`)",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            "content": PROBLEM,
+        },
     },
     openapi_extra={
         "requestBody": {

@@ -38,7 +38,9 @@ logged; the token stays used). A TeXML answer's token carries the webhook's ``Ca
 (the call_control_id). A dial's token is minted before Telnyx names the call
 (:data:`OUTBOUND_CALL`): once the dial's answer names it, POST /v1/calls binds the token
 to it on the bus (:meth:`TelnyxDialer.placed`: a retained value, in Redis with
-GATEWAY_REDIS_URL, so every instance reads it), and the stream's upgrade reads that
+GATEWAY_REDIS_URL, so every instance reads it; when the bus cannot write it, the call is
+hung up and POST /v1/calls answers 503 with ``Retry-After`` naming the bus, not 201: the
+callee would have heard nothing), and the stream's upgrade reads that
 binding (:func:`dial_call`), waiting up to :data:`DIAL_CALL_WAIT_S` (2 s) for it when
 Telnyx opened the stream first; no binding by then: refused (HTTP 403, logged); the bus
 failing or not answering within the wait: 503 with ``Retry-After``. Either way the
@@ -110,6 +112,7 @@ from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body, refused_request
 from gateway.io.call import (
+    RETRY_AFTER_S,
     CallGrant,
     CallRunner,
     CallTokens,
@@ -214,14 +217,23 @@ class TelnyxDialer:
         """The new call's ``call_control_id``."""
         return telnyx.call_id(answer)
 
-    async def placed(self, gw: Gateway, request: RestRequest, call_id: str) -> None:
+    async def placed(
+        self, gw: Gateway, control: CallControl, request: RestRequest, call_id: str
+    ) -> None:
         """Bind the dial's stream token (``request``'s ``stream_auth_token``) to the call
         Telnyx named ``call_id``: the retained value of :func:`dial_topic` for the rest of
         the token's life, written once (the bus's ``claim``; through Redis with
         GATEWAY_REDIS_URL, so the instance the stream reaches reads it; a stream waiting
-        for it is told at once). A bus that does not answer is logged (WARNING, DEBUG in
-        an outage already logged): the call's stream will be refused, as one of a token
-        bound to nothing (:func:`dial_call`)."""
+        for it is told at once).
+
+        A bus that does not answer is logged (WARNING naming ``component: bus``, DEBUG in
+        an outage already logged): the call's stream would be refused, as one of a token
+        bound to nothing (:func:`dial_call`), and the callee, once they answer, would hear
+        nothing. So the call is hung up at once (the ``hangup`` command through
+        ``control``, best effort: its outcome logged by gateway/calls.py ``hang_up``) and
+        CallRefused is raised: POST /v1/calls answers 503 with ``Retry-After``
+        (:data:`~gateway.io.call.RETRY_AFTER_S`), the problem naming the bus and the
+        ``callId``, instead of 201."""
         tokens = stream_tokens(gw.settings)
         token = request.json.get("stream_auth_token") if isinstance(request.json, dict) else None
         if tokens is None or not isinstance(token, str):  # request() made both: not reached
@@ -239,11 +251,24 @@ class TelnyxDialer:
         except BusUnavailable as exc:
             log.log(
                 outage_level(exc),
-                "Telnyx call %s: its stream token is not bound to it (its stream will be "
-                "refused): %s",
+                "Telnyx call %s: its stream token could not be bound to it, the bus is "
+                "unavailable (component: bus): hanging it up: %s",
                 call_id,
                 exc,
             )
+            tauth = telnyx_auth(gw.settings)
+            if tauth is not None:  # request() needed it: always
+                hangup = telnyx.hang_up(tauth, call_id)
+                await rest_hang_up(control, log, "Telnyx", call_id, hangup, telnyx.already_ended)
+            raise CallRefused(
+                503,
+                "Service Unavailable",
+                "The call was placed but could not be bound to its stream: the gateway's "
+                "bus is unavailable; it was hung up. Try again later.",
+                retry_after_s=RETRY_AFTER_S,
+                callId=call_id,
+                component="bus",
+            ) from None
 
 
 async def dial_call(gw: Gateway, grant: CallGrant) -> str:
@@ -255,8 +280,8 @@ async def dial_call(gw: Gateway, grant: CallGrant) -> str:
 
     Raises VerificationRefused (HTTP 403, logged as a refusal) when no call is bound to
     the token within the wait (the dial's answer came later, never, or its binding could
-    not be written); BusUnavailable (HTTP 503) when the bus fails, or does not answer the
-    subscription within the wait (a hung Redis)."""
+    not be written: that call was hung up); BusUnavailable (HTTP 503) when the bus
+    fails, or does not answer the subscription within the wait (a hung Redis)."""
     joined = False
     try:
         async with asyncio.timeout(DIAL_CALL_WAIT_S):

@@ -14,7 +14,7 @@ progress (``StatusCallbackEvent`` initiated, ringing, answered, completed) to
 from __future__ import annotations
 
 from adapters.twilio import control as twilio
-from gateway.callcontrol import RestAnswer, RestRequest
+from gateway.callcontrol import CallControl, RestAnswer, RestRequest
 from gateway.calls import CallRefused, OutboundCall, public_url
 from gateway.deps import Gateway
 from gateway.settings import Settings
@@ -37,7 +37,9 @@ class TwilioDialer:
         """GATEWAY_TWILIO_APP_KEY, the key of inbound calls too."""
         return settings.twilio_app_key
 
-    async def placed(self, gw: Gateway, request: RestRequest, call_id: str) -> None:
+    async def placed(
+        self, gw: Gateway, control: CallControl, request: RestRequest, call_id: str
+    ) -> None:
         """Nothing: the stream token is minted by the answer webhook (``/twilio/voice``),
         which names the call."""
 

@@ -384,3 +384,75 @@ async def test_a_dial_stream_whose_binding_redis_fails_to_read_is_refused_503(
             "Redis did not answer within 2 s"
         ]
         assert not gw.core.turns
+
+
+async def test_a_dial_whose_binding_the_bus_cannot_write_is_hung_up_and_refused_503(
+    speech: SpeechService,
+    redis_prefix: str,
+    reply_dropper: tuple[ReplyDropper, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis failing as POST /v1/calls binds the dial's stream token to the call: the
+    call was answered 201 (a WARNING logged) though its stream would be refused, and it
+    was never hung up: the callee, answering, heard nothing. The call is now hung up at
+    once through Telnyx's API (logged) and POST /v1/calls answers 503 with
+    ``Retry-After`` naming the bus and the call (it has no outcome record); a hang-up
+    Telnyx refuses is logged (WARNING) and the answer is the same 503. With Redis back
+    a dial is placed (201)."""
+    proxy, proxied = reply_dropper
+    async with _dialing(speech, redis_url=proxied, redis_prefix=redis_prefix) as (api, _, client):
+        ccid = "v3:" + uuid.uuid4().hex
+        api.answers[("POST", "/v2/calls")] = JSONResponse(
+            {"data": {"call_control_id": ccid, "record_type": "call"}}
+        )
+        proxy.drop_replies_to = b"telnyx-dial:"  # the binding's write, every time
+        with caplog.at_level(logging.INFO, logger="adapters.telnyx"):
+            placed = await _place(client)
+        assert placed.status_code == 503, placed.text
+        assert placed.headers["Retry-After"] == "1"
+        assert placed.headers["content-type"] == "application/problem+json"
+        problem = placed.json()
+        assert (problem["title"], problem["callId"], problem["component"]) == (
+            "Service Unavailable",
+            ccid,
+            "bus",
+        )
+        assert "bus is unavailable" in problem["detail"]
+        assert proxy.dropped > 0
+        dial, hangup = api.requests
+        assert (dial.method, dial.path) == ("POST", "/v2/calls")
+        assert (hangup.method, hangup.path) == ("POST", f"/v2/calls/{ccid}/actions/hangup")
+        assert hangup.headers["authorization"] == "Bearer KEY-T"
+        lines = [r.getMessage() for r in caplog.records if r.name == "adapters.telnyx"]
+        assert lines[0].startswith(
+            f"Telnyx call {ccid}: its stream token could not be bound to it, the bus is "
+            "unavailable (component: bus): hanging it up: "
+        ), lines
+        assert lines[1:] == [f"Telnyx call {ccid}: hung up"]
+        assert [r.levelno for r in caplog.records if r.name == "adapters.telnyx"] == [
+            logging.WARNING,
+            logging.INFO,
+        ]
+
+        caplog.clear()
+        api.requests.clear()
+        api.answers[("POST", r"/v2/calls/.+/actions/hangup")] = JSONResponse(
+            {"errors": [{"code": "10001", "title": "Internal error"}]}, 500
+        )
+        with caplog.at_level(logging.INFO, logger="adapters.telnyx"):
+            placed = await _place(client)
+        assert placed.status_code == 503, placed.text
+        assert placed.headers["Retry-After"] == "1"
+        assert [r.path for r in api.requests] == ["/v2/calls", f"/v2/calls/{ccid}/actions/hangup"]
+        assert any(
+            r.levelno == logging.WARNING
+            and r.getMessage().startswith(f"Telnyx call {ccid}: hang-up refused: HTTP 500")
+            for r in caplog.records
+        ), caplog.text
+
+        proxy.drop_replies_to = None
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        assert (await client.get(f"/v1/calls/{ccid}", headers=admin)).status_code == 404
+        del api.answers[("POST", "/v2/calls")]
+        assert (await _place(client)).status_code == 201
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
