@@ -71,7 +71,11 @@ Decisions where the spec is silent:
   that session and the connection adopts it when the engine accepts the turn.
   One that is not the connection's session is looked up first (:class:`CheckSession`):
   another application's is refused at the open, as its turn would be (an Error of
-  source ``session``), before a recognizer hears the utterance.
+  source ``session``), before a recognizer hears the utterance. The ``sessionId``
+  of ``Init`` (a client resuming its session) becomes the connection's session and
+  is looked up the same way (:class:`Follow`), with or without an outbox: another
+  application's is refused right after ``Ready`` (the same Error) and forgotten,
+  before any later frame is taken.
   The turn that gives a connection without a session its session is announced
   with ``SessionStarted`` even when the session existed (a reconnect, another
   device), as Flowstorm's server did on the first Request of a connection; that
@@ -286,11 +290,15 @@ class StoreLogs:
 
 @dataclass(frozen=True)
 class Follow:
-    """Follow the outbox of the session of ``ctx`` (gateway/outbox.py): hand what lies
-    above ``after`` (None: above its delivered mark), and what is appended later, to
-    :meth:`V1Connection.deliver` whenever :attr:`V1Connection.can_deliver`. Only a
-    session that exists and is the connection's application key's is followed (the
-    runner checks: another application's is an Error frame of source ``session``)."""
+    """The session of ``ctx`` is the one an Init resumes (``sessionId``): find out whether
+    it is another application key's (a store read: the I/O's, ``Conversation.find``) and,
+    when it is, hand that to :meth:`V1Connection.resume_refused` and carry out its actions
+    (the refusal); with an outbox (gateway/outbox.py) follow a session that exists and is
+    the connection's application key's: hand what lies above ``after`` (None: above its
+    delivered mark), and what is appended later, to :meth:`V1Connection.deliver` whenever
+    :attr:`V1Connection.can_deliver`. The check is made with or without an outbox, and
+    the I/O layer reads no frame meanwhile: an audio stream opened after the Init is
+    never heard in another application's session."""
 
     ctx: TurnContext
     after: int | None
@@ -808,8 +816,10 @@ class V1Connection:
     def receive_text(self, text: str) -> list[Action]:
         """Handle one text frame: a V1 client event (spec "V1 Events", "Communication Flow").
 
-        ``Init`` -> ``[Send(Ready)]``, or ``[Send(Error), Close(1008)]`` for an
-        unknown or missing key, or ``[Send(Error)]`` for an invalid tts config;
+        ``Init`` -> ``[Send(Ready)]`` (``[Send(Ready), Follow]`` when it resumes a
+        ``sessionId``: the session is checked, :meth:`resume_refused`), or
+        ``[Send(Error), Close(1008)]`` for an unknown or missing key, or
+        ``[Send(Error)]`` for an invalid tts config;
         ``Request``/``Input`` -> ``[StartTurn]`` (``[CancelListening, StartTurn]``
         while an utterance is recognised; of an open Duplex stream with ``hear_on``:
         the stream's stage goes on hearing it); ``Log`` -> ``[StoreLogs]`` or ``[]``
@@ -960,9 +970,10 @@ class V1Connection:
         return []
 
     def resume_refused(self, session_id: str) -> None:
-        """The session an Init resumed (``sessionId``) is another application's: the
-        connection forgets it when it is still its session, so the next turn that
-        proposes none starts a new one (as on a connection without a session)."""
+        """The session an Init resumed (``sessionId``, asked about with :class:`Follow`) is
+        another application's: the connection forgets it when it is still its session, so
+        the next turn or audio stream that proposes none starts a new one (as on a
+        connection without a session)."""
         if self.session_id == session_id:
             self.session_id = None
 

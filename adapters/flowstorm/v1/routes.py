@@ -293,8 +293,8 @@ class _Socket(WebSocketDriver[Action]):
             self._pending_logs.extend((action.ctx, entry) for entry in action.entries)
             if self._log_writer is None or self._log_writer.done():
                 self._log_writer = self.spawn(self._write_logs(), "logs", background=True)
-        elif isinstance(action, Follow) and self.following is not None:
-            await self._resume(action, self.following)
+        elif isinstance(action, Follow):
+            await self._resume(action)
         elif isinstance(action, CheckSession):
             await self._check_session(action)
 
@@ -316,24 +316,32 @@ class _Socket(WebSocketDriver[Action]):
             )
         await self.run(self.conn.session_checked(action, found))
 
-    async def _resume(self, action: Follow, following: Following) -> None:
-        """Follow the outbox of the session an Init resumes, when it exists and is the
-        connection's application key's. Another application's session is refused with
-        an Error frame of source ``session`` (its answers and pushes are not the
-        client's to read) and forgotten by the connection (V1Connection.resume_refused);
-        an unknown one is not followed (the turn that creates it adopts it); a store
-        failure is an Error frame of source ``gateway``."""
+    async def _resume(self, action: Follow) -> None:
+        """Check the session an Init resumes (Conversation.find, one store read), with or
+        without an outbox, and follow its outbox (when there is one) when it exists and
+        is the connection's application key's. Another application's session is refused
+        with an Error frame of source ``session`` (neither its answers and pushes nor its
+        turns are the client's) and forgotten by the connection
+        (V1Connection.resume_refused); an unknown one is not followed (the turn that
+        creates it adopts it); a store failure is an Error frame of source ``gateway``.
+        The receive loop awaits this, so no frame (an InputAudioStreamOpen) is taken
+        before the refusal."""
         try:
             found = await self.gw.conversation.find(action.ctx)
         except StoreUnavailable:
             await self.run([error_frame("The session store is unavailable.", "gateway")])
             return
         if found == "foreign":
+            log.info(
+                "%s: session %s resumed by Init refused: session-foreign",
+                self.name,
+                session_ref(action.ctx.key),
+            )
             self.conn.resume_refused(action.ctx.session_id)
             text = f"Session {action.ctx.session_id} belongs to another application."
             await self.run([error_frame(text, "session")])
-        elif found == "found":
-            following.follow(action.ctx.key, action.after)
+        elif found == "found" and self.following is not None:
+            self.following.follow(action.ctx.key, action.after)
 
     async def shutdown(self) -> None:
         await super().shutdown()

@@ -11,6 +11,7 @@ load once).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,8 @@ import pytest
 import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
 
+from gateway.app import create_app
+from gateway.settings import Settings
 from gateway.speech.audio import Pcm, decode_mp3, decode_wav, silence
 from tests.adapters.flowstorm.v1.helpers import (
     SlowCore,
@@ -47,6 +50,7 @@ from tests.adapters.flowstorm.v1.helpers import (
     ws_url,
 )
 from tests.adapters.test_speech_saturation import metric, until_metric
+from tests.conftest import served_app
 from tests.gateway.core_app import WebhookCore
 from tests.speech import normalise, wer
 
@@ -469,6 +473,48 @@ async def test_a_stream_proposing_another_applications_session_is_refused_at_the
             "sessionId": owned,
             "resumed": True,
         }
+
+
+async def test_a_session_resumed_by_init_is_checked_without_an_outbox(
+    redis_url: str, redis_prefix: str, corpus: dict[str, Pcm]
+) -> None:
+    """An Init resuming (``sessionId``) another application key's session was checked
+    against the store only to follow its outbox: on a gateway without one
+    (``Gateway.journal`` None) it was never checked, so the connection took it as its own
+    and an audio stream opened after the Init was acknowledged and recognised (a
+    recognizer busy for the whole utterance) before its turn was refused. Now the Init's
+    session is checked with or without an outbox: the refusal (Error of source
+    ``session``) comes right after Ready, before the stream's acknowledgement, and the
+    utterance is heard in a session of the connection's own. Real Redis sessions."""
+    owned = "owned-by-key-a-init-no-outbox"
+    app = create_app(Settings(redis_url=redis_url, redis_prefix=redis_prefix))
+    async with served_app(app) as url:
+        app.state.gateway = dataclasses.replace(app.state.gateway, journal=None)  # no outbox
+        async with connect(ws_url(url)) as owner:
+            await init(owner, init_frame("key-a"))
+            await turn(owner, request_frame("#intro", owned))
+        async with connect(ws_url(url)) as other:
+            frame = init_frame("key-b")
+            frame["sessionId"] = owned
+            await send_json(other, frame)
+            await send_json(other, {"type": "InputAudioStreamOpen"})  # at once, as a client may
+            assert await recv_json(other) == {"type": "Ready"}
+            error = await recv_json(other)  # before: the stream's acknowledgement
+            assert error == {
+                "type": "Error",
+                "source": "session",
+                "text": f"Session {owned} belongs to another application.",
+            }
+            assert await recv_json(other) == {"type": "InputAudioStreamOpen"}
+            async with speaking(other, pcm_at(corpus[MUSIC], 16000), 16000):
+                frames = await frames_until_response(other)
+            # before: Recognized, then the turn's Error (session-foreign)
+            assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
+            assert json_frames(frames)[1]["sessionId"] != owned
+        async with connect(ws_url(url)) as owner:  # the owner's session is untouched
+            await init(owner, init_frame("key-a"))
+            started, _ = await turn(owner, request_frame("hello", owned))
+            assert started == {"type": "SessionStarted", "sessionId": owned, "resumed": True}
 
 
 async def test_a_duplex_stream_keeps_its_session_when_reopened_for_another_applications(
