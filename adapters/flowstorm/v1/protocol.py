@@ -969,13 +969,17 @@ class V1Connection:
         self._logs.extend(event.entries)  # stored with the next turn (or when this one ends)
         return []
 
-    def resume_refused(self, session_id: str) -> None:
+    def resume_refused(self, session_id: str) -> list[Action]:
         """The session an Init resumed (``sessionId``, asked about with :class:`Follow`) is
-        another application's: the connection forgets it when it is still its session, so
-        the next turn or audio stream that proposes none starts a new one (as on a
-        connection without a session)."""
+        another application's: ``[Send(Error)]`` of source ``session`` with the text of
+        a turn's refusal (TurnRejected.foreign: the id clipped, as the engine's and
+        :meth:`session_checked`'s), and the connection forgets the session when it is
+        still its own, so the next turn or audio stream that proposes none starts a new
+        one (as on a connection without a session)."""
         if self.session_id == session_id:
             self.session_id = None
+        refused = TurnRejected.foreign(session_id)
+        return [error_frame(refused.text, refused.source)]
 
     def logs_not_stored(self, entries: Sequence[LogEntry]) -> None:
         """Keep ``entries`` of a failed StoreLogs for the next turn (bounded, newest kept)."""

@@ -320,12 +320,11 @@ class _Socket(WebSocketDriver[Action]):
         """Check the session an Init resumes (Conversation.find, one store read), with or
         without an outbox, and follow its outbox (when there is one) when it exists and
         is the connection's application key's. Another application's session is refused
-        with an Error frame of source ``session`` (neither its answers and pushes nor its
-        turns are the client's) and forgotten by the connection
-        (V1Connection.resume_refused); an unknown one is not followed (the turn that
-        creates it adopts it); a store failure is an Error frame of source ``gateway``.
-        The receive loop awaits this, so no frame (an InputAudioStreamOpen) is taken
-        before the refusal."""
+        and forgotten (V1Connection.resume_refused: an Error frame of source ``session``,
+        the turn refusal's text; neither its answers and pushes nor its turns are the
+        client's); an unknown one is not followed (the turn that creates it adopts it); a
+        store failure is an Error frame of source ``gateway``. The receive loop awaits
+        this, so no frame (an InputAudioStreamOpen) is taken before the refusal."""
         try:
             found = await self.gw.conversation.find(action.ctx)
         except StoreUnavailable:
@@ -337,9 +336,7 @@ class _Socket(WebSocketDriver[Action]):
                 self.name,
                 session_ref(action.ctx.key),
             )
-            self.conn.resume_refused(action.ctx.session_id)
-            text = f"Session {action.ctx.session_id} belongs to another application."
-            await self.run([error_frame(text, "session")])
+            await self.run(self.conn.resume_refused(action.ctx.session_id))
         elif found == "found" and self.following is not None:
             self.following.follow(action.ctx.key, action.after)
 

@@ -12,10 +12,12 @@ import pytest
 import redis
 from websockets.asyncio.client import connect
 
+from adapters.flowstorm.events import MAX_SESSION_ID
 from adapters.flowstorm.v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG, LOG_BUFFER
 from gateway.app import create_app
 from gateway.events import ResponseItem
 from gateway.logs import session_ref
+from gateway.protocol import clipped
 from gateway.push import push_event
 from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import (
@@ -246,6 +248,44 @@ async def test_a_session_of_another_key_resumed_by_init_is_forgotten() -> None:
             await init(owner, init_frame("key-a"))
             started, _ = await turn(owner, request_frame("hello", "owned"))
             assert started == {"type": "SessionStarted", "sessionId": "owned", "resumed": True}
+
+
+async def test_the_refusal_of_a_session_resumed_by_init_clips_its_id(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The Error refusing an Init that resumes another application's session named the
+    session id whole, while a turn's refusal of the same session clips it
+    (TurnRejected.foreign): a client's value is never copied back whole. Now both are
+    the one text. A 10,000-character sessionId is refused by the Init's own check with a
+    bounded text (Error of source ``client``), as before. Real Redis sessions."""
+    long_id = "L" * MAX_SESSION_ID  # the longest id accepted
+    async with served(redis_url=redis_url, redis_prefix=redis_prefix) as url:
+        async with connect(ws_url(url)) as owner:
+            await init(owner, init_frame("key-a"))
+            await turn(owner, request_frame("#intro", long_id))
+        async with connect(ws_url(url)) as other:
+            await init(other, init_frame("key-b"))
+            [by_turn] = await turn(other, request_frame("#intro", long_id))
+        async with connect(ws_url(url)) as other:
+            frame = init_frame("key-b")
+            frame["sessionId"] = long_id
+            await send_json(other, frame)
+            assert await recv_json(other) == {"type": "Ready"}
+            by_init = await recv_json(other)
+        assert by_turn == {
+            "type": "Error",
+            "source": "session",
+            "text": f"Session {clipped(long_id, quote=False)} belongs to another application.",
+        }
+        assert by_init == by_turn  # before: the whole id, 256 characters of it
+        assert len(by_init["text"]) < 120
+        async with connect(ws_url(url)) as ws:
+            frame = init_frame("key-b")
+            frame["sessionId"] = "x" * 10_000
+            await send_json(ws, frame)
+            error = await expect_error(ws, "sessionId", "longer than")
+            assert len(error["text"]) < 120
+            await init(ws, init_frame("key-b"))  # a corrected Init is taken
 
 
 async def test_a_refused_turn_is_logged_without_the_session_id(
