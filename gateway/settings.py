@@ -471,6 +471,20 @@ class Settings(BaseSettings):
     alexa_catch_all_slot: str = Field(
         default="query", min_length=1, description="The catch-all intent's slot name."
     )
+    flowstorm_v1_frame_burst: int = Field(
+        default=500,
+        gt=0,
+        description="Flowstorm Socket V1: frames (text or binary, audio included) a "
+        "connection may send at once; beyond it and GATEWAY_FLOWSTORM_V1_FRAMES_PER_S it "
+        "gets an Error (source `client`) and is closed 1008. Frames that piled up while "
+        "the gateway was busy (audio backpressure) are not counted against it.",
+    )
+    flowstorm_v1_frames_per_s: float = Field(
+        default=500,
+        gt=0,
+        description="Flowstorm Socket V1: frames a second a connection may send, sustained "
+        "(real-time audio in 20 ms frames is 50; 2.7 ms AudioWorklet quanta at 48 kHz 375).",
+    )
     flowstorm_v2_marker_wait_s: float = Field(
         default=3.0,
         gt=0,

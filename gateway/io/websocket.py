@@ -15,9 +15,12 @@ left to do around it is the same for every one of them and lives here, once:
   :meth:`~WebSocketDriver.idle_timeout_s` is handed to :meth:`~WebSocketDriver.idle`.
   WebSocket ping/pong control frames are answered by the server (uvicorn) and
   never reach the loop; a protocol's own pings (V1's empty binary frame) are
-  frames like any other and count as activity. A disconnect, a failure of the
-  gateway (closed 1011, logged) and the protocol's own end all lead to
-  :meth:`~WebSocketDriver.shutdown`;
+  frames like any other and count as activity. With a ``frame_rate``
+  (:class:`FrameRate`, a token bucket) a peer sending more frames than it allows is
+  answered with :meth:`~WebSocketDriver.flooded` (a close 1008 by default, logged
+  through the app's refusal log: bounded) and no more frames are read. A
+  disconnect, a failure of the gateway (closed 1011, logged) and the protocol's own
+  end all lead to :meth:`~WebSocketDriver.shutdown`;
 - **the action runner** — :meth:`~WebSocketDriver.run` carries out the shared
   actions in order: Send, SendBytes, Close, StartTurn (a forwarding task),
   EndSession, and the listening actions, which go to the speech side through the
@@ -82,6 +85,7 @@ __all__ = [
     "SEND_ERRORS",
     "Claim",
     "FrameClock",
+    "FrameRate",
     "Listening",
     "PacedSender",
     "TurnTaker",
@@ -239,6 +243,62 @@ async def forward_turn(
     return True
 
 
+DRAINED_S: Final = 0.001
+"""A read that waited at least this long (s) found no frame queued: the peer's frames are
+all read (see :class:`FrameRate`)."""
+
+
+class FrameRate:
+    """A token bucket for the frames one peer sends (the receive loop's, one per socket):
+    at most ``burst`` frames at once and ``per_s`` a second sustained (``burst`` >= 1,
+    ``per_s`` > 0; ValueError otherwise).
+
+    :meth:`take` is called for each frame read, with how long the driver was busy since
+    it read the frame before (``busy_s``: carrying out its actions, such as its sends, a
+    store read, audio backpressure; not the protocol's own handling of the frame, which
+    is the peer's to pay for) and how long it then waited for this one (``waited_s``),
+    in seconds.
+    Tokens come back at ``per_s`` over both. Waiting refills the bucket to ``burst`` at
+    most; time the driver was busy refills it beyond that, for as long as frames stay
+    queued (each read takes less than :data:`DRAINED_S`): what a peer sent at its normal
+    rate while the driver was not reading arrives all at once afterwards, and that
+    backlog is the driver's doing, not a burst of the peer's. So a real-time audio stream
+    (50 frames a second of 20 ms) is never refused, however long a stall it waited behind;
+    a peer that floods gets ``burst`` frames, then ``per_s`` a second, plus what the
+    driver's own stalls let pile up. Pure arithmetic, no clock of its own."""
+
+    __slots__ = ("_busy_s", "_tokens", "burst", "per_s")
+
+    def __init__(self, burst: int, per_s: float) -> None:
+        if burst < 1 or not per_s > 0:
+            raise ValueError("burst must be >= 1 and per_s > 0")
+        self.burst = burst
+        self.per_s = per_s
+        self._tokens = float(burst)
+        self._busy_s = 0.0
+        """Time the driver was busy since a read last found nothing queued (s)."""
+
+    def take(self, busy_s: float, waited_s: float) -> bool:
+        """Take a token for one frame read; False (nothing taken) when there is none: the
+        peer sends more frames than the bucket allows."""
+        if waited_s >= DRAINED_S:
+            self._busy_s = 0.0  # nothing was queued: no backlog of the driver's
+        else:
+            self._busy_s += busy_s
+        cap = self.burst + self._busy_s * self.per_s
+        level = min(cap, self._tokens + (busy_s + waited_s) * self.per_s)
+        if level < 1.0:
+            self._tokens = level
+            return False
+        self._tokens = level - 1.0
+        return True
+
+    def describe(self) -> str:
+        """The limit, for an Error or a close reason: ``at most 500 frames at once and
+        500 a second``."""
+        return f"at most {self.burst} frames at once and {self.per_s:g} a second"
+
+
 class Watchdog:
     """A deadline for one await at a time, re-armed cheaply: ``with dog.within(timeout_s):``
     around an await raises TimeoutError when the await takes ``timeout_s`` seconds or more
@@ -323,10 +383,11 @@ class WebSocketDriver(Generic[A]):
     ``protocol`` is the protocol object (its turn methods: :class:`TurnTaker`);
     ``conversation`` the turn engine; ``listening`` the speech side (None: the
     protocol has no audio input); ``send_timeout_s`` the send deadline (None: none);
-    ``log`` and ``name`` name the connection in log lines. Subclasses give
+    ``log`` and ``name`` name the connection in log lines; ``frame_rate`` bounds the
+    frames the peer may send (None: no bound; see :meth:`flooded`). Subclasses give
     :meth:`received` (a frame -> actions) and may override :meth:`other`,
     :meth:`idle_timeout_s`, :meth:`idle`, :meth:`done`, :meth:`holding`,
-    :meth:`lost` and :meth:`failure`.
+    :meth:`lost`, :meth:`failure` and :meth:`flooded`.
     """
 
     finish_after_reject: bool = False
@@ -342,8 +403,10 @@ class WebSocketDriver(Generic[A]):
         send_timeout_s: float | None = None,
         log: logging.Logger,
         name: str,
+        frame_rate: FrameRate | None = None,
     ) -> None:
         self.ws = ws
+        self.frame_rate = frame_rate
         self.protocol = protocol
         self.conversation = conversation
         self.listening = listening
@@ -419,9 +482,15 @@ class WebSocketDriver(Generic[A]):
                 return bytes(data)
 
     async def serve(self) -> None:
-        """Serve the connection until the peer leaves, the protocol is done or it is closed."""
+        """Serve the connection until the peer leaves, the protocol is done or it is closed
+        (also by :meth:`flooded`: the peer sent more frames than :attr:`frame_rate` allows)."""
+        rate = self.frame_rate
+        loop = asyncio.get_running_loop()
+        read = loop.time()  # when the last frame was read
+        handling = 0.0  # how long the protocol took over it (received)
         try:
             while self.open:
+                asked = loop.time() if rate is not None else 0.0
                 try:
                     frame = await self.receive(self.idle_timeout_s())
                 except TimeoutError:
@@ -429,7 +498,17 @@ class WebSocketDriver(Generic[A]):
                     return
                 if frame is None:
                     return
-                await self.run(self.received(frame))
+                if rate is None:
+                    await self.run(self.received(frame))
+                else:
+                    now = loop.time()
+                    if not rate.take(max(asked - read - handling, 0.0), now - asked):
+                        await self.run(self.flooded(rate))
+                        return
+                    read = now
+                    actions = self.received(frame)
+                    handling = loop.time() - now  # the frame's own handling: the peer's cost
+                    await self.run(actions)
                 if self.done():
                     return
         except (WebSocketDisconnect, OSError):
@@ -458,6 +537,13 @@ class WebSocketDriver(Generic[A]):
     def done(self) -> bool:
         """Whether the protocol is over after the frame just handled (stop reading)."""
         return False
+
+    def flooded(self, rate: FrameRate) -> Sequence[A]:
+        """The actions that answer a peer sending more frames than ``rate`` allows (the
+        frame is not handled, no more are read): a close 1008 by default (logged through
+        the app's refusal log: :data:`PEER_CLOSES`)."""
+        reason = f"Too many frames: {rate.describe()}."
+        return [Close(CLOSE_POLICY, reason)]  # type: ignore[list-item]
 
     # ----------------------------------------------------------- action runner
 

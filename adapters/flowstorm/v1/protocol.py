@@ -12,7 +12,8 @@ the I/O layer to carry out, in order:
 
 - :class:`Send` — a text frame (V1 wire JSON, camelCase names);
 - :class:`SendBytes` — a binary frame (speech of a response item, ``tts=RequiredStreaming``);
-- :class:`Close` — close the socket with a code (1008 unknown key, 1009 too big);
+- :class:`Close` — close the socket with a code (1008 unknown key or too many frames:
+  :meth:`V1Connection.too_many_frames`, 1009 too big);
 - :class:`StartTurn` — run a turn of the turn engine on a TurnContext and an Input;
 - :class:`StoreLogs` — store client log entries with a session (``Conversation.log``);
 - :class:`StartListening` / :class:`FeedAudio` / :class:`FinishListening` /
@@ -239,7 +240,8 @@ NAMESPACE = "flowstorm"
 """V1 and V2 sessions share the Flowstorm namespace: a session can move between them."""
 
 CLOSE_POLICY = 1008
-"""WebSocket close code after an unknown or missing application key (policy violation)."""
+"""WebSocket close code after an unknown or missing application key, or too many frames
+(policy violation)."""
 CLOSE_TOO_BIG = 1009
 """WebSocket close code after a frame larger than GATEWAY_MAX_BODY_BYTES."""
 _MISSING_KEY: Final = "The application key is missing: send it as Init.key."
@@ -380,6 +382,8 @@ REFUSED_INIT = "Init (refused key)"
 BINARY = "Binary"
 """A binary frame of the client (audio)."""
 OVERSIZED = "Oversized"
+FLOODED = "Flooded"
+"""The client sent more frames than the connection's frame rate allows (the I/O counts)."""
 TURN_REJECTED = "TurnRejected"
 TURN_FINISHED = "TurnFinished"
 RESPONSE_AUDIO = "ResponseAudio"
@@ -504,6 +508,7 @@ def _build_transitions() -> dict[tuple[State, str], State]:
             table[(state, "Log")] = state
         if state is not s.CLOSED:
             table[(state, OVERSIZED)] = s.CLOSED
+            table[(state, FLOODED)] = s.CLOSED
         table[(state, CONNECTION_LOST)] = s.CLOSED
     return table
 
@@ -519,7 +524,7 @@ BinaryEvent, ``Response``, ``Error``, ``SessionEnded``), the listener's
 (``SpeechStarted``, ``Interim``, ``Final``, ``Silence``, ``Silence (Duplex)``
 for an utterance of a Duplex stream that recognised nothing, ``AudioFailed``,
 ``AudioTimeout``) and the connection's own (``Init (refused key)``,
-``Oversized``, ``TurnRejected``, ``TurnFinished``, ``ConnectionLost``,
+``Oversized``, ``Flooded``, ``TurnRejected``, ``TurnFinished``, ``ConnectionLost``,
 ``Outbox`` for entries of the session's outbox going out: between turns, or in
 ``turn``/``turn-draining`` before the turn's first event).
 Anything else is a ProtocolError; in ``closed`` only ``ConnectionLost`` is.
@@ -865,6 +870,18 @@ class V1Connection:
             return [FeedAudio(self._utterance.stream, data)]
         # a Duplex stream is heard between utterances too
         return [FeedAudio(self._duplex.stream, data)] if self._duplex is not None else []
+
+    def too_many_frames(self, limit: str) -> list[Action]:
+        """The client sent more frames than the connection's frame rate allows (counted by
+        the I/O layer, which reads no more; ``limit`` says what it allows, e.g. ``at most
+        500 frames at once and 500 a second``): ``[Send(Error), Close(1008)]``, the Error
+        of source ``client``; the connection is closed (an utterance being recognised is
+        dropped by :meth:`connection_lost`). After a close, ``[]``. Never raises."""
+        if self.state is State.CLOSED:
+            return []
+        self.machine.feed(FLOODED)
+        text = f"Too many frames: {limit}."
+        return [error_frame(text), Close(CLOSE_POLICY, text)]
 
     def _oversized(self, size: int) -> list[Action]:
         self.machine.feed(OVERSIZED)

@@ -28,9 +28,12 @@ for all its utterances: between them (while a turn runs) the stage's endpointer
 hears its audio, keeping the last :data:`DUPLEX_KEEP_MS`; each utterance takes a
 recognizer only at the next voice onset, from :data:`PREROLL_MS` before it.
 
-Close codes: 1008 unknown or missing application key (after an Error frame),
-1009 a frame larger than GATEWAY_MAX_BODY_BYTES, 1011 an unexpected failure of
-the gateway. Every other problem is an Error frame and the connection stays open.
+Close codes: 1008 unknown or missing application key, or more frames than
+GATEWAY_FLOWSTORM_V1_FRAME_BURST at once / GATEWAY_FLOWSTORM_V1_FRAMES_PER_S a second
+(the driver's :class:`gateway.io.websocket.FrameRate`; both after an Error frame of
+source ``client``), 1009 a frame larger than GATEWAY_MAX_BODY_BYTES, 1011 an
+unexpected failure of the gateway. Every other problem is an Error frame and the
+connection stays open.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from gateway import metrics
 from gateway.breaker import outage_level
 from gateway.deps import Gateway, gateway_of
 from gateway.events import LogEntry, ResponseEvent, TurnEvent
-from gateway.io.websocket import SEND_ERRORS, WebSocketDriver
+from gateway.io.websocket import SEND_ERRORS, FrameRate, WebSocketDriver
 from gateway.logs import session_ref
 from gateway.outbox import Entry, Following
 from gateway.protocol import invalid_field
@@ -261,6 +264,9 @@ class _Socket(WebSocketDriver[Action]):
             send_timeout_s=gw.settings.send_timeout_s,
             log=log,
             name="Flowstorm V1 socket",
+            frame_rate=FrameRate(
+                gw.settings.flowstorm_v1_frame_burst, gw.settings.flowstorm_v1_frames_per_s
+            ),
         )
         self.gw = gw
         # the session's outbox: pushes, and what a dropped socket of the session missed
@@ -285,6 +291,11 @@ class _Socket(WebSocketDriver[Action]):
 
     def lost(self) -> list[Action]:
         return self.conn.connection_lost()
+
+    def flooded(self, rate: FrameRate) -> list[Action]:
+        """An Error frame of source ``client`` naming the limit, then the close 1008
+        (V1Connection.too_many_frames)."""
+        return self.conn.too_many_frames(rate.describe())
 
     async def other(self, action: Action) -> None:
         if isinstance(action, StoreLogs):

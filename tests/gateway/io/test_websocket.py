@@ -21,7 +21,14 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.conversation import Conversation, TurnRejected
 from gateway.events import ErrorEvent, Input, ResponseEvent, TurnEvent
-from gateway.io.websocket import CLOSE_GOING_AWAY, CLOSE_INTERNAL, WebSocketDriver
+from gateway.io.websocket import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL,
+    CLOSE_POLICY,
+    DRAINED_S,
+    FrameRate,
+    WebSocketDriver,
+)
 from gateway.logs import session_ref
 from gateway.protocol.actions import (
     CancelListening,
@@ -40,6 +47,14 @@ from tests.conftest import serve
 from tests.gateway.turns import ctx, engine
 
 log = logging.getLogger("tests.websocket")
+
+
+@dataclass(frozen=True)
+class Stall:
+    """An action of the toy protocol that keeps the driver busy ``seconds`` (EchoDriver.other):
+    as audio backpressure or a slow send keeps it from reading."""
+
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,8 @@ class Echo:
                 return [FinishListening(1)]
             case "drop":
                 return [CancelListening(1)]
+            case "stall":
+                return [Stall(float(rest)), Send("stalled")]
         return [Send(frame.upper())]
 
     def turn_event(self, event: TurnEvent) -> list[object]:
@@ -161,6 +178,9 @@ class EchoDriver(WebSocketDriver[object]):
         if isinstance(action, Unplayable):
             self.echo.record.append(f"unplayable {action.what}")
             raise RuntimeError(f"{action.what} cannot be carried out")
+        if isinstance(action, Stall):
+            await asyncio.sleep(action.seconds)
+            return
         await super().other(action)
 
     def failure(self) -> Sequence[object]:
@@ -356,3 +376,83 @@ async def test_held_actions_that_fail_are_an_error_then_close_1011(
     session = await engines["engine"].store.get(ctx("ws-1").key)
     assert session is not None
     assert session.turn_count == 1  # the turn was saved
+
+
+# ------------------------------------------------------------- frame rate
+
+
+def test_a_frame_rate_allows_its_burst_then_its_rate() -> None:
+    rate = FrameRate(burst=10, per_s=100)
+    assert all(rate.take(0.0, 0.0) for _ in range(10))  # the burst, back to back
+    assert not rate.take(0.0, 0.0)  # then none
+    assert rate.take(0.0, 0.01)  # 10 ms later: one more (100 a second)
+    assert not rate.take(0.0, 0.0)
+    assert all(rate.take(0.0, 0.02) for _ in range(1000))  # 50 a second: never refused
+    # a long pause refills the bucket to its burst, no further
+    assert all(rate.take(0.0, 0.0) for _ in range(9))
+    assert rate.take(0.0, 60.0)
+    assert all(rate.take(0.0, 0.0) for _ in range(9))
+    assert not rate.take(0.0, 0.0)
+    with pytest.raises(ValueError, match="burst must be >= 1"):
+        FrameRate(burst=0, per_s=1)
+    with pytest.raises(ValueError, match="per_s > 0"):
+        FrameRate(burst=1, per_s=0)
+
+
+def test_frames_that_piled_up_while_the_driver_was_busy_are_its_backlog() -> None:
+    """A peer sending 50 frames a second while the driver is busy 5 s (not reading): the
+    250 frames queued meanwhile are read back to back afterwards. The bucket's burst (10)
+    would refuse them; the driver's busy time refills it beyond its burst for as long as
+    frames stay queued. Once a read waits (nothing queued), the credit is gone."""
+    rate = FrameRate(burst=10, per_s=60)
+    assert rate.take(0.0, 0.02)
+    assert rate.take(5.0, 0.0)  # the frame read after the stall, then its backlog
+    assert all(rate.take(0.0, 0.0) for _ in range(250))
+    assert rate.take(0.0, 2 * DRAINED_S)  # drained: the peer is back at its own pace
+    assert all(rate.take(0.0, 0.0) for _ in range(5))
+    flood = [rate.take(0.0, 0.0) for _ in range(20)]  # a flood gets the burst, no more
+    assert not all(flood)
+
+
+async def test_a_peer_over_the_frame_rate_is_closed_1008_once_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer sending more frames than the driver's frame_rate allows: the frames within
+    it are handled, the first beyond it is not (no more are read), and the socket is
+    closed 1008 naming the limit, with one log line (the refusal log's WARNING)."""
+    record: list[str] = []
+    with caplog.at_level(logging.INFO, logger=log.name):
+        async with client(record, {}, frame_rate=FrameRate(burst=20, per_s=5)) as ws:
+            for n in range(200):
+                await ws.send(f"f{n}")
+            got: list[str | bytes] = []
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(10):
+                    while True:
+                        got.append(await ws.recv())
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == CLOSE_POLICY
+    reason = "Too many frames: at most 20 frames at once and 5 a second."
+    assert closed.value.rcvd.reason == reason
+    assert 20 <= len(got) < 30  # the burst (and what came back meanwhile), then the close
+    assert got == [f"F{n}" for n in range(len(got))]
+    lines = [r for r in caplog.records if "Too many frames" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in lines] == [
+        (logging.WARNING, f"echo: closing (1008): {reason}")
+    ]
+    assert record[-4:] == ["ears closed", "lost", "open=False", "sent after the end"]
+
+
+async def test_a_real_time_stream_behind_a_stall_is_not_a_flood() -> None:
+    """A peer sending 50 frames a second (20 ms audio), with a frame rate of burst 10 and
+    60 a second, while the driver stalls 1.5 s (audio backpressure, a slow send): the
+    75 frames that pile up meanwhile are read at once afterwards, and none is refused."""
+    async with client([], {}, frame_rate=FrameRate(burst=10, per_s=60)) as ws:
+        loop = asyncio.get_running_loop()
+        await ws.send("stall 1.5")
+        start = loop.time()
+        for n in range(150):  # 3 s at real time
+            await ws.send(f"a{n}")
+            await asyncio.sleep(max(start + (n + 1) * 0.02 - loop.time(), 0))
+        got = [await ws.recv() for _ in range(151)]
+        assert got == ["stalled", *(f"A{n}" for n in range(150))]

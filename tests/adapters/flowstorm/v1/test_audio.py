@@ -517,6 +517,33 @@ async def test_a_session_resumed_by_init_is_checked_without_an_outbox(
             assert started == {"type": "SessionStarted", "sessionId": owned, "resumed": True}
 
 
+async def test_audio_at_real_time_in_20_ms_frames_is_within_the_frame_rate(
+    corpus: dict[str, Pcm],
+) -> None:
+    """A client streaming its microphone at real time in 20 ms frames (50 a second) on a
+    gateway whose V1 frame rate is barely above that (a burst of 50, 60 a second; the
+    defaults are 500 and 500): more frames than the burst, none refused; the utterance is
+    heard and answered, and the connection serves on."""
+    limits: dict[str, Any] = {"flowstorm_v1_frame_burst": 50, "flowstorm_v1_frames_per_s": 60}
+    async with served(**limits) as url, connect(ws_url(url)) as ws:
+        await init(ws)
+        await open_stream(ws)
+        data = pcm_at(corpus[PLACE], 16000, after_ms=1500)
+        step = 16000 * 20 // 1000 * 2  # 20 ms frames
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for n, at in enumerate(range(0, len(data), step)):
+            await ws.send(data[at : at + step])
+            await asyncio.sleep(max(start + (n + 1) * 0.02 - loop.time(), 0))
+        assert len(data) // step > 150
+        await send_json(ws, {"type": "InputAudioStreamClose"})
+        frames = await frames_until_response(ws)
+        assert kinds(frames) == ["Recognized", "SessionStarted", "Response"]
+        assert close_to(PLACE, final_text(frames))
+        [answer] = await turn(ws, request_frame("hello"))
+        assert answer["type"] == "Response"
+
+
 async def test_a_duplex_stream_keeps_its_session_when_reopened_for_another_applications(
     server: str, corpus: dict[str, Pcm]
 ) -> None:

@@ -504,6 +504,23 @@ def test_an_oversized_text_frame_closes_1009(payload: str) -> None:
     assert conn.receive_text("{}") == []
 
 
+def test_too_many_frames_is_an_error_then_close_1008_while_listening_too() -> None:
+    """The I/O counts the frames (gateway.io.websocket.FrameRate); the protocol answers a
+    client over the limit with an Error of source ``client`` and the close 1008, in any
+    state (here an utterance is being heard), and is closed: nothing more is taken."""
+    conn = ready()
+    send(conn, {"type": "InputAudioStreamOpen"})
+    error, close = conn.too_many_frames("at most 5 frames at once and 1 a second")
+    text = "Too many frames: at most 5 frames at once and 1 a second."
+    assert frames([error]) == [{"type": "Error", "text": text, "source": "client"}]
+    assert close == Close(CLOSE_POLICY, text)
+    assert conn.state is State.CLOSED
+    assert conn.receive_bytes(b"\x00\x00") == []
+    assert conn.too_many_frames("again") == []
+    [cancel] = conn.connection_lost()  # the utterance is dropped as the socket goes
+    assert isinstance(cancel, CancelListening)
+
+
 def test_an_oversized_binary_frame_closes_1009() -> None:
     conn = ready(connection(max_frame_bytes=100))
     [close] = conn.receive_bytes(b"\x00" * 101)

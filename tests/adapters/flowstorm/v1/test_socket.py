@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from adapters.flowstorm.events import MAX_SESSION_ID
 from adapters.flowstorm.v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG, LOG_BUFFER
@@ -286,6 +288,40 @@ async def test_the_refusal_of_a_session_resumed_by_init_clips_its_id(
             error = await expect_error(ws, "sessionId", "longer than")
             assert len(error["text"]) < 120
             await init(ws, init_frame("key-b"))  # a corrected Init is taken
+
+
+async def test_a_client_sending_too_many_frames_gets_an_error_and_is_closed_1008(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """There was no bound on the frames a connection may send: each was parsed and handled,
+    as many a second as the client could send. Now past GATEWAY_FLOWSTORM_V1_FRAME_BURST
+    at once / GATEWAY_FLOWSTORM_V1_FRAMES_PER_S a second it gets an Error of source
+    ``client`` naming the limit and a close 1008, with one log line for the connection
+    (not one per frame). The frames within the limit were handled (the Log's Error)."""
+    caplog.set_level(logging.INFO, logger="adapters.flowstorm.v1.routes")
+    limits: dict[str, Any] = {"flowstorm_v1_frame_burst": 20, "flowstorm_v1_frames_per_s": 5}
+    async with served(**limits) as url:
+        async with connect(ws_url(url)) as ws:
+            await init(ws)
+            await send_json(ws, {"type": "Vote"})  # within the limit: handled
+            await expect_error(ws, "unknown event type")
+            with contextlib.suppress(ConnectionClosed):  # (the close may come first)
+                for _ in range(300):  # pings, ignored one by one before
+                    await ws.send(b"")
+                await send_json(ws, {"type": "Vote"})
+            error = await recv_json(ws)  # before: the Vote's Error (no limit)
+            limit = "at most 20 frames at once and 5 a second"
+            assert error == {
+                "type": "Error",
+                "source": "client",
+                "text": f"Too many frames: {limit}.",
+            }
+            assert await expect_close(ws) == CLOSE_POLICY
+        await assert_serving(url)  # other connections are served
+    lines = [r for r in caplog.records if "Too many frames" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in lines] == [
+        (logging.WARNING, f"Flowstorm V1 socket: closing (1008): Too many frames: {limit}.")
+    ]
 
 
 async def test_a_refused_turn_is_logged_without_the_session_id(
