@@ -914,24 +914,34 @@ class Conversation:
         session.timeout_s = keep_s
         return False
 
-    async def find(self, ctx: TurnContext) -> Literal["found", "not-found", "foreign"]:
+    async def find(self, ctx: TurnContext) -> Literal["found", "not-found", "foreign", "creating"]:
         """Whether ``ctx``'s session exists and is ``ctx.app_key``'s, without locking it.
 
-        ``not-found``: unknown or expired; ``foreign``: another application key's.
-        Raises StoreUnavailable when the store fails.
+        One read of the store (:meth:`~gateway.sessions.SessionStore.peek`: the session
+        and its lock at one moment). ``found``; ``not-found``: unknown or expired;
+        ``foreign``: another application key's; ``creating``: not stored yet while a
+        turn holds its lock (its first turn is making it, on this instance or another;
+        or a turn about to be refused, which ends at once). Raises StoreUnavailable when
+        the store fails.
         """
-        session = await self.store.get(ctx.key)
+        session, locked = await self.store.peek(ctx.key)
         if session is None:
-            return "not-found"
+            return "creating" if locked else "not-found"
         return "found" if session.app_key == ctx.app_key else "foreign"
 
     async def expiry(self, ctx: TurnContext) -> float | None:
         """When the store lets ``ctx``'s session go unless something touches it (epoch s:
         its last save, a failed turn's or a client log's too, plus its timeout; a time past
         may mean a session still kept, by the clock of another instance), or None when
-        :meth:`find` would not say ``found``. Raises StoreUnavailable when the store fails."""
-        session = await self.store.get(ctx.key)
-        if session is None or session.app_key != ctx.app_key:
+        :meth:`find` would say ``not-found`` or ``foreign``. A session being made (not
+        stored yet, a turn holding its lock: :meth:`find`'s ``creating``) is let go no
+        sooner than that turn saves it: now + GATEWAY_TURN_TIMEOUT_S, when to ask again.
+        One read of the store (:meth:`~gateway.sessions.SessionStore.peek`). Raises
+        StoreUnavailable when the store fails."""
+        session, locked = await self.store.peek(ctx.key)
+        if session is None:
+            return time.time() + self.settings.turn_timeout_s if locked else None
+        if session.app_key != ctx.app_key:
             return None
         return session.updated_at + session.timeout_s
 

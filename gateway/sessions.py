@@ -237,6 +237,14 @@ class SessionStore(Protocol):
         """Read a session without locking it (``None`` if unknown or expired)."""
         ...
 
+    async def peek(self, key: str) -> tuple[Session | None, bool]:
+        """Read a session without locking it, and whether its lock is held now, in one
+        read (the two as they were at one moment): ``(session or None, locked)``. A
+        session the store does not have whose lock is held is being made by its first
+        turn (or a turn about to be refused: it ends at once). Raises StoreUnavailable
+        like :meth:`get`."""
+        ...
+
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
         ...
@@ -385,6 +393,12 @@ class MemorySessionStore:
 
     async def get(self, key: str) -> Session | None:
         return self._read(key)
+
+    async def peek(self, key: str) -> tuple[Session | None, bool]:
+        """:meth:`SessionStore.peek`: the session and whether this process's lock of it is
+        held (the only lock there is)."""
+        entry = self._locks.get(key)
+        return self._read(key), entry is not None and entry[0].locked()
 
     async def ping(self) -> None:
         return None
@@ -831,6 +845,17 @@ class RedisSessionStore:
         except REDIS_ERRORS as exc:
             raise _unavailable(exc) from exc
         return stored_session(data, key) if data else None
+
+    async def peek(self, key: str) -> tuple[Session | None, bool]:
+        """:meth:`SessionStore.peek`: one MGET of the session and its lock (one command,
+        so one moment: a turn saves the session and frees the lock in one script; both
+        keys are in the session's hash slot), in the round trip :meth:`get` costs."""
+        lock_key, data_key = self._keys(key)
+        try:
+            data, lock = await self.breaker.guard(lambda: self._redis.mget(data_key, lock_key))
+        except REDIS_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        return (stored_session(data, key) if data else None), lock is not None
 
     async def ping(self) -> None:
         try:

@@ -74,8 +74,12 @@ Decisions where the spec is silent:
 - A valid sessionKey resumes its session only when the store still has it (it
   expired, or it never had a turn: ``newSessionRequired: true``, and the client makes a
   new one with ``session.create``, as the spec's client does, instead of being told
-  its session goes on and then that it ended; a session whose first action runs on
-  another connection of this instance goes on: that turn makes it). The connection
+  its session goes on and then that it ended) or is making it: a session whose first
+  action runs, on any connection of any instance, goes on (that turn makes it; the
+  store's lookup reads the session and its lock at one moment,
+  ``Conversation.find``'s ``creating``, at no cost over reading the session alone;
+  until the first action's turn takes the lock, a round trip after ``action.status
+  accepted``, the session has no conversation to lose). The connection
   asks the I/O layer to look (:class:`CheckSession`; state ``starting`` meanwhile, in
   which other events are refused ``not-started``) and answers ``client.started`` with
   what it found (:meth:`VoiceflowConnection.session_checked`); when the store is down,
@@ -778,14 +782,17 @@ class Emit:
 @dataclass(frozen=True)
 class CheckSession:
     """Ask the store whether it has ``ctx``'s session (``Conversation.find(ctx)``: ``found``,
-    ``not-found`` or ``foreign``) and hand the answer to
-    :meth:`VoiceflowConnection.session_checked` (``store-unavailable`` when the store is
-    down, ``gateway-error`` when the lookup failed otherwise)."""
+    ``not-found``, ``foreign`` or ``creating``: not saved yet, its first turn running on
+    some instance) and hand the answer to :meth:`VoiceflowConnection.session_checked`
+    (``store-unavailable`` when the store is down, ``gateway-error`` when the lookup
+    failed otherwise)."""
 
     ctx: TurnContext
 
 
-SessionCheck = Literal["found", "not-found", "foreign", "store-unavailable", "gateway-error"]
+SessionCheck = Literal[
+    "found", "not-found", "foreign", "creating", "store-unavailable", "gateway-error"
+]
 """What the I/O layer found for a :class:`CheckSession`: ``Conversation.find``'s answer, or
 the error code of why there is none."""
 
@@ -1066,17 +1073,20 @@ class VoiceflowConnection:
     def session_checked(self, found: SessionCheck) -> list[Action]:
         """The I/O layer's answer to the connection's :class:`CheckSession` (client.start
         with a valid sessionKey): ``found`` -> ``client.started {newSessionRequired:
-        false}``, the session goes on (also ``not-found`` while another connection of this
-        instance runs an action of it, :attr:`session_busy`: its first turn, which makes
-        it); ``not-found`` (it expired, or never had a turn) or ``foreign`` (another
-        project's) -> ``client.started {newSessionRequired: true}``;
+        false}``, the session goes on; so it does when it is ``creating`` (not saved yet
+        while a turn holds its lock: its first turn, on this instance or another, makes
+        it), also ``not-found`` while another connection of this instance runs an action
+        of it (:attr:`session_busy`: its turn may not hold the lock yet); ``not-found``
+        (it expired, or never had a turn) or ``foreign`` (another project's) ->
+        ``client.started {newSessionRequired: true}``;
         ``store-unavailable`` / ``gateway-error`` -> ``error {code, error}`` (the client
         sends client.start again). ``[]`` when no check is pending (the connection closed
         meanwhile)."""
         if self.state is not State.STARTING:
             return []
         key = self.session_key
-        if found == "found" or (found == "not-found" and key and self.session_busy(key)):
+        busy = found == "not-found" and key is not None and self.session_busy(key)
+        if found in ("found", "creating") or busy:
             self.machine.advance(SESSION_FOUND)
             return [Emit(CLIENT_STARTED, {"newSessionRequired": False})]
         self._talk_in(None)

@@ -43,9 +43,10 @@ Operations:
   outage is a WARNING of the manager (component ``socket.io-redis``, see
   gateway.redisconn.SocketIoRedisOutage), which subscribes again when Redis is back.
   Sessions are in the turn engine's store, so a client that reconnects (with its
-  sessionKey) anywhere continues its conversation. Long polling needs **sticky sessions** at
-  the load balancer (every request of one Engine.IO session must reach the
-  process that holds it); WebSocket connections do not.
+  sessionKey) anywhere continues its conversation, also while its session's first
+  action still runs on another instance (the store's lock tells). Long polling
+  needs **sticky sessions** at the load balancer (every request of one Engine.IO
+  session must reach the process that holds it); WebSocket connections do not.
 - **Graceful shutdown.** ``server.restart`` goes to every client connected to this
   process, then their Engine.IO sessions are closed, which makes socket.io clients
   reconnect (to another instance behind the load balancer). uvicorn closes open
@@ -787,8 +788,9 @@ class VoiceflowServer:
                 task.add_done_callback(client.tasks.discard)
 
     async def _find(self, check: CheckSession) -> SessionCheck:
-        """Whether the store has the session a client.start's sessionKey names
-        (:meth:`~gateway.conversation.Conversation.find`): ``store-unavailable`` when the
+        """Whether the store has (or a first turn is making) the session a client.start's
+        sessionKey names (:meth:`~gateway.conversation.Conversation.find`, one read of the
+        store): ``store-unavailable`` when the
         store is down (logged at INFO, as a turn the store refuses: the outage itself is
         the store's to log), ``gateway-error`` when it failed otherwise (an ERROR with its
         traceback), so the connection answers either way."""
@@ -860,10 +862,12 @@ class VoiceflowServer:
         then ask the store: when it no longer has the session, the client gets
         ``session.ended {reason: "inactivity_timeout"}`` (spec "End"). When it does (a
         resumed session, or another connection or a push kept it), ask again when it
-        expires (:meth:`~gateway.conversation.Conversation.expiry`); when the store cannot
-        say, after the session timeout (GATEWAY_SESSION_TIMEOUT_S; :data:`IDLE_RETRY_S` at
-        most when the store is down). Any other failure of the store is logged at ERROR and ends the
-        wait (the connection goes on; its next event starts a new one)."""
+        expires (:meth:`~gateway.conversation.Conversation.expiry`; a session resumed while
+        its first turn runs elsewhere, not saved yet: after that turn's time); when the
+        store cannot say, after the session timeout (GATEWAY_SESSION_TIMEOUT_S;
+        :data:`IDLE_RETRY_S` at most when the store is down). Any other failure of the
+        store is logged at ERROR and ends the wait (the connection goes on; its next event
+        starts a new one)."""
         gw, conn = self._gateway, client.conn
         assert gw is not None
         while True:

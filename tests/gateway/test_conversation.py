@@ -181,6 +181,38 @@ async def test_a_stored_log_records_the_time_of_its_save(
         await store.aclose()
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_find_and_expiry_tell_a_session_being_made_from_one_gone(
+    kind: str, redis_url: str, redis_prefix: str
+) -> None:
+    """A session its first turn is making is not stored until that turn saves it: find
+    said ``not-found`` (so Voiceflow's client.start on another instance required a new
+    session) and expiry None (the idle watch ended it). Both read the lock with the
+    session: ``creating``, and an expiry after the turn's time."""
+    store: SessionStore = (
+        MemorySessionStore()
+        if kind == "memory"
+        else RedisSessionStore(redis_url, prefix=redis_prefix)
+    )
+    conv = engine(store, turn_timeout_s=7)
+    store = conv.store  # (an empty memory store is falsy: engine() makes its own)
+    try:
+        assert await conv.find(ctx()) == "not-found"
+        assert await conv.expiry(ctx()) is None
+        async with store.open(ctx().key, lease_s=5, wait_s=1):  # as a first turn holds it
+            before = time.time()
+            assert await conv.find(ctx()) == "creating"
+            expiry = await conv.expiry(ctx())
+            assert expiry is not None
+            assert before + 7 <= expiry <= time.time() + 7
+        await conv.turn(ctx(), Input.of("#intro")).collect()
+        assert await conv.find(ctx()) == "found"
+        other = TurnContext(channel="test", session_id="s1", app_key="other")
+        assert await conv.find(other) == "foreign"
+    finally:
+        await store.aclose()
+
+
 async def test_turns_of_one_session_run_one_at_a_time(redis_url: str, redis_prefix: str) -> None:
     store = RedisSessionStore(redis_url, prefix=redis_prefix)
     conv = engine(store)

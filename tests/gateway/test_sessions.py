@@ -46,6 +46,22 @@ async def test_unknown_key_opens_empty(store: SessionStore) -> None:
     assert await store.get("c:nobody") is None
 
 
+async def test_peek_reads_the_session_and_whether_its_lock_is_held(store: SessionStore) -> None:
+    """:meth:`SessionStore.peek`: the session and its lock at one moment, so a reader can
+    tell a session its first turn is making (not stored, locked) from one that is gone
+    (Voiceflow's client.start on another instance while the first action runs)."""
+    session = stored("c:p")
+    assert await store.peek("c:p") == (None, False)
+    async with store.open("c:p", lease_s=5, wait_s=1) as txn:
+        assert await store.peek("c:p") == (None, True)  # being made
+        txn.save(session, ttl_s=60)
+    assert await store.peek("c:p") == (session, False)
+    async with store.open("c:p", lease_s=5, wait_s=1) as txn:
+        assert await store.peek("c:p") == (session, True)  # a turn of it runs
+        txn.delete()
+    assert await store.peek("c:p") == (None, False)
+
+
 async def test_save_then_load_round_trips_every_field(store: SessionStore) -> None:
     original = stored(
         attributes={"name": "Ada", "n": 3},

@@ -632,6 +632,22 @@ def test_a_session_whose_first_action_runs_here_goes_on() -> None:
     ]
 
 
+def test_a_session_whose_first_action_runs_on_another_instance_goes_on() -> None:
+    """The store's ``creating`` (not saved yet, a turn holds its lock: its first action
+    runs, on any instance) resumes the session; it answered ``newSessionRequired: true``
+    on every instance but the one running that action."""
+    key = SessionKeys(SECRET, 3600).issue(
+        session_id="first", project_id=PROJECT, user_id=USER, now=NOW - 10
+    )
+    conn = connection()
+    conn.receive(CLIENT_START, [{**START_WITH_KEY, "sessionKey": key}])
+    assert emitted(conn.session_checked("creating")) == [
+        ("client.started", {"newSessionRequired": False})
+    ]
+    assert (conn.state, conn.session_id, conn.idle_timeout_s()) == (State.READY, "first", 0)
+    assert send(conn, {"type": "text", "payload": "hi"}).ctx.create is False
+
+
 @pytest.mark.parametrize("failure", ["store-unavailable", "gateway-error"])
 def test_a_store_that_cannot_answer_for_a_key_is_an_error_and_client_start_again_works(
     failure: SessionCheck,

@@ -10,11 +10,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from adapters.voiceflow.protocol import SessionKeys
+from adapters.voiceflow.routes import IDLE_MARGIN_S
 from gateway.secrets import VOICEFLOW_SESSION_KEY, derive_key
 from tests.adapters.voiceflow.helpers import (
     PROJECT,
     SECRET,
     USER,
+    RecordingCore,
     VoiceflowClient,
     client,
     messages,
@@ -70,6 +72,39 @@ async def test_a_session_key_continues_the_session_on_another_instance(
         await again.create()  # a new session, as the spec's client makes one
         assert await again.say("what is my name") == ["I do not know your name yet."]
         await again.nothing_more()
+
+
+async def test_a_reconnect_on_another_instance_while_the_first_action_runs_resumes_it(
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+) -> None:
+    """The store has a session once its first turn saved it. A client that reconnected
+    to instance B with its sessionKey while its first action still ran on instance A was
+    told ``newSessionRequired: true`` and lost its conversation. B now reads the session
+    and its lock in one command: a turn holds the lock of a session not saved yet (its
+    first turn is making it), so the session goes on, and B's idle watch does not take
+    the running first turn for an expiry."""
+    core = RecordingCore()
+    async with core.running() as core_url:
+        a = GatewayProcess(env(redis_url, redis_prefix, GATEWAY_PIPELINE=core_url))
+        b = GatewayProcess(env(redis_url, redis_prefix, GATEWAY_PIPELINE=core_url))
+        gateway_processes += [a, b]
+        await asyncio.to_thread(start_all, a, b)
+        async with client(a.url) as on_a:
+            key = await on_a.handshake()
+            await on_a.send({"type": "text", "payload": "slow"}, "first")
+            assert (await on_a.expect("action.status"))["status"] == "accepted"
+            first = await core.next_request()  # the core holds the first action: not saved
+            assert first["turn"] == 1
+            async with client(b.url, "polling") as on_b:
+                assert await on_b.start(key) is False  # False: the session goes on
+                await on_b.nothing_more(IDLE_MARGIN_S + 1.0)  # no session.ended meanwhile
+                core.release.set()
+                traces, done = await on_a.traces_until_status("first")
+                assert (messages(traces), done["status"]) == (["slow answer"], "completed")
+                assert await on_b.say("hello") == ["core heard hello"]
+                second = await core.next_request()  # the same session, its second turn
+                assert (second["sessionId"], second["turn"]) == (first["sessionId"], 2)
+                await on_b.nothing_more()
 
 
 async def test_graceful_shutdown_sends_server_restart(
