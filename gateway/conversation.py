@@ -914,20 +914,28 @@ class Conversation:
         session.timeout_s = keep_s
         return False
 
-    async def find(self, ctx: TurnContext) -> Literal["found", "not-found", "foreign", "creating"]:
+    async def find(
+        self, ctx: TurnContext, *, active_since: float | None = None
+    ) -> Literal["found", "not-found", "foreign", "creating", "stale"]:
         """Whether ``ctx``'s session exists and is ``ctx.app_key``'s, without locking it.
 
         One read of the store (:meth:`~gateway.sessions.SessionStore.peek`: the session
         and its lock at one moment). ``found``; ``not-found``: unknown or expired;
         ``foreign``: another application key's; ``creating``: not stored yet while a
         turn holds its lock (its first turn is making it, on this instance or another;
-        or a turn about to be refused, which ends at once). Raises StoreUnavailable when
-        the store fails.
+        or a turn about to be refused, which ends at once); ``stale``: ``active_since``
+        (epoch s) is given and the session was neither saved then or later (its
+        ``updated_at``) nor has a turn running now. Raises StoreUnavailable when the
+        store fails.
         """
         session, locked = await self.store.peek(ctx.key)
         if session is None:
             return "creating" if locked else "not-found"
-        return "found" if session.app_key == ctx.app_key else "foreign"
+        if session.app_key != ctx.app_key:
+            return "foreign"
+        if active_since is not None and session.updated_at < active_since and not locked:
+            return "stale"
+        return "found"
 
     async def expiry(self, ctx: TurnContext) -> float | None:
         """When the store lets ``ctx``'s session go unless something touches it (epoch s:

@@ -764,8 +764,10 @@ class Settings(BaseSettings):
         default=86_400,
         gt=0,
         le=MAX_TIMEOUT_S,
-        description="Lifetime of a Voiceflow sessionKey: how long a client can come back to "
-        "its session (which also ends after GATEWAY_SESSION_TIMEOUT_S idle).",
+        description="How long a Voiceflow sessionKey can resume its session after the key's "
+        "issue or the session's last activity, whichever is later: the key of an active "
+        "conversation does not expire (the session itself also ends after "
+        "GATEWAY_SESSION_TIMEOUT_S idle).",
     )
     voiceflow_api_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),

@@ -68,9 +68,17 @@ Decisions where the spec is silent:
 
 - **sessionKey** is an HS256 JWT (:class:`SessionKeys`): ``sub`` the gateway session
   id (store key ``voiceflow:<id>``, app key = projectID), ``pid`` projectID, ``uid``
-  userID, ``iat``/``exp``. A key that is forged, expired, malformed or made for
-  another project or user means ``newSessionRequired: true``; nothing else is said,
-  so a client cannot probe keys.
+  userID, ``iat``. A key that is forged, malformed or made for another project or user
+  means ``newSessionRequired: true``; nothing else is said, so a client cannot probe
+  keys. The spec hands the key over once, in ``session.created`` (the only event that
+  carries one, and it says a *new* session was made), so the key is never re-issued;
+  instead its lifetime follows its session's activity: a key lives
+  GATEWAY_VOICEFLOW_SESSION_KEY_TTL_S from its issue or from its session's last
+  activity (a saved turn, or a turn running), whichever is later, and never longer
+  than the store keeps the session (its idle timeout). An active conversation is
+  never cut off; a key past that (``stale``) gets ``newSessionRequired: true``, as for
+  an expired session. Keys of earlier versions carry ``exp`` and are refused from then
+  on.
 - A valid sessionKey resumes its session only when the store still has it (it
   expired, or it never had a turn: ``newSessionRequired: true``, and the client makes a
   new one with ``session.create``, as the spec's client does, instead of being told
@@ -169,7 +177,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeGuard, TypeVar
 
 import jwt
 from pydantic import BaseModel, ConfigDict, Field
@@ -396,20 +404,34 @@ def _kind(value: Any) -> str:
 class KeyCheck:
     """The outcome of :meth:`SessionKeys.verify`: the session id, or why there is none.
 
-    ``problem`` is one of ``missing``, ``malformed``, ``forged``, ``expired``,
-    ``foreign`` (another project or user); ``None`` when the key is valid.
+    ``problem`` is one of ``missing``, ``malformed``, ``forged``, ``expired`` (a key
+    with an ``exp`` claim, as earlier versions made them, on or after it), ``foreign``
+    (another project or user); ``None`` when the key is valid. ``active_since`` is set
+    (epoch s) when the key is older than :attr:`SessionKeys.ttl_s`: it resumes its
+    session only if the session was active at or after that time (saved by a turn, or
+    a turn of it running now; ``Conversation.find``'s ``stale`` when not).
     """
 
     session_id: str | None
     problem: str | None = None
+    active_since: float | None = None
 
 
 class SessionKeys:
     """sessionKey tokens: HS256 JWTs signed with the gateway's Voiceflow secret.
 
     Claims: ``iss`` :attr:`ISSUER`, ``aud`` :attr:`AUDIENCE`, ``sub`` the session
-    id, ``pid`` the projectID, ``uid`` the userID, ``iat`` and ``exp`` (``iat`` +
-    ``ttl_s``; epoch seconds). Times come from the ``now`` each call is handed.
+    id, ``pid`` the projectID, ``uid`` the userID, ``iat`` (epoch seconds). No ``exp``:
+    the spec hands a client its key once (``session.created``), so a key cannot be
+    renewed while its conversation goes on, and its lifetime follows the session's
+    activity instead. ``ttl_s`` (GATEWAY_VOICEFLOW_SESSION_KEY_TTL_S) is how long a
+    key lives after its session's last activity: a key issued less than ``ttl_s`` ago
+    is valid, an older one only for a session active in the last ``ttl_s``
+    (:attr:`KeyCheck.active_since`, which the store answers). Either way the session
+    must still be in the store, which lets it go after its own idle timeout
+    (GATEWAY_SESSION_TIMEOUT_S or the core's ``sessionTimeout``), so that bounds every
+    key too. A key with an ``exp`` claim (made by an earlier version) is refused from
+    then on (RFC 7519 section 4.1.4). Times come from the ``now`` each call is handed.
     """
 
     ISSUER = "channel-gateway"
@@ -422,7 +444,8 @@ class SessionKeys:
         self.ttl_s = ttl_s
 
     def issue(self, *, session_id: str, project_id: str, user_id: str, now: float) -> str:
-        """A new sessionKey naming ``session_id`` for ``project_id``/``user_id``."""
+        """A new sessionKey naming ``session_id`` for ``project_id``/``user_id``, issued at
+        ``now`` (epoch s)."""
         claims = {
             "iss": self.ISSUER,
             "aud": self.AUDIENCE,
@@ -430,13 +453,13 @@ class SessionKeys:
             "pid": project_id,
             "uid": user_id,
             "iat": int(now),
-            "exp": int(now) + self.ttl_s,
         }
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
     def verify(self, token: str | None, *, project_id: str, user_id: str, now: float) -> KeyCheck:
-        """The session id of ``token`` when it is ours, unexpired at ``now`` and was made
-        for ``project_id`` and ``user_id``; else a KeyCheck naming the problem."""
+        """The session id of ``token`` when it is ours and was made for ``project_id`` and
+        ``user_id`` (with :attr:`KeyCheck.active_since` ``now - ttl_s`` when it was issued
+        ``ttl_s`` or more before ``now``); else a KeyCheck naming the problem."""
         if not token:
             return KeyCheck(None, "missing")
         try:
@@ -447,7 +470,7 @@ class SessionKeys:
                 audience=self.AUDIENCE,
                 issuer=self.ISSUER,
                 options={
-                    "require": ["sub", "pid", "uid", "exp"],
+                    "require": ["sub", "pid", "uid", "iat"],
                     "verify_exp": False,  # checked below against the handed clock
                     "verify_iat": False,
                     "verify_nbf": False,
@@ -457,14 +480,22 @@ class SessionKeys:
             return KeyCheck(None, "forged")
         except jwt.InvalidTokenError:
             return KeyCheck(None, "malformed")
-        session_id, exp = claims.get("sub"), claims.get("exp")
-        if not isinstance(session_id, str) or not session_id or not isinstance(exp, int | float):
+        session_id, iat, exp = claims.get("sub"), claims.get("iat"), claims.get("exp")
+        if not isinstance(session_id, str) or not session_id or not _number(iat):
             return KeyCheck(None, "malformed")
-        if now >= exp:
+        if exp is not None and not _number(exp):
+            return KeyCheck(None, "malformed")
+        if exp is not None and now >= exp:
             return KeyCheck(None, "expired")
         if claims.get("pid") != project_id or claims.get("uid") != user_id:
             return KeyCheck(None, "foreign")
-        return KeyCheck(session_id)
+        lapsed = now >= iat + self.ttl_s
+        return KeyCheck(session_id, active_since=now - self.ttl_s if lapsed else None)
+
+
+def _number(value: Any) -> TypeGuard[int | float]:
+    """Whether a JWT claim is a NumericDate: a finite number (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ------------------------------------------------------------- actions -> Input
@@ -781,17 +812,20 @@ class Emit:
 
 @dataclass(frozen=True)
 class CheckSession:
-    """Ask the store whether it has ``ctx``'s session (``Conversation.find(ctx)``: ``found``,
-    ``not-found``, ``foreign`` or ``creating``: not saved yet, its first turn running on
-    some instance) and hand the answer to :meth:`VoiceflowConnection.session_checked`
+    """Ask the store whether it has ``ctx``'s session (``Conversation.find(ctx,
+    active_since=active_since)``: ``found``, ``not-found``, ``foreign``, ``creating``: not
+    saved yet, its first turn running on some instance, or ``stale``: not active since
+    ``active_since``) and hand the answer to :meth:`VoiceflowConnection.session_checked`
     (``store-unavailable`` when the store is down, ``gateway-error`` when the lookup
-    failed otherwise)."""
+    failed otherwise). ``active_since`` (epoch s) is set for a sessionKey older than its
+    lifetime (:attr:`KeyCheck.active_since`), else None."""
 
     ctx: TurnContext
+    active_since: float | None = None
 
 
 SessionCheck = Literal[
-    "found", "not-found", "foreign", "creating", "store-unavailable", "gateway-error"
+    "found", "not-found", "foreign", "creating", "stale", "store-unavailable", "gateway-error"
 ]
 """What the I/O layer found for a :class:`CheckSession`: ``Conversation.find``'s answer, or
 the error code of why there is none."""
@@ -1068,7 +1102,7 @@ class VoiceflowConnection:
             machine.feed(CLIENT_START)
             return [Emit(CLIENT_STARTED, {"newSessionRequired": True})]
         machine.feed(START_CHECKING)  # the store says whether the session goes on
-        return [CheckSession(self._context(create=False))]
+        return [CheckSession(self._context(create=False), check.active_since)]
 
     def session_checked(self, found: SessionCheck) -> list[Action]:
         """The I/O layer's answer to the connection's :class:`CheckSession` (client.start
@@ -1077,7 +1111,8 @@ class VoiceflowConnection:
         while a turn holds its lock: its first turn, on this instance or another, makes
         it), also ``not-found`` while another connection of this instance runs an action
         of it (:attr:`session_busy`: its turn may not hold the lock yet); ``not-found``
-        (it expired, or never had a turn) or ``foreign`` (another project's) ->
+        (it expired, or never had a turn), ``stale`` (the key is older than its lifetime
+        and the session was not active within it) or ``foreign`` (another project's) ->
         ``client.started {newSessionRequired: true}``;
         ``store-unavailable`` / ``gateway-error`` -> ``error {code, error}`` (the client
         sends client.start again). ``[]`` when no check is pending (the connection closed
@@ -1085,12 +1120,12 @@ class VoiceflowConnection:
         if self.state is not State.STARTING:
             return []
         key = self.session_key
-        busy = found == "not-found" and key is not None and self.session_busy(key)
+        busy = found in ("not-found", "stale") and key is not None and self.session_busy(key)
         if found in ("found", "creating") or busy:
             self.machine.advance(SESSION_FOUND)
             return [Emit(CLIENT_STARTED, {"newSessionRequired": False})]
         self._talk_in(None)
-        if found in ("not-found", "foreign"):
+        if found in ("not-found", "stale", "foreign"):
             self.machine.advance(SESSION_MISSING)
             return [Emit(CLIENT_STARTED, {"newSessionRequired": True})]
         self.machine.advance(SESSION_CHECK_FAILED)

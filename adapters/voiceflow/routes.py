@@ -798,7 +798,7 @@ class VoiceflowServer:
         assert gw is not None
         ref = session_ref(check.ctx.key)
         try:
-            return await gw.conversation.find(check.ctx)
+            return await gw.conversation.find(check.ctx, active_since=check.active_since)
         except StoreUnavailable:
             log.info("client.start of session %s refused: store-unavailable", ref)
             return "store-unavailable"

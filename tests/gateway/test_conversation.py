@@ -188,7 +188,9 @@ async def test_find_and_expiry_tell_a_session_being_made_from_one_gone(
     """A session its first turn is making is not stored until that turn saves it: find
     said ``not-found`` (so Voiceflow's client.start on another instance required a new
     session) and expiry None (the idle watch ended it). Both read the lock with the
-    session: ``creating``, and an expiry after the turn's time."""
+    session: ``creating``, and an expiry after the turn's time. With ``active_since``
+    (a Voiceflow sessionKey older than its lifetime), ``stale`` when the session was
+    last saved before it and no turn of it runs."""
     store: SessionStore = (
         MemorySessionStore()
         if kind == "memory"
@@ -202,11 +204,18 @@ async def test_find_and_expiry_tell_a_session_being_made_from_one_gone(
         async with store.open(ctx().key, lease_s=5, wait_s=1):  # as a first turn holds it
             before = time.time()
             assert await conv.find(ctx()) == "creating"
+            assert await conv.find(ctx(), active_since=time.time()) == "creating"
             expiry = await conv.expiry(ctx())
             assert expiry is not None
             assert before + 7 <= expiry <= time.time() + 7
         await conv.turn(ctx(), Input.of("#intro")).collect()
+        saved = await store.get(ctx().key)
+        assert saved is not None
         assert await conv.find(ctx()) == "found"
+        assert await conv.find(ctx(), active_since=saved.updated_at) == "found"
+        assert await conv.find(ctx(), active_since=saved.updated_at + 1) == "stale"
+        async with store.open(ctx().key, lease_s=5, wait_s=1):  # a turn of it runs: active
+            assert await conv.find(ctx(), active_since=saved.updated_at + 1) == "found"
         other = TurnContext(channel="test", session_id="s1", app_key="other")
         assert await conv.find(other) == "foreign"
     finally:

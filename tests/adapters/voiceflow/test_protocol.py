@@ -7,6 +7,7 @@ from typing import Any
 
 import engineio
 import engineio.async_drivers.asgi as asgi_driver
+import jwt
 import pytest
 
 from adapters.voiceflow.protocol import (
@@ -178,7 +179,13 @@ def test_session_keys() -> None:
     keys = SessionKeys(SECRET, ttl_s=60)
     token = keys.issue(session_id="s1", project_id=PROJECT, user_id=USER, now=NOW)
     check = keys.verify(token, project_id=PROJECT, user_id=USER, now=NOW + 59)
-    assert (check.session_id, check.problem) == ("s1", None)
+    assert (check.session_id, check.problem, check.active_since) == ("s1", None, None)
+    # older than its lifetime: its session must have been active since (the store says)
+    for later in (60, 86_400 * 3):
+        check = keys.verify(token, project_id=PROJECT, user_id=USER, now=NOW + later)
+        assert (check.session_id, check.problem) == ("s1", None)
+        assert check.active_since == NOW + later - 60
+    assert "exp" not in jwt.decode(token, options={"verify_signature": False})
 
     def problem(
         token: str | None, *, project: str = PROJECT, user: str = USER, at: float = NOW
@@ -187,7 +194,13 @@ def test_session_keys() -> None:
         assert result.session_id is None
         return result.problem
 
-    assert problem(token, at=NOW + 60) == "expired"
+    # a key of an earlier version, with its fixed exp: refused from then on (RFC 7519)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    legacy = jwt.encode({**claims, "exp": int(NOW) + 60}, SECRET, algorithm="HS256")
+    assert keys.verify(legacy, project_id=PROJECT, user_id=USER, now=NOW + 59).problem is None
+    assert problem(legacy, at=NOW + 60) == "expired"
+    no_iat = jwt.encode({k: v for k, v in claims.items() if k != "iat"}, SECRET, "HS256")
+    assert problem(no_iat) == "malformed"
     assert problem(token, project="other") == "foreign"
     assert problem(token, user="mallory") == "foreign"
     other = SessionKeys("x" * 32, 60).issue(
@@ -571,10 +584,35 @@ def test_resuming_with_a_key_and_the_create_rule() -> None:
     assert start.ctx.create is False  # a resumed session must exist ...
     conn.turn_rejected(TurnRejected("session-busy", "busy"))
     assert send(conn, {"type": "launch"}).ctx.create is True  # ... but launch may start it
-    expired = connection(clock=lambda: NOW + 7200)
-    assert emitted(
-        expired.receive(CLIENT_START, [{"userID": USER, "projectID": PROJECT, "sessionKey": key}])
-    ) == [("client.started", {"newSessionRequired": True})]
+
+
+@pytest.mark.parametrize(("found", "required"), [("found", False), ("stale", True)])
+def test_a_key_older_than_its_lifetime_resumes_a_session_active_within_it(
+    found: SessionCheck, required: bool
+) -> None:
+    """A key older than GATEWAY_VOICEFLOW_SESSION_KEY_TTL_S answered ``newSessionRequired:
+    true`` at once, however active its session: the store is now asked whether the
+    session was active since (``active_since``): ``found`` resumes it, ``stale`` (idle
+    for longer) requires a new session, as for a session the store let go."""
+    key = SessionKeys(SECRET, 3600).issue(
+        session_id="old", project_id=PROJECT, user_id=USER, now=NOW - 10
+    )
+    conn = connection(clock=lambda: NOW + 7200)  # two hours after: the key is 1 h past
+    [check] = conn.receive(
+        CLIENT_START, [{"userID": USER, "projectID": PROJECT, "sessionKey": key}]
+    )
+    assert isinstance(check, CheckSession)
+    assert (check.ctx.key, check.active_since) == ("voiceflow:old", NOW + 7200 - 3600)
+    assert emitted(conn.session_checked(found)) == [
+        ("client.started", {"newSessionRequired": required})
+    ]
+    assert conn.session_id == (None if required else "old")
+    fresh = connection()  # a key within its lifetime: any session the store has
+    [check] = fresh.receive(
+        CLIENT_START, [{"userID": USER, "projectID": PROJECT, "sessionKey": key}]
+    )
+    assert isinstance(check, CheckSession)
+    assert check.active_since is None
 
 
 START_WITH_KEY = {"userID": USER, "projectID": PROJECT}

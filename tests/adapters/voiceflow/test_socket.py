@@ -458,6 +458,45 @@ async def test_a_valid_key_of_a_session_the_store_does_not_have_requires_a_new_s
             await vf.nothing_more(0.5)  # no session.ended: the session lives
 
 
+async def test_a_session_key_lives_as_long_as_its_session_is_active(
+    store: dict[str, Any],
+) -> None:
+    """A sessionKey expired GATEWAY_VOICEFLOW_SESSION_KEY_TTL_S (24 h by default) after
+    session.create however active its session was: a reconnect after that got
+    ``newSessionRequired: true`` and the conversation was lost. The spec delivers a key
+    only in session.created, so the key cannot be renewed; its lifetime now runs from its
+    session's last activity (a saved turn, or one running), as the store says. A key of a
+    session idle for longer than that, or of one the store let go, is refused as the
+    spec refuses a key: ``client.started {newSessionRequired: true}``. (Here a key
+    lifetime of 1 s.)"""
+    async with served_with_store(voiceflow_session_key_ttl_s=1, **store) as (url, sessions):
+        async with client(url) as first:
+            key = await first.handshake()
+            await first.act({"type": "launch"})
+            assert await first.say("my name is Ada") == ["Nice to meet you, Ada."]
+            for _ in range(3):  # active for longer than the key's lifetime
+                await asyncio.sleep(0.6)
+                assert await first.say("what is my name") == ["Your name is Ada."]
+        async with client(url, "polling") as again:
+            assert await again.start(key) is False  # older than 1 s: its session is active
+            assert await again.say("what is my name") == ["Your name is Ada."]
+            await asyncio.sleep(1.2)  # idle for longer than the key's lifetime
+            assert await again.start(key) is True  # refused, although the store has it
+            signer = SessionKeys(SECRET, ttl_s=3600)
+            check = signer.verify(key, project_id=PROJECT, user_id=USER, now=time.time())
+            assert await sessions.get(f"voiceflow:{check.session_id}") is not None
+            # a session the store let go: refused, its key well within its lifetime
+            fresh = await again.create()
+            assert await again.say("my name is Grace") == ["Nice to meet you, Grace."]
+            assert await again.start(fresh) is False
+            await forget(sessions, fresh)
+            assert await again.start(fresh) is True
+            await again.send({"type": "text", "payload": "what is my name"}, "m")
+            rejected = await again.expect("action.status")
+            assert (rejected["status"], rejected["reason"]) == ("rejected", "no-session")
+            await again.nothing_more()
+
+
 async def test_a_valid_key_of_a_session_the_store_let_go_after_client_start_ends_it() -> None:
     """A session that the store lets go after its client resumed it: the next action is
     rejected ``session-not-found`` and ``session.ended {reason: "session_expired"}``
