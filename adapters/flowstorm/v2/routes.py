@@ -935,8 +935,9 @@ async def get_client(request: Request) -> HTTPResponse:
     Without a ``flowstorm-session-id`` cookie there is nothing to follow: the
     answer is empty and ends at once (recognition has "finished"). With one, it must
     be a session id (400 otherwise, as for PUT) and the session must exist (404,
-    which counts against the client's allowance of
-    unknown sessions; 429 when that is used up) and belong to ``key`` (403).
+    also for one not stored yet while its first turn makes it, which counts against
+    the client's allowance of unknown sessions; 429 when that is used up) and belong to
+    ``key`` (403).
     """
     gw = gateway_of(request)
     plain = plain_accepted(request.headers.get("accept"))
@@ -954,8 +955,10 @@ async def get_client(request: Request) -> HTTPResponse:
             found = await gw.conversation.find(ctx)
         except StoreUnavailable:
             raise _Refused(503, _STORE_DOWN, "gateway") from None
-        if found != "found":
-            raise _session_refused(found, cookie, forget=found == "not-found")
+        if found == "foreign":
+            raise _session_refused(found, cookie)
+        if found != "found":  # also "creating": not stored yet, nothing to follow
+            raise _session_refused("not-found", cookie, forget=True)
     except _Refused as exc:
         return exc.answer(request, plain=plain)
     body = _follow(gw, ctx.key, config, plain=plain)  # a session's recognition topic: its key

@@ -363,3 +363,19 @@ async def test_pool_exhausted_mid_turn_ends_the_streaming_answer_with_the_error(
             # other sessions are served as usual (the pool has its connection back)
             fresh = await call(client, "PUT", "/client?key=k&tts=None", headers=TEXT, content="hi")
             assert fresh.status_code == 200
+
+
+async def test_get_client_of_a_session_being_made_is_a_404_not_a_500() -> None:
+    """A GET whose cookie names a session the store does not have while a turn holds its
+    lock (its first turn making it, e.g. a V1 client's proposed id, or a turn about to be
+    refused): ``Conversation.find`` says ``creating``; the GET answered 500 (no refusal of
+    that name) and logged an ERROR (``served_app`` fails the test on it). It is a 404 as
+    for an unknown session: there is nothing to follow yet."""
+    app = create_app(Settings())
+    async with served_app(app) as url, httpx.AsyncClient(base_url=url) as client:
+        store = app.state.gateway.conversation.store
+        async with store.open("flowstorm:being-made", lease_s=5, wait_s=1):
+            made = await call(client, "GET", f"/client?key={KEY}", session="being-made")
+        assert made.status_code == 404
+        (error,) = [json.loads(line) for line in made.text.splitlines()]
+        assert (error["type"], error["source"]) == ("Error", "session")
