@@ -49,7 +49,8 @@ def items(events: list[TurnEvent]) -> list[ResponseItem]:
 def engine(store: SessionStore | None = None, **overrides: Any) -> Conversation:
     """A turn engine over ``store`` (memory by default) with Settings ``overrides``."""
     settings = Settings().model_copy(update=overrides)
-    return Conversation(store or MemorySessionStore(), make_pipeline(settings), settings)
+    store = store if store is not None else MemorySessionStore()  # an empty one is falsy (len)
+    return Conversation(store, make_pipeline(settings), settings)
 
 
 async def pipeline_error(
