@@ -18,6 +18,11 @@ https://www.twilio.com/docs/voice/answering-machine-detection):
   transfer's ``<Dial>``) or ``Status=completed`` (hang up);
 - auth: HTTP Basic ``AccountSid:AuthToken``.
 
+The call's SID is one path segment of the update's URL, percent-encoded
+(:func:`gateway.callcontrol.path_segment`): it comes from a stream's start or a
+callback, and a ``/``, ``..``, ``?``, ``#`` or ``%`` in it must not make the request
+another endpoint of Twilio's API (with the account's credentials), a query or a fragment.
+
 ``AnsweredBy`` (sync: on the ``Url`` request; async: on the status callback) is one
 of ``human``, ``machine_start``, ``machine_end_beep``, ``machine_end_silence``,
 ``machine_end_other``, ``fax``, ``unknown`` (:func:`is_machine`).
@@ -31,7 +36,7 @@ from typing import Final
 
 from twilio.twiml.voice_response import Dial, VoiceResponse  # type: ignore[import-untyped]
 
-from gateway.callcontrol import RestRequest
+from gateway.callcontrol import RestRequest, path_segment
 
 MACHINE_ANSWERS: Final = frozenset(
     {"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"}
@@ -50,9 +55,11 @@ class TwilioAuth:
     base_url: str = "https://api.twilio.com"
 
     def calls_url(self, call_sid: str | None = None) -> str:
-        """``<base>/2010-04-01/Accounts/{AccountSid}/Calls.json`` or ``.../Calls/{sid}.json``."""
+        """``<base>/2010-04-01/Accounts/{AccountSid}/Calls.json`` (no ``call_sid``: the
+        create's URL) or ``.../Calls/{sid}.json``, ``sid`` one path segment
+        (:func:`gateway.callcontrol.path_segment`)."""
         base = f"{self.base_url.rstrip('/')}/2010-04-01/Accounts/{self.account_sid}/Calls"
-        return f"{base}/{call_sid}.json" if call_sid else f"{base}.json"
+        return f"{base}/{path_segment(call_sid)}.json" if call_sid else f"{base}.json"
 
     @property
     def headers(self) -> dict[str, str]:

@@ -313,10 +313,11 @@ a segment of dots alone encoded too: a client removes dot-segments)."""
 async def test_a_call_id_is_one_path_segment_of_every_carriers_command(
     call_id: str, segment: str
 ) -> None:
-    """Plivo's and Vonage's URLs took the call id as it was, and Telnyx's left a segment
-    of dots alone as it was: ``/``, ``..``, ``?``, ``#`` or ``%`` in it made the command
-    (with the account's credentials) another endpoint of the API, a query or a
-    fragment (``..`` hung up ``/v2/actions/hangup``, ``a?b`` PUT ``/v1/calls/a``). Each
+    """Plivo's, Vonage's and Twilio's URLs took the call id as it was, and Telnyx's left
+    a segment of dots alone as it was: ``/``, ``..``, ``?``, ``#`` or ``%`` in it made
+    the command (with the account's credentials) another endpoint of the API, a query
+    or a fragment (``..`` hung up ``/v2/actions/hangup``, ``a?b`` PUT ``/v1/calls/a``,
+    Twilio's ``x/../../numbers/1`` updated ``.../Accounts/{sid}/numbers/1.json``). Each
     command now reaches the call's own URL, the id one percent-encoded segment, as the
     carrier's server sees it (the raw path), which decodes to the id."""
     pem, _ = rsa_pem()
@@ -325,6 +326,8 @@ async def test_a_call_id_is_one_path_segment_of_every_carriers_command(
         tauth = telnyx.TelnyxAuth("KEY", api.url)
         pauth = plivo.PlivoAuth("MA1", "ptoken", api.url)
         vauth = vonage.VonageAuth("app-1", pem, api.url)
+        wauth = twilio.TwilioAuth(SID, TOKEN, api.url)
+        calls = f"/2010-04-01/Accounts/{SID}/Calls/"
         sent = [
             (telnyx.hang_up(tauth, call_id), "/v2/calls/", "/actions/hangup"),
             (telnyx.transfer(tauth, call_id, "+15550123"), "/v2/calls/", "/actions/transfer"),
@@ -335,6 +338,8 @@ async def test_a_call_id_is_one_path_segment_of_every_carriers_command(
                 "/",
             ),
             (vonage.transfer(vauth, call_id, "+15550123", time.time()), "/v1/calls/", ""),
+            (twilio.hang_up(wauth, call_id), calls, ".json"),
+            (twilio.transfer(wauth, call_id, "+15550123"), calls, ".json"),
         ]
         try:
             for request, _, _ in sent:
