@@ -226,6 +226,12 @@ class TelnyxDialer:
         GATEWAY_REDIS_URL, so the instance the stream reaches reads it; a stream waiting
         for it is told at once).
 
+        A claim that finds the token bound already is read back: bound to this very call,
+        it is this dial's own write (Redis ran the SET, its reply was lost and the client
+        sent it again), so it is a success, not logged, and the binding is published (the
+        write that landed told no waiting stream); bound to another call, it is logged
+        (WARNING).
+
         A bus that does not answer is logged (WARNING naming ``component: bus``, DEBUG in
         an outage already logged): the call's stream would be refused, as one of a token
         bound to nothing (:func:`dial_call`), and the callee, once they answer, would hear
@@ -247,7 +253,10 @@ class TelnyxDialer:
         topic, binding = dial_topic(grant.nonce), {"callId": call_id}
         try:
             if not await gw.bus.claim(topic, binding, retain_s=max(grant.expires - time.time(), 1)):
-                log.warning("Telnyx call %s: its stream token was bound already", call_id)
+                if await gw.bus.retained(topic) == binding:  # our write, its reply lost
+                    await gw.bus.publish(topic, binding)  # tell a stream waiting for it
+                else:
+                    log.warning("Telnyx call %s: its stream token was bound already", call_id)
         except BusUnavailable as exc:
             log.log(
                 outage_level(exc),

@@ -6,7 +6,8 @@ used token is refused before the upgrade (HTTP 403). A token is bound to its cal
 TeXML answer's to its CallSid; a dial's, after the dial's answer, to its call_control_id,
 through the bus): a start naming another call is closed 1008. A dial's stream opened
 before the binding is written waits for it up to 2 s (then 403; 503 when the bus, Redis,
-fails or does not answer)."""
+fails or does not answer), and is told of it also when the binding's write ran twice (its
+first reply lost)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from starlette.responses import JSONResponse
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from adapters.telnyx.routes import dial_topic, stream_tokens
 from gateway.speech.service import SpeechService
 from tests.adapters.telnyx.harness import PUBLIC_KEY, TelnyxHarness, local, signed
 from tests.adapters.twilio.helpers import Served, twilio_gateway, until
@@ -456,3 +458,69 @@ async def test_a_dial_whose_binding_the_bus_cannot_write_is_hung_up_and_refused_
         del api.answers[("POST", "/v2/calls")]
         assert (await _place(client)).status_code == 201
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_dial_binding_written_twice_after_a_lost_reply_is_the_calls_own(
+    speech: SpeechService,
+    redis_prefix: str,
+    reply_dropper: tuple[ReplyDropper, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis runs the binding's write (SET NX) but its reply is lost, and the client sends
+    it again: the second write finds the binding there, this call's own. That was taken
+    as a token bound already (WARNING) and no stream was told (the write that landed
+    published nothing): a stream opened before the dial's answer waited out its 2 s and
+    was refused (403), the call silent. The binding read back is now a success, not
+    logged, and published: that stream is served as its call's. A binding found to
+    another call is still logged (WARNING)."""
+    proxy, proxied = reply_dropper
+    shared: dict[str, Any] = {"redis_url": proxied, "redis_prefix": redis_prefix}
+    async with _dialing(speech, **shared) as (api, gw, client):
+        ccid = "v3:" + uuid.uuid4().hex
+        api.answers[("POST", "/v2/calls")] = JSONResponse(
+            {"data": {"call_control_id": ccid, "record_type": "call"}}
+        )
+        api.delays[("POST", "/v2/calls")] = 1.0
+        proxy.drop_reply_once_to = json.dumps({"callId": ccid}, separators=(",", ":")).encode()
+        with caplog.at_level(logging.INFO, logger="adapters.telnyx"):
+            placing = asyncio.create_task(_place(client))
+            assert await until(lambda: bool(api.requests), 5)  # the dial is sent
+            url = local(gw.url, api.requests[0].json["stream_url"])
+            async with TelnyxHarness.connect(url, ccid, mic_speed=4.0) as call:
+                await gw.wait_turns(1)
+                assert gw.core.inputs() == ["#intro"]
+                await call.wait_for(lambda: len(call.media_frames()) > 0, 20)
+            placed = await placing
+        assert placed.status_code == 201, placed.text
+        assert placed.json()["callId"] == ccid
+        assert proxy.dropped == 1  # the write's reply, once: the client sent it again
+        assert proxy.drop_reply_once_to is None
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not [r for r in warned if r.name == "adapters.telnyx" or ccid in r.getMessage()]
+        assert not [r for r in warned if r.levelno >= logging.ERROR]
+        assert [r.path for r in api.requests] == ["/v2/calls"]  # not hung up
+
+        caplog.clear()
+        api.requests.clear()
+        ours, other = "v3:" + uuid.uuid4().hex, "v3:" + uuid.uuid4().hex
+        api.answers[("POST", "/v2/calls")] = JSONResponse(
+            {"data": {"call_control_id": ours, "record_type": "call"}}
+        )
+        with caplog.at_level(logging.INFO, logger="adapters.telnyx"):
+            placing = asyncio.create_task(_place(client))
+            assert await until(lambda: bool(api.requests), 5)  # the dial is sent
+            gateway = gw.app.state.gateway
+            tokens = stream_tokens(gateway.settings)
+            assert tokens is not None
+            grant = tokens.check(api.requests[0].json["stream_auth_token"], time.time())
+            assert await gateway.bus.claim(
+                dial_topic(grant.nonce), {"callId": other}, retain_s=60
+            )  # bound to another call before the dial's answer
+            placed = await placing
+        assert placed.status_code == 201, placed.text
+        assert [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name == "adapters.telnyx"
+        ] == [f"Telnyx call {ours}: its stream token was bound already"]
+        assert await gateway.bus.retained(dial_topic(grant.nonce)) == {"callId": other}

@@ -36,7 +36,9 @@ class ReplyDropper:
 
     While ``drop_replies_to`` is set (bytes), the reply to client bytes holding it is
     lost as an armed drop loses it (the command ran; its connection is cut), every
-    time: the other commands, a new connection's handshake, go through."""
+    time: the other commands, a new connection's handshake, go through. While
+    ``drop_reply_once_to`` is set, the reply to the next client bytes holding it is lost
+    so, once (it is then unset): the client's retry of that command is answered."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -47,6 +49,7 @@ class ReplyDropper:
         self.received = 0
         self.cut_off = False
         self.drop_replies_to: bytes | None = None
+        self.drop_reply_once_to: bytes | None = None
         self._stall_marker: bytes | None = None
         self._stall_s = 0.0
         self._stalled_until = 0.0  # loop time
@@ -124,8 +127,12 @@ class ReplyDropper:
                     continue
                 if lost:
                     return cut()
-                marker = self.drop_replies_to
-                if self.armed or (marker is not None and marker in last_sent):
+                marker, once = self.drop_replies_to, self.drop_reply_once_to
+                if once is not None and once in last_sent:
+                    self.drop_reply_once_to = None
+                else:
+                    once = None
+                if self.armed or once or (marker is not None and marker in last_sent):
                     # the command ran; its reply is lost with the connection
                     self.armed = False
                     self.dropped += 1
