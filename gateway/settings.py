@@ -41,6 +41,14 @@ replaced before use: a setting holding it is refused."""
 _B64TOKEN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 """RFC 6750 section 2.1's ``b64token``: what ``Authorization: Bearer`` carries (an admin
 key with a space, a comma or a non-ASCII letter could never be sent as one)."""
+MAX_CALLS_TIMEOUT_S: Final = 60.0
+"""The longest GATEWAY_CALLS_TIMEOUT_S (s). POST /v1/calls of a Telnyx call mints the
+call's stream token (good :data:`gateway.io.call.TOKEN_TTL_S`, 300 s) before it sends the
+dial, and binds the token to the call when the dial's answer comes, within this timeout
+(adapters/telnyx/routes.py ``TelnyxDialer.placed``). With no bound an answer could come
+after the token expired: the call was placed but neither bound nor hung up (its stream
+refused, the callee hearing nothing). A fifth of the token's life at most, so the rest
+is left for the call to ring and its stream to open."""
 LOG_LEVELS: Final = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 """The values of GATEWAY_LOG_LEVEL (and ``gateway serve --log-level``), any case: the
 levels uvicorn knows (TRACE, below DEBUG, is uvicorn's: it names it in logging when
@@ -674,7 +682,11 @@ class Settings(BaseSettings):
         "unset: the admin API refuses every request (403).",
     )
     calls_timeout_s: float = Field(
-        default=10.0, gt=0, description="Time per call-control REST request to a carrier."
+        default=10.0,
+        gt=0,
+        description="Time per call-control REST request to a carrier (s), at most "
+        f"{MAX_CALLS_TIMEOUT_S:g}: a dial's stream token must still be good when the "
+        "dial's answer comes.",
     )
     twilio_machine_detection: Literal["Enable", "DetectMessageEnd"] = Field(
         default="Enable",
@@ -920,6 +932,20 @@ class Settings(BaseSettings):
             raw = b""
         if len(raw) != 32:
             raise ValueError("must be base64 of the 32 raw bytes of an Ed25519 public key")
+        return value
+
+    @field_validator("calls_timeout_s", mode="after")
+    @classmethod
+    def _check_calls_timeout(cls, value: float) -> float:
+        """A timeout past :data:`MAX_CALLS_TIMEOUT_S` stops the gateway at startup (else a
+        dial answered that late found its stream token expired: a call neither bound to
+        its stream nor hung up)."""
+        if value > MAX_CALLS_TIMEOUT_S:
+            raise ValueError(
+                f"must be at most {MAX_CALLS_TIMEOUT_S:g} s, not {value:g}: a dial's stream "
+                "token (good 300 s) is bound to its call when the dial's answer comes, and "
+                "must still be good while the call rings"
+            )
         return value
 
     @field_validator("vonage_sample_rate", mode="after")

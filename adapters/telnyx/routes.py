@@ -247,7 +247,8 @@ class TelnyxDialer:
             return
         try:
             grant = tokens.check(token, time.time())
-        except VerificationRefused as exc:  # expired: the dial's answer took minutes
+        except VerificationRefused as exc:  # expired: only a clock that jumped (the dial's
+            # answer comes within GATEWAY_CALLS_TIMEOUT_S, at most 60 s of the token's 300)
             log.warning("Telnyx call %s: its stream token is not bound: %s", call_id, exc.reason)
             return
         topic, binding = dial_topic(grant.nonce), {"callId": call_id}

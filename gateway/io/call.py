@@ -106,6 +106,9 @@ LISTEN_BATCH_MS: Final = 60
 UNPACED_AHEAD_MS: Final = 3_600_000
 """Send-ahead of a carrier that buffers (``realtime`` False): no pacing."""
 TOKEN_TTL_S: Final = 300
+"""How long (s) a stream token is good (:class:`CallTokens`). A dial's is minted before
+the dial is sent: GATEWAY_CALLS_TIMEOUT_S, the longest wait for the dial's answer, is
+bounded well below it (gateway/settings.py ``MAX_CALLS_TIMEOUT_S``)."""
 MAX_CALL_ID_CHARS: Final = 128
 """The longest call id a stream token carries (and it holds no ``|``)."""
 RETRY_AFTER_S: Final = 1

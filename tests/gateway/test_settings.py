@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from adapters.vonage.protocol import RATES
 from gateway.cli import startup_warnings
 from gateway.events import MAX_TIMEOUT_S
-from gateway.settings import Settings
+from gateway.io.call import TOKEN_TTL_S
+from gateway.settings import MAX_CALLS_TIMEOUT_S, Settings
 from tests.conftest import GatewayProcess, serve_refused
 
 
@@ -52,6 +53,31 @@ def test_a_time_to_live_past_365_days_stops_the_start(
         Settings()
     monkeypatch.setenv(name, str(MAX_TIMEOUT_S))
     assert getattr(Settings(), name.removeprefix("GATEWAY_").lower()) == MAX_TIMEOUT_S
+
+
+@pytest.mark.parametrize("value", ["60.5", "300", "3600"])
+def test_a_calls_timeout_a_dials_stream_token_would_not_outlive_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """A Telnyx dial's stream token (good TOKEN_TTL_S, 300 s) is minted before the dial
+    is sent and bound to the call when its answer comes, within GATEWAY_CALLS_TIMEOUT_S,
+    which had no upper bound: an answer later than the token's life left the call
+    neither bound nor hung up. Past MAX_CALLS_TIMEOUT_S (60 s, a fifth of the token's
+    life) the gateway does not start, naming the setting and why (``gateway serve``: exit
+    2, one line); 60 s starts it."""
+    assert MAX_CALLS_TIMEOUT_S * 5 <= TOKEN_TTL_S == 300  # as the message says
+    monkeypatch.setenv("GATEWAY_CALLS_TIMEOUT_S", value)
+    with pytest.raises(ValidationError, match="calls_timeout_s") as refused:
+        Settings()
+    assert f"must be at most 60 s, not {float(value):g}: a dial's stream token (good 300 s)" in (
+        str(refused.value)
+    )
+    monkeypatch.setenv("GATEWAY_CALLS_TIMEOUT_S", str(MAX_CALLS_TIMEOUT_S))
+    assert Settings().calls_timeout_s == MAX_CALLS_TIMEOUT_S
+    if value == "300":
+        stderr = serve_refused({"GATEWAY_CALLS_TIMEOUT_S": value})
+        assert "gateway: GATEWAY_CALLS_TIMEOUT_S: must be at most 60 s, not 300" in stderr
+        assert "Traceback" not in stderr
 
 
 def test_an_app_key_list_that_names_no_key_is_refused_not_open_to_all(
