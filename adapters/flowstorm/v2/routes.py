@@ -743,7 +743,9 @@ class _Hearing:
         """Take the session's recognition topic for this realtime PUT: publish its
         ``recognizing`` marker only when the topic holds none (another realtime PUT of the
         session holds it from its start until its answer ends, :meth:`release`). False
-        when another holds it: answer 409 and do not :meth:`release` (it is the other's).
+        when another holds it: answer 409 and do not :meth:`release` (it is the other's);
+        a marker holding this PUT's own recognition id is its claim (the SET NX ran and its
+        reply was lost: the Redis client's retry found it).
         True when the bus is unavailable (logged; the PUT goes on without the guard).
 
         The claim runs in a task of its own: when this request is cancelled while it is on
@@ -765,10 +767,13 @@ class _Hearing:
             task.add_done_callback(_GIVING_BACK.discard)
 
     async def _claim(self) -> bool:
+        marker = recognizing_message(self.body.rid)
         try:
-            return await self.gw.bus.claim(
-                self.topic, recognizing_message(self.body.rid), retain_s=LOST_S
-            )
+            if await self.gw.bus.claim(self.topic, marker, retain_s=LOST_S):
+                return True
+            # the topic holds a marker: another PUT's, or this one's own when the SET NX ran
+            # on Redis, its reply was lost and the client sent it again (the id is this PUT's)
+            return await self.gw.bus.retained(self.topic) == marker
         except BusUnavailable as exc:
             self._bus_warned = True
             log.log(outage_level(exc), "recognition of %s not claimed: %s", self.ref, exc)

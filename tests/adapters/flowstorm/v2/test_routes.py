@@ -992,6 +992,37 @@ async def test_a_realtime_claim_whose_put_was_cancelled_meanwhile_is_given_back(
         assert await gw.bus.claim("flowstorm:claimed", {"type": "x"}, retain_s=5)
 
 
+async def test_a_realtime_claim_whose_reply_was_lost_is_the_puts_own(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str, aredis: Redis
+) -> None:
+    """A realtime PUT whose claim of the session's recognition topic ran on Redis but lost
+    its reply (a connection cut) is retried by the Redis client; the retry found the
+    PUT's own marker and the claim said "held by another": the PUT was answered 409 and
+    the session's next realtime PUTs too, until the marker expired (LOST_S, 5 s). A
+    marker that is the PUT's own (its recognition id) is its claim."""
+    proxy, url = reply_dropper
+    settings = Settings(redis_url=url, redis_prefix=redis_prefix)
+    app = create_app(settings)
+    realtime = f"/client?key={KEY}&realtime=1&tts=None"
+    async with (
+        serve(app, **uvicorn_options(settings)) as base,
+        httpx.AsyncClient(base_url=base, timeout=20) as client,
+    ):
+        intro = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+        assert intro.status_code == 200, intro.text
+        proxy.drop_reply_once_to = b"recognizing"  # the claim's SET NX: it runs, reply lost
+        answer = await client.put(
+            realtime, headers=JSON, content=input_event("typed").encode() + b"\n"
+        )
+        assert proxy.dropped == 1
+        assert answer.status_code == 200, answer.text
+        assert [e["type"] for e in events(answer)] == ["ResponseItem", "Response"]
+        again = await client.put(
+            realtime, headers=JSON, content=input_event("again").encode() + b"\n"
+        )
+        assert again.status_code == 200, again.text
+
+
 async def test_a_realtime_release_that_found_the_bus_down_is_done_once_it_is_back(
     reply_dropper: tuple[ReplyDropper, str],
     redis_url: str,
