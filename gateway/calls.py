@@ -366,6 +366,11 @@ MAX_ANSWERED_BY: Final = 64
 """The most characters of an answering-machine result kept (Twilio's longest is 19)."""
 OUTCOME_TRIES: Final = 8
 """How many times :func:`record_outcome` reads and writes a record that others change."""
+CLEARED: Final = frozenset({"no-answer", "canceled"})
+"""The unanswered statuses a call's normal end may be given before its answer is known
+(Telnyx's ``normal_clearing``: adapters/telnyx/control.py ``hangup_status``): an answer
+that comes after it (callbacks out of order) makes the call ``completed``. A ``busy`` or
+``failed`` call stays so."""
 FINAL: Final = UNANSWERED | {"completed"}
 """The final statuses."""
 _PROGRESS: Final = {"queued": 0, "initiated": 1, "ringing": 2, "in-progress": 3}
@@ -395,8 +400,9 @@ async def record_outcome(
     """Update the outcome record of ``carrier``'s call ``call_id`` (module doc) with
     ``status`` (Twilio's ``CallStatus`` vocabulary, another ignored; ignored when the
     record has a later one already; an unanswered one of a call ``in-progress`` is
-    ``completed``) and ``answered_by`` (kept when None; its first :data:`MAX_ANSWERED_BY`
-    characters), only over the record it read (the bus's
+    ``completed``, and so is ``in-progress`` of a call whose :data:`CLEARED` end came
+    first: callbacks may come out of order) and ``answered_by`` (kept when None; its
+    first :data:`MAX_ANSWERED_BY` characters), only over the record it read (the bus's
     ``replace``: callbacks at once do not write over each other); a call not answered
     (:data:`UNANSWERED`) is logged at INFO, ``to`` (the callee) masked. Never raises:
     a bus that does not answer is logged (WARNING, DEBUG for the same outage after).
@@ -428,7 +434,11 @@ async def record_outcome(
                 status = None  # none of Twilio's: not taken as the call's end
             if old == "in-progress" and status in UNANSWERED:
                 status = "completed"  # an answered call's end, whatever the carrier's cause
-            if status is not None and _rank(status) > _rank(old):
+            if old in CLEARED and status == "in-progress":
+                # answered after all: its answer came after its end (callbacks out of
+                # order, e.g. Telnyx's, which does not enforce their order)
+                record["status"] = "completed"
+            elif status is not None and _rank(status) > _rank(old):
                 record["status"] = status
             record["answeredBy"] = answered_by or record.get("answeredBy")
             if known is not None and all(record[k] == known.get(k) for k in record):

@@ -278,9 +278,10 @@ def hangup_status(payload: Mapping[str, Any]) -> str:
 
     Telnyx's ``call.hangup`` does not say whether the call was answered (no answer time;
     ``start_time`` is the call's start, ``call_quality_stats`` counts early media too):
-    ``call.answered`` does, and Telnyx sends it before the ``call.hangup``. So this is
-    the status of a call never answered, and gateway/calls.py ``record_outcome`` makes
-    any unanswered status of a call it recorded ``in-progress`` (answered) ``completed``.
+    ``call.answered`` does, usually before the ``call.hangup`` (Telnyx does not enforce
+    the order of its webhooks). So this is the status of a call never answered, and
+    gateway/calls.py ``record_outcome`` makes it ``completed`` for a call it recorded
+    ``in-progress`` (answered), whichever of the two came first.
     A ``normal_clearing`` was taken as ``completed`` whatever came before: a dial
     cancelled while ringing read as a call that took place."""
     cause = str(payload.get("hangup_cause"))

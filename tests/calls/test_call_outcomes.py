@@ -550,3 +550,29 @@ async def test_a_telnyx_call_cleared_normally_before_an_answer_is_not_completed(
         f"telnyx call {rang[0]} to +****0100 not answered: no-answer",
         f"telnyx call {cancelled[0]} to +****0100 not answered: canceled",
     ]
+
+
+async def test_a_telnyx_call_answered_whose_hangup_came_first_is_completed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Telnyx does not enforce the order of its webhooks (out of order, retried: its
+    "Receiving Webhooks"), and ``normal_clearing`` now reads as ``no-answer`` unless
+    ``call.answered`` came before it: an answered call whose ``call.answered`` came after
+    its ``call.hangup`` stayed ``no-answer`` (and was logged as not answered), though the
+    call took place. The answer, whenever it comes, makes such an end ``completed``; a
+    call that truly rang out (no ``call.answered``) stays ``no-answer``."""
+    caplog.set_level(logging.INFO)
+    async with (
+        CARRIER.gateway(None) as (gw, _),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        answered = await place(client, "telnyx", "+15550100")
+        rang = await place(client, "telnyx", "+15550101")
+        for ccid in (answered, rang):
+            hangup = telnyx_event(
+                "call.hangup", ccid, hangup_cause="normal_clearing", hangup_source="callee"
+            )
+            assert await telnyx_webhook(client, hangup) == 200
+        assert await telnyx_webhook(client, telnyx_event("call.answered", answered)) == 200
+        assert (await outcome(client, answered))["status"] == "completed"  # before: no-answer
+        assert (await outcome(client, rang))["status"] == "no-answer"
