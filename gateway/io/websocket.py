@@ -244,8 +244,8 @@ async def forward_turn(
 
 
 DRAINED_S: Final = 0.001
-"""A read that waited at least this long (s) found no frame queued: the peer's frames are
-all read (see :class:`FrameRate`)."""
+"""A read that waited at least this long (s) found no frame queued for the driver (the
+peer's frames may still be in the socket, a loop iteration away: see :class:`FrameRate`)."""
 
 
 class FrameRate:
@@ -259,13 +259,17 @@ class FrameRate:
     is the peer's to pay for) and how long it then waited for this one (``waited_s``),
     in seconds.
     Tokens come back at ``per_s`` over both. Waiting refills the bucket to ``burst`` at
-    most; time the driver was busy refills it beyond that, for as long as frames stay
-    queued (each read takes less than :data:`DRAINED_S`): what a peer sent at its normal
+    most; time the driver was busy refills it beyond that: what a peer sent at its normal
     rate while the driver was not reading arrives all at once afterwards, and that
-    backlog is the driver's doing, not a burst of the peer's. So a real-time audio stream
-    (50 frames a second of 20 ms) is never refused, however long a stall it waited behind;
-    a peer that floods gets ``burst`` frames, then ``per_s`` a second, plus what the
-    driver's own stalls let pile up. Pure arithmetic, no clock of its own."""
+    backlog is the driver's doing, not a burst of the peer's. That credit grows while
+    frames stay queued (each read takes less than :data:`DRAINED_S`) and each longer wait
+    takes its own length back from it, so it is gone once the peer has been at its own
+    pace for as long as the driver was busy: a backlog still in the socket, read a chunk
+    at a time with a loop iteration between chunks (uvicorn reads no more while a frame
+    waits for the app), keeps it. So a real-time audio stream (50 frames a second of
+    20 ms) is not refused, however long a stall it waited behind; a peer that floods gets
+    ``burst`` frames, then ``per_s`` a second, plus what the driver's own stalls let pile
+    up. Pure arithmetic, no clock of its own."""
 
     __slots__ = ("_busy_s", "_tokens", "burst", "per_s")
 
@@ -276,13 +280,17 @@ class FrameRate:
         self.per_s = per_s
         self._tokens = float(burst)
         self._busy_s = 0.0
-        """Time the driver was busy since a read last found nothing queued (s)."""
+        """Time the driver was busy while frames stayed queued, less the waits since (s)."""
 
     def take(self, busy_s: float, waited_s: float) -> bool:
         """Take a token for one frame read; False (nothing taken) when there is none: the
         peer sends more frames than the bucket allows."""
         if waited_s >= DRAINED_S:
-            self._busy_s = 0.0  # nothing was queued: no backlog of the driver's
+            # nothing was queued for the driver: the peer at its own pace, or only the
+            # next chunk of a backlog not read off the socket yet (uvicorn stops reading
+            # it while a frame waits for the app), a loop iteration away: the wait takes
+            # back its own length of the credit, not all of it
+            self._busy_s = max(self._busy_s - waited_s, 0.0)
         else:
             self._busy_s += busy_s
         cap = self.burst + self._busy_s * self.per_s

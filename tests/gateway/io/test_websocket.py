@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ from gateway.protocol.actions import (
     StartListening,
     StartTurn,
 )
+from gateway.server import uvicorn_options
+from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat
 from gateway.turn import TurnContext
 from tests.conftest import serve
@@ -402,13 +405,17 @@ def test_a_frame_rate_allows_its_burst_then_its_rate() -> None:
 def test_frames_that_piled_up_while_the_driver_was_busy_are_its_backlog() -> None:
     """A peer sending 50 frames a second while the driver is busy 5 s (not reading): the
     250 frames queued meanwhile are read back to back afterwards. The bucket's burst (10)
-    would refuse them; the driver's busy time refills it beyond its burst for as long as
-    frames stay queued. Once a read waits (nothing queued), the credit is gone."""
+    would refuse them; the driver's busy time refills it beyond its burst while frames
+    stay queued, and a read that waits takes its wait back from that credit (a wait
+    between two chunks of the backlog does not drop it). Once the peer has been at its
+    own pace as long as the driver was busy, the credit is gone."""
     rate = FrameRate(burst=10, per_s=60)
     assert rate.take(0.0, 0.02)
     assert rate.take(5.0, 0.0)  # the frame read after the stall, then its backlog
-    assert all(rate.take(0.0, 0.0) for _ in range(250))
-    assert rate.take(0.0, 2 * DRAINED_S)  # drained: the peer is back at its own pace
+    assert all(rate.take(0.0, 0.0) for _ in range(100))
+    assert rate.take(0.0, 2 * DRAINED_S)  # its next chunk, a loop iteration later
+    assert all(rate.take(0.0, 0.0) for _ in range(150))
+    assert all(rate.take(0.0, 0.02) for _ in range(250))  # 5 s at the peer's own pace
     assert all(rate.take(0.0, 0.0) for _ in range(5))
     flood = [rate.take(0.0, 0.0) for _ in range(20)]  # a flood gets the burst, no more
     assert not all(flood)
@@ -456,3 +463,44 @@ async def test_a_real_time_stream_behind_a_stall_is_not_a_flood() -> None:
             await asyncio.sleep(max(start + (n + 1) * 0.02 - loop.time(), 0))
         got = [await ws.recv() for _ in range(151)]
         assert got == ["stalled", *(f"A{n}" for n in range(150))]
+
+
+async def test_a_real_time_stream_behind_a_stall_on_a_busy_loop_is_not_a_flood() -> None:
+    """As above, on the gateway's WebSocket protocol (uvicorn's websockets-sansio, which
+    stops reading the socket while a frame waits for the app: the frames that pile up
+    during the stall wait in the kernel, read a chunk at a time once the driver reads
+    again) and an event loop busy with other work (2 ms a loop iteration, as other
+    connections' audio on a loaded gateway): a read between two chunks of the backlog
+    waits a loop iteration, over DRAINED_S. That one wait dropped the stall's credit
+    (the backlog taken for drained), so the rest of the backlog was refused 1008 after
+    about the burst. A wait now takes back only its own length of the credit."""
+    opts = {"ws": uvicorn_options(Settings())["ws"]}
+    ended = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def other_connections() -> None:
+        while not stop.is_set():
+            until = time.perf_counter() + 0.002
+            while time.perf_counter() < until:  # their work, 2 ms of CPU
+                pass
+            await asyncio.sleep(0)
+
+    driver_app = app([], {}, ended, frame_rate=FrameRate(burst=10, per_s=60))
+    async with (
+        serve(driver_app, **opts) as url,
+        connect(url.replace("http://", "ws://", 1) + "/ws") as ws,
+    ):
+        busy = asyncio.create_task(other_connections())
+        try:
+            loop = asyncio.get_running_loop()
+            await ws.send("stall 1.5")
+            start = loop.time()
+            pad = "x" * 640  # 20 ms of 16 kHz 16-bit audio
+            for n in range(150):  # 3 s at real time
+                await ws.send(f"a{n} {pad}")
+                await asyncio.sleep(max(start + (n + 1) * 0.02 - loop.time(), 0))
+            got = [await ws.recv() for _ in range(151)]  # before: closed 1008
+        finally:
+            stop.set()
+            await busy
+        assert got == ["stalled", *(f"A{n} {pad.upper()}" for n in range(150))]
