@@ -480,15 +480,16 @@ class Settings(BaseSettings):
         default="query", min_length=1, description="The catch-all intent's slot name."
     )
     flowstorm_v1_frame_burst: int = Field(
-        default=500,
+        default=3000,
         gt=0,
         description="Flowstorm Socket V1: frames (text or binary, audio included) a "
         "connection may send at once; beyond it and GATEWAY_FLOWSTORM_V1_FRAMES_PER_S it "
         "gets an Error (source `client`) and is closed 1008. Frames that piled up while "
-        "the gateway was busy (audio backpressure) are not counted against it.",
+        "the gateway was busy (audio backpressure) are not counted against it; the burst "
+        "covers a network stall (375 frames a second behind 8 s of it).",
     )
     flowstorm_v1_frames_per_s: float = Field(
-        default=500,
+        default=1000,
         gt=0,
         description="Flowstorm Socket V1: frames a second a connection may send, sustained "
         "(real-time audio in 20 ms frames is 50; 2.7 ms AudioWorklet quanta at 48 kHz 375).",

@@ -421,6 +421,23 @@ def test_frames_that_piled_up_while_the_driver_was_busy_are_its_backlog() -> Non
     assert not all(flood)
 
 
+def test_the_default_frame_rate_absorbs_a_network_stall_of_a_real_time_client() -> None:
+    """A V1 client streaming 2.7 ms AudioWorklet quanta (375 frames a second) over a
+    network that stalls 7.5 s, then delivers what queued at once: with the default
+    settings (a burst of 3,000, 1,000 a second) the 2,812 frames that arrive together
+    are within the burst (with 500 and 500, as first set, about 1.3 s of stall
+    closed the client 1008); at 50 frames a second a 55 s stall is too. The stall is the
+    network's: the driver was not busy (no credit), it waited for the first frame."""
+    settings = Settings()
+    for per_s, stall_s in ((375, 7.5), (50, 55.0)):
+        rate = FrameRate(settings.flowstorm_v1_frame_burst, settings.flowstorm_v1_frames_per_s)
+        assert all(rate.take(0.0, 1 / per_s) for _ in range(2 * per_s))  # its own pace
+        queued = int(per_s * stall_s)
+        assert rate.take(0.0, stall_s)  # the first frame after the stall
+        assert all(rate.take(0.0, 0.0) for _ in range(queued - 1))  # the rest at once
+        assert all(rate.take(0.0, 1 / per_s) for _ in range(2 * per_s))  # pace again
+
+
 async def test_a_peer_over_the_frame_rate_is_closed_1008_once_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
