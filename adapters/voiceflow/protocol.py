@@ -20,7 +20,8 @@ returns *actions* for the I/O layer, in order:
 It never raises on client input. The order of events is one table,
 :data:`TRANSITIONS` (connected -> ``client.start`` -> started [-> ``session.create``]
 -> ready, or with a valid sessionKey -> starting -> ready (the store has the session) or
-started; ready -> ``action.send`` -> running -> ready ...); :class:`ConnectionStateMachine`
+started; ready -> ``action.send`` -> running -> ready ...; ``action.send`` while running
+is queued: :data:`MAX_QUEUED_ACTIONS`); :class:`ConnectionStateMachine`
 raises the one ProtocolError (naming what was expected and what came) for anything
 else, and the connection answers it in the protocol's way: ``action.status
 {status: "rejected", reason}`` for an ``action.send``, ``error {code, error}`` for
@@ -58,7 +59,10 @@ Error ``code`` values and rejection ``reason`` values are stable kebab-case name
 - ``malformed-action``: action.send whose action does not validate (also one carrying a
   socket.io binary attachment: actions are JSON only, as the core's input is);
 - ``unknown-action-type``: an action type that cannot name a path (whitespace, too long);
-- ``action-running``: an action of this connection or session is still running;
+- ``action-running``: an action of this session is running on another connection of
+  this instance;
+- ``too-many-actions``: :data:`MAX_QUEUED_ACTIONS` actions of this connection already wait
+  behind its running one;
 - ``session-not-found``: the store no longer has the session (session.ended follows);
 - ``session-busy``: another instance held the session for longer than GATEWAY_LOCK_WAIT_S;
 - ``session-foreign``: the session belongs to another project;
@@ -107,6 +111,22 @@ Decisions where the spec is silent:
 - One action at a time per connection *and* per session on this instance (a second
   connection of the same session is rejected with ``action-running``); across
   instances the turn engine's session lock serialises turns.
+- **Actions sent while one runs** (spec "Action Lifecycle": "while this is
+  supported ...") are validated at once (a malformed one is rejected then) and, when
+  fewer than :data:`MAX_QUEUED_ACTIONS` wait, answered ``action.status accepted`` and
+  queued on the connection; the next one starts when the running action's stream has
+  ended (after its ``completed`` or ``rejected``), so each action's traces and status
+  carry its own messageID and two actions' traces never interleave. A full queue gives
+  ``rejected`` with ``too-many-actions``. A running action that fails (``pipeline-error``,
+  or the engine refuses its turn with ``session-busy`` / ``store-unavailable``) does not
+  stop the queue. When the session ends in a running action (the core ended it:
+  ``session.ended end_of_diagram``; the store no longer has it: ``session-not-found``
+  and ``session.ended session_expired``), every queued action is then rejected with
+  ``no-session``, the reason of an action sent without a session. When the connection
+  closes (also after ``server.restart``) the queued actions are dropped: no turn runs
+  for them and nothing is said (:meth:`VoiceflowConnection.drop_queued`). While actions
+  are queued the connection is not idle (no ``inactivity_timeout``) and pushed items
+  wait until the queue is done, as they wait for a running action.
 - ``client.start`` again (not while an action runs) re-does the handshake;
   ``session.create`` in a ready connection replaces its session.
 - After the turn: ``action.status completed`` and then, when the engine deleted the
@@ -174,6 +194,7 @@ import math
 import re
 import urllib.parse
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -221,6 +242,9 @@ MAX_KEY = 4096
 """Longest sessionKey accepted (characters)."""
 MAX_NAME = 128
 """Longest intent or event name accepted (characters)."""
+MAX_QUEUED_ACTIONS = 8
+"""Most actions one connection may have waiting behind its running action (spec "Action
+Lifecycle": sending while one runs is supported); one more is rejected ``too-many-actions``."""
 
 # client -> server events
 CLIENT_START = "client.start"
@@ -881,6 +905,7 @@ SESSION_MISSING = "SessionMissing"
 SESSION_CHECK_FAILED = "SessionCheckFailed"
 START_REFUSED = "client.start (refused)"
 ACTION_REFUSED = "action.send (refused)"
+ACTION_QUEUED = "action.send (queued)"
 TURN_REJECTED = "TurnRejected"
 TURN_REJECTED_GONE = "TurnRejected (session not found)"
 TURN_FINISHED = "TurnFinished"
@@ -896,6 +921,11 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         # actions (spec "Action Lifecycle")
         (State.READY, ACTION_SEND): State.RUNNING,
         (State.READY, ACTION_REFUSED): State.READY,
+        # sent while one runs (spec "Action Lifecycle": supported): queued or refused
+        (State.RUNNING, ACTION_QUEUED): State.RUNNING,
+        (State.RUNNING, ACTION_REFUSED): State.RUNNING,
+        (State.ENDING, ACTION_QUEUED): State.ENDING,
+        (State.ENDING, ACTION_REFUSED): State.ENDING,
         # the turn's events, in the engine's order (those that keep it running: below)
         (State.RUNNING, "SessionEnded"): State.ENDING,
         (State.RUNNING, TURN_REJECTED): State.READY,
@@ -927,7 +957,7 @@ TRANSITIONS: dict[tuple[State, str], State] = _build_transitions()
 Events are the client's (``client.start``, ``session.create``, ``action.send``), the
 turn engine's (``SessionStarted``, ``ResponseItem``, ``Binary``, ``Response``,
 ``Error``, ``SessionEnded``) and the connection's own (:data:`START_CHECKING`,
-:data:`START_REFUSED`, :data:`ACTION_REFUSED`, :data:`TURN_REJECTED`,
+:data:`START_REFUSED`, :data:`ACTION_REFUSED`, :data:`ACTION_QUEUED`, :data:`TURN_REJECTED`,
 :data:`TURN_REJECTED_GONE`, :data:`TURN_FINISHED`, :data:`SESSION_TIMED_OUT`,
 :data:`DISCONNECT`) and the store's answer for a sessionKey (:data:`SESSION_FOUND`,
 :data:`SESSION_MISSING`, :data:`SESSION_CHECK_FAILED`). Anything else is a
@@ -940,6 +970,7 @@ _REFUSALS: dict[State, tuple[str, str, str]] = {
     State.STARTING: ("not-started", "client.start is still being answered", "client.started"),
     State.STARTED: ("no-session", "There is no session", "session.create or client.start"),
     State.READY: ("unknown-event", "Event out of order", "action.send or session.create"),
+    # (action.send is queued in these two: client.start and session.create are refused)
     State.RUNNING: ("action-running", "An action is still running", "its action.status"),
     State.ENDING: ("action-running", "An action is still running", "its action.status"),
     State.CLOSED: ("unknown-event", "The connection is closed", "nothing"),
@@ -969,6 +1000,15 @@ class _Running:
     message_id: str
     writer: TraceWriter
     failed: bool = False
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """An accepted action waiting for the running one (its input parsed when it came)."""
+
+    message_id: str
+    body: ActionBody
+    input: Input
 
 
 @dataclass(eq=False, kw_only=True)
@@ -1005,6 +1045,8 @@ class VoiceflowConnection:
     _fresh: bool = field(default=False, init=False)
     """Made by session.create here and not yet taken on by the engine."""
     _running: _Running | None = field(default=None, init=False)
+    _queued: deque[_Queued] = field(default_factory=deque, init=False)
+    """Accepted actions waiting for the running one, oldest first (:data:`MAX_QUEUED_ACTIONS`)."""
     _kept_s: int | None = field(default=None, init=False)
     """How long the last Response keeps the session (s)."""
 
@@ -1024,6 +1066,11 @@ class VoiceflowConnection:
     def running_message_id(self) -> str | None:
         """The messageID of the running action."""
         return self._running.message_id if self._running else None
+
+    @property
+    def queued_message_ids(self) -> list[str]:
+        """The messageIDs of the accepted actions waiting for the running one, in order."""
+        return [queued.message_id for queued in self._queued]
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -1067,8 +1114,10 @@ class VoiceflowConnection:
         ``client.start`` -> ``[client.started]``, ``[error]`` or, with a valid sessionKey,
         ``[CheckSession]`` (the answer: :meth:`session_checked`); ``session.create`` ->
         ``[session.created]`` or ``[error]``; ``action.send`` -> ``[action.status
-        accepted, StartTurn]`` or ``[action.status rejected]``; anything else ->
-        ``[error unknown-event]``.
+        accepted, StartTurn]``, ``[action.status accepted]`` while an action runs (queued:
+        its StartTurn comes with the end of the actions before it, from
+        :meth:`turn_finished` or :meth:`turn_rejected`) or ``[action.status rejected]``;
+        anything else -> ``[error unknown-event]``.
         """
         payload = args[0] if args else None
         handler = _EVENTS.get(event)
@@ -1152,7 +1201,8 @@ class VoiceflowConnection:
     def _on_action_send(self, payload: Any) -> list[Action]:
         message_id = _message_id_of(payload) or self.new_message_id()
         machine = self.machine
-        if not machine.allows(ACTION_SEND):
+        queue = machine.allows(ACTION_QUEUED)  # an action runs: this one waits for it
+        if not queue and not machine.allows(ACTION_SEND):
             reason, refused = machine.refusal(ACTION_SEND)
             return [status("rejected", message_id, reason, refused.text)]
         try:
@@ -1162,17 +1212,55 @@ class VoiceflowConnection:
             machine.feed(ACTION_REFUSED)
             reason = "unknown-action-type" if exc.got is not None else "malformed-action"
             return [status("rejected", message_id, reason, exc.text)]
+        if not queue:
+            return self._start_action(_Queued(message_id, body, input_), accepted=False)
+        if len(self._queued) >= MAX_QUEUED_ACTIONS:
+            machine.feed(ACTION_REFUSED)
+            text = f"{MAX_QUEUED_ACTIONS} actions already wait for the running one."
+            return [status("rejected", message_id, "too-many-actions", text)]
+        machine.feed(ACTION_QUEUED)
+        self._queued.append(_Queued(message_id, body, input_))
+        return [status("accepted", message_id)]
+
+    def _start_action(self, action: _Queued, *, accepted: bool) -> list[Action]:
+        """Start ``action`` in a READY connection: ``[action.status accepted, StartTurn]``
+        (``[StartTurn]`` when it was ``accepted`` already, when queued), or
+        ``[action.status rejected action-running]`` while another connection of this
+        instance runs an action of the session (:attr:`session_busy`)."""
         session_key = self.session_key
         assert session_key is not None  # READY has a session and a client.start
         assert self.start is not None
+        message_id = action.message_id
         if self.session_busy(session_key):
-            machine.feed(ACTION_REFUSED)
+            self.machine.feed(ACTION_REFUSED)
             text = "An action of this session is running on another connection."
             return [status("rejected", message_id, "action-running", text)]
-        machine.feed(ACTION_SEND)
+        self.machine.feed(ACTION_SEND)
         self._running = _Running(message_id, TraceWriter(self.start.config, self._now_ms))
-        ctx = self._context(create=self._fresh or body.type in STARTING_ACTIONS)
-        return [status("accepted", message_id), StartTurn(ctx, input_, message_id)]
+        ctx = self._context(create=self._fresh or action.body.type in STARTING_ACTIONS)
+        turn = StartTurn(ctx, action.input, message_id)
+        return [turn] if accepted else [status("accepted", message_id), turn]
+
+    def _next_queued(self) -> list[Action]:
+        """After the running action's end: start the oldest queued action (``[StartTurn]``);
+        while the connection cannot start one (the session ended: ``no-session``; another
+        connection runs an action of it: ``action-running``) each is rejected instead."""
+        out: list[Action] = []
+        while self._queued and self._running is None:
+            action = self._queued.popleft()
+            if self.machine.allows(ACTION_SEND):
+                out.extend(self._start_action(action, accepted=True))
+                continue
+            reason, refused = self.machine.refusal(ACTION_SEND)
+            out.append(status("rejected", action.message_id, reason, refused.text))
+        return out
+
+    def drop_queued(self) -> list[str]:
+        """Forget the queued actions (the client was told ``server.restart``, or is gone):
+        no turn runs for them and nothing is said. Returns their messageIDs, in order."""
+        dropped = self.queued_message_ids
+        self._queued.clear()
+        return dropped
 
     def _context(self, *, create: bool) -> TurnContext:
         start = self.start
@@ -1248,7 +1336,9 @@ class VoiceflowConnection:
     def turn_rejected(self, exc: TurnRejected) -> list[Action]:
         """The engine refused the turn: ``action.status rejected`` with its reason
         (the module doc's reasons); for ``session-not-found`` also ``session.ended
-        {reason: "session_expired"}`` and the connection needs a new session."""
+        {reason: "session_expired"}`` and the connection needs a new session. Then the
+        next queued action's StartTurn (or, the session gone, the queued actions'
+        rejections ``no-session``: :meth:`_next_queued`)."""
         running = self._running
         assert running is not None
         gone = exc.reason == "session-not-found"
@@ -1257,12 +1347,14 @@ class VoiceflowConnection:
         out: list[Action] = [status("rejected", running.message_id, exc.reason, exc.text)]
         if gone:
             out.append(self._session_ended(ENDED_EXPIRED))
-        return out
+        return out + self._next_queued()
 
     def turn_finished(self) -> list[Action]:
         """The running turn's event stream has ended: ``action.status completed``
         (``reason: "error"`` after a failed turn) and, when the engine deleted the
-        session, ``session.ended {reason: "end_of_diagram"}``."""
+        session, ``session.ended {reason: "end_of_diagram"}``; then the next queued
+        action's StartTurn (or, the session gone, the queued actions' rejections
+        ``no-session``: :meth:`_next_queued`)."""
         running = self._running
         assert running is not None
         ended = self.machine.advance(TURN_FINISHED) is State.STARTED
@@ -1271,7 +1363,7 @@ class VoiceflowConnection:
         out.append(status("completed", running.message_id, "error" if running.failed else None))
         if ended:
             out.append(self._session_ended(ENDED_BY_CORE))
-        return out
+        return out + self._next_queued()
 
     def _session_ended(self, reason: str) -> Emit:
         """The session is gone: forget it (the connection needs a new one) and say
@@ -1287,8 +1379,10 @@ class VoiceflowConnection:
         self._kept_s = None
 
     def connection_lost(self) -> None:
-        """The socket.io connection is gone; nothing more is accepted."""
+        """The socket.io connection is gone; nothing more is accepted and the queued
+        actions are dropped (no turn runs for them)."""
         self.machine.advance(DISCONNECT)
+        self._queued.clear()
 
 
 _EVENTS: dict[str, Callable[[VoiceflowConnection, Any], list[Action]]] = {

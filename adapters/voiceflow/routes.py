@@ -503,6 +503,8 @@ class _Client:
     """The session's outbox (pushes), once the connection has a session."""
     idle: asyncio.Task[None] | None = None
     """The wait for the session's idle timeout (:meth:`VoiceflowServer._watch_idle`)."""
+    claimed: str | None = None
+    """The store key of the session the client's last started action claimed."""
 
 
 class VoiceflowServer:
@@ -543,7 +545,9 @@ class VoiceflowServer:
             functools.partial(SessionKeys, ttl_s=settings.voiceflow_session_key_ttl_s)
         )
         self._clients: dict[str, _Client] = {}
-        self._running: dict[str, str] = {}  # session store key -> sid running an action of it
+        # session store key -> (sid, StartTurn) of the connection running an action of it;
+        # held from an action's StartTurn through the queued actions that follow it
+        self._running: dict[str, tuple[str, StartTurn]] = {}
         self._hooks: dict[int, _SignalHook] = {}
 
     # ------------------------------------------------------------ lifecycle
@@ -632,7 +636,9 @@ class VoiceflowServer:
         return len(sids)
 
     async def _tell_restart(self, sid: str) -> None:
-        """server.restart to one client, then the end of its Engine.IO session.
+        """server.restart to one client, then the end of its Engine.IO session. Its queued
+        actions are dropped first (no turn runs for them, as when it disconnects; the turn of
+        its running action goes on and saves the session).
 
         WebSocket: Engine.IO's CLOSE follows the event on the same socket. Long
         polling: engineio refuses every GET of a closed session, so the CLOSE is put
@@ -640,6 +646,8 @@ class VoiceflowServer:
         once a GET has taken it. Either way the client reconnects.
         """
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+        if (client := self._clients.get(sid)) is not None:
+            client.conn.drop_queued()  # no turn for them: the client reconnects elsewhere
         await _emit(self.sio, sid, Emit(SERVER_RESTART, {}))
         socket = self.sio.eio.sockets.get(eio_sid) if eio_sid else None
         if socket is None:
@@ -689,12 +697,28 @@ class VoiceflowServer:
             project_allowed=gw.settings.key_allowed,
             api_keys=gw.settings.voiceflow_api_keys,
             clock=time.time,
-            session_busy=self._running.__contains__,
+            session_busy=functools.partial(self._busy_elsewhere, sid),
             session_timeout_s=gw.settings.session_timeout_s,
         )
         self._clients[sid] = _Client(sid, conn)
         metrics.CONNECTIONS.labels(CHANNEL).inc()
         return True
+
+    def _busy_elsewhere(self, sid: str, key: str) -> bool:
+        """Whether a connection of this instance other than ``sid`` runs an action of the
+        session of store key ``key`` (VoiceflowConnection.session_busy)."""
+        claim = self._running.get(key)
+        return claim is not None and claim[0] != sid
+
+    def _release(self, client: _Client, start: StartTurn | None = None) -> None:
+        """Let go of the client's claim on its session: the claim of ``start`` unless a later
+        action of the client (queued behind it) holds it now; with None, whichever it holds."""
+        key = client.claimed
+        claim = self._running.get(key) if key is not None else None
+        if claim is None or claim[0] != client.sid or (start is not None and claim[1] is not start):
+            return
+        del self._running[claim[1].ctx.key]
+        client.claimed = None
 
     async def _disconnect(self, sid: str, *reason: Any) -> None:
         if reason and reason[0] == self.sio.reason.CLIENT_DISCONNECT:
@@ -703,9 +727,10 @@ class VoiceflowServer:
         if client is None:
             return
         metrics.CONNECTIONS.labels(CHANNEL).dec()
-        client.conn.connection_lost()
+        client.conn.connection_lost()  # the queued actions are dropped: no turn for them
         for task in list(client.tasks):  # forwarding only; the engine's turns go on
             task.cancel()
+        self._release(client)  # also a claim of a forwarder cancelled before it began
         if client.following is not None:
             await client.following.aclose()
 
@@ -763,11 +788,7 @@ class VoiceflowServer:
             # that ended meanwhile (it woke while a client.start was answered, state
             # starting: no idle session then) is armed again, the state back as it was.
             idle = (conn.state, conn.session_id, conn.idle_timeout_s())
-            actions = conn.receive(event, args)
-            for action in actions:  # claim the session before anything can interleave
-                if isinstance(action, StartTurn):
-                    self._running[action.ctx.key] = sid
-            await self._do(client, actions)
+            await self._do(client, conn.receive(event, args))
             await self._follow(client)
             watching = client.idle is not None and not client.idle.done()
             if not watching or idle != (conn.state, conn.session_id, conn.idle_timeout_s()):
@@ -777,12 +798,21 @@ class VoiceflowServer:
             await _emit(self.sio, sid, error("gateway-error", "Internal gateway error."))
 
     async def _do(self, client: _Client, actions: Sequence[Action]) -> None:
+        """Carry out the connection's ``actions`` in order: emits, store lookups and turns
+        (a StartTurn's session is claimed before anything can interleave, and a turn is
+        started only while the client is connected: a queued action of a client that
+        left meanwhile runs no turn)."""
+        gone = client.sid not in self._clients
+        for action in actions:
+            if isinstance(action, StartTurn) and not gone:
+                self._running[action.ctx.key] = (client.sid, action)
+                client.claimed = action.ctx.key
         for action in actions:
             if isinstance(action, Emit):
                 await _emit(self.sio, client.sid, action)
             elif isinstance(action, CheckSession):
                 await self._do(client, client.conn.session_checked(await self._find(action)))
-            else:
+            elif client.sid in self._clients:
                 task = asyncio.create_task(self._forward(client, action))
                 client.tasks.add(task)
                 task.add_done_callback(client.tasks.discard)
@@ -835,8 +865,7 @@ class VoiceflowServer:
                 name=f"Voiceflow action {start.message_id}",
             )
         finally:
-            if self._running.get(start.ctx.key) == client.sid:
-                del self._running[start.ctx.key]
+            self._release(client, start)  # unless its queued successor holds it now
         await self._follow(client)  # what was pushed while the action ran
         self._arm_idle(client)
 

@@ -172,8 +172,8 @@ class RecordingCore(WebhookCore):
 
     Every PipelineRequest body goes on :attr:`requests`. The answer depends on the
     input text: ``slow`` waits for :attr:`release`; ``#intro`` answers a text, an image
-    and choice buttons (in ``code``); ``fail`` answers 500; anything else is echoed
-    (``core heard <text>``).
+    and choice buttons (in ``code``); ``fail`` answers 500, ``slow fail`` too once
+    :attr:`release` is set; anything else is echoed (``core heard <text>``).
     """
 
     BUTTONS: ClassVar[list[Any]] = [
@@ -187,7 +187,9 @@ class RecordingCore(WebhookCore):
         if text == "slow":
             await self.release.wait()
             return {"items": [{"text": "slow answer"}]}
-        if text == "fail":
+        if text == "slow fail":
+            await self.release.wait()
+        if text in ("fail", "slow fail"):
             return JSONResponse({"detail": "boom"}, status_code=500)
         if text == "#intro":
             return {

@@ -14,6 +14,7 @@ from adapters.voiceflow.protocol import (
     ACTION_SEND,
     CLIENT_START,
     DISCONNECT,
+    MAX_QUEUED_ACTIONS,
     SESSION_CREATE,
     TRANSITIONS,
     ActionBody,
@@ -730,6 +731,153 @@ def test_engine_rejections() -> None:
     assert (conn.state, conn.session_id) == (State.STARTED, None)
 
 
+# ------------------------------------------------- actions sent while one runs
+
+
+def queue(conn: VoiceflowConnection, text: str, mid: str) -> None:
+    """An action.send while an action runs: accepted alone (its turn comes later)."""
+    out = conn.receive(
+        ACTION_SEND, [{"action": {"type": "text", "payload": text}, "messageID": mid}]
+    )
+    assert emitted(out) == [("action.status", {"status": "accepted", "messageID": mid})]
+
+
+def test_actions_sent_while_one_runs_are_queued_and_run_in_order() -> None:
+    """Spec "Action Lifecycle": sending while an action runs "is supported": each is
+    accepted at once and started, in order, when the one before it has ended (its
+    ``completed`` first), its traces under its own messageID."""
+    conn = connection()
+    ready(conn)
+    first = send(conn, {"type": "launch"}, "m1")
+    queue(conn, "two", "m2")
+    queue(conn, "three", "m3")
+    assert conn.queued_message_ids == ["m2", "m3"]
+    assert conn.state is State.RUNNING
+    assert conn.idle_timeout_s() is None  # not idle while actions wait
+    assert conn.pushed([ResponseItem(text="push")]) == []  # pushes wait for the queue
+    out = conn.turn_event(item(text="one"))
+    assert {a.data["messageID"] for a in out if isinstance(a, Emit)} == {"m1"}
+    conn.turn_event(ResponseEvent(response=Response(items=[])))
+    *done, second = conn.turn_finished()
+    assert emitted(done)[-1] == ("action.status", {"status": "completed", "messageID": "m1"})
+    assert isinstance(second, StartTurn)
+    assert (second.message_id, second.input.transcript.text) == ("m2", "two")
+    assert second.ctx.key == first.ctx.key
+    assert conn.state is State.RUNNING
+    assert conn.running_message_id == "m2"
+    out = conn.turn_event(item(text="answer two"))
+    assert [a.data["messageID"] for a in out if isinstance(a, Emit)] == ["m2"]
+    # a failed action does not stop the queue
+    conn.turn_event(ErrorEvent(source="pipeline", text="The core failed."))
+    *done, third = conn.turn_finished()
+    assert emitted(done)[-1] == (
+        "action.status",
+        {"status": "completed", "messageID": "m2", "reason": "error"},
+    )
+    assert isinstance(third, StartTurn)
+    assert third.message_id == "m3"
+    # nor does a turn the engine refuses (another instance holds the session)
+    queue(conn, "four", "m4")
+    *done, fourth = conn.turn_rejected(TurnRejected("session-busy", "Busy."))
+    assert emitted(done)[0][1]["reason"] == "session-busy"
+    assert isinstance(fourth, StartTurn)
+    assert fourth.message_id == "m4"
+    conn.turn_event(ResponseEvent(response=Response(items=[])))
+    out = conn.turn_finished()
+    assert emitted(out)[-1][1] == {"status": "completed", "messageID": "m4"}
+    assert (conn.state, conn.queued_message_ids) == (State.READY, [])
+    assert conn.idle_timeout_s() is not None
+
+
+def test_the_queue_is_bounded() -> None:
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "launch"}, "m0")
+    for n in range(MAX_QUEUED_ACTIONS):
+        queue(conn, f"q{n}", f"m{n + 1}")
+    over = conn.receive(
+        ACTION_SEND, [{"action": {"type": "text", "payload": "x"}, "messageID": "x"}]
+    )
+    [(event, data)] = emitted(over)
+    assert (event, data["status"], data["messageID"], data["reason"]) == (
+        "action.status",
+        "rejected",
+        "x",
+        "too-many-actions",
+    )
+    # a malformed one while an action runs is rejected at once, not queued
+    [(_, data)] = emitted(conn.receive(ACTION_SEND, [{"action": "launch", "messageID": "bad"}]))
+    assert (data["status"], data["reason"]) == ("rejected", "malformed-action")
+    assert len(conn.queued_message_ids) == MAX_QUEUED_ACTIONS
+    *_, nxt = conn.turn_finished()
+    assert isinstance(nxt, StartTurn)
+    assert nxt.message_id == "m1"
+    queue(conn, "room again", "m9")  # one left the queue: room for one more
+
+
+@pytest.mark.parametrize("how", ["end_of_diagram", "session_expired"])
+def test_queued_actions_are_rejected_when_the_session_ends(how: str) -> None:
+    """The running action ends the session (the core: ``end_of_diagram``; the store no
+    longer has it: ``session_expired``): each queued action is rejected ``no-session``
+    after ``session.ended``, no turn runs for it, and the connection needs a new session."""
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "text", "payload": "bye"}, "m1")
+    queue(conn, "two", "m2")
+    if how == "end_of_diagram":
+        conn.turn_event(ResponseEvent(response=Response(items=[], session_ended=True)))
+        conn.turn_event(SessionEndedEvent())
+        assert conn.state is State.ENDING
+        queue(conn, "three", "m3")  # the client does not know yet
+        out = emitted(conn.turn_finished())
+    else:
+        queue(conn, "three", "m3")
+        out = emitted(conn.turn_rejected(TurnRejected("session-not-found", "Gone.")))
+    ended = out.index(("session.ended", {"reason": how}))
+    rejected = out[ended + 1 :]
+    assert [(d["status"], d["messageID"], d["reason"]) for _, d in rejected] == [
+        ("rejected", "m2", "no-session"),
+        ("rejected", "m3", "no-session"),
+    ]
+    assert (conn.state, conn.queued_message_ids) == (State.STARTED, [])
+
+
+def test_queued_actions_are_dropped_when_the_connection_closes() -> None:
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "launch"}, "m1")
+    queue(conn, "two", "m2")
+    conn.connection_lost()
+    assert conn.queued_message_ids == []
+    conn2 = connection()
+    ready(conn2)
+    send(conn2, {"type": "launch"}, "m1")
+    queue(conn2, "two", "m2")
+    assert conn2.drop_queued() == ["m2"]  # server.restart: dropped, nothing said
+    out = conn2.turn_finished()
+    assert emitted(out) == [("action.status", {"status": "completed", "messageID": "m1"})]
+
+
+def test_a_queued_action_waits_for_another_connection_of_the_session() -> None:
+    """When the running action ends while another connection of this instance runs an
+    action of the session (:attr:`session_busy`), the queued action is rejected
+    ``action-running`` as one sent then would be; the next one is tried too."""
+    busy: set[str] = set()
+    conn = connection(session_busy=busy.__contains__)
+    ready(conn)
+    send(conn, {"type": "launch"}, "m1")
+    queue(conn, "two", "m2")
+    queue(conn, "three", "m3")
+    busy.add("voiceflow:session-1")
+    out = emitted(conn.turn_finished())
+    assert [(d["messageID"], d["status"], d.get("reason")) for _, d in out] == [
+        ("m1", "completed", None),
+        ("m2", "rejected", "action-running"),
+        ("m3", "rejected", "action-running"),
+    ]
+    assert conn.state is State.READY
+
+
 @pytest.mark.parametrize(
     ("attributes", "ended", "timeout"),
     [
@@ -804,10 +952,15 @@ def test_refusals_keep_the_connection_usable() -> None:
     assert data["reason"] == "action-running"
     busy.clear()
     send(conn, {"type": "launch"})
+    # another action while one runs is queued (spec "Action Lifecycle": supported) ...
     [(_, data)] = emitted(conn.receive(ACTION_SEND, [{"action": {"type": "launch"}}]))
-    assert data["reason"] == "action-running"
+    assert (data["status"], data["messageID"]) == ("accepted", "generated-3")
+    # ... but client.start and session.create are not
     [(_, data)] = emitted(conn.receive(CLIENT_START, [{"userID": USER, "projectID": PROJECT}]))
     assert data["code"] == "action-running"
+    [*_, queued] = conn.turn_finished()
+    assert isinstance(queued, StartTurn)
+    assert queued.message_id == "generated-3"
     conn.turn_finished()
     assert state_of(conn) is State.READY
     conn.connection_lost()

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from websockets.asyncio.client import connect as ws_connect
 
-from adapters.voiceflow.protocol import PATH, SessionKeys
+from adapters.voiceflow.protocol import MAX_QUEUED_ACTIONS, PATH, SessionKeys
 from gateway.app import create_app
 from gateway.metrics import REGISTRY
 from gateway.server import uvicorn_options
@@ -341,7 +341,20 @@ async def test_events_named_like_the_servers_own_handlers_are_unknown_events(
     assert connections() == before  # no connection counted twice
 
 
-async def test_a_second_action_while_one_runs_is_rejected() -> None:
+async def hold_first(vf: VoiceflowClient, core: RecordingCore, text: str = "slow") -> None:
+    """Send action ``first`` (``text``: one the core holds until released) and wait until
+    the core has it: an action runs on the connection."""
+    await vf.send({"type": "text", "payload": text}, "first")
+    assert await vf.expect("action.status") == {"status": "accepted", "messageID": "first"}
+    assert (await core.next_request())["input"]["transcript"]["text"] == text
+
+
+async def test_actions_sent_while_one_runs_are_queued_and_run_in_order() -> None:
+    """Spec "Action Lifecycle": sending an action while one runs "is supported". Each is
+    accepted at once and run after the one before it, in order, through the turn engine:
+    its traces and ``completed`` carry its own messageID and never interleave with
+    another's. client.start and session.create are still refused while an action runs,
+    and so is an action of the same session on another connection of this instance."""
     core = RecordingCore()
     async with (
         core.running() as core_url,
@@ -350,35 +363,117 @@ async def test_a_second_action_while_one_runs_is_rejected() -> None:
         client(url, "polling") as other,
     ):
         key = await vf.handshake()
-        await vf.send({"type": "text", "payload": "slow"}, "first")
-        assert (await vf.expect("action.status"))["status"] == "accepted"
-        await core.next_request()  # the core holds the first action now
-
-        await vf.send({"type": "text", "payload": "hello"}, "second")
-        second = await vf.expect("action.status")
-        assert (second["status"], second["reason"], second["messageID"]) == (
-            "rejected",
-            "action-running",
-            "second",
-        )
+        await hold_first(vf, core)
+        for mid, text in (("second", "two"), ("third", "three")):
+            await vf.send({"type": "text", "payload": text}, mid)
+            assert await vf.expect("action.status") == {"status": "accepted", "messageID": mid}
         await vf.emit("client.start", {"userID": USER, "projectID": PROJECT})
         assert (await vf.expect("error"))["code"] == "action-running"
         await vf.emit("session.create")
         assert (await vf.expect("error"))["code"] == "action-running"
 
-        # another connection of the same session (this instance) is refused too
+        # another connection of the same session (this instance) is refused
         assert await other.start(key) is False
         await other.send({"type": "text", "payload": "me too"}, "other")
         assert (await other.expect("action.status"))["reason"] == "action-running"
+        await vf.nothing_more()
+        assert core.requests.empty()  # the queued actions wait for the first
 
         core.release.set()
-        traces, completed = await vf.traces_until_status("first")
-        assert messages(traces) == ["slow answer"]
-        assert completed["status"] == "completed"
-        # both connections are usable again
+        answers = []
+        for mid in ("first", "second", "third"):
+            traces, completed = await vf.traces_until_status(mid)
+            assert completed == {"status": "completed", "messageID": mid}
+            answers.append(messages(traces))
+        assert answers == [["slow answer"], ["core heard two"], ["core heard three"]]
+        heard = [(await core.next_request())["input"]["transcript"]["text"] for _ in range(2)]
+        assert heard == ["two", "three"]
+        # both connections are usable again, in the same conversation
         assert await vf.say("after") == ["core heard after"]
         assert await other.say("other after") == ["core heard other after"]
-        assert core.requests.qsize() == 2  # the refused actions never reached the core
+        await vf.nothing_more()
+        assert core.requests.qsize() == 2  # the refused action never reached the core
+
+
+async def test_an_action_beyond_the_queue_bound_is_rejected() -> None:
+    """At most MAX_QUEUED_ACTIONS actions wait behind the running one: the next is
+    rejected ``too-many-actions`` (and never reaches the core); the others all run."""
+    core = RecordingCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake()
+        await hold_first(vf, core)
+        queued = [f"q{n}" for n in range(MAX_QUEUED_ACTIONS)]
+        for mid in queued:
+            await vf.send({"type": "text", "payload": mid}, mid)
+            assert (await vf.expect("action.status"))["status"] == "accepted"
+        await vf.send({"type": "text", "payload": "one too many"}, "over")
+        over = await vf.expect("action.status")
+        assert (over["status"], over["messageID"], over["reason"]) == (
+            "rejected",
+            "over",
+            "too-many-actions",
+        )
+        core.release.set()
+        assert (await vf.traces_until_status("first"))[1]["status"] == "completed"
+        for mid in queued:
+            traces, completed = await vf.traces_until_status(mid)
+            assert (messages(traces), completed["status"]) == ([f"core heard {mid}"], "completed")
+        await vf.nothing_more()
+        heard = [core.requests.get_nowait()["input"]["transcript"]["text"] for _ in queued]
+        assert heard == queued
+        assert core.requests.empty()
+
+
+async def test_queued_actions_of_a_client_that_leaves_run_no_turn() -> None:
+    """A client that disconnects with actions queued: its running action's turn goes on
+    and saves the session, no turn runs for the queued ones (the core sees only the
+    first), and the session is free for the client's next connection at once."""
+    core = RecordingCore()
+    before = connections()
+    async with core.running() as core_url, served(pipeline=core_url) as url:
+        async with client(url) as vf:
+            key = await vf.handshake()
+            await hold_first(vf, core)
+            for mid in ("second", "third"):
+                await vf.send({"type": "text", "payload": mid}, mid)
+                assert (await vf.expect("action.status"))["status"] == "accepted"
+        for _ in range(250):  # up to 5 s, a safety net: the server sees the goodbye
+            if connections() == before:
+                break
+            await asyncio.sleep(0.02)
+        assert connections() == before
+        core.release.set()
+        async with client(url) as again:
+            assert await again.start(key) is False  # the first turn makes the session
+            assert await again.say("back") == ["core heard back"]
+            await asyncio.sleep(0.3)  # room for a queued turn that should not run
+        assert (await core.next_request())["input"]["transcript"]["text"] == "back"
+        assert core.requests.empty()  # neither "second" nor "third" reached the core
+
+
+async def test_a_failing_action_does_not_stop_the_queued_ones() -> None:
+    """The running action fails (the core answers 500): ``error pipeline-error`` and
+    ``completed {reason: "error"}`` for it, then the queued action runs as usual."""
+    core = RecordingCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake()
+        await hold_first(vf, core, "slow fail")
+        await vf.send({"type": "text", "payload": "next"}, "second")
+        assert (await vf.expect("action.status"))["status"] == "accepted"
+        core.release.set()
+        failed = await vf.expect("error")
+        assert (failed["code"], failed["messageID"]) == ("pipeline-error", "first")
+        assert await vf.expect("action.status") == {
+            "status": "completed",
+            "messageID": "first",
+            "reason": "error",
+        }
+        traces, completed = await vf.traces_until_status("second")
+        assert (messages(traces), completed) == (
+            ["core heard next"],
+            {"status": "completed", "messageID": "second"},
+        )
+        await vf.nothing_more()
 
 
 @pytest.mark.parametrize("problem", ["forged", "expired", "other user", "garbage"])
