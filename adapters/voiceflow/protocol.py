@@ -62,7 +62,8 @@ Error ``code`` values and rejection ``reason`` values are stable kebab-case name
 - ``action-running``: an action of this session is running on another connection of
   this instance;
 - ``too-many-actions``: :data:`MAX_QUEUED_ACTIONS` actions of this connection already wait
-  behind its running one;
+  behind its running one, or their payloads with this one's would be longer than
+  :attr:`VoiceflowConnection.max_queued_chars` (GATEWAY_MAX_BODY_BYTES);
 - ``session-not-found``: the store no longer has the session (session.ended follows);
 - ``session-busy``: another instance held the session for longer than GATEWAY_LOCK_WAIT_S;
 - ``session-foreign``: the session belongs to another project;
@@ -117,12 +118,16 @@ Decisions where the spec is silent:
   queued on the connection; the next one starts when the running action's stream has
   ended (after its ``completed`` or ``rejected``), so each action's traces and status
   carry its own messageID and two actions' traces never interleave. A full queue gives
-  ``rejected`` with ``too-many-actions``. A running action that fails (``pipeline-error``,
-  or the engine refuses its turn with ``session-busy`` / ``store-unavailable``) does not
-  stop the queue. When the session ends in a running action (the core ended it:
-  ``session.ended end_of_diagram``; the store no longer has it: ``session-not-found``
-  and ``session.ended session_expired``), every queued action is then rejected with
-  ``no-session``, the reason of an action sent without a session. When the connection
+  ``rejected`` with ``too-many-actions``: full with :data:`MAX_QUEUED_ACTIONS` actions,
+  or with payloads (their JSON) of GATEWAY_MAX_BODY_BYTES characters together, one
+  packet's worth (a queued action is held parsed, several times its packet's size: the
+  count alone let one connection hold MAX_QUEUED_ACTIONS packets' worth of that). A
+  running action that fails (``pipeline-error``, or the engine refuses its turn with
+  ``session-busy`` / ``store-unavailable``) does not stop the queue. When the session
+  ends in a running action (the core ended it: ``session.ended end_of_diagram``; the
+  store no longer has it: ``session-not-found`` and ``session.ended session_expired``),
+  every queued action is then rejected with ``no-session``, the reason of an action
+  sent without a session. When the connection
   closes (also after ``server.restart``) the queued actions are dropped: no turn runs
   for them and nothing is said (:meth:`VoiceflowConnection.drop_queued`). While actions
   are queued the connection is not idle (no ``inactivity_timeout``) and pushed items
@@ -190,6 +195,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import re
 import urllib.parse
@@ -244,7 +250,9 @@ MAX_NAME = 128
 """Longest intent or event name accepted (characters)."""
 MAX_QUEUED_ACTIONS = 8
 """Most actions one connection may have waiting behind its running action (spec "Action
-Lifecycle": sending while one runs is supported); one more is rejected ``too-many-actions``."""
+Lifecycle": sending while one runs is supported); one more is rejected ``too-many-actions``
+(so is one whose payload would take the queue's past
+:attr:`VoiceflowConnection.max_queued_chars`)."""
 
 # client -> server events
 CLIENT_START = "client.start"
@@ -1009,6 +1017,8 @@ class _Queued:
     message_id: str
     body: ActionBody
     input: Input
+    size: int = 0
+    """The characters of its payload's JSON (:attr:`VoiceflowConnection.max_queued_chars`)."""
 
 
 @dataclass(eq=False, kw_only=True)
@@ -1022,7 +1032,9 @@ class VoiceflowConnection:
     ``clock`` gives epoch seconds (trace times, key expiry); ``session_busy`` tells
     whether another connection of this instance runs an action of a session (its
     store key); ``new_id`` makes session ids and ``new_message_id`` messageIDs;
-    ``session_timeout_s`` is GATEWAY_SESSION_TIMEOUT_S (s, :meth:`idle_timeout_s`).
+    ``session_timeout_s`` is GATEWAY_SESSION_TIMEOUT_S (s, :meth:`idle_timeout_s`);
+    ``max_queued_chars`` bounds the payloads of the actions queued behind the running
+    one together (characters of their JSON; GATEWAY_MAX_BODY_BYTES).
 
     Feed it with :meth:`receive` (client events) and :meth:`turn_event` /
     :meth:`turn_rejected` / :meth:`turn_finished` (the turn it asked for with
@@ -1037,6 +1049,7 @@ class VoiceflowConnection:
     new_id: Callable[[], str] = new_session_id
     new_message_id: Callable[[], str] = lambda: str(uuid.uuid4())
     session_timeout_s: int = 1800
+    max_queued_chars: int = 1_048_576
     machine: ConnectionStateMachine = field(default_factory=ConnectionStateMachine, init=False)
     start: ClientStart | None = field(default=None, init=False)
     """The accepted client.start."""
@@ -1218,8 +1231,16 @@ class VoiceflowConnection:
             machine.feed(ACTION_REFUSED)
             text = f"{MAX_QUEUED_ACTIONS} actions already wait for the running one."
             return [status("rejected", message_id, "too-many-actions", text)]
+        size = _json_chars(body.payload)
+        if sum(queued.size for queued in self._queued) + size > self.max_queued_chars:
+            machine.feed(ACTION_REFUSED)
+            text = (
+                f"The actions waiting for the running one may carry {self.max_queued_chars} "
+                "characters of payload together."
+            )
+            return [status("rejected", message_id, "too-many-actions", text)]
         machine.feed(ACTION_QUEUED)
-        self._queued.append(_Queued(message_id, body, input_))
+        self._queued.append(_Queued(message_id, body, input_, size))
         return [status("accepted", message_id)]
 
     def _start_action(self, action: _Queued, *, accepted: bool) -> list[Action]:
@@ -1397,6 +1418,11 @@ _KNOWN = ", ".join(_EVENTS)
 def _trace_emits(message_id: str, traces: Iterable[dict[str, Any]]) -> list[Action]:
     """``action.trace {trace, messageID}`` for each of ``traces``."""
     return [Emit(ACTION_TRACE, {"trace": t, "messageID": message_id}) for t in traces]
+
+
+def _json_chars(value: Any) -> int:
+    """The length of ``value``'s compact JSON (a validated action payload: JSON values)."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
 
 def _message_id_of(payload: Any) -> str | None:

@@ -699,6 +699,7 @@ class VoiceflowServer:
             clock=time.time,
             session_busy=functools.partial(self._busy_elsewhere, sid),
             session_timeout_s=gw.settings.session_timeout_s,
+            max_queued_chars=gw.settings.max_body_bytes,  # the queue holds one packet's worth
         )
         self._clients[sid] = _Client(sid, conn)
         metrics.CONNECTIONS.labels(CHANNEL).inc()

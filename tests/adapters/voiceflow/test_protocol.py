@@ -815,6 +815,27 @@ def test_the_queue_is_bounded() -> None:
     queue(conn, "room again", "m9")  # one left the queue: room for one more
 
 
+def test_the_queue_bounds_the_payload_it_holds() -> None:
+    """The queued actions' payloads together are at most ``max_queued_chars`` characters
+    of JSON (GATEWAY_MAX_BODY_BYTES): one over is rejected ``too-many-actions`` and not
+    queued; a smaller one still fits, and room comes back as the queue runs."""
+    conn = connection(max_queued_chars=100)
+    ready(conn)
+    send(conn, {"type": "launch"}, "m0")
+    queue(conn, "x" * 90, "m1")  # 92 characters: '"' + 90 + '"'
+    over = conn.receive(ACTION_SEND, [{"action": {"type": "text", "payload": "y" * 9}}])
+    [(_, data)] = emitted(over)
+    assert (data["status"], data["reason"]) == ("rejected", "too-many-actions")
+    assert "100 characters" in data["detail"]
+    queue(conn, "z" * 6, "m2")  # 8 more: 100 together
+    assert conn.queued_message_ids == ["m1", "m2"]
+    assert conn.state is State.RUNNING
+    *_, nxt = conn.turn_finished()
+    assert isinstance(nxt, StartTurn)
+    assert nxt.message_id == "m1"
+    queue(conn, "w" * 90, "m3")  # m1 left the queue: room for as much again
+
+
 @pytest.mark.parametrize("how", ["end_of_diagram", "session_expired"])
 def test_queued_actions_are_rejected_when_the_session_ends(how: str) -> None:
     """The running action ends the session (the core: ``end_of_diagram``; the store no

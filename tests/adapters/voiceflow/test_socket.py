@@ -424,6 +424,42 @@ async def test_an_action_beyond_the_queue_bound_is_rejected() -> None:
         assert core.requests.empty()
 
 
+async def test_queued_actions_hold_at_most_a_packets_worth_of_payload() -> None:
+    """The queue bounds what it holds, not only how many actions: the payloads of the
+    actions waiting behind the running one are together at most GATEWAY_MAX_BODY_BYTES
+    characters of JSON (one packet's worth); one more is rejected ``too-many-actions`` and
+    never reaches the core. Only the count was bounded: MAX_QUEUED_ACTIONS actions of
+    nearly a packet each were all kept, parsed (about 9 MB of Python objects for each
+    1 MiB packet: over 80 MB held by one connection, against one action's 9 before)."""
+    core = RecordingCore()
+    async with (
+        core.running() as core_url,
+        served(pipeline=core_url, max_body_bytes=150_000) as url,
+        client(url) as vf,
+    ):
+        await vf.handshake()
+        await hold_first(vf, core)
+        big = "x" * 100_000  # a packet of its own fits; two do not fit the queue
+        await vf.send({"type": "text", "payload": big}, "big")
+        assert await vf.expect("action.status") == {"status": "accepted", "messageID": "big"}
+        await vf.send({"type": "text", "payload": big}, "too much")
+        over = await vf.expect("action.status")
+        assert (over["status"], over["messageID"], over["reason"]) == (
+            "rejected",
+            "too much",
+            "too-many-actions",
+        )
+        await vf.send({"type": "text", "payload": "small"}, "small")  # room for it
+        assert await vf.expect("action.status") == {"status": "accepted", "messageID": "small"}
+        core.release.set()
+        for mid in ("first", "big", "small"):
+            assert (await vf.traces_until_status(mid))[1]["status"] == "completed"
+        await vf.nothing_more()
+        heard = [core.requests.get_nowait()["input"]["transcript"]["text"] for _ in range(2)]
+        assert heard == [big, "small"]
+        assert core.requests.empty()
+
+
 async def test_queued_actions_of_a_client_that_leaves_run_no_turn() -> None:
     """A client that disconnects with actions queued: its running action's turn goes on
     and saves the session, no turn runs for the queued ones (the core sees only the
