@@ -713,13 +713,17 @@ class VoiceflowServer:
 
     def _release(self, client: _Client, start: StartTurn | None = None) -> None:
         """Let go of the client's claim on its session: the claim of ``start`` unless a later
-        action of the client (queued behind it) holds it now; with None, whichever it holds."""
-        key = client.claimed
+        action of the client (queued behind it) holds it now; with None, whichever it holds.
+        ``start``'s claim is looked up by its own session, not the client's latest: a client
+        that claimed another session meanwhile (client.start, session.create, an action, in
+        the moments between a turn's end and its forwarder's) left the first held for good."""
+        key = start.ctx.key if start is not None else client.claimed
         claim = self._running.get(key) if key is not None else None
         if claim is None or claim[0] != client.sid or (start is not None and claim[1] is not start):
             return
         del self._running[claim[1].ctx.key]
-        client.claimed = None
+        if client.claimed == claim[1].ctx.key:
+            client.claimed = None
 
     async def _disconnect(self, sid: str, *reason: Any) -> None:
         if reason and reason[0] == self.sio.reason.CLIENT_DISCONNECT:

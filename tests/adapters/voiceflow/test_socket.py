@@ -19,12 +19,15 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from websockets.asyncio.client import connect as ws_connect
 
-from adapters.voiceflow.protocol import MAX_QUEUED_ACTIONS, PATH, SessionKeys
+from adapters.voiceflow.protocol import MAX_QUEUED_ACTIONS, PATH, SessionKeys, StartTurn
+from adapters.voiceflow.routes import VoiceflowServer, _Client
 from gateway.app import create_app
+from gateway.events import Input
 from gateway.metrics import REGISTRY
 from gateway.server import uvicorn_options
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
+from gateway.turn import TurnContext
 from tests.adapters.voiceflow.helpers import (
     PROJECT,
     SECRET,
@@ -1315,3 +1318,29 @@ async def test_many_clients_on_both_transports_at_once() -> None:
 
     async with served() as url:
         await asyncio.gather(*(conversation(url, n) for n in range(20)))
+
+
+def test_an_actions_claim_is_released_by_its_own_session() -> None:
+    """A forwarder's end releases the claim of its own action's session: it looked the
+    claim up through the client's latest claim, so a client that claimed another session
+    between a turn's end and its forwarder's (client.start, session.create and an action
+    within a few loop iterations; found by review, not provoked through a socket) left
+    the first session held on this instance for good (``session_busy`` true: a
+    client.start with its key told the session goes on, its actions refused)."""
+    server = VoiceflowServer(Settings(redis_url=None))
+    client = _Client("sid-1", None)  # type: ignore[arg-type]  # only its claim is read
+    first, second = (
+        StartTurn(TurnContext(channel="voiceflow", session_id=s, app_key="p"), Input.said("hi"))
+        for s in ("one", "two")
+    )
+    server._running[first.ctx.key] = ("sid-1", first)
+    server._running[second.ctx.key] = ("sid-1", second)
+    client.claimed = second.ctx.key  # the client's latest claim: another session
+    server._release(client, first)
+    assert first.ctx.key not in server._running
+    assert not server._busy_elsewhere("sid-2", first.ctx.key)
+    assert server._running[second.ctx.key] == ("sid-1", second)
+    assert client.claimed == second.ctx.key
+    server._release(client, second)
+    assert server._running == {}
+    assert client.claimed is None
