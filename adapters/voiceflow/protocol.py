@@ -64,6 +64,8 @@ Error ``code`` values and rejection ``reason`` values are stable kebab-case name
 - ``too-many-actions``: :data:`MAX_QUEUED_ACTIONS` actions of this connection already wait
   behind its running one, or their payloads with this one's would be longer than
   :attr:`VoiceflowConnection.max_queued_chars` (GATEWAY_MAX_BODY_BYTES);
+- ``session-resumed``: a queued action of a session its client resumed on another
+  connection of this instance (:meth:`VoiceflowConnection.superseded`);
 - ``session-not-found``: the store no longer has the session (session.ended follows);
 - ``session-busy``: another instance held the session for longer than GATEWAY_LOCK_WAIT_S;
 - ``session-foreign``: the session belongs to another project;
@@ -1282,6 +1284,18 @@ class VoiceflowConnection:
         dropped = self.queued_message_ids
         self._queued.clear()
         return dropped
+
+    def superseded(self) -> list[Action]:
+        """The client resumed this connection's session on another connection (client.start
+        with its sessionKey): each queued action is rejected (``session-resumed``) and
+        forgotten, no turn runs for it; an action running here ends as usual. ``[]`` when
+        none waits. Such a connection is mostly the client's own, dead but not noticed yet;
+        one still alive (a second tab) is told rather than left waiting for ``completed``."""
+        text = "The session was resumed on another connection: this action was not run."
+        return [
+            status("rejected", message_id, "session-resumed", text)
+            for message_id in self.drop_queued()
+        ]
 
     def _context(self, *, create: bool) -> TurnContext:
         start = self.start

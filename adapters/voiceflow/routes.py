@@ -83,6 +83,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from adapters.voiceflow.protocol import (
     CHANNEL,
+    CLIENT_STARTED,
     PATH,
     SERVER_RESTART,
     Action,
@@ -725,6 +726,29 @@ class VoiceflowServer:
         if client.claimed == claim[1].ctx.key:
             client.claimed = None
 
+    async def _supersede(self, client: _Client) -> None:
+        """``client`` resumed its session with its sessionKey: the actions other
+        connections of this instance queued for that session are rejected
+        ``session-resumed`` (VoiceflowConnection.superseded: no turn runs for them; an
+        action running there ends as usual). Such a connection is mostly the client's own,
+        dead but not yet noticed (its ping timeout is seconds away): its turns' answers
+        would go nowhere, and the client's new actions would wait for all of them. Logged
+        at INFO with their count. A connection of another instance keeps its queue (its
+        turns take the session's lock one at a time; the new connection's wait for it)."""
+        key = client.conn.session_key
+        for other in [c for c in self._clients.values() if c is not client]:
+            if other.conn.session_key != key:
+                continue
+            rejected = other.conn.superseded()
+            if rejected:
+                log.info(
+                    "session %s resumed on another connection: %d queued action(s) of the "
+                    "old one rejected",
+                    session_ref(key or ""),
+                    len(rejected),
+                )
+                await self._do(other, rejected)
+
     async def _disconnect(self, sid: str, *reason: Any) -> None:
         if reason and reason[0] == self.sio.reason.CLIENT_DISCONNECT:
             self._end_long_poll(sid)
@@ -816,7 +840,10 @@ class VoiceflowServer:
             if isinstance(action, Emit):
                 await _emit(self.sio, client.sid, action)
             elif isinstance(action, CheckSession):
-                await self._do(client, client.conn.session_checked(await self._find(action)))
+                answer = client.conn.session_checked(await self._find(action))
+                if Emit(CLIENT_STARTED, {"newSessionRequired": False}) in answer:
+                    await self._supersede(client)
+                await self._do(client, answer)
             elif client.sid in self._clients:
                 task = asyncio.create_task(self._forward(client, action))
                 client.tasks.add(task)
