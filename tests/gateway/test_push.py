@@ -879,7 +879,10 @@ async def test_a_push_that_wakes_a_session_whose_lock_ran_out_is_still_answered(
     settings = {
         **shared,
         "redis_url": f"redis://127.0.0.1:{port}{target.path or '/0'}",
-        "lock_lease_s": 0.3,
+        # long enough that the set-up turns below keep their lock on a loaded machine
+        # (renewed every third of it: a 0.3 s lease lost the first turn's lock in CI
+        # behind a 0.2 s pause of the event loop)
+        "lock_lease_s": 1.0,
     }
     try:
         async with (
@@ -892,9 +895,9 @@ async def test_a_push_that_wakes_a_session_whose_lock_ran_out_is_still_answered(
                 await turn(ws, request_frame("sleep"))
             view = (await http.get(f"{a}/v1/sessions/stalled-1", headers=AUTH)).json()
             assert view["clientState"] == "Sleeping"
-            # the push's take of the lock runs; what follows reaches Redis 0.6 s later,
-            # past the 0.3 s lease
-            proxy.stall_after(b"{flowstorm:stalled-1}:lock", 0.6)
+            # the push's take of the lock runs; what follows reaches Redis 2 s later,
+            # past the 1 s lease
+            proxy.stall_after(b"{flowstorm:stalled-1}:lock", 2.0)
             answer = await push(http, a, {"sessionId": "stalled-1"}, "Wake up.")
             assert answer.status_code == 202, answer.text
             assert answer.json()["delivery"] == "queued"
