@@ -35,7 +35,7 @@ Wire shapes (server -> client)::
     action.trace     {trace: {type, payload?, time}, messageID}
     session.ended    {reason: str}
     error            {code: str, error: str, messageID?}
-    server.restart   {}                         (sent by the I/O layer on shutdown)
+    server.restart   {action?: {type, payload?, diagramID?, time?}}   (on shutdown)
 
 Error ``code`` values and rejection ``reason`` values are stable kebab-case names;
 ``error``/``detail`` are human-readable text. ``error.code`` -> when it is sent:
@@ -66,6 +66,9 @@ Error ``code`` values and rejection ``reason`` values are stable kebab-case name
   :attr:`VoiceflowConnection.max_queued_chars` (GATEWAY_MAX_BODY_BYTES);
 - ``session-resumed``: a queued action of a session its client resumed on another
   connection of this instance (:meth:`VoiceflowConnection.superseded`);
+- ``server-restart``: a queued action behind the first when the server shuts down
+  gracefully (:meth:`VoiceflowConnection.server_restart`), or an action.send after
+  ``server.restart``: not run, the client sends it again after reconnecting;
 - ``session-not-found``: the store no longer has the session (session.ended follows);
 - ``session-busy``: another instance held the session for longer than GATEWAY_LOCK_WAIT_S;
 - ``session-foreign``: the session belongs to another project;
@@ -130,8 +133,14 @@ Decisions where the spec is silent:
   store no longer has it: ``session-not-found`` and ``session.ended session_expired``),
   every queued action is then rejected with ``no-session``, the reason of an action
   sent without a session. When the connection
-  closes (also after ``server.restart``) the queued actions are dropped: no turn runs
-  for them and nothing is said (:meth:`VoiceflowConnection.drop_queued`). While actions
+  closes the queued actions are dropped: no turn runs for them and nothing is said (the
+  client is gone). On a graceful shutdown (:meth:`VoiceflowConnection.server_restart`)
+  no turn runs for them either, and the client hears of each: the first queued action
+  (the next that would have run) goes back in ``server.restart {action}`` (the spec's
+  "optional action to replay after reconnection"), as the client sent it (``type``,
+  ``payload``, ``diagramID`` and ``time`` when it sent them), and every other one is
+  rejected ``server-restart`` before that event; the running action's turn goes on.
+  While actions
   are queued the connection is not idle (no ``inactivity_timeout``) and pushed items
   wait until the queue is done, as they wait for a running action.
 - ``client.start`` again (not while an action runs) re-does the handshake;
@@ -269,6 +278,11 @@ ACTION_TRACE = "action.trace"
 ERROR = "error"
 SERVER_RESTART = "server.restart"
 
+RESTART_TEXT = (
+    "The server is restarting: this action was not run; send it again after reconnecting."
+)
+"""``action.status rejected server-restart``'s ``detail``."""
+
 ENDED_BY_CORE = "end_of_diagram"
 """session.ended reason when the core ended the conversation (Voiceflow's name)."""
 ENDED_EXPIRED = "session_expired"
@@ -356,12 +370,41 @@ def _json_only(value: Any) -> Any:
     return value
 
 
+def _id_or_none(value: Any) -> str | None:
+    """An optional request field kept only when usable: a string of 1 to :data:`MAX_ID`
+    characters, else None (left out, never a rejection: the field is not used here)."""
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_ID else None
+
+
+def _time_or_none(value: Any) -> int | float | None:
+    """An optional request ``time`` kept only when a finite number (not a bool), else
+    None (left out, never a rejection)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return value if number and math.isfinite(value) else None
+
+
 class ActionBody(_Payload):
-    """``action.send.action {type, payload?}`` (Voiceflow's request: ``diagramID``,
-    ``time`` ... are accepted and ignored)."""
+    """``action.send.action {type, payload?, diagramID?, time?}`` (Voiceflow's request).
+
+    ``diagramID`` and ``time`` play no part in the turn; they are kept (when a string of
+    at most :data:`MAX_ID` characters, a finite number) only to hand the action back as it
+    came in ``server.restart {action}`` (:meth:`VoiceflowConnection.server_restart`); any
+    other value of them is left out, and other keys are ignored."""
 
     type: str = Field(min_length=1, max_length=MAX_ID)
     payload: Annotated[Any, AfterValidator(_json_only)] = None
+    diagram_id: Annotated[str | None, BeforeValidator(_id_or_none)] = Field(
+        default=None, alias="diagramID"
+    )
+    time: Annotated[int | float | None, BeforeValidator(_time_or_none)] = None
+
+    def replay(self) -> dict[str, Any]:
+        """The action as ``server.restart``'s ``action {type, payload?, diagramID?,
+        time?}`` (spec "server.restart"): the fields the client sent, those it left out
+        (or sent as null) left out."""
+        return _fields(
+            type=self.type, payload=self.payload, diagramID=self.diagram_id, time=self.time
+        )
 
 
 def _number_text(value: Any) -> Any:
@@ -1064,6 +1107,8 @@ class VoiceflowConnection:
     """Accepted actions waiting for the running one, oldest first (:data:`MAX_QUEUED_ACTIONS`)."""
     _kept_s: int | None = field(default=None, init=False)
     """How long the last Response keeps the session (s)."""
+    _restarting: bool = field(default=False, init=False)
+    """Told ``server.restart`` (:meth:`server_restart`): actions are refused from then on."""
 
     # -------------------------------------------------------------- queries
 
@@ -1220,6 +1265,9 @@ class VoiceflowConnection:
         if not queue and not machine.allows(ACTION_SEND):
             reason, refused = machine.refusal(ACTION_SEND)
             return [status("rejected", message_id, reason, refused.text)]
+        if self._restarting:
+            machine.feed(ACTION_REFUSED)
+            return [status("rejected", message_id, "server-restart", RESTART_TEXT)]
         try:
             body = _parse(ActionSend, payload, ACTION_SEND).action
             input_ = action_input(body)
@@ -1279,11 +1327,36 @@ class VoiceflowConnection:
         return out
 
     def drop_queued(self) -> list[str]:
-        """Forget the queued actions (the client was told ``server.restart``, or is gone):
-        no turn runs for them and nothing is said. Returns their messageIDs, in order."""
+        """Forget the queued actions: no turn runs for them and nothing is said (the
+        caller says it: :meth:`superseded`). Returns their messageIDs, in order."""
         dropped = self.queued_message_ids
         self._queued.clear()
         return dropped
+
+    def server_restart(self) -> list[Emit]:
+        """The server is shutting down gracefully (spec "server.restart": the client is to
+        reconnect to another instance): what this connection is told, in order.
+
+        Each queued action but the first gets ``action.status {status: "rejected",
+        messageID, reason: "server-restart", detail}`` (no turn runs for it: the client
+        sends it again after reconnecting), then ``server.restart {action}`` carrying the
+        first queued action, the one that would have run next, as the client sent it
+        (:meth:`ActionBody.replay`: ``{type, payload?, diagramID?, time?}``) for the client
+        to replay on the new instance; with nothing queued, ``server.restart {}``. The queue
+        is then empty, and every ``action.send`` until the connection closes is rejected
+        ``server-restart`` too. A running action is not touched: its turn goes on and saves
+        the session (its answers reach the client if it ends before the connection does).
+        """
+        self._restarting = True
+        queued = list(self._queued)
+        self._queued.clear()
+        if not queued:
+            return [Emit(SERVER_RESTART, {})]
+        out = [
+            status("rejected", later.message_id, "server-restart", RESTART_TEXT)
+            for later in queued[1:]
+        ]
+        return [*out, Emit(SERVER_RESTART, {"action": queued[0].body.replay()})]
 
     def superseded(self) -> list[Action]:
         """The client resumed this connection's session on another connection (client.start

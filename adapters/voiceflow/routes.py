@@ -49,7 +49,10 @@ Operations:
   session must reach the process that holds it); WebSocket connections do not.
 - **Graceful shutdown.** ``server.restart`` goes to every client connected to this
   process, then their Engine.IO sessions are closed, which makes socket.io clients
-  reconnect (to another instance behind the load balancer). uvicorn closes open
+  reconnect (to another instance behind the load balancer). A client's queued actions
+  run no turn here: the first comes back in ``server.restart {action}`` for the client
+  to replay, the others are rejected ``server-restart`` before it
+  (VoiceflowConnection.server_restart). uvicorn closes open
   WebSockets (1012) *before* it runs the app's lifespan shutdown, so the notice is
   sent from the first SIGTERM/SIGINT: the server's own signal handler (uvicorn's)
   is wrapped while the app runs, and called once the clients were told (at most
@@ -621,7 +624,7 @@ class VoiceflowServer:
                 await redisconn.aclose(redis)
 
     async def restart(self) -> int:
-        """``server.restart {}`` to every client of this process, then end their
+        """``server.restart`` to every client of this process, then end their
         Engine.IO sessions so that they reconnect; bounded by
         GATEWAY_VOICEFLOW_RESTART_GRACE_S. Returns how many clients were told."""
         sids = list(self._clients)
@@ -637,9 +640,11 @@ class VoiceflowServer:
         return len(sids)
 
     async def _tell_restart(self, sid: str) -> None:
-        """server.restart to one client, then the end of its Engine.IO session. Its queued
-        actions are dropped first (no turn runs for them, as when it disconnects; the turn of
-        its running action goes on and saves the session).
+        """server.restart to one client, then the end of its Engine.IO session. No turn runs
+        for its queued actions: the first (the next that would have run) goes back to the
+        client in ``server.restart {action}`` to replay on the new instance, each other one
+        is rejected ``server-restart`` before it (VoiceflowConnection.server_restart); the
+        turn of its running action goes on and saves the session.
 
         WebSocket: Engine.IO's CLOSE follows the event on the same socket. Long
         polling: engineio refuses every GET of a closed session, so the CLOSE is put
@@ -647,9 +652,10 @@ class VoiceflowServer:
         once a GET has taken it. Either way the client reconnects.
         """
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
-        if (client := self._clients.get(sid)) is not None:
-            client.conn.drop_queued()  # no turn for them: the client reconnects elsewhere
-        await _emit(self.sio, sid, Emit(SERVER_RESTART, {}))
+        client = self._clients.get(sid)
+        told = client.conn.server_restart() if client is not None else [Emit(SERVER_RESTART, {})]
+        for emit in told:  # the rejections of the queued actions, then server.restart
+            await _emit(self.sio, sid, emit)
         socket = self.sio.eio.sockets.get(eio_sid) if eio_sid else None
         if socket is None:
             return

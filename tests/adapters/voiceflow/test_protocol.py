@@ -870,13 +870,88 @@ def test_queued_actions_are_dropped_when_the_connection_closes() -> None:
     queue(conn, "two", "m2")
     conn.connection_lost()
     assert conn.queued_message_ids == []
-    conn2 = connection()
-    ready(conn2)
-    send(conn2, {"type": "launch"}, "m1")
-    queue(conn2, "two", "m2")
-    assert conn2.drop_queued() == ["m2"]  # server.restart: dropped, nothing said
-    out = conn2.turn_finished()
-    assert emitted(out) == [("action.status", {"status": "completed", "messageID": "m1"})]
+
+
+def test_a_server_restart_hands_back_the_next_action_and_rejects_the_others() -> None:
+    """Spec "server.restart": ``action`` is the "optional action to replay after
+    reconnection". The queued actions were dropped without a word (the client had their
+    ``accepted`` and never heard of them again); now the next one that would have run
+    goes back in ``server.restart`` as the client sent it (diagramID and time too), each
+    later one is rejected ``server-restart`` before that, and none runs here; the running
+    action ends as usual."""
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "launch"}, "m1")
+    sent = {
+        "type": "intent",
+        "payload": {"intent": {"name": "order"}},
+        "diagramID": "d1",
+        "time": 17,
+    }
+    out = conn.receive(ACTION_SEND, [{"action": sent, "messageID": "m2"}])
+    assert emitted(out) == [("action.status", {"status": "accepted", "messageID": "m2"})]
+    queue(conn, "three", "m3")
+    queue(conn, "four", "m4")
+    told = emitted(conn.server_restart())
+    text = "The server is restarting: this action was not run; send it again after reconnecting."
+    assert told == [
+        (
+            "action.status",
+            {"status": "rejected", "messageID": m, "reason": "server-restart", "detail": text},
+        )
+        for m in ("m3", "m4")
+    ] + [("server.restart", {"action": sent})]
+    assert conn.queued_message_ids == []
+    # an action sent after server.restart, before the connection closes, is not queued
+    out = conn.receive(
+        ACTION_SEND, [{"action": {"type": "text", "payload": "late"}, "messageID": "m5"}]
+    )
+    [(_, late)] = emitted(out)
+    assert (late["status"], late["messageID"], late["reason"]) == (
+        "rejected",
+        "m5",
+        "server-restart",
+    )
+    finished = conn.turn_finished()  # no StartTurn: nothing left to run
+    assert emitted(finished) == [("action.status", {"status": "completed", "messageID": "m1"})]
+
+
+@pytest.mark.parametrize(
+    ("sent", "replayed"),
+    [
+        ({"type": "launch"}, {"type": "launch"}),
+        (
+            {"type": "text", "payload": "hi", "time": 1.5},
+            {"type": "text", "payload": "hi", "time": 1.5},
+        ),
+        # fields the server cannot use as the spec types them are left out, never refused
+        (
+            {"type": "text", "payload": "hi", "diagramID": 7, "time": True, "extra": 1},
+            {"type": "text", "payload": "hi"},
+        ),
+    ],
+    ids=["type-only", "time", "unusable-fields"],
+)
+def test_a_server_restart_replays_the_action_as_it_came(
+    sent: dict[str, Any], replayed: dict[str, Any]
+) -> None:
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "launch"}, "m1")
+    out = conn.receive(ACTION_SEND, [{"action": sent, "messageID": "m2"}])
+    assert emitted(out) == [("action.status", {"status": "accepted", "messageID": "m2"})]
+    assert emitted(conn.server_restart()) == [("server.restart", {"action": replayed})]
+
+
+def test_a_server_restart_with_nothing_queued_is_an_empty_notice() -> None:
+    idle = connection()
+    ready(idle)
+    assert emitted(idle.server_restart()) == [("server.restart", {})]
+    running = connection()
+    ready(running)
+    send(running, {"type": "launch"}, "m1")
+    assert emitted(running.server_restart()) == [("server.restart", {})]
+    assert running.running_message_id == "m1"  # its turn goes on
 
 
 def test_a_queued_action_waits_for_another_connection_of_the_session() -> None:

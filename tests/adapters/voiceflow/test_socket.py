@@ -519,6 +519,49 @@ async def test_a_client_back_on_a_new_connection_rejects_the_old_connections_que
         assert core.requests.empty()  # neither "second", "third" nor "me too" reached it
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_server_restart_hands_back_the_next_queued_action_and_rejects_the_rest(
+    transport: str,
+) -> None:
+    """Graceful shutdown with three actions queued behind a held one: the queued actions
+    were dropped without a word and ``server.restart {}`` sent, so the client, told
+    ``accepted`` for them, never heard of them again. Now the later two are rejected
+    ``server-restart`` and ``server.restart`` carries the next one (spec: "optional action
+    to replay after reconnection") as the client sent it; no turn runs for any of them
+    here, and the client replays it on a new connection with its sessionKey."""
+    core = RecordingCore()
+    async with core.running() as core_url:
+        app = create_app(Settings().model_copy(update={"pipeline": core_url}))
+        async with served_app(app) as url, client(url, transport) as vf:
+            key = await vf.handshake()
+            await hold_first(vf, core)
+            second = {"type": "text", "payload": "two", "diagramID": "main", "time": 1700000000}
+            await vf.send(second, "second")
+            for mid, text in (("third", "three"), ("fourth", "four")):
+                await vf.send({"type": "text", "payload": text}, mid)
+            for mid in ("second", "third", "fourth"):
+                assert await vf.expect("action.status") == {"status": "accepted", "messageID": mid}
+            assert await app.state.voiceflow.restart() == 1
+            for mid in ("third", "fourth"):
+                told = await vf.expect("action.status")
+                assert (told["status"], told["messageID"], told["reason"]) == (
+                    "rejected",
+                    mid,
+                    "server-restart",
+                )
+                assert "send it again after reconnecting" in told["detail"]
+            assert await vf.expect("server.restart") == {"action": second}
+            await vf.nothing_more()
+            core.release.set()
+            async with client(url) as again:  # the client's replay, as on a new instance
+                assert await again.start(key) is False
+                _, traces, done = await again.act(second, "second")
+                assert (messages(traces), done["status"]) == (["core heard two"], "completed")
+            heard = [(await core.next_request())["input"]["transcript"]["text"]]
+            assert heard == ["two"]  # the replay's turn; "three" and "four" never ran
+            assert core.requests.empty()
+
+
 async def test_a_failing_action_does_not_stop_the_queued_ones() -> None:
     """The running action fails (the core answers 500): ``error pipeline-error`` and
     ``completed {reason: "error"}`` for it, then the queued action runs as usual."""
