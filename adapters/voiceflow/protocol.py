@@ -64,6 +64,11 @@ Error ``code`` values and rejection ``reason`` values are stable kebab-case name
 - ``too-many-actions``: :data:`MAX_QUEUED_ACTIONS` actions of this connection already wait
   behind its running one, or their payloads with this one's would be longer than
   :attr:`VoiceflowConnection.max_queued_chars` (GATEWAY_MAX_BODY_BYTES);
+- ``duplicate-message-id``: action.send whose messageID is that of the action running
+  or of one queued on this connection (their traces and statuses would carry one
+  messageID for two actions); those are not affected. Once an action has ended (its
+  ``completed`` or ``rejected``) its messageID may be used again. An action.send without
+  a messageID gets one the gateway makes (a new UUID), never a duplicate;
 - ``session-resumed``: a queued action of a session its client resumed on another
   connection of this instance (:meth:`VoiceflowConnection.superseded`);
 - ``server-restart``: a queued action behind the first when the server shuts down
@@ -1259,7 +1264,8 @@ class VoiceflowConnection:
         return [Emit(SESSION_CREATED, {"sessionKey": key})]
 
     def _on_action_send(self, payload: Any) -> list[Action]:
-        message_id = _message_id_of(payload) or self.new_message_id()
+        given = _message_id_of(payload)
+        message_id = given or self.new_message_id()
         machine = self.machine
         queue = machine.allows(ACTION_QUEUED)  # an action runs: this one waits for it
         if not queue and not machine.allows(ACTION_SEND):
@@ -1268,6 +1274,13 @@ class VoiceflowConnection:
         if self._restarting:
             machine.feed(ACTION_REFUSED)
             return [status("rejected", message_id, "server-restart", RESTART_TEXT)]
+        if given is not None and given in (self.running_message_id, *self.queued_message_ids):
+            machine.feed(ACTION_REFUSED)
+            text = (
+                f"An action with messageID {clipped(message_id)} is still running or waiting: "
+                "each action needs a messageID of its own."
+            )
+            return [status("rejected", message_id, "duplicate-message-id", text)]
         try:
             body = _parse(ActionSend, payload, ACTION_SEND).action
             input_ = action_input(body)

@@ -954,6 +954,48 @@ def test_a_server_restart_with_nothing_queued_is_an_empty_notice() -> None:
     assert running.running_message_id == "m1"  # its turn goes on
 
 
+def test_an_action_with_the_messageid_of_one_running_or_queued_is_rejected() -> None:
+    """Two actions with one messageID: the second was queued, and the traces and statuses
+    of both carried that one messageID, so the client could not tell them apart. It is
+    rejected ``duplicate-message-id`` at once; the running and queued ones go on. A
+    messageID may be used again once its action has ended; an action without one gets a
+    generated messageID and is never a duplicate."""
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "launch"}, "m1")
+    queue(conn, "two", "m2")
+    for mid in ("m1", "m2"):
+        out = conn.receive(
+            ACTION_SEND, [{"action": {"type": "text", "payload": "again"}, "messageID": mid}]
+        )
+        [(event, data)] = emitted(out)
+        assert (event, data["status"], data["messageID"], data["reason"]) == (
+            "action.status",
+            "rejected",
+            mid,
+            "duplicate-message-id",
+        )
+        assert f"messageID {mid!r}" in data["detail"]
+    out = conn.receive(
+        ACTION_SEND, [{"action": {"type": "text", "payload": "three"}, "messageID": 7}]
+    )
+    assert emitted(out) == [("action.status", {"status": "accepted", "messageID": "7"})]
+    for _ in range(2):  # without a messageID: the gateway makes one, a new one each time
+        out = conn.receive(ACTION_SEND, [{"action": {"type": "text", "payload": "no id"}}])
+        assert emitted(out)[0][1]["status"] == "accepted"
+    assert conn.queued_message_ids == ["m2", "7", "generated-1", "generated-2"]
+    assert conn.state is State.RUNNING
+    *_, nxt = conn.turn_finished()  # m1 ends: m2 runs, m1 may be used again
+    assert isinstance(nxt, StartTurn)
+    assert nxt.message_id == "m2"
+    queue(conn, "one again", "m1")
+    assert conn.queued_message_ids == ["7", "generated-1", "generated-2", "m1"]
+    out = conn.receive(
+        ACTION_SEND, [{"action": {"type": "text", "payload": "x"}, "messageID": "7"}]
+    )
+    assert emitted(out)[0][1]["reason"] == "duplicate-message-id"  # a number's text too
+
+
 def test_a_queued_action_waits_for_another_connection_of_the_session() -> None:
     """When the running action ends while another connection of this instance runs an
     action of the session (:attr:`session_busy`), the queued action is rejected

@@ -562,6 +562,37 @@ async def test_a_server_restart_hands_back_the_next_queued_action_and_rejects_th
             assert core.requests.empty()
 
 
+async def test_an_action_with_the_messageid_of_one_running_or_queued_is_rejected() -> None:
+    """A second action.send with the messageID of the running action or of a queued one
+    was queued, and the traces and statuses of both carried one messageID. It is rejected
+    ``duplicate-message-id`` at once and never reaches the core; the running and queued
+    actions run as before, and a messageID is free again once its action ended."""
+    core = RecordingCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake()
+        await hold_first(vf, core)
+        await vf.send({"type": "text", "payload": "two"}, "second")
+        assert await vf.expect("action.status") == {"status": "accepted", "messageID": "second"}
+        for mid in ("first", "second"):
+            await vf.send({"type": "text", "payload": "impostor"}, mid)
+            told = await vf.expect("action.status")
+            assert (told["status"], told["messageID"], told["reason"]) == (
+                "rejected",
+                mid,
+                "duplicate-message-id",
+            )
+        core.release.set()
+        for mid, said in (("first", "slow answer"), ("second", "core heard two")):
+            traces, done = await vf.traces_until_status(mid)
+            assert (messages(traces), done) == ([said], {"status": "completed", "messageID": mid})
+        _, traces, _ = await vf.act({"type": "text", "payload": "reused"}, "first")
+        assert messages(traces) == ["core heard reused"]
+        await vf.nothing_more()
+        heard = [core.requests.get_nowait()["input"]["transcript"]["text"] for _ in range(2)]
+        assert heard == ["two", "reused"]  # never "impostor"
+        assert core.requests.empty()
+
+
 async def test_a_failing_action_does_not_stop_the_queued_ones() -> None:
     """The running action fails (the core answers 500): ``error pipeline-error`` and
     ``completed {reason: "error"}`` for it, then the queued action runs as usual."""
