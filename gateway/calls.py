@@ -58,6 +58,7 @@ handed over; a failure (logged naming the carrier's API) keeps the call
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import re
@@ -148,6 +149,82 @@ def public_url(base: str, path: str, query: Mapping[str, str] | None = None) -> 
     """The URL of ``path`` (and ``query``) under ``base`` (GATEWAY_PUBLIC_URL)."""
     url = base.rstrip("/") + path
     return f"{url}?{urlencode(query)}" if query else url
+
+
+_LOCAL_SUFFIXES: Final = (".localhost", ".local", ".internal", ".home.arpa")
+"""Name suffixes no public DNS answers: RFC 6761 (``localhost``), RFC 6762 (mDNS
+``local``), ICANN's private-use ``internal`` (2024), RFC 8375 (``home.arpa``)."""
+
+
+def public_url_problem(url: str) -> str | None:
+    """Why a phone carrier (its servers, on the internet) could not reach the gateway at
+    ``url`` (GATEWAY_PUBLIC_URL, which the gateway puts in the stream URLs and callbacks
+    it hands the carrier), or None when nothing is seen wrong. Pure: no DNS lookup.
+
+    The reasons, joined with ``" and "`` when several: the scheme is not ``https`` (the
+    carriers open media streams to ``wss://`` only); the host is missing; the host is
+    ``localhost`` or a name ending ``.localhost``, ``.local``, ``.internal`` or
+    ``.home.arpa``, or a single label (``gateway``: a LAN or container name); the host is
+    an IP address that is not public (loopback ``127.0.0.0/8`` ``::1``, unspecified
+    ``0.0.0.0`` ``::``, private ``10/8`` ``172.16/12`` ``192.168/16`` ``fc00::/7``,
+    link-local, shared ``100.64/10``: any not :attr:`ipaddress.IPv4Address.is_global`).
+    E.g. ``http://localhost:8080`` -> ``"it is not https (carriers connect media streams
+    to wss:// only) and its host localhost is not public (a local name)"``.
+    """
+    parts = urlsplit(url)
+    reasons = []
+    if parts.scheme.lower() != "https":
+        reasons.append("it is not https (carriers connect media streams to wss:// only)")
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        reasons.append("it has no host")
+    else:
+        kind = _local_host_kind(host)
+        if kind:
+            reasons.append(f"its host {host} is not public ({kind})")
+    return " and ".join(reasons) or None
+
+
+def _local_host_kind(host: str) -> str | None:
+    """What makes ``host`` (a URL's hostname: lower case, IPv6 without brackets) one the
+    internet cannot reach (``"a loopback address"``, ``"a local name"``, …), or None."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if host == "localhost" or host.endswith(_LOCAL_SUFFIXES):
+            return "a local name"
+        return "a single-label name" if "." not in host else None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    for kind, flag in (
+        ("an unspecified address", ip.is_unspecified),
+        ("a loopback address", ip.is_loopback),
+        ("a link-local address", ip.is_link_local),
+        ("a private address", ip.is_private),
+    ):
+        if flag:
+            return kind
+    return None if ip.is_global else "a non-global address"
+
+
+def warn_unreachable_public_url(logger: logging.Logger, carrier: str, url: str) -> bool:
+    """Log one WARNING on ``logger`` when :func:`public_url_problem` finds ``url``
+    (GATEWAY_PUBLIC_URL) unreachable for ``carrier`` (its display name, ``Telnyx``): the
+    carrier, the URL, the reason and the setting to fix. For a carrier's startup, where
+    its credentials are set (a carrier not configured is not warned about). True when
+    warned."""
+    problem_ = public_url_problem(url)
+    if problem_ is None:
+        return False
+    logger.warning(
+        "GATEWAY_PUBLIC_URL %s cannot be reached by %s: %s; its calls will fail on %s's "
+        "side. Set GATEWAY_PUBLIC_URL to the gateway's public https:// URL",
+        url,
+        carrier,
+        problem_,
+        carrier,
+    )
+    return True
 
 
 # ------------------------------------------------------------------ POST /v1/calls

@@ -56,7 +56,13 @@ from adapters.plivo.verify import (
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import CallControl, TransferResult
 from gateway.calls import hang_up as rest_hang_up
-from gateway.calls import public_url, refusal, send_transfer, wss_url
+from gateway.calls import (
+    public_url,
+    refusal,
+    send_transfer,
+    warn_unreachable_public_url,
+    wss_url,
+)
 from gateway.calls_openapi import problems
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body, refused_request
@@ -119,6 +125,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     token = settings.plivo_auth_token.get_secret_value() if settings.plivo_auth_token else ""
     if not token:
         log.warning("GATEWAY_PLIVO_AUTH_TOKEN is unset: /plivo/answer refuses every call")
+    else:  # configured: its answers hand Plivo stream and transfer URLs of the public URL
+        warn_unreachable_public_url(log, "Plivo", settings.public_url)
     auth = (
         plivo.PlivoAuth(settings.plivo_auth_id, token, settings.plivo_api_base_url)
         if token and settings.plivo_auth_id

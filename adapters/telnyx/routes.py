@@ -83,11 +83,12 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Final
 from urllib.parse import parse_qsl, urlencode
 
-from fastapi import APIRouter, Request, WebSocket
+from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
 from adapters.telnyx import control as telnyx
@@ -105,6 +106,7 @@ from gateway.calls import (
     record_outcome,
     refusal,
     send_transfer,
+    warn_unreachable_public_url,
     wss_url,
 )
 from gateway.calls import hang_up as rest_hang_up
@@ -135,7 +137,20 @@ from gateway.settings import Settings
 
 log = logging.getLogger("adapters.telnyx")
 
-router = APIRouter(tags=["Calls"])
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Startup: with Telnyx configured (GATEWAY_TELNYX_API_KEY or
+    GATEWAY_TELNYX_PUBLIC_KEY set), a WARNING when Telnyx could not reach
+    GATEWAY_PUBLIC_URL, which the dial's ``stream_url``/``webhook_url`` and the TeXML
+    ``<Stream url>`` are made of (:func:`gateway.calls.warn_unreachable_public_url`)."""
+    settings: Settings = app.state.gateway.settings
+    if settings.telnyx_api_key or settings.telnyx_public_key:
+        warn_unreachable_public_url(log, "Telnyx", settings.public_url)
+    yield
+
+
+router = APIRouter(tags=["Calls"], lifespan=_lifespan)
 
 
 def telnyx_auth(settings: Settings) -> telnyx.TelnyxAuth | None:

@@ -120,7 +120,12 @@ from gateway import metrics
 from gateway.breaker import outage_level
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import TransferResult
-from gateway.calls import callcontrol_of, record_outcome, send_transfer
+from gateway.calls import (
+    callcontrol_of,
+    record_outcome,
+    send_transfer,
+    warn_unreachable_public_url,
+)
 from gateway.calls import hang_up as rest_hang_up
 from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
@@ -198,8 +203,9 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
     No auth token: a WARNING that Twilio requests are not verified (local
     development; the per-call stream token is still required, keyed by the
     gateway's shared key, or a random per-process one when there is none and
-    GATEWAY_TWILIO_STREAM_SECRET is unset). With an auth token, a public URL that is
-    not https: a WARNING (Twilio streams to wss only).
+    GATEWAY_TWILIO_STREAM_SECRET is unset). With an auth token, a public URL that Twilio
+    cannot reach (not https: Twilio streams to wss only; or a local host such as
+    ``localhost``, :func:`gateway.calls.public_url_problem`): a WARNING.
     """
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
     channel = TwilioChannel(
@@ -223,11 +229,8 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
             else ", signed with a random per-process key (one instance only; "
             "GATEWAY_REDIS_URL or GATEWAY_SECRET_KEY shares it)",
         )
-    elif not settings.public_url.startswith("https://"):
-        log.warning(
-            "GATEWAY_PUBLIC_URL %s is not https: Twilio connects media streams to wss:// only",
-            settings.public_url,
-        )
+    else:
+        warn_unreachable_public_url(log, "Twilio", settings.public_url)
     return channel
 
 

@@ -52,7 +52,7 @@ from adapters.vonage.protocol import VonageCodec, ncco
 from adapters.vonage.verify import VonageVerifier, replay_key, replayed
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import CallControl, TransferResult
-from gateway.calls import refusal, send_transfer, wss_url
+from gateway.calls import refusal, send_transfer, warn_unreachable_public_url, wss_url
 from gateway.deps import gateway_of
 from gateway.httputil import read_body, refused_request
 from gateway.io.call import (
@@ -106,6 +106,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if key and settings.vonage_application_id
         else None
     )
+    if verifier is not None or auth is not None:  # configured: NCCOs name stream URLs
+        warn_unreachable_public_url(log, "Vonage", settings.public_url)
     tokens = CallTokens(lambda: gw.secret_keys.key(STREAM_TOKEN))
     app.state.vonage = VonageChannel(verifier, tokens, auth)
     yield
