@@ -142,9 +142,11 @@ def _zone_keys() -> frozenset[str]:
 MAX_LANGUAGE_TAG: Final = 64
 """Characters a language tag may have (RFC 5646 section 4.4.1 bounds a tag without
 extensions at 35; this leaves room for a ``-u-``/``-x-`` extension or two)."""
-_LANGUAGE_TAG: Final = re.compile(
+LANGUAGE_TAG_PATTERN: Final = (
     r"(?:[A-Za-z]{2,8}|[iIxX](?=[-_]))(?:-[A-Za-z0-9]{1,8}|__?#?[A-Za-z0-9]{1,8})*"
 )
+"""The regular expression of :data:`_LANGUAGE_TAG` (also in the OpenAPI documents)."""
+_LANGUAGE_TAG: Final = re.compile(LANGUAGE_TAG_PATTERN)
 """A BCP 47 (RFC 5646) tag's syntax, loosely: a language of 2-8 letters (or ``i``/``x``
 before subtags), then subtags of 1-8 letters or digits. ``_`` separates too, as Java's
 ``Locale.toString()`` writes (``en_US``; ``zh_TW_#Hant`` with a script or an extension

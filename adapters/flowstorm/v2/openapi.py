@@ -11,7 +11,8 @@ from typing import Any
 
 from adapters.flowstorm.events import InputEvent
 from adapters.flowstorm.v2.protocol import NDJSON
-from gateway.apidoc import component
+from gateway.apidoc import component, has
+from gateway.protocol.values import LANGUAGE_TAG_PATTERN, MAX_LANGUAGE_TAG
 
 _RETRY_AFTER = "Seconds to wait before trying again (recognizers busy)"
 
@@ -20,6 +21,40 @@ _NOT_CONTROL = "^\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f"
 _TEXT_PATTERN = f"^[{_NOT_CONTROL}]*[{_NOT_CONTROL}\\s][{_NOT_CONTROL}]*$"
 """A text/plain turn's body: something not blank, and no control character but tab,
 line feed and carriage return (:func:`adapters.flowstorm.v2.protocol.text_input`)."""
+
+_NOT_BLANK: dict[str, Any] = {"type": "string", "pattern": "\\S"}
+_INPUT_RULES: dict[str, Any] = {
+    "properties": {
+        "input": {
+            "anyOf": [
+                has("transcript", "text", leaf=_NOT_BLANK),
+                has("action", leaf=_NOT_BLANK),
+            ],
+            "properties": {
+                "locale": {
+                    "anyOf": [
+                        {"type": "null"},
+                        {"type": "string", "maxLength": 0},
+                        {
+                            "type": "string",
+                            "maxLength": MAX_LANGUAGE_TAG,
+                            "pattern": f"^{LANGUAGE_TAG_PATTERN}$",
+                        },
+                    ]
+                },
+                "zoneId": {
+                    "description": "When set, a key of the IANA time zone database "
+                    "(`Europe/Prague`); any other value is refused (400)"
+                },
+            },
+        }
+    }
+}
+"""What an Input turn's JSON body must hold beyond :class:`InputEvent`'s types
+(:func:`adapters.flowstorm.events.check_input`, a 400 otherwise): a transcript text that
+is not blank, or an ``action`` that is not (it becomes the text); a ``locale`` that is a
+language tag when set. ``zoneId`` must be a key of the IANA time zone database: said in
+its description, not listed (the keys depend on the tzdata installed)."""
 
 _TURN_DOC: dict[int | str, dict[str, Any]] = {
     200: {
@@ -111,7 +146,7 @@ PUT_CLIENT: dict[str, Any] = dict(
                 },
                 "application/json": {
                     "schema": {
-                        **component(InputEvent, required=["type", "input"]),
+                        "allOf": [component(InputEvent, required=["type", "input"]), _INPUT_RULES],
                         "description": "One client event per line (NDJSON): `[Log] Input`, "
                         "or `Binary... [InputStreamClose Input]` (audio in base64 `data`); "
                         "the common body is one InputEvent, documented here. A body of Log "
