@@ -30,6 +30,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from adapters.telnyx.routes import dial_topic, stream_tokens
+from gateway.breaker import breaker_of
 from gateway.speech.service import SpeechService
 from tests.adapters.telnyx.harness import PUBLIC_KEY, TelnyxHarness, local, signed
 from tests.adapters.twilio.helpers import Served, twilio_gateway, until
@@ -194,6 +195,15 @@ async def _dialing(
         yield api, gw, client
 
 
+def _failures_are_no_hang(gw: Served) -> None:
+    """Make the Redis failures the proxy provokes (a command's reply lost three tries in a
+    row, each try on a new connection: about 0.15 s) no hang for ``gw``'s circuit breaker
+    however long they take: a loaded event loop (CI) stretches them past the breaker's
+    1 s (``slow_s``), it takes them for a hung Redis and opens, and the test's next Redis
+    calls are refused 503 (a used token's check, a dial) for its cool-down."""
+    breaker_of(gw.app.state.gateway.nonces.redis).slow_s = 10.0
+
+
 async def _place(client: httpx.AsyncClient) -> httpx.Response:
     """POST /v1/calls of a Telnyx call."""
     return await client.post(
@@ -256,7 +266,7 @@ async def test_a_dial_stream_opened_before_the_dial_is_answered_waits_for_its_ca
             api.answers[("POST", "/v2/calls")] = JSONResponse(
                 {"data": {"call_control_id": ccid, "record_type": "call"}}
             )
-            api.delays[("POST", "/v2/calls")] = 1.0
+            api.delays[("POST", "/v2/calls")] = 0.5  # 1.5 s before the 2 s wait ends
             api.requests.clear()
             placing = asyncio.create_task(_place(client))
             assert await until(lambda: bool(api.requests), 5)  # the dial is sent
@@ -264,8 +274,8 @@ async def test_a_dial_stream_opened_before_the_dial_is_answered_waits_for_its_ca
             if named_right:
                 opened = time.monotonic()
                 async with TelnyxHarness.connect(url, ccid, mic_speed=4.0) as call:
-                    # the upgrade waited for the dial's answer (1 s after the dial)
-                    assert time.monotonic() - opened >= 0.8
+                    # the upgrade waited for the dial's answer (0.5 s after the dial)
+                    assert time.monotonic() - opened >= 0.4
                     await gw.wait_turns(1)
                     assert gw.core.inputs() == ["#intro"]
                     await call.wait_for(lambda: len(call.media_frames()) > 0, 20)
@@ -320,7 +330,7 @@ async def test_a_dial_token_is_bound_for_every_instance_through_redis(
             api.answers[("POST", "/v2/calls")] = JSONResponse(
                 {"data": {"call_control_id": ccid, "record_type": "call"}}
             )
-            api.delays[("POST", "/v2/calls")] = 1.0
+            api.delays[("POST", "/v2/calls")] = 0.5  # 1.5 s before the 2 s wait ends
             api.requests.clear()
             placing = asyncio.create_task(_place(client))
             assert await until(lambda: bool(api.requests), 5)  # the dial is sent
@@ -352,6 +362,7 @@ async def test_a_dial_stream_whose_binding_redis_fails_to_read_is_refused_503(
         assert (await _place(client)).status_code == 201
         assert (await _place(client)).status_code == 201
         url, hung = (local(gw.url, r.json["stream_url"]) for r in api.requests)
+        _failures_are_no_hang(gw)
         proxy.drop_replies_to = b"telnyx-dial:"  # the subscription's, every time
         began = time.monotonic()
         with (
@@ -371,7 +382,16 @@ async def test_a_dial_stream_whose_binding_redis_fails_to_read_is_refused_503(
         proxy.drop_replies_to = None
         assert await refused(url) == 403  # the token stays used
         caplog.clear()
-        proxy.stall_after(b"telnyx-dial:", 4.0)  # the read after the SUBSCRIBE: 4 s late
+        # every byte to Redis from the first naming the second stream's topic on (its
+        # SUBSCRIBE or its read, whichever reaches the proxy first) is held 6 s. Not
+        # "after the first naming any dial's topic": redis-py sends the first stream's
+        # SUBSCRIBE again when the subscriptions' connection (cut above) reconnects,
+        # which could stall the token's check instead; and on a loaded loop the read
+        # can reach the proxy before the SUBSCRIBE and went through unstalled
+        tokens = stream_tokens(gw.app.state.gateway.settings)
+        assert tokens is not None
+        grant = tokens.check(api.requests[1].json["stream_auth_token"], time.time())
+        proxy.stall_after(dial_topic(grant.nonce).encode(), 6.0, including=True)
         began = time.monotonic()
         with (
             caplog.at_level(logging.WARNING, logger="gateway"),
@@ -379,7 +399,9 @@ async def test_a_dial_stream_whose_binding_redis_fails_to_read_is_refused_503(
         ):
             async with connect(hung):
                 pass
-        assert 1.8 <= time.monotonic() - began < 3.0
+        # refused after the 2 s wait, not once the stalled Redis answers (6 s); the 2 s
+        # margin above the wait is for a loaded event loop (CI)
+        assert 1.8 <= time.monotonic() - began < 4.0
         assert exc.value.response.status_code == 503
         assert [r.getMessage() for r in caplog.records if "stream refused" in r.getMessage()] == [
             "Telnyx stream refused (503): the bus is unavailable (component: bus): "
@@ -402,7 +424,8 @@ async def test_a_dial_whose_binding_the_bus_cannot_write_is_hung_up_and_refused_
     Telnyx refuses is logged (WARNING) and the answer is the same 503. With Redis back
     a dial is placed (201)."""
     proxy, proxied = reply_dropper
-    async with _dialing(speech, redis_url=proxied, redis_prefix=redis_prefix) as (api, _, client):
+    async with _dialing(speech, redis_url=proxied, redis_prefix=redis_prefix) as (api, gw, client):
+        _failures_are_no_hang(gw)
         ccid = "v3:" + uuid.uuid4().hex
         api.answers[("POST", "/v2/calls")] = JSONResponse(
             {"data": {"call_control_id": ccid, "record_type": "call"}}
@@ -480,7 +503,7 @@ async def test_a_dial_binding_written_twice_after_a_lost_reply_is_the_calls_own(
         api.answers[("POST", "/v2/calls")] = JSONResponse(
             {"data": {"call_control_id": ccid, "record_type": "call"}}
         )
-        api.delays[("POST", "/v2/calls")] = 1.0
+        api.delays[("POST", "/v2/calls")] = 0.5  # 1.5 s before the 2 s wait ends
         proxy.drop_reply_once_to = json.dumps({"callId": ccid}, separators=(",", ":")).encode()
         with caplog.at_level(logging.INFO, logger="adapters.telnyx"):
             placing = asyncio.create_task(_place(client))

@@ -52,6 +52,7 @@ class ReplyDropper:
         self.drop_reply_once_to: bytes | None = None
         self._stall_marker: bytes | None = None
         self._stall_s = 0.0
+        self._stall_including = False
         self._stalled_until = 0.0  # loop time
         self._open: set[asyncio.StreamWriter] = set()  # both ends of every connection
         self._server: asyncio.Server | None = None
@@ -79,10 +80,13 @@ class ReplyDropper:
         """Redis is back: new connections reach it again."""
         self.cut_off = False
 
-    def stall_after(self, marker: bytes, seconds: float) -> None:
+    def stall_after(self, marker: bytes, seconds: float, *, including: bool = False) -> None:
         """Once client bytes holding ``marker`` went to Redis (the next time only), hold
-        every later client byte for ``seconds`` before it goes on (nothing is lost)."""
+        every later client byte for ``seconds`` before it goes on (nothing is lost).
+        ``including``: hold those bytes too (the stall starts when they reach the proxy),
+        whichever connection they come on."""
         self._stall_marker, self._stall_s = marker, seconds
+        self._stall_including = including
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -108,6 +112,10 @@ class ReplyDropper:
                     continue
                 if lost:
                     return cut()
+                marker = self._stall_marker
+                if marker is not None and self._stall_including and marker in data:
+                    self._stall_marker = None
+                    self._stalled_until = asyncio.get_running_loop().time() + self._stall_s
                 pause = self._stalled_until - asyncio.get_running_loop().time()
                 if pause > 0:
                     await asyncio.sleep(pause)
