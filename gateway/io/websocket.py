@@ -16,7 +16,8 @@ left to do around it is the same for every one of them and lives here, once:
   WebSocket ping/pong control frames are answered by the server (uvicorn) and
   never reach the loop; a protocol's own pings (V1's empty binary frame) are
   frames like any other and count as activity. With a ``frame_rate``
-  (:class:`FrameRate`, a token bucket) a peer sending more frames than it allows is
+  (:class:`FrameRate`, a token bucket of frames and, with a byte limit, of bytes) a
+  peer sending more frames (or bytes) than it allows is
   answered with :meth:`~WebSocketDriver.flooded` (a close 1008 by default, logged
   through the app's refusal log: bounded) and no more frames are read. A
   disconnect, a failure of the gateway (closed 1011, logged) and the protocol's own
@@ -91,6 +92,7 @@ __all__ = [
     "TurnTaker",
     "WebSocketDriver",
     "forward_turn",
+    "frame_size",
 ]
 
 SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
@@ -251,17 +253,24 @@ peer's frames may still be in the socket, a loop iteration away: see :class:`Fra
 class FrameRate:
     """A token bucket for the frames one peer sends (the receive loop's, one per socket):
     at most ``burst`` frames at once and ``per_s`` a second sustained (``burst`` >= 1,
-    ``per_s`` > 0; ValueError otherwise).
+    ``per_s`` > 0; ValueError otherwise); with ``byte_burst`` and ``bytes_per_s`` (both or
+    neither; >= 1 and > 0) also at most ``byte_burst`` bytes at once and ``bytes_per_s`` a
+    second (a frame's payload: a binary frame's bytes, a text frame's UTF-8), so that
+    frames within the frame rate cannot each be of the largest size (text frames are
+    parsed: a flood of CPU and memory). A frame larger than ``byte_burst`` costs the
+    whole burst (refusing it for its size is the protocol's: close 1009), so it is read
+    when the bucket is full.
 
     :meth:`take` is called for each frame read, with how long the driver was busy since
     it read the frame before (``busy_s``: carrying out its actions, such as its sends, a
     store read, audio backpressure; not the protocol's own handling of the frame, which
-    is the peer's to pay for) and how long it then waited for this one (``waited_s``),
-    in seconds.
-    Tokens come back at ``per_s`` over both. Waiting refills the bucket to ``burst`` at
-    most; time the driver was busy refills it beyond that: what a peer sent at its normal
-    rate while the driver was not reading arrives all at once afterwards, and that
-    backlog is the driver's doing, not a burst of the peer's. That credit grows while
+    is the peer's to pay for), how long it then waited for this one (``waited_s``),
+    in seconds, and the frame's size (bytes).
+    Tokens come back at ``per_s`` (bytes: ``bytes_per_s``) over both. Waiting refills the
+    bucket to ``burst`` at most; time the driver was busy refills it beyond that: what a
+    peer sent at its normal rate while the driver was not reading arrives all at once
+    afterwards, and that backlog is the driver's doing, not a burst of the peer's. That
+    credit (a time, the same for frames and bytes) grows while
     frames stay queued (each read takes less than :data:`DRAINED_S`) and each longer wait
     takes its own length back from it, so it is gone once the peer has been at its own
     pace for as long as the driver was busy: a backlog still in the socket, read a chunk
@@ -269,22 +278,52 @@ class FrameRate:
     waits for the app), keeps it. So a real-time audio stream (50 frames a second of
     20 ms) is not refused, however long a stall it waited behind; a peer that floods gets
     ``burst`` frames, then ``per_s`` a second, plus what the driver's own stalls let pile
-    up. Pure arithmetic, no clock of its own."""
+    up (and as much for bytes). Pure arithmetic, no clock of its own."""
 
-    __slots__ = ("_busy_s", "_tokens", "burst", "per_s")
+    __slots__ = (
+        "_busy_s",
+        "_byte_tokens",
+        "_tokens",
+        "burst",
+        "byte_burst",
+        "bytes_per_s",
+        "per_s",
+        "refused",
+    )
 
-    def __init__(self, burst: int, per_s: float) -> None:
+    def __init__(
+        self,
+        burst: int,
+        per_s: float,
+        *,
+        byte_burst: int | None = None,
+        bytes_per_s: float | None = None,
+    ) -> None:
         if burst < 1 or not per_s > 0:
             raise ValueError("burst must be >= 1 and per_s > 0")
+        if (byte_burst is None) != (bytes_per_s is None):
+            raise ValueError("byte_burst and bytes_per_s go together")
+        if (
+            byte_burst is not None
+            and bytes_per_s is not None
+            and not (byte_burst >= 1 and bytes_per_s > 0)
+        ):
+            raise ValueError("byte_burst must be >= 1 and bytes_per_s > 0")
         self.burst = burst
         self.per_s = per_s
+        self.byte_burst = byte_burst
+        self.bytes_per_s = bytes_per_s
         self._tokens = float(burst)
+        self._byte_tokens = float(byte_burst or 0)
         self._busy_s = 0.0
         """Time the driver was busy while frames stayed queued, less the waits since (s)."""
+        self.refused: str = "frames"
+        """What the last refusal was over: ``frames`` or ``bytes`` (:meth:`describe`)."""
 
-    def take(self, busy_s: float, waited_s: float) -> bool:
-        """Take a token for one frame read; False (nothing taken) when there is none: the
-        peer sends more frames than the bucket allows."""
+    def take(self, busy_s: float, waited_s: float, size: int = 0) -> bool:
+        """Take a token for one frame read, and ``size`` byte tokens (with a byte limit);
+        False (nothing taken) when either bucket has too few: the peer sends more frames,
+        or more bytes, than the bucket allows (:attr:`refused` says which)."""
         if waited_s >= DRAINED_S:
             # nothing was queued for the driver: the peer at its own pace, or only the
             # next chunk of a backlog not read off the socket yet (uvicorn stops reading
@@ -293,18 +332,45 @@ class FrameRate:
             self._busy_s = max(self._busy_s - waited_s, 0.0)
         else:
             self._busy_s += busy_s
+        refilled_s = busy_s + waited_s
         cap = self.burst + self._busy_s * self.per_s
-        level = min(cap, self._tokens + (busy_s + waited_s) * self.per_s)
+        level = min(cap, self._tokens + refilled_s * self.per_s)
+        byte_burst, bytes_per_s = self.byte_burst, self.bytes_per_s
+        if byte_burst is None or bytes_per_s is None:
+            byte_level = cost = 0.0
+        else:
+            byte_cap = byte_burst + self._busy_s * bytes_per_s
+            byte_level = min(byte_cap, self._byte_tokens + refilled_s * bytes_per_s)
+            cost = float(min(size, byte_burst))
+        self._tokens = level
+        self._byte_tokens = byte_level
         if level < 1.0:
-            self._tokens = level
+            self.refused = "frames"
+            return False
+        if byte_level < cost:
+            self.refused = "bytes"
             return False
         self._tokens = level - 1.0
+        self._byte_tokens = byte_level - cost
         return True
 
     def describe(self) -> str:
-        """The limit, for an Error or a close reason: ``at most 500 frames at once and
-        500 a second``."""
+        """The limit the last refusal was over (:attr:`refused`; the frames' before any),
+        for an Error or a close reason: ``at most 500 frames at once and 500 a second``,
+        ``at most 4194304 bytes at once and 262144 a second``."""
+        per_s = self.bytes_per_s
+        if self.refused == "bytes" and self.byte_burst is not None and per_s is not None:
+            shown = f"{per_s:.0f}" if per_s == int(per_s) else f"{per_s:g}"
+            return f"at most {self.byte_burst} bytes at once and {shown} a second"
         return f"at most {self.burst} frames at once and {self.per_s:g} a second"
+
+
+def frame_size(frame: str | bytes) -> int:
+    """A frame's payload in bytes: a binary frame's length, a text frame's UTF-8 length
+    (its length when ASCII: no encoding)."""
+    if isinstance(frame, bytes) or frame.isascii():
+        return len(frame)
+    return len(frame.encode("utf-8", "surrogatepass"))
 
 
 class Watchdog:
@@ -510,7 +576,8 @@ class WebSocketDriver(Generic[A]):
                     await self.run(self.received(frame))
                 else:
                     now = loop.time()
-                    if not rate.take(max(asked - read - handling, 0.0), now - asked):
+                    busy_s = max(asked - read - handling, 0.0)
+                    if not rate.take(busy_s, now - asked, frame_size(frame)):
                         await self.run(self.flooded(rate))
                         return
                     read = now
@@ -547,10 +614,11 @@ class WebSocketDriver(Generic[A]):
         return False
 
     def flooded(self, rate: FrameRate) -> Sequence[A]:
-        """The actions that answer a peer sending more frames than ``rate`` allows (the
-        frame is not handled, no more are read): a close 1008 by default (logged through
-        the app's refusal log: :data:`PEER_CLOSES`)."""
-        reason = f"Too many frames: {rate.describe()}."
+        """The actions that answer a peer sending more frames (or bytes) than ``rate``
+        allows (the frame is not handled, no more are read): a close 1008 by default
+        naming the limit (``Too many bytes: at most ...``), logged through the app's
+        refusal log (:data:`PEER_CLOSES`)."""
+        reason = f"Too many {rate.refused}: {rate.describe()}."
         return [Close(CLOSE_POLICY, reason)]  # type: ignore[list-item]
 
     # ----------------------------------------------------------- action runner

@@ -438,6 +438,105 @@ def test_the_default_frame_rate_absorbs_a_network_stall_of_a_real_time_client() 
         assert all(rate.take(0.0, 1 / per_s) for _ in range(2 * per_s))  # pace again
 
 
+def test_a_frame_rate_bounds_the_bytes_too() -> None:
+    """The frame rate counted frames only: a peer could send its 1,000 frames a second each
+    of the largest size (text frames are parsed). With a byte limit each frame also takes
+    its size in bytes: the byte burst at once, then the byte rate; the refusal says it was
+    the bytes, and names their limit. A frame larger than the byte burst costs the whole
+    burst: it is read from a full bucket (its size is the protocol's to refuse)."""
+    rate = FrameRate(burst=100, per_s=1000, byte_burst=10_000, bytes_per_s=1_000)
+    assert rate.take(0.0, 0.0, 6_000)
+    assert rate.take(0.0, 0.0, 4_000)  # the byte burst, in two frames
+    assert not rate.take(0.0, 0.0, 1)  # frames left, no bytes
+    assert rate.refused == "bytes"
+    assert rate.describe() == "at most 10000 bytes at once and 1000 a second"
+    assert not rate.take(0.0, 0.5, 600)  # half a second: 500 bytes back
+    assert rate.take(0.0, 0.1, 600)  # 600 now
+    assert all(rate.take(0.0, 0.1, 100) for _ in range(200))  # within the rate: never
+    assert not rate.take(0.0, 0.0, 5_000)
+    assert rate.take(0.0, 60.0, 50_000)  # larger than the burst: from a full bucket
+    assert not rate.take(0.0, 0.0, 1)
+    assert rate.take(0.0, 0.0, 0)  # an empty frame (a V1 ping) costs no bytes
+    assert all(rate.take(0.0, 0.0, 0) for _ in range(98))
+    assert not rate.take(0.0, 0.0, 0)  # but it is a frame
+    assert rate.refused == "frames"
+    assert rate.describe() == "at most 100 frames at once and 1000 a second"
+    for bad in ({"byte_burst": 0, "bytes_per_s": 1}, {"byte_burst": 1, "bytes_per_s": 0}):
+        with pytest.raises(ValueError, match="byte_burst must be >= 1"):
+            FrameRate(burst=1, per_s=1, **bad)
+    with pytest.raises(ValueError, match="go together"):
+        FrameRate(burst=1, per_s=1, byte_burst=1)
+
+
+def test_bytes_that_piled_up_while_the_driver_was_busy_are_its_backlog() -> None:
+    """The busy credit covers the bytes as it covers the frames: a peer sending 32,000
+    bytes a second (16 kHz 16-bit audio in 640-byte frames) while the driver is busy 5 s:
+    the 160,000 bytes queued meanwhile are read back to back, over a byte burst of 20,000,
+    and none is refused (a wait between two chunks of the backlog takes back only its own
+    length). Once the peer has been at its own pace as long as the driver was busy, the
+    credit is gone: a flood of bytes gets the burst, no more."""
+    rate = FrameRate(burst=10_000, per_s=10_000, byte_burst=20_000, bytes_per_s=40_000)
+    assert rate.take(0.0, 0.02, 640)
+    assert rate.take(5.0, 0.0, 640)  # the frame read after the stall, then its backlog
+    assert all(rate.take(0.0, 0.0, 640) for _ in range(100))
+    assert rate.take(0.0, 2 * DRAINED_S, 640)  # its next chunk, a loop iteration later
+    assert all(rate.take(0.0, 0.0, 640) for _ in range(150))
+    assert all(rate.take(0.0, 0.02, 640) for _ in range(250))  # 5 s at its own pace
+    flood = [rate.take(0.0, 0.0, 640) for _ in range(40)]  # 25,600 bytes at once
+    assert not all(flood)
+    assert rate.refused == "bytes"
+
+
+def test_the_default_byte_rate_absorbs_a_network_stall_of_a_real_time_client() -> None:
+    """A V1 client streaming 16 kHz 16-bit audio (32,000 bytes a second, the most V1
+    takes) in 20 ms frames over a network that stalls 8 s (the frame burst's stall) and
+    then delivers what queued at once, with text events beside it: with the default
+    byte limits (4 MiB at once, 256 KiB a second) none is refused; nor is a frame of
+    GATEWAY_MAX_BODY_BYTES. The stall is the network's: no busy credit."""
+    settings = Settings()
+    rate = FrameRate(
+        settings.flowstorm_v1_frame_burst,
+        settings.flowstorm_v1_frames_per_s,
+        byte_burst=settings.flowstorm_v1_byte_burst,
+        bytes_per_s=settings.flowstorm_v1_bytes_per_s,
+    )
+    assert all(rate.take(0.0, 0.02, 640) for _ in range(100))  # its own pace
+    assert rate.take(0.0, 8.0, 640)  # the first frame after the stall
+    assert all(rate.take(0.0, 0.0, 640) for _ in range(399))  # the rest at once
+    assert rate.take(0.0, 0.0, 2_000)  # a text event among them
+    assert all(rate.take(0.0, 0.02, 640) for _ in range(100))  # pace again
+    assert rate.take(0.0, 0.0, settings.max_body_bytes)  # one frame of the largest size
+
+
+async def test_a_peer_over_the_byte_rate_is_closed_1008_naming_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer sending big frames within the frame rate but more bytes than the driver's
+    byte limit: the frames within it are handled, then the socket is closed 1008 naming
+    the byte limit, with one log line (the refusal log's WARNING)."""
+    record: list[str] = []
+    rate = FrameRate(burst=1000, per_s=1000, byte_burst=20_000, bytes_per_s=5_000)
+    with caplog.at_level(logging.INFO, logger=log.name):
+        async with client(record, {}, frame_rate=rate) as ws:
+            for n in range(100):  # 500 kB in 100 frames
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(f"f{n} " + "x" * 5_000)
+            got: list[str | bytes] = []
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(10):
+                    while True:
+                        got.append(await ws.recv())
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == CLOSE_POLICY
+    reason = "Too many bytes: at most 20000 bytes at once and 5000 a second."
+    assert closed.value.rcvd.reason == reason
+    assert 3 <= len(got) < 20  # the burst (and what came back meanwhile), then the close
+    lines = [r for r in caplog.records if "Too many bytes" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in lines] == [
+        (logging.WARNING, f"echo: closing (1008): {reason}")
+    ]
+
+
 async def test_a_peer_over_the_frame_rate_is_closed_1008_once_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
