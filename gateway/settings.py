@@ -494,6 +494,27 @@ class Settings(BaseSettings):
         description="Flowstorm Socket V1: frames a second a connection may send, sustained "
         "(real-time audio in 20 ms frames is 50; 2.7 ms AudioWorklet quanta at 48 kHz 375).",
     )
+    flowstorm_v1_bytes_per_s: float = Field(
+        default=262_144,
+        gt=0,
+        description="Flowstorm Socket V1: bytes a second a connection may send, sustained "
+        "(text frames as UTF-8, audio included; beyond it and "
+        "GATEWAY_FLOWSTORM_V1_BYTE_BURST it gets an Error (source `client`) and is closed "
+        "1008): 256 KiB, 8 times the most audio V1 takes (16 kHz 16-bit mono PCM, 32,000 "
+        "bytes a second) with room for its text events, far below what "
+        "GATEWAY_FLOWSTORM_V1_FRAMES_PER_S frames of GATEWAY_MAX_BODY_BYTES each would be.",
+    )
+    flowstorm_v1_byte_burst: int = Field(
+        default=4 * 1_048_576,
+        gt=0,
+        description="Flowstorm Socket V1: bytes a connection may send at once (see "
+        "GATEWAY_FLOWSTORM_V1_BYTES_PER_S; bytes that piled up while the gateway was busy "
+        "are not counted against it). 4 MiB: four frames of the default "
+        "GATEWAY_MAX_BODY_BYTES, or 2 minutes of 32,000-byte-a-second audio delivered at "
+        "once after a network stall (the frame burst covers 8 s). At least "
+        "GATEWAY_MAX_BODY_BYTES (one frame of the largest size must fit); unset, it is "
+        "raised to GATEWAY_MAX_BODY_BYTES when that is larger.",
+    )
     flowstorm_v2_marker_wait_s: float = Field(
         default=3.0,
         gt=0,
@@ -918,6 +939,22 @@ class Settings(BaseSettings):
         if "public_url" not in self.model_fields_set and self.port:
             self.public_url = f"http://localhost:{self.port}"
         return self
+
+    @model_validator(mode="after")
+    def _v1_byte_burst_holds_a_frame(self) -> Settings:
+        """GATEWAY_FLOWSTORM_V1_BYTE_BURST holds one frame of GATEWAY_MAX_BODY_BYTES: a
+        smaller burst would refuse (1008) a frame the gateway accepts, for its size
+        alone. Unset, it is raised to GATEWAY_MAX_BODY_BYTES; set below it: ValueError."""
+        if self.flowstorm_v1_byte_burst >= self.max_body_bytes:
+            return self
+        if "flowstorm_v1_byte_burst" not in self.model_fields_set:
+            self.flowstorm_v1_byte_burst = self.max_body_bytes
+            return self
+        raise ValueError(
+            f"GATEWAY_FLOWSTORM_V1_BYTE_BURST ({self.flowstorm_v1_byte_burst}) must be at "
+            f"least GATEWAY_MAX_BODY_BYTES ({self.max_body_bytes}): a V1 frame of the "
+            "largest size accepted must fit in the burst"
+        )
 
     @field_validator("telnyx_public_key", mode="after")
     @classmethod

@@ -12,8 +12,8 @@ the I/O layer to carry out, in order:
 
 - :class:`Send` — a text frame (V1 wire JSON, camelCase names);
 - :class:`SendBytes` — a binary frame (speech of a response item, ``tts=RequiredStreaming``);
-- :class:`Close` — close the socket with a code (1008 unknown key or too many frames:
-  :meth:`V1Connection.too_many_frames`, 1009 too big);
+- :class:`Close` — close the socket with a code (1008 unknown key or too many frames or
+  bytes: :meth:`V1Connection.too_many_frames`, 1009 too big);
 - :class:`StartTurn` — run a turn of the turn engine on a TurnContext and an Input;
 - :class:`StoreLogs` — store client log entries with a session (``Conversation.log``);
 - :class:`StartListening` / :class:`FeedAudio` / :class:`FinishListening` /
@@ -871,16 +871,18 @@ class V1Connection:
         # a Duplex stream is heard between utterances too
         return [FeedAudio(self._duplex.stream, data)] if self._duplex is not None else []
 
-    def too_many_frames(self, limit: str) -> list[Action]:
-        """The client sent more frames than the connection's frame rate allows (counted by
-        the I/O layer, which reads no more; ``limit`` says what it allows, e.g. ``at most
-        500 frames at once and 500 a second``): ``[Send(Error), Close(1008)]``, the Error
-        of source ``client``; the connection is closed (an utterance being recognised is
-        dropped by :meth:`connection_lost`). After a close, ``[]``. Never raises."""
+    def too_many_frames(self, limit: str, unit: str = "frames") -> list[Action]:
+        """The client sent more frames (``unit`` ``frames``), or more bytes (``bytes``),
+        than the connection's frame rate allows (counted by the I/O layer, which reads no
+        more; ``limit`` says what it allows, e.g. ``at most 500 frames at once and 500 a
+        second``): ``[Send(Error), Close(1008)]``, the Error of source ``client``
+        (``Too many bytes: at most ...``); the connection is closed (an utterance being
+        recognised is dropped by :meth:`connection_lost`). After a close, ``[]``. Never
+        raises."""
         if self.state is State.CLOSED:
             return []
         self.machine.feed(FLOODED)
-        text = f"Too many frames: {limit}."
+        text = f"Too many {unit}: {limit}."
         return [error_frame(text), Close(CLOSE_POLICY, text)]
 
     def _oversized(self, size: int) -> list[Action]:

@@ -29,7 +29,8 @@ hears its audio, keeping the last :data:`DUPLEX_KEEP_MS`; each utterance takes a
 recognizer only at the next voice onset, from :data:`PREROLL_MS` before it.
 
 Close codes: 1008 unknown or missing application key, or more frames than
-GATEWAY_FLOWSTORM_V1_FRAME_BURST at once / GATEWAY_FLOWSTORM_V1_FRAMES_PER_S a second
+GATEWAY_FLOWSTORM_V1_FRAME_BURST at once / GATEWAY_FLOWSTORM_V1_FRAMES_PER_S a second,
+or more bytes than GATEWAY_FLOWSTORM_V1_BYTE_BURST / GATEWAY_FLOWSTORM_V1_BYTES_PER_S
 (the driver's :class:`gateway.io.websocket.FrameRate`; both after an Error frame of
 source ``client``), 1009 a frame larger than GATEWAY_MAX_BODY_BYTES, 1011 an
 unexpected failure of the gateway. Every other problem is an Error frame and the
@@ -265,7 +266,10 @@ class _Socket(WebSocketDriver[Action]):
             log=log,
             name="Flowstorm V1 socket",
             frame_rate=FrameRate(
-                gw.settings.flowstorm_v1_frame_burst, gw.settings.flowstorm_v1_frames_per_s
+                gw.settings.flowstorm_v1_frame_burst,
+                gw.settings.flowstorm_v1_frames_per_s,
+                byte_burst=gw.settings.flowstorm_v1_byte_burst,
+                bytes_per_s=gw.settings.flowstorm_v1_bytes_per_s,
             ),
         )
         self.gw = gw
@@ -293,9 +297,9 @@ class _Socket(WebSocketDriver[Action]):
         return self.conn.connection_lost()
 
     def flooded(self, rate: FrameRate) -> list[Action]:
-        """An Error frame of source ``client`` naming the limit, then the close 1008
-        (V1Connection.too_many_frames)."""
-        return self.conn.too_many_frames(rate.describe())
+        """An Error frame of source ``client`` naming the limit (frames or bytes), then the
+        close 1008 (V1Connection.too_many_frames)."""
+        return self.conn.too_many_frames(rate.describe(), rate.refused)
 
     async def other(self, action: Action) -> None:
         if isinstance(action, StoreLogs):

@@ -11,7 +11,9 @@ load once).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +24,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from gateway.app import create_app
 from gateway.settings import Settings
@@ -542,6 +545,54 @@ async def test_audio_at_real_time_in_20_ms_frames_is_within_the_frame_rate(
         assert close_to(PLACE, final_text(frames))
         [answer] = await turn(ws, request_frame("hello"))
         assert answer["type"] == "Response"
+
+
+async def test_real_time_audio_behind_a_network_stall_passes_the_default_byte_limit(
+    corpus: dict[str, Pcm],
+) -> None:
+    """With the default limits, a client streaming 16 kHz 16-bit audio (32,000 bytes a
+    second, the most V1 takes) in 20 ms frames whose network stalls 8 s and then
+    delivers the queued audio at once (256,000 bytes back to back: the frames are sent
+    without the pause, which would only refill the bucket and trip the stream's idle
+    guard) is not refused: heard and answered. On the same gateway a client sending
+    frames of GATEWAY_MAX_BODY_BYTES, far within the frame limit, gets the Error naming
+    the byte limit and the close 1008 (before: every frame was parsed)."""
+    settings = Settings()
+    async with served() as url:
+        async with connect(ws_url(url)) as ws:
+            await init(ws)
+            await open_stream(ws)
+            data = pcm_at(corpus[PLACE], 16000, after_ms=8000)
+            step = 16000 * 20 // 1000 * 2  # 20 ms frames: 640 bytes
+            frames = [data[at : at + step] for at in range(0, len(data), step)]
+            assert len(frames) > 450
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for n, frame in enumerate(frames):
+                await ws.send(frame)
+                if not 50 <= n < 450:  # 1 s at real time, 8 s at once, then real time
+                    at = start + (n + 1 - (400 if n >= 450 else 0)) * 0.02
+                    await asyncio.sleep(max(at - loop.time(), 0))
+            await send_json(ws, {"type": "InputAudioStreamClose"})
+            heard = await frames_until_response(ws)
+            assert kinds(heard) == ["Recognized", "SessionStarted", "Response"]
+            assert close_to(PLACE, final_text(heard))
+            [answer] = await turn(ws, request_frame("hello"))
+            assert answer["type"] == "Response"
+        big = json.dumps({"type": "Vote", "pad": "x" * (settings.max_body_bytes - 100)})
+        async with connect(ws_url(url)) as flood:
+            await init(flood)
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(40):  # 40 frames, 40 MiB
+                    await flood.send(big)
+            while (error := await recv_json(flood))["text"].startswith("Unknown event type"):
+                pass  # the frames read within the byte burst (before: all 40)
+            assert error == {
+                "type": "Error",
+                "source": "client",
+                "text": "Too many bytes: at most 4194304 bytes at once and 262144 a second.",
+            }
+        await assert_serving(url)
 
 
 async def test_a_duplex_stream_keeps_its_session_when_reopened_for_another_applications(

@@ -324,6 +324,57 @@ async def test_a_client_sending_too_many_frames_gets_an_error_and_is_closed_1008
     ]
 
 
+async def test_a_client_sending_too_many_bytes_gets_an_error_and_is_closed_1008(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The frame limit counted frames, not bytes: big text frames within it (each parsed)
+    were all handled, as many bytes a second as the client could send. Now past
+    GATEWAY_FLOWSTORM_V1_BYTE_BURST at once / GATEWAY_FLOWSTORM_V1_BYTES_PER_S a second
+    it gets an Error of source ``client`` naming the byte limit and a close 1008, with
+    one log line for the connection. The frames within the limit were handled."""
+    caplog.set_level(logging.INFO, logger="adapters.flowstorm.v1.routes")
+    limits: dict[str, Any] = {
+        "max_body_bytes": 10_000,
+        "flowstorm_v1_byte_burst": 20_000,
+        "flowstorm_v1_bytes_per_s": 5_000,
+    }
+    big = json.dumps({"type": "Vote", "pad": "x" * 9_000})  # within GATEWAY_MAX_BODY_BYTES
+    async with served(**limits) as url:
+        async with connect(ws_url(url)) as ws:
+            await init(ws)
+            await ws.send(big)  # within the limit: handled
+            await expect_error(ws, "unknown event type")
+            with contextlib.suppress(ConnectionClosed):  # (the close may come first)
+                for _ in range(100):  # 100 frames: far within the frame limit (3000)
+                    await ws.send(big)
+            limit = "at most 20000 bytes at once and 5000 a second"
+            while (error := await recv_json(ws))["text"].startswith("Unknown event type"):
+                pass  # the frames read within the limit (before: all 100 of them)
+            assert error == {
+                "type": "Error",
+                "source": "client",
+                "text": f"Too many bytes: {limit}.",
+            }
+            assert await expect_close(ws) == CLOSE_POLICY
+        await assert_serving(url)  # other connections are served
+    lines = [r for r in caplog.records if "Too many bytes" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in lines] == [
+        (logging.WARNING, f"Flowstorm V1 socket: closing (1008): Too many bytes: {limit}.")
+    ]
+
+
+def test_a_byte_burst_smaller_than_the_largest_frame_stops_the_start() -> None:
+    """GATEWAY_FLOWSTORM_V1_BYTE_BURST below GATEWAY_MAX_BODY_BYTES would refuse a frame
+    the gateway accepts for its size alone: the settings refuse it, naming both; unset,
+    the burst is raised to a larger GATEWAY_MAX_BODY_BYTES."""
+    with pytest.raises(
+        ValueError, match=r"GATEWAY_FLOWSTORM_V1_BYTE_BURST \(1000000\) must be at least"
+    ):
+        Settings(max_body_bytes=8_000_000, flowstorm_v1_byte_burst=1_000_000)
+    assert Settings(max_body_bytes=8_000_000).flowstorm_v1_byte_burst == 8_000_000
+    assert Settings().flowstorm_v1_byte_burst >= Settings().max_body_bytes
+
+
 async def test_a_refused_turn_is_logged_without_the_session_id(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
