@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import httpx
+import jsonschema_rs
 from jsonschema import Draft202012Validator
 
 from gateway.cli import openapi_json
@@ -45,6 +46,12 @@ BODIES: list[tuple[dict[str, Any], bool]] = [
     ({"type": "Input", "input": {}}, False),
     ({"type": "Input", "input": {"transcript": {"text": ""}, "action": " "}}, False),
     ({"type": "Input", "input": {"transcript": {"text": "hi"}, "locale": "en US!"}}, False),
+    # where Python's and ECMA's regex (\\s, $) differ from each other: the server's blank
+    # is str.strip()'s, and a locale with a final line feed is no language tag
+    ({"type": "Input", "input": {"transcript": {"text": "\x1c\x85"}}}, False),
+    ({"type": "Input", "input": {"transcript": {"text": ""}, "action": "\x1f"}}, False),
+    ({"type": "Input", "input": {"transcript": {"text": "\ufeff"}}}, True),
+    ({"type": "Input", "input": {"transcript": {"text": "hi"}, "locale": "en-US\n"}}, False),
 ]
 
 
@@ -53,12 +60,33 @@ async def test_the_documented_v2_input_rules_are_the_servers() -> None:
     types (a blank transcript with no action, a locale that is no language tag):
     schemathesis sends schema-valid bodies and expects them accepted (ST202), and once
     sent an empty transcript the schema allowed. Each body here is valid by the
-    document exactly when the running server answers it 200 rather than 400."""
+    document exactly when the running server answers it 200 rather than 400, both for
+    Python's jsonschema (``re``) and for jsonschema_rs, the validator schemathesis judges
+    with (ECMA-like regex: ``\\S`` matched U+001C and U+0085, which the server calls blank,
+    and ``$`` in Python matched before a final line feed)."""
     document = json.loads(openapi_json())
     schema = document["paths"]["/client"]["put"]["requestBody"]["content"]["application/json"]
-    validator = Draft202012Validator({**schema["schema"], "components": document["components"]})
+    full = {**schema["schema"], "components": document["components"]}
+    validator = Draft202012Validator(full)
+    ecma = jsonschema_rs.validator_for(full)
     async with served() as url, httpx.AsyncClient(base_url=url) as client:
         for body, valid in BODIES:
             assert validator.is_valid(body) is valid, body
+            assert ecma.is_valid(body) is valid, body
             answer = await client.put("/client?key=openapi&tts=None", json=body)
             assert answer.status_code == (200 if valid else 400), (body, answer.text)
+
+
+def test_the_documented_blank_is_the_servers_in_every_regex_dialect() -> None:
+    """PUT /client's "not blank" pattern takes a character ``str.strip()`` keeps (the
+    server's blank: ``str.isspace``), read by Python ``re`` and by jsonschema_rs alike;
+    ``\\S`` differed between them (U+001C-U+001F, U+0085, U+FEFF)."""
+    document = json.loads(openapi_json())
+    schema = document["paths"]["/client"]["put"]["requestBody"]["content"]["application/json"]
+    input_rules = schema["schema"]["allOf"][1]["properties"]["input"]
+    leaf = input_rules["anyOf"][0]["properties"]["transcript"]["properties"]["text"]
+    ecma = jsonschema_rs.validator_for(leaf)
+    python = Draft202012Validator(leaf)
+    for code in [*range(0x3001), 0xFEFF]:
+        char = chr(code)
+        assert ecma.is_valid(char) is python.is_valid(char) is not char.isspace(), hex(code)

@@ -22,7 +22,13 @@ _TEXT_PATTERN = f"^[{_NOT_CONTROL}]*[{_NOT_CONTROL}\\s][{_NOT_CONTROL}]*$"
 """A text/plain turn's body: something not blank, and no control character but tab,
 line feed and carriage return (:func:`adapters.flowstorm.v2.protocol.text_input`)."""
 
-_NOT_BLANK: dict[str, Any] = {"type": "string", "pattern": "\\S"}
+_SPACE = "\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+"""The characters ``str.strip()`` removes (``str.isspace``: what the server calls blank),
+as the body of a regex character class that Python ``re``, ECMA 262 (JSON Schema's
+``pattern``) and Rust's regex (jsonschema_rs, schemathesis' validator) all read alike.
+``\\s`` is not that: ECMA's lacks U+001C-U+001F and U+0085 (whitespace to Python) and has
+U+FEFF (not whitespace to Python)."""
+_NOT_BLANK: dict[str, Any] = {"type": "string", "pattern": f"[^{_SPACE}]"}
 _INPUT_RULES: dict[str, Any] = {
     "properties": {
         "input": {
@@ -38,7 +44,9 @@ _INPUT_RULES: dict[str, Any] = {
                         {
                             "type": "string",
                             "maxLength": MAX_LANGUAGE_TAG,
-                            "pattern": f"^{LANGUAGE_TAG_PATTERN}$",
+                            # (?!\\n): in Python `re` (jsonschema) $ also matches
+                            # before a final line feed, which the server refuses
+                            "pattern": f"^(?:{LANGUAGE_TAG_PATTERN})$(?!\\n)",
                         },
                     ]
                 },
