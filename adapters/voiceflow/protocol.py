@@ -1359,7 +1359,12 @@ class VoiceflowConnection:
         is then empty, and every ``action.send`` until the connection closes is rejected
         ``server-restart`` too. A running action is not touched: its turn goes on and saves
         the session (its answers reach the client if it ends before the connection does).
+        Called again (the shutdown tells the clients still connected after a first
+        restart, or a second signal overlaps it): ``[]``, the client was told already (a
+        second ``server.restart {}`` would follow the one with the action to replay).
         """
+        if self._restarting:
+            return []
         self._restarting = True
         queued = list(self._queued)
         self._queued.clear()

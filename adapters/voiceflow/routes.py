@@ -644,7 +644,9 @@ class VoiceflowServer:
         for its queued actions: the first (the next that would have run) goes back to the
         client in ``server.restart {action}`` to replay on the new instance, each other one
         is rejected ``server-restart`` before it (VoiceflowConnection.server_restart); the
-        turn of its running action goes on and saves the session.
+        turn of its running action goes on and saves the session. A client told already (a
+        second :meth:`restart`: the shutdown's, or one overlapping a first) is told
+        nothing more; its session is ended again all the same.
 
         WebSocket: Engine.IO's CLOSE follows the event on the same socket. Long
         polling: engineio refuses every GET of a closed session, so the CLOSE is put

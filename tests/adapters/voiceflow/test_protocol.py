@@ -943,6 +943,23 @@ def test_a_server_restart_replays_the_action_as_it_came(
     assert emitted(conn.server_restart()) == [("server.restart", {"action": replayed})]
 
 
+def test_a_server_restart_tells_a_connection_once() -> None:
+    """A second server_restart (the shutdown's own after the signal's, or two at once)
+    gave a second ``server.restart {}`` after the one with the action to replay: a client
+    keeping the last notice's action lost it. It says nothing more now."""
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "launch"}, "m1")
+    queue(conn, "two", "m2")
+    sent = {"type": "text", "payload": "two"}
+    assert emitted(conn.server_restart()) == [("server.restart", {"action": sent})]
+    assert emitted(conn.server_restart()) == []
+    idle = connection()
+    ready(idle)
+    assert emitted(idle.server_restart()) == [("server.restart", {})]
+    assert emitted(idle.server_restart()) == []
+
+
 def test_a_server_restart_with_nothing_queued_is_an_empty_notice() -> None:
     idle = connection()
     ready(idle)

@@ -562,6 +562,29 @@ async def test_a_server_restart_hands_back_the_next_queued_action_and_rejects_th
             assert core.requests.empty()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_two_overlapping_restarts_tell_a_client_once(transport: str) -> None:
+    """Two restarts at once (a second signal during the first's, which the hook passes
+    on to the server, whose shutdown tells the clients still connected): the client got
+    ``server.restart {action}`` and then ``server.restart {}``, a notice without the
+    action to replay. Now one notice, with the action."""
+    core = RecordingCore()
+    async with core.running() as core_url:
+        app = create_app(Settings().model_copy(update={"pipeline": core_url}))
+        async with served_app(app) as url, client(url, transport) as vf:
+            await vf.handshake()
+            await hold_first(vf, core)
+            second = {"type": "text", "payload": "two"}
+            await vf.send(second, "second")
+            assert await vf.expect("action.status") == {"status": "accepted", "messageID": "second"}
+            server = app.state.voiceflow
+            told = await asyncio.gather(server.restart(), server.restart())
+            assert list(told) == [1, 1]
+            assert await vf.expect("server.restart") == {"action": second}
+            await vf.nothing_more(0.5)
+            core.release.set()
+
+
 async def test_an_action_with_the_messageid_of_one_running_or_queued_is_rejected() -> None:
     """A second action.send with the messageID of the running action or of a queued one
     was queued, and the traces and statuses of both carried one messageID. It is rejected
