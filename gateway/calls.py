@@ -67,7 +67,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Protocol, TypeVar
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
@@ -207,19 +207,28 @@ def _local_host_kind(host: str) -> str | None:
     return None if ip.is_global else "a non-global address"
 
 
+def _without_userinfo(url: str) -> str:
+    """``url`` with its user and password, if any, written ``***``
+    (``https://***@host/``): a URL's credentials are not logged."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
 def warn_unreachable_public_url(logger: logging.Logger, carrier: str, url: str) -> bool:
     """Log one WARNING on ``logger`` when :func:`public_url_problem` finds ``url``
     (GATEWAY_PUBLIC_URL) unreachable for ``carrier`` (its display name, ``Telnyx``): the
-    carrier, the URL, the reason and the setting to fix. For a carrier's startup, where
-    its credentials are set (a carrier not configured is not warned about). True when
-    warned."""
+    carrier, the URL (its user and password, if any, as ``***``), the reason and the
+    setting to fix. For a carrier's startup, where its credentials are set (a carrier not
+    configured is not warned about). True when warned."""
     problem_ = public_url_problem(url)
     if problem_ is None:
         return False
     logger.warning(
         "GATEWAY_PUBLIC_URL %s cannot be reached by %s: %s; its calls will fail on %s's "
         "side. Set GATEWAY_PUBLIC_URL to the gateway's public https:// URL",
-        url,
+        _without_userinfo(url),
         carrier,
         problem_,
         carrier,

@@ -136,6 +136,23 @@ async def test_a_configured_carrier_warns_of_an_https_localhost_url(
     assert f"cannot be reached by {configured.split()[0]}" in warned[0]
 
 
+@pytest.mark.parametrize("configured", ["Twilio", "Telnyx", "Plivo", "Vonage"])
+async def test_the_warning_does_not_log_the_urls_password(
+    configured: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GATEWAY_PUBLIC_URL with a user and password (carriers such as Twilio take basic
+    auth credentials in the URLs they are handed) was logged whole, password and all; the
+    warning writes them ``***``. Its host is still named."""
+    _, credentials = CARRIERS[configured]
+    url = "http://admin:s3cret@gateway.internal:8080/base/"
+    warned = await _startup_warnings(caplog, public_url=url, **credentials)
+    assert len(warned) == 1
+    assert "s3cret" not in warned[0]
+    assert "admin" not in warned[0]
+    assert "GATEWAY_PUBLIC_URL http://***@gateway.internal:8080/base/ cannot be" in warned[0]
+    assert "its host gateway.internal is not public (a local name)" in warned[0]
+
+
 @pytest.mark.parametrize("configured", list(CARRIERS))
 async def test_a_public_https_url_is_not_warned_of(
     configured: str, caplog: pytest.LogCaptureFixture
