@@ -88,7 +88,9 @@ class Settings(BaseSettings):
     the name (``_s`` seconds, ``_ms`` milliseconds); sizes are bytes.
     """
 
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+    # no setting is a number without end: "inf" or "nan" (which float() reads) would turn a
+    # bound off by accident (a NaN rate refuses nothing), so it is refused at startup
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", allow_inf_nan=False)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)

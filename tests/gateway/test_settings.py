@@ -155,6 +155,29 @@ def test_a_port_out_of_range_is_refused(monkeypatch: pytest.MonkeyPatch, port: s
         Settings()
 
 
+FLOAT_SETTINGS = sorted(
+    name
+    for name, field in Settings.model_fields.items()
+    if field.annotation is float or field.annotation == (float | None)
+)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
+def test_no_number_setting_takes_an_endless_value(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """float() reads "inf" and "nan", and ``gt=0`` lets inf through:
+    GATEWAY_FLOWSTORM_V1_BYTES_PER_S=inf turned the byte limit off by accident (its
+    arithmetic became NaN, which refuses nothing), a lease or timeout of inf never ends.
+    Every float setting refuses them at startup, naming the setting."""
+    assert len(FLOAT_SETTINGS) > 20, FLOAT_SETTINGS  # the seconds, rates and ratios
+    for name in FLOAT_SETTINGS:
+        monkeypatch.setenv(f"GATEWAY_{name.upper()}", value)
+        with pytest.raises(ValidationError, match=name):
+            Settings()
+        monkeypatch.delenv(f"GATEWAY_{name.upper()}")
+
+
 def test_settings_that_fail_some_clients_are_warned_of_at_startup() -> None:
     """``gateway serve``'s startup warnings: none for the defaults; a shutdown wait no
     longer than a turn (its clients would get a 500 for a turn that is saved), and more
