@@ -222,6 +222,11 @@ return 1
 ('' for none; a value that is not a JSON object counts as none, as
 :meth:`RedisBus.retained` reads it)."""
 
+LEAVE_WAIT_S: Final = 1.0
+"""How long a :class:`RedisBus` waits for the UNSUBSCRIBE of topics nobody listens to any
+more (sent by a task of its own, never by the subscriber leaving) before it drops the
+subscriptions' connection instead (it is made again, with the topics still listened to)."""
+
 CORRUPT_TOPICS_KEPT: Final = 1024
 """How many topics a :class:`RedisBus` remembers having logged a corrupt retained value
 of (WARNING once each, DEBUG after); forgotten all at once when full."""
@@ -254,6 +259,15 @@ class RedisBus:
     no retained value first, and :meth:`replace` with ``old`` None writes over it. It
     is logged naming the topic, at WARNING the first time this bus finds it on that topic
     (the last :data:`CORRUPT_TOPICS_KEPT` topics remembered), DEBUG after.
+
+    Leaving a subscription waits for nothing: its topic's UNSUBSCRIBE, when it was the
+    last subscriber, is sent by a task of the bus (:meth:`_tidy`, cancelled by
+    :meth:`aclose`), so a caller's deadline (a Telnyx dial stream's 2 s) holds however
+    Redis answers. That UNSUBSCRIBE may fail or wait (:data:`LEAVE_WAIT_S`, then the
+    subscriptions' connection is dropped); either way the topic is forgotten by redis-py's
+    PubSub at once, which otherwise subscribes again, whenever its connection is made
+    again, every channel whose unsubscribe it did not see confirmed: channels nobody
+    listens to, kept for good, their messages read and dropped.
     """
 
     def __init__(self, client: RedisClient, *, prefix: str = "gw") -> None:
@@ -264,6 +278,8 @@ class RedisBus:
         self._subs: dict[str, set[Subscription]] = {}
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
+        self._stale: set[str] = set()  # channels left by their last subscriber, to unsubscribe
+        self._tidier: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._replace = client.register_script(_REPLACE)
         self._clear = client.register_script(_CLEAR)
@@ -393,10 +409,10 @@ class RedisBus:
         try:
             retained = await join()
         except REDIS_ERRORS as exc:
-            await self._leave(channel, sub)
+            self._leave(channel, sub)
             raise BusUnavailable(f"Redis: {exc}") from exc
         except BaseException:  # cancelled while starting (the client left): undone alike
-            await self._leave(channel, sub)
+            self._leave(channel, sub)
             raise
         message = self._decoded(topic, retained)
         if message is not None:
@@ -404,21 +420,87 @@ class RedisBus:
         try:
             yield sub
         finally:
-            await self._leave(channel, sub)
+            self._leave(channel, sub)
 
-    async def _leave(self, channel: str, sub: Subscription) -> None:
-        async with self._lock:
-            subs = self._subs.get(channel)
-            if subs is None:
-                return
-            subs.discard(sub)
-            if not subs:
-                del self._subs[channel]
-                with contextlib.suppress(*REDIS_ERRORS):
-                    if self._sharded:
-                        await self._pubsub.sunsubscribe(channel)
-                    else:
-                        await self._pubsub.unsubscribe(channel)
+    def _leave(self, channel: str, sub: Subscription) -> None:
+        """Forget ``sub`` of ``channel`` now; the channel's last subscriber hands its
+        UNSUBSCRIBE to :meth:`_tidy` (nothing awaited here: see the class doc)."""
+        subs = self._subs.get(channel)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if subs:
+            return
+        del self._subs[channel]
+        self._stale.add(channel)
+        if self._tidier is None or self._tidier.done():
+            self._tidier = asyncio.create_task(self._tidy(), name="bus unsubscriber")
+
+    async def _tidy(self) -> None:
+        """Unsubscribe the channels left by their last subscriber (``_stale``) that nobody
+        subscribed to again meanwhile, until there are none; under the bus's lock, so a
+        new subscriber's SUBSCRIBE of such a channel goes after its UNSUBSCRIBE."""
+        while True:
+            async with self._lock:
+                gone = sorted(self._stale - self._subs.keys())
+                self._stale.clear()
+                if not gone or self._pubsub is None:
+                    return
+                await self._unsubscribe(gone)
+
+    async def _unsubscribe(self, channels: list[str]) -> None:
+        """UNSUBSCRIBE (SUNSUBSCRIBE) ``channels``, waiting up to :data:`LEAVE_WAIT_S` s;
+        then forget them in the PubSub whatever Redis answered (see the class doc), and
+        when Redis failed or did not answer in time drop the subscriptions' connection
+        (the next read or SUBSCRIBE makes it again, subscribing the channels kept)."""
+        failed: BaseException | None = None
+        try:
+            async with asyncio.timeout(LEAVE_WAIT_S):
+                if self._sharded:
+                    await self._pubsub.sunsubscribe(*channels)
+                else:
+                    await self._pubsub.unsubscribe(*channels)
+        except (TimeoutError, *REDIS_ERRORS) as exc:
+            failed = exc
+        self._forget(channels)
+        if failed is not None:
+            log.debug(
+                "bus: UNSUBSCRIBE of %d channel(s) failed (%s): dropping the connection",
+                len(channels),
+                type(failed).__name__,
+            )
+            await self._drop_connections()
+
+    def _pubsubs(self) -> list[Any]:
+        """The PubSub objects holding connections: the one, or a ClusterPubSub's per node."""
+        nodes = getattr(self._pubsub, "node_pubsub_mapping", None)
+        return [self._pubsub, *(nodes.values() if nodes else ())]
+
+    def _forget(self, channels: list[str]) -> None:
+        """Remove ``channels`` from redis-py's records of subscribed channels (those it
+        subscribes again on a new connection), confirmed or not."""
+        keys = [form for channel in channels for form in (channel, channel.encode())]
+        for pubsub in self._pubsubs():
+            for name in ("channels", "shard_channels"):
+                held = getattr(pubsub, name, None)
+                pending = getattr(pubsub, f"pending_unsubscribe_{name}", None)
+                for key in keys:
+                    if held is not None:
+                        held.pop(key, None)
+                    if pending is not None:
+                        pending.discard(key)
+            routes = getattr(pubsub, "_shard_channel_to_node", None)  # ClusterPubSub's
+            if isinstance(routes, dict):
+                for key in keys:
+                    routes.pop(key, None)
+
+    async def _drop_connections(self) -> None:
+        """Close the subscriptions' connection(s); redis-py makes them again on next use."""
+        for pubsub in self._pubsubs():
+            connection = getattr(pubsub, "connection", None)
+            if connection is not None:
+                with contextlib.suppress(*REDIS_ERRORS, OSError):
+                    await connection.disconnect(nowait=True)
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
@@ -433,7 +515,10 @@ class RedisBus:
                     )
                 else:
                     message = await self._pubsub.get_message(timeout=1.0)
-            except REDIS_ERRORS as exc:
+            except (*REDIS_ERRORS, RuntimeError) as exc:
+                # RuntimeError: asyncio's "read() called while another coroutine is already
+                # waiting": a SUBSCRIBE making the connection again read its handshake as
+                # this read made it too (redis-py resets the connection; tried again)
                 failures += 1
                 if failures == 1:
                     log.warning(
@@ -460,9 +545,10 @@ class RedisBus:
                 sub.put(data)
 
     async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._tidier, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._pubsub is not None:
             await self._pubsub.aclose()

@@ -547,3 +547,50 @@ async def test_a_dial_binding_written_twice_after_a_lost_reply_is_the_calls_own(
             if r.levelno >= logging.WARNING and r.name == "adapters.telnyx"
         ] == [f"Telnyx call {ours}: its stream token was bound already"]
         assert await gateway.bus.retained(dial_topic(grant.nonce)) == {"callId": other}
+
+
+async def test_a_dial_stream_refused_503_is_refused_within_its_wait_whatever_redis_does(
+    speech: SpeechService,
+    redis_prefix: str,
+    reply_dropper: tuple[ReplyDropper, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The 2 s a dial's stream waits for its binding hold also when the bus's subscription
+    connection must be made again to a Redis that stalls (6 s here, from the token's check
+    on): the stream is refused 503 after about 2 s. Before, the end of its subscription
+    (UNSUBSCRIBE, on that connection) was awaited without a limit when the wait ended: the
+    503 came when the stalled Redis answered, 6 s later."""
+    proxy, proxied = reply_dropper
+    async with _dialing(speech, redis_url=proxied, redis_prefix=redis_prefix) as (api, gw, client):
+        assert (await _place(client)).status_code == 201
+        assert (await _place(client)).status_code == 201
+        first, second = (local(gw.url, r.json["stream_url"]) for r in api.requests)
+        _failures_are_no_hang(gw)
+        # a first stream's subscription fails: its connection is cut as it subscribes
+        proxy.drop_replies_to = b"telnyx-dial:"
+        with pytest.raises(InvalidStatus) as exc:
+            async with connect(first):
+                pass
+        assert exc.value.response.status_code == 503
+        proxy.drop_replies_to = None
+        caplog.clear()
+        tokens = stream_tokens(gw.app.state.gateway.settings)
+        assert tokens is not None
+        grant = tokens.check(api.requests[1].json["stream_auth_token"], time.time())
+        # the token's check goes through; every byte to Redis after it is held 6 s
+        proxy.stall_after(f"stream:{grant.nonce}".encode(), 6.0)
+        began = time.monotonic()
+        with (
+            caplog.at_level(logging.WARNING, logger="gateway"),
+            pytest.raises(InvalidStatus) as exc,
+        ):
+            async with connect(second):
+                pass
+        # the 1.5 s margin above the wait is for a loaded event loop (CI)
+        assert 1.8 <= time.monotonic() - began < 3.5
+        assert exc.value.response.status_code == 503
+        assert [r.getMessage() for r in caplog.records if "stream refused" in r.getMessage()] == [
+            "Telnyx stream refused (503): the bus is unavailable (component: bus): "
+            "Redis did not answer within 2 s"
+        ]
+        assert not gw.core.turns
