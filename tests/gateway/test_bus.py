@@ -387,3 +387,42 @@ async def test_a_subscription_left_while_redis_was_cut_off_is_not_subscribed_aga
         await bus.aclose()
         await redisconn.aclose(client)
         await redisconn.aclose(direct)
+
+
+async def test_the_reader_survives_a_subscribe_making_its_connection_again(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """After Redis was cut off, a new subscriber's SUBSCRIBE and the reader may both make
+    the subscriptions' connection again, one reading the handshake's reply as the other
+    reads too: asyncio raises RuntimeError ("read() called while another coroutine is
+    already waiting"). It ended the reader (nothing delivered until the next subscriber
+    started another; aclose raised it, "Application shutdown failed"). It is now a failed
+    read like the others: the reader tries again and delivers."""
+    proxy, url = reply_dropper
+    client = redis_client(url)
+    bus = RedisBus(client, prefix=redis_prefix)
+    try:
+        async with bus.subscribe("kept") as kept:
+            reader = bus._reader
+            assert reader is not None
+            proxy.cut()
+            await asyncio.sleep(0.3)
+            proxy.restore()
+            proxy.stall_after(b"SETINFO", 1.0, including=True)  # a slow handshake
+            for n in range(8):
+                with contextlib.suppress(BusUnavailable):
+                    async with asyncio.timeout(3), bus.subscribe(f"other-{n}"):
+                        pass
+                await asyncio.sleep(0.1)
+            assert bus._reader is reader
+            assert not reader.done()
+            got = None
+            for _ in range(40):
+                with contextlib.suppress(BusUnavailable):
+                    await bus.publish("kept", {"n": 1})
+                if (got := await kept.get(0.25)) is not None:
+                    break
+            assert got == {"n": 1}
+    finally:
+        await bus.aclose()
+        await redisconn.aclose(client)
