@@ -204,6 +204,28 @@ def _failures_are_no_hang(gw: Served) -> None:
     breaker_of(gw.app.state.gateway.nonces.redis).slow_s = 10.0
 
 
+async def _refused_within_the_wait(
+    gw: Served, url: str, caplog: pytest.LogCaptureFixture, within_s: float
+) -> None:
+    """A dial stream opened on ``url`` while Redis stalls is refused 503 after the 2 s wait
+    for its call's binding and before ``within_s`` s, logged once as the bus's outage, and
+    no turn ran."""
+    began = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING, logger="gateway"),
+        pytest.raises(InvalidStatus) as exc,
+    ):
+        async with connect(url):
+            pass
+    assert 1.8 <= time.monotonic() - began < within_s
+    assert exc.value.response.status_code == 503
+    assert [r.getMessage() for r in caplog.records if "stream refused" in r.getMessage()] == [
+        "Telnyx stream refused (503): the bus is unavailable (component: bus): "
+        "Redis did not answer within 2 s"
+    ]
+    assert not gw.core.turns
+
+
 async def _place(client: httpx.AsyncClient) -> httpx.Response:
     """POST /v1/calls of a Telnyx call."""
     return await client.post(
@@ -392,22 +414,9 @@ async def test_a_dial_stream_whose_binding_redis_fails_to_read_is_refused_503(
         assert tokens is not None
         grant = tokens.check(api.requests[1].json["stream_auth_token"], time.time())
         proxy.stall_after(dial_topic(grant.nonce).encode(), 6.0, including=True)
-        began = time.monotonic()
-        with (
-            caplog.at_level(logging.WARNING, logger="gateway"),
-            pytest.raises(InvalidStatus) as exc,
-        ):
-            async with connect(hung):
-                pass
         # refused after the 2 s wait, not once the stalled Redis answers (6 s); the 2 s
         # margin above the wait is for a loaded event loop (CI)
-        assert 1.8 <= time.monotonic() - began < 4.0
-        assert exc.value.response.status_code == 503
-        assert [r.getMessage() for r in caplog.records if "stream refused" in r.getMessage()] == [
-            "Telnyx stream refused (503): the bus is unavailable (component: bus): "
-            "Redis did not answer within 2 s"
-        ]
-        assert not gw.core.turns
+        await _refused_within_the_wait(gw, hung, caplog, 4.0)
 
 
 async def test_a_dial_whose_binding_the_bus_cannot_write_is_hung_up_and_refused_503(
@@ -579,18 +588,5 @@ async def test_a_dial_stream_refused_503_is_refused_within_its_wait_whatever_red
         grant = tokens.check(api.requests[1].json["stream_auth_token"], time.time())
         # the token's check goes through; every byte to Redis after it is held 6 s
         proxy.stall_after(f"stream:{grant.nonce}".encode(), 6.0)
-        began = time.monotonic()
-        with (
-            caplog.at_level(logging.WARNING, logger="gateway"),
-            pytest.raises(InvalidStatus) as exc,
-        ):
-            async with connect(second):
-                pass
         # the 1.5 s margin above the wait is for a loaded event loop (CI)
-        assert 1.8 <= time.monotonic() - began < 3.5
-        assert exc.value.response.status_code == 503
-        assert [r.getMessage() for r in caplog.records if "stream refused" in r.getMessage()] == [
-            "Telnyx stream refused (503): the bus is unavailable (component: bus): "
-            "Redis did not answer within 2 s"
-        ]
-        assert not gw.core.turns
+        await _refused_within_the_wait(gw, second, caplog, 3.5)
