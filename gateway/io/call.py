@@ -856,11 +856,18 @@ class CallRunner(WebSocketDriver[CallAction]):
         """End the call's session after the turns it asked for (their forwarding tasks,
         :attr:`turns`, up to GATEWAY_LOCK_WAIT_S), so that none takes the session's lock
         after the end and makes the session anew, left behind the call (a key pressed as
-        the caller hangs up: StartTurn, then ``stop``)."""
+        the caller hangs up: StartTurn, then ``stop``). Turns started meanwhile are
+        waited for too, within the same GATEWAY_LOCK_WAIT_S: a key that waited for the
+        running turn starts when that turn finishes (:meth:`CarrierCall.turn_finished`
+        after ``stop``)."""
         current = asyncio.current_task()
-        turns = [turn for turn in self.turns if turn is not current]
-        if turns:
-            await asyncio.wait(turns, timeout=self.gw.settings.lock_wait_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.gw.settings.lock_wait_s
+        while turns := [turn for turn in self.turns if turn is not current]:
+            left_s = deadline - loop.time()
+            if left_s <= 0:
+                break
+            await asyncio.wait(turns, timeout=left_s)
         await super().end_session(ctx)
 
     async def shutdown(self) -> None:

@@ -45,7 +45,10 @@ full; :data:`TRANSITIONS` is the same state machine):
    Exotel, which cannot be paused): every such speech interrupts at once.
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
 6. The end: a final mark after the last audio; its echo -> :class:`HangUp` (or
-   :class:`Transfer` when a response item asked for one).
+   :class:`Transfer` when a response item asked for one). The carrier's ``stop`` (the
+   caller hung up) ends the session (:class:`EndSession`) unless the core ended it; an
+   input still waiting then (a key pressed just before, while the bot's turn ran or its
+   audio played) gets its turn first, its output dropped (:meth:`CarrierCall.turn_finished`).
 7. A transfer [transferring] the carrier refused (or could not be asked for) is not
    the end: :meth:`CarrierCall.transfer_finished` gives the core the input
    :data:`TRANSFER_FAILED` (attributes ``target``, ``reason``, ``error``) on the
@@ -854,7 +857,10 @@ class CarrierCall:
         was = self.state
         self.machine.feed("stop")
         self.stopped = True
-        return self._ending_actions(was)
+        # an input waiting for the bot's audio (no turn runs) is the core's before the end;
+        # one waiting for a running turn starts once it finished (turn_finished)
+        last = self._last_input() if self.turn is None and not self.session_over else []
+        return [*last, *self._ending_actions(was)]
 
     def _start(self, info: Started) -> list[CallAction]:
         if not self.machine.allows("start"):
@@ -1365,8 +1371,10 @@ class CarrierCall:
         the audio), the waiting input's turn, or the caller's floor."""
         turn, self.turn = self.turn, None
         self.playout.done()
-        if turn is None or self.state is State.CLOSED:
+        if turn is None:
             return []
+        if self.state is State.CLOSED:
+            return [] if turn.ended or turn.transfer else self._last_input()
         if turn.ended or turn.transfer:
             # a transfer ends the session once the carrier took it (transfer_finished)
             end = [] if turn.ended or turn.transfer or self.ctx is None else [EndSession(self.ctx)]
@@ -1407,6 +1415,22 @@ class CarrierCall:
             "error": error or "refused",
         }
         return self._start_turn(TRANSFER_FAILED)
+
+    def _last_input(self) -> list[CallAction]:
+        """The carrier stopped the stream while an input was waiting (:attr:`pending`: a
+        key pressed as the caller hung up, while the bot's turn ran or its audio played):
+        that input's turn, so the caller's last input reaches the core before the
+        session ends (the runner's EndSession waits for it: gateway/io/call.py
+        ``CallRunner.end_session``). Nothing of it is played (the turn is discarded).
+        ``[]`` when no input waits or the stream did not stop (its callers check that
+        the core did not end the session)."""
+        text, self.pending = self.pending, None
+        if text is None or not self.stopped or self.ctx is None:
+            return []
+        actions = self._start_turn(text)
+        assert self.turn is not None
+        self.turn.discarded = True
+        return actions
 
     def connection_lost(self) -> list[CallAction]:
         """The socket is gone (or the call is being torn down): end the session unless

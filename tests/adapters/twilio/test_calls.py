@@ -446,6 +446,52 @@ async def test_a_key_pressed_as_the_caller_hangs_up_leaves_no_session_behind(
                 assert not await session_exists(gw.app, call.call_sid)
 
 
+class SlowIntro(Counting):
+    """A :class:`Counting` core whose ``#intro`` turn, its item said, ends only once
+    ``finish`` is set (the turn still saving as the caller has heard it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finish = asyncio.Event()
+        self.turn_count = 0
+        """The session's turn count after the latest turn (2: the key's turn went on in
+        the intro's session)."""
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        self.inputs.append(input.text)
+        session.attributes["turns"] = self.turn_count = session.attributes.get("turns", 0) + 1
+        yield ResponseItem(text="Okay.")
+        if input.text == "#intro":
+            await self.finish.wait()
+        yield Response()
+
+
+async def test_a_key_pressed_while_the_intro_runs_as_the_caller_hangs_up_reaches_the_core(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    # the key comes while the intro's turn still runs (its audio heard): it waits for that
+    # turn, and the stop right after it used to drop it (the core never got the key). Its
+    # turn now runs once the intro's finished, before the session ends
+    async with twilio_gateway(speech, redis_url=redis_url, redis_prefix=redis_prefix) as gw:
+        core = SlowIntro()
+        gw.app.state.gateway.conversation.pipeline = core
+        with no_server_errors():
+            async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+                await call.wait_for(lambda: "1" in call.echoed)  # the intro was heard
+                await call.send(call.dtmf_frame("5"))
+                await call.send(call.stop_frame())
+                runner = gw.app.state.twilio.calls[call.call_sid]
+                assert await until(lambda: runner.call.stopped, 5)
+                assert core.inputs == ["#intro"]  # the key waits for the intro's turn
+                core.finish.set()
+                await call.wait_for(lambda: call.closed_at is not None)
+            await gw.wait_no_calls()
+            assert await until(lambda: not gw.app.state.gateway.conversation.turns_in_flight, 5)
+            assert core.inputs == ["#intro", "5"]
+            assert core.turn_count == 2  # in the intro's session, not one made anew
+            assert not await session_exists(gw.app, call.call_sid)
+
+
 async def test_an_unknown_event_name_is_logged_cut_short(caplog: pytest.LogCaptureFixture) -> None:
     """A frame of an unknown ``event`` is dropped with a WARNING naming the event: its whole
     repr went into the log line, so a 100 KB name was a 100 KB log line (and the same for
