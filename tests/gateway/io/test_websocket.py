@@ -19,6 +19,7 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close as CloseFrame
 
 from gateway.conversation import Conversation, TurnRejected
 from gateway.events import ErrorEvent, Input, ResponseEvent, TurnEvent
@@ -324,6 +325,18 @@ async def test_end_session_ends_it_in_the_engine() -> None:
             pass
 
 
+async def until_closed(ws: ClientConnection) -> tuple[list[str | bytes], CloseFrame]:
+    """Every frame ``ws`` receives until the server closes it (within 10 s, else
+    TimeoutError: a hang), and the server's close frame."""
+    got: list[str | bytes] = []
+    with pytest.raises(ConnectionClosed) as closed:
+        async with asyncio.timeout(10):
+            while True:
+                got.append(await ws.recv())
+    assert closed.value.rcvd is not None  # the server closed, with a code
+    return got, closed.value.rcvd
+
+
 @pytest.mark.parametrize("claims", [False, True], ids=["unclaimed", "claimed"])
 async def test_held_actions_that_fail_are_an_error_then_close_1011(
     claims: bool, caplog: pytest.LogCaptureFixture
@@ -340,14 +353,9 @@ async def test_held_actions_that_fail_are_an_error_then_close_1011(
     with caplog.at_level(logging.INFO, logger=log.name):
         async with client(record, engines, **options) as ws:
             await ws.send("turn #intro")
-            got: list[str | bytes] = []
-            with pytest.raises(ConnectionClosed) as closed:
-                async with asyncio.timeout(10):  # a failure never answered: a hang
-                    while True:
-                        got.append(await ws.recv())
-            assert closed.value.rcvd is not None
-            assert closed.value.rcvd.code == CLOSE_INTERNAL
-            assert closed.value.rcvd.reason == "Internal gateway error."
+            got, rcvd = await until_closed(ws)  # a failure never answered: a hang
+            assert rcvd.code == CLOSE_INTERNAL
+            assert rcvd.reason == "Internal gateway error."
     assert got[0] == "SessionStarted"
     assert got[-2] == "Response"  # held, sent before the action that failed
     assert json.loads(got[-1]) == {
@@ -521,15 +529,10 @@ async def test_a_peer_over_the_byte_rate_is_closed_1008_naming_it(
             for n in range(100):  # 500 kB in 100 frames
                 with contextlib.suppress(ConnectionClosed):
                     await ws.send(f"f{n} " + "x" * 5_000)
-            got: list[str | bytes] = []
-            with pytest.raises(ConnectionClosed) as closed:
-                async with asyncio.timeout(10):
-                    while True:
-                        got.append(await ws.recv())
-    assert closed.value.rcvd is not None
-    assert closed.value.rcvd.code == CLOSE_POLICY
+            got, rcvd = await until_closed(ws)
+    assert rcvd.code == CLOSE_POLICY
     reason = "Too many bytes: at most 20000 bytes at once and 5000 a second."
-    assert closed.value.rcvd.reason == reason
+    assert rcvd.reason == reason
     assert 3 <= len(got) < 20  # the burst (and what came back meanwhile), then the close
     lines = [r for r in caplog.records if "Too many bytes" in r.getMessage()]
     assert [(r.levelno, r.getMessage()) for r in lines] == [
@@ -548,15 +551,10 @@ async def test_a_peer_over_the_frame_rate_is_closed_1008_once_logged(
         async with client(record, {}, frame_rate=FrameRate(burst=20, per_s=5)) as ws:
             for n in range(200):
                 await ws.send(f"f{n}")
-            got: list[str | bytes] = []
-            with pytest.raises(ConnectionClosed) as closed:
-                async with asyncio.timeout(10):
-                    while True:
-                        got.append(await ws.recv())
-    assert closed.value.rcvd is not None
-    assert closed.value.rcvd.code == CLOSE_POLICY
+            got, rcvd = await until_closed(ws)
+    assert rcvd.code == CLOSE_POLICY
     reason = "Too many frames: at most 20 frames at once and 5 a second."
-    assert closed.value.rcvd.reason == reason
+    assert rcvd.reason == reason
     assert 20 <= len(got) < 30  # the burst (and what came back meanwhile), then the close
     assert got == [f"F{n}" for n in range(len(got))]
     lines = [r for r in caplog.records if "Too many frames" in r.getMessage()]
