@@ -10,7 +10,8 @@ after they are dumped; the bare endpoint: the requests wrk saw answered):
 steady to a few percent whatever else runs.
 
 Rows (the servers and wrk scripts of bench/turn_overhead.py): ``bare`` (the bare
-FastAPI PUT /client), ``memory`` and ``redis`` (V2 text, tts=None, a new session per
+FastAPI PUT /client), ``barealexa`` (the bare endpoint's POST /alexa, sent the alexa
+row's signed requests), ``memory`` and ``redis`` (V2 text, tts=None, a new session per
 request), ``memorylinks`` and ``redislinks`` (V2 text with default settings: TTS
 links on, a new session per request, as turn_overhead.py's "V2 text, defaults" row),
 ``memory5``/``redis5`` (5 turns a session, TTS links), ``redis5none`` (the same
@@ -62,6 +63,7 @@ WARM_UP = 20
 """Requests answered before the counters are zeroed."""
 ROWS = (
     "bare",
+    "barealexa",
     "memory",
     "memorylinks",
     "redis",
@@ -78,7 +80,7 @@ def _server(row: str, port: int, folder: Path, redis_url: str) -> tuple[list[str
     """The command and environment of ``row``'s server (as bench/turn_overhead.py's)."""
     redis = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_REDIS_PREFIX": f"ti{secrets.token_hex(3)}"}
     uvicorn = [sys.executable, "-m", "uvicorn", "--no-access-log"]
-    if row == "bare":
+    if row.startswith("bare"):
         return [*uvicorn, "bench.baseline_app:app", "--port", str(port)], {}
     if row.startswith("alexa"):  # gateway serve with the local keys (bench/pki_serve.py)
         serve = [sys.executable, str(ROOT / "bench" / "pki_serve.py"), "--port", str(port)]
@@ -91,7 +93,7 @@ def _server(row: str, port: int, folder: Path, redis_url: str) -> tuple[list[str
 def _script(row: str, folder: Path, keys: Keys) -> Path:
     """The wrk script of ``row`` (Alexa requests are signed now: valid for 150 s)."""
     script = folder / f"{row}.lua"
-    if row.startswith("alexa"):
+    if row.endswith("alexa") or row.startswith("alexa"):
         script.write_text(ALEXA_SCRIPT % alexa_requests(keys, 1500, folder))
     elif row.endswith("5"):
         script.write_text(V2_SESSIONS_SCRIPT % ("", TURNS))
