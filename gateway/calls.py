@@ -62,6 +62,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
@@ -167,7 +168,9 @@ def public_url_problem(url: str) -> str | None:
     ``.home.arpa``, or a single label (``gateway``: a LAN or container name); the host is
     an IP address that is not public (loopback ``127.0.0.0/8`` ``::1``, unspecified
     ``0.0.0.0`` ``::``, private ``10/8`` ``172.16/12`` ``192.168/16`` ``fc00::/7``,
-    link-local, shared ``100.64/10``: any not :attr:`ipaddress.IPv4Address.is_global`).
+    link-local, shared ``100.64/10``: any not :attr:`ipaddress.IPv4Address.is_global`),
+    also written in the IPv4 shorthand HTTP clients resolve without DNS (``127.1``,
+    ``0x7f.0.0.1``, ``2130706433``: :func:`socket.inet_aton`'s forms).
     E.g. ``http://localhost:8080`` -> ``"it is not https (carriers connect media streams
     to wss:// only) and its host localhost is not public (a local name)"``.
     """
@@ -193,7 +196,10 @@ def _local_host_kind(host: str) -> str | None:
     except ValueError:
         if host == "localhost" or host.endswith(_LOCAL_SUFFIXES):
             return "a local name"
-        return "a single-label name" if "." not in host else None
+        try:  # IPv4 shorthand that HTTP clients take for an address: 127.1, 0x7f.1, 2130706433
+            ip = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return "a single-label name" if "." not in host else None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
     for kind, flag in (

@@ -30,6 +30,7 @@ PUBLIC = "https://gateway.example.com"
         "https://GATEWAY.EXAMPLE.COM.",
         "https://8.8.8.8",
         "https://[2606:4700::1111]:443",
+        "https://1e100.net",  # a name that starts with digits is no IPv4 shorthand
     ],
 )
 def test_a_public_https_url_has_no_problem(url: str) -> None:
@@ -58,6 +59,11 @@ def test_a_public_https_url_has_no_problem(url: str) -> None:
         ("https://[fd00::1]", "its host fd00::1 is not public (a private address)"),
         ("https://169.254.1.1", "its host 169.254.1.1 is not public (a link-local address)"),
         ("https://100.64.0.1", "its host 100.64.0.1 is not public (a non-global address)"),
+        # IPv4 shorthand: HTTP clients (curl, browsers) connect to 127.0.0.1 for these
+        ("https://127.1", "its host 127.1 is not public (a loopback address)"),
+        ("https://0x7f.0.0.1:8443", "its host 0x7f.0.0.1 is not public (a loopback address)"),
+        ("https://2130706433", "its host 2130706433 is not public (a loopback address)"),
+        ("https://10.1", "its host 10.1 is not public (a private address)"),
     ],
 )
 def test_a_local_host_is_a_problem(url: str, reason: str) -> None:
