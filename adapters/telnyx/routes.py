@@ -110,7 +110,6 @@ from gateway.calls import (
     wss_url,
 )
 from gateway.calls import hang_up as rest_hang_up
-from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body, refused_request
 from gateway.io.call import (
@@ -123,7 +122,7 @@ from gateway.io.call import (
     answer_token,
     answered_once,
     call_config,
-    call_served,
+    end_unserved_call,
     machine_answer_undelivered,
     nonce_store_unavailable,
     use_signature_once,
@@ -132,7 +131,7 @@ from gateway.io.call import (
 from gateway.protocol import ProtocolError, clipped, load_json
 from gateway.protocol.call import CallAction, Transfer
 from gateway.ratelimit import refusal_log
-from gateway.sessions import StoreError, StoreUnavailable
+from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
 
 log = logging.getLogger("adapters.telnyx")
@@ -384,19 +383,10 @@ async def _hung_up(
     gw: Gateway, call_id: str, app_key: str | None, why: str = "call.hangup"
 ) -> None:
     """The end of call ``call_id`` (``call.hangup``, a TeXML status callback; ``why``, for
-    the log): when no instance serves its stream (none follows its control topic,
-    gateway/io/call.py ``call_served``: the one that did has died) end the call's session
-    rather than leave it open until it expires; a served call is left to its instance
-    (its stream stops). A store failure is logged."""
-    if await call_served(gw, CHANNEL, call_id) is not False:
-        return
+    the log): :func:`gateway.io.call.end_unserved_call` under ``app_key`` (else
+    ``telnyx``), which ends the call's session when no instance serves its stream."""
     key = app_key or TelnyxDialer().default_app_key(gw.settings)
-    ctx = TurnContext(channel=CHANNEL, namespace=CHANNEL, session_id=call_id, app_key=key)
-    try:
-        if await gw.conversation.end(ctx):
-            log.info("Telnyx call %s: session ended after %s", call_id, why)
-    except StoreError as exc:
-        log.log(outage_level(exc), "Telnyx call %s: session not ended: %s", call_id, exc)
+    await end_unserved_call(gw, CHANNEL, call_id, key, why, log)
 
 
 # ------------------------------------------------------------------ inbound TeXML

@@ -28,7 +28,7 @@ Thin I/O around :mod:`adapters.twilio.protocol` (the call, sans I/O) and
   adapters/twilio/calls.py) come here too: the
   status and ``AnsweredBy`` are recorded as the call's outcome (gateway/calls.py
   ``record_outcome``), 204. A ``stream-stopped``/``stream-error`` of a call no instance
-  serves (none follows its control topic: gateway/io/call.py ``call_served``; its
+  serves (none follows its control topic: gateway/io/call.py ``end_unserved_call``; its
   instance died) ends the call's session; one served elsewhere is left to that instance.
 - ``WebSocket /twilio/stream/{token}`` — the call's media stream. The signature
   (the exact ``wss://`` URL, no parameters) and the one-time token are checked
@@ -99,7 +99,6 @@ from adapters.twilio.calls import twilio_auth
 from adapters.twilio.openapi import POST_STATUS, POST_TWILIO_AMD, POST_VOICE, STATUS_FIELDS
 from adapters.twilio.protocol import (
     CHANNEL,
-    NAMESPACE,
     CallConfig,
     Transfer,
     TwilioCall,
@@ -118,7 +117,6 @@ from adapters.twilio.verify import (
     stream_url,
 )
 from gateway import metrics
-from gateway.breaker import outage_level
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import TransferResult
 from gateway.calls import (
@@ -128,7 +126,6 @@ from gateway.calls import (
     warn_unreachable_public_url,
 )
 from gateway.calls import hang_up as rest_hang_up
-from gateway.conversation import TurnContext
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body, refused_request
 from gateway.io.call import (
@@ -136,7 +133,7 @@ from gateway.io.call import (
     admit,
     announce_machine,
     call_config,
-    call_served,
+    end_unserved_call,
     machine_answer_undelivered,
 )
 from gateway.logs import masked_number
@@ -144,7 +141,6 @@ from gateway.protocol import ProtocolError, clipped, media_type
 from gateway.protocol.call import CLOSE_NORMAL
 from gateway.ratelimit import refusal_log
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
-from gateway.sessions import StoreError
 from gateway.settings import Settings
 
 log = logging.getLogger("adapters.twilio")
@@ -378,15 +374,8 @@ async def status(request: Request) -> Response:
         # ``stop``; else most often the instance that served it has died: end the
         # call's session so it is not left open
         gw = gateway_of(request)
-        if await call_served(gw, CHANNEL, call_sid) is not False:
-            return Response(status_code=204)
         key = request.query_params.get("key") or gw.settings.twilio_app_key
-        ctx = TurnContext(channel=CHANNEL, namespace=NAMESPACE, session_id=call_sid, app_key=key)
-        try:
-            if await gw.conversation.end(ctx):
-                log.info("Twilio call %s: session ended after %s", call_sid, event["StreamEvent"])
-        except StoreError as exc:
-            log.log(outage_level(exc), "Twilio call %s: session not ended: %s", call_sid, exc)
+        await end_unserved_call(gw, CHANNEL, call_sid, key, event["StreamEvent"], log)
     return Response(status_code=204)
 
 

@@ -83,7 +83,7 @@ from gateway.protocol.call import (
     Transfer,
 )
 from gateway.ratelimit import refusal_log
-from gateway.sessions import StoreUnavailable
+from gateway.sessions import StoreError, StoreUnavailable
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormatError
 from gateway.speech.stage import SpeechStage
@@ -436,6 +436,26 @@ async def call_served(gw: Gateway, carrier: str, call_id: str) -> bool | None:
     except BusUnavailable as exc:
         log.log(outage_level(exc), "%s call %s: not known who serves it: %s", carrier, call_id, exc)
         return None
+
+
+async def end_unserved_call(
+    gw: Gateway, carrier: str, call_id: str, app_key: str, why: str, logger: logging.Logger
+) -> None:
+    """End the session of call ``call_id`` of ``carrier`` (under ``app_key``) when a
+    carrier's callback says its stream ended (``why``, for the log) and no instance serves
+    it (:func:`call_served` is False: the one that did has died), rather than leave it open
+    until it expires. A call served (or not known to be, the bus down) is left to its
+    instance, whose stream stops. Logged on ``logger``: the end at INFO, a store failure
+    at its outage level."""
+    if await call_served(gw, carrier, call_id) is not False:
+        return
+    title = carrier.capitalize()
+    ctx = TurnContext(channel=carrier, namespace=carrier, session_id=call_id, app_key=app_key)
+    try:
+        if await gw.conversation.end(ctx):
+            logger.info("%s call %s: session ended after %s", title, call_id, why)
+    except StoreError as exc:
+        logger.log(outage_level(exc), "%s call %s: session not ended: %s", title, call_id, exc)
 
 
 def machine_answer_undelivered() -> JSONResponse:
