@@ -4,12 +4,14 @@ Adapters whose bodies are pydantic models (:class:`gateway.events.Wire`) registe
 them with :func:`component`; the app adds every registered schema (and the
 models it refers to) to ``components.schemas``, so the document describes
 exactly what the route validates. :func:`has` writes the rules a model cannot
-express (a path the body must have), :func:`json_body` a route's required JSON body
-and :data:`PROBLEM` the content of its refusals.
+express (a path the body must have), :func:`json_body` a route's required JSON body,
+:func:`form_body` a carrier webhook's form body and :data:`PROBLEM` the content of its
+refusals.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -59,3 +61,25 @@ def json_body(schema: dict[str, Any], description: str, example: Any) -> dict[st
             },
         }
     }
+
+
+def form_body(
+    fields: Mapping[str, str | None],
+    required: list[str] | None = None,
+    patterns: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A route's ``openapi_extra``: a required ``application/x-www-form-urlencoded`` body of
+    the string ``fields`` (name -> meaning; None: no description), the ``required`` ones
+    (None: no ``required`` list) and the ``patterns`` of some by name."""
+    properties: dict[str, Any] = {}
+    for name, text in fields.items():
+        properties[name] = {"type": "string"}
+        if text is not None:
+            properties[name]["description"] = text
+        if patterns and name in patterns:
+            properties[name]["pattern"] = patterns[name]
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required is not None:
+        schema["required"] = required
+    form = {"application/x-www-form-urlencoded": {"schema": schema}}
+    return {"requestBody": {"required": True, "content": form}}

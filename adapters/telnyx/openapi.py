@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.apidoc import form_body
 from gateway.calls_openapi import problems
 
 _SIGNED_REFUSALS = {
@@ -70,21 +71,6 @@ POST_TELNYX_STATUS: dict[str, Any] = dict(
         204: {"description": "Taken"},
         **problems({400: "Not a UTF-8 form", **_SIGNED_REFUSALS}),
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/x-www-form-urlencoded": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "CallSid": {"type": "string"},
-                            "CallStatus": {"type": "string"},
-                        },
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=form_body({"CallSid": None, "CallStatus": None}),
 )
 """Documenting keyword arguments of ``POST /telnyx/status``."""

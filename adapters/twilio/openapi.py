@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.apidoc import form_body
 from gateway.calls_openapi import problems
 
 _FORM_FIELDS = {
@@ -25,30 +26,6 @@ _SIGNED_FORM_REFUSALS = {
     415: "Not a form body",
 }
 """The refusals of every signed Twilio webhook form (routes.py ``_verified_form``)."""
-
-
-def _form_body(
-    fields: dict[str, str], required: list[str] | None, patterns: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """``openapi_extra`` of a form body of string ``fields`` (name -> meaning), the
-    ``required`` ones (None: no ``required`` list) and ``patterns`` by name."""
-    patterns = patterns or {}
-    schema: dict[str, Any] = {
-        "type": "object",
-        "properties": {
-            name: {"type": "string", "description": text}
-            | ({"pattern": patterns[name]} if name in patterns else {})
-            for name, text in fields.items()
-        },
-    }
-    if required is not None:
-        schema["required"] = required
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/x-www-form-urlencoded": {"schema": schema}},
-        }
-    }
 
 
 _TWIML_EXAMPLE = (
@@ -94,7 +71,7 @@ POST_VOICE: dict[str, Any] = dict(
             }
         ),
     },
-    openapi_extra=_form_body(_FORM_FIELDS, ["CallSid"], {"CallSid": "^CA[0-9a-fA-F]{32}$"}),
+    openapi_extra=form_body(_FORM_FIELDS, ["CallSid"], {"CallSid": "^CA[0-9a-fA-F]{32}$"}),
 )
 """Documenting keyword arguments of ``POST /twilio/voice``."""
 
@@ -113,7 +90,7 @@ POST_STATUS: dict[str, Any] = dict(
         **problems(_SIGNED_FORM_REFUSALS),
     },
     # Twilio always sends StreamEvent; a callback without one is recorded (as "status")
-    openapi_extra=_form_body({**STATUS_FIELDS, **_CALL_STATUS_FIELDS}, []),
+    openapi_extra=form_body({**STATUS_FIELDS, **_CALL_STATUS_FIELDS}, []),
 )
 """Documenting keyword arguments of ``POST /twilio/status``."""
 
@@ -141,6 +118,6 @@ POST_TWILIO_AMD: dict[str, Any] = dict(
             }
         ),
     },
-    openapi_extra=_form_body(_AMD_FIELDS, None),
+    openapi_extra=form_body(_AMD_FIELDS, None),
 )
 """Documenting keyword arguments of ``POST /twilio/amd``."""
