@@ -13,11 +13,10 @@ What is here, all pure (no network, no clock but the audio's):
   ``customParameters``, ``mediaFormat``, ...); numbers may come as strings.
 - :func:`media_message`, :func:`mark_message`, :func:`clear_message`: outbound frames;
   :func:`twiml`: the voice webhook's answer (the twilio library's VoiceResponse).
-- :data:`TRANSITIONS`: the call's one state machine, (state, event) -> state.
-- :class:`DtmfCollector`, :class:`MarkBook`: key presses into inputs, marks for
-  barge-in and the final-mark hang-up.
 - :class:`TwilioCall`: one call; fed the stream's frames, the speech stage's verdicts
   and results and the turn engine's events, it returns :data:`Action` s for routes.py.
+  Its state machine (``TRANSITIONS``), DTMF collector and mark book are the shared
+  call engine's (gateway/protocol/call.py).
 
 **Time is the caller's audio time**: the milliseconds of inbound μ-law received
 (8 bytes per ms). Twilio sends the caller's track continuously (silence too), so
@@ -102,22 +101,11 @@ from gateway.protocol import (
     load_json,
     validate,
 )
-from gateway.protocol.actions import Close as Close
 from gateway.protocol.actions import EndSession as EndSession
 from gateway.protocol.actions import StartTurn as StartTurn
 from gateway.protocol.call import CLOSE_POLICY, CLOSE_UNSUPPORTED, CallAction, CarrierCall
-from gateway.protocol.call import MACHINE as MACHINE
-from gateway.protocol.call import TRANSITIONS as TRANSITIONS
 from gateway.protocol.call import CallConfig as CallConfig
-from gateway.protocol.call import CallStateMachine as CallStateMachine
-from gateway.protocol.call import DtmfCollector as DtmfCollector
-from gateway.protocol.call import HangUp as HangUp
-from gateway.protocol.call import Interrupt as Interrupt
-from gateway.protocol.call import MarkBook as MarkBook
-from gateway.protocol.call import Play as Play
-from gateway.protocol.call import Speak as Speak
 from gateway.protocol.call import State as State
-from gateway.protocol.call import Transfer as Transfer
 from gateway.speech.audio import AudioFormat, Pcm, frames
 from gateway.speech.types import TtsRequest
 

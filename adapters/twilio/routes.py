@@ -100,7 +100,6 @@ from adapters.twilio.openapi import POST_STATUS, POST_TWILIO_AMD, POST_VOICE, ST
 from adapters.twilio.protocol import (
     CHANNEL,
     CallConfig,
-    Transfer,
     TwilioCall,
     busy_twiml,
     twiml,
@@ -138,7 +137,7 @@ from gateway.io.call import (
 )
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, clipped, media_type
-from gateway.protocol.call import CLOSE_NORMAL
+from gateway.protocol.call import CLOSE_NORMAL, Transfer
 from gateway.ratelimit import refusal_log
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
 from gateway.settings import Settings

@@ -41,9 +41,10 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import urlsplit, urlunsplit
 
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
+
+from gateway.calls import wss_url
 
 SIGNATURE_HEADER: Final = "X-Twilio-Signature"
 """The header carrying Twilio's request signature."""
@@ -79,11 +80,10 @@ def stream_url(base: str, token: str) -> str:
     """The WebSocket URL of a call's media stream: ``wss://<public host>/twilio/stream/<token>``.
 
     ``https`` becomes ``wss`` and ``http`` becomes ``ws`` (local development;
-    Twilio itself only connects to ``wss``).
+    Twilio itself only connects to ``wss``): :func:`gateway.calls.wss_url`, as for
+    the other carriers' streams.
     """
-    parts = urlsplit(public_url(base, f"/twilio/stream/{token}"))
-    scheme = "wss" if parts.scheme == "https" else "ws"
-    return urlunsplit((scheme, parts.netloc, parts.path, "", ""))
+    return wss_url(base, f"/twilio/stream/{token}")
 
 
 # ------------------------------------------------------------------ signatures

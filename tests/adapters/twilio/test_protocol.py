@@ -13,21 +13,12 @@ from typing import Any
 import pytest
 
 from adapters.twilio.protocol import (
-    TRANSITIONS,
     CallConfig,
-    CallStateMachine,
-    Close,
     Connected,
     Dtmf,
-    DtmfCollector,
     EndSession,
-    HangUp,
-    Interrupt,
     Mark,
-    MarkBook,
     Media,
-    Play,
-    Speak,
     Start,
     StartTurn,
     State,
@@ -50,7 +41,17 @@ from gateway.events import (
     ResponseItemEvent,
 )
 from gateway.protocol import ProtocolError
-from gateway.protocol.actions import CancelListening, FeedAudio, StartListening
+from gateway.protocol.actions import CancelListening, Close, FeedAudio, StartListening
+from gateway.protocol.call import (
+    TRANSITIONS,
+    CallStateMachine,
+    DtmfCollector,
+    HangUp,
+    Interrupt,
+    MarkBook,
+    Play,
+    Speak,
+)
 from gateway.speech.audio import AudioFormat, Pcm
 from gateway.speech.stage import ListenOptions, SpeechStage
 from gateway.speech.stt import PocketsphinxRecognizer

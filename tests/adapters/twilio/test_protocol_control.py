@@ -6,15 +6,10 @@ from __future__ import annotations
 import json
 
 from adapters.twilio.protocol import (
-    MACHINE,
     CallConfig,
     EndSession,
-    HangUp,
-    Interrupt,
-    Play,
     StartTurn,
     State,
-    Transfer,
     TwilioCall,
 )
 from gateway.events import (
@@ -25,6 +20,7 @@ from gateway.events import (
     ResponseItemEvent,
     transfer_item,
 )
+from gateway.protocol.call import MACHINE, HangUp, Interrupt, Play, Transfer
 from tests.conftest import state_of
 
 CALL = "CA" + "c" * 32
