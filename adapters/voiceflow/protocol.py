@@ -223,7 +223,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, TypeGuard, TypeVar
 
 import jwt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 from gateway.events import (
@@ -236,6 +236,7 @@ from gateway.events import (
     ResponseItem,
     ResponseItemEvent,
     TurnEvent,
+    Wire,
 )
 from gateway.protocol import (
     Expected,
@@ -300,13 +301,9 @@ spec's example reason)."""
 # ------------------------------------------------------------------ payloads
 
 
-class _Payload(BaseModel):
-    """Base of client payloads: Voiceflow's own names (``userID``), unknown keys ignored."""
-
-    model_config = ConfigDict(populate_by_name=True, extra="ignore")
-
-
-_M = TypeVar("_M", bound=_Payload)
+_M = TypeVar("_M", bound=Wire)
+"""A client payload: a :class:`~gateway.events.Wire` model (camelCase names, unknown keys
+ignored; Voiceflow's ``...ID`` names are aliases of their own)."""
 
 
 def _time_zone(value: str | None) -> str | None:
@@ -319,17 +316,15 @@ def _time_zone(value: str | None) -> str | None:
         raise ValueError(f"unknown IANA time zone {clipped(value)}") from None
 
 
-class ClientConfig(_Payload):
+class ClientConfig(Wire):
     """``client.start.config`` (spec "client.start")."""
 
-    completion_events: bool = Field(default=False, alias="completionEvents")
+    completion_events: bool = False
     user_timezone: Annotated[str | None, AfterValidator(_time_zone)] = Field(
-        default=None, alias="userTimezone", max_length=64
+        default=None, max_length=64
     )
-    audio_events: bool = Field(default=False, alias="audioEvents")
-    audio_encoding: Literal["audio/x-mulaw", "audio/pcm", "audio/mp3", "audio/mpeg"] | None = Field(
-        default=None, alias="audioEncoding"
-    )
+    audio_events: bool = False
+    audio_encoding: Literal["audio/x-mulaw", "audio/pcm", "audio/mp3", "audio/mpeg"] | None = None
 
     def tts(self) -> TtsRequest | None:
         """The TTS links asked for: ``audioEvents`` in the file type of ``audioEncoding``.
@@ -345,7 +340,7 @@ class ClientConfig(_Payload):
 _FILE_TYPES: dict[str, TtsFileFormat] = {"audio/x-mulaw": "mulaw", "audio/pcm": "wav"}
 
 
-class ClientStart(_Payload):
+class ClientStart(Wire):
     """``client.start {userID, projectID, environmentID?, sessionKey?, authorization?,
     config?}``."""
 
@@ -384,11 +379,10 @@ def _id_or_none(value: Any) -> str | None:
 def _time_or_none(value: Any) -> int | float | None:
     """An optional request ``time`` kept only when a finite number (not a bool), else
     None (left out, never a rejection)."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return value if number and math.isfinite(value) else None
+    return value if _number(value) else None
 
 
-class ActionBody(_Payload):
+class ActionBody(Wire):
     """``action.send.action {type, payload?, diagramID?, time?}`` (Voiceflow's request).
 
     ``diagramID`` and ``time`` play no part in the turn; they are kept (when a string of
@@ -417,7 +411,7 @@ def _number_text(value: Any) -> Any:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-class ActionSend(_Payload):
+class ActionSend(Wire):
     """``action.send {action, messageID?}``; a number messageID is taken as its text."""
 
     action: ActionBody
@@ -426,20 +420,20 @@ class ActionSend(_Payload):
     )
 
 
-class IntentName(_Payload):
+class IntentName(Wire):
     """``{name}`` of an intent or event: 1..MAX_NAME characters, no whitespace."""
 
     name: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^\S+$")
 
 
-class Entity(_Payload):
+class Entity(Wire):
     """One entity of an intent action: ``{name, value}``."""
 
     name: str = Field(min_length=1, max_length=MAX_NAME)
     value: Any = None
 
 
-class IntentPayload(_Payload):
+class IntentPayload(Wire):
     """``intent`` action payload: ``{intent: {name}, entities?: [{name, value}], query?,
     confidence?}``."""
 
@@ -449,13 +443,13 @@ class IntentPayload(_Payload):
     confidence: float | None = Field(default=None, ge=0, le=1)
 
 
-class EventPayload(_Payload):
+class EventPayload(Wire):
     """``event`` action payload: ``{event: {name, ...}}``."""
 
     event: IntentName
 
 
-class LabelPayload(_Payload):
+class LabelPayload(Wire):
     """Payload of a choice path (``path-...``), ``action`` or other general request:
     ``{label?}``."""
 
@@ -576,7 +570,8 @@ class SessionKeys:
 
 
 def _number(value: Any) -> TypeGuard[int | float]:
-    """Whether a JWT claim is a NumericDate: a finite number (not a bool)."""
+    """Whether ``value`` is a finite number, not a bool (a JWT claim's NumericDate, a
+    request's ``time``, a no-reply timeout)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -823,7 +818,7 @@ def no_reply_timeout(attributes: Mapping[str, Any]) -> int | float | None:
     ``attributes``: :data:`NO_REPLY_ATTRIBUTE` (ms, a positive finite number) / 1000, a
     whole number of seconds as an int; None when there is no such timeout."""
     value = attributes.get(NO_REPLY_ATTRIBUTE)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+    if not _number(value) or value <= 0:
         return None
     seconds = value / 1000
     return int(seconds) if seconds.is_integer() else seconds
@@ -961,8 +956,6 @@ START_CHECKING = "client.start (valid sessionKey)"
 SESSION_FOUND = "SessionFound"
 SESSION_MISSING = "SessionMissing"
 SESSION_CHECK_FAILED = "SessionCheckFailed"
-START_REFUSED = "client.start (refused)"
-ACTION_REFUSED = "action.send (refused)"
 ACTION_QUEUED = "action.send (queued)"
 TURN_REJECTED = "TurnRejected"
 TURN_REJECTED_GONE = "TurnRejected (session not found)"
@@ -978,12 +971,9 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         (State.READY, SESSION_CREATE): State.READY,
         # actions (spec "Action Lifecycle")
         (State.READY, ACTION_SEND): State.RUNNING,
-        (State.READY, ACTION_REFUSED): State.READY,
-        # sent while one runs (spec "Action Lifecycle": supported): queued or refused
+        # sent while one runs (spec "Action Lifecycle": supported): queued
         (State.RUNNING, ACTION_QUEUED): State.RUNNING,
-        (State.RUNNING, ACTION_REFUSED): State.RUNNING,
         (State.ENDING, ACTION_QUEUED): State.ENDING,
-        (State.ENDING, ACTION_REFUSED): State.ENDING,
         # the turn's events, in the engine's order (those that keep it running: below)
         (State.RUNNING, "SessionEnded"): State.ENDING,
         (State.RUNNING, TURN_REJECTED): State.READY,
@@ -1003,7 +993,6 @@ def _build_transitions() -> dict[tuple[State, str], State]:
     for state in (State.CONNECTED, State.STARTED, State.READY):
         table[(state, CLIENT_START)] = State.STARTED
         table[(state, START_CHECKING)] = State.STARTING
-        table[(state, START_REFUSED)] = state
     for state in State:
         table[(state, DISCONNECT)] = State.CLOSED
     return table
@@ -1015,7 +1004,7 @@ TRANSITIONS: dict[tuple[State, str], State] = _build_transitions()
 Events are the client's (``client.start``, ``session.create``, ``action.send``), the
 turn engine's (``SessionStarted``, ``ResponseItem``, ``Binary``, ``Response``,
 ``Error``, ``SessionEnded``) and the connection's own (:data:`START_CHECKING`,
-:data:`START_REFUSED`, :data:`ACTION_REFUSED`, :data:`ACTION_QUEUED`, :data:`TURN_REJECTED`,
+:data:`ACTION_QUEUED`, :data:`TURN_REJECTED`,
 :data:`TURN_REJECTED_GONE`, :data:`TURN_FINISHED`, :data:`SESSION_TIMED_OUT`,
 :data:`DISCONNECT`) and the store's answer for a sessionKey (:data:`SESSION_FOUND`,
 :data:`SESSION_MISSING`, :data:`SESSION_CHECK_FAILED`). Anything else is a
@@ -1194,18 +1183,14 @@ class VoiceflowConnection:
         return handler(self, payload)
 
     def _on_client_start(self, payload: Any) -> list[Action]:
-        machine = self.machine
         try:
             start = parse_client_start(payload)
         except ProtocolError as exc:
-            machine.feed(START_REFUSED)
             return [error("invalid-payload", exc.text)]
         if self.api_keys and not key_valid(start.authorization, self.api_keys):
-            machine.feed(START_REFUSED)
             text = "client.start.authorization is missing or is not an API key of this gateway."
             return [error("unauthorized", text)]
         if not self.project_allowed(start.project_id):
-            machine.feed(START_REFUSED)
             return [error("forbidden-project", f"Unknown projectID {clipped(start.project_id)}.")]
         check = self._signer().verify(
             start.session_key, project_id=start.project_id, user_id=start.user_id, now=self.clock()
@@ -1213,9 +1198,9 @@ class VoiceflowConnection:
         self.start = start
         self._talk_in(check.session_id)
         if check.session_id is None:
-            machine.feed(CLIENT_START)
+            self.machine.feed(CLIENT_START)
             return [Emit(CLIENT_STARTED, {"newSessionRequired": True})]
-        machine.feed(START_CHECKING)  # the store says whether the session goes on
+        self.machine.feed(START_CHECKING)  # the store says whether the session goes on
         return [CheckSession(self._context(create=False), check.active_since)]
 
     def session_checked(self, found: SessionCheck) -> list[Action]:
@@ -1243,10 +1228,7 @@ class VoiceflowConnection:
             self.machine.advance(SESSION_MISSING)
             return [Emit(CLIENT_STARTED, {"newSessionRequired": True})]
         self.machine.advance(SESSION_CHECK_FAILED)
-        if found == "store-unavailable":
-            text = "The session store is unavailable: send client.start again."
-            return [error("store-unavailable", text)]
-        return [error("gateway-error", "Internal gateway error: send client.start again.")]
+        return [error(found, _CHECK_FAILED[found])]
 
     def _on_session_create(self, payload: Any) -> list[Action]:
         if payload is not None and not isinstance(payload, dict):
@@ -1266,16 +1248,13 @@ class VoiceflowConnection:
     def _on_action_send(self, payload: Any) -> list[Action]:
         given = _message_id_of(payload)
         message_id = given or self.new_message_id()
-        machine = self.machine
-        queue = machine.allows(ACTION_QUEUED)  # an action runs: this one waits for it
-        if not queue and not machine.allows(ACTION_SEND):
-            reason, refused = machine.refusal(ACTION_SEND)
+        queue = self.machine.allows(ACTION_QUEUED)  # an action runs: this one waits for it
+        if not queue and not self.machine.allows(ACTION_SEND):
+            reason, refused = self.machine.refusal(ACTION_SEND)
             return [status("rejected", message_id, reason, refused.text)]
         if self._restarting:
-            machine.feed(ACTION_REFUSED)
             return [status("rejected", message_id, "server-restart", RESTART_TEXT)]
         if given is not None and given in (self.running_message_id, *self.queued_message_ids):
-            machine.feed(ACTION_REFUSED)
             text = (
                 f"An action with messageID {clipped(message_id)} is still running or waiting: "
                 "each action needs a messageID of its own."
@@ -1285,24 +1264,21 @@ class VoiceflowConnection:
             body = _parse(ActionSend, payload, ACTION_SEND).action
             input_ = action_input(body)
         except ProtocolError as exc:
-            machine.feed(ACTION_REFUSED)
             reason = "unknown-action-type" if exc.got is not None else "malformed-action"
             return [status("rejected", message_id, reason, exc.text)]
         if not queue:
             return self._start_action(_Queued(message_id, body, input_), accepted=False)
         if len(self._queued) >= MAX_QUEUED_ACTIONS:
-            machine.feed(ACTION_REFUSED)
             text = f"{MAX_QUEUED_ACTIONS} actions already wait for the running one."
             return [status("rejected", message_id, "too-many-actions", text)]
         size = _json_chars(body.payload)
         if sum(queued.size for queued in self._queued) + size > self.max_queued_chars:
-            machine.feed(ACTION_REFUSED)
             text = (
                 f"The actions waiting for the running one may carry {self.max_queued_chars} "
                 "characters of payload together."
             )
             return [status("rejected", message_id, "too-many-actions", text)]
-        machine.feed(ACTION_QUEUED)
+        self.machine.feed(ACTION_QUEUED)
         self._queued.append(_Queued(message_id, body, input_, size))
         return [status("accepted", message_id)]
 
@@ -1316,7 +1292,6 @@ class VoiceflowConnection:
         assert self.start is not None
         message_id = action.message_id
         if self.session_busy(session_key):
-            self.machine.feed(ACTION_REFUSED)
             text = "An action of this session is running on another connection."
             return [status("rejected", message_id, "action-running", text)]
         self.machine.feed(ACTION_SEND)
@@ -1519,6 +1494,12 @@ _EVENTS: dict[str, Callable[[VoiceflowConnection, Any], list[Action]]] = {
 """Client event -> its handler (spec "Client events")."""
 _KNOWN = ", ".join(_EVENTS)
 
+_CHECK_FAILED = {
+    "store-unavailable": "The session store is unavailable: send client.start again.",
+    "gateway-error": "Internal gateway error: send client.start again.",
+}
+"""The ``error`` text of a :class:`CheckSession` the store could not answer, by its code."""
+
 
 def _trace_emits(message_id: str, traces: Iterable[dict[str, Any]]) -> list[Action]:
     """``action.trace {trace, messageID}`` for each of ``traces``."""
@@ -1532,8 +1513,9 @@ def _json_chars(value: Any) -> int:
 
 def _message_id_of(payload: Any) -> str | None:
     """The client's messageID when it is usable, whatever else is wrong with the payload."""
-    value = _number_text(payload.get("messageID")) if isinstance(payload, Mapping) else None
-    return value if isinstance(value, str) and 0 < len(value) <= MAX_ID else None
+    if not isinstance(payload, Mapping):
+        return None
+    return _id_or_none(_number_text(payload.get("messageID")))
 
 
 # ------------------------------------------------------------------ Engine.IO packets
