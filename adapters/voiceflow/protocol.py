@@ -1442,13 +1442,9 @@ class VoiceflowConnection:
         rejections ``no-session``: :meth:`_next_queued`)."""
         running = self._running
         assert running is not None
-        gone = exc.reason == "session-not-found"
-        self.machine.advance(TURN_REJECTED_GONE if gone else TURN_REJECTED)
-        self._running = None
-        out: list[Action] = [status("rejected", running.message_id, exc.reason, exc.text)]
-        if gone:
-            out.append(self._session_ended(ENDED_EXPIRED))
-        return out + self._next_queued()
+        event = TURN_REJECTED_GONE if exc.reason == "session-not-found" else TURN_REJECTED
+        rejected = status("rejected", running.message_id, exc.reason, exc.text)
+        return self._action_over(event, [rejected], ENDED_EXPIRED)
 
     def turn_finished(self) -> list[Action]:
         """The running turn's event stream has ended: ``action.status completed``
@@ -1458,12 +1454,17 @@ class VoiceflowConnection:
         ``no-session``: :meth:`_next_queued`)."""
         running = self._running
         assert running is not None
-        ended = self.machine.advance(TURN_FINISHED) is State.STARTED
-        self._running = None
         out = _trace_emits(running.message_id, running.writer.close())
         out.append(status("completed", running.message_id, "error" if running.failed else None))
-        if ended:
-            out.append(self._session_ended(ENDED_BY_CORE))
+        return self._action_over(TURN_FINISHED, out, ENDED_BY_CORE)
+
+    def _action_over(self, event: str, out: list[Action], ended: str) -> list[Action]:
+        """The running action is over (``event``): ``out``, then, when the session is gone
+        with it, ``session.ended {reason: ended}``, then what :meth:`_next_queued` makes of
+        the queued actions."""
+        if self.machine.advance(event) is State.STARTED:
+            out.append(self._session_ended(ended))
+        self._running = None
         return out + self._next_queued()
 
     def _session_ended(self, reason: str) -> Emit:

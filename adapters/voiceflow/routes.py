@@ -372,18 +372,16 @@ class EngineIoGuard:
                 log.info("Voiceflow polling POST ended before its body (%s)", _peer(scope))
                 return
             body += message.get("body", b"")
-            if len(body) > self.sio.eio.max_http_buffer_size:  # engineio refuses it (413)
-                rest = {"type": "http.request", "body": bytes(body), "more_body": True}
-                await self.app(scope, _replay([rest], receive), send)
-                return
-            if not message.get("more_body"):
+            over = len(body) > self.sio.eio.max_http_buffer_size  # engineio refuses it (413)
+            if over or not message.get("more_body"):
                 break
-        fault = engine_io_payload_fault(
-            bytes(body[: _content_length(scope)]), engineio.payload.Payload.max_decode_packets
-        )
-        if fault is None:
-            whole = {"type": "http.request", "body": bytes(body), "more_body": False}
-            await self.app(scope, _replay([whole], receive), send)
+        fault = None
+        if not over:
+            limit = engineio.payload.Payload.max_decode_packets
+            fault = engine_io_payload_fault(bytes(body[: _content_length(scope)]), limit)
+        if fault is None:  # handed on as read (over the limit: the rest to come)
+            read = {"type": "http.request", "body": bytes(body), "more_body": over}
+            await self.app(scope, _replay(read, receive), send)
             return
         sid = _query(scope, "sid")
         ended = await self._end_session(sid)
@@ -460,9 +458,9 @@ class EngineIoGuard:
         await send({"type": "http.response.body", "body": text})
 
 
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """``receive`` giving ``messages`` first, then what ``receive`` gives."""
-    pending = list(messages)
+def _replay(message: Message, receive: Receive) -> Receive:
+    """``receive`` giving ``message`` first, then what ``receive`` gives."""
+    pending = [message]
 
     async def replayed() -> Message:
         return pending.pop(0) if pending else await receive()
@@ -593,13 +591,9 @@ class VoiceflowServer:
         """
         if self._gateway is None:
             raise RuntimeError("the Voiceflow server is not started")
-        secret = self.settings.voiceflow_secret
-        key: str | bytes = (
-            secret.get_secret_value()
-            if secret is not None
-            else self._gateway.secret_keys.key(VOICEFLOW_SESSION_KEY)
-        )
-        return self._signer(key)
+        if (secret := self.settings.voiceflow_secret) is not None:
+            return self._signer(secret.get_secret_value())
+        return self._signer(self._gateway.secret_keys.key(VOICEFLOW_SESSION_KEY))
 
     async def stop(self) -> None:
         """Tell remaining clients ``server.restart``, stop socket.io's background tasks."""
@@ -744,9 +738,8 @@ class VoiceflowServer:
         at INFO with their count. A connection of another instance keeps its queue (its
         turns take the session's lock one at a time; the new connection's wait for it)."""
         key = client.conn.session_key
-        for other in [c for c in self._clients.values() if c is not client]:
-            if other.conn.session_key != key:
-                continue
+        others = [c for c in self._clients.values() if c is not client]
+        for other in [c for c in others if c.conn.session_key == key]:
             rejected = other.conn.superseded()
             if rejected:
                 log.info(
