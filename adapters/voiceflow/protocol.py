@@ -356,17 +356,12 @@ class ClientStart(Wire):
 
 def _json_only(value: Any) -> Any:
     """``value`` (a decoded socket.io payload: JSON values, and ``bytes`` where the client
-    sent a binary attachment) when it holds no bytes anywhere, else ValueError. Iterative:
-    no depth bound needed (the packet's JSON is already bounded)."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, bytes | bytearray | memoryview):
-            raise ValueError("a binary attachment is not accepted (the payload is JSON only)")
-        if isinstance(item, dict):
-            pending.extend(item.values())
-        elif isinstance(item, list | tuple):
-            pending.extend(item)
+    sent a binary attachment) when it holds no bytes anywhere (it can be written as JSON),
+    else ValueError. Its depth is that of the packet's JSON, which load_json bounded."""
+    try:
+        json.dumps(value)
+    except TypeError:  # bytes, bytearray, memoryview: JSON has none
+        raise ValueError("a binary attachment is not accepted (the payload is JSON only)") from None
     return value
 
 
