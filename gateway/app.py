@@ -59,6 +59,7 @@ from gateway.sessions import (
 )
 from gateway.settings import Settings
 from gateway.speech.service import make_speech
+from gateway.startup import router as startup_router
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,9 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         console.mount(app)
     # the admin API: proactive push and the session view (gateway/push.py)
     install_admin(app)
+    # last: its lifespan logs the one INFO line of the channels not configured, which the
+    # channels' lifespans (started before it) recorded
+    app.include_router(startup_router)
 
     # GET and HEAD (RFC 9110 section 9.3.2: the same answer without its body, as load
     # balancers and uptime checkers ask): one route each, so each has its own operationId

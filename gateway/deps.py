@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from gateway.outbox import Journal
     from gateway.push import Pusher
     from gateway.speech.service import SpeechService
+    from gateway.startup import Unconfigured
 
 
 @dataclass
@@ -32,7 +33,8 @@ class Gateway:
     (:mod:`gateway.secrets`; read a purpose's key when it is needed).
     ``journal`` is the sessions' outbox with the bus (gateway/outbox.py): connections
     follow their session's outbox through it; ``pusher`` serves the admin API
-    (gateway/push.py).
+    (gateway/push.py). ``unconfigured`` lists the channels not configured, recorded by
+    their routers' lifespans for the startup's one INFO line (:mod:`gateway.startup`).
     """
 
     settings: Settings
@@ -45,6 +47,7 @@ class Gateway:
     secret_keys: SecretKeys = field(default_factory=SecretKeys.random)
     journal: Journal | None = None
     pusher: Pusher | None = None
+    unconfigured: list[Unconfigured] = field(default_factory=list)
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:

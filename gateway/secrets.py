@@ -90,10 +90,13 @@ class SecretKeys:
     Redis) or ``process`` (random, this process only). The master may be
     replaced (:meth:`adopt`) when Redis answers after a failed startup read, or holds
     another key later (:func:`_keep_shared`), so read :meth:`key` when a key is needed.
+    ``warned`` is True when :func:`load_secret_keys` logged the WARNING that the key is
+    random per process (what signs with it need not say so again).
     """
 
     master: bytes
     source: Source
+    warned: bool = field(default=False, repr=False)
     _derived: dict[str, bytes] = field(default_factory=dict, repr=False)
     _retry: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -176,7 +179,9 @@ async def load_secret_keys(
             "they stop working when this process restarts and are not accepted by other "
             "gateway instances (set either one to share the key)"
         )
-        return SecretKeys.random()
+        keys = SecretKeys.random()
+        keys.warned = True
+        return keys
     try:
         async with asyncio.timeout(timeout_s):
             keys = SecretKeys(await shared_master_key(redis, prefix), "redis")
@@ -187,6 +192,7 @@ async def load_secret_keys(
             exc or type(exc).__name__,
         )
         keys = SecretKeys.random()
+        keys.warned = True
     keys._retry = asyncio.create_task(_keep_shared(keys, redis, prefix, retry_max_s, check_s))
     return keys
 

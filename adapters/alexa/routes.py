@@ -160,13 +160,17 @@ def make_channel(gw: Gateway, factory: AlexaVerifierFactory | None = None) -> Al
     """The AlexaWebhook for ``gw``'s settings; logs the startup warnings.
 
     Verification off: a WARNING (requests are not authenticated). Verification on
-    without skill ids: a WARNING that /alexa refuses requests with 503 (a skill that
-    accepts any applicationId would serve any skill pointed at this URL).
+    without skill ids: /alexa refuses requests with 503 (a skill that accepts any
+    applicationId would serve any skill pointed at this URL), recorded for the
+    startup's INFO line of the channels not configured (:mod:`gateway.startup`).
     """
     settings = gw.settings
     refusal = refusal_at_startup(
+        gw,
         log,
         "/alexa",
+        channel="alexa",
+        needs="GATEWAY_ALEXA_SKILL_IDS",
         verify=settings.alexa_verify,
         configured=bool(settings.alexa_skill_ids),
         off="Alexa request verification is OFF (GATEWAY_ALEXA_VERIFY=false): /alexa accepts "

@@ -28,10 +28,13 @@ from adapters.exotel.verify import ExotelVerifier
 from gateway.callcodec import VerificationRefused
 from gateway.deps import gateway_of
 from gateway.io.call import CallRunner, admit, call_config
+from gateway.startup import not_configured
 
 log = logging.getLogger("gateway.exotel")
 
 CHANNEL: Final = "exotel"
+UNSET: Final = "GATEWAY_EXOTEL_API_KEY and GATEWAY_EXOTEL_API_TOKEN"
+"""The settings an unconfigured Exotel channel needs (in its startup note and refusals)."""
 
 
 @dataclass
@@ -44,13 +47,21 @@ class ExotelChannel:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings = app.state.gateway.settings
+    gw = app.state.gateway
+    settings = gw.settings
     token = settings.exotel_api_token.get_secret_value() if settings.exotel_api_token else ""
     verifier = None
     if settings.exotel_api_key and token:
         verifier = ExotelVerifier(settings.exotel_api_key, token)
-    else:
-        log.warning("GATEWAY_EXOTEL_API_KEY/TOKEN are unset: /exotel/stream refuses every call")
+    elif settings.exotel_api_key or token:  # half done: one of the two credentials
+        given, unset = (
+            ("GATEWAY_EXOTEL_API_KEY", "GATEWAY_EXOTEL_API_TOKEN")
+            if settings.exotel_api_key
+            else ("GATEWAY_EXOTEL_API_TOKEN", "GATEWAY_EXOTEL_API_KEY")
+        )
+        log.warning("%s is unset: /exotel/stream refuses every call (%s is set)", unset, given)
+    else:  # not configured at all: the startup's INFO line names it
+        not_configured(gw, CHANNEL, "/exotel/stream", 403, UNSET)
     app.state.exotel = ExotelChannel(verifier)
     yield
 
@@ -66,7 +77,7 @@ async def stream(websocket: WebSocket) -> None:
 
     async def check() -> bool:
         if channel.verifier is None:
-            raise VerificationRefused("no Exotel credentials are configured")
+            raise VerificationRefused(f"no Exotel credentials are configured ({UNSET})")
         channel.verifier.check(websocket.headers.get("authorization"))
         return True
 

@@ -187,19 +187,23 @@ def make_channels(
 ) -> tuple[GoogleWebhook, DialogflowWebhook]:
     """The /google and /dialogflow webhooks for ``gw``'s settings; logs the startup warnings.
 
-    Verification off: a WARNING. Verification on without project ids: a WARNING
-    that /google refuses requests with 503 (any Google account can get
-    Google-signed tokens for its own project: without the audience check a token
-    proves nothing). /dialogflow without GATEWAY_DIALOGFLOW_AUTH: a WARNING that it
-    refuses requests with 503 (anyone who knows a session path could continue that
-    conversation), or with GATEWAY_DIALOGFLOW_VERIFY=false a WARNING that it is open.
+    Verification off: a WARNING. Verification on without project ids: /google
+    refuses requests with 503 (any Google account can get Google-signed tokens for its
+    own project: without the audience check a token proves nothing). /dialogflow
+    without GATEWAY_DIALOGFLOW_AUTH refuses requests with 503 (anyone who knows a
+    session path could continue that conversation), or with
+    GATEWAY_DIALOGFLOW_VERIFY=false a WARNING that it is open. A channel not configured
+    is recorded for the startup's INFO line of them (:mod:`gateway.startup`), not warned of.
     """
     settings = gw.settings
     secret = settings.dialogflow_auth
     auth = DialogflowAuth.parse(secret.get_secret_value()) if secret else None
     df_refusal = refusal_at_startup(
+        gw,
         log,
         "/dialogflow",
+        channel="dialogflow",
+        needs="GATEWAY_DIALOGFLOW_AUTH",
         verify=settings.dialogflow_verify or auth is not None,
         configured=auth is not None,
         off="Dialogflow authentication is OFF (GATEWAY_DIALOGFLOW_VERIFY=false): /dialogflow "
@@ -208,8 +212,11 @@ def make_channels(
         "credentials the agent sends, or GATEWAY_DIALOGFLOW_VERIFY=false for local development.",
     )
     refusal = refusal_at_startup(
+        gw,
         log,
         "/google",
+        channel="google",
+        needs="GATEWAY_GOOGLE_PROJECT_IDS",
         verify=settings.google_verify,
         configured=bool(settings.google_project_ids),
         off="Google request verification is OFF (GATEWAY_GOOGLE_VERIFY=false): /google accepts "

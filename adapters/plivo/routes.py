@@ -79,6 +79,7 @@ from gateway.protocol import ProtocolError
 from gateway.protocol.call import Transfer
 from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
+from gateway.startup import not_configured
 
 log = logging.getLogger("gateway.plivo")
 
@@ -123,8 +124,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gw = app.state.gateway
     settings = gw.settings
     token = settings.plivo_auth_token.get_secret_value() if settings.plivo_auth_token else ""
-    if not token:
-        log.warning("GATEWAY_PLIVO_AUTH_TOKEN is unset: /plivo/answer refuses every call")
+    if not token and settings.plivo_auth_id:  # half done: no call can be answered
+        log.warning(
+            "GATEWAY_PLIVO_AUTH_TOKEN is unset: /plivo/answer refuses every call "
+            "(GATEWAY_PLIVO_AUTH_ID is set)"
+        )
+    elif not token:  # not configured at all: the startup's INFO line names it
+        not_configured(gw, CHANNEL, "/plivo/answer", 403, "GATEWAY_PLIVO_AUTH_TOKEN")
     else:  # configured: its answers hand Plivo stream and transfer URLs of the public URL
         warn_unreachable_public_url(log, "Plivo", settings.public_url)
     auth = (
@@ -172,7 +178,9 @@ async def _signed_form(request: Request, path: str) -> dict[str, str] | Response
             main_signature_header=request.headers.get(MAIN_SIGNATURE_HEADER),
         )
     except VerificationRefused as exc:  # logged in a bounded burst: forged requests flood
-        refusal_log(request.app.state, "Plivo").log(log, "Plivo %s refused: %s", path, exc.reason)
+        unset = " (GATEWAY_PLIVO_AUTH_TOKEN is unset)" if channel.verifier is None else ""
+        line = "Plivo %s refused: %s%s"
+        refusal_log(request.app.state, "Plivo").log(log, line, path, exc.reason, unset)
         return refusal(exc)  # WWW-Authenticate on a 401
     nonce = request.headers.get(NONCE_HEADER, "")
     key = "plivo:v3-nonce:" + hashlib.sha256(nonce.encode("utf-8", "replace")).hexdigest()

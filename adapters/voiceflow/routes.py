@@ -564,9 +564,11 @@ class VoiceflowServer:
             await self.stop()
 
     def start(self, gw: Gateway) -> None:
-        """Take the gateway's parts, wrap the signal handlers; warn when keys are not shared."""
+        """Take the gateway's parts, wrap the signal handlers; warn when keys are not
+        shared, unless the gateway's key already warned of it (one line, not two)."""
         self._gateway = gw
-        if self.settings.voiceflow_secret is None and not gw.secret_keys.shared:
+        keys = gw.secret_keys
+        if self.settings.voiceflow_secret is None and not keys.shared and not keys.warned:
             if self.settings.redis_url:  # Redis did not answer at startup: adopted later
                 log.warning(
                     "Voiceflow sessionKeys are signed with a random per-process key until "

@@ -70,6 +70,7 @@ from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.call import Transfer
 from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
+from gateway.startup import not_configured
 
 log = logging.getLogger("gateway.vonage")
 
@@ -96,8 +97,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = gw.settings
     secret = settings.vonage_signature_secret
     verifier = VonageVerifier(secret.get_secret_value()) if secret else None
-    if verifier is None:
-        log.warning("GATEWAY_VONAGE_SIGNATURE_SECRET is unset: /vonage/answer refuses every call")
+    if verifier is None and (settings.vonage_application_id or settings.vonage_private_key):
+        # half done: the REST credentials of its calls, but no call can be answered
+        log.warning(
+            "GATEWAY_VONAGE_SIGNATURE_SECRET is unset: /vonage/answer refuses every call "
+            "(GATEWAY_VONAGE_APPLICATION_ID or _PRIVATE_KEY is set)"
+        )
+    elif verifier is None:  # not configured at all: the startup's INFO line names it
+        not_configured(gw, CHANNEL, "/vonage/answer", 403, "GATEWAY_VONAGE_SIGNATURE_SECRET")
     key = settings.vonage_private_key
     auth = (
         vonage.VonageAuth(
@@ -139,7 +146,9 @@ async def answer(request: Request) -> Response:
         await use_signature_once(gw, key, channel.verifier.replay_window_s, replayed())
     except VerificationRefused as exc:
         # logged in a bounded burst: forged requests come in floods
-        refusal_log(request.app.state, "Vonage").log(log, "Vonage answer refused: %s", exc.reason)
+        unset = " (GATEWAY_VONAGE_SIGNATURE_SECRET is unset)" if channel.verifier is None else ""
+        line = "Vonage answer refused: %s%s"
+        refusal_log(request.app.state, "Vonage").log(log, line, exc.reason, unset)
         return refusal(exc)  # WWW-Authenticate (RFC 6750 section 3)
     except StoreUnavailable as exc:
         return nonce_store_unavailable(log, "Vonage answer", exc)

@@ -69,6 +69,7 @@ from gateway.logs import session_ref
 from gateway.protocol import ProtocolError
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import RefusalLog
+from gateway.startup import not_configured
 from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd, TurnOutcome, TurnRejected
 
 __all__ = ["WebhookChannel", "WebhookRefused", "end_session", "refusal_at_startup", "run_turn"]
@@ -274,21 +275,34 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
 
 
 def refusal_at_startup(
-    log: logging.Logger, path: str, *, verify: bool, configured: bool, off: str, missing: str
+    gw: Gateway,
+    log: logging.Logger,
+    path: str,
+    *,
+    channel: str,
+    needs: str,
+    verify: bool,
+    configured: bool,
+    off: str,
+    missing: str,
 ) -> str | None:
     """A verified webhook's startup policy: why ``path`` refuses every request, or None.
 
     ``verify`` False (GATEWAY_<CHANNEL>_VERIFY=false): a WARNING ``off`` plus "Use this
-    only for local development." on ``log``; None (the endpoint is open). ``verify``
-    but not ``configured`` (no ids, no credentials): a WARNING that ``path`` refuses
-    requests with 503, and ``missing`` (which says what to set) is the refusal; an
-    unconfigured check would accept anyone, so the gateway does not guess. Else None.
+    only for local development." on ``log`` (an unsafe setting); None (the endpoint is
+    open). ``verify`` but not ``configured`` (no ids, no credentials): ``missing``
+    (which says what to set) is the refusal, every request answered 503; an
+    unconfigured check would accept anyone, so the gateway does not guess. A channel
+    not configured is how the gateway ships, no WARNING: it is recorded on ``gw`` as
+    ``channel`` needing ``needs`` (the setting's name) for the startup's one INFO line
+    (:func:`gateway.startup.not_configured`), and each refused request is logged at
+    WARNING (the channel's ``refusals``). Else None.
     """
     if not verify:
         log.warning("%s Use this only for local development.", off)
         return None
     if not configured:
-        log.warning("%s refuses requests (503): %s", path, missing)
+        not_configured(gw, channel, path, 503, needs)
         return missing
     return None
 

@@ -508,8 +508,12 @@ async def test_dialogflow_without_credentials_refuses_with_503(
     assert answer.json()["reason"] == "not_configured"
     assert "GATEWAY_DIALOGFLOW_AUTH" in answer.json()["detail"]
     assert google.status_code == 200  # the other channel is unaffected
-    (startup,) = [r for r in caplog.records if "/dialogflow refuses requests" in r.getMessage()]
-    assert startup.levelno == logging.WARNING
+    # not configured is no startup WARNING (the INFO line of gateway.startup names it);
+    # the refused request is one, naming the setting
+    assert not [r for r in caplog.records if "/dialogflow refuses requests" in r.getMessage()]
+    (refused,) = [r for r in caplog.records if "Dialogflow request refused" in r.getMessage()]
+    assert refused.levelno == logging.WARNING
+    assert "GATEWAY_DIALOGFLOW_AUTH" in refused.getMessage()
 
 
 async def test_dialogflow_applies_app_keys() -> None:
