@@ -133,6 +133,7 @@ from gateway.protocol.call import CallAction, Transfer
 from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
+from gateway.startup import not_configured
 
 log = logging.getLogger("adapters.telnyx")
 
@@ -142,10 +143,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Startup: with Telnyx configured (GATEWAY_TELNYX_API_KEY or
     GATEWAY_TELNYX_PUBLIC_KEY set), a WARNING when Telnyx could not reach
     GATEWAY_PUBLIC_URL, which the dial's ``stream_url``/``webhook_url`` and the TeXML
-    ``<Stream url>`` are made of (:func:`gateway.calls.warn_unreachable_public_url`)."""
+    ``<Stream url>`` are made of (:func:`gateway.calls.warn_unreachable_public_url`).
+    Neither set: Telnyx is not configured, its webhooks refused (403), named in the
+    startup's INFO line of the channels not configured (:mod:`gateway.startup`)."""
     settings: Settings = app.state.gateway.settings
     if settings.telnyx_api_key or settings.telnyx_public_key:
         warn_unreachable_public_url(log, "Telnyx", settings.public_url)
+    else:
+        not_configured(
+            app.state.gateway, CHANNEL, "/telnyx/texml", 403, "GATEWAY_TELNYX_PUBLIC_KEY"
+        )
     yield
 
 

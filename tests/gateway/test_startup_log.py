@@ -4,11 +4,11 @@
 WARNING lines: six channels that were merely not configured (Alexa, Dialogflow, Google,
 Vonage, Plivo, Exotel), the random per-process secret key twice (gateway.secrets and
 Voiceflow), and Twilio's unsigned requests. A channel none of whose settings are given
-is how the gateway ships: the channels not configured are one INFO line, each refused
-request to them a WARNING (bounded: gateway.ratelimit.RefusalLog), so whoever forgot a
-setting learns it from the first request. What stays a WARNING: the per-process key (once),
-Twilio accepting unsigned requests, verification turned off, a channel with some of its
-credentials but not enough.
+is how the gateway ships: the channels not configured (Telnyx too, silent before) are
+one INFO line, each refused request to them a WARNING (bounded:
+gateway.ratelimit.RefusalLog), so whoever forgot a setting learns it from the first
+request. What stays a WARNING: the per-process key (once), Twilio accepting unsigned
+requests, verification turned off, a channel with some of its credentials but not enough.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from gateway.secrets import SecretKeys
 from gateway.settings import Settings
 from gateway.startup import Unconfigured, summary
 from tests.adapters.carriers import upgrade_status
+from tests.adapters.telnyx.harness import PUBLIC_KEY as TELNYX_PUBLIC_KEY
 from tests.conftest import GatewayProcess, served
 
 UNCONFIGURED = {
     "alexa": ("/alexa", 503, "GATEWAY_ALEXA_SKILL_IDS"),
     "dialogflow": ("/dialogflow", 503, "GATEWAY_DIALOGFLOW_AUTH"),
     "google": ("/google", 503, "GATEWAY_GOOGLE_PROJECT_IDS"),
+    "telnyx": ("/telnyx/texml", 403, "GATEWAY_TELNYX_PUBLIC_KEY"),
     "vonage": ("/vonage/answer", 403, "GATEWAY_VONAGE_SIGNATURE_SECRET"),
     "plivo": ("/plivo/answer", 403, "GATEWAY_PLIVO_AUTH_TOKEN"),
     "exotel": ("/exotel/stream", 403, "GATEWAY_EXOTEL_API_KEY and GATEWAY_EXOTEL_API_TOKEN"),
@@ -47,6 +49,7 @@ CHANNEL_LOGGERS = (
     "gateway.vonage",
     "gateway.plivo",
     "gateway.exotel",
+    "adapters.telnyx",
     "adapters.voiceflow.routes",
 )
 """The loggers that warned of a channel not configured (or of the key again) at startup."""
@@ -77,7 +80,7 @@ def test_the_summary_lists_each_channel_once_in_order() -> None:
 def test_gateway_serve_without_settings_warns_only_of_the_key_and_unsigned_twilio() -> None:
     """A real ``gateway serve`` (its logging setup, uvicorn, every router's lifespan) with
     no GATEWAY_ setting at all: two WARNING lines (the per-process secret key, once; Twilio
-    accepting unsigned requests) and one INFO line naming the six channels not configured.
+    accepting unsigned requests) and one INFO line naming the seven channels not configured.
     Before: nine WARNING lines."""
     proc = GatewayProcess({}, log_level="info")
     proc.env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -100,7 +103,8 @@ async def test_the_app_without_settings_logs_one_info_line_of_the_unconfigured(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The app's lifespan (in this process): nothing of the channels not configured at
-    WARNING, Voiceflow's duplicate of the key's WARNING gone, one INFO summary."""
+    WARNING, Voiceflow's duplicate of the key's WARNING gone, one INFO summary (which
+    names Telnyx too: its webhooks refused without a word at startup)."""
     caplog.set_level(logging.DEBUG)
     async with served(Settings()):
         pass
@@ -131,6 +135,7 @@ async def test_configured_channels_are_not_listed_and_all_configured_logs_no_lin
         "plivo_auth_token": "plivo-token",
         "exotel_api_key": "exotel-key",
         "exotel_api_token": "exotel-token",
+        "telnyx_public_key": TELNYX_PUBLIC_KEY,
         "public_url": "https://gateway.example.com",
     }
     async with served(Settings(**configured)):
@@ -209,6 +214,7 @@ async def test_a_request_to_each_unconfigured_endpoint_is_a_warning_naming_the_s
             "alexa": await client.post("/alexa", json={"version": "1.0"}),
             "google": await client.post("/google", json={}),
             "dialogflow": await client.post("/dialogflow", json={}),
+            "telnyx": await client.post("/telnyx/texml", data={"CallSid": "v3:x"}),
             "vonage": await client.get("/vonage/answer", params={"uuid": "u1"}),
             "plivo": await client.post("/plivo/answer", data={"CallUUID": "c1"}),
         }
