@@ -153,8 +153,8 @@ class V3Session(Wire):
     language_code: str | None = None
 
 
-class V3User(Wire):
-    """``user``: only the locale is read."""
+class GoogleUser(Wire):
+    """``user`` (Actions Builder and Actions SDK v2 alike): only the locale is read."""
 
     locale: str | None = None
 
@@ -173,7 +173,7 @@ class V3Request(Wire):
     intent: V3Intent | None = None
     scene: V3Scene | None = None
     session: V3Session
-    user: V3User | None = None
+    user: GoogleUser | None = None
     device: V3Device | None = None
 
 
@@ -211,12 +211,6 @@ class V2Conversation(Wire):
     conversation_token: str | None = None
 
 
-class V2User(Wire):
-    """``user``: only the locale is read."""
-
-    locale: str | None = None
-
-
 class V2Capability(Wire):
     """``surface.capabilities[]``: ``{name}`` (``actions.capability.SCREEN_OUTPUT``, ...)."""
 
@@ -232,7 +226,7 @@ class V2Surface(Wire):
 class V2AppRequest(Wire):
     """An Actions SDK v2 AppRequest (also the Google payload of Dialogflow ES requests)."""
 
-    user: V2User | None = None
+    user: GoogleUser | None = None
     conversation: V2Conversation
     inputs: list[V2Input] = Field(min_length=1)
     surface: V2Surface | None = None
