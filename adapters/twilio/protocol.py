@@ -57,7 +57,9 @@ How a call goes (states of :data:`TRANSITIONS` in brackets):
 6. **Ending**: when a Response ends the session, a final mark follows the last
    audio [ending]; when Twilio echoes it — the caller has heard everything —
    the call hangs up [closed]. ``stop`` or a lost connection ends the session
-   (Conversation.end) unless the core already ended it.
+   (Conversation.end) unless the core already ended it; an input still waiting
+   then (a key pressed just before) gets its turn first, its answer not played
+   (gateway/protocol/call.py, module doc step 6).
 
 One turn runs at a time: an input that comes while the previous (interrupted)
 turn is still running waits for it; the engine would serialise them anyway, and

@@ -879,7 +879,7 @@ class CallRunner(WebSocketDriver[CallAction]):
         the caller hangs up: StartTurn, then ``stop``). Turns started meanwhile are
         waited for too, within the same GATEWAY_LOCK_WAIT_S: a key that waited for the
         running turn starts when that turn finishes (:meth:`CarrierCall.turn_finished`
-        after ``stop``)."""
+        after ``stop`` or a lost connection, :meth:`shutdown`)."""
         current = asyncio.current_task()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.gw.settings.lock_wait_s
@@ -891,6 +891,15 @@ class CallRunner(WebSocketDriver[CallAction]):
         await super().end_session(ctx)
 
     async def shutdown(self) -> None:
+        """The end (:meth:`WebSocketDriver.shutdown`). A stream gone without the carrier's
+        ``stop`` (the socket closed or failed, the call torn down) is first ended as a
+        ``stop`` is, before the forwarding tasks are cancelled: an input still waiting
+        (a key pressed while the bot's turn ran) gets its turn, once the running turn
+        finished, and the session ends after it
+        (:meth:`CarrierCall.connection_lost`, :meth:`end_session`: within
+        GATEWAY_LOCK_WAIT_S, so a dead call cannot hold the shutdown longer)."""
+        if not self.call.closed:
+            await self.run(self.call.connection_lost())
         await super().shutdown()
         with contextlib.suppress(*SEND_ERRORS):
             await self.ws.close(CLOSE_NORMAL)

@@ -46,9 +46,12 @@ full; :data:`TRANSITIONS` is the same state machine):
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
 6. The end: a final mark after the last audio; its echo -> :class:`HangUp` (or
    :class:`Transfer` when a response item asked for one). The carrier's ``stop`` (the
-   caller hung up) ends the session (:class:`EndSession`) unless the core ended it; an
-   input still waiting then (a key pressed just before, while the bot's turn ran or its
-   audio played) gets its turn first, its output dropped (:meth:`CarrierCall.turn_finished`).
+   caller hung up) or a lost connection (:meth:`CarrierCall.connection_lost`: the
+   socket closed or failed without a ``stop``) ends the session (:class:`EndSession`)
+   unless the core ended it; an input still waiting then (a key pressed just before,
+   while the bot's turn ran or its audio played) gets its turn first, its output
+   dropped: at once, or once the running turn finished (:meth:`CarrierCall.turn_finished`;
+   not when that turn ended the session).
 7. A transfer [transferring] the carrier refused (or could not be asked for) is not
    the end: :meth:`CarrierCall.transfer_finished` gives the core the input
    :data:`TRANSFER_FAILED` (attributes ``target``, ``reason``, ``error``) on the
@@ -711,6 +714,9 @@ class CarrierCall:
         self.session_over = False
         self.stopped = False
         """Whether the carrier stopped the stream (nothing more comes)."""
+        self.disconnected = False
+        """Whether the stream is gone without the carrier's stop (:meth:`connection_lost`:
+        the socket closed or failed, or the call was torn down; nothing more comes)."""
         self.errors: deque[CarrierError] = deque(maxlen=KEPT_ERRORS)
         """The latest errors the carrier reported (the call goes on), at most
         :data:`KEPT_ERRORS`: a carrier repeating one does not grow the call."""
@@ -857,10 +863,7 @@ class CarrierCall:
         was = self.state
         self.machine.feed("stop")
         self.stopped = True
-        # an input waiting for the bot's audio (no turn runs) is the core's before the end;
-        # one waiting for a running turn starts once it finished (turn_finished)
-        last = self._last_input() if self.turn is None and not self.session_over else []
-        return [*last, *self._ending_actions(was)]
+        return self._stream_ended(was)
 
     def _start(self, info: Started) -> list[CallAction]:
         if not self.machine.allows("start"):
@@ -1417,15 +1420,16 @@ class CarrierCall:
         return self._start_turn(TRANSFER_FAILED)
 
     def _last_input(self) -> list[CallAction]:
-        """The carrier stopped the stream while an input was waiting (:attr:`pending`: a
-        key pressed as the caller hung up, while the bot's turn ran or its audio played):
-        that input's turn, so the caller's last input reaches the core before the
-        session ends (the runner's EndSession waits for it: gateway/io/call.py
-        ``CallRunner.end_session``). Nothing of it is played (the turn is discarded).
-        ``[]`` when no input waits or the stream did not stop (its callers check that
-        the core did not end the session)."""
+        """The stream ended (the carrier's ``stop`` or a lost connection) while an input
+        was waiting (:attr:`pending`: a key pressed as the caller hung up, while the bot's
+        turn ran or its audio played): that input's turn, so the caller's last input
+        reaches the core before the session ends (the runner's EndSession waits for it:
+        gateway/io/call.py ``CallRunner.end_session``). Nothing of it is played (the turn
+        is discarded). ``[]`` when no input waits or the stream has not ended (its callers
+        check that the core did not end the session)."""
         text, self.pending = self.pending, None
-        if text is None or not self.stopped or self.ctx is None:
+        ended = self.stopped or self.disconnected
+        if text is None or not ended or self.ctx is None:
             return []
         actions = self._start_turn(text)
         assert self.turn is not None
@@ -1433,11 +1437,25 @@ class CarrierCall:
         return actions
 
     def connection_lost(self) -> list[CallAction]:
-        """The socket is gone (or the call is being torn down): end the session unless
-        the core ended it; cancel the listener."""
+        """The socket is gone (or the call is being torn down) without the carrier's
+        ``stop``: as a ``stop`` (:meth:`_stream_ended`), the caller's last input reaches
+        the core, then the session ends unless the core ended it; the listener is
+        cancelled. Again after the end (the call closed): ``[]``."""
         was = self.state
         self.machine.advance(DISCONNECT)
-        return self._ending_actions(was)
+        self.disconnected = True
+        return self._stream_ended(was)
+
+    def _stream_ended(self, was: State) -> list[CallAction]:
+        """The stream ended in state ``was`` (``stop`` or :meth:`connection_lost`; the
+        call is now CLOSED). Unless the call was over already or the core ended the
+        session, a waiting input is the core's before the end: its turn at once when no
+        turn runs, else once the running one finished (:meth:`turn_finished`, which drops it when
+        that turn ended the session). Then the ending actions (EndSession)."""
+        last: list[CallAction] = []
+        if was is not State.CLOSED and not self.session_over and self.turn is None:
+            last = self._last_input()
+        return [*last, *self._ending_actions(was)]
 
     def _ending_actions(self, was: State) -> list[CallAction]:
         actions: list[CallAction] = []

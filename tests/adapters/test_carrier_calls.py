@@ -19,12 +19,13 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from gateway.events import Input, Response, ResponseItem, transfer_item
+from gateway.protocol.call import CallAction, CarrierCall
 from gateway.sessions import Session
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
@@ -231,6 +232,70 @@ async def test_a_key_pressed_as_the_caller_hangs_up_leaves_no_session(
         await call.wait_for(lambda: call.closed_at is not None)
         await asyncio.sleep(0.5)  # a turn made after the end would have saved by now
         await carrier.ended(gw, call, within_s=2.0)
+
+
+class HeldIntro:
+    """A core recording its inputs (:attr:`inputs`) and answering each at once, except that
+    its ``#intro`` turn, its item said, ends only once ``finish`` is set (the turn still
+    running or saving as the caller has heard it)."""
+
+    name = "held-intro"
+
+    def __init__(self) -> None:
+        self.inputs: list[str] = []
+        self.finish = asyncio.Event()
+        self.hold_intro = True
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        self.inputs.append(input.text)
+        yield ResponseItem(text="Okay.")
+        if input.text == "#intro" and self.hold_intro:
+            await self.finish.wait()
+        yield Response()
+
+    async def aclose(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def connections_lost(monkeypatch: pytest.MonkeyPatch) -> Iterator[asyncio.Event]:
+    """An event set once a call's engine is told its stream is gone (its runner's
+    shutdown: ``CarrierCall.connection_lost``): the gateway has seen the socket end."""
+    lost = asyncio.Event()
+    original = CarrierCall.connection_lost
+
+    def spy(self: CarrierCall) -> list[CallAction]:
+        lost.set()
+        return original(self)
+
+    monkeypatch.setattr(CarrierCall, "connection_lost", spy)
+    yield lost
+
+
+@each(ALL)
+async def test_a_key_pressed_while_the_intro_runs_reaches_the_core_when_the_connection_drops(
+    carrier: Carrier, speech: SpeechService, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller presses a key while the intro's turn still runs (its audio heard) and
+    the socket closes without the carrier's stop (Vonage's hang-up; a lost connection on
+    the others): the key waits for the intro's turn, then gets its turn before the
+    session ends, as after a stop. Before, the forwarding of the intro's turn was
+    cancelled at the disconnect and the waiting key dropped (the core had only
+    ``#intro``)."""
+    async with carrier.gateway(speech, redis_url=redis_url) as (gw, _):
+        core = HeldIntro()
+        gw.app.state.gateway.conversation.pipeline = core
+        with connections_lost(monkeypatch) as lost:
+            async with carrier.dial(gw.url, mic_speed=4.0) as call:
+                await call.wait_for(lambda: bool(call.echoed))  # the intro heard; it runs on
+                await call.send(call.dtmf_frame("5"))
+                await call.ws.close()  # no stop frame
+                await asyncio.wait_for(lost.wait(), 10)  # the gateway saw the socket end
+                assert core.inputs == ["#intro"]  # the key waits for the intro's turn
+                core.finish.set()
+                assert await until(lambda: len(core.inputs) == 2, 10), core.inputs
+                assert core.inputs == ["#intro", "5"]
+                await carrier.ended(gw, call)
 
 
 @each(ALL)

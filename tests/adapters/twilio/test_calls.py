@@ -492,6 +492,70 @@ async def test_a_key_pressed_while_the_intro_runs_as_the_caller_hangs_up_reaches
             assert not await session_exists(gw.app, call.call_sid)
 
 
+async def test_a_key_waiting_for_the_intro_reaches_the_core_when_the_tcp_connection_dies(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    # the key waits for the intro's turn (held open, its audio heard) and the connection
+    # dies without a stop or a close frame (TCP aborted): the key's turn runs once the
+    # intro's finished, before the session ends. It used to be dropped: the disconnect
+    # cancelled the intro's forwarding, so its end (which starts the waiting key) never came
+    async with twilio_gateway(speech, redis_url=redis_url, redis_prefix=redis_prefix) as gw:
+        core = SlowIntro()
+        gw.app.state.gateway.conversation.pipeline = core
+        with no_server_errors():
+            async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+                await call.wait_for(lambda: "1" in call.echoed)  # the intro was heard
+                runner = gw.app.state.twilio.calls[call.call_sid]
+                await call.send(call.dtmf_frame("5"))
+                assert await until(lambda: runner.call.pending == "5", 5)  # waits for the intro
+                await call.shutdown()
+                call.ws.transport.abort()  # TCP gone: no stop, no close frame
+                assert await until(lambda: runner.call.closed, 5)
+                assert core.inputs == ["#intro"]
+                core.finish.set()
+            await gw.wait_no_calls()
+            assert await until(lambda: not gw.app.state.gateway.conversation.turns_in_flight, 5)
+            assert core.inputs == ["#intro", "5"]
+            assert core.turn_count == 2  # in the intro's session, not one made anew
+            assert not await session_exists(gw.app, call.call_sid)
+
+
+class SlowGoodbye(SlowIntro):
+    """A :class:`SlowIntro` whose ``#intro`` turn ends the session (once ``finish`` is set)."""
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        self.inputs.append(input.text)
+        yield ResponseItem(text="Goodbye.")
+        await self.finish.wait()
+        yield Response(session_ended=True)
+
+
+async def test_a_key_waiting_for_a_turn_that_ends_the_session_is_dropped_when_the_call_is_lost(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    # a key waits for the intro's turn and the connection closes (no stop); that turn ends
+    # the session: the key is not the core's (no turn after the core's end, no session
+    # made anew)
+    async with twilio_gateway(
+        speech, redis_url=redis_url, redis_prefix=redis_prefix, twilio_barge_in=False
+    ) as gw:
+        core = SlowGoodbye()
+        gw.app.state.gateway.conversation.pipeline = core
+        with no_server_errors():
+            async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+                await call.wait_for(lambda: "1" in call.echoed)  # the goodbye was heard
+                runner = gw.app.state.twilio.calls[call.call_sid]
+                await call.send(call.dtmf_frame("5"))
+                assert await until(lambda: runner.call.pending == "5", 5)
+                await call.ws.close()
+                assert await until(lambda: runner.call.closed, 5)
+                core.finish.set()
+            await gw.wait_no_calls()
+            assert await until(lambda: not gw.app.state.gateway.conversation.turns_in_flight, 5)
+            assert core.inputs == ["#intro"]
+            assert not await session_exists(gw.app, call.call_sid)
+
+
 async def test_an_unknown_event_name_is_logged_cut_short(caplog: pytest.LogCaptureFixture) -> None:
     """A frame of an unknown ``event`` is dropped with a WARNING naming the event: its whole
     repr went into the log line, so a 100 KB name was a 100 KB log line (and the same for
