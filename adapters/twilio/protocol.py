@@ -52,14 +52,16 @@ How a call goes (states of :data:`TRANSITIONS` in brackets):
    bot is not listened to.
 5. **DTMF**: ``digit`` mode makes each key an input (text ``"5"``); ``collect``
    mode collects keys until ``#`` (not included) or a pause of
-   GATEWAY_CALL_DTMF_TIMEOUT_MS. With barge-in a key interrupts the bot like
-   speech; without, the input waits until the bot's floor ends.
+   GATEWAY_CALL_DTMF_TIMEOUT_MS; keys collected when the call ends (``stop`` or a
+   lost connection before ``#`` or the pause) are still an input (step 6). With
+   barge-in a key interrupts the bot like speech; without, the input waits until
+   the bot's floor ends.
 6. **Ending**: when a Response ends the session, a final mark follows the last
    audio [ending]; when Twilio echoes it — the caller has heard everything —
    the call hangs up [closed]. ``stop`` or a lost connection ends the session
    (Conversation.end) unless the core already ended it; an input still waiting
-   then (a key pressed just before) gets its turn first, its answer not played
-   (gateway/protocol/call.py, module doc step 6).
+   then (a key pressed just before, keys collected) gets its turn first, its
+   answer not played (gateway/protocol/call.py, module doc step 6).
 
 One turn runs at a time: an input that comes while the previous (interrupted)
 turn is still running waits for it; the engine would serialise them anyway, and

@@ -59,8 +59,8 @@ recognizer's worker processes). Nothing of one call waits for another's.
 On ``stop``, a disconnect, or the end of the call every task is cancelled and
 awaited; the session is ended (``Conversation.end``) unless the core ended it;
 a turn still running in the engine finishes and saves first, and on ``stop`` or a
-disconnect an input still waiting (a key pressed just before) gets its turn before
-the end (within GATEWAY_LOCK_WAIT_S).
+disconnect an input still waiting (a key pressed just before, keys collected in
+``collect`` mode) gets its turn before the end (within GATEWAY_LOCK_WAIT_S).
 
 Hanging up (the final mark came back): with GATEWAY_TWILIO_ACCOUNT_SID and the
 auth token, ``Calls/{callSid}`` is updated with ``Status=completed`` (adapters/twilio/

@@ -894,8 +894,8 @@ class CallRunner(WebSocketDriver[CallAction]):
         """The end (:meth:`WebSocketDriver.shutdown`). A stream gone without the carrier's
         ``stop`` (the socket closed or failed, the call torn down) is first ended as a
         ``stop`` is, before the forwarding tasks are cancelled: an input still waiting
-        (a key pressed while the bot's turn ran) gets its turn, once the running turn
-        finished, and the session ends after it
+        (a key pressed while the bot's turn ran, keys collected in ``collect`` mode) gets
+        its turn, once the running turn finished, and the session ends after it
         (:meth:`CarrierCall.connection_lost`, :meth:`end_session`: within
         GATEWAY_LOCK_WAIT_S, so a dead call cannot hold the shutdown longer)."""
         if not self.call.closed:

@@ -44,14 +44,16 @@ full; :data:`TRANSITIONS` is the same state machine):
    or a carrier that is sent the whole answer at once (codec not ``realtime``: Plivo,
    Exotel, which cannot be paused): every such speech interrupts at once.
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
+   Keys collected when the stream ends (no ``#`` or pause yet) are still the caller's
+   input, as Twilio's ``<Gather>`` submits the digits typed before a hang-up (step 6).
 6. The end: a final mark after the last audio; its echo -> :class:`HangUp` (or
    :class:`Transfer` when a response item asked for one). The carrier's ``stop`` (the
    caller hung up) or a lost connection (:meth:`CarrierCall.connection_lost`: the
    socket closed or failed without a ``stop``) ends the session (:class:`EndSession`)
    unless the core ended it; an input still waiting then (a key pressed just before,
-   while the bot's turn ran or its audio played) gets its turn first, its output
-   dropped: at once, or once the running turn finished (:meth:`CarrierCall.turn_finished`;
-   not when that turn ended the session).
+   while the bot's turn ran or its audio played; keys collected in ``collect`` mode)
+   gets its turn first, its output dropped: at once, or once the running turn finished
+   (:meth:`CarrierCall.turn_finished`; not when that turn ended the session).
 7. A transfer [transferring] the carrier refused (or could not be asked for) is not
    the end: :meth:`CarrierCall.transfer_finished` gives the core the input
    :data:`TRANSFER_FAILED` (attributes ``target``, ``reason``, ``error``) on the
@@ -338,6 +340,13 @@ class DtmfCollector:
     def reset(self) -> None:
         """Forget keys collected so far."""
         self._digits = ""
+
+    def flush(self) -> str | None:
+        """The keys collected so far, forgotten: the call ended before ``#``, the pause or
+        ``max_digits`` (they are the caller's input all the same, as Twilio's
+        ``<Gather>`` submits the digits typed before a hang-up); None when none."""
+        done, self._digits = self._digits, ""
+        return done or None
 
 
 # ------------------------------------------------------------------ marks
@@ -1388,6 +1397,7 @@ class CarrierCall:
                 self._held_at = None
             self.machine.advance(SESSION_END)
             self.pending = None
+            self.dtmf.reset()  # keys collected before the end go the pending input's way
             return [*stop, *end, self._play(b"", final=True)]
         return self._advance()
 
@@ -1422,8 +1432,9 @@ class CarrierCall:
     def _last_input(self) -> list[CallAction]:
         """The stream ended (the carrier's ``stop`` or a lost connection) while an input
         was waiting (:attr:`pending`: a key pressed as the caller hung up, while the bot's
-        turn ran or its audio played): that input's turn, so the caller's last input
-        reaches the core before the session ends (the runner's EndSession waits for it:
+        turn ran or its audio played; keys collected in ``collect`` mode,
+        :meth:`_stream_ended`): that input's turn, so the caller's last input reaches the
+        core before the session ends (the runner's EndSession waits for it:
         gateway/io/call.py ``CallRunner.end_session``). Nothing of it is played (the turn
         is discarded). ``[]`` when no input waits or the stream has not ended (its callers
         check that the core did not end the session)."""
@@ -1449,12 +1460,18 @@ class CarrierCall:
     def _stream_ended(self, was: State) -> list[CallAction]:
         """The stream ended in state ``was`` (``stop`` or :meth:`connection_lost`; the
         call is now CLOSED). Unless the call was over already or the core ended the
-        session, a waiting input is the core's before the end: its turn at once when no
-        turn runs, else once the running one finished (:meth:`turn_finished`, which drops it when
+        session: keys collected in ``collect`` mode (no ``#`` or pause yet) become the
+        waiting input (the latest input wins, as the pause would have made them), and a
+        waiting input is the core's before the end: its turn at once when no turn runs,
+        else once the running one finished (:meth:`turn_finished`, which drops it when
         that turn ended the session). Then the ending actions (EndSession)."""
         last: list[CallAction] = []
-        if was is not State.CLOSED and not self.session_over and self.turn is None:
-            last = self._last_input()
+        if was is not State.CLOSED and not self.session_over:
+            digits = self.dtmf.flush()
+            if digits is not None:
+                self.pending = digits
+            if self.turn is None:
+                last = self._last_input()
         return [*last, *self._ending_actions(was)]
 
     def _ending_actions(self, was: State) -> list[CallAction]:

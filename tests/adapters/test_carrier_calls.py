@@ -299,6 +299,31 @@ async def test_a_key_pressed_while_the_intro_runs_reaches_the_core_when_the_conn
 
 
 @each(ALL)
+async def test_keys_collected_when_the_caller_hangs_up_reach_the_core(
+    carrier: Carrier, speech: SpeechService, redis_url: str
+) -> None:
+    """``collect`` mode: the caller types two keys, no ``#`` and no pause yet
+    (GATEWAY_CALL_DTMF_TIMEOUT_MS a minute), and hangs up (the carrier's stop; Vonage's
+    close): the keys are the input of a last turn before the session ends, as Twilio's
+    ``<Gather>`` submits the digits typed before a hang-up. Before, they were dropped."""
+    async with carrier.gateway(
+        speech, redis_url=redis_url, call_dtmf_mode="collect", call_dtmf_timeout_ms=60_000
+    ) as (gw, _):
+        core = HeldIntro()
+        core.hold_intro = False
+        gw.app.state.gateway.conversation.pipeline = core
+        async with carrier.dial(gw.url, mic_speed=4.0) as call:
+            await gw.wait_answers(call, 1)
+            await call.send(call.dtmf_frame("1"))
+            await call.send(call.dtmf_frame("2"))
+            await call.stop()
+            await call.wait_for(lambda: call.closed_at is not None)
+            assert await until(lambda: len(core.inputs) == 2, 10), core.inputs
+            assert core.inputs == ["#intro", "12"]
+            await carrier.ended(gw, call)
+
+
+@each(ALL)
 async def test_goodbye_ends_the_call_only_after_the_last_audio_played(
     carrier: Carrier, speech: SpeechService, piper: PiperSynthesizer
 ) -> None:

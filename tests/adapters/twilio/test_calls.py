@@ -556,6 +556,34 @@ async def test_a_key_waiting_for_a_turn_that_ends_the_session_is_dropped_when_th
             assert not await session_exists(gw.app, call.call_sid)
 
 
+async def test_keys_collected_when_the_connection_closes_without_a_stop_reach_the_core(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    # collect mode: two keys, no '#' and no pause (a minute), then the socket closes
+    # without a stop: they are the input of the call's last turn (its answer not played)
+    async with twilio_gateway(
+        speech,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        call_dtmf_mode="collect",
+        call_dtmf_timeout_ms=60_000,
+    ) as gw:
+        core = Counting()
+        gw.app.state.gateway.conversation.pipeline = core
+        with no_server_errors():
+            async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0) as call:
+                await gw.wait_answers(call, 1)
+                runner = gw.app.state.twilio.calls[call.call_sid]
+                for key in "42":
+                    await call.send(call.dtmf_frame(key))
+                assert await until(lambda: runner.call.dtmf.collecting, 5)
+                await call.ws.close()
+            await gw.wait_no_calls()
+            assert await until(lambda: not gw.app.state.gateway.conversation.turns_in_flight, 5)
+            assert core.inputs == ["#intro", "42"]
+            assert not await session_exists(gw.app, call.call_sid)
+
+
 async def test_an_unknown_event_name_is_logged_cut_short(caplog: pytest.LogCaptureFixture) -> None:
     """A frame of an unknown ``event`` is dropped with a WARNING naming the event: its whole
     repr went into the log line, so a 100 KB name was a 100 KB log line (and the same for

@@ -241,6 +241,16 @@ def test_dtmf_digits_and_collection() -> None:
     assert capped.press("#", 0) == "4"
 
 
+def test_dtmf_collected_keys_are_flushed_at_the_end() -> None:
+    collect = DtmfCollector("collect", 2000)
+    assert collect.flush() is None  # nothing collected
+    collect.press("4", 0)
+    collect.press("2", 100)
+    assert collect.flush() == "42"  # no '#', no pause: the keys all the same
+    assert not collect.collecting
+    assert collect.flush() is None
+
+
 def test_marks_settle_in_order_and_are_forgotten_at_a_clear() -> None:
     book = MarkBook()
     one, two, end = book.new(), book.new(), book.new(final=True)
@@ -577,6 +587,43 @@ def test_a_lost_connection_ends_the_session() -> None:
     [end] = call.connection_lost()
     assert isinstance(end, EndSession)
     assert end.ctx.key == f"twilio:{CALL}"
+
+
+@pytest.mark.parametrize("end", ["stop", "lost"])
+def test_keys_collected_when_the_stream_ends_are_the_input_of_a_last_turn(end: str) -> None:
+    call = started(dtmf_mode="collect")
+    answer(call)
+    call.receive(mark("1"))  # the caller's floor
+    assert call.receive(dtmf("1")) == []
+    assert call.receive(dtmf("2")) == []  # no '#', no pause yet
+    actions = call.receive(STOP) if end == "stop" else call.connection_lost()
+    turn, ending = actions
+    assert isinstance(turn, StartTurn)
+    assert isinstance(ending, EndSession)
+    assert turn.input.text == "12"
+    assert call.turn is not None
+    assert call.turn.discarded  # nothing of it is played
+    assert call.turn_finished() == []  # the session is ended already: nothing more
+    assert call.connection_lost() == []
+
+
+@pytest.mark.parametrize("end", ["stop", "lost"])
+def test_keys_collected_behind_a_running_turn_wait_for_it_at_the_end(end: str) -> None:
+    call = started(dtmf_mode="collect", barge_in=False)
+    assert call.receive(dtmf("7")) == []  # the intro's turn runs
+    actions = call.receive(STOP) if end == "stop" else call.connection_lost()
+    assert [type(a) for a in actions] == [EndSession]  # the runner waits for turns first
+    # the intro's turn finished: the keys' turn
+    turns = [a.input.text for a in answer(call) if isinstance(a, StartTurn)]
+    assert turns == ["7"]
+
+
+def test_keys_collected_behind_a_turn_that_ends_the_session_are_dropped() -> None:
+    call = started(dtmf_mode="collect", barge_in=False)
+    assert call.receive(dtmf("7")) == []
+    assert [type(a) for a in call.connection_lost()] == [EndSession]
+    # the core ended the session: no turn after it
+    assert not [a for a in answer(call, ended=True) if isinstance(a, StartTurn)]
 
 
 @pytest.mark.parametrize("playing", [False, True], ids=["caller's floor", "over the bot"])

@@ -49,6 +49,16 @@ def mark(name: str) -> str:
     return json.dumps({"event": "mark", "streamSid": STREAM, "mark": {"name": name}})
 
 
+DTMF_1 = json.dumps({"event": "dtmf", "streamSid": STREAM, "dtmf": {"digit": "1"}})
+STOP = json.dumps(
+    {
+        "event": "stop",
+        "streamSid": STREAM,
+        "stop": {"accountSid": "AC" + "0" * 32, "callSid": CALL},
+    }
+)
+
+
 def new_call() -> TwilioCall:
     return TwilioCall(CALL, CallConfig(key_allowed=lambda key: bool(key)))
 
@@ -190,6 +200,21 @@ def test_a_transfer_waits_for_the_final_mark_after_the_audio_before_it() -> None
     (end,) = call.transfer_finished(True)
     assert isinstance(end, EndSession)  # the core did not end it: the transfer does
     assert call.closed
+
+
+def test_keys_collected_before_a_transfer_are_not_an_input_when_the_stream_stops() -> None:
+    # keys the caller typed while the transfer's turn ran are dropped with it, as a waiting
+    # input is at the session's end: the stop after the carrier moved the call starts no turn
+    call = TwilioCall(
+        CALL, CallConfig(key_allowed=lambda key: bool(key), dtmf_mode="collect", barge_in=False)
+    )
+    call.receive(start(appKey="app"))
+    call.turn_event(ResponseItemEvent(response_item=transfer_item("+15550123")))
+    assert call.receive(DTMF_1) == []  # collected (no '#', no pause)
+    call.turn_event(ResponseEvent(response=Response()))
+    call.turn_finished()
+    assert call.final_mark_overdue() == [Transfer(CALL, "+15550123", None)]
+    assert [type(a) for a in call.receive(STOP)] == [EndSession]
 
 
 def test_a_transfer_in_a_turn_that_ended_the_session_is_not_ended_twice() -> None:
