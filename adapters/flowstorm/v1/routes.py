@@ -313,44 +313,41 @@ class _Socket(WebSocketDriver[Action]):
         elif isinstance(action, CheckSession):
             await self._check_session(action)
 
+    async def _find(self, ctx: TurnContext, refused: str) -> str | None:
+        """Whether ``ctx``'s session is ``found``, ``not-found`` or ``foreign``
+        (Conversation.find, one store read); None when the store is unavailable. Another
+        application's session is logged (INFO): ``<refused> refused``, ``{}`` in ``refused``
+        the session's ref. The receive loop awaits this, so no frame is read meanwhile."""
+        try:
+            found: str | None = await self.gw.conversation.find(ctx)
+        except StoreUnavailable:
+            return None
+        if found == "foreign":
+            what = refused.format(session_ref(ctx.key))
+            log.info("%s: %s refused: session-foreign", self.name, what)
+        return found
+
     async def _check_session(self, action: CheckSession) -> None:
         """Whether the session an InputAudioStreamOpen proposes is another application's
-        (Conversation.find, one store read), handed to V1Connection.session_checked and
-        its actions carried out (the open, or its refusal). The receive loop awaits this,
-        so no frame is read meanwhile. A store failure is not known (None): the open goes
+        (:meth:`_find`), handed to V1Connection.session_checked and its actions carried
+        out (the open, or its refusal). A store failure is not known (None): the open goes
         on and its turn meets the store's answer."""
-        try:
-            found: str | None = await self.gw.conversation.find(action.ctx)
-        except StoreUnavailable:
-            found = None
-        if found == "foreign":
-            log.info(
-                "%s: audio stream of session %s refused: session-foreign",
-                self.name,
-                session_ref(action.ctx.key),
-            )
+        found = await self._find(action.ctx, "audio stream of session {}")
         await self.run(self.conn.session_checked(action, found))
 
     async def _resume(self, action: Follow) -> None:
-        """Check the session an Init resumes (Conversation.find, one store read), with or
-        without an outbox, and follow its outbox (when there is one) when it exists and
-        is the connection's application key's. Another application's session is refused
-        and forgotten (V1Connection.resume_refused: an Error frame of source ``session``,
-        the turn refusal's text; neither its answers and pushes nor its turns are the
-        client's); an unknown one is not followed (the turn that creates it adopts it); a
-        store failure is an Error frame of source ``gateway``. The receive loop awaits
-        this, so no frame (an InputAudioStreamOpen) is taken before the refusal."""
-        try:
-            found = await self.gw.conversation.find(action.ctx)
-        except StoreUnavailable:
+        """Check the session an Init resumes (:meth:`_find`), with or without an outbox,
+        and follow its outbox (when there is one) when it exists and is the connection's
+        application key's. Another application's session is refused and forgotten
+        (V1Connection.resume_refused: an Error frame of source ``session``, the turn
+        refusal's text; neither its answers and pushes nor its turns are the client's); an
+        unknown one is not followed (the turn that creates it adopts it); a store failure
+        is an Error frame of source ``gateway``. No frame (an InputAudioStreamOpen) is
+        taken before the refusal."""
+        found = await self._find(action.ctx, "session {} resumed by Init")
+        if found is None:
             await self.run([error_frame("The session store is unavailable.", "gateway")])
-            return
-        if found == "foreign":
-            log.info(
-                "%s: session %s resumed by Init refused: session-foreign",
-                self.name,
-                session_ref(action.ctx.key),
-            )
+        elif found == "foreign":
             await self.run(self.conn.resume_refused(action.ctx.session_id))
         elif found == "found" and self.following is not None:
             self.following.follow(action.ctx.key, action.after)

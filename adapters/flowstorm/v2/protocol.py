@@ -157,27 +157,22 @@ _SESSION_CONFIG_NAMES: Final = tuple(
 )
 """(field, camelCase name) of the values :meth:`ClientConfig.session_config` stores."""
 
-# (field, request header, query parameter); header wins. Accept-Language is parsed apart.
-CONFIG_SOURCES: tuple[tuple[str, str | None, str | None], ...] = (
-    ("key", "x-key", "key"),
-    ("device_id", "x-deviceid", "deviceId"),
-    ("time_zone", "x-timezone", "timeZone"),
-    ("stt_mode", "x-sttmode", "sttMode"),
-    ("stt_model", "x-sttmodel", "sttModel"),
-    ("stt_sample_rate", "x-sttsamplerate", "sttSampleRate"),
-    ("stt_encoding", "x-sttencoding", "sttEncoding"),
-    ("tts_file_type", "x-ttsfiletype", "ttsFileType"),
-    ("send_response_items", "x-sendresponseitems", "sendResponseItems"),
-    ("video_file", "x-videofile", "videoFile"),
-    ("tts", "x-tts", "tts"),
-    ("realtime", None, "realtime"),
+CONFIG_SOURCES: Final = tuple(
+    (name, None if name == "realtime" else f"x-{to_camel(name).lower()}", to_camel(name))
+    for name in ClientConfig.model_fields
+    if name != "locale"
 )
+"""(field, request header, query parameter) of each configuration value: the parameter is
+the field's camelCase name (``sttSampleRate``), the header ``X-`` and that name (matched in
+any case; ``realtime`` has none) and wins. The locale comes from Accept-Language."""
 
 _BOOLEAN_FIELDS = frozenset({"send_response_items", "video_file", "realtime"})
 _CANONICAL_VALUES: Final[Mapping[str, Mapping[str, str]]] = {
     "tts": {"requiredlinks": "RequiredLinks", "none": "None"},
     "stt_encoding": {"linear16": "LINEAR16", "mulaw": "MULAW"},
     "tts_file_type": {"mp3": "mp3", "wav": "wav"},
+    "stt_mode": {"singleutterance": "SingleUtterance"},
+    "stt_model": {"general": "General"},
 }
 """Configuration values read in any case (as V1 reads them), by field: lower-case value ->
 the spelling stored and used. Others are left as sent (and refused by the model)."""
@@ -189,8 +184,8 @@ _ONLY_VALUE: Final[Mapping[str, tuple[str | bool, str]]] = {
 """Spec configuration values the gateway reads but can honour with one value only (the
 spec's default): (that value, why). Any other value is refused naming both."""
 _FIELD_OF_HEADER: Final = {header: name for name, header, _ in CONFIG_SOURCES if header}
-_FIELD_OF_PARAM: Final = {param: name for name, _, param in CONFIG_SOURCES if param}
-_PARAM_OF_FIELD: Final = {name: param or name for name, _, param in CONFIG_SOURCES}
+_FIELD_OF_PARAM: Final = {param: name for name, _, param in CONFIG_SOURCES}
+_PARAM_OF_FIELD: Final = {name: to_camel(name) for name in ClientConfig.model_fields}
 
 
 def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> ClientConfig:
@@ -242,20 +237,20 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
 
 
 def _check_only_value(name: str, raw: str, value: Any) -> Any:
-    """Refuse a value of :data:`_ONLY_VALUE` other than its one accepted value.
+    """Refuse a value of :data:`_ONLY_VALUE` other than its one accepted value (a string
+    in the spelling :data:`_CANONICAL_VALUES` gives it, so in any case).
 
-    Strings compare case-insensitively (the accepted spelling is what gets stored).
     Raises ProtocolError naming the parameter, the value sent and the accepted value.
     """
     if name not in _ONLY_VALUE:
         return value
     accepted, why = _ONLY_VALUE[name]
-    same = value == accepted and type(value) is type(accepted)
-    if same or (isinstance(accepted, str) and str(value).lower() == accepted.lower()):
-        return accepted
-    param = _PARAM_OF_FIELD[name]
+    if value == accepted:
+        return value
     shown = str(accepted).lower() if isinstance(accepted, bool) else accepted
-    raise ProtocolError(f"{param}={clipped(raw)} is not supported: {why} (accepted: {shown}).")
+    raise ProtocolError(
+        f"{_PARAM_OF_FIELD[name]}={clipped(raw)} is not supported: {why} (accepted: {shown})."
+    )
 
 
 _QVALUE: Final = re.compile(r"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)")
@@ -1010,9 +1005,7 @@ def pushed_lines(event: ResponseEvent, *, plain: bool, send_items: bool) -> byte
         ResponseItemEvent(response_item=item, seq=event.seq) for item in event.response.items
     ]
     events.append(event)
-    if plain:
-        return "".join(text_lines(e) for e in events).encode()
-    return b"".join(json_lines(e, send_items=send_items) for e in events)
+    return b"".join(answer_line(e, plain=plain, send_items=send_items) for e in events)
 
 
 def cookie_max_age(events: Sequence[TurnEvent], default_s: int) -> int | None:
@@ -1032,6 +1025,9 @@ def cookie_max_age(events: Sequence[TurnEvent], default_s: int) -> int | None:
     return max_age
 
 
-def error_body(error: ErrorEvent, *, plain: bool) -> str:
-    """A whole answer made of one error, in the request's format."""
-    return text_lines(error) if plain else error.wire_json() + "\n"
+def answer_line(
+    event: TurnEvent | RecognizedInputEvent, *, plain: bool, send_items: bool = True
+) -> bytes:
+    """One event as an answer in the request's format writes it: :func:`text_lines` when
+    ``plain``, else :func:`json_lines` (an ErrorEvent alone is a whole refusal's body)."""
+    return text_lines(event).encode() if plain else json_lines(event, send_items=send_items)

@@ -150,18 +150,16 @@ from adapters.flowstorm.v2.protocol import (
     BusMessage,
     ClientConfig,
     RecognitionFollower,
+    answer_line,
     audio_chunks,
     cookie_max_age,
     decode_audio_file,
-    error_body,
-    json_lines,
     parse_config,
     plain_accepted,
     pushed_lines,
     recognizing_message,
     text_charset,
     text_input,
-    text_lines,
 )
 from gateway import metrics
 from gateway.breaker import outage_level
@@ -242,7 +240,7 @@ class _Refused(Exception):
         headers = {"Retry-After": str(retry)} if retry is not None else {}
         if self.status == 401:  # RFC 9110 section 11.6.1: every 401 carries a challenge
             headers["WWW-Authenticate"] = KEY_CHALLENGE
-        body, media = error_body(self.error, plain=plain), TEXT if plain else NDJSON
+        body, media = answer_line(self.error, plain=plain), TEXT if plain else NDJSON
         answer = HTTPResponse(body, status_code=self.status, headers=headers, media_type=media)
         if self.forget:
             answer.delete_cookie(SESSION_COOKIE, path="/")
@@ -556,10 +554,7 @@ async def _turn(
         await on_end()
         raise
 
-    def line(event: TurnEvent | RecognizedInputEvent) -> bytes:
-        if plain:
-            return text_lines(event).encode()
-        return json_lines(event, send_items=config.send_response_items)
+    line = functools.partial(answer_line, plain=plain, send_items=config.send_response_items)
 
     # pushes queued for the session go out first (the turn was accepted: it answers)
     # (none when the store saw the outbox empty as the turn took the lock: a push after
@@ -1036,8 +1031,8 @@ async def _recognition(gw: Gateway, topic: str, *, plain: bool) -> AsyncIterator
                 if wait <= 0 or (message := await subscription.get(wait)) is None:
                     break  # past the deadline, or nothing came within the wait
                 for event in follower.feed(message):
-                    yield (text_lines(event) if plain else event.wire_json() + "\n").encode()
+                    yield answer_line(event, plain=plain)
     except BusUnavailable as exc:
         log.log(outage_level(exc), "GET /client cannot follow %s: %s", session_ref(topic), exc)
         error = ErrorEvent(text="Recognition results are unavailable.", source="gateway")
-        yield error_body(error, plain=plain).encode()
+        yield answer_line(error, plain=plain)
