@@ -23,6 +23,9 @@ from pydantic import AliasChoices, Field, TypeAdapter
 from gateway.events import Attributes, BinaryEvent, Event, FrozenDict, Input, LogEntry, Wire
 from gateway.protocol import ProtocolError, check_language_tag, check_time_zone
 
+NAMESPACE: Final = "flowstorm"
+"""The session namespace of V1 and V2 (TurnContext.namespace): a session can move between them."""
+
 MAX_SESSION_ID: Final = 256
 """Longest session id a client may name (characters): V1's proposed ``sessionId``, V2's
 ``flowstorm-session-id`` cookie."""

@@ -182,6 +182,7 @@ from typing import Any, Final, get_args
 from pydantic import ValidationError
 
 from adapters.flowstorm.events import (
+    NAMESPACE,
     V1_CLIENT_EVENT,
     InitEvent,
     InputAudioStreamCloseEvent,
@@ -236,8 +237,6 @@ from gateway.speech.types import Heard, SpeechBusy, TtsFileFormat, TtsMode, TtsR
 from gateway.turn import TurnContext, TurnRejected, new_session_id
 
 CHANNEL = "flowstorm_v1"
-NAMESPACE = "flowstorm"
-"""V1 and V2 sessions share the Flowstorm namespace: a session can move between them."""
 
 CLOSE_POLICY = 1008
 """WebSocket close code after an unknown or missing application key, or too many frames

@@ -133,7 +133,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
-from adapters.flowstorm.events import RecognizedInputEvent, check_session_id
+from adapters.flowstorm.events import NAMESPACE, RecognizedInputEvent, check_session_id
 from adapters.flowstorm.v2.hearing import Action as HearingAction
 from adapters.flowstorm.v2.hearing import Outcome, RecognizeFile, StreamedBody, heard_input
 from adapters.flowstorm.v2.openapi import GET_CLIENT, PUT_CLIENT
@@ -184,7 +184,6 @@ from gateway.speech.types import Heard
 log = logging.getLogger(__name__)
 
 CHANNEL = "flowstorm_v2"
-NAMESPACE = "flowstorm"
 
 HEARTBEAT_S = 1.0
 """How often a realtime PUT republishes its ``recognizing`` marker (s)."""
