@@ -182,7 +182,8 @@ _ONLY_VALUE: Final[Mapping[str, tuple[str | bool, str]]] = {
     "video_file": (False, "the gateway answers with audio links, never video"),
 }
 """Spec configuration values the gateway reads but can honour with one value only (the
-spec's default): (that value, why). Any other value is refused naming both."""
+spec's default; a string in the spelling of :data:`_CANONICAL_VALUES`, so in any case):
+(that value, why). Any other value is refused naming both."""
 _FIELD_OF_HEADER: Final = {header: name for name, header, _ in CONFIG_SOURCES if header}
 _FIELD_OF_PARAM: Final = {param: name for name, _, param in CONFIG_SOURCES}
 _PARAM_OF_FIELD: Final = {name: to_camel(name) for name in ClientConfig.model_fields}
@@ -216,14 +217,21 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
     for name, raw in found.items():
         if raw == "":
             continue
+        param = _PARAM_OF_FIELD[name]
+        value: str | bool | None
         if name in _BOOLEAN_FIELDS:
             if (value := strict_flag(raw)) is None:
                 why = "must be one of 1/yes/true or 0/no/false"
-                raise ProtocolError(f"{_PARAM_OF_FIELD[name]} {why}, not {clipped(raw)}")
-            values[name] = value
+                raise ProtocolError(f"{param} {why}, not {clipped(raw)}")
         else:  # a value of _CANONICAL_VALUES in its spelling, others as sent
-            values[name] = _CANONICAL_VALUES.get(name, {}).get(raw.strip().lower(), raw.strip())
-        values[name] = _check_only_value(name, raw, values[name])
+            value = _CANONICAL_VALUES.get(name, {}).get(raw.strip().lower(), raw.strip())
+        if name in _ONLY_VALUE and value != _ONLY_VALUE[name][0]:
+            accepted, why = _ONLY_VALUE[name]
+            shown = str(accepted).lower() if isinstance(accepted, bool) else accepted
+            raise ProtocolError(
+                f"{param}={clipped(raw)} is not supported: {why} (accepted: {shown})."
+            )
+        values[name] = value
     if "time_zone" in values:  # the session's zone, handed to the core: an IANA key
         values["time_zone"] = check_time_zone(values["time_zone"], what="invalid timeZone")
     if language and (locale := _preferred_language(language)):
@@ -234,23 +242,6 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "configuration"
         raise ProtocolError(f"invalid {_PARAM_OF_FIELD.get(field, field)}: {err['msg']}") from None
-
-
-def _check_only_value(name: str, raw: str, value: Any) -> Any:
-    """Refuse a value of :data:`_ONLY_VALUE` other than its one accepted value (a string
-    in the spelling :data:`_CANONICAL_VALUES` gives it, so in any case).
-
-    Raises ProtocolError naming the parameter, the value sent and the accepted value.
-    """
-    if name not in _ONLY_VALUE:
-        return value
-    accepted, why = _ONLY_VALUE[name]
-    if value == accepted:
-        return value
-    shown = str(accepted).lower() if isinstance(accepted, bool) else accepted
-    raise ProtocolError(
-        f"{_PARAM_OF_FIELD[name]}={clipped(raw)} is not supported: {why} (accepted: {shown})."
-    )
 
 
 _QVALUE: Final = re.compile(r"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)")
