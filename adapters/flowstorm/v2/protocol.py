@@ -749,7 +749,6 @@ class WavStreamReader:
         self.format: AudioFormat | None = None
         self._buf = bytearray()
         self._riff = False
-        self._skip = 0
         self._header = 0
         self._data_left: int | None = None  # bytes of audio still to come; None: to the end
         self._in_data = False
@@ -773,15 +772,7 @@ class WavStreamReader:
                 raise self._fail("no RIFF/WAVE header")
             self._riff = True
             del buf[:12]
-        while True:
-            if self._skip:
-                dropped = min(self._skip, len(buf))
-                del buf[:dropped]
-                self._skip -= dropped
-                if self._skip:
-                    break
-            if len(buf) < 8:
-                break
+        while len(buf) >= 8:
             chunk_id, size = bytes(buf[:4]), struct.unpack_from("<I", buf, 4)[0]
             if chunk_id == b"data":
                 if self.format is None:
@@ -792,14 +783,15 @@ class WavStreamReader:
                 rest = bytes(buf)
                 buf.clear()
                 return self._audio(rest)
+            # a chunk of an odd size is followed by a pad byte; the header is bounded
+            # (_WAV_MAX_HEADER), so a chunk is kept until it has arrived
             if chunk_id == b"fmt ":
                 if len(buf) < 8 + size:
                     break
                 self.format = self._parse_fmt(bytes(buf[8 : 8 + size]))
-                del buf[: 8 + size + (size & 1)]
-                continue
-            del buf[:8]
-            self._skip = size + (size & 1)
+            elif len(buf) < 8 + size + (size & 1):  # any other: skipped whole
+                break
+            del buf[: 8 + size + (size & 1)]
         if self._header > _WAV_MAX_HEADER:
             raise self._fail(f"no audio data in the first {_WAV_MAX_HEADER} bytes")
         return b""
