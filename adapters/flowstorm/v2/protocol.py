@@ -317,16 +317,11 @@ def _text_codec(charset: str) -> str | None:
     if charset == "utf-8":  # the usual case: no lookup
         return charset
     try:
-        name = codecs.lookup(charset).name
+        info = codecs.lookup(charset)
     except (LookupError, ValueError):
         return None
-    try:  # a codec that is no text encoding is refused before it runs (LookupError)
-        b"\0\0\0\0".decode(name)
-    except LookupError:
-        return None
-    except ValueError:
-        pass  # a text encoding these bytes are not valid in
-    return None if name in _NO_CHARSETS else name
+    # (what bytes.decode goes by: a codec that is no text encoding is refused before it runs)
+    return info.name if info._is_text_encoding and info.name not in _NO_CHARSETS else None
 
 
 def text_charset(content_type: str | None) -> str | None:
