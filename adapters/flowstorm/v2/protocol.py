@@ -107,9 +107,10 @@ class ClientConfig(BaseModel):
     """The V2 configuration values of one request (spec table "Configuration").
 
     Immutable: requests with the same configuration headers and query may share one
-    (adapters/flowstorm/v2/routes.py keeps those of recent requests)."""
+    (adapters/flowstorm/v2/routes.py keeps those of recent requests). A field's alias is
+    its name in the spec (camelCase: the query parameter, V1's ``config`` name)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
 
     key: str | None = None
     device_id: str | None = None
@@ -147,19 +148,16 @@ class ClientConfig(BaseModel):
         V1's Init ``config`` uses the same names (``sttSampleRate``, ``ttsFileType``...),
         so a session that moves between the sockets keeps one vocabulary.
         """
-        return {camel: getattr(self, name) for name, camel in _SESSION_CONFIG_NAMES}
+        return self.model_dump(by_alias=True, exclude=_NOT_STORED)
 
 
-_SESSION_CONFIG_NAMES: Final = tuple(
-    (name, to_camel(name))
-    for name in ClientConfig.model_fields
-    if name not in {"key", "device_id", "locale", "time_zone", "realtime"}
-)
-"""(field, camelCase name) of the values :meth:`ClientConfig.session_config` stores."""
+_NOT_STORED: Final = {"key", "device_id", "locale", "time_zone", "realtime"}
+"""The fields :meth:`ClientConfig.session_config` leaves out (the turn's context has them)."""
+_PARAM_OF_FIELD: Final = {name: to_camel(name) for name in ClientConfig.model_fields}
 
 CONFIG_SOURCES: Final = tuple(
-    (name, None if name == "realtime" else f"x-{to_camel(name).lower()}", to_camel(name))
-    for name in ClientConfig.model_fields
+    (name, None if name == "realtime" else f"x-{param.lower()}", param)
+    for name, param in _PARAM_OF_FIELD.items()
     if name != "locale"
 )
 """(field, request header, query parameter) of each configuration value: the parameter is
@@ -186,7 +184,6 @@ spec's default; a string in the spelling of :data:`_CANONICAL_VALUES`, so in any
 (that value, why). Any other value is refused naming both."""
 _FIELD_OF_HEADER: Final = {header: name for name, header, _ in CONFIG_SOURCES if header}
 _FIELD_OF_PARAM: Final = {param: name for name, _, param in CONFIG_SOURCES}
-_PARAM_OF_FIELD: Final = {name: to_camel(name) for name in ClientConfig.model_fields}
 
 
 def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> ClientConfig:
