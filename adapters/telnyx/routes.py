@@ -144,11 +144,27 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     GATEWAY_TELNYX_PUBLIC_KEY set), a WARNING when Telnyx could not reach
     GATEWAY_PUBLIC_URL, which the dial's ``stream_url``/``webhook_url`` and the TeXML
     ``<Stream url>`` are made of (:func:`gateway.calls.warn_unreachable_public_url`).
+    Only one of the two set: a WARNING naming the other, without which Telnyx calls
+    fail (no public key: every webhook is refused 403, an inbound call's TeXML and a
+    dialled call's events alike; no API key: no stream token can be issued, so a TeXML
+    answer is a 503 and POST /v1/calls cannot dial).
     Neither set: Telnyx is not configured, its webhooks refused (403), named in the
     startup's INFO line of the channels not configured (:mod:`gateway.startup`)."""
     settings: Settings = app.state.gateway.settings
     if settings.telnyx_api_key or settings.telnyx_public_key:
         warn_unreachable_public_url(log, "Telnyx", settings.public_url)
+        if not settings.telnyx_public_key:
+            log.warning(
+                "GATEWAY_TELNYX_PUBLIC_KEY is unset: every Telnyx webhook is refused (403), "
+                "inbound TeXML and the events of dialled calls alike "
+                "(GATEWAY_TELNYX_API_KEY is set)"
+            )
+        elif not settings.telnyx_api_key:
+            log.warning(
+                "GATEWAY_TELNYX_API_KEY is unset: no call can be dialled and /telnyx/texml "
+                "answers 503, no stream token being issued without it "
+                "(GATEWAY_TELNYX_PUBLIC_KEY is set)"
+            )
     else:
         not_configured(
             app.state.gateway, CHANNEL, "/telnyx/texml", 403, "GATEWAY_TELNYX_PUBLIC_KEY"

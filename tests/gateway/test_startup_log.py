@@ -170,6 +170,16 @@ async def test_configured_channels_are_not_listed_and_all_configured_logs_no_lin
             "(GATEWAY_EXOTEL_API_TOKEN is set)",
         ),
         (
+            {"telnyx_api_key": "KEYxx", "public_url": "https://gateway.example.com"},
+            "adapters.telnyx",
+            "GATEWAY_TELNYX_PUBLIC_KEY is unset: every Telnyx webhook is refused (403)",
+        ),
+        (
+            {"telnyx_public_key": TELNYX_PUBLIC_KEY, "public_url": "https://gateway.example.com"},
+            "adapters.telnyx",
+            "GATEWAY_TELNYX_API_KEY is unset: no call can be dialled and /telnyx/texml answers 503",
+        ),
+        (
             {"plivo_auth_id": "MAXX"},
             "gateway.plivo",
             "GATEWAY_PLIVO_AUTH_TOKEN is unset: /plivo/answer refuses every call "
