@@ -133,6 +133,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         not_configured(gw, CHANNEL, "/plivo/answer", 403, "GATEWAY_PLIVO_AUTH_TOKEN")
     else:  # configured: its answers hand Plivo stream and transfer URLs of the public URL
         warn_unreachable_public_url(log, "Plivo", settings.public_url)
+        if not settings.plivo_auth_id:  # the REST API's account: its hang-ups, transfers
+            log.warning(
+                "GATEWAY_PLIVO_AUTH_ID is unset: the Plivo API cannot be called, so no call "
+                "can be transferred or hung up through it (GATEWAY_PLIVO_AUTH_TOKEN is set)"
+            )
     auth = (
         plivo.PlivoAuth(settings.plivo_auth_id, token, settings.plivo_api_base_url)
         if token and settings.plivo_auth_id

@@ -113,6 +113,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if key and settings.vonage_application_id
         else None
     )
+    if bool(settings.vonage_application_id) != bool(key):  # half of the REST credentials
+        given, missing = (
+            ("_APPLICATION_ID", "_PRIVATE_KEY")
+            if key is None
+            else ("_PRIVATE_KEY", "_APPLICATION_ID")
+        )
+        log.warning(
+            "GATEWAY_VONAGE%s is unset: the Voice API cannot be called, so no call can be "
+            "transferred (GATEWAY_VONAGE%s is set)",
+            missing,
+            given,
+        )
     if verifier is not None or auth is not None:  # configured: NCCOs name stream URLs
         warn_unreachable_public_url(log, "Vonage", settings.public_url)
     tokens = CallTokens(lambda: gw.secret_keys.key(STREAM_TOKEN))

@@ -180,6 +180,18 @@ async def test_configured_channels_are_not_listed_and_all_configured_logs_no_lin
             "GATEWAY_TELNYX_API_KEY is unset: no call can be dialled and /telnyx/texml answers 503",
         ),
         (
+            {"plivo_auth_token": "plivo-token"},
+            "gateway.plivo",
+            "GATEWAY_PLIVO_AUTH_ID is unset: the Plivo API cannot be called, so no call can be "
+            "transferred or hung up through it (GATEWAY_PLIVO_AUTH_TOKEN is set)",
+        ),
+        (
+            {"vonage_signature_secret": "vonage-secret-0123456789", "vonage_application_id": "app"},
+            "gateway.vonage",
+            "GATEWAY_VONAGE_PRIVATE_KEY is unset: the Voice API cannot be called, so no call "
+            "can be transferred (GATEWAY_VONAGE_APPLICATION_ID is set)",
+        ),
+        (
             {"plivo_auth_id": "MAXX"},
             "gateway.plivo",
             "GATEWAY_PLIVO_AUTH_TOKEN is unset: /plivo/answer refuses every call "
