@@ -382,7 +382,11 @@ def test_compose_runs_two_gateways_sharing_redis_and_secrets() -> None:
     assert "redis" in gateway["depends_on"]
     shared = "GATEWAY_SECRET_KEY"
     assert re.fullmatch(rf"\$\{{{shared}:\?.+\}}", env[shared]), f"{shared} must be required"
-    assert "GATEWAY_PUBLIC_URL" in env
+    # unset, the public URL is the load balancer's on this host: its port is the host
+    # port HAProxy publishes (GATEWAY_HTTP_PORT), not a fixed 8080 that port may not be
+    (published,) = services["haproxy"]["ports"]
+    host_port = published.rsplit(":", 1)[0]
+    assert env["GATEWAY_PUBLIC_URL"] == f"${{GATEWAY_PUBLIC_URL:-http://localhost:{host_port}}}"
     example = _compose_env_keys((DEPLOY / ".env.example").read_text(encoding="utf-8"))
     assert "GATEWAY_SECRET_KEY" in example
     assert ".env" in (DEPLOY / ".gitignore").read_text(encoding="utf-8").split()
