@@ -130,11 +130,15 @@ class CallControl:
         Raises CallControlError when the API cannot be reached or has not answered in
         full within the timeout: the whole request (connecting, sending, the answer's
         headers and body) gets that long, not each step of it (httpx's own timeouts,
-        which an answer trickling in byte by byte never runs into).
+        which an answer trickling in byte by byte never runs into). Making the API's
+        pooled client, the first time, is not counted.
         """
+        # made before the clock starts: a new client builds its TLS context (tens of ms
+        # of CPU, more on a loaded machine), which is none of the API's time
+        client = self._client(request.url)
         try:
             async with asyncio.timeout(self._timeout_s):
-                async with self._client(request.url).stream(
+                async with client.stream(
                     request.method,
                     request.url,
                     headers=dict(request.headers),

@@ -8,8 +8,10 @@ import base64
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import unquote
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -389,6 +391,38 @@ async def test_an_answer_that_trickles_in_is_cut_off_at_the_request_timeout() ->
                 with pytest.raises(CallControlError, match=r"no whole answer within 1\.0 s"):
                     await control.send(telnyx.hang_up(auth, "v3:abc"))
             assert time.monotonic() - began < 2.0
+        finally:
+            await control.aclose()
+
+
+async def test_making_an_apis_client_is_not_counted_in_the_request_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GATEWAY_CALLS_TIMEOUT_S is the API's time: the pooled client of an API, made at its
+    first request (httpx builds a TLS context: 50 ms of CPU here, far more on a loaded
+    machine), is made before the clock starts. It was made inside the timeout, so a first
+    hang-up under load could time out before its request was even sent (a 0.5 s timeout
+    in tests/adapters/twilio/test_calls.py). Here making it takes 0.6 s, the timeout is
+    0.5 s, and the API answers at once."""
+    api = FastAPI()
+
+    @api.post("/v2/calls")
+    async def answer() -> dict[str, str]:
+        return {"sid": "CA1"}
+
+    made = httpx.AsyncClient
+
+    class SlowToMake(made):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            time.sleep(0.6)  # the loop is held, as by a TLS context built under load
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(httpx, "AsyncClient", SlowToMake)
+    control = CallControl(0.5)
+    async with serve(api) as url:
+        try:
+            answered = await control.send(RestRequest("POST", f"{url}/v2/calls"))
+            assert (answered.status, answered.body) == (200, {"sid": "CA1"})
         finally:
             await control.aclose()
 
