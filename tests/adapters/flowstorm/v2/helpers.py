@@ -108,6 +108,8 @@ class Streamed:
     get_lines: list[str] = field(default_factory=list)
     get_ended: float = 0.0
     put_answered: float = 0.0
+    tail_chunks_sent: int = 0
+    """How many chunks of the tail were sent before the GET ended (the mic stopped)."""
 
 
 async def realtime_turn(
@@ -120,6 +122,7 @@ async def realtime_turn(
     accept: str = "application/x-ndjson",
     get_lead_s: float = 0.2,
     max_tail_chunks: int = 40,
+    tail_pace_s: float = PACE_S,
     hold: bool = False,
     put_url: str = "",
     get_url: str = "",
@@ -128,8 +131,8 @@ async def realtime_turn(
     """A realtime turn the way the Flowstorm client runs it.
 
     Streams ``chunks`` (then up to ``max_tail_chunks`` of ``tail``, as a mic that
-    keeps running; with ``hold``, then nothing until the GET ends) at PACE_S per
-    chunk in a chunked ``PUT {put_url}/client?realtime=1``, while a parallel
+    keeps running, one every ``tail_pace_s``; with ``hold``, then nothing until the GET
+    ends) at PACE_S per chunk in a chunked ``PUT {put_url}/client?realtime=1``, while a parallel
     ``GET {get_url}/client`` (started ``get_lead_s`` before, same cookies) reads the
     recognition; writing stops when the GET ends, then the PUT's answer is read.
     """
@@ -159,7 +162,8 @@ async def realtime_turn(
             if stop.is_set():
                 return
             yield tail
-            await asyncio.sleep(PACE_S)
+            result.tail_chunks_sent += 1
+            await asyncio.sleep(tail_pace_s)
         if hold:
             await asyncio.wait_for(stop.wait(), 10)
 
