@@ -53,7 +53,9 @@ full; :data:`TRANSITIONS` is the same state machine):
    unless the core ended it; an input still waiting then (a key pressed just before,
    while the bot's turn ran or its audio played; keys collected in ``collect`` mode)
    gets its turn first, its output dropped: at once, or once the running turn finished
-   (:meth:`CarrierCall.turn_finished`; not when that turn ended the session).
+   (:meth:`CarrierCall.turn_finished`; not when that turn ended the session). The turn
+   running at the end is likewise discarded: it finishes and is saved, but nothing of
+   it is played, marked or spoken (no error text) after the stream ended.
 7. A transfer [transferring] the carrier refused (or could not be asked for) is not
    the end: :meth:`CarrierCall.transfer_finished` gives the core the input
    :data:`TRANSFER_FAILED` (attributes ``target``, ``reason``, ``error``) on the
@@ -1464,7 +1466,13 @@ class CarrierCall:
         waiting input (the latest input wins, as the pause would have made them), and a
         waiting input is the core's before the end: its turn at once when no turn runs,
         else once the running one finished (:meth:`turn_finished`, which drops it when
-        that turn ended the session). Then the ending actions (EndSession)."""
+        that turn ended the session). The turn running now is discarded as the last
+        input's is (:meth:`_last_input`): it finishes and saves (the runner's EndSession
+        waits for it), but none of its audio is played, no mark sent (the carrier's
+        socket may still be open after its ``stop``: frames then are a protocol error to
+        it) and its error text is not synthesized. Then the ending actions (EndSession)."""
+        if self.turn is not None:  # the caller is gone: nothing of it is played or said
+            self.turn.discarded = True
         last: list[CallAction] = []
         if was is not State.CLOSED and not self.session_over:
             digits = self.dtmf.flush()

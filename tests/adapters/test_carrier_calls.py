@@ -25,11 +25,14 @@ from typing import Any
 import pytest
 
 from gateway.events import Input, Response, ResponseItem, transfer_item
+from gateway.io.call import CallRunner
+from gateway.pipeline.base import PipelineError
 from gateway.protocol.call import CallAction, CarrierCall
 from gateway.sessions import Session
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from gateway.speech.tts import PiperSynthesizer
+from gateway.turn import TurnContext
 from tests.adapters.carrier_harness import Received
 from tests.adapters.carriers import Carrier, Scripted
 from tests.adapters.exotel.harness import CARRIER as EXOTEL
@@ -321,6 +324,91 @@ async def test_keys_collected_when_the_caller_hangs_up_reach_the_core(
             assert await until(lambda: len(core.inputs) == 2, 10), core.inputs
             assert core.inputs == ["#intro", "12"]
             await carrier.ended(gw, call)
+
+
+class SpeaksWhenReleased:
+    """A core whose ``#intro`` turn waits for ``finish`` before it says anything, then
+    answers with an item of text (``fail``: raises a PipelineError instead, an Error
+    event that the call would speak); :attr:`finished` is set once the core's turn is
+    over (the engine took all of it, then saves)."""
+
+    name = "speaks-when-released"
+
+    def __init__(self, *, fail: bool) -> None:
+        self.fail = fail
+        self.inputs: list[str] = []
+        self.finish = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        self.inputs.append(input.text)
+        if input.text == "#intro":
+            await self.finish.wait()
+        try:
+            if self.fail:
+                raise PipelineError("the core is down")
+            yield ResponseItem(text="This is never heard by anyone.")
+            yield Response()
+        finally:
+            self.finished.set()
+
+    async def aclose(self) -> None:
+        pass
+
+
+@each(ALL)
+@pytest.mark.parametrize("outcome", ["answer", "error"])
+async def test_the_turn_running_when_the_caller_hangs_up_is_not_played(
+    carrier: Carrier,
+    outcome: str,
+    speech: SpeechService,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The caller hangs up (the carrier's stop: its socket stays open a moment; Vonage's
+    close) while the intro's turn runs, before it said anything; then the core answers
+    with text (or fails). The turn completes and is saved, the session ends, but the
+    carrier is sent nothing after its stop: no audio, no mark (a protocol error to the
+    carrier), and the error text of a failed turn is not synthesized. Before, the
+    answer was played to the stopped stream and the error text spoken to it."""
+    caplog.set_level(logging.INFO, "gateway.conversation")
+    synthesized: list[str] = []
+    original = CallRunner._synthesize
+
+    async def synthesize(self: CallRunner, text: str) -> bytes | None:
+        synthesized.append(text)
+        return await original(self, text)
+
+    monkeypatch.setattr(CallRunner, "_synthesize", synthesize)
+    ending = asyncio.Event()
+    end_session = CallRunner.end_session
+
+    async def end(self: CallRunner, ctx: TurnContext) -> None:
+        ending.set()  # the gateway has seen the stop: it waits for the turn, then ends
+        await end_session(self, ctx)
+
+    monkeypatch.setattr(CallRunner, "end_session", end)
+    async with carrier.gateway(speech, redis_url=redis_url) as (gw, _):
+        core = SpeaksWhenReleased(fail=outcome == "error")
+        gw.app.state.gateway.conversation.pipeline = core
+        async with carrier.dial(gw.url, mic_speed=4.0) as call:
+            assert await until(lambda: core.inputs == ["#intro"], 10), core.inputs
+            stopped_at = time.monotonic()
+            await call.stop()
+            await asyncio.wait_for(ending.wait(), 10)
+            assert not core.finished.is_set()  # the intro's turn still runs
+            core.finish.set()
+            await asyncio.wait_for(core.finished.wait(), 10)
+            await call.wait_for(lambda: call.closed_at is not None)
+            await carrier.ended(gw, call)  # the session ended after the turn
+            after = [(r.event, r.name) for r in call.received if r.at >= stopped_at]
+            assert after == []  # no media, no mark, nothing after the carrier's stop
+            assert synthesized == []  # the error text is not spoken to nobody
+        # the core's turn completed: saved (an ok turn; a failed core's turn is saved too)
+        turns = [r.getMessage() for r in caplog.records if r.name == "gateway.conversation"]
+        assert ("turn error" if outcome == "error" else "turn ok") in turns, turns
+        assert core.inputs == ["#intro"]
 
 
 @each(ALL)

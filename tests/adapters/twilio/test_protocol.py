@@ -55,6 +55,7 @@ from gateway.protocol.call import (
 from gateway.speech.audio import AudioFormat, Pcm
 from gateway.speech.stage import ListenOptions, SpeechStage
 from gateway.speech.stt import PocketsphinxRecognizer
+from gateway.turn import TurnRejected
 from tests.adapters.twilio.helpers import phone
 from tests.conftest import state_of
 
@@ -640,3 +641,46 @@ def test_a_hash_alone_in_collect_mode_leaves_the_silence_timeout_running(playing
     actions = speak(call, SILENCE * 60)
     turns = [(i, a.input.text) for i, a in actions if isinstance(a, StartTurn)]
     assert turns == [(49, "#silence")]  # 1000 ms of audio after the key
+
+
+@pytest.mark.parametrize("end", ["stop", "lost"])
+def test_the_turn_running_when_the_stream_ends_is_not_played(end: str) -> None:
+    """The caller hangs up (the carrier's stop; its socket stays open a moment) or the
+    connection is lost while the intro's turn runs: that turn finishes (the runner's
+    EndSession waits for it, so the core saves) but nothing of it is played, no mark is
+    sent, and its error text is not synthesized, as for the last input's turn."""
+    call = started()
+    actions = call.receive(STOP) if end == "stop" else call.connection_lost()
+    assert [type(a) for a in actions] == [EndSession]
+    assert call.turn is not None
+    assert call.turn.discarded  # as the last input's turn: its output is dropped
+    assert call.turn_event(ResponseItemEvent(response_item=ResponseItem(text="hi"))) == []
+    assert call.turn_event(BinaryEvent(data=b"\x00" * 1600)) == []  # no Play: no media, no mark
+    assert call.turn_event(ErrorEvent(text="core down", source="pipeline")) == []  # no Speak
+    assert call.spoken(b"\x00" * 800) == []
+    assert call.turn_event(ResponseEvent(response=Response())) == []
+    assert call.turn_finished() == []  # no final mark, nothing more
+    assert call.connection_lost() == []
+
+
+@pytest.mark.parametrize("end", ["stop", "lost"])
+def test_a_turn_refused_after_the_stream_ended_is_not_spoken(end: str) -> None:
+    call = started()
+    call.receive(STOP) if end == "stop" else call.connection_lost()
+    refused = TurnRejected("session-busy", "Another turn of this session is still running.")
+    assert call.turn_rejected(refused) == []  # no Speak of the error text
+    assert call.turn_finished() == []
+
+
+@pytest.mark.parametrize("end", ["stop", "lost"])
+def test_a_key_behind_the_turn_running_at_the_end_still_gets_its_turn(end: str) -> None:
+    call = started(barge_in=False)
+    assert call.receive(dtmf("7")) == []  # waits for the intro's turn
+    call.receive(STOP) if end == "stop" else call.connection_lost()
+    actions = answer(call)  # the intro's turn: nothing played
+    assert not [a for a in actions if isinstance(a, Play | Speak)]
+    [turn] = actions
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "7"
+    assert call.turn is not None
+    assert call.turn.discarded
