@@ -8,7 +8,8 @@ speech stage (one VAD pass per chunk, its onset drives barge-in at once); audio 
 marks go out through a :class:`~gateway.io.websocket.PacedSender`, paced at real time
 when the codec says ``realtime``, else sent as fast as they are made; the final mark's
 echo (or its grace running out) hangs up through the adapter's ``hang_up`` (else the
-socket is closed).
+socket is closed). The carrier's ``stop`` drops the audio and marks still queued
+(:meth:`PacedSender.drop`): nothing more is sent to a stream the carrier ended.
 
 :func:`admit` runs a route's check of a stream's upgrade, refusing (1008 before the
 accept: HTTP 403; HTTP 503 when the one-time token store is down) or accepting it.
@@ -668,10 +669,16 @@ class CallRunner(WebSocketDriver[CallAction]):
     def received(self, frame: str | bytes) -> list[CallAction]:
         had_info = self.call.info is not None
         errors = self.call.error_count
+        stopped = self.call.stopped
         try:
             actions = self.call.receive(frame)
         except ProtocolError as exc:
             return self._bad_frame(exc.text)
+        if self.call.stopped and not stopped:
+            # the carrier's stop: its socket may stay open a moment, but the audio and
+            # marks still queued are not paced out to it (nor is the turn's rest played:
+            # CarrierCall discards it) while the session ends
+            self.sender.drop()
         if self.call.error_count != errors:
             self._carrier_error(self.call.errors[-1])
         info = self.call.info

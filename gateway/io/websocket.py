@@ -879,6 +879,13 @@ class PacedSender(Generic[T]):
         self._wake.set()
         await self._send(clear)
 
+    def drop(self) -> None:
+        """Drop everything queued (frames and marks) and send nothing: the peer ended the
+        stream (a carrier's ``stop``), so whatever is sent to it now is a protocol error."""
+        self._queue.clear()
+        self._end = 0.0
+        self._wake.set()
+
     def pause(self) -> None:
         """Send no more media frames until :meth:`resume` (or :meth:`interrupt`); the peer
         plays out what it holds (at most ``ahead_ms``). A message queued right after frames

@@ -411,6 +411,63 @@ async def test_the_turn_running_when_the_caller_hangs_up_is_not_played(
         assert core.inputs == ["#intro"]
 
 
+class LongThenHeld:
+    """A core whose ``#intro`` says :data:`LONG` (several seconds of speech), then runs on
+    until ``finish`` is set (the turn is still running while its audio plays)."""
+
+    name = "long-then-held"
+    LONG = (
+        "Welcome to the city museum. We are open every day from nine in the morning "
+        "until six in the evening, and on Thursdays until nine at night."
+    )
+
+    def __init__(self) -> None:
+        self.finish = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        yield ResponseItem(text=self.LONG)
+        await self.finish.wait()
+        self.finished.set()
+        yield Response()
+
+    async def aclose(self) -> None:
+        pass
+
+
+@each([TWILIO, TELNYX])
+async def test_audio_queued_when_the_caller_hangs_up_is_not_sent_after_the_stop(
+    carrier: Carrier, speech: SpeechService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A paced carrier (its audio sent at real time, 60 ms ahead; Plivo and Exotel are
+    sent all of it at once, Vonage's hang-up closes the socket) whose caller hangs up
+    one second into a long answer while the turn still runs: the audio queued for it is
+    dropped at the stop, not paced out to the carrier while the gateway waits for the
+    turn to end the session. Before, frames went on for seconds after the stop."""
+    ending: list[float] = []
+    end_session = CallRunner.end_session
+
+    async def end(self: CallRunner, ctx: TurnContext) -> None:
+        ending.append(time.monotonic())  # the gateway has seen the stop
+        await end_session(self, ctx)
+
+    monkeypatch.setattr(CallRunner, "end_session", end)
+    async with carrier.gateway(speech, twilio_send_ahead_ms=60) as (gw, _):
+        core = LongThenHeld()
+        gw.app.state.gateway.conversation.pipeline = core
+        async with carrier.dial(gw.url, mic_speed=4.0, play_speed=1.0) as call:
+            await call.wait_for(lambda: call.seconds(call.media_frames()) >= 1.0)
+            await call.stop()
+            assert await until(lambda: bool(ending), 10)
+            await asyncio.sleep(1.0)  # the turn runs on; its audio would still be paced out
+            assert call.media_frames(since=ending[0] + 0.2) == []
+            core.finish.set()
+            await asyncio.wait_for(core.finished.wait(), 10)
+            await call.wait_for(lambda: call.closed_at is not None)
+            assert call.media_frames(since=ending[0] + 0.2) == []
+        await carrier.ended(gw, call)
+
+
 @each(ALL)
 async def test_goodbye_ends_the_call_only_after_the_last_audio_played(
     carrier: Carrier, speech: SpeechService, piper: PiperSynthesizer

@@ -108,3 +108,23 @@ async def test_interrupt_ends_a_pause() -> None:
     await asyncio.sleep(0.05)
     task.cancel()
     assert sent == ["clear", "n0", "mark-n"]
+
+
+async def test_drop_forgets_what_is_queued_and_sends_nothing() -> None:
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    sender = PacedSender(send, frame_ms=20, ahead_ms=20)
+    task = asyncio.create_task(sender.run())
+    sender.play([f"m{i}" for i in range(50)], "mark")
+    await asyncio.sleep(0.05)
+    sender.drop()  # the peer stopped the stream
+    assert sender.queued_ms == 0
+    after = len(sent)
+    await asyncio.sleep(0.1)
+    task.cancel()
+    assert len(sent) == after  # nothing more: no frame, no mark, no clear
+    assert "mark" not in sent
+    assert 0 < after < 10
