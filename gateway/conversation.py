@@ -42,7 +42,9 @@ is made; the BinaryEvents of one item concatenate to its file; WAV comes in one)
 pipeline's timeout. When speech fails (pool full, engine error)
 the remaining audio is dropped and the turn's Response is replaced by an
 ErrorEvent with source ``tts`` (the session is saved all the same). A consumer
-that leaves the stream cancels the syntheses it would have waited for.
+that leaves the stream cancels the syntheses it would have waited for; one that will
+play none of the audio but takes the events to the end (a phone call whose caller hung
+up) mutes it (:meth:`TurnStream.mute`): no synthesis goes on or starts.
 """
 
 from __future__ import annotations
@@ -256,6 +258,10 @@ class _TurnQueue:
         """Whether no item is waiting."""
         return not self._items
 
+    def pending_audio(self) -> list[_PendingAudio]:
+        """The syntheses queued and not yet handed out."""
+        return [item for item in self._items if isinstance(item, _PendingAudio)]
+
 
 class TurnStream:
     """The events of one running turn; iterate it with ``async for``.
@@ -268,6 +274,9 @@ class TurnStream:
     def __init__(self, queue: _TurnQueue, task: asyncio.Task[None]) -> None:
         self._queue = queue
         self.task = task
+        self._current: _PendingAudio | None = None  # the item whose audio is being handed out
+        self.muted = False
+        """Set by :meth:`mute`: the turn's audio is not wanted any more."""
 
     def __aiter__(self) -> AsyncGenerator[TurnEvent, None]:
         """The events; ``aclose()`` it when leaving early (else the event loop closes it
@@ -283,7 +292,6 @@ class TurnStream:
 
     async def _iterate(self) -> AsyncGenerator[TurnEvent, None]:
         speech_error: ErrorEvent | None = None
-        current: _PendingAudio | None = None  # the item whose audio is being handed out
         try:
             while True:
                 item = await self._queue.get()
@@ -292,17 +300,19 @@ class TurnStream:
                 if isinstance(item, BaseException):
                     raise item
                 if isinstance(item, _PendingAudio):
-                    if speech_error is not None:
+                    if speech_error is not None or self.muted:
                         item.task.cancel()
                         continue
-                    current = item
+                    self._current = item
                     while (chunk := await item.chunks.get()) is not _DONE:
+                        if self.muted:  # mute() cancelled it: no audio, and no error
+                            break
                         if isinstance(chunk, BaseException):  # speech never breaks the stream
                             speech_error = _speech_error(chunk)  # (cancelled: stopped)
                             metrics.ERRORS.labels(item.channel, "tts").inc()
                             break
                         yield BinaryEvent(data=chunk)
-                    current = None
+                    self._current = None
                     continue
                 if speech_error is not None and isinstance(item, ResponseEvent):
                     # in the Response's place, with its number: a client that resumes
@@ -311,9 +321,22 @@ class TurnStream:
                     continue
                 yield item  # type: ignore[misc]
         finally:
-            if current is not None:
-                current.task.cancel()
+            if self._current is not None:
+                self._current.task.cancel()
             self.close()
+
+    def mute(self) -> None:
+        """The consumer plays none of the turn's audio any more (a phone call whose caller
+        hung up), but still takes its events to the end (the turn goes on and saves): the
+        syntheses under way are cancelled, none is started for the items to come, and no
+        BinaryEvent follows (nor the Error of source ``tts`` a cancelled synthesis would
+        give)."""
+        self.muted = True
+        self._queue.closed = True  # _emit starts no synthesis
+        if self._current is not None:
+            self._current.task.cancel()
+        for item in self._queue.pending_audio():
+            item.task.cancel()
 
     def close(self) -> None:
         """The consumer is gone: cancel the syntheses still queued and skip those to come

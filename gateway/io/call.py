@@ -45,6 +45,7 @@ import hmac
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -57,6 +58,7 @@ from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.callcodec import CarrierCodec, CarrierError, VerificationRefused, WireFrame
 from gateway.callcontrol import TransferResult
+from gateway.conversation import TurnStream
 from gateway.deps import Gateway
 from gateway.events import ResponseItem
 from gateway.httputil import problem
@@ -632,6 +634,28 @@ class CallRunner(WebSocketDriver[CallAction]):
         plays in order from when it is sent (a buffering carrier holds all of it)."""
         self._hangup: asyncio.Task[None] | None = None
         self._final_watch: asyncio.Task[None] | None = None
+        self._streams: weakref.WeakSet[TurnStream] = weakref.WeakSet()
+        """The streams of the call's turns (those still running matter)."""
+
+    def turn_opened(self, stream: TurnStream) -> None:
+        """A turn of the call started: muted at once when the stream has ended (the last
+        input's turn: nothing of it is played, so none of its speech is synthesized)."""
+        if self._ended:
+            stream.mute()
+        else:
+            self._streams.add(stream)
+
+    @property
+    def _ended(self) -> bool:
+        return self.call.stopped or self.call.disconnected
+
+    def _mute_turns(self) -> None:
+        """The stream ended (the carrier's stop, a lost connection): the running turns go
+        on and save, but their speech is not synthesized any more (CarrierCall plays
+        nothing of them: :meth:`TurnStream.mute`)."""
+        for stream in list(self._streams):
+            stream.mute()
+        self._streams.clear()
 
     async def send_frame(self, frame: WireFrame) -> None:
         """Send a text (``str``) or binary (``bytes``) frame; never raises."""
@@ -677,8 +701,9 @@ class CallRunner(WebSocketDriver[CallAction]):
         if self.call.stopped and not stopped:
             # the carrier's stop: its socket may stay open a moment, but the audio and
             # marks still queued are not paced out to it (nor is the turn's rest played:
-            # CarrierCall discards it) while the session ends
+            # CarrierCall discards it, and it is not synthesized) while the session ends
             self.sender.drop()
+            self._mute_turns()
         if self.call.error_count != errors:
             self._carrier_error(self.call.errors[-1])
         info = self.call.info
@@ -906,7 +931,9 @@ class CallRunner(WebSocketDriver[CallAction]):
         (:meth:`CarrierCall.connection_lost`, :meth:`end_session`: within
         GATEWAY_LOCK_WAIT_S, so a dead call cannot hold the shutdown longer)."""
         if not self.call.closed:
-            await self.run(self.call.connection_lost())
+            actions = self.call.connection_lost()
+            self._mute_turns()
+            await self.run(actions)
         await super().shutdown()
         with contextlib.suppress(*SEND_ERRORS):
             await self.ws.close(CLOSE_NORMAL)

@@ -59,7 +59,7 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.breaker import outage_level
-from gateway.conversation import Conversation, TurnRejected
+from gateway.conversation import Conversation, TurnRejected, TurnStream
 from gateway.events import TurnEvent
 from gateway.logs import session_ref
 from gateway.protocol.actions import (
@@ -189,6 +189,7 @@ async def forward_turn(
     gone: Callable[[], bool] = _never,
     finish_after_reject: bool = False,
     claim: Claim | None = None,
+    opened: Callable[[TurnStream], None] | None = None,
 ) -> bool:
     """The turn forwarder: run ``start``'s turn and carry out (``run``) what ``protocol``
     makes of its events, for any transport (a WebSocket, a socket.io connection).
@@ -203,7 +204,8 @@ async def forward_turn(
     on and saves its session. A failure of the gateway (the engine broke its order,
     the protocol object refused an event with LocalProtocolError, carrying out an
     action failed, the held ones too) is logged and answered by ``failed()``: never
-    a silent hang. Cancelling it cancels the forwarding only.
+    a silent hang. Cancelling it cancels the forwarding only. ``opened`` is handed the
+    turn's stream as it starts (to :meth:`~gateway.conversation.TurnStream.mute` it later).
 
     Returns True when the turn's last actions were carried out; False when the peer
     left or the gateway failed.
@@ -211,7 +213,10 @@ async def forward_turn(
     held: list[A] = []
     try:
         try:
-            async for event in conversation.turn(start.ctx, start.input):
+            stream = conversation.turn(start.ctx, start.input)
+            if opened is not None:
+                opened(stream)
+            async for event in stream:
                 if gone():
                     return False
                 async with _FRESH if claim is None else claim(event) as fresh:
@@ -715,7 +720,11 @@ class WebSocketDriver(Generic[A]):
             log=self.log,
             name=self.name,
             claim=claim,
+            opened=self.turn_opened,
         )
+
+    def turn_opened(self, stream: TurnStream) -> None:
+        """A turn of this connection started; ``stream`` its events (nothing by default)."""
 
     def holding(self) -> bool:
         """Whether the running turn's actions wait for the end of its stream now."""

@@ -370,8 +370,9 @@ async def test_the_turn_running_when_the_caller_hangs_up_is_not_played(
     close) while the intro's turn runs, before it said anything; then the core answers
     with text (or fails). The turn completes and is saved, the session ends, but the
     carrier is sent nothing after its stop: no audio, no mark (a protocol error to the
-    carrier), and the error text of a failed turn is not synthesized. Before, the
-    answer was played to the stopped stream and the error text spoken to it."""
+    carrier), and neither the answer nor the error text of a failed turn is
+    synthesized. Before, the answer was played to the stopped stream and the error text
+    spoken to it."""
     caplog.set_level(logging.INFO, "gateway.conversation")
     synthesized: list[str] = []
     original = CallRunner._synthesize
@@ -381,6 +382,14 @@ async def test_the_turn_running_when_the_caller_hangs_up_is_not_played(
         return await original(self, text)
 
     monkeypatch.setattr(CallRunner, "_synthesize", synthesize)
+    voiced: list[str | None] = []  # the items the turn engine synthesized speech for
+    audio_chunks = speech.audio_chunks
+
+    def chunks(item: ResponseItem, file_type: Any) -> AsyncIterator[bytes]:
+        voiced.append(item.text)
+        return audio_chunks(item, file_type)
+
+    monkeypatch.setattr(speech, "audio_chunks", chunks)
     ending = asyncio.Event()
     end_session = CallRunner.end_session
 
@@ -405,6 +414,7 @@ async def test_the_turn_running_when_the_caller_hangs_up_is_not_played(
             after = [(r.event, r.name) for r in call.received if r.at >= stopped_at]
             assert after == []  # no media, no mark, nothing after the carrier's stop
             assert synthesized == []  # the error text is not spoken to nobody
+            assert voiced == []  # nor the answer synthesized for nobody
         # the core's turn completed: saved (an ok turn; a failed core's turn is saved too)
         turns = [r.getMessage() for r in caplog.records if r.name == "gateway.conversation"]
         assert ("turn error" if outcome == "error" else "turn ok") in turns, turns

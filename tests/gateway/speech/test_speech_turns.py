@@ -109,6 +109,30 @@ async def test_audio_mode_sends_each_items_audio_after_it(
             assert event.response_item.audio is None
 
 
+async def test_a_muted_stream_synthesizes_no_more_and_the_turn_still_saves(
+    piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer
+) -> None:
+    """A consumer that will play none of the turn's audio (a phone call whose caller hung
+    up) mutes the stream at its first item: that item's synthesis is cancelled, none is
+    started for the next, no BinaryEvent and no Error of source ``tts`` come; the turn's
+    events go on to the Response and the session is saved."""
+    conversation = engine(service(piper, recognizer))
+    stream = conversation.turn(ctx(TtsRequest("audio", "wav")), Input.of("#intro"))
+    kinds = []
+    async for event in stream:
+        kinds.append(type(event).__name__)
+        if isinstance(event, ResponseItemEvent):
+            stream.mute()
+    assert kinds == [
+        "SessionStartedEvent",
+        "ResponseItemEvent",
+        "ResponseItemEvent",
+        "ResponseEvent",
+    ]
+    async with conversation.store.open("test:s", lease_s=5, wait_s=5) as txn:
+        assert txn.session is not None
+
+
 async def test_no_tts_requested_means_no_audio(
     piper: PiperSynthesizer, recognizer: PocketsphinxRecognizer
 ) -> None:
