@@ -44,6 +44,7 @@ from tests.adapters.twilio.harness import (
 from tests.adapters.twilio.helpers import (
     AUTH,
     PUBLIC,
+    Served,
     twilio_gateway,
     twilio_tasks,
     until,
@@ -492,6 +493,16 @@ class SlowIntro(Counting):
         yield Response()
 
 
+async def _the_key_had_its_turn_before_the_end(gw: Served, core: SlowIntro, call_sid: str) -> None:
+    """The call is over: the key "5" had its turn after the intro's, in the intro's
+    session (not one made anew), and the session then ended."""
+    await gw.wait_no_calls()
+    assert await until(lambda: not gw.app.state.gateway.conversation.turns_in_flight, 5)
+    assert core.inputs == ["#intro", "5"]
+    assert core.turn_count == 2
+    assert not await session_exists(gw.app, call_sid)
+
+
 async def test_a_key_pressed_while_the_intro_runs_as_the_caller_hangs_up_reaches_the_core(
     speech: SpeechService, redis_url: str, redis_prefix: str
 ) -> None:
@@ -511,11 +522,7 @@ async def test_a_key_pressed_while_the_intro_runs_as_the_caller_hangs_up_reaches
                 assert core.inputs == ["#intro"]  # the key waits for the intro's turn
                 core.finish.set()
                 await call.wait_for(lambda: call.closed_at is not None)
-            await gw.wait_no_calls()
-            assert await until(lambda: not gw.app.state.gateway.conversation.turns_in_flight, 5)
-            assert core.inputs == ["#intro", "5"]
-            assert core.turn_count == 2  # in the intro's session, not one made anew
-            assert not await session_exists(gw.app, call.call_sid)
+            await _the_key_had_its_turn_before_the_end(gw, core, call.call_sid)
 
 
 async def test_a_key_waiting_for_the_intro_reaches_the_core_when_the_tcp_connection_dies(
@@ -539,11 +546,7 @@ async def test_a_key_waiting_for_the_intro_reaches_the_core_when_the_tcp_connect
                 assert await until(lambda: runner.call.closed, 5)
                 assert core.inputs == ["#intro"]
                 core.finish.set()
-            await gw.wait_no_calls()
-            assert await until(lambda: not gw.app.state.gateway.conversation.turns_in_flight, 5)
-            assert core.inputs == ["#intro", "5"]
-            assert core.turn_count == 2  # in the intro's session, not one made anew
-            assert not await session_exists(gw.app, call.call_sid)
+            await _the_key_had_its_turn_before_the_end(gw, core, call.call_sid)
 
 
 class SlowGoodbye(SlowIntro):
