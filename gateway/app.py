@@ -25,12 +25,16 @@ from adapters.flowstorm.v1.routes import router as flowstorm_v1_router
 from adapters.flowstorm.v2.routes import put_client
 from adapters.flowstorm.v2.routes import router as flowstorm_v2_router
 from adapters.google.routes import router as google_router
+from adapters.plivo.routes import api_base_url as plivo_api
 from adapters.plivo.routes import router as plivo_router
 from adapters.telnyx.routes import TelnyxDialer
+from adapters.telnyx.routes import api_base_url as telnyx_api
 from adapters.telnyx.routes import router as telnyx_router
 from adapters.twilio.calls import TwilioDialer
+from adapters.twilio.calls import api_base_url as twilio_api
 from adapters.twilio.routes import router as twilio_router
 from adapters.voiceflow.routes import mount as mount_voiceflow
+from adapters.vonage.routes import api_base_url as vonage_api
 from adapters.vonage.routes import router as vonage_router
 from gateway import apidoc, console
 from gateway.admin import AdminRefused, admin_refused_handler, admin_route, check_admin_key
@@ -220,7 +224,13 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     # Exotel: the Voicebot applet's stream (Basic auth), on the shared call engine
     app.include_router(exotel_router)
     # call control: POST /v1/calls (admin key) through each carrier's dialer, transfers
-    mount_calls(app, {"twilio": TwilioDialer(), "telnyx": TelnyxDialer()})
+    # and hang-ups through each carrier's REST API (Exotel has none here), whose client is
+    # made at startup when the carrier's credentials are configured
+    mount_calls(
+        app,
+        {"twilio": TwilioDialer(), "telnyx": TelnyxDialer()},
+        (twilio_api, telnyx_api, vonage_api, plivo_api),
+    )
     # Voiceflow socket.io at /v4/interact/socket (a mounted ASGI app; its router's lifespan)
     mount_voiceflow(app, settings)
     if settings.console_enabled:  # the browser console: static files at /console

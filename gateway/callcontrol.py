@@ -5,10 +5,11 @@ The requests themselves are built, pure, by each adapter's ``control.py``
 :mod:`adapters.vonage.control`, :mod:`adapters.plivo.control`) as
 :class:`RestRequest` values; :class:`CallControl` sends them with a pooled
 ``httpx.AsyncClient`` per carrier API (GATEWAY_CALLS_TIMEOUT_S per request) and hands
-back a :class:`RestAnswer`. Base URLs come from settings (GATEWAY_TWILIO_API_BASE_URL,
-GATEWAY_TELNYX_API_BASE_URL, GATEWAY_VONAGE_API_BASE_URL, GATEWAY_PLIVO_API_BASE_URL),
-so tests point them at a local server. A call id goes into a request's URL as one path
-segment, whatever it holds (:func:`path_segment`).
+back a :class:`RestAnswer`; the client of each configured carrier's API is made at
+startup (:meth:`CallControl.open`), none mid-call. Base URLs come from settings
+(GATEWAY_TWILIO_API_BASE_URL, GATEWAY_TELNYX_API_BASE_URL, GATEWAY_VONAGE_API_BASE_URL,
+GATEWAY_PLIVO_API_BASE_URL), so tests point them at a local server. A call id goes into a
+request's URL as one path segment, whatever it holds (:func:`path_segment`).
 
 :func:`log_transfer` writes the one record of a transfer: a log line with its fields
 (no store keeps them; nothing but the log read the in-memory list there was).
@@ -91,6 +92,12 @@ MAX_ANSWER_BYTES = 65_536
 text, never parsed."""
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """``url``'s API: its scheme, host and port (None: the scheme's default)."""
+    parsed = httpx.URL(url)
+    return parsed.scheme, parsed.host, parsed.port
+
+
 class CallControlError(Exception):
     """The carrier's API could not be reached (network error, timeout)."""
 
@@ -104,15 +111,33 @@ class CallControl:
         self._given = client
         self._clients: dict[tuple[str, str, int | None], httpx.AsyncClient] = {}
 
+    def open(self, base_url: str) -> None:
+        """Make the pooled client of the carrier API at ``base_url`` (its scheme, host and
+        port; a configured carrier's GATEWAY_<CARRIER>_API_BASE_URL) now, unless it is made
+        already. The call-control router does it at startup for every carrier whose REST
+        credentials are configured (gateway/calls.py ``mount``), so that no call's first
+        hang-up or transfer makes it: a new client builds its TLS context, 50-220 ms of CPU
+        (more on a loaded machine) with the event loop blocked and every other call's
+        paced audio stalled. A client given to the constructor serves every API: nothing
+        is made."""
+        self._client(base_url)
+
+    def client_of(self, url: str) -> httpx.AsyncClient | None:
+        """The pooled client that serves ``url`` (its API's; or the client given to the
+        constructor), None while it is not made."""
+        if self._given is not None:
+            return self._given
+        return self._clients.get(_origin(url))
+
     def _client(self, url: str) -> httpx.AsyncClient:
         """The pooled client of ``url``'s API (scheme, host, port): one pool of
         :data:`MAX_CONNECTIONS_PER_API` per carrier API, so a carrier that hangs does not
         hold the connections another carrier's calls and transfers need (or the client
-        given to the constructor, for everything)."""
+        given to the constructor, for everything). Made the first time it is needed
+        when :meth:`open` did not make it."""
         if self._given is not None:
             return self._given
-        parsed = httpx.URL(url)
-        origin = (parsed.scheme, parsed.host, parsed.port)
+        origin = _origin(url)
         client = self._clients.get(origin)
         if client is None:
             client = self._clients[origin] = httpx.AsyncClient(
@@ -131,10 +156,11 @@ class CallControl:
         full within the timeout: the whole request (connecting, sending, the answer's
         headers and body) gets that long, not each step of it (httpx's own timeouts,
         which an answer trickling in byte by byte never runs into). Making the API's
-        pooled client, the first time, is not counted.
+        pooled client, when :meth:`open` did not make it at startup, is not counted.
         """
-        # made before the clock starts: a new client builds its TLS context (tens of ms
-        # of CPU, more on a loaded machine), which is none of the API's time
+        # made at startup (open) for a configured carrier; else made here, before the
+        # clock starts: a new client builds its TLS context (tens of ms of CPU, more on a
+        # loaded machine), which is none of the API's time
         client = self._client(request.url)
         try:
             async with asyncio.timeout(self._timeout_s):

@@ -64,7 +64,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Protocol, TypeVar
@@ -109,24 +109,40 @@ _SIP_URI: Final = re.compile(r"sips?:[^\s\x00-\x1f\x7f]+", re.IGNORECASE)
 """A SIP URI as the carriers take it: the scheme, then no whitespace or control character."""
 
 
+CarrierApi = Callable[[Settings], str | None]
+"""A carrier's REST API as :func:`mount` takes it: the base URL of the API (its
+GATEWAY_<CARRIER>_API_BASE_URL) when ``settings`` configure the carrier's REST
+credentials, else None (its calls are neither hung up nor transferred through it)."""
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The app's :class:`CallControl`, with the pooled client of each configured carrier's
+    API made now (:meth:`CallControl.open`), not by a call's first hang-up or transfer on
+    the event loop; closed, with its clients, at shutdown."""
     settings: Settings = app.state.gateway.settings
-    app.state.callcontrol = CallControl(settings.calls_timeout_s)
+    control = app.state.callcontrol = CallControl(settings.calls_timeout_s)
     try:
+        for api in app.state.carrier_apis:
+            base_url = api(settings)
+            if base_url is not None:  # a carrier without its credentials uses no client
+                control.open(base_url)
         yield
     finally:
-        await app.state.callcontrol.aclose()
+        await control.aclose()
 
 
 router = APIRouter(tags=["Calls"], lifespan=_lifespan)
 
 
-def mount(app: FastAPI, dialers: Mapping[str, Dialer]) -> None:
+def mount(app: FastAPI, dialers: Mapping[str, Dialer], apis: Sequence[CarrierApi] = ()) -> None:
     """Add the routes and the admin refusal handler to ``app``; ``dialers`` by carrier
-    name are the carriers POST /v1/calls can call through."""
+    name are the carriers POST /v1/calls can call through; ``apis`` are the carriers'
+    REST APIs (hang-ups, transfers, dials), whose clients are made when the app starts
+    for the carriers configured."""
     install_admin(app)
     app.state.dialers = dict(dialers)
+    app.state.carrier_apis = tuple(apis)
     app.include_router(router)
 
 

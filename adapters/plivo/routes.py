@@ -79,6 +79,7 @@ from gateway.protocol import ProtocolError
 from gateway.protocol.call import Transfer
 from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
+from gateway.settings import Settings
 from gateway.startup import not_configured
 
 log = logging.getLogger("gateway.plivo")
@@ -119,6 +120,22 @@ class PlivoChannel:
     calls: dict[str, CallRunner] = field(default_factory=dict)
 
 
+def plivo_auth(settings: Settings) -> plivo.PlivoAuth | None:
+    """Plivo REST credentials of ``settings`` (None without the auth id and token)."""
+    token = settings.plivo_auth_token.get_secret_value() if settings.plivo_auth_token else ""
+    if not token or not settings.plivo_auth_id:
+        return None
+    return plivo.PlivoAuth(settings.plivo_auth_id, token, settings.plivo_api_base_url)
+
+
+def api_base_url(settings: Settings) -> str | None:
+    """The base URL of Plivo's REST API (GATEWAY_PLIVO_API_BASE_URL) when ``settings``
+    configure its credentials (auth id and auth token), else None
+    (gateway/calls.py ``CarrierApi``: its client is made at startup)."""
+    auth = plivo_auth(settings)
+    return auth.base_url if auth else None
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gw = app.state.gateway
@@ -138,11 +155,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 "GATEWAY_PLIVO_AUTH_ID is unset: the Plivo API cannot be called, so no call "
                 "can be transferred or hung up through it (GATEWAY_PLIVO_AUTH_TOKEN is set)"
             )
-    auth = (
-        plivo.PlivoAuth(settings.plivo_auth_id, token, settings.plivo_api_base_url)
-        if token and settings.plivo_auth_id
-        else None
-    )
+    auth = plivo_auth(settings)
     app.state.plivo = PlivoChannel(
         PlivoVerifier(token) if token else None,
         auth,

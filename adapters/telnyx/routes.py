@@ -181,6 +181,14 @@ def telnyx_auth(settings: Settings) -> telnyx.TelnyxAuth | None:
     return telnyx.TelnyxAuth(key.get_secret_value(), settings.telnyx_api_base_url) if key else None
 
 
+def api_base_url(settings: Settings) -> str | None:
+    """The base URL of Telnyx's REST API (GATEWAY_TELNYX_API_BASE_URL) when ``settings``
+    configure its credentials (the API key), else None
+    (gateway/calls.py ``CarrierApi``: its client is made at startup)."""
+    auth = telnyx_auth(settings)
+    return auth.base_url if auth else None
+
+
 CHANNEL: Final = "telnyx"
 OUTBOUND_CALL: Final = "outbound"
 """The call id a dial's stream token carries: the call_control_id is not known before the

@@ -30,6 +30,14 @@ def twilio_auth(settings: Settings) -> twilio.TwilioAuth | None:
     )
 
 
+def api_base_url(settings: Settings) -> str | None:
+    """The base URL of Twilio's REST API (GATEWAY_TWILIO_API_BASE_URL) when ``settings``
+    configure its credentials (account SID and auth token), else None
+    (gateway/calls.py ``CarrierApi``: its client is made at startup)."""
+    auth = twilio_auth(settings)
+    return auth.base_url if auth else None
+
+
 class TwilioDialer:
     """Outbound calls through Twilio's Calls API (:class:`gateway.calls.Dialer`)."""
 

@@ -70,6 +70,7 @@ from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.call import Transfer
 from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
+from gateway.settings import Settings
 from gateway.startup import not_configured
 
 log = logging.getLogger("gateway.vonage")
@@ -91,6 +92,25 @@ class VonageChannel:
     calls: dict[str, CallRunner] = field(default_factory=dict)
 
 
+def vonage_auth(settings: Settings) -> vonage.VonageAuth | None:
+    """Vonage Voice API credentials of ``settings`` (None without the application id and
+    its private key)."""
+    key = settings.vonage_private_key
+    if not key or not settings.vonage_application_id:
+        return None
+    return vonage.VonageAuth(
+        settings.vonage_application_id, key.get_secret_value(), settings.vonage_api_base_url
+    )
+
+
+def api_base_url(settings: Settings) -> str | None:
+    """The base URL of Vonage's REST API (GATEWAY_VONAGE_API_BASE_URL) when ``settings``
+    configure its credentials (application id and private key), else None
+    (gateway/calls.py ``CarrierApi``: its client is made at startup)."""
+    auth = vonage_auth(settings)
+    return auth.base_url if auth else None
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gw = app.state.gateway
@@ -106,13 +126,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     elif verifier is None:  # not configured at all: the startup's INFO line names it
         not_configured(gw, CHANNEL, "/vonage/answer", 403, "GATEWAY_VONAGE_SIGNATURE_SECRET")
     key = settings.vonage_private_key
-    auth = (
-        vonage.VonageAuth(
-            settings.vonage_application_id, key.get_secret_value(), settings.vonage_api_base_url
-        )
-        if key and settings.vonage_application_id
-        else None
-    )
+    auth = vonage_auth(settings)
     if bool(settings.vonage_application_id) != bool(key):  # half of the REST credentials
         given, missing = (
             ("_APPLICATION_ID", "_PRIVATE_KEY")

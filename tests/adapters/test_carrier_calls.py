@@ -19,16 +19,18 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
+from gateway.calls import callcontrol_of
 from gateway.events import Input, Response, ResponseItem, transfer_item
 from gateway.io.call import CallRunner
 from gateway.pipeline.base import PipelineError
 from gateway.protocol.call import CallAction, CarrierCall
 from gateway.sessions import Session
+from gateway.settings import Settings
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from gateway.speech.tts import PiperSynthesizer
@@ -630,3 +632,81 @@ async def test_a_buffering_carrier_is_hung_up_only_after_a_long_farewell_played(
             assert any(name.startswith("end-") for name in call.echoed), call.echoed
             if carrier.hangup is not None:
                 assert [(r.method, r.path) for r in api.requests] == [carrier.hangup(call)]
+
+
+class _Goodbye:
+    """A core that says goodbye and ends the session at the ``#intro``."""
+
+    name = "goodbye"
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        yield ResponseItem(text="Goodbye.")
+        yield Response(session_ended=True)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _rest(carrier: Carrier) -> Callable[[str], dict[str, Any]]:
+    """The settings that configure ``carrier``'s REST API at ``api_url`` beyond its own
+    (Twilio's account SID, Vonage's application)."""
+    return carrier.transfer.settings if carrier.transfer is not None else lambda api_url: {}
+
+
+def _api_urls(settings: Settings) -> dict[str, str]:
+    """The base URL of every carrier's REST API in ``settings``, by carrier."""
+    return {
+        "twilio": settings.twilio_api_base_url,
+        "telnyx": settings.telnyx_api_base_url,
+        "vonage": settings.vonage_api_base_url,
+        "plivo": settings.plivo_api_base_url,
+    }
+
+
+@each([TWILIO, TELNYX, PLIVO])
+async def test_the_carrier_api_client_is_made_at_startup_not_by_a_calls_hang_up(
+    carrier: Carrier, speech: SpeechService
+) -> None:
+    """The client of a configured carrier's REST API (its pool and its TLS context: 50 to
+    220 ms of CPU on the event loop, more on a loaded machine) is made when the gateway
+    starts, before any call: a call's REST hang-up uses it and makes none, and shutdown
+    closes it. The other carriers, not configured, have no client. Before, the first
+    hang-up or transfer made it mid-call, stalling every other call's paced audio."""
+    async with carrier.gateway(speech, more=_rest(carrier)) as (gw, api):
+        control = callcontrol_of(gw.app)
+        assert control is not None
+        client = control.client_of(api.url)
+        assert client is not None  # made at startup, before any call
+        others = {
+            name: url
+            for name, url in _api_urls(gw.app.state.gateway.settings).items()
+            if name != carrier.name
+        }
+        assert {name: control.client_of(url) for name, url in others.items()} == dict.fromkeys(
+            others
+        )  # none for a carrier not configured
+        gw.app.state.gateway.conversation.pipeline = _Goodbye()
+        async with carrier.dial(gw.url) as call:
+            assert await until(lambda: bool(api.requests), 20)  # the REST hang-up
+            if carrier is TWILIO:  # Twilio stops a completed call's stream; the gateway
+                await call.stop()  # closes the others' after their hang-up
+            await call.wait_for(lambda: call.closed_at is not None)
+        await carrier.ended(gw, call)
+        assert control.client_of(api.url) is client  # the hang-up made no client
+        assert not client.is_closed
+    assert client.is_closed  # shutdown closed it
+    assert len(api.requests) == 1
+
+
+@each([VONAGE, EXOTEL])
+async def test_carrier_api_clients_are_made_at_startup_only_for_a_configured_api(
+    carrier: Carrier, speech: SpeechService
+) -> None:
+    """Vonage with its application (its Voice API: transfers) has its API's client made
+    at startup; Exotel (no REST API here) and the carriers not configured have none."""
+    async with carrier.gateway(speech, more=_rest(carrier)) as (gw, _):
+        control = callcontrol_of(gw.app)
+        assert control is not None
+        urls = _api_urls(gw.app.state.gateway.settings)
+        made = {name for name, url in urls.items() if control.client_of(url) is not None}
+        assert made == ({"vonage"} if carrier is VONAGE else set())
