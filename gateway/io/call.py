@@ -636,6 +636,8 @@ class CallRunner(WebSocketDriver[CallAction]):
         self._final_watch: asyncio.Task[None] | None = None
         self._streams: weakref.WeakSet[TurnStream] = weakref.WeakSet()
         """The streams of the call's turns (those still running matter)."""
+        self._speaking: set[asyncio.Task[bytes | None]] = set()
+        """The syntheses of the error text under way (:meth:`_speak`)."""
 
     def turn_opened(self, stream: TurnStream) -> None:
         """A turn of the call started: muted at once when the stream has ended (the last
@@ -652,10 +654,13 @@ class CallRunner(WebSocketDriver[CallAction]):
     def _mute_turns(self) -> None:
         """The stream ended (the carrier's stop, a lost connection): the running turns go
         on and save, but their speech is not synthesized any more (CarrierCall plays
-        nothing of them: :meth:`TurnStream.mute`)."""
+        nothing of them: :meth:`TurnStream.mute`), nor is the error text of a failed turn
+        whose synthesis is under way (:meth:`_speak`: cancelled)."""
         for stream in list(self._streams):
             stream.mute()
         self._streams.clear()
+        for synthesis in list(self._speaking):
+            synthesis.cancel()
 
     async def send_frame(self, frame: WireFrame) -> None:
         """Send a text (``str``) or binary (``bytes``) frame; never raises."""
@@ -836,11 +841,32 @@ class CallRunner(WebSocketDriver[CallAction]):
             self.sender.resume()
             log.debug("%s: speech over the bot was no interruption; resumed", self.name)
         elif isinstance(action, Speak):
-            await self.run(self.call.spoken(await self._synthesize(action.text)))
+            await self._speak(action.text)
         elif isinstance(action, HangUp):
             self._hangup = self.spawn(self._end(action.call_id, None), "hang-up")
         elif isinstance(action, Transfer):
             self._hangup = self.spawn(self._end(action.call_id, action), "transfer")
+
+    async def _speak(self, text: str) -> None:
+        """Say ``text`` (the error text of a failed turn, GATEWAY_VOICE_ERROR_TEXT): its
+        synthesis, then its audio played (:meth:`CarrierCall.spoken`). The synthesis is a
+        task of its own, which the stream's end cancels (:meth:`_mute_turns`): nobody
+        would hear it, so it does not run to its end; nothing is played then. Cancelling
+        the caller (the turn's forwarding, at shutdown) cancels the synthesis too."""
+        if self._ended:  # nothing is played after the stream's end: not even synthesized
+            return
+        synthesis = asyncio.create_task(self._synthesize(text), name=f"{self.name} speech")
+        self._speaking.add(synthesis)
+        try:
+            audio = await synthesis
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not synthesis.cancelled() or (current is not None and current.cancelling()):
+                raise  # the caller itself is cancelled
+            return  # the stream ended: the synthesis was cancelled, nothing is played
+        finally:
+            self._speaking.discard(synthesis)
+        await self.run(self.call.spoken(audio))
 
     async def _synthesize(self, text: str) -> bytes | None:
         _, audio = await self.gw.speech.voice_item(ResponseItem(text=text), self.call.tts)

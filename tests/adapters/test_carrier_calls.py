@@ -34,6 +34,7 @@ from gateway.settings import Settings
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from gateway.speech.tts import PiperSynthesizer
+from gateway.speech.tts_cache import MemoryTtsCache
 from gateway.turn import TurnContext
 from tests.adapters.carrier_harness import Received
 from tests.adapters.carriers import Carrier, Scripted
@@ -420,6 +421,76 @@ async def test_the_turn_running_when_the_caller_hangs_up_is_not_played(
         # the core's turn completed: saved (an ok turn; a failed core's turn is saved too)
         turns = [r.getMessage() for r in caplog.records if r.name == "gateway.conversation"]
         assert ("turn error" if outcome == "error" else "turn ok") in turns, turns
+        assert core.inputs == ["#intro"]
+
+
+LONG_ERROR_TEXT = (
+    "We are very sorry, but something went wrong on our side while we were answering "
+    "you. Our team has been told about it and is looking into it right now. Please stay "
+    "on the line and try again in a moment, or call us back later today. You can also "
+    "visit our website, where the opening hours, the prices of the tickets and the "
+    "directions to the museum are written down for you. Thank you for your patience, "
+    "and once again, we are very sorry for the trouble."
+)
+"""An error text (GATEWAY_VOICE_ERROR_TEXT) whose synthesis takes a while (seconds of
+speech): the caller's stop comes while it runs."""
+
+
+@each(ALL)
+async def test_the_error_text_being_synthesized_when_the_caller_hangs_up_is_cancelled(
+    carrier: Carrier,
+    fresh_speech: SpeechService,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The core fails at once and the call says the error text; the caller hangs up (the
+    carrier's stop; Vonage's close) while the text is being synthesized by the real
+    engine. The synthesis is cancelled, not run to its end for nobody (nothing of it is
+    cached), the carrier is sent nothing after its stop and the session ends. Before, the
+    synthesis ran on to its end (its audio then dropped) and the session waited for it."""
+    happened: list[str] = []  # the synthesis's outcome and the session's end, in order
+    began = asyncio.Event()
+    original = CallRunner._synthesize
+
+    async def synthesize(self: CallRunner, text: str) -> bytes | None:
+        began.set()
+        try:
+            audio = await original(self, text)
+        except asyncio.CancelledError:
+            happened.append("cancelled")
+            raise
+        happened.append("completed")
+        return audio
+
+    end_session = CallRunner.end_session
+
+    async def end(self: CallRunner, ctx: TurnContext) -> None:
+        await end_session(self, ctx)  # after the turns it waits for (GATEWAY_LOCK_WAIT_S)
+        happened.append("session ended")
+
+    monkeypatch.setattr(CallRunner, "_synthesize", synthesize)
+    monkeypatch.setattr(CallRunner, "end_session", end)
+    cache = fresh_speech.cache
+    assert isinstance(cache, MemoryTtsCache)
+    async with carrier.gateway(
+        fresh_speech, redis_url=redis_url, voice_error_text=LONG_ERROR_TEXT
+    ) as (gw, _):
+        core = SpeaksWhenReleased(fail=True)
+        core.finish.set()  # the #intro's turn fails at once
+        gw.app.state.gateway.conversation.pipeline = core
+        async with carrier.dial(gw.url, mic_speed=4.0) as call:
+            await asyncio.wait_for(began.wait(), 20)  # the error text is being synthesized
+            stopped_at = time.monotonic()
+            await call.stop()
+            await call.wait_for(lambda: call.closed_at is not None, 30)
+            await carrier.ended(gw, call)  # the session ended
+            # cancelled at the stop, not synthesized to its end for nobody (nor cancelled
+            # only when the call's tasks are, once the session's end gave up waiting)
+            assert await until(lambda: len(happened) >= 2, 30), happened
+            assert happened == ["cancelled", "session ended"]
+            after = [(r.event, r.name) for r in call.received if r.at >= stopped_at]
+            assert after == []  # no media, no mark after the carrier's stop
+        assert len(cache) == 0  # no file of it was made
         assert core.inputs == ["#intro"]
 
 
