@@ -9,7 +9,9 @@ marks go out through a :class:`~gateway.io.websocket.PacedSender`, paced at real
 when the codec says ``realtime``, else sent as fast as they are made; the final mark's
 echo (or its grace running out) hangs up through the adapter's ``hang_up`` (else the
 socket is closed). The carrier's ``stop`` drops the audio and marks still queued
-(:meth:`PacedSender.drop`): nothing more is sent to a stream the carrier ended.
+(:meth:`PacedSender.drop`): nothing more is sent to a stream the carrier ended; the
+speech being synthesized for it (the running turns' items, a failed turn's error text)
+is cancelled there too (:meth:`CallRunner._mute_turns`).
 
 :func:`admit` runs a route's check of a stream's upgrade, refusing (1008 before the
 accept: HTTP 403; HTTP 503 when the one-time token store is down) or accepting it.
