@@ -620,12 +620,12 @@ class AlexaVerifier(VerifierLogs):
         if stamp < now - self._max_skew and not self._late_skill_event(envelope, stamp, now):
             raise AlexaVerificationError(
                 AlexaReason.TIMESTAMP_TOO_OLD,
-                f"request.timestamp {raw} is {(now - stamp).total_seconds():.0f} s old",
+                f"request.timestamp {clipped(raw)} is {(now - stamp).total_seconds():.0f} s old",
             )
         if stamp > now + self._max_skew:
             raise AlexaVerificationError(
                 AlexaReason.TIMESTAMP_IN_FUTURE,
-                f"request.timestamp {raw} is {(stamp - now).total_seconds():.0f} s ahead",
+                f"request.timestamp {clipped(raw)} is {(stamp - now).total_seconds():.0f} s ahead",
             )
 
     def _late_skill_event(self, envelope: dict[str, Any], stamp: datetime, now: datetime) -> bool:

@@ -55,9 +55,12 @@ def invalid_field(exc: ValidationError) -> str:
 
 def _first_error(exc: ValidationError, skip: int) -> tuple[str, str]:
     """The location (joined with dots, its first ``skip`` parts left out) and message of
-    ``exc``'s first error, without its input."""
+    ``exc``'s first error, without its input. A part of the location may be a client's key
+    (a slot name, a parameter name): each is given :func:`clipped` (unquoted), so a key of
+    200,000 characters does not come back whole in the answer and the log line."""
     err = exc.errors(include_url=False, include_input=False)[0]
-    return ".".join(str(part) for part in err["loc"][skip:]), err["msg"]
+    where = ".".join(clipped(str(part), quote=False) for part in err["loc"][skip:])
+    return where, err["msg"]
 
 
 @overload

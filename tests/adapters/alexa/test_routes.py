@@ -568,6 +568,60 @@ async def test_a_malformed_slot_value_is_400_naming_the_field(
         )
 
 
+LONG = 200_000
+"""Characters of a client's value in the refusal tests: far past any real one, within the
+body limit."""
+
+
+def _refused_briefly(answer: httpx.Response, reason: str, records: list[logging.LogRecord]) -> str:
+    """The detail of a 400 refusal with ``reason``, after checking that neither it nor the
+    refusal's log line copies the client's long value back (a quote is clipped)."""
+    assert answer.status_code == 400, answer.text[:300]
+    assert answer.headers["content-type"] == "application/problem+json"
+    problem = answer.json()
+    assert problem["reason"] == reason
+    assert len(answer.content) < 1000, problem["detail"][:300]
+    lines = [r.getMessage() for r in records if r.name == "adapters.alexa"]
+    assert lines and all(len(line) < 1000 for line in lines), [line[:300] for line in lines]
+    detail: str = problem["detail"]
+    return detail
+
+
+async def test_a_refusal_quotes_a_long_slot_name_clipped(caplog: pytest.LogCaptureFixture) -> None:
+    """A slot of the wrong type is named in the problem (``request.intent.slots.<name>``),
+    but a slot name of 200,000 characters is quoted clipped, in the answer and in the
+    refusal's log line, not copied back whole."""
+    data = envelope("S-long-slot", intent="PlanTripIntent")
+    data["request"]["intent"]["slots"] = {"k" * LONG: {"name": "k", "value": 7}}
+    async with gateway(**OFF) as url, httpx.AsyncClient(base_url=url) as client:
+        with caplog.at_level(logging.DEBUG, logger="adapters.alexa"):
+            answer = await client.post("/alexa", content=json.dumps(data).encode())
+        detail = _refused_briefly(answer, "malformed_request", caplog.records)
+        assert "request.intent.slots.kkkk" in detail
+        assert detail.endswith("value: Input should be a valid string")
+
+
+async def test_a_refused_timestamp_is_quoted_clipped(caplog: pytest.LogCaptureFixture) -> None:
+    """An unsigned request whose ``request.timestamp`` has 200,000 digits of fractional
+    seconds (ISO 8601 allows any number) is refused as too old before any download, its
+    timestamp quoted clipped in the answer and the log line."""
+    data = envelope("S-long-stamp", text="hello")
+    data["request"]["timestamp"] = "2020-01-01T00:00:00." + "1" * LONG + "Z"
+    body = json.dumps(data).encode()
+    headers = {
+        "SignatureCertChainUrl": CERT_URL,
+        "Signature-256": base64.b64encode(b"\0" * 256).decode(),
+    }
+    async with (
+        gateway(alexa_skill_ids=frozenset({SKILL_ID})) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        with caplog.at_level(logging.DEBUG, logger="adapters.alexa"):
+            answer = await client.post("/alexa", content=body, headers=headers)
+        detail = _refused_briefly(answer, "timestamp_too_old", caplog.records)
+        assert detail.startswith("request.timestamp '2020-01-01T00:00:00.111")
+
+
 # ------------------------------------------------------------ slow and long cores
 
 
