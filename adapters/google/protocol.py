@@ -66,7 +66,7 @@ from gateway.events import (
     Wire,
     frozen,
 )
-from gateway.protocol import ProtocolError, validate
+from gateway.protocol import ProtocolError, clipped, validate
 from gateway.protocol import load_json as load_any_json
 from gateway.ssml import display_text, speech_ssml, truncate_text
 from gateway.turn import IntentRule, TurnContext
@@ -334,6 +334,12 @@ def _validate(model: type[_M], data: Mapping[str, Any], what: str) -> _M:
     return validate(model, data, what=f"{what} request", empty="body")
 
 
+def _property_names(data: Mapping[str, Any]) -> str:
+    """The first 8 property names of ``data`` (sorted), each :func:`clipped` (a client's
+    names), joined by commas: what a refusal of an unknown shape says it got."""
+    return ", ".join(clipped(name, quote=False) for name in sorted(data)[:8])
+
+
 def detect(data: Mapping[str, Any]) -> Format | None:
     """The format of a request by its shape (module doc's table), None when none fits."""
     if "queryResult" in data:
@@ -463,7 +469,7 @@ def google_plan(data: Mapping[str, Any]) -> Plan:
     raise ProtocolError(
         "Not a Google Assistant request", expected="an Actions Builder request "
         "(handler, session) or an Actions SDK v2 AppRequest (conversation, inputs)",
-        got="an object with " + (", ".join(sorted(data)[:8]) or "no properties"),
+        got="an object with " + (_property_names(data) or "no properties"),
     )  # fmt: skip
 
 
@@ -555,7 +561,7 @@ def dialogflow_plan(data: Mapping[str, Any]) -> Plan:
     raise ProtocolError(
         "Not a Dialogflow request", expected="a Dialogflow ES request (session, queryResult) "
         "or a CX request (sessionInfo)",
-        got="an object with " + (", ".join(sorted(data)[:8]) or "no properties"),
+        got="an object with " + (_property_names(data) or "no properties"),
     )  # fmt: skip
 
 

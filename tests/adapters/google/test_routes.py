@@ -589,6 +589,26 @@ async def test_bad_input_is_400_or_413_never_500(caplog: pytest.LogCaptureFixtur
 
 
 @pytest.mark.parametrize("path", ["/google", "/dialogflow"])
+async def test_a_refusal_quotes_long_property_names_clipped(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body of no known shape is refused naming the properties it has, but a property
+    name of 200,000 characters is quoted clipped, in the answer and in the refusal's log
+    line, not copied back whole."""
+    body = json.dumps({"k" * 200_000: 1, "hello": "world"}).encode()
+    async with gateway(**OFF) as url, httpx.AsyncClient(base_url=url) as client:
+        with caplog.at_level(logging.DEBUG, logger="adapters.google"):
+            answer = await client.post(path, content=body)
+    assert answer.status_code == 400, answer.text[:300]
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert len(answer.content) < 1000, answer.text[:300]
+    detail = answer.json()["detail"]
+    assert "got an object with hello, kkkk" in detail
+    lines = [r.getMessage() for r in caplog.records if r.name == "adapters.google"]
+    assert lines and all(len(line) < 1000 for line in lines), [line[:300] for line in lines]
+
+
+@pytest.mark.parametrize("path", ["/google", "/dialogflow"])
 async def test_a_declared_content_length_over_the_limit_is_413_before_the_body(path: str) -> None:
     """Only the request head is sent, with a Content-Length of 10**9: the webhook driver
     refuses it from the header (gateway.httputil.read_body), answering at once instead
