@@ -221,7 +221,8 @@ def check_cert_chain_url(url: str) -> str:
         port = parts.port
     except ValueError as exc:
         raise AlexaVerificationError(
-            AlexaReason.CERT_URL_MALFORMED, f"SignatureCertChainUrl does not parse: {exc}"
+            AlexaReason.CERT_URL_MALFORMED,
+            f"SignatureCertChainUrl does not parse: {clipped(str(exc), 120, quote=False)}",
         ) from None
     host, path = (parts.hostname or "").lower(), _normalise_path(parts.path)
     rules = (  # in order: the first that fails is the reason

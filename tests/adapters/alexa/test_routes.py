@@ -622,6 +622,25 @@ async def test_a_refused_timestamp_is_quoted_clipped(caplog: pytest.LogCaptureFi
         assert detail.startswith("request.timestamp '2020-01-01T00:00:00.111")
 
 
+async def test_an_unparsable_cert_url_is_quoted_clipped(caplog: pytest.LogCaptureFixture) -> None:
+    """A ``SignatureCertChainUrl`` whose port is 12,000 letters does not parse: the refusal
+    says why, quoting the parser's complaint (which quotes the port) clipped, in the answer
+    and the log line."""
+    body = json.dumps(envelope("S-long-url", text="hello")).encode()
+    headers = {
+        "SignatureCertChainUrl": "https://s3.amazonaws.com:" + "x" * 12_000 + "/echo.api/x.pem",
+        "Signature-256": base64.b64encode(b"\0" * 256).decode(),
+    }
+    async with (
+        gateway(alexa_skill_ids=frozenset({SKILL_ID})) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        with caplog.at_level(logging.DEBUG, logger="adapters.alexa"):
+            answer = await client.post("/alexa", content=body, headers=headers)
+        detail = _refused_briefly(answer, "cert_url_malformed", caplog.records)
+        assert detail.startswith("SignatureCertChainUrl does not parse: Port could not be cast")
+
+
 # ------------------------------------------------------------ slow and long cores
 
 
