@@ -582,7 +582,8 @@ def _refused_briefly(answer: httpx.Response, reason: str, records: list[logging.
     assert problem["reason"] == reason
     assert len(answer.content) < 1000, problem["detail"][:300]
     lines = [r.getMessage() for r in records if r.name == "adapters.alexa"]
-    assert lines and all(len(line) < 1000 for line in lines), [line[:300] for line in lines]
+    assert lines
+    assert all(len(line) < 1000 for line in lines), [line[:300] for line in lines]
     detail: str = problem["detail"]
     return detail
 
