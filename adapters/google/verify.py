@@ -395,7 +395,7 @@ class GoogleVerifier(VerifierLogs):
 
     def _check_claims(self, claims: Mapping[str, Any]) -> None:
         issuer = claims.get("iss")
-        if issuer not in GOOGLE_ISSUERS:
+        if not isinstance(issuer, str) or issuer not in GOOGLE_ISSUERS:
             raise GoogleVerificationError(
                 GoogleReason.WRONG_ISSUER, f"issuer {str(issuer)[:80]!r} is not Google"
             )

@@ -177,9 +177,17 @@ async def test_wrong_audience(key: Key) -> None:
 
 
 @pytest.mark.parametrize(
-    "issuer", ["https://evil.example", "http://accounts.google.com", "https://accounts.google.com/"]
+    "issuer",
+    [
+        "https://evil.example",
+        "http://accounts.google.com",
+        "https://accounts.google.com/",
+        # not a string: refused as any other issuer (a list or object is unhashable)
+        ["https://accounts.google.com"],
+        {"iss": "https://accounts.google.com"},
+    ],
 )
-async def test_wrong_issuer(key: Key, issuer: str) -> None:
+async def test_wrong_issuer(key: Key, issuer: object) -> None:
     token = key.token(iss=issuer)
     assert await token_refused(key, token) == "wrong_issuer"
 
