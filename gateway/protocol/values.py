@@ -74,14 +74,21 @@ def strict_flag(raw: str) -> bool | None:
     return None
 
 
+MAX_INTEGER_DIGITS: Final = 100
+"""The longest string of digits :func:`integer` reads (as load_json's MAX_NUMBER_CHARS
+bounds a JSON number): a longer one is None, never an int conversion (past 4,300 digits
+``int()`` raises ValueError)."""
+
+
 def integer(value: object) -> int | None:
-    """An integral JSON number (or a string of ASCII digits, stripped) as int, else None.
+    """An integral JSON number (or a string of ASCII digits, stripped, at most
+    :data:`MAX_INTEGER_DIGITS` long) as int, else None.
 
     Booleans are not numbers here; ``3.0`` is 3, ``3.5`` is None.
     """
     if isinstance(value, str):  # first: carriers send their numbers as strings
         digits = value.strip()
-        if digits.isascii() and digits.isdigit():
+        if digits.isascii() and digits.isdigit() and len(digits) <= MAX_INTEGER_DIGITS:
             return int(digits)
         return None
     if isinstance(value, bool):

@@ -315,6 +315,35 @@ async def test_media_payload_bound_is_exact(
         await call.stop()
 
 
+async def test_a_media_frame_with_overlong_informational_numbers_is_heard(
+    speech: SpeechService,
+) -> None:
+    """``chunk``, ``timestamp`` and ``sequenceNumber`` are informational strings of digits
+    (Twilio's numbers are strings): 5,000 digits of them (past Python's int conversion
+    limit, in a frame too long for the media fast path) are ignored, the audio is heard and
+    the call goes on. Before, int() raised ValueError: the call died with 1011 and an ERROR
+    traceback."""
+    async with twilio_gateway(speech) as gw:
+        with no_server_errors():
+            async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0) as call:
+                await gw.wait_answers(call, 1)
+                runner = gw.channel.calls[call.call_sid]
+                for field in ("chunk", "timestamp", "sequenceNumber"):
+                    media = call.media(b"\xff" * 160)
+                    if field == "sequenceNumber":
+                        media[field] = "9" * 5000
+                    else:
+                        media["media"][field] = "9" * 5000
+                    await call.send(media)
+                await call.dtmf("7")
+                await gw.wait_turns(2)
+                assert gw.core.turns[1] == ("7", ["You said: 7"])
+                assert call.close_code is None
+                assert runner.bad_frames == 0
+                await call.stop()
+            await gw.wait_no_calls()
+
+
 async def test_a_stream_of_junk_is_closed_once_with_1008_and_logged_once(
     speech: SpeechService, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -107,6 +107,9 @@ def test_strict_flag(raw: str, expected: bool | None) -> None:
         (" 42 ", 42),
         ("4x", None),
         ("²", None),  # a digit to str.isdigit, not to int()
+        ("9" * 100, int("9" * 100)),
+        ("9" * 101, None),  # longer than MAX_INTEGER_DIGITS: no conversion
+        ("9" * 5000, None),  # past int()'s 4,300 digits (it raised ValueError)
         ("", None),
         (True, None),
         (None, None),
