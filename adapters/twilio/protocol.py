@@ -622,10 +622,11 @@ class TwilioCall(CarrierCall):
         if info.call_sid == self.expected_call_id and (
             (fmt.encoding, fmt.sample_rate, fmt.channels) != (ENCODING, SAMPLE_RATE, 1)
         ):
+            # the peer's values cut short: the reason fits a close frame and a log line
             return self._disconnect(
                 CLOSE_UNSUPPORTED,
-                f"expected {ENCODING} at {SAMPLE_RATE} Hz mono, got {fmt.encoding} at "
-                f"{fmt.sample_rate} Hz x{fmt.channels}",
+                f"expected {ENCODING} at {SAMPLE_RATE} Hz mono, got {clipped(fmt.encoding, 24)} "
+                f"at {clipped(fmt.sample_rate, 12)} Hz x{clipped(fmt.channels, 4)}",
             )
         return self._start(self.twilio.start(info))
 

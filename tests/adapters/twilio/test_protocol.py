@@ -383,6 +383,26 @@ def test_a_start_that_does_not_fit_closes_the_stream(change: dict[str, Any], cod
     assert call.closed
 
 
+def test_an_unsupported_format_s_close_reason_quotes_the_peer_s_values_cut_short() -> None:
+    """The 1003 reason names the format that came, each value cut short (clipped), so it
+    fits a close frame (123 bytes) and its log line stays short whatever the peer sent.
+    Before, a 50,000-character encoding was copied whole into the reason (and the
+    WARNING line of the close), and the close frame's cut lost the rate and channels."""
+    message = json.loads(START)
+    message["start"]["mediaFormat"] = {
+        "encoding": "audio/x-" + "e" * 50_000,
+        "sampleRate": int("9" * 90),
+        "channels": 2,
+    }
+    call = TwilioCall(CALL, CallConfig(key_allowed=lambda key: True))
+    [close] = call.receive(json.dumps(message))
+    assert isinstance(close, Close)
+    assert close.code == 1003
+    assert len(close.reason.encode()) <= 123, close.reason
+    assert close.reason.startswith("expected audio/x-mulaw at 8000 Hz mono, got 'audio/x-eee")
+    assert close.reason.endswith(" x2")
+
+
 UNREADABLE_STARTS = [
     pytest.param({"callSid": ""}, "start.callSid", id="empty-callSid"),
     pytest.param({"callSid": None}, "start.callSid", id="null-callSid"),
