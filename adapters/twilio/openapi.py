@@ -21,6 +21,7 @@ _FORM_FIELDS = {
     "Direction": "inbound, outbound-api, ...",
 }
 _SIGNED_FORM_REFUSALS = {
+    400: "Body not UTF-8",
     403: "Bad signature",
     413: "Body larger than GATEWAY_MAX_BODY_BYTES",
     415: "Not a form body",
@@ -65,8 +66,8 @@ POST_VOICE: dict[str, Any] = dict(
         },
         **problems(
             {
-                400: "No valid CallSid",
                 **_SIGNED_FORM_REFUSALS,
+                400: "No valid CallSid, or a body that is not UTF-8",
                 403: "Bad signature or unknown application key",
             }
         ),
@@ -112,8 +113,8 @@ POST_TWILIO_AMD: dict[str, Any] = dict(
         204: {"description": "Taken"},
         **problems(
             {
-                400: "A machine answer without a valid CallSid",
                 **_SIGNED_FORM_REFUSALS,
+                400: "A machine answer without a valid CallSid, or a body that is not UTF-8",
                 503: "A machine answer not handed on: the bus (the gateway's Redis) is down",
             }
         ),

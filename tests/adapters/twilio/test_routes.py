@@ -137,6 +137,25 @@ async def test_bad_webhook_requests(gw: Served) -> None:
         assert huge.status_code == 413
 
 
+@pytest.mark.parametrize("path", ["/twilio/voice", "/twilio/status", "/twilio/amd"])
+async def test_a_form_body_that_is_not_utf8_is_a_documented_400(gw: Served, path: str) -> None:
+    """A form body that is not UTF-8 is refused 400 with a problem naming it, before its
+    signature is checked, on every Twilio webhook; the API document says so. Before,
+    POST /twilio/status answered a 400 its document did not list, and the 400s of
+    /twilio/voice and /twilio/amd were documented for a bad CallSid only."""
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        answer = await client.post(
+            path,
+            content=b"CallSid=CA" + b"2" * 32 + b"&From=\xff\xfe",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+    assert answer.status_code == 400
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["detail"] == "The form body is not UTF-8."
+    documented = gw.app.openapi()["paths"][path]["post"]["responses"]
+    assert "not UTF-8" in documented["400"]["description"]
+
+
 async def test_status_callbacks_are_recorded(gw: Served, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "adapters.twilio")
     event = {
