@@ -43,9 +43,13 @@ The same WebSocket protocol carries Engine.IO (Voiceflow socket.io): engineio cl
 peer that misses its pings (25 s + 20 s), but that close, too, waited for ever to flush
 to a peer that does not read; the send deadline ends it.
 
+A WebSocket text frame that is not UTF-8 is closed 1007 as uvicorn closes it, logged
+at INFO instead of uvicorn's ERROR with a traceback (a client's fault, not the server's).
+
 The subclasses hook into uvicorn internals (HttpToolsProtocol's parser callbacks,
 ``cycle``, ``pipeline``, ``connections``; WebSocketsSansIOProtocol's ``conn``,
-``queue``, ``close_sent``): after a uvicorn upgrade run tests/gateway/test_limits.py.
+``queue``, ``close_sent``, ``frames``, ``curr_msg_data_type``): after a uvicorn upgrade
+run tests/gateway/test_limits.py and tests/adapters/flowstorm/v1/test_socket.py.
 
 **Keep-alive timeout** (GATEWAY_KEEP_ALIVE_TIMEOUT_S, uvicorn's ``timeout_keep_alive``):
 an idle kept-alive connection is closed when it passes, unless its socket has input
@@ -683,6 +687,22 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         self._send_deadline.stop_full()
+
+    def send_receive_event_to_app(self) -> None:
+        """Hand the message just completed to the app; a text message that is not UTF-8
+        closes the connection 1007 (RFC 6455 section 8.1) as uvicorn does, but logged at
+        INFO: uvicorn logs it at ERROR with a traceback, so any client could fill the
+        error log with frames of its own making."""
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError as exc:
+                self.frames = []
+                log.info("WebSocket closed (1007): a text frame is not UTF-8 (%s)", exc.reason)
+                self.conn.send_close(1007, "A text frame is not UTF-8.")
+                self.handle_parser_exception()  # the app's disconnect, the close frame
+                return
+        super().send_receive_event_to_app()
 
     def _send_expired(self) -> None:
         reason = "The client did not read what was sent to it in time."

@@ -13,6 +13,7 @@ import pytest
 import redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from adapters.flowstorm.events import MAX_SESSION_ID
 from adapters.flowstorm.v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG, LOG_BUFFER
@@ -602,6 +603,20 @@ async def test_an_init_locale_or_zone_that_is_none_is_an_error_and_init_may_come
             frames = await turn(ws, request_frame("#intro"))
             assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
             assert frames[-1]["response"]["locale"] == "cs"
+        await assert_serving(url)
+
+
+async def test_a_text_frame_of_invalid_utf8_closes_1007_without_an_error_log() -> None:
+    """A text frame that is not UTF-8 (RFC 6455 section 8.1) was closed 1007 by uvicorn,
+    which logged it at ERROR with a traceback ("Invalid UTF-8 sequence received from
+    client."): any client could fill the error log. It is still closed 1007, without an
+    ERROR (served() fails on one), and the gateway serves on."""
+    async with served() as url:
+        async with connect(ws_url(url)) as ws:
+            await init(ws)
+            ws.protocol.send_frame(Frame(Opcode.TEXT, b'{"type": "Input\xff"}'))
+            ws.send_data()
+            assert await expect_close(ws) == 1007
         await assert_serving(url)
 
 
