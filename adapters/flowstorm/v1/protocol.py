@@ -627,6 +627,17 @@ def _setting(config: Mapping[str, Any], name: str, default: str | int) -> Any:
     return accepted[key] if isinstance(accepted, Mapping) else key
 
 
+def _text_setting(config: Mapping[str, Any], name: str, expected: str) -> str | None:
+    """``config[name]`` when it is a non-empty string, None when it is not set (missing,
+    JSON null or ``""``); raises ProtocolError ``Invalid Init event: config.<name>``
+    naming ``expected`` and what came for any other JSON type (a number, a list, an
+    object), which would otherwise be dropped without a word."""
+    raw = config.get(name)
+    if raw is None or isinstance(raw, str):
+        return raw or None
+    raise ProtocolError(f"Invalid Init event: config.{name}", expected=expected, got=clipped(raw))
+
+
 def tts_request(config: Mapping[str, Any]) -> TtsRequest | None:
     """The speech every turn asks for, from Init ``config.tts`` and ``config.ttsFileType``.
 
@@ -913,9 +924,9 @@ class V1Connection:
         resumed = check_session_id(event.session_id) if event.session_id else None
         tts = tts_request(event.config)  # invalid: an Error, Init may be sent again
         # the session's locale and time zone, handed to the core (checked as V2's)
-        if locale := text(event.config.get("locale")):
+        if locale := _text_setting(event.config, "locale", "a language tag (BCP 47)"):
             check_language_tag(locale, what="config.locale")
-        if zone := text(event.config.get("zoneId")):
+        if zone := _text_setting(event.config, "zoneId", "an IANA time zone"):
             check_time_zone(zone, what="Invalid Init event: config.zoneId")
         self.machine.feed("Init")
         self.init = event

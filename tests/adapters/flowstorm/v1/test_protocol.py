@@ -933,6 +933,24 @@ def test_an_invalid_tts_config_refuses_init(config: dict[str, Any], words: list[
     ready(conn)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [{"locale": 5}, {"locale": ["en"]}, {"zoneId": {"id": "Europe/Prague"}}, {"zoneId": True}],
+)
+def test_an_init_locale_or_zone_that_is_not_a_string_refuses_init(config: dict[str, Any]) -> None:
+    """A ``config.locale`` or ``config.zoneId`` of another JSON type was accepted and
+    silently dropped (the session ran in the default locale and time zone), while a string
+    that is no language tag or time zone, and an input's locale of the wrong type, are an
+    Error: it is an Error naming the setting and what came, and Init may come again."""
+    conn = connection()
+    [name] = config
+    text = one_error(send(conn, init_frame(**config)), "Invalid Init event", f"config.{name}")
+    assert repr(config[name]) in text
+    assert state(conn) is State.AWAIT_INIT
+    ready(conn, locale=None, zoneId="")  # null and empty: not set
+    assert start(conn, request_frame("hi")).ctx.locale is None
+
+
 def test_streamed_speech_goes_out_as_binary_frames() -> None:
     conn = ready(tts="RequiredStreaming")
     start(conn, request_frame("#intro"))

@@ -591,6 +591,8 @@ async def test_an_init_locale_or_zone_that_is_none_is_an_error_and_init_may_come
         (init_frame(zoneId="Mars/Olympus"), ["config.zoneId", "unknown IANA time zone"]),
         (init_frame(zoneId="../../etc/passwd"), ["config.zoneId", "unknown IANA time zone"]),
         (init_frame(zoneId="America"), ["config.zoneId", "unknown IANA time zone"]),
+        (init_frame(locale=5), ["config.locale", "got 5"]),  # was dropped without a word
+        (init_frame(zoneId=["Europe/Prague"]), ["config.zoneId", "got ['Europe/Prague']"]),
     ]
     async with served() as url:
         async with connect(ws_url(url)) as ws:
