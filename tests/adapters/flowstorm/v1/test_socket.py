@@ -425,6 +425,37 @@ async def test_client_logs_are_stored_with_the_session(redis_url: str, redis_pre
     assert session["attributes"] == {}
 
 
+async def test_client_log_levels_and_times_count_in_the_sessions_bound(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """GATEWAY_MAX_LOG_CHARS bounds the log text a client keeps with its session, but an
+    entry's ``level`` and a ``time`` given as a string were kept whole: a client could
+    grow its session by a frame's worth per entry (500 entries of up to a MiB each),
+    loaded and saved by every turn. They are cut as an over-long text is."""
+    settings: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_prefix": redis_prefix,
+        "max_log_chars": 1000,
+    }
+    async with served(**settings) as url, connect(ws_url(url)) as ws:
+        await init(ws)
+        await turn(ws, request_frame("#intro", "fat-logs"))
+        entry = {"time": "t" * 20_000, "level": "L" * 20_000, "text": "x"}
+        for _ in range(5):
+            await send_json(ws, {"type": "Log", "entries": [entry, entry]})
+        await turn(ws, request_frame("hello"))  # the log writes are done before its answer
+    client = redis.Redis.from_url(redis_url)
+    try:
+        raw = client.get(f"{redis_prefix}:{{flowstorm:fat-logs}}:s")
+    finally:
+        client.close()
+    assert raw is not None
+    logs = json.loads(raw)["logs"]
+    assert [e["text"] for e in logs] == ["x"] * 10
+    assert all(len(e["level"]) <= 64 and len(e["time"]) <= 64 for e in logs)
+    assert len(raw) < 10_000
+
+
 async def test_client_logs_of_a_refused_turn_go_with_the_next_one(
     redis_url: str, redis_prefix: str
 ) -> None:
