@@ -56,7 +56,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Literal
 
 from gateway import metrics
 from gateway.breaker import outage_level
@@ -466,24 +466,6 @@ def _speech_error(exc: BaseException) -> ErrorEvent:
     return ErrorEvent(text="Speech synthesis failed.", source="tts")
 
 
-LOG_FIELD_CHARS: Final = 64
-"""Longest ``level``, and ``time`` given as a string, of a client log entry kept (characters):
-a level is a word, a time a number or an ISO 8601 date-time."""
-
-
-def _bounded_entry(entry: LogEntry, text_chars: int) -> LogEntry:
-    """``entry`` with its text cut to ``text_chars`` and its ``level`` and string ``time`` to
-    :data:`LOG_FIELD_CHARS` characters (itself when nothing is cut)."""
-    cut: dict[str, str] = {}
-    if len(entry.text) > text_chars:
-        cut["text"] = entry.text[:text_chars]
-    if len(entry.level) > LOG_FIELD_CHARS:
-        cut["level"] = entry.level[:LOG_FIELD_CHARS]
-    if isinstance(entry.time, str) and len(entry.time) > LOG_FIELD_CHARS:
-        cut["time"] = entry.time[:LOG_FIELD_CHARS]
-    return entry.model_copy(update=cut) if cut else entry
-
-
 class Conversation:
     """Runs turns of sessions in ``store`` through ``pipeline`` (see module doc).
 
@@ -770,11 +752,11 @@ class Conversation:
     def _append_logs(self, session: Session, entries: Sequence[LogEntry]) -> None:
         """Keep ``entries`` with ``session``: at most GATEWAY_MAX_LOG_ENTRIES entries and
         GATEWAY_MAX_LOG_CHARS characters of text, the oldest dropped first (an entry
-        longer than that alone is cut), and an entry's ``level`` and a ``time`` given as a
-        string cut to :data:`LOG_FIELD_CHARS`, so a client cannot grow its session, and
-        the time every turn takes to load and save it, without bound."""
+        longer than that alone is cut; its ``level`` and a string ``time`` too:
+        LogEntry.bounded), so a client cannot grow its session, and the time every turn
+        takes to load and save it, without bound."""
         limit = self.settings.max_log_chars
-        session.logs.extend(_bounded_entry(e, limit) for e in entries)
+        session.logs.extend(e.bounded(limit) for e in entries)
         overflow = len(session.logs) - self.settings.max_log_entries
         if overflow > 0:
             del session.logs[:overflow]

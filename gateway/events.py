@@ -24,7 +24,7 @@ import base64
 import copy
 import json
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Final, Literal, NoReturn
 
 from pydantic import (
     AfterValidator,
@@ -250,6 +250,11 @@ class ResponseItem(Frozen):
     node_id: int | str | None = None
 
 
+LOG_FIELD_CHARS: Final = 64
+"""Longest ``level``, and ``time`` given as a string, of a client log entry kept (characters):
+a level is a word, a time a number or an ISO 8601 date-time."""
+
+
 class LogEntry(Frozen):
     """A client log line; ``time`` is epoch ms, ``relative_time`` s since start."""
 
@@ -257,6 +262,19 @@ class LogEntry(Frozen):
     relative_time: float | None = None
     level: str = "INFO"
     text: str = ""
+
+    def bounded(self, text_chars: int) -> LogEntry:
+        """This entry with its text cut to ``text_chars`` characters and its ``level`` and
+        a string ``time`` to :data:`LOG_FIELD_CHARS` (itself when nothing is cut): what a
+        session or a connection keeps of it (GATEWAY_MAX_LOG_CHARS)."""
+        cut: dict[str, str] = {}
+        if len(self.text) > text_chars:
+            cut["text"] = self.text[:text_chars]
+        if len(self.level) > LOG_FIELD_CHARS:
+            cut["level"] = self.level[:LOG_FIELD_CHARS]
+        if isinstance(self.time, str) and len(self.time) > LOG_FIELD_CHARS:
+            cut["time"] = self.time[:LOG_FIELD_CHARS]
+        return self.model_copy(update=cut) if cut else self
 
 
 MAX_TIMEOUT_S = 31_536_000

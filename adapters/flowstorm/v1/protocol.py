@@ -247,6 +247,9 @@ _MISSING_KEY: Final = "The application key is missing: send it as Init.key."
 
 LOG_BUFFER = 100
 """Client log entries kept on a connection until a session exists to store them in."""
+DEFAULT_LOG_CHARS: Final = 100_000
+"""Characters of log text a connection keeps, all entries together, when it is not told
+(GATEWAY_MAX_LOG_CHARS: what a session keeps)."""
 
 STT_SAMPLE_RATES: Final[tuple[int, ...]] = (8000, 16000, 22050, 44100, 48000)
 """``config.sttSampleRate`` values accepted (Hz) for LINEAR16 audio input."""
@@ -763,7 +766,10 @@ class V1Connection:
     ``max_frame_bytes`` is the largest frame accepted (GATEWAY_MAX_BODY_BYTES);
     ``new_id`` makes session ids when the client proposes none;
     ``silence_timeout_ms`` is the ``silenceTimeout`` of clients that set none
-    (GATEWAY_SILENCE_TIMEOUT_MS).
+    (GATEWAY_SILENCE_TIMEOUT_MS); ``log_buffer`` and ``log_chars`` bound the client log
+    entries it keeps until they can be stored (entries, and characters of text all
+    together, GATEWAY_MAX_LOG_CHARS: the oldest go first; each entry cut by
+    LogEntry.bounded).
 
     Feed it with :meth:`receive_text` / :meth:`receive_bytes` (client frames),
     :meth:`turn_event` / :meth:`turn_rejected` / :meth:`turn_finished` (the
@@ -780,6 +786,7 @@ class V1Connection:
         new_id: Callable[[], str] = new_session_id,
         log_buffer: int = LOG_BUFFER,
         silence_timeout_ms: int = DEFAULT_SILENCE_TIMEOUT_MS,
+        log_chars: int = DEFAULT_LOG_CHARS,
     ) -> None:
         self._key_allowed = key_allowed
         self._max = max_frame_bytes
@@ -796,6 +803,7 @@ class V1Connection:
         self._duplex: _Duplex | None = None
         self._streams = itertools.count(1)
         self._logs: deque[LogEntry] = deque(maxlen=log_buffer)
+        self._log_chars = log_chars
         self.numbered = False
         """Whether server events carry ``seq`` (the client sent Init ``lastSeq``)."""
 
@@ -993,10 +1001,19 @@ class V1Connection:
 
     def _on_log(self, event: LogEvent) -> list[Action]:
         self.machine.feed("Log")
-        if event.entries and self.state in _NO_TURN and self.session_id is not None:
-            return [StoreLogs(self._context(self.session_id), tuple(event.entries))]
-        self._logs.extend(event.entries)  # stored with the next turn (or when this one ends)
+        entries = tuple(entry.bounded(self._log_chars) for entry in event.entries)
+        if entries and self.state in _NO_TURN and self.session_id is not None:
+            return [StoreLogs(self._context(self.session_id), entries)]
+        self._logs.extend(entries)  # stored with the next turn (or when this one ends)
+        self._trim_logs()
         return []
+
+    def _trim_logs(self) -> None:
+        """Drop the oldest buffered entries while their text passes ``log_chars`` (the
+        session would not keep them)."""
+        total = sum(len(entry.text) for entry in self._logs)
+        while total > self._log_chars:
+            total -= len(self._logs.popleft().text)
 
     def resume_refused(self, session_id: str) -> list[Action]:
         """The session an Init resumed (``sessionId``, asked about with :class:`Follow`) is
@@ -1013,6 +1030,7 @@ class V1Connection:
     def logs_not_stored(self, entries: Sequence[LogEntry]) -> None:
         """Keep ``entries`` of a failed StoreLogs for the next turn (bounded, newest kept)."""
         self._logs = deque([*entries, *self._logs], maxlen=self._logs.maxlen)
+        self._trim_logs()
 
     # ------------------------------------------------------------ audio input
 

@@ -256,6 +256,7 @@ class _Socket(WebSocketDriver[Action]):
             gw.settings.key_allowed,
             max_frame_bytes=gw.settings.max_body_bytes,
             silence_timeout_ms=gw.settings.silence_timeout_ms,
+            log_chars=gw.settings.max_log_chars,
         )
         super().__init__(
             ws,

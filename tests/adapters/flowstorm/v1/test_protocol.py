@@ -571,6 +571,22 @@ def test_the_log_buffer_is_bounded() -> None:
     assert logs[0].text == "log 50"
 
 
+def test_the_log_buffer_keeps_no_more_text_than_a_session_would() -> None:
+    """The buffer held up to ``log_buffer`` entries whole: 100 Log frames of a MiB each
+    before the first turn (or while the store is slow) were 100 MiB on one connection,
+    of which the session keeps GATEWAY_MAX_LOG_CHARS. Entries are cut as the session cuts
+    them (LogEntry.bounded) and the oldest go first once the text passes ``log_chars``."""
+    conn = ready(V1Connection(True, max_frame_bytes=100_000, log_buffer=100, log_chars=1000))
+    fat = {"time": "t" * 5000, "level": "L" * 5000, "text": "x" * 5000}
+    for n in range(10):
+        send(conn, {"type": "Log", "entries": [fat, {"text": f"{n}" * 300}]})
+    logs = start(conn, request_frame("#intro")).ctx.logs
+    assert sum(len(e.text) for e in logs) <= 1000
+    # the last frame's fat entry (its text cut to 1000) and "9"s pass 1000 together
+    assert [e.text for e in logs] == ["9" * 300]
+    assert all(len(e.level) <= 64 and len(str(e.time)) <= 64 for e in logs)
+
+
 def test_logs_with_a_session_are_stored_with_it() -> None:
     conn = ready(connection())
     start(conn, request_frame("#intro", "s"))
