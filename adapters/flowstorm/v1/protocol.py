@@ -89,8 +89,9 @@ Decisions where the spec is silent:
 - ``Log`` entries go to the session at once when the connection is idle in a
   session; otherwise (no session yet, a turn running, the write failed, or the
   turn they went with was refused) they wait on the connection (at most
-  LOG_BUFFER, newest kept) and go with the next turn (TurnContext.logs) or when
-  the running turn ends.
+  LOG_BUFFER entries and GATEWAY_MAX_LOG_CHARS characters of text, newest kept,
+  each cut as a session cuts it) and go with the next turn (TurnContext.logs) or
+  when the running turn ends.
 - ``config.tts`` defaults to ``None`` (no speech) and ``ttsFileType`` to
   ``mp3``, the defaults of Flowstorm's own client (``BotConfig.kt`` in
   flowstorm/core); both are read case-insensitively and an unknown value makes
