@@ -328,9 +328,11 @@ class StreamedBody:
             if self.heard_result is not None:
                 return []
             return [FinishListening(STREAM)] if self.listening else self.heard(Heard("silence"))
-        if not self.audio:  # JSON of Log events only
+        if self.order.state is StreamState.START:  # JSON of Log events only
             self._outcome = Outcome(None, [], self.logs)
             return []
+        if not self.audio:  # Binary events without audio: the user said nothing
+            return self.heard(Heard("silence"))
         fmt, data = self.config.raw_format(), bytes(self.audio)
         check_raw_audio(fmt, data, what="BinaryEvent", max_audio_s=self.max_audio_s)
         return [RecognizeFile(data, fmt)]

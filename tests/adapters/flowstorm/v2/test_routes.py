@@ -165,6 +165,27 @@ async def test_logs_alone_are_stored_with_the_session() -> None:
         assert [e.text for e in session.logs] == ["mic muted"]
 
 
+async def test_binary_events_without_audio_are_a_silent_turn_not_logs(base: str) -> None:
+    """A JSON body of Binary events whose data is empty (a push-to-talk released at once)
+    was taken for a body of Log events only: 204 and no answer, so the client never got
+    the turn's Response (flowstorm-socket-v2.md: a PUT writes the input and reads the
+    turn's response). It is the user's audio, holding nothing: the ``#silence`` turn, as
+    for the same body streamed with ``realtime=1`` and a WAV file without samples."""
+    empty = json.dumps({"type": "Binary", "data": ""})
+    async with httpx.AsyncClient(base_url=base) as client:
+        for body in (empty, f"{empty}\n{empty}\n", f'{empty}\n{{"type":"Log","entries":[]}}'):
+            client.cookies.clear()
+            answer = await client.put(f"/client?key={KEY}&tts=None", headers=JSON, content=body)
+            assert answer.status_code == 200, answer.text
+            assert [e["type"] for e in events(answer)] == ["ResponseItem", "Response"]
+            assert events(answer)[0]["responseItem"]["text"] == "Are you still there? Say something."
+            assert "flowstorm-session-id" in answer.cookies
+        # with the session's cookie too (before: 204, "logs stored")
+        again = await client.put(f"/client?key={KEY}&tts=None", headers=JSON, content=empty)
+        assert again.status_code == 200, again.text
+        assert [e["type"] for e in events(again)] == ["ResponseItem", "Response"]
+
+
 async def test_a_queued_push_that_is_not_a_response_is_dropped_with_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
