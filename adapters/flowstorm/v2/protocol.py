@@ -197,23 +197,24 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
     ``sttModel``, ``sttEncoding``, ``ttsFileType`` and ``tts`` are read in any case and
     kept in the spec's spelling (``mulaw`` -> ``MULAW``, ``WAV`` -> ``wav``). The locale
     is the Accept-Language tag of the highest weight (see :func:`_preferred_language`).
-    A missing key is not an error here: the route decides (it answers 401).
+    An empty value is no value (the spec's default, or the query parameter's when the
+    header's is empty). A missing key is not an error here: the route decides (it
+    answers 401).
     """
     found: dict[str, str] = {}
     language = ""
     for header, raw in headers.items():
         lower = header.lower()
         if lower in _FIELD_OF_HEADER:
-            found.setdefault(_FIELD_OF_HEADER[lower], raw)
+            if raw:  # an empty value is none: the query parameter's applies
+                found.setdefault(_FIELD_OF_HEADER[lower], raw)
         elif lower == "accept-language":
             language = raw
     for param, raw in query.items():
-        if param in _FIELD_OF_PARAM:
+        if param in _FIELD_OF_PARAM and raw:  # (``timeZone=``: the default)
             found.setdefault(_FIELD_OF_PARAM[param], raw)
     values: dict[str, Any] = {}
     for name, raw in found.items():
-        if raw == "":
-            continue
         param = _PARAM_OF_FIELD[name]
         value: str | bool | None
         if name in _BOOLEAN_FIELDS:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from adapters.flowstorm.v2.protocol import ClientConfig
+from adapters.flowstorm.v2.protocol import ClientConfig, parse_config
 from adapters.flowstorm.v2.routes import _Hearing
 from gateway import redisconn
 from gateway.app import create_app
@@ -184,6 +184,26 @@ async def test_binary_events_without_audio_are_a_silent_turn_not_logs(base: str)
         again = await client.put(f"/client?key={KEY}&tts=None", headers=JSON, content=empty)
         assert again.status_code == 200, again.text
         assert [e["type"] for e in events(again)] == ["ResponseItem", "Response"]
+
+
+async def test_an_empty_configuration_header_leaves_the_query_parameter(base: str) -> None:
+    """flowstorm-socket-v2.md "Configuration": each value comes from its header OR its
+    query parameter. An empty value is no value (``timeZone=`` is the default), yet an
+    empty header (``X-Key:`` of a client that sends every header, set or not) hid the
+    query parameter: 401 "key is missing" with ``?key=...`` given."""
+    async with httpx.AsyncClient(base_url=base) as client:
+        headers = {**TEXT, "X-Key": "", "X-TimeZone": "", "X-TtsFileType": ""}
+        answer = await client.put(
+            f"/client?key={KEY}&tts=None&timeZone=UTC&ttsFileType=wav",
+            headers=headers,
+            content="hello there",
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.text == "< You said: hello there\n"
+        get = await client.get(f"/client?key={KEY}", headers={"X-Key": ""})
+        assert get.status_code == 200, get.text
+    parsed = parse_config({"X-TimeZone": "", "X-Key": ""}, {"key": "k", "timeZone": "UTC"})
+    assert (parsed.key, parsed.time_zone) == ("k", "UTC")
 
 
 async def test_a_queued_push_that_is_not_a_response_is_dropped_with_a_warning(
