@@ -9,6 +9,7 @@ import httpx
 import jsonschema_rs
 from jsonschema import Draft202012Validator
 
+from adapters.flowstorm.v2.protocol import CONFIG_SOURCES
 from gateway.cli import openapi_json
 from tests.conftest import ROOT, served
 
@@ -32,6 +33,15 @@ def test_openapi_documents_the_pipeline_webhook_and_channels() -> None:
     assert {"items", "sessionEnded", "sleepTimeout", "state"} <= set(
         schemas["PipelineResponse"]["properties"]
     )
+
+
+def test_every_v2_configuration_value_is_documented() -> None:
+    """flowstorm-socket-v2.md "Configuration": PUT /client's parameters named every query
+    parameter of the spec's table but ``timeZone``, and not ``sendResponseItems``
+    (PROTOCOL-NOTES.md); each value the server reads is documented now."""
+    document = json.loads(openapi_json())
+    documented = {p["name"] for p in document["paths"]["/client"]["put"]["parameters"]}
+    assert documented == {param for _, _, param in CONFIG_SOURCES}
 
 
 BODIES: list[tuple[dict[str, Any], bool]] = [

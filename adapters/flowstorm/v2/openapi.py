@@ -114,6 +114,11 @@ _CONFIG_PARAMETERS = [
     for name, schema, text in (
         ("key", {"type": "string"}, "Application key (or header X-Key)"),
         ("deviceId", {"type": "string"}, "Client device id (or X-DeviceId)"),
+        (
+            "timeZone",
+            {"type": "string", "default": "Europe/Prague"},
+            "The session's time zone, a key of the IANA time zone database (or X-TimeZone)",
+        ),
         ("sttMode", _enum("SingleUtterance"), "One utterance per request" + _ONLY),
         ("sttModel", _enum("General"), "The recognizer's one model" + _ONLY),
         ("videoFile", _enum(False), "No video is made: true is refused (400)"),
@@ -124,6 +129,12 @@ _CONFIG_PARAMETERS = [
             "Encoding of raw audio (audio/basic, BinaryEvents)",
         ),
         ("ttsFileType", _enum("mp3", "wav"), "Format of the items' TTS links"),
+        (
+            "sendResponseItems",
+            {"type": "boolean", "default": True},
+            "true: items stream as ResponseItem events, then a Response with empty items; "
+            "false: only the Response, with all items",
+        ),
         (
             "tts",
             _enum("RequiredLinks", "None"),
