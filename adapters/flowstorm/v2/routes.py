@@ -79,9 +79,11 @@ nothing); the utterance ends as heard when the client sends nothing for STALL_S
 the start; after ``InputStreamClose`` the ``Input`` must come within
 TEXT_WAIT_S (60 s; else 408). The body's end ends the utterance too.
 
-Session: as for text, the ``flowstorm-session-id`` cookie or a new session. A
-client learns the cookie from a PUT's answer headers, which it reads only
-after its body ended; so a realtime PUT without the cookie works (it creates
+Session: as for text, the ``flowstorm-session-id`` cookie or a new session; an audio
+or realtime PUT whose cookie names a session that is unknown (404) or another
+application's (403) is refused before its body is read, not after its audio was
+recognised. A client learns the cookie from a PUT's answer headers, which it reads
+only after its body ended; so a realtime PUT without the cookie works (it creates
 the session and its recognition ends by endpointing) but no GET can follow it:
 the client does not learn when to stop writing and the answer waits in the
 socket until it does. Clients should start with a text turn (``#intro``, as the
@@ -419,6 +421,8 @@ async def put_client(request: Request) -> HTTPResponse:
             except ProtocolError as exc:
                 raise _Refused(exc.status, exc.text, "client") from None
             return await _turn(gw, ctx, input_, config, plain=True)
+        if cookie and (container is not None or config.realtime):
+            await _known_session(gw, ctx)  # before its audio is read and recognised
         if container is not None and not config.realtime:
             return await _file_turn(request, gw, ctx, config, kind)
         return await _stream_turn(request, gw, ctx, config, container)
@@ -426,6 +430,19 @@ async def put_client(request: Request) -> HTTPResponse:
         return exc.answer(request, plain=plain)
     except ClientDisconnect:  # the client went away while sending: nobody reads an answer
         return HTTPResponse(status_code=400)
+
+
+async def _known_session(gw: Gateway, ctx: TurnContext) -> None:
+    """Raise _Refused unless the cookie's session may take an audio turn: 403 another
+    application's, 404 unknown or expired (the cookie cleared), 503 the store down. Checked
+    before the body is read, so that the audio of a session that is gone is never
+    recognised (the turn checks again: a session being made, ``creating``, goes on)."""
+    try:
+        found = await gw.conversation.find(ctx)
+    except StoreUnavailable:
+        raise _Refused(503, _STORE_DOWN, "gateway") from None
+    if found in ("foreign", "not-found"):
+        raise _session_refused(found, ctx.session_id, forget=found == "not-found")
 
 
 _NO_MP3_STREAM: Final = (

@@ -7,6 +7,7 @@ voice for them (test_speech.py uses the default Piper voice).
 from __future__ import annotations
 
 import asyncio
+import base64
 import codecs
 import json
 import logging
@@ -28,6 +29,7 @@ from gateway.app import create_app
 from gateway.bus import RedisBus
 from gateway.events import ResponseItem
 from gateway.logs import session_ref
+from gateway.metrics import REGISTRY
 from gateway.push import push_event
 from gateway.server import uvicorn_options
 from gateway.sessions import redis_client
@@ -204,6 +206,63 @@ async def test_an_empty_configuration_header_leaves_the_query_parameter(base: st
         assert get.status_code == 200, get.text
     parsed = parse_config({"X-TimeZone": "", "X-Key": ""}, {"key": "k", "timeZone": "UTC"})
     assert (parsed.key, parsed.time_zone) == ("k", "UTC")
+
+
+def recognitions() -> float:
+    """How many recognition streams this process admitted to a recognizer so far."""
+    return REGISTRY.get_sample_value("gateway_stt_queue_wait_seconds_count") or 0.0
+
+
+async def test_audio_of_a_session_that_is_gone_is_refused_before_it_is_recognised(
+    base: str,
+) -> None:
+    """An audio PUT whose cookie names an unknown or expired session had its audio
+    recognised whole (seconds of a shared recognizer for 20 s of audio) and only then was
+    answered 404; a realtime one streamed into recognition too. The session is looked up
+    first now: 404 (the cookie cleared) / 403 in V2's error form, no recognition run."""
+    silence = b"\x00\x00" * 16000 * 3  # 3 s of LINEAR16 at 16 kHz
+    gone = {"Cookie": "flowstorm-session-id=gone-session"}
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        before = recognitions()
+        text = "Session gone-session is unknown or has expired."
+        for query, content_type in (("", "audio/basic"), ("&realtime=1", "audio/basic")):
+            answer = await client.put(
+                f"/client?key={KEY}{query}",
+                headers={"Content-Type": content_type, **gone},
+                content=silence,
+            )
+            assert answer.status_code == 404, answer.text
+            assert events(answer) == [{"type": "Error", "text": text, "source": "session"}]
+            assert 'flowstorm-session-id=""' in answer.headers["set-cookie"]
+        realtime_json = await client.put(
+            f"/client?key={KEY}&realtime=1",
+            headers={**JSON, **gone},
+            content=json.dumps({"type": "Binary", "data": base64.b64encode(silence).decode()}),
+        )
+        assert realtime_json.status_code == 404, realtime_json.text
+        assert recognitions() == before  # no recognizer was used
+        # another application's session: 403, also before recognition
+        client.cookies.clear()
+        mine = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+        session_id = mine.cookies["flowstorm-session-id"]
+        client.cookies.clear()
+        foreign = await client.put(
+            "/client?key=another-app",
+            headers={"Content-Type": "audio/basic", "Cookie": f"flowstorm-session-id={session_id}"},
+            content=silence,
+        )
+        assert foreign.status_code == 403, foreign.text
+        assert events(foreign)[0]["source"] == "session"
+        assert recognitions() == before
+        # the session's own audio is still recognised (the check lets it through)
+        own = await client.put(
+            f"/client?key={KEY}&tts=None",
+            headers={"Content-Type": "audio/basic", "Cookie": f"flowstorm-session-id={session_id}"},
+            content=silence,
+        )
+        assert own.status_code == 200, own.text
+        assert recognitions() == before + 1
+    await ok_turn(base)
 
 
 async def test_a_queued_push_that_is_not_a_response_is_dropped_with_a_warning(
