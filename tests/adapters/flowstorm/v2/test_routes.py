@@ -180,7 +180,9 @@ async def test_binary_events_without_audio_are_a_silent_turn_not_logs(base: str)
             answer = await client.put(f"/client?key={KEY}&tts=None", headers=JSON, content=body)
             assert answer.status_code == 200, answer.text
             assert [e["type"] for e in events(answer)] == ["ResponseItem", "Response"]
-            assert events(answer)[0]["responseItem"]["text"] == "Are you still there? Say something."
+            assert (
+                events(answer)[0]["responseItem"]["text"] == "Are you still there? Say something."
+            )
             assert "flowstorm-session-id" in answer.cookies
         # with the session's cookie too (before: 204, "logs stored")
         again = await client.put(f"/client?key={KEY}&tts=None", headers=JSON, content=empty)
