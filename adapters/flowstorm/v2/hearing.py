@@ -324,13 +324,13 @@ class StreamedBody:
         if self.typed is not None:
             self._outcome = Outcome(self.typed, [], self.logs)
             return []
+        if self.json is not None and self.order.state is StreamState.START:  # Log events only
+            self._outcome = Outcome(None, [], self.logs)  # (also with realtime: no turn)
+            return self._done("logs")
         if self.realtime:
             if self.heard_result is not None:
                 return []
             return [FinishListening(STREAM)] if self.listening else self.heard(Heard("silence"))
-        if self.order.state is StreamState.START:  # JSON of Log events only
-            self._outcome = Outcome(None, [], self.logs)
-            return []
         if not self.audio:  # Binary events without audio: the user said nothing
             return self.heard(Heard("silence"))
         fmt, data = self.config.raw_format(), bytes(self.audio)

@@ -824,7 +824,7 @@ class WavStreamReader:
 # ------------------------------------------------------------- recognition bus
 
 BusMessage = dict[str, Any]
-DoneResult = Literal["final", "silence", "text", "error", "cancelled"]
+DoneResult = Literal["final", "silence", "text", "logs", "error", "cancelled"]
 
 
 def recognizing_message(rid: str) -> BusMessage:
@@ -846,8 +846,9 @@ def done_message(
     error: ErrorEvent | None = None,
 ) -> BusMessage:
     """Recognition ``rid`` ended: ``final`` (with ``text``), ``silence``, ``text`` (the
-    client switched to typing), ``error`` (with the ErrorEvent the PUT answers) or
-    ``cancelled`` (the client went away)."""
+    client switched to typing), ``logs`` (the body held Log events only: no turn),
+    ``error`` (with the ErrorEvent the PUT answers) or ``cancelled`` (the client went
+    away)."""
     message: BusMessage = dict(type="done", id=rid, result=result, text=text, confidence=confidence)
     if error is not None:
         message["error"] = {"text": error.text, "source": error.source}

@@ -267,6 +267,26 @@ async def test_audio_of_a_session_that_is_gone_is_refused_before_it_is_recognise
     await ok_turn(base)
 
 
+async def test_logs_sent_with_realtime_are_stored_not_a_silent_turn() -> None:
+    """flowstorm-socket-v2.md asks clients to send the same socket properties with every
+    request, and PUT also writes "other client related data (e.g. client logs)". A body
+    of Log events with ``realtime=1`` was taken for a realtime stream that heard nothing:
+    a ``#silence`` turn ("Are you still there?") instead of storing the logs (204)."""
+    app = create_app(Settings(tts_provider="espeak-ng"))
+    log = '{"type":"Log","entries":[{"text":"mic muted"}]}'
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.put(f"/client?key={KEY}", headers=TEXT, content="#intro")
+        stored = await client.put(f"/client?key={KEY}&realtime=1", headers=JSON, content=log)
+        assert stored.status_code == 204, stored.text
+        session_id = client.cookies["flowstorm-session-id"]
+        session = await app.state.gateway.store.get(f"flowstorm:{session_id}")
+        assert [e.text for e in session.logs] == ["mic muted"]
+        client.cookies.clear()
+        alone = await client.put(f"/client?key={KEY}&realtime=1", headers=JSON, content=log)
+        assert alone.status_code == 204, alone.text  # no session to attach them to
+        assert "flowstorm-session-id" not in alone.cookies
+
+
 async def test_a_queued_push_that_is_not_a_response_is_dropped_with_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
