@@ -45,7 +45,8 @@ Traces -> items:
   and the payload names a ``target`` (a string, or JSON ``{"target", "reason"}``);
 - ``debug``, ``log``, ``flow``, ``block``, ``path`` and other traces are dropped.
 
-A non-2xx status, invalid JSON, an answer that is not a list of traces, or a stream that
+A non-2xx status, invalid JSON, an answer that is not a list of traces, a ``choice``,
+``cardV2`` or ``carousel`` whose ``buttons``/``cards`` are not an array, or a stream that
 breaks off is a PipelineError.
 """
 
@@ -247,13 +248,13 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
         image = body.get("image")
         return [ResponseItem(image=image)] if is_url(image) else []
     if kind == "choice":
-        buttons = [_button(b) for b in body.get("buttons") or [] if isinstance(b, dict)]
+        buttons = [_button(b) for b in _array(body, "buttons", kind) if isinstance(b, dict)]
         turn.buttons.extend(buttons)
         return [buttons_item(buttons)] if buttons else []
     if kind == "cardV2":
         return [_card(body, turn)]
     if kind == "carousel":
-        return [_card(c, turn) for c in body.get("cards") or [] if isinstance(c, dict)]
+        return [_card(c, turn) for c in _array(body, "cards", kind) if isinstance(c, dict)]
     if kind == "end":
         turn.ended = True
         return []
@@ -285,9 +286,23 @@ def _slate(body: dict[str, Any]) -> str:
     lines = []
     for block in content if isinstance(content, list) else []:
         children = block.get("children") if isinstance(block, dict) else None
-        parts = [c.get("text", "") for c in children or [] if isinstance(c, dict)]
+        children = children if isinstance(children, list) else []  # as the content: no text
+        parts = [c.get("text", "") for c in children if isinstance(c, dict)]
         lines.append("".join(p for p in parts if isinstance(p, str)))
     return "\n".join(lines).strip()
+
+
+def _array(payload: dict[str, Any], field: str, kind: str) -> list[Any]:
+    """The array ``payload[field]`` of a ``kind`` trace or card (empty when absent or
+    null); PipelineError naming Voiceflow when it is something else (a number was
+    iterated: "the core pipeline failed unexpectedly (TypeError)", logged as the
+    gateway's own fault)."""
+    value = payload.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PipelineError(f"Voiceflow sent a {kind} whose {field} are not an array")
+    return value
 
 
 def _button(b: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +319,7 @@ def _card(card: dict[str, Any], turn: _Turn) -> ResponseItem:
     if isinstance(description, dict):
         description = description.get("text")
     text = ". ".join(t for t in (card.get("title"), description) if isinstance(t, str) and t)
-    buttons = [_button(b) for b in card.get("buttons") or [] if isinstance(b, dict)]
+    buttons = [_button(b) for b in _array(card, "buttons", "card") if isinstance(b, dict)]
     turn.buttons.extend(buttons)
     return card_item(text, card.get("imageUrl"), buttons)
 

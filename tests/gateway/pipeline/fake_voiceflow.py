@@ -20,7 +20,9 @@ from the menu."; ``stream`` -> one text, then waits for
 ``app.state.release``, then another. Failures: ``boom`` (500), ``slow`` (2 s),
 ``garbage`` (not JSON), ``object`` (not a list), ``cut`` (the stream ends without ``end``),
 ``deep`` (JSON nested 50,000 levels deep, as the body or a trace's data), ``overflow``
-(a no-reply timeout of 1e308 s, which the client's parser does not expect), ``endless``
+(a no-reply timeout of 1e308 s, which the client's parser does not expect), ``bad choice``,
+``bad carousel``, ``bad card``, ``bad slate`` (a trace whose buttons, cards or slate
+children are a number), ``endless``
 (streaming: one line of 32 MB that never ends, see tests.gateway.core_app.endless_body).
 """
 
@@ -49,6 +51,15 @@ def text(message: str) -> dict[str, Any]:
     """A ``text`` trace with its slate and message."""
     slate = {"id": "s1", "content": [{"children": [{"text": message}]}]}
     return trace("text", {"slate": slate, "message": message, "delay": 0})
+
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "bad choice": trace("choice", {"buttons": 2}),
+    "bad carousel": trace("carousel", {"layout": "Carousel", "cards": 2}),
+    "bad card": trace("cardV2", {"title": "Pizza", "buttons": 2}),
+    "bad slate": trace("text", {"slate": {"id": "s1", "content": [{"children": 2}]}}),
+}
+"""Texts answered (state interact) with a trace whose array is a number."""
 
 
 def make_voiceflow() -> FastAPI:
@@ -85,6 +96,8 @@ def make_voiceflow() -> FastAPI:
         if said.get("payload") == "overflow":  # valid JSON: 1e308 s is no int of ms
             no_reply = '[{"type": "no-reply", "payload": {"timeout": 1e308}}]'
             return Response(no_reply, media_type="application/json")
+        if (shape := SHAPES.get(str(said.get("payload")))) is not None:  # an array a number
+            return JSONResponse([shape])
         traces = [t for t in agent(app, user_id, said) if t != "WAIT"]
         if request.query_params.get("verbose") == "true":
             return JSONResponse({"state": {}, "trace": traces, "action": said})

@@ -227,6 +227,11 @@ async def test_stream_traces_are_forwarded_as_they_arrive(voiceflow: tuple[str, 
         # a no-reply timeout no int of ms holds (1e308 s): the core's error, named (it was
         # "the core pipeline failed unexpectedly (OverflowError)", an ERROR with a traceback)
         ("overflow", False, "Voiceflow's no-reply timeout is out of range"),
+        # buttons or cards that are no array: the core's error, named (it was "the core
+        # pipeline failed unexpectedly (TypeError)", an ERROR with a traceback)
+        ("bad choice", False, "Voiceflow sent a choice whose buttons are not an array"),
+        ("bad carousel", False, "Voiceflow sent a carousel whose cards are not an array"),
+        ("bad card", False, "Voiceflow sent a card whose buttons are not an array"),
     ],
 )
 async def test_core_failures_are_pipeline_errors(
@@ -237,6 +242,20 @@ async def test_core_failures_are_pipeline_errors(
     # loaded machine
     conv = vf_engine(url, stream, turn_timeout_s=1.5)
     assert await fails_then_recovers(conv, words, said) == ["You said: again"]
+    await conv.pipeline.aclose()
+
+
+async def test_a_slate_whose_children_are_no_array_gives_no_text(
+    voiceflow: tuple[str, FastAPI],
+) -> None:
+    """A text trace's slate (read when it has no ``message``) whose block's ``children``
+    are no array gives no text, as a ``content`` that is none does; it was "the core
+    pipeline failed unexpectedly (TypeError)", an ERROR with a traceback."""
+    url, _ = voiceflow
+    conv = vf_engine(url, False)
+    events = await conv.turn(ctx(), Input.of("bad slate")).collect()
+    assert isinstance(events[-1], ResponseEvent), events
+    assert items(events) == []
     await conv.pipeline.aclose()
 
 
