@@ -45,7 +45,9 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
 - Failures (PipelineError): no token, the API unreachable, non-2xx (the fixed text
   ``the Dialogflow CX core answered HTTP <status>``; the Google error ``message`` goes
   only to the log, redacted: :func:`gateway.pipeline.cores.check_status`), an answer
-  that is not a DetectIntentResponse or over GATEWAY_PIPELINE_MAX_RESPONSE_BYTES, and
+  that is not a DetectIntentResponse (also a message field of the wrong type: a
+  ``text.text`` or ``mixedAudio.segments`` that is no list) or over
+  GATEWAY_PIPELINE_MAX_RESPONSE_BYTES, and
   JSON that :func:`gateway.pipeline.cores.core_json` refuses (too deep, a number of more
   than 100 characters, ``NaN``/``Infinity``, a lone surrogate): ``the core answered
   something that is not JSON: <what is wrong>``, the same for the whole answer, a
@@ -408,6 +410,8 @@ class DialogflowCxPipeline:
             return [ResponseItem(audio=uri)] if isinstance(uri, str) and uri else []
         if "mixedAudio" in message:
             segments = _dict(message["mixedAudio"]).get("segments") or []
+            if not isinstance(segments, list):
+                raise PipelineError("the core answered a mixedAudio whose segments are no list")
             uris = [s.get("uri") for s in segments if isinstance(s, dict)]
             return [ResponseItem(audio=u) for u in uris if isinstance(u, str) and u]
         if "payload" in message:

@@ -20,7 +20,8 @@ Contract: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   levels deep, in the method's form; ``digits`` and ``nan`` one whose parameters hold a
   number of 5,000 digits and ``NaN`` (JSON the gateway refuses). The text ``leak`` is answered 403 with a message
 that echoes the request's bearer token (as a careless proxy might); ``bomb`` with a gzip
-answer inflating to 100 MB (``tests.gateway.core_app.gzip_bomb``).
+answer inflating to 100 MB (``tests.gateway.core_app.gzip_bomb``); ``segments`` with a
+``mixedAudio`` whose segments are a number.
 
 ``app.state.piece`` (bytes; 0: not cut) cuts the FINAL response in pieces of that
 size; ``app.state.no_final`` set, the stream ends cleanly after the PARTIAL response
@@ -123,6 +124,8 @@ def agent(state: dict[str, Any], query: dict[str, Any]) -> list[dict[str, Any]] 
         return PlainTextResponse("<html>oops</html>", media_type="application/json")
     if text == "shape":
         return JSONResponse({"responseId": "r", "queryResult": {"responseMessages": "no"}})
+    if text == "segments":  # a mixedAudio whose segments are no list
+        return [{"mixedAudio": {"segments": 2}}]
     return [say("Sorry, I did not get that.")]
 
 

@@ -271,6 +271,8 @@ async def _drain(pipe: DialogflowCxPipeline, session: Session, text: str) -> Non
         ("quota", "the Dialogflow CX core answered HTTP 429"),
         ("garbage", "not JSON"),
         ("shape", "responseMessages that are not a list"),
+        # was "the core pipeline failed unexpectedly (TypeError)", an ERROR with a traceback
+        ("segments", "the core answered a mixedAudio whose segments are no list"),
         ("slow", "did not answer within"),
     ],
 )
