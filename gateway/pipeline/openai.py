@@ -315,7 +315,12 @@ class OpenAIPipeline(PooledCore):
             if isinstance(content, str) and content:
                 turn.text.append(content)
                 items += [ResponseItem(text=s) for s in turn.splitter.feed(content)]
-            for call in delta.get("tool_calls") or []:
+            calls = delta.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise PipelineError(
+                    f"the {KIND} core streamed a delta whose tool_calls is not a list"
+                )
+            for call in calls:
                 _add_tool_delta(turn, call)
             reason = choice.get("finish_reason")
             if reason is not None:

@@ -11,7 +11,8 @@ comment first, ``data:`` without its space (llama.cpp style), the usage chunk wi
 Its "model" is scripted on the last user message (see :func:`reply`); the ``<mode>``
 path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
 ``error-data``, ``slow``, ``garbage``, ``truncated``, ``json`` (ignores ``stream``),
-``empty``, ``deep`` (a chunk nested 50,000 levels deep), ``deep-json`` (such a
+``empty``, ``tools-number`` (a delta whose ``tool_calls`` are a number), ``deep`` (a chunk
+nested 50,000 levels deep), ``deep-json`` (such a
 non-streamed body), ``bad-tools`` (a completion whose ``tool_calls`` are strings), ``crash`` (the
 connection dropped mid-stream), ``names-again`` (a tool call's whole name repeated in each of
 its deltas, as some servers send it; ``ids-again`` with its id too, ``fresh-ids`` with a
@@ -173,6 +174,10 @@ async def _stream(
         return
     if mode == "empty":
         yield data(_chunk(model, {}, "stop"))
+        yield data("[DONE]")
+        return
+    if mode == "tools-number":  # a delta whose tool_calls are a number
+        yield data(_chunk(model, {"tool_calls": 2}, "tool_calls"))
         yield data("[DONE]")
         return
     boundary = re.search(r"[.!?]\s\S", content)  # the first sentence and the next letter
