@@ -14,9 +14,10 @@ Each turn is ``POST <base>/chat/completions`` with ``Authorization: Bearer <key>
   is complete, so a phone call speaks the first sentence while the model still writes;
   ``delta.tool_calls`` are accumulated by ``index`` (a name sent whole again in a
   later delta, as some servers do, is not appended; nor does a fresh id sent with it
-  in every delta split the call: :func:`_another`); a non-null ``finish_reason`` ends
-  the turn: the last sentence is forwarded at once, then the rest of the stream (usage
-  chunk, ``[DONE]``) is read for at most :data:`DRAIN_S`, so the connection is reused.
+  in every delta split the call: :func:`_another`); a ``finish_reason`` neither null
+  nor ``""`` (which some servers send in every chunk before the last) ends the turn:
+  the last sentence is forwarded at once, then the rest of the stream (usage chunk,
+  ``[DONE]``) is read for at most :data:`DRAIN_S`, so the connection is reused.
 - tolerated variations: a usage chunk with ``choices: []``, ``choices: null`` or no
   ``choices``; ``:`` comment (keepalive) lines; ``data:`` without the space; a
   server that ignores ``stream`` and answers one ``application/json`` completion.
@@ -323,7 +324,7 @@ class OpenAIPipeline(PooledCore):
             for call in calls:
                 _add_tool_delta(turn, call)
             reason = choice.get("finish_reason")
-            if reason is not None:
+            if reason is not None and reason != "":  # "": not finished (sglang, Ollama)
                 turn.finish_reason = str(reason)
         return items
 

@@ -6,7 +6,8 @@ It speaks the contract of shared/specs/CORES.md ("OpenAI-compatible Chat Complet
 deltas), a ``finish_reason`` chunk, the usage chunk when ``stream_options.include_usage``
 and ``data: [DONE]``, with the known variations of real servers: a ``:`` keepalive
 comment first, ``data:`` without its space (llama.cpp style), the usage chunk with
-``choices: null`` (vLLM) in mode ``vllm``.
+``choices: null`` (vLLM) in mode ``vllm``, ``finish_reason: ""`` (not null) in every chunk
+before the last in mode ``empty-finish`` (sglang before 0.4.4, Ollama in 2024).
 
 Its "model" is scripted on the last user message (see :func:`reply`); the ``<mode>``
 path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
@@ -164,8 +165,10 @@ async def _stream(
         text = obj if isinstance(obj, str) else json.dumps(obj)
         return f"data:{' ' if space else ''}{text}\n\n".encode()
 
+    # "" in every chunk before the last, not null (sglang before 0.4.4, Ollama 0.1.3x, Sensenova)
+    unfinished = "" if mode == "empty-finish" else None
     yield b": keepalive\n\n"
-    yield data(_chunk(model, {"role": "assistant", "content": ""}))
+    yield data(_chunk(model, {"role": "assistant", "content": ""}, unfinished))
     if mode == "garbage":
         yield b"data: {not json\n\n"
         return
@@ -185,7 +188,7 @@ async def _stream(
     pieces = [content[i : i + 4] for i in range(0, len(content), 4)]
     written = 0
     for n, piece in enumerate(pieces):
-        yield data(_chunk(model, {"content": piece}), space=n % 2 == 0)
+        yield data(_chunk(model, {"content": piece}, unfinished), space=n % 2 == 0)
         written += len(piece)
         if mode == "event-error" and n == 3:
             yield b'event: error\ndata: {"error":{"message":"The model is overloaded"}}\n\n'
@@ -233,7 +236,7 @@ async def _stream(
         calls = [[{**call, "index": 0}] for call in tools]
     for deltas in calls:
         for delta in deltas:
-            yield data(_chunk(model, {"tool_calls": [delta]}))
+            yield data(_chunk(model, {"tool_calls": [delta]}, unfinished))
     yield data(_chunk(model, {}, "tool_calls" if tools else "stop"))
     if (body.get("stream_options") or {}).get("include_usage"):
         usage = {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}

@@ -293,8 +293,11 @@ async def test_a_long_answer_without_sentence_ends_is_not_held_up(
     await conv.pipeline.aclose()
 
 
-@pytest.mark.parametrize("mode", ["vllm", "json"])
+@pytest.mark.parametrize("mode", ["vllm", "json", "empty-finish"])
 async def test_server_variations_give_the_same_answer(llm: tuple[str, FastAPI], mode: str) -> None:
+    """Also a ``finish_reason`` of ``""`` (not null) in every chunk before the last, as
+    sglang and Ollama sent it: no end of the answer; it ended the turn at the first
+    chunk, the rest of the answer dropped."""
     url, _ = llm
     conv = engine(pipeline(url, mode))
     events = await conv.turn(ctx(), Input.of("hi")).collect()
