@@ -22,7 +22,10 @@ Each turn is ``POST <base>/chat/completions`` with ``Authorization: Bearer <key>
   ``choices``; ``:`` comment (keepalive) lines; ``data:`` without the space; a
   server that ignores ``stream`` and answers one ``application/json`` completion.
 - ``data: [DONE]`` ends the stream; ``event: error``, or a data object with an
-  ``error`` key, is a PipelineError.
+  ``error`` key, is a PipelineError. Another Content-Type than ``application/json`` is
+  read as an event stream (as openai-python does, whatever it says); one that holds no
+  event and is not ``text/event-stream`` (a web page answered 200 at the configured
+  URL) is the PipelineError ``... answered no event stream`` (its type logged).
 
 Errors the server reports (a non-2xx status, an error in the stream or body) are
 PipelineErrors whose text is fixed (``the OpenAI-compatible core answered HTTP 401``,
@@ -266,11 +269,17 @@ class OpenAIPipeline(PooledCore):
 
     async def _stream(self, turn: _Turn, answer: httpx.Response) -> AsyncIterator[ResponseItem]:
         events = iter_sse(bounded_lines(answer, self._max, f"the {KIND} core", blank=True))
+        heard = False
         async for event in events:
+            heard = True
             for item in self._event(turn, event):
                 yield item
             if turn.done or turn.finish_reason is not None:
                 break
+        kind = media_type(answer.headers.get("content-type"))
+        if not heard and kind != "text/event-stream":
+            # a page (a web UI or proxy at the configured URL answering 200), not a stream
+            raise core_failed(KIND, "answered no event stream", f"its Content-Type is {kind!r}")
         if not turn.done and turn.finish_reason is None:
             raise PipelineError(f"the {KIND} core's stream ended without a finish_reason or [DONE]")
         tail = turn.splitter.flush()

@@ -12,7 +12,7 @@ before the last in mode ``empty-finish`` (sglang before 0.4.4, Ollama in 2024).
 Its "model" is scripted on the last user message (see :func:`reply`); the ``<mode>``
 path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
 ``error-data``, ``slow``, ``garbage``, ``truncated``, ``json`` (ignores ``stream``),
-``empty``, ``tools-number`` (a delta whose ``tool_calls`` are a number), ``deep`` (a chunk
+``empty``, ``html`` (200 with a web page), ``tools-number`` (a delta whose ``tool_calls`` are a number), ``deep`` (a chunk
 nested 50,000 levels deep), ``deep-json`` (such a
 non-streamed body), ``bad-tools`` (a completion whose ``tool_calls`` are strings), ``crash`` (the
 connection dropped mid-stream), ``names-again`` (a tool call's whole name repeated in each of
@@ -109,6 +109,8 @@ def make_openai_server() -> FastAPI:
             return _error(code, "Rate limit reached" if code == 429 else "Server error", "x")
         if mode == "slow":
             await asyncio.sleep(1.5)
+        if mode == "html":  # a web UI at the configured URL: 200, a page
+            return Response("<!doctype html><html><body>Chat UI</body></html>", media_type="text/html")  # fmt: skip
         if mode == "deep-json":
             return Response(DEEP, media_type="application/json")
         if mode == "bad-tools":  # a completion whose tool_calls are not objects

@@ -343,6 +343,8 @@ async def test_first_sentence_is_forwarded_before_the_answer_is_complete(
         ("deep", "the OpenAI-compatible core streamed a chunk that is not JSON"),
         ("deep-json", "the OpenAI-compatible core answered no chat completion"),
         ("bad-tools", "the OpenAI-compatible core answered no chat completion"),
+        # was "... stream ended without a finish_reason or [DONE]": no stream at all
+        ("html", "the OpenAI-compatible core answered no event stream"),
         # was "the core pipeline failed unexpectedly (TypeError)", an ERROR with a traceback
         ("tools-number", "the OpenAI-compatible core streamed a delta whose tool_calls is not"),
         ("truncated", "the OpenAI-compatible core's stream ended without a finish_reason"),
