@@ -18,7 +18,8 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   the SHA-256 of the gateway session's key (``<channel>:<session id>``), so one gateway
   session is one CX session (CX keeps the conversation state) and a session id one
   channel's client proposed never reaches another channel's CX session.
-- ``queryInput`` (with ``languageCode``: GATEWAY_DIALOGFLOW_CX_LANGUAGE or the locale):
+- ``queryInput`` (with ``languageCode``: GATEWAY_DIALOGFLOW_CX_LANGUAGE or the locale,
+  a Java-style ``en_US`` written ``en-US``: :func:`language_code`):
   ``#intro`` -> ``event`` GATEWAY_DIALOGFLOW_CX_WELCOME_EVENT (``WELCOME``);
   ``#silence`` -> ``event`` GATEWAY_DIALOGFLOW_CX_NO_INPUT_EVENT
   (``sys.no-input-default``); another ``#name`` -> ``event`` ``name``; a key press
@@ -267,7 +268,7 @@ class DialogflowCxPipeline:
 
     def query_input(self, session: Session, input: Input) -> dict[str, Any]:
         """The ``queryInput`` of a turn (see the module doc)."""
-        language = self.language or input.locale or session.locale
+        language = self.language or language_code(input.locale or session.locale)
         query: dict[str, Any]
         dtmf = input.attributes.get("dtmf")
         text = input.text.strip()
@@ -722,6 +723,20 @@ def cx_session_id(key: str) -> str:
     """The CX session id of a gateway session key (``<channel>:<session id>``): the first
     36 hex digits of its SHA-256 (CX takes at most 36 characters of ``[A-Za-z0-9_-]``)."""
     return hashlib.sha256(key.encode()).hexdigest()[:36]
+
+
+def language_code(locale: str) -> str:
+    """The CX ``languageCode`` of a turn's ``locale``: a BCP 47 tag as it is (``en``,
+    ``en-US``); a locale as Java's ``Locale.toString()`` writes it (``en_US``, as
+    Flowstorm V1 clients send it; ``zh_TW_#Hant``, ``en__POSIX``) as its language and
+    country, ``-`` between (``en-US``, ``zh-TW``, ``en``): the form of CX's language
+    codes, which have no ``_`` (an agent refuses ``en_US`` as a language it does not
+    support)."""
+    if "_" not in locale:
+        return locale
+    language, _, rest = locale.partition("_")
+    country = rest.split("_", 1)[0]
+    return f"{language}-{country}" if country else language
 
 
 def _dtmf(keys: str) -> dict[str, str]:

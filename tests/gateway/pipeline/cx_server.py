@@ -11,7 +11,8 @@ Contract: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
 - ``POST /v3/projects/P/locations/L/agents/A/sessions/<id>:detectIntent`` (and
   ``:serverStreamingDetectIntent``): needs ``Authorization: Bearer <issued token>``
   (401 UNAUTHENTICATED otherwise), a session id of at most 36 characters (400
-  INVALID_ARGUMENT), one ``queryInput`` kind and a ``languageCode``. The agent keeps
+  INVALID_ARGUMENT), one ``queryInput`` kind, a ``languageCode`` in CX's form (``en``,
+  ``en-US``; 400 for ``en_US``) and a text of at most 256 characters. The agent keeps
   each session's page and parameters (:func:`agent`). The streaming method answers a
   JSON array written element by element (server-sent events with ``?alt=sse`` or
   ``app.state.sse``): a PARTIAL DetectIntentResponse with the first message, then (after
@@ -42,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -210,6 +212,11 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
         kinds = [k for k in ("text", "intent", "audio", "event", "dtmf") if k in query]
         if len(kinds) != 1 or not query.get("languageCode"):
             return google_error(400, "INVALID_ARGUMENT", "queryInput needs one input and a language.")  # fmt: skip
+        language = str(query["languageCode"])
+        if not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", language):  # no en_US
+            return google_error(400, "INVALID_ARGUMENT", f"Unsupported language code {language}.")  # fmt: skip
+        if len((query.get("text") or {}).get("text") or "") > 256:
+            return google_error(400, "INVALID_ARGUMENT", "Text length must not exceed 256 characters.")  # fmt: skip
         said = (query.get("text") or {}).get("text")
         if said == "leak":  # a proxy that tells all it knows in its error message
             return google_error(

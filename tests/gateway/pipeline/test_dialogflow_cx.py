@@ -34,7 +34,12 @@ from gateway.events import (
 )
 from gateway.pipeline.base import PipelineConfigError, PipelineError
 from gateway.pipeline.cores import core_json
-from gateway.pipeline.dialogflow_cx import DialogflowCxPipeline, JsonArrayReader, cx_session_id
+from gateway.pipeline.dialogflow_cx import (
+    DialogflowCxPipeline,
+    JsonArrayReader,
+    cx_session_id,
+    language_code,
+)
 from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
 from tests.conftest import gateway, serve
@@ -148,6 +153,31 @@ async def test_no_input_dtmf_and_language(cx: tuple[Settings, FastAPI]) -> None:
     assert queries[0] == {"event": {"event": "sys.no-input-default"}, "languageCode": "en"}
     assert queries[1] == {"dtmf": {"digits": "12", "finishDigit": "#"}, "languageCode": "en"}
     assert queries[2] == {"text": {"text": "12"}, "languageCode": "en"}
+    await conv.pipeline.aclose()
+
+
+async def test_a_java_style_locale_is_sent_as_a_cx_language_code(
+    cx: tuple[Settings, FastAPI],
+) -> None:
+    """A locale as Flowstorm V1 clients send it (``en_US``, Java's form) is sent as the
+    CX language code ``en-US``: it went as it came, and CX refused every turn (400, a
+    language code it does not know). A text over 256 characters (the API's limit) is
+    cut to them."""
+    settings, app = cx
+    conv = engine(settings)
+    said = await conv.turn(ctx(), Input.of("pizza", locale="en_US")).collect()
+    assert texts(said) == ["What size?"]
+    long = await conv.turn(ctx(), Input.of("x" * 300, locale="cs_CZ")).collect()
+    assert texts(long) == ["Sorry, I did not get that."]
+    queries = [body["queryInput"] for _, body in app.state.requests]
+    assert [q["languageCode"] for q in queries] == ["en-US", "cs-CZ"]
+    assert queries[1]["text"] == {"text": "x" * 256}
+    assert [language_code(t) for t in ("en", "pt-BR", "zh_TW_#Hant", "en__POSIX")] == [
+        "en",
+        "pt-BR",
+        "zh-TW",
+        "en",
+    ]
     await conv.pipeline.aclose()
 
 
