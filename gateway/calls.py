@@ -186,7 +186,9 @@ def public_url_problem(url: str) -> str | None:
     ``0.0.0.0`` ``::``, private ``10/8`` ``172.16/12`` ``192.168/16`` ``fc00::/7``,
     link-local, shared ``100.64/10``: any not :attr:`ipaddress.IPv4Address.is_global`),
     also written in the IPv4 shorthand HTTP clients resolve without DNS (``127.1``,
-    ``0x7f.0.0.1``, ``2130706433``: :func:`socket.inet_aton`'s forms).
+    ``0x7f.0.0.1``, ``2130706433``: :func:`socket.inet_aton`'s forms); it has a query or
+    fragment (a ``?`` or ``#``: the paths appended to it would follow them; Settings
+    refuses such a URL, :meth:`gateway.settings.Settings._check_public_url`).
     E.g. ``http://localhost:8080`` -> ``"it is not https (carriers connect media streams
     to wss:// only) and its host localhost is not public (a local name)"``.
     """
@@ -201,6 +203,8 @@ def public_url_problem(url: str) -> str | None:
         kind = _local_host_kind(host)
         if kind:
             reasons.append(f"its host {host} is not public ({kind})")
+    if "?" in url or "#" in url:
+        reasons.append("it has a query or fragment (the callbacks made from it are malformed)")
     return " and ".join(reasons) or None
 
 

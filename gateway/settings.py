@@ -925,11 +925,20 @@ class Settings(BaseSettings):
     @field_validator("public_url", mode="after")
     @classmethod
     def _check_public_url(cls, value: str) -> str:
-        """An http(s):// URL with a host: links and stream URLs are made from it (without a
-        scheme they were relative links, and Twilio got ``ws:///host/...``)."""
+        """An http(s):// URL with a host and no query or fragment: links and stream URLs
+        are made from it (without a scheme they were relative links, and Twilio got
+        ``ws:///host/...``; paths are appended to it, so with a ``?`` or ``#``, even an
+        empty one, the signed webhook URLs and status callbacks were malformed:
+        ``https://host/?x=1/twilio/status?key=...``)."""
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
+        if "?" in value or "#" in value:
+            raise ValueError(
+                "must have no query or fragment (the gateway appends its paths to it): "
+                "use the base URL, e.g. https://gateway.example.com or "
+                "https://gateway.example.com/prefix"
+            )
         return value
 
     @model_validator(mode="after")

@@ -85,6 +85,13 @@ def test_http_is_a_problem_and_so_is_its_host() -> None:
     assert public_url_problem("https://") == "it has no host"
 
 
+@pytest.mark.parametrize("url", [f"{PUBLIC}/?x=1", f"{PUBLIC}#frag", f"{PUBLIC}/?"])
+def test_a_query_or_fragment_is_a_problem(url: str) -> None:
+    assert public_url_problem(url) == (
+        "it has a query or fragment (the callbacks made from it are malformed)"
+    )
+
+
 CARRIERS: dict[str, tuple[str, dict[str, Any]]] = {
     "Twilio": ("adapters.twilio", {"twilio_auth_token": "twilio-auth-token"}),
     "Telnyx": ("adapters.telnyx", {"telnyx_public_key": TELNYX_PUBLIC_KEY}),

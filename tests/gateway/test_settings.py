@@ -287,3 +287,26 @@ def test_admin_keys_take_every_bearer_token() -> None:
     base64url key as it is)."""
     keys = Settings(admin_keys=" a+b/C9== , x-y_z~1.2 ").admin_keys
     assert keys == frozenset({"a+b/C9==", "x-y_z~1.2"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://gw.example.com/?x=1",
+        "https://gw.example.com/base?x=1",
+        "https://gw.example.com/#frag",
+        "https://gw.example.com#frag",
+        "https://gw.example.com/?",  # an empty query still ends the path: ...?/twilio/...
+        "https://gw.example.com/#",
+    ],
+)
+def test_a_public_url_with_a_query_or_fragment_is_refused(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """Paths are appended to it: the signed webhook URLs and status callbacks made from
+    ``https://gw.example.com/?x=1`` were ``https://gw.example.com/?x=1/twilio/...``."""
+    monkeypatch.setenv("GATEWAY_PUBLIC_URL", url)
+    with pytest.raises(ValidationError, match="public_url") as refused:
+        Settings()
+    assert "must have no query or fragment" in str(refused.value)
+    assert Settings(public_url="https://gw.example.com/base/").public_url.endswith("/base/")
