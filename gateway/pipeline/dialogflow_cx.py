@@ -28,7 +28,9 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   characters, the API's limit). ``queryParams.timeZone`` is the session's zone.
 - ``queryResult.responseMessages`` -> items, in order: ``text.text[]`` one item per
   text; ``outputAudioText`` ``ssml`` (with its spoken text) or ``text``; ``playAudio``
-  ``audioUri`` and ``mixedAudio`` segments' ``uri`` -> audio items; ``payload`` -> a
+  ``audioUri`` and ``mixedAudio`` segments' ``uri`` -> audio items when http(s) URLs
+  (a ``gs://`` URI is dropped, logged at WARNING: :meth:`DialogflowCxPipeline._audio_items`,
+  as every core's media URLs, :func:`gateway.pipeline.cores.is_url`); ``payload`` -> a
   code item (the payload as JSON); ``telephonyTransferCall`` ``phoneNumber``/``sipUri``
   and ``liveAgentHandoff`` (``metadata.target``/``phoneNumber``/``sipUri``, else
   GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET) -> :func:`gateway.events.transfer_item`;
@@ -82,13 +84,22 @@ from gateway.pipeline.cores import (
     checked_json,
     core_failed,
     core_json,
+    is_url,
     iter_sse,
     pooled_client,
     read_body,
     talking_to,
     text_decoder,
 )
-from gateway.protocol import MAX_JSON_DEPTH, UnsafeValue, guarded_decoder, json_depth, media_type
+from gateway.protocol import (
+    MAX_JSON_DEPTH,
+    UnsafeValue,
+    clipped,
+    guarded_decoder,
+    json_depth,
+    media_type,
+)
+from gateway.ratelimit import RefusalLog
 from gateway.sessions import Session, retrieved
 from gateway.settings import Settings
 from gateway.ssml import ssml_to_text
@@ -212,6 +223,9 @@ class DialogflowCxPipeline:
         self._refreshing: asyncio.Future[None] | None = None
         self._max = max_response_bytes
         self._client = client or pooled_client(connect_timeout_s)
+        self.dropped_audio = RefusalLog()
+        """The lines of audio URIs dropped (not http(s)): a burst at WARNING, then one a
+        minute (an agent that always answers ``gs://`` logs no line per turn)."""
 
     @classmethod
     def from_url(cls, spec: str, settings: Settings) -> Self:
@@ -408,13 +422,13 @@ class DialogflowCxPipeline:
             return [ResponseItem(text=text)] if isinstance(text, str) and text.strip() else []
         if "playAudio" in message:
             uri = _dict(message["playAudio"]).get("audioUri")
-            return [ResponseItem(audio=uri)] if isinstance(uri, str) and uri else []
+            return self._audio_items("playAudio audioUri", [uri])
         if "mixedAudio" in message:
             segments = _dict(message["mixedAudio"]).get("segments") or []
             if not isinstance(segments, list):
                 raise PipelineError("the core answered a mixedAudio whose segments are no list")
             uris = [s.get("uri") for s in segments if isinstance(s, dict)]
-            return [ResponseItem(audio=u) for u in uris if isinstance(u, str) and u]
+            return self._audio_items("mixedAudio segment uri", uris)
         if "payload" in message:
             code = json.dumps(message["payload"], separators=(",", ":"))
             return [ResponseItem(code=code, repeatable=False)]
@@ -438,6 +452,26 @@ class DialogflowCxPipeline:
             reason = metadata.get("reason")
             return [transfer_item(target, reason=reason if isinstance(reason, str) else None)]
         return []  # endInteraction (in _response), conversationSuccess, knowledgeInfoCard
+
+    def _audio_items(self, field: str, uris: list[Any]) -> list[ResponseItem]:
+        """One audio item per http(s) URL of ``uris`` (:func:`is_url`, the rule of every
+        core's media URLs); a ``gs://`` URI (CX's Cloud Storage form) or another string
+        is dropped, logged at WARNING naming ``field`` and the URI (bounded:
+        :attr:`dropped_audio`), as no phone call or client could fetch it; a blank or
+        non-string one (an inline ``audio`` segment) is no item."""
+        out: list[ResponseItem] = []
+        for uri in uris:
+            if is_url(uri):
+                out.append(ResponseItem(audio=uri))
+            elif isinstance(uri, str) and uri:
+                self.dropped_audio.log(
+                    log,
+                    "the %s core answered a %s that is not an http(s) URL: %s; dropped",
+                    KIND,
+                    field,
+                    clipped(uri),
+                )
+        return out
 
     def _response(self, session: Session, path: str, answers: list[dict[str, Any]]) -> Response:
         ended = any("endInteraction" in m for a in answers for m in _messages(a))

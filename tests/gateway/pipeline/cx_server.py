@@ -22,7 +22,8 @@ Contract: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   number of 5,000 digits and ``NaN`` (JSON the gateway refuses). The text ``leak`` is answered 403 with a message
 that echoes the request's bearer token (as a careless proxy might); ``bomb`` with a gzip
 answer inflating to 100 MB (``tests.gateway.core_app.gzip_bomb``); ``segments`` with a
-``mixedAudio`` whose segments are a number.
+``mixedAudio`` whose segments are a number; ``cloud storage`` with a ``playAudio`` and a
+``mixedAudio`` segment of ``gs://`` URIs (and one https segment).
 
 ``app.state.piece`` (bytes; 0: not cut) cuts the FINAL response in pieces of that
 size; ``app.state.no_final`` set, the stream ends cleanly after the PARTIAL response
@@ -126,6 +127,12 @@ def agent(state: dict[str, Any], query: dict[str, Any]) -> list[dict[str, Any]] 
         return PlainTextResponse("<html>oops</html>", media_type="application/json")
     if text == "shape":
         return JSONResponse({"responseId": "r", "queryResult": {"responseMessages": "no"}})
+    if text == "cloud storage":  # audio URIs in CX's gs:// form, no client can fetch
+        return [
+            say("Listen."),
+            {"playAudio": {"audioUri": "gs://agent-bucket/ding.mp3"}},
+            {"mixedAudio": {"segments": [{"uri": "gs://agent-bucket/a.wav"}, {"uri": "https://cdn.example.com/b.wav"}]}},
+        ]  # fmt: skip
     if text == "segments":  # a mixedAudio whose segments are no list
         return [{"mixedAudio": {"segments": 2}}]
     return [say("Sorry, I did not get that.")]

@@ -137,6 +137,31 @@ async def test_a_conversation_with_state_and_rich_messages(cx: tuple[Settings, F
     await conv.pipeline.aclose()
 
 
+async def test_audio_uris_that_are_not_http_urls_are_dropped_and_logged(
+    cx: tuple[Settings, FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    """CX's playAudio and mixedAudio URIs may be gs:// (Cloud Storage), which no phone call
+    or client fetches: dropped, as every core's media URLs that are not http(s), and
+    logged naming the field and the URI; the https segment and the text stay."""
+    settings, _ = cx
+    caplog.set_level(logging.WARNING, logger="gateway.pipeline.dialogflow_cx")
+    conv = engine(settings)
+    got = items(await conv.turn(ctx(), Input.of("cloud storage")).collect())
+    assert [(i.text, i.audio) for i in got] == [
+        ("Listen.", None),
+        (None, "https://cdn.example.com/b.wav"),
+    ]
+    dropped = [r.getMessage() for r in caplog.records if "not an http(s) URL" in r.getMessage()]
+    assert dropped == [
+        "the Dialogflow CX core answered a playAudio audioUri that is not an http(s) URL: "
+        "'gs://agent-bucket/ding.mp3'; dropped",
+        "the Dialogflow CX core answered a mixedAudio segment uri that is not an http(s) URL: "
+        "'gs://agent-bucket/a.wav'; dropped",
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.getMessage() in dropped)
+    await conv.pipeline.aclose()
+
+
 async def test_no_input_dtmf_and_language(cx: tuple[Settings, FastAPI]) -> None:
     settings, app = cx
     conv = engine(settings, dialogflow_cx_language="en")
