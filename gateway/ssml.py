@@ -5,7 +5,9 @@ protocols use it without loading the turn engine (DESIGN.md, "Rules of the house
 
 - :func:`speech_ssml` turns a Response's items into one ``<speak>`` document (SSML
   when an item has it, its text escaped otherwise, https audio links as
-  ``<audio src>``) within a character budget, kept well-formed;
+  ``<audio src>``) within a character budget, kept well-formed, without the ``<audio>``
+  a platform refuses (a ``src`` not https; Alexa also plays ``soundbank://``), which
+  :func:`refused_audio` names for the log;
 - :func:`display_text` gives their text for a screen or card;
 - both cut at a sentence or word boundary with :func:`truncate_text`.
 
@@ -22,9 +24,12 @@ from xml.sax.saxutils import escape, quoteattr
 from gateway.events import ResponseItem
 
 __all__ = [
+    "ALEXA_AUDIO",
     "ELLIPSIS",
+    "HTTPS_AUDIO",
     "display_text",
     "item_ssml",
+    "refused_audio",
     "speech_ssml",
     "ssml_to_text",
     "truncate_text",
@@ -33,6 +38,15 @@ __all__ = [
 
 ELLIPSIS = "…"
 """Appended where text was cut at a word boundary."""
+
+HTTPS_AUDIO: tuple[str, ...] = ("https://",)
+"""The ``<audio src>`` schemes Google Assistant plays (Actions on Google SSML reference,
+``audio``: "must be an HTTPS URL"); any other ``src`` fails the whole speech."""
+ALEXA_AUDIO: tuple[str, ...] = ("https://", "soundbank://")
+"""The ``<audio src>`` schemes Alexa plays: https URLs and its sound library's
+``soundbank://soundlibrary/...`` (Alexa SSML reference, ``audio``); any other ``src``
+makes Alexa refuse the whole response ("there was a problem with the requested skill's
+response")."""
 
 _SPEAK_OPEN = "<speak>"
 _SPEAK_CLOSE = "</speak>"
@@ -157,30 +171,117 @@ def _strip_speak(ssml: str) -> str:
     return text
 
 
+_AUDIO_MARK = re.compile(
+    r"""<audio(?=[\s/>])(?:\s++[^\s=/>]++\s*+=\s*+(?:"[^"]*+"|'[^']*+'))*+\s*+(/?)>"""
+    r"|</audio\s*+>"
+)
+"""An ``<audio>`` start tag (group 1 ``/`` when it is an empty-element tag; attribute values
+may hold ``>``) or end tag, in a well-formed fragment (XML 1.0 section 3.1). Possessive:
+linear however the text around an ``<audio`` looks."""
+_DESC = re.compile(r"<desc(?=[\s/>])[^>]*+(?<=/)>|<desc(?=[\s/>])[^>]*+>.*?</desc\s*+>", re.DOTALL)
+"""A ``<desc>`` element (a description of the audio for a screen, not spoken)."""
+
+
+def _audio_src(start_tag: str) -> str:
+    """The ``src`` of an ``<audio>`` start tag, its entities decoded (``""`` when none)."""
+    tag = start_tag if start_tag.endswith("/>") else start_tag[:-1] + "/>"
+    try:
+        return ET.fromstring(tag).get("src") or ""
+    except ET.ParseError:
+        return ""
+
+
+def _kept_audio(fragment: str, schemes: tuple[str, ...]) -> tuple[str, list[str]]:
+    """``fragment`` (well-formed SSML content) with each ``<audio>`` element whose ``src``
+    does not begin with one of ``schemes`` replaced by its content (the fallback the SSML
+    1.1 specification, section 3.3.1, renders when the audio cannot be played; its
+    ``<desc>`` dropped), and the ``src`` of each one replaced, in document order. The
+    content of every element is scanned the same way (a nested ``<audio>``). Should the
+    edit not leave well-formed SSML (an ``<audio`` in a comment or CDATA section fooled
+    the scan), the fragment's spoken text is given instead: never a document the platform
+    refuses."""
+    out: list[str] = []
+    dropped: list[str] = []
+    at = depth = 0
+    outer = (0, 0, False)  # the open outermost element: its start, its content's, dropped?
+    for mark in _AUDIO_MARK.finditer(fragment):
+        if mark[0].startswith("</"):
+            if depth == 0:
+                continue  # (not well-formed: the check below decides)
+            depth -= 1
+            if depth:
+                continue
+            start, content, drop = outer
+            inner = fragment[content : mark.start()]
+            inner = _DESC.sub("", inner) if drop else inner
+            kept, deeper = _kept_audio(inner, schemes) if _AUDIO_TAG in inner else (inner, [])
+            dropped += deeper
+            out += [fragment[at:start], kept if drop else fragment[start:content] + kept + mark[0]]
+            at = mark.end()
+        elif depth:  # nested: scanned when the outermost element ends
+            depth += not mark[1]
+        else:
+            src = _audio_src(mark[0])
+            drop = not src.startswith(schemes)
+            if drop:
+                dropped.append(src)
+            if not mark[1]:
+                depth, outer = 1, (mark.start(), mark.end(), drop)
+            elif drop:
+                out.append(fragment[at : mark.start()])
+                at = mark.end()
+    kept = "".join(out) + fragment[at:]
+    if not dropped or kept == fragment:  # (an unclosed one, in a comment: nothing cut)
+        return fragment, []
+    if ssml_to_text(kept) is None:
+        return xml_text(ssml_to_text(fragment) or ""), dropped
+    return kept, dropped
+
+
+def refused_audio(items: Sequence[ResponseItem], schemes: tuple[str, ...]) -> list[tuple[int, str]]:
+    """``(index, src)`` of each audio of ``items`` that :func:`item_ssml` leaves out of the
+    speech for ``schemes`` (:data:`HTTPS_AUDIO`, :data:`ALEXA_AUDIO`): an item's
+    ``audio`` URL of another scheme (or holding a character XML refuses), an ``<audio>``
+    of its well-formed ``ssml`` whose ``src`` is of another scheme. For the route's log
+    line; costs a substring test per item unless an item has audio."""
+    found: list[tuple[int, str]] = []
+    for index, item in enumerate(items):
+        ssml = item.ssml
+        if ssml and _AUDIO_TAG in ssml and ssml_to_text(ssml) is not None:
+            found += [(index, src) for src in _kept_audio(_strip_speak(ssml), schemes)[1]]
+        audio = item.audio
+        if audio and (not audio.startswith(schemes) or _NOT_XML.search(audio)):
+            found.append((index, audio))
+    return found
+
+
 def _is_command(item: ResponseItem) -> bool:
     return bool(item.text and item.text.strip().startswith("#"))
 
 
-def item_ssml(item: ResponseItem, *, audio_https_only: bool = True) -> str:
+def item_ssml(item: ResponseItem, *, audio_schemes: tuple[str, ...] = HTTPS_AUDIO) -> str:
     """One item as an SSML fragment (no ``<speak>``), ``""`` when it says nothing.
 
     The item's ``ssml`` when it is well-formed, else its ``text`` escaped;
-    ``#command`` items say nothing; an ``audio`` URL becomes ``<audio src="..."/>``
-    (only https URLs when ``audio_https_only``, as Alexa requires; never one holding a
-    character XML does not allow, :data:`_NOT_XML`, which no escape can carry: the
-    platform would refuse the whole speech, so that clip is left out).
+    ``#command`` items say nothing; an ``audio`` URL becomes ``<audio src="..."/>``.
+    Only audio whose ``src`` begins with one of ``audio_schemes`` is said
+    (:data:`HTTPS_AUDIO`, :data:`ALEXA_AUDIO`): the platforms refuse the WHOLE speech
+    for one other ``<audio>`` (an ``http://`` one, say), so an ``<audio>`` element of the
+    ``ssml`` of another scheme is replaced by its fallback content (:func:`_kept_audio`;
+    a regex scan only when the ``ssml`` holds ``<audio``) and such an ``audio`` URL is left
+    out, as is one holding a character XML does not allow (:data:`_NOT_XML`), which no
+    escape can carry. :func:`refused_audio` names what was left out.
     """
     parts: list[str] = []
     if item.ssml and ssml_to_text(item.ssml) is not None:
-        parts.append(_strip_speak(item.ssml).strip())
+        fragment = _strip_speak(item.ssml).strip()
+        if _AUDIO_TAG in fragment:
+            fragment = _kept_audio(fragment, audio_schemes)[0]
+        parts.append(fragment)
     elif item.text and not _is_command(item):
         parts.append(xml_text(item.text.strip()))
     audio = item.audio
-    if (
-        audio
-        and (audio.startswith("https://") or not audio_https_only)
-        and not _NOT_XML.search(audio)
-    ):
+    if audio and audio.startswith(audio_schemes) and not _NOT_XML.search(audio):
         parts.append(f"<audio src={quoteattr(audio)}/>")
     return " ".join(p for p in parts if p)
 
@@ -189,14 +290,15 @@ def speech_ssml(
     items: Sequence[ResponseItem],
     max_chars: int,
     *,
-    audio_https_only: bool = True,
+    audio_schemes: tuple[str, ...] = HTTPS_AUDIO,
     max_audio: int | None = None,
     utf16: bool = False,
 ) -> str | None:
     """The items' speech as one ``<speak>`` document of at most ``max_chars`` characters
     (code points; UTF-16 code units with ``utf16``, :func:`utf16_len`, as Alexa counts).
 
-    Items are joined in order (see :func:`item_ssml`). When the next fragment
+    Items are joined in order (see :func:`item_ssml`: audio only of ``audio_schemes``).
+    When the next fragment
     does not fit, its spoken text is cut at a sentence/word boundary
     (:func:`truncate_text`) and escaped, and nothing after it is said, so the
     document is always well-formed. With ``max_audio`` (Alexa allows 5 ``<audio>``
@@ -209,7 +311,7 @@ def speech_ssml(
     used = 0
     audio_left = max_audio
     for item in items:
-        fragment = item_ssml(item, audio_https_only=audio_https_only)
+        fragment = item_ssml(item, audio_schemes=audio_schemes)
         if audio_left is not None and _AUDIO_TAG in fragment:
             tags = fragment.count(_AUDIO_TAG)
             if tags > audio_left:  # over the platform's count: its words only

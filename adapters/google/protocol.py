@@ -42,6 +42,9 @@ session in ``conversationToken``; ES ``fulfillmentText`` + ``fulfillmentMessages
 (v2 ``actions.intent.CANCEL``) is that simple response alone, its text cut to
 :data:`MAX_EXIT_CHARS`. An image becomes a card (v3 ``prompt.content.image``, v2
 ``basicCard``) only for a device that shows one (:data:`V3_SCREEN`, :data:`V2_SCREEN`).
+The speech holds only https ``<audio>`` (:data:`gateway.ssml.HTTPS_AUDIO`): Google
+refuses the whole speech for one of another ``src``, so such an ``<audio>`` (of an item's
+``ssml`` or ``audio``) is left out.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError, clipped, validate
 from gateway.protocol import load_json as load_any_json
-from gateway.ssml import display_text, speech_ssml, truncate_text
+from gateway.ssml import HTTPS_AUDIO, display_text, speech_ssml, truncate_text
 from gateway.turn import IntentRule, TurnContext
 
 GOOGLE_NAMESPACE = "google"
@@ -721,7 +724,7 @@ def health_response(plan: Plan) -> dict[str, Any]:
 
 
 def _v3_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
-    speech = speech_ssml(answer.items, MAX_SPEECH_CHARS)
+    speech = speech_ssml(answer.items, MAX_SPEECH_CHARS, audio_schemes=HTTPS_AUDIO)
     text = display_text(answer.items, MAX_DISPLAY_CHARS, utf16=True)
     prompt: dict[str, Any] = {"override": False}
     simple = {k: v for k, v in (("speech", speech), ("text", text or None)) if v is not None}
@@ -767,7 +770,7 @@ def _rich_response(plan: Plan, answer: Answer, max_chars: int = MAX_SPEECH_CHARS
     ``textToSpeech`` and ``displayText`` the answer's text cut to :data:`MAX_EXIT_CHARS`
     (no SSML, no card). ``max_chars`` bounds the speech and the text (a Dialogflow answer
     that must fit, :func:`_fit`)."""
-    speech = None if plan.exit else speech_ssml(answer.items, max_chars)
+    speech = None if plan.exit else speech_ssml(answer.items, max_chars, audio_schemes=HTTPS_AUDIO)
     limit = MAX_EXIT_CHARS if plan.exit else MAX_DISPLAY_CHARS
     text = display_text(answer.items, min(limit, max_chars), utf16=True)
     simple = {"textToSpeech": text} if text and not speech else {"ssml": speech or SILENT_SSML}

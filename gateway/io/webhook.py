@@ -66,9 +66,10 @@ from gateway.events import (
 )
 from gateway.httputil import problem, read_body, status_phrase
 from gateway.logs import session_ref
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, clipped
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import RefusalLog
+from gateway.ssml import refused_audio
 from gateway.startup import not_configured
 from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd, TurnOutcome, TurnRejected
 
@@ -123,18 +124,25 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     set, is why every request is refused with 503 (the channel is not configured).
     ``refusals`` bounds the WARNING lines of this endpoint's refusals (one per app and
     endpoint; a subclass whose verifier logs its own refusals shares the verifier's).
+    ``audio_schemes``, when set (a voice assistant's: :data:`gateway.ssml.ALEXA_AUDIO`,
+    :data:`gateway.ssml.HTTPS_AUDIO`), are the ``<audio src>`` schemes the platform plays;
+    the audio of a turn's answer that its speech leaves out for that (the platform would
+    refuse the whole speech) is logged at WARNING naming the core's item
+    (:meth:`_log_left_out_audio`, bounded by ``left_out_audio``).
     """
 
     platform: ClassVar[str]
     log: ClassVar[logging.Logger]
     fallbacks: ClassVar[Mapping[TurnEnd, Fallback]] = turn.VOICE_FALLBACKS
     body_too_large_status: ClassVar[int] = 413
+    audio_schemes: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, gw: Gateway, deadline_s: float, refusal: str | None = None) -> None:
         self.gw = gw
         self.deadline_s = deadline_s
         self.refusal = refusal
         self.refusals = RefusalLog()
+        self.left_out_audio = RefusalLog()
 
     # ------------------------------------------------------------------ the hooks
 
@@ -207,6 +215,35 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         deadline_s = self.deadline_s - (loop.time() - started)
         return self.encode(await self._turn(planned, ctx, input, deadline_s))
 
+    def _log_left_out_audio(
+        self, ctx: TurnContext, response: Response, schemes: tuple[str, ...]
+    ) -> None:
+        """One WARNING line (bounded: ``left_out_audio``, a burst then one a minute, the rest
+        at DEBUG) naming the core's items whose audio the speech leaves out
+        (:func:`gateway.ssml.refused_audio`: an ``<audio>`` of their ``ssml`` or their
+        ``audio`` URL of another scheme than ``schemes``): ``item 1 <audio src='http://…'>``,
+        the first three, their URLs clipped, without their query (a signed URL's
+        signature). Nothing when there is none (a substring test
+        per item unless an item has audio)."""
+        left_out = refused_audio(response.items, schemes)
+        if not left_out:
+            return
+        named = ", ".join(
+            f"item {i} <audio src={clipped(src.partition('?')[0], 100)}>" for i, src in left_out[:3]
+        )
+        more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+        self.left_out_audio.log(
+            self.log,
+            "%s turn of %s: the core's %s%s: left out of the speech (%s plays only %s audio "
+            "and refuses the whole speech for another)",
+            self.platform,
+            session_ref(ctx.key),
+            named,
+            more,
+            self.platform,
+            " and ".join(schemes),
+        )
+
     async def _body(self, request: Request) -> bytes:
         try:
             return await read_body(request, self.gw.settings.max_body_bytes)
@@ -224,6 +261,8 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         end = outcome.end
         if end is TurnEnd.ANSWERED:
             assert outcome.response is not None
+            if self.audio_schemes is not None:
+                self._log_left_out_audio(ctx, outcome.response, self.audio_schemes)
             answer, closes = self.answer(planned, outcome.response)
             if closes and not outcome.session_ended:  # the platform closes it: so does the gateway
                 left = deadline_s - (loop.time() - started)

@@ -469,7 +469,7 @@ class DialogflowCxPipeline:
                     "the %s core answered a %s that is not an http(s) URL: %s; dropped",
                     KIND,
                     field,
-                    clipped(uri),
+                    clipped(uri.partition("?")[0]),  # not a signed URL's signature
                 )
         return out
 

@@ -41,7 +41,14 @@ from adapters.alexa.protocol import (
 )
 from gateway.events import Response, ResponseItem
 from gateway.protocol import ProtocolError
-from gateway.ssml import display_text, speech_ssml, truncate_text
+from gateway.ssml import (
+    ALEXA_AUDIO,
+    HTTPS_AUDIO,
+    display_text,
+    refused_audio,
+    speech_ssml,
+    truncate_text,
+)
 from tests.conftest import FIXTURES
 
 ALEXA = FIXTURES / "alexa"
@@ -391,6 +398,63 @@ def test_an_audio_url_xml_cannot_carry_is_left_out_and_the_speech_stays_well_for
     for speech in (answer["outputSpeech"], answer["reprompt"]["outputSpeech"]):
         well_formed(speech["ssml"])
     assert answer["outputSpeech"]["ssml"] == "<speak>Listen. Next?</speak>"
+
+
+@pytest.mark.parametrize(
+    ("ssml", "alexa", "google", "left_out"),
+    [
+        (  # an empty element: gone, the words around it kept
+            'A <audio src="http://x.example/a.mp3"/> B',
+            "A  B",
+            "A  B",
+            ["http://x.example/a.mp3"],
+        ),
+        (  # Alexa's sound library: Alexa plays it, Google does not
+            'A <audio src="soundbank://soundlibrary/bell"/>',
+            'A <audio src="soundbank://soundlibrary/bell"/>',
+            "A ",
+            ["soundbank://soundlibrary/bell"],
+        ),
+        (  # the fallback content is said (SSML 1.1 section 3.3.1), its <desc> is not
+            "A <audio src='http://x.example/a.mp3'><desc>a cat</desc>meow</audio> B",
+            "A meow B",
+            "A meow B",
+            ["http://x.example/a.mp3"],
+        ),
+        (  # a > in an attribute value, an entity in the src, no src at all
+            '<audio src="https&#58;//x.example/a.mp3" title="a>b"/><audio/>!',
+            '<audio src="https&#58;//x.example/a.mp3" title="a>b"/>!',
+            '<audio src="https&#58;//x.example/a.mp3" title="a>b"/>!',
+            [""],
+        ),
+        (  # nested: the inner http one goes, the outer https one stays
+            '<audio src="https://x.example/a.mp3">no <audio src="http://x.example/b"/>sound'
+            "</audio>",
+            '<audio src="https://x.example/a.mp3">no sound</audio>',
+            '<audio src="https://x.example/a.mp3">no sound</audio>',
+            ["http://x.example/b"],
+        ),
+        (  # an unclosed <audio in a comment is nothing to cut
+            '<!-- <audio src="http://x.example/a"> --> B',
+            '<!-- <audio src="http://x.example/a"> --> B',
+            '<!-- <audio src="http://x.example/a"> --> B',
+            [],
+        ),
+    ],
+)
+def test_audio_the_platform_refuses_is_cut_from_an_items_ssml(
+    ssml: str, alexa: str, google: str, left_out: list[str]
+) -> None:
+    """Alexa (https, soundbank://) and Google (https) refuse the whole speech for an
+    <audio> of another src: it is replaced by its fallback content, and
+    refused_audio names it (for the route's log line)."""
+    items = [ResponseItem(ssml=f"<speak>{ssml}</speak>")]
+    for schemes, expected in ((ALEXA_AUDIO, alexa), (HTTPS_AUDIO, google)):
+        speech = speech_ssml(items, MAX_SPEECH_CHARS, audio_schemes=schemes)
+        assert speech == f"<speak>{expected}</speak>"
+        well_formed(speech)
+        names = [src for _, src in refused_audio(items, schemes)]
+        assert names == [s for s in left_out if not s.startswith(schemes)]
 
 
 @pytest.mark.parametrize(

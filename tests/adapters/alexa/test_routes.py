@@ -645,6 +645,17 @@ async def test_an_unparsable_cert_url_is_quoted_clipped(caplog: pytest.LogCaptur
 # ------------------------------------------------------------ slow and long cores
 
 
+HTTP_SOUNDS: list[dict[str, Any]] = [
+    {"ssml": '<speak>Here. <audio src="http://cdn.example.com/a.mp3"/> Done.</speak>'},
+    {"text": "Chime.", "audio": "soundbank://soundlibrary/alarms/bell_01"},
+    {"text": "Clip.", "audio": "http://cdn.example.com/b.mp3"},
+    {"ssml": '<speak>Fine <audio src="https://cdn.example.com/ok.mp3"/>.</speak>'},
+    {"ssml": "<speak><audio src='http://cdn.example.com/c.mp3'>Meow.</audio></speak>"},
+]
+"""A core's answer ('http sounds') whose <audio> are of every kind: https and soundbank://
+(Alexa plays them), http (Alexa refuses the whole speech for one)."""
+
+
 def make_core(delay_s: float) -> FastAPI:
     """A small core: 'slow' sleeps ``delay_s`` s then sets an attribute; 'fail' answers
     HTTP 500; 'long' answers 20,000+ characters; 'stop' is taken as ``core.state.on_stop``
@@ -674,6 +685,8 @@ def make_core(delay_s: float) -> FastAPI:
                 {"text": f"Clip {i}.", "audio": f"https://example.com/{i}.mp3"} for i in range(7)
             ]
             return JSONResponse({"items": clips})
+        if text == "http sounds":  # audio Alexa plays (https, soundbank://) and not (http)
+            return JSONResponse({"items": HTTP_SOUNDS})
         if text == "long unicode":
             sentence = "Příliš žluťoučký kůň úpěl ďábelské ódy, řekl Šimon. "
             return JSONResponse({"items": [{"text": sentence * 400}]})
@@ -736,6 +749,43 @@ async def test_more_than_five_audio_clips_are_cut_to_alexas_five_audio_tags() ->
     assert reprompt is not None
     assert isinstance(reprompt.output_speech, SsmlOutputSpeech)
     assert (reprompt.output_speech.ssml or "").count("<audio") <= 5
+
+
+async def test_audio_alexa_refuses_is_left_out_and_the_rest_is_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Alexa refuses the WHOLE speech for one <audio> whose src is not https (or its
+    soundbank://): one http:// clip from the core silenced the answer. Such audio (in an
+    item's ssml, or an item's audio URL) is left out, logged at WARNING naming the core's
+    item; https and soundbank:// audio and every word are said (an <audio>'s fallback
+    content too)."""
+    caplog.set_level(logging.WARNING, logger="adapters.alexa")
+    async with (
+        serve(make_core(0)) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await say(client, envelope("S-http-sounds", text="http sounds"))
+    speech = reply(answer).output_speech
+    assert isinstance(speech, SsmlOutputSpeech)
+    assert speech.ssml is not None
+    sources = [a.get("src") for a in ET.fromstring(speech.ssml).iter("audio")]
+    assert sources == ["soundbank://soundlibrary/alarms/bell_01", "https://cdn.example.com/ok.mp3"]
+    assert " ".join(spoken(answer).split()) == "Here. Done. Chime. Clip. Fine . Meow."
+    reprompt = reply(answer).reprompt
+    assert reprompt is not None
+    assert isinstance(reprompt.output_speech, SsmlOutputSpeech)
+    assert "http://" not in (reprompt.output_speech.ssml or "")
+    lines = [r for r in caplog.records if "left out of the speech" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.WARNING
+    line = lines[0].getMessage()
+    assert "item 0 <audio src='http://cdn.example.com/a.mp3'>" in line
+    assert "item 2 <audio src='http://cdn.example.com/b.mp3'>" in line
+    assert "item 4 <audio src='http://cdn.example.com/c.mp3'>" in line
+    assert "https:// and soundbank://" in line
+    assert "bell_01" not in line
+    assert "ok.mp3" not in line
 
 
 async def test_session_ended_during_a_late_turn_answers_at_once_and_ends_it_after() -> None:

@@ -1011,3 +1011,53 @@ async def test_a_session_that_is_no_agent_path_belongs_to_the_dialogflow_key() -
         assert answer["fulfillmentResponse"]["messages"][0]["text"]["text"] == ["You said: hi"]
         agent = await client.post("/dialogflow", json=es("projects/p/agent/sessions/s", "hi"))
         assert agent.status_code == 403  # a real agent still needs its own key
+
+
+async def test_audio_google_refuses_is_left_out_and_the_rest_is_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Google refuses the WHOLE speech for one <audio> whose src is not https: one http://
+    clip from the core silenced the answer. Such audio (in an item's ssml or an item's
+    audio URL; Alexa's soundbank:// too) is left out of the v3 and v2 speech, logged at
+    WARNING naming the core's item; https audio and every word are said."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "items": [
+                    {"ssml": '<speak>Here. <audio src="http://cdn.example/a.mp3"/> Done.</speak>'},
+                    {"text": "Chime.", "audio": "soundbank://soundlibrary/alarms/bell_01"},
+                    {"text": "Clip.", "audio": "http://cdn.example/b.mp3?sig=SECRET"},
+                    {"text": "Fine.", "audio": "https://cdn.example/ok.mp3"},
+                ]
+            }
+        )
+
+    caplog.set_level(logging.WARNING, logger="adapters.google")
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        request = v3("http-sounds", "Free", "sounds")
+        builder = ok(await client.post("/google", json=request))
+        sdk = ok(await client.post("/google", json=v2("http-sounds", "actions.intent.TEXT", "x")))
+    rich = sdk["expectedInputs"][0]["inputPrompt"]["richInitialPrompt"]
+    for ssml in (
+        builder["prompt"]["firstSimple"]["speech"],
+        rich["items"][0]["simpleResponse"]["ssml"],
+    ):
+        sources = [a.get("src") for a in ET.fromstring(ssml).iter("audio")]
+        assert sources == ["https://cdn.example/ok.mp3"]
+        assert " ".join(speech_text(ssml).split()) == "Here. Done. Chime. Clip. Fine."
+    lines = [r for r in caplog.records if "left out of the speech" in r.getMessage()]
+    assert len(lines) == 2  # one per answer
+    assert all(r.levelno == logging.WARNING for r in lines)
+    line = lines[0].getMessage()
+    assert "item 0 <audio src='http://cdn.example/a.mp3'>" in line
+    assert "item 1 <audio src='soundbank://soundlibrary/alarms/bell_01'>" in line
+    assert "item 2 <audio src='http://cdn.example/b.mp3'>" in line
+    assert "ok.mp3" not in line
+    assert "SECRET" not in line  # a signed URL's query is not logged
