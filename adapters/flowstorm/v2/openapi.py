@@ -116,8 +116,9 @@ _CONFIG_PARAMETERS = [
         ("deviceId", {"type": "string"}, "Client device id (or X-DeviceId)"),
         (
             "timeZone",
-            {"type": "string", "default": "Europe/Prague"},
-            "The session's time zone, a key of the IANA time zone database (or X-TimeZone)",
+            {"type": "string", "format": "iana-time-zone", "default": "Europe/Prague"},
+            "The session's time zone, a key of the IANA time zone database (or X-TimeZone); "
+            "another value is refused (400)",
         ),
         ("sttMode", _enum("SingleUtterance"), "One utterance per request" + _ONLY),
         ("sttModel", _enum("General"), "The recognizer's one model" + _ONLY),
