@@ -59,6 +59,9 @@ from tests.speech import normalise, wer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
+DOWNLOAD_LIMIT_S = 60.0
+"""Safety net for a TTS file download (not an assertion; see :func:`download`)."""
+
 PLACE = "tell me about this place"
 WEATHER = "what is the weather like today"
 MUSIC = "play some music please"
@@ -84,9 +87,14 @@ def final_text(frames: list[dict[str, Any] | bytes]) -> str:
 
 
 async def download(server: str, link: str) -> httpx.Response:
-    """GET the TTS file of ``link`` (an absolute URL under GATEWAY_PUBLIC_URL) from ``server``."""
+    """GET the TTS file of ``link`` (an absolute URL under GATEWAY_PUBLIC_URL) from ``server``.
+
+    The first GET of a link synthesizes it (Piper, then MP3): on a loaded machine that took
+    longer than httpx's default 5 s timeout, a ReadTimeout before the first byte. How long
+    synthesis takes is not what these tests check, so the timeout is a generous safety net.
+    """
     assert link.startswith("http://localhost:8080/file/tts/"), link  # the default public URL
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(timeout=DOWNLOAD_LIMIT_S) as client:
         answer = await client.get(server + urlsplit(link).path)
     assert answer.status_code == 200, answer.text
     return answer
