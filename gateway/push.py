@@ -62,7 +62,7 @@ from gateway.events import Response, ResponseEvent, ResponseItem, Wire
 from gateway.httputil import check_json_type, problem, read_body, refused_request
 from gateway.logs import session_ref
 from gateway.outbox import Journal, OutboxError, ack_topic
-from gateway.protocol import ProtocolError, load_json
+from gateway.protocol import MAX_ID_CHARS, ProtocolError, load_json
 from gateway.sessions import (
     ClientState,
     LockLost,
@@ -96,9 +96,9 @@ class PushTarget(Wire):
     """Whom to push to: ``sessionId`` (optionally with ``appKey``), or ``appKey`` +
     ``deviceId``."""
 
-    session_id: str | None = Field(default=None, min_length=1, max_length=256)
-    app_key: str | None = Field(default=None, min_length=1, max_length=256)
-    device_id: str | None = Field(default=None, min_length=1, max_length=256)
+    session_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+    app_key: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+    device_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
 
     @model_validator(mode="after")
     def _one_target(self) -> PushTarget:

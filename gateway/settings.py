@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.events import MAX_TIMEOUT_S
+from gateway.protocol.values import MAX_ID_CHARS
 from gateway.speech.endofturn import BACKCHANNELS
 from gateway.speech.tts import FIRST_CLAUSE_CHARS
 
@@ -1011,12 +1012,20 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object, info: ValidationInfo) -> object:
         """Comma-separated keys. GATEWAY_APP_KEYS that names none (``" , "``) is refused:
-        an empty allow-list would allow every key."""
+        an empty allow-list would allow every key; so is one with a key over MAX_ID_CHARS
+        (256) characters: channels refuse a longer key (Flowstorm V1/V2), and the push API
+        could not name it."""
         if isinstance(value, str):
             keys = frozenset(k.strip() for k in value.split(",") if k.strip())
             if value.strip() and not keys and info.field_name == "app_keys":
                 raise ValueError("names no key: list the keys, or unset it to allow any key")
             value = keys
+        keys_given = value if info.field_name == "app_keys" and isinstance(value, Iterable) else ()
+        if any(isinstance(k, str) and len(k) > MAX_ID_CHARS for k in keys_given):
+            raise ValueError(
+                f"holds a key longer than {MAX_ID_CHARS} characters: no channel could use it "
+                "(Flowstorm V1/V2 refuse it, the push API cannot name it)"
+            )
         if info.field_name == "admin_keys" and isinstance(value, Iterable):
             for key in value:
                 if isinstance(key, str) and not _B64TOKEN.fullmatch(key):

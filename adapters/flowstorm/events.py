@@ -21,14 +21,14 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AliasChoices, Field, TypeAdapter
 
 from gateway.events import Attributes, BinaryEvent, Event, FrozenDict, Input, LogEntry, Wire
-from gateway.protocol import ProtocolError, check_language_tag, check_time_zone
+from gateway.protocol import MAX_ID_CHARS, ProtocolError, check_language_tag, check_time_zone
 
 NAMESPACE: Final = "flowstorm"
 """The session namespace of V1 and V2 (TurnContext.namespace): a session can move between them."""
 
-MAX_SESSION_ID: Final = 256
+MAX_SESSION_ID: Final = MAX_ID_CHARS
 """Longest session id a client may name (characters): V1's proposed ``sessionId``, V2's
-``flowstorm-session-id`` cookie."""
+``flowstorm-session-id`` cookie (as the push API's ``target.sessionId``)."""
 
 
 def check_session_id(session_id: str, what: str = "sessionId") -> str:
@@ -65,14 +65,19 @@ def check_input(input_: Input) -> Input:
 
 
 _DEVICE_ID: Final = AliasChoices("deviceId", "device_id", "sender")
-"""The names of a client's device id: ``deviceId``, alias ``sender`` (PROTOCOL-NOTES.md)."""
+"""The names of a client's device id: ``deviceId``, alias ``sender`` (PROTOCOL-NOTES.md).
+At most :data:`~gateway.protocol.MAX_ID_CHARS` characters (a longer one makes the event
+invalid: V1's Error of source ``client``): the push API names a device up to that long,
+and the id goes into the device index's store keys."""
 
 
 class Request(Wire):
     """The 2021 V1 ``Request`` payload: an input plus the client's identity."""
 
     app_key: str | None = None
-    device_id: str | None = Field(default=None, validation_alias=_DEVICE_ID)
+    device_id: str | None = Field(
+        default=None, validation_alias=_DEVICE_ID, max_length=MAX_ID_CHARS
+    )
     token: str | None = None
     session_id: str | None = None
     initiation_id: str | None = None
@@ -116,7 +121,9 @@ class InitEvent(Event):
 
     type: Literal["Init", "InitEvent"] = "Init"
     key: str | None = None
-    device_id: str | None = Field(default=None, validation_alias=_DEVICE_ID)
+    device_id: str | None = Field(
+        default=None, validation_alias=_DEVICE_ID, max_length=MAX_ID_CHARS
+    )
     token: str | None = None
     config: Attributes = Field(default_factory=FrozenDict)
     session_id: str | None = None

@@ -37,6 +37,7 @@ from gateway.protocol.load import (
 from gateway.protocol.state import Expected, StateMachine, Transitions, event_name
 from gateway.protocol.values import (
     FALSE_WORDS,
+    MAX_ID_CHARS,
     TRUE_WORDS,
     check_language_tag,
     check_time_zone,
@@ -52,6 +53,7 @@ from gateway.protocol.values import (
 
 __all__ = [
     "FALSE_WORDS",
+    "MAX_ID_CHARS",
     "MAX_JSON_DEPTH",
     "MAX_NUMBER_CHARS",
     "TRUE_WORDS",

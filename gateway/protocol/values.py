@@ -74,6 +74,12 @@ def strict_flag(raw: str) -> bool | None:
     return None
 
 
+MAX_ID_CHARS: Final = 256
+"""Longest id a client may give (characters): a device id or an application key, which
+become part of store keys (the device index: gateway/outbox.py) and go into logs. The push
+API (gateway/push.py) takes a target's ``sessionId``, ``appKey`` and ``deviceId`` up to
+this long, so a channel that refuses a longer one never stores a device it cannot push to."""
+
 MAX_INTEGER_DIGITS: Final = 100
 """The longest string of digits :func:`integer` reads (as load_json's MAX_NUMBER_CHARS
 bounds a JSON number): a longer one is None, never an int conversion (past 4,300 digits

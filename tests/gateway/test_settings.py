@@ -15,6 +15,7 @@ from adapters.vonage.protocol import RATES
 from gateway.cli import startup_warnings
 from gateway.events import MAX_TIMEOUT_S
 from gateway.io.call import TOKEN_TTL_S
+from gateway.protocol import MAX_ID_CHARS
 from gateway.settings import MAX_CALLS_TIMEOUT_S, Settings
 from tests.conftest import GatewayProcess, serve_refused
 
@@ -91,6 +92,20 @@ def test_an_app_key_list_that_names_no_key_is_refused_not_open_to_all(
     assert Settings().app_keys == frozenset({"shop", "faq"})
     monkeypatch.setenv("GATEWAY_ADMIN_KEYS", " , ")  # no admin key: the admin API is off
     assert Settings().admin_keys == frozenset()
+
+
+def test_an_app_key_longer_than_channels_take_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flowstorm V1/V2 refuse a key over MAX_ID_CHARS (256) characters and the push API
+    cannot name one: a configured key that long could never be used, so it is refused at
+    the start (its value not shown: GATEWAY_APP_KEYS holds credentials)."""
+    long_key = "k" * (MAX_ID_CHARS + 1)
+    monkeypatch.setenv("GATEWAY_APP_KEYS", f"shop,{long_key}")
+    with pytest.raises(ValidationError, match=f"longer than {MAX_ID_CHARS} characters"):
+        Settings()
+    monkeypatch.setenv("GATEWAY_APP_KEYS", f"shop,{long_key[1:]}")
+    assert Settings().app_keys == frozenset({"shop", long_key[1:]})
 
 
 @pytest.mark.parametrize("url", ["gateway.example.com", "not a url", "ftp://h", "https://"])

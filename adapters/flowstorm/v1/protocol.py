@@ -212,6 +212,7 @@ from gateway.events import (
     TurnEvent,
 )
 from gateway.protocol import (
+    MAX_ID_CHARS,
     Expected,
     ProtocolError,
     StateMachine,
@@ -245,6 +246,10 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 """WebSocket close code after a frame larger than GATEWAY_MAX_BODY_BYTES."""
 _MISSING_KEY: Final = "The application key is missing: send it as Init.key."
+_LONG_KEY: Final = f"Init.key is longer than {MAX_ID_CHARS} characters."
+"""The refusal of a key no application has (GATEWAY_APP_KEYS names none that long): with
+no keys configured, any key opens sessions, and it is stored with them and indexes their
+devices, as the push API's ``target.appKey`` (at most as long) names them."""
 
 LOG_BUFFER = 100
 """Client log entries kept on a connection until a session exists to store them in."""
@@ -842,7 +847,8 @@ class V1Connection:
 
         ``Init`` -> ``[Send(Ready)]`` (``[Send(Ready), Follow]`` when it resumes a
         ``sessionId``: the session is checked, :meth:`resume_refused`), or
-        ``[Send(Error), Close(1008)]`` for an unknown or missing key, or
+        ``[Send(Error), Close(1008)]`` for an unknown or missing key (or one over
+        MAX_ID_CHARS characters), or
         ``[Send(Error)]`` for an invalid tts config;
         ``Request``/``Input`` -> ``[StartTurn]`` (``[CancelListening, StartTurn]``
         while an utterance is recognised; of an open Duplex stream with ``hear_on``:
@@ -925,9 +931,14 @@ class V1Connection:
     def _on_init(self, event: InitEvent) -> list[Action]:
         self.machine.check("Init")  # a second Init is out of order
         key, allowed = event.key, self._key_allowed
-        if not (allowed(key) if callable(allowed) else allowed and bool(key)):
-            self.machine.feed(REFUSED_INIT)
+        if key and len(key) > MAX_ID_CHARS:
+            refusal = _LONG_KEY
+        elif not (allowed(key) if callable(allowed) else allowed and bool(key)):
             refusal = f"Unknown application key {clipped(key)}." if key else _MISSING_KEY
+        else:
+            refusal = None
+        if refusal is not None:
+            self.machine.feed(REFUSED_INIT)
             return [error_frame(refusal), Close(CLOSE_POLICY, refusal)]
         # the key first: an unknown one is closed 1008 whatever else the Init holds
         resumed = check_session_id(event.session_id) if event.session_id else None

@@ -12,7 +12,7 @@ from typing import Any
 from adapters.flowstorm.events import InputEvent
 from adapters.flowstorm.v2.protocol import NDJSON
 from gateway.apidoc import component, has
-from gateway.protocol.values import LANGUAGE_TAG_PATTERN, MAX_LANGUAGE_TAG
+from gateway.protocol.values import LANGUAGE_TAG_PATTERN, MAX_ID_CHARS, MAX_LANGUAGE_TAG
 
 _RETRY_AFTER = "Seconds to wait before trying again (recognizers busy)"
 
@@ -75,12 +75,16 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
     },
     204: {"description": "A body of Log events only: stored with the session"},
     400: {
-        "description": "Malformed body, audio or configuration, or a flowstorm-session-id "
+        "description": "Malformed body, audio or configuration (a deviceId over "
+        f"{MAX_ID_CHARS} characters too), or a flowstorm-session-id "
         "cookie that is no session id (over 256 characters, whitespace or control "
         "characters: the cookie is cleared) (ErrorEvent / `!` line)"
     },
     401: {"description": "No application key"},
-    403: {"description": "Unknown application key, or the session is another application's"},
+    403: {
+        "description": f"Unknown application key (or one over {MAX_ID_CHARS} characters), or "
+        "the session is another application's"
+    },
     404: {"description": "The flowstorm-session-id cookie names an unknown or expired session"},
     408: {"description": "A realtime stream stopped before its InputEvent came"},
     409: {"description": "Another turn of this session is running"},
@@ -112,8 +116,16 @@ _ONLY = "; any other value is refused (400)"
 _CONFIG_PARAMETERS = [
     {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
     for name, schema, text in (
-        ("key", {"type": "string"}, "Application key (or header X-Key)"),
-        ("deviceId", {"type": "string"}, "Client device id (or X-DeviceId)"),
+        (
+            "key",
+            {"type": "string", "maxLength": MAX_ID_CHARS},
+            "Application key (or header X-Key); a longer one is refused (403)",
+        ),
+        (
+            "deviceId",
+            {"type": "string", "maxLength": MAX_ID_CHARS},
+            "Client device id (or X-DeviceId); a longer one is refused (400)",
+        ),
         (
             "timeZone",
             {"type": "string", "format": "iana-time-zone", "default": "Europe/Prague"},
@@ -201,8 +213,9 @@ GET_CLIENT: dict[str, Any] = dict(
             "content": {NDJSON: {}, "text/plain": {}},
         },
         400: {
-            "description": "Malformed configuration, or a flowstorm-session-id cookie that "
-            "is no session id (the cookie is cleared) (ErrorEvent / `!` line)"
+            "description": f"Malformed configuration (a deviceId over {MAX_ID_CHARS} "
+            "characters too), or a flowstorm-session-id cookie that is no session id (the "
+            "cookie is cleared) (ErrorEvent / `!` line)"
         },
         **{status: _TURN_DOC[status] for status in (401, 403, 404, 429)},  # as PUT's
         503: {"description": "The session store is unavailable"},

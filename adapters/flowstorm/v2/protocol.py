@@ -43,7 +43,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from adapters.flowstorm.events import V2_CLIENT_EVENT, RecognizedInputEvent, V2ClientEvent
@@ -59,6 +59,7 @@ from gateway.events import (
     TurnEvent,
 )
 from gateway.protocol import (
+    MAX_ID_CHARS,
     MAX_JSON_DEPTH,
     Expected,
     ProtocolError,
@@ -113,7 +114,10 @@ class ClientConfig(BaseModel):
     model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
 
     key: str | None = None
-    device_id: str | None = None
+    """The application key; one over MAX_ID_CHARS characters is refused by the route (as an
+    unknown key: 403), whether or not GATEWAY_APP_KEYS is set."""
+    device_id: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    """At most MAX_ID_CHARS characters (as the push API's ``target.deviceId``), else 400."""
     locale: str = "en-US"
     time_zone: str = "Europe/Prague"
     stt_mode: Literal["SingleUtterance"] = "SingleUtterance"

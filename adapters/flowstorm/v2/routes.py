@@ -172,7 +172,7 @@ from gateway.events import ErrorEvent, Input, ResponseEvent, TurnEvent
 from gateway.httputil import read_body
 from gateway.logs import SessionRef, session_ref
 from gateway.outbox import Entry, Following, OutboxError
-from gateway.protocol import ProtocolError, clipped, invalid_field, media_type
+from gateway.protocol import MAX_ID_CHARS, ProtocolError, clipped, invalid_field, media_type
 from gateway.protocol.actions import CancelListening, FeedAudio, FinishListening, StartListening
 from gateway.ratelimit import TokenBuckets
 from gateway.sessions import SessionBusy, StoreUnavailable
@@ -254,12 +254,15 @@ KEY_CHALLENGE: Final = 'X-Key realm="flowstorm"'
 section 11.6.1 requires a challenge on every 401; the key has no registered scheme, so
 the challenge names the header it goes in)."""
 _STORE_DOWN: Final = "The session store is unavailable."
+_LONG_KEY: Final = f"The application key is longer than {MAX_ID_CHARS} characters."
 
 
 def _admitted(request: Request, gw: Gateway) -> tuple[ClientConfig, Mapping[str, Any]]:
     """The request's configuration (:func:`_client_config`), its key allowed.
 
-    Raises _Refused: 400 a bad configuration, 401 no key, 403 an unknown key.
+    Raises _Refused: 400 a bad configuration, 401 no key, 403 an unknown key (or one over
+    MAX_ID_CHARS characters, which no application has: with GATEWAY_APP_KEYS unset it
+    would be stored with the session and index its device).
     """
     try:  # (not _refusals(): a generator's context costs ~1 µs on every request)
         config, session_config = _client_config(request.scope)
@@ -267,6 +270,8 @@ def _admitted(request: Request, gw: Gateway) -> tuple[ClientConfig, Mapping[str,
         raise _Refused(exc.status, exc.text, "client") from None
     if not config.key:
         raise _Refused(401, _NO_KEY, "client")
+    if len(config.key) > MAX_ID_CHARS:
+        raise _Refused(403, _LONG_KEY, "client")
     if not gw.settings.key_allowed(config.key):
         raise _Refused(403, f"Unknown application key {clipped(config.key)}.", "client")
     return config, session_config
