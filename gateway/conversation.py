@@ -58,6 +58,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from pydantic_core import to_json
+
 from gateway import metrics
 from gateway.breaker import outage_level
 from gateway.events import (
@@ -661,6 +663,8 @@ class Conversation:
                 session = self._new_session(ctx)
             elif session.app_key != ctx.app_key:
                 raise TurnRejected.foreign(ctx.session_id)
+            if ctx.attributes:
+                self._check_attributes(session, ctx)
             self._update(session, ctx, input)
             if started:
                 out.session_started = True
@@ -700,6 +704,8 @@ class Conversation:
                 if ended:
                     txn.delete()
                 else:
+                    if session.attributes:
+                        self._check_core_attributes(session)
                     txn.save(session, session.timeout_s)
             outcome.turn = session.turn_count
             outcome.ended = ended
@@ -748,6 +754,44 @@ class Conversation:
         if ctx.logs:
             self._append_logs(session, ctx.logs)
         session.client_state = ClientState.PROCESSING
+
+    def _check_attributes(self, session: Session, ctx: TurnContext) -> None:
+        """Refuse the turn (TurnRejected ``attributes-too-large``, source ``client``) when
+        ``ctx.attributes`` (the client's: Flowstorm V1's Request ``attributes``) merged into
+        ``session``'s would make them more than GATEWAY_MAX_ATTRIBUTES_BYTES of JSON (UTF-8
+        bytes, as stored) and larger than they are: a client cannot grow its session, and
+        what every turn loads and saves, without bound. Runs before anything changes or goes
+        out, so the session stays as it was. A session the core already took past the limit
+        (:meth:`_check_core_attributes`) still takes a client's attributes that do not
+        make it larger."""
+        limit = self.settings.max_attributes_bytes
+        size = len(to_json({**session.attributes, **ctx.attributes}))
+        if size <= limit or size <= len(to_json(session.attributes)):
+            return
+        raise TurnRejected(
+            "attributes-too-large",
+            f"The request's attributes would make the session's attributes {size} bytes of "
+            f"JSON, more than the {limit} the gateway keeps (GATEWAY_MAX_ATTRIBUTES_BYTES): "
+            "send fewer or smaller attributes.",
+        )
+
+    def _check_core_attributes(self, session: Session) -> None:
+        """Log a WARNING naming the core when the attributes it left in ``session`` (its
+        Response's, merged, or its own changes) are more than GATEWAY_MAX_ATTRIBUTES_BYTES of
+        JSON. They are kept and the turn goes on: the core is the operator's, and cutting
+        its state would break the conversation; the warning comes every such turn, as
+        every turn loads and saves them."""
+        limit = self.settings.max_attributes_bytes
+        size = len(to_json(session.attributes))
+        if size > limit:
+            log.warning(
+                "core %s left %d bytes of attributes in session %s, more than "
+                "GATEWAY_MAX_ATTRIBUTES_BYTES (%d): kept; every turn loads and saves them",
+                _core_name(self.pipeline, session.app_key) or "?",
+                size,
+                session_ref(session.key),
+                limit,
+            )
 
     def _append_logs(self, session: Session, entries: Sequence[LogEntry]) -> None:
         """Keep ``entries`` with ``session``: at most GATEWAY_MAX_LOG_ENTRIES entries and

@@ -251,6 +251,14 @@ class Settings(BaseSettings):
         description="Characters of client log text kept with a session, all entries "
         "together (the oldest go first; a longer entry is cut).",
     )
+    max_attributes_bytes: int = Field(
+        default=65_536,
+        gt=0,
+        description="Bytes of JSON a session's attributes may take: a turn whose client "
+        "attributes (Flowstorm V1 Request `attributes`) would take them past it, and make "
+        "them larger, is refused (an Error of source `client`), the session unchanged; "
+        "attributes a core leaves past it are kept, with a WARNING naming the core.",
+    )
     shutdown_timeout_s: int = Field(
         default=30,
         gt=0,

@@ -36,7 +36,17 @@ __all__ = [
     "new_session_id",
 ]
 
-RejectReason = Literal["session-not-found", "session-foreign", "session-busy", "store-unavailable"]
+RejectReason = Literal[
+    "session-not-found",
+    "session-foreign",
+    "session-busy",
+    "store-unavailable",
+    "attributes-too-large",
+]
+
+
+_REJECT_SOURCES: dict[str, str] = {"store-unavailable": "gateway", "attributes-too-large": "client"}
+"""The ErrorEvent source of a rejection whose source is not ``session``, by reason."""
 
 
 class TurnRejected(Exception):
@@ -45,9 +55,12 @@ class TurnRejected(Exception):
     ``reason`` is one of ``session-not-found`` (the session is unknown or has
     expired and the adapter did not allow creating it), ``session-foreign`` (it
     belongs to another application key), ``session-busy`` (another turn held
-    its lock for longer than GATEWAY_LOCK_WAIT_S) and ``store-unavailable``.
-    Adapters answer it in their protocol's form (for example HTTP 404 / 403 /
-    409 / 503 with an ErrorEvent of source ``session`` or ``gateway``).
+    its lock for longer than GATEWAY_LOCK_WAIT_S), ``store-unavailable`` and
+    ``attributes-too-large`` (the client's attributes, TurnContext.attributes, would take
+    the session's attributes past GATEWAY_MAX_ATTRIBUTES_BYTES of JSON; the session is
+    left as it was). Adapters answer it in their protocol's form (for example HTTP 404 /
+    403 / 409 / 503 / 400 with an ErrorEvent of source ``session``, ``gateway`` or
+    ``client``: :attr:`source`).
     """
 
     def __init__(self, reason: RejectReason, text: str) -> None:
@@ -57,8 +70,9 @@ class TurnRejected(Exception):
 
     @property
     def source(self) -> str:
-        """The ErrorEvent source for this rejection."""
-        return "gateway" if self.reason == "store-unavailable" else "session"
+        """The ErrorEvent source for this rejection: ``gateway`` (store down), ``client``
+        (its attributes too large), else ``session``."""
+        return _REJECT_SOURCES.get(self.reason, "session")
 
     @classmethod
     def foreign(cls, session_id: str) -> TurnRejected:

@@ -216,6 +216,7 @@ _REJECT_STATUS = {
     "session-foreign": 403,
     "session-busy": 409,
     "store-unavailable": 503,
+    "attributes-too-large": 400,  # (V2 sends no client attributes: TurnContext.attributes)
 }
 
 
