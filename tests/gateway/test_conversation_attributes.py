@@ -42,7 +42,7 @@ async def _raw(conv: Conversation, redis_url: str, redis_prefix: str) -> str | b
     if isinstance(conv.store, RedisSessionStore):
         client = Redis.from_url(redis_url)
         try:
-            raw: bytes | None = await client.get(f"{redis_prefix}:{{{ctx().key}}}:s")
+            raw: str | bytes | None = await client.get(f"{redis_prefix}:{{{ctx().key}}}:s")
         finally:
             await client.aclose()
         return raw

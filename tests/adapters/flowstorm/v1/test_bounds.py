@@ -27,11 +27,11 @@ from tests.adapters.flowstorm.v1.helpers import (
 )
 
 
-def _stored(redis_url: str, redis_prefix: str, session_id: str) -> bytes | None:
+def _stored(redis_url: str, redis_prefix: str, session_id: str) -> str | bytes | None:
     """The session's JSON as Redis holds it."""
     client = redis.Redis.from_url(redis_url)
     try:
-        raw: bytes | None = client.get(f"{redis_prefix}:{{flowstorm:{session_id}}}:s")
+        raw: str | bytes | None = client.get(f"{redis_prefix}:{{flowstorm:{session_id}}}:s")
     finally:
         client.close()
     return raw
