@@ -16,7 +16,9 @@ Operations:
 
 - **Hostile packets.** socket.io packets are decoded by :class:`BoundedPacket`
   (:func:`gateway.protocol.load_json`: bounded depth and number length; an event must
-  be an array starting with its name). A packet that does not decode gets ``error
+  be an array starting with its name; a binary one's placeholders must number its
+  attachments, which may hold GATEWAY_MAX_BODY_BYTES together). A packet that does not
+  decode gets ``error
   {code: "invalid-payload"}`` on a connected socket (a CONNECT that does not decode
   ends that Engine.IO session) and a WARNING (the app's Voiceflow
   :func:`~gateway.ratelimit.refusal_log`: the first few, then one a minute, the rest
@@ -155,9 +157,17 @@ class BoundedJson:
 class BoundedPacket(socketio.packet.Packet):  # type: ignore[misc]
     """A socket.io packet decoded by :func:`gateway.protocol.load_json` and checked for the
     shape python-socketio indexes without checking: an EVENT/ACK's data is a JSON array
-    (an EVENT's starting with the event name), a CONNECT's an object. Raises ProtocolError."""
+    (an EVENT's starting with the event name), a CONNECT's an object; a BINARY_EVENT/ACK
+    announces at least one attachment and its placeholders ``{"_placeholder": true,
+    "num": n}`` number them ``0 .. count - 1``, each used (as socket.io clients write
+    them; python-socketio indexes its attachments by ``num`` unchecked, and a packet it
+    fails on, or one announcing none, was left waiting for attachments: every later
+    packet of the connection was refused). Raises ProtocolError."""
 
     json = BoundedJson
+    received = 0
+    """Characters or bytes of this binary packet's attachments received so far
+    (:meth:`_GuardedServer._handle_eio_message` bounds them)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # python-socketio skips decoding a falsy message (an empty one, or Engine.IO
@@ -179,7 +189,38 @@ class BoundedPacket(socketio.packet.Packet):  # type: ignore[misc]
                 raise ProtocolError("A socket.io acknowledgement must be an array.")
         elif kind == socketio.packet.CONNECT and data is not None and not isinstance(data, dict):
             raise ProtocolError("A socket.io CONNECT payload must be an object.")
+        if kind in (socketio.packet.BINARY_EVENT, socketio.packet.BINARY_ACK):
+            _check_placeholders(data, count)
         return count
+
+
+def _check_placeholders(data: Any, count: int) -> None:
+    """ProtocolError unless the placeholders in ``data`` (a binary packet's decoded JSON;
+    python-socketio's test: an object with a true ``_placeholder`` and a ``num``) number
+    its ``count`` attachments: each ``num`` an integer (not a bool) ``0 .. count - 1``,
+    each of those used, ``count`` at least 1. ``data``'s depth is bounded (load_json)."""
+    nums: set[int] = set()
+    pending = [data]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, dict):
+            if value.get("_placeholder") and "num" in value:
+                num = value["num"]
+                if type(num) is not int or not 0 <= num < count:
+                    raise ProtocolError(
+                        "A binary attachment placeholder's num must be an integer below the "
+                        f"packet's attachment count ({count})."
+                    )
+                nums.add(num)
+            else:
+                pending.extend(value.values())
+    if count < 1 or len(nums) != count:
+        raise ProtocolError(
+            f"A socket.io binary packet must use each of its {count} attachments "
+            "(at least one) through its placeholders."
+        )
 
 
 class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
@@ -229,9 +270,25 @@ class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
             await self._send_packet(eio_sid, ack)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        """python-socketio's handling of one Engine.IO message, its refusals answered as in
+        the class doc. The attachments of one binary packet may hold
+        GATEWAY_MAX_BODY_BYTES together (python-engineio's ``max_http_buffer_size``, one
+        message's worth: each was bounded alone, and they are held until the last comes);
+        a refused binary packet is dropped with what came of it, so the connection's next
+        message is a packet again."""
         try:
+            pending = self._binary_packet.get(eio_sid)
+            if pending is not None:
+                pending.received += len(data) if isinstance(data, str | bytes) else 0
+                limit = self.eio.max_http_buffer_size
+                if pending.received > limit:
+                    raise ProtocolError(
+                        f"The binary attachments of a socket.io packet may hold {limit} "
+                        "bytes together."
+                    )
             await super()._handle_eio_message(eio_sid, data)
         except (ProtocolError, ValueError) as exc:  # socketio's own decoder raises ValueError
+            self._binary_packet.pop(eio_sid, None)
             text = exc.text if isinstance(exc, ProtocolError) else f"Invalid packet: {exc}"
             sid = self.manager.sid_from_eio_sid(eio_sid, NAMESPACE)
             who = sid or f"Engine.IO session {engine_io_ref(eio_sid)}"
