@@ -332,8 +332,9 @@ class EngineIoGuard:
     - on the WebSocket transport the connection is closed with a close frame of code
       1002 (protocol error, RFC 6455 section 7.4.1) and python-engineio sees the
       peer leave (its Engine.IO session ends as on any disconnect);
-    - a long-polling POST (:func:`~adapters.voiceflow.protocol.engine_io_payload_fault`)
-      is answered 400 ``text/plain``, none of its packets is delivered and its
+    - a long-polling POST (:func:`~adapters.voiceflow.protocol.engine_io_payload_fault`,
+      or a body over GATEWAY_MAX_BODY_BYTES) is answered 400 ``text/plain``, none of
+      its packets is delivered and its
       Engine.IO session ends as python-engineio ends one on a protocol error
       (:meth:`_end_session`): its disconnect handlers run (socket.io's and the
       gateway's), a GET waiting for packets gets Engine.IO CLOSE, and a later request
@@ -421,7 +422,12 @@ class EngineIoGuard:
         ``http.disconnect``, as when the client leaves mid-body: nothing is delivered
         and nothing answered (python-engineio, handed the disconnect, failed with an
         ERROR traceback, ``KeyError: 'REQUEST_METHOD'``). The Engine.IO session is
-        left as it is (its ping timeout ends it if the client is gone)."""
+        left as it is (its ping timeout ends it if the client is gone). A body over
+        python-engineio's ``max_http_buffer_size`` (GATEWAY_MAX_BODY_BYTES) is refused as
+        a malformed one, read no further: python-engineio ended the session only once a
+        GET had taken its CLOSE, so the POST waited for one (without: for good), a
+        request of the session meanwhile failed (``KeyError: 'Session is
+        disconnected'``, 500 and an ERROR traceback) and a later one was an ERROR."""
         body = bytearray()
         while True:
             message = await receive()
@@ -429,15 +435,17 @@ class EngineIoGuard:
                 log.info("Voiceflow polling POST ended before its body (%s)", _peer(scope))
                 return
             body += message.get("body", b"")
-            over = len(body) > self.sio.eio.max_http_buffer_size  # engineio refuses it (413)
+            over = len(body) > self.sio.eio.max_http_buffer_size
             if over or not message.get("more_body"):
                 break
-        fault = None
-        if not over:
+        fault: str | None
+        if over:  # (python-engineio ends the session too, but waits for a GET to do it)
+            fault = f"an Engine.IO payload of more than {self.sio.eio.max_http_buffer_size} bytes"
+        else:
             limit = engineio.payload.Payload.max_decode_packets
             fault = engine_io_payload_fault(bytes(body[: _content_length(scope)]), limit)
-        if fault is None:  # handed on as read (over the limit: the rest to come)
-            read = {"type": "http.request", "body": bytes(body), "more_body": over}
+        if fault is None:  # handed on as read
+            read = {"type": "http.request", "body": bytes(body), "more_body": False}
             await self.app(scope, _replay(read, receive), send)
             return
         sid = _query(scope, "sid")

@@ -345,6 +345,36 @@ async def test_a_malformed_binary_packet_is_an_error_and_the_connection_serves_o
         assert await other.say("me too") == ["You said: me too"]
 
 
+async def test_a_polling_post_over_the_size_limit_is_400_and_ends_its_session_at_once() -> None:
+    """A long-polling POST over GATEWAY_MAX_BODY_BYTES: python-engineio ended its session
+    only once a GET had taken the CLOSE packet, so the POST got no answer until one came
+    (here none: never), a request of the session meanwhile failed with a 500 and an
+    ERROR traceback, and a later one was logged at ERROR. Now it is refused at once, as a
+    malformed POST is: 400, the session ended, later requests of it 400 ``Invalid
+    session`` (served() fails on an ERROR logged), other connections untouched."""
+    polling = {"EIO": "4", "transport": "polling"}
+    async with (
+        served(max_body_bytes=65_536) as url,
+        client(url) as other,
+        httpx.AsyncClient(base_url=url, timeout=20) as http,
+    ):
+        await other.handshake()
+        opened = await http.get(PATH + "/", params=polling)
+        params = {**polling, "sid": json.loads(opened.text[1:])["sid"]}
+        assert (await http.post(PATH + "/", params=params, content="40")).text == "OK"
+        assert (await http.get(PATH + "/", params=params)).text.startswith("40{")
+        too_long = '42["client.start","' + "x" * 70_000 + '"]'
+        refused = await http.post(PATH + "/", params=params, content=too_long)
+        assert refused.status_code == 400, refused.text
+        for later in (
+            await http.post(PATH + "/", params=params, content='42["client.start",{}]'),
+            await http.get(PATH + "/", params=params),
+        ):
+            assert later.status_code == 400
+            assert "Invalid session" in later.text
+        assert await other.say("still here") == ["You said: still here"]
+
+
 def connections() -> float:
     """The gateway_connections gauge of the Voiceflow channel (this process's servers)."""
     return REGISTRY.get_sample_value("gateway_connections", {"channel": "voiceflow"}) or 0.0
