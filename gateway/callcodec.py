@@ -446,7 +446,8 @@ def get_digit(obj: Mapping[str, Any], where: str) -> str:
 def get_params(value: Any, where: str) -> dict[str, str]:
     """Custom parameters: an object of strings (numbers and booleans as text).
 
-    Raises ProtocolError for a non-object or a nested value.
+    Raises ProtocolError for a non-object or a nested value (naming its key, cut:
+    :func:`~gateway.protocol.clipped`).
     """
     if value is None:
         return {}
@@ -459,7 +460,8 @@ def get_params(value: Any, where: str) -> dict[str, str]:
         elif isinstance(item, str | int | float):
             out[key] = str(item)
         else:
-            raise ProtocolError(f"Invalid {where}: {key}: expected a string")
+            name = clipped(key, quote=False)  # the peer's: logged, and the close reason
+            raise ProtocolError(f"Invalid {where}: {name}: expected a string")
     return out
 
 

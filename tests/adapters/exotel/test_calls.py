@@ -127,3 +127,32 @@ async def test_calls_through_a_redis_outage_are_one_warning_not_two_each(
     assert [r.name for r in warnings] == ["gateway.breaker", "gateway.call"], [
         r.getMessage() for r in warnings
     ]  # before: 1 + 6
+
+
+async def test_a_nested_custom_parameter_s_long_name_is_cut_in_the_close_and_log(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A start whose custom parameter under a 3,000-character name is an object is
+    closed with 1008 naming custom_parameters; the name is cut in the log line (it was
+    copied whole into the WARNING, and the close reason)."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        caplog.set_level(logging.INFO, "gateway")
+        url = f"ws://{urlsplit(gw.url).netloc}/exotel/stream?sample-rate=8000"
+        start = {
+            "stream_sid": "stream-1",
+            "call_sid": "call-1",
+            "custom_parameters": {"k" * 3000: {"nested": 1}},
+            "media_format": {"encoding": "audio/x-raw", "sample_rate": "8000"},
+        }
+        frames = [
+            json.dumps({"event": "connected"}),
+            json.dumps({"event": "start", "sequence_number": "1", "start": start}),
+        ]
+        code, reason = await closed_with(url, frames, basic(), within_s=10)
+        assert code == 1008
+        assert reason.startswith("Invalid start: custom_parameters: kkk"), reason
+        assert reason.endswith("…: expected a string"), reason
+        assert not gw.core.turns
+    closing = [r.getMessage() for r in caplog.records if "closing (1008)" in r.getMessage()]
+    assert closing
+    assert all(len(line) < 300 for line in closing), [len(line) for line in closing]
