@@ -83,7 +83,7 @@ def extra_headers(value: Any) -> dict[str, str]:
     (as Plivo's Audio Streaming reference shows them in ``start``) or ``k1=v1,k2=v2``
     (as the attribute sets them).
 
-    Raises ProtocolError for anything else.
+    Raises ProtocolError for anything else (the text naming ``extra_headers``).
     """
     where = "start message: extra_headers"
     if value is None or value == "":
@@ -91,7 +91,11 @@ def extra_headers(value: Any) -> dict[str, str]:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("{"):
-            return get_params(load_json(text, what="extra_headers"), where)
+            try:
+                headers = load_json(text, what="The extra_headers")
+            except ProtocolError as exc:  # its own text: "Malformed JSON at character 1…"
+                raise ProtocolError(f"Invalid {where}: {exc.text}") from None
+            return get_params(headers, where)
         items = text.replace(";", ",").split(",")
         pairs = [item.split("=", 1) for item in items if item.strip()]
         if all(len(pair) == 2 for pair in pairs):
