@@ -34,6 +34,7 @@ from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
 from gateway.callcodec import VerificationRefused
+from gateway.protocol import clipped
 
 SIGNATURE_HEADER: Final = "X-Plivo-Signature-V3"
 MAIN_SIGNATURE_HEADER: Final = "X-Plivo-Signature-Ma-V3"
@@ -42,6 +43,9 @@ CHALLENGE: Final = f'{SIGNATURE_HEADER} realm="plivo"'
 """The ``WWW-Authenticate`` of the 401 for an unsigned request (RFC 9110 section 11.6.1
 requires a challenge on every 401; Plivo's signature has no registered scheme, so the
 challenge names the header it goes in)."""
+
+_URL_CHARS: Final = 200
+"""The most of a refused request's URL its refusal names (its query is the requester's)."""
 
 Params = Mapping[str, str | Sequence[str]]
 """Request parameters: one value or several per name."""
@@ -132,7 +136,8 @@ class PlivoVerifier:
         ``url`` is the public URL Plivo requested (query included); ``params`` the
         POST form parameters, or the GET callback's. Raises VerificationRefused: 401
         when the signature headers or the nonce are missing (challenge
-        :data:`CHALLENGE`); 403 for a wrong signature or another method.
+        :data:`CHALLENGE`); 403 for a wrong signature (the reason naming ``url``,
+        its first :data:`_URL_CHARS` characters) or another method.
         """
         signed = bool(signature_header or main_signature_header)
         if not signed or not nonce:
@@ -146,4 +151,6 @@ class PlivoVerifier:
             candidates = [s.strip().encode("utf-8", "replace") for s in (header or "").split(",")]
             if any(hmac.compare_digest(expected, c) for c in candidates[:8]):
                 return
-        raise VerificationRefused(f"{SIGNATURE_HEADER} does not sign {url}")
+        # the URL's query is the requester's: cut (the reason is logged and answered)
+        named = clipped(url, _URL_CHARS, quote=False)
+        raise VerificationRefused(f"{SIGNATURE_HEADER} does not sign {named}")
