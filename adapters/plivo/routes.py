@@ -75,7 +75,7 @@ from gateway.io.call import (
     nonce_store_unavailable,
     use_token,
 )
-from gateway.protocol import ProtocolError
+from gateway.protocol import ProtocolError, clipped
 from gateway.protocol.call import Transfer
 from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
@@ -289,5 +289,6 @@ async def transfer_xml(request: Request) -> Response:
         xml = plivo.dial_xml(request.query_params.get("to", "")[:256])
     except ValueError:
         return problem(400, "Bad Request", "The transfer has no target (`?to=`).")
-    log.info("Plivo call %s: transfer XML served", params.get("CallUUID", "?"))
+    call_uuid = clipped(params.get("CallUUID", "?"), quote=False)  # the request's: cut
+    log.info("Plivo call %s: transfer XML served", call_uuid)
     return Response(xml, media_type="application/xml")

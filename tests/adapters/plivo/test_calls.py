@@ -1,16 +1,21 @@
 """Plivo's own refusals (the behaviours every carrier shares, calls and refusals, are in
-tests/adapters/test_carrier_calls.py): an answer for a CallUUID no call id can be."""
+tests/adapters/test_carrier_calls.py): an answer for a CallUUID no call id can be; peer
+values cut in refusals and log lines; a start's malformed ``extra_headers``."""
 
 from __future__ import annotations
 
+import json
+import logging
 import uuid
 import xml.etree.ElementTree as ET
+from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from adapters.plivo.verify import signature
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import session_of
+from tests.adapters.carriers import closed_with, session_of
 from tests.adapters.plivo.harness import AUTH_TOKEN, CARRIER, PlivoHarness, ask_answer
 from tests.adapters.twilio.helpers import PUBLIC
 
@@ -97,3 +102,66 @@ async def test_an_answer_signed_for_the_main_account_is_taken(speech: SpeechServ
                 r = await client.post("/plivo/answer?appKey=plivo", data=form, headers=headers)
                 assert r.status_code == status, r.text
         assert ET.fromstring(r.text).find("./Stream") is not None
+
+
+async def test_a_forged_answer_s_long_query_is_not_copied_whole_into_the_log_or_problem(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forged answer request whose query is 6,000 characters is refused (403); its
+    refusal names the URL cut, in the log line and the problem's detail (the whole URL
+    was copied into both)."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        caplog.set_level(logging.INFO, "gateway")
+        query = "appKey=" + "y" * 6000
+        r = await ask_answer(gw.url, PUBLIC, str(uuid.uuid4()), token="forged", query=query)
+        assert r.status_code == 403, r.text
+        detail = r.json()["detail"]
+        assert detail.startswith("X-Plivo-Signature-V3 does not sign https://"), detail
+        assert len(detail) < 400, len(detail)
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused
+    assert all(len(line) < 500 for line in refused), [len(line) for line in refused]
+
+
+async def test_malformed_json_extra_headers_close_the_stream_naming_them(
+    speech: SpeechService,
+) -> None:
+    """A ``start`` whose ``extra_headers`` string is malformed JSON is closed with 1008,
+    the reason naming ``extra_headers`` (it said only "Malformed JSON at character 1",
+    as if the frame itself were malformed)."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        call_uuid = str(uuid.uuid4())
+        answer = await ask_answer(gw.url, PUBLIC, call_uuid)
+        stream = ET.fromstring(answer.text).find("./Stream")
+        assert stream is not None
+        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit((stream.text or '').strip()).path}"
+        media_format = {"encoding": "audio/x-mulaw", "sampleRate": 8000}
+        start = {"callId": call_uuid, "streamId": "s-1", "mediaFormat": media_format}
+        frame = {"event": "start", "sequenceNumber": 0, "start": start, "extra_headers": "{bad"}
+        code, reason = await closed_with(url, [json.dumps(frame)], within_s=10)
+        assert code == 1008
+        assert reason.startswith("Invalid start message: extra_headers: Malformed JSON"), reason
+        assert not gw.core.turns
+
+
+async def test_the_transfer_xml_log_line_cuts_the_call_uuid(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The signed fetch of a transfer's XML is logged naming its CallUUID cut (a
+    5,000-character one was logged whole)."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        caplog.set_level(logging.INFO, "gateway.plivo")
+        form = {"CallUUID": "u" * 5000}
+        path = "/plivo/transfer?to=%2B14155550123"
+        nonce = uuid.uuid4().hex[:20]
+        headers = {
+            "X-Plivo-Signature-V3": signature(AUTH_TOKEN, "POST", PUBLIC + path, form, nonce),
+            "X-Plivo-Signature-V3-Nonce": nonce,
+        }
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post(path, data=form, headers=headers)
+        assert r.status_code == 200, r.text
+        assert "<Number>14155550123</Number>" in r.text
+    served = [r.getMessage() for r in caplog.records if "transfer XML served" in r.getMessage()]
+    assert served
+    assert all(len(line) < 300 for line in served), [len(line) for line in served]
