@@ -19,7 +19,10 @@ buffers at most 3072 messages), text ``{"action":"clear"}`` and
 ``{"action":"notify","payload":{"name":…}}``.
 
 The call is identified by a header the NCCO endpoint sets (:data:`CALL_HEADER`,
-the call's UUID from the answer webhook), echoed in ``websocket:connected``.
+the call's UUID from the answer webhook), echoed in ``websocket:connected``. A
+``websocket:connected`` without it, or with a header value longer than 256 characters
+(the NCCO's are at most 128; a ``from`` becomes the session's device), cannot start the
+call: :class:`~gateway.callcodec.InvalidStart` (closed 1008, the reason naming the field).
 """
 
 from __future__ import annotations
@@ -118,12 +121,18 @@ class VonageCodec(JsonCarrierCodec):
         for key, value in frame.items():
             if key in _RESERVED:
                 continue
-            if isinstance(value, str | int | float) and not isinstance(value, bool):
+            if isinstance(value, str | int) and not isinstance(value, bool):
+                headers[key] = get_str(frame, key, where)  # at most 256 characters
+            elif isinstance(value, float):
                 headers[key] = str(value)
+        if not headers.get(CALL_HEADER):
+            raise ProtocolError(
+                f"Invalid {where}: {CALL_HEADER}: field required (the NCCO endpoint's header)"
+            )
         self.headers = headers
         return self.begin(
             Started(
-                call_id=headers.get(CALL_HEADER, ""),
+                call_id=headers[CALL_HEADER],
                 stream_id="",
                 media_format=fmt,
                 caller=headers.get("from", ""),

@@ -20,7 +20,7 @@ from adapters.vonage.routes import MAX_BODY
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import closed_with
 from tests.adapters.twilio.helpers import twilio_gateway
-from tests.adapters.vonage.harness import CARRIER, SECRET, ask_ncco, signed
+from tests.adapters.vonage.harness import CARRIER, SECRET, VonageHarness, ask_ncco, signed
 
 
 async def test_without_a_signature_secret_every_answer_is_refused(speech: SpeechService) -> None:
@@ -60,6 +60,45 @@ async def test_an_old_or_body_mismatched_token_is_401_invalid_token(
         )
         assert r.status_code == 401
         assert r.headers["www-authenticate"] == INVALID_TOKEN
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"call_uuid": None}, "Invalid websocket:connected message: call_uuid: field required"),
+        ({"from": "4" * 1000}, "Invalid websocket:connected message: from: longer than 256"),
+        ({"x-custom": "y" * 300}, "Invalid websocket:connected message: x-custom: longer than"),
+    ],
+    ids=["no-call-uuid", "long-from", "long-header"],
+)
+async def test_a_websocket_connected_without_its_call_or_with_an_overlong_header_is_closed_1008(
+    speech: SpeechService, change: dict[str, str | None], named: str
+) -> None:
+    """A websocket:connected without the NCCO's ``call_uuid`` header is closed 1008 naming
+    it (it was closed as "admitted for another call"); one with a header value over 256
+    characters (the NCCO's are at most 128) is closed 1008 naming the header (a 1000
+    character ``from`` used to start the call, the session's device id that long), as a
+    Telnyx start's ``from`` over 256 is. No turn is run; another call goes on."""
+    async with CARRIER.gateway(speech) as (gw, _), VonageHarness.dial(gw.url) as other:
+        await gw.wait_answers(other, 1)
+        answer = await ask_ncco(gw.url, str(uuid.uuid4()))
+        (endpoint,) = answer.json()[0]["endpoint"]
+        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit(endpoint['uri']).path}"
+        connected = {"event": "websocket:connected", "content-type": endpoint["content-type"]}
+        connected.update(endpoint["headers"])
+        for key, value in change.items():
+            if value is None:
+                del connected[key]
+            else:
+                connected[key] = value
+        code, reason = await closed_with(url, [json.dumps(connected), bytes(640)])
+        assert code == 1008
+        assert reason.startswith(named), reason
+        assert len(reason.encode()) <= 123
+        await other.dtmf("5")
+        await gw.wait_turns(2)
+        assert gw.core.inputs() == ["#intro", "5"]  # the other call's; none of the refused
+        assert other.closed_at is None
 
 
 @pytest.mark.parametrize(
