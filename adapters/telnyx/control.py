@@ -63,6 +63,9 @@ HANGUP_STATUS: Final = {
 """``call.hangup``'s ``hangup_cause`` as Twilio's ``CallStatus``; ``normal_clearing``
 is :func:`hangup_status`'s own case; any other cause (``not_found``, ``unspecified``,
 ...) is ``failed``."""
+MAX_RESULT: Final = 64
+"""The longest AMD ``result`` taken (Telnyx's are words such as ``human_residence``): a
+longer one is cut to it, in the ``#machine`` input, its log line and the outcome alike."""
 MAX_CALL_ID: Final = 256
 """The longest call_control_id taken from a webhook (``call.hangup``, an AMD result,
 ``call.answered``) or a TeXML status callback's ``CallSid`` (a call_control_id is ~60
@@ -236,7 +239,8 @@ def machine_input(event: Any) -> tuple[str, Input] | None:
     a machine answered; None for any other event, a person, or a ``call_control_id`` that
     is not 1 to :data:`MAX_CALL_ID` characters (:func:`overlong_call_id`).
 
-    The input's attributes: ``answeredBy`` (Telnyx's ``result``), ``callControlId``
+    The input's attributes: ``answeredBy`` (Telnyx's ``result``, cut to
+    :data:`MAX_RESULT` characters), ``callControlId``
     and the ``clientState`` the call was placed with.
     """
     data = event.get("data") if isinstance(event, dict) else None
@@ -248,6 +252,7 @@ def machine_input(event: Any) -> tuple[str, Input] | None:
     result, ccid = payload.get("result"), _call_id(payload)
     if not isinstance(result, str) or ccid is None or "machine" not in result:
         return None
+    result = result[:MAX_RESULT]
     attributes = {
         "answeredBy": result,
         "callControlId": ccid,
@@ -309,5 +314,5 @@ def outcome_of(event: Any) -> Outcome | None:
     if kind == "call.hangup":
         return Outcome(ccid, hangup_status(payload), None, to)
     if kind in AMD_EVENTS and isinstance(result, str) and result:
-        return Outcome(ccid, None, result[:64], to)
+        return Outcome(ccid, None, result[:MAX_RESULT], to)
     return None

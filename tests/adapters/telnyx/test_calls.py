@@ -25,6 +25,7 @@ from adapters.telnyx.verify import SIGNATURE_HEADER as SIG
 from gateway.callcodec import WireEncoding
 from gateway.conversation import TurnContext
 from gateway.events import Input
+from gateway.io.call import control_topic
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import closed_with, session_of, upgrade_status
@@ -90,6 +91,39 @@ async def test_an_outbound_call_streams_with_its_token_client_state_and_machine_
             assert gw.core.turns[1][0] == "#machine"
         # the token was used once
         assert await upgrade_status(url, {"Authorization": f"Bearer {token}"}) == 403
+
+
+async def test_an_overlong_machine_result_is_cut_in_the_input_and_its_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A signed ``call.machine.detection.ended`` whose ``result`` is 5000 characters is
+    taken cut to 64 (as its outcome's ``answered_by`` already was): the ``#machine``
+    result handed to the call's stream and the INFO line saying who answered; the whole
+    value used to be copied into both."""
+    ccid = "v3:" + uuid.uuid4().hex
+    result = "machine_" + "x" * 5000
+    event = json.dumps(
+        {
+            "data": {
+                "event_type": "call.machine.detection.ended",
+                "payload": {"call_control_id": ccid, "result": result},
+            }
+        }
+    ).encode()
+    caplog.set_level(logging.INFO)
+    async with (
+        CARRIER.gateway(None) as (gw, _),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        bus = gw.app.state.gateway.bus
+        async with bus.subscribe(control_topic("telnyx", ccid)) as followed:
+            hook = await client.post("/telnyx/outbound", content=event, headers=signed(event))
+            assert hook.status_code == 200, hook.text
+            message = await followed.get(5.0)
+        assert message is not None
+        assert message["answeredBy"] == result[:64]
+    lines = [r.getMessage() for r in caplog.records if "answered by" in r.getMessage()]
+    assert lines == [f"Telnyx call {ccid} answered by {result[:64]}"]
 
 
 @pytest.mark.parametrize(("encoding", "rate"), [("PCMA", 8000), ("L16", 16000)])
