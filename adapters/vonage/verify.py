@@ -9,7 +9,8 @@ signature secret; its claims include ``iat`` (issued at, Unix seconds), ``jti``,
 
 The JWT is checked with PyJWT (already a dependency for Voiceflow's session keys).
 Token age is checked against ``now`` handed in (pure, testable): ``iat`` older than
-``max_age_s`` or in the future beyond ``leeway_s`` is refused, as is an ``exp`` passed.
+``max_age_s`` or in the future beyond ``leeway_s`` is refused, as is an ``exp`` passed;
+an ``iat`` or ``exp`` that is not a finite number (``NaN``, ``Infinity``) is refused.
 
 Within that window a captured token would pass again: :func:`replay_key` names a passed
 token (its ``jti``, else its signature) for the route to use once, for
@@ -24,6 +25,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -157,7 +159,7 @@ class VonageVerifier:
 
     def _check_time(self, claims: dict[str, Any], now: float) -> None:
         iat = claims.get("iat")
-        if isinstance(iat, bool) or not isinstance(iat, int | float):
+        if not _finite(iat):  # NaN (PyJWT's JSON takes it) would pass every comparison
             raise _invalid("the webhook token has no iat (issued at)")
         if iat > now + self.leeway_s:
             raise _invalid("the webhook token is issued in the future")
@@ -165,7 +167,13 @@ class VonageVerifier:
             raise _invalid(f"the webhook token is older than {self.max_age_s} s")
         exp = claims.get("exp")
         if exp is not None:
-            if isinstance(exp, bool) or not isinstance(exp, int | float):
+            if not _finite(exp):
                 raise _invalid("the webhook token's exp is not a number")
             if now > exp + self.leeway_s:
                 raise _invalid("the webhook token has expired")
+
+
+def _finite(value: Any) -> bool:
+    """Whether a claim is a finite number (not a bool; ``NaN`` and ``Infinity``, which
+    PyJWT's JSON parser takes, are not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -69,6 +69,10 @@ def test_unsigned_requests_are_401(authorization: str | None) -> None:
         (f"Bearer {token(iat=NOW + 120)}", BODY, "in the future"),
         (f"Bearer {token(exp=NOW - 100)}", BODY, "expired"),
         (f"Bearer {token(exp='soon')}", BODY, "exp is not a number"),
+        # NaN compares false with everything: such a token passed, whenever it was used
+        (f"Bearer {token(iat=float('nan'))}", BODY, "no iat"),
+        (f"Bearer {token(iat=float('-inf'))}", BODY, "no iat"),
+        (f"Bearer {token(exp=float('nan'))}", BODY, "exp is not a number"),
         ("Bearer " + "a" * 9000, BODY, "too long"),
     ],
 )
