@@ -27,7 +27,7 @@ import hashlib
 import hmac
 import math
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import jwt
 
@@ -173,7 +173,7 @@ class VonageVerifier:
                 raise _invalid("the webhook token has expired")
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: object) -> TypeGuard[float]:
     """Whether a claim is a finite number (not a bool; ``NaN`` and ``Infinity``, which
     PyJWT's JSON parser takes, are not)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
