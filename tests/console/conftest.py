@@ -174,13 +174,22 @@ class Console:
     """The console page in the browser: fields, buttons and what it shows."""
 
     def __init__(
-        self, driver: webdriver.Chrome, base: str, *, retry_s: int = 1, stall_s: int | None = None
+        self,
+        driver: webdriver.Chrome,
+        base: str,
+        *,
+        retry_s: int = 1,
+        stall_s: int | None = None,
+        answer_s: int | None = None,
     ) -> None:
         """``retry_s``: the page's ``?retry=`` (seconds between reconnects); ``stall_s``: its
-        ``?stall=`` (seconds an answer's audio may go without progress; None: the 30 s default)."""
+        ``?stall=`` (seconds an answer's audio may go without progress; None: the 30 s default);
+        ``answer_s``: its ``?answer=`` (seconds Processing may go without an event from the
+        gateway; None: the 60 s default)."""
         self.driver = driver
         stall = f"&stall={stall_s}" if stall_s is not None else ""
-        driver.get(f"{base}/console?retry={retry_s}{stall}")
+        answer = f"&answer={answer_s}" if answer_s is not None else ""
+        driver.get(f"{base}/console?retry={retry_s}{stall}{answer}")
         self.wait_for(lambda: self.state == "Closed")
 
     def js(self, script: str, *args: Any) -> Any:

@@ -173,6 +173,41 @@ def test_a_dropped_connection_reconnects_into_the_same_session(
     page.assert_no_failures()
 
 
+def test_a_turn_the_gateway_leaves_unanswered_is_a_lost_connection_not_a_hang(
+    browser: webdriver.Chrome,
+) -> None:
+    # a connection that died without a close (half-open TCP: a NAT or proxy that forgot
+    # it) leaves a sent message unanswered for ever; the gateway's own turn timeout would
+    # have answered an Error long before. The server's loop held (nothing it serves moves)
+    # stands in for it: the page gives the socket up after ?answer=2 s of silence
+    gateway = ThreadedGateway().start()
+    try:
+        with no_server_errors():
+            page = Console(browser, gateway.url, answer_s=2)
+            page.connect()
+            page.say("My name is Ada")
+            session_id = page.session_id
+            gateway.pause(15)
+            page.driver.find_element("id", "text").send_keys("What is my name?")
+            page.click("send")
+            page.wait_for(lambda: page.state == "Failed", timeout=12)
+            assert outage_notes(page) == [
+                "Connection lost (no answer for 2 s). Trying again in 1 s."
+            ]
+            page.screenshot("no-answer")
+            page.wait_for(lambda: page.state == "Sleeping", timeout=40)  # the loop goes on
+            assert page.session_id == session_id
+            page.say("What is my name?")
+            assert page.bot_texts()[-1] == "Your name is Ada."
+            history = page.history()
+            assert history[history.index("Failed") - 1 :] == [
+                "Processing", "Failed", "Open", "Sleeping", "Processing", "Responding", "Listening",
+            ]  # fmt: skip
+            page.assert_no_failures()
+    finally:
+        gateway.stop()
+
+
 def test_a_page_left_closes_its_socket_and_goes_on_when_shown_again(
     console_gateway: ThreadedGateway, browser: webdriver.Chrome
 ) -> None:

@@ -10,7 +10,9 @@
 //   Sleeping  on Ready, and when a turn ends its session;
 //   Listening  when a turn's output has played (session goes on), or the input audio
 //              stream is open;
-//   Processing  when text was sent or the final Recognized came;
+//   Processing  when text was sent or the final Recognized came; a gateway that then sends
+//              nothing for 60 s (its own turn timeout answers an Error long before) is taken
+//              for a dead connection (a half-open TCP one never closes): Failed, and retried;
 //   Responding  on ResponseItem/Response, until its audio has played (or was skipped).
 // The sessionId is kept across reconnects until the session ends, so a client whose
 // connection dropped goes on in the same session.
@@ -23,6 +25,8 @@
   const RETRY_MS = 1000 * (Number(params.get('retry')) || 10);
   // ?stall=SECONDS overrides the 30 s an answer's audio may go without progress (see playNext)
   const STALL_S = Number(params.get('stall')) || 30;
+  // ?answer=SECONDS overrides the 60 s Processing may go without a word of the gateway
+  const ANSWER_S = Number(params.get('answer')) || 60;
   const STT_RATE = 16000; // sttSampleRate sent in Init; the microphone is resampled to it
   const SOCKET_URL = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/socket/';
 
@@ -44,6 +48,7 @@
   let mic = null;           // {stream, ctx, acked, pending} while the microphone streams
   let userBubble = null;    // the bubble that shows what the recognizer heard so far
   let refocusText = false;  // the message field had the focus when it was disabled
+  let answerTimer = null;   // gives up a connection that left a turn unanswered (Processing)
 
   // --------------------------------------------------------------- the page
 
@@ -60,6 +65,7 @@
   function setState(next) {
     if (next === state) return;
     state = next;
+    awaitAnswer();
     document.body.dataset.state = next;
     for (const li of $('states').children) li.setAttribute('aria-current', String(li.dataset.state === next));
     const entry = document.createElement('li');
@@ -78,6 +84,20 @@
     if (typing && refocusText) { refocusText = false; $('text').focus(); }
     $('mic').disabled = !(idle || mic);
     $('key').disabled = $('locale').disabled = connected || wanted;
+  }
+
+  function awaitAnswer() { // (re)armed in Processing by each event: ANSWER_S of silence ends it
+    clearTimeout(answerTimer);
+    if (state === 'Processing') answerTimer = setTimeout(noAnswer, ANSWER_S * 1000);
+  }
+
+  function noAnswer() { // the socket is given up as dropped: Failed, one note, retried
+    const socket = ws;
+    if (!socket || state !== 'Processing') return;
+    const dropped = socket.onclose;
+    socket.onclose = null;
+    socket.close(4000, 'no answer');
+    dropped({code: 0, reason: `no answer for ${ANSWER_S} s`});
   }
 
   function showSession() { $('session').textContent = sessionId || 'none'; }
@@ -162,6 +182,7 @@
       1001: 'the gateway went away', 1006: 'no close frame', 1008: 'refused',
       1011: 'a failure of the gateway', 1012: 'the gateway restarts', 1013: 'try again later',
     }[close.code];
+    if (!close.code) return meaning; // (given up by the page: no close code)
     return meaning ? `${close.code}: ${meaning}` : String(close.code);
   }
 
@@ -203,6 +224,7 @@
 
   function receive(event) {
     logEvent('←', event);
+    if (state === 'Processing') awaitAnswer(); // the gateway is there: the turn goes on
     switch (event.type) {
       case 'Ready':
         outage = null;
