@@ -352,7 +352,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         answer = problem(exc.status_code, status_phrase(exc.status_code), str(exc.detail))
         answer.headers.update(exc.headers or {})  # e.g. Allow on 405 (RFC 9110)
         if exc.status_code == 405:  # every method of the path, not only its first route's
-            answer.headers["Allow"] = _allowed_methods(request)
+            # (a mounted app's path matches no route here: the Allow it gave stays)
+            answer.headers["Allow"] = _allowed_methods(request) or answer.headers.get("Allow", "")
         return answer
 
     return app

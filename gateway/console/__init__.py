@@ -9,7 +9,9 @@ elsewhere. It is served by Starlette's StaticFiles; ``/console`` redirects to
 Each file goes out with :data:`SECURITY_HEADERS`: a Content-Security-Policy that lets the
 page run its own files only (no inline or injected script, no framing by another
 site: the page holds a microphone) while answers' images and TTS audio may come from
-anywhere (GATEWAY_PUBLIC_URL or the core's own links), and ``nosniff``.
+anywhere (GATEWAY_PUBLIC_URL or the core's own links), ``nosniff``, and
+``X-Frame-Options: DENY`` for browsers that predate ``frame-ancestors``. Its error
+answers (404, 405: problem+json) carry them too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Final
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
@@ -46,6 +49,7 @@ CONTENT_SECURITY_POLICY: Final = "; ".join(
 SECURITY_HEADERS: Final = {
     "content-security-policy": CONTENT_SECURITY_POLICY,
     "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",  # frame-ancestors 'none' for browsers without CSP Level 2
     "referrer-policy": "same-origin",  # ?key=... of the page's address stays here
 }
 """Headers of every file of the console (name: value)."""
@@ -56,8 +60,15 @@ class ConsoleFiles(StaticFiles):
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         """The file at ``path`` (StaticFiles' answer: 200, 304, redirect) with the
-        security headers; a missing file raises StaticFiles' 404 as before."""
-        response = await super().get_response(path, scope)
+        security headers; a missing file raises StaticFiles' 404 (405 for another method
+        than GET/HEAD) as before, with the security headers added to the exception's."""
+        try:
+            response = await super().get_response(path, scope)
+        except HTTPException as error:
+            headers = {**(error.headers or {}), **SECURITY_HEADERS}
+            if error.status_code == 405:  # (RFC 9110 section 15.5.6: Allow is required)
+                headers["Allow"] = "GET, HEAD"
+            raise HTTPException(error.status_code, error.detail, headers) from None
         response.headers.update(SECURITY_HEADERS)
         return response
 

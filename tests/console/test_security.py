@@ -18,6 +18,7 @@ import httpx
 import pytest
 from selenium import webdriver
 
+from gateway.console import CONTENT_SECURITY_POLICY
 from tests.conftest import no_server_errors
 from tests.console.conftest import Console, ThreadedGateway
 
@@ -104,7 +105,9 @@ def test_text_of_the_user_and_the_core_is_shown_as_text(
         'img x" onerror="window.pwned=5',
     }, elements
     assert elements.count("img javascript:window.pwned=3") <= 1
-    assert page.js("return document.querySelectorAll('#chat [onerror], #chat [onload]').length") == 0
+    assert (
+        page.js("return document.querySelectorAll('#chat [onerror], #chat [onload]').length") == 0
+    )
     page.screenshot("injection-shown-as-text")
     assert_nothing_ran(page)
 
@@ -125,3 +128,28 @@ def test_the_gateways_refusal_quoting_the_key_is_shown_as_text(
     page.click("connect")  # Disconnect
     page.wait_for(lambda: page.state == "Closed")
     assert_nothing_ran(page)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/console/", 200),
+        ("GET", "/console/console.js", 200),
+        ("GET", "/console/capture-worklet.js", 200),
+        ("GET", "/console/nothing.js", 404),
+        ("POST", "/console/", 405),
+    ],
+)
+def test_every_answer_of_the_console_carries_its_security_headers(
+    gateway: ThreadedGateway, method: str, path: str, status: int
+) -> None:
+    # the page holds a microphone: no other site may frame it, in browsers that know
+    # CSP's frame-ancestors and in those that know only X-Frame-Options (RFC 7034)
+    answer = httpx.request(method, gateway.url + path)
+    assert answer.status_code == status
+    assert answer.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+    assert answer.headers["x-frame-options"] == "DENY"
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    if status == 405:
+        assert answer.headers["allow"] == "GET, HEAD"
