@@ -86,28 +86,30 @@ def test_text_of_the_user_and_the_core_is_shown_as_text(
             "items": [
                 {"text": MARKUP, "image": "javascript:window.pwned=3"},
                 {"text": '"><svg onload="window.pwned=4">', "image": 'x" onerror="window.pwned=5'},
+                {"text": "Audio.", "audio": "javascript:window.pwned=6"},
             ],
         },
     )
     assert pushed.status_code == 200, pushed.text
-    page.wait_for(lambda: len(page.bot_texts()) == 3)
-    page.click("skip")
-    page.wait_for(lambda: page.state == "Listening")
-    assert page.bot_texts()[1:] == [MARKUP, '"><svg onload="window.pwned=4">']
-    # the page's own elements only: the bubbles, the replay buttons, the images of the
-    # items (whatever their links, an <img> runs no script)
+    page.wait_for(lambda: len(page.bot_texts()) == 4)
+    # the javascript: audio link is played as media (it fails; it runs nothing), the
+    # answer's audio ends with it (the items' TTS, synthesized and played, before it)
+    page.wait_for(lambda: page.state == "Listening", timeout=90)
+    assert page.bot_texts()[1:] == [MARKUP, '"><svg onload="window.pwned=4">', "Audio."]
+    # the page's own elements only: the bubbles, their replay buttons, the items' images
+    # (whatever their links, an <img> runs no script), the audio failure's note
     elements = page.js(ELEMENTS)
-    assert set(elements) <= {
-        "li",
-        "button",
-        "span",
-        "img javascript:window.pwned=3",
-        'img x" onerror="window.pwned=5',
-    }, elements
-    assert elements.count("img javascript:window.pwned=3") <= 1
-    assert (
-        page.js("return document.querySelectorAll('#chat [onerror], #chat [onload]').length") == 0
+    assert elements == [
+        "li",  # the user's text
+        "li", "button",  # its echo, and its TTS link's replay button
+        "li", "img javascript:window.pwned=3", "button",
+        "li", 'img x" onerror="window.pwned=5', "button",
+        "li", "button", "span",
+    ], elements  # fmt: skip
+    assert page.js("return document.querySelector('#chat li:last-child span').textContent") == (
+        "Audio could not be played."
     )
+    assert not page.js("return document.querySelectorAll('#chat [onerror], #chat [onload]').length")
     page.screenshot("injection-shown-as-text")
     assert_nothing_ran(page)
 
