@@ -15,6 +15,7 @@ Screenshots go to ``test-artifacts/console/`` (gitignored).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import tempfile
@@ -133,41 +134,50 @@ def speech_wav(pcm: Pcm, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def browser(corpus: dict[str, Pcm]) -> Iterator[webdriver.Chrome]:
-    """Headless Chromium whose microphone says :data:`SPOKEN` (Piper), with a fresh profile."""
+@contextlib.contextmanager
+def chromium(wav: Path, profile: Path, *flags: str) -> Iterator[webdriver.Chrome]:
+    """Headless Chromium (a phone's screen) whose microphone plays ``wav``, with a fresh
+    profile in the folder ``profile``; ``flags``: more command-line flags."""
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
         pytest.fail(
             "chromium and chromedriver are needed (apt-get install chromium chromium-driver)"
         )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--autoplay-policy=no-user-gesture-required",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}%noloop",
+        *flags,
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    # a phone's screen (390 x 780 CSS px, touch): the layout must hold there
+    metrics = {"width": 390, "height": 780, "deviceScaleFactor": 1, "mobile": True}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser(corpus: dict[str, Pcm]) -> Iterator[webdriver.Chrome]:
+    """Headless Chromium whose microphone says :data:`SPOKEN` (Piper), with a fresh profile."""
     with tempfile.TemporaryDirectory(prefix="console-test-") as tmp:
         wav = speech_wav(corpus[SPOKEN], Path(tmp) / "speech.wav")
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for flag in (
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp}/profile",
-            "--autoplay-policy=no-user-gesture-required",
-            "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}%noloop",
-        ):
-            options.add_argument(flag)
-        driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-        # a phone's screen (390 x 780 CSS px, touch): the layout must hold there
-        metrics = {"width": 390, "height": 780, "deviceScaleFactor": 1, "mobile": True}
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
-        try:
+        with chromium(wav, Path(tmp) / "profile") as driver:
             yield driver
-        finally:
-            driver.quit()
 
 
 class Console:
