@@ -29,7 +29,7 @@ from gateway.server import GatewayWebSocketProtocol
 from gateway.settings import Settings
 from gateway.speech.audio import Pcm, encode_wav
 from tests.conftest import no_server_errors, served_app
-from tests.console.conftest import SPOKEN, Console, ThreadedGateway
+from tests.console.conftest import SPOKEN, Console, ThreadedGateway, chromium, speech_wav
 from tests.speech import normalise, wer
 
 
@@ -206,6 +206,35 @@ def test_a_turn_the_gateway_leaves_unanswered_is_a_lost_connection_not_a_hang(
             page.assert_no_failures()
     finally:
         gateway.stop()
+
+
+def test_talk_on_an_insecure_origin_says_why_the_microphone_cannot_be_used(
+    console_gateway: ThreadedGateway, corpus: dict[str, Pcm], tmp_path: Path
+) -> None:
+    # http:// on a host other than localhost is no secure context: the browser gives the
+    # page no navigator.mediaDevices (the console opened by a LAN address or a hostname).
+    # A Chromium of its own maps the name console.test to the gateway's address.
+    port = console_gateway.url.rsplit(":", 1)[1]
+    wav = speech_wav(corpus[SPOKEN], tmp_path / "speech.wav")
+    resolve = "--host-resolver-rules=MAP console.test 127.0.0.1"
+    with chromium(wav, tmp_path / "profile", resolve) as driver:
+        page = Console(driver, f"http://console.test:{port}")
+        assert page.js("return window.isSecureContext") is False
+        page.connect()
+        page.click("mic")
+        page.wait_for(lambda: [t for k, t in page.chat() if k == "note error"])
+        page.screenshot("microphone-insecure")
+        assert page.chat() == [
+            (
+                "note error",
+                f"Microphone: the browser allows it on https:// or http://localhost only, "
+                f"not on http://console.test:{port}.",
+            )
+        ]
+        assert page.state == "Sleeping"
+        assert driver.find_element("id", "mic").text == "Talk"
+        page.say("hello")  # typing still works
+        assert page.bot_texts() == ["You said: hello"]
 
 
 def test_a_page_left_closes_its_socket_and_goes_on_when_shown_again(

@@ -325,6 +325,11 @@
 
   async function startMic() {
     if (mic || (state !== 'Sleeping' && state !== 'Listening')) return;
+    if (!navigator.mediaDevices || !window.AudioWorkletNode) { // (both need a secure context)
+      say('note error', window.isSecureContext ? 'Microphone: this browser cannot capture audio.'
+        : `Microphone: the browser allows it on https:// or http://localhost only, not on ${location.origin}.`);
+      return;
+    }
     mic = {acked: false, pending: [], bytes: 0};
     $('mic').classList.add('on');
     $('mic').textContent = 'Stop';
