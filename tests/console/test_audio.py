@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -222,4 +224,49 @@ def test_skip_ends_the_download_of_the_audio_it_skips(
         assert SlowSynthesis.gone.wait(5), "the skipped audio was still downloaded"
         time.sleep(1.5)  # past the first audio: nothing starts playing later
         assert page.js(PLAYING) == 0
+    page.assert_no_failures()
+
+
+def png_1x1() -> bytes:
+    """A PNG of one grey pixel."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)  # 1 x 1, 8-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00\x80"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_items_without_text_are_heard_and_seen(
+    page: Console, gateway: ThreadedGateway, tmp_path: Path
+) -> None:
+    # a core's item may be a sound or a picture alone (ResponseItem: text is optional;
+    # the push takes any item with content): it was dropped unseen and unheard
+    (tmp_path / "chime.wav").write_bytes(encode_wav(Pcm(bytes(8000 * 2), 8000)))  # 1 s
+    (tmp_path / "dot.png").write_bytes(png_1x1())
+    files = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http_server(files) as base:
+        push(gateway, page, {"audio": f"{base}/chime.wav"}, {"image": f"{base}/dot.png"})
+        page.wait_for(
+            lambda: page.js("return document.querySelectorAll('#chat li.bot').length") == 3
+        )
+        page.wait_for(lambda: page.state == "Listening")
+        played = page.js("return window.played.map((a) => a.currentSrc)")
+        assert played[-1] == f"{base}/chime.wav", played
+        assert page.js(
+            "return [...document.querySelectorAll('#chat li.bot img')].map((i) => [i.src, i.naturalWidth])"
+        ) == [[f"{base}/dot.png", 1]]
+        # (no words: a bubble with its replay button, a bubble with its image)
+        assert page.js(
+            "return [...document.querySelectorAll('#chat li.bot')].slice(1).map("
+            "(li) => [...li.childNodes].map((n) => n.nodeName))"
+        ) == [["BUTTON"], ["IMG"]]
+        page.screenshot("items-without-text")
     page.assert_no_failures()

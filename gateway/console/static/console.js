@@ -396,8 +396,10 @@
     if (!turn) turn = {items: 0, done: false}; // a push while Sleeping starts an answer too
     for (const item of items) {
       turn.items++;
-      if (!item.text || item.text.startsWith('#')) continue; // commands carry code, not words
-      const li = say('bot', item.text);
+      // commands (#...) carry code, not words; an item may be a sound or a picture alone
+      const words = item.text && !item.text.startsWith('#') ? item.text : '';
+      if (!words && !item.image && !item.audio) continue;
+      const li = say('bot', words);
       if (item.image) li.append(Object.assign(document.createElement('img'), {src: item.image, alt: ''}));
       if (item.audio) {
         audioQueue.push({src: item.audio, li});
