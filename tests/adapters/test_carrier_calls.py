@@ -44,6 +44,7 @@ from tests.adapters.streamed import assert_streamed
 from tests.adapters.telnyx.harness import CARRIER as TELNYX
 from tests.adapters.twilio.harness import CARRIER as TWILIO
 from tests.adapters.twilio.helpers import until
+from tests.adapters.twilio.test_calls import Goodbye
 from tests.adapters.vonage.harness import CARRIER as VONAGE
 from tests.calls.carrier_api import logged_transfers
 from tests.speech import normalise, wer
@@ -705,19 +706,6 @@ async def test_a_buffering_carrier_is_hung_up_only_after_a_long_farewell_played(
                 assert [(r.method, r.path) for r in api.requests] == [carrier.hangup(call)]
 
 
-class _Goodbye:
-    """A core that says goodbye and ends the session at the ``#intro``."""
-
-    name = "goodbye"
-
-    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
-        yield ResponseItem(text="Goodbye.")
-        yield Response(session_ended=True)
-
-    async def aclose(self) -> None:
-        pass
-
-
 def _rest(carrier: Carrier) -> Callable[[str], dict[str, Any]]:
     """The settings that configure ``carrier``'s REST API at ``api_url`` beyond its own
     (Twilio's account SID, Vonage's application)."""
@@ -756,7 +744,7 @@ async def test_the_carrier_api_client_is_made_at_startup_not_by_a_calls_hang_up(
         assert {name: control.client_of(url) for name, url in others.items()} == dict.fromkeys(
             others
         )  # none for a carrier not configured
-        gw.app.state.gateway.conversation.pipeline = _Goodbye()
+        gw.app.state.gateway.conversation.pipeline = Goodbye()
         async with carrier.dial(gw.url) as call:
             assert await until(lambda: bool(api.requests), 20)  # the REST hang-up
             if carrier is TWILIO:  # Twilio stops a completed call's stream; the gateway
