@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.deps import gateway_of
 from gateway.httputil import problem
@@ -92,11 +93,21 @@ def check_admin_key(keys: frozenset[str], authorization: str | None) -> None:
         raise AdminRefused(401, "The admin key is not valid.", INVALID_TOKEN)
 
 
-async def require_admin(request: Request) -> None:
+BEARER = HTTPBearer(auto_error=False, description="A key of GATEWAY_ADMIN_KEYS.")
+"""The admin API's security scheme in the OpenAPI document (``HTTPBearer``): a
+dependency on it marks an operation as needing it; it refuses nothing itself
+(``auto_error`` off: :func:`check_admin_key` gives the refusals)."""
+
+
+async def require_admin(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+) -> None:
     """FastAPI dependency: the request carries an admin key (see the module doc).
 
     Raises AdminRefused (answered 401/403 by :func:`admin_refused_handler`; see
-    :func:`check_admin_key`).
+    :func:`check_admin_key`). ``credentials`` only documents the bearer scheme in the
+    OpenAPI document (the operation's ``security``), as the push API's check does.
     """
     keys = gateway_of(request).settings.admin_keys
     check_admin_key(keys, request.headers.get("authorization"))

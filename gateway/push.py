@@ -50,10 +50,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from fastapi.responses import Response as HTTPResponse
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import Field, field_validator, model_validator
 
-from gateway.admin import ADMIN_CHECKS, check_admin_key
+from gateway.admin import ADMIN_CHECKS, BEARER, check_admin_key
 from gateway.admin import install as install_admin
 from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
@@ -395,12 +395,11 @@ class _AdminRoute(APIRoute):
 
 
 router = APIRouter(prefix="/v1", tags=["admin"], route_class=_AdminRoute)
-_bearer = HTTPBearer(auto_error=False, description="A key of GATEWAY_ADMIN_KEYS.")
 
 
 def _admin(
     request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
 ) -> None:
     """The admin key check of :mod:`gateway.admin` (GATEWAY_ADMIN_KEYS); raises
     AdminRefused with the 401/403 answer. ``credentials`` only documents the bearer

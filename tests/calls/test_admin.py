@@ -13,6 +13,14 @@ from gateway.ratelimit import LOGGED_REFUSALS_BURST, RefusalLog
 from gateway.settings import Settings
 from tests.conftest import served, served_app
 
+ADMIN_OPERATIONS = (
+    ("post", "/v1/push"),
+    ("get", "/v1/sessions/{session_id}"),
+    ("post", "/v1/calls"),
+    ("get", "/v1/calls/{callId}"),
+)
+"""The operations of the admin API (method, OpenAPI path)."""
+
 
 def test_bearer_tokens() -> None:
     assert bearer_token("Bearer abc") == "abc"
@@ -116,3 +124,25 @@ async def test_the_first_admin_refusal_a_minute_later_counts_those_logged_at_deb
         "Admin request /v1/push from 127.0.0.1 refused (401): The admin key is not valid."
         " (3 more refused since, logged at DEBUG)"
     )
+
+
+def test_every_admin_operation_documents_the_bearer_scheme() -> None:
+    """Each operation of the admin API (push, session view, calls) says in the OpenAPI
+    document that it takes the admin key: ``security`` HTTPBearer, a ``bearer`` scheme.
+    POST /v1/calls and GET /v1/calls/{callId} (``require_admin``) had none, so a client
+    generated from the document sent no ``Authorization`` header and got 401."""
+    document = create_app(Settings()).openapi()
+    for method, path in ADMIN_OPERATIONS:
+        operation = document["paths"][path][method]
+        assert operation.get("security") == [{"HTTPBearer": []}], (method, path)
+    scheme = document["components"]["securitySchemes"]["HTTPBearer"]
+    assert scheme["type"] == "http"
+    assert scheme["scheme"] == "bearer"
+    # and no other operation claims it (the channels have their own authentication)
+    claimed = {
+        (method, path)
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        if "security" in operation
+    }
+    assert claimed == set(ADMIN_OPERATIONS)
