@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
 
 from gateway.breaker import outage_level
+from gateway.calls_openapi import PROBLEM
 from gateway.deps import gateway_of
 from gateway.httputil import ResponseAborted, problem
 from gateway.redisconn import REDIS_ERRORS
@@ -65,17 +66,19 @@ def _store_unavailable(file_id: str, exc: BaseException) -> Response:
             "content": {media: {} for media in MEDIA_TYPES.values()},
         },
         304: {"description": "`If-None-Match` holds the file's `ETag`: not modified"},
-        404: {"description": "Unknown or expired file (problem body)"},
+        404: {"description": "Unknown or expired file (problem body)", "content": PROBLEM},
         416: {
             "description": "The range starts past the file's end; `Content-Range: "
             "bytes */size` (problem body)",
             "headers": {"Content-Range": {"schema": {"type": "string"}}},
+            "content": PROBLEM,
         },
-        500: {"description": "Speech synthesis failed (problem body)"},
+        500: {"description": "Speech synthesis failed (problem body)", "content": PROBLEM},
         503: {
-            "description": "Speech synthesis is saturated; retry after `Retry-After` seconds "
-            "(problem body)",
+            "description": "Speech synthesis is saturated, or the speech file store is "
+            "unavailable; retry after `Retry-After` seconds (problem body)",
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            "content": PROBLEM,
         },
     },
     response_class=Response,
@@ -249,11 +252,12 @@ async def _rest(file_id: str, first: bytes, chunks: AsyncIterator[bytes]) -> Asy
             "content": {media: {} for media in MEDIA_TYPES.values()},
         },
         304: {"description": "`If-None-Match` holds the cached file's `ETag`: not modified"},
-        404: {"description": "Unknown or expired file"},
+        404: {"description": "Unknown or expired file", "content": PROBLEM},
         503: {
             "description": "The speech file store is unavailable; retry after `Retry-After` "
             "seconds",
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            "content": PROBLEM,
         },
     },
     response_class=Response,
