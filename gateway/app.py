@@ -284,7 +284,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             # refused by the Redis client's open breaker (503 at once), or one more failure
             # of an outage: the breaker logged it (outage_level)
             log.log(outage_level(exc), "not ready: %s", exc)
-            return problem(503, "Not ready", "The session store does not answer.")
+            return problem(503, "Service Unavailable", "The session store does not answer.")
         return JSONResponse({"status": "ready"})
 
     @app.webhooks.post(
@@ -337,7 +337,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
                 check_admin_key(settings.admin_keys, request.headers.get("authorization"))
             except AdminRefused as refused:
                 return await admin_refused_handler(request, refused)
-        return problem(400, "Bad request", "The request is not valid.", errors=_errors(exc))
+        return problem(400, "Bad Request", "The request is not valid.", errors=_errors(exc))
 
     quiet_aborts(log, logging.getLogger("uvicorn.error"))  # a cut-off streamed body
 

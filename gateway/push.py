@@ -59,7 +59,13 @@ from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.deps import gateway_of
 from gateway.events import Response, ResponseEvent, ResponseItem, Wire
-from gateway.httputil import check_json_type, problem, read_body, refused_request
+from gateway.httputil import (
+    check_json_type,
+    problem,
+    read_body,
+    refused_request,
+    status_phrase,
+)
 from gateway.logs import session_ref
 from gateway.outbox import Journal, OutboxError, ack_topic
 from gateway.protocol import MAX_ID_CHARS, ProtocolError, load_json
@@ -457,13 +463,14 @@ async def push(request: Request, body: PushRequest) -> JSONResponse:
     try:
         result = await _pusher(request).push(body)
     except PushRefused as exc:
-        refused = problem(_STATUS[exc.delivery], "Not delivered", exc.text, delivery=exc.delivery)
+        status = _STATUS[exc.delivery]
+        refused = problem(status, status_phrase(status), exc.text, delivery=exc.delivery)
         if exc.delivery == "session-busy":
             refused.headers["Retry-After"] = str(BUSY_RETRY_AFTER_S)
         return refused
     except (StoreUnavailable, OutboxError, BusUnavailable) as exc:
         log.log(outage_level(exc), "push failed: %s", exc)
-        return problem(503, "Unavailable", "The session store or the bus does not answer.")
+        return problem(503, "Service Unavailable", "The session store or the bus does not answer.")
     return JSONResponse(result.wire(), status_code=200 if result.delivery == "live" else 202)
 
 
@@ -481,7 +488,7 @@ async def session_view(request: Request, session_id: str) -> JSONResponse:
         view = await _pusher(request).view(session_id)
     except (StoreUnavailable, OutboxError) as exc:
         log.log(outage_level(exc), "session view failed: %s", exc)
-        return problem(503, "Unavailable", "The session store does not answer.")
+        return problem(503, "Service Unavailable", "The session store does not answer.")
     if view is None:
-        return problem(404, "Not found", "No session has this id.")
+        return problem(404, "Not Found", "No session has this id.")
     return JSONResponse(view.wire())

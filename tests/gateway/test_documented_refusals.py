@@ -4,7 +4,9 @@ document: each refusal's ``Content-Type`` is one the document gives for its stat
 ``/readyz`` and ``/file/tts/...`` answer their refusals as RFC 9457 problem bodies
 (``application/problem+json``) while the document described those statuses with no
 content at all, so a client or a contract test built from it expected no body.
-Real answers through uvicorn; the store's outage is a Redis URL on a closed port.
+Problems of type ``about:blank`` are titled by their status's reason phrase (RFC 9457
+section 4.2.1). Real answers through uvicorn, on the real Redis; the store's outage is a
+Redis URL on a closed port.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import httpx
 from pydantic import SecretStr
 
 from gateway.app import create_app
+from gateway.httputil import status_phrase
 from gateway.settings import Settings
 from tests.conftest import free_port, gateway
 
+ADMIN = "admin-key-for-tests"
+SECRET = SecretStr("s" * 40)
+"""The master secret of a gateway whose Redis is down (it cannot hold a generated one)."""
 UNKNOWN_FILE = "/file/tts/" + "a" * 64 + ".mp3"
 """A TTS file id of the right shape that was never issued."""
 
@@ -41,7 +47,7 @@ def check(document: dict[str, Any], path: str, answer: httpx.Response, status: i
 async def test_readyz_and_tts_refusals_while_the_store_is_down_are_documented() -> None:
     settings = Settings(
         redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
-        secret_key=SecretStr("s" * 40),  # no Redis to hold the generated one
+        secret_key=SECRET,
     )
     document = create_app(settings).openapi()
     async with gateway(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
@@ -59,3 +65,49 @@ async def test_tts_refusals_are_documented() -> None:
         for method in ("GET", "HEAD"):
             for path in (UNKNOWN_FILE, "/file/tts/not-an-id.wav"):
                 check(document, "/file/tts/{file_id}.{ext}", await http.request(method, path), 404)
+
+
+def titled_by_status(answer: httpx.Response) -> None:
+    """``answer`` is a problem of type ``about:blank`` whose title is its status's reason
+    phrase (RFC 9457 section 4.2.1: "the title SHOULD be the same as the recommended HTTP
+    status phrase for that code")."""
+    assert answer.headers["content-type"] == "application/problem+json", answer.text
+    body = answer.json()
+    assert body["type"] == "about:blank"
+    assert body["status"] == answer.status_code
+    assert body["title"] == status_phrase(answer.status_code), body
+
+
+async def test_admin_and_readiness_problems_are_titled_by_their_status(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The push API's refusals were titled ``Not delivered``, ``Not found`` and
+    ``Unavailable``, an invalid request's ``Bad request`` and the readiness check's
+    ``Not ready``: problems of type ``about:blank`` are titled by their status's phrase
+    (``Not Found``, ``Conflict``, ``Service Unavailable``, ``Bad Request``); what went
+    wrong is in ``detail`` (and the push's ``delivery``)."""
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    target = {"target": {"sessionId": "no-such-session"}, "items": [{"text": "hi"}]}
+    settings = Settings(redis_url=redis_url, redis_prefix=redis_prefix, admin_keys={ADMIN})
+    async with gateway(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        unknown = await http.post("/v1/push", json=target, headers=auth)
+        assert unknown.status_code == 404
+        assert unknown.json()["delivery"] == "unknown-target"
+        titled_by_status(unknown)
+        invalid = await http.post("/v1/push", json={"target": {}, "items": []}, headers=auth)
+        assert invalid.status_code == 400
+        titled_by_status(invalid)
+        viewed = await http.get("/v1/sessions/no-such-session", headers=auth)
+        assert viewed.status_code == 404
+        titled_by_status(viewed)
+    down = settings.model_copy(
+        update={"redis_url": f"redis://127.0.0.1:{free_port()}/0", "secret_key": SECRET}
+    )
+    async with gateway(down) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        for answer in (
+            await http.post("/v1/push", json=target, headers=auth),
+            await http.get("/v1/sessions/no-such-session", headers=auth),
+            await http.get("/readyz"),
+        ):
+            assert answer.status_code == 503
+            titled_by_status(answer)
