@@ -16,6 +16,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
+SPACE = "\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+"""The characters ``str.strip()`` removes (``str.isspace``: what the server calls blank),
+as the body of a regex character class that Python ``re``, ECMA 262 (JSON Schema's
+``pattern``) and Rust's regex (jsonschema_rs, schemathesis' validator) all read alike.
+``\\s`` is not that: ECMA's lacks U+001C-U+001F and U+0085 (whitespace to Python) and has
+U+FEFF (not whitespace to Python)."""
+NOT_BLANK: dict[str, Any] = {"type": "string", "pattern": f"[^{SPACE}]"}
+"""A string that ``str.strip()`` leaves something of (in every regex dialect: :data:`SPACE`)."""
+
 SCHEMAS: dict[str, dict[str, Any]] = {}
 """Registered component schemas by name (the app merges them into the document)."""
 

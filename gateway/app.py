@@ -41,7 +41,6 @@ from gateway.admin import AdminRefused, admin_refused_handler, admin_route, chec
 from gateway.breaker import outage_level
 from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.calls import mount as mount_calls
-from gateway.calls_openapi import PROBLEM
 from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
 from gateway.files import router as files_router
@@ -262,7 +261,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         return {"status": "ok"}
 
     readyz_responses: dict[int | str, dict[str, Any]] = {
-        503: {"description": "The session store does not answer", "content": PROBLEM}
+        503: {"description": "The session store does not answer", "content": apidoc.PROBLEM}
     }
 
     @app.head(

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+from gateway.apidoc import SPACE
+
 PROBLEM: Final = {"application/problem+json": {"schema": {"type": "object"}}}
 """The ``content`` of an RFC 9457 problem answer."""
 
@@ -18,17 +20,42 @@ def problems(descriptions: Mapping[int, str]) -> dict[int, dict[str, Any]]:
     }
 
 
+PHONE_PATTERN: Final = (
+    f"^[{SPACE}]*(?:(?:tel:)?\\+[1-9][0-9]{{6,14}}"
+    f"|[sS][iI][pP]:[^{SPACE}\\x00-\\x1f\\x7f]{{1,1020}}"
+    f"|[sS][iI][pP][sS]:[^{SPACE}\\x00-\\x1f\\x7f]{{1,1019}})[{SPACE}]*$"
+)
+"""What ``to`` and ``from`` take (gateway/calls.py ``_phone``), around any whitespace
+(:data:`gateway.apidoc.SPACE`, ``str.strip()``'s): an
+E.164 number (``+``, 7 to 15 digits, the first not 0; ``tel:`` before it allowed) or a SIP
+URI (``sip:``/``sips:`` in any case, no whitespace or control character, at most
+``MAX_SIP_URI_CHARS`` (1024) characters in all)."""
+
 _CALL_REQUEST = {
     "type": "object",
     "required": ["carrier", "to", "from"],
     "properties": {
         "carrier": {"type": "string", "enum": ["twilio", "telnyx"]},
-        "to": {"type": "string", "description": "The number to call (E.164) or a SIP URI."},
-        "from": {"type": "string", "description": "The caller id (E.164): a number you own."},
-        "appKey": {"type": "string", "description": "Application key of the session."},
+        "to": {
+            "type": "string",
+            "pattern": PHONE_PATTERN,
+            "description": "The number to call (E.164) or a SIP URI.",
+        },
+        "from": {
+            "type": "string",
+            "pattern": PHONE_PATTERN,
+            "description": "The caller id (E.164: a number you own) or a SIP URI.",
+        },
+        "appKey": {
+            "type": "string",
+            "minLength": 1,
+            "description": "Application key of the session (one of GATEWAY_APP_KEYS when "
+            "set); absent or null: the carrier's default.",
+        },
         "attributes": {
             "type": "object",
-            "description": "Handed to the core in the #intro input's attributes.",
+            "description": "Handed to the core in the #intro input's attributes (their "
+            "compact JSON at most 2000 characters).",
         },
         "machineDetection": {
             "type": "boolean",

@@ -14,8 +14,8 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.requests import Request
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
 
+from gateway.apidoc import PROBLEM
 from gateway.breaker import outage_level
-from gateway.calls_openapi import PROBLEM
 from gateway.deps import gateway_of
 from gateway.httputil import ResponseAborted, problem
 from gateway.redisconn import REDIS_ERRORS

@@ -51,10 +51,11 @@ from fastapi.responses import JSONResponse
 from fastapi.responses import Response as HTTPResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from gateway.admin import ADMIN_CHECKS, BEARER, check_admin_key
 from gateway.admin import install as install_admin
+from gateway.apidoc import NOT_BLANK
 from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.deps import gateway_of
@@ -98,9 +99,29 @@ pushed item needs one of them (not blank)."""
 # -------------------------------------------------------------------- pure
 
 
+def _target_schema(schema: dict[str, Any]) -> None:
+    """PushTarget's JSON schema says what :meth:`PushTarget._one_target` checks: a
+    ``sessionId`` string, or ``appKey`` and ``deviceId`` strings."""
+    schema["anyOf"] = [
+        {"required": names, "properties": {name: {"type": "string"} for name in names}}
+        for names in (["sessionId"], ["appKey", "deviceId"])
+    ]
+
+
+def _push_schema(schema: dict[str, Any]) -> None:
+    """PushRequest's JSON schema says what :meth:`PushRequest._not_empty` checks: each
+    item has one of :data:`CONTENT_FIELDS` as a string that is not blank
+    (:data:`gateway.apidoc.NOT_BLANK`), besides the ResponseItem shape."""
+    items = schema["properties"]["items"]
+    filled = [{"required": [name], "properties": {name: NOT_BLANK}} for name in CONTENT_FIELDS]
+    items["items"] = {"allOf": [items["items"], {"anyOf": filled}]}
+
+
 class PushTarget(Wire):
     """Whom to push to: ``sessionId`` (optionally with ``appKey``), or ``appKey`` +
     ``deviceId``."""
+
+    model_config = ConfigDict(json_schema_extra=_target_schema)
 
     session_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
     app_key: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
@@ -119,6 +140,8 @@ class PushRequest(Wire):
     one of text, ssml, audio, image, video, code or background not blank (an empty item,
     ``{}`` or only ``confidence``/``repeatable``/``ttsConfig``/``nodeId``, is a
     validation error: 400)."""
+
+    model_config = ConfigDict(json_schema_extra=_push_schema)
 
     target: PushTarget
     items: list[ResponseItem] = Field(min_length=1, max_length=MAX_ITEMS)

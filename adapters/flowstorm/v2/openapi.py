@@ -11,7 +11,7 @@ from typing import Any
 
 from adapters.flowstorm.events import InputEvent
 from adapters.flowstorm.v2.protocol import NDJSON
-from gateway.apidoc import component, has
+from gateway.apidoc import NOT_BLANK, component, has
 from gateway.protocol.values import LANGUAGE_TAG_PATTERN, MAX_ID_CHARS, MAX_LANGUAGE_TAG
 
 _RETRY_AFTER = "Seconds to wait before trying again (recognizers busy)"
@@ -22,19 +22,12 @@ _TEXT_PATTERN = f"^[{_NOT_CONTROL}]*[{_NOT_CONTROL}\\s][{_NOT_CONTROL}]*$"
 """A text/plain turn's body: something not blank, and no control character but tab,
 line feed and carriage return (:func:`adapters.flowstorm.v2.protocol.text_input`)."""
 
-_SPACE = "\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
-"""The characters ``str.strip()`` removes (``str.isspace``: what the server calls blank),
-as the body of a regex character class that Python ``re``, ECMA 262 (JSON Schema's
-``pattern``) and Rust's regex (jsonschema_rs, schemathesis' validator) all read alike.
-``\\s`` is not that: ECMA's lacks U+001C-U+001F and U+0085 (whitespace to Python) and has
-U+FEFF (not whitespace to Python)."""
-_NOT_BLANK: dict[str, Any] = {"type": "string", "pattern": f"[^{_SPACE}]"}
 _INPUT_RULES: dict[str, Any] = {
     "properties": {
         "input": {
             "anyOf": [
-                has("transcript", "text", leaf=_NOT_BLANK),
-                has("action", leaf=_NOT_BLANK),
+                has("transcript", "text", leaf=NOT_BLANK),
+                has("action", leaf=NOT_BLANK),
             ],
             "properties": {
                 "locale": {
