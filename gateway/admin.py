@@ -58,6 +58,16 @@ INVALID_TOKEN = f'Bearer realm="{REALM}", error="invalid_token"'
 """``WWW-Authenticate`` of the 401 for a key that is not an admin key (RFC 6750 section 3.1)."""
 
 
+CHALLENGE_HEADER: dict[str, Any] = {
+    "WWW-Authenticate": {
+        "description": "The Bearer challenge (RFC 6750 section 3): "
+        f'`{CHALLENGE}`, with `error="invalid_token"` for a wrong key',
+        "schema": {"type": "string"},
+    }
+}
+"""The OpenAPI ``headers`` of an admin operation's 401 answer."""
+
+
 class AdminRefused(Exception):
     """An admin request refused: ``status`` 401 or 403, ``detail`` for the problem body,
     ``challenge`` the ``WWW-Authenticate`` value of the answer (every 401 has one) or

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+from gateway.admin import CHALLENGE_HEADER
 from gateway.apidoc import SPACE
 
 PROBLEM: Final = {"application/problem+json": {"schema": {"type": "object"}}}
@@ -82,6 +83,7 @@ POST_CALLS: dict[str, Any] = dict(
         401: {
             "description": "No bearer admin key, or a wrong one "
             '(`WWW-Authenticate: Bearer error="invalid_token"`)',
+            "headers": CHALLENGE_HEADER,
             "content": PROBLEM,
         },
         403: {"description": "No admin keys are configured", "content": PROBLEM},
@@ -120,9 +122,13 @@ GET_CALL: dict[str, Any] = dict(
             "description": "The call's outcome record",
             "content": {"application/json": {"schema": {"type": "object"}}},
         },
+        401: {
+            "description": "No bearer admin key, or a wrong one",
+            "headers": CHALLENGE_HEADER,
+            "content": PROBLEM,
+        },
         **problems(
             {
-                401: "No bearer admin key, or a wrong one",
                 403: "No admin keys are configured",
                 404: (
                     "No call with this id is known (never placed here, over 24 h ago, or "

@@ -53,7 +53,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from gateway.admin import ADMIN_CHECKS, BEARER, check_admin_key
+from gateway.admin import ADMIN_CHECKS, BEARER, CHALLENGE_HEADER, check_admin_key
 from gateway.admin import install as install_admin
 from gateway.apidoc import NOT_BLANK
 from gateway.breaker import outage_level
@@ -365,10 +365,12 @@ _PROBLEM_SCHEMA: dict[str, Any] = {
 }
 
 
-def _problem_doc(description: str) -> dict[str, Any]:
+def _problem_doc(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An OpenAPI response: a problem body, with ``headers`` (OpenAPI header objects)."""
     return {
         "description": description,
         "content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}},
+        **({"headers": headers} if headers else {}),
     }
 
 
@@ -376,7 +378,8 @@ _REFUSALS: dict[int | str, dict[str, Any]] = {
     400: _problem_doc("The request is not valid"),
     401: _problem_doc(
         "No admin key was sent (`Authorization: Bearer KEY`), or the key is not one of "
-        'GATEWAY_ADMIN_KEYS (`WWW-Authenticate: Bearer error="invalid_token"`)'
+        'GATEWAY_ADMIN_KEYS (`WWW-Authenticate: Bearer error="invalid_token"`)',
+        CHALLENGE_HEADER,
     ),
     403: _problem_doc("No admin keys are configured (GATEWAY_ADMIN_KEYS unset)"),
     503: _problem_doc("The session store or the bus does not answer"),
@@ -467,7 +470,13 @@ _STATUS: dict[str, int] = {"unknown-target": 404, "outbox-full": 409, "session-b
         404: _problem_doc("`unknown-target`: no such session, or the device has none"),
         409: _problem_doc(
             "`outbox-full`, or `session-busy` (with `Retry-After`: a turn of the session "
-            "held it for a second)"
+            "held it for a second)",
+            {
+                "Retry-After": {
+                    "description": "`session-busy`: seconds to wait before pushing again",
+                    "schema": {"type": "integer"},
+                }
+            },
         ),
         413: _problem_doc("The body is larger than GATEWAY_MAX_BODY_BYTES"),
         415: _problem_doc("The body is not `application/json`"),

@@ -146,3 +146,23 @@ def test_every_admin_operation_documents_the_bearer_scheme() -> None:
         if "security" in operation
     }
     assert claimed == set(ADMIN_OPERATIONS)
+
+
+async def test_the_admin_refusals_headers_are_documented() -> None:
+    """Every 401 of the admin API carries ``WWW-Authenticate`` (RFC 6750 section 3) and a
+    push refused ``session-busy`` carries ``Retry-After``: the OpenAPI document named
+    neither header (only the descriptions' prose did), so a client built from it did not
+    know to read them."""
+    settings = Settings(admin_keys=frozenset({"the-admin-key"}))
+    document = create_app(settings).openapi()
+    responses = document["paths"]["/v1/push"]["post"]["responses"]
+    assert "Retry-After" in responses["409"]["headers"]
+    async with served(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        for method, path in ADMIN_OPERATIONS:
+            documented = document["paths"][path][method]["responses"]["401"]
+            real = path.replace("{session_id}", "s1").replace("{callId}", "c1")
+            for headers in ({}, {"Authorization": "Bearer not-the-key"}):
+                answer = await http.request(method, real, headers=headers)
+                assert answer.status_code == 401
+                assert set(documented.get("headers", {})) == {"WWW-Authenticate"}, path
+                assert answer.headers["www-authenticate"].startswith("Bearer "), path
