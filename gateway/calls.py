@@ -14,7 +14,8 @@ media stream with the ``#intro`` attributes ``direction`` ``outbound``, ``to``, 
 Refusals, all RFC 9457 problem bodies: 401 (no or a wrong admin key), 403 (no admin
 keys configured), 413 (a body over GATEWAY_MAX_BODY_BYTES), 415 (a body whose
 Content-Type is not ``application/json`` or a ``+json`` type, as ``POST /v1/push``), 400
-(a body that is not the JSON above, an unknown carrier, an application key not allowed;
+(a body that is not the JSON above, an unknown carrier, an application key not allowed
+or longer than 256 characters, :data:`gateway.protocol.MAX_ID_CHARS`;
 ``appKey`` and ``attributes`` may be absent or null, not of another type; a SIP URI
 longer than :data:`MAX_SIP_URI_CHARS`), 501 (a carrier with transfer/hang-up here but no
 outbound calls: vonage, plivo), 503 (the carrier's credentials are not configured), 502
@@ -90,7 +91,7 @@ from gateway.calls_openapi import GET_CALL, POST_CALLS
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import check_json_type, problem, read_body, refused_request
 from gateway.logs import masked_number
-from gateway.protocol import ProtocolError, clipped, load_json
+from gateway.protocol import MAX_ID_CHARS, ProtocolError, clipped, load_json
 from gateway.protocol.call import Transfer
 from gateway.settings import Settings
 
@@ -372,6 +373,9 @@ def _outbound_request(settings: Settings, body: Any, dialers: Mapping[str, Diale
         app_key = dialers[carrier].default_app_key(settings)
     if not isinstance(app_key, str) or not settings.key_allowed(app_key):
         raise CallRefused(400, "Bad Request", f"Unknown application key {clipped(app_key)}.")
+    if len(app_key) > MAX_ID_CHARS:  # as the channels and the push API: no key is longer
+        detail = f"`appKey` is longer than {MAX_ID_CHARS} characters."
+        raise CallRefused(400, "Bad Request", detail)
     attributes = body.get("attributes")
     if attributes is None:
         attributes = {}

@@ -8,6 +8,7 @@ from typing import Any, Final
 
 from gateway.admin import CHALLENGE_HEADER
 from gateway.apidoc import SPACE
+from gateway.protocol import MAX_ID_CHARS
 
 PROBLEM: Final = {"application/problem+json": {"schema": {"type": "object"}}}
 """The ``content`` of an RFC 9457 problem answer."""
@@ -50,6 +51,7 @@ _CALL_REQUEST = {
         "appKey": {
             "type": "string",
             "minLength": 1,
+            "maxLength": MAX_ID_CHARS,
             "description": "Application key of the session (one of GATEWAY_APP_KEYS when "
             "set); absent or null: the carrier's default.",
         },

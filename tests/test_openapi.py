@@ -117,6 +117,8 @@ PUSH_BODIES: list[tuple[dict[str, Any], bool]] = [
 ]
 """POST /v1/push bodies, and whether they are valid (an unknown target: 404, not 400)."""
 
+K256, K257 = "k" * 256, "k" * 257
+"""Application keys of the longest length any channel takes (MAX_ID_CHARS), and one more."""
 CALL_BODIES: list[tuple[dict[str, Any], bool]] = [
     ({"carrier": "twilio", "to": "+15550100000", "from": "+15550100001"}, True),
     ({"carrier": "twilio", "to": " tel:+15550100000 ", "from": "sip:bot@example.com"}, True),
@@ -128,6 +130,8 @@ CALL_BODIES: list[tuple[dict[str, Any], bool]] = [
     ({"carrier": "twilio", "to": "sip:a b", "from": "+15550100001"}, False),
     ({"carrier": "twilio", "to": "sip:" + "x" * 1021, "from": "+15550100001"}, False),
     ({"carrier": "twilio", "to": "+15550100000", "from": "+15550100001", "appKey": ""}, False),
+    ({"carrier": "telnyx", "to": "+15550100000", "from": "+15550100001", "appKey": K256}, True),
+    ({"carrier": "telnyx", "to": "+15550100000", "from": "+15550100001", "appKey": K257}, False),
 ]
 """POST /v1/calls bodies, and whether they are valid (the carriers are not configured:
 503, not 400)."""
@@ -138,7 +142,8 @@ async def test_the_documented_admin_bodies_are_the_servers() -> None:
     when the running server does not refuse it 400, for Python's jsonschema and for
     jsonschema_rs (schemathesis' validator). The document allowed an empty pushed item,
     a target without a session or a device, and any string as a call's ``to``, ``from``
-    and ``appKey`` (``""``), all of which the server refuses: a client built from the
+    and ``appKey`` (``""``; an ``appKey`` over 256 characters, which no channel takes, was
+    placed), all of which the server refuses: a client built from the
     document (or schemathesis, ST202) sent them as valid."""
     document = json.loads(openapi_json())
     auth = {"Authorization": "Bearer admin-key-for-tests"}
