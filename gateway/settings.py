@@ -709,6 +709,7 @@ class Settings(BaseSettings):
     # The admin API (gateway/admin.py): push and session view (gateway/push.py), calls
     admin_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),
+        repr=False,  # credentials, as the SecretStr settings: not in repr(settings)
         description="Comma-separated keys of the admin API (`POST /v1/push`, "
         "`GET /v1/sessions/{id}`, `POST /v1/calls`), sent as `Authorization: Bearer KEY`, "
         "each an RFC 6750 bearer token (letters, digits, `-._~+/`, then any `=`); "
@@ -816,6 +817,7 @@ class Settings(BaseSettings):
     )
     voiceflow_api_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),
+        repr=False,  # credentials, as the SecretStr settings: not in repr(settings)
         description="Comma-separated API keys accepted as client.start `authorization`; "
         "unset: not checked.",
     )

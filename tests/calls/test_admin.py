@@ -166,3 +166,17 @@ async def test_the_admin_refusals_headers_are_documented() -> None:
                 assert answer.status_code == 401
                 assert set(documented.get("headers", {})) == {"WWW-Authenticate"}, path
                 assert answer.headers["www-authenticate"].startswith("Bearer "), path
+
+
+def test_the_admin_keys_are_not_in_the_settings_repr() -> None:
+    """The admin keys (and the Voiceflow API keys) are credentials: ``repr(settings)``
+    (a traceback's locals, a debug line, an error reporter) showed them in clear while
+    every SecretStr credential shows ``**********``."""
+    settings = Settings(
+        admin_keys=frozenset({"the-admin-key-1"}),
+        voiceflow_api_keys=frozenset({"the-voiceflow-key-1"}),
+    )
+    shown = repr(settings) + str(settings)
+    assert "the-admin-key-1" not in shown
+    assert "the-voiceflow-key-1" not in shown
+    assert settings.admin_keys == frozenset({"the-admin-key-1"})
