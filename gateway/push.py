@@ -511,11 +511,18 @@ async def push(request: Request, body: PushRequest) -> JSONResponse:
     summary="What the gateway knows of one session",
     dependencies=[Depends(_admin)],
     response_model=SessionView,
-    responses={404: _problem_doc("No such session"), **_REFUSALS},
+    responses={
+        404: _problem_doc("No such session (an id over 256 characters is none)"),
+        **_REFUSALS,
+    },
 )
 async def session_view(request: Request, session_id: str) -> JSONResponse:
     """Channel, app key, device, last known client state, turn count, last activity and
-    outbox of the session ``session_id``."""
+    outbox of the session ``session_id``; 404 at once (the store not asked) for an id
+    longer than MAX_ID_CHARS (256), which no channel gives a session, as
+    ``GET /v1/calls/{callId}`` answers a call id too long."""
+    if len(session_id) > MAX_ID_CHARS:
+        return problem(404, "Not Found", "No session has this id.")
     try:
         view = await _pusher(request).view(session_id)
     except (StoreUnavailable, OutboxError) as exc:

@@ -18,6 +18,7 @@ from pydantic import SecretStr
 
 from gateway.app import create_app
 from gateway.httputil import status_phrase
+from gateway.protocol import MAX_ID_CHARS
 from gateway.settings import Settings
 from tests.conftest import free_port, gateway
 
@@ -111,3 +112,22 @@ async def test_admin_and_readiness_problems_are_titled_by_their_status(
         ):
             assert answer.status_code == 503
             titled_by_status(answer)
+
+
+async def test_a_session_id_longer_than_any_is_not_looked_up() -> None:
+    """GET /v1/sessions/{id} with an id over MAX_ID_CHARS (256; no channel takes a longer
+    one) is a 404 without asking the store, as GET /v1/calls/{callId} does for a call
+    id: the store was asked once per session namespace for keys of up to a URL's
+    length. With the store down, such an id is 404 and a 256-character one is 503."""
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        secret_key=SECRET,
+        admin_keys=frozenset({ADMIN}),
+    )
+    async with gateway(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        longest = await http.get("/v1/sessions/" + "s" * MAX_ID_CHARS, headers=auth)
+        assert longest.status_code == 503
+        too_long = await http.get("/v1/sessions/" + "s" * (MAX_ID_CHARS + 1), headers=auth)
+        assert too_long.status_code == 404
+        titled_by_status(too_long)
