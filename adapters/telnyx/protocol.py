@@ -138,19 +138,32 @@ class TelnyxCodec(JsonCarrierCodec):
         return CLEAR
 
 
+ERROR_FIELD_CHARS: Final[dict[str, int]] = {"code": 64, "title": 128, "detail": 200}
+"""How many characters of each field of an ``error`` frame are kept; a longer value is
+cut with ``…`` (the frame is kept, so the log line names the carrier's code)."""
+
+
 def _error(frame: dict[str, Any]) -> CarrierError:
-    """Telnyx ``error``: its fields ([unverified] shape) under ``payload`` or ``error``."""
+    """Telnyx ``error``: its fields ([unverified] shape) under ``payload`` or ``error``.
+
+    Never raises: each field is a string, a number or anything else (its repr), ``""``
+    when missing, cut to :data:`ERROR_FIELD_CHARS` characters (``clipped``, unquoted).
+    """
     body = frame.get("payload")
     if not isinstance(body, dict):
         body = frame.get("error")
     if not isinstance(body, dict):
         body = frame
-    where = "error message"
-    return CarrierError(
-        code=get_str(body, "code", where, default=""),
-        title=get_str(body, "title", where, default=""),
-        detail=get_str(body, "detail", where, default="", max_len=2000),
-    )
+    fields = {key: _error_text(body.get(key), limit) for key, limit in ERROR_FIELD_CHARS.items()}
+    return CarrierError(**fields)
+
+
+def _error_text(value: object, limit: int) -> str:
+    """An ``error`` field as text of at most ``limit`` characters (and ``…``): a string as
+    is, another value (a number, an object) by its repr; None gives ``""``."""
+    if value is None:
+        return ""
+    return clipped(value if isinstance(value, str) else clipped(value, limit), limit, quote=False)
 
 
 def media_message(payload: bytes) -> str:

@@ -251,6 +251,35 @@ async def test_telnyx_error_events_are_logged_and_the_call_goes_on(
     assert f"telnyx call {call.ccid}:" in reported[0].getMessage()
 
 
+async def test_a_telnyx_error_with_a_long_detail_is_logged_short_naming_its_code(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ``error`` whose detail is over 2,000 characters (or code over 256) was dropped
+    as an invalid frame, losing the carrier's code, and a detail up to 2,000 characters
+    was logged whole at WARNING: the log line now names the code with a clipped detail."""
+    async with (
+        CARRIER.gateway(speech) as (gw, _),
+        TelnyxHarness.dial(gw.url, mic_speed=4.0) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        with caplog.at_level(logging.DEBUG, logger="gateway.call"):
+            for detail in ("x" * 1999, "y" * 5000):
+                payload = {"code": 100003, "title": "Malformed frame", "detail": detail}
+                await call.send({"event": "error", "stream_id": call.stream_id, "payload": payload})
+            await call.dtmf("5")
+            await gw.wait_turns(2)
+        assert call.closed_at is None
+    assert not [r for r in caplog.records if "frame dropped" in r.getMessage()]
+    reported = [
+        r.getMessage() for r in caplog.records if "carrier reported an error" in r.getMessage()
+    ]
+    assert len(reported) == 2, reported
+    for message, letter in zip(reported, "xy", strict=True):
+        assert "code '100003', title 'Malformed frame'" in message
+        assert f"detail '{letter * 200}…'" in message
+        assert len(message) < 400
+
+
 async def test_the_texml_answer_asks_for_the_caller_s_audio_in_pcmu() -> None:
     """The TeXML answer pins the inbound codec (``codec="PCMU"``) as well as the
     bidirectional one: left out, Telnyx streams the call's own codec, and a caller on

@@ -112,6 +112,23 @@ def test_error_event_is_reported() -> None:
     assert started().receive_text(json.dumps(frame)) == CarrierError("100002", "Unknown error", "x")
 
 
+def test_an_error_event_with_long_or_odd_fields_is_kept_clipped() -> None:
+    """An ``error`` whose detail is over 2,000 characters or code over 256 was dropped as
+    an invalid frame (the carrier's code lost); its fields are now cut, the frame kept."""
+    frame = {"event": "error", "payload": {"code": "9" * 300, "title": 7, "detail": "d" * 5000}}
+    error = started().receive_text(json.dumps(frame))
+    assert isinstance(error, CarrierError)
+    assert error.code == "9" * 64 + "…"
+    assert error.title == "7"
+    assert error.detail == "d" * 200 + "…"
+    odd = {"event": "error", "error": {"code": True, "detail": {"why": "x" * 500}}}
+    error = started().receive_text(json.dumps(odd))
+    assert isinstance(error, CarrierError)
+    assert (error.code, error.title) == ("True", "")
+    assert error.detail.startswith("{'why': 'xx")
+    assert len(error.detail) <= 201
+
+
 @pytest.mark.parametrize(
     ("encoding", "rate", "least"),
     [("PCMU", 8000, 0.97), ("PCMA", 8000, 0.97), ("L16", 16000, 0.995)],
