@@ -680,8 +680,11 @@ class CallRunner(WebSocketDriver[CallAction]):
                 await super().serve()
         finally:
             info = self.call.info
-            if self._calls is not None and info is not None:
-                self._calls.pop(info.call_id, None)
+            # only its own entry: another stream of the same call id (a reused Exotel
+            # call_sid, a reconnect) registered after it stays registered
+            calls = self._calls
+            if info is not None and calls is not None and calls.get(info.call_id) is self:
+                del calls[info.call_id]
 
     def idle_timeout_s(self) -> float:
         if self.call.info is None:

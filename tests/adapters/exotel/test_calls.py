@@ -14,10 +14,11 @@ from urllib.parse import urlsplit
 import pytest
 from pydantic import SecretStr
 
+from gateway.metrics import REGISTRY
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import closed_with, upgrade_status
-from tests.adapters.exotel.harness import CARRIER, KEY, TOKEN, basic
-from tests.adapters.twilio.helpers import twilio_gateway
+from tests.adapters.exotel.harness import CARRIER, KEY, TOKEN, ExotelHarness, basic
+from tests.adapters.twilio.helpers import twilio_gateway, until
 from tests.conftest import refused_port, served
 
 
@@ -156,3 +157,34 @@ async def test_a_nested_custom_parameter_s_long_name_is_cut_in_the_close_and_log
     closing = [r.getMessage() for r in caplog.records if "closing (1008)" in r.getMessage()]
     assert closing
     assert all(len(line) < 300 for line in closing), [len(line) for line in closing]
+
+
+def open_streams() -> float:
+    """The gateway's open Exotel streams (``gateway_connections{channel="exotel"}``)."""
+    value = REGISTRY.get_sample_value("gateway_connections", {"channel": "exotel"})
+    return value or 0.0
+
+
+async def test_a_call_sid_s_second_stream_stays_registered_when_the_first_ends() -> None:
+    """Two streams of one call_sid (Exotel reusing it, a reconnect): the channel's
+    registry holds the later one; the earlier one ending removed the entry by call id,
+    the later stream's included, and now removes only its own."""
+    async with CARRIER.gateway(None) as (gw, _):
+        calls = gw.app.state.exotel.calls
+        async with ExotelHarness.dial(gw.url) as first:
+            sid = first.call_sid
+            assert await until(lambda: sid in calls, 10.0)
+            runner = calls[sid]
+            async with ExotelHarness.dial(gw.url, begin=False) as second:
+                second.call_sid = second.call_id = sid
+                await second.begin()
+                assert await until(lambda: calls.get(sid) not in (None, runner), 10.0)
+                later = calls[sid]
+                both = open_streams()
+                await first.stop()
+                # the gauge drops as the first runner's serve() ends, with no await
+                # before its registry clean-up: seen lower, the clean-up has run
+                assert await until(lambda: open_streams() == both - 1, 20.0), open_streams()
+                assert calls.get(sid) is later
+                await second.stop()
+                assert await until(lambda: not calls, 10.0), calls
