@@ -4,14 +4,15 @@ Flowstorm Socket V1 (``/socket/``) like a Flowstorm client.
 The page (``static/``: index.html, console.css, console.js, capture-worklet.js) is
 plain HTML, CSS and JavaScript: no build step, no bundler, nothing fetched from
 elsewhere. It is served by Starlette's StaticFiles; ``/console`` redirects to
-``/console/``. GATEWAY_CONSOLE_ENABLED=false leaves it out (404).
+``/console/`` (307, with the security headers below). GATEWAY_CONSOLE_ENABLED=false
+leaves it out (404).
 
 Each file goes out with :data:`SECURITY_HEADERS`: a Content-Security-Policy that lets the
 page run its own files only (no inline or injected script, no framing by another
 site: the page holds a microphone) while answers' images and TTS audio may come from
 anywhere (GATEWAY_PUBLIC_URL or the core's own links), ``nosniff``, and
 ``X-Frame-Options: DENY`` for browsers that predate ``frame-ancestors``. Its error
-answers (404, 405: problem+json) carry them too.
+answers (404, 405: problem+json) and the redirect of ``/console`` carry them too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Final
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
-from starlette.responses import Response
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
@@ -73,6 +75,15 @@ class ConsoleFiles(StaticFiles):
         return response
 
 
+async def to_console(request: Request) -> Response:
+    """``/console`` (any method): 307 to ``/console/`` (the query kept) with
+    :data:`SECURITY_HEADERS`, as the router's own slash redirect (which had none)."""
+    url = request.url.replace(path=request.url.path + "/")
+    return RedirectResponse(str(url), status_code=307, headers=SECURITY_HEADERS)
+
+
 def mount(app: FastAPI) -> None:
-    """Serve the console's files under :data:`PATH` (index.html at ``/console/``)."""
+    """Serve the console's files under :data:`PATH` (index.html at ``/console/``) and
+    redirect :data:`PATH` itself there (:func:`to_console`)."""
+    app.router.add_route(PATH, to_console, include_in_schema=False)
     app.mount(PATH, ConsoleFiles(directory=STATIC, html=True), name="console")

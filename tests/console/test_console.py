@@ -24,7 +24,7 @@ from selenium import webdriver
 from selenium.webdriver.common.keys import Keys
 
 from gateway.app import create_app
-from gateway.console import CONTENT_SECURITY_POLICY
+from gateway.console import CONTENT_SECURITY_POLICY, SECURITY_HEADERS
 from gateway.server import GatewayWebSocketProtocol
 from gateway.settings import Settings
 from gateway.speech.audio import Pcm, encode_wav
@@ -534,3 +534,18 @@ async def test_the_console_is_served_unless_turned_off(enabled: bool) -> None:
     assert "javascript" in script.headers["content-type"]
     assert missing.status_code == 404
     assert missing.headers["content-type"] == "application/problem+json"
+
+
+async def test_the_console_s_redirect_carries_its_security_headers() -> None:
+    """``GET /console`` redirects to ``/console/`` (the query kept); the redirect was the
+    router's, without the console's security headers (CSP, nosniff, frame options)."""
+    settings = Settings()
+    async with served_app(create_app(settings), settings) as url, httpx.AsyncClient() as client:
+        answers = [
+            await client.request(method, f"{url}/console?key=abc") for method in ("GET", "HEAD")
+        ]
+    for answer in answers:
+        assert answer.status_code == 307
+        assert answer.headers["location"] == f"{url}/console/?key=abc"
+        for name, value in SECURITY_HEADERS.items():
+            assert answer.headers[name] == value, name
