@@ -7,7 +7,11 @@ GATEWAY_BOTPRESS_ENCRYPTION_KEY the manual mode: the key is the HS256 JWT of
 ``{"id": <user id>}`` and ``POST /users/get-or-create``) as ``userId``/``userKey``, and one
 conversation (``POST /conversations``; in manual mode ``POST /conversations/get-or-create``
 with an id derived from the session, :func:`conversation_id`) as ``conversationId``.
-Every request but ``POST /users`` carries ``x-user-key``.
+Every request but ``POST /users`` carries ``x-user-key``. A key ``POST /users`` answers
+that is no usable header value (:func:`usable_key`: printable ASCII, at most
+:data:`MAX_USER_KEY_CHARS`) is refused there (a PipelineError naming Botpress) and not
+kept: sent on, it failed every later turn of the session as the gateway's own fault; a
+kept one that is not (a session stored before the check) is dropped and made anew.
 
 The turn engine discards a failed turn's ``pipeline_state`` but for the keys a core
 names durable (:attr:`BotpressPipeline.durable_state`): ``userId``, ``userKey`` and
@@ -75,6 +79,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any, Self
 from urllib.parse import quote
@@ -112,6 +117,25 @@ KEEPALIVE = "ping"
 integration has its stream proxy send after 30 s without a signal (its
 ``listenConversation``: ``Grip-Keep-Alive``); not a signal, skipped (Botpress's own
 chat client reads it as an unknown signal and ignores it)."""
+
+
+MAX_USER_KEY_CHARS = 4096
+"""Most characters of a user key :func:`usable_key` accepts (the Chat API's keys are JWTs
+of a few hundred characters)."""
+
+_HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+"""A header value httpx sends as is: printable ASCII, no whitespace at either end."""
+
+
+def usable_key(key: object) -> bool:
+    """Whether ``key`` (a user key Botpress gave) can go out as ``x-user-key``: a string
+    of 1 to :data:`MAX_USER_KEY_CHARS` printable ASCII characters (no control character,
+    none past ASCII, no space at either end), read in time bounded by the limit."""
+    return (
+        isinstance(key, str)
+        and len(key) <= MAX_USER_KEY_CHARS
+        and _HEADER_VALUE.fullmatch(key) is not None
+    )
 
 
 class BotpressPipeline(PooledCore):
@@ -174,8 +198,16 @@ class BotpressPipeline(PooledCore):
         return data
 
     async def _user(self, session: Session) -> tuple[str, str]:
-        """The session's Chat user ``(id, key)``, created on its first turn."""
+        """The session's Chat user ``(id, key)``, created on its first turn (and anew,
+        with its conversation, when the kept key is not :func:`usable_key`).
+
+        Raises PipelineError naming Botpress when the key ``POST /users`` gives is not
+        :func:`usable_key` (not kept: the next turn asks for another user).
+        """
         state = session.pipeline_state
+        if "userKey" in state and not usable_key(state["userKey"]):
+            for name in self.durable_state:  # its conversation was that user's
+                state.pop(name, None)
         if isinstance(state.get("userKey"), str) and isinstance(state.get("userId"), str):
             return state["userId"], state["userKey"]
         if self._encryption_key:
@@ -187,6 +219,11 @@ class BotpressPipeline(PooledCore):
             user, made_key = made.get("user"), made.get("key")
             if not isinstance(user, dict) or not isinstance(made_key, str) or not made_key:
                 raise PipelineError("Botpress created a user without an id or key")
+            if not usable_key(made_key):
+                raise PipelineError(
+                    "Botpress created a user whose key is not a usable header value "
+                    f"(printable ASCII, at most {MAX_USER_KEY_CHARS} characters)"
+                )
             user_id, key = str(user.get("id", "")), made_key
         state["userId"], state["userKey"] = user_id, key
         return user_id, key

@@ -30,7 +30,8 @@ on with one line of 32 MB that never ends, see tests.gateway.core_app.endless_bo
 ``take your time`` (the listen stream's keepalive, ``data: ping``, then a text);
 ``crash`` (the listen stream's connection dropped without the end of its body);
 ``state.listen_refusal`` set (a status): listen answers it, with a message quoting the
-request's ``x-user-key`` (as a careless proxy might).
+request's ``x-user-key`` (as a careless proxy might); ``state.user_key`` set: the key
+``POST /users`` answers (a broken server's or proxy's, that no header can carry).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def make_botpress() -> FastAPI:
     state.encryption_key = None
     state.tasks = set()
     state.listen_refusal = None
+    state.user_key = None  # set: the key POST /users answers (a broken server or proxy)
 
     def user_of(request: Request) -> str | None:
         key = request.headers.get("x-user-key", "")
@@ -249,6 +251,7 @@ def make_botpress() -> FastAPI:
         if webhook_id != WEBHOOK_ID:
             return JSONResponse({"message": "webhook not found"}, status_code=404)
         user_id, key = body.get("id") or f"user-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+        key = state.user_key if state.user_key is not None else key
         state.users[key] = user_id
         return JSONResponse({"user": {"id": user_id}, "key": key}, status_code=201)
 

@@ -425,3 +425,28 @@ async def test_why_botpress_refused_goes_to_the_log_its_key_hidden(
         'maintenance (x-user-key ***)"}',
     ]
     await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    "key", ["clé-é", "key\nx-injected: 1", "key\x00", " key", "k" * 4097], ids=repr
+)
+async def test_a_user_key_no_header_can_carry_is_refused_and_not_kept(
+    botpress: tuple[str, FastAPI], key: str
+) -> None:
+    """A key ``POST /users`` answers that is no usable header value (past ASCII, a
+    control character, too long: a broken server or proxy) fails the turn as Botpress's
+    error, and is not kept: the next turn makes another user and is answered. Before, it
+    was kept (durable state) and sent as ``x-user-key``: every later turn of the session
+    failed, unexpectedly (UnicodeEncodeError) or as a broken connection (h11's
+    LocalProtocolError)."""
+    url, app = botpress
+    conv = bp_engine(url)
+    app.state.user_key = key
+    await pipeline_error(conv, "Botpress created a user whose key is not a usable header", "hi")
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert "userKey" not in session.pipeline_state
+    app.state.user_key = None
+    assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
+    assert [p for _, p, _ in app.state.calls].count("/users") == 2
+    await conv.pipeline.aclose()
