@@ -49,7 +49,9 @@ end of the turn); ``bloc`` -> its items (flat ``{type,
 text}`` as the Chat API sends them, or ``{type, payload}``); ``file``,
 ``location`` and others -> the command item ``#<type>``. A bot's ``event_created`` whose
 payload is ``{type: "transfer"|"handoff", target, reason?}`` is the transfer action
-(:func:`gateway.events.transfer_item`); ``{type: "end"}`` ends the session.
+(:func:`gateway.events.transfer_item`); ``{type: "end"}`` ends the session; another
+bot event is dropped, its type logged at DEBUG, one line per turn
+(:func:`gateway.pipeline.cores.log_dropped`).
 
 Why a plain text answer waits the idle gap (checked against the Chat API's sources,
 shared/specs/CORES.md): nothing in the contract says a turn is complete. The listen
@@ -103,6 +105,7 @@ from gateway.pipeline.cores import (
     command_item,
     core_client,
     is_url,
+    log_dropped,
     read_json,
     talking_to,
     transfer_to,
@@ -251,6 +254,7 @@ class BotpressPipeline(PooledCore):
         Response."""
         offered: list[dict[str, Any]] = []
         ended = False
+        unknown: dict[str, None] = {}  # types of bot events dropped, in order
         with talking_to("Botpress"):
             for retry in (True, False):
                 kept = isinstance(session.pipeline_state.get("conversationId"), str)
@@ -277,7 +281,10 @@ class BotpressPipeline(PooledCore):
                             yield event
                         elif event == "end":
                             ended = True
+                        else:
+                            unknown[_event_type(data.get("payload"))] = None
                     break
+        log_dropped(log, "Botpress", "bot events", unknown)
         session.pipeline_state["buttons"] = offered
         yield Response(session_ended=ended)
 
@@ -467,3 +474,9 @@ def _event(payload: Any) -> ResponseItem | str | None:
     if kind == "end":
         return "end"
     return transfer_to(payload) if kind in ("transfer", "handoff") else None
+
+
+def _event_type(payload: Any) -> str:
+    """The type of a bot event's payload for the log (``(none)`` when it names none)."""
+    kind = payload.get("type") if isinstance(payload, dict) else None
+    return kind if isinstance(kind, str) else "(none)"

@@ -31,7 +31,14 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +47,7 @@ from httpx_sse import SSEError
 
 from gateway.events import ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineError
-from gateway.protocol import ProtocolError, load_json, media_type
+from gateway.protocol import ProtocolError, clipped, load_json, media_type
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -447,6 +454,23 @@ async def bounded_sse(answer: httpx.Response, max_bytes: int, core: str) -> Asyn
         raise SSEError(f"its Content-Type is {kind!r}, not text/event-stream")
     async for event in iter_sse(bounded_lines(answer, max_bytes, core, blank=True)):
         yield event
+
+
+DROPPED_CHARS = 200
+"""Most characters of the list of dropped kinds :func:`log_dropped` quotes."""
+
+
+def log_dropped(logger: logging.Logger, core: str, what: str, kinds: Collection[str]) -> None:
+    """Log at DEBUG, in one line for the turn, the ``kinds`` of ``what`` (``traces``,
+    ``ResponseMessage variants``...) that ``core`` sent and its connector does not know,
+    so dropped without an item: ``Voiceflow sent traces of unknown types ['x', 'y'];
+    dropped``. The list is quoted by :func:`gateway.protocol.clipped` (each name and the
+    whole bounded, :data:`DROPPED_CHARS`). Nothing when ``kinds`` is empty; a caller
+    collects them only as they are dropped (in order, once each: a dict's keys), so a
+    turn that drops nothing pays nothing."""
+    if kinds:
+        names = clipped(list(kinds), DROPPED_CHARS)
+        logger.debug("%s sent %s of unknown types %s; dropped", core, what, names)
 
 
 def button(name: str, request: dict[str, Any]) -> dict[str, Any]:

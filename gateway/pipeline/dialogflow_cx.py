@@ -35,8 +35,10 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   and ``liveAgentHandoff`` (``metadata.target``/``phoneNumber``/``sipUri``, else
   GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET) -> :func:`gateway.events.transfer_item`;
   ``endInteraction`` -> ``Response.session_ended``. ``conversationSuccess`` and
-  ``knowledgeInfoCard`` give no item. ``pipeline_state`` records the CX session id,
-  the current page and the session parameters.
+  ``knowledgeInfoCard`` give no item; a variant the connector does not know gives none
+  either, its name logged at DEBUG, one line per turn (:data:`KNOWN_FIELDS`).
+  ``pipeline_state`` records the CX session id, the current page and the session
+  parameters.
 - Streaming (GATEWAY_DIALOGFLOW_CX_STREAMING): ``:serverStreamingDetectIntent``, whose
   answer is a stream of DetectIntentResponses (a JSON array written element by
   element, Google's REST streaming form; or server-sent events with ``alt=sse``):
@@ -86,6 +88,7 @@ from gateway.pipeline.cores import (
     core_json,
     is_url,
     iter_sse,
+    log_dropped,
     pooled_client,
     read_body,
     talking_to,
@@ -374,6 +377,7 @@ class DialogflowCxPipeline:
         }
         answers: list[dict[str, Any]] = []
         sent: list[str] = []
+        unknown: dict[str, None] = {}  # variants dropped unknown, in order
         with talking_to(f"the {KIND} core"):
             answer = await self._send(url, body)
             async with contextlib.aclosing(answer):
@@ -382,7 +386,7 @@ class DialogflowCxPipeline:
                 async for part in self._parts(answer):
                     answers.append(part)
                     final = part.get("responseType") != "PARTIAL"
-                    for item in self._items(part, sent, final):
+                    for item in self._items(part, sent, final, unknown):
                         yield item
         if not answers:
             raise PipelineError("the core's stream held no DetectIntentResponse")
@@ -391,11 +395,15 @@ class DialogflowCxPipeline:
             # marker, so a body ended after a PARTIAL (a server or proxy that gave up) would
             # pass for the whole answer, the half answer's page and parameters kept
             raise PipelineError(f"the {KIND} core's stream ended before its FINAL response")
+        log_dropped(log, f"the {KIND} core", "ResponseMessage variants", unknown)
         yield self._response(session, path, answers)
 
-    def _items(self, answer: dict[str, Any], sent: list[str], final: bool) -> list[ResponseItem]:
+    def _items(
+        self, answer: dict[str, Any], sent: list[str], final: bool, unknown: dict[str, None]
+    ) -> list[ResponseItem]:
         """Items of one DetectIntentResponse's messages; ``sent`` holds the JSON of the
-        messages forwarded already (a FINAL response skips them once each)."""
+        messages forwarded already (a FINAL response skips them once each); the fields of
+        variants the connector does not know go in ``unknown`` (:data:`KNOWN_FIELDS`)."""
         items: list[ResponseItem] = []
         for message in _messages(answer):
             key = json.dumps(message, sort_keys=True)
@@ -405,6 +413,8 @@ class DialogflowCxPipeline:
             if not final:
                 sent.append(key)
             items += self._message_items(message)
+            if not message.keys() <= KNOWN_FIELDS:
+                unknown.update(dict.fromkeys(k for k in message if k not in KNOWN_FIELDS))
         return items
 
     def _message_items(self, message: dict[str, Any]) -> list[ResponseItem]:
@@ -777,6 +787,30 @@ def _dtmf(keys: str) -> dict[str, str]:
     if keys.endswith("#") and len(keys) > 1:
         return {"digits": keys[:-1], "finishDigit": "#"}
     return {"digits": keys}
+
+
+KNOWN_FIELDS = frozenset(
+    {
+        # the ResponseMessage variants (its ``message`` oneof) the connector reads
+        "text",
+        "payload",
+        "outputAudioText",
+        "playAudio",
+        "mixedAudio",
+        "telephonyTransferCall",
+        "liveAgentHandoff",
+        "endInteraction",
+        "conversationSuccess",  # no item
+        "knowledgeInfoCard",  # no item
+        # ResponseMessage's fields beside the variant
+        "responseType",
+        "source",
+        "channel",
+    }
+)
+"""The fields of a ResponseMessage the connector knows; a message with another (a
+variant newer than the connector, as ``toolCall``) gives no item for it, and its name is
+logged at DEBUG, one line per turn (:func:`gateway.pipeline.cores.log_dropped`)."""
 
 
 def _dict(value: Any) -> dict[str, Any]:

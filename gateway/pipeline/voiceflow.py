@@ -43,7 +43,9 @@ Traces -> items:
   command item ``#<type>`` with ``payload`` as code, or the transfer action
   (:func:`gateway.events.transfer_item`) when the type is ``transfer`` or ``handoff``
   and the payload names a ``target`` (a string, or JSON ``{"target", "reason"}``);
-- ``debug``, ``log``, ``flow``, ``block``, ``path`` and other traces are dropped.
+- ``debug``, ``log``, ``flow``, ``block``, ``path`` and other traces are dropped; the
+  types of those it does not know (not in ``_IGNORED``) are logged at DEBUG, one line
+  per turn (:func:`gateway.pipeline.cores.log_dropped`).
 
 A non-2xx status, invalid JSON, an answer that is not a list of traces, a ``choice``,
 ``cardV2`` or ``carousel`` whose ``buttons``/``cards`` are not an array, or a stream that
@@ -52,6 +54,7 @@ breaks off is a PipelineError.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, Final, Self
 from urllib.parse import quote
@@ -73,12 +76,15 @@ from gateway.pipeline.cores import (
     core_client,
     core_json,
     is_url,
+    log_dropped,
     read_json,
     talking_to,
     transfer_to,
 )
 from gateway.sessions import Session
 from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
 
 _IGNORED = frozenset({"debug", "log", "flow", "block", "path", "goto", "entity-filling",
                       "channel-action", "knowledgeBase"})  # fmt: skip
@@ -96,6 +102,7 @@ class _Turn:
         self.no_reply_ms: int | None = None
         self.buttons: list[dict[str, Any]] = []
         self.completion: list[str] = []
+        self.unknown: dict[str, None] = {}  # types of traces dropped unknown, in order
 
 
 class VoiceflowPipeline(PooledCore):
@@ -185,6 +192,7 @@ class VoiceflowPipeline(PooledCore):
                 for trace in traces:
                     for item in _items(trace, turn):
                         yield item
+        log_dropped(log, "Voiceflow", "traces", turn.unknown)
         session.pipeline_state["buttons"] = turn.buttons
         attributes = {"noReplyTimeoutMs": turn.no_reply_ms} if turn.no_reply_ms else {}
         yield Response(session_ended=turn.ended, attributes=attributes)
@@ -275,7 +283,10 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
             text, turn.completion = "".join(turn.completion).strip(), []
             return [ResponseItem(text=text)] if text else []
         return []
-    if kind in _IGNORED or not ("paths" in trace or "defaultPath" in trace):
+    if kind in _IGNORED:
+        return []
+    if not ("paths" in trace or "defaultPath" in trace):
+        turn.unknown[kind] = None  # not a custom action: logged at the end of the turn
         return []
     return [_custom_action(kind, payload)]
 

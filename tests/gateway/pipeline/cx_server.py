@@ -23,7 +23,9 @@ Contract: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
 that echoes the request's bearer token (as a careless proxy might); ``bomb`` with a gzip
 answer inflating to 100 MB (``tests.gateway.core_app.gzip_bomb``); ``segments`` with a
 ``mixedAudio`` whose segments are a number; ``cloud storage`` with a ``playAudio`` and a
-``mixedAudio`` segment of ``gs://`` URIs (and one https segment).
+``mixedAudio`` segment of ``gs://`` URIs (and one https segment); ``news`` with a text,
+variants the connector does not know (``toolCall`` twice, a 5,000-character one) and a
+``conversationSuccess``.
 
 ``app.state.piece`` (bytes; 0: not cut) cuts the FINAL response in pieces of that
 size; ``app.state.no_final`` set, the stream ends cleanly after the PARTIAL response
@@ -132,6 +134,14 @@ def agent(state: dict[str, Any], query: dict[str, Any]) -> list[dict[str, Any]] 
             say("Listen."),
             {"playAudio": {"audioUri": "gs://agent-bucket/ding.mp3"}},
             {"mixedAudio": {"segments": [{"uri": "gs://agent-bucket/a.wav"}, {"uri": "https://cdn.example.com/b.wav"}]}},
+        ]  # fmt: skip
+    if text == "news":  # variants newer than the connector, one twice, and known ones
+        return [
+            say("The news."),
+            {"toolCall": {"tool": "t"}, "responseType": "HANDLER_PROMPT", "source": "VIRTUAL_AGENT"},
+            {"x" * 5_000: {}},
+            {"toolCall": {"tool": "u"}},
+            {"conversationSuccess": {}},
         ]  # fmt: skip
     if text == "segments":  # a mixedAudio whose segments are no list
         return [{"mixedAudio": {"segments": 2}}]

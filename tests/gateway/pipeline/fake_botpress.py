@@ -19,7 +19,8 @@ comes after 2 s); ``rich`` -> a card, an image, an audio, a markdown and a bloc
 text, an image, a location (flat) and a markdown (``{type, payload}``, a bot SDK's form);
 ``empty choice`` / ``empty dropdown`` -> a choice (dropdown) with no options, then a text;
 ``agent`` -> a text and the event ``{type: "transfer", target, reason}``; ``bye`` -> a text
-and the event ``{type: "end"}``; another event -> nothing. Failures: ``boom`` (500 on the
+and the event ``{type: "end"}``; ``news`` -> a text amid bot events of other types
+(``typing`` twice, a 5,000-character type, none); another event -> nothing. Failures: ``boom`` (500 on the
 message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON), ``deep``
 (a signal nested 50,000 levels deep), ``weird`` (a message without a payload type), ``bad options`` / ``bad carousel`` /
 ``bad bloc`` / ``bad card`` (a choice's options, a carousel's or bloc's items, a card's
@@ -188,6 +189,14 @@ def make_botpress() -> FastAPI:
             ]
         elif said == "bye":
             replies = [("text", "Bye now."), ("event", {"type": "end"})]
+        elif said == "news":  # bot events the connector does not know, one twice
+            replies = [
+                ("event", {"type": "typing"}),
+                ("text", "The news."),
+                ("event", {"type": "x" * 5_000}),
+                ("event", {"type": "typing"}),
+                ("event", {"kind": "no type"}),
+            ]
         elif said == "slow":
             await asyncio.sleep(2)
             replies = [("text", "late")]

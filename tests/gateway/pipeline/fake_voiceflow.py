@@ -16,7 +16,8 @@ stored size; ``agent`` -> the custom action trace ``transfer``; ``bye`` -> a tex
 ``end``; ``music`` -> a text and a ``stream`` trace (an audio player step's song);
 ``no-reply`` -> "Still there?"; ``menu`` -> a text and the custom action trace
 ``open_menu`` with the plain text payload ``main``, whose path ``done`` answers "Back
-from the menu."; ``stream`` -> one text, then waits for
+from the menu."; ``news`` -> a text and traces of unknown types without paths
+(``carouselV3`` twice, a 5,000-character type) and a ``debug``; ``stream`` -> one text, then waits for
 ``app.state.release``, then another. Failures: ``boom`` (500), ``slow`` (2 s),
 ``garbage`` (not JSON), ``object`` (not a list), ``cut`` (the stream ends without ``end``),
 ``deep`` (JSON nested 50,000 levels deep, as the body or a trace's data), ``overflow``
@@ -224,6 +225,9 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
         return [text("Here is a song."), trace("stream", {**song, "loop": False})]
     if payload == "bye":
         return [text("Goodbye."), trace("end", None)]
+    if payload == "news":  # traces of types the connector does not know, no paths
+        kinds = ["carouselV3", "x" * 5_000, "carouselV3", "debug"]
+        return [text("The news."), *(trace(k, {"data": 1}) for k in kinds)]
     if payload == "stream":
         return [text("first"), "WAIT", text("second")]
     return [text(f"You said: {payload}")]

@@ -118,6 +118,30 @@ async def test_rich_items_transfer_and_end(botpress: tuple[str, FastAPI]) -> Non
     await conv.pipeline.aclose()
 
 
+async def test_bot_events_of_other_types_are_logged_at_debug(
+    botpress: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bot events other than transfer/handoff/end give no item, and their types go to
+    the log at DEBUG, one line for the turn, each once, clipped (``(none)`` for an event
+    without one). Before, they were dropped without a word."""
+    url, _ = botpress
+    caplog.set_level(logging.DEBUG, logger="gateway.pipeline.botpress")
+    conv = bp_engine(url)
+    assert texts(await conv.turn(ctx(), Input.of("news")).collect()) == ["The news."]
+    lines = [r for r in caplog.records if "unknown types" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.DEBUG
+    line = lines[0].getMessage()
+    assert line.startswith("Botpress sent bot events of unknown types ['typing', 'xxx")
+    assert line.endswith("'(none)']; dropped")
+    assert line.count("typing") == 1
+    assert len(line) < 400
+    caplog.clear()
+    assert texts(await conv.turn(ctx(), Input.of("hi")).collect()) == ["You said: hi"]
+    assert not [r for r in caplog.records if "unknown types" in r.getMessage()]
+    await conv.pipeline.aclose()
+
+
 async def test_a_bloc_gives_the_items_of_its_parts(botpress: tuple[str, FastAPI]) -> None:
     """The Chat API sends a bloc's items flat (``{"type": "text", "text"}``: the Chat
     integration spreads each item's payload); they were read only as ``{type, payload}``

@@ -162,6 +162,35 @@ async def test_audio_uris_that_are_not_http_urls_are_dropped_and_logged(
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_variants_the_connector_does_not_know_are_logged_at_debug(
+    cx: tuple[Settings, FastAPI], caplog: pytest.LogCaptureFixture, streaming: bool
+) -> None:
+    """ResponseMessage variants the connector does not know (``toolCall``, newer than
+    it) give no item, and their names go to the log at DEBUG, one line for the turn,
+    clipped; known fields (``responseType``, ``source``, ``conversationSuccess``) are
+    not named. Before, they were dropped without a word."""
+    settings, _ = cx
+    caplog.set_level(logging.DEBUG, logger="gateway.pipeline.dialogflow_cx")
+    conv = engine(settings, dialogflow_cx_streaming=streaming)
+    assert texts(await conv.turn(ctx(), Input.of("news")).collect()) == ["The news."]
+    lines = [r for r in caplog.records if "unknown types" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.DEBUG
+    line = lines[0].getMessage()
+    assert line.startswith(
+        "the Dialogflow CX core sent ResponseMessage variants of unknown types ['toolCall', 'xxx"
+    )
+    assert line.endswith("; dropped")
+    assert line.count("toolCall") == 1
+    assert len(line) < 400
+    assert not any(k in line for k in ("responseType", "source", "conversationSuccess"))
+    caplog.clear()
+    assert texts(await conv.turn(ctx(), Input.of("pizza")).collect()) == ["What size?"]
+    assert not [r for r in caplog.records if "unknown types" in r.getMessage()]
+    await conv.pipeline.aclose()
+
+
 async def test_no_input_dtmf_and_language(cx: tuple[Settings, FastAPI]) -> None:
     settings, app = cx
     conv = engine(settings, dialogflow_cx_language="en")

@@ -171,6 +171,33 @@ async def test_custom_action_transfer_and_end(voiceflow: tuple[str, FastAPI], st
 
 
 @pytest.mark.parametrize("stream", [False, True])
+async def test_traces_of_unknown_types_are_logged_at_debug(
+    voiceflow: tuple[str, FastAPI], stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Traces of a type the connector does not know and without paths (no custom
+    action) give no item, and their types go to the log at DEBUG, one line for the
+    turn, each once, clipped; ``debug`` (known, ignored) is not named. Before, they were
+    dropped without a word."""
+    url, _ = voiceflow
+    caplog.set_level(logging.DEBUG, logger="gateway.pipeline.voiceflow")
+    conv = vf_engine(url, stream)
+    assert texts(await conv.turn(ctx(), Input.of("news")).collect()) == ["The news."]
+    lines = [r for r in caplog.records if "unknown types" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.DEBUG
+    line = lines[0].getMessage()
+    assert line.startswith("Voiceflow sent traces of unknown types ['carouselV3', 'xxx")
+    assert line.endswith("; dropped")
+    assert line.count("carouselV3") == 1
+    assert "debug" not in line
+    assert len(line) < 400
+    caplog.clear()
+    assert texts(await conv.turn(ctx(), Input.of("hi")).collect()) == ["You said: hi"]
+    assert not [r for r in caplog.records if "unknown types" in r.getMessage()]
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True])
 async def test_an_audio_player_stream_trace_is_an_audio_item(
     voiceflow: tuple[str, FastAPI], stream: bool
 ) -> None:
