@@ -212,7 +212,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import re
 import urllib.parse
 import uuid
@@ -220,7 +219,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal, TypeGuard, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import jwt
 from pydantic import Field
@@ -244,6 +243,7 @@ from gateway.protocol import (
     StateMachine,
     check_time_zone,
     clipped,
+    finite_number,
     key_valid,
     load_json,
     validate,
@@ -374,7 +374,7 @@ def _id_or_none(value: Any) -> str | None:
 def _time_or_none(value: Any) -> int | float | None:
     """An optional request ``time`` kept only when a finite number (not a bool), else
     None (left out, never a rejection)."""
-    return value if _number(value) else None
+    return value if finite_number(value) else None
 
 
 class ActionBody(Wire):
@@ -552,9 +552,9 @@ class SessionKeys:
         except jwt.InvalidTokenError:
             return KeyCheck(None, "malformed")
         session_id, iat, exp = claims.get("sub"), claims.get("iat"), claims.get("exp")
-        if not isinstance(session_id, str) or not session_id or not _number(iat):
+        if not isinstance(session_id, str) or not session_id or not finite_number(iat):
             return KeyCheck(None, "malformed")
-        if exp is not None and not _number(exp):
+        if exp is not None and not finite_number(exp):
             return KeyCheck(None, "malformed")
         if exp is not None and now >= exp:
             return KeyCheck(None, "expired")
@@ -562,12 +562,6 @@ class SessionKeys:
             return KeyCheck(None, "foreign")
         lapsed = now >= iat + self.ttl_s
         return KeyCheck(session_id, active_since=now - self.ttl_s if lapsed else None)
-
-
-def _number(value: Any) -> TypeGuard[int | float]:
-    """Whether ``value`` is a finite number, not a bool (a JWT claim's NumericDate, a
-    request's ``time``, a no-reply timeout)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ------------------------------------------------------------- actions -> Input
@@ -813,7 +807,7 @@ def no_reply_timeout(attributes: Mapping[str, Any]) -> int | float | None:
     ``attributes``: :data:`NO_REPLY_ATTRIBUTE` (ms, a positive finite number) / 1000, a
     whole number of seconds as an int; None when there is no such timeout."""
     value = attributes.get(NO_REPLY_ATTRIBUTE)
-    if not _number(value) or value <= 0:
+    if not finite_number(value) or value <= 0:
         return None
     seconds = value / 1000
     return int(seconds) if seconds.is_integer() else seconds

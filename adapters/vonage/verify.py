@@ -25,13 +25,13 @@ import base64
 import binascii
 import hashlib
 import hmac
-import math
 from collections.abc import Mapping
-from typing import Any, Final, TypeGuard
+from typing import Any, Final
 
 import jwt
 
 from gateway.callcodec import VerificationRefused
+from gateway.protocol import finite_number
 
 MAX_AGE_S: Final = 300
 """Default seconds a token's ``iat`` may lie in the past."""
@@ -159,7 +159,7 @@ class VonageVerifier:
 
     def _check_time(self, claims: dict[str, Any], now: float) -> None:
         iat = claims.get("iat")
-        if not _finite(iat):  # NaN (PyJWT's JSON takes it) would pass every comparison
+        if not finite_number(iat):  # NaN (PyJWT's JSON takes it) would pass every comparison
             raise _invalid("the webhook token has no iat (issued at)")
         if iat > now + self.leeway_s:
             raise _invalid("the webhook token is issued in the future")
@@ -167,13 +167,7 @@ class VonageVerifier:
             raise _invalid(f"the webhook token is older than {self.max_age_s} s")
         exp = claims.get("exp")
         if exp is not None:
-            if not _finite(exp):
+            if not finite_number(exp):
                 raise _invalid("the webhook token's exp is not a number")
             if now > exp + self.leeway_s:
                 raise _invalid("the webhook token has expired")
-
-
-def _finite(value: object) -> TypeGuard[float]:
-    """Whether a claim is a finite number (not a bool; ``NaN`` and ``Infinity``, which
-    PyJWT's JSON parser takes, are not)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import functools
 import hmac
+import math
 import re
 import reprlib
 import zoneinfo
 from collections.abc import Collection
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, TypeGuard
 
 from gateway.protocol.errors import ProtocolError
 
@@ -84,6 +85,13 @@ MAX_INTEGER_DIGITS: Final = 100
 """The longest string of digits :func:`integer` reads (as load_json's MAX_NUMBER_CHARS
 bounds a JSON number): a longer one is None, never an int conversion (past 4,300 digits
 ``int()`` raises ValueError)."""
+
+
+def finite_number(value: object) -> TypeGuard[int | float]:
+    """Whether ``value`` is a finite JSON number: an int or float, not a bool, neither
+    ``NaN`` nor an infinity (which Python's and PyJWT's JSON parsers take): a JWT claim's
+    NumericDate, a request's ``time``, a timeout."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def integer(value: object) -> int | None:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, TypeAdapter
 from gateway.protocol import (
     ProtocolError,
     check_language_tag,
+    finite_number,
     flag,
     integer,
     media_type,
@@ -117,6 +118,24 @@ def test_strict_flag(raw: str, expected: bool | None) -> None:
 )
 def test_integer(value: Any, expected: int | None) -> None:
     assert integer(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, True),
+        (1.5, True),
+        (-(10**30), True),
+        (float("nan"), False),  # PyJWT's and Python's JSON take NaN: it passes every comparison
+        (float("inf"), False),
+        (float("-inf"), False),
+        (True, False),
+        ("1", False),
+        (None, False),
+    ],
+)
+def test_finite_number(value: Any, expected: bool) -> None:
+    assert finite_number(value) is expected
 
 
 def test_text() -> None:
