@@ -25,6 +25,7 @@ from gateway.events import (
     SessionStartedEvent,
     transfer_target,
 )
+from gateway.pipeline.botpress import usable_key
 from tests.conftest import gateway
 from tests.gateway.core_app import cut_early
 from tests.gateway.pipeline.fake_botpress import GAP_S, WEBHOOK_ID
@@ -472,5 +473,29 @@ async def test_a_user_key_no_header_can_carry_is_refused_and_not_kept(
     assert "userKey" not in session.pipeline_state
     app.state.user_key = None
     assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
+    assert [p for _, p, _ in app.state.calls].count("/users") == 2
+    await conv.pipeline.aclose()
+
+
+async def test_a_kept_user_key_no_header_can_carry_is_dropped_and_the_user_made_anew(
+    botpress: tuple[str, FastAPI],
+) -> None:
+    """A session that kept a user key no header can carry (stored before the check) gets
+    a new user and conversation on its next turn, which is answered; before, every turn
+    of it failed."""
+    url, app = botpress
+    conv = bp_engine(url)
+    assert texts(await conv.turn(ctx(), Input.of("hi")).collect()) == ["You said: hi"]
+    async with conv.store.open(ctx().key, lease_s=5, wait_s=5) as txn:
+        session = txn.session
+        assert session is not None
+        kept_conversation = session.pipeline_state["conversationId"]
+        session.pipeline_state["userKey"] = "caf\u00e9\n"
+        txn.save(session, session.timeout_s)
+    assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
+    after = await conv.store.get(ctx().key)
+    assert after is not None
+    assert usable_key(after.pipeline_state["userKey"])
+    assert after.pipeline_state["conversationId"] != kept_conversation
     assert [p for _, p, _ in app.state.calls].count("/users") == 2
     await conv.pipeline.aclose()
