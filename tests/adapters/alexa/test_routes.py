@@ -573,15 +573,25 @@ LONG = 200_000
 body limit."""
 
 
-def _refused_briefly(answer: httpx.Response, reason: str, records: list[logging.LogRecord]) -> str:
-    """The detail of a 400 refusal with ``reason``, after checking that neither it nor the
-    refusal's log line copies the client's long value back (a quote is clipped)."""
+async def _refused_briefly(
+    caplog: pytest.LogCaptureFixture,
+    body: bytes,
+    reason: str,
+    headers: dict[str, str] | None = None,
+    **settings: Any,
+) -> str:
+    """POST ``body`` (with ``headers``) to a gateway of ``settings`` and return the detail
+    of its 400 refusal with ``reason``, after checking that neither it nor the refusal's
+    log line copies the client's long value back (a quote is clipped)."""
+    async with gateway(**settings) as url, httpx.AsyncClient(base_url=url) as client:
+        with caplog.at_level(logging.DEBUG, logger="adapters.alexa"):
+            answer = await client.post("/alexa", content=body, headers=headers)
     assert answer.status_code == 400, answer.text[:300]
     assert answer.headers["content-type"] == "application/problem+json"
     problem = answer.json()
     assert problem["reason"] == reason
     assert len(answer.content) < 1000, problem["detail"][:300]
-    lines = [r.getMessage() for r in records if r.name == "adapters.alexa"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "adapters.alexa"]
     assert lines
     assert all(len(line) < 1000 for line in lines), [line[:300] for line in lines]
     detail: str = problem["detail"]
@@ -594,12 +604,10 @@ async def test_a_refusal_quotes_a_long_slot_name_clipped(caplog: pytest.LogCaptu
     refusal's log line, not copied back whole."""
     data = envelope("S-long-slot", intent="PlanTripIntent")
     data["request"]["intent"]["slots"] = {"k" * LONG: {"name": "k", "value": 7}}
-    async with gateway(**OFF) as url, httpx.AsyncClient(base_url=url) as client:
-        with caplog.at_level(logging.DEBUG, logger="adapters.alexa"):
-            answer = await client.post("/alexa", content=json.dumps(data).encode())
-        detail = _refused_briefly(answer, "malformed_request", caplog.records)
-        assert "request.intent.slots.kkkk" in detail
-        assert detail.endswith("value: Input should be a valid string")
+    body = json.dumps(data).encode()
+    detail = await _refused_briefly(caplog, body, "malformed_request", **OFF)
+    assert "request.intent.slots.kkkk" in detail
+    assert detail.endswith("value: Input should be a valid string")
 
 
 async def test_a_refused_timestamp_is_quoted_clipped(caplog: pytest.LogCaptureFixture) -> None:
@@ -613,14 +621,11 @@ async def test_a_refused_timestamp_is_quoted_clipped(caplog: pytest.LogCaptureFi
         "SignatureCertChainUrl": CERT_URL,
         "Signature-256": base64.b64encode(b"\0" * 256).decode(),
     }
-    async with (
-        gateway(alexa_skill_ids=frozenset({SKILL_ID})) as url,
-        httpx.AsyncClient(base_url=url) as client,
-    ):
-        with caplog.at_level(logging.DEBUG, logger="adapters.alexa"):
-            answer = await client.post("/alexa", content=body, headers=headers)
-        detail = _refused_briefly(answer, "timestamp_too_old", caplog.records)
-        assert detail.startswith("request.timestamp '2020-01-01T00:00:00.111")
+    skill = frozenset({SKILL_ID})
+    detail = await _refused_briefly(
+        caplog, body, "timestamp_too_old", headers, alexa_skill_ids=skill
+    )
+    assert detail.startswith("request.timestamp '2020-01-01T00:00:00.111")
 
 
 async def test_an_unparsable_cert_url_is_quoted_clipped(caplog: pytest.LogCaptureFixture) -> None:
@@ -632,14 +637,11 @@ async def test_an_unparsable_cert_url_is_quoted_clipped(caplog: pytest.LogCaptur
         "SignatureCertChainUrl": "https://s3.amazonaws.com:" + "x" * 12_000 + "/echo.api/x.pem",
         "Signature-256": base64.b64encode(b"\0" * 256).decode(),
     }
-    async with (
-        gateway(alexa_skill_ids=frozenset({SKILL_ID})) as url,
-        httpx.AsyncClient(base_url=url) as client,
-    ):
-        with caplog.at_level(logging.DEBUG, logger="adapters.alexa"):
-            answer = await client.post("/alexa", content=body, headers=headers)
-        detail = _refused_briefly(answer, "cert_url_malformed", caplog.records)
-        assert detail.startswith("SignatureCertChainUrl does not parse: Port could not be cast")
+    skill = frozenset({SKILL_ID})
+    detail = await _refused_briefly(
+        caplog, body, "cert_url_malformed", headers, alexa_skill_ids=skill
+    )
+    assert detail.startswith("SignatureCertChainUrl does not parse: Port could not be cast")
 
 
 # ------------------------------------------------------------ slow and long cores
