@@ -458,6 +458,31 @@ def test_audio_the_platform_refuses_is_cut_from_an_items_ssml(
 
 
 @pytest.mark.parametrize(
+    "ssml",
+    [
+        '<audio src="http://x.example/a.mp3">x</audio>' * 5_000,  # 5,000 to cut
+        "<audio " * 50_000,  # not well-formed: the text, escaped, is said
+        '<audio src="https://x.example/a.mp3" t="' + ">" * 100_000 + '"/>',
+        "<p>" * 300 + '<audio src="http://x.example/a"/>' + "</p>" * 300,  # deep
+    ],
+    ids=["many", "unclosed", "long-attribute", "deep"],
+)
+def test_audio_filtering_takes_hostile_ssml(ssml: str) -> None:
+    """A core's SSML built to make the <audio> scan slow or wrong (thousands of
+    elements to cut, a flood of unclosed start tags, a huge attribute value full of ``>``,
+    deep nesting) gives well-formed speech without an http <audio>, cut to the budget."""
+    items = [ResponseItem(ssml=f"<speak>{ssml}</speak>")]
+    for schemes in (ALEXA_AUDIO, HTTPS_AUDIO):
+        speech = speech_ssml(items, MAX_SPEECH_CHARS, audio_schemes=schemes)
+        assert speech is None or len(speech) <= MAX_SPEECH_CHARS + len("<speak></speak>")
+        if speech is not None:
+            well_formed(speech)
+            assert 'src="http://' not in speech
+        named = refused_audio(items, schemes)  # (the route's log line)
+        assert all(src.startswith("http://") for _, src in named)
+
+
+@pytest.mark.parametrize(
     ("ended", "sleep", "should_end"),
     [(False, 0, False), (True, 0, True), (True, 30, False), (False, 30, False)],
 )
