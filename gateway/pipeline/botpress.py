@@ -49,7 +49,9 @@ end of the turn); ``bloc`` -> its items (flat ``{type,
 text}`` as the Chat API sends them, or ``{type, payload}``); ``file``,
 ``location`` and others -> the command item ``#<type>``. A bot's ``event_created`` whose
 payload is ``{type: "transfer"|"handoff", target, reason?}`` is the transfer action
-(:func:`gateway.events.transfer_item`); ``{type: "end"}`` ends the session; another
+(:func:`gateway.events.transfer_item`), one without a target is not carried out (no
+item, one WARNING line: :class:`gateway.pipeline.cores.UntargetedHandoffs`; it still
+ends the turn); ``{type: "end"}`` ends the session; another
 bot event is dropped, its type logged at DEBUG, one line per turn
 (:func:`gateway.pipeline.cores.log_dropped`).
 
@@ -95,6 +97,7 @@ from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOu
 from gateway.pipeline.cores import (
     PooledCore,
     SseEvent,
+    UntargetedHandoffs,
     bounded_sse,
     button,
     buttons_item,
@@ -166,6 +169,8 @@ class BotpressPipeline(PooledCore):
         self._reply_timeout_s = reply_timeout_s
         self._max = max_response_bytes
         self._client = client
+        self.untargeted_handoffs = UntargetedHandoffs(log, "Botpress", "the event names none")
+        """The lines of transfer/handoff events that name no target (not carried out)."""
 
     @classmethod
     def from_url(cls, spec: str, settings: Settings) -> Self:
@@ -281,6 +286,8 @@ class BotpressPipeline(PooledCore):
                             yield event
                         elif event == "end":
                             ended = True
+                        elif event is not None:  # a transfer/handoff naming no target
+                            self.untargeted_handoffs.log(f"{event} event")
                         else:
                             unknown[_event_type(data.get("payload"))] = None
                     break
@@ -467,13 +474,16 @@ def _final(kind: str, payload: Any) -> bool:
 
 
 def _event(payload: Any) -> ResponseItem | str | None:
-    """A bot event's meaning: the transfer item, ``"end"``, or None (not one of ours)."""
+    """A bot event's meaning: the transfer item, ``"end"``, the type (``"transfer"`` or
+    ``"handoff"``) of a handoff that names no target, or None (not one of ours)."""
     if not isinstance(payload, dict):
         return None
     kind = payload.get("type")
     if kind == "end":
         return "end"
-    return transfer_to(payload) if kind in ("transfer", "handoff") else None
+    if kind not in ("transfer", "handoff"):
+        return None
+    return transfer_to(payload) or str(kind)
 
 
 def _event_type(payload: Any) -> str:

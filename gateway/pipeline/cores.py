@@ -48,6 +48,7 @@ from httpx_sse import SSEError
 from gateway.events import ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineError
 from gateway.protocol import ProtocolError, clipped, load_json, media_type
+from gateway.ratelimit import RefusalLog
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -508,6 +509,38 @@ def transfer_to(target: Any, reason: Any = None) -> ResponseItem | None:
     if not isinstance(target, str) or not target.strip():
         return None
     return transfer_item(target, reason=reason if isinstance(reason, str) else None)
+
+
+class UntargetedHandoffs:
+    """The WARNING lines of one core's handoffs that name no target (README, "Cores"):
+    the handoff is not performed (no item for it), the turn's other items go out and the
+    turn ends normally; each such handoff is one line, ``<core> asked for a <what>
+    without a target and no handoff target is configured (<configured>); not handed
+    off``, in a bounded burst then one a minute (:class:`gateway.ratelimit.RefusalLog`:
+    a bot that always asks for one logs no line per turn).
+
+    ``core`` names the core as its errors do (``Rasa``, ``the Dialogflow CX core``...);
+    ``configured`` says where the target would come from (the setting's name, or the
+    field of the core's message that names it, when the core has no such setting).
+    """
+
+    def __init__(self, logger: logging.Logger, core: str, configured: str) -> None:
+        self._logger = logger
+        self._core = core
+        self._configured = configured
+        self._lines = RefusalLog()
+
+    def log(self, what: str) -> None:
+        """Log one handoff of kind ``what`` (``liveAgentHandoff``, ``transfer event``...)
+        that is not performed for want of a target."""
+        self._lines.log(
+            self._logger,
+            "%s asked for a %s without a target and no handoff target is configured (%s); "
+            "not handed off",
+            self._core,
+            what,
+            self._configured,
+        )
 
 
 def chosen(state: dict[str, Any], text: str) -> dict[str, Any] | None:

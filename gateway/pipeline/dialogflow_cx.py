@@ -33,7 +33,9 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   as every core's media URLs, :func:`gateway.pipeline.cores.is_url`); ``payload`` -> a
   code item (the payload as JSON); ``telephonyTransferCall`` ``phoneNumber``/``sipUri``
   and ``liveAgentHandoff`` (``metadata.target``/``phoneNumber``/``sipUri``, else
-  GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET) -> :func:`gateway.events.transfer_item`;
+  GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET) -> :func:`gateway.events.transfer_item`; one
+  without a target (a handoff: nor the setting) is not carried out: no item, one WARNING
+  line (:class:`gateway.pipeline.cores.UntargetedHandoffs`), the turn goes on;
   ``endInteraction`` -> ``Response.session_ended``. ``conversationSuccess`` and
   ``knowledgeInfoCard`` give no item; a variant the connector does not know gives none
   either, its name logged at DEBUG, one line per turn (:data:`KNOWN_FIELDS`).
@@ -80,6 +82,7 @@ from google.oauth2 import service_account
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput, shown_spec
 from gateway.pipeline.cores import (
+    UntargetedHandoffs,
     body_chunks,
     bounded_lines,
     check_status,
@@ -229,6 +232,15 @@ class DialogflowCxPipeline:
         self.dropped_audio = RefusalLog()
         """The lines of audio URIs dropped (not http(s)): a burst at WARNING, then one a
         minute (an agent that always answers ``gs://`` logs no line per turn)."""
+        self.untargeted_handoffs = UntargetedHandoffs(
+            log, f"the {KIND} core", "GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET is not set"
+        )
+        """The lines of ``liveAgentHandoff`` messages not carried out: their metadata
+        names no target and GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET is not set."""
+        self.untargeted_calls = UntargetedHandoffs(
+            log, f"the {KIND} core", "the message has no phoneNumber or sipUri"
+        )
+        """The lines of ``telephonyTransferCall`` messages not carried out (no target)."""
 
     @classmethod
     def from_url(cls, spec: str, settings: Settings) -> Self:
@@ -446,7 +458,8 @@ class DialogflowCxPipeline:
             call = _dict(message["telephonyTransferCall"])
             target = call.get("phoneNumber") or call.get("sipUri")
             if not isinstance(target, str) or not target.strip():
-                raise PipelineError("the core answered a telephonyTransferCall without a target")
+                self.untargeted_calls.log("telephonyTransferCall")
+                return []
             return [transfer_item(target, reason="telephonyTransferCall")]
         if "liveAgentHandoff" in message:
             metadata = _dict(message["liveAgentHandoff"]).get("metadata") or {}
@@ -455,10 +468,8 @@ class DialogflowCxPipeline:
             target = next((t for t in named if isinstance(t, str) and t.strip()), None)
             target = target or self.handoff_target
             if not target:
-                raise PipelineError(
-                    "the core asked for a liveAgentHandoff without a target and "
-                    "GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET is not set"
-                )
+                self.untargeted_handoffs.log("liveAgentHandoff")
+                return []
             reason = metadata.get("reason")
             return [transfer_item(target, reason=reason if isinstance(reason, str) else None)]
         return []  # endInteraction (in _response), conversationSuccess, knowledgeInfoCard

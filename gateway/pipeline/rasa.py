@@ -28,7 +28,9 @@ Message -> items (in Rasa's own order):
 - ``attachment``: ``{type: image|audio|video, payload: {url|src}}`` or an http(s) URL
   (audio) -> that media field; anything else -> the command item ``#attachment``;
 - ``custom`` -> ``{"transfer": "<target>"}`` or ``{"transfer": {target, reason}}`` is
-  the transfer action (:func:`gateway.events.transfer_item`); ``{"end_session": true}``
+  the transfer action (:func:`gateway.events.transfer_item`), one that names no target
+  is not carried out (no item, one WARNING line:
+  :class:`gateway.pipeline.cores.UntargetedHandoffs`); ``{"end_session": true}``
   ends the session (Rasa has no end of its own); ``{"ssml": ...}``, ``{"audio": url}``
   give such an item (``text``, the SSML's spoken text, a string or absent); any other
   object is the command item ``#custom`` with it as code.
@@ -42,6 +44,7 @@ Rasa.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -52,6 +55,7 @@ from gateway.events import INTRO, Input, Response, ResponseItem
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
     PooledCore,
+    UntargetedHandoffs,
     bounded_lines,
     button,
     buttons_item,
@@ -68,6 +72,8 @@ from gateway.pipeline.cores import (
 from gateway.protocol import media_type
 from gateway.sessions import Session
 from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/webhooks/rest/webhook"
 
@@ -101,6 +107,8 @@ class RasaPipeline(PooledCore):
         self._intro = intro_message
         self._max = max_response_bytes
         self._client = client
+        self.untargeted_handoffs = UntargetedHandoffs(log, "Rasa", "the custom names none")
+        """The lines of ``custom`` transfers that name no target (not carried out)."""
 
     @classmethod
     def from_url(cls, spec: str, settings: Settings) -> Self:
@@ -192,8 +200,7 @@ class RasaPipeline(PooledCore):
         for message in messages:
             yield message
 
-    @staticmethod
-    def _items(message: Any, offered: list[dict[str, Any]]) -> list[ResponseItem | None]:
+    def _items(self, message: Any, offered: list[dict[str, Any]]) -> list[ResponseItem | None]:
         """The items of one bot message (None: the session ends); see the module doc."""
         if not isinstance(message, dict):
             raise PipelineError("Rasa sent a message that is not an object")
@@ -217,7 +224,7 @@ class RasaPipeline(PooledCore):
         elif text:
             out.append(ResponseItem(text=text))
         if (custom := message.get("custom")) is not None:
-            out.extend(_custom(custom))
+            out.extend(_custom(custom, self.untargeted_handoffs))
         if is_url(image := message.get("image")):
             out.append(ResponseItem(image=image))
         if (attachment := message.get("attachment")) is not None:
@@ -230,12 +237,17 @@ def _request(b: dict[str, Any]) -> dict[str, Any]:
     return {"type": "text", "payload": payload if isinstance(payload, str) else json.dumps(payload)}
 
 
-def _custom(custom: Any) -> list[ResponseItem | None]:
+def _custom(custom: Any, untargeted: UntargetedHandoffs) -> list[ResponseItem | None]:
     if not isinstance(custom, dict):
         return [command_item("custom", custom)]
     transfer = transfer_to(custom.get("transfer"), custom.get("reason"))
     if transfer is not None:
         return [transfer]
+    if "transfer" in custom:  # one naming no target: not carried out, nor a #custom
+        untargeted.log("transfer")
+        custom = {k: v for k, v in custom.items() if k not in ("transfer", "reason")}
+        if not custom:
+            return []
     out: list[ResponseItem | None] = []
     if isinstance(custom.get("ssml"), str):
         spoken = custom.get("text")

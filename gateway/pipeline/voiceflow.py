@@ -42,7 +42,9 @@ Traces -> items:
 - a trace of another type with ``paths``/``defaultPath`` (a custom action) -> the
   command item ``#<type>`` with ``payload`` as code, or the transfer action
   (:func:`gateway.events.transfer_item`) when the type is ``transfer`` or ``handoff``
-  and the payload names a ``target`` (a string, or JSON ``{"target", "reason"}``);
+  and the payload names a ``target`` (a string, or JSON ``{"target", "reason"}``); a
+  ``transfer``/``handoff`` naming none is not carried out (no item, one WARNING line:
+  :class:`gateway.pipeline.cores.UntargetedHandoffs`);
 - ``debug``, ``log``, ``flow``, ``block``, ``path`` and other traces are dropped; the
   types of those it does not know (not in ``_IGNORED``) are logged at DEBUG, one line
   per turn (:func:`gateway.pipeline.cores.log_dropped`).
@@ -66,6 +68,7 @@ from gateway.events import INTRO, MAX_TIMEOUT_S, SILENCE, Input, Response, Respo
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
     PooledCore,
+    UntargetedHandoffs,
     bounded_sse,
     buttons_item,
     card_item,
@@ -95,9 +98,11 @@ _ACTIONS = {INTRO: "launch", SILENCE: "no-reply"}
 
 
 class _Turn:
-    """What the traces of one turn left for its Response."""
+    """What the traces of one turn left for its Response; ``untargeted`` logs the
+    core's handoffs that name no target."""
 
-    def __init__(self) -> None:
+    def __init__(self, untargeted: UntargetedHandoffs) -> None:
+        self.untargeted = untargeted
         self.ended = False
         self.no_reply_ms: int | None = None
         self.buttons: list[dict[str, Any]] = []
@@ -129,6 +134,9 @@ class VoiceflowPipeline(PooledCore):
         self._config = {"tts": tts, "stripSSML": True}
         self._max = max_response_bytes
         self._client = client
+        self.untargeted_handoffs = UntargetedHandoffs(log, "Voiceflow", "the payload names none")
+        """The lines of transfer/handoff custom actions that name no target (not carried
+        out)."""
 
     @classmethod
     def from_url(cls, spec: str, settings: Settings) -> Self:
@@ -164,7 +172,7 @@ class VoiceflowPipeline(PooledCore):
         """Send the turn to Voiceflow; yield the traces' items, then the Response."""
         body = {"action": self.action(session, input), "config": self._config}
         user = quote(session.key, safe="")
-        turn = _Turn()
+        turn = _Turn(self.untargeted_handoffs)
         with talking_to("Voiceflow"):
             if self._project:
                 project = quote(self._project, safe="")
@@ -288,7 +296,7 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
     if not ("paths" in trace or "defaultPath" in trace):
         turn.unknown[kind] = None  # not a custom action: logged at the end of the turn
         return []
-    return [_custom_action(kind, payload)]
+    return _custom_action(kind, payload, turn)
 
 
 def _slate(body: dict[str, Any]) -> str:
@@ -335,12 +343,19 @@ def _card(card: dict[str, Any], turn: _Turn) -> ResponseItem:
     return card_item(text, card.get("imageUrl"), buttons)
 
 
-def _custom_action(kind: str, payload: Any) -> ResponseItem:
+def _custom_action(kind: str, payload: Any, turn: _Turn) -> list[ResponseItem]:
+    """The item of a custom action: the transfer action for a ``transfer``/``handoff``
+    naming a target (none, logged at WARNING, for one naming none), else ``#<kind>``."""
     value = payload
     if isinstance(payload, str):
         try:
             value = core_json(payload)
         except ValueError:
             value = payload
-    transfer = transfer_to(value) if kind in ("transfer", "handoff") else None
-    return command_item(kind, value) if transfer is None else transfer
+    if kind not in ("transfer", "handoff"):
+        return [command_item(kind, value)]
+    transfer = transfer_to(value)
+    if transfer is None:
+        turn.untargeted.log(f"{kind} custom action")
+        return []
+    return [transfer]

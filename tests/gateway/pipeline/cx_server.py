@@ -116,6 +116,8 @@ def agent(state: dict[str, Any], query: dict[str, Any]) -> list[dict[str, Any]] 
         return [say("Connecting you."), {"liveAgentHandoff": {"metadata": {"reason": "asked"}}}]
     if text == "call sales":
         return [{"telephonyTransferCall": {"phoneNumber": "+15550001111"}}]
+    if text == "call nobody":  # a transfer naming no number, a text after it
+        return [say("Dialling."), {"telephonyTransferCall": {}}, say("Still here.")]
     if text == "bye":
         state["page"] = "End Session"
         return [say("Goodbye."), {"endInteraction": {}}]

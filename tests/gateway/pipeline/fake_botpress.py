@@ -18,7 +18,8 @@ comes after 2 s); ``rich`` -> a card, an image, an audio, a markdown and a bloc
 (its items flat, ``{type, text}``, as the Chat API sends them); ``bloc`` -> a bloc of a
 text, an image, a location (flat) and a markdown (``{type, payload}``, a bot SDK's form);
 ``empty choice`` / ``empty dropdown`` -> a choice (dropdown) with no options, then a text;
-``agent`` -> a text and the event ``{type: "transfer", target, reason}``; ``bye`` -> a text
+``agent`` -> a text and the event ``{type: "transfer", target, reason}``; ``nobody`` -> a
+text and the event ``{type: "handoff", reason}`` (no target); ``bye`` -> a text
 and the event ``{type: "end"}``; ``news`` -> a text amid bot events of other types
 (``typing`` twice, a 5,000-character type, none); another event -> nothing. Failures: ``boom`` (500 on the
 message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON), ``deep``
@@ -187,6 +188,8 @@ def make_botpress() -> FastAPI:
                 ("text", "One moment."),
                 ("event", {"type": "transfer", "target": "+15550001111", "reason": "billing"}),
             ]
+        elif said == "nobody":  # a handoff that names no target
+            replies = [("text", "One moment."), ("event", {"type": "handoff", "reason": "billing"})]
         elif said == "bye":
             replies = [("text", "Bye now."), ("event", {"type": "end"})]
         elif said == "news":  # bot events the connector does not know, one twice

@@ -12,6 +12,7 @@ The tracker (slots) is per ``sender``. ``app.state.token`` set: ``?token=`` requ
 
 The bot: ``/greet`` greets with two buttons; ``/mood_great``; ``my name is X`` and
 ``what is my name`` (a slot); ``picture`` (text + image); ``agent`` (a custom transfer);
+``nobody`` (a text, a custom transfer without a target, a text);
 ``carousel`` (two elements, the second without buttons); ``bye`` (two texts then
 ``custom {"end_session": true}``); ``spoken`` (a text, then ``custom {"ssml", "text"}``);
 ``badssml`` (a text, then ``custom {"ssml"}`` whose ``text`` is a number: malformed); ``stream`` (one message, then
@@ -126,6 +127,12 @@ def bot(app: FastAPI, sender: str, text: str) -> list[Any]:
         return [
             {"text": "Connecting you."},
             {"custom": {"transfer": {"target": "+15551234567", "reason": "asked for a person"}}},
+        ]
+    if lowered == "nobody":  # a transfer that names no target, a text after it
+        return [
+            {"text": "Connecting you."},
+            {"custom": {"transfer": {"reason": "asked for a person"}}},
+            {"text": "Please hold on."},
         ]
     if lowered == "carousel":
         return [

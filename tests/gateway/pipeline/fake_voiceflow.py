@@ -12,7 +12,8 @@ the ``environment`` query parameter (``development`` when absent, as Voiceflow's
 The agent: ``launch`` -> a text (slate + message), a ``speak`` with an audio URL, a
 ``choice`` of two path buttons, a ``debug`` trace and ``no-reply {timeout: 7}``; the path
 ``path-large``/``path-small`` -> a text and a ``visual`` image; ``what size`` answers the
-stored size; ``agent`` -> the custom action trace ``transfer``; ``bye`` -> a text and
+stored size; ``agent`` -> the custom action trace ``transfer``; ``nobody`` -> a text and
+the custom action trace ``handoff`` without a target; ``bye`` -> a text and
 ``end``; ``music`` -> a text and a ``stream`` trace (an audio player step's song);
 ``no-reply`` -> "Still there?"; ``menu`` -> a text and the custom action trace
 ``open_menu`` with the plain text payload ``main``, whose path ``done`` answers "Back
@@ -214,6 +215,11 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
         return [
             text("Transferring."),
             trace("transfer", target, paths=[{"event": {"type": "done"}}], defaultPath=0),
+        ]
+    if payload == "nobody":  # a handoff custom action that names no target
+        return [
+            text("Transferring."),
+            trace("handoff", '{"reason": "human"}', paths=[{"event": {"type": "done"}}]),
         ]
     if payload == "menu":  # a custom action whose payload is plain text, not JSON
         return [

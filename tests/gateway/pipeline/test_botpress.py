@@ -143,6 +143,31 @@ async def test_bot_events_of_other_types_are_logged_at_debug(
     await conv.pipeline.aclose()
 
 
+async def test_a_handoff_without_a_target_is_a_warning_and_the_turn_goes_on(
+    botpress: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bot's ``handoff`` event that names no target was taken for an event of an
+    unknown type (a DEBUG line about unknown types: nothing told the operator the
+    handoff was lost). As every core's handoff without a target: the turn's items go
+    out, no transfer, one WARNING naming Botpress, and the turn ends normally (at once:
+    the bot says nothing after a handoff)."""
+    url, _ = botpress
+    caplog.set_level(logging.DEBUG, logger="gateway.pipeline.botpress")
+    conv = bp_engine(url, botpress_idle_s=30.0)
+    started = time.perf_counter()
+    events = await conv.turn(ctx(), Input.of("nobody")).collect()
+    assert time.perf_counter() - started < 10 * GAP_S + 1
+    assert isinstance(events[-1], ResponseEvent), events
+    assert texts(events) == ["One moment."]
+    assert not [r for r in caplog.records if "unknown types" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == [
+        "Botpress asked for a handoff event without a target and no handoff target is "
+        "configured (the event names none); not handed off"
+    ]
+    await conv.pipeline.aclose()
+
+
 async def test_a_bloc_gives_the_items_of_its_parts(botpress: tuple[str, FastAPI]) -> None:
     """The Chat API sends a bloc's items flat (``{"type": "text", "text"}``: the Chat
     integration spreads each item's payload); they were read only as ``{type, payload}``

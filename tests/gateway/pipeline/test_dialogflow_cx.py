@@ -257,9 +257,41 @@ async def test_handoff_and_telephony_transfer_are_the_transfer_action(
     call = items(await conv.turn(ctx(), Input.of("call sales")).collect())
     assert transfer_target(call[0]) == ("+15550001111", "telephonyTransferCall")
     await conv.pipeline.aclose()
-    no_target = engine(settings, dialogflow_cx_handoff_target=None)
-    await pipeline_error(no_target, "GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET", "agent")
-    await no_target.pipeline.aclose()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_handoff_without_a_target_is_not_performed_and_the_turn_goes_on(
+    cx: tuple[Settings, FastAPI], caplog: pytest.LogCaptureFixture, streaming: bool
+) -> None:
+    """A ``liveAgentHandoff`` whose metadata names no target, with
+    GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET unset, failed the turn after its items had gone
+    out (the client saw "Connecting you." then an error). As the other cores' handoffs
+    without a target: the turn's items go out, no transfer, one WARNING naming the core
+    and the setting, and the turn ends normally. The same for a telephonyTransferCall
+    without a number (which was a pipeline error too), the items after it kept."""
+    settings, _ = cx
+    conv = engine(settings, dialogflow_cx_handoff_target=None, dialogflow_cx_streaming=streaming)
+    caplog.set_level(logging.WARNING)
+    events = await conv.turn(ctx(), Input.of("agent")).collect()
+    assert isinstance(events[-1], ResponseEvent), events
+    assert not events[-1].response.session_ended
+    assert texts(events) == ["Connecting you."]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == [
+        "the Dialogflow CX core asked for a liveAgentHandoff without a target and no handoff "
+        "target is configured (GATEWAY_DIALOGFLOW_CX_HANDOFF_TARGET is not set); not handed off"
+    ]
+    caplog.clear()
+    events = await conv.turn(ctx(), Input.of("call nobody")).collect()
+    assert isinstance(events[-1], ResponseEvent), events
+    assert texts(events) == ["Dialling.", "Still here."]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1
+    assert lines[0].startswith("the Dialogflow CX core asked for a telephonyTransferCall without")
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.turn_count == 2  # both turns succeeded
+    await conv.pipeline.aclose()
 
 
 async def test_a_cx_session_id_is_36_hex_digits_of_the_session_key(

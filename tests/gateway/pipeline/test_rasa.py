@@ -113,6 +113,29 @@ async def test_rich_items_transfer_and_end_of_conversation(rasa: tuple[str, Fast
 
 
 @pytest.mark.parametrize("stream", [True, False])
+async def test_a_transfer_without_a_target_is_a_warning_and_the_turn_goes_on(
+    rasa: tuple[str, FastAPI], stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``custom {"transfer": {"reason"}}`` names no target: it was handed to the client
+    as the command item ``#custom`` without a word in the log. As every core's handoff
+    without a target: the turn's items go out, no transfer (nor a ``#custom`` of it),
+    one WARNING naming Rasa, and the turn ends normally."""
+    url, _ = rasa
+    conv = engine(pipeline=f"rasa+{url}", rasa_stream=stream)
+    caplog.set_level(logging.WARNING)
+    events = await conv.turn(ctx(), Input.of("nobody")).collect()
+    assert isinstance(events[-1], ResponseEvent), events
+    assert not events[-1].response.session_ended
+    assert texts(events) == ["Connecting you.", "Please hold on."]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == [
+        "Rasa asked for a transfer without a target and no handoff target is configured "
+        "(the custom names none); not handed off"
+    ]
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("stream", [True, False])
 async def test_carousel_elements_without_buttons_are_plain_text(
     rasa: tuple[str, FastAPI], stream: bool
 ) -> None:

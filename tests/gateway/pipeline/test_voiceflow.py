@@ -171,6 +171,28 @@ async def test_custom_action_transfer_and_end(voiceflow: tuple[str, FastAPI], st
 
 
 @pytest.mark.parametrize("stream", [False, True])
+async def test_a_handoff_without_a_target_is_a_warning_and_the_turn_goes_on(
+    voiceflow: tuple[str, FastAPI], stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``handoff`` custom action whose payload names no target was handed to the
+    client as the command item ``#handoff`` without a word in the log. As every core's
+    handoff without a target: the turn's items go out, no transfer (nor a command item
+    of it), one WARNING naming Voiceflow, and the turn ends normally."""
+    url, _ = voiceflow
+    conv = vf_engine(url, stream)
+    caplog.set_level(logging.WARNING)
+    events = await conv.turn(ctx(), Input.of("nobody")).collect()
+    assert isinstance(events[-1], ResponseEvent), events
+    assert texts(events) == ["Transferring."]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == [
+        "Voiceflow asked for a handoff custom action without a target and no handoff target "
+        "is configured (the payload names none); not handed off"
+    ]
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True])
 async def test_traces_of_unknown_types_are_logged_at_debug(
     voiceflow: tuple[str, FastAPI], stream: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
