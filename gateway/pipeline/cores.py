@@ -29,6 +29,7 @@ import contextlib
 import io
 import json
 import logging
+import mimetypes
 import re
 import zlib
 from collections.abc import (
@@ -40,7 +41,8 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
+from urllib.parse import urlsplit
 
 import httpx
 from httpx_sse import SSEError
@@ -558,3 +560,38 @@ def chosen(state: dict[str, Any], text: str) -> dict[str, Any] | None:
 def is_url(value: Any) -> bool:
     """Whether ``value`` is an absolute http(s) URL (what items' media fields hold)."""
     return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+MEDIA_TYPES = mimetypes.MimeTypes()
+"""The media types of file name extensions :func:`media_kind` reads: the standard
+library's built-in table (not the host's ``/etc/mime.types``: the same answer on every
+host), with the common ones it lacks before Python 3.13 (``.ogg``, ``.oga``, ``.m4a``,
+``.flac``, ``.webp``)."""
+for _ext, _type in {
+    ".ogg": "audio/ogg",
+    ".oga": "audio/ogg",
+    ".m4a": "audio/mp4",
+    ".flac": "audio/flac",
+    ".webp": "image/webp",
+}.items():
+    MEDIA_TYPES.add_type(_type, _ext)
+
+MEDIA_KINDS: Final = ("audio", "image", "video")
+"""The media fields of an item (:class:`gateway.events.ResponseItem`) a URL can fill."""
+
+
+def media_kind(url: Any) -> str | None:
+    """The media field (one of :data:`MEDIA_KINDS`) of the http(s) URL ``url``
+    (:func:`is_url`) by the extension of its path (the query and fragment not read):
+    ``audio`` for an ``audio/*`` type, ``image`` for ``image/*``, ``video`` for
+    ``video/*`` (:data:`MEDIA_TYPES`); None for another URL (no extension, ``.pdf``, a
+    compressed ``.mp3.gz``, one ``urlsplit`` refuses) or a value that is no http(s) URL."""
+    if not is_url(url):
+        return None
+    try:
+        path = urlsplit(url).path
+    except ValueError:  # "http://[::1/a.mp3": an invalid IPv6 host
+        return None
+    guessed, encoding = MEDIA_TYPES.guess_type(path)
+    kind = (guessed or "").partition("/")[0]
+    return kind if kind in MEDIA_KINDS and encoding is None else None

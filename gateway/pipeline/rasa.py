@@ -25,8 +25,11 @@ Message -> items (in Rasa's own order):
   empty list (an ``elements`` card without buttons, sent as ``title : subtitle``) gives
   the text alone;
 - ``image`` -> an item with ``image``;
-- ``attachment``: ``{type: image|audio|video, payload: {url|src}}`` or an http(s) URL
-  (audio) -> that media field; anything else -> the command item ``#attachment``;
+- ``attachment``: ``{type: image|audio|video, payload: {url|src}}`` -> that media field;
+  an http(s) URL, or ``{payload: {url|src}}`` without a type, -> the media field its
+  path's extension names (:func:`gateway.pipeline.cores.media_kind`: ``song.mp3`` audio,
+  ``cat.png`` image, ``clip.mp4`` video); anything else (``menu.pdf``, a URL without an
+  extension, not http(s)) -> the command item ``#attachment`` with it as code;
 - ``custom`` -> ``{"transfer": "<target>"}`` or ``{"transfer": {target, reason}}`` is
   the transfer action (:func:`gateway.events.transfer_item`), one that names no target
   is not carried out (no item, one WARNING line:
@@ -54,6 +57,7 @@ import httpx
 from gateway.events import INTRO, Input, Response, ResponseItem
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    MEDIA_KINDS,
     PooledCore,
     UntargetedHandoffs,
     bounded_lines,
@@ -65,6 +69,7 @@ from gateway.pipeline.cores import (
     command_item,
     core_client,
     is_url,
+    media_kind,
     read_json,
     talking_to,
     transfer_to,
@@ -265,12 +270,17 @@ def _custom(custom: Any, untargeted: UntargetedHandoffs) -> list[ResponseItem | 
 
 
 def _attachment(attachment: Any) -> ResponseItem:
-    if is_url(attachment):
-        return ResponseItem(audio=attachment)
+    """The item of an ``attachment``: its media field when it is an http(s) URL of a
+    known kind (the ``type`` given, else :func:`media_kind` of the URL), else the command
+    item ``#attachment`` with it as code (a link to a document, say)."""
+    kind: Any = None
+    url: Any = attachment
     if isinstance(attachment, dict):
-        kind = attachment.get("type")
         payload = attachment.get("payload")
         url = payload.get("url") or payload.get("src") if isinstance(payload, dict) else None
-        if kind in ("image", "audio", "video") and is_url(url):
-            return ResponseItem(**{kind: url})
+        kind = attachment.get("type")
+    if kind is None:
+        kind = media_kind(url)
+    if kind in MEDIA_KINDS and is_url(url):
+        return ResponseItem(**{kind: url})
     return command_item("attachment", attachment)

@@ -13,6 +13,7 @@ The tracker (slots) is per ``sender``. ``app.state.token`` set: ``?token=`` requ
 The bot: ``/greet`` greets with two buttons; ``/mood_great``; ``my name is X`` and
 ``what is my name`` (a slot); ``picture`` (text + image); ``agent`` (a custom transfer);
 ``nobody`` (a text, a custom transfer without a target, a text);
+``files`` (one ``attachment`` message each of :data:`ATTACHMENTS`);
 ``carousel`` (two elements, the second without buttons); ``bye`` (two texts then
 ``custom {"end_session": true}``); ``spoken`` (a text, then ``custom {"ssml", "text"}``);
 ``badssml`` (a text, then ``custom {"ssml"}`` whose ``text`` is a number: malformed); ``stream`` (one message, then
@@ -35,6 +36,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from tests.gateway.core_app import DEEP
+
+ATTACHMENTS: list[Any] = [
+    "https://cdn.example.com/song.MP3",
+    "https://cdn.example.com/cat.png?name=x.pdf",
+    "https://cdn.example.com/clip.mp4",
+    "https://cdn.example.com/menu.pdf",
+    "https://cdn.example.com/stream",
+    "ftp://cdn.example.com/song.mp3",
+    "http://[::1/song.mp3",
+    {"payload": {"src": "https://cdn.example.com/dog.jpg"}},
+    {"payload": {"url": "https://cdn.example.com/voice.ogg"}},
+    {"type": "audio", "payload": {"url": "https://cdn.example.com/voice"}},
+]
+"""The attachments the bot sends for ``files``: bare URLs (media of each kind by their
+extension, a document, none, not http(s), a malformed host), untyped and typed payloads."""
 
 
 def make_rasa() -> FastAPI:
@@ -134,6 +150,8 @@ def bot(app: FastAPI, sender: str, text: str) -> list[Any]:
             {"custom": {"transfer": {"reason": "asked for a person"}}},
             {"text": "Please hold on."},
         ]
+    if lowered == "files":  # dispatcher.utter_message(attachment=...), one each
+        return [{"attachment": a} for a in ATTACHMENTS]
     if lowered == "carousel":
         return [
             {
@@ -172,6 +190,8 @@ def messages(sender: str, utterance: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"recipient_id": sender, "custom": utterance["custom"]})
     if "image" in utterance:
         out.append({"recipient_id": sender, "image": utterance["image"]})
+    if "attachment" in utterance:
+        out.append({"recipient_id": sender, "attachment": utterance["attachment"]})
     for element in utterance.get("elements", []):  # OutputChannel.send_elements
         text = f"{element.get('title', '')} : {element.get('subtitle', '')}"
         buttons = element.get("buttons", [])

@@ -23,6 +23,7 @@ from gateway.events import (
 from gateway.metrics import REGISTRY
 from gateway.turn import TurnContext
 from tests.conftest import gateway
+from tests.gateway.pipeline.fake_rasa import ATTACHMENTS
 from tests.gateway.turns import (
     ctx,
     engine,
@@ -131,6 +132,35 @@ async def test_a_transfer_without_a_target_is_a_warning_and_the_turn_goes_on(
     assert lines == [
         "Rasa asked for a transfer without a target and no handoff target is configured "
         "(the custom names none); not handed off"
+    ]
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_bare_url_attachment_is_the_media_its_extension_names(
+    rasa: tuple[str, FastAPI], stream: bool
+) -> None:
+    """An ``attachment`` that is a bare http(s) URL (or an untyped ``{payload: {src|url}}``)
+    was always taken for audio: a picture or a PDF was "played". Now its path's extension
+    says which media field it fills (the query is not read); a document, a URL without an
+    extension, one that is not http(s) or has a malformed host is the command item
+    ``#attachment`` with it as code; a typed one keeps its type."""
+    url, _ = rasa
+    conv = engine(pipeline=f"rasa+{url}", rasa_stream=stream)
+    got = items(await conv.turn(ctx(), Input.of("files")).collect())
+    assert [(i.audio, i.image, i.video) for i in got[:3]] == [
+        ("https://cdn.example.com/song.MP3", None, None),
+        (None, "https://cdn.example.com/cat.png?name=x.pdf", None),
+        (None, None, "https://cdn.example.com/clip.mp4"),
+    ]
+    links = got[3:7]
+    assert [i.text for i in links] == ["#attachment"] * 4
+    assert [(i.audio, i.image, i.video) for i in links] == [(None, None, None)] * 4
+    assert [json.loads(i.code or "") for i in links] == ATTACHMENTS[3:7]
+    assert [(i.audio, i.image, i.video) for i in got[7:]] == [
+        (None, "https://cdn.example.com/dog.jpg", None),
+        ("https://cdn.example.com/voice.ogg", None, None),
+        ("https://cdn.example.com/voice", None, None),
     ]
     await conv.pipeline.aclose()
 
