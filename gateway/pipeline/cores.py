@@ -514,9 +514,9 @@ def transfer_to(target: Any, reason: Any = None) -> ResponseItem | None:
 
 
 class UntargetedHandoffs:
-    """The WARNING lines of one core's handoffs that name no target (README, "Cores"):
-    the handoff is not performed (no item for it), the turn's other items go out and the
-    turn ends normally; each such handoff is one line, ``<core> asked for a <what>
+    """The WARNING lines of one core's handoffs that name no target (README, "Bring your
+    own core"): the handoff is not performed (no item for it), the turn's other items go
+    out and the turn ends normally; each such handoff is one line, ``<core> asked for a <what>
     without a target and no handoff target is configured (<configured>); not handed
     off``, in a bounded burst then one a minute (:class:`gateway.ratelimit.RefusalLog`:
     a bot that always asks for one logs no line per turn).
