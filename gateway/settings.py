@@ -627,7 +627,16 @@ class Settings(BaseSettings):
     twilio_auth_token: SecretStr | None = Field(
         default=None,
         description="Twilio auth token: X-Twilio-Signature is verified on /twilio/* when set "
-        "(unset: not verified, local development only; a WARNING is logged at startup).",
+        "(requests signed with a webhook shared key: GATEWAY_TWILIO_WEBHOOK_SHARED_KEY; both "
+        "unset: not verified, local development only; a WARNING is logged at startup).",
+    )
+    twilio_webhook_shared_key: SecretStr | None = Field(
+        default=None,
+        description="The secret of the SharedKey of a Twilio Webhooks Rule: a request with "
+        "X-Twilio-Webhooks-Signature-Settings (`key=...,algorithm=HMAC_SHA256`) is verified "
+        "with it and the header's algorithm (a supported one: HMAC_SHA1, HMAC_SHA256); unset: "
+        "such requests are refused (403 naming this setting, a WARNING). Set alone, it "
+        "enables verification: requests without the header then need the auth token.",
     )
     twilio_account_sid: str | None = Field(
         default=None,

@@ -5,7 +5,9 @@ Thin I/O around :mod:`adapters.twilio.protocol` (the call, sans I/O) and
 "Twilio Media Streams (phone calls)".
 
 - ``POST /twilio/voice`` — the voice webhook of a phone number. Checks
-  X-Twilio-Signature (GATEWAY_TWILIO_AUTH_TOKEN set) against
+  X-Twilio-Signature (GATEWAY_TWILIO_AUTH_TOKEN or GATEWAY_TWILIO_WEBHOOK_SHARED_KEY
+  set; the shared key and the header's algorithm when X-Twilio-Webhooks-Signature-Settings
+  is present: verify.py) against
   ``<GATEWAY_PUBLIC_URL>/twilio/voice`` with the form parameters, and answers TwiML
   ``<Connect><Stream url="wss://<public host>/twilio/stream/<token>">`` with
   ``<Parameter>`` s ``from``, ``to``, ``appKey`` (the webhook's ``?key=``, else
@@ -107,6 +109,7 @@ from adapters.twilio.protocol import (
 )
 from adapters.twilio.verify import (
     CALL_SID,
+    SETTINGS_HEADER,
     SIGNATURE_HEADER,
     SignatureVerifier,
     StreamGrant,
@@ -205,18 +208,21 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
     ``localhost``, :func:`gateway.calls.public_url_problem`): a WARNING.
     """
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+    shared_key = settings.twilio_webhook_shared_key
+    verifier = SignatureVerifier(token, shared_key.get_secret_value() if shared_key else None)
     channel = TwilioChannel(
         settings=settings,
-        verifier=SignatureVerifier(token),
+        verifier=verifier,
         rest=twilio_auth(settings),
         # the shared call behaviour (gateway/io/call.py) under Twilio's app key
         config=replace(call_config(settings, CHANNEL), default_app_key=settings.twilio_app_key),
         secret_keys=secret_keys or SecretKeys.random(),
     )
     _, shared = channel.token_secret()
-    if not token:
+    if not verifier.enabled:
         log.warning(
-            "Twilio requests are NOT verified (GATEWAY_TWILIO_AUTH_TOKEN is unset): "
+            "Twilio requests are NOT verified (GATEWAY_TWILIO_AUTH_TOKEN and "
+            "GATEWAY_TWILIO_WEBHOOK_SHARED_KEY are unset): "
             "/twilio/voice, /twilio/status and media streams accept unsigned requests; "
             "streams still need their one-time token%s. Use this only for local development.",
             ""
@@ -227,6 +233,12 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
             "GATEWAY_REDIS_URL or GATEWAY_SECRET_KEY shares it)",
         )
     else:
+        if not token:
+            log.warning(
+                "GATEWAY_TWILIO_WEBHOOK_SHARED_KEY is set and GATEWAY_TWILIO_AUTH_TOKEN is "
+                "not: Twilio requests signed with the auth token (no %s) are refused (403)",
+                SETTINGS_HEADER,
+            )
         warn_unreachable_public_url(log, "Twilio", settings.public_url)
     return channel
 
@@ -277,12 +289,19 @@ async def _verified_form(
         return ImmutableMultiDict(), refused_request(exc)
     url = public_url(settings.public_url, path, request.url.query)
     try:
-        channel.verifier.check(url, params, request.headers.get(SIGNATURE_HEADER))
+        channel.verifier.check(
+            url,
+            params,
+            request.headers.get(SIGNATURE_HEADER),
+            request.headers.get(SETTINGS_HEADER),
+        )
     except TwilioVerificationError as exc:
         line = "Twilio webhook %s refused (403): %s"  # bounded: forged requests come in floods
         refusal_log(request.app.state, "Twilio").log(log, line, path, exc.reason)
         return params, problem(
-            403, "Forbidden", f"The request's {SIGNATURE_HEADER} is missing or does not match."
+            403,
+            "Forbidden",
+            exc.detail or f"The request's {SIGNATURE_HEADER} is missing or does not match.",
         )
     return params, None
 
@@ -468,7 +487,9 @@ async def _check(ws: WebSocket, gw: Gateway, channel: TwilioChannel, token: str)
     peer = ws.client.host if ws.client else "?"
     url = stream_url(gw.settings.public_url, token)
     try:
-        channel.verifier.check(url, None, ws.headers.get(SIGNATURE_HEADER))
+        channel.verifier.check(
+            url, None, ws.headers.get(SIGNATURE_HEADER), ws.headers.get(SETTINGS_HEADER)
+        )
         now = time.time()
         grant = channel.tokens.check(token, now)
     except TwilioVerificationError as exc:

@@ -5,6 +5,17 @@ security" (HMAC-SHA1 over the exact URL Twilio requested followed by the POST
 parameters sorted by name, keyed by the account's auth token, base64) — computed
 here by the twilio library's own :class:`twilio.request_validator.RequestValidator`.
 
+**Webhook shared keys** (Twilio's Webhooks Rules): a webhook whose URL a rule matches
+is signed over the same string with the rule's SharedKey secret and its algorithm
+instead, and carries ``X-Twilio-Webhooks-Signature-Settings:
+key=<sharedKeyId>,algorithm=HMAC_SHA256``. With that header the signature is checked
+with GATEWAY_TWILIO_WEBHOOK_SHARED_KEY and the header's algorithm (read by the
+library's ``get_signature_algorithm``: HMAC_SHA1 when it names none); without it,
+with the auth token and HMAC-SHA1, as before. Refused: an algorithm the library does
+not support, and a request with the header when no shared key is configured (a
+configuration gap: Twilio's Node middleware answers it 500; here it is a 403 whose
+reason names the setting, logged at WARNING like every refusal, bounded).
+
 **Signed URLs are built from GATEWAY_PUBLIC_URL**, never from the Host header or
 the scheme the request came in with: behind a proxy those are not what Twilio
 signed, and trusting them lets a client choose what is checked.
@@ -42,12 +53,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
+from twilio.request_validator import (  # type: ignore[import-untyped]
+    HMAC_SHA1,
+    SIGNATURE_SETTINGS_HEADER,
+    RequestValidator,
+    get_signature_algorithm,
+)
 
 from gateway.calls import wss_url
+from gateway.protocol import clipped
 
 SIGNATURE_HEADER: Final = "X-Twilio-Signature"
 """The header carrying Twilio's request signature."""
+SETTINGS_HEADER: Final[str] = SIGNATURE_SETTINGS_HEADER
+"""``X-Twilio-Webhooks-Signature-Settings``: ``key=<sharedKeyId>,algorithm=<name>`` on a
+webhook signed with a shared key (the twilio library's name for it)."""
+SHARED_KEY_SETTING: Final = "GATEWAY_TWILIO_WEBHOOK_SHARED_KEY"
+AUTH_TOKEN_SETTING: Final = "GATEWAY_TWILIO_AUTH_TOKEN"
 
 CALL_SID: Final = re.compile(r"CA[0-9a-fA-F]{32}")
 """Twilio call SIDs: ``CA`` and 32 hex digits."""
@@ -60,11 +82,16 @@ _DERIVE_LABEL: Final = b"channel-gateway twilio stream token v1"
 
 
 class TwilioVerificationError(Exception):
-    """A request or stream that must be refused; ``reason`` says why (for the log)."""
+    """A request or stream that must be refused; ``reason`` says why (for the log).
 
-    def __init__(self, reason: str) -> None:
+    ``detail``: what the refused peer is told (a problem's ``detail``), when it is more
+    than the routes' generic "missing or does not match"; None: the generic one.
+    """
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.detail = detail
 
 
 # ------------------------------------------------------------------ URLs
@@ -92,30 +119,87 @@ def stream_url(base: str, token: str) -> str:
 class SignatureVerifier:
     """Checks X-Twilio-Signature with the twilio library's RequestValidator.
 
-    ``auth_token`` None disables checking (local development): :meth:`check`
-    then accepts everything and :attr:`enabled` is False.
+    ``auth_token`` (GATEWAY_TWILIO_AUTH_TOKEN) checks requests without
+    X-Twilio-Webhooks-Signature-Settings (HMAC-SHA1); ``shared_key``
+    (GATEWAY_TWILIO_WEBHOOK_SHARED_KEY) those with it (the header's algorithm; module
+    doc). Both None disables checking (local development): :meth:`check` then
+    accepts everything and :attr:`enabled` is False. Either set enables it: a request
+    the other one would check is then refused.
     """
 
-    def __init__(self, auth_token: str | None) -> None:
+    def __init__(self, auth_token: str | None, shared_key: str | None = None) -> None:
         self._validator = RequestValidator(auth_token) if auth_token else None
+        self._shared = RequestValidator(shared_key) if shared_key else None
 
     @property
     def enabled(self) -> bool:
         """Whether signatures are checked."""
-        return self._validator is not None
+        return self._validator is not None or self._shared is not None
 
-    def check(self, url: str, params: Mapping[str, str] | None, signature: str | None) -> None:
+    def check(
+        self,
+        url: str,
+        params: Mapping[str, str] | None,
+        signature: str | None,
+        signature_settings: str | None = None,
+    ) -> None:
         """Raise TwilioVerificationError unless ``signature`` signs ``url`` + ``params``.
 
         ``url`` is the public URL Twilio requested (see the module doc); ``params``
-        the POST form parameters (None or empty for a WebSocket upgrade).
+        the POST form parameters (None or empty for a WebSocket upgrade);
+        ``signature_settings`` the X-Twilio-Webhooks-Signature-Settings header (None
+        or blank: absent). Refused (each reason names what failed; header values
+        clipped): no signature; the header with an algorithm the library does not
+        support; the header and no shared key configured, or no header and no auth
+        token (the reason and ``detail`` name the missing setting); a signature that
+        does not sign the request.
         """
-        if self._validator is None:
+        if not self.enabled:
             return
         if not signature:
             raise TwilioVerificationError(f"no {SIGNATURE_HEADER} header")
-        if not self._validator.validate(url, params if params is not None else {}, signature):
-            raise TwilioVerificationError(f"{SIGNATURE_HEADER} does not sign {url}")
+        if signature_settings is None or not signature_settings.strip():
+            validator, algorithm, key = self._validator, HMAC_SHA1, "the auth token"
+            if validator is None:
+                raise TwilioVerificationError(
+                    f"signed with the auth token (no {SETTINGS_HEADER}) and "
+                    f"{AUTH_TOKEN_SETTING} is unset",
+                    f"The request is signed with the account's auth token and this gateway "
+                    f"has none configured ({AUTH_TOKEN_SETTING}).",
+                )
+        else:
+            algorithm, key = get_signature_algorithm(signature_settings), "the shared key"
+            if not _supported(algorithm):
+                raise TwilioVerificationError(
+                    f"{SETTINGS_HEADER} names an unsupported algorithm: "
+                    f"{clipped(signature_settings)}",
+                    f"The request's {SETTINGS_HEADER} names a signature algorithm this "
+                    "gateway does not support.",
+                )
+            validator = self._shared
+            if validator is None:
+                raise TwilioVerificationError(
+                    f"signed with a webhook shared key ({SETTINGS_HEADER}: "
+                    f"{clipped(signature_settings)}) and {SHARED_KEY_SETTING} is unset",
+                    f"The request is signed with a webhook shared key ({SETTINGS_HEADER}) "
+                    f"and this gateway has none configured ({SHARED_KEY_SETTING}).",
+                )
+        if not validator.validate(url, params if params is not None else {}, signature, algorithm):
+            raise TwilioVerificationError(
+                f"{SIGNATURE_HEADER} does not sign {url} (checked with {key}, "
+                f"{clipped(algorithm, quote=False)})"
+            )
+
+
+def _supported(algorithm: str) -> bool:
+    """Whether the twilio library signs with ``algorithm`` (its compute_signature raises
+    ValueError for any other; asked first so that its validate does not log an
+    unbounded WARNING of the header's value)."""
+    try:
+        RequestValidator("probe").compute_signature("", None, algorithm)
+    except ValueError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ stream tokens

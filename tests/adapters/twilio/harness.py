@@ -63,9 +63,18 @@ def parse_twiml(xml: str) -> TwiML:
     return TwiML(stream.attrib["url"], stream.attrib.get("statusCallback", ""), params, xml)
 
 
-def sign(auth_token: str, url: str, params: dict[str, str] | None = None) -> str:
-    """X-Twilio-Signature of ``url`` and ``params``, computed by the twilio library."""
-    return str(RequestValidator(auth_token).compute_signature(url, params or {}))
+def sign(
+    auth_token: str,
+    url: str,
+    params: dict[str, str] | None = None,
+    *,
+    algorithm: str | None = None,
+) -> str:
+    """X-Twilio-Signature of ``url`` and ``params``, computed by the twilio library:
+    keyed by ``auth_token`` (or a webhook shared key), with ``algorithm``
+    (``HMAC_SHA1``, the default, or ``HMAC_SHA256``)."""
+    validator = RequestValidator(auth_token)
+    return str(validator.compute_signature(url, params or {}, algorithm=algorithm))
 
 
 def local_ws_url(base_url: str, public_stream_url: str) -> str:

@@ -56,6 +56,64 @@ def test_bad_signatures_are_refused(
         SignatureVerifier(AUTH).check(url, params, signature)
 
 
+SHARED = "webhook-shared-key-secret-0123456789abcdef"
+SHA256 = "key=webhooks_sharedkey_1,algorithm=HMAC_SHA256"
+
+
+def test_the_settings_header_chooses_the_shared_key_and_its_algorithm() -> None:
+    verifier = SignatureVerifier(AUTH, SHARED)
+    verifier.check(URL, FORM, sign(SHARED, URL, FORM, algorithm="HMAC_SHA256"), SHA256)
+    verifier.check(URL, FORM, sign(SHARED, URL, FORM), "key=k,algorithm=HMAC_SHA1")
+    verifier.check(URL, FORM, sign(SHARED, URL, FORM), "key=k")  # no algorithm: HMAC-SHA1
+    verifier.check(URL, FORM, sign(AUTH, URL, FORM), None)  # no header: the auth token
+    verifier.check(URL, FORM, sign(AUTH, URL, FORM), " ")  # a blank header is no header
+
+
+@pytest.mark.parametrize(
+    ("verifier", "signature", "settings", "why"),
+    [
+        (
+            SignatureVerifier(AUTH, SHARED),
+            sign(AUTH, URL, FORM, algorithm="HMAC_SHA256"),
+            SHA256,
+            "does not sign .* the shared key",
+        ),
+        (
+            SignatureVerifier(AUTH, SHARED),
+            sign(SHARED, URL, FORM),  # HMAC-SHA1 while the header says HMAC-SHA256
+            SHA256,
+            "does not sign",
+        ),
+        (
+            SignatureVerifier(AUTH, SHARED),
+            sign(SHARED, URL, FORM),
+            "algorithm=HMAC_MD5",
+            "unsupported algorithm: 'algorithm=HMAC_MD5'",
+        ),
+        (
+            SignatureVerifier(AUTH),
+            sign(SHARED, URL, FORM, algorithm="HMAC_SHA256"),
+            SHA256,
+            "GATEWAY_TWILIO_WEBHOOK_SHARED_KEY is unset",
+        ),
+        (
+            SignatureVerifier(None, SHARED),
+            sign(AUTH, URL, FORM),
+            None,
+            "GATEWAY_TWILIO_AUTH_TOKEN is unset",
+        ),
+        (SignatureVerifier(None, SHARED), None, SHA256, "no X-Twilio-Signature"),
+    ],
+    ids=["auth-token", "sha1-for-sha256", "unsupported", "no-shared-key", "no-auth-token", "none"],
+)
+def test_shared_key_signatures_are_refused_with_a_reason(
+    verifier: SignatureVerifier, signature: str | None, settings: str | None, why: str
+) -> None:
+    assert verifier.enabled
+    with pytest.raises(TwilioVerificationError, match=why):
+        verifier.check(URL, FORM, signature, settings)
+
+
 def test_without_an_auth_token_nothing_is_checked() -> None:
     verifier = SignatureVerifier(None)
     assert not verifier.enabled
