@@ -55,8 +55,10 @@ POST_VOICE: dict[str, Any] = dict(
     description=(
         "Point a phone number's voice webhook (HTTP POST) here. Optional query "
         "parameters: `key` (application key; default GATEWAY_TWILIO_APP_KEY) and `locale`. "
-        "With GATEWAY_TWILIO_AUTH_TOKEN set, X-Twilio-Signature must sign "
-        "`<GATEWAY_PUBLIC_URL>/twilio/voice[?query]` and the form parameters."
+        "With GATEWAY_TWILIO_AUTH_TOKEN (or GATEWAY_TWILIO_WEBHOOK_SHARED_KEY) set, "
+        "X-Twilio-Signature must sign `<GATEWAY_PUBLIC_URL>/twilio/voice[?query]` and the "
+        "form parameters: with the auth token (HMAC-SHA1), or, when the request carries "
+        "X-Twilio-Webhooks-Signature-Settings, with the shared key and the header's algorithm."
     ),
     responses={
         200: {
