@@ -12,7 +12,7 @@ tables:
 
 - :data:`REQUEST_TABLE`: request ``type`` -> :class:`Handling` (``turn``, ``end``,
   ``can_fulfill``, ``exception``); any other type is answered with a valid empty
-  response (``ignore``).
+  response (``playback``, ``ignore``: inside a session it ends it).
 - :data:`INTENT_TABLE`: built-in intent -> the text of the turn, and whether the
   session ends after it. The catch-all intent (name and AMAZON.SearchQuery slot
   configurable, :class:`AlexaConfig`) gives its slot text; any other intent gives
@@ -281,10 +281,13 @@ class Handling(StrEnum):
     shouldEndSession (Alexa refuses outputSpeech, card, reprompt and shouldEndSession
     in answers to them), the session left alone, even when the request names one."""
     IGNORE = "ignore"
-    """Any other type (a screen touch, a type Amazon adds later): a valid empty response
-    without shouldEndSession, the session left alone (``true`` would close a session the
-    user is in the middle of; without it Alexa keeps a screen device's session open and
-    ends a headless one's, as the "Manage the Skill Session" lifecycle says)."""
+    """Any other type (a screen touch, a type Amazon adds later): the gateway has nothing
+    to say to it. Inside a session, an empty response that ends it (``shouldEndSession``
+    true: an empty response must, PROTOCOL-NOTES "Amazon Alexa"), and the gateway ends its
+    session too, as it does for a SessionEndedRequest (Alexa sends none after a response
+    that ends the session); outside one, an empty response without shouldEndSession. (The
+    gateway sends no APL, Display or Connections directives, so the events answering them
+    do not come in a session it drives.)"""
 
 
 REQUEST_TABLE: dict[str, Handling] = {
@@ -540,8 +543,9 @@ def empty_response(
     For requests outside a session (AudioPlayer.*, PlaybackController.*, skill
     events, System.ExceptionEncountered) pass no ``session_id`` and no ``end``:
     those responses may carry no speech and no shouldEndSession. Inside a
-    session, ``session_id`` keeps its ``sessionAttributes``; ``end=True`` closes it,
-    ``end=None`` (no shouldEndSession) leaves it to Alexa (:attr:`Handling.IGNORE`).
+    session, ``session_id`` keeps its ``sessionAttributes`` and ``end=True`` closes it,
+    as an empty in-session response must (PROTOCOL-NOTES, "Amazon Alexa";
+    :attr:`Handling.IGNORE`).
     """
     return AlexaResponseEnvelope(
         session_attributes=session_attributes(session_id),

@@ -126,11 +126,18 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
             log.warning("Alexa reports an error with a previous response: %s", error)
         elif handling is Handling.END:
             await self._end(envelope, decided)
-        # Any other request type (Display.ElementSelected, Alexa.Presentation.APL.UserEvent,
-        # a type Amazon adds later): a valid empty response that leaves the session as it
-        # is, on Alexa's side (no shouldEndSession: Alexa decides by device) and ours
+        # Any other request type in a session (Display.ElementSelected,
+        # Alexa.Presentation.APL.UserEvent, a type Amazon adds later): nothing to say, and
+        # an empty in-session response must end the session; Alexa sends no
+        # SessionEndedRequest after it, so the gateway ends its own now
         elif handling is Handling.IGNORE and decided.session_id is not None:
-            return encode(empty_response(session_id=decided.session_id))
+            log.debug(
+                "Alexa %s in session %s: not handled, the session ends",
+                clipped(envelope.request.type),
+                session_ref(decided.session_id),
+            )
+            await self.end(turn_context(decided))
+            return encode(empty_response(session_id=decided.session_id, end=True))
         return encode(empty_response())  # (PLAYBACK's: no speech, no shouldEndSession, ever)
 
     async def _end(self, envelope: AlexaEnvelope, decided: Plan) -> None:
