@@ -122,7 +122,9 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
         if handling is Handling.CAN_FULFILL:
             return encode(can_fulfill_response(envelope))
         if handling is Handling.EXCEPTION:
-            error = envelope.request.error or "(no details)"
+            error = (
+                clipped(envelope.request.error, 200) if envelope.request.error else "(no details)"
+            )
             log.warning("Alexa reports an error with a previous response: %s", error)
         elif handling is Handling.END:
             await self._end(envelope, decided)
@@ -131,20 +133,20 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
         # an empty in-session response must end the session; Alexa sends no
         # SessionEndedRequest after it, so the gateway ends its own now
         elif handling is Handling.IGNORE and decided.session_id is not None:
-            log.debug(
-                "Alexa %s in session %s: not handled, the session ends",
-                clipped(envelope.request.type),
-                session_ref(decided.session_id),
-            )
-            await self.end(turn_context(decided))
+            ctx = turn_context(decided)
+            kind = clipped(envelope.request.type)
+            log.debug("Alexa %s in session %s: not handled, it ends", kind, session_ref(ctx.key))
+            await self.end(ctx)
             return encode(empty_response(session_id=decided.session_id, end=True))
         return encode(empty_response())  # (PLAYBACK's: no speech, no shouldEndSession, ever)
 
     async def _end(self, envelope: AlexaEnvelope, decided: Plan) -> None:
         if envelope.request.type == "SessionEndedRequest":
-            reason = envelope.request.reason or "unknown"
-            if envelope.request.error:
-                log.warning("Alexa session ended with an error: %s", envelope.request.error)
+            reason = clipped(envelope.request.reason or "unknown", quote=False)
+            if envelope.request.error:  # Alexa's, but a client's value: quoted clipped
+                log.warning(
+                    "Alexa session ended with an error: %s", clipped(envelope.request.error, 200)
+                )
             log.debug("Alexa session %s ended: %s", session_ref(decided.session_id or ""), reason)
         await self.end(turn_context(decided))
 

@@ -794,6 +794,28 @@ async def test_audio_alexa_refuses_is_left_out_and_the_rest_is_said(
     assert "ok.mp3" not in line
 
 
+@pytest.mark.parametrize("kind", ["SessionEndedRequest", "System.ExceptionEncountered"])
+async def test_an_error_alexa_reports_is_logged_clipped(
+    caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """The ``error`` of a SessionEndedRequest or System.ExceptionEncountered is logged at
+    WARNING, clipped: a 100,000-character message (or a request built to flood the log)
+    gives a short line that still names the error's type."""
+    caplog.set_level(logging.DEBUG, logger="adapters.alexa")
+    data = envelope("S-error-log", kind=kind)
+    data["request"]["reason"] = "ERROR" + "R" * 100_000
+    data["request"]["error"] = {"type": "INVALID_RESPONSE", "message": "m" * 100_000}
+    async with gateway(**OFF) as url, httpx.AsyncClient(base_url=url) as client:
+        answer = await say(client, data)
+    assert spoken(answer) == ""
+    lines = [r for r in caplog.records if r.name == "adapters.alexa"]
+    (warning,) = [r for r in lines if "INVALID_RESPONSE" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert "'type': 'INVALID_RESPONSE'" in warning.getMessage()
+    assert "mmm" in warning.getMessage()
+    assert all(len(r.getMessage()) < 400 for r in lines), [len(r.getMessage()) for r in lines]
+
+
 async def test_session_ended_during_a_late_turn_answers_at_once_and_ends_it_after() -> None:
     core = make_core(delay_s=1.5)
     async with (
