@@ -680,6 +680,17 @@ def fallback_json(plan: Plan, text: str, end: bool) -> dict[str, Any]:
     return render(plan, Answer((ResponseItem(text=text),), end=end), plan.session_id)
 
 
+def speaks_ssml(plan: Plan) -> bool:
+    """Whether :func:`render` writes ``plan``'s answer as SSML speech (the audio of which is
+    limited to :data:`gateway.ssml.HTTPS_AUDIO`): Actions Builder, Actions SDK v2 but a
+    conversation exit (``plan.exit``: its plain ``textToSpeech``), and Dialogflow ES with the
+    Actions on Google payload; a Dialogflow CX or plain ES answer carries text messages only,
+    no speech and no audio."""
+    if plan.format in (Format.ACTIONS_BUILDER, Format.ACTIONS_SDK_V2):
+        return not plan.exit
+    return plan.format is Format.DIALOGFLOW_ES and plan.google_payload and not plan.exit
+
+
 def _image(items: Sequence[ResponseItem]) -> str | None:
     return next((i.image for i in items if i.image and i.image.startswith("https://")), None)
 

@@ -65,6 +65,7 @@ from adapters.google.protocol import (
     google_plan,
     health_response,
     load_json,
+    speaks_ssml,
     turn_context,
 )
 from adapters.google.verify import DialogflowAuth, GoogleVerifier
@@ -103,6 +104,11 @@ class _Webhook(WebhookChannel[Plan, dict[str, Any]]):
     async def other(self, planned: Plan) -> dict[str, Any]:
         """A health check's answer."""
         return health_response(planned)
+
+    def speaks(self, planned: Plan) -> bool:
+        """:func:`adapters.google.protocol.speaks_ssml`: a Dialogflow CX or plain ES answer
+        says no SSML, so no audio is left out of one."""
+        return speaks_ssml(planned)
 
     def answer(self, planned: Plan, response: Response) -> tuple[dict[str, Any], bool]:
         """:func:`adapters.google.protocol.answer_json`."""

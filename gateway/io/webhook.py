@@ -128,7 +128,8 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     :data:`gateway.ssml.HTTPS_AUDIO`), are the ``<audio src>`` schemes the platform plays;
     the audio of a turn's answer that its speech leaves out for that (the platform would
     refuse the whole speech) is logged at WARNING naming the core's item
-    (:meth:`_log_left_out_audio`, bounded by ``left_out_audio``).
+    (:meth:`_log_left_out_audio`, bounded by ``left_out_audio``), for an answer that is
+    speech (:meth:`speaks`).
     """
 
     platform: ClassVar[str]
@@ -178,6 +179,12 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     @abstractmethod
     def fallback(self, planned: _PlanT, text: str, end: bool) -> _AnswerT:
         """An answer saying the gateway's own ``text``; ``end`` closes the conversation."""
+
+    def speaks(self, planned: _PlanT) -> bool:
+        """Whether the answer to ``planned`` is SSML speech, limited to ``audio_schemes``
+        (its left-out audio is then logged): True by default; a format answered with text
+        only (Dialogflow CX) says False."""
+        return True
 
     def ends_anyway(self, planned: _PlanT) -> bool:
         """Whether ``planned`` closes the conversation whatever the turn gives (the user
@@ -261,7 +268,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         end = outcome.end
         if end is TurnEnd.ANSWERED:
             assert outcome.response is not None
-            if self.audio_schemes is not None:
+            if self.audio_schemes is not None and self.speaks(planned):
                 self._log_left_out_audio(ctx, outcome.response, self.audio_schemes)
             answer, closes = self.answer(planned, outcome.response)
             if closes and not outcome.session_ended:  # the platform closes it: so does the gateway

@@ -1061,3 +1061,38 @@ async def test_audio_google_refuses_is_left_out_and_the_rest_is_said(
     assert "item 2 <audio src='http://cdn.example/b.mp3'>" in line
     assert "ok.mp3" not in line
     assert "SECRET" not in line  # a signed URL's query is not logged
+
+
+async def test_left_out_audio_is_logged_only_for_answers_that_speak_ssml(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Dialogflow CX answer, or a plain ES one, carries text messages only: no SSML and no
+    audio, so no "left out of the speech" WARNING (it named audio no answer would have
+    played anyway); an ES answer with the Actions on Google payload speaks SSML and is
+    logged as /google's answers are."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        items = [{"text": "Clip.", "audio": "http://cdn.example/b.mp3"}]
+        return JSONResponse({"items": items})
+
+    caplog.set_level(logging.WARNING, logger="adapters.google")
+    agent = "projects/p1/locations/global/agents/a1"
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = ok(await client.post("/dialogflow", json=cx(f"{agent}/sessions/audio", "x")))
+        assert check_cx(cx(f"{agent}/sessions/audio", "x"), answer) == "Clip."
+        plain = ok(await client.post("/dialogflow", json=es("projects/p1/sessions/audio", "x")))
+        assert check_es(plain, google=False) == "Clip."
+        left = [r for r in caplog.records if "left out of the speech" in r.getMessage()]
+        assert left == []
+        content = (GOOGLE / "actions-sdk-v2-via-dialogflow" / "HelpIntent.json").read_bytes()
+        check_es(ok(await client.post("/dialogflow", content=content)), google=True)
+    (line,) = [r for r in caplog.records if "left out of the speech" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert "Dialogflow turn of dialogflow:" in line.getMessage()
+    assert "item 0 <audio src='http://cdn.example/b.mp3'>" in line.getMessage()
