@@ -8,6 +8,9 @@ protocols use it without loading the turn engine (DESIGN.md, "Rules of the house
   ``<audio src>``) within a character budget, kept well-formed, without the ``<audio>``
   a platform refuses (a ``src`` not https; Alexa also plays ``soundbank://``), which
   :func:`refused_audio` names for the log;
+- with ``elements`` (:data:`ALEXA_ELEMENTS`, :data:`GOOGLE_ELEMENTS`), it keeps only the
+  SSML elements the platform supports, each other one (a nested ``<speak>`` too) replaced
+  by its content, which :func:`refused_elements` names for the log;
 - :func:`display_text` gives their text for a screen or card;
 - both cut at a sentence or word boundary with :func:`truncate_text`.
 
@@ -25,11 +28,14 @@ from gateway.events import ResponseItem
 
 __all__ = [
     "ALEXA_AUDIO",
+    "ALEXA_ELEMENTS",
     "ELLIPSIS",
+    "GOOGLE_ELEMENTS",
     "HTTPS_AUDIO",
     "display_text",
     "item_ssml",
     "refused_audio",
+    "refused_elements",
     "speech_ssml",
     "ssml_to_text",
     "truncate_text",
@@ -47,6 +53,55 @@ ALEXA_AUDIO: tuple[str, ...] = ("https://", "soundbank://")
 ``soundbank://soundlibrary/...`` (Alexa SSML reference, ``audio``); any other ``src``
 makes Alexa refuse the whole response ("there was a problem with the requested skill's
 response")."""
+
+ALEXA_ELEMENTS: frozenset[str] = frozenset(
+    {
+        "p",
+        "s",
+        "break",
+        "emphasis",
+        "lang",
+        "phoneme",
+        "prosody",
+        "say-as",
+        "sub",
+        "voice",
+        "w",
+        "audio",
+        "amazon:domain",
+        "amazon:effect",
+        "amazon:emotion",
+    }
+)
+"""The SSML elements Alexa speaks inside the ``<speak>`` root (Alexa "Speech Synthesis Markup
+Language (SSML) Reference", "Supported SSML tags"); Alexa refuses the whole speech for
+another element, a ``<speak>`` nested in the root included."""
+GOOGLE_ELEMENTS: frozenset[str] = frozenset(
+    {
+        "break",
+        "say-as",
+        "audio",
+        "desc",
+        "p",
+        "s",
+        "sub",
+        "mark",
+        "prosody",
+        "emphasis",
+        "par",
+        "seq",
+        "media",
+    }
+)
+"""The SSML elements Google Assistant speaks inside the ``<speak>`` root (Actions on Google
+"SSML", "Support for SSML elements": ``<desc>`` as the description of an ``<audio>``;
+``<phoneme>``, ``<voice>`` and ``<lang>`` are Cloud Text-to-Speech's, not listed there)."""
+_UNSPOKEN: frozenset[str] = frozenset({"desc", "meta", "metadata", "lexicon"})
+"""Elements whose content is no speech (SSML 1.1 sections 3.1.5, 3.1.6, 3.3.3): one the
+platform does not support is removed with its content, not replaced by it."""
+AMAZON_NAMESPACE = "https://developer.amazon.com/alexa/ssml"
+"""The namespace the ``amazon:`` prefix of Alexa's elements (``<amazon:effect>``) is parsed
+in: Alexa's SSML uses the prefix without declaring it, so the checks here declare it."""
 
 _SPEAK_OPEN = "<speak>"
 _SPEAK_CLOSE = "</speak>"
@@ -142,11 +197,16 @@ def _truncate_escaped(text: str, budget: int, *, utf16: bool = False) -> str:
 # ---------------------------------------------------------------------- SSML
 
 
+_SPEAK_PARSED = f'<speak xmlns:amazon="{AMAZON_NAMESPACE}">'
+"""The root a fragment is parsed in: Alexa's undeclared ``amazon:`` prefix declared."""
+
+
 def ssml_to_text(ssml: str) -> str | None:
-    """The spoken text of an SSML fragment or document, or None when it is not well-formed."""
+    """The spoken text of an SSML fragment or document, or None when it is not well-formed
+    (the ``amazon:`` prefix of Alexa's elements needs no declaration)."""
     inner = _strip_speak(ssml)
     try:
-        root = ET.fromstring(f"{_SPEAK_OPEN}{inner}{_SPEAK_CLOSE}")
+        root = ET.fromstring(f"{_SPEAK_PARSED}{inner}{_SPEAK_CLOSE}")
     except ET.ParseError:
         return None
     return " ".join("".join(root.itertext()).split())
@@ -255,11 +315,100 @@ def refused_audio(items: Sequence[ResponseItem], schemes: tuple[str, ...]) -> li
     return found
 
 
+_TAG_NAME = re.compile(r"</?+([^\s/>!?]++)")
+"""The name of each start, end or empty-element tag (and, harmlessly, of a ``<`` in a comment
+or CDATA section): :func:`_kept_elements`' quick check."""
+_MARKUP = re.compile(
+    r"<!--.*?-->|<!\[CDATA\[.*?\]\]>|<\?.*?\?>"
+    r"""|<(/?)([^\s/>!?]++)(?:\s++[^\s=/>]++\s*+=\s*+(?:"[^"]*+"|'[^']*+'))*+\s*+(/?)>""",
+    re.DOTALL,
+)
+"""A comment, CDATA section or processing instruction (group 2 None), or a tag: group 1 ``/``
+for an end tag, group 2 its name, group 3 ``/`` for an empty-element tag (attribute values may
+hold ``>``). In a well-formed fragment each comment, section or instruction ends, so the scan
+is linear."""
+
+
+def _kept_elements(fragment: str, elements: frozenset[str]) -> tuple[str, list[str]]:
+    """``fragment`` (well-formed SSML content) with only the elements named in ``elements``:
+    each other one replaced by its content (its start and end tags removed; a nested
+    ``<speak>``'s by spaces, as a whole document's words are not part of the words around it;
+    a ``<desc>``, or another element of :data:`_UNSPOKEN`, removed with its content), and the
+    names of those replaced, in document order. A quick check first: nothing is scanned
+    unless a tag names another element. One pass over the tags (linear, however deep or
+    many); should the edit not leave well-formed SSML, the fragment's spoken text is given
+    instead: never a document the platform refuses."""
+    if "<" not in fragment or elements.issuperset(_TAG_NAME.findall(fragment)):
+        return fragment, []
+    out: list[str] = []
+    removed: list[str] = []
+    open_kept: list[bool] = []  # for each open element: are its tags kept?
+    at = dropping = 0  # dropping: the depth inside an unspoken element removed whole
+    for mark in _MARKUP.finditer(fragment):
+        name = mark[2]
+        if name is None:
+            continue  # a comment, CDATA section or instruction: as it is
+        if dropping:
+            dropping += 0 if mark[3] else (-1 if mark[1] else 1)
+            if not dropping:
+                at = mark.end()
+            continue
+        if mark[1]:  # an end tag
+            if not open_kept:
+                break  # not well-formed (an end tag in a comment fooled the scan): checked below
+            if not open_kept.pop():
+                out.append(fragment[at : mark.start()] + (" " if name == "speak" else ""))
+                at = mark.end()
+            continue
+        if name in elements:
+            if not mark[3]:
+                open_kept.append(True)
+            continue
+        removed.append(name)
+        out.append(fragment[at : mark.start()] + (" " if name == "speak" else ""))
+        at = mark.end()
+        if mark[3]:
+            continue
+        if name in _UNSPOKEN:
+            dropping = 1
+        else:
+            open_kept.append(False)
+    if not removed:
+        return fragment, []
+    kept = "".join(out) + fragment[at:]
+    if open_kept or dropping or ssml_to_text(kept) is None:
+        return xml_text(ssml_to_text(fragment) or ""), removed
+    return kept, removed
+
+
+def refused_elements(
+    items: Sequence[ResponseItem], elements: frozenset[str]
+) -> list[tuple[int, str]]:
+    """``(index, name)`` of each SSML element of ``items`` that :func:`item_ssml` replaces by
+    its content for ``elements`` (:data:`ALEXA_ELEMENTS`, :data:`GOOGLE_ELEMENTS`): an element
+    of an item's well-formed ``ssml`` the platform does not support (a nested ``<speak>``
+    too), each name once per item, in document order. For the route's log line; costs a
+    substring test per item unless an item has SSML with tags."""
+    found: list[tuple[int, str]] = []
+    for index, item in enumerate(items):
+        ssml = item.ssml
+        if not ssml or "<" not in ssml or ssml_to_text(ssml) is None:
+            continue
+        names = _kept_elements(_strip_speak(ssml).strip(), elements)[1]
+        found += [(index, name) for name in dict.fromkeys(names)]
+    return found
+
+
 def _is_command(item: ResponseItem) -> bool:
     return bool(item.text and item.text.strip().startswith("#"))
 
 
-def item_ssml(item: ResponseItem, *, audio_schemes: tuple[str, ...] = HTTPS_AUDIO) -> str:
+def item_ssml(
+    item: ResponseItem,
+    *,
+    audio_schemes: tuple[str, ...] = HTTPS_AUDIO,
+    elements: frozenset[str] | None = None,
+) -> str:
     """One item as an SSML fragment (no ``<speak>``), ``""`` when it says nothing.
 
     The item's ``ssml`` when it is well-formed, else its ``text`` escaped;
@@ -270,13 +419,19 @@ def item_ssml(item: ResponseItem, *, audio_schemes: tuple[str, ...] = HTTPS_AUDI
     ``ssml`` of another scheme is replaced by its fallback content (:func:`_kept_audio`;
     a regex scan only when the ``ssml`` holds ``<audio``) and such an ``audio`` URL is left
     out, as is one holding a character XML does not allow (:data:`_NOT_XML`), which no
-    escape can carry. :func:`refused_audio` names what was left out.
+    escape can carry. :func:`refused_audio` names what was left out. With ``elements``
+    (:data:`ALEXA_ELEMENTS`, :data:`GOOGLE_ELEMENTS`), an element of the ``ssml`` not named
+    there (the platform refuses the whole speech for it; a ``<speak>`` nested in the
+    document too) is replaced by its content (:func:`_kept_elements`; scanned only when a
+    tag names another element); :func:`refused_elements` names them.
     """
     parts: list[str] = []
     if item.ssml and ssml_to_text(item.ssml) is not None:
         fragment = _strip_speak(item.ssml).strip()
         if _AUDIO_TAG in fragment:
             fragment = _kept_audio(fragment, audio_schemes)[0]
+        if elements is not None:
+            fragment = _kept_elements(fragment, elements)[0]
         parts.append(fragment)
     elif item.text and not _is_command(item):
         parts.append(xml_text(item.text.strip()))
@@ -291,13 +446,15 @@ def speech_ssml(
     max_chars: int,
     *,
     audio_schemes: tuple[str, ...] = HTTPS_AUDIO,
+    elements: frozenset[str] | None = None,
     max_audio: int | None = None,
     utf16: bool = False,
 ) -> str | None:
     """The items' speech as one ``<speak>`` document of at most ``max_chars`` characters
     (code points; UTF-16 code units with ``utf16``, :func:`utf16_len`, as Alexa counts).
 
-    Items are joined in order (see :func:`item_ssml`: audio only of ``audio_schemes``).
+    Items are joined in order (see :func:`item_ssml`: audio only of ``audio_schemes``,
+    with ``elements`` only those SSML elements).
     When the next fragment
     does not fit, its spoken text is cut at a sentence/word boundary
     (:func:`truncate_text`) and escaped, and nothing after it is said, so the
@@ -311,7 +468,7 @@ def speech_ssml(
     used = 0
     audio_left = max_audio
     for item in items:
-        fragment = item_ssml(item, audio_schemes=audio_schemes)
+        fragment = item_ssml(item, audio_schemes=audio_schemes, elements=elements)
         if audio_left is not None and _AUDIO_TAG in fragment:
             tags = fragment.count(_AUDIO_TAG)
             if tags > audio_left:  # over the platform's count: its words only

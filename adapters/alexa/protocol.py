@@ -49,7 +49,7 @@ from pydantic_core import to_json
 
 from gateway.events import FALLBACK, INTRO, Input, InputClass, Response, ResponseItem, Wire
 from gateway.protocol import ProtocolError, load_json, validate
-from gateway.ssml import ALEXA_AUDIO, display_text, speech_ssml
+from gateway.ssml import ALEXA_AUDIO, ALEXA_ELEMENTS, display_text, speech_ssml
 from gateway.turn import IntentRule, TurnContext
 
 NAMESPACE = "alexa"
@@ -623,7 +623,9 @@ def turn_wire(
     - ``outputSpeech``: SSML of the items (ssml when present, text escaped
       otherwise, https and ``soundbank://`` audio as ``<audio src>``; an ``<audio>`` of
       another ``src``, for which Alexa refuses the whole speech, left out:
-      :data:`gateway.ssml.ALEXA_AUDIO`), at most ``max_speech_chars`` and
+      :data:`gateway.ssml.ALEXA_AUDIO`; an SSML element Alexa does not speak, a nested
+      ``<speak>`` too, replaced by its content: :data:`gateway.ssml.ALEXA_ELEMENTS`),
+      at most ``max_speech_chars`` and
       :data:`MAX_AUDIO_TAGS` ``<audio>`` tags (an item past them says its words only);
     - ``reprompt``: the last item that says something, while the session stays
       open (and ``reprompt`` is True);
@@ -676,9 +678,15 @@ def _reprompt_ssml(items: Sequence[ResponseItem], speech: str, max_chars: int) -
 
 def _speech(items: Sequence[ResponseItem], max_chars: int) -> str | None:
     """:func:`gateway.ssml.speech_ssml` within Alexa's :data:`MAX_AUDIO_TAGS`, with only the
-    audio Alexa plays (:data:`gateway.ssml.ALEXA_AUDIO`)."""
+    audio Alexa plays (:data:`gateway.ssml.ALEXA_AUDIO`) and the SSML elements it speaks
+    (:data:`gateway.ssml.ALEXA_ELEMENTS`)."""
     return speech_ssml(
-        items, max_chars, audio_schemes=ALEXA_AUDIO, max_audio=MAX_AUDIO_TAGS, utf16=True
+        items,
+        max_chars,
+        audio_schemes=ALEXA_AUDIO,
+        elements=ALEXA_ELEMENTS,
+        max_audio=MAX_AUDIO_TAGS,
+        utf16=True,
     )
 
 
@@ -712,7 +720,11 @@ def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES)
         # Non-ASCII characters take up to 4 bytes (and \\u escapes 6): cut generously.
         target = max(0, len(speech.ssml) - over - 64)
         spoken = speech_ssml(
-            [ResponseItem(ssml=speech.ssml)], target, audio_schemes=ALEXA_AUDIO, utf16=True
+            [ResponseItem(ssml=speech.ssml)],
+            target,
+            audio_schemes=ALEXA_AUDIO,
+            elements=ALEXA_ELEMENTS,
+            utf16=True,
         )
         if spoken is None:
             body.output_speech = speech = None

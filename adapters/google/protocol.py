@@ -44,7 +44,9 @@ session in ``conversationToken``; ES ``fulfillmentText`` + ``fulfillmentMessages
 ``basicCard``) only for a device that shows one (:data:`V3_SCREEN`, :data:`V2_SCREEN`).
 The speech holds only https ``<audio>`` (:data:`gateway.ssml.HTTPS_AUDIO`): Google
 refuses the whole speech for one of another ``src``, so such an ``<audio>`` (of an item's
-``ssml`` or ``audio``) is left out.
+``ssml`` or ``audio``) is left out; and only the SSML elements Google speaks
+(:data:`gateway.ssml.GOOGLE_ELEMENTS`): another one (a nested ``<speak>``, Alexa's
+``<amazon:effect>``) is replaced by its content.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError, clipped, validate
 from gateway.protocol import load_json as load_any_json
-from gateway.ssml import HTTPS_AUDIO, display_text, speech_ssml, truncate_text
+from gateway.ssml import GOOGLE_ELEMENTS, HTTPS_AUDIO, display_text, speech_ssml, truncate_text
 from gateway.turn import IntentRule, TurnContext
 
 GOOGLE_NAMESPACE = "google"
@@ -734,8 +736,15 @@ def health_response(plan: Plan) -> dict[str, Any]:
     return {} if plan.format is Format.ACTIONS_BUILDER else fallback_json(plan, "OK", True)
 
 
+def _speech(items: Sequence[ResponseItem], max_chars: int) -> str | None:
+    """:func:`gateway.ssml.speech_ssml` with only the audio Google plays
+    (:data:`gateway.ssml.HTTPS_AUDIO`) and the SSML elements it speaks
+    (:data:`gateway.ssml.GOOGLE_ELEMENTS`)."""
+    return speech_ssml(items, max_chars, audio_schemes=HTTPS_AUDIO, elements=GOOGLE_ELEMENTS)
+
+
 def _v3_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
-    speech = speech_ssml(answer.items, MAX_SPEECH_CHARS, audio_schemes=HTTPS_AUDIO)
+    speech = _speech(answer.items, MAX_SPEECH_CHARS)
     text = display_text(answer.items, MAX_DISPLAY_CHARS, utf16=True)
     prompt: dict[str, Any] = {"override": False}
     simple = {k: v for k, v in (("speech", speech), ("text", text or None)) if v is not None}
@@ -781,7 +790,7 @@ def _rich_response(plan: Plan, answer: Answer, max_chars: int = MAX_SPEECH_CHARS
     ``textToSpeech`` and ``displayText`` the answer's text cut to :data:`MAX_EXIT_CHARS`
     (no SSML, no card). ``max_chars`` bounds the speech and the text (a Dialogflow answer
     that must fit, :func:`_fit`)."""
-    speech = None if plan.exit else speech_ssml(answer.items, max_chars, audio_schemes=HTTPS_AUDIO)
+    speech = None if plan.exit else _speech(answer.items, max_chars)
     limit = MAX_EXIT_CHARS if plan.exit else MAX_DISPLAY_CHARS
     text = display_text(answer.items, min(limit, max_chars), utf16=True)
     simple = {"textToSpeech": text} if text and not speech else {"ssml": speech or SILENT_SSML}

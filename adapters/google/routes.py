@@ -74,7 +74,7 @@ from gateway.events import Input, Response
 from gateway.io.webhook import WebhookChannel, WebhookRefused, refusal_at_startup
 from gateway.protocol import clipped
 from gateway.settings import Settings
-from gateway.ssml import HTTPS_AUDIO
+from gateway.ssml import GOOGLE_ELEMENTS, HTTPS_AUDIO
 from gateway.turn import TurnContext
 
 log = logging.getLogger("adapters.google")
@@ -94,6 +94,7 @@ class _Webhook(WebhookChannel[Plan, dict[str, Any]]):
     log = log
     namespace: str
     audio_schemes = HTTPS_AUDIO
+    ssml_elements = GOOGLE_ELEMENTS
 
     def turn(self, planned: Plan) -> tuple[TurnContext, Input] | None:
         """Every request but a health check runs a turn."""

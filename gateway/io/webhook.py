@@ -69,7 +69,7 @@ from gateway.logs import session_ref
 from gateway.protocol import ProtocolError, clipped
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import RefusalLog
-from gateway.ssml import refused_audio
+from gateway.ssml import refused_audio, refused_elements
 from gateway.startup import not_configured
 from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd, TurnOutcome, TurnRejected
 
@@ -129,7 +129,10 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     the audio of a turn's answer that its speech leaves out for that (the platform would
     refuse the whole speech) is logged at WARNING naming the core's item
     (:meth:`_log_left_out_audio`, bounded by ``left_out_audio``), for an answer that is
-    speech (:meth:`speaks`).
+    speech (:meth:`speaks`). ``ssml_elements``, when set (:data:`gateway.ssml.ALEXA_ELEMENTS`,
+    :data:`gateway.ssml.GOOGLE_ELEMENTS`), are the SSML elements the platform speaks; the
+    core's elements its speech replaces by their content are logged the same way
+    (:meth:`_log_left_out_elements`, bounded by ``left_out_elements``).
     """
 
     platform: ClassVar[str]
@@ -137,6 +140,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     fallbacks: ClassVar[Mapping[TurnEnd, Fallback]] = turn.VOICE_FALLBACKS
     body_too_large_status: ClassVar[int] = 413
     audio_schemes: ClassVar[tuple[str, ...] | None] = None
+    ssml_elements: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, gw: Gateway, deadline_s: float, refusal: str | None = None) -> None:
         self.gw = gw
@@ -144,6 +148,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         self.refusal = refusal
         self.refusals = RefusalLog()
         self.left_out_audio = RefusalLog()
+        self.left_out_elements = RefusalLog()
 
     # ------------------------------------------------------------------ the hooks
 
@@ -251,6 +256,33 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             " and ".join(schemes),
         )
 
+    def _log_left_out_elements(
+        self, ctx: TurnContext, response: Response, elements: frozenset[str]
+    ) -> None:
+        """One WARNING line (bounded: ``left_out_elements``, a burst then one a minute, the
+        rest at DEBUG) naming the core's items whose SSML elements the speech replaces by
+        their content (:func:`gateway.ssml.refused_elements`: elements not in ``elements``, a
+        nested ``<speak>`` too): ``item 0 <speak>, item 2 <foo>``, the first three, their
+        names clipped. Nothing when there is none (a substring test per item unless an
+        item's SSML has tags)."""
+        left_out = refused_elements(response.items, elements)
+        if not left_out:
+            return
+        named = ", ".join(
+            f"item {i} <{clipped(name, 40, quote=False)}>" for i, name in left_out[:3]
+        )
+        more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+        self.left_out_elements.log(
+            self.log,
+            "%s turn of %s: the core's SSML %s%s: replaced by their content (%s refuses the "
+            "whole speech for an SSML element it does not support)",
+            self.platform,
+            session_ref(ctx.key),
+            named,
+            more,
+            self.platform,
+        )
+
     async def _body(self, request: Request) -> bytes:
         try:
             return await read_body(request, self.gw.settings.max_body_bytes)
@@ -268,8 +300,11 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         end = outcome.end
         if end is TurnEnd.ANSWERED:
             assert outcome.response is not None
-            if self.audio_schemes is not None and self.speaks(planned):
-                self._log_left_out_audio(ctx, outcome.response, self.audio_schemes)
+            if self.speaks(planned):
+                if self.audio_schemes is not None:
+                    self._log_left_out_audio(ctx, outcome.response, self.audio_schemes)
+                if self.ssml_elements is not None:
+                    self._log_left_out_elements(ctx, outcome.response, self.ssml_elements)
             answer, closes = self.answer(planned, outcome.response)
             if closes and not outcome.session_ended:  # the platform closes it: so does the gateway
                 left = deadline_s - (loop.time() - started)

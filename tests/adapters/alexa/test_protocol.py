@@ -6,6 +6,8 @@ Responses are checked by parsing them with ask-sdk-model (Amazon's own models).
 from __future__ import annotations
 
 import json
+import re
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -43,9 +45,12 @@ from gateway.events import Response, ResponseItem
 from gateway.protocol import ProtocolError
 from gateway.ssml import (
     ALEXA_AUDIO,
+    ALEXA_ELEMENTS,
+    GOOGLE_ELEMENTS,
     HTTPS_AUDIO,
     display_text,
     refused_audio,
+    refused_elements,
     speech_ssml,
     truncate_text,
 )
@@ -480,6 +485,111 @@ def test_audio_filtering_takes_hostile_ssml(ssml: str) -> None:
             assert 'src="http://' not in speech
         named = refused_audio(items, schemes)  # (the route's log line)
         assert all(src.startswith("http://") for _, src in named)
+
+
+TAG_NAMES = re.compile(r"</?([^\s/>!?]+)")
+
+
+def element_names(ssml: str) -> list[str]:
+    """The names of the tags of ``ssml``, in order (start, end and empty-element tags; not
+    in comments)."""
+    return TAG_NAMES.findall(re.sub("<!--.*?-->", "", ssml, flags=re.DOTALL))
+
+
+def amazon_well_formed(ssml: str) -> str:
+    """:func:`well_formed` for Alexa's SSML, whose ``amazon:`` prefix is undeclared."""
+    return well_formed(ssml.replace("<speak>", '<speak xmlns:amazon="urn:amazon">', 1))
+
+
+ODD_SSML = (
+    "<speak>Hello. <speak>Nested <foo bar='1'>words</foo>.</speak>"
+    ' <amazon:effect name="whispered">quiet</amazon:effect>'
+    ' <phoneme alphabet="ipa" ph="t">tomato</phoneme> <mark name="m"/>'
+    ' <audio src="https://a.example/b.mp3"><desc>a bell</desc>ring</audio>'
+    "<!-- <bar> --> <x:y xmlns:x='urn:x'>end</x:y></speak>"
+)
+"""A core's SSML with elements Alexa or Google refuse the whole speech for: a nested
+``<speak>``, an unknown ``<foo>`` and ``<x:y>``, Alexa's ``<amazon:effect>``, ``<phoneme>``
+(not Google's), ``<mark>`` and ``<desc>`` (not Alexa's); a comment naming ``<bar>``."""
+
+
+@pytest.mark.parametrize(
+    ("elements", "kept", "replaced"),
+    [
+        (
+            ALEXA_ELEMENTS,
+            ["amazon:effect", "phoneme", "audio"],
+            ["speak", "foo", "mark", "desc", "x:y"],
+        ),
+        (
+            GOOGLE_ELEMENTS,
+            ["mark", "audio", "desc"],
+            ["speak", "foo", "amazon:effect", "phoneme", "x:y"],
+        ),
+    ],
+    ids=["alexa", "google"],
+)
+def test_ssml_elements_the_platform_refuses_are_replaced_by_their_content(
+    elements: frozenset[str], kept: list[str], replaced: list[str]
+) -> None:
+    """Alexa and Google refuse the WHOLE speech for an SSML element they do not support (a
+    ``<speak>`` nested in the document, a tag of another engine): such an element is
+    replaced by its content (a ``<desc>`` by nothing: it describes, it is not said), the
+    platform's own elements are kept, every word is said, and :func:`refused_elements`
+    names what was replaced for the log."""
+    items = [ResponseItem(text="Plain."), ResponseItem(ssml=ODD_SSML)]
+    speech = speech_ssml(items, MAX_SPEECH_CHARS, audio_schemes=ALEXA_AUDIO, elements=elements)
+    assert speech is not None
+    words = " ".join(amazon_well_formed(speech).split())
+    assert words.startswith("Plain. Hello. Nested words.")
+    assert all(w in words for w in ("quiet", "tomato", "ring", "end"))
+    assert ("a bell" in words) == ("desc" in elements)
+    names = element_names(speech)
+    assert names.count("speak") == 2  # the root's start and end tags only
+    assert set(names) <= elements | {"speak"}
+    assert all(name in names for name in kept)
+    assert "<!-- <bar> -->" in speech  # a comment is no element
+    assert refused_elements(items, elements) == [(1, name) for name in replaced]
+    # an item without such elements costs the quick check only and is said as it was
+    plain = [ResponseItem(ssml='<speak><p>Hi <break time="1s"/> there.</p></speak>')]
+    assert speech_ssml(plain, MAX_SPEECH_CHARS, elements=elements) == (
+        '<speak><p>Hi <break time="1s"/> there.</p></speak>'
+    )
+    assert refused_elements(plain, elements) == []
+
+
+@pytest.mark.parametrize(
+    "ssml",
+    [
+        "<foo>x</foo>" * 5_000,  # 5,000 to replace
+        "<speak>" * 2_000 + "deep" + "</speak>" * 2_000,  # deeply nested documents
+        "<foo/>a" * 50_000,  # 50,000 empty elements
+        '<foo t="' + ">" * 100_000 + '">long</foo>',  # an attribute of '>'
+        "<p>" * 300 + "<foo>" * 300 + "x" + "</foo>" * 300 + "</p>" * 300,  # deep, mixed
+        "<foo>" + "<desc>" * 1_000 + "unsaid" + "</desc>" * 1_000 + "said</foo>",  # nested
+        "<!-- <foo> -->" * 10_000 + "<foo>y</foo>",  # comments that name elements
+    ],
+    ids=["many", "deep-speak", "empty", "long-attribute", "deep", "desc", "comments"],
+)
+def test_element_filtering_takes_hostile_ssml(ssml: str) -> None:
+    """A core's SSML built to make the element filter slow or wrong (thousands of elements
+    to replace, deep nesting, a huge attribute full of ``>``, comments naming elements) gives
+    well-formed speech of the platform's elements only, cut to the budget, in one pass (a
+    quadratic filter takes minutes on these)."""
+    items = [ResponseItem(ssml=f"<speak>{ssml}</speak>")]
+    for elements in (ALEXA_ELEMENTS, GOOGLE_ELEMENTS):
+        started = time.perf_counter()
+        speech = speech_ssml(items, MAX_SPEECH_CHARS, elements=elements)
+        named = refused_elements(items, elements)
+        assert time.perf_counter() - started < 5
+        assert speech is not None
+        assert len(speech) <= MAX_SPEECH_CHARS
+        amazon_well_formed(speech)
+        assert set(element_names(speech)) <= elements | {"speak"}
+        assert element_names(speech).count("speak") == 2
+        assert named
+        assert all(index == 0 for index, _ in named)
+        assert len(named) == len({name for _, name in named})  # each name once per item
 
 
 @pytest.mark.parametrize(

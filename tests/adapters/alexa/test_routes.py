@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
@@ -662,6 +663,19 @@ HTTP_SOUNDS: list[dict[str, Any]] = [
 (Alexa plays them), http (Alexa refuses the whole speech for one)."""
 
 
+ODD_SSML: list[dict[str, Any]] = [
+    {"ssml": '<speak>Fine <say-as interpret-as="digits">42</say-as>.</speak>'},
+    {"ssml": "<speak>Hello. <speak>Nested <speak>twice</speak>.</speak></speak>"},
+    {"text": "Plain."},
+    {
+        "ssml": '<speak><amazon:effect name="whispered">Quiet</amazon:effect> <foo>x</foo>'
+        ' <mstts:express-as xmlns:mstts="urn:ms" style="cheerful">Glad.</mstts:express-as></speak>'
+    },
+]
+"""A core's answer ('odd ssml') with SSML elements Alexa refuses the whole speech for (a nested
+``<speak>``, another engine's tags) and ones it speaks (``<say-as>``, ``<amazon:effect>``)."""
+
+
 def make_core(delay_s: float) -> FastAPI:
     """A small core: 'slow' sleeps ``delay_s`` s then sets an attribute; 'fail' answers
     HTTP 500; 'long' answers 20,000+ characters; 'stop' is taken as ``core.state.on_stop``
@@ -693,6 +707,8 @@ def make_core(delay_s: float) -> FastAPI:
             return JSONResponse({"items": clips})
         if text == "http sounds":  # audio Alexa plays (https, soundbank://) and not (http)
             return JSONResponse({"items": HTTP_SOUNDS})
+        if text == "odd ssml":  # elements Alexa refuses the whole speech for
+            return JSONResponse({"items": ODD_SSML})
         if text == "long unicode":
             sentence = "Příliš žluťoučký kůň úpěl ďábelské ódy, řekl Šimon. "
             return JSONResponse({"items": [{"text": sentence * 400}]})
@@ -814,6 +830,40 @@ async def test_an_error_alexa_reports_is_logged_clipped(
     assert "'type': 'INVALID_RESPONSE'" in warning.getMessage()
     assert "mmm" in warning.getMessage()
     assert all(len(r.getMessage()) < 400 for r in lines), [len(r.getMessage()) for r in lines]
+
+
+async def test_ssml_elements_alexa_refuses_are_replaced_by_their_content(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Alexa refuses the WHOLE speech for an SSML element it does not support: a core's
+    nested ``<speak>`` or another engine's tag silenced the answer. Such an element is
+    replaced by its content (all the words are said, Alexa's own elements kept), and one
+    WARNING line per answer names the core's items and elements."""
+    caplog.set_level(logging.WARNING, logger="adapters.alexa")
+    async with (
+        serve(make_core(0)) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await say(client, envelope("S-odd-ssml", text="odd ssml"))
+        again = await say(client, envelope("S-odd-ssml", text="odd ssml"))
+    for heard in (answer, again):
+        speech = reply(heard).output_speech
+        assert isinstance(speech, SsmlOutputSpeech)
+        ssml = speech.ssml or ""
+        names = re.findall(r"</?([^\s/>!?]+)", ssml)
+        assert names.count("speak") == 2  # the root only
+        assert set(names) == {"speak", "say-as", "amazon:effect"}
+        root = ET.fromstring(ssml.replace("<speak>", '<speak xmlns:amazon="urn:a">', 1))
+        words = " ".join("".join(root.itertext()).split())
+        assert words == "Fine 42. Hello. Nested twice . Plain. Quiet x Glad."
+    lines = [r for r in caplog.records if "replaced by their content" in r.getMessage()]
+    assert len(lines) == 2  # one per answer
+    assert all(r.levelno == logging.WARNING for r in lines)
+    line = lines[0].getMessage()
+    assert "item 1 <speak>, item 3 <foo>, item 3 <mstts:express-as>" in line
+    assert "say-as" not in line
+    assert "amazon:effect" not in line
 
 
 async def test_session_ended_during_a_late_turn_answers_at_once_and_ends_it_after() -> None:

@@ -1096,3 +1096,48 @@ async def test_left_out_audio_is_logged_only_for_answers_that_speak_ssml(
     assert line.levelno == logging.WARNING
     assert "Dialogflow turn of dialogflow:" in line.getMessage()
     assert "item 0 <audio src='http://cdn.example/b.mp3'>" in line.getMessage()
+
+
+async def test_ssml_elements_google_refuses_are_replaced_by_their_content(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Google refuses the WHOLE speech for an SSML element it does not support: a core's
+    nested ``<speak>`` or Alexa's ``<amazon:effect>`` silenced the answer. Such an element
+    is replaced by its content in the v3 and v2 speech (every word said, Google's own
+    elements kept), with one WARNING line per answer naming the core's items; a Dialogflow
+    CX answer (text only) logs none."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        items = [
+            {"ssml": "<speak>Hello. <speak>Nested.</speak></speak>"},
+            {"ssml": '<speak><amazon:effect name="whispered">Quiet</amazon:effect></speak>'},
+            {"ssml": '<speak><say-as interpret-as="digits">42</say-as> <mark name="m"/></speak>'},
+        ]
+        return JSONResponse({"items": items})
+
+    caplog.set_level(logging.WARNING, logger="adapters.google")
+    agent = "projects/p1/locations/global/agents/a1"
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        builder = ok(await client.post("/google", json=v3("odd-ssml", "Free", "x")))
+        sdk = ok(await client.post("/google", json=v2("odd-ssml", "actions.intent.TEXT", "x")))
+        ok(await client.post("/dialogflow", json=cx(f"{agent}/sessions/odd-ssml", "x")))
+    rich = sdk["expectedInputs"][0]["inputPrompt"]["richInitialPrompt"]
+    for ssml in (
+        builder["prompt"]["firstSimple"]["speech"],
+        rich["items"][0]["simpleResponse"]["ssml"],
+    ):
+        names = re.findall(r"</?([^\s/>!?]+)", ssml)
+        assert names.count("speak") == 2  # the root only
+        assert set(names) == {"speak", "say-as", "mark"}
+        assert " ".join(speech_text(ssml).split()) == "Hello. Nested. Quiet 42"
+    lines = [r for r in caplog.records if "replaced by their content" in r.getMessage()]
+    assert len(lines) == 2  # one per answer that speaks
+    assert all(r.levelno == logging.WARNING for r in lines)
+    assert "item 0 <speak>, item 1 <amazon:effect>" in lines[0].getMessage()
+    assert "Google turn of google:" in lines[0].getMessage()
