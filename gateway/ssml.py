@@ -392,9 +392,12 @@ def refused_elements(
     found: list[tuple[int, str]] = []
     for index, item in enumerate(items):
         ssml = item.ssml
-        if not ssml or "<" not in ssml or ssml_to_text(ssml) is None:
+        if not ssml or "<" not in ssml:
             continue
-        names = _kept_elements(_strip_speak(ssml).strip(), elements)[1]
+        fragment = _strip_speak(ssml).strip()
+        if elements.issuperset(_TAG_NAME.findall(fragment)) or ssml_to_text(ssml) is None:
+            continue  # the quick check, before any parse (not well-formed: said as text)
+        names = _kept_elements(fragment, elements)[1]
         found += [(index, name) for name in dict.fromkeys(names)]
     return found
 
@@ -431,7 +434,7 @@ def item_ssml(
         if _AUDIO_TAG in fragment:
             fragment = _kept_audio(fragment, audio_schemes)[0]
         if elements is not None:
-            fragment = _kept_elements(fragment, elements)[0]
+            fragment = _kept_elements(fragment, elements)[0].strip()
         parts.append(fragment)
     elif item.text and not _is_command(item):
         parts.append(xml_text(item.text.strip()))
