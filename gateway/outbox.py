@@ -527,14 +527,10 @@ class Follower:
     the floor; :meth:`advance` records that it all went out.
     """
 
-    def __init__(
-        self, journal: Journal, key: str, sub: Subscription, floor: int, backlog: int = 0
-    ) -> None:
+    def __init__(self, journal: Journal, key: str, sub: Subscription, floor: int) -> None:
         self.journal = journal
         self.key = key
         self.floor = floor
-        self.backlog = backlog
-        """The last seq given when the subscription began."""
         self._sub = sub
         self._acks: list[str] = []
 
@@ -614,7 +610,7 @@ class Journal:
         async with self.bus.subscribe(topic(key)) as sub:
             state = await self.outbox.state(key)
             floor = state.last_seq if only_new else state.mark if after is None else after
-            yield Follower(self, key, sub, floor, state.last_seq)
+            yield Follower(self, key, sub, floor)
 
 
 Deliver = Callable[[list[Entry], bool], Awaitable[bool]]
@@ -652,10 +648,12 @@ class Following:
         self, key: str, after: int | None, *, replay: bool = True, only_new: bool = False
     ) -> None:
         """Follow ``key``'s outbox from ``after`` (None: its delivered mark; ``only_new``:
-        only what is appended from now on). Without ``replay`` the events of turns that
-        were there when following began are passed over, only pushes are delivered (a
-        client that did not ask to resume would take a replayed answer for the answer of
-        its next turn)."""
+        only what is appended from now on). Without ``replay`` only pushes are delivered:
+        the events of turns are passed over, those there when following began and those
+        appended later (turns of another connection in the session; the connection's
+        own turns it sends itself, :meth:`claim`). A client that did not ask to resume
+        would take a replayed answer, or another connection's, for the answer of its
+        own turn."""
         if self._task is not None:
             self._task.cancel()
         self.key = key
@@ -701,8 +699,7 @@ class Following:
             missed = [
                 e
                 for e in entries
-                if e.seq not in sent
-                and (self._replay or e.kind == "push" or e.seq > follower.backlog)
+                if e.seq not in sent and (self._replay or e.kind == "push")
             ]
             if missed and not await self._deliver(missed, before_turn):
                 return

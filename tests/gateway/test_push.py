@@ -470,6 +470,46 @@ async def test_a_client_without_init_session_gets_its_queue_with_its_next_turn(
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_client_without_init_session_gets_pushes_but_not_other_sockets_answers(
+    shared: dict[str, Any], store: str
+) -> None:
+    """Two sockets talk in one session, neither sent ``sessionId`` in Init (as every
+    Flowstorm client). The first one followed the session's outbox for its pushes, but was
+    also sent the answers of the other socket's turns, appended while it followed: a
+    ``Response`` that was not the answer to anything it asked (README "Resume"). It now
+    gets the pushes only; a client that resumes with ``sessionId`` and ``lastSeq`` still
+    gets every event above its seq, the other socket's answer too."""
+    settings = shared if store == "redis" else {"admin_keys": shared["admin_keys"]}
+    async with (
+        served(**settings) as a,
+        httpx.AsyncClient(timeout=10) as http,
+        connect(ws_url(a)) as first,
+        connect(ws_url(a)) as second,
+    ):
+        seq = await hello(first, "two-sockets-1")  # numbered, but no sessionId in Init
+        await send_json(second, init_frame())
+        assert await recv_json(second) == {"type": "Ready"}
+        frames = await turn(second, request_frame("my name is Ada", "two-sockets-1"))
+        assert texts(frames[-1]) == ["Nice to meet you, Ada."]
+        answer = await push(http, a, {"sessionId": "two-sockets-1"}, "Pushed.")
+        assert answer.status_code == 200, answer.text
+        pushed_seq = answer.json()["seq"]
+        assert pushed_seq > seq + 1  # the other socket's answer lies between
+        pushed = await recv_json(first)  # (the other socket's Response came first)
+        assert (texts(pushed), pushed["seq"]) == (["Pushed."], pushed_seq)
+        assert texts(await recv_json(second)) == ["Pushed."]
+        with pytest.raises(TimeoutError):  # and nothing else
+            async with asyncio.timeout(0.5):
+                await recv_json(first)
+        async with connect(ws_url(a)) as resumed:  # a resume gets all above its seq
+            await send_json(resumed, {**init_frame(), "sessionId": "two-sockets-1", "lastSeq": seq})
+            assert await recv_json(resumed) == {"type": "Ready"}
+            replayed = [await recv_json(resumed) for _ in range(2)]
+            assert [texts(f) for f in replayed] == [["Nice to meet you, Ada."], ["Pushed."]]
+            assert replayed[-1]["seq"] == pushed_seq
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
 async def test_a_v1_resume_of_another_applications_session_gets_nothing_of_it(
     shared: dict[str, Any], store: str
 ) -> None:

@@ -377,7 +377,8 @@ class _Socket(WebSocketDriver[Action]):
         Without an outbox this is the driver's forwarder. With one, each event is handled
         inside ``claim`` (Following.claim: whether the outbox has not delivered it yet): its
         frames go out once per connection, even when the outbox delivered it first, and a
-        session the turn adopts (a new one) is followed from then on. Outbox entries wait
+        session the turn adopts (a new one) is followed from then on, for its pushes only
+        (Following.follow ``replay=False``: no other connection's answers). Outbox entries wait
         while the turn answers (``_answering``) and are caught up afterwards.
         """
         following = self.following
