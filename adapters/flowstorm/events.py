@@ -18,10 +18,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AliasChoices, Field, TypeAdapter
+from pydantic import AliasChoices, BeforeValidator, Field, TypeAdapter
+from pydantic_core import PydanticCustomError
 
 from gateway.events import Attributes, BinaryEvent, Event, FrozenDict, Input, LogEntry, Wire
-from gateway.protocol import MAX_ID_CHARS, ProtocolError, check_language_tag, check_time_zone
+from gateway.protocol import (
+    MAX_ID_CHARS,
+    ProtocolError,
+    check_language_tag,
+    check_time_zone,
+    clipped,
+    integer,
+)
 
 NAMESPACE: Final = "flowstorm"
 """The session namespace of V1 and V2 (TurnContext.namespace): a session can move between them."""
@@ -116,6 +124,29 @@ class RecognizedInputEvent(Event):
     is_final: bool = True
 
 
+def _sequence_number(value: object) -> int | None:
+    """A ``seq`` a client names (V1 Init ``lastSeq``): a non-negative JSON integer
+    (:func:`gateway.protocol.integer`: ``5.0`` is 5), None for JSON null. A boolean, a
+    string (``"5"``), a number with a fraction, a negative one or anything else raises
+    PydanticCustomError ``expected a non-negative integer, got <value>`` (the value
+    clipped), which :func:`gateway.protocol.validate_event` turns into the protocol's
+    error naming the field (``Invalid Init event: lastSeq: ...``)."""
+    if value is None:
+        return None
+    number = None if isinstance(value, str) else integer(value)
+    if number is None or number < 0:
+        raise PydanticCustomError(
+            "sequence_number",
+            "expected a non-negative integer, got {got}",
+            {"got": clipped(value)},
+        )
+    return number
+
+
+SequenceNumber = Annotated[int | None, BeforeValidator(_sequence_number)]
+"""A ``seq`` a client names, or None (:func:`_sequence_number`)."""
+
+
 class InitEvent(Event):
     """V1 client -> server: opens the conversation channel with key and config."""
 
@@ -128,9 +159,10 @@ class InitEvent(Event):
     config: Attributes = Field(default_factory=FrozenDict)
     session_id: str | None = None
     """Gateway extension (resume): the session the client had before it reconnected."""
-    last_seq: int | None = Field(default=None, ge=0)
-    """Gateway extension (resume): the last ``seq`` the client saw (0: none yet). Sending
-    it asks for ``seq`` on the server events of the session."""
+    last_seq: SequenceNumber = None
+    """Gateway extension (resume): the last ``seq`` the client saw (0: none yet), a
+    non-negative JSON integer (a boolean, a string or a fraction is an Error naming
+    ``lastSeq``). Sending it asks for ``seq`` on the server events of the session."""
 
 
 class RequestEvent(Event):

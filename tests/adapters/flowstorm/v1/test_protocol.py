@@ -22,6 +22,7 @@ from adapters.flowstorm.v1.protocol import (
     ConnectionStateMachine,
     FeedAudio,
     FinishListening,
+    Follow,
     Missed,
     Send,
     SendBytes,
@@ -965,6 +966,30 @@ def test_an_init_locale_or_zone_that_is_not_a_string_refuses_init(config: dict[s
     assert state(conn) is State.AWAIT_INIT
     ready(conn, locale=None, zoneId="")  # null and empty: not set
     assert start(conn, request_frame("hi")).ctx.locale is None
+
+
+@pytest.mark.parametrize("last_seq", [True, False, "5", "", 5.5, -1, [3], {"seq": 3}])
+def test_an_init_last_seq_that_is_not_a_non_negative_integer_refuses_init(
+    last_seq: Any,
+) -> None:
+    """``lastSeq: true`` and ``lastSeq: "5"`` were taken (pydantic's lax int: as 1 and 5),
+    so a client's wrong-typed position resumed from a seq it never named. Like a
+    wrong-typed ``config.locale``, anything but a non-negative JSON integer is an Error
+    naming ``lastSeq`` and what came, and Init may come again."""
+    conn = connection()
+    frame = {**init_frame(), "sessionId": "s-1", "lastSeq": last_seq}
+    text = one_error(send(conn, frame), "Invalid Init event", "lastSeq", "non-negative integer")
+    assert text.endswith(f"got {last_seq!r}")
+    assert state(conn) is State.AWAIT_INIT
+    assert not conn.numbered
+    for good, after in ((0, 0), (7, 7), (7.0, 7), (None, None)):  # JSON null: not sent
+        conn = connection()
+        actions = send(conn, {**init_frame(), "sessionId": "s-1", "lastSeq": good})
+        assert [type(a) for a in actions] == [Send, Follow]
+        follow = actions[-1]
+        assert isinstance(follow, Follow)
+        assert (follow.ctx.session_id, follow.after) == ("s-1", after)
+        assert conn.numbered is (good is not None)
 
 
 def test_streamed_speech_goes_out_as_binary_frames() -> None:
