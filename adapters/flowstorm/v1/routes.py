@@ -6,7 +6,7 @@ shared/specs/flowstorm-socket-v1.md), served by the WebSocket driver
 loop, the action runner and the turn forwarder). What is V1's own: its frames go
 to ``receive_text``/``receive_bytes``, client logs are stored in the background
 (one write at a time per connection; the entries that came meanwhile go together, at
-most LOG_BUFFER, the newest kept), the Response is held back until the turn's stream
+most LOG_BUFFER entries and GATEWAY_MAX_LOG_CHARS characters, the newest kept), the Response is held back until the turn's stream
 ends, and a gateway failure is an Error frame of source ``gateway`` before the close 1011.
 
 Audio input: each utterance (StartListening) gets a speech stage
@@ -278,9 +278,13 @@ class _Socket(WebSocketDriver[Action]):
         self.following = Following(gw.journal, self._deliver) if gw.journal else None
         self._answering = 0
         """Turns whose answer is not all sent yet (outbox entries wait for them)."""
-        self._pending_logs: deque[tuple[TurnContext, LogEntry]] = deque(maxlen=LOG_BUFFER)
+        self._pending_logs: deque[tuple[TurnContext, LogEntry]] = deque()
         """Client log entries to store (StoreLogs), each with its session's context; at
-        most LOG_BUFFER, the newest kept (as the connection's own buffer)."""
+        most LOG_BUFFER entries and GATEWAY_MAX_LOG_CHARS characters of text all together,
+        the newest kept (as the connection's own buffer, V1Connection ``log_chars``)."""
+        self._pending_log_chars = 0
+        """Characters of text of the entries in ``_pending_logs``."""
+        self._max_log_chars = gw.settings.max_log_chars
         self._log_writer: asyncio.Task[None] | None = None
 
     def received(self, frame: str | bytes) -> list[Action]:
@@ -306,7 +310,7 @@ class _Socket(WebSocketDriver[Action]):
         if isinstance(action, StoreLogs):
             # one writer per connection: a flood of Log frames is not a task (and a wait
             # for the session's lock) per frame
-            self._pending_logs.extend((action.ctx, entry) for entry in action.entries)
+            self._queue_logs(action)
             if self._log_writer is None or self._log_writer.done():
                 self._log_writer = self.spawn(self._write_logs(), "logs", background=True)
         elif isinstance(action, Follow):
@@ -448,6 +452,21 @@ class _Socket(WebSocketDriver[Action]):
         linked = await self.gw.speech.link_pushed(event, tts.file_type)
         return entry.event if linked is None else linked.wire()
 
+    def _queue_logs(self, action: StoreLogs) -> None:
+        """Queue ``action``'s entries for the writer, then drop the oldest queued while
+        more than LOG_BUFFER entries or GATEWAY_MAX_LOG_CHARS characters of text are
+        queued (each entry was cut to that many already: V1Connection, LogEntry.bounded),
+        so a client that sends logs faster than they are written holds at most that much
+        on the connection; the session would keep no more of them either."""
+        pending = self._pending_logs
+        for entry in action.entries:
+            pending.append((action.ctx, entry))
+            self._pending_log_chars += len(entry.text)
+        while pending and (
+            len(pending) > LOG_BUFFER or self._pending_log_chars > self._max_log_chars
+        ):
+            self._pending_log_chars -= len(pending.popleft()[1].text)
+
     async def _write_logs(self) -> None:
         """Store the pending log entries, one write at a time: those of one session that
         came meanwhile go together (:meth:`_store_logs`), until none is left."""
@@ -456,7 +475,9 @@ class _Socket(WebSocketDriver[Action]):
             ctx = pending[0][0]
             entries: list[LogEntry] = []
             while pending and pending[0][0].key == ctx.key and pending[0][0].app_key == ctx.app_key:
-                entries.append(pending.popleft()[1])
+                entry = pending.popleft()[1]
+                self._pending_log_chars -= len(entry.text)
+                entries.append(entry)
             await self._store_logs(StoreLogs(ctx, tuple(entries)))
 
     async def _store_logs(self, action: StoreLogs) -> None:

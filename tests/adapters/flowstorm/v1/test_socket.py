@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from adapters.flowstorm.events import MAX_SESSION_ID
+from adapters.flowstorm.v1 import routes as v1_routes
 from adapters.flowstorm.v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG, LOG_BUFFER
 from gateway.app import create_app
 from gateway.events import ResponseItem
@@ -760,6 +762,43 @@ async def test_a_flood_of_client_logs_is_written_by_one_task_at_a_time() -> None
         numbers = [int(e.text.split()[1]) for e in session.logs]
         assert numbers == sorted(set(numbers))
         assert numbers[-LOG_BUFFER:] == list(range(300 - LOG_BUFFER, 300))
+
+
+async def test_client_logs_waiting_for_their_write_are_bounded_in_characters() -> None:
+    """The entries that wait for the connection's log writer (while a write waits for the
+    session's lock) were bounded by count only (LOG_BUFFER): 100 entries of up to
+    GATEWAY_MAX_LOG_CHARS characters each (100,000 by default: 10 MB per connection)
+    were held, though the session keeps GATEWAY_MAX_LOG_CHARS of them all together. They
+    are bounded by that many characters too now, the newest kept, as the connection's own
+    buffer is; what the session gets is the same."""
+    settings = Settings(lock_wait_s=5, max_log_chars=1000)
+    app = create_app(settings)
+    async with served_app(app, settings) as url, connect(ws_url(url)) as ws:
+        await init(ws)
+        await turn(ws, request_frame("#intro", "wordy"))
+        store = app.state.gateway.store
+        entry = {"time": 1700000000000, "relativeTime": 0.5, "level": "INFO"}
+        async with store.open("flowstorm:wordy", lease_s=10, wait_s=1):  # another's turn
+            [socket] = [o for o in gc.get_objects() if isinstance(o, v1_routes._Socket)]
+            for n in range(30):
+                text = f"log {n:02d} ".ljust(100, "x")
+                await send_json(ws, {"type": "Log", "entries": [{**entry, "text": text}]})
+                for _ in range(200 if n == 0 else 0):  # the write that waits for the lock
+                    if socket._log_writer is not None and not socket._pending_logs:
+                        break
+                    await asyncio.sleep(0.01)
+            await send_json(ws, {"type": "Vote"})  # its Error: every Log before it was read
+            await expect_error(ws, "unknown event type")
+            waiting = [e.text for _, e in socket._pending_logs]
+            assert sum(map(len, waiting)) <= 1000
+            assert [t[:6] for t in waiting] == [f"log {n:02d}" for n in range(20, 30)]
+        for _ in range(200):  # the lock is free: the entries are written
+            session = await store.get("flowstorm:wordy")
+            assert session is not None
+            if session.logs and session.logs[-1].text.startswith("log 29"):
+                break
+            await asyncio.sleep(0.02)
+        assert [e.text[:6] for e in session.logs] == [f"log {n:02d}" for n in range(20, 30)]
 
 
 async def test_a_client_that_leaves_mid_turn_does_not_lose_the_turn(
