@@ -697,9 +697,7 @@ class Following:
             sent = self._sent_of(follower.key)
             entries = await follower.read()
             missed = [
-                e
-                for e in entries
-                if e.seq not in sent and (self._replay or e.kind == "push")
+                e for e in entries if e.seq not in sent and (self._replay or e.kind == "push")
             ]
             if missed and not await self._deliver(missed, before_turn):
                 return

@@ -6,8 +6,9 @@ shared/specs/flowstorm-socket-v1.md), served by the WebSocket driver
 loop, the action runner and the turn forwarder). What is V1's own: its frames go
 to ``receive_text``/``receive_bytes``, client logs are stored in the background
 (one write at a time per connection; the entries that came meanwhile go together, at
-most LOG_BUFFER entries and GATEWAY_MAX_LOG_CHARS characters, the newest kept), the Response is held back until the turn's stream
-ends, and a gateway failure is an Error frame of source ``gateway`` before the close 1011.
+most LOG_BUFFER entries and GATEWAY_MAX_LOG_CHARS characters, the newest kept), the
+Response is held back until the turn's stream ends, and a gateway failure is an Error
+frame of source ``gateway`` before the close 1011.
 
 Audio input: each utterance (StartListening) gets a speech stage
 (``gateway.speech.stage.SpeechStage``, from ``gw.speech``) and a task that runs it:
