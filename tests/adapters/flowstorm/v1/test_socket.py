@@ -779,7 +779,11 @@ async def test_client_logs_waiting_for_their_write_are_bounded_in_characters() -
         store = app.state.gateway.store
         entry = {"time": 1700000000000, "relativeTime": 0.5, "level": "INFO"}
         async with store.open("flowstorm:wordy", lease_s=10, wait_s=1):  # another's turn
-            [socket] = [o for o in gc.get_objects() if isinstance(o, v1_routes._Socket)]
+            [socket] = [  # (type(): a weak proxy in the heap raises in isinstance)
+                o
+                for o in gc.get_objects()
+                if type(o) is v1_routes._Socket and o.open and o.conn.session_id == "wordy"
+            ]
             for n in range(30):
                 text = f"log {n:02d} ".ljust(100, "x")
                 await send_json(ws, {"type": "Log", "entries": [{**entry, "text": text}]})
