@@ -8,7 +8,9 @@ Errors answer in the request's own format: a ``!`` line for ``text/plain``, an
 ErrorEvent line otherwise, with an HTTP status that says what happened (400
 malformed, 401 no key, 403 unknown key or another application's session, 404
 unknown session, 408 a stream that stopped, 409 busy session, 413 too large or
-too long, 415 unsupported content type, 429 too many unknown sessions, 503 store
+too long, 405 a method other than GET and PUT (with ``Allow: GET, PUT``; a ``!`` line
+when ``Accept`` ranks ``text/plain`` first, as for GET), 415 unsupported content type,
+429 too many unknown sessions, 503 store
 or recognizer down, or all recognizers busy: then with ``Retry-After`` and an
 ErrorEvent of source ``stt``, see GATEWAY_STT_QUEUE). A ``flowstorm-session-id``
 cookie that cannot be a session id (over 256 characters, whitespace or control
@@ -948,6 +950,25 @@ class _Hearing:
 
 
 # ---------------------------------------------------------------- GET
+
+
+CLIENT_METHODS: Final = "GET, PUT"
+"""The ``Allow`` of ``/client``: the methods V2 has (spec: shared/specs/flowstorm-socket-v2.md)."""
+
+
+@router.api_route(
+    "/client", methods=["POST", "DELETE", "PATCH", "OPTIONS", "HEAD"], include_in_schema=False
+)
+async def other_client_method(request: Request) -> HTTPResponse:
+    """Refuse a method ``/client`` does not have: 405 with ``Allow: GET, PUT`` and V2's own
+    error form (an ErrorEvent line of source ``client``; a ``!`` line when ``Accept`` ranks
+    ``text/plain`` first, as :func:`get_client` answers), not the gateway's problem body,
+    so a V2 client reads it as any other V2 error. No session is looked up."""
+    plain = plain_accepted(request.headers.get("accept"))
+    text = f"The method {request.method} is not allowed on /client: use GET or PUT."
+    answer = _Refused(405, text, "client").answer(request, plain=plain)
+    answer.headers["Allow"] = CLIENT_METHODS
+    return answer
 
 
 @router.get("/client", **GET_CLIENT)

@@ -291,14 +291,32 @@ async def test_memory_store_cap_drops_the_session_idle_longest(
     assert any("GATEWAY_MEMORY_MAX_SESSIONS" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_wrong_method_lists_every_method_of_the_path() -> None:
+async def test_a_wrong_method_on_client_is_refused_in_v2_form_with_allow() -> None:
+    """POST, HEAD, OPTIONS (and DELETE) on ``/client`` got the gateway's 405 problem body
+    (``application/problem+json``), which a V2 client does not read: now 405 with ``Allow:
+    GET, PUT`` and V2's own error form, an ErrorEvent line of source ``client`` (NDJSON),
+    or a ``!`` line when ``Accept`` ranks ``text/plain`` first (as GET answers)."""
     async with served() as url, httpx.AsyncClient(base_url=url) as client:
-        for method in ("OPTIONS", "POST", "DELETE"):
-            answer = await client.request(method, "/client")
-            assert answer.status_code == 405
-            assert answer.headers["content-type"] == "application/problem+json"
+        for method in ("OPTIONS", "POST", "DELETE", "HEAD"):
+            answer = await client.request(method, "/client?key=k&deviceId=d")
+            assert answer.status_code == 405, method
+            assert answer.headers["content-type"].startswith("application/x-ndjson"), method
             assert answer.headers["allow"] == "GET, PUT"
-        health = await client.post("/healthz")
+            if method == "HEAD":
+                assert answer.content == b""
+                continue
+            (line,) = answer.text.splitlines()
+            error = json.loads(line)
+            assert error["type"] == "Error", error
+            assert error["source"] == "client", error
+            assert f"{method} is not allowed on /client" in error["text"], error
+            plain = await client.request(method, "/client", headers={"Accept": "text/plain"})
+            assert plain.status_code == 405
+            assert plain.headers["content-type"].startswith("text/plain")
+            assert plain.headers["allow"] == "GET, PUT"
+            assert plain.text.startswith("! client: "), plain.text
+        health = await client.post("/healthz")  # other paths keep the problem body
+        assert health.headers["content-type"] == "application/problem+json"
         assert health.headers["allow"] == "GET, HEAD"
 
 
