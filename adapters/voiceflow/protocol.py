@@ -222,7 +222,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 import jwt
-from pydantic import Field
+from pydantic import Field, StrictBool
 from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 from gateway.events import (
@@ -317,13 +317,16 @@ def _time_zone(value: str | None) -> str | None:
 
 
 class ClientConfig(Wire):
-    """``client.start.config`` (spec "client.start")."""
+    """``client.start.config`` (spec "client.start"). ``completionEvents`` and
+    ``audioEvents`` are JSON booleans (the spec's ``boolean``): ``true``/``false`` only, a
+    string (``"yes"``, ``"true"``), a number or ``null`` refuses the start naming the field
+    (strict: pydantic's lax mode took ``"yes"``, ``"on"``, ``1`` as true)."""
 
-    completion_events: bool = False
+    completion_events: StrictBool = False
     user_timezone: Annotated[str | None, AfterValidator(_time_zone)] = Field(
         default=None, max_length=64
     )
-    audio_events: bool = False
+    audio_events: StrictBool = False
     audio_encoding: Literal["audio/x-mulaw", "audio/pcm", "audio/mp3", "audio/mpeg"] | None = None
 
     def tts(self) -> TtsRequest | None:

@@ -162,6 +162,24 @@ def test_invalid_client_start_payloads_name_the_field(payload: Any, words: str) 
     assert words in invalid.value.text
 
 
+@pytest.mark.parametrize("field", ["completionEvents", "audioEvents"])
+@pytest.mark.parametrize("value", ["yes", "true", "on", 1, 0, 0.0, None, [], {}])
+def test_config_booleans_are_json_booleans_only(field: str, value: Any) -> None:
+    """``config.completionEvents`` and ``config.audioEvents`` are ``boolean`` in the spec:
+    pydantic's lax bool took ``"yes"``, ``"on"``, ``"true"``, ``1`` and ``0.0`` as booleans.
+    Now anything but ``true``/``false`` refuses the start in Voiceflow's error form, naming
+    the field."""
+    payload = {"userID": USER, "projectID": PROJECT, "config": {field: value}}
+    with pytest.raises(ProtocolError) as invalid:
+        parse_client_start(payload)
+    assert invalid.value.text.startswith("Invalid client.start: ")
+    assert f"config.{field}" in invalid.value.text
+    assert "boolean" in invalid.value.text
+    for flag in (True, False):
+        start = parse_client_start({**payload, "config": {field: flag}})
+        assert start.config.model_dump(by_alias=True)[field] is flag
+
+
 def test_tts_requests_follow_the_audio_config() -> None:
     assert ClientConfig().tts() is None
     assert ClientConfig(audioEvents=True).tts() == TtsRequest("links", "mp3")

@@ -228,6 +228,13 @@ async def test_bad_input_gets_its_status_or_error_and_the_connection_stays_usabl
             {"userID": USER, "projectID": PROJECT, "config": {"userTimezone": "Mars/Base"}},
         )
         assert "userTimezone" in (await vf.expect("error"))["error"]
+        # the config's booleans are JSON booleans: "yes" was taken as true
+        for field in ("completionEvents", "audioEvents"):
+            config = {field: "yes"}
+            await vf.emit("client.start", {"userID": USER, "projectID": PROJECT, "config": config})
+            not_bool = await vf.expect("error")
+            assert not_bool["code"] == "invalid-payload", not_bool
+            assert f"config.{field}" in not_bool["error"], not_bool
 
         assert await vf.start() is True
         await vf.send({"type": "launch"}, "no-session")
