@@ -42,6 +42,9 @@ replaced before use: a setting holding it is refused."""
 _B64TOKEN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 """RFC 6750 section 2.1's ``b64token``: what ``Authorization: Bearer`` carries (an admin
 key with a space, a comma or a non-ASCII letter could never be sent as one)."""
+MIN_ADMIN_KEY_CHARS: Final = 16
+"""The fewest characters of a GATEWAY_ADMIN_KEYS key: a shorter one is refused at start
+(an admin key grants the whole admin API; a short one can be guessed)."""
 MAX_CALLS_TIMEOUT_S: Final = 60.0
 """The longest GATEWAY_CALLS_TIMEOUT_S (s). POST /v1/calls of a Telnyx call mints the
 call's stream token (good :data:`gateway.io.call.TOKEN_TTL_S`, 300 s) before it sends the
@@ -721,8 +724,8 @@ class Settings(BaseSettings):
         repr=False,  # credentials, as the SecretStr settings: not in repr(settings)
         description="Comma-separated keys of the admin API (`POST /v1/push`, "
         "`GET /v1/sessions/{id}`, `POST /v1/calls`), sent as `Authorization: Bearer KEY`, "
-        "each an RFC 6750 bearer token (letters, digits, `-._~+/`, then any `=`); "
-        "unset: the admin API refuses every request (403).",
+        "each an RFC 6750 bearer token (letters, digits, `-._~+/`, then any `=`) of at "
+        "least 16 characters; unset: the admin API refuses every request (403).",
     )
     calls_timeout_s: float = Field(
         default=10.0,
@@ -1033,7 +1036,9 @@ class Settings(BaseSettings):
         """Comma-separated keys. GATEWAY_APP_KEYS that names none (``" , "``) is refused:
         an empty allow-list would allow every key; so is one with a key over MAX_ID_CHARS
         (256) characters: channels refuse a longer key (Flowstorm V1/V2), and the push API
-        could not name it."""
+        could not name it. GATEWAY_ADMIN_KEYS with a key that is no RFC 6750 bearer token, or
+        one shorter than :data:`MIN_ADMIN_KEY_CHARS`, is refused (ValueError, the key not
+        shown)."""
         if isinstance(value, str):
             keys = frozenset(k.strip() for k in value.split(",") if k.strip())
             if value.strip() and not keys and info.field_name == "app_keys":
@@ -1046,14 +1051,19 @@ class Settings(BaseSettings):
                 "(Flowstorm V1/V2 refuse it, the push API cannot name it)"
             )
         if info.field_name == "admin_keys" and isinstance(value, Iterable):
-            for key in value:
-                if isinstance(key, str) and not _B64TOKEN.fullmatch(key):
-                    # never the key itself: it is a credential, and this goes to the log
-                    raise ValueError(
-                        "holds a key that is no bearer token (RFC 6750 section 2.1: letters, "
-                        "digits and -._~+/, then any '='): it could never match an "
-                        "Authorization header"
-                    )
+            admin = [key for key in value if isinstance(key, str)]
+            # never a key itself in these messages: it is a credential, and they go to the log
+            if any(not _B64TOKEN.fullmatch(key) for key in admin):
+                raise ValueError(
+                    "holds a key that is no bearer token (RFC 6750 section 2.1: letters, "
+                    "digits and -._~+/, then any '='): it could never match an "
+                    "Authorization header"
+                )
+            if any(len(key) < MIN_ADMIN_KEY_CHARS for key in admin):
+                raise ValueError(
+                    f"holds a key shorter than {MIN_ADMIN_KEY_CHARS} characters: an admin key "
+                    f"must have at least {MIN_ADMIN_KEY_CHARS} (a short key can be guessed)"
+                )
         return value
 
     def call_behaviour(self, carrier: str) -> CallBehaviour:

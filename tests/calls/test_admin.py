@@ -51,8 +51,8 @@ def test_admin_keys_are_checked_and_none_configured_refuses_all() -> None:
 
 
 def test_gateway_admin_keys_is_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GATEWAY_ADMIN_KEYS", " k1, k2 ,,")
-    assert Settings().admin_keys == frozenset({"k1", "k2"})
+    monkeypatch.setenv("GATEWAY_ADMIN_KEYS", " admin-key-one-0001, admin-key-two-0002 ,,")
+    assert Settings().admin_keys == frozenset({"admin-key-one-0001", "admin-key-two-0002"})
 
 
 def test_refusals_are_logged_at_warning_in_a_burst_then_once_a_minute() -> None:
@@ -79,7 +79,7 @@ async def test_a_client_hammering_the_admin_api_with_a_bad_key_does_not_flood_th
     caplog.set_level(logging.DEBUG, logger="gateway.admin")
     wrong = {"Authorization": "Bearer not-the-key", "Content-Type": "application/json"}
     async with (
-        served(admin_keys=frozenset({"the-admin-key"})) as url,
+        served(admin_keys=frozenset({"the-admin-key-of-tests"})) as url,
         httpx.AsyncClient(base_url=url) as http,
     ):
         for _ in range(20):
@@ -108,7 +108,7 @@ async def test_the_first_admin_refusal_a_minute_later_counts_those_logged_at_deb
     refusal is a WARNING again, saying how many were logged at DEBUG since."""
     caplog.set_level(logging.DEBUG, logger="gateway.admin")
     now = [0.0]
-    settings = Settings(admin_keys=frozenset({"the-admin-key"}))
+    settings = Settings(admin_keys=frozenset({"the-admin-key-of-tests"}))
     app = create_app(settings)
     app.state.refusal_logs = {"admin": RefusalLog(clock=lambda: now[0])}
     wrong = {"Authorization": "Bearer not-the-key"}
@@ -153,7 +153,7 @@ async def test_the_admin_refusals_headers_are_documented() -> None:
     push refused ``session-busy`` carries ``Retry-After``: the OpenAPI document named
     neither header (only the descriptions' prose did), so a client built from it did not
     know to read them."""
-    settings = Settings(admin_keys=frozenset({"the-admin-key"}))
+    settings = Settings(admin_keys=frozenset({"the-admin-key-of-tests"}))
     document = create_app(settings).openapi()
     responses = document["paths"]["/v1/push"]["post"]["responses"]
     assert "Retry-After" in responses["409"]["headers"]
@@ -173,10 +173,10 @@ def test_the_admin_keys_are_not_in_the_settings_repr() -> None:
     (a traceback's locals, a debug line, an error reporter) showed them in clear while
     every SecretStr credential shows ``**********``."""
     settings = Settings(
-        admin_keys=frozenset({"the-admin-key-1"}),
+        admin_keys=frozenset({"the-admin-key-of-tests-1"}),
         voiceflow_api_keys=frozenset({"the-voiceflow-key-1"}),
     )
     shown = repr(settings) + str(settings)
-    assert "the-admin-key-1" not in shown
+    assert "the-admin-key-of-tests-1" not in shown
     assert "the-voiceflow-key-1" not in shown
-    assert settings.admin_keys == frozenset({"the-admin-key-1"})
+    assert settings.admin_keys == frozenset({"the-admin-key-of-tests-1"})

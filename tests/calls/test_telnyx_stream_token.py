@@ -37,7 +37,7 @@ from tests.adapters.twilio.helpers import Served, twilio_gateway, until
 from tests.calls.carrier_api import CarrierApi, carrier_api
 from tests.gateway.redis_proxy import ReplyDropper
 
-ADMIN = "admin-key-token"
+ADMIN = "admin-key-of-telnyx-stream-tokens"
 
 
 async def refused(url: str, headers: dict[str, str] | None = None) -> int:

@@ -29,7 +29,7 @@ from gateway.speech.audio import Pcm, encode_wav
 from tests.conftest import no_server_errors
 from tests.console.conftest import Console, ThreadedGateway
 
-ADMIN_KEY = "admin-key"
+ADMIN_KEY = "admin-key-of-console-tests"
 
 RECORD_PLAYS = (
     "window.played = [];"

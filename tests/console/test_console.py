@@ -273,7 +273,7 @@ def test_a_long_answers_audio_plays_to_its_end(browser: webdriver.Chrome, tmp_pa
         ("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
     )
     threading.Thread(target=files.serve_forever, daemon=True).start()
-    gateway = ThreadedGateway(admin_keys="admin-key").start()
+    gateway = ThreadedGateway(admin_keys="admin-key-of-console-tests").start()
     try:
         with no_server_errors():
             page = Console(browser, gateway.url, stall_s=stall_s)
@@ -282,7 +282,7 @@ def test_a_long_answers_audio_plays_to_its_end(browser: webdriver.Chrome, tmp_pa
             audio = f"http://127.0.0.1:{files.server_address[1]}/long.wav"
             pushed = httpx.post(
                 f"{gateway.url}/v1/push",
-                headers={"Authorization": "Bearer admin-key"},
+                headers={"Authorization": "Bearer admin-key-of-console-tests"},
                 json={
                     "target": {"sessionId": page.session_id},
                     "items": [{"text": "A long story.", "audio": audio}],

@@ -22,7 +22,7 @@ from gateway.console import CONTENT_SECURITY_POLICY
 from tests.conftest import no_server_errors
 from tests.console.conftest import Console, ThreadedGateway
 
-ADMIN_KEY = "admin-key"
+ADMIN_KEY = "admin-key-of-console-tests"
 
 MARKUP = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script><b>bold</b>'
 """Text that would add elements (and run script) if written as HTML."""
@@ -80,7 +80,7 @@ def test_text_of_the_user_and_the_core_is_shown_as_text(
     assert page.chat() == [("user", MARKUP), ("bot", f"You said: {MARKUP}")]
     pushed = httpx.post(
         f"{gateway.url}/v1/push",
-        headers={"Authorization": "Bearer admin-key"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
         json={
             "target": {"sessionId": page.session_id},
             "items": [

@@ -274,7 +274,7 @@ def test_log_levels_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> No
         ),
         (  # a key no Authorization header can carry (Starlette reads headers as latin-1,
             # the key was compared as UTF-8: it never matched, every request was a 401)
-            {"GATEWAY_ADMIN_KEYS": "ops-key-1,clé-secrète-admin"},
+            {"GATEWAY_ADMIN_KEYS": "ops-key-1-of-the-gateway,clé-secrète-admin"},
             "GATEWAY_ADMIN_KEYS: holds a key that is no bearer token (RFC 6750",
             "secrète",
         ),
@@ -282,6 +282,11 @@ def test_log_levels_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> No
             {"GATEWAY_ADMIN_KEYS": "ops key with spaces"},
             "GATEWAY_ADMIN_KEYS: holds a key that is no bearer token (RFC 6750",
             "ops key with spaces",
+        ),
+        (  # a key that can be guessed: there was no minimum length
+            {"GATEWAY_ADMIN_KEYS": "ops-key-of-the-gateway-1,admin-1234"},
+            "GATEWAY_ADMIN_KEYS: holds a key shorter than 16 characters",
+            "admin-1234",
         ),
     ],
 )
@@ -300,8 +305,21 @@ def test_a_refused_credential_is_named_but_not_shown(
 def test_admin_keys_take_every_bearer_token() -> None:
     """RFC 6750's b64token: letters, digits, ``-._~+/`` and trailing ``=`` (a base64 or
     base64url key as it is)."""
-    keys = Settings(admin_keys=" a+b/C9== , x-y_z~1.2 ").admin_keys
-    assert keys == frozenset({"a+b/C9==", "x-y_z~1.2"})
+    keys = Settings(admin_keys=" a+b/C9aaaaaaaaaa== , x-y_z~1.2.3.4.5.6.7 ").admin_keys
+    assert keys == frozenset({"a+b/C9aaaaaaaaaa==", "x-y_z~1.2.3.4.5.6.7"})
+
+
+@pytest.mark.parametrize("short", ["k", "admin-key", "fifteen-chars-x"])
+def test_an_admin_key_shorter_than_16_characters_is_refused(short: str) -> None:
+    """GATEWAY_ADMIN_KEYS had no minimum length: a 2-character key (the whole admin API)
+    was taken. A key of fewer than 16 characters is refused (``gateway serve`` stops,
+    naming the setting and not showing the key: test_a_refused_credential_is_named_but_not_shown);
+    16 characters are enough."""
+    assert len(short) < 16
+    with pytest.raises(ValidationError) as refused:
+        Settings(admin_keys=f"a-long-admin-key-0001,{short}")
+    assert "shorter than 16 characters" in str(refused.value)
+    assert Settings(admin_keys="sixteen-chars-xx").admin_keys == {"sixteen-chars-xx"}
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from tests.calls.carrier_api import carrier_api
 from tests.conftest import refused_port
 
 SID = ACCOUNT
-ADMIN = "admin-key-1"
+ADMIN = "admin-key-of-twilio-outbound"
 CALLEE = "+15550100"
 CALLER_ID = "+15550199"
 
