@@ -22,6 +22,15 @@ Refusals are RFC 9457 problem bodies (``application/problem+json``), raised as
 
 Keys are compared in constant time (:func:`gateway.protocol.key_valid`).
 
+Key guessing is slowed per client address (:func:`admit`): each wrong key (the 401
+``invalid_token``) takes a token from the address's bucket (GATEWAY_ADMIN_FAILURES_BURST
+tokens, refilled at GATEWAY_ADMIN_FAILURES_PER_S per second; :class:`gateway.ratelimit.
+TokenBuckets`, at most :data:`MAX_TRACKED_ADDRESSES` addresses, in this process: N
+instances allow N times the rate); while it is empty, every admin request of that
+address is refused 429 with ``Retry-After`` (a problem body) before its key is looked at,
+so a guess cannot be tested then, a right key included. Requests without a key, with a
+right one, or while no keys are configured (403) take nothing.
+
 Every refusal is logged by :func:`admin_refused_handler` (the path, the peer, the
 status and why; never the key), at WARNING for the first
 :data:`gateway.ratelimit.LOGGED_REFUSALS_BURST` and then one per
@@ -35,17 +44,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.deps import gateway_of
-from gateway.httputil import problem
+from gateway.httputil import problem, status_phrase
 from gateway.logs import redact_query
 from gateway.protocol import key_valid
-from gateway.ratelimit import refusal_log
+from gateway.ratelimit import TokenBuckets, refusal_log
 
 log = logging.getLogger("gateway.admin")
 
@@ -68,16 +77,42 @@ CHALLENGE_HEADER: dict[str, Any] = {
 """The OpenAPI ``headers`` of an admin operation's 401 answer."""
 
 
-class AdminRefused(Exception):
-    """An admin request refused: ``status`` 401 or 403, ``detail`` for the problem body,
-    ``challenge`` the ``WWW-Authenticate`` value of the answer (every 401 has one) or
-    None."""
+MAX_TRACKED_ADDRESSES: Final = 65_536
+"""Client addresses whose wrong admin keys are counted at once, per process (refilled
+buckets are dropped first, then the least recently used: :class:`TokenBuckets`)."""
 
-    def __init__(self, status: int, detail: str, challenge: str | None = None) -> None:
+RETRY_AFTER_HEADER: dict[str, Any] = {
+    "Retry-After": {
+        "description": "Seconds until the client address may send an admin key again",
+        "schema": {"type": "integer"},
+    }
+}
+"""The OpenAPI ``headers`` of an admin operation's 429 answer."""
+TOO_MANY_FAILURES: Final = (
+    "Too many wrong admin keys from this client address (GATEWAY_ADMIN_FAILURES_BURST, "
+    "refilled at GATEWAY_ADMIN_FAILURES_PER_S): refused before the key is looked at, "
+    "until `Retry-After` seconds have passed"
+)
+"""The OpenAPI description of an admin operation's 429 answer."""
+
+
+class AdminRefused(Exception):
+    """An admin request refused: ``status`` 401, 403 or 429, ``detail`` for the problem
+    body, ``challenge`` the ``WWW-Authenticate`` value of the answer (every 401 has one)
+    or None, ``retry_after_s`` the ``Retry-After`` of a 429 (s) or None."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        challenge: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.challenge = challenge
+        self.retry_after_s = retry_after_s
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -103,10 +138,47 @@ def check_admin_key(keys: frozenset[str], authorization: str | None) -> None:
         raise AdminRefused(401, "The admin key is not valid.", INVALID_TOKEN)
 
 
+def failed_keys(request: Request) -> TokenBuckets:
+    """The app's buckets of wrong admin keys per client address (``app.state.
+    admin_failures``, made on first use from GATEWAY_ADMIN_FAILURES_BURST and
+    GATEWAY_ADMIN_FAILURES_PER_S, at most :data:`MAX_TRACKED_ADDRESSES` addresses)."""
+    state = request.app.state
+    buckets: TokenBuckets | None = getattr(state, "admin_failures", None)
+    if buckets is None:
+        settings = gateway_of(request).settings
+        buckets = TokenBuckets(
+            settings.admin_failures_burst,
+            settings.admin_failures_per_s,
+            max_clients=MAX_TRACKED_ADDRESSES,
+        )
+        state.admin_failures = buckets
+    return buckets
+
+
+def admit(request: Request, keys: frozenset[str]) -> None:
+    """Return if ``request`` carries one of ``keys`` and its client address may send a
+    key; else raise AdminRefused: 429 with ``retry_after_s`` while the address's
+    allowance of wrong keys is used up (before the key is looked at: the module doc), else
+    as :func:`check_admin_key` (a wrong key, 401 ``invalid_token``, takes one from the
+    address's allowance)."""
+    failures = failed_keys(request)
+    address = request.client.host if request.client else "unknown"
+    if not failures.allowed(address):
+        retry = failures.retry_after_s(address)
+        detail = f"Too many wrong admin keys from this address: retry after {retry} s."
+        raise AdminRefused(429, detail, retry_after_s=retry)
+    try:
+        check_admin_key(keys, request.headers.get("authorization"))
+    except AdminRefused as refused:
+        if refused.challenge == INVALID_TOKEN:  # a guess: not a missing key, not 403
+            failures.take(address)
+        raise
+
+
 BEARER = HTTPBearer(auto_error=False, description="A key of GATEWAY_ADMIN_KEYS.")
 """The admin API's security scheme in the OpenAPI document (``HTTPBearer``): a
 dependency on it marks an operation as needing it; it refuses nothing itself
-(``auto_error`` off: :func:`check_admin_key` gives the refusals)."""
+(``auto_error`` off: :func:`admit` gives the refusals)."""
 
 
 async def require_admin(
@@ -115,12 +187,11 @@ async def require_admin(
 ) -> None:
     """FastAPI dependency: the request carries an admin key (see the module doc).
 
-    Raises AdminRefused (answered 401/403 by :func:`admin_refused_handler`; see
-    :func:`check_admin_key`). ``credentials`` only documents the bearer scheme in the
+    Raises AdminRefused (answered 401/403/429 by :func:`admin_refused_handler`; see
+    :func:`admit`). ``credentials`` only documents the bearer scheme in the
     OpenAPI document (the operation's ``security``), as the push API's check does.
     """
-    keys = gateway_of(request).settings.admin_keys
-    check_admin_key(keys, request.headers.get("authorization"))
+    admit(request, gateway_of(request).settings.admin_keys)
 
 
 ADMIN_CHECKS: set[Callable[..., Any]] = {require_admin}
@@ -134,7 +205,7 @@ def admin_route(request: Request) -> bool:
     FastAPI parses a JSON body before it solves the route's dependencies, so a
     malformed body would be answered 400 before the key is looked at; the app's
     handler of invalid requests asks this first and refuses a request without a valid
-    key as :func:`check_admin_key` would.
+    key as :func:`admit` would.
     """
     dependant = getattr(request.scope.get("route"), "dependant", None)
     if dependant is None:
@@ -145,7 +216,8 @@ def admin_route(request: Request) -> bool:
 async def admin_refused_handler(request: Request, exc: Exception) -> JSONResponse:
     """The problem body of an AdminRefused, with its ``WWW-Authenticate`` challenge (on
     every 401: ``Bearer realm="gateway-admin"``, plus ``error="invalid_token"`` for a
-    wrong key); logged at the level the app's ``admin`` RefusalLog gives (module doc)."""
+    wrong key) or ``Retry-After`` (a 429); logged at the level the app's ``admin``
+    RefusalLog gives (module doc)."""
     assert isinstance(exc, AdminRefused)
     refusal_log(request.app.state, "admin").log(
         log,
@@ -155,10 +227,11 @@ async def admin_refused_handler(request: Request, exc: Exception) -> JSONRespons
         exc.status,
         exc.detail,
     )
-    title = "Unauthorized" if exc.status == 401 else "Forbidden"
-    response = problem(exc.status, title, exc.detail)
+    response = problem(exc.status, status_phrase(exc.status), exc.detail)
     if exc.challenge is not None:
         response.headers["WWW-Authenticate"] = exc.challenge
+    if exc.retry_after_s is not None:
+        response.headers["Retry-After"] = str(exc.retry_after_s)
     return response
 
 

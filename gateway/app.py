@@ -37,7 +37,7 @@ from adapters.voiceflow.routes import mount as mount_voiceflow
 from adapters.vonage.routes import api_base_url as vonage_api
 from adapters.vonage.routes import router as vonage_router
 from gateway import apidoc, console
-from gateway.admin import AdminRefused, admin_refused_handler, admin_route, check_admin_key
+from gateway.admin import AdminRefused, admin_refused_handler, admin_route, admit
 from gateway.breaker import outage_level
 from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.calls import mount as mount_calls
@@ -333,7 +333,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         if admin_route(request):  # the body was parsed before the key was checked
             try:
-                check_admin_key(settings.admin_keys, request.headers.get("authorization"))
+                admit(request, settings.admin_keys)
             except AdminRefused as refused:
                 return await admin_refused_handler(request, refused)
         return problem(400, "Bad Request", "The request is not valid.", errors=_errors(exc))

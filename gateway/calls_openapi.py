@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from gateway.admin import CHALLENGE_HEADER
+from gateway.admin import CHALLENGE_HEADER, RETRY_AFTER_HEADER, TOO_MANY_FAILURES
 from gateway.apidoc import SPACE
 from gateway.protocol import MAX_ID_CHARS
 
@@ -89,6 +89,7 @@ POST_CALLS: dict[str, Any] = dict(
             "content": PROBLEM,
         },
         403: {"description": "No admin keys are configured", "content": PROBLEM},
+        429: {"description": TOO_MANY_FAILURES, "headers": RETRY_AFTER_HEADER, "content": PROBLEM},
         413: {"description": "Body larger than GATEWAY_MAX_BODY_BYTES", "content": PROBLEM},
         415: {"description": "The body is not `application/json`", "content": PROBLEM},
         501: {"description": "A carrier without outbound calls here", "content": PROBLEM},
@@ -129,6 +130,7 @@ GET_CALL: dict[str, Any] = dict(
             "headers": CHALLENGE_HEADER,
             "content": PROBLEM,
         },
+        429: {"description": TOO_MANY_FAILURES, "headers": RETRY_AFTER_HEADER, "content": PROBLEM},
         **problems(
             {
                 403: "No admin keys are configured",

@@ -53,7 +53,14 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from gateway.admin import ADMIN_CHECKS, BEARER, CHALLENGE_HEADER, check_admin_key
+from gateway.admin import (
+    ADMIN_CHECKS,
+    BEARER,
+    CHALLENGE_HEADER,
+    RETRY_AFTER_HEADER,
+    TOO_MANY_FAILURES,
+    admit,
+)
 from gateway.admin import install as install_admin
 from gateway.apidoc import NOT_BLANK
 from gateway.breaker import outage_level
@@ -382,6 +389,7 @@ _REFUSALS: dict[int | str, dict[str, Any]] = {
         CHALLENGE_HEADER,
     ),
     403: _problem_doc("No admin keys are configured (GATEWAY_ADMIN_KEYS unset)"),
+    429: _problem_doc(TOO_MANY_FAILURES, RETRY_AFTER_HEADER),
     503: _problem_doc("The session store or the bus does not answer"),
 }
 
@@ -408,7 +416,7 @@ class _AdminRoute(APIRoute):
 
         async def guarded(request: Request) -> HTTPResponse:
             settings = gateway_of(request).settings
-            check_admin_key(settings.admin_keys, request.headers.get("authorization"))
+            admit(request, settings.admin_keys)
             try:
                 raw = await read_body(request, settings.max_body_bytes)
                 # not JSON by its media type: 415 (FastAPI would validate the bytes:
@@ -436,8 +444,7 @@ def _admin(
     """The admin key check of :mod:`gateway.admin` (GATEWAY_ADMIN_KEYS); raises
     AdminRefused with the 401/403 answer. ``credentials`` only documents the bearer
     scheme in the OpenAPI document."""
-    keys = gateway_of(request).settings.admin_keys
-    check_admin_key(keys, request.headers.get("authorization"))
+    admit(request, gateway_of(request).settings.admin_keys)
 
 
 ADMIN_CHECKS.add(_admin)

@@ -727,6 +727,19 @@ class Settings(BaseSettings):
         "each an RFC 6750 bearer token (letters, digits, `-._~+/`, then any `=`) of at "
         "least 16 characters; unset: the admin API refuses every request (403).",
     )
+    admin_failures_burst: int = Field(
+        default=10,
+        gt=0,
+        description="Admin API: wrong admin keys one client address may send at once; beyond "
+        "it (and the refill rate) every admin request of that address gets 429 with "
+        "`Retry-After` before its key is looked at (counted per process).",
+    )
+    admin_failures_per_s: float = Field(
+        default=0.1,
+        gt=0,
+        description="Admin API: refill rate of that allowance (wrong admin keys per second "
+        "and client address, counted per process).",
+    )
     calls_timeout_s: float = Field(
         default=10.0,
         gt=0,

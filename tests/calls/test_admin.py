@@ -7,9 +7,9 @@ import logging
 import httpx
 import pytest
 
-from gateway.admin import AdminRefused, bearer_token, check_admin_key
+from gateway.admin import MAX_TRACKED_ADDRESSES, AdminRefused, bearer_token, check_admin_key
 from gateway.app import create_app
-from gateway.ratelimit import LOGGED_REFUSALS_BURST, RefusalLog
+from gateway.ratelimit import LOGGED_REFUSALS_BURST, RefusalLog, TokenBuckets
 from gateway.settings import Settings
 from tests.conftest import served, served_app
 
@@ -78,8 +78,8 @@ async def test_a_client_hammering_the_admin_api_with_a_bad_key_does_not_flood_th
     peer, why; never the key), the rest at DEBUG until a minute has passed."""
     caplog.set_level(logging.DEBUG, logger="gateway.admin")
     wrong = {"Authorization": "Bearer not-the-key", "Content-Type": "application/json"}
-    async with (
-        served(admin_keys=frozenset({"the-admin-key-of-tests"})) as url,
+    async with (  # (wrong keys past the limiter's burst would get 429: see below)
+        served(admin_keys=frozenset({"the-admin-key-of-tests"}), admin_failures_burst=100) as url,
         httpx.AsyncClient(base_url=url) as http,
     ):
         for _ in range(20):
@@ -124,6 +124,105 @@ async def test_the_first_admin_refusal_a_minute_later_counts_those_logged_at_deb
         "Admin request /v1/push from 127.0.0.1 refused (401): The admin key is not valid."
         " (3 more refused since, logged at DEBUG)"
     )
+
+
+ADMIN_KEY = "the-admin-key-of-tests"
+ADMIN_REQUESTS = (
+    ("POST", "/v1/push", {"target": {"sessionId": "s1"}, "items": [{"text": "hi"}]}),
+    ("GET", "/v1/sessions/s1", None),
+    ("POST", "/v1/calls", {"carrier": "twilio", "to": "+15550100"}),
+    ("GET", "/v1/calls/c1", None),
+)
+"""A request of each admin operation (method, path, JSON body or None)."""
+
+
+async def _admin_request(
+    http: httpx.AsyncClient, method: str, path: str, body: object, key: str | None
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    return await http.request(method, path, json=body, headers=headers)
+
+
+def _too_many(answer: httpx.Response) -> int:
+    """Check ``answer`` is the limiter's 429 problem body; its ``Retry-After`` (s)."""
+    assert answer.status_code == 429, (answer.status_code, answer.text)
+    assert answer.headers["content-type"] == "application/problem+json"
+    body = answer.json()
+    assert (body["status"], body["title"]) == (429, "Too Many Requests")
+    assert body["detail"].startswith("Too many wrong admin keys from this address")
+    assert "www-authenticate" not in answer.headers
+    return int(answer.headers["retry-after"])
+
+
+async def test_wrong_admin_keys_from_one_address_are_limited_before_the_key_is_checked() -> None:
+    """A client could try admin keys at full speed: every wrong key was a 401, however
+    many. Now each wrong key takes one of GATEWAY_ADMIN_FAILURES_BURST from the client
+    address's allowance (refilled at GATEWAY_ADMIN_FAILURES_PER_S); once it is used up,
+    every admin request of that address, on every admin operation, is answered 429 with
+    ``Retry-After`` in the admin API's problem form, before the key is looked at: the
+    right key too, so a guess cannot be tested. Another address is not limited."""
+    settings = Settings(
+        admin_keys=frozenset({ADMIN_KEY}), admin_failures_burst=3, admin_failures_per_s=0.01
+    )
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as http:
+        for method, path, body in ADMIN_REQUESTS[:3]:  # three guesses on three operations
+            wrong = await _admin_request(http, method, path, body, "a-wrong-admin-key-01")
+            assert wrong.status_code == 401, (path, wrong.text)
+        for method, path, body in ADMIN_REQUESTS:
+            for key in ("a-wrong-admin-key-01", ADMIN_KEY, None):
+                refused = await _admin_request(http, method, path, body, key)
+                assert 90 <= _too_many(refused) <= 100, (path, key)  # 1 token at 0.01/s
+        # another client address (the same app, through ASGI) still has its allowance
+        other = httpx.ASGITransport(app=app, client=("203.0.113.7", 40000))
+        async with httpx.AsyncClient(transport=other, base_url="http://gw") as elsewhere:
+            viewed = await _admin_request(elsewhere, "GET", "/v1/sessions/s1", None, ADMIN_KEY)
+            assert viewed.status_code == 404, viewed.text
+            wrong = await _admin_request(elsewhere, "GET", "/v1/sessions/s1", None, "nope-nope")
+            assert wrong.status_code == 401
+    buckets = app.state.admin_failures
+    assert isinstance(buckets, TokenBuckets)
+    assert buckets.max_clients == MAX_TRACKED_ADDRESSES  # a bounded number of addresses
+    assert len(buckets) == 2
+
+
+async def test_right_keys_and_missing_keys_are_not_limited_and_the_allowance_refills() -> None:
+    """Only wrong keys count: many requests with the right key, or without any key (a
+    401 asking for one), never reach 429; once the address's allowance refills, its
+    requests are checked again (a wrong key 401, the right key answered)."""
+    now = [0.0]
+    settings = Settings(admin_keys=frozenset({ADMIN_KEY}))
+    app = create_app(settings)
+    # GATEWAY_ADMIN_FAILURES_BURST / _PER_S's defaults, on a clock the test moves
+    burst, per_s = settings.admin_failures_burst, settings.admin_failures_per_s
+    app.state.admin_failures = TokenBuckets(burst, per_s, clock=lambda: now[0])
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as http:
+        for _ in range(burst + 5):
+            right = await _admin_request(http, "GET", "/v1/sessions/s1", None, ADMIN_KEY)
+            assert right.status_code == 404
+            missing = await _admin_request(http, "GET", "/v1/sessions/s1", None, None)
+            assert missing.status_code == 401
+        for _ in range(burst):
+            wrong = await _admin_request(http, "POST", "/v1/push", {}, "a-wrong-admin-key-01")
+            assert wrong.status_code == 401
+        retry = _too_many(await _admin_request(http, "GET", "/v1/sessions/s1", None, ADMIN_KEY))
+        assert retry == round(1 / per_s)
+        now[0] += retry
+        right = await _admin_request(http, "GET", "/v1/sessions/s1", None, ADMIN_KEY)
+        assert right.status_code == 404
+        wrong = await _admin_request(http, "GET", "/v1/sessions/s1", None, "a-wrong-admin-key-01")
+        assert wrong.status_code == 401
+        _too_many(await _admin_request(http, "GET", "/v1/sessions/s1", None, ADMIN_KEY))
+
+
+def test_the_admin_limiters_429_is_documented() -> None:
+    """Each admin operation documents the 429 of too many wrong keys, its problem body and
+    its ``Retry-After``."""
+    document = create_app(Settings()).openapi()
+    for method, path in ADMIN_OPERATIONS:
+        answer = document["paths"][path][method]["responses"]["429"]
+        assert "Retry-After" in answer["headers"], path
+        assert "application/problem+json" in answer["content"], path
 
 
 def test_every_admin_operation_documents_the_bearer_scheme() -> None:
