@@ -13,6 +13,10 @@ site: the page holds a microphone) while answers' images and TTS audio may come 
 anywhere (GATEWAY_PUBLIC_URL or the core's own links), ``nosniff``, and
 ``X-Frame-Options: DENY`` for browsers that predate ``frame-ancestors``. Its error
 answers (404, 405: problem+json) and the redirect of ``/console`` carry them too.
+
+``/console/config.json`` (:func:`page_config`) tells the page what it needs of the
+gateway's settings: how long a turn may go without a word of the gateway before the
+page takes its connection for dropped (:func:`answer_timeout_s`).
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ from typing import Final
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
+
+from gateway.deps import gateway_of
+from gateway.settings import Settings
 
 STATIC: Final = Path(__file__).parent / "static"
 """The folder of the console's files."""
@@ -82,8 +89,35 @@ async def to_console(request: Request) -> Response:
     return RedirectResponse(str(url), status_code=307, headers=SECURITY_HEADERS)
 
 
+ANSWER_MARGIN_S: Final = 5.0
+"""What the page waits past the gateway's own limits before it gives a silent turn up (s):
+the answer's trip, a loaded gateway."""
+
+
+def answer_timeout_s(settings: Settings) -> float:
+    """How long (s) the page's Processing may go without an event of the gateway before its
+    connection is taken for dropped: a turn waits for its session's lock up to
+    GATEWAY_LOCK_WAIT_S, runs up to GATEWAY_TURN_TIMEOUT_S (then the gateway answers an
+    Error itself), plus :data:`ANSWER_MARGIN_S`. (The page had 60 s, whatever the turn
+    timeout: a longer one was cut short.)"""
+    return settings.lock_wait_s + settings.turn_timeout_s + ANSWER_MARGIN_S
+
+
+async def page_config(request: Request) -> Response:
+    """``GET /console/config.json``: ``{"answerTimeoutS": float, "turnTimeoutS": float}``
+    (:func:`answer_timeout_s`, GATEWAY_TURN_TIMEOUT_S; seconds), ``Cache-Control:
+    no-store`` and :data:`SECURITY_HEADERS`."""
+    settings = gateway_of(request).settings
+    body = {"answerTimeoutS": answer_timeout_s(settings), "turnTimeoutS": settings.turn_timeout_s}
+    headers = {"Cache-Control": "no-store", **SECURITY_HEADERS}
+    return JSONResponse(body, headers=headers)
+
+
 def mount(app: FastAPI) -> None:
-    """Serve the console's files under :data:`PATH` (index.html at ``/console/``) and
-    redirect :data:`PATH` itself there (:func:`to_console`)."""
+    """Serve the console's files under :data:`PATH` (index.html at ``/console/``), its
+    settings at ``/console/config.json`` (:func:`page_config`), and redirect :data:`PATH`
+    itself there (:func:`to_console`)."""
     app.router.add_route(PATH, to_console, include_in_schema=False)
+    config = f"{PATH}/config.json"
+    app.router.add_route(config, page_config, ["GET", "HEAD"], include_in_schema=False)
     app.mount(PATH, ConsoleFiles(directory=STATIC, html=True), name="console")

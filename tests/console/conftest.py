@@ -191,15 +191,18 @@ class Console:
         retry_s: int = 1,
         stall_s: int | None = None,
         answer_s: int | None = None,
+        listen_s: int | None = None,
     ) -> None:
         """``retry_s``: the page's ``?retry=`` (seconds between reconnects); ``stall_s``: its
         ``?stall=`` (seconds an answer's audio may go without progress; None: the 30 s default);
         ``answer_s``: its ``?answer=`` (seconds Processing may go without an event from the
-        gateway; None: the 60 s default)."""
+        gateway; None: the gateway's config.json ``answerTimeoutS``); ``listen_s``: its
+        ``?listen=`` (seconds Talk waits for the gateway to start listening; None: 10 s)."""
         self.driver = driver
         stall = f"&stall={stall_s}" if stall_s is not None else ""
         answer = f"&answer={answer_s}" if answer_s is not None else ""
-        driver.get(f"{base}/console?retry={retry_s}{stall}{answer}")
+        listen = f"&listen={listen_s}" if listen_s is not None else ""
+        driver.get(f"{base}/console?retry={retry_s}{stall}{answer}{listen}")
         self.wait_for(lambda: self.state == "Closed")
 
     def js(self, script: str, *args: Any) -> Any:

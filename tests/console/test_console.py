@@ -15,16 +15,20 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from selenium import webdriver
 from selenium.webdriver.common.keys import Keys
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
 
 from gateway.app import create_app
-from gateway.console import CONTENT_SECURITY_POLICY, SECURITY_HEADERS
+from gateway.console import ANSWER_MARGIN_S, CONTENT_SECURITY_POLICY, SECURITY_HEADERS
 from gateway.server import GatewayWebSocketProtocol
 from gateway.settings import Settings
 from gateway.speech.audio import Pcm, encode_wav
@@ -204,6 +208,126 @@ def test_a_turn_the_gateway_leaves_unanswered_is_a_lost_connection_not_a_hang(
                 "Processing", "Failed", "Open", "Sleeping", "Processing", "Responding", "Listening",
             ]  # fmt: skip
             page.assert_no_failures()
+    finally:
+        gateway.stop()
+
+
+async def test_the_console_config_names_the_gateways_answer_limit() -> None:
+    """``/console/config.json`` gives the page the gateway's turn timeout and how long a
+    silent turn may last (lock wait + turn timeout + margin): a turn timeout over 60 s
+    was cut short by the page's fixed 60 s."""
+    settings = Settings(turn_timeout_s=90, lock_wait_s=15)
+    async with served_app(create_app(settings), settings) as url, httpx.AsyncClient() as client:
+        config = await client.get(f"{url}/console/config.json")
+    assert config.status_code == 200
+    assert config.json() == {"answerTimeoutS": 90 + 15 + ANSWER_MARGIN_S, "turnTimeoutS": 90}
+    assert config.headers["cache-control"] == "no-store"
+    for name, value in SECURITY_HEADERS.items():
+        assert config.headers[name] == value
+
+
+def test_the_no_answer_limit_follows_the_gateways_turn_timeout(
+    browser: webdriver.Chrome,
+) -> None:
+    # the page gave a silent turn up after 60 s, whatever GATEWAY_TURN_TIMEOUT_S; now after
+    # the gateway's answerTimeoutS (config.json): here 1 s lock wait + 1 s turn + the margin
+    limit = 1 + 1 + ANSWER_MARGIN_S
+    gateway = ThreadedGateway(turn_timeout_s=1, lock_wait_s=1).start()
+    try:
+        with no_server_errors():
+            page = Console(browser, gateway.url)
+            page.wait_for(lambda: any("no-answer limit" in e for e in page.events()))
+            page.connect()
+            page.say("My name is Ada")
+            gateway.pause(limit + 4)
+            page.driver.find_element("id", "text").send_keys("What is my name?")
+            page.click("send")
+            page.wait_for(lambda: page.state == "Failed", timeout=limit + 3)
+            assert outage_notes(page) == [
+                f"Connection lost (no answer for {limit:g} s). Trying again in 1 s."
+            ]
+            page.screenshot("no-answer-turn-timeout")
+            page.wait_for(lambda: page.state == "Sleeping", timeout=40)  # the loop goes on
+    finally:
+        gateway.stop()
+
+
+def fake_socket_gateway(handler: Callable[[WebSocket], Awaitable[None]]) -> ThreadedGateway:
+    """A gateway whose ``/socket/`` is ``handler`` (a gateway misbehaving in a way the real
+    one does not), its console the real one; started."""
+    gateway = ThreadedGateway()
+    app = gateway.server.config.app
+    assert isinstance(app, FastAPI)
+    app.router.routes.insert(0, WebSocketRoute("/socket/", handler))
+    return gateway.start()
+
+
+async def _until_closed(ws: WebSocket, frames: list[str] | None = None) -> None:
+    """Read ``ws`` until the page closes it, keeping its text frames in ``frames``."""
+    while (message := await ws.receive())["type"] != "websocket.disconnect":
+        if frames is not None and message.get("text") is not None:
+            frames.append(message["text"])
+
+
+def test_a_frame_that_is_not_json_is_shown_as_an_error(browser: webdriver.Chrome) -> None:
+    # a frame that was not JSON threw in the page's onmessage: lost without a word. Now
+    # it is an error note, its text shown as text (never as HTML), and the page goes on
+    async def garbled(ws: WebSocket) -> None:
+        await ws.accept()
+        await ws.receive_text()  # Init
+        await ws.send_text('{"type":"Ready"}')
+        await ws.send_text('<img src=x onerror="window.injected=1"> 502 Bad Gateway')
+        await ws.send_text("[1, 2]")  # JSON, but no event
+        await _until_closed(ws)
+
+    gateway = fake_socket_gateway(garbled)
+    try:
+        page = Console(browser, gateway.url)
+        page.connect()
+        page.wait_for(lambda: len(page.chat()) == 2)
+        page.screenshot("not-json")
+        prefix = "The gateway sent a frame that is not a JSON event: "
+        assert page.chat() == [
+            ("note error", prefix + '<img src=x onerror="window.injected=1"> 502 Bad Gateway'),
+            ("note error", prefix + "[1, 2]"),
+        ]
+        assert browser.find_elements("css selector", "#chat img") == []
+        assert page.js("return window.injected") is None
+        assert page.state == "Sleeping"
+        assert any("502 Bad Gateway" in e for e in page.events())
+    finally:
+        gateway.stop()
+
+
+def test_talk_gives_up_when_the_gateway_never_starts_listening(
+    browser: webdriver.Chrome,
+) -> None:
+    # Talk sends InputAudioStreamOpen and waits for its echo: a gateway that never sent it
+    # left the button at "Stop" for ever. Now after ?listen= seconds (10 s by default) an
+    # error says so, the stream is cancelled and Talk is back
+    frames: list[str] = []
+
+    async def deaf(ws: WebSocket) -> None:
+        await ws.accept()
+        await ws.receive_text()  # Init
+        await ws.send_text('{"type":"Ready"}')
+        await _until_closed(ws, frames)  # InputAudioStreamOpen never echoed
+
+    gateway = fake_socket_gateway(deaf)
+    try:
+        page = Console(browser, gateway.url, listen_s=2)
+        page.connect()
+        page.click("mic")
+        mic = browser.find_element("id", "mic")
+        assert mic.text == "Stop"
+        page.wait_for(lambda: page.chat(), timeout=6)
+        page.screenshot("listen-timeout")
+        assert page.chat() == [("note error", "The gateway did not start listening within 2 s.")]
+        assert mic.text == "Talk"
+        assert mic.is_enabled()
+        assert page.state == "Sleeping"
+        page.wait_for(lambda: '{"type":"InputAudioStreamCancel"}' in frames)
+        assert frames[0] == '{"type":"InputAudioStreamOpen"}'
     finally:
         gateway.stop()
 

@@ -11,8 +11,10 @@
 //   Listening  when a turn's output has played (session goes on), or the input audio
 //              stream is open;
 //   Processing  when text was sent or the final Recognized came; a gateway that then sends
-//              nothing for 60 s (its own turn timeout answers an Error long before) is taken
-//              for a dead connection (a half-open TCP one never closes): Failed, and retried;
+//              nothing for longer than it may take (config.json's answerTimeoutS: its lock
+//              wait and turn timeout, after which it answers an Error itself, plus a margin;
+//              60 s until that is known) is taken for a dead connection (a half-open TCP one
+//              never closes): Failed, and retried;
 //   Responding  on ResponseItem/Response, until its audio has played (or was skipped).
 // The sessionId is kept across reconnects until the session ends, so a client whose
 // connection dropped goes on in the same session.
@@ -25,8 +27,12 @@
   const RETRY_MS = 1000 * (Number(params.get('retry')) || 10);
   // ?stall=SECONDS overrides the 30 s an answer's audio may go without progress (see playNext)
   const STALL_S = Number(params.get('stall')) || 30;
-  // ?answer=SECONDS overrides the 60 s Processing may go without a word of the gateway
-  const ANSWER_S = Number(params.get('answer')) || 60;
+  // ?answer=SECONDS overrides how long Processing may go without a word of the gateway
+  // (else the gateway's answerTimeoutS of config.json: see loadConfig; 60 s until it came)
+  const ANSWER_OVERRIDE_S = Number(params.get('answer')) || 0;
+  let answerS = ANSWER_OVERRIDE_S || 60;
+  // ?listen=SECONDS overrides the 10 s Talk waits for the gateway to start listening
+  const LISTEN_S = Number(params.get('listen')) || 10;
   const STT_RATE = 16000; // sttSampleRate sent in Init; the microphone is resampled to it
   const SOCKET_URL = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/socket/';
 
@@ -86,9 +92,19 @@
     $('key').disabled = $('locale').disabled = connected || wanted;
   }
 
-  function awaitAnswer() { // (re)armed in Processing by each event: ANSWER_S of silence ends it
+  function awaitAnswer() { // (re)armed in Processing by each event: answerS of silence ends it
     clearTimeout(answerTimer);
-    if (state === 'Processing') answerTimer = setTimeout(noAnswer, ANSWER_S * 1000);
+    if (state === 'Processing') answerTimer = setTimeout(noAnswer, answerS * 1000);
+  }
+
+  async function loadConfig() { // the gateway's limits the page follows (/console/config.json)
+    if (ANSWER_OVERRIDE_S) return;
+    try {
+      const answer = await fetch('config.json', {cache: 'no-store', signal: AbortSignal.timeout(10000)});
+      const config = await answer.json();
+      if (answer.ok && Number(config.answerTimeoutS) > 0) answerS = Number(config.answerTimeoutS);
+    } catch (error) { /* an older gateway, or none: the 60 s stay */ }
+    logEvent('·', `no-answer limit ${answerS} s`);
   }
 
   function noAnswer() { // the socket is given up as dropped: Failed, one note, retried
@@ -97,7 +113,7 @@
     const dropped = socket.onclose;
     socket.onclose = null;
     socket.close(4000, 'no answer');
-    dropped({code: 0, reason: `no answer for ${ANSWER_S} s`});
+    dropped({code: 0, reason: `no answer for ${answerS} s`});
   }
 
   function showSession() { $('session').textContent = sessionId || 'none'; }
@@ -145,7 +161,11 @@
       });
     };
     socket.onmessage = (message) => {
-      if (typeof message.data === 'string') receive(JSON.parse(message.data));
+      if (typeof message.data !== 'string') return;
+      let event = null;
+      try { event = JSON.parse(message.data); } catch (error) { /* said below */ }
+      if (event && typeof event === 'object' && !Array.isArray(event)) receive(event);
+      else notJson(message.data);
     };
     socket.onclose = (close) => {
       if (socket !== ws) return; // an old socket we already gave up
@@ -286,6 +306,12 @@
     }
   }
 
+  function notJson(text) { // a frame that is no event: shown (as text only), never dropped
+    logEvent('←', text);
+    const shown = text.length > 200 ? text.slice(0, 200) + '…' : text;
+    say('note error', `The gateway sent a frame that is not a JSON event: ${shown}`);
+  }
+
   function keepSession(id) {
     clearTimeout(sessionTimer);
     if (id !== sessionId) sessionKnown = false;
@@ -352,6 +378,14 @@
       userBubble = null;
       // a reconnected client names its session, so the utterance goes on in it
       send(sessionId ? {type: 'InputAudioStreamOpen', sessionId} : {type: 'InputAudioStreamOpen'});
+      // the gateway echoes InputAudioStreamOpen when it listens; without it for LISTEN_S the
+      // stream is given up (cancelled), said, and Talk is back
+      current.listenTimer = setTimeout(() => {
+        if (mic !== current || current.acked) return;
+        say('note error', `The gateway did not start listening within ${LISTEN_S} s.`);
+        stopMic(false);
+        send({type: 'InputAudioStreamCancel'});
+      }, LISTEN_S * 1000);
     } catch (error) {
       say('note error', `Microphone: ${error.message || error}`);
       stopMic(false);
@@ -370,6 +404,7 @@
 
   function stopMic(sendClose) { // sendClose: tell the server the stream is over
     if (!mic) return;
+    clearTimeout(mic.listenTimer);
     stopTracks(mic);
     if (mic.bytes) logEvent('→', `audio: ${(mic.bytes / 2 / STT_RATE).toFixed(1)} s of LINEAR16 at ${STT_RATE} Hz`);
     mic = null;
@@ -550,4 +585,5 @@
 
   showSession();
   setState('Closed');
+  loadConfig();
 })();
