@@ -459,9 +459,13 @@ class _Call(CallRunner):
         await self.close(CLOSE_NORMAL, reason)
 
     async def shutdown(self) -> None:
+        """End the stream; remove this runner from the channel's registry only when the
+        entry is its own (a later stream of the same callSid, a reconnect, replaced it
+        and stays registered: the shared registry's rule, gateway/io/call.py)."""
         self._received_all.set()
         await super().shutdown()
-        self.channel.calls.pop(self.call_sid, None)
+        if self.channel.calls.get(self.call_sid) is self:
+            del self.channel.calls[self.call_sid]
 
 
 async def _dial(runner: CallRunner, action: Transfer) -> TransferResult:

@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from adapters.twilio.protocol import MAX_MEDIA_BYTES, MULAW_8K
 from gateway.events import Input, Response, ResponseItem
 from gateway.io.call import LOGGED_BAD_FRAMES, MAX_BAD_FRAMES
+from gateway.metrics import REGISTRY
 from gateway.protocol.call import MAX_DTMF_DIGITS
 from gateway.sessions import Session
 from gateway.speech.audio import Pcm
@@ -664,3 +665,34 @@ async def test_an_unknown_event_name_is_logged_cut_short(caplog: pytest.LogCaptu
             in line.getMessage()
         )
         assert len(line.getMessage()) < 300
+
+
+def open_streams() -> float:
+    """The gateway's open Twilio streams (``gateway_connections{channel="twilio"}``)."""
+    value = REGISTRY.get_sample_value("gateway_connections", {"channel": "twilio"})
+    return value or 0.0
+
+
+async def test_a_call_sid_s_second_stream_stays_registered_when_the_first_ends() -> None:
+    """Two streams of one callSid (the voice webhook asked twice, a reconnect): the
+    channel's registry (the target of AMD callbacks) holds the later one; the earlier
+    one's shutdown popped the entry by callSid, the later stream's included, and now
+    removes only its own (as the shared calls registry does, gateway/io/call.py)."""
+    async with twilio_gateway() as gw:
+        calls = gw.channel.calls
+        async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as first:
+            sid = first.call_sid
+            assert await until(lambda: sid in calls, 10.0)
+            runner = calls[sid]
+            async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, sid=sid) as second:
+                assert await until(lambda: calls.get(sid) not in (None, runner), 10.0)
+                later = calls[sid]
+                both = open_streams()
+                await first.stop()
+                # the gauge drops as the first runner's serve() ends, after its
+                # shutdown's registry clean-up: seen lower, the clean-up has run
+                assert await until(lambda: open_streams() == both - 1, 20.0), open_streams()
+                assert calls.get(sid) is later
+                await second.stop()
+                assert await until(lambda: not calls, 10.0), calls
+        await gw.wait_no_calls()
