@@ -50,16 +50,24 @@ from gateway.protocol import ProtocolError, load_json, media_type
 CARRIER: Final = "plivo"
 MULAW: Final = "audio/x-mulaw"
 L16: Final = "audio/x-l16"
+MULAW_RATE: Final = 8000
+"""The one rate (Hz) of Plivo's μ-law (``audio/x-mulaw;rate=8000``)."""
 
 
 def media_format(content_type: str, sample_rate: int) -> MediaFormat:
     """The wire format of a Plivo content type (``audio/x-mulaw`` or ``audio/x-l16``).
 
-    A ``;rate=`` suffix is ignored (``sample_rate`` rules). Raises
-    UnsupportedMediaFormat for another type or rate.
+    A ``;rate=`` suffix is ignored (``sample_rate`` rules). Plivo's formats are
+    ``audio/x-mulaw;rate=8000`` and ``audio/x-l16;rate=8000|16000`` (CARRIERS.md "Plivo
+    Audio Streams"). Raises UnsupportedMediaFormat for another type or rate (μ-law at
+    any rate but 8000 Hz too).
     """
     kind = media_type(content_type)
     if kind == MULAW:
+        if sample_rate != MULAW_RATE:
+            raise UnsupportedMediaFormat(
+                f"Unsupported Plivo rate {sample_rate} Hz of {MULAW}: expected {MULAW_RATE}"
+            )
         return MediaFormat("PCMU", sample_rate)
     if kind == L16:
         return MediaFormat("L16", sample_rate)

@@ -144,6 +144,25 @@ async def test_malformed_json_extra_headers_close_the_stream_naming_them(
         assert not gw.core.turns
 
 
+async def test_a_mulaw_start_at_16_khz_is_closed_1003(speech: SpeechService) -> None:
+    """Plivo's μ-law is ``audio/x-mulaw;rate=8000`` only (CARRIERS.md): a start of μ-law
+    at 16000 Hz is closed with 1003 naming the rate, as other formats Plivo does not
+    stream are (it was taken, the call served as 16 kHz μ-law)."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        call_uuid = str(uuid.uuid4())
+        answer = await ask_answer(gw.url, PUBLIC, call_uuid)
+        stream = ET.fromstring(answer.text).find("./Stream")
+        assert stream is not None
+        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit((stream.text or '').strip()).path}"
+        media_format = {"encoding": "audio/x-mulaw", "sampleRate": 16000}
+        start = {"callId": call_uuid, "streamId": "s-1", "mediaFormat": media_format}
+        frame = {"event": "start", "sequenceNumber": 0, "start": start}
+        code, reason = await closed_with(url, [json.dumps(frame)], within_s=10)
+        assert code == 1003
+        assert reason.startswith("Unsupported Plivo rate 16000 Hz"), reason
+        assert not gw.core.turns
+
+
 async def test_the_transfer_xml_log_line_cuts_the_call_uuid(
     speech: SpeechService, caplog: pytest.LogCaptureFixture
 ) -> None:
