@@ -144,10 +144,19 @@ class _Message(Wire):
 
 
 class _StreamMessage(_Message):
-    """The fields every message after ``connected`` carries."""
+    """The fields every message after ``connected`` carries.
+
+    ``sequenceNumber`` is informational (nothing depends on it): read leniently, as a
+    ``media`` message's is (:func:`gateway.protocol.integer`: an integral number or a
+    string of digits; anything else is None), never a reason to drop the message."""
 
     sequence_number: int | None = None
     stream_sid: str | None = None
+
+    @field_validator("sequence_number", mode="before")
+    @classmethod
+    def _sequence_number(cls, value: object) -> int | None:
+        return integer(value)
 
 
 class Connected(_Message):

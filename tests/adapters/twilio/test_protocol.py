@@ -704,3 +704,25 @@ def test_a_key_behind_the_turn_running_at_the_end_still_gets_its_turn(end: str) 
     assert turn.input.text == "7"
     assert call.turn is not None
     assert call.turn.discarded
+
+
+@pytest.mark.parametrize(
+    "frame", [START, MEDIA, DTMF, MARK, STOP], ids=lambda f: json.loads(f)["event"]
+)
+@pytest.mark.parametrize("sequence", ["x", "", "-1", "1.5", True, [1], {"n": 1}, 1.5])
+def test_a_sequence_number_that_is_no_integer_is_read_as_none_by_every_event(
+    frame: str, sequence: object
+) -> None:
+    """``sequenceNumber`` is informational: a value that is no integer is None on every
+    event, as ``media`` read it (gateway.protocol.integer); a ``dtmf``, ``mark`` or
+    ``stop`` with one was a ProtocolError (the key, the echo or the end dropped) and a
+    ``start`` an InvalidStart (the call closed 1008)."""
+    value = json.loads(frame)
+    value["sequenceNumber"] = sequence
+    message = parse_message(json.dumps(value))
+    assert type(message) is type(parse_message(frame))
+    assert message.sequence_number is None
+    value["sequenceNumber"] = "7"
+    assert parse_message(json.dumps(value)).sequence_number == 7
+    value["sequenceNumber"] = 7.0
+    assert parse_message(json.dumps(value)).sequence_number == 7
