@@ -717,12 +717,14 @@ def test_a_sequence_number_that_is_no_integer_is_read_as_none_by_every_event(
     event, as ``media`` read it (gateway.protocol.integer); a ``dtmf``, ``mark`` or
     ``stop`` with one was a ProtocolError (the key, the echo or the end dropped) and a
     ``start`` an InvalidStart (the call closed 1008)."""
-    value = json.loads(frame)
-    value["sequenceNumber"] = sequence
-    message = parse_message(json.dumps(value))
-    assert type(message) is type(parse_message(frame))
-    assert message.sequence_number is None
-    value["sequenceNumber"] = "7"
-    assert parse_message(json.dumps(value)).sequence_number == 7
-    value["sequenceNumber"] = 7.0
-    assert parse_message(json.dumps(value)).sequence_number == 7
+
+    def sequence_of(number: object) -> int | None:
+        value = json.loads(frame)
+        value["sequenceNumber"] = number
+        message = parse_message(json.dumps(value))
+        assert type(message) is type(parse_message(frame))
+        assert not isinstance(message, Connected)
+        return message.sequence_number
+
+    assert sequence_of(sequence) is None
+    assert sequence_of("7") == sequence_of(7.0) == 7
