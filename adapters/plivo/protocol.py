@@ -66,7 +66,8 @@ def media_format(content_type: str, sample_rate: int) -> MediaFormat:
     if kind == MULAW:
         if sample_rate != MULAW_RATE:
             raise UnsupportedMediaFormat(
-                f"Unsupported Plivo rate {sample_rate} Hz of {MULAW}: expected {MULAW_RATE}"
+                f"Unsupported sample rate {sample_rate} Hz of Plivo's {MULAW}: "
+                f"expected {MULAW_RATE}"
             )
         return MediaFormat("PCMU", sample_rate)
     if kind == L16:

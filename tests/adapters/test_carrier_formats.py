@@ -28,7 +28,13 @@ CASES = [
     ("telnyx", TelnyxCodec, telnyx.start("PCMU", 7000), telnyx.START, "Unsupported sample rate"),
     ("plivo", PlivoCodec, plivo.start("audio/x-alaw"), plivo.START, "Unsupported Plivo"),
     # Plivo's μ-law is audio/x-mulaw;rate=8000 only (a 16 kHz μ-law start was taken)
-    ("plivo", PlivoCodec, plivo.start("audio/x-mulaw", 16000), plivo.START, "Unsupported Plivo"),
+    (
+        "plivo",
+        PlivoCodec,
+        plivo.start("audio/x-mulaw", 16000),
+        plivo.START,
+        "Unsupported sample rate 16000 Hz",
+    ),
     ("exotel", ExotelCodec, exotel.start(bits="8"), exotel.START, "Unsupported Exotel audio"),
     (
         "vonage",
@@ -48,7 +54,14 @@ def call_of(channel: str, codec: CarrierCodec) -> CarrierCall:
 @pytest.mark.parametrize(
     ("channel", "codec", "bad", "good", "named"),
     CASES,
-    ids=["telnyx-g722", "telnyx-7000", "plivo-alaw", "plivo-mulaw-16k", "exotel-8-bit", "vonage-44100"],
+    ids=[
+        "telnyx-g722",
+        "telnyx-7000",
+        "plivo-alaw",
+        "plivo-mulaw-16k",
+        "exotel-8-bit",
+        "vonage-44100",
+    ],
 )
 def test_a_start_in_a_format_the_gateway_cannot_take_closes_the_call_1003(
     channel: str, codec: type[CarrierCodec], bad: str, good: str, named: str

@@ -159,7 +159,9 @@ async def test_a_mulaw_start_at_16_khz_is_closed_1003(speech: SpeechService) -> 
         frame = {"event": "start", "sequenceNumber": 0, "start": start}
         code, reason = await closed_with(url, [json.dumps(frame)], within_s=10)
         assert code == 1003
-        assert reason.startswith("Unsupported Plivo rate 16000 Hz"), reason
+        assert reason.startswith("Unsupported sample rate 16000 Hz of Plivo's audio/x-mulaw"), (
+            reason
+        )
         assert not gw.core.turns
 
 
