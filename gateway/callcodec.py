@@ -60,7 +60,12 @@ from gateway.protocol import LocalProtocolError, ProtocolError, clipped, load_js
 from gateway.speech.audio import SUPPORTED_RATES, AudioFormatError, Pcm, audioop, resample
 
 __all__ = [
+    "CALL_PARAMETERS",
     "DTMF_DIGITS",
+    "MAX_PARAMS",
+    "MAX_PARAMS_CHARS",
+    "MAX_PARAM_NAME_CHARS",
+    "MAX_PARAM_VALUE_CHARS",
     "CallEvent",
     "CarrierCodec",
     "CarrierError",
@@ -443,16 +448,78 @@ def get_digit(obj: Mapping[str, Any], where: str) -> str:
     return digit
 
 
-def get_params(value: Any, where: str) -> dict[str, str]:
-    """Custom parameters: an object of strings (numbers and booleans as text).
+MAX_PARAMS: Final = 32
+"""Most custom parameters (or headers) a stream's start may carry: the gateway's own
+answers set up to 7 (Twilio's TwiML), Exotel's applet up to 3."""
+MAX_PARAM_NAME_CHARS: Final = 256
+"""Longest name of a custom parameter (characters)."""
+MAX_PARAM_VALUE_CHARS: Final = 4000
+"""Longest value of a custom parameter (characters): an outbound call's ``attributes``
+JSON travels in one (gateway/calls.py bounds it to 2000, the call engine reads up to
+4000: gateway/protocol/call.py ``MAX_ATTRIBUTES_CHARS``)."""
+MAX_PARAMS_CHARS: Final = 8192
+"""Most characters of a start's custom parameters, names and values together."""
 
-    Raises ProtocolError for a non-object or a nested value (naming its key, cut:
-    :func:`~gateway.protocol.clipped`).
+CALL_PARAMETERS: Final = frozenset({"from", "to", "direction", "answeredBy", "attributes"})
+"""The parameters that say who the call is between and how it came about: the caller and
+callee, ``direction`` ``outbound`` with its ``answeredBy`` and ``attributes``. The gateway
+sets them itself where the carrier's start does not say them (Twilio's TwiML
+``<Parameter>`` s, Plivo's ``extraHeaders``, Vonage's NCCO headers, Telnyx's
+``client_state``); a carrier's free-form ``custom_parameters`` (Telnyx, Exotel: set by
+whoever configured the stream, beside the start's own ``from``/``to``) never carry them
+(:meth:`JsonCarrierCodec.begin_start`)."""
+
+
+_FAULT_NAME_CHARS: Final = 32
+"""Characters of a parameter's name in :func:`params_fault`'s text (it becomes a close
+reason, at most 123 bytes with the text before it)."""
+
+
+def params_fault(params: Mapping[str, str]) -> str | None:
+    """What is wrong with a start's custom parameters (already strings), or None when
+    they are within bounds: at most :data:`MAX_PARAMS` of them, each name at most
+    :data:`MAX_PARAM_NAME_CHARS` characters and each value
+    :data:`MAX_PARAM_VALUE_CHARS`, :data:`MAX_PARAMS_CHARS` in all. The text names the
+    parameter at fault, cut (:func:`~gateway.protocol.clipped`)."""
+    if len(params) > MAX_PARAMS:
+        return f"more than {MAX_PARAMS} parameters"
+    total = 0
+    for key, value in params.items():
+        if len(key) > MAX_PARAM_NAME_CHARS:
+            name = clipped(key, _FAULT_NAME_CHARS, quote=False)
+            return f"a name longer than {MAX_PARAM_NAME_CHARS} characters: {name}"
+        if len(value) > MAX_PARAM_VALUE_CHARS:
+            name = clipped(key, _FAULT_NAME_CHARS, quote=False)
+            return f"{name}: longer than {MAX_PARAM_VALUE_CHARS} characters"
+        total += len(key) + len(value)
+    if total > MAX_PARAMS_CHARS:
+        return f"longer than {MAX_PARAMS_CHARS} characters in all"
+    return None
+
+
+def bounded_params(params: dict[str, str], where: str) -> dict[str, str]:
+    """``params`` when within :func:`params_fault`'s bounds; ProtocolError naming
+    ``where`` and the fault otherwise (a start refused: the call closed 1008)."""
+    fault = params_fault(params)
+    if fault is not None:
+        raise ProtocolError(f"Invalid {where}: {fault}")
+    return params
+
+
+def get_params(value: Any, where: str) -> dict[str, str]:
+    """Custom parameters: an object of strings (numbers and booleans as text), within
+    :func:`params_fault`'s bounds.
+
+    Raises ProtocolError for a non-object, a nested value (naming its key, cut:
+    :func:`~gateway.protocol.clipped`), too many parameters, a name or value too long
+    or too many characters in all.
     """
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise ProtocolError(f"Invalid {where}: expected an object")
+    if len(value) > MAX_PARAMS:  # before converting a flood of them
+        raise ProtocolError(f"Invalid {where}: more than {MAX_PARAMS} parameters")
     out: dict[str, str] = {}
     for key, item in value.items():
         if isinstance(item, bool):
@@ -462,7 +529,7 @@ def get_params(value: Any, where: str) -> dict[str, str]:
         else:
             name = clipped(key, quote=False)  # the peer's: logged, and the close reason
             raise ProtocolError(f"Invalid {where}: {name}: expected a string")
-    return out
+    return bounded_params(out, where)
 
 
 def b64_payload(obj: Mapping[str, Any], fmt: MediaFormat, where: str) -> bytes:
@@ -593,8 +660,14 @@ class JsonCarrierCodec:
     ) -> Started:
         """:meth:`begin` with the :class:`Started` of a Twilio-shaped ``start`` object:
         ``from``, ``to``, the ``account`` key and ``custom_parameters`` (all optional).
+
+        The custom parameters are bounded (:func:`get_params`); those named in
+        :data:`CALL_PARAMETERS` are left out: the caller and callee are the start's own
+        ``from`` and ``to`` (a custom ``from`` replaced them), and the direction and an
+        outbound call's data are the gateway's (Telnyx's ``client_state``).
         Raises ProtocolError for a bad field."""
         where = "start message"
+        params = get_params(start.get("custom_parameters"), "start: custom_parameters")
         return self.begin(
             Started(
                 call_id=call_id,
@@ -603,7 +676,7 @@ class JsonCarrierCodec:
                 caller=get_str(start, "from", where, default=""),
                 callee=get_str(start, "to", where, default=""),
                 account_id=get_str(start, account, where, default=""),
-                parameters=get_params(start.get("custom_parameters"), "start: custom_parameters"),
+                parameters={k: v for k, v in params.items() if k not in CALL_PARAMETERS},
             )
         )
 

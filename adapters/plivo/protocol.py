@@ -40,6 +40,7 @@ from gateway.callcodec import (
     UnsupportedMediaFormat,
     WireFrame,
     b64,
+    bounded_params,
     get_int,
     get_object,
     get_params,
@@ -92,7 +93,8 @@ def extra_headers(value: Any) -> dict[str, str]:
     (as Plivo's Audio Streaming reference shows them in ``start``) or ``k1=v1,k2=v2``
     (as the attribute sets them).
 
-    Raises ProtocolError for anything else (the text naming ``extra_headers``).
+    Bounded as custom parameters are (gateway/callcodec.py ``params_fault``). Raises
+    ProtocolError for anything else or too much (the text naming ``extra_headers``).
     """
     where = "start message: extra_headers"
     if value is None or value == "":
@@ -108,7 +110,7 @@ def extra_headers(value: Any) -> dict[str, str]:
         items = text.replace(";", ",").split(",")
         pairs = [item.split("=", 1) for item in items if item.strip()]
         if all(len(pair) == 2 for pair in pairs):
-            return {key.strip(): val.strip() for key, val in pairs}
+            return bounded_params({key.strip(): val.strip() for key, val in pairs}, where)
         raise ProtocolError(f"Invalid {where}: expected a JSON object or k=v pairs")
     return get_params(value, where)
 

@@ -90,6 +90,7 @@ from gateway.callcodec import (
     Stopped,
     UnsupportedMediaFormat,
     WireFrame,
+    params_fault,
 )
 from gateway.callcodec import Connected as WireConnected
 from gateway.callcodec import Media as WireMedia
@@ -184,6 +185,16 @@ class StartInfo(_Message):
     tracks: list[str] = Field(default_factory=lambda: ["inbound"])
     custom_parameters: dict[str, str] = Field(default_factory=dict)
     media_format: MediaFormat
+
+    @field_validator("custom_parameters")
+    @classmethod
+    def _bounded(cls, value: dict[str, str]) -> dict[str, str]:
+        """Within the kit's bounds (gateway/callcodec.py ``params_fault``: count, name and
+        value length, total): the TwiML's own ``<Parameter>`` s always are."""
+        fault = params_fault(value)
+        if fault is not None:
+            raise ValueError(fault)
+        return value
 
 
 class Start(_StreamMessage):

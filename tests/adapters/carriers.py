@@ -15,6 +15,12 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from gateway.callcodec import (
+    MAX_PARAM_NAME_CHARS,
+    MAX_PARAM_VALUE_CHARS,
+    MAX_PARAMS,
+    MAX_PARAMS_CHARS,
+)
 from gateway.events import Input, Response, ResponseItem
 from gateway.sessions import Session
 from gateway.speech.service import SpeechService
@@ -149,3 +155,18 @@ class Scripted:
 
     async def aclose(self) -> None:
         pass
+
+
+OVERSIZED_PARAMS: list[tuple[dict[str, str], str]] = [
+    ({f"p{i}": "v" for i in range(MAX_PARAMS + 1)}, f"more than {MAX_PARAMS} parameters"),
+    ({"n" * (MAX_PARAM_NAME_CHARS + 1): "v"}, f"a name longer than {MAX_PARAM_NAME_CHARS}"),
+    ({"v": "x" * (MAX_PARAM_VALUE_CHARS + 1)}, f"v: longer than {MAX_PARAM_VALUE_CHARS}"),
+    (
+        {f"v{i}": "x" * (MAX_PARAM_VALUE_CHARS - 1000) for i in range(3)},
+        f"longer than {MAX_PARAMS_CHARS} characters in all",
+    ),
+]
+"""Custom parameters (or headers) of a start beyond the kit's bounds
+(gateway/callcodec.py ``params_fault``), each with the fault its refusal names: too many,
+a name too long, a value too long, too many characters in all (each value within bounds).
+Every carrier's start carrying them is closed with 1008 (they were taken whole)."""

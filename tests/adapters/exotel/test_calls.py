@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from gateway.metrics import REGISTRY
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import closed_with, upgrade_status
+from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of, upgrade_status
 from tests.adapters.exotel.harness import CARRIER, KEY, TOKEN, ExotelHarness, basic
 from tests.adapters.twilio.helpers import twilio_gateway, until
 from tests.conftest import refused_port, served
@@ -188,3 +188,50 @@ async def test_a_call_sid_s_second_stream_stays_registered_when_the_first_ends()
                 assert calls.get(sid) is later
                 await second.stop()
                 assert await until(lambda: not calls, 10.0), calls
+
+
+async def test_custom_parameters_cannot_replace_the_caller_and_callee(
+    speech: SpeechService,
+) -> None:
+    """The start's ``from`` and ``to`` are the caller and callee (the session's device and
+    config): custom parameters named ``from``, ``to``, ``direction`` (an outbound call's
+    data) are left out. They replaced the carrier's numbers, and ``direction`` made an
+    inbound call an outbound one."""
+    spoofed = {"appKey": "exotel", "from": "+15550666", "to": "+15550777", "direction": "outbound"}
+    async with (
+        CARRIER.gateway(speech) as (gw, _),
+        ExotelHarness.dial(gw.url, params=spoofed) as call,
+    ):
+        await gw.wait_turns(1)
+        session = await session_of(gw, f"exotel:{call.call_sid}")
+        assert session is not None
+        assert session.app_key == "exotel"  # not an identity: still taken
+        assert session.device_id == "09999900000"  # the start's from
+        assert (session.config["from"], session.config["to"]) == ("09999900000", "08000000000")
+        assert "direction" not in session.config
+
+
+@pytest.mark.parametrize(("params", "fault"), OVERSIZED_PARAMS)
+async def test_custom_parameters_beyond_bounds_close_the_stream_1008(
+    params: dict[str, str], fault: str
+) -> None:
+    """Too many custom parameters, a name or value too long, or too many characters in
+    all: the start is refused (1008 naming custom_parameters and the fault); they were
+    taken whole into the call's parameters."""
+    async with CARRIER.gateway(None) as (gw, _):
+        url = f"ws://{urlsplit(gw.url).netloc}/exotel/stream?sample-rate=8000"
+        start = {
+            "stream_sid": "stream-1",
+            "call_sid": "call-1",
+            "custom_parameters": {"appKey": "exotel", **params},
+            "media_format": {"encoding": "audio/x-raw", "sample_rate": "8000"},
+        }
+        frames = [
+            json.dumps({"event": "connected"}),
+            json.dumps({"event": "start", "sequence_number": "1", "start": start}),
+        ]
+        code, reason = await closed_with(url, frames, basic(), within_s=10)
+        assert code == 1008
+        assert reason.startswith("Invalid start: custom_parameters: "), reason
+        assert fault in reason, reason
+        assert not gw.core.turns

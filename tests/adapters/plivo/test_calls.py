@@ -15,7 +15,7 @@ import pytest
 
 from adapters.plivo.verify import signature
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import closed_with, session_of
+from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of
 from tests.adapters.plivo.harness import AUTH_TOKEN, CARRIER, PlivoHarness, ask_answer
 from tests.adapters.twilio.helpers import PUBLIC
 
@@ -162,6 +162,36 @@ async def test_a_mulaw_start_at_16_khz_is_closed_1003(speech: SpeechService) -> 
         assert reason.startswith("Unsupported sample rate 16000 Hz of Plivo's audio/x-mulaw"), (
             reason
         )
+        assert not gw.core.turns
+
+
+@pytest.mark.parametrize("form", ["json", "pairs"])
+@pytest.mark.parametrize(("params", "fault"), OVERSIZED_PARAMS)
+async def test_extra_headers_beyond_bounds_close_the_stream_1008(
+    params: dict[str, str], fault: str, form: str
+) -> None:
+    """A start whose ``extra_headers`` (a JSON object or ``k=v`` pairs) are too many,
+    hold a name or value too long or too many characters in all (the answer's own never
+    do) is refused: closed 1008, the reason naming extra_headers and the fault; they were
+    taken whole."""
+    async with CARRIER.gateway(None) as (gw, _):
+        call_uuid = str(uuid.uuid4())
+        answer = await ask_answer(gw.url, PUBLIC, call_uuid)
+        stream = ET.fromstring(answer.text).find("./Stream")
+        assert stream is not None
+        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit((stream.text or '').strip()).path}"
+        headers = {"appKey": "plivo", **params}
+        if form == "json":
+            extra = json.dumps(headers)
+        else:
+            extra = ";".join(f"{k}={v}" for k, v in headers.items())
+        media_format = {"encoding": "audio/x-mulaw", "sampleRate": 8000}
+        start = {"callId": call_uuid, "streamId": "s-1", "mediaFormat": media_format}
+        frame = {"event": "start", "sequenceNumber": 0, "start": start, "extra_headers": extra}
+        code, reason = await closed_with(url, [json.dumps(frame)], within_s=10)
+        assert code == 1008
+        assert reason.startswith("Invalid start message: extra_headers: "), reason
+        assert fault in reason, reason
         assert not gw.core.turns
 
 

@@ -80,12 +80,14 @@ class TelnyxHarness(CarrierHarness):
         *,
         encoding: WireEncoding = "PCMU",
         sample_rate: int = 8000,
+        custom_parameters: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
         super().__init__(ws, **options)
         self.ccid = self.call_id = ccid
         self.stream_id = str(uuid.uuid4())
         self.client_state = client_state
+        self.custom_parameters = custom_parameters
         self.inbound = MediaFormat(encoding, sample_rate, big_endian=encoding == "L16")
         self._seq = 0
 
@@ -109,6 +111,8 @@ class TelnyxHarness(CarrierHarness):
         }
         if self.client_state is not None:
             start["client_state"] = self.client_state
+        if self.custom_parameters is not None:
+            start["custom_parameters"] = self.custom_parameters
         await self.send(
             {
                 "event": "start",

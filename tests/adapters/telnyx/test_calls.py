@@ -28,7 +28,7 @@ from gateway.events import Input
 from gateway.io.call import control_topic
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import closed_with, session_of, upgrade_status
+from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of, upgrade_status
 from tests.adapters.telnyx.harness import (
     ADMIN,
     CARRIER,
@@ -470,3 +470,40 @@ async def test_a_texml_status_callback_ends_the_session_of_a_call_nobody_serves(
         assert hook.status_code == 204, hook.text  # before: 404, the session kept
         assert await session_of(a, orphan) is None
         assert await session_of(a, live) is not None
+
+
+async def test_custom_parameters_cannot_replace_the_caller_and_callee(
+    speech: SpeechService,
+) -> None:
+    """The start's ``from`` and ``to`` are the caller and callee (the session's device and
+    config): custom parameters named ``from``, ``to``, ``direction`` (an outbound call's
+    data, the gateway's own ``client_state``) are left out. They replaced the carrier's
+    numbers, and ``direction`` made an inbound call an outbound one."""
+    spoofed = {"from": "+15550666", "to": "+15550777", "direction": "outbound", "locale": "de-DE"}
+    async with (
+        CARRIER.gateway(speech) as (gw, _),
+        TelnyxHarness.dial(gw.url, custom_parameters=spoofed) as call,
+    ):
+        await gw.wait_turns(1)
+        session = await session_of(gw, f"telnyx:{call.ccid}")
+        assert session is not None
+        assert session.device_id == "+15550100"  # the start's from
+        assert (session.config["from"], session.config["to"]) == ("+15550100", "+15550199")
+        assert "direction" not in session.config
+        assert session.locale == "de-DE"  # not an identity: still taken
+
+
+@pytest.mark.parametrize(("params", "fault"), OVERSIZED_PARAMS)
+async def test_custom_parameters_beyond_bounds_close_the_stream_1008(
+    params: dict[str, str], fault: str
+) -> None:
+    """Too many custom parameters, a name or value too long, or too many characters in
+    all: the start is refused (1008 naming custom_parameters and the fault); they were
+    taken whole into the call's parameters."""
+    async with (
+        CARRIER.gateway(None) as (gw, _),
+        TelnyxHarness.dial(gw.url, custom_parameters=params) as call,
+    ):
+        await call.wait_for(lambda: call.closed_at is not None, 10)
+        assert call.close_code == 1008
+        assert not gw.core.turns

@@ -34,6 +34,7 @@ from gateway.speech.stage import ListenOptions
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
+from tests.adapters.carriers import OVERSIZED_PARAMS
 from tests.adapters.twilio.harness import (
     ACCOUNT,
     CARRIER,
@@ -696,3 +697,22 @@ async def test_a_call_sid_s_second_stream_stays_registered_when_the_first_ends()
                 await second.stop()
                 assert await until(lambda: not calls, 10.0), calls
         await gw.wait_no_calls()
+
+
+@pytest.mark.parametrize(("params", "fault"), OVERSIZED_PARAMS)
+async def test_custom_parameters_beyond_bounds_close_the_stream_1008(
+    params: dict[str, str], fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A start whose ``customParameters`` are too many, hold a name or value too long or
+    too many characters in all (the TwiML's own never do) is refused: closed 1008, the
+    reason naming customParameters and the fault; they were taken whole."""
+    async with (
+        twilio_gateway() as gw,
+        TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, start=False) as call,
+    ):
+        await call.begin({**call.parameters, **params})
+        await call.wait_for(lambda: call.closed_at is not None, 10)
+        assert call.close_code == 1008
+        assert not gw.core.turns
+    closing = [r.getMessage() for r in caplog.records if "closing (1008)" in r.getMessage()]
+    assert any("customParameters" in line and fault in line for line in closing), closing
