@@ -125,8 +125,14 @@ def dial(
     """Place a call whose answer streams to ``stream_url`` (bidirectional RTP, PCMU
     8 kHz: :func:`adapters.telnyx.protocol.stream_fields`); ``state`` travels as
     ``client_state``; AMD ``detect`` when ``machine_detection``; the call's webhooks
-    go to ``webhook_url`` when given (else the connection's); ``stream_auth_token``
-    authenticates the stream's WebSocket (the gateway's one-time token)."""
+    go to ``webhook_url`` when given (else the connection's). ``stream_auth_token``
+    becomes the dial's ``stream_auth_token`` field when given: the gateway sets it to the
+    one-time stream token that ``stream_url`` carries in its ``token`` query. The stream
+    is admitted by that URL's token alone (adapters/telnyx/routes.py ``/telnyx/stream``:
+    how Telnyx presents ``stream_auth_token`` on the upgrade is not documented,
+    CARRIERS.md "Telnyx", so no header is read); the field is where
+    :meth:`adapters.telnyx.routes.TelnyxDialer.placed` reads the token back to bind it to
+    the call Telnyx names."""
     body: dict[str, Any] = {
         "connection_id": connection_id,
         "to": to,

@@ -227,7 +227,9 @@ def stream_fields(
     """The Call Control ``answer``/``streaming_start`` fields that open the stream
     (CARRIERS.md "Enable"): ``stream_url``, ``stream_track`` ``inbound_track``,
     ``stream_bidirectional_mode`` ``rtp``, its codec and sampling rate, and
-    ``stream_auth_token`` when given; the codec is :data:`BIDIRECTIONAL` by default.
+    ``stream_auth_token`` when given (sent as is; the gateway's stream route does not
+    read it, see :func:`adapters.telnyx.control.dial`); the codec is
+    :data:`BIDIRECTIONAL` by default.
     Raises UnsupportedMediaFormat as :func:`texml`."""
     media_format(codec, sampling_rate)
     fields: dict[str, Any] = {
