@@ -16,6 +16,11 @@ from typing import Final
 from gateway.callcodec import VerificationRefused
 
 _MAX_HEADER: Final = 4096
+CHALLENGE: Final = 'Basic realm="exotel"'
+"""The ``WWW-Authenticate`` of the 401 without credentials (RFC 7617). The stream's
+admission (gateway/io/call.py ``admit``) answers every refusal before the upgrade with
+HTTP 403, so the 401 and its challenge are not sent on the wire today: they are the
+refusal's, for any route that answers its ``status``."""
 
 
 class ExotelVerifier:
@@ -33,12 +38,14 @@ class ExotelVerifier:
     def check(self, authorization: str | None) -> None:
         """Return if ``authorization`` holds the configured key and token.
 
-        Raises VerificationRefused: 401 without Basic credentials; 403 for malformed
-        or wrong ones.
+        Raises VerificationRefused: 401 without Basic credentials (challenge
+        :data:`CHALLENGE`); 403 for malformed or wrong ones.
         """
         scheme, _, value = (authorization or "").strip().partition(" ")
         if scheme.lower() != "basic" or not value.strip():
-            raise VerificationRefused("no Basic credentials in Authorization", status=401)
+            raise VerificationRefused(
+                "no Basic credentials in Authorization", status=401, challenge=CHALLENGE
+            )
         if len(value) > _MAX_HEADER:
             raise VerificationRefused("the Basic credentials are too long")
         try:

@@ -26,6 +26,9 @@ def test_missing_credentials_are_401(authorization: str | None) -> None:
     with pytest.raises(VerificationRefused, match="no Basic credentials") as caught:
         ExotelVerifier(KEY, TOKEN).check(authorization)
     assert caught.value.status == 401
+    # a 401 names the scheme to authenticate with (RFC 9110 section 11.6.1), as the
+    # other verifiers' 401s do (it had none; admit() answers 403 on the wire anyway)
+    assert caught.value.headers == {"WWW-Authenticate": 'Basic realm="exotel"'}
 
 
 @pytest.mark.parametrize(
