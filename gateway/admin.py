@@ -43,7 +43,7 @@ does not flood the log (:class:`gateway.ratelimit.RefusalLog`: the app's ``admin
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Final
 
 from fastapi import Depends, FastAPI, Request
@@ -53,7 +53,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from gateway.deps import gateway_of
 from gateway.httputil import problem, status_phrase
 from gateway.logs import redact_query
-from gateway.protocol import key_valid
+from gateway.protocol import clipped, key_valid
 from gateway.ratelimit import TokenBuckets, refusal_log
 
 log = logging.getLogger("gateway.admin")
@@ -113,6 +113,28 @@ class AdminRefused(Exception):
         self.detail = detail
         self.challenge = challenge
         self.retry_after_s = retry_after_s
+
+
+UNKNOWN_FIELDS_NAMED: Final = 3
+"""How many unknown fields of an admin request body a refusal names (the others counted)."""
+
+
+def unknown_fields(names: Sequence[str]) -> str:
+    """The words of an admin body's refusal naming its unknown fields ``names`` (1 or more):
+    ``unknown field 'machinedetection'``, ``unknown fields 'a', 'b', 'c' and 2 more``.
+
+    The admin request bodies (``POST /v1/push``, ``POST /v1/calls``) refuse a property
+    they do not know (400), unlike the channels' wire models, which ignore one (peers add
+    fields, PROTOCOL-NOTES.md): the admin API is the operators' own, and a mistyped
+    option must not be dropped silently. Each name is the client's, quoted and cut to 64
+    characters (:func:`gateway.protocol.clipped`); at most :data:`UNKNOWN_FIELDS_NAMED`
+    are named. Pure; never raises.
+    """
+    named = ", ".join(clipped(name) for name in names[:UNKNOWN_FIELDS_NAMED])
+    more = len(names) - UNKNOWN_FIELDS_NAMED
+    return f"unknown field{'s' if len(names) > 1 else ''} {named}" + (
+        f" and {more} more" if more > 0 else ""
+    )
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -37,7 +37,13 @@ from adapters.voiceflow.routes import mount as mount_voiceflow
 from adapters.vonage.routes import api_base_url as vonage_api
 from adapters.vonage.routes import router as vonage_router
 from gateway import apidoc, console
-from gateway.admin import AdminRefused, admin_refused_handler, admin_route, admit
+from gateway.admin import (
+    AdminRefused,
+    admin_refused_handler,
+    admin_route,
+    admit,
+    unknown_fields,
+)
 from gateway.breaker import outage_level
 from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.calls import mount as mount_calls
@@ -52,6 +58,7 @@ from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
 from gateway.outbox import Journal, MemoryOutbox, Outbox, RedisOutbox
 from gateway.pipeline import make_pipeline
 from gateway.pipeline.http import PipelineRequest, PipelineResponse
+from gateway.protocol import clipped
 from gateway.push import Pusher
 from gateway.push import install as install_admin
 from gateway.secrets import LOG_SESSION_REF, TTS_ID, load_secret_keys
@@ -336,7 +343,11 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
                 admit(request, settings.admin_keys)
             except AdminRefused as refused:
                 return await admin_refused_handler(request, refused)
-        return problem(400, "Bad Request", "The request is not valid.", errors=_errors(exc))
+        detail = "The request is not valid."
+        extra = _unknown_fields(exc)
+        if extra:  # an admin body's mistyped option: named (clipped), not dropped
+            detail = f"The request is not valid: {unknown_fields(extra)}."
+        return problem(400, "Bad Request", detail, errors=_errors(exc))
 
     quiet_aborts(log, logging.getLogger("uvicorn.error"))  # a cut-off streamed body
 
@@ -379,9 +390,25 @@ _BAD_REQUEST: dict[str, Any] = {
 
 
 def _errors(exc: RequestValidationError) -> list[dict[str, str]]:
+    """The ``errors`` of a validation refusal: ``{loc, msg}`` each, ``loc`` the dotted path
+    whose parts are cut as :func:`gateway.protocol.clipped` does (an unknown field's
+    name is the client's)."""
     return [
-        {"loc": ".".join(str(p) for p in e.get("loc", ())), "msg": str(e.get("msg", ""))}
+        {
+            "loc": ".".join(clipped(p, quote=False) for p in e.get("loc", ())),
+            "msg": str(e.get("msg", "")),
+        }
         for e in exc.errors()
+    ]
+
+
+def _unknown_fields(exc: RequestValidationError) -> list[str]:
+    """The dotted paths in the body of the unknown fields that a model refusing them
+    (``extra="forbid"``: the admin bodies) found, in order; empty when none."""
+    return [
+        ".".join(str(p) for p in e["loc"][1:])
+        for e in exc.errors()
+        if e.get("type") == "extra_forbidden" and e.get("loc", ())[:1] == ("body",)
     ]
 
 

@@ -14,8 +14,10 @@ media stream with the ``#intro`` attributes ``direction`` ``outbound``, ``to``, 
 Refusals, all RFC 9457 problem bodies: 401 (no or a wrong admin key), 403 (no admin
 keys configured), 413 (a body over GATEWAY_MAX_BODY_BYTES), 415 (a body whose
 Content-Type is not ``application/json`` or a ``+json`` type, as ``POST /v1/push``), 400
-(a body that is not the JSON above, an unknown carrier, an application key not allowed
-or longer than 256 characters, :data:`gateway.protocol.MAX_ID_CHARS`;
+(a body that is not the JSON above, one with another property (named in the detail,
+:func:`gateway.admin.unknown_fields`: a mistyped option is not dropped), an unknown
+carrier, an application key not allowed or longer than 256 characters,
+:data:`gateway.protocol.MAX_ID_CHARS`;
 ``appKey`` and ``attributes`` may be absent or null, not of another type; a SIP URI
 longer than :data:`MAX_SIP_URI_CHARS`), 501 (a carrier with transfer/hang-up here but no
 outbound calls: vonage, plivo), 503 (the carrier's credentials are not configured), 502
@@ -75,7 +77,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.admin import install as install_admin
-from gateway.admin import require_admin
+from gateway.admin import require_admin, unknown_fields
 from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.callcodec import VerificationRefused
@@ -87,7 +89,7 @@ from gateway.callcontrol import (
     TransferResult,
     log_transfer,
 )
-from gateway.calls_openapi import GET_CALL, POST_CALLS
+from gateway.calls_openapi import CALL_FIELDS, GET_CALL, POST_CALLS
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import check_json_type, problem, read_body, refused_request
 from gateway.logs import masked_number
@@ -356,6 +358,10 @@ def _outbound_request(settings: Settings, body: Any, dialers: Mapping[str, Diale
     """The validated POST /v1/calls body; CallRefused otherwise."""
     if not isinstance(body, dict):
         raise CallRefused(400, "Bad Request", "Expected a JSON object.")
+    unknown = [name for name in body if name not in CALL_FIELDS]
+    if unknown:  # a mistyped option (`machinedetection`) is not dropped silently
+        detail = f"The body has {unknown_fields(unknown)}: expected {', '.join(CALL_FIELDS)}."
+        raise CallRefused(400, "Bad Request", detail)
     carrier = body.get("carrier")
     if carrier in CONTROL_ONLY_CARRIERS:
         raise CallRefused(

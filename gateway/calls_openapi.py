@@ -33,9 +33,10 @@ E.164 number (``+``, 7 to 15 digits, the first not 0; ``tel:`` before it allowed
 URI (``sip:``/``sips:`` in any case, no whitespace or control character, at most
 ``MAX_SIP_URI_CHARS`` (1024) characters in all)."""
 
-_CALL_REQUEST = {
+_CALL_REQUEST: dict[str, Any] = {
     "type": "object",
     "required": ["carrier", "to", "from"],
+    "additionalProperties": False,
     "properties": {
         "carrier": {"type": "string", "enum": ["twilio", "telnyx"]},
         "to": {
@@ -68,6 +69,10 @@ _CALL_REQUEST = {
     },
 }
 
+CALL_FIELDS: Final[tuple[str, ...]] = tuple(_CALL_REQUEST["properties"])
+"""The properties a POST /v1/calls body may have; another is refused (400, naming it:
+:func:`gateway.admin.unknown_fields`)."""
+
 POST_CALLS: dict[str, Any] = dict(
     summary="Place an outbound phone call connected to the bot (admin key)",
     description=(
@@ -81,7 +86,11 @@ POST_CALLS: dict[str, Any] = dict(
             "description": "Placed: `{carrier, callId, to, from, appKey, machineDetection}`",
             "content": {"application/json": {"schema": {"type": "object"}}},
         },
-        400: {"description": "Not a valid call request", "content": PROBLEM},
+        400: {
+            "description": "Not a valid call request (a property not described here "
+            "included: named in `detail`)",
+            "content": PROBLEM,
+        },
         401: {
             "description": "No bearer admin key, or a wrong one "
             '(`WWW-Authenticate: Bearer error="invalid_token"`)',

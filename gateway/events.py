@@ -69,7 +69,8 @@ produced yet are not in it)."""
 
 
 class Wire(BaseModel):
-    """Base of every wire model: camelCase aliases, unknown properties ignored."""
+    """Base of every wire model: camelCase aliases, unknown properties ignored (the admin
+    API's bodies, gateway/push.py's, refuse them: ``extra="forbid"``)."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,

@@ -126,9 +126,10 @@ def _push_schema(schema: dict[str, Any]) -> None:
 
 class PushTarget(Wire):
     """Whom to push to: ``sessionId`` (optionally with ``appKey``), or ``appKey`` +
-    ``deviceId``."""
+    ``deviceId``. Another property is refused (a typo is a 400, not a target without it:
+    the admin API is the operators' own, unlike the channels' wire models)."""
 
-    model_config = ConfigDict(json_schema_extra=_target_schema)
+    model_config = ConfigDict(json_schema_extra=_target_schema, extra="forbid")
 
     session_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
     app_key: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
@@ -146,9 +147,11 @@ class PushRequest(Wire):
     ResponseItem shape: text, ssml, image, video, audio, code, ...), each with at least
     one of text, ssml, audio, image, video, code or background not blank (an empty item,
     ``{}`` or only ``confidence``/``repeatable``/``ttsConfig``/``nodeId``, is a
-    validation error: 400)."""
+    validation error: 400). Another property, here or in ``target``, is a 400 naming it
+    (a mistyped option is not dropped); the items are the core's ResponseItem, whose
+    unknown properties are ignored as on every channel."""
 
-    model_config = ConfigDict(json_schema_extra=_push_schema)
+    model_config = ConfigDict(json_schema_extra=_push_schema, extra="forbid")
 
     target: PushTarget
     items: list[ResponseItem] = Field(min_length=1, max_length=MAX_ITEMS)

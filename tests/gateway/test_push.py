@@ -815,6 +815,55 @@ async def test_a_push_of_an_empty_item_is_refused(shared: dict[str, Any]) -> Non
         assert (await recv_json(ws))["response"]["items"][0]["image"] == image["image"]
 
 
+async def test_a_push_with_an_unknown_field_is_refused_naming_it(shared: dict[str, Any]) -> None:
+    """The admin bodies ignored a property they did not know, as the channels' wire models
+    do: a mistyped option (``target.appkey`` for ``appKey``, which must match the
+    session's) was dropped and the push delivered (200 ``live``) without it. The admin
+    API is the operators' own: such a body is now a 400 problem whose detail names the
+    field (a long name cut to 64 characters), nothing queued; the OpenAPI document says
+    ``additionalProperties: false``."""
+    async with (
+        served(**shared) as a,
+        httpx.AsyncClient(timeout=10) as http,
+        connect(ws_url(a)) as ws,
+    ):
+        await hello(ws, "typo-push")
+        before = (await http.get(f"{a}/v1/sessions/typo-push", headers=AUTH)).json()
+        items = [{"text": "Your parcel has arrived."}]
+        long = "x" * 100_000
+        for body, detail in (
+            (
+                {"target": {"sessionId": "typo-push", "appkey": "other"}, "items": items},
+                "The request is not valid: unknown field 'target.appkey'.",
+            ),
+            (
+                {"target": {"sessionId": "typo-push"}, "items": items, "ttl": 60},
+                "The request is not valid: unknown field 'ttl'.",
+            ),
+            (
+                {"target": {"sessionId": "typo-push"}, "items": items, long: 1},
+                f"The request is not valid: unknown field {'x' * 64!r}….",
+            ),
+            (
+                {"target": {"sessionId": "typo-push"}, "items": items, **dict.fromkeys("abcde")},
+                "The request is not valid: unknown fields 'a', 'b', 'c' and 2 more.",
+            ),
+        ):
+            answer = await http.post(f"{a}/v1/push", json=body, headers=AUTH)
+            assert answer.status_code == 400, answer.text
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["detail"] == detail
+            assert len(answer.text) < 2000  # the long name is not echoed whole
+        after = (await http.get(f"{a}/v1/sessions/typo-push", headers=AUTH)).json()
+        assert after["outbox"] == before["outbox"]  # nothing queued
+        # without the key, the body is not looked at
+        answer = await http.post(f"{a}/v1/push", json={"ttl": 60}, headers={})
+        assert answer.status_code == 401
+    schema = create_app(Settings()).openapi()["components"]["schemas"]
+    assert schema["PushRequest"]["additionalProperties"] is False
+    assert schema["PushTarget"]["additionalProperties"] is False
+
+
 async def test_a_push_body_is_not_read_before_the_key_nor_past_the_body_limit() -> None:
     """FastAPI reads and parses a route's whole JSON body before it checks its
     dependencies: a client without a key could make the gateway take a body of any size

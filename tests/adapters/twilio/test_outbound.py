@@ -203,6 +203,39 @@ async def test_post_v1_calls_quotes_a_client_s_values_cut_short() -> None:
             assert len(answer.json()["detail"]) < 200
 
 
+async def test_post_v1_calls_refuses_an_unknown_field_naming_it() -> None:
+    """A mistyped option (``machinedetection`` for ``machineDetection``) was ignored and
+    the call placed without it (answering-machine detection on). The admin API is the
+    operators' own: a body with a property it does not know is now a 400 problem naming
+    it (a long name cut to 64 characters), before the carrier is asked; the OpenAPI
+    document says ``additionalProperties: false``."""
+    async with (
+        twilio_gateway(
+            admin_keys=frozenset({ADMIN}),
+            twilio_account_sid=SID,  # configured: a call would be placed, not refused 503
+            twilio_api_base_url=f"http://127.0.0.1:{refused_port()}",
+        ) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        body = {"carrier": "twilio", "to": CALLEE, "from": CALLER_ID}
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        placed = await client.post("/v1/calls", json=body, headers=auth)
+        assert placed.status_code == 502, placed.text  # the carrier asked (and unreachable)
+        expected = "expected carrier, to, from, appKey, attributes, machineDetection."
+        for extra, named in (
+            ({"machinedetection": False}, "unknown field 'machinedetection'"),
+            ({"x" * 100_000: 1}, f"unknown field {'x' * 64!r}…"),
+            (dict.fromkeys(["a", "b", "c", "d"]), "unknown fields 'a', 'b', 'c' and 1 more"),
+        ):
+            answer = await client.post("/v1/calls", json={**body, **extra}, headers=auth)
+            assert answer.status_code == 400, answer.text
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["detail"] == f"The body has {named}: {expected}"
+        document = await client.get("/openapi.json")
+        request = document.json()["paths"]["/v1/calls"]["post"]["requestBody"]
+        assert request["content"]["application/json"]["schema"]["additionalProperties"] is False
+
+
 async def test_post_v1_calls_refuses_a_body_that_is_not_json_by_its_media_type() -> None:
     """POST /v1/calls parsed any body as JSON whatever its Content-Type (a form, text,
     none) while POST /v1/push answers 415: now both do (gateway.httputil.check_json_type),
