@@ -12,7 +12,8 @@ page run its own files only (no inline or injected script, no framing by another
 site: the page holds a microphone) while answers' images and TTS audio may come from
 anywhere (GATEWAY_PUBLIC_URL or the core's own links), ``nosniff``, and
 ``X-Frame-Options: DENY`` for browsers that predate ``frame-ancestors``. Its error
-answers (404, 405: problem+json) and the redirect of ``/console`` carry them too.
+answers (404, 405: problem+json, on ``/console`` and ``/console/config.json`` as on its
+files) and the redirect of ``/console`` carry them too.
 
 ``/console/config.json`` (:func:`page_config`) tells the page what it needs of the
 gateway's settings: how long a turn may go without a word of the gateway before the
@@ -28,8 +29,9 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 
 from gateway.deps import gateway_of
 from gateway.settings import Settings
@@ -64,6 +66,32 @@ SECURITY_HEADERS: Final = {
 """Headers of every file of the console (name: value)."""
 
 
+def secured(error: HTTPException) -> HTTPException:
+    """``error`` (a 404 or 405 of a console path) with :data:`SECURITY_HEADERS` added to
+    its headers, and ``Allow: GET, HEAD`` on a 405 (RFC 9110 section 15.5.6: Allow is
+    required; the console takes no other method). The app's handler answers it as a
+    problem+json body with these headers."""
+    headers = {**(error.headers or {}), **SECURITY_HEADERS}
+    if error.status_code == 405:
+        headers["Allow"] = "GET, HEAD"
+    return HTTPException(error.status_code, error.detail, headers)
+
+
+class ConsoleRoute(Route):
+    """A Route of the console's own (``/console``, ``/console/config.json``) whose 405,
+    for a method it does not take, carries :data:`SECURITY_HEADERS` as the files' do
+    (:func:`secured`); Starlette's had none."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Starlette's :meth:`Route.handle`; its 405 HTTPException raised :func:`secured`."""
+        try:
+            await super().handle(scope, receive, send)
+        except HTTPException as error:
+            if error.status_code != 405:
+                raise
+            raise secured(error) from None
+
+
 class ConsoleFiles(StaticFiles):
     """StaticFiles whose answers carry :data:`SECURITY_HEADERS`."""
 
@@ -74,17 +102,15 @@ class ConsoleFiles(StaticFiles):
         try:
             response = await super().get_response(path, scope)
         except HTTPException as error:
-            headers = {**(error.headers or {}), **SECURITY_HEADERS}
-            if error.status_code == 405:  # (RFC 9110 section 15.5.6: Allow is required)
-                headers["Allow"] = "GET, HEAD"
-            raise HTTPException(error.status_code, error.detail, headers) from None
+            raise secured(error) from None
         response.headers.update(SECURITY_HEADERS)
         return response
 
 
 async def to_console(request: Request) -> Response:
-    """``/console`` (any method): 307 to ``/console/`` (the query kept) with
-    :data:`SECURITY_HEADERS`, as the router's own slash redirect (which had none)."""
+    """``GET``/``HEAD /console``: 307 to ``/console/`` (the query kept) with
+    :data:`SECURITY_HEADERS`, as the router's own slash redirect (which had none). Another
+    method is a 405 with them (:class:`ConsoleRoute`), as on ``/console/``."""
     url = request.url.replace(path=request.url.path + "/")
     return RedirectResponse(str(url), status_code=307, headers=SECURITY_HEADERS)
 
@@ -117,7 +143,8 @@ def mount(app: FastAPI) -> None:
     """Serve the console's files under :data:`PATH` (index.html at ``/console/``), its
     settings at ``/console/config.json`` (:func:`page_config`), and redirect :data:`PATH`
     itself there (:func:`to_console`)."""
-    app.router.add_route(PATH, to_console, include_in_schema=False)
-    config = f"{PATH}/config.json"
-    app.router.add_route(config, page_config, ["GET", "HEAD"], include_in_schema=False)
+    # ConsoleRoute: a 405 (another method) carries the security headers too
+    for path, endpoint in ((PATH, to_console), (f"{PATH}/config.json", page_config)):
+        route = ConsoleRoute(path, endpoint, methods=["GET", "HEAD"], include_in_schema=False)
+        app.router.routes.append(route)
     app.mount(PATH, ConsoleFiles(directory=STATIC, html=True), name="console")

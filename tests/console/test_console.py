@@ -673,3 +673,25 @@ async def test_the_console_s_redirect_carries_its_security_headers() -> None:
         assert answer.headers["location"] == f"{url}/console/?key=abc"
         for name, value in SECURITY_HEADERS.items():
             assert answer.headers[name] == value, name
+
+
+async def test_another_method_on_the_console_s_own_routes_is_a_405_with_its_headers() -> None:
+    """``/console`` (the redirect) and ``/console/config.json`` take GET and HEAD. Another
+    method on ``/console`` got the gateway's generic 405 problem without the console's
+    security headers (CSP, nosniff, frame options), which its files' 404/405 carry: now
+    every 405 of the console has them, with ``Allow: GET, HEAD``."""
+    settings = Settings()
+    async with served_app(create_app(settings), settings) as url, httpx.AsyncClient() as client:
+        answers = [
+            await client.request(method, f"{url}{path}")
+            for path in ("/console", "/console/config.json", "/console/")
+            for method in ("POST", "PUT", "DELETE", "OPTIONS")
+        ]
+    for answer in answers:
+        where = (answer.request.method, answer.request.url.path)
+        assert answer.status_code == 405, where
+        assert answer.headers["content-type"] == "application/problem+json", where
+        assert answer.json()["title"] == "Method Not Allowed", where
+        assert answer.headers["allow"] == "GET, HEAD", where
+        for name, value in SECURITY_HEADERS.items():
+            assert answer.headers[name] == value, (where, name)
