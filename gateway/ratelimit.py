@@ -28,8 +28,16 @@ from typing import Any, Final
 from gateway.protocol.errors import RequestVerificationError
 
 
+MAX_CLIENT_CHARS: Final = 64
+"""The characters of a client key :class:`TokenBuckets` keeps: a longer one is cut to
+its first 64 (an IP address has at most 45). Behind a proxy whose ``X-Forwarded-For``
+uvicorn trusts, the client address is that header's text, of any length: uncut, each of
+``max_clients`` buckets could hold kilobytes."""
+
+
 class TokenBuckets:
-    """One token bucket per client key (an IP address).
+    """One token bucket per client key (an IP address; at most :data:`MAX_CLIENT_CHARS`
+    characters of it count, so the keys a client makes up share its own bucket past them).
 
     A bucket holds at most ``burst`` tokens and refills at ``per_s`` tokens per
     second. :meth:`allowed` tells whether a client has a token left (without
@@ -57,7 +65,7 @@ class TokenBuckets:
         return len(self._buckets)
 
     def _level(self, client: str) -> float:
-        entry = self._buckets.get(client)
+        entry = self._buckets.get(client[:MAX_CLIENT_CHARS])
         if entry is None:
             return self.burst
         tokens, at = entry
@@ -74,6 +82,7 @@ class TokenBuckets:
 
     def take(self, client: str) -> None:
         """Take one token from ``client``'s bucket (it may go down to zero, not below)."""
+        client = client[:MAX_CLIENT_CHARS]
         level = max(0.0, self._level(client) - 1.0)
         self._buckets[client] = (level, self._clock())
         self._buckets.move_to_end(client)

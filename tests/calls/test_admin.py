@@ -9,7 +9,7 @@ import pytest
 
 from gateway.admin import MAX_TRACKED_ADDRESSES, AdminRefused, bearer_token, check_admin_key
 from gateway.app import create_app
-from gateway.ratelimit import LOGGED_REFUSALS_BURST, RefusalLog, TokenBuckets
+from gateway.ratelimit import LOGGED_REFUSALS_BURST, MAX_CLIENT_CHARS, RefusalLog, TokenBuckets
 from gateway.settings import Settings
 from tests.conftest import served, served_app
 
@@ -213,6 +213,41 @@ async def test_right_keys_and_missing_keys_are_not_limited_and_the_allowance_ref
         wrong = await _admin_request(http, "GET", "/v1/sessions/s1", None, "a-wrong-admin-key-01")
         assert wrong.status_code == 401
         _too_many(await _admin_request(http, "GET", "/v1/sessions/s1", None, ADMIN_KEY))
+
+
+async def test_the_admin_limiters_addresses_are_bounded_in_length() -> None:
+    """The limiter's table holds at most MAX_TRACKED_ADDRESSES addresses, and each of them
+    is short: behind a proxy whose X-Forwarded-For uvicorn trusts (README: run it with
+    FORWARDED_ALLOW_IPS), the client address is the header's text, as long as a client
+    makes it. Each wrong key with a 16 KB made-up address kept 16 KB in the table: 65,536
+    of them about a gigabyte. A long address is kept as its first
+    :data:`gateway.ratelimit.MAX_CLIENT_CHARS` characters (a client that makes them up
+    shares its own bucket), and is still limited."""
+    settings = Settings(admin_keys=frozenset({ADMIN_KEY}), admin_failures_burst=2)
+    app = create_app(settings)
+    served = served_app(app, settings, forwarded_allow_ips="*")
+    async with served as url, httpx.AsyncClient(base_url=url) as http:
+        for n in range(8):
+            forged = {"X-Forwarded-For": f"{n}" + "A" * 16_000}
+            wrong = await http.get(
+                "/v1/sessions/s1",
+                headers={"Authorization": "Bearer a-wrong-admin-key-01", **forged},
+            )
+            assert wrong.status_code == 401, wrong.text
+        same = {"X-Forwarded-For": "0" + "A" * 16_000 + "B"}  # the first address, cut
+        for status in (401, 429):
+            wrong = await http.get(
+                "/v1/sessions/s1",
+                headers={"Authorization": "Bearer a-wrong-admin-key-01", **same},
+            )
+            assert wrong.status_code == status, wrong.text
+    buckets = app.state.admin_failures
+    assert isinstance(buckets, TokenBuckets)
+    kept = list(buckets._buckets)
+    assert kept and all(len(address) <= MAX_CLIENT_CHARS for address in kept), [
+        len(address) for address in kept
+    ]
+    assert len(kept) == 8  # one made-up address per digit: each its own bucket
 
 
 def test_the_admin_limiters_429_is_documented() -> None:
