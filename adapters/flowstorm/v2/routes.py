@@ -26,8 +26,9 @@ client's bucket (GATEWAY_NOT_FOUND_BURST tokens, refilled at
 GATEWAY_NOT_FOUND_PER_S per second); while it is empty, every request of that
 client that carries a session cookie is answered 429 with ``Retry-After`` (an
 ErrorEvent / ``!`` line of source ``client``) before the session is looked up.
-Requests without a cookie (new sessions) are not limited. Behind a proxy, run
-uvicorn with ``--forwarded-allow-ips`` so the client IP is the real one.
+Requests without a cookie (new sessions) are not limited. Behind a proxy, set
+``FORWARDED_ALLOW_IPS`` to the proxy's addresses (not ``*``: README) so the client IP is
+the real one.
 
 **PUT with text** (``text/plain`` in its declared ``charset``; when none, as its byte
 order mark says, else UTF-8; or
