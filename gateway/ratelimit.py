@@ -27,7 +27,6 @@ from typing import Any, Final
 
 from gateway.protocol.errors import RequestVerificationError
 
-
 MAX_CLIENT_CHARS: Final = 64
 """The characters of a client key :class:`TokenBuckets` keeps: a longer one is cut to
 its first 64 (an IP address has at most 45). Behind a proxy whose ``X-Forwarded-For``
