@@ -38,7 +38,12 @@ Wire shapes (server -> client)::
     server.restart   {action?: {type, payload?, diagramID?, time?}}   (on shutdown)
 
 Error ``code`` values and rejection ``reason`` values are stable kebab-case names;
-``error``/``detail`` are human-readable text. ``error.code`` -> when it is sent:
+``error``/``detail`` are human-readable text. Every ``action.status`` answering an
+``action.send`` carries the messageID the client sent (spec "action.status": "matching
+the action.send messageID"): an integer as its text; an unusable one (the action is then
+rejected) cut to :data:`MAX_ID` characters, a value not a string as its compact JSON
+text (``1.5`` -> ``"1.5"``), bytes as ``""``; none (absent or null) gets a new UUID.
+``error.code`` -> when it is sent:
 
 - ``not-started``: an event that needs client.start came before it;
 - ``invalid-payload``: a payload that does not validate;
@@ -57,7 +62,9 @@ Error ``code`` values and rejection ``reason`` values are stable kebab-case name
 - ``not-started``: action.send before client.start;
 - ``no-session``: action.send before session.create (or after the session ended);
 - ``malformed-action``: action.send whose action does not validate (also one carrying a
-  socket.io binary attachment: actions are JSON only, as the core's input is);
+  socket.io binary attachment: actions are JSON only, as the core's input is), or whose
+  messageID is unusable (not a string or an integer, empty, over :data:`MAX_ID`
+  characters, bytes);
 - ``unknown-action-type``: an action type that cannot name a path (whitespace, too long);
 - ``action-running``: an action of this session is running on another connection of
   this instance;
@@ -68,7 +75,12 @@ Error ``code`` values and rejection ``reason`` values are stable kebab-case name
   or of one queued on this connection (their traces and statuses would carry one
   messageID for two actions); those are not affected. Once an action has ended (its
   ``completed`` or ``rejected``) its messageID may be used again. An action.send without
-  a messageID gets one the gateway makes (a new UUID), never a duplicate;
+  a messageID gets one the gateway makes (a new UUID), never a duplicate. The rejection
+  answers the new action.send (the spec's "get back a status ... accepted | rejected"
+  for every action sent, under the messageID it was sent with: no other correlates), so
+  it carries the running (or queued) action's messageID; its reason tells it from that
+  action's end, whose traces and ``completed`` (or ``rejected`` with another reason)
+  still follow;
 - ``session-resumed``: a queued action of a session its client resumed on another
   connection of this instance (:meth:`VoiceflowConnection.superseded`);
 - ``server-restart``: a queued action behind the first when the server shuts down
@@ -410,11 +422,13 @@ def _number_text(value: Any) -> Any:
 
 
 class ActionSend(Wire):
-    """``action.send {action, messageID?}``; a number messageID is taken as its text."""
+    """``action.send {action, messageID?}``; a number messageID is taken as its text; any
+    other messageID but a string of 1 to :data:`MAX_ID` characters (or null) fails (bytes
+    of a socket.io binary attachment too: JSON only, as the action)."""
 
     action: ActionBody
     message_id: Annotated[str | None, BeforeValidator(_number_text)] = Field(
-        default=None, alias="messageID", min_length=1, max_length=MAX_ID
+        default=None, alias="messageID", min_length=1, max_length=MAX_ID, strict=True
     )
 
 
@@ -1239,7 +1253,8 @@ class VoiceflowConnection:
 
     def _on_action_send(self, payload: Any) -> list[Action]:
         given = _message_id_of(payload)
-        message_id = given or self.new_message_id()
+        sent = _sent_message_id(payload)
+        message_id = sent if sent is not None else self.new_message_id()
         queue = self.machine.allows(ACTION_QUEUED)  # an action runs: this one waits for it
         if not queue and not self.machine.allows(ACTION_SEND):
             reason, refused = self.machine.refusal(ACTION_SEND)
@@ -1509,6 +1524,29 @@ def _message_id_of(payload: Any) -> str | None:
     if not isinstance(payload, Mapping):
         return None
     return _id_or_none(_number_text(payload.get("messageID")))
+
+
+def _sent_message_id(payload: Any) -> str | None:
+    """The messageID to answer an ``action.send`` with, as the client sent it, or None when
+    it sent none (no ``messageID``, or null: the gateway makes one).
+
+    A usable messageID (:func:`_message_id_of`) as it is. An unusable one (the action is
+    then rejected ``malformed-action``) is echoed so the client can still match the
+    rejection to its action (spec "action.status": ``messageID: string``, "matching the
+    action.send messageID"): a string cut to :data:`MAX_ID` characters (``""`` stays
+    ``""``; one too long comes back as its first MAX_ID characters), any other JSON value
+    as its compact JSON text cut so (``1.5`` -> ``"1.5"``, ``true`` -> ``"true"``), a
+    value with no JSON text (a socket.io binary attachment) as ``""``. Never raises."""
+    if not isinstance(payload, Mapping):
+        return None
+    value = _number_text(payload.get("messageID"))
+    if value is None or isinstance(value, str):
+        return value if value is None else value[:MAX_ID]
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        return ""
+    return text[:MAX_ID]
 
 
 # ------------------------------------------------------------------ Engine.IO packets

@@ -14,6 +14,7 @@ from adapters.voiceflow.protocol import (
     ACTION_SEND,
     CLIENT_START,
     DISCONNECT,
+    MAX_ID,
     MAX_QUEUED_ACTIONS,
     SESSION_CREATE,
     TRANSITIONS,
@@ -1029,6 +1030,38 @@ def test_an_action_with_the_messageid_of_one_running_or_queued_is_rejected() -> 
         ACTION_SEND, [{"action": {"type": "text", "payload": "x"}, "messageID": "7"}]
     )
     assert emitted(out)[0][1]["reason"] == "duplicate-message-id"  # a number's text too
+
+
+@pytest.mark.parametrize(
+    ("sent", "echoed"),
+    [
+        ("", ""),
+        ("m" * (MAX_ID + 1), "m" * MAX_ID),
+        (1.5, "1.5"),
+        (False, "false"),
+        ([1, "a"], '[1,"a"]'),
+        (b"id", ""),
+    ],
+    ids=["empty", "too-long", "float", "bool", "list", "bytes"],
+)
+def test_an_unusable_messageid_is_rejected_under_what_the_client_sent(
+    sent: object, echoed: str
+) -> None:
+    """The rejection carried a made-up UUID (``generated-N``) the client could match to
+    nothing it sent; now what it sent, cut to MAX_ID characters (another value's JSON
+    text; bytes nothing). Bytes were taken as the text they hold, and the action run
+    under a made-up messageID."""
+    conn = connection()
+    ready(conn)
+    out = conn.receive(ACTION_SEND, [{"action": {"type": "launch"}, "messageID": sent}])
+    [(event, data)] = emitted(out)
+    assert (event, data["status"], data["reason"], data["messageID"]) == (
+        "action.status",
+        "rejected",
+        "malformed-action",
+        echoed,
+    )
+    assert conn.state is State.READY
 
 
 def test_a_queued_action_waits_for_another_connection_of_the_session() -> None:

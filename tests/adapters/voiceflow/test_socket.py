@@ -696,6 +696,50 @@ async def test_an_action_with_the_messageid_of_one_running_or_queued_is_rejected
         assert core.requests.empty()
 
 
+UNUSABLE_MESSAGE_IDS: list[tuple[object, str]] = [
+    ("", ""),
+    ("m" * 300, "m" * 256),
+    (1.5, "1.5"),
+    (True, "true"),
+    ({"id": 1}, '{"id":1}'),
+    (b"\x01", ""),
+]
+"""An action.send's messageID that cannot be an action's (not a string or an integer,
+empty, over 256 characters; bytes: a socket.io binary attachment) and what its rejection
+carries as messageID: what the client sent, cut to 256 characters (any other value's
+JSON text; a binary one nothing)."""
+
+
+async def test_an_unusable_messageid_is_rejected_under_what_the_client_sent() -> None:
+    """The rejection of an action.send whose messageID is unusable carried a UUID the
+    gateway made up, which the client could match to nothing it sent; now it carries the
+    client's messageID (cut to 256 characters), in every state. A binary messageID was
+    accepted and its action run under a made-up UUID; it is rejected too."""
+    core = RecordingCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        for sent, echoed in UNUSABLE_MESSAGE_IDS[:2]:  # before client.start
+            await vf.emit("action.send", {"action": {"type": "launch"}, "messageID": sent})
+            early = await vf.expect("action.status")
+            assert (early["status"], early["reason"], early["messageID"]) == (
+                "rejected",
+                "not-started",
+                echoed,
+            )
+        await vf.handshake()
+        for sent, echoed in UNUSABLE_MESSAGE_IDS:
+            await vf.emit("action.send", {"action": {"type": "launch"}, "messageID": sent})
+            rejected = await vf.expect("action.status")
+            assert (rejected["status"], rejected["reason"], rejected["messageID"]) == (
+                "rejected",
+                "malformed-action",
+                echoed,
+            ), sent
+            assert "messageID" in rejected["detail"]
+        await vf.nothing_more()
+        assert core.requests.empty()  # none of them reached the core
+        assert await vf.say("still here") == ["core heard still here"]
+
+
 async def test_a_failing_action_does_not_stop_the_queued_ones() -> None:
     """The running action fails (the core answers 500): ``error pipeline-error`` and
     ``completed {reason: "error"}`` for it, then the queued action runs as usual."""
