@@ -196,8 +196,11 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
     Raises ProtocolError (400) naming the first invalid value (for example
     ``sttSampleRate=abc``), and naming the accepted value when ``sttMode``,
     ``sttModel`` or ``videoFile`` asks for what the gateway cannot do (only
-    ``SingleUtterance``, ``General`` and false are served), and naming a ``timeZone``
-    that is no key of the IANA time zone database. ``sttMode``,
+    ``SingleUtterance``, ``General`` and false are served), naming a ``timeZone``
+    that is no key of the IANA time zone database, and naming an ``sttSampleRate``
+    the recognizer does not take (:meth:`ClientConfig.raw_format`: ``-5``,
+    ``10000000``), in every request, whether or not it carries raw audio (as every
+    other value: the spec has the client send its configuration with every request). ``sttMode``,
     ``sttModel``, ``sttEncoding``, ``ttsFileType`` and ``tts`` are read in any case and
     kept in the spec's spelling (``mulaw`` -> ``MULAW``, ``WAV`` -> ``wav``). The locale
     is the Accept-Language tag of the highest weight (see :func:`_preferred_language`).
@@ -239,11 +242,13 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
     if language and (locale := _preferred_language(language)):
         values["locale"] = locale
     try:
-        return ClientConfig.model_validate(values)
+        config = ClientConfig.model_validate(values)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "configuration"
         raise ProtocolError(f"invalid {_PARAM_OF_FIELD.get(field, field)}: {err['msg']}") from None
+    config.raw_format()  # sttSampleRate: a rate the recognizer takes, in every request
+    return config
 
 
 _QVALUE: Final = re.compile(r"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)")

@@ -19,6 +19,7 @@ from adapters.flowstorm.events import (
 )
 from adapters.flowstorm.v2.protocol import (
     TRANSITIONS,
+    ClientConfig,
     JsonEventReader,
     RecognitionFollower,
     RequestStream,
@@ -94,6 +95,10 @@ def test_config_headers_win_over_query_and_booleans_parse() -> None:
     ("query", "words"),
     [
         ({"sttSampleRate": "fast"}, "sttSampleRate"),
+        # a rate the recognizer does not take was refused only with raw audio
+        ({"sttSampleRate": "-5"}, "invalid sttSampleRate: expected LINEAR16: unsupported"),
+        ({"sttSampleRate": "10000000"}, "unsupported sample rate 10000000 Hz"),
+        ({"sttEncoding": "MULAW", "sttSampleRate": "9000"}, "invalid sttSampleRate"),
         ({"sttEncoding": "OPUS"}, "sttEncoding"),
         ({"ttsFileType": "ogg"}, "ttsFileType"),
         ({"sendResponseItems": "maybe"}, "sendResponseItems"),
@@ -500,7 +505,7 @@ def test_audio_files_decode_to_raw_audio_at_their_own_rate() -> None:
         (
             "audio/basic",
             b"\x00\x00",
-            parse_config({}, {"key": "k", "sttSampleRate": "12345"}),
+            ClientConfig(key="k", stt_sample_rate=12345),  # (parse_config refuses it)
             400,
             "invalid sttSampleRate",
         ),

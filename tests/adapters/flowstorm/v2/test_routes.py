@@ -440,6 +440,34 @@ async def test_bad_text_requests_get_bang_lines(base: str) -> None:
     await ok_turn(base)
 
 
+@pytest.mark.parametrize("rate", ["abc", "-5", "0", "10000000", "9000"])
+async def test_a_sample_rate_the_recognizer_does_not_take_is_refused_in_every_request(
+    base: str, rate: str
+) -> None:
+    """``sttSampleRate`` was checked against the recognizer's rates only when a request
+    carried raw audio: ``-5`` or ``10000000`` on a text (or JSON Input) request passed
+    and went into the session's configuration. Every request carrying it is refused
+    400 naming it, in V2's error form, as a bad ``sttEncoding`` is; no session is made."""
+    async with httpx.AsyncClient(base_url=base) as client:
+        text = await client.put(
+            f"/client?key={KEY}", headers={**TEXT, "X-SttSampleRate": rate}, content="hello"
+        )
+        assert text.status_code == 400
+        assert text.text.startswith("! client: invalid sttSampleRate: "), text.text
+        assert "flowstorm-session-id" not in text.cookies
+        answer = await client.put(
+            f"/client?key={KEY}&sttSampleRate={rate}",
+            headers=JSON,
+            content=input_event("hello").encode(),
+        )
+        assert answer.status_code == 400
+        [error] = events(answer)
+        assert (error["type"], error["source"]) == ("Error", "client")
+        assert error["text"].startswith("invalid sttSampleRate: ")
+        assert "flowstorm-session-id" not in answer.cookies
+    await ok_turn(base)
+
+
 async def test_spec_defaults_sent_explicitly_are_accepted(base: str) -> None:
     # what a Flowstorm client sends when it spells out the spec table's defaults
     defaults = {
