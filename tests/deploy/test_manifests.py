@@ -224,7 +224,7 @@ def test_pods_get_config_and_secret_and_they_are_valid_settings(
     assert sources == {"channel-gateway-config", "channel-gateway-secrets"}
     env = {**CONFIG, **SECRET}
     fields = {f"GATEWAY_{name.upper()}" for name in Settings.model_fields}
-    unknown = {key for key in env if key not in fields}
+    unknown = {key for key in env if key not in fields | UVICORN_ENV}
     assert not unknown, f"not gateway settings (typo?): {sorted(unknown)}"
     for key in list(os.environ):
         if key.startswith("GATEWAY_"):
@@ -367,6 +367,37 @@ def test_trial_redis_persists_and_its_service_selects_it() -> None:
 
 
 # ---------------------------------------------------------------- compose
+
+UVICORN_ENV = {"FORWARDED_ALLOW_IPS"}
+"""uvicorn's own settings the pods and replicas get (`gateway serve` runs uvicorn, which
+reads them from the environment)."""
+
+
+def _trusts(allowed: str, address: str) -> bool:
+    """Whether uvicorn, given FORWARDED_ALLOW_IPS=``allowed``, believes the
+    X-Forwarded-For of a peer at ``address`` (uvicorn's own check)."""
+    from uvicorn.middleware.proxy_headers import _TrustedHosts
+
+    return address in _TrustedHosts(allowed)
+
+
+def test_the_replicas_believe_x_forwarded_for_only_from_their_own_network() -> None:
+    """Behind HAProxy (compose) or an Ingress controller (Kubernetes) every client had
+    the proxy's address: uvicorn believes X-Forwarded-For only from FORWARDED_ALLOW_IPS,
+    127.0.0.1 by default. The per-address limits then counted all clients as one, so
+    ten wrong admin keys from anyone refused every admin request (429), the right key
+    too. The replicas now trust their own network's proxies, and nothing else."""
+    env = COMPOSE["services"]["gateway"]["environment"]
+    subnet = COMPOSE["networks"]["default"]["ipam"]["config"][0]["subnet"]
+    assert env["FORWARDED_ALLOW_IPS"] == subnet  # the network HAProxy is on
+    default = re.fullmatch(r"\$\{GATEWAY_NETWORK_SUBNET:-([0-9./]+)\}", subnet)
+    assert default is not None, subnet
+    assert _trusts(default[1], "172.31.80.7")  # HAProxy's address on that network
+    assert not _trusts(default[1], "203.0.113.9")  # a client's: its own header not believed
+    assert "option forwardfor" in (DEPLOY / "haproxy" / "haproxy.cfg").read_text("utf-8")
+    assert CONFIG["FORWARDED_ALLOW_IPS"] != "*"  # a client would write its own address
+    assert _trusts(CONFIG["FORWARDED_ALLOW_IPS"], "10.244.1.17")  # a pod (flannel's CIDR)
+    assert not _trusts(CONFIG["FORWARDED_ALLOW_IPS"], "203.0.113.9")
 
 
 def _compose_env_keys(text: str) -> set[str]:
