@@ -32,6 +32,8 @@ MAX_CLIENT_CHARS: Final = 64
 its first 64 (an IP address has at most 45). Behind a proxy whose ``X-Forwarded-For``
 uvicorn trusts, the client address is that header's text, of any length: uncut, each of
 ``max_clients`` buckets could hold kilobytes."""
+MAX_RETRY_AFTER_S: Final = 86_400
+"""The longest ``Retry-After`` (s) :meth:`TokenBuckets.retry_after_s` gives: a day."""
 
 
 class TokenBuckets:
@@ -75,9 +77,12 @@ class TokenBuckets:
         return self._level(client) >= 1.0
 
     def retry_after_s(self, client: str) -> int:
-        """Whole seconds until ``client`` has a token again (0 when it has one)."""
+        """Whole seconds until ``client`` has a token again (0 when it has one), at most
+        :data:`MAX_RETRY_AFTER_S` (a rate near zero would give an infinite wait)."""
         missing = 1.0 - self._level(client)
-        return 0 if missing <= 0 else max(1, math.ceil(missing / self.per_s))
+        if missing <= 0:
+            return 0
+        return max(1, math.ceil(min(missing / self.per_s, MAX_RETRY_AFTER_S)))
 
     def take(self, client: str) -> None:
         """Take one token from ``client``'s bucket (it may go down to zero, not below)."""

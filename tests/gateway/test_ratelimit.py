@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.ratelimit import TokenBuckets
+from gateway.ratelimit import MAX_RETRY_AFTER_S, TokenBuckets
 
 
 def test_burst_then_refill_per_client() -> None:
@@ -24,6 +24,16 @@ def test_burst_then_refill_per_client() -> None:
     buckets.take("a")
     buckets.take("a")
     assert not buckets.allowed("a")
+
+
+def test_a_rate_near_zero_gives_a_bounded_retry_after() -> None:
+    """GATEWAY_ADMIN_FAILURES_PER_S=1e-320 (the settings take any rate above 0) made the
+    wait infinite and math.ceil raise OverflowError: a locked-out admin request got a
+    500. The wait is now at most a day."""
+    buckets = TokenBuckets(1, 1e-320, clock=lambda: 0.0)
+    buckets.take("a")
+    assert buckets.retry_after_s("a") == MAX_RETRY_AFTER_S == 86_400
+    assert TokenBuckets(1, 1e-3, clock=lambda: 0.0).retry_after_s("a") == 0
 
 
 def test_buckets_are_bounded() -> None:
