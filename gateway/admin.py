@@ -54,7 +54,7 @@ from gateway.deps import gateway_of
 from gateway.httputil import problem, status_phrase
 from gateway.logs import redact_query
 from gateway.protocol import clipped, key_valid
-from gateway.ratelimit import TokenBuckets, refusal_log
+from gateway.ratelimit import MAX_CLIENT_CHARS, TokenBuckets, refusal_log
 
 log = logging.getLogger("gateway.admin")
 
@@ -244,8 +244,10 @@ async def admin_refused_handler(request: Request, exc: Exception) -> JSONRespons
     refusal_log(request.app.state, "admin").log(
         log,
         "Admin request %s from %s refused (%d): %s",
-        redact_query(request.url.path),  # /v1/sessions/<id>: the id is a credential
-        request.client.host if request.client else "?",
+        # /v1/sessions/<id>: the id is a credential; the path and the address (with a
+        # trusted X-Forwarded-For, the client's own text) are cut
+        clipped(redact_query(request.url.path), 200, quote=False),
+        clipped(request.client.host, MAX_CLIENT_CHARS, quote=False) if request.client else "?",
         exc.status,
         exc.detail,
     )

@@ -215,17 +215,21 @@ async def test_right_keys_and_missing_keys_are_not_limited_and_the_allowance_ref
         _too_many(await _admin_request(http, "GET", "/v1/sessions/s1", None, ADMIN_KEY))
 
 
-async def test_the_admin_limiters_addresses_are_bounded_in_length() -> None:
+async def test_the_admin_limiters_addresses_are_bounded_in_length(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The limiter's table holds at most MAX_TRACKED_ADDRESSES addresses, and each of them
     is short: behind a proxy whose X-Forwarded-For uvicorn trusts (README: run it with
     FORWARDED_ALLOW_IPS), the client address is the header's text, as long as a client
     makes it. Each wrong key with a 16 KB made-up address kept 16 KB in the table: 65,536
     of them about a gigabyte. A long address is kept as its first
     :data:`gateway.ratelimit.MAX_CLIENT_CHARS` characters (a client that makes them up
-    shares its own bucket), and is still limited."""
+    shares its own bucket), and is still limited. The refusal's log line cuts it too (it
+    held the 16 KB address whole)."""
     settings = Settings(admin_keys=frozenset({ADMIN_KEY}), admin_failures_burst=2)
     app = create_app(settings)
     served = served_app(app, settings, forwarded_allow_ips="*")
+    caplog.set_level(logging.DEBUG, logger="gateway.admin")
     async with served as url, httpx.AsyncClient(base_url=url) as http:
         for n in range(8):
             forged = {"X-Forwarded-For": f"{n}" + "A" * 16_000}
@@ -245,6 +249,9 @@ async def test_the_admin_limiters_addresses_are_bounded_in_length() -> None:
     assert isinstance(buckets, TokenBuckets)
     kept = list(buckets._buckets)  # one made-up address per digit, each cut, each its own
     assert [len(address) for address in kept] == [MAX_CLIENT_CHARS] * 8
+    lines = [r.getMessage() for r in caplog.records if "Admin request" in r.getMessage()]
+    assert len(lines) == 10
+    assert all(len(line) < 500 and "A" * 65 not in line for line in lines), lines[0][:300]
 
 
 def test_the_admin_limiters_429_is_documented() -> None:
