@@ -14,7 +14,10 @@ from adapters.flowstorm.v2.protocol import NDJSON
 from gateway.apidoc import NOT_BLANK, component, has
 from gateway.protocol.values import LANGUAGE_TAG_PATTERN, MAX_ID_CHARS, MAX_LANGUAGE_TAG
 
-_RETRY_AFTER = "Seconds to wait before trying again (recognizers busy)"
+_RETRY_AFTER = (
+    "Seconds to wait before trying again (recognizers busy; 1 while the session store "
+    "is unavailable)"
+)
 
 
 _NOT_CONTROL = "^\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f"
@@ -92,8 +95,9 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
     },
     415: {"description": "Content type not supported, or a text/plain charset not known"},
     503: {
-        "description": "The session store or the speech recognizer is unavailable, or all "
-        "recognizers are busy (an audio request: ErrorEvent source `stt`, `Retry-After` s)",
+        "description": "The session store (`Retry-After` s) or the speech recognizer is "
+        "unavailable, or all recognizers are busy (an audio request: ErrorEvent source `stt`, "
+        "`Retry-After` s)",
         "headers": {"Retry-After": {"description": _RETRY_AFTER, "schema": {"type": "integer"}}},
     },
 }

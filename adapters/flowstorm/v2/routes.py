@@ -11,8 +11,9 @@ unknown session, 408 a stream that stopped, 409 busy session, 413 too large or
 too long, 405 a method other than GET and PUT (with ``Allow: GET, PUT``; a ``!`` line
 when ``Accept`` ranks ``text/plain`` first, as for GET), 415 unsupported content type,
 429 too many unknown sessions, 503 store
-or recognizer down, or all recognizers busy: then with ``Retry-After`` and an
-ErrorEvent of source ``stt``, see GATEWAY_STT_QUEUE). A ``flowstorm-session-id``
+down (with ``Retry-After``: :data:`STORE_RETRY_AFTER_S`) or recognizer down, or all
+recognizers busy: then with ``Retry-After`` and an ErrorEvent of source ``stt``, see
+GATEWAY_STT_QUEUE). A ``flowstorm-session-id``
 cookie that cannot be a session id (over 256 characters, whitespace or control
 characters: :func:`adapters.flowstorm.events.check_session_id`, as V1 checks its
 ``sessionId``) is refused with 400 (source ``client``) and cleared, before any session
@@ -252,12 +253,22 @@ class _Refused(Exception):
         return answer
 
 
+def _store_down() -> _Refused:
+    """The 503 of a request the session store could not serve (its ErrorEvent of source
+    ``gateway``, ``Retry-After``: :data:`STORE_RETRY_AFTER_S`)."""
+    return _Refused(503, _STORE_DOWN, "gateway", STORE_RETRY_AFTER_S)
+
+
 _NO_KEY: Final = "The application key is missing (X-Key or key)."
 KEY_CHALLENGE: Final = 'X-Key realm="flowstorm"'
 """The ``WWW-Authenticate`` of the 401 for a request without an application key (RFC 9110
 section 11.6.1 requires a challenge on every 401; the key has no registered scheme, so
 the challenge names the header it goes in)."""
 _STORE_DOWN: Final = "The session store is unavailable."
+STORE_RETRY_AFTER_S: Final = 1
+"""``Retry-After`` seconds of a 503 answered because the session store (Redis) does not
+answer: a refused or restarting Redis is asked again by the next request, a hung one
+after its circuit breaker's cool-down (1 s at first, gateway/breaker.py)."""
 _LONG_KEY: Final = f"The application key is longer than {MAX_ID_CHARS} characters."
 
 
@@ -449,7 +460,7 @@ async def _known_session(gw: Gateway, ctx: TurnContext) -> None:
     try:
         found = await gw.conversation.find(ctx)
     except StoreUnavailable:
-        raise _Refused(503, _STORE_DOWN, "gateway") from None
+        raise _store_down() from None
     if found in ("foreign", "not-found"):
         raise _session_refused(found, ctx.session_id, forget=found == "not-found")
 
@@ -538,7 +549,7 @@ async def _store_logs(gw: Gateway, ctx: TurnContext) -> HTTPResponse:
     except SessionBusy:
         raise _Refused(409, "Another turn of this session is still running.", "session") from None
     except StoreUnavailable:
-        raise _Refused(503, _STORE_DOWN, "gateway") from None
+        raise _store_down() from None
     if stored != "stored":
         raise _session_refused(stored, ctx.session_id)
     return HTTPResponse(status_code=204)
@@ -571,7 +582,10 @@ async def _turn(
     except TurnRejected as exc:
         await on_end()
         forget = exc.reason == "session-not-found"
-        raise _Refused(_REJECT_STATUS[exc.reason], exc.text, exc.source, forget=forget) from None
+        retry = STORE_RETRY_AFTER_S if exc.reason == "store-unavailable" else None
+        raise _Refused(
+            _REJECT_STATUS[exc.reason], exc.text, exc.source, retry, forget=forget
+        ) from None
     except StopAsyncIteration:  # the turn was cancelled before its first event (a forced stop)
         await on_end()
         raise _Refused(503, _STOPPED, "gateway") from None
@@ -998,7 +1012,7 @@ async def get_client(request: Request) -> HTTPResponse:
         try:
             found = await gw.conversation.find(ctx)
         except StoreUnavailable:
-            raise _Refused(503, _STORE_DOWN, "gateway") from None
+            raise _store_down() from None
         if found == "foreign":
             raise _session_refused(found, cookie)
         if found != "found":  # also "creating": not stored yet, nothing to follow

@@ -1224,3 +1224,40 @@ async def test_a_realtime_release_that_found_the_bus_down_is_done_once_it_is_bac
             assert [e["type"] for e in events(again)] == ["ResponseItem", "Response"]
         await gw.bus.aclose()
         await redisconn.aclose(bus_redis)
+
+
+async def test_a_store_outage_mid_conversation_is_503_with_retry_after(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """Redis goes away during a conversation: its turn (text), its audio turn (the session
+    checked before the audio is read) and its GET /client are each answered at once 503
+    with ``Retry-After: 1`` (before: no ``Retry-After``, so a client had nothing telling it
+    when to come back) and the store's ErrorEvent; once Redis is back the conversation
+    goes on in its session."""
+    proxy, redis_url = reply_dropper
+    async with (
+        served(redis_url=redis_url, redis_prefix=redis_prefix) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        intro = await client.put(f"/client?key={KEY}", headers=TEXT, content="my name is Bob")
+        assert intro.status_code == 200, intro.text
+        proxy.cut()
+        turn = await client.put(f"/client?key={KEY}", headers=TEXT, content="hi")
+        audio = await client.put(
+            f"/client?key={KEY}", headers={"Content-Type": "audio/basic"}, content=b"\xff" * 800
+        )
+        follow = await client.get(f"/client?key={KEY}", headers={"Accept": "text/plain"})
+        for answer in (turn, audio, follow):
+            assert answer.status_code == 503, answer.text
+            assert answer.headers.get("retry-after") == "1", answer.request.method
+        assert turn.text == "! gateway: The session store is unavailable.\n"
+        assert follow.text == "! gateway: The session store is unavailable.\n"
+        assert json.loads(audio.text) == {
+            "type": "Error",
+            "text": "The session store is unavailable.",
+            "source": "gateway",
+        }
+        proxy.restore()
+        again = await client.put(f"/client?key={KEY}", headers=TEXT, content="what is my name")
+        assert again.status_code == 200, again.text
+        assert "Bob" in again.text
