@@ -13,8 +13,10 @@ refused): an answer (also an error reply), or a failure that comes at once (Redi
 and refusing: calls fail fast without the breaker) *closes* the breaker; a probe that
 hangs opens it again for twice the cool-down, up to ``max_cool_down_s``. Calls already
 on their way when it opens finish as they would have (their failures do not count
-again). A Redis that refuses connections (restarting, down) never opens it: each call
-fails at once on its own, and the first call after Redis is back is served. Such an
+again, and their callers log them at DEBUG: the breaker's WARNING is the outage's
+line, not one per call that was waiting). A Redis that refuses connections
+(restarting, down) never opens it: each call fails at once on its own, and the first
+call after Redis is back is served. Such an
 outage is still logged once, not once per call: the first call that fails at once is
 logged by its caller as before, with one WARNING of the breaker (``... cannot be
 reached``); the callers of the calls that fail after it log them at DEBUG
@@ -47,7 +49,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import metrics
-from gateway.redisconn import unanswered
+from gateway.redisconn import UNANSWERED_ERRORS, unanswered
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +201,16 @@ class CircuitBreaker:
         process full) proves nothing: the next call becomes the probe. While closed, a
         call that failed at once (Redis cannot be reached) and the first answer after
         such failures are logged once each (module doc). Calls admitted before the last
-        change of state change nothing.
+        change of state change nothing; the errors of such calls (and of calls let
+        through, :meth:`pass_through`) that did not get an answer while the breaker is
+        open or half-open are marked for :func:`outage_level` (DEBUG: the breaker logged
+        the outage; not one WARNING per turn that was waiting when it opened).
         """
         if ticket != self._epoch:
+            if error is not None and self._state != "closed" and _outage_error(error):
+                # on its way when a hang opened it (or a lock's release, a renewal let
+                # through): the breaker logged this outage; its caller logs it at DEBUG
+                setattr(error, _LOGGED, True)
             return
         if error is None:  # the usual case: one check
             if self._attentive:
@@ -331,6 +340,13 @@ class CircuitBreaker:
         )
 
 
+def _outage_error(error: BaseException) -> bool:
+    """Whether ``error`` says Redis was not asked or did not answer (also a pool of this
+    process with no free connection: its holders wait on the same Redis), not an error
+    reply, a cancellation or a bug (:data:`gateway.redisconn.UNANSWERED_ERRORS`)."""
+    return isinstance(error, UNANSWERED_ERRORS)
+
+
 _LOGGED = "_gateway_outage_logged"
 """Set (True) on the error of a call that failed at once during an outage the breaker
 logged already (:meth:`CircuitBreaker._unreachable`; see :func:`refused_by_breaker`)."""
@@ -370,7 +386,8 @@ def refused_by_breaker(exc: BaseException) -> bool:
     own outage error, ``raise ... from exc``): the call was refused by an open breaker,
     which logged the outage once; or the same for the error of a call that failed at
     once while Redis could not be reached, after the first such call (the breaker
-    logged that outage once), or marked by :func:`mark_logged`. Callers log these at
+    logged that outage once), or of a call on its way when a hang opened the breaker
+    (:meth:`CircuitBreaker.record`), or marked by :func:`mark_logged`. Callers log these at
     DEBUG, not one WARNING each (see :func:`outage_level`)."""
     seen: BaseException | None = exc
     for _ in range(8):  # a short chain; bounded against a cycle

@@ -622,3 +622,35 @@ def test_calls_failing_at_once_are_one_outage_until_an_answer(
     assert state_of(breaker) == "closed"
     levels = [r.levelno for r in caplog.records]
     assert levels == [logging.WARNING, logging.WARNING, logging.WARNING]  # began, open, close
+
+
+async def test_turns_waiting_when_a_hang_opens_it_are_one_warning_not_one_each(
+    through: tuple[ReplyDropper, RedisSessionStore],
+) -> None:
+    """Ten turns take their locks together while Redis hangs: all wait the timeout (they
+    were on their way), the first's failure opens the breaker (its WARNING), and the
+    turns then logged one WARNING each (outage_level), ten lines for one outage. Now the
+    first turn's error is a WARNING and the nine others' DEBUG, as calls refused once
+    it is open are; a call let through while it is open (a lock's release or renewal)
+    that gets no answer is DEBUG too, and an error reply stays a WARNING."""
+    proxy, store = through
+    proxy.hung = True
+    levels: list[int] = []
+
+    async def turn(key: str) -> None:
+        took, error = await refused_turn(store, key)
+        levels.append(outage_level(error))  # the level its caller logs it at, as it fails
+        assert took >= TIMEOUT_S * 0.9  # on their way: not refused at once
+        assert "Timeout" in str(error)
+
+    await asyncio.gather(*(turn(f"c:wait{i}") for i in range(10)))
+    assert store.breaker.state == "open"
+    assert levels == [logging.WARNING] + [logging.DEBUG] * 9  # before: ten WARNINGs
+
+    release = store.breaker.pass_through()
+    failed = RedisConnectionError("Connection reset by peer")
+    store.breaker.record(release, failed, 0.001)
+    assert outage_level(failed) == logging.DEBUG  # before: WARNING
+    reply = ResponseError("ERR a script error")
+    store.breaker.record(release, reply)
+    assert outage_level(reply) == logging.WARNING
