@@ -44,10 +44,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 from urllib.parse import unquote, urlsplit
@@ -551,7 +552,9 @@ class SocketIoRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     a classic PUBLISH reaches subscribers on every node, so the subscription sits
     on the node of the channel's slot (redis-py ClusterPubSub), and when that node
     fails python-socketio's own retry loop connects again and finds the slot's new
-    owner. Its Redis outage lines are WARNINGs (:class:`SocketIoRedisOutage`).
+    owner. Its Redis outage lines are WARNINGs (:class:`SocketIoRedisOutage`). Its
+    subscription is read in short waits (:func:`_polled_listen`), so a connection that
+    died unseen is found by redis-py's health check and made again.
     """
 
     def __init__(self, url: str, *, channel: str, max_connections: int = 8) -> None:
@@ -573,11 +576,35 @@ class SocketIoRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         old: RedisClient | None = getattr(self, "redis", None)
         self.redis = connect(self.redis_url, max_connections=self._max_connections)
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.listen = functools.partial(_polled_listen, self.pubsub)  # type: ignore[method-assign]
         self.connected = True
         if old is not None:  # python-socketio reconnects by making a new client
             task = asyncio.get_running_loop().create_task(aclose(old))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+
+LISTEN_POLL_S: Final = 1.0
+"""How long (s) the socket.io manager's subscription waits for a message before it reads
+again (:func:`_polled_listen`): each read lets redis-py check the connection's health."""
+
+
+async def _polled_listen(pubsub: Any) -> AsyncIterator[Any]:
+    """redis-py's ``PubSub.listen()`` (the messages of the subscribed channels, as long as
+    one is subscribed) made of reads that wait at most :data:`LISTEN_POLL_S` each.
+
+    python-socketio's manager listens with ``listen()``, one read that waits for ever,
+    so redis-py never checks that connection's health (a PING every
+    ``health_check_interval``, 30 s, sent before a read): a connection that died without
+    a word (Redis restarted behind a partition that healed, a NAT or load balancer that
+    forgot it) left that instance deaf to the other instances' emits for good, nothing
+    logged. With short reads the PING goes out, the dead connection is reset, and
+    redis-py connects again and subscribes the channel again (as the gateway's bus
+    reader, which reads so, does)."""
+    while pubsub.subscribed:
+        message = await pubsub.get_message(timeout=LISTEN_POLL_S)
+        if message is not None:
+            yield message
 
 
 _Call = tuple[asyncio.Future[Any], Any, tuple[Any, ...], Callable[[Any], None] | None]

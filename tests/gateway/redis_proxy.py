@@ -34,6 +34,10 @@ class ReplyDropper:
     reaches Redis only after a pause, as a Redis that stalls (a long script, a fork)
     runs the commands late but runs them.
 
+    :meth:`reset_unseen` kills every connection on Redis's side only (Redis restarted
+    behind a partition that healed): a client learns it only when it sends, and its
+    connection is then reset; new connections reach Redis.
+
     While ``drop_replies_to`` is set (bytes), the reply to client bytes holding it is
     lost as an armed drop loses it (the command ran; its connection is cut), every
     time: the other commands, a new connection's handshake, go through. While
@@ -55,6 +59,8 @@ class ReplyDropper:
         self._stall_including = False
         self._stalled_until = 0.0  # loop time
         self._open: set[asyncio.StreamWriter] = set()  # both ends of every connection
+        self._upstream: dict[asyncio.StreamWriter, asyncio.StreamWriter] = {}  # client: Redis
+        self._orphans: set[asyncio.StreamWriter] = set()  # client ends whose Redis end died
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[object]] = set()
 
@@ -80,6 +86,13 @@ class ReplyDropper:
         """Redis is back: new connections reach it again."""
         self.cut_off = False
 
+    def reset_unseen(self) -> None:
+        """Every connection dies on Redis's side, unseen by its client until it sends
+        (then it is reset), as when Redis restarted behind a partition that healed."""
+        for client_w, redis_w in list(self._upstream.items()):
+            self._orphans.add(client_w)
+            redis_w.transport.abort()
+
     def stall_after(self, marker: bytes, seconds: float, *, including: bool = False) -> None:
         """Once client bytes holding ``marker`` went to Redis (the next time only), hold
         every later client byte for ``seconds`` before it goes on (nothing is lost).
@@ -96,6 +109,7 @@ class ReplyDropper:
         redis_r, redis_w = await asyncio.open_connection(self.host, self.port)
         ends = (client_w, redis_w)
         self._open.update(ends)
+        self._upstream[client_w] = redis_w
         lost = False  # bytes went nowhere during a hang
         last_sent = b""  # the client bytes that went to Redis last
 
@@ -107,6 +121,8 @@ class ReplyDropper:
             nonlocal lost, last_sent
             while data := await client_r.read(65536):
                 self.received += 1
+                if client_w in self._orphans:  # Redis forgot this connection: reset
+                    return cut()
                 if self.hung:
                     lost = True
                     continue
@@ -149,10 +165,13 @@ class ReplyDropper:
                     return
                 client_w.write(data)
                 await client_w.drain()
-            client_w.close()
+            if client_w not in self._orphans:  # an orphan's client is told when it sends
+                client_w.close()
 
         pumps = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
         self._tasks.update(pumps)
         await asyncio.gather(*pumps, return_exceptions=True)
         self._tasks.difference_update(pumps)
         self._open.difference_update(ends)
+        self._upstream.pop(client_w, None)
+        self._orphans.discard(client_w)

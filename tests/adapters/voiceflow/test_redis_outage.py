@@ -27,10 +27,10 @@ async def _until_logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _until_subscribed(redis: aioredis.Redis, channel: str) -> None:
-    """Wait until ``channel`` has one subscriber (the manager's listener)."""
+async def _until_subscribed(redis: aioredis.Redis, channel: str, subscribers: int = 1) -> None:
+    """Wait until ``channel`` has ``subscribers`` subscribers (1: the manager's listener)."""
     deadline = time.monotonic() + WAIT_S
-    while (count := (await redis.pubsub_numsub(channel))[0][1]) != 1:
+    while (count := (await redis.pubsub_numsub(channel))[0][1]) != subscribers:
         assert time.monotonic() < deadline, f"{count} subscribers of {channel}"
         await asyncio.sleep(0.02)
 
@@ -100,3 +100,27 @@ async def test_a_failed_publish_is_a_warning_and_other_errors_stay_errors(
     server.logger.error("Cannot publish to redis... giving up now", extra={"redis_exception": "x"})
     assert [r.levelno for r in caplog.records] == [logging.ERROR] * 3
     assert "component" not in caplog.text
+
+
+async def test_a_subscription_that_died_unseen_comes_back(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str, aredis: aioredis.Redis
+) -> None:
+    """Redis restarted behind a partition that healed: the manager's subscription is dead
+    on Redis's side and nothing tells the manager, which waited in one endless read:
+    that instance never heard another instance's emits again, and logged nothing. Now
+    its reads are short, redis-py's health check (every ``health_check_interval``, 1 s
+    here, 30 s by default) finds the connection dead, and it subscribes again; an emit
+    of another process then reaches the connected client."""
+    proxy, redis_url = reply_dropper
+    redis_url += "?health_check_interval=1"
+    channel = f"{redis_prefix}:voiceflow:socket.io"
+    async with served(redis_url=redis_url, redis_prefix=redis_prefix) as url, client(url) as vf:
+        await _until_subscribed(aredis, channel)
+        proxy.reset_unseen()
+        await _until_subscribed(aredis, channel, 0)  # Redis dropped it
+        await _until_subscribed(aredis, channel)  # before: 0 subscribers for good
+
+        emitter = socketio.AsyncRedisManager(redis_url, channel=channel, write_only=True)
+        await emitter.emit("heard.again", {"ok": True}, namespace="/")
+        assert await vf.expect("heard.again") == {"ok": True}
+        await emitter.redis.aclose()
