@@ -13,6 +13,7 @@ from adapters.flowstorm.events import InputEvent
 from adapters.flowstorm.v2.protocol import NDJSON
 from gateway.apidoc import NOT_BLANK, component, has
 from gateway.protocol.values import LANGUAGE_TAG_PATTERN, MAX_ID_CHARS, MAX_LANGUAGE_TAG
+from gateway.speech.audio import SUPPORTED_RATES
 
 _RETRY_AFTER = (
     "Seconds to wait before trying again (recognizers busy; 1 while the session store "
@@ -132,7 +133,12 @@ _CONFIG_PARAMETERS = [
         ("sttMode", _enum("SingleUtterance"), "One utterance per request" + _ONLY),
         ("sttModel", _enum("General"), "The recognizer's one model" + _ONLY),
         ("videoFile", _enum(False), "No video is made: true is refused (400)"),
-        ("sttSampleRate", {"type": "integer", "default": 16000}, "Hz of raw audio"),
+        (
+            "sttSampleRate",
+            {"type": "integer", "enum": list(SUPPORTED_RATES), "default": 16000},
+            "Hz of raw audio (or X-SttSampleRate); a rate the recognizer does not take is "
+            "refused (400) in every request that sends one",
+        ),
         (
             "sttEncoding",
             _enum("LINEAR16", "MULAW"),
