@@ -156,10 +156,17 @@ class TtsPool:
             job = self._start(file_id, spec, keep=False)
         return job
 
-    def _leave(self, job: _Job) -> None:
+    def _leave(self, file_id: str, job: _Job) -> None:
+        """A waiter of ``job`` has gone; the last one cancels the synthesis (not a
+        prefetch's) and takes it out of the jobs at once: the cancelled task ends in a
+        later loop iteration, and a request for ``file_id`` before then would join it
+        and get its CancelledError, as if it had been cancelled itself; it starts a
+        synthesis of its own instead."""
         job.waiters -= 1
         if job.waiters == 0 and not job.keep and not job.task.done():
             job.task.cancel()
+            if self._jobs.get(file_id) is job:
+                del self._jobs[file_id]
 
     def _forget(self, file_id: str, job: _Job) -> None:
         job.notify()
@@ -186,7 +193,7 @@ class TtsPool:
         try:
             return await asyncio.shield(job.task)
         finally:
-            self._leave(job)
+            self._leave(file_id, job)
 
     async def stream(self, file_id: str, spec: TtsSpec) -> AsyncIterator[bytes]:
         """The file ``file_id`` made of ``spec`` in chunks as it is synthesized (shared
@@ -217,7 +224,7 @@ class TtsPool:
                     return
                 await job.grew.wait()
         finally:
-            self._leave(job)
+            self._leave(file_id, job)
 
     def prefetch(self, file_id: str, spec: TtsSpec) -> bool:
         """Start synthesizing ``file_id`` in the background, if the queue is at most half

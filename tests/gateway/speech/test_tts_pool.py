@@ -306,6 +306,35 @@ async def test_a_full_pool_refuses_at_once_and_an_abandoned_synthesis_stops(
     assert decode_mp3(await pool.render("3" * 64, spec("Third.", piper))).duration_s > 0.3
 
 
+async def test_a_request_right_after_the_last_one_left_gets_the_file_not_a_cancellation(
+    piper: PiperSynthesizer,
+) -> None:
+    """The last waiter leaving cancels the synthesis; a request for the same id in the
+    loop iterations before that task has ended (a listener that hangs up and asks
+    again, another client) starts a synthesis of its own: it got the cancelled task's
+    CancelledError, as if it had been cancelled itself (a GET answered 499 to a client
+    still there, a turn's speech raising CancelledError)."""
+    cache = MemoryTtsCache()
+    pool = TtsPool(piper, cache, max_running=1, max_queued=1)
+    item = spec("First things first. Then the second sentence, and a third one.", piper)
+    left = pool.stream("1" * 64, item)
+    assert await anext(left)  # the first piece of a synthesis in pieces
+    await left.aclose()  # its only listener leaves: the synthesis is cancelled
+    data = await pool.render("1" * 64, item)  # asked again at once
+    assert decode_mp3(data).duration_s > 2
+    assert await cache.get("1" * 64) == data
+
+    other = spec("One sentence. And a second one, to stream in pieces.", piper)
+    left = pool.stream("2" * 64, other)
+    assert await anext(left)
+    await left.aclose()
+    streamed = b"".join([chunk async for chunk in pool.stream("2" * 64, other)])
+    assert decode_mp3(streamed).duration_s > 2
+    assert await cache.get("2" * 64) == streamed
+    await asyncio.sleep(0.01)  # (the done callbacks of the tasks)
+    assert (pool.pending, pool.running, pool.waiting) == (0, 0, 0)  # every place given back
+
+
 def service(
     synth: Synthesizer, recognizer: PocketsphinxRecognizer, **options: int
 ) -> SpeechService:
