@@ -372,13 +372,50 @@ def _to_mono_16(raw: bytes, width: int, channels: int, what: str) -> bytes:
     return raw
 
 
+_WAVE_FORMAT_EXTENSIBLE: Final = 0xFFFE
+_KSDATAFORMAT_SUBTYPE_PCM: Final = (
+    b"\x01\x00\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+)
+"""The sub-format GUID of integer PCM in a WAVE_FORMAT_EXTENSIBLE ``fmt `` chunk."""
+
+
+def _plain_pcm_tag(data: bytes) -> bytes:
+    """``data`` with a WAVE_FORMAT_EXTENSIBLE ``fmt `` chunk of integer PCM (sub-format
+    :data:`_KSDATAFORMAT_SUBTYPE_PCM`) re-tagged WAVE_FORMAT_PCM (1), else ``data`` itself.
+
+    Extensible is what 24- and 32-bit and multichannel WAVs carry (ffmpeg, sox,
+    Windows); Python 3.11's ``wave`` reads only tag 1 ("unknown format: 65534"), 3.12's
+    reads both, with the same samples. Chunks are walked from the RIFF header to the
+    ``fmt `` chunk; anything else (another sub-format, a malformed header) is left for
+    ``wave`` to judge."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return data
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk_id, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if chunk_id == b"fmt ":
+            fmt = data[pos + 8 : pos + 8 + size]
+            if (
+                len(fmt) >= 40
+                and int.from_bytes(fmt[:2], "little") == _WAVE_FORMAT_EXTENSIBLE
+                and fmt[24:40] == _KSDATAFORMAT_SUBTYPE_PCM
+            ):
+                return data[: pos + 8] + b"\x01\x00" + data[pos + 10 :]
+            return data
+        if chunk_id == b"data":
+            return data
+        pos += 8 + size + (size & 1)
+    return data
+
+
 def decode_wav(data: bytes) -> Pcm:
     """Decode a RIFF/WAVE file with integer PCM samples to mono 16-bit :class:`Pcm`.
 
     8/24/32-bit samples are converted to 16 bit, stereo is downmixed (mean of
-    both channels). A ``data`` chunk whose declared size is a streaming
-    placeholder (>= 0x7FFF0000 bytes, as ``espeak-ng --stdout`` writes) is read
-    to the end of the input; otherwise the declared size must be present.
+    both channels); the ``fmt `` chunk may be plain PCM or WAVE_FORMAT_EXTENSIBLE with
+    the PCM sub-format (:func:`_plain_pcm_tag`). A ``data`` chunk whose declared size
+    is a streaming placeholder (>= 0x7FFF0000 bytes, as ``espeak-ng --stdout`` writes)
+    is read to the end of the input; otherwise the declared size must be present.
 
     Raises:
         AudioFormatError: not RIFF/WAVE, truncated, non-PCM (e.g. float), more than
@@ -386,7 +423,7 @@ def decode_wav(data: bytes) -> Pcm:
     """
     what = "WAV (RIFF/WAVE integer PCM)"
     try:
-        with wave.open(io.BytesIO(data), "rb") as reader:
+        with wave.open(io.BytesIO(_plain_pcm_tag(data)), "rb") as reader:
             channels = reader.getnchannels()
             width = reader.getsampwidth()
             rate = reader.getframerate()

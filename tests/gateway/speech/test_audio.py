@@ -263,6 +263,42 @@ def test_mp3_round_trip(rate: int) -> None:
 # --------------------------------------------------------------------------- bad input
 
 
+def extensible_wav(raw: bytes, *, rate: int, width: int, channels: int, subformat: int) -> bytes:
+    """A RIFF/WAVE file with a WAVE_FORMAT_EXTENSIBLE ``fmt `` chunk (40 bytes), as ffmpeg,
+    sox and Windows write for samples wider than 16 bits or more than two channels; the
+    sub-format GUID's first two bytes are the format tag (1: integer PCM, 3: float)."""
+    guid = (
+        struct.pack("<H", subformat) + b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+    )
+    block = width * channels
+    fmt = struct.pack("<HHIIHH", 0xFFFE, channels, rate, rate * block, block, width * 8)
+    fmt += struct.pack("<HHI", 22, width * 8, 4 if channels == 1 else 3) + guid
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"data" + struct.pack("<I", len(raw)) + raw + b"\x00" * (len(raw) & 1)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize(("width", "channels"), [(2, 1), (3, 1), (4, 2), (2, 2)])
+def test_wave_format_extensible_integer_pcm_is_decoded(width: int, channels: int) -> None:
+    """Integer PCM in a WAVE_FORMAT_EXTENSIBLE header (what 24- and 32-bit files carry)
+    decodes as the plain header does; Python 3.11's wave module refused it ("unknown
+    format: 65534"), 3.12's reads it. A float sub-format is still refused."""
+    tone = sine(440, 16000, 0.1)
+    xs = samples(tone)
+    raw = b"".join(
+        (x << (8 * (width - 2))).to_bytes(width, "little", signed=True) * channels for x in xs
+    )
+    pcm = audio.decode_wav(
+        extensible_wav(raw, rate=16000, width=width, channels=channels, subformat=1)
+    )
+    assert pcm.sample_rate == 16000
+    assert pcm.n_samples == tone.n_samples
+    assert snr_db(tone, pcm) > 90
+    floats = extensible_wav(bytes(400), rate=16000, width=4, channels=1, subformat=3)
+    with pytest.raises(AudioFormatError, match="expected WAV"):
+        audio.decode_wav(floats)
+
+
 def test_truncated_wav_is_refused() -> None:
     data = audio.encode_wav(sine(440, 16000, 0.5))
     with pytest.raises(AudioFormatError, match=r"expected WAV.*truncated.*declares 8000 frames"):
