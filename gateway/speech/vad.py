@@ -122,8 +122,9 @@ class Endpointer:
         )
         self._odd = b""
         self._frames = FrameBuffer(self.vad_rate, frame_ms)
-        self._frame_bytes = 0 if self._resampler is not None else self._frames.frame_size
-        """Input bytes of one VAD frame, for the whole-frame fast path (0: resampled, none)."""
+        self._frame_bytes = -1 if self._resampler is not None else self._frames.frame_size
+        """Input bytes of one VAD frame, for the whole-frame fast path (-1: resampled, none;
+        not 0, which an empty chunk's length matches)."""
         self._now_ms = 0
         self._in_speech = False
         self._reset_state(0)

@@ -84,6 +84,18 @@ def test_silence_times_out_after_exactly_the_timeout(rate: int, frame_ms: int) -
     assert 3000 <= events[0].detected_ms <= 3000 + frame_ms
 
 
+@pytest.mark.parametrize("rate", [8000, 11025, 16000, 22050, 44100])
+def test_an_empty_chunk_is_no_audio_at_every_rate(rate: int) -> None:
+    """``feed`` takes chunks of any length: an empty one (a client's ping) is nothing, also
+    at a rate the VAD hears resampled, where it went to webrtcvad as a frame (its
+    ``Error: Error while processing frame``)."""
+    ep = Endpointer(rate, silence_timeout_ms=1000)
+    assert ep.feed(b"") == []
+    events = ep.feed(audio.silence(1200, rate).data)
+    assert ep.feed(b"") == []
+    assert [e.kind for e in events] == ["no_speech_timeout"]
+
+
 def test_default_timeout_is_five_seconds_and_fires_once() -> None:
     ep = Endpointer(16000)
     assert ep.feed(audio.silence(4980, 16000).data) == []
