@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -519,6 +520,28 @@ def test_bad_audio_files_name_the_expected_format(
         decode_audio_file(kind, body, config, max_audio_s=2)  # type: ignore[arg-type]
     assert err.value.status == status
     assert words in err.value.text
+
+
+def test_a_long_mp3_is_refused_before_it_is_decoded() -> None:
+    """An MP3 is measured from its frames' headers before it is decoded: 1 MB of 32 kbit/s
+    MP3 is 262 s of audio, 33 MB of PCM; decoded first, then found too long, a 16 MB
+    body (GATEWAY_MAX_AUDIO_BYTES) took about 650 MB of memory for a 413."""
+    clip = encode_mp3(Pcm(silence(10_000, 16000).data, 16000), 32)  # 10 s, 40 kB
+    body = clip * 26
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError) as err:
+            decode_audio_file("audio/mpeg", body, CONFIG, max_audio_s=30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.value.status == 413
+    assert "The audio is 26" in err.value.text
+    assert "expected at most 30 s" in err.value.text
+    assert peak < len(body) + 1_000_000, peak  # not its 8 MB of samples
+    fmt, data = decode_audio_file("audio/mpeg", clip * 2, CONFIG, max_audio_s=30)
+    assert fmt == AudioFormat("LINEAR16", 16000)
+    assert 20 <= len(data) / 32000 <= 21  # (with the encoder's delay and padding)
 
 
 def test_audio_chunks_are_whole_samples() -> None:
