@@ -34,6 +34,7 @@ from gateway.push import push_event
 from gateway.server import uvicorn_options
 from gateway.sessions import redis_client
 from gateway.settings import Settings
+from gateway.speech.audio import Pcm, encode_mp3, silence
 from tests.adapters.flowstorm_shapes import check_v2
 from tests.conftest import gateway, refused_port, serve, served
 from tests.gateway.core_app import make_core
@@ -42,6 +43,8 @@ from tests.gateway.redis_proxy import ReplyDropper
 KEY = "61f3f3270516dc6f15251ef2"
 JSON = {"Content-Type": "application/json"}
 TEXT = {"Content-Type": "text/plain"}
+LONG_MP3 = encode_mp3(Pcm(silence(10_000, 16000).data, 16000), 32) * 26
+"""262 s of 32 kbit/s MP3 in 1 MB: refused before it is decoded (8 MB of samples)."""
 
 
 def events(answer: httpx.Response) -> list[dict[str, Any]]:
@@ -360,6 +363,13 @@ async def test_a_queued_push_that_is_not_a_response_is_dropped_with_a_warning(
             "invalid timeZone: unknown IANA time zone 'Europe/Prage'.",
         ),
         ({"Content-Type": "audio/wav"}, f"key={KEY}", b"RIFF....", 400, "expected WAV"),
+        (
+            {"Content-Type": "audio/mpeg"},
+            f"key={KEY}",
+            LONG_MP3,
+            413,
+            "The audio is 262.1 s long: expected at most 30 s",
+        ),
         ({"Content-Type": "image/png"}, f"key={KEY}", b"\x89PNG", 415, "Unsupported Content-Type"),
         ({"Content-Type": "audio/ogg"}, f"key={KEY}", b"OggS", 415, "audio/basic (raw sttEncoding"),
         (
