@@ -52,7 +52,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.deps import gateway_of
 from gateway.httputil import problem, status_phrase
-from gateway.logs import redact_query
+from gateway.logs import logged_path
 from gateway.protocol import clipped, key_valid
 from gateway.ratelimit import MAX_CLIENT_CHARS, TokenBuckets, refusal_log
 
@@ -244,9 +244,8 @@ async def admin_refused_handler(request: Request, exc: Exception) -> JSONRespons
     refusal_log(request.app.state, "admin").log(
         log,
         "Admin request %s from %s refused (%d): %s",
-        # /v1/sessions/<id>: the id is a credential; the path and the address (with a
-        # trusted X-Forwarded-For, the client's own text) are cut
-        clipped(redact_query(request.url.path), 200, quote=False),
+        logged_path(request.url.path),  # /v1/sessions/<id>: the id is a credential
+        # the address: with a trusted X-Forwarded-For, the client's own text (cut)
         clipped(request.client.host, MAX_CLIENT_CHARS, quote=False) if request.client else "?",
         exc.status,
         exc.detail,

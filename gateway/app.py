@@ -51,7 +51,7 @@ from gateway.conversation import Conversation
 from gateway.deps import Gateway, gateway_of
 from gateway.files import router as files_router
 from gateway.httputil import problem, quiet_aborts, status_phrase
-from gateway.logs import redact_query, set_hash_key
+from gateway.logs import logged_path, set_hash_key
 from gateway.metrics import REGISTRY
 from gateway.middleware import RequestIdMiddleware
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
@@ -353,8 +353,9 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # the path may carry a credential (/v1/sessions/<id>): redacted as the access log is
-        path = redact_query(request.url.path)
+        # the path may carry a credential (/v1/sessions/<id>): redacted as the access log
+        # is; and control characters escaped, cut (logged_path)
+        path = logged_path(request.url.path)
         log.exception("unhandled error serving %s %s", request.method, path)
         return problem(500, "Internal Server Error", "The gateway failed; see its log.")
 

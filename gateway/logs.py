@@ -18,7 +18,7 @@ Credentials never reach the log:
 - The access log (uvicorn.access), and uvicorn's lines of WebSocket requests
   (uvicorn.error, at INFO whether the access log is on or not), are filtered by
   :class:`RedactQuery`: the values
-  of credential query parameters (``key``, ``token``, ``secret``, ``password``,
+  of credential query parameters (``key``, ``appKey``, ``token``, ``secret``, ``password``,
   ``authorization``, ``signature``, ``sessionKey``, ...) are written as ``***``, and so
   are the session id in the path of the admin API's session view
   (``/v1/sessions/***``) and the stream token in a carrier's stream path
@@ -35,6 +35,7 @@ import logging
 import re
 import secrets
 import time
+import urllib.parse
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -128,6 +129,7 @@ class RedactFields(logging.Filter):
 
 CREDENTIAL_PARAMETERS = (
     "key",
+    "appkey",
     "apikey",
     "api_key",
     "token",
@@ -163,6 +165,27 @@ def redact_query(text: str) -> str:
     if "=" not in text:  # no parameter at all (most arguments of an access line)
         return text
     return _CREDENTIAL.sub(r"\1***", text)
+
+
+LOGGED_PATH_CHARS = 200
+"""How many characters of a request's path :func:`logged_path` keeps."""
+
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+"""Characters :func:`logged_path` writes as they are (with letters and digits)."""
+
+
+def logged_path(path: str) -> str:
+    """A request's (decoded) ``path`` as the gateway's own lines name it (an admin
+    refusal, an unhandled error): :func:`redact_query`'s redaction, then every other
+    character than ASCII letters, digits and ``/:@!$&'()*+,;=-._~%`` percent-encoded
+    (UTF-8), then cut to :data:`LOGGED_PATH_CHARS` characters with ``…`` after a cut.
+
+    The path is the client's: decoded, ``%1b[31m`` is an ESC that recoloured or
+    rewrote the operator's terminal in the text format, and nothing bounded its length
+    (a WARNING line of tens of kB for anyone without a key).
+    """
+    quoted = urllib.parse.quote(redact_query(path), safe=_PATH_SAFE)
+    return quoted if len(quoted) <= LOGGED_PATH_CHARS else quoted[:LOGGED_PATH_CHARS] + "…"
 
 
 class RedactQuery(logging.Filter):

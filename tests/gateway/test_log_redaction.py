@@ -379,3 +379,51 @@ async def test_an_unhandled_error_is_logged_without_the_session_id_of_its_path(
         "unhandled error serving GET /v1/sessions/***/boom"
     ]
     assert not [r for r in server if secret_id in r.getMessage()]
+
+
+def _text_log_of(requests: list[str], tmp_path: Path) -> str:
+    """The stderr of a real ``gateway serve`` (text format, INFO, access log on) after it
+    answered a GET of each of ``requests`` (paths, sent as written)."""
+    log_file = tmp_path / "gateway.log"
+    env = {"GATEWAY_ACCESS_LOG": "true", "GATEWAY_LOG_FORMAT": "text", "PYTHONPATH": str(ROOT)}
+    with log_file.open("wb") as sink:
+        gateway = GatewayProcess(env, stderr=sink, log_level="info").start()
+        try:
+            with httpx.Client(base_url=gateway.url) as client:
+                for path in requests:
+                    client.get(path)
+        finally:
+            gateway.stop()
+    return log_file.read_text(encoding="utf-8", errors="replace")
+
+
+def test_a_carriers_app_key_is_hidden_in_the_access_log(tmp_path: Path) -> None:
+    """The carriers' answer and status URLs take the application key as ``appKey``
+    (``/telnyx/texml?appKey=...``, Vonage, Plivo): the access log wrote it whole, though
+    ``key``, the same key on the Flowstorm and Twilio URLs, is written ``***``."""
+    paths = [
+        f"/telnyx/texml?appKey={APP_KEY}",
+        f"/vonage/answer?from=1&appKey={APP_KEY}",
+        f"/plivo/answer?APPKEY={APP_KEY}",
+    ]
+    logged = _text_log_of(paths, tmp_path)
+    assert APP_KEY not in logged
+    assert '"GET /telnyx/texml?appKey=*** HTTP/1.1"' in logged
+    assert '"GET /vonage/answer?from=1&appKey=*** HTTP/1.1"' in logged
+    assert redact_query(f"/plivo/answer?APPKEY={APP_KEY}&x=1") == "/plivo/answer?APPKEY=***&x=1"
+
+
+def test_an_admin_refusal_names_the_path_escaped_and_cut(tmp_path: Path) -> None:
+    """The WARNING of a refused admin request quoted the decoded path whole: anyone could
+    write an ESC sequence into the operator's terminal (``/v1/calls/%1b[2J`` clears it;
+    the text format writes the message as it is) and make a line of tens of kB. The path
+    is written percent-encoded outside printable ASCII and cut to 200 characters."""
+    long_id = "A" * 5000
+    logged = _text_log_of(["/v1/calls/x%1b[31mRED%07", f"/v1/calls/{long_id}"], tmp_path)
+    refusals = [line for line in logged.splitlines() if "Admin request" in line]
+    assert len(refusals) == 2, logged
+    assert "\x1b" not in logged
+    assert "\x07" not in logged
+    assert "Admin request /v1/calls/x%1B%5B31mRED%07 from 127.0.0.1 refused (401)" in refusals[0]
+    assert f"Admin request /v1/calls/{long_id[:190]}… from 127.0.0.1" in refusals[1]
+    assert all(len(line) < 600 for line in refusals)
