@@ -27,7 +27,9 @@ _STARTUP_FAILURE = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status: 0, 2 for wrong arguments or
+    settings (one ``gateway: ...`` line each on stderr), 1 when ``openapi`` cannot
+    write its file (one line), 3 when the server did not start (SystemExit)."""
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     server = commands.add_parser("serve", help="run the gateway (settings from GATEWAY_* env)")
@@ -65,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.out == "-":
             sys.stdout.write(text)
         else:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text, encoding="utf-8")
+            try:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(text, encoding="utf-8")
+            except OSError as exc:  # one line, not a traceback: a directory, no permission
+                print(f"gateway: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
         return 0
     return 2
 

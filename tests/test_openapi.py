@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import jsonschema_rs
+import pytest
 from jsonschema import Draft202012Validator
 
 from adapters.flowstorm.v2.protocol import CONFIG_SOURCES
-from gateway.cli import openapi_json
+from gateway.cli import main, openapi_json
 from tests.conftest import ROOT, served
 
 
@@ -164,3 +166,17 @@ async def test_the_documented_admin_bodies_are_the_servers() -> None:
                 assert ecma.is_valid(body) is valid, body
                 answer = await client.post(path, json=body, headers=auth)
                 assert answer.status_code == (accepted if valid else 400), (body, answer.text)
+
+
+def test_openapi_to_a_file_it_cannot_write_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``gateway openapi --out`` a directory, or under a file, died with the traceback of
+    pathlib's OSError (exit 1). Now one ``gateway: cannot write ...`` line, exit 1."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for out in (tmp_path, blocker / "openapi.json"):
+        assert main(["openapi", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"gateway: cannot write {out}: ")
+        assert len(err.splitlines()) == 1

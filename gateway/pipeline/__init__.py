@@ -205,7 +205,8 @@ def make_pipeline(settings: Settings) -> CoreRouter:
 
     Keys naming the same spec share one core (one connection pool). Raises
     PipelineConfigError (a ValueError) naming the setting for an unknown scheme, a
-    malformed spec or GATEWAY_PIPELINES, or a missing credential.
+    malformed spec (a URL urllib cannot split too: ``http://[::1``) or GATEWAY_PIPELINES,
+    or a missing credential.
     """
     made: dict[str, Pipeline] = {}
 
@@ -217,6 +218,11 @@ def make_pipeline(settings: Settings) -> CoreRouter:
                 made[spec] = factory.from_url(spec, settings)
             except PipelineConfigError as exc:
                 raise PipelineConfigError(f"{setting}={shown_spec(spec)!r}: {exc}") from exc
+            except ValueError as exc:  # urlsplit's: its text may quote the netloc (a password)
+                raise PipelineConfigError(
+                    f"{setting}={shown_spec(spec)!r}: not a valid URL (an unclosed '[' of an "
+                    "IPv6 host, or a host with characters no host name has)"
+                ) from exc
         return made[spec]
 
     # on a failure the cores made so far are dropped: nothing has connected yet

@@ -343,3 +343,25 @@ def test_a_public_url_with_a_query_or_fragment_is_refused(
         Settings()
     assert "must have no query or fragment" in str(refused.value)
     assert Settings(public_url="https://gw.example.com/base/").public_url.endswith("/base/")
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"GATEWAY_PIPELINE": "http://user:core-pw-4711@[::1/turn"}, "GATEWAY_PIPELINE="),
+        ({"GATEWAY_PIPELINE": "rasa+http://[rasa"}, "GATEWAY_PIPELINE="),
+        ({"GATEWAY_PIPELINES": '{"app": "https://user:core-pw-4711@[x"}'}, "GATEWAY_PIPELINES["),
+    ],
+)
+def test_a_core_url_urllib_cannot_split_stops_the_start_with_one_line(
+    env: dict[str, str], words: str
+) -> None:
+    """A core URL with an unclosed ``[`` (an IPv6 host) made ``gateway serve`` die with
+    urllib's traceback (``ValueError: Invalid IPv6 URL``, exit 1). Now: exit 2 and one
+    line naming the setting, the URL's password not shown."""
+    stderr = serve_refused(env)
+    assert "Traceback" not in stderr
+    assert stderr.startswith(f"gateway: {words}")
+    assert "not a valid URL" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert "core-pw-4711" not in stderr
