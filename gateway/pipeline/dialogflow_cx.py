@@ -263,6 +263,11 @@ class DialogflowCxPipeline:
                 "GATEWAY_DIALOGFLOW_CX_CREDENTIALS must name the service-account JSON key "
                 "of the dialogflow-cx pipeline"
             )
+        if path.lstrip().startswith("{"):  # the key's JSON itself: its private key, not shown
+            raise PipelineConfigError(
+                "GATEWAY_DIALOGFLOW_CX_CREDENTIALS holds JSON text (not shown: a private key); "
+                "it takes the path of the service-account JSON key file"
+            )
         try:
             credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
                 path, scopes=[SCOPE]

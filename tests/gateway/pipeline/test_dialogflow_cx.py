@@ -919,6 +919,21 @@ def test_from_url_names_the_setting_to_fix(
         DialogflowCxPipeline.from_url(spec, Settings(dialogflow_cx_credentials=path))
 
 
+def test_a_key_given_as_json_text_is_named_but_not_shown(keys: tuple[bytes, bytes]) -> None:
+    """GATEWAY_DIALOGFLOW_CX_CREDENTIALS takes a file's path; given the key's JSON text
+    instead (as other tools take it), the refusal quoted the value whole, twice (the
+    path, then FileNotFoundError's text): the service account's private key went to
+    stderr, the container's log. It is named, not shown."""
+    secret = keys[0].decode().splitlines()[1]  # a line of the PEM private key
+    text = json.dumps({"type": "service_account", "private_key": keys[0].decode()})
+    with pytest.raises(PipelineConfigError, match="GATEWAY_DIALOGFLOW_CX_CREDENTIALS") as raised:
+        DialogflowCxPipeline.from_url(
+            f"dialogflow-cx:{AGENT}", Settings(dialogflow_cx_credentials=f" {text}")
+        )
+    assert "holds JSON text" in str(raised.value)
+    assert secret not in str(raised.value)
+
+
 async def test_concurrent_first_turns_share_one_token(cx: tuple[Settings, FastAPI]) -> None:
     settings, app = cx
     conv = engine(settings)
