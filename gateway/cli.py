@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"gateway: {line}", file=sys.stderr)
             return 2
         except SettingsError as exc:  # a complex setting's value that is not JSON
-            text = re.sub(r'field "(\w+)"', lambda m: f"GATEWAY_{m[1].upper()}", str(exc))
-            print(f"gateway: {text}", file=sys.stderr)
+            print(f"gateway: {settings_error(exc)}", file=sys.stderr)
             return 2
         if (problem := check_pipelines(settings)) is not None:
             print(f"gateway: {problem}", file=sys.stderr)
@@ -196,6 +195,17 @@ def setting_errors(exc: ValidationError) -> list[str]:
         shown = f" (got {given!r:.80})" if isinstance(given, str | int | float) else ""
         lines.append(f"{name}{inner}: {message}{shown}")
     return lines
+
+
+def settings_error(exc: SettingsError) -> str:
+    """The line of ``exc`` (pydantic-settings': a complex setting, such as
+    GATEWAY_CALL_OVERRIDES, whose value is not JSON), naming the setting by its
+    environment variable: ``GATEWAY_CALL_OVERRIDES is not valid JSON: Expecting ...``
+    (the JSON parser's words name a place, never the value)."""
+    named = re.search(r'field "(\w+)"', str(exc))
+    if named is not None and isinstance(exc.__cause__, json.JSONDecodeError):
+        return f"GATEWAY_{named[1].upper()} is not valid JSON: {exc.__cause__}"
+    return re.sub(r'field "(\w+)"', lambda m: f"GATEWAY_{m[1].upper()}", str(exc))
 
 
 def check_pipelines(settings: Settings) -> str | None:

@@ -365,3 +365,15 @@ def test_a_core_url_urllib_cannot_split_stops_the_start_with_one_line(
     assert "not a valid URL" in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert "core-pw-4711" not in stderr
+
+
+def test_a_json_setting_that_is_not_json_says_so() -> None:
+    """GATEWAY_CALL_OVERRIDES (a JSON object) that is not JSON stopped ``gateway serve``
+    with pydantic-settings' words, which say neither what is wrong nor where: ``error
+    parsing value for GATEWAY_CALL_OVERRIDES from source "EnvSettingsSource"``. Now, as
+    GATEWAY_PIPELINES does: not valid JSON, and the parser's place."""
+    stderr = serve_refused({"GATEWAY_CALL_OVERRIDES": '{"twilio": {"barge_in": tru}}'})
+    assert stderr == (
+        "gateway: GATEWAY_CALL_OVERRIDES is not valid JSON: "
+        "Expecting value: line 1 column 25 (char 24)\n"
+    )
