@@ -958,6 +958,28 @@ class Settings(BaseSettings):
             parse_redis_url(value)
         return value
 
+    @field_validator(
+        "voiceflow_runtime_url",
+        "botpress_url",
+        "twilio_api_base_url",
+        "telnyx_api_base_url",
+        "vonage_api_base_url",
+        "plivo_api_base_url",
+        mode="after",
+    )
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        """A core's or carrier API's base URL is an http(s):// URL with a host. Anything
+        else (``chat.botpress.cloud``, ``http://[::1``) started the gateway, and each turn
+        of the core (each hang-up of the carrier) then failed on it."""
+        try:
+            parts = urlsplit(value)
+        except ValueError:  # urllib's text may quote the netloc (a password)
+            raise ValueError("must be an http:// or https:// URL with a host") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
     @field_validator("public_url", mode="after")
     @classmethod
     def _check_public_url(cls, value: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from adapters.vonage.protocol import RATES
-from gateway.cli import startup_warnings
+from gateway.cli import setting_errors, startup_warnings
 from gateway.events import MAX_TIMEOUT_S
 from gateway.io.call import TOKEN_TTL_S
 from gateway.protocol import MAX_ID_CHARS
@@ -377,3 +377,27 @@ def test_a_json_setting_that_is_not_json_says_so() -> None:
         "gateway: GATEWAY_CALL_OVERRIDES is not valid JSON: "
         "Expecting value: line 1 column 25 (char 24)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GATEWAY_BOTPRESS_URL", "chat.botpress.cloud"),
+        ("GATEWAY_VOICEFLOW_RUNTIME_URL", "http://[::1"),
+        ("GATEWAY_TWILIO_API_BASE_URL", "api.twilio.com"),
+        ("GATEWAY_TELNYX_API_BASE_URL", "ftp://api.telnyx.com"),
+        ("GATEWAY_VONAGE_API_BASE_URL", "https://"),
+        ("GATEWAY_PLIVO_API_BASE_URL", ""),
+    ],
+)
+def test_a_base_url_that_is_no_http_url_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """A core's or carrier API's base URL without a scheme or host was taken: the gateway
+    started, and every turn of that core (every REST hang-up of that carrier) failed.
+    It stops the start with one line naming the setting."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    assert [line.split(":")[0] for line in setting_errors(raised.value)] == [name]
+    assert "must be an http:// or https:// URL with a host" in str(raised.value)
