@@ -958,6 +958,19 @@ class Settings(BaseSettings):
             parse_redis_url(value)
         return value
 
+    @field_validator("host", mode="after")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        """An address to bind: an empty GATEWAY_HOST (``--host ""``; a template's unset
+        variable, ``GATEWAY_HOST=${HOST}``) made uvicorn listen on every interface, IPv4
+        and IPv6, not on the default 127.0.0.1."""
+        if not value.strip():
+            raise ValueError(
+                "is empty, which would listen on every interface: give the address to bind "
+                "(127.0.0.1: this machine only; 0.0.0.0: every interface)"
+            )
+        return value
+
     @field_validator(
         "voiceflow_runtime_url",
         "botpress_url",

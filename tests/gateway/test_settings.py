@@ -401,3 +401,18 @@ def test_a_base_url_that_is_no_http_url_stops_the_start(
         Settings()
     assert [line.split(":")[0] for line in setting_errors(raised.value)] == [name]
     assert "must be an http:// or https:// URL with a host" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "args"), [({"GATEWAY_HOST": ""}, ()), ({"GATEWAY_HOST": " "}, ()), ({}, ("--host=",))]
+)
+def test_an_empty_host_stops_the_start_instead_of_listening_everywhere(
+    env: dict[str, str], args: tuple[str, ...]
+) -> None:
+    """GATEWAY_HOST="" (a template's unset variable) or ``--host ""`` started the gateway
+    listening on every interface, IPv4 and IPv6 (``Uvicorn running on http://:8080``),
+    where an unset GATEWAY_HOST listens on 127.0.0.1 only. It stops the start, naming
+    the setting."""
+    stderr = serve_refused(env, *args)
+    assert stderr.startswith("gateway: GATEWAY_HOST: is empty, which would listen on every ")
+    assert len(stderr.splitlines()) == 1
