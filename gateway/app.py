@@ -101,7 +101,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
 
     The store, pipeline and turn engine are made when the app starts (lifespan)
     and closed when it stops, after running turns have finished (bounded by
-    GATEWAY_TURN_TIMEOUT_S). ``freeze_gc`` (``gateway serve``: the app owns its
+    GATEWAY_LOCK_WAIT_S + GATEWAY_TURN_TIMEOUT_S + 1 s: a turn may wait for its session's
+    lock before it runs). ``freeze_gc`` (``gateway serve``: the app owns its
     process) moves everything alive once the app has started out of the garbage
     collector's reach (``gc.freeze()``): its full passes otherwise walk every module
     object, tens of ms each, the turns' long latency tail; and it raises the
@@ -186,7 +187,10 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         try:
             yield
         finally:
-            left = await conversation.drain(settings.turn_timeout_s + 1)
+            # a turn's task waits up to GATEWAY_LOCK_WAIT_S for its session's lock, then
+            # runs GATEWAY_TURN_TIMEOUT_S (+ 1 s to save); those of WebSockets (closed
+            # 1012 at once) started before the shutdown, so this adds nothing to its bound
+            left = await conversation.drain(settings.lock_wait_s + settings.turn_timeout_s + 1)
             if left:
                 log.warning("%d turns were still running at shutdown", left)
             if warming is not None:

@@ -13,7 +13,16 @@ import pytest
 import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
+from tests.adapters.flowstorm.v1.helpers import (
+    init_frame,
+    recv_json,
+    request_frame,
+    send_json,
+    ws_url,
+)
 from tests.conftest import GatewayProcess, serve
 
 TURNS = 30
@@ -125,3 +134,89 @@ async def test_sigterm_twice_a_running_turn_is_saved_and_the_exit_status_is_0(
     finally:
         store.close()
     assert saved["turn_count"] == 1
+
+
+def held_core(hold_s: float, arrived: list[str], came: asyncio.Event) -> FastAPI:
+    """A core that takes ``hold_s`` for every turn, answering ``done <text>``; ``came``
+    is set when a turn arrives."""
+    app = FastAPI()
+
+    @app.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        text = (await request.json())["input"]["transcript"]["text"]
+        arrived.append(text)
+        came.set()
+        await asyncio.sleep(hold_s)
+        return JSONResponse({"items": [{"text": f"done {text}"}]})
+
+    return app
+
+
+async def test_sigterm_a_websocket_turn_waiting_for_its_session_lock_is_saved(
+    gateway_processes: list[GatewayProcess], redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """A turn whose socket uvicorn closed (1012) at SIGTERM while it waited for its
+    session's lock (another turn of the session held it) is drained by the lifespan
+    for GATEWAY_LOCK_WAIT_S + GATEWAY_TURN_TIMEOUT_S + 1 s, the time such a turn may
+    take: it was drained for GATEWAY_TURN_TIMEOUT_S + 1 s only, then its core call was
+    cut (the pipeline closed under it) and the session was never saved. The client that
+    resumes on another instance with ``lastSeq`` gets its answer."""
+    arrived: list[str] = []
+    came = asyncio.Event()
+    log_path = tmp_path / "gateway.log"
+    env = {
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_REDIS_PREFIX": redis_prefix,
+        "GATEWAY_TURN_TIMEOUT_S": "3",
+        "GATEWAY_LOCK_WAIT_S": "5",
+    }
+    session_id = "drained-after-its-lock"
+    async with serve(held_core(2.5, arrived, came)) as core:
+        env["GATEWAY_PIPELINE"] = f"{core}/turn"
+        with log_path.open("wb") as log_file:
+            proc = GatewayProcess(env, stderr=log_file, log_level="info").start()
+            gateway_processes.append(proc)
+            assert proc.proc is not None
+            first = await connect(ws_url(proc.url))
+            second = await connect(ws_url(proc.url))
+            for ws in (first, second):
+                await send_json(ws, init_frame("k", tts="None"))
+                assert (await recv_json(ws))["type"] == "Ready"
+            await send_json(first, request_frame("first", session_id))
+            await asyncio.wait_for(came.wait(), 10)  # the first turn holds the lock
+            assert arrived == ["first"]
+            await send_json(second, request_frame("second", session_id))
+            await asyncio.sleep(0.3)  # the second turn waits for the lock
+            proc.proc.send_signal(signal.SIGTERM)
+            for ws in (first, second):  # closed at once, their turns go on
+                with pytest.raises(ConnectionClosed):
+                    async with asyncio.timeout(5):
+                        while True:
+                            await ws.recv()
+                assert ws.close_code == 1012
+            exit_code = await asyncio.to_thread(proc.proc.wait, 30)
+        assert exit_code == 0
+        assert arrived == ["first", "second"]
+        logged = log_path.read_text()
+        assert "still running at shutdown" not in logged, logged
+        assert " ERROR " not in logged, logged
+        store = redis.Redis.from_url(redis_url)
+        try:
+            saved = json.loads(store.get(f"{redis_prefix}:{{flowstorm:{session_id}}}:s") or b"{}")
+        finally:
+            store.close()
+        assert saved["turn_count"] == 2
+
+        other = GatewayProcess(env).start()
+        gateway_processes.append(other)
+        async with connect(ws_url(other.url)) as ws:
+            await send_json(
+                ws, {**init_frame("k", tts="None"), "sessionId": session_id, "lastSeq": 0}
+            )
+            texts: list[str] = []
+            async with asyncio.timeout(10):
+                while "done second" not in texts:
+                    frame = await recv_json(ws)
+                    if frame["type"] == "Response":
+                        texts += [item["text"] for item in frame["response"]["items"]]
+        assert texts == ["done first", "done second"]

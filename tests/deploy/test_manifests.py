@@ -103,8 +103,8 @@ def _shutdown_bound_s() -> float:
 
     server.restart to socket.io clients (restart grace + 1 s), then a turn accepted
     just before uvicorn stopped accepting may wait LOCK_WAIT_S for its session and run
-    TURN_TIMEOUT_S; the lifespan drain (TURN_TIMEOUT_S + 1) covers turns whose request
-    is gone, which started no later; + 1 s to save and close.
+    TURN_TIMEOUT_S; the lifespan drain (LOCK_WAIT_S + TURN_TIMEOUT_S + 1) covers turns
+    whose request is gone, which started no later; + 1 s to save and close.
     """
     return (
         _setting("voiceflow_restart_grace_s")
