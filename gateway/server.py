@@ -30,7 +30,10 @@ protocols, made by :func:`uvicorn_options`:
   answered at once with a 503 problem body (``Retry-After: 1``). A slowloris thus
   takes no connection from clients whose requests arrive promptly. Answered
   connections linger half-closed up to :data:`LINGER_S` (their input dropped) so the
-  answer is not lost to a TCP reset.
+  answer is not lost to a TCP reset. So does a connection uvicorn closes (keep-alive
+  off: a graceful shutdown, the client's ``Connection: close``) after an answer that
+  came before its request's body ended (a realtime PUT whose recognition ended): the
+  client still writes what it sent before it learned of the end.
 - **Send deadline** (GATEWAY_SEND_TIMEOUT_S): a connection whose send buffer stays
   full (above the transport's high-water mark, 64 KiB, without draining below its low
   mark) this long, or that was closed with unsent data this long ago, is aborted: the
@@ -295,13 +298,22 @@ class ConnectionGuard:
 
 
 class _Watched:
-    """A transport whose ``close()`` also starts the owner's close deadline."""
+    """A transport whose ``close()`` also starts the owner's close deadline; when
+    ``lingers`` is given and returns True, the owner closes it its own way instead."""
 
-    def __init__(self, transport: asyncio.Transport, on_close: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        on_close: Callable[[], None],
+        lingers: Callable[[], bool] | None = None,
+    ) -> None:
         self.transport = transport
         self._on_close = on_close
+        self._lingers = lingers
 
     def close(self) -> None:
+        if self._lingers is not None and self._lingers():
+            return
         self.transport.close()
         self._on_close()
 
@@ -418,7 +430,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.guard.shed("full", len(self.connections))
             self._answer_and_close(raw, _FULL)
             return
-        super().connection_made(cast(asyncio.Transport, _Watched(raw, self._send.start_closing)))
+        watched = _Watched(raw, self._send.start_closing, self._linger_unread_body)
+        super().connection_made(cast(asyncio.Transport, watched))
         metrics.OPEN_CONNECTIONS.inc()
         self._wait(start_header_deadline=True)
 
@@ -483,6 +496,22 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             _end_linger(lingering.pop(next(iter(lingering))))  # its connection_lost follows
         lingering[self] = _unwrapped(transport)
         self._linger = self.loop.call_later(LINGER_S, _end_linger, lingering[self])
+
+    def _linger_unread_body(self) -> bool:
+        """uvicorn closes the connection (keep-alive off: a graceful shutdown, the
+        client's ``Connection: close``) after an answer that came before the request's
+        body ended (a realtime PUT whose recognition ended): the body still arriving is
+        read and dropped, after a FIN, for up to :data:`LINGER_S`, as for a refused
+        request. A plain close with unread input resets the connection, and the client,
+        still writing what it sent before it learned of the end, loses the answer.
+        Returns whether it lingers (else uvicorn's close goes on)."""
+        cycle = self.cycle
+        if self._body_done or self._done or cycle is None or not cycle.response_complete:
+            return False
+        self._stop()
+        self._done = True  # what the client still sends is dropped
+        self._answer_and_close(self.transport, b"")
+        return True
 
     def handle_websocket_upgrade(self) -> None:
         self._stop()

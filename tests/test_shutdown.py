@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -220,3 +221,55 @@ async def test_sigterm_a_websocket_turn_waiting_for_its_session_lock_is_saved(
                     if frame["type"] == "Response":
                         texts += [item["text"] for item in frame["response"]["items"]]
         assert texts == ["done first", "done second"]
+
+
+async def test_sigterm_a_realtime_put_answered_while_its_audio_still_arrives_gets_its_answer(
+    gateway_processes: list[GatewayProcess],
+) -> None:
+    """A realtime PUT running at SIGTERM is answered when its recognition ends (here:
+    silence), while the client still writes the audio it sent before the GET told it to
+    stop. uvicorn, its keep-alive off for the shutdown, closed the connection with that
+    input unread: the kernel reset it and the client lost the answer (httpx ReadError)
+    of a turn that ran and was saved. The connection now lingers (FIN after the answer,
+    input read and dropped, gateway/server.py LINGER_S) as refused ones do."""
+    proc = GatewayProcess({}).start()
+    gateway_processes.append(proc)
+    process = proc.proc
+    assert process is not None
+    async with httpx.AsyncClient(timeout=30) as client:
+        intro = await client.put(
+            f"{proc.url}/client?key=k&tts=None",
+            headers={"Content-Type": "text/plain"},
+            content="#intro",
+        )
+        assert intro.cookies["flowstorm-session-id"]  # the client sends it from now on
+        told_to_stop = asyncio.Event()
+
+        async def audio() -> AsyncIterator[bytes]:
+            for frame in range(1000):  # 20 ms of μ-law silence each, until told
+                if told_to_stop.is_set():
+                    return
+                yield b"\xff" * 160
+                if frame == 25:  # the turn runs: stop the gateway
+                    process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.02)
+
+        async def follow() -> httpx.Response:
+            await asyncio.sleep(0.3)  # the PUT has begun
+            recognition = await client.get(f"{proc.url}/client?key=k")
+            await asyncio.sleep(0.3)  # a round trip later the client hears of its end
+            told_to_stop.set()
+            return recognition
+
+        following = asyncio.create_task(follow())
+        answer = await client.put(
+            f"{proc.url}/client?key=k&tts=None&realtime=1&sttSampleRate=8000&sttEncoding=MULAW",
+            headers={"Content-Type": "audio/basic"},
+            content=audio(),
+        )
+        assert (await following).status_code == 200
+    exit_code = await asyncio.to_thread(process.wait, 30)
+    assert answer.status_code == 200
+    lines = [json.loads(line) for line in answer.text.splitlines()]
+    assert lines[-1]["type"] == "Response", lines
+    assert exit_code == 0
