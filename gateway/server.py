@@ -510,6 +510,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return False
         self._stop()
         self._done = True  # what the client still sends is dropped
+        self.flow.resume_reading()  # read, or the input stays unread all the same
         self._answer_and_close(self.transport, b"")
         return True
 
