@@ -137,10 +137,12 @@ def startup_warnings(settings: Settings, file_limit: int) -> list[str]:
     - GATEWAY_MAX_CONNECTIONS over what the open-file limit leaves
       (:func:`gateway.server.auto_max_connections`): past that, connections fail
       unanswered.
-    - GATEWAY_SHUTDOWN_TIMEOUT_S not longer than GATEWAY_TURN_TIMEOUT_S: on SIGTERM a
-      turn may still run when uvicorn stops waiting and cancels its request; its
-      client gets a 500 though the turn goes on and its session is saved (the
-      lifespan waits for it), so a retry says the same thing twice.
+    - GATEWAY_SHUTDOWN_TIMEOUT_S not longer than GATEWAY_LOCK_WAIT_S +
+      GATEWAY_TURN_TIMEOUT_S (an HTTP turn accepted just before SIGTERM may wait that
+      long for its session's lock, then run): on SIGTERM a turn may still run when
+      uvicorn stops waiting and cancels its request; its client gets a 500 though the
+      turn goes on and its session is saved (the lifespan waits for it), so a retry
+      says the same thing twice.
     """
     from gateway.server import auto_max_connections
 
@@ -152,12 +154,14 @@ def startup_warnings(settings: Settings, file_limit: int) -> list[str]:
             f"limit {file_limit} leaves ({room}): past that, connections fail unanswered; "
             "raise the limit (ulimit -n, nofile)"
         )
-    if settings.shutdown_timeout_s <= settings.turn_timeout_s:
+    if settings.shutdown_timeout_s <= settings.lock_wait_s + settings.turn_timeout_s:
         warnings.append(
             f"GATEWAY_SHUTDOWN_TIMEOUT_S={settings.shutdown_timeout_s} is not longer than "
+            f"GATEWAY_LOCK_WAIT_S={settings.lock_wait_s:g} + "
             f"GATEWAY_TURN_TIMEOUT_S={settings.turn_timeout_s:g}: on SIGTERM a turn still "
             "running when the wait ends is answered 500 though it goes on and is saved (a "
-            "retry repeats it); give the shutdown more time than a turn"
+            "retry repeats it); give the shutdown more time than a turn may wait for its "
+            "session and run"
         )
     return warnings
 

@@ -268,8 +268,8 @@ class Settings(BaseSettings):
         description="On SIGTERM: stop accepting, then wait at most this long for open "
         "requests and connections before closing them (running turns then get "
         "GATEWAY_LOCK_WAIT_S + GATEWAY_TURN_TIMEOUT_S + 1 s more to save their sessions). "
-        "Keep it longer than GATEWAY_TURN_TIMEOUT_S: an HTTP turn still running when it "
-        "ends is answered 500.",
+        "Keep it longer than GATEWAY_LOCK_WAIT_S + GATEWAY_TURN_TIMEOUT_S: an HTTP turn "
+        "still running when it ends is answered 500.",
     )
     # Connection limits of `gateway serve` (gateway/server.py)
     header_timeout_s: float = Field(

@@ -195,16 +195,22 @@ def test_no_number_setting_takes_an_endless_value(
 
 def test_settings_that_fail_some_clients_are_warned_of_at_startup() -> None:
     """``gateway serve``'s startup warnings: none for the defaults; a shutdown wait no
-    longer than a turn (its clients would get a 500 for a turn that is saved), and more
-    connections than the open-file limit leaves, each named with its values."""
+    longer than a turn may wait for its session's lock and run (its clients would get a
+    500 for a turn that is saved; a wait just longer than the turn's timeout was not
+    warned of, though a turn waiting for its lock is cut), and more connections than the
+    open-file limit leaves, each named with its values."""
     assert startup_warnings(Settings(), 65536) == []
-    short = startup_warnings(Settings(shutdown_timeout_s=10, turn_timeout_s=10), 65536)
-    assert short == [
-        "GATEWAY_SHUTDOWN_TIMEOUT_S=10 is not longer than GATEWAY_TURN_TIMEOUT_S=10: on "
-        "SIGTERM a turn still running when the wait ends is answered 500 though it goes on "
-        "and is saved (a retry repeats it); give the shutdown more time than a turn"
+    expected = [
+        "GATEWAY_SHUTDOWN_TIMEOUT_S={} is not longer than GATEWAY_LOCK_WAIT_S=15 + "
+        "GATEWAY_TURN_TIMEOUT_S=10: on SIGTERM a turn still running when the wait ends is "
+        "answered 500 though it goes on and is saved (a retry repeats it); give the "
+        "shutdown more time than a turn may wait for its session and run"
     ]
-    assert startup_warnings(Settings(shutdown_timeout_s=11, turn_timeout_s=10), 65536) == []
+    for short_s in (10, 11, 25):
+        settings = Settings(shutdown_timeout_s=short_s, turn_timeout_s=10, lock_wait_s=15)
+        assert startup_warnings(settings, 65536) == [expected[0].format(short_s)]
+    long_enough = Settings(shutdown_timeout_s=26, turn_timeout_s=10, lock_wait_s=15)
+    assert startup_warnings(long_enough, 65536) == []
     crowded = startup_warnings(Settings(max_connections=1000), 256)
     assert len(crowded) == 1
     assert crowded[0].startswith("GATEWAY_MAX_CONNECTIONS=1000 is more than the open-file limit")
