@@ -324,7 +324,8 @@ class Settings(BaseSettings):
         "latency, request id), and the access line costs about as much again.",
     )
     log_format: Literal["text", "json"] = Field(
-        default="text", description="`json` writes one JSON object per line."
+        default="text",
+        description="`text` or `json` (any case); `json` writes one JSON object per line.",
     )
     log_hash_key: SecretStr | None = Field(
         default=None,
@@ -948,6 +949,13 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
         return level
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _log_format_any_case(cls, value: object) -> object:
+        """GATEWAY_LOG_FORMAT in any case (``JSON``, `` Text ``), lower-cased, as
+        GATEWAY_LOG_LEVEL takes any case: ``JSON`` stopped the start."""
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("redis_url", mode="after")
     @classmethod

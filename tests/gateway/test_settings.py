@@ -260,6 +260,17 @@ def test_log_levels_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> No
         assert Settings().log_level == level
 
 
+def test_log_formats_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GATEWAY_LOG_FORMAT=JSON stopped the start (``Input should be 'text' or 'json'``)
+    while GATEWAY_LOG_LEVEL takes any case: both do now; another format still stops it."""
+    for given, log_format in (("JSON", "json"), (" Json ", "json"), ("TEXT", "text")):
+        monkeypatch.setenv("GATEWAY_LOG_FORMAT", given)
+        assert Settings().log_format == log_format
+    monkeypatch.setenv("GATEWAY_LOG_FORMAT", "XML")
+    with pytest.raises(ValidationError, match="log_format"):
+        Settings()
+
+
 @pytest.mark.parametrize(
     ("env", "words", "secret"),
     [
