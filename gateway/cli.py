@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,7 +88,8 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
     :func:`gateway.server.uvicorn_options`) and GATEWAY_SHUTDOWN_TIMEOUT_S for a
     graceful stop, after which it returns (``gateway serve`` exits 0, a second SIGTERM
     changing nothing). Raises SystemExit(3) when the server did not start (its
-    lifespan failed, the port was taken), as ``uvicorn.run`` does. ``app`` lets a
+    lifespan failed, the port was taken), as ``uvicorn.run`` does, and before anything
+    else when GATEWAY_HOST does not resolve (one ERROR line: :func:`host_problem`). ``app`` lets a
     benchmark serve an app it prepared (local certificates injected) exactly as users
     run the gateway.
     """
@@ -99,6 +101,9 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
     level = (log_level or settings.log_level).lower()
     configure_logging(level, settings.log_format)
     server_log = logging.getLogger("gateway.server")
+    if (problem := host_problem(settings.host, settings.port)) is not None:
+        server_log.error(problem)  # one line, as uvicorn's for a port already in use
+        raise SystemExit(_STARTUP_FAILURE)
     server_log.info(describe(settings))
     for warning in startup_warnings(settings, open_file_limit()):
         server_log.warning(warning)
@@ -128,6 +133,24 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
             signal.signal(sig, handler)
     if not server.started:  # as uvicorn.run: the app's startup failed, or the bind
         raise SystemExit(_STARTUP_FAILURE)
+
+
+def host_problem(host: str, port: int) -> str | None:
+    """Why ``gateway serve`` cannot listen on ``host`` (GATEWAY_HOST or ``--host``; ``port``
+    the TCP port), or None when the name resolves to an address to bind (as uvicorn's
+    ``loop.create_server`` resolves it: ``getaddrinfo``, passive, TCP). Before, a name
+    that does not resolve (``no-such-host.invalid``) stopped the start with uvicorn's
+    ``[Errno -2] Name or service not known``, which names neither the setting nor the
+    host; binding an address that resolves is left to uvicorn (a port already in use)."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        reason = exc.strerror or str(exc)
+    except UnicodeError as exc:  # a name IDNA cannot encode (an empty label, too long)
+        reason = f"not a host name ({exc})"
+    else:
+        return None
+    return f"cannot listen on GATEWAY_HOST (--host) {host!r}: {reason}"
 
 
 def startup_warnings(settings: Settings, file_limit: int) -> list[str]:

@@ -5,7 +5,10 @@ use them later."""
 from __future__ import annotations
 
 import base64
+import os
 import re
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -17,7 +20,7 @@ from gateway.events import MAX_TIMEOUT_S
 from gateway.io.call import TOKEN_TTL_S
 from gateway.protocol import MAX_ID_CHARS
 from gateway.settings import MAX_CALLS_TIMEOUT_S, Settings
-from tests.conftest import GatewayProcess, serve_refused
+from tests.conftest import ROOT, GatewayProcess, free_port, serve_refused
 
 
 @pytest.mark.parametrize("value", ["44100", "11025", "0", "-16000"])
@@ -433,3 +436,34 @@ def test_an_empty_host_stops_the_start_instead_of_listening_everywhere(
     stderr = serve_refused(env, *args)
     assert stderr.startswith("gateway: GATEWAY_HOST: is empty, which would listen on every ")
     assert len(stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "args"),
+    [({"GATEWAY_HOST": "no-such-host.invalid"}, ()), ({}, ("--host", "no-such-host.invalid"))],
+)
+def test_a_host_that_does_not_resolve_stops_the_start_naming_the_setting(
+    env: dict[str, str], args: tuple[str, ...]
+) -> None:
+    """GATEWAY_HOST (or ``--host``) naming no host (``.invalid`` never resolves, RFC 6761)
+    stopped ``gateway serve`` after its whole startup with uvicorn's ``[Errno -2] Name or
+    service not known``, naming neither the setting nor the host. Now: the exit status of a
+    server that did not start (3, as for a port already in use) and one ERROR line naming
+    both, before the app starts."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(free_port()), *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "GATEWAY_LOG_LEVEL": "info", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, done.stderr
+    assert errors[0].endswith(
+        "ERROR gateway.server cannot listen on GATEWAY_HOST (--host) 'no-such-host.invalid': "
+        "Name or service not known"
+    ), done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Application startup" not in done.stderr  # stopped before the app started
