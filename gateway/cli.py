@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +18,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from gateway.logs import configure_logging
-from gateway.settings import LOG_LEVELS, Settings
+from gateway.settings import LOG_LEVELS, Settings, unknown_settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -82,7 +84,8 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
 
     Logging goes to stderr at ``log_level`` (default GATEWAY_LOG_LEVEL) in
     GATEWAY_LOG_FORMAT; one line states the connection limits (a WARNING when
-    GATEWAY_MAX_CONNECTIONS exceeds what the open-file limit leaves); uvicorn serves
+    GATEWAY_MAX_CONNECTIONS exceeds what the open-file limit leaves), one WARNING names
+    the GATEWAY_* variables that are no setting (:func:`unknown_settings_warning`); uvicorn serves
     ``app`` (default ``create_app(settings, freeze_gc=True)``) on GATEWAY_HOST:PORT with
     the gateway's protocol classes (deadlines, connection cap, send deadline:
     :func:`gateway.server.uvicorn_options`) and GATEWAY_SHUTDOWN_TIMEOUT_S for a
@@ -107,6 +110,8 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
     server_log.info(describe(settings))
     for warning in startup_warnings(settings, open_file_limit()):
         server_log.warning(warning)
+    if (unknown := unknown_settings_warning(os.environ)) is not None:
+        server_log.warning(unknown)
     config = uvicorn.Config(
         app if app is not None else create_app(settings, freeze_gc=True),
         host=settings.host,
@@ -187,6 +192,33 @@ def startup_warnings(settings: Settings, file_limit: int) -> list[str]:
             "session and run"
         )
     return warnings
+
+
+MAX_UNKNOWN_NAMED = 20
+"""The most unknown GATEWAY_* names :func:`unknown_settings_warning` lists (the rest are
+counted)."""
+
+
+def unknown_settings_warning(environ: Mapping[str, str]) -> str | None:
+    """The startup WARNING of the ``GATEWAY_*`` variables of ``environ`` that are no
+    setting (:func:`gateway.settings.unknown_settings`: a typo, ignored, so a setting the
+    operator believes on is not), or None when there is none: their names only (never a
+    value), sorted, at most :data:`MAX_UNKNOWN_NAMED` and then ``and N more``, each with
+    the closest setting when there is one: ``... GATEWAY_ADMIN_KEY (did you mean
+    GATEWAY_ADMIN_KEYS?)``. The gateway still starts: the prefix is not only its own."""
+    unknown = unknown_settings(environ)
+    if not unknown:
+        return None
+    named = [
+        f"{name} (did you mean {close}?)" if close else name
+        for name, close in unknown[:MAX_UNKNOWN_NAMED]
+    ]
+    if len(unknown) > MAX_UNKNOWN_NAMED:
+        named.append(f"and {len(unknown) - MAX_UNKNOWN_NAMED} more")
+    return (
+        f"GATEWAY_* environment variables that name no setting are ignored ({len(unknown)}): "
+        + ", ".join(named)
+    )
 
 
 _SECRET_NAME = re.compile(r"(key|keys|token|secret|auth|password)$")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
@@ -1200,3 +1201,48 @@ class Settings(BaseSettings):
         if len("".join(value.get_secret_value().split())) < 32:  # spaces are no secret
             raise ValueError("must have at least 32 characters that are not whitespace")
         return value
+
+
+ENV_PREFIX: Final = "GATEWAY_"
+"""The prefix of every setting's environment variable (:class:`Settings`)."""
+OTHER_VARIABLES: Final = frozenset(
+    {
+        # deploy/compose.yaml's interpolation: the load balancer's host port and the
+        # project network's subnet; set in deploy/.env, they reach the replicas (env_file)
+        "GATEWAY_HTTP_PORT",
+        "GATEWAY_NETWORK_SUBNET",
+        # the tests' own (tests/conftest.py), inherited by the gateways they start
+        "GATEWAY_TEST_REDIS_URL",
+        "GATEWAY_TEST_START_TIMEOUT_S",
+    }
+)
+"""The documented ``GATEWAY_*`` environment variables that are no setting:
+:func:`unknown_settings` does not report them."""
+
+
+def setting_names() -> frozenset[str]:
+    """The environment variable of every :class:`Settings` field (``GATEWAY_PORT``, ...),
+    upper case."""
+    return frozenset(f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields)
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The ``GATEWAY_*`` names of ``environ`` (``os.environ``) that name no setting and
+    are not in :data:`OTHER_VARIABLES` (a typo, ``GATEWAY_PORTT``, which Settings ignores:
+    ``extra="ignore"``), sorted, each with the setting it most likely meant (difflib's
+    closest name, compared without the prefix) or None. Names are compared in upper
+    case, as pydantic-settings reads them (``gateway_port`` is GATEWAY_PORT); values
+    are never read."""
+    known = setting_names()
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in OTHER_VARIABLES:
+            continue
+        close = difflib.get_close_matches(
+            upper.removeprefix(ENV_PREFIX),
+            [known_name.removeprefix(ENV_PREFIX) for known_name in sorted(known)],
+            n=1,
+        )
+        found.append((name, f"{ENV_PREFIX}{close[0]}" if close else None))
+    return found

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -23,9 +24,10 @@ import httpx
 import pytest
 
 from adapters.voiceflow.routes import VoiceflowServer
+from gateway.cli import MAX_UNKNOWN_NAMED, unknown_settings_warning
 from gateway.deps import Gateway
 from gateway.secrets import SecretKeys
-from gateway.settings import Settings
+from gateway.settings import OTHER_VARIABLES, Settings, unknown_settings
 from gateway.startup import Unconfigured, summary
 from tests.adapters.carriers import upgrade_status
 from tests.adapters.telnyx.harness import PUBLIC_KEY as TELNYX_PUBLIC_KEY
@@ -284,3 +286,67 @@ async def test_with_redis_down_the_key_is_warned_of_once(caplog: pytest.LogCaptu
     key = [r.getMessage() for r in caplog.records if r.name == "gateway.secrets"]
     assert len([text for text in key if "per-process key until Redis answers" in text]) == 1
     assert [r for r in caplog.records if r.name == "adapters.voiceflow.routes"] == []
+
+
+def test_gateway_serve_warns_once_of_gateway_variables_that_name_no_setting() -> None:
+    """A ``GATEWAY_*`` variable with a typo (GATEWAY_PORTT, GATEWAY_ADMIN_KEY for
+    GATEWAY_ADMIN_KEYS) was ignored without a word (``extra="ignore"``): the operator
+    believed the setting on. A real ``gateway serve`` now logs one WARNING naming them,
+    sorted, each with the setting it likely meant, never a value; it still starts. A
+    setting in lower case (read as its upper-case name) and the documented variables that
+    are no setting (deploy/compose.yaml's, the tests') are not named."""
+    secret = "typo-admin-key-value-0123456789"
+    typos = {
+        "GATEWAY_PORTT": "portt-value-0123456789",
+        "GATEWAY_ADMIN_KEY": secret,
+        "GATEWAY_NO_SUCH_THING": "on",
+        "gateway_log_format": "text",  # a setting: pydantic-settings reads it
+    }
+    proc = GatewayProcess({}, log_level="info")
+    proc.env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
+    proc.env.update(typos)
+    proc.env.update(dict.fromkeys(OTHER_VARIABLES, "x"))
+    try:
+        proc.start()
+        text = proc.log_tail(1_000_000)
+    finally:
+        proc.stop()
+    lines = [m for line in text.splitlines() if (m := LINE.match(line))]
+    unknown = [
+        m["message"] for m in lines if m["level"] == "WARNING" and "name no setting" in m["message"]
+    ]
+    assert unknown == [
+        "GATEWAY_* environment variables that name no setting are ignored (3): "
+        "GATEWAY_ADMIN_KEY (did you mean GATEWAY_ADMIN_KEYS?), GATEWAY_NO_SUCH_THING, "
+        "GATEWAY_PORTT (did you mean GATEWAY_PORT?)"
+    ], text
+    assert [m["logger"] for m in lines if m["message"] == unknown[0]] == ["gateway.server"]
+    assert secret not in text
+    assert "portt-value-0123456789" not in text
+
+
+def test_the_unknown_variables_named_are_clipped_and_counted() -> None:
+    """At most MAX_UNKNOWN_NAMED names (sorted), then how many more; none: no line."""
+    assert unknown_settings_warning({"GATEWAY_PORT": "1", "PATH": "/bin"}) is None
+    environ = {f"GATEWAY_ZZ_{n:02d}": "v" for n in range(MAX_UNKNOWN_NAMED + 5)}
+    line = unknown_settings_warning(environ)
+    assert line is not None
+    names = line.split(": ", 1)[1].split(", ")
+    assert names == [*sorted(environ)[:MAX_UNKNOWN_NAMED], "and 5 more"]
+    assert f"are ignored ({MAX_UNKNOWN_NAMED + 5})" in line
+
+
+def test_every_gateway_variable_of_deploy_is_a_setting_or_documented_as_none() -> None:
+    """deploy/'s files (compose, its .env example, the image, the manifests) set or
+    interpolate only settings and OTHER_VARIABLES: a deployment as shipped logs no
+    warning of unknown variables (GATEWAY_HTTP_PORT of deploy/.env reaches the replicas)."""
+    deploy = Path(__file__).parents[2] / "deploy"
+    files = [deploy / "compose.yaml", deploy / ".env.example", deploy / "Dockerfile"]
+    files += sorted((deploy / "kubernetes").rglob("*.yaml"))
+    names = {
+        name
+        for path in files
+        for name in re.findall(r"GATEWAY_[A-Z0-9_]*[A-Z0-9]", path.read_text(encoding="utf-8"))
+    }
+    assert {"GATEWAY_HTTP_PORT", "GATEWAY_NETWORK_SUBNET", "GATEWAY_SECRET_KEY"} <= names
+    assert unknown_settings(dict.fromkeys(names, "")) == []
