@@ -18,6 +18,7 @@ from gateway.apidoc import PROBLEM
 from gateway.breaker import outage_level
 from gateway.deps import gateway_of
 from gateway.httputil import ResponseAborted, problem
+from gateway.protocol import clipped
 from gateway.redisconn import REDIS_ERRORS
 from gateway.speech.tts import SynthesisError
 from gateway.speech.tts_cache import MEDIA_TYPES, is_tts_id
@@ -298,4 +299,7 @@ async def tts_file_head(
 
 
 def _not_found(file_id: str, ext: str) -> Response:
-    return problem(404, "Not Found", f"No speech file {file_id}.{ext}; it may have expired.")
+    """404 (problem body) naming the file; an id longer than an id (a client's path of
+    any length) is clipped (:func:`~gateway.protocol.clipped`), not echoed whole."""
+    name = clipped(file_id, 64 + 1, quote=False)
+    return problem(404, "Not Found", f"No speech file {name}.{ext}; it may have expired.")

@@ -134,3 +134,21 @@ async def test_a_cached_tts_file_has_an_etag_and_a_matching_if_none_match_is_304
         changed = await client.get(path, headers={"If-None-Match": '"other"'})
         assert changed.status_code == 200
         assert changed.content == got.content
+
+
+async def test_a_404_for_a_malformed_id_clips_the_id_in_its_detail() -> None:
+    settings = Settings(tts_provider="espeak-ng", public_url="http://gw.test")
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        long_id = "x" * 8000
+        for method in ("GET", "HEAD"):
+            got = await client.request(method, f"/file/tts/{long_id}.mp3")
+            assert got.status_code == 404, (method, got.status_code)
+            assert got.headers["content-type"] == "application/problem+json"
+        got = await client.get(f"/file/tts/{long_id}.mp3")
+        detail = got.json()["detail"]
+        assert len(got.content) < 400, len(got.content)
+        assert detail.startswith("No speech file " + "x" * 65 + "….mp3"), detail
+        # a well-shaped id is named whole
+        whole = "a" * 64
+        assert f"No speech file {whole}.mp3" in (await client.get(f"/file/tts/{whole}.mp3")).text
