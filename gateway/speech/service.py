@@ -248,7 +248,7 @@ class SpeechService:
         if spec is None:
             return None
         file_id = self.file_id(spec)
-        data = await self.cache.get(file_id)
+        data = await self.cache.get(file_id, spec.fmt)
         if data is not None:
             return data
         await self.cache.register(file_id, spec)
@@ -271,7 +271,7 @@ class SpeechService:
         if spec is None:
             return
         file_id = self.file_id(spec)
-        data = await self.cache.get(file_id)
+        data = await self.cache.get(file_id, spec.fmt)
         if data is not None:
             yield data
             return
@@ -279,15 +279,14 @@ class SpeechService:
         async for chunk in self.pool.stream(file_id, spec):
             yield chunk
 
-    async def file_source(
-        self, file_id: str, fmt: str | None = None
-    ) -> bytes | AsyncIterator[bytes] | None:
+    async def file_source(self, file_id: str, fmt: str) -> bytes | AsyncIterator[bytes] | None:
         """The file behind a link: its bytes when cached, else its chunks as they are
         synthesized from the registered spec (:meth:`TtsPool.stream`, shared with
         other requests for it; nothing starts before the first ``__anext__``).
-        None: unknown or expired id, or (``fmt``, the link's extension, given) a file
-        registered in another format: ``<id>.wav`` of an MP3 link is no file, not the
-        MP3's bytes under a WAV media type.
+        None: unknown or expired id, or a file registered or made in another format
+        than ``fmt``, the link's extension: ``<id>.wav`` of an MP3 link is no file, not
+        the MP3's bytes under a WAV media type, also once the link's spec has expired
+        and its file is still cached (files are cached under id and format).
 
         Raises:
             OSError, redis.RedisError: the cache failed.
@@ -295,9 +294,9 @@ class SpeechService:
             ValueError: the engine failed.
         """
         spec = await self.cache.spec(file_id)
-        if spec is not None and fmt is not None and spec.fmt != fmt:
+        if spec is not None and spec.fmt != fmt:
             return None
-        data = await self.cache.get(file_id)  # (cached past its spec's expiry: served)
+        data = await self.cache.get(file_id, fmt)  # (cached past its spec's expiry: served)
         if data is not None:
             return data
         if spec is None:
@@ -316,7 +315,7 @@ class SpeechService:
         spec = await self.cache.spec(file_id)
         if spec is not None and spec.fmt != fmt:
             return None
-        data = await self.cache.get(file_id)  # (cached past its spec's expiry: served)
+        data = await self.cache.get(file_id, fmt)  # (cached past its spec's expiry: served)
         if data is not None:
             return data
         return spec

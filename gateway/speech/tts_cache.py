@@ -178,12 +178,14 @@ def is_tts_id(value: str) -> bool:
 class TtsCache(Protocol):
     """Stores encoded audio files and the specs of files to make, by :func:`tts_id`."""
 
-    async def get(self, id: str) -> bytes | None:
-        """The file's bytes, or None if absent or expired."""
+    async def get(self, id: str, fmt: str) -> bytes | None:
+        """The file's bytes as made in format ``fmt``, or None if absent or expired (also
+        for an id whose file was made in another format: a file is kept under its id and
+        format, so it is never served under another format's media type)."""
         ...
 
-    async def put(self, id: str, data: bytes) -> None:
-        """Store (or replace) a file."""
+    async def put(self, id: str, fmt: str, data: bytes) -> None:
+        """Store (or replace) a file made in format ``fmt``."""
         ...
 
     async def register(self, id: str, spec: TtsSpec) -> None:
@@ -248,14 +250,15 @@ class MemoryTtsCache:
     def __len__(self) -> int:
         return len(self._files.items)
 
-    async def get(self, id: str) -> bytes | None:
-        """The file's bytes (marking it recently used), or None."""
-        data = self._files.get(id)
+    async def get(self, id: str, fmt: str) -> bytes | None:
+        """The file's bytes in format ``fmt`` (marking it recently used), or None."""
+        data = self._files.get(f"{id}.{fmt}")
         return data if isinstance(data, bytes) else None
 
-    async def put(self, id: str, data: bytes) -> None:
-        """Store a file, evicting least recently used files beyond ``max_bytes``."""
-        self._files.put(id, bytes(data), len(data))
+    async def put(self, id: str, fmt: str, data: bytes) -> None:
+        """Store a file made in ``fmt``, evicting least recently used files beyond
+        ``max_bytes``."""
+        self._files.put(f"{id}.{fmt}", bytes(data), len(data))
 
     async def register(self, id: str, spec: TtsSpec) -> None:
         """Remember a spec (LRU within :data:`MAX_SPEC_BYTES`: its JSON's bytes + 64 each).
@@ -275,7 +278,7 @@ class MemoryTtsCache:
 
 
 class RedisTtsCache:
-    """Cache in Redis (``redis.asyncio``): file bytes at ``<prefix><id>``, the spec as
+    """Cache in Redis (``redis.asyncio``): file bytes at ``<prefix><id>.<fmt>``, the spec as
     JSON at ``<prefix>spec:<id>``, each expiring ``ttl_s`` seconds after it was stored.
 
     The client must return bytes (``decode_responses=False``, the default). Every call
@@ -297,17 +300,17 @@ class RedisTtsCache:
         self.ttl_s = ttl_s
         self._breaker = breaker_of(redis)
 
-    def key(self, id: str) -> str:
-        """The Redis key of an id's file."""
-        return f"{self.prefix}{id}"
+    def key(self, id: str, fmt: str) -> str:
+        """The Redis key of an id's file made in format ``fmt`` (``<prefix><id>.<fmt>``)."""
+        return f"{self.prefix}{id}.{fmt}"
 
     def spec_key(self, id: str) -> str:
         """The Redis key of an id's spec."""
         return f"{self.prefix}spec:{id}"
 
-    async def get(self, id: str) -> bytes | None:
-        """The file's bytes, or None if absent or expired."""
-        key = self.key(id)
+    async def get(self, id: str, fmt: str) -> bytes | None:
+        """The file's bytes in format ``fmt``, or None if absent or expired."""
+        key = self.key(id, fmt)
         value = await self._breaker.guard(lambda: self.redis.get(key))
         if value is None:
             return None
@@ -315,9 +318,9 @@ class RedisTtsCache:
             raise TypeError("RedisTtsCache needs a client with decode_responses=False")
         return bytes(value)
 
-    async def put(self, id: str, data: bytes) -> None:
-        """Store a file with the cache's TTL."""
-        key, value = self.key(id), bytes(data)
+    async def put(self, id: str, fmt: str, data: bytes) -> None:
+        """Store a file made in format ``fmt`` with the cache's TTL."""
+        key, value = self.key(id, fmt), bytes(data)
         await self._breaker.guard(lambda: self.redis.set(key, value, ex=self.ttl_s))
 
     async def register(self, id: str, spec: TtsSpec) -> None:

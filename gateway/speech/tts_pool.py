@@ -241,7 +241,7 @@ class TtsPool:
         place.queued = False  # take_turn gives the place back however it ends
         await self.gate.take_turn()
         try:
-            data = await self.cache.get(file_id)  # another instance may have made it
+            data = await self.cache.get(file_id, spec.fmt)  # another instance may have made it
             if data is None:
                 job = self._jobs.get(file_id)
                 with metrics.TTS_SECONDS.time():
@@ -250,7 +250,7 @@ class TtsPool:
                         if job is not None:
                             job.notify()
                 data = b"".join(chunks)
-                await self.cache.put(file_id, data)
+                await self.cache.put(file_id, spec.fmt, data)
             return data
         finally:
             self.gate.release()

@@ -40,14 +40,14 @@ async def assert_streamed(
     spec = speech.spec(ResponseItem(text=text), fmt)
     assert spec is not None
     file_id = speech.file_id(spec)
-    assert await speech.cache.get(file_id) is None  # not synthesized by an earlier test
+    assert await speech.cache.get(file_id, fmt) is None  # not synthesized by an earlier test
     gw.core.inner = Answers(text)
     start = time.monotonic()
     call: Any
     async with dial() as call:
         synthesized = 0.0
         while synthesized == 0.0:  # the whole item is synthesized when it is cached
-            if await speech.cache.get(file_id) is not None:
+            if await speech.cache.get(file_id, fmt) is not None:
                 synthesized = time.monotonic() - start
             await asyncio.sleep(0.02)
             assert time.monotonic() - start < 90, "the item was never synthesized"

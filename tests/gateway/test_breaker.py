@@ -334,7 +334,7 @@ async def test_a_hung_redis_refuses_tts_links_and_files_at_once_until_the_probe(
         assert linked.audio is not None
         path = urlsplit(linked.audio).path
         file_id = path.rsplit("/", 1)[1].split(".")[0]
-        await speech.cache.put(file_id, b"an mp3 file")  # served from the cache
+        await speech.cache.put(file_id, "mp3", b"an mp3 file")  # served from the cache
         assert (await client.get(path)).content == b"an mp3 file"
         proxy.hung = True
         first = await client.get(path)

@@ -13,6 +13,7 @@ from gateway.app import create_app
 from gateway.events import ResponseItem
 from gateway.settings import Settings
 from gateway.speech.service import SpeechService
+from gateway.speech.tts_cache import RedisTtsCache
 from tests.conftest import served_app
 from tests.gateway.speech.test_tts import CountingSynth
 
@@ -47,7 +48,7 @@ async def test_a_byte_range_of_a_tts_file_is_a_206_from_its_first_get() -> None:
         assert probe.headers["accept-ranges"] == "bytes"
         assert probe.content == body[:2]
         assert counter.calls == 1
-        assert await speech.cache.get(file_id) == body
+        assert await speech.cache.get(file_id, "mp3") == body
 
         # alone: the player asks for two bytes and hangs up; the file is made all the same
         other = await speech.link_item(ResponseItem(text="Another file, for a player."), "mp3")
@@ -152,3 +153,39 @@ async def test_a_404_for_a_malformed_id_clips_the_id_in_its_detail() -> None:
         # a well-shaped id is named whole
         whole = "a" * 64
         assert f"No speech file {whole}.mp3" in (await client.get(f"/file/tts/{whole}.mp3")).text
+
+
+async def test_a_cached_file_is_served_only_under_its_own_type_after_its_spec_expired(
+    redis_url: str, redis_prefix: str
+) -> None:
+    settings = Settings(
+        tts_provider="espeak-ng",
+        public_url="http://gw.test",
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+    )
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        speech: SpeechService = app.state.gateway.speech
+        item = await speech.link_item(ResponseItem(text="An mp3 link."), "mp3")
+        assert item.audio is not None
+        path = item.audio.removeprefix("http://gw.test")
+        file_id = path.rsplit("/", 1)[1].removesuffix(".mp3")
+        body = (await client.get(path)).content
+        assert body[:4] != b"RIFF"
+        assert len(body) > 1000
+
+        # the spec expires (its life starts when the link is issued), the file lives on
+        cache = speech.cache
+        assert isinstance(cache, RedisTtsCache)
+        assert await cache.redis.delete(cache.spec_key(file_id)) == 1
+        assert await speech.cache.spec(file_id) is None
+        for ext in ("wav", "mulaw"):
+            for method in ("GET", "HEAD"):
+                other = await client.request(method, f"/file/tts/{file_id}.{ext}")
+                assert other.status_code == 404, (method, ext, other.status_code)
+                assert other.headers["content-type"] == "application/problem+json"
+        got = await client.get(path)  # its own type is still served from the cache
+        assert got.status_code == 200
+        assert got.headers["content-type"] == "audio/mpeg"
+        assert got.content == body

@@ -53,7 +53,7 @@ async def test_head_of_a_tts_link_answers_from_the_cache_without_synthesizing() 
         assert "content-length" not in head.headers
         assert "transfer-encoding" not in head.headers
         assert counter.calls == 0
-        assert await speech.cache.get(file_id) is None
+        assert await speech.cache.get(file_id, "mp3") is None
 
         # unknown id, another link's extension, malformed id: as GET
         for bad in (f"/file/tts/{'a' * 64}.mp3", f"/file/tts/{file_id}.wav", "/file/tts/x.mp3"):
@@ -62,7 +62,7 @@ async def test_head_of_a_tts_link_answers_from_the_cache_without_synthesizing() 
             assert headed.headers["content-type"] == "application/problem+json"
             assert headed.content == b""
         assert counter.calls == 0
-        assert await speech.cache.get(file_id) is None
+        assert await speech.cache.get(file_id, "mp3") is None
 
         # the GET synthesizes; a HEAD then gives the cached file's length and caching
         body = (await client.get(path)).content

@@ -30,7 +30,7 @@ async def test_a_long_answers_first_audio_is_played_before_it_is_synthesized(
         async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0) as call:
             synthesized = 0.0
             while synthesized == 0.0:  # the whole item is synthesized when it is cached
-                if await speech.cache.get(file_id) is not None:
+                if await speech.cache.get(file_id, "mulaw") is not None:
                     synthesized = time.monotonic() - start
                 await asyncio.sleep(0.02)
                 assert time.monotonic() - start < 60

@@ -53,7 +53,7 @@ def ctx(tts: TtsRequest | None) -> TurnContext:
 
 async def fetched(speech: SpeechService, file_id: str) -> bytes | None:
     """What a GET of the link serves: :meth:`SpeechService.file_source`, chunks joined."""
-    source = await speech.file_source(file_id)
+    source = await speech.file_source(file_id, "mp3")
     if source is None or isinstance(source, bytes):
         return source
     return b"".join([chunk async for chunk in source])
@@ -73,12 +73,12 @@ async def test_links_mode_puts_a_downloadable_link_in_each_item(
         assert item.audio.startswith(f"{PUBLIC}/file/tts/")
         assert item.audio.endswith(".mp3")
         file_id = item.audio.rsplit("/", 1)[1].removesuffix(".mp3")
-        assert await speech.cache.get(file_id) is None  # nothing synthesized in the turn
+        assert await speech.cache.get(file_id, "mp3") is None  # nothing synthesized in the turn
         assert await speech.cache.spec(file_id) is not None
         data = await fetched(speech, file_id)  # the first GET of the link
         assert data is not None
         assert decode_mp3(data).duration_s > 0.5
-        assert await speech.cache.get(file_id) == data
+        assert await speech.cache.get(file_id, "mp3") == data
     response = events[-1]
     assert isinstance(response, ResponseEvent)
     assert [i.audio for i in response.response.items] == [i.audio for i in items]

@@ -284,11 +284,11 @@ async def synthesize_to_file(
     """
     spec = TtsSpec(text, bool(ssml), synth.voice, fmt)
     file_id = spec_id(spec, key)
-    if await cache.get(file_id) is not None:
+    if await cache.get(file_id, fmt) is not None:
         return file_id
     data = await render_file(synth, spec)
     await cache.register(file_id, spec)
-    await cache.put(file_id, data)
+    await cache.put(file_id, fmt, data)
     return file_id
 
 
@@ -365,18 +365,18 @@ async def test_memory_cache_keeps_specs_out_of_the_collectors_reach() -> None:
 async def test_memory_cache_is_lru_by_bytes() -> None:
     cache = MemoryTtsCache(max_bytes=10)
     assert isinstance(cache, TtsCache)
-    await cache.put("a", b"1234")
-    await cache.put("b", b"5678")
-    assert await cache.get("a") == b"1234"  # "a" is now the most recently used
-    await cache.put("c", b"90")
+    await cache.put("a", "mp3", b"1234")
+    await cache.put("b", "mp3", b"5678")
+    assert await cache.get("a", "mp3") == b"1234"  # "a" is now the most recently used
+    await cache.put("c", "mp3", b"90")
     assert cache.size == 10
-    await cache.put("d", b"x")  # over 10 bytes: evicts "b", the least recently used
-    assert await cache.get("b") is None
-    assert await cache.get("a") == b"1234"
+    await cache.put("d", "mp3", b"x")  # over 10 bytes: evicts "b", the least recently used
+    assert await cache.get("b", "mp3") is None
+    assert await cache.get("a", "mp3") == b"1234"
     assert cache.size == 7
-    await cache.put("big", b"y" * 11)  # larger than the whole cache: not stored
-    assert await cache.get("big") is None
-    await cache.put("a", b"12")  # replacing updates the size
+    await cache.put("big", "mp3", b"y" * 11)  # larger than the whole cache: not stored
+    assert await cache.get("big", "mp3") is None
+    await cache.put("a", "mp3", b"12")  # replacing updates the size
     assert cache.size == 5
     assert len(cache) == 3
 
@@ -393,7 +393,7 @@ async def test_synthesize_to_file_caches_by_id(fmt: TtsFileFormat) -> None:
         == tts_id("Your table is booked.", ssml=False, voice="espeak-ng:en-us", fmt=fmt, key=KEY)
     )
     assert synth.calls == 1
-    data = await cache.get(first)
+    data = await cache.get(first, fmt)
     assert data is not None
     if fmt == "mp3":
         pcm = audio.decode_mp3(data)
@@ -436,14 +436,14 @@ async def test_redis_cache_stores_with_ttl(redis_client: Redis) -> None:
             await synthesize_to_file(synth, cache, "Hello from Redis.", "mp3", key=KEY) == file_id
         )
         assert synth.calls == 1
-        stored = await cache.get(file_id)
+        stored = await cache.get(file_id, "mp3")
         assert stored is not None
         assert audio.decode_mp3(stored).duration_s > 0.5
-        ttl = await redis_client.ttl(f"{prefix}{file_id}")
+        ttl = await redis_client.ttl(f"{prefix}{file_id}.mp3")
         assert 0 < ttl <= 120
-        assert await cache.get("0" * 64) is None
-        await cache.put("0" * 64, b"abc")
-        assert await cache.get("0" * 64) == b"abc"
+        assert await cache.get("0" * 64, "mp3") is None
+        await cache.put("0" * 64, "mp3", b"abc")
+        assert await cache.get("0" * 64, "mp3") == b"abc"
     finally:
         keys = [key async for key in redis_client.scan_iter(match=f"{prefix}*")]
         if keys:

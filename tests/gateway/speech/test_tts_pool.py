@@ -278,7 +278,7 @@ async def test_concurrent_requests_share_one_synthesis() -> None:
     files = await asyncio.gather(*(pool.render("a" * 64, spec("Shared.", synth)) for _ in range(5)))
     assert synth.calls == 1
     assert len(set(files)) == 1
-    assert await cache.get("a" * 64) == files[0]
+    assert await cache.get("a" * 64, "mp3") == files[0]
     assert decode_mp3(files[0]).duration_s > 0.3
 
 
@@ -301,8 +301,8 @@ async def test_a_full_pool_refuses_at_once_and_an_abandoned_synthesis_stops(
     while pool.pending:
         await asyncio.sleep(0.05)
         assert time.perf_counter() - start < 10
-    assert await cache.get("1" * 64) is None
-    assert await cache.get("2" * 64) is None
+    assert await cache.get("1" * 64, "mp3") is None
+    assert await cache.get("2" * 64, "mp3") is None
     assert decode_mp3(await pool.render("3" * 64, spec("Third.", piper))).duration_s > 0.3
 
 
@@ -322,7 +322,7 @@ async def test_a_request_right_after_the_last_one_left_gets_the_file_not_a_cance
     await left.aclose()  # type: ignore[attr-defined]  # its only listener leaves
     data = await pool.render("1" * 64, item)  # asked again at once
     assert decode_mp3(data).duration_s > 2
-    assert await cache.get("1" * 64) == data
+    assert await cache.get("1" * 64, "mp3") == data
 
     other = spec("One sentence. And a second one, to stream in pieces.", piper)
     left = pool.stream("2" * 64, other)
@@ -330,7 +330,7 @@ async def test_a_request_right_after_the_last_one_left_gets_the_file_not_a_cance
     await left.aclose()  # type: ignore[attr-defined]
     streamed = b"".join([chunk async for chunk in pool.stream("2" * 64, other)])
     assert decode_mp3(streamed).duration_s > 2
-    assert await cache.get("2" * 64) == streamed
+    assert await cache.get("2" * 64, "mp3") == streamed
     await asyncio.sleep(0.01)  # (the done callbacks of the tasks)
     assert (pool.pending, pool.running, pool.waiting) == (0, 0, 0)  # every place given back
 
@@ -407,7 +407,7 @@ async def test_a_client_that_goes_away_cancels_its_synthesis() -> None:
             assert time.perf_counter() - start < 10
         assert time.perf_counter() - start < 5  # stopped after its current piece
         file_id = path.rsplit("/", 1)[1].removesuffix(".mp3")
-        assert await speech.cache.get(file_id) is None
+        assert await speech.cache.get(file_id, "mp3") is None
 
 
 async def test_items_are_spoken_up_to_the_cap(recognizer: PocketsphinxRecognizer) -> None:
@@ -430,10 +430,10 @@ async def test_prefetch_synthesizes_a_link_in_the_background_when_there_is_room(
     assert item.audio is not None
     file_id = httpx.URL(item.audio).path.rsplit("/", 1)[1].removesuffix(".mp3")
     start = time.perf_counter()
-    while await speech.cache.get(file_id) is None:
+    while await speech.cache.get(file_id, "mp3") is None:
         await asyncio.sleep(0.05)
         assert time.perf_counter() - start < 10
-    assert await speech.file_source(file_id) == await speech.cache.get(file_id)
+    assert await speech.file_source(file_id, "mp3") == await speech.cache.get(file_id, "mp3")
     assert synth.calls == 1
     # a full queue: no prefetch, and the turn is not delayed (the link is issued anyway)
     busy = asyncio.create_task(speech.pool.render("8" * 64, spec(LONG, synth)))

@@ -99,7 +99,7 @@ async def test_the_first_chunk_comes_long_before_the_whole_item(piper: PiperSynt
     assert len(chunks) >= 4
     assert first < total / 3, (first, total)
     data = b"".join(chunks)
-    assert await cache.get("a" * 64) == data  # cached whole, as before
+    assert await cache.get("a" * 64, "mp3") == data  # cached whole, as before
     assert data == await render_file(piper, spec(ANSWER, piper.voice))  # same file
     assert decode_mp3(data).duration_s > 10
 
@@ -145,7 +145,7 @@ async def test_a_failure_mid_item_ends_the_stream_with_the_error(piper: PiperSyn
         async for chunk in pool.stream("e" * 64, spec(ANSWER, piper.voice)):
             got.append(chunk)
     assert got  # the first piece went out
-    assert await pool.cache.get("e" * 64) is None  # nothing half-made is cached
+    assert await pool.cache.get("e" * 64, "mp3") is None  # nothing half-made is cached
 
 
 class Answers:
@@ -253,7 +253,7 @@ async def test_a_link_fetched_while_it_is_synthesized_streams_a_playable_file() 
         body = b"".join(chunks)
         assert body == b"".join(other)
         file_id = path.rsplit("/", 1)[1].removesuffix(".mp3")
-        cached = await speech.cache.get(file_id)
+        cached = await speech.cache.get(file_id, "mp3")
         assert cached == body  # the finished file is the one cached, byte for byte
         assert decode_mp3(body).duration_s == decode_mp3(cached).duration_s > 10
         async with httpx.AsyncClient(base_url=url) as client:  # later: from the cache
@@ -289,7 +289,7 @@ async def test_a_failure_mid_stream_aborts_the_body(caplog: pytest.LogCaptureFix
                     received += chunk
         assert 0 < decode_mp3(bytes(received)).duration_s < 10  # the first piece came
         file_id = item.audio.rsplit("/", 1)[1].removesuffix(".mp3")
-        assert await speech.cache.get(file_id) is None
+        assert await speech.cache.get(file_id, "mp3") is None
         async with httpx.AsyncClient(base_url=url) as client:  # the server serves on
             assert (await client.get("/healthz")).status_code == 200
     cut = [r for r in caplog.records if "cut off" in r.getMessage()]
