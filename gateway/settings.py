@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from gateway.events import MAX_TIMEOUT_S
 from gateway.protocol.values import MAX_ID_CHARS
 from gateway.speech.endofturn import BACKCHANNELS
-from gateway.speech.tts import FIRST_CLAUSE_CHARS
+from gateway.speech.tts import FIRST_CLAUSE_CHARS, MAX_AUDIO_S
 
 Carrier = Literal["twilio", "telnyx", "vonage", "plivo", "exotel"]
 """The phone carriers whose calls run on the shared call engine."""
@@ -395,6 +395,16 @@ class Settings(BaseSettings):
         description="Characters (SSML markup included) of one response item that are "
         "spoken (1500: about 100 s of speech); the rest of a longer item is sent as text "
         "only.",
+    )
+    tts_max_audio_s: float = Field(
+        default=MAX_AUDIO_S,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="Seconds of audio one response item gives at most: synthesis of an "
+        "item stops there (the audio so far is kept; one WARNING), so text that is far "
+        "longer spoken than written (symbols, numbers, SSML pauses) cannot hold the TTS "
+        "thread for minutes. The default fits the speech of GATEWAY_TTS_MAX_CHARS' 1500 "
+        "characters.",
     )
     tts_max_running: int = Field(
         default=1,

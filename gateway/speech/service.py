@@ -387,6 +387,7 @@ def make_speech(
             settings.tts_voice,
             threads=settings.tts_threads,
             first_clause_chars=settings.tts_first_clause_chars,
+            max_audio_s=settings.tts_max_audio_s,
         ),
         cache=cache,
         id_key=id_key,

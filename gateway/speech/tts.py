@@ -10,6 +10,10 @@ SSML: :func:`parse_ssml` reads SSML leniently (malformed markup never fails)
 into text runs and pauses; :func:`ssml_to_text` flattens it to plain text with
 a comma per ``<break>``. Piper synthesizes the text runs and inserts real
 silence for the pauses; espeak-ng interprets SSML itself (``-m``).
+
+Bounds: a ``<break>`` is at most :data:`MAX_BREAK_MS`; Piper is given
+:func:`speakable` text (no emoji or other symbols it would read out by name); an
+item's audio stops at ``max_audio_s`` (GATEWAY_TTS_MAX_AUDIO_S, :data:`MAX_AUDIO_S`).
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import asyncio
 import ctypes
 import ctypes.util
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import threading
+import unicodedata
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +41,8 @@ from gateway.speech.audio import AudioFormatError, Pcm, decode_wav, silence
 if TYPE_CHECKING:
     from piper import PiperVoice, SynthesisConfig
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "EspeakSynthesizer",
     "Pause",
@@ -45,6 +53,7 @@ __all__ = [
     "make_synthesizer",
     "parse_ssml",
     "phoneme_runs",
+    "speakable",
     "split_pieces",
     "ssml_to_text",
     "synthesize_pieces",
@@ -52,6 +61,16 @@ __all__ = [
 
 MAX_TEXT_CHARS: Final = 10_000
 """Longest text (characters, markup included) a synthesizer accepts."""
+
+MAX_AUDIO_S: Final = 180.0
+"""Default of GATEWAY_TTS_MAX_AUDIO_S: most seconds of audio one item gives. Speech of
+GATEWAY_TTS_MAX_CHARS' default 1,500 characters of text is about 90-100 s; text that
+makes far more (symbols read out by name, numbers, SSML pauses) is cut here: 50 emoji
+gave 61 s of audio for 13 s of the one TTS thread, 1,500 would have been 30 minutes."""
+
+MAX_BREAK_MS: Final = 5_000
+"""Longest pause (ms) one SSML ``<break>`` gives (Alexa's limit is 10 s): 78 breaks of
+10 s fit in 1,500 characters and gave 13 minutes of silence (34 MB of WAV)."""
 
 PIECE_CHARS: Final = 100
 """Longest piece of text handed to Piper's phonemizer at once (:func:`split_pieces`)."""
@@ -167,7 +186,6 @@ _BREAK_STRENGTH_MS: Final = {
     "x-strong": 1000,
 }
 _TIME_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*$", re.IGNORECASE)
-_MAX_BREAK_MS: Final = 10_000  # SSML (Alexa) caps a break at 10 s
 _SENTENCE_END: Final = (".", "!", "?", ";", ":", ",")
 _UNSPOKEN: Final = frozenset({"desc", "lexicon", "metadata"})
 
@@ -179,7 +197,7 @@ def _break_ms(attrs: dict[str, str | None]) -> int:
         if match:
             value = float(match.group(1))
             ms = value if match.group(2).lower() == "ms" else value * 1000
-            return min(int(ms), _MAX_BREAK_MS)
+            return min(int(ms), MAX_BREAK_MS)
     return _BREAK_STRENGTH_MS.get((attrs.get("strength") or "medium").lower(), 500)
 
 
@@ -250,7 +268,8 @@ def parse_ssml(ssml: str) -> list[str | Pause]:
 
     Text content of all elements is kept (whitespace collapsed, entities decoded),
     ``<sub alias="x">`` speaks ``x``, ``<break time="300ms"|"1.5s"|strength=...>``
-    becomes a pause (default "medium" = 500 ms, capped at 10 s), ``<p>``/``<s>``
+    becomes a pause (default "medium" = 500 ms, capped at :data:`MAX_BREAK_MS`, 5 s),
+    ``<p>``/``<s>``
     end a sentence; ``<desc>``, ``<lexicon>``, ``<metadata>`` are dropped and all
     other tags (``<prosody>``, ``<emphasis>``, ``<say-as>``, vendor tags) keep their
     text. Malformed markup never raises; plain text passes through.
@@ -275,6 +294,47 @@ def ssml_to_text(ssml: str) -> str:
         else:
             out = f"{out} {part}" if out else part
     return out.strip()
+
+
+_UNSPOKEN_CATEGORIES: Final = frozenset({"So", "Sk", "Me", "Co", "Cs", "Cn"})
+"""Unicode general categories :func:`speakable` leaves out: other and modifier symbols
+(emoji, pictographs, dingbats, arrows, skin tones), enclosing marks (keycaps),
+private use, lone surrogates, unassigned."""
+
+_SPOKEN_SYMBOLS: Final = frozenset("°©®™")
+"""Symbols (category So) kept: each is read as the word it stands for ("degrees",
+"copyright", "registered", "trade mark")."""
+
+_JOINERS: Final = frozenset(
+    ["\u200d", *map(chr, range(0xFE00, 0xFE10)), *map(chr, range(0xE0000, 0xE0080))]
+)
+"""Left out with the symbols they join or vary: zero width joiner, variation
+selectors, tag characters (emoji sequences and flags)."""
+
+
+def speakable(text: str) -> str:
+    """``text`` without the characters Piper would read out by their Unicode names: each
+    character of a category in :data:`_UNSPOKEN_CATEGORIES` (emoji such as 😀, read
+    "grinning face", ★ "symbol two six zero five", skin tones, keycaps), a zero width
+    joiner, variation selector or tag character becomes a space (except the symbols of
+    :data:`_SPOKEN_SYMBOLS`). Letters, digits, punctuation, math signs and currency
+    signs stay: Piper reads them sensibly enough (``$5`` "dollar five", ``€5`` "euros
+    five", ``≠`` "not equal to"). ASCII text comes back as it is.
+
+    >>> speakable("Done 👍🏽! 20° and €5")
+    'Done   ! 20° and €5'
+    """
+    if text.isascii():
+        return text
+    return "".join(
+        " "
+        if (
+            char in _JOINERS
+            or (unicodedata.category(char) in _UNSPOKEN_CATEGORIES and char not in _SPOKEN_SYMBOLS)
+        )
+        else char
+        for char in text
+    )
 
 
 _CLAUSE_END: Final = (",", ";", ":", ".", "!", "?", "—", "–", ")")
@@ -484,8 +544,16 @@ class PiperSynthesizer:
         first_clause_chars: an item's first piece ends at its first clause end once it
             holds this many characters (GATEWAY_TTS_FIRST_CLAUSE_CHARS, whose default is
             :data:`FIRST_CLAUSE_CHARS`; 0, this class's default: at a sentence end).
+        max_audio_s: most seconds of audio one text gives (GATEWAY_TTS_MAX_AUDIO_S,
+            :data:`MAX_AUDIO_S`): synthesis stops after the inference run (at most
+            :data:`PIECE_PHONEMES` phonemes, about 4.5 s) or pause that reaches it, the
+            audio so far kept; one WARNING is logged. None: no bound.
+
+    Text runs are given to Piper as :func:`speakable` text (no emoji or other symbols
+    read out by name).
 
     Raises:
+        ValueError: ``threads`` < 1, ``first_clause_chars`` < 0 or ``max_audio_s`` <= 0.
         SynthesisError: (on first synthesis) the model or config cannot be loaded.
     """
 
@@ -497,11 +565,15 @@ class PiperSynthesizer:
         noise_w_scale: float | None = None,
         threads: int = 1,
         first_clause_chars: int = 0,
+        max_audio_s: float | None = MAX_AUDIO_S,
     ) -> None:
         if threads < 1:
             raise ValueError("threads must be >= 1")
         if first_clause_chars < 0:
             raise ValueError("first_clause_chars must be >= 0")
+        if max_audio_s is not None and not max_audio_s > 0:
+            raise ValueError("max_audio_s must be > 0")
+        self.max_audio_s = max_audio_s
         self.threads = threads
         self.first_clause_chars = first_clause_chars
         self.model_path = Path(model_path) if model_path is not None else default_piper_model()
@@ -583,10 +655,11 @@ class PiperSynthesizer:
                 ) from exc
         return self._sample_rate
 
-    def _piece_sync(self, text: str) -> Pcm:
+    def _piece_sync(self, text: str, max_s: float | None = None) -> tuple[Pcm, bool]:
         """One piece of text to PCM, in the calling thread: phonemized, then synthesized
         in runs of at most PIECE_PHONEMES phonemes (see there), each normalized like
-        Piper normalizes a sentence."""
+        Piper normalizes a sentence; with ``max_s``, no run is started once the PCM
+        holds that many seconds. Returns the PCM and whether runs were left out."""
         import numpy as np
 
         voice = self._load()
@@ -594,6 +667,7 @@ class PiperSynthesizer:
         rate = int(voice.config.sample_rate)
         length_scale = voice.config.length_scale
         limit = max(16, int(PIECE_PHONEMES / max(1.0, float(length_scale or 1.0))))
+        max_samples = None if max_s is None else round(max_s * rate)
         out = bytearray()
         with _PIPER_LOCK:
             try:
@@ -602,7 +676,9 @@ class PiperSynthesizer:
                     for sentence in voice.phonemize(text)
                     for run in phoneme_runs(sentence, limit)
                 ]
-                for run in runs:
+                for done, run in enumerate(runs):
+                    if max_samples is not None and len(out) // 2 >= max_samples:
+                        return Pcm(bytes(out), rate), done < len(runs)
                     result = voice.phoneme_ids_to_audio(voice.phonemes_to_ids(run), config)
                     audio = result[0] if isinstance(result, tuple) else result
                     peak = float(np.max(np.abs(audio))) if audio.size else 0.0
@@ -610,12 +686,14 @@ class PiperSynthesizer:
                     out += np.clip(scaled, -32767.0, 32767.0).astype(np.int16).tobytes()
             except Exception as exc:  # onnxruntime/phonemizer errors
                 raise SynthesisError(f"Piper failed: {exc}") from exc
-        return Pcm(bytes(out), rate)
+        return Pcm(bytes(out), rate), False
 
     async def pieces(self, text: str, *, ssml: bool = False) -> AsyncIterator[Pcm]:
         """Synthesize piece by piece (:func:`split_pieces`, SSML breaks as silence);
         yields PCM at the voice's rate, one worker-thread run per piece. Closing the
-        iterator stops after the running piece.
+        iterator stops after the running piece. The text runs are :func:`speakable`
+        text; the audio stops at ``max_audio_s`` (a pause is shortened to it, a piece
+        ends after the inference run that reaches it), logged once at WARNING.
 
         Raises:
             ValueError: text too long.
@@ -624,15 +702,52 @@ class PiperSynthesizer:
         _check_text(text)
         parts: list[str | Pause] = parse_ssml(text) if ssml else [text]
         first, clause = FIRST_PIECE_CHARS, self.first_clause_chars
-        for part in parts:
+        bound = self.max_audio_s
+        made = 0.0  # seconds yielded
+        for index, part in enumerate(parts):
+            if bound is not None and made >= bound:
+                self._warn_cut(text, made)
+                return
             if isinstance(part, Pause):
-                if part.ms > 0:
-                    yield silence(part.ms, self.sample_rate)
+                rate = self.sample_rate  # (read here: a missing voice fails as it loads)
+                ms = part.ms if bound is None else min(part.ms, int((bound - made) * 1000))
+                if ms > 0:
+                    pause = silence(ms, rate)
+                    made += pause.n_samples / rate
+                    yield pause
+                if ms < part.ms:
+                    self._warn_cut(text, made)
+                    return
                 continue
-            for piece in split_pieces(part, first_chars=first, first_clause_chars=clause):
+            pieces = split_pieces(speakable(part), first_chars=first, first_clause_chars=clause)
+            for number, piece in enumerate(pieces):
                 first = clause = 0
+                left = None if bound is None else bound - made
+                if left is not None and left <= 0:
+                    self._warn_cut(text, made)
+                    return
                 loop = asyncio.get_running_loop()
-                yield await loop.run_in_executor(_PIPER_THREAD, self._piece_sync, piece)
+                pcm, cut = await loop.run_in_executor(_PIPER_THREAD, self._piece_sync, piece, left)
+                made += pcm.duration_s
+                yield pcm
+                if cut or (
+                    bound is not None
+                    and made >= bound
+                    and (number + 1 < len(pieces) or index + 1 < len(parts))
+                ):
+                    self._warn_cut(text, made)
+                    return
+
+    def _warn_cut(self, text: str, seconds: float) -> None:
+        """Log (WARNING, one line; the text's length, not the text) that the synthesis of
+        ``text`` stopped at ``max_audio_s``."""
+        log.warning(
+            "speech of an item of %d characters stopped at %.1f s of audio, its bound "
+            "(GATEWAY_TTS_MAX_AUDIO_S=%s); the rest is not said",
+            len(text),
+            seconds,
+            self.max_audio_s,
+        )
 
     async def synthesize(self, text: str, *, ssml: bool = False) -> Pcm:
         """Synthesize in a worker thread, piece by piece; PCM at the voice's rate
@@ -666,6 +781,9 @@ class EspeakSynthesizer:
         executable: program name or path.
         timeout_s: longest run before the process is killed.
         native_ssml: pass SSML to espeak-ng instead of flattening it.
+        max_audio_s: most seconds of audio one text gives (GATEWAY_TTS_MAX_AUDIO_S):
+            longer output is cut there (espeak-ng renders the whole text first, fast;
+            its SSML pauses are its own), logged once at WARNING. None: no bound.
 
     Raises:
         SynthesisError: (on synthesis) program missing, unknown voice, failure, timeout.
@@ -679,9 +797,13 @@ class EspeakSynthesizer:
         executable: str = "espeak-ng",
         timeout_s: float = 30.0,
         native_ssml: bool = True,
+        max_audio_s: float | None = MAX_AUDIO_S,
     ) -> None:
         if not voice or voice.startswith("-") or any(c.isspace() for c in voice):
             raise ValueError(f"invalid espeak-ng voice name {voice!r}")
+        if max_audio_s is not None and not max_audio_s > 0:
+            raise ValueError("max_audio_s must be > 0")
+        self.max_audio_s = max_audio_s
         self.voice_name = voice
         self.speed_wpm = speed_wpm
         self.executable = executable
@@ -737,9 +859,20 @@ class EspeakSynthesizer:
         if returncode != 0:
             raise SynthesisError(f"espeak-ng exited with {returncode}: {message}")
         try:
-            return decode_wav(out)
+            pcm = decode_wav(out)
         except AudioFormatError as exc:
             raise SynthesisError(f"espeak-ng wrote unusable audio: {exc} {message}") from exc
+        limit = None if self.max_audio_s is None else int(self.max_audio_s * pcm.sample_rate)
+        if limit is not None and pcm.n_samples > limit:
+            log.warning(
+                "speech of an item of %d characters was cut at %.1f s of audio, its bound "
+                "(GATEWAY_TTS_MAX_AUDIO_S=%s); the rest is not said",
+                len(text),
+                limit / pcm.sample_rate,
+                self.max_audio_s,
+            )
+            pcm = Pcm(pcm.data[: 2 * limit], pcm.sample_rate)
+        return pcm
 
 
 async def synthesize_pieces(
@@ -766,7 +899,12 @@ PROVIDERS: Final = ("piper", "espeak-ng")
 
 
 def make_synthesizer(
-    provider: str, voice: str | None = None, *, threads: int = 1, first_clause_chars: int = 0
+    provider: str,
+    voice: str | None = None,
+    *,
+    threads: int = 1,
+    first_clause_chars: int = 0,
+    max_audio_s: float | None = MAX_AUDIO_S,
 ) -> Synthesizer:
     """Create a synthesizer by provider name.
 
@@ -777,13 +915,19 @@ def make_synthesizer(
         threads: Piper's ONNX Runtime intra-op threads.
         first_clause_chars: Piper: an item's first piece ends at its first clause
             (:class:`PiperSynthesizer`).
+        max_audio_s: most seconds of audio of one text (GATEWAY_TTS_MAX_AUDIO_S).
 
     Raises:
-        ValueError: unknown provider or invalid voice name.
+        ValueError: unknown provider, invalid voice name, ``max_audio_s`` <= 0.
     """
     name = provider.strip().lower()
     if name == "piper":
-        return PiperSynthesizer(voice, threads=threads, first_clause_chars=first_clause_chars)
+        return PiperSynthesizer(
+            voice,
+            threads=threads,
+            first_clause_chars=first_clause_chars,
+            max_audio_s=max_audio_s,
+        )
     if name in ("espeak-ng", "espeak"):
-        return EspeakSynthesizer(voice or "en-us")
+        return EspeakSynthesizer(voice or "en-us", max_audio_s=max_audio_s)
     raise ValueError(f"unknown TTS provider {provider!r} (known: {', '.join(PROVIDERS)})")

@@ -7,6 +7,7 @@ import gc
 import hashlib
 import hmac
 import json
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +22,8 @@ from gateway.speech import audio
 from gateway.speech.audio import Pcm
 from gateway.speech.service import make_speech
 from gateway.speech.tts import (
+    MAX_AUDIO_S,
+    MAX_BREAK_MS,
     MAX_TEXT_CHARS,
     EspeakSynthesizer,
     Pause,
@@ -30,6 +33,7 @@ from gateway.speech.tts import (
     default_piper_model,
     make_synthesizer,
     parse_ssml,
+    speakable,
     ssml_to_text,
     synthesize_pieces,
 )
@@ -207,7 +211,77 @@ def test_parse_ssml_pauses() -> None:
     assert parse_ssml(
         '<speak>a <break/> b <break time="1.5s"/> c <break time="200ms"/>'
         '<break strength="x-weak"/><break time="99s"/></speak>'
-    ) == ["a", Pause(500), "b", Pause(1500), "c", Pause(200), Pause(100), Pause(10_000)]
+    ) == ["a", Pause(500), "b", Pause(1500), "c", Pause(200), Pause(100), Pause(MAX_BREAK_MS)]
+    assert MAX_BREAK_MS == 5_000
+    assert parse_ssml('<break time="10s"/>') == [Pause(5_000)]
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def test_speakable_leaves_out_symbols_read_by_name_and_keeps_the_rest() -> None:
+    assert speakable("Plain ASCII: $5 ^_^ 100%") == "Plain ASCII: $5 ^_^ 100%"
+    kept = "Prix: 5 €, £3, ¥7, 20 °C, ½, x ≠ y, naïve Straße 中文 — «ok» © ™"
+    assert speakable(kept) == kept
+    assert speakable("Done 👍🏽!").split() == ["Done", "!"]
+    assert speakable("1️⃣ 🇩🇪 👨‍👩‍👧 ❤️ ★ ✓ ➡️ \ue000").split() == ["1"]
+
+
+async def test_piper_does_not_read_emoji_out_by_name(piper: PiperSynthesizer) -> None:
+    # 20 emoji were 13 s of speech ("grinning face, grinning face, ..."), 2 s of CPU
+    plain = await piper.synthesize("Hi there.")
+    emoji = await piper.synthesize("Hi there. " + "😀" * 20 + " 👍🏽✨")
+    assert emoji.duration_s < plain.duration_s + 0.5, (emoji.duration_s, plain.duration_s)
+    money = await piper.synthesize("It costs €5.")  # currency signs are still read
+    assert money.duration_s > (await piper.synthesize("It costs 5.")).duration_s + 0.2
+
+
+async def test_piper_stops_an_item_at_its_audio_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bounded = PiperSynthesizer(noise_scale=0.0, noise_w_scale=0.0, max_audio_s=2.0)
+    assert PiperSynthesizer().max_audio_s == MAX_AUDIO_S == 180.0
+    text = "One two three four five six seven eight nine ten. " * 6  # about 20 s
+    caplog.set_level(logging.WARNING, "gateway.speech.tts")
+    pieces = [pcm async for pcm in bounded.pieces(text)]
+    total = sum(pcm.duration_s for pcm in pieces)
+    assert 2.0 <= total < 2.0 + 5.0, total  # stops after the run that reaches 2 s
+    assert len(pieces) == 1  # the later pieces never ran
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "GATEWAY_TTS_MAX_AUDIO_S" in warnings[0].getMessage()
+    assert "One two" not in warnings[0].getMessage()  # the text is not logged
+
+    # SSML pauses: 78 breaks of 10 s fit in 1,500 characters; they were 13 minutes
+    caplog.clear()
+    breaks = "<speak>" + '<break time="10s"/>' * 78 + "</speak>"
+    assert len(breaks) < 1500
+    silent = await PiperSynthesizer(noise_scale=0.0, noise_w_scale=0.0).synthesize(
+        breaks, ssml=True
+    )
+    assert silent.duration_s == MAX_AUDIO_S
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    # under the bound nothing is cut or logged
+    caplog.clear()
+    short = await bounded.synthesize("Hello <break time='1s'/> there.", ssml=True)
+    assert 1.0 < short.duration_s < 2.0 + 5.0
+    assert not caplog.records
+
+
+async def test_the_audio_bound_is_a_setting_and_bounds_espeak_too(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.WARNING, "gateway.speech.tts")
+    speech = make_speech(Settings(tts_provider="espeak-ng", tts_max_audio_s=1.5), None)
+    synth = speech.pool.synthesizer
+    assert isinstance(synth, EspeakSynthesizer)
+    assert synth.max_audio_s == 1.5
+    pcm = await synth.synthesize("One two three four five six seven eight nine ten eleven.")
+    assert pcm.duration_s == 1.5
+    assert len(caplog.records) == 1
+    assert Settings().tts_max_audio_s == MAX_AUDIO_S == 180.0
+    monkeypatch.setenv("GATEWAY_TTS_MAX_AUDIO_S", "90")
+    assert Settings().tts_max_audio_s == 90.0
 
 
 # --------------------------------------------------------------------------- cache
