@@ -44,7 +44,7 @@ from gateway.admin import (
     admit,
     unknown_fields,
 )
-from gateway.breaker import outage_level
+from gateway.breaker import outage_level, retry_after_s
 from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.calls import mount as mount_calls
 from gateway.conversation import Conversation
@@ -272,7 +272,18 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         return {"status": "ok"}
 
     readyz_responses: dict[int | str, dict[str, Any]] = {
-        503: {"description": "The session store does not answer", "content": apidoc.PROBLEM}
+        503: {
+            "description": "The session store does not answer; asked again after "
+            "`Retry-After` seconds",
+            "content": apidoc.PROBLEM,
+            "headers": {
+                "Retry-After": {
+                    "description": "1, or the seconds until the store client's circuit "
+                    "breaker asks Redis again (its cool-down, at most 5)",
+                    "schema": {"type": "integer"},
+                }
+            },
+        }
     }
 
     @app.head(
@@ -294,7 +305,9 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             # refused by the Redis client's open breaker (503 at once), or one more failure
             # of an outage: the breaker logged it (outage_level)
             log.log(outage_level(exc), "not ready: %s", exc)
-            return problem(503, "Service Unavailable", "The session store does not answer.")
+            refused = problem(503, "Service Unavailable", "The session store does not answer.")
+            refused.headers["Retry-After"] = str(retry_after_s(exc))
+            return refused
         return JSONResponse({"status": "ready"})
 
     @app.webhooks.post(

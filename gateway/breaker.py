@@ -41,6 +41,7 @@ a call and reports its end to :meth:`CircuitBreaker.record`, or has
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
@@ -397,6 +398,22 @@ def refused_by_breaker(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__
     return False
+
+
+def retry_after_s(exc: BaseException, least_s: int = 1) -> int:
+    """The ``Retry-After`` (whole seconds, RFC 9110 section 10.2.3) of an answer refused
+    because of the Redis error ``exc``: when an open breaker refused the call
+    (:class:`CircuitOpen`, or an error raised from one) the seconds until its cool-down
+    ends, rounded up; ``least_s`` at least (also while the probe is on its way, or for
+    any other error: a refused or restarting Redis is asked again by the next call)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short chain; bounded against a cycle
+        if seen is None:
+            break
+        if isinstance(seen, CircuitOpen):
+            return max(least_s, math.ceil(seen.retry_in_s))
+        seen = seen.__cause__
+    return least_s
 
 
 def mark_logged(exc: BaseException) -> None:

@@ -46,6 +46,7 @@ from gateway.breaker import (
     breaker_of,
     outage_level,
     refused_by_breaker,
+    retry_after_s,
 )
 from gateway.events import ResponseItem
 from gateway.metrics import REGISTRY
@@ -170,6 +171,8 @@ async def test_redis_answering_again_is_found_by_one_probe_and_turns_are_served(
             assert refused.text == "! gateway: The session store is unavailable.\n"
             assert ready.status_code == 503
             assert ready.json()["detail"] == "The session store does not answer."
+            # the breaker's cool-down (1 s at first), rounded up; before: no Retry-After
+            assert ready.headers["retry-after"] == "1"
         assert proxy.received == received
         assert _sample("gateway_redis_breaker_open") == 1
         proxy.hung = False
@@ -654,3 +657,14 @@ async def test_turns_waiting_when_a_hang_opens_it_are_one_warning_not_one_each(
     reply = ResponseError("ERR a script error")
     store.breaker.record(release, reply)
     assert outage_level(reply) == logging.WARNING
+
+
+def test_retry_after_is_the_open_breakers_cool_down_rounded_up() -> None:
+    """:func:`retry_after_s` of a store error raised from an open breaker's refusal is the
+    seconds until the breaker asks Redis again, rounded up; 1 for any other error and
+    while the probe is on its way (the next call asks Redis)."""
+    refused = StoreCircuitOpen("open")
+    refused.__cause__ = CircuitOpen("open", 3.2)  # as ``raise ... from exc`` sets it
+    assert retry_after_s(refused) == 4
+    assert retry_after_s(CircuitOpen("probing", 0.0)) == 1
+    assert retry_after_s(StoreUnavailable("Redis: Connection refused")) == 1

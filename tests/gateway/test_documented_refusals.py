@@ -35,6 +35,12 @@ def documented(document: dict[str, Any], method: str, path: str, status: int) ->
     return set(response.get("content", {}))
 
 
+def documented_headers(document: dict[str, Any], method: str, path: str, status: int) -> set[str]:
+    """The headers ``document`` gives for ``status`` of ``method`` ``path``."""
+    response = document["paths"][path][method.lower()]["responses"][str(status)]
+    return set(response.get("headers", {}))
+
+
 def check(document: dict[str, Any], path: str, answer: httpx.Response, status: int) -> None:
     """``answer`` is ``status``, a problem body as the document says for ``path``."""
     assert answer.status_code == status, answer.text
@@ -53,7 +59,11 @@ async def test_readyz_and_tts_refusals_while_the_store_is_down_are_documented() 
     document = create_app(settings).openapi()
     async with gateway(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
         for method in ("GET", "HEAD"):
-            check(document, "/readyz", await http.request(method, "/readyz"), 503)
+            ready = await http.request(method, "/readyz")
+            check(document, "/readyz", ready, 503)
+            # before: no Retry-After, where every other answer of a store outage has one
+            assert ready.headers["retry-after"] == "1"
+            assert "Retry-After" in documented_headers(document, method, "/readyz", 503)
             tts = await http.request(method, UNKNOWN_FILE)
             check(document, "/file/tts/{file_id}.{ext}", tts, 503)
             assert tts.headers["retry-after"] == "5"

@@ -84,7 +84,18 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
     },
     404: {"description": "The flowstorm-session-id cookie names an unknown or expired session"},
     408: {"description": "A realtime stream stopped before its InputEvent came"},
-    409: {"description": "Another turn of this session is running"},
+    409: {
+        "description": "Another turn of this session is running: its lock was held for all "
+        "of GATEWAY_LOCK_WAIT_S (with `Retry-After`), or another realtime PUT of the session "
+        "holds its recognition",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again (1) when the session's "
+                "lock wait ran out",
+                "schema": {"type": "integer"},
+            }
+        },
+    },
     429: {
         "description": "This client got too many 404 answers (session-id guessing): "
         "retry after `Retry-After` seconds",

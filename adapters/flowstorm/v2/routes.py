@@ -7,7 +7,8 @@ parallel GET over the bus. Spec: shared/specs/flowstorm-socket-v2.md.
 Errors answer in the request's own format: a ``!`` line for ``text/plain``, an
 ErrorEvent line otherwise, with an HTTP status that says what happened (400
 malformed, 401 no key, 403 unknown key or another application's session, 404
-unknown session, 408 a stream that stopped, 409 busy session, 413 too large or
+unknown session, 408 a stream that stopped, 409 busy session (with ``Retry-After``:
+:data:`BUSY_RETRY_AFTER_S` when its lock wait ran out), 413 too large or
 too long, 405 a method other than GET and PUT (with ``Allow: GET, PUT``; a ``!`` line
 when ``Accept`` ranks ``text/plain`` first, as for GET), 415 unsupported content type,
 429 too many unknown sessions, 503 store
@@ -226,7 +227,7 @@ _REJECT_STATUS = {
 
 class _Refused(Exception):
     """A request answered with one ErrorEvent and an HTTP status: with ``Retry-After`` when
-    it has ``retry_s`` (429, 503), the key's challenge when 401, and the session
+    it has ``retry_s`` (409 session busy, 429, 503), the key's challenge when 401, and the session
     cookie cleared when ``forget``."""
 
     def __init__(
@@ -269,6 +270,18 @@ STORE_RETRY_AFTER_S: Final = 1
 """``Retry-After`` seconds of a 503 answered because the session store (Redis) does not
 answer: a refused or restarting Redis is asked again by the next request, a hung one
 after its circuit breaker's cool-down (1 s at first, gateway/breaker.py)."""
+BUSY_RETRY_AFTER_S: Final = 1
+"""``Retry-After`` seconds of a 409 answered because another turn of the session held its
+lock for all of GATEWAY_LOCK_WAIT_S (RFC 9110 section 10.2.3 allows it on any answer): the
+holder's remaining lease is not known without asking Redis once more, and a turn that ran
+that long may end any moment; the push API's ``session-busy`` says the same
+(gateway/push.py)."""
+_BUSY: Final = "Another turn of this session is still running."
+_REJECT_RETRY_S: Final[Mapping[str, int]] = {
+    "store-unavailable": STORE_RETRY_AFTER_S,
+    "session-busy": BUSY_RETRY_AFTER_S,
+}
+"""The ``Retry-After`` (s) of a turn's rejection, by its reason; none for the others."""
 _LONG_KEY: Final = f"The application key is longer than {MAX_ID_CHARS} characters."
 
 
@@ -540,14 +553,15 @@ _STOPPED: Final = "The turn was stopped before it answered."
 
 
 async def _store_logs(gw: Gateway, ctx: TurnContext) -> HTTPResponse:
-    """Store a body's Log events with the session (204). Raises _Refused: 409 busy, 503 the
+    """Store a body's Log events with the session (204). Raises _Refused: 409 busy (with
+    ``Retry-After``: :data:`BUSY_RETRY_AFTER_S`), 503 the
     store down, 403 / 404 (:func:`_session_refused`)."""
     if ctx.create:  # no session yet: nothing to attach the logs to
         return HTTPResponse(status_code=204)
     try:
         stored = await gw.conversation.log(ctx, ctx.logs)
     except SessionBusy:
-        raise _Refused(409, "Another turn of this session is still running.", "session") from None
+        raise _Refused(409, _BUSY, "session", BUSY_RETRY_AFTER_S) from None
     except StoreUnavailable:
         raise _store_down() from None
     if stored != "stored":
@@ -582,7 +596,7 @@ async def _turn(
     except TurnRejected as exc:
         await on_end()
         forget = exc.reason == "session-not-found"
-        retry = STORE_RETRY_AFTER_S if exc.reason == "store-unavailable" else None
+        retry = _REJECT_RETRY_S.get(exc.reason)
         raise _Refused(
             _REJECT_STATUS[exc.reason], exc.text, exc.source, retry, forget=forget
         ) from None

@@ -36,7 +36,7 @@ from gateway.sessions import redis_client
 from gateway.settings import Settings
 from gateway.speech.audio import Pcm, encode_mp3, silence
 from tests.adapters.flowstorm_shapes import check_v2
-from tests.conftest import gateway, refused_port, serve, served
+from tests.conftest import gateway, refused_port, serve, served, served_app
 from tests.gateway.core_app import make_core
 from tests.gateway.redis_proxy import ReplyDropper
 
@@ -168,6 +168,41 @@ async def test_logs_alone_are_stored_with_the_session() -> None:
         assert foreign.json()["text"] == f"Session {session_id} belongs to another application."
         session = await app.state.gateway.store.get(f"flowstorm:{session_id}")
         assert [e.text for e in session.logs] == ["mic muted"]
+
+
+async def test_a_busy_session_is_409_with_retry_after(redis_url: str, redis_prefix: str) -> None:
+    """A turn, or a body of Log events alone, of a session whose lock another turn (here
+    another instance's, the lock held through the store) holds for all of
+    GATEWAY_LOCK_WAIT_S is answered 409 with ``Retry-After: 1`` (before: none, while the
+    store's 503 had one) and the session's ErrorEvent; once the lock is free the
+    conversation goes on."""
+    settings = Settings(redis_url=redis_url, redis_prefix=redis_prefix, lock_wait_s=0.2)
+    app = create_app(settings)
+    async with (
+        served_app(app, settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        turn_url = f"/client?key={KEY}&tts=None"
+        intro = await client.put(turn_url, headers=TEXT, content="my name is Bob")
+        assert intro.status_code == 200, intro.text
+        session_id = client.cookies["flowstorm-session-id"]
+        store = app.state.gateway.store
+        async with store.open(f"flowstorm:{session_id}", lease_s=5, wait_s=1):
+            busy = await client.put(turn_url, headers=TEXT, content="what is my name")
+            logs = await client.put(
+                turn_url, headers=JSON, content='{"type":"Log","entries":[{"text":"tap"}]}'
+            )
+        for answer in (busy, logs):
+            assert answer.status_code == 409, answer.text
+            assert answer.headers.get("retry-after") == "1", answer.request.content
+        assert busy.text == "! session: Another turn of this session is still running.\n"
+        assert json.loads(logs.text) == {
+            "type": "Error",
+            "text": "Another turn of this session is still running.",
+            "source": "session",
+        }
+        again = await client.put(turn_url, headers=TEXT, content="what is my name")
+        assert again.text == "< Your name is Bob.\n"
 
 
 async def test_binary_events_without_audio_are_a_silent_turn_not_logs(base: str) -> None:
