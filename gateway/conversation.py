@@ -549,8 +549,15 @@ class Conversation:
                 rejected = TurnRejected("store-unavailable", "The session store is unavailable.")
                 outcome.reject(rejected)
                 out.put_nowait(rejected)
-        except LockLost:
-            log.error("turn of %s: its lock was lost before the save", session_ref(ctx.key))
+        except LockLost as exc:
+            if exc.data_lost:  # Redis lost its data: the store logged it once (DEBUG here)
+                log.log(
+                    outage_level(exc),
+                    "turn of %s: not saved, Redis lost the session and its lock",
+                    session_ref(ctx.key),
+                )
+            else:
+                log.error("turn of %s: its lock was lost before the save", session_ref(ctx.key))
             outcome.error = "gateway"
             out.put_nowait(
                 ErrorEvent(

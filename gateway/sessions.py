@@ -23,7 +23,11 @@ lease only if the lock still holds the holder's token), so a turn may run as
 long as it needs, while the lock of a holder that died (a killed process) frees
 itself within one lease. A renewal that finds the lock no longer ours marks the
 transaction lost; its outcome is then not applied (the release script is fenced
-by the token too) and LockLost is raised on exit.
+by the token too) and LockLost is raised on exit. A renewal or fenced release that finds
+the session, stored when the lock was taken, gone too tells (in the same script, so the
+lock held costs nothing more) that Redis lost its data (a restart without persistence,
+a FLUSHALL): one WARNING per such outage (:meth:`RedisSessionStore.data_lost`) and a
+LockLost with ``data_lost``, which turns log at DEBUG.
 
 Both scripts may run twice: the client retries a command whose connection dropped
 (gateway/redisconn.py), also when Redis had run it and only the reply was lost. A take
@@ -67,9 +71,17 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from gateway import metrics, redisconn
-from gateway.breaker import CircuitBreaker, CircuitOpen, breaker_of, outage_level, share_breaker
+from gateway.breaker import (
+    CircuitBreaker,
+    CircuitOpen,
+    breaker_of,
+    mark_logged,
+    outage_level,
+    share_breaker,
+)
 from gateway.events import MAX_TIMEOUT_S, LogEntry
 from gateway.protocol import invalid_field
+from gateway.ratelimit import RefusalLog
 from gateway.redisconn import REDIS_ERRORS, RedisClient, script_batch
 
 log = logging.getLogger(__name__)
@@ -165,7 +177,18 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
 
 
 class LockLost(StoreError):
-    """The lock's lease ran out before the transaction ended; its write was dropped."""
+    """The lock's lease ran out before the transaction ended; its write was dropped.
+
+    ``data_lost``: the session, stored when the lock was taken, was gone from Redis with
+    its lock (Redis restarted without its data, or was flushed, while the transaction
+    ran: the store logged that once, :meth:`RedisSessionStore.data_lost`, and marked the
+    error logged, so :func:`gateway.breaker.outage_level` gives DEBUG for it)."""
+
+    def __init__(self, message: str, *, data_lost: bool = False) -> None:
+        super().__init__(message)
+        self.data_lost = data_lost
+        if data_lost:
+            mark_logged(self)
 
 
 @dataclass
@@ -187,6 +210,9 @@ class SessionTxn:
     value, which fences the release and renewals); empty in the memory store."""
     lost: bool = False
     """Set when the lock's lease was found lost while the transaction was open."""
+    data_lost: bool = False
+    """Set with :attr:`lost` when the session, stored when the lock was taken, was found
+    gone from the store with its lock (:class:`LockLost`'s ``data_lost``)."""
     pushes_pending: bool | None = None
     """Whether the session's outbox held undelivered entries when the lock was taken
     (a store told of the outbox by its ``peek_outbox``: :meth:`RedisSessionStore.peek_outbox`,
@@ -503,9 +529,14 @@ return {0, false, 0}
 """
 )
 
+# KEYS[2]: the session. When the lock is not ours: -1 when the session is gone too
+# (Redis lost its data, or it had none yet), else 0; the lock held costs nothing more.
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return -1
 end
 return 0
 """
@@ -519,7 +550,9 @@ return 0
 # its outcome is in place (the session is the JSON it saved, or gone when it deleted)
 # and it answers 1 as the first time, not "lock lost" for a turn that was saved. Unless
 # another turn took the lock and wrote in between: then it answers 0 (the module doc's
-# limit: nothing left in Redis tells it from a fenced release).
+# limit: nothing left in Redis tells it from a fenced release). A fenced release's
+# third value says whether the session is still in Redis (1) or gone (0: Redis lost its
+# data, or the session had none yet): read only when the lock is not ours.
 _RELEASE = """
 local failed = 0
 for i = 3, #KEYS do
@@ -533,7 +566,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
       or (ARGV[2] == 'delete' and redis.call('EXISTS', KEYS[2]) == 0) then
     return {1, failed}
   end
-  return {0, failed}
+  return {0, failed, redis.call('EXISTS', KEYS[2])}
 end
 if ARGV[2] == 'save' then
   redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
@@ -590,6 +623,20 @@ class RedisSessionStore:
         self._outbox_keys: Callable[[str], tuple[str, str]] | None = None
         self._batch = script_batch(self._redis)
         self._alone: set[asyncio.Task[Any]] = set()  # a cluster's calls on their way
+        self._data_lost = RefusalLog(burst=1)  # one WARNING per outage (once a minute)
+
+    def data_lost(self, key: str) -> None:
+        """Log that the session ``key``, stored when a transaction took its lock, and the
+        lock are gone from Redis while it ran: Redis restarted without its data, or was
+        flushed. One WARNING naming Redis per such outage (then at most one a minute,
+        the others at DEBUG: every transaction in flight finds it), not one per turn."""
+        self._data_lost.log(
+            log,
+            "Redis lost its data (restarted without persistence, or flushed): the session "
+            "%s and its lock were gone while its transaction ran; the transactions in "
+            "flight are not saved",
+            _ref(key),
+        )
 
     def _call(
         self,
@@ -765,13 +812,14 @@ class RedisSessionStore:
         """
         period = lease_ms / 3000
         renewed = acquired
+        data_key = self._keys(txn.key)[1]
         warned = False
         while not done.is_set():
             sent = time.monotonic()
             try:
                 with metrics.labelled(metrics.REDIS_SECONDS, "renew").time():
                     ok = await self.breaker.guard(
-                        lambda: self._renew(keys=[lock_key], args=[txn.token, lease_ms]),
+                        lambda: self._renew(keys=[lock_key, data_key], args=[txn.token, lease_ms]),
                         always=True,  # the transaction runs: its lock is kept if Redis answers
                     )
             except REDIS_ERRORS as exc:
@@ -788,10 +836,14 @@ class RedisSessionStore:
                         outage_level(exc), "could not renew the lock of %s: %s", _ref(txn.key), exc
                     )
             else:
-                if not ok:
+                if ok != 1:  # 0: the lock is another's or gone; -1: the session is gone too
                     if done.is_set():  # released meanwhile (see _stop_keeper): not lost
                         return
                     txn.lost = True
+                    if ok == -1 and txn.session is not None:  # it was stored: Redis lost it
+                        txn.data_lost = True
+                        self.data_lost(txn.key)
+                        return
                     log.warning(
                         "the lock of %s was lost before its transaction ended", _ref(txn.key)
                     )
@@ -819,11 +871,11 @@ class RedisSessionStore:
             sent = time.perf_counter()
             try:
                 if batch is None:
-                    ok, failed = await self.breaker.guard(
+                    reply = await self.breaker.guard(
                         lambda: asyncio.shield(self._release(keys=keys, args=args)), always=True
                     )
                 else:
-                    ok, failed = await self.breaker.guard(
+                    reply = await self.breaker.guard(
                         lambda: batch.call(self._release, keys, args), always=True
                     )
             finally:
@@ -833,9 +885,20 @@ class RedisSessionStore:
                 raise _unavailable(exc) from exc
             log.log(outage_level(exc), "could not release lock of %s: %s", _ref(txn.key), exc)
             return
+        ok, failed = reply[0], reply[1]
         if failed:  # the session's fate is the fence's: only say so
             log.warning("%d side write(s) with the release of a session failed", failed)
         if applied and txn.outcome != "keep" and (txn.lost or not ok):
+            # fenced, the session stored when the lock was taken gone too: Redis lost it
+            if not txn.data_lost and not ok and not reply[2] and txn.session is not None:
+                txn.data_lost = True
+                self.data_lost(txn.key)
+            if txn.data_lost:
+                raise LockLost(
+                    f"session {_ref(txn.key)} and its lock were lost by Redis before its "
+                    f"{txn.outcome}",
+                    data_lost=True,
+                )
             raise LockLost(f"lock of session {_ref(txn.key)} expired before its {txn.outcome}")
 
     async def get(self, key: str) -> Session | None:

@@ -4,6 +4,9 @@ HTTP core (the http pipeline itself is tested in tests/gateway/pipeline/test_htt
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import shutil
 import time
 from collections.abc import AsyncIterator
 
@@ -11,6 +14,7 @@ import pytest
 from fastapi import FastAPI
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gateway.conversation import Conversation, TurnContext, TurnRejected
 from gateway.events import (
@@ -33,6 +37,7 @@ from gateway.sessions import (
     SessionStore,
 )
 from gateway.settings import Settings
+from tests.conftest import free_port
 from tests.gateway.turns import (
     ctx,
     engine,
@@ -374,6 +379,89 @@ async def test_busy_session_is_rejected_after_the_lock_wait(core: tuple[str, Fas
     rest = [e async for e in events]
     assert isinstance(rest[-1], ResponseEvent)
     await conv.pipeline.aclose()
+
+
+@contextlib.asynccontextmanager
+async def own_redis(port: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A redis-server of this test alone on ``port``, without persistence (a restart
+    loses its data), answering; stopped on exit."""
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is needed (apt-get install redis-server)"
+    server = await asyncio.create_subprocess_exec(
+        *(binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+        *("--appendonly", "no"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    client = Redis(port=port)
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError, RedisError):
+                if await client.ping():
+                    break
+            await asyncio.sleep(0.02)
+        yield server
+    finally:
+        await client.aclose()
+        if server.returncode is None:
+            server.terminate()
+            await server.wait()
+
+
+@pytest.mark.parametrize("loss", ["flushall", "restart"])
+async def test_a_redis_that_lost_its_data_mid_turn_is_one_warning_naming_redis(
+    core: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture, loss: str
+) -> None:
+    """Redis loses its data (FLUSHALL, or a restart without persistence) while two turns
+    of two stored sessions run: each turn ended with an Error and logged an ERROR
+    blaming the turn ("its lock was lost before the save"), and nothing said Redis lost
+    its data. Now the store's one WARNING names Redis (the second turn's at DEBUG), no
+    ERROR. The restart is found by the lease's renewal (a lease of 3 s, renewed each
+    second), the FLUSHALL by the release (a lease of 30 s): the session gone with the
+    lock, read in the fenced branch of their scripts (no round trip more)."""
+    url, app = core
+    port = free_port()
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    async with own_redis(port) as server:
+        store = RedisSessionStore(redis_url, prefix="lost")
+        for session_id in ("s1", "s2"):
+            await engine(store).turn(ctx(session_id), Input.of("#intro")).collect()
+        lease_s = 30 if loss == "flushall" else 3
+        slow = engine(store, pipeline=f"{url}/slow?s=2", lock_lease_s=lease_s)
+        caplog.set_level(logging.DEBUG, "gateway")
+        turns = [
+            asyncio.ensure_future(slow.turn(ctx(session_id), Input.of("hi")).collect())
+            for session_id in ("s1", "s2")
+        ]
+        for _ in range(250):  # until both turns hold their lock, in the core
+            if len(app.state.requests) == 2:
+                break
+            await asyncio.sleep(0.02)
+        async with contextlib.AsyncExitStack() as restarted:
+            if loss == "flushall":
+                async with Redis(port=port) as admin:
+                    await admin.flushall()
+            else:  # the same port, empty: until the turns end
+                server.terminate()
+                await server.wait()
+                await restarted.enter_async_context(own_redis(port))
+            for events in await asyncio.gather(*turns):
+                assert events[-1] == ErrorEvent(
+                    text="The session's lock was lost before the turn was saved.",
+                    source="gateway",
+                )
+        await slow.pipeline.aclose()
+        await store.aclose()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors  # before: "turn of ...: its lock was lost before the save", twice
+    lost = [r for r in caplog.records if "Redis lost its data" in r.getMessage()]
+    assert [(r.name, r.levelno) for r in lost] == [
+        ("gateway.sessions", logging.WARNING),
+        ("gateway.sessions", logging.DEBUG),
+    ]
+    assert "was lost before its transaction ended" not in caplog.text
+    turn_lines = [r for r in caplog.records if "Redis lost the session" in r.getMessage()]
+    assert [r.levelno for r in turn_lines] == [logging.DEBUG, logging.DEBUG]
 
 
 async def test_unreachable_store_rejects_the_turn() -> None:
