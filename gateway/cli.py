@@ -99,7 +99,7 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.server import describe, open_file_limit, uvicorn_options
+    from gateway.server import GatewayServer, describe, open_file_limit, uvicorn_options
 
     level = (log_level or settings.log_level).lower()
     configure_logging(level, settings.log_format)
@@ -123,7 +123,9 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
         # deadlines, connection cap, send deadline, ws_max_size (gateway/server.py)
         **uvicorn_options(settings),
     )
-    server = uvicorn.Server(config)
+    # uvicorn's, with the app's before_close hooks between the end of accepting and the
+    # close of the open connections (Twilio calls move to another instance there)
+    server = GatewayServer(config)
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
     # handler it found when it started; Python's default for SIGTERM kills the process,
     # so a clean stop ended "killed by SIGTERM" (status -15; 143 in a container, an

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,8 @@ class Gateway:
     follow their session's outbox through it; ``pusher`` serves the admin API
     (gateway/push.py). ``unconfigured`` lists the channels not configured, recorded by
     their routers' lifespans for the startup's one INFO line (:mod:`gateway.startup`).
+    ``before_close`` is run by ``gateway serve`` at shutdown before it closes the
+    connections.
     """
 
     settings: Settings
@@ -48,6 +51,11 @@ class Gateway:
     journal: Journal | None = None
     pusher: Pusher | None = None
     unconfigured: list[Unconfigured] = field(default_factory=list)
+    before_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """What runs at shutdown once the listening sockets are closed and before the open
+    connections are (gateway/server.py ``GatewayServer``), concurrently: the routers'
+    own (Twilio moves its calls to another instance); each bounds its time and never
+    raises."""
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:

@@ -80,12 +80,14 @@ import json
 import logging
 import math
 import select
+import socket
 import time
 from asyncio import TimerHandle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -743,6 +745,41 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
             self.close_sent = True
             self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008, "reason": reason})
         _unwrapped(self.transport).abort()
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server with the gateway's first step of a graceful shutdown (SIGTERM):
+    it stops accepting connections, then runs the app's ``before_close`` hooks
+    (gateway/deps.py ``Gateway.before_close``: Twilio moves its calls to another
+    instance while their streams are still open), concurrently; only then does uvicorn
+    close the open connections (WebSockets with 1012) and wait for the rest. The time the
+    hooks took is taken off that wait (GATEWAY_SHUTDOWN_TIMEOUT_S, at least 1 s left), so
+    the shutdown's bound stays what it was. Uses uvicorn's ``servers`` (its listening
+    servers; closing one again is a no-op)."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for server in self.servers:
+            server.close()  # no new connection while the hooks run (uvicorn closes it too)
+        await run_before_close(self.config.app)
+        timeout = self.config.timeout_graceful_shutdown
+        if timeout is not None:
+            left = timeout - (loop.time() - began)
+            self.config.timeout_graceful_shutdown = max(1, math.floor(left))
+        await super().shutdown(sockets)
+
+
+async def run_before_close(app: Any) -> None:
+    """Run ``app``'s ``before_close`` hooks (its Gateway's, once started; none else)
+    concurrently; one that raises anyway is logged at ERROR with its traceback, the
+    others run on."""
+    gw = getattr(getattr(app, "state", None), "gateway", None)
+    hooks = list(getattr(gw, "before_close", ()))
+    results = await asyncio.gather(*(hook() for hook in hooks), return_exceptions=True)
+    for result in results:
+        if isinstance(result, Exception):
+            log.error("a shutdown step failed", exc_info=result)
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

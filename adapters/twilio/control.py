@@ -15,7 +15,9 @@ https://www.twilio.com/docs/voice/answering-machine-detection):
   ``ringing``, ``in-progress``, ``completed``, ``busy``, ``no-answer``, ``failed``,
   ``canceled``), ``To``, ``From``, and ``AnsweredBy`` when detection ran;
 - update: ``POST .../Calls/{CallSid}.json`` with ``Twiml`` (new instructions: the
-  transfer's ``<Dial>``) or ``Status=completed`` (hang up);
+  transfer's ``<Dial>``), ``Url`` + ``Method`` (fetch new instructions there: a call
+  moved to another instance at shutdown, :func:`redirect`) or ``Status=completed``
+  (hang up);
 - auth: HTTP Basic ``AccountSid:AuthToken``.
 
 The call's SID is one path segment of the update's URL, percent-encoded
@@ -124,6 +126,15 @@ def transfer(auth: TwilioAuth, call_sid: str, target: str) -> RestRequest:
     return RestRequest(
         "POST", auth.calls_url(call_sid), auth.headers, form={"Twiml": dial_twiml(target)}
     )
+
+
+def redirect(auth: TwilioAuth, call_sid: str, url: str) -> RestRequest:
+    """Have the live call fetch new TwiML from ``url`` (``Url``, ``Method=POST``): its
+    current instructions (the media stream and what follows it) are dropped, and Twilio
+    POSTs ``url`` as it POSTs a voice webhook (signed: ``X-Twilio-Signature`` over
+    ``url`` and the form)."""
+    form = {"Url": url, "Method": "POST"}
+    return RestRequest("POST", auth.calls_url(call_sid), auth.headers, form=form)
 
 
 def hang_up(auth: TwilioAuth, call_sid: str) -> RestRequest:

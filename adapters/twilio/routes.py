@@ -103,6 +103,7 @@ from adapters.twilio.openapi import POST_STATUS, POST_TWILIO_AMD, POST_VOICE, ST
 from adapters.twilio.protocol import (
     CHANNEL,
     CallConfig,
+    State,
     TwilioCall,
     busy_twiml,
     twiml,
@@ -120,8 +121,9 @@ from adapters.twilio.verify import (
     stream_url,
 )
 from gateway import metrics
+from gateway.breaker import outage_level
 from gateway.callcodec import VerificationRefused
-from gateway.callcontrol import TransferResult
+from gateway.callcontrol import CallControl, CallControlError, TransferResult
 from gateway.calls import (
     callcontrol_of,
     record_outcome,
@@ -141,9 +143,10 @@ from gateway.io.call import (
 )
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, clipped, media_type
-from gateway.protocol.call import CLOSE_NORMAL, Transfer
+from gateway.protocol.call import CLOSE_NORMAL, RESUMED, Transfer
 from gateway.ratelimit import refusal_log
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
+from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
 
 log = logging.getLogger("adapters.twilio")
@@ -151,6 +154,14 @@ log = logging.getLogger("adapters.twilio")
 HANGUP_GRACE_S: Final = 3.0
 """After a REST hang-up, how long Twilio gets to stop the stream before it is closed here."""
 STATUS_EVENTS_KEPT: Final = 256
+MOVE_TIMEOUT_S: Final = 5.0
+"""At shutdown, the longest the calls' moves to another instance take together (s):
+their redirects (sent at once, concurrently) and Twilio's ``stop`` of each moved stream;
+GATEWAY_CALLS_TIMEOUT_S or GATEWAY_SHUTDOWN_TIMEOUT_S when shorter."""
+MOVED_MARK_S: Final = 60.0
+"""How long a moved call is marked so in the one-time key store (s): the
+``stream-stopped`` callback of its old stream, which may reach an instance before the
+new stream is up there, does not end its session (:func:`status`)."""
 
 
 # ------------------------------------------------------------------ per-app state
@@ -184,6 +195,38 @@ class TwilioChannel:
             token.get_secret_value() if token else None,
             self.secret_keys.key(TWILIO_STREAM_TOKEN),
             self.secret_keys.shared,
+        )
+
+    async def move_calls(self, control: CallControl | None) -> None:
+        """Move every call this instance serves to another one, before the gateway's
+        shutdown closes their streams (run by gateway/server.py ``GatewayServer`` once
+        the listening sockets are closed): each live call is redirected at once
+        (:meth:`_Call.move`: ``Calls/{CallSid}`` updated with ``Url`` =
+        ``<GATEWAY_PUBLIC_URL>/twilio/voice?key=...&resumed=1``), concurrently, within
+        :data:`MOVE_TIMEOUT_S`; Twilio fetches new TwiML through the load balancer and
+        the call goes on in the same session on another instance (no ``#intro``).
+        One INFO line with the count. Without Twilio's REST credentials (or the
+        call-control client) nothing is sent: one WARNING, and the calls are cut as
+        before (their streams close, the TwiML's ``<Hangup/>`` ends them); a call whose
+        redirect fails is cut so too (a WARNING each). Never raises."""
+        live = [call for call in self.calls.values() if call.movable]
+        if not live:
+            return
+        if self.rest is None or control is None:
+            log.warning(
+                "Twilio: %d calls are cut at shutdown: Twilio's REST API is not configured "
+                "(GATEWAY_TWILIO_ACCOUNT_SID and GATEWAY_TWILIO_AUTH_TOKEN), so they cannot "
+                "be moved to another instance",
+                len(live),
+            )
+            return
+        settings = self.settings
+        timeout_s = min(MOVE_TIMEOUT_S, settings.calls_timeout_s, settings.shutdown_timeout_s)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        auth = self.rest
+        moved = await asyncio.gather(*(call.move(auth, control, deadline) for call in live))
+        log.info(
+            "Twilio: %d of %d calls moved to another instance at shutdown", sum(moved), len(live)
         )
 
     @property
@@ -246,7 +289,12 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gw = app.state.gateway
-    app.state.twilio = make_channel(gw.settings, gw.secret_keys)
+    channel = app.state.twilio = make_channel(gw.settings, gw.secret_keys)
+
+    async def move_calls() -> None:
+        await channel.move_calls(callcontrol_of(app))
+
+    gw.before_close.append(move_calls)  # at shutdown, before the streams are closed
     yield
 
 
@@ -322,7 +370,10 @@ async def voice(request: Request) -> Response:
         line = "Twilio call %s refused: unknown application key %s"  # bounded, as forged ones
         refusal_log(request.app.state, "Twilio").log(log, line, call_sid, clipped(key))
         return problem(403, "Forbidden", f"Unknown application key {clipped(key)}.")
-    if gateway_of(request).speech.recognition_saturated():
+    # a call moved here from an instance that shut down (TwilioChannel.move_calls): the
+    # signed URL of its redirect says so; its stream continues the session
+    resumed = request.query_params.get(RESUMED) == "1"
+    if not resumed and gateway_of(request).speech.recognition_saturated():
         # a call needs a recognizer for each utterance; with all busy and the queue full
         # its first words would be refused: a clear busy line now beats a mute bot later.
         # Counted each; logged in a bounded burst (calls come in bursts while saturated)
@@ -340,6 +391,7 @@ async def voice(request: Request) -> Response:
         "direction": "outbound" if request.query_params.get("direction") == "outbound" else "",
         "attributes": request.query_params.get("attributes", ""),
         "answeredBy": params.get("AnsweredBy", ""),
+        RESUMED: "1" if resumed else "",
     }
     xml = twiml(
         stream_url(settings.public_url, token),
@@ -347,7 +399,8 @@ async def voice(request: Request) -> Response:
         {name: value for name, value in parameters.items() if value},
     )
     caller = masked_number(parameters["from"]) or "?"  # personal data: its last 4 digits
-    log.info("Twilio call %s from %s: stream issued", call_sid, caller)
+    moved = " (a call moved from another instance: its session goes on)" if resumed else ""
+    log.info("Twilio call %s from %s: stream issued%s", call_sid, caller, moved)
     return Response(xml, media_type="application/xml")
 
 
@@ -394,8 +447,31 @@ async def status(request: Request) -> Response:
         # call's session so it is not left open
         gw = gateway_of(request)
         key = request.query_params.get("key") or gw.settings.twilio_app_key
-        await end_unserved_call(gw, CHANNEL, call_sid, key, event["StreamEvent"], log)
+        if not await _moving(gw, call_sid):
+            await end_unserved_call(gw, CHANNEL, call_sid, key, event["StreamEvent"], log)
     return Response(status_code=204)
+
+
+def _moved_key(call_sid: str) -> str:
+    """The one-time key store's key marking call ``call_sid`` moved (:data:`MOVED_MARK_S`)."""
+    return f"twilio:moved:{call_sid}"
+
+
+async def _moving(gw: Gateway, call_sid: str) -> bool:
+    """Whether call ``call_sid`` was moved to another instance within :data:`MOVED_MARK_S`
+    (:meth:`_Call.move` marked it): its old stream's ``stream-stopped`` does not end its
+    session, which goes on in the new stream. The mark is read by trying to use its key
+    (True: it was free, now released again); the store down: True, not known (as a call
+    whose server is not known is left, gateway/io/call.py ``end_unserved_call``)."""
+    key = _moved_key(call_sid)
+    try:
+        if not await gw.nonces.use_once(key, 1):
+            return True
+        await gw.nonces.release(key)
+    except StoreUnavailable as exc:
+        log.log(outage_level(exc), "Twilio call %s: not known whether it moved: %s", call_sid, exc)
+        return True
+    return False
 
 
 # ------------------------------------------------------------------ the media stream
@@ -433,6 +509,70 @@ class _Call(CallRunner):
 
     def started(self, call_id: str) -> None:
         self.name = f"Twilio call {call_id}"
+
+    @property
+    def movable(self) -> bool:
+        """Whether the call is live (started, not ending, transferring or over): it can be
+        moved to another instance (:meth:`move`)."""
+        return self.call.info is not None and self.call.state not in (
+            State.ENDING,
+            State.TRANSFERRING,
+            State.CLOSED,
+        )
+
+    async def move(
+        self, auth: twilio_control.TwilioAuth, control: CallControl, deadline: float
+    ) -> bool:
+        """Move the call to another instance (:meth:`TwilioChannel.move_calls`): the engine
+        keeps the session open when the stream ends (:meth:`CarrierCall.move`), the call is
+        marked moved (:data:`MOVED_MARK_S`), then updated with ``Url`` =
+        ``<GATEWAY_PUBLIC_URL>/twilio/voice`` with the call's ``key`` (``locale``,
+        ``direction`` when given) and ``resumed=1``, ``Method=POST``
+        (adapters/twilio/control.py ``redirect``), and Twilio's ``stop`` of this stream is
+        awaited, all before ``deadline`` (loop time). Whether Twilio took the redirect.
+        When it did not (an error status, no answer by ``deadline``, a network error:
+        logged at WARNING, ``component: twilio-api``) the call is cut as before: its
+        stream's end ends the session (:meth:`CarrierCall.move_failed`)."""
+        info = self.call.info
+        if info is None or not self.call.move():
+            return False
+        params = info.parameters
+        query = {"key": params.get("appKey") or self.channel.config.default_app_key}
+        for name in ("locale", "direction"):
+            if params.get(name):
+                query[name] = params[name]
+        query[RESUMED] = "1"
+        settings = self.gw.settings
+        url = public_url(settings.public_url, "/twilio/voice", urlencode(query))
+        try:
+            await self.gw.nonces.use_once(_moved_key(self.call_sid), MOVED_MARK_S)
+        except StoreUnavailable as exc:  # its old stream's stream-stopped may end it
+            log.log(outage_level(exc), "%s: not marked moved: %s", self.name, exc)
+        request = twilio_control.redirect(auth, self.call_sid, url)
+        why = ""
+        try:
+            async with asyncio.timeout_at(deadline):
+                answer = await control.send(request)
+        except CallControlError as exc:
+            why = str(exc)
+        except TimeoutError:
+            why = "no answer before the shutdown's bound"
+        else:
+            if not answer.ok:
+                why = f"HTTP {answer.status}: {str(answer.body)[:200]}"
+        if why:
+            log.warning(
+                "%s NOT moved to another instance (component: twilio-api), it is cut: %s",
+                self.name,
+                why,
+            )
+            await self.run(self.call.move_failed())
+            return False
+        log.debug("%s moved: Twilio fetches %s", self.name, url)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self._received_all.wait()  # Twilio stops the stream
+        return True
 
     async def _end(self, call_sid: str, transfer: Transfer | None) -> None:
         """Hang up: ``Calls/{callSid}`` ``Status=completed`` (gateway/calls.py ``hang_up``:

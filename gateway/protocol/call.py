@@ -61,6 +61,11 @@ full; :data:`TRANSITIONS` is the same state machine):
    :data:`TRANSFER_FAILED` (attributes ``target``, ``reason``, ``error``) on the
    bot's floor, and the call goes on in the same session; a transfer that happened
    ends the session (unless the core ended it already).
+8. Moving (a gateway instance shutting down hands its calls to another:
+   :meth:`CarrierCall.move`): the stream's end then leaves the session open (no
+   EndSession, an input still waiting is dropped); the call's next stream, started
+   with the parameter :data:`RESUMED` ``"1"``, continues the session: no ``#intro``,
+   the caller's floor.
 
 **Time is the caller's audio time** (ms of inbound audio received), so timeouts do
 not depend on how fast a peer sends.
@@ -155,6 +160,10 @@ def speech_request(fmt: MediaFormat | None) -> TtsRequest:
 _MARK_END: Final = "end"
 MACHINE: Final = "#machine"
 """The input of an answering-machine answer (:meth:`CarrierCall.machine_answered`)."""
+RESUMED: Final = "resumed"
+"""The stream parameter (value ``"1"``) of a call moved here from an instance that shut
+down (adapters/twilio/routes.py, README "Shutdown"): its start continues the call's
+session, no ``#intro``: the caller has the floor (:meth:`CarrierCall.move`)."""
 MAX_ATTRIBUTES_CHARS: Final = 4000
 """Longest JSON ``attributes`` parameter of an outbound call that is read."""
 KEPT_ERRORS: Final = 20
@@ -766,6 +775,9 @@ class CarrierCall:
         self.extra_parameters: dict[str, str] = {}
         """Parameters the adapter learnt outside the codec's start (Telnyx ``client_state``):
         under the start's own."""
+        self.moved = False
+        """Whether the call is being handed to another instance (:meth:`move`): the
+        stream's end then does not end the session."""
 
     # -------------------------------------------------------------- queries
 
@@ -914,6 +926,11 @@ class CarrierCall:
             tts=self.tts,
         )
         self._bot_since = self.now_ms
+        if params.get(RESUMED) == "1":
+            # a call moved from an instance that shut down (move): its session goes on,
+            # no #intro; the caller has the floor
+            self.session_started = True
+            return self._advance()
         if outbound:
             self.answered_by = self.answered_by or params.get("answeredBy") or None
             self._input_attributes[INTRO] = self._outbound_attributes(params)
@@ -1431,6 +1448,27 @@ class CarrierCall:
         }
         return self._start_turn(TRANSFER_FAILED)
 
+    def move(self) -> bool:
+        """The call is being handed to another instance: the gateway shuts down and asked
+        the carrier to fetch the call's instructions anew (adapters/twilio/routes.py), so
+        the call goes on in a new stream elsewhere (started with :data:`RESUMED`). From
+        now the stream's end (the carrier's ``stop``, a lost connection) does not end the
+        session, nor give an input still waiting its turn (the caller would not hear its
+        answer: the input is dropped); a turn running then still finishes and saves.
+        Whether the call can move: False (nothing changed) before the start, while it
+        ends or transfers, or once it is over."""
+        if self.info is None or self.state in (State.ENDING, State.TRANSFERRING, State.CLOSED):
+            return False
+        self.moved = True
+        return True
+
+    def move_failed(self) -> list[CallAction]:
+        """The carrier did not take the move (:meth:`move`): the stream's end ends the
+        session again, as any call's; when the stream ended meanwhile, the session's end
+        now (``[EndSession]``, unless the core ended it), else ``[]``."""
+        self.moved = False
+        return self._ending_actions(State.CLOSED) if self.closed else []
+
     def _last_input(self) -> list[CallAction]:
         """The stream ended (the carrier's ``stop`` or a lost connection) while an input
         was waiting (:attr:`pending`: a key pressed as the caller hung up, while the bot's
@@ -1439,10 +1477,11 @@ class CarrierCall:
         core before the session ends (the runner's EndSession waits for it:
         gateway/io/call.py ``CallRunner.end_session``). Nothing of it is played (the turn
         is discarded). ``[]`` when no input waits or the stream has not ended (its callers
-        check that the core did not end the session)."""
+        check that the core did not end the session) or the call moved (:meth:`move`:
+        the input is dropped)."""
         text, self.pending = self.pending, None
         ended = self.stopped or self.disconnected
-        if text is None or not ended or self.ctx is None:
+        if text is None or not ended or self.ctx is None or self.moved:
             return []
         actions = self._start_turn(text)
         assert self.turn is not None
@@ -1487,6 +1526,8 @@ class CarrierCall:
         if was in (State.HEARING, State.HOLDING) or self._judging:
             self._judging = False
             actions += self._stop_listening()
+        if self.moved:  # the session goes on in the call's next stream (move)
+            return actions
         if self.ctx is not None and self.session_started and not self.session_over:
             self.session_over = True
             actions.append(EndSession(self.ctx))

@@ -1,0 +1,159 @@
+"""SIGTERM of a `gateway serve` instance during a rolling deploy: the Twilio calls whose
+media streams it serves are moved to another instance (Calls/{CallSid} redirected to the
+signed voice webhook with ``resumed=1``) before their streams are closed, and go on there
+in the same session without a new greeting; a call whose redirect fails is cut as before."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from tests.adapters.twilio.harness import (
+    ACCOUNT,
+    TwilioHarness,
+    ask_twiml,
+    call_sid,
+    parse_twiml,
+    sign,
+)
+from tests.adapters.twilio.helpers import AUTH, PUBLIC, until
+from tests.calls.carrier_api import carrier_api
+from tests.conftest import GatewayProcess, serve, start_all
+
+
+def recording_core(turns: list[tuple[str, int, str]]) -> FastAPI:
+    """A core that records each turn's (sessionId, turn, input text) and answers briefly."""
+    app = FastAPI()
+
+    @app.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        text = body["input"]["transcript"]["text"]
+        turns.append((body["sessionId"], body["turn"], text))
+        return JSONResponse({"items": [{"text": "Yes."}]})
+
+    return app
+
+
+async def stream_stopped(base_url: str, status_callback: str, sid: str) -> httpx.Response:
+    """Twilio's ``stream-stopped`` status callback of call ``sid``'s stream, signed over
+    the TwiML's ``statusCallback`` URL."""
+    form = {
+        "AccountSid": ACCOUNT,
+        "CallSid": sid,
+        "StreamSid": "MZ" + "0" * 32,
+        "StreamEvent": "stream-stopped",
+        "Timestamp": "2026-12-06T17:00:00Z",
+    }
+    path = status_callback.removeprefix(PUBLIC)
+    headers = {"X-Twilio-Signature": sign(AUTH, status_callback, form)}
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        return await client.post(path, data=form, headers=headers)
+
+
+async def test_sigterm_moves_a_call_to_another_instance_where_it_goes_on_without_a_greeting(
+    redis_url: str,
+    redis_prefix: str,
+    gateway_processes: list[GatewayProcess],
+    tmp_path: Path,
+) -> None:
+    turns: list[tuple[str, int, str]] = []
+    log_path = tmp_path / "a.log"
+    async with serve(recording_core(turns)) as core, carrier_api() as api:
+        env = {
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_REDIS_PREFIX": redis_prefix,
+            "GATEWAY_PUBLIC_URL": PUBLIC,
+            "GATEWAY_TWILIO_AUTH_TOKEN": AUTH,
+            "GATEWAY_TWILIO_ACCOUNT_SID": ACCOUNT,
+            "GATEWAY_TWILIO_API_BASE_URL": api.url,
+            "GATEWAY_PIPELINE": f"{core}/turn",
+            "GATEWAY_SILENCE_TIMEOUT_MS": "600000",
+        }
+        moved_sid, cut_sid = call_sid(), call_sid()
+        calls_path = f"/2010-04-01/Accounts/{ACCOUNT}/Calls"
+        # Twilio refuses the redirect of the second call: it is cut as before
+        api.answers[("POST", rf"{calls_path}/{cut_sid}\.json")] = JSONResponse(
+            {"code": 20500, "message": "Internal Server Error"}, 503
+        )
+        with log_path.open("wb") as log_file:
+            a = GatewayProcess(env, stderr=log_file, log_level="info")
+            b = GatewayProcess(env)
+            gateway_processes += [a, b]
+            start_all(a, b)
+            assert a.proc is not None
+            twimls = {}
+            for sid in (moved_sid, cut_sid):
+                answer = await ask_twiml(
+                    a.url, PUBLIC, sid, auth_token=AUTH, query="key=shop&locale=en-GB"
+                )
+                assert answer.status_code == 200, answer.text
+                twimls[sid] = parse_twiml(answer.text)
+            async with (
+                TwilioHarness.stream(a.url, twimls[moved_sid], moved_sid, auth_token=AUTH) as first,
+                TwilioHarness.stream(a.url, twimls[cut_sid], cut_sid, auth_token=AUTH) as cut,
+            ):
+                assert await until(lambda: len(turns) == 2, 30), turns  # both greetings
+                a.proc.send_signal(signal.SIGTERM)
+                assert await until(lambda: len(api.requests) == 2, 10), api.requests
+                # Twilio stops the stream of the call it redirected
+                await first.stop()
+                await cut.wait_for(lambda: cut.close_code is not None, 15)
+            exit_code = await asyncio.to_thread(a.proc.wait, 30)
+        assert exit_code == 0
+        redirects = {r.path: r for r in api.requests}
+        redirect = redirects[f"{calls_path}/{moved_sid}.json"]
+        assert redirect.method == "POST"
+        auth = base64.b64encode(f"{ACCOUNT}:{AUTH}".encode()).decode()
+        assert redirect.headers["authorization"] == f"Basic {auth}"
+        url = f"{PUBLIC}/twilio/voice?key=shop&locale=en-GB&resumed=1"
+        assert redirect.form == {"Url": url, "Method": "POST"}
+        assert redirects[f"{calls_path}/{cut_sid}.json"].form == {
+            "Url": f"{PUBLIC}/twilio/voice?key=shop&locale=en-GB&resumed=1",
+            "Method": "POST",
+        }
+        assert cut.close_code == 1012  # cut as before the move existed
+        logged = log_path.read_text()
+        assert "Twilio: 1 of 2 calls moved to another instance at shutdown" in logged, logged
+        assert f"Twilio call {cut_sid} NOT moved to another instance" in logged, logged
+        assert " ERROR " not in logged, logged
+
+        # the old stream's stream-stopped reaches instance b before the new stream: the
+        # moved call's session is not ended there
+        stopped = await stream_stopped(b.url, twimls[moved_sid].status_callback, moved_sid)
+        assert stopped.status_code == 204
+        # Twilio fetches the redirect's Url through the balancer (here: b), signed over it
+        answer = await ask_twiml(
+            b.url, PUBLIC, moved_sid, auth_token=AUTH, query=url.partition("?")[2]
+        )
+        assert answer.status_code == 200, answer.text
+        resumed = parse_twiml(answer.text)
+        assert resumed.parameters == {
+            "from": "+15550100",
+            "to": "+15550199",
+            "appKey": "shop",
+            "locale": "en-GB",
+            "resumed": "1",
+        }
+        async with TwilioHarness.stream(b.url, resumed, moved_sid, auth_token=AUTH) as second:
+            await asyncio.sleep(1.0)  # no greeting: the caller has the floor
+            assert second.media_frames() == []
+            assert len(turns) == 2
+            await second.dtmf("5")
+            assert await until(lambda: len(turns) == 3, 15), turns
+            assert second.close_code is None
+    assert sorted(turns[:2]) == sorted([(moved_sid, 1, "#intro"), (cut_sid, 1, "#intro")])
+    assert turns[2] == (moved_sid, 2, "5")  # the same session, its second turn
+    store: Any = redis.Redis.from_url(redis_url)
+    try:
+        assert not store.exists(f"{redis_prefix}:{{twilio:{cut_sid}}}:s")  # ended
+    finally:
+        store.close()
