@@ -436,7 +436,8 @@ def twiml(stream: str, status_callback: str, parameters: Mapping[str, str]) -> s
         </Stream></Connect><Hangup/></Response>
 
     ``<Hangup/>`` follows ``<Connect>``: TwiML after it runs when the gateway closes
-    the stream, so closing the stream hangs the call up.
+    the stream, so closing the stream hangs the call up (unless the call was redirected
+    first: a call moved to another instance at shutdown, routes.py ``move_calls``).
     """
     response = VoiceResponse()
     connect = Connect()

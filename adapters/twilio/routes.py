@@ -71,6 +71,22 @@ control.py) through the gateway's asynchronous call-control client
 stream is closed; without them the stream is closed and the TwiML's ``<Hangup/>`` ends
 the call.
 
+Moving at shutdown (a rolling deploy): ``gateway serve`` runs
+:meth:`TwilioChannel.move_calls` once it stopped accepting and before uvicorn closes the
+streams (gateway/server.py ``GatewayServer``; the hook is the Gateway's
+``before_close``). With the REST credentials each live call is updated with ``Url`` =
+``<GATEWAY_PUBLIC_URL>/twilio/voice?key=<appKey>[&locale=..][&direction=outbound]&resumed=1``
+(``Method=POST``), all at once within :data:`MOVE_TIMEOUT_S`; one INFO line counts them.
+Twilio drops the TwiML (its ``<Hangup/>`` too), stops the stream and POSTs that URL,
+signed as any voice webhook, through the load balancer to another instance, whose TwiML's
+``<Stream>`` carries the Parameter ``resumed`` ``1``: the new stream continues the
+session, no ``#intro`` (gateway/protocol/call.py ``RESUMED``; such a call is taken even
+while recognition is saturated). Here no turn starts any more, the stream's end does not
+end the session (``CarrierCall.move``), and the old stream's ``stream-stopped`` does not
+either on any instance (the call is marked moved in the one-time key store for
+:data:`MOVED_MARK_S`). Without the credentials (one WARNING) or for a redirect that fails
+(a WARNING each) the calls are cut as before: the stream closes, ``<Hangup/>`` follows.
+
 Transfer (a ``#transfer`` item, gateway/events.py ``transfer_item``): the audio before
 it plays, then the call is updated with ``<Dial>`` to the target (adapters/twilio/control.py;
 a refused or unreachable update keeps the call: the core gets ``#transfer-failed``);

@@ -62,8 +62,8 @@ full; :data:`TRANSITIONS` is the same state machine):
    bot's floor, and the call goes on in the same session; a transfer that happened
    ends the session (unless the core ended it already).
 8. Moving (a gateway instance shutting down hands its calls to another:
-   :meth:`CarrierCall.move`): the stream's end then leaves the session open (no
-   EndSession, an input still waiting is dropped); the call's next stream, started
+   :meth:`CarrierCall.move`): no turn starts any more, and the stream's end leaves the
+   session open (no EndSession, an input waiting is dropped); the call's next stream, started
    with the parameter :data:`RESUMED` ``"1"``, continues the session: no ``#intro``,
    the caller's floor.
 
@@ -1256,6 +1256,8 @@ class CarrierCall:
         if self.state is not State.BOT or self.turn is not None or self.marks.outstanding:
             return []
         if self.pending is not None:
+            if self.moved:  # no turn starts for a call moving away (move): nobody hears it
+                return []
             text, self.pending = self.pending, None
             return self._start_turn(text)
         self.machine.advance(FLOOR)
@@ -1452,9 +1454,10 @@ class CarrierCall:
         """The call is being handed to another instance: the gateway shuts down and asked
         the carrier to fetch the call's instructions anew (adapters/twilio/routes.py), so
         the call goes on in a new stream elsewhere (started with :data:`RESUMED`). From
-        now the stream's end (the carrier's ``stop``, a lost connection) does not end the
-        session, nor give an input still waiting its turn (the caller would not hear its
-        answer: the input is dropped); a turn running then still finishes and saves.
+        now no turn starts (an input waits), and the stream's end (the carrier's ``stop``,
+        a lost connection) does not end the session, nor give the input waiting its turn
+        (the caller would not hear its answer: the input is dropped); a turn running
+        then still finishes and saves.
         Whether the call can move: False (nothing changed) before the start, while it
         ends or transfers, or once it is over."""
         if self.info is None or self.state in (State.ENDING, State.TRANSFERRING, State.CLOSED):
@@ -1463,11 +1466,12 @@ class CarrierCall:
         return True
 
     def move_failed(self) -> list[CallAction]:
-        """The carrier did not take the move (:meth:`move`): the stream's end ends the
-        session again, as any call's; when the stream ended meanwhile, the session's end
-        now (``[EndSession]``, unless the core ended it), else ``[]``."""
+        """The carrier did not take the move (:meth:`move`): the call goes on here as any
+        call, its stream's end ending the session: the turn of an input that waited (else
+        ``[]``); when the stream ended meanwhile, the session's end now (``[EndSession]``,
+        unless the core ended it)."""
         self.moved = False
-        return self._ending_actions(State.CLOSED) if self.closed else []
+        return self._ending_actions(State.CLOSED) if self.closed else self._advance()
 
     def _last_input(self) -> list[CallAction]:
         """The stream ended (the carrier's ``stop`` or a lost connection) while an input

@@ -728,3 +728,69 @@ def test_a_sequence_number_that_is_no_integer_is_read_as_none_by_every_event(
 
     assert sequence_of(sequence) is None
     assert sequence_of("7") == sequence_of(7.0) == 7
+
+
+def test_a_resumed_stream_continues_the_session_on_the_callers_floor_without_an_intro() -> None:
+    """The stream of a call moved from an instance that shut down (``resumed`` 1, routes.py
+    TwilioChannel.move_calls): no #intro turn, the caller has the floor and their next
+    input is a turn of the same session; its end ends the session as any call's."""
+    call = TwilioCall(CALL, CallConfig(key_allowed=lambda key: True, silence_timeout_ms=1000))
+    start = json.loads(START)
+    start["start"]["customParameters"]["resumed"] = "1"
+    assert call.receive(json.dumps(start)) == []
+    assert call.state is State.CALLER
+    assert call.ctx is not None
+    assert call.ctx.key == f"twilio:{CALL}"
+    [turn] = call.receive(dtmf("5"))
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "5"
+    assert turn.ctx.key == f"twilio:{CALL}"
+    answer(call)
+    assert [type(a) for a in call.receive(STOP)] == [EndSession]
+
+
+@pytest.mark.parametrize("end", ["stop", "lost"])
+def test_a_moved_calls_stream_end_leaves_its_session_open_and_drops_a_waiting_input(
+    end: str,
+) -> None:
+    call = started(dtmf_mode="collect", barge_in=False)
+    assert call.receive(dtmf("7")) == []  # keys behind the intro's turn
+    assert call.move()
+    actions = call.receive(STOP) if end == "stop" else call.connection_lost()
+    assert actions == []  # no EndSession: the session goes on in the next stream
+    assert call.turn is not None
+    assert call.turn.discarded
+    assert [a for a in answer(call) if isinstance(a, (StartTurn, EndSession))] == []
+    assert not call.move()  # over: nothing to move
+
+
+def test_no_turn_starts_for_a_moving_call_until_its_move_failed() -> None:
+    call = started()
+    answer(call)
+    call.receive(mark("1"))  # the caller's floor
+    assert call.move()
+    assert call.receive(dtmf("4")) == []  # the input waits: nobody would hear its answer
+    [turn] = call.move_failed()  # the call goes on here: the input's turn
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "4"
+
+
+def test_a_call_whose_move_failed_ends_its_session_as_before() -> None:
+    call = started()
+    assert call.move()
+    assert call.move_failed() == []  # still live: its stream's end will end the session
+    assert [type(a) for a in call.connection_lost()] == [EndSession]
+    moved = started()
+    assert moved.move()
+    assert moved.connection_lost() == []  # the stream closed before the move failed
+    [end] = moved.move_failed()
+    assert isinstance(end, EndSession)
+
+
+def test_a_call_that_is_not_live_does_not_move() -> None:
+    call = TwilioCall(CALL, CallConfig(key_allowed=lambda key: True))
+    assert not call.move()  # not started
+    ending = started()
+    answer(ending, ended=True)  # the farewell plays: the call is ending
+    assert ending.state is State.ENDING
+    assert not ending.move()

@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from gateway.calls import callcontrol_of
 from gateway.conversation import TurnContext
 from gateway.events import Input
 from tests.adapters.twilio.harness import (
@@ -250,6 +251,25 @@ async def test_a_stream_ended_callback_leaves_a_call_live_on_another_instance_al
         assert await store.get(key) is not None  # kept: A serves the call
         assert call.close_code is None
         assert call.call_sid in a.channel.calls
+
+
+async def test_without_rest_credentials_calls_are_not_moved_at_shutdown(
+    gw: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No GATEWAY_TWILIO_ACCOUNT_SID: at shutdown the live calls cannot be redirected to
+    another instance; one WARNING says so and they are cut as before (their streams'
+    end ends their sessions)."""
+    caplog.set_level(logging.INFO, "adapters.twilio")
+    async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+        await gw.wait_turns(1)
+        runner = gw.channel.calls[call.call_sid]
+        await gw.channel.move_calls(callcontrol_of(gw.app))
+        assert not runner.call.moved
+        [warning] = [r for r in caplog.records if "cut at shutdown" in r.getMessage()]
+        assert warning.levelno == logging.WARNING
+        assert warning.getMessage().startswith("Twilio: 1 calls are cut at shutdown")
+        assert "calls moved to another instance" not in caplog.text  # no INFO count
+        assert call.close_code is None
 
 
 # ------------------------------------------------------------------ the stream's handshake
