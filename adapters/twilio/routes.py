@@ -99,6 +99,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -463,8 +464,8 @@ async def status(request: Request) -> Response:
         # call's session so it is not left open
         gw = gateway_of(request)
         key = request.query_params.get("key") or gw.settings.twilio_app_key
-        if not await _moving(gw, call_sid):
-            await end_unserved_call(gw, CHANNEL, call_sid, key, event["StreamEvent"], log)
+        moving = functools.partial(_moving, gw, call_sid)  # a call moved at shutdown: left
+        await end_unserved_call(gw, CHANNEL, call_sid, key, event["StreamEvent"], log, moving)
     return Response(status_code=204)
 
 

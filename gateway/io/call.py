@@ -444,15 +444,25 @@ async def call_served(gw: Gateway, carrier: str, call_id: str) -> bool | None:
 
 
 async def end_unserved_call(
-    gw: Gateway, carrier: str, call_id: str, app_key: str, why: str, logger: logging.Logger
+    gw: Gateway,
+    carrier: str,
+    call_id: str,
+    app_key: str,
+    why: str,
+    logger: logging.Logger,
+    moved: Callable[[], Awaitable[bool]] | None = None,
 ) -> None:
     """End the session of call ``call_id`` of ``carrier`` (under ``app_key``) when a
     carrier's callback says its stream ended (``why``, for the log) and no instance serves
     it (:func:`call_served` is False: the one that did has died), rather than leave it open
     until it expires. A call served (or not known to be, the bus down) is left to its
-    instance, whose stream stops. Logged on ``logger``: the end at INFO, a store failure
-    at its outage level."""
+    instance, whose stream stops; so is one that ``moved`` (asked only for a call no
+    instance serves) says is moving to another instance, whose new stream is not up yet
+    (Twilio's, at a shutdown: adapters/twilio/routes.py). Logged on ``logger``: the end at
+    INFO, a store failure at its outage level."""
     if await call_served(gw, carrier, call_id) is not False:
+        return
+    if moved is not None and await moved():
         return
     title = carrier.capitalize()
     ctx = TurnContext(channel=carrier, namespace=carrier, session_id=call_id, app_key=app_key)
