@@ -240,18 +240,18 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         left_out = refused_audio(response.items, schemes)
         if not left_out:
             return
-        named = ", ".join(
-            f"item {i} <audio src={clipped(src.partition('?')[0], 100)}>" for i, src in left_out[:3]
-        )
-        more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
         self.left_out_audio.log(
             self.log,
-            "%s turn of %s: the core's %s%s: left out of the speech (%s plays only %s audio "
+            "%s turn of %s: the core's %s: left out of the speech (%s plays only %s audio "
             "and refuses the whole speech for another)",
             self.platform,
             session_ref(ctx.key),
-            named,
-            more,
+            _first_three(
+                [
+                    f"item {i} <audio src={clipped(src.partition('?')[0], 100)}>"
+                    for i, src in left_out
+                ]
+            ),
             self.platform,
             " and ".join(schemes),
         )
@@ -268,18 +268,13 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         left_out = refused_elements(response.items, elements)
         if not left_out:
             return
-        named = ", ".join(
-            f"item {i} <{clipped(name, 40, quote=False)}>" for i, name in left_out[:3]
-        )
-        more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
         self.left_out_elements.log(
             self.log,
-            "%s turn of %s: the core's SSML %s%s: replaced by their content (%s refuses the "
+            "%s turn of %s: the core's SSML %s: replaced by their content (%s refuses the "
             "whole speech for an SSML element it does not support)",
             self.platform,
             session_ref(ctx.key),
-            named,
-            more,
+            _first_three([f"item {i} <{clipped(name, 40, quote=False)}>" for i, name in left_out]),
             self.platform,
         )
 
@@ -462,3 +457,10 @@ def _ended(task: asyncio.Task[bool]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         ref = task.get_name().removeprefix("end ")
         log.log(outage_level(exc), "could not end session %s: %r", ref, exc)
+
+
+def _first_three(named: list[str]) -> str:
+    """The first three of ``named``, comma-separated, then `` and N more`` for the rest
+    (the left-out lines of :class:`WebhookChannel`)."""
+    more = f" and {len(named) - 3} more" if len(named) > 3 else ""
+    return ", ".join(named[:3]) + more
