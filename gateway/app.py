@@ -273,13 +273,14 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
 
     readyz_responses: dict[int | str, dict[str, Any]] = {
         503: {
-            "description": "The session store does not answer; asked again after "
-            "`Retry-After` seconds",
+            "description": "The process is shutting down (from the first SIGTERM/SIGINT), "
+            "or the session store does not answer; asked again after `Retry-After` seconds",
             "content": apidoc.PROBLEM,
             "headers": {
                 "Retry-After": {
-                    "description": "1, or the seconds until the store client's circuit "
-                    "breaker asks Redis again (its cool-down, at most 5)",
+                    "description": "1 (shutting down, or the store failed), or the seconds "
+                    "until the store client's circuit breaker asks Redis again (its "
+                    "cool-down, at most 5)",
                     "schema": {"type": "integer"},
                 }
             },
@@ -299,8 +300,13 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         responses=readyz_responses,
     )
     async def readyz(request: Request) -> JSONResponse:
+        gw = gateway_of(request)
+        if gw.draining:  # the listener is still open while Voiceflow clients are told
+            refused = problem(503, "Service Unavailable", "The gateway is shutting down.")
+            refused.headers["Retry-After"] = "1"
+            return refused
         try:
-            await gateway_of(request).store.ping()
+            await gw.store.ping()
         except StoreUnavailable as exc:  # the how goes to the log, the body says what
             # refused by the Redis client's open breaker (503 at once), or one more failure
             # of an outage: the breaker logged it (outage_level)

@@ -37,7 +37,10 @@ class Gateway:
     (gateway/push.py). ``unconfigured`` lists the channels not configured, recorded by
     their routers' lifespans for the startup's one INFO line (:mod:`gateway.startup`).
     ``before_close`` is run by ``gateway serve`` at shutdown before it closes the
-    connections.
+    connections. ``draining`` is set when a graceful shutdown begins (the first
+    SIGTERM/SIGINT, while Voiceflow clients are told ``server.restart`` and the server
+    still accepts): ``/readyz`` then answers 503, so a load balancer sends no new
+    clients here.
     """
 
     settings: Settings
@@ -52,6 +55,8 @@ class Gateway:
     pusher: Pusher | None = None
     unconfigured: list[Unconfigured] = field(default_factory=list)
     before_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    draining: bool = False
+    """A graceful shutdown has begun: not ready (``/readyz`` 503), never unset."""
     """What runs at shutdown once the listening sockets are closed and before the open
     connections are (gateway/server.py ``GatewayServer``), concurrently: the routers'
     own (Twilio moves its calls to another instance); each bounds its time and never

@@ -58,8 +58,10 @@ Operations:
   WebSockets (1012) *before* it runs the app's lifespan shutdown, so the notice is
   sent from the first SIGTERM/SIGINT: the server's own signal handler (uvicorn's)
   is wrapped while the app runs, and called once the clients were told (at most
-  GATEWAY_VOICEFLOW_RESTART_GRACE_S later). The lifespan shutdown tells whoever is
-  still connected (when the server was stopped without a signal).
+  GATEWAY_VOICEFLOW_RESTART_GRACE_S later); from that signal on the gateway is
+  ``draining`` (``/readyz`` 503) as the server still accepts meanwhile. The lifespan
+  shutdown tells whoever is still connected (when the server was stopped without a
+  signal).
 """
 
 from __future__ import annotations
@@ -1025,7 +1027,8 @@ class VoiceflowServer:
 @dataclass(eq=False)
 class _SignalHook:
     """Wraps a server's SIGTERM/SIGINT handler: the first signal tells the Voiceflow
-    clients ``server.restart`` before the server (``previous``) hears of it; a second
+    clients ``server.restart`` (the gateway ``draining`` from then on: ``/readyz`` 503)
+    before the server (``previous``) hears of it; a second
     signal meanwhile goes to it at once, as every signal once the hook is no longer
     ``active`` (it fired, or was removed)."""
 
@@ -1045,6 +1048,8 @@ class _SignalHook:
         self.previous(signum, frame)
 
     def _begin(self, signum: int) -> None:
+        if (gw := self.server._gateway) is not None:
+            gw.draining = True  # /readyz 503 while the server still accepts
         self._task = self.loop.create_task(self._restart_then_pass_on(signum))
 
     async def _restart_then_pass_on(self, signum: int) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from adapters.voiceflow.protocol import SessionKeys
+from adapters.voiceflow.protocol import PATH, SessionKeys
 from adapters.voiceflow.routes import IDLE_MARGIN_S
 from gateway.secrets import VOICEFLOW_SESSION_KEY, derive_key
 from tests.adapters.voiceflow.helpers import (
@@ -105,6 +107,47 @@ async def test_a_reconnect_on_another_instance_while_the_first_action_runs_resum
                 second = await core.next_request()  # the same session, its second turn
                 assert (second["sessionId"], second["turn"]) == (first["sessionId"], 2)
                 await on_b.nothing_more()
+
+
+async def test_readyz_is_503_from_sigterm_while_voiceflow_clients_are_told(
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+) -> None:
+    """Telling the Voiceflow clients server.restart takes up to
+    GATEWAY_VOICEFLOW_RESTART_GRACE_S after SIGTERM, while the server still accepts: its
+    /readyz answered 200 all that time, so a load balancer without preStop kept sending
+    new clients to the instance going away. It now answers 503 (problem+json,
+    Retry-After) from the signal on. A long-polling client that does not poll holds the
+    restart open (its server.restart waits for a GET to take it)."""
+    first = GatewayProcess(
+        env(redis_url, redis_prefix, GATEWAY_VOICEFLOW_RESTART_GRACE_S="5")
+    ).start()
+    gateway_processes.append(first)
+    polling = f"{first.url}{PATH}/?EIO=4&transport=polling"
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(f"{first.url}/readyz")).status_code == 200
+        opened = await http.get(polling)
+        assert opened.text.startswith("0")  # Engine.IO OPEN {"sid": ...}
+        session = f"{polling}&sid={json.loads(opened.text[1:])['sid']}"
+        assert (await http.post(session, content="40")).text == "OK"  # socket.io CONNECT
+        assert (await http.get(session)).text.startswith("40")  # connected; no more GETs
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGTERM)
+        statuses = []
+        deadline = time.monotonic() + 2.0  # well inside the 5 s the restart is held open
+        while time.monotonic() < deadline:
+            ready = await http.get(f"{first.url}/readyz")
+            statuses.append(ready.status_code)
+            if ready.status_code == 503:
+                break
+            await asyncio.sleep(0.05)
+        assert statuses[-1] == 503, statuses
+        assert ready.headers["content-type"] == "application/problem+json"
+        assert ready.headers["retry-after"] == "1"
+        assert ready.json()["detail"] == "The gateway is shutting down."
+        assert first.proc.poll() is None  # still serving: the client was not told yet
+        told = await http.get(session)  # takes server.restart and Engine.IO CLOSE
+        assert '42["server.restart",{}]' in told.text
+    assert await asyncio.to_thread(first.proc.wait, 10) == 0  # a graceful stop, promptly
 
 
 async def test_graceful_shutdown_sends_server_restart(
