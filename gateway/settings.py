@@ -868,7 +868,8 @@ class Settings(BaseSettings):
         default=2.0,
         ge=0,
         description="On SIGTERM/SIGINT, time given to tell connected clients `server.restart` "
-        "and close their connections before the server stops.",
+        "and close their connections before the server stops; running actions get its first "
+        "half to end (their traces and `completed` first).",
     )
 
     # Dialogflow CX and OpenAI-compatible cores

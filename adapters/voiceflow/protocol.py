@@ -156,7 +156,9 @@ Decisions where the spec is silent:
   (the next that would have run) goes back in ``server.restart {action}`` (the spec's
   "optional action to replay after reconnection"), as the client sent it (``type``,
   ``payload``, ``diagramID`` and ``time`` when it sent them), and every other one is
-  rejected ``server-restart`` before that event; the running action's turn goes on.
+  rejected ``server-restart`` before that event; the running action's turn goes on. The
+  server first lets the running action end (:meth:`VoiceflowConnection.hold`: no queued
+  action starts meanwhile, a new one is queued even when none runs).
   While actions
   are queued the connection is not idle (no ``inactivity_timeout``) and pushed items
   wait until the queue is done, as they wait for a running action.
@@ -1109,6 +1111,8 @@ class VoiceflowConnection:
     """How long the last Response keeps the session (s)."""
     _restarting: bool = field(default=False, init=False)
     """Told ``server.restart`` (:meth:`server_restart`): actions are refused from then on."""
+    _holding: bool = field(default=False, init=False)
+    """The server is shutting down (:meth:`hold`): no queued action starts any more."""
 
     # -------------------------------------------------------------- queries
 
@@ -1273,7 +1277,7 @@ class VoiceflowConnection:
         except ProtocolError as exc:
             reason = "unknown-action-type" if exc.got is not None else "malformed-action"
             return [status("rejected", message_id, reason, exc.text)]
-        if not queue:
+        if not queue and not self._holding:
             return self._start_action(_Queued(message_id, body, input_), accepted=False)
         if len(self._queued) >= MAX_QUEUED_ACTIONS:
             text = f"{MAX_QUEUED_ACTIONS} actions already wait for the running one."
@@ -1285,7 +1289,8 @@ class VoiceflowConnection:
                 "characters of payload together."
             )
             return [status("rejected", message_id, "too-many-actions", text)]
-        self.machine.feed(ACTION_QUEUED)
+        if queue:  # (held, with no action running, it waits all the same: hold)
+            self.machine.feed(ACTION_QUEUED)
         self._queued.append(_Queued(message_id, body, input_, size))
         return [status("accepted", message_id)]
 
@@ -1312,7 +1317,7 @@ class VoiceflowConnection:
         while the connection cannot start one (the session ended: ``no-session``; another
         connection runs an action of it: ``action-running``) each is rejected instead."""
         out: list[Action] = []
-        while self._queued and self._running is None:
+        while self._queued and self._running is None and not self._holding:
             action = self._queued.popleft()
             if self.machine.allows(ACTION_SEND):
                 out.extend(self._start_action(action, accepted=True))
@@ -1328,6 +1333,15 @@ class VoiceflowConnection:
         self._queued.clear()
         return dropped
 
+    def hold(self) -> None:
+        """The server is shutting down gracefully and lets the running action end before
+        it tells this connection ``server.restart`` (:meth:`server_restart`): from now on
+        no queued action starts, and an ``action.send`` waits in the queue even when no
+        action runs (accepted, with the usual limits), for server_restart to hand back
+        (the first) or reject (the others). The running action's traces and
+        ``completed`` are answered as usual."""
+        self._holding = True
+
     def server_restart(self) -> list[Emit]:
         """The server is shutting down gracefully (spec "server.restart": the client is to
         reconnect to another instance): what this connection is told, in order.
@@ -1340,7 +1354,8 @@ class VoiceflowConnection:
         to replay on the new instance; with nothing queued, ``server.restart {}``. The queue
         is then empty, and every ``action.send`` until the connection closes is rejected
         ``server-restart`` too. A running action is not touched: its turn goes on and saves
-        the session (its answers reach the client if it ends before the connection does).
+        the session (its answers reach the client if it ends before the connection does;
+        the server first waits a while for it, the connection held: :meth:`hold`).
         Called again (the shutdown tells the clients still connected after a first
         restart, or a second signal overlaps it): ``[]``, the client was told already (a
         second ``server.restart {}`` would follow the one with the action to replay).

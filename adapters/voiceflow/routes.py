@@ -51,7 +51,9 @@ Operations:
   session must reach the process that holds it); WebSocket connections do not.
 - **Graceful shutdown.** ``server.restart`` goes to every client connected to this
   process, then their Engine.IO sessions are closed, which makes socket.io clients
-  reconnect (to another instance behind the load balancer). A client's queued actions
+  reconnect (to another instance behind the load balancer). Actions running then get
+  the first half of GATEWAY_VOICEFLOW_RESTART_GRACE_S to end, so that their traces and
+  ``completed`` come before it (VoiceflowServer.restart). A client's queued actions
   run no turn here: the first comes back in ``server.restart {action}`` for the client
   to replay, the others are rejected ``server-restart`` before it
   (VoiceflowConnection.server_restart). uvicorn closes open
@@ -568,6 +570,8 @@ class _Client:
     sid: str
     conn: VoiceflowConnection
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    turns: set[asyncio.Task[None]] = field(default_factory=set)
+    """The forwarders of its running action's turn (also in ``tasks``)."""
     following: Following | None = None
     """The session's outbox (pushes), once the connection has a session."""
     idle: asyncio.Task[None] | None = None
@@ -689,13 +693,26 @@ class VoiceflowServer:
     async def restart(self) -> int:
         """``server.restart`` to every client of this process, then end their
         Engine.IO sessions so that they reconnect; bounded by
-        GATEWAY_VOICEFLOW_RESTART_GRACE_S. Returns how many clients were told."""
-        sids = list(self._clients)
-        if not sids:
+        GATEWAY_VOICEFLOW_RESTART_GRACE_S. Returns how many clients were told.
+
+        The actions running then get the first half of that time to end, so that their
+        traces and ``completed`` reach their clients before ``server.restart`` (the
+        client reconnects on it, and a new connection is not told the answer of a turn
+        of the old one); meanwhile no queued action starts (VoiceflowConnection.hold).
+        An action still running after it is told nothing more here (its turn goes on and
+        saves the session); the clients are told within the second half."""
+        clients = list(self._clients.values())
+        if not clients:
             return 0
         grace = self.settings.voiceflow_restart_grace_s
+        for client in clients:
+            client.conn.hold()
+        turns = [turn for client in clients for turn in client.turns]
+        if turns:
+            await asyncio.wait(turns, timeout=grace / 2)
+        sids = [client.sid for client in clients if client.sid in self._clients]
         try:
-            async with asyncio.timeout(grace):
+            async with asyncio.timeout(grace / 2 if turns else grace):
                 await asyncio.gather(*(self._tell_restart(sid) for sid in sids))
         except TimeoutError:
             log.warning("Voiceflow clients were not all told within %.1f s", grace)
@@ -918,6 +935,8 @@ class VoiceflowServer:
                 task = asyncio.create_task(self._forward(client, action))
                 client.tasks.add(task)
                 task.add_done_callback(client.tasks.discard)
+                client.turns.add(task)
+                task.add_done_callback(client.turns.discard)
 
     async def _find(self, check: CheckSession) -> SessionCheck:
         """Whether the store has (or a first turn is making) the session a client.start's

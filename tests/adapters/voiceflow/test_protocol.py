@@ -962,6 +962,27 @@ def test_a_server_restart_replays_the_action_as_it_came(
     assert emitted(conn.server_restart()) == [("server.restart", {"action": replayed})]
 
 
+def test_a_held_connection_starts_no_queued_action_and_queues_new_ones() -> None:
+    """The graceful shutdown lets the running action end before server.restart (hold):
+    its ``completed`` is answered, the action queued behind it does not start, and an
+    action.send once nothing runs waits too (it started a turn at once); server.restart
+    then hands back the first and rejects the other."""
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "launch"}, "m1")
+    queue(conn, "two", "m2")
+    conn.hold()
+    finished = conn.turn_finished()  # no StartTurn for m2
+    assert emitted(finished) == [("action.status", {"status": "completed", "messageID": "m1"})]
+    assert (conn.state, conn.running_message_id) == (State.READY, None)
+    queue(conn, "three", "m3")  # accepted, no StartTurn though nothing runs
+    assert conn.queued_message_ids == ["m2", "m3"]
+    told = emitted(conn.server_restart())
+    assert [event for event, _ in told] == ["action.status", "server.restart"]
+    assert (told[0][1]["messageID"], told[0][1]["reason"]) == ("m3", "server-restart")
+    assert told[1][1] == {"action": {"type": "text", "payload": "two"}}
+
+
 def test_a_server_restart_tells_a_connection_once() -> None:
     """A second server_restart (the shutdown's own after the signal's, or two at once)
     gave a second ``server.restart {}`` after the one with the action to replay: a client

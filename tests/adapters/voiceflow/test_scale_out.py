@@ -150,6 +150,84 @@ async def test_readyz_is_503_from_sigterm_while_voiceflow_clients_are_told(
     assert await asyncio.to_thread(first.proc.wait, 10) == 0  # a graceful stop, promptly
 
 
+async def test_sigterm_lets_the_running_action_end_before_server_restart(
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+) -> None:
+    """An action running at SIGTERM got neither its traces nor ``completed``:
+    server.restart went out at once, the client reconnected on it, and a new connection
+    is never told the answer of the old one's turn (saved all the same). The running
+    action now gets half of GATEWAY_VOICEFLOW_RESTART_GRACE_S to end first; the action
+    queued behind it runs no turn here and comes back in server.restart to replay."""
+    core = RecordingCore()
+    async with core.running() as core_url:
+        first = GatewayProcess(
+            env(
+                redis_url,
+                redis_prefix,
+                GATEWAY_PIPELINE=core_url,
+                GATEWAY_VOICEFLOW_RESTART_GRACE_S="6",
+            )
+        ).start()
+        gateway_processes.append(first)
+        async with client(first.url) as vf:
+            await vf.handshake()
+            await vf.send({"type": "text", "payload": "slow"}, "running")
+            assert (await vf.expect("action.status"))["status"] == "accepted"
+            assert (await core.next_request())["input"]["transcript"]["text"] == "slow"
+            await vf.send({"type": "text", "payload": "later"}, "queued")
+            assert (await vf.expect("action.status")) == {
+                "status": "accepted",
+                "messageID": "queued",
+            }
+            stopping = asyncio.create_task(asyncio.to_thread(first.stop, signal.SIGTERM))
+            await vf.nothing_more(1.0)  # the running action is waited for: no restart yet
+            core.release.set()
+            traces, done = await vf.traces_until_status("running")
+            assert (messages(traces), done["status"]) == (["slow answer"], "completed")
+            assert await vf.expect("server.restart") == {
+                "action": {"type": "text", "payload": "later"}
+            }
+            async with asyncio.timeout(10):
+                await stopping
+        assert first.proc is not None
+        assert first.proc.returncode == 0
+        assert core.requests.qsize() == 0  # the queued action ran no turn here
+
+
+async def test_sigterm_waits_for_a_running_action_only_half_the_grace(
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+) -> None:
+    """An action that outlasts half of GATEWAY_VOICEFLOW_RESTART_GRACE_S does not hold
+    up server.restart (the shutdown's bound stays the grace): the client is told all
+    the same, after that wait."""
+    core = RecordingCore()
+    async with core.running() as core_url:
+        first = GatewayProcess(
+            env(
+                redis_url,
+                redis_prefix,
+                GATEWAY_PIPELINE=core_url,
+                GATEWAY_VOICEFLOW_RESTART_GRACE_S="2",
+            )
+        ).start()
+        gateway_processes.append(first)
+        async with client(first.url) as vf:
+            await vf.handshake()
+            await vf.send({"type": "text", "payload": "slow"}, "running")
+            assert (await vf.expect("action.status"))["status"] == "accepted"
+            await core.next_request()
+            started = time.monotonic()
+            stopping = asyncio.create_task(asyncio.to_thread(first.stop, signal.SIGTERM))
+            async with asyncio.timeout(5):
+                assert await vf.expect("server.restart") == {}
+            assert time.monotonic() - started >= 0.9  # it waited for the action first
+            core.release.set()
+            async with asyncio.timeout(15):
+                await stopping
+        assert first.proc is not None
+        assert first.proc.returncode == 0
+
+
 async def test_graceful_shutdown_sends_server_restart(
     redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
 ) -> None:
