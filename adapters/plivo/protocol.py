@@ -53,6 +53,8 @@ MULAW: Final = "audio/x-mulaw"
 L16: Final = "audio/x-l16"
 MULAW_RATE: Final = 8000
 """The one rate (Hz) of Plivo's μ-law (``audio/x-mulaw;rate=8000``)."""
+L16_RATES: Final = (8000, 16000)
+"""The rates (Hz) of Plivo's L16 (``audio/x-l16;rate=8000|16000``)."""
 
 
 def media_format(content_type: str, sample_rate: int) -> MediaFormat:
@@ -61,7 +63,7 @@ def media_format(content_type: str, sample_rate: int) -> MediaFormat:
     A ``;rate=`` suffix is ignored (``sample_rate`` rules). Plivo's formats are
     ``audio/x-mulaw;rate=8000`` and ``audio/x-l16;rate=8000|16000`` (CARRIERS.md "Plivo
     Audio Streams"). Raises UnsupportedMediaFormat for another type or rate (μ-law at
-    any rate but 8000 Hz too).
+    any rate but 8000 Hz, L16 at any but 8000 or 16000 Hz, too).
     """
     kind = media_type(content_type)
     if kind == MULAW:
@@ -72,6 +74,11 @@ def media_format(content_type: str, sample_rate: int) -> MediaFormat:
             )
         return MediaFormat("PCMU", sample_rate)
     if kind == L16:
+        if sample_rate not in L16_RATES:
+            raise UnsupportedMediaFormat(
+                f"Unsupported sample rate {sample_rate} Hz of Plivo's {L16}: "
+                f"expected {' or '.join(map(str, L16_RATES))}"
+            )
         return MediaFormat("L16", sample_rate)
     raise UnsupportedMediaFormat(
         f"Unsupported Plivo encoding {content_type[:80]!r}: expected {MULAW} or {L16}"

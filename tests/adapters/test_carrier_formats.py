@@ -35,6 +35,14 @@ CASES = [
         plivo.START,
         "Unsupported sample rate 16000 Hz",
     ),
+    # Plivo's L16 is audio/x-l16;rate=8000|16000 only (a 24 kHz L16 start was taken)
+    (
+        "plivo",
+        PlivoCodec,
+        plivo.start("audio/x-l16", 24000),
+        plivo.start("audio/x-l16", 16000),
+        "Unsupported sample rate 24000 Hz",
+    ),
     ("exotel", ExotelCodec, exotel.start(bits="8"), exotel.START, "Unsupported Exotel audio"),
     (
         "vonage",
@@ -59,6 +67,7 @@ def call_of(channel: str, codec: CarrierCodec) -> CarrierCall:
         "telnyx-7000",
         "plivo-alaw",
         "plivo-mulaw-16k",
+        "plivo-l16-24k",
         "exotel-8-bit",
         "vonage-44100",
     ],

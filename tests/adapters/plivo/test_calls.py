@@ -165,6 +165,30 @@ async def test_a_mulaw_start_at_16_khz_is_closed_1003(speech: SpeechService) -> 
         assert not gw.core.turns
 
 
+@pytest.mark.parametrize("rate", [24000, 44100, 48000])
+async def test_an_l16_start_at_a_rate_plivo_does_not_stream_is_closed_1003(
+    speech: SpeechService, rate: int
+) -> None:
+    """Plivo's L16 is ``audio/x-l16;rate=8000|16000`` only (CARRIERS.md): a start of L16
+    at another rate the gateway could take is closed with 1003 naming the rate, as other
+    formats Plivo does not stream are (it was taken, the call served at that rate)."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        call_uuid = str(uuid.uuid4())
+        answer = await ask_answer(gw.url, PUBLIC, call_uuid)
+        stream = ET.fromstring(answer.text).find("./Stream")
+        assert stream is not None
+        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit((stream.text or '').strip()).path}"
+        media_format = {"encoding": "audio/x-l16", "sampleRate": rate}
+        start = {"callId": call_uuid, "streamId": "s-1", "mediaFormat": media_format}
+        frame = {"event": "start", "sequenceNumber": 0, "start": start}
+        code, reason = await closed_with(url, [json.dumps(frame)], within_s=10)
+        assert code == 1003
+        assert reason.startswith(f"Unsupported sample rate {rate} Hz of Plivo's audio/x-l16"), (
+            reason
+        )
+        assert not gw.core.turns
+
+
 @pytest.mark.parametrize("form", ["json", "pairs"])
 @pytest.mark.parametrize(("params", "fault"), OVERSIZED_PARAMS)
 async def test_extra_headers_beyond_bounds_close_the_stream_1008(
