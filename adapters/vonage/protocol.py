@@ -20,9 +20,12 @@ buffers at most 3072 messages), text ``{"action":"clear"}`` and
 
 The call is identified by a header the NCCO endpoint sets (:data:`CALL_HEADER`,
 the call's UUID from the answer webhook), echoed in ``websocket:connected``. A
-``websocket:connected`` without it, or with a header value longer than 256 characters
-(the NCCO's are at most 128; a ``from`` becomes the session's device), cannot start the
-call: :class:`~gateway.callcodec.InvalidStart` (closed 1008, the reason naming the field).
+``websocket:connected`` without it, with a header value longer than 256 characters
+(the NCCO's are at most 128; a ``from`` becomes the session's device), or with headers
+beyond the custom parameters' bounds (more than 32, a name longer than 256 characters,
+more than 8192 in all: gateway/callcodec.py ``params_fault``) cannot start the call:
+:class:`~gateway.callcodec.InvalidStart` (closed 1008, the reason naming the field or
+the fault).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from gateway.callcodec import (
+    MAX_PARAMS,
     CallEvent,
     Cleared,
     Digit,
@@ -44,6 +48,7 @@ from gateway.callcodec import (
     Started,
     UnsupportedMediaFormat,
     WireFrame,
+    bounded_params,
     get_digit,
     get_object,
     get_str,
@@ -121,10 +126,13 @@ class VonageCodec(JsonCarrierCodec):
         for key, value in frame.items():
             if key in _RESERVED:
                 continue
+            if len(headers) == MAX_PARAMS:  # before converting a flood of them
+                raise ProtocolError(f"Invalid {where}: headers: more than {MAX_PARAMS} parameters")
             if isinstance(value, str | int) and not isinstance(value, bool):
                 headers[key] = get_str(frame, key, where)  # at most 256 characters
             elif isinstance(value, float):
                 headers[key] = str(value)
+        bounded_params(headers, f"{where}: headers")
         if not headers.get(CALL_HEADER):
             raise ProtocolError(
                 f"Invalid {where}: {CALL_HEADER}: field required (the NCCO endpoint's header)"

@@ -17,6 +17,7 @@ import jwt
 import pytest
 
 from adapters.vonage.routes import MAX_BODY
+from gateway.callcodec import MAX_PARAM_NAME_CHARS, MAX_PARAMS, MAX_PARAMS_CHARS
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import closed_with
 from tests.adapters.twilio.helpers import twilio_gateway
@@ -99,6 +100,46 @@ async def test_a_websocket_connected_without_its_call_or_with_an_overlong_header
         await gw.wait_turns(2)
         assert gw.core.inputs() == ["#intro", "5"]  # the other call's; none of the refused
         assert other.closed_at is None
+
+
+VONAGE_OVERSIZED_HEADERS: list[tuple[dict[str, str], str]] = [
+    ({f"p{i}": "v" for i in range(MAX_PARAMS + 1)}, f"headers: more than {MAX_PARAMS} parameters"),
+    (
+        {"n" * (MAX_PARAM_NAME_CHARS + 1): "v"},
+        f"headers: a name longer than {MAX_PARAM_NAME_CHARS} characters: nnn",
+    ),
+    (
+        {f"h{i}-" + "n" * 200: "x" * 256 for i in range(20)},  # 20 of 460: 9200 chars
+        f"headers: longer than {MAX_PARAMS_CHARS} characters in all",
+    ),
+]
+"""Headers of a ``websocket:connected`` beyond the custom parameters' bounds
+(gateway/callcodec.py ``params_fault``; each value within Vonage's 256), with the fault
+named: too many, a name too long, too many characters in all."""
+
+
+@pytest.mark.parametrize(
+    ("headers", "fault"), VONAGE_OVERSIZED_HEADERS, ids=["many", "long-name", "in-all"]
+)
+async def test_websocket_connected_headers_beyond_bounds_are_closed_1008(
+    headers: dict[str, str], fault: str
+) -> None:
+    """A websocket:connected whose headers are too many, hold a name too long or too many
+    characters in all (the NCCO's own never do) is closed 1008 naming the fault, as the
+    other carriers' custom parameters are; only their values were bounded (a thousand
+    headers of 256 characters were taken whole into the session)."""
+    async with CARRIER.gateway(None) as (gw, _):
+        answer = await ask_ncco(gw.url, str(uuid.uuid4()))
+        (endpoint,) = answer.json()[0]["endpoint"]
+        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit(endpoint['uri']).path}"
+        connected = {"event": "websocket:connected", "content-type": endpoint["content-type"]}
+        connected.update(endpoint["headers"])
+        connected.update(headers)
+        code, reason = await closed_with(url, [json.dumps(connected), bytes(640)])
+        assert code == 1008
+        assert reason.startswith("Invalid websocket:connected message: " + fault), reason
+        assert len(reason.encode()) <= 123
+        assert not gw.core.turns
 
 
 @pytest.mark.parametrize(
