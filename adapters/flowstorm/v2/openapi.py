@@ -86,12 +86,11 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
     408: {"description": "A realtime stream stopped before its InputEvent came"},
     409: {
         "description": "Another turn of this session is running: its lock was held for all "
-        "of GATEWAY_LOCK_WAIT_S (with `Retry-After`), or another realtime PUT of the session "
-        "holds its recognition",
+        "of GATEWAY_LOCK_WAIT_S, or another realtime PUT of the session holds its "
+        "recognition (both with `Retry-After`)",
         "headers": {
             "Retry-After": {
-                "description": "Seconds to wait before trying again (1) when the session's "
-                "lock wait ran out",
+                "description": "Seconds to wait before trying again (1)",
                 "schema": {"type": "integer"},
             }
         },

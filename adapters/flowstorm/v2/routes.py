@@ -8,7 +8,8 @@ Errors answer in the request's own format: a ``!`` line for ``text/plain``, an
 ErrorEvent line otherwise, with an HTTP status that says what happened (400
 malformed, 401 no key, 403 unknown key or another application's session, 404
 unknown session, 408 a stream that stopped, 409 busy session (with ``Retry-After``:
-:data:`BUSY_RETRY_AFTER_S` when its lock wait ran out), 413 too large or
+:data:`BUSY_RETRY_AFTER_S` when its lock wait ran out, :data:`STREAMING_RETRY_AFTER_S`
+when another realtime PUT holds its recognition), 413 too large or
 too long, 405 a method other than GET and PUT (with ``Allow: GET, PUT``; a ``!`` line
 when ``Accept`` ranks ``text/plain`` first, as for GET), 415 unsupported content type,
 429 too many unknown sessions, 503 store
@@ -60,7 +61,8 @@ answers at once, like a file turn, without waiting for the rest of the body
 text turn. One recognition a session at a time (the spec's turns alternate): a
 realtime PUT takes the session's topic (:meth:`gateway.bus.Bus.claim` of its
 ``recognizing`` marker) from its start until its answer ends; another realtime PUT of
-the session meanwhile is answered 409 (source ``session``) before it reads any audio.
+the session meanwhile is answered 409 (source ``session``, ``Retry-After``:
+:data:`STREAMING_RETRY_AFTER_S`) before it reads any audio.
 The bus messages (protocol.py, "recognition bus"):
 
 - ``recognizing {id}``: published retained when the PUT starts and again every
@@ -227,8 +229,8 @@ _REJECT_STATUS = {
 
 class _Refused(Exception):
     """A request answered with one ErrorEvent and an HTTP status: with ``Retry-After`` when
-    it has ``retry_s`` (409 session busy, 429, 503), the key's challenge when 401, and the session
-    cookie cleared when ``forget``."""
+    it has ``retry_s`` (409 session busy or streaming, 429, 503), the key's challenge when
+    401, and the session cookie cleared when ``forget``."""
 
     def __init__(
         self, status: int, text: str, source: str, retry_s: int | None = None, forget: bool = False
@@ -522,11 +524,12 @@ async def _stream_turn(
 ) -> HTTPResponse:
     """A JSON body (any) or a realtime audio body: read as it streams, then the turn.
 
-    Raises _Refused (the body's refusal, or 409 while another realtime PUT of the session
-    holds its recognition) or ClientDisconnect."""
+    Raises _Refused (the body's refusal, or 409 with ``Retry-After``:
+    :data:`STREAMING_RETRY_AFTER_S` while another realtime PUT of the session holds its
+    recognition) or ClientDisconnect."""
     hearing = _Hearing(request, gw, config, container, ctx.key)  # the bus topic is the session key
     if config.realtime and not await hearing.claim():
-        raise _Refused(409, _STREAMING, "session")
+        raise _Refused(409, _STREAMING, "session", STREAMING_RETRY_AFTER_S)
     try:
         outcome = await hearing.run()
     except BaseException:  # refused (_Refused), the client went away, or a failure
@@ -546,6 +549,10 @@ _STREAMING: Final = (
     "one recognition at a time."
 )
 """The 409 text of a realtime PUT while another of its session holds the recognition."""
+STREAMING_RETRY_AFTER_S: Final = 1
+"""``Retry-After`` seconds of that 409 (RFC 9110 section 10.2.3): how long the other PUT
+still streams or its turn runs is not known, and the client polls (as for
+:data:`BUSY_RETRY_AFTER_S`)."""
 
 
 _STOPPED: Final = "The turn was stopped before it answered."

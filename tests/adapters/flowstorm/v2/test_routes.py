@@ -1160,6 +1160,43 @@ async def test_a_realtime_turn_stopped_before_its_first_event_answers_an_error_a
             assert [e["type"] for e in events(again)] == ["ResponseItem", "Response"]
 
 
+async def test_a_realtime_put_while_another_streams_is_409_with_retry_after() -> None:
+    """A realtime PUT of a session whose recognition another realtime PUT holds (here its
+    ``recognizing`` marker on the bus) is answered 409 with ``Retry-After: 1``, as the
+    session-busy 409 is (before: none, the client left to guess when to poll again), and
+    the session's ErrorEvent; once the other gave the recognition back the next is taken."""
+    settings = Settings()
+    app = create_app(settings)
+    realtime = f"/client?key={KEY}&realtime=1&tts=None"
+    async with (
+        served_app(app, settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=20) as client,
+    ):
+        intro = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+        assert intro.status_code == 200, intro.text
+        topic = f"flowstorm:{client.cookies['flowstorm-session-id']}"
+        bus = app.state.gateway.bus
+        assert await bus.claim(topic, {"type": "recognizing", "id": "other"}, retain_s=5)
+        busy = await client.put(
+            realtime, headers=JSON, content=input_event("typed").encode() + b"\n"
+        )
+        assert busy.status_code == 409, busy.text
+        assert busy.headers.get("retry-after") == "1"
+        assert events(busy) == [
+            {
+                "type": "Error",
+                "text": "Another realtime PUT of this session is still streaming, or its "
+                "turn is running: one recognition at a time.",
+                "source": "session",
+            }
+        ]
+        await bus.clear(topic)
+        again = await client.put(
+            realtime, headers=JSON, content=input_event("typed").encode() + b"\n"
+        )
+        assert again.status_code == 200, again.text
+
+
 async def test_a_realtime_claim_whose_put_was_cancelled_meanwhile_is_given_back(
     reply_dropper: tuple[ReplyDropper, str], redis_prefix: str, aredis: Redis
 ) -> None:
