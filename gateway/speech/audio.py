@@ -101,8 +101,9 @@ _ENCODINGS: Final = ("LINEAR16", "MULAW")
 STREAMING_WAV_SIZE: Final = 0x7FFF0000
 """A WAV ``data`` size (bytes) at least this large is a placeholder written by a
 streaming producer that does not know the length (``espeak-ng --stdout`` writes
-0x7FFFF000; recorders such as ``arecord`` do likewise): the audio runs to the end of
-the file or body (:func:`decode_wav`, and Flowstorm V2's streamed WAV reader)."""
+0x7FFFF000; recorders such as ``arecord`` do likewise), as is a size of 0 (a recorder's
+streaming header): the audio runs to the end of the file or body (:func:`decode_wav`,
+and Flowstorm V2's streamed WAV reader)."""
 
 
 class AudioFormatError(ValueError):
@@ -409,14 +410,46 @@ def _plain_pcm_tag(data: bytes) -> bytes:
     return data
 
 
+def _sized_data_chunk(data: bytes) -> bytes:
+    """``data`` with a ``data`` chunk of placeholder size (0, or >= :data:`STREAMING_WAV_SIZE`
+    bytes, such as 0xFFFFFFFF: a streaming recorder's header, written before the audio's
+    length was known) sized to the rest of the input, and the RIFF size (then a
+    placeholder too, often 0, and ignored) to the whole input's; else ``data`` itself.
+
+    Chunks are walked from the RIFF header to the ``data`` chunk, as V2's realtime WAV
+    reader takes them (adapters/flowstorm/v2/protocol.py: size 0 or a placeholder is "to
+    the end of the body"); a malformed header is left for ``wave`` to judge."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return data
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk_id, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if chunk_id == b"data":
+            if size != 0 and size < STREAMING_WAV_SIZE:
+                return data
+            rest = min(len(data) - pos - 8, 0xFFFFFFFF)
+            riff = min(len(data) - 8, 0xFFFFFFFF)
+            return (
+                data[:4]
+                + riff.to_bytes(4, "little")
+                + data[8 : pos + 4]
+                + rest.to_bytes(4, "little")
+                + data[pos + 8 :]
+            )
+        pos += 8 + size + (size & 1)
+    return data
+
+
 def decode_wav(data: bytes) -> Pcm:
     """Decode a RIFF/WAVE file with integer PCM samples to mono 16-bit :class:`Pcm`.
 
     8/24/32-bit samples are converted to 16 bit, stereo is downmixed (mean of
     both channels); the ``fmt `` chunk may be plain PCM or WAVE_FORMAT_EXTENSIBLE with
     the PCM sub-format (:func:`_plain_pcm_tag`). A ``data`` chunk whose declared size
-    is a streaming placeholder (>= 0x7FFF0000 bytes, as ``espeak-ng --stdout`` writes)
-    is read to the end of the input; otherwise the declared size must be present.
+    is a streaming placeholder (0, as a recorder's streaming header has it, or >=
+    0x7FFF0000 bytes, as ``espeak-ng --stdout`` writes, 0xFFFFFFFF too) is read to the
+    end of the input, the RIFF size then ignored (:func:`_sized_data_chunk`); otherwise
+    the declared size must be present.
 
     Raises:
         AudioFormatError: not RIFF/WAVE, truncated, non-PCM (e.g. float), more than
@@ -424,7 +457,7 @@ def decode_wav(data: bytes) -> Pcm:
     """
     what = "WAV (RIFF/WAVE integer PCM)"
     try:
-        with wave.open(io.BytesIO(_plain_pcm_tag(data)), "rb") as reader:
+        with wave.open(io.BytesIO(_plain_pcm_tag(_sized_data_chunk(data))), "rb") as reader:
             channels = reader.getnchannels()
             width = reader.getsampwidth()
             rate = reader.getframerate()
@@ -438,8 +471,7 @@ def decode_wav(data: bytes) -> Pcm:
     if width == 0 or channels == 0:
         raise AudioFormatError(f"expected {what}: invalid header (zero sample width or channels)")
     block = width * channels
-    streaming = declared * block >= STREAMING_WAV_SIZE
-    if not streaming and len(raw) < declared * block:
+    if len(raw) < declared * block:
         raise AudioFormatError(
             f"expected {what}: truncated: header declares {declared} frames, "
             f"data holds {len(raw) // block}"

@@ -242,6 +242,38 @@ def test_streaming_wav_header_is_read_to_the_end() -> None:
     assert audio.decode_wav(bytes(data)) == pcm
 
 
+@pytest.mark.parametrize(
+    ("data_size", "riff_size"),
+    [(0, 0), (0, None), (0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0), (0, 36)],
+    ids=["both-0", "data-0", "both-ffffffff", "data-ffffffff-riff-0", "data-0-riff-header"],
+)
+@pytest.mark.parametrize("channels", [1, 2])
+def test_a_wav_whose_data_size_is_a_placeholder_is_read_to_the_end(
+    data_size: int, riff_size: int | None, channels: int
+) -> None:
+    """A whole-file WAV whose ``data`` chunk declares 0 bytes (a recorder's streaming
+    header, written before the length was known) or 0xFFFFFFFF is read to the end of the
+    input, whatever the RIFF size says, as V2's realtime WAV reader does; a size of 0 was
+    decoded as no audio (heard as silence)."""
+    tone = sine(440, 16000, 0.3)
+    xs = samples(tone)
+    raw = b"".join(struct.pack("<h", x) * channels for x in xs)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as writer:
+        writer.setnchannels(channels)
+        writer.setsampwidth(2)
+        writer.setframerate(16000)
+        writer.writeframes(raw)
+    data = bytearray(buf.getvalue())
+    assert data[36:40] == b"data"
+    data[40:44] = data_size.to_bytes(4, "little")
+    if riff_size is not None:
+        data[4:8] = riff_size.to_bytes(4, "little")
+    pcm = audio.decode_wav(bytes(data))
+    assert pcm == tone
+    assert pcm.n_samples == 16000 * 3 // 10
+
+
 # --------------------------------------------------------------------------- MP3
 
 
