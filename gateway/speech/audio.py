@@ -32,9 +32,9 @@ import io
 import sys
 import warnings
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal, TypeAlias, TypeVar
 
 # ``audioop`` for the whole gateway (gateway.callcodec imports it from here):
 if sys.version_info >= (3, 13):  # pragma: no cover - provided by the audioop-lts package
@@ -505,13 +505,8 @@ def decode_mp3(data: bytes) -> Pcm:
         AudioFormatError: data that holds no decodable MP3 frames, more than two
             channels, or an unsupported rate.
     """
-    what = "MP3 (MPEG audio layer III)"
-    if not data:
-        raise AudioFormatError(f"expected {what}: empty input")
-    try:
-        decoded = miniaudio.mp3_read_s16(bytes(data))
-    except miniaudio.MiniaudioError as exc:
-        raise AudioFormatError(f"expected {what}: no decodable MP3 frames ({exc})") from exc
+    what = _MP3
+    decoded = _mp3(miniaudio.mp3_read_s16, data)
     if decoded.nchannels not in (1, 2):
         raise AudioFormatError(f"expected {what}: {decoded.nchannels} channels")
     raw = decoded.samples.tobytes()
@@ -533,14 +528,22 @@ def mp3_duration_s(data: bytes) -> float:
     Raises:
         AudioFormatError: data that holds no decodable MP3 frames.
     """
-    what = "MP3 (MPEG audio layer III)"
+    return float(_mp3(miniaudio.mp3_get_info, data).duration)
+
+
+_MP3: Final = "MP3 (MPEG audio layer III)"
+_T = TypeVar("_T")
+
+
+def _mp3(read: Callable[[bytes], _T], data: bytes) -> _T:
+    """``read(data)`` (a miniaudio MP3 reader), its failure and empty ``data`` raised as
+    AudioFormatError naming MP3."""
     if not data:
-        raise AudioFormatError(f"expected {what}: empty input")
+        raise AudioFormatError(f"expected {_MP3}: empty input")
     try:
-        info = miniaudio.mp3_get_info(bytes(data))
+        return read(bytes(data))
     except miniaudio.MiniaudioError as exc:
-        raise AudioFormatError(f"expected {what}: no decodable MP3 frames ({exc})") from exc
-    return float(info.duration)
+        raise AudioFormatError(f"expected {_MP3}: no decodable MP3 frames ({exc})") from exc
 
 
 def encode_mp3(pcm: Pcm, bitrate_kbps: int = 64) -> bytes:
