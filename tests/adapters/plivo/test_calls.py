@@ -20,6 +20,15 @@ from tests.adapters.plivo.harness import AUTH_TOKEN, CARRIER, PlivoHarness, ask_
 from tests.adapters.twilio.helpers import PUBLIC
 
 
+async def _stream_url(base: str, call_uuid: str) -> str:
+    """The WebSocket URL of the ``<Stream>`` the gateway at ``base`` answers for call
+    ``call_uuid`` (a signed /plivo/answer)."""
+    answer = await ask_answer(base, PUBLIC, call_uuid)
+    stream = ET.fromstring(answer.text).find("./Stream")
+    assert stream is not None
+    return f"ws://{urlsplit(base).netloc}{urlsplit((stream.text or '').strip()).path}"
+
+
 async def test_an_answer_for_a_call_uuid_no_call_id_can_be_is_a_400_problem(
     speech: SpeechService,
 ) -> None:
@@ -131,10 +140,7 @@ async def test_malformed_json_extra_headers_close_the_stream_naming_them(
     as if the frame itself were malformed)."""
     async with CARRIER.gateway(speech) as (gw, _):
         call_uuid = str(uuid.uuid4())
-        answer = await ask_answer(gw.url, PUBLIC, call_uuid)
-        stream = ET.fromstring(answer.text).find("./Stream")
-        assert stream is not None
-        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit((stream.text or '').strip()).path}"
+        url = await _stream_url(gw.url, call_uuid)
         media_format = {"encoding": "audio/x-mulaw", "sampleRate": 8000}
         start = {"callId": call_uuid, "streamId": "s-1", "mediaFormat": media_format}
         frame = {"event": "start", "sequenceNumber": 0, "start": start, "extra_headers": "{bad"}
@@ -150,10 +156,7 @@ async def test_a_mulaw_start_at_16_khz_is_closed_1003(speech: SpeechService) -> 
     stream are (it was taken, the call served as 16 kHz μ-law)."""
     async with CARRIER.gateway(speech) as (gw, _):
         call_uuid = str(uuid.uuid4())
-        answer = await ask_answer(gw.url, PUBLIC, call_uuid)
-        stream = ET.fromstring(answer.text).find("./Stream")
-        assert stream is not None
-        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit((stream.text or '').strip()).path}"
+        url = await _stream_url(gw.url, call_uuid)
         media_format = {"encoding": "audio/x-mulaw", "sampleRate": 16000}
         start = {"callId": call_uuid, "streamId": "s-1", "mediaFormat": media_format}
         frame = {"event": "start", "sequenceNumber": 0, "start": start}
@@ -174,10 +177,7 @@ async def test_an_l16_start_at_a_rate_plivo_does_not_stream_is_closed_1003(
     formats Plivo does not stream are (it was taken, the call served at that rate)."""
     async with CARRIER.gateway(speech) as (gw, _):
         call_uuid = str(uuid.uuid4())
-        answer = await ask_answer(gw.url, PUBLIC, call_uuid)
-        stream = ET.fromstring(answer.text).find("./Stream")
-        assert stream is not None
-        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit((stream.text or '').strip()).path}"
+        url = await _stream_url(gw.url, call_uuid)
         media_format = {"encoding": "audio/x-l16", "sampleRate": rate}
         start = {"callId": call_uuid, "streamId": "s-1", "mediaFormat": media_format}
         frame = {"event": "start", "sequenceNumber": 0, "start": start}
@@ -200,10 +200,7 @@ async def test_extra_headers_beyond_bounds_close_the_stream_1008(
     taken whole."""
     async with CARRIER.gateway(None) as (gw, _):
         call_uuid = str(uuid.uuid4())
-        answer = await ask_answer(gw.url, PUBLIC, call_uuid)
-        stream = ET.fromstring(answer.text).find("./Stream")
-        assert stream is not None
-        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit((stream.text or '').strip()).path}"
+        url = await _stream_url(gw.url, call_uuid)
         headers = {"appKey": "plivo", **params}
         if form == "json":
             extra = json.dumps(headers)
