@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         help="default GATEWAY_LOG_LEVEL or INFO (any case)",
     )
     spec = commands.add_parser("openapi", help="write the OpenAPI document")
-    spec.add_argument("--out", default="openapi/openapi.json", help="file, or - for stdout")
+    spec.add_argument(
+        "--out", default="openapi/openapi.json", help="file, or - for stdout (default %(default)s)"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "serve":

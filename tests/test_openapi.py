@@ -180,3 +180,14 @@ def test_openapi_to_a_file_it_cannot_write_is_one_line_not_a_traceback(
         err = capsys.readouterr().err
         assert err.startswith(f"gateway: cannot write {out}: ")
         assert len(err.splitlines()) == 1
+
+
+def test_openapi_help_names_the_file_it_writes_by_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """README: ``gateway openapi`` writes ``openapi/openapi.json``; its ``--help`` said
+    only "file, or - for stdout", so a user could not tell where the document went."""
+    with pytest.raises(SystemExit) as stop:
+        main(["openapi", "--help"])
+    assert stop.value.code == 0
+    assert "(default openapi/openapi.json)" in " ".join(capsys.readouterr().out.split())
