@@ -329,21 +329,61 @@ hold ``>``). In a well-formed fragment each comment, section or instruction ends
 is linear."""
 
 
+_ATTRIBUTE = re.compile(r"""\s++([^\s=/>]++)\s*+=\s*+(?:"[^"]*+"|'[^']*+')""")
+"""One attribute of a start or empty-element tag (group 1 its name), its leading space
+included."""
+_NAMESPACE_DECLARATION = "xmlns"
+"""How the name of a namespace declaration begins (``xmlns``, ``xmlns:amazon``; Namespaces in
+XML 1.0 section 3): :func:`_kept_elements`' quick check looks for it too."""
+
+
+def _without_declarations(tag: str) -> str:
+    """A start or empty-element tag without its namespace declarations (``xmlns="..."``,
+    ``xmlns:x="..."``), its other attributes as they were."""
+    return _ATTRIBUTE.sub(lambda a: "" if _is_declaration(a[1]) else a[0], tag)
+
+
+def _is_declaration(name: str) -> bool:
+    """Whether an attribute ``name`` declares a namespace (``xmlns``, ``xmlns:prefix``)."""
+    return name == _NAMESPACE_DECLARATION or name.startswith("xmlns:")
+
+
+def _needs_scan(fragment: str, elements: frozenset[str]) -> bool:
+    """:func:`_kept_elements`' quick check: whether a tag of ``fragment`` names an element not
+    in ``elements`` or it may declare a namespace (the substring ``xmlns``)."""
+    return "<" in fragment and (
+        _NAMESPACE_DECLARATION in fragment or not elements.issuperset(_TAG_NAME.findall(fragment))
+    )
+
+
 def _kept_elements(fragment: str, elements: frozenset[str]) -> tuple[str, list[str]]:
     """``fragment`` (well-formed SSML content) with only the elements named in ``elements``:
     each other one replaced by its content (its start and end tags removed; a nested
     ``<speak>``'s by spaces, as a whole document's words are not part of the words around it;
     a ``<desc>``, or another element of :data:`_UNSPOKEN`, removed with its content), and the
-    names of those replaced, in document order. A quick check first: nothing is scanned
-    unless a tag names another element. One pass over the tags (linear, however deep or
-    many); should the edit not leave well-formed SSML, the fragment's spoken text is given
+    names of those replaced, in document order.
+
+    A kept element's namespace declarations (``<p xmlns='urn:x'>``,
+    ``<amazon:effect xmlns:amazon='urn:other' ...>``) are dropped, its other attributes and
+    content kept: the check here is by tag name, and a declaration would put the element (and
+    the unprefixed elements within) in a namespace the platform does not speak, so it would
+    refuse the whole speech; without it the element is the platform's own of that name, as
+    the name says, and its words, pauses and prosody are said (replacing it by its content
+    would lose those, and leave the elements within outside the namespace they were in
+    anyway). The declarations are not named in the list (no element was replaced).
+
+    A quick check first (:func:`_needs_scan`): nothing is scanned unless a tag names another
+    element or the fragment holds ``xmlns``. One pass over the tags (linear, however deep or
+    many); should the edit not leave well-formed SSML (a prefix declared by a dropped
+    declaration still used by an attribute, say), the fragment's spoken text is given
     instead: never a document the platform refuses."""
-    if "<" not in fragment or elements.issuperset(_TAG_NAME.findall(fragment)):
+    if not _needs_scan(fragment, elements):
         return fragment, []
     out: list[str] = []
     removed: list[str] = []
     open_kept: list[bool] = []  # for each open element: are its tags kept?
     at = dropping = 0  # dropping: the depth inside an unspoken element removed whole
+    declarations = False  # was a kept element's namespace declaration dropped?
     for mark in _MARKUP.finditer(fragment):
         name = mark[2]
         if name is None:
@@ -363,6 +403,12 @@ def _kept_elements(fragment: str, elements: frozenset[str]) -> tuple[str, list[s
         if name in elements:
             if not mark[3]:
                 open_kept.append(True)
+            if _NAMESPACE_DECLARATION in mark[0]:
+                tag = _without_declarations(mark[0])
+                if tag != mark[0]:
+                    out.append(fragment[at : mark.start()] + tag)
+                    at = mark.end()
+                    declarations = True
             continue
         removed.append(name)
         out.append(fragment[at : mark.start()] + (" " if name == "speak" else ""))
@@ -373,7 +419,7 @@ def _kept_elements(fragment: str, elements: frozenset[str]) -> tuple[str, list[s
             dropping = 1
         else:
             open_kept.append(False)
-    if not removed:
+    if not removed and not declarations:
         return fragment, []
     kept = "".join(out) + fragment[at:]
     if open_kept or dropping or ssml_to_text(kept) is None:

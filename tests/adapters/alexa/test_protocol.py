@@ -558,6 +558,41 @@ def test_ssml_elements_the_platform_refuses_are_replaced_by_their_content(
     assert refused_elements(plain, elements) == []
 
 
+@pytest.mark.parametrize("elements", [ALEXA_ELEMENTS, GOOGLE_ELEMENTS], ids=["alexa", "google"])
+def test_a_namespace_declaration_of_a_kept_element_does_not_reach_the_platform(
+    elements: frozenset[str],
+) -> None:
+    """An element the platform speaks that redeclares a namespace (``<p xmlns='urn:x'>``, the
+    SSML namespace on a ``<break>``, ``xmlns:amazon`` on Alexa's ``<amazon:effect>``) would
+    no longer be the platform's element, which refuses the whole speech: the declaration is
+    dropped, the element and its other attributes kept, every word said."""
+    ssml = (
+        "<speak><p xmlns='urn:x'>One <s>two</s>.</p>"
+        ' <break xmlns="http://www.w3.org/2001/10/synthesis" time="1s"/>'
+        " <prosody rate='slow' xmlns:x='urn:x'>three</prosody>"
+        " <amazon:effect xmlns:amazon='urn:other' name='whispered'>four</amazon:effect></speak>"
+    )
+    items = [ResponseItem(ssml=ssml)]
+    speech = speech_ssml(items, MAX_SPEECH_CHARS, elements=elements)
+    assert speech is not None
+    assert "xmlns" not in speech
+    assert " ".join(amazon_well_formed(speech).split()) == "One two. three four"
+    names = element_names(speech)
+    assert set(names) <= elements | {"speak"}
+    assert all(name in names for name in ("p", "s", "break", "prosody"))
+    assert '<break time="1s"/>' in speech
+    assert "<prosody rate='slow'>three</prosody>" in speech
+    if "amazon:effect" in elements:
+        assert "<amazon:effect name='whispered'>four</amazon:effect>" in speech
+    # only a replaced element is named for the log (Google's <amazon:effect>)
+    assert refused_elements(items, elements) == (
+        [] if "amazon:effect" in elements else [(0, "amazon:effect")]
+    )
+    # a prefix declared by a dropped declaration still in use: said as its text, well-formed
+    used = [ResponseItem(ssml="<speak><p xmlns:x='urn:x' x:a='1'>Hi <s>there</s></p></speak>")]
+    assert speech_ssml(used, MAX_SPEECH_CHARS, elements=elements) == "<speak>Hi there</speak>"
+
+
 @pytest.mark.parametrize(
     "ssml",
     [
