@@ -22,13 +22,14 @@ Refusals are RFC 9457 problem bodies (``application/problem+json``), raised as
 
 Keys are compared in constant time (:func:`gateway.protocol.key_valid`).
 
-Key guessing is slowed per client address (:func:`admit`): each wrong key (the 401
-``invalid_token``) takes a token from the address's bucket (GATEWAY_ADMIN_FAILURES_BURST
-tokens, refilled at GATEWAY_ADMIN_FAILURES_PER_S per second; :class:`gateway.ratelimit.
-TokenBuckets`, at most :data:`MAX_TRACKED_ADDRESSES` addresses, in this process: N
-instances allow N times the rate); while it is empty, every admin request of that
-address is refused 429 with ``Retry-After`` (a problem body) before its key is looked at,
-so a guess cannot be tested then, a right key included. Requests without a key, with a
+Key guessing is slowed per client address (:func:`admit`; an IPv6 address counted by its
+/64, an IPv4-mapped one as its IPv4 address: :func:`gateway.ratelimit.client_key`): each
+wrong key (the 401 ``invalid_token``) takes a token from the address's bucket
+(GATEWAY_ADMIN_FAILURES_BURST tokens, refilled at GATEWAY_ADMIN_FAILURES_PER_S per second;
+:class:`gateway.ratelimit.TokenBuckets`, at most :data:`MAX_TRACKED_ADDRESSES` addresses, in
+this process: N instances allow N times the rate); while it is empty, every admin request of
+that address is refused 429 with ``Retry-After`` (a problem body) before its key is looked
+at, so a guess cannot be tested then, a right key included. Requests without a key, with a
 right one, or while no keys are configured (403) take nothing.
 
 Every refusal is logged by :func:`admin_refused_handler` (the path, the peer, the
@@ -54,7 +55,7 @@ from gateway.deps import gateway_of
 from gateway.httputil import problem, status_phrase
 from gateway.logs import logged_path
 from gateway.protocol import clipped, key_valid
-from gateway.ratelimit import MAX_CLIENT_CHARS, TokenBuckets, refusal_log
+from gateway.ratelimit import MAX_CLIENT_CHARS, TokenBuckets, client_key, refusal_log
 
 log = logging.getLogger("gateway.admin")
 
@@ -184,7 +185,7 @@ def admit(request: Request, keys: frozenset[str]) -> None:
     as :func:`check_admin_key` (a wrong key, 401 ``invalid_token``, takes one from the
     address's allowance)."""
     failures = failed_keys(request)
-    address = request.client.host if request.client else "unknown"
+    address = client_key(request.client.host) if request.client else "unknown"
     if not failures.allowed(address):
         retry = failures.retry_after_s(address)
         detail = f"Too many wrong admin keys from this address: retry after {retry} s."

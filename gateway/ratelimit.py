@@ -11,6 +11,10 @@ still caps guessing at a few per second per instance instead of hundreds, and it
 keeps the check free of I/O (a Redis round trip per refused guess would make
 the limiter itself a cost an attacker can impose).
 
+Clients are keyed by :func:`client_key`: an IPv4 address (an IPv4-mapped IPv6 one as
+that IPv4 address) on its own, an IPv6 address by its /64, the block one host (a home
+line, a cloud server) gets, whose 2**64 addresses it may use in turn.
+
 The same bucket bounds the log lines of refused requests (:class:`RefusalLog`): a
 client hammering an endpoint with a bad key or a forged signature gets its first
 refusals logged at WARNING, then one a minute, the rest at DEBUG.
@@ -18,6 +22,7 @@ refusals logged at WARNING, then one a minute, the rest at DEBUG.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import time
@@ -36,9 +41,40 @@ MAX_RETRY_AFTER_S: Final = 86_400
 """The longest ``Retry-After`` (s) :meth:`TokenBuckets.retry_after_s` gives: a day."""
 
 
+IPV6_CLIENT_PREFIX: Final = 64
+"""The prefix length (bits) of the IPv6 block :func:`client_key` counts as one client: a
+/64 is the smallest block a network assigns one subscriber or host (RFC 6177, RFC 7421),
+and a host picks its addresses in it freely (SLAAC privacy addresses, RFC 8981)."""
+
+
+def client_key(address: str) -> str:
+    """The key of client ``address`` (``request.client.host``: an IP address, or, behind a
+    proxy whose X-Forwarded-For uvicorn trusts, whatever text that header held) in
+    :class:`TokenBuckets`: an IPv4 address as it is (``203.0.113.7``); an IPv4-mapped IPv6
+    one as its IPv4 address (``::ffff:203.0.113.7`` -> ``203.0.113.7``, one client however
+    written); another IPv6 address as its /64 (:data:`IPV6_CLIENT_PREFIX`:
+    ``2001:db8:1:2:a::1`` -> ``2001:db8:1:2::/64``, its zone dropped), so a client cannot
+    take a new allowance with each address of its block. Text that is no IP address (or is
+    longer than :data:`MAX_CLIENT_CHARS`) is returned as it is (the buckets cut it). Never
+    raises."""
+    if len(address) > MAX_CLIENT_CHARS:
+        return address
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    block = ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False)
+    return f"{block.network_address}/{IPV6_CLIENT_PREFIX}"
+
+
 class TokenBuckets:
-    """One token bucket per client key (an IP address; at most :data:`MAX_CLIENT_CHARS`
-    characters of it count, so the keys a client makes up share its own bucket past them).
+    """One token bucket per client key (:func:`client_key` of an address; at most
+    :data:`MAX_CLIENT_CHARS` characters of it count, so the keys a client makes up share its
+    own bucket past them).
 
     A bucket holds at most ``burst`` tokens and refills at ``per_s`` tokens per
     second. :meth:`allowed` tells whether a client has a token left (without

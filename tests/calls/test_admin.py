@@ -318,3 +318,35 @@ def test_the_admin_keys_are_not_in_the_settings_repr() -> None:
     assert "the-admin-key-of-tests-1" not in shown
     assert "the-voiceflow-key-1" not in shown
     assert settings.admin_keys == frozenset({"the-admin-key-of-tests-1"})
+
+
+async def test_an_ipv6_client_is_limited_per_64_and_an_ipv4_mapped_one_as_its_ipv4() -> None:
+    """Wrong admin keys were counted per client address: an IPv6 client, which may use any
+    of the 2**64 addresses of its /64, took a new allowance with each one and guessed
+    without limit. Now an IPv6 address is counted by its /64 (another /64 is another
+    client), an IPv4 address by itself, and an IPv4-mapped IPv6 address as its IPv4 one.
+    The addresses come as a trusted proxy's X-Forwarded-For (FORWARDED_ALLOW_IPS)."""
+    settings = Settings(
+        admin_keys=frozenset({ADMIN_KEY}), admin_failures_burst=2, admin_failures_per_s=0.01
+    )
+    app = create_app(settings)
+    served = served_app(app, settings, forwarded_allow_ips="127.0.0.1")
+    async with served as url, httpx.AsyncClient(base_url=url) as http:
+
+        async def from_(address: str, key: str) -> httpx.Response:
+            return await http.get(
+                "/v1/sessions/s1",
+                headers={"Authorization": f"Bearer {key}", "X-Forwarded-For": address},
+            )
+
+        for address in ("2001:db8:1:2::a", "2001:db8:1:2:8000::b"):  # one /64
+            assert (await from_(address, "a-wrong-admin-key-01")).status_code == 401
+        for address in ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:DB8:1:2::c"):
+            _too_many(await from_(address, ADMIN_KEY))
+        assert (await from_("2001:db8:1:3::a", ADMIN_KEY)).status_code == 404  # another /64
+        for address in ("198.51.100.1", "::ffff:198.51.100.1"):  # one IPv4 client
+            assert (await from_(address, "a-wrong-admin-key-01")).status_code == 401
+        _too_many(await from_("198.51.100.1", ADMIN_KEY))
+        _too_many(await from_("::ffff:c633:6401", ADMIN_KEY))  # the same, mapped
+        assert (await from_("198.51.100.2", ADMIN_KEY)).status_code == 404  # per address
+    assert set(app.state.admin_failures._buckets) == {"2001:db8:1:2::/64", "198.51.100.1"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.ratelimit import MAX_RETRY_AFTER_S, TokenBuckets
+from gateway.ratelimit import MAX_RETRY_AFTER_S, TokenBuckets, client_key
 
 
 def test_burst_then_refill_per_client() -> None:
@@ -53,3 +53,16 @@ def test_buckets_are_bounded() -> None:
 def test_bad_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="burst"):
         TokenBuckets(0, 1.0)
+
+
+def test_client_keys_count_an_ipv6_client_per_64() -> None:
+    """IPv4 per address, IPv4-mapped IPv6 as its IPv4 address, IPv6 per /64 (however
+    written, its zone dropped); text that is no address as it is."""
+    assert client_key("203.0.113.7") == "203.0.113.7"
+    assert client_key("::ffff:203.0.113.7") == client_key("::ffff:cb00:7107") == "203.0.113.7"
+    assert client_key("2001:db8:1:2:a::1") == "2001:db8:1:2::/64"
+    assert client_key("2001:DB8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert client_key("fe80::1%eth0") == "fe80::/64"
+    assert client_key("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+    assert client_key("unknown") == "unknown"
+    assert client_key("0" + "A" * 16_000) == "0" + "A" * 16_000

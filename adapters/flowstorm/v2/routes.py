@@ -23,15 +23,14 @@ is looked up. A refused request changes no session. A turn that fails
 after its answer began (the store fails when the session is saved) ends its
 200 answer with an Error event (``! gateway: ...``), never a cut-off body.
 
-**Session-id guessing** is slowed per client IP (:mod:`gateway.ratelimit`, per
-process): every 404 "unknown session" answer (PUT or GET) takes a token from the
-client's bucket (GATEWAY_NOT_FOUND_BURST tokens, refilled at
-GATEWAY_NOT_FOUND_PER_S per second); while it is empty, every request of that
-client that carries a session cookie is answered 429 with ``Retry-After`` (an
-ErrorEvent / ``!`` line of source ``client``) before the session is looked up.
-Requests without a cookie (new sessions) are not limited. Behind a proxy, set
-``FORWARDED_ALLOW_IPS`` to the proxy's addresses (not ``*``: README) so the client IP is
-the real one.
+**Session-id guessing** is slowed per client IP (:mod:`gateway.ratelimit`, per process; an
+IPv6 address counted by its /64, :func:`gateway.ratelimit.client_key`): every 404 "unknown
+session" answer (PUT or GET) takes a token from the client's bucket (GATEWAY_NOT_FOUND_BURST
+tokens, refilled at GATEWAY_NOT_FOUND_PER_S per second); while it is empty, every request of
+that client that carries a session cookie is answered 429 with ``Retry-After`` (an
+ErrorEvent / ``!`` line of source ``client``) before the session is looked up. Requests
+without a cookie (new sessions) are not limited. Behind a proxy, set ``FORWARDED_ALLOW_IPS``
+to the proxy's addresses (not ``*``: README) so the client IP is the real one.
 
 **PUT with text** (``text/plain`` in its declared ``charset``; when none, as its byte
 order mark says, else UTF-8; or
@@ -181,7 +180,7 @@ from gateway.logs import SessionRef, session_ref
 from gateway.outbox import Entry, Following, OutboxError
 from gateway.protocol import MAX_ID_CHARS, ProtocolError, clipped, invalid_field, media_type
 from gateway.protocol.actions import CancelListening, FeedAudio, FinishListening, StartListening
-from gateway.ratelimit import TokenBuckets
+from gateway.ratelimit import TokenBuckets, client_key
 from gateway.sessions import SessionBusy, StoreUnavailable
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormat, AudioFormatError
@@ -344,7 +343,9 @@ def _parsed_config(
 
 
 def _client_ip(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    """The client's key in the "unknown session" limiter (:func:`gateway.ratelimit.client_key`:
+    an IPv6 address by its /64, an IPv4-mapped one as its IPv4 address)."""
+    return client_key(request.client.host) if request.client else "unknown"
 
 
 def _check_cookie(request: Request, cookie: str) -> None:

@@ -205,6 +205,34 @@ async def test_get_client_checks_the_cookie_session_and_its_key() -> None:
         assert on.text == "< You said: still here\n"
 
 
+async def test_session_id_guessing_is_limited_per_ipv6_64() -> None:
+    """The "unknown session" limiter counted each client address: an IPv6 client guessed
+    session ids with a new allowance per address of its /64. It is keyed as the admin
+    limiter is (:func:`gateway.ratelimit.client_key`): an IPv6 address by its /64, an
+    IPv4-mapped one as its IPv4 address (addresses from a trusted proxy's
+    X-Forwarded-For)."""
+    settings = Settings().model_copy(update={"not_found_burst": 2, "not_found_per_s": 0.01})
+    served = served_app(create_app(settings), settings, forwarded_allow_ips="127.0.0.1")
+    async with served as url, httpx.AsyncClient(base_url=url) as client:
+
+        async def guess(address: str) -> int:
+            answer = await call(
+                client,
+                "GET",
+                f"/client?key={KEY}",
+                session="guess-1",
+                headers={"X-Forwarded-For": address},
+            )
+            return answer.status_code
+
+        assert [await guess(a) for a in ("2001:db8:5:6::1", "2001:db8:5:6:1::2")] == [404, 404]
+        assert await guess("2001:db8:5:6:ffff::3") == 429  # the same /64
+        assert await guess("2001:db8:5:7::1") == 404  # another /64
+        assert [await guess(a) for a in ("192.0.2.9", "::ffff:192.0.2.9")] == [404, 404]
+        assert await guess("192.0.2.9") == 429
+        assert await guess("192.0.2.10") == 404
+
+
 async def test_session_id_guessing_is_limited_per_client() -> None:
     async with (
         served(not_found_burst=5, not_found_per_s=0.5) as url,
