@@ -1,16 +1,17 @@
 """Exotel calls: the Voicebot applet's bidirectional stream, on the shared call engine.
 
-Spec: shared/specs/CARRIERS.md "Exotel". There is no answer document: the Voicebot
-applet of an App Bazaar flow points at ``wss://KEY:TOKEN@<public host>/exotel/stream``
-(``?sample-rate=8000|16000``, up to 3 custom parameters such as ``appKey``), and Exotel
-presents the credentials as ``Authorization: Basic`` on the upgrade, checked by
-:class:`~adapters.exotel.verify.ExotelVerifier` against GATEWAY_EXOTEL_API_KEY /
-GATEWAY_EXOTEL_API_TOKEN: refused before the upgrade (HTTP 403) otherwise, and when they
-are unset. The stream (``connected``, ``start``, ``media``, ``dtmf``, ``mark``,
-``stop``; base64 16-bit PCM) is served by :class:`gateway.io.call.CallRunner` with
-:class:`~adapters.exotel.protocol.ExotelCodec` (chunks in multiples of 320 bytes, sent
-unpaced: Exotel buffers). The call ends by closing the socket after the last audio's
-mark came back (the flow's next applet runs).
+Spec: shared/specs/CARRIERS.md "Exotel". There is no answer document: the Voicebot applet of
+an App Bazaar flow points at ``wss://KEY:TOKEN@<public host>/exotel/stream``
+(``?sample-rate=8000|16000``, up to 3 custom query parameters such as ``appKey``, which
+Exotel also gives in the start's ``custom_parameters``: the URL's ``appKey`` is taken, the
+start's only when the URL has none), and Exotel presents the credentials as ``Authorization:
+Basic`` on the upgrade, checked by :class:`~adapters.exotel.verify.ExotelVerifier` against
+GATEWAY_EXOTEL_API_KEY / GATEWAY_EXOTEL_API_TOKEN: refused before the upgrade (HTTP 403)
+otherwise, and when they are unset. The stream (``connected``, ``start``, ``media``,
+``dtmf``, ``mark``, ``stop``; base64 16-bit PCM) is served by
+:class:`gateway.io.call.CallRunner` with :class:`~adapters.exotel.protocol.ExotelCodec`
+(chunks in multiples of 320 bytes, sent unpaced: Exotel buffers). The call ends by closing
+the socket after the last audio's mark came back (the flow's next applet runs).
 """
 
 from __future__ import annotations
@@ -86,4 +87,7 @@ async def stream(websocket: WebSocket) -> None:
     runner = CallRunner(
         websocket, gw, ExotelCodec(), call_config(gw.settings, CHANNEL), calls=channel.calls
     )
+    app_key = websocket.query_params.get("appKey")
+    if app_key:  # the URL's, over a custom parameter of the start (module doc)
+        runner.call.extra_parameters["appKey"] = app_key
     await runner.serve()

@@ -23,32 +23,33 @@ other webhooks the gateway does not act on.
 (the bus, the gateway's Redis, is down: Telnyx delivers it again, and the signature it
 used is released for that redelivery: :func:`gateway.io.call.answered_once`).
 
-``/telnyx/stream`` — the call's media stream (Telnyx Media Streaming, bidirectional RTP)
-on the shared call engine (:class:`gateway.io.call.CallRunner` with
-:class:`~adapters.telnyx.protocol.TelnyxCodec`). The upgrade must carry a one-time
-stream token in the ``token`` query parameter of the URL the gateway gave Telnyx (the
-dial's ``stream_url``, the TeXML ``<Stream url>``): Telnyx documents that it connects
-to that URL, while how it presents the dial's ``stream_auth_token`` (set to the same
-token) is not documented (CARRIERS.md), so an ``Authorization`` header is not read.
-Without a good, unused token the upgrade is refused (HTTP 403). Tokens are keyed by
-GATEWAY_TELNYX_API_KEY (every instance with the same key checks them; used once through
-the nonce store). A token is bound to its call, and a start naming another
-``call_control_id`` is refused (closed 1008 "The stream was admitted for another call.",
-logged; the token stays used). A TeXML answer's token carries the webhook's ``CallSid``
-(the call_control_id). A dial's token is minted before Telnyx names the call
-(:data:`OUTBOUND_CALL`): once the dial's answer names it, POST /v1/calls binds the token
-to it on the bus (:meth:`TelnyxDialer.placed`: a retained value, in Redis with
-GATEWAY_REDIS_URL, so every instance reads it; when the bus cannot write it, the call is
-hung up and POST /v1/calls answers 503 with ``Retry-After`` naming the bus, not 201: the
-callee would have heard nothing), and the stream's upgrade reads that
-binding (:func:`dial_call`), waiting up to :data:`DIAL_CALL_WAIT_S` (2 s) for it when
-Telnyx opened the stream first; no binding by then: refused (HTTP 403, logged); the bus
-failing or not answering within the wait: 503 with ``Retry-After``. Either way the
-token stays used. The start's ``client_state``
-(:func:`adapters.telnyx.control.read_client_state`) gives an outbound call's app key and
-``#intro`` attributes; the stream follows its ``call_control_id``'s call control on
-the bus. The call ends with the ``hangup`` command after the last
-audio's mark (a ``transfer`` command for a transfer item).
+``/telnyx/stream`` — the call's media stream (Telnyx Media Streaming, bidirectional RTP) on
+the shared call engine (:class:`gateway.io.call.CallRunner` with
+:class:`~adapters.telnyx.protocol.TelnyxCodec`). The upgrade must carry a one-time stream
+token in the ``token`` query parameter of the URL the gateway gave Telnyx (the dial's
+``stream_url``, the TeXML ``<Stream url>``): Telnyx documents that it connects to that URL,
+while how it presents the dial's ``stream_auth_token`` (set to the same token) is not
+documented (CARRIERS.md), so an ``Authorization`` header is not read. Without a good, unused
+token the upgrade is refused (HTTP 403). Tokens are keyed by GATEWAY_TELNYX_API_KEY (every
+instance with the same key checks them; used once through the nonce store). A token is bound
+to its call, and a start naming another ``call_control_id`` is refused (closed 1008 "The
+stream was admitted for another call.", logged; the token stays used). A TeXML answer's
+token carries the webhook's ``CallSid`` (the call_control_id). A dial's token is minted
+before Telnyx names the call (:data:`OUTBOUND_CALL`): once the dial's answer names it, POST
+/v1/calls binds the token to it on the bus (:meth:`TelnyxDialer.placed`: a retained value,
+in Redis with GATEWAY_REDIS_URL, so every instance reads it; when the bus cannot write it,
+the call is hung up and POST /v1/calls answers 503 with ``Retry-After`` naming the bus, not
+201: the callee would have heard nothing), and the stream's upgrade reads that binding
+(:func:`dial_call`), waiting up to :data:`DIAL_CALL_WAIT_S` (2 s) for it when Telnyx opened
+the stream first; no binding by then: refused (HTTP 403, logged); the bus failing or not
+answering within the wait: 503 with ``Retry-After``. Either way the token stays used. The
+start's ``client_state`` (:func:`adapters.telnyx.control.read_client_state`) gives an
+outbound call's app key and ``#intro`` attributes, the stream URL's ``appKey`` (the TeXML
+answer's copy of its Voice URL's) an inbound call's: the start's ``custom_parameters``
+``appKey`` is taken only when neither gives one (the gateway's own word wins:
+``extra_parameters`` of :class:`gateway.protocol.call.CarrierCall`); the stream follows its
+``call_control_id``'s call control on the bus. The call ends with the ``hangup`` command
+after the last audio's mark (a ``transfer`` command for a transfer item).
 
 ``POST /telnyx/texml`` — an inbound call's TeXML answer (Ed25519-verified like the
 webhooks): ``<Connect><Stream url="wss://…/telnyx/stream?token=…" bidirectionalMode="rtp"

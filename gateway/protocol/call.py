@@ -773,8 +773,11 @@ class CarrierCall:
         self._judging = False  # resumed early: the utterance's final is still judged
         self._judged: tuple[int, int] | None = None  # (onset, voiced end) when it resumed
         self.extra_parameters: dict[str, str] = {}
-        """Parameters the adapter learnt outside the codec's start (Telnyx ``client_state``):
-        under the start's own."""
+        """Parameters the adapter learnt outside the codec's start: the ``appKey`` of the
+        stream URL (Telnyx's, the gateway wrote it; Exotel's, from the applet's URL), an
+        outbound call's data (Telnyx ``client_state``, the gateway's own). Over the start's
+        own: a custom parameter (Telnyx's and Exotel's ``custom_parameters``) is taken only
+        for a name these do not give, so it cannot move the call to another application."""
         self.moved = False
         """Whether the call is being handed to another instance (:meth:`move`): the
         stream's end then does not end the session."""
@@ -893,7 +896,7 @@ class CarrierCall:
             self.machine.feed("start")  # raises: a second start
         if self.expected_call_id is not None and info.call_id != self.expected_call_id:
             return self._disconnect(CLOSE_POLICY, self.other_call_reason)
-        params = {**self.extra_parameters, **info.parameters}
+        params = {**info.parameters, **self.extra_parameters}
         app_key = params.get("appKey") or self.config.default_app_key
         if not self.config.key_allowed(app_key):
             return self._disconnect(CLOSE_POLICY, "Unknown application key.")

@@ -211,6 +211,23 @@ async def test_custom_parameters_cannot_replace_the_caller_and_callee(
         assert "direction" not in session.config
 
 
+async def test_the_stream_urls_app_key_wins_over_a_custom_parameter(speech: SpeechService) -> None:
+    """The applet URL's ``appKey`` query parameter names the call's application: it was not
+    read, the start's ``custom_parameters`` ``appKey`` deciding alone (another one than the
+    URL's moved the call to another application). The start's is still taken when the URL
+    has none (README: Exotel)."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        base = f"ws://{urlsplit(gw.url).netloc}/exotel/stream?sample-rate=8000"
+        cases = (("&appKey=sales", "sales"), ("", "from-custom"))
+        for turns, (query, expected) in enumerate(cases, 1):
+            params = {"appKey": "from-custom"}
+            async with ExotelHarness.opened(base + query, params, headers=basic()) as call:
+                await gw.wait_turns(turns)
+                session = await session_of(gw, f"exotel:{call.call_sid}")
+                assert session is not None
+                assert session.app_key == expected, query
+
+
 @pytest.mark.parametrize(("params", "fault"), OVERSIZED_PARAMS)
 async def test_custom_parameters_beyond_bounds_close_the_stream_1008(
     params: dict[str, str], fault: str

@@ -493,6 +493,29 @@ async def test_custom_parameters_cannot_replace_the_caller_and_callee(
         assert session.locale == "de-DE"  # not an identity: still taken
 
 
+async def test_the_stream_urls_app_key_wins_over_a_custom_parameter(speech: SpeechService) -> None:
+    """The stream URL's ``appKey`` (the TeXML answer's copy of its Voice URL's, in the URL the
+    token admits) names the call's application: a ``custom_parameters`` ``appKey`` of the
+    start replaced it, moving the call to another application. A custom ``appKey`` is still
+    taken when the URL has none (README: custom parameters)."""
+    async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        cases = (("?appKey=sales", "sales"), ("", "from-custom"))
+        for turns, (query, expected) in enumerate(cases, 1):
+            ccid = "v3:" + uuid.uuid4().hex
+            body = json.dumps({"CallSid": ccid, "From": "+15550100", "To": "+15550199"}).encode()
+            answer = await client.post(f"/telnyx/texml{query}", content=body, headers=signed(body))
+            assert answer.status_code == 200, answer.text
+            stream = ET.fromstring(answer.text).find("./Connect/Stream")
+            assert stream is not None
+            url = local(gw.url, stream.attrib["url"])
+            custom = {"appKey": "from-custom"}
+            async with TelnyxHarness.connect(url, ccid, custom_parameters=custom):
+                await gw.wait_turns(turns)
+                session = await session_of(gw, f"telnyx:{ccid}")
+                assert session is not None
+                assert session.app_key == expected, query
+
+
 @pytest.mark.parametrize(("params", "fault"), OVERSIZED_PARAMS)
 async def test_custom_parameters_beyond_bounds_close_the_stream_1008(
     params: dict[str, str], fault: str
