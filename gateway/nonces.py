@@ -8,11 +8,13 @@ back to, whether it was already used. They must not touch Redis themselves
 - :class:`NonceStore` — the protocol: ``use_once`` marks a key used for ``ttl_s``
   seconds and answers True only to the first caller; ``release`` forgets a key its
   user did not use after all (a signed webhook answered with a retryable error, whose
-  redelivery must pass);
+  redelivery must pass); ``used`` says whether a key is kept without using it (a mark
+  another instance set, read by any number of readers at once: a use and release to
+  read it would hold the key meanwhile, so a concurrent reader or user saw it taken);
 - :class:`MemoryNonceStore` — the embedded default (one process);
 - :class:`RedisNonceStore` — production: one round trip (a script around ``SET key
-  <use> NX PX ttl``), so exactly one caller among all instances wins. Keys are
-  ``{prefix}:nonce:{key}``.
+  <use> NX PX ttl``), so exactly one caller among all instances wins; ``used`` is an
+  ``EXISTS``. Keys are ``{prefix}:nonce:{key}``.
 
 Both pass the same contract tests (tests/gateway/test_nonces.py).
 """
@@ -54,6 +56,14 @@ class NonceStore(Protocol):
         with a retryable error: the carrier sends the same signature again). Only the
         caller whose ``use_once`` won may release a key (while it lives, nobody else set
         it). A key not kept is no error. Raises StoreUnavailable as ``use_once`` does.
+        """
+        ...
+
+    async def used(self, key: str) -> bool:
+        """Whether ``key`` is kept (used, neither expired nor released), without using it:
+        the store is not changed, so concurrent readers all see the same answer and a
+        concurrent :meth:`use_once` is not refused because of a read. Raises
+        StoreUnavailable when the backing store cannot be reached.
         """
         ...
 
@@ -113,6 +123,12 @@ class MemoryNonceStore:
         stays until its expiry comes up (skipped then: the key is not kept, or kept
         again with another expiry), so released keys leave no scan behind."""
         self._keys.pop(key, None)
+
+    async def used(self, key: str) -> bool:
+        """See :meth:`NonceStore.used` (never raises here): a key whose expiry is past
+        is not kept, whether or not the heap has dropped it yet."""
+        expiry = self._keys.get(key)
+        return expiry is not None and expiry > self._clock()
 
     def _drop_expired(self, now: float) -> None:
         """Forget the keys whose expiry is <= ``now`` (O(log n) each); the kept ones
@@ -206,6 +222,20 @@ class RedisNonceStore:
             raise StoreCircuitOpen(str(exc)) from exc
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+
+    async def used(self, key: str) -> bool:
+        """See :meth:`NonceStore.used`: ``EXISTS {prefix}:nonce:{key}`` (one round trip,
+        through the client's circuit breaker; Redis expires the key itself). Raises
+        StoreCircuitOpen at once while the breaker is open, StoreUnavailable when Redis
+        does not answer."""
+        name = f"{self.prefix}:nonce:{key}"
+        try:
+            found = await self._breaker.guard(lambda: self.redis.exists(name))
+        except CircuitOpen as exc:
+            raise StoreCircuitOpen(str(exc)) from exc
+        except REDIS_ERRORS as exc:
+            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+        return bool(found)
 
     async def aclose(self) -> None:
         return None

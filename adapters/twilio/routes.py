@@ -477,18 +477,16 @@ def _moved_key(call_sid: str) -> str:
 async def _moving(gw: Gateway, call_sid: str) -> bool:
     """Whether call ``call_sid`` was moved to another instance within :data:`MOVED_MARK_S`
     (:meth:`_Call.move` marked it): its old stream's ``stream-stopped`` does not end its
-    session, which goes on in the new stream. The mark is read by trying to use its key
-    (True: it was free, now released again); the store down: True, not known (as a call
+    session, which goes on in the new stream. The mark is read without being used
+    (:meth:`gateway.nonces.NonceStore.used`): two callbacks of the call at once both see
+    it as it is, and a move marking the call meanwhile is not refused (a read that took
+    and released the key held it meanwhile). The store down: True, not known (as a call
     whose server is not known is left, gateway/io/call.py ``end_unserved_call``)."""
-    key = _moved_key(call_sid)
     try:
-        if not await gw.nonces.use_once(key, 1):
-            return True
-        await gw.nonces.release(key)
+        return await gw.nonces.used(_moved_key(call_sid))
     except StoreUnavailable as exc:
         log.log(outage_level(exc), "Twilio call %s: not known whether it moved: %s", call_sid, exc)
         return True
-    return False
 
 
 # ------------------------------------------------------------------ the media stream

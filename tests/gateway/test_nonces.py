@@ -86,6 +86,27 @@ async def test_a_released_key_can_be_used_again_once(
     await other.release(secrets.token_hex(8))
 
 
+async def test_used_reads_a_key_without_using_it(stores: tuple[NonceStore, NonceStore]) -> None:
+    """``used`` says whether a key is kept, on any instance, and changes nothing: readers at
+    the same instant as a use all answer alike and do not make that use lose; a released or
+    expired key is not kept."""
+    one, other = stores
+    key = secrets.token_hex(8)
+    assert await one.used(key) is False
+    reads = await asyncio.gather(*(s.used(key) for s in (one, other) for _ in range(5)))
+    assert reads == [False] * 10
+    first, *_ = await asyncio.gather(one.use_once(key, 30), *(other.used(key) for _ in range(5)))
+    assert first is True  # the readers did not take it
+    assert await one.used(key) is True
+    assert await other.used(key) is True
+    assert await other.use_once(key, 30) is False
+    await other.release(key)
+    assert await one.used(key) is False
+    assert await one.use_once(key, 0.2) is True
+    await asyncio.sleep(0.35)
+    assert await other.used(key) is False
+
+
 async def test_a_released_memory_key_used_again_outlives_its_first_expiry() -> None:
     """The memory store's expiry heap keeps a released key's first entry: when that
     expiry comes up, the key used again since (a later expiry) stays used."""

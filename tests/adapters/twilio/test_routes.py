@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from adapters.twilio.routes import MOVED_MARK_S, _moved_key, _moving
 from gateway.calls import callcontrol_of
 from gateway.conversation import TurnContext
 from gateway.events import Input
@@ -201,6 +202,56 @@ async def test_stream_ended_elsewhere_closes_the_calls_session(gw: Served) -> No
     signed = {"X-Twilio-Signature": sign(AUTH, url, event)}
     assert (await post_form(gw, path, event, signed)).status_code == 204
     assert await gateway.store.get(f"twilio:{sid}") is None
+
+
+async def test_concurrent_stream_stopped_callbacks_read_the_moved_mark_without_using_it(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A ``stream-stopped`` callback read the "moved at shutdown" mark by using its one-time
+    key and releasing it: meanwhile the key was held, so another reader at the same instant
+    saw the call moved, and a move marking the call then was refused and its mark lost (the
+    reader's release deleted it: the old stream's callback then ended the moved call's
+    session). The mark is now read without being used (real Redis): two callbacks at once of
+    an unmarked call end its session, of a marked one leave it, and a mark set while it is
+    read is kept."""
+    async with twilio_gateway(
+        redis_url=redis_url, redis_prefix=redis_prefix, twilio_auth_token=SecretStr(AUTH)
+    ) as gw:
+        gateway = gw.app.state.gateway
+        url = PUBLIC + "/twilio/status"
+
+        async def session(sid: str) -> bool:
+            return await gateway.store.get(f"twilio:{sid}") is not None
+
+        async def both_stopped(sid: str) -> None:
+            event = {"CallSid": sid, "StreamSid": "MZ" + "5" * 32, "StreamEvent": "stream-stopped"}
+            signed = {"X-Twilio-Signature": sign(AUTH, url, event)}
+            answers = await asyncio.gather(
+                *(post_form(gw, "/twilio/status", event, signed) for _ in range(2))
+            )
+            assert [a.status_code for a in answers] == [204, 204]
+
+        unmarked, marked, racing = ("CA" + digit * 32 for digit in "abc")
+        for sid in (unmarked, marked):
+            ctx = TurnContext(
+                channel="twilio", namespace="twilio", session_id=sid, app_key="twilio"
+            )
+            await gateway.conversation.turn(ctx, Input.of("#intro")).collect()
+            assert await session(sid)
+        assert await gateway.nonces.use_once(_moved_key(marked), MOVED_MARK_S)  # as a move does
+        await both_stopped(unmarked)
+        await both_stopped(marked)
+        assert not await session(unmarked)
+        assert await session(marked)
+        # two readers at the same instant both see an unmarked call unmoved, and a mark set
+        # while they read is kept
+        readers = await asyncio.gather(_moving(gateway, racing), _moving(gateway, racing))
+        assert list(readers) == [False, False]
+        _, took = await asyncio.gather(
+            _moving(gateway, racing), gateway.nonces.use_once(_moved_key(racing), MOVED_MARK_S)
+        )
+        assert took is True
+        assert await _moving(gateway, racing) is True
 
 
 @pytest.mark.parametrize("stream_event", ["stream-error", "stream-stopped"])
