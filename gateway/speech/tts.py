@@ -11,7 +11,8 @@ into text runs and pauses; :func:`ssml_to_text` flattens it to plain text with
 a comma per ``<break>``. Piper synthesizes the text runs and inserts real
 silence for the pauses; espeak-ng interprets SSML itself (``-m``).
 
-Bounds: a ``<break>`` is at most :data:`MAX_BREAK_MS`; Piper is given
+Bounds: a ``<break>`` is at most :data:`MAX_BREAK_MS` (Piper's silence, and espeak-ng's:
+its breaks are rewritten to that pause); Piper is given
 :func:`speakable` text (no emoji or other symbols it would read out by name); an
 item's audio stops at ``max_audio_s`` (GATEWAY_TTS_MAX_AUDIO_S, :data:`MAX_AUDIO_S`).
 """
@@ -766,6 +767,27 @@ class PiperSynthesizer:
 # --------------------------------------------------------------------------- espeak-ng
 
 
+_ESPEAK_BREAK: Final = re.compile(r"<break(?=[\s/>]|$)[^>]*+>?", re.IGNORECASE)
+"""A ``<break>`` tag as espeak-ng's SSML reader sees one: ``<break`` in any case, to the first
+``>`` (a ``>`` in a quoted value ends it too) or the end of the text."""
+
+
+def _espeak_breaks(ssml: str) -> str:
+    """``ssml`` for espeak-ng's own SSML reader (``-m``) with each ``<break>`` tag
+    (:data:`_ESPEAK_BREAK`) written ``<break time="<ms>ms"/>``, ``<ms>`` the pause
+    :func:`parse_ssml` gives it (Piper's: at most :data:`MAX_BREAK_MS`; the default
+    ``medium`` 500 ms when it reads none). espeak-ng took any ``time`` (``"20s"``, a bare
+    ``"20000"``, in an unclosed quote) whole: one tag gave minutes of silence."""
+
+    def canonical(tag: re.Match[str]) -> str:
+        text = tag[0] if tag[0].endswith(">") else tag[0] + ">"
+        pauses = [part.ms for part in parse_ssml(text) if isinstance(part, Pause)]
+        ms = pauses[0] if pauses else _break_ms({})
+        return f'<break time="{ms}ms"/>'
+
+    return _ESPEAK_BREAK.sub(canonical, ssml)
+
+
 class EspeakSynthesizer:
     """Formant TTS with the ``espeak-ng`` program (Debian package ``espeak-ng``).
 
@@ -773,7 +795,8 @@ class EspeakSynthesizer:
     subprocess (no shell; the text is one argument after ``--``) and decodes the
     WAV it writes: mono 16-bit at 22050 Hz. With ``ssml=True`` the markup goes
     to espeak-ng's own SSML reader (``-m``) unless ``native_ssml`` is False, in
-    which case it is flattened with :func:`ssml_to_text`.
+    which case it is flattened with :func:`ssml_to_text`. Its ``<break>`` pauses are
+    Piper's, at most :data:`MAX_BREAK_MS` each (:func:`_espeak_breaks`).
 
     Args:
         voice: espeak-ng voice name, e.g. ``en-us``, ``en-gb``, ``de``.
@@ -837,6 +860,7 @@ class EspeakSynthesizer:
             args += ["-s", str(int(self.speed_wpm))]
         if markup:
             args.append("-m")
+            text = _espeak_breaks(text)
         args += ["--", text]
         # a worker thread runs the program (subprocess.run kills it after timeout_s), not
         # an asyncio subprocess: a synthesis cancelled while its loop shuts down (a gateway

@@ -115,6 +115,30 @@ async def test_espeak_ssml_break_is_a_pause(native: bool) -> None:
         assert extra > 0.05
 
 
+@pytest.mark.parametrize(
+    "tag",
+    [
+        '<break time="20s"/>',
+        '<break time="20000ms"/>',
+        '<break time="20000"/>',  # no unit: espeak-ng reads milliseconds
+        "<BREAK time='30s'>",
+        '<break time = "20s" />',
+        '<break time="20s/>',  # an unclosed quote: espeak-ng read it all the same
+    ],
+)
+async def test_espeak_ssml_breaks_are_capped_as_pipers(tag: str) -> None:
+    """espeak-ng renders SSML itself: a ``<break time="20s"/>`` was 20 s of silence (Piper's
+    are at most MAX_BREAK_MS, 5 s), and 1,500 characters of such breaks minutes of it. Each
+    break it reads now gives at most Piper's pause, and one within the bound is kept."""
+    synth = EspeakSynthesizer()
+    plain = await synth.synthesize("<speak>Hello world</speak>", ssml=True)
+    paused = await synth.synthesize(f"<speak>Hello {tag} world</speak>", ssml=True)
+    extra_ms = paused.duration_ms - plain.duration_ms
+    assert extra_ms <= MAX_BREAK_MS + 300, tag
+    four = await synth.synthesize('<speak>Hello <break time="4s"/> world</speak>', ssml=True)
+    assert 3_700 <= four.duration_ms - plain.duration_ms <= 4_300
+
+
 async def test_piper_ssml_break_inserts_silence(piper: PiperSynthesizer) -> None:
     plain = await piper.synthesize("Hello there", ssml=False)
     paused = await piper.synthesize('<speak>Hello <break time="700ms"/> there</speak>', ssml=True)
