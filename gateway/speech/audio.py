@@ -374,40 +374,49 @@ def _to_mono_16(raw: bytes, width: int, channels: int, what: str) -> bytes:
     return raw
 
 
+_WAVE_FORMAT_PCM: Final = 1
+_WAVE_FORMAT_ALAW: Final = 6
+"""G.711 A-law samples, one byte each (RFC 2361 appendix A)."""
+_WAVE_FORMAT_MULAW: Final = 7
+"""G.711 μ-law samples, one byte each (RFC 2361 appendix A), as V2's realtime WAV reader
+takes them (adapters/flowstorm/v2/protocol.py ``WavStreamReader``)."""
+_G711_TAGS: Final = (_WAVE_FORMAT_ALAW, _WAVE_FORMAT_MULAW)
 _WAVE_FORMAT_EXTENSIBLE: Final = 0xFFFE
-_KSDATAFORMAT_SUBTYPE_PCM: Final = (
-    b"\x01\x00\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
-)
-"""The sub-format GUID of integer PCM in a WAVE_FORMAT_EXTENSIBLE ``fmt `` chunk."""
+_KSDATAFORMAT_SUBTYPE_TAIL: Final = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+"""The sub-format GUID of a WAVE_FORMAT_EXTENSIBLE ``fmt `` chunk after its first two bytes,
+which are the format tag of its samples (1 integer PCM, 6 A-law, 7 μ-law, 3 float...)."""
 
 
-def _plain_pcm_tag(data: bytes) -> bytes:
-    """``data`` with a WAVE_FORMAT_EXTENSIBLE ``fmt `` chunk of integer PCM (sub-format
-    :data:`_KSDATAFORMAT_SUBTYPE_PCM`) re-tagged WAVE_FORMAT_PCM (1), else ``data`` itself.
+def _plain_pcm_tag(data: bytes) -> tuple[bytes, int]:
+    """``data`` with a ``fmt `` chunk of integer PCM or G.711 samples tagged WAVE_FORMAT_PCM
+    (1), which ``wave`` reads, and the format tag of its samples: 1 for integer PCM (tagged
+    so, or WAVE_FORMAT_EXTENSIBLE with the PCM sub-format, :data:`_KSDATAFORMAT_SUBTYPE_TAIL`),
+    :data:`_WAVE_FORMAT_ALAW` or :data:`_WAVE_FORMAT_MULAW` (tagged so, or extensible with
+    that sub-format: its bytes then to be decoded by the caller). Anything else (another
+    format, a malformed header) is ``data`` itself and 1, left for ``wave`` to judge.
 
     Extensible is what 24- and 32-bit and multichannel WAVs carry (ffmpeg, sox,
     Windows); Python 3.11's ``wave`` reads only tag 1 ("unknown format: 65534"), 3.12's
-    reads both, with the same samples. Chunks are walked from the RIFF header to the
-    ``fmt `` chunk; anything else (another sub-format, a malformed header) is left for
-    ``wave`` to judge."""
+    reads both, with the same samples; neither reads G.711 ("unknown format: 7"). Chunks
+    are walked from the RIFF header to the ``fmt `` chunk."""
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        return data
+        return data, _WAVE_FORMAT_PCM
     pos = 12
     while pos + 8 <= len(data):
         chunk_id, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
         if chunk_id == b"fmt ":
             fmt = data[pos + 8 : pos + 8 + size]
-            if (
-                len(fmt) >= 40
-                and int.from_bytes(fmt[:2], "little") == _WAVE_FORMAT_EXTENSIBLE
-                and fmt[24:40] == _KSDATAFORMAT_SUBTYPE_PCM
-            ):
-                return data[: pos + 8] + b"\x01\x00" + data[pos + 10 :]
-            return data
+            tag = int.from_bytes(fmt[:2], "little") if len(fmt) >= 16 else 0
+            extensible = tag == _WAVE_FORMAT_EXTENSIBLE and len(fmt) >= 40
+            if extensible and fmt[26:40] == _KSDATAFORMAT_SUBTYPE_TAIL:
+                tag = int.from_bytes(fmt[24:26], "little")
+            if data[pos + 8 : pos + 10] == b"\x01\x00" or tag not in (1, *_G711_TAGS):
+                return data, _WAVE_FORMAT_PCM  # (not copied: read as it is, or refused)
+            return data[: pos + 8] + b"\x01\x00" + data[pos + 10 :], tag
         if chunk_id == b"data":
-            return data
+            return data, _WAVE_FORMAT_PCM
         pos += 8 + size + (size & 1)
-    return data
+    return data, _WAVE_FORMAT_PCM
 
 
 def _sized_data_chunk(data: bytes) -> bytes:
@@ -441,23 +450,27 @@ def _sized_data_chunk(data: bytes) -> bytes:
 
 
 def decode_wav(data: bytes) -> Pcm:
-    """Decode a RIFF/WAVE file with integer PCM samples to mono 16-bit :class:`Pcm`.
+    """Decode a RIFF/WAVE file with integer PCM or G.711 samples to mono 16-bit :class:`Pcm`.
 
-    8/24/32-bit samples are converted to 16 bit, stereo is downmixed (mean of
-    both channels); the ``fmt `` chunk may be plain PCM or WAVE_FORMAT_EXTENSIBLE with
-    the PCM sub-format (:func:`_plain_pcm_tag`). A ``data`` chunk whose declared size
+    8/24/32-bit samples are converted to 16 bit, 8-bit G.711 μ-law (WAVE_FORMAT_MULAW, 7)
+    and A-law (WAVE_FORMAT_ALAW, 6) samples decoded to 16 bit (``audioop.ulaw2lin`` /
+    ``alaw2lin``, as V2's realtime WAV reader takes μ-law), stereo is downmixed (mean of
+    both channels); the ``fmt `` chunk may be tagged so or WAVE_FORMAT_EXTENSIBLE with
+    such a sub-format (:func:`_plain_pcm_tag`). A ``data`` chunk whose declared size
     is a streaming placeholder (0, as a recorder's streaming header has it, or >=
     0x7FFF0000 bytes, as ``espeak-ng --stdout`` writes, 0xFFFFFFFF too) is read to the
     end of the input, the RIFF size then ignored (:func:`_sized_data_chunk`); otherwise
     the declared size must be present.
 
     Raises:
-        AudioFormatError: not RIFF/WAVE, truncated, non-PCM (e.g. float), more than
-            two channels, an unsupported width or sample rate.
+        AudioFormatError: not RIFF/WAVE, truncated, another sample format (e.g. float),
+            more than two channels, an unsupported width (G.711 of other than 8 bits) or
+            sample rate.
     """
-    what = "WAV (RIFF/WAVE integer PCM)"
+    what = "WAV (RIFF/WAVE integer PCM or G.711 u-law/A-law)"
+    readable, tag = _plain_pcm_tag(_sized_data_chunk(data))
     try:
-        with wave.open(io.BytesIO(_plain_pcm_tag(_sized_data_chunk(data))), "rb") as reader:
+        with wave.open(io.BytesIO(readable), "rb") as reader:
             channels = reader.getnchannels()
             width = reader.getsampwidth()
             rate = reader.getframerate()
@@ -478,6 +491,12 @@ def decode_wav(data: bytes) -> Pcm:
         )
     raw = raw[: len(raw) - len(raw) % block]
     check_rate(rate, what)
+    if tag in _G711_TAGS:
+        if width != 1:
+            law = "u-law" if tag == _WAVE_FORMAT_MULAW else "A-law"
+            raise AudioFormatError(f"expected {what}: {law} of {width * 8} bits (8 only)")
+        raw = (audioop.ulaw2lin if tag == _WAVE_FORMAT_MULAW else audioop.alaw2lin)(raw, 2)
+        width = 2
     return Pcm(_to_mono_16(raw, width, channels, what), rate)
 
 

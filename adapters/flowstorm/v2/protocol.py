@@ -661,7 +661,8 @@ def decode_audio_file(
 ) -> tuple[AudioFormat, bytes]:
     """The raw audio of a whole ``audio/*`` body: its format and samples, for a speech stage.
 
-    ``audio/wav`` (RIFF/WAVE integer PCM, mono or stereo, any supported rate) and
+    ``audio/wav`` (RIFF/WAVE integer PCM or 8-bit G.711 μ-law/A-law, mono or stereo, any
+    supported rate: :func:`gateway.speech.audio.decode_wav`) and
     ``audio/mpeg`` (MP3) come out as LINEAR16 at the file's own rate;
     ``audio/basic`` is raw ``sttEncoding`` at ``sttSampleRate`` and comes out
     as it is. Pure but CPU-bound for long MP3s (run it off the event loop).

@@ -8,6 +8,7 @@ import math
 import random
 import struct
 import wave
+from typing import Any
 
 import pytest
 
@@ -329,6 +330,53 @@ def test_wave_format_extensible_integer_pcm_is_decoded(width: int, channels: int
     floats = extensible_wav(bytes(400), rate=16000, width=4, channels=1, subformat=3)
     with pytest.raises(AudioFormatError, match="expected WAV"):
         audio.decode_wav(floats)
+
+
+def g711_wav(raw: bytes, *, rate: int, tag: int, channels: int = 1, bits: int = 8) -> bytes:
+    """A RIFF/WAVE file of G.711 samples as sox and Windows write one: a ``fmt `` chunk of 18
+    bytes (``tag`` 7 μ-law or 6 A-law, ``cbSize`` 0), a ``fact`` chunk (the frame count) and
+    the ``data`` chunk."""
+    block = channels * bits // 8
+    fmt = struct.pack("<HHIIHHH", tag, channels, rate, rate * block, block, bits, 0)
+    fact = struct.pack("<I", len(raw) // block)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"fact" + struct.pack("<I", len(fact)) + fact
+    body += b"data" + struct.pack("<I", len(raw)) + raw + b"\x00" * (len(raw) & 1)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("tag", "encode", "decode"),
+    [
+        (7, audio.audioop.lin2ulaw, audio.audioop.ulaw2lin),
+        (6, audio.audioop.lin2alaw, audio.audioop.alaw2lin),
+    ],
+    ids=["mulaw", "alaw"],
+)
+@pytest.mark.parametrize(("rate", "channels"), [(8000, 1), (16000, 1), (8000, 2)])
+def test_g711_wav_files_are_decoded(
+    tag: int, encode: Any, decode: Any, rate: int, channels: int
+) -> None:
+    """A whole WAV file of 8-bit G.711 samples (WAVE_FORMAT_MULAW 7, WAVE_FORMAT_ALAW 6) was
+    refused ("unknown format: 7"), while V2's realtime WAV reader takes μ-law: its samples
+    are decoded to 16 bit (as ``ulaw2lin``/``alaw2lin`` do, a stereo file downmixed), also
+    in a WAVE_FORMAT_EXTENSIBLE header of that sub-format. G.711 of other than 8 bits is
+    refused."""
+    tone = sine(440, rate, 0.2)
+    law = encode(tone.data, 2)
+    interleaved = b"".join(bytes([x]) * channels for x in law)
+    for data in (
+        g711_wav(interleaved, rate=rate, tag=tag, channels=channels),
+        extensible_wav(interleaved, rate=rate, width=1, channels=channels, subformat=tag),
+    ):
+        pcm = audio.decode_wav(data)
+        assert pcm.sample_rate == rate
+        assert pcm.data == decode(law, 2)  # both channels alike: their mean is each
+        assert snr_db(tone, pcm) > 30  # G.711's 8 bits: about 38 dB on this tone
+        assert audio.decode_audio(data, "wav") == pcm
+    wide = g711_wav(bytes(400), rate=rate, tag=tag, bits=16)
+    with pytest.raises(AudioFormatError, match=r"expected WAV.*of 16 bits \(8 only\)"):
+        audio.decode_wav(wide)
 
 
 def test_truncated_wav_is_refused() -> None:

@@ -53,7 +53,15 @@ from gateway.events import (
     TurnEvent,
 )
 from gateway.protocol import ProtocolError
-from gateway.speech.audio import AudioFormat, Pcm, encode_mp3, encode_wav, pcm_to_mulaw, silence
+from gateway.speech.audio import (
+    AudioFormat,
+    Pcm,
+    encode_mp3,
+    encode_wav,
+    mulaw_to_pcm,
+    pcm_to_mulaw,
+    silence,
+)
 from tests.adapters.flowstorm.v2.helpers import parse_json_events, split_events
 
 
@@ -483,7 +491,7 @@ def test_audio_files_decode_to_raw_audio_at_their_own_rate() -> None:
             encode_wav(TONE)[:600],
             CONFIG,
             400,
-            "expected WAV (RIFF/WAVE integer PCM): truncated",
+            "expected WAV (RIFF/WAVE integer PCM or G.711 u-law/A-law): truncated",
         ),
         ("audio/wav", b"RIFF....", CONFIG, 400, "expected WAV"),
         ("audio/mpeg", bytes(range(256)) * 40, CONFIG, 400, "expected MP3 (MPEG audio layer III)"),
@@ -572,6 +580,21 @@ def test_wav_stream_reader_streams_the_samples_after_the_header(step: int) -> No
     mulaw = WavStreamReader()
     assert mulaw.feed(wav_header(tag=7, rate=8000, bits=8) + pcm_to_mulaw(TONE)) != b""
     assert mulaw.format == AudioFormat("MULAW", 8000)
+
+
+def test_a_mulaw_wav_file_is_taken_whole_as_in_realtime() -> None:
+    """The realtime WAV reader takes a μ-law WAV stream; the same file PUT whole was refused
+    400 ("unknown format: 7"). Both now give the same samples (the whole file's as
+    LINEAR16)."""
+    tone = Pcm(TONE.data, 8000)
+    law = pcm_to_mulaw(tone)
+    stream = wav_header(tag=7, rate=8000, bits=8) + law
+    realtime = WavStreamReader()
+    samples = realtime.feed(stream)
+    assert realtime.format == AudioFormat("MULAW", 8000)
+    fmt, data = decode_audio_file("audio/wav", stream, CONFIG, max_audio_s=30)
+    assert fmt == AudioFormat("LINEAR16", 8000)
+    assert data == mulaw_to_pcm(samples, 8000).data
 
 
 def test_wav_stream_reader_honours_a_real_data_size() -> None:
