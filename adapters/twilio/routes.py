@@ -76,7 +76,8 @@ Moving at shutdown (a rolling deploy): ``gateway serve`` runs
 streams (gateway/server.py ``GatewayServer``; the hook is the Gateway's
 ``before_close``). With the REST credentials each live call is updated with ``Url`` =
 ``<GATEWAY_PUBLIC_URL>/twilio/voice?key=<appKey>[&locale=..][&direction=outbound]&resumed=1``
-(``Method=POST``), all at once within :data:`MOVE_TIMEOUT_S`; one INFO line counts them.
+(``Method=POST``), all at once within ``MOVE_TIMEOUT_S`` (gateway/io/call.py ``move_calls``,
+the carriers' shared move); one INFO line counts them.
 Twilio drops the TwiML (its ``<Hangup/>`` too), stops the stream and POSTs that URL,
 signed as any voice webhook, through the load balancer to another instance, whose TwiML's
 ``<Stream>`` carries the Parameter ``resumed`` ``1``: the new stream continues the
@@ -84,8 +85,9 @@ session, no ``#intro`` (gateway/protocol/call.py ``RESUMED``; such a call is tak
 while recognition is saturated). Here no turn starts any more, the stream's end does not
 end the session (``CarrierCall.move``), and the old stream's ``stream-stopped`` does not
 either on any instance (the call is marked moved in the one-time key store for
-:data:`MOVED_MARK_S`). Without the credentials (one WARNING) or for a redirect that fails
-(a WARNING each) the calls are cut as before: the stream closes, ``<Hangup/>`` follows.
+``MOVED_MARK_S``: ``call_moving``). Without the credentials (one WARNING) or for a
+redirect that fails (a WARNING each) the calls are cut as before: the stream closes,
+``<Hangup/>`` follows.
 
 Transfer (a ``#transfer`` item, gateway/events.py ``transfer_item``): the audio before
 it plays, then the call is updated with ``<Dial>`` to the target (adapters/twilio/control.py;
@@ -120,7 +122,6 @@ from adapters.twilio.openapi import POST_STATUS, POST_TWILIO_AMD, POST_VOICE, ST
 from adapters.twilio.protocol import (
     CHANNEL,
     CallConfig,
-    State,
     TwilioCall,
     busy_twiml,
     twiml,
@@ -138,9 +139,8 @@ from adapters.twilio.verify import (
     stream_url,
 )
 from gateway import metrics
-from gateway.breaker import outage_level
 from gateway.callcodec import VerificationRefused
-from gateway.callcontrol import CallControl, CallControlError, TransferResult
+from gateway.callcontrol import CallControl, RestRequest, TransferResult
 from gateway.calls import (
     callcontrol_of,
     record_outcome,
@@ -155,15 +155,17 @@ from gateway.io.call import (
     admit,
     announce_machine,
     call_config,
+    call_moving,
     end_unserved_call,
     machine_answer_undelivered,
+    move_calls,
+    resumed,
 )
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, clipped, media_type
-from gateway.protocol.call import CLOSE_NORMAL, RESUMED, Transfer
+from gateway.protocol.call import CLOSE_NORMAL, RESUMED, CallInfo, Transfer
 from gateway.ratelimit import refusal_log
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
-from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
 
 log = logging.getLogger("adapters.twilio")
@@ -171,14 +173,6 @@ log = logging.getLogger("adapters.twilio")
 HANGUP_GRACE_S: Final = 3.0
 """After a REST hang-up, how long Twilio gets to stop the stream before it is closed here."""
 STATUS_EVENTS_KEPT: Final = 256
-MOVE_TIMEOUT_S: Final = 5.0
-"""At shutdown, the longest the calls' moves to another instance take together (s):
-their redirects (sent at once, concurrently) and Twilio's ``stop`` of each moved stream;
-GATEWAY_CALLS_TIMEOUT_S or GATEWAY_SHUTDOWN_TIMEOUT_S when shorter."""
-MOVED_MARK_S: Final = 60.0
-"""How long a moved call is marked so in the one-time key store (s): the
-``stream-stopped`` callback of its old stream, which may reach an instance before the
-new stream is up there, does not end its session (:func:`status`)."""
 
 
 # ------------------------------------------------------------------ per-app state
@@ -216,34 +210,27 @@ class TwilioChannel:
 
     async def move_calls(self, control: CallControl | None) -> None:
         """Move every call this instance serves to another one, before the gateway's
-        shutdown closes their streams (run by gateway/server.py ``GatewayServer`` once
-        the listening sockets are closed): each live call is redirected at once
-        (:meth:`_Call.move`: ``Calls/{CallSid}`` updated with ``Url`` =
-        ``<GATEWAY_PUBLIC_URL>/twilio/voice?key=...&resumed=1``), concurrently, within
-        :data:`MOVE_TIMEOUT_S`; Twilio fetches new TwiML through the load balancer and
-        the call goes on in the same session on another instance (no ``#intro``).
-        One INFO line with the count. Without Twilio's REST credentials (or the
-        call-control client) nothing is sent: one WARNING, and the calls are cut as
-        before (their streams close, the TwiML's ``<Hangup/>`` ends them); a call whose
-        redirect fails is cut so too (a WARNING each). Never raises."""
-        live = [call for call in self.calls.values() if call.movable]
-        if not live:
-            return
-        if self.rest is None or control is None:
-            log.warning(
-                "Twilio: %d calls are cut at shutdown: Twilio's REST API is not configured "
-                "(GATEWAY_TWILIO_ACCOUNT_SID and GATEWAY_TWILIO_AUTH_TOKEN), so they cannot "
-                "be moved to another instance",
-                len(live),
-            )
-            return
-        settings = self.settings
-        timeout_s = min(MOVE_TIMEOUT_S, settings.calls_timeout_s, settings.shutdown_timeout_s)
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        shutdown closes their streams (gateway/io/call.py ``move_calls``, run by
+        gateway/server.py ``GatewayServer`` once the listening sockets are closed): each
+        live call is redirected at once (:func:`_redirect`: ``Calls/{CallSid}`` updated
+        with ``Url`` = ``<GATEWAY_PUBLIC_URL>/twilio/voice?key=...&resumed=1``),
+        concurrently, within ``MOVE_TIMEOUT_S`` (gateway/io/call.py); Twilio fetches new
+        TwiML through the load balancer and the call goes on in the same session on
+        another instance (no ``#intro``). One INFO line with the count. Without Twilio's
+        REST credentials (or the call-control client) nothing is sent: one WARNING, and
+        the calls are cut as before (their streams close, the TwiML's ``<Hangup/>`` ends
+        them); a call whose redirect fails is cut so too (a WARNING each). Never raises."""
         auth = self.rest
-        moved = await asyncio.gather(*(call.move(auth, control, deadline) for call in live))
-        log.info(
-            "Twilio: %d of %d calls moved to another instance at shutdown", sum(moved), len(live)
+        redirect = functools.partial(_redirect, auth) if auth is not None else None
+        await move_calls(
+            self.settings,
+            "Twilio",
+            list(self.calls.values()),
+            control,
+            redirect,
+            "Twilio's REST API is not configured "
+            "(GATEWAY_TWILIO_ACCOUNT_SID and GATEWAY_TWILIO_AUTH_TOKEN)",
+            log,
         )
 
     @property
@@ -389,8 +376,8 @@ async def voice(request: Request) -> Response:
         return problem(403, "Forbidden", f"Unknown application key {clipped(key)}.")
     # a call moved here from an instance that shut down (TwilioChannel.move_calls): the
     # signed URL of its redirect says so; its stream continues the session
-    resumed = request.query_params.get(RESUMED) == "1"
-    if not resumed and gateway_of(request).speech.recognition_saturated():
+    moved = resumed(request.query_params)
+    if not moved and gateway_of(request).speech.recognition_saturated():
         # a call needs a recognizer for each utterance; with all busy and the queue full
         # its first words would be refused: a clear busy line now beats a mute bot later.
         # Counted each; logged in a bounded burst (calls come in bursts while saturated)
@@ -408,7 +395,7 @@ async def voice(request: Request) -> Response:
         "direction": "outbound" if request.query_params.get("direction") == "outbound" else "",
         "attributes": request.query_params.get("attributes", ""),
         "answeredBy": params.get("AnsweredBy", ""),
-        RESUMED: "1" if resumed else "",
+        RESUMED: "1" if moved else "",
     }
     xml = twiml(
         stream_url(settings.public_url, token),
@@ -416,8 +403,8 @@ async def voice(request: Request) -> Response:
         {name: value for name, value in parameters.items() if value},
     )
     caller = masked_number(parameters["from"]) or "?"  # personal data: its last 4 digits
-    moved = " (a call moved from another instance: its session goes on)" if resumed else ""
-    log.info("Twilio call %s from %s: stream issued%s", call_sid, caller, moved)
+    note = " (a call moved from another instance: its session goes on)" if moved else ""
+    log.info("Twilio call %s from %s: stream issued%s", call_sid, caller, note)
     return Response(xml, media_type="application/xml")
 
 
@@ -464,29 +451,9 @@ async def status(request: Request) -> Response:
         # call's session so it is not left open
         gw = gateway_of(request)
         key = request.query_params.get("key") or gw.settings.twilio_app_key
-        moving = functools.partial(_moving, gw, call_sid)  # a call moved at shutdown: left
+        moving = functools.partial(call_moving, gw, CHANNEL, call_sid)  # moved at shutdown: left
         await end_unserved_call(gw, CHANNEL, call_sid, key, event["StreamEvent"], log, moving)
     return Response(status_code=204)
-
-
-def _moved_key(call_sid: str) -> str:
-    """The one-time key store's key marking call ``call_sid`` moved (:data:`MOVED_MARK_S`)."""
-    return f"twilio:moved:{call_sid}"
-
-
-async def _moving(gw: Gateway, call_sid: str) -> bool:
-    """Whether call ``call_sid`` was moved to another instance within :data:`MOVED_MARK_S`
-    (:meth:`_Call.move` marked it): its old stream's ``stream-stopped`` does not end its
-    session, which goes on in the new stream. The mark is read without being used
-    (:meth:`gateway.nonces.NonceStore.used`): two callbacks of the call at once both see
-    it as it is, and a move marking the call meanwhile is not refused (a read that took
-    and released the key held it meanwhile). The store down: True, not known (as a call
-    whose server is not known is left, gateway/io/call.py ``end_unserved_call``)."""
-    try:
-        return await gw.nonces.used(_moved_key(call_sid))
-    except StoreUnavailable as exc:
-        log.log(outage_level(exc), "Twilio call %s: not known whether it moved: %s", call_sid, exc)
-        return True
 
 
 # ------------------------------------------------------------------ the media stream
@@ -524,70 +491,6 @@ class _Call(CallRunner):
 
     def started(self, call_id: str) -> None:
         self.name = f"Twilio call {call_id}"
-
-    @property
-    def movable(self) -> bool:
-        """Whether the call is live (started, not ending, transferring or over): it can be
-        moved to another instance (:meth:`move`)."""
-        return self.call.info is not None and self.call.state not in (
-            State.ENDING,
-            State.TRANSFERRING,
-            State.CLOSED,
-        )
-
-    async def move(
-        self, auth: twilio_control.TwilioAuth, control: CallControl, deadline: float
-    ) -> bool:
-        """Move the call to another instance (:meth:`TwilioChannel.move_calls`): the engine
-        keeps the session open when the stream ends (:meth:`CarrierCall.move`), the call is
-        marked moved (:data:`MOVED_MARK_S`), then updated with ``Url`` =
-        ``<GATEWAY_PUBLIC_URL>/twilio/voice`` with the call's ``key`` (``locale``,
-        ``direction`` when given) and ``resumed=1``, ``Method=POST``
-        (adapters/twilio/control.py ``redirect``), and Twilio's ``stop`` of this stream is
-        awaited, all before ``deadline`` (loop time). Whether Twilio took the redirect.
-        When it did not (an error status, no answer by ``deadline``, a network error:
-        logged at WARNING, ``component: twilio-api``) the call is cut as before: its
-        stream's end ends the session (:meth:`CarrierCall.move_failed`)."""
-        info = self.call.info
-        if info is None or not self.call.move():
-            return False
-        params = info.parameters
-        query = {"key": params.get("appKey") or self.channel.config.default_app_key}
-        for name in ("locale", "direction"):
-            if params.get(name):
-                query[name] = params[name]
-        query[RESUMED] = "1"
-        settings = self.gw.settings
-        url = public_url(settings.public_url, "/twilio/voice", urlencode(query))
-        try:
-            await self.gw.nonces.use_once(_moved_key(self.call_sid), MOVED_MARK_S)
-        except StoreUnavailable as exc:  # its old stream's stream-stopped may end it
-            log.log(outage_level(exc), "%s: not marked moved: %s", self.name, exc)
-        request = twilio_control.redirect(auth, self.call_sid, url)
-        why = ""
-        try:
-            async with asyncio.timeout_at(deadline):
-                answer = await control.send(request)
-        except CallControlError as exc:
-            why = str(exc)
-        except TimeoutError:
-            why = "no answer before the shutdown's bound"
-        else:
-            if not answer.ok:
-                why = f"HTTP {answer.status}: {str(answer.body)[:200]}"
-        if why:
-            log.warning(
-                "%s NOT moved to another instance (component: twilio-api), it is cut: %s",
-                self.name,
-                why,
-            )
-            await self.run(self.call.move_failed())
-            return False
-        log.debug("%s moved: Twilio fetches %s", self.name, url)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(deadline):
-                await self._received_all.wait()  # Twilio stops the stream
-        return True
 
     async def _end(self, call_sid: str, transfer: Transfer | None) -> None:
         """Hang up: ``Calls/{callSid}`` ``Status=completed`` (gateway/calls.py ``hang_up``:
@@ -634,6 +537,23 @@ async def _dial(runner: CallRunner, action: Transfer) -> TransferResult:
     if control is not None and auth is not None:
         request = twilio_control.transfer(auth, action.call_id, action.target)
     return await send_transfer(control, CHANNEL, action, request)
+
+
+def _redirect(auth: twilio_control.TwilioAuth, runner: CallRunner, info: CallInfo) -> RestRequest:
+    """The move of call ``info`` to another instance (:meth:`TwilioChannel.move_calls`,
+    gateway/io/call.py ``CallRunner.move``): ``Calls/{CallSid}`` updated with ``Url`` =
+    ``<GATEWAY_PUBLIC_URL>/twilio/voice`` with the call's ``key`` (``locale``,
+    ``direction`` when given) and ``resumed=1``, ``Method=POST``
+    (adapters/twilio/control.py ``redirect``); Twilio drops the TwiML, stops the stream
+    and POSTs that URL, signed as any voice webhook."""
+    params = info.parameters
+    query = {"key": params.get("appKey") or runner.call.config.default_app_key}
+    for name in ("locale", "direction"):
+        if params.get(name):
+            query[name] = params[name]
+    query[RESUMED] = "1"
+    url = public_url(runner.gw.settings.public_url, "/twilio/voice", urlencode(query))
+    return twilio_control.redirect(auth, info.call_id, url)
 
 
 async def _check(ws: WebSocket, gw: Gateway, channel: TwilioChannel, token: str) -> StreamGrant:

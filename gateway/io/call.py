@@ -34,6 +34,20 @@ later still gets it), and every runner follows its call's topic from the stream'
 start, so the result becomes the ``#machine`` input wherever the stream is served.
 Every delivery reaches that one runner, so a redelivered result (carriers send webhooks
 at least once) is dropped there: the call's engine takes its first result only.
+
+Moving calls at shutdown (a rolling deploy): :func:`move_calls` is what a carrier's
+router runs as the Gateway's ``before_close`` hook (gateway/server.py ``GatewayServer``
+runs it once the instance stopped accepting, before its streams are closed). Each live
+call (:attr:`CarrierCall.movable`) is handed to another instance by the carrier's REST
+request the adapter builds (Twilio's redirect, Plivo's transfer: the carrier fetches the
+call's answer anew, with :data:`~gateway.protocol.call.RESUMED` ``=1``, through the
+load balancer), all at once within :data:`MOVE_TIMEOUT_S`
+(:meth:`CallRunner.move`); the call is marked moved in the one-time key store
+(:func:`moved_key`, :data:`MOVED_MARK_S`) so a carrier's "stream ended" callback does
+not end its session (:func:`call_moving`, :func:`end_unserved_call`). The new stream's
+start with the parameter ``resumed`` ``1`` continues the session without ``#intro``
+(:class:`CarrierCall`); here no turn starts meanwhile and the stream's end leaves the
+session open (:meth:`CarrierCall.move`).
 """
 
 from __future__ import annotations
@@ -48,7 +62,7 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -59,7 +73,7 @@ from gateway import metrics
 from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.callcodec import CarrierCodec, CarrierError, VerificationRefused, WireFrame
-from gateway.callcontrol import TransferResult
+from gateway.callcontrol import CallControl, CallControlError, RestRequest, TransferResult
 from gateway.conversation import TurnStream
 from gateway.deps import Gateway
 from gateway.events import ResponseItem
@@ -76,8 +90,10 @@ from gateway.protocol.actions import (
 from gateway.protocol.call import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
+    RESUMED,
     CallAction,
     CallConfig,
+    CallInfo,
     CarrierCall,
     HangUp,
     Interrupt,
@@ -126,6 +142,15 @@ MACHINE_RETAIN_S: Final = 120.0
 """How long an answering-machine result waits on the bus for its call's stream (s)."""
 FOLLOW_RETRY_S: Final = 1.0
 """How often a call's stream tries again to follow its control topic while the bus is down (s)."""
+
+MOVE_TIMEOUT_S: Final = 5.0
+"""At shutdown, the longest the calls' moves to another instance take together (s):
+the carrier's requests (sent at once, concurrently) and the end of each moved stream;
+GATEWAY_CALLS_TIMEOUT_S or GATEWAY_SHUTDOWN_TIMEOUT_S when shorter (:func:`move_calls`)."""
+MOVED_MARK_S: Final = 60.0
+"""How long a moved call is marked so in the one-time key store (s, :func:`moved_key`):
+a carrier's callback that its old stream ended, which may reach an instance before the
+new stream is up there, does not end its session (:func:`call_moving`)."""
 
 HangUpHook = Callable[["CallRunner", str], Awaitable[None]]
 """An adapter's hang-up: ``(runner, call id)``; the runner closes the socket after it."""
@@ -457,8 +482,8 @@ async def end_unserved_call(
     it (:func:`call_served` is False: the one that did has died), rather than leave it open
     until it expires. A call served (or not known to be, the bus down) is left to its
     instance, whose stream stops; so is one that ``moved`` (asked only for a call no
-    instance serves) says is moving to another instance, whose new stream is not up yet
-    (Twilio's, at a shutdown: adapters/twilio/routes.py). Logged on ``logger``: the end at
+    instance serves; :func:`call_moving`) says is moving to another instance, whose new
+    stream is not up yet (at a shutdown: :func:`move_calls`). Logged on ``logger``: the end at
     INFO, a store failure at its outage level."""
     if await call_served(gw, carrier, call_id) is not False:
         return
@@ -471,6 +496,83 @@ async def end_unserved_call(
             logger.info("%s call %s: session ended after %s", title, call_id, why)
     except StoreError as exc:
         logger.log(outage_level(exc), "%s call %s: session not ended: %s", title, call_id, exc)
+
+
+def moved_key(carrier: str, call_id: str) -> str:
+    """The one-time key store's key marking call ``call_id`` of ``carrier`` moved to
+    another instance (:meth:`CallRunner.move`, :data:`MOVED_MARK_S`):
+    ``<carrier>:moved:<call id>``."""
+    return f"{carrier}:moved:{call_id}"
+
+
+async def call_moving(gw: Gateway, carrier: str, call_id: str) -> bool:
+    """Whether call ``call_id`` of ``carrier`` was moved to another instance within
+    :data:`MOVED_MARK_S` (:meth:`CallRunner.move` marked it): its old stream's end, told
+    by a carrier's callback, does not end its session, which goes on in the new stream
+    (the ``moved`` check of :func:`end_unserved_call`). The mark is read without being used
+    (:meth:`gateway.nonces.NonceStore.used`): two callbacks of the call at once both see
+    it as it is, and a move marking the call meanwhile is not refused (a read that took
+    and released the key held it meanwhile). The store down: True, not known (as a call
+    whose server is not known is left), logged at its outage level."""
+    try:
+        return await gw.nonces.used(moved_key(carrier, call_id))
+    except StoreUnavailable as exc:
+        title = carrier.capitalize()
+        log.log(
+            outage_level(exc), "%s call %s: not known whether it moved: %s", title, call_id, exc
+        )
+        return True
+
+
+def resumed(query: Mapping[str, str]) -> bool:
+    """Whether an answer webhook's ``query`` (its URL's parameters) says the call was moved
+    here from an instance that shut down: :data:`~gateway.protocol.call.RESUMED` ``=1``
+    (the URL :func:`move_calls` had the carrier fetch; the webhook's signature covers it).
+    Its stream then carries the parameter ``resumed`` ``1``."""
+    return query.get(RESUMED) == "1"
+
+
+Redirect = Callable[["CallRunner", CallInfo], RestRequest]
+"""An adapter's move of a live call (:func:`move_calls`): the carrier's REST request
+that makes it fetch the call's answer anew from the public URL with ``resumed=1``."""
+
+
+async def move_calls(
+    settings: Settings,
+    title: str,
+    calls: Iterable[CallRunner],
+    control: CallControl | None,
+    redirect: Redirect | None,
+    unconfigured: str,
+    logger: logging.Logger,
+) -> None:
+    """Move every live call of carrier ``title`` ("Twilio") in ``calls`` (the instance's
+    registry) to another instance, before the gateway's shutdown closes their streams
+    (a router's ``before_close`` hook, gateway/deps.py): each is sent ``redirect``'s
+    request at once (:meth:`CallRunner.move`), concurrently, within
+    :data:`MOVE_TIMEOUT_S` (GATEWAY_CALLS_TIMEOUT_S, GATEWAY_SHUTDOWN_TIMEOUT_S when
+    shorter); one INFO line on ``logger`` counts them. Without ``redirect`` (no REST
+    credentials) or the call-control client nothing is sent: one WARNING naming what is
+    missing (``unconfigured``), and the calls are cut as before (their streams close); a
+    call whose request fails is cut so too (a WARNING each). ``settings``: the gateway's.
+    Never raises."""
+    live = [call for call in calls if call.call.movable]
+    if not live:
+        return
+    if redirect is None or control is None:
+        logger.warning(
+            "%s: %d calls are cut at shutdown: %s, so they cannot be moved to another instance",
+            title,
+            len(live),
+            unconfigured,
+        )
+        return
+    timeout_s = min(MOVE_TIMEOUT_S, settings.calls_timeout_s, settings.shutdown_timeout_s)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    moved = await asyncio.gather(*(call.move(control, redirect, deadline) for call in live))
+    logger.info(
+        "%s: %d of %d calls moved to another instance at shutdown", title, sum(moved), len(live)
+    )
 
 
 def machine_answer_undelivered() -> JSONResponse:
@@ -650,6 +752,8 @@ class CallRunner(WebSocketDriver[CallAction]):
         """The streams of the call's turns (those still running matter)."""
         self._speaking: set[asyncio.Task[bytes | None]] = set()
         """The syntheses of the error text under way (:meth:`_speak`)."""
+        self._over = asyncio.Event()
+        """Set when the stream ends (:meth:`shutdown`): a moved call's wait (:meth:`move`)."""
 
     def turn_opened(self, stream: TurnStream) -> None:
         """A turn of the call started: muted at once when the stream has ended (the last
@@ -942,6 +1046,51 @@ class CallRunner(WebSocketDriver[CallAction]):
         await self.run(actions)
         return result.ok
 
+    async def move(self, control: CallControl, redirect: Redirect, deadline: float) -> bool:
+        """Move the call to another instance (:func:`move_calls`): the engine keeps the
+        session open when the stream ends (:meth:`CarrierCall.move`), the call is marked
+        moved (:func:`moved_key`, :data:`MOVED_MARK_S`; the store down: logged, its old
+        stream's end callback may then end the session), ``redirect``'s request is sent,
+        and the end of this stream (the carrier stops it) is awaited, all before
+        ``deadline`` (loop time). Whether the carrier took the request. When it did not
+        (an error status, no answer by ``deadline``, a network error: logged at WARNING
+        naming the component ``<carrier>-api``) the call is cut as before: its stream's
+        end ends the session (:meth:`CarrierCall.move_failed`). False (nothing sent) for
+        a call that is not live."""
+        info = self.call.info
+        if info is None or not self.call.move():
+            return False
+        request = redirect(self, info)
+        try:
+            await self.gw.nonces.use_once(moved_key(self.carrier, info.call_id), MOVED_MARK_S)
+        except StoreUnavailable as exc:  # its old stream's end callback may end it
+            log.log(outage_level(exc), "%s: not marked moved: %s", self.name, exc)
+        why = ""
+        try:
+            async with asyncio.timeout_at(deadline):
+                answer = await control.send(request)
+        except CallControlError as exc:
+            why = str(exc)
+        except TimeoutError:
+            why = "no answer before the shutdown's bound"
+        else:
+            if not answer.ok:
+                why = f"HTTP {answer.status}: {str(answer.body)[:200]}"
+        if why:
+            log.warning(
+                "%s NOT moved to another instance (component: %s-api), it is cut: %s",
+                self.name,
+                self.carrier,
+                why,
+            )
+            await self.run(self.call.move_failed())
+            return False
+        log.debug("%s moved: %s %s", self.name, request.method, request.url)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self._over.wait()  # the carrier stops the stream
+        return True
+
     def lost(self) -> list[CallAction]:
         return self.call.connection_lost()
 
@@ -971,6 +1120,7 @@ class CallRunner(WebSocketDriver[CallAction]):
         its turn, once the running turn finished, and the session ends after it
         (:meth:`CarrierCall.connection_lost`, :meth:`end_session`: within
         GATEWAY_LOCK_WAIT_S, so a dead call cannot hold the shutdown longer)."""
+        self._over.set()
         if not self.call.closed:
             actions = self.call.connection_lost()
             self._mute_turns()

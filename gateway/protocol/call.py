@@ -162,7 +162,8 @@ MACHINE: Final = "#machine"
 """The input of an answering-machine answer (:meth:`CarrierCall.machine_answered`)."""
 RESUMED: Final = "resumed"
 """The stream parameter (value ``"1"``) of a call moved here from an instance that shut
-down (adapters/twilio/routes.py, README "Shutdown"): its start continues the call's
+down (gateway/io/call.py ``move_calls``; Twilio's ``<Parameter>``, Plivo's
+``extraHeaders``; README "Shutdown"): its start continues the call's
 session, no ``#intro``: the caller has the floor (:meth:`CarrierCall.move`)."""
 MAX_ATTRIBUTES_CHARS: Final = 4000
 """Longest JSON ``attributes`` parameter of an outbound call that is read."""
@@ -1453,9 +1454,20 @@ class CarrierCall:
         }
         return self._start_turn(TRANSFER_FAILED)
 
+    @property
+    def movable(self) -> bool:
+        """Whether the call is live (started, not ending, transferring or over): it can be
+        handed to another instance (:meth:`move`)."""
+        return self.info is not None and self.state not in (
+            State.ENDING,
+            State.TRANSFERRING,
+            State.CLOSED,
+        )
+
     def move(self) -> bool:
         """The call is being handed to another instance: the gateway shuts down and asked
-        the carrier to fetch the call's instructions anew (adapters/twilio/routes.py), so
+        the carrier to fetch the call's instructions anew (gateway/io/call.py
+        ``move_calls``: Twilio's redirect, Plivo's transfer), so
         the call goes on in a new stream elsewhere (started with :data:`RESUMED`). From
         now no turn starts (an input waits), and the stream's end (the carrier's ``stop``,
         a lost connection) does not end the session, nor give the input waiting its turn
@@ -1463,7 +1475,7 @@ class CarrierCall:
         then still finishes and saves.
         Whether the call can move: False (nothing changed) before the start, while it
         ends or transfers, or once it is over."""
-        if self.info is None or self.state in (State.ENDING, State.TRANSFERRING, State.CLOSED):
+        if not self.movable:
             return False
         self.moved = True
         return True

@@ -18,10 +18,10 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from adapters.twilio.routes import MOVED_MARK_S, _moved_key, _moving
 from gateway.calls import callcontrol_of
 from gateway.conversation import TurnContext
 from gateway.events import Input
+from gateway.io.call import MOVED_MARK_S, call_moving, moved_key
 from tests.adapters.twilio.harness import (
     TwilioHarness,
     ask_twiml,
@@ -238,20 +238,25 @@ async def test_concurrent_stream_stopped_callbacks_read_the_moved_mark_without_u
             )
             await gateway.conversation.turn(ctx, Input.of("#intro")).collect()
             assert await session(sid)
-        assert await gateway.nonces.use_once(_moved_key(marked), MOVED_MARK_S)  # as a move does
+        assert await gateway.nonces.use_once(
+            moved_key("twilio", marked), MOVED_MARK_S
+        )  # as a move does
         await both_stopped(unmarked)
         await both_stopped(marked)
         assert not await session(unmarked)
         assert await session(marked)
         # two readers at the same instant both see an unmarked call unmoved, and a mark set
         # while they read is kept
-        readers = await asyncio.gather(_moving(gateway, racing), _moving(gateway, racing))
+        readers = await asyncio.gather(
+            call_moving(gateway, "twilio", racing), call_moving(gateway, "twilio", racing)
+        )
         assert list(readers) == [False, False]
         _, took = await asyncio.gather(
-            _moving(gateway, racing), gateway.nonces.use_once(_moved_key(racing), MOVED_MARK_S)
+            call_moving(gateway, "twilio", racing),
+            gateway.nonces.use_once(moved_key("twilio", racing), MOVED_MARK_S),
         )
         assert took is True
-        assert await _moving(gateway, racing) is True
+        assert await call_moving(gateway, "twilio", racing) is True
 
 
 @pytest.mark.parametrize("stream_event", ["stream-error", "stream-stopped"])
