@@ -5,7 +5,16 @@ From Plivo's API reference ("Transfer a call", "Hang up a call"; plivo-python
 
 - transfer: ``POST /v1/Account/{auth_id}/Call/{call_uuid}/`` with ``legs``
   (``aleg``), ``aleg_url`` (the XML the call runs next: :func:`dial_xml`) and
-  ``aleg_method``;
+  ``aleg_method``. ``legs`` is ``aleg``, ``bleg`` or ``both`` (``aleg`` transfers
+  ``call_uuid`` itself); ``aleg_url`` is required for ``aleg``; ``aleg_method`` defaults
+  to POST (plivo-ruby ``CallInterface#update`` "Transfer a call",
+  https://www.rubydoc.info/gems/plivo/4.1.3/Plivo/Resources/CallInterface:update).
+  The same request moves a live call to another gateway instance at shutdown: its
+  ``aleg_url`` is then the answer URL with ``resumed=1`` (routes.py ``_move_request``),
+  so Plivo fetches a new ``<Stream>`` there. That the transfer ends the running XML's
+  stream (Plivo's ``stop`` or the socket's close) is [unverified]: no Plivo page at
+  hand says so; routes.py waits for the stream's end within the move's bound either
+  way;
 - hang-up: ``DELETE /v1/Account/{auth_id}/Call/{call_uuid}/``: 204 OK, 404 the call
   had already ended (CARRIERS.md "Plivo");
 - auth: HTTP Basic ``auth_id:auth_token``.
@@ -62,7 +71,8 @@ def dial_xml(target: str) -> str:
 
 
 def transfer(auth: PlivoAuth, call_uuid: str, aleg_url: str) -> RestRequest:
-    """Transfer the call: it fetches and runs the XML at ``aleg_url`` (POST)."""
+    """Transfer the call: it fetches and runs the XML at ``aleg_url`` (POST): a
+    transfer's ``<Dial>``, or the answer URL anew for a call moved at shutdown."""
     body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
     return RestRequest("POST", auth.call_url(call_uuid), auth.headers, json=body)
 

@@ -26,6 +26,17 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
   ``<public>/plivo/transfer?to=<target>`` and ``aleg_method`` ``POST``
   (:func:`adapters.plivo.control.transfer`), recorded like every carrier's transfer; a
   refused one keeps the call (``#transfer-failed``).
+- Moving at shutdown (a rolling deploy): the router's ``before_close`` hook
+  (gateway/io/call.py ``move_calls``, run by ``gateway serve`` once it stopped accepting
+  and before the streams are closed) transfers each live call with ``aleg_url``
+  ``<public>/plivo/answer?appKey=<the call's>&resumed=1`` (:func:`_move_request`), all
+  at once within ``MOVE_TIMEOUT_S``: Plivo drops the running XML (the stream ends) and
+  POSTs that URL, V3-signed as any answer request, through the load balancer to another
+  instance, whose answer's ``extraHeaders`` carry ``resumed=1``: the new stream
+  continues the session, no ``#intro`` (gateway/protocol/call.py ``RESUMED``). Here no
+  turn starts any more and the stream's end does not end the session. Without the REST
+  credentials (one WARNING) or for a transfer that fails (a WARNING each, ``component:
+  plivo-api``) the calls are cut as before.
 - ``POST /plivo/transfer?to=<target>`` — what the transferred call runs next:
   ``<Response><Dial><Number>…</Number></Dial></Response>`` (``<User>`` for a SIP URI,
   :func:`adapters.plivo.control.dial_xml`); V3-signed like the answer URL (401/403
@@ -34,6 +45,7 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -54,15 +66,16 @@ from adapters.plivo.verify import (
     PlivoVerifier,
 )
 from gateway.callcodec import VerificationRefused
-from gateway.callcontrol import CallControl, TransferResult
-from gateway.calls import hang_up as rest_hang_up
+from gateway.callcontrol import CallControl, RestRequest, TransferResult
 from gateway.calls import (
+    callcontrol_of,
     public_url,
     refusal,
     send_transfer,
     warn_unreachable_public_url,
     wss_url,
 )
+from gateway.calls import hang_up as rest_hang_up
 from gateway.calls_openapi import problems
 from gateway.deps import gateway_of
 from gateway.httputil import problem, read_body, refused_request
@@ -72,11 +85,13 @@ from gateway.io.call import (
     admit,
     answer_token,
     call_config,
+    move_calls,
     nonce_store_unavailable,
+    resumed,
     use_token,
 )
 from gateway.protocol import ProtocolError, clipped
-from gateway.protocol.call import Transfer
+from gateway.protocol.call import RESUMED, CallInfo, Transfer
 from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
@@ -156,12 +171,43 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 "can be transferred or hung up through it (GATEWAY_PLIVO_AUTH_TOKEN is set)"
             )
     auth = plivo_auth(settings)
-    app.state.plivo = PlivoChannel(
+    channel = app.state.plivo = PlivoChannel(
         PlivoVerifier(token) if token else None,
         auth,
         CallTokens(lambda: gw.secret_keys.key(STREAM_TOKEN)),
     )
+
+    async def move() -> None:  # at shutdown, before the streams are closed (module doc)
+        redirect = functools.partial(_move_request, auth, settings) if auth else None
+        missing = "Plivo's REST API is not configured (GATEWAY_PLIVO_AUTH_ID and "
+        missing += "GATEWAY_PLIVO_AUTH_TOKEN)"
+        await move_calls(
+            settings,
+            "Plivo",
+            list(channel.calls.values()),
+            callcontrol_of(app),
+            redirect,
+            missing,
+            log,
+        )
+
+    gw.before_close.append(move)
     yield
+
+
+def _move_request(
+    auth: plivo.PlivoAuth, settings: Settings, runner: CallRunner, info: CallInfo
+) -> RestRequest:
+    """The move of live call ``info`` to another instance at shutdown (module doc):
+    Plivo's transfer of its A leg (:func:`adapters.plivo.control.transfer`) to
+    ``<GATEWAY_PUBLIC_URL>/plivo/answer`` with the call's ``appKey`` (when its answer
+    had one) and ``resumed=1``."""
+    query = {}
+    if info.parameters.get("appKey"):
+        query["appKey"] = info.parameters["appKey"]
+    query[RESUMED] = "1"
+    url = public_url(settings.public_url, "/plivo/answer", query)
+    return plivo.transfer(auth, info.call_id, url)
 
 
 router = APIRouter(tags=["Plivo"], lifespan=_lifespan)
@@ -227,6 +273,8 @@ async def answer(request: Request) -> Response:
     stream_url = wss_url(gw.settings.public_url, f"/plivo/stream/{token}")
     app_key = request.query_params.get("appKey", "")
     extra = {"from": params.get("From", ""), "to": params.get("To", ""), "appKey": app_key}
+    if resumed(request.query_params):  # moved here from an instance that shut down
+        extra[RESUMED] = "1"  # (its signed URL says so): its stream continues the session
     extra = {key: _header_value(value) for key, value in extra.items() if value}
     return Response(answer_xml(stream_url, extra=extra), media_type="application/xml")
 

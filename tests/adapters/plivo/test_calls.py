@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from adapters.plivo.verify import signature
+from gateway.server import run_before_close
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of
 from tests.adapters.plivo.harness import AUTH_TOKEN, CARRIER, PlivoHarness, ask_answer
@@ -237,3 +238,29 @@ async def test_the_transfer_xml_log_line_cuts_the_call_uuid(
     served = [r.getMessage() for r in caplog.records if "transfer XML served" in r.getMessage()]
     assert served
     assert all(len(line) < 300 for line in served), [len(line) for line in served]
+
+
+async def test_without_rest_credentials_calls_are_not_moved_at_shutdown(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No GATEWAY_PLIVO_AUTH_ID (the answer URL still verified by the auth token): at
+    shutdown (the app's before_close hooks, gateway/server.py) a live call cannot be
+    transferred to another instance; one WARNING says so, nothing is sent, and the call
+    is cut as before (its stream's end ends its session)."""
+    caplog.set_level(logging.INFO, "gateway.plivo")
+    async with (
+        CARRIER.gateway(speech, plivo_auth_id=None) as (gw, api),
+        PlivoHarness.dial(gw.url, PUBLIC) as call,
+    ):
+        await gw.wait_turns(1)
+        runner = gw.app.state.plivo.calls[call.call_uuid]
+        await run_before_close(gw.app)
+        assert not runner.call.moved
+        [warning] = [r for r in caplog.records if "cut at shutdown" in r.getMessage()]
+        assert warning.levelno == logging.WARNING
+        assert warning.getMessage().startswith(
+            "Plivo: 1 calls are cut at shutdown: Plivo's REST API is not configured"
+        )
+        assert "calls moved to another instance" not in caplog.text  # no INFO count
+        assert api.requests == []
+        assert call.close_code is None
