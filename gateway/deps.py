@@ -59,8 +59,8 @@ class Gateway:
     """A graceful shutdown has begun: not ready (``/readyz`` 503), never unset."""
     """What runs at shutdown once the listening sockets are closed and before the open
     connections are (gateway/server.py ``GatewayServer``), concurrently: the routers'
-    own (Twilio moves its calls to another instance); each bounds its time and never
-    raises."""
+    own (Twilio, Plivo and Telnyx move their calls to another instance); each bounds its
+    time and never raises."""
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:

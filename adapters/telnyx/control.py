@@ -11,6 +11,18 @@ From Telnyx's API reference (https://developers.telnyx.com/api-reference/call-co
   ``stream_bidirectional_sampling_rate`` (CARRIERS.md "Telnyx", "Enable");
 - transfer: ``POST /v2/calls/{call_control_id}/actions/transfer`` JSON ``to``
   (the id one path segment, percent-encoded: :func:`gateway.callcontrol.path_segment`);
+- streaming start: ``POST /v2/calls/{call_control_id}/actions/streaming_start`` JSON
+  ``stream_url`` (the WebSocket address the stream is delivered to), ``stream_track``,
+  ``stream_bidirectional_mode`` (``mp3``/``rtp``), ``stream_bidirectional_codec``,
+  ``stream_bidirectional_sampling_rate``, ``stream_auth_token``; ``client_state`` would
+  replace the call's state on every later webhook, so it is not sent
+  (https://developers.telnyx.com/api-reference/call-commands/streaming-start): a call
+  moved to another instance at shutdown (:func:`streaming_start`);
+- streaming stop: ``POST /v2/calls/{call_control_id}/actions/streaming_stop`` JSON
+  ``stream_id`` (the stream's; "if the stream_id is not provided the command stops all
+  streams associated with a given call_control_id", so a call may have several:
+  https://developers.telnyx.com/api-reference/call-commands/streaming-stop): the old
+  stream of a moved call (:func:`streaming_stop`);
 - hang-up: ``POST /v2/calls/{call_control_id}/actions/hangup`` JSON ``{}``;
   HTTP 422 with error code ``90018`` means the call had already ended (CARRIERS.md);
 - auth: ``Authorization: Bearer <API key>``.
@@ -156,6 +168,32 @@ def transfer(auth: TelnyxAuth, call_control_id: str, target: str) -> RestRequest
         auth.url(f"/calls/{path_segment(call_control_id)}/actions/transfer"),
         auth.headers,
         json={"to": to},
+    )
+
+
+def streaming_start(
+    auth: TelnyxAuth, call_control_id: str, stream_url: str, token: str
+) -> RestRequest:
+    """Start a new stream of the call to ``stream_url`` (the gateway's stream route,
+    bidirectional RTP, PCMU 8 kHz: :func:`adapters.telnyx.protocol.stream_fields`, with
+    ``stream_auth_token`` ``token``, the one-time token the URL carries, as the dial
+    sends it)."""
+    return RestRequest(
+        "POST",
+        auth.url(f"/calls/{path_segment(call_control_id)}/actions/streaming_start"),
+        auth.headers,
+        json=stream_fields(stream_url, auth_token=token),
+    )
+
+
+def streaming_stop(auth: TelnyxAuth, call_control_id: str, stream_id: str) -> RestRequest:
+    """Stop the call's stream ``stream_id`` (only that one: the call's other streams go
+    on)."""
+    return RestRequest(
+        "POST",
+        auth.url(f"/calls/{path_segment(call_control_id)}/actions/streaming_stop"),
+        auth.headers,
+        json={"stream_id": stream_id},
     )
 
 

@@ -51,6 +51,25 @@ answer's copy of its Voice URL's) an inbound call's: the start's ``custom_parame
 ``call_control_id``'s call control on the bus. The call ends with the ``hangup`` command
 after the last audio's mark (a ``transfer`` command for a transfer item).
 
+Moving at shutdown (a rolling deploy): the router's ``before_close`` hook
+(gateway/io/call.py ``move_calls``, run by ``gateway serve`` once it stopped accepting and
+before the streams are closed) moves each live Call Control call (placed by POST
+/v1/calls: its ``client_state`` says ``direction`` ``outbound``) to another instance,
+within ``MOVE_TIMEOUT_S``: ``streaming_start`` of a new stream to
+``wss://<public>/telnyx/stream?token=<a one-time token of the call>&appKey=..&resumed=1``
+(:func:`_move_request`; Telnyx connects through the load balancer to another instance),
+then ``streaming_stop`` of this one (:meth:`TelnyxCall.moved_away`). The new stream is
+admitted by its token as a TeXML answer's is (bound to the call_control_id); its
+``resumed`` marker counts only for a call marked moved in the one-time key store
+(gateway/io/call.py ``call_moving``: the URL's query is not signed), and the stream then
+continues the session without ``#intro``. An inbound TeXML call is not moved (its
+``<Connect><Stream>`` ends the call with the stream): a WARNING each, cut as before. No
+API key (one WARNING) or a ``streaming_start`` that fails (a WARNING each, ``component:
+telnyx-api``): cut as before. That Telnyx streams one call to two WebSockets at once
+until the old one is stopped is read from the ``streaming_stop`` reference ("stops all
+streams associated with a given call_control_id" without a ``stream_id``) [unverified
+otherwise].
+
 ``POST /telnyx/texml`` — an inbound call's TeXML answer (Ed25519-verified like the
 webhooks): ``<Connect><Stream url="wss://…/telnyx/stream?token=…" bidirectionalMode="rtp"
 …>``, the token bound to the webhook's ``CallSid`` (form-urlencoded as Telnyx sends it, or
@@ -80,6 +99,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -99,10 +119,17 @@ from adapters.telnyx.verify import TelnyxVerifier, replayed
 from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.callcodec import VerificationRefused, load_frame
-from gateway.callcontrol import CallControl, RestAnswer, RestRequest, TransferResult
+from gateway.callcontrol import (
+    CallControl,
+    CallControlError,
+    RestAnswer,
+    RestRequest,
+    TransferResult,
+)
 from gateway.calls import (
     CallRefused,
     OutboundCall,
+    callcontrol_of,
     public_url,
     record_outcome,
     refusal,
@@ -123,14 +150,17 @@ from gateway.io.call import (
     answer_token,
     answered_once,
     call_config,
+    call_moving,
     end_unserved_call,
     machine_answer_undelivered,
+    move_calls,
     nonce_store_unavailable,
+    resumed,
     use_signature_once,
     use_token,
 )
 from gateway.protocol import ProtocolError, clipped, load_json
-from gateway.protocol.call import CallAction, Transfer
+from gateway.protocol.call import RESUMED, CallAction, CallInfo, Transfer
 from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
@@ -170,7 +200,47 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         not_configured(
             app.state.gateway, CHANNEL, "/telnyx/texml", 403, "GATEWAY_TELNYX_PUBLIC_KEY"
         )
+    calls: dict[str, CallRunner] = {}
+    app.state.telnyx_calls = calls  # the streams this instance serves, by call_control_id
+
+    async def move() -> None:  # at shutdown, before the streams are closed (module doc)
+        auth, tokens = telnyx_auth(settings), stream_tokens(settings)
+        redirect = None
+        if auth is not None and tokens is not None:
+            redirect = functools.partial(_move_request, auth, tokens, settings)
+        missing = "Telnyx's API is not configured (GATEWAY_TELNYX_API_KEY)"
+        live = list(calls.values())
+        await move_calls(settings, "Telnyx", live, callcontrol_of(app), redirect, missing, log)
+
+    app.state.gateway.before_close.append(move)
     yield
+
+
+def _move_request(
+    auth: telnyx.TelnyxAuth,
+    tokens: CallTokens,
+    settings: Settings,
+    runner: CallRunner,
+    info: CallInfo,
+) -> RestRequest | str:
+    """The move of live call ``info`` to another instance at shutdown (module doc): a
+    Call Control call (placed by POST /v1/calls: ``direction`` ``outbound``) gets
+    ``streaming_start`` to ``wss://<public>/telnyx/stream?token=<a one-time token of
+    the call>&appKey=<the call's>&resumed=1``; a TeXML call cannot be moved so (its
+    ``<Connect><Stream>`` ends the call with the stream): why not."""
+    params = info.parameters
+    if params.get("direction") != "outbound":
+        return (
+            "a TeXML call: its <Connect><Stream> ends with this stream (only calls placed "
+            "by POST /v1/calls, Call Control calls, are moved)"
+        )
+    token = tokens.issue(info.call_id, time.time())
+    query = {"token": token}
+    if params.get("appKey"):
+        query["appKey"] = params["appKey"][:128]
+    query[RESUMED] = "1"
+    url = wss_url(settings.public_url, "/telnyx/stream") + "?" + urlencode(query)
+    return telnyx.streaming_start(auth, info.call_id, url, token)
 
 
 router = APIRouter(tags=["Calls"], lifespan=_lifespan)
@@ -551,11 +621,28 @@ class TelnyxCall(CallRunner):
             call_id=call_id,
             hang_up=_hang_up,
             transfer=_transfer,
+            calls=getattr(ws.app.state, "telnyx_calls", None),
         )
         self.control: CallControl = ws.app.state.callcontrol
         self.auth = telnyx_auth(gw.settings)
         if app_key:
             self.call.extra_parameters["appKey"] = app_key
+
+    async def moved_away(self, control: CallControl, info: CallInfo) -> None:
+        """The call streams to another instance now (``streaming_start`` taken): stop this
+        stream (``streaming_stop`` of its ``stream_id``), so Telnyx ends it. Not taken or
+        not answered: logged at INFO, the shutdown then closes it (1012)."""
+        if self.auth is None:
+            return
+        request = telnyx.streaming_stop(self.auth, info.call_id, info.stream_id)
+        try:
+            answer = await control.send(request)
+        except CallControlError as exc:
+            why = str(exc)
+        else:
+            why = "" if answer.ok else f"HTTP {answer.status}: {str(answer.body)[:200]}"
+        if why:
+            log.info("%s: its old stream was not stopped (closed at shutdown): %s", self.name, why)
 
     def received(self, frame: str | bytes) -> list[CallAction]:
         if self.call.info is None and isinstance(frame, str) and '"client_state"' in frame:
@@ -624,4 +711,9 @@ async def telnyx_stream(websocket: WebSocket) -> None:
     if call_id is None:
         return
     # the token admits only a start naming its call (another: closed 1008)
-    await TelnyxCall(websocket, gw, websocket.query_params.get("appKey"), call_id).serve()
+    runner = TelnyxCall(websocket, gw, websocket.query_params.get("appKey"), call_id)
+    # a call moved here from an instance that shut down (_move_request): its stream URL
+    # says so and that instance marked the call moved; its session goes on, no #intro
+    if resumed(websocket.query_params) and await call_moving(gw, CHANNEL, call_id):
+        runner.call.extra_parameters[RESUMED] = "1"
+    await runner.serve()

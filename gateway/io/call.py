@@ -40,14 +40,14 @@ router runs as the Gateway's ``before_close`` hook (gateway/server.py ``GatewayS
 runs it once the instance stopped accepting, before its streams are closed). Each live
 call (:attr:`CarrierCall.movable`) is handed to another instance by the carrier's REST
 request the adapter builds (Twilio's redirect, Plivo's transfer: the carrier fetches the
-call's answer anew, with :data:`~gateway.protocol.call.RESUMED` ``=1``, through the
-load balancer), all at once within :data:`MOVE_TIMEOUT_S`
-(:meth:`CallRunner.move`); the call is marked moved in the one-time key store
-(:func:`moved_key`, :data:`MOVED_MARK_S`) so a carrier's "stream ended" callback does
-not end its session (:func:`call_moving`, :func:`end_unserved_call`). The new stream's
-start with the parameter ``resumed`` ``1`` continues the session without ``#intro``
-(:class:`CarrierCall`); here no turn starts meanwhile and the stream's end leaves the
-session open (:meth:`CarrierCall.move`).
+call's answer anew; Telnyx's ``streaming_start``: a new stream; each with
+:data:`~gateway.protocol.call.RESUMED` ``=1``, through the load balancer), all at once
+within :data:`MOVE_TIMEOUT_S` (:meth:`CallRunner.move`); the call is marked moved in
+the one-time key store (:func:`moved_key`, :data:`MOVED_MARK_S`) so a carrier's "stream
+ended" callback does not end its session (:func:`call_moving`,
+:func:`end_unserved_call`). The new stream's start with the parameter ``resumed`` ``1``
+continues the session without ``#intro`` (:class:`CarrierCall`); here no turn starts
+meanwhile and the stream's end leaves the session open (:meth:`CarrierCall.move`).
 """
 
 from __future__ import annotations
@@ -532,9 +532,11 @@ def resumed(query: Mapping[str, str]) -> bool:
     return query.get(RESUMED) == "1"
 
 
-Redirect = Callable[["CallRunner", CallInfo], RestRequest]
+Redirect = Callable[["CallRunner", CallInfo], "RestRequest | str"]
 """An adapter's move of a live call (:func:`move_calls`): the carrier's REST request
-that makes it fetch the call's answer anew from the public URL with ``resumed=1``."""
+that makes it fetch the call's answer anew (or open a new stream) at the public URL with
+``resumed=1``; or, for a call the carrier's API cannot move, why not (a text: the call
+is cut as before, a WARNING)."""
 
 
 async def move_calls(
@@ -1056,11 +1058,16 @@ class CallRunner(WebSocketDriver[CallAction]):
         (an error status, no answer by ``deadline``, a network error: logged at WARNING
         naming the component ``<carrier>-api``) the call is cut as before: its stream's
         end ends the session (:meth:`CarrierCall.move_failed`). False (nothing sent) for
-        a call that is not live."""
+        a call that is not live, or one ``redirect`` says cannot move (a WARNING with its
+        reason; the call is cut as before). Once taken, :meth:`moved_away` runs."""
         info = self.call.info
-        if info is None or not self.call.move():
+        if info is None or not self.call.movable:
             return False
         request = redirect(self, info)
+        if isinstance(request, str):
+            log.warning("%s NOT moved to another instance, it is cut: %s", self.name, request)
+            return False
+        self.call.move()
         try:
             await self.gw.nonces.use_once(moved_key(self.carrier, info.call_id), MOVED_MARK_S)
         except StoreUnavailable as exc:  # its old stream's end callback may end it
@@ -1088,8 +1095,14 @@ class CallRunner(WebSocketDriver[CallAction]):
         log.debug("%s moved: %s %s", self.name, request.method, request.url)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
+                await self.moved_away(control, info)
                 await self._over.wait()  # the carrier stops the stream
         return True
+
+    async def moved_away(self, control: CallControl, info: CallInfo) -> None:
+        """After the carrier took the move (:meth:`move`), within its bound: what the
+        adapter must still ask for to end this stream (Telnyx: ``streaming_stop`` of it);
+        nothing by default (the carrier ends it). Its errors are the adapter's to log."""
 
     def lost(self) -> list[CallAction]:
         return self.call.connection_lost()

@@ -163,7 +163,7 @@ MACHINE: Final = "#machine"
 RESUMED: Final = "resumed"
 """The stream parameter (value ``"1"``) of a call moved here from an instance that shut
 down (gateway/io/call.py ``move_calls``; Twilio's ``<Parameter>``, Plivo's
-``extraHeaders``; README "Shutdown"): its start continues the call's
+``extraHeaders``, Telnyx's stream URL; README "Shutdown"): its start continues the call's
 session, no ``#intro``: the caller has the floor (:meth:`CarrierCall.move`)."""
 MAX_ATTRIBUTES_CHARS: Final = 4000
 """Longest JSON ``attributes`` parameter of an outbound call that is read."""
@@ -1467,7 +1467,8 @@ class CarrierCall:
     def move(self) -> bool:
         """The call is being handed to another instance: the gateway shuts down and asked
         the carrier to fetch the call's instructions anew (gateway/io/call.py
-        ``move_calls``: Twilio's redirect, Plivo's transfer), so
+        ``move_calls``: Twilio's redirect, Plivo's transfer; or to stream it anew:
+        Telnyx's ``streaming_start``), so
         the call goes on in a new stream elsewhere (started with :data:`RESUMED`). From
         now no turn starts (an input waits), and the stream's end (the carrier's ``stop``,
         a lost connection) does not end the session, nor give the input waiting its turn

@@ -26,6 +26,7 @@ from gateway.callcodec import WireEncoding
 from gateway.conversation import TurnContext
 from gateway.events import Input
 from gateway.io.call import control_topic
+from gateway.server import run_before_close
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of, upgrade_status
@@ -530,3 +531,28 @@ async def test_custom_parameters_beyond_bounds_close_the_stream_1008(
         await call.wait_for(lambda: call.closed_at is not None, 10)
         assert call.close_code == 1008
         assert not gw.core.turns
+
+
+async def test_a_texml_call_is_not_moved_at_shutdown_but_cut_with_a_warning(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At shutdown (the app's before_close hooks, gateway/server.py) an inbound TeXML call
+    is not moved to another instance: its ``<Connect><Stream>`` ends the call with the
+    stream, so a ``streaming_start`` elsewhere could not keep it. Nothing is sent, a
+    WARNING names the call and why, and it is cut as before (its session ends with its
+    stream)."""
+    caplog.set_level(logging.INFO)
+    async with CARRIER.gateway(speech) as (gw, api):
+        async with TelnyxHarness.dial(gw.url) as call:
+            await gw.wait_turns(1)
+            runner = gw.app.state.telnyx_calls[call.ccid]
+            await run_before_close(gw.app)
+            assert not runner.call.moved
+            [warning] = [r for r in caplog.records if "NOT moved" in r.getMessage()]
+            assert warning.levelno == logging.WARNING
+            line = f"call {call.ccid} NOT moved to another instance, it is cut: a TeXML call"
+            assert line in warning.getMessage()
+            assert "Telnyx: 0 of 1 calls moved to another instance at shutdown" in caplog.text
+            assert api.requests == []
+            assert call.close_code is None
+        await CARRIER.ended(gw, call)  # its stream's end ended its session, as before
