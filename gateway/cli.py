@@ -126,7 +126,7 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
         **uvicorn_options(settings),
     )
     # uvicorn's, with the app's before_close hooks between the end of accepting and the
-    # close of the open connections (Twilio, Plivo and Telnyx calls move to another instance there)
+    # close of the open connections (the carriers move their calls to another instance there)
     server = GatewayServer(config)
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
     # handler it found when it started; Python's default for SIGTERM kills the process,

@@ -59,7 +59,7 @@ class Gateway:
     """A graceful shutdown has begun: not ready (``/readyz`` 503), never unset."""
     """What runs at shutdown once the listening sockets are closed and before the open
     connections are (gateway/server.py ``GatewayServer``), concurrently: the routers'
-    own (Twilio, Plivo and Telnyx move their calls to another instance); each bounds its
+    own (Twilio, Plivo, Telnyx, Vonage move their calls to another instance); each bounds its
     time and never raises."""
 
 

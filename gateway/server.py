@@ -750,7 +750,7 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
 class GatewayServer(uvicorn.Server):
     """uvicorn's server with the gateway's first step of a graceful shutdown (SIGTERM):
     it stops accepting connections, then runs the app's ``before_close`` hooks
-    (gateway/deps.py ``Gateway.before_close``: Twilio, Plivo, Telnyx move calls to another
+    (gateway/deps.py ``Gateway.before_close``: the carriers move their calls to another
     instance while their streams are still open), concurrently; only then does uvicorn
     close the open connections (WebSockets with 1012) and wait for the rest. The time the
     hooks took is taken off that wait (GATEWAY_SHUTDOWN_TIMEOUT_S, at least 1 s left), so

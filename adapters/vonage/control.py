@@ -13,6 +13,12 @@ in the caller ID being unknown" (NCCO reference, ``connect``; Vonage's "Numbers"
 the inbound call's answer webhook. No REST hang-up: the gateway ends a Vonage call
 by closing its WebSocket (the NCCO has nothing after the ``connect``).
 
+The same transfer moves a live call to another gateway instance at shutdown
+(:func:`transfer_to_ncco`, routes.py ``_move_request``): the inline NCCO is the answer's
+``connect`` to a new WebSocket of the gateway. That Vonage then drops the old WebSocket
+leg (the call left its conversation) is [unverified]: routes.py waits for the old
+socket's end within the move's bound, and the shutdown closes it after that anyway.
+
 The call's uuid is one path segment of the URL, percent-encoded
 (:func:`gateway.callcontrol.path_segment`): it comes from the stream, and a ``/``,
 ``..``, ``?`` or ``#`` in it must not make the request another endpoint of the API
@@ -88,13 +94,22 @@ def connect_ncco(target: str, from_: str | None = None) -> list[dict[str, Any]]:
     return [action]
 
 
+def transfer_to_ncco(
+    auth: VonageAuth, call_uuid: str, ncco: list[dict[str, Any]], now: float
+) -> RestRequest:
+    """Transfer the call to the inline NCCO ``ncco``: ``PUT /v1/calls/{uuid}`` with
+    ``{"action": "transfer", "destination": {"type": "ncco", "ncco": ncco}}`` (a
+    transfer's ``connect``; the ``connect`` to the gateway's WebSocket of a call moved to
+    another instance at shutdown, adapters/vonage/routes.py)."""
+    body = {"action": "transfer", "destination": {"type": "ncco", "ncco": ncco}}
+    url = f"{auth.base_url.rstrip('/')}/v1/calls/{path_segment(call_uuid)}"
+    return RestRequest("PUT", url, auth.headers(now), json=body)
+
+
 def transfer(
     auth: VonageAuth, call_uuid: str, target: str, now: float, from_: str | None = None
 ) -> RestRequest:
     """Transfer the call to ``target`` with an inline NCCO ``connect`` whose ``from`` is
     ``from_`` (the call's own Vonage number, the answer webhook's ``to``; see the
     module doc)."""
-    ncco = connect_ncco(target, from_)
-    body = {"action": "transfer", "destination": {"type": "ncco", "ncco": ncco}}
-    url = f"{auth.base_url.rstrip('/')}/v1/calls/{path_segment(call_uuid)}"
-    return RestRequest("PUT", url, auth.headers(now), json=body)
+    return transfer_to_ncco(auth, call_uuid, connect_ncco(target, from_), now)

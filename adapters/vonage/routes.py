@@ -31,11 +31,26 @@ Spec: shared/specs/CARRIERS.md "Vonage Voice API WebSocket (linear16)".
   (``transfer`` to an NCCO ``connect``; RS256 JWT of GATEWAY_VONAGE_APPLICATION_ID /
   GATEWAY_VONAGE_PRIVATE_KEY), recorded like every carrier's transfer; its ``from``
   (the caller ID the target sees) is the call's own number, the ``to`` header.
+- Moving at shutdown (a rolling deploy): the router's ``before_close`` hook
+  (gateway/io/call.py ``move_calls``, run by ``gateway serve`` once it stopped accepting
+  and before the streams are closed) transfers each live call with the REST credentials
+  to an inline NCCO (:func:`_move_request`): the answer's ``connect`` to
+  ``wss://<public>/vonage/stream/<a new one-time token of the call>`` (tokens are keyed
+  by the gateway's master key: any instance admits it), its headers the call's
+  (``call_uuid``, ``from``, ``to``, ``appKey``) and ``resumed`` ``1``, all within
+  ``MOVE_TIMEOUT_S``. Vonage connects the call to that WebSocket through the load
+  balancer, on another instance, where ``websocket:connected`` echoes the headers: the
+  stream continues the session, no ``#intro``. The marker is authentic: only the
+  gateway's signed REST request sets it. Here no turn starts any more and the stream's
+  end does not end the session. Without the REST credentials (one WARNING) or for a
+  transfer that fails (a WARNING each, ``component: vonage-api``) the calls are cut as
+  before (the socket closes; the NCCO has nothing after the ``connect``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -51,8 +66,14 @@ from adapters.vonage.openapi import VONAGE_ANSWER
 from adapters.vonage.protocol import VonageCodec, ncco
 from adapters.vonage.verify import VonageVerifier, replay_key, replayed
 from gateway.callcodec import VerificationRefused
-from gateway.callcontrol import CallControl, TransferResult
-from gateway.calls import refusal, send_transfer, warn_unreachable_public_url, wss_url
+from gateway.callcontrol import CallControl, RestRequest, TransferResult
+from gateway.calls import (
+    callcontrol_of,
+    refusal,
+    send_transfer,
+    warn_unreachable_public_url,
+    wss_url,
+)
 from gateway.deps import gateway_of
 from gateway.httputil import read_body, refused_request
 from gateway.io.call import (
@@ -62,12 +83,13 @@ from gateway.io.call import (
     answer_token,
     answered_once,
     call_config,
+    move_calls,
     nonce_store_unavailable,
     use_signature_once,
     use_token,
 )
 from gateway.protocol import ProtocolError, load_json
-from gateway.protocol.call import Transfer
+from gateway.protocol.call import RESUMED, CallInfo, Transfer
 from gateway.ratelimit import refusal_log
 from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
@@ -142,8 +164,38 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if verifier is not None or auth is not None:  # configured: NCCOs name stream URLs
         warn_unreachable_public_url(log, "Vonage", settings.public_url)
     tokens = CallTokens(lambda: gw.secret_keys.key(STREAM_TOKEN))
-    app.state.vonage = VonageChannel(verifier, tokens, auth)
+    channel = app.state.vonage = VonageChannel(verifier, tokens, auth)
+
+    async def move() -> None:  # at shutdown, before the streams are closed (module doc)
+        redirect = functools.partial(_move_request, auth, tokens, settings) if auth else None
+        missing = "Vonage's Voice API is not configured (GATEWAY_VONAGE_APPLICATION_ID and "
+        missing += "GATEWAY_VONAGE_PRIVATE_KEY)"
+        live = list(channel.calls.values())
+        await move_calls(settings, "Vonage", live, callcontrol_of(app), redirect, missing, log)
+
+    gw.before_close.append(move)
     yield
+
+
+def _move_request(
+    auth: vonage.VonageAuth,
+    tokens: CallTokens,
+    settings: Settings,
+    runner: CallRunner,
+    info: CallInfo,
+) -> RestRequest:
+    """The move of live call ``info`` to another instance at shutdown (module doc): a
+    transfer to the NCCO connecting it to a new stream of the gateway (a new one-time
+    token of the call), the call's headers and ``resumed`` ``1``."""
+    token = tokens.issue(info.call_id, time.time())
+    uri = wss_url(settings.public_url, f"/vonage/stream/{token}")
+    params = info.parameters
+    headers = {key: params[key] for key in ("from", "to", "appKey") if params.get(key)}
+    headers[RESUMED] = "1"
+    document = ncco(
+        uri, sample_rate=settings.vonage_sample_rate, call_uuid=info.call_id, headers=headers
+    )
+    return vonage.transfer_to_ncco(auth, info.call_id, document, time.time())
 
 
 router = APIRouter(tags=["Vonage"], lifespan=_lifespan)

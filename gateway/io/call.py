@@ -40,7 +40,8 @@ router runs as the Gateway's ``before_close`` hook (gateway/server.py ``GatewayS
 runs it once the instance stopped accepting, before its streams are closed). Each live
 call (:attr:`CarrierCall.movable`) is handed to another instance by the carrier's REST
 request the adapter builds (Twilio's redirect, Plivo's transfer: the carrier fetches the
-call's answer anew; Telnyx's ``streaming_start``: a new stream; each with
+call's answer anew; Vonage's transfer to an NCCO connecting a new WebSocket; Telnyx's
+``streaming_start``: a new stream; each with
 :data:`~gateway.protocol.call.RESUMED` ``=1``, through the load balancer), all at once
 within :data:`MOVE_TIMEOUT_S` (:meth:`CallRunner.move`); the call is marked moved in
 the one-time key store (:func:`moved_key`, :data:`MOVED_MARK_S`) so a carrier's "stream
