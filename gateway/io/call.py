@@ -1052,7 +1052,8 @@ class CallRunner(WebSocketDriver[CallAction]):
     async def move(self, control: CallControl, redirect: Redirect, deadline: float) -> bool:
         """Move the call to another instance (:func:`move_calls`): the engine keeps the
         session open when the stream ends (:meth:`CarrierCall.move`), the call is marked
-        moved (:func:`moved_key`, :data:`MOVED_MARK_S`; the store down: logged, its old
+        moved (:func:`moved_key`) for :data:`MOVED_MARK_S` from now (a mark of an earlier
+        move renewed; the store down: logged, its old
         stream's end callback may then end the session), ``redirect``'s request is sent,
         and the end of this stream (the carrier stops it) is awaited, all before
         ``deadline`` (loop time). Whether the carrier took the request. When it did not
@@ -1069,8 +1070,13 @@ class CallRunner(WebSocketDriver[CallAction]):
             log.warning("%s NOT moved to another instance, it is cut: %s", self.name, request)
             return False
         self.call.move()
-        try:
-            await self.gw.nonces.use_once(moved_key(self.carrier, info.call_id), MOVED_MARK_S)
+        mark = moved_key(self.carrier, info.call_id)
+        try:  # for MOVED_MARK_S from now: a call moved here from an instance that shut
+            # down lately keeps that move's mark, whose expiry is renewed (a mark set only
+            # when absent kept its first move's: it could expire during this one)
+            if not await self.gw.nonces.use_once(mark, MOVED_MARK_S):
+                await self.gw.nonces.release(mark)
+                await self.gw.nonces.use_once(mark, MOVED_MARK_S)
         except StoreUnavailable as exc:  # its old stream's end callback may end it
             log.log(outage_level(exc), "%s: not marked moved: %s", self.name, exc)
         why = ""

@@ -4,6 +4,7 @@ values cut in refusals and log lines; a start's malformed ``extra_headers``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from adapters.plivo.verify import signature
+from gateway.io.call import call_moving, moved_key
 from gateway.server import run_before_close
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of
@@ -264,3 +266,33 @@ async def test_without_rest_credentials_calls_are_not_moved_at_shutdown(
         assert "calls moved to another instance" not in caplog.text  # no INFO count
         assert api.requests == []
         assert call.close_code is None
+
+
+async def test_a_call_moved_again_renews_its_moved_mark(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    """A call moved at shutdown that is moved again (a rolling deploy restarts the instance
+    it went to within MOVED_MARK_S) is marked moved for MOVED_MARK_S from its latest move:
+    the mark kept its first move's expiry (its key was set only when absent), so it could
+    expire while the latest move was under way, and the old stream's end callback (Twilio)
+    then ended the live call's session, or the new stream's resumed marker (Telnyx) was
+    refused and the caller heard #intro again. Real Redis; the fake Plivo API takes the
+    transfer."""
+    async with (
+        CARRIER.gateway(speech, redis_url=redis_url, redis_prefix=redis_prefix) as (gw, api),
+        PlivoHarness.dial(gw.url, PUBLIC) as call,
+    ):
+        await gw.wait_turns(1)
+        gateway = gw.app.state.gateway
+        # the mark of the call's earlier move, about to expire
+        assert await gateway.nonces.use_once(moved_key("plivo", call.call_uuid), 1.0)
+        moving = asyncio.create_task(run_before_close(gw.app))
+        for _ in range(200):
+            if api.requests:
+                break
+            await asyncio.sleep(0.02)
+        assert [r.method for r in api.requests] == ["POST"]  # the transfer
+        await call.stop()  # Plivo ends the old stream
+        await asyncio.wait_for(moving, 10)
+        await asyncio.sleep(1.5)  # past the earlier mark's expiry
+        assert await call_moving(gateway, "plivo", call.call_uuid)
