@@ -757,6 +757,8 @@ class CallRunner(WebSocketDriver[CallAction]):
         """The syntheses of the error text under way (:meth:`_speak`)."""
         self._over = asyncio.Event()
         """Set when the stream ends (:meth:`shutdown`): a moved call's wait (:meth:`move`)."""
+        self._following: asyncio.Task[None] | None = None
+        """The follow of the call's control topic (:meth:`_follow`), while it runs."""
 
     def turn_opened(self, stream: TurnStream) -> None:
         """A turn of the call started: muted at once when the stream has ended (the last
@@ -835,7 +837,7 @@ class CallRunner(WebSocketDriver[CallAction]):
             self._carrier_error(self.call.errors[-1])
         info = self.call.info
         if not had_info and info is not None:
-            self.spawn(self._follow(info.call_id), "call control")
+            self._following = self.spawn(self._follow(info.call_id), "call control")
             self.name = f"{self.carrier} call {info.call_id}"
             if self._calls is not None:
                 self._calls[info.call_id] = self
@@ -1051,7 +1053,9 @@ class CallRunner(WebSocketDriver[CallAction]):
 
     async def move(self, control: CallControl, redirect: Redirect, deadline: float) -> bool:
         """Move the call to another instance (:func:`move_calls`): the engine keeps the
-        session open when the stream ends (:meth:`CarrierCall.move`), the call is marked
+        session open when the stream ends (:meth:`CarrierCall.move`), this stream stops
+        following the call's control topic (:meth:`_unfollow`: it no longer serves the
+        call, :func:`call_served`; again when the move fails), the call is marked
         moved (:func:`moved_key`) for :data:`MOVED_MARK_S` from now (a mark of an earlier
         move renewed; the store down: logged, its old
         stream's end callback may then end the session), ``redirect``'s request is sent,
@@ -1070,6 +1074,10 @@ class CallRunner(WebSocketDriver[CallAction]):
             log.warning("%s NOT moved to another instance, it is cut: %s", self.name, request)
             return False
         self.call.move()
+        # handed on: no longer served here, so a carrier's "call ended" callback meanwhile
+        # (the caller hung up before the new stream is up) ends the session, which this
+        # stream's end, a moved call's, does not (gateway/io/call.py end_unserved_call)
+        await self._unfollow()
         mark = moved_key(self.carrier, info.call_id)
         try:  # for MOVED_MARK_S from now: a call moved here from an instance that shut
             # down lately keeps that move's mark, whose expiry is renewed (a mark set only
@@ -1097,6 +1105,8 @@ class CallRunner(WebSocketDriver[CallAction]):
                 self.carrier,
                 why,
             )
+            if not self.call.closed:  # served here again
+                self._following = self.spawn(self._follow(info.call_id), "call control")
             await self.run(self.call.move_failed())
             return False
         log.debug("%s moved: %s %s", self.name, request.method, request.url)
@@ -1105,6 +1115,16 @@ class CallRunner(WebSocketDriver[CallAction]):
                 await self.moved_away(control, info)
                 await self._over.wait()  # the carrier stops the stream
         return True
+
+    async def _unfollow(self) -> None:
+        """Stop following the call's control topic (:meth:`_follow`) and wait until its
+        subscription is gone: the call moves to another instance (:meth:`move`), so
+        :func:`call_served` no longer counts this stream. A machine result published
+        meanwhile stays retained for the stream that follows next (:data:`MACHINE_RETAIN_S`)."""
+        task, self._following = self._following, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
 
     async def moved_away(self, control: CallControl, info: CallInfo) -> None:
         """After the carrier took the move (:meth:`move`), within its bound: what the

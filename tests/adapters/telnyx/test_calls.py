@@ -7,6 +7,7 @@ start in a format the gateway cannot take closed with 1003."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -556,3 +557,52 @@ async def test_a_texml_call_is_not_moved_at_shutdown_but_cut_with_a_warning(
             assert api.requests == []
             assert call.close_code is None
         await CARRIER.ended(gw, call)  # its stream's end ended its session, as before
+
+
+async def test_a_call_hung_up_while_it_moves_at_shutdown_has_its_session_ended(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    """At shutdown a Call Control call is moved (``streaming_start`` of a new stream
+    elsewhere, then ``streaming_stop`` of this one); the caller hangs up before the new
+    stream is up, and Telnyx's ``call.hangup`` reaches an instance while the old stream
+    is still open. The moving stream answered for the call on the bus (it still followed
+    its control topic), so the hangup left the session to it, and its end, a moved
+    call's, did not end it: the session stayed open until it expired (30 min). A stream
+    that hands its call on no longer counts as serving it: the hangup ends the session.
+    Real Redis; the fake Call Control API takes both commands."""
+    shared: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    async with (
+        CARRIER.gateway(speech, **shared) as (gw, api),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        placed = await client.post(
+            "/v1/calls",
+            json={"carrier": "telnyx", "to": "+15550100", "from": "+15550199", "appKey": "sales"},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
+        assert placed.status_code == 201, placed.text
+        ccid, dial = placed.json()["callId"], api.requests[-1].json
+        key = f"telnyx:{ccid}"
+        async with TelnyxHarness.connect(
+            local(gw.url, dial["stream_url"]), ccid, client_state=dial["client_state"]
+        ) as call:
+            await gw.wait_turns(1)
+            assert await session_of(gw, key) is not None
+            api.requests.clear()
+            moving = asyncio.create_task(run_before_close(gw.app))
+            for _ in range(200):
+                if len(api.requests) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert [r.path.rsplit("/", 1)[1] for r in api.requests] == [
+                "streaming_start",
+                "streaming_stop",
+            ]
+            assert not moving.done()  # the old stream is still open
+            event = hangup_event(ccid, "sales")
+            hook = await client.post("/telnyx/outbound", content=event, headers=signed(event))
+            assert hook.status_code == 200, hook.text
+            assert await session_of(gw, key) is None
+            await call.stop()  # Telnyx ends the old stream
+            await asyncio.wait_for(moving, 10)
+        assert await session_of(gw, key) is None
