@@ -1077,7 +1077,9 @@ class CallRunner(WebSocketDriver[CallAction]):
         # handed on: no longer served here, so a carrier's "call ended" callback meanwhile
         # (the caller hung up before the new stream is up) ends the session, which this
         # stream's end, a moved call's, does not (gateway/io/call.py end_unserved_call)
-        await self._unfollow()
+        with contextlib.suppress(TimeoutError):  # the bus stuck: the rest keeps its time
+            async with asyncio.timeout_at(deadline):
+                await self._unfollow()
         mark = moved_key(self.carrier, info.call_id)
         try:  # for MOVED_MARK_S from now: a call moved here from an instance that shut
             # down lately keeps that move's mark, whose expiry is renewed (a mark set only
