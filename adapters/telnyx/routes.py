@@ -631,7 +631,8 @@ class TelnyxCall(CallRunner):
     async def moved_away(self, control: CallControl, info: CallInfo) -> None:
         """The call streams to another instance now (``streaming_start`` taken): stop this
         stream (``streaming_stop`` of its ``stream_id``), so Telnyx ends it. Not taken or
-        not answered: logged at INFO, the shutdown then closes it (1012)."""
+        not answered: logged at INFO naming the component ``telnyx-api``, the shutdown then
+        closes it (1012)."""
         if self.auth is None:
             return
         request = telnyx.streaming_stop(self.auth, info.call_id, info.stream_id)
@@ -642,7 +643,12 @@ class TelnyxCall(CallRunner):
         else:
             why = "" if answer.ok else f"HTTP {answer.status}: {str(answer.body)[:200]}"
         if why:
-            log.info("%s: its old stream was not stopped (closed at shutdown): %s", self.name, why)
+            log.info(
+                "%s: its old stream was not stopped (component: telnyx-api), it is closed at "
+                "shutdown: %s",
+                self.name,
+                why,
+            )
 
     def received(self, frame: str | bytes) -> list[CallAction]:
         if self.call.info is None and isinstance(frame, str) and '"client_state"' in frame:

@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi.responses import JSONResponse
 
 from adapters.telnyx.control import read_client_state
 from adapters.telnyx.verify import SIGNATURE_HEADER as SIG
@@ -606,3 +607,44 @@ async def test_a_call_hung_up_while_it_moves_at_shutdown_has_its_session_ended(
             await call.stop()  # Telnyx ends the old stream
             await asyncio.wait_for(moving, 10)
         assert await session_of(gw, key) is None
+
+
+async def test_a_refused_streaming_stop_of_a_moved_call_is_logged_naming_telnyx_api(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At shutdown a Call Control call is moved (``streaming_start`` taken); Telnyx refuses
+    the ``streaming_stop`` of its old stream: one INFO line says so naming the component
+    ``telnyx-api`` (as the move's other failures do; it named none), the call still counts
+    as moved and the shutdown closes the old stream."""
+    caplog.set_level(logging.INFO, "adapters.telnyx")
+    async with (
+        CARRIER.gateway(speech) as (gw, api),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        placed = await client.post(
+            "/v1/calls",
+            json={"carrier": "telnyx", "to": "+15550100", "from": "+15550199", "appKey": "sales"},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
+        assert placed.status_code == 201, placed.text
+        ccid, dial = placed.json()["callId"], api.requests[-1].json
+        stop_path = r"/v2/calls/.+/actions/streaming_stop"
+        api.answers[("POST", stop_path)] = JSONResponse({"errors": [{"code": "90018"}]}, 422)
+        async with TelnyxHarness.connect(
+            local(gw.url, dial["stream_url"]), ccid, client_state=dial["client_state"]
+        ) as call:
+            await gw.wait_turns(1)
+            moving = asyncio.create_task(run_before_close(gw.app))
+            for _ in range(200):
+                if any("its old stream was not stopped" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.02)
+            await call.stop()
+            await asyncio.wait_for(moving, 10)
+        [line] = [r for r in caplog.records if "its old stream was not stopped" in r.getMessage()]
+        assert line.levelno == logging.INFO
+        assert f"call {ccid}: its old stream was not stopped (component: telnyx-api)" in (
+            line.getMessage()
+        )
+        assert "HTTP 422" in line.getMessage()
+        assert "Telnyx: 1 of 1 calls moved to another instance at shutdown" in caplog.text
