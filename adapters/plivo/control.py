@@ -11,10 +11,16 @@ From Plivo's API reference ("Transfer a call", "Hang up a call"; plivo-python
   https://www.rubydoc.info/gems/plivo/4.1.3/Plivo/Resources/CallInterface:update).
   The same request moves a live call to another gateway instance at shutdown: its
   ``aleg_url`` is then the answer URL with ``resumed=1`` (routes.py ``_move_request``),
-  so Plivo fetches a new ``<Stream>`` there. That the transfer ends the running XML's
-  stream (Plivo's ``stop`` or the socket's close) is [unverified]: no Plivo page at
-  hand says so; routes.py waits for the stream's end within the move's bound either
-  way;
+  so Plivo fetches a new ``<Stream>`` there. Plivo's reference
+  (https://www.plivo.com/docs/voice/api/call/transfer-a-call/) says the call "fetch[es]
+  and execute[s] XML from a different URL", answered 202, and that "Maximum transfers
+  allowed for a single call is 70" (then it hangs up, "Loop detected": a call moved by
+  70 deploys); plivo-python ``plivo/resources/calls.py`` ``Calls.update`` sends
+  ``POST ('Call', call_uuid)`` with these fields. That the transfer ends the running
+  XML's stream (Plivo's ``stop`` or the socket's close) is [unverified]: neither says
+  what becomes of a running ``<Stream>`` (Plivo can stop one by its id, ``DELETE
+  Call/{call_uuid}/Stream/{stream_id}``, plivo-python ``delete_specific_stream``;
+  not used); routes.py waits for the stream's end within the move's bound either way;
 - hang-up: ``DELETE /v1/Account/{auth_id}/Call/{call_uuid}/``: 204 OK, 404 the call
   had already ended (CARRIERS.md "Plivo");
 - auth: HTTP Basic ``auth_id:auth_token``.

@@ -68,7 +68,14 @@ API key (one WARNING) or a ``streaming_start`` that fails (a WARNING each, ``com
 telnyx-api``): cut as before. That Telnyx streams one call to two WebSockets at once
 until the old one is stopped is read from the ``streaming_stop`` reference ("stops all
 streams associated with a given call_control_id" without a ``stream_id``) [unverified
-otherwise].
+otherwise: the ``streaming_start`` reference,
+https://developers.telnyx.com/api-reference/call-commands/streaming-start, says nothing
+of a call already streaming]. ``streaming_start``'s ``{"result": "ok"}`` acknowledges
+the command only: a new stream that cannot connect is told later by the
+``streaming.failed`` webhook
+(https://developers.telnyx.com/api-reference/callbacks/call-streaming-failed), which the
+gateway does not take; the old stream is stopped at once all the same (it closes with the
+shutdown anyway).
 
 ``POST /telnyx/texml`` — an inbound call's TeXML answer (Ed25519-verified like the
 webhooks): ``<Connect><Stream url="wss://…/telnyx/stream?token=…" bidirectionalMode="rtp"

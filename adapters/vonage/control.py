@@ -15,9 +15,16 @@ by closing its WebSocket (the NCCO has nothing after the ``connect``).
 
 The same transfer moves a live call to another gateway instance at shutdown
 (:func:`transfer_to_ncco`, routes.py ``_move_request``): the inline NCCO is the answer's
-``connect`` to a new WebSocket of the gateway. That Vonage then drops the old WebSocket
-leg (the call left its conversation) is [unverified]: routes.py waits for the old
-socket's end within the move's bound, and the shutdown closes it after that anyway.
+``connect`` to a new WebSocket of the gateway (the endpoint's ``headers`` object as the
+answer's: @vonage/voice ``WebsocketEndpoint`` ``headers?: Record<string, unknown>``).
+That Vonage then drops the old WebSocket leg (the call left its conversation) is
+[unverified]: Vonage's "Legs and conversations" guide
+(https://developer.nexmo.com/voice/voice-api/guides/legs-conversations) says a
+``connect`` adds its endpoint as a leg of the call's conversation, and the transfer snippet
+(https://developer.vonage.com/voice/voice-api/code-snippets/transfer-a-call-inline-ncco)
+that control moves to the new NCCO, but no page says what becomes of the old
+conversation's WebSocket leg; routes.py waits for the old socket's end within the
+move's bound, and the shutdown closes it after that anyway.
 
 The call's uuid is one path segment of the URL, percent-encoded
 (:func:`gateway.callcontrol.path_segment`): it comes from the stream, and a ``/``,
