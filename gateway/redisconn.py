@@ -20,6 +20,18 @@ once instead of stalling every turn. Per process (per node for a cluster) at mos
 ``max_connections`` connections; with one server or Sentinel a caller waits up to 5 s
 for a free one rather than failing under load.
 
+**A connection that goes silent** (a partition, a Redis host that vanished, a firewall
+or NAT that drops its packets: no reset, no FIN) is found within these bounds, not when
+TCP gives up (~15 min); the command timeout (:data:`COMMAND_TIMEOUT_S`) and the health
+check interval (:data:`HEALTH_CHECK_S`) can be shortened by the URL of one server
+(``?socket_timeout=0.5&health_check_interval=1``):
+
+- a command on it fails after the command timeout (5 s), and the connection is
+  dropped (the breaker then refuses the other calls at once);
+- TCP keepalive (:func:`keepalive_options`: probes after 10 s idle, every 5 s, 3 of
+  them, where the platform has these options) closes an idle TCP connection whose peer
+  vanished within ~25 s, before anyone uses it.
+
 **Sentinel.** redis-py's ``Sentinel(...).master_for(name)`` asks the sentinels for
 the master whenever it connects, and keeps its connections otherwise. But a master
 that the sentinels replace keeps serving, and accepting writes, for a second or two
@@ -48,6 +60,7 @@ import functools
 import logging
 import math
 import re
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
@@ -212,13 +225,55 @@ def _node(text: str, scheme: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _fast_failure() -> dict[str, Any]:
-    """Timeouts and retries shared by every kind of client (see module doc)."""
+COMMAND_TIMEOUT_S: Final = 5
+"""redis-py's ``socket_timeout`` (s) of every client: how long a command waits for its
+reply (a batch of :class:`ScriptBatch` for all of its replies)."""
+
+HEALTH_CHECK_S: Final = 20
+"""redis-py's ``health_check_interval`` (s) of every client: a connection unused for this
+long is PINGed before its next command; a subscription without a message for this long
+is PINGed and, unanswered within the command timeout, dropped (:func:`drop_if_silent`)."""
+
+KEEPALIVE_IDLE_S: Final = 10
+KEEPALIVE_INTERVAL_S: Final = 5
+KEEPALIVE_PROBES: Final = 3
+"""TCP keepalive of every TCP connection to Redis (:func:`keepalive_options`): the first
+probe after 10 s idle, then every 5 s; 3 unanswered probes close the connection."""
+
+
+def keepalive_options() -> dict[int, int]:
+    """The TCP keepalive options (``{socket option: value}``, level ``IPPROTO_TCP``) of the
+    gateway's Redis connections: :data:`KEEPALIVE_IDLE_S` (``TCP_KEEPIDLE``, macOS's
+    ``TCP_KEEPALIVE``), :data:`KEEPALIVE_INTERVAL_S` (``TCP_KEEPINTVL``) and
+    :data:`KEEPALIVE_PROBES` (``TCP_KEEPCNT``), each only where the platform has it (the
+    others then keep the system's defaults). An idle connection whose peer vanished is
+    closed after about 10 + 5 x 3 = 25 s. Keepalive does not probe while sent bytes await
+    their acknowledgement: a command's own timeout covers that."""
+    options: dict[int, int] = {}
+    idle = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
+    for option, value in (
+        (idle, KEEPALIVE_IDLE_S),
+        (getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL_S),
+        (getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_PROBES),
+    ):
+        if option is not None:
+            options[option] = value
+    return options
+
+
+def _fast_failure(*, tcp: bool = True) -> dict[str, Any]:
+    """Timeouts, health checks, keepalive and retries shared by every kind of client (see
+    module doc); ``tcp`` False for a unix:// socket (no keepalive there)."""
     # a timeout is not retried: a Redis that hangs (stopped, swapping, a blocked script)
     # would make each command wait three timeouts (15 s), every turn with it
+    keepalive: dict[str, Any] = (
+        {"socket_keepalive": True, "socket_keepalive_options": keepalive_options()} if tcp else {}
+    )
     return {
+        **keepalive,
         "socket_connect_timeout": 3,
-        "socket_timeout": 5,
+        "socket_timeout": COMMAND_TIMEOUT_S,
+        "health_check_interval": HEALTH_CHECK_S,
         "retry": Retry(
             ExponentialBackoff(cap=0.2, base=0.02),
             retries=2,
@@ -253,7 +308,6 @@ def connect(url: str, *, max_connections: int = 64) -> RedisClient:
             db=target.db,
             username=target.username,
             password=target.password,
-            health_check_interval=30,
             **fast,
         )
         client: aioredis.Redis = sentinel.master_for(
@@ -268,8 +322,7 @@ def connect(url: str, *, max_connections: int = 64) -> RedisClient:
             url,
             max_connections=max_connections,
             timeout=5,
-            health_check_interval=30,
-            **_fast_failure(),
+            **_fast_failure(tcp=urlsplit(url).scheme.lower() != "unix"),
         )
     )
 
@@ -595,12 +648,12 @@ async def _polled_listen(pubsub: Any) -> AsyncIterator[Any]:
 
     python-socketio's manager listens with ``listen()``, one read that waits for ever,
     so redis-py never checks that connection's health (a PING every
-    ``health_check_interval``, 30 s, sent before a read): a connection that died without
-    a word (Redis restarted behind a partition that healed, a NAT or load balancer that
-    forgot it) left that instance deaf to the other instances' emits for good, nothing
-    logged. With short reads the PING goes out, the dead connection is reset, and
-    redis-py connects again and subscribes the channel again (as the gateway's bus
-    reader, which reads so, does)."""
+    ``health_check_interval``, :data:`HEALTH_CHECK_S`, sent before a read): a
+    connection that died without a word (Redis restarted behind a partition that
+    healed, a NAT or load balancer that forgot it) left that instance deaf to the other
+    instances' emits for good, nothing logged. With short reads the PING goes out, the
+    dead connection is reset, and redis-py connects again and subscribes the channel
+    again (as the gateway's bus reader, which reads so, does)."""
     while pubsub.subscribed:
         message = await pubsub.get_message(timeout=LISTEN_POLL_S)
         if message is not None:

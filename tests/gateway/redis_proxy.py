@@ -38,6 +38,12 @@ class ReplyDropper:
     behind a partition that healed): a client learns it only when it sends, and its
     connection is then reset; new connections reach Redis.
 
+    :meth:`silence` makes every connection open now go silent for good (a blackhole:
+    a peer host that vanished, a NAT or conntrack entry lost, a partition of those
+    connections alone): nothing is forwarded either way and neither socket is closed,
+    so its client learns nothing until its own deadline; new connections reach Redis
+    (a fresh path). With ``hung`` the new connections are blackholed too (a partition).
+
     While ``drop_replies_to`` is set (bytes), the reply to client bytes holding it is
     lost as an armed drop loses it (the command ran; its connection is cut), every
     time: the other commands, a new connection's handshake, go through. While
@@ -61,6 +67,7 @@ class ReplyDropper:
         self._open: set[asyncio.StreamWriter] = set()  # both ends of every connection
         self._upstream: dict[asyncio.StreamWriter, asyncio.StreamWriter] = {}  # client: Redis
         self._orphans: set[asyncio.StreamWriter] = set()  # client ends whose Redis end died
+        self._silent: set[asyncio.StreamWriter] = set()  # client ends blackholed for good
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[object]] = set()
 
@@ -93,6 +100,12 @@ class ReplyDropper:
             self._orphans.add(client_w)
             redis_w.transport.abort()
 
+    def silence(self) -> int:
+        """Blackhole every connection open now, for good (see the class doc); returns
+        how many. Their sockets stay open until their clients close them."""
+        self._silent.update(self._upstream)
+        return len(self._upstream)
+
     def stall_after(self, marker: bytes, seconds: float, *, including: bool = False) -> None:
         """Once client bytes holding ``marker`` went to Redis (the next time only), hold
         every later client byte for ``seconds`` before it goes on (nothing is lost).
@@ -121,6 +134,8 @@ class ReplyDropper:
             nonlocal lost, last_sent
             while data := await client_r.read(65536):
                 self.received += 1
+                if client_w in self._silent:
+                    continue
                 if client_w in self._orphans:  # Redis forgot this connection: reset
                     return cut()
                 if self.hung:
@@ -146,6 +161,8 @@ class ReplyDropper:
         async def downstream() -> None:
             nonlocal lost
             while data := await redis_r.read(65536):
+                if client_w in self._silent:
+                    continue
                 if self.hung:  # a reply lost in the hang: the client waits for it
                     lost = True
                     continue
@@ -175,3 +192,4 @@ class ReplyDropper:
         self._open.difference_update(ends)
         self._upstream.pop(client_w, None)
         self._orphans.discard(client_w)
+        self._silent.discard(client_w)

@@ -1,0 +1,100 @@
+"""Redis connections that go silent without a reset (a partition, a Redis host that
+vanished, a firewall dropping packets), through a real proxy in front of the test Redis
+that blackholes them (tests/gateway/redis_proxy.py: :meth:`ReplyDropper.silence`, the
+connections open now, new ones reaching Redis: a fresh path; ``hung``, every
+connection: a partition).
+
+Each bound of gateway/redisconn.py (its module doc) is checked with the timeouts
+shortened by the Redis URL (``socket_timeout``, ``health_check_interval``): a turn
+fails within the command timeout with the store's error in its protocol's form, other
+sessions are served again once a fresh path answers, and TCP keepalive is short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import redis.asyncio as aioredis
+
+from gateway import redisconn
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.conftest import served_app
+from tests.gateway.redis_proxy import ReplyDropper
+
+TEXT = {"Content-Type": "text/plain"}
+TIMEOUT_S = 0.5
+"""The command timeout through the proxy (``?socket_timeout=``; 5 s by default)."""
+HEALTH_S = 1
+"""The health check interval through the proxy (``?health_check_interval=``; 20 s)."""
+SILENT_BOUND_S = HEALTH_S + TIMEOUT_S + redisconn.LISTEN_POLL_S
+"""How long a silent subscription may stay deaf after its last message (26 s by default)."""
+SHORT = f"?socket_timeout={TIMEOUT_S}&health_check_interval={HEALTH_S}"
+
+
+async def test_a_turn_on_a_silent_connection_is_a_503_within_the_timeout_then_served(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """V2 turns: every connection of the store goes silent (a Redis host that vanished,
+    new connections finding it again); the next turn is the store's 503 with
+    Retry-After within the command timeout, not a pipeline error and not after TCP gives
+    up; then, with the breaker's probe on a fresh connection, this session and another
+    are served again within a few seconds, without a restart."""
+    proxy, url = reply_dropper
+    settings = Settings(redis_url=url + SHORT, redis_prefix=redis_prefix)
+    app = create_app(settings)
+    async with (
+        served_app(app, settings) as gw,
+        httpx.AsyncClient(base_url=gw) as alan,
+        httpx.AsyncClient(base_url=gw) as ada,  # another session (cookies of its own)
+    ):
+
+        async def say(client: httpx.AsyncClient, text: str) -> httpx.Response:
+            return await client.put("/client?key=silent&tts=None", headers=TEXT, content=text)
+
+        assert (await say(alan, "my name is Alan")).status_code == 200
+        assert (await say(ada, "my name is Ada")).status_code == 200
+        assert proxy.silence() >= 1
+        started = time.perf_counter()
+        down = await say(alan, "what is my name")
+        took = time.perf_counter() - started
+        assert down.status_code == 503
+        assert down.text == "! gateway: The session store is unavailable.\n"
+        assert down.headers["retry-after"] == "1"
+        assert TIMEOUT_S * 0.9 <= took < TIMEOUT_S + 1.0, took
+        assert app.state.gateway.store.breaker.state == "open"
+
+        started = time.perf_counter()
+        answers: dict[str, str] = {}
+        while len(answers) < 2:
+            assert time.perf_counter() - started < 5, answers
+            for name, client in (("alan", alan), ("ada", ada)):
+                reply = await say(client, "what is my name")
+                if reply.status_code == 200:
+                    answers[name] = reply.text
+            await asyncio.sleep(0.1)
+        assert answers == {"alan": "< Your name is Alan.\n", "ada": "< Your name is Ada.\n"}
+
+
+async def test_every_tcp_connection_to_redis_has_short_keepalive(redis_url: str) -> None:
+    """TCP keepalive is on, with the short options where the platform has them (an idle
+    connection whose peer vanished closes within ~25 s, not after the system's 2 h)."""
+    client = redisconn.connect(redis_url)
+    assert isinstance(client, aioredis.Redis)
+    try:
+        await client.ping()
+        connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            sock = connection._writer.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            options = redisconn.keepalive_options()
+            assert options, "no keepalive option on this platform"
+            for option, value in options.items():
+                assert sock.getsockopt(socket.IPPROTO_TCP, option) == value
+        finally:
+            await client.connection_pool.release(connection)
+    finally:
+        await client.aclose()
