@@ -33,7 +33,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.breaker import breaker_of
 from gateway.protocol import clipped
-from gateway.redisconn import REDIS_ERRORS, RedisClient
+from gateway.redisconn import REDIS_ERRORS, RedisClient, drop_if_silent
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,11 @@ class RedisBus:
     for :func:`gateway.breaker.outage_level`); the reader task, which waits on the
     subscriptions' connection of its own and retries every 0.5 s, does not: it logs one
     WARNING when its reads start failing, DEBUG for the failures after, and one INFO
-    when it reads again.
+    when it reads again. A subscriptions' connection that went silent without a reset
+    (a partition, a vanished Redis host) is found by its health check, dropped and made
+    again, its channels subscribed again, within 27 s of its last message
+    (:func:`gateway.redisconn.drop_if_silent`, with the default health check interval
+    and command timeout); before, it stayed deaf until TCP gave up (~15 min).
 
     A retained value that is not a JSON object (written by something else, cut short,
     not UTF-8) is taken as none: :meth:`retained` answers None, :meth:`subscribe` gives
@@ -531,6 +535,9 @@ class RedisBus:
             if failures:
                 log.info("bus reader: reading again after %d failed read(s)", failures)
                 failures = 0
+            if message is None:  # a silent connection (no reset) is dropped, made again
+                for pubsub in self._pubsubs():
+                    await drop_if_silent(pubsub)
             if message is None and self._sharded and loop.time() - started < 0.01:
                 await asyncio.sleep(0.05)  # no node holds a subscription (yet): do not spin
             if message is None or message.get("type") not in ("message", "smessage"):

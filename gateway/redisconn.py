@@ -28,6 +28,11 @@ check interval (:data:`HEALTH_CHECK_S`) can be shortened by the URL of one serve
 
 - a command on it fails after the command timeout (5 s), and the connection is
   dropped (the breaker then refuses the other calls at once);
+- a pub/sub subscription (the bus's reader, the socket.io manager's) is PINGed after
+  :data:`HEALTH_CHECK_S` (20 s) without a message, and dropped when no answer came within
+  the command timeout (:func:`drop_if_silent`): noticed within
+  ``HEALTH_CHECK_S + 5 + 2`` = 27 s of its last message, then made again and subscribed
+  again (a new connection, so a fresh path when there is one);
 - TCP keepalive (:func:`keepalive_options`: probes after 10 s idle, every 5 s, 3 of
   them, where the platform has these options) closes an idle TCP connection whose peer
   vanished within ~25 s, before anyone uses it.
@@ -61,6 +66,7 @@ import logging
 import math
 import re
 import socket
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
@@ -637,6 +643,58 @@ class SocketIoRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             task.add_done_callback(self._closing.discard)
 
 
+_OVERDUE: weakref.WeakKeyDictionary[Any, tuple[float, float]] = weakref.WeakKeyDictionary()
+"""Per pub/sub connection whose health check is due: (its ``next_health_check`` then, the
+loop time :func:`drop_if_silent` first saw it due)."""
+
+
+async def drop_if_silent(pubsub: Any) -> bool:
+    """Drop the connection of ``pubsub`` (a redis-py PubSub, also a Cluster node's) when it
+    went silent: True when it did. Call it after each of its short reads (at most
+    :data:`LISTEN_POLL_S` s each).
+
+    redis-py's pub/sub health check, before a read, only *sends* a PING once the
+    connection has read nothing for ``health_check_interval`` (:data:`HEALTH_CHECK_S`);
+    its answer comes as a message, and nothing notices when it never comes: on a
+    connection gone silent (a partition, a vanished host, a firewall dropping its
+    packets) the reads just find nothing, the PINGs pile up unanswered, and the
+    subscription stays deaf until TCP gives up (~15 min; never behind a proxy or load
+    balancer that acknowledges). Here a connection still due for its health check
+    ``socket_timeout`` seconds (the command timeout, :data:`COMMAND_TIMEOUT_S`) after a
+    read first found it due, so whose PING went unanswered that long, is dropped
+    (``disconnect``): the next read connects again and redis-py subscribes its channels
+    again. A silent subscription is so dropped within ``health_check_interval +
+    socket_timeout + 2`` reads' waits of its last message (20 + 5 + 2 = 27 s by default).
+    A connection without a health check, never read yet, or not connected is left alone.
+    """
+    connection = getattr(pubsub, "connection", None)
+    if connection is None or not connection.is_connected:
+        return False
+    due = getattr(connection, "next_health_check", -1)
+    if not getattr(connection, "health_check_interval", 0) or due <= 0:
+        return False
+    now = asyncio.get_running_loop().time()
+    if now <= due:  # read something within the interval (a message, a PING's answer)
+        _OVERDUE.pop(connection, None)
+        return False
+    seen = _OVERDUE.get(connection)
+    if seen is None or seen[0] != due:
+        _OVERDUE[connection] = (due, now)  # its PING went out in this read or goes next
+        return False
+    waited = now - seen[1]
+    if waited <= (connection.socket_timeout or COMMAND_TIMEOUT_S):
+        return False
+    _OVERDUE.pop(connection, None)
+    log.warning(
+        "Redis pub/sub: the health check's PING unanswered for %.1f s (nothing read for "
+        "%.0f s): the connection is dropped and made again, its channels subscribed again",
+        waited,
+        now - due + connection.health_check_interval,
+    )
+    await connection.disconnect(nowait=True)
+    return True
+
+
 LISTEN_POLL_S: Final = 1.0
 """How long (s) the socket.io manager's subscription waits for a message before it reads
 again (:func:`_polled_listen`): each read lets redis-py check the connection's health."""
@@ -653,11 +711,16 @@ async def _polled_listen(pubsub: Any) -> AsyncIterator[Any]:
     healed, a NAT or load balancer that forgot it) left that instance deaf to the other
     instances' emits for good, nothing logged. With short reads the PING goes out, the
     dead connection is reset, and redis-py connects again and subscribes the channel
-    again (as the gateway's bus reader, which reads so, does)."""
+    again (as the gateway's bus reader, which reads so, does). A connection gone silent
+    (its PING unanswered, no reset) is dropped by :func:`drop_if_silent` within 27 s of
+    its last message (the defaults) and made again (python-socketio's retry loop logs it
+    when that fails)."""
     while pubsub.subscribed:
         message = await pubsub.get_message(timeout=LISTEN_POLL_S)
         if message is not None:
             yield message
+        else:
+            await drop_if_silent(pubsub)
 
 
 _Call = tuple[asyncio.Future[Any], Any, tuple[Any, ...], Callable[[Any], None] | None]

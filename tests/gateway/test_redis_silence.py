@@ -7,7 +7,9 @@ connection: a partition).
 Each bound of gateway/redisconn.py (its module doc) is checked with the timeouts
 shortened by the Redis URL (``socket_timeout``, ``health_check_interval``): a turn
 fails within the command timeout with the store's error in its protocol's form, other
-sessions are served again once a fresh path answers, and TCP keepalive is short.
+sessions are served again once a fresh path answers, and a subscription (the bus's
+reader) is dropped and subscribed again within ``health_check_interval +
+socket_timeout + 2`` s of its last message.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import redis.asyncio as aioredis
 
 from gateway import redisconn
 from gateway.app import create_app
+from gateway.bus import RedisBus
 from gateway.settings import Settings
 from tests.conftest import served_app
 from tests.gateway.redis_proxy import ReplyDropper
@@ -30,8 +33,8 @@ TIMEOUT_S = 0.5
 """The command timeout through the proxy (``?socket_timeout=``; 5 s by default)."""
 HEALTH_S = 1
 """The health check interval through the proxy (``?health_check_interval=``; 20 s)."""
-SILENT_BOUND_S = HEALTH_S + TIMEOUT_S + redisconn.LISTEN_POLL_S
-"""How long a silent subscription may stay deaf after its last message (26 s by default)."""
+SILENT_BOUND_S = HEALTH_S + TIMEOUT_S + 2 * redisconn.LISTEN_POLL_S
+"""How long a silent subscription may stay deaf after its last message (27 s by default)."""
 SHORT = f"?socket_timeout={TIMEOUT_S}&health_check_interval={HEALTH_S}"
 
 
@@ -77,6 +80,78 @@ async def test_a_turn_on_a_silent_connection_is_a_503_within_the_timeout_then_se
                     answers[name] = reply.text
             await asyncio.sleep(0.1)
         assert answers == {"alan": "< Your name is Alan.\n", "ada": "< Your name is Ada.\n"}
+
+
+async def test_a_bus_subscription_gone_silent_is_subscribed_again_within_its_bound(
+    reply_dropper: tuple[ReplyDropper, str], redis_url: str, redis_prefix: str
+) -> None:
+    """The bus's subscriptions' connection goes silent (no reset, new connections reach
+    Redis): its reader drops it once the health check's PING went unanswered and
+    subscribes again, so another instance's publish reaches the subscriber within
+    ``health_check_interval + socket_timeout + 2`` s. Before, the reader's short reads
+    just found nothing and the PINGs piled up unanswered: deaf until TCP gave up (for
+    good behind this proxy, which acknowledges)."""
+    proxy, url = reply_dropper
+    client = redisconn.connect(url + SHORT)
+    direct = aioredis.Redis.from_url(redis_url)
+    bus = RedisBus(client, prefix=redis_prefix)
+    channel = f"{redis_prefix}:{{topic}}:bus"
+    try:
+        async with bus.subscribe("topic") as sub:
+            await bus.publish("topic", {"n": 0})
+            assert await sub.get(2) == {"n": 0}
+            proxy.silence()
+            silenced = time.perf_counter()
+            n, heard = 0, None
+            while heard is None:
+                waited = time.perf_counter() - silenced
+                assert waited < SILENT_BOUND_S + 2.0, "still deaf"  # before: deaf for good
+                n += 1
+                await direct.publish(channel, f'{{"n": {n}}}')
+                heard = await sub.get(0.2)
+            assert heard["n"] >= 1
+            # every later message arrives, through the new connection
+            await direct.publish(channel, '{"n": -1}')
+            while (message := await sub.get(2)) is not None and message["n"] != -1:
+                pass
+            assert message == {"n": -1}
+    finally:
+        await bus.aclose()
+        await client.aclose()
+        await direct.aclose()
+
+
+async def test_a_bus_subscription_comes_back_after_a_partition_ends(
+    reply_dropper: tuple[ReplyDropper, str], redis_url: str, redis_prefix: str
+) -> None:
+    """A partition (every connection blackholed, new ones too) longer than the silence
+    bound: the reader drops the connection, fails to make it again while the partition
+    lasts (a WARNING, then DEBUG), and once it ends subscribes again: another
+    instance's publish reaches the subscriber within a second or two."""
+    proxy, url = reply_dropper
+    client = redisconn.connect(url + SHORT)
+    direct = aioredis.Redis.from_url(redis_url)
+    bus = RedisBus(client, prefix=redis_prefix)
+    channel = f"{redis_prefix}:{{topic}}:bus"
+    try:
+        async with bus.subscribe("topic") as sub:
+            await bus.publish("topic", {"n": 0})
+            assert await sub.get(2) == {"n": 0}
+            proxy.hung = True
+            await asyncio.sleep(SILENT_BOUND_S + 1.0)
+            proxy.hung = False
+            healed = time.perf_counter()
+            n, heard = 0, None
+            while heard is None:
+                assert time.perf_counter() - healed < SILENT_BOUND_S + 2.0, "still deaf"
+                n += 1
+                await direct.publish(channel, f'{{"n": {n}}}')
+                heard = await sub.get(0.2)
+    finally:
+        proxy.hung = False
+        await bus.aclose()
+        await client.aclose()
+        await direct.aclose()
 
 
 async def test_every_tcp_connection_to_redis_has_short_keepalive(redis_url: str) -> None:

@@ -5,6 +5,7 @@ WARNING naming the component, and its subscription comes back with Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -123,4 +124,33 @@ async def test_a_subscription_that_died_unseen_comes_back(
         emitter = socketio.AsyncRedisManager(redis_url, channel=channel, write_only=True)
         await emitter.emit("heard.again", {"ok": True}, namespace="/")
         assert await vf.expect("heard.again") == {"ok": True}
+        await emitter.redis.aclose()
+
+
+async def test_a_subscription_gone_silent_comes_back_within_its_bound(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str, aredis: aioredis.Redis
+) -> None:
+    """The manager's subscription goes silent without a reset (a partition of that
+    connection, a Redis host that vanished, new connections reaching Redis): its health
+    check's PING goes unanswered and nothing else tells it, so it used to stay deaf to
+    the other instances' emits until TCP gave up (for good behind this proxy). Now the
+    connection is dropped once the PING went unanswered for the command timeout
+    (gateway.redisconn.drop_if_silent) and the manager subscribes again: an emit of
+    another process reaches the client within ``health_check_interval +
+    socket_timeout + 2`` s (1 + 0.5 + 2 here; 27 s by default)."""
+    proxy, redis_url = reply_dropper
+    channel = f"{redis_prefix}:voiceflow:socket.io"
+    short = f"{redis_url}?health_check_interval=1&socket_timeout=0.5"
+    async with served(redis_url=short, redis_prefix=redis_prefix) as url, client(url) as vf:
+        await _until_subscribed(aredis, channel)
+        emitter = socketio.AsyncRedisManager(redis_url, channel=channel, write_only=True)
+        proxy.silence()
+        silenced = time.monotonic()
+        heard = None
+        while heard is None:
+            assert time.monotonic() - silenced < 3.5 + 2.0, "still deaf"  # before: for good
+            await emitter.emit("heard.again", {"ok": True}, namespace="/")
+            with contextlib.suppress(TimeoutError):
+                heard = await asyncio.wait_for(vf.events.get(), 0.3)
+        assert heard == ("heard.again", {"ok": True})
         await emitter.redis.aclose()
