@@ -19,11 +19,13 @@ import socket
 import time
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 
 from gateway import redisconn
 from gateway.app import create_app
 from gateway.bus import RedisBus
+from gateway.sessions import RedisSessionStore, StoreUnavailable
 from gateway.settings import Settings
 from tests.conftest import served_app
 from tests.gateway.redis_proxy import ReplyDropper
@@ -80,6 +82,39 @@ async def test_a_turn_on_a_silent_connection_is_a_503_within_the_timeout_then_se
                     answers[name] = reply.text
             await asyncio.sleep(0.1)
         assert answers == {"alan": "< Your name is Alan.\n", "ada": "< Your name is Ada.\n"}
+
+
+async def test_after_a_silent_outage_a_burst_finds_no_dead_connection(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """32 idle connections go silent (a fresh path for new ones). The first read times
+    out and opens the breaker; its probe is served on a new connection. Then a burst of
+    32 concurrent session reads is served at once: the timed-out connection took the
+    idle ones with it. Before, 31 of the burst found dead connections, each waited the
+    whole timeout for its 503, and the breaker opened again."""
+    proxy, url = reply_dropper
+    store = RedisSessionStore(url + SHORT, prefix=redis_prefix)
+    try:
+        await asyncio.gather(*(store.get(f"c:{i}") for i in range(32)))
+        assert proxy.silence() >= 32
+        started = time.perf_counter()
+        with pytest.raises(StoreUnavailable, match="Timeout"):
+            await store.get("c:0")
+        assert time.perf_counter() - started < TIMEOUT_S + 1.0
+        assert store.breaker.state == "open"
+        await asyncio.sleep(store.breaker.retry_in())
+        assert await store.get("c:0") is None  # the probe, on a fresh path
+        assert (store.breaker.state, store.breaker.probes) == ("closed", 1)
+
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(store.get(f"c:{i}") for i in range(32)), return_exceptions=True
+        )
+        assert [r for r in results if r is not None] == []  # before: 31 timeouts
+        assert time.perf_counter() - started < TIMEOUT_S
+        assert (store.breaker.state, store.breaker.opened) == ("closed", 1)
+    finally:
+        await store.aclose()
 
 
 async def test_a_bus_subscription_gone_silent_is_subscribed_again_within_its_bound(
