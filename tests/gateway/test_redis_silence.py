@@ -21,13 +21,15 @@ import time
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from websockets.asyncio.client import connect
 
 from gateway import redisconn
 from gateway.app import create_app
 from gateway.bus import RedisBus
 from gateway.sessions import RedisSessionStore, StoreUnavailable
 from gateway.settings import Settings
-from tests.conftest import served_app
+from tests.adapters.flowstorm.v1.helpers import init, request_frame, turn, ws_url
+from tests.conftest import served, served_app
 from tests.gateway.redis_proxy import ReplyDropper
 
 TEXT = {"Content-Type": "text/plain"}
@@ -82,6 +84,32 @@ async def test_a_turn_on_a_silent_connection_is_a_503_within_the_timeout_then_se
                     answers[name] = reply.text
             await asyncio.sleep(0.1)
         assert answers == {"alan": "< Your name is Alan.\n", "ada": "< Your name is Ada.\n"}
+
+
+async def test_a_websocket_turn_on_a_silent_connection_is_its_error_frame_then_served(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """A Flowstorm V1 WebSocket session: its connections to Redis go silent; the next
+    turn ends, within the command timeout, with the protocol's Error frame blaming the
+    store (source ``gateway``), the socket stays open, and once the breaker's probe
+    finds a fresh path the same socket's next turn is served."""
+    proxy, url = reply_dropper
+    settings = Settings(redis_url=url + SHORT, redis_prefix=redis_prefix)
+    async with served(settings) as base, connect(ws_url(base)) as ws:
+        await init(ws)
+        assert (await turn(ws, request_frame("#intro")))[-1]["type"] == "Response"
+        assert proxy.silence() >= 1
+        started = time.perf_counter()
+        frames = await turn(ws, request_frame("hello"))
+        assert time.perf_counter() - started < TIMEOUT_S + 1.0
+        assert frames[-1]["type"] == "Error", frames
+        assert "session store is unavailable" in frames[-1]["text"], frames
+        assert frames[-1].get("source") == "gateway", frames
+        deadline = time.perf_counter() + 5
+        while (frames := await turn(ws, request_frame("hello")))[-1]["type"] == "Error":
+            assert time.perf_counter() < deadline, frames
+            await asyncio.sleep(0.2)
+        assert frames[-1]["type"] == "Response", frames
 
 
 async def test_after_a_silent_outage_a_burst_finds_no_dead_connection(
