@@ -27,7 +27,14 @@ by the token too) and LockLost is raised on exit. A renewal or fenced release th
 the session, stored when the lock was taken, gone too tells (in the same script, so the
 lock held costs nothing more) that Redis lost its data (a restart without persistence,
 a FLUSHALL): one WARNING per such outage (:meth:`RedisSessionStore.data_lost`) and a
-LockLost with ``data_lost``, which turns log at DEBUG.
+LockLost with ``data_lost``, which turns log at DEBUG. A session that was not stored yet
+(the turn that creates it) leaves no such trace; its lock found gone (the session
+absent) while its lease cannot have run out yet (the last take or renewal that held it
+was sent less than 90 % of a lease ago: no round trip more) tells the same: a lock
+vanishes within its lease only when Redis loses it (or an operator deletes it). Its
+limit: a release run twice (its reply lost) that finds the lock gone and the session
+deleted by another turn in between is told a data loss, not a lock lost (the turn's
+Error is the same; only its log line differs).
 
 Both scripts may run twice: the client retries a command whose connection dropped
 (gateway/redisconn.py), also when Redis had run it and only the reply was lost. A take
@@ -64,7 +71,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
@@ -212,7 +219,13 @@ class SessionTxn:
     """Set when the lock's lease was found lost while the transaction was open."""
     data_lost: bool = False
     """Set with :attr:`lost` when the session, stored when the lock was taken, was found
-    gone from the store with its lock (:class:`LockLost`'s ``data_lost``)."""
+    gone from the store with its lock, or when the lock of a session that was not stored
+    was found gone while its lease could not have run out yet (:attr:`lease_until`): the
+    store lost its data (:class:`LockLost`'s ``data_lost``)."""
+    lease_until: float = 0.0
+    """Monotonic time (``time.monotonic()``) before which the lock's lease cannot have run
+    out: the send of the last take or renewal that held it plus 90 % of the lease (a
+    margin for the store's clock); 0 when the store does not tell (the memory store)."""
     pushes_pending: bool | None = None
     """Whether the session's outbox held undelivered entries when the lock was taken
     (a store told of the outbox by its ``peek_outbox``: :meth:`RedisSessionStore.peek_outbox`,
@@ -494,6 +507,19 @@ class _MemoryTxn:
 
 # ------------------------------------------------------------------- redis
 
+_LEASE_MARGIN: Final = 0.9
+"""The part of a lease, counted from the send of the take or renewal that set it, within
+which the lock cannot have expired yet (:attr:`SessionTxn.lease_until`): 10 % left for
+the store's clock running faster than ours or stepping."""
+
+
+def _data_lost(txn: SessionTxn) -> bool:
+    """Whether ``txn``'s lock, found gone with the session absent, was lost by Redis with
+    its data (module doc): the session had been stored when the lock was taken, or, for a
+    session not stored yet, the lease cannot have run out (:attr:`SessionTxn.lease_until`)."""
+    return txn.session is not None or time.monotonic() < txn.lease_until
+
+
 # A take is idempotent: when the lock already holds this very token, the same take ran
 # before and its reply was lost (the connection dropped after the command was sent, and
 # the client's retry policy sent it again). It holds the lock: its lease starts again.
@@ -625,16 +651,19 @@ class RedisSessionStore:
         self._alone: set[asyncio.Task[Any]] = set()  # a cluster's calls on their way
         self._data_lost = RefusalLog(burst=1)  # one WARNING per outage (once a minute)
 
-    def data_lost(self, key: str) -> None:
-        """Log that the session ``key``, stored when a transaction took its lock, and the
-        lock are gone from Redis while it ran: Redis restarted without its data, or was
-        flushed. One WARNING naming Redis per such outage (then at most one a minute,
-        the others at DEBUG: every transaction in flight finds it), not one per turn."""
+    def data_lost(self, key: str, *, stored: bool = True) -> None:
+        """Log that the session ``key``, stored when a transaction took its lock
+        (``stored``; else a session not stored yet, whose lock was gone within its lease),
+        and the lock are gone from Redis while it ran: Redis restarted without its data,
+        or was flushed. One WARNING naming Redis per such outage (then at most one a
+        minute, the others at DEBUG: every transaction in flight finds it), not one per
+        turn."""
+        what = "the session %s and its lock were" if stored else "the lock of new session %s was"
         self._data_lost.log(
             log,
-            "Redis lost its data (restarted without persistence, or flushed): the session "
-            "%s and its lock were gone while its transaction ran; the transactions in "
-            "flight are not saved",
+            "Redis lost its data (restarted without persistence, or flushed): "
+            + what
+            + " gone while its transaction ran; the transactions in flight are not saved",
             _ref(key),
         )
 
@@ -714,6 +743,7 @@ class RedisSessionStore:
             while True:
                 ticket = breaker.admit()  # before the call: refused, Redis is not asked
                 sent = time.perf_counter()
+                taking = time.monotonic()  # the lease starts no earlier
                 try:
                     take = self._call(script, keys, [token, lease_ms], orphaned)
                     reply = await take
@@ -748,6 +778,7 @@ class RedisSessionStore:
         session = stored_session(data, key) if data else None
         raw = data if session is not None else None
         txn = SessionTxn(key, session, token=token, pushes_pending=pending, raw=raw)
+        txn.lease_until = taking + _LEASE_MARGIN * lease_s
         # the renewer starts only when the transaction outlives a third of its lease:
         # a timer costs far less than a task per turn, and most turns end before it
         keeper: list[_Keeper] = []
@@ -840,15 +871,16 @@ class RedisSessionStore:
                     if done.is_set():  # released meanwhile (see _stop_keeper): not lost
                         return
                     txn.lost = True
-                    if ok == -1 and txn.session is not None:  # it was stored: Redis lost it
+                    if ok == -1 and _data_lost(txn):  # Redis lost it (module doc)
                         txn.data_lost = True
-                        self.data_lost(txn.key)
+                        self.data_lost(txn.key, stored=txn.session is not None)
                         return
                     log.warning(
                         "the lock of %s was lost before its transaction ended", _ref(txn.key)
                     )
                     return
                 renewed, warned = sent, False
+                txn.lease_until = sent + _LEASE_MARGIN * lease_ms / 1000
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(period):
                     await done.wait()
@@ -889,10 +921,11 @@ class RedisSessionStore:
         if failed:  # the session's fate is the fence's: only say so
             log.warning("%d side write(s) with the release of a session failed", failed)
         if applied and txn.outcome != "keep" and (txn.lost or not ok):
-            # fenced, the session stored when the lock was taken gone too: Redis lost it
-            if not txn.data_lost and not ok and not reply[2] and txn.session is not None:
+            # fenced, the session stored when the lock was taken gone too, or the lock of
+            # one not stored gone within its lease: Redis lost it (module doc)
+            if not txn.data_lost and not ok and not reply[2] and _data_lost(txn):
                 txn.data_lost = True
-                self.data_lost(txn.key)
+                self.data_lost(txn.key, stored=txn.session is not None)
             if txn.data_lost:
                 raise LockLost(
                     f"session {_ref(txn.key)} and its lock were lost by Redis before its "

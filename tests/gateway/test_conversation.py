@@ -464,6 +464,56 @@ async def test_a_redis_that_lost_its_data_mid_turn_is_one_warning_naming_redis(
     assert [r.levelno for r in turn_lines] == [logging.DEBUG, logging.DEBUG]
 
 
+@pytest.mark.parametrize("loss", ["flushall", "restart"])
+async def test_a_redis_that_lost_its_data_during_the_first_turn_is_one_warning_naming_redis(
+    core: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture, loss: str
+) -> None:
+    """As above, for the turns that create their sessions (none stored when they took
+    their locks): nothing in Redis told a data loss from a lost lock, so each turn
+    logged an ERROR blaming the turn. Now a lock found gone while its lease cannot have
+    run out (the last take or renewal sent less than 90 % of a lease ago) tells Redis
+    lost it, with no round trip more: one WARNING naming Redis, no ERROR."""
+    url, app = core
+    port = free_port()
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    async with own_redis(port) as server:
+        store = RedisSessionStore(redis_url, prefix="lost")
+        lease_s = 30 if loss == "flushall" else 3
+        slow = engine(store, pipeline=f"{url}/slow?s=2", lock_lease_s=lease_s)
+        caplog.set_level(logging.DEBUG, "gateway")
+        turns = [
+            asyncio.ensure_future(slow.turn(ctx(session_id), Input.of("hi")).collect())
+            for session_id in ("n1", "n2")
+        ]
+        for _ in range(250):  # until both turns hold their lock, in the core
+            if len(app.state.requests) == 2:
+                break
+            await asyncio.sleep(0.02)
+        async with contextlib.AsyncExitStack() as restarted:
+            if loss == "flushall":
+                async with Redis(port=port) as admin:
+                    await admin.flushall()
+            else:  # the same port, empty: until the turns end
+                server.terminate()
+                await server.wait()
+                await restarted.enter_async_context(own_redis(port))
+            for events in await asyncio.gather(*turns):
+                assert events[-1] == ErrorEvent(
+                    text="The session's lock was lost before the turn was saved.",
+                    source="gateway",
+                )
+        await slow.pipeline.aclose()
+        await store.aclose()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors  # before: "turn of ...: its lock was lost before the save", twice
+    lost = [r for r in caplog.records if "Redis lost its data" in r.getMessage()]
+    assert [(r.name, r.levelno) for r in lost] == [
+        ("gateway.sessions", logging.WARNING),
+        ("gateway.sessions", logging.DEBUG),
+    ]
+    assert "the lock of new session" in lost[0].getMessage()
+
+
 async def test_unreachable_store_rejects_the_turn() -> None:
     store = RedisSessionStore("redis://127.0.0.1:1/0")
     conv = engine(store)
