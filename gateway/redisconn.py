@@ -352,7 +352,9 @@ def _taken(pool: Any) -> dict[Any, float]:
 def _hung(pool: Any, connection: Any) -> bool:
     """Whether ``connection``, released to ``pool`` now, was dropped (not connected)
     after ``socket_timeout`` or more in use: its command timed out (a connection reset
-    or refused fails sooner)."""
+    or refused fails sooner). A PubSub's connection, disconnected before its release when
+    the PubSub closes (the bus's, the socket.io manager's: at shutdown or when it makes a
+    new client), counts too: its idle peers are then made again, nothing worse."""
     taken = _taken(pool).pop(connection, None)
     if taken is None or connection.is_connected:
         return False
