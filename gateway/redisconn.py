@@ -336,35 +336,21 @@ def connect(url: str, *, max_connections: int = 64) -> RedisClient:
     )
 
 
-_TAKEN: Final = "_gateway_taken"
-"""The attribute of a pool holding ``{connection: loop time it was taken}`` (:func:`_taken`)."""
-
-
-def _taken(pool: Any) -> dict[Any, float]:
-    """The connections of ``pool`` in use and when each was taken (its checkout)."""
-    taken: dict[Any, float] | None = pool.__dict__.get(_TAKEN)
-    if taken is None:
-        taken = {}
-        setattr(pool, _TAKEN, taken)
-    return taken
-
-
-def _hung(pool: Any, connection: Any) -> bool:
-    """Whether ``connection``, released to ``pool`` now, was dropped (not connected)
-    after ``socket_timeout`` or more in use: its command timed out (a connection reset
-    or refused fails sooner). A PubSub's connection, disconnected before its release when
-    the PubSub closes (the bus's, the socket.io manager's: at shutdown or when it makes a
-    new client), counts too: its idle peers are then made again, nothing worse."""
-    taken = _taken(pool).pop(connection, None)
-    if taken is None or connection.is_connected:
-        return False
-    timeout = connection.socket_timeout or COMMAND_TIMEOUT_S
-    return bool(asyncio.get_running_loop().time() - taken >= timeout)
+def _dropped(connection: Any) -> bool:
+    """Whether ``connection``, being released, was dropped (not connected): its command
+    failed, most often timed out (Redis did not answer) or was reset (Redis restarted).
+    Either way the idle connections of its pool, made on the same path or to the same
+    server, are likely as dead. A PubSub's connection, disconnected before its release
+    when the PubSub closes (the bus's, the socket.io manager's: at shutdown or when it
+    makes a new client), counts too: its idle peers are then made again, nothing worse.
+    Nothing is recorded per checkout: this costs the hot path one attribute read."""
+    return not connection.is_connected
 
 
 async def _drop_idle(pool: Any) -> None:
     """Close the idle connections of ``pool`` (they stay in it and connect again when
-    next used); logged at INFO with their count when there were any."""
+    next used); logged at DEBUG with their count when there were any (the failure that
+    caused it is the caller's, logged there)."""
     dropped = 0
     for connection in list(pool._available_connections):
         # still idle (not taken meanwhile): closed before disconnect() first suspends
@@ -372,9 +358,9 @@ async def _drop_idle(pool: Any) -> None:
             await connection.disconnect(nowait=True)
             dropped += 1
     if dropped:
-        log.info(
-            "Redis: a command got no answer in time; the pool's %d idle connection(s), "
-            "likely as silent, are dropped too (made again when used)",
+        log.debug(
+            "Redis: a connection was dropped; the pool's %d idle connection(s), likely as "
+            "dead, are dropped too (made again when used)",
             dropped,
         )
 
@@ -394,12 +380,12 @@ class QuickBlockingPool(aioredis.BlockingConnectionPool):
     first come first served as before. Not recorded: redis-py's OpenTelemetry
     connection wait time of these no-wait checkouts (the gateway does not enable it).
 
-    A connection released dropped after ``socket_timeout`` or more in use (its command
-    timed out: Redis did not answer) takes the pool's idle connections with it
+    A connection released dropped (its command failed: timed out, Redis did not answer,
+    or reset; :func:`_dropped`) takes the pool's idle connections with it
     (:func:`_drop_idle`; they connect again when next used): made on the same path,
-    they are likely as silent (a partition, a Redis host that vanished), and each would
-    otherwise cost a later caller the whole timeout, and reopen the breaker, once
-    Redis answers on a fresh path again (measured: a burst of 32 calls after such a
+    they are likely as dead (a partition, a Redis host that vanished or restarted), and
+    each would otherwise cost a later caller the whole timeout, and reopen the breaker,
+    once Redis answers on a fresh path again (measured: a burst of 32 calls after such a
     recovery, 30 failed after the timeout).
     """
 
@@ -417,11 +403,6 @@ class QuickBlockingPool(aioredis.BlockingConnectionPool):
             return False
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        connection = await self._checkout(*args, **kwargs)
-        _taken(self)[connection] = asyncio.get_running_loop().time()
-        return connection
-
-    async def _checkout(self, *args: Any, **kwargs: Any) -> Any:
         if args or kwargs or not self._available_connections or not self._uncontended():
             return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
         connection = self._available_connections.pop()
@@ -434,12 +415,12 @@ class QuickBlockingPool(aioredis.BlockingConnectionPool):
         return connection
 
     async def release(self, connection: Any) -> None:
-        hung = _hung(self, connection)
+        dropped = _dropped(connection)
         if self._uncontended():  # notify() would wake nobody
             await aioredis.ConnectionPool.release(self, connection)
         else:
             await super().release(connection)
-        if hung:
+        if dropped:
             await _drop_idle(self)
 
 
@@ -499,7 +480,7 @@ class WatchedSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPoo
 
     The watcher starts with the pool's first connection and stops with
     :meth:`disconnect` of the whole pool (``aclose`` of the client). A connection whose
-    command timed out takes the pool's idle connections with it (as
+    command failed takes the pool's idle connections with it (as
     :class:`QuickBlockingPool`'s does).
     """
 
@@ -528,16 +509,14 @@ class WatchedSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPoo
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.create_task(self._watch(), name="sentinel watcher")
-        connection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
-        _taken(self)[connection] = asyncio.get_running_loop().time()
-        return connection
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     async def release(self, connection: Any) -> None:
-        """redis-py's release; a connection whose command timed out takes the idle ones
+        """redis-py's release; a connection whose command failed takes the idle ones
         with it (as :class:`QuickBlockingPool` does)."""
-        hung = _hung(self, connection)
+        dropped = _dropped(connection)
         await super().release(connection)
-        if hung:
+        if dropped:
             await _drop_idle(self)
 
     async def get_master_address(self) -> Any:
