@@ -38,12 +38,9 @@ from typing import Final
 
 from twilio.twiml.voice_response import Dial, VoiceResponse  # type: ignore[import-untyped]
 
+from adapters.twilio.protocol import MACHINE_ANSWERS as MACHINE_ANSWERS
 from gateway.callcontrol import RestRequest, path_segment
 
-MACHINE_ANSWERS: Final = frozenset(
-    {"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"}
-)
-"""``AnsweredBy`` values that are not a person."""
 STATUS_EVENTS: Final = ["initiated", "ringing", "answered", "completed"]
 """The ``StatusCallbackEvent`` s a placed call reports to its ``StatusCallback``."""
 

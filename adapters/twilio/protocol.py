@@ -108,7 +108,13 @@ from gateway.protocol import (
 )
 from gateway.protocol.actions import EndSession as EndSession
 from gateway.protocol.actions import StartTurn as StartTurn
-from gateway.protocol.call import CLOSE_POLICY, CLOSE_UNSUPPORTED, CallAction, CarrierCall
+from gateway.protocol.call import (
+    CLOSE_POLICY,
+    CLOSE_UNSUPPORTED,
+    RESUMED,
+    CallAction,
+    CarrierCall,
+)
 from gateway.protocol.call import CallConfig as CallConfig
 from gateway.protocol.call import State as State
 from gateway.speech.audio import AudioFormat, Pcm, frames
@@ -135,6 +141,14 @@ _MAX_MEDIA_CHARS: Final = -(-MAX_MEDIA_BYTES // 3) * 4
 """The base64 of :data:`MAX_MEDIA_BYTES` (strict base64: 4 characters per 3 bytes begun)."""
 TTS: Final = TtsRequest("audio", "mulaw")
 """What a call asks of the turn engine: each item's speech as 8 kHz μ-law after it."""
+MACHINE_ANSWERS: Final = frozenset(
+    {"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"}
+)
+"""``AnsweredBy`` values that are not a person."""
+ANSWERED_BY: Final = MACHINE_ANSWERS | {"human", "unknown"}
+"""Every ``AnsweredBy`` value of Twilio's answering-machine detection: what a call moved
+at shutdown carries to its new stream (the redirect's ``answeredBy``, its TwiML's
+Parameter of that name; :meth:`TwilioCall.resumed_answer`); any other value is not."""
 
 
 # ------------------------------------------------------------------ inbound messages
@@ -649,7 +663,27 @@ class TwilioCall(CarrierCall):
                 f"expected {ENCODING} at {SAMPLE_RATE} Hz mono, got {clipped(fmt.encoding, 24)} "
                 f"at {clipped(fmt.sample_rate, 12)} Hz x{clipped(fmt.channels, 4)}",
             )
-        return self._start(self.twilio.start(info))
+        actions = self._start(self.twilio.start(info))
+        self.resumed_answer()
+        return actions
+
+    def resumed_answer(self) -> None:
+        """A call moved here from an instance that shut down (its start's Parameter
+        ``resumed`` ``1``) brings the answering-machine result taken there as its
+        Parameter ``answeredBy`` (one of :data:`ANSWERED_BY`; another value, or none, is
+        ignored): it is the call's :attr:`answered_by`, and a machine's (one of
+        :data:`MACHINE_ANSWERS`) counts as the call's result (:attr:`machine_heard`:
+        its ``#machine`` was the input there), so Twilio's redelivery of the AMD
+        callback to this instance gives no second ``#machine``."""
+        info = self.info
+        if info is None or info.parameters.get(RESUMED) != "1":
+            return
+        answered = info.parameters.get("answeredBy", "")
+        if answered not in ANSWERED_BY:
+            return
+        self.answered_by = answered
+        if answered in MACHINE_ANSWERS:
+            self.machine_heard = self.machine_heard or answered
 
     def _frames(self, audio: bytes) -> tuple[tuple[WireFrame, ...], int]:
         """``audio`` (8 kHz μ-law, as :data:`TTS` asks) as ``media`` frames, and its ms."""

@@ -75,9 +75,13 @@ Moving at shutdown (a rolling deploy): ``gateway serve`` runs
 :meth:`TwilioChannel.move_calls` once it stopped accepting and before uvicorn closes the
 streams (gateway/server.py ``GatewayServer``; the hook is the Gateway's
 ``before_close``). With the REST credentials each live call is updated with ``Url`` =
-``<GATEWAY_PUBLIC_URL>/twilio/voice?key=<appKey>[&locale=..][&direction=outbound]&resumed=1``
+``<GATEWAY_PUBLIC_URL>/twilio/voice?key=<appKey>[&locale=..][&direction=outbound][&answeredBy=..]&resumed=1``
 (``Method=POST``), all at once within ``MOVE_TIMEOUT_S`` (gateway/io/call.py ``move_calls``,
 the carriers' shared move); one INFO line counts them.
+``answeredBy`` is the call's answering-machine result when one came (``/twilio/amd``, or
+the voice webhook's ``AnsweredBy``): the new TwiML passes it on as the ``<Stream>``'s
+Parameter ``answeredBy``, so the resumed call knows it and takes a redelivered machine
+result as the redelivery it is (no second ``#machine``; TwilioCall.resumed_answer).
 Twilio drops the TwiML (its ``<Hangup/>`` too), stops the stream and POSTs that URL,
 signed as any voice webhook, through the load balancer to another instance, whose TwiML's
 ``<Stream>`` carries the Parameter ``resumed`` ``1``: the new stream continues the
@@ -120,6 +124,7 @@ from adapters.twilio import control as twilio_control
 from adapters.twilio.calls import twilio_auth
 from adapters.twilio.openapi import POST_STATUS, POST_TWILIO_AMD, POST_VOICE, STATUS_FIELDS
 from adapters.twilio.protocol import (
+    ANSWERED_BY,
     CHANNEL,
     CallConfig,
     TwilioCall,
@@ -394,7 +399,7 @@ async def voice(request: Request) -> Response:
         # an outbound call placed by POST /v1/calls (gateway/calls.py): its #intro attributes
         "direction": "outbound" if request.query_params.get("direction") == "outbound" else "",
         "attributes": request.query_params.get("attributes", ""),
-        "answeredBy": params.get("AnsweredBy", ""),
+        "answeredBy": params.get("AnsweredBy", "") or _moved_answer(request, moved),
         RESUMED: "1" if moved else "",
     }
     xml = twiml(
@@ -406,6 +411,15 @@ async def voice(request: Request) -> Response:
     note = " (a call moved from another instance: its session goes on)" if moved else ""
     log.info("Twilio call %s from %s: stream issued%s", call_sid, caller, note)
     return Response(xml, media_type="application/xml")
+
+
+def _moved_answer(request: Request, resumed: bool) -> str:
+    """The answering-machine result a call moved at shutdown brings (the signed redirect
+    URL's ``answeredBy``, :func:`_redirect`): one of Twilio's AnsweredBy
+    values (adapters/twilio/protocol.py ``ANSWERED_BY``), else ``""`` (none, not a moved
+    call, or a value Twilio does not send: not passed on)."""
+    answered = request.query_params.get("answeredBy", "") if resumed else ""
+    return answered if answered in ANSWERED_BY else ""
 
 
 @router.post("/twilio/status", status_code=204, response_class=Response, **POST_STATUS)
@@ -543,7 +557,8 @@ def _redirect(auth: twilio_control.TwilioAuth, runner: CallRunner, info: CallInf
     """The move of call ``info`` to another instance (:meth:`TwilioChannel.move_calls`,
     gateway/io/call.py ``CallRunner.move``): ``Calls/{CallSid}`` updated with ``Url`` =
     ``<GATEWAY_PUBLIC_URL>/twilio/voice`` with the call's ``key`` (``locale``,
-    ``direction`` when given) and ``resumed=1``, ``Method=POST``
+    ``direction`` when given, its answering-machine result ``answeredBy`` when known) and
+    ``resumed=1``, ``Method=POST``
     (adapters/twilio/control.py ``redirect``); Twilio drops the TwiML, stops the stream
     and POSTs that URL, signed as any voice webhook."""
     params = info.parameters
@@ -551,6 +566,8 @@ def _redirect(auth: twilio_control.TwilioAuth, runner: CallRunner, info: CallInf
     for name in ("locale", "direction"):
         if params.get(name):
             query[name] = params[name]
+    if (answered := runner.call.answered_by) in ANSWERED_BY:  # AMD's result, when known
+        query["answeredBy"] = answered
     query[RESUMED] = "1"
     url = public_url(runner.gw.settings.public_url, "/twilio/voice", urlencode(query))
     return twilio_control.redirect(auth, info.call_id, url)

@@ -24,7 +24,7 @@ from tests.adapters.twilio.harness import (
     parse_twiml,
     sign,
 )
-from tests.adapters.twilio.helpers import AUTH, PUBLIC, until
+from tests.adapters.twilio.helpers import AUTH, PUBLIC, twilio_gateway, until
 from tests.calls.carrier_api import carrier_api
 from tests.conftest import GatewayProcess, serve, start_all
 
@@ -157,3 +157,121 @@ async def test_sigterm_moves_a_call_to_another_instance_where_it_goes_on_without
         assert not store.exists(f"{redis_prefix}:{{twilio:{cut_sid}}}:s")  # ended
     finally:
         store.close()
+
+
+def machine_core(turns: list[tuple[str, int, str, Any]]) -> FastAPI:
+    """A core that records each turn's (sessionId, turn, input text, attributes'
+    ``answeredBy``) and answers briefly."""
+    app = FastAPI()
+
+    @app.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        attributes = body["input"].get("attributes") or {}
+        text = body["input"]["transcript"]["text"]
+        turns.append((body["sessionId"], body["turn"], text, attributes.get("answeredBy")))
+        return JSONResponse({"items": [{"text": "Yes."}]})
+
+    return app
+
+
+async def post_amd(base_url: str, sid: str, answered_by: str) -> httpx.Response:
+    """Twilio's asynchronous AMD callback (``AnsweredBy``) of call ``sid``, signed over
+    ``<PUBLIC>/twilio/amd?key=shop``."""
+    form = {"AccountSid": ACCOUNT, "CallSid": sid, "AnsweredBy": answered_by}
+    headers = {"X-Twilio-Signature": sign(AUTH, f"{PUBLIC}/twilio/amd?key=shop", form)}
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        return await client.post("/twilio/amd?key=shop", data=form, headers=headers)
+
+
+async def test_a_call_moved_at_shutdown_keeps_its_answering_machine_result(
+    redis_url: str,
+    redis_prefix: str,
+    gateway_processes: list[GatewayProcess],
+    tmp_path: Path,
+) -> None:
+    """The AMD result a call took before its instance shut down (``#machine``, taken from
+    the bus, which keeps it no longer) goes with the call: the redirect's URL carries
+    ``answeredBy``, the new TwiML's ``<Stream>`` its Parameter, and the resumed call
+    knows it, so Twilio's redelivery of the AMD callback to the new instance is taken as
+    the redelivery it is, no second ``#machine``. (The redirect carried only ``key``,
+    ``locale`` and ``resumed``; the resumed call took the redelivered result as new.)"""
+    turns: list[tuple[str, int, str, Any]] = []
+    log_b = tmp_path / "b.log"
+    async with serve(machine_core(turns)) as core, carrier_api() as api:
+        env = {
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_REDIS_PREFIX": redis_prefix,
+            "GATEWAY_PUBLIC_URL": PUBLIC,
+            "GATEWAY_TWILIO_AUTH_TOKEN": AUTH,
+            "GATEWAY_TWILIO_ACCOUNT_SID": ACCOUNT,
+            "GATEWAY_TWILIO_API_BASE_URL": api.url,
+            "GATEWAY_PIPELINE": f"{core}/turn",
+            "GATEWAY_SILENCE_TIMEOUT_MS": "600000",
+        }
+        sid = call_sid()
+        with log_b.open("wb") as b_log:
+            a = GatewayProcess(env)
+            b = GatewayProcess(env, stderr=b_log, log_level="info")
+            gateway_processes += [a, b]
+            start_all(a, b)
+            assert a.proc is not None
+            answer = await ask_twiml(a.url, PUBLIC, sid, auth_token=AUTH, query="key=shop")
+            assert answer.status_code == 200, answer.text
+            twiml = parse_twiml(answer.text)
+            async with TwilioHarness.stream(a.url, twiml, sid, auth_token=AUTH) as first:
+                assert await until(lambda: len(turns) == 1, 30), turns  # the greeting
+                assert (await post_amd(a.url, sid, "machine_end_beep")).status_code == 204
+                assert await until(lambda: len(turns) == 2, 15), turns
+                a.proc.send_signal(signal.SIGTERM)
+                assert await until(lambda: len(api.requests) == 1, 10), api.requests
+                await first.stop()
+            assert await asyncio.to_thread(a.proc.wait, 30) == 0
+            assert turns == [
+                (sid, 1, "#intro", None),
+                (sid, 2, "#machine", "machine_end_beep"),
+            ]
+            [redirect] = api.requests
+            url = f"{PUBLIC}/twilio/voice?key=shop&answeredBy=machine_end_beep&resumed=1"
+            assert redirect.form == {"Url": url, "Method": "POST"}
+
+            answer = await ask_twiml(
+                b.url, PUBLIC, sid, auth_token=AUTH, query=url.partition("?")[2]
+            )
+            assert answer.status_code == 200, answer.text
+            resumed = parse_twiml(answer.text)
+            assert resumed.parameters == {
+                "from": "+15550100",
+                "to": "+15550199",
+                "appKey": "shop",
+                "answeredBy": "machine_end_beep",
+                "resumed": "1",
+            }
+            async with TwilioHarness.stream(b.url, resumed, sid, auth_token=AUTH) as second:
+                # Twilio redelivers the AMD callback (at least once), here to instance b
+                assert (await post_amd(b.url, sid, "machine_end_beep")).status_code == 204
+                again = f"Twilio call {sid}: answered by machine_end_beep again"
+                assert await until(lambda: again in log_b.read_text() or len(turns) > 2, 15), (
+                    log_b.read_text()
+                )
+                await second.dtmf("5")
+                assert await until(lambda: len(turns) == 3, 15), turns
+                assert second.close_code is None
+    assert turns[2] == (sid, 3, "5", None)  # no second #machine: the caller's key is next
+
+
+async def test_a_moved_calls_answered_by_is_taken_only_when_it_is_twilios() -> None:
+    """The voice webhook of a moved call (``resumed=1``) passes ``answeredBy`` on to its
+    ``<Stream>`` only when it is one of Twilio's AnsweredBy values (the URL is signed, but
+    a value no AMD gives is no result); a call not moved passes on none from its URL."""
+    async with twilio_gateway() as gw:
+        for query, expected in [
+            ("key=shop&answeredBy=human&resumed=1", "human"),
+            ("key=shop&answeredBy=fax&resumed=1", "fax"),
+            ("key=shop&answeredBy=robot&resumed=1", None),
+            ("key=shop&answeredBy=" + "x" * 5000 + "&resumed=1", None),
+            ("key=shop&answeredBy=human", None),
+        ]:
+            answer = await ask_twiml(gw.url, PUBLIC, call_sid(), auth_token=AUTH, query=query)
+            assert answer.status_code == 200, answer.text
+            assert parse_twiml(answer.text).parameters.get("answeredBy") == expected, query
