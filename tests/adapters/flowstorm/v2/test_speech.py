@@ -365,7 +365,7 @@ async def test_bad_audio_gets_error_events_and_the_session_goes_on(
     long_wav = encode_wav(silence(60_000, 8000))  # 60 s: 960 kB, within the byte limit
     cases: list[tuple[str, str, bytes, int, str]] = [
         ("audio/ogg", "", b"OggS\x00\x02", 415, "Unsupported Content-Type 'audio/ogg': use"),
-        ("audio/wav", "", wav[: len(wav) // 2], 400, "expected WAV (RIFF/WAVE integer PCM): truncated"),
+        ("audio/wav", "", wav[: len(wav) // 2], 400, "expected WAV (RIFF/WAVE integer PCM or G.711 u-law/A-law): truncated"),
         ("audio/mpeg", "", bytes(range(256)) * 64, 400, "expected MP3 (MPEG audio layer III): no decodable MP3 frames"),
         ("audio/basic", "", speech.data[:32001], 400, "expected LINEAR16 (16-bit samples) at 16000 Hz (sttEncoding, sttSampleRate): 32001 bytes"),
         ("audio/wav", "", long_wav, 413, f"The audio is 60.0 s long: expected at most {MAX_AUDIO_S} s"),
