@@ -264,7 +264,9 @@ class StreamedBody:
         assert fmt is not None  # the WAV reader returns audio only after its header
         start: list[Action] = [] if self.listening else [StartListening(STREAM, fmt, interim=True)]
         self.listening = True
-        return [*start, FeedAudio(STREAM, data)]
+        # the body's bytes are counted above; the stage takes them as samples of fmt
+        samples = self.wav.decode(data) if self.wav is not None else data
+        return [*start, FeedAudio(STREAM, samples)]
 
     def heard(self, heard: Heard) -> list[Action]:
         """An event of the stage (or the file's recognition): interim results are

@@ -76,6 +76,7 @@ from gateway.speech.audio import (
     AudioFormat,
     AudioFormatError,
     Pcm,
+    audioop,
     decode_mp3,
     decode_wav,
     mp3_duration_s,
@@ -728,11 +729,15 @@ def audio_chunks(fmt: AudioFormat, data: bytes, ms: int = FILE_CHUNK_MS) -> list
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
+_WAV_ALAW: Final = 6
+"""WAVE_FORMAT_ALAW: 8-bit G.711 A-law samples, decoded to LINEAR16 as they come."""
 _WAV_ENCODINGS: Final[Mapping[tuple[int, int], Literal["LINEAR16", "MULAW"]]] = {
     (1, 16): "LINEAR16",  # WAVE_FORMAT_PCM, 16-bit samples
     (7, 8): "MULAW",  # WAVE_FORMAT_MULAW, 8-bit samples
+    (_WAV_ALAW, 8): "LINEAR16",  # WAVE_FORMAT_ALAW, 8-bit samples: decoded (WavStreamReader.decode)
 }
-"""(WAV format tag, bits a sample) -> the encoding of the samples, for those read here."""
+"""(WAV format tag, bits a sample) -> the encoding of the samples the speech stage gets,
+for those read here."""
 _WAV_EXTENSIBLE = 0xFFFE
 _WAV_MAX_HEADER = 64 * 1024
 
@@ -741,9 +746,12 @@ class WavStreamReader:
     """Reads a streamed WAV (``audio/wav`` with ``realtime=1``) as its bytes arrive.
 
     :meth:`feed` returns the audio samples in the bytes given (none while the
-    header is still arriving); :attr:`format` is known once the ``fmt `` chunk
-    was read. Accepted: mono 16-bit integer PCM (LINEAR16) or 8-bit G.711 u-law
-    (MULAW) at a supported rate. A ``data`` size of 0 or >= 0x7FFF0000 (what
+    header is still arriving), as they are in the body; :meth:`decode` makes them
+    samples of :attr:`format`, known once the ``fmt `` chunk was read. Accepted: mono
+    16-bit integer PCM (LINEAR16), 8-bit G.711 u-law (MULAW) or 8-bit G.711 A-law
+    (WAVE_FORMAT_ALAW 6, decoded to LINEAR16: the speech stage takes no A-law) at a
+    supported rate, plain or WAVE_FORMAT_EXTENSIBLE, as gateway.speech.audio.decode_wav
+    takes them in a whole file. A ``data`` size of 0 or >= 0x7FFF0000 (what
     recorders write when they do not know the length, e.g. ``arecord``) means
     "to the end of the body"; otherwise bytes after the data chunk are ignored.
 
@@ -753,10 +761,11 @@ class WavStreamReader:
     inside its header.
     """
 
-    EXPECTED: Final = "a mono 16-bit PCM or 8-bit u-law WAV stream (RIFF/WAVE)"
+    EXPECTED: Final = "a mono 16-bit PCM, 8-bit u-law or 8-bit A-law WAV stream (RIFF/WAVE)"
 
     def __init__(self) -> None:
         self.format: AudioFormat | None = None
+        self._alaw = False  # the body's samples are A-law (decode: to LINEAR16)
         self._buf = bytearray()
         self._riff = False
         self._header = 0
@@ -814,6 +823,13 @@ class WavStreamReader:
             why = "no RIFF/WAVE header" if not self._riff else "no data chunk"
             raise self._fail(f"truncated header: the body ended after {self._header} bytes, {why}")
 
+    def decode(self, samples: bytes) -> bytes:
+        """``samples`` returned by :meth:`feed` (the body's bytes, one or two a sample)
+        as samples of :attr:`format`: A-law bytes become LINEAR16 (two bytes each,
+        ``audioop.alaw2lin``: a byte is a sample, so any slice decodes on its own); the
+        others are returned as they are."""
+        return audioop.alaw2lin(samples, 2) if self._alaw else samples
+
     def _audio(self, data: bytes) -> bytes:
         if self._data_left is None:
             return data
@@ -832,6 +848,7 @@ class WavStreamReader:
         encoding = _WAV_ENCODINGS.get((tag, bits))
         if encoding is None:
             raise self._fail(f"sample format {tag} with {bits}-bit samples")
+        self._alaw = tag == _WAV_ALAW
         try:
             return AudioFormat(encoding, rate)
         except AudioFormatError as exc:

@@ -150,8 +150,8 @@ def test_a_realtime_wav_body_that_ends_inside_its_header_is_a_400(head: bytes, w
         streamed.ended()
     assert err.value.status == 400
     assert err.value.text == (
-        "The audio/wav stream is not valid audio: expected a mono 16-bit PCM or 8-bit u-law "
-        f"WAV stream (RIFF/WAVE): truncated header: the body ended {why}."
+        "The audio/wav stream is not valid audio: expected a mono 16-bit PCM, 8-bit u-law or "
+        f"8-bit A-law WAV stream (RIFF/WAVE): truncated header: the body ended {why}."
     )
     assert not streamed.decided  # no #silence turn on a broken body
 

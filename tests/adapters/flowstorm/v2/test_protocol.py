@@ -619,7 +619,7 @@ def test_wav_stream_reader_honours_a_real_data_size() -> None:
 def test_wav_stream_reader_names_the_expected_format(stream: bytes, words: str) -> None:
     with pytest.raises(ProtocolError) as err:
         WavStreamReader().feed(stream)
-    assert "expected a mono 16-bit PCM or 8-bit u-law WAV stream" in err.value.text
+    assert "expected a mono 16-bit PCM, 8-bit u-law or 8-bit A-law WAV stream" in err.value.text
     assert words in err.value.text
 
 

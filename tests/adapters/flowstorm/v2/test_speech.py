@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +24,14 @@ from adapters.flowstorm.v2.routes import LOST_S
 from gateway.app import create_app
 from gateway.server import uvicorn_options
 from gateway.settings import Settings
-from gateway.speech.audio import Pcm, encode_mp3, encode_wav, pcm_to_mulaw, silence
+from gateway.speech.audio import (
+    Pcm,
+    audioop,
+    encode_mp3,
+    encode_wav,
+    pcm_to_mulaw,
+    silence,
+)
 from tests.adapters.flowstorm.v2.helpers import (
     CHUNK_MS,
     KEY,
@@ -221,6 +229,49 @@ async def test_realtime_stream_with_a_parallel_get(
     assert turn.tail_chunks_sent < TAIL_CHUNKS, turn
 
 
+def alaw_wav_header(rate: int, *, extensible: bool = False) -> bytes:
+    """A recorder's streamed WAV header (RIFF and data sizes unknown: 0xFFFFFFFF) for mono
+    8-bit G.711 A-law at ``rate`` Hz: ``fmt `` tagged WAVE_FORMAT_ALAW (6), or
+    WAVE_FORMAT_EXTENSIBLE with the A-law sub-format GUID. Built here with struct."""
+    if extensible:
+        guid_tail = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+        fmt = struct.pack("<HHIIHHHHI", 0xFFFE, 1, rate, rate, 1, 8, 22, 8, 0)
+        fmt += struct.pack("<H", 6) + guid_tail
+    else:
+        fmt = struct.pack("<HHIIHH", 6, 1, rate, rate, 1, 8)
+    return (
+        b"RIFF\xff\xff\xff\xffWAVE"
+        + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+        + b"data\xff\xff\xff\xff"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("extensible", [False, True], ids=["alaw", "extensible-alaw"])
+async def test_a_realtime_alaw_wav_stream_is_recognized(
+    server: str, corpus: dict[str, Pcm], extensible: bool
+) -> None:
+    """A realtime ``audio/wav`` PUT of 8 kHz G.711 A-law (WAVE_FORMAT_ALAW 6, plain or
+    extensible), as a telephony recorder streams it: recognized as its u-law and PCM
+    forms are (the reader refused it 400, "sample format 6 with 8-bit samples", while
+    a whole A-law file was taken)."""
+    sentence = "tell me about this place"
+    speech = at(corpus[sentence], 8000)
+    law = audioop.lin2alaw(speech.data, 2)  # one byte a sample
+    size = 8000 * CHUNK_MS // 1000
+    chunks = [law[i : i + size] for i in range(0, len(law), size)]
+    chunks[0] = alaw_wav_header(8000, extensible=extensible) + chunks[0]
+    quiet = audioop.lin2alaw(b"\x00\x00" * size, 2)
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        await intro(client)
+        turn = await realtime_turn(
+            client, "", "audio/wav", chunks, tail=quiet,
+            max_tail_chunks=TAIL_CHUNKS, tail_pace_s=TAIL_PACE_S,
+        )  # fmt: skip
+        assert turn.put.status_code == 200, turn.put.text
+        await check_turn(client, turn.put, sentence)
+    assert turn.get_lines, turn  # the GET followed its recognition
+
+
 async def test_realtime_turns_back_to_back_each_get_follows_its_own(
     server: str, corpus: dict[str, Pcm]
 ) -> None:
@@ -371,7 +422,7 @@ async def test_bad_audio_gets_error_events_and_the_session_goes_on(
         ("audio/wav", "", long_wav, 413, f"The audio is 60.0 s long: expected at most {MAX_AUDIO_S} s"),
         ("audio/basic", "", b"\x00" * (MAX_AUDIO_BYTES + 2), 413, f"larger than {MAX_AUDIO_BYTES} bytes"),
         ("audio/basic", "&sttSampleRate=9000", speech.data, 400, "invalid sttSampleRate"),
-        ("audio/wav", "&realtime=1", wav[:12] + b"fmt \x10\x00\x00\x00\x01\x00\x02\x00" + wav[24:], 400, "expected a mono 16-bit PCM or 8-bit u-law WAV stream (RIFF/WAVE): 2 channels"),
+        ("audio/wav", "&realtime=1", wav[:12] + b"fmt \x10\x00\x00\x00\x01\x00\x02\x00" + wav[24:], 400, "expected a mono 16-bit PCM, 8-bit u-law or 8-bit A-law WAV stream (RIFF/WAVE): 2 channels"),
         ("audio/wav", "&realtime=1", wav[:30], 400, "WAV stream (RIFF/WAVE): truncated header: the body ended after 30 bytes, no data chunk"),
         ("application/json", "&realtime=1", binary_line(speech.data[:3200]).encode() + b'{"type":"Binary","data":"@@"}', 400, "Invalid Binary event"),
     ]  # fmt: skip
