@@ -266,12 +266,12 @@ class RedisBus:
 
     Leaving a subscription waits for nothing: its topic's UNSUBSCRIBE, when it was the
     last subscriber, is sent by a task of the bus (:meth:`_tidy`, cancelled by
-    :meth:`aclose`), so a caller's deadline (a Telnyx dial stream's 2 s) holds however
-    Redis answers. That UNSUBSCRIBE may fail or wait (:data:`LEAVE_WAIT_S`, then the
-    subscriptions' connection is dropped); either way the topic is forgotten by redis-py's
-    PubSub at once, which otherwise subscribes again, whenever its connection is made
-    again, every channel whose unsubscribe it did not see confirmed: channels nobody
-    listens to, kept for good, their messages read and dropped.
+    :meth:`aclose`; none is started after it), so a caller's deadline (a Telnyx dial
+    stream's 2 s) holds however Redis answers. That UNSUBSCRIBE may fail or wait
+    (:data:`LEAVE_WAIT_S`, then the subscriptions' connection is dropped); either way the
+    topic is forgotten by redis-py's PubSub at once, which otherwise subscribes again,
+    whenever its connection is made again, every channel whose unsubscribe it did not see
+    confirmed: channels nobody listens to, kept for good, their messages read and dropped.
     """
 
     def __init__(self, client: RedisClient, *, prefix: str = "gw") -> None:
@@ -284,6 +284,7 @@ class RedisBus:
         self._reader: asyncio.Task[None] | None = None
         self._stale: set[str] = set()  # channels left by their last subscriber, to unsubscribe
         self._tidier: asyncio.Task[None] | None = None
+        self._closed = False  # aclose ran: a channel left afterwards starts no task
         self._lock = asyncio.Lock()
         self._replace = client.register_script(_REPLACE)
         self._clear = client.register_script(_CLEAR)
@@ -436,6 +437,11 @@ class RedisBus:
         if subs:
             return
         del self._subs[channel]
+        if self._closed:
+            # nothing to unsubscribe on a closed bus (its connection is gone); a task
+            # started now would outlive it, still pending when the event loop ends
+            self._forget([channel])
+            return
         self._stale.add(channel)
         if self._tidier is None or self._tidier.done():
             self._tidier = asyncio.create_task(self._tidy(), name="bus unsubscriber")
@@ -552,6 +558,9 @@ class RedisBus:
                 sub.put(data)
 
     async def aclose(self) -> None:
+        """Stop the bus's tasks and close its subscriptions' connection. A subscription
+        left afterwards (one still open now) only forgets its channel (:meth:`_leave`)."""
+        self._closed = True
         for task in (self._tidier, self._reader):
             if task is not None:
                 task.cancel()

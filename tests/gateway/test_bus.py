@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -426,3 +427,37 @@ async def test_the_reader_survives_a_subscribe_making_its_connection_again(
     finally:
         await bus.aclose()
         await redisconn.aclose(client)
+
+
+def test_a_subscription_left_after_the_bus_closed_leaves_no_pending_task(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subscriber still open when the bus is closed (a connection's outbox follower the
+    app's shutdown did not end first), left afterwards as the event loop's end cancels
+    it, handed its channel's UNSUBSCRIBE to a new task of the closed bus, which the loop
+    ended with still pending. Garbage-collected later, asyncio logged ``Task was destroyed
+    but it is pending!`` (ERROR) in whatever ran then: in the test suite another test,
+    failed by its server-errors check (seen under load on Flowstorm V1 socket tests). A
+    closed bus now only forgets such a channel."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+
+    async def shut_down_with_a_subscriber() -> None:
+        client = redis_client(redis_url)
+        bus = RedisBus(client, prefix=redis_prefix)
+        entered = asyncio.Event()
+
+        async def follow() -> None:
+            async with bus.subscribe("s"):
+                entered.set()
+                await asyncio.sleep(30)
+
+        asyncio.get_running_loop().create_task(follow())  # never awaited: the loop's end
+        await entered.wait()
+        await bus.aclose()
+        await redisconn.aclose(client)
+
+    with asyncio.Runner() as runner:  # as pytest-asyncio runs each test: its end cancels
+        runner.run(shut_down_with_a_subscriber())
+    gc.collect()
+    destroyed = [r.getMessage() for r in caplog.records if "destroyed" in r.getMessage()]
+    assert destroyed == []
