@@ -337,14 +337,21 @@ def connect(url: str, *, max_connections: int = 64) -> RedisClient:
 
 
 def _dropped(connection: Any) -> bool:
-    """Whether ``connection``, being released, was dropped (not connected): its command
-    failed, most often timed out (Redis did not answer) or was reset (Redis restarted).
-    Either way the idle connections of its pool, made on the same path or to the same
-    server, are likely as dead. A PubSub's connection, disconnected before its release
-    when the PubSub closes (the bus's, the socket.io manager's: at shutdown or when it
-    makes a new client), counts too: its idle peers are then made again, nothing worse.
-    Nothing is recorded per checkout: this costs the hot path one attribute read."""
-    return not connection.is_connected
+    """Whether ``connection``, being released, was dropped (not connected) because its
+    command failed, most often timed out (Redis did not answer) or was reset (Redis
+    restarted). Either way the idle connections of its pool, made on the same path or to
+    the same server, are likely as dead. A PubSub's connection, disconnected before its
+    release when the PubSub closes (the bus's, the socket.io manager's: at shutdown or
+    when it makes a new client), counts too: its idle peers are then made again, nothing
+    worse. A connection dropped because its caller was cancelled mid-command (redis-py
+    disconnects it then: a socket closed under a follower, a caller's deadline; the
+    releasing task is still being cancelled) does not count: Redis did not fail, and its
+    idle peers are fine. Nothing is recorded per checkout: this costs the hot path one
+    attribute read."""
+    if connection.is_connected:
+        return False
+    task = asyncio.current_task()
+    return task is None or not task.cancelling()
 
 
 async def _drop_idle(pool: Any) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -143,6 +144,31 @@ async def test_after_a_silent_outage_a_burst_finds_no_dead_connection(
         assert (store.breaker.state, store.breaker.opened) == ("closed", 1)
     finally:
         await store.aclose()
+
+
+async def test_a_cancelled_command_leaves_the_pools_idle_connections(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A command whose caller is cancelled mid-way (a socket closed under its follower, a
+    caller's deadline) loses its own connection (redis-py drops it), not the pool's idle
+    ones: Redis did not fail. Before, every such cancellation dropped them all, and the
+    next calls each connected anew."""
+    client = redisconn.connect(redis_url)
+    assert isinstance(client, aioredis.Redis)
+    pool: Any = client.connection_pool
+    try:
+        await asyncio.gather(*(client.ping() for _ in range(8)))
+        idle = sum(c.is_connected for c in pool._available_connections)
+        assert idle >= 2
+        blocked = asyncio.create_task(client.blpop([f"{redis_prefix}:never"], timeout=5))
+        await asyncio.sleep(0.2)  # BLPOP sent, waiting for its reply
+        blocked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await blocked
+        # the cancelled one's connection only (before: none left)
+        assert sum(c.is_connected for c in pool._available_connections) == idle - 1
+    finally:
+        await client.aclose()
 
 
 async def test_a_bus_subscription_gone_silent_is_subscribed_again_within_its_bound(
