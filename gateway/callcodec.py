@@ -460,14 +460,18 @@ JSON travels in one (gateway/calls.py bounds it to 2000, the call engine reads u
 MAX_PARAMS_CHARS: Final = 8192
 """Most characters of a start's custom parameters, names and values together."""
 
-CALL_PARAMETERS: Final = frozenset({"from", "to", "direction", "answeredBy", "attributes"})
+CALL_PARAMETERS: Final = frozenset(
+    {"from", "to", "direction", "answeredBy", "attributes", "resumed"}
+)
 """The parameters that say who the call is between and how it came about: the caller and
-callee, ``direction`` ``outbound`` with its ``answeredBy`` and ``attributes``. The gateway
-sets them itself where the carrier's start does not say them (Twilio's TwiML
-``<Parameter>`` s, Plivo's ``extraHeaders``, Vonage's NCCO headers, Telnyx's
-``client_state``); a carrier's free-form ``custom_parameters`` (Telnyx, Exotel: set by
-whoever configured the stream, beside the start's own ``from``/``to``) never carry them
-(:meth:`JsonCarrierCodec.begin_start`)."""
+callee, ``direction`` ``outbound`` with its ``answeredBy`` and ``attributes``, and
+``resumed`` (gateway/protocol/call.py ``RESUMED``: a call moved here at shutdown, its
+session continued without ``#intro``). The gateway sets them itself where the carrier's
+start does not say them (Twilio's TwiML ``<Parameter>`` s, Plivo's ``extraHeaders``,
+Vonage's NCCO headers, Telnyx's ``client_state``; Telnyx's ``resumed`` only for a call
+marked moved, adapters/telnyx/routes.py); a carrier's free-form ``custom_parameters``
+(Telnyx, Exotel: set by whoever configured the stream, beside the start's own
+``from``/``to``) never carry them (:meth:`JsonCarrierCodec.begin_start`)."""
 
 
 _FAULT_NAME_CHARS: Final = 32

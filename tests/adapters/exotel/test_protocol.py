@@ -18,6 +18,7 @@ from adapters.exotel.protocol import (
     mark_message,
     media_message,
 )
+from adapters.telnyx.protocol import TelnyxCodec
 from gateway.callcodec import (
     Connected,
     Digit,
@@ -29,8 +30,8 @@ from gateway.callcodec import (
     UnsupportedMediaFormat,
 )
 from gateway.protocol import ProtocolError
-from gateway.protocol.actions import FeedAudio
-from gateway.protocol.call import CallConfig, CarrierCall
+from gateway.protocol.actions import FeedAudio, StartTurn
+from gateway.protocol.call import RESUMED, CallConfig, CarrierCall
 from gateway.speech.audio import Pcm
 from tests.adapters.carrier_audio import correlation, peak_hz, rms, tone
 
@@ -51,6 +52,19 @@ START = json.dumps(
             "to": "08012345678",
             "custom_parameters": {"appKey": "demo"},
             "media_format": {"encoding": "audio/x-raw", "sample_rate": "8000", "bit_rate": "16"},
+        },
+    }
+)
+TELNYX_START = json.dumps(
+    {
+        "event": "start",
+        "sequence_number": "1",
+        "stream_id": "stream-1",
+        "start": {
+            "call_control_id": "v3:call-1",
+            "from": "+15550100",
+            "to": "+15550199",
+            "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1},
         },
     }
 )
@@ -112,6 +126,24 @@ def test_documented_messages() -> None:
     assert isinstance(heard, Media)
     assert heard.pcm == source
     assert (heard.timestamp_ms, heard.sequence) == (300, 3)
+
+
+@pytest.mark.parametrize("codec", [ExotelCodec, TelnyxCodec])
+def test_a_custom_resumed_parameter_does_not_skip_the_greeting(
+    codec: type[ExotelCodec | TelnyxCodec],
+) -> None:
+    """A start's free-form ``custom_parameters`` ``resumed=1`` (whoever configured the
+    stream wrote it) is left out as the other call parameters are: the call greets
+    (``#intro``). Only the gateway's own marker continues a session (a call it moved at
+    shutdown; Telnyx's only for a call marked moved). It was taken: no ``#intro``."""
+    frame = json.loads(START if codec is ExotelCodec else TELNYX_START)
+    frame["start"]["custom_parameters"] = {"appKey": "demo", RESUMED: "1"}
+    started = codec().receive_text(json.dumps(frame))
+    assert isinstance(started, Started)
+    assert started.parameters == {"appKey": "demo"}
+    call = CarrierCall(codec(), None, CallConfig(key_allowed=lambda key: True))
+    actions = call.receive(json.dumps(frame))
+    assert [a.input.action for a in actions if isinstance(a, StartTurn)] == ["#intro"]
 
 
 def test_documented_outbound_messages() -> None:
