@@ -637,9 +637,10 @@ class TelnyxCall(CallRunner):
 
     async def moved_away(self, control: CallControl, info: CallInfo) -> None:
         """The call streams to another instance now (``streaming_start`` taken): stop this
-        stream (``streaming_stop`` of its ``stream_id``), so Telnyx ends it. Not taken or
-        not answered: logged at INFO naming the component ``telnyx-api``, the shutdown then
-        closes it (1012)."""
+        stream (``streaming_stop`` of its ``stream_id``), so Telnyx ends it. Refused or
+        failed: logged at INFO naming the component ``telnyx-api``; not answered within the
+        move's bound (:meth:`CallRunner.move` cancels it): nothing logged. Either way the
+        shutdown then closes it (1012)."""
         if self.auth is None:
             return
         request = telnyx.streaming_stop(self.auth, info.call_id, info.stream_id)

@@ -526,10 +526,13 @@ async def call_moving(gw: Gateway, carrier: str, call_id: str) -> bool:
 
 
 def resumed(query: Mapping[str, str]) -> bool:
-    """Whether an answer webhook's ``query`` (its URL's parameters) says the call was moved
-    here from an instance that shut down: :data:`~gateway.protocol.call.RESUMED` ``=1``
-    (the URL :func:`move_calls` had the carrier fetch; the webhook's signature covers it).
-    Its stream then carries the parameter ``resumed`` ``1``."""
+    """Whether ``query`` (an answer webhook's URL's parameters, or Telnyx's stream URL's)
+    says the call was moved here from an instance that shut down:
+    :data:`~gateway.protocol.call.RESUMED` ``=1`` (the URL :func:`move_calls` had the
+    carrier fetch or connect to). A webhook's signature covers its query (Twilio, Plivo);
+    a stream URL's query is not signed, so Telnyx's stream route takes it only for a call
+    marked moved (:func:`call_moving`). Its stream then carries the parameter ``resumed``
+    ``1``."""
     return query.get(RESUMED) == "1"
 
 
