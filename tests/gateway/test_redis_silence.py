@@ -160,7 +160,11 @@ async def test_a_cancelled_command_leaves_the_pools_idle_connections(
         await asyncio.gather(*(client.ping() for _ in range(8)))
         idle = sum(c.is_connected for c in pool._available_connections)
         assert idle >= 2
-        blocked = asyncio.create_task(client.blpop([f"{redis_prefix}:never"], timeout=5))
+
+        async def blpop() -> object:
+            return await client.blpop([f"{redis_prefix}:never"], timeout=5)
+
+        blocked = asyncio.create_task(blpop())
         await asyncio.sleep(0.2)  # BLPOP sent, waiting for its reply
         blocked.cancel()
         with pytest.raises(asyncio.CancelledError):
