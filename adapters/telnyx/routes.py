@@ -640,8 +640,10 @@ class TelnyxCall(CallRunner):
         stream (``streaming_stop`` of its ``stream_id``), so Telnyx ends it. Refused or
         failed: logged at INFO naming the component ``telnyx-api``; not answered within the
         move's bound (:meth:`CallRunner.move` cancels it): nothing logged. Either way the
-        shutdown then closes it (1012)."""
-        if self.auth is None:
+        shutdown then closes it (1012). A start that named no ``stream_id`` gets no
+        ``streaming_stop``: without one Telnyx stops every stream of the call, the new one
+        too (developers.telnyx.com/api-reference/call-commands/streaming-stop)."""
+        if self.auth is None or not info.stream_id:
             return
         request = telnyx.streaming_stop(self.auth, info.call_id, info.stream_id)
         try:

@@ -648,3 +648,46 @@ async def test_a_refused_streaming_stop_of_a_moved_call_is_logged_naming_telnyx_
         )
         assert "HTTP 422" in line.getMessage()
         assert "Telnyx: 1 of 1 calls moved to another instance at shutdown" in caplog.text
+
+
+class _UnnamedStream(TelnyxHarness):
+    """A stream whose ``start`` (and frames) name no ``stream_id`` (an empty one)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stream_id = ""
+
+
+async def test_a_moved_call_whose_stream_has_no_id_gets_no_streaming_stop(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A moved Call Control call whose start named no ``stream_id``: the old stream is not
+    stopped by ``streaming_stop`` (without a ``stream_id`` Telnyx stops every stream of the
+    call, the new one too); the call still counts as moved, the shutdown closes it."""
+    caplog.set_level(logging.INFO, "adapters.telnyx")
+    async with (
+        CARRIER.gateway(speech) as (gw, api),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        placed = await client.post(
+            "/v1/calls",
+            json={"carrier": "telnyx", "to": "+15550100", "from": "+15550199", "appKey": "sales"},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
+        assert placed.status_code == 201, placed.text
+        ccid, dial = placed.json()["callId"], api.requests[-1].json
+        async with _UnnamedStream.connect(
+            local(gw.url, dial["stream_url"]), ccid, client_state=dial["client_state"]
+        ) as call:
+            await gw.wait_turns(1)
+            moving = asyncio.create_task(run_before_close(gw.app))
+            for _ in range(200):
+                if any(r.path.endswith("/actions/streaming_start") for r in api.requests):
+                    break
+                await asyncio.sleep(0.02)
+            await call.stop()
+            await asyncio.wait_for(moving, 10)
+        paths = [r.path for r in api.requests]
+        assert any(p.endswith("/actions/streaming_start") for p in paths), paths
+        assert not any(p.endswith("/actions/streaming_stop") for p in paths), paths
+        assert "Telnyx: 1 of 1 calls moved to another instance at shutdown" in caplog.text
