@@ -390,6 +390,11 @@ class RedisBus:
 
     @contextlib.asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
+        """:meth:`MessageBus.subscribe`; raises BusUnavailable when Redis fails, and on a
+        closed bus (after :meth:`aclose`: the gateway shuts down), where a subscription
+        would start a reader task that outlives it."""
+        if self._closed:
+            raise BusUnavailable("the bus is closed (the gateway is shutting down)")
         sub = Subscription()
         channel = self._channel(topic)
 

@@ -461,3 +461,23 @@ def test_a_subscription_left_after_the_bus_closed_leaves_no_pending_task(
     gc.collect()
     destroyed = [r.getMessage() for r in caplog.records if "destroyed" in r.getMessage()]
     assert destroyed == []
+
+
+async def test_a_subscription_to_a_closed_bus_is_refused_and_starts_no_task(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """After :meth:`RedisBus.aclose` (the gateway shutting down) a new subscription is
+    BusUnavailable, as when Redis is down, and starts no reader task: one started then
+    would outlive the bus, still pending when the event loop ends."""
+    client = redis_client(redis_url)
+    bus = RedisBus(client, prefix=redis_prefix)
+    try:
+        await bus.aclose()
+        before = {t for t in asyncio.all_tasks() if not t.done()}
+        with pytest.raises(BusUnavailable, match="closed"):
+            async with bus.subscribe("late"):
+                pass
+        started = {t for t in asyncio.all_tasks() if not t.done()} - before
+        assert [t.get_name() for t in started] == []
+    finally:
+        await redisconn.aclose(client)
