@@ -5,6 +5,8 @@ test; ``fresh_speech`` has a TTS cache of its own too."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway.settings import Settings
@@ -12,7 +14,9 @@ from gateway.speech.service import SpeechService, listen_defaults
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
+from tests.adapters.shutdown_move import Deployment
 from tests.adapters.twilio.helpers import PUBLIC
+from tests.conftest import GatewayProcess
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +57,12 @@ def fresh_speech(
         public_url=PUBLIC,
         listen_defaults=listen_defaults(Settings()),
     )
+
+
+@pytest.fixture
+def deployment(
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess], tmp_path: Path
+) -> Deployment:
+    """Two gateway instances of this test on real Redis, for the shutdown-move tests
+    (:meth:`Deployment.two_instances`); their processes are stopped after the test."""
+    return Deployment(redis_url, redis_prefix, gateway_processes, tmp_path)

@@ -216,6 +216,16 @@ class TelnyxHarness(CarrierHarness):
 ADMIN = "admin-key-telnyx"
 
 
+async def place(client: httpx.AsyncClient, app_key: str) -> httpx.Response:
+    """POST /v1/calls (with the admin key :data:`ADMIN`) of a Telnyx call to +15550100
+    from +15550199 under ``app_key``, on ``client``'s gateway; its response."""
+    return await client.post(
+        "/v1/calls",
+        json={"carrier": "telnyx", "to": "+15550100", "from": "+15550199", "appKey": app_key},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+
+
 async def refusals(gw: Served) -> None:
     """An unsigned TeXML webhook: 401; a forged one: 403; a stream upgrade without a
     token, with a forged one, or with one in the query that is forged or not ASCII: 403."""

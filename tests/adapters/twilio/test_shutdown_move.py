@@ -5,10 +5,7 @@ in the same session without a new greeting; a call whose redirect fails is cut a
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import signal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,31 +13,35 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from tests.adapters import shutdown_move as move
 from tests.adapters.twilio.harness import (
     ACCOUNT,
     TwilioHarness,
+    TwiML,
     ask_twiml,
     call_sid,
     parse_twiml,
     sign,
 )
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, twilio_gateway, until
-from tests.calls.carrier_api import carrier_api
-from tests.conftest import GatewayProcess, serve, start_all
 
 
-def recording_core(turns: list[tuple[str, int, str]]) -> FastAPI:
-    """A core that records each turn's (sessionId, turn, input text) and answers briefly."""
-    app = FastAPI()
+def settings(api_url: str) -> dict[str, str]:
+    """The gateway's Twilio settings, its REST API at ``api_url``."""
+    return {
+        "GATEWAY_TWILIO_AUTH_TOKEN": AUTH,
+        "GATEWAY_TWILIO_ACCOUNT_SID": ACCOUNT,
+        "GATEWAY_TWILIO_API_BASE_URL": api_url,
+    }
 
-    @app.post("/turn")
-    async def turn(request: Request) -> JSONResponse:
-        body = await request.json()
-        text = body["input"]["transcript"]["text"]
-        turns.append((body["sessionId"], body["turn"], text))
-        return JSONResponse({"items": [{"text": "Yes."}]})
 
-    return app
+async def fetched(base_url: str, sid: str, url: str) -> TwiML:
+    """The TwiML of the voice webhook ``url`` (a redirect's, under :data:`PUBLIC`) for
+    call ``sid`` as Twilio fetches it, signed over ``url``, from the instance at
+    ``base_url``; its answer is asserted 200."""
+    answer = await ask_twiml(base_url, PUBLIC, sid, auth_token=AUTH, query=url.partition("?")[2])
+    assert answer.status_code == 200, answer.text
+    return parse_twiml(answer.text)
 
 
 async def stream_stopped(base_url: str, status_callback: str, sid: str) -> httpx.Response:
@@ -60,55 +61,31 @@ async def stream_stopped(base_url: str, status_callback: str, sid: str) -> httpx
 
 
 async def test_sigterm_moves_a_call_to_another_instance_where_it_goes_on_without_a_greeting(
-    redis_url: str,
-    redis_prefix: str,
-    gateway_processes: list[GatewayProcess],
-    tmp_path: Path,
+    deployment: move.Deployment,
 ) -> None:
-    turns: list[tuple[str, int, str]] = []
-    log_path = tmp_path / "a.log"
-    async with serve(recording_core(turns)) as core, carrier_api() as api:
-        env = {
-            "GATEWAY_REDIS_URL": redis_url,
-            "GATEWAY_REDIS_PREFIX": redis_prefix,
-            "GATEWAY_PUBLIC_URL": PUBLIC,
-            "GATEWAY_TWILIO_AUTH_TOKEN": AUTH,
-            "GATEWAY_TWILIO_ACCOUNT_SID": ACCOUNT,
-            "GATEWAY_TWILIO_API_BASE_URL": api.url,
-            "GATEWAY_PIPELINE": f"{core}/turn",
-            "GATEWAY_SILENCE_TIMEOUT_MS": "600000",
-        }
+    turns: list[move.Turn] = []
+    async with deployment.two_instances(move.recording_core(turns), settings) as instances:
+        a, b, api = instances.a, instances.b, instances.api
         moved_sid, cut_sid = call_sid(), call_sid()
         calls_path = f"/2010-04-01/Accounts/{ACCOUNT}/Calls"
         # Twilio refuses the redirect of the second call: it is cut as before
         api.answers[("POST", rf"{calls_path}/{cut_sid}\.json")] = JSONResponse(
             {"code": 20500, "message": "Internal Server Error"}, 503
         )
-        with log_path.open("wb") as log_file:
-            a = GatewayProcess(env, stderr=log_file, log_level="info")
-            b = GatewayProcess(env)
-            gateway_processes += [a, b]
-            start_all(a, b)
-            assert a.proc is not None
-            twimls = {}
-            for sid in (moved_sid, cut_sid):
-                answer = await ask_twiml(
-                    a.url, PUBLIC, sid, auth_token=AUTH, query="key=shop&locale=en-GB"
-                )
-                assert answer.status_code == 200, answer.text
-                twimls[sid] = parse_twiml(answer.text)
-            async with (
-                TwilioHarness.stream(a.url, twimls[moved_sid], moved_sid, auth_token=AUTH) as first,
-                TwilioHarness.stream(a.url, twimls[cut_sid], cut_sid, auth_token=AUTH) as cut,
-            ):
-                assert await until(lambda: len(turns) == 2, 30), turns  # both greetings
-                a.proc.send_signal(signal.SIGTERM)
-                assert await until(lambda: len(api.requests) == 2, 10), api.requests
-                # Twilio stops the stream of the call it redirected
-                await first.stop()
-                await cut.wait_for(lambda: cut.close_code is not None, 15)
-            exit_code = await asyncio.to_thread(a.proc.wait, 30)
-        assert exit_code == 0
+        twimls = {}
+        for sid in (moved_sid, cut_sid):
+            answer = await ask_twiml(
+                a.url, PUBLIC, sid, auth_token=AUTH, query="key=shop&locale=en-GB"
+            )
+            assert answer.status_code == 200, answer.text
+            twimls[sid] = parse_twiml(answer.text)
+        async with (
+            TwilioHarness.stream(a.url, twimls[moved_sid], moved_sid, auth_token=AUTH) as first,
+            TwilioHarness.stream(a.url, twimls[cut_sid], cut_sid, auth_token=AUTH) as cut,
+        ):
+            # Twilio stops the stream of the call it redirected
+            await move.sigterm_once_greeted(instances, turns, 2, first, cut)
+        assert await move.exit_code(a) == 0
         redirects = {r.path: r for r in api.requests}
         redirect = redirects[f"{calls_path}/{moved_sid}.json"]
         assert redirect.method == "POST"
@@ -121,7 +98,7 @@ async def test_sigterm_moves_a_call_to_another_instance_where_it_goes_on_without
             "Method": "POST",
         }
         assert cut.close_code == 1012  # cut as before the move existed
-        logged = log_path.read_text()
+        logged = instances.log.read_text()
         assert "Twilio: 1 of 2 calls moved to another instance at shutdown" in logged, logged
         assert f"Twilio call {cut_sid} NOT moved to another instance" in logged, logged
         assert " ERROR " not in logged, logged
@@ -131,11 +108,7 @@ async def test_sigterm_moves_a_call_to_another_instance_where_it_goes_on_without
         stopped = await stream_stopped(b.url, twimls[moved_sid].status_callback, moved_sid)
         assert stopped.status_code == 204
         # Twilio fetches the redirect's Url through the balancer (here: b), signed over it
-        answer = await ask_twiml(
-            b.url, PUBLIC, moved_sid, auth_token=AUTH, query=url.partition("?")[2]
-        )
-        assert answer.status_code == 200, answer.text
-        resumed = parse_twiml(answer.text)
+        resumed = await fetched(b.url, moved_sid, url)
         assert resumed.parameters == {
             "from": "+15550100",
             "to": "+15550199",
@@ -144,17 +117,11 @@ async def test_sigterm_moves_a_call_to_another_instance_where_it_goes_on_without
             "resumed": "1",
         }
         async with TwilioHarness.stream(b.url, resumed, moved_sid, auth_token=AUTH) as second:
-            await asyncio.sleep(1.0)  # no greeting: the caller has the floor
-            assert second.media_frames() == []
-            assert len(turns) == 2
-            await second.dtmf("5")
-            assert await until(lambda: len(turns) == 3, 15), turns
-            assert second.close_code is None
-    assert sorted(turns[:2]) == sorted([(moved_sid, 1, "#intro"), (cut_sid, 1, "#intro")])
-    assert turns[2] == (moved_sid, 2, "5")  # the same session, its second turn
-    store: Any = redis.Redis.from_url(redis_url)
+            await move.goes_on_without_a_greeting(second, turns)
+    move.assert_moved_in_its_session(turns, moved_sid, cut_sid)
+    store: Any = redis.Redis.from_url(deployment.redis_url)
     try:
-        assert not store.exists(f"{redis_prefix}:{{twilio:{cut_sid}}}:s")  # ended
+        assert not store.exists(f"{deployment.redis_prefix}:{{twilio:{cut_sid}}}:s")  # ended
     finally:
         store.close()
 
@@ -185,10 +152,7 @@ async def post_amd(base_url: str, sid: str, answered_by: str) -> httpx.Response:
 
 
 async def test_a_call_moved_at_shutdown_keeps_its_answering_machine_result(
-    redis_url: str,
-    redis_prefix: str,
-    gateway_processes: list[GatewayProcess],
-    tmp_path: Path,
+    deployment: move.Deployment,
 ) -> None:
     """The AMD result a call took before its instance shut down (``#machine``, taken from
     the bus, which keeps it no longer) goes with the call: the redirect's URL carries
@@ -197,66 +161,44 @@ async def test_a_call_moved_at_shutdown_keeps_its_answering_machine_result(
     the redelivery it is, no second ``#machine``. (The redirect carried only ``key``,
     ``locale`` and ``resumed``; the resumed call took the redelivered result as new.)"""
     turns: list[tuple[str, int, str, Any]] = []
-    log_b = tmp_path / "b.log"
-    async with serve(machine_core(turns)) as core, carrier_api() as api:
-        env = {
-            "GATEWAY_REDIS_URL": redis_url,
-            "GATEWAY_REDIS_PREFIX": redis_prefix,
-            "GATEWAY_PUBLIC_URL": PUBLIC,
-            "GATEWAY_TWILIO_AUTH_TOKEN": AUTH,
-            "GATEWAY_TWILIO_ACCOUNT_SID": ACCOUNT,
-            "GATEWAY_TWILIO_API_BASE_URL": api.url,
-            "GATEWAY_PIPELINE": f"{core}/turn",
-            "GATEWAY_SILENCE_TIMEOUT_MS": "600000",
-        }
+    async with deployment.two_instances(machine_core(turns), settings, logging="b") as instances:
+        a, b, api = instances.a, instances.b, instances.api
         sid = call_sid()
-        with log_b.open("wb") as b_log:
-            a = GatewayProcess(env)
-            b = GatewayProcess(env, stderr=b_log, log_level="info")
-            gateway_processes += [a, b]
-            start_all(a, b)
-            assert a.proc is not None
-            answer = await ask_twiml(a.url, PUBLIC, sid, auth_token=AUTH, query="key=shop")
-            assert answer.status_code == 200, answer.text
-            twiml = parse_twiml(answer.text)
-            async with TwilioHarness.stream(a.url, twiml, sid, auth_token=AUTH) as first:
-                assert await until(lambda: len(turns) == 1, 30), turns  # the greeting
-                assert (await post_amd(a.url, sid, "machine_end_beep")).status_code == 204
-                assert await until(lambda: len(turns) == 2, 15), turns
-                a.proc.send_signal(signal.SIGTERM)
-                assert await until(lambda: len(api.requests) == 1, 10), api.requests
-                await first.stop()
-            assert await asyncio.to_thread(a.proc.wait, 30) == 0
-            assert turns == [
-                (sid, 1, "#intro", None),
-                (sid, 2, "#machine", "machine_end_beep"),
-            ]
-            [redirect] = api.requests
-            url = f"{PUBLIC}/twilio/voice?key=shop&answeredBy=machine_end_beep&resumed=1"
-            assert redirect.form == {"Url": url, "Method": "POST"}
+        answer = await ask_twiml(a.url, PUBLIC, sid, auth_token=AUTH, query="key=shop")
+        assert answer.status_code == 200, answer.text
+        twiml = parse_twiml(answer.text)
+        async with TwilioHarness.stream(a.url, twiml, sid, auth_token=AUTH) as first:
+            assert await until(lambda: len(turns) == 1, 30), turns  # the greeting
+            assert (await post_amd(a.url, sid, "machine_end_beep")).status_code == 204
+            assert await until(lambda: len(turns) == 2, 15), turns
+            await move.sigterm(instances, 1, first)
+        assert await move.exit_code(a) == 0
+        assert turns == [
+            (sid, 1, "#intro", None),
+            (sid, 2, "#machine", "machine_end_beep"),
+        ]
+        [redirect] = api.requests
+        url = f"{PUBLIC}/twilio/voice?key=shop&answeredBy=machine_end_beep&resumed=1"
+        assert redirect.form == {"Url": url, "Method": "POST"}
 
-            answer = await ask_twiml(
-                b.url, PUBLIC, sid, auth_token=AUTH, query=url.partition("?")[2]
+        resumed = await fetched(b.url, sid, url)
+        assert resumed.parameters == {
+            "from": "+15550100",
+            "to": "+15550199",
+            "appKey": "shop",
+            "answeredBy": "machine_end_beep",
+            "resumed": "1",
+        }
+        async with TwilioHarness.stream(b.url, resumed, sid, auth_token=AUTH) as second:
+            # Twilio redelivers the AMD callback (at least once), here to instance b
+            assert (await post_amd(b.url, sid, "machine_end_beep")).status_code == 204
+            again = f"Twilio call {sid}: answered by machine_end_beep again"
+            assert await until(lambda: again in instances.log.read_text() or len(turns) > 2, 15), (
+                instances.log.read_text()
             )
-            assert answer.status_code == 200, answer.text
-            resumed = parse_twiml(answer.text)
-            assert resumed.parameters == {
-                "from": "+15550100",
-                "to": "+15550199",
-                "appKey": "shop",
-                "answeredBy": "machine_end_beep",
-                "resumed": "1",
-            }
-            async with TwilioHarness.stream(b.url, resumed, sid, auth_token=AUTH) as second:
-                # Twilio redelivers the AMD callback (at least once), here to instance b
-                assert (await post_amd(b.url, sid, "machine_end_beep")).status_code == 204
-                again = f"Twilio call {sid}: answered by machine_end_beep again"
-                assert await until(lambda: again in log_b.read_text() or len(turns) > 2, 15), (
-                    log_b.read_text()
-                )
-                await second.dtmf("5")
-                assert await until(lambda: len(turns) == 3, 15), turns
-                assert second.close_code is None
+            await second.dtmf("5")
+            assert await until(lambda: len(turns) == 3, 15), turns
+            assert second.close_code is None
     assert turns[2] == (sid, 3, "5", None)  # no second #machine: the caller's key is next
 
 

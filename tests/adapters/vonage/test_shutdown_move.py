@@ -6,10 +6,7 @@ greeting; a call whose transfer fails is cut as before."""
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import uuid
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,11 +14,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from fastapi.responses import JSONResponse
 
-from tests.adapters.twilio.helpers import PUBLIC, until
-from tests.adapters.twilio.test_shutdown_move import recording_core
+from tests.adapters import shutdown_move as move
 from tests.adapters.vonage.harness import OWN_NUMBER, SECRET, VonageHarness, application_key
-from tests.calls.carrier_api import carrier_api
-from tests.conftest import GatewayProcess, serve, start_all
 
 
 def _pem() -> str:
@@ -37,46 +31,33 @@ def _pem() -> str:
     )
 
 
+def settings(api_url: str) -> dict[str, str]:
+    """The gateway's Vonage settings, its Voice API at ``api_url``."""
+    return {
+        "GATEWAY_VONAGE_SIGNATURE_SECRET": SECRET,
+        "GATEWAY_VONAGE_APPLICATION_ID": "app-1",
+        "GATEWAY_VONAGE_PRIVATE_KEY": _pem(),
+        "GATEWAY_VONAGE_API_BASE_URL": api_url,
+    }
+
+
 async def test_sigterm_moves_a_vonage_call_to_another_instance_where_it_goes_on_without_a_greeting(
-    redis_url: str,
-    redis_prefix: str,
-    gateway_processes: list[GatewayProcess],
-    tmp_path: Path,
+    deployment: move.Deployment,
 ) -> None:
-    turns: list[tuple[str, int, str]] = []
-    log_path = tmp_path / "a.log"
-    async with serve(recording_core(turns)) as core, carrier_api() as api:
-        env = {
-            "GATEWAY_REDIS_URL": redis_url,
-            "GATEWAY_REDIS_PREFIX": redis_prefix,
-            "GATEWAY_PUBLIC_URL": PUBLIC,
-            "GATEWAY_VONAGE_SIGNATURE_SECRET": SECRET,
-            "GATEWAY_VONAGE_APPLICATION_ID": "app-1",
-            "GATEWAY_VONAGE_PRIVATE_KEY": _pem(),
-            "GATEWAY_VONAGE_API_BASE_URL": api.url,
-            "GATEWAY_PIPELINE": f"{core}/turn",
-            "GATEWAY_SILENCE_TIMEOUT_MS": "600000",
-        }
+    turns: list[move.Turn] = []
+    async with deployment.two_instances(move.recording_core(turns), settings) as instances:
+        a, b, api = instances.a, instances.b, instances.api
         moved_id, cut_id = str(uuid.uuid4()), str(uuid.uuid4())
         # Vonage refuses the transfer of the second call: it is cut as before
         api.answers[("PUT", f"/v1/calls/{cut_id}")] = JSONResponse({"title": "Unavailable"}, 503)
-        with log_path.open("wb") as log_file:
-            a = GatewayProcess(env, stderr=log_file, log_level="info")
-            b = GatewayProcess(env)
-            gateway_processes += [a, b]
-            start_all(a, b)
-            assert a.proc is not None
-            async with (
-                VonageHarness.dial(a.url, call_uuid=moved_id, app_key="shop") as first,
-                VonageHarness.dial(a.url, call_uuid=cut_id, app_key="shop") as cut,
-            ):
-                assert await until(lambda: len(turns) == 2, 30), turns  # both greetings
-                a.proc.send_signal(signal.SIGTERM)
-                assert await until(lambda: len(api.requests) == 2, 10), api.requests
-                await first.stop()  # Vonage drops the old WebSocket leg
-                await cut.wait_for(lambda: cut.close_code is not None, 15)
-            exit_code = await asyncio.to_thread(a.proc.wait, 30)
-        assert exit_code == 0
+        async with (
+            VonageHarness.dial(a.url, call_uuid=moved_id, app_key="shop") as first,
+            VonageHarness.dial(a.url, call_uuid=cut_id, app_key="shop") as cut,
+        ):
+            await move.sigterm_once_greeted(
+                instances, turns, 2, first, cut
+            )  # Vonage drops the old WebSocket leg
+        assert await move.exit_code(a) == 0
         transfers = {r.path: r for r in api.requests}
         transfer = transfers[f"/v1/calls/{moved_id}"]
         assert transfer.method == "PUT"
@@ -101,7 +82,7 @@ async def test_sigterm_moves_a_vonage_call_to_another_instance_where_it_goes_on_
         }
         assert transfers[f"/v1/calls/{cut_id}"].method == "PUT"
         assert cut.close_code == 1012  # cut as before the move existed
-        logged = log_path.read_text()
+        logged = instances.log.read_text()
         assert "Vonage: 1 of 2 calls moved to another instance at shutdown" in logged, logged
         assert f"call {cut_id} NOT moved to another instance (component: vonage-api)" in logged
         assert " ERROR " not in logged, logged
@@ -109,11 +90,5 @@ async def test_sigterm_moves_a_vonage_call_to_another_instance_where_it_goes_on_
         # Vonage connects the call to the NCCO's WebSocket through the balancer (here: b)
         url = f"ws://{urlsplit(b.url).netloc}{urlsplit(endpoint['uri']).path}"
         async with VonageHarness.opened(url, endpoint) as second:
-            await asyncio.sleep(1.0)  # no greeting: the caller has the floor
-            assert second.media_frames() == []
-            assert len(turns) == 2
-            await second.dtmf("5")
-            assert await until(lambda: len(turns) == 3, 15), turns
-            assert second.close_code is None
-    assert sorted(turns[:2]) == sorted([(moved_id, 1, "#intro"), (cut_id, 1, "#intro")])
-    assert turns[2] == (moved_id, 2, "5")  # the same session, its second turn
+            await move.goes_on_without_a_greeting(second, turns)
+    move.assert_moved_in_its_session(turns, moved_id, cut_id)
