@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -38,9 +40,11 @@ from tests.adapters.telnyx.harness import (
     TelnyxHarness,
     ask_texml,
     local,
+    place,
     signed,
 )
 from tests.adapters.twilio.helpers import Served
+from tests.calls.carrier_api import CarrierApi
 from tests.speech import normalise, wer
 
 SENTENCE = "tell me about this place"
@@ -560,6 +564,39 @@ async def test_a_texml_call_is_not_moved_at_shutdown_but_cut_with_a_warning(
         await CARRIER.ended(gw, call)  # its stream's end ended its session, as before
 
 
+@contextlib.asynccontextmanager
+async def placed_call(
+    gw: Served,
+    api: CarrierApi,
+    client: httpx.AsyncClient,
+    harness: type[TelnyxHarness] = TelnyxHarness,
+) -> AsyncIterator[tuple[str, TelnyxHarness]]:
+    """A call placed by POST /v1/calls on ``client`` (app key ``sales``; 201 asserted),
+    its stream (a ``harness``) connected to ``gw`` with the dial's URL and client_state
+    as Telnyx connects it, once its greeting's turn was taken; yields (call_control_id,
+    the stream)."""
+    placed = await place(client, "sales")
+    assert placed.status_code == 201, placed.text
+    ccid, dial = placed.json()["callId"], api.requests[-1].json
+    async with harness.connect(
+        local(gw.url, dial["stream_url"]), ccid, client_state=dial["client_state"]
+    ) as call:
+        await gw.wait_turns(1)
+        yield ccid, call
+
+
+async def shutting_down(gw: Served, reached: Callable[[], bool]) -> asyncio.Task[None]:
+    """The shutdown of ``gw``'s app (its live calls moved) started as a task, returned
+    once ``reached()`` holds or after 200 polls 20 ms apart (about 4 s), whether the task
+    ended or not."""
+    moving = asyncio.create_task(run_before_close(gw.app))
+    for _ in range(200):
+        if reached():
+            break
+        await asyncio.sleep(0.02)
+    return moving
+
+
 async def test_a_call_hung_up_while_it_moves_at_shutdown_has_its_session_ended(
     speech: SpeechService, redis_url: str, redis_prefix: str
 ) -> None:
@@ -576,25 +613,11 @@ async def test_a_call_hung_up_while_it_moves_at_shutdown_has_its_session_ended(
         CARRIER.gateway(speech, **shared) as (gw, api),
         httpx.AsyncClient(base_url=gw.url) as client,
     ):
-        placed = await client.post(
-            "/v1/calls",
-            json={"carrier": "telnyx", "to": "+15550100", "from": "+15550199", "appKey": "sales"},
-            headers={"Authorization": f"Bearer {ADMIN}"},
-        )
-        assert placed.status_code == 201, placed.text
-        ccid, dial = placed.json()["callId"], api.requests[-1].json
-        key = f"telnyx:{ccid}"
-        async with TelnyxHarness.connect(
-            local(gw.url, dial["stream_url"]), ccid, client_state=dial["client_state"]
-        ) as call:
-            await gw.wait_turns(1)
+        async with placed_call(gw, api, client) as (ccid, call):
+            key = f"telnyx:{ccid}"
             assert await session_of(gw, key) is not None
             api.requests.clear()
-            moving = asyncio.create_task(run_before_close(gw.app))
-            for _ in range(200):
-                if len(api.requests) == 2:
-                    break
-                await asyncio.sleep(0.02)
+            moving = await shutting_down(gw, lambda: len(api.requests) == 2)
             assert [r.path.rsplit("/", 1)[1] for r in api.requests] == [
                 "streaming_start",
                 "streaming_stop",
@@ -621,24 +644,15 @@ async def test_a_refused_streaming_stop_of_a_moved_call_is_logged_naming_telnyx_
         CARRIER.gateway(speech) as (gw, api),
         httpx.AsyncClient(base_url=gw.url) as client,
     ):
-        placed = await client.post(
-            "/v1/calls",
-            json={"carrier": "telnyx", "to": "+15550100", "from": "+15550199", "appKey": "sales"},
-            headers={"Authorization": f"Bearer {ADMIN}"},
-        )
-        assert placed.status_code == 201, placed.text
-        ccid, dial = placed.json()["callId"], api.requests[-1].json
         stop_path = r"/v2/calls/.+/actions/streaming_stop"
         api.answers[("POST", stop_path)] = JSONResponse({"errors": [{"code": "90018"}]}, 422)
-        async with TelnyxHarness.connect(
-            local(gw.url, dial["stream_url"]), ccid, client_state=dial["client_state"]
-        ) as call:
-            await gw.wait_turns(1)
-            moving = asyncio.create_task(run_before_close(gw.app))
-            for _ in range(200):
-                if any("its old stream was not stopped" in r.getMessage() for r in caplog.records):
-                    break
-                await asyncio.sleep(0.02)
+        async with placed_call(gw, api, client) as (ccid, call):
+            moving = await shutting_down(
+                gw,
+                lambda: any(
+                    "its old stream was not stopped" in r.getMessage() for r in caplog.records
+                ),
+            )
             await call.stop()
             await asyncio.wait_for(moving, 10)
         [line] = [r for r in caplog.records if "its old stream was not stopped" in r.getMessage()]
@@ -669,22 +683,10 @@ async def test_a_moved_call_whose_stream_has_no_id_gets_no_streaming_stop(
         CARRIER.gateway(speech) as (gw, api),
         httpx.AsyncClient(base_url=gw.url) as client,
     ):
-        placed = await client.post(
-            "/v1/calls",
-            json={"carrier": "telnyx", "to": "+15550100", "from": "+15550199", "appKey": "sales"},
-            headers={"Authorization": f"Bearer {ADMIN}"},
-        )
-        assert placed.status_code == 201, placed.text
-        ccid, dial = placed.json()["callId"], api.requests[-1].json
-        async with _UnnamedStream.connect(
-            local(gw.url, dial["stream_url"]), ccid, client_state=dial["client_state"]
-        ) as call:
-            await gw.wait_turns(1)
-            moving = asyncio.create_task(run_before_close(gw.app))
-            for _ in range(200):
-                if any(r.path.endswith("/actions/streaming_start") for r in api.requests):
-                    break
-                await asyncio.sleep(0.02)
+        async with placed_call(gw, api, client, _UnnamedStream) as (_, call):
+            moving = await shutting_down(
+                gw, lambda: any(r.path.endswith("/actions/streaming_start") for r in api.requests)
+            )
             await call.stop()
             await asyncio.wait_for(moving, 10)
         paths = [r.path for r in api.requests]
