@@ -408,30 +408,33 @@ async def own_redis(port: int) -> AsyncIterator[asyncio.subprocess.Process]:
             await server.wait()
 
 
-@pytest.mark.parametrize("loss", ["flushall", "restart"])
-async def test_a_redis_that_lost_its_data_mid_turn_is_one_warning_naming_redis(
-    core: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture, loss: str
+async def lose_data_during_two_turns(
+    core: tuple[str, FastAPI],
+    caplog: pytest.LogCaptureFixture,
+    loss: str,
+    session_ids: tuple[str, str],
+    *,
+    stored: bool,
 ) -> None:
-    """Redis loses its data (FLUSHALL, or a restart without persistence) while two turns
-    of two stored sessions run: each turn ended with an Error and logged an ERROR
-    blaming the turn ("its lock was lost before the save"), and nothing said Redis lost
-    its data. Now the store's one WARNING names Redis (the second turn's at DEBUG), no
-    ERROR. The restart is found by the lease's renewal (a lease of 3 s, renewed each
-    second), the FLUSHALL by the release (a lease of 30 s): the session gone with the
-    lock, read in the fenced branch of their scripts (no round trip more)."""
+    """Turns of ``session_ids`` (each session stored by a first turn if ``stored``) on an
+    own Redis held in the core's ``/slow`` (2 s), and Redis loses its data while both hold
+    their locks: ``loss`` ``"flushall"`` (a lease of 30 s), or ``"restart"`` (the same
+    port, empty; a lease of 3 s). Each turn ends with the lost lock's Error. The
+    ``gateway`` loggers are captured at DEBUG in ``caplog``."""
     url, app = core
     port = free_port()
     redis_url = f"redis://127.0.0.1:{port}/0"
     async with own_redis(port) as server:
         store = RedisSessionStore(redis_url, prefix="lost")
-        for session_id in ("s1", "s2"):
-            await engine(store).turn(ctx(session_id), Input.of("#intro")).collect()
+        if stored:
+            for session_id in session_ids:
+                await engine(store).turn(ctx(session_id), Input.of("#intro")).collect()
         lease_s = 30 if loss == "flushall" else 3
         slow = engine(store, pipeline=f"{url}/slow?s=2", lock_lease_s=lease_s)
         caplog.set_level(logging.DEBUG, "gateway")
         turns = [
             asyncio.ensure_future(slow.turn(ctx(session_id), Input.of("hi")).collect())
-            for session_id in ("s1", "s2")
+            for session_id in session_ids
         ]
         for _ in range(250):  # until both turns hold their lock, in the core
             if len(app.state.requests) == 2:
@@ -452,6 +455,11 @@ async def test_a_redis_that_lost_its_data_mid_turn_is_one_warning_naming_redis(
                 )
         await slow.pipeline.aclose()
         await store.aclose()
+
+
+def lost_data_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """After :func:`lose_data_during_two_turns`: no ERROR was logged, and the store said
+    Redis lost its data once at WARNING, then at DEBUG; those two records."""
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors  # before: "turn of ...: its lock was lost before the save", twice
     lost = [r for r in caplog.records if "Redis lost its data" in r.getMessage()]
@@ -459,6 +467,22 @@ async def test_a_redis_that_lost_its_data_mid_turn_is_one_warning_naming_redis(
         ("gateway.sessions", logging.WARNING),
         ("gateway.sessions", logging.DEBUG),
     ]
+    return lost
+
+
+@pytest.mark.parametrize("loss", ["flushall", "restart"])
+async def test_a_redis_that_lost_its_data_mid_turn_is_one_warning_naming_redis(
+    core: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture, loss: str
+) -> None:
+    """Redis loses its data (FLUSHALL, or a restart without persistence) while two turns
+    of two stored sessions run: each turn ended with an Error and logged an ERROR
+    blaming the turn ("its lock was lost before the save"), and nothing said Redis lost
+    its data. Now the store's one WARNING names Redis (the second turn's at DEBUG), no
+    ERROR. The restart is found by the lease's renewal (a lease of 3 s, renewed each
+    second), the FLUSHALL by the release (a lease of 30 s): the session gone with the
+    lock, read in the fenced branch of their scripts (no round trip more)."""
+    await lose_data_during_two_turns(core, caplog, loss, ("s1", "s2"), stored=True)
+    lost_data_lines(caplog)
     assert "was lost before its transaction ended" not in caplog.text
     turn_lines = [r for r in caplog.records if "Redis lost the session" in r.getMessage()]
     assert [r.levelno for r in turn_lines] == [logging.DEBUG, logging.DEBUG]
@@ -473,44 +497,8 @@ async def test_a_redis_that_lost_its_data_during_the_first_turn_is_one_warning_n
     logged an ERROR blaming the turn. Now a lock found gone while its lease cannot have
     run out (the last take or renewal sent less than 90 % of a lease ago) tells Redis
     lost it, with no round trip more: one WARNING naming Redis, no ERROR."""
-    url, app = core
-    port = free_port()
-    redis_url = f"redis://127.0.0.1:{port}/0"
-    async with own_redis(port) as server:
-        store = RedisSessionStore(redis_url, prefix="lost")
-        lease_s = 30 if loss == "flushall" else 3
-        slow = engine(store, pipeline=f"{url}/slow?s=2", lock_lease_s=lease_s)
-        caplog.set_level(logging.DEBUG, "gateway")
-        turns = [
-            asyncio.ensure_future(slow.turn(ctx(session_id), Input.of("hi")).collect())
-            for session_id in ("n1", "n2")
-        ]
-        for _ in range(250):  # until both turns hold their lock, in the core
-            if len(app.state.requests) == 2:
-                break
-            await asyncio.sleep(0.02)
-        async with contextlib.AsyncExitStack() as restarted:
-            if loss == "flushall":
-                async with Redis(port=port) as admin:
-                    await admin.flushall()
-            else:  # the same port, empty: until the turns end
-                server.terminate()
-                await server.wait()
-                await restarted.enter_async_context(own_redis(port))
-            for events in await asyncio.gather(*turns):
-                assert events[-1] == ErrorEvent(
-                    text="The session's lock was lost before the turn was saved.",
-                    source="gateway",
-                )
-        await slow.pipeline.aclose()
-        await store.aclose()
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert not errors  # before: "turn of ...: its lock was lost before the save", twice
-    lost = [r for r in caplog.records if "Redis lost its data" in r.getMessage()]
-    assert [(r.name, r.levelno) for r in lost] == [
-        ("gateway.sessions", logging.WARNING),
-        ("gateway.sessions", logging.DEBUG),
-    ]
+    await lose_data_during_two_turns(core, caplog, loss, ("n1", "n2"), stored=False)
+    lost = lost_data_lines(caplog)
     assert "the lock of new session" in lost[0].getMessage()
 
 
