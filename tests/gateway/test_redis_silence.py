@@ -15,8 +15,10 @@ socket_timeout + 2`` s of its last message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -26,7 +28,7 @@ from websockets.asyncio.client import connect
 
 from gateway import redisconn
 from gateway.app import create_app
-from gateway.bus import RedisBus
+from gateway.bus import RedisBus, Subscription
 from gateway.sessions import RedisSessionStore, StoreUnavailable
 from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import init, request_frame, turn, ws_url
@@ -175,6 +177,31 @@ async def test_a_cancelled_command_leaves_the_pools_idle_connections(
         await client.aclose()
 
 
+@contextlib.asynccontextmanager
+async def bus_through(
+    url: str, redis_url: str, redis_prefix: str, proxy: ReplyDropper
+) -> AsyncIterator[tuple[aioredis.Redis, str, Subscription]]:
+    """A :class:`RedisBus` on the proxy's ``url`` (command timeout :data:`TIMEOUT_S`,
+    health check every :data:`HEALTH_S`) subscribed to topic ``topic``, its first message
+    heard (2 s); yields (a client straight to Redis at ``redis_url``, the topic's channel
+    under ``redis_prefix``, the subscription). At its end the ``proxy`` hangs no more and
+    the clients are closed."""
+    client = redisconn.connect(url + SHORT)
+    direct = aioredis.Redis.from_url(redis_url)
+    bus = RedisBus(client, prefix=redis_prefix)
+    channel = f"{redis_prefix}:{{topic}}:bus"
+    try:
+        async with bus.subscribe("topic") as sub:
+            await bus.publish("topic", {"n": 0})
+            assert await sub.get(2) == {"n": 0}
+            yield direct, channel, sub
+    finally:
+        proxy.hung = False
+        await bus.aclose()
+        await client.aclose()
+        await direct.aclose()
+
+
 async def test_a_bus_subscription_gone_silent_is_subscribed_again_within_its_bound(
     reply_dropper: tuple[ReplyDropper, str], redis_url: str, redis_prefix: str
 ) -> None:
@@ -185,33 +212,22 @@ async def test_a_bus_subscription_gone_silent_is_subscribed_again_within_its_bou
     just found nothing and the PINGs piled up unanswered: deaf until TCP gave up (for
     good behind this proxy, which acknowledges)."""
     proxy, url = reply_dropper
-    client = redisconn.connect(url + SHORT)
-    direct = aioredis.Redis.from_url(redis_url)
-    bus = RedisBus(client, prefix=redis_prefix)
-    channel = f"{redis_prefix}:{{topic}}:bus"
-    try:
-        async with bus.subscribe("topic") as sub:
-            await bus.publish("topic", {"n": 0})
-            assert await sub.get(2) == {"n": 0}
-            proxy.silence()
-            silenced = time.perf_counter()
-            n, heard = 0, None
-            while heard is None:
-                waited = time.perf_counter() - silenced
-                assert waited < SILENT_BOUND_S + 2.0, "still deaf"  # before: deaf for good
-                n += 1
-                await direct.publish(channel, f'{{"n": {n}}}')
-                heard = await sub.get(0.2)
-            assert heard["n"] >= 1
-            # every later message arrives, through the new connection
-            await direct.publish(channel, '{"n": -1}')
-            while (message := await sub.get(2)) is not None and message["n"] != -1:
-                pass
-            assert message == {"n": -1}
-    finally:
-        await bus.aclose()
-        await client.aclose()
-        await direct.aclose()
+    async with bus_through(url, redis_url, redis_prefix, proxy) as (direct, channel, sub):
+        proxy.silence()
+        silenced = time.perf_counter()
+        n, heard = 0, None
+        while heard is None:
+            waited = time.perf_counter() - silenced
+            assert waited < SILENT_BOUND_S + 2.0, "still deaf"  # before: deaf for good
+            n += 1
+            await direct.publish(channel, f'{{"n": {n}}}')
+            heard = await sub.get(0.2)
+        assert heard["n"] >= 1
+        # every later message arrives, through the new connection
+        await direct.publish(channel, '{"n": -1}')
+        while (message := await sub.get(2)) is not None and message["n"] != -1:
+            pass
+        assert message == {"n": -1}
 
 
 async def test_a_bus_subscription_comes_back_after_a_partition_ends(
@@ -222,29 +238,17 @@ async def test_a_bus_subscription_comes_back_after_a_partition_ends(
     lasts (a WARNING, then DEBUG), and once it ends subscribes again: another
     instance's publish reaches the subscriber within a second or two."""
     proxy, url = reply_dropper
-    client = redisconn.connect(url + SHORT)
-    direct = aioredis.Redis.from_url(redis_url)
-    bus = RedisBus(client, prefix=redis_prefix)
-    channel = f"{redis_prefix}:{{topic}}:bus"
-    try:
-        async with bus.subscribe("topic") as sub:
-            await bus.publish("topic", {"n": 0})
-            assert await sub.get(2) == {"n": 0}
-            proxy.hung = True
-            await asyncio.sleep(SILENT_BOUND_S + 1.0)
-            proxy.hung = False
-            healed = time.perf_counter()
-            n, heard = 0, None
-            while heard is None:
-                assert time.perf_counter() - healed < SILENT_BOUND_S + 2.0, "still deaf"
-                n += 1
-                await direct.publish(channel, f'{{"n": {n}}}')
-                heard = await sub.get(0.2)
-    finally:
+    async with bus_through(url, redis_url, redis_prefix, proxy) as (direct, channel, sub):
+        proxy.hung = True
+        await asyncio.sleep(SILENT_BOUND_S + 1.0)
         proxy.hung = False
-        await bus.aclose()
-        await client.aclose()
-        await direct.aclose()
+        healed = time.perf_counter()
+        n, heard = 0, None
+        while heard is None:
+            assert time.perf_counter() - healed < SILENT_BOUND_S + 2.0, "still deaf"
+            n += 1
+            await direct.publish(channel, f'{{"n": {n}}}')
+            heard = await sub.get(0.2)
 
 
 async def test_every_tcp_connection_to_redis_has_short_keepalive(redis_url: str) -> None:
