@@ -246,6 +246,13 @@ async def test_publish_counts_the_processes_that_listen(buses: tuple[Bus, Bus]) 
     assert await pub.publish("s", {"n": 5}) == 0
 
 
+async def follow(bus: RedisBus, entered: asyncio.Event) -> None:
+    """Subscribe to ``bus``'s topic ``s``, set ``entered`` and stay subscribed (30 s)."""
+    async with bus.subscribe("s"):
+        entered.set()
+        await asyncio.sleep(30)
+
+
 async def test_a_subscription_cancelled_while_it_starts_is_left(
     redis_url: str, redis_prefix: str
 ) -> None:
@@ -256,14 +263,8 @@ async def test_a_subscription_cancelled_while_it_starts_is_left(
     client = redis_client(redis_url)
     bus = RedisBus(client, prefix=redis_prefix)
     entered = asyncio.Event()
-
-    async def follow() -> None:
-        async with bus.subscribe("s"):
-            entered.set()
-            await asyncio.sleep(30)
-
     try:
-        task = asyncio.create_task(follow())
+        task = asyncio.create_task(follow(bus, entered))
         for _ in range(1000):  # until the subscriber is added; its SUBSCRIBE goes out now
             if bus._subs:
                 break
@@ -445,13 +446,8 @@ def test_a_subscription_left_after_the_bus_closed_leaves_no_pending_task(
         client = redis_client(redis_url)
         bus = RedisBus(client, prefix=redis_prefix)
         entered = asyncio.Event()
-
-        async def follow() -> None:
-            async with bus.subscribe("s"):
-                entered.set()
-                await asyncio.sleep(30)
-
-        asyncio.get_running_loop().create_task(follow())  # never awaited: the loop's end
+        # never awaited: the loop's end
+        asyncio.get_running_loop().create_task(follow(bus, entered))
         await entered.wait()
         await bus.aclose()
         await redisconn.aclose(client)
