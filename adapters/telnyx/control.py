@@ -40,6 +40,12 @@ URL", ``status_callback``: Ed25519-signed, form-urlencoded ``CallSid`` = the
 call_control_id, ``CallStatus`` ``completed`` ...;
 https://developers.telnyx.com/api-reference/callbacks/texml-call-completed):
 :func:`texml_call_ended`.
+A stream that could not connect is the webhook ``streaming.failed``
+(https://developers.telnyx.com/api-reference/callbacks/call-streaming-failed:
+``payload.call_control_id``, ``payload.client_state``, ``payload.failure_reason``, a
+string such as ``connection_failed``, ``payload.stream_id``, ``payload.stream_type``
+``websocket``, ``payload.stream_params`` ``stream_url``/``track``):
+:func:`stream_failure_of`.
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ is :func:`hangup_status`'s own case; any other cause (``not_found``, ``unspecifi
 MAX_RESULT: Final = 64
 """The longest AMD ``result`` taken (Telnyx's are words such as ``human_residence``): a
 longer one is cut to it, in the ``#machine`` input, its log line and the outcome alike."""
+MAX_FAILURE_REASON: Final = 128
+"""The longest ``streaming.failed`` ``failure_reason`` taken (Telnyx's are words such as
+``connection_failed``): a longer one is cut to it."""
 MAX_CALL_ID: Final = 256
 """The longest call_control_id taken from a webhook (``call.hangup``, an AMD result,
 ``call.answered``) or a TeXML status callback's ``CallSid`` (a call_control_id is ~60
@@ -360,3 +369,42 @@ def outcome_of(event: Any) -> Outcome | None:
     if kind in AMD_EVENTS and isinstance(result, str) and result:
         return Outcome(ccid, None, result[:MAX_RESULT], to)
     return None
+
+
+@dataclass(frozen=True)
+class StreamFailure:
+    """A ``streaming.failed`` webhook: the media stream ``stream_id`` ("" when not given)
+    of call ``call_id`` (its call_control_id) could not connect, for ``reason`` (its
+    ``failure_reason``, at most :data:`MAX_FAILURE_REASON` characters, "" when not
+    given); ``app_key`` of the ``client_state`` the call was placed with (None when it
+    names none)."""
+
+    call_id: str
+    reason: str
+    stream_id: str
+    app_key: str | None
+
+
+def stream_failure_of(event: Any) -> StreamFailure | None:
+    """The :class:`StreamFailure` when the webhook ``event`` (parsed JSON) is
+    ``streaming.failed``; None for any other event, or one without a ``payload`` object
+    holding a ``call_control_id`` of 1 to :data:`MAX_CALL_ID` characters. A
+    ``failure_reason`` or ``stream_id`` that is not a string is taken as none; each is
+    cut to :data:`MAX_FAILURE_REASON` characters (a client's text)."""
+    data = event.get("data") if isinstance(event, dict) else None
+    if not isinstance(data, dict) or _event_type(data) != "streaming.failed":
+        return None
+    payload = data.get("payload")
+    if not isinstance(payload, dict):
+        return None
+    ccid = _call_id(payload)
+    if ccid is None:
+        return None
+    reason, stream_id = payload.get("failure_reason"), payload.get("stream_id")
+    app_key = read_client_state(payload.get("client_state")).get("appKey")
+    return StreamFailure(
+        ccid,
+        reason[:MAX_FAILURE_REASON] if isinstance(reason, str) else "",
+        stream_id[:MAX_FAILURE_REASON] if isinstance(stream_id, str) else "",
+        app_key if isinstance(app_key, str) and app_key else None,
+    )
