@@ -19,15 +19,17 @@ POST_TELNYX_OUTBOUND: dict[str, Any] = dict(
     summary="Telnyx Call Control webhooks of calls placed by POST /v1/calls",
     description="Verified with `telnyx-signature-ed25519` / `telnyx-timestamp` "
     "(GATEWAY_TELNYX_PUBLIC_KEY). `call.machine.detection.ended` with a machine result "
-    "becomes the call's input `#machine`.",
+    "becomes the call's input `#machine`; `streaming.failed` of a call no instance serves "
+    "hangs it up and ends its session.",
     responses={
         200: {"description": "Taken", "content": {"application/json": {"schema": {}}}},
         **problems(
             {
                 400: "Not JSON",
                 **_SIGNED_REFUSALS,
-                503: "The one-time key store does not answer, or a machine result could not "
-                "be handed on (the bus, the gateway's Redis, is down)",
+                503: "The one-time key store does not answer, a machine result could not "
+                "be handed on or a streaming.failed not acted on (the bus, the gateway's "
+                "Redis, is down)",
             }
         ),
     },

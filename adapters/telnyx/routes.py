@@ -14,14 +14,21 @@ ends the call's session (app key from its ``client_state``). ``call.answered``,
 ``call.hangup`` and the AMD result are recorded as the call's outcome
 (:func:`adapters.telnyx.control.outcome_of`, gateway/calls.py ``record_outcome``) when
 POST /v1/calls placed it (a record exists); those of another call (an inbound call, a
-transfer's leg) make no record. A webhook whose ``call_control_id`` is longer than
-:data:`~adapters.telnyx.control.MAX_CALL_ID` (256) characters names no call of the
+transfer's leg) make no record. ``streaming.failed`` (a stream of the call could not
+connect: the gateway unreachable, its token refused, a moved call's new stream) of a call
+no instance serves hangs it up (the ``hangup`` command) and ends its session, with one
+WARNING naming the call and its ``failure_reason`` (clipped); one served (another stream
+of it is up) is logged at INFO only (:func:`_stream_failed`). A webhook whose
+``call_control_id`` is longer than :data:`~adapters.telnyx.control.MAX_CALL_ID` (256)
+characters names no call of the
 gateway's (``GET /v1/calls/{callId}`` takes no longer id, a stream token carries none):
 it is ignored, whatever its event (logged at WARNING, the id clipped), and answered as
 other webhooks the gateway does not act on.
 200 ``{}``; 503 problem with ``Retry-After`` when a machine result could not be handed on
 (the bus, the gateway's Redis, is down: Telnyx delivers it again, and the signature it
-used is released for that redelivery: :func:`gateway.io.call.answered_once`).
+used is released for that redelivery: :func:`gateway.io.call.answered_once`), and when
+a ``streaming.failed`` could not be acted on (the bus down: not known who serves the
+call; the session store failing).
 
 ``/telnyx/stream`` — the call's media stream (Telnyx Media Streaming, bidirectional RTP) on
 the shared call engine (:class:`gateway.io.call.CallRunner` with
@@ -73,9 +80,9 @@ https://developers.telnyx.com/api-reference/call-commands/streaming-start, says 
 of a call already streaming]. ``streaming_start``'s ``{"result": "ok"}`` acknowledges
 the command only: a new stream that cannot connect is told later by the
 ``streaming.failed`` webhook
-(https://developers.telnyx.com/api-reference/callbacks/call-streaming-failed), which the
-gateway does not take; the old stream is stopped at once all the same (it closes with the
-shutdown anyway).
+(https://developers.telnyx.com/api-reference/callbacks/call-streaming-failed; the old
+stream is stopped at once all the same, it closes with the shutdown anyway), which hangs
+the call up as below.
 
 ``POST /telnyx/texml`` — an inbound call's TeXML answer (Ed25519-verified like the
 webhooks): ``<Connect><Stream url="wss://…/telnyx/stream?token=…" bidirectionalMode="rtp"
@@ -158,6 +165,7 @@ from gateway.io.call import (
     answered_once,
     call_config,
     call_moving,
+    call_served,
     end_unserved_call,
     machine_answer_undelivered,
     move_calls,
@@ -169,9 +177,10 @@ from gateway.io.call import (
 from gateway.protocol import ProtocolError, clipped, load_json
 from gateway.protocol.call import RESUMED, CallAction, CallInfo, Transfer
 from gateway.ratelimit import refusal_log
-from gateway.sessions import StoreUnavailable
+from gateway.sessions import StoreError, StoreUnavailable
 from gateway.settings import Settings
 from gateway.startup import not_configured
+from gateway.turn import TurnContext
 
 log = logging.getLogger("adapters.telnyx")
 
@@ -436,11 +445,13 @@ async def dial_call(gw: Gateway, grant: CallGrant) -> str:
 @router.post("/telnyx/outbound", **POST_TELNYX_OUTBOUND)
 async def telnyx_outbound(request: Request) -> Response:
     """Call Control webhooks of calls placed here (see the module doc)."""
-    return await _answered_once(request, lambda gw, body: _outbound(gw, body))
+    control = callcontrol_of(request.app)
+    return await _answered_once(request, lambda gw, body: _outbound(gw, body, control))
 
 
-async def _outbound(gw: Gateway, body: bytes) -> Response:
-    """The answer to the Call Control webhook ``body`` that passed its checks."""
+async def _outbound(gw: Gateway, body: bytes, control: CallControl | None) -> Response:
+    """The answer to the Call Control webhook ``body`` that passed its checks
+    (``control``: the app's call-control client, for a ``streaming.failed``'s hang-up)."""
     try:
         event = load_json(body, what="The body")  # bounded, as every JSON a client sends
     except ProtocolError as exc:
@@ -469,6 +480,70 @@ async def _outbound(gw: Gateway, body: bytes) -> Response:
     ended = telnyx.hangup_of(event)
     if ended is not None:
         await _hung_up(gw, *ended)
+    failure = telnyx.stream_failure_of(event)
+    if failure is not None:
+        return await _stream_failed(gw, control, failure)
+    return JSONResponse({})
+
+
+def _retry_later(detail: str) -> JSONResponse:
+    """503 problem ``detail`` with ``Retry-After`` :data:`RETRY_AFTER_S`: Telnyx takes a
+    2xx as delivered, so it delivers a webhook answered so again (its signature released:
+    :func:`gateway.io.call.answered_once`)."""
+    unavailable = problem(503, "Service Unavailable", detail)
+    unavailable.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return unavailable
+
+
+async def _stream_failed(
+    gw: Gateway, control: CallControl | None, failure: telnyx.StreamFailure
+) -> Response:
+    """The answer to ``streaming.failed`` (a media stream of the call could not connect:
+    the gateway unreachable, its one-time token refused, the new stream of a call moved at
+    shutdown, ...). A call no instance serves (:func:`gateway.io.call.call_served` False)
+    would leave its caller in silence until they hang up and its session open until it
+    expires: one WARNING naming the call and the reason (clipped), the ``hangup`` command
+    (:func:`gateway.calls.hang_up`: bounded by GATEWAY_CALLS_TIMEOUT_S, a 422 "already
+    ended" fine, its failure logged; none without GATEWAY_TELNYX_API_KEY, which the
+    WARNING says) and the end of its session (app key of its ``client_state``, else the
+    default's); 200 ``{}``. A call served (another stream of it is up, e.g. the first
+    while a second failed): INFO, nothing done. Not known who serves it (the bus down) or
+    the session store failing: 503 problem with ``Retry-After``, so that Telnyx delivers
+    the webhook again (a second ``hangup`` then gets the 422 "already ended")."""
+    call_id, reason = failure.call_id, clipped(failure.reason)
+    served = await call_served(gw, CHANNEL, call_id)  # None logged by call_served
+    if served is None:
+        return _retry_later(
+            "Not known whether an instance serves the call (the bus is down); try again."
+        )
+    if served:
+        log.info(
+            "Telnyx call %s: a media stream of it failed (%s), another one serves it: "
+            "the call goes on",
+            call_id,
+            reason,
+        )
+        return JSONResponse({})
+    auth = telnyx_auth(gw.settings)
+    request = telnyx.hang_up(auth, call_id) if auth is not None else None
+    hanging_up = request is not None and control is not None
+    log.warning(
+        "Telnyx call %s: its media stream failed (%s) and no instance serves it: %s",
+        call_id,
+        reason,
+        "hanging it up and ending its session"
+        if hanging_up
+        else "ending its session, NOT hanging it up (GATEWAY_TELNYX_API_KEY is not set)",
+    )
+    if request is not None and control is not None:
+        await rest_hang_up(control, log, "Telnyx", call_id, request, telnyx.already_ended)
+    app_key = failure.app_key or TelnyxDialer().default_app_key(gw.settings)
+    ctx = TurnContext(channel=CHANNEL, namespace=CHANNEL, session_id=call_id, app_key=app_key)
+    try:
+        await gw.conversation.end(ctx)
+    except StoreError as exc:
+        log.log(outage_level(exc), "Telnyx call %s: session not ended: %s", call_id, exc)
+        return _retry_later("The call's session could not be ended (the store failed); try again.")
     return JSONResponse({})
 
 

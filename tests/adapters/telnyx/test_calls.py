@@ -26,11 +26,14 @@ from fastapi.responses import JSONResponse
 
 from adapters.telnyx.control import read_client_state
 from adapters.telnyx.verify import SIGNATURE_HEADER as SIG
+from gateway import redisconn
+from gateway.bus import RedisBus
 from gateway.callcodec import WireEncoding
 from gateway.conversation import TurnContext
 from gateway.events import Input
 from gateway.io.call import control_topic
 from gateway.server import run_before_close
+from gateway.sessions import redis_client
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of, upgrade_status
@@ -45,6 +48,7 @@ from tests.adapters.telnyx.harness import (
 )
 from tests.adapters.twilio.helpers import Served
 from tests.calls.carrier_api import CarrierApi
+from tests.conftest import refused_port
 from tests.speech import normalise, wer
 
 SENTENCE = "tell me about this place"
@@ -693,3 +697,179 @@ async def test_a_moved_call_whose_stream_has_no_id_gets_no_streaming_stop(
         assert any(p.endswith("/actions/streaming_start") for p in paths), paths
         assert not any(p.endswith("/actions/streaming_stop") for p in paths), paths
         assert "Telnyx: 1 of 1 calls moved to another instance at shutdown" in caplog.text
+
+
+def stream_failed(ccid: str, reason: str = "connection_failed", app_key: str = "sales") -> bytes:
+    """Telnyx's ``streaming.failed`` webhook of call ``ccid`` (the fields of
+    developers.telnyx.com/api-reference/callbacks/call-streaming-failed), its
+    ``client_state`` naming ``app_key`` as a call the gateway placed."""
+    state = json.dumps({"direction": "outbound", "appKey": app_key}).encode()
+    payload = {
+        "call_control_id": ccid,
+        "call_leg_id": str(uuid.uuid4()),
+        "call_session_id": str(uuid.uuid4()),
+        "client_state": base64.b64encode(state).decode(),
+        "connection_id": "conn-1",
+        "failure_reason": reason,
+        "stream_id": str(uuid.uuid4()),
+        "stream_params": {"stream_url": "wss://gateway.example/telnyx/stream", "track": "both"},
+        "stream_type": "websocket",
+    }
+    event = {
+        "data": {
+            "record_type": "event",
+            "event_type": "streaming.failed",
+            "id": str(uuid.uuid4()),
+            "occurred_at": "2026-12-06T20:00:00.000000Z",
+            "payload": payload,
+        }
+    }
+    return json.dumps(event).encode()
+
+
+def hangups(api: CarrierApi, ccid: str) -> int:
+    """How many ``hangup`` commands of call ``ccid`` the fake Call Control API got."""
+    path = f"/v2/calls/{ccid}/actions/hangup"
+    return sum(r.method == "POST" and r.path == path for r in api.requests)
+
+
+async def test_a_failed_stream_of_a_call_nobody_serves_hangs_it_up_and_ends_its_session(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream that cannot connect (``streaming.failed``): the caller stayed in silence on
+    a live call until they hung up, the session open until it expired (the webhook was
+    answered ``{}`` and ignored). Of a call no instance serves it now hangs the call up
+    (the ``hangup`` command; a 422 "already ended" is fine) and ends its session, with one
+    WARNING naming the call and the reason, clipped; of a call served here (another
+    stream of it is up) it is logged at INFO only; a forged one is refused 403, a body that
+    is not JSON 400, one without a call_control_id ignored."""
+    caplog.set_level(logging.INFO, "adapters.telnyx")
+    async with (
+        CARRIER.gateway(speech) as (gw, api),
+        httpx.AsyncClient(base_url=gw.url) as client,
+        TelnyxHarness.dial(gw.url, mic_speed=4.0) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        live = f"telnyx:{call.call_id}"
+        event = stream_failed(call.call_id)
+        hook = await client.post("/telnyx/outbound", content=event, headers=signed(event))
+        assert hook.status_code == 200, hook.text
+        assert hook.json() == {}
+        assert hangups(api, call.call_id) == 0  # served here: the call goes on
+        assert await session_of(gw, live) is not None
+        assert call.closed_at is None
+        [served] = [r for r in caplog.records if "failed ('connection_failed')" in r.getMessage()]
+        assert served.levelno == logging.INFO
+        assert f"Telnyx call {call.call_id}: " in served.getMessage()
+
+        ccid, orphan = await orphan_call(gw)
+        event = stream_failed(ccid, "connection_failed: " + "x" * 5000)
+        forged = signed(event, Ed25519PrivateKey.generate())
+        refused = await client.post("/telnyx/outbound", content=event, headers=forged)
+        assert refused.status_code == 403, refused.text
+        bad = b'{"data": {"event_type": "streaming.failed", '
+        hook = await client.post("/telnyx/outbound", content=bad, headers=signed(bad))
+        assert hook.status_code == 400, hook.text
+        assert hook.headers["content-type"] == "application/problem+json"
+        nameless = json.dumps(
+            {"data": {"event_type": "streaming.failed", "payload": {"failure_reason": "x"}}}
+        ).encode()
+        hook = await client.post("/telnyx/outbound", content=nameless, headers=signed(nameless))
+        assert hook.status_code == 200, hook.text
+        assert hangups(api, ccid) == 0
+        assert await session_of(gw, orphan) is not None  # none of those ended it
+
+        caplog.clear()
+        hook = await client.post("/telnyx/outbound", content=event, headers=signed(event))
+        assert hook.status_code == 200, hook.text
+        assert hook.json() == {}
+        assert hangups(api, ccid) == 1  # before: 0, the caller left in silence
+        (command,) = [r for r in api.requests if r.path.endswith(f"{ccid}/actions/hangup")]
+        assert command.headers["authorization"] == "Bearer KEY-T"
+        assert await session_of(gw, orphan) is None
+        [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        line = warning.getMessage()
+        assert f"Telnyx call {ccid}: its media stream failed ('connection_failed: xxx" in line
+        assert "x" * 300 not in line
+        assert len(line) < 600
+        assert await session_of(gw, live) is not None
+
+        # Telnyx delivers it again (or the call had ended): 422 "already ended" is fine
+        ended = JSONResponse(
+            {"errors": [{"code": "90018", "title": "Call has already ended"}]}, 422
+        )
+        api.answers[("POST", r"/v2/calls/.+/actions/hangup")] = ended
+        caplog.clear()
+        again = stream_failed(ccid)
+        hook = await client.post("/telnyx/outbound", content=again, headers=signed(again))
+        assert hook.status_code == 200, hook.text
+        assert hangups(api, ccid) == 2
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+            f"Telnyx call {ccid}: its media stream failed ('connection_failed') and no "
+            "instance serves it: hanging it up and ending its session"
+        ]
+
+
+async def test_a_moved_call_whose_new_stream_failed_is_hung_up_and_its_session_ended(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    """At shutdown a Call Control call is moved (``streaming_start`` of a new stream,
+    ``streaming_stop`` of the old); the new stream cannot connect, and Telnyx's
+    ``streaming.failed`` reaches an instance: the caller was left in silence, the session
+    open. The moving stream no longer serves the call: it is hung up, its session ended.
+    Real Redis; the fake Call Control API takes the commands."""
+    shared: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    async with (
+        CARRIER.gateway(speech, **shared) as (gw, api),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        async with placed_call(gw, api, client) as (ccid, call):
+            key = f"telnyx:{ccid}"
+            assert await session_of(gw, key) is not None
+            api.requests.clear()
+            moving = await shutting_down(gw, lambda: len(api.requests) == 2)
+            assert [r.path.rsplit("/", 1)[1] for r in api.requests] == [
+                "streaming_start",
+                "streaming_stop",
+            ]
+            event = stream_failed(ccid, "connection_failed")
+            hook = await client.post("/telnyx/outbound", content=event, headers=signed(event))
+            assert hook.status_code == 200, hook.text
+            assert hangups(api, ccid) == 1
+            assert await session_of(gw, key) is None
+            await call.stop()  # Telnyx ends the old stream
+            await asyncio.wait_for(moving, 10)
+        assert await session_of(gw, key) is None
+
+
+async def test_a_failed_stream_webhook_is_503_while_the_bus_is_down_and_taken_again(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    """``streaming.failed`` while the bus (the gateway's Redis) does not answer: whether an
+    instance serves the call is not known, so nothing is done and the webhook is answered
+    503 with ``Retry-After`` (the retryable answer of the other webhooks), its signature
+    released; Telnyx's redelivery once the bus is back hangs the call up and ends its
+    session."""
+    shared: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    down = redis_client(f"redis://127.0.0.1:{refused_port()}/0")
+    async with (
+        CARRIER.gateway(speech, **shared) as (gw, api),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        ccid, orphan = await orphan_call(gw)
+        event = stream_failed(ccid)
+        headers = signed(event)
+        state = gw.app.state.gateway
+        bus, state.bus = state.bus, RedisBus(down, prefix=redis_prefix)
+        hook = await client.post("/telnyx/outbound", content=event, headers=headers)
+        assert hook.status_code == 503, hook.text
+        assert hook.headers["Retry-After"] == "1"
+        assert hook.headers["content-type"] == "application/problem+json"
+        assert hangups(api, ccid) == 0
+        assert await session_of(gw, orphan) is not None
+        state.bus = bus  # back: Telnyx delivers the same webhook again
+        hook = await client.post("/telnyx/outbound", content=event, headers=headers)
+        assert hook.status_code == 200, hook.text
+        assert hangups(api, ccid) == 1
+        assert await session_of(gw, orphan) is None
+    await redisconn.aclose(down)
