@@ -239,6 +239,24 @@ def _event_type(data: Mapping[str, Any]) -> str:
     return kind if isinstance(kind, str) else ""
 
 
+def _event(event: Any) -> tuple[str, Mapping[str, Any]] | None:
+    """The ``event_type`` (:func:`_event_type`) and ``payload`` of the webhook ``event``
+    (parsed JSON: ``{"data": {"event_type": ..., "payload": {...}}}``); None when ``data``
+    or its ``payload`` is not an object."""
+    data = event.get("data") if isinstance(event, dict) else None
+    if not isinstance(data, dict):
+        return None
+    payload = data.get("payload")
+    return (_event_type(data), payload) if isinstance(payload, dict) else None
+
+
+def _app_key(payload: Mapping[str, Any]) -> str | None:
+    """The ``appKey`` of a webhook payload's ``client_state`` (the call was placed with,
+    :func:`read_client_state`); None when it names none."""
+    app_key = read_client_state(payload.get("client_state")).get("appKey")
+    return app_key if isinstance(app_key, str) and app_key else None
+
+
 def _call_id(payload: Mapping[str, Any]) -> str | None:
     """A webhook payload's ``call_control_id`` when it is one the gateway takes: a string
     of 1 to :data:`MAX_CALL_ID` characters (the longest ``GET /v1/calls/{callId}`` and the
@@ -264,17 +282,11 @@ def hangup_of(event: Any) -> tuple[str, str | None] | None:
     ``call.hangup``: the call ended; ``appKey`` of the ``client_state`` the call was placed
     with (None when it names none). None for any other event or one without a
     ``call_control_id`` of 1 to :data:`MAX_CALL_ID` characters (:func:`overlong_call_id`)."""
-    data = event.get("data") if isinstance(event, dict) else None
-    if not isinstance(data, dict) or data.get("event_type") != "call.hangup":
+    got = _event(event)
+    if got is None or got[0] != "call.hangup":
         return None
-    payload = data.get("payload")
-    if not isinstance(payload, dict):
-        return None
-    ccid = _call_id(payload)
-    if ccid is None:
-        return None
-    app_key = read_client_state(payload.get("client_state")).get("appKey")
-    return ccid, app_key if isinstance(app_key, str) and app_key else None
+    ccid = _call_id(got[1])
+    return None if ccid is None else (ccid, _app_key(got[1]))
 
 
 def texml_call_ended(form: Mapping[str, str]) -> str | None:
@@ -296,12 +308,10 @@ def machine_input(event: Any) -> tuple[str, Input] | None:
     :data:`MAX_RESULT` characters), ``callControlId``
     and the ``clientState`` the call was placed with.
     """
-    data = event.get("data") if isinstance(event, dict) else None
-    if not isinstance(data, dict) or _event_type(data) not in AMD_EVENTS:
+    got = _event(event)
+    if got is None or got[0] not in AMD_EVENTS:
         return None
-    payload = data.get("payload")
-    if not isinstance(payload, dict):
-        return None
+    payload = got[1]
     result, ccid = payload.get("result"), _call_id(payload)
     if not isinstance(result, str) or ccid is None or "machine" not in result:
         return None
@@ -354,10 +364,10 @@ def outcome_of(event: Any) -> Outcome | None:
     answered, which ``record_outcome`` makes ``completed`` for one answered), an AMD
     result (``answered_by``); None for another event or one without a
     ``call_control_id`` of at most :data:`MAX_CALL_ID` characters."""
-    data = event.get("data") if isinstance(event, dict) else None
-    if not isinstance(data, dict) or not isinstance(data.get("payload"), dict):
+    got = _event(event)
+    if got is None:
         return None
-    kind, payload = _event_type(data), data["payload"]
+    kind, payload = got
     ccid, to, result = _call_id(payload), payload.get("to"), payload.get("result")
     if ccid is None:
         return None
@@ -391,20 +401,17 @@ def stream_failure_of(event: Any) -> StreamFailure | None:
     holding a ``call_control_id`` of 1 to :data:`MAX_CALL_ID` characters. A
     ``failure_reason`` or ``stream_id`` that is not a string is taken as none; each is
     cut to :data:`MAX_FAILURE_REASON` characters (a client's text)."""
-    data = event.get("data") if isinstance(event, dict) else None
-    if not isinstance(data, dict) or _event_type(data) != "streaming.failed":
+    got = _event(event)
+    if got is None or got[0] != "streaming.failed":
         return None
-    payload = data.get("payload")
-    if not isinstance(payload, dict):
-        return None
+    payload = got[1]
     ccid = _call_id(payload)
     if ccid is None:
         return None
     reason, stream_id = payload.get("failure_reason"), payload.get("stream_id")
-    app_key = read_client_state(payload.get("client_state")).get("appKey")
     return StreamFailure(
         ccid,
         reason[:MAX_FAILURE_REASON] if isinstance(reason, str) else "",
         stream_id[:MAX_FAILURE_REASON] if isinstance(stream_id, str) else "",
-        app_key if isinstance(app_key, str) and app_key else None,
+        _app_key(payload),
     )
