@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -31,6 +33,33 @@ def env(redis_url: str, prefix: str, secret: str | None = SECRET, **more: str) -
     ``secret`` is None, GATEWAY_VOICEFLOW_SECRET."""
     common = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_REDIS_PREFIX": prefix, **more}
     return {**common, "GATEWAY_VOICEFLOW_SECRET": secret} if secret else common
+
+
+@contextlib.asynccontextmanager
+async def running_action(
+    core: RecordingCore,
+    redis_url: str,
+    redis_prefix: str,
+    gateway_processes: list[GatewayProcess],
+    grace_s: str,
+) -> AsyncIterator[tuple[GatewayProcess, VoiceflowClient]]:
+    """A gateway process on ``core`` (GATEWAY_VOICEFLOW_RESTART_GRACE_S ``grace_s``) and a
+    connected client whose action ``running`` ("slow") was accepted and is running."""
+    async with core.running() as core_url:
+        first = GatewayProcess(
+            env(
+                redis_url,
+                redis_prefix,
+                GATEWAY_PIPELINE=core_url,
+                GATEWAY_VOICEFLOW_RESTART_GRACE_S=grace_s,
+            )
+        ).start()
+        gateway_processes.append(first)
+        async with client(first.url) as vf:
+            await vf.handshake()
+            await vf.send({"type": "text", "payload": "slow"}, "running")
+            assert (await vf.expect("action.status"))["status"] == "accepted"
+            yield first, vf
 
 
 @pytest.mark.parametrize("secret", [None, SECRET], ids=["only-redis-url", "voiceflow-secret"])
@@ -159,36 +188,24 @@ async def test_sigterm_lets_the_running_action_end_before_server_restart(
     action now gets half of GATEWAY_VOICEFLOW_RESTART_GRACE_S to end first; the action
     queued behind it runs no turn here and comes back in server.restart to replay."""
     core = RecordingCore()
-    async with core.running() as core_url:
-        first = GatewayProcess(
-            env(
-                redis_url,
-                redis_prefix,
-                GATEWAY_PIPELINE=core_url,
-                GATEWAY_VOICEFLOW_RESTART_GRACE_S="6",
-            )
-        ).start()
-        gateway_processes.append(first)
-        async with client(first.url) as vf:
-            await vf.handshake()
-            await vf.send({"type": "text", "payload": "slow"}, "running")
-            assert (await vf.expect("action.status"))["status"] == "accepted"
-            assert (await core.next_request())["input"]["transcript"]["text"] == "slow"
-            await vf.send({"type": "text", "payload": "later"}, "queued")
-            assert (await vf.expect("action.status")) == {
-                "status": "accepted",
-                "messageID": "queued",
-            }
-            stopping = asyncio.create_task(asyncio.to_thread(first.stop, signal.SIGTERM))
-            await vf.nothing_more(1.0)  # the running action is waited for: no restart yet
-            core.release.set()
-            traces, done = await vf.traces_until_status("running")
-            assert (messages(traces), done["status"]) == (["slow answer"], "completed")
-            assert await vf.expect("server.restart") == {
-                "action": {"type": "text", "payload": "later"}
-            }
-            async with asyncio.timeout(10):
-                await stopping
+    async with running_action(core, redis_url, redis_prefix, gateway_processes, "6") as (
+        first,
+        vf,
+    ):
+        assert (await core.next_request())["input"]["transcript"]["text"] == "slow"
+        await vf.send({"type": "text", "payload": "later"}, "queued")
+        assert (await vf.expect("action.status")) == {
+            "status": "accepted",
+            "messageID": "queued",
+        }
+        stopping = asyncio.create_task(asyncio.to_thread(first.stop, signal.SIGTERM))
+        await vf.nothing_more(1.0)  # the running action is waited for: no restart yet
+        core.release.set()
+        traces, done = await vf.traces_until_status("running")
+        assert (messages(traces), done["status"]) == (["slow answer"], "completed")
+        assert await vf.expect("server.restart") == {"action": {"type": "text", "payload": "later"}}
+        async with asyncio.timeout(10):
+            await stopping
         assert first.proc is not None
         assert first.proc.returncode == 0
         assert core.requests.qsize() == 0  # the queued action ran no turn here
@@ -201,29 +218,19 @@ async def test_sigterm_waits_for_a_running_action_only_half_the_grace(
     up server.restart (the shutdown's bound stays the grace): the client is told all
     the same, after that wait."""
     core = RecordingCore()
-    async with core.running() as core_url:
-        first = GatewayProcess(
-            env(
-                redis_url,
-                redis_prefix,
-                GATEWAY_PIPELINE=core_url,
-                GATEWAY_VOICEFLOW_RESTART_GRACE_S="2",
-            )
-        ).start()
-        gateway_processes.append(first)
-        async with client(first.url) as vf:
-            await vf.handshake()
-            await vf.send({"type": "text", "payload": "slow"}, "running")
-            assert (await vf.expect("action.status"))["status"] == "accepted"
-            await core.next_request()
-            started = time.monotonic()
-            stopping = asyncio.create_task(asyncio.to_thread(first.stop, signal.SIGTERM))
-            async with asyncio.timeout(5):
-                assert await vf.expect("server.restart") == {}
-            assert time.monotonic() - started >= 0.9  # it waited for the action first
-            core.release.set()
-            async with asyncio.timeout(15):
-                await stopping
+    async with running_action(core, redis_url, redis_prefix, gateway_processes, "2") as (
+        first,
+        vf,
+    ):
+        await core.next_request()
+        started = time.monotonic()
+        stopping = asyncio.create_task(asyncio.to_thread(first.stop, signal.SIGTERM))
+        async with asyncio.timeout(5):
+            assert await vf.expect("server.restart") == {}
+        assert time.monotonic() - started >= 0.9  # it waited for the action first
+        core.release.set()
+        async with asyncio.timeout(15):
+            await stopping
         assert first.proc is not None
         assert first.proc.returncode == 0
 
