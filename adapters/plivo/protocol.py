@@ -21,10 +21,25 @@ gateway -> Plivo: ``{"event":"playAudio","media":{"contentType":"audio/x-mulaw",
 
 Encodings: ``audio/x-mulaw`` at 8 kHz and ``audio/x-l16`` at 8/16 kHz (taken as
 little-endian: [unverified], as pipecat sends it).
+
+``extraHeaders``: Plivo's ``<Stream>`` reference
+(https://docs.plivo.com/docs/voice/xml/audiostream, "extraHeaders (string)") allows
+"Key-value pairs … Example: test1=12,test2=123 Max length: 512 bytes. Only characters
+[A-Z], [a-z], [0-9] allowed." (its Audio Streaming protocol reference,
+https://www.plivo.com/docs/voice-agents/audio-streaming/concepts/audio-streaming-reference,
+shows them back in ``start`` as ``"extra_headers": "userId=12345;sessionId=abc-xyz"``).
+What Plivo does with another character (drops it, drops the pair, refuses the XML) is
+[unverified]: so the gateway sends only letters and digits. A value that is not
+letters and digits only (a ``+E.164`` number, a SIP URI, an app key with ``-`` or
+``.``) goes as ``<key>B32=<its UTF-8 in base32, RFC 4648, without padding>``
+(:func:`extra_headers_attribute`), decoded back under ``<key>`` on the stream's start
+(:func:`extra_headers`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
@@ -46,7 +61,7 @@ from gateway.callcodec import (
     get_params,
     get_str,
 )
-from gateway.protocol import ProtocolError, load_json, media_type
+from gateway.protocol import ProtocolError, clipped, load_json, media_type
 
 CARRIER: Final = "plivo"
 MULAW: Final = "audio/x-mulaw"
@@ -55,6 +70,10 @@ MULAW_RATE: Final = 8000
 """The one rate (Hz) of Plivo's μ-law (``audio/x-mulaw;rate=8000``)."""
 L16_RATES: Final = (8000, 16000)
 """The rates (Hz) of Plivo's L16 (``audio/x-l16;rate=8000|16000``)."""
+MAX_EXTRA_HEADERS_BYTES: Final = 512
+"""The longest ``extraHeaders`` attribute Plivo takes (bytes; its ``<Stream>`` reference)."""
+ENCODED_SUFFIX: Final = "B32"
+"""The suffix of an ``extraHeaders`` key whose value is base32 (module doc)."""
 
 
 def media_format(content_type: str, sample_rate: int) -> MediaFormat:
@@ -94,14 +113,67 @@ def content_type(fmt: MediaFormat) -> str:
     raise UnsupportedMediaFormat(f"Plivo streams no {fmt.encoding}")
 
 
+def _plain(text: str) -> bool:
+    """Whether ``text`` is letters and digits (ASCII) only: what Plivo's ``extraHeaders``
+    allow (module doc)."""
+    return text.isascii() and text.isalnum()
+
+
+def extra_headers_attribute(headers: Mapping[str, str]) -> str:
+    """The ``extraHeaders`` attribute of ``headers``: ``k1=v1,k2=v2`` of letters and digits
+    only, as Plivo allows (module doc). A value of letters and digits goes as is; any other
+    (empty too) as ``<key>B32=<base32 of its UTF-8, no padding>``, which
+    :func:`extra_headers` decodes.
+
+    Raises ValueError for a key that is not letters and digits, or one ending in
+    ``B32``, and when the attribute would be longer than :data:`MAX_EXTRA_HEADERS_BYTES`.
+    """
+    pairs = []
+    for key, value in headers.items():
+        if not _plain(key) or key.endswith(ENCODED_SUFFIX):
+            raise ValueError(f"extraHeaders keys are letters and digits, not *B32: {key!r}")
+        if _plain(value):
+            pairs.append(f"{key}={value}")
+        else:
+            encoded = base64.b32encode(value.encode("utf-8")).decode("ascii").rstrip("=")
+            pairs.append(f"{key}{ENCODED_SUFFIX}={encoded}")
+    attribute = ",".join(pairs)
+    if len(attribute) > MAX_EXTRA_HEADERS_BYTES:
+        raise ValueError(
+            f"extraHeaders would be {len(attribute)} bytes: Plivo takes at most "
+            f"{MAX_EXTRA_HEADERS_BYTES}"
+        )
+    return attribute
+
+
+def _decoded(headers: dict[str, str], where: str) -> dict[str, str]:
+    """``headers`` with each ``<key>B32`` pair decoded to ``<key>`` (module doc). Raises
+    ProtocolError naming the key (cut) when its value is no base32 of UTF-8 text."""
+    out: dict[str, str] = {}
+    for key, value in headers.items():
+        if not key.endswith(ENCODED_SUFFIX) or key == ENCODED_SUFFIX:
+            out.setdefault(key, value)
+            continue
+        try:
+            padded = value + "=" * (-len(value) % 8)
+            text = base64.b32decode(padded, casefold=True).decode("utf-8")
+        except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+            name = clipped(key, quote=False)
+            raise ProtocolError(f"Invalid {where}: {name} is not base32 of UTF-8 text") from None
+        out[key.removesuffix(ENCODED_SUFFIX)] = text
+    return out
+
+
 def extra_headers(value: Any) -> dict[str, str]:
     """``extra_headers`` of ``start``: a JSON object encoded as a string (as the Plivo
     stream SDK types it), an object, or the XML's ``extraHeaders`` pairs: ``k1=v1;k2=v2``
     (as Plivo's Audio Streaming reference shows them in ``start``) or ``k1=v1,k2=v2``
-    (as the attribute sets them).
+    (as the attribute sets them). A ``<key>B32`` pair is decoded to ``<key>``
+    (:func:`extra_headers_attribute`; it wins over a plain ``<key>``).
 
     Bounded as custom parameters are (gateway/callcodec.py ``params_fault``). Raises
-    ProtocolError for anything else or too much (the text naming ``extra_headers``).
+    ProtocolError for anything else, too much, or a ``<key>B32`` value that is not base32
+    of UTF-8 text (the text naming ``extra_headers``).
     """
     where = "start message: extra_headers"
     if value is None or value == "":
@@ -113,13 +185,14 @@ def extra_headers(value: Any) -> dict[str, str]:
                 headers = load_json(text, what="The extra_headers")
             except ProtocolError as exc:  # its own text: "Malformed JSON at character 1…"
                 raise ProtocolError(f"Invalid {where}: {exc.text}") from None
-            return get_params(headers, where)
+            return _decoded(get_params(headers, where), where)
         items = text.replace(";", ",").split(",")
         pairs = [item.split("=", 1) for item in items if item.strip()]
         if all(len(pair) == 2 for pair in pairs):
-            return bounded_params({key.strip(): val.strip() for key, val in pairs}, where)
+            found = {key.strip(): val.strip() for key, val in pairs}
+            return _decoded(bounded_params(found, where), where)
         raise ProtocolError(f"Invalid {where}: expected a JSON object or k=v pairs")
-    return get_params(value, where)
+    return _decoded(get_params(value, where), where)
 
 
 class PlivoCodec(JsonCarrierCodec):
@@ -211,8 +284,9 @@ def answer_xml(
         <?xml version="1.0" encoding="UTF-8"?><Response><Stream bidirectional="true"
           keepCallAlive="true" contentType="audio/x-mulaw;rate=8000">wss://…</Stream></Response>
 
-    ``extra`` becomes ``extraHeaders="k1=v1,k2=v2"`` (echoed in ``start.extra_headers``);
-    keys and values must not hold ``,``, ``;`` or ``=`` (ValueError).
+    ``extra`` becomes ``extraHeaders="k1=v1,k2=v2"`` (echoed in ``start.extra_headers``),
+    letters and digits only (:func:`extra_headers_attribute`: other values base32; a key
+    that is not letters and digits, or too long an attribute, is a ValueError).
     """
     response = ET.Element("Response")
     stream = ET.SubElement(response, "Stream")
@@ -220,10 +294,7 @@ def answer_xml(
     stream.set("keepCallAlive", "true")
     stream.set("contentType", content_type)
     if extra:
-        for key, value in extra.items():
-            if any(c in key + value for c in ",;="):
-                raise ValueError(f"extraHeaders cannot carry ',', ';' or '=': {key!r}")
-        stream.set("extraHeaders", ",".join(f"{k}={v}" for k, v in extra.items()))
+        stream.set("extraHeaders", extra_headers_attribute(extra))
     if status_callback_url:
         stream.set("statusCallbackUrl", status_callback_url)
         stream.set("statusCallbackMethod", "POST")

@@ -12,9 +12,12 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
   with ``Retry-After`` while it does not answer). The answer is ``<Response><Stream
   bidirectional="true" keepCallAlive="true" contentType="audio/x-mulaw;rate=8000" extraHeaders="…">
   wss://<public>/plivo/stream/<one-time token></Stream></Response>``; ``?appKey=``
-  names the application (passed on in ``extraHeaders`` with ``from`` and ``to``). A
-  ``CallUUID`` that is missing, longer than 128 characters or holding ``|`` (no call
-  id a stream token carries): 400 problem.
+  names the application (passed on in ``extraHeaders`` with ``from`` and ``to``, each
+  cut to :data:`MAX_NUMBER_BYTES`; letters and digits only, as Plivo allows: any other
+  value base32 under ``<key>B32``, :func:`adapters.plivo.protocol.extra_headers_attribute`,
+  decoded on the stream's start). A ``CallUUID`` that is missing, longer than 128
+  characters or holding ``|`` (no call id a stream token carries), or an ``appKey`` whose
+  pair would not fit Plivo's 512 bytes (:data:`MAX_APP_KEY_EXTRA`): 400 problem.
 - ``/plivo/stream/{token}`` — the stream (``start``, ``media``, ``dtmf``,
   ``playedStream``, ``clearedAudio``, ``stop``), served by
   :class:`gateway.io.call.CallRunner` with :class:`~adapters.plivo.protocol.PlivoCodec`
@@ -33,7 +36,9 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
   at once within ``MOVE_TIMEOUT_S``: Plivo drops the running XML (the stream ends) and
   POSTs that URL, V3-signed as any answer request, through the load balancer to another
   instance, whose answer's ``extraHeaders`` carry ``resumed=1``: the new stream
-  continues the session, no ``#intro`` (gateway/protocol/call.py ``RESUMED``). Here no
+  continues the session, no ``#intro`` (gateway/protocol/call.py ``RESUMED``). Plivo
+  allows 70 transfers of a call (adapters/plivo/control.py): a call moved by 70 deploys
+  is hung up by Plivo ("Loop detected"), not counted here. Here no
   turn starts any more and the stream's end does not end the session. Without the REST
   credentials (one WARNING) or for a transfer that fails (a WARNING each, ``component:
   plivo-api``) the calls are cut as before.
@@ -58,7 +63,12 @@ from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import Response
 
 from adapters.plivo import control as plivo
-from adapters.plivo.protocol import PlivoCodec, answer_xml
+from adapters.plivo.protocol import (
+    MAX_EXTRA_HEADERS_BYTES,
+    PlivoCodec,
+    answer_xml,
+    extra_headers_attribute,
+)
 from adapters.plivo.verify import (
     MAIN_SIGNATURE_HEADER,
     NONCE_HEADER,
@@ -213,10 +223,29 @@ def _move_request(
 router = APIRouter(tags=["Plivo"], lifespan=_lifespan)
 
 
-def _header_value(value: Any) -> str:
-    """A value fit for ``extraHeaders`` (no ``,``, ``;`` or ``=``: Plivo hands the pairs
-    back as ``k1=v1;k2=v2``), at most 64 characters."""
-    return "".join(c for c in str(value) if c not in ",;=")[:64]
+MAX_NUMBER_BYTES: Final = 64
+"""The longest ``from``/``to`` passed on in ``extraHeaders`` (UTF-8 bytes; longer ones
+are cut): room for the app key within Plivo's 512 bytes (:data:`MAX_APP_KEY_EXTRA`)."""
+_LONGEST_NUMBER: Final = "\U0010ffff" * (MAX_NUMBER_BYTES // 4)
+"""A ``from``/``to`` of :data:`MAX_NUMBER_BYTES` that takes the most room (base32)."""
+MAX_APP_KEY_EXTRA: Final = (
+    MAX_EXTRA_HEADERS_BYTES
+    - len(extra_headers_attribute({"from": _LONGEST_NUMBER, "to": _LONGEST_NUMBER, RESUMED: "1"}))
+    - 1
+)
+"""Room (bytes) for the ``appKey`` pair (``appKey=…`` or ``appKeyB32=…``) in
+``extraHeaders`` next to the longest ``from``, ``to`` and ``resumed=1``: a ``?appKey=``
+whose pair is longer is refused (400), the same for every call."""
+
+
+def _number(value: str) -> str:
+    """``value`` cut to :data:`MAX_NUMBER_BYTES` UTF-8 bytes (at a character's start)."""
+    return value.encode("utf-8")[:MAX_NUMBER_BYTES].decode("utf-8", "ignore")
+
+
+def _app_key_fits(app_key: str) -> bool:
+    """Whether ``app_key``'s ``extraHeaders`` pair fits :data:`MAX_APP_KEY_EXTRA`."""
+    return len(extra_headers_attribute({"appKey": app_key})) <= MAX_APP_KEY_EXTRA
 
 
 async def _signed_form(request: Request, path: str) -> dict[str, str] | Response:
@@ -270,12 +299,24 @@ async def answer(request: Request) -> Response:
     token = answer_token(channel.tokens, params.get("CallUUID", ""), "CallUUID")
     if not isinstance(token, str):
         return token
-    stream_url = wss_url(gw.settings.public_url, f"/plivo/stream/{token}")
     app_key = request.query_params.get("appKey", "")
-    extra = {"from": params.get("From", ""), "to": params.get("To", ""), "appKey": app_key}
+    if not _app_key_fits(app_key):  # Plivo's extraHeaders could not carry it whole
+        detail = (
+            f"The Answer URL's appKey is too long for Plivo's extraHeaders ({len(app_key)} "
+            f"characters; its pair, base32 unless letters and digits, is at most "
+            f"{MAX_APP_KEY_EXTRA} bytes)."
+        )
+        log.warning("Plivo /plivo/answer refused: %s", detail)
+        return problem(400, "Bad Request", detail)
+    stream_url = wss_url(gw.settings.public_url, f"/plivo/stream/{token}")
+    extra = {
+        "from": _number(params.get("From", "")),
+        "to": _number(params.get("To", "")),
+        "appKey": app_key,
+    }
     if resumed(request.query_params):  # moved here from an instance that shut down
         extra[RESUMED] = "1"  # (its signed URL says so): its stream continues the session
-    extra = {key: _header_value(value) for key, value in extra.items() if value}
+    extra = {key: value for key, value in extra.items() if value}
     return Response(answer_xml(stream_url, extra=extra), media_type="application/xml")
 
 

@@ -37,13 +37,15 @@ async def ask_answer(
     token: str | None = AUTH_TOKEN,
     query: str = "appKey=plivo",
     nonce: str | None = None,
+    caller: str = "14155550100",
+    callee: str = "14155550199",
 ) -> httpx.Response:
     """POST the Answer URL as Plivo does (V3-signed with ``token`` when given, with
-    ``nonce`` or a fresh one)."""
+    ``nonce`` or a fresh one; ``From`` ``caller``, ``To`` ``callee``)."""
     form = {
         "CallUUID": call_uuid,
-        "From": "14155550100",
-        "To": "14155550199",
+        "From": caller,
+        "To": callee,
         "Direction": "inbound",
         "CallStatus": "in-progress",
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
 import xml.etree.ElementTree as ET
 from urllib.parse import urlsplit
@@ -14,6 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from adapters.plivo.protocol import extra_headers
 from adapters.plivo.verify import signature
 from gateway.io.call import call_moving, moved_key
 from gateway.server import run_before_close
@@ -296,3 +298,61 @@ async def test_a_call_moved_again_renews_its_moved_mark(
         await asyncio.wait_for(moving, 10)
         await asyncio.sleep(1.5)  # past the earlier mark's expiry
         assert await call_moving(gateway, "plivo", call.call_uuid)
+
+
+async def test_extra_headers_are_letters_and_digits_and_carry_any_value_back(
+    speech: SpeechService,
+) -> None:
+    """Plivo's ``extraHeaders`` allow only [A-Za-z0-9] (its ``<Stream>`` reference): the
+    answer for a SIP caller, a ``+E.164`` callee and an app key with ``-`` and ``.`` sends
+    letters, digits, ``=`` and ``,`` only (those values base32 under ``<key>B32``), at
+    most 512 bytes, and the stream's start decodes them: the session is the app key's,
+    its device the caller's URI. The answer had sent them as they were."""
+    app_key, caller = "sales-team.eu", "sip:alice@example.com"
+    async with CARRIER.gateway(speech, app_keys=frozenset({app_key})) as (gw, _):
+        call_uuid = str(uuid.uuid4())
+        answer = await ask_answer(
+            gw.url, PUBLIC, call_uuid, query=f"appKey={app_key}", caller=caller, callee="+1415"
+        )
+        assert answer.status_code == 200, answer.text
+        stream = ET.fromstring(answer.text).find("./Stream")
+        assert stream is not None
+        extra = stream.attrib["extraHeaders"]
+        assert re.fullmatch(r"[A-Za-z0-9]+=[A-Za-z0-9]*(,[A-Za-z0-9]+=[A-Za-z0-9]*)*", extra)
+        assert len(extra.encode()) <= 512
+        assert {pair.split("=")[0] for pair in extra.split(",")} == {
+            "fromB32",
+            "toB32",
+            "appKeyB32",
+        }
+        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit((stream.text or '').strip()).path}"
+        async with _PairsHarness.opened(url, call_uuid, extra) as call:
+            await gw.wait_answers(call, 1)
+            assert call.close_code is None
+            assert gw.core.turns[0][0] == "#intro"
+            session = await session_of(gw, f"plivo:{call_uuid}")
+            assert session is not None
+            assert session.app_key == app_key
+            assert session.device_id == caller
+
+
+async def test_an_app_key_too_long_for_extra_headers_is_a_400_problem(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An Answer URL ``appKey`` whose ``extraHeaders`` pair would not fit Plivo's 512
+    bytes next to the longest numbers (here 200 characters with a ``-``: base32 320
+    bytes) is refused with a 400 problem naming it, and a WARNING; it was cut to 64
+    characters (another app key). The longest that fits is answered whole."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        caplog.set_level(logging.WARNING, logger="gateway.plivo")
+        r = await ask_answer(gw.url, PUBLIC, str(uuid.uuid4()), query="appKey=" + "a-" * 100)
+        assert r.status_code == 400, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert "appKey is too long for Plivo's extraHeaders" in r.json()["detail"]
+        assert any("appKey is too long" in rec.getMessage() for rec in caplog.records)
+        longest = "a-" * 84  # 168 bytes: 269 of base32, within the room
+        ok = await ask_answer(gw.url, PUBLIC, str(uuid.uuid4()), query="appKey=" + longest)
+        assert ok.status_code == 200, ok.text
+        stream = ET.fromstring(ok.text).find("./Stream")
+        assert stream is not None
+        assert extra_headers(stream.attrib["extraHeaders"])["appKey"] == longest

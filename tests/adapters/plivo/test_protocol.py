@@ -16,6 +16,7 @@ from adapters.plivo.protocol import (
     checkpoint_message,
     clear_audio_message,
     extra_headers,
+    extra_headers_attribute,
     play_audio_message,
 )
 from gateway.callcodec import (
@@ -165,8 +166,15 @@ def test_answer_xml() -> None:
         "statusCallbackUrl": "https://gw.example/plivo/status",
         "statusCallbackMethod": "POST",
     }
-    with pytest.raises(ValueError, match="cannot carry"):
-        answer_xml("wss://x", extra={"a": "b=c"})
+    # Plivo allows letters and digits only: other values go base32 under <key>B32
+    encoded = ET.fromstring(answer_xml("wss://x", extra={"a": "b=c"}).split("?>", 1)[1])
+    assert encoded[0].attrib["extraHeaders"] == "aB32=MI6WG"
+    for key in ("a-b", "aB32", ""):
+        with pytest.raises(ValueError, match="letters and digits"):
+            answer_xml("wss://x", extra={key: "1"})
+    with pytest.raises(ValueError, match="at most 512"):
+        answer_xml("wss://x", extra={"a": "b" * 511})  # 513 bytes; 512 are taken:
+    assert len(answer_xml("wss://x", extra={"a": "b" * 510})) > 512
 
 
 def test_extra_headers_forms() -> None:
@@ -186,6 +194,17 @@ def test_extra_headers_forms() -> None:
     }
     with pytest.raises(ProtocolError, match="extra_headers"):
         extra_headers("a,b")
+    # <key>B32 (the gateway's answers, any case): decoded under <key>, winning over <key>
+    attribute = extra_headers_attribute({"from": "+14155550100", "appKey": "a.b", "to": "1"})
+    assert attribute == "fromB32=FMYTIMJVGU2TKMBRGAYA,appKeyB32=MEXGE,to=1"
+    for form in (attribute, attribute.replace(",", ";")):
+        assert extra_headers(form) == {"from": "+14155550100", "appKey": "a.b", "to": "1"}
+    assert extra_headers("fromB32=fmytimjvgu2tkmbrgaya") == {"from": "+14155550100"}
+    assert extra_headers('{"fromB32":"FMYTI","from":"x"}') == {"from": "+14"}
+    assert extra_headers({"B32": "x", "vB32": ""}) == {"B32": "x", "v": ""}
+    for bad in ("fromB32=not base32!", "fromB32=7777777", "xB32=74"):
+        with pytest.raises(ProtocolError, match=r"extra_headers: \w+B32 is not base32"):
+            extra_headers(bad)
     with pytest.raises(ProtocolError, match="Malformed JSON"):
         extra_headers("{broken")
 
