@@ -45,7 +45,13 @@ A stream that could not connect is the webhook ``streaming.failed``
 ``payload.call_control_id``, ``payload.client_state``, ``payload.failure_reason``, a
 string such as ``connection_failed``, ``payload.stream_id``, ``payload.stream_type``
 ``websocket``, ``payload.stream_params`` ``stream_url``/``track``):
-:func:`stream_failure_of`.
+:func:`stream_failure_of`. A TeXML ``<Stream>``'s is its ``statusCallback``, the TeXML
+stream webhook (https://developers.telnyx.com/api-reference/callbacks/texml-stream:
+Ed25519-signed, form-urlencoded ``AccountSid``, ``CallSid`` "The unique identifier of
+the call (call_control_id)", ``StreamEvent`` ``stream-started``, ``stream-stopped`` or
+``stream-error``, ``StreamName``, ``StreamSid``, ``Timestamp``, and ``StreamError``
+"Error message if the stream failed (conditional, only present when StreamEvent is
+stream-error)"; "The server must return an HTTP 200"): :func:`texml_stream_failure`.
 """
 
 from __future__ import annotations
@@ -393,6 +399,28 @@ class StreamFailure:
     reason: str
     stream_id: str
     app_key: str | None
+
+
+TEXML_STREAM_ERROR: Final = "stream-error"
+"""The ``StreamEvent`` of a TeXML stream webhook whose stream failed."""
+
+
+def texml_stream_failure(form: Mapping[str, str]) -> StreamFailure | None:
+    """The :class:`StreamFailure` when the TeXML stream webhook ``form`` (its form fields)
+    is a ``stream-error`` (module doc): ``CallSid`` (the call_control_id), ``StreamError``
+    and ``StreamSid`` cut to :data:`MAX_FAILURE_REASON` characters ("" when not given),
+    no app key (the route's ``?appKey=`` gives it). None for another ``StreamEvent``
+    (``stream-started``, ``stream-stopped``), none, or a ``CallSid`` that is empty or
+    longer than :data:`MAX_CALL_ID`."""
+    if form.get("StreamEvent") != TEXML_STREAM_ERROR:
+        return None
+    call_sid = form.get("CallSid", "")
+    if not 0 < len(call_sid) <= MAX_CALL_ID:
+        return None
+    reason, stream_sid = form.get("StreamError", ""), form.get("StreamSid", "")
+    return StreamFailure(
+        call_sid, reason[:MAX_FAILURE_REASON], stream_sid[:MAX_FAILURE_REASON], None
+    )
 
 
 def stream_failure_of(event: Any) -> StreamFailure | None:

@@ -68,11 +68,24 @@ POST_TELNYX_STATUS: dict[str, Any] = dict(
     description="The TeXML Application's call progress events URL (POST; `?appKey=` as the "
     "Voice URL). Verified like the Call Control webhooks (Ed25519). A `CallStatus` of "
     "`completed`, `busy`, `failed`, `no-answer` or `canceled` for a call no instance serves "
-    "(its instance died) ends the session of `CallSid`.",
+    "(its instance died) ends the session of `CallSid`. Also the TeXML `<Stream>`'s "
+    "statusCallback: a `StreamEvent` of `stream-error` of a call no instance serves hangs "
+    "it up and ends its session.",
     responses={
+        200: {
+            "description": "A stream webhook (`StreamEvent`) taken: `{}`",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
         204: {"description": "Taken"},
-        **problems({400: "Not a UTF-8 form", **_SIGNED_REFUSALS}),
+        **problems(
+            {
+                400: "Not a UTF-8 form",
+                **_SIGNED_REFUSALS,
+                503: "The one-time key store (replayed signatures) does not answer, or a "
+                "stream-error was not acted on (the bus or the session store failed)",
+            }
+        ),
     },
-    openapi_extra=form_body({"CallSid": None, "CallStatus": None}),
+    openapi_extra=form_body({"CallSid": None, "CallStatus": None, "StreamEvent": None}),
 )
 """Documenting keyword arguments of ``POST /telnyx/status``."""

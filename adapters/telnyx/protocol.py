@@ -189,12 +189,23 @@ def texml(
     codec: str | None = BIDIRECTIONAL.encoding,
     bidirectional_codec: str = BIDIRECTIONAL.encoding,
     bidirectional_sampling_rate: int = BIDIRECTIONAL.sample_rate,
+    status_callback: str | None = None,
 ) -> str:
     """The TeXML answer that connects the call to the gateway's stream::
 
         <?xml version="1.0" encoding="UTF-8"?>
         <Response><Connect><Stream url="wss://…" codec="PCMU" bidirectionalMode="rtp"
-            bidirectionalCodec="PCMU" bidirectionalSamplingRate="8000"/></Connect></Response>
+            bidirectionalCodec="PCMU" bidirectionalSamplingRate="8000"
+            statusCallback="https://…" statusCallbackMethod="POST"/></Connect></Response>
+
+    ``status_callback``: where Telnyx POSTs the stream's events (``StreamEvent``
+    ``stream-started``/``stream-stopped``/``stream-error``, the TeXML stream webhook,
+    https://developers.telnyx.com/api-reference/callbacks/texml-stream); None leaves
+    both attributes out. That the ``<Stream>`` verb takes ``statusCallback`` and
+    ``statusCallbackMethod`` is read from Telnyx's TeXML ``Streams`` REST resource
+    (``status_callback``, ``status_callback_method``: telnyx-ruby
+    ``Texml::Accounts::CallStreamsJsonParams``) and TwiML's ``<Stream>``, which TeXML
+    follows [unverified for the verb itself: its page was not read].
 
     ``codec`` sets the inbound codec, PCMU by default: without it Telnyx streams the
     call's own codec (``default``), which for an HD SIP or WebRTC caller is G722, OPUS
@@ -213,6 +224,9 @@ def texml(
     stream.set("bidirectionalMode", "rtp")
     stream.set("bidirectionalCodec", bidirectional_codec)
     stream.set("bidirectionalSamplingRate", str(bidirectional_sampling_rate))
+    if status_callback:
+        stream.set("statusCallback", status_callback)
+        stream.set("statusCallbackMethod", "POST")
     body = ET.tostring(response, encoding="unicode")
     return '<?xml version="1.0" encoding="UTF-8"?>' + body
 

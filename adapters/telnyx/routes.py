@@ -86,8 +86,9 @@ the call up as below.
 
 ``POST /telnyx/texml`` — an inbound call's TeXML answer (Ed25519-verified like the
 webhooks): ``<Connect><Stream url="wss://…/telnyx/stream?token=…" bidirectionalMode="rtp"
-…>``, the token bound to the webhook's ``CallSid`` (form-urlencoded as Telnyx sends it, or
-a JSON object). A ``CallSid`` that is missing, not a string, longer than 128 characters or
+statusCallback="<public>/telnyx/status?appKey=…" statusCallbackMethod="POST" …>``, the
+token bound to the webhook's ``CallSid`` (form-urlencoded as Telnyx sends it, or a JSON
+object). A ``CallSid`` that is missing, not a string, longer than 128 characters or
 holding ``|`` (none a token can carry): 400 problem.
 
 ``POST /telnyx/status`` — a TeXML call's status callback (the TeXML Application's "Call
@@ -99,6 +100,16 @@ no instance serves (its instance died) ends the call's session (app key ``?appKe
 else ``telnyx``), as ``call.hangup`` does for outbound calls; one served is left to its
 instance. A ``CallSid`` longer than 256 characters is ignored as on ``/telnyx/outbound``
 (WARNING). 204; 400 problem for a body that is not UTF-8.
+The same route takes the TeXML answer's ``<Stream>`` ``statusCallback`` (a form with
+``StreamEvent``: :func:`adapters.telnyx.control.texml_stream_failure`): a
+``stream-error`` (the stream could not connect, or failed) is handled as
+``streaming.failed`` (:func:`_stream_failed`: a call no instance serves is hung up and
+its session ended, app key ``?appKey=``, one WARNING with the ``StreamError``; a served
+one INFO; 503 with ``Retry-After`` while the bus or the store fails); every stream
+webhook is answered 200 ``{}`` (Telnyx: "The server must return an HTTP 200"). Without
+it an inbound call whose stream could not connect was left to Telnyx (the TeXML ends
+with the ``<Connect>``: [unverified] whether Telnyx then hangs up at once) and logged
+nothing.
 
 Outbound (:class:`TelnyxDialer`): ``POST /v2/calls`` with ``connection_id``
 GATEWAY_TELNYX_CONNECTION_ID, ``stream_url`` = ``wss://<public host>/telnyx/stream?token=<a
@@ -113,6 +124,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -655,7 +667,9 @@ async def _texml(request: Request, body: bytes) -> Response:
     if app_key:
         query["appKey"] = app_key[:128]
     url = wss_url(settings.public_url, "/telnyx/stream") + "?" + urlencode(query)
-    return Response(texml(url), media_type="application/xml")
+    status = {"appKey": query["appKey"]} if app_key else None  # the stream's failure: _status
+    callback = public_url(settings.public_url, "/telnyx/status", status)
+    return Response(texml(url, status_callback=callback), media_type="application/xml")
 
 
 @router.post("/telnyx/status", status_code=204, response_class=Response, **POST_TELNYX_STATUS)
@@ -675,9 +689,15 @@ async def _status(request: Request, body: bytes) -> Response:
     if len(call_sid) > telnyx.MAX_CALL_ID:
         _ignored("status callback", call_sid)
         return Response(status_code=204)
+    app_key = request.query_params.get("appKey", "")[:128] or None
+    if "StreamEvent" in form:  # the <Stream>'s statusCallback: Telnyx asks for a 200
+        failure = telnyx.texml_stream_failure(form)
+        if failure is None:  # stream-started, stream-stopped
+            return JSONResponse({})
+        control = callcontrol_of(request.app)
+        return await _stream_failed(gw, control, dataclasses.replace(failure, app_key=app_key))
     call_id = telnyx.texml_call_ended(form)
     if call_id is not None:
-        app_key = request.query_params.get("appKey", "")[:128] or None
         await _hung_up(gw, call_id, app_key, f"TeXML status {form['CallStatus']}")
     return Response(status_code=204)
 

@@ -49,13 +49,15 @@ def signed(body: bytes, key: Ed25519PrivateKey = KEY, at: int | None = None) -> 
 
 
 async def ask_texml(
-    base_url: str, ccid: str, *, key: Ed25519PrivateKey | None = KEY
+    base_url: str, ccid: str, *, key: Ed25519PrivateKey | None = KEY, query: str = ""
 ) -> httpx.Response:
-    """POST the TeXML answer URL as Telnyx does (signed with ``key`` when given)."""
+    """POST the TeXML answer URL (with ``query``) as Telnyx does (signed with ``key`` when
+    given)."""
     body = json.dumps({"CallSid": ccid, "From": "+15550100", "To": "+15550199"}).encode()
     headers = signed(body, key) if key else {"Content-Type": "application/json"}
+    path = "/telnyx/texml" + (f"?{query}" if query else "")
     async with httpx.AsyncClient(base_url=base_url) as client:
-        return await client.post("/telnyx/texml", content=body, headers=headers)
+        return await client.post(path, content=body, headers=headers)
 
 
 def local(base_url: str, public_ws_url: str) -> str:

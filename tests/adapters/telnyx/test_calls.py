@@ -46,7 +46,7 @@ from tests.adapters.telnyx.harness import (
     place,
     signed,
 )
-from tests.adapters.twilio.helpers import Served
+from tests.adapters.twilio.helpers import PUBLIC, Served
 from tests.calls.carrier_api import CarrierApi
 from tests.conftest import refused_port
 from tests.speech import normalise, wer
@@ -873,3 +873,82 @@ async def test_a_failed_stream_webhook_is_503_while_the_bus_is_down_and_taken_ag
         assert hangups(api, ccid) == 1
         assert await session_of(gw, orphan) is None
     await redisconn.aclose(down)
+
+
+def texml_stream_event(ccid: str, event: str, error: str | None = None) -> bytes:
+    """The TeXML stream webhook (a ``<Stream>``'s ``statusCallback``) of call ``ccid``:
+    the fields of developers.telnyx.com/api-reference/callbacks/texml-stream."""
+    form = {
+        "AccountSid": str(uuid.uuid4()),
+        "CallSid": ccid,
+        "CallSidLegacy": ccid,
+        "StreamEvent": event,
+        "StreamName": "",
+        "StreamSid": str(uuid.uuid4()),
+        "Timestamp": "2026-12-06T20:00:00Z",
+    }
+    if error is not None:
+        form["StreamError"] = error
+    return urlencode(form).encode()
+
+
+async def test_a_texml_stream_error_of_a_call_nobody_serves_hangs_it_up_and_ends_its_session(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The TeXML answer's ``<Stream>`` names a ``statusCallback`` (POST, with the Voice
+    URL's ``appKey``); a signed ``stream-error`` there of a call no instance serves is
+    handled as Call Control's ``streaming.failed``: the ``hangup`` command, the session
+    ended, one WARNING with the ``StreamError`` (it had no callback: nothing was told,
+    nothing done). Of a call served here: INFO only; ``stream-started`` changes nothing;
+    each answered 200 ``{}`` as Telnyx asks; a forged one is refused 403."""
+    caplog.set_level(logging.INFO, "adapters.telnyx")
+    async with (
+        CARRIER.gateway(speech) as (gw, api),
+        httpx.AsyncClient(base_url=gw.url) as client,
+        TelnyxHarness.dial(gw.url, mic_speed=4.0) as call,
+    ):
+        answer = await ask_texml(gw.url, "v3:" + uuid.uuid4().hex, query="appKey=sales")
+        assert answer.status_code == 200, answer.text
+        stream = ET.fromstring(answer.text).find("./Connect/Stream")
+        assert stream is not None
+        callback = stream.attrib["statusCallback"]
+        assert callback == f"{PUBLIC}/telnyx/status?appKey=sales", callback
+        assert stream.attrib["statusCallbackMethod"] == "POST"
+        path = callback.removeprefix(PUBLIC)
+
+        await gw.wait_answers(call, 1)
+        live = f"telnyx:{call.call_id}"
+        for event in (
+            texml_stream_event(call.call_id, "stream-started"),
+            texml_stream_event(call.call_id, "stream-error", "Connection timeout"),
+        ):
+            hook = await client.post(path, content=event, headers=form_signed(event))
+            assert hook.status_code == 200, hook.text
+            assert hook.json() == {}
+        assert hangups(api, call.call_id) == 0  # served here: the call goes on
+        assert await session_of(gw, live) is not None
+        assert call.closed_at is None
+        [served] = [r for r in caplog.records if "failed ('Connection timeout')" in r.getMessage()]
+        assert served.levelno == logging.INFO
+
+        ccid, orphan = await orphan_call(gw)
+        event = texml_stream_event(ccid, "stream-error", "Connection timeout " + "x" * 5000)
+        forged = form_signed(event, Ed25519PrivateKey.generate())
+        assert (await client.post(path, content=event, headers=forged)).status_code == 403
+        started = texml_stream_event(ccid, "stream-started")
+        hook = await client.post(path, content=started, headers=form_signed(started))
+        assert hook.status_code == 200, hook.text
+        assert hangups(api, ccid) == 0
+        assert await session_of(gw, orphan) is not None
+
+        caplog.clear()
+        hook = await client.post(path, content=event, headers=form_signed(event))
+        assert hook.status_code == 200, hook.text
+        assert hook.json() == {}
+        assert hangups(api, ccid) == 1  # before: 0, nothing done
+        assert await session_of(gw, orphan) is None  # the app key of ?appKey=: sales
+        [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        line = warning.getMessage()
+        assert f"Telnyx call {ccid}: its media stream failed ('Connection timeout xxx" in line
+        assert "x" * 300 not in line
+        assert await session_of(gw, live) is not None
