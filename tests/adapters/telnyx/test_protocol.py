@@ -10,6 +10,12 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from adapters.telnyx.control import (
+    MAX_CALL_ID,
+    MAX_FAILURE_REASON,
+    StreamFailure,
+    texml_stream_failure,
+)
 from adapters.telnyx.protocol import (
     CLEAR,
     TelnyxCodec,
@@ -195,6 +201,11 @@ def test_texml_answer() -> None:
     with pytest.raises(UnsupportedMediaFormat):
         texml("wss://x", codec="G722")
     assert 'codec="' not in texml("wss://x", codec=None).replace("bidirectionalCodec", "")
+    called = texml("wss://x", status_callback="https://gw.example/telnyx/status?appKey=a&b=1")
+    stream = ET.fromstring(called.split("?>", 1)[1]).find("./Connect/Stream")
+    assert stream is not None
+    assert stream.attrib["statusCallback"] == "https://gw.example/telnyx/status?appKey=a&b=1"
+    assert stream.attrib["statusCallbackMethod"] == "POST"
 
 
 def test_call_control_stream_fields() -> None:
@@ -249,3 +260,25 @@ def test_a_call_keeps_only_the_latest_carrier_errors() -> None:
     assert [e.detail for e in call.errors] == [
         str(i) for i in range(KEPT_ERRORS * 4, KEPT_ERRORS * 5)
     ]
+
+
+def test_texml_stream_failure() -> None:
+    """The TeXML stream webhook's ``stream-error`` (developers.telnyx.com
+    api-reference/callbacks/texml-stream) read as a StreamFailure; other events, none or
+    a CallSid no call of the gateway's has: None."""
+    form = {"CallSid": "v3:abc", "StreamEvent": "stream-error", "StreamSid": "s1"}
+    assert texml_stream_failure({**form, "StreamError": "Connection timeout"}) == StreamFailure(
+        "v3:abc", "Connection timeout", "s1", None
+    )
+    cut = texml_stream_failure({**form, "StreamError": "x" * 5000})
+    assert cut is not None
+    assert cut.reason == "x" * MAX_FAILURE_REASON
+    assert texml_stream_failure(form) == StreamFailure("v3:abc", "", "s1", None)
+    for other in (
+        {**form, "StreamEvent": "stream-started"},
+        {**form, "StreamEvent": "stream-stopped"},
+        {"CallSid": "v3:abc"},
+        {**form, "CallSid": ""},
+        {**form, "CallSid": "v" * (MAX_CALL_ID + 1)},
+    ):
+        assert texml_stream_failure(other) is None
