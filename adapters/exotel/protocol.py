@@ -24,7 +24,13 @@ gateway -> Exotel: ``{"event":"media","stream_sid":…,"media":{"payload":…}}`
 "stream_sid":…}``. Hang up by closing the socket (the next applet runs).
 
 Audio: raw 16-bit little-endian mono (``audio/x-raw``, "slin"), 8 kHz by default;
-the beta extension's ``audio/x-mulaw`` is taken too.
+the beta extension's ``audio/x-mulaw`` is taken too. Byte order: Exotel's "Working with
+the Stream and Voicebot Applet" (https://developer.exotel.com/docs/agentstream/stream-voicebot-applet,
+"Audio Format") says "All audio payloads are sent as raw/slin (16-bit, 8kHz, mono PCM
+little-endian) encoded in base64", both ways (the bot's media is played as sent). The
+beta extension guide (https://developer.exotel.com/docs/agentstream/stream-voicebot-extension)
+names ``audio/L16;rate=8000|16000`` "Raw linear PCM" without a byte order: taken as the
+same little-endian slin [unverified; RFC 3551's L16 is big-endian].
 """
 
 from __future__ import annotations
@@ -63,8 +69,9 @@ _RAW: Final = frozenset({"audio/x-raw", "raw", "slin", "audio/l16", "pcm"})
 def media_format(encoding: str, sample_rate: int) -> MediaFormat:
     """The wire format of an Exotel ``media_format.encoding``.
 
-    ``audio/x-raw`` (slin) is 16-bit little-endian; ``audio/x-mulaw`` G.711 μ-law.
-    Raises UnsupportedMediaFormat for another encoding or rate.
+    ``audio/x-raw`` (slin) is 16-bit little-endian (module doc: Exotel's words; its
+    extension's ``audio/L16`` too, [unverified]); ``audio/x-mulaw`` G.711 μ-law. Raises
+    UnsupportedMediaFormat for another encoding or rate.
     """
     kind = media_type(encoding)
     if kind in _RAW:

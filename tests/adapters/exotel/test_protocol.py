@@ -263,3 +263,18 @@ def test_the_outbound_track_is_not_the_caller() -> None:
     for frame in (inbound, json.loads(media(voice))):
         fed = [a for a in call.receive(json.dumps(frame)) if isinstance(a, FeedAudio)]
         assert [a.data for a in fed] == [voice]
+
+
+def test_slin_is_little_endian_both_ways() -> None:
+    """Exotel's slin is 16-bit little-endian (developer.exotel.com "Working with the Stream
+    and Voicebot Applet", "Audio Format"): the sample 0x1234 arrives as bytes 34 12 and is
+    heard as 0x1234 (4660); the gateway's own 0x1234 goes out as 34 12, not 12 34."""
+    codec = started()
+    heard = codec.receive_text(media(b"\x34\x12" * 160))
+    assert isinstance(heard, Media)
+    assert heard.pcm.data[:2] == (4660).to_bytes(2, "little", signed=True)
+    payload = base64.b64decode(
+        json.loads(codec.audio(Pcm(b"\x34\x12" * 1600, 8000))[0])["media"]["payload"]
+    )
+    assert payload[:4] == b"\x34\x12\x34\x12"
+    assert payload.count(b"\x34\x12") == 1600
