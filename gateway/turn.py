@@ -144,9 +144,21 @@ class TurnEnd(StrEnum):
     BUSY = "busy"
     """The turn could not start: another turn holds the session (``session-busy``)."""
     REFUSED = "refused"
-    """The turn could not start for another reason (unknown, foreign, store down)."""
+    """The turn could not start for another reason (unknown or foreign session, its
+    attributes too large)."""
+    UNAVAILABLE = "unavailable"
+    """The turn could not start: the session store failed (``store-unavailable``: Redis
+    unreachable, timing out, or its client's circuit breaker open). A passing fault of the
+    gateway's own, neither the user's nor the core's: the session is as it was."""
     FAILED = "failed"
     """The turn ran and failed (the pipeline or the gateway): an ErrorEvent, no Response."""
+
+
+_REJECTED_ENDS: Mapping[str, TurnEnd] = {
+    "session-busy": TurnEnd.BUSY,
+    "store-unavailable": TurnEnd.UNAVAILABLE,
+}
+"""The TurnEnd of a rejection by its reason; any other reason is REFUSED."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +183,7 @@ class TurnOutcome:
         if self.late:
             return TurnEnd.LATE
         if self.rejected is not None:
-            return TurnEnd.BUSY if self.rejected.reason == "session-busy" else TurnEnd.REFUSED
+            return _REJECTED_ENDS.get(self.rejected.reason, TurnEnd.REFUSED)
         return TurnEnd.FAILED if self.response is None else TurnEnd.ANSWERED
 
 
@@ -196,12 +208,17 @@ VOICE_FALLBACKS: Mapping[TurnEnd, Fallback] = {
     TurnEnd.LATE: Fallback(Prompt.STILL_WORKING, end=False),
     TurnEnd.BUSY: Fallback(Prompt.STILL_WORKING, end=False),
     TurnEnd.REFUSED: Fallback(Prompt.ERROR, end=True),
+    TurnEnd.UNAVAILABLE: Fallback(Prompt.ERROR, end=False),
     TurnEnd.FAILED: Fallback(Prompt.ERROR, end=False),
 }
 """The voice assistants' policy (Alexa, Google, Dialogflow): a late turn or a busy session
 is "still working" and the conversation goes on (the late turn saves its session); a
-failed turn apologises and keeps the session (it did not advance); a turn that could not
-start apologises and ends the conversation. Every TurnEnd but ANSWERED has a row."""
+failed turn (the core failed, or the store when the session was saved) apologises and
+keeps the conversation open (the session did not advance); so does a turn the session
+store could not start (a Redis blip, its breaker open: the user's next words are a turn
+of the same session once Redis answers); a turn refused for another reason (a session of
+another application) apologises and ends the conversation. Every TurnEnd but ANSWERED has
+a row."""
 
 
 @dataclass(frozen=True)

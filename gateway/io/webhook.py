@@ -19,8 +19,10 @@ I/O, the same for all:
    deadline less the time already spent, and its :class:`~gateway.turn.TurnOutcome`
    is mapped: ANSWERED by :meth:`~WebhookChannel.answer` (when that answer closes the
    conversation the gateway ends its session too, :func:`end_session`); LATE, BUSY,
-   REFUSED and FAILED through the channel's pure table ``fallbacks`` (TurnEnd ->
-   Fallback, e.g. :data:`gateway.turn.VOICE_FALLBACKS`) into
+   REFUSED, UNAVAILABLE (the session store failed) and FAILED through the channel's
+   pure table ``fallbacks`` (TurnEnd -> Fallback, e.g.
+   :data:`gateway.turn.VOICE_FALLBACKS`: a store that fails keeps the conversation
+   open, so the user's next words find the session once it answers) into
    :meth:`~WebhookChannel.fallback` with the prompt's text from the settings; but a
    request that closes the conversation whatever the core says
    (:meth:`~WebhookChannel.ends_anyway`: the user said stop or cancel) is answered as

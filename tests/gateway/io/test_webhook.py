@@ -54,6 +54,7 @@ TABLE = {
     TurnEnd.LATE: Fallback(Prompt.STILL_WORKING, end=False),
     TurnEnd.BUSY: Fallback(Prompt.STILL_WORKING, end=True),  # unlike VOICE_FALLBACKS
     TurnEnd.REFUSED: Fallback(Prompt.ERROR, end=True),
+    TurnEnd.UNAVAILABLE: Fallback(Prompt.ERROR, end=False),
     TurnEnd.FAILED: Fallback(Prompt.ERROR, end=False),
 }
 
@@ -217,7 +218,12 @@ def test_an_outcome_names_its_row_and_every_row_but_answered_is_in_the_voice_tab
     assert TurnOutcome(late=True).end is TurnEnd.LATE
     assert TurnOutcome(rejected=busy).end is TurnEnd.BUSY
     assert TurnOutcome(rejected=foreign).end is TurnEnd.REFUSED
+    store_down = TurnRejected("store-unavailable", "The session store is unavailable.")
+    assert TurnOutcome(rejected=store_down).end is TurnEnd.UNAVAILABLE
     assert TurnOutcome().end is TurnEnd.FAILED
+    # the gateway's own store failing is no reason to end the user's conversation
+    assert VOICE_FALLBACKS[TurnEnd.UNAVAILABLE] == Fallback(Prompt.ERROR, end=False)
+    assert VOICE_FALLBACKS[TurnEnd.REFUSED] == Fallback(Prompt.ERROR, end=True)
     assert set(VOICE_FALLBACKS) == set(TurnEnd) - {TurnEnd.ANSWERED} == set(TABLE)
 
 
