@@ -27,7 +27,10 @@ by the token too) and LockLost is raised on exit. A renewal or fenced release th
 the session, stored when the lock was taken, gone too tells (in the same script, so the
 lock held costs nothing more) that Redis lost its data (a restart without persistence,
 a FLUSHALL): one WARNING per such outage (:meth:`RedisSessionStore.data_lost`) and a
-LockLost with ``data_lost``, which turns log at DEBUG. A session that was not stored yet
+LockLost with ``data_lost``, which turns log at DEBUG. Not when the session may have
+expired by its own time to live (read by the take, in its script: a session taken near
+its end whose holder then lost its lease, a stalled process); that is a lock lost. A
+session that was not stored yet
 (the turn that creates it) leaves no such trace; its lock found gone (the session
 absent) while its lease cannot have run out yet (the last take or renewal that held it
 was sent less than 90 % of a lease ago: no round trip more) tells the same: a lock
@@ -62,6 +65,7 @@ import functools
 import heapq
 import itertools
 import logging
+import math
 import os
 import secrets
 import time
@@ -226,6 +230,11 @@ class SessionTxn:
     """Monotonic time (``time.monotonic()``) before which the lock's lease cannot have run
     out: the send of the last take or renewal that held it plus 90 % of the lease (a
     margin for the store's clock); 0 when the store does not tell (the memory store)."""
+    session_until: float = math.inf
+    """Monotonic time before which ``session`` cannot have expired by its own time to live:
+    the send of the take plus 90 % of the time to live it read (Redis); infinite when
+    the session has none, or the store does not tell (the memory store). A session found
+    gone after it may have expired, not been lost (:func:`_data_lost`)."""
     pushes_pending: bool | None = None
     """Whether the session's outbox held undelivered entries when the lock was taken
     (a store told of the outbox by its ``peek_outbox``: :meth:`RedisSessionStore.peek_outbox`,
@@ -515,9 +524,15 @@ the store's clock running faster than ours or stepping."""
 
 def _data_lost(txn: SessionTxn) -> bool:
     """Whether ``txn``'s lock, found gone with the session absent, was lost by Redis with
-    its data (module doc): the session had been stored when the lock was taken, or, for a
-    session not stored yet, the lease cannot have run out (:attr:`SessionTxn.lease_until`)."""
-    return txn.session is not None or time.monotonic() < txn.lease_until
+    its data (module doc): the session had been stored when the lock was taken and cannot
+    have expired by its own time to live since (:attr:`SessionTxn.session_until`: a
+    session taken near its end, whose holder then lost its lease, may have; that is a
+    lock lost), or, for a session not stored yet, the lease cannot have run out
+    (:attr:`SessionTxn.lease_until`)."""
+    now = time.monotonic()
+    if txn.session is not None:
+        return now < txn.session_until
+    return now < txn.lease_until
 
 
 # A take is idempotent: when the lock already holds this very token, the same take ran
@@ -535,7 +550,7 @@ _ACQUIRE = (
     _TAKE
     + """
 if taken then
-  return {1, redis.call('GET', KEYS[2])}
+  return {1, redis.call('GET', KEYS[2]), redis.call('PTTL', KEYS[2])}
 end
 return {0, false}
 """
@@ -543,13 +558,15 @@ return {0, false}
 
 # KEYS[3], KEYS[4]: the outbox's entries and meta hash; a mark that is no number
 # (gateway/outbox.py's module doc) is read as 0: every kept entry counts as pending.
+# Both takes end their reply with the session's PTTL (SessionTxn.session_until).
 _ACQUIRE_PEEK = (
     _TAKE
     + """
 if taken then
   local mark = redis.call('HGET', KEYS[4], 'mark')
   if not (mark and #mark <= 15 and string.match(mark, '^%d+$')) then mark = '0' end
-  return {1, redis.call('GET', KEYS[2]), redis.call('ZCOUNT', KEYS[3], '(' .. mark, '+inf')}
+  return {1, redis.call('GET', KEYS[2]), redis.call('ZCOUNT', KEYS[3], '(' .. mark, '+inf'),
+          redis.call('PTTL', KEYS[2])}
 end
 return {0, false, 0}
 """
@@ -779,6 +796,9 @@ class RedisSessionStore:
         raw = data if session is not None else None
         txn = SessionTxn(key, session, token=token, pushes_pending=pending, raw=raw)
         txn.lease_until = taking + _LEASE_MARGIN * lease_s
+        ttl_ms = reply[-1]  # the session's PTTL: -1 none (it does not expire), -2 no key
+        if session is not None and ttl_ms >= 0:
+            txn.session_until = taking + _LEASE_MARGIN * ttl_ms / 1000
         # the renewer starts only when the transaction outlives a third of its lease:
         # a timer costs far less than a task per turn, and most turns end before it
         keeper: list[_Keeper] = []

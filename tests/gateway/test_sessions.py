@@ -227,6 +227,55 @@ async def test_redis_stalled_holder_loses_its_lease_and_late_write_is_refused(
         await other.aclose()
 
 
+async def test_redis_a_session_that_expired_while_its_holder_stalled_is_no_data_loss(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session taken with 1 s left of its time to live, whose holder then stalls (a
+    blocked event loop: no renewal) past both its 0.5 s lease and that second: the release
+    finds the lock and the session gone, as it would after Redis lost its data. It was
+    told so (LockLost ``data_lost``, the WARNING "Redis lost its data"), blaming Redis for
+    what the session's own expiry did. Now the take reads the session's time to live in
+    the same script (no round trip more), and a session that may have expired by it is a
+    lock lost, not a data loss."""
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    caplog.set_level("DEBUG", logger="gateway.sessions")
+    try:
+        async with store.open("c:ttl", lease_s=5, wait_s=1) as txn:
+            txn.save(stored("c:ttl", turn_count=1), ttl_s=1)
+        with pytest.raises(LockLost) as lost:
+            async with store.open("c:ttl", lease_s=0.5, wait_s=1) as txn:
+                assert txn.session is not None
+                time.sleep(1.3)  # noqa: ASYNC251 (a stalled loop: the lease and the TTL run out)
+                txn.save(txn.session, ttl_s=60)
+        assert not lost.value.data_lost
+        assert "Redis lost its data" not in caplog.text
+        assert await store.get("c:ttl") is None  # the stale save was dropped (fenced)
+    finally:
+        await store.aclose()
+
+
+async def test_redis_a_stored_session_gone_with_its_lock_within_its_ttl_is_data_loss(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The other side of the test above: a session with a minute to live, gone with its
+    lock while its holder stalled (deleted as a FLUSHALL or a restart would lose them),
+    is still told a data loss."""
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    caplog.set_level("DEBUG", logger="gateway.sessions")
+    try:
+        async with store.open("c:flushed", lease_s=5, wait_s=1) as txn:
+            txn.save(stored("c:flushed", turn_count=1), ttl_s=60)
+        lock_key, data_key = store._keys("c:flushed")
+        with pytest.raises(LockLost) as lost:
+            async with store.open("c:flushed", lease_s=0.5, wait_s=1) as txn:
+                await store.redis.delete(lock_key, data_key)
+                txn.save(stored("c:flushed", turn_count=2), ttl_s=60)
+        assert lost.value.data_lost
+        assert "Redis lost its data" in caplog.text
+    finally:
+        await store.aclose()
+
+
 async def _lost(txn: Any, within_s: float = 5.0) -> None:
     """Wait until ``txn`` is marked lost (its next renewal, 100 ms after the last, finds
     the lock gone): a fixed 0.3 s sleep failed on a loaded machine."""
