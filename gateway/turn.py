@@ -147,9 +147,12 @@ class TurnEnd(StrEnum):
     """The turn could not start for another reason (unknown or foreign session, its
     attributes too large)."""
     UNAVAILABLE = "unavailable"
-    """The turn could not start: the session store failed (``store-unavailable``: Redis
-    unreachable, timing out, or its client's circuit breaker open). A passing fault of the
-    gateway's own, neither the user's nor the core's: the session is as it was."""
+    """The session store failed before anything of the turn went out (``store-unavailable``:
+    Redis unreachable, timing out, or its client's circuit breaker open; mostly as the turn
+    took its session, or as it saved a turn that said nothing). A passing fault of the
+    gateway's own, neither the user's nor the core's: the session is as it was. (A store
+    that fails once the turn's items went out ends it FAILED, an Error of source
+    ``gateway``.)"""
     FAILED = "failed"
     """The turn ran and failed (the pipeline or the gateway): an ErrorEvent, no Response."""
 

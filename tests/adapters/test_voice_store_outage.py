@@ -1,4 +1,4 @@
-"""Alexa and Google Assistant turns while the gateway's own session store (Redis) fails.
+"""Alexa, Google Assistant and Dialogflow turns while the gateway's own session store fails.
 
 The gateway runs on a free port with Redis behind the proxy of tests/gateway/redis_proxy.py
 (``reply_dropper``): cut off (connections reset, new ones refused) or hung (a blackhole:
@@ -6,7 +6,8 @@ the command times out, after 0.5 s here, and the client's circuit breaker opens 
 refuses the next calls at once). A store that fails is a passing fault of the gateway's,
 not the user's: the voice answer apologises (GATEWAY_VOICE_ERROR_TEXT, "Please try
 again") and keeps the conversation open (Alexa ``shouldEndSession: false`` with a
-reprompt, Google v3 without the END_CONVERSATION scene, v2 ``expectUserResponse: true``),
+reprompt, Google v3 without the END_CONVERSATION scene, v2 ``expectUserResponse: true``,
+Dialogflow CX without the END_SESSION ``targetPage``),
 so the user's next words, once Redis answers, are a turn of the same session. It ended the
 conversation before (gateway.turn.VOICE_FALLBACKS' REFUSED row), and the user had to
 invoke the skill again. A failing core keeps its answer (the apology, the conversation
@@ -30,14 +31,14 @@ from fastapi.responses import JSONResponse
 
 from gateway.settings import Settings
 from tests.adapters.alexa.test_routes import envelope, parsed, reply, spoken
-from tests.adapters.google.requests import v2, v3
-from tests.adapters.google.test_routes import check_v2, check_v3, ok
+from tests.adapters.google.requests import cx, v2, v3
+from tests.adapters.google.test_routes import check_cx, check_v2, check_v3, ok
 from tests.adapters.test_speech_saturation import metric
 from tests.conftest import serve, served
 from tests.gateway.redis_proxy import ReplyDropper
 
 SORRY = Settings().voice_error_text
-OFF: dict[str, Any] = {"alexa_verify": False, "google_verify": False}
+OFF: dict[str, Any] = {"alexa_verify": False, "google_verify": False, "dialogflow_verify": False}
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,17 @@ async def google_v2(client: httpx.AsyncClient, session: str, text: str) -> tuple
     return check_v2(ok(await client.post("/google", json=v2(session, "actions.intent.TEXT", text))))
 
 
+async def dialogflow_cx(client: httpx.AsyncClient, session: str, text: str) -> tuple[str, bool]:
+    path = f"projects/gateway-test/locations/global/agents/a1/sessions/{session}"
+    data = ok(await client.post("/dialogflow", json=cx(path, text)))
+    return check_cx(cx(path), data), "targetPage" not in data  # the END_SESSION page ends it
+
+
 VOICES = {
     "alexa": Voice("alexa", alexa),
     "google-v3": Voice("google", google_v3),
     "google-v2": Voice("google", google_v2),
+    "dialogflow-cx": Voice("dialogflow", dialogflow_cx),
 }
 
 
