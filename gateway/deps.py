@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -55,12 +56,31 @@ class Gateway:
     pusher: Pusher | None = None
     unconfigured: list[Unconfigured] = field(default_factory=list)
     before_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """What runs at shutdown once the listening sockets are closed and before the open
+    connections are (gateway/server.py ``GatewayServer``), concurrently: the routers' own
+    (Twilio, Plivo, Telnyx, Vonage move their calls to another instance; Flowstorm V1 lets
+    running turns answer within :meth:`drain_left_s`); each bounds its time and never
+    raises."""
     draining: bool = False
     """A graceful shutdown has begun: not ready (``/readyz`` 503), never unset."""
-    """What runs at shutdown once the listening sockets are closed and before the open
-    connections are (gateway/server.py ``GatewayServer``), concurrently: the routers'
-    own (Twilio, Plivo, Telnyx, Vonage move their calls to another instance); each bounds its
-    time and never raises."""
+    drain_began: float | None = None
+    """When the graceful shutdown began (``time.monotonic()``; None before): every wait of
+    the shutdown counts GATEWAY_SHUTDOWN_TIMEOUT_S from then (:meth:`drain_left_s`)."""
+
+    def begin_draining(self) -> None:
+        """A graceful shutdown begins (the first SIGTERM/SIGINT): ``draining`` from now on,
+        ``drain_began`` now unless it began already (a second call changes nothing)."""
+        self.draining = True
+        if self.drain_began is None:
+            self.drain_began = time.monotonic()
+
+    def drain_left_s(self) -> float:
+        """Seconds left of GATEWAY_SHUTDOWN_TIMEOUT_S since the graceful shutdown began (the
+        whole of it before; never below 0): what the shutdown's waits may still take."""
+        total = float(self.settings.shutdown_timeout_s)
+        if self.drain_began is None:
+            return total
+        return max(0.0, total - (time.monotonic() - self.drain_began))
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:

@@ -92,6 +92,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway import metrics
+from gateway.deps import Gateway
 from gateway.httputil import status_phrase
 from gateway.settings import Settings
 
@@ -752,20 +753,25 @@ class GatewayServer(uvicorn.Server):
     it stops accepting connections, then runs the app's ``before_close`` hooks
     (gateway/deps.py ``Gateway.before_close``: the carriers move their calls to another
     instance while their streams are still open), concurrently; only then does uvicorn
-    close the open connections (WebSockets with 1012) and wait for the rest. The time the
-    hooks took is taken off that wait (GATEWAY_SHUTDOWN_TIMEOUT_S, at least 1 s left), so
-    the shutdown's bound stays what it was. Uses uvicorn's ``servers`` (its listening
-    servers; closing one again is a no-op)."""
+    close the open connections (WebSockets with 1012) and wait for the rest. The time
+    since the graceful shutdown began (the Gateway's ``drain_began``: the first signal,
+    when the Voiceflow clients were told ``server.restart`` before this; else now) is taken
+    off that wait (GATEWAY_SHUTDOWN_TIMEOUT_S, at least 1 s left), so the waits before it
+    do not make the shutdown longer. Uses uvicorn's ``servers`` (its listening servers;
+    closing one again is a no-op)."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        began = loop.time()
+        began = time.monotonic()
+        gw = getattr(getattr(self.config.app, "state", None), "gateway", None)
+        if isinstance(gw, Gateway):
+            gw.begin_draining()
+            began = gw.drain_began or began
         for server in self.servers:
             server.close()  # no new connection while the hooks run (uvicorn closes it too)
         await run_before_close(self.config.app)
         timeout = self.config.timeout_graceful_shutdown
         if timeout is not None:
-            left = timeout - (loop.time() - began)
+            left = timeout - (time.monotonic() - began)
             self.config.timeout_graceful_shutdown = max(1, math.floor(left))
         await super().shutdown(sockets)
 
