@@ -56,6 +56,9 @@ text (``1.5`` -> ``"1.5"``), bytes as ``""``; none (absent or null) gets a new U
 - ``pipeline-error``: the core failed or timed out on an action (with messageID);
 - ``gateway-error``: the gateway failed on an action (with messageID), or on the
   store lookup of a client.start.
+- ``answer-lost``: the server shut down gracefully before the running action's answer was
+  ready (with messageID; ``action.status completed`` ``reason: "error"`` follows, then
+  ``server.restart``): the action was run and its session keeps it, its answer is lost.
 
 ``action.status.reason`` of a rejection -> when it is sent:
 
@@ -156,9 +159,11 @@ Decisions where the spec is silent:
   (the next that would have run) goes back in ``server.restart {action}`` (the spec's
   "optional action to replay after reconnection"), as the client sent it (``type``,
   ``payload``, ``diagramID`` and ``time`` when it sent them), and every other one is
-  rejected ``server-restart`` before that event; the running action's turn goes on. The
-  server first lets the running action end (:meth:`VoiceflowConnection.hold`: no queued
-  action starts meanwhile, a new one is queued even when none runs).
+  rejected ``server-restart`` before that event. The server first lets the running action
+  end (:meth:`VoiceflowConnection.hold`: no queued action starts meanwhile, a new one is
+  queued even when none runs); one that could not end in time is answered ``error
+  answer-lost`` and ``completed`` (``reason: "error"``) before them
+  (:meth:`VoiceflowConnection.answer_lost`; its turn goes on and saves the session).
   While actions
   are queued the connection is not idle (no ``inactivity_timeout``) and pushed items
   wait until the queue is done, as they wait for a running action.
@@ -302,6 +307,11 @@ RESTART_TEXT = (
     "The server is restarting: this action was not run; send it again after reconnecting."
 )
 """``action.status rejected server-restart``'s ``detail``."""
+ANSWER_LOST_TEXT = (
+    "The server is restarting and this action's answer was not ready in time: the action "
+    "was run and its session keeps it, but its answer is lost; reconnect and go on."
+)
+"""``error answer-lost``'s text (:meth:`VoiceflowConnection.answer_lost`)."""
 
 ENDED_BY_CORE = "end_of_diagram"
 """session.ended reason when the core ended the conversation (Voiceflow's name)."""
@@ -1354,8 +1364,8 @@ class VoiceflowConnection:
         to replay on the new instance; with nothing queued, ``server.restart {}``. The queue
         is then empty, and every ``action.send`` until the connection closes is rejected
         ``server-restart`` too. A running action is not touched: its turn goes on and saves
-        the session (its answers reach the client if it ends before the connection does;
-        the server first waits a while for it, the connection held: :meth:`hold`).
+        the session (the server first waits for it, the connection held: :meth:`hold`, so
+        that its answer reaches the client; one that still runs then: :meth:`answer_lost`).
         Called again (the shutdown tells the clients still connected after a first
         restart, or a second signal overlaps it): ``[]``, the client was told already (a
         second ``server.restart {}`` would follow the one with the action to replay).
@@ -1372,6 +1382,25 @@ class VoiceflowConnection:
             for later in queued[1:]
         ]
         return [*out, Emit(SERVER_RESTART, {"action": queued[0].body.replay()})]
+
+    def answer_lost(self) -> list[Emit]:
+        """The server is shutting down and the running action's answer was not ready in
+        time (the server waited for it as long as the shutdown allows, and no longer
+        forwards its turn: no event of it comes any more): what the client is told before
+        :meth:`server_restart`, so that it does not wait for the action's ``completed`` in
+        vain: the open completion's end, ``error {code: "answer-lost", error, messageID}``
+        and ``action.status completed`` with ``reason: "error"``, as after a failed turn.
+        Its turn goes on and saves the session; its answer reaches no client (Voiceflow's
+        protocol has no way to ask for it again). ``[]`` when no action runs."""
+        running, self._running = self._running, None
+        if running is None:
+            return []
+        message_id = running.message_id
+        closing = running.writer.close()
+        out = [Emit(ACTION_TRACE, {"trace": t, "messageID": message_id}) for t in closing]
+        out.append(error("answer-lost", ANSWER_LOST_TEXT, message_id))
+        out.append(status("completed", message_id, "error"))
+        return out
 
     def superseded(self) -> list[Action]:
         """The client resumed this connection's session on another connection (client.start

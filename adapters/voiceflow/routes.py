@@ -53,7 +53,13 @@ Operations:
   process, then their Engine.IO sessions are closed, which makes socket.io clients
   reconnect (to another instance behind the load balancer). Actions running then get
   the first half of GATEWAY_VOICEFLOW_RESTART_GRACE_S to end, so that their traces and
-  ``completed`` come before it (VoiceflowServer.restart). A client's queued actions
+  ``completed`` come before it (VoiceflowServer.restart); the clients of those still
+  running then are told later, once the server has stopped accepting and before it
+  closes the connections (VoiceflowServer.finish_restart, the Gateway's ``before_close``
+  hook), as soon as their action has ended, or when what is left of
+  GATEWAY_SHUTDOWN_TIMEOUT_S (since the signal) runs out: then the action is answered
+  ``error answer-lost`` and ``completed`` first (its turn still saves the session). The
+  server's own wait is shortened by that time (gateway/server.py). A client's queued actions
   run no turn here: the first comes back in ``server.restart {action}`` for the client
   to replay, the others are rejected ``server-restart`` before it
   (VoiceflowConnection.server_restart). uvicorn closes open
@@ -622,6 +628,8 @@ class VoiceflowServer:
         # held from an action's StartTurn through the queued actions that follow it
         self._running: dict[str, tuple[str, StartTurn]] = {}
         self._hooks: dict[int, _SignalHook] = {}
+        self._deferred: set[str] = set()
+        """The sids of the clients :meth:`restart` left to :meth:`finish_restart`."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -652,6 +660,7 @@ class VoiceflowServer:
                     "stop working when this process restarts and are not accepted by other "
                     "instances"
                 )
+        gw.before_close.append(self.finish_restart)  # the clients with a running action
         self._install_signal_hooks()
 
     def session_keys(self) -> SessionKeys:
@@ -690,7 +699,7 @@ class VoiceflowServer:
             with contextlib.suppress(Exception):
                 await redisconn.aclose(redis)
 
-    async def restart(self) -> int:
+    async def restart(self, *, defer_running: bool = False) -> int:
         """``server.restart`` to every client of this process, then end their
         Engine.IO sessions so that they reconnect; bounded by
         GATEWAY_VOICEFLOW_RESTART_GRACE_S. Returns how many clients were told.
@@ -699,8 +708,12 @@ class VoiceflowServer:
         traces and ``completed`` reach their clients before ``server.restart`` (the
         client reconnects on it, and a new connection is not told the answer of a turn
         of the old one); meanwhile no queued action starts (VoiceflowConnection.hold).
-        An action still running after it is told nothing more here (its turn goes on and
-        saves the session); the clients are told within the second half."""
+        With ``defer_running`` (the first signal: the server's shutdown runs
+        :meth:`finish_restart` before it closes the connections) a client whose action
+        still runs then is told nothing yet: :meth:`finish_restart` waits longer for it.
+        Without, it is told now, its action answered ``error answer-lost`` and
+        ``completed`` first (VoiceflowConnection.server_restart; its turn goes on and
+        saves the session). The clients are told within the second half."""
         clients = list(self._clients.values())
         if not clients:
             return 0
@@ -710,21 +723,72 @@ class VoiceflowServer:
         turns = [turn for client in clients for turn in client.turns]
         if turns:
             await asyncio.wait(turns, timeout=grace / 2)
-        sids = [client.sid for client in clients if client.sid in self._clients]
+        now = []
+        for client in clients:
+            if defer_running and client.turns:
+                self._deferred.add(client.sid)
+            else:
+                now.append(client)
+        told = await self._tell(now, grace / 2 if turns else grace)
+        log.info("told %d Voiceflow clients to reconnect elsewhere", told)
+        return told
+
+    async def finish_restart(self) -> None:
+        """Tell the clients :meth:`restart` deferred (their action still ran after half the
+        grace) once their action has ended, so that its traces and ``completed`` reach
+        them first: the Gateway's ``before_close`` hook, run once the server no longer
+        accepts and before it closes the connections. Each client's action gets what the
+        shutdown has left (Gateway.drain_left_s: GATEWAY_SHUTDOWN_TIMEOUT_S counted from the
+        signal) less half of GATEWAY_VOICEFLOW_RESTART_GRACE_S to tell the client and 1 s
+        for the server to close the rest, so the shutdown ends no later than it did; each
+        client is told as soon as its own action has ended, or then (``error
+        answer-lost`` and ``completed`` for its action, VoiceflowConnection.server_restart).
+        Never raises."""
+        gw = self._gateway
+        deferred = [self._clients[sid] for sid in self._deferred if sid in self._clients]
+        self._deferred.clear()
+        if gw is None or not deferred:
+            return
+        grace = self.settings.voiceflow_restart_grace_s
+        wait_s = gw.drain_left_s() - grace / 2 - 1
+
+        async def when_answered(client: _Client) -> int:
+            if client.turns and wait_s > 0:
+                await asyncio.wait(set(client.turns), timeout=wait_s)
+            return await self._tell([client], grace / 2, cut=True)
+
         try:
-            async with asyncio.timeout(grace / 2 if turns else grace):
-                await asyncio.gather(*(self._tell_restart(sid) for sid in sids))
+            told = await asyncio.gather(*(when_answered(client) for client in deferred))
+        except Exception:
+            log.exception("telling Voiceflow clients about the restart failed")
+            return
+        log.info("told %d Voiceflow clients with a running action to reconnect", sum(told))
+
+    async def _tell(
+        self, clients: Sequence[_Client], timeout_s: float, *, cut: bool = False
+    ) -> int:
+        """:meth:`_tell_restart` each of ``clients`` still connected (``cut``: their running
+        action too), together, within ``timeout_s`` (a WARNING when not all were); how many
+        were told."""
+        sids = [client.sid for client in clients if client.sid in self._clients]
+        if not sids:
+            return 0
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*(self._tell_restart(sid, cut=cut) for sid in sids))
         except TimeoutError:
-            log.warning("Voiceflow clients were not all told within %.1f s", grace)
-        log.info("told %d Voiceflow clients to reconnect elsewhere", len(sids))
+            log.warning("Voiceflow clients were not all told within %.1f s", timeout_s)
         return len(sids)
 
-    async def _tell_restart(self, sid: str) -> None:
+    async def _tell_restart(self, sid: str, *, cut: bool = False) -> None:
         """server.restart to one client, then the end of its Engine.IO session. No turn runs
         for its queued actions: the first (the next that would have run) goes back to the
         client in ``server.restart {action}`` to replay on the new instance, each other one
         is rejected ``server-restart`` before it (VoiceflowConnection.server_restart); the
-        turn of its running action goes on and saves the session. A client told already (a
+        turn of its running action goes on and saves the session. With ``cut`` (the wait
+        for that action is over: :meth:`finish_restart`) the action is no longer forwarded
+        and is answered ``error answer-lost`` and ``completed`` first
+        (VoiceflowConnection.answer_lost). A client told already (a
         second :meth:`restart`: the shutdown's, or one overlapping a first) is told
         nothing more; its session is ended again all the same.
 
@@ -735,7 +799,16 @@ class VoiceflowServer:
         """
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
         client = self._clients.get(sid)
-        told = client.conn.server_restart() if client is not None else [Emit(SERVER_RESTART, {})]
+        told = [Emit(SERVER_RESTART, {})]
+        if client is not None:
+            lost: list[Emit] = []
+            if cut and client.turns:  # its answer cannot come here now
+                forwarders = list(client.turns)
+                for task in forwarders:
+                    task.cancel()
+                await asyncio.gather(*forwarders, return_exceptions=True)
+                lost = client.conn.answer_lost()
+            told = [*lost, *client.conn.server_restart()]
         for emit in told:  # the rejections of the queued actions, then server.restart
             await _emit(self.sio, sid, emit)
         socket = self.sio.eio.sockets.get(eio_sid) if eio_sid else None
@@ -1047,7 +1120,9 @@ class VoiceflowServer:
 class _SignalHook:
     """Wraps a server's SIGTERM/SIGINT handler: the first signal tells the Voiceflow
     clients ``server.restart`` (the gateway ``draining`` from then on: ``/readyz`` 503)
-    before the server (``previous``) hears of it; a second
+    before the server (``previous``) hears of it, except those whose action still runs
+    after half the grace (the server's shutdown tells them once it has ended:
+    VoiceflowServer.finish_restart, a ``before_close`` hook); a second
     signal meanwhile goes to it at once, as every signal once the hook is no longer
     ``active`` (it fired, or was removed)."""
 
@@ -1068,13 +1143,13 @@ class _SignalHook:
 
     def _begin(self, signum: int) -> None:
         if (gw := self.server._gateway) is not None:
-            gw.draining = True  # /readyz 503 while the server still accepts
+            gw.begin_draining()  # /readyz 503 while the server still accepts
         self._task = self.loop.create_task(self._restart_then_pass_on(signum))
 
     async def _restart_then_pass_on(self, signum: int) -> None:
         try:
             async with asyncio.timeout(self.server.settings.voiceflow_restart_grace_s + 1):
-                await self.server.restart()
+                await self.server.restart(defer_running=True)
         except Exception:
             log.exception("telling Voiceflow clients about the restart failed")
         finally:

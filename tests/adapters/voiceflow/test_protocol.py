@@ -1280,3 +1280,32 @@ async def test_engine_io_cors_is_python_engineios(configured: Any, credentials: 
         assert engine_io_cors_headers(configured, credentials, method, headers) == (
             eio._cors_headers(environ)
         ), (method, raw)
+
+
+def test_an_action_whose_answer_is_lost_at_a_restart_is_answered_before_server_restart() -> None:
+    """At a graceful shutdown, an action still running when the wait for it ran out got no
+    status at all (its client waited for ``completed`` in vain). answer_lost ends it as a
+    failed turn is ended: the open completion's end, ``error answer-lost`` and
+    ``completed`` (``reason: "error"``); then server.restart as before. Nothing runs:
+    ``[]``."""
+    conn = connection()
+    ready(conn, config={"completionEvents": True})
+    send(conn, {"type": "launch"}, "m1")
+    started = emitted(conn.turn_event(item(text="Half")))
+    assert [data["trace"]["payload"]["state"] for _, data in started] == ["start", "content"]
+    queue(conn, "two", "m2")
+    conn.hold()
+    told = emitted(conn.answer_lost())
+    assert [event for event, _ in told] == ["action.trace", "error", "action.status"]
+    assert told[0][1]["trace"]["payload"] == {"state": "end"}
+    assert told[1][1]["code"] == "answer-lost"
+    assert told[1][1]["messageID"] == "m1"
+    assert told[2][1] == {"status": "completed", "messageID": "m1", "reason": "error"}
+    assert conn.running_message_id is None
+    assert emitted(conn.answer_lost()) == []
+    assert emitted(conn.server_restart()) == [
+        ("server.restart", {"action": {"type": "text", "payload": "two"}})
+    ]
+    idle = connection()
+    ready(idle)
+    assert emitted(idle.answer_lost()) == []

@@ -42,9 +42,11 @@ async def running_action(
     redis_prefix: str,
     gateway_processes: list[GatewayProcess],
     grace_s: str,
+    **more: str,
 ) -> AsyncIterator[tuple[GatewayProcess, VoiceflowClient]]:
-    """A gateway process on ``core`` (GATEWAY_VOICEFLOW_RESTART_GRACE_S ``grace_s``) and a
-    connected client whose action ``running`` ("slow") was accepted and is running."""
+    """A gateway process on ``core`` (GATEWAY_VOICEFLOW_RESTART_GRACE_S ``grace_s``, and
+    the settings ``more``) and a connected client whose action ``running`` ("slow") was
+    accepted and is running."""
     async with core.running() as core_url:
         first = GatewayProcess(
             env(
@@ -52,6 +54,7 @@ async def running_action(
                 redis_prefix,
                 GATEWAY_PIPELINE=core_url,
                 GATEWAY_VOICEFLOW_RESTART_GRACE_S=grace_s,
+                **more,
             )
         ).start()
         gateway_processes.append(first)
@@ -211,23 +214,63 @@ async def test_sigterm_lets_the_running_action_end_before_server_restart(
         assert core.requests.qsize() == 0  # the queued action ran no turn here
 
 
-async def test_sigterm_waits_for_a_running_action_only_half_the_grace(
+async def test_sigterm_lets_a_running_action_outlasting_half_the_grace_answer(
     redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
 ) -> None:
-    """An action that outlasts half of GATEWAY_VOICEFLOW_RESTART_GRACE_S does not hold
-    up server.restart (the shutdown's bound stays the grace): the client is told all
-    the same, after that wait."""
+    """An action still running after half of GATEWAY_VOICEFLOW_RESTART_GRACE_S lost its
+    answer: server.restart went out then, the client reconnected on it, and the traces of
+    its turn (saved all the same) went nowhere. Such a client is now told once the server
+    has stopped accepting, after its action's traces and ``completed``, as long as
+    GATEWAY_SHUTDOWN_TIMEOUT_S allows."""
     core = RecordingCore()
     async with running_action(core, redis_url, redis_prefix, gateway_processes, "2") as (
         first,
         vf,
     ):
         await core.next_request()
+        stopping = asyncio.create_task(asyncio.to_thread(first.stop, signal.SIGTERM))
+        await vf.nothing_more(2.5)  # past half the grace (and all of it): still no restart
+        core.release.set()
+        traces, done = await vf.traces_until_status("running")
+        assert (messages(traces), done) == (
+            ["slow answer"],
+            {"status": "completed", "messageID": "running"},
+        )
+        assert await vf.expect("server.restart") == {}
+        async with asyncio.timeout(10):
+            await stopping
+        assert first.proc is not None
+        assert first.proc.returncode == 0
+
+
+async def test_sigterm_a_running_action_outlasting_the_shutdown_is_answered_answer_lost(
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+) -> None:
+    """An action that outlasts what GATEWAY_SHUTDOWN_TIMEOUT_S leaves does not hold up
+    server.restart: before it the client hears that the action's answer is lost (``error
+    answer-lost`` and ``completed`` with ``reason: "error"``), where it heard nothing of
+    its action at all, only server.restart after half the grace."""
+    core = RecordingCore()
+    async with running_action(
+        core, redis_url, redis_prefix, gateway_processes, "2", GATEWAY_SHUTDOWN_TIMEOUT_S="4"
+    ) as (first, vf):
+        await core.next_request()
         started = time.monotonic()
         stopping = asyncio.create_task(asyncio.to_thread(first.stop, signal.SIGTERM))
         async with asyncio.timeout(5):
-            assert await vf.expect("server.restart") == {}
-        assert time.monotonic() - started >= 0.9  # it waited for the action first
+            lost = await vf.expect("error")
+        waited = time.monotonic() - started
+        assert lost["code"] == "answer-lost"
+        assert lost["messageID"] == "running"
+        assert "answer is lost" in lost["error"]
+        assert await vf.expect("action.status") == {
+            "status": "completed",
+            "messageID": "running",
+            "reason": "error",
+        }
+        assert await vf.expect("server.restart") == {}
+        # waited for the action (4 s less the 1 s to tell and the 1 s left to the server)
+        assert 1.5 <= waited < 4.0, waited
         core.release.set()
         async with asyncio.timeout(15):
             await stopping
