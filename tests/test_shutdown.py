@@ -156,12 +156,16 @@ def held_core(hold_s: float, arrived: list[str], came: asyncio.Event) -> FastAPI
 async def test_sigterm_a_websocket_turn_waiting_for_its_session_lock_is_saved(
     gateway_processes: list[GatewayProcess], redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
-    """A turn whose socket uvicorn closed (1012) at SIGTERM while it waited for its
+    """A turn whose socket was closed (1012) at SIGTERM while it waited for its
     session's lock (another turn of the session held it) is drained by the lifespan
     for GATEWAY_LOCK_WAIT_S + GATEWAY_TURN_TIMEOUT_S + 1 s, the time such a turn may
     take: it was drained for GATEWAY_TURN_TIMEOUT_S + 1 s only, then its core call was
     cut (the pipeline closed under it) and the session was never saved. The client that
-    resumes on another instance with ``lastSeq`` gets its answer."""
+    resumes on another instance with ``lastSeq`` gets its answer.
+
+    The sockets wait for their turns' answers only as long as GATEWAY_SHUTDOWN_TIMEOUT_S
+    (2 s here) leaves; then each gets an Error of source ``gateway`` saying its answer was
+    not ready, before the 1012 close (it got the close alone, at once)."""
     arrived: list[str] = []
     came = asyncio.Event()
     log_path = tmp_path / "gateway.log"
@@ -170,6 +174,7 @@ async def test_sigterm_a_websocket_turn_waiting_for_its_session_lock_is_saved(
         "GATEWAY_REDIS_PREFIX": redis_prefix,
         "GATEWAY_TURN_TIMEOUT_S": "3",
         "GATEWAY_LOCK_WAIT_S": "5",
+        "GATEWAY_SHUTDOWN_TIMEOUT_S": "2",  # the sockets are closed before the turns end
     }
     session_id = "drained-after-its-lock"
     async with serve(held_core(2.5, arrived, came)) as core:
@@ -189,11 +194,16 @@ async def test_sigterm_a_websocket_turn_waiting_for_its_session_lock_is_saved(
             await send_json(second, request_frame("second", session_id))
             await asyncio.sleep(0.3)  # the second turn waits for the lock
             proc.proc.send_signal(signal.SIGTERM)
-            for ws in (first, second):  # closed at once, their turns go on
+            for ws in (first, second):  # told, then closed; their turns go on
+                async with asyncio.timeout(5):
+                    told = await recv_json(ws)
+                    while told["type"] == "SessionStarted":  # the turn's first event
+                        told = await recv_json(ws)
+                assert (told["type"], told.get("source")) == ("Error", "gateway"), told
+                assert "answer was not ready" in told["text"]
                 with pytest.raises(ConnectionClosed):
                     async with asyncio.timeout(5):
-                        while True:
-                            await ws.recv()
+                        await ws.recv()
                 assert ws.close_code == 1012
             exit_code = await asyncio.to_thread(proc.proc.wait, 30)
         assert exit_code == 0
@@ -221,6 +231,44 @@ async def test_sigterm_a_websocket_turn_waiting_for_its_session_lock_is_saved(
                     if frame["type"] == "Response":
                         texts += [item["text"] for item in frame["response"]["items"]]
         assert texts == ["done first", "done second"]
+
+
+async def test_sigterm_a_v1_turn_running_gets_its_answer_before_the_1012_close(
+    gateway_processes: list[GatewayProcess],
+) -> None:
+    """A Flowstorm V1 turn running at SIGTERM: uvicorn closed its socket with 1012 at once,
+    so the (stock) client never got the Response (only a client resuming with ``lastSeq``
+    on another instance did). Its socket is now closed once its turn has answered, within
+    GATEWAY_SHUTDOWN_TIMEOUT_S; an idle socket is closed at once."""
+    arrived: list[str] = []
+    came = asyncio.Event()
+    async with serve(held_core(2.5, arrived, came)) as core:
+        proc = GatewayProcess({"GATEWAY_PIPELINE": f"{core}/turn"}).start()
+        gateway_processes.append(proc)
+        assert proc.proc is not None
+        busy = await connect(ws_url(proc.url))
+        idle = await connect(ws_url(proc.url))
+        for ws in (busy, idle):
+            await send_json(ws, init_frame("k", tts="None"))
+            assert (await recv_json(ws))["type"] == "Ready"
+        await send_json(busy, request_frame("mid-turn"))
+        await asyncio.wait_for(came.wait(), 10)
+        proc.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(2):  # the turn has 2.5 s to go: idle is not waited for
+                await idle.recv()
+        assert idle.close_code == 1012
+        frames = []
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(10):
+                while True:
+                    frames.append(json.loads(await busy.recv()))
+        assert busy.close_code == 1012
+        responses = [f for f in frames if f["type"] == "Response"]
+        assert [i["text"] for r in responses for i in r["response"]["items"]] == ["done mid-turn"]
+        assert not [f for f in frames if f["type"] == "Error"], frames
+        exit_code = await asyncio.to_thread(proc.proc.wait, 30)
+    assert exit_code == 0
 
 
 async def test_sigterm_a_realtime_put_answered_while_its_audio_still_arrives_gets_its_answer(

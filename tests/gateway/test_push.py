@@ -1053,6 +1053,8 @@ async def test_an_answer_cut_by_the_server_is_resumed_on_another_instance_exactl
             "GATEWAY_REDIS_PREFIX": redis_prefix,
             "GATEWAY_PIPELINE": f"{core_url}/turn",
             "GATEWAY_VOICEFLOW_RESTART_GRACE_S": "0",
+            # the socket waits for the answer 1 s (what is left of 2 s less 1), then is cut
+            "GATEWAY_SHUTDOWN_TIMEOUT_S": "2",
         }
         a, b = GatewayProcess(env), GatewayProcess(env)
         gateway_processes.extend([a, b])
@@ -1073,6 +1075,9 @@ async def test_an_answer_cut_by_the_server_is_resumed_on_another_instance_exactl
                     seen.append(await recv_json(ws))
             assert closed.value.rcvd is not None
             assert closed.value.rcvd.code == 1012
+        told = seen.pop()  # before the close: the answer was not ready in time
+        assert (told["type"], told["source"]) == ("Error", "gateway"), told
+        assert "lastSeq" in told["text"]
         core.go.set()  # the rest of the answer comes while A drains its turn
         last = max(f["seq"] for f in seen)
         async with connect(ws_url(b.url)) as ws:

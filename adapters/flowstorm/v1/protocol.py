@@ -13,7 +13,8 @@ the I/O layer to carry out, in order:
 - :class:`Send` — a text frame (V1 wire JSON, camelCase names);
 - :class:`SendBytes` — a binary frame (speech of a response item, ``tts=RequiredStreaming``);
 - :class:`Close` — close the socket with a code (1008 unknown key or too many frames or
-  bytes: :meth:`V1Connection.too_many_frames`, 1009 too big);
+  bytes: :meth:`V1Connection.too_many_frames`, 1009 too big, 1012 a graceful shutdown:
+  :meth:`V1Connection.server_restart`);
 - :class:`StartTurn` — run a turn of the turn engine on a TurnContext and an Input;
 - :class:`StoreLogs` — store client log entries with a session (``Conversation.log``);
 - :class:`StartListening` / :class:`FeedAudio` / :class:`FinishListening` /
@@ -245,6 +246,17 @@ CLOSE_POLICY = 1008
 (policy violation)."""
 CLOSE_TOO_BIG = 1009
 """WebSocket close code after a frame larger than GATEWAY_MAX_BODY_BYTES."""
+CLOSE_RESTART = 1012
+"""WebSocket close code of a graceful shutdown (service restart: reconnect, to another
+instance behind the load balancer): :meth:`V1Connection.server_restart`."""
+RESTART_REASON: Final = "The gateway is restarting: reconnect."
+"""The close reason of :data:`CLOSE_RESTART`."""
+ANSWER_LOST_TEXT: Final = (
+    "The gateway is restarting and this turn's answer was not ready in time: the turn goes "
+    "on and its session keeps it; reconnect (Init with the sessionId and lastSeq gets the "
+    "answer)."
+)
+"""The Error text of a turn still running when the socket closes for a graceful shutdown."""
 _MISSING_KEY: Final = "The application key is missing: send it as Init.key."
 _LONG_KEY: Final = f"Init.key is longer than {MAX_ID_CHARS} characters."
 """The refusal of a key no application has (GATEWAY_APP_KEYS names none that long): with
@@ -1352,6 +1364,18 @@ class V1Connection:
         self.machine.advance(TURN_FINISHED)
         self._turn = None
         return [*self._flush_logs(), *self._listen_next()]
+
+    def server_restart(self, *, unanswered: bool) -> list[Action]:
+        """The gateway shuts down gracefully (a rolling deploy; the I/O layer first waited
+        for the running turn's answer as long as the shutdown allows): close 1012 (service
+        restart, :data:`CLOSE_RESTART`) so that the client reconnects, to another instance.
+        With ``unanswered`` (a turn still ran then: its answer no longer comes here) an
+        ``Error`` frame of source ``gateway`` says so first (:data:`ANSWER_LOST_TEXT`), so
+        the client is not left waiting in its Processing state: the turn goes on and saves
+        the session, and its answer is in the session's outbox for a client that resumes
+        with ``lastSeq``."""
+        closing = Close(CLOSE_RESTART, RESTART_REASON)
+        return [error_frame(ANSWER_LOST_TEXT, "gateway"), closing] if unanswered else [closing]
 
     def connection_lost(self) -> list[Action]:
         """The socket is gone: CancelListening for an utterance being recognised, and a

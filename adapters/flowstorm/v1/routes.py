@@ -29,6 +29,17 @@ for all its utterances: between them (while a turn runs) the stage's endpointer
 hears its audio, keeping the last :data:`DUPLEX_KEEP_MS`; each utterance takes a
 recognizer only at the next voice onset, from :data:`PREROLL_MS` before it.
 
+Graceful shutdown (SIGTERM; README "Operations"): :meth:`_Sockets.restart` is the
+Gateway's ``before_close`` hook, run once the server no longer accepts and before it
+closes the connections (uvicorn: 1012 at once, whatever is running). Each open socket
+with a turn running waits for that turn's answer (its Response, SessionEnded and what the
+outbox holds for it) for what GATEWAY_SHUTDOWN_TIMEOUT_S leaves since the signal, less
+1 s for the server to close the rest (Gateway.drain_left_s), then is closed 1012; a turn
+still running then is no longer forwarded and the client gets an ``Error`` of source
+``gateway`` first (V1Connection.server_restart): the turn saves its session and its answer
+is in the outbox (an Init with ``sessionId`` and ``lastSeq`` gets it). A socket with no
+turn running is closed 1012 at once.
+
 Close codes: 1008 unknown or missing application key, or more frames than
 GATEWAY_FLOWSTORM_V1_FRAME_BURST at once / GATEWAY_FLOWSTORM_V1_FRAMES_PER_S a second,
 or more bytes than GATEWAY_FLOWSTORM_V1_BYTE_BURST / GATEWAY_FLOWSTORM_V1_BYTES_PER_S
@@ -42,19 +53,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
-from fastapi import APIRouter, WebSocket
+from fastapi import APIRouter, FastAPI, WebSocket
 from pydantic import ValidationError
 
 from adapters.flowstorm.v1.protocol import (
     LOG_BUFFER,
     Action,
     CheckSession,
+    Close,
     Follow,
     Missed,
     StoreLogs,
@@ -85,8 +99,6 @@ from gateway.speech.types import Heard
 from gateway.turn import TurnContext
 
 log = logging.getLogger(__name__)
-
-router = APIRouter(tags=["Flowstorm Socket V1"])
 
 
 MAX_PENDING_AUDIO_MS: Final = 10_000
@@ -363,6 +375,29 @@ class _Socket(WebSocketDriver[Action]):
         if self.following is not None:
             await self.following.aclose()
 
+    async def restart(self, wait_s: float) -> bool:
+        """The graceful shutdown (:meth:`_Sockets.restart`): wait up to ``wait_s`` for the
+        running turns to answer (a turn a frame starts meanwhile too), then close 1012; a
+        turn still running then is no longer forwarded (the engine's turn goes on and saves
+        the session) and the client gets an Error first (V1Connection.server_restart).
+        True when a turn's answer was not ready."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while self.turns and self.open and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self.turns), timeout=left)
+        unanswered = bool(self.turns) and self.open
+        if unanswered:
+            forwarders = list(self.turns)
+            for task in forwarders:
+                task.cancel()
+            await asyncio.gather(*forwarders, return_exceptions=True)
+        for action in self.conn.server_restart(unanswered=unanswered):
+            if isinstance(action, Close):  # one line for all the sockets, not one each
+                await self.close(action.code, action.reason)
+            else:
+                await self.run([action])
+        return unanswered
+
     # ------------------------------------------------------- turns and the outbox
 
     async def run(self, actions: Sequence[Action]) -> None:
@@ -495,6 +530,44 @@ class _Socket(WebSocketDriver[Action]):
             self.conn.logs_not_stored(action.entries)
 
 
+class _Sockets:
+    """The open V1 sockets of one app (``app.state.flowstorm_v1``), for its graceful
+    shutdown (:meth:`restart`)."""
+
+    def __init__(self) -> None:
+        self.open: set[_Socket] = set()
+
+    async def restart(self, gw: Gateway) -> None:
+        """The Gateway's ``before_close`` hook (see the module doc): every open socket is
+        closed 1012, each once its running turns have answered, within what
+        GATEWAY_SHUTDOWN_TIMEOUT_S leaves since the signal less 1 s (Gateway.drain_left_s);
+        one INFO line. Never raises."""
+        sockets = list(self.open)
+        if not sockets:
+            return
+        wait_s = gw.drain_left_s() - 1.0
+        done = await asyncio.gather(*(s.restart(wait_s) for s in sockets), return_exceptions=True)
+        for failure in [d for d in done if isinstance(d, Exception)]:
+            log.error("closing a Flowstorm V1 socket at shutdown failed", exc_info=failure)
+        lost = sum(1 for d in done if d is True)
+        log.info(
+            "Flowstorm V1: %d sockets closed for the restart (%d with a turn not answered in time)",
+            len(sockets),
+            lost,
+        )
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    gw: Gateway = app.state.gateway
+    sockets = app.state.flowstorm_v1 = _Sockets()
+    gw.before_close.append(functools.partial(sockets.restart, gw))
+    yield
+
+
+router = APIRouter(tags=["Flowstorm Socket V1"], lifespan=_lifespan)
+
+
 @router.websocket("/socket")
 @router.websocket("/socket/")
 async def socket_v1(websocket: WebSocket) -> None:
@@ -505,5 +578,13 @@ async def socket_v1(websocket: WebSocket) -> None:
         await websocket.accept()
     except SEND_ERRORS:
         return
-    with metrics.connection("flowstorm_v1"):
-        await _Socket(websocket, gw).serve()
+    sockets: _Sockets | None = getattr(websocket.app.state, "flowstorm_v1", None)
+    socket = _Socket(websocket, gw)
+    if sockets is not None:
+        sockets.open.add(socket)
+    try:
+        with metrics.connection("flowstorm_v1"):
+            await socket.serve()
+    finally:
+        if sockets is not None:
+            sockets.open.discard(socket)
