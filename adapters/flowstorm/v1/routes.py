@@ -377,14 +377,13 @@ class _Socket(WebSocketDriver[Action]):
 
     async def restart(self, wait_s: float) -> bool:
         """The graceful shutdown (:meth:`_Sockets.restart`): wait up to ``wait_s`` for the
-        running turns to answer (a turn a frame starts meanwhile too), then close 1012; a
-        turn still running then is no longer forwarded (the engine's turn goes on and saves
-        the session) and the client gets an Error first (V1Connection.server_restart).
-        True when a turn's answer was not ready."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while self.turns and self.open and (left := deadline - loop.time()) > 0:
-            await asyncio.wait(set(self.turns), timeout=left)
+        turns running now to answer (not for one a frame starts meanwhile: the shutdown
+        would last longer than it did), then close 1012 at once; a turn still running then
+        is no longer forwarded (the engine's turn goes on and saves the session) and the
+        client gets an Error first (V1Connection.server_restart). True when a turn's answer
+        was not ready."""
+        if self.turns and self.open and wait_s > 0:
+            await asyncio.wait(set(self.turns), timeout=wait_s)
         unanswered = bool(self.turns) and self.open
         if unanswered:
             forwarders = list(self.turns)
