@@ -266,8 +266,9 @@ class Settings(BaseSettings):
     shutdown_timeout_s: int = Field(
         default=30,
         gt=0,
-        description="On SIGTERM: stop accepting, then wait at most this long for open "
-        "requests and connections before closing them (running turns then get "
+        description="On SIGTERM: stop accepting, then wait at most this long (from the "
+        "signal) for open requests and connections, and for the answers of turns running on "
+        "Flowstorm V1 and Voiceflow sockets, before closing them (running turns then get "
         "GATEWAY_LOCK_WAIT_S + GATEWAY_TURN_TIMEOUT_S + 1 s more to save their sessions). "
         "Keep it longer than GATEWAY_LOCK_WAIT_S + GATEWAY_TURN_TIMEOUT_S: an HTTP turn "
         "still running when it ends is answered 500.",
@@ -869,7 +870,8 @@ class Settings(BaseSettings):
         ge=0,
         description="On SIGTERM/SIGINT, time given to tell connected clients `server.restart` "
         "and close their connections before the server stops; running actions get its first "
-        "half to end (their traces and `completed` first).",
+        "half to end (their traces and `completed` first); a client whose action still runs "
+        "is told once it has ended, within GATEWAY_SHUTDOWN_TIMEOUT_S.",
     )
 
     # Dialogflow CX and OpenAI-compatible cores
