@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -194,6 +195,7 @@ async def test_sigterm_a_websocket_turn_waiting_for_its_session_lock_is_saved(
             await send_json(second, request_frame("second", session_id))
             await asyncio.sleep(0.3)  # the second turn waits for the lock
             proc.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
             for ws in (first, second):  # told, then closed; their turns go on
                 async with asyncio.timeout(5):
                     told = await recv_json(ws)
@@ -205,6 +207,9 @@ async def test_sigterm_a_websocket_turn_waiting_for_its_session_lock_is_saved(
                     async with asyncio.timeout(5):
                         await ws.recv()
                 assert ws.close_code == 1012
+            # within GATEWAY_SHUTDOWN_TIMEOUT_S (2 s: 1 s for the answers, 1 s left to the
+            # server), not at the end of the turns (about 4.5 s after the signal)
+            assert time.monotonic() - signalled < 3.0
             exit_code = await asyncio.to_thread(proc.proc.wait, 30)
         assert exit_code == 0
         assert arrived == ["first", "second"]

@@ -42,11 +42,12 @@ async def running_action(
     redis_prefix: str,
     gateway_processes: list[GatewayProcess],
     grace_s: str,
+    transport: str = "websocket",
     **more: str,
 ) -> AsyncIterator[tuple[GatewayProcess, VoiceflowClient]]:
     """A gateway process on ``core`` (GATEWAY_VOICEFLOW_RESTART_GRACE_S ``grace_s``, and
-    the settings ``more``) and a connected client whose action ``running`` ("slow") was
-    accepted and is running."""
+    the settings ``more``) and a client connected over ``transport`` whose action
+    ``running`` ("slow") was accepted and is running."""
     async with core.running() as core_url:
         first = GatewayProcess(
             env(
@@ -58,7 +59,7 @@ async def running_action(
             )
         ).start()
         gateway_processes.append(first)
-        async with client(first.url) as vf:
+        async with client(first.url, transport) as vf:
             await vf.handshake()
             await vf.send({"type": "text", "payload": "slow"}, "running")
             assert (await vf.expect("action.status"))["status"] == "accepted"
@@ -214,16 +215,18 @@ async def test_sigterm_lets_the_running_action_end_before_server_restart(
         assert core.requests.qsize() == 0  # the queued action ran no turn here
 
 
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
 async def test_sigterm_lets_a_running_action_outlasting_half_the_grace_answer(
-    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess], transport: str
 ) -> None:
     """An action still running after half of GATEWAY_VOICEFLOW_RESTART_GRACE_S lost its
     answer: server.restart went out then, the client reconnected on it, and the traces of
     its turn (saved all the same) went nowhere. Such a client is now told once the server
     has stopped accepting, after its action's traces and ``completed``, as long as
-    GATEWAY_SHUTDOWN_TIMEOUT_S allows."""
+    GATEWAY_SHUTDOWN_TIMEOUT_S allows (a long-polling client polls on its open
+    connection)."""
     core = RecordingCore()
-    async with running_action(core, redis_url, redis_prefix, gateway_processes, "2") as (
+    async with running_action(core, redis_url, redis_prefix, gateway_processes, "2", transport) as (
         first,
         vf,
     ):
