@@ -24,13 +24,14 @@ for a free one rather than failing under load.
 or NAT that drops its packets: no reset, no FIN) is found within these bounds, not when
 TCP gives up (~15 min); the command timeout (:data:`COMMAND_TIMEOUT_S`) and the health
 check interval (:data:`HEALTH_CHECK_S`) can be shortened by the URL of one server
-(``?socket_timeout=0.5&health_check_interval=1``):
+(``?socket_timeout=0.5&health_check_interval=1``; not a Cluster's or Sentinel's):
 
-- a command on it fails after the command timeout (5 s), and the connection is
-  dropped (the breaker then refuses the other calls at once); the idle connections of
-  its pool, likely made on the same dead path, are dropped with it (one server or
-  Sentinel; :class:`QuickBlockingPool`), so once the breaker's probe finds a fresh path
-  the next burst of calls does not find dead connections and wait the timeout again;
+- a command on it fails after the command timeout (5 s, once: a Cluster's too,
+  :class:`_Cluster`), and the connection is dropped (the breaker then refuses the other
+  calls at once); the idle connections of its pool, likely made on the same dead
+  path, are dropped with it (one server or Sentinel; :class:`QuickBlockingPool`), so
+  once the breaker's probe finds a fresh path the next burst of calls does not find
+  dead connections and wait the timeout again;
 - a pub/sub subscription (the bus's reader, the socket.io manager's) is PINGed after
   :data:`HEALTH_CHECK_S` (20 s) without a message, and dropped when no answer came within
   the command timeout (:func:`drop_if_silent`): noticed within
@@ -83,8 +84,8 @@ from redis.asyncio.connection import parse_url as redis_parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    ClusterDownError,
     MaxConnectionsError,
     NoScriptError,
     RedisClusterException,
@@ -93,6 +94,7 @@ from redis.exceptions import (
     ResponseError,
     SlotNotCoveredError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -432,13 +434,22 @@ class QuickBlockingPool(aioredis.BlockingConnectionPool):
 
 
 class _Cluster(RedisCluster):
-    """RedisCluster that learns the cluster's layout before it picks a node for a command.
+    """RedisCluster that learns the cluster's layout before it picks a node for a command,
+    and does not retry a command that timed out.
 
     redis-py 8.1 picks the target node before its lazy ``initialize()``: commands
     sent concurrently by a new client go to the startup nodes' connections, which
     that initialisation then closes under them ("Connection lost"). Initialising
     first (once, under redis-py's own lock) avoids it.
+
+    redis-py retries a cluster command that timed out (its ``ERRORS_ALLOW_RETRY``, up to
+    the retry policy's 2 retries, regardless of the policy's errors), so a node that
+    hangs cost three timeouts (15 s) per command; here, as with one server, a timeout
+    is not retried (connection errors, CLUSTERDOWN and an uncovered slot still are).
     """
+
+    # redis-py types its tuple by its four members: a tuple of three is refused
+    ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self._initialize:

@@ -10,6 +10,12 @@ fails within the command timeout with the store's error in its protocol's form, 
 sessions are served again once a fresh path answers, and a subscription (the bus's
 reader) is dropped and subscribed again within ``health_check_interval +
 socket_timeout + 2`` s of its last message.
+
+A Redis Cluster client (whose URL takes no query options: the command timeout is
+shortened by patching :data:`gateway.redisconn.COMMAND_TIMEOUT_S`) is checked on a
+cluster of its own, one node reached through the proxy: the node announces the proxy's
+port (``cluster-announce-port``), so the client's connections to it, found through the
+slot map, go through the proxy.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from websockets.asyncio.client import connect
 
 from gateway import redisconn
@@ -34,6 +43,7 @@ from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import init, request_frame, turn, ws_url
 from tests.conftest import served, served_app
 from tests.gateway.redis_proxy import ReplyDropper
+from tests.redis_topologies import start_cluster
 
 TEXT = {"Content-Type": "text/plain"}
 TIMEOUT_S = 0.5
@@ -270,3 +280,73 @@ async def test_every_tcp_connection_to_redis_has_short_keepalive(redis_url: str)
             await client.connection_pool.release(connection)
     finally:
         await client.aclose()
+
+
+# ------------------------------------------------------------------ Redis Cluster
+
+TAG = "{silent}"
+"""The hash tag of the Cluster tests' keys: one slot, so one node (the proxied one)."""
+
+
+@pytest.fixture(scope="module")
+def own_cluster() -> Iterator[str]:
+    """A 3-master Cluster of this module's own (its nodes' announced ports change)."""
+    with start_cluster() as url:
+        yield url
+
+
+@pytest.fixture
+async def proxied_cluster(
+    own_cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[ReplyDropper, RedisCluster]]:
+    """The node of :data:`TAG`'s slot behind a :class:`ReplyDropper`, announced at the
+    proxy's port once every node says so; yields (the proxy, a client of
+    :func:`redisconn.connect` for the cluster, command timeout :data:`TIMEOUT_S`)."""
+    monkeypatch.setattr(redisconn, "COMMAND_TIMEOUT_S", TIMEOUT_S)
+    ports = [int(node.rpartition(":")[2]) for node in own_cluster.split("//")[1].split(",")]
+    with redis.RedisCluster(host="127.0.0.1", port=ports[0]) as sync:
+        port = int(sync.get_node_from_key(f"{TAG}:k").port)
+    proxy = ReplyDropper("127.0.0.1", port)
+    proxy_port = await proxy.start()
+    node = redis.Redis(port=port)
+    node.config_set("cluster-announce-port", proxy_port)
+
+    def announced() -> bool:
+        for p in ports:
+            with redis.Redis(port=p) as r:
+                slots = r.execute_command("CLUSTER", "SLOTS")
+            if not any(int(s[2][1]) == proxy_port for s in slots):
+                return False
+        return True
+
+    deadline = time.perf_counter() + 10
+    while not announced():
+        assert time.perf_counter() < deadline, "the proxy's port is not announced"
+        await asyncio.sleep(0.05)
+    client = redisconn.connect(own_cluster)
+    assert isinstance(client, RedisCluster)
+    try:
+        yield proxy, client
+    finally:
+        proxy.hung = False
+        await client.aclose()
+        await proxy.close()
+        node.config_set("cluster-announce-port", 0)
+        node.close()
+
+
+async def test_a_cluster_node_that_hangs_is_one_timeout_not_three(
+    proxied_cluster: tuple[ReplyDropper, RedisCluster],
+) -> None:
+    """A Cluster node that accepts and never answers (every connection, new ones too):
+    a command on it fails after one command timeout. Before, redis-py's cluster client
+    retried a timeout twice (new connections, a slot map refresh between): three
+    timeouts per command (15 s by default)."""
+    proxy, client = proxied_cluster
+    assert await client.get(f"{TAG}:k") is None
+    proxy.hung = True
+    started = time.perf_counter()
+    with pytest.raises(RedisTimeoutError):
+        await client.get(f"{TAG}:k")
+    took = time.perf_counter() - started
+    assert TIMEOUT_S * 0.9 <= took < TIMEOUT_S * 2, took  # before: 3 timeouts and more
