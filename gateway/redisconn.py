@@ -28,10 +28,11 @@ check interval (:data:`HEALTH_CHECK_S`) can be shortened by the URL of one serve
 
 - a command on it fails after the command timeout (5 s, once: a Cluster's too,
   :class:`_Cluster`), and the connection is dropped (the breaker then refuses the other
-  calls at once); the idle connections of its pool, likely made on the same dead
-  path, are dropped with it (one server or Sentinel; :class:`QuickBlockingPool`), so
-  once the breaker's probe finds a fresh path the next burst of calls does not find
-  dead connections and wait the timeout again;
+  calls at once); the idle connections of its pool (a Cluster node's), likely made on
+  the same dead path, are dropped with it (:class:`QuickBlockingPool`,
+  :class:`WatchedSentinelPool`, :class:`_Cluster`), so once the breaker's probe finds a
+  fresh path the next burst of calls does not find dead connections and wait the
+  timeout again;
 - a pub/sub subscription (the bus's reader, the socket.io manager's) is PINGed after
   :data:`HEALTH_CHECK_S` (20 s) without a message, and dropped when no answer came within
   the command timeout (:func:`drop_if_silent`): noticed within
@@ -433,9 +434,31 @@ class QuickBlockingPool(aioredis.BlockingConnectionPool):
             await _drop_idle(self)
 
 
+def _failed_node(exc: BaseException) -> ClusterNode | None:
+    """The Cluster node whose connection ``exc``, raised by a command of a cluster client,
+    was dropped on, when Redis did not answer on it (a timeout, a reset: a connection
+    error that means the node failed, not redis-py's ``NOT_NODE_FAILURE_ERRORS``, so not a
+    full pool of this process, a server at its ``maxclients`` or refused credentials);
+    None otherwise, and for an error that names no node.
+
+    redis-py (checked against 8.2.0) sets the node on the error as ``exc.connection`` in
+    ``RedisCluster._execute_command``, for its metrics; nothing public names the node a
+    command went to (MOVED and retries may have taken it elsewhere than the key's slot
+    says). Should a later redis-py stop setting it, this returns None: the idle
+    connections are then kept, as redis-py itself keeps them after a timeout."""
+    node = getattr(exc, "connection", None)
+    if not isinstance(node, ClusterNode):
+        return None
+    if not isinstance(exc, (RedisTimeoutError, RedisConnectionError)):
+        return None
+    if isinstance(exc, RedisCluster.NOT_NODE_FAILURE_ERRORS) or not unanswered(exc):
+        return None
+    return node
+
+
 class _Cluster(RedisCluster):
     """RedisCluster that learns the cluster's layout before it picks a node for a command,
-    and does not retry a command that timed out.
+    does not retry a command that timed out, and drops a failed node's idle connections.
 
     redis-py 8.1 picks the target node before its lazy ``initialize()``: commands
     sent concurrently by a new client go to the startup nodes' connections, which
@@ -446,6 +469,16 @@ class _Cluster(RedisCluster):
     the retry policy's 2 retries, regardless of the policy's errors), so a node that
     hangs cost three timeouts (15 s) per command; here, as with one server, a timeout
     is not retried (connection errors, CLUSTERDOWN and an uncovered slot still are).
+
+    A command whose connection to a node was dropped because the node did not answer
+    (:func:`_failed_node`: a timeout, most often a connection gone silent; a reset)
+    takes that node's idle connections with it (redis-py's public
+    ``ClusterNode.disconnect_free_connections()``; they connect again when next used),
+    as :class:`QuickBlockingPool` does for one server: made on the same path, they are
+    likely as dead, and redis-py keeps them after a timeout, so each would cost a later
+    command the whole timeout once the node answers on a fresh path again. A command
+    whose caller was cancelled (``CancelledError``) leaves them alone. The check runs
+    only when a command raised: nothing on the path of a command that succeeds.
     """
 
     # redis-py types its tuple by its four members: a tuple of three is refused
@@ -454,7 +487,19 @@ class _Cluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self._initialize:
             await self.initialize()
-        return await super().execute_command(*args, **kwargs)
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except REDIS_ERRORS as exc:
+            node = _failed_node(exc)
+            if node is not None:
+                await node.disconnect_free_connections()
+                log.debug(
+                    "Redis Cluster: a connection to %s was dropped (%s); the node's idle "
+                    "connections, likely as dead, are dropped too (made again when used)",
+                    node.name,
+                    type(exc).__name__,
+                )
+            raise
 
     def pubsub(
         self,

@@ -350,3 +350,80 @@ async def test_a_cluster_node_that_hangs_is_one_timeout_not_three(
         await client.get(f"{TAG}:k")
     took = time.perf_counter() - started
     assert TIMEOUT_S * 0.9 <= took < TIMEOUT_S * 2, took  # before: 3 timeouts and more
+
+
+async def test_after_a_silent_cluster_node_a_burst_finds_no_dead_connection(
+    proxied_cluster: tuple[ReplyDropper, RedisCluster],
+) -> None:
+    """The idle connections to a Cluster node (of 32 concurrent reads) go silent (a fresh path for new ones). The
+    first read times out; then a burst of 32 concurrent reads is served at once: the
+    timed-out connection took the node's idle ones with it. Before, redis-py kept them:
+    each read of the burst found a dead one and waited the timeout (then retried on a
+    new connection: 26 of 32 answered only after the timeout; with the timeout no longer
+    retried, 29 of 32 failed)."""
+    proxy, client = proxied_cluster
+    await asyncio.gather(*(client.get(f"{TAG}:{i}") for i in range(32)))
+    assert proxy.silence() >= 16  # as many as the reads overlapped (29-32 seen)
+    with pytest.raises(RedisTimeoutError):
+        await client.get(f"{TAG}:0")
+
+    async def timed(i: int) -> float | BaseException:
+        started = time.perf_counter()
+        try:
+            await client.get(f"{TAG}:{i}")
+        except Exception as exc:  # counted below
+            return exc
+        return time.perf_counter() - started
+
+    results = await asyncio.gather(*(timed(i) for i in range(32)))
+    failed = [r for r in results if isinstance(r, BaseException)]
+    waited = [r for r in results if isinstance(r, float) and r >= TIMEOUT_S]
+    assert (len(failed), len(waited)) == (0, 0), (failed[:1], waited)  # before: (29, 0)
+
+
+async def test_a_cancelled_cluster_command_leaves_the_nodes_idle_connections(
+    proxied_cluster: tuple[ReplyDropper, RedisCluster],
+) -> None:
+    """A Cluster command whose caller is cancelled mid-way loses its own connection
+    (redis-py drops it), not its node's idle ones: the node did not fail."""
+    _proxy, client = proxied_cluster
+    await asyncio.gather(*(client.get(f"{TAG}:{i}") for i in range(8)))
+    node = client.get_node_from_key(f"{TAG}:k")
+    assert node is not None
+    idle = sum(c.is_connected for c in node._free)
+    assert idle >= 2
+
+    async def blpop() -> object:
+        return await client.blpop([f"{TAG}:never"], timeout=5)
+
+    blocked = asyncio.create_task(blpop())
+    await asyncio.sleep(0.2)  # BLPOP sent, waiting for its reply
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    assert sum(c.is_connected for c in node._free) == idle - 1  # the cancelled one's only
+
+
+async def test_every_cluster_connection_has_keepalive_and_health_check(
+    proxied_cluster: tuple[ReplyDropper, RedisCluster],
+) -> None:
+    """A Cluster node's connections have the short TCP keepalive and the health check
+    interval of every client (:func:`redisconn.keepalive_options`,
+    :data:`redisconn.HEALTH_CHECK_S`): an idle connection to a vanished node closes
+    within ~25 s, one unused for 20 s is PINGed before its next command."""
+    _proxy, client = proxied_cluster
+    await client.get(f"{TAG}:k")
+    node = client.get_node_from_key(f"{TAG}:k")
+    assert node is not None
+    connection = node.acquire_connection()
+    try:
+        assert connection.is_connected
+        assert connection.health_check_interval == redisconn.HEALTH_CHECK_S
+        sock = connection._writer.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        options = redisconn.keepalive_options()
+        assert options, "no keepalive option on this platform"
+        for option, value in options.items():
+            assert sock.getsockopt(socket.IPPROTO_TCP, option) == value
+    finally:
+        node.release(connection)
