@@ -47,6 +47,15 @@ Names and labels:
 
 All live in one registry per process (:data:`REGISTRY`), so several apps in one
 process (tests) share them; values are per process, as Prometheus expects.
+
+No ``*_created`` series: prometheus-client adds one to every counter, histogram and
+summary child in the text format (the Unix time it was made, a gauge-like series of its
+own per label set: ``gateway_turns_created{channel="alexa",outcome="ok"}``), which
+Prometheus stores as one more series each and nothing here uses (a counter's reset is
+seen from its value). Importing this module turns them off for the process with
+prometheus-client's :func:`~prometheus_client.disable_created_metrics` (what its
+``PROMETHEUS_DISABLE_CREATED_SERIES=true`` does), so the gateway's ``/metrics`` has none
+whatever the environment says.
 """
 
 from __future__ import annotations
@@ -56,8 +65,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.metrics import MetricWrapperBase
+
+# read when samples are collected (see the module doc); the library's function is unannotated
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
