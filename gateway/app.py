@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -53,6 +53,7 @@ from gateway.files import router as files_router
 from gateway.httputil import problem, quiet_aborts, status_phrase
 from gateway.logs import logged_path, set_hash_key
 from gateway.metrics import REGISTRY
+from gateway.metricsauth import METRICS_OPENAPI, require_metrics_token
 from gateway.middleware import RequestIdMiddleware
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
 from gateway.outbox import Journal, MemoryOutbox, Outbox, RedisOutbox
@@ -255,10 +256,16 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     # GET and HEAD (RFC 9110 section 9.3.2: the same answer without its body, as load
     # balancers and uptime checkers ask): one route each, so each has its own operationId
     # in the OpenAPI document (one route of both methods would give both the same id)
+    # GATEWAY_METRICS_TOKEN, when set, is required as a bearer token (gateway/metricsauth.py)
     metrics_route: dict[str, Any] = {
         "tags": ["operations"],
         "response_class": PlainTextResponse,
-        "responses": {200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+        "dependencies": [Depends(require_metrics_token)],
+        "openapi_extra": METRICS_OPENAPI["openapi_extra"],
+        "responses": {
+            200: {"content": {CONTENT_TYPE_LATEST: {}}},
+            **METRICS_OPENAPI["responses"],
+        },
     }
 
     @app.head("/metrics", summary="The headers of GET /metrics, no body", **metrics_route)

@@ -741,6 +741,14 @@ class Settings(BaseSettings):
         "each an RFC 6750 bearer token (letters, digits, `-._~+/`, then any `=`) of at "
         "least 16 characters; unset: the admin API refuses every request (403).",
     )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token `GET`/`HEAD /metrics` require (`Authorization: Bearer "
+        "TOKEN`; without it or with another: 401 and a `WWW-Authenticate: Bearer` "
+        "challenge), a bearer token (letters, digits, `-._~+/`, then any `=`) of at least "
+        "16 characters; admin keys are not taken there. Unset: /metrics answers whoever "
+        "reaches the port (with GATEWAY_REDIS_URL set, one INFO line at startup says so).",
+    )
     admin_failures_burst: int = Field(
         default=10,
         gt=0,
@@ -1135,6 +1143,27 @@ class Settings(BaseSettings):
                     f"holds a key shorter than {MIN_ADMIN_KEY_CHARS} characters: an admin key "
                     f"must have at least {MIN_ADMIN_KEY_CHARS} (a short key can be guessed)"
                 )
+        return value
+
+    @field_validator("metrics_token", mode="after")
+    @classmethod
+    def _metrics_token_form(cls, value: SecretStr | None) -> SecretStr | None:
+        """GATEWAY_METRICS_TOKEN must be an RFC 6750 bearer token (else no
+        ``Authorization`` header could carry it) of at least :data:`MIN_ADMIN_KEY_CHARS`
+        characters (a short one can be guessed: /metrics does not slow guesses down), as an
+        admin key must; ValueError otherwise, the token not shown."""
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        if not _B64TOKEN.fullmatch(token):
+            raise ValueError(
+                "is no bearer token (RFC 6750 section 2.1: letters, digits and -._~+/, then "
+                "any '='): it could never match an Authorization header"
+            )
+        if len(token) < MIN_ADMIN_KEY_CHARS:
+            raise ValueError(
+                f"is shorter than {MIN_ADMIN_KEY_CHARS} characters (a short token can be guessed)"
+            )
         return value
 
     def call_behaviour(self, carrier: str) -> CallBehaviour:

@@ -15,6 +15,13 @@ WARNING (in a bounded burst: :class:`gateway.ratelimit.RefusalLog`), so whoever 
 setting learns it from the first request refused. Configurations that are unsafe or
 half done (verification turned off, some of a channel's credentials without the
 others) stay WARNINGs of the channel's own logger.
+
+The same lifespan logs one more INFO line when ``/metrics`` answers anyone in a
+deployment (GATEWAY_REDIS_URL set, no GATEWAY_METRICS_TOKEN:
+:func:`gateway.metricsauth.open_metrics_notice`): open is the shipped default, as
+Prometheus setups scrape without credentials, and many keep ``/metrics`` off their
+public routes at the proxy, which the gateway cannot see; so it is said once, not
+warned of.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI
+
+from gateway.metricsauth import open_metrics_notice
 
 if TYPE_CHECKING:
     from gateway.deps import Gateway
@@ -78,6 +87,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     line = summary(gw.unconfigured)
     if line is not None:
         log.info("%s", line)
+    if (notice := open_metrics_notice(gw.settings)) is not None:
+        log.info("%s", notice)
     yield
 
 

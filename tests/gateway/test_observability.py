@@ -1,4 +1,5 @@
-"""/metrics after real turns, and the JSON log format."""
+"""/metrics after real turns (no ``_created`` series; GATEWAY_METRICS_TOKEN), and the JSON
+log format."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ import json
 import logging
 
 import httpx
+import pytest
+from pydantic import SecretStr
 
 from gateway.logs import JsonFormatter, session_ref
 from gateway.pipeline.base import REQUEST_ID
 from tests.adapters.alexa.test_routes import envelope
 from tests.conftest import gateway
+
+METRICS_TOKEN = "metrics-token-of-this-test"
+ADMIN_KEY = "admin-key-of-this-test"
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -145,3 +151,67 @@ async def test_connections_gauge_counts_open_v1_sockets() -> None:
             await asyncio.sleep(0.02)
     assert during == before + 1
     assert after == before
+
+
+async def test_metrics_have_no_created_series() -> None:
+    """prometheus-client exported a ``*_created`` series beside every counter and
+    histogram child (``gateway_turns_created{channel="flowstorm_v2",outcome="ok"}
+    1.7e+09``, with its own HELP and TYPE): one more series each in Prometheus, used by
+    nothing. The gateway turns them off (gateway/metrics.py)."""
+    async with gateway() as url, httpx.AsyncClient(base_url=url) as client:
+        text = {"Content-Type": "text/plain", "X-Tts": "None"}
+        assert (await client.put("/client?key=k", headers=text, content="hi")).status_code == 200
+        body = (await client.get("/metrics")).text
+    assert sample(body, "gateway_turns_total", channel="flowstorm_v2", outcome="ok") >= 1
+    assert sample(body, "gateway_turn_seconds_count", channel="flowstorm_v2") >= 1
+    assert [line for line in body.splitlines() if "_created" in line] == []
+
+
+async def test_metrics_with_a_token_answer_only_its_bearer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """/metrics answered anyone who reached the public port (sessions, error rates,
+    channels, latency). With GATEWAY_METRICS_TOKEN set, GET and HEAD need it as a bearer
+    token: without it, 401 with the Bearer challenge; with another token (an admin key
+    too), 401 ``invalid_token``; problem bodies as the gateway's other refusals, each
+    logged without the token sent."""
+    caplog.set_level(logging.DEBUG, logger="gateway.metrics")
+    async with (
+        gateway(metrics_token=SecretStr(METRICS_TOKEN), admin_keys=frozenset({ADMIN_KEY})) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for method in ("GET", "HEAD"):
+            for authorization in (None, f"Basic {METRICS_TOKEN}", "Bearer"):
+                headers = {"Authorization": authorization} if authorization else {}
+                missing = await client.request(method, "/metrics", headers=headers)
+                assert missing.status_code == 401, (method, authorization)
+                assert missing.headers["www-authenticate"] == 'Bearer realm="gateway-metrics"'
+                assert missing.headers["content-type"] == "application/problem+json"
+            for wrong in (METRICS_TOKEN + "x", METRICS_TOKEN[:-1], ADMIN_KEY):
+                refused = await client.request(
+                    method, "/metrics", headers={"Authorization": f"Bearer {wrong}"}
+                )
+                assert refused.status_code == 401, (method, wrong)
+                assert refused.headers["www-authenticate"] == (
+                    'Bearer realm="gateway-metrics", error="invalid_token"'
+                )
+                assert "gateway_turns" not in refused.text
+            right = await client.request(
+                method, "/metrics", headers={"Authorization": f"bearer  {METRICS_TOKEN}"}
+            )
+            assert right.status_code == 200, method
+            assert right.headers["content-type"].startswith("text/plain")
+        missing = await client.get("/metrics")
+        body = await client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert (await client.get("/healthz")).status_code == 200  # the probes stay open
+    assert missing.json() == {
+        "type": "about:blank",
+        "title": "Unauthorized",
+        "status": 401,
+        "detail": "Expected `Authorization: Bearer <metrics token>`.",
+    }
+    assert "gateway_turns_in_flight" in body.text
+    refusals = [r.getMessage() for r in caplog.records if r.name == "gateway.metrics"]
+    assert len(refusals) == 2 * 6 + 1, refusals
+    assert all(m.startswith("Metrics request from 127.0.0.1 refused (401): ") for m in refusals)
+    assert not [m for m in refusals if METRICS_TOKEN in m or ADMIN_KEY in m]

@@ -308,6 +308,16 @@ def test_log_formats_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> N
             "GATEWAY_ADMIN_KEYS: holds a key shorter than 16 characters",
             "admin-1234",
         ),
+        (  # /metrics does not slow guesses down: a token as long as an admin key
+            {"GATEWAY_METRICS_TOKEN": "metrics-123"},
+            "GATEWAY_METRICS_TOKEN: is shorter than 16 characters",
+            "metrics-123",
+        ),
+        (
+            {"GATEWAY_METRICS_TOKEN": "a metrics token with spaces"},
+            "GATEWAY_METRICS_TOKEN: is no bearer token (RFC 6750",
+            "with spaces",
+        ),
     ],
 )
 def test_a_refused_credential_is_named_but_not_shown(

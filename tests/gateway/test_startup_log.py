@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from adapters.voiceflow.routes import VoiceflowServer
 from gateway.cli import MAX_UNKNOWN_NAMED, unknown_settings_warning
@@ -286,6 +287,31 @@ async def test_with_redis_down_the_key_is_warned_of_once(caplog: pytest.LogCaptu
     key = [r.getMessage() for r in caplog.records if r.name == "gateway.secrets"]
     assert len([text for text in key if "per-process key until Redis answers" in text]) == 1
     assert [r for r in caplog.records if r.name == "adapters.voiceflow.routes"] == []
+
+
+async def test_an_open_metrics_endpoint_of_a_deployment_is_one_info_line(
+    caplog: pytest.LogCaptureFixture, redis_url: str, redis_prefix: str
+) -> None:
+    """/metrics answers anyone unless GATEWAY_METRICS_TOKEN is set (the default, as
+    Prometheus setups scrape without credentials). With GATEWAY_REDIS_URL set (a
+    deployment, not a trial) the startup says so once, at INFO, naming the setting; with
+    the token set it says nothing (and without Redis neither: the summary is the only
+    line, test_gateway_serve_without_settings_warns_only_of_the_key_and_unsigned_twilio)."""
+    caplog.set_level(logging.INFO)
+    async with served(Settings(redis_url=redis_url, redis_prefix=redis_prefix)):
+        pass
+    (line,) = [r for r in caplog.records if "/metrics" in r.getMessage()]
+    assert (line.name, line.levelno) == ("gateway.startup", logging.INFO)
+    assert line.getMessage().startswith("GET /metrics answers anyone who reaches this port")
+    assert "set GATEWAY_METRICS_TOKEN" in line.getMessage()
+    caplog.clear()
+    token = SecretStr("metrics-token-of-this-test")
+    async with served(
+        Settings(redis_url=redis_url, redis_prefix=redis_prefix, metrics_token=token)
+    ):
+        pass
+    assert [r for r in caplog.records if "/metrics" in r.getMessage()] == []
+    assert [r for r in caplog.records if r.name == "gateway.startup"]  # it did log
 
 
 def test_gateway_serve_warns_once_of_gateway_variables_that_name_no_setting() -> None:
