@@ -18,6 +18,7 @@ from gateway.apidoc import PROBLEM
 from gateway.breaker import outage_level
 from gateway.deps import gateway_of
 from gateway.httputil import ResponseAborted, problem
+from gateway.logs import tts_ref
 from gateway.protocol import clipped
 from gateway.redisconn import REDIS_ERRORS
 from gateway.speech.tts import SynthesisError
@@ -41,8 +42,9 @@ async def _disconnected(request: Request) -> None:
 def _store_unavailable(file_id: str, exc: BaseException) -> Response:
     """503 with ``Retry-After: 5`` (RFC 9457 problem) for a TTS cache that failed while
     serving ``file_id``, logged at WARNING (DEBUG when the Redis client's open breaker
-    refused the call: it logged the outage once)."""
-    log.log(outage_level(exc), "TTS cache failed serving %s: %s", file_id, exc)
+    refused the call: it logged the outage once) naming the file by :func:`tts_ref` (the
+    id is a capability)."""
+    log.log(outage_level(exc), "TTS cache failed serving %s: %s", tts_ref(file_id), exc)
     answer = problem(503, "Service Unavailable", "The speech file store is unavailable.")
     answer.headers["Retry-After"] = "5"
     return answer
@@ -137,7 +139,7 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
         answer.headers["Retry-After"] = str(exc.retry_after_s)
         return answer
     except (SynthesisError, ValueError) as exc:
-        log.warning("synthesis of %s failed: %s", file_id, exc)
+        log.warning("synthesis of %s failed: %s", tts_ref(file_id), exc)
         return problem(500, "Internal Server Error", "Speech synthesis failed.")
     except (OSError, *REDIS_ERRORS) as exc:
         return _store_unavailable(file_id, exc)
@@ -232,11 +234,11 @@ async def _rest(file_id: str, first: bytes, chunks: AsyncIterator[bytes]) -> Asy
             outage_level(exc),
             "synthesis of %s failed while it was streamed, its response is cut off "
             "(component: %s): %s",
-            file_id,
+            tts_ref(file_id),
             component,
             exc,
         )
-        raise ResponseAborted(f"speech file {file_id}: {exc}") from exc
+        raise ResponseAborted(f"speech file {tts_ref(file_id)}: {exc}") from exc
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
 

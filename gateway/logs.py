@@ -23,6 +23,12 @@ Credentials never reach the log:
   are the session id in the path of the admin API's session view
   (``/v1/sessions/***``) and the stream token in a carrier's stream path
   (``/twilio/stream/***``).
+- A TTS file id (``/file/tts/{id}.{ext}``) is a capability: whoever has the link gets
+  the audio of what the bot said to someone. Every line names it by its first 8
+  characters and ``…`` (:func:`tts_ref`: ``/file/tts/2438f3b6….mp3``), the access log,
+  the gateway's own lines naming a request's path (:func:`logged_path`) and those of the
+  file route alike: enough to tell files apart and match a link someone reports,
+  while the 56 hex digits left out (224 bits) are not to be guessed.
 """
 
 from __future__ import annotations
@@ -157,14 +163,55 @@ _CREDENTIAL_PATH = re.compile(
 )
 
 
-def redact_query(text: str) -> str:
-    """``text`` with the values of credential query parameters, and the session id of a
+TTS_PATH = "/file/tts/"
+"""The path of the TTS files, whose next segment is a file's id (a capability) and
+extension: written by :func:`tts_ref` in :func:`redact_query` and :func:`logged_path`."""
+
+TTS_REF_CHARS = 8
+"""How many characters of a TTS file id the log shows (:func:`tts_ref`)."""
+
+_TTS_FILE = re.compile(re.escape(TTS_PATH) + r"([^/?#;\s\"]+)")
+_TTS_EXT = re.compile(r"[A-Za-z0-9]{1,5}")
+
+
+def tts_ref(file_id: str) -> str:
+    """How logs name a TTS file id (a capability: whoever has it gets the file): its
+    first :data:`TTS_REF_CHARS` characters then ``…`` (``2438f3b6…``); a shorter text
+    (no id) as it is. Pure; never raises."""
+    if len(file_id) <= TTS_REF_CHARS:
+        return file_id
+    return file_id[:TTS_REF_CHARS] + "…"
+
+
+def _tts_file_ref(match: re.Match[str]) -> str:
+    name = match[1]
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not _TTS_EXT.fullmatch(ext):  # no extension a file has: all of it cut
+        stem, dot, ext = name, "", ""
+    return f"{TTS_PATH}{tts_ref(stem)}{dot}{ext}"
+
+
+def _redact_tts_ids(text: str) -> str:
+    """``text`` with the id of every :data:`TTS_PATH` path written as :func:`tts_ref`
+    does, its extension kept (``/file/tts/2438f3b6….mp3``)."""
+    return _TTS_FILE.sub(_tts_file_ref, text) if TTS_PATH in text else text
+
+
+def _redact_credentials(text: str) -> str:
+    """``text`` with the values of credential query parameters, and the credential of a
     :data:`CREDENTIAL_PATHS` path, replaced by ``***``."""
     if "/v1/sessions/" in text or "/stream/" in text:
         text = _CREDENTIAL_PATH.sub(r"\1***", text)
     if "=" not in text:  # no parameter at all (most arguments of an access line)
         return text
     return _CREDENTIAL.sub(r"\1***", text)
+
+
+def redact_query(text: str) -> str:
+    """``text`` with the values of credential query parameters, and the session id of a
+    :data:`CREDENTIAL_PATHS` path, replaced by ``***``, and the id of a TTS file's path
+    (:data:`TTS_PATH`) cut as :func:`tts_ref` cuts it."""
+    return _redact_tts_ids(_redact_credentials(text))
 
 
 LOGGED_PATH_CHARS = 200
@@ -176,21 +223,23 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 
 def logged_path(path: str) -> str:
     """A request's (decoded) ``path`` as the gateway's own lines name it (an admin
-    refusal, an unhandled error): :func:`redact_query`'s redaction, then every other
-    character than ASCII letters, digits and ``/:@!$&'()*+,;=-._~%`` percent-encoded
-    (UTF-8), then cut to :data:`LOGGED_PATH_CHARS` characters with ``…`` after a cut.
+    refusal, an unhandled error): :func:`redact_query`'s redaction (a TTS file id cut
+    after the encoding, so its ``…`` stays one character), then every other character
+    than ASCII letters, digits and ``/:@!$&'()*+,;=-._~%`` percent-encoded (UTF-8),
+    then cut to :data:`LOGGED_PATH_CHARS` characters with ``…`` after a cut.
 
     The path is the client's: decoded, ``%1b[31m`` is an ESC that recoloured or
     rewrote the operator's terminal in the text format, and nothing bounded its length
     (a WARNING line of tens of kB for anyone without a key).
     """
-    quoted = urllib.parse.quote(redact_query(path), safe=_PATH_SAFE)
+    quoted = _redact_tts_ids(urllib.parse.quote(_redact_credentials(path), safe=_PATH_SAFE))
     return quoted if len(quoted) <= LOGGED_PATH_CHARS else quoted[:LOGGED_PATH_CHARS] + "…"
 
 
 class RedactQuery(logging.Filter):
-    """Hides credential query values (and :data:`CREDENTIAL_PATHS` segments) in uvicorn's
-    access and WebSocket request records (see module doc).
+    """Hides credential query values (and :data:`CREDENTIAL_PATHS` segments, and all but
+    the start of TTS file ids) in uvicorn's access and WebSocket request records (see
+    module doc).
 
     uvicorn.access records carry ``(client, method, path with query, http version,
     status)`` as ``args``; the path (and any string argument) is redacted.

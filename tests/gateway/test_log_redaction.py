@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ from websockets.sync.client import connect as ws_connect
 from adapters.voiceflow.protocol import PATH as VOICEFLOW_PATH
 from adapters.voiceflow.routes import VoiceflowServer
 from gateway.app import create_app
+from gateway.events import ResponseItem
 from gateway.logs import (
     QUIET_LIBRARIES,
     SOCKETIO_LOGGERS,
@@ -32,15 +34,18 @@ from gateway.logs import (
     RedactQuery,
     configure_logging,
     logfmt,
+    logged_path,
     masked_number,
     redact_query,
     session_ref,
     set_hash_key,
+    tts_ref,
 )
 from gateway.redisconn import SocketIoRedisOutage
 from gateway.server import uvicorn_options
 from gateway.settings import Settings
-from tests.conftest import ROOT, GatewayProcess, free_port, serve
+from gateway.speech.tts import SynthesisError
+from tests.conftest import ROOT, GatewayProcess, free_port, serve, served_app
 
 APP_KEY = "app-key-that-is-a-secret"
 HASH_KEY = "log-hash-key-for-this-test"
@@ -427,3 +432,79 @@ def test_an_admin_refusal_names_the_path_escaped_and_cut(tmp_path: Path) -> None
     assert "Admin request /v1/calls/x%1B%5B31mRED%07 from 127.0.0.1 refused (401)" in refusals[0]
     assert f"Admin request /v1/calls/{long_id[:190]}… from 127.0.0.1" in refusals[1]
     assert all(len(line) < 600 for line in refusals)
+
+
+TTS_LINK = re.compile(r"/file/tts/([0-9a-f]{64})\.mp3")
+
+
+def test_a_tts_file_id_is_logged_by_its_first_8_characters(tmp_path: Path) -> None:
+    """A TTS file id is a capability (whoever has ``/file/tts/{id}.mp3`` gets the audio of
+    what the bot said to someone): the access log wrote it whole on every GET and HEAD of
+    a link. A real ``gateway serve`` (text format, access log on) answers a turn with a
+    link, which is fetched: every line names the file by its first 8 characters and
+    ``…``, the extension kept."""
+    log_file = tmp_path / "gateway.log"
+    env = {
+        "GATEWAY_ACCESS_LOG": "true",
+        "GATEWAY_LOG_FORMAT": "text",
+        "GATEWAY_TTS_PROVIDER": "espeak-ng",
+        "PYTHONPATH": str(ROOT),
+    }
+    with log_file.open("wb") as sink:
+        gateway = GatewayProcess(env, stderr=sink, log_level="info").start()
+        try:
+            with httpx.Client(base_url=gateway.url, timeout=30) as client:
+                text = {"Content-Type": "text/plain"}
+                turn = client.put("/client?key=k", headers=text, content="hello")
+                found = TTS_LINK.search(turn.text)
+                assert found is not None, turn.text
+                file_id = found[1]
+                assert client.get(f"/file/tts/{file_id}.mp3").status_code == 200
+                assert client.head(f"/file/tts/{file_id}.mp3").status_code == 200
+                assert client.get(f"/file/tts/{file_id}.wav").status_code == 404
+        finally:
+            gateway.stop()
+    logged = log_file.read_text(encoding="utf-8", errors="replace")
+    assert file_id not in logged
+    assert file_id[8:40] not in logged
+    shown = f"/file/tts/{file_id[:8]}…"
+    assert f'"GET {shown}.mp3 HTTP/1.1" 200' in logged, logged
+    assert f'"HEAD {shown}.mp3 HTTP/1.1" 200' in logged
+    assert f'"GET {shown}.wav HTTP/1.1" 404' in logged
+
+
+class _FailingSynth:
+    """A synthesizer whose every synthesis fails."""
+
+    voice = "failing"
+
+    async def synthesize(self, text: str, *, ssml: bool = False) -> Any:
+        raise SynthesisError("the voice model is broken")
+
+
+async def test_the_file_routes_lines_name_a_file_by_the_start_of_its_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The file route's own WARNING of a failed synthesis (``synthesis of <id> failed``)
+    wrote the whole id, as the unhandled-error line would have (its path); both name it
+    by :func:`tts_ref` now."""
+    caplog.set_level(logging.INFO)
+    settings = Settings(tts_provider="espeak-ng", public_url="http://gw.test")
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        speech = app.state.gateway.speech
+        speech.pool.synthesizer = _FailingSynth()
+        item = await speech.link_item(ResponseItem(text="This cannot be said."), "mp3")
+        assert item.audio is not None
+        path = item.audio.removeprefix("http://gw.test")
+        file_id = path.removeprefix("/file/tts/").removesuffix(".mp3")
+        assert (await client.get(path)).status_code == 500
+    said = [r.getMessage() for r in caplog.records if r.name == "gateway.files"]
+    assert said == [f"synthesis of {file_id[:8]}… failed: the voice model is broken"]
+    server = [r for r in caplog.records if r.name.startswith(("gateway", "uvicorn", "adapters"))]
+    assert not [r for r in server if file_id in r.getMessage()]
+    assert tts_ref(file_id) == file_id[:8] + "…"
+    assert logged_path(path) == f"/file/tts/{file_id[:8]}….mp3"
+    assert redact_query(f"{path}?x=1") == f"/file/tts/{file_id[:8]}….mp3?x=1"
+    # an extension no file has is cut with the id (a client's id in the wrong place)
+    assert logged_path(f"/file/tts/x.{file_id}") == f"/file/tts/x.{file_id[:6]}…"
