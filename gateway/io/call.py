@@ -43,7 +43,8 @@ request the adapter builds (Twilio's redirect, Plivo's transfer: the carrier fet
 call's answer anew; Vonage's transfer to an NCCO connecting a new WebSocket; Telnyx's
 ``streaming_start``: a new stream; each with
 :data:`~gateway.protocol.call.RESUMED` ``=1``, through the load balancer), all at once
-within :data:`MOVE_TIMEOUT_S` (:meth:`CallRunner.move`); the call is marked moved in
+within :data:`MOVE_TIMEOUT_S` (:meth:`CallRunner.move`, the one-time key store's round
+trips included); the call is marked moved in
 the one-time key store (:func:`moved_key`, :data:`MOVED_MARK_S`) so a carrier's "stream
 ended" callback does not end its session (:func:`call_moving`,
 :func:`end_unserved_call`). The new stream's start with the parameter ``resumed`` ``1``
@@ -561,7 +562,9 @@ async def move_calls(
     credentials) or the call-control client nothing is sent: one WARNING naming what is
     missing (``unconfigured``), and the calls are cut as before (their streams close); a
     call whose request fails is cut so too (a WARNING each). ``settings``: the gateway's.
-    Never raises."""
+    Never raises: one call's fault is that call's (:meth:`CallRunner.move` logs it at
+    ERROR naming the call and the component; one escaping it anyway is logged so here),
+    the other calls are still moved and the count is still logged."""
     live = [call for call in calls if call.call.movable]
     if not live:
         return
@@ -575,10 +578,20 @@ async def move_calls(
         return
     timeout_s = min(MOVE_TIMEOUT_S, settings.calls_timeout_s, settings.shutdown_timeout_s)
     deadline = asyncio.get_running_loop().time() + timeout_s
-    moved = await asyncio.gather(*(call.move(control, redirect, deadline) for call in live))
-    logger.info(
-        "%s: %d of %d calls moved to another instance at shutdown", title, sum(moved), len(live)
-    )
+    moves = (call.move(control, redirect, deadline) for call in live)
+    results = await asyncio.gather(*moves, return_exceptions=True)
+    moved = 0
+    for call, result in zip(live, results, strict=True):
+        if isinstance(result, BaseException):  # CallRunner.move does not raise: a bug
+            logger.error(
+                "%s NOT moved to another instance (component: gateway): %r",
+                call.name,
+                result,
+                exc_info=result,
+            )
+        else:
+            moved += result
+    logger.info("%s: %d of %d calls moved to another instance at shutdown", title, moved, len(live))
 
 
 def machine_answer_undelivered() -> JSONResponse:
@@ -1059,67 +1072,142 @@ class CallRunner(WebSocketDriver[CallAction]):
         session open when the stream ends (:meth:`CarrierCall.move`), this stream stops
         following the call's control topic (:meth:`_unfollow`: it no longer serves the
         call, :func:`call_served`; again when the move fails), the call is marked
-        moved (:func:`moved_key`) for :data:`MOVED_MARK_S` from now (a mark of an earlier
-        move renewed; the store down: logged, its old
-        stream's end callback may then end the session), ``redirect``'s request is sent,
-        and the end of this stream (the carrier stops it) is awaited, all before
-        ``deadline`` (loop time). Whether the carrier took the request. When it did not
-        (an error status, no answer by ``deadline``, a network error: logged at WARNING
-        naming the component ``<carrier>-api``) the call is cut as before: its stream's
-        end ends the session (:meth:`CarrierCall.move_failed`). False (nothing sent) for
-        a call that is not live, or one ``redirect`` says cannot move (a WARNING with its
-        reason; the call is cut as before). Once taken, :meth:`moved_away` runs."""
+        moved (:meth:`_mark_moved`), ``redirect``'s request is sent, and the end of this
+        stream (the carrier stops it) is awaited, all before ``deadline`` (loop time).
+        Whether the carrier took the request. When it did not (an error status, no
+        answer by ``deadline``, a network error: logged at WARNING naming the component
+        ``<carrier>-api``) the call is cut as before: its stream's end ends the session
+        (:meth:`CarrierCall.move_failed`). False (nothing sent) for a call that is not
+        live, or one ``redirect`` says cannot move (a WARNING with its reason; the call
+        is cut as before). Once taken, :meth:`moved_away` runs.
+
+        Never raises (one call's fault is that call's, :func:`move_calls`): an unexpected
+        error (a bug: ``redirect``'s, an action's, ...) before the carrier took the
+        request cuts the call as a refused request does, logged at ERROR with its
+        traceback naming the component ``gateway``; one after it (:meth:`moved_away`'s)
+        is logged so and the call counts as moved (the carrier has it). The one-time key
+        store's failures, whatever they are, only leave the call unmarked
+        (:meth:`_mark_moved`)."""
         info = self.call.info
         if info is None or not self.call.movable:
             return False
-        request = redirect(self, info)
+        try:
+            request = redirect(self, info)
+        except Exception as exc:  # the adapter's bug: nothing changed, the call is cut
+            self._move_error(exc, "its move request could not be made")
+            return False
         if isinstance(request, str):
             log.warning("%s NOT moved to another instance, it is cut: %s", self.name, request)
             return False
         self.call.move()
-        # handed on: no longer served here, so a carrier's "call ended" callback meanwhile
-        # (the caller hung up before the new stream is up) ends the session, which this
-        # stream's end, a moved call's, does not (gateway/io/call.py end_unserved_call)
-        with contextlib.suppress(TimeoutError):  # the bus stuck: the rest keeps its time
+        try:
+            # handed on: no longer served here, so a carrier's "call ended" callback
+            # meanwhile (the caller hung up before the new stream is up) ends the session,
+            # which this stream's end, a moved call's, does not (end_unserved_call)
+            with contextlib.suppress(TimeoutError):  # the bus stuck: the rest keeps its time
+                async with asyncio.timeout_at(deadline):
+                    await self._unfollow()
+            await self._mark_moved(info.call_id, deadline)
+            why = await self._send_move(control, request, deadline)
+        except Exception as exc:  # a bug: cut as a refused move is
+            self._move_error(exc, "its move failed")
+            why = ""  # logged
+        if why is not None:
+            if why:
+                log.warning(
+                    "%s NOT moved to another instance (component: %s-api), it is cut: %s",
+                    self.name,
+                    self.carrier,
+                    why,
+                )
+            await self._move_failed(info.call_id)
+            return False
+        log.debug("%s moved: %s %s", self.name, request.method, request.url)
+        try:
             async with asyncio.timeout_at(deadline):
-                await self._unfollow()
-        mark = moved_key(self.carrier, info.call_id)
-        try:  # for MOVED_MARK_S from now: a call moved here from an instance that shut
-            # down lately keeps that move's mark, whose expiry is renewed (a mark set only
-            # when absent kept its first move's: it could expire during this one)
-            if not await self.gw.nonces.use_once(mark, MOVED_MARK_S):
-                await self.gw.nonces.release(mark)
-                await self.gw.nonces.use_once(mark, MOVED_MARK_S)
-        except StoreUnavailable as exc:  # its old stream's end callback may end it
+                await self.moved_away(control, info)
+                await self._over.wait()  # the carrier stops the stream
+        except TimeoutError:
+            pass
+        except Exception as exc:  # the adapter's bug; the carrier has the call
+            log.error(
+                "%s moved to another instance, but what followed failed (component: gateway): %r",
+                self.name,
+                exc,
+                exc_info=exc,
+            )
+        return True
+
+    def _move_error(self, exc: Exception, what: str) -> None:
+        """Log an unexpected error of the call's move (:meth:`move`): ERROR, the
+        traceback, the component ``gateway`` (a bug, none of a dependency's outages)."""
+        log.error(
+            "%s NOT moved to another instance (component: gateway), it is cut: %s: %r",
+            self.name,
+            what,
+            exc,
+            exc_info=exc,
+        )
+
+    async def _mark_moved(self, call_id: str, deadline: float) -> None:
+        """Mark the call moved (:func:`moved_key`) for :data:`MOVED_MARK_S` from now, a
+        mark of an earlier move renewed (a call moved here from an instance that shut
+        down lately: a mark set only when absent kept its first move's expiry, which
+        could come during this move), within half the time left before ``deadline``
+        (loop time): the store's up to three round trips are bounded so, and the move's
+        request still has the other half. Not marked (the store down: logged at its
+        outage level; no answer within that bound, a Redis that stopped answering: a
+        WARNING naming the component ``nonce-store``), the move is still sent: the call
+        goes on elsewhere, rather than cut here, and only its old stream's end callback
+        (Twilio's ``stream-stopped``) may then end its session, or the new stream's
+        ``resumed=1`` is not taken (Telnyx: the caller is greeted again, the same
+        session)."""
+        now = asyncio.get_running_loop().time()
+        bound_s = max(0.0, deadline - now) / 2
+        mark = moved_key(self.carrier, call_id)
+        try:
+            async with asyncio.timeout_at(now + bound_s):
+                if not await self.gw.nonces.use_once(mark, MOVED_MARK_S):
+                    await self.gw.nonces.release(mark)
+                    await self.gw.nonces.use_once(mark, MOVED_MARK_S)
+        except StoreUnavailable as exc:
             log.log(outage_level(exc), "%s: not marked moved: %s", self.name, exc)
-        why = ""
+        except TimeoutError:
+            log.warning(
+                "%s: not marked moved (component: nonce-store): no answer within %.2f s; "
+                "its move is sent all the same",
+                self.name,
+                bound_s,
+            )
+        except Exception as exc:  # the store's bug: the move is sent all the same
+            log.error(
+                "%s: not marked moved (component: nonce-store): %r; its move is sent all the same",
+                self.name,
+                exc,
+                exc_info=exc,
+            )
+
+    async def _send_move(
+        self, control: CallControl, request: RestRequest, deadline: float
+    ) -> str | None:
+        """Send the move's ``request`` before ``deadline`` (loop time): None when the
+        carrier took it, else why not (an error status, no answer, a network error)."""
         try:
             async with asyncio.timeout_at(deadline):
                 answer = await control.send(request)
         except CallControlError as exc:
-            why = str(exc)
+            return str(exc)
         except TimeoutError:
-            why = "no answer before the shutdown's bound"
-        else:
-            if not answer.ok:
-                why = f"HTTP {answer.status}: {str(answer.body)[:200]}"
-        if why:
-            log.warning(
-                "%s NOT moved to another instance (component: %s-api), it is cut: %s",
-                self.name,
-                self.carrier,
-                why,
-            )
-            if not self.call.closed:  # served here again
-                self._following = self.spawn(self._follow(info.call_id), "call control")
-            await self.run(self.call.move_failed())
-            return False
-        log.debug("%s moved: %s %s", self.name, request.method, request.url)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(deadline):
-                await self.moved_away(control, info)
-                await self._over.wait()  # the carrier stops the stream
-        return True
+            return "no answer before the shutdown's bound"
+        return None if answer.ok else f"HTTP {answer.status}: {str(answer.body)[:200]}"
+
+    async def _move_failed(self, call_id: str) -> None:
+        """The move was not taken (:meth:`move`): the call is served here again (its
+        control topic followed while its stream is open) and cut as before
+        (:meth:`CarrierCall.move_failed`: its stream's end ends the session)."""
+        if not self.call.closed:  # served here again
+            self._following = self.spawn(self._follow(call_id), "call control")
+        await self.run(self.call.move_failed())
 
     async def _unfollow(self) -> None:
         """Stop following the call's control topic (:meth:`_follow`) and wait until its

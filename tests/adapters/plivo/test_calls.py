@@ -10,19 +10,22 @@ import logging
 import re
 import uuid
 import xml.etree.ElementTree as ET
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
+from adapters.plivo import routes as plivo_routes
 from adapters.plivo.protocol import extra_headers
 from adapters.plivo.verify import signature
-from gateway.io.call import call_moving, moved_key
+from gateway.io.call import MOVE_TIMEOUT_S, call_moving, moved_key
 from gateway.server import run_before_close
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of
-from tests.adapters.plivo.harness import AUTH_TOKEN, CARRIER, PlivoHarness, ask_answer
+from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, CARRIER, PlivoHarness, ask_answer
 from tests.adapters.twilio.helpers import PUBLIC
+from tests.gateway.redis_proxy import ReplyDropper
 
 
 async def _stream_url(base: str, call_uuid: str) -> str:
@@ -356,3 +359,143 @@ async def test_an_app_key_too_long_for_extra_headers_is_a_400_problem(
         stream = ET.fromstring(ok.text).find("./Stream")
         assert stream is not None
         assert extra_headers(stream.attrib["extraHeaders"])["appKey"] == longest
+
+
+class _FaultyMarks:
+    """The gateway's one-time key store (``store``), whose use of the moved mark of one
+    call (``key``) raises an error no store is meant to raise (a bug): the rest is the
+    real store's."""
+
+    def __init__(self, store: Any, key: str) -> None:
+        self.store, self.key = store, key
+
+    async def use_once(self, key: str, ttl_s: float) -> bool:
+        if key == self.key:
+            raise RuntimeError("the store's own bug")
+        return bool(await self.store.use_once(key, ttl_s))
+
+    async def release(self, key: str) -> None:
+        await self.store.release(key)
+
+    async def used(self, key: str) -> bool:
+        return bool(await self.store.used(key))
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+
+async def test_one_calls_fault_at_shutdown_is_that_calls_the_others_are_moved(
+    speech: SpeechService,
+    redis_url: str,
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three live calls at shutdown (the app's before_close hooks), real Redis: marking
+    the first moved fails with an error no store should raise, making the second's
+    transfer request fails (the adapter's bug); each is logged at ERROR naming the call
+    and the component. The first is moved all the same (the mark is only for a carrier's
+    callback), the second is cut as a refused move is (its stream's end ends its
+    session), the third is moved, and the count line says 2 of 3. (The first error left
+    ``asyncio.gather``: the hook failed, the other moves were abandoned, no count.)"""
+    caplog.set_level(logging.INFO, "gateway")
+    async with (
+        CARRIER.gateway(speech, redis_url=redis_url, redis_prefix=redis_prefix) as (gw, api),
+        PlivoHarness.dial(gw.url, PUBLIC) as unmarked,
+        PlivoHarness.dial(gw.url, PUBLIC) as broken,
+        PlivoHarness.dial(gw.url, PUBLIC) as fine,
+    ):
+        await gw.wait_turns(3)
+        gateway = gw.app.state.gateway
+        key = moved_key("plivo", unmarked.call_uuid)
+        gateway.nonces = _FaultyMarks(gateway.nonces, key)
+        real = plivo_routes._move_request
+
+        def move_request(auth: Any, settings: Any, runner: Any, info: Any) -> Any:
+            if info.call_id == broken.call_uuid:
+                raise KeyError("the adapter's own bug")
+            return real(auth, settings, runner, info)
+
+        monkeypatch.setattr(plivo_routes, "_move_request", move_request)
+        moving = asyncio.create_task(run_before_close(gw.app))
+        for _ in range(200):
+            if len(api.requests) == 2:
+                break
+            await asyncio.sleep(0.02)
+        transferred = sorted(r.path for r in api.requests)
+        uuids = sorted([unmarked.call_uuid, fine.call_uuid])
+        assert transferred == [f"/v1/Account/{AUTH_ID}/Call/{u}/" for u in uuids]
+        await unmarked.stop()  # Plivo ends the old streams of the calls it transferred
+        await fine.stop()
+        await asyncio.wait_for(moving, 10)
+
+        assert "a shutdown step failed" not in caplog.text
+        [count] = [r for r in caplog.records if "calls moved to another" in r.getMessage()]
+        assert count.getMessage() == "Plivo: 2 of 3 calls moved to another instance at shutdown"
+        errors = sorted(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+        expected = sorted(
+            [
+                f"plivo call {unmarked.call_uuid}: not marked moved (component: nonce-store): "
+                "RuntimeError(",
+                f"plivo call {broken.call_uuid} NOT moved to another instance (component: "
+                "gateway), it is cut: its move request could not be made: KeyError(",
+            ]
+        )
+        assert len(errors) == 2, errors
+        assert all(e.startswith(x) for e, x in zip(errors, expected, strict=True)), errors
+        gateway.nonces = gateway.nonces.store
+        # the moved calls' sessions go on elsewhere; the cut call's ends with its stream
+        assert await CARRIER.session_exists(gw, unmarked)
+        assert await CARRIER.session_exists(gw, fine)
+        assert await CARRIER.session_exists(gw, broken)
+        assert not gw.app.state.plivo.calls[broken.call_uuid].call.moved
+        await broken.stop()
+        await CARRIER.ended(gw, broken)
+        assert await CARRIER.session_exists(gw, unmarked)
+
+
+async def test_a_move_is_bounded_and_sent_while_redis_does_not_answer(
+    speech: SpeechService,
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis stops answering (every connection, old and new, blackholed) just before the
+    shutdown: marking the call moved gets half the move's bound (MOVE_TIMEOUT_S), then a
+    WARNING (component: nonce-store), and the transfer is sent all the same within the
+    rest: the call goes on elsewhere and the hook ends within MOVE_TIMEOUT_S. (Each of
+    the mark's round trips took the 5 s Redis command timeout: the bound was spent, no
+    transfer sent, the call cut.)"""
+    proxy, url = reply_dropper
+    caplog.set_level(logging.INFO, "gateway")
+    async with (
+        CARRIER.gateway(speech, redis_url=url, redis_prefix=redis_prefix) as (gw, api),
+        PlivoHarness.dial(gw.url, PUBLIC) as call,
+    ):
+        await gw.wait_turns(1)
+        runner = gw.app.state.plivo.calls[call.call_uuid]
+        proxy.hung = True  # new connections go nowhere either
+        proxy.silence()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        moving = asyncio.create_task(run_before_close(gw.app))
+        for _ in range(400):
+            if api.requests:
+                break
+            await asyncio.sleep(0.02)
+        sent_after_s = loop.time() - started
+        assert [r.path for r in api.requests] == [f"/v1/Account/{AUTH_ID}/Call/{call.call_uuid}/"]
+        assert MOVE_TIMEOUT_S / 2 - 0.2 <= sent_after_s < MOVE_TIMEOUT_S, sent_after_s
+        await call.stop()  # Plivo ends the old stream
+        await asyncio.wait_for(moving, MOVE_TIMEOUT_S)
+        assert loop.time() - started < MOVE_TIMEOUT_S + 0.5
+        [count] = [r for r in caplog.records if "calls moved to another" in r.getMessage()]
+        assert count.getMessage() == "Plivo: 1 of 1 calls moved to another instance at shutdown"
+        [unmarked] = [r for r in caplog.records if "not marked moved" in r.getMessage()]
+        assert unmarked.levelno == logging.WARNING
+        assert unmarked.getMessage().startswith(
+            f"plivo call {call.call_uuid}: not marked moved (component: nonce-store): no "
+            "answer within 2.5"
+        ), unmarked.getMessage()
+        assert runner.call.moved  # its stream's end left the session to the new stream
+        proxy.hung = False
