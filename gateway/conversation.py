@@ -1048,6 +1048,42 @@ class Conversation:
             txn.save(txn.session, txn.session.timeout_s)
             return "stored"
 
+    async def hold(self, ctx: TurnContext, ttl_s: int) -> bool:
+        """Let the store keep ``ctx``'s session at most ``ttl_s`` (s, > 0) more, unless
+        it is saved again meanwhile (a turn, :meth:`keep`): a phone call handed to
+        another instance at shutdown (gateway/io/call.py ``CallRunner.move``), whose new
+        stream may never start (the caller hung up meanwhile, and Plivo, Vonage and
+        Twilio send no callback the gateway takes then), so its session goes soon
+        instead of after its timeout; the new stream's start restores it (:meth:`keep`).
+        Its content and ``updated_at`` are kept (:meth:`expiry` still tells the end of
+        its whole timeout meanwhile); a session whose timeout is shorter keeps it.
+        False when it does not exist or is another application key's. Its lock is not
+        waited for: SessionBusy at once while a turn holds it (that turn saves the
+        session after, with its whole timeout: a hold now would be undone);
+        StoreUnavailable like a turn."""
+        async with self.store.open(ctx.key, lease_s=self._lease_s(), wait_s=0.0) as txn:
+            if txn.session is None or txn.session.app_key != ctx.app_key:
+                return False
+            txn.save(txn.session, min(ttl_s, txn.session.timeout_s))
+            return True
+
+    async def keep(self, ctx: TurnContext) -> Literal["stored", "not-found", "foreign"]:
+        """Save ``ctx``'s session again as it is (``updated_at`` now), so the store keeps
+        it its whole ``timeout_s`` from now: undoes :meth:`hold` (a moved call's new
+        stream started). ``stored``; ``not-found`` when it does not exist (or expired),
+        ``foreign`` when it is another application key's (nothing saved). Raises
+        SessionBusy or StoreUnavailable like a turn does."""
+        async with self.store.open(
+            ctx.key, lease_s=self._lease_s(), wait_s=self.settings.lock_wait_s
+        ) as txn:
+            if txn.session is None:
+                return "not-found"
+            if txn.session.app_key != ctx.app_key:
+                return "foreign"
+            txn.session.updated_at = time.time()
+            txn.save(txn.session, txn.session.timeout_s)
+            return "stored"
+
     async def end(self, ctx: TurnContext) -> bool:
         """End ``ctx``'s session without a turn (the platform closed it); True if it existed.
 

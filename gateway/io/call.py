@@ -47,8 +47,11 @@ within :data:`MOVE_TIMEOUT_S` (:meth:`CallRunner.move`, the one-time key store's
 trips included); the call is marked moved in
 the one-time key store (:func:`moved_key`, :data:`MOVED_MARK_S`) so a carrier's "stream
 ended" callback does not end its session (:func:`call_moving`,
-:func:`end_unserved_call`). The new stream's start with the parameter ``resumed`` ``1``
-continues the session without ``#intro`` (:class:`CarrierCall`); here no turn starts
+:func:`end_unserved_call`), and its session is kept :data:`MOVED_SESSION_S` at most
+(:meth:`CallRunner._hold_session`: a caller who hangs up before the new stream starts
+leaves none behind for its whole timeout). The new stream's start with the parameter
+``resumed`` ``1`` continues the session without ``#intro`` (:class:`CarrierCall`) and
+keeps it its whole timeout again (:meth:`CallRunner._keep_session`); here no turn starts
 meanwhile and the stream's end leaves the session open (:meth:`CarrierCall.move`).
 """
 
@@ -106,7 +109,7 @@ from gateway.protocol.call import (
     Transfer,
 )
 from gateway.ratelimit import refusal_log
-from gateway.sessions import StoreError, StoreUnavailable
+from gateway.sessions import SessionBusy, StoreError, StoreUnavailable
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormatError
 from gateway.speech.stage import SpeechStage
@@ -153,6 +156,11 @@ MOVED_MARK_S: Final = 60.0
 """How long a moved call is marked so in the one-time key store (s, :func:`moved_key`):
 a carrier's callback that its old stream ended, which may reach an instance before the
 new stream is up there, does not end its session (:func:`call_moving`)."""
+MOVED_SESSION_S: Final = int(MOVED_MARK_S)
+"""How long (s) the session of a moved call is kept until its new stream starts
+(:meth:`CallRunner._hold_session`), which keeps it its whole timeout again: a caller who
+hangs up in between leaves no session behind for its timeout (the carriers whose calls
+move send no callback the gateway takes then, Telnyx's ``call.hangup`` aside)."""
 
 HangUpHook = Callable[["CallRunner", str], Awaitable[None]]
 """An adapter's hang-up: ``(runner, call id)``; the runner closes the socket after it."""
@@ -857,6 +865,8 @@ class CallRunner(WebSocketDriver[CallAction]):
             self.name = f"{self.carrier} call {info.call_id}"
             if self._calls is not None:
                 self._calls[info.call_id] = self
+            if info.parameters.get(RESUMED) == "1" and self.call.ctx is not None:
+                self.spawn(self._keep_session(self.call.ctx), "session")  # moved here
             self.started(info.call_id)
         return actions
 
@@ -1072,7 +1082,8 @@ class CallRunner(WebSocketDriver[CallAction]):
         session open when the stream ends (:meth:`CarrierCall.move`), this stream stops
         following the call's control topic (:meth:`_unfollow`: it no longer serves the
         call, :func:`call_served`; again when the move fails), the call is marked
-        moved (:meth:`_mark_moved`), ``redirect``'s request is sent, and the end of this
+        moved (:meth:`_mark_moved`) and its session held (:meth:`_hold_session`), both
+        within half the time left, ``redirect``'s request is sent, and the end of this
         stream (the carrier stops it) is awaited, all before ``deadline`` (loop time).
         Whether the carrier took the request. When it did not (an error status, no
         answer by ``deadline``, a network error: logged at WARNING naming the component
@@ -1107,7 +1118,9 @@ class CallRunner(WebSocketDriver[CallAction]):
             with contextlib.suppress(TimeoutError):  # the bus stuck: the rest keeps its time
                 async with asyncio.timeout_at(deadline):
                     await self._unfollow()
-            await self._mark_moved(info.call_id, deadline)
+            now = asyncio.get_running_loop().time()
+            bound = now + max(0.0, deadline - now) / 2  # the request gets the other half
+            await asyncio.gather(self._mark_moved(info.call_id, bound), self._hold_session(bound))
             why = await self._send_move(control, request, deadline)
         except Exception as exc:  # a bug: cut as a refused move is
             self._move_error(exc, "its move failed")
@@ -1149,24 +1162,23 @@ class CallRunner(WebSocketDriver[CallAction]):
             exc_info=exc,
         )
 
-    async def _mark_moved(self, call_id: str, deadline: float) -> None:
+    async def _mark_moved(self, call_id: str, bound: float) -> None:
         """Mark the call moved (:func:`moved_key`) for :data:`MOVED_MARK_S` from now, a
         mark of an earlier move renewed (a call moved here from an instance that shut
         down lately: a mark set only when absent kept its first move's expiry, which
-        could come during this move), within half the time left before ``deadline``
-        (loop time): the store's up to three round trips are bounded so, and the move's
-        request still has the other half. Not marked (the store down: logged at its
-        outage level; no answer within that bound, a Redis that stopped answering: a
-        WARNING naming the component ``nonce-store``), the move is still sent: the call
-        goes on elsewhere, rather than cut here, and only its old stream's end callback
-        (Twilio's ``stream-stopped``) may then end its session, or the new stream's
-        ``resumed=1`` is not taken (Telnyx: the caller is greeted again, the same
-        session)."""
-        now = asyncio.get_running_loop().time()
-        bound_s = max(0.0, deadline - now) / 2
+        could come during this move), before ``bound`` (loop time; :meth:`move` gives it
+        half the time left, the request the other half): the store's up to three round
+        trips are bounded so. Never raises. Not marked (the store down: logged at its
+        outage level; no answer within ``bound``, a Redis that stopped answering: a
+        WARNING naming the component ``nonce-store``; an unexpected error: an ERROR),
+        the move is still sent: the call goes on elsewhere rather than being cut here,
+        and only its old stream's end callback (Twilio's ``stream-stopped``) may then end
+        its session, or the new stream's ``resumed=1`` is not taken (Telnyx: the caller
+        is greeted again, in the same session)."""
         mark = moved_key(self.carrier, call_id)
+        bound_s = bound - asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout_at(now + bound_s):
+            async with asyncio.timeout_at(bound):
                 if not await self.gw.nonces.use_once(mark, MOVED_MARK_S):
                     await self.gw.nonces.release(mark)
                     await self.gw.nonces.use_once(mark, MOVED_MARK_S)
@@ -1186,6 +1198,57 @@ class CallRunner(WebSocketDriver[CallAction]):
                 exc,
                 exc_info=exc,
             )
+
+    async def _hold_session(self, bound: float) -> None:
+        """Let the store keep the call's session only :data:`MOVED_SESSION_S` more
+        (:meth:`gateway.conversation.Conversation.hold`), before ``bound`` (loop time), so
+        that a call hung up before its new stream starts does not leave its session
+        behind for its whole timeout (Plivo, Vonage and Twilio send no callback the
+        gateway takes then); the new stream's start restores it (:meth:`_keep_session`).
+        Never raises. Not held (a turn holds its lock: it saves the session after, with
+        its whole timeout; the store down: logged at its outage level; not answering within
+        ``bound``: INFO; an unexpected error: an ERROR): the session is kept its whole
+        timeout, as before."""
+        ctx = self.call.ctx
+        if ctx is None:
+            return
+        why = ""
+        try:
+            async with asyncio.timeout_at(bound):
+                await self.gw.conversation.hold(ctx, MOVED_SESSION_S)
+        except SessionBusy:
+            return  # a turn holds it: it saves the session with its whole timeout
+        except StoreUnavailable as exc:
+            log.log(outage_level(exc), "%s: session not held: %s", self.name, exc)
+        except TimeoutError:
+            why = "the session store did not answer in time"
+        except Exception as exc:  # a bug: the session is kept as before
+            log.error(
+                "%s: session not held (component: session-store): %r",
+                self.name,
+                exc,
+                exc_info=exc,
+            )
+        if why:
+            log.info("%s: session not held, kept its whole timeout: %s", self.name, why)
+
+    async def _keep_session(self, ctx: TurnContext) -> None:
+        """The call was moved here (its start's :data:`~gateway.protocol.call.RESUMED`):
+        its session, held by the instance it left (:meth:`_hold_session`), is kept its
+        whole timeout again (:meth:`gateway.conversation.Conversation.keep`). Never
+        raises: a turn holding the session (it saves it so) is fine; the store down is
+        logged at its outage level (the session expires :data:`MOVED_SESSION_S` after
+        the move unless a turn saves it first); a session gone (it expired, the core
+        ended it) at INFO: the call's next turn makes it anew."""
+        try:
+            kept = await self.gw.conversation.keep(ctx)
+        except SessionBusy:
+            return
+        except StoreUnavailable as exc:
+            log.log(outage_level(exc), "%s: its moved session not kept: %s", self.name, exc)
+            return
+        if kept != "stored":
+            log.info("%s: resumed, but its session is %s", self.name, kept)
 
     async def _send_move(
         self, control: CallControl, request: RestRequest, deadline: float

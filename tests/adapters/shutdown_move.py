@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from gateway.io.call import MOVED_MARK_S
 from tests.adapters.carrier_harness import CarrierHarness
 from tests.adapters.twilio.helpers import PUBLIC, until
 from tests.calls.carrier_api import CarrierApi, carrier_api
@@ -62,6 +65,37 @@ class Deployment:
     redis_prefix: str
     gateway_processes: list[GatewayProcess]
     tmp_path: Path
+
+    def session_ttl(self, channel: str, call_id: str) -> int:
+        """The seconds the Redis of the deployment keeps call ``call_id``'s session of
+        ``channel`` (``twilio``...) still: Redis's ``TTL`` (-2: there is none)."""
+        store: Any = redis.Redis.from_url(self.redis_url)
+        try:
+            return int(store.ttl(f"{self.redis_prefix}:{{{channel}:{call_id}}}:s"))
+        finally:
+            store.close()
+
+    async def saved(self, channel: str, call_ids: Sequence[str]) -> None:
+        """Wait (15 s) until the sessions of ``call_ids`` of ``channel`` are stored: the
+        turns that made them saved them and let go of their locks."""
+
+        def stored() -> bool:
+            return all(self.session_ttl(channel, call_id) > 0 for call_id in call_ids)
+
+        assert await until(stored, 15), call_ids
+
+    def held(self, channel: str, call_id: str) -> None:
+        """The session of a call moved at shutdown whose new stream has not started is
+        kept MOVED_MARK_S at most (a caller who hung up meanwhile leaves none behind for
+        its whole timeout)."""
+        ttl = self.session_ttl(channel, call_id)
+        assert 0 < ttl <= MOVED_MARK_S, ttl
+
+    async def kept(self, channel: str, call_id: str) -> None:
+        """The new stream of a moved call started: its session is kept its whole timeout
+        again (within 5 s, before any turn saves it)."""
+        ttl = functools.partial(self.session_ttl, channel, call_id)
+        assert await until(lambda: ttl() > MOVED_MARK_S, 5), ttl()
 
     @contextlib.asynccontextmanager
     async def two_instances(

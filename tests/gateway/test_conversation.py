@@ -34,6 +34,7 @@ from gateway.sessions import (
     MemorySessionStore,
     RedisSessionStore,
     Session,
+    SessionBusy,
     SessionStore,
 )
 from gateway.settings import Settings
@@ -182,6 +183,45 @@ async def test_a_stored_log_records_the_time_of_its_save(
             finally:
                 await client.aclose()
             assert abs((logged + ttl_ms / 1000) - expiry) < 0.5
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_held_session_goes_after_its_hold_unless_kept_again(
+    kind: str, redis_url: str, redis_prefix: str
+) -> None:
+    """:meth:`Conversation.hold` (a phone call moved at shutdown, gateway/io/call.py):
+    the store keeps the session only ``ttl_s`` more; :meth:`Conversation.keep` (its new
+    stream started) keeps it its whole timeout again. A hold does not wait for the
+    session's lock (SessionBusy at once: the turn holding it saves it after), and holds
+    no session that is not there or is another application key's."""
+    store: SessionStore = (
+        MemorySessionStore()
+        if kind == "memory"
+        else RedisSessionStore(redis_url, prefix=redis_prefix)
+    )
+    conv = engine(store, session_timeout_s=60)
+    try:
+        assert not await conv.hold(ctx(), 1)  # no session yet
+        await conv.turn(ctx(), Input.of("#intro")).collect()
+        assert not await conv.hold(TurnContext(channel="test", session_id="s1", app_key="x"), 1)
+        assert await conv.hold(ctx(), 1)
+        assert await conv.keep(ctx()) == "stored"
+        await asyncio.sleep(1.3)
+        assert await store.get(ctx().key) is not None  # kept its whole timeout again
+        assert await conv.hold(ctx(), 1)
+        await asyncio.sleep(1.3)
+        assert await store.get(ctx().key) is None  # gone after its hold
+        assert await conv.keep(ctx()) == "not-found"
+
+        await conv.turn(ctx(), Input.of("#intro")).collect()
+        async with store.open(ctx().key, lease_s=5, wait_s=1):  # a turn holds it
+            started = time.perf_counter()
+            with pytest.raises(SessionBusy):
+                await conv.hold(ctx(), 1)
+            assert time.perf_counter() - started < 0.5
+        assert await conv.expiry(ctx()) is not None
     finally:
         await store.aclose()
 

@@ -15,16 +15,17 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import redis
 
 from adapters.plivo import routes as plivo_routes
 from adapters.plivo.protocol import extra_headers
 from adapters.plivo.verify import signature
-from gateway.io.call import MOVE_TIMEOUT_S, call_moving, moved_key
+from gateway.io.call import MOVE_TIMEOUT_S, MOVED_MARK_S, call_moving, moved_key
 from gateway.server import run_before_close
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, CARRIER, PlivoHarness, ask_answer
-from tests.adapters.twilio.helpers import PUBLIC
+from tests.adapters.twilio.helpers import PUBLIC, until
 from tests.gateway.redis_proxy import ReplyDropper
 
 
@@ -499,3 +500,50 @@ async def test_a_move_is_bounded_and_sent_while_redis_does_not_answer(
         ), unmarked.getMessage()
         assert runner.call.moved  # its stream's end left the session to the new stream
         proxy.hung = False
+
+
+async def test_a_moved_calls_session_is_kept_briefly_until_its_new_stream_starts(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    """A call moved at shutdown: until its new stream starts, the store keeps its session
+    MOVED_MARK_S at most, so a caller who hangs up in between (Plivo sends the gateway no
+    callback then) leaves no session behind for its whole timeout; the new stream's start
+    keeps it its whole timeout again, before any turn. Real Redis; the new stream on the
+    same instance. (The session was kept its whole timeout, 30 min, after the move.)"""
+    async with (
+        CARRIER.gateway(speech, redis_url=redis_url, redis_prefix=redis_prefix) as (gw, api),
+        PlivoHarness.dial(gw.url, PUBLIC) as call,
+    ):
+        await gw.wait_answers(call, 1)  # the greeting's turn saved the session
+        store: Any = redis.Redis.from_url(redis_url)
+        key = f"{redis_prefix}:{{plivo:{call.call_uuid}}}:s"
+        try:
+            assert store.ttl(key) > MOVED_MARK_S
+            moving = asyncio.create_task(run_before_close(gw.app))
+            for _ in range(200):
+                if api.requests:
+                    break
+                await asyncio.sleep(0.02)
+            assert [r.method for r in api.requests] == ["POST"]  # the transfer
+            await call.stop()  # Plivo ends the old stream
+            await asyncio.wait_for(moving, 10)
+            assert 0 < store.ttl(key) <= MOVED_MARK_S
+
+            # Plivo fetches the transfer's URL and opens the new stream
+            answer = await ask_answer(
+                gw.url,
+                PUBLIC,
+                call.call_uuid,
+                query=api.requests[0].json["aleg_url"].partition("?")[2],
+            )
+            assert answer.status_code == 200, answer.text
+            stream = ET.fromstring(answer.text).find("./Stream")
+            assert stream is not None
+            url = f"ws://{urlsplit(gw.url).netloc}{urlsplit((stream.text or '').strip()).path}"
+            extra = stream.attrib["extraHeaders"]
+            async with PlivoHarness.opened(url, call.call_uuid, extra) as second:
+                assert await until(lambda: store.ttl(key) > MOVED_MARK_S, 5), store.ttl(key)
+                assert len(gw.core.turns) == 1  # no turn saved it: the start did
+                assert second.close_code is None
+        finally:
+            store.close()

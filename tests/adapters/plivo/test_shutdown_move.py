@@ -62,8 +62,10 @@ async def test_sigterm_moves_a_plivo_call_to_another_instance_where_it_goes_on_w
             PlivoHarness.opened(cut_url, cut_id, cut_extra) as cut,
         ):
             # the transfer ends the stream of the call Plivo moved
+            await deployment.saved("plivo", [moved_id, cut_id])
             await move.sigterm_once_greeted(instances, turns, 2, first, cut)
         assert await move.exit_code(a) == 0
+        deployment.held("plivo", moved_id)  # until its new stream starts
         transfers = {r.path: r for r in api.requests}
         transfer = transfers[f"{call_path}/{moved_id}/"]
         assert transfer.method == "POST"
@@ -94,6 +96,7 @@ async def test_sigterm_moves_a_plivo_call_to_another_instance_where_it_goes_on_w
             "resumed": "1",
         }
         async with PlivoHarness.opened(resumed_url, moved_id, extra) as second:
+            await deployment.kept("plivo", moved_id)
             await move.goes_on_without_a_greeting(second, turns)
             store: Any = redis.Redis.from_url(deployment.redis_url)
             try:  # the call's session went on; the one of the call that was cut ended

@@ -84,8 +84,10 @@ async def test_sigterm_moves_a_call_to_another_instance_where_it_goes_on_without
             TwilioHarness.stream(a.url, twimls[cut_sid], cut_sid, auth_token=AUTH) as cut,
         ):
             # Twilio stops the stream of the call it redirected
+            await deployment.saved("twilio", [moved_sid, cut_sid])
             await move.sigterm_once_greeted(instances, turns, 2, first, cut)
         assert await move.exit_code(a) == 0
+        deployment.held("twilio", moved_sid)  # until its new stream starts
         redirects = {r.path: r for r in api.requests}
         redirect = redirects[f"{calls_path}/{moved_sid}.json"]
         assert redirect.method == "POST"
@@ -117,6 +119,7 @@ async def test_sigterm_moves_a_call_to_another_instance_where_it_goes_on_without
             "resumed": "1",
         }
         async with TwilioHarness.stream(b.url, resumed, moved_sid, auth_token=AUTH) as second:
+            await deployment.kept("twilio", moved_sid)
             await move.goes_on_without_a_greeting(second, turns)
     move.assert_moved_in_its_session(turns, moved_sid, cut_sid)
     store: Any = redis.Redis.from_url(deployment.redis_url)

@@ -54,10 +54,12 @@ async def test_sigterm_moves_a_vonage_call_to_another_instance_where_it_goes_on_
             VonageHarness.dial(a.url, call_uuid=moved_id, app_key="shop") as first,
             VonageHarness.dial(a.url, call_uuid=cut_id, app_key="shop") as cut,
         ):
+            await deployment.saved("vonage", [moved_id, cut_id])
             await move.sigterm_once_greeted(
                 instances, turns, 2, first, cut
             )  # Vonage drops the old WebSocket leg
         assert await move.exit_code(a) == 0
+        deployment.held("vonage", moved_id)  # until its new stream starts
         transfers = {r.path: r for r in api.requests}
         transfer = transfers[f"/v1/calls/{moved_id}"]
         assert transfer.method == "PUT"
@@ -90,5 +92,6 @@ async def test_sigterm_moves_a_vonage_call_to_another_instance_where_it_goes_on_
         # Vonage connects the call to the NCCO's WebSocket through the balancer (here: b)
         url = f"ws://{urlsplit(b.url).netloc}{urlsplit(endpoint['uri']).path}"
         async with VonageHarness.opened(url, endpoint) as second:
+            await deployment.kept("vonage", moved_id)
             await move.goes_on_without_a_greeting(second, turns)
     move.assert_moved_in_its_session(turns, moved_id, cut_id)
