@@ -1239,13 +1239,22 @@ class CallRunner(WebSocketDriver[CallAction]):
         raises: a turn holding the session (it saves it so) is fine; the store down is
         logged at its outage level (the session expires :data:`MOVED_SESSION_S` after
         the move unless a turn saves it first); a session gone (it expired, the core
-        ended it) at INFO: the call's next turn makes it anew."""
+        ended it) at INFO: the call's next turn makes it anew; an unexpected error at
+        ERROR."""
         try:
             kept = await self.gw.conversation.keep(ctx)
         except SessionBusy:
             return
         except StoreUnavailable as exc:
             log.log(outage_level(exc), "%s: its moved session not kept: %s", self.name, exc)
+            return
+        except Exception as exc:  # a bug: the call goes on, a turn saves the session
+            log.error(
+                "%s: its moved session not kept (component: session-store): %r",
+                self.name,
+                exc,
+                exc_info=exc,
+            )
             return
         if kept != "stored":
             log.info("%s: resumed, but its session is %s", self.name, kept)
