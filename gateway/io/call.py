@@ -160,7 +160,15 @@ MOVED_SESSION_S: Final = int(MOVED_MARK_S)
 """How long (s) the session of a moved call is kept until its new stream starts
 (:meth:`CallRunner._hold_session`), which keeps it its whole timeout again: a caller who
 hangs up in between leaves no session behind for its timeout (the carriers whose calls
-move send no callback the gateway takes then, Telnyx's ``call.hangup`` aside)."""
+move send no callback the gateway takes then, Telnyx's ``call.hangup`` aside). An
+end-of-call callback asked for in the move is no way out: Plivo's "Transfer a call"
+takes only ``legs``, ``aleg_url``/``aleg_method`` and ``bleg_url``/``bleg_method``
+(plivo.com/docs/voice/api/call/transfer-a-call), Vonage's transfer only ``action`` and
+``destination`` (developer.vonage.com/en/api/voice, "Modify an in progress call"; the
+call's ``event_url`` is the application's), and Twilio's call update takes a
+``StatusCallback`` (twilio.com/docs/voice/api/call-resource#update-a-call-resource) that
+replaces the call's own, one the user's number or TwiML App set (github.com/twilio/
+twilio-ruby/issues/699)."""
 
 HangUpHook = Callable[["CallRunner", str], Awaitable[None]]
 """An adapter's hang-up: ``(runner, call id)``; the runner closes the socket after it."""
