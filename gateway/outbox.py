@@ -552,10 +552,13 @@ class Follower:
             log.log(outage_level(exc), "outbox not read: %s", exc)
             return []
 
-    async def advance(self, seq: int) -> None:
+    async def advance(self, seq: int, *, confirm: bool = True) -> None:
         """Everything up to ``seq`` went out: raise the floor and the delivered mark,
-        confirm the pushes announced so far."""
-        acks, self._acks = self._acks, []
+        confirm the pushes announced so far (not without ``confirm``: they are still to
+        go out)."""
+        acks: list[str] = []
+        if confirm:  # (those announced before this point: read and sent)
+            acks, self._acks = self._acks, []
         if seq > self.floor:
             self.floor = seq
             try:
@@ -627,9 +630,20 @@ class Following:
     announced; :meth:`catch_up` does it at once (before a turn's answer, after it).
     The connection sends its own turns' events itself, each inside :meth:`claim`, which
     says whether it is still to be sent (not delivered from the outbox already) and
-    records it, so each entry goes out once per connection. Each catch-up raises the
-    delivered mark and confirms the pushes it sent. Outbox or bus failures are logged,
-    never raised.
+    records it, so each entry goes out once per connection; one whose frames did not go
+    out with it (held until the turn's end, or the socket closed) is marked so with
+    :meth:`hold` until :meth:`settle`. Each catch-up raises the delivered mark and
+    confirms the pushes it sent.
+
+    The delivered mark is raised only over entries a connection sent (or that were
+    under the mark already): a connection that follows without replay passes over the
+    turn entries of other connections, and of its own turn before it sent them, but
+    does not raise the mark over them, so a client that comes back without a position of
+    its own (V1 Init ``sessionId`` without ``lastSeq``) still gets the rest of an answer
+    its socket lost. Its :meth:`settle` raises it over the unsent turn entries below its
+    own answer (earlier turns' rest, which a newer answer superseded), so the mark of a
+    session whose client never resumes does not stay below them for good. Outbox or bus
+    failures are logged, never raised.
     """
 
     def __init__(self, journal: Journal, deliver: Deliver, *, idle_s: float = 30.0) -> None:
@@ -641,6 +655,8 @@ class Following:
         self._ready = asyncio.Event()
         self._lock = asyncio.Lock()
         self._sent: dict[str, set[int]] = {}
+        self._held: dict[str, set[int]] = {}
+        """Per session key, the seqs claimed whose frames have not gone out (yet)."""
         self._replay = True
         self.key: str | None = None
 
@@ -700,9 +716,51 @@ class Following:
                 e for e in entries if e.seq not in sent and (self._replay or e.kind == "push")
             ]
             if missed and not await self._deliver(missed, before_turn):
+                # not now: the mark rises over what went out before them all the same (a
+                # turn's items, sent as they came), the pushes are not confirmed
+                top, _ = self._sent_up_to(follower.key, follower.floor, entries)
+                await follower.advance(top, confirm=False)
                 return
             sent.update(e.seq for e in missed)
-            await follower.advance(max([follower.floor, *(e.seq for e in entries)]))
+            top, stop = self._sent_up_to(follower.key, follower.floor, entries)
+            if stop is not None and stop.seq not in self._held.get(follower.key, ()):
+                # another connection's turn entry (or its own, not claimed yet): passed
+                # over only once the session's mark is above it (that one sent it)
+                try:
+                    mark = (await self.journal.outbox.state(follower.key)).mark
+                except OutboxError as exc:
+                    log.log(outage_level(exc), "outbox not read: %s", exc)
+                    mark = 0
+                top, _ = self._sent_up_to(follower.key, follower.floor, entries, mark=mark)
+            await follower.advance(top)
+
+    def _sent_up_to(
+        self,
+        key: str,
+        floor: int,
+        entries: Sequence[Entry],
+        *,
+        mark: int = 0,
+        through: int | None = None,
+    ) -> tuple[int, Entry | None]:
+        """How far above ``floor`` the delivered mark may rise over ``entries`` (``key``'s,
+        oldest first): up to the first one this connection did not send, or whose frames
+        did not go out (:meth:`hold`), unless it is at or below ``mark`` (the session's,
+        raised by the connection that sent it) or a turn entry below ``through`` (the
+        last entry of the connection's own answer, sent whole: an earlier turn's,
+        superseded). That first entry too (None: every entry passes)."""
+        sent, held = self._sent_of(key), self._held.get(key, set())
+        top = floor
+        for entry in entries:
+            seq = entry.seq
+            if seq <= top:
+                continue
+            out = seq in sent and seq not in held
+            older = through is not None and entry.kind == "turn" and seq < through
+            if not (out or seq <= mark or (older and seq not in held)):
+                return top, entry
+            top = seq
+        return top, None
 
     def _sent_of(self, key: str) -> set[int]:
         """The seqs of ``key`` this connection sent (bounded: the newest are kept)."""
@@ -711,10 +769,14 @@ class Following:
             sent = self._sent[key] = set(sorted(sent)[-1024:])
         return sent
 
-    async def settle(self, key: str) -> None:
-        """The connection sent a whole answer of session ``key``: raise the delivered mark
-        over it now (a client that closes right after its answer and comes back on
-        another connection is not given it again) — up to the first entry it did not send.
+    async def settle(self, key: str, through: int | None = None) -> None:
+        """The connection sent a whole answer of session ``key`` (``through``: the seq of
+        its last entry, when numbered): raise the delivered mark over it now (a client
+        that closes right after its answer and comes back on another connection is not
+        given it again) — up to the first entry it did not send. Held entries
+        (:meth:`hold`) went out with the answer. Without replay, the turn entries below
+        ``through`` it did not send (the rest of an earlier answer, another connection's)
+        are passed over too: a newer answer superseded them.
 
         It does not need the follow task: when that ended before it was ready (the
         client left while the subscription of a session adopted by the turn was still
@@ -726,14 +788,18 @@ class Following:
         if follower is not None and follower.key != key:
             follower = None
         async with self._lock:
+            self._held.pop(key, None)  # its frames went out with the answer
             sent = self._sent_of(key)
             try:
                 top = follower.floor if follower else (await self.journal.outbox.state(key)).mark
+                while top + 1 in sent:  # only over what it sent without a gap
+                    top += 1
+                if not self._replay and through is not None and top < through:
+                    entries = await self.journal.outbox.since(key, top)
+                    top, _ = self._sent_up_to(key, top, entries, through=through)
             except OutboxError as exc:
                 log.log(outage_level(exc), "outbox mark not saved: %s", exc)
                 return
-            while top + 1 in sent:  # only over what it sent without a gap
-                top += 1
             if follower is not None:
                 await follower.advance(top)
                 return
@@ -753,6 +819,31 @@ class Following:
             sent = self._sent_of(key)
             yield seq not in sent
             sent.add(seq)
+
+    def hold(self, key: str, seq: int) -> None:
+        """The frames of the turn event ``seq`` of session ``key``, claimed (:meth:`claim`),
+        did not go out with it: held until the turn's end (a V1 Response), or the socket
+        closed. The delivered mark is not raised over it until :meth:`settle` (the whole
+        answer went out), so a client whose socket drops before gets it when it comes
+        back. Call it inside the claim."""
+        self._held.setdefault(key, set()).add(seq)
+
+    async def leave(self) -> None:
+        """The connection ends: raise the delivered mark over what it sent above its
+        floor without a gap (not over held entries, :meth:`hold`: their frames did not go
+        out; the pushes announced are not confirmed), then stop following
+        (:meth:`aclose`). A turn's items go out as they come, and the follow task may have
+        read the last of them before the turn sent it: so they are not given again to a
+        client that comes back without a position of its own. An outbox failure is logged."""
+        follower = self._follower
+        if follower is not None:
+            async with self._lock:
+                sent, held = self._sent_of(follower.key), self._held.get(follower.key, set())
+                top = follower.floor
+                while top + 1 in sent and top + 1 not in held:
+                    top += 1
+                await follower.advance(top, confirm=False)
+        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop following."""

@@ -298,6 +298,65 @@ async def test_a_sent_answer_is_marked_delivered_when_the_client_left_before_it_
     await following.aclose()
 
 
+async def nothing_to_deliver(entries: list[Entry], before_turn: bool) -> bool:
+    """A connection's deliver for followers that should pass every entry here over."""
+    raise AssertionError(f"nothing is delivered from the outbox here: {entries}")
+
+
+async def test_a_follower_raises_the_mark_only_over_what_its_socket_sent() -> None:
+    """A V1 connection that follows its session without replay (no ``sessionId`` in
+    Init) reads its own turn's Response in the outbox before it sends it (held until the
+    turn's end), and its socket drops then. Its catch-up raised the delivered mark over
+    the Response all the same (it passes over turn entries): a client back with
+    ``sessionId`` and no ``lastSeq`` never got it. The mark now rises only over what
+    went out; the connection's end (Following.leave) leaves the Response pending."""
+    journal = Journal(MemoryOutbox(), MemoryBus())
+    key = "flowstorm:held"
+    following = Following(journal, nothing_to_deliver)
+    following.follow(key, None, replay=False)
+    assert await journal.append(key, [ev("a"), ev("b")], "turn") == [1, 2]
+    for seq in (1, 2):  # the items go out as they come
+        async with following.claim(key, seq) as fresh:
+            assert fresh
+    assert await journal.append(key, [ev("response")], "turn") == [3]
+    await following.catch_up()  # the follow task read it before the turn claimed it
+    assert (await journal.outbox.state(key)).mark == 2
+    async with following.claim(key, 3) as fresh:
+        assert fresh
+        following.hold(key, 3)  # held until the turn's end, which the socket did not see
+    await following.catch_up()
+    assert (await journal.outbox.state(key)).mark == 2
+    await following.leave()
+    assert [e.seq for e in await journal.outbox.since(key, None)] == [3]
+
+
+async def test_a_follower_passes_over_others_unsent_answers_until_its_own_answer() -> None:
+    """A connection without replay does not raise the mark over another connection's
+    answer that nobody sent (its socket dropped): a client that comes back without
+    ``lastSeq`` gets it. Its own answer, once sent whole, supersedes that rest (the mark
+    does not stay below it for good: its turn entries would count as pending forever,
+    and pushes be refused ``outbox-full``)."""
+    journal = Journal(MemoryOutbox(), MemoryBus())
+    key = "flowstorm:superseded"
+    assert await journal.append(key, [ev("a"), ev("response")], "turn") == [1, 2]
+    following = Following(journal, nothing_to_deliver)
+    following.follow(key, None, replay=False)
+    await following.catch_up()
+    assert (await journal.outbox.state(key)).mark == 0  # nobody sent them
+    assert await journal.append(key, [ev("b"), ev("response")], "turn") == [3, 4]
+    for seq in (3, 4):  # its own turn
+        async with following.claim(key, seq) as fresh:
+            assert fresh
+            if seq == 4:
+                following.hold(key, seq)  # the Response, until the turn's end
+    await following.catch_up()
+    assert (await journal.outbox.state(key)).mark == 0
+    await following.settle(key, 4)  # the whole answer went out
+    assert (await journal.outbox.state(key)).mark == 4
+    assert await journal.outbox.since(key, None) == []
+    await following.aclose()
+
+
 # ------------------------------------------------------------- push, pure
 
 

@@ -929,6 +929,61 @@ class StreamingCore:
             return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_an_answer_cut_by_a_dropped_socket_is_resumed_without_last_seq(
+    shared: dict[str, Any], store: str
+) -> None:
+    """A client resumes its session with Init ``sessionId`` but no ``lastSeq`` (it knows
+    nothing of seq), asks a long answer and its socket drops mid-way; it comes back the
+    same way and gets the rest of the answer (what lies above the delivered mark), then
+    the push sent meanwhile. Before the fix another socket of the session that did not
+    resume it (no ``sessionId`` in Init, as every Flowstorm client: it follows the
+    session for its pushes only) raised the delivered mark over the answer's entries it
+    passed over, though nobody had sent them, and the client got nothing of that answer
+    (README "Resume")."""
+    settings = shared if store == "redis" else {"admin_keys": shared["admin_keys"]}
+    core = StreamingCore()
+    resume = {**init_frame(sendResponseItems=True), "sessionId": "cut-1"}  # no lastSeq
+    async with (
+        serve(core.app) as core_url,
+        served(pipeline=f"{core_url}/turn", **settings) as a,
+        httpx.AsyncClient(timeout=10) as http,
+        connect(ws_url(a)) as other,
+    ):
+        await send_json(other, init_frame())
+        assert await recv_json(other) == {"type": "Ready"}
+        await turn(other, request_frame("#intro", "cut-1"))
+        await view_when_pending(http, a, "cut-1", 0)  # its answer is marked delivered
+        async with connect(ws_url(a)) as ws:
+            await send_json(ws, resume)
+            assert await recv_json(ws) == {"type": "Ready"}
+            await send_json(ws, request_frame("long"))  # (its session: no SessionStarted)
+            got = [(await recv_json(ws))["responseItem"]["text"] for _ in range(2)]
+            assert got == ["item a", "item b"]
+            await core.waiting.wait()
+        core.go.set()  # the rest of the answer comes after the socket dropped
+        answer = await push(http, a, {"sessionId": "cut-1"}, "Pushed.")  # after the turn
+        assert answer.status_code == 200, answer.text  # the other socket took it live
+        assert texts(await recv_json(other)) == ["Pushed."]  # and nothing of the answer
+        view = (await http.get(f"{a}/v1/sessions/cut-1", headers=AUTH)).json()
+        assert view["outbox"]["length"] == 4  # items c and d, the Response, the push
+        async with connect(ws_url(a)) as back:
+            await send_json(back, resume)
+            assert await recv_json(back) == {"type": "Ready"}
+            rest = [await recv_json(back) for _ in range(5)]
+            kinds = ["ResponseItem", "ResponseItem", "Response", "ResponseItem", "Response"]
+            assert [f["type"] for f in rest] == kinds  # the answer's rest, then the push
+            items = [f["responseItem"]["text"] for f in rest if f["type"] == "ResponseItem"]
+            assert items == ["item c", "item d", "Pushed."]
+            assert rest[2]["response"]["items"] == rest[4]["response"]["items"] == []
+            assert all("seq" not in f for f in rest)  # not asked for
+            with pytest.raises(TimeoutError):  # and nothing else
+                async with asyncio.timeout(0.5):
+                    await recv_json(back)
+        view = await view_when_pending(http, a, "cut-1", 0)
+        assert view["outbox"]["length"] == 0  # all delivered now
+
+
 async def test_a_push_wakes_a_sleeping_client(shared: dict[str, Any]) -> None:
     core = StreamingCore()
     async with (

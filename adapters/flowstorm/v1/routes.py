@@ -373,7 +373,7 @@ class _Socket(WebSocketDriver[Action]):
     async def shutdown(self) -> None:
         await super().shutdown()
         if self.following is not None:
-            await self.following.aclose()
+            await self.following.leave()  # the mark over what went out (Following.leave)
 
     async def restart(self, wait_s: float) -> bool:
         """The graceful shutdown (:meth:`_Sockets.restart`): wait up to ``wait_s`` for the
@@ -417,19 +417,30 @@ class _Socket(WebSocketDriver[Action]):
         inside ``claim`` (Following.claim: whether the outbox has not delivered it yet): its
         frames go out once per connection, even when the outbox delivered it first, and a
         session the turn adopts (a new one) is followed from then on, for its pushes only
-        (Following.follow ``replay=False``: no other connection's answers). Outbox entries wait
-        while the turn answers (``_answering``) and are caught up afterwards.
+        (Following.follow ``replay=False``: no other connection's answers). An event whose
+        frames did not go out with it (the Response, held until the stream ends; or the
+        socket closed) is held (Following.hold): the delivered mark rises over it only once
+        the whole answer went out (Following.settle), so a client whose socket dropped
+        before gets it back on an Init with ``sessionId``, with or without ``lastSeq``.
+        Outbox entries wait while the turn answers (``_answering``) and are caught up
+        afterwards.
         """
         following = self.following
         if following is None:
             await super().forward(start)
             return
         key = start.ctx.key
+        last: int | None = None  # the seq of the answer's last entry
 
         @contextlib.asynccontextmanager
         async def claim(event: TurnEvent) -> AsyncIterator[bool]:
+            nonlocal last
             async with following.claim(key, event.seq) as fresh:
                 yield fresh
+                if event.seq is not None:
+                    last = event.seq
+                    if fresh and (self.holding() or not self.open):
+                        following.hold(key, event.seq)  # its frames have not gone out
                 adopted = self.conn.session_key
                 if adopted is not None and adopted != following.key:
                     following.follow(adopted, None, replay=False)
@@ -439,7 +450,8 @@ class _Socket(WebSocketDriver[Action]):
         finally:
             self._answering -= 1
         if answered and self.open and following.key == key:
-            await asyncio.shield(following.settle(key))  # even when the client leaves now
+            # even when the client leaves now
+            await asyncio.shield(following.settle(key, last))
             await following.catch_up()  # what came while the turn answered
 
     async def _deliver(self, entries: list[Entry], before_turn: bool) -> bool:
