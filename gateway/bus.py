@@ -327,13 +327,19 @@ class RedisBus:
         data = json.dumps(message, separators=(",", ":"))
 
         async def send() -> int:
+            px = None if retain_s is None else max(1, int(retain_s * 1000))
+            if self._sharded:
+                # one command each, not redis-py's ClusterPipeline: that retries a timeout
+                # twice whatever the client says (it reads RedisCluster.ERRORS_ALLOW_RETRY
+                # itself), three command timeouts on a node that hangs; the client's
+                # commands are not retried so (gateway/redisconn.py _Cluster)
+                if px is not None:
+                    await self._redis.set(self._retained_key(topic), data, px=px)
+                return int(await self._redis.spublish(self._channel(topic), data))
             async with self._redis.pipeline(transaction=False) as pipe:
-                if retain_s is not None:
-                    pipe.set(self._retained_key(topic), data, px=max(1, int(retain_s * 1000)))
-                if self._sharded:
-                    pipe.spublish(self._channel(topic), data)
-                else:
-                    pipe.publish(self._channel(topic), data)
+                if px is not None:
+                    pipe.set(self._retained_key(topic), data, px=px)
+                pipe.publish(self._channel(topic), data)
                 results = await pipe.execute()
             return int(results[-1])  # PUBLISH's count: the processes subscribed (one each)
 

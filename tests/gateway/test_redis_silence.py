@@ -37,7 +37,7 @@ from websockets.asyncio.client import connect
 
 from gateway import redisconn
 from gateway.app import create_app
-from gateway.bus import RedisBus, Subscription
+from gateway.bus import BusUnavailable, RedisBus, Subscription
 from gateway.sessions import RedisSessionStore, StoreUnavailable
 from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import init, request_frame, turn, ws_url
@@ -427,3 +427,24 @@ async def test_every_cluster_connection_has_keepalive_and_health_check(
             assert sock.getsockopt(socket.IPPROTO_TCP, option) == value
     finally:
         node.release(connection)
+
+
+@pytest.mark.parametrize("retain_s", [None, 1.0])
+async def test_a_bus_publish_on_a_cluster_node_that_hangs_is_one_timeout_not_three(
+    proxied_cluster: tuple[ReplyDropper, RedisCluster], retain_s: float | None
+) -> None:
+    """The bus's publish (a retained value and SPUBLISH) to a Cluster node that never
+    answers fails after one command timeout, as a command does. Before, it went through
+    redis-py's ClusterPipeline, which retries a timeout whatever the client's class says
+    (it reads ``RedisCluster.ERRORS_ALLOW_RETRY`` itself): three timeouts (15 s by
+    default) for every publish, an outbox announcement of a turn among them."""
+    proxy, client = proxied_cluster
+    bus = RedisBus(client)
+    topic = TAG.strip("{}")  # the bus's keys are tagged {topic}: the proxied node's slot
+    assert await bus.publish(topic, {"n": 1}, retain_s=retain_s) == 0
+    proxy.hung = True
+    started = time.perf_counter()
+    with pytest.raises(BusUnavailable):
+        await bus.publish(topic, {"n": 2}, retain_s=retain_s)
+    took = time.perf_counter() - started
+    assert took < TIMEOUT_S * 2.5, took  # before: 3 timeouts and their backoff (1.6 s)
