@@ -83,11 +83,14 @@ class ReplyDropper:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def cut(self) -> None:
-        """Redis is gone: cut every connection; new ones are closed until :meth:`restore`."""
+    def cut(self) -> int:
+        """Redis is gone: cut every connection; new ones are closed until :meth:`restore`.
+        Returns how many client connections were cut."""
         self.cut_off = True
+        clients = len(self._upstream)
         for writer in list(self._open):
             writer.transport.abort()
+        return clients
 
     def restore(self) -> None:
         """Redis is back: new connections reach it again."""
