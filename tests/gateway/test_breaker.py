@@ -118,18 +118,16 @@ async def test_a_hung_redis_costs_one_timeout_then_calls_are_refused_at_once(
     assert "Timeout" in str(error)
     connections, received = proxy.connections, proxy.received
     results = await asyncio.gather(*(refused_turn(store, f"c:{i}") for i in range(20)))
-    slowest = max(took for took, _ in results)
-    assert slowest < TIMEOUT_S / 4, slowest  # before: each waited the timeout
-    for _, refused in results:
+    # refused by the open breaker, Redis not asked (below): no timeout was waited, which
+    # a bound of the clock can't tell from a loaded machine's stall (TIMEOUT_S is 0.3 s)
+    for _, refused in results:  # before: each waited the timeout
         assert isinstance(refused, StoreCircuitOpen)
         assert "Redis did not answer (Timeout" in str(refused)
         assert "it will be asked again in" in str(refused)
-    started = time.perf_counter()
     with pytest.raises(StoreCircuitOpen):
         await store.get("c:warm")
     with pytest.raises(StoreCircuitOpen):
         await store.ping()  # /readyz
-    assert time.perf_counter() - started < TIMEOUT_S / 4
     assert (proxy.connections, proxy.received) == (connections, received)  # not asked
     assert store.breaker.state == "open"
     assert store.breaker.refused == 22
@@ -164,9 +162,12 @@ async def test_redis_answering_again_is_found_by_one_probe_and_turns_are_served(
         assert down.text == "! gateway: The session store is unavailable.\n"
         received = proxy.received
         for _ in range(3):
-            started = time.perf_counter()
+            refused_before = breaker.refused
             refused, ready = await say("what is my name"), await client.get("/readyz")
-            assert time.perf_counter() - started < TIMEOUT_S, "not refused at once"
+            # refused at once: by the breaker, Redis not asked (not after a timeout of
+            # Redis's; TIMEOUT_S, 0.3 s, is too short for a clock to tell on a loaded box)
+            assert breaker.refused - refused_before == 2, "not refused at once"
+            assert proxy.received == received
             assert refused.status_code == 503
             assert refused.text == "! gateway: The session store is unavailable.\n"
             assert ready.status_code == 503
@@ -261,8 +262,6 @@ async def test_error_replies_do_not_open_the_breaker(redis_url: str, redis_prefi
 
 # ------------------------------------------------- the client's other users share it
 
-AT_ONCE_S = 0.075  # a refusal by the open breaker, Redis not asked (before: TIMEOUT_S)
-
 
 def _outage_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if text in r.getMessage()]
@@ -298,12 +297,11 @@ async def test_a_hung_redis_refuses_stream_tokens_at_once_until_the_probe(
         turn = await client.put("/client?key=breaker-calls&tts=None", headers=TEXT, content="hi")
         assert turn.status_code == 503  # after the timeout: the breaker opens
         assert breaker.state == "open"
-        received = proxy.received
-        started = time.perf_counter()
+        received, refused_before = proxy.received, breaker.refused
         with pytest.raises(InvalidStatus) as refused:
             async with connect(streams[0]):
                 pass
-        assert time.perf_counter() - started < AT_ONCE_S  # before: the timeout
+        assert breaker.refused - refused_before == 1  # at once, by the breaker
         assert refused.value.response.status_code == 503
         assert "token store is unavailable" in (refused.value.response.body or b"").decode()
         assert proxy.received == received  # Redis not asked
@@ -345,17 +343,17 @@ async def test_a_hung_redis_refuses_tts_links_and_files_at_once_until_the_probe(
         assert breaker.state == "open"
         received = proxy.received
         caplog.clear()
-        started = time.perf_counter()
+        refused_before = breaker.refused
         with pytest.raises(CircuitOpen):  # a RedisError: the turn sends it without audio
             await speech.link_item(ResponseItem(text="how are you"), "mp3")
-        assert time.perf_counter() - started < AT_ONCE_S
+        assert breaker.refused - refused_before == 1  # at once: refused, Redis not asked
         item, audio = await speech.voice_item(
             ResponseItem(text="how are you"), TtsRequest(mode="links", file_type="mp3")
         )
         assert (item.audio, audio) == (None, None)
-        started = time.perf_counter()
+        refused_before = breaker.refused
         refused = await client.get(path)
-        assert time.perf_counter() - started < AT_ONCE_S  # before: the timeout
+        assert breaker.refused - refused_before == 1  # at once, by the breaker
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "5"
         assert refused.json()["detail"] == "The speech file store is unavailable."
@@ -643,7 +641,8 @@ async def test_turns_waiting_when_a_hang_opens_it_are_one_warning_not_one_each(
     async def turn(key: str) -> None:
         took, error = await refused_turn(store, key)
         levels.append(outage_level(error))  # the level its caller logs it at, as it fails
-        assert took >= TIMEOUT_S * 0.9  # on their way: not refused at once
+        assert not isinstance(error, StoreCircuitOpen)  # on their way: not refused ...
+        assert took >= TIMEOUT_S * 0.9  # ... so they waited for Redis (a load only adds)
         assert "Timeout" in str(error)
 
     await asyncio.gather(*(turn(f"c:wait{i}") for i in range(10)))
