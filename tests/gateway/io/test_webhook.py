@@ -247,10 +247,11 @@ async def test_a_busy_session_is_answered_by_its_row_without_waiting_for_the_dea
     async with echo(lock_wait_s=0.2, alexa_deadline_s=1.0) as (client, core):
         slow = asyncio.create_task(say(client, "S-busy", "slow"))
         await asyncio.sleep(0.2)  # the slow turn holds the session's lock
-        started = time.monotonic()
         busy = await say(client, "S-busy", "hello")
-        assert time.monotonic() - started < 0.9  # the lock wait (0.2 s), not the 1 s deadline
-        assert busy == {"say": WORKING, "end": True}  # TABLE's BUSY row, not the LATE one
+        # answered by the lock wait (0.2 s), not the 1 s deadline: TABLE's BUSY row, not
+        # the LATE one the deadline gives (the row says which; a 0.9 s bound of the clock
+        # failed on a loaded machine)
+        assert busy == {"say": WORKING, "end": True}
         assert await slow == {"say": WORKING, "end": False}  # late: 1 s < the core's 1.5 s
         await asyncio.wait_for(core.state.finished.wait(), 5)
         await asyncio.sleep(0.2)

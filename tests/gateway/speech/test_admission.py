@@ -73,7 +73,10 @@ async def test_one_holder_one_waiter_and_the_rest_refused_at_once() -> None:
         assert (busy.source, busy.reason, busy.retry_after_s) == ("stt", "queue-full", 30)
         assert "busy" in busy.text
         assert "all 1 recognizers are in use" in busy.text
-    assert time.perf_counter() - start < 0.5  # refused without waiting
+    # refused without waiting: the wait is 30 s, so anything well under it proves none
+    # was waited (a wide margin over a loaded machine's stalls); the waiter still waits
+    assert time.perf_counter() - start < 10
+    assert not queued.done()
     assert m.value("refused_total", reason="queue-full") == 3
 
     g.release()  # the waiter gets the place, in order

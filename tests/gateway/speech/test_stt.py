@@ -229,7 +229,10 @@ async def test_a_full_queue_refuses_at_once_and_a_queued_stream_gets_the_next_de
             assert isinstance(refused.value, RecognitionError)
             assert (refused.value.source, refused.value.reason) == ("stt", "queue-full")
             assert refused.value.retry_after_s == 30
-        assert loop.time() - start < 1.0
+        # at once: the queue wait is 30 s, so anything well under it proves none was
+        # waited (a wide margin over a loaded machine's stalls); the queued one still waits
+        assert loop.time() - start < 10
+        assert not queued.done()
         await first.feed(data)
         assert word_errors("tell me about this place", (await first.finish()).text) <= 2
         second = await asyncio.wait_for(queued, 30)  # the finished stream's decoder

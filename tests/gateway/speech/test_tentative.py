@@ -5,8 +5,6 @@ resuming after it takes it back, one utterance."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from gateway.settings import Settings
@@ -46,10 +44,10 @@ async def test_the_tentative_result_is_the_final_one_and_feeding_takes_it_back(
     assert tentative.is_final
     assert tentative.text == alone
     assert (await stream.end_tentatively()).text == alone  # again: the same result
-    started = time.monotonic()
     final = await stream.finish()  # nothing fed since: at once, no second search
-    assert final.text == alone
-    assert time.monotonic() - started < 0.5
+    # the held result (its confidence too); what the search saved is bench/first_audio_cpu.py's
+    # to measure, not a bound of this test's clock (0.5 s: a loaded machine's stall)
+    assert (final.text, final.confidence) == (alone, tentative.confidence)
 
     stream = await recognizer.open_stream(MULAW8)
     for i in range(0, len(first), 480):
