@@ -35,7 +35,8 @@ from gateway.redisconn import RedisTarget, SocketIoRedisManager, parse_redis_url
 from gateway.sessions import RedisSessionStore, StoreUnavailable, redis_client
 from gateway.settings import Settings
 from tests.adapters.flowstorm.v2.helpers import check_link
-from tests.conftest import gateway, serve, served, served_app, topology_url
+from tests.conftest import free_port, gateway, serve, served, served_app, topology_url
+from tests.gateway.test_conversation import own_redis
 from tests.redis_topologies import SentinelSetup
 
 KEY = "redis-topology-test"
@@ -493,31 +494,42 @@ async def test_a_take_whose_caller_left_is_released_on_every_topology(
     cancellation cut the take's connection, its reply was lost and the session stayed
     held for its lease. Now the take runs to its reply there too and is released."""
     url, prefix = topology
-    store = RedisSessionStore(url, prefix=prefix)
-    lock_key, _ = store._keys("c:left")
-    async with store.open("c:warm", lease_s=5, wait_s=1):  # scripts loaded, slots known
-        pass
-    node = (
-        store.redis.get_node_from_key(lock_key) if isinstance(store.redis, RedisCluster) else None
-    )
-    admin = redis.Redis.from_url(url) if node is None else redis.Redis(node.host, int(node.port))
-    try:
-        admin.execute_command("CLIENT", "PAUSE", 5000, "WRITE")  # type: ignore[no-untyped-call]
-        opening = asyncio.create_task(store.open("c:left", lease_s=30, wait_s=1).__aenter__())
-        await asyncio.sleep(0.2)  # its take waits in Redis
-        # the loop blocked (a sync client): Redis runs the take and answers it, and the
-        # turn is cancelled before it reads that reply
-        admin.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
-        time.sleep(0.1)  # noqa: ASYNC251 (the loop must not read the reply meanwhile)
-        opening.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await opening
-        for _ in range(100):  # the take's reply, then its release
-            if not await store.redis.exists(lock_key):
-                break
-            await asyncio.sleep(0.02)
-        assert not await store.redis.exists(lock_key)  # before, on a Cluster: held 30 s
-    finally:
-        admin.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
-        admin.close()
-        await store.aclose()
+    async with contextlib.AsyncExitStack() as own:
+        if not url.startswith("redis+cluster://"):
+            # a server of this test's own: a CLIENT PAUSE of the shared test Redis held
+            # the other test workers' writes too, past their short timeouts
+            port = free_port()
+            await own.enter_async_context(own_redis(port))
+            url = f"redis://127.0.0.1:{port}/0"
+        store = RedisSessionStore(url, prefix=prefix)
+        lock_key, _ = store._keys("c:left")
+        async with store.open("c:warm", lease_s=5, wait_s=1):  # scripts loaded, slots known
+            pass
+        node = (
+            store.redis.get_node_from_key(lock_key)
+            if isinstance(store.redis, RedisCluster)
+            else None
+        )
+        admin = (
+            redis.Redis.from_url(url) if node is None else redis.Redis(node.host, int(node.port))
+        )
+        try:
+            admin.execute_command("CLIENT", "PAUSE", 5000, "WRITE")  # type: ignore[no-untyped-call]
+            opening = asyncio.create_task(store.open("c:left", lease_s=30, wait_s=1).__aenter__())
+            await asyncio.sleep(0.2)  # its take waits in Redis
+            # the loop blocked (a sync client): Redis runs the take and answers it, and the
+            # turn is cancelled before it reads that reply
+            admin.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+            time.sleep(0.1)  # noqa: ASYNC251 (the loop must not read the reply meanwhile)
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            for _ in range(100):  # the take's reply, then its release
+                if not await store.redis.exists(lock_key):
+                    break
+                await asyncio.sleep(0.02)
+            assert not await store.redis.exists(lock_key)  # before, on a Cluster: held 30 s
+        finally:
+            admin.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+            admin.close()
+            await store.aclose()
