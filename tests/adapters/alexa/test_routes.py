@@ -725,10 +725,10 @@ async def test_a_slow_core_gets_a_still_working_answer_and_its_session_is_saved(
         gateway(alexa_deadline_s=0.5, pipeline=f"{core_url}/turn", **OFF) as url,
         httpx.AsyncClient(base_url=url) as client,
     ):
-        started = time.monotonic()
         answer = await say(client, envelope("S-slow", text="slow"))
-        elapsed = time.monotonic() - started
-        assert elapsed < 1.2  # within the deadline (plus HTTP), not the core's 1.5 s
+        # by the 0.5 s deadline, not the core's answer (1.5 s): answered while the core
+        # still worked (not a 1.2 s bound of the clock, which a loaded machine's stall broke)
+        assert not core.state.finished.is_set()
         assert spoken(answer) == Settings().voice_still_working_text
         assert reply(answer).should_end_session is False
         assert reply(answer).reprompt is not None
@@ -877,7 +877,9 @@ async def test_session_ended_during_a_late_turn_answers_at_once_and_ends_it_afte
         assert spoken(late) == Settings().voice_still_working_text
         started = time.monotonic()
         ended = await say(client, envelope("S-ended", kind="SessionEndedRequest"))
-        assert time.monotonic() - started < 1.2  # not the 15 s lock wait
+        # not the 15 s lock wait: anything well under it (a wide margin over a loaded
+        # machine's stalls, where 1.2 s was not)
+        assert time.monotonic() - started < 7.5
         assert spoken(ended) == ""
         await asyncio.wait_for(core.state.finished.wait(), 5)
         await asyncio.sleep(0.3)  # the slow turn saves, then the pending end deletes

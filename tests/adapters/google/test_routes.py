@@ -657,9 +657,10 @@ async def test_a_slow_or_failing_core_gets_a_spoken_answer() -> None:
         httpx.AsyncClient(base_url=url) as client,
     ):
         session = "projects/p/agent/sessions/slow"
-        started = time.monotonic()
         answer = ok(await client.post("/dialogflow", json=es(session, "slow")))
-        assert time.monotonic() - started < 1.0
+        # by the 0.4 s deadline, not the core's answer (1.2 s): answered while the core
+        # still worked (not a 1.0 s bound of the clock, which a loaded machine's stall breaks)
+        assert not done.is_set()
         assert answer["fulfillmentText"] == Settings().voice_still_working_text
         await asyncio.wait_for(done.wait(), 5)
         await asyncio.sleep(0.2)

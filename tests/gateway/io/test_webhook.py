@@ -231,10 +231,10 @@ async def test_a_late_turn_is_still_working_within_the_deadline_and_saves_its_se
     warnings: pytest.LogCaptureFixture,
 ) -> None:
     async with echo() as (client, core):
-        started = time.monotonic()
         late = await say(client, "S-late", "slow")
-        # the 0.5 s deadline, not the core's 1.5 s (a margin for a loaded machine)
-        assert time.monotonic() - started < 1.45
+        # the 0.5 s deadline, not the core's 1.5 s: answered while the core still worked
+        # (not a 1.45 s bound of the clock, which a loaded machine's stall breaks)
+        assert not core.state.finished.is_set()
         assert late == {"say": WORKING, "end": False}
         assert any("outlived the Echo deadline" in r.getMessage() for r in warnings.records)
         await asyncio.wait_for(core.state.finished.wait(), 5)
