@@ -84,7 +84,9 @@ async def test_a_turn_on_a_silent_connection_is_a_503_within_the_timeout_then_se
         assert down.status_code == 503
         assert down.text == "! gateway: The session store is unavailable.\n"
         assert down.headers["retry-after"] == "1"
-        assert TIMEOUT_S * 0.9 <= took < TIMEOUT_S + 1.0, took
+        # its command's timeout, not the default 5 s nor for good (the upper bound: a wide
+        # margin over a loaded machine's stalls)
+        assert TIMEOUT_S * 0.9 <= took < TIMEOUT_S + 2.5, took
         assert app.state.gateway.store.breaker.state == "open"
 
         started = time.perf_counter()
@@ -114,7 +116,8 @@ async def test_a_websocket_turn_on_a_silent_connection_is_its_error_frame_then_s
         assert proxy.silence() >= 1
         started = time.perf_counter()
         frames = await turn(ws, request_frame("hello"))
-        assert time.perf_counter() - started < TIMEOUT_S + 1.0
+        # the command's timeout, not the default 5 s nor for good (a wide margin)
+        assert time.perf_counter() - started < TIMEOUT_S + 2.5
         assert frames[-1]["type"] == "Error", frames
         assert "session store is unavailable" in frames[-1]["text"], frames
         assert frames[-1].get("source") == "gateway", frames
@@ -141,18 +144,19 @@ async def test_after_a_silent_outage_a_burst_finds_no_dead_connection(
         started = time.perf_counter()
         with pytest.raises(StoreUnavailable, match="Timeout"):
             await store.get("c:0")
-        assert time.perf_counter() - started < TIMEOUT_S + 1.0
+        # the command's timeout, not the default 5 s nor for good (a wide margin)
+        assert time.perf_counter() - started < TIMEOUT_S + 2.5
         assert store.breaker.state == "open"
         await asyncio.sleep(store.breaker.retry_in())
         assert await store.get("c:0") is None  # the probe, on a fresh path
         assert (store.breaker.state, store.breaker.probes) == ("closed", 1)
 
-        started = time.perf_counter()
         results = await asyncio.gather(
             *(store.get(f"c:{i}") for i in range(32)), return_exceptions=True
         )
-        assert [r for r in results if r is not None] == []  # before: 31 timeouts
-        assert time.perf_counter() - started < TIMEOUT_S
+        # served, none waited a timeout (that would be its error here): before, 31 timeouts
+        # (no bound of the clock: the reads' own 0.5 s timeout is the one that matters)
+        assert [r for r in results if r is not None] == []
         assert (store.breaker.state, store.breaker.opened) == ("closed", 1)
     finally:
         await store.aclose()
