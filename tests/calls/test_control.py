@@ -390,7 +390,9 @@ async def test_an_answer_that_trickles_in_is_cut_off_at_the_request_timeout() ->
             async with asyncio.timeout(4):  # before: the whole 6 s answer was awaited
                 with pytest.raises(CallControlError, match=r"no whole answer within 1\.0 s"):
                     await control.send(telnyx.hang_up(auth, "v3:abc"))
-            assert time.monotonic() - began < 2.0
+            # the 1 s limit, not the 6 s answer: a wide margin over a loaded machine's
+            # stalls (the 4 s timeout above catches the whole answer awaited)
+            assert time.monotonic() - began < 3.5
         finally:
             await control.aclose()
 

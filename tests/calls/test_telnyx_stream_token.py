@@ -323,8 +323,8 @@ async def test_a_dial_stream_whose_call_is_not_named_within_2_s_is_refused(
         began = time.monotonic()
         with caplog.at_level(logging.INFO, logger="gateway"):
             assert await refused(url) == 403
-        assert 1.8 <= time.monotonic() - began < 3.5
-        assert not placing.done()
+        assert time.monotonic() - began >= 1.8  # the 2 s wait for the binding ...
+        assert not placing.done()  # ... and not the dial's answer (4 s): no clock bound
         assert [r.getMessage() for r in caplog.records if "stream refused" in r.getMessage()] == [
             "Telnyx stream refused: the dial of the stream token named no call within 2 s"
         ]
@@ -393,7 +393,8 @@ async def test_a_dial_stream_whose_binding_redis_fails_to_read_is_refused_503(
         ):
             async with connect(url):
                 pass
-        assert time.monotonic() - began < 3.0
+        # no hang: at most the 2 s wait (a wide margin over a loaded machine's stalls)
+        assert time.monotonic() - began < 5.0
         assert exc.value.response.status_code == 503
         assert exc.value.response.headers["Retry-After"] == "1"
         assert proxy.dropped > 0
@@ -414,9 +415,9 @@ async def test_a_dial_stream_whose_binding_redis_fails_to_read_is_refused_503(
         assert tokens is not None
         grant = tokens.check(api.requests[1].json["stream_auth_token"], time.time())
         proxy.stall_after(dial_topic(grant.nonce).encode(), 6.0, including=True)
-        # refused after the 2 s wait, not once the stalled Redis answers (6 s); the 2 s
+        # refused after the 2 s wait, not once the stalled Redis answers (6 s); the 3 s
         # margin above the wait is for a loaded event loop (CI)
-        await _refused_within_the_wait(gw, hung, caplog, 4.0)
+        await _refused_within_the_wait(gw, hung, caplog, 5.0)
 
 
 async def test_a_dial_whose_binding_the_bus_cannot_write_is_hung_up_and_refused_503(
@@ -588,5 +589,6 @@ async def test_a_dial_stream_refused_503_is_refused_within_its_wait_whatever_red
         grant = tokens.check(api.requests[1].json["stream_auth_token"], time.time())
         # the token's check goes through; every byte to Redis after it is held 6 s
         proxy.stall_after(f"stream:{grant.nonce}".encode(), 6.0)
-        # the 1.5 s margin above the wait is for a loaded event loop (CI)
-        await _refused_within_the_wait(gw, second, caplog, 3.5)
+        # refused after the 2 s wait, not once the stalled Redis answers (6 s); the 3 s
+        # margin above the wait is for a loaded event loop (CI)
+        await _refused_within_the_wait(gw, second, caplog, 5.0)
