@@ -28,7 +28,7 @@ from gateway.events import (
 from gateway.pipeline.botpress import usable_key
 from tests.conftest import gateway
 from tests.gateway.core_app import cut_early
-from tests.gateway.pipeline.fake_botpress import GAP_S, WEBHOOK_ID
+from tests.gateway.pipeline.fake_botpress import WEBHOOK_ID
 from tests.gateway.turns import (
     ctx,
     engine,
@@ -156,7 +156,8 @@ async def test_a_handoff_without_a_target_is_a_warning_and_the_turn_goes_on(
     conv = bp_engine(url, botpress_idle_s=30.0)
     started = time.perf_counter()
     events = await conv.turn(ctx(), Input.of("nobody")).collect()
-    assert time.perf_counter() - started < 10 * GAP_S + 1
+    # at once: well before the 30 s idle gap (a wide margin over a loaded machine's stalls)
+    assert time.perf_counter() - started < 10
     assert isinstance(events[-1], ResponseEvent), events
     assert texts(events) == ["One moment."]
     assert not [r for r in caplog.records if "unknown types" in r.getMessage()]
@@ -192,14 +193,15 @@ async def test_a_bloc_gives_the_items_of_its_parts(botpress: tuple[str, FastAPI]
 
 async def test_messages_are_forwarded_before_the_turn_ends(botpress: tuple[str, FastAPI]) -> None:
     url, _ = botpress
-    conv = bp_engine(url)
+    conv = bp_engine(url, botpress_idle_s=3.0)  # an idle gap a clock can tell apart
     await conv.turn(ctx(), Input.of("hello")).collect()
     started = time.perf_counter()
     events = aiter(conv.turn(ctx(), Input.of("rich")))
     first = await anext(events)
     assert isinstance(first, ResponseItemEvent)
-    # the first item came right after the bot said it, not after the idle gap
-    assert time.perf_counter() - started < GAP_S + IDLE_S
+    # the first item came right after the bot said it (GAP_S), not after the 3 s idle gap
+    # (was: the 0.3 s gap, a bound of 0.35 s that a loaded machine's stall breaks)
+    assert time.perf_counter() - started < 2.0
     rest = [e async for e in events]
     assert len(items(rest)) == 4
     await conv.pipeline.aclose()
@@ -217,7 +219,8 @@ async def test_a_choice_transfer_or_end_ends_the_turn_without_the_idle_gap(
     started = time.perf_counter()
     got = items(await conv.turn(ctx(), Input.of(said)).collect())
     # the bot's last signal (GAP_S apart) ended the turn, long before a 30 s idle gap
-    assert time.perf_counter() - started < 10 * GAP_S + 1
+    # (a wide margin over a loaded machine's stalls)
+    assert time.perf_counter() - started < 10
     assert len(got) == count  # every message of the bot came
     await conv.pipeline.aclose()
 
