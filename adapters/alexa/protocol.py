@@ -47,7 +47,7 @@ from typing import Any, Literal, Required, TypedDict, Unpack
 from pydantic import Field, StrictBool
 from pydantic_core import to_json
 
-from gateway.events import FALLBACK, INTRO, Input, InputClass, Response, ResponseItem, Wire
+from gateway.events import FALLBACK, INTRO, Input, Response, ResponseItem, Wire
 from gateway.protocol import ProtocolError, load_json, validate
 from gateway.ssml import ALEXA_AUDIO, ALEXA_ELEMENTS, display_text, speech_ssml
 from gateway.turn import IntentRule, TurnContext
@@ -383,32 +383,33 @@ def plan(envelope: AlexaEnvelope, config: AlexaConfig) -> Plan:
     request = envelope.request
     handling = handling_of(request.type)
     session = envelope.session
-    base: dict[str, Any] = {
-        "session_id": session.session_id if session else None,
-        "app_key": envelope.application_id,
-        "locale": request.locale,
-        "device_id": envelope.device_id,
-    }
+    session_id = session.session_id if session else None
+    app_key = envelope.application_id
+    locale = request.locale
     in_session = handling in (Handling.TURN, Handling.END)
     if in_session and session is None:
         raise ProtocolError(f"{request.type} must carry a session with a sessionId.")
-    if in_session and not base["app_key"]:
+    if in_session and not app_key:
         raise ProtocolError(f"{request.type} must name the skill (applicationId).")
+    device_id = envelope.device_id
     if handling is not Handling.TURN:
-        return Plan(handling, **base)
+        return Plan(handling, session_id, app_key, locale, device_id)
     if request.type == "LaunchRequest":
-        return Plan(handling, input=Input.of(INTRO, locale=request.locale), **base)
-    if request.intent is None:
+        input_ = Input.of(INTRO, locale=locale)
+        return Plan(handling, session_id, app_key, locale, device_id, input_)
+    intent = request.intent
+    if intent is None:
         raise ProtocolError("An IntentRequest must carry request.intent.")
-    text, ends = _intent_text(request.intent, config)
-    said = request.intent.name == config.catch_all_intent and text != FALLBACK
+    text, ends = _intent_text(intent, config)
+    said = intent.name == config.catch_all_intent and text != FALLBACK
+    # the class as data: validated with the input in one call, not a model first
     input_ = (Input.said if said else Input.of)(
         text,
-        locale=request.locale,
-        classes=[InputClass(type="Intent", name=request.intent.name)],
-        attributes={"intent": intent_attribute(request.intent, request.dialog_state)},
+        locale=locale,
+        classes=[{"type": "Intent", "name": intent.name}],
+        attributes={"intent": intent_attribute(intent, request.dialog_state)},
     )
-    return Plan(handling, input=input_, end_session=ends, **base)
+    return Plan(handling, session_id, app_key, locale, device_id, input_, ends)
 
 
 def _intent_text(intent: AlexaIntent, config: AlexaConfig) -> tuple[str, bool]:
