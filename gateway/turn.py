@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from gateway.events import ErrorEvent, LogEntry, Response
 from gateway.protocol.values import clipped
@@ -164,13 +164,13 @@ _REJECTED_ENDS: Mapping[str, TurnEnd] = {
 """The TurnEnd of a rejection by its reason; any other reason is REFUSED."""
 
 
-@dataclass(frozen=True)
-class TurnOutcome:
-    """How a turn ended, as far as the platform's deadline let the adapter see.
+class TurnOutcome(NamedTuple):
+    """How a turn ended, as far as the platform's deadline let the adapter see (immutable).
 
     Exactly one of ``response``, ``error``, ``rejected`` is set, or none when
     ``late``. ``session_ended`` is True when the engine ended (deleted) the
-    session; ``session_started`` when the turn created it.
+    session; ``session_started`` when the turn created it. A named tuple: made once
+    per webhook turn, at a third of a frozen dataclass's cost.
     """
 
     response: Response | None = None

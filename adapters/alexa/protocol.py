@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal, Required, TypedDict, Unpack
+from typing import Any, Literal, NamedTuple, Required, TypedDict, Unpack
 
 from pydantic import Field, StrictBool
 from pydantic_core import to_json
@@ -338,13 +338,14 @@ class AlexaConfig:
     catch_all_slot: str = "query"
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What to do with one request.
+class Plan(NamedTuple):
+    """What to do with one request (immutable).
 
     ``input`` is set for ``turn``; ``session_id`` and ``app_key`` whenever the
     request belongs to a session; ``end_session`` when the session ends after the
-    turn whatever the pipeline says (Stop/Cancel).
+    turn whatever the pipeline says (Stop/Cancel). A named tuple: made once per
+    request, at a third of a frozen dataclass's cost (whose ``__init__`` sets each
+    field through ``object.__setattr__``).
     """
 
     handling: Handling
