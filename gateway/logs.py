@@ -292,14 +292,28 @@ def logfmt(fields: dict[str, Any]) -> str:
     (a leading space before each pair; a value with a space, ``"``, ``=`` or a
     backslash, or an empty one, in double quotes with ``"`` and ``\\`` escaped, and a
     line break written ``\\n``, so one record stays one line)."""
-    pairs = []
-    for key, value in fields.items():
-        text = str(value)
-        if type(value) not in (int, float) and not _BARE_VALUE.fullmatch(text):
-            escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-            text = '"' + escaped.replace("\n", "\\n").replace("\r", "\\r") + '"'
-        pairs.append(f" {key}={text}")
-    return "".join(pairs)
+    texts = [str(value) for value in fields.values()]
+    # the usual line (a turn's) needs no quotes: told by a few string scans of all the
+    # values at once; whitespace other than a space is never printable
+    joined = "".join(texts)
+    if (
+        "" in texts
+        or not joined.isprintable()
+        or " " in joined
+        or '"' in joined
+        or "=" in joined
+        or "\\" in joined
+    ):
+        texts = [_pair_value(text) for text in texts]
+    return "".join([f" {key}={text}" for key, text in zip(fields, texts, strict=True)])
+
+
+def _pair_value(text: str) -> str:
+    """``text`` as a logfmt value: as it is, or quoted (see :func:`logfmt`)."""
+    if _BARE_VALUE.fullmatch(text):
+        return text
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r") + '"'
 
 
 class _TextFormatter(logging.Formatter):
