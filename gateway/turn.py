@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
-from gateway.events import ErrorEvent, LogEntry, Response
+from gateway.events import ErrorEvent, FrozenDict, LogEntry, Response
 from gateway.protocol.values import clipped
 from gateway.speech.types import TtsRequest
 
@@ -82,9 +82,12 @@ class TurnRejected(Exception):
         return cls("session-foreign", f"Session {shown} belongs to another application.")
 
 
-@dataclass(frozen=True)
-class TurnContext:
-    """What an adapter knows about the client when it starts a turn.
+_NOTHING: Final[Mapping[str, Any]] = FrozenDict()
+"""The default ``config`` and ``attributes`` of a :class:`TurnContext` (immutable: shared)."""
+
+
+class TurnContext(NamedTuple):
+    """What an adapter knows about the client when it starts a turn (immutable).
 
     The session key is ``namespace:session_id`` (namespace defaults to the
     channel), so ids proposed by clients of one channel cannot reach sessions
@@ -96,6 +99,11 @@ class TurnContext:
     ``outbox`` journals the turn's items, Response, Error and SessionEnded in the
     session's outbox (gateway/outbox.py): each gets a sequence number (``seq``) and
     can be delivered again to a client that lost its connection.
+
+    A named tuple (a changed context is ``ctx._replace(...)``): made once per turn, at a
+    fraction of a frozen dataclass's cost, whose ``__init__`` sets each field through
+    ``object.__setattr__``. ``config`` and ``attributes`` default to one shared empty
+    :class:`~gateway.events.FrozenDict`.
     """
 
     channel: str
@@ -106,8 +114,8 @@ class TurnContext:
     locale: str | None = None
     time_zone: str | None = None
     create: bool = True
-    config: Mapping[str, Any] = field(default_factory=dict)
-    attributes: Mapping[str, Any] = field(default_factory=dict)
+    config: Mapping[str, Any] = _NOTHING
+    attributes: Mapping[str, Any] = _NOTHING
     logs: Sequence[LogEntry] = ()
     tts: TtsRequest | None = None
     outbox: bool = False

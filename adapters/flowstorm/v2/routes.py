@@ -123,7 +123,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import re
@@ -536,7 +535,7 @@ async def _stream_turn(
     except BaseException:  # refused (_Refused), the client went away, or a failure
         await hearing.release()
         raise
-    ctx = dataclasses.replace(ctx, logs=outcome.logs)
+    ctx = ctx._replace(logs=outcome.logs)
     if outcome.input is None:
         await hearing.release()
         return await _store_logs(gw, ctx)
