@@ -54,6 +54,7 @@ import collections
 import functools
 import logging
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -468,6 +469,20 @@ def _speech_error(exc: BaseException) -> ErrorEvent:
     return ErrorEvent(text="Speech synthesis failed.", source="tts")
 
 
+_CONVERSATIONS: weakref.WeakSet[Conversation] = weakref.WeakSet()
+"""The process's turn engines (one per app), for :func:`_turns_in_flight`."""
+
+
+def _turns_in_flight() -> float:
+    """``gateway_turns_in_flight``, read when /metrics is scraped: the turns running in
+    this process (prometheus-client's ``Gauge.set_function``), so a turn does not take
+    the gauge's lock twice."""
+    return sum(conversation.turns_in_flight for conversation in _CONVERSATIONS)
+
+
+metrics.TURNS_IN_FLIGHT.set_function(_turns_in_flight)
+
+
 class Conversation:
     """Runs turns of sessions in ``store`` through ``pipeline`` (see module doc).
 
@@ -493,6 +508,7 @@ class Conversation:
         self.speech = speech
         self.journal = journal
         self._tasks: set[asyncio.Task[None]] = set()
+        _CONVERSATIONS.add(self)
 
     @property
     def turns_in_flight(self) -> int:
@@ -515,7 +531,6 @@ class Conversation:
     async def _run(self, ctx: TurnContext, input: Input, out: _TurnQueue) -> None:
         start = time.perf_counter()
         outcome = _Outcome()
-        metrics.TURNS_IN_FLIGHT.inc()
         try:
             await self._turn(ctx, input, out, outcome)
         except TurnRejected as exc:
@@ -575,7 +590,6 @@ class Conversation:
             raise
         finally:
             out.put_nowait(_END)
-            metrics.TURNS_IN_FLIGHT.dec()
             self._record(ctx, outcome, time.perf_counter() - start)
 
     def _record(self, ctx: TurnContext, outcome: _Outcome, seconds: float) -> None:

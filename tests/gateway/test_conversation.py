@@ -28,6 +28,7 @@ from gateway.events import (
     SessionEndedEvent,
     SessionStartedEvent,
 )
+from gateway.metrics import REGISTRY
 from gateway.pipeline.base import PipelineError, PipelineOutput
 from gateway.sessions import (
     ClientState,
@@ -559,6 +560,22 @@ async def test_drain_waits_for_running_turns(core: tuple[str, FastAPI]) -> None:
     assert conv.turns_in_flight == 1
     assert await conv.drain(5) == 0
     assert stream.task.done()
+    await conv.pipeline.aclose()
+
+
+async def test_the_in_flight_gauge_counts_a_running_turn(core: tuple[str, FastAPI]) -> None:
+    """gateway_turns_in_flight (read when /metrics is scraped) counts a turn while it
+    runs, and no more once it has ended."""
+    url, _ = core
+    before = REGISTRY.get_sample_value("gateway_turns_in_flight")
+    assert before is not None
+    conv = engine(pipeline=f"{url}/slow?s=0.3")
+    stream = conv.turn(ctx(), Input.of("hello"))
+    await asyncio.sleep(0.1)  # the turn waits for its core
+    assert REGISTRY.get_sample_value("gateway_turns_in_flight") == before + 1
+    assert await conv.drain(5) == 0
+    assert stream.task.done()
+    assert REGISTRY.get_sample_value("gateway_turns_in_flight") == before
     await conv.pipeline.aclose()
 
 
