@@ -53,6 +53,7 @@ import asyncio
 import collections
 import functools
 import logging
+import math
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -1070,7 +1071,9 @@ class Conversation:
         Twilio send no callback the gateway takes then), so its session goes soon
         instead of after its timeout; the new stream's start restores it (:meth:`keep`).
         Its content and ``updated_at`` are kept (:meth:`expiry` still tells the end of
-        its whole timeout meanwhile); a session whose timeout is shorter keeps it.
+        its whole timeout meanwhile); a session with less of its timeout left than
+        ``ttl_s`` keeps what it has left (whole seconds rounded up, at least 1): a hold
+        never lengthens it.
         False when it does not exist or is another application key's. Its lock is not
         waited for: SessionBusy at once while a turn holds it (that turn saves the
         session after, with its whole timeout: a hold now would be undone);
@@ -1078,7 +1081,9 @@ class Conversation:
         async with self.store.open(ctx.key, lease_s=self._lease_s(), wait_s=0.0) as txn:
             if txn.session is None or txn.session.app_key != ctx.app_key:
                 return False
-            txn.save(txn.session, min(ttl_s, txn.session.timeout_s))
+            session = txn.session
+            left_s = math.ceil(session.updated_at + session.timeout_s - time.time())
+            txn.save(session, min(ttl_s, max(1, left_s)))
             return True
 
     async def keep(self, ctx: TurnContext) -> Literal["stored", "not-found", "foreign"]:

@@ -227,6 +227,40 @@ async def test_a_held_session_goes_after_its_hold_unless_kept_again(
         await store.aclose()
 
 
+async def test_a_hold_keeps_no_more_than_the_time_the_session_has_left(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """:meth:`Conversation.hold` of a session with 10 s of its timeout left keeps it
+    those 10 s (what Redis keeps: PTTL), not the hold's 30 s: it was saved with
+    ``min(ttl_s, timeout_s)``, which lengthened a session near its end. A session with
+    less than a second left keeps 1 s."""
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    conv = engine(store, session_timeout_s=60)
+    client = Redis.from_url(redis_url)
+    key = f"{redis_prefix}:{{{ctx().key}}}:s"
+
+    async def last_saved(seconds_ago: float) -> None:
+        async with store.open(ctx().key, lease_s=5, wait_s=1) as txn:
+            assert txn.session is not None
+            txn.session.updated_at = time.time() - seconds_ago
+            txn.save(txn.session, txn.session.timeout_s)
+
+    try:
+        await conv.turn(ctx(), Input.of("#intro")).collect()
+        await last_saved(50)  # 10 s of its 60 s left
+        assert await conv.hold(ctx(), 30)
+        assert 8_000 < await client.pttl(key) <= 10_000
+        await last_saved(59.9)  # a tenth of a second left
+        assert await conv.hold(ctx(), 30)
+        assert 0 < await client.pttl(key) <= 1_000
+        await last_saved(0)  # a hold shorter than what is left: the hold
+        assert await conv.hold(ctx(), 30)
+        assert 28_000 < await client.pttl(key) <= 30_000
+    finally:
+        await client.aclose()
+        await store.aclose()
+
+
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 async def test_find_and_expiry_tell_a_session_being_made_from_one_gone(
     kind: str, redis_url: str, redis_prefix: str
