@@ -208,8 +208,9 @@ async def test_sigterm_a_websocket_turn_waiting_for_its_session_lock_is_saved(
                         await ws.recv()
                 assert ws.close_code == 1012
             # within GATEWAY_SHUTDOWN_TIMEOUT_S (2 s: 1 s for the answers, 1 s left to the
-            # server), not at the end of the turns (about 4.5 s after the signal)
-            assert time.monotonic() - signalled < 3.0
+            # server), not at the end of the turns (about 4.5 s after the signal): 4 s
+            # leaves room for a slow machine and still tells the two apart
+            assert time.monotonic() - signalled < 4.0
             exit_code = await asyncio.to_thread(proc.proc.wait, 30)
         assert exit_code == 0
         assert arrived == ["first", "second"]
