@@ -106,7 +106,8 @@ The same route takes the TeXML answer's ``<Stream>`` ``statusCallback`` (a form 
 ``streaming.failed`` (:func:`_stream_failed`: a call no instance serves is hung up and
 its session ended, app key ``?appKey=``, one WARNING with the ``StreamError``; a served
 one INFO; 503 with ``Retry-After`` while the bus or the store fails); every stream
-webhook is answered 200 ``{}`` (Telnyx: "The server must return an HTTP 200"). Without
+webhook is answered 200 ``{}`` (Telnyx: "The server must return an HTTP 200"), one
+whose ``CallSid`` is longer than 256 characters too (ignored, WARNING). Without
 it an inbound call whose stream could not connect was left to Telnyx (the TeXML ends
 with the ``<Connect>``: [unverified] whether Telnyx then hangs up at once) and logged
 nothing.
@@ -686,16 +687,20 @@ async def _status(request: Request, body: bytes) -> Response:
     except UnicodeDecodeError:
         return problem(400, "Bad Request", "The form body is not UTF-8.")
     call_sid = form.get("CallSid", "")
-    if len(call_sid) > telnyx.MAX_CALL_ID:
-        _ignored("status callback", call_sid)
-        return Response(status_code=204)
+    overlong = len(call_sid) > telnyx.MAX_CALL_ID
     app_key = request.query_params.get("appKey", "")[:128] or None
     if "StreamEvent" in form:  # the <Stream>'s statusCallback: Telnyx asks for a 200
+        if overlong:
+            _ignored("stream webhook", call_sid)
+            return JSONResponse({})
         failure = telnyx.texml_stream_failure(form)
         if failure is None:  # stream-started, stream-stopped
             return JSONResponse({})
         control = callcontrol_of(request.app)
         return await _stream_failed(gw, control, dataclasses.replace(failure, app_key=app_key))
+    if overlong:
+        _ignored("status callback", call_sid)
+        return Response(status_code=204)
     call_id = telnyx.texml_call_ended(form)
     if call_id is not None:
         await _hung_up(gw, call_id, app_key, f"TeXML status {form['CallStatus']}")

@@ -24,7 +24,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.responses import JSONResponse
 
-from adapters.telnyx.control import read_client_state
+from adapters.telnyx.control import MAX_CALL_ID, read_client_state
 from adapters.telnyx.verify import SIGNATURE_HEADER as SIG
 from gateway import redisconn
 from gateway.bus import RedisBus
@@ -481,6 +481,37 @@ async def test_a_texml_status_callback_ends_the_session_of_a_call_nobody_serves(
         assert hook.status_code == 204, hook.text  # before: 404, the session kept
         assert await session_of(a, orphan) is None
         assert await session_of(a, live) is not None
+
+
+async def test_a_texml_stream_webhook_with_an_overlong_call_sid_gets_its_200(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A signed TeXML stream webhook (a ``<Stream>``'s ``statusCallback``) whose
+    ``CallSid`` is longer than any call id the gateway takes is answered 200 ``{}`` as
+    every stream webhook (Telnyx asks for a 200), with one WARNING, nothing done; it got
+    the status callbacks' 204. A status callback with such a ``CallSid`` still gets its
+    204 and the WARNING."""
+    caplog.set_level(logging.INFO, "adapters.telnyx")
+    overlong = "v3:" + "x" * MAX_CALL_ID
+    async with (
+        CARRIER.gateway(None) as (gw, api),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        for event in ("stream-started", "stream-error"):
+            body = texml_stream_event(overlong, event, "Connection timeout")
+            caplog.clear()
+            hook = await client.post("/telnyx/status", content=body, headers=form_signed(body))
+            assert hook.status_code == 200, hook.text  # before: 204
+            assert hook.json() == {}
+            [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+            assert "Telnyx stream webhook ignored: its call id" in warning.getMessage()
+        assert hangups(api, overlong) == 0
+        body = texml_status(overlong, "completed")
+        caplog.clear()
+        hook = await client.post("/telnyx/status", content=body, headers=form_signed(body))
+        assert hook.status_code == 204, hook.text
+        [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert "Telnyx status callback ignored: its call id" in warning.getMessage()
 
 
 async def test_custom_parameters_cannot_replace_the_caller_and_callee(
