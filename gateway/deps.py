@@ -61,6 +61,11 @@ class Gateway:
     (Twilio, Plivo, Telnyx, Vonage move their calls to another instance; Flowstorm V1 lets
     running turns answer within :meth:`drain_left_s`); each bounds its time and never
     raises."""
+    before_close_runs: bool = False
+    """A server that runs ``before_close`` at shutdown serves this Gateway: set by
+    gateway/server.py ``GatewayServer`` (``gateway serve``) once started. Unset under
+    another server (plain uvicorn), where nothing runs those hooks: a router then does at
+    the signal what it would have left to them (Voiceflow's ``server.restart``)."""
     draining: bool = False
     """A graceful shutdown has begun: not ready (``/readyz`` 503), never unset."""
     drain_began: float | None = None

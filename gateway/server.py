@@ -758,7 +758,14 @@ class GatewayServer(uvicorn.Server):
     when the Voiceflow clients were told ``server.restart`` before this; else now) is taken
     off that wait (GATEWAY_SHUTDOWN_TIMEOUT_S, at least 1 s left), so the waits before it
     do not make the shutdown longer. Uses uvicorn's ``servers`` (its listening servers;
-    closing one again is a no-op)."""
+    closing one again is a no-op). Once started it sets the Gateway's
+    ``before_close_runs``: the routers may leave work to those hooks."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        gw = getattr(getattr(self.config.app, "state", None), "gateway", None)
+        if isinstance(gw, Gateway):
+            gw.before_close_runs = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         began = time.monotonic()

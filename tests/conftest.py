@@ -336,17 +336,21 @@ class GatewayProcess:
         open_files: int | None = None,
         stderr: Any = None,
         log_level: str = "warning",
+        plain_uvicorn: bool = False,
     ) -> None:
         """``open_files``: the child's RLIMIT_NOFILE (soft and hard); ``stderr``: where its
         log goes (a file; default a temporary file, copied to this process's stderr when
         the process stops, and its tail put in the error when it does not start);
-        ``log_level``: its ``--log-level``."""
+        ``log_level``: its ``--log-level``; ``plain_uvicorn``: the app under uvicorn's own
+        CLI (``python -m uvicorn --factory gateway.app:create_app``), not ``gateway
+        serve``."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.open_files = open_files
         self.stderr = stderr
         self.log_level = log_level
+        self.plain_uvicorn = plain_uvicorn
         self._log: Any = None  # the temporary file of its stderr (no ``stderr`` given)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -363,12 +367,16 @@ class GatewayProcess:
 
             # not a pipe (a full pipe would block it); closed by stop()
             self._log = tempfile.TemporaryFile()  # noqa: SIM115
+        command = (
+            ["uvicorn", "--factory", "gateway.app:create_app"]
+            if self.plain_uvicorn
+            else ["gateway", "serve"]
+        )
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "gateway",
-                "serve",
+                *command,
                 "--port",
                 str(self.port),
                 "--log-level",

@@ -54,7 +54,9 @@ Operations:
   reconnect (to another instance behind the load balancer). Actions running then get
   the first half of GATEWAY_VOICEFLOW_RESTART_GRACE_S to end, so that their traces and
   ``completed`` come before it (VoiceflowServer.restart); the clients of those still
-  running then are told later, once the server has stopped accepting and before it
+  running then are told later (under ``gateway serve``; under another server, plain
+  uvicorn, which runs no ``before_close`` hook, within the second half of the grace),
+  once the server has stopped accepting and before it
   closes the connections (VoiceflowServer.finish_restart, the Gateway's ``before_close``
   hook), as soon as their action has ended, or when what is left of
   GATEWAY_SHUTDOWN_TIMEOUT_S (since the signal) runs out: then the action is answered
@@ -708,12 +710,15 @@ class VoiceflowServer:
         traces and ``completed`` reach their clients before ``server.restart`` (the
         client reconnects on it, and a new connection is not told the answer of a turn
         of the old one); meanwhile no queued action starts (VoiceflowConnection.hold).
-        With ``defer_running`` (the first signal: the server's shutdown runs
-        :meth:`finish_restart` before it closes the connections) a client whose action
-        still runs then is told nothing yet: :meth:`finish_restart` waits longer for it.
-        Without, it is told now, its action answered ``error answer-lost`` and
-        ``completed`` first (VoiceflowConnection.server_restart; its turn goes on and
-        saves the session). The clients are told within the second half."""
+        With ``defer_running`` (the first signal) and a server that runs
+        :meth:`finish_restart` before it closes the connections (the Gateway's
+        ``before_close_runs``: ``gateway serve``) a client whose action still runs then is
+        told nothing yet: :meth:`finish_restart` waits longer for it. Else (under plain
+        uvicorn nothing runs that hook: such a client would never be told) it is told
+        now, its action not touched: its turn goes on and saves the session, and its
+        traces and ``completed`` follow ``server.restart`` while the connection is open
+        (VoiceflowConnection.server_restart). The clients are told within the second
+        half."""
         clients = list(self._clients.values())
         if not clients:
             return 0
@@ -723,9 +728,12 @@ class VoiceflowServer:
         turns = [turn for client in clients for turn in client.turns]
         if turns:
             await asyncio.wait(turns, timeout=grace / 2)
+        # read after the wait: a signal during the startup may come before the flag is set
+        gw = self._gateway
+        defer = defer_running and gw is not None and gw.before_close_runs
         now = []
         for client in clients:
-            if defer_running and client.turns:
+            if defer and client.turns:
                 self._deferred.add(client.sid)
             else:
                 now.append(client)

@@ -281,6 +281,43 @@ async def test_sigterm_a_running_action_outlasting_the_shutdown_is_answered_answ
         assert first.proc.returncode == 0
 
 
+async def test_under_plain_uvicorn_a_running_action_is_told_within_the_grace(
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+) -> None:
+    """Under plain uvicorn (its CLI, no ``gateway serve``: nothing runs the Gateway's
+    ``before_close`` hooks) a client whose action still runs after half of
+    GATEWAY_VOICEFLOW_RESTART_GRACE_S is told ``server.restart`` within the grace, before
+    uvicorn closes its socket, as it was before the hook. It was left to
+    VoiceflowServer.finish_restart, which never ran: the socket was closed and the client
+    told nothing."""
+    core = RecordingCore()
+    async with core.running() as core_url:
+        first = GatewayProcess(
+            env(
+                redis_url,
+                redis_prefix,
+                GATEWAY_PIPELINE=core_url,
+                GATEWAY_VOICEFLOW_RESTART_GRACE_S="2",
+            ),
+            plain_uvicorn=True,
+        ).start()
+        gateway_processes.append(first)
+        async with client(first.url, "websocket") as vf:
+            await vf.handshake()
+            await vf.send({"type": "text", "payload": "slow"}, "running")
+            assert (await vf.expect("action.status"))["status"] == "accepted"
+            await core.next_request()
+            stopping = asyncio.create_task(asyncio.to_thread(first.stop, signal.SIGTERM))
+            signalled = time.monotonic()
+            async with asyncio.timeout(8):
+                assert await vf.expect("server.restart") == {}
+            # within the 2 s grace (and the time the signal takes to arrive)
+            assert time.monotonic() - signalled < 4.0
+            core.release.set()
+            async with asyncio.timeout(20):
+                await stopping
+
+
 async def test_graceful_shutdown_sends_server_restart(
     redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
 ) -> None:
