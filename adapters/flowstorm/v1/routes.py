@@ -291,6 +291,10 @@ class _Socket(WebSocketDriver[Action]):
         self.following = Following(gw.journal, self._deliver) if gw.journal else None
         self._answering = 0
         """Turns whose answer is not all sent yet (outbox entries wait for them)."""
+        self._sent: set[asyncio.Task[Any]] = set()
+        """Forwarders (of ``turns``) whose turn's frames all went out, the Response too,
+        and which still raise the outbox's mark (Following.settle, catch_up): their
+        client has its answer (:meth:`restart`)."""
         self._pending_logs: deque[tuple[TurnContext, LogEntry]] = deque()
         """Client log entries to store (StoreLogs), each with its session's context; at
         most LOG_BUFFER entries and GATEWAY_MAX_LOG_CHARS characters of text all together,
@@ -380,11 +384,13 @@ class _Socket(WebSocketDriver[Action]):
         turns running now to answer (not for one a frame starts meanwhile: the shutdown
         would last longer than it did), then close 1012 at once; a turn still running then
         is no longer forwarded (the engine's turn goes on and saves the session) and the
-        client gets an Error first (V1Connection.server_restart). True when a turn's answer
-        was not ready."""
+        client gets an Error first (V1Connection.server_restart). A turn whose frames all
+        went out (its Response too) and that only raises the outbox's mark still
+        (Following.settle, catch_up: Redis round trips) counts as answered. True when a
+        turn's answer was not ready."""
         if self.turns and self.open and wait_s > 0:
             await asyncio.wait(set(self.turns), timeout=wait_s)
-        unanswered = bool(self.turns) and self.open
+        unanswered = self.open and any(task not in self._sent for task in self.turns)
         if unanswered:
             forwarders = list(self.turns)
             for task in forwarders:
@@ -449,10 +455,16 @@ class _Socket(WebSocketDriver[Action]):
             answered = await self.forward_claimed(start, claim)
         finally:
             self._answering -= 1
-        if answered and self.open and following.key == key:
-            # even when the client leaves now
-            await asyncio.shield(following.settle(key, last))
-            await following.catch_up()  # what came while the turn answered
+        task = asyncio.current_task()
+        assert task is not None
+        self._sent.add(task)  # the client has what the turn gave: only the outbox's work left
+        try:
+            if answered and self.open and following.key == key:
+                # even when the client leaves now
+                await asyncio.shield(following.settle(key, last))
+                await following.catch_up()  # what came while the turn answered
+        finally:
+            self._sent.discard(task)
 
     async def _deliver(self, entries: list[Entry], before_turn: bool) -> bool:
         """Send outbox entries (see gateway.outbox.Following); False when it cannot now."""

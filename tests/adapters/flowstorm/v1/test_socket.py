@@ -24,6 +24,7 @@ from gateway.events import ResponseItem
 from gateway.logs import session_ref
 from gateway.protocol import clipped
 from gateway.push import push_event
+from gateway.server import run_before_close
 from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import (
     SPEC_INIT,
@@ -859,3 +860,41 @@ async def test_a_pushed_event_that_is_not_a_response_is_dropped_with_a_warning(
         f"push {bad_seq} of {session_ref(key)} dropped: its event is not a Response "
         "(response.items.0.text: Input should be a valid string)"
     )
+
+
+async def test_a_turn_answered_whose_outbox_mark_is_still_being_raised_is_not_unanswered(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The shutdown's close of a V1 socket (the ``before_close`` hook) tells a client
+    "answer was not ready" only for a turn whose Response did not go out. A turn whose
+    Response went out and whose forwarder still raises the outbox's mark (a slow Redis
+    here: the mark waits) counted as unanswered, and its client, which had its answer,
+    got that Error before the 1012 close."""
+    settings = Settings(redis_url=redis_url, redis_prefix=redis_prefix, shutdown_timeout_s=2)
+    app = create_app(settings)
+    marking, go = asyncio.Event(), asyncio.Event()
+    async with served_app(app, settings) as url:
+        gw = app.state.gateway
+        outbox = gw.journal.outbox
+        mark = outbox.mark
+
+        async def slow_mark(key: str, seq: int) -> int:
+            marking.set()
+            await go.wait()
+            return int(await mark(key, seq))
+
+        outbox.mark = slow_mark
+        try:
+            async with connect(ws_url(url)) as ws:
+                await init(ws)
+                frames = await turn(ws, request_frame("#intro", "marked-late"))
+                assert frames[-1]["type"] == "Response", frames
+                await asyncio.wait_for(marking.wait(), 5)  # its forwarder raises the mark
+                await run_before_close(app)  # waits 1 s (2 s less 1) for the forwarder
+                with pytest.raises(ConnectionClosed) as closed:
+                    extra = await recv_json(ws)
+                    pytest.fail(f"more came before the close: {extra}")  # before: the Error
+                assert closed.value.rcvd is not None
+                assert closed.value.rcvd.code == 1012
+        finally:
+            go.set()
