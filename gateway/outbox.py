@@ -659,6 +659,10 @@ class Following:
         """Per session key, the seqs claimed whose frames have not gone out (yet)."""
         self._replay = True
         self.key: str | None = None
+        self._blocked: tuple[str, int, int, int] | None = None
+        """(session key, seq of the turn entry the floor stopped at, newest seq read then,
+        the session's mark read then): :meth:`catch_up` reads the mark again for that
+        entry only once something was appended, or after :meth:`settle`."""
 
     def follow(
         self, key: str, after: int | None, *, replay: bool = True, only_new: bool = False
@@ -726,13 +730,27 @@ class Following:
             if stop is not None and stop.seq not in self._held.get(follower.key, ()):
                 # another connection's turn entry (or its own, not claimed yet): passed
                 # over only once the session's mark is above it (that one sent it)
-                try:
-                    mark = (await self.journal.outbox.state(follower.key)).mark
-                except OutboxError as exc:
-                    log.log(outage_level(exc), "outbox not read: %s", exc)
-                    mark = 0
+                mark = await self._mark_over(follower.key, stop.seq, entries[-1].seq)
                 top, _ = self._sent_up_to(follower.key, follower.floor, entries, mark=mark)
             await follower.advance(top)
+
+    async def _mark_over(self, key: str, blocking: int, newest: int) -> int:
+        """The session ``key``'s delivered mark, for the turn entry ``blocking`` where the
+        floor stopped (``newest``: the newest seq read). Read from the outbox, unless the
+        last read was for the same entry and nothing was appended since (nor did
+        :meth:`settle` run): a turn entry that nobody marks (a channel that never raises
+        the mark) would cost a read of the mark at every catch-up, each idle wake too.
+        0 when the outbox fails (logged)."""
+        blocked = self._blocked
+        if blocked is not None and blocked[:3] == (key, blocking, newest):
+            return blocked[3]
+        try:
+            mark = (await self.journal.outbox.state(key)).mark
+        except OutboxError as exc:
+            log.log(outage_level(exc), "outbox not read: %s", exc)
+            return 0
+        self._blocked = (key, blocking, newest, mark)
+        return mark
 
     def _sent_up_to(
         self,
@@ -788,6 +806,7 @@ class Following:
         if follower is not None and follower.key != key:
             follower = None
         async with self._lock:
+            self._blocked = None  # the mark moves: catch_up reads it again
             self._held.pop(key, None)  # its frames went out with the answer
             sent = self._sent_of(key)
             try:

@@ -357,6 +357,77 @@ async def test_a_follower_passes_over_others_unsent_answers_until_its_own_answer
     await following.aclose()
 
 
+class CountingOutbox:
+    """A real outbox whose reads are counted: ``reads`` of :meth:`since`, ``states`` of
+    :meth:`state`; everything else is the wrapped outbox's."""
+
+    def __init__(self, inner: Outbox) -> None:
+        self.inner = inner
+        self.reads = 0
+        self.states = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def since(self, key: str, after: int | None) -> list[Entry]:
+        self.reads += 1
+        return await self.inner.since(key, after)
+
+    async def state(self, key: str) -> OutboxState:
+        self.states += 1
+        return await self.inner.state(key)
+
+
+async def test_a_turn_entry_nobody_marks_costs_no_mark_read_at_each_catch_up(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A follower without replay meets a turn entry it did not send and that nobody
+    marks (a turn of a channel that never raises the mark): its floor stays below it.
+    Every catch-up after (each append, each idle wake) read the session's mark again to
+    learn whether it was passed over: it is read again only once something was appended
+    (or after a settle), and pushes still go out and the floor still rises once the mark
+    does (real Redis, the reads counted)."""
+    client = redis_client(redis_url)
+    counted = CountingOutbox(RedisOutbox(client, prefix=redis_prefix, keep=10, ttl_s=60))
+    journal = Journal(counted, MemoryBus())  # type: ignore[arg-type]
+    key = "flowstorm:unmarked"
+    delivered: list[int] = []
+
+    async def deliver(entries: list[Entry], before_turn: bool) -> bool:
+        delivered.extend(e.seq for e in entries)
+        return True
+
+    following = Following(journal, deliver)
+    try:
+        assert await journal.append(key, [ev("another channel's turn")], "turn") == [1]
+        following.follow(key, None, replay=False)
+        await following.catch_up()  # after the follow task's own first catch-up
+        counted.reads = counted.states = 0
+        for _ in range(5):  # as the idle wakes and the turns' catch-ups do
+            await following.catch_up()
+        assert (counted.reads, counted.states) == (5, 0)  # before: (5, 5)
+
+        assert await journal.append(key, [ev("pushed")], "push") == [2]
+        for _ in range(100):
+            if delivered:
+                break
+            await asyncio.sleep(0.01)
+        assert delivered == [2]
+        counted.states = 0
+        for _ in range(5):
+            await following.catch_up()
+        assert counted.states == 0
+        assert (await counted.inner.state(key)).mark == 0  # 1 was not sent: the mark stays
+
+        await counted.inner.mark(key, 1)  # the one that sent it marks it, and later ...
+        assert await journal.append(key, [ev("pushed again")], "push") == [3]
+        await following.catch_up()  # ... an append: the mark is read again
+        assert (await counted.inner.state(key)).mark == 3  # the floor rose over 1 to 3
+    finally:
+        await following.aclose()
+        await redisconn.aclose(client)
+
+
 # ------------------------------------------------------------- push, pure
 
 
