@@ -1091,17 +1091,8 @@ class Conversation:
         it its whole ``timeout_s`` from now: undoes :meth:`hold` (a moved call's new
         stream started). ``stored``; ``not-found`` when it does not exist (or expired),
         ``foreign`` when it is another application key's (nothing saved). Raises
-        SessionBusy or StoreUnavailable like a turn does."""
-        async with self.store.open(
-            ctx.key, lease_s=self._lease_s(), wait_s=self.settings.lock_wait_s
-        ) as txn:
-            if txn.session is None:
-                return "not-found"
-            if txn.session.app_key != ctx.app_key:
-                return "foreign"
-            txn.session.updated_at = time.time()
-            txn.save(txn.session, txn.session.timeout_s)
-            return "stored"
+        SessionBusy or StoreUnavailable like a turn does. (:meth:`log` of no entries.)"""
+        return await self.log(ctx, ())
 
     async def end(self, ctx: TurnContext) -> bool:
         """End ``ctx``'s session without a turn (the platform closed it); True if it existed.

@@ -273,7 +273,8 @@ async def test_voiceflow_warns_of_the_process_key_only_when_the_gateway_did_not(
     announced.warned = True
     for keys, expected in ((unannounced, 1), (announced, 0)):
         caplog.clear()
-        VoiceflowServer(Settings()).start(cast(Gateway, SimpleNamespace(secret_keys=keys)))
+        gw = SimpleNamespace(secret_keys=keys, before_close=[])  # start adds its shutdown hook
+        VoiceflowServer(Settings()).start(cast(Gateway, gw))
         said = [r for r in caplog.records if "per-process key" in r.getMessage()]
         assert len(said) == expected, keys.warned
 

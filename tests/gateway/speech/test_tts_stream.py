@@ -17,6 +17,7 @@ import pytest
 from gateway.app import create_app
 from gateway.conversation import Conversation, TurnContext
 from gateway.events import BinaryEvent, ErrorEvent, Input, Response, ResponseItem
+from gateway.logs import tts_ref
 from gateway.pipeline.base import Pipeline, PipelineOutput
 from gateway.pipeline.openai import OpenAIPipeline
 from gateway.sessions import MemorySessionStore, Session
@@ -295,7 +296,9 @@ async def test_a_failure_mid_stream_aborts_the_body(caplog: pytest.LogCaptureFix
     cut = [r for r in caplog.records if "cut off" in r.getMessage()]
     assert [(r.name, r.levelname) for r in cut] == [("gateway.files", "WARNING")]
     assert "(component: tts): the engine died mid-item" in cut[0].getMessage()
-    assert file_id in cut[0].getMessage()
+    # the file named by the start of its id only (a capability: gateway.logs.tts_ref)
+    assert tts_ref(file_id) in cut[0].getMessage()
+    assert file_id not in cut[0].getMessage()
 
 
 async def test_an_llm_cores_first_sentence_is_spoken_while_the_rest_is_generated(
