@@ -40,9 +40,12 @@ async def test_backchannels_and_noise_do_not_stop_the_bot(
     paused = [s for s in run.sounds if s.paused_s is not None]
     assert {s.name for s in paused} >= set(BACKCHANNELS), run  # each was heard (paused)
     for sound in paused:
-        # the bot goes on shortly after the sound (300 ms of quiet, a little processing)
+        # the bot goes on after the sound (300 ms of quiet, a little processing; how soon
+        # is bench/barge_in.py's figure: the harness shares the gateway's event loop, and a
+        # loaded CI machine took 1.51 s for a cough whose pause itself came 1.7 s late).
+        # Within 5 s: going on, not waiting for a turn's timeout or the call's end
         assert sound.resumed_after_s is not None
-        assert sound.resumed_after_s < 1.5, sound
+        assert sound.resumed_after_s < 5.0, sound
 
 
 async def test_a_real_interruption_silences_the_bot_while_the_caller_speaks_and_says_what_was_heard(
