@@ -101,6 +101,12 @@ class EchoWebhook(WebhookChannel[Plan, Answer]):
     def fallback(self, planned: Plan, text: str, end: bool) -> Answer:
         return {"say": text, "end": end}
 
+    async def end(self, ctx: TurnContext, wait_s: float | None = None) -> None:
+        """The driver's end of the session, logged (INFO) with how long it may wait."""
+        wait = self.deadline_s if wait_s is None else wait_s
+        self.log.info("ending %s waits at most %.3f s", ctx.session_id, wait)
+        await super().end(ctx, wait_s)
+
     def encode(self, answer: Answer) -> HTTPResponse:
         return JSONResponse(answer)
 
@@ -182,11 +188,19 @@ async def test_an_answer_that_closes_the_conversation_ends_the_gateway_session()
         assert fresh["say"] == "turn 1 slowDone None"  # ended, so a new session
 
 
-async def test_ending_the_session_after_a_closing_answer_stays_within_the_deadline() -> None:
+async def test_ending_the_session_after_a_closing_answer_stays_within_the_deadline(
+    warnings: pytest.LogCaptureFixture,
+) -> None:
     """A closing answer ends the gateway's session in what is left of the deadline, not in
     the whole deadline again. Here the end waits for the session's lock, held by the next
     request's turn: before, the answer to a 1.5 s turn came after ~3 s (the 2 s deadline
-    less the margin spent again on the end), past the platform's deadline."""
+    less the margin spent again on the end), past the platform's deadline.
+
+    The end is given what is left of the 2 s deadline after the 1.5 s turn less
+    END_MARGIN_S (0.5 s): nothing, it goes on in the background (before: the whole 2 s,
+    waiting for the next turn's lock). That is checked, not the clock: the answer comes at
+    ~1.5 s on a quiet machine, 0.5 s from the deadline, and later on a loaded one (the
+    core's 1.5 s turn itself runs late); the clock is only a wide guard here."""
     async with echo(alexa_deadline_s=2.0) as (client, _):
         await say(client, "S-close", "hello")
         started = time.monotonic()
@@ -194,7 +208,10 @@ async def test_ending_the_session_after_a_closing_answer_stays_within_the_deadli
         await asyncio.sleep(0.3)  # the closing turn holds the lock; the next one queues
         queued = asyncio.create_task(say(client, "S-close", "slow"))
         assert await closing == {"say": "finally", "end": True}
-        assert time.monotonic() - started < 2.0  # within the 2 s deadline
+        took_s = time.monotonic() - started
+        ends = [r.getMessage() for r in warnings.records if r.getMessage().startswith("ending")]
+        assert ends == ["ending S-close waits at most 0.000 s"]  # not the whole 2 s again
+        assert took_s < 2.0 + 1.5, took_s  # a wide guard (the turn and a whole deadline)
         await queued
         await asyncio.sleep(0.3)  # the end went on in the background, after the queued turn
         fresh = await say(client, "S-close", "hello")
