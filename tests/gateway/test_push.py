@@ -1073,10 +1073,9 @@ async def test_a_push_to_a_session_whose_turn_runs_is_refused_within_a_second(
     would wait ~60 s, far from the right ~1 s on a loaded machine (with the defaults it
     waited for the turn's 10 s timeout and was then answered 200)."""
     core = StreamingCore()
-    slow = {"lock_wait_s": 60.0, "turn_timeout_s": 60.0}
     async with (
         serve(core.app) as core_url,
-        served(pipeline=f"{core_url}/turn", **slow, **shared) as a,
+        served(pipeline=f"{core_url}/turn", lock_wait_s=60.0, turn_timeout_s=60.0, **shared) as a,
         httpx.AsyncClient(timeout=90) as http,
         connect(ws_url(a)) as ws,
     ):
