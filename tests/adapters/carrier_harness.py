@@ -358,6 +358,16 @@ class CarrierHarness:
         """How long the audio of ``frames`` plays (s)."""
         return sum(len(r.pcm) for r in frames) / 2 / self.rate
 
+    def silent_at(self) -> float:
+        """When the bot fell silent for the caller at the first clear (monotonic s): the
+        phone had played the last audio frame received before the clear (a paced
+        carrier's bot paused first), or the clear came first and dropped the rest (an
+        unpaced carrier: Plivo, Exotel). AssertionError: no clear yet."""
+        clears = self.clears()
+        assert clears, "no clear received"
+        clear = clears[0].at
+        return min(clear, max(r.until for r in self.media_frames() if r.at < clear))
+
 
 def _rms(data: bytes) -> float:
     from array import array
