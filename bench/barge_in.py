@@ -1,7 +1,9 @@
 """Barge-in without false stops (issue 16 item 3): false barge-in rate over backchannels and
 noise, true barge-in latency, over simulated phone calls at real-time pace.
 
-Run: ``python bench/barge_in.py [--runs 1]``.
+Run: ``python bench/barge_in.py [--runs 1]``; ``--carrier NAME`` (twilio, telnyx, plivo,
+vonage, exotel or all) measures only the true barge-in latency on that carrier's wire
+(below).
 
 Each call is a real gateway (uvicorn, this process's loop) on a user core over HTTP
 that greets with ~15 s of speech, and the Twilio harness of the tests
@@ -23,6 +25,16 @@ and pocketsphinx (tests/adapters/twilio/barge.py has the scenario).
   onset -> the bot falls silent for the caller (the phone played the last audio it
   got), onset -> the last frame sent before the pause, onset -> ``clear``.
 
+* **True barge-in latency per carrier** (``--carrier``): the scenario of
+  tests/adapters/test_carrier_calls.py's barge-in test on each carrier's own wire (its
+  harness, tests/adapters/<carrier>/harness.py, with its ``barge_in`` settings; the demo
+  core, whose intro lasts over 3 s; the gateway's Piper voice): the caller says a
+  sentence 1 s into the intro, in real time both ways, one call each; onset -> the bot
+  falls silent for the caller (:meth:`CarrierHarness.silent_at`: a paced carrier's bot
+  pauses after 150 ms of speech, an unpaced one, Plivo and Exotel, is cleared at once),
+  onset -> ``clear``, and how long the sentence's speech lasts. The test checks only that
+  the bot falls silent while the caller speaks; ~300 ms is this figure.
+
 Figures are wall-clock on whatever machine runs it; recognition latency (and so the
 clear and the resume) grows with machine load.
 """
@@ -38,11 +50,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.settings import Settings
-from gateway.speech.audio import pcm_to_mulaw
+from gateway.speech.audio import Pcm, pcm_to_mulaw
 from gateway.speech.service import SpeechService, listen_defaults
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
+from tests.adapters.carriers import Carrier
+from tests.adapters.exotel.harness import CARRIER as EXOTEL
+from tests.adapters.plivo.harness import CARRIER as PLIVO
+from tests.adapters.telnyx.harness import CARRIER as TELNYX
 from tests.adapters.twilio.barge import (
     Sound,
     backchannels_call,
@@ -51,7 +67,9 @@ from tests.adapters.twilio.barge import (
     noise_burst,
     spoken,
 )
+from tests.adapters.twilio.harness import CARRIER as TWILIO
 from tests.adapters.twilio.helpers import PUBLIC
+from tests.adapters.vonage.harness import CARRIER as VONAGE
 
 BACKCHANNELS = ("uh-huh", "yeah", "mm hmm", "okay", "mhm", "right", "sure", "i see")
 INTERRUPTIONS = (
@@ -61,6 +79,9 @@ INTERRUPTIONS = (
     "sorry, can you repeat the price",
 )
 QUIET = b"\xff" * 9600
+CARRIERS = {c.name: c for c in (TWILIO, TELNYX, PLIVO, VONAGE, EXOTEL)}
+CARRIER_SENTENCES = ("tell me about this place", *INTERRUPTIONS)
+"""The carrier test's sentence, then the interruptions."""
 
 
 def speech_service(recognizer: PocketsphinxRecognizer, piper: PiperSynthesizer) -> SpeechService:
@@ -89,6 +110,64 @@ def ms(values: list[float]) -> str:
     ordered = sorted(values)
     p50 = statistics.median(ordered) * 1000
     return f"p50 {p50:4.0f} ms, max {ordered[-1] * 1000:4.0f} ms (n={len(ordered)})"
+
+
+async def carrier_interruption(
+    carrier: Carrier, speech: SpeechService, audio: Pcm
+) -> tuple[float, float]:
+    """One call of the carrier test's barge-in scenario (module doc) on ``carrier``'s wire,
+    the caller saying ``audio``: (onset -> silent, onset -> clear) in s."""
+    async with (
+        carrier.gateway(speech, **carrier.barge_in) as (gw, _),
+        carrier.dial(gw.url, mic_speed=1.0, play_speed=1.0) as call,
+    ):
+        await call.wait_for(lambda: bool(call.media_frames()))
+        await asyncio.sleep(1.0)
+        said = call.say(audio)
+        await call.wait_for(lambda: bool(call.clears()), within_s=10)
+        onset = said.started.result()
+        return call.silent_at() - onset, call.clears()[0].at - onset
+
+
+async def carriers_main(names: list[str], runs: int) -> None:
+    """The true barge-in latency per carrier (module doc): each sentence ``runs`` times."""
+    piper = PiperSynthesizer(noise_scale=0.0, noise_w_scale=0.0)
+    gateway_piper = PiperSynthesizer(
+        noise_scale=0.0, noise_w_scale=0.0, first_clause_chars=Settings().tts_first_clause_chars
+    )
+    recognizer = PocketsphinxRecognizer(max_streams=3)
+    speech = SpeechService(
+        recognizer_factory=lambda: recognizer,
+        synthesizer=gateway_piper,
+        cache=MemoryTtsCache(),
+        public_url=PUBLIC,
+        listen_defaults=listen_defaults(Settings()),
+    )
+    sentences = {text: await piper.synthesize(text) for text in CARRIER_SENTENCES}
+    rows: dict[str, tuple[list[float], list[float]]] = {}
+    for name in names:
+        silent: list[float] = []
+        clear: list[float] = []
+        for _ in range(runs):
+            for text, audio in sentences.items():
+                silent_s, clear_s = await carrier_interruption(CARRIERS[name], speech, audio)
+                silent.append(silent_s)
+                clear.append(clear_s)
+                print(
+                    f"  {name}: {text!r}: silent {silent_s * 1000:.0f} ms, "
+                    f"clear {clear_s * 1000:.0f} ms",
+                    flush=True,
+                )
+        rows[name] = (silent, clear)
+    await recognizer.aclose()
+    print()
+    print(f"True barge-in latency per carrier ({len(sentences)} sentences x {runs}, 1 s in):")
+    for text, audio in sentences.items():
+        print(f"  {text!r}: {1000 * len(audio.data) / 2 / audio.sample_rate:.0f} ms of speech")
+    for name, (silent, clear) in rows.items():
+        print(f"  {name}:")
+        print(f"    onset -> bot silent for the caller: {ms(silent)}")
+        print(f"    onset -> clear:                     {ms(clear)}")
 
 
 async def main(runs: int) -> None:
@@ -159,4 +238,14 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.ERROR)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=1)
-    asyncio.run(main(parser.parse_args().runs))
+    parser.add_argument(
+        "--carrier",
+        choices=[*CARRIERS, "all"],
+        help="only the true barge-in latency on this carrier's wire (all: each carrier)",
+    )
+    args = parser.parse_args()
+    if args.carrier is None:
+        asyncio.run(main(args.runs))
+    else:
+        chosen = list(CARRIERS) if args.carrier == "all" else [args.carrier]
+        asyncio.run(carriers_main(chosen, args.runs))
