@@ -25,7 +25,8 @@ from gateway.server import run_before_close
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, CARRIER, PlivoHarness, ask_answer
-from tests.adapters.twilio.helpers import PUBLIC, until
+from tests.adapters.twilio.helpers import PUBLIC, Served, until
+from tests.calls.carrier_api import CarrierApi
 from tests.gateway.redis_proxy import ReplyDropper
 
 
@@ -274,6 +275,19 @@ async def test_without_rest_credentials_calls_are_not_moved_at_shutdown(
         assert call.close_code is None
 
 
+async def _transferred_at_shutdown(gw: Served, api: CarrierApi, call: PlivoHarness) -> None:
+    """Run ``gw``'s shutdown hooks (the move of its calls) until the fake Plivo ``api`` took
+    the one transfer of ``call`` and Plivo ended the call's old stream."""
+    moving = asyncio.create_task(run_before_close(gw.app))
+    for _ in range(200):
+        if api.requests:
+            break
+        await asyncio.sleep(0.02)
+    assert [r.method for r in api.requests] == ["POST"]  # the transfer
+    await call.stop()  # Plivo ends the old stream
+    await asyncio.wait_for(moving, 10)
+
+
 async def test_a_call_moved_again_renews_its_moved_mark(
     speech: SpeechService, redis_url: str, redis_prefix: str
 ) -> None:
@@ -292,14 +306,7 @@ async def test_a_call_moved_again_renews_its_moved_mark(
         gateway = gw.app.state.gateway
         # the mark of the call's earlier move, about to expire
         assert await gateway.nonces.use_once(moved_key("plivo", call.call_uuid), 1.0)
-        moving = asyncio.create_task(run_before_close(gw.app))
-        for _ in range(200):
-            if api.requests:
-                break
-            await asyncio.sleep(0.02)
-        assert [r.method for r in api.requests] == ["POST"]  # the transfer
-        await call.stop()  # Plivo ends the old stream
-        await asyncio.wait_for(moving, 10)
+        await _transferred_at_shutdown(gw, api, call)
         await asyncio.sleep(1.5)  # past the earlier mark's expiry
         assert await call_moving(gateway, "plivo", call.call_uuid)
 
@@ -519,14 +526,7 @@ async def test_a_moved_calls_session_is_kept_briefly_until_its_new_stream_starts
         key = f"{redis_prefix}:{{plivo:{call.call_uuid}}}:s"
         try:
             assert store.ttl(key) > MOVED_MARK_S
-            moving = asyncio.create_task(run_before_close(gw.app))
-            for _ in range(200):
-                if api.requests:
-                    break
-                await asyncio.sleep(0.02)
-            assert [r.method for r in api.requests] == ["POST"]  # the transfer
-            await call.stop()  # Plivo ends the old stream
-            await asyncio.wait_for(moving, 10)
+            await _transferred_at_shutdown(gw, api, call)
             assert 0 < store.ttl(key) <= MOVED_MARK_S
 
             # Plivo fetches the transfer's URL and opens the new stream
