@@ -40,7 +40,9 @@ full; :data:`TRANSITIONS` is the same state machine):
    (:data:`~gateway.events.HEARD`). A backchannel, filler or noise (no content words)
    -> :class:`ResumePlayback` once the caller has been quiet ``barge_in_resume_ms``:
    the audio goes on where it paused, nothing lost [bot]; its final transcript is
-   still judged (an interruption then interrupts). ``barge_in_max_backchannel_ms`` 0,
+   still judged (an interruption then interrupts). Speech the endpointer ended first
+   (its short end of turn, or a pause within a sentence: "hold on, | that is...")
+   resumes only at its final, if that holds no interruption. ``barge_in_max_backchannel_ms`` 0,
    or a carrier that is sent the whole answer at once (codec not ``realtime``: Plivo,
    Exotel, which cannot be paused): every such speech interrupts at once.
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
@@ -650,8 +652,9 @@ class CallConfig:
     confidence of at least ``barge_in_min_confidence`` (what a recognizer makes of a hum
     or a cough is function words or low-confidence guesses). Otherwise the bot's audio
     resumes once the caller has been quiet for ``barge_in_resume_ms`` (when the interim
-    transcript has no content word so far; else at the final); a final that turns out to
-    hold an interruption still interrupts then.
+    transcript has no content word so far and the endpointer has not ended the speech
+    yet; else at the final); a final that turns out to hold an interruption still
+    interrupts then.
     """
 
     key_allowed: Callable[[str | None], bool]
@@ -1087,17 +1090,26 @@ class CarrierCall:
         "No content word" is judged only on a partial that covers the speech (the
         recognizer has heard up to its voiced end, :attr:`heard_to_ms`): a recognizer
         behind the caller (a loaded machine) has an empty or stale partial, and resuming
-        on it would play the bot on over "wait, | I want..." until the words show."""
+        on it would play the bot on over "wait, | I want..." until the words show.
+
+        Once the endpointer has ended the utterance (no onset any more) only its final
+        decides (:meth:`heard`: resume or clear): the partial may lag the speech that
+        ended it, and the end may be a pause within a sentence ("hold on, | that is not
+        what I asked" ends at the comma on the short end of turn, its partial "although",
+        its final "all gone"): resuming there played the bot over the caller until the
+        final cleared it."""
         cfg = self.config
         if self.voiced_ms >= cfg.barge_in_max_backchannel_ms:
             return self._barge_in()
         onset = self.onset_ms
-        voiced_end = None if onset is None else onset + self.voiced_ms
-        quiet = voiced_end is None or self.now_ms - voiced_end >= cfg.barge_in_resume_ms
+        if onset is None:
+            return []  # the utterance ended: its final is on its way
+        voiced_end = onset + self.voiced_ms
+        quiet = self.now_ms - voiced_end >= cfg.barge_in_resume_ms
         heard = self.heard_to_ms
-        fresh = heard is None or voiced_end is None or heard >= voiced_end
+        fresh = heard is None or heard >= voiced_end
         if quiet and fresh and not content_words(self.partial, cfg.barge_in_backchannels):
-            self._judged = None if onset is None or voiced_end is None else (onset, voiced_end)
+            self._judged = (onset, voiced_end)
             self._judging = True  # its final is still to come
             return self._resume()
         return []

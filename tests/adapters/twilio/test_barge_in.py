@@ -296,8 +296,8 @@ def test_after_a_resume_a_new_onset_holds_again() -> None:
     call = started()
     say_item(call, "Hello, this is a long answer.", SECOND * 5)
     hold(call)
-    assert frames(call, 30) == [ResumePlayback()]  # the speech ended: resumed at once
-    assert call.heard("final", "yeah") == []
+    assert frames(call, 30) == []  # the speech ended: its final decides
+    assert call.heard("final", "yeah") == [ResumePlayback()]
     hold(call)
     [interrupt] = call.interim("hold on please wait")
     assert isinstance(interrupt, Interrupt)
@@ -315,11 +315,40 @@ def test_speaking_on_after_an_early_resume_holds_again_and_is_judged() -> None:
     assert isinstance(interrupt, Interrupt)
 
 
+def test_speech_ended_by_a_pause_within_a_sentence_is_not_resumed_before_its_final() -> None:
+    """ "hold on, | that is not what I asked": the endpointer ends the speech at the comma
+    (the short end of turn, 250 ms) before the 300 ms of quiet, the partial a function word
+    ("although"). The bot stays paused until the final: one with content words clears it
+    with no resume in between (the caller never hears the bot over them); a backchannel's
+    final resumes it."""
+    call = started()
+    say_item(call, "Thank you for calling the pizza shop.", SECOND * 3)
+    onset = hold(call)
+    assert call.interim("although") == []
+    assert frames(call, 7, onset=onset, voiced=300) == []  # "hold on": 300 ms voiced
+    assert frames(call, 12, onset=onset, voiced=300) == []  # 240 ms of the comma's quiet
+    assert frames(call, 10) == []  # the endpointer ended the speech: no resume, no clear
+    assert call.state is State.HOLDING
+    actions = call.heard("final", "all gone", 0.8)
+    assert [type(a) for a in actions] == [Interrupt]
+    assert ResumePlayback() not in actions
+    # a backchannel ended the same way resumes at its final
+    call = started()
+    say_item(call, "Thank you for calling the pizza shop.", SECOND * 3)
+    onset = hold(call)
+    assert frames(call, 19, onset=onset, voiced=300) == []
+    assert frames(call, 10) == []
+    assert call.heard("final", "uh huh", 0.9) == [ResumePlayback()]
+    assert call.state is State.BOT
+    assert call.interruption is None
+
+
 def test_a_late_final_that_is_an_interruption_still_interrupts() -> None:
     call = started()
     say_item(call, "Hello, this is a long answer.", SECOND * 5)
-    hold(call)
-    assert frames(call, 20) == [ResumePlayback()]
+    onset = hold(call)
+    assert frames(call, 15, onset=onset, voiced=160) == [ResumePlayback()]  # 300 ms quiet
+    assert frames(call, 20) == []  # the speech ended
     actions = call.heard("final", "wait", 0.6)
     assert [type(a) for a in actions] == [Interrupt]
     assert call.state is State.BOT  # the input waits for the interrupted turn
@@ -331,8 +360,8 @@ def test_the_bot_finishing_while_judging_makes_the_utterance_an_input() -> None:
     say_item(call, "Hello.")
     call.turn_event(ResponseEvent(response=Response()))
     call.turn_finished()
-    hold(call)
-    assert frames(call, 20) == [ResumePlayback()]
+    onset = hold(call)
+    assert frames(call, 15, onset=onset, voiced=160) == [ResumePlayback()]  # 300 ms quiet
     assert call.receive(mark("1")) == []  # the bot's audio ended
     assert call.state is State.HEARING
     [turn] = call.heard("final", "yeah", 0.9)
