@@ -27,6 +27,7 @@ import pytest
 from gateway.calls import callcontrol_of
 from gateway.events import Input, Response, ResponseItem, transfer_item
 from gateway.io.call import CallRunner
+from gateway.io.websocket import PacedSender
 from gateway.pipeline.base import PipelineError
 from gateway.protocol.call import CallAction, CarrierCall
 from gateway.sessions import Session
@@ -226,6 +227,57 @@ async def test_barge_in_clears_playback_while_the_caller_speaks_and_is_answered(
         # the answer may start in the clip's trailing silence (250 ms short end of turn and
         # the first clause as a piece of its own), not before the clip's last second
         assert later[first_media].at > spoke_until  # after the utterance
+
+
+INTERRUPTION = "hold on, that is not what I asked"
+"""A real interruption with a pause within it: the endpointer may end the speech at the
+comma (the short end of turn) before its words are recognised."""
+PACED = [TWILIO, TELNYX, VONAGE]
+
+
+@pytest.fixture
+def playback_switches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float]]:
+    """The paced sender's ``pause`` and ``resume`` calls (the engine's PausePlayback and
+    ResumePlayback), in order, each with its ``time.monotonic()``; the calls go through."""
+    seen: list[tuple[str, float]] = []
+
+    def spy(name: str) -> Callable[[PacedSender[Any]], None]:
+        original = getattr(PacedSender, name)
+
+        def switch(self: PacedSender[Any]) -> None:
+            seen.append((name, time.monotonic()))
+            original(self)
+
+        return switch
+
+    for name in ("pause", "resume"):
+        monkeypatch.setattr(PacedSender, name, spy(name))
+    return seen
+
+
+@each(PACED)
+async def test_a_pause_within_a_real_interruption_does_not_resume_the_bot_before_the_clear(
+    carrier: Carrier,
+    speech: SpeechService,
+    piper: PiperSynthesizer,
+    playback_switches: list[tuple[str, float]],
+) -> None:
+    # "hold on, | that is not what I asked" over the intro: the bot pauses at the onset and
+    # is cleared once the words are recognised; in between it must not resume over the
+    # caller (it did when the endpointer ended the speech at the comma before its final:
+    # the bot audible again until the clear). A behaviour check, no clock
+    sentence = await piper.synthesize(INTERRUPTION)
+    async with (
+        carrier.gateway(speech, **carrier.barge_in) as (gw, _),
+        carrier.dial(gw.url, mic_speed=1.0, play_speed=1.0) as call,
+    ):
+        await call.wait_for(lambda: bool(call.media_frames()))
+        await asyncio.sleep(1.0)
+        call.say(sentence)
+        await call.wait_for(lambda: bool(call.clears()), within_s=10)
+        clear = call.clears()[0].at
+        switches = [name for name, at in playback_switches if at < clear]
+        assert switches == ["pause"], switches
 
 
 @each(ALL)
