@@ -51,6 +51,14 @@ from tests.gateway.turns import (
 )
 
 
+def store_of(kind: str, redis_url: str, redis_prefix: str) -> SessionStore:
+    """The session store of a test parametrised by ``kind``: "memory" or "redis" (the
+    test Redis at ``redis_url``, keys under ``redis_prefix``)."""
+    if kind == "memory":
+        return MemorySessionStore()
+    return RedisSessionStore(redis_url, prefix=redis_prefix)
+
+
 async def test_demo_conversation_start_to_end() -> None:
     conv = engine()
     intro = await conv.turn(ctx(), Input.of("#intro")).collect()
@@ -160,11 +168,7 @@ async def test_a_stored_log_records_the_time_of_its_save(
     """Storing client log entries saves the session again, so the store keeps it
     ``timeout_s`` from then; it kept its old ``updated_at``, so :meth:`Conversation.expiry`
     (what Voiceflow's idle watch reads) told a time up to a whole timeout too early."""
-    store: SessionStore = (
-        MemorySessionStore()
-        if kind == "memory"
-        else RedisSessionStore(redis_url, prefix=redis_prefix)
-    )
+    store = store_of(kind, redis_url, redis_prefix)
     conv = engine(store, session_timeout_s=60)
     try:
         await conv.turn(ctx(), Input.of("#intro")).collect()
@@ -197,11 +201,7 @@ async def test_a_held_session_goes_after_its_hold_unless_kept_again(
     stream started) keeps it its whole timeout again. A hold does not wait for the
     session's lock (SessionBusy at once: the turn holding it saves it after), and holds
     no session that is not there or is another application key's."""
-    store: SessionStore = (
-        MemorySessionStore()
-        if kind == "memory"
-        else RedisSessionStore(redis_url, prefix=redis_prefix)
-    )
+    store = store_of(kind, redis_url, redis_prefix)
     conv = engine(store, session_timeout_s=60)
     try:
         assert not await conv.hold(ctx(), 1)  # no session yet
@@ -273,11 +273,7 @@ async def test_find_and_expiry_tell_a_session_being_made_from_one_gone(
     session: ``creating``, and an expiry after the turn's time. With ``active_since``
     (a Voiceflow sessionKey older than its lifetime), ``stale`` when the session was
     last saved before it and no turn of it runs."""
-    store: SessionStore = (
-        MemorySessionStore()
-        if kind == "memory"
-        else RedisSessionStore(redis_url, prefix=redis_prefix)
-    )
+    store = store_of(kind, redis_url, redis_prefix)
     conv = engine(store, turn_timeout_s=7)
     store = conv.store  # (an empty memory store is falsy: engine() makes its own)
     try:
@@ -378,11 +374,7 @@ async def test_a_time_out_of_range_is_the_cores_error_and_the_session_goes_on(
     gone, as for any bad line), the session kept, Failed, not advanced, and unlocked (the
     lock wait is shorter than the lease: a lock left held would refuse the next turn)."""
     url, _ = core
-    store: SessionStore = (
-        MemorySessionStore()
-        if kind == "memory"
-        else RedisSessionStore(redis_url, prefix=redis_prefix)
-    )
+    store = store_of(kind, redis_url, redis_prefix)
     conv = engine(store, pipeline=f"{url}/timeouts", lock_lease_s=30, lock_wait_s=0.5)
     try:
         field = said.removeprefix("stream ").partition("=")[0]
@@ -681,11 +673,7 @@ async def test_a_failed_turn_keeps_the_cores_durable_state(
     """The ``pipeline_state`` keys a core names in ``durable_state`` (what it made on its
     side and cannot get again: a Chat API user key) survive a failed turn, its first
     included (a new session); the rest of what the core changed is rolled back."""
-    store: SessionStore = (
-        MemorySessionStore()
-        if kind == "memory"
-        else RedisSessionStore(redis_url, prefix=redis_prefix)
-    )
+    store = store_of(kind, redis_url, redis_prefix)
     conv = Conversation(store, _Maker(), Settings().model_copy(update={"error_turn": False}))
     try:
         assert isinstance((await conv.turn(ctx(), Input.of("spoil")).collect())[-1], ErrorEvent)
@@ -708,11 +696,7 @@ async def test_failed_turn_keeps_the_loaded_session_as_updated(
     """A failed turn of a stored session saves it as it was loaded (from the store's JSON)
     with the turn's own updates (config, attributes, logs, locale), without what the core
     changed before failing, and marked Failed."""
-    store: SessionStore = (
-        MemorySessionStore()
-        if kind == "memory"
-        else RedisSessionStore(redis_url, prefix=redis_prefix)
-    )
+    store = store_of(kind, redis_url, redis_prefix)
     settings = Settings().model_copy(update={"error_turn": False})
     conv = Conversation(store, _Spoiler(), settings)
     try:
