@@ -4,7 +4,9 @@ The gateway serves its Prometheus metrics on the port of its public webhooks, wh
 they tell anyone who reaches it the session and turn counts, error rates by channel
 and source, the channels in use and their latency. With GATEWAY_METRICS_TOKEN set,
 :func:`require_metrics_token` (a dependency of both routes) lets through only a
-request with ``Authorization: Bearer <token>`` (compared in constant time,
+request with ``Authorization: Bearer <token>`` of one of its tokens (comma-separated: a
+new token is added, the scrapers moved to it, then the old one dropped, with no window of
+401s; each compared in constant time, every one whichever matches,
 :func:`gateway.protocol.key_valid`); the others get an RFC 9457 problem body:
 
 - 401 with ``WWW-Authenticate: Bearer realm="gateway-metrics"`` — no bearer token
@@ -103,13 +105,13 @@ async def require_metrics_token(
     ``WWW-Authenticate`` challenge of the module doc (the app's handler answers a
     problem body), after logging the refusal. ``credentials`` only documents the scheme
     in the OpenAPI document."""
-    token = gateway_of(request).settings.metrics_token
-    if token is None:
+    tokens = gateway_of(request).settings.metrics_tokens
+    if not tokens:
         return
     sent = bearer_token(request.headers.get("authorization"))
     if sent is None:
         detail, challenge = "Expected `Authorization: Bearer <metrics token>`.", CHALLENGE
-    elif key_valid(sent, (token.get_secret_value(),)):
+    elif key_valid(sent, tokens):  # each token compared, whichever matches
         return
     else:
         detail, challenge = "The metrics token is not valid.", INVALID_TOKEN

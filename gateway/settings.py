@@ -746,8 +746,10 @@ class Settings(BaseSettings):
         description="Bearer token `GET`/`HEAD /metrics` require (`Authorization: Bearer "
         "TOKEN`; without it or with another: 401 and a `WWW-Authenticate: Bearer` "
         "challenge), a bearer token (letters, digits, `-._~+/`, then any `=`) of at least "
-        "16 characters; admin keys are not taken there. Unset: /metrics answers whoever "
-        "reaches the port (with GATEWAY_REDIS_URL set, one INFO line at startup says so).",
+        "16 characters; several, comma-separated, are each taken (to rotate it without "
+        "refusing the scraper); admin keys are not taken there. Unset: /metrics answers "
+        "whoever reaches the port (with GATEWAY_REDIS_URL set, one INFO line at startup "
+        "says so).",
     )
     admin_failures_burst: int = Field(
         default=10,
@@ -1148,23 +1150,42 @@ class Settings(BaseSettings):
     @field_validator("metrics_token", mode="after")
     @classmethod
     def _metrics_token_form(cls, value: SecretStr | None) -> SecretStr | None:
-        """GATEWAY_METRICS_TOKEN must be an RFC 6750 bearer token (else no
-        ``Authorization`` header could carry it) of at least :data:`MIN_ADMIN_KEY_CHARS`
-        characters (a short one can be guessed: /metrics does not slow guesses down), as an
-        admin key must; ValueError otherwise, the token not shown."""
+        """GATEWAY_METRICS_TOKEN: comma-separated tokens (several while a scraper's token is
+        rotated: the new one added, the scrapers moved to it, the old one dropped), spaces
+        around them and empty entries ignored. Each must be an RFC 6750 bearer token (else
+        no ``Authorization`` header could carry it) of at least :data:`MIN_ADMIN_KEY_CHARS`
+        characters (a short one can be guessed), as an admin key must; ValueError
+        otherwise, naming the token by its place (``token 2 of 3``) when there are several,
+        never showing it. A value naming no token is refused too (unset it to open
+        /metrics). Kept as the tokens joined by commas (:attr:`metrics_tokens` gives them)."""
         if value is None:
             return None
-        token = value.get_secret_value()
-        if not _B64TOKEN.fullmatch(token):
-            raise ValueError(
-                "is no bearer token (RFC 6750 section 2.1: letters, digits and -._~+/, then "
-                "any '='): it could never match an Authorization header"
-            )
-        if len(token) < MIN_ADMIN_KEY_CHARS:
-            raise ValueError(
-                f"is shorter than {MIN_ADMIN_KEY_CHARS} characters (a short token can be guessed)"
-            )
-        return value
+        tokens = [t.strip() for t in value.get_secret_value().split(",") if t.strip()]
+        if not tokens:
+            raise ValueError("names no token: give one or more, or unset it to open /metrics")
+        for place, token in enumerate(tokens, 1):
+            which = f"token {place} of {len(tokens)} " if len(tokens) > 1 else ""
+            if not _B64TOKEN.fullmatch(token):
+                raise ValueError(
+                    f"{which}is no bearer token (RFC 6750 section 2.1: letters, digits and "
+                    "-._~+/, then any '='): it could never match an Authorization header"
+                )
+            if len(token) < MIN_ADMIN_KEY_CHARS:
+                raise ValueError(
+                    f"{which}is shorter than {MIN_ADMIN_KEY_CHARS} characters "
+                    "(a short token can be guessed)"
+                )
+        return SecretStr(",".join(tokens))
+
+    @property
+    def metrics_tokens(self) -> tuple[str, ...]:
+        """The tokens of GATEWAY_METRICS_TOKEN, in their order (empty when it is unset):
+        ``/metrics`` takes any of them (gateway/metricsauth.py)."""
+        if self.metrics_token is None:
+            return ()
+        # split again as the validator does: model_copy(update=...) does not validate
+        tokens = self.metrics_token.get_secret_value().split(",")
+        return tuple(t.strip() for t in tokens if t.strip())
 
     def call_behaviour(self, carrier: str) -> CallBehaviour:
         """The call behaviour of ``carrier``: GATEWAY_CALL_* under GATEWAY_CALL_OVERRIDES'

@@ -13,6 +13,7 @@ a value a client sent.
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 import math
 import re
@@ -127,11 +128,21 @@ def media_type(content_type: str | None) -> str:
 
 
 def key_valid(sent: str | None, keys: Collection[str]) -> bool:
-    """Whether ``sent`` is one of ``keys`` (an API or admin key; compared in constant
-    time, ``hmac.compare_digest``); never for no key sent or no keys at all."""
+    """Whether ``sent`` is one of ``keys`` (an API or admin key, a metrics token); never for
+    no key sent or no keys at all.
+
+    Constant time: ``sent`` is compared with every key, a match or not (no early exit, so
+    the time does not tell which key matched, the first or a later one), each comparison
+    ``hmac.compare_digest`` over SHA-256 digests (equal lengths: the time does not tell a
+    key's length either). Pure; never raises.
+    """
     if not sent or not keys:
         return False
-    return any(hmac.compare_digest(sent.encode(), key.encode()) for key in keys)
+    digest = hashlib.sha256(sent.encode()).digest()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest())
+    return matched
 
 
 def parse_timestamp(raw: object, *, what: str = "timestamp") -> datetime:

@@ -153,6 +153,45 @@ async def test_connections_gauge_counts_open_v1_sockets() -> None:
     assert after == before
 
 
+async def test_metrics_take_each_of_several_tokens() -> None:
+    """GATEWAY_METRICS_TOKEN held one token: rotating it refused the scrapers (401) until
+    each had the new one. With two (the old and the new, comma-separated) each is taken;
+    another token is still the 401 ``invalid_token`` problem, a missing one the bare
+    challenge."""
+    old, new = METRICS_TOKEN, "metrics-token-after-rotation"
+    async with (
+        gateway(metrics_token=SecretStr(f"{old}, {new}")) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for method in ("GET", "HEAD"):
+            for token in (old, new):
+                right = await client.request(
+                    method, "/metrics", headers={"Authorization": f"Bearer {token}"}
+                )
+                assert right.status_code == 200, (method, token)
+            for guess in (f"{old},{new}", new + "x", old[:-1]):
+                refused = await client.request(
+                    method, "/metrics", headers={"Authorization": f"Bearer {guess}"}
+                )
+                assert refused.status_code == 401, (method, guess)
+                assert refused.headers["www-authenticate"] == (
+                    'Bearer realm="gateway-metrics", error="invalid_token"'
+                )
+        body = await client.get("/metrics", headers={"Authorization": f"Bearer {new}"})
+        wrong = await client.get("/metrics", headers={"Authorization": "Bearer not-a-token"})
+        missing = await client.get("/metrics")
+    assert "gateway_turns_in_flight" in body.text
+    assert wrong.headers["content-type"] == "application/problem+json"
+    assert wrong.json() == {
+        "type": "about:blank",
+        "title": "Unauthorized",
+        "status": 401,
+        "detail": "The metrics token is not valid.",
+    }
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"] == 'Bearer realm="gateway-metrics"'
+
+
 async def test_metrics_have_no_created_series() -> None:
     """prometheus-client exported a ``*_created`` series beside every counter and
     histogram child (``gateway_turns_created{channel="flowstorm_v2",outcome="ok"}

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -437,6 +438,27 @@ def test_admin_keys_compare_exactly_and_none_configured_refuses_all() -> None:
     assert not key_valid("", frozenset({"k1"}))
     assert not key_valid(None, frozenset({"k1"}))
     assert not key_valid("anything", frozenset())
+
+
+def test_keys_are_each_compared_whichever_matches() -> None:
+    """key_valid stopped at the first key that matched (``any``), so with several keys
+    (GATEWAY_ADMIN_KEYS, GATEWAY_METRICS_TOKEN while it is rotated) the time of a right
+    key told which one it was, the first or a later one. Every key is compared now,
+    however early one matches (each key's text is read: a key type that counts it)."""
+
+    class Counted(str):
+        reads = 0
+
+        def encode(self, *args: Any, **kwargs: Any) -> bytes:
+            type(self).reads += 1
+            return super().encode(*args, **kwargs)
+
+    keys = [Counted("first-key-of-three-1"), Counted("second-key-of-three"), Counted("third")]
+    for sent in ("first-key-of-three-1", "third", "none-of-them"):
+        Counted.reads = 0
+        assert key_valid(sent, keys) == (sent != "none-of-them")
+        assert Counted.reads == len(keys), sent
+    assert not key_valid("first-key-of-three", keys)  # a prefix is no key
 
 
 def test_a_push_names_a_session_or_a_device_and_carries_items() -> None:

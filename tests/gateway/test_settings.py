@@ -318,6 +318,16 @@ def test_log_formats_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> N
             "GATEWAY_METRICS_TOKEN: is no bearer token (RFC 6750",
             "with spaces",
         ),
+        (  # several tokens (a rotation): each one as long as a single token must be
+            {"GATEWAY_METRICS_TOKEN": "metrics-token-of-prom-1, metrics-12"},
+            "GATEWAY_METRICS_TOKEN: token 2 of 2 is shorter than 16 characters",
+            "metrics-12",
+        ),
+        (
+            {"GATEWAY_METRICS_TOKEN": "metrics-token-of-prom-1,metrics token 2"},
+            "GATEWAY_METRICS_TOKEN: token 2 of 2 is no bearer token (RFC 6750",
+            "token 2,",
+        ),
     ],
 )
 def test_a_refused_credential_is_named_but_not_shown(
@@ -337,6 +347,30 @@ def test_admin_keys_take_every_bearer_token() -> None:
     base64url key as it is)."""
     keys = Settings(admin_keys=" a+b/C9aaaaaaaaaa== , x-y_z~1.2.3.4.5.6.7 ").admin_keys
     assert keys == frozenset({"a+b/C9aaaaaaaaaa==", "x-y_z~1.2.3.4.5.6.7"})
+
+
+def test_gateway_metrics_token_takes_several_tokens_each_checked() -> None:
+    """GATEWAY_METRICS_TOKEN held one token, so rotating it refused the scrapers until
+    each had the new one (a window of 401s). It takes several now, comma-separated (spaces
+    and empty entries ignored); each is checked as the single one was, and one too short
+    or no bearer token stops the start (test_a_refused_credential_is_named_but_not_shown),
+    named by its place, never shown. A value naming none is refused."""
+    settings = Settings(metrics_token=" metrics-token-old-0001 , metrics-token-new-0002,, ")
+    assert settings.metrics_tokens == ("metrics-token-old-0001", "metrics-token-new-0002")
+    assert "metrics-token" not in repr(settings)
+    assert Settings(metrics_token="metrics-token-old-0001").metrics_tokens == (
+        "metrics-token-old-0001",
+    )
+    assert Settings().metrics_tokens == ()
+    for value, words in (
+        ("metrics-token-old-0001,short-one", "token 2 of 2 is shorter than 16 characters"),
+        ("metrics-token-old-0001,,x,metrics-token-new-0002", "token 2 of 3 is shorter"),
+        ("metrics-token-old-0001,metrics-token-n\u00e9w", "token 2 of 2 is no bearer token"),
+        (" , ", "names no token"),
+    ):
+        with pytest.raises(ValidationError) as refused:
+            Settings(metrics_token=value)
+        assert words in str(refused.value), value
 
 
 @pytest.mark.parametrize("short", ["k", "admin-key", "fifteen-chars-x"])
