@@ -161,12 +161,15 @@ def check_admin_key(keys: frozenset[str], authorization: str | None) -> None:
         raise AdminRefused(401, "The admin key is not valid.", INVALID_TOKEN)
 
 
-def failed_keys(request: Request) -> TokenBuckets:
-    """The app's buckets of wrong admin keys per client address (``app.state.
-    admin_failures``, made on first use from GATEWAY_ADMIN_FAILURES_BURST and
-    GATEWAY_ADMIN_FAILURES_PER_S, at most :data:`MAX_TRACKED_ADDRESSES` addresses)."""
+def failure_buckets(request: Request, attribute: str) -> TokenBuckets:
+    """The app's buckets of wrong credentials per client address kept as ``app.state.
+    <attribute>`` (made on first use from GATEWAY_ADMIN_FAILURES_BURST and
+    GATEWAY_ADMIN_FAILURES_PER_S, at most :data:`MAX_TRACKED_ADDRESSES` addresses): one
+    table per credential (``admin_failures``: admin keys; ``metrics_failures``: metrics
+    tokens, gateway/metricsauth.py), so a scraper with a stale token does not use up the
+    admin API's allowance of its address, nor the other way round."""
     state = request.app.state
-    buckets: TokenBuckets | None = getattr(state, "admin_failures", None)
+    buckets: TokenBuckets | None = getattr(state, attribute, None)
     if buckets is None:
         settings = gateway_of(request).settings
         buckets = TokenBuckets(
@@ -174,8 +177,14 @@ def failed_keys(request: Request) -> TokenBuckets:
             settings.admin_failures_per_s,
             max_clients=MAX_TRACKED_ADDRESSES,
         )
-        state.admin_failures = buckets
+        setattr(state, attribute, buckets)
     return buckets
+
+
+def failed_keys(request: Request) -> TokenBuckets:
+    """The app's buckets of wrong admin keys per client address (``app.state.
+    admin_failures``: :func:`failure_buckets`)."""
+    return failure_buckets(request, "admin_failures")
 
 
 def admit(request: Request, keys: frozenset[str]) -> None:

@@ -14,11 +14,24 @@ new token is added, the scrapers moved to it, then the old one dropped, with no 
 - 401 with ``WWW-Authenticate: Bearer realm="gateway-metrics", error="invalid_token"``
   — another token (section 3.1).
 
+Token guessing is slowed per client address as the admin API slows key guessing
+(gateway/admin.py): each wrong token (the 401 ``invalid_token``) takes one from the
+address's allowance, GATEWAY_ADMIN_FAILURES_BURST refilled at GATEWAY_ADMIN_FAILURES_PER_S
+(a :class:`gateway.ratelimit.TokenBuckets` of its own, ``app.state.metrics_failures``:
+:func:`gateway.admin.failure_buckets`; an address keyed by
+:func:`gateway.ratelimit.client_key`: an IPv4 address on its own, an IPv6 one by its /64;
+the address uvicorn gives, a trusted proxy's X-Forwarded-For under FORWARDED_ALLOW_IPS).
+While it is used up, every /metrics request of that address is refused before its token
+is looked at, the right one too:
+
+- 429 with ``Retry-After`` (whole seconds) and a problem body, as the admin API's.
+
+Requests without a token, with a right one, or while no token is set take nothing.
+
 Admin keys (GATEWAY_ADMIN_KEYS) are not taken: a scraper's credential then grants
 nothing else (a Prometheus configuration holding an admin key could push to and dial
-for anyone), and /metrics, unlike the admin API, does not slow wrong keys down
-(gateway/admin.py), so it would be a place to guess admin keys at full speed. The
-token's at least 16 characters (gateway/settings.py) leave nothing to guess.
+for anyone), and the admin keys' allowance is not shared with /metrics. The token's at
+least 16 characters (gateway/settings.py) leave nothing to guess.
 
 Unset (the default, as before): /metrics answers everyone, so ``gateway serve`` with
 no settings and the Prometheus setups scraping it without credentials work unchanged;
@@ -40,11 +53,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from gateway.admin import bearer_token
+from gateway.admin import bearer_token, failure_buckets
 from gateway.apidoc import PROBLEM
 from gateway.deps import gateway_of
 from gateway.protocol import clipped, key_valid
-from gateway.ratelimit import MAX_CLIENT_CHARS, refusal_log
+from gateway.ratelimit import MAX_CLIENT_CHARS, client_key, refusal_log
 from gateway.settings import Settings
 
 __all__ = [
@@ -89,11 +102,25 @@ METRICS_OPENAPI: Final[dict[str, Any]] = {
                 }
             },
             "content": PROBLEM,
-        }
+        },
+        429: {
+            "description": "Too many wrong metrics tokens from this client address "
+            "(GATEWAY_ADMIN_FAILURES_BURST, refilled at GATEWAY_ADMIN_FAILURES_PER_S, counted "
+            "apart from the admin keys): refused before the token is looked at, until "
+            "`Retry-After` seconds have passed (problem body)",
+            "headers": {
+                "Retry-After": {
+                    "description": "Seconds until the client address may send a metrics "
+                    "token again",
+                    "schema": {"type": "integer"},
+                }
+            },
+            "content": PROBLEM,
+        },
     },
 }
 """Route arguments documenting the token in the OpenAPI document: the operation's
-optional ``security`` and its 401."""
+optional ``security``, its 401 and its 429."""
 
 
 async def require_metrics_token(
@@ -101,28 +128,42 @@ async def require_metrics_token(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(METRICS_BEARER)],
 ) -> None:
     """FastAPI dependency of ``/metrics``: nothing when GATEWAY_METRICS_TOKEN is unset or
-    ``Authorization: Bearer`` carries it; else raises HTTPException 401 with the
-    ``WWW-Authenticate`` challenge of the module doc (the app's handler answers a
-    problem body), after logging the refusal. ``credentials`` only documents the scheme
-    in the OpenAPI document."""
+    ``Authorization: Bearer`` carries one of its tokens; else raises HTTPException (the
+    app's handler answers a problem body with its headers), after logging the refusal:
+    429 with ``Retry-After`` while the client address's allowance of wrong tokens is used
+    up (before the token is looked at), else 401 with the ``WWW-Authenticate`` challenge of
+    the module doc (a wrong token takes one from the allowance). ``credentials`` only
+    documents the scheme in the OpenAPI document."""
     tokens = gateway_of(request).settings.metrics_tokens
     if not tokens:
         return
-    sent = bearer_token(request.headers.get("authorization"))
-    if sent is None:
-        detail, challenge = "Expected `Authorization: Bearer <metrics token>`.", CHALLENGE
-    elif key_valid(sent, tokens):  # each token compared, whichever matches
-        return
+    failures = failure_buckets(request, "metrics_failures")
+    address = client_key(request.client.host) if request.client else "unknown"
+    headers: dict[str, str]
+    if not failures.allowed(address):
+        status, retry = 429, failures.retry_after_s(address)
+        detail = f"Too many wrong metrics tokens from this address: retry after {retry} s."
+        headers = {"Retry-After": str(retry)}
     else:
-        detail, challenge = "The metrics token is not valid.", INVALID_TOKEN
+        status, sent = 401, bearer_token(request.headers.get("authorization"))
+        if sent is None:
+            detail = "Expected `Authorization: Bearer <metrics token>`."
+            headers = {"WWW-Authenticate": CHALLENGE}
+        elif key_valid(sent, tokens):  # each token compared, whichever matches
+            return
+        else:
+            detail = "The metrics token is not valid."
+            headers = {"WWW-Authenticate": INVALID_TOKEN}
+            failures.take(address)  # a guess: not a missing token
     refusal_log(request.app.state, "metrics").log(
         log,
-        "Metrics request from %s refused (401): %s",
+        "Metrics request from %s refused (%d): %s",
         # the address: with a trusted X-Forwarded-For, the client's own text (cut)
         clipped(request.client.host, MAX_CLIENT_CHARS, quote=False) if request.client else "?",
+        status,
         detail,
     )
-    raise HTTPException(401, detail, headers={"WWW-Authenticate": challenge})
+    raise HTTPException(status, detail, headers=headers)
 
 
 def open_metrics_notice(settings: Settings) -> str | None:

@@ -756,13 +756,14 @@ class Settings(BaseSettings):
         gt=0,
         description="Admin API: wrong admin keys one client address may send at once; beyond "
         "it (and the refill rate) every admin request of that address gets 429 with "
-        "`Retry-After` before its key is looked at (counted per process).",
+        "`Retry-After` before its key is looked at (counted per process). The same "
+        "allowance, counted apart, bounds wrong GATEWAY_METRICS_TOKEN tokens on /metrics.",
     )
     admin_failures_per_s: float = Field(
         default=0.1,
         gt=0,
         description="Admin API: refill rate of that allowance (wrong admin keys per second "
-        "and client address, counted per process).",
+        "and client address, counted per process); also that of wrong metrics tokens.",
     )
     calls_timeout_s: float = Field(
         default=10.0,

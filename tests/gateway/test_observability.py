@@ -11,10 +11,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from gateway.app import create_app
 from gateway.logs import JsonFormatter, session_ref
 from gateway.pipeline.base import REQUEST_ID
+from gateway.settings import Settings
 from tests.adapters.alexa.test_routes import envelope
-from tests.conftest import gateway
+from tests.conftest import gateway, served_app
 
 METRICS_TOKEN = "metrics-token-of-this-test"
 ADMIN_KEY = "admin-key-of-this-test"
@@ -190,6 +192,82 @@ async def test_metrics_take_each_of_several_tokens() -> None:
     }
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"] == 'Bearer realm="gateway-metrics"'
+
+
+def _too_many_tokens(answer: httpx.Response) -> int:
+    """Check ``answer`` is /metrics' 429 for too many wrong tokens, in the admin API's form
+    (problem body, ``Retry-After``, no challenge); its ``Retry-After`` (s)."""
+    assert answer.status_code == 429, (answer.status_code, answer.text)
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert "www-authenticate" not in answer.headers
+    retry = int(answer.headers["retry-after"])
+    assert answer.json() == {
+        "type": "about:blank",
+        "title": "Too Many Requests",
+        "status": 429,
+        "detail": f"Too many wrong metrics tokens from this address: retry after {retry} s.",
+    }
+    return retry
+
+
+async def test_wrong_metrics_tokens_from_one_address_are_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """/metrics did not slow wrong tokens down (every one a 401, however many), so a token
+    could be guessed at full speed. Now each wrong token takes one of
+    GATEWAY_ADMIN_FAILURES_BURST from the client address's allowance (refilled at
+    GATEWAY_ADMIN_FAILURES_PER_S) as a wrong admin key does; once it is used up, every
+    /metrics request of that address, GET or HEAD, the right token too, is answered 429
+    with ``Retry-After`` in the admin API's problem form, before the token is looked at.
+    Requests without a token or with the right one take nothing; the right token from
+    another address is answered; the admin keys' allowance is a table of its own."""
+    caplog.set_level(logging.DEBUG, logger="gateway.metrics")
+    settings = Settings(
+        metrics_token=SecretStr(METRICS_TOKEN),
+        admin_keys=frozenset({ADMIN_KEY}),
+        admin_failures_burst=3,
+        admin_failures_per_s=0.01,
+    )
+    app = create_app(settings)
+    right = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    wrong = {"Authorization": "Bearer a-wrong-metrics-token"}
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as http:
+        for _ in range(5):  # neither a missing token nor the right one is counted
+            assert (await http.get("/metrics")).status_code == 401
+            assert (await http.get("/metrics", headers=right)).status_code == 200
+        for method in ("GET", "HEAD", "GET"):  # the allowance: three guesses
+            assert (await http.request(method, "/metrics", headers=wrong)).status_code == 401
+        for headers in (wrong, right, {}):
+            for method in ("GET", "HEAD"):
+                answer = await http.request(method, "/metrics", headers=headers)
+                if method == "GET":
+                    assert 90 <= _too_many_tokens(answer) <= 100, headers  # 1 token at 0.01/s
+                else:
+                    assert answer.status_code == 429
+                    assert 90 <= int(answer.headers["retry-after"]) <= 100
+        # the admin API of that address keeps its own allowance
+        admin = await http.get("/v1/sessions/s1", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert admin.status_code == 404, admin.text
+        # another client address (the same app, through ASGI) is not limited
+        other = httpx.ASGITransport(app=app, client=("203.0.113.7", 40000))
+        async with httpx.AsyncClient(transport=other, base_url="http://gw") as elsewhere:
+            assert (await elsewhere.get("/metrics", headers=right)).status_code == 200
+            assert (await elsewhere.get("/metrics", headers=wrong)).status_code == 401
+    assert set(app.state.metrics_failures._buckets) == {"127.0.0.1", "203.0.113.7"}
+    document = app.openapi()  # the 429 is documented, with its Retry-After
+    for method in ("get", "head"):
+        documented = document["paths"]["/metrics"][method]["responses"]["429"]
+        assert set(documented["headers"]) == {"Retry-After"}
+        assert set(documented["content"]) == {"application/problem+json"}
+    assert getattr(app.state, "admin_failures", None) is None or not len(app.state.admin_failures)
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.metrics"]
+    assert lines[-1] == (
+        "Metrics request from 203.0.113.7 refused (401): The metrics token is not valid."
+    )
+    assert lines[-2].startswith(
+        "Metrics request from 127.0.0.1 refused (429): Too many wrong metrics tokens"
+    )
+    assert not [line for line in lines if METRICS_TOKEN in line]
 
 
 async def test_metrics_have_no_created_series() -> None:
