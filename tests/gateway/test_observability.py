@@ -270,6 +270,46 @@ async def test_wrong_metrics_tokens_from_one_address_are_limited(
     assert not [line for line in lines if METRICS_TOKEN in line]
 
 
+async def test_wrong_metrics_tokens_are_counted_per_ipv6_64_and_per_ipv4_address() -> None:
+    """The /metrics limiter counts an IPv6 client by its /64 (the block one host gets,
+    whose 2**64 addresses it may use in turn: counted per address, it would take a new
+    allowance with each), an IPv4 client by its address, an IPv4-mapped IPv6 address as
+    its IPv4 one. The addresses come as a trusted proxy's X-Forwarded-For
+    (FORWARDED_ALLOW_IPS) and as the ASGI scope's client."""
+    settings = Settings(
+        metrics_token=SecretStr(METRICS_TOKEN), admin_failures_burst=2, admin_failures_per_s=0.01
+    )
+    app = create_app(settings)
+    served = served_app(app, settings, forwarded_allow_ips="127.0.0.1")
+    async with served as url, httpx.AsyncClient(base_url=url) as http:
+
+        async def from_(address: str, token: str) -> httpx.Response:
+            return await http.get(
+                "/metrics",
+                headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": address},
+            )
+
+        for address in ("2001:db8:1:2::a", "2001:db8:1:2:8000::b"):  # one /64
+            assert (await from_(address, "a-wrong-metrics-token")).status_code == 401
+        for address in ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:DB8:1:2::c"):
+            _too_many_tokens(await from_(address, METRICS_TOKEN))
+        assert (await from_("2001:db8:1:3::a", METRICS_TOKEN)).status_code == 200  # next /64
+        for address in ("198.51.100.1", "::ffff:198.51.100.1"):  # one IPv4 client
+            assert (await from_(address, "a-wrong-metrics-token")).status_code == 401
+        _too_many_tokens(await from_("198.51.100.1", METRICS_TOKEN))
+        _too_many_tokens(await from_("::ffff:c633:6401", METRICS_TOKEN))  # the same, mapped
+        assert (await from_("198.51.100.2", METRICS_TOKEN)).status_code == 200  # per address
+        # the ASGI scope's client: peers of one /64 share the allowance used above
+        for peer, status in (("2001:db8:1:2::99", 429), ("2001:db8:1:4::1", 200)):
+            asgi = httpx.ASGITransport(app=app, client=(peer, 40000))
+            async with httpx.AsyncClient(transport=asgi, base_url="http://gw") as direct:
+                answer = await direct.get(
+                    "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
+                )
+                assert answer.status_code == status, peer
+    assert set(app.state.metrics_failures._buckets) == {"2001:db8:1:2::/64", "198.51.100.1"}
+
+
 async def test_metrics_have_no_created_series() -> None:
     """prometheus-client exported a ``*_created`` series beside every counter and
     histogram child (``gateway_turns_created{channel="flowstorm_v2",outcome="ok"}
