@@ -66,7 +66,7 @@ from gateway.apidoc import NOT_BLANK
 from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.deps import gateway_of
-from gateway.events import Response, ResponseEvent, ResponseItem, Wire
+from gateway.events import Response, ResponseEvent, ResponseItem, TtsConfig, Wire
 from gateway.httputil import (
     check_json_type,
     problem,
@@ -142,23 +142,46 @@ class PushTarget(Wire):
         return self
 
 
+class PushTtsConfig(TtsConfig):
+    """The `ttsConfig` of a pushed item: the core's TtsConfig shape, a property it does not
+    know refused (a 400 naming it, `items.0.ttsConfig.voice`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PushItem(ResponseItem):
+    """One item of a push: the core's ResponseItem shape, but a property it does not know
+    (a typo such as `txt` for `text`, which would leave the item empty) is refused, a 400
+    naming it (`items.0.txt`), here and in its `ttsConfig`."""
+
+    # Only the push API (the operators' own) is strict: the core's answers are parsed
+    # by ResponseItem, which ignores properties it does not know (a core may add some).
+    # response_item() gives the item as that model, what the session's client gets.
+    model_config = ConfigDict(extra="forbid")
+
+    tts_config: PushTtsConfig | None = None
+
+    def response_item(self) -> ResponseItem:
+        """This item as the core's :class:`~gateway.events.ResponseItem` (the same values)."""
+        return ResponseItem.model_validate(self.model_dump(exclude_unset=True))
+
+
 class PushRequest(Wire):
-    """Body of ``POST /v1/push``: a target and 1..50 response items (the core's
-    ResponseItem shape: text, ssml, image, video, audio, code, ...), each with at least
-    one of text, ssml, audio, image, video, code or background not blank (an empty item,
-    ``{}`` or only ``confidence``/``repeatable``/``ttsConfig``/``nodeId``, is a
-    validation error: 400). Another property, here or in ``target``, is a 400 naming it
-    (a mistyped option is not dropped); the items are the core's ResponseItem, whose
-    unknown properties are ignored as on every channel."""
+    """Body of ``POST /v1/push``: a target and 1..50 response items (PushItem, the
+    core's ResponseItem shape: text, ssml, image, video, audio, code, ...), each with at
+    least one of text, ssml, audio, image, video, code or background not blank (an empty
+    item, ``{}`` or only ``confidence``/``repeatable``/``ttsConfig``/``nodeId``, is a
+    validation error: 400). Another property, here, in ``target`` or in an item (and its
+    ``ttsConfig``), is a 400 naming it (a mistyped option is not dropped)."""
 
     model_config = ConfigDict(json_schema_extra=_push_schema, extra="forbid")
 
     target: PushTarget
-    items: list[ResponseItem] = Field(min_length=1, max_length=MAX_ITEMS)
+    items: list[PushItem] = Field(min_length=1, max_length=MAX_ITEMS)
 
     @field_validator("items")
     @classmethod
-    def _not_empty(cls, items: list[ResponseItem]) -> list[ResponseItem]:
+    def _not_empty(cls, items: list[PushItem]) -> list[PushItem]:
         for index, item in enumerate(items):
             if not any((getattr(item, name) or "").strip() for name in CONTENT_FIELDS):
                 raise ValueError(
@@ -311,7 +334,8 @@ class Pusher:
                             "unknown-target",
                             f"Sessions of channel {session.channel} cannot receive pushes.",
                         )
-                    event = push_event(request.items, session.locale)
+                    items = [item.response_item() for item in request.items]
+                    event = push_event(items, session.locale)
                     seqs = await self.journal.append(key, [event.wire()], "push", ack=token)
                     if seqs is None:
                         raise PushRefused(
@@ -498,7 +522,8 @@ async def push(request: Request, body: PushRequest) -> JSONResponse:
     instance), else queue them in the session's outbox; see gateway/push.py.
 
     Each item needs something to say, play or show (one of `text`, `ssml`, `audio`,
-    `image`, `video`, `code`, `background`; 400 otherwise). While a turn of the session
+    `image`, `video`, `code`, `background`; 400 otherwise); a property the item does not
+    know (`txt`) is a 400 naming it. While a turn of the session
     runs, the push waits for it at most 1 s (GATEWAY_LOCK_WAIT_S when shorter); a turn
     still running then is a 409 `session-busy` with `Retry-After: 1`, nothing queued.
     """

@@ -26,6 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.app import create_app
+from gateway.events import ResponseItem
 from gateway.server import uvicorn_options
 from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import (
@@ -821,7 +822,9 @@ async def test_a_push_with_an_unknown_field_is_refused_naming_it(shared: dict[st
     session's) was dropped and the push delivered (200 ``live``) without it. The admin
     API is the operators' own: such a body is now a 400 problem whose detail names the
     field (a long name cut to 64 characters), nothing queued; the OpenAPI document says
-    ``additionalProperties: false``."""
+    ``additionalProperties: false``. So is an item's (``{"txt": "hello"}`` pushed an
+    empty item) and its ``ttsConfig``'s, while the core's own ResponseItem, which its
+    answers are parsed by, still ignores a property it does not know."""
     async with (
         served(**shared) as a,
         httpx.AsyncClient(timeout=10) as http,
@@ -848,6 +851,25 @@ async def test_a_push_with_an_unknown_field_is_refused_naming_it(shared: dict[st
                 {"target": {"sessionId": "typo-push"}, "items": items, **dict.fromkeys("abcde")},
                 "The request is not valid: unknown fields 'a', 'b', 'c' and 2 more.",
             ),
+            # an item's typo left it without the field: ``txt`` pushed an empty item (200)
+            (
+                {"target": {"sessionId": "typo-push"}, "items": [{"txt": "hello"}]},
+                "The request is not valid: unknown field 'items.0.txt'.",
+            ),
+            (
+                {
+                    "target": {"sessionId": "typo-push"},
+                    "items": [*items, {"text": "a", "img": "b"}],
+                },
+                "The request is not valid: unknown field 'items.1.img'.",
+            ),
+            (
+                {
+                    "target": {"sessionId": "typo-push"},
+                    "items": [{"text": "Hi.", "ttsConfig": {"locale": "en-GB", "voice": "x"}}],
+                },
+                "The request is not valid: unknown field 'items.0.ttsConfig.voice'.",
+            ),
         ):
             answer = await http.post(f"{a}/v1/push", json=body, headers=AUTH)
             assert answer.status_code == 400, answer.text
@@ -859,9 +881,21 @@ async def test_a_push_with_an_unknown_field_is_refused_naming_it(shared: dict[st
         # without the key, the body is not looked at
         answer = await http.post(f"{a}/v1/push", json={"ttl": 60}, headers={})
         assert answer.status_code == 401
+        # the known properties of an item, its ttsConfig's too, reach the client
+        item = {"text": "Hi.", "ttsConfig": {"locale": "en-GB"}, "nodeId": 7}
+        body = {"target": {"sessionId": "typo-push"}, "items": [item]}
+        answer = await http.post(f"{a}/v1/push", json=body, headers=AUTH)
+        assert answer.status_code == 200, answer.text
+        [got] = (await recv_json(ws))["response"]["items"]
+        assert {k: got[k] for k in item} == item
     schema = create_app(Settings()).openapi()["components"]["schemas"]
     assert schema["PushRequest"]["additionalProperties"] is False
     assert schema["PushTarget"]["additionalProperties"] is False
+    assert schema["PushItem"]["additionalProperties"] is False
+    assert schema["PushTtsConfig"]["additionalProperties"] is False
+    # the core's own answers stay lenient: a core may add properties (forward compatible)
+    core = ResponseItem.model_validate({"text": "Hi.", "emotion": "happy"})
+    assert core.text == "Hi."
 
 
 async def test_a_push_body_is_not_read_before_the_key_nor_past_the_body_limit() -> None:
