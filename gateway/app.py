@@ -44,6 +44,7 @@ from gateway.admin import (
     admit,
     unknown_fields,
 )
+from gateway.answers import AnswerStore, MemoryAnswerStore, RedisAnswerStore
 from gateway.breaker import outage_level, retry_after_s
 from gateway.bus import Bus, MemoryBus, RedisBus
 from gateway.calls import mount as mount_calls
@@ -156,6 +157,12 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         nonces: NonceStore = (
             RedisNonceStore(redis, prefix=settings.redis_prefix) if redis else MemoryNonceStore()
         )
+        ttl_s = settings.voiceflow_answer_ttl_s
+        answers: AnswerStore = (
+            RedisAnswerStore(redis, prefix=settings.redis_prefix, ttl_s=ttl_s)
+            if redis
+            else MemoryAnswerStore(ttl_s=ttl_s)
+        )
         app.state.gateway = Gateway(
             settings,
             store,
@@ -166,6 +173,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             nonces=nonces,
             secret_keys=secret_keys,
             journal=journal,
+            answers=answers,
             pusher=Pusher(
                 store,
                 journal,

@@ -18,6 +18,7 @@ from gateway.sessions import SessionStore
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
+    from gateway.answers import AnswerStore
     from gateway.outbox import Journal
     from gateway.push import Pusher
     from gateway.speech.service import SpeechService
@@ -53,6 +54,9 @@ class Gateway:
     nonces: NonceStore = field(default_factory=MemoryNonceStore)
     secret_keys: SecretKeys = field(default_factory=SecretKeys.random)
     journal: Journal | None = None
+    answers: AnswerStore | None = None
+    """Answers a client's socket could not take, kept for its session's next connection
+    (gateway/answers.py; the Voiceflow channel's)."""
     pusher: Pusher | None = None
     unconfigured: list[Unconfigured] = field(default_factory=list)
     before_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

@@ -884,6 +884,15 @@ class Settings(BaseSettings):
         "half to end (their traces and `completed` first); a client whose action still runs "
         "is told once it has ended, within GATEWAY_SHUTDOWN_TIMEOUT_S.",
     )
+    voiceflow_answer_ttl_s: int = Field(
+        default=600,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="How long the answer of an action whose client left while it ran "
+        "(traces and `completed`) is kept for the session's next connection (client.start "
+        "with its sessionKey, on any instance), which gets it once; at most 4 answers and "
+        "256 KiB per session.",
+    )
 
     # Dialogflow CX and OpenAI-compatible cores
     dialogflow_cx_credentials: str | None = Field(

@@ -1,0 +1,155 @@
+"""The AnswerStore contract (gateway/answers.py), against the memory store and the Redis
+store (two clients, as two gateway instances; one server, a Cluster, Sentinel)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway import redisconn
+from gateway.answers import AnswerStore, MemoryAnswerStore, RedisAnswerStore
+from gateway.sessions import StoreUnavailable, redis_client
+from tests.conftest import TOPOLOGIES, refused_port, topology_url
+
+TTL_S = 60
+
+
+class Clock:
+    """A clock the memory store reads (s), moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["memory", *TOPOLOGIES])
+async def stores(
+    request: pytest.FixtureRequest, redis_prefix: str
+) -> AsyncIterator[tuple[AnswerStore, AnswerStore]]:
+    """Two views of one store, bounds 3 answers and 100 bytes per session."""
+    if request.param == "memory":
+        store = MemoryAnswerStore(ttl_s=TTL_S, max_answers=3, max_bytes=100)
+        yield store, store
+        return
+    url = topology_url(request, request.param)
+    a, b = redis_client(url), redis_client(url)
+    bounds = {"prefix": redis_prefix, "ttl_s": TTL_S, "max_answers": 3, "max_bytes": 100}
+    yield RedisAnswerStore(a, **bounds), RedisAnswerStore(b, **bounds)  # type: ignore[arg-type]
+    await redisconn.aclose(a)
+    await redisconn.aclose(b)
+
+
+def session() -> str:
+    return f"voiceflow:{secrets.token_hex(8)}"
+
+
+async def test_answers_are_taken_once_in_order(stores: tuple[AnswerStore, AnswerStore]) -> None:
+    one, other = stores
+    key, unrelated = session(), session()
+    assert await one.take(key) == []  # nothing kept: nothing, and nothing made
+    assert await one.keep(key, "first") is True
+    assert await one.keep(key, "sécond") is True
+    assert await other.take(unrelated) == []  # another session's key gets nothing of it
+    assert await other.take(key) == ["first", "sécond"]  # another instance takes them
+    assert await one.take(key) == []  # once
+    assert await other.take(key) == []
+
+
+async def test_concurrent_takes_get_the_answers_once(
+    stores: tuple[AnswerStore, AnswerStore],
+) -> None:
+    one, other = stores
+    key = session()
+    await one.keep(key, "a")
+    await one.keep(key, "b")
+    taken = await asyncio.gather(*(s.take(key) for s in (one, other) for _ in range(10)))
+    assert sorted(taken, key=len) == [[]] * 19 + [["a", "b"]]
+
+
+async def test_the_oldest_answers_go_past_the_count_or_bytes(
+    stores: tuple[AnswerStore, AnswerStore],
+) -> None:
+    one, other = stores
+    key = session()
+    for answer in ("1", "2", "3", "4"):
+        await one.keep(key, answer)
+    assert await other.take(key) == ["2", "3", "4"]  # at most 3
+    await one.keep(key, "x" * 60)
+    await one.keep(key, "é" * 20)  # 40 bytes (UTF-8): 100 together, fits
+    await one.keep(key, "y")  # 101: the oldest goes
+    assert await other.take(key) == ["é" * 20, "y"]
+    assert await one.keep(key, "z" * 101) is False  # alone over the bytes: not kept
+    await one.keep(key, "kept")
+    assert await one.keep(key, "z" * 100) is True  # fits alone: the rest goes
+    assert await other.take(key) == ["z" * 100]
+
+
+async def test_memory_answers_expire_after_their_ttl() -> None:
+    clock = Clock()
+    store = MemoryAnswerStore(ttl_s=TTL_S, clock=clock)
+    key = session()
+    await store.keep(key, "old")
+    clock.now += TTL_S - 1  # a keep renews the key's time
+    await store.keep(key, "new")
+    clock.now += TTL_S - 1
+    assert await store.take(key) == ["old", "new"]
+    await store.keep(key, "gone")
+    clock.now += TTL_S
+    assert await store.take(key) == []
+    await store.keep(key, "expired")
+    clock.now += TTL_S
+    await store.keep(session(), "another")  # keeping drops what expired
+    assert len(store) == 1
+
+
+async def test_memory_answers_hold_at_most_max_keys_sessions() -> None:
+    store = MemoryAnswerStore(ttl_s=TTL_S, max_keys=2)
+    keys = [session() for _ in range(3)]
+    for key in keys:
+        await store.keep(key, key)
+    assert len(store) == 2
+    assert [await store.take(key) for key in keys] == [[], [keys[1]], [keys[2]]]
+
+
+async def test_redis_answers_expire_after_their_ttl(
+    redis_url: str, redis_prefix: str, aredis: aioredis.Redis
+) -> None:
+    client = redis_client(redis_url)
+    try:
+        store = RedisAnswerStore(client, prefix=redis_prefix, ttl_s=30)
+        key = session()
+        await store.keep(key, "a")
+        name = store.name(key)
+        assert name == f"{redis_prefix}:{{{key}}}:kept"  # the session's hash tag
+        assert 29_000 < await aredis.pttl(name) <= 30_000
+        short = RedisAnswerStore(client, prefix=redis_prefix, ttl_s=0.2)
+        await short.keep(key, "b")  # a keep renews the time of all
+        await asyncio.sleep(0.3)
+        assert await store.take(key) == []
+    finally:
+        await redisconn.aclose(client)
+
+
+async def test_a_redis_that_does_not_answer_is_store_unavailable(redis_prefix: str) -> None:
+    client = redis_client(f"redis://127.0.0.1:{refused_port()}")
+    try:
+        store = RedisAnswerStore(client, prefix=redis_prefix, ttl_s=30)
+        with pytest.raises(StoreUnavailable):
+            await store.keep(session(), "a")
+        with pytest.raises(StoreUnavailable):
+            await store.take(session())
+    finally:
+        await redisconn.aclose(client)
+
+
+def test_bounds_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="must be > 0"):
+        MemoryAnswerStore(ttl_s=0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        MemoryAnswerStore(ttl_s=1, max_bytes=0)
