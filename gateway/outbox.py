@@ -62,7 +62,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Final, Literal, Protocol, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -513,6 +513,12 @@ def topic(key: str) -> str:
     return f"outbox:{key}"
 
 
+NOTE: Final = {"note": True}
+"""A message on a session's outbox topic (:func:`topic`) that is no append: something else
+of the session's is for its connections to fetch (a channel's own, such as Voiceflow's kept
+answers, gateway/answers.py); :class:`Following` hands it to its ``noted`` callback."""
+
+
 def ack_topic(token: str) -> str:
     """The bus topic on which a follower confirms it sent a push (``token`` of the push)."""
     return f"outbox-ack:{token}"
@@ -533,15 +539,19 @@ class Follower:
         self.floor = floor
         self._sub = sub
         self._acks: list[str] = []
+        self.noted = False
+        """A :func:`note` came since this was last reset (by :class:`Following`)."""
 
     async def wait(self, timeout_s: float) -> bool:
-        """Wait for an announced append; True when one came."""
+        """Wait for an announced append (or a :func:`note`); True when one came."""
         message = await self._sub.get(timeout_s)
         if message is None:
             return False
         token = message.get("ack")
         if isinstance(token, str):
             self._acks.append(token)
+        if message.get("note") is True:
+            self.noted = True
         return True
 
     async def read(self) -> list[Entry]:
@@ -643,12 +653,22 @@ class Following:
     its socket lost. Its :meth:`settle` raises it over the unsent turn entries below its
     own answer (earlier turns' rest, which a newer answer superseded), so the mark of a
     session whose client never resumes does not stay below them for good. Outbox or bus
-    failures are logged, never raised.
+    failures are logged, never raised. A :data:`NOTE` on the session's topic calls
+    ``noted`` (which must not raise) as it wakes the follow task.
     """
 
-    def __init__(self, journal: Journal, deliver: Deliver, *, idle_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        deliver: Deliver,
+        *,
+        idle_s: float = 30.0,
+        noted: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.journal = journal
         self._deliver = deliver
+        self._noted = noted
+        """Called (in the follow task) after a wake that carried a :data:`NOTE`."""
         self._idle_s = idle_s
         self._task: asyncio.Task[None] | None = None
         self._follower: Follower | None = None
@@ -695,10 +715,20 @@ class Following:
                     # a cancel that meets the wait's own timeout may be swallowed (3.11):
                     # the loop condition ends it then
                     await follower.wait(self._idle_s)
+                    if follower.noted:
+                        follower.noted = False
+                        if self._noted is not None:
+                            await self._noted()
         except (BusUnavailable, OutboxError) as exc:
             log.log(outage_level(exc), "outbox not followed: %s", exc)
         finally:
             ready.set()
+
+    async def ready(self) -> None:
+        """Wait until the follow task listens to the session's outbox topic (or ended:
+        the bus or outbox failed); at once when nothing is followed."""
+        if self._task is not None:
+            await self._ready.wait()
 
     async def _current(self) -> Follower | None:
         if self._task is None:
