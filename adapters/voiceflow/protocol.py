@@ -167,6 +167,16 @@ Decisions where the spec is silent:
   While actions
   are queued the connection is not idle (no ``inactivity_timeout``) and pushed items
   wait until the queue is done, as they wait for a running action.
+- **A connection gone while its action runs** is ``detached``
+  (:meth:`VoiceflowConnection.connection_lost` returns True): its queued actions are
+  dropped as on any close, and the running action's turn events are still fed and
+  formatted as usual; what they make (its traces, any ``error``, ``action.status
+  completed`` or ``rejected``, with its messageID; no ``session.ended``) is the answer the
+  I/O layer keeps (:func:`kept_answer`, JSON text) and hands to the session's next
+  connection (:func:`kept_emits`) after its ``client.started``, in their normal form.
+  One too long to keep is kept as :func:`lost_answer`: ``error answer-lost`` and
+  ``completed`` with ``reason: "error"``. :attr:`VoiceflowConnection.answer_begun` tells
+  the I/O layer whether a kept answer may still go out before the running action's own.
 - ``client.start`` again (not while an action runs) re-does the handshake;
   ``session.create`` in a ready connection replaces its session.
 - After the turn: ``action.status completed`` and then, when the engine deleted the
@@ -964,6 +974,9 @@ class State(StrEnum):
     """An action of this connection runs."""
     ENDING = "ending"
     """The running action's turn ended the session; its stream has not ended yet."""
+    DETACHED = "detached"
+    """The socket.io connection is gone while an action runs: the rest of its turn is
+    formatted as usual, for the I/O layer to keep (:meth:`VoiceflowConnection.connection_lost`)."""
     CLOSED = "closed"
     """The socket.io connection is gone."""
 
@@ -1013,6 +1026,13 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         table[(state, START_CHECKING)] = State.STARTING
     for state in State:
         table[(state, DISCONNECT)] = State.CLOSED
+    # gone while an action runs: its turn's events are still formatted (to keep them)
+    table[(State.RUNNING, DISCONNECT)] = State.DETACHED
+    table[(State.ENDING, DISCONNECT)] = State.DETACHED
+    for event in ("SessionStarted", "ResponseItem", "Binary", "Response", "Error", "SessionEnded"):
+        table[(State.DETACHED, event)] = State.DETACHED
+    for event in (TURN_REJECTED, TURN_REJECTED_GONE, TURN_FINISHED):
+        table[(State.DETACHED, event)] = State.CLOSED
     return table
 
 
@@ -1038,6 +1058,7 @@ _REFUSALS: dict[State, tuple[str, str, str]] = {
     # (action.send is queued in these two: client.start and session.create are refused)
     State.RUNNING: ("action-running", "An action is still running", "its action.status"),
     State.ENDING: ("action-running", "An action is still running", "its action.status"),
+    State.DETACHED: ("unknown-event", "The connection is closed", "nothing"),
     State.CLOSED: ("unknown-event", "The connection is closed", "nothing"),
 }
 _EXPECTED = {state: Expected(text, expected) for state, (_, text, expected) in _REFUSALS.items()}
@@ -1065,6 +1086,8 @@ class _Running:
     message_id: str
     writer: TraceWriter
     failed: bool = False
+    begun: bool = False
+    """Its turn's events made something to emit (:attr:`VoiceflowConnection.answer_begun`)."""
 
 
 @dataclass(frozen=True)
@@ -1140,6 +1163,13 @@ class VoiceflowConnection:
     def running_message_id(self) -> str | None:
         """The messageID of the running action."""
         return self._running.message_id if self._running else None
+
+    @property
+    def answer_begun(self) -> bool:
+        """Whether the running action's answer has begun (a turn event of it made an emit):
+        what else is told the client (an answer kept for the session) waits for its end
+        then, so that the two never interleave."""
+        return self._running is not None and self._running.begun
 
     @property
     def queued_message_ids(self) -> list[str]:
@@ -1457,6 +1487,12 @@ class VoiceflowConnection:
         running = self._running
         assert running is not None
         self._fresh = False  # the engine took the turn on: the session exists now
+        out = self._answer(running, event)
+        running.begun = running.begun or bool(out)
+        return out
+
+    def _answer(self, running: _Running, event: TurnEvent) -> list[Action]:
+        """:meth:`turn_event`'s emits for ``event`` of the ``running`` action."""
         if isinstance(event, ResponseItemEvent):
             return _trace_emits(running.message_id, running.writer.item(event.response_item))
         if isinstance(event, ResponseEvent):
@@ -1531,11 +1567,18 @@ class VoiceflowConnection:
         self._fresh = fresh
         self._kept_s = None
 
-    def connection_lost(self) -> None:
+    def connection_lost(self) -> bool:
         """The socket.io connection is gone; nothing more is accepted and the queued
-        actions are dropped (no turn runs for them)."""
-        self.machine.advance(DISCONNECT)
+        actions are dropped (no turn runs for them). True when an action runs: the
+        connection is ``detached`` and its turn's events are still to be fed
+        (:meth:`turn_event` ... :meth:`turn_finished` or :meth:`turn_rejected`); what they
+        return (its traces, any ``error``, and ``action.status completed`` or
+        ``rejected``, with its messageID, no ``session.ended``: the next connection's
+        client.start tells whether the session goes on) is the answer the I/O layer keeps
+        for the session's next connection (:func:`kept_answer`). False: closed."""
+        state = self.machine.advance(DISCONNECT)
         self._queued.clear()
+        return state is State.DETACHED
 
 
 _EVENTS: dict[str, Callable[[VoiceflowConnection, Any], list[Action]]] = {
@@ -1551,6 +1594,60 @@ _CHECK_FAILED = {
     "gateway-error": "Internal gateway error: send client.start again.",
 }
 """The ``error`` text of a :class:`CheckSession` the store could not answer, by its code."""
+
+
+KEPT_EVENTS: Final = frozenset({ACTION_TRACE, ACTION_STATUS, ERROR})
+"""The events an answer kept for a session's next connection may hold (:func:`kept_answer`)."""
+ANSWER_TOO_LONG_TEXT = (
+    "This action's answer was too long to keep while the client was away: the action was "
+    "run and its session keeps it, but its answer is lost."
+)
+"""``error answer-lost``'s text in an answer kept in short (:func:`lost_answer`)."""
+
+
+def kept_answer(actions: Iterable[Action]) -> str:
+    """The answer of a detached connection's action (what its turn's events made:
+    :meth:`VoiceflowConnection.connection_lost`) as the text to keep for the session's
+    next connection: the JSON array ``[[event, data], ...]`` of its :class:`Emit` s of
+    :data:`KEPT_EVENTS`, in order (anything else is left out). :func:`kept_emits` reads it
+    back."""
+    emits = [[a.event, a.data] for a in actions if isinstance(a, Emit) and a.event in KEPT_EVENTS]
+    return json.dumps(emits, separators=(",", ":"))
+
+
+def lost_answer(message_id: str) -> str:
+    """The short answer kept instead of one too long to keep (:func:`kept_answer`'s form):
+    ``error {code: "answer-lost", error, messageID}`` and ``action.status completed``
+    with ``reason: "error"``, as :meth:`VoiceflowConnection.answer_lost` says it."""
+    return kept_answer(
+        [
+            error("answer-lost", ANSWER_TOO_LONG_TEXT, message_id),
+            status("completed", message_id, "error"),
+        ]
+    )
+
+
+def kept_emits(answers: Iterable[str]) -> list[Emit]:
+    """The emits of kept ``answers`` (:func:`kept_answer`'s texts, oldest first), in order,
+    for the session's new connection. One that does not read back (not such an array;
+    kept by another version) is left out, never raised."""
+    out: list[Emit] = []
+    for text in answers:
+        try:
+            emits = json.loads(text)
+        except ValueError:
+            continue
+        if not isinstance(emits, list):
+            continue
+        for emit in emits:
+            if (
+                isinstance(emit, list)
+                and len(emit) == 2
+                and emit[0] in KEPT_EVENTS
+                and isinstance(emit[1], dict)
+            ):
+                out.append(Emit(emit[0], emit[1]))
+    return out
 
 
 def _trace_emits(message_id: str, traces: Iterable[dict[str, Any]]) -> list[Action]:

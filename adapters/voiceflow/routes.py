@@ -49,6 +49,20 @@ Operations:
   action still runs on another instance (the store's lock tells). Long polling
   needs **sticky sessions** at the load balancer (every request of one Engine.IO
   session must reach the process that holds it); WebSocket connections do not.
+- **Answers the socket missed.** A client that leaves while its action runs (the
+  connection ``detached``: VoiceflowConnection.connection_lost) leaves its forwarder
+  running: the rest of the turn's traces, any ``error`` and its ``completed`` (or
+  ``rejected``) are collected instead of emitted and kept for the session
+  (:meth:`VoiceflowServer._keep`, gateway/answers.py: Redis or memory; at most 4 answers
+  and 256 KiB per session, GATEWAY_VOICEFLOW_ANSWER_TTL_S; one too long is kept as
+  ``error answer-lost``), then announced on the session's outbox topic
+  (gateway.outbox.NOTE). A connection that resumes the session with its sessionKey
+  takes them (one round trip; read and deleted at once, so exactly one connection gets
+  them) once it follows that topic, after ``client.started``; one that follows it when
+  an answer is announced takes it then: before its own action's answer begins, or after
+  it (``_Client.answering``: the two never interleave). Delivered answers are not kept;
+  a connection gone before it was told keeps them again. At shutdown the detached
+  actions are waited for (as long as a turn may take) so their answers are kept.
 - **Graceful shutdown.** ``server.restart`` goes to every client connected to this
   process, then their Engine.IO sessions are closed, which makes socket.io clients
   reconnect (to another instance behind the load balancer). Actions running then get
@@ -116,13 +130,18 @@ from adapters.voiceflow.protocol import (
     engine_io_origin_refused,
     engine_io_payload_fault,
     error,
+    kept_answer,
+    kept_emits,
+    lost_answer,
+    status,
 )
 from gateway import metrics, redisconn
+from gateway.bus import BusUnavailable
 from gateway.deps import Gateway
 from gateway.events import ResponseEvent
 from gateway.io.websocket import forward_turn
 from gateway.logs import engine_io_ref, session_ref, socketio_logger
-from gateway.outbox import Entry, Following
+from gateway.outbox import NOTE, Entry, Following, topic
 from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.actions import StartTurn
 from gateway.ratelimit import RefusalLog, refusal_log
@@ -139,6 +158,10 @@ IDLE_MARGIN_S = 1.0
 """Wait past a session's idle timeout before asking the store whether it let it go (s)."""
 IDLE_RETRY_S = 60.0
 """When the store cannot say whether an idle session is gone, ask again after this (s)."""
+TAKES_KEPT: frozenset[SessionCheck] = frozenset({"found", "creating", "not-found", "stale"})
+"""The store's answers to a client.start's sessionKey after which the answers kept for
+its session are taken and delivered (after ``client.started``): not when the store
+failed (the client sends client.start again) or the session is another project's."""
 
 _SignalHandler = Callable[[int, FrameType | None], Any]
 
@@ -586,6 +609,17 @@ class _Client:
     """The wait for the session's idle timeout (:meth:`VoiceflowServer._watch_idle`)."""
     claimed: str | None = None
     """The store key of the session the client's last started action claimed."""
+    kept: list[Action] | None = None
+    """Once the client left while its action ran (``detached``): what its turn's rest
+    makes, kept for the session's next connection (:meth:`VoiceflowServer._keep`)."""
+    kept_due: str | None = None
+    """The store key of a session whose kept answers are to be taken (it was resumed
+    here with its sessionKey, or an answer kept for it was announced): before the
+    client's own running action's answer begins, or after it
+    (:meth:`VoiceflowServer._take_due`)."""
+    answering: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while a turn's actions are carried out, and while kept answers are taken and
+    delivered: the two never interleave."""
 
 
 class VoiceflowServer:
@@ -632,6 +666,9 @@ class VoiceflowServer:
         self._hooks: dict[int, _SignalHook] = {}
         self._deferred: set[str] = set()
         """The sids of the clients :meth:`restart` left to :meth:`finish_restart`."""
+        self._detached: set[asyncio.Task[None]] = set()
+        """The forwarders of actions whose client left while they ran (their answers are
+        kept: :meth:`_keep`)."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -680,7 +717,10 @@ class VoiceflowServer:
         return self._signer(self._gateway.secret_keys.key(VOICEFLOW_SESSION_KEY))
 
     async def stop(self) -> None:
-        """Tell remaining clients ``server.restart``, stop socket.io's background tasks."""
+        """Tell remaining clients ``server.restart``, let the actions of clients that left
+        while they ran end and keep their answers (as long as a turn may take:
+        GATEWAY_LOCK_WAIT_S + GATEWAY_TURN_TIMEOUT_S + 1 s, which the app's shutdown waits
+        for its turns anyway), stop socket.io's background tasks."""
         self._remove_signal_hooks()
         try:
             await self.restart()
@@ -689,6 +729,9 @@ class VoiceflowServer:
         for client in list(self._clients.values()):
             for task in list(client.tasks):
                 task.cancel()
+        if self._detached:  # clients that left mid-action: their answers are kept first
+            wait_s = self.settings.lock_wait_s + self.settings.turn_timeout_s + 1
+            await asyncio.wait(set(self._detached), timeout=wait_s)
         await self.sio.shutdown()
         manager = self.sio.manager
         listener = getattr(manager, "thread", None)
@@ -924,9 +967,16 @@ class VoiceflowServer:
         if client is None:
             return
         metrics.CONNECTIONS.labels(CHANNEL).dec()
-        client.conn.connection_lost()  # the queued actions are dropped: no turn for them
+        # the queued actions are dropped (no turn for them); a running one's answer is kept
+        detached = client.conn.connection_lost()
+        if detached:
+            client.kept = []
+            for task in client.turns:
+                self._detached.add(task)
+                task.add_done_callback(self._detached.discard)
         for task in list(client.tasks):  # forwarding only; the engine's turns go on
-            task.cancel()
+            if not (detached and task in client.turns):
+                task.cancel()
         self._release(client)  # also a claim of a forwarder cancelled before it began
         if client.following is not None:
             await client.following.aclose()
@@ -937,7 +987,11 @@ class VoiceflowServer:
         if gw is None or gw.journal is None or key is None or client.sid not in self._clients:
             return
         if client.following is None:
-            client.following = Following(gw.journal, lambda e, _: self._pushed(client, e))
+            client.following = Following(
+                gw.journal,
+                lambda e, _: self._pushed(client, e),
+                noted=functools.partial(self._kept_announced, client),
+            )
         if client.following.key != key:
             client.following.follow(key, None, replay=False)  # turns here are not numbered
         else:
@@ -987,6 +1041,10 @@ class VoiceflowServer:
             idle = (conn.state, conn.session_id, conn.idle_timeout_s())
             await self._do(client, conn.receive(event, args))
             await self._follow(client)
+            if client.kept_due is not None:  # resumed: what was kept, once the rest is announced
+                if client.following is not None:
+                    await client.following.ready()
+                await self._take_due(client)
             watching = client.idle is not None and not client.idle.done()
             if not watching or idle != (conn.state, conn.session_id, conn.idle_timeout_s()):
                 self._arm_idle(client)
@@ -999,6 +1057,9 @@ class VoiceflowServer:
         (a StartTurn's session is claimed before anything can interleave, and a turn is
         started only while the client is connected: a queued action of a client that
         left meanwhile runs no turn)."""
+        if client.kept is not None:  # the client left while its action ran: kept
+            client.kept.extend(actions)
+            return
         gone = client.sid not in self._clients
         for action in actions:
             if isinstance(action, StartTurn) and not gone:
@@ -1008,10 +1069,13 @@ class VoiceflowServer:
             if isinstance(action, Emit):
                 await _emit(self.sio, client.sid, action)
             elif isinstance(action, CheckSession):
-                answer = client.conn.session_checked(await self._find(action))
+                found = await self._find(action)
+                answer = client.conn.session_checked(found)
                 if Emit(CLIENT_STARTED, {"newSessionRequired": False}) in answer:
                     await self._supersede(client)
                 await self._do(client, answer)
+                if found in TAKES_KEPT:  # taken once the session is followed (_event)
+                    client.kept_due = action.ctx.key
             elif client.sid in self._clients:
                 task = asyncio.create_task(self._forward(client, action))
                 client.tasks.add(task)
@@ -1051,16 +1115,23 @@ class VoiceflowServer:
 
         async def failed() -> None:
             answer = error("gateway-error", "Internal gateway error.", start.message_id)
+            if client.kept is not None:  # (detached: kept for the next connection)
+                client.kept += [answer, status("completed", start.message_id or "", "error")]
+                return
             await _emit(self.sio, client.sid, answer)
             with contextlib.suppress(Exception):
                 await self.sio.disconnect(client.sid, namespace=NAMESPACE, ignore_queue=True)
+
+        async def run(actions: Sequence[Action]) -> None:
+            async with client.answering:  # (not while a kept answer goes out)
+                await self._do(client, actions)
 
         try:
             await forward_turn(
                 gw.conversation,
                 start,
                 conn,
-                functools.partial(self._do, client),
+                run,
                 failed=failed,
                 gone=lambda: conn.machine.state is State.CLOSED,
                 log=log,
@@ -1068,8 +1139,109 @@ class VoiceflowServer:
             )
         finally:
             self._release(client, start)  # unless its queued successor holds it now
+        if client.kept is not None:  # the client left while it ran: keep its answer
+            await self._keep(client, start)
+            return
+        await self._take_due(client)  # kept for the session while this action ran
         await self._follow(client)  # what was pushed while the action ran
         self._arm_idle(client)
+
+    async def _keep(self, client: _Client, start: StartTurn) -> None:
+        """Keep the answer of ``start``, the action of ``client`` that left while it ran
+        (:func:`~adapters.voiceflow.protocol.kept_answer` of ``client.kept``), for the
+        session's next connection (gateway/answers.py, under the session's store key);
+        one too long to keep is kept in short
+        (:func:`~adapters.voiceflow.protocol.lost_answer`). Then the session's connections
+        (on any instance) are told on the bus (:meth:`_announce_kept`). A store that is
+        down loses it (logged at WARNING, the session by its ref)."""
+        gw, key = self._gateway, start.ctx.key
+        kept, client.kept = client.kept or [], None
+        if gw is None or gw.answers is None:
+            return
+        try:
+            if not await gw.answers.keep(key, kept_answer(kept)):
+                await gw.answers.keep(key, lost_answer(start.message_id or ""))
+        except StoreUnavailable as exc:
+            log.warning("answer of session %s not kept: %s", session_ref(key), exc)
+            return
+        log.debug("answer of session %s kept for its next connection", session_ref(key))
+        await self._announce_kept(key)
+
+    async def _announce_kept(self, key: str) -> None:
+        """Tell the connections of session ``key`` (on every instance: the bus, on the
+        session's outbox topic, which each follows) that an answer was kept for it: one
+        that resumed the session while the action ran takes it (:meth:`_kept_announced`).
+        A bus that fails is logged (the answer waits for the next client.start)."""
+        gw = self._gateway
+        if gw is None:
+            return
+        try:
+            await gw.bus.publish(topic(key), dict(NOTE))
+        except BusUnavailable as exc:
+            log.info("kept answer of session %s not announced: %s", session_ref(key), exc)
+
+    async def _kept_announced(self, client: _Client) -> None:
+        """An answer was kept for the client's session (:meth:`_announce_kept`): take and
+        deliver it (:meth:`_take_due`). Never raises."""
+        following = client.following
+        client.kept_due = following.key if following is not None else client.conn.session_key
+        await self._take_due(client)
+
+    async def _take_due(self, client: _Client) -> None:
+        """Take and deliver the answers kept for session ``client.kept_due`` (resumed here,
+        or announced): now when no action of the client runs, or one runs whose answer
+        has not begun (an old turn held the session: its answer comes first, and the
+        running one's waits for it, ``client.answering``); else after that action
+        (:meth:`_forward`), so the two never interleave. Never raises."""
+        conn = client.conn
+        if client.kept_due is None or client.sid not in self._clients:
+            return
+        if conn.answer_begun or conn.state in (State.ENDING, State.DETACHED, State.CLOSED):
+            return
+        async with client.answering:
+            key, client.kept_due = client.kept_due, None
+            if key is None or conn.answer_begun:  # (while waiting for the lock)
+                client.kept_due = client.kept_due or key
+                return
+            try:  # (shielded: a take that ran is delivered, or kept again, even when the
+                # follow task that called it is cancelled as the client leaves)
+                await asyncio.shield(self._take_and_deliver(client, key))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("kept answers of session %s not delivered", session_ref(key))
+
+    async def _take_and_deliver(self, client: _Client, key: str) -> None:
+        await self._deliver_kept(client, key, await self._take(key))
+
+    async def _take(self, key: str) -> list[str]:
+        """Take the answers kept for session ``key`` (one round trip; ``[]`` when the store
+        is down, logged)."""
+        gw = self._gateway
+        if gw is None or gw.answers is None:
+            return []
+        try:
+            return await gw.answers.take(key)
+        except StoreUnavailable as exc:
+            log.info("kept answers of session %s not read: %s", session_ref(key), exc)
+        except Exception:
+            log.exception("kept answers of session %s not read", session_ref(key))
+        return []
+
+    async def _deliver_kept(self, client: _Client, key: str, kept: list[str]) -> None:
+        """Emit the ``kept`` answers of session ``key`` to ``client``, in order; when it left
+        meanwhile they are kept again (for the next connection)."""
+        if not kept:
+            return
+        gw = self._gateway
+        if client.sid not in self._clients and gw is not None and gw.answers is not None:
+            with contextlib.suppress(StoreUnavailable):
+                for answer in kept:
+                    await gw.answers.keep(key, answer)
+            return
+        log.info("session %s resumed: %d kept answer(s) delivered", session_ref(key), len(kept))
+        for emit in kept_emits(kept):
+            await _emit(self.sio, client.sid, emit)
 
     def _arm_idle(self, client: _Client) -> None:
         """(Re)start the wait for the idle timeout of the client's session, from now: the

@@ -12,6 +12,7 @@ import pytest
 
 from adapters.voiceflow.protocol import (
     ACTION_SEND,
+    ANSWER_TOO_LONG_TEXT,
     CLIENT_START,
     DISCONNECT,
     MAX_ID,
@@ -33,6 +34,9 @@ from adapters.voiceflow.protocol import (
     engine_io_cors_headers,
     engine_io_headers,
     engine_io_origin_refused,
+    kept_answer,
+    kept_emits,
+    lost_answer,
     parse_client_start,
     slate,
 )
@@ -113,8 +117,10 @@ def test_the_transition_table() -> None:
     assert states == [State.STARTED, State.READY, State.RUNNING] + [State.RUNNING] * 2 + [
         State.READY
     ]
-    for state in State:  # a disconnect is legal everywhere
-        assert TRANSITIONS[(state, DISCONNECT)] is State.CLOSED
+    for state in State:  # a disconnect is legal everywhere; mid-action the answer is kept
+        mid_action = state in (State.RUNNING, State.ENDING)
+        after = State.DETACHED if mid_action else State.CLOSED
+        assert TRANSITIONS[(state, DISCONNECT)] is after
     with pytest.raises(ProtocolError) as refused:
         ConnectionStateMachine().feed(ACTION_SEND)
     assert (refused.value.expected, refused.value.got) == ("client.start", ACTION_SEND)
@@ -1309,3 +1315,93 @@ def test_an_action_whose_answer_is_lost_at_a_restart_is_answered_before_server_r
     idle = connection()
     ready(idle)
     assert emitted(idle.answer_lost()) == []
+
+
+# ------------------------------------------------ answers kept for the next connection
+
+
+def test_a_connection_gone_mid_action_formats_the_rest_of_its_answer_to_keep() -> None:
+    """A client whose socket drops while its action runs lost the answer for good: the
+    connection closed and the turn's events were not formatted any more. It is now
+    ``detached``: the rest of the turn becomes the answer to keep (its traces and
+    ``completed``, with the action's messageID; no ``session.ended``, which the next
+    connection's client.start says its own way), read back as the same emits."""
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "text", "payload": "hi"}, "first")
+    queue(conn, "later", "queued")
+    assert conn.answer_begun is False
+    conn.turn_event(item(text="Hello"))  # went out before the drop: not kept
+    assert conn.answer_begun is True
+    assert conn.connection_lost() is True
+    assert conn.state is State.DETACHED
+    [refused] = conn.receive(ACTION_SEND, [{"action": {"type": "text", "payload": "x"}}])
+    assert isinstance(refused, Emit)
+    assert refused.data["reason"] == "unknown-event"  # nothing more is accepted
+    kept = conn.turn_event(item(text="Bye."))
+    kept += conn.turn_event(ResponseEvent(response=Response(session_ended=True)))
+    kept += conn.turn_event(SessionEndedEvent())
+    kept += conn.turn_finished()  # the queued action was dropped: no turn for it
+    assert state_of(conn) is State.CLOSED
+    answer = kept_answer(kept)
+    emits = kept_emits([answer])
+    assert [(e.event, e.data.get("messageID")) for e in emits] == [
+        ("action.trace", "first"),
+        ("action.trace", "first"),
+        ("action.status", "first"),
+    ]
+    assert [e.data["trace"]["type"] for e in emits[:2]] == ["text", "end"]
+    assert emits[2].data == {"status": "completed", "messageID": "first"}
+    assert emits == [e for e in kept if isinstance(e, Emit)]  # as they would have gone out
+
+
+def test_a_detached_connection_keeps_a_failure_or_a_rejection() -> None:
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "text", "payload": "hi"}, "m1")
+    conn.connection_lost()
+    failed = conn.turn_event(ErrorEvent(text="Core down.", source="pipeline"))
+    failed += conn.turn_finished()
+    assert emitted(kept_emits([kept_answer(failed)])) == [
+        ("error", {"code": "pipeline-error", "error": "Core down.", "messageID": "m1"}),
+        ("action.status", {"status": "completed", "messageID": "m1", "reason": "error"}),
+    ]
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "text", "payload": "hi"}, "m2")
+    conn.connection_lost()
+    refused = conn.turn_rejected(TurnRejected("session-not-found", "Gone."))
+    assert emitted(kept_emits([kept_answer(refused)])) == [
+        (
+            "action.status",
+            {
+                "status": "rejected",
+                "messageID": "m2",
+                "reason": "session-not-found",
+                "detail": "Gone.",
+            },
+        )
+    ]
+    assert conn.state is State.CLOSED
+
+
+def test_a_connection_gone_with_no_action_running_keeps_nothing() -> None:
+    conn = connection()
+    ready(conn)
+    assert conn.connection_lost() is False
+    assert conn.state is State.CLOSED
+
+
+def test_kept_answers_read_back_in_order_and_skip_what_does_not_read() -> None:
+    lost = lost_answer("big")
+    assert emitted(kept_emits([lost])) == [
+        ("error", {"code": "answer-lost", "error": ANSWER_TOO_LONG_TEXT, "messageID": "big"}),
+        ("action.status", {"status": "completed", "messageID": "big", "reason": "error"}),
+    ]
+    other = kept_answer([Emit("action.status", {"status": "completed", "messageID": "m"})])
+    junk = ["not json", "{}", '[["session.ended", {"reason": "x"}], ["x"], 5]', "[[1, 2]]"]
+    assert emitted(kept_emits([lost, *junk, other]))[2:] == [
+        ("action.status", {"status": "completed", "messageID": "m"})
+    ]
+    # only the events of an answer are kept
+    assert kept_answer([Emit("session.ended", {"reason": "end_of_diagram"})]) == "[]"

@@ -538,7 +538,8 @@ async def test_queued_actions_hold_at_most_a_packets_worth_of_payload() -> None:
 async def test_queued_actions_of_a_client_that_leaves_run_no_turn() -> None:
     """A client that disconnects with actions queued: its running action's turn goes on
     and saves the session, no turn runs for the queued ones (the core sees only the
-    first), and the session is free for the client's next connection at once."""
+    first), and the session is free for the client's next connection at once, which
+    gets the running action's answer (kept for it: test_kept_answers.py)."""
     core = RecordingCore()
     before = connections()
     async with core.running() as core_url, served(pipeline=core_url) as url:
@@ -556,6 +557,8 @@ async def test_queued_actions_of_a_client_that_leaves_run_no_turn() -> None:
         core.release.set()
         async with client(url) as again:
             assert await again.start(key) is False  # the first turn makes the session
+            traces, done = await again.traces_until_status("first")
+            assert (messages(traces), done["status"]) == (["slow answer"], "completed")
             assert await again.say("back") == ["core heard back"]
             await asyncio.sleep(0.3)  # room for a queued turn that should not run
         assert (await core.next_request())["input"]["transcript"]["text"] == "back"
@@ -635,6 +638,8 @@ async def test_a_server_restart_hands_back_the_next_queued_action_and_rejects_th
             core.release.set()
             async with client(url) as again:  # the client's replay, as on a new instance
                 assert await again.start(key) is False
+                traces, done = await again.traces_until_status("first")  # kept for it
+                assert (messages(traces), done["status"]) == (["slow answer"], "completed")
                 _, traces, done = await again.act(second, "second")
                 assert (messages(traces), done["status"]) == (["core heard two"], "completed")
             heard = [(await core.next_request())["input"]["transcript"]["text"]]

@@ -1,0 +1,339 @@
+"""A client that leaves while its action runs gets the answer when it comes back.
+
+Real python-socketio clients against served gateways: one in-process app (the memory
+store), and two ``gateway serve`` processes sharing Redis. The core holds ``slow``
+actions until released (tests/adapters/voiceflow/helpers.py RecordingCore)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from adapters.voiceflow.protocol import ANSWER_TOO_LONG_TEXT, SessionKeys
+from gateway.answers import MemoryAnswerStore
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.adapters.voiceflow.helpers import (
+    PROJECT,
+    SECRET,
+    USER,
+    RecordingCore,
+    VoiceflowClient,
+    client,
+    messages,
+)
+from tests.adapters.voiceflow.test_socket import connections
+from tests.conftest import GatewayProcess, served_app, start_all
+
+SAFETY_S = 10.0
+"""Safety net of the waits for a mechanism (not an assertion of time)."""
+
+
+class BigCore(RecordingCore):
+    """RecordingCore whose ``slow big`` answer (once released) is over 256 KiB of text."""
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        if body["input"]["transcript"]["text"] == "slow big":
+            await self.release.wait()
+            return {"items": [{"text": "x" * 300_000}]}
+        return await super().answer(body)
+
+
+@contextlib.asynccontextmanager
+async def gateway_app(core: RecordingCore, **settings: Any) -> AsyncIterator[tuple[str, FastAPI]]:
+    """An in-process gateway on ``core`` (no Redis: the memory stores); (url, app)."""
+    async with core.running() as core_url:
+        app = create_app(Settings().model_copy(update={"pipeline": core_url, **settings}))
+        async with served_app(app) as url:
+            yield url, app
+
+
+def answers_of(app: FastAPI) -> MemoryAnswerStore:
+    store = app.state.gateway.answers
+    assert isinstance(store, MemoryAnswerStore)
+    return store
+
+
+async def until(check: Any) -> None:
+    """Wait until ``check()`` (sync or async) is true (a mechanism, not a time bound)."""
+    async with asyncio.timeout(SAFETY_S):
+        while True:
+            result = check()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def leave_mid_action(
+    url: str, core: RecordingCore, text: str = "slow", transport: str = "websocket"
+) -> str:
+    """A client that starts a session (launch), sends action ``first`` (``text``, held by
+    the core) and disconnects while it runs, seen by the server; the sessionKey."""
+    before = connections()
+    async with client(url, transport) as vf:
+        key = await vf.handshake()
+        await vf.act({"type": "launch"})
+        assert (await core.next_request())["input"]["transcript"]["text"] == "#intro"
+        await vf.send({"type": "text", "payload": text}, "first")
+        assert await vf.expect("action.status") == {"status": "accepted", "messageID": "first"}
+        assert (await core.next_request())["input"]["transcript"]["text"] == text
+    await until(lambda: connections() == before)  # the server saw the client leave
+    return key
+
+
+async def expect_first_answer(vf: VoiceflowClient, message: str = "slow answer") -> None:
+    """The kept answer of action ``first``: its traces and ``completed``, as they would
+    have gone out."""
+    traces, done = await vf.traces_until_status("first")
+    assert messages(traces) == [message]
+    assert done == {"status": "completed", "messageID": "first"}
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_an_answer_lost_with_its_socket_comes_on_the_next_connection(
+    transport: str,
+) -> None:
+    """The client's socket dropped while its action ran: the turn ran and saved the
+    session, and its traces and ``completed`` went nowhere; the client, back with its
+    sessionKey, heard nothing of its messageID. It now gets them after ``client.started``,
+    before anything new, once: a later connection gets nothing more."""
+    core = RecordingCore()
+    async with gateway_app(core) as (url, app):
+        key = await leave_mid_action(url, core, transport=transport)
+        core.release.set()
+        await until(lambda: len(answers_of(app)) == 1)  # kept once its turn ended
+        async with client(url, transport) as again:
+            assert await again.start(key) is False
+            await expect_first_answer(again)
+            await again.nothing_more()
+            assert await again.say("hello") == ["core heard hello"]
+        assert len(answers_of(app)) == 0  # delivered: not kept
+        async with client(url) as third:
+            assert await third.start(key) is False
+            await third.nothing_more()  # nothing pending: nothing more than client.started
+
+
+async def test_a_client_back_while_its_action_runs_gets_the_answer_when_it_ends() -> None:
+    """The client is back (another connection, the same instance) while the action its
+    old socket sent still runs: the answer comes on the new connection as the action
+    ends (it is kept and announced to the session's connections), not at a later
+    reconnect."""
+    core = RecordingCore()
+    async with gateway_app(core) as (url, app):
+        key = await leave_mid_action(url, core)
+        async with client(url) as again:
+            assert await again.start(key) is False
+            await again.nothing_more()
+            core.release.set()
+            await expect_first_answer(again)
+            await again.nothing_more()
+            assert await again.say("hello") == ["core heard hello"]
+        assert len(answers_of(app)) == 0
+
+
+async def test_a_kept_answer_waits_for_the_action_running_on_the_new_connection() -> None:
+    """Back while the old action runs, the client sends a new action at once: that one
+    waits for the session (the old turn holds it); the old answer comes as the old turn
+    ends, and the new action's traces after it, never interleaved."""
+    core = RecordingCore()
+    async with gateway_app(core) as (url, _):
+        key = await leave_mid_action(url, core)
+        async with client(url) as again:
+            assert await again.start(key) is False
+            await again.send({"type": "text", "payload": "next"}, "second")
+            assert await again.expect("action.status") == {
+                "status": "accepted",
+                "messageID": "second",
+            }
+            core.release.set()
+            await expect_first_answer(again)
+            traces, done = await again.traces_until_status("second")
+            assert (messages(traces), done["status"]) == (["core heard next"], "completed")
+            await again.nothing_more()
+
+
+async def test_a_kept_answer_expires_after_its_ttl() -> None:
+    """GATEWAY_VOICEFLOW_ANSWER_TTL_S: an answer nobody came back for within it is gone."""
+    core = RecordingCore()
+    async with gateway_app(core, voiceflow_answer_ttl_s=1) as (url, app):
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: len(answers_of(app)) == 1)
+        await asyncio.sleep(1.1)  # past the TTL
+        async with client(url) as again:
+            assert await again.start(key) is False
+            await again.nothing_more()
+
+
+async def test_another_sessions_or_a_forged_key_gets_nothing_of_it() -> None:
+    """The answer is the session's: another session's key, a key naming the same session
+    signed with another secret, and the session's key sent by another user or for
+    another project get nothing of it; the session's own key still gets it."""
+    core = RecordingCore()
+    async with gateway_app(core, voiceflow_secret=SecretStr(SECRET)) as (url, app):
+        async with client(url) as other:
+            other_key = await other.handshake()
+            await other.act({"type": "launch"})
+        await core.next_request()
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: len(answers_of(app)) == 1)
+        session_id = jwt.decode(key, options={"verify_signature": False})["sub"]
+        forged = SessionKeys("another-secret-0123456789abcdef-xyz", 3600).issue(
+            session_id=session_id, project_id=PROJECT, user_id=USER, now=time.time()
+        )
+        async with client(url) as vf:
+            assert await vf.start(other_key) is False  # its own session goes on
+            await vf.nothing_more()
+            assert await vf.start(forged) is True  # not a key of this gateway
+            await vf.nothing_more()
+            assert await vf.start(key, userID="mallory") is True  # the key is USER's
+            await vf.nothing_more()
+            assert await vf.start(key, projectID="another-project") is True
+            await vf.nothing_more()
+            assert await vf.start(key) is False
+            await expect_first_answer(vf)
+            await vf.nothing_more()
+
+
+async def test_an_answer_too_long_to_keep_is_kept_as_answer_lost() -> None:
+    """An answer longer than a session may keep (256 KiB) is kept in short: the client
+    hears that the action ran and its answer is lost, not nothing."""
+    core = BigCore()
+    async with gateway_app(core) as (url, app):
+        key = await leave_mid_action(url, core, "slow big")
+        core.release.set()
+        await until(lambda: len(answers_of(app)) == 1)
+        async with client(url) as again:
+            assert await again.start(key) is False
+            assert await again.expect("error") == {
+                "code": "answer-lost",
+                "error": ANSWER_TOO_LONG_TEXT,
+                "messageID": "first",
+            }
+            assert await again.expect("action.status") == {
+                "status": "completed",
+                "messageID": "first",
+                "reason": "error",
+            }
+            await again.nothing_more()
+
+
+# ------------------------------------------------------ two instances, shared Redis
+
+
+def redis_env(redis_url: str, prefix: str, core_url: str) -> dict[str, str]:
+    return {
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_REDIS_PREFIX": prefix,
+        "GATEWAY_VOICEFLOW_SECRET": SECRET,
+        "GATEWAY_PIPELINE": core_url,
+    }
+
+
+def kept_key(prefix: str, session_key: str) -> str:
+    """The Redis key of the answers kept for the session of ``session_key``."""
+    session_id = jwt.decode(session_key, options={"verify_signature": False})["sub"]
+    return f"{prefix}:{{voiceflow:{session_id}}}:kept"
+
+
+async def no_voiceflow_connections(url: str) -> bool:
+    """Whether the gateway at ``url`` has no Voiceflow connection (its /metrics)."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        text = (await http.get(f"{url}/metrics")).text
+    return 'gateway_connections{channel="voiceflow"} 0.0' in text
+
+
+async def leave_on(url: str, core: RecordingCore) -> str:
+    """:func:`leave_mid_action` on a gateway process at ``url``."""
+    async with client(url) as vf:
+        key = await vf.handshake()
+        await vf.act({"type": "launch"})
+        await core.next_request()
+        await vf.send({"type": "text", "payload": "slow"}, "first")
+        assert (await vf.expect("action.status"))["status"] == "accepted"
+        await core.next_request()
+    await until(lambda: no_voiceflow_connections(url))
+    return key
+
+
+@contextlib.asynccontextmanager
+async def two_instances(
+    core: RecordingCore, redis_url: str, prefix: str, processes: list[GatewayProcess]
+) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
+    async with core.running() as core_url:
+        a = GatewayProcess(redis_env(redis_url, prefix, core_url))
+        b = GatewayProcess(redis_env(redis_url, prefix, core_url))
+        processes += [a, b]
+        await asyncio.to_thread(start_all, a, b)
+        yield a, b
+
+
+async def test_an_answer_lost_on_one_instance_comes_on_another_once(
+    redis_url: str,
+    redis_prefix: str,
+    gateway_processes: list[GatewayProcess],
+    aredis: aioredis.Redis,
+) -> None:
+    """Kept in Redis (under the session's hash tag): the client back on instance B gets
+    the answer of its action on A, once; then two connections racing with the key of
+    another such session, one on each instance, get its answer once between them."""
+    core = RecordingCore()
+    async with two_instances(core, redis_url, redis_prefix, gateway_processes) as (a, b):
+        key = await leave_on(a.url, core)
+        core.release.set()
+        await until(lambda: aredis.exists(kept_key(redis_prefix, key)))
+        core.release.clear()
+        async with client(b.url, "polling") as on_b:
+            assert await on_b.start(key) is False
+            await expect_first_answer(on_b)
+            await on_b.nothing_more()
+            assert await on_b.say("hello") == ["core heard hello"]
+        assert not await aredis.exists(kept_key(redis_prefix, key))  # delivered: not kept
+        async with client(a.url) as on_a:
+            assert await on_a.start(key) is False
+            await on_a.nothing_more()
+
+        key = await leave_on(a.url, core)
+        core.release.set()
+        await until(lambda: aredis.exists(kept_key(redis_prefix, key)))
+        racing = [VoiceflowClient(a.url), VoiceflowClient(b.url)]
+        try:
+            await asyncio.gather(*(vf.connect() for vf in racing))
+            await asyncio.gather(*(vf.start(key) for vf in racing))
+            await until(lambda: any(not vf.events.empty() for vf in racing))
+            await asyncio.sleep(0.5)  # room for a second delivery that must not come
+            got = [[vf.events.get_nowait() for _ in range(vf.events.qsize())] for vf in racing]
+        finally:
+            await asyncio.gather(*(vf.close() for vf in racing))
+        answered = [events for events in got if events]
+        assert len(answered) == 1, got  # once, on one of them
+        assert [name for name, _ in answered[0]] == ["action.trace", "action.status"]
+
+
+async def test_a_client_back_on_another_instance_while_its_action_runs_gets_the_answer(
+    redis_url: str, redis_prefix: str, gateway_processes: list[GatewayProcess]
+) -> None:
+    """Back on instance B while its action still runs on A: the answer comes on B as the
+    action ends (A keeps it in Redis and announces it on the session's topic)."""
+    core = RecordingCore()
+    async with two_instances(core, redis_url, redis_prefix, gateway_processes) as (a, b):
+        key = await leave_on(a.url, core)
+        async with client(b.url) as on_b:
+            assert await on_b.start(key) is False
+            await on_b.nothing_more()
+            core.release.set()
+            await expect_first_answer(on_b)
+            await on_b.nothing_more()
