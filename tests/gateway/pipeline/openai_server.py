@@ -47,6 +47,9 @@ from tests.gateway.core_app import DEEP
 KEY = "sk-test-0123456789"
 LOWER_CASE = "sure. i can do that. " * 500
 """The answer to a message asking for one ``in lower case`` (10,500 characters)."""
+POINTS = "Wait" + "." * 2_000 + " " * 2_000 + "Done."
+"""The answer to a message asking for one ``in points``: a model repeating a point, then
+white space (two sentences, ``Wait....`` and ``Done.``)."""
 
 
 def reply(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
@@ -73,6 +76,8 @@ def reply(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
         return "", [_tool("end_session", {})]
     if "in lower case" in last.lower():  # no sentence ends: a point, then lower case
         return LOWER_CASE, []
+    if "in points" in last.lower():
+        return POINTS, []
     return (
         f"You said {last}. The price is 3.5 dollars, e.g. cheap. Is there anything else?",
         [],

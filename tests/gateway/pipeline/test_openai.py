@@ -28,7 +28,7 @@ from gateway.pipeline.openai import OpenAIPipeline, _add_tool_delta, _Turn
 from gateway.pipeline.sentences import SentenceSplitter
 from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
-from tests.gateway.pipeline.openai_server import KEY, LOWER_CASE
+from tests.gateway.pipeline.openai_server import KEY, LOWER_CASE, POINTS
 from tests.gateway.turns import ctx, failed_session, pipeline_error, texts
 
 
@@ -81,6 +81,9 @@ def test_sentences_whole_and_streamed_character_by_character(
         "so. then. " * 1500,  # no sentence ends: each point is followed by lower case
         "one, two, three " * 1000,  # no point at all
         "x" * 16_000,  # one long word
+        "Wait" + "." * 1_200,  # a run of points (a model repeating itself): each scan
+        # tried every start in the run and every length from it, O(n^2) per delta
+        "Hi." + " " * 32_000,  # white space after a point: rescanned whole at each delta
     ],
 )
 def test_splitting_a_long_answer_takes_linear_time(text: str) -> None:
@@ -301,6 +304,20 @@ async def test_a_long_answer_without_sentence_ends_is_not_held_up(
     conv = engine(pipeline(url), turn_timeout_s=5)
     events = await conv.turn(ctx(), Input.of("please answer in lower case")).collect()
     assert texts(events) == [LOWER_CASE.strip()]
+    assert isinstance(events[-1], ResponseEvent)
+    await conv.pipeline.aclose()
+
+
+async def test_an_answer_of_points_and_white_space_is_not_held_up(
+    llm: tuple[str, FastAPI],
+) -> None:
+    """A model repeating a point 2,000 times, then white space (4 KB, deltas of 4
+    characters): each delta rescanned the run of points trying every start and length in
+    it, so the turn burned the event loop for seconds and failed on the turn timeout."""
+    url, _ = llm
+    conv = engine(pipeline(url), turn_timeout_s=5)
+    events = await conv.turn(ctx(), Input.of("please answer in points")).collect()
+    assert texts(events) == [POINTS.split(" ")[0], "Done."]
     assert isinstance(events[-1], ResponseEvent)
     await conv.pipeline.aclose()
 
