@@ -69,6 +69,7 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
 from urllib.parse import quote
@@ -393,7 +394,7 @@ class DialogflowCxPipeline:
             "queryParams": {"timeZone": input.zone_id or session.time_zone},
         }
         answers: list[dict[str, Any]] = []
-        sent: list[str] = []
+        sent: Counter[str] = Counter()
         unknown: dict[str, None] = {}  # variants dropped unknown, in order
         with talking_to(f"the {KIND} core"):
             answer = await self._send(url, body)
@@ -416,19 +417,21 @@ class DialogflowCxPipeline:
         yield self._response(session, path, answers)
 
     def _items(
-        self, answer: dict[str, Any], sent: list[str], final: bool, unknown: dict[str, None]
+        self, answer: dict[str, Any], sent: Counter[str], final: bool, unknown: dict[str, None]
     ) -> list[ResponseItem]:
-        """Items of one DetectIntentResponse's messages; ``sent`` holds the JSON of the
-        messages forwarded already (a FINAL response skips them once each); the fields of
-        variants the connector does not know go in ``unknown`` (:data:`KNOWN_FIELDS`)."""
+        """Items of one DetectIntentResponse's messages; ``sent`` counts the JSON of the
+        messages forwarded already (a FINAL response skips them once each: a multiset, so
+        each message costs one lookup; a list searched for each made a stream of many
+        messages quadratic, seconds of the event loop for 1 MB); the fields of variants
+        the connector does not know go in ``unknown`` (:data:`KNOWN_FIELDS`)."""
         items: list[ResponseItem] = []
         for message in _messages(answer):
             key = json.dumps(message, sort_keys=True)
-            if final and key in sent:
-                sent.remove(key)
+            if final and sent[key] > 0:
+                sent[key] -= 1
                 continue
             if not final:
-                sent.append(key)
+                sent[key] += 1
             items += self._message_items(message)
             if not message.keys() <= KNOWN_FIELDS:
                 unknown.update(dict.fromkeys(k for k in message if k not in KNOWN_FIELDS))

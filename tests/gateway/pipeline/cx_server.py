@@ -25,7 +25,8 @@ answer inflating to 100 MB (``tests.gateway.core_app.gzip_bomb``); ``segments`` 
 ``mixedAudio`` whose segments are a number; ``cloud storage`` with a ``playAudio`` and a
 ``mixedAudio`` segment of ``gs://`` URIs (and one https segment); ``news`` with a text,
 variants the connector does not know (``toolCall`` twice, a 5,000-character one) and a
-``conversationSuccess``.
+``conversationSuccess``. The text ``halves <n>`` is streamed a PARTIAL response of
+``n`` texts ``p0``... and a FINAL one of ``n`` others, ``f0``... (none repeated).
 
 ``app.state.piece`` (bytes; 0: not cut) cuts the FINAL response in pieces of that
 size; ``app.state.no_final`` set, the stream ends cleanly after the PARTIAL response
@@ -256,6 +257,8 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
         if said in ("digits", "nan"):
             sse = app.state.sse or request.query_params.get("alt") == "sse"
             return _raw(_holding("1" * 5_000 if said == "digits" else "NaN"), method, sse)
+        if isinstance(said, str) and said.startswith("halves "):
+            return StreamingResponse(_halves(int(said.split()[1])), media_type="application/json")
         path = f"projects/{project}/locations/{location}/agents/{agent_id}/sessions/{session_id}"
         state = app.state.sessions.setdefault(path, {})
         messages = agent(state, query)
@@ -292,6 +295,16 @@ def _answer(
         },
         "responseType": kind,
     }
+
+
+async def _halves(count: int) -> AsyncIterator[bytes]:
+    """A streamed answer (JSON array) of a PARTIAL response of ``count`` texts ``p<n>``
+    and a FINAL one of ``count`` other texts ``f<n>``."""
+    for kind, prefix, lead in (("PARTIAL", "p", b"["), ("FINAL", "f", b",")):
+        messages = [{"text": {"text": [f"{prefix}{n}"]}} for n in range(count)]
+        answer = {"queryResult": {"responseMessages": messages}, "responseType": kind}
+        yield lead + json.dumps(answer).encode()
+    yield b"]"
 
 
 def _deep(depth: int, method: str, sse: bool) -> Response:

@@ -859,6 +859,39 @@ async def test_a_large_streamed_answer_in_tiny_pieces_is_read_whole(
     await conv.pipeline.aclose()
 
 
+async def test_a_final_response_after_many_partial_messages_is_read_in_linear_time(
+    cx: tuple[Settings, FastAPI],
+) -> None:
+    """A stream of a PARTIAL response of n messages, then a FINAL one of n others: each
+    FINAL message was looked for in the list of those forwarded (and taken out of it),
+    so the turn took O(n^2): 16,000 each (1 MB) blocked the event loop for seconds,
+    every other session stalled. Linear, not quadratic: 32x the messages take ~32x the
+    time (50-60x measured on a loaded machine; the list took 240x), so under 100x. CPU
+    time of this process (the server's share, linear, too), the best of a few."""
+    settings, _ = cx
+    settings = settings.model_copy(
+        update={"dialogflow_cx_streaming": True, "pipeline_max_response_bytes": 4_194_304}
+    )
+
+    async def turn(count: int) -> float:
+        """Seconds of CPU of one turn of ``count`` + ``count`` messages (a pipeline of its
+        own: a connection kept from a turn that blocked the loop may be closed under it)."""
+        pipe = DialogflowCxPipeline.from_url(settings.pipeline, settings)
+        session = Session(id="s1", key="test:s1", channel="test", app_key="app")
+        await pipe._token()  # the token fetched before: not part of the turn's time
+        started = time.process_time()
+        got = [out async for out in pipe.process(session, Input.of(f"halves {count}"))]
+        spent = time.process_time() - started
+        await pipe.aclose()
+        said = [*[f"p{n}" for n in range(count)], *[f"f{n}" for n in range(count)]]
+        assert [o.text for o in got[:-1] if isinstance(o, ResponseItem)] == said
+        return spent
+
+    small = min([await turn(500) for _ in range(5)])
+    large = min([await turn(16_000) for _ in range(3)])
+    assert large < 100 * small, (large, small)
+
+
 # ------------------------------------------------------------------ from_url
 
 
