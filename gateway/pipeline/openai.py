@@ -137,6 +137,9 @@ class _Turn:
     latest: dict[int, int] = field(default_factory=dict)
     """A wire ``index`` -> the key in ``tools`` of the latest call that came at it (a call
     split off by its id, :func:`_add_tool_delta`, takes a key no wire index takes)."""
+    lowest: int = 0
+    """The lowest key in ``tools``, or 0: a call split off takes the one below (the min of
+    the keys taken at each split made a stream of calls at one index quadratic)."""
     finish_reason: str | None = None
     done: bool = False
 
@@ -420,6 +423,7 @@ def _add_tool_delta(turn: _Turn, call: Any) -> None:
     else:  # the latest call that came at this index (a later delta of a split-off call)
         index = turn.latest.get(wire, wire)
     acc = turn.tools.setdefault(index, _ToolCall())
+    turn.lowest = min(turn.lowest, index)
     function = call.get("function") or {}
     if not isinstance(function, dict):
         raise PipelineError(f"the {KIND} core streamed a tool call whose function is not an object")
@@ -430,7 +434,7 @@ def _add_tool_delta(turn: _Turn, call: Any) -> None:
             # another call's first delta (its id and name) where one is: a call of its own
             # (Ollama sends parallel calls whole at index 0 or with none); a new id
             # without a name continues the call (servers whose ids change mid-call)
-            index = min(0, *turn.tools) - 1  # a key no wire index takes
+            index = turn.lowest = turn.lowest - 1  # a key no wire index took
             acc = turn.tools[index] = _ToolCall()
             if isinstance(wire, int):  # its next deltas at this index are its own
                 turn.latest[wire] = index
