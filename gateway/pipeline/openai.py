@@ -38,7 +38,7 @@ Tools (sent when GATEWAY_OPENAI_TOOLS is on): ``end_session`` (no arguments) end
 session after the answer (``Response.session_ended``); ``transfer`` (``{"reason"}``),
 offered only when GATEWAY_OPENAI_TRANSFER_TARGET is set, hands the conversation over
 to that target with :func:`gateway.events.transfer_item` (the model never chooses
-the number). Other tool names are ignored.
+the number). Other tool names are ignored, named in one WARNING line per turn.
 
 Inputs: the transcript is the user message; the actions ``#intro`` and ``#silence``
 (and any other ``#action``) become bracketed notes, :data:`ACTION_MESSAGES`.
@@ -62,6 +62,7 @@ import httpx
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput, shown_spec
 from gateway.pipeline.cores import (
+    DROPPED_CHARS,
     PooledCore,
     SseEvent,
     bounded_lines,
@@ -74,7 +75,7 @@ from gateway.pipeline.cores import (
     talking_to,
 )
 from gateway.pipeline.sentences import SentenceSplitter
-from gateway.protocol import media_type
+from gateway.protocol import clipped, media_type
 from gateway.sessions import Session
 from gateway.settings import Settings
 
@@ -372,13 +373,17 @@ class OpenAIPipeline(PooledCore):
     ) -> Response:
         items: list[ResponseItem] = []
         ended = False
+        unknown: dict[str, None] = {}  # the names of the other tools called, once each
         for call in turn.tools.values():
             if call.name == "end_session":
                 ended = True
             elif call.name == "transfer" and self.transfer_target:
                 items.append(transfer_item(self.transfer_target, reason=_reason(call.arguments)))
             else:
-                log.warning("the %s core called an unknown tool %r; ignored", KIND, call.name[:60])
+                unknown[call.name[:60]] = None
+        if unknown:  # one line a turn, not one a call (a stream of 10,000 calls)
+            names = clipped(list(unknown), DROPPED_CHARS)
+            log.warning("the %s core called unknown tools %s; ignored", KIND, names)
         said = "".join(turn.text).strip()
         if not said and not turn.tools:
             raise PipelineError(f"the {KIND} core's answer has neither content nor a tool call")

@@ -78,6 +78,8 @@ def reply(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
         return LOWER_CASE, []
     if "in points" in last.lower():
         return POINTS, []
+    if last.startswith("call tools "):  # "call tools <n>": n calls of tools lookup_<i>
+        return "", [_tool(f"lookup_{n}", {}) for n in range(int(last.split()[2]))]
     return (
         f"You said {last}. The price is 3.5 dollars, e.g. cheap. Is there anything else?",
         [],

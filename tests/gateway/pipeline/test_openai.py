@@ -17,6 +17,7 @@ from gateway.conversation import Conversation
 from gateway.events import (
     ErrorEvent,
     Input,
+    Response,
     ResponseEvent,
     ResponseItem,
     ResponseItemEvent,
@@ -288,6 +289,28 @@ def test_many_tool_calls_at_one_index_are_read_in_linear_time() -> None:
     small = min(read(1_500) for _ in range(3))
     large = min(read(12_000) for _ in range(3))
     assert large < 30 * small, (large, small)
+
+
+async def test_unknown_tools_are_one_warning_line_per_turn(
+    llm: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model that calls 2,000 tools the gateway does not offer (each whole in one
+    delta, as Ollama streams them): the turn goes on, and the log has one line naming
+    them (cut), not one per call (a core could write 10,000 lines a turn)."""
+    url, _ = llm
+    pipe = OpenAIPipeline(f"{url}/ollama/v1", model="m", api_key=KEY)
+    session = Session(id="s1", key="test:s1", channel="test", app_key="app")
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline.openai"):
+        outputs = [out async for out in pipe.process(session, Input.of("call tools 2000"))]
+    assert outputs[-1] == Response()
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.openai"]
+    assert len(lines) == 1, lines[:3]
+    assert lines[0].startswith(
+        "the OpenAI-compatible core called unknown tools ['lookup_0', 'lookup_1', "
+    )
+    assert lines[0].endswith("; ignored")
+    assert len(lines[0]) < 400
+    await pipe.aclose()
 
 
 async def test_transfer_tool_is_the_transfer_action(llm: tuple[str, FastAPI]) -> None:
