@@ -39,6 +39,8 @@ Message -> items (in Rasa's own order):
   object is the command item ``#custom`` with it as code.
 
 A non-2xx status, invalid JSON, an answer that is not an array of objects, a message whose
+``recipient_id`` is not the ``sender`` (Rasa addresses each message to the sender it
+answers: one for another is another user's, never shown), whose
 ``text`` (or a ``custom`` ``ssml``'s ``text``) is not a string, buttons that are not an
 array, or an answer over GATEWAY_PIPELINE_MAX_RESPONSE_BYTES is a PipelineError naming
 Rasa.
@@ -181,7 +183,7 @@ class RasaPipeline(PooledCore):
                 "POST", self.url, params=self._params, json=body
             ) as answer:
                 async for message in self._messages(answer):
-                    for item in self._items(message, offered):
+                    for item in self._items(message, offered, session.key):
                         if item is None:
                             ended = True
                         else:
@@ -205,10 +207,16 @@ class RasaPipeline(PooledCore):
         for message in messages:
             yield message
 
-    def _items(self, message: Any, offered: list[dict[str, Any]]) -> list[ResponseItem | None]:
-        """The items of one bot message (None: the session ends); see the module doc."""
+    def _items(
+        self, message: Any, offered: list[dict[str, Any]], sender: str
+    ) -> list[ResponseItem | None]:
+        """The items of one bot message to ``sender`` (None: the session ends); see the
+        module doc."""
         if not isinstance(message, dict):
             raise PipelineError("Rasa sent a message that is not an object")
+        recipient = message.get("recipient_id")
+        if recipient is not None and recipient != sender:  # not this session's: not shown
+            raise PipelineError("Rasa sent a message for another recipient than the sender")
         out: list[ResponseItem | None] = []
         text = message.get("text")
         if text is not None and not isinstance(text, str):

@@ -21,6 +21,7 @@ waits for ``app.state.release`` before the next); failures: ``boom`` (500), ``le
 query's token then 5,000 characters), ``slow``
 (2 s), ``garbage`` (not JSON), ``object`` (not an array), ``badline`` (a broken NDJSON line),
 ``unended`` (streamed: two lines, the last without its line end),
+``stranger`` (a message, then one whose ``recipient_id`` is another sender's),
 ``deep`` (JSON nested 50,000 levels deep, as the body or as a line), ``crash`` (streamed:
 one line, then the connection is dropped without the end of the body).
 """
@@ -87,15 +88,17 @@ def make_rasa() -> FastAPI:
         stream = request.query_params.get("stream", "").lower() == "true"
         if text == "deep":
             return Response(DEEP + "\n", media_type="text/event-stream" if stream else None)
+        line = json.dumps({"recipient_id": sender, "text": "ok"})
         if stream and text == "unended":  # cut just before the last line's end
-            return Response(
-                '{"recipient_id": "x", "text": "ok"}\n{"recipient_id": "x", "text": "and"}',
-                media_type="text/event-stream",
-            )
+            last = json.dumps({"recipient_id": sender, "text": "and"})
+            return Response(f"{line}\n{last}", media_type="text/event-stream")
         if stream and text == "badline":
-            return Response(
-                '{"recipient_id": "x", "text": "ok"}\n{broken\n', media_type="text/event-stream"
-            )
+            return Response(f"{line}\n{{broken\n", media_type="text/event-stream")
+        if text == "stranger":  # a message for another user (a proxy mixing answers up)
+            stranger = {"recipient_id": "other:user", "text": "Your balance is 12 dollars."}
+            if stream:
+                return Response(f"{line}\n{json.dumps(stranger)}\n", media_type="text/event-stream")
+            return JSONResponse([{"recipient_id": sender, "text": "ok"}, stranger])
         utterances = bot(app, sender, text)
         if not stream:
             return JSONResponse([m for u in utterances for m in messages(sender, u)])

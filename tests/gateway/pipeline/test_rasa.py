@@ -209,6 +209,9 @@ async def test_stream_items_are_forwarded_as_they_arrive(rasa: tuple[str, FastAP
         ("unended", True, "Rasa's stream ended inside a line (cut off)"),
         ("deep", False, "Rasa answered invalid JSON: the JSON is nested deeper than 64 levels"),
         ("deep", True, "Rasa streamed an invalid line: the JSON is nested deeper than 64 levels"),
+        # another user's message (Rasa names the sender it answers): it was forwarded
+        ("stranger", False, "Rasa sent a message for another recipient than the sender"),
+        ("stranger", True, "Rasa sent a message for another recipient than the sender"),
     ],
 )
 async def test_core_failures_are_pipeline_errors_and_the_session_is_kept(
