@@ -73,9 +73,10 @@ Response (the end of the turn, the next listening), not the first words; where a
 is known to answer in one quick message, GATEWAY_BOTPRESS_IDLE_S can be lowered.
 
 A non-2xx status, invalid JSON, a listen stream that ends before the bot's answer, a
-message without a payload type or whose ``options``/``items``/``actions`` are not an
-array is a PipelineError. The stream's keepalive (``data:
-ping``, :data:`KEEPALIVE`) is no signal and is skipped.
+bot message or event whose ``conversationId`` is another conversation's (another user's
+words: never shown), a message without a payload type or whose
+``options``/``items``/``actions`` are not an array is a PipelineError. The stream's
+keepalive (``data: ping``, :data:`KEEPALIVE`) is no signal and is skipped.
 """
 
 from __future__ import annotations
@@ -276,7 +277,8 @@ class BotpressPipeline(PooledCore):
                     await check_status(listen, "Botpress", secrets, call="listen")
                     # the stream is open (its headers came): nothing the bot says is missed
                     await self._send(session, input, conversation, key)
-                    async for kind, data in self._bot_signals(listen, user_id, bool(input.action)):
+                    signals = self._bot_signals(listen, user_id, conversation, bool(input.action))
+                    async for kind, data in signals:
                         if kind == "message":
                             for item in _items(data.get("payload"), offered):
                                 yield item
@@ -306,9 +308,10 @@ class BotpressPipeline(PooledCore):
         await self._call("/messages", key, body)
 
     async def _bot_signals(
-        self, listen: httpx.Response, user_id: str, quiet_ok: bool
+        self, listen: httpx.Response, user_id: str, conversation: str, quiet_ok: bool
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """``("message", Message)`` and ``("event", Event)`` of the bot, until it is idle."""
+        """``("message", Message)`` and ``("event", Event)`` of the bot in ``conversation``,
+        until it is idle; PipelineError for one that names another conversation."""
         events = bounded_sse(listen, self._max, "Botpress")
         heard = False
         loop = asyncio.get_running_loop()
@@ -346,6 +349,9 @@ class BotpressPipeline(PooledCore):
                 kind = "event"
             else:
                 continue
+            named = data.get("conversationId")
+            if named is not None and named != conversation:  # another user's: never shown
+                raise PipelineError("Botpress sent a signal of another conversation")
             heard = True
             yield kind, data
             if _final(kind, data.get("payload")):

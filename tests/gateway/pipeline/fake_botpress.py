@@ -23,7 +23,8 @@ text and the event ``{type: "handoff", reason}`` (no target); ``bye`` -> a text
 and the event ``{type: "end"}``; ``news`` -> a text amid bot events of other types
 (``typing`` twice, a 5,000-character type, none); another event -> nothing. Failures: ``boom`` (500 on the
 message), ``slow`` (answers after 2 s), ``garbage`` (a signal that is not JSON), ``deep``
-(a signal nested 50,000 levels deep), ``weird`` (a message without a payload type), ``bad options`` / ``bad carousel`` /
+(a signal nested 50,000 levels deep), ``weird`` (a message without a payload type), ``stranger`` (a bot message whose
+``conversationId`` is another conversation's, on this conversation's stream), ``bad options`` / ``bad carousel`` /
 ``bad bloc`` / ``bad card`` (a choice's options, a carousel's or bloc's items, a card's
 actions that are a number),
 ``hangup`` (the listen stream closes without a word), ``chatty`` (a participant signal
@@ -219,6 +220,10 @@ def make_botpress() -> FastAPI:
             replies = [("card", {"title": "Pizza", "actions": 5})]
         elif said == "weird":
             replies = [("weird", {"text": "no type"})]
+        elif said == "stranger":  # a bot message of another conversation on this stream
+            message = {**record("conv-other", "bot", {"type": "text", "text": "Your PIN?"})}
+            publish(conversation_id, "message_created", {**message, "isBot": True})
+            return
         elif said == "hangup":
             publish(conversation_id, "raw", None)
             return

@@ -337,6 +337,8 @@ async def test_default_mode_a_failed_first_turn_keeps_its_user_and_conversation(
         ("garbage", "invalid signal"),
         ("deep", "invalid signal: the JSON is nested deeper than 64 levels"),
         ("weird", "without a payload type"),
+        # another conversation's message (another user's words): it was forwarded
+        ("stranger", "Botpress sent a signal of another conversation"),
         # a number for a list: a TypeError in the parser, "failed unexpectedly" at ERROR
         ("bad options", "Botpress sent a choice whose options are not an array"),
         ("bad carousel", "Botpress sent a carousel whose items are not an array"),
