@@ -866,8 +866,9 @@ async def test_a_final_response_after_many_partial_messages_is_read_in_linear_ti
     FINAL message was looked for in the list of those forwarded (and taken out of it),
     so the turn took O(n^2): 16,000 each (1 MB) blocked the event loop for seconds,
     every other session stalled. Linear, not quadratic: 32x the messages take ~32x the
-    time (50-60x measured on a loaded machine; the list took 240x), so under 100x. CPU
-    time of this process (the server's share, linear, too), the best of a few."""
+    time (50-60x measured on a loaded machine: allocation and parsing of the larger
+    chunks; the list took 240x), so under 150x (wide of both). CPU time of this process
+    (the server's share, linear, too), the best of a few."""
     settings, _ = cx
     settings = settings.model_copy(
         update={"dialogflow_cx_streaming": True, "pipeline_max_response_bytes": 4_194_304}
@@ -889,7 +890,7 @@ async def test_a_final_response_after_many_partial_messages_is_read_in_linear_ti
 
     small = min([await turn(500) for _ in range(5)])
     large = min([await turn(16_000) for _ in range(3)])
-    assert large < 100 * small, (large, small)
+    assert large < 150 * small, (large, small)
 
 
 # ------------------------------------------------------------------ from_url
