@@ -16,7 +16,7 @@ lives ``ttl_s`` seconds from its last keep.
 
 - :class:`AnswerStore` -- the protocol;
 - :class:`MemoryAnswerStore` -- the embedded default (one process), at most
-  ``max_keys`` sessions (the oldest go first);
+  ``max_keys`` sessions and ``max_total_bytes`` bytes in all (the oldest go first);
 - :class:`RedisAnswerStore` -- production: ``{prefix}:{{key}}:kept`` (a list, in the
   session's hash slot like its other keys), each call one round trip (a script).
 
@@ -42,6 +42,10 @@ MAX_ANSWERS = 4
 connections ran one at most, the queued ones are dropped when it leaves)."""
 MAX_BYTES = 262_144
 """Default most bytes (UTF-8) kept per session, all its answers together (256 KiB)."""
+MAX_TOTAL_BYTES = 67_108_864
+"""Default most bytes (UTF-8) the memory store keeps, all sessions together (64 MiB): its
+``max_keys`` sessions at :data:`MAX_BYTES` each would be 2.5 GiB, which clients that
+leave mid-action with long answers (the demo core repeats what it heard) could fill."""
 
 
 class AnswerStore(Protocol):
@@ -65,6 +69,8 @@ class AnswerStore(Protocol):
 class _Kept:
     answers: list[str] = field(default_factory=list)
     expires: float = 0.0
+    size: int = 0
+    """The UTF-8 bytes of ``answers`` together."""
 
 
 def _fit(answers: list[str], max_answers: int, max_bytes: int) -> list[str]:
@@ -81,10 +87,11 @@ def _fit(answers: list[str], max_answers: int, max_bytes: int) -> list[str]:
 class MemoryAnswerStore:
     """Kept answers of this process (the default without Redis).
 
-    Bounds as in the module doc, and at most ``max_keys`` sessions: keeping for one
-    more drops the session kept longest ago. Expired sessions are dropped as new ones
-    are kept (oldest first: every key lives alike long). Raises ValueError for bounds
-    that are not positive."""
+    Bounds as in the module doc, at most ``max_keys`` sessions and ``max_total_bytes``
+    bytes (UTF-8) of answers in all: keeping for one more session, or past the bytes,
+    drops the sessions kept longest ago (whole). Expired sessions are dropped as new
+    ones are kept (oldest first: every key lives alike long). Raises ValueError for
+    bounds that are not positive."""
 
     def __init__(
         self,
@@ -93,40 +100,65 @@ class MemoryAnswerStore:
         max_answers: int = MAX_ANSWERS,
         max_bytes: int = MAX_BYTES,
         max_keys: int = 10_000,
+        max_total_bytes: int = MAX_TOTAL_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if min(ttl_s, max_answers, max_bytes, max_keys) <= 0:
-            raise ValueError("ttl_s, max_answers, max_bytes and max_keys must be > 0")
+        if min(ttl_s, max_answers, max_bytes, max_keys, max_total_bytes) <= 0:
+            raise ValueError(
+                "ttl_s, max_answers, max_bytes, max_keys and max_total_bytes must be > 0"
+            )
         self._ttl_s = ttl_s
         self._max_answers = max_answers
         self._max_bytes = max_bytes
         self._max_keys = max_keys
+        self._max_total_bytes = max_total_bytes
         self._clock = clock
         self._kept: OrderedDict[str, _Kept] = OrderedDict()  # oldest keep first
+        self._total = 0
+        """The bytes of every session's answers together (:attr:`held_bytes`)."""
 
     def __len__(self) -> int:
         """Sessions with answers held (expired ones until the next keep)."""
         return len(self._kept)
 
+    @property
+    def held_bytes(self) -> int:
+        """The UTF-8 bytes of the answers held, all sessions together (expired ones until
+        the next keep); at most ``max_total_bytes``."""
+        return self._total
+
+    def _drop(self, key: str) -> _Kept | None:
+        kept = self._kept.pop(key, None)
+        if kept is not None:
+            self._total -= kept.size
+        return kept
+
     async def keep(self, key: str, answer: str) -> bool:
         if len(answer.encode()) > self._max_bytes:
             return False
         now = self._clock()
-        kept = self._kept.pop(key, None)
+        kept = self._drop(key)
         if kept is None or kept.expires <= now:
             kept = _Kept()
-        while self._kept:  # the oldest first: expired, or one too many
-            oldest = next(iter(self._kept.values()))
-            if oldest.expires > now and len(self._kept) < self._max_keys:
+        answers = _fit([*kept.answers, answer], self._max_answers, self._max_bytes)
+        size = sum(len(a.encode()) for a in answers)
+        while self._kept:  # the oldest first: expired, one too many, or past the bytes
+            oldest_key, oldest = next(iter(self._kept.items()))
+            if (
+                oldest.expires > now
+                and len(self._kept) < self._max_keys
+                and self._total + size <= self._max_total_bytes
+            ):
                 break
-            self._kept.popitem(last=False)
-        kept.answers = _fit([*kept.answers, answer], self._max_answers, self._max_bytes)
+            self._drop(oldest_key)
+        kept.answers, kept.size = answers, size
         kept.expires = now + self._ttl_s
         self._kept[key] = kept
+        self._total += size
         return True
 
     async def take(self, key: str) -> list[str]:
-        kept = self._kept.pop(key, None)
+        kept = self._drop(key)
         if kept is None or kept.expires <= self._clock():
             return []
         return kept.answers

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import redisconn
-from gateway.answers import AnswerStore, MemoryAnswerStore, RedisAnswerStore
+from gateway.answers import MAX_BYTES, AnswerStore, MemoryAnswerStore, RedisAnswerStore
 from gateway.sessions import StoreUnavailable, redis_client
 from tests.conftest import TOPOLOGIES, refused_port, topology_url
 
@@ -117,6 +117,37 @@ async def test_memory_answers_hold_at_most_max_keys_sessions() -> None:
     assert [await store.take(key) for key in keys] == [[], [keys[1]], [keys[2]]]
 
 
+async def test_memory_answers_hold_at_most_64_mib_in_all() -> None:
+    """Each session may keep 256 KiB and the store 10,000 sessions: 2.5 GiB that clients
+    leaving mid-action with long answers could make the process hold. The answers held
+    together stay within 64 MiB: keeping past it drops the sessions kept longest ago."""
+    store = MemoryAnswerStore(ttl_s=TTL_S)
+    most = 64 * 1024 * 1024
+    full = "x" * MAX_BYTES  # one object: the test itself holds 256 KiB
+    keys = [session() for _ in range(most // MAX_BYTES + 1)]
+    for key in keys:
+        assert await store.keep(key, full) is True
+    taken = [await store.take(key) for key in keys]
+    held = sum(len(a) for answers in taken for a in answers)
+    assert held <= most
+    assert taken[0] == []  # the oldest went
+    assert taken[-1] == [full]  # the newest stays
+
+
+async def test_memory_answers_past_the_total_bytes_drop_whole_oldest_sessions() -> None:
+    store = MemoryAnswerStore(ttl_s=TTL_S, max_bytes=150, max_total_bytes=250)
+    keys = [session() for _ in range(3)]
+    await store.keep(keys[0], "a" * 100)
+    await store.keep(keys[1], "b" * 100)
+    await store.keep(keys[0], "c" * 60)  # 160 over 150 bytes: the "a"s go; kept last now
+    assert store.held_bytes == 160
+    await store.keep(keys[2], "d" * 90)  # 250: fits
+    await store.keep(keys[2], "e" * 30)  # 280: keys[1], kept longest ago, goes whole
+    assert store.held_bytes == 60 + 120
+    assert [await store.take(key) for key in keys] == [["c" * 60], [], ["d" * 90, "e" * 30]]
+    assert store.held_bytes == 0
+
+
 async def test_redis_answers_expire_after_their_ttl(
     redis_url: str, redis_prefix: str, aredis: aioredis.Redis
 ) -> None:
@@ -153,3 +184,5 @@ def test_bounds_must_be_positive() -> None:
         MemoryAnswerStore(ttl_s=0)
     with pytest.raises(ValueError, match="must be > 0"):
         MemoryAnswerStore(ttl_s=1, max_bytes=0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        MemoryAnswerStore(ttl_s=1, max_total_bytes=0)
