@@ -136,6 +136,7 @@ from adapters.voiceflow.protocol import (
     status,
 )
 from gateway import metrics, redisconn
+from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.deps import Gateway
 from gateway.events import ResponseEvent
@@ -158,6 +159,8 @@ IDLE_MARGIN_S = 1.0
 """Wait past a session's idle timeout before asking the store whether it let it go (s)."""
 IDLE_RETRY_S = 60.0
 """When the store cannot say whether an idle session is gone, ask again after this (s)."""
+ANSWER_STORE = "answer-store"
+"""The ``component:`` of the log lines of a kept-answer store that failed (gateway/answers.py)."""
 TAKES_KEPT: frozenset[SessionCheck] = frozenset({"found", "creating", "not-found", "stale"})
 """The store's answers to a client.start's sessionKey after which the answers kept for
 its session are taken and delivered (after ``client.started``): not when the store
@@ -1153,7 +1156,7 @@ class VoiceflowServer:
         one too long to keep is kept in short
         (:func:`~adapters.voiceflow.protocol.lost_answer`). Then the session's connections
         (on any instance) are told on the bus (:meth:`_announce_kept`). A store that is
-        down loses it (logged at WARNING, the session by its ref)."""
+        down loses it (logged as :meth:`_take` logs, the session by its ref)."""
         gw, key = self._gateway, start.ctx.key
         kept, client.kept = client.kept or [], None
         if gw is None or gw.answers is None:
@@ -1162,7 +1165,13 @@ class VoiceflowServer:
             if not await gw.answers.keep(key, kept_answer(kept)):
                 await gw.answers.keep(key, lost_answer(start.message_id or ""))
         except StoreUnavailable as exc:
-            log.warning("answer of session %s not kept: %s", session_ref(key), exc)
+            log.log(
+                outage_level(exc),
+                "answer of session %s not kept (component: %s): %s",
+                session_ref(key),
+                ANSWER_STORE,
+                exc,
+            )
             return
         log.debug("answer of session %s kept for its next connection", session_ref(key))
         await self._announce_kept(key)
@@ -1178,7 +1187,11 @@ class VoiceflowServer:
         try:
             await gw.bus.publish(topic(key), dict(NOTE))
         except BusUnavailable as exc:
-            log.info("kept answer of session %s not announced: %s", session_ref(key), exc)
+            log.info(
+                "kept answer of session %s not announced (component: bus): %s",
+                session_ref(key),
+                exc,
+            )
 
     async def _kept_announced(self, client: _Client) -> None:
         """An answer was kept for the client's session (:meth:`_announce_kept`): take and
@@ -1215,29 +1228,52 @@ class VoiceflowServer:
         await self._deliver_kept(client, key, await self._take(key))
 
     async def _take(self, key: str) -> list[str]:
-        """Take the answers kept for session ``key`` (one round trip; ``[]`` when the store
-        is down, logged)."""
+        """Take the answers kept for session ``key`` (one round trip, within the Redis
+        command timeout; ``[]`` when the store is down: logged as the gateway logs a store
+        outage, at WARNING naming ``component: answer-store``, DEBUG once the circuit
+        breaker logged the outage, :func:`~gateway.breaker.outage_level`; the answers
+        stay kept for the session's next client.start)."""
         gw = self._gateway
         if gw is None or gw.answers is None:
             return []
         try:
             return await gw.answers.take(key)
         except StoreUnavailable as exc:
-            log.info("kept answers of session %s not read: %s", session_ref(key), exc)
+            log.log(
+                outage_level(exc),
+                "kept answers of session %s not read (component: %s): %s",
+                session_ref(key),
+                ANSWER_STORE,
+                exc,
+            )
         except Exception:
-            log.exception("kept answers of session %s not read", session_ref(key))
+            log.exception(
+                "kept answers of session %s not read (component: %s)",
+                session_ref(key),
+                ANSWER_STORE,
+            )
         return []
 
     async def _deliver_kept(self, client: _Client, key: str, kept: list[str]) -> None:
         """Emit the ``kept`` answers of session ``key`` to ``client``, in order; when it left
-        meanwhile they are kept again (for the next connection)."""
+        meanwhile they are kept again (for the next connection; a store down then loses
+        them, logged as :meth:`_take` logs)."""
         if not kept:
             return
         gw = self._gateway
         if client.sid not in self._clients and gw is not None and gw.answers is not None:
-            with contextlib.suppress(StoreUnavailable):
+            try:
                 for answer in kept:
                     await gw.answers.keep(key, answer)
+            except StoreUnavailable as exc:
+                log.log(
+                    outage_level(exc),
+                    "kept answers of session %s lost: its connection left before they "
+                    "were sent, and they were not kept again (component: %s): %s",
+                    session_ref(key),
+                    ANSWER_STORE,
+                    exc,
+                )
             return
         log.info("session %s resumed: %d kept answer(s) delivered", session_ref(key), len(kept))
         for emit in kept_emits(kept):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +35,7 @@ from tests.adapters.voiceflow.helpers import (
 )
 from tests.adapters.voiceflow.test_socket import connections
 from tests.conftest import GatewayProcess, served_app, start_all
+from tests.gateway.redis_proxy import ReplyDropper
 
 SAFETY_S = 10.0
 """Safety net of the waits for a mechanism (not an assertion of time)."""
@@ -337,3 +339,34 @@ async def test_a_client_back_on_another_instance_while_its_action_runs_gets_the_
             core.release.set()
             await expect_first_answer(on_b)
             await on_b.nothing_more()
+
+
+async def test_a_kept_answer_store_that_fails_at_connect_is_a_warning_naming_it(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis fails the take of the kept answers (only it: the session store answers): the
+    resumed connection goes on (``client.started``, then its own action), the failure is
+    logged as the gateway logs a store outage, at WARNING naming the component
+    (``component: answer-store``), not an INFO line that names nothing. (The reply is
+    lost after Redis ran the take: its answers are gone with it, at most once.)"""
+    proxy, redis_url = reply_dropper
+    caplog.set_level(logging.DEBUG, logger="adapters.voiceflow.routes")
+    core = RecordingCore()
+    async with gateway_app(core, redis_url=redis_url, redis_prefix=redis_prefix) as (url, _):
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: aredis.exists(kept_key(redis_prefix, key)))
+        proxy.drop_replies_to = b":kept"  # the take's reply is lost, every time
+        async with client(url) as again:
+            assert await again.start(key) is False
+            assert await again.say("hello") == ["core heard hello"]
+            await until(lambda: any("not read" in r.getMessage() for r in caplog.records))
+            await again.nothing_more()
+        lines = [r for r in caplog.records if "not read" in r.getMessage()]
+        assert [(r.levelno, r.name) for r in lines] == [
+            (logging.WARNING, "adapters.voiceflow.routes")
+        ]
+        assert "(component: answer-store): Redis is unavailable" in lines[0].getMessage()
