@@ -621,8 +621,11 @@ class _Client:
     client's own running action's answer begins, or after it
     (:meth:`VoiceflowServer._take_due`)."""
     answering: asyncio.Lock = field(default_factory=asyncio.Lock)
-    """Held while a turn's actions are carried out, and while kept answers are taken and
-    delivered: the two never interleave."""
+    """Held while a turn's actions are carried out, while kept answers are taken and
+    delivered, and while pushed items go out: none of them interleave."""
+    pushes_held: bool = False
+    """Pushed items were not sent because kept answers were still due (they go first:
+    :meth:`VoiceflowServer._pushed`); caught up on once those went out."""
 
 
 class VoiceflowServer:
@@ -1001,17 +1004,27 @@ class VoiceflowServer:
             await client.following.catch_up()
 
     async def _pushed(self, client: _Client, entries: list[Entry]) -> bool:
-        """Emit pushed items as traces (VoiceflowConnection.pushed); False when it cannot now."""
+        """Emit pushed items as traces (VoiceflowConnection.pushed); False when it cannot now:
+        an action runs, or answers kept for the session are still to go out (they come
+        first: :meth:`_take_due` catches up on the pushes after them). Never while a kept
+        answer goes out (``_Client.answering``: the two never interleave)."""
         if client.conn.state is not State.READY or client.sid not in self._clients:
             return False
-        for entry in entries:
-            if entry.kind != "push":
-                continue
-            try:
-                event = ResponseEvent.model_validate(entry.event)
-            except ValueError:
-                continue
-            await self._do(client, client.conn.pushed(event.response.items))
+        if client.kept_due is not None:
+            client.pushes_held = True
+            return False
+        async with client.answering:
+            if client.conn.state is not State.READY or client.kept_due is not None:
+                client.pushes_held = client.kept_due is not None
+                return False
+            for entry in entries:
+                if entry.kind != "push":
+                    continue
+                try:
+                    event = ResponseEvent.model_validate(entry.event)
+                except ValueError:
+                    continue
+                await self._do(client, client.conn.pushed(event.response.items))
         return client.sid in self._clients
 
     def _end_long_poll(self, sid: str) -> None:
@@ -1205,7 +1218,8 @@ class VoiceflowServer:
         or announced): now when no action of the client runs, or one runs whose answer
         has not begun (an old turn held the session: its answer comes first, and the
         running one's waits for it, ``client.answering``); else after that action
-        (:meth:`_forward`), so the two never interleave. Never raises."""
+        (:meth:`_forward`), so the two never interleave; then the pushes that waited for
+        them (:meth:`_pushed`). Never raises."""
         conn = client.conn
         if client.kept_due is None or client.sid not in self._clients:
             return
@@ -1223,6 +1237,9 @@ class VoiceflowServer:
                 raise
             except Exception:
                 log.exception("kept answers of session %s not delivered", session_ref(key))
+        if client.pushes_held and client.kept_due is None and client.following is not None:
+            client.pushes_held = False  # the pushes that waited for them (_pushed)
+            await client.following.catch_up()
 
     async def _take_and_deliver(self, client: _Client, key: str) -> None:
         await self._deliver_kept(client, key, await self._take(key))

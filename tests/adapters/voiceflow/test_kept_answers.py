@@ -37,6 +37,7 @@ from tests.adapters.voiceflow.test_socket import connections
 from tests.conftest import GatewayProcess, served_app, start_all
 from tests.gateway.redis_proxy import ReplyDropper
 
+ADMIN_KEY = "admin-key-of-the-kept-answers-test"
 SAFETY_S = 10.0
 """Safety net of the waits for a mechanism (not an assertion of time)."""
 
@@ -164,6 +165,40 @@ async def test_a_kept_answer_waits_for_the_action_running_on_the_new_connection(
             traces, done = await again.traces_until_status("second")
             assert (messages(traces), done["status"]) == (["core heard next"], "completed")
             await again.nothing_more()
+
+
+async def test_pushes_queued_while_away_come_after_the_kept_answer_not_inside_it() -> None:
+    """The client left mid-action and an operator pushed two items meanwhile (queued in
+    the outbox). Back with its sessionKey, the client got the first pushed trace, then the
+    kept answer's trace, then the second pushed trace, then the kept ``completed``: the
+    two were emitted at once, interleaved. The kept answer now comes first and whole
+    (right after ``client.started``), the pushed traces after it."""
+    core = RecordingCore()
+    async with gateway_app(core, admin_keys=frozenset({ADMIN_KEY})) as (url, app):
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: len(answers_of(app)) == 1)
+        session_id = jwt.decode(key, options={"verify_signature": False})["sub"]
+        async with httpx.AsyncClient() as http:
+            pushed = await http.post(
+                f"{url}/v1/push",
+                json={
+                    "target": {"sessionId": session_id},
+                    "items": [{"text": "p1"}, {"text": "p2"}],
+                },
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            )
+        assert pushed.json()["delivery"] == "queued", pushed.text
+        async with client(url) as again:
+            assert await again.start(key) is False
+            got = [await again.next() for _ in range(4)]
+            await again.nothing_more()
+        assert [(event, data["messageID"]) for event, data in got][:2] == [
+            ("action.trace", "first"),
+            ("action.status", "first"),
+        ]
+        assert messages([data["trace"] for _, data in got[2:]]) == ["p1", "p2"]
+        assert got[2][1]["messageID"] == got[3][1]["messageID"] != "first"
 
 
 async def test_a_kept_answer_expires_after_its_ttl() -> None:
