@@ -200,8 +200,10 @@ class RedisAnswerStore:
     client's circuit breaker (:func:`gateway.breaker.breaker_of`): while it is open they
     raise StoreCircuitOpen (a StoreUnavailable) at once, Redis not asked. A keep run
     twice (its reply lost, redis-py sent it again) keeps the answer twice; the channel
-    tells one answer from another by its own ids. Raises ValueError for bounds that
-    are not positive."""
+    tells one answer from another by its own ids. A take whose reply is lost (Redis ran
+    it, the connection dropped: redis-py's retry finds nothing) loses what it took: a
+    take is at most once, never twice. Raises ValueError for bounds that are not
+    positive."""
 
     def __init__(
         self,
